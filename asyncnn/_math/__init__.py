@@ -1,0 +1,1 @@
+"""The math layer: pure, synchronous, written once against the array namespace."""

@@ -1,0 +1,471 @@
+"""Tracing reverse-mode autodiff.
+
+``vjp`` wraps the floating-point leaves of its arguments in :class:`Tracer` objects that belong to a
+fresh :class:`Trace`. Every primitive applied to a tracer appends one node to that trace (its VJP
+rule, the residuals the rule needs, and which earlier nodes it read), so the nodes are already in
+topological order: the pullback walks them backwards once, freeing each node's residuals as soon as
+its rule has run. Calls on raw arrays never touch a trace and cost one forward computation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["Primitive", "Trace", "Tracer", "grad", "value_and_grad", "vjp"]
+
+# A forward rule returns (output, residuals); a VJP rule maps (cotangent, residuals, needs) to one
+# gradient (or None) per positional argument. ``needs[i]`` says whether argument i is traced, so
+# expensive rules (matmul, conv) can skip gradients nobody asked for.
+Forward = Callable[..., tuple[Any, Any]]
+VjpRule = Callable[[Any, Any, tuple[bool, ...]], Sequence[Any]]
+
+
+class _Node:
+    __slots__ = ("rule", "res", "parents", "needs")
+
+    def __init__(
+        self, rule: VjpRule | None, res: Any, parents: tuple[int, ...], needs: tuple[bool, ...]
+    ) -> None:
+        self.rule = rule
+        self.res = res
+        self.parents = parents
+        self.needs = needs
+
+
+class Trace:
+    """The record of one differentiated call: a list of nodes in execution order."""
+
+    __slots__ = ("nodes", "done")
+
+    def __init__(self) -> None:
+        self.nodes: list[_Node | None] = []
+        self.done = False
+
+    def leaf(self, value: Any) -> Tracer:
+        self.nodes.append(_Node(None, None, (), ()))
+        return Tracer(value, self, len(self.nodes) - 1)
+
+    def record(
+        self, rule: VjpRule, res: Any, parents: tuple[int, ...], needs: tuple[bool, ...], out: Any
+    ) -> Tracer:
+        if self.done:
+            raise RuntimeError(
+                "this traced array belongs to a vjp whose pullback has already run; "
+                "compute with it inside the function passed to vjp"
+            )
+        self.nodes.append(_Node(rule, res, parents, needs))
+        return Tracer(out, self, len(self.nodes) - 1)
+
+    def backward(self, seeds: dict[int, Any], wanted: Sequence[int]) -> list[Any]:
+        """Propagates cotangents ``seeds`` (node -> cotangent) back to the ``wanted`` nodes."""
+        if self.done:
+            raise RuntimeError(
+                "this pullback has already been called: a pullback is usable once and frees its "
+                "residuals; call vjp again to differentiate again"
+            )
+        self.done = True
+        nodes = self.nodes
+        grads: list[Any] = [None] * len(nodes)
+        for i, ct in seeds.items():
+            grads[i] = ct if grads[i] is None else grads[i] + ct
+        keep = set(wanted)
+        for i in range(len(nodes) - 1, -1, -1):
+            node = nodes[i]
+            nodes[i] = None  # frees the residuals as soon as they have been used
+            g = grads[i]
+            if node is None or node.rule is None or g is None:
+                continue
+            if i not in keep:
+                grads[i] = None
+            in_grads = node.rule(g, node.res, node.needs)
+            for p, ig in zip(node.parents, in_grads, strict=True):
+                if p >= 0 and ig is not None:
+                    prev = grads[p]
+                    grads[p] = ig if prev is None else prev + ig
+        return [grads[i] for i in wanted]
+
+
+class Primitive:
+    """A differentiable operation: a forward rule and a VJP rule.
+
+    Calling a primitive on raw arrays runs the forward rule and returns its output; calling it
+    with traced arrays also records the node needed to differentiate it.
+    """
+
+    __slots__ = ("name", "forward", "vjp_rule")
+
+    def __init__(self, name: str, forward: Forward, vjp_rule: VjpRule) -> None:
+        self.name = name
+        self.forward = forward
+        self.vjp_rule = vjp_rule
+
+    def __repr__(self) -> str:
+        return f"Primitive({self.name!r})"
+
+    def __call__(self, *args: Any, **params: Any) -> Any:
+        trace: Trace | None = None
+        for a in args:
+            if type(a) is Tracer:
+                trace = a.trace
+                break
+        if trace is None:
+            return self.forward(*args, **params)[0]
+        values = []
+        parents = []
+        needs = []
+        for a in args:
+            if type(a) is Tracer:
+                if a.trace is not trace:
+                    raise ValueError(
+                        f"{self.name}: its inputs come from two different vjp calls; nested "
+                        "differentiation is not supported, pass every array you differentiate "
+                        "as an argument of the outermost vjp"
+                    )
+                values.append(a.value)
+                parents.append(a.index)
+                needs.append(True)
+            else:
+                values.append(a)
+                parents.append(-1)
+                needs.append(False)
+        out, res = self.forward(*values, **params)
+        return trace.record(self.vjp_rule, res, tuple(parents), tuple(needs), out)
+
+
+class Tracer:
+    """A traced array: a raw backend array plus its place in a :class:`Trace`.
+
+    Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.reshape()``,
+    indexing, and the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``).
+    Comparisons return raw boolean arrays (they have no gradient).
+    """
+
+    __slots__ = ("value", "trace", "index")
+
+    def __init__(self, value: Any, trace: Trace, index: int) -> None:
+        self.value = value
+        self.trace = trace
+        self.index = index
+
+    # -- what a raw array would say ----------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return int(self.value.ndim)
+
+    @property
+    def size(self) -> int:
+        return int(self.value.size)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __repr__(self) -> str:
+        return f"Tracer(shape={self.shape}, dtype={self.dtype})"
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "a traced array cannot be turned into a numpy array inside vjp/grad (its gradient "
+            "would be lost). Use asyncnn.ops on it, or take `.value` explicitly if you mean to "
+            "stop the gradient."
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    # -- arithmetic: delegated to the ops -----------------------------------------------------
+    def __add__(self, o: Any) -> Any:
+        return _ops.add(self, o)
+
+    def __radd__(self, o: Any) -> Any:
+        return _ops.add(o, self)
+
+    def __sub__(self, o: Any) -> Any:
+        return _ops.subtract(self, o)
+
+    def __rsub__(self, o: Any) -> Any:
+        return _ops.subtract(o, self)
+
+    def __mul__(self, o: Any) -> Any:
+        return _ops.multiply(self, o)
+
+    def __rmul__(self, o: Any) -> Any:
+        return _ops.multiply(o, self)
+
+    def __truediv__(self, o: Any) -> Any:
+        return _ops.divide(self, o)
+
+    def __rtruediv__(self, o: Any) -> Any:
+        return _ops.divide(o, self)
+
+    def __matmul__(self, o: Any) -> Any:
+        return _ops.matmul(self, o)
+
+    def __rmatmul__(self, o: Any) -> Any:
+        return _ops.matmul(o, self)
+
+    def __pow__(self, o: Any) -> Any:
+        return _ops.power(self, o)
+
+    def __rpow__(self, o: Any) -> Any:
+        return _ops.power(o, self)
+
+    def __neg__(self) -> Any:
+        return _ops.negative(self)
+
+    def __pos__(self) -> Tracer:
+        return self
+
+    def __abs__(self) -> Any:
+        return _ops.abs(self)
+
+    def __getitem__(self, idx: Any) -> Any:
+        return _ops.getitem(self, idx)
+
+    # Comparisons have no gradient: they answer with raw arrays.
+    def __lt__(self, o: Any) -> Any:
+        return self.value < _raw(o)
+
+    def __le__(self, o: Any) -> Any:
+        return self.value <= _raw(o)
+
+    def __gt__(self, o: Any) -> Any:
+        return self.value > _raw(o)
+
+    def __ge__(self, o: Any) -> Any:
+        return self.value >= _raw(o)
+
+    __hash__ = object.__hash__
+
+    @property
+    def T(self) -> Any:  # noqa: N802 - numpy's name
+        return _ops.transpose(self)
+
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return _ops.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return _ops.mean(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return _ops.max(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape: Any) -> Any:
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = tuple(shape[0])
+        return _ops.reshape(self, shape)
+
+    def transpose(self, *axes: Any) -> Any:
+        if len(axes) == 1 and isinstance(axes[0], tuple | list):
+            axes = tuple(axes[0])
+        return _ops.transpose(self, axes or None)
+
+    def astype(self, dtype: Any) -> Any:
+        return _ops.astype(self, dtype)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        op = _ops.UFUNC_OPS.get(ufunc.__name__) if method == "__call__" and not kwargs else None
+        if op is None:
+            raise TypeError(
+                f"numpy's {ufunc.__name__}.{method} cannot differentiate a traced array; use the "
+                "matching function from asyncnn.ops"
+            )
+        return op(*inputs)
+
+
+def _raw(x: Any) -> Any:
+    return x.value if type(x) is Tracer else x
+
+
+def _is_differentiable(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        return getattr(dtype, "kind", "") in "fc" and hasattr(x, "shape")
+    return isinstance(x, float)
+
+
+def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
+    """Runs ``fn(*primals)`` and returns its output and a pullback.
+
+    Args:
+        fn: a function of pytrees of arrays built from asyncnn ops.
+        *primals: its arguments. Floating-point array leaves are differentiated; integer and
+            boolean arrays and non-array leaves are passed through as constants.
+
+    Returns:
+        ``(out, pullback)``: ``out`` is ``fn``'s result with raw arrays; ``pullback(cotangent)``
+        takes a cotangent of the same structure as ``out`` and returns a tuple with one gradient
+        per primal, of the same pytree structure, holding ``None`` at non-differentiable leaves.
+        A pullback may be called once; it frees its residuals as it goes.
+
+    Example:
+        >>> y, pb = vjp(lambda w, x: ops.sum(ops.tanh(x @ w)), w, x)
+        >>> gw, gx = pb(1.0)
+    """
+    trace = Trace()
+    leaves, treedef = tree_flatten(primals)
+    traced: list[Any] = []
+    leaf_index: list[int] = []
+    for leaf in leaves:
+        if type(leaf) is Tracer:
+            raise ValueError(
+                "vjp got a traced array as an argument: nested differentiation (grad of grad) is "
+                "not supported"
+            )
+        if _is_differentiable(leaf):
+            if isinstance(leaf, float):
+                leaf = np.asarray(leaf)
+            t = trace.leaf(leaf)
+            traced.append(t)
+            leaf_index.append(t.index)
+        else:
+            traced.append(leaf)
+            leaf_index.append(-1)
+    args = tree_unflatten(treedef, traced)
+    out = fn(*args)
+    out_leaves, out_def = tree_flatten(out)
+    out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
+    for o in out_leaves:
+        if type(o) is Tracer and o.trace is not trace:
+            raise ValueError("vjp: fn returned a traced array of another vjp call")
+    out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
+    wanted = [i for i in leaf_index if i >= 0]
+    num_primals = len(primals)
+
+    def pullback(cotangent: Any) -> tuple[Any, ...]:
+        ct_leaves, ct_def = tree_flatten(cotangent)
+        if ct_def != out_def:
+            if out_def.kind == "leaf" and len(ct_leaves) == 1:
+                ct_leaves = ct_leaves[:1]
+            else:
+                raise ValueError(
+                    f"pullback: the cotangent's structure {ct_def!r} differs from the output's "
+                    f"{out_def!r}"
+                )
+        seeds: dict[int, Any] = {}
+        for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
+            if i < 0 or ct is None:
+                continue
+            ct = _as_cotangent(ct, _raw(o))
+            seeds[i] = ct if i not in seeds else seeds[i] + ct
+        grads = trace.backward(seeds, wanted) if wanted else []
+        it = iter(grads)
+        flat: list[Any] = []
+        for leaf, i in zip(leaves, leaf_index, strict=True):
+            if i < 0:
+                flat.append(None)
+                continue
+            g = next(it)
+            if g is None:
+                g = _zeros_like(leaf)
+            flat.append(g)
+        return tuple(tree_unflatten(treedef, flat)) if num_primals else ()
+
+    return out_raw, pullback
+
+
+def _zeros_like(x: Any) -> Any:
+    if isinstance(x, float):
+        return np.zeros(())
+    return _ops.zeros_like_raw(x)
+
+
+def _as_cotangent(ct: Any, out: Any) -> Any:
+    shape = getattr(out, "shape", ())
+    if getattr(ct, "shape", None) == shape and getattr(ct, "dtype", None) == out.dtype:
+        return ct
+    xp = _ops.namespace_of(out)
+    ct = xp.asarray(ct, dtype=out.dtype)
+    if ct.shape != shape:
+        if ct.size != 1:
+            raise ValueError(
+                f"pullback: cotangent of shape {ct.shape} for an output of shape {shape}"
+            )
+        ct = xp.broadcast_to(ct.reshape(()), shape)
+    return ct
+
+
+def _select(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    for a in nums:
+        if not -n <= a < n:
+            raise ValueError(f"argnums={argnums!r} but the function was called with {n} arguments")
+    return tuple(a % n for a in nums)
+
+
+def value_and_grad(
+    fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+    """Returns a function computing ``fn``'s scalar value and its gradient.
+
+    Args:
+        fn: returns a scalar (an array of size 1), or ``(scalar, aux)`` when ``has_aux``.
+        argnums: which positional argument(s) to differentiate; a tuple gives a tuple of grads.
+        has_aux: ``fn`` returns ``(value, aux)``; the result is then ``((value, aux), grad)``.
+    """
+
+    def wrapped(*args: Any) -> tuple[Any, Any]:
+        nums = _select(argnums, len(args))
+        aux: list[Any] = []
+
+        def partial(*diff: Any) -> Any:
+            full = list(args)
+            for a, d in zip(nums, diff, strict=True):
+                full[a] = d
+            out = fn(*full)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise ValueError("has_aux=True needs fn to return a pair (value, aux)")
+                aux.append(out[1])
+                return out[0]
+            return out
+
+        value, pullback = vjp(partial, *(args[a] for a in nums))
+        if getattr(value, "size", 1) != 1:
+            raise ValueError(
+                f"grad needs fn to return a scalar, got shape {getattr(value, 'shape', None)}; "
+                "use vjp for non-scalar outputs"
+            )
+        ones = _ops.namespace_of(value).ones_like(value) if hasattr(value, "dtype") else 1.0
+        grads = pullback(ones)
+        g = grads[0] if isinstance(argnums, int) else grads
+        if has_aux:
+            leaves, treedef = tree_flatten(aux[0])
+            return (value, tree_unflatten(treedef, [_raw(x) for x in leaves])), g
+        return value, g
+
+    return wrapped
+
+
+def grad(
+    fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """Returns a function computing the gradient of scalar-valued ``fn``.
+
+    See :func:`value_and_grad` for the arguments; with ``has_aux`` the result is ``(grad, aux)``.
+    """
+    vg = value_and_grad(fn, argnums, has_aux)
+
+    def wrapped(*args: Any) -> Any:
+        out, g = vg(*args)
+        return (g, out[1]) if has_aux else g
+
+    return wrapped
+
+
+from . import _ops  # noqa: E402  (the ops module imports Primitive and Tracer from here)

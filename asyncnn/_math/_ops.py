@@ -1,0 +1,257 @@
+"""The differentiable operations: thin public functions over the primitives' rule tables.
+
+Every function accepts raw backend arrays or traced arrays. On raw arrays it computes and returns
+a raw array; inside ``vjp`` it also records how to differentiate itself.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from typing import Any
+
+from asyncnn.backends import array_namespace
+
+from ._autodiff import Primitive, Tracer
+from ._rules_array import RULES as _ARRAY_RULES
+from ._rules_array import normalize_axis
+from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
+
+__all__ = [
+    "abs", "add", "astype", "broadcast_to", "concatenate", "divide", "exp", "expand_dims",
+    "gelu", "getitem", "log", "matmul", "max", "maximum", "mean", "min", "minimum", "multiply",
+    "negative", "power", "relu", "reshape", "sigmoid", "sqrt", "square", "squeeze", "stack",
+    "subtract", "sum", "take", "tanh", "transpose", "where",
+]  # fmt: skip
+
+# One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it
+# when their module is imported (see _ops_nn).
+PRIMITIVES: dict[str, Primitive] = {
+    name: Primitive(name, fwd, rule)
+    for name, (fwd, rule) in {**_ELEMENTWISE_RULES, **_ARRAY_RULES}.items()
+}
+_P = PRIMITIVES
+
+
+def raw(x: Any) -> Any:
+    """The raw array behind a traced array (no gradient will flow through the result)."""
+    return x.value if type(x) is Tracer else x
+
+
+def namespace_of(*xs: Any) -> Any:
+    """The array module (numpy or cupy) of the given arrays, traced or raw."""
+    return array_namespace(*(raw(x) for x in xs))
+
+
+def zeros_like_raw(x: Any) -> Any:
+    return array_namespace(x).zeros_like(x)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+# -- elementwise ----------------------------------------------------------------------------------
+def add(a: Any, b: Any) -> Any:
+    """``a + b`` with numpy broadcasting."""
+    return _P["add"](a, b)
+
+
+def subtract(a: Any, b: Any) -> Any:
+    """``a - b`` with numpy broadcasting."""
+    return _P["subtract"](a, b)
+
+
+def multiply(a: Any, b: Any) -> Any:
+    """``a * b`` with numpy broadcasting."""
+    return _P["multiply"](a, b)
+
+
+def divide(a: Any, b: Any) -> Any:
+    """``a / b`` with numpy broadcasting."""
+    return _P["divide"](a, b)
+
+
+def negative(x: Any) -> Any:
+    """``-x``."""
+    return _P["negative"](x)
+
+
+def power(a: Any, b: Any) -> Any:
+    """``a ** b``."""
+    return _P["power"](a, b)
+
+
+def square(x: Any) -> Any:
+    """``x * x``."""
+    return _P["multiply"](x, x)
+
+
+def exp(x: Any) -> Any:
+    """Elementwise exponential."""
+    return _P["exp"](x)
+
+
+def log(x: Any) -> Any:
+    """Elementwise natural logarithm."""
+    return _P["log"](x)
+
+
+def tanh(x: Any) -> Any:
+    """Elementwise hyperbolic tangent."""
+    return _P["tanh"](x)
+
+
+def sigmoid(x: Any) -> Any:
+    """Elementwise logistic function ``1 / (1 + exp(-x))``, computed without overflow."""
+    return _P["sigmoid"](x)
+
+
+def relu(x: Any) -> Any:
+    """``max(x, 0)``; the gradient at 0 is 0, as in torch."""
+    return _P["relu"](x)
+
+
+def gelu(x: Any, approximate: str = "none") -> Any:
+    """GELU, ``x * Phi(x)``; ``approximate="tanh"`` gives the tanh approximation (torch's names)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _P["gelu"](x, approximate=approximate)
+
+
+def sqrt(x: Any) -> Any:
+    """Elementwise square root."""
+    return _P["sqrt"](x)
+
+
+def abs(x: Any) -> Any:  # noqa: A001 - numpy's name
+    """Elementwise absolute value (gradient ``sign(x)``, 0 at 0)."""
+    return _P["abs"](x)
+
+
+def maximum(a: Any, b: Any) -> Any:
+    """Elementwise maximum; at ties each side gets half the gradient."""
+    return _P["maximum"](a, b)
+
+
+def minimum(a: Any, b: Any) -> Any:
+    """Elementwise minimum; at ties each side gets half the gradient."""
+    return _P["minimum"](a, b)
+
+
+def where(condition: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``condition`` holds, else ``b``. The condition gets no gradient."""
+    return _P["where"](raw(condition), a, b)
+
+
+def astype(x: Any, dtype: Any) -> Any:
+    """``x`` converted to ``dtype``; the gradient is converted back."""
+    if raw(x).dtype == dtype:
+        return x
+    return _P["astype"](x, dtype=dtype)
+
+
+# -- reductions ------------------------------------------------------------------------------------
+def sum(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
+    """Sum over ``axis`` (all axes by default)."""
+    return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+
+
+def mean(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
+    """Mean over ``axis`` (all axes by default)."""
+    return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+
+
+def max(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
+    """Maximum over ``axis``; tied maxima share the gradient equally."""
+    return _P["max"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+
+
+def min(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
+    """Minimum over ``axis``; tied minima share the gradient equally."""
+    return _P["min"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+
+
+# -- shapes ----------------------------------------------------------------------------------------
+def reshape(x: Any, shape: Sequence[int]) -> Any:
+    """``x`` with a new shape of the same size (one entry may be -1)."""
+    return _P["reshape"](x, shape=tuple(shape))
+
+
+def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
+    """Permutes the axes (reverses them by default)."""
+    return _P["transpose"](x, axes=None if axes is None else tuple(axes))
+
+
+def expand_dims(x: Any, axis: int) -> Any:
+    """Inserts an axis of length 1 at ``axis``."""
+    shape = list(_shape(x))
+    axis = axis % (len(shape) + 1)
+    shape.insert(axis, 1)
+    return reshape(x, shape)
+
+
+def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
+    """Removes axes of length 1 (those named by ``axis``, or all)."""
+    shape = _shape(x)
+    axes = (
+        tuple(i for i, s in enumerate(shape) if s == 1)
+        if axis is None
+        else normalize_axis(axis, len(shape))
+    )
+    for a in axes:
+        if shape[a] != 1:
+            raise ValueError(f"squeeze: axis {a} of shape {shape} has length {shape[a]}, not 1")
+    return reshape(x, [s for i, s in enumerate(shape) if i not in axes])
+
+
+def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
+    """``x`` broadcast to ``shape``."""
+    return _P["broadcast_to"](x, shape=tuple(shape))
+
+
+def getitem(x: Any, index: Any) -> Any:
+    """``x[index]``: slices, integers, integer arrays (repeats accumulate) or boolean masks."""
+    if isinstance(index, tuple):
+        index = tuple(raw(i) for i in index)
+    else:
+        index = raw(index)
+    return _P["getitem"](x, idx=index)
+
+
+def take(x: Any, indices: Any, axis: int = 0) -> Any:
+    """Gathers entries of ``x`` along ``axis`` at integer ``indices`` (as ``numpy.take``)."""
+    return _P["take"](x, raw(indices), axis=axis % len(_shape(x)))
+
+
+def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
+    """Joins arrays along an existing axis."""
+    if not arrays:
+        raise ValueError("concatenate needs at least one array")
+    return _P["concatenate"](*arrays, axis=axis % len(_shape(arrays[0])))
+
+
+def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
+    """Joins arrays of one shape along a new axis."""
+    if not arrays:
+        raise ValueError("stack needs at least one array")
+    return _P["stack"](*arrays, axis=axis % (len(_shape(arrays[0])) + 1))
+
+
+def matmul(a: Any, b: Any) -> Any:
+    """Matrix product with numpy's ``matmul`` rules (vectors, batches, broadcasting)."""
+    sa, sb = _shape(a), _shape(b)
+    if not sa or not sb or sa[-1] != sb[0 if len(sb) == 1 else -2]:
+        raise ValueError(f"matmul: shapes {sa} and {sb} do not line up")
+    return _P["matmul"](a, b)
+
+
+# numpy ufuncs applied to a traced array are routed here (see Tracer.__array_ufunc__).
+UFUNC_OPS = {
+    "add": add, "subtract": subtract, "multiply": multiply, "true_divide": divide,
+    "divide": divide, "negative": negative, "power": power, "exp": exp, "log": log,
+    "tanh": tanh, "sqrt": sqrt, "absolute": abs, "maximum": maximum, "minimum": minimum,
+    "matmul": matmul, "square": square,
+}  # fmt: skip
+
+_ = builtins  # builtins.sum/max/min stay reachable though this module shadows them

@@ -1,0 +1,216 @@
+"""Forward and VJP rules of reductions, shape changes, indexing and matrix products."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncnn.backends import array_namespace as ns
+from asyncnn.backends import scatter_add
+
+from ._autodiff import Forward, VjpRule
+
+
+def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
+    """``axis`` (None, int or sequence) as a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _sum(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
+    return x.sum(axis=axis, keepdims=keepdims), (x.shape, axis)
+
+
+def _sum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    shape, axes = res
+    return (ns(g).broadcast_to(g.reshape(_keepdims_shape(shape, axes)), shape),)
+
+
+def _mean(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
+    return x.mean(axis=axis, keepdims=keepdims), (x.shape, axis)
+
+
+def _mean_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    shape, axes = res
+    count = 1
+    for a in axes:
+        count *= shape[a]
+    g = g / count
+    return (ns(g).broadcast_to(g.reshape(_keepdims_shape(shape, axes)), shape),)
+
+
+def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:
+    out = getattr(x, which)(axis=axis, keepdims=True)
+    res = (x, out, axis)
+    return (
+        out
+        if keepdims
+        else out.reshape(tuple(out.shape[i] for i in range(x.ndim) if i not in axis))
+    ), res
+
+
+def _max(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
+    return _extreme(x, axis, keepdims, "max")
+
+
+def _min(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
+    return _extreme(x, axis, keepdims, "min")
+
+
+def _extreme_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # Ties share the gradient equally (like torch.amax), so the rule is symmetric and exact.
+    x, out, axes = res
+    mask = (x == out).astype(g.dtype)
+    mask /= mask.sum(axis=axes, keepdims=True)
+    return (mask * g.reshape(out.shape),)
+
+
+def _reshape(x: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    return x.reshape(shape), x.shape
+
+
+def _reshape_vjp(g: Any, shape: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g.reshape(shape),)
+
+
+def _transpose(x: Any, axes: tuple[int, ...] | None) -> tuple[Any, Any]:
+    if axes is None:
+        axes = tuple(reversed(range(x.ndim)))
+    return x.transpose(axes), axes
+
+
+def _transpose_vjp(g: Any, axes: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    inverse = [0] * len(axes)
+    for i, a in enumerate(axes):
+        inverse[a] = i
+    return (g.transpose(inverse),)
+
+
+def _broadcast_to(x: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    return ns(x).broadcast_to(x, shape), tuple(x.shape)
+
+
+def _broadcast_to_vjp(g: Any, shape: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    from ._rules_elementwise import unbroadcast
+
+    return (unbroadcast(g, shape),)
+
+
+def _is_basic_index(idx: Any) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or isinstance(i, int | slice) for i in items)
+
+
+def _getitem(x: Any, idx: Any) -> tuple[Any, Any]:
+    return x[idx], (x.shape, x.dtype, idx)
+
+
+def _getitem_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    shape, dtype, idx = res
+    xp = ns(g)
+    out = xp.zeros(shape, dtype=g.dtype)
+    if _is_basic_index(idx) or getattr(idx, "dtype", None) == bool:
+        out[idx] = g  # each position is picked at most once
+    else:
+        scatter_add(out, idx, g)  # an index may repeat: its gradients add up
+    return (out,)
+
+
+def _take(x: Any, indices: Any, axis: int) -> tuple[Any, Any]:
+    return ns(x).take(x, indices, axis=axis), (x.shape, indices, axis)
+
+
+def _take_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
+    shape, indices, axis = res
+    xp = ns(g)
+    out = xp.zeros(shape, dtype=g.dtype)
+    moved = xp.moveaxis(out, axis, 0)  # a view: scattering into it fills `out`
+    gi = xp.moveaxis(g, tuple(range(axis, axis + indices.ndim)), tuple(range(indices.ndim)))
+    scatter_add(moved, indices, gi)
+    return out, None
+
+
+def _concatenate(*xs: Any, axis: int) -> tuple[Any, Any]:
+    return ns(*xs).concatenate(xs, axis=axis), ([x.shape[axis] for x in xs], axis)
+
+
+def _concatenate_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
+    sizes, axis = res
+    grads = []
+    start = 0
+    for size, need in zip(sizes, needs, strict=True):
+        if need:
+            index = [slice(None)] * g.ndim
+            index[axis] = slice(start, start + size)
+            grads.append(g[tuple(index)])
+        else:
+            grads.append(None)
+        start += size
+    return grads
+
+
+def _stack(*xs: Any, axis: int) -> tuple[Any, Any]:
+    return ns(*xs).stack(xs, axis=axis), (len(xs), axis)
+
+
+def _stack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
+    n, axis = res
+    xp = ns(g)
+    return [
+        xp.take(g, i, axis=axis) if need else None for i, need in zip(range(n), needs, strict=True)
+    ]
+
+
+def _matmul(a: Any, b: Any) -> tuple[Any, Any]:
+    return a @ b, (a, b)
+
+
+def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    from ._rules_elementwise import unbroadcast
+
+    a, b = res
+    xp = ns(a, b)
+    if a.ndim == 2 and b.ndim == 2:  # the hot path: dense layers
+        return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
+    # Promote vectors to matrices as matmul does, then drop the added axes again.
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    g2 = g
+    if a.ndim == 1:
+        g2 = xp.expand_dims(g2, -2)
+    if b.ndim == 1:
+        g2 = xp.expand_dims(g2, -1)
+    ga = gb = None
+    if needs[0]:
+        ga = g2 @ xp.swapaxes(b2, -1, -2)
+        ga = unbroadcast(ga, a2.shape).reshape(a.shape)
+    if needs[1]:
+        gb = xp.swapaxes(a2, -1, -2) @ g2
+        gb = unbroadcast(gb, b2.shape).reshape(b.shape)
+    return ga, gb
+
+
+RULES: dict[str, tuple[Forward, VjpRule]] = {
+    "sum": (_sum, _sum_vjp),
+    "mean": (_mean, _mean_vjp),
+    "max": (_max, _extreme_vjp),
+    "min": (_min, _extreme_vjp),
+    "reshape": (_reshape, _reshape_vjp),
+    "transpose": (_transpose, _transpose_vjp),
+    "broadcast_to": (_broadcast_to, _broadcast_to_vjp),
+    "getitem": (_getitem, _getitem_vjp),
+    "take": (_take, _take_vjp),
+    "concatenate": (_concatenate, _concatenate_vjp),
+    "stack": (_stack, _stack_vjp),
+    "matmul": (_matmul, _matmul_vjp),
+}

@@ -1,0 +1,261 @@
+"""Forward and VJP rules of the elementwise primitives (numpy broadcasting throughout)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from asyncnn.backends import array_namespace as ns
+
+from ._autodiff import Forward, VjpRule
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
+    """Sums ``g`` over the axes that broadcasting added or stretched to reach ``g.shape``."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1
+    )
+    if axes:
+        g = g.sum(axis=axes)
+    return g.reshape(shape)
+
+
+# Each forward returns (out, residuals); each rule returns one gradient per argument.
+
+
+def _add(a: Any, b: Any) -> tuple[Any, Any]:
+    return a + b, (shape_of(a), shape_of(b))
+
+
+def _add_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    sa, sb = res
+    return (unbroadcast(g, sa) if needs[0] else None, unbroadcast(g, sb) if needs[1] else None)
+
+
+def _subtract(a: Any, b: Any) -> tuple[Any, Any]:
+    return a - b, (shape_of(a), shape_of(b))
+
+
+def _subtract_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    sa, sb = res
+    return (unbroadcast(g, sa) if needs[0] else None, unbroadcast(-g, sb) if needs[1] else None)
+
+
+def _multiply(a: Any, b: Any) -> tuple[Any, Any]:
+    return a * b, (a, b)
+
+
+def _multiply_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    a, b = res
+    return (
+        unbroadcast(g * b, shape_of(a)) if needs[0] else None,
+        unbroadcast(g * a, shape_of(b)) if needs[1] else None,
+    )
+
+
+def _divide(a: Any, b: Any) -> tuple[Any, Any]:
+    return a / b, (a, b)
+
+
+def _divide_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    a, b = res
+    ga = g / b
+    return (
+        unbroadcast(ga, shape_of(a)) if needs[0] else None,
+        unbroadcast(-ga * a / b, shape_of(b)) if needs[1] else None,
+    )
+
+
+def _negative(a: Any) -> tuple[Any, Any]:
+    return -a, None
+
+
+def _negative_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (-g,)
+
+
+def _power(a: Any, b: Any) -> tuple[Any, Any]:
+    out = a**b
+    return out, (a, b, out)
+
+
+def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    a, b, out = res
+    ga = unbroadcast(g * b * a ** (b - 1), shape_of(a)) if needs[0] else None
+    gb = None
+    if needs[1]:
+        xp = ns(a, b)
+        # d(a**b)/db = out * log(a); where a == 0 the limit is 0 (for b > 0).
+        safe = xp.where(a == 0, 1, a)
+        gb = unbroadcast(g * out * xp.log(safe), shape_of(b))
+    return ga, gb
+
+
+def _exp(x: Any) -> tuple[Any, Any]:
+    out = ns(x).exp(x)
+    return out, out
+
+
+def _exp_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * out,)
+
+
+def _log(x: Any) -> tuple[Any, Any]:
+    return ns(x).log(x), x
+
+
+def _log_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g / x,)
+
+
+def _tanh(x: Any) -> tuple[Any, Any]:
+    out = ns(x).tanh(x)
+    return out, out
+
+
+def _tanh_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * (1 - out * out),)
+
+
+def _sigmoid(x: Any) -> tuple[Any, Any]:
+    # 0.5 * (1 + tanh(x / 2)) is exactly the logistic function and never overflows.
+    out = 0.5 * (1 + ns(x).tanh(0.5 * x))
+    return out, out
+
+
+def _sigmoid_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * out * (1 - out),)
+
+
+def _relu(x: Any) -> tuple[Any, Any]:
+    out = ns(x).maximum(x, 0)
+    return out, out
+
+
+def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * (out > 0),)
+
+
+_SQRT_HALF = 1 / math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _erf(x: Any) -> Any:
+    xp = ns(x)
+    if xp.__name__ == "numpy":
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return erf(x)
+
+
+def _gelu(x: Any, approximate: str = "none") -> tuple[Any, Any]:
+    xp = ns(x)
+    if approximate == "tanh":
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+        return 0.5 * x * (1 + t), (x, t, approximate)
+    cdf = 0.5 * (1 + _erf(x * _SQRT_HALF))
+    return x * cdf, (x, cdf, approximate)
+
+
+def _gelu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    x, c, approximate = res
+    xp = ns(x)
+    if approximate == "tanh":
+        inner_d = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+        return (g * (0.5 * (1 + c) + 0.5 * x * (1 - c * c) * inner_d),)
+    pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return (g * (c + x * pdf),)
+
+
+def _sqrt(x: Any) -> tuple[Any, Any]:
+    out = ns(x).sqrt(x)
+    return out, out
+
+
+def _sqrt_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g / (2 * out),)
+
+
+def _abs(x: Any) -> tuple[Any, Any]:
+    xp = ns(x)
+    return xp.abs(x), x
+
+
+def _abs_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * ns(x).sign(x),)
+
+
+def _extremum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    # Ties share the gradient equally, as torch.maximum and jax.numpy.maximum do.
+    a, b, a_wins, tie = res
+    xp = ns(a, b)
+    wa = xp.where(a_wins, 1.0, 0.0) + 0.5 * tie
+    return (
+        unbroadcast(g * wa.astype(g.dtype, copy=False), shape_of(a)) if needs[0] else None,
+        unbroadcast(g * (1 - wa).astype(g.dtype, copy=False), shape_of(b)) if needs[1] else None,
+    )
+
+
+def _maximum(a: Any, b: Any) -> tuple[Any, Any]:
+    xp = ns(a, b)
+    return xp.maximum(a, b), (a, b, a > b, a == b)
+
+
+def _minimum(a: Any, b: Any) -> tuple[Any, Any]:
+    xp = ns(a, b)
+    return xp.minimum(a, b), (a, b, a < b, a == b)
+
+
+def _where(cond: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    xp = ns(a, b, cond)
+    return xp.where(cond, a, b), (cond, shape_of(a), shape_of(b))
+
+
+def _where_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
+    cond, sa, sb = res
+    xp = ns(g)
+    zero = xp.zeros((), dtype=g.dtype)
+    return (
+        None,
+        unbroadcast(xp.where(cond, g, zero), sa) if needs[1] else None,
+        unbroadcast(xp.where(cond, zero, g), sb) if needs[2] else None,
+    )
+
+
+def _astype(x: Any, dtype: Any) -> tuple[Any, Any]:
+    return x.astype(dtype), x.dtype
+
+
+def _astype_vjp(g: Any, dtype: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g.astype(dtype),)
+
+
+RULES: dict[str, tuple[Forward, VjpRule]] = {
+    "add": (_add, _add_vjp),
+    "subtract": (_subtract, _subtract_vjp),
+    "multiply": (_multiply, _multiply_vjp),
+    "divide": (_divide, _divide_vjp),
+    "negative": (_negative, _negative_vjp),
+    "power": (_power, _power_vjp),
+    "exp": (_exp, _exp_vjp),
+    "log": (_log, _log_vjp),
+    "tanh": (_tanh, _tanh_vjp),
+    "sigmoid": (_sigmoid, _sigmoid_vjp),
+    "relu": (_relu, _relu_vjp),
+    "gelu": (_gelu, _gelu_vjp),
+    "sqrt": (_sqrt, _sqrt_vjp),
+    "abs": (_abs, _abs_vjp),
+    "maximum": (_maximum, _extremum_vjp),
+    "minimum": (_minimum, _extremum_vjp),
+    "where": (_where, _where_vjp),
+    "astype": (_astype, _astype_vjp),
+}

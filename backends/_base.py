@@ -1,0 +1,124 @@
+"""The abstract backend: everything the framework asks of a compute engine."""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "Device", "parse_device"]
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where arrays live and work runs: ``Device("cpu")`` or ``Device("cuda", 1)``."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def backend_name(self) -> str:
+        return "numpy" if self.kind == "cpu" else "cupy"
+
+
+def parse_device(device: str | Device) -> Device:
+    """Parses ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises:
+        ValueError: for anything else, showing the accepted forms.
+    """
+    if isinstance(device, Device):
+        return device
+    m = _DEVICE_RE.match(str(device).strip())
+    if m is None:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cpu" and index not in (None, "0"):
+        raise ValueError(f"unknown device {device!r}: there is one CPU device, 'cpu'")
+    return Device(kind, int(index or 0))
+
+
+class Backend(abc.ABC):
+    """One compute engine (numpy on the CPU, cupy on a CUDA device).
+
+    The math is written once against :attr:`xp`, an array namespace with numpy's API. Everything
+    else that differs between engines (moving bytes, seeding, streams) goes through these methods.
+    """
+
+    #: the backend's name: ``"numpy"`` or ``"cupy"``
+    name: str
+    #: the array namespace (the ``numpy`` or ``cupy`` module)
+    xp: Any
+    #: the device this backend instance computes on
+    device: Device
+
+    def dtype(self, dtype: Any) -> np.dtype[Any]:
+        """The numpy dtype for a name such as ``"float32"``, checked to be supported."""
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as exc:
+            raise ValueError(f"unknown dtype {dtype!r}") from exc
+        return dt
+
+    @abc.abstractmethod
+    def rng(self, seed: int | np.random.SeedSequence) -> Any:
+        """A seeded random generator whose ``random``/``normal``/``uniform`` make arrays here."""
+
+    @abc.abstractmethod
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """``x`` (numpy, host data or an array of this backend) as an array on this device."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
+        """A host copy of ``x`` (no copy when it is already a numpy array)."""
+
+    def to_bytes(self, x: Any) -> memoryview:
+        """The raw bytes of ``x`` in C order (through the host)."""
+        host = np.ascontiguousarray(self.to_numpy(x))
+        return memoryview(host).cast("B")
+
+    def from_bytes(self, buf: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+        """An array on this device made from raw bytes written by :meth:`to_bytes`."""
+        dt = np.dtype(dtype)
+        expected = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+        if len(memoryview(buf).cast("B")) != expected:
+            raise ValueError(
+                f"from_bytes: {len(memoryview(buf).cast('B'))} bytes cannot hold an array of "
+                f"shape {shape} and dtype {dt} ({expected} bytes)"
+            )
+        host = np.frombuffer(buf, dtype=dt).reshape(shape)
+        return self.asarray(host)
+
+    def synchronize(self) -> None:  # noqa: B027 - a no-op where work is synchronous
+        """Blocks until all work queued on this device has finished."""
+
+    # Streams and events: the CPU runs work synchronously, so these are trivial there.
+    def new_stream(self) -> Any:
+        """A new stream on this device (``None`` on the CPU)."""
+        return None
+
+    def record_event(self, stream: Any = None) -> Any:
+        """An event marking the work queued so far on ``stream`` (``None`` on the CPU)."""
+        return None
+
+    def wait_event(self, event: Any, stream: Any = None) -> None:  # noqa: B027 - CPU: nothing
+        """Makes ``stream`` wait for ``event`` without blocking the host."""
+
+    def event_done(self, event: Any) -> bool:
+        """Whether the work before ``event`` has finished."""
+        return True
+
+    def memory_in_use(self) -> int:
+        """Bytes held by this backend's memory pool (0 where it has none)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.device}>"

@@ -1,0 +1,78 @@
+"""Finding the backend for a device, and the array namespace of an array."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._base import Backend, Device, parse_device
+
+__all__ = ["array_namespace", "get_backend", "is_cupy_array", "scatter_add", "to_numpy"]
+
+_lock = threading.Lock()
+_backends: dict[Device, Backend] = {}
+
+
+def get_backend(device: str | Device = "cpu") -> Backend:
+    """The backend for ``device`` (``"cpu"``, ``"cuda:N"``, or a backend name ``"numpy"``/``"cupy"``).
+
+    cupy is imported the first time a CUDA device is asked for, never before.
+    """
+    if device == "numpy":
+        device = "cpu"
+    elif device == "cupy":
+        device = "cuda:0"
+    dev = parse_device(device)
+    backend = _backends.get(dev)
+    if backend is not None:
+        return backend
+    with _lock:
+        backend = _backends.get(dev)
+        if backend is None:
+            if dev.kind == "cpu":
+                from ._numpy import NumpyBackend
+
+                backend = NumpyBackend()
+            else:
+                from ._cupy import CupyBackend
+
+                backend = CupyBackend(dev.index)
+            _backends[dev] = backend
+    return backend
+
+
+def is_cupy_array(x: Any) -> bool:
+    """Whether ``x`` is a cupy array (answered without importing cupy)."""
+    return type(x).__module__.startswith("cupy")
+
+
+def array_namespace(*xs: Any) -> ModuleType:
+    """The array module (``numpy`` or ``cupy``) that the arrays ``xs`` belong to.
+
+    Python scalars and numpy arrays give numpy; any cupy array among them gives cupy.
+    """
+    for x in xs:
+        if type(x) is not np.ndarray and is_cupy_array(x):
+            return sys.modules["cupy"]
+    return np
+
+
+def to_numpy(x: Any) -> Any:
+    """A numpy copy of a cupy array; numpy arrays and other values are returned as they are."""
+    if is_cupy_array(x):
+        return x.get()
+    return x
+
+
+def scatter_add(out: Any, index: Any, values: Any) -> None:
+    """``out[index] += values`` where repeated indices accumulate (numpy's ``add.at``)."""
+    if is_cupy_array(out):
+        import cupyx
+
+        cupyx.scatter_add(out, index, values)
+    else:
+        np.add.at(out, index, values)

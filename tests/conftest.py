@@ -1,0 +1,44 @@
+"""Shared fixtures: every math test runs on each available backend."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+from asyncnn.backends import Backend, get_backend
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+HAS_CUDA = _cuda_available()
+
+_BACKEND_PARAMS = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param(
+        "cupy",
+        id="cupy",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")],
+    ),
+]
+
+
+@pytest.fixture(params=_BACKEND_PARAMS)
+def backend(request: Any) -> Backend:
+    """The backend a math test runs on: numpy everywhere, cupy where a GPU is present."""
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def xp(backend: Backend) -> Any:
+    """The array namespace of :func:`backend`."""
+    return backend.xp
