@@ -18,7 +18,7 @@ _backends: dict[Device, Backend] = {}
 
 
 def get_backend(device: str | Device = "cpu") -> Backend:
-    """The backend for ``device`` (``"cpu"``, ``"cuda:N"``, or a backend name ``"numpy"``/``"cupy"``).
+    """The backend for a device (``"cpu"``, ``"cuda:N"``) or a name (``"numpy"``, ``"cupy"``).
 
     cupy is imported the first time a CUDA device is asked for, never before.
     """

@@ -119,7 +119,7 @@ def _getitem_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     shape, dtype, idx = res
     xp = ns(g)
     out = xp.zeros(shape, dtype=g.dtype)
-    if _is_basic_index(idx) or getattr(idx, "dtype", None) == bool:
+    if _is_basic_index(idx) or getattr(getattr(idx, "dtype", None), "kind", "") == "b":
         out[idx] = g  # each position is picked at most once
     else:
         scatter_add(out, idx, g)  # an index may repeat: its gradients add up
