@@ -4,9 +4,36 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import ops
+from . import data, nn, ops, optim, policies
+from ._errors import ActorError, GraphError, StallError, TraceFormatError
 from ._math._autodiff import grad, value_and_grad, vjp
+from ._runtime._actors import ActorStatistics, LayerActor
+from ._runtime._graph import Graph, TensorRef
+from ._runtime._run import Run, RunState, open_run
+from ._train import History, Trainer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["grad", "ops", "value_and_grad", "vjp"]
+__all__ = [
+    "ActorError",
+    "ActorStatistics",
+    "Graph",
+    "GraphError",
+    "History",
+    "LayerActor",
+    "Run",
+    "RunState",
+    "StallError",
+    "TensorRef",
+    "TraceFormatError",
+    "Trainer",
+    "data",
+    "grad",
+    "nn",
+    "open_run",
+    "ops",
+    "optim",
+    "policies",
+    "value_and_grad",
+    "vjp",
+]

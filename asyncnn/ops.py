@@ -36,10 +36,28 @@ from ._math._ops import (
     transpose,
     where,
 )  # fmt: skip
+from ._math._ops_nn import (
+    avg_pool1d,
+    avg_pool2d,
+    conv1d,
+    conv2d,
+    cross_entropy,
+    dropout,
+    embedding,
+    layer_norm,
+    log_softmax,
+    logsumexp,
+    max_pool1d,
+    max_pool2d,
+    mse_loss,
+    softmax,
+)
 
 __all__ = [
-    "abs", "add", "astype", "broadcast_to", "concatenate", "divide", "exp", "expand_dims",
-    "gelu", "getitem", "log", "matmul", "max", "maximum", "mean", "min", "minimum", "multiply",
-    "negative", "power", "raw", "relu", "reshape", "sigmoid", "sqrt", "square", "squeeze",
+    "abs", "add", "astype", "avg_pool1d", "avg_pool2d", "broadcast_to", "concatenate", "conv1d",
+    "conv2d", "cross_entropy", "divide", "dropout", "embedding", "exp", "expand_dims", "gelu",
+    "getitem", "layer_norm", "log", "log_softmax", "logsumexp", "matmul", "max", "max_pool1d",
+    "max_pool2d", "maximum", "mean", "min", "minimum", "mse_loss", "multiply", "negative",
+    "power", "raw", "relu", "reshape", "sigmoid", "softmax", "sqrt", "square", "squeeze",
     "stack", "subtract", "sum", "take", "tanh", "transpose", "where",
 ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,7 @@ class Backend(abc.ABC):
     def to_bytes(self, x: Any) -> memoryview:
         """The raw bytes of ``x`` in C order (through the host)."""
         host = np.ascontiguousarray(self.to_numpy(x))
-        return memoryview(host).cast("B")
+        return host.data.cast("B")
 
     def from_bytes(self, buf: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
         """An array on this device made from raw bytes written by :meth:`to_bytes`."""
@@ -97,10 +98,24 @@ class Backend(abc.ABC):
         host = np.frombuffer(buf, dtype=dt).reshape(shape)
         return self.asarray(host)
 
+    def copy_to(self, x: Any, device: str | Device) -> Any:
+        """``x`` as an array on ``device`` (no copy when it already lives there).
+
+        Between CUDA devices the copy is queued on the target device's current stream; wait for
+        the producer's event first when ``x`` was made on another stream.
+        """
+        from ._registry import get_backend  # the registry imports this module
+
+        return get_backend(parse_device(device)).asarray(x)
+
     def synchronize(self) -> None:  # noqa: B027 - a no-op where work is synchronous
         """Blocks until all work queued on this device has finished."""
 
     # Streams and events: the CPU runs work synchronously, so these are trivial there.
+    def activate(self, stream: Any = None) -> contextlib.AbstractContextManager[Any]:
+        """A context in which work is queued on ``stream`` of this device (nothing on the CPU)."""
+        return contextlib.nullcontext(stream)
+
     def new_stream(self) -> Any:
         """A new stream on this device (``None`` on the CPU)."""
         return None

@@ -42,3 +42,9 @@ def backend(request: Any) -> Backend:
 def xp(backend: Backend) -> Any:
     """The array namespace of :func:`backend`."""
     return backend.xp
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request: Any) -> str:
+    """Every async test (marked ``@pytest.mark.anyio``) runs on trio and on asyncio."""
+    return str(request.param)

@@ -279,7 +279,9 @@ class Tracer:
         return _ops.astype(self, dtype)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
-        op = _ops.UFUNC_OPS.get(ufunc.__name__) if method == "__call__" and not kwargs else None
+        op: Any = None
+        if method == "__call__" and not kwargs:
+            op = _ops.UFUNC_OPS.get(ufunc.__name__)
         if op is None:
             raise TypeError(
                 f"numpy's {ufunc.__name__}.{method} cannot differentiate a traced array; use the "

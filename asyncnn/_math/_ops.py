@@ -247,7 +247,7 @@ def matmul(a: Any, b: Any) -> Any:
 
 
 # numpy ufuncs applied to a traced array are routed here (see Tracer.__array_ufunc__).
-UFUNC_OPS = {
+UFUNC_OPS: dict[str, Any] = {
     "add": add, "subtract": subtract, "multiply": multiply, "true_divide": divide,
     "divide": divide, "negative": negative, "power": power, "exp": exp, "log": log,
     "tanh": tanh, "sqrt": sqrt, "absolute": abs, "maximum": maximum, "minimum": minimum,

@@ -21,7 +21,7 @@ class TreeDef:
         self.kind = kind  # "leaf", "dict", "list" or "tuple"
         self.meta = meta  # sorted keys for a dict
         self.children = children
-        self.num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
+        self.num_leaves: int = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -180,23 +180,24 @@ def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
 
     a, b = res
     xp = ns(a, b)
-    if a.ndim == 2 and b.ndim == 2:  # the hot path: dense layers
+    if a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:  # the hot path: dense layers
         return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
     # Promote vectors to matrices as matmul does, then drop the added axes again.
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
     g2 = g
-    if a.ndim == 1:
-        g2 = xp.expand_dims(g2, -2)
+    # The column axis first: for vector @ vector, g is 0-d and has no axis -2 yet.
     if b.ndim == 1:
         g2 = xp.expand_dims(g2, -1)
+    if a.ndim == 1:
+        g2 = xp.expand_dims(g2, -2)
     ga = gb = None
     if needs[0]:
         ga = g2 @ xp.swapaxes(b2, -1, -2)
-        ga = unbroadcast(ga, a2.shape).reshape(a.shape)
+        ga = unbroadcast(ga, a2.shape).reshape(a.shape).astype(a.dtype, copy=False)
     if needs[1]:
         gb = xp.swapaxes(a2, -1, -2) @ g2
-        gb = unbroadcast(gb, b2.shape).reshape(b.shape)
+        gb = unbroadcast(gb, b2.shape).reshape(b.shape).astype(b.dtype, copy=False)
     return ga, gb
 
 

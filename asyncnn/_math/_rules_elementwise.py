@@ -27,25 +27,40 @@ def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
     return g.reshape(shape)
 
 
+def like(x: Any) -> tuple[tuple[int, ...], Any]:
+    """What a gradient for ``x`` must look like: its shape and dtype (None for Python scalars)."""
+    return shape_of(x), getattr(x, "dtype", None)
+
+
+def grad_like(g: Any, target: tuple[tuple[int, ...], Any]) -> Any:
+    """``g`` unbroadcast to ``target``'s shape, in its dtype: a float32 input mixed with float64
+    gets a float32 gradient, as in torch."""
+    shape, dtype = target
+    g = unbroadcast(g, shape)
+    if dtype is not None and g.dtype != dtype:
+        g = g.astype(dtype)
+    return g
+
+
 # Each forward returns (out, residuals); each rule returns one gradient per argument.
 
 
 def _add(a: Any, b: Any) -> tuple[Any, Any]:
-    return a + b, (shape_of(a), shape_of(b))
+    return a + b, (like(a), like(b))
 
 
 def _add_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     sa, sb = res
-    return (unbroadcast(g, sa) if needs[0] else None, unbroadcast(g, sb) if needs[1] else None)
+    return (grad_like(g, sa) if needs[0] else None, grad_like(g, sb) if needs[1] else None)
 
 
 def _subtract(a: Any, b: Any) -> tuple[Any, Any]:
-    return a - b, (shape_of(a), shape_of(b))
+    return a - b, (like(a), like(b))
 
 
 def _subtract_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     sa, sb = res
-    return (unbroadcast(g, sa) if needs[0] else None, unbroadcast(-g, sb) if needs[1] else None)
+    return (grad_like(g, sa) if needs[0] else None, grad_like(-g, sb) if needs[1] else None)
 
 
 def _multiply(a: Any, b: Any) -> tuple[Any, Any]:
@@ -55,8 +70,8 @@ def _multiply(a: Any, b: Any) -> tuple[Any, Any]:
 def _multiply_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b = res
     return (
-        unbroadcast(g * b, shape_of(a)) if needs[0] else None,
-        unbroadcast(g * a, shape_of(b)) if needs[1] else None,
+        grad_like(g * b, like(a)) if needs[0] else None,
+        grad_like(g * a, like(b)) if needs[1] else None,
     )
 
 
@@ -68,8 +83,8 @@ def _divide_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b = res
     ga = g / b
     return (
-        unbroadcast(ga, shape_of(a)) if needs[0] else None,
-        unbroadcast(-ga * a / b, shape_of(b)) if needs[1] else None,
+        grad_like(ga, like(a)) if needs[0] else None,
+        grad_like(-ga * a / b, like(b)) if needs[1] else None,
     )
 
 
@@ -88,13 +103,13 @@ def _power(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b, out = res
-    ga = unbroadcast(g * b * a ** (b - 1), shape_of(a)) if needs[0] else None
+    ga = grad_like(g * b * a ** (b - 1), like(a)) if needs[0] else None
     gb = None
     if needs[1]:
         xp = ns(a, b)
         # d(a**b)/db = out * log(a); where a == 0 the limit is 0 (for b > 0).
         safe = xp.where(a == 0, 1, a)
-        gb = unbroadcast(g * out * xp.log(safe), shape_of(b))
+        gb = grad_like(g * out * xp.log(safe), like(b))
     return ga, gb
 
 
@@ -200,8 +215,8 @@ def _extremum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     xp = ns(a, b)
     wa = xp.where(a_wins, 1.0, 0.0) + 0.5 * tie
     return (
-        unbroadcast(g * wa.astype(g.dtype, copy=False), shape_of(a)) if needs[0] else None,
-        unbroadcast(g * (1 - wa).astype(g.dtype, copy=False), shape_of(b)) if needs[1] else None,
+        grad_like(g * wa.astype(g.dtype, copy=False), like(a)) if needs[0] else None,
+        grad_like(g * (1 - wa).astype(g.dtype, copy=False), like(b)) if needs[1] else None,
     )
 
 
@@ -217,7 +232,7 @@ def _minimum(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _where(cond: Any, a: Any, b: Any) -> tuple[Any, Any]:
     xp = ns(a, b, cond)
-    return xp.where(cond, a, b), (cond, shape_of(a), shape_of(b))
+    return xp.where(cond, a, b), (cond, like(a), like(b))
 
 
 def _where_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
@@ -226,8 +241,8 @@ def _where_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any
     zero = xp.zeros((), dtype=g.dtype)
     return (
         None,
-        unbroadcast(xp.where(cond, g, zero), sa) if needs[1] else None,
-        unbroadcast(xp.where(cond, zero, g), sb) if needs[2] else None,
+        grad_like(xp.where(cond, g, zero), sa) if needs[1] else None,
+        grad_like(xp.where(cond, zero, g), sb) if needs[2] else None,
     )
 
 

@@ -1,0 +1,193 @@
+"""In-memory datasets, minibatches and microbatches.
+
+A dataset is a dict of arrays sharing their first dimension (one row per example). Batching is
+deterministic: without shuffling, batches are consecutive row ranges; with shuffling, the order
+is a permutation that depends only on ``(seed, epoch)``, so a run resumed at epoch ``e``
+sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ArrayDataset", "batch_length", "epoch_permutation", "split_microbatches"]
+
+
+def _check_index(value: Any, name: str, minimum: int) -> int:
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if index < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {index}")
+    return index
+
+
+def batch_length(batch: Mapping[str, Any]) -> int:
+    """The number of rows of a batch (a dict of arrays sharing their first dimension).
+
+    Raises:
+        ValueError: the batch is empty, holds a 0-d array, or its arrays differ in length; the
+            message names the offending field.
+    """
+    if not batch:
+        raise ValueError("a batch needs at least one array, got an empty dict")
+    length: int | None = None
+    first = ""
+    for name, array in batch.items():
+        shape = getattr(array, "shape", None)
+        if shape is None or len(shape) == 0:
+            raise ValueError(
+                f"field {name!r} must be an array with a leading batch dimension, got "
+                f"{type(array).__name__} of shape {shape}"
+            )
+        if length is None:
+            length, first = int(shape[0]), name
+        elif int(shape[0]) != length:
+            raise ValueError(
+                f"field {name!r} has {shape[0]} rows but field {first!r} has {length}; every "
+                "array of a dataset or batch needs the same first dimension"
+            )
+    assert length is not None
+    return length
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray[Any, Any]:
+    """The shuffled row order of one epoch: a function of ``(seed, epoch)`` only.
+
+    Each epoch draws from its own stream ``SeedSequence([seed, epoch])``, so the order of epoch
+    ``e`` does not depend on how many epochs were drawn before it (a resumed run reproduces it).
+    """
+    seed = _check_index(seed, "seed", 0)
+    epoch = _check_index(epoch, "epoch", 0)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return rng.permutation(num_rows)
+
+
+class ArrayDataset:
+    """A dataset held in memory as named arrays with one row per example.
+
+    Args:
+        arrays: ``{name: array}``; every array has the same length along axis 0. numpy arrays
+            are kept as they are (no copy); other array-likes are converted with ``np.asarray``.
+
+    Example:
+        >>> ds = ArrayDataset({"x": np.zeros((10, 3)), "y": np.arange(10)})
+        >>> [b["y"].tolist() for b in ds.batches(4)]
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    """
+
+    def __init__(self, arrays: Mapping[str, Any]) -> None:
+        if not isinstance(arrays, Mapping):
+            raise TypeError(
+                "ArrayDataset takes a dict of arrays, e.g. ArrayDataset({'x': x, 'y': y}); got "
+                f"{type(arrays).__name__}"
+            )
+        converted: dict[str, Any] = {}
+        for name, array in arrays.items():
+            if not isinstance(name, str):
+                raise TypeError(f"ArrayDataset field names must be str, got {name!r}")
+            converted[name] = array if hasattr(array, "shape") else np.asarray(array)
+        self._length = batch_length(converted)
+        self._arrays = converted
+
+    @property
+    def arrays(self) -> dict[str, Any]:
+        """The dataset's arrays (a new dict; the arrays themselves are shared, not copied)."""
+        return dict(self._arrays)
+
+    def keys(self) -> list[str]:
+        """The field names, in insertion order."""
+        return list(self._arrays)
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise KeyError(f"no field {name!r} in the dataset; it has {self.keys()}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}: {getattr(v, 'dtype', '?')}{tuple(v.shape)}" for k, v in self._arrays.items()
+        )
+        return f"ArrayDataset({self._length} rows; {fields})"
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """How many batches :meth:`batches` yields per epoch."""
+        batch_size = _check_index(batch_size, "batch_size", 1)
+        if drop_last:
+            return self._length // batch_size
+        return -(-self._length // batch_size)
+
+    def take(self, rows: Any) -> dict[str, Any]:
+        """The rows ``rows`` (a slice or an index array) of every field, as a dict."""
+        return {name: array[rows] for name, array in self._arrays.items()}
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Yields the minibatches of one epoch as dicts of arrays.
+
+        Args:
+            batch_size: rows per batch (>= 1). The last batch is smaller when the length is not
+                a multiple, unless ``drop_last``.
+            shuffle: visit the rows in the order :func:`epoch_permutation` gives for
+                ``(seed, epoch)``; otherwise in storage order (batches are then views, not copies).
+            seed: the shuffling seed (>= 0).
+            epoch: the epoch number (>= 0); each epoch has its own order.
+            drop_last: skip a final batch smaller than ``batch_size``.
+        """
+        batch_size = _check_index(batch_size, "batch_size", 1)
+        order = epoch_permutation(self._length, seed, epoch) if shuffle else None
+        stop = self.num_batches(batch_size, drop_last) * batch_size
+        for start in range(0, min(stop, self._length), batch_size):
+            end = min(start + batch_size, self._length)
+            if order is None:
+                yield self.take(slice(start, end))
+            else:
+                yield self.take(order[start:end])
+
+
+def split_microbatches(batch: Mapping[str, Any], m: int) -> list[dict[str, Any]]:
+    """Splits a batch into ``m`` microbatches the way ``numpy.array_split`` splits an array.
+
+    With ``n`` rows, the first ``n % m`` microbatches have ``n // m + 1`` rows and the rest
+    ``n // m``; rows keep their order and the microbatches are views (slices) of the batch.
+
+    Args:
+        batch: a dict of arrays sharing their first dimension (numpy or cupy).
+        m: the number of microbatches, ``1 <= m <= n``.
+
+    Raises:
+        ValueError: ``m < 1``, or ``m`` exceeds the number of rows (a microbatch would be empty).
+    """
+    m = _check_index(m, "m (the number of microbatches)", 1)
+    n = batch_length(batch)
+    if m > n:
+        raise ValueError(
+            f"cannot split a batch of {n} rows into {m} microbatches: each needs at least one "
+            f"row; use at most {n} microbatches or a batch_size of at least {m}"
+        )
+    size, extra = divmod(n, m)
+    out: list[dict[str, Any]] = []
+    start = 0
+    for i in range(m):
+        end = start + size + (1 if i < extra else 0)
+        out.append({name: array[start:end] for name, array in batch.items()})
+        start = end
+    return out

@@ -1,0 +1,221 @@
+"""Small real datasets generated or read locally: MNIST-1D and scikit-learn's digits.
+
+Nothing here touches the network. MNIST-1D is generated with the ``mnist1d`` package's
+``make_dataset`` (never its ``get_dataset``, which downloads); scikit-learn's digits ship with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import operator
+import os
+import random
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["default_cache_dir", "load_digits", "load_mnist1d"]
+
+# make_dataset reseeds numpy's and python's global RNGs; we restore them afterwards, and this lock
+# keeps two of our own generations from interleaving their save/restore.
+_global_rng_lock = threading.Lock()
+
+# Bump when the cached file layout or the dtype conversion changes, so stale files are ignored.
+_CACHE_FORMAT = 1
+_SPLITS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def default_cache_dir() -> Path:
+    """Where generated datasets are cached on disk.
+
+    ``$ASYNCNN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/asyncnn``, else ``~/.cache/asyncnn``.
+    """
+    env = os.environ.get("ASYNCNN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "asyncnn"
+
+
+def _copy(arrays: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    # The cached arrays are shared between calls: hand out copies so a caller normalizing its
+    # data in place cannot change what the next caller gets.
+    return {k: v.copy() for k, v in arrays.items()}
+
+
+def _generate_mnist1d(num_samples: int, train_split: float, seed: int) -> dict[str, Any]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.train_split = train_split
+    args.seed = seed
+    with _global_rng_lock:
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        try:
+            raw = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+    return {
+        "x_train": np.ascontiguousarray(raw["x"], dtype=np.float32),
+        "y_train": np.ascontiguousarray(raw["y"], dtype=np.int64),
+        "x_test": np.ascontiguousarray(raw["x_test"], dtype=np.float32),
+        "y_test": np.ascontiguousarray(raw["y_test"], dtype=np.int64),
+    }
+
+
+def _mnist1d_cache_file(cache_dir: Path, num_samples: int, train_split: float, seed: int) -> Path:
+    version = importlib.metadata.version("mnist1d")
+    name = f"mnist1d-{version}-f{_CACHE_FORMAT}-n{num_samples}-split{train_split!r}-seed{seed}.npz"
+    return cache_dir / name
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray[Any, Any]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in _SPLITS}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        # Missing, truncated or from another layout: regenerate (and overwrite) instead.
+        return None
+    return arrays
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    # Write to a private name, then rename: a reader never sees half a file, and two processes
+    # generating at once each rename a whole one.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        # A read-only or full disk only costs the next process a regeneration.
+        tmp.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist1d_cached(
+    num_samples: int, train_split: float, seed: int, cache_dir: str | None
+) -> dict[str, np.ndarray[Any, Any]]:
+    path = None
+    if cache_dir is not None:
+        path = _mnist1d_cache_file(Path(cache_dir), num_samples, train_split, seed)
+        arrays = _read_npz(path)
+        if arrays is not None:
+            return arrays
+    arrays = _generate_mnist1d(num_samples, train_split, seed)
+    if path is not None:
+        _write_npz(path, arrays)
+    return arrays
+
+
+def load_mnist1d(
+    num_samples: int = 5000,
+    train_split: float = 0.8,
+    seed: int = 42,
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, np.ndarray[Any, Any]]:
+    """The MNIST-1D dataset (Greydanus, 2020), generated locally.
+
+    The defaults reproduce the published dataset: 4,000 training and 1,000 test sequences of
+    length 40, ten balanced classes. Generation runs ``mnist1d.data.make_dataset`` with its
+    default arguments and leaves numpy's and python's global random state as it found them.
+    Results are cached in memory, and on disk as ``.npz`` unless ``cache=False`` (generating
+    takes about two seconds including the import of ``mnist1d``; reading the cache, milliseconds).
+
+    Args:
+        num_samples: total number of examples, a positive multiple of 10 (one tenth per class).
+        train_split: fraction of examples in the training split, in (0, 1).
+        seed: the generator's seed.
+        cache: read and write the on-disk cache.
+        cache_dir: the cache folder; by default :func:`default_cache_dir`.
+
+    Returns:
+        ``{"x_train": float32 (n_train, 40), "y_train": int64 (n_train,), "x_test": float32
+        (n_test, 40), "y_test": int64 (n_test,)}``, labels in ``0..9``; fresh copies each call.
+    """
+    num_samples = operator.index(num_samples)
+    if num_samples < 10 or num_samples % 10:
+        raise ValueError(
+            f"num_samples must be a positive multiple of 10 (one tenth per digit), got {num_samples}"
+        )
+    train_split = float(train_split)
+    split_ix = int(num_samples * train_split)
+    if not 0 < split_ix < num_samples:
+        raise ValueError(
+            f"train_split={train_split} leaves an empty split of {num_samples} samples; "
+            "choose a fraction strictly between 0 and 1"
+        )
+    seed = operator.index(seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32) (numpy's legacy seeding), got {seed}")
+    folder = None
+    if cache:
+        folder = str(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+    return _copy(_mnist1d_cached(num_samples, train_split, seed, folder))
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    # Pixels are integers 0..16: scale to [0, 1].
+    x = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    return x, y
+
+
+def load_digits(
+    test_fraction: float = 0.2, seed: int = 0, stratify: bool = True
+) -> dict[str, np.ndarray[Any, Any]]:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, bundled; no download).
+
+    Args:
+        test_fraction: fraction of examples held out for testing, in (0, 1).
+        seed: seed of the split (a numpy ``default_rng``).
+        stratify: hold out ``round(test_fraction * count)`` examples of each class, so both
+            splits have the class proportions of the whole; otherwise a plain random split.
+
+    Returns:
+        ``{"x_train": float32 (n_train, 64) in [0, 1], "y_train": int64 (n_train,), "x_test",
+        "y_test"}``, labels in ``0..9``; rows in shuffled order.
+    """
+    test_fraction = float(test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    seed = operator.index(seed)
+    x, y = _digits_raw()
+    rng = np.random.default_rng(seed)
+    if stratify:
+        test_parts = []
+        for label in np.unique(y):
+            rows = rng.permutation(np.flatnonzero(y == label))
+            test_parts.append(rows[: int(round(test_fraction * len(rows)))])
+        is_test = np.zeros(len(y), dtype=bool)
+        is_test[np.concatenate(test_parts)] = True
+        # Shuffle each split so classes are interleaved, not in blocks.
+        test_rows = rng.permutation(np.flatnonzero(is_test))
+        train_rows = rng.permutation(np.flatnonzero(~is_test))
+    else:
+        order = rng.permutation(len(y))
+        n_test = int(round(test_fraction * len(y)))
+        test_rows, train_rows = order[:n_test], order[n_test:]
+    if len(test_rows) == 0 or len(train_rows) == 0:
+        raise ValueError(f"test_fraction={test_fraction} leaves an empty split")
+    return {
+        "x_train": x[train_rows],
+        "y_train": y[train_rows],
+        "x_test": x[test_rows],
+        "y_test": y[test_rows],
+    }

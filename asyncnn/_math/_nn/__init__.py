@@ -1,0 +1,19 @@
+"""Neural-network modules: frozen descriptions whose parameters are passed on every call."""
+
+from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from ._attention import MultiHeadAttention
+from ._containers import Residual, Sequential
+from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
+from ._linear import Embedding, Linear
+from ._losses import CrossEntropyLoss, MSELoss
+from ._module import Initializer, Module
+from ._norm import LayerNorm
+from ._reshape import Dropout, Flatten
+from ._spec import from_spec, to_spec
+
+__all__ = [
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "Embedding",
+    "Flatten", "GELU", "Identity", "Initializer", "LayerNorm", "Linear", "LogSoftmax", "MSELoss",
+    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
+    "Sigmoid", "Softmax", "Tanh", "from_spec", "to_spec",
+]  # fmt: skip

@@ -1,0 +1,86 @@
+"""Parameterless elementwise layers: activations, softmax, Identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _ops as ops
+from .. import _ops_nn as ops_nn
+from ._module import Module, Shape
+
+__all__ = ["GELU", "Identity", "LogSoftmax", "ReLU", "Sigmoid", "Softmax", "Tanh"]
+
+
+@dataclass(frozen=True)
+class _Elementwise(Module):
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return input_shapes[0]
+
+
+@dataclass(frozen=True)
+class Identity(_Elementwise):
+    """Returns its input unchanged."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return x
+
+
+@dataclass(frozen=True)
+class ReLU(_Elementwise):
+    """``max(x, 0)``."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.relu(x)
+
+
+@dataclass(frozen=True)
+class Tanh(_Elementwise):
+    """Hyperbolic tangent."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.tanh(x)
+
+
+@dataclass(frozen=True)
+class Sigmoid(_Elementwise):
+    """The logistic function ``1 / (1 + exp(-x))``."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.sigmoid(x)
+
+
+@dataclass(frozen=True)
+class GELU(_Elementwise):
+    """GELU ``x * Phi(x)``; ``approximate="tanh"`` uses the tanh approximation (as torch)."""
+
+    approximate: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.approximate not in ("none", "tanh"):
+            raise ValueError(
+                f"GELU: approximate must be 'none' or 'tanh', got {self.approximate!r}"
+            )
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.gelu(x, approximate=self.approximate)
+
+
+@dataclass(frozen=True)
+class Softmax(_Elementwise):
+    """Softmax along ``dim``."""
+
+    dim: int = -1
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops_nn.softmax(x, axis=self.dim)
+
+
+@dataclass(frozen=True)
+class LogSoftmax(_Elementwise):
+    """Log-softmax along ``dim``."""
+
+    dim: int = -1
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops_nn.log_softmax(x, axis=self.dim)

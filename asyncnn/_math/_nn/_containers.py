@@ -1,0 +1,113 @@
+"""Containers: Sequential and Residual."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _ops as ops
+from ._module import Initializer, Module, Shape, shape_of
+
+__all__ = ["Residual", "Sequential"]
+
+
+@dataclass(frozen=True, init=False)
+class Sequential(Module):
+    """Applies modules one after another.
+
+    Params: a list with one entry per module (``{}`` for modules without parameters). An ``rng``
+    passed to the call is passed on to every module.
+    """
+
+    modules: tuple[Module, ...]
+
+    def __init__(self, *modules: Module) -> None:
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(
+                    f"Sequential: argument {i} is {type(m).__name__}, not an nn.Module; pass "
+                    "modules as separate arguments: Sequential(nn.Linear(4, 8), nn.ReLU())"
+                )
+        object.__setattr__(self, "modules", tuple(modules))
+
+    @classmethod
+    def _from_args(cls, args: dict[str, Any]) -> Sequential:
+        return cls(*args["modules"])
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.modules)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return Sequential(*self.modules[index])
+        return self.modules[index]
+
+    def __repr__(self) -> str:
+        return f"Sequential({', '.join(repr(m) for m in self.modules)})"
+
+    def init_params(self, init: Initializer) -> Any:
+        return [
+            m.init_params(i)
+            for m, i in zip(self.modules, init.spawn(len(self.modules)), strict=True)
+        ]
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if not isinstance(params, list | tuple) or len(params) != len(self.modules):
+            got = f"a {type(params).__name__}"
+            if isinstance(params, list | tuple):
+                got += f" of length {len(params)}"
+            raise ValueError(
+                f"Sequential of {len(self.modules)} modules expects params as a list of "
+                f"{len(self.modules)} entries (one per module, {{}} where a module has none), "
+                f"got {got}; create them with Sequential.init(seed)"
+            )
+        for m, p in zip(self.modules, params, strict=True):
+            x = m(p, x, rng=rng)
+        return x
+
+    def flops(self, *input_shapes: Any) -> int:
+        shape = tuple(1 if d is None else int(d) for d in input_shapes[0])
+        total = 0
+        for m in self.modules:
+            total += m.flops(shape)
+            shape = shape_of(m, shape)
+        return total
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        shape = input_shapes[0]
+        for m in self.modules:
+            shape = shape_of(m, shape)
+        return shape
+
+
+@dataclass(frozen=True)
+class Residual(Module):
+    """``x + module(x)``. Params: the wrapped module's own params."""
+
+    module: Module
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, Module):
+            raise TypeError(f"Residual wraps an nn.Module, got {type(self.module).__name__}")
+
+    def init_params(self, init: Initializer) -> Any:
+        return self.module.init_params(init)
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        y = self.module(params, x, rng=rng)
+        if tuple(y.shape) != tuple(x.shape):
+            raise ValueError(
+                f"Residual: {self.module!r} maps shape {tuple(x.shape)} to {tuple(y.shape)}; "
+                "x + module(x) needs it to keep the shape"
+            )
+        return ops.add(x, y)
+
+    def flops(self, *input_shapes: Any) -> int:
+        return self.module.flops(*input_shapes)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return input_shapes[0]

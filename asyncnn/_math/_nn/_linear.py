@@ -1,0 +1,92 @@
+"""Dense layers: Linear and Embedding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _ops as ops
+from .. import _ops_nn as ops_nn
+from ._module import Initializer, Module, Shape, check_params, fan_in_bound
+
+__all__ = ["Embedding", "Linear"]
+
+
+def _check_size(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Linear(Module):
+    """``y = x @ weight + bias`` on the last axis of ``x``.
+
+    Params: ``{"weight": (in_features, out_features), "bias": (out_features,)}``; the weight is
+    stored (in, out), the transpose of torch's. Initialized as torch does:
+    ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` for both.
+    """
+
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        _check_size("Linear", "in_features", self.in_features)
+        _check_size("Linear", "out_features", self.out_features)
+
+    def _expected(self) -> dict[str, Shape]:
+        shapes: dict[str, Shape] = {"weight": (self.in_features, self.out_features)}
+        if self.bias:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def init_params(self, init: Initializer) -> Any:
+        bound = fan_in_bound(self.in_features)
+        params = {"weight": init.uniform((self.in_features, self.out_features), bound)}
+        if self.bias:
+            params["bias"] = init.uniform((self.out_features,), bound)
+        return params
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        check_params(self, params, self._expected())
+        shape = tuple(getattr(x, "shape", ()))
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear({self.in_features} -> {self.out_features}) got input of shape {shape}: "
+                f"the last dimension must be {self.in_features}"
+            )
+        y = ops.matmul(x, params["weight"])
+        return ops.add(y, params["bias"]) if self.bias else y
+
+    def flops(self, *input_shapes: Any) -> int:
+        rows = math.prod(int(d) for d in input_shapes[0][1:-1]) if input_shapes else 1
+        return 2 * rows * self.in_features * self.out_features
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return (*input_shapes[0][:-1], self.out_features)
+
+
+@dataclass(frozen=True)
+class Embedding(Module):
+    """Looks up rows of a table: integer ids of any shape -> ``ids.shape + (embedding_dim,)``.
+
+    Params: ``{"weight": (num_embeddings, embedding_dim)}``, initialized ``N(0, 1)`` as in torch.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+
+    def __post_init__(self) -> None:
+        _check_size("Embedding", "num_embeddings", self.num_embeddings)
+        _check_size("Embedding", "embedding_dim", self.embedding_dim)
+
+    def init_params(self, init: Initializer) -> Any:
+        return {"weight": init.normal((self.num_embeddings, self.embedding_dim))}
+
+    def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
+        check_params(self, params, {"weight": (self.num_embeddings, self.embedding_dim)})
+        return ops_nn.embedding(params["weight"], ids)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return (*input_shapes[0], self.embedding_dim)

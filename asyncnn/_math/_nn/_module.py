@@ -1,0 +1,211 @@
+"""The module base class: a frozen record of hyperparameters, called with its parameters.
+
+A module never owns arrays. ``init`` draws a fresh parameter pytree and ``__call__`` is a pure
+function of ``(params, *inputs)``, so the same module can run many parameter versions at once
+(weight stashing) and be traced by ``vjp`` like any other function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from asyncnn.backends import Backend, get_backend
+
+from .._pytree import tree_leaves
+
+__all__ = ["Initializer", "Module", "check_params", "shape_of"]
+
+Shape = tuple[int, ...]
+
+
+class Initializer:
+    """Draws one module's parameters from its own seed stream.
+
+    Values are drawn on the host in float64 with numpy and only then cast to the requested dtype
+    and moved to the backend, so the same seed gives bit-identical parameters on numpy and cupy.
+    Containers hand each child an independent stream with :meth:`spawn`.
+    """
+
+    def __init__(self, seed: np.random.SeedSequence, backend: Backend, dtype: np.dtype[Any]):
+        self.seed = seed
+        self.backend = backend
+        self.dtype = dtype
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The host generator of this module's own parameters."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
+
+    def spawn(self, n: int) -> list[Initializer]:
+        """``n`` independent initializers for child modules."""
+        return [Initializer(s, self.backend, self.dtype) for s in self.seed.spawn(n)]
+
+    def asarray(self, host: Any) -> Any:
+        """A host array cast to the parameter dtype, on the backend's device."""
+        return self.backend.asarray(np.asarray(host).astype(self.dtype, copy=False))
+
+    def uniform(self, shape: Sequence[int], bound: float) -> Any:
+        """Samples ``U(-bound, bound)``."""
+        return self.asarray(self.rng.uniform(-bound, bound, size=tuple(shape)))
+
+    def normal(self, shape: Sequence[int], std: float = 1.0) -> Any:
+        """Samples ``N(0, std**2)``."""
+        return self.asarray(self.rng.normal(0.0, std, size=tuple(shape)))
+
+    def zeros(self, shape: Sequence[int]) -> Any:
+        """Zeros of the parameter dtype."""
+        return self.asarray(np.zeros(tuple(shape)))
+
+    def ones(self, shape: Sequence[int]) -> Any:
+        """Ones of the parameter dtype."""
+        return self.asarray(np.ones(tuple(shape)))
+
+
+def fan_in_bound(fan_in: int) -> float:
+    """torch's default bound for Linear/Conv weights and biases: ``kaiming_uniform(a=sqrt(5))``
+    reduces to ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """Base class of every layer: hyperparameters only, parameters passed on each call.
+
+    Subclasses are frozen dataclasses (decorate them with ``@dataclass(frozen=True)``), so modules
+    compare equal and hash by value and turn into specs (:func:`asyncnn.nn.to_spec`). A subclass
+    implements :meth:`init_params` (when it has parameters) and :meth:`__call__`.
+
+    Example:
+        >>> @dataclass(frozen=True)
+        ... class Scale(nn.Module):
+        ...     n: int
+        ...     def init_params(self, init):
+        ...         return {"scale": init.ones((self.n,))}
+        ...     def __call__(self, params, x, *, rng=None):
+        ...         return ops.multiply(x, params["scale"])
+    """
+
+    def init(self, seed: int, backend: str | Backend = "numpy", dtype: Any = "float32") -> Any:
+        """Creates a fresh parameter pytree.
+
+        Args:
+            seed: a non-negative int; children of containers get independent streams from it
+                (``numpy.random.SeedSequence(seed).spawn``).
+            backend: ``"numpy"``, ``"cupy"``, a device (``"cpu"``, ``"cuda:0"``) or a Backend.
+            dtype: a floating-point dtype.
+
+        Returns:
+            The parameters (a dict, a list for containers, ``{}`` for modules without any).
+            The same seed gives identical values on every backend.
+        """
+        _check_dataclass(type(self))
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"{type(self).__name__}.init: seed must be an int >= 0, got {seed!r}")
+        be = backend if isinstance(backend, Backend) else get_backend(backend)
+        dt = be.dtype(dtype)
+        if dt.kind != "f":
+            raise ValueError(
+                f"{type(self).__name__}.init: parameters must be floating point, got dtype {dt}; "
+                "use dtype='float32' or 'float64'"
+            )
+        return self.init_params(Initializer(np.random.SeedSequence(int(seed)), be, dt))
+
+    def init_params(self, init: Initializer) -> Any:
+        """Draws this module's parameters with ``init`` (override in modules with parameters)."""
+        return {}
+
+    # Subclasses define ``__call__(self, params, *inputs, rng=None)``; the base signature is
+    # open so that each may name its own inputs.
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Applies the module: ``module(params, *inputs, rng=None)``.
+
+        ``rng`` (a numpy or cupy Generator) selects training mode for stochastic layers
+        (Dropout); ``None`` means evaluation. Inputs and outputs are raw or traced arrays.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    def num_params(self, params: Any) -> int:
+        """The number of scalar parameters in ``params``."""
+        return sum(int(getattr(leaf, "size", 1)) for leaf in tree_leaves(params))
+
+    def flops(self, *input_shapes: Sequence[int | None]) -> int:
+        """Estimated forward FLOPs per sample of the matrix products and convolutions.
+
+        Input shapes include the batch dimension first (``None`` or any int; it is ignored), as in
+        ``Graph.input(shape=(None, 40))``. Elementwise work counts as 0. Used to balance stages.
+        """
+        return 0
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        """The output shape for these input shapes (batch included), or None when unknown."""
+        return None
+
+
+def _check_dataclass(cls: type) -> None:
+    if "__dataclass_fields__" not in vars(cls):
+        raise TypeError(
+            f"{cls.__name__} subclasses nn.Module but is not a dataclass: decorate it with "
+            "@dataclasses.dataclass(frozen=True) so that it compares, hashes and serializes by "
+            "its hyperparameters"
+        )
+
+
+def _shape(x: Any) -> Shape:
+    return tuple(getattr(x, "shape", ()))
+
+
+def check_params(module: Any, params: Any, expected: Mapping[str, Shape]) -> None:
+    """Checks that ``params`` is a dict with exactly the ``expected`` keys and shapes.
+
+    Raises:
+        ValueError: naming the module, the expected keys and shapes, and what it got.
+    """
+    want = ", ".join(f"{k!r}: {v}" for k, v in expected.items())
+    if type(params) is not dict or params.keys() != expected.keys():
+        got = (
+            "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in params.items()) + "}"
+            if isinstance(params, dict)
+            else type(params).__name__
+        )
+        raise ValueError(
+            f"{module!r} expects params {{{want}}}, got {got}; create them with "
+            f"{type(module).__name__}.init(seed)"
+        )
+    for k, shape in expected.items():
+        if _shape(params[k]) != shape:
+            raise ValueError(
+                f"{module!r}: params[{k!r}] has shape {_shape(params[k])}, expected {shape} "
+                f"(all expected: {{{want}}})"
+            )
+
+
+def check_ndim(module: Any, x: Any, ndims: Sequence[int], layout: str) -> Shape:
+    """Checks the number of dimensions of an input; returns its shape."""
+    shape = _shape(x)
+    if len(shape) not in ndims:
+        raise ValueError(f"{module!r} expects {layout} input, got shape {shape}")
+    return shape
+
+
+def shape_of(module: Module, *input_shapes: Sequence[int | None]) -> Shape:
+    """The output shape of ``module`` (batch included) for these input shapes.
+
+    Uses the module's own shape rule where it has one, else runs it on a batch of one sample of
+    zeros with freshly initialized float32 numpy parameters.
+    """
+    shapes = [tuple(1 if d is None else int(d) for d in s) for s in input_shapes]
+    known = module._output_shape(*shapes)
+    if known is not None:
+        return known
+    params = module.init(0)
+    xs = [np.zeros((1, *s[1:]), dtype=np.float32) for s in shapes]
+    out = module(params, *xs)
+    return (shapes[0][0], *_shape(out)[1:])

@@ -1,0 +1,79 @@
+"""Layer normalization."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _ops as ops
+from .. import _ops_nn as ops_nn
+from ._module import Initializer, Module, Shape, check_params
+
+__all__ = ["LayerNorm"]
+
+
+@dataclass(frozen=True)
+class LayerNorm(Module):
+    """Normalizes over the trailing ``normalized_shape`` axes, then scales and shifts (as torch).
+
+    Params: ``{"weight": normalized_shape, "bias": normalized_shape}`` (ones and zeros); only
+    ``weight`` when ``bias=False``; none when ``elementwise_affine=False``. ``normalized_shape`` is
+    an int or a tuple, stored as a tuple.
+    """
+
+    normalized_shape: Any
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        shape = self.normalized_shape
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if (
+            not isinstance(shape, tuple | list)
+            or not shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)
+        ):
+            raise ValueError(
+                f"LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got "
+                f"{self.normalized_shape!r}"
+            )
+        object.__setattr__(self, "normalized_shape", tuple(shape))
+        if not self.eps > 0:
+            raise ValueError(f"LayerNorm: eps must be > 0, got {self.eps!r}")
+
+    def _expected(self) -> dict[str, Shape]:
+        shapes: dict[str, Shape] = {}
+        if self.elementwise_affine:
+            shapes["weight"] = self.normalized_shape
+            if self.bias:
+                shapes["bias"] = self.normalized_shape
+        return shapes
+
+    def init_params(self, init: Initializer) -> Any:
+        params = {}
+        if self.elementwise_affine:
+            params["weight"] = init.ones(self.normalized_shape)
+            if self.bias:
+                params["bias"] = init.zeros(self.normalized_shape)
+        return params
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        check_params(self, params, self._expected())
+        shape = tuple(getattr(x, "shape", ()))
+        n = len(self.normalized_shape)
+        if shape[len(shape) - n :] != self.normalized_shape or len(shape) < n:
+            raise ValueError(
+                f"{self!r} got input of shape {shape}: its trailing dimensions must be "
+                f"{self.normalized_shape}"
+            )
+        if self.elementwise_affine:
+            return ops_nn.layer_norm(x, params["weight"], params.get("bias"), eps=self.eps)
+        # Without a weight the op normalizes the last axis only: merge the normalized axes first.
+        flat = ops.reshape(x, (*shape[: len(shape) - n], math.prod(self.normalized_shape)))
+        return ops.reshape(ops_nn.layer_norm(flat, eps=self.eps), shape)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return input_shapes[0]

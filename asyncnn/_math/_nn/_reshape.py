@@ -1,0 +1,62 @@
+"""Flatten and Dropout: parameterless layers that are not plain activations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _ops as ops
+from .. import _ops_nn as ops_nn
+from ._module import Module, Shape
+
+__all__ = ["Dropout", "Flatten"]
+
+
+@dataclass(frozen=True)
+class Flatten(Module):
+    """Merges the axes ``start_dim .. end_dim`` into one (torch's defaults keep the batch axis)."""
+
+    start_dim: int = 1
+    end_dim: int = -1
+
+    def _span(self, ndim: int) -> tuple[int, int]:
+        start = self.start_dim + ndim if self.start_dim < 0 else self.start_dim
+        end = self.end_dim + ndim if self.end_dim < 0 else self.end_dim
+        if not 0 <= start <= end < ndim:
+            raise ValueError(
+                f"{self!r} cannot flatten an input with {ndim} dimensions: dims {self.start_dim}"
+                f"..{self.end_dim} are not a valid range there"
+            )
+        return start, end
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        shape = input_shapes[0]
+        start, end = self._span(len(shape))
+        return (*shape[:start], math.prod(shape[start : end + 1]), *shape[end + 1 :])
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        shape = tuple(x.shape)
+        out = self._output_shape(shape)
+        assert out is not None
+        return ops.reshape(x, out)
+
+
+@dataclass(frozen=True)
+class Dropout(Module):
+    """Zeroes each entry with probability ``p`` and scales the rest by ``1/(1-p)``.
+
+    Active only when called with an ``rng`` (training); without one it is the identity.
+    """
+
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.p, bool) or not isinstance(self.p, int | float) or not 0 <= self.p < 1:
+            raise ValueError(f"Dropout: p must be a probability in [0, 1), got {self.p!r}")
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops_nn.dropout(x, float(self.p), rng)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return input_shapes[0]

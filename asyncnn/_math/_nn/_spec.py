@@ -1,0 +1,120 @@
+"""Modules as plain, msgpack-able specs: ``{"type": "Linear", "args": {...}}`` and back.
+
+Built-in modules are named by class name; any other ``Module`` subclass by its import path
+``"package.module:Class"``, so a worker process rebuilds it by importing that module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from ._attention import MultiHeadAttention
+from ._containers import Residual, Sequential
+from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
+from ._linear import Embedding, Linear
+from ._losses import CrossEntropyLoss, MSELoss
+from ._module import Module, _check_dataclass
+from ._norm import LayerNorm
+from ._reshape import Dropout, Flatten
+
+__all__ = ["BUILTINS", "from_spec", "to_spec"]
+
+BUILTINS: dict[str, type[Module]] = {
+    cls.__name__: cls
+    for cls in (
+        AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
+        GELU, Identity, LayerNorm, Linear, LogSoftmax, MaxPool1d, MaxPool2d, MSELoss,
+        MultiHeadAttention, ReLU, Residual, Sequential, Sigmoid, Softmax, Tanh,
+    )
+}  # fmt: skip
+
+
+def _type_name(cls: type) -> str:
+    if BUILTINS.get(cls.__name__) is cls:
+        return cls.__name__
+    if "<locals>" in cls.__qualname__:
+        raise ValueError(
+            f"to_spec: {cls.__qualname__} is defined inside a function and cannot be imported "
+            "again from a spec; define it at module level"
+        )
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, Module):
+        return to_spec(value)
+    if isinstance(value, tuple | list):
+        return [_encode(v, where) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(
+        f"to_spec: {where} holds a {type(value).__name__}, which a spec cannot carry; module "
+        "fields must be None, bool, int, float, str, modules, or tuples of those"
+    )
+
+
+def to_spec(module: Module) -> dict[str, Any]:
+    """A plain dict describing ``module`` (msgpack-able; nested modules nested).
+
+    Raises:
+        TypeError: when ``module`` is not an nn.Module dataclass, or a field holds a value a
+            spec cannot carry.
+    """
+    if not isinstance(module, Module):
+        raise TypeError(f"to_spec needs an nn.Module, got {type(module).__name__}")
+    cls = type(module)
+    _check_dataclass(cls)
+    name = _type_name(cls)
+    args = {
+        f.name: _encode(getattr(module, f.name), f"{cls.__name__}.{f.name}")
+        for f in dataclasses.fields(module)
+    }
+    return {"type": name, "args": args}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return from_spec(value)
+    if isinstance(value, list | tuple):
+        return tuple(_decode(v) for v in value)
+    return value
+
+
+def _resolve(name: str) -> type[Module]:
+    if ":" not in name:
+        cls = BUILTINS.get(name)
+        if cls is None:
+            raise ValueError(
+                f"from_spec: unknown module type {name!r}; built-ins are {sorted(BUILTINS)}, "
+                "other classes are named 'package.module:Class'"
+            )
+        return cls
+    mod_name, _, qualname = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"from_spec: cannot import module type {name!r}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, Module)):
+        raise TypeError(f"from_spec: {name!r} is not an nn.Module subclass")
+    return obj
+
+
+def from_spec(spec: dict[str, Any]) -> Module:
+    """Rebuilds a module from :func:`to_spec`'s output (lists become tuples).
+
+    Raises:
+        ValueError: on a malformed spec or a type that cannot be found.
+    """
+    if not isinstance(spec, dict) or set(spec) != {"type", "args"}:
+        raise ValueError(
+            f"from_spec: a module spec is {{'type': ..., 'args': {{...}}}}, got {spec!r}"
+        )
+    cls = _resolve(spec["type"])
+    args = {k: _decode(v) for k, v in dict(spec["args"]).items()}
+    from_args = getattr(cls, "_from_args", None)
+    return from_args(args) if from_args is not None else cls(**args)

@@ -1,0 +1,352 @@
+"""The neural-network operations: softmax family, convolutions, pools, norms, dropout, losses.
+
+Importing this module adds the nn primitives to :data:`asyncnn._math._ops.PRIMITIVES`. Every
+function checks its arguments here, before any compute, so a wrong shape or dtype fails with a
+message that names the shapes and says what to pass instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._autodiff import Primitive
+from ._ops import PRIMITIVES, mean, multiply, raw, subtract, take
+from ._ops import sum as _sum
+from ._rules_array import normalize_axis
+from ._rules_nn import RULES, out_size
+
+__all__ = [
+    "avg_pool1d", "avg_pool2d", "conv1d", "conv2d", "cross_entropy", "dropout", "embedding",
+    "layer_norm", "log_softmax", "logsumexp", "max_pool1d", "max_pool2d", "mse_loss", "softmax",
+]  # fmt: skip
+
+PRIMITIVES.update({name: Primitive(name, fwd, rule) for name, (fwd, rule) in RULES.items()})
+_P = PRIMITIVES
+
+IntOrTuple = int | Sequence[int]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+def _one_axis(x: Any, axis: int, name: str) -> int:
+    if not isinstance(axis, int | np.integer):
+        raise TypeError(f"{name}: axis must be one int, got {axis!r}")
+    return normalize_axis(int(axis), len(_shape(x)))[0]
+
+
+# -- softmax family -------------------------------------------------------------------------------
+def softmax(x: Any, axis: int = -1) -> Any:
+    """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the maximum."""
+    return _P["softmax"](x, axis=_one_axis(x, axis, "softmax"))
+
+
+def log_softmax(x: Any, axis: int = -1) -> Any:
+    """``x - logsumexp(x)`` along ``axis``, computed without overflow."""
+    return _P["log_softmax"](x, axis=_one_axis(x, axis, "log_softmax"))
+
+
+def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
+    """``log(sum(exp(x)))`` along ``axis``, computed as ``max + log(sum(exp(x - max)))``."""
+    return _P["logsumexp"](x, axis=_one_axis(x, axis, "logsumexp"), keepdims=keepdims)
+
+
+# -- convolution and pooling ----------------------------------------------------------------------
+def _tuple(value: IntOrTuple, n: int, what: str, op: str, minimum: int) -> tuple[int, ...]:
+    items = (value,) * n if isinstance(value, int | np.integer) else tuple(value)
+    if len(items) != n or not all(isinstance(v, int | np.integer) for v in items):
+        raise ValueError(f"{op}: {what} must be an int or a tuple of {n} ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{op}: {what} must be >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def _check_input(op: str, x: Any, spatial: int) -> tuple[int, ...]:
+    shape = _shape(x)
+    if len(shape) != spatial + 2:
+        layout = "(N, C, L)" if spatial == 1 else "(N, C, H, W)"
+        raise ValueError(
+            f"{op}: input must have shape {layout}, got {shape}; add a batch axis with "
+            "ops.expand_dims(x, 0) for a single sample"
+        )
+    return shape
+
+
+def _check_fits(
+    op: str,
+    shape: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    what: str,
+) -> None:
+    for n, k, s, p, d in zip(shape[2:], kernel, stride, padding, dilation, strict=True):
+        if out_size(n, k, s, p, d) < 1:
+            raise ValueError(
+                f"{op}: the {what} (kernel {kernel}, dilation {dilation}) is larger than the "
+                f"padded input: input {shape} with padding {padding}; use a smaller kernel or "
+                "more padding"
+            )
+
+
+def _conv(
+    op: str,
+    spatial: int,
+    x: Any,
+    weight: Any,
+    bias: Any,
+    stride: IntOrTuple,
+    padding: IntOrTuple,
+    dilation: IntOrTuple,
+) -> Any:
+    xs = _check_input(op, x, spatial)
+    ws = _shape(weight)
+    if len(ws) != spatial + 2:
+        layout = "(O, C, K)" if spatial == 1 else "(O, C, kh, kw)"
+        raise ValueError(f"{op}: weight must have shape {layout}, got {ws}")
+    if ws[1] != xs[1]:
+        raise ValueError(
+            f"{op}: input of shape {xs} has {xs[1]} channels but weight of shape {ws} expects "
+            f"{ws[1]} (weight is (out_channels, in_channels, *kernel))"
+        )
+    if bias is not None and _shape(bias) != (ws[0],):
+        raise ValueError(f"{op}: bias must have shape ({ws[0]},), got {_shape(bias)}")
+    s = _tuple(stride, spatial, "stride", op, 1)
+    p = _tuple(padding, spatial, "padding", op, 0)
+    d = _tuple(dilation, spatial, "dilation", op, 1)
+    _check_fits(op, xs, ws[2:], s, p, d, "kernel")
+    return _P["conv"](x, weight, bias, stride=s, padding=p, dilation=d)
+
+
+def conv1d(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+) -> Any:
+    """1-D cross-correlation, as ``torch.nn.functional.conv1d``.
+
+    Args:
+        x: input of shape (N, C, L).
+        weight: kernels of shape (O, C, K).
+        bias: optional, shape (O,).
+        stride, padding, dilation: ints (zero padding on both sides).
+
+    Returns:
+        Shape (N, O, L_out), ``L_out = (L + 2*padding - dilation*(K-1) - 1) // stride + 1``.
+
+    Raises:
+        ValueError: on a channel mismatch, or a kernel larger than the padded input.
+    """
+    return _conv("conv1d", 1, x, weight, bias, stride, padding, dilation)
+
+
+def conv2d(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+) -> Any:
+    """2-D cross-correlation on NCHW input, as ``torch.nn.functional.conv2d``.
+
+    Args:
+        x: input of shape (N, C, H, W).
+        weight: kernels of shape (O, C, kh, kw).
+        bias: optional, shape (O,).
+        stride, padding, dilation: an int or a pair (height, width).
+
+    Returns:
+        Shape (N, O, H_out, W_out).
+
+    Raises:
+        ValueError: on a channel mismatch, or a kernel larger than the padded input.
+    """
+    return _conv("conv2d", 2, x, weight, bias, stride, padding, dilation)
+
+
+def _pool(
+    op: str,
+    prim: str,
+    spatial: int,
+    x: Any,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None,
+    padding: IntOrTuple,
+) -> Any:
+    xs = _check_input(op, x, spatial)
+    k = _tuple(kernel_size, spatial, "kernel_size", op, 1)
+    s = k if stride is None else _tuple(stride, spatial, "stride", op, 1)
+    p = _tuple(padding, spatial, "padding", op, 0)
+    if any(2 * pi > ki for pi, ki in zip(p, k, strict=True)):
+        # torch's rule: a window made mostly of padding would have no input to pool.
+        raise ValueError(f"{op}: padding {p} must be at most half of kernel_size {k}")
+    _check_fits(op, xs, k, s, p, (1,) * spatial, "pooling window")
+    return _P[prim](x, kernel=k, stride=s, padding=p)
+
+
+def max_pool1d(
+    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+) -> Any:
+    """Max over windows of an (N, C, L) input (torch semantics: stride defaults to kernel_size,
+    padding is -inf). The gradient goes to the first maximum of each window."""
+    return _pool("max_pool1d", "max_pool", 1, x, kernel_size, stride, padding)
+
+
+def max_pool2d(
+    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+) -> Any:
+    """Max over windows of an (N, C, H, W) input; sizes are ints or pairs (torch semantics)."""
+    return _pool("max_pool2d", "max_pool", 2, x, kernel_size, stride, padding)
+
+
+def avg_pool1d(
+    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+) -> Any:
+    """Mean over windows of an (N, C, L) input; padding zeros count (torch's
+    ``count_include_pad=True``); stride defaults to kernel_size."""
+    return _pool("avg_pool1d", "avg_pool", 1, x, kernel_size, stride, padding)
+
+
+def avg_pool2d(
+    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+) -> Any:
+    """Mean over windows of an (N, C, H, W) input; padding zeros count, as in torch."""
+    return _pool("avg_pool2d", "avg_pool", 2, x, kernel_size, stride, padding)
+
+
+# -- normalization, dropout -----------------------------------------------------------------------
+def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    """Layer normalization over the trailing ``weight.ndim`` axes (the last axis without weight).
+
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance, as torch.
+
+    Raises:
+        ValueError: when weight's or bias's shape is not the trailing part of x's shape.
+    """
+    xs = _shape(x)
+    ndim = len(_shape(weight)) if weight is not None else 1
+    if ndim == 0 or ndim > len(xs):
+        raise ValueError(f"layer_norm: cannot normalize x of shape {xs} over {ndim} axes")
+    normalized = xs[len(xs) - ndim :]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and _shape(p) != normalized:
+            raise ValueError(
+                f"layer_norm: {name} of shape {_shape(p)} must match the normalized (trailing) "
+                f"axes of x, {normalized} (x has shape {xs})"
+            )
+    return _P["layer_norm"](x, weight, bias, ndim=ndim, eps=float(eps))
+
+
+def dropout(x: Any, p: float, rng: Any) -> Any:
+    """Zeroes each entry with probability ``p`` and scales the rest by ``1 / (1 - p)``.
+
+    Args:
+        x: the input.
+        p: drop probability in [0, 1).
+        rng: a numpy or cupy ``Generator`` on x's device; ``None`` means evaluation (identity).
+
+    Raises:
+        ValueError: when ``p`` is outside [0, 1).
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+    if rng is None or p == 0:
+        return x
+    value = raw(x)
+    keep = rng.random(value.shape) >= p
+    scale = (keep * (1 / (1 - p))).astype(value.dtype)
+    return _P["dropout"](x, scale=scale)
+
+
+# -- losses and lookups ---------------------------------------------------------------------------
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
+    """Softmax cross-entropy of ``logits`` against integer class ``labels`` (torch semantics).
+
+    Args:
+        logits: shape (N, C) or (N, C, d1, ...).
+        labels: integer class indices in [0, C), shape (N,) or (N, d1, ...).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-position losses).
+
+    Raises:
+        TypeError: when labels are not integers.
+        ValueError: on a shape mismatch, a label outside [0, C), or an unknown reduction.
+    """
+    _check_reduction("cross_entropy", reduction)
+    labels = raw(labels)
+    ls = _shape(labels)
+    kind = getattr(getattr(labels, "dtype", None), "kind", None)
+    if kind not in ("i", "u"):
+        raise TypeError(
+            f"cross_entropy: labels must be integer class indices, got dtype "
+            f"{getattr(labels, 'dtype', type(labels).__name__)}; pass integer class indices "
+            "(e.g. y.astype(np.int64)), not one-hot or float labels"
+        )
+    xs = _shape(logits)
+    if len(xs) < 2 or ls != xs[:1] + xs[2:]:
+        raise ValueError(
+            f"cross_entropy: logits of shape {xs} and labels of shape {ls} do not match; logits "
+            "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
+        )
+    n_classes = xs[1]
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"cross_entropy: label {bad} is outside [0, {n_classes}) for logits of shape {xs}"
+            )
+    return _P["cross_entropy"](logits, labels, reduction=reduction)
+
+
+def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
+    """Mean (or summed, or per-entry) squared error between ``pred`` and ``target``.
+
+    Raises:
+        ValueError: when the shapes differ (no silent broadcasting of (N, 1) against (N,)).
+    """
+    _check_reduction("mse_loss", reduction)
+    if _shape(pred) != _shape(target):
+        raise ValueError(
+            f"mse_loss: pred of shape {_shape(pred)} and target of shape {_shape(target)} differ; "
+            "reshape one of them (broadcasting here is almost always a bug)"
+        )
+    d = subtract(pred, target)
+    sq = multiply(d, d)
+    if reduction == "mean":
+        return mean(sq)
+    if reduction == "sum":
+        return _sum(sq)
+    return sq
+
+
+def embedding(weight: Any, ids: Any) -> Any:
+    """Rows of ``weight`` (n, d) at integer ``ids`` of any shape: the result is ids.shape + (d,).
+
+    Raises:
+        TypeError: when ids are not integers.
+    """
+    ids = raw(ids)
+    kind = getattr(getattr(ids, "dtype", None), "kind", None)
+    if kind not in ("i", "u"):
+        raise TypeError(
+            f"embedding: ids must be an integer array, got "
+            f"{getattr(ids, 'dtype', type(ids).__name__)}; use ids.astype(np.int64)"
+        )
+    return take(weight, ids, axis=0)

@@ -1,0 +1,441 @@
+"""Functional optimizers with torch.optim semantics: SGD, Adam, AdamW.
+
+An optimizer is a frozen record of hyperparameters. ``state = opt.init(params)`` makes its state,
+``params, state = opt.update(params, grads, state)`` returns new parameters and a new state and
+never writes into ``params``, ``grads`` or the old state: callers keep old parameter versions
+(weight stashing) and old states (replay) by reference.
+
+The state is a dict: ``"step"`` (a Python int, the number of updates done) and one pytree per
+buffer, shaped like the parameters (``"momentum_buffer"``; ``"exp_avg"``, ``"exp_avg_sq"``,
+``"max_exp_avg_sq"``), so it can be checkpointed like the parameters.
+
+Every update allocates its outputs and then works in place on those fresh arrays only, with at
+most one scratch array per leaf. Hyperparameters are Python floats, which never promote an array's
+dtype: float32 parameters stay float32.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from ..backends import array_namespace as ns
+from ._pytree import TreeDef, tree_flatten, tree_unflatten
+from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
+
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "from_spec"]
+
+State = dict[str, Any]
+
+
+def _real(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _non_negative(owner: str, name: str, value: Any) -> float:
+    x = _real(owner, name, value)
+    if not x >= 0.0:  # written so that NaN fails too
+        raise ValueError(f"{owner}: invalid {name} value {value!r}: it must be >= 0")
+    return x
+
+
+def _check_clip_norm(owner: str, clip_norm: Any) -> float | None:
+    if clip_norm is None:
+        return None
+    x = _real(owner, "clip_norm", clip_norm)
+    if not x > 0.0:
+        raise ValueError(
+            f"{owner}: clip_norm must be > 0 (or None for no clipping), got {clip_norm!r}"
+        )
+    return x
+
+
+def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
+    # out= keeps 0-d results arrays: numpy ufuncs otherwise return scalars for 0-d inputs
+    return ufunc(a, b, out=xp.empty_like(a))
+
+
+def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if g is None:
+            raise ValueError(
+                f"update: gradient leaf {i} of {treedef!r} is None; every parameter needs a "
+                "gradient (use zeros for a parameter that got none)"
+            )
+        if g.shape != p.shape:
+            raise ValueError(
+                f"update: gradient leaf {i} of {treedef!r} has shape {g.shape}, but its "
+                f"parameter has shape {p.shape}"
+            )
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"update: gradient leaf {i} of {treedef!r} is {g.dtype}, but its parameter is "
+                f"{p.dtype}; cast the gradient with .astype({str(p.dtype)!r})"
+            )
+
+
+def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:
+    """Scales a pytree of gradients so that their global L2 norm is at most ``max_norm``.
+
+    torch.nn.utils.clip_grad_norm_ semantics: ``total_norm`` is the L2 norm of all leaves taken
+    together, and every leaf is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``. The
+    gradients are not modified: new arrays are returned.
+
+    Args:
+        grads: a pytree of float arrays.
+        max_norm: the largest norm allowed (>= 0).
+
+    Returns:
+        ``(clipped_grads, total_norm)``; ``total_norm`` is a 0-d array on the gradients' device
+        (the norm before clipping), so that clipping never waits for a GPU.
+    """
+    bound = _non_negative("clip_grad_norm", "max_norm", max_norm)
+    leaves, treedef = tree_flatten(grads)
+    if not leaves:
+        return grads, ns().asarray(0.0, dtype="float32")
+    xp = ns(*leaves)
+    # by dtype, not by leaf: result_type takes at most 64 arguments
+    dtype = xp.result_type(*{g.dtype for g in leaves}, xp.float32)
+    total_sq = xp.zeros((), dtype=dtype)
+    for g in leaves:
+        flat = g.reshape(-1)
+        total_sq += xp.dot(flat, flat)
+    total_norm = xp.asarray(xp.sqrt(total_sq))
+    scale = xp.minimum(bound / (total_norm + 1e-6), 1.0)
+    clipped = [_fresh(xp, xp.multiply, g, scale.astype(g.dtype)) for g in leaves]
+    return tree_unflatten(treedef, clipped), total_norm
+
+
+class Optimizer(abc.ABC):
+    """Base of the functional optimizers: validation, flattening, clipping and the step count.
+
+    A subclass is a frozen dataclass with fields ``lr`` and ``clip_norm`` among its
+    hyperparameters; it names its state buffers in :meth:`buffer_names` and updates one leaf in
+    :meth:`update_leaf`. :meth:`init` and :meth:`update` may also be overridden whole.
+    """
+
+    lr: float | Schedule
+    clip_norm: float | None
+
+    @abc.abstractmethod
+    def buffer_names(self) -> tuple[str, ...]:
+        """The per-parameter state buffers, each a pytree shaped like the parameters."""
+
+    @abc.abstractmethod
+    def update_leaf(
+        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """One parameter's update: new ``p`` and new buffers, never writing into the old ones.
+
+        ``step`` is the number of updates done before this one; ``lr`` the rate for this one.
+        """
+
+    def init(self, params: Any) -> State:
+        """The state before the first update: step 0 and zero buffers shaped like ``params``."""
+        leaves, treedef = tree_flatten(params)
+        state: State = {"step": 0}
+        for name in self.buffer_names():
+            state[name] = tree_unflatten(treedef, [ns(p).zeros_like(p) for p in leaves])
+        return state
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the update that follows ``step`` updates."""
+        return float(self.lr(step)) if isinstance(self.lr, Schedule) else self.lr
+
+    def update(self, params: Any, grads: Any, state: State) -> tuple[Any, State]:
+        """Applies one update.
+
+        Args:
+            params: a pytree of arrays.
+            grads: a pytree of the same structure, shapes and dtypes.
+            state: the state from :meth:`init` or the previous update.
+
+        Returns:
+            ``(new_params, new_state)``, all new arrays.
+        """
+        name = type(self).__name__
+        p_leaves, treedef = tree_flatten(params)
+        g_leaves, g_def = tree_flatten(grads)
+        if g_def != treedef:
+            raise ValueError(
+                f"{name}.update: grads have structure {g_def!r}, params have {treedef!r}"
+            )
+        _check_grads(p_leaves, g_leaves, treedef)
+        buffer_names = self.buffer_names()
+        expected = {"step", *buffer_names}
+        if not isinstance(state, dict) or set(state) != expected:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{name}.update: state must be a dict with keys {sorted(expected)}, as made by "
+                f"{name}.init(params) with the same options; got {found}"
+            )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"{name}.update: state['step'] must be an int >= 0, got {step!r}")
+        step = int(step)
+        buffers = []
+        for buf_name in buffer_names:
+            buf_leaves, buf_def = tree_flatten(state[buf_name])
+            if buf_def != treedef:
+                raise ValueError(
+                    f"{name}.update: state[{buf_name!r}] has structure {buf_def!r}, params have "
+                    f"{treedef!r}; was the state made for other parameters?"
+                )
+            buffers.append(buf_leaves)
+        if self.clip_norm is not None:
+            clipped, _ = clip_grad_norm(g_leaves, self.clip_norm)
+            g_leaves = clipped
+        lr = self.learning_rate(step)
+        new_p: list[Any] = []
+        new_bufs: list[list[Any]] = [[] for _ in buffer_names]
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
+            p2, bufs2 = self.update_leaf(p, g, tuple(b[i] for b in buffers), step, lr)
+            new_p.append(p2)
+            for out, b in zip(new_bufs, bufs2, strict=True):
+                out.append(b)
+        new_state: State = {"step": step + 1}
+        for buf_name, leaves in zip(buffer_names, new_bufs, strict=True):
+            new_state[buf_name] = tree_unflatten(treedef, leaves)
+        return tree_unflatten(treedef, new_p), new_state
+
+    def to_spec(self) -> dict[str, Any]:
+        """A plain dict (msgpack-able) of the name and hyperparameters; see :func:`from_spec`."""
+        cls = type(self)
+        spec: dict[str, Any] = {
+            "name": cls.__name__
+            if _BUILTINS.get(cls.__name__) is cls
+            else f"{cls.__module__}:{cls.__qualname__}"
+        }
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if isinstance(value, Schedule):
+                value = value.to_spec()
+            elif isinstance(value, tuple):
+                value = list(value)
+            spec[field.name] = value
+        return spec
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, as torch.optim.SGD.
+
+    With ``d = g + weight_decay * p``: the momentum buffer starts as ``d`` (no dampening on the
+    first update), then ``b = momentum * b + (1 - dampening) * d``; the step is ``b``, or
+    ``d + momentum * b`` with ``nesterov``; ``p = p - lr * step``.
+
+    Args:
+        lr: learning rate, a float or a :class:`Schedule`.
+        momentum: momentum factor (0 for none).
+        dampening: dampening of the momentum.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        clip_norm: if set, gradients are clipped to this global norm before the update.
+    """
+
+    lr: float | Schedule = 0.1
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", check_lr("SGD", self.lr))
+        for name in ("momentum", "dampening", "weight_decay"):
+            object.__setattr__(self, name, _non_negative("SGD", name, getattr(self, name)))
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"SGD: nesterov must be a bool, got {self.nesterov!r}")
+        if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
+            raise ValueError(
+                "SGD: Nesterov momentum requires a momentum and zero dampening, got "
+                f"momentum={self.momentum}, dampening={self.dampening}"
+            )
+        object.__setattr__(self, "clip_norm", _check_clip_norm("SGD", self.clip_norm))
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum != 0.0 else ()
+
+    def update_leaf(
+        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        xp = ns(p, g)
+        d, d_is_ours = g, False
+        if self.weight_decay != 0.0:
+            d = _fresh(xp, xp.multiply, p, self.weight_decay)
+            d += g
+            d_is_ours = True
+        if self.momentum == 0.0:
+            if not d_is_ours:
+                d = _fresh(xp, xp.multiply, g, -lr)
+            else:
+                d *= -lr
+            d += p
+            return d, ()
+        if step == 0:
+            # torch starts the buffer as a copy of the first step, undamped
+            buf = d if d_is_ours else d.copy()
+        else:
+            buf = _fresh(xp, xp.multiply, buffers[0], self.momentum)
+            if self.dampening == 0.0:
+                buf += d
+            elif d_is_ours:  # dampening excludes nesterov, so d is not needed after this
+                d *= 1.0 - self.dampening
+                buf += d
+            else:
+                buf += _fresh(xp, xp.multiply, d, 1.0 - self.dampening)
+        if self.nesterov:
+            new = _fresh(xp, xp.multiply, buf, self.momentum)
+            new += d
+            new *= -lr
+        else:
+            new = _fresh(xp, xp.multiply, buf, -lr)
+        new += p
+        return new, (buf,)
+
+
+def _check_adam(owner: str, opt: Adam) -> None:
+    object.__setattr__(opt, "lr", check_lr(owner, opt.lr))
+    object.__setattr__(opt, "eps", _non_negative(owner, "eps", opt.eps))
+    betas = opt.betas
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+    checked = []
+    for i, beta in enumerate(betas):
+        b = _real(owner, f"betas[{i}]", beta)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(
+                f"{owner}: invalid beta parameter at index {i}: {beta!r}; it must lie in [0, 1)"
+            )
+        checked.append(b)
+    object.__setattr__(opt, "betas", (checked[0], checked[1]))
+    object.__setattr__(opt, "weight_decay", _non_negative(owner, "weight_decay", opt.weight_decay))
+    if not isinstance(opt.amsgrad, bool):
+        raise TypeError(f"{owner}: amsgrad must be a bool, got {opt.amsgrad!r}")
+    object.__setattr__(opt, "clip_norm", _check_clip_norm(owner, opt.clip_norm))
+
+
+@dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam, as torch.optim.Adam (weight decay added to the gradient, as an L2 penalty).
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (``v_max = max(v_max, v)`` with
+    amsgrad), ``p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+
+    Args:
+        lr: learning rate, a float or a :class:`Schedule`.
+        betas: decay rates of the first and second moment estimates, each in ``[0, 1)``.
+        eps: added to the denominator, after the square root.
+        weight_decay: L2 penalty added to the gradient.
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        clip_norm: if set, gradients are clipped to this global norm before the update.
+    """
+
+    lr: float | Schedule = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    clip_norm: float | None = None
+
+    #: AdamW sets this: weight decay applied to the parameter, not added to the gradient
+    _decoupled = False
+
+    def __post_init__(self) -> None:
+        _check_adam(type(self).__name__, self)
+
+    def buffer_names(self) -> tuple[str, ...]:
+        names = ("exp_avg", "exp_avg_sq")
+        return (*names, "max_exp_avg_sq") if self.amsgrad else names
+
+    def update_leaf(
+        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        xp = ns(p, g)
+        beta1, beta2 = self.betas
+        t = step + 1
+        decay = 1.0
+        if self.weight_decay != 0.0:
+            if self._decoupled:
+                decay = 1.0 - lr * self.weight_decay
+            else:
+                coupled = _fresh(xp, xp.multiply, p, self.weight_decay)
+                coupled += g
+                g = coupled
+        scratch = _fresh(xp, xp.multiply, g, 1.0 - beta1)
+        exp_avg = _fresh(xp, xp.multiply, buffers[0], beta1)
+        exp_avg += scratch
+        xp.multiply(g, g, out=scratch)
+        scratch *= 1.0 - beta2
+        exp_avg_sq = _fresh(xp, xp.multiply, buffers[1], beta2)
+        exp_avg_sq += scratch
+        new_buffers: tuple[Any, ...] = (exp_avg, exp_avg_sq)
+        second = exp_avg_sq
+        if self.amsgrad:
+            second = _fresh(xp, xp.maximum, buffers[2], exp_avg_sq)
+            new_buffers = (exp_avg, exp_avg_sq, second)
+        step_size = lr / (1.0 - beta1**t)
+        denom = xp.sqrt(second, out=scratch)
+        denom /= math.sqrt(1.0 - beta2**t)
+        denom += self.eps
+        delta = xp.divide(exp_avg, denom, out=denom)
+        delta *= -step_size
+        if decay != 1.0:
+            # AdamW: p * (1 - lr * wd) first, then the Adam step, as torch does
+            new = _fresh(xp, xp.multiply, p, decay)
+            new += delta
+            return new, new_buffers
+        delta += p
+        return delta, new_buffers
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """AdamW, as torch.optim.AdamW: Adam with decoupled weight decay.
+
+    Each update first multiplies the parameters by ``1 - lr * weight_decay``, then applies the
+    Adam step computed from the raw gradient.
+
+    Args:
+        lr: learning rate, a float or a :class:`Schedule`.
+        betas: decay rates of the first and second moment estimates, each in ``[0, 1)``.
+        eps: added to the denominator, after the square root.
+        weight_decay: decoupled weight decay coefficient.
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        clip_norm: if set, gradients are clipped to this global norm before the update.
+    """
+
+    weight_decay: float = 1e-2
+    _decoupled = True
+
+
+_BUILTINS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+
+
+def from_spec(spec: dict[str, Any]) -> Optimizer:
+    """The optimizer described by ``spec`` (from :meth:`Optimizer.to_spec`).
+
+    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``; other :class:`Optimizer` subclasses by
+    import path, ``"package.module:Class"``.
+
+    Raises:
+        ValueError: for an unknown name or hyperparameters the optimizer does not take.
+    """
+    cls = resolve_class(spec, _BUILTINS, Optimizer, "optimizer")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if isinstance(kwargs.get("lr"), dict):
+        kwargs["lr"] = schedule_from_spec(kwargs["lr"])
+    if isinstance(kwargs.get("betas"), list):
+        kwargs["betas"] = tuple(kwargs["betas"])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
+            raise
+        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc

@@ -1,0 +1,335 @@
+"""Forward and VJP rules of the neural-network primitives (softmax family, conv, pools, norms).
+
+Convolutions and pools share one idea: a window offset ``k`` of the kernel picks, for every output
+position at once, a strided slice of the padded input. The forward gathers those slices (im2col for
+conv, a running max or sum for pools) and the VJP adds the gradient back through the same slices
+(col2im), so there is no per-output-position Python loop and the code runs unchanged on cupy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from asyncnn.backends import array_namespace as ns
+
+from ._autodiff import Forward, VjpRule
+
+Ints = tuple[int, ...]
+
+
+# -- softmax family -------------------------------------------------------------------------------
+def _quiet(xp: Any) -> Any:
+    """Silences numpy's warnings for rows that are all -inf: their logsumexp is -inf and their
+    softmax NaN (as in torch), which is the answer, not an accident."""
+    if xp.__name__ == "numpy":
+        return xp.errstate(divide="ignore", invalid="ignore")
+    return contextlib.nullcontext()
+
+
+def _shifted(x: Any, axis: int) -> tuple[Any, Any]:
+    """``(x - max, max)`` along ``axis``; rows that are all -inf shift by 0 instead of NaN."""
+    xp = ns(x)
+    m = x.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0).astype(x.dtype, copy=False)
+    return x - m, m
+
+
+def _softmax(x: Any, axis: int) -> tuple[Any, Any]:
+    xp = ns(x)
+    e, _ = _shifted(x, axis)
+    xp.exp(e, out=e)
+    with _quiet(xp):
+        e /= e.sum(axis=axis, keepdims=True)
+    return e, (e, axis)
+
+
+def _softmax_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    p, axis = res
+    gp = g * p
+    gp -= p * gp.sum(axis=axis, keepdims=True)
+    return (gp,)
+
+
+def _log_softmax(x: Any, axis: int) -> tuple[Any, Any]:
+    xp = ns(x)
+    z, _ = _shifted(x, axis)
+    with _quiet(xp):
+        z -= xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+    return z, (z, axis)
+
+
+def _log_softmax_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    out, axis = res
+    return (g - ns(g).exp(out) * g.sum(axis=axis, keepdims=True),)
+
+
+def _logsumexp(x: Any, axis: int, keepdims: bool) -> tuple[Any, Any]:
+    xp = ns(x)
+    z, m = _shifted(x, axis)
+    e = xp.exp(z, out=z)
+    s = e.sum(axis=axis, keepdims=True)
+    with _quiet(xp):
+        e /= s  # the softmax: the VJP's only need
+        out = xp.log(s) + m
+    return (out if keepdims else out.squeeze(axis)), (e, axis)
+
+
+def _logsumexp_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    p, axis = res
+    if g.ndim < p.ndim:
+        g = ns(g).expand_dims(g, axis)
+    return (g * p,)
+
+
+# -- convolution ----------------------------------------------------------------------------------
+def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Length of a convolution's or pool's output along one axis (torch's formula, floor mode)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad(x: Any, padding: Ints, value: float = 0.0) -> Any:
+    if not any(padding):
+        return x
+    xp = ns(x)
+    spatial = x.shape[2:]
+    out = xp.full(
+        x.shape[:2] + tuple(s + 2 * p for s, p in zip(spatial, padding, strict=True)),
+        value,
+        dtype=x.dtype,
+    )
+    out[_inner(x.ndim, padding, spatial)] = x
+    return out
+
+
+def _inner(ndim: int, padding: Ints, spatial: Ints) -> tuple[slice, ...]:
+    """The index of the unpadded region inside a padded array."""
+    return (slice(None), slice(None)) + tuple(
+        slice(p, p + s) for p, s in zip(padding, spatial, strict=True)
+    )
+
+
+def _windows(
+    kernel: Ints, stride: Ints, dilation: Ints, out_shape: Ints
+) -> Iterator[tuple[Ints, tuple[slice, ...]]]:
+    """For each kernel offset: the offset and the index of the input slice it reads (N, C, ...)."""
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        yield (
+            offset,
+            (slice(None), slice(None))
+            + tuple(
+                slice(o * d, o * d + s * (n - 1) + 1, s)
+                for o, d, s, n in zip(offset, dilation, stride, out_shape, strict=True)
+            ),
+        )
+
+
+def _conv_geometry(
+    x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints, dilation: Ints
+) -> Ints:
+    return tuple(
+        out_size(n, k, s, p, d)
+        for n, k, s, p, d in zip(x_shape[2:], kernel, stride, padding, dilation, strict=True)
+    )
+
+
+def _conv(x: Any, w: Any, b: Any, stride: Ints, padding: Ints, dilation: Ints) -> tuple[Any, Any]:
+    xp = ns(x, w)
+    n, c = x.shape[:2]
+    o = w.shape[0]
+    kernel = tuple(w.shape[2:])
+    out_shape = _conv_geometry(x.shape, kernel, stride, padding, dilation)
+    xpad = _pad(x, padding)
+    # Columns laid out (C, *kernel, N, *out) so that the whole batch is one matrix product with
+    # the weight seen as (O, C * prod(kernel)).
+    cols = xp.empty((c, *kernel, n, *out_shape), dtype=x.dtype)
+    for offset, index in _windows(kernel, stride, dilation, out_shape):
+        cols[(slice(None), *offset)] = xp.swapaxes(xpad[index], 0, 1)
+    ck = cols.size // (n * int(np.prod(out_shape)))
+    cols2 = cols.reshape(ck, -1)
+    out = w.reshape(o, ck) @ cols2  # (O, N * prod(out))
+    out = xp.ascontiguousarray(xp.swapaxes(out.reshape(o, n, -1), 0, 1)).reshape(n, o, *out_shape)
+    if b is not None:
+        out += b.reshape((o,) + (1,) * len(out_shape))
+    geometry = (tuple(x.shape), kernel, stride, padding, dilation, out_shape)
+    return out, (cols2, w, b is not None, geometry)
+
+
+def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
+    cols2, w, has_bias, geometry = res
+    x_shape, kernel, stride, padding, dilation, out_shape = geometry
+    xp = ns(g)
+    n, o = g.shape[:2]
+    # (O, N * prod(out)): the layout the forward's product produced.
+    g2 = xp.ascontiguousarray(xp.swapaxes(g.reshape(n, o, -1), 0, 1)).reshape(o, -1)
+    gx = gw = gb = None
+    if needs[1]:
+        gw = (g2 @ cols2.T).reshape(w.shape).astype(w.dtype, copy=False)
+    if has_bias and needs[2]:
+        gb = g.sum(axis=(0, *range(2, g.ndim)))
+    if needs[0]:
+        c = x_shape[1]
+        dcols = (w.reshape(o, -1).T @ g2).reshape(c, *kernel, n, *out_shape)
+        padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
+        gpad = xp.zeros((n, c, *padded), dtype=g.dtype)
+        for offset, index in _windows(kernel, stride, dilation, out_shape):
+            gpad[index] += xp.swapaxes(dcols[(slice(None), *offset)], 0, 1)
+        gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
+        gx = gx.astype(cols2.dtype, copy=False)
+    return gx, gw, gb
+
+
+# -- pooling --------------------------------------------------------------------------------------
+def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
+    xp = ns(x)
+    ones = (1,) * len(kernel)
+    out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
+    xpad = _pad(x, padding, -np.inf)
+    windows = _windows(kernel, stride, ones, out_shape)
+    out = xpad[next(windows)[1]].copy()
+    arg = xp.zeros(out.shape, dtype=np.int32)
+    # A running max over kernel offsets: strict ">" keeps the first maximum, as torch does.
+    for k, (_, index) in enumerate(windows, start=1):
+        window = xpad[index]
+        better = window > out
+        out = xp.where(better, window, out)
+        arg[better] = k
+    return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape)
+
+
+def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    arg, x_shape, kernel, stride, padding, out_shape = res
+    xp = ns(g)
+    ones = (1,) * len(kernel)
+    padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
+    gpad = xp.zeros((*x_shape[:2], *padded), dtype=g.dtype)
+    zero = xp.zeros((), dtype=g.dtype)
+    for k, (_, index) in enumerate(_windows(kernel, stride, ones, out_shape)):
+        gpad[index] += xp.where(arg == k, g, zero)
+    return (gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad,)
+
+
+def _avg_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
+    xp = ns(x)
+    ones = (1,) * len(kernel)
+    out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
+    xpad = _pad(x, padding)
+    out = xp.zeros((*x.shape[:2], *out_shape), dtype=x.dtype)
+    for _, index in _windows(kernel, stride, ones, out_shape):
+        out += xpad[index]
+    # Padding zeros count in the divisor (torch's count_include_pad=True).
+    out /= int(np.prod(kernel))
+    return out, (tuple(x.shape), kernel, stride, padding, out_shape)
+
+
+def _avg_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    x_shape, kernel, stride, padding, out_shape = res
+    xp = ns(g)
+    ones = (1,) * len(kernel)
+    padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
+    gpad = xp.zeros((*x_shape[:2], *padded), dtype=g.dtype)
+    share = g / int(np.prod(kernel))
+    for _, index in _windows(kernel, stride, ones, out_shape):
+        gpad[index] += share
+    return (gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad,)
+
+
+# -- normalization, dropout, losses ---------------------------------------------------------------
+def _layer_norm(x: Any, w: Any, b: Any, ndim: int, eps: float) -> tuple[Any, Any]:
+    xp = ns(x)
+    axes = tuple(range(x.ndim - ndim, x.ndim))
+    mu = x.mean(axis=axes, keepdims=True)
+    xc = x - mu
+    var = (xc * xc).mean(axis=axes, keepdims=True)  # biased, as torch
+    rstd = 1 / xp.sqrt(var + eps)
+    xhat = xc * rstd
+    out = xhat
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out, (xhat, rstd, w, None if b is None else b.dtype, axes)
+
+
+def _layer_norm_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
+    xhat, rstd, w, bias_dtype, axes = res
+    lead = tuple(range(g.ndim - len(axes)))
+    gw = gb = None
+    if w is not None and needs[1]:
+        gw = (g * xhat).sum(axis=lead).astype(w.dtype, copy=False)
+    if bias_dtype is not None and needs[2]:
+        gb = g.sum(axis=lead).astype(bias_dtype, copy=False)
+    gx = None
+    if needs[0]:
+        gh = g * w if w is not None else g
+        gx = rstd * (
+            gh
+            - gh.mean(axis=axes, keepdims=True)
+            - xhat * (gh * xhat).mean(axis=axes, keepdims=True)
+        ).astype(xhat.dtype, copy=False)
+    return gx, gw, gb
+
+
+def _dropout(x: Any, scale: Any) -> tuple[Any, Any]:
+    return x * scale, scale
+
+
+def _dropout_vjp(g: Any, scale: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * scale,)
+
+
+def _class_last(logits: Any) -> Any:
+    """(N, C, d1, ...) logits as (M, C) rows, one per labelled position."""
+    if logits.ndim == 2:
+        return logits
+    return ns(logits).moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
+
+
+def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
+    xp = ns(logits)
+    z = _class_last(logits)
+    y = labels.reshape(-1)
+    rows = xp.arange(y.shape[0])
+    m = z.max(axis=1, keepdims=True)
+    p = xp.exp(z - m)
+    s = p.sum(axis=1, keepdims=True)
+    p /= s  # the softmax, kept for the VJP
+    nll = (xp.log(s) + m)[:, 0] - z[rows, y]
+    if reduction == "mean":
+        out = nll.mean()
+    elif reduction == "sum":
+        out = nll.sum()
+    else:
+        out = nll.reshape(labels.shape)
+    return out, (p, y, rows, reduction, tuple(logits.shape))
+
+
+def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
+    p, y, rows, reduction, shape = res
+    xp = ns(g)
+    # softmax - onehot, built in place in the softmax residual (a pullback runs once).
+    p[rows, y] -= 1
+    if reduction == "none":
+        p *= g.reshape(-1, 1)
+    else:
+        p *= g / y.shape[0] if reduction == "mean" else g
+    if len(shape) > 2:
+        p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
+    return p, None
+
+
+RULES: dict[str, tuple[Forward, VjpRule]] = {
+    "softmax": (_softmax, _softmax_vjp),
+    "log_softmax": (_log_softmax, _log_softmax_vjp),
+    "logsumexp": (_logsumexp, _logsumexp_vjp),
+    "conv": (_conv, _conv_vjp),
+    "max_pool": (_max_pool, _max_pool_vjp),
+    "avg_pool": (_avg_pool, _avg_pool_vjp),
+    "layer_norm": (_layer_norm, _layer_norm_vjp),
+    "dropout": (_dropout, _dropout_vjp),
+    "cross_entropy": (_cross_entropy, _cross_entropy_vjp),
+}

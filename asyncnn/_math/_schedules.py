@@ -1,0 +1,244 @@
+"""Learning-rate schedules: frozen records called with the number of updates already done.
+
+``schedule(step)`` is the learning rate of update number ``step + 1``: an optimizer asks its
+schedule with ``state["step"]`` (0 on the first update), which is torch's ``scheduler.step()``
+called once after every ``optimizer.step()``. The formulas are torch's closed forms, so a schedule
+carries no state of its own and any step can be asked for in any order (resuming, replaying).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CosineAnnealing",
+    "LinearWarmup",
+    "Schedule",
+    "StepLR",
+    "check_lr",
+    "schedule_from_spec",
+]
+
+
+def _number(owner: str, name: str, value: Any) -> float:
+    # bool is an int to Python, but passing True as a rate is always a mistake
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Schedule(abc.ABC):
+    """A learning rate as a function of the number of updates already done.
+
+    Subclasses are frozen dataclasses; :meth:`to_spec` lists their fields, so a subclass whose
+    fields are numbers (or nested schedules) serialises with no extra code.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, step: int) -> float:
+        """The learning rate for the update that follows ``step`` updates (``step >= 0``)."""
+
+    def to_spec(self) -> dict[str, Any]:
+        """A plain dict (msgpack-able) that :func:`schedule_from_spec` turns back into this."""
+        spec: dict[str, Any] = {"name": _spec_name(type(self))}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            spec[field.name] = value.to_spec() if isinstance(value, Schedule) else value
+        return spec
+
+
+def check_lr(owner: str, lr: Any) -> float | Schedule:
+    """``lr`` checked as a learning rate: a non-negative number (made a float) or a Schedule.
+
+    Raises:
+        TypeError: for anything that is neither.
+        ValueError: for a negative number.
+    """
+    if isinstance(lr, Schedule):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(
+            f"{owner}: lr must be a float or a schedule such as StepLR(0.1, step_size=10), "
+            f"got {lr!r}"
+        )
+    value = float(lr)
+    if not value >= 0.0:  # written so that NaN fails too
+        raise ValueError(f"{owner}: invalid learning rate lr={lr!r}: it must be >= 0")
+    return value
+
+
+def _base(lr: float | Schedule, step: int) -> float:
+    return lr(step) if isinstance(lr, Schedule) else lr
+
+
+@dataclass(frozen=True)
+class StepLR(Schedule):
+    """``lr * gamma ** (step // step_size)``: decays by ``gamma`` every ``step_size`` updates.
+
+    Args:
+        lr: the learning rate of the first ``step_size`` updates.
+        step_size: number of updates between two decays.
+        gamma: the factor of each decay.
+    """
+
+    lr: float
+    step_size: int
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        lr = check_lr("StepLR", self.lr)
+        if isinstance(lr, Schedule):
+            raise TypeError("StepLR: lr must be a float; to chain schedules use LinearWarmup")
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "step_size", _positive_int("StepLR", "step_size", self.step_size))
+        gamma = _number("StepLR", "gamma", self.gamma)
+        if not gamma >= 0.0:
+            raise ValueError(f"StepLR: gamma must be >= 0, got {gamma!r}")
+        object.__setattr__(self, "gamma", gamma)
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.gamma ** (step // self.step_size)
+
+
+@dataclass(frozen=True)
+class CosineAnnealing(Schedule):
+    """Half a cosine from ``lr`` down to ``min_lr`` over ``total_steps`` updates.
+
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2``, torch's
+    ``CosineAnnealingLR(T_max=total_steps, eta_min=min_lr)``. Unlike torch, whose formula rises
+    again past ``T_max``, the rate stays at ``min_lr`` once ``total_steps`` updates are done.
+
+    Args:
+        lr: the learning rate of the first update.
+        total_steps: the number of updates the rate takes to reach ``min_lr``.
+        min_lr: the final learning rate.
+    """
+
+    lr: float
+    total_steps: int
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        lr = check_lr("CosineAnnealing", self.lr)
+        if isinstance(lr, Schedule):
+            raise TypeError(
+                "CosineAnnealing: lr must be a float; to add a warm-up write "
+                "LinearWarmup(CosineAnnealing(lr, total_steps), warmup_steps)"
+            )
+        object.__setattr__(self, "lr", lr)
+        total = _positive_int("CosineAnnealing", "total_steps", self.total_steps)
+        object.__setattr__(self, "total_steps", total)
+        min_lr = _number("CosineAnnealing", "min_lr", self.min_lr)
+        if not 0.0 <= min_lr <= lr:
+            raise ValueError(f"CosineAnnealing: min_lr must lie in [0, lr={lr}], got {min_lr!r}")
+        object.__setattr__(self, "min_lr", min_lr)
+
+    def __call__(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.min_lr
+        cosine = 1.0 + math.cos(math.pi * step / self.total_steps)
+        return self.min_lr + (self.lr - self.min_lr) * cosine / 2.0
+
+
+@dataclass(frozen=True)
+class LinearWarmup(Schedule):
+    """Multiplies a learning rate (or a schedule) by a factor rising linearly to 1.
+
+    The factor is ``start_factor + (1 - start_factor) * min(step, warmup_steps) / warmup_steps``,
+    torch's ``LinearLR(start_factor, end_factor=1.0, total_iters=warmup_steps)``; the wrapped
+    schedule is asked at the same step, as torch's ``ChainedScheduler`` of the two would. So
+    ``LinearWarmup(CosineAnnealing(1e-3, 1000), 100)`` warms up while the cosine already runs.
+
+    Args:
+        schedule: the learning rate (float) or the schedule to warm up.
+        warmup_steps: the number of updates until the factor reaches 1.
+        start_factor: the factor of the first update, in ``[0, 1]``.
+    """
+
+    schedule: float | Schedule
+    warmup_steps: int
+    start_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", check_lr("LinearWarmup", self.schedule))
+        warmup = _positive_int("LinearWarmup", "warmup_steps", self.warmup_steps)
+        object.__setattr__(self, "warmup_steps", warmup)
+        start = _number("LinearWarmup", "start_factor", self.start_factor)
+        if not 0.0 <= start <= 1.0:
+            raise ValueError(f"LinearWarmup: start_factor must lie in [0, 1], got {start!r}")
+        object.__setattr__(self, "start_factor", start)
+
+    def __call__(self, step: int) -> float:
+        done = min(step, self.warmup_steps) / self.warmup_steps
+        factor = self.start_factor + (1.0 - self.start_factor) * done
+        return _base(self.schedule, step) * factor
+
+
+_BUILTINS: dict[str, type[Schedule]] = {
+    cls.__name__: cls for cls in (StepLR, CosineAnnealing, LinearWarmup)
+}
+
+
+def _spec_name(cls: type) -> str:
+    if _BUILTINS.get(cls.__name__) is cls:
+        return cls.__name__
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_by_path(path: str, base: type, what: str) -> type:
+    """The class named ``"package.module:Class"``, checked to be a subclass of ``base``.
+
+    Raises:
+        ValueError: when it cannot be imported or is not a ``base``.
+    """
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import the {what} {path!r}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise ValueError(f"{path!r} is not a {base.__name__} subclass")
+    return obj
+
+
+def resolve_class(spec: Any, builtins: dict[str, type], base: type, what: str) -> type:
+    """The class a spec's ``"name"`` names: a built-in by name, else ``"module:Class"``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"a {what} spec is a dict with a 'name' key, got {spec!r}")
+    name = spec["name"]
+    if name in builtins:
+        return builtins[name]
+    if ":" in name:
+        return import_by_path(name, base, what)
+    raise ValueError(
+        f"unknown {what} {name!r}: use one of {sorted(builtins)} or 'package.module:Class'"
+    )
+
+
+def schedule_from_spec(spec: dict[str, Any]) -> Schedule:
+    """The schedule described by ``spec`` (from :meth:`Schedule.to_spec`)."""
+    cls = resolve_class(spec, _BUILTINS, Schedule, "schedule")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            kwargs[key] = schedule_from_spec(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
+            raise
+        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The runtime: messages, actors, graph, scheduler and policies (async, on anyio)."""

@@ -1,0 +1,48 @@
+"""A plain forward pass through a graph (no actors): for ``predict`` and ``evaluate``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from asyncnn.backends import get_backend
+
+from ._graph import Graph
+
+__all__ = ["forward_pass"]
+
+
+def forward_pass(
+    graph: Graph,
+    params: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    dtype: str,
+    losses: bool = False,
+) -> dict[str, Any]:
+    """Every node's output for ``batch`` in evaluation mode (no dropout), in topological order.
+
+    Inputs the batch does not give are skipped, with the nodes that need them (so ``predict``
+    needs no labels). Loss nodes are computed only with ``losses=True``.
+    """
+    values: dict[str, Any] = {}
+    for name, node in graph.nodes.items():
+        if node.kind == "input":
+            if name in batch:
+                arr = np.asarray(batch[name])
+                if np.dtype(node.dtype).kind == "f":
+                    arr = arr.astype(dtype, copy=False)
+                values[name] = arr
+            continue
+        if node.kind == "loss" and not losses:
+            continue
+        if any(src not in values for src in node.inputs):
+            continue
+        if node.kind == "layer":
+            backend = get_backend(node.device)
+            args = [backend.asarray(values[src]) for src in node.inputs]
+            values[name] = node.module(params[name], *args)
+        else:
+            values[name] = node.module({}, *[values[src] for src in node.inputs])
+    return values

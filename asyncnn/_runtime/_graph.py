@@ -1,0 +1,370 @@
+"""The graph: named nodes (inputs, layers, losses) wired by tensors, validated before compute."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asyncnn._errors import GraphError
+from asyncnn.backends import parse_device
+
+__all__ = ["Graph", "Node", "TensorRef"]
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """The output of a node, as handed out by :meth:`Graph.input` and :meth:`Graph.layer`."""
+
+    graph_id: int
+    node: str
+
+    def __repr__(self) -> str:
+        return f"<tensor of {self.node!r}>"
+
+
+@dataclass
+class Node:
+    """One node of a graph.
+
+    ``kind`` is ``"input"``, ``"layer"`` or ``"loss"``. Layers and losses read the outputs of
+    ``inputs`` (node names, in argument order) and call ``module(params, *inputs)``.
+    """
+
+    name: str
+    kind: str
+    module: Any = None
+    inputs: tuple[str, ...] = ()
+    shape: tuple[int | None, ...] | None = None  # inputs only; None marks the batch dimension
+    dtype: str | None = None  # inputs only
+    device: str = "cpu"
+    worker: int | None = None
+    actor: Any = None  # a LayerActor subclass, for custom actors
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
+
+
+class Graph:
+    """A network as a graph of actors.
+
+    Example:
+        >>> g = Graph()
+        >>> x = g.input("x", shape=(None, 40))
+        >>> y = g.input("y", shape=(None,), dtype="int64")
+        >>> h = g.layer("stage0", nn.Sequential(nn.Linear(40, 64), nn.ReLU()), x)
+        >>> out = g.layer("stage1", nn.Linear(64, 10), h)
+        >>> g.loss("loss", nn.CrossEntropyLoss(), out, y)
+        >>> g.output("logits", out)
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.outputs: dict[str, str] = {}
+
+    # -- building --------------------------------------------------------------------------------
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise GraphError(
+                f"node name {name!r} is not valid: use letters, digits, '_', '.', '-', starting "
+                "with a letter or '_'"
+            )
+        if name in self.nodes:
+            raise GraphError(f"a node named {name!r} already exists; node names must be unique")
+
+    def _resolve(self, who: str, refs: Sequence[Any]) -> tuple[str, ...]:
+        names = []
+        for i, ref in enumerate(refs):
+            if isinstance(ref, TensorRef):
+                if ref.graph_id != id(self):
+                    raise GraphError(f"{who}: input {i} ({ref!r}) belongs to another graph")
+                name = ref.node
+            elif isinstance(ref, str):
+                name = ref
+            else:
+                raise GraphError(
+                    f"{who}: input {i} is a {type(ref).__name__}; pass the tensor returned by "
+                    "g.input(...) or g.layer(...), or a node name"
+                )
+            if name not in self.nodes:
+                raise GraphError(
+                    f"{who}: input {i} names unknown node {name!r}; known nodes: "
+                    f"{sorted(self.nodes)}"
+                )
+            if self.nodes[name].kind == "loss":
+                raise GraphError(f"{who}: input {i} is the loss node {name!r}, which has no output")
+            names.append(name)
+        return tuple(names)
+
+    def input(self, name: str, shape: Sequence[int | None], dtype: str = "float32") -> TensorRef:
+        """Declares a data input. ``None`` in ``shape`` marks the batch dimension (the first)."""
+        self._check_name(name)
+        shape = tuple(shape)
+        if not shape or shape[0] is not None or any(s is None for s in shape[1:]):
+            raise GraphError(
+                f"input {name!r}: shape {shape} must start with None (the batch dimension) and "
+                "give every other dimension, e.g. (None, 40)"
+            )
+        try:
+            np.dtype(dtype)
+        except TypeError as exc:
+            raise GraphError(f"input {name!r}: unknown dtype {dtype!r}") from exc
+        self.nodes[name] = Node(name, "input", shape=shape, dtype=str(np.dtype(dtype)))
+        return TensorRef(id(self), name)
+
+    def layer(
+        self,
+        name: str,
+        module: Any,
+        *inputs: TensorRef | str,
+        device: str = "cpu",
+        worker: int | None = None,
+        actor: Any = None,
+    ) -> TensorRef:
+        """Adds a layer actor computing ``module(params, *inputs)`` on ``device``.
+
+        Args:
+            name: the node's name (unique).
+            module: an ``asyncnn.nn`` module.
+            *inputs: the tensors it reads, in the order ``module`` takes them.
+            device: ``"cpu"`` or ``"cuda:N"``.
+            worker: the worker process that hosts it (with a cluster).
+            actor: a :class:`~asyncnn.LayerActor` subclass with custom ``on_forward`` /
+                ``on_backward`` handlers (default: the plain layer actor).
+        """
+        self._check_name(name)
+        if not callable(module) or not hasattr(module, "init"):
+            raise GraphError(
+                f"layer {name!r}: {module!r} is not an asyncnn module (it needs init and __call__)"
+            )
+        if not inputs:
+            raise GraphError(f"layer {name!r} has no inputs")
+        try:
+            dev = str(parse_device(device))
+        except ValueError as exc:
+            raise GraphError(f"layer {name!r}: {exc}") from exc
+        names = self._resolve(f"layer {name!r}", inputs)
+        self.nodes[name] = Node(
+            name, "layer", module=module, inputs=names, device=dev, worker=worker, actor=actor
+        )
+        for slot, src in enumerate(names):
+            self.nodes[src].consumers.append((name, slot))
+        return TensorRef(id(self), name)
+
+    def loss(self, name: str, module: Any, *inputs: TensorRef | str) -> None:
+        """Adds a loss node: it runs as soon as its inputs arrive and starts the backward wave."""
+        self._check_name(name)
+        if not inputs:
+            raise GraphError(f"loss {name!r} has no inputs")
+        names = self._resolve(f"loss {name!r}", inputs)
+        # The loss runs where the first layer feeding it runs, so logits need no copy.
+        device = next((self.nodes[s].device for s in names if self.nodes[s].kind == "layer"), "cpu")
+        self.nodes[name] = Node(name, "loss", module=module, inputs=names, device=device)
+        for slot, src in enumerate(names):
+            self.nodes[src].consumers.append((name, slot))
+
+    def output(self, name: str, tensor: TensorRef | str) -> None:
+        """Names a tensor as an output of the graph (what ``predict`` returns)."""
+        if name in self.outputs:
+            raise GraphError(f"an output named {name!r} already exists")
+        (src,) = self._resolve(f"output {name!r}", [tensor])
+        self.outputs[name] = src
+
+    @classmethod
+    def sequential(
+        cls,
+        modules: Sequence[Any],
+        loss: Any,
+        stages: int | Sequence[int] = 1,
+        input_shape: Sequence[int | None] = (None,),
+        input_dtype: str = "float32",
+        label_shape: Sequence[int | None] = (None,),
+        label_dtype: str = "int64",
+        devices: Sequence[str] | None = None,
+        balance: str = "params",
+    ) -> Graph:
+        """A chain of stages over consecutive ``modules``, with inputs ``"x"``, ``"y"``.
+
+        Args:
+            modules: the layers in order.
+            loss: the loss module, applied to the last stage's output and ``"y"``.
+            stages: ``K`` (split into K stages balanced by ``balance``) or the number of
+                consecutive modules in each stage, e.g. ``[2, 3]``.
+            input_shape, input_dtype, label_shape, label_dtype: the inputs' declarations.
+            devices: the device of each stage (default all ``"cpu"``).
+            balance: ``"params"`` (parameter count) or ``"flops"`` (per-sample FLOPs) when
+                ``stages`` is an int.
+
+        Returns:
+            A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
+            ``"loss"``, and output ``"logits"``.
+        """
+        from asyncnn._math._nn import Sequential
+
+        modules = list(modules)
+        sizes = _split_sizes(modules, stages, balance, tuple(input_shape))
+        if devices is not None and len(devices) != len(sizes):
+            raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")
+        g = cls()
+        h: TensorRef = g.input("x", input_shape, input_dtype)
+        y = g.input("y", label_shape, label_dtype)
+        start = 0
+        for k, size in enumerate(sizes):
+            dev = devices[k] if devices is not None else "cpu"
+            h = g.layer(f"stage{k}", Sequential(*modules[start : start + size]), h, device=dev)
+            start += size
+        g.loss("loss", loss, h, y)
+        g.output("logits", h)
+        return g
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        """Layer node names in topological order (their stage index is their position)."""
+        return [n.name for n in self.nodes.values() if n.kind == "layer"]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [n.name for n in self.nodes.values() if n.kind == "input"]
+
+    @property
+    def losses(self) -> list[str]:
+        return [n.name for n in self.nodes.values() if n.kind == "loss"]
+
+    def __repr__(self) -> str:
+        counts = (len(self.inputs), len(self.layers), len(self.losses))
+        return "Graph({} inputs, {} layers, {} losses)".format(*counts)
+
+    # -- validation ------------------------------------------------------------------------------
+    def check_structure(self) -> None:
+        """Raises :class:`GraphError` unless every layer reaches a loss and a loss exists.
+
+        Nodes can only read nodes added before them, so a graph built with this API has no
+        cycles; a graph rebuilt from a spec is checked for them in ``from_spec``.
+        """
+        if not self.losses:
+            raise GraphError("the graph has no loss node: add one with g.loss(name, module, ...)")
+        reaches: set[str] = set(self.losses)
+        for node in reversed(list(self.nodes.values())):
+            if any(c in reaches for c, _ in node.consumers):
+                reaches.add(node.name)
+        for name in self.layers:
+            if name not in reaches:
+                raise GraphError(
+                    f"layer {name!r} reaches no loss, so it would never get a gradient; connect "
+                    "its output to a loss (or remove it)"
+                )
+        for name in self.inputs:
+            if not self.nodes[name].consumers:
+                raise GraphError(f"input {name!r} is not read by any node")
+
+    # -- specs -----------------------------------------------------------------------------------
+    def to_spec(self) -> dict[str, Any]:
+        """The graph as a plain msgpack-able dict (modules by spec, not pickle)."""
+        from asyncnn._math._nn import to_spec as module_spec
+
+        nodes = []
+        for n in self.nodes.values():
+            entry: dict[str, Any] = {"name": n.name, "kind": n.kind, "inputs": list(n.inputs)}
+            if n.kind == "input":
+                entry["shape"] = list(n.shape or ())
+                entry["dtype"] = n.dtype
+            else:
+                entry["module"] = module_spec(n.module)
+            if n.kind == "layer":
+                entry["device"] = n.device
+                entry["worker"] = n.worker
+            nodes.append(entry)
+        return {"nodes": nodes, "outputs": dict(self.outputs)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Graph:
+        """Rebuilds a graph from :meth:`to_spec` output."""
+        from asyncnn._math._nn import from_spec as module_from_spec
+
+        g = cls()
+        try:
+            for entry in spec["nodes"]:
+                kind = entry["kind"]
+                if kind == "input":
+                    g.input(entry["name"], tuple(entry["shape"]), entry["dtype"])
+                elif kind == "layer":
+                    g.layer(
+                        entry["name"],
+                        module_from_spec(entry["module"]),
+                        *entry["inputs"],
+                        device=entry.get("device", "cpu"),
+                        worker=entry.get("worker"),
+                    )
+                elif kind == "loss":
+                    g.loss(entry["name"], module_from_spec(entry["module"]), *entry["inputs"])
+                else:
+                    raise GraphError(f"graph spec: node {entry.get('name')!r} has kind {kind!r}")
+            for name, src in spec.get("outputs", {}).items():
+                g.output(name, src)
+        except KeyError as exc:
+            raise GraphError(f"graph spec is missing the field {exc}") from exc
+        return g
+
+
+def _split_sizes(
+    modules: list[Any], stages: int | Sequence[int], balance: str, input_shape: tuple[Any, ...]
+) -> list[int]:
+    n = len(modules)
+    if n == 0:
+        raise GraphError("sequential: no modules given")
+    if not isinstance(stages, int):
+        sizes = [int(s) for s in stages]
+        if any(s <= 0 for s in sizes) or sum(sizes) != n:
+            raise GraphError(
+                f"sequential: stage sizes {sizes} must be positive and add up to the {n} modules"
+            )
+        return sizes
+    if not 1 <= stages <= n:
+        raise GraphError(f"sequential: stages={stages} but there are {n} modules")
+    costs = [_module_cost(m, balance) for m in modules]
+    return _balanced_partition(costs, stages)
+
+
+def _module_cost(module: Any, balance: str) -> float:
+    if balance == "params":
+        try:
+            params = module.init(0, dtype="float64")
+        except Exception:  # noqa: BLE001 - a module that cannot init costs nothing to balance
+            return 0.0
+        from asyncnn._math._pytree import tree_leaves
+
+        return float(sum(getattr(p, "size", 0) for p in tree_leaves(params)))
+    if balance == "flops":
+        flops = getattr(module, "flops", None)
+        return float(flops()) if callable(flops) else 0.0
+    raise GraphError(f"sequential: balance must be 'params' or 'flops', got {balance!r}")
+
+
+def _balanced_partition(costs: list[float], k: int) -> list[int]:
+    """Splits ``costs`` into ``k`` consecutive non-empty groups minimising the largest group sum."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: the smallest possible max-group cost splitting costs[:i] into j groups
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for p in range(j - 1, i):
+                v = max(best[j - 1][p], prefix[i] - prefix[p])
+                if v < best[j][i]:
+                    best[j][i], cut[j][i] = v, p
+    sizes = []
+    i = n
+    for j in range(k, 0, -1):
+        p = cut[j][i]
+        sizes.append(i - p)
+        i = p
+    return sizes[::-1]

@@ -1,0 +1,282 @@
+"""Policies: when keys are admitted, the order of work at each stage, and when weights change.
+
+A policy is a frozen description. The runtime asks it for three things:
+
+* admission: how a minibatch is split into keys (microbatches), whether the scheduler waits for a
+  flush between minibatches, and how many keys may be in flight at once;
+* order: :meth:`Policy.stage_order` gives each layer actor a :class:`StageOrder`, a small state
+  machine naming the exact message it must process next (deterministic policies) or ``None``,
+  meaning "whatever is ready first" (``Async``);
+* updates: :meth:`Policy.update_due` says whether a stage applies its accumulated gradients now,
+  and :meth:`Policy.loss_cotangent` how each microbatch's loss gradient is scaled.
+
+To write a new policy, subclass :class:`Policy` (see ``docs/policies.md``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "AnyOrder",
+    "Async",
+    "GPipe",
+    "OneFOneB",
+    "OneFOneBOrder",
+    "PipeDream",
+    "Policy",
+    "StageOrder",
+    "Sync",
+    "policy_from_spec",
+]
+
+FORWARD = "forward"
+BACKWARD = "backward"
+Op = tuple[str, int]  # (kind, key)
+
+
+class StageOrder(abc.ABC):
+    """The order in which one stage processes its messages."""
+
+    @abc.abstractmethod
+    def next(self) -> Op | None:
+        """The message to process next, or ``None`` to take whichever is ready first."""
+
+    @abc.abstractmethod
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        """Records that ``op`` was processed; ``minibatch_keys`` is the size of its minibatch."""
+
+    def start(self, first_key: int) -> None:  # noqa: B027 - optional
+        """Told before any message: keys of this run are numbered from ``first_key`` on."""
+
+    def end_of_stream(self, total_keys: int) -> None:  # noqa: B027 - optional
+        """Told once ``total_keys`` keys (from the start or the last end) are all that will come,
+        so that a continuous order can cool down."""
+
+
+class AnyOrder(StageOrder):
+    """Free-running: whatever message is complete first."""
+
+    def next(self) -> Op | None:
+        return None
+
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        pass
+
+
+class OneFOneBOrder(StageOrder):
+    """``w`` warm-up forwards, then one forward one backward, then the remaining backwards.
+
+    With ``flush=True`` the pattern restarts at each minibatch (PipeDream-Flush); with
+    ``flush=False`` it runs over the whole stream of keys (PipeDream). ``warmup=None`` gives all
+    forwards first (GPipe). Keys are numbered consecutively in admission order.
+    """
+
+    def __init__(self, warmup: int | None, flush: bool) -> None:
+        self.warmup = warmup
+        self.flush = flush
+        self.base = 0  # first key of the current minibatch (flush) or of the stream
+        self.f = 0  # forwards done since base
+        self.b = 0  # backwards done since base
+        self.total: int | None = None  # keys in the current minibatch / stream, once known
+
+    def next(self) -> Op:
+        w = self.warmup
+        limit = self.total
+        if limit is not None and w is not None:
+            w = min(w, limit)
+        more_forwards = limit is None or self.f < limit
+        if more_forwards and (w is None or self.f - self.b <= w):
+            return (FORWARD, self.base + self.f)
+        return (BACKWARD, self.base + self.b)
+
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        if op[0] == FORWARD:
+            self.f += 1
+            if self.flush:
+                self.total = minibatch_keys
+        else:
+            self.b += 1
+            if self.total is not None and self.b == self.total:
+                self.base += self.total
+                self.f = self.b = 0
+                self.total = None
+
+    def start(self, first_key: int) -> None:
+        self.base = first_key
+
+    def end_of_stream(self, total_keys: int) -> None:
+        if not self.flush:
+            self.total = total_keys
+
+
+class Policy(abc.ABC):
+    """The strategy of a run. Subclass it (as a frozen dataclass) to write a new policy."""
+
+    name: ClassVar[str] = "Policy"
+    #: bit-identical results whatever the thread timing
+    deterministic: ClassVar[bool] = True
+    #: the scheduler waits for every key of a minibatch to finish before admitting the next
+    flush: ClassVar[bool] = True
+    #: how many keys each minibatch is split into (like ``numpy.array_split``)
+    microbatches: int = 1
+    #: whether a backward uses the parameter version its forward used
+    stash: bool = True
+
+    def max_in_flight(self, num_stages: int) -> int:
+        """How many keys may be admitted and not yet finished."""
+        return self.microbatches
+
+    @abc.abstractmethod
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        """The order of work of layer ``stage`` (its topological position) of ``num_stages``."""
+
+    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+        """Whether a stage applies its accumulated gradients after a backward."""
+        return minibatch_done
+
+    def gradient_scale(self, accumulated: int) -> float:
+        """The factor applied to the sum of ``accumulated`` gradients before an update."""
+        return 1.0
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+        """The gradient seed of a key's mean loss.
+
+        Under a flush it is ``rows / minibatch_rows``, so that the microbatch gradients add up to
+        the gradient of the minibatch's mean loss.
+        """
+        return rows / minibatch_rows
+
+    def to_spec(self) -> dict[str, Any]:
+        """The policy as a plain dict: its name and arguments."""
+        args = asdict(self) if is_dataclass(self) else {}
+        return {"type": self.name, "args": args}
+
+
+def _check_int(policy: str, field: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{policy}({field}={value!r}): {field} must be an int >= 1")
+
+
+@dataclass(frozen=True)
+class Sync(Policy):
+    """The whole minibatch forward, then backward; one update per minibatch."""
+
+    name: ClassVar[str] = "Sync"
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return OneFOneBOrder(None, flush=True)
+
+
+@dataclass(frozen=True)
+class GPipe(Policy):
+    """All M forwards, then all M backwards; one update per minibatch, at the flush."""
+
+    microbatches: int = 1
+    name: ClassVar[str] = "GPipe"
+
+    def __post_init__(self) -> None:
+        _check_int("GPipe", "microbatches", self.microbatches)
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return OneFOneBOrder(None, flush=True)
+
+
+@dataclass(frozen=True)
+class OneFOneB(Policy):
+    """1F1B with a flush (PipeDream-Flush): at most K - s activations stored at stage s."""
+
+    microbatches: int = 1
+    name: ClassVar[str] = "OneFOneB"
+
+    def __post_init__(self) -> None:
+        _check_int("OneFOneB", "microbatches", self.microbatches)
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return OneFOneBOrder(num_stages - stage - 1, flush=True)
+
+
+@dataclass(frozen=True)
+class PipeDream(Policy):
+    """1F1B with no flush, continuous across minibatches; each stage updates after every backward.
+
+    With ``stash=True`` a backward uses the parameter version its forward used (weight stashing);
+    with ``stash=False`` it recomputes the stage's vjp at the latest version from the stored input.
+    """
+
+    microbatches: int = 1
+    stash: bool = True
+    name: ClassVar[str] = "PipeDream"
+    flush: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_int("PipeDream", "microbatches", self.microbatches)
+
+    def max_in_flight(self, num_stages: int) -> int:
+        return num_stages  # stage 0 holds at most K keys: its warm-up plus one
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return OneFOneBOrder(num_stages - stage - 1, flush=False)
+
+    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+        return True
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+        return 1.0  # each update uses the gradient of that microbatch's mean loss
+
+
+@dataclass(frozen=True)
+class Async(Policy):
+    """Free-running training, as in AMPNet.
+
+    Each actor takes messages as they come and updates after every ``min_update_frequency``
+    gradients, with their mean; at most ``max_active_keys`` keys (one per minibatch) are in
+    flight. Not deterministic: reproduce a run with ``asyncnn.replay``.
+    """
+
+    max_active_keys: int = 4
+    min_update_frequency: int = 1
+    stash: bool = False
+    name: ClassVar[str] = "Async"
+    deterministic: ClassVar[bool] = False
+    flush: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_int("Async", "max_active_keys", self.max_active_keys)
+        _check_int("Async", "min_update_frequency", self.min_update_frequency)
+
+    def max_in_flight(self, num_stages: int) -> int:
+        return self.max_active_keys
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return AnyOrder()
+
+    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+        return backwards_since_update >= self.min_update_frequency
+
+    def gradient_scale(self, accumulated: int) -> float:
+        return 1.0 / accumulated
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+        return 1.0
+
+
+_BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (Sync, GPipe, OneFOneB, PipeDream, Async)}
+
+
+def policy_from_spec(spec: dict[str, Any]) -> Policy:
+    """Rebuilds a policy from :meth:`Policy.to_spec` (built-ins by name, others by import path)."""
+    kind = spec.get("type")
+    cls: Any = _BUILTIN.get(str(kind))
+    if cls is None:
+        import importlib
+
+        module, _, qual = str(kind).partition(":")
+        if not qual:
+            raise ValueError(
+                f"unknown policy {kind!r}: use a built-in name or 'package.module:Class'"
+            )
+        cls = getattr(importlib.import_module(module), qual)
+    return cls(**spec.get("args", {}))  # type: ignore[no-any-return]

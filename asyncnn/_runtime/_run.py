@@ -1,0 +1,486 @@
+"""A run: the actors of a graph, the scheduler that feeds them keys, and the async face
+:func:`open_run`."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from asyncnn._errors import ActorError, GraphError, StallError
+from asyncnn._math._pytree import tree_leaves, tree_map
+from asyncnn.backends import (
+    DevicePool,
+    array_namespace,
+    get_backend,
+    open_device_pool,
+    to_numpy,
+)
+
+from ._actors import ActorStatistics, LayerActor, LossActor
+from ._graph import Graph
+from ._messages import END, FORWARD, STOP, Message
+from ._policies import Policy
+
+__all__ = ["Run", "RunState", "open_run"]
+
+
+@dataclass
+class RunState:
+    """What a run leaves behind and a later run starts from: weights, optimizer state, versions."""
+
+    params: dict[str, Any]
+    opt_states: dict[str, Any]
+    versions: dict[str, int]
+    minibatches: int = 0  # minibatches trained so far
+    keys: int = 0  # keys admitted so far
+
+
+def node_seed(seed: int, index: int) -> int:
+    """The init seed of the layer at topological position ``index``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def init_state(graph: Graph, optimizer: Any, seed: int, dtype: str) -> RunState:
+    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``."""
+    params: dict[str, Any] = {}
+    opt_states: dict[str, Any] = {}
+    for i, name in enumerate(graph.layers):
+        node = graph.nodes[name]
+        params[name] = node.module.init(node_seed(seed, i), backend=node.device, dtype=dtype)
+        opt_states[name] = optimizer.init(params[name])
+    return RunState(params, opt_states, {name: 0 for name in graph.layers})
+
+
+@dataclass
+class _Pending:
+    """A minibatch whose loss is still being assembled from its keys."""
+
+    keys: int
+    total: float = 0.0
+    seen: int = 0
+    values: list[float] = field(default_factory=list)
+
+
+class Run:
+    """The actors of one graph, running. Obtain one with :func:`open_run`."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        optimizer: Any,
+        policy: Policy,
+        seed: int,
+        dtype: str,
+        state: RunState,
+        pool: DevicePool,
+        stall_timeout: float,
+        check_finite: bool,
+        on_loss: Any = None,
+    ) -> None:
+        self.graph = graph
+        self.optimizer = optimizer
+        self.policy = policy
+        self.seed = seed
+        self.dtype = np.dtype(dtype)
+        self.pool = pool
+        self.stall_timeout = stall_timeout
+        self._check_finite = check_finite
+        self._on_loss = on_loss
+        self.layers = graph.layers
+        self.num_stages = len(self.layers)
+        self.edge_index: dict[tuple[str, str, int], int] = {}
+        for name, node in graph.nodes.items():
+            for e, (c, slot) in enumerate(node.consumers):
+                self.edge_index[(name, c, slot)] = e
+        self.minibatches = state.minibatches
+        self.next_key = state.keys
+        self.stream_start = state.keys
+        self.actors: dict[str, Any] = {}
+        for i, name in enumerate(self.layers):
+            node = graph.nodes[name]
+            cls = getattr(node, "actor", None) or LayerActor
+            self.actors[name] = cls(
+                self,
+                node,
+                i,
+                self.num_stages,
+                state.params[name],
+                state.opt_states[name],
+                state.versions[name],
+            )
+        for name in graph.losses:
+            self.actors[name] = LossActor(self, graph.nodes[name])
+        self.in_flight = 0
+        self.max_in_flight = policy.max_in_flight(self.num_stages)
+        self.losses: dict[int, float] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._done_count: dict[int, int] = {}
+        self._changed = anyio.Event()
+        self.last_event = time.perf_counter()
+        self.started = time.perf_counter()
+        self.samples = 0
+
+    # -- called by actors ------------------------------------------------------------------------
+    def touch(self) -> None:
+        self.last_event = time.perf_counter()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def backward_done(self, actor: str, key: int) -> None:
+        n = self._done_count.get(key, 0) + 1
+        if n == self.num_stages:
+            self._done_count.pop(key, None)
+            self.in_flight -= 1
+            self._notify()
+        else:
+            self._done_count[key] = n
+
+    def updated(self, actor: str, version: int) -> None:
+        self.touch()
+
+    def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
+        mb = int(meta["minibatch"])
+        pending = self._pending[mb]
+        pending.total += value * int(meta["rows"]) / int(meta["mb_rows"])
+        pending.seen += 1
+        if pending.seen == pending.keys:
+            del self._pending[mb]
+            self.losses[mb] = pending.total
+            if self._on_loss is not None:
+                self._on_loss(mb, pending.total, int(meta["mb_rows"]))
+
+    def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
+        if not self._check_finite:
+            return
+        for leaf in tree_leaves(value):
+            if leaf is None or not hasattr(leaf, "dtype") or leaf.dtype.kind not in "fc":
+                continue
+            ok = bool(array_namespace(leaf).isfinite(leaf).all())
+            if not ok:
+                raise ActorError(
+                    actor, kind, key,
+                    f"actor {actor!r} produced NaN or Inf in its {kind} of key {key} (the first "
+                    "actor to do so in this run; check_finite=True found it)",
+                )  # fmt: skip
+
+    # -- the scheduler ---------------------------------------------------------------------------
+    def _check_batch(self, batch: Mapping[str, Any]) -> int:
+        return check_batch(self.graph, batch, self._check_finite)
+
+    async def _wait_until(self, condition: Any) -> None:
+        while not condition():
+            await self._changed.wait()
+
+    async def step(self, batch: Mapping[str, Any]) -> int:
+        """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
+        key once the policy allows. Returns the minibatch's index; its loss arrives in
+        :attr:`losses` when its keys have run.
+
+        Raises:
+            ValueError: a missing or unknown input, a wrong shape or dtype.
+        """
+        rows = self._check_batch(batch)
+        m = min(self.policy.microbatches, rows)
+        mb = self.minibatches
+        self.minibatches += 1
+        if self.policy.flush:
+            await self._wait_until(lambda: self.in_flight == 0)
+        arrays = {}
+        for name in self.graph.inputs:
+            arr = np.asarray(to_numpy(batch[name]))
+            if np.dtype(self.graph.nodes[name].dtype).kind == "f":
+                arr = arr.astype(self.dtype, copy=False)
+            arrays[name] = arr
+        sizes = [len(part) for part in np.array_split(np.arange(rows), m)]
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self._pending[mb] = _Pending(keys=m)
+        for i in range(m):
+            await self._wait_until(lambda: self.in_flight < self.max_in_flight)
+            key = self.next_key
+            self.next_key += 1
+            self.in_flight += 1
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
+            for name in self.graph.inputs:
+                part = arrays[name][lo:hi]
+                for consumer, slot in self.graph.nodes[name].consumers:
+                    msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
+                    await self.actors[consumer].send_channel.send(msg)
+            self.touch()
+        self.samples += rows
+        return mb
+
+    async def drain(self) -> None:
+        """Waits until every admitted key has finished its backward wave (and, under a
+        continuous policy, the pipeline has cooled down)."""
+        if not self.policy.flush and self.next_key > self.stream_start:
+            for name in self.layers:
+                meta = {"total": self.next_key - self.stream_start}
+                await self.actors[name].send_channel.send(
+                    Message(END, -1, 0, "", name, 0, (), meta)
+                )
+            self.stream_start = self.next_key
+        await self._wait_until(lambda: self.in_flight == 0)
+
+    async def _watchdog(self) -> None:
+        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
+        while True:
+            await anyio.sleep(interval)
+            if self.in_flight > 0 and time.perf_counter() - self.last_event > self.stall_timeout:
+                lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
+                raise StallError(
+                    f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
+                    "flight; what each actor was doing:\n" + "\n".join(lines)
+                )
+
+    async def _serve(self, name: str) -> None:
+        await self.actors[name].serve()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def state(self) -> RunState:
+        """The current weights, optimizer states and versions (device arrays, not copies)."""
+        layers = {n: self.actors[n] for n in self.layers}
+        return RunState(
+            params={n: a.params for n, a in layers.items()},
+            opt_states={n: a.opt_state for n, a in layers.items()},
+            versions={n: a.version for n, a in layers.items()},
+            minibatches=self.minibatches,
+            keys=self.next_key,
+        )
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """``{node name: params}`` as numpy arrays (copies from the device where needed)."""
+        return {n: tree_map(to_numpy, self.actors[n].params) for n in self.layers}
+
+    def statistics(self) -> dict[str, ActorStatistics]:
+        """Per-actor counters: busy/idle time, messages, stored activations and versions."""
+        now = time.perf_counter()
+        out = {}
+        for name, actor in self.actors.items():
+            s = actor.stats
+            s.idle_seconds = max(0.0, (now - actor.born) - s.busy_seconds)
+            out[name] = s
+        return out
+
+
+def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:
+    """Checks a batch against the graph's inputs (names, shapes, dtypes, NaN); returns its rows.
+
+    Raises:
+        ValueError: naming the input and what was wrong with it.
+    """
+    names = graph.inputs
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise ValueError(
+            f"the batch has no {missing}; the graph's inputs are {names}, the batch gave "
+            f"{sorted(batch)}"
+        )
+    extra = [k for k in batch if k not in names]
+    if extra:
+        raise ValueError(f"the batch has {extra}, which the graph has no input for ({names})")
+    rows = None
+    for name in names:
+        node = graph.nodes[name]
+        arr = batch[name]
+        shape = tuple(getattr(arr, "shape", ()))
+        want = node.shape or ()
+        if len(shape) != len(want) or any(
+            w is not None and s != w for s, w in zip(shape, want, strict=True)
+        ):
+            raise ValueError(
+                f"input {name!r}: got shape {shape}, the graph declares {want} "
+                "(None is the batch dimension)"
+            )
+        kind = np.dtype(node.dtype).kind
+        got = np.dtype(getattr(arr, "dtype", np.float64))
+        if kind in "iu" and got.kind not in "iu":
+            raise ValueError(
+                f"input {name!r} is declared {node.dtype} but got {got} data: pass integers "
+                f"(e.g. {name}.astype(np.int64))"
+            )
+        if kind == "f" and got.kind not in "fiub":
+            raise ValueError(f"input {name!r} is declared {node.dtype} but got {got} data")
+        if rows is None:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise ValueError(
+                f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
+            )
+        if check_finite and got.kind == "f" and not np.isfinite(to_numpy(arr)).all():
+            raise ValueError(f"input {name!r} contains NaN or Inf (check_finite=True)")
+    if not rows:
+        raise ValueError("the batch is empty (0 rows)")
+    return int(rows)
+
+
+async def _stop_all(run: Run) -> None:
+    for name, actor in run.actors.items():
+        await actor.send_channel.send(Message(STOP, -1, 0, "", name, 0))
+
+
+@asynccontextmanager
+async def open_run(
+    graph: Graph,
+    optimizer: Any,
+    policy: Policy,
+    seed: int = 0,
+    dtype: str = "float32",
+    *,
+    state: RunState | None = None,
+    pool: DevicePool | None = None,
+    stall_timeout: float = 60.0,
+    check_finite: bool = False,
+    on_loss: Any = None,
+    validated: bool = False,
+) -> AsyncIterator[Run]:
+    """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
+
+    Usable from any running trio or asyncio loop (a notebook, a server)::
+
+        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4)) as run:
+            for batch in batches:
+                await run.step(batch)
+            await run.drain()
+        print(run.losses)
+
+    Leaving the block drains the run (every admitted key finishes). An exception in any actor
+    cancels the whole run and is raised here as one :class:`~asyncnn.ActorError`; no progress for
+    ``stall_timeout`` seconds raises :class:`~asyncnn.StallError`.
+
+    Args:
+        graph: the network.
+        optimizer: an ``asyncnn.optim`` optimizer; each layer keeps its own state.
+        policy: an ``asyncnn.policies`` policy.
+        seed: seeds parameter initialisation (per node) and dropout.
+        dtype: the floating dtype of parameters and float inputs.
+        state: start from these weights and optimizer states (default: fresh ones).
+        pool: a device pool to use (default: one opened for the run).
+        stall_timeout: seconds without progress, while keys are in flight, before failing.
+        check_finite: check every tensor for NaN/Inf and name the first actor producing one.
+        on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known.
+        validated: skip the checks of :func:`validate` (the caller has run them).
+    """
+    if not validated:
+        validate(graph, dtype)
+    if state is None:
+        state = init_state(graph, optimizer, seed, dtype)
+    async with _maybe_pool(pool) as the_pool:
+        run = Run(
+            graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout, check_finite,
+            on_loss,
+        )  # fmt: skip
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in run.actors:
+                    tg.start_soon(run._serve, name, name=f"actor {name}")
+                watchdog = anyio.CancelScope()
+
+                async def guard() -> None:
+                    with watchdog:
+                        await run._watchdog()
+
+                tg.start_soon(guard)
+                yield run
+                await run.drain()
+                await _stop_all(run)
+                watchdog.cancel()
+        except BaseExceptionGroup as group:
+            error = _single_error(group)
+            raise error from error.__cause__  # keeps the original failure as the cause
+        finally:
+            for actor in run.actors.values():
+                actor.send_channel.close()
+                actor.inbox.close()
+
+
+def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one error a failed run reports: an actor's failure or a stall, before anything else."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for kind in (ActorError, StallError):
+        for e in leaves:
+            if isinstance(e, kind):
+                return e
+    for e in leaves:
+        if not isinstance(e, anyio.get_cancelled_exc_class()):
+            return e
+    return leaves[0]
+
+
+@asynccontextmanager
+async def _maybe_pool(pool: DevicePool | None) -> AsyncIterator[DevicePool]:
+    if pool is not None:
+        yield pool
+        return
+    async with open_device_pool() as fresh:
+        yield fresh
+
+
+def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:
+    """Checks ``graph`` before any training compute: wiring, then shapes and dtypes by evaluating
+    every node on ``rows`` rows of zeros. Returns each node's output shape.
+
+    Raises:
+        GraphError: naming the node, its module and the shapes it was given.
+    """
+    graph.check_structure()
+    shapes: dict[str, tuple[int, ...]] = {}
+    values: dict[str, Any] = {}
+    dt = np.dtype(dtype)
+    for name, node in graph.nodes.items():
+        if node.kind == "input":
+            kind = np.dtype(node.dtype).kind
+            shape = (rows, *(node.shape or (None,))[1:])
+            values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
+            shapes[name] = shape
+            continue
+        args = [values[src] for src in node.inputs]
+        arg_desc = ", ".join(
+            f"{src} {tuple(a.shape)} {a.dtype}" for src, a in zip(node.inputs, args, strict=True)
+        )
+        try:
+            # Zeros may well give log(0) and the like: only shapes and dtypes are checked here.
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out = _evaluate_node(node, args, dtype)
+        except Exception as exc:
+            raise GraphError(
+                f"{node.kind} {name!r} ({node.module!r}) fails on its inputs [{arg_desc}] "
+                f"(batch of {rows}): {type(exc).__name__}: {exc}"
+            ) from exc
+        out = to_numpy(out)
+        if node.kind == "layer":
+            if not hasattr(out, "shape"):
+                raise GraphError(f"layer {name!r} returned {type(out).__name__}, not one array")
+            values[name] = out
+            shapes[name] = tuple(out.shape)
+        elif getattr(out, "size", 0) != 1:
+            raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}")
+    return shapes
+
+
+def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
+    if node.kind == "layer":
+        backend = get_backend(node.device)
+        params = node.module.init(0, backend=node.device, dtype=dtype)
+        return node.module(params, *[backend.asarray(a) for a in args])
+    return node.module({}, *args)

@@ -1,0 +1,28 @@
+"""Policies: when keys are admitted, the order of work per stage, and when weights change.
+
+See DESIGN.md section 2 for the semantics of each, and ``docs/policies.md`` for writing one.
+"""
+
+from ._runtime._policies import (
+    Async,
+    GPipe,
+    OneFOneB,
+    OneFOneBOrder,
+    PipeDream,
+    Policy,
+    StageOrder,
+    Sync,
+    policy_from_spec,
+)
+
+__all__ = [
+    "Async",
+    "GPipe",
+    "OneFOneB",
+    "OneFOneBOrder",
+    "PipeDream",
+    "Policy",
+    "StageOrder",
+    "Sync",
+    "policy_from_spec",
+]

@@ -1,0 +1,208 @@
+"""The cupy backend: arrays in the memory of one CUDA device, work queued on CUDA streams.
+
+This module imports cupy at the top; only :func:`asyncnn.backends.get_backend` imports this
+module, the first time a ``"cuda:N"`` device is asked for, so a CPU-only run never loads cupy.
+
+cupy keeps a *current device* per host thread, and allocates every new array there. A process
+that drives several GPUs therefore enters ``cupy.cuda.Device(index)`` around everything that
+allocates; each method here does so, so callers never depend on which device happens to be current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ._base import Backend, Device, parse_device
+
+try:
+    import cupy
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "a CUDA device needs cupy, which is not installed: pip install 'asyncnn[gpu]' "
+        "(cupy-cuda12x), or place the work on device='cpu'"
+    ) from exc
+
+__all__ = ["CupyBackend"]
+
+
+class _DeviceRNG:
+    """A cupy ``Generator`` whose draws always happen on the device it was seeded on.
+
+    cupy's generator keeps its state in one device's memory and refuses to draw while another
+    device is current; this wrapper makes the right device current for each draw. It also adds
+    ``normal``, which cupy's ``Generator`` does not have in every version.
+    """
+
+    def __init__(self, device: Any, generator: Any) -> None:
+        self._device = device
+        self._gen = generator
+
+    def random(self, size: Any = None, dtype: Any = np.float64) -> Any:
+        with self._device:
+            return self._gen.random(size, dtype=dtype)
+
+    def standard_normal(self, size: Any = None, dtype: Any = np.float64) -> Any:
+        with self._device:
+            return self._gen.standard_normal(size, dtype=dtype)
+
+    def normal(
+        self, loc: float = 0.0, scale: float = 1.0, size: Any = None, dtype: Any = np.float64
+    ) -> Any:
+        with self._device:
+            z = self._gen.standard_normal(size, dtype=dtype)
+            return (z * scale + loc).astype(dtype, copy=False)
+
+    def uniform(
+        self, low: float = 0.0, high: float = 1.0, size: Any = None, dtype: Any = np.float64
+    ) -> Any:
+        with self._device:
+            return self._gen.uniform(low, high, size, dtype=dtype)
+
+    def integers(self, low: int, high: int | None = None, size: Any = None, **kw: Any) -> Any:
+        with self._device:
+            return self._gen.integers(low, high, size, **kw)
+
+    def permutation(self, x: Any) -> Any:
+        with self._device:
+            return self._gen.permutation(x)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._gen, name)
+        if not callable(attr):
+            return attr
+
+        def on_device(*args: Any, **kwargs: Any) -> Any:
+            with self._device:
+                return attr(*args, **kwargs)
+
+        return on_device
+
+
+class CupyBackend(Backend):
+    """The backend of CUDA device ``index``, through cupy."""
+
+    name = "cupy"
+    xp = cupy
+
+    def __init__(self, index: int = 0) -> None:
+        try:
+            count = int(cupy.cuda.runtime.getDeviceCount())
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise RuntimeError(
+                f"cuda:{index} was asked for but CUDA reports no usable device ({exc}); "
+                "check the driver (nvidia-smi) or place the work on device='cpu'"
+            ) from exc
+        if not 0 <= index < count:
+            raise ValueError(
+                f"cuda:{index} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0 .. cuda:{count - 1}"
+            )
+        self.device = Device("cuda", index)
+        self._cuda_device = cupy.cuda.Device(index)
+        self._dtype_lock = threading.Lock()
+        self._checked_dtypes: dict[np.dtype[Any], None] = {}
+
+    # -- arrays ---------------------------------------------------------------------------------
+
+    def dtype(self, dtype: Any) -> np.dtype[Any]:
+        if str(dtype) == "bfloat16":
+            # numpy learns the name only from ml_dtypes; cupy may still refuse the arrays
+            try:
+                import ml_dtypes
+            except ImportError as exc:
+                raise ValueError(
+                    "dtype 'bfloat16' needs the ml_dtypes package and a cupy that supports it; "
+                    "use 'float16' or 'float32' on cupy"
+                ) from exc
+            dtype = ml_dtypes.bfloat16
+        dt = super().dtype(dtype)
+        if dt not in self._checked_dtypes:
+            with self._dtype_lock, self._cuda_device:
+                try:
+                    cupy.zeros(1, dtype=dt)
+                except (TypeError, ValueError, NotImplementedError) as exc:
+                    raise ValueError(
+                        f"cupy {cupy.__version__} has no arrays of dtype {dt}; "
+                        "use 'float16' or 'float32' on a CUDA device"
+                    ) from exc
+                self._checked_dtypes[dt] = None
+        return dt
+
+    def rng(self, seed: int | np.random.SeedSequence) -> _DeviceRNG:
+        with self._cuda_device:
+            return _DeviceRNG(self._cuda_device, cupy.random.default_rng(seed))
+
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        if isinstance(x, cupy.ndarray) and x.device.id != self.device.index:
+            x = self.copy_to(x, self.device)
+        with self._cuda_device:
+            return cupy.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
+        if isinstance(x, cupy.ndarray):
+            # .get() is ordered on the *current* stream only; work queued on another stream must
+            # be waited for first (DevicePool.wait on its event, or synchronize)
+            return x.get()
+        return np.asarray(x)
+
+    def copy_to(self, x: Any, device: str | Device) -> Any:
+        target = parse_device(device)
+        if not isinstance(x, cupy.ndarray):
+            return super().copy_to(x, target)
+        if target.kind == "cpu":
+            return x.get()
+        if target.index == x.device.id:
+            return x
+        with cupy.cuda.Device(target.index):
+            # ndarray.copy allocates on the *current* device, reading the source over peer
+            # access (or through the host when there is none); it is ordered on the current
+            # stream of the target device, so a producer on another stream must be waited for
+            # first (wait_event) by the caller.
+            return x.copy()
+
+    # -- streams and events ---------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        self._cuda_device.synchronize()
+
+    def activate(self, stream: Any = None) -> contextlib.AbstractContextManager[Any]:
+        return self._activate(stream)
+
+    @contextlib.contextmanager
+    def _activate(self, stream: Any) -> Iterator[Any]:
+        with self._cuda_device:
+            if stream is None:
+                yield cupy.cuda.get_current_stream()
+            else:
+                with stream:
+                    yield stream
+
+    def new_stream(self) -> Any:
+        with self._cuda_device:
+            return cupy.cuda.Stream(non_blocking=True)
+
+    def record_event(self, stream: Any = None) -> Any:
+        with self._cuda_device:
+            # timing off: an event used only for ordering is cheaper to record and to query
+            event = cupy.cuda.Event(disable_timing=True)
+            event.record(stream)
+            return event
+
+    def wait_event(self, event: Any, stream: Any = None) -> None:
+        if event is None:  # produced on the CPU: already done
+            return
+        with self._cuda_device:
+            target = stream if stream is not None else cupy.cuda.get_current_stream()
+            target.wait_event(event)
+
+    def event_done(self, event: Any) -> bool:
+        return event is None or bool(event.done)
+
+    def memory_in_use(self) -> int:
+        with self._cuda_device:
+            return int(cupy.get_default_memory_pool().used_bytes())

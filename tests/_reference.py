@@ -1,0 +1,140 @@
+"""Plain (non-actor) references the runtime is checked against, written independently of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import asyncnn as ann
+from asyncnn import nn
+
+
+def chain_graph(k: int, width: int = 6, features: int = 5, classes: int = 3) -> ann.Graph:
+    """A K-stage chain: K Linear+Tanh stages, the last ending in a Linear to the classes."""
+    modules: list[Any] = []
+    sizes = []
+    for s in range(k):
+        out = classes if s == k - 1 else width
+        stage = [nn.Linear(features if s == 0 else width, out)]
+        if s < k - 1:
+            stage.append(nn.Tanh())
+        modules += stage
+        sizes.append(len(stage))
+    return ann.Graph.sequential(
+        modules, loss=nn.CrossEntropyLoss(), stages=sizes, input_shape=(None, features)
+    )
+
+
+def composed_loss(graph: ann.Graph, params_list: list[Any], x: Any, y: Any) -> Any:
+    h = x
+    for name, p in zip(graph.layers, params_list, strict=True):
+        h = graph.nodes[name].module(p, h)
+    return nn.CrossEntropyLoss()({}, h, y)
+
+
+def plain_sgd(graph: ann.Graph, params: dict[str, Any], opt: Any, batches: list[dict[str, Any]]):
+    """Minibatch training of the composed model with one optimizer over all parameters."""
+    plist = [params[n] for n in graph.layers]
+    state = opt.init(plist)
+    losses = []
+    for b in batches:
+        loss, g = ann.value_and_grad(lambda p, b=b: composed_loss(graph, p, b["x"], b["y"]))(plist)
+        plist, state = opt.update(plist, g, state)
+        losses.append(float(loss))
+    return dict(zip(graph.layers, plist, strict=True)), losses
+
+
+def one_f_one_b_order(stage: int, k: int, total: int) -> list[tuple[str, int]]:
+    """DESIGN.md's 1F1B order for stage ``stage`` of ``k`` over ``total`` microbatches."""
+    w = min(k - stage - 1, total)
+    order = [("F", i) for i in range(w)]
+    for i in range(total - w):
+        order += [("F", w + i), ("B", i)]
+    order += [("B", i) for i in range(total - w, total)]
+    return order
+
+
+def pipedream_reference(
+    graph: ann.Graph,
+    params: dict[str, Any],
+    opt: Any,
+    microbatches: list[dict[str, Any]],
+    stash: bool,
+) -> tuple[dict[str, Any], list[dict[int, int]]]:
+    """A sequential re-enactment of PipeDream on a chain: every stage follows its 1F1B order
+    over the whole stream and updates after each backward with that microbatch's gradient.
+
+    Returns the final parameters and, per stage, {microbatch: version used by its backward}.
+    """
+    names = graph.layers
+    k = len(names)
+    total = len(microbatches)
+    p = [params[n] for n in names]
+    states = [opt.init(q) for q in p]
+    versions = [0] * k
+    orders = [one_f_one_b_order(s, k, total) for s in range(k)]
+    pos = [0] * k
+    acts: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input to that stage
+    grads: dict[tuple[int, int], Any] = {}  # (stage, mb) -> gradient of its output
+    stored: dict[tuple[int, int], Any] = {}
+    backward_versions: list[dict[int, int]] = [{} for _ in range(k)]
+    forward_versions: list[dict[int, int]] = [{} for _ in range(k)]
+    for i, mb in enumerate(microbatches):
+        acts[(0, i)] = mb["x"]
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(k):
+            if pos[s] == len(orders[s]):
+                continue
+            kind, i = orders[s][pos[s]]
+            module = graph.nodes[names[s]].module
+            if kind == "F" and (s, i) in acts:
+                x = acts.pop((s, i))
+                out, pb = ann.vjp(lambda q, x=x, module=module: module(q, x), p[s], x)
+                stored[(s, i)] = (pb, x)
+                forward_versions[s][i] = versions[s]
+                if s + 1 < k:
+                    acts[(s + 1, i)] = out
+                else:
+                    y = microbatches[i]["y"]
+                    _, lpb = ann.vjp(lambda o, y=y: nn.CrossEntropyLoss()({}, o, y), out)
+                    grads[(s, i)] = lpb(1.0)[0]
+            elif kind == "B" and (s, i) in grads:
+                g = grads.pop((s, i))
+                pb, x = stored.pop((s, i))
+                if stash:
+                    backward_versions[s][i] = forward_versions[s][i]
+                else:
+                    _, pb = ann.vjp(lambda q, x, module=module: module(q, x), p[s], x)
+                    backward_versions[s][i] = versions[s]
+                gp, gx = pb(g)
+                if s > 0:
+                    grads[(s - 1, i)] = gx
+                p[s], states[s] = opt.update(p[s], gp, states[s])
+                versions[s] += 1
+            else:
+                continue
+            pos[s] += 1
+            progressed = True
+    assert all(pos[s] == len(orders[s]) for s in range(k)), "reference deadlocked"
+    return dict(zip(names, p, strict=True)), backward_versions
+
+
+def assert_params_close(a: dict[str, Any], b: dict[str, Any], rtol: float, atol: float = 0) -> None:
+    for name in a:
+        la = ann._math._pytree.tree_leaves(a[name])
+        lb = ann._math._pytree.tree_leaves(b[name])
+        for x, y in zip(la, lb, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=name
+            )
+
+
+def assert_params_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for name in a:
+        la = ann._math._pytree.tree_leaves(a[name])
+        lb = ann._math._pytree.tree_leaves(b[name])
+        for x, y in zip(la, lb, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)

@@ -1,0 +1,259 @@
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import asyncnn.data as data
+from asyncnn._math import _datasets
+
+
+def _dataset(n=10):
+    return data.ArrayDataset({"x": np.arange(n * 2.0).reshape(n, 2), "y": np.arange(n)})
+
+
+# -- ArrayDataset ---------------------------------------------------------------------------------
+def test_len_keys_and_repr():
+    ds = _dataset(7)
+    assert len(ds) == 7 and ds.keys() == ["x", "y"] and "x" in ds and "z" not in ds
+    assert "7 rows" in repr(ds)
+    np.testing.assert_array_equal(ds["y"], np.arange(7))
+
+
+def test_mismatched_lengths_name_the_field():
+    with pytest.raises(ValueError, match=r"field 'y' has 9 rows but field 'x' has 10"):
+        data.ArrayDataset({"x": np.zeros((10, 3)), "y": np.zeros(9)})
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(ValueError, match="empty dict"):
+        data.ArrayDataset({})
+    with pytest.raises(ValueError, match="'s' must be an array with a leading batch dimension"):
+        data.ArrayDataset({"x": np.zeros(3), "s": np.float64(1.0)})
+    with pytest.raises(TypeError, match="dict of arrays"):
+        data.ArrayDataset(np.zeros((3, 2)))
+    with pytest.raises(KeyError, match=r"no field 'z'.*\['x', 'y'\]"):
+        _dataset()["z"]
+
+
+def test_lists_are_converted():
+    ds = data.ArrayDataset({"x": [[1.0, 2.0], [3.0, 4.0]], "y": [0, 1]})
+    assert ds["x"].shape == (2, 2) and ds["y"].dtype.kind == "i"
+
+
+def test_batches_in_order_with_a_short_last_batch():
+    ds = _dataset(10)
+    batches = list(ds.batches(4))
+    assert [b["y"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    np.testing.assert_array_equal(batches[2]["x"], [[16.0, 17.0], [18.0, 19.0]])
+    assert ds.num_batches(4) == 3
+    # Unshuffled batches are views of the stored arrays (no copy per step).
+    assert np.shares_memory(batches[0]["x"], ds["x"])
+
+
+def test_drop_last():
+    ds = _dataset(10)
+    assert [b["y"].tolist() for b in ds.batches(4, drop_last=True)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ds.num_batches(4, drop_last=True) == 2
+    assert list(ds.batches(11, drop_last=True)) == []
+    assert [len(b["y"]) for b in ds.batches(5, drop_last=True)] == [5, 5]
+
+
+def test_shuffle_is_a_permutation_that_depends_only_on_seed_and_epoch():
+    ds = _dataset(50)
+
+    def order(**kw):
+        return np.concatenate([b["y"] for b in ds.batches(8, shuffle=True, **kw)])
+
+    a = order(seed=3, epoch=2)
+    assert sorted(a.tolist()) == list(range(50)) and a.tolist() != list(range(50))
+    np.testing.assert_array_equal(a, order(seed=3, epoch=2))  # reproducible (a resumed run)
+    assert a.tolist() != order(seed=3, epoch=1).tolist()  # each epoch its own order
+    assert a.tolist() != order(seed=4, epoch=2).tolist()  # each seed its own order
+    np.testing.assert_array_equal(a, data.epoch_permutation(50, 3, 2))
+    # Rows stay together across fields.
+    for b in ds.batches(8, shuffle=True, seed=3, epoch=2):
+        np.testing.assert_array_equal(b["x"][:, 0], 2.0 * b["y"])
+
+
+def test_shuffle_does_not_touch_the_global_rng():
+    state = np.random.get_state()[1].copy()
+    list(_dataset(20).batches(4, shuffle=True, seed=1))
+    np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_batch_size_must_be_positive(bad):
+    with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {bad}"):
+        list(_dataset().batches(bad))
+
+
+def test_batch_size_must_be_an_int():
+    with pytest.raises(TypeError, match="batch_size must be an int, got float 2.5"):
+        list(_dataset().batches(2.5))
+
+
+def test_negative_seed_or_epoch_is_an_error():
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        list(_dataset().batches(2, shuffle=True, seed=-1))
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        list(_dataset().batches(2, shuffle=True, epoch=-1))
+
+
+# -- microbatches ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "m"), [(10, 1), (10, 3), (10, 4), (10, 10), (7, 2), (32, 5)])
+def test_microbatches_split_like_array_split(n, m):
+    batch = {"x": np.arange(n * 3).reshape(n, 3), "y": np.arange(n)}
+    micro = data.split_microbatches(batch, m)
+    assert len(micro) == m
+    for key in batch:
+        expected = np.array_split(batch[key], m)
+        for got, want in zip(micro, expected, strict=True):
+            np.testing.assert_array_equal(got[key], want)
+    # Hand-checked: 10 rows into 4 gives 3, 3, 2, 2.
+    if (n, m) == (10, 4):
+        assert [len(mb["y"]) for mb in micro] == [3, 3, 2, 2]
+
+
+def test_microbatch_errors():
+    batch = {"x": np.zeros((4, 2)), "y": np.zeros(4)}
+    with pytest.raises(ValueError, match="batch of 4 rows into 5 microbatches"):
+        data.split_microbatches(batch, 5)
+    with pytest.raises(ValueError, match=r"m \(the number of microbatches\) must be >= 1"):
+        data.split_microbatches(batch, 0)
+    with pytest.raises(ValueError, match="field 'y' has 3 rows"):
+        data.split_microbatches({"x": np.zeros((4, 2)), "y": np.zeros(3)}, 2)
+
+
+def test_batch_length():
+    assert data.batch_length({"a": np.zeros((5, 2)), "b": np.zeros(5)}) == 5
+
+
+def test_importing_data_loads_no_dataset_packages():
+    # mnist1d pulls in matplotlib and sklearn is slow to import: both wait until first used.
+    code = (
+        "import sys, asyncnn.data; "
+        "print(sorted(m for m in ('mnist1d', 'matplotlib', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- MNIST-1D -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mnist1d(tmp_path_factory):
+    return data.load_mnist1d(cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_mnist1d_shapes_dtypes_and_labels(mnist1d):
+    assert set(mnist1d) == {"x_train", "y_train", "x_test", "y_test"}
+    assert mnist1d["x_train"].shape == (4000, 40) and mnist1d["x_train"].dtype == np.float32
+    assert mnist1d["x_test"].shape == (1000, 40) and mnist1d["x_test"].dtype == np.float32
+    assert mnist1d["y_train"].shape == (4000,) and mnist1d["y_train"].dtype == np.int64
+    assert mnist1d["y_test"].shape == (1000,) and mnist1d["y_test"].dtype == np.int64
+    y = np.concatenate([mnist1d["y_train"], mnist1d["y_test"]])
+    # 500 examples of each digit overall, shuffled between the splits.
+    np.testing.assert_array_equal(np.bincount(y), np.full(10, 500))
+    assert set(np.unique(mnist1d["y_test"])) == set(range(10))
+    x = np.concatenate([mnist1d["x_train"], mnist1d["x_test"]])
+    assert np.isfinite(x).all()
+    # make_dataset standardizes the whole set.
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1.0) < 1e-3
+
+
+def test_mnist1d_leaves_the_global_rngs_alone(tmp_path):
+    np.random.seed(123)
+    random.seed(456)
+    expected_np = np.random.get_state()[1].copy()
+    expected_py = random.getstate()
+    data.load_mnist1d(num_samples=100, seed=7, cache=False)
+    np.testing.assert_array_equal(np.random.get_state()[1], expected_np)
+    assert random.getstate() == expected_py
+    # ...and so the next draws are the ones the user's seed promised.
+    np.random.seed(123)
+    first = np.random.random(3)
+    np.random.seed(123)
+    data.load_mnist1d(num_samples=100, seed=8, cache=False)
+    np.testing.assert_array_equal(np.random.random(3), first)
+
+
+def test_mnist1d_is_deterministic_and_cached_on_disk(tmp_path):
+    a = data.load_mnist1d(num_samples=200, seed=5, cache_dir=tmp_path)
+    files = list(tmp_path.glob("mnist1d-*-n200-*seed5.npz"))
+    assert len(files) == 1
+    _datasets._mnist1d_cached.cache_clear()  # force a read from disk
+    b = data.load_mnist1d(num_samples=200, seed=5, cache_dir=tmp_path)
+    c = data.load_mnist1d(num_samples=200, seed=5, cache=False)  # regenerated from scratch
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a[key], c[key])
+    assert a["x_train"].shape == (160, 40)
+    d = data.load_mnist1d(num_samples=200, seed=6, cache=False)
+    assert not np.array_equal(a["x_train"], d["x_train"])
+
+
+def test_mnist1d_returns_copies(tmp_path):
+    a = data.load_mnist1d(num_samples=100, seed=1, cache=False)
+    a["x_train"][:] = 0.0
+    b = data.load_mnist1d(num_samples=100, seed=1, cache=False)
+    assert np.abs(b["x_train"]).sum() > 0
+
+
+def test_mnist1d_damaged_cache_file_is_regenerated(tmp_path):
+    a = data.load_mnist1d(num_samples=100, seed=2, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(b"not a zip file")
+    _datasets._mnist1d_cached.cache_clear()
+    b = data.load_mnist1d(num_samples=100, seed=2, cache_dir=tmp_path)
+    np.testing.assert_array_equal(a["x_test"], b["x_test"])
+
+
+def test_mnist1d_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ASYNCNN_CACHE_DIR", str(tmp_path / "c"))
+    assert data.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("ASYNCNN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "asyncnn"
+
+
+def test_mnist1d_argument_errors():
+    with pytest.raises(ValueError, match="multiple of 10"):
+        data.load_mnist1d(num_samples=55, cache=False)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        data.load_mnist1d(train_split=1.0, cache=False)
+    with pytest.raises(ValueError, match="seed must be in"):
+        data.load_mnist1d(seed=-1, cache=False)
+
+
+# -- digits ---------------------------------------------------------------------------------------
+def test_digits_shapes_scale_and_stratified_split():
+    d = data.load_digits()
+    assert d["x_train"].shape == (1438, 64) and d["x_test"].shape == (359, 64)
+    assert d["x_train"].dtype == np.float32 and d["y_train"].dtype == np.int64
+    x = np.concatenate([d["x_train"], d["x_test"]])
+    assert x.min() == 0.0 and x.max() == 1.0
+    counts_test = np.bincount(d["y_test"], minlength=10)
+    counts_all = np.bincount(np.concatenate([d["y_train"], d["y_test"]]))
+    assert counts_all.sum() == 1797 and set(np.unique(d["y_train"])) == set(range(10))
+    # Stratified: each class holds out round(20%) of its examples.
+    np.testing.assert_array_equal(counts_test, np.round(0.2 * counts_all).astype(int))
+    # Train and test together are exactly the original rows, each once.
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    original = sorted(r.tobytes() for r in (sk_load_digits().data / 16.0).astype(np.float32))
+    assert sorted(r.tobytes() for r in x) == original
+
+
+def test_digits_split_is_seeded():
+    a, b, c = data.load_digits(seed=1), data.load_digits(seed=1), data.load_digits(seed=2)
+    np.testing.assert_array_equal(a["y_test"], b["y_test"])
+    np.testing.assert_array_equal(a["x_train"], b["x_train"])
+    assert not np.array_equal(a["x_train"], c["x_train"])
+
+
+def test_digits_plain_split_and_errors():
+    d = data.load_digits(test_fraction=0.5, stratify=False)
+    assert len(d["y_test"]) == 898 and len(d["y_train"]) == 899
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        data.load_digits(test_fraction=0.0)

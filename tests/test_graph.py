@@ -1,0 +1,150 @@
+"""Graph building and validation: every wiring mistake is a GraphError naming the node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+
+
+@dataclass(frozen=True)
+class Add(nn.Module):
+    """Sums two inputs (a test helper for two-input nodes)."""
+
+    def __call__(self, params: Any, a: Any, b: Any, *, rng: Any = None) -> Any:
+        return ops.add(a, b)
+
+
+def test_sequential_names_and_stage_sizes():
+    mods = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)]
+    g = ann.Graph.sequential(
+        mods, loss=nn.CrossEntropyLoss(), stages=[2, 2, 1], input_shape=(None, 4)
+    )
+    assert g.layers == ["stage0", "stage1", "stage2"]
+    assert g.inputs == ["x", "y"] and g.losses == ["loss"] and g.outputs == {"logits": "stage2"}
+    assert [len(g.nodes[n].module) for n in g.layers] == [2, 2, 1]
+
+
+def test_sequential_balances_by_parameter_count():
+    mods = [
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+        nn.ReLU(),
+        nn.Linear(10, 10),
+        nn.Linear(10, 2),
+    ]
+    g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 100))
+    # the big first Linear alone outweighs everything after it
+    assert [len(g.nodes[n].module) for n in g.layers] == [1, 5]
+    with pytest.raises(ann.GraphError, match="add up"):
+        ann.Graph.sequential(
+            mods, loss=nn.CrossEntropyLoss(), stages=[2, 2], input_shape=(None, 100)
+        )
+    with pytest.raises(ann.GraphError, match="stages=9"):
+        ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=9, input_shape=(None, 100))
+
+
+def test_wiring_errors_name_the_node():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 4))
+    with pytest.raises(ann.GraphError, match="already exists"):
+        g.input("x", shape=(None, 4))
+    with pytest.raises(ann.GraphError, match="unknown node 'nope'"):
+        g.layer("a", nn.Linear(4, 2), "nope")
+    with pytest.raises(ann.GraphError, match="start with None"):
+        g.input("z", shape=(4,))
+    other = ann.Graph().input("x", shape=(None, 4))
+    with pytest.raises(ann.GraphError, match="another graph"):
+        g.layer("a", nn.Linear(4, 2), other)
+    with pytest.raises(ann.GraphError, match="not an asyncnn module"):
+        g.layer("a", lambda p, x: x, x)
+    with pytest.raises(ann.GraphError, match="unknown device"):
+        g.layer("a", nn.Linear(4, 2), x, device="tpu:0")
+
+
+def test_layer_reaching_no_loss_and_missing_loss():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 4))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("a", nn.Linear(4, 3), x)
+    g.layer("dangling", nn.Linear(4, 3), x)
+    with pytest.raises(ann.GraphError, match="no loss node"):
+        g.check_structure()
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with pytest.raises(ann.GraphError, match="'dangling' reaches no loss"):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def test_shape_mismatch_found_before_compute():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 40))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("stage0", nn.Linear(40, 64), x)
+    out = g.layer("stage1", nn.Linear(32, 10), h)  # wrong: expects 32 features, gets 64
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    with pytest.raises(ann.GraphError) as info:
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    msg = str(info.value)
+    assert "'stage1'" in msg and "(2, 64)" in msg
+
+
+def test_spec_round_trip():
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=2,
+        input_shape=(None, 4),
+    )
+    import msgpack
+
+    spec = msgpack.unpackb(msgpack.packb(g.to_spec()))
+    g2 = ann.Graph.from_spec(spec)
+    assert g2.to_spec() == g.to_spec()
+
+
+def _two_input_graph():
+    g = ann.Graph()
+    a = g.input("a", shape=(None, 3))
+    b = g.input("b", shape=(None, 3))
+    y = g.input("y", shape=(None,), dtype="int64")
+    ha = g.layer("enc_a", nn.Linear(3, 4), a)
+    hb = g.layer("enc_b", nn.Linear(3, 4), b)
+    s = g.layer("sum", Add(), ha, hb)
+    t = g.layer("act", nn.Tanh(), s)
+    r = g.layer("res", Add(), t, s)  # s fans out to act and res: a residual branch
+    out = g.layer("head", nn.Linear(4, 2), r)
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    return g
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(3), policies.OneFOneB(2)])
+def test_residual_and_two_input_graph_gradients(policy):
+    g = _two_input_graph()
+    rng = np.random.default_rng(0)
+    data = {
+        "a": rng.standard_normal((12, 3)),
+        "b": rng.standard_normal((12, 3)),
+        "y": rng.integers(0, 2, 12),
+    }
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.5), policy=policy, dtype="float64")
+    p0 = tr.params
+
+    def loss(p):
+        ha = g.nodes["enc_a"].module(p["enc_a"], data["a"])
+        hb = g.nodes["enc_b"].module(p["enc_b"], data["b"])
+        s = ha + hb
+        r = ops.tanh(s) + s
+        return nn.CrossEntropyLoss()({}, g.nodes["head"].module(p["head"], r), data["y"])
+
+    grads = ann.grad(loss)(p0)
+    tr.fit(data, epochs=1, batch_size=12)
+    for name in ["enc_a", "enc_b", "head"]:
+        for key in p0[name]:
+            expected = p0[name][key] - 0.5 * grads[name][key]
+            np.testing.assert_allclose(tr.params[name][key], expected, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,476 @@
+"""Tests of asyncnn.nn: layouts, initialization, forward passes, gradients, specs, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from asyncnn.backends import Backend, to_numpy
+from scipy.special import erf
+
+from asyncnn import nn, ops
+from asyncnn.testing import check_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale(nn.Module):
+    """A user module, rebuilt from its spec by import path."""
+
+    n: int
+    inner: nn.Module = nn.Identity()
+
+    def init_params(self, init: nn.Initializer) -> Any:
+        return {"scale": init.ones((self.n,))}
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.multiply(self.inner({}, x), params["scale"])
+
+
+def _np(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _np(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_np(v) for v in tree]
+    return to_numpy(tree)
+
+
+def _put(backend: Backend, tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _put(backend, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_put(backend, v) for v in tree]
+    return backend.asarray(tree)
+
+
+def _shapes(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _shapes(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_shapes(v) for v in tree]
+    return tuple(tree.shape)
+
+
+# -- parameters: layouts, initialization, determinism --------------------------------------------
+LAYOUTS = [
+    (nn.Linear(3, 5), {"weight": (3, 5), "bias": (5,)}),
+    (nn.Linear(3, 5, bias=False), {"weight": (3, 5)}),
+    (nn.Conv1d(2, 4, 3), {"weight": (4, 2, 3), "bias": (4,)}),
+    (nn.Conv2d(2, 4, (3, 2)), {"weight": (4, 2, 3, 2), "bias": (4,)}),
+    (nn.LayerNorm(6), {"weight": (6,), "bias": (6,)}),
+    (nn.LayerNorm(6, elementwise_affine=False), {}),
+    (nn.Embedding(10, 4), {"weight": (10, 4)}),
+    (
+        nn.MultiHeadAttention(8, 2),
+        {"in_proj_weight": (8, 24), "in_proj_bias": (24,), "out_proj_weight": (8, 8),
+         "out_proj_bias": (8,)},
+    ),
+    (nn.MultiHeadAttention(8, 2, bias=False),
+     {"in_proj_weight": (8, 24), "out_proj_weight": (8, 8)}),
+    (nn.Sequential(nn.Linear(2, 3), nn.ReLU()), [{"weight": (2, 3), "bias": (3,)}, {}]),
+    (nn.Residual(nn.Linear(3, 3)), {"weight": (3, 3), "bias": (3,)}),
+    (nn.CrossEntropyLoss(), {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "shapes"), LAYOUTS, ids=lambda v: type(v).__name__)
+def test_param_layouts(backend: Backend, module: nn.Module, shapes: Any) -> None:
+    params = module.init(0, backend=backend.name, dtype="float64")
+    assert _shapes(params) == shapes
+    for leaf in _np_leaves(params):
+        assert leaf.dtype == np.float64
+
+
+def _np_leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _np_leaves(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _np_leaves(v)]
+    return [tree]
+
+
+def _check_uniform(x: np.ndarray, bound: float) -> None:
+    x = np.asarray(x, dtype=np.float64)
+    assert np.all(np.abs(x) <= bound)
+    assert np.abs(x).max() > 0.95 * bound  # the whole range is used
+    assert abs(x.mean()) < 0.05 * bound
+    assert abs(x.std() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def test_init_distributions_match_torch_defaults() -> None:
+    p = nn.Linear(200, 300).init(1)
+    _check_uniform(p["weight"], 1 / math.sqrt(200))
+    _check_uniform(np.tile(p["bias"], 20), 1 / math.sqrt(200))
+    c = nn.Conv2d(6, 64, (3, 5)).init(2)
+    _check_uniform(c["weight"], 1 / math.sqrt(6 * 15))
+    assert np.all(np.abs(c["bias"]) <= 1 / math.sqrt(90))
+    c1 = nn.Conv1d(4, 100, 7).init(2)
+    _check_uniform(c1["weight"], 1 / math.sqrt(28))
+    e = nn.Embedding(300, 100).init(3)["weight"]
+    assert abs(e.mean()) < 0.02 and abs(e.std() - 1) < 0.02
+    ln = nn.LayerNorm((3, 4)).init(0)
+    assert np.array_equal(ln["weight"], np.ones((3, 4))) and not ln["bias"].any()
+    a = nn.MultiHeadAttention(64, 4).init(4)
+    _check_uniform(a["in_proj_weight"], math.sqrt(6 / (64 + 192)))
+    _check_uniform(a["out_proj_weight"], 1 / 8)
+    assert not a["in_proj_bias"].any() and not a["out_proj_bias"].any()
+
+
+def test_init_seed_determinism_and_independent_children() -> None:
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    p1, p2, p3 = m.init(7), m.init(7), m.init(8)
+    assert all(np.array_equal(p1[i]["weight"], p2[i]["weight"]) for i in range(2))
+    assert not np.array_equal(p1[0]["weight"], p3[0]["weight"])
+    assert not np.array_equal(p1[0]["weight"], p1[1]["weight"])  # children draw independently
+    p64 = m.init(7, dtype="float64")
+    assert np.array_equal(p64[0]["weight"].astype(np.float32), p1[0]["weight"])
+
+
+def test_init_identical_across_backends(backend: Backend) -> None:
+    m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 4), nn.LayerNorm(4))
+    here = m.init(11, backend=backend.name)
+    host = m.init(11, backend="cpu")
+    assert type(here[0]["weight"]) is type(backend.xp.zeros(1))
+    for a, b in zip(_np_leaves(_np(here)), _np_leaves(host), strict=True):
+        assert np.array_equal(a, b)
+
+
+# -- forward passes against plain numpy references ------------------------------------------------
+def _conv_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int, dil: int) -> Any:
+    """Direct NCHW cross-correlation with loops over output positions."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h - dil * (kh - 1) - 1) // stride + 1
+    wo = (wd - dil * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, o, ho, wo))
+    for i in range(ho):
+        for j in range(wo):
+            patch = x[:, :, i * stride : i * stride + dil * (kh - 1) + 1 : dil,
+                      j * stride : j * stride + dil * (kw - 1) + 1 : dil]  # fmt: skip
+            out[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w)
+    return out + b[None, :, None, None]
+
+
+def test_linear_forward(backend: Backend) -> None:
+    m = nn.Linear(4, 3)
+    p = m.init(0, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((2, 5, 4))
+    y = m(_put(backend, p), backend.asarray(x))
+    np.testing.assert_allclose(to_numpy(y), x @ p["weight"] + p["bias"], rtol=1e-12)
+
+
+def test_conv_forward(backend: Backend) -> None:
+    rng = np.random.default_rng(1)
+    m2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1)
+    p2 = m2.init(0, dtype="float64")
+    x2 = rng.standard_normal((2, 3, 7, 6))
+    y2 = to_numpy(m2(_put(backend, p2), backend.asarray(x2)))
+    np.testing.assert_allclose(y2, _conv_ref(x2, p2["weight"], p2["bias"], 2, 1, 1), rtol=1e-10)
+    m1 = nn.Conv1d(2, 3, 3, padding=2, dilation=2)
+    p1 = m1.init(0, dtype="float64")
+    x1 = rng.standard_normal((2, 2, 9))
+    y1 = to_numpy(m1(_put(backend, p1), backend.asarray(x1)))
+    # 1-d padding pads the length only: compare with the 2-d reference padded by hand.
+    x1p = np.pad(x1, ((0, 0), (0, 0), (2, 2)))[:, :, None, :]
+    ref = _conv_ref(x1p, p1["weight"][:, :, None, :], p1["bias"], 1, 0, 2)[:, :, 0, :]
+    assert y1.shape == (2, 3, 9) == m1._output_shape((2, 2, 9))
+    np.testing.assert_allclose(y1, ref, rtol=1e-10)
+
+
+def test_pools_forward(backend: Backend) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 4))
+    xb = backend.asarray(x)
+    mx = to_numpy(nn.MaxPool2d(2)({}, xb))
+    np.testing.assert_array_equal(mx, x.reshape(2, 3, 3, 2, 2, 2).max(axis=(3, 5)))
+    av = to_numpy(nn.AvgPool2d((2, 1))({}, xb))
+    np.testing.assert_allclose(av, x.reshape(2, 3, 3, 2, 4).mean(axis=3), rtol=1e-12)
+    x1 = x[:, :, :, 0]
+    m1 = to_numpy(nn.MaxPool1d(3, stride=1)({}, backend.asarray(x1)))
+    np.testing.assert_array_equal(m1, np.stack([x1[..., i : i + 3].max(-1) for i in range(4)], -1))
+    a1 = to_numpy(nn.AvgPool1d(2)({}, backend.asarray(x1)))
+    np.testing.assert_allclose(a1, x1.reshape(2, 3, 3, 2).mean(-1), rtol=1e-12)
+    assert nn.MaxPool2d(2)._output_shape((2, 3, 6, 4)) == (2, 3, 3, 2)
+
+
+def test_layer_norm_embedding_activations_forward(backend: Backend) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2, 5))
+    ln = nn.LayerNorm(5)
+    p = {"weight": rng.standard_normal(5), "bias": rng.standard_normal(5)}
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    y = to_numpy(ln(_put(backend, p), backend.asarray(x)))
+    np.testing.assert_allclose(y, ref * p["weight"] + p["bias"], rtol=1e-10)
+    flat = x.reshape(3, 10)
+    ref2 = (flat - flat.mean(-1, keepdims=True)) / np.sqrt(flat.var(-1, keepdims=True) + 1e-5)
+    y2 = to_numpy(nn.LayerNorm((2, 5), elementwise_affine=False)({}, backend.asarray(x)))
+    np.testing.assert_allclose(y2, ref2.reshape(3, 2, 5), rtol=1e-10)
+
+    emb = nn.Embedding(7, 3)
+    pe = emb.init(0, dtype="float64")
+    ids = np.array([[0, 6, 2], [2, 2, 1]])
+    out = to_numpy(emb(_put(backend, pe), backend.asarray(ids)))
+    np.testing.assert_array_equal(out, pe["weight"][ids])
+
+    xb = backend.asarray(x)
+    gelu = x * 0.5 * (1 + erf(x / math.sqrt(2)))
+    np.testing.assert_allclose(to_numpy(nn.GELU()({}, xb)), gelu, rtol=1e-10)
+    tanh_gelu = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(to_numpy(nn.GELU("tanh")({}, xb)), tanh_gelu, rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(nn.Sigmoid()({}, xb)), 1 / (1 + np.exp(-x)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(nn.Tanh()({}, xb)), np.tanh(x), rtol=1e-12)
+    np.testing.assert_array_equal(to_numpy(nn.ReLU()({}, xb)), np.maximum(x, 0))
+    assert nn.Flatten()({}, xb).shape == (3, 10)
+    assert nn.Flatten(0, 1)({}, xb).shape == (6, 5)
+    sm = to_numpy(nn.Softmax()({}, xb))
+    np.testing.assert_allclose(sm, np.exp(x) / np.exp(x).sum(-1, keepdims=True), rtol=1e-10)
+
+
+def _mha_ref(p: dict[str, np.ndarray], q: Any, k: Any, v: Any, heads: int, causal: bool) -> Any:
+    """Attention head by head with explicit loops, from the documented parameter layout."""
+    e = q.shape[-1]
+    d = e // heads
+    w, b = p["in_proj_weight"], p["in_proj_bias"]
+    qp, kp, vp = (
+        q @ w[:, :e] + b[:e],
+        k @ w[:, e : 2 * e] + b[e : 2 * e],
+        v @ w[:, 2 * e :] + b[2 * e :],
+    )
+    out = np.zeros(q.shape)
+    for n in range(q.shape[0]):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            s = qp[n][:, cols] @ kp[n][:, cols].T / math.sqrt(d)
+            if causal:
+                s = np.where(np.tril(np.ones(s.shape, bool)), s, -np.inf)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            out[n][:, cols] = (a / a.sum(-1, keepdims=True)) @ vp[n][:, cols]
+    return out @ p["out_proj_weight"] + p["out_proj_bias"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_forward(backend: Backend, causal: bool) -> None:
+    rng = np.random.default_rng(4)
+    m = nn.MultiHeadAttention(6, 3, causal=causal)
+    p = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in m.init(0, dtype="float64").items()}
+    x = rng.standard_normal((2, 4, 6))
+    y = to_numpy(m(_put(backend, p), backend.asarray(x)))
+    np.testing.assert_allclose(y, _mha_ref(p, x, x, x, 3, causal), rtol=1e-10, atol=1e-12)
+    kv = rng.standard_normal((2, 5, 6))
+    y2 = to_numpy(m(_put(backend, p), backend.asarray(x), backend.asarray(kv), backend.asarray(kv)))
+    np.testing.assert_allclose(y2, _mha_ref(p, x, kv, kv, 3, causal), rtol=1e-10, atol=1e-12)
+
+
+def test_losses_forward(backend: Backend) -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((4, 3))
+    labels = np.array([0, 2, 1, 2])
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    loss = nn.CrossEntropyLoss()({}, backend.asarray(logits), backend.asarray(labels))
+    assert float(loss) == pytest.approx(-logp[np.arange(4), labels].mean(), rel=1e-12)
+    per = nn.CrossEntropyLoss("none")({}, backend.asarray(logits), backend.asarray(labels))
+    np.testing.assert_allclose(to_numpy(per), -logp[np.arange(4), labels], rtol=1e-12)
+    target = rng.standard_normal((4, 3))
+    mse = nn.MSELoss()({}, backend.asarray(logits), backend.asarray(target))
+    assert float(mse) == pytest.approx(((logits - target) ** 2).mean(), rel=1e-12)
+
+
+# -- gradients of whole modules (float64, finite differences) -------------------------------------
+GRAD_CASES = [
+    (nn.Linear(3, 2), (2, 3)),
+    (nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 2, 5)),
+    (nn.Conv2d(2, 2, 2, padding=1), (1, 2, 3, 3)),
+    (nn.LayerNorm(4), (2, 4)),
+    (nn.MultiHeadAttention(4, 2, causal=True), (1, 3, 4)),
+    (nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2), nn.Tanh()), (2, 3)),
+    (nn.Residual(nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 3), nn.Sigmoid())), (2, 3)),
+    (nn.Sequential(nn.Conv2d(1, 2, 2), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)),
+     (2, 1, 5, 4)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "shape"), GRAD_CASES, ids=lambda v: type(v).__name__)
+def test_module_gradients(backend: Backend, module: nn.Module, shape: tuple[int, ...]) -> None:
+    params = module.init(0, backend=backend.name, dtype="float64")
+    x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
+    check_grads(lambda p, x: module(p, x), params, x, rtol=1e-5, atol=1e-8)
+
+
+def test_loss_and_embedding_gradients(backend: Backend) -> None:
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 4))
+    params = model.init(1, backend=backend.name, dtype="float64")
+    ids = backend.asarray(np.array([[0, 4], [4, 4], [2, 1]]))
+    labels = backend.asarray(np.array([3, 0, 1]))
+    loss = nn.CrossEntropyLoss()
+    check_grads(lambda p: loss({}, model(p, ids), labels), params, rtol=1e-5, atol=1e-8)
+    target = backend.asarray(np.zeros((3, 4)))
+    check_grads(lambda p: nn.MSELoss()({}, model(p, ids), target), params, rtol=1e-5, atol=1e-8)
+
+
+# -- dropout --------------------------------------------------------------------------------------
+def test_dropout(backend: Backend) -> None:
+    m = nn.Sequential(nn.Dropout(0.25))
+    x = backend.asarray(np.ones((200, 50)))
+    assert m([{}], x) is x  # evaluation: the identity
+    y1 = to_numpy(m([{}], x, rng=backend.rng(3)))
+    y2 = to_numpy(m([{}], x, rng=backend.rng(3)))
+    np.testing.assert_array_equal(y1, y2)
+    assert set(np.unique(y1)) == {0.0, 1 / 0.75}
+    assert abs((y1 == 0).mean() - 0.25) < 0.02
+    assert not np.array_equal(y1, to_numpy(m([{}], x, rng=backend.rng(4))))
+
+
+# -- torch cross-checks (same weights) ------------------------------------------------------------
+def test_against_torch() -> None:
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(7)
+    t = torch.from_numpy
+
+    x = rng.standard_normal((2, 3, 8, 7))
+    c = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2))
+    pc = c.init(0, dtype="float64")
+    ref = f.conv2d(t(x), t(pc["weight"]), t(pc["bias"]), (2, 1), 1, (1, 2)).numpy()
+    np.testing.assert_allclose(c(pc, x), ref, rtol=1e-10, atol=1e-12)
+    c1 = nn.Conv1d(3, 2, 4, stride=2, padding=1)
+    p1 = c1.init(0, dtype="float64")
+    x1 = x[:, :, 0, :]
+    ref1 = f.conv1d(t(x1), t(p1["weight"]), t(p1["bias"]), 2, 1).numpy()
+    np.testing.assert_allclose(c1(p1, x1), ref1, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        nn.MaxPool2d(3, stride=2, padding=1)({}, x), f.max_pool2d(t(x), 3, 2, 1).numpy()
+    )
+    np.testing.assert_allclose(
+        nn.AvgPool1d(3, stride=2, padding=1)({}, x1), f.avg_pool1d(t(x1), 3, 2, 1).numpy(),
+        rtol=1e-12,
+    )  # fmt: skip
+    lin = nn.Linear(7, 3)
+    pl = lin.init(0, dtype="float64")
+    np.testing.assert_allclose(
+        lin(pl, x), f.linear(t(x), t(pl["weight"].T), t(pl["bias"])).numpy(), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        nn.LayerNorm(7)(nn.LayerNorm(7).init(0, dtype="float64"), x),
+        f.layer_norm(t(x), (7,)).numpy(),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(nn.GELU()({}, x), f.gelu(t(x)).numpy(), rtol=1e-10, atol=1e-14)
+    logits, labels = rng.standard_normal((5, 4)), np.array([0, 3, 1, 1, 2])
+    assert float(nn.CrossEntropyLoss()({}, logits, labels)) == pytest.approx(
+        float(f.cross_entropy(t(logits), t(labels))), rel=1e-12
+    )
+
+    for causal in (False, True):
+        m = nn.MultiHeadAttention(8, 2, causal=causal)
+        p0 = m.init(1, "numpy", "float64")
+        p = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in p0.items()}
+        tm = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        with torch.no_grad():
+            tm.in_proj_weight.copy_(t(p["in_proj_weight"].T))
+            tm.in_proj_bias.copy_(t(p["in_proj_bias"]))
+            tm.out_proj.weight.copy_(t(p["out_proj_weight"].T))
+            tm.out_proj.bias.copy_(t(p["out_proj_bias"]))
+        xa = rng.standard_normal((2, 5, 8))
+        mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1) if causal else None
+        ref_a = tm(t(xa), t(xa), t(xa), attn_mask=mask, need_weights=False)[0].detach().numpy()
+        np.testing.assert_allclose(m(p, xa), ref_a, rtol=1e-10, atol=1e-12)
+
+
+# -- specs, equality, flops -----------------------------------------------------------------------
+SPEC_MODULES = [
+    nn.Linear(3, 4, bias=False), nn.Conv1d(2, 3, 5, stride=2, padding=1, dilation=2),
+    nn.Conv2d(1, 8, (3, 5), padding=(1, 2)), nn.MaxPool1d(2), nn.MaxPool2d(2, stride=1),
+    nn.AvgPool1d(3, padding=1), nn.AvgPool2d((2, 3)), nn.LayerNorm((4, 5), eps=1e-6),
+    nn.Embedding(10, 3), nn.MultiHeadAttention(8, 4, bias=False, causal=True, dropout=0.1),
+    nn.ReLU(), nn.Tanh(), nn.GELU("tanh"), nn.Sigmoid(), nn.Identity(), nn.Softmax(1),
+    nn.LogSoftmax(), nn.Flatten(2), nn.Dropout(0.3), nn.CrossEntropyLoss("sum"), nn.MSELoss(),
+    nn.Residual(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU())),
+    Scale(3, inner=nn.Tanh()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", SPEC_MODULES, ids=lambda m: type(m).__name__)
+def test_spec_round_trip(module: nn.Module) -> None:
+    spec = nn.to_spec(module)
+    wire = msgpack.unpackb(msgpack.packb(spec))
+    rebuilt = nn.from_spec(wire)
+    assert rebuilt == module and hash(rebuilt) == hash(module) and type(rebuilt) is type(module)
+
+
+def test_spec_covers_every_builtin_and_names_user_classes() -> None:
+    from asyncnn._math._nn._spec import BUILTINS
+
+    assert {type(m).__name__ for m in SPEC_MODULES} >= set(BUILTINS)
+    assert nn.to_spec(Scale(2))["type"] == f"{Scale.__module__}:Scale"
+    assert nn.to_spec(nn.Linear(2, 3)) == {
+        "type": "Linear", "args": {"in_features": 2, "out_features": 3, "bias": True}
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown module type 'Nope'"):
+        nn.from_spec({"type": "Nope", "args": {}})
+    with pytest.raises(ValueError, match="cannot import"):
+        nn.from_spec({"type": "no_such_pkg.x:Y", "args": {}})
+
+
+def test_modules_compare_and_hash_by_value() -> None:
+    assert nn.Conv2d(1, 8, 3) == nn.Conv2d(1, 8, (3, 3))
+    assert nn.LayerNorm(4) == nn.LayerNorm((4,))
+    assert len({nn.Linear(2, 3), nn.Linear(2, 3), nn.Linear(3, 2)}) == 2
+    assert nn.Sequential(nn.ReLU()) != nn.Sequential(nn.Tanh())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        nn.Linear(2, 3).in_features = 4  # type: ignore[misc]
+
+
+def test_flops_and_num_params() -> None:
+    mlp = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+    assert mlp.flops((None, 40)) == 2 * (40 * 64 + 64 * 10)
+    assert mlp.num_params(mlp.init(0)) == 40 * 64 + 64 + 64 * 10 + 10
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 10))
+    assert cnn.flops((None, 1, 8, 8)) == 2 * 4 * 9 * 36 + 2 * 36 * 10
+    assert nn.Sequential(Scale(3), nn.Linear(3, 2)).flops((None, 3)) == 12  # Scale: run to see
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_error_messages() -> None:
+    lin = nn.Linear(40, 64)
+    p = lin.init(0)
+    with pytest.raises(ValueError) as info:
+        lin(p, np.zeros((32, 30), np.float32))
+    assert str(info.value) == (
+        "Linear(40 -> 64) got input of shape (32, 30): the last dimension must be 40"
+    )
+    with pytest.raises(ValueError, match=r"Linear\(in_features=40.*expects params.*'bias'"):
+        lin({"weight": p["weight"]}, np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match=r"params\['weight'\] has shape \(64, 40\)"):
+        lin({"weight": p["weight"].T, "bias": p["bias"]}, np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="list of 2 entries"):
+        nn.Sequential(nn.Linear(2, 2), nn.ReLU())([{}], np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="integer"):
+        nn.CrossEntropyLoss()({}, np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="channels"):
+        nn.Conv2d(3, 4, 3)(nn.Conv2d(3, 4, 3).init(0), np.zeros((1, 2, 5, 5)))
+    bad = [
+        lambda: nn.Linear(-1, 3), lambda: nn.Dropout(1.5), lambda: nn.MultiHeadAttention(10, 3),
+        lambda: nn.Conv2d(1, 2, 0), lambda: nn.Embedding(0, 2), lambda: nn.GELU("fast"),
+        lambda: nn.MSELoss("avg"), lambda: nn.LayerNorm(0),
+    ]  # fmt: skip
+    for make in bad:
+        with pytest.raises(ValueError):
+            make()
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        nn.MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="seed"):
+        nn.Linear(2, 2).init(-1)
+    with pytest.raises(ValueError, match="floating point"):
+        nn.Linear(2, 2).init(0, dtype="int32")
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        nn.Sequential(nn.ReLU(), lambda x: x)  # type: ignore[arg-type]
+
+    class NotDataclass(nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="dataclass"):
+        NotDataclass().init(0)

@@ -1,0 +1,175 @@
+"""Each policy's semantics (DESIGN.md section 2) against plain, independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn.policies import OneFOneBOrder
+
+from _reference import (
+    assert_params_close,
+    assert_params_equal,
+    chain_graph,
+    one_f_one_b_order,
+    pipedream_reference,
+    plain_sgd,
+)
+
+
+def _data(n: int = 24, features: int = 5, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
+
+
+def _batches(data, batch_size):
+    n = len(data["y"])
+    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda: optim.SGD(lr=0.1, momentum=0.9),
+    "adam": lambda: optim.Adam(lr=0.01),
+}
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("policy_name", ["Sync", "GPipe", "OneFOneB"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_flush_policies_equal_plain_minibatch_training_float64(policy_name, k, opt_name):
+    data = _data()
+    for m in [1] if policy_name == "Sync" else [1, 3, 5, 8]:
+        policy = policies.Sync() if policy_name == "Sync" else getattr(policies, policy_name)(m)
+        g = chain_graph(k)
+        tr = ann.Trainer(g, optimizer=OPTIMIZERS[opt_name](), policy=policy, dtype="float64")
+        start = tr.params
+        hist = tr.fit(data, epochs=2, batch_size=10)  # batches of 10, 10, 4: uneven splits too
+        ref, ref_losses = plain_sgd(g, start, OPTIMIZERS[opt_name](), _batches(data, 10) * 2)
+        assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
+
+
+@pytest.mark.parametrize("policy", [policies.GPipe(4), policies.OneFOneB(3)])
+def test_flush_policies_float32_within_1e5(policy):
+    data = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in _data().items()}
+    g = chain_graph(3)
+    tr = ann.Trainer(g, optimizer=optim.Adam(lr=0.01), policy=policy, dtype="float32")
+    start = tr.params
+    tr.fit(data, epochs=2, batch_size=8)
+    ref, _ = plain_sgd(g, start, optim.Adam(lr=0.01), _batches(data, 8) * 2)
+    assert_params_close(tr.params, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("k,m", [(2, 4), (3, 2), (4, 3), (3, 1)])
+def test_pipedream_matches_sequential_1f1b_reenactment(k, m, stash):
+    data = _data(n=30)
+    g = chain_graph(k)
+    tr = ann.Trainer(
+        g,
+        optimizer=optim.SGD(lr=0.1, momentum=0.5),
+        policy=policies.PipeDream(m, stash=stash),
+        dtype="float64",
+    )
+    start = tr.params
+    tr.fit(data, epochs=1, batch_size=10)
+    micro = []
+    for b in _batches(data, 10):
+        idx = np.array_split(np.arange(len(b["y"])), m)
+        micro += [{kk: v[i[0] : i[-1] + 1] for kk, v in b.items()} for i in idx]
+    ref, _ = pipedream_reference(g, start, optim.SGD(lr=0.1, momentum=0.5), micro, stash)
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    assert tr.versions == {name: len(micro) for name in g.layers}
+
+
+def test_order_formula_matches_design():
+    # DESIGN.md: w = min(K - s - 1, M) warm-ups, then F(w+i), B(i), then the rest of the Bs.
+    for k in range(1, 5):
+        for s in range(k):
+            for m in range(1, 9):
+                order = OneFOneBOrder(k - s - 1, flush=True)
+                seq = []
+                for _ in range(2 * m):
+                    op = order.next()
+                    seq.append(("F" if op[0] == "forward" else "B", op[1]))
+                    order.done(op, m)
+                assert seq == one_f_one_b_order(s, k, m), (k, s, m)
+                # the next minibatch starts over with the next keys
+                assert order.next() == ("forward", m)
+
+
+def test_peak_stored_activations():
+    data = _data(n=32)
+    k, m = 4, 8
+    for policy, bound in [
+        (policies.OneFOneB(m), lambda s: k - s),
+        (policies.GPipe(m), lambda s: m),
+    ]:
+        tr = ann.Trainer(
+            chain_graph(k), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64"
+        )
+        hist = tr.fit(data, epochs=2, batch_size=16)
+        for s, name in enumerate(tr.graph.layers):
+            assert hist.statistics[name].peak_stored == bound(s), (policy, name)
+            assert hist.statistics[name].stored == 0
+
+
+def test_deterministic_policies_are_bit_identical_with_random_sleeps():
+    import time
+
+    from asyncnn import nn
+
+    rng = np.random.default_rng(123)
+
+    class Sleepy(nn.Linear):
+        def __call__(self, params, x, *, rng_=None, rng=None):
+            time.sleep(float(np.random.default_rng().uniform(0, 0.003)))
+            return super().__call__(params, x)
+
+    data = _data(n=24)
+    for policy in [policies.GPipe(4), policies.OneFOneB(4), policies.PipeDream(3, stash=True)]:
+        results = []
+        for _ in range(3):
+            g = ann.Graph.sequential(
+                [Sleepy(5, 8), nn.Tanh(), Sleepy(8, 8), nn.Tanh(), Sleepy(8, 3)],
+                loss=nn.CrossEntropyLoss(),
+                stages=[2, 2, 1],
+                input_shape=(None, 5),
+            )
+            tr = ann.Trainer(g, optimizer=optim.Adam(lr=0.01), policy=policy, dtype="float32")
+            tr.fit(data, epochs=2, batch_size=8, shuffle=True)
+            results.append(tr.params)
+        assert_params_equal(results[0], results[1])
+        assert_params_equal(results[0], results[2])
+    _ = rng
+
+
+def test_async_trains_and_counts_updates():
+    data = _data(n=40)
+    tr = ann.Trainer(
+        chain_graph(3),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(max_active_keys=3, min_update_frequency=2),
+        dtype="float64",
+    )
+    hist = tr.fit(data, epochs=2, batch_size=5)
+    assert len(hist.losses) == 16
+    assert all(v == 8 for v in tr.versions.values())  # 16 keys, an update every 2 gradients
+    assert all(np.isfinite(hist.losses))
+
+
+def test_policy_specs_round_trip_and_validate():
+    for p in [
+        policies.Sync(),
+        policies.GPipe(3),
+        policies.OneFOneB(2),
+        policies.PipeDream(4, stash=False),
+        policies.Async(8, 2, stash=True),
+    ]:
+        assert policies.policy_from_spec(p.to_spec()) == p
+    with pytest.raises(ValueError, match="microbatches"):
+        policies.GPipe(0)
+    with pytest.raises(ValueError, match="max_active_keys"):
+        policies.Async(max_active_keys=0)

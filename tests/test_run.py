@@ -1,0 +1,217 @@
+"""The async face and the runtime's behaviour under failure: every bad input or broken actor ends
+in a clear error within seconds, never a hang; memory stays flat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+
+from _reference import assert_params_close, chain_graph, plain_sgd
+
+
+def _data(n=16, features=5, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
+
+
+@pytest.mark.anyio
+async def test_open_run_on_trio_and_asyncio():
+    g = chain_graph(2)
+    data = _data()
+    state = ann._runtime._run.init_state(g, optim.SGD(lr=0.1), 0, "float64")
+    start = {n: p for n, p in state.params.items()}
+    async with ann.open_run(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    ) as run:
+        await run.step({"x": data["x"][:8], "y": data["y"][:8]})
+        await run.step({"x": data["x"][8:], "y": data["y"][8:]})
+        await run.drain()
+    assert sorted(run.losses) == [0, 1]
+    ref, losses = plain_sgd(
+        g,
+        start,
+        optim.SGD(lr=0.1),
+        [{k: v[:8] for k, v in data.items()}, {k: v[8:] for k, v in data.items()}],
+    )
+    assert_params_close(run.params, ref, rtol=1e-10)
+    np.testing.assert_allclose([run.losses[0], run.losses[1]], losses, rtol=1e-10)
+
+
+def _trainer(**kw):
+    return ann.Trainer(
+        chain_graph(2),
+        optimizer=optim.SGD(lr=0.1),
+        policy=kw.pop("policy", policies.GPipe(2)),
+        dtype="float64",
+        **kw,
+    )
+
+
+def test_bad_batches_name_the_field():
+    tr = _trainer()
+    d = _data()
+    with pytest.raises(
+        ValueError, match=r"input 'x': got shape \(16, 4\), the graph declares \(None, 5\)"
+    ):
+        tr.fit({"x": d["x"][:, :4], "y": d["y"]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"the batch has no \['y'\]"):
+        tr.fit({"x": d["x"]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"'y' is declared int64 but got float64 data"):
+        tr.fit({"x": d["x"], "y": d["y"].astype(float)}, batch_size=8)
+    with pytest.raises(ValueError, match=r"'extra'"):
+        tr.fit({**d, "extra": d["x"]}, batch_size=8)
+
+
+def test_nan_in_data_with_checks_on():
+    d = _data()
+    d["x"][3, 1] = np.nan
+    with pytest.raises(ValueError, match="'x' contains NaN"):
+        _trainer(check_finite=True).fit(d, batch_size=8)
+
+
+@dataclass(frozen=True)
+class Exploding(nn.Module):
+    at_call: int = 0
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        raise FloatingPointError("boom in the layer")
+
+
+@dataclass(frozen=True)
+class Log(nn.Module):
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.log(x)
+
+
+def _graph_with(middle: nn.Module) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("first", nn.Linear(5, 3), x)
+    h = g.layer("middle", middle, h)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+def test_exception_in_layer_is_one_actor_error():
+    g = _graph_with(nn.Identity())
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2))
+    # swap the module after validation, so that it fails at run time
+    g.nodes["middle"].module = Exploding()
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(_data(), batch_size=8)
+    err = info.value
+    assert err.actor == "middle" and err.kind == "forward" and err.key == 0
+    assert isinstance(err.__cause__, FloatingPointError)
+    assert "boom in the layer" in str(err)
+
+
+def test_nan_produced_by_a_layer_is_named():
+    g = _graph_with(Log())  # log of negative activations: NaN
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), check_finite=True)
+    with (
+        np.errstate(invalid="ignore"),
+        pytest.raises(ann.ActorError, match="'middle' produced NaN"),
+    ):
+        tr.fit(_data(), batch_size=16)
+
+
+class Silent(ann.LayerActor):
+    """A custom actor that never answers."""
+
+    async def on_forward(self, key, inputs, meta):
+        await anyio.sleep_forever()
+
+
+def test_layer_that_never_answers_is_a_stall_error_within_seconds():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("first", nn.Linear(5, 3), x)
+    h = g.layer("silent", nn.Identity(), h, actor=Silent)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), stall_timeout=0.5)
+    start = time.perf_counter()
+    with pytest.raises(ann.StallError) as info:
+        tr.fit(_data(), batch_size=16)
+    assert time.perf_counter() - start < 5
+    assert "silent: computing forward of key 0" in str(info.value)
+    assert "first: waiting for backward of key 0" in str(info.value)
+
+
+class Doubler(ann.LayerActor):
+    """A custom actor: its backward sends twice the true input gradient upstream."""
+
+    async def on_backward(self, key, grad, meta):
+        grads = await super().on_backward(key, grad, meta)
+        return [g * 2 for g in grads]
+
+
+def test_custom_actor_changes_the_gradient_upstream():
+    def build(actor):
+        g = ann.Graph()
+        x = g.input("x", shape=(None, 5))
+        y = g.input("y", shape=(None,), dtype="int64")
+        h = g.layer("first", nn.Linear(5, 4), x)
+        h = g.layer("second", nn.Linear(4, 3), h, actor=actor)
+        g.loss("loss", nn.CrossEntropyLoss(), h, y)
+        return g
+
+    d = _data()
+    plain = ann.Trainer(
+        build(None), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64"
+    )
+    custom = ann.Trainer(
+        build(Doubler), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64"
+    )
+    p0 = plain.params
+    plain.fit(d, batch_size=16)
+    custom.fit(d, batch_size=16)
+    step_plain = p0["first"]["weight"] - plain.params["first"]["weight"]
+    step_custom = p0["first"]["weight"] - custom.params["first"]["weight"]
+    np.testing.assert_allclose(step_custom, 2 * step_plain, rtol=1e-10)
+    np.testing.assert_array_equal(
+        plain.params["second"]["weight"], custom.params["second"]["weight"]
+    )
+
+
+def test_memory_stays_flat_over_a_long_run():
+    import tracemalloc
+
+    g = chain_graph(3, width=16)
+    d = _data(n=64)
+    tr = ann.Trainer(
+        g, optimizer=optim.Adam(lr=1e-3), policy=policies.PipeDream(4), dtype="float32"
+    )
+    tr.fit(d, epochs=2, batch_size=16)  # warm-up
+    tracemalloc.start()
+    tr.fit(d, epochs=5, batch_size=16)
+    first, _ = tracemalloc.get_traced_memory()
+    tr.fit(d, epochs=20, batch_size=16)
+    second, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert second - first < 200_000, f"memory grew by {second - first} bytes over 20 more epochs"
+    stats = tr.fit(d, epochs=1, batch_size=16).statistics
+    assert all(s.stored == 0 for s in stats.values())
+    assert stats["stage0"].peak_versions_held <= 4  # stashing holds at most K versions
+
+
+def test_statistics_and_utilisation():
+    tr = _trainer(policy=policies.OneFOneB(4))
+    hist = tr.fit(_data(n=32), epochs=2, batch_size=16)
+    st = hist.statistics["stage0"]
+    # 2 epochs of 2 minibatches, each split into 4 keys: 16 keys, 4 updates
+    assert st.forwards == 16 and st.backwards == 16 and st.updates == 4
+    assert st.messages_in == 16 + 16 + 1 and st.messages_out == 16  # + the stop message
+    assert st.stored == 0 and st.stored_bytes == 0 and st.peak_stored == 2
+    util = hist.utilisation()
+    assert set(util) == {"stage0", "stage1", "loss"} and all(0 <= u <= 1 for u in util.values())
+    assert hist.samples_per_second > 0
