@@ -8,10 +8,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from asyncnn.backends import Backend
 
 from asyncnn import optim
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from asyncnn.backends import Backend
 
 STEPS = 5
 

@@ -23,7 +23,7 @@ import numpy as np
 from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves, tree_map
-from asyncnn.backends import get_backend
+from asyncnn.backends import get_backend, parse_device
 
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
@@ -76,7 +76,8 @@ class _Actor:
         self.run = run
         self.node = node
         self.name = node.name
-        self.device = getattr(node, "device", "cpu")
+        self.device = parse_device(getattr(node, "device", "cpu"))
+        self.on_cpu = self.device.kind == "cpu"
         self.backend = get_backend(self.device)
         self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](math.inf)
         self.n_inputs = len(node.inputs)
@@ -244,7 +245,13 @@ class LayerActor(_Actor):
 
     # -- work -----------------------------------------------------------------------------------
     async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
-        """Runs ``fn(*args)`` on this actor's device through the run's device pool."""
+        """Runs ``fn(*args)`` on this actor's device through the run's device pool.
+
+        Small CPU work (``cost`` in flops below the pool's inline threshold) runs right here:
+        a hand-off to a worker thread would cost more than the work.
+        """
+        if self.on_cpu and cost is not None and cost < self.run.inline_flops:
+            return fn(*args)
         return await self.run.pool.run(self.device, fn, *args, cost=cost)
 
     def _cost(self, rows: int) -> float:
@@ -351,7 +358,8 @@ class LayerActor(_Actor):
             )
         param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
         self.run.check_finite(self.name, BACKWARD, key, input_grads)
-        await self.accumulate(param_grads, meta)
+        if self.param_size:  # a layer without parameters has nothing to update
+            await self.accumulate(param_grads, meta)
         self._count_versions()
         return list(input_grads)
 
@@ -438,9 +446,12 @@ class LossActor(_Actor):
         del self.fwd_count[key]
         meta = self.meta.pop(key)
         scale = self.run.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
-        value, grads = await self.run.pool.run(
-            self.device, self._value_and_grads, inputs, scale, cost=0
-        )
+        if self.device.kind == "cpu":
+            value, grads = self._value_and_grads(inputs, scale)  # a loss is cheap: run it inline
+        else:
+            value, grads = await self.run.pool.run(
+                self.device, self._value_and_grads, inputs, scale
+            )
         self.run.check_finite(self.name, FORWARD, key, value)
         self.stats.forwards += 1
         self.run.loss_reported(key, float(value), meta)

@@ -16,6 +16,7 @@ import numpy as np
 from asyncnn._errors import ActorError, GraphError, StallError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
+    DEFAULT_INLINE_FLOPS,
     DevicePool,
     array_namespace,
     get_backend,
@@ -90,6 +91,7 @@ class Run:
         self.seed = seed
         self.dtype = np.dtype(dtype)
         self.pool = pool
+        self.inline_flops = DEFAULT_INLINE_FLOPS
         self.stall_timeout = stall_timeout
         self._check_finite = check_finite
         self._on_loss = on_loss
@@ -375,7 +377,8 @@ async def open_run(
         validate(graph, dtype)
     if state is None:
         state = init_state(graph, optimizer, seed, dtype)
-    async with _maybe_pool(pool) as the_pool:
+    cpu_actors = sum(1 for n in graph.layers if graph.nodes[n].device == "cpu")
+    async with _maybe_pool(pool, cpu_actors) as the_pool:
         run = Run(
             graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout, check_finite,
             on_loss,
@@ -427,12 +430,28 @@ def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
 
 
 @asynccontextmanager
-async def _maybe_pool(pool: DevicePool | None) -> AsyncIterator[DevicePool]:
+async def _maybe_pool(pool: DevicePool | None, cpu_actors: int) -> AsyncIterator[DevicePool]:
     if pool is not None:
         yield pool
         return
-    async with open_device_pool() as fresh:
+    # Cores are shared out between the actors that compute at once: one BLAS thread each when
+    # there are at least as many CPU actors as cores, more when there are fewer (one stage gets
+    # all cores, as a plain loop would).
+    cores = _cores()
+    workers = max(1, min(cores, cpu_actors))
+    async with open_device_pool(
+        cpu_workers=workers, blas_threads=max(1, cores // workers)
+    ) as fresh:
         yield fresh
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:
