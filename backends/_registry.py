@@ -70,9 +70,4 @@ def to_numpy(x: Any) -> Any:
 
 def scatter_add(out: Any, index: Any, values: Any) -> None:
     """``out[index] += values`` where repeated indices accumulate (numpy's ``add.at``)."""
-    if is_cupy_array(out):
-        import cupyx
-
-        cupyx.scatter_add(out, index, values)
-    else:
-        np.add.at(out, index, values)
+    array_namespace(out).add.at(out, index, values)  # cupy implements ufunc.at as numpy does

@@ -6,6 +6,7 @@ import importlib.util
 from typing import Any
 
 import pytest
+
 from asyncnn.backends import Backend, get_backend
 
 

@@ -79,9 +79,7 @@ def test_shuffled_run_matches_reference_and_resumes_bit_identically():
     np.testing.assert_allclose(full["w"], want["w"], rtol=1e-10, atol=1e-12)
     # Stop after one epoch, then resume for two: the same batches, the same result, to the bit.
     p1, s1, l1 = train_loop(linear, mse, params, opt, data, epochs=1, **kw)
-    p2, s2, l2 = train_loop(
-        linear, mse, p1, opt, data, epochs=2, opt_state=s1, start_epoch=1, **kw
-    )
+    p2, s2, l2 = train_loop(linear, mse, p1, opt, data, epochs=2, opt_state=s1, start_epoch=1, **kw)
     np.testing.assert_array_equal(p2["w"], full["w"])
     assert l1 + l2 == full_losses and s2 == full_state
     # A different seed visits the rows in another order.
@@ -125,7 +123,11 @@ def test_rng_is_none_unless_seeded_and_then_per_step_reproducible():
 
 def test_multiple_inputs_and_custom_keys():
     rng = np.random.default_rng(1)
-    data = {"a": rng.standard_normal((8, 2)), "b": rng.standard_normal((8, 2)), "t": np.ones((8, 1))}
+    data = {
+        "a": rng.standard_normal((8, 2)),
+        "b": rng.standard_normal((8, 2)),
+        "t": np.ones((8, 1)),
+    }
     params = {"w": np.ones((2, 1)), "b": np.zeros(1)}
 
     def model(p, a, b, rng=None):

@@ -9,10 +9,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from asyncnn.backends import Backend, to_numpy
 from scipy.special import erf
 
 from asyncnn import nn, ops
+from asyncnn.backends import Backend, to_numpy
 from asyncnn.testing import check_grads
 
 

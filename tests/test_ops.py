@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from asyncnn.backends import to_numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import asyncnn as ann
 from asyncnn import ops
+from asyncnn.backends import to_numpy
 from asyncnn.testing import check_grads
 
 

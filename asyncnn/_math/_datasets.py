@@ -94,7 +94,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
         os.replace(tmp, path)
     except OSError:
         # A read-only or full disk only costs the next process a regeneration.

@@ -15,6 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["ActorStatistics", "LayerActor", "LossActor"]
 
 
+@dataclass(slots=True)
 class ActorStatistics:
-    """Counters of one actor, read with ``run.statistics()``.
+    """Counters of one actor, read with ``run.statistics()`` or ``History.statistics``.
 
     Attributes:
         busy_seconds: time spent computing (forward, backward, update).
@@ -43,26 +45,29 @@ class ActorStatistics:
         messages_in / messages_out: messages received and sent.
         forwards / backwards / updates: work done.
         stored: keys whose activations are held now; ``peak_stored``: the most held at once.
-        versions_held: distinct parameter versions referenced now (stashing holds several).
-        peak_stored_bytes: the most bytes of stored inputs/outputs at once (residual estimate).
+        versions_held: distinct parameter versions referenced now (stashing holds several);
+            ``peak_versions_held``: the most at once.
+        stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
+            (an estimate of the residuals' memory).
     """
 
-    __slots__ = (
-        "busy_seconds", "idle_seconds", "messages_in", "messages_out", "forwards", "backwards",
-        "updates", "stored", "peak_stored", "versions_held", "peak_versions_held",
-        "stored_bytes", "peak_stored_bytes",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    messages_in: int = 0
+    messages_out: int = 0
+    forwards: int = 0
+    backwards: int = 0
+    updates: int = 0
+    stored: int = 0
+    peak_stored: int = 0
+    versions_held: int = 0
+    peak_versions_held: int = 0
+    stored_bytes: int = 0
+    peak_stored_bytes: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v:.4g}" for k, v in self.as_dict().items())
-        return f"ActorStatistics({inner})"
+        """The counters as a plain dict."""
+        return asdict(self)
 
 
 def _nbytes(xs: Any) -> int:

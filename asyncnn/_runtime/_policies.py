@@ -151,7 +151,7 @@ class Policy(abc.ABC):
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""
-        args = asdict(self) if is_dataclass(self) else {}
+        args: dict[str, Any] = asdict(self) if is_dataclass(self) else {}
         return {"type": self.name, "args": args}
 
 
@@ -279,4 +279,5 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
                 f"unknown policy {kind!r}: use a built-in name or 'package.module:Class'"
             )
         cls = getattr(importlib.import_module(module), qual)
-    return cls(**spec.get("args", {}))  # type: ignore[no-any-return]
+    policy: Policy = cls(**spec.get("args", {}))
+    return policy

@@ -468,7 +468,7 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
     for name, node in graph.nodes.items():
         if node.kind == "input":
             kind = np.dtype(node.dtype).kind
-            shape = (rows, *(node.shape or (None,))[1:])
+            shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
             values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
             shapes[name] = shape
             continue

@@ -1,0 +1,224 @@
+"""Backends: device names, bytes round trips, seeding, copies, lazy cupy, allocator tuning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asyncnn.backends import Backend, Device, get_backend, parse_device
+
+from conftest import HAS_CUDA
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("cpu", Device("cpu")), ("cuda", Device("cuda", 0)), ("cuda:3", Device("cuda", 3))],
+)
+def test_parse_device(name: str, expected: Device) -> None:
+    assert parse_device(name) == expected
+    assert parse_device(expected) is expected
+
+
+@pytest.mark.parametrize("bad", ["cuda:x", "tpu", "cpu:1", "cuda:", "gpu:0", ""])
+def test_parse_device_errors_show_accepted_forms(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown device .*'cpu'"):
+        parse_device(bad)
+
+
+def test_backend_names_map_to_devices() -> None:
+    assert get_backend("numpy") is get_backend("cpu")
+    assert str(get_backend("cpu").device) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "float16"])
+def test_bytes_round_trip(backend: Backend, dtype: str) -> None:
+    x = np.arange(24).reshape(2, 3, 4).astype(dtype)
+    buf = backend.to_bytes(backend.asarray(x))
+    assert len(buf) == x.nbytes
+    y = backend.from_bytes(buf, dtype, (2, 3, 4))
+    out = backend.to_numpy(y)
+    assert out.dtype == np.dtype(dtype) and out.shape == (2, 3, 4)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_to_bytes_of_non_contiguous_is_c_order(backend: Backend) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    buf = backend.to_bytes(backend.asarray(x).T)
+    np.testing.assert_array_equal(np.frombuffer(buf, np.float32), x.T.ravel())
+
+
+def test_from_bytes_wrong_size_names_shape_and_dtype(backend: Backend) -> None:
+    with pytest.raises(ValueError, match=r"12 bytes .*shape \(2, 2\).*float32 \(16 bytes\)"):
+        backend.from_bytes(bytes(12), "float32", (2, 2))
+
+
+def test_rng_is_deterministic(backend: Backend) -> None:
+    a = backend.to_numpy(backend.rng(7).standard_normal((5,), dtype=np.float32))
+    b = backend.to_numpy(backend.rng(7).standard_normal((5,), dtype=np.float32))
+    c = backend.to_numpy(backend.rng(8).standard_normal((5,), dtype=np.float32))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    seq = np.random.SeedSequence(3)
+    d = backend.to_numpy(backend.rng(seq).random(4))
+    e = backend.to_numpy(backend.rng(np.random.SeedSequence(3)).random(4))
+    np.testing.assert_array_equal(d, e)
+
+
+def test_dtype_names(backend: Backend) -> None:
+    assert backend.dtype("float32") == np.float32
+    assert backend.dtype("float16") == np.float16
+    with pytest.raises(ValueError, match="dtype"):
+        backend.dtype("float33")
+
+
+def test_cpu_copy_to_and_trivial_streams() -> None:
+    be = get_backend("cpu")
+    x = np.ones(3)
+    assert be.copy_to(x, "cpu") is x
+    stream = be.new_stream()
+    with be.activate(stream):
+        event = be.record_event(stream)
+    be.wait_event(event, stream)
+    assert be.event_done(event)
+    assert be.memory_in_use() == 0
+
+
+def test_using_the_cpu_never_imports_cupy() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import anyio
+        import numpy as np
+        import asyncnn
+        from asyncnn import backends
+
+        be = backends.get_backend("cpu")
+        x = be.asarray(np.ones(3))
+        be.from_bytes(be.to_bytes(x), "float64", (3,))
+        backends.array_namespace(x)
+        backends.to_numpy(x)
+        backends.is_cupy_array(x)
+
+        async def main():
+            async with backends.open_device_pool(cpu_workers=1) as pool:
+                await pool.run("cpu", sum, [1, 2])
+
+        anyio.run(main)
+        assert "cupy" not in sys.modules, sorted(m for m in sys.modules if "cupy" in m)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_tune_allocator_applies_and_is_idempotent() -> None:
+    code = textwrap.dedent(
+        """
+        import platform
+        from asyncnn.backends import tune_allocator
+        from asyncnn.backends._alloc import allocator_tuning
+        first = tune_allocator()
+        assert tune_allocator() == first
+        glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+        assert first == glibc, (first, glibc)
+        print(allocator_tuning())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_tune_allocator_never_raises_without_glibc(monkeypatch: Any) -> None:
+    import asyncnn.backends._alloc as alloc
+
+    monkeypatch.setattr(alloc.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(alloc, "_applied", {})
+    assert alloc.tune_allocator() is False
+
+
+def test_tune_allocator_removes_page_faults_of_large_temporaries() -> None:
+    # 64 MiB temporaries: above glibc's dynamic mmap threshold (32 MiB at most), so by default
+    # each is a fresh mapping whose pages fault on first touch; tuned, the heap reuses them.
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        if sys.argv[1] == "tune":
+            from asyncnn.backends import tune_allocator
+            assert tune_allocator()
+        import numpy as np
+        a = np.ones((4096, 4096), np.float32)
+        for _ in range(3):
+            (a * 2.0).sum()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            (a * 2.0).sum()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
+        """
+    )
+    import asyncnn.backends._alloc as alloc
+
+    if alloc._mallopt() is None:
+        pytest.skip("glibc mallopt not available")
+    faults = {}
+    for mode in ("plain", "tune"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        faults[mode] = float(out.stdout)
+    assert faults["tune"] < 0.1 * faults["plain"], faults
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+def test_cupy_backend_streams_events_copies() -> None:
+    import cupy
+
+    be = get_backend("cuda:0")
+    assert be.xp is cupy and be.device == Device("cuda", 0)
+    x = be.asarray(np.arange(6, dtype=np.float32))
+    assert isinstance(x, cupy.ndarray) and x.device.id == 0
+    assert be.memory_in_use() >= x.nbytes
+    s1, s2 = be.new_stream(), be.new_stream()
+    with be.activate(s1):
+        y = x * 2
+    event = be.record_event(s1)
+    be.wait_event(event, s2)
+    with be.activate(s2):
+        z = y + 1
+    be.record_event(s2).synchronize()
+    assert be.event_done(event)
+    np.testing.assert_array_equal(be.to_numpy(z), np.arange(6) * 2 + 1)
+    host = be.copy_to(z, "cpu")
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, np.arange(6) * 2 + 1)
+    assert be.copy_to(z, "cuda:0") is z
+    back = get_backend("cpu").copy_to(host, "cuda:0")
+    assert isinstance(back, cupy.ndarray)
+    if cupy.cuda.runtime.getDeviceCount() > 1:
+        other = be.copy_to(z, "cuda:1")
+        assert other.device.id == 1
+        np.testing.assert_array_equal(other.get(), host)
+    rng = be.rng(0)
+    assert rng.normal(0.0, 2.0, (4,), dtype=np.float32).dtype == np.float32
+    with pytest.raises(ValueError, match="does not exist"):
+        get_backend(f"cuda:{cupy.cuda.runtime.getDeviceCount()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+def test_cupy_bfloat16_supported_or_clear_error() -> None:
+    be = get_backend("cuda:0")
+    try:
+        dt = be.dtype("bfloat16")
+    except ValueError as exc:
+        assert "bfloat16" in str(exc) and "float16" in str(exc)
+    else:
+        assert dt.itemsize == 2
