@@ -17,11 +17,15 @@ class TreeDef:
 
     __slots__ = ("kind", "meta", "children", "num_leaves")
 
-    def __init__(self, kind: str, meta: Any, children: tuple[TreeDef, ...]) -> None:
+    def __init__(
+        self, kind: str, meta: Any, children: tuple[TreeDef, ...], num_leaves: int | None = None
+    ) -> None:
         self.kind = kind  # "leaf", "dict", "list" or "tuple"
         self.meta = meta  # sorted keys for a dict
         self.children = children
-        self.num_leaves: int = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
+        if num_leaves is None:
+            num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
+        self.num_leaves: int = num_leaves
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -50,16 +54,18 @@ _LEAF = TreeDef("leaf", None, ())
 
 
 def _flatten(tree: Any, out: list[Any]) -> TreeDef:
+    # Called for every leaf of every vjp and optimizer update: keep the common paths short.
     t = type(tree)
+    if t is not dict and t is not list and t is not tuple:
+        out.append(tree)
+        return _LEAF
+    start = len(out)
     if t is dict:
         keys = tuple(sorted(tree))
-        return TreeDef("dict", keys, tuple(_flatten(tree[k], out) for k in keys))
-    if t is list:
-        return TreeDef("list", None, tuple(_flatten(v, out) for v in tree))
-    if t is tuple:
-        return TreeDef("tuple", None, tuple(_flatten(v, out) for v in tree))
-    out.append(tree)
-    return _LEAF
+        children = tuple([_flatten(tree[k], out) for k in keys])
+        return TreeDef("dict", keys, children, len(out) - start)
+    children = tuple([_flatten(v, out) for v in tree])
+    return TreeDef("list" if t is list else "tuple", None, children, len(out) - start)
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:

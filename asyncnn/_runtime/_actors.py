@@ -71,6 +71,11 @@ class ActorStatistics:
 
 
 def _nbytes(xs: Any) -> int:
+    if type(xs) is list:
+        return sum(int(getattr(x, "nbytes", 0)) for x in xs)
+    nbytes = getattr(xs, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
     return sum(int(getattr(x, "nbytes", 0)) for x in tree_leaves(xs))
 
 
@@ -117,7 +122,9 @@ class _Actor:
 
     async def _send(self, msg: Message) -> None:
         self.stats.messages_out += 1
-        await self.run.actors[msg.dst].send_channel.send(msg)
+        # Inboxes are unbounded (admission control bounds what is in flight), so a send never
+        # blocks; not yielding here saves a scheduler round trip per message.
+        self.run.actors[msg.dst].send_channel.send_nowait(msg)
 
     def _fail(self, exc: BaseException, kind: str, key: int | None) -> ActorError:
         err = ActorError(
@@ -175,6 +182,7 @@ class LayerActor(_Actor):
         self.bwd_count: dict[int, int] = {}
         self.store: dict[int, tuple[Any, int, Any]] = {}  # key -> (pullback, version, inputs)
         self.held_bytes: dict[int, int] = {}
+        self.version_refs: dict[int, int] = {}  # version -> stored keys that reference it
         self.acc: Any = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
@@ -226,7 +234,10 @@ class LayerActor(_Actor):
                     return
                 if self.order.next() is None:
                     self.waiting_for = "any message"
-                msg = await self.inbox.receive()
+                try:
+                    msg = self.inbox.receive_nowait()
+                except anyio.WouldBlock:
+                    msg = await self.inbox.receive()
                 self._file(msg)
                 continue
             start = time.perf_counter()
@@ -247,6 +258,7 @@ class LayerActor(_Actor):
             self.stats.busy_seconds += idle_since - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
             self.run.touch()
+            await anyio.lowlevel.checkpoint()  # let other actors run between two pieces of work
 
     # -- work -----------------------------------------------------------------------------------
     async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
@@ -309,13 +321,21 @@ class LayerActor(_Actor):
         self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
         st.stored_bytes += self.held_bytes[key]
         st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
+        self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
         self._count_versions()
 
+    def _release(self, version: int) -> None:
+        n = self.version_refs[version] - 1
+        if n:
+            self.version_refs[version] = n
+        else:
+            del self.version_refs[version]
+
     def _count_versions(self) -> None:
-        held = {v for _, v, _ in self.store.values()}
-        held.add(self.version)
-        self.stats.versions_held = len(held)
-        self.stats.peak_versions_held = max(self.stats.peak_versions_held, len(held))
+        held = len(self.version_refs) + (self.version not in self.version_refs)
+        self.stats.versions_held = held
+        if held > self.stats.peak_versions_held:
+            self.stats.peak_versions_held = held
 
     def _apply(self, params: Any, inputs: list[Any], rng: Any) -> Any:
         return self.module(params, *inputs, rng=rng)
@@ -354,6 +374,7 @@ class LayerActor(_Actor):
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
         pullback, version, inputs = self.store.pop(key)
+        self._release(version)
         self.stats.stored = len(self.store)
         self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
         rows = int(meta.get("rows", 1))
@@ -432,7 +453,11 @@ class LossActor(_Actor):
                 if self.stopping:
                     return
                 self.waiting_for = "the inputs of a key"
-                self._file(await self.inbox.receive())
+                try:
+                    msg = self.inbox.receive_nowait()
+                except anyio.WouldBlock:
+                    msg = await self.inbox.receive()
+                self._file(msg)
             _, key = self.ready.popleft()
             start = time.perf_counter()
             self.computing = (FORWARD, key, start)
