@@ -93,8 +93,11 @@ class DevicePool:
     Open one with :func:`open_device_pool`; the constructor is private.
     """
 
-    def __init__(self, cpu_workers: int, inline_flops: float, name: str) -> None:
+    def __init__(
+        self, cpu_workers: int, inline_flops: float, name: str, blas_threads: int | None = None
+    ) -> None:
         self._n = cpu_workers
+        self._blas_threads = blas_threads
         self._inline_flops = inline_flops
         self._name = name
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -138,6 +141,12 @@ class DevicePool:
             t.join()
 
     def _worker(self, index: int) -> None:
+        if self._blas_threads is not None:
+            # An OpenMP-threaded BLAS keeps its thread count per calling thread (a pthreads
+            # OpenBLAS keeps it per process, set when the pool opened): set it here too.
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=self._blas_threads, user_api="blas")
         call_soon = self._call_soon
         assert call_soon is not None
         get = self._queue.get
@@ -340,7 +349,9 @@ async def open_device_pool(
         from threadpoolctl import threadpool_limits
 
         limiter = threadpool_limits(limits=blas_threads, user_api="blas")
-    pool = DevicePool(n, inline_flops, name=f"asyncnn-pool{next(_pool_ids)}")
+    pool = DevicePool(
+        n, inline_flops, name=f"asyncnn-pool{next(_pool_ids)}", blas_threads=blas_threads
+    )
     try:
         pool._start()
         try:

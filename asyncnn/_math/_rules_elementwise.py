@@ -108,7 +108,8 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     if needs[1]:
         xp = ns(a, b)
         # d(a**b)/db = out * log(a); where a == 0 the limit is 0 (for b > 0).
-        safe = xp.where(a == 0, 1, a)
+        a_arr = xp.asarray(a)  # a may be a Python number (2.0 ** x)
+        safe = xp.where(a_arr == 0, 1, a_arr)
         gb = grad_like(g * out * xp.log(safe), like(b))
     return ga, gb
 
