@@ -7,6 +7,7 @@ messages and a policy decides when work is admitted and when weights change.
 from . import data, nn, ops, optim, policies
 from ._errors import ActorError, GraphError, StallError, TraceFormatError
 from ._math._autodiff import grad, value_and_grad, vjp
+from ._math._loop import evaluate, predict, train_loop
 from ._runtime._actors import ActorStatistics, LayerActor
 from ._runtime._graph import Graph, TensorRef
 from ._runtime._run import Run, RunState, open_run
@@ -28,12 +29,15 @@ __all__ = [
     "TraceFormatError",
     "Trainer",
     "data",
+    "evaluate",
     "grad",
     "nn",
     "open_run",
     "ops",
     "optim",
     "policies",
+    "predict",
     "value_and_grad",
+    "train_loop",
     "vjp",
 ]
