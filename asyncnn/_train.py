@@ -157,6 +157,7 @@ class Trainer:
 
         async def main() -> None:
             with _Progress(self.progress, total) as bar:
+                epochs_done = self.epochs_done
                 async with open_run(
                     self.graph,
                     self.optimizer,
@@ -172,12 +173,14 @@ class Trainer:
                     bar.run = run
                     for _ in range(epochs):
                         for batch in dataset.batches(
-                            batch_size, shuffle, self.seed, self.epochs_done, drop_last
+                            batch_size, shuffle, self.seed, epochs_done, drop_last
                         ):
                             await run.step(batch)
-                        self.epochs_done += 1
+                        epochs_done += 1
                     await run.drain()
+                # only a run that finished changes the trainer's state
                 self._collect(run, history)
+                self.epochs_done = epochs_done
 
         start = time.perf_counter()
         first = self.state.minibatches

@@ -1,5 +1,6 @@
 """Differentiable operations on numpy and cupy arrays (raw or traced)."""
 
+from ._math._autodiff import Primitive
 from ._math._ops import (
     abs,
     add,
@@ -54,6 +55,7 @@ from ._math._ops_nn import (
 )
 
 __all__ = [
+    "Primitive",
     "abs", "add", "astype", "avg_pool1d", "avg_pool2d", "broadcast_to", "concatenate", "conv1d",
     "conv2d", "cross_entropy", "divide", "dropout", "embedding", "exp", "expand_dims", "gelu",
     "getitem", "layer_norm", "log", "log_softmax", "logsumexp", "matmul", "max", "max_pool1d",

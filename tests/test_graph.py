@@ -148,3 +148,22 @@ def test_residual_and_two_input_graph_gradients(policy):
         for key in p0[name]:
             expected = p0[name][key] - 0.5 * grads[name][key]
             np.testing.assert_allclose(tr.params[name][key], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_sequential_balances_by_flops():
+    from asyncnn._runtime._graph import _balanced_partition, _module_costs
+
+    # A conv with few parameters but many FLOPs per sample, then a dense layer.
+    mods = [nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)]
+    assert _module_costs(mods, "params", (None, 1, 64)) == [48, 0, 0, 2052]
+    assert _module_costs(mods, "flops", (None, 1, 64)) == [
+        mods[0].flops((None, 1, 64)),
+        0,
+        0,
+        mods[3].flops((None, 512)),
+    ]
+    assert _balanced_partition([1.0, 1.0, 1.0, 1.0, 4.0], 2) == [4, 1]
+    with pytest.raises(ann.GraphError, match="balance"):
+        ann.Graph.sequential(
+            mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 1, 64), balance="x"
+        )

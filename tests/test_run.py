@@ -215,3 +215,54 @@ def test_statistics_and_utilisation():
     util = hist.utilisation()
     assert set(util) == {"stage0", "stage1", "loss"} and all(0 <= u <= 1 for u in util.values())
     assert hist.samples_per_second > 0
+
+
+def test_two_loss_nodes_add_up():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("trunk", nn.Linear(5, 4), x)
+    a = g.layer("head_a", nn.Linear(4, 3), h)
+    b = g.layer("head_b", nn.Linear(4, 3), h)
+    g.loss("loss_a", nn.CrossEntropyLoss(), a, y)
+    g.loss("loss_b", nn.CrossEntropyLoss(), b, y)
+    d = _data()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    p0 = tr.params
+
+    def loss(p):
+        hh = g.nodes["trunk"].module(p["trunk"], d["x"])
+        la = nn.CrossEntropyLoss()({}, g.nodes["head_a"].module(p["head_a"], hh), d["y"])
+        lb = nn.CrossEntropyLoss()({}, g.nodes["head_b"].module(p["head_b"], hh), d["y"])
+        return la + lb
+
+    value, grads = ann.value_and_grad(loss)(p0)
+    hist = tr.fit(d, batch_size=16)
+    np.testing.assert_allclose(hist.losses, [float(value)], rtol=1e-10)
+    for name in p0:
+        for k in p0[name]:
+            np.testing.assert_allclose(
+                tr.params[name][k], p0[name][k] - 0.1 * grads[name][k], rtol=1e-10, atol=1e-12
+            )
+
+
+def test_async_pending_gradients_carry_over_between_fits():
+    d = _data(n=12)
+
+    def run(fits):
+        tr = ann.Trainer(
+            chain_graph(2),
+            optimizer=optim.SGD(lr=0.1),
+            policy=policies.Async(max_active_keys=1, min_update_frequency=2),
+            dtype="float64",
+        )
+        for f in fits:
+            tr.fit({k: v[f] for k, v in d.items()}, batch_size=4)
+        return tr
+
+    whole = run([slice(0, 12)])  # 3 keys: one update, one gradient left pending
+    split = run([slice(0, 4), slice(4, 12)])  # 1 key, then 2 keys: the same 3 keys
+    assert whole.versions == split.versions == {"stage0": 1, "stage1": 1}
+    assert_params_close(split.params, whole.params, rtol=1e-12)
+    more = run([slice(0, 12), slice(0, 4)])  # the pending gradient joins the 4th: a 2nd update
+    assert more.versions == {"stage0": 2, "stage1": 2}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,34 @@ def test_dropout_is_seeded_per_key_and_deterministic():
     tr = ann.Trainer(graph(0.5), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=1)
     tr0 = ann.Trainer(graph(0.0), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=1)
     assert tr.evaluate(_data()) == tr0.evaluate(_data())
+
+
+class _Halve(ann.LayerActor):
+    async def on_backward(self, key, grad, meta):
+        return [g * 0.5 for g in await super().on_backward(key, grad, meta)]
+
+
+@dataclass(frozen=True)
+class _EveryOther(policies.OneFOneB):
+    """A user policy (a subclass of a built-in): updates every second minibatch."""
+
+    def update_due(self, backwards_since_update, minibatch_done):
+        return minibatch_done and backwards_since_update == 2 * self.microbatches
+
+
+def test_custom_actor_and_policy_survive_a_checkpoint(tmp_path):
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("a", nn.Linear(5, 4), x)
+    h = g.layer("b", nn.Linear(4, 3), h, actor=_Halve)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=_EveryOther(2))
+    tr.save(str(tmp_path / "c"))
+    back = ann.Trainer.load(str(tmp_path / "c"))
+    assert back.graph.nodes["b"].actor is _Halve
+    assert type(back.policy) is _EveryOther and back.policy == _EveryOther(2)
+    tr.fit(_data(), epochs=1, batch_size=8)
+    back.fit(_data(), epochs=1, batch_size=8)
+    assert tr.versions == back.versions == {"a": 2, "b": 2}  # 5 minibatches: 2 updates
+    assert_params_equal(tr.params, back.params)

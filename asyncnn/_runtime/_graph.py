@@ -277,6 +277,8 @@ class Graph:
             if n.kind == "layer":
                 entry["device"] = n.device
                 entry["worker"] = n.worker
+                if n.actor is not None:
+                    entry["actor"] = f"{n.actor.__module__}:{n.actor.__qualname__}"
             nodes.append(entry)
         return {"nodes": nodes, "outputs": dict(self.outputs)}
 
@@ -298,6 +300,7 @@ class Graph:
                         *entry["inputs"],
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
+                        actor=_import_path(entry["actor"]) if entry.get("actor") else None,
                     )
                 elif kind == "loss":
                     g.loss(entry["name"], module_from_spec(entry["module"]), *entry["inputs"])
@@ -308,6 +311,20 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
+
+
+def _import_path(path: str) -> Any:
+    import importlib
+
+    module, _, qual = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        if part == "<locals>":
+            raise GraphError(
+                f"actor {path!r} is defined inside a function; define it at module level"
+            )
+        obj = getattr(obj, part)
+    return obj
 
 
 def _split_sizes(
@@ -325,23 +342,35 @@ def _split_sizes(
         return sizes
     if not 1 <= stages <= n:
         raise GraphError(f"sequential: stages={stages} but there are {n} modules")
-    costs = [_module_cost(m, balance) for m in modules]
-    return _balanced_partition(costs, stages)
+    return _balanced_partition(_module_costs(modules, balance, input_shape), stages)
 
 
-def _module_cost(module: Any, balance: str) -> float:
-    if balance == "params":
+def _module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
+    """Each module's cost: its parameter count, or its forward FLOPs per sample."""
+    from asyncnn._math._pytree import tree_leaves
+
+    if balance not in ("params", "flops"):
+        raise GraphError(f"sequential: balance must be 'params' or 'flops', got {balance!r}")
+    costs = []
+    # One sample of zeros, run through the modules in turn, gives each module's input shape.
+    x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=np.float64)
+    for m in modules:
         try:
-            params = module.init(0, dtype="float64")
-        except Exception:  # noqa: BLE001 - a module that cannot init costs nothing to balance
-            return 0.0
-        from asyncnn._math._pytree import tree_leaves
-
-        return float(sum(getattr(p, "size", 0) for p in tree_leaves(params)))
-    if balance == "flops":
-        flops = getattr(module, "flops", None)
-        return float(flops()) if callable(flops) else 0.0
-    raise GraphError(f"sequential: balance must be 'params' or 'flops', got {balance!r}")
+            params = m.init(0, dtype="float64")
+        except Exception as exc:
+            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+        if balance == "params":
+            costs.append(float(sum(getattr(p, "size", 0) for p in tree_leaves(params))))
+            continue
+        costs.append(float(m.flops(tuple(x.shape))))
+        try:
+            with np.errstate(all="ignore"):
+                x = np.asarray(m(params, x))
+        except Exception as exc:
+            raise GraphError(
+                f"sequential: {m!r} fails on input of shape {tuple(x.shape)}: {exc}"
+            ) from exc
+    return costs
 
 
 def _balanced_partition(costs: list[float], k: int) -> list[int]:

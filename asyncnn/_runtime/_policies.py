@@ -152,7 +152,10 @@ class Policy(abc.ABC):
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""
         args: dict[str, Any] = asdict(self) if is_dataclass(self) else {}
-        return {"type": self.name, "args": args}
+        cls = type(self)
+        builtin = _BUILTIN.get(self.name) is cls
+        kind = self.name if builtin else f"{cls.__module__}:{cls.__qualname__}"
+        return {"type": kind, "args": args}
 
 
 def _check_int(policy: str, field: str, value: int) -> None:

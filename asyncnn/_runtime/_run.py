@@ -41,6 +41,9 @@ class RunState:
     versions: dict[str, int]
     minibatches: int = 0  # minibatches trained so far
     keys: int = 0  # keys admitted so far
+    # gradients a layer has accumulated but not applied yet (Async with min_update_frequency > 1,
+    # custom update rules): {layer: (sum of gradients, how many)}; carried from one fit to the next
+    pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
 
 
 def node_seed(seed: int, index: int) -> int:
@@ -108,7 +111,7 @@ class Run:
         for i, name in enumerate(self.layers):
             node = graph.nodes[name]
             cls = getattr(node, "actor", None) or LayerActor
-            self.actors[name] = cls(
+            actor = cls(
                 self,
                 node,
                 i,
@@ -117,6 +120,8 @@ class Run:
                 state.opt_states[name],
                 state.versions[name],
             )
+            actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
+            self.actors[name] = actor
         for name in graph.losses:
             self.actors[name] = LossActor(self, graph.nodes[name])
         self.in_flight = 0
@@ -204,7 +209,8 @@ class Run:
             arrays[name] = arr
         sizes = [len(part) for part in np.array_split(np.arange(rows), m)]
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self._pending[mb] = _Pending(keys=m)
+        # every loss node reports every key; the minibatch's loss is the sum over loss nodes
+        self._pending[mb] = _Pending(keys=m * len(self.graph.losses))
         for i in range(m):
             await self._wait_until(lambda: self.in_flight < self.max_in_flight)
             key = self.next_key
@@ -257,6 +263,7 @@ class Run:
             versions={n: a.version for n, a in layers.items()},
             minibatches=self.minibatches,
             keys=self.next_key,
+            pending_grads={n: (a.acc, a.acc_count) for n, a in layers.items() if a.acc_count},
         )
 
     @property
