@@ -11,7 +11,6 @@ and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -89,7 +88,13 @@ class _Actor:
         self.device = parse_device(getattr(node, "device", "cpu"))
         self.on_cpu = self.device.kind == "cpu"
         self.backend = get_backend(self.device)
-        self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](math.inf)
+        # Bounded: at most max_in_flight keys are admitted, each bringing one message per input
+        # slot and one per consumer edge, plus control messages; twice that leaves room to spare,
+        # so the bound is never what stops a sender (it would be a bug, met with back-pressure).
+        in_flight = run.policy.max_in_flight(max(1, len(run.graph.layers)))
+        edges = len(node.inputs) + len(node.consumers)
+        self.capacity = 2 * in_flight * max(1, edges) + 8
+        self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](self.capacity)
         self.n_inputs = len(node.inputs)
         # a key's forward is complete when every input slot has arrived
         self.fwd_slots: dict[int, list[Any]] = {}
@@ -122,9 +127,12 @@ class _Actor:
 
     async def _send(self, msg: Message) -> None:
         self.stats.messages_out += 1
-        # Inboxes are unbounded (admission control bounds what is in flight), so a send never
-        # blocks; not yielding here saves a scheduler round trip per message.
-        self.run.actors[msg.dst].send_channel.send_nowait(msg)
+        channel = self.run.actors[msg.dst].send_channel
+        try:
+            # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
+            channel.send_nowait(msg)
+        except anyio.WouldBlock:
+            await channel.send(msg)
 
     def _fail(self, exc: BaseException, kind: str, key: int | None) -> ActorError:
         err = ActorError(
