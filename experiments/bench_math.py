@@ -6,8 +6,8 @@ followed by ``optim.SGD.update``. It is timed, in the same process and interleav
 
 - a hand-written numpy forward/backward/SGD of the same MLP (``experiments/_numpy_mlp.py``);
 - PyTorch eager on all cores (``zero_grad``, forward, ``backward``, ``SGD.step``), when importable,
-  in a child process of its own: torch's OpenMP threads keep spinning after each parallel region
-  and, in the same process, slow OpenBLAS (numpy's) threads down many times over on 2 cores.
+  in a child process of its own, so that its OpenMP thread pool and numpy's OpenBLAS pool never
+  compete inside one process (the asyncnn/torch ratio is then a ratio of medians, not per round).
 
 The process calls ``asyncnn.backends.tune_allocator()`` first; glibc's thresholds cannot be undone
 in-process, so the same measurement without tuning runs in a child process (``--no-tune``).

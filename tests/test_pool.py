@@ -35,7 +35,9 @@ def _pool_threads() -> list[threading.Thread]:
 
 
 def _blas_threads() -> int:
-    return int(threadpool_info()[0]["num_threads"])
+    # The BLAS entry, not the first library: next to torch or cupy, OpenMP may be listed first.
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return int(blas[0]["num_threads"])
 
 
 def _matmul_loop(a: np.ndarray[Any, Any], n: int, spans: list[tuple[float, float]]) -> None:
