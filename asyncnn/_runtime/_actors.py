@@ -102,7 +102,7 @@ class _Actor:
         self.meta: dict[int, dict[str, Any]] = {}
         self.ready: deque[tuple[str, int]] = deque()  # completed messages, in completion order
         self.stats = ActorStatistics()
-        self.waiting_for: str = "its first message"
+        self.waiting_for: Any = "its first message"  # a description, or the (kind, key) awaited
         self.computing: tuple[str, int, float] | None = None
         self.born = time.perf_counter()
 
@@ -156,7 +156,9 @@ class _Actor:
         ]
         held = f"; holding {sorted(self.fwd_slots)} forwards" if self.fwd_slots else ""
         extra = f"; partial: {', '.join(partial)}" if partial else ""
-        return f"waiting for {self.waiting_for}{held}{extra}"
+        w = self.waiting_for
+        what = f"{w[0]} of key {w[1]}" if isinstance(w, tuple) else w
+        return f"waiting for {what}{held}{extra}"
 
 
 class LayerActor(_Actor):
@@ -227,20 +229,21 @@ class LayerActor(_Actor):
     async def serve(self) -> None:
         """Processes messages in the policy's order until told to stop."""
         idle_since = time.perf_counter()
+        since_yield = 0
         while True:
-            op = self.order.next()
+            op = planned = self.order.next()
             if op is None:
                 if self.ready:
                     op = self.ready.popleft()
             elif self._is_ready(op):
                 self.ready.remove(op)
             else:
-                self.waiting_for = f"{op[0]} of key {op[1]}"
+                self.waiting_for = op  # formatted only if a stall report asks
                 op = None
             if op is None:
                 if self.stopping:
                     return
-                if self.order.next() is None:
+                if planned is None:
                     self.waiting_for = "any message"
                 try:
                     msg = self.inbox.receive_nowait()
@@ -265,8 +268,13 @@ class LayerActor(_Actor):
             idle_since = time.perf_counter()
             self.stats.busy_seconds += idle_since - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
-            self.run.touch()
-            await anyio.lowlevel.checkpoint()  # let other actors run between two pieces of work
+            self.run.last_event = idle_since
+            since_yield += 1
+            if since_yield == 16:
+                # Inline work on queued messages never yields by itself: let the other actors
+                # (and the stall watchdog) run now and then.
+                since_yield = 0
+                await anyio.lowlevel.checkpoint()
 
     # -- work -----------------------------------------------------------------------------------
     async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
