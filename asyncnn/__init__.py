@@ -4,13 +4,14 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import data, nn, ops, optim, policies
+from . import data, nn, ops, optim, policies, trace
 from ._errors import ActorError, GraphError, StallError, TraceFormatError
 from ._math._autodiff import grad, value_and_grad, vjp
 from ._math._loop import evaluate, predict, train_loop
 from ._runtime._actors import ActorStatistics, LayerActor
 from ._runtime._graph import Graph, TensorRef
 from ._runtime._run import Run, RunState, open_run
+from ._tracing._replay import replay
 from ._train import History, Trainer
 
 __version__ = "0.1.0.dev0"
@@ -37,7 +38,9 @@ __all__ = [
     "optim",
     "policies",
     "predict",
+    "replay",
     "value_and_grad",
+    "trace",
     "train_loop",
     "vjp",
 ]

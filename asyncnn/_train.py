@@ -66,7 +66,11 @@ class Trainer:
         policy: an ``asyncnn.policies`` policy.
         seed: seeds the weights (per node), the shuffling and dropout.
         dtype: floating dtype of weights and float inputs.
-        trace: reserved for message traces (a path); not supported yet.
+        trace: write a message trace of each ``fit`` to this path (the first ``fit``; later ones
+            to ``NAME.1.EXT``, ``NAME.2.EXT``, ...). Read it with ``asyncnn.trace.read``, replay
+            it with ``asyncnn.replay``.
+        trace_payloads: which tensors a trace keeps besides their digests: ``"inputs"`` (enough
+            to replay), ``"all"`` (enough to replay one actor alone), ``"none"``.
         cluster: reserved for several processes; not supported yet.
         progress: show a live progress bar (rich) with the loss and samples/s.
         stall_timeout: seconds without progress, with keys in flight, before a StallError.
@@ -85,13 +89,21 @@ class Trainer:
         dtype: str = "float32",
         trace: str | None = None,
         cluster: Any = None,
+        trace_payloads: str = "inputs",
         progress: bool = False,
         stall_timeout: float = 60.0,
         check_finite: bool = False,
         tune_allocator: bool = True,
     ) -> None:
-        if trace is not None:
-            raise NotImplementedError("message traces are not implemented yet (trace=None)")
+        from ._runtime._recorder import PAYLOAD_MODES
+
+        if trace_payloads not in PAYLOAD_MODES:
+            raise ValueError(
+                f"trace_payloads must be one of {PAYLOAD_MODES}, got {trace_payloads!r}"
+            )
+        self.trace = None if trace is None else str(trace)
+        self.trace_payloads = trace_payloads
+        self.traces: list[str] = []  # the trace files written so far, one per fit
         if cluster is not None:
             raise NotImplementedError("clusters of worker processes are not implemented yet")
         if not isinstance(policy, Policy):
@@ -169,6 +181,8 @@ class Trainer:
                     check_finite=self.check_finite,
                     on_loss=bar.on_loss,
                     validated=True,
+                    trace=trace_path,
+                    trace_payloads=self.trace_payloads,
                 ) as run:
                     bar.run = run
                     for _ in range(epochs):
@@ -182,14 +196,27 @@ class Trainer:
                 self._collect(run, history)
                 self.epochs_done = epochs_done
 
+        trace_path = self._next_trace_path()
         start = time.perf_counter()
         first = self.state.minibatches
         anyio.run(main, backend="trio")
+        if trace_path is not None:
+            self.traces.append(trace_path)
         history.seconds = time.perf_counter() - start
         n = len(dataset) * epochs
         history.samples_per_second = n / history.seconds if history.seconds > 0 else 0.0
         history.losses = [self._losses[mb] for mb in range(first, self.state.minibatches)]
         return history
+
+    def _next_trace_path(self) -> str | None:
+        if self.trace is None:
+            return None
+        if not self.traces:
+            return self.trace
+        import os
+
+        stem, ext = os.path.splitext(self.trace)
+        return f"{stem}.{len(self.traces)}{ext}"
 
     def _collect(self, run: Run, history: History) -> None:
         self.state = run.state()

@@ -27,6 +27,7 @@ from asyncnn.backends import get_backend, parse_device
 
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
+from ._policies import RecordedOrder, StageOrder
 
 if TYPE_CHECKING:
     from ._run import Run
@@ -91,7 +92,7 @@ class _Actor:
         # Bounded: at most max_in_flight keys are admitted, each bringing one message per input
         # slot and one per consumer edge, plus control messages; twice that leaves room to spare,
         # so the bound is never what stops a sender (it would be a bug, met with back-pressure).
-        in_flight = run.policy.max_in_flight(max(1, len(run.graph.layers)))
+        in_flight = run.max_in_flight
         edges = len(node.inputs) + len(node.consumers)
         self.capacity = 2 * in_flight * max(1, edges) + 8
         self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](self.capacity)
@@ -104,11 +105,15 @@ class _Actor:
         self.stats = ActorStatistics()
         self.waiting_for: Any = "its first message"  # a description, or the (kind, key) awaited
         self.computing: tuple[str, int, float] | None = None
+        self.seq = 0  # this actor's processing sequence number (traces and replay)
         self.born = time.perf_counter()
 
     def _file(self, msg: Message) -> None:
         """Puts a message in the mailbox; notes when a key's forward or backward is complete."""
         self.stats.messages_in += 1
+        rec = self.run.recorder
+        if rec is not None and msg.kind in (FORWARD, BACKWARD):
+            rec.event(self.name, "receive", msg.kind, msg.key, msg.version, msg.src)
         if msg.kind == FORWARD:
             slots = self.fwd_slots.get(msg.key)
             if slots is None:
@@ -127,6 +132,14 @@ class _Actor:
 
     async def _send(self, msg: Message) -> None:
         self.stats.messages_out += 1
+        rec = self.run.recorder
+        if rec is not None:
+            rec.event(
+                self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq, msg.tensors,
+                rec.payloads == "all", {"slot": msg.slot},
+            )  # fmt: skip
+        if self.run.isolated is not None:
+            return  # replaying one actor alone: its sends are checked, not delivered
         channel = self.run.actors[msg.dst].send_channel
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
@@ -182,7 +195,10 @@ class LayerActor(_Actor):
         super().__init__(run, node)
         self.module = node.module
         self.stage = stage
-        self.order = run.policy.stage_order(stage, num_stages)
+        if run.orders is not None:  # replay: the recorded order, whatever the policy
+            self.order: StageOrder = RecordedOrder(run.orders.get(node.name, []))
+        else:
+            self.order = run.policy.stage_order(stage, num_stages)
         self.order.start(run.next_key)
         self.params = params
         self.opt_state = opt_state
@@ -255,6 +271,9 @@ class LayerActor(_Actor):
             self.stats.idle_seconds += start - idle_since
             kind, key = op
             self.computing = (kind, key, start)
+            rec = self.run.recorder
+            if rec is not None:
+                rec.event(self.name, "start", kind, key, self.version, "", self.seq)
             try:
                 if kind == FORWARD:
                     await self._forward(key)
@@ -265,6 +284,9 @@ class LayerActor(_Actor):
             except Exception as exc:
                 raise self._fail(exc, kind, key) from exc
             self.computing = None
+            if rec is not None:
+                rec.event(self.name, "end", kind, key, self.version, "", self.seq)
+            self.seq += 1
             idle_since = time.perf_counter()
             self.stats.busy_seconds += idle_since - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
@@ -431,6 +453,8 @@ class LayerActor(_Actor):
         )
         self.version += 1
         self.stats.updates += 1
+        if self.run.recorder is not None:
+            self.run.recorder.event(self.name, "update", version=self.version)
         self.run.updated(self.name, self.version)
 
 
@@ -477,6 +501,9 @@ class LossActor(_Actor):
             _, key = self.ready.popleft()
             start = time.perf_counter()
             self.computing = (FORWARD, key, start)
+            rec = self.run.recorder
+            if rec is not None:
+                rec.event(self.name, "start", FORWARD, key, 0, "", self.seq)
             try:
                 await self._loss(key)
             except ActorError:
@@ -500,6 +527,11 @@ class LossActor(_Actor):
             )
         self.run.check_finite(self.name, FORWARD, key, value)
         self.stats.forwards += 1
+        if self.run.recorder is not None:
+            self.run.recorder.event(
+                self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": float(value)}
+            )
+        self.seq += 1
         self.run.loss_reported(key, float(value), meta)
         for slot, (src, from_layer) in enumerate(
             zip(self.node.inputs, self.input_is_layer, strict=True)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "RecordedOrder",
     "AnyOrder",
     "Async",
     "GPipe",
@@ -64,6 +65,22 @@ class AnyOrder(StageOrder):
 
     def done(self, op: Op, minibatch_keys: int) -> None:
         pass
+
+
+class RecordedOrder(StageOrder):
+    """Exactly a given sequence of operations (replay); afterwards, nothing more."""
+
+    def __init__(self, ops: list[Op]) -> None:
+        self.ops = ops
+        self.i = 0
+
+    def next(self) -> Op:
+        if self.i < len(self.ops):
+            return self.ops[self.i]
+        return (FORWARD, -1)  # a key that never comes: the actor idles until it is stopped
+
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        self.i += 1
 
 
 class OneFOneBOrder(StageOrder):

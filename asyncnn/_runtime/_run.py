@@ -28,6 +28,7 @@ from ._actors import ActorStatistics, LayerActor, LossActor
 from ._graph import Graph
 from ._messages import END, FORWARD, STOP, Message
 from ._policies import Policy
+from ._recorder import Recorder
 
 __all__ = ["Run", "RunState", "open_run"]
 
@@ -87,6 +88,9 @@ class Run:
         stall_timeout: float,
         check_finite: bool,
         on_loss: Any = None,
+        recorder: Recorder | None = None,
+        orders: Mapping[str, list[tuple[str, int]]] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.graph = graph
         self.optimizer = optimizer
@@ -98,12 +102,16 @@ class Run:
         self.stall_timeout = stall_timeout
         self._check_finite = check_finite
         self._on_loss = on_loss
+        self.recorder = recorder
+        self.orders = orders  # replay: each actor's recorded order of work
+        self.isolated: str | None = None  # replay of one actor alone: its name
         self.layers = graph.layers
         self.num_stages = len(self.layers)
         self.edge_index: dict[tuple[str, str, int], int] = {}
         for name, node in graph.nodes.items():
             for e, (c, slot) in enumerate(node.consumers):
                 self.edge_index[(name, c, slot)] = e
+        self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         self.minibatches = state.minibatches
         self.next_key = state.keys
         self.stream_start = state.keys
@@ -125,7 +133,6 @@ class Run:
         for name in graph.losses:
             self.actors[name] = LossActor(self, graph.nodes[name])
         self.in_flight = 0
-        self.max_in_flight = policy.max_in_flight(self.num_stages)
         self.losses: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._done_count: dict[int, int] = {}
@@ -201,6 +208,8 @@ class Run:
         self.minibatches += 1
         if self.policy.flush:
             await self._wait_until(lambda: self.in_flight == 0)
+            if self.recorder is not None and mb > 0:
+                self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
         arrays = {}
         for name in self.graph.inputs:
             arr = np.asarray(to_numpy(batch[name]))
@@ -212,20 +221,33 @@ class Run:
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * len(self.graph.losses))
         for i in range(m):
-            await self._wait_until(lambda: self.in_flight < self.max_in_flight)
-            key = self.next_key
-            self.next_key += 1
-            self.in_flight += 1
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
-            for name in self.graph.inputs:
-                part = arrays[name][lo:hi]
-                for consumer, slot in self.graph.nodes[name].consumers:
-                    msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
-                    await self.actors[consumer].send_channel.send(msg)
-            self.touch()
+            await self.admit({name: arrays[name][lo:hi] for name in self.graph.inputs}, meta)
         self.samples += rows
         return mb
+
+    async def admit(self, parts: Mapping[str, Any], meta: dict[str, Any]) -> int:
+        """Sends one key in (once the policy allows): ``parts`` maps each graph input to its rows
+        of the key, ``meta`` says where the key stands (see :class:`Message`). Returns the key."""
+        await self._wait_until(lambda: self.in_flight < self.max_in_flight)
+        key = self.next_key
+        self.next_key += 1
+        self.in_flight += 1
+        rec = self.recorder
+        if rec is not None:
+            rec.event("scheduler", "admit", key=key, meta=meta)
+        for name in self.graph.inputs:
+            part = parts[name]
+            for i_c, (consumer, slot) in enumerate(self.graph.nodes[name].consumers):
+                if rec is not None:  # the data is recorded once, with its first send
+                    keep = i_c == 0 and rec.payloads != "none"
+                    rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
+                              {"slot": slot})  # fmt: skip
+                msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
+                await self.actors[consumer].send_channel.send(msg)
+        self.touch()
+        return key
 
     async def drain(self) -> None:
         """Waits until every admitted key has finished its backward wave (and, under a
@@ -352,6 +374,10 @@ async def open_run(
     check_finite: bool = False,
     on_loss: Any = None,
     validated: bool = False,
+    trace: str | None = None,
+    trace_payloads: str = "inputs",
+    _orders: Mapping[str, list[tuple[str, int]]] | None = None,
+    _max_in_flight: int | None = None,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
 
@@ -379,16 +405,25 @@ async def open_run(
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
         on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known.
         validated: skip the checks of :func:`validate` (the caller has run them).
+        trace: write a message trace of the run to this file (see ``asyncnn.trace``).
+        trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"`` (the
+            data fed in, enough to replay), ``"all"`` (every message, enough to replay one actor
+            alone) or ``"none"``.
     """
     if not validated:
         validate(graph, dtype)
     if state is None:
         state = init_state(graph, optimizer, seed, dtype)
     cpu_actors = sum(1 for n in graph.layers if graph.nodes[n].device == "cpu")
+    recorder = None
+    if trace is not None:
+        recorder = Recorder(trace, _trace_header(graph, optimizer, policy, seed, dtype, state),
+                            trace_payloads)  # fmt: skip
+        recorder.state(state.params, state.opt_states, state.versions)
     async with _maybe_pool(pool, cpu_actors) as the_pool:
         run = Run(
             graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout, check_finite,
-            on_loss,
+            on_loss, recorder, _orders, _max_in_flight,
         )  # fmt: skip
         try:
             async with anyio.create_task_group() as tg:
@@ -407,11 +442,34 @@ async def open_run(
                 watchdog.cancel()
         except BaseExceptionGroup as group:
             error = _single_error(group)
+            if recorder is not None:
+                where = getattr(error, "actor", "scheduler")
+                recorder.event(where, "error", getattr(error, "kind", "") or "",
+                               getattr(error, "key", None) or -1, meta={"error": str(error)})  # fmt: skip
             raise error from error.__cause__  # keeps the original failure as the cause
         finally:
             for actor in run.actors.values():
                 actor.send_channel.close()
                 actor.inbox.close()
+            if recorder is not None:
+                recorder.close()
+
+
+def _trace_header(
+    graph: Graph, optimizer: Any, policy: Policy, seed: int, dtype: str, state: RunState
+) -> dict[str, Any]:
+    import time as _time
+
+    return {
+        "created": _time.time(),
+        "graph": graph.to_spec(),
+        "policy": policy.to_spec(),
+        "optimizer": optimizer.to_spec(),
+        "seed": seed,
+        "dtype": str(np.dtype(dtype)),
+        "start": {"minibatches": state.minibatches, "keys": state.keys},
+        "devices": sorted({graph.nodes[n].device for n in graph.layers}),
+    }
 
 
 def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -1,0 +1,202 @@
+"""Recording a run's events to a trace file without making actors wait on the disk.
+
+Actors call :meth:`Recorder.event` on the hot path: it only appends a tuple to a queue. A writer
+thread turns the tuples into records (digests of the tensor bytes, payloads where asked), frames
+them (see ``_traceformat``) and writes them through a buffer. Arrays handed to the recorder are
+never modified afterwards by the runtime (updates make new arrays), so the thread may read them
+later.
+"""
+
+from __future__ import annotations
+
+import platform
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from asyncnn.backends import to_numpy
+
+from ._traceformat import FORMAT, VERSION, encode_record
+
+__all__ = ["PAYLOAD_MODES", "Recorder", "describe_arrays", "digest"]
+
+PAYLOAD_MODES = ("inputs", "all", "none")
+
+
+def digest(array: Any) -> int:
+    """A 64-bit hash (xxh3) of an array's bytes in C order."""
+    host = np.ascontiguousarray(to_numpy(array))
+    return int(xxhash.xxh3_64_intdigest(host.data.cast("B")))
+
+
+def describe_arrays(arrays: Any, with_payload: bool) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Shape, dtype, bytes and digest of each array (``None`` entries stay ``None``)."""
+    info: list[Any] = []
+    payloads: list[bytes] = []
+    for a in arrays:
+        if a is None:
+            info.append(None)
+            continue
+        host = np.ascontiguousarray(to_numpy(a))
+        raw = host.data.cast("B")
+        info.append(
+            {
+                "s": list(host.shape),
+                "d": host.dtype.str,
+                "n": host.nbytes,
+                "h": int(xxhash.xxh3_64_intdigest(raw)),
+            }
+        )
+        if with_payload:
+            payloads.append(bytes(raw))
+    return info, payloads
+
+
+def encode_tree(tree: Any) -> Any:
+    """A pytree with arrays replaced by ``{"s", "d", "b"}`` maps (for the initial state)."""
+    if isinstance(tree, dict):
+        return {"dict": {str(k): encode_tree(v) for k, v in tree.items()}}
+    if isinstance(tree, list | tuple):
+        return {"list" if isinstance(tree, list) else "tuple": [encode_tree(v) for v in tree]}
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        host = np.ascontiguousarray(to_numpy(tree))
+        return {"s": list(host.shape), "d": host.dtype.str, "b": host.tobytes()}
+    return {"value": tree}
+
+
+def decode_tree(spec: Any) -> Any:
+    """The inverse of :func:`encode_tree` (numpy arrays)."""
+    if "dict" in spec:
+        return {k: decode_tree(v) for k, v in spec["dict"].items()}
+    if "list" in spec:
+        return [decode_tree(v) for v in spec["list"]]
+    if "tuple" in spec:
+        return tuple(decode_tree(v) for v in spec["tuple"])
+    if "b" in spec:
+        return np.frombuffer(spec["b"], dtype=np.dtype(spec["d"])).reshape(spec["s"]).copy()
+    return spec["value"]
+
+
+def package_versions() -> dict[str, str]:
+    import asyncnn
+
+    versions = {"asyncnn": asyncnn.__version__, "numpy": np.__version__}
+    versions["python"] = platform.python_version()
+    import sys
+
+    if "cupy" in sys.modules:
+        versions["cupy"] = str(sys.modules["cupy"].__version__)
+    return versions
+
+
+class Recorder:
+    """Writes one run's trace. Open it with a header; call :meth:`event`; :meth:`close` at the end.
+
+    Args:
+        path: the trace file (created or truncated).
+        header: the first record (format, version and package versions are added).
+        payloads: ``"inputs"`` (the data fed in: enough to replay), ``"all"`` (every message's
+            tensors: enough to replay one actor alone) or ``"none"`` (digests only).
+    """
+
+    def __init__(self, path: str, header: dict[str, Any], payloads: str = "inputs") -> None:
+        if payloads not in PAYLOAD_MODES:
+            raise ValueError(f"trace payloads must be one of {PAYLOAD_MODES}, got {payloads!r}")
+        self.path = path
+        self.payloads = payloads
+        self.t0 = time.perf_counter()
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._error: BaseException | None = None
+        self.events = 0
+        self.bytes = 0
+        head = {
+            "format": FORMAT,
+            "version": VERSION,
+            "packages": package_versions(),
+            "payloads": payloads,
+            **header,
+        }
+        self._write(encode_record(head))
+        self._thread = threading.Thread(target=self._run, name="asyncnn-trace-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.bytes += len(data)
+
+    def state(self, params: Any, opt_states: Any, versions: Any) -> None:
+        """Records the weights and optimizer states the run starts from (so replay can too)."""
+        self._queue.put(("state", params, opt_states, versions))
+
+    def event(
+        self,
+        actor: str,
+        ev: str,
+        kind: str = "",
+        key: int = -1,
+        version: int = -1,
+        peer: str = "",
+        seq: int = -1,
+        tensors: Any = None,
+        payload: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Queues one event (cheap: the digests and the writing happen on the writer thread)."""
+        self._queue.put(
+            (time.perf_counter() - self.t0, actor, ev, kind, key, version, peer, seq, tensors,
+             payload, meta)
+        )  # fmt: skip
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                if item[0] == "state":
+                    _, params, opt_states, versions = item
+                    state_rec = {
+                        "state": {
+                            "params": encode_tree(params),
+                            "opt_states": encode_tree(opt_states),
+                            "versions": versions,
+                        }
+                    }
+                    self._write(encode_record(state_rec))
+                    continue
+                t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item
+                rec: dict[str, Any] = {"t": t, "a": actor, "ev": ev}
+                if kind:
+                    rec["k"] = kind
+                if key >= 0:
+                    rec["key"] = key
+                if version >= 0:
+                    rec["v"] = version
+                if peer:
+                    rec["p"] = peer
+                if seq >= 0:
+                    rec["seq"] = seq
+                if tensors is not None:
+                    info, payloads = describe_arrays(tensors, payload)
+                    rec["x"] = info
+                    if payloads:
+                        rec["pl"] = payloads
+                if meta:
+                    rec["m"] = meta
+                self._write(encode_record(rec))
+                self.events += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by close()
+            self._error = exc
+
+    def close(self) -> None:
+        """Writes what is queued and closes the file; raises what went wrong in the writer."""
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if self._error is not None:
+            raise RuntimeError(f"writing the trace {self.path!r} failed") from self._error

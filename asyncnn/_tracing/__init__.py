@@ -1,0 +1,1 @@
+"""Reading, inspecting, exporting, replaying and diffing message traces."""

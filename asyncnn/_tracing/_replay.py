@@ -1,0 +1,332 @@
+"""Replay: rerun a recorded run with every actor processing its messages in the recorded order.
+
+Actors are deterministic functions of the messages they process and of the order they process
+them in, so forcing each actor's recorded order (and feeding the recorded inputs) reproduces the
+run bit for bit, whatever its policy. Every tensor an actor sends is checked against the recorded
+digest; the first difference is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._messages import FORWARD, Message
+from asyncnn._runtime._policies import RecordedOrder, policy_from_spec
+from asyncnn._runtime._recorder import decode_tree
+from asyncnn._runtime._run import RunState, _Pending, open_run
+from asyncnn.backends import get_backend
+
+from ._read import Trace, payload_array, read
+
+__all__ = ["Divergence", "ReplayResult", "replay"]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a replay (or a second run) first differs from a recorded run.
+
+    Attributes:
+        actor: the actor whose output differed first (by recorded time).
+        seq: that actor's processing sequence number (its ``seq``-th piece of work).
+        key: the key it was working on; ``kind``: forward or backward.
+        peer: where the differing message went.
+        expected / got: the digests (or, for a reordering, the operations) that differ.
+        max_abs_diff: the size of the difference where both payloads were kept, else None.
+        reason: one line saying what differed.
+    """
+
+    actor: str
+    seq: int
+    key: int
+    kind: str
+    peer: str = ""
+    expected: Any = None
+    got: Any = None
+    max_abs_diff: float | None = None
+    reason: str = ""
+
+    def __str__(self) -> str:
+        size = (
+            f"; max |difference| {self.max_abs_diff:.3g}" if self.max_abs_diff is not None else ""
+        )
+        to = f" to {self.peer!r}" if self.peer else ""
+        return (
+            f"first divergence at actor {self.actor!r}, sequence {self.seq}: the {self.kind} of "
+            f"key {self.key}{to}: {self.reason}{size}"
+        )
+
+
+@dataclass
+class ReplayResult:
+    """The outcome of :func:`replay`.
+
+    Attributes:
+        identical: every checked tensor matched its recorded digest.
+        events_checked: how many sent tensors were compared.
+        first_divergence: the first difference, or None.
+        params: the parameters at the end of the replay (``{layer: params}``, numpy).
+        stopped_at: ``(actor, seq, kind, key)`` where a hook stopped the replay, or None.
+    """
+
+    identical: bool
+    events_checked: int
+    first_divergence: Divergence | None
+    params: dict[str, Any] = field(default_factory=dict)
+    stopped_at: tuple[str, int, str, int] | None = None
+
+
+class _Stop(Exception):
+    pass
+
+
+class _HookedOrder(RecordedOrder):
+    """The recorded order, calling ``hook(actor, seq, kind, key, params)`` after each op."""
+
+    def __init__(self, ops: list[tuple[str, int]], actor: Any, hook: Callable[..., Any]) -> None:
+        super().__init__(ops)
+        self.actor = actor
+        self.hook = hook
+
+    def done(self, op: tuple[str, int], minibatch_keys: int) -> None:
+        seq = self.i
+        super().done(op, minibatch_keys)
+        if self.hook(self.actor.name, seq, op[0], op[1], self.actor.params):
+            raise _Stop((self.actor.name, seq, op[0], op[1]))
+
+
+def _orders(trace: Trace, layers: list[str]) -> dict[str, list[tuple[str, int]]]:
+    starts: dict[str, list[tuple[int, str, int]]] = {name: [] for name in layers}
+    for e in trace.events:
+        if e["ev"] == "start" and e["a"] in starts:
+            starts[e["a"]].append((e["seq"], e["k"], e["key"]))
+    return {name: [(k, key) for _, k, key in sorted(ops)] for name, ops in starts.items()}
+
+
+def _initial_state(trace: Trace, graph: Graph) -> RunState:
+    if trace.state is None:
+        raise ValueError(f"{trace.path}: the trace holds no initial state record; cannot replay")
+    st = trace.state
+    params = decode_tree(st["params"])
+    opt_states = decode_tree(st["opt_states"])
+    start = trace.header.get("start", {})
+    for name in graph.layers:
+        backend = get_backend(graph.nodes[name].device)
+        params[name] = tree_map(backend.asarray, params[name])
+        opt_states[name] = tree_map(
+            lambda x, b=backend: b.asarray(x) if isinstance(x, np.ndarray) else x,
+            opt_states[name],
+        )
+    return RunState(
+        params, opt_states, dict(st["versions"]), start.get("minibatches", 0), start.get("keys", 0)
+    )
+
+
+def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {a: [] for a in actors}
+    for e in trace.events:
+        if e["ev"] == "send" and e["a"] in out:
+            out[e["a"]].append(e)
+    for sends in out.values():
+        sends.sort(key=lambda e: e.get("seq", -1))  # stable: sends of one op keep their order
+    return out
+
+
+def compare_sends(
+    recorded: Trace, replayed: Trace, actors: set[str]
+) -> tuple[int, Divergence | None]:
+    """Compares every actor's sent tensors, in processing order; returns (checked, first)."""
+    a = _sends_by_actor(recorded, actors)
+    b = _sends_by_actor(replayed, actors)
+    checked = 0
+    found: list[tuple[float, Divergence]] = []
+    for actor in sorted(actors):
+        for i, ea in enumerate(a[actor]):
+            if i >= len(b[actor]):
+                found.append((ea["t"], Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"],
+                              ea.get("p", ""), reason="the replay sent nothing here")))  # fmt: skip
+                break
+            eb = b[actor][i]
+            checked += 1
+            same_op = (ea["k"], ea["key"], ea.get("p")) == (eb["k"], eb["key"], eb.get("p"))
+            da = [x and x["h"] for x in ea.get("x", [])]
+            db = [x and x["h"] for x in eb.get("x", [])]
+            if same_op and da == db:
+                continue
+            if not same_op:
+                reason = (
+                    f"the replay sent the {eb['k']} of key {eb['key']} to {eb.get('p')!r} instead"
+                )
+                div = Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"], ea.get("p", ""),
+                                 (ea["k"], ea["key"]), (eb["k"], eb["key"]), None, reason)  # fmt: skip
+            else:
+                size = None
+                pa, pb = payload_array(ea), payload_array(eb)
+                if pa is not None and pb is not None and pa.shape == pb.shape:
+                    size = float(np.max(np.abs(pa.astype(np.float64) - pb.astype(np.float64))))
+                div = Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"], ea.get("p", ""),
+                                 da, db, size, "the tensor's digest differs")  # fmt: skip
+            found.append((ea["t"], div))
+            break
+        else:
+            if len(b[actor]) > len(a[actor]):
+                eb = b[actor][len(a[actor])]
+                found.append((float("inf"), Divergence(actor, eb.get("seq", -1), eb["key"], eb["k"],
+                              eb.get("p", ""), reason="the replay sent more than the run")))  # fmt: skip
+    first = min(found, key=lambda f: f[0])[1] if found else None
+    return checked, first
+
+
+def replay(
+    path: str | os.PathLike[str],
+    actor: str | None = None,
+    *,
+    optimizer: Any = None,
+    hook: Callable[[str, int, str, int, Any], bool | None] | None = None,
+    stop_at_key: int | None = None,
+) -> ReplayResult:
+    """Reruns a recorded run and checks it against its trace.
+
+    Args:
+        path: a trace written with ``Trainer(..., trace=path)`` or ``open_run(..., trace=path)``.
+        actor: replay this actor alone, from the messages it received (the trace needs
+            ``trace_payloads="all"``); by default the whole graph is replayed from the recorded
+            inputs.
+        optimizer: use this optimizer instead of the recorded one (to see where a change shows).
+        hook: called as ``hook(actor, seq, kind, key, params)`` after each piece of work; a true
+            return value stops the replay there (for stepping through a layer's history).
+        stop_at_key: stop once an actor has processed any work of this key (a shortcut for a
+            hook).
+
+    Returns:
+        A :class:`ReplayResult`: ``identical``, ``events_checked``, ``first_divergence``,
+        the final ``params``.
+    """
+    from asyncnn.optim import from_spec as optimizer_from_spec
+
+    trace = read(path)
+    h = trace.header
+    graph = Graph.from_spec(h["graph"])
+    policy = policy_from_spec(h["policy"])
+    opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
+    state = _initial_state(trace, graph)
+    orders = _orders(trace, graph.layers)
+    if stop_at_key is not None:
+        user_hook = hook
+
+        def hook(a: str, seq: int, kind: str, key: int, params: Any) -> bool:  # noqa: F811
+            stop = user_hook(a, seq, kind, key, params) if user_hook is not None else False
+            return bool(stop) or key == stop_at_key
+
+    if actor is not None and actor not in graph.layers:
+        raise ValueError(f"replay: no layer named {actor!r}; layers: {graph.layers}")
+    payloads = h.get("payloads", "inputs")
+    if actor is not None and payloads != "all":
+        raise ValueError(
+            f"replaying actor {actor!r} alone needs the payload of every message it received; "
+            f"this trace kept {payloads!r}: record with trace_payloads='all'"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "replay.trace")
+        stopped: list[Any] = []
+        params: dict[str, Any] = {}
+
+        async def main() -> None:
+            max_keys = sum(1 for e in trace.events if e["ev"] == "admit") + 1
+            async with open_run(
+                graph, opt, policy, h["seed"], h["dtype"], state=state, validated=True,
+                trace=out, trace_payloads="all" if payloads == "all" else "none",
+                _orders=orders, _max_in_flight=max_keys, stall_timeout=30.0,
+            ) as run:  # fmt: skip
+                if hook is not None:
+                    for name in graph.layers:
+                        a = run.actors[name]
+                        a.order = _HookedOrder(orders[name], a, hook)
+                try:
+                    if actor is None:
+                        await _feed_inputs(run, trace)
+                        await run.drain()
+                    else:
+                        await _feed_actor(run, trace, actor)
+                except _Stop as stop:
+                    stopped.append(stop.args[0])
+                params.update(run.params)
+
+        try:
+            anyio.run(main, backend="trio")
+        except _Stop as stop:
+            stopped.append(stop.args[0])
+        if stopped:
+            return ReplayResult(True, 0, None, params, stopped[0])
+        replayed = read(out)
+    actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
+    checked, first = compare_sends(trace, replayed, actors)
+    return ReplayResult(first is None, checked, first, params)
+
+
+async def _feed_inputs(run: Any, trace: Trace) -> None:
+    """Admits the recorded keys, in order, with their recorded data."""
+    data: dict[int, dict[str, Any]] = {}
+    inputs = set(run.graph.inputs)
+    for e in trace.events:
+        if e["ev"] == "send" and e["a"] in inputs:
+            arr = payload_array(e)
+            if arr is not None:
+                data.setdefault(e["key"], {})[e["a"]] = arr
+    for e in trace.events:
+        if e["ev"] != "admit":
+            continue
+        key, meta = e["key"], e["m"]
+        parts = data.get(key, {})
+        missing = inputs - set(parts)
+        if missing:
+            raise ValueError(
+                f"{trace.path}: key {key} has no recorded data for {sorted(missing)}; replay needs "
+                "traces recorded with trace_payloads='inputs' or 'all'"
+            )
+        mb = int(meta["minibatch"])
+        if mb not in run._pending and mb not in run.losses:
+            run._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * len(run.graph.losses))
+            run.minibatches = max(run.minibatches, mb + 1)
+        got = await run.admit(parts, meta)
+        if got != key:
+            raise ValueError(f"{trace.path}: keys out of sequence (recorded {key}, replayed {got})")
+
+
+async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
+    """Replays one actor: sends it the recorded messages, then waits until it has done its work."""
+    run.isolated = name  # its sends are recorded, not delivered: the other actors stay idle
+    metas = {e["key"]: e["m"] for e in trace.events if e["ev"] == "admit"}
+    target = run.actors[name]
+    for e in trace.events:
+        if e["ev"] == "send" and e.get("p") == name:
+            arr = payload_array(e)
+            slot = int(e.get("m", {}).get("slot", 0))
+            msg = Message(
+                e["k"], e["key"], e.get("v", 0), e["a"], name, slot, (arr,), metas[e["key"]]
+            )
+            await target.send_channel.send(msg)
+    done = anyio.Event()
+    order = target.order
+    finish = order.done
+
+    def done_and_check(op: tuple[str, int], minibatch_keys: int) -> None:
+        finish(op, minibatch_keys)
+        if order.i >= len(order.ops):
+            done.set()
+
+    order.done = done_and_check
+    if order.i >= len(order.ops):
+        done.set()
+    await done.wait()
+
+
+_ = FORWARD

@@ -1,0 +1,181 @@
+"""Replay reproduces a recorded run bit for bit; perturbations are found where they first show;
+diff names the first reordered message of two differently timed runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+from _reference import assert_params_equal
+
+
+@dataclass(frozen=True)
+class Jittery(nn.Linear):
+    """A Linear that sleeps a random while: two runs under Async then differ in timing."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        time.sleep(float(np.random.default_rng().uniform(0, 0.002)))
+        return super().__call__(params, x)
+
+
+def _graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [Jittery(5, 8), nn.Tanh(), Jittery(8, 8), nn.Tanh(), Jittery(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=[2, 2, 1],
+        input_shape=(None, 5),
+    )
+
+
+def _data(n: int = 48):
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((n, 5)), "y": rng.integers(0, 3, n)}
+
+
+def _async_run(path, payloads="inputs"):
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(max_active_keys=4, min_update_frequency=2),
+        trace=str(path),
+        trace_payloads=payloads,
+        # cost-free work runs inline; make it go through the threads so timing varies
+    )
+    tr.fit(_data(), epochs=2, batch_size=4)
+    return tr
+
+
+def _two_different_runs(tmp_path):
+    for attempt in range(10):
+        a, b = tmp_path / f"a{attempt}.trace", tmp_path / f"b{attempt}.trace"
+        ta, tb = _async_run(a), _async_run(b)
+        if not _equal(ta.params, tb.params):
+            return (a, ta), (b, tb)
+    pytest.skip("ten pairs of Async runs all took the same order")
+
+
+def _equal(p, q):
+    try:
+        assert_params_equal(p, q)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_async_runs_that_differ_each_replay_bit_identically(tmp_path):
+    (a, ta), (b, tb) = _two_different_runs(tmp_path)
+    for path, tr in ((a, ta), (b, tb)):
+        rep = ann.replay(path)
+        assert rep.identical and rep.first_divergence is None
+        assert rep.events_checked > 100
+        assert_params_equal(rep.params, tr.params)
+    d = ann.trace.diff(a, b)
+    assert d is not None and "processing order differs" in d.reason
+    assert d.actor in {"stage0", "stage1", "stage2", "loss"}
+    assert ann.trace.diff(a, a) is None
+
+
+def test_changed_learning_rate_shows_at_first_actor_using_new_weights(tmp_path):
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), trace=str(path)
+    )
+    tr.fit(_data(16), epochs=1, batch_size=8)
+    rep = ann.replay(path, optimizer=optim.SGD(lr=0.2))
+    assert not rep.identical
+    d = rep.first_divergence
+    # the first update is applied after minibatch 0; the first forward after it is stage0's F(2)
+    assert (d.actor, d.kind, d.key, d.seq) == ("stage0", "forward", 2, 4)
+    assert "digest differs" in str(d)
+
+
+def _rewrite(path, out, change):
+    """Copies a trace, letting ``change(record)`` edit records (re-framed with valid checksums)."""
+    with open(path, "rb") as f:
+        records = [r for _, r in iter_frames(f)]
+    with open(out, "wb") as f:
+        for r in records:
+            f.write(encode_record(change(r)))
+
+
+def test_flipped_bit_in_recorded_input_is_found_where_it_shows(tmp_path):
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.GPipe(2),
+        trace=str(path),
+        trace_payloads="all",
+    )
+    tr.fit(_data(16), epochs=1, batch_size=8)
+
+    def flip(r):
+        if r.get("ev") == "send" and r.get("a") == "x" and r.get("key") == 3 and "pl" in r:
+            raw = bytearray(r["pl"][0])
+            raw[5] ^= 0x01  # one bit of one float of key 3's data
+            r["pl"] = [bytes(raw)]
+        return r
+
+    _rewrite(path, bad, flip)
+    rep = ann.replay(bad)
+    d = rep.first_divergence
+    assert (d.actor, d.kind, d.key) == ("stage0", "forward", 3)
+    assert d.max_abs_diff is not None and 0 < d.max_abs_diff < 1
+
+
+def test_replay_one_actor_alone_and_stop_at_a_key(tmp_path):
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.Adam(lr=0.01),
+        policy=policies.Async(3),
+        trace=str(path),
+        trace_payloads="all",
+    )
+    tr.fit(_data(24), epochs=1, batch_size=4)
+    rep = ann.replay(path, actor="stage1")
+    assert rep.identical and rep.events_checked == 12  # 6 keys: a forward and a backward each
+    assert_params_equal({"stage1": rep.params["stage1"]}, {"stage1": tr.params["stage1"]})
+    seen = []
+    rep = ann.replay(
+        path,
+        actor="stage1",
+        hook=lambda a, seq, kind, key, p: seen.append((a, seq, kind, key)) and False,
+        stop_at_key=2,
+    )
+    assert rep.stopped_at[3] == 2 and seen[-1][3] == 2
+    with pytest.raises(ValueError, match="trace_payloads='all'"):
+        ann.Trainer(
+            _graph(),
+            optimizer=optim.SGD(lr=0.1),
+            policy=policies.Sync(),
+            trace=str(tmp_path / "i.trace"),
+        ).fit(_data(8), batch_size=8)
+        ann.replay(tmp_path / "i.trace", actor="stage1")
+
+
+def test_replay_of_a_trace_without_state_or_inputs_says_why(tmp_path):
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(),
+        trace=str(path),
+        trace_payloads="none",
+    ).fit(_data(8), batch_size=8)
+    with pytest.raises(ValueError, match="no recorded data"):
+        ann.replay(path)
+    _rewrite(path, bad, lambda r: {"ev": "noop", "t": 0, "a": "x"} if "state" in r else r)
+    with pytest.raises(ValueError, match="no initial state"):
+        ann.replay(bad)
+    _ = msgpack
