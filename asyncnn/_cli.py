@@ -92,6 +92,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_summary(args: argparse.Namespace) -> int:
+    from ._tracing._summary import format_summary, summary
+
+    print(format_summary(summary(args.path, plots=args.plots)))
+    return 0
+
+
+def _trace_export(args: argparse.Namespace) -> int:
+    from ._tracing._chrome import to_chrome
+
+    counts = to_chrome(args.path, args.out)
+    print(
+        f"wrote {args.out}: {counts['slices']} computes, {counts['flows']} messages "
+        f"({counts['unmatched_sends']} never received); open it in https://ui.perfetto.dev"
+    )
+    return 0
+
+
+def _trace_diff(args: argparse.Namespace) -> int:
+    from .trace import diff  # imported here: the diff may be newer than this command
+
+    divergence = diff(args.a, args.b)
+    if divergence is None:
+        print(f"{args.a} and {args.b} agree: same events in the same order, same digests")
+        return 0
+    print(divergence)
+    return 1
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from . import replay
+
+    result = replay(args.path, actor=args.actor)
+    what = f"actor {args.actor}" if args.actor else "the run"
+    if result.identical:
+        print(
+            f"replay of {what} from {args.path}: identical ({result.events_checked} events checked)"
+        )
+        return 0
+    print(f"replay of {what} from {args.path} diverged after {result.events_checked} events:")
+    print(result.first_divergence)
+    return 1
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="asyncnn", description="asynchronous neural networks")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -115,6 +159,33 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", action="store_true", help="live progress bar")
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")
     t.set_defaults(run=_train)
+
+    tr = sub.add_parser("trace", help="inspect, export and diff message traces")
+    tsub = tr.add_subparsers(dest="trace_command", required=True)
+    s = tsub.add_parser(
+        "summary",
+        help="per-actor busy time, messages, bytes, updates, gradient staleness, keys in flight",
+    )
+    s.add_argument("path", help="a trace file (Trainer(..., trace=PATH))")
+    s.add_argument("--plots", metavar="DIR", help="also write in_flight.png and busy.png here")
+    s.set_defaults(run=_trace_summary)
+    e = tsub.add_parser("export", help="convert a trace for Perfetto / chrome://tracing")
+    e.add_argument("path", help="a trace file")
+    e.add_argument("out", help="the JSON file to write")
+    e.add_argument("--format", choices=("chrome",), default="chrome", help="Chrome trace events")
+    e.set_defaults(run=_trace_export)
+    d = tsub.add_parser("diff", help="where two runs' traces part (exit status 1 if they do)")
+    d.add_argument("a", help="a trace file")
+    d.add_argument("b", help="another trace file")
+    d.set_defaults(run=_trace_diff)
+
+    r = sub.add_parser(
+        "replay",
+        help="re-run a trace in its recorded order and check every digest (exit 1 on divergence)",
+    )
+    r.add_argument("path", help="a trace file")
+    r.add_argument("--actor", help="replay this actor alone from its recorded messages")
+    r.set_defaults(run=_replay)
     return ap
 
 

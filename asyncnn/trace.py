@@ -4,9 +4,11 @@ Record one with ``Trainer(..., trace="run.trace")`` or ``open_run(..., trace=...
 with :func:`asyncnn.replay`. The format is specified in ``docs/trace_format.md``.
 """
 
+from ._tracing._chrome import to_chrome
 from ._tracing._diff import diff
 from ._tracing._read import Trace, TraceReader, open_trace, payload_array, read
 from ._tracing._replay import Divergence, ReplayResult
+from ._tracing._summary import summary
 
 __all__ = [
     "Divergence",
@@ -17,4 +19,6 @@ __all__ = [
     "open_trace",
     "payload_array",
     "read",
+    "summary",
+    "to_chrome",
 ]

@@ -33,13 +33,18 @@ def digest(array: Any) -> int:
     return int(xxhash.xxh3_64_intdigest(host.data.cast("B")))
 
 
-def describe_arrays(arrays: Any, with_payload: bool) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Shape, dtype, bytes and digest of each array (``None`` entries stay ``None``)."""
-    info: list[Any] = []
-    payloads: list[bytes] = []
+def describe_arrays(
+    arrays: Any, with_payload: bool
+) -> tuple[list[dict[str, Any] | None], list[bytes | None]]:
+    """Shape, dtype, bytes and digest of each array (``None`` entries stay ``None``), and with
+    ``with_payload`` the bytes of each, aligned with the descriptions (``None`` for ``None``)."""
+    info: list[dict[str, Any] | None] = []
+    payloads: list[bytes | None] = []
     for a in arrays:
         if a is None:
             info.append(None)
+            if with_payload:
+                payloads.append(None)
             continue
         host = np.ascontiguousarray(to_numpy(a))
         raw = host.data.cast("B")

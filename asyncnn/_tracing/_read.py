@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import TraceFormatError
-from asyncnn._runtime._traceformat import iter_frames
+from asyncnn._runtime._traceformat import VERSION, iter_frames
 
 __all__ = ["Trace", "TraceReader", "open_trace", "payload_array", "read"]
 
@@ -51,21 +51,41 @@ class TraceReader:
         self.state: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
         try:
-            first = next(self._frames, None)
-        except TraceFormatError as exc:
-            self.close()
-            raise TraceFormatError(
-                f"{self.path} is not an asyncnn trace, or its header is damaged ({exc})"
-            ) from exc
-        if first is None or first[1] is None:
-            self.close()
-            raise TraceFormatError(f"{self.path} is empty or cut off inside its header")
-        self.header: dict[str, Any] = first[1]
-        second = self._next_record()
+            self.header: dict[str, Any] = self._read_header()
+            # the second record is the initial state, when one was recorded
+            second = self._next_record()
+        except BaseException:
+            self.close()  # a damaged header or state record must not leak the open file
+            raise
         if second is not None and "state" in second:
             self.state = second["state"]
         else:
             self._pending = second
+
+    def _read_header(self) -> dict[str, Any]:
+        try:
+            first = next(self._frames, None)
+        except TraceFormatError as exc:
+            if "is not an asyncnn trace" in str(exc):
+                raise
+            raise TraceFormatError(
+                f"{self.path} is not an asyncnn trace, or its header is damaged ({exc})"
+            ) from exc
+        size = os.path.getsize(self.path)
+        if first is None:
+            raise TraceFormatError(f"{self.path} is not an asyncnn trace: the file is empty")
+        if first[1] is None:
+            raise TraceFormatError(
+                f"{self.path} is not an asyncnn trace, or was cut off inside its header: its "
+                f"{size} bytes do not hold a whole first record"
+            )
+        header = first[1]
+        if header.get("version") != VERSION:
+            raise TraceFormatError(
+                f"{self.path} is an asyncnn trace of format version {header.get('version')!r}; "
+                f"this asyncnn reads version {VERSION} (read it with the asyncnn that wrote it)"
+            )
+        return header
 
     def _next_record(self) -> dict[str, Any] | None:
         item = next(self._frames, None)
@@ -120,7 +140,8 @@ def payload_array(event: dict[str, Any], i: int = 0) -> np.ndarray[Any, Any] | N
     """The ``i``-th tensor an event carried, as a numpy array, if its payload was recorded."""
     payloads = event.get("pl")
     info = event.get("x")
-    if not payloads or not info or i >= len(payloads) or info[i] is None:
+    # payloads are aligned with "x" (a None tensor has a None payload)
+    if not payloads or not info or i >= len(payloads) or info[i] is None or payloads[i] is None:
         return None
     meta = info[i]
     return np.frombuffer(payloads[i], dtype=np.dtype(meta["d"])).reshape(meta["s"])
