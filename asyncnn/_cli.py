@@ -192,7 +192,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asyncnn`` command."""
     args = _parser().parse_args(argv)
-    return int(args.run(args))
+    if args.command == "train":
+        return int(args.run(args))
+    from ._errors import TraceFormatError
+
+    try:
+        return int(args.run(args))
+    except (TraceFormatError, OSError) as exc:  # a bad or missing file: say so, no traceback
+        print(f"asyncnn {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

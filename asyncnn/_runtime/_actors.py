@@ -527,11 +527,6 @@ class LossActor(_Actor):
             )
         self.run.check_finite(self.name, FORWARD, key, value)
         self.stats.forwards += 1
-        if self.run.recorder is not None:
-            self.run.recorder.event(
-                self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": float(value)}
-            )
-        self.seq += 1
         self.run.loss_reported(key, float(value), meta)
         for slot, (src, from_layer) in enumerate(
             zip(self.node.inputs, self.input_is_layer, strict=True)
@@ -541,6 +536,11 @@ class LossActor(_Actor):
                 await self._send(
                     Message(BACKWARD, key, 0, self.name, src, edge, (grads[slot],), meta)
                 )
+        if self.run.recorder is not None:  # the end comes after the sends, as for layers
+            self.run.recorder.event(
+                self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": float(value)}
+            )
+        self.seq += 1
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         value, pullback = vjp(lambda *xs: self.module({}, *xs), *inputs)

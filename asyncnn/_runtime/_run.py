@@ -444,8 +444,9 @@ async def open_run(
             error = _single_error(group)
             if recorder is not None:
                 where = getattr(error, "actor", "scheduler")
+                key = getattr(error, "key", None)
                 recorder.event(where, "error", getattr(error, "kind", "") or "",
-                               getattr(error, "key", None) or -1, meta={"error": str(error)})  # fmt: skip
+                               -1 if key is None else key, meta={"error": str(error)})  # fmt: skip
             raise error from error.__cause__  # keeps the original failure as the cause
         finally:
             for actor in run.actors.values():

@@ -1,0 +1,196 @@
+"""Exporting a trace to the Chrome trace event format (Perfetto, chrome://tracing).
+
+One row (thread) per actor; a complete slice per compute; flow arrows from each send to the
+compute that consumed the message; counters for keys in flight and, per layer, stored activations
+and parameter versions held. Written while the trace streams by, so memory stays bounded by
+what is in flight, not by the length of the run. See "What you see in Perfetto" in
+docs/trace_format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from typing import IO, Any
+
+from ._read import open_trace
+from ._summary import Occupancy, node_kinds
+
+__all__ = ["to_chrome"]
+
+_PID = 1
+_US = 1e6  # trace seconds -> Chrome microseconds
+_INSIDE = 0.01  # µs: where a flow lands inside its slice (past the start, so it binds to it)
+
+
+def _us(t: float) -> float:
+    return round(t * _US, 3)
+
+
+class _Writer:
+    def __init__(self, f: IO[str]) -> None:
+        self.f = f
+        self.first = True
+        self.count = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.f.write("\n" if self.first else ",\n")
+        self.first = False
+        self.f.write(json.dumps(event, separators=(",", ":")))
+        self.count += 1
+
+
+def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, int]:
+    """Writes the trace at ``path`` as Chrome trace event JSON to ``out``.
+
+    Open the result in https://ui.perfetto.dev (or chrome://tracing). Timestamps are
+    microseconds since the run started.
+
+    Returns:
+        Counts of what was written: ``slices`` (computes), ``flows`` (messages with an arrow),
+        ``unmatched_sends`` (sends whose receive is not in the trace: a truncated or failed run),
+        ``events`` (JSON events in all).
+    """
+    reader = open_trace(path)
+    kinds = node_kinds(reader.header)
+    tids: dict[str, int] = {}
+    with open(out, "w") as f:
+        f.write('{"displayTimeUnit":"ms","otherData":')
+        policy = reader.header.get("policy", {})
+        f.write(json.dumps({"source": str(path), "format": "asyncnn-trace", "policy": policy}))
+        f.write(',"traceEvents":[')
+        emit = _Writer(f)
+        emit({"ph": "M", "pid": _PID, "name": "process_name", "args": {"name": "asyncnn run"}})
+
+        def tid(actor: str) -> int:
+            if actor not in tids:
+                tids[actor] = len(tids) + 1
+                name = actor if actor not in kinds else f"{actor} ({kinds[actor]})"
+                emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_name",
+                      "args": {"name": name}})  # fmt: skip
+                emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_sort_index",
+                      "args": {"sort_index": tids[actor]}})  # fmt: skip
+            return tids[actor]
+
+        # rows in graph order: the scheduler, then the nodes as the graph lists them
+        tid("scheduler")
+        for name in kinds:
+            tid(name)
+        counts = _export(reader, kinds, emit, tid)
+        f.write("\n]}\n")
+    counts["events"] = emit.count
+    return counts
+
+
+def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict[str, int]:
+    occ = Occupancy(kinds)
+    # an open compute per actor: (start event, flows that end in it)
+    open_: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    # sends awaiting their receive, FIFO per (sender, receiver, kind, key): (flow id, "s" event)
+    sends: dict[tuple[str, str, str, int], deque[tuple[int, dict[str, Any]]]] = {}
+    # received messages awaiting the compute that consumes them, per (actor, kind, key)
+    waiting: dict[tuple[str, str, int], list[tuple[int, dict[str, Any], float]]] = {}
+    next_id = 1
+    slices = flows = 0
+    t_last = 0.0
+
+    def finish_flow(fid: int, start: dict[str, Any], actor: str, ts: float) -> None:
+        nonlocal flows
+        emit(start)
+        emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
+              "pid": _PID, "tid": tid(actor), "ts": ts})  # fmt: skip
+        flows += 1
+
+    def marker(actor: str, t: float, name: str, args: dict[str, Any]) -> None:
+        # a zero-length slice for a flow to bind to where no compute encloses the message
+        emit({"ph": "X", "cat": "message", "name": name, "pid": _PID, "tid": tid(actor),
+              "ts": _us(t), "dur": 0, "args": args})  # fmt: skip
+
+    for e in reader:
+        t = float(e.get("t", t_last))
+        t_last = max(t_last, t)
+        a = str(e.get("a", ""))
+        ev = e.get("ev")
+        kind = str(e.get("k", ""))
+        key = int(e.get("key", -1))
+        for change in occ.feed(e):
+            if change[0] == "in_flight":
+                emit({"ph": "C", "pid": _PID, "name": "keys in flight", "ts": _us(t),
+                      "args": {"keys": change[1]}})  # fmt: skip
+            else:
+                emit({"ph": "C", "pid": _PID, "name": f"{change[0]} stored", "ts": _us(t),
+                      "args": {"activations": change[1]}})  # fmt: skip
+                emit({"ph": "C", "pid": _PID, "name": f"{change[0]} versions held",
+                      "ts": _us(t), "args": {"versions": change[2]}})  # fmt: skip
+        if ev == "start":
+            open_[a] = (e, [])
+            for fid, s_event, _ in waiting.pop((a, kind, key), []):
+                open_[a][1].append(fid)
+                emit(s_event)
+        elif ev == "end" and a in open_:
+            start, ends = open_.pop(a)
+            ts, dur = _us(float(start["t"])), max(0.0, round(_us(t) - _us(float(start["t"])), 3))
+            args = {"key": key, "version": e.get("v"), "seq": e.get("seq")}
+            if start.get("v") != e.get("v"):
+                args["version at start"] = start.get("v")
+            if "m" in e:
+                args.update(e["m"])
+            emit({"ph": "X", "cat": "compute", "name": f"{kind} k{key}", "pid": _PID,
+                  "tid": tid(a), "ts": ts, "dur": dur, "args": args})  # fmt: skip
+            slices += 1
+            inside = ts + min(_INSIDE, dur / 2)
+            for fid in ends:
+                emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
+                      "pid": _PID, "tid": tid(a), "ts": inside})  # fmt: skip
+                flows += 1
+        elif ev == "send":
+            peer = str(e.get("p", ""))
+            fid, next_id = next_id, next_id + 1
+            nbytes = sum(int(x["n"]) for x in e.get("x") or () if x is not None)
+            if a not in open_:
+                marker(a, t, f"send {kind} k{key} → {peer}", {"key": key, "bytes": nbytes})
+            s_event = {"ph": "s", "cat": "message", "name": "message", "id": fid, "pid": _PID,
+                       "tid": tid(a), "ts": _us(t),
+                       "args": {"from": a, "to": peer, "kind": kind, "key": key,
+                                "version": e.get("v"), "bytes": nbytes}}  # fmt: skip
+            sends.setdefault((a, peer, kind, key), deque()).append((fid, s_event))
+        elif ev == "receive":
+            queue = sends.get((str(e.get("p", "")), a, kind, key))
+            if queue:
+                fid, s_event = queue.popleft()
+                if a in open_ and open_[a][0].get("k") == kind and open_[a][0].get("key") == key:
+                    open_[a][1].append(fid)
+                    emit(s_event)
+                else:
+                    waiting.setdefault((a, kind, key), []).append((fid, s_event, t))
+        elif ev == "update":
+            emit({"ph": "i", "s": "t", "cat": "update", "name": f"update → v{e.get('v')}",
+                  "pid": _PID, "tid": tid(a), "ts": _us(t), "args": {"version": e.get("v")}})  # fmt: skip
+        elif ev in ("admit", "flush", "error"):
+            args = dict(e.get("m", {}))
+            if key >= 0:
+                args["key"] = key
+            name = f"admit k{key}" if ev == "admit" else str(ev)
+            emit({"ph": "i", "s": "g" if ev == "error" else "t", "cat": str(ev), "name": name,
+                  "pid": _PID, "tid": tid(a), "ts": _us(t), "args": args})  # fmt: skip
+    # cut off: computes still open end at the last event; received messages never consumed
+    # end on a marker where they were received
+    for a, (start, ends) in open_.items():
+        ts = _us(float(start["t"]))
+        dur = max(0.0, round(_us(t_last) - ts, 3))
+        emit({"ph": "X", "cat": "compute", "name": f"{start.get('k', '')} k{start.get('key')}",
+              "pid": _PID, "tid": tid(a), "ts": ts, "dur": dur,
+              "args": {"key": start.get("key"), "version": start.get("v"), "seq": start.get("seq"),
+                       "unfinished": True}})  # fmt: skip
+        slices += 1
+        for fid in ends:
+            emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
+                  "pid": _PID, "tid": tid(a), "ts": ts + min(_INSIDE, dur / 2)})  # fmt: skip
+            flows += 1
+    for (a, kind, key), items in waiting.items():
+        for fid, s_event, t in items:
+            marker(a, t, f"receive {kind} k{key} (never computed)", {"key": key})
+            finish_flow(fid, s_event, a, _us(t))
+    unmatched = sum(len(q) for q in sends.values())
+    return {"slices": slices, "flows": flows, "unmatched_sends": unmatched}

@@ -1,0 +1,358 @@
+"""What a trace says about a run: who was busy, what moved, how stale the gradients were.
+
+Everything is computed in one streaming pass over the events, so a trace of any size can be
+summarised; the plots (optional) keep one interval per compute.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._read import open_trace
+
+__all__ = ["Occupancy", "format_summary", "node_kinds", "summary"]
+
+
+def node_kinds(header: dict[str, Any]) -> dict[str, str]:
+    """``{node name: "input" | "layer" | "loss"}`` from the header's graph spec (empty without)."""
+    graph = header.get("graph")
+    if not isinstance(graph, dict):
+        return {}
+    return {str(n["name"]): str(n.get("kind", "")) for n in graph.get("nodes", []) if "name" in n}
+
+
+class Occupancy:
+    """Follows what the runtime holds as events stream by: keys in flight (admitted and not yet
+    through every layer's backward), and per layer the stored activations and the parameter
+    versions they reference (the same counting as :class:`~asyncnn.ActorStatistics`).
+
+    :meth:`feed` returns what changed: ``("in_flight", n)`` or ``(actor, stored, versions)``.
+    """
+
+    def __init__(self, kinds: dict[str, str]) -> None:
+        self.layers = {n for n, k in kinds.items() if k == "layer"}
+        self.known = bool(kinds)
+        self.in_flight = 0
+        self._done: dict[int, int] = {}
+        self._admitted: set[int] = set()
+        self.stored: dict[str, int] = {}
+        self._fwd_version: dict[tuple[str, int], int] = {}
+        self._refs: dict[str, dict[int, int]] = {}
+        self.version: dict[str, int] = {}
+
+    def _is_layer(self, actor: str) -> bool:
+        if self.known:
+            return actor in self.layers
+        return actor != "scheduler"
+
+    def versions_held(self, actor: str) -> int:
+        refs = self._refs.get(actor, {})
+        return len(refs) + (self.version.get(actor, 0) not in refs)
+
+    def feed(self, e: dict[str, Any]) -> list[tuple[Any, ...]]:
+        ev = e.get("ev")
+        a = str(e.get("a", ""))
+        changes: list[tuple[Any, ...]] = []
+        if ev == "admit" and "key" in e:
+            self._admitted.add(int(e["key"]))
+            self.in_flight += 1
+            changes.append(("in_flight", self.in_flight))
+        elif ev == "update" and "v" in e:
+            self.version[a] = int(e["v"])
+            if a in self._refs:
+                changes.append((a, self.stored.get(a, 0), self.versions_held(a)))
+        elif ev in ("start", "end") and self._is_layer(a) and "key" in e:
+            key = int(e["key"])
+            refs = self._refs.setdefault(a, {})
+            if ev == "end" and e.get("k") == "forward":
+                v = int(e.get("v", 0))
+                self._fwd_version[(a, key)] = v
+                refs[v] = refs.get(v, 0) + 1
+                self.stored[a] = self.stored.get(a, 0) + 1
+                changes.append((a, self.stored[a], self.versions_held(a)))
+            elif ev == "start" and e.get("k") == "backward":
+                held = self._fwd_version.pop((a, key), None)
+                if held is not None:
+                    refs[held] -= 1
+                    if not refs[held]:
+                        del refs[held]
+                    self.stored[a] -= 1
+                    changes.append((a, self.stored[a], self.versions_held(a)))
+            elif ev == "end" and e.get("k") == "backward" and key in self._admitted:
+                n = self._done.get(key, 0) + 1
+                if n == len(self.layers) or not self.known:
+                    # without a graph in the header the first layer's backward ends the key
+                    self._done.pop(key, None)
+                    self._admitted.discard(key)
+                    self.in_flight -= 1
+                    changes.append(("in_flight", self.in_flight))
+                else:
+                    self._done[key] = n
+        return changes
+
+
+@dataclass
+class _Actor:
+    kind: str = ""
+    busy: float = 0.0
+    forwards: int = 0
+    backwards: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    updates: int = 0
+    staleness: list[int] = field(default_factory=list)
+    peak_stored: int = 0
+    peak_versions_held: int = 0
+    open: tuple[float, str, int] | None = None
+    fwd_version: dict[int, int] = field(default_factory=dict)
+    intervals: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summary(
+    path: str | os.PathLike[str], plots: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Summarises a trace in one streaming pass.
+
+    Args:
+        path: the trace file.
+        plots: a folder to write ``in_flight.png`` (keys in flight over time) and
+            ``busy.png`` (each actor's computes on a timeline) into, with matplotlib.
+
+    Returns:
+        A dict: ``path``, ``truncated``, ``events``, ``seconds`` (time of the last event),
+        ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
+        every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
+        flight), ``losses`` (count, ``first``, ``last``), ``errors`` (messages), ``plots`` (paths
+        written) and ``actors``: per actor its ``kind``, ``busy_seconds``, ``idle_seconds``,
+        ``busy_fraction``, ``forwards``, ``backwards``, ``updates``, ``messages_in``,
+        ``messages_out``, ``bytes_out``, ``staleness_mean`` / ``staleness_max`` (over its
+        backwards: its version at the backward minus its version at the key's forward),
+        ``peak_stored`` and ``peak_versions_held``.
+    """
+    keep = plots is not None
+    reader = open_trace(path)
+    kinds = node_kinds(reader.header)
+    occ = Occupancy(kinds)
+    actors: dict[str, _Actor] = {n: _Actor(kind=k) for n, k in kinds.items()}
+    events = 0
+    t_last = 0.0
+    keys = 0
+    minibatches: set[int] = set()
+    losses: list[float] = []
+    errors: list[str] = []
+    flight: list[tuple[float, int]] = [(0.0, 0)]
+    flight_area = 0.0
+    flight_max = 0
+    for e in reader:
+        events += 1
+        t = float(e.get("t", t_last))
+        t_last = max(t_last, t)
+        a = str(e.get("a", ""))
+        ev = e.get("ev")
+        for change in occ.feed(e):
+            if change[0] == "in_flight":
+                t0, n0 = flight[-1]
+                flight_area += n0 * (t - t0)
+                flight.append((t, int(change[1])))
+                flight_max = max(flight_max, int(change[1]))
+                if not keep:
+                    del flight[:-1]
+            else:
+                st = actors.setdefault(change[0], _Actor())
+                st.peak_stored = max(st.peak_stored, change[1])
+                st.peak_versions_held = max(st.peak_versions_held, change[2])
+        if ev == "admit":
+            keys += 1
+            if "minibatch" in e.get("m", {}):
+                minibatches.add(int(e["m"]["minibatch"]))
+            continue
+        if ev == "error":
+            errors.append(str(e.get("m", {}).get("error", "")))
+            continue
+        if a == "scheduler" or ev == "flush":
+            continue
+        st = actors.setdefault(a, _Actor())
+        if ev == "receive":
+            st.messages_in += 1
+        elif ev == "send":
+            st.messages_out += 1
+            st.bytes_out += sum(int(x["n"]) for x in e.get("x") or () if x is not None)
+        elif ev == "update":
+            st.updates += 1
+        elif ev == "start":
+            kind, key = str(e.get("k", "")), int(e.get("key", -1))
+            st.open = (t, kind, key)
+            v = int(e.get("v", 0))
+            if kind == "forward":
+                st.fwd_version[key] = v
+            elif kind == "backward" and key in st.fwd_version:
+                st.staleness.append(v - st.fwd_version.pop(key))
+        elif ev == "end" and st.open is not None:
+            t0, kind, _ = st.open
+            st.open = None
+            st.busy += t - t0
+            if kind == "forward":
+                st.forwards += 1
+                if "loss" in e.get("m", {}):
+                    losses.append(float(e["m"]["loss"]))
+            else:
+                st.backwards += 1
+            if keep:
+                st.intervals.append((t0, t, kind))
+    t0, n0 = flight[-1]
+    flight_area += n0 * (t_last - t0)
+    span = t_last
+    out_actors: dict[str, dict[str, Any]] = {}
+    for name, st in actors.items():
+        if st.open is not None:  # cut off mid-compute: count it up to the end
+            st.busy += t_last - st.open[0]
+        out_actors[name] = {
+            "kind": st.kind,
+            "busy_seconds": st.busy,
+            "idle_seconds": max(0.0, span - st.busy) if st.kind != "input" else 0.0,
+            "busy_fraction": st.busy / span if span > 0 else 0.0,
+            "forwards": st.forwards,
+            "backwards": st.backwards,
+            "updates": st.updates,
+            "messages_in": st.messages_in,
+            "messages_out": st.messages_out,
+            "bytes_out": st.bytes_out,
+            "staleness_mean": _mean(st.staleness),
+            "staleness_max": max(st.staleness, default=0),
+            "peak_stored": st.peak_stored,
+            "peak_versions_held": st.peak_versions_held,
+        }
+    policy = reader.header.get("policy")
+    result: dict[str, Any] = {
+        "path": str(path),
+        "truncated": reader.truncated,
+        "events": events,
+        "seconds": span,
+        "policy": policy.get("type", "") if isinstance(policy, dict) else "",
+        "keys": keys,
+        "minibatches": len(minibatches),
+        "bytes_moved": sum(st.bytes_out for st in actors.values()),
+        "in_flight": {"max": flight_max, "mean": flight_area / span if span > 0 else 0.0},
+        "losses": {
+            "count": len(losses),
+            "first": losses[0] if losses else None,
+            "last": losses[-1] if losses else None,
+        },
+        "errors": errors,
+        "actors": out_actors,
+        "plots": [],
+    }
+    if plots is not None:
+        flight.append((t_last, flight[-1][1]))
+        result["plots"] = _plot(str(plots), flight, actors, span)
+    return result
+
+
+def _plot(
+    folder: str, flight: list[tuple[float, int]], actors: dict[str, _Actor], span: float
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.step([t for t, _ in flight], [n for _, n in flight], where="post")
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("keys in flight")
+    ax.set_title("Keys in flight")
+    ax.set_xlim(0, span or 1.0)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    path = os.path.join(folder, "in_flight.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    rows = [n for n, st in actors.items() if st.kind != "input" and st.intervals]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    colors = {"forward": "tab:blue", "backward": "tab:orange"}
+    for i, name in enumerate(rows):
+        for kind in ("forward", "backward"):
+            bars = [(t0, t1 - t0) for t0, t1, k in actors[name].intervals if k == kind]
+            if bars:
+                ax.broken_barh(
+                    bars, (i - 0.4, 0.8), color=colors[kind], label=kind if i == 0 else None
+                )
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the run started")
+    ax.set_title("Computes per actor (forward blue, backward orange)")
+    ax.set_xlim(0, span or 1.0)
+    fig.tight_layout()
+    path = os.path.join(folder, "busy.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The dict of :func:`summary` as a readable table."""
+    lines = [
+        f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
+        + (" (TRUNCATED: the file was cut off mid-record)" if s["truncated"] else ""),
+        f"policy {s['policy'] or '?'}; {s['keys']} keys in {s['minibatches']} minibatches; "
+        f"keys in flight: max {s['in_flight']['max']}, mean {s['in_flight']['mean']:.2f}; "
+        f"{_bytes(s['bytes_moved'])} moved",
+    ]
+    if s["losses"]["count"]:
+        lines.append(
+            f"loss: {s['losses']['count']} reports, first {s['losses']['first']:.4f}, "
+            f"last {s['losses']['last']:.4f}"
+        )
+    lines.append("")
+    lines.append(
+        f"{'actor':<12} {'kind':<6} {'busy s':>8} {'idle s':>8} {'busy':>6} {'fwd':>5} {'bwd':>5} "
+        f"{'upd':>5} {'in':>6} {'out':>6} {'sent':>9} {'stale':>11} {'stored':>6} {'vers':>4}"
+    )
+    for name, a in s["actors"].items():
+        if a["kind"] == "input":
+            compute = f"{'-':>8} {'-':>8} {'-':>6} {'-':>5} {'-':>5} {'-':>5}"
+            stale = "-"
+        else:
+            compute = (
+                f"{a['busy_seconds']:8.3f} {a['idle_seconds']:8.3f} {a['busy_fraction']:6.1%} "
+                f"{a['forwards']:5d} {a['backwards']:5d} {a['updates']:5d}"
+            )
+            stale = f"{a['staleness_mean']:.2f}/{a['staleness_max']}" if a["backwards"] else "-"
+        lines.append(
+            f"{name:<12} {a['kind'] or '?':<6} {compute} {a['messages_in']:6d} "
+            f"{a['messages_out']:6d} {_bytes(a['bytes_out']):>9} {stale:>11} "
+            f"{a['peak_stored']:6d} {a['peak_versions_held']:4d}"
+        )
+    lines.append("")
+    lines.append(
+        "stale: gradient staleness mean/max in versions (version at backward minus version at "
+        "forward); stored, vers: peak activations stored and parameter versions held"
+    )
+    for err in s["errors"]:
+        lines.append(f"error: {err}")
+    for p in s["plots"]:
+        lines.append(f"wrote {p}")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

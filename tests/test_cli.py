@@ -1,0 +1,110 @@
+"""The ``asyncnn`` command line: trace summary / export / diff, replay, and train."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn._cli import main
+
+from _reference import chain_graph
+
+
+def _record(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(32, 5)).astype(np.float32), "y": rng.integers(0, 3, 32)}
+    ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), seed=seed,
+        trace=str(path),
+    ).fit(data, epochs=1, batch_size=16)  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("cli")
+    return _record(d / "a.trace", seed=0), _record(d / "b.trace", seed=1)
+
+
+def test_trace_summary(traces: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "summary", traces[0]]) == 0
+    out = capsys.readouterr().out
+    assert f"{traces[0]}:" in out and "policy GPipe" in out and "4 keys in 2 minibatches" in out
+    for actor in ("stage0", "stage1", "loss", "x", "y"):
+        assert any(line.startswith(actor + " ") for line in out.splitlines()), actor
+    assert "TRUNCATED" not in out
+
+
+def test_trace_summary_plots(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["trace", "summary", traces[0], "--plots", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    for name in ("in_flight.png", "busy.png"):
+        assert (tmp_path / "p" / name).stat().st_size > 0
+        assert f"wrote {tmp_path / 'p' / name}" in out
+
+
+def test_trace_export(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run.json"
+    assert main(["trace", "export", traces[0], str(out), "--format", "chrome"]) == 0
+    events = json.loads(out.read_text())["traceEvents"]
+    computes = sum(1 for e in events if e["ph"] == "X" and e["cat"] == "compute")
+    starts = sum(1 for e in ann.trace.read(traces[0]).events if e["ev"] == "start")
+    assert computes == starts
+    assert f"wrote {out}: {starts} computes" in capsys.readouterr().out
+
+
+def test_trace_diff(traces: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "diff", traces[0], traces[0]]) == 0
+    assert "agree" in capsys.readouterr().out
+    # different seeds: different initial weights, so the first forward's output differs
+    assert main(["trace", "diff", traces[0], traces[1]]) == 1
+    out = capsys.readouterr().out
+    assert out.strip() and "agree" not in out
+
+
+def test_replay(traces: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", traces[0]]) == 0
+    out = capsys.readouterr().out
+    assert "identical" in out and "events checked" in out
+
+
+def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["trace", "export", "only-one-path"])
+    assert exc.value.code == 2
+    assert "out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["trace", "export", "a", "b", "--format", "svg"])
+    with pytest.raises(SystemExit):
+        main(["trace"])
+
+
+def test_not_a_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "x.trace"
+    bogus.write_bytes(b"hello, this is not a trace at all")
+    assert main(["trace", "summary", str(bogus)]) == 2
+    assert "is not an asyncnn trace" in capsys.readouterr().err
+    assert main(["trace", "export", str(tmp_path / "missing.trace"), str(tmp_path / "o")]) == 2
+    assert "missing.trace" in capsys.readouterr().err
+
+
+def test_train_still_runs_as_a_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncnn", "train", "--dataset", "digits", "--epochs", "1",
+         "--layers", "1", "--hidden", "16", "--stages", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["test"]["accuracy"] > 0

@@ -1,0 +1,210 @@
+"""Exporting traces to Chrome trace JSON, and summarising them."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+
+from _reference import chain_graph
+
+
+def _record(path: Path, policy: Any, seed: int = 0) -> ann.History:
+    g = chain_graph(3)
+    rng = np.random.default_rng(0)
+    data = {
+        "x": rng.normal(size=(64, 5)).astype(np.float32),
+        "y": rng.integers(0, 3, 64),
+    }
+    trainer = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, seed=seed, trace=str(path))
+    return trainer.fit(data, epochs=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ann.History]:
+    path = tmp_path_factory.mktemp("trace") / "async.trace"
+    return path, _record(path, policies.Async(3))
+
+
+@pytest.fixture(scope="module")
+def gpipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ann.History]:
+    path = tmp_path_factory.mktemp("trace") / "gpipe.trace"
+    return path, _record(path, policies.GPipe(4))
+
+
+def _export(trace: Path, tmp_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    out = tmp_path / "out.json"
+    counts = ann.trace.to_chrome(trace, out)
+    doc = json.loads(out.read_text())  # valid JSON, or this raises
+    return counts, doc["traceEvents"]
+
+
+def _rows(events: list[dict[str, Any]]) -> dict[int, str]:
+    return {
+        e["tid"]: e["args"]["name"].split(" ")[0]
+        for e in events
+        if e["ph"] == "M" and e["name"] == "thread_name"
+    }
+
+
+def _check_flows(events: list[dict[str, Any]]) -> int:
+    starts = {e["id"]: e for e in events if e["ph"] == "s"}
+    ends = [e for e in events if e["ph"] == "f"]
+    assert len(ends) == len(starts)
+    assert sorted(e["id"] for e in ends) == sorted(starts)  # each id once at each side
+    rows = _rows(events)
+    slices = defaultdict(list)
+    for e in events:
+        if e["ph"] == "X":
+            slices[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    for f in ends:
+        s = starts[f["id"]]
+        assert s["ts"] <= f["ts"]
+        assert rows[s["tid"]] == s["args"]["from"] and rows[f["tid"]] == s["args"]["to"]
+        # both ends lie in a slice of their row, so viewers can bind the arrow to it
+        for ev in (s, f):
+            assert any(a <= ev["ts"] <= b for a, b in slices[ev["tid"]]), ev
+    return len(ends)
+
+
+def _check_nesting(events: list[dict[str, Any]]) -> None:
+    by_row = defaultdict(list)
+    for e in events:
+        if e["ph"] == "X":
+            assert e["dur"] >= 0
+            by_row[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    for spans in by_row.values():
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        stack: list[tuple[float, float]] = []
+        for a, b in spans:
+            while stack and stack[-1][1] <= a:
+                stack.pop()
+            if stack:
+                assert b <= stack[-1][1], f"slice {a, b} overlaps {stack[-1]} partially"
+            stack.append((a, b))
+
+
+@pytest.mark.parametrize("run", ["async_run", "gpipe_run"])
+def test_chrome_export_is_consistent_with_the_trace(
+    run: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    path, hist = request.getfixturevalue(run)
+    trace = ann.trace.read(path)
+    counts, events = _export(path, tmp_path)
+
+    rows = _rows(events)
+    assert set(rows.values()) == {"scheduler", "x", "y", "stage0", "stage1", "stage2", "loss"}
+    _check_nesting(events)
+    assert _check_flows(events) == counts["flows"]
+
+    # one compute slice per start/end pair, named by kind and key, with the key's seq
+    starts = [e for e in trace.events if e["ev"] == "start"]
+    computes = [e for e in events if e["ph"] == "X" and e["cat"] == "compute"]
+    assert len(computes) == len(starts) == counts["slices"]
+    want = Counter((e["a"], f"{e['k']} k{e['key']}", e["seq"]) for e in starts)
+    got = Counter((rows[e["tid"]], e["name"], e["args"]["seq"]) for e in computes)
+    assert got == want
+    # every send got an arrow: the run finished, so every message was received
+    sends = [e for e in trace.events if e["ev"] == "send"]
+    assert counts["flows"] == len(sends) and counts["unmatched_sends"] == 0
+
+    # in flight: +1 per admit, back to 0 at the end, never above what the policy admits
+    flight = [e["args"]["keys"] for e in events if e["ph"] == "C" and e["name"] == "keys in flight"]
+    admits = sum(1 for e in trace.events if e["ev"] == "admit")
+    assert sum(1 for a, b in zip([0, *flight], flight, strict=False) if b > a) == admits
+    assert flight[-1] == 0 and 1 <= max(flight) <= (3 if run == "async_run" else 4)
+    # stored activations per layer peak where the runtime's own statistics did
+    for layer in ("stage0", "stage1", "stage2"):
+        stored = [
+            e["args"]["activations"]
+            for e in events
+            if e["ph"] == "C" and e["name"] == f"{layer} stored"
+        ]
+        assert max(stored) == hist.statistics[layer].peak_stored
+        assert stored[-1] == 0
+    updates = [e for e in events if e["ph"] == "i" and e["cat"] == "update"]
+    assert len(updates) == sum(st.updates for st in hist.statistics.values())
+
+
+def test_chrome_export_of_a_truncated_trace(async_run: Any, tmp_path: Path) -> None:
+    path, _ = async_run
+    data = path.read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) * 2 // 3 + 5])  # mid-record
+    trace = ann.trace.read(cut)
+    assert trace.truncated
+    counts, events = _export(cut, tmp_path)
+    _check_nesting(events)
+    assert _check_flows(events) == counts["flows"]
+    assert counts["slices"] == sum(1 for e in trace.events if e["ev"] == "start")
+    sends = sum(1 for e in trace.events if e["ev"] == "send")
+    receives = sum(1 for e in trace.events if e["ev"] == "receive")
+    assert counts["flows"] == receives and counts["unmatched_sends"] == sends - receives
+    assert ann.trace.summary(cut)["truncated"] is True
+
+
+def _staleness(trace: ann.trace.Trace) -> dict[str, list[int]]:
+    fwd: dict[tuple[str, int], int] = {}
+    out: dict[str, list[int]] = defaultdict(list)
+    for e in trace.events:
+        if e["ev"] == "start" and e["k"] == "forward":
+            fwd[(e["a"], e["key"])] = e["v"]
+        elif e["ev"] == "start" and e["k"] == "backward":
+            out[e["a"]].append(e["v"] - fwd[(e["a"], e["key"])])
+    return out
+
+
+@pytest.mark.parametrize("run", ["async_run", "gpipe_run"])
+def test_summary_counts(run: str, request: pytest.FixtureRequest) -> None:
+    path, hist = request.getfixturevalue(run)
+    trace = ann.trace.read(path)
+    s = ann.trace.summary(path)
+    assert s["truncated"] is False and s["events"] == len(trace.events)
+    assert s["keys"] == sum(1 for e in trace.events if e["ev"] == "admit")
+    assert s["bytes_moved"] == sum(
+        x["n"] for e in trace.events if e["ev"] == "send" for x in e["x"] if x is not None
+    )
+    stale = _staleness(trace)
+    for name in ("stage0", "stage1", "stage2", "loss"):
+        a, st = s["actors"][name], hist.statistics[name]
+        assert (a["forwards"], a["backwards"], a["updates"]) == (
+            st.forwards,
+            st.backwards,
+            st.updates,
+        )
+        assert a["messages_out"] == st.messages_out
+        assert a["messages_in"] == sum(
+            1 for e in trace.events if e["ev"] == "receive" and e["a"] == name
+        )
+        assert 0 < a["busy_seconds"] <= s["seconds"]
+        assert a["busy_seconds"] + a["idle_seconds"] == pytest.approx(s["seconds"])
+        assert a["busy_fraction"] == pytest.approx(a["busy_seconds"] / s["seconds"])
+        if name != "loss":
+            assert a["staleness_max"] == max(stale[name])
+            assert a["staleness_mean"] == pytest.approx(np.mean(stale[name]))
+            assert a["peak_stored"] == st.peak_stored
+    if run == "gpipe_run":
+        # GPipe updates after the whole minibatch: every gradient is fresh
+        assert all(s["actors"][n]["staleness_max"] == 0 for n in ("stage0", "stage1", "stage2"))
+        assert s["minibatches"] == 8 and s["keys"] == 32
+    else:
+        # Async updates after every key: the first stage's backwards lag its forwards
+        assert s["actors"]["stage0"]["staleness_max"] >= 1
+    assert s["actors"]["x"]["messages_out"] == s["keys"]
+    assert 1 <= s["in_flight"]["max"] and 0 < s["in_flight"]["mean"] <= s["in_flight"]["max"]
+    assert s["losses"]["count"] == s["keys"]
+
+
+def test_summary_plots(async_run: Any, tmp_path: Path) -> None:
+    path, _ = async_run
+    s = ann.trace.summary(path, plots=tmp_path / "plots")
+    assert sorted(Path(p).name for p in s["plots"]) == ["busy.png", "in_flight.png"]
+    for p in s["plots"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

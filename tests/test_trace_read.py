@@ -1,0 +1,430 @@
+"""Recording and reading message traces: the header and initial state, the events and their
+digests, payload modes, files cut off at every byte, damaged files, files that are not traces,
+a writer that never makes actors wait, and the trace of a run that fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._runtime import _recorder
+from asyncnn._runtime._recorder import Recorder, decode_tree, digest
+
+PREFIX = 12  # u32 length, u32 ~length, u32 crc32
+
+
+def _graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)],
+        loss=nn.CrossEntropyLoss(),
+        stages=2,
+        input_shape=(None, 4),
+    )
+
+
+def _data(n: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((n, 4)).astype(np.float32), "y": rng.integers(0, 2, n)}
+
+
+def _record(
+    path: Path, payloads: str = "inputs", policy: Any = None, n: int = 8, batch: int = 4
+) -> tuple[ann.Trainer, dict[str, Any], Any, dict[str, np.ndarray]]:
+    """Trains the tiny 2-stage graph with a trace; returns the trainer, its initial params, the
+    history and the data."""
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policy or policies.Sync(),
+        seed=3,
+        trace=str(path),
+        trace_payloads=payloads,
+    )
+    p0 = tr.params
+    d = _data(n)
+    hist = tr.fit(d, epochs=1, batch_size=batch)
+    return tr, p0, hist, d
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _leaves(tree[k])]
+    if isinstance(tree, list | tuple):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
+
+
+def _boundaries(raw: bytes) -> list[int]:
+    """The byte offsets where records start, and the file's end."""
+    out = [0]
+    while out[-1] < len(raw):
+        (n,) = struct.unpack_from("<I", raw, out[-1])
+        out.append(out[-1] + PREFIX + n)
+    assert out[-1] == len(raw)
+    return out
+
+
+# -- round trip ---------------------------------------------------------------------------------
+
+
+def test_round_trip_header_state_and_events(tmp_path: Path) -> None:
+    path = tmp_path / "run.trace"
+    tr, p0, hist, d = _record(path)
+    assert tr.traces == [str(path)]
+    t = ann.trace.read(path)
+    assert not t.truncated
+    h = t.header
+    assert h["format"] == "asyncnn-trace" and h["version"] == 1
+    assert h["graph"] == tr.graph.to_spec()
+    assert ann.Graph.from_spec(h["graph"]).to_spec() == h["graph"]
+    assert h["policy"] == policies.Sync().to_spec()
+    assert h["optimizer"] == optim.SGD(lr=0.1).to_spec()
+    assert h["seed"] == 3 and h["dtype"] == "float32"
+    assert h["packages"]["asyncnn"] == ann.__version__
+    assert h["packages"]["numpy"] == np.__version__
+
+    # the state record holds the weights the run started from, bit for bit
+    assert t.state is not None
+    start = decode_tree(t.state["params"])
+    assert sorted(start) == sorted(p0) == ["stage0", "stage1"]
+    for name in p0:
+        a, b = _leaves(start[name]), _leaves(p0[name])
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert x.dtype == y.dtype == np.float32
+            np.testing.assert_array_equal(x, y)
+
+    ev = t.events
+    kinds = Counter(e["ev"] for e in ev)
+    assert kinds["admit"] == 2 and kinds["flush"] >= 1 and "error" not in kinds
+    # every start has its end, per actor and sequence number, in order
+    for actor in ("stage0", "stage1", "loss"):
+        starts = [
+            (e["seq"], e["k"], e["key"]) for e in ev if e["a"] == actor and e["ev"] == "start"
+        ]
+        ends = [(e["seq"], e["k"], e["key"]) for e in ev if e["a"] == actor and e["ev"] == "end"]
+        assert starts == ends and [s[0] for s in starts] == list(range(len(starts)))
+        assert len(starts) == (2 if actor == "loss" else 4)  # 2 keys: F, B each (loss: F only)
+    for actor in ("stage0", "stage1"):  # Sync: one update per minibatch and layer
+        assert [e["v"] for e in ev if e["a"] == actor and e["ev"] == "update"] == [1, 2]
+    # every receive is the arrival of a recorded send
+    sends = Counter((e["a"], e["p"], e["k"], e["key"]) for e in ev if e["ev"] == "send")
+    receives = Counter((e["p"], e["a"], e["k"], e["key"]) for e in ev if e["ev"] == "receive")
+    assert sends == receives and sum(sends.values()) == 2 * (2 + 2 + 2)  # x, y, 2 fwd, 2 bwd
+    # timestamps are monotonic
+    stamps = [e["t"] for e in ev]
+    assert stamps == sorted(stamps) and stamps[0] >= 0
+    # the loss the loss actor recorded is the minibatch loss the trainer reports
+    losses = [e["m"]["loss"] for e in ev if e["a"] == "loss" and e["ev"] == "end"]
+    assert losses == pytest.approx(hist.losses, rel=1e-6)
+
+    # digests: the data fed in, as float32 / int64 rows
+    for key, (lo, hi) in enumerate(((0, 4), (4, 8))):
+        (xs,) = [e for e in ev if e["ev"] == "send" and e["a"] == "x" and e["key"] == key]
+        (ys,) = [e for e in ev if e["ev"] == "send" and e["a"] == "y" and e["key"] == key]
+        assert xs["x"][0] == {
+            "s": [4, 4],
+            "d": "<f4",
+            "n": 64,
+            "h": digest(d["x"][lo:hi].astype(np.float32)),
+        }
+        assert ys["x"][0]["h"] == digest(d["y"][lo:hi].astype(np.int64))
+        assert xs["p"] == "stage0" and ys["p"] == "loss"
+    # ... and an activation: stage0's forward output for key 0, computed here at the initial weights
+    (f0,) = [e for e in ev if e["ev"] == "send" and e["a"] == "stage0" and e["k"] == "forward"
+             and e["key"] == 0]  # fmt: skip
+    out = np.asarray(tr.graph.nodes["stage0"].module(p0["stage0"], d["x"][0:4]))
+    assert f0["x"][0]["s"] == [4, 3] and f0["x"][0]["h"] == digest(out)
+
+
+def test_digest_is_of_the_bytes_in_c_order() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert digest(a) == digest(np.ascontiguousarray(a.T).T.copy(order="C"))
+    assert digest(a.T) == digest(np.ascontiguousarray(a.T))
+    assert digest(a) != digest(a.astype(np.float64))
+    b = a.copy()
+    b[2, 3] = np.nextafter(b[2, 3], np.float32(20))  # one ulp
+    assert digest(a) != digest(b)
+
+
+def test_streaming_reader_gives_the_same_trace(tmp_path: Path) -> None:
+    path = tmp_path / "run.trace"
+    _record(path)
+    whole = ann.trace.read(path)
+    with ann.trace.open_trace(path) as reader:
+        assert reader.header == whole.header and reader.state == whole.state
+        assert list(reader) == whole.events
+        assert reader.truncated is False
+    assert "events" in repr(whole)
+
+
+def test_a_second_fit_writes_a_second_trace(tmp_path: Path) -> None:
+    tr, _, _, d = _record(tmp_path / "run.trace")
+    tr.fit(d, batch_size=4)
+    assert tr.traces == [str(tmp_path / "run.trace"), str(tmp_path / "run.1.trace")]
+    second = ann.trace.read(tmp_path / "run.1.trace")
+    assert second.header["start"] == {"minibatches": 2, "keys": 2}
+    assert [e["key"] for e in second.events if e["ev"] == "admit"] == [2, 3]
+
+
+# -- payload modes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["inputs", "all", "none"])
+def test_payload_modes(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / f"{mode}.trace"
+    _, _, _, d = _record(path, payloads=mode)
+    t = ann.trace.read(path)
+    sends = [e for e in t.events if e["ev"] == "send"]
+    assert len(sends) == 12
+    assert not any("pl" in e for e in t.events if e["ev"] != "send")
+    for e in sends:
+        is_input = e["a"] in ("x", "y")
+        kept = mode == "all" or (mode == "inputs" and is_input)
+        assert ("pl" in e) == kept, (mode, e["a"], e["k"])
+        if not kept:
+            assert ann.trace.payload_array(e) is None
+            continue
+        arr = ann.trace.payload_array(e)
+        assert arr is not None
+        meta = e["x"][0]
+        assert list(arr.shape) == meta["s"] and arr.dtype.str == meta["d"]
+        assert digest(arr) == meta["h"]  # the payload is the tensor the digest was taken of
+        if is_input:
+            lo = 4 * e["key"]
+            np.testing.assert_array_equal(arr, d[e["a"]][lo : lo + 4])
+    assert ann.trace.payload_array(sends[0], 5) is None  # no such tensor
+
+
+def test_payloads_stay_aligned_with_missing_tensors() -> None:
+    a, b = np.ones((2, 2), np.float32), np.arange(3)
+    info, pl = _recorder.describe_arrays((a, None, b), True)
+    assert info[1] is None and pl[1] is None and len(pl) == 3
+    event = {"x": info, "pl": pl}
+    np.testing.assert_array_equal(ann.trace.payload_array(event, 2), b)
+    assert ann.trace.payload_array(event, 1) is None
+    info, pl = _recorder.describe_arrays((a, None), False)
+    assert pl == [] and info[0] is not None and info[0]["h"] == digest(a)
+
+
+def test_unknown_payload_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"trace_payloads must be one of .*'some'"):
+        ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                    trace=str(tmp_path / "t"), trace_payloads="some")  # fmt: skip
+
+
+# -- files cut off, damaged, or not traces ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Any]:
+    """A 2-stage Sync run of 2 tiny minibatches: its bytes and its reading."""
+    path = tmp_path_factory.mktemp("small") / "small.trace"
+    _record(path)
+    return path.read_bytes(), ann.trace.read(path)
+
+
+def test_cut_at_every_byte(small_trace: tuple[bytes, Any], tmp_path: Path) -> None:
+    raw, whole = small_trace
+    bounds = _boundaries(raw)
+    records = [whole.header, {"state": whole.state}, *whole.events]
+    assert len(bounds) == len(records) + 1
+    path = tmp_path / "cut.trace"
+    for cut in range(len(raw) + 1):
+        path.write_bytes(raw[:cut])
+        if cut < bounds[1]:  # inside the header
+            with pytest.raises(ann.TraceFormatError, match="not an asyncnn trace"):
+                ann.trace.read(path)
+            continue
+        t = ann.trace.read(path)
+        whole_records = sum(1 for b in bounds[1:] if b <= cut)
+        assert t.truncated == (cut not in bounds), cut
+        assert t.header == whole.header
+        assert t.state == (whole.state if whole_records >= 2 else None), cut
+        assert t.events == whole.events[: max(0, whole_records - 2)], cut
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+)
+@given(
+    changes=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=4
+    ),
+)
+@pytest.mark.timeout(60)  # reading is a loop that advances through the file or stops
+def test_damage_anywhere_is_refused_naming_the_record(
+    small_trace: tuple[bytes, Any], tmp_path: Path, changes: list[tuple[float, int]]
+) -> None:
+    """Any changed byte is detected: a prefix byte breaks ``length == ~check`` (both would have to
+    change together) or the checksum (the CRC field itself); a payload byte breaks the CRC-32,
+    which detects every error within 32 consecutive bits, so every change of a single byte. Several
+    scattered changes escape it with probability 2**-32 only. So ``read`` never succeeds here."""
+    raw, _ = small_trace
+    bounds = _boundaries(raw)
+    data = bytearray(raw)
+    offsets = []
+    for where, xor in changes:
+        i = int(where * len(raw))
+        data[i] ^= xor  # xor with a nonzero mask: the byte always changes
+        offsets.append(i)
+    if bytes(data) == raw:  # two changes of the same byte cancelled out
+        return
+    first = min(i for i in offsets if data[i] != raw[i])
+    record = max(r for r, b in enumerate(bounds[:-1]) if b <= first)
+    path = tmp_path / "damaged.trace"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ann.TraceFormatError) as info:
+        ann.trace.read(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    if record == 0:
+        assert "not an asyncnn trace" in msg
+    assert f"record {record} at byte {bounds[record]}" in msg, msg
+
+
+def test_damaged_state_record_closes_the_file(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    raw, _ = small_trace
+    bounds = _boundaries(raw)
+    data = bytearray(raw)
+    data[bounds[1] + PREFIX + 5] ^= 0xFF
+    path = tmp_path / "damaged.trace"
+    path.write_bytes(bytes(data))
+    # filterwarnings=error turns a leaked file (ResourceWarning) into a failure
+    with pytest.raises(ann.TraceFormatError, match=rf"record 1 at byte {bounds[1]} is damaged"):
+        ann.trace.open_trace(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x00",
+        b'{"format": "asyncnn-trace"}',
+        json.dumps({"format": "asyncnn-trace", "version": 1, "events": list(range(50))}).encode(),
+        bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)),
+        bytes(12),  # a zero-length record: the length check fails
+    ],
+    ids=["empty", "one-byte", "short-json", "json", "random", "zeros"],
+)
+def test_a_file_that_is_not_a_trace(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "not.trace"
+    path.write_bytes(content)
+    with pytest.raises(ann.TraceFormatError, match="is not an asyncnn trace"):
+        ann.trace.read(path)
+
+
+def test_a_framed_record_of_another_format_is_not_a_trace(tmp_path: Path) -> None:
+    from asyncnn._runtime._traceformat import encode_record
+
+    path = tmp_path / "other.trace"
+    path.write_bytes(encode_record({"format": "something-else", "version": 1}))
+    with pytest.raises(ann.TraceFormatError, match="not an asyncnn trace.*'something-else'"):
+        ann.trace.read(path)
+    path.write_bytes(encode_record({"format": "asyncnn-trace", "version": 99}))
+    with pytest.raises(
+        ann.TraceFormatError, match="format version 99; this asyncnn reads version 1"
+    ):
+        ann.trace.read(path)
+
+
+# -- the writer never makes actors wait ---------------------------------------------------------
+
+
+def test_event_is_a_queue_put_the_writer_does_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the writer thread held up, thousands of events (with tensors to digest and keep) are
+    still accepted at once by the calling thread; the digesting and writing all happen on the
+    writer thread, and nothing is lost or reordered."""
+    gate = threading.Event()
+    threads: set[str] = set()
+    real = _recorder.describe_arrays
+
+    def held(arrays: Any, with_payload: bool) -> Any:
+        threads.add(threading.current_thread().name)
+        assert gate.wait(30), "the test never released the writer"
+        return real(arrays, with_payload)
+
+    monkeypatch.setattr(_recorder, "describe_arrays", held)
+    path = tmp_path / "hot.trace"
+    rec = Recorder(str(path), {"seed": 0}, payloads="all")
+    big = np.arange(2048, dtype=np.float32)  # 8 kB each: digests and payloads cost
+    n = 3000
+    for i in range(n):
+        rec.event("a", "send", "forward", i, 0, "b", i, (big,), True)
+    # every event returned while the writer was stuck on the first one
+    assert rec.events == 0 and rec._queue.qsize() >= n - 1
+    assert threading.current_thread().name not in threads
+    gate.set()
+    rec.close()
+    assert threads == {"asyncnn-trace-writer"}
+    t = ann.trace.read(path)
+    assert [e["key"] for e in t.events] == list(range(n)) and rec.events == n
+    assert t.events[-1]["x"][0]["h"] == digest(big)
+
+
+def test_writer_failure_is_reported_by_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(arrays: Any, with_payload: bool) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_recorder, "describe_arrays", broken)
+    rec = Recorder(str(tmp_path / "t.trace"), {}, payloads="none")
+    rec.event("a", "send", tensors=(np.ones(2),))
+    with pytest.raises(RuntimeError, match="writing the trace") as info:
+        rec.close()
+    assert isinstance(info.value.__cause__, OSError)
+
+
+# -- the trace of a run that fails --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exploding(nn.Module):
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        raise FloatingPointError("boom in the layer")
+
+
+def test_failed_run_trace_ends_with_the_error(tmp_path: Path) -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 4))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("first", nn.Linear(4, 3), x)
+    h = g.layer("middle", nn.Identity(), h)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    path = tmp_path / "failed.trace"
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path))
+    g.nodes["middle"].module = Exploding()  # after validation: it fails at run time
+    with pytest.raises(ann.ActorError):
+        tr.fit(_data(), batch_size=4)
+    assert threading.active_count() == 1 or not any(
+        t.name == "asyncnn-trace-writer" for t in threading.enumerate()
+    )
+    t = ann.trace.read(path)
+    assert not t.truncated and t.state is not None
+    last = t.events[-1]
+    assert last["ev"] == "error" and last["a"] == "middle" and last["k"] == "forward"
+    assert "boom in the layer" in last["m"]["error"]
+    starts = [e for e in t.events if e["a"] == "middle" and e["ev"] == "start"]
+    assert starts and not any(e["a"] == "middle" and e["ev"] == "end" for e in t.events)
+    assert os.path.getsize(path) == _boundaries(path.read_bytes())[-1]
