@@ -417,9 +417,8 @@ def test_failed_run_trace_ends_with_the_error(tmp_path: Path) -> None:
     g.nodes["middle"].module = Exploding()  # after validation: it fails at run time
     with pytest.raises(ann.ActorError):
         tr.fit(_data(), batch_size=4)
-    assert threading.active_count() == 1 or not any(
-        t.name == "asyncnn-trace-writer" for t in threading.enumerate()
-    )
+    # the writer thread was joined: the trace is closed, not abandoned mid-write
+    assert not any(t.name == "asyncnn-trace-writer" for t in threading.enumerate())
     t = ann.trace.read(path)
     assert not t.truncated and t.state is not None
     last = t.events[-1]

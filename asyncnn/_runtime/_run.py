@@ -420,40 +420,50 @@ async def open_run(
         recorder = Recorder(trace, _trace_header(graph, optimizer, policy, seed, dtype, state),
                             trace_payloads)  # fmt: skip
         recorder.state(state.params, state.opt_states, state.versions)
-    async with _maybe_pool(pool, cpu_actors) as the_pool:
-        run = Run(
-            graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout, check_finite,
-            on_loss, recorder, _orders, _max_in_flight,
-        )  # fmt: skip
-        try:
-            async with anyio.create_task_group() as tg:
-                for name in run.actors:
-                    tg.start_soon(run._serve, name, name=f"actor {name}")
-                watchdog = anyio.CancelScope()
+    failed = False
+    try:
+        async with _maybe_pool(pool, cpu_actors) as the_pool:
+            run = Run(
+                graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
+                check_finite, on_loss, recorder, _orders, _max_in_flight,
+            )  # fmt: skip
+            try:
+                async with anyio.create_task_group() as tg:
+                    for name in run.actors:
+                        tg.start_soon(run._serve, name, name=f"actor {name}")
+                    watchdog = anyio.CancelScope()
 
-                async def guard() -> None:
-                    with watchdog:
-                        await run._watchdog()
+                    async def guard() -> None:
+                        with watchdog:
+                            await run._watchdog()
 
-                tg.start_soon(guard)
-                yield run
-                await run.drain()
-                await _stop_all(run)
-                watchdog.cancel()
-        except BaseExceptionGroup as group:
-            error = _single_error(group)
-            if recorder is not None:
-                where = getattr(error, "actor", "scheduler")
-                key = getattr(error, "key", None)
-                recorder.event(where, "error", getattr(error, "kind", "") or "",
-                               -1 if key is None else key, meta={"error": str(error)})  # fmt: skip
-            raise error from error.__cause__  # keeps the original failure as the cause
-        finally:
-            for actor in run.actors.values():
-                actor.send_channel.close()
-                actor.inbox.close()
-            if recorder is not None:
+                    tg.start_soon(guard)
+                    yield run
+                    await run.drain()
+                    await _stop_all(run)
+                    watchdog.cancel()
+            except BaseExceptionGroup as group:
+                error = _single_error(group)
+                if recorder is not None:
+                    where = getattr(error, "actor", "scheduler")
+                    key = getattr(error, "key", None)
+                    recorder.event(where, "error", getattr(error, "kind", "") or "",
+                                   -1 if key is None else key, meta={"error": str(error)})  # fmt: skip
+                raise error from error.__cause__  # keeps the original failure as the cause
+            finally:
+                for actor in run.actors.values():
+                    actor.send_channel.close()
+                    actor.inbox.close()
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if recorder is not None:
+            try:
                 recorder.close()
+            except Exception:
+                if not failed:  # a trace that failed to write must not hide the run's own error
+                    raise
 
 
 def _trace_header(
