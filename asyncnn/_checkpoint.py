@@ -73,6 +73,12 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
             "opt_state": _split(state.opt_states[name], f"opt/{name}", arrays),
             "version": state.versions[name],
         }
+        if name in state.pending_grads:  # gradients accumulated and not yet applied
+            acc, count = state.pending_grads[name]
+            layout[name]["pending"] = {
+                "grads": _split(acc, f"pending/{name}", arrays),
+                "count": count,
+            }
     spec = {
         "format": FORMAT,
         "version": VERSION,
@@ -120,14 +126,19 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     }
     kwargs.update(overrides)
     trainer = cls(graph, **kwargs)
-    params, opt_states, versions = {}, {}, {}
+    params, opt_states, versions, pending = {}, {}, {}, {}
     for name in graph.layers:
         entry = spec["layout"][name]
         device = graph.nodes[name].device
         params[name] = _join(entry["params"], f"params/{name}", arrays, device, [0])
         opt_states[name] = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
         versions[name] = int(entry["version"])
-    trainer.state = RunState(params, opt_states, versions, spec["minibatches"], spec["keys"])
+        if "pending" in entry:
+            acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
+            pending[name] = (acc, int(entry["pending"]["count"]))
+    trainer.state = RunState(
+        params, opt_states, versions, spec["minibatches"], spec["keys"], pending
+    )
     trainer.epochs_done = int(spec["epochs_done"])
     return trainer
 

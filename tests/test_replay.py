@@ -179,3 +179,101 @@ def test_replay_of_a_trace_without_state_or_inputs_says_why(tmp_path):
     with pytest.raises(ValueError, match="no initial state"):
         ann.replay(bad)
     _ = msgpack
+
+
+def test_replay_of_a_second_fit_with_pending_gradients(tmp_path):
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(3, min_update_frequency=2),
+        trace=str(path),
+    )
+    tr.fit(_data(12), batch_size=4)  # 3 keys: one gradient left pending per layer
+    assert tr.state.pending_grads
+    tr.fit(_data(12), batch_size=4)
+    assert tr.traces == [str(path), str(tmp_path / "r.1.trace")]
+    rep = ann.replay(tr.traces[1])
+    assert rep.identical
+    assert_params_equal(rep.params, tr.params)
+
+
+def test_checkpoint_keeps_pending_gradients(tmp_path):
+    def trainer():
+        return ann.Trainer(
+            _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Async(1, min_update_frequency=2)
+        )
+
+    straight = trainer()
+    straight.fit(_data(12), batch_size=4)
+    straight.fit(_data(12), batch_size=4)
+    first = trainer()
+    first.fit(_data(12), batch_size=4)
+    first.save(str(tmp_path / "c"))
+    resumed = ann.Trainer.load(str(tmp_path / "c"))
+    assert {k: v[1] for k, v in resumed.state.pending_grads.items()} == {
+        "stage0": 1,
+        "stage1": 1,
+        "stage2": 1,
+    }
+    resumed.fit(_data(12), batch_size=4)
+    assert_params_equal(resumed.params, straight.params)
+
+
+def test_replay_alone_of_a_one_layer_graph_and_a_second_reader_of_the_data(tmp_path):
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    a = g.layer("a", nn.Linear(5, 3), x)
+    b = g.layer("b", nn.Linear(5, 3), x)  # the second reader of x
+    g.loss("la", nn.CrossEntropyLoss(), a, y)
+    g.loss("lb", nn.CrossEntropyLoss(), b, y)
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        g,
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(2),
+        trace=str(path),
+        trace_payloads="all",
+    ).fit(_data(16), batch_size=4)
+    for name in ("a", "b"):
+        rep = ann.replay(path, actor=name)
+        assert rep.identical and rep.events_checked == 4  # 4 forwards; backwards send nothing
+    one = ann.Graph.sequential([nn.Linear(5, 3)], loss=nn.CrossEntropyLoss(), input_shape=(None, 5))
+    path1 = tmp_path / "one.trace"
+    ann.Trainer(
+        one,
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(),
+        trace=str(path1),
+        trace_payloads="all",
+    ).fit(_data(8), batch_size=4)
+    assert ann.replay(path1, actor="stage0").identical
+
+
+def test_stopped_replay_keeps_the_weights_where_it_stopped(tmp_path):
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(path)
+    ).fit(_data(16), batch_size=8)
+    rep = ann.replay(path, stop_at_key=2)
+    assert rep.stopped_at is not None and rep.stopped_at[3] == 2
+    assert set(rep.params) == {"stage0", "stage1", "stage2"} and rep.events_checked > 0
+    assert rep.identical
+
+
+def test_backward_messages_carry_the_version_they_were_computed_with(tmp_path):
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.PipeDream(2, stash=True),
+        trace=str(path),
+    ).fit(_data(16), batch_size=8)
+    t = ann.trace.read(path)
+    fwd = {
+        (e["a"], e["key"]): e["v"] for e in t.events if e["ev"] == "start" and e["k"] == "forward"
+    }
+    for e in t.events:
+        if e["ev"] == "send" and e["k"] == "backward" and e["a"].startswith("stage"):
+            assert e["v"] == fwd[(e["a"], e["key"])]  # stashed: the forward's version

@@ -266,3 +266,40 @@ def test_async_pending_gradients_carry_over_between_fits():
     assert_params_close(split.params, whole.params, rtol=1e-12)
     more = run([slice(0, 12), slice(0, 4)])  # the pending gradient joins the 4th: a 2nd update
     assert more.versions == {"stage0": 2, "stage1": 2}
+
+
+@pytest.mark.anyio
+async def test_pipedream_can_drain_and_go_on_in_one_run():
+    g = chain_graph(3)
+    d = _data(n=16)
+    halves = [{k: v[:8] for k, v in d.items()}, {k: v[8:] for k, v in d.items()}]
+    async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(2)) as run:
+        await run.step(halves[0])
+        await run.drain()
+        await run.step(halves[1])
+        await run.drain()
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+async def test_step_copies_its_inputs():
+    # step returns before its keys are computed: refilling the caller's buffer must not matter
+    g = chain_graph(2)
+    d = _data(n=16)
+    batches = [{k: v[:8].copy() for k, v in d.items()}, {k: v[8:].copy() for k, v in d.items()}]
+
+    async def train(reuse):
+        async with ann.open_run(
+            g, optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(2), dtype="float64"
+        ) as run:
+            buf = {k: v.copy() for k, v in batches[0].items()}
+            for b in batches:
+                if reuse:
+                    for k in buf:
+                        buf[k][...] = b[k]
+                    await run.step(buf)
+                else:
+                    await run.step(b)
+        return run.losses
+
+    assert await train(reuse=True) == await train(reuse=False)

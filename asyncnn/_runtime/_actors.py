@@ -394,6 +394,9 @@ class LayerActor(_Actor):
             if part is not None:
                 g = part if g is None else g + part
         meta = self.meta.pop(key)
+        entry = self.store.get(key)
+        # the version the gradients are computed with: the stashed one, else the current one
+        used = entry[1] if entry is not None and entry[0] is not None else self.version
         input_grads = await self.on_backward(key, g, meta)
         for slot, (src, from_layer) in enumerate(
             zip(self.node.inputs, self.input_is_layer, strict=True)
@@ -402,9 +405,7 @@ class LayerActor(_Actor):
                 continue
             edge = self.run.edge_index[(src, self.name, slot)]
             grad = input_grads[slot] if input_grads is not None else None
-            await self._send(
-                Message(BACKWARD, key, self.version, self.name, src, edge, (grad,), meta)
-            )
+            await self._send(Message(BACKWARD, key, used, self.name, src, edge, (grad,), meta))
         self.stats.backwards += 1
         self.run.backward_done(self.name, key)
 

@@ -127,6 +127,10 @@ class OneFOneBOrder(StageOrder):
     def end_of_stream(self, total_keys: int) -> None:
         if not self.flush:
             self.total = total_keys
+            if self.b >= total_keys:  # everything was done before the news came: next stream
+                self.base += total_keys
+                self.f = self.b = 0
+                self.total = None
 
 
 class Policy(abc.ABC):

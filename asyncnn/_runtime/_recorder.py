@@ -134,9 +134,10 @@ class Recorder:
         self._file.write(data)
         self.bytes += len(data)
 
-    def state(self, params: Any, opt_states: Any, versions: Any) -> None:
-        """Records the weights and optimizer states the run starts from (so replay can too)."""
-        self._queue.put(("state", params, opt_states, versions))
+    def state(self, params: Any, opt_states: Any, versions: Any, pending: Any = None) -> None:
+        """Records the weights, optimizer states and not yet applied gradients the run starts
+        from (so replay can start there too)."""
+        self._queue.put(("state", params, opt_states, versions, pending or {}))
 
     def event(
         self,
@@ -164,12 +165,13 @@ class Recorder:
                 if item is None:
                     break
                 if item[0] == "state":
-                    _, params, opt_states, versions = item
+                    _, params, opt_states, versions, pending = item
                     state_rec = {
                         "state": {
                             "params": encode_tree(params),
                             "opt_states": encode_tree(opt_states),
                             "versions": versions,
+                            "pending": encode_tree(pending),
                         }
                     }
                     self._write(encode_record(state_rec))

@@ -150,6 +150,8 @@ class Run:
         self._changed = anyio.Event()
 
     def backward_done(self, actor: str, key: int) -> None:
+        if self.isolated is not None:
+            return  # replaying one actor alone: no key was admitted, none is in flight
         n = self._done_count.get(key, 0) + 1
         if n == self.num_stages:
             self._done_count.pop(key, None)
@@ -212,7 +214,9 @@ class Run:
                 self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
         arrays = {}
         for name in self.graph.inputs:
-            arr = np.asarray(to_numpy(batch[name]))
+            # A copy: step returns before its keys are computed, and the caller may refill its
+            # buffer for the next batch meanwhile.
+            arr = np.array(to_numpy(batch[name]), copy=True)
             if np.dtype(self.graph.nodes[name].dtype).kind == "f":
                 arr = arr.astype(self.dtype, copy=False)
             arrays[name] = arr
@@ -260,6 +264,8 @@ class Run:
                 )
             self.stream_start = self.next_key
         await self._wait_until(lambda: self.in_flight == 0)
+        if self.recorder is not None and self.policy.flush and self.minibatches > 0:
+            self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
 
     async def _watchdog(self) -> None:
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
@@ -419,7 +425,7 @@ async def open_run(
     if trace is not None:
         recorder = Recorder(trace, _trace_header(graph, optimizer, policy, seed, dtype, state),
                             trace_payloads)  # fmt: skip
-        recorder.state(state.params, state.opt_states, state.versions)
+        recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
     failed = False
     try:
         async with _maybe_pool(pool, cpu_actors) as the_pool:

@@ -95,11 +95,14 @@ class _HookedOrder(RecordedOrder):
         super().__init__(ops)
         self.actor = actor
         self.hook = hook
+        self.snapshot: dict[str, Any] = {}
 
     def done(self, op: tuple[str, int], minibatch_keys: int) -> None:
         seq = self.i
         super().done(op, minibatch_keys)
         if self.hook(self.actor.name, seq, op[0], op[1], self.actor.params):
+            # the weights where it stopped, before the stop cancels the run
+            self.snapshot.update(self.actor.run.params)
             raise _Stop((self.actor.name, seq, op[0], op[1]))
 
 
@@ -125,8 +128,17 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
             lambda x, b=backend: b.asarray(x) if isinstance(x, np.ndarray) else x,
             opt_states[name],
         )
+    pending: dict[str, tuple[Any, int]] = {}
+    for name, (acc, count) in decode_tree(st.get("pending", {"dict": {}})).items():
+        backend = get_backend(graph.nodes[name].device)
+        pending[name] = (tree_map(backend.asarray, acc), int(count))
     return RunState(
-        params, opt_states, dict(st["versions"]), start.get("minibatches", 0), start.get("keys", 0)
+        params,
+        opt_states,
+        dict(st["versions"]),
+        start.get("minibatches", 0),
+        start.get("keys", 0),
+        pending,
     )
 
 
@@ -141,9 +153,12 @@ def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[dict[str, 
 
 
 def compare_sends(
-    recorded: Trace, replayed: Trace, actors: set[str]
+    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool = False
 ) -> tuple[int, Divergence | None]:
-    """Compares every actor's sent tensors, in processing order; returns (checked, first)."""
+    """Compares every actor's sent tensors, in processing order; returns (checked, first).
+
+    With ``prefix``, a replay that sent less (it was stopped) is compared as far as it went.
+    """
     a = _sends_by_actor(recorded, actors)
     b = _sends_by_actor(replayed, actors)
     checked = 0
@@ -151,6 +166,8 @@ def compare_sends(
     for actor in sorted(actors):
         for i, ea in enumerate(a[actor]):
             if i >= len(b[actor]):
+                if prefix:
+                    break
                 found.append((ea["t"], Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"],
                               ea.get("p", ""), reason="the replay sent nothing here")))  # fmt: skip
                 break
@@ -250,6 +267,7 @@ def replay(
                     for name in graph.layers:
                         a = run.actors[name]
                         a.order = _HookedOrder(orders[name], a, hook)
+                        a.order.snapshot = params
                 try:
                     if actor is None:
                         await _feed_inputs(run, trace)
@@ -264,12 +282,11 @@ def replay(
             anyio.run(main, backend="trio")
         except _Stop as stop:
             stopped.append(stop.args[0])
-        if stopped:
-            return ReplayResult(True, 0, None, params, stopped[0])
         replayed = read(out)
     actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
-    checked, first = compare_sends(trace, replayed, actors)
-    return ReplayResult(first is None, checked, first, params)
+    # a replay stopped by a hook is checked as far as it went
+    checked, first = compare_sends(trace, replayed, actors, prefix=bool(stopped))
+    return ReplayResult(first is None, checked, first, params, stopped[0] if stopped else None)
 
 
 async def _feed_inputs(run: Any, trace: Trace) -> None:
@@ -305,10 +322,15 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
     """Replays one actor: sends it the recorded messages, then waits until it has done its work."""
     run.isolated = name  # its sends are recorded, not delivered: the other actors stay idle
     metas = {e["key"]: e["m"] for e in trace.events if e["ev"] == "admit"}
+    inputs = set(run.graph.inputs)
+    data: dict[tuple[str, int], Any] = {}  # the data is kept with its input's first send only
+    for e in trace.events:
+        if e["ev"] == "send" and e["a"] in inputs and payload_array(e) is not None:
+            data[(e["a"], e["key"])] = payload_array(e)
     target = run.actors[name]
     for e in trace.events:
         if e["ev"] == "send" and e.get("p") == name:
-            arr = payload_array(e)
+            arr = data.get((e["a"], e["key"])) if e["a"] in inputs else payload_array(e)
             slot = int(e.get("m", {}).get("slot", 0))
             msg = Message(
                 e["k"], e["key"], e.get("v", 0), e["a"], name, slot, (arr,), metas[e["key"]]
