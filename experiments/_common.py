@@ -1,0 +1,80 @@
+"""What every experiment script shares: a frozen config turned into command-line flags, an output
+folder with a JSON of results, and matplotlib figures (Agg, no screen needed).
+
+Experiments import only asyncnn's public API, and this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, doc: str | None = None) -> C:
+    """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept)."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+        elif isinstance(default, tuple | list):
+            kind = type(default[0]) if default else str
+            ap.add_argument(flag, type=kind, nargs="+", default=list(default))
+        else:
+            ap.add_argument(flag, type=type(default), default=default)
+    args = ap.parse_args(argv)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        v = getattr(args, f.name)
+        values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
+    return cls(**values)
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a result was measured."""
+    import numpy as np
+
+    import asyncnn
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "asyncnn": asyncnn.__version__,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def write_results(out: str, config: Any, results: dict[str, Any]) -> str:
+    """Writes ``results.json`` (config, machine, results) into ``out``; returns its path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    with open(path, "w") as f:
+        json.dump(
+            {"config": dataclasses.asdict(config), "machine": machine(), "results": results},
+            f,
+            indent=2,
+            default=float,
+        )
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
