@@ -76,9 +76,10 @@ class ArrayDataset:
             are kept as they are (no copy); other array-likes are converted with ``np.asarray``.
 
     Example:
-        >>> ds = ArrayDataset({"x": np.zeros((10, 3)), "y": np.arange(10)})
-        >>> [b["y"].tolist() for b in ds.batches(4)]
-        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        ```python
+        ds = ArrayDataset({"x": np.zeros((10, 3)), "y": np.arange(10)})
+        [b["y"].tolist() for b in ds.batches(4)]  # [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        ```
     """
 
     def __init__(self, arrays: Mapping[str, Any]) -> None:

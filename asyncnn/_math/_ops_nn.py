@@ -137,7 +137,9 @@ def conv1d(
         x: input of shape (N, C, L).
         weight: kernels of shape (O, C, K).
         bias: optional, shape (O,).
-        stride, padding, dilation: ints (zero padding on both sides).
+        stride: the step between windows.
+        padding: zeros added on both sides.
+        dilation: the spacing of the kernel's taps.
 
     Returns:
         Shape (N, O, L_out), ``L_out = (L + 2*padding - dilation*(K-1) - 1) // stride + 1``.
@@ -162,7 +164,9 @@ def conv2d(
         x: input of shape (N, C, H, W).
         weight: kernels of shape (O, C, kh, kw).
         bias: optional, shape (O,).
-        stride, padding, dilation: an int or a pair (height, width).
+        stride: the step between windows, an int or a pair (height, width).
+        padding: zeros added on both sides, an int or a pair.
+        dilation: the spacing of the kernel's taps, an int or a pair.
 
     Returns:
         Shape (N, O, H_out, W_out).

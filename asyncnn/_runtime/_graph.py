@@ -193,7 +193,10 @@ class Graph:
             loss: the loss module, applied to the last stage's output and ``"y"``.
             stages: ``K`` (split into K stages balanced by ``balance``) or the number of
                 consecutive modules in each stage, e.g. ``[2, 3]``.
-            input_shape, input_dtype, label_shape, label_dtype: the inputs' declarations.
+            input_shape: the shape of input ``"x"`` (None first, the batch dimension).
+            input_dtype: the dtype of ``"x"``.
+            label_shape: the shape of input ``"y"``.
+            label_dtype: the dtype of ``"y"``.
             devices: the device of each stage (default all ``"cpu"``).
             balance: ``"params"`` (parameter count) or ``"flops"`` (per-sample FLOPs) when
                 ``stages`` is an int.
