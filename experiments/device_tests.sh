@@ -12,4 +12,5 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | grep -v "^WARNING" || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, '| numpy', numpy.__version__, '| GPUs', cupy.cuda.runtime.getDeviceCount())"
-python3 -m pytest -q -p no:cacheprovider -m "not slow" "$@" tests
+if [ $# -eq 0 ]; then set -- tests; fi
+python3 -m pytest -q -p no:cacheprovider -m "not slow" "$@"

@@ -106,6 +106,15 @@ class _Actor:
         self.waiting_for: Any = "its first message"  # a description, or the (kind, key) awaited
         self.computing: tuple[str, int, float] | None = None
         self.seq = 0  # this actor's processing sequence number (traces and replay)
+        # GPU: this actor's own stream; the events its next compute waits for (those of the
+        # messages it reads); the event of its last compute; arrays kept alive until the
+        # kernels reading them are done (cupy's pool would otherwise hand their memory to the
+        # producer's stream while this stream still reads it)
+        self.stream = None if self.on_cpu else self.backend.new_stream()
+        self.events: dict[int, list[Any]] = {}
+        self.after: list[Any] = []
+        self.last_event: Any = None
+        self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
 
     def _file(self, msg: Message) -> None:
@@ -120,7 +129,10 @@ class _Actor:
                 slots = self.fwd_slots[msg.key] = [None] * self.n_inputs
                 self.fwd_count[msg.key] = 0
                 self.meta[msg.key] = msg.meta
-            slots[msg.slot] = self.backend.asarray(msg.tensors[0])
+            # moved to this device inside the compute, on this actor's stream (after its event)
+            slots[msg.slot] = msg.tensors[0]
+            if msg.event is not None:
+                self.events.setdefault(msg.key, []).append(msg.event)
             self.fwd_count[msg.key] += 1
             if self.fwd_count[msg.key] == self.n_inputs:
                 self.ready.append((FORWARD, msg.key))
@@ -156,6 +168,43 @@ class _Actor:
         )
         err.__cause__ = exc
         return err
+
+    # -- work -----------------------------------------------------------------------------------
+    async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
+        """Runs ``fn(*args)`` on this actor's device through the run's device pool.
+
+        Small CPU work (``cost`` in flops below the pool's inline threshold) runs right here:
+        a hand-off to a worker thread would cost more than the work.
+        """
+        if self.on_cpu:
+            if cost is not None and cost < self.run.inline_flops:
+                return fn(*args)
+            return await self.run.pool.run(self.device, fn, *args, cost=cost)
+        after, self.after = self.after, []
+        result, event = await self.run.pool.enqueue(
+            self.device, fn, *args, stream=self.stream, after=after
+        )
+        self.last_event = event
+        self.keepalive.append((event, args))
+        while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
+            self.keepalive.popleft()
+        return result
+
+    async def wait_for_device(self) -> None:
+        """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
+        if self.last_event is not None:
+            await self.run.pool.wait(self.last_event)
+
+    def _sum_parts(self, parts: list[Any]) -> Any:
+        g = None
+        for part in self._to_device(parts):
+            if part is not None:
+                g = part if g is None else g + part
+        return g
+
+    def _to_device(self, xs: list[Any]) -> list[Any]:
+        # runs inside the compute: on this actor's stream, after the producers' events
+        return [x if x is None else self.backend.asarray(x) for x in xs]
 
     def describe(self) -> str:
         """One line saying what this actor is doing or waiting for (for stall reports)."""
@@ -226,6 +275,8 @@ class LayerActor(_Actor):
                 grads = self.bwd_grads[msg.key] = [None] * len(self.consumers)
                 self.bwd_count[msg.key] = 0
             grads[msg.slot] = msg.tensors[0]
+            if msg.event is not None:
+                self.events.setdefault(msg.key, []).append(msg.event)
             self.bwd_count[msg.key] += 1
             if self.bwd_count[msg.key] == len(self.consumers):
                 self.ready.append((BACKWARD, msg.key))
@@ -298,17 +349,6 @@ class LayerActor(_Actor):
                 since_yield = 0
                 await anyio.lowlevel.checkpoint()
 
-    # -- work -----------------------------------------------------------------------------------
-    async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
-        """Runs ``fn(*args)`` on this actor's device through the run's device pool.
-
-        Small CPU work (``cost`` in flops below the pool's inline threshold) runs right here:
-        a hand-off to a worker thread would cost more than the work.
-        """
-        if self.on_cpu and cost is not None and cost < self.run.inline_flops:
-            return fn(*args)
-        return await self.run.pool.run(self.device, fn, *args, cost=cost)
-
     def _cost(self, rows: int) -> float:
         return 2.0 * self.param_size * rows
 
@@ -322,11 +362,13 @@ class LayerActor(_Actor):
         inputs = self.fwd_slots.pop(key)
         del self.fwd_count[key]
         meta = self.meta[key]
+        self.after = self.events.pop(key, [])
         out = await self.on_forward(key, inputs, meta)
+        event = None if self.on_cpu else self.last_event
         for c_name, slot in self.consumers:
-            await self._send(
-                Message(FORWARD, key, self.version, self.name, c_name, slot, (out,), meta)
-            )
+            msg = Message(FORWARD, key, self.version, self.name, c_name, slot, (out,), meta)
+            msg.event = event
+            await self._send(msg)
         self.stats.forwards += 1
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
@@ -348,7 +390,9 @@ class LayerActor(_Actor):
                 self._apply, self.params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (None, version, inputs), inputs, out)
-        self.run.check_finite(self.name, FORWARD, key, out)
+        if self.run._check_finite:
+            await self.wait_for_device()
+            self.run.check_finite(self.name, FORWARD, key, out)
         return out
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
@@ -376,9 +420,10 @@ class LayerActor(_Actor):
             self.stats.peak_versions_held = held
 
     def _apply(self, params: Any, inputs: list[Any], rng: Any) -> Any:
-        return self.module(params, *inputs, rng=rng)
+        return self.module(params, *self._to_device(inputs), rng=rng)
 
     def _vjp(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
+        inputs = self._to_device(inputs)
         if any(self.input_is_layer):
             return vjp(lambda p, xs: self.module(p, *xs, rng=rng), params, inputs)
         # Inputs straight from the data need no gradient: leave them out of the trace, so the
@@ -389,11 +434,10 @@ class LayerActor(_Actor):
     async def _backward(self, key: int) -> None:
         parts = self.bwd_grads.pop(key)
         del self.bwd_count[key]
-        g = None
-        for part in parts:  # in consumer order, so the sum is the same whatever the timing
-            if part is not None:
-                g = part if g is None else g + part
         meta = self.meta.pop(key)
+        self.after = self.events.pop(key, [])
+        # added up in consumer order (the same sum whatever the timing), on this actor's stream
+        g = await self.compute(self._sum_parts, parts, cost=0)
         entry = self.store.get(key)
         # the version the gradients are computed with: the stashed one, else the current one
         used = entry[1] if entry is not None and entry[0] is not None else self.version
@@ -405,7 +449,9 @@ class LayerActor(_Actor):
                 continue
             edge = self.run.edge_index[(src, self.name, slot)]
             grad = input_grads[slot] if input_grads is not None else None
-            await self._send(Message(BACKWARD, key, used, self.name, src, edge, (grad,), meta))
+            msg = Message(BACKWARD, key, used, self.name, src, edge, (grad,), meta)
+            msg.event = None if self.on_cpu else self.last_event
+            await self._send(msg)
         self.stats.backwards += 1
         self.run.backward_done(self.name, key)
 
@@ -421,8 +467,12 @@ class LayerActor(_Actor):
             pullback = await self.compute(
                 lambda: self._vjp(self.params, inputs, self._rng(key))[1], cost=self._cost(rows)
             )
-        param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
-        self.run.check_finite(self.name, BACKWARD, key, input_grads)
+        param_grads, input_grads = await self.compute(
+            _pull, pullback, grad, cost=2 * self._cost(rows)
+        )
+        if self.run._check_finite:
+            await self.wait_for_device()
+            self.run.check_finite(self.name, BACKWARD, key, input_grads)
         if self.param_size:  # a layer without parameters has nothing to update
             await self.accumulate(param_grads, meta)
         self._count_versions()
@@ -461,6 +511,10 @@ class LayerActor(_Actor):
 
 def _add(a: Any, b: Any) -> Any:
     return a + b
+
+
+def _pull(pullback: Any, grad: Any) -> Any:
+    return pullback(grad)
 
 
 def _is_stochastic(module: Any) -> bool:
@@ -520,12 +574,9 @@ class LossActor(_Actor):
         del self.fwd_count[key]
         meta = self.meta.pop(key)
         scale = self.run.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
-        if self.device.kind == "cpu":
-            value, grads = self._value_and_grads(inputs, scale)  # a loss is cheap: run it inline
-        else:
-            value, grads = await self.run.pool.run(
-                self.device, self._value_and_grads, inputs, scale
-            )
+        self.after = self.events.pop(key, [])
+        value, grads = await self.compute(self._value_and_grads, inputs, scale, cost=0)
+        await self.wait_for_device()  # the host reads the loss value
         self.run.check_finite(self.name, FORWARD, key, value)
         self.stats.forwards += 1
         self.run.loss_reported(key, float(value), meta)
@@ -534,9 +585,9 @@ class LossActor(_Actor):
         ):
             if from_layer:
                 edge = self.run.edge_index[(src, self.name, slot)]
-                await self._send(
-                    Message(BACKWARD, key, 0, self.name, src, edge, (grads[slot],), meta)
-                )
+                msg = Message(BACKWARD, key, 0, self.name, src, edge, (grads[slot],), meta)
+                msg.event = self.last_event
+                await self._send(msg)
         if self.run.recorder is not None:  # the end comes after the sends, as for layers
             self.run.recorder.event(
                 self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": float(value)}
@@ -544,6 +595,7 @@ class LossActor(_Actor):
         self.seq += 1
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
+        inputs = self._to_device(inputs)
         value, pullback = vjp(lambda *xs: self.module({}, *xs), *inputs)
         xp = self.backend.xp
         return value, pullback(xp.asarray(scale, dtype=value.dtype))

@@ -37,3 +37,6 @@ class Message:
     slot: int
     tensors: tuple[Any, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the CUDA event recorded after the kernels that produced ``tensors`` (None on the CPU):
+    #: the consumer's stream waits on it before reading them
+    event: Any = None

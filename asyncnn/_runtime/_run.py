@@ -446,6 +446,8 @@ async def open_run(
                     tg.start_soon(guard)
                     yield run
                     await run.drain()
+                    for actor in run.actors.values():  # GPU work done before anyone reads it
+                        await actor.wait_for_device()
                     await _stop_all(run)
                     watchdog.cancel()
             except BaseExceptionGroup as group:

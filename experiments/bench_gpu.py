@@ -1,0 +1,172 @@
+"""GPU benchmark, in one run on a CUDA machine (ratios against PyTorch eager on the same card):
+
+1. the card's matmul rate (cupy and torch, 8192^2, float32 and the 16-bit types);
+2. `Sync` step time of an MLP of width 4096 (4 Linear 4096x4096 + ReLU, a Linear to 10), SGD, at
+   batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
+   achieved TFLOP/s;
+3. a 4-stage `PipeDream` graph on one GPU (one CUDA stream per stage) against `Sync`.
+
+Run: python experiments/bench_gpu.py [--steps N]   (writes runs/bench_gpu.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+WIDTH = 4096
+LAYERS = 4
+
+
+def mlp(width: int = WIDTH) -> list[Any]:
+    mods: list[Any] = []
+    for _ in range(LAYERS):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    mods.append(nn.Linear(width, 10))
+    return mods
+
+
+def step_flops(batch: int, width: int = WIDTH) -> float:
+    per_layer = 2.0 * batch * width * width
+    # forward, and backward (input and weight gradients), except no input gradient for layer 0
+    return LAYERS * 3 * per_layer - per_layer + 3 * 2.0 * batch * width * 10
+
+
+def matmul_rate(dtype: str) -> dict[str, float]:
+    import cupy as cp
+    import torch
+
+    out = {}
+    n = 8192
+    a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(dtype)
+    b = cp.random.standard_normal((n, n), dtype=cp.float32).astype(dtype)
+    for _ in range(3):
+        a @ b
+    cp.cuda.Device().synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    cp.cuda.Device().synchronize()
+    out["cupy"] = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    ta = torch.randn(n, n, device="cuda", dtype=tdt)
+    tb = torch.randn(n, n, device="cuda", dtype=tdt)
+    for _ in range(3):
+        ta @ tb
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        ta @ tb
+    torch.cuda.synchronize()
+    out["torch"] = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    return out
+
+
+def asyncnn_step(policy: Any, stages: int, batch: int, dtype: str, steps: int) -> float:
+    g = ann.Graph.sequential(
+        mlp(), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, WIDTH),
+        devices=["cuda:0"] * stages,
+    )  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((batch * steps, WIDTH)).astype(np.float32),
+            "y": rng.integers(0, 10, batch * steps)}  # fmt: skip
+    tr.fit({k: v[: batch * 3] for k, v in data.items()}, batch_size=batch)  # warm-up
+    start = time.perf_counter()
+    tr.fit(data, batch_size=batch)
+    return (time.perf_counter() - start) / steps
+
+
+def torch_step(batch: int, dtype: str, steps: int) -> float:
+    import torch
+
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    layers: list[Any] = []
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(WIDTH, 10))
+    model = torch.nn.Sequential(*layers).cuda().to(tdt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch * steps, WIDTH, device="cuda", dtype=tdt)
+    y = torch.randint(0, 10, (batch * steps,), device="cuda")
+
+    def run(n: int) -> None:
+        for i in range(n):
+            opt.zero_grad()
+            xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+            torch.nn.functional.cross_entropy(model(xb).float(), yb).backward()
+            opt.step()
+
+    run(3)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(steps)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="runs/bench_gpu.json")
+    args = ap.parse_args()
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    report: dict[str, Any] = {"card": card, "matmul_tflops": {}, "sync": [], "pipeline": []}
+    print(f"card: {card}")
+    dtypes = ["float32"]
+    for candidate in ("float16", "bfloat16"):
+        try:
+            ann.backends.get_backend("cuda:0").dtype(candidate)
+            cp.zeros(4, dtype=candidate)
+            dtypes.append(candidate)
+        except Exception as exc:  # noqa: BLE001 - report what cupy lacks
+            print(f"{candidate}: not available in cupy here ({type(exc).__name__}: {exc})")
+    print("1. matmul 8192^2, TFLOP/s")
+    for dt in dtypes:
+        rate = matmul_rate(dt)
+        report["matmul_tflops"][dt] = rate
+        print(f"   {dt:<9} cupy {rate['cupy']:7.1f}   torch {rate['torch']:7.1f}")
+    print("2. Sync step, MLP width 4096 (ms; ratio asyncnn/torch; achieved TFLOP/s)")
+    for dt in dtypes:
+        for batch in (1024, 64):
+            a = asyncnn_step(policies.Sync(), 1, batch, dt, args.steps)
+            t = torch_step(batch, dt, args.steps)
+            tflops = step_flops(batch) / a / 1e12
+            peak = report["matmul_tflops"][dt]["cupy"]
+            row = {"dtype": dt, "batch": batch, "asyncnn_ms": a * 1e3, "torch_ms": t * 1e3,
+                   "ratio": a / t, "tflops": tflops, "fraction_of_matmul_rate": tflops / peak}  # fmt: skip
+            report["sync"].append(row)
+            print(f"   {dt:<9} batch {batch:5d}: asyncnn {a * 1e3:8.2f}  torch {t * 1e3:8.2f}  "
+                  f"ratio {a / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)")  # fmt: skip
+    print("3. 4 stages on one GPU, float32, batch 1024, 4 microbatches (ms per step)")
+    sync4 = asyncnn_step(policies.Sync(), 4, 1024, "float32", args.steps)
+    pd4 = asyncnn_step(policies.PipeDream(4), 4, 1024, "float32", args.steps)
+    ofob4 = asyncnn_step(policies.OneFOneB(4), 4, 1024, "float32", args.steps)
+    report["pipeline"] = {
+        "sync_4_stages_ms": sync4 * 1e3,
+        "pipedream_ms": pd4 * 1e3,
+        "onefoneb_ms": ofob4 * 1e3,
+    }
+    print(f"   Sync {sync4 * 1e3:.2f}   PipeDream(4) {pd4 * 1e3:.2f} ({sync4 / pd4:.2f}x)   "
+          f"OneFOneB(4) {ofob4 * 1e3:.2f} ({sync4 / ofob4:.2f}x)")  # fmt: skip
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Synthetic gradients (Jaderberg et al. 2016, "Decoupled Neural Interfaces", DNI) as custom actors.
+
+Each hidden stage of an MLP on MNIST-1D runs a :class:`SyntheticGradientLayer`: right after its
+forward it predicts the gradient of its output with a linear synthesizer ``M(h) = h A + b``
+(initialised to zero, as in the paper), updates its weights from that prediction at once, and
+sends its output on. When the true gradient of the output arrives later (its backward), it trains
+``M`` toward it (squared error, its own Adam state) and sends upstream the input gradient it had
+computed from the synthetic gradient at forward time, which is what trains the synthesizer below
+(the paper's bootstrapping). Compared against plain backprop on the same network, under ``Sync``
+and ``PipeDream``.
+
+Run ``python experiments/synthetic_gradients.py --help``; results go to ``runs/synthetic_gradients``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0  # weights, shuffling; one seed so every run starts from the same weights
+    width: int = 256  # the MLP width of the MNIST-1D baseline (experiments/train_mnist1d.py)
+    hidden_stages: int = 3  # 3 hidden stages + the output layer: a 4-stage pipeline
+    epochs: int = 30  # backprop's test accuracy has plateaued by then; each run ~20 s here
+    batch_size: int = 100  # the MNIST-1D paper's batch size
+    lr: float = 1e-3  # Adam for the layers, the same for backprop and DNI
+    synth_lr: float = 1e-3  # Adam for the synthesizers; 1e-4 learns too slowly in 30 epochs
+    upstream: str = "synthetic"  # what DNI sends down: "synthetic" (the paper) or "none" (cut)
+    policies: tuple[str, ...] = ("Sync", "PipeDream")  # each run with both methods
+    num_samples: int = 5000  # the published MNIST-1D size: 4,000 train / 1,000 test
+    out: str = "runs/synthetic_gradients"  # results.json and the PNGs
+
+
+class SyntheticGradientLayer(ann.LayerActor):
+    """A layer decoupled by a synthetic gradient model (DNI).
+
+    The synthesizer is this actor's own extra state: its parameters and Adam state live here, not
+    in the run's parameters. Actors are rebuilt for every ``fit``, so the state is kept in the
+    class-level ``states`` (by node name) between fits; :meth:`configure` resets it.
+    """
+
+    synth_lr: ClassVar[float] = 1e-3
+    upstream: ClassVar[str] = "synthetic"
+    states: ClassVar[dict[str, Any]] = {}  # node name -> (synth params, synth opt state)
+    synth_losses: ClassVar[dict[str, list[float]]] = {}  # node name -> squared error per key
+
+    @classmethod
+    def configure(cls, synth_lr: float, upstream: str) -> None:
+        """Sets the hyperparameters and forgets every synthesizer (a fresh experiment)."""
+        if upstream not in ("synthetic", "none"):
+            raise ValueError(f"upstream must be 'synthetic' or 'none', got {upstream!r}")
+        cls.synth_lr, cls.upstream = synth_lr, upstream
+        cls.states, cls.synth_losses = {}, {}
+
+    def _synthesizer(self, out: Any) -> tuple[Any, Any, Any]:
+        width = int(out.shape[-1])
+        module = nn.Linear(width, width)
+        opt = optim.Adam(lr=self.synth_lr)
+        if self.name not in self.states:
+            params = module.init(self.run.seed, backend="numpy", dtype=str(out.dtype))
+            params = {k: self.backend.asarray(v * 0) for k, v in params.items()}  # zero init
+            self.states[self.name] = (params, opt.init(params))
+        return module, opt, self.states[self.name]
+
+    def _scale(self, meta: dict[str, Any]) -> float:
+        # The gradient of the loss as the policy seeds it, per row: the synthesizer predicts the
+        # gradient of one sample's loss, so its targets keep one scale whatever the batch split.
+        rows = int(meta["rows"])
+        return self.run.policy.loss_cotangent(rows, int(meta["mb_rows"])) / rows
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[int, tuple[Any, Any]] = {}  # key -> (output, input gradients)
+
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        scale = self._scale(meta)
+
+        def forward_and_update(params: Any, xs: list[Any]) -> tuple[Any, Any, Any]:
+            out, pullback = ann.vjp(lambda p, x: self.module(p, *x), params, xs)
+            module, _, (sp, _) = self._synthesizer(out)
+            synthetic = module(sp, out) * scale
+            param_grads, input_grads = pullback(synthetic)
+            return out, param_grads, input_grads
+
+        out, param_grads, input_grads = await self.compute(forward_and_update, self.params, inputs)
+        await self.apply_gradients(param_grads)  # no waiting for the true gradient
+        self.pending[key] = (out, input_grads)
+        return out
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
+        out, input_grads = self.pending.pop(key)
+        if grad is not None:
+            module, opt, (sp, state) = self._synthesizer(out)
+            target = grad / self._scale(meta)
+            rows = int(meta["rows"])
+
+            def train_synthesizer(sp: Any, state: Any) -> tuple[Any, Any, Any]:
+                loss, g = ann.value_and_grad(
+                    lambda p: ops.sum(ops.square(module(p, out) - target)) / rows
+                )(sp)
+                sp, state = opt.update(sp, g, state)
+                return sp, state, loss
+
+            sp, state, loss = await self.compute(train_synthesizer, sp, state)
+            self.states[self.name] = (sp, state)
+            self.synth_losses.setdefault(self.name, []).append(float(loss))
+        if self.upstream == "none":
+            return [None] * len(self.node.inputs)
+        return list(input_grads)
+
+
+def build_graph(cfg: Config, dni: bool) -> ann.Graph:
+    """``hidden_stages`` stages Linear+ReLU, then a Linear output stage and a cross-entropy."""
+    g = ann.Graph()
+    h = g.input("x", shape=(None, 40))
+    y = g.input("y", shape=(None,), dtype="int64")
+    width_in = 40
+    for i in range(cfg.hidden_stages):
+        block = nn.Sequential(nn.Linear(width_in, cfg.width), nn.ReLU())
+        h = g.layer(f"block{i}", block, h, actor=SyntheticGradientLayer if dni else None)
+        width_in = cfg.width
+    out = g.layer("head", nn.Linear(cfg.width, 10), h)  # gets the true gradient at once
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    g.output("logits", out)
+    return g
+
+
+def make_policy(name: str) -> Any:
+    """``Sync`` (one key per minibatch, flush) or ``PipeDream`` (one key per minibatch, no flush:
+    up to 4 minibatches in the pipeline, each stage updating after its backward)."""
+    if name == "Sync":
+        return policies.Sync()
+    if name == "PipeDream":
+        return policies.PipeDream(microbatches=1)
+    raise ValueError(f"unknown policy {name!r}: use Sync or PipeDream")
+
+
+def train_one(cfg: Config, data: dict[str, np.ndarray], method: str, policy: str) -> dict[str, Any]:
+    """Trains one (method, policy) pair epoch by epoch; returns its curves and totals."""
+    dni = method == "dni"
+    SyntheticGradientLayer.configure(cfg.synth_lr, cfg.upstream)
+    tr = ann.Trainer(
+        build_graph(cfg, dni), optimizer=optim.Adam(lr=cfg.lr), policy=make_policy(policy),
+        seed=cfg.seed,
+    )  # fmt: skip
+    train = {"x": data["x_train"], "y": data["y_train"]}
+    test = {"x": data["x_test"], "y": data["y_test"]}
+    losses: list[float] = []
+    test_acc: list[float] = []
+    seconds = 0.0
+    for _ in range(cfg.epochs):
+        hist = tr.fit(train, epochs=1, batch_size=cfg.batch_size, shuffle=True)
+        seconds += hist.seconds
+        losses += hist.losses
+        test_acc.append(float(tr.evaluate(test)["accuracy"]))
+    final_train = tr.evaluate(train)
+    synth = {k: v for k, v in SyntheticGradientLayer.synth_losses.items()} if dni else {}
+    label = f"{'DNI' if dni else 'backprop'} / {policy}"
+    print(
+        f"{label:22s} test accuracy {test_acc[-1]:.3f} (best {max(test_acc):.3f}), train "
+        f"accuracy {final_train['accuracy']:.3f}, {seconds:.1f} s"
+    )
+    return {
+        "method": method,
+        "policy": policy,
+        "label": label,
+        "test_accuracy": test_acc[-1],
+        "best_test_accuracy": max(test_acc),
+        "train_accuracy": final_train["accuracy"],
+        "train_loss": final_train["loss"],
+        "seconds": round(seconds, 2),
+        "test_accuracy_per_epoch": test_acc,
+        "loss_per_step": losses,
+        "synth_loss_per_key": synth,
+    }
+
+
+def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
+    """Loss and test-accuracy curves; the synthesizers' squared error."""
+    os.makedirs(out, exist_ok=True)
+    plt = _common.pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps_per_epoch = max(1, len(runs[0]["loss_per_step"]) // cfg.epochs)
+    for r in runs:
+        losses = np.asarray(r["loss_per_step"])
+        n = len(losses) // steps_per_epoch * steps_per_epoch
+        per_epoch = losses[:n].reshape(-1, steps_per_epoch).mean(1)
+        style = "-" if r["method"] == "dni" else "--"
+        ax_loss.plot(np.arange(1, len(per_epoch) + 1), per_epoch, style, label=r["label"])
+        ax_acc.plot(np.arange(1, cfg.epochs + 1), r["test_accuracy_per_epoch"], style,
+                    label=r["label"])  # fmt: skip
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"MNIST-1D, MLP {cfg.hidden_stages}x{cfg.width} + head: DNI vs backprop")
+    fig.tight_layout()
+    curves = os.path.join(out, "synthetic_gradients_curves.png")
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in runs:
+        for name, vals in sorted(r["synth_loss_per_key"].items()):
+            v = np.asarray(vals)
+            k = max(1, len(v) // 100)
+            v = v[: len(v) // k * k].reshape(-1, k).mean(1)
+            ax.plot(np.linspace(0, cfg.epochs, len(v)), v, label=f"{name} ({r['policy']})")
+    ax.set(xlabel="epoch", ylabel="synthesizer squared error / row", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("how well M(h) predicts the true gradient")
+    fig.tight_layout()
+    synth = os.path.join(out, "synthetic_gradients_synth_error.png")
+    fig.savefig(synth, dpi=100)
+    plt.close(fig)
+    return [curves, synth]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = _common.parse_config(Config, argv, __doc__)
+    data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
+    start = time.perf_counter()
+    runs = [
+        train_one(cfg, data, method, policy)
+        for policy in cfg.policies
+        for method in ("backprop", "dni")
+    ]
+    figures = plot(cfg, runs, cfg.out)
+    results = {"runs": runs, "figures": figures, "total_seconds": time.perf_counter() - start}
+    path = _common.write_results(cfg.out, cfg, results)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The actor runtime on a CUDA device: one stream per actor, events in the messages, results
+equal to the CPU's. Skipped without cupy and a GPU (run them on a GPU machine with
+``bash experiments/device_tests.sh``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _reference import assert_params_close, assert_params_equal
+from conftest import HAS_CUDA
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")]
+
+
+def _graph(devices):
+    return ann.Graph.sequential(
+        [
+            nn.Linear(6, 32),
+            nn.Tanh(),
+            nn.Linear(32, 32),
+            nn.GELU(),
+            nn.Linear(32, 32),
+            nn.Tanh(),
+            nn.Linear(32, 4),
+        ],
+        loss=nn.CrossEntropyLoss(),
+        stages=[2, 2, 2, 1],
+        input_shape=(None, 6),
+        devices=devices,
+    )
+
+
+def _data(n=48):
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((n, 6)), "y": rng.integers(0, 4, n)}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        policies.Sync(),
+        policies.GPipe(4),
+        policies.OneFOneB(4),
+        policies.PipeDream(3, stash=True),
+        policies.PipeDream(3, stash=False),
+    ],
+    ids=["sync", "gpipe", "1f1b", "pipedream", "pipedream-nostash"],
+)
+@pytest.mark.parametrize(
+    "devices", [["cuda:0"] * 4, ["cpu", "cuda:0", "cpu", "cuda:0"]], ids=["gpu", "mixed"]
+)
+def test_gpu_runs_equal_cpu_runs_float64(policy, devices):
+    results = {}
+    for name, devs in (("cpu", ["cpu"] * 4), ("gpu", devices)):
+        tr = ann.Trainer(
+            _graph(devs), optimizer=optim.Adam(lr=0.01), policy=policy, dtype="float64", seed=1
+        )
+        hist = tr.fit(_data(), epochs=2, batch_size=16)
+        results[name] = (tr.params, hist.losses)
+    assert_params_close(results["gpu"][0], results["cpu"][0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(results["gpu"][1], results["cpu"][1], rtol=1e-10)
+
+
+def test_gpu_float32_within_1e5():
+    results = []
+    for devs in (["cpu"] * 4, ["cuda:0"] * 4):
+        tr = ann.Trainer(
+            _graph(devs),
+            optimizer=optim.SGD(lr=0.1, momentum=0.9),
+            policy=policies.OneFOneB(4),
+            seed=2,
+        )
+        tr.fit(_data(), epochs=2, batch_size=16)
+        results.append(tr.params)
+    assert_params_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_deterministic_and_replayable(tmp_path):
+    runs = []
+    for i in range(2):
+        tr = ann.Trainer(
+            _graph(["cuda:0"] * 4),
+            optimizer=optim.SGD(lr=0.1),
+            policy=policies.PipeDream(4),
+            trace=str(tmp_path / f"{i}.trace"),
+        )
+        tr.fit(_data(), epochs=1, batch_size=16)
+        runs.append(tr.params)
+    assert_params_equal(runs[0], runs[1])
+    rep = ann.replay(tmp_path / "0.trace")
+    assert rep.identical
+    assert_params_equal(rep.params, runs[0])
+
+
+def test_gpu_async_trains():
+    tr = ann.Trainer(
+        _graph(["cuda:0"] * 4), optimizer=optim.Adam(lr=0.01), policy=policies.Async(4, 2)
+    )
+    before = tr.evaluate(_data())
+    tr.fit(_data(), epochs=10, batch_size=8)
+    after = tr.evaluate(_data())
+    assert after["loss"] < before["loss"]
+    assert all(v == 30 for v in tr.versions.values())  # 60 keys, an update every 2 gradients
