@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Conv1d reads (batch, channels, length): one channel
     chan = {k: {"x": v["x"][:, None, :], "y": v["y"]} for k, v in flat.items()}
     before = _common.machine()
+    # Untimed warm-up: the first fit of a process pays for imports, threads and page faults.
+    warm = {k: v[:200] for k, v in flat["train"].items()}
+    ann.Trainer(build(cfg, "mlp"), optim.Adam(), make_policy(cfg, "Async")).fit(warm, epochs=1)
     cells = []
     for model in cfg.models:
         sets = chan if model == "cnn" else flat
