@@ -166,7 +166,8 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         "effective_idle": 1.0 - ideal_busy / wall,
         "seconds_per_minibatch": wall / cfg.minibatches,
         "theory_seconds_per_minibatch": (m + k - 1) * (f + b),
-        "busy_per_op_overhead_ms": 1e3 * (np.mean(list(busy.values())) - ideal_busy)
+        "busy_per_op_overhead_ms": 1e3
+        * (np.mean(list(busy.values())) - ideal_busy)
         / (2 * cfg.minibatches * m),
     }
 

@@ -39,7 +39,8 @@ class Config:
     lr: float = 1e-3  # Adam for the layers, the same for backprop and DNI
     synth_lr: float = 1e-3  # Adam for the synthesizers; 1e-4 learns too slowly in 30 epochs
     upstream: str = "synthetic"  # what DNI sends down: "synthetic" (the paper) or "none" (cut)
-    policies: tuple[str, ...] = ("Sync", "PipeDream")  # each run with both methods
+    methods: tuple[str, ...] = ("backprop", "dni", "cdni")  # cdni: synthesizer also reads labels
+    policies: tuple[str, ...] = ("Sync", "PipeDream")  # each method under both
     num_samples: int = 5000  # the published MNIST-1D size: 4,000 train / 1,000 test
     out: str = "runs/synthetic_gradients"  # results.json and the PNGs
 
@@ -67,13 +68,25 @@ class SyntheticGradientLayer(ann.LayerActor):
 
     def _synthesizer(self, out: Any) -> tuple[Any, Any, Any]:
         width = int(out.shape[-1])
-        module = nn.Linear(width, width)
+        module = nn.Linear(width + (10 if self.conditioned else 0), width)
         opt = optim.Adam(lr=self.synth_lr)
         if self.name not in self.states:
             params = module.init(self.run.seed, backend="numpy", dtype=str(out.dtype))
             params = {k: self.backend.asarray(v * 0) for k, v in params.items()}  # zero init
             self.states[self.name] = (params, opt.init(params))
         return module, opt, self.states[self.name]
+
+    @property
+    def conditioned(self) -> bool:
+        """cDNI: the node's second input is the labels, which the synthesizer also reads."""
+        return len(self.node.inputs) == 2
+
+    def _features(self, out: Any, inputs: list[Any]) -> Any:
+        if not self.conditioned:
+            return out
+        xp = self.backend.xp
+        one_hot = (inputs[1][:, None] == xp.arange(10)[None, :]).astype(out.dtype)
+        return xp.concatenate([out, one_hot], axis=1)
 
     def _scale(self, meta: dict[str, Any]) -> float:
         # The gradient of the loss as the policy seeds it, per row: the synthesizer predicts the
@@ -91,25 +104,25 @@ class SyntheticGradientLayer(ann.LayerActor):
         def forward_and_update(params: Any, xs: list[Any]) -> tuple[Any, Any, Any]:
             out, pullback = ann.vjp(lambda p, x: self.module(p, *x), params, xs)
             module, _, (sp, _) = self._synthesizer(out)
-            synthetic = module(sp, out) * scale
+            synthetic = module(sp, self._features(out, xs)) * scale
             param_grads, input_grads = pullback(synthetic)
             return out, param_grads, input_grads
 
         out, param_grads, input_grads = await self.compute(forward_and_update, self.params, inputs)
         await self.apply_gradients(param_grads)  # no waiting for the true gradient
-        self.pending[key] = (out, input_grads)
+        self.pending[key] = (self._features(out, inputs), input_grads)
         return out
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        out, input_grads = self.pending.pop(key)
+        features, input_grads = self.pending.pop(key)
         if grad is not None:
-            module, opt, (sp, state) = self._synthesizer(out)
+            module, opt, (sp, state) = self._synthesizer(grad)
             target = grad / self._scale(meta)
             rows = int(meta["rows"])
 
             def train_synthesizer(sp: Any, state: Any) -> tuple[Any, Any, Any]:
                 loss, g = ann.value_and_grad(
-                    lambda p: ops.sum(ops.square(module(p, out) - target)) / rows
+                    lambda p: ops.sum(ops.square(module(p, features) - target)) / rows
                 )(sp)
                 sp, state = opt.update(sp, g, state)
                 # relative error: 1 is "predicts nothing" (the zero start), 0 is exact
@@ -123,15 +136,37 @@ class SyntheticGradientLayer(ann.LayerActor):
         return list(input_grads)
 
 
-def build_graph(cfg: Config, dni: bool) -> ann.Graph:
-    """``hidden_stages`` stages Linear+ReLU, then a Linear output stage and a cross-entropy."""
+@dataclasses.dataclass(frozen=True)
+class IgnoreLabels(nn.Module):
+    """``block`` applied to its first input; the second (the labels) is there for the actor's
+    label-conditioned synthesizer (cDNI), which is the only way to get labels to an actor."""
+
+    block: nn.Module
+
+    def init_params(self, init: Any) -> Any:
+        return self.block.init_params(init)
+
+    def __call__(self, params: Any, x: Any, labels: Any, *, rng: Any = None) -> Any:
+        return self.block(params, x, rng=rng)
+
+
+def build_graph(cfg: Config, method: str) -> ann.Graph:
+    """``hidden_stages`` stages Linear+ReLU, then a Linear output stage and a cross-entropy.
+
+    ``method`` is ``"backprop"`` (plain actors), ``"dni"`` or ``"cdni"`` (labels fed to each
+    hidden stage, for its synthesizer)."""
     g = ann.Graph()
     h = g.input("x", shape=(None, 40))
     y = g.input("y", shape=(None,), dtype="int64")
     width_in = 40
     for i in range(cfg.hidden_stages):
         block = nn.Sequential(nn.Linear(width_in, cfg.width), nn.ReLU())
-        h = g.layer(f"block{i}", block, h, actor=SyntheticGradientLayer if dni else None)
+        if method == "backprop":
+            h = g.layer(f"block{i}", block, h)
+        elif method == "dni":
+            h = g.layer(f"block{i}", block, h, actor=SyntheticGradientLayer)
+        else:
+            h = g.layer(f"block{i}", IgnoreLabels(block), h, y, actor=SyntheticGradientLayer)
         width_in = cfg.width
     out = g.layer("head", nn.Linear(cfg.width, 10), h)  # gets the true gradient at once
     g.loss("loss", nn.CrossEntropyLoss(), out, y)
@@ -151,10 +186,10 @@ def make_policy(name: str) -> Any:
 
 def train_one(cfg: Config, data: dict[str, np.ndarray], method: str, policy: str) -> dict[str, Any]:
     """Trains one (method, policy) pair epoch by epoch; returns its curves and totals."""
-    dni = method == "dni"
+    dni = method != "backprop"
     SyntheticGradientLayer.configure(cfg.synth_lr, cfg.upstream)
     tr = ann.Trainer(
-        build_graph(cfg, dni), optimizer=optim.Adam(lr=cfg.lr), policy=make_policy(policy),
+        build_graph(cfg, method), optimizer=optim.Adam(lr=cfg.lr), policy=make_policy(policy),
         seed=cfg.seed,
     )  # fmt: skip
     train = {"x": data["x_train"], "y": data["y_train"]}
@@ -169,7 +204,7 @@ def train_one(cfg: Config, data: dict[str, np.ndarray], method: str, policy: str
         test_acc.append(float(tr.evaluate(test)["accuracy"]))
     final_train = tr.evaluate(train)
     synth = {k: v for k, v in SyntheticGradientLayer.synth_losses.items()} if dni else {}
-    label = f"{'DNI' if dni else 'backprop'} / {policy}"
+    label = f"{ {'backprop': 'backprop', 'dni': 'DNI', 'cdni': 'cDNI'}[method] } / {policy}"
     print(
         f"{label:22s} test accuracy {test_acc[-1]:.3f} (best {max(test_acc):.3f}), train "
         f"accuracy {final_train['accuracy']:.3f}, {seconds:.1f} s"
@@ -237,9 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     start = time.perf_counter()
     runs = [
-        train_one(cfg, data, method, policy)
-        for policy in cfg.policies
-        for method in ("backprop", "dni")
+        train_one(cfg, data, method, policy) for policy in cfg.policies for method in cfg.methods
     ]
     figures = plot(cfg, runs, cfg.out)
     results = {"runs": runs, "figures": figures, "total_seconds": time.perf_counter() - start}
