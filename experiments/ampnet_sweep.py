@@ -32,7 +32,13 @@ from asyncnn import data, nn, optim, policies  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config:
     seeds: tuple[int, ...] = (0, 1)  # async runs depend on timing: two seeds show the spread
-    max_active_keys: tuple[int, ...] = (1, 2, 4, 8, 16)  # AMPNet's knob: keys (minibatches) in flight
+    max_active_keys: tuple[int, ...] = (
+        1,
+        2,
+        4,
+        8,
+        16,
+    )  # AMPNet's knob: keys (minibatches) in flight
     min_update_frequency: tuple[int, ...] = (1, 2, 4)  # gradients averaged per update, per actor
     target: float = 0.65  # a little under the MLP's ~71% plateau: reached by every sane setting
     max_epochs: int = 40  # Sync reaches the target in ~15 epochs; room for the slower settings

@@ -15,7 +15,6 @@ Run ``python experiments/char_transformer.py --help``; results go to ``runs/char
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys

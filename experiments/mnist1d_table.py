@@ -128,7 +128,12 @@ def settings(cfg: Config, model: str, policy: str, rows: int) -> dict[str, Any]:
     rate: Any = lr
     if model == "cnn":
         rate = optim.CosineAnnealing(lr, total_steps=updates)
-    return {"epochs": epochs, "batch_size": batch, "optimizer": optim.Adam(lr=rate), "updates": updates}
+    return {
+        "epochs": epochs,
+        "batch_size": batch,
+        "optimizer": optim.Adam(lr=rate),
+        "updates": updates,
+    }
 
 
 def run_cell(
