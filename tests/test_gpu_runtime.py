@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _reference import assert_params_close, assert_params_equal
-from conftest import HAS_CUDA
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+
+from _reference import assert_params_close, assert_params_equal
+from conftest import HAS_CUDA
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")]
 
