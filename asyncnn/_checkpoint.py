@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from ._math._pytree import tree_flatten, tree_unflatten
+from ._math._pytree import tree_flatten
 from ._runtime._graph import Graph
 from ._runtime._policies import policy_from_spec
 from ._runtime._run import RunState
@@ -142,5 +142,3 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     trainer.epochs_done = int(spec["epochs_done"])
     return trainer
 
-
-_ = (tree_unflatten,)

@@ -120,17 +120,17 @@ class SyntheticGradientLayer(ann.LayerActor):
             target = grad / self._scale(meta)
             rows = int(meta["rows"])
 
-            def train_synthesizer(sp: Any, state: Any) -> tuple[Any, Any, Any]:
+            def train_synthesizer(sp: Any, state: Any) -> tuple[Any, Any, Any, Any]:
                 loss, g = ann.value_and_grad(
                     lambda p: ops.sum(ops.square(module(p, features) - target)) / rows
                 )(sp)
                 sp, state = opt.update(sp, g, state)
-                # relative error: 1 is "predicts nothing" (the zero start), 0 is exact
-                return sp, state, loss * rows / float((target * target).sum())
+                return sp, state, loss * rows, (target * target).sum()
 
-            sp, state, loss = await self.compute(train_synthesizer, sp, state)
+            sp, state, error, energy = await self.compute(train_synthesizer, sp, state)
             self.states[self.name] = (sp, state)
-            self.synth_losses.setdefault(self.name, []).append(float(loss))
+            if float(energy) > 0:  # relative error: 1 is "predicts nothing" (the zero start)
+                self.synth_losses.setdefault(self.name, []).append(float(error) / float(energy))
         if self.upstream == "none":
             return [None] * len(self.node.inputs)
         return list(input_grads)
@@ -256,7 +256,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
             k = max(1, len(v) // 100)
             v = v[: len(v) // k * k].reshape(-1, k).mean(1)
             ax.plot(np.linspace(0, cfg.epochs, len(v)), v, label=f"{name} ({r['policy']})")
-    ax.set(xlabel="epoch", ylabel="synthesizer squared error / row", yscale="log")
+    ax.set(xlabel="epoch", ylabel="relative squared error", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("how well M(h) predicts the true gradient")

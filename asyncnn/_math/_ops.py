@@ -6,7 +6,6 @@ a raw array; inside ``vjp`` it also records how to differentiate itself.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,4 +253,3 @@ UFUNC_OPS: dict[str, Any] = {
     "matmul": matmul, "square": square,
 }  # fmt: skip
 
-_ = builtins  # builtins.sum/max/min stay reachable though this module shadows them

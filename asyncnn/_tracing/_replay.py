@@ -19,7 +19,7 @@ import numpy as np
 
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
-from asyncnn._runtime._messages import FORWARD, Message
+from asyncnn._runtime._messages import Message
 from asyncnn._runtime._policies import RecordedOrder, policy_from_spec
 from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import RunState, _Pending, open_run
@@ -350,5 +350,3 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
         done.set()
     await done.wait()
 
-
-_ = FORWARD
