@@ -141,4 +141,3 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     )
     trainer.epochs_done = int(spec["epochs_done"])
     return trainer
-

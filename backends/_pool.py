@@ -297,6 +297,11 @@ class DevicePool:
         )
 
     @property
+    def inline_flops(self) -> float:
+        """CPU work estimated below this many flops runs on the event-loop thread."""
+        return self._inline_flops
+
+    @property
     def workers(self) -> int:
         """Number of CPU worker threads."""
         return self._n

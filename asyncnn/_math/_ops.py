@@ -252,4 +252,3 @@ UFUNC_OPS: dict[str, Any] = {
     "tanh": tanh, "sqrt": sqrt, "absolute": abs, "maximum": maximum, "minimum": minimum,
     "matmul": matmul, "square": square,
 }  # fmt: skip
-

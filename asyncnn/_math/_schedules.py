@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from ._imports import import_by_path
 
 __all__ = [
     "CosineAnnealing",
@@ -195,24 +196,6 @@ def _spec_name(cls: type) -> str:
     if _BUILTINS.get(cls.__name__) is cls:
         return cls.__name__
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def import_by_path(path: str, base: type, what: str) -> type:
-    """The class named ``"package.module:Class"``, checked to be a subclass of ``base``.
-
-    Raises:
-        ValueError: when it cannot be imported or is not a ``base``.
-    """
-    module_name, _, qualname = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import the {what} {path!r}: {exc}") from exc
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise ValueError(f"{path!r} is not a {base.__name__} subclass")
-    return obj
 
 
 def resolve_class(spec: Any, builtins: dict[str, type], base: type, what: str) -> type:

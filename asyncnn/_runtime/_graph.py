@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
+from asyncnn._math._imports import class_path, import_by_path
 from asyncnn.backends import parse_device
 
 __all__ = ["Graph", "Node", "TensorRef"]
@@ -281,7 +282,7 @@ class Graph:
                 entry["device"] = n.device
                 entry["worker"] = n.worker
                 if n.actor is not None:
-                    entry["actor"] = f"{n.actor.__module__}:{n.actor.__qualname__}"
+                    entry["actor"] = class_path(n.actor)
             nodes.append(entry)
         return {"nodes": nodes, "outputs": dict(self.outputs)}
 
@@ -303,7 +304,7 @@ class Graph:
                         *entry["inputs"],
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
-                        actor=_import_path(entry["actor"]) if entry.get("actor") else None,
+                        actor=_actor_class(entry.get("actor")),
                     )
                 elif kind == "loss":
                     g.loss(entry["name"], module_from_spec(entry["module"]), *entry["inputs"])
@@ -316,18 +317,15 @@ class Graph:
         return g
 
 
-def _import_path(path: str) -> Any:
-    import importlib
+def _actor_class(path: str | None) -> Any:
+    if not path:
+        return None
+    from ._actors import LayerActor
 
-    module, _, qual = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qual.split("."):
-        if part == "<locals>":
-            raise GraphError(
-                f"actor {path!r} is defined inside a function; define it at module level"
-            )
-        obj = getattr(obj, part)
-    return obj
+    try:
+        return import_by_path(path, LayerActor, "actor")
+    except ValueError as exc:
+        raise GraphError(f"graph spec: {exc}") from exc
 
 
 def _split_sizes(

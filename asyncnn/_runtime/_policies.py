@@ -19,6 +19,8 @@ import abc
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, ClassVar
 
+from asyncnn._math._imports import class_path, import_by_path
+
 __all__ = [
     "RecordedOrder",
     "AnyOrder",
@@ -175,7 +177,7 @@ class Policy(abc.ABC):
         args: dict[str, Any] = asdict(self) if is_dataclass(self) else {}
         cls = type(self)
         builtin = _BUILTIN.get(self.name) is cls
-        kind = self.name if builtin else f"{cls.__module__}:{cls.__qualname__}"
+        kind = self.name if builtin else class_path(cls)
         return {"type": kind, "args": args}
 
 
@@ -295,13 +297,10 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
     kind = spec.get("type")
     cls: Any = _BUILTIN.get(str(kind))
     if cls is None:
-        import importlib
-
-        module, _, qual = str(kind).partition(":")
-        if not qual:
+        if ":" not in str(kind):
             raise ValueError(
-                f"unknown policy {kind!r}: use a built-in name or 'package.module:Class'"
+                f"unknown policy {kind!r}: use one of {sorted(_BUILTIN)} or 'package.module:Class'"
             )
-        cls = getattr(importlib.import_module(module), qual)
+        cls = import_by_path(str(kind), Policy, "policy")
     policy: Policy = cls(**spec.get("args", {}))
     return policy

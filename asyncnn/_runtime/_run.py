@@ -16,7 +16,6 @@ import numpy as np
 from asyncnn._errors import ActorError, GraphError, StallError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
-    DEFAULT_INLINE_FLOPS,
     DevicePool,
     array_namespace,
     get_backend,
@@ -98,7 +97,7 @@ class Run:
         self.seed = seed
         self.dtype = np.dtype(dtype)
         self.pool = pool
-        self.inline_flops = DEFAULT_INLINE_FLOPS
+        self.inline_flops = pool.inline_flops
         self.stall_timeout = stall_timeout
         self._check_finite = check_finite
         self._on_loss = on_loss

@@ -349,4 +349,3 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
     if order.i >= len(order.ops):
         done.set()
     await done.wait()
-

@@ -7,9 +7,9 @@ Built-in modules are named by class name; any other ``Module`` subclass by its i
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
+from .._imports import import_by_path
 from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
 from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
@@ -92,16 +92,11 @@ def _resolve(name: str) -> type[Module]:
                 "other classes are named 'package.module:Class'"
             )
         return cls
-    mod_name, _, qualname = name.partition(":")
     try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"from_spec: cannot import module type {name!r}: {exc}") from exc
-    if not (isinstance(obj, type) and issubclass(obj, Module)):
-        raise TypeError(f"from_spec: {name!r} is not an nn.Module subclass")
-    return obj
+        imported: type[Module] = import_by_path(name, Module, "module type")
+    except ValueError as exc:
+        raise ValueError(f"from_spec: {exc}") from exc
+    return imported
 
 
 def from_spec(spec: dict[str, Any]) -> Module:
