@@ -135,8 +135,10 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         marker = "s" if r["setting"].startswith("PipeDream") else "o"
         ax.plot(r["staleness_mean"], r["final_test_accuracy"], marker, ms=7)
+        below = r["setting"] in ("Sync", "PipeDream no stash")  # they share a point with another
         ax.annotate(r["setting"], (r["staleness_mean"], r["final_test_accuracy"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)  # fmt: skip
+                    textcoords="offset points", xytext=(5, -11 if below else 4),
+                    fontsize=8)  # fmt: skip
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("measured staleness (versions, mean over stages and backwards)")
     ax.set_ylabel(f"test accuracy after {cfg.epochs} epochs")
