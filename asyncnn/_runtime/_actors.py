@@ -253,6 +253,10 @@ class LayerActor(_Actor):
         self.opt_state = opt_state
         self.version = version
         self.consumers = node.consumers
+        # consumers that send a gradient back (a stop-gradient layer sends none)
+        self.grad_edges = sum(
+            1 for c, _ in node.consumers if not run.graph.nodes[c].stop_gradient
+        )
         self.bwd_grads: dict[int, list[Any]] = {}
         self.bwd_count: dict[int, int] = {}
         self.store: dict[int, tuple[Any, int, Any]] = {}  # key -> (pullback, version, inputs)
@@ -263,7 +267,10 @@ class LayerActor(_Actor):
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
         self.stopping = False
         # which inputs come from layers (and so get gradients sent back)
-        self.input_is_layer = [run.graph.nodes[src].kind == "layer" for src in node.inputs]
+        # inputs that get a gradient back from this layer (none when it stops the gradient)
+        self.input_is_layer = [
+            run.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
+        ]
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
 
@@ -278,7 +285,7 @@ class LayerActor(_Actor):
             if msg.event is not None:
                 self.events.setdefault(msg.key, []).append(msg.event)
             self.bwd_count[msg.key] += 1
-            if self.bwd_count[msg.key] == len(self.consumers):
+            if self.bwd_count[msg.key] == self.grad_edges:
                 self.ready.append((BACKWARD, msg.key))
         elif msg.kind == END:
             self.order.end_of_stream(int(msg.meta["total"]))
@@ -291,7 +298,7 @@ class LayerActor(_Actor):
         kind, key = op
         if kind == FORWARD:
             return self.fwd_count.get(key, -1) == self.n_inputs
-        return self.bwd_count.get(key, -1) == len(self.consumers)
+        return self.bwd_count.get(key, -1) == self.grad_edges
 
     async def serve(self) -> None:
         """Processes messages in the policy's order until told to stop."""

@@ -46,6 +46,7 @@ class Node:
     device: str = "cpu"
     worker: int | None = None
     actor: Any = None  # a LayerActor subclass, for custom actors
+    stop_gradient: bool = False  # a layer that sends no gradient to its inputs
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
 
 
@@ -124,6 +125,7 @@ class Graph:
         device: str = "cpu",
         worker: int | None = None,
         actor: Any = None,
+        stop_gradient: bool = False,
     ) -> TensorRef:
         """Adds a layer actor computing ``module(params, *inputs)`` on ``device``.
 
@@ -135,6 +137,10 @@ class Graph:
             worker: the worker process that hosts it (with a cluster).
             actor: a :class:`~asyncnn.LayerActor` subclass with custom ``on_forward`` /
                 ``on_backward`` handlers (default: the plain layer actor).
+            stop_gradient: the layer trains from the gradient of its own output but sends none
+                to its inputs; the layers before it then neither wait for nor get a backward
+                message from it (local learning: each stage learns from its own loss, and its
+                backward never waits for the stages after it).
         """
         self._check_name(name)
         if not callable(module) or not hasattr(module, "init"):
@@ -149,7 +155,14 @@ class Graph:
             raise GraphError(f"layer {name!r}: {exc}") from exc
         names = self._resolve(f"layer {name!r}", inputs)
         self.nodes[name] = Node(
-            name, "layer", module=module, inputs=names, device=dev, worker=worker, actor=actor
+            name,
+            "layer",
+            module=module,
+            inputs=names,
+            device=dev,
+            worker=worker,
+            actor=actor,
+            stop_gradient=bool(stop_gradient),
         )
         for slot, src in enumerate(names):
             self.nodes[src].consumers.append((name, slot))
@@ -253,13 +266,14 @@ class Graph:
             raise GraphError("the graph has no loss node: add one with g.loss(name, module, ...)")
         reaches: set[str] = set(self.losses)
         for node in reversed(list(self.nodes.values())):
-            if any(c in reaches for c, _ in node.consumers):
+            # a gradient reaches a node only through consumers that send one back
+            if any(c in reaches and not self.nodes[c].stop_gradient for c, _ in node.consumers):
                 reaches.add(node.name)
         for name in self.layers:
             if name not in reaches:
                 raise GraphError(
-                    f"layer {name!r} reaches no loss, so it would never get a gradient; connect "
-                    "its output to a loss (or remove it)"
+                    f"layer {name!r} reaches no loss through layers that send gradients back, so "
+                    "it would never get a gradient; connect its output to a loss (or remove it)"
                 )
         for name in self.inputs:
             if not self.nodes[name].consumers:
@@ -283,6 +297,8 @@ class Graph:
                 entry["worker"] = n.worker
                 if n.actor is not None:
                     entry["actor"] = class_path(n.actor)
+                if n.stop_gradient:
+                    entry["stop_gradient"] = True
             nodes.append(entry)
         return {"nodes": nodes, "outputs": dict(self.outputs)}
 
@@ -305,6 +321,7 @@ class Graph:
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
                         actor=_actor_class(entry.get("actor")),
+                        stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
                 elif kind == "loss":
                     g.loss(entry["name"], module_from_spec(entry["module"]), *entry["inputs"])
