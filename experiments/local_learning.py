@@ -1,9 +1,9 @@
 """Local learning (decoupled greedy learning, Belilovsky et al. 2020) against end-to-end backprop.
 
 Each hidden stage of an MLP on MNIST-1D has its own auxiliary head (a Linear to the 10 classes)
-and its own cross-entropy loss node; every stage after the first runs a :class:`StopGradient`
-actor, so no gradient crosses from one stage to the one below: each stage learns from its own
-head only. The baseline trains the same stages end to end from the last head alone. Both run
+and its own cross-entropy loss node; every stage after the first is a stop-gradient layer
+(``g.layer(..., stop_gradient=True)``), so no gradient crosses from one stage to the one below and
+no stage waits for a backward message from the stages above it: each learns from its own head. The baseline trains the same stages end to end from the last head alone. Both run
 under ``Sync``, ``PipeDream`` and ``Async``; we measure test accuracy (final head and every
 stage's head) and wall time.
 
@@ -44,14 +44,6 @@ COLORS = {"backprop": "C0", "local": "C1"}  # one colour per method in the plots
 STYLES = {"Sync": "-", "PipeDream": "--", "Async": ":"}  # one line style per policy
 
 
-class StopGradient(ann.LayerActor):
-    """Trains its own parameters; sends no gradient to its inputs (docs/custom_actors.md)."""
-
-    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        await super().on_backward(key, grad, meta)  # its own parameter gradients, as usual
-        return [None] * len(self.node.inputs)
-
-
 def build_graph(cfg: Config, local: bool) -> ann.Graph:
     """``stages`` blocks Linear+ReLU. Local: a head and a loss node per block, each block after
     the first cut from the one below. End to end: one head after the last block, one loss."""
@@ -61,7 +53,7 @@ def build_graph(cfg: Config, local: bool) -> ann.Graph:
     width_in = 40
     for i in range(cfg.stages):
         block = nn.Sequential(nn.Linear(width_in, cfg.width), nn.ReLU())
-        h = g.layer(f"block{i}", block, h, actor=StopGradient if local and i > 0 else None)
+        h = g.layer(f"block{i}", block, h, stop_gradient=local and i > 0)
         width_in = cfg.width
         if local or i == cfg.stages - 1:
             logits = g.layer(f"head{i}", nn.Linear(cfg.width, 10), h)
