@@ -273,6 +273,7 @@ class LayerActor(_Actor):
         ]
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
+        self.flops_per_sample = _flops_per_sample(self.module, run.graph, node)
 
     # -- the mailbox ----------------------------------------------------------------------------
     def _file_other(self, msg: Message) -> None:
@@ -357,7 +358,9 @@ class LayerActor(_Actor):
                 await anyio.lowlevel.checkpoint()
 
     def _cost(self, rows: int) -> float:
-        return 2.0 * self.param_size * rows
+        # FLOPs of the forward: the module's own count per sample where it gives one (a
+        # convolution does far more work than its parameter count says), else 2 per parameter
+        return (self.flops_per_sample or 2.0 * self.param_size) * rows
 
     def _rng(self, key: int) -> Any:
         if not self.stochastic:
@@ -522,6 +525,17 @@ def _add(a: Any, b: Any) -> Any:
 
 def _pull(pullback: Any, grad: Any) -> Any:
     return pullback(grad)
+
+
+def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:
+    shapes = [graph.shapes.get(src) for src in node.inputs] if graph.shapes else []
+    flops = getattr(module, "flops", None)
+    if not shapes or any(s is None for s in shapes) or not callable(flops):
+        return 0.0
+    try:
+        return float(flops(*shapes))
+    except Exception:  # noqa: BLE001 - an estimate only: fall back to the parameter count
+        return 0.0
 
 
 def _is_stochastic(module: Any) -> bool:

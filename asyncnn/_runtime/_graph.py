@@ -66,6 +66,8 @@ class Graph:
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.outputs: dict[str, str] = {}
+        #: each node's output shape, found when the graph is validated (batch of 2)
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     # -- building --------------------------------------------------------------------------------
     def _check_name(self, name: str) -> None:

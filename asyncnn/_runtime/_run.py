@@ -577,6 +577,7 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
             shapes[name] = tuple(out.shape)
         elif getattr(out, "size", 0) != 1:
             raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}")
+    graph.shapes = shapes
     return shapes
 
 
