@@ -1,0 +1,23 @@
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+import ampnet_sweep  # noqa: E402
+
+
+def test_quick_run_writes_curves_table_and_figures(tmp_path):
+    ampnet_sweep.main(["--quick", "true", "--target", "0.0", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    table = saved["results"]["table"]
+    assert set(table) == {"Sync 1 stage", "Sync 3 stages", "Async K=1 F=1", "Async K=4 F=1"}
+    for run in saved["results"]["runs"]:
+        assert [c["epoch"] for c in run["curve"]] == [1, 2]
+        times = [c["seconds"] for c in run["curve"]]
+        assert 0 < times[0] < times[1]
+        # any accuracy reaches a 0% target: time to it is the first epoch's
+        assert run["seconds_to_target"] == times[0] and run["epochs_to_target"] == 1
+    for png in ("ampnet_curves.png", "ampnet_heatmap.png"):
+        assert (tmp_path / png).stat().st_size > 0

@@ -1,0 +1,24 @@
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+import mnist1d_table  # noqa: E402
+
+
+def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):
+    mnist1d_table.main(["--quick", "true", "--models", "logreg", "mlp", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    cells = saved["results"]["cells"]
+    assert [(c["model"], c["policy"]) for c in cells] == [
+        (m, p) for m in ("logreg", "mlp") for p in ("Sync", "GPipe", "PipeDream", "Async")
+    ]
+    for c in cells:
+        assert 0.0 <= c["test_accuracy"] <= 1.0 and c["samples_per_second"] > 0
+    # PipeDream's minibatches are `microbatches` times larger, so it makes as many updates as Sync
+    by_policy = {c["policy"]: c for c in cells if c["model"] == "mlp"}
+    assert by_policy["PipeDream"]["updates_per_stage"] == by_policy["Sync"]["updates_per_stage"]
+    assert by_policy["PipeDream"]["batch_size"] == 4 * by_policy["Sync"]["batch_size"]
+    assert (tmp_path / "mnist1d_table.png").stat().st_size > 0
