@@ -254,9 +254,7 @@ class LayerActor(_Actor):
         self.version = version
         self.consumers = node.consumers
         # consumers that send a gradient back (a stop-gradient layer sends none)
-        self.grad_edges = sum(
-            1 for c, _ in node.consumers if not run.graph.nodes[c].stop_gradient
-        )
+        self.grad_edges = sum(1 for c, _ in node.consumers if not run.graph.nodes[c].stop_gradient)
         self.bwd_grads: dict[int, list[Any]] = {}
         self.bwd_count: dict[int, int] = {}
         self.store: dict[int, tuple[Any, int, Any]] = {}  # key -> (pullback, version, inputs)
