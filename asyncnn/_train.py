@@ -240,6 +240,7 @@ class Trainer:
         n = len(dataset)
         loss_sum = 0.0
         correct = 0
+        labelled = 0
         classify = None
         for batch in dataset.batches(batch_size):
             rows = len(next(iter(batch.values())))
@@ -252,10 +253,11 @@ class Trainer:
                     if labels.dtype.kind in "iu":
                         logits = np.asarray(to_numpy(outs[node.inputs[0]]))
                         correct += int((logits.argmax(axis=1) == labels).sum())
+                        labelled += labels.size  # one label per row, or per position
                         classify = True
         result = {"loss": loss_sum / n}
         if classify:
-            result["accuracy"] = correct / n
+            result["accuracy"] = correct / labelled
         return result
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -133,3 +133,25 @@ def test_custom_actor_and_policy_survive_a_checkpoint(tmp_path):
     back.fit(_data(), epochs=1, batch_size=8)
     assert tr.versions == back.versions == {"a": 2, "b": 2}  # 5 minibatches: 2 updates
     assert_params_equal(tr.params, back.params)
+
+
+def test_evaluate_accuracy_counts_positions_of_sequence_labels():
+    from asyncnn import ops
+
+    @dataclass(frozen=True)
+    class PerPosition(nn.Module):
+        """(N, T) ids -> (N, C, T) logits: a one-hot of the id (a perfect copy model)."""
+
+        def __call__(self, params, x, *, rng=None):
+            onehot = (x[:, None, :] == np.arange(3)[None, :, None]).astype(np.float64)
+            return ops.multiply(onehot, 10.0)
+
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 4), dtype="int64")
+    y = g.input("y", shape=(None, 4), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("m", PerPosition(), x), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    ids = np.array([[0, 1, 2, 0], [1, 1, 0, 2]])
+    labels = ids.copy()
+    labels[0, 0] = 2  # one wrong position of 8
+    assert tr.evaluate({"x": ids, "y": labels})["accuracy"] == pytest.approx(7 / 8)
