@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,46 +27,12 @@ from asyncnn.backends import get_backend, parse_device
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import RecordedOrder, StageOrder
+from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
     from ._run import Run
 
 __all__ = ["ActorStatistics", "LayerActor", "LossActor"]
-
-
-@dataclass(slots=True)
-class ActorStatistics:
-    """Counters of one actor, read with ``run.statistics()`` or ``History.statistics``.
-
-    Attributes:
-        busy_seconds: time spent computing (forward, backward, update).
-        idle_seconds: time alive and not computing.
-        messages_in / messages_out: messages received and sent.
-        forwards / backwards / updates: work done.
-        stored: keys whose activations are held now; ``peak_stored``: the most held at once.
-        versions_held: distinct parameter versions referenced now (stashing holds several);
-            ``peak_versions_held``: the most at once.
-        stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
-            (an estimate of the residuals' memory).
-    """
-
-    busy_seconds: float = 0.0
-    idle_seconds: float = 0.0
-    messages_in: int = 0
-    messages_out: int = 0
-    forwards: int = 0
-    backwards: int = 0
-    updates: int = 0
-    stored: int = 0
-    peak_stored: int = 0
-    versions_held: int = 0
-    peak_versions_held: int = 0
-    stored_bytes: int = 0
-    peak_stored_bytes: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        """The counters as a plain dict."""
-        return asdict(self)
 
 
 def _nbytes(xs: Any) -> int:

@@ -1,0 +1,42 @@
+"""The counters each actor keeps (read with ``run.statistics()`` or ``History.statistics``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["ActorStatistics"]
+
+
+@dataclass(slots=True)
+class ActorStatistics:
+    """Counters of one actor, read with ``run.statistics()`` or ``History.statistics``.
+
+    Attributes:
+        busy_seconds: time spent computing (forward, backward, update).
+        idle_seconds: time alive and not computing.
+        messages_in / messages_out: messages received and sent.
+        forwards / backwards / updates: work done.
+        stored: keys whose activations are held now; ``peak_stored``: the most held at once.
+        versions_held: distinct parameter versions referenced now (stashing holds several);
+            ``peak_versions_held``: the most at once.
+        stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
+            (an estimate of the residuals' memory).
+    """
+
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    messages_in: int = 0
+    messages_out: int = 0
+    forwards: int = 0
+    backwards: int = 0
+    updates: int = 0
+    stored: int = 0
+    peak_stored: int = 0
+    versions_held: int = 0
+    peak_versions_held: int = 0
+    stored_bytes: int = 0
+    peak_stored_bytes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters as a plain dict."""
+        return asdict(self)
