@@ -8,9 +8,10 @@ from . import data, nn, ops, optim, policies, trace
 from ._errors import ActorError, GraphError, StallError, TraceFormatError
 from ._math._autodiff import grad, value_and_grad, vjp
 from ._math._loop import evaluate, predict, train_loop
-from ._runtime._actors import ActorStatistics, LayerActor
+from ._runtime._actors import LayerActor
 from ._runtime._graph import Graph, TensorRef
 from ._runtime._run import Run, RunState, open_run
+from ._runtime._statistics import ActorStatistics
 from ._tracing._replay import replay
 from ._train import History, Trainer
 

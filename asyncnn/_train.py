@@ -13,11 +13,11 @@ import numpy as np
 
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_map
-from ._runtime._actors import ActorStatistics
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
 from ._runtime._run import Run, RunState, check_batch, init_state, open_run, validate
+from ._runtime._statistics import ActorStatistics
 from .backends import to_numpy, tune_allocator
 
 __all__ = ["History", "Trainer"]

@@ -23,11 +23,12 @@ from asyncnn.backends import (
     to_numpy,
 )
 
-from ._actors import ActorStatistics, LayerActor, LossActor
+from ._actors import LayerActor, LossActor
 from ._graph import Graph
 from ._messages import END, FORWARD, STOP, Message
 from ._policies import Policy
 from ._recorder import Recorder
+from ._statistics import ActorStatistics
 
 __all__ = ["Run", "RunState", "open_run"]
 
