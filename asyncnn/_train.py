@@ -249,7 +249,7 @@ class Trainer:
                 loss_sum += float(to_numpy(outs[name])) * rows
                 node = self.graph.nodes[name]
                 if len(node.inputs) == 2 and self.graph.nodes[node.inputs[1]].kind == "input":
-                    labels = np.asarray(batch[node.inputs[1]])
+                    labels = np.asarray(to_numpy(batch[node.inputs[1]]))
                     if labels.dtype.kind in "iu":
                         logits = np.asarray(to_numpy(outs[node.inputs[0]]))
                         correct += int((logits.argmax(axis=1) == labels).sum())

@@ -70,15 +70,21 @@ def matmul_rate(dtype: str) -> dict[str, float]:
     return out
 
 
-def asyncnn_step(policy: Any, stages: int, batch: int, dtype: str, steps: int) -> float:
+def asyncnn_step(
+    policy: Any, stages: int, batch: int, dtype: str, steps: int, on_device: bool = True
+) -> float:
     g = ann.Graph.sequential(
         mlp(), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, WIDTH),
         devices=["cuda:0"] * stages,
     )  # fmt: skip
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype)
     rng = np.random.default_rng(0)
-    data = {"x": rng.standard_normal((batch * steps, WIDTH)).astype(np.float32),
-            "y": rng.integers(0, 10, batch * steps)}  # fmt: skip
+    data: dict[str, Any] = {"x": rng.standard_normal((batch * steps, WIDTH)).astype(np.float32),
+                            "y": rng.integers(0, 10, batch * steps)}  # fmt: skip
+    if on_device:  # the dataset lives on the GPU, as torch's tensors do below
+        import cupy as cp
+
+        data = {k: cp.asarray(v).astype(dtype if k == "x" else v.dtype) for k, v in data.items()}
     tr.fit({k: v[: batch * 3] for k, v in data.items()}, batch_size=batch)  # warm-up
     start = time.perf_counter()
     tr.fit(data, batch_size=batch)
@@ -145,14 +151,17 @@ def main() -> None:
     for dt in dtypes:
         for batch in (1024, 64):
             a = asyncnn_step(policies.Sync(), 1, batch, dt, args.steps)
+            host = asyncnn_step(policies.Sync(), 1, batch, dt, args.steps, on_device=False)
             t = torch_step(batch, dt, args.steps)
             tflops = step_flops(batch) / a / 1e12
             peak = report["matmul_tflops"][dt]["cupy"]
             row = {"dtype": dt, "batch": batch, "asyncnn_ms": a * 1e3, "torch_ms": t * 1e3,
+                   "asyncnn_host_data_ms": host * 1e3,
                    "ratio": a / t, "tflops": tflops, "fraction_of_matmul_rate": tflops / peak}  # fmt: skip
             report["sync"].append(row)
             print(f"   {dt:<9} batch {batch:5d}: asyncnn {a * 1e3:8.2f}  torch {t * 1e3:8.2f}  "
-                  f"ratio {a / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)")  # fmt: skip
+                  f"ratio {a / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)"
+                  f"   [data on the host: {host * 1e3:.2f} ms]")  # fmt: skip
     print("3. 4 stages on one GPU, float32, batch 1024, 4 microbatches (ms per step)")
     sync4 = asyncnn_step(policies.Sync(), 4, 1024, "float32", args.steps)
     pd4 = asyncnn_step(policies.PipeDream(4), 4, 1024, "float32", args.steps)

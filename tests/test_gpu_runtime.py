@@ -105,3 +105,23 @@ def test_gpu_async_trains():
     after = tr.evaluate(_data())
     assert after["loss"] < before["loss"]
     assert all(v == 30 for v in tr.versions.values())  # 60 keys, an update every 2 gradients
+
+
+def test_data_already_on_the_gpu_stays_there_and_gives_the_same_run():
+    import cupy as cp
+
+    d = _data()
+    on_device = {k: cp.asarray(v) for k, v in d.items()}
+    results = []
+    for data in (d, on_device):
+        tr = ann.Trainer(
+            _graph(["cuda:0"] * 4),
+            optimizer=optim.Adam(lr=0.01),
+            policy=policies.OneFOneB(4),
+            seed=3,
+        )
+        hist = tr.fit(data, epochs=2, batch_size=16, shuffle=True)
+        results.append((tr.params, hist.losses, tr.evaluate(data)))
+    assert_params_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    assert results[0][2] == pytest.approx(results[1][2])

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import get_backend
+from asyncnn.backends import get_backend, is_cupy_array
 
 from ._graph import Graph
 
@@ -30,7 +30,9 @@ def forward_pass(
     for name, node in graph.nodes.items():
         if node.kind == "input":
             if name in batch:
-                arr = np.asarray(batch[name])
+                arr = batch[name]
+                if not is_cupy_array(arr):  # device data stays on its device
+                    arr = np.asarray(arr)
                 if np.dtype(node.dtype).kind == "f":
                     arr = arr.astype(dtype, copy=False)
                 values[name] = arr

@@ -216,7 +216,9 @@ class Run:
         for name in self.graph.inputs:
             # A copy: step returns before its keys are computed, and the caller may refill its
             # buffer for the next batch meanwhile.
-            arr = np.array(to_numpy(batch[name]), copy=True)
+            # Data may live on a GPU already (a cupy array): it then stays there.
+            src = batch[name]
+            arr = array_namespace(src).array(src, copy=True)
             if np.dtype(self.graph.nodes[name].dtype).kind == "f":
                 arr = arr.astype(self.dtype, copy=False)
             arrays[name] = arr
@@ -354,7 +356,7 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
             raise ValueError(
                 f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
             )
-        if check_finite and got.kind == "f" and not np.isfinite(to_numpy(arr)).all():
+        if check_finite and got.kind == "f" and not bool(array_namespace(arr).isfinite(arr).all()):
             raise ValueError(f"input {name!r} contains NaN or Inf (check_finite=True)")
     if not rows:
         raise ValueError("the batch is empty (0 rows)")
