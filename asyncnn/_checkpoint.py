@@ -90,6 +90,8 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
         "minibatches": state.minibatches,
         "keys": state.keys,
         "epochs_done": trainer.epochs_done,
+        "traces": list(trainer.traces),  # so a resumed trainer numbers its next trace on
+        "trace_base": trainer.trace,
         "layout": layout,
     }
     # Write beside, then rename: a crash mid-save never leaves a half-written checkpoint.
@@ -140,4 +142,6 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         params, opt_states, versions, spec["minibatches"], spec["keys"], pending
     )
     trainer.epochs_done = int(spec["epochs_done"])
+    if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
+        trainer.traces = [str(t) for t in spec.get("traces", [])]
     return trainer

@@ -155,3 +155,16 @@ def test_evaluate_accuracy_counts_positions_of_sequence_labels():
     labels = ids.copy()
     labels[0, 0] = 2  # one wrong position of 8
     assert tr.evaluate({"x": ids, "y": labels})["accuracy"] == pytest.approx(7 / 8)
+
+
+def test_a_resumed_trainer_numbers_its_traces_on(tmp_path):
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=path
+    )
+    tr.fit(_data(), epochs=1, batch_size=8)
+    tr.save(str(tmp_path / "ckpt"))
+    resumed = ann.Trainer.load(str(tmp_path / "ckpt"), trace=path)
+    resumed.fit(_data(), epochs=1, batch_size=8)
+    assert resumed.traces == [path, str(tmp_path / "run.1.trace")]
+    assert ann.trace.read(resumed.traces[1]).header["start"]["minibatches"] == 5
