@@ -12,12 +12,15 @@ Run: python experiments/bench_gpu.py [--steps N]   (writes runs/bench_gpu.json)
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -173,10 +176,7 @@ def main() -> None:
     }
     print(f"   Sync {sync4 * 1e3:.2f}   PipeDream(4) {pd4 * 1e3:.2f} ({sync4 / pd4:.2f}x)   "
           f"OneFOneB(4) {ofob4 * 1e3:.2f} ({sync4 / ofob4:.2f}x)")  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    _common.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import threadpoolctl
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 import _numpy_mlp  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
@@ -316,10 +317,7 @@ def main() -> None:
     )
     print_table("same, tune_allocator() off (child process):", report["untuned"])
     print(f"load average: start {report['machine']['loadavg_at_start']}, end {os.getloadavg()}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    _common.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Run: python experiments/bench_runtime.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 import _numpy_mlp  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
@@ -210,10 +210,7 @@ def main() -> None:
             print(
                 f"   {k:<36} {v:9.0f}   {v / ref:5.2f}x Sync 1 stage   {v / one:5.2f}x Sync 2 stages"
             )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    _common.write_json(args.out, report)
 
 
 if __name__ == "__main__":

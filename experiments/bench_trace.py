@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -42,6 +41,7 @@ import anyio
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 from bench_runtime import SIZES, data, mlp_modules  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
@@ -263,10 +263,7 @@ def main() -> None:
             print(line)
     report["results"] = results
     report["machine"]["loadavg_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
+    _common.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class _Actor:
         self.waiting_for: Any = "its first message"  # a description, or the (kind, key) awaited
         self.computing: tuple[str, int, float] | None = None
         self.seq = 0  # this actor's processing sequence number (traces and replay)
+        self.stopping = False  # told to stop: returns once nothing it must do is left
         # GPU: this actor's own stream; the events its next compute waits for (those of the
         # messages it reads); the event of its last compute; arrays kept alive until the
         # kernels reading them are done (cupy's pool would otherwise hand their memory to the
@@ -228,7 +229,6 @@ class LayerActor(_Actor):
         self.acc: Any = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
-        self.stopping = False
         # which inputs come from layers (and so get gradients sent back)
         # inputs that get a gradient back from this layer (none when it stops the gradient)
         self.input_is_layer = [
@@ -363,7 +363,7 @@ class LayerActor(_Actor):
                 self._apply, self.params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (None, version, inputs), inputs, out)
-        if self.run._check_finite:
+        if self.run.checks_finite:
             await self.wait_for_device()
             self.run.check_finite(self.name, FORWARD, key, out)
         return out
@@ -440,10 +440,8 @@ class LayerActor(_Actor):
             pullback = await self.compute(
                 lambda: self._vjp(self.params, inputs, self._rng(key))[1], cost=self._cost(rows)
             )
-        param_grads, input_grads = await self.compute(
-            _pull, pullback, grad, cost=2 * self._cost(rows)
-        )
-        if self.run._check_finite:
+        param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
+        if self.run.checks_finite:
             await self.wait_for_device()
             self.run.check_finite(self.name, BACKWARD, key, input_grads)
         if self.param_size:  # a layer without parameters has nothing to update
@@ -479,15 +477,11 @@ class LayerActor(_Actor):
         self.stats.updates += 1
         if self.run.recorder is not None:
             self.run.recorder.event(self.name, "update", version=self.version)
-        self.run.updated(self.name, self.version)
+        self.run.touch()
 
 
 def _add(a: Any, b: Any) -> Any:
     return a + b
-
-
-def _pull(pullback: Any, grad: Any) -> Any:
-    return pullback(grad)
 
 
 def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:
@@ -526,7 +520,6 @@ class LossActor(_Actor):
             super()._file_other(msg)
 
     async def serve(self) -> None:
-        self.stopping = False
         while True:
             while not self.ready:
                 if self.stopping:

@@ -100,7 +100,7 @@ class Run:
         self.pool = pool
         self.inline_flops = pool.inline_flops
         self.stall_timeout = stall_timeout
-        self._check_finite = check_finite
+        self.checks_finite = check_finite  # actors check their outputs for NaN/Inf
         self._on_loss = on_loss
         self.recorder = recorder
         self.orders = orders  # replay: each actor's recorded order of work
@@ -160,9 +160,6 @@ class Run:
         else:
             self._done_count[key] = n
 
-    def updated(self, actor: str, version: int) -> None:
-        self.touch()
-
     def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
         mb = int(meta["minibatch"])
         pending = self._pending[mb]
@@ -175,7 +172,7 @@ class Run:
                 self._on_loss(mb, pending.total, int(meta["mb_rows"]))
 
     def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
-        if not self._check_finite:
+        if not self.checks_finite:
             return
         for leaf in tree_leaves(value):
             if leaf is None or not hasattr(leaf, "dtype") or leaf.dtype.kind not in "fc":
@@ -189,9 +186,6 @@ class Run:
                 )  # fmt: skip
 
     # -- the scheduler ---------------------------------------------------------------------------
-    def _check_batch(self, batch: Mapping[str, Any]) -> int:
-        return check_batch(self.graph, batch, self._check_finite)
-
     async def _wait_until(self, condition: Any) -> None:
         while not condition():
             await self._changed.wait()
@@ -204,7 +198,7 @@ class Run:
         Raises:
             ValueError: a missing or unknown input, a wrong shape or dtype.
         """
-        rows = self._check_batch(batch)
+        rows = check_batch(self.graph, batch, self.checks_finite)
         m = min(self.policy.microbatches, rows)
         mb = self.minibatches
         self.minibatches += 1
@@ -479,10 +473,8 @@ async def open_run(
 def _trace_header(
     graph: Graph, optimizer: Any, policy: Policy, seed: int, dtype: str, state: RunState
 ) -> dict[str, Any]:
-    import time as _time
-
     return {
-        "created": _time.time(),
+        "created": time.time(),
         "graph": graph.to_spec(),
         "policy": policy.to_spec(),
         "optimizer": optimizer.to_spec(),
