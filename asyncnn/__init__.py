@@ -4,8 +4,15 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import data, nn, ops, optim, policies, trace
-from ._errors import ActorError, GraphError, StallError, TraceFormatError
+from . import cluster, data, nn, ops, optim, policies, trace
+from ._errors import (
+    ActorError,
+    GraphError,
+    RemoteError,
+    StallError,
+    TraceFormatError,
+    WorkerError,
+)
 from ._math._autodiff import grad, value_and_grad, vjp
 from ._math._loop import evaluate, predict, train_loop
 from ._runtime._actors import LayerActor
@@ -24,12 +31,15 @@ __all__ = [
     "GraphError",
     "History",
     "LayerActor",
+    "RemoteError",
     "Run",
     "RunState",
     "StallError",
     "TensorRef",
     "TraceFormatError",
     "Trainer",
+    "WorkerError",
+    "cluster",
     "data",
     "evaluate",
     "grad",

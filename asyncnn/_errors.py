@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ActorError", "GraphError", "StallError", "TraceFormatError"]
+__all__ = [
+    "ActorError",
+    "GraphError",
+    "RemoteError",
+    "StallError",
+    "TraceFormatError",
+    "WorkerError",
+]
 
 
 class GraphError(ValueError):
@@ -37,3 +44,27 @@ class StallError(RuntimeError):
 
 class TraceFormatError(ValueError):
     """A trace file is damaged or not a trace; the message says where."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process of a cluster died, hung, broke the protocol or could not start.
+
+    Attributes:
+        worker: the worker's index.
+        actors: the nodes it hosted.
+    """
+
+    def __init__(self, worker: int, actors: list[str], message: str) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.actors = actors
+
+
+class RemoteError(RuntimeError):
+    """The original failure inside a worker process, as text (it cannot travel as an object):
+    the ``__cause__`` of the :class:`ActorError` the driver raises. ``traceback`` holds the
+    worker's traceback."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback

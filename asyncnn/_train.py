@@ -71,7 +71,10 @@ class Trainer:
             it with ``asyncnn.replay``.
         trace_payloads: which tensors a trace keeps besides their digests: ``"inputs"`` (enough
             to replay), ``"all"`` (enough to replay one actor alone), ``"none"``.
-        cluster: reserved for several processes; not supported yet.
+        cluster: run on worker processes (``ann.cluster.LocalCluster(workers=N)`` or
+            ``RayCluster``); place nodes with ``g.layer(..., worker=i)``. Without a cluster,
+            ``worker=`` is ignored and everything runs in this process. ``evaluate`` and
+            ``predict`` run in this process on the gathered weights.
         progress: show a live progress bar (rich) with the loss and samples/s.
         stall_timeout: seconds without progress, with keys in flight, before a StallError.
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
@@ -104,8 +107,12 @@ class Trainer:
         self.trace = None if trace is None else str(trace)
         self.trace_payloads = trace_payloads
         self.traces: list[str] = []  # the trace files written so far, one per fit
-        if cluster is not None:
-            raise NotImplementedError("clusters of worker processes are not implemented yet")
+        if cluster is not None and not callable(getattr(cluster, "open_run", None)):
+            raise TypeError(
+                "cluster must be an asyncnn.cluster cluster (e.g. "
+                f"ann.cluster.LocalCluster(workers=2)), got {cluster!r}"
+            )
+        self.cluster = cluster
         if not isinstance(policy, Policy):
             raise TypeError(
                 f"policy must be an asyncnn.policies policy (e.g. policies.Sync()), got {policy!r}"
@@ -121,7 +128,9 @@ class Trainer:
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
-        self.state: RunState = init_state(graph, optimizer, seed, self.dtype)
+        self.state: RunState = init_state(
+            graph, optimizer, seed, self.dtype, placed_on_host=cluster is not None
+        )
         self.epochs_done = 0
 
     # -- reading -----------------------------------------------------------------------------------
@@ -183,6 +192,7 @@ class Trainer:
                     validated=True,
                     trace=trace_path,
                     trace_payloads=self.trace_payloads,
+                    cluster=self.cluster,
                 ) as run:
                     bar.run = run
                     for _ in range(epochs):

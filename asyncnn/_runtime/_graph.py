@@ -170,15 +170,21 @@ class Graph:
             self.nodes[src].consumers.append((name, slot))
         return TensorRef(id(self), name)
 
-    def loss(self, name: str, module: Any, *inputs: TensorRef | str) -> None:
-        """Adds a loss node: it runs as soon as its inputs arrive and starts the backward wave."""
+    def loss(
+        self, name: str, module: Any, *inputs: TensorRef | str, worker: int | None = None
+    ) -> None:
+        """Adds a loss node: it runs as soon as its inputs arrive and starts the backward wave.
+
+        With a cluster it runs on ``worker``, by default beside the first layer it reads."""
         self._check_name(name)
         if not inputs:
             raise GraphError(f"loss {name!r} has no inputs")
         names = self._resolve(f"loss {name!r}", inputs)
         # The loss runs where the first layer feeding it runs, so logits need no copy.
         device = next((self.nodes[s].device for s in names if self.nodes[s].kind == "layer"), "cpu")
-        self.nodes[name] = Node(name, "loss", module=module, inputs=names, device=device)
+        self.nodes[name] = Node(
+            name, "loss", module=module, inputs=names, device=device, worker=worker
+        )
         for slot, src in enumerate(names):
             self.nodes[src].consumers.append((name, slot))
 
@@ -201,6 +207,7 @@ class Graph:
         label_dtype: str = "int64",
         devices: Sequence[str] | None = None,
         balance: str = "params",
+        workers: Sequence[int | None] | None = None,
     ) -> Graph:
         """A chain of stages over consecutive ``modules``, with inputs ``"x"``, ``"y"``.
 
@@ -216,6 +223,7 @@ class Graph:
             devices: the device of each stage (default all ``"cpu"``).
             balance: ``"params"`` (parameter count) or ``"flops"`` (per-sample FLOPs) when
                 ``stages`` is an int.
+            workers: the worker process of each stage, with a cluster (``None``: the driver).
 
         Returns:
             A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
@@ -227,13 +235,18 @@ class Graph:
         sizes = _split_sizes(modules, stages, balance, tuple(input_shape))
         if devices is not None and len(devices) != len(sizes):
             raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")
+        if workers is not None and len(workers) != len(sizes):
+            raise GraphError(f"sequential: {len(sizes)} stages but {len(workers)} workers")
         g = cls()
         h: TensorRef = g.input("x", input_shape, input_dtype)
         y = g.input("y", label_shape, label_dtype)
         start = 0
         for k, size in enumerate(sizes):
             dev = devices[k] if devices is not None else "cpu"
-            h = g.layer(f"stage{k}", Sequential(*modules[start : start + size]), h, device=dev)
+            w = workers[k] if workers is not None else None
+            h = g.layer(
+                f"stage{k}", Sequential(*modules[start : start + size]), h, device=dev, worker=w
+            )
             start += size
         g.loss("loss", loss, h, y)
         g.output("logits", h)
@@ -301,6 +314,8 @@ class Graph:
                     entry["actor"] = class_path(n.actor)
                 if n.stop_gradient:
                     entry["stop_gradient"] = True
+            if n.kind == "loss" and n.worker is not None:
+                entry["worker"] = n.worker
             nodes.append(entry)
         return {"nodes": nodes, "outputs": dict(self.outputs)}
 
@@ -326,7 +341,10 @@ class Graph:
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
                 elif kind == "loss":
-                    g.loss(entry["name"], module_from_spec(entry["module"]), *entry["inputs"])
+                    g.loss(
+                        entry["name"], module_from_spec(entry["module"]), *entry["inputs"],
+                        worker=entry.get("worker"),
+                    )  # fmt: skip
                 else:
                     raise GraphError(f"graph spec: node {entry.get('name')!r} has kind {kind!r}")
             for name, src in spec.get("outputs", {}).items():

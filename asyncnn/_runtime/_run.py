@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,13 +52,19 @@ def node_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def init_state(graph: Graph, optimizer: Any, seed: int, dtype: str) -> RunState:
-    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``."""
+def init_state(
+    graph: Graph, optimizer: Any, seed: int, dtype: str, placed_on_host: bool = False
+) -> RunState:
+    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``.
+
+    With ``placed_on_host``, layers placed on a worker get host arrays (the worker moves them to
+    its device; the values are the same on every backend)."""
     params: dict[str, Any] = {}
     opt_states: dict[str, Any] = {}
     for i, name in enumerate(graph.layers):
         node = graph.nodes[name]
-        params[name] = node.module.init(node_seed(seed, i), backend=node.device, dtype=dtype)
+        device = "cpu" if placed_on_host and node.worker is not None else node.device
+        params[name] = node.module.init(node_seed(seed, i), backend=device, dtype=dtype)
         opt_states[name] = optimizer.init(params[name])
     return RunState(params, opt_states, {name: 0 for name in graph.layers})
 
@@ -91,6 +97,8 @@ class Run:
         recorder: Recorder | None = None,
         orders: Mapping[str, list[tuple[str, int]]] | None = None,
         max_in_flight: int | None = None,
+        hosted: Collection[str] | None = None,
+        remote: Mapping[str, Any] | None = None,
     ) -> None:
         self.graph = graph
         self.optimizer = optimizer
@@ -115,8 +123,12 @@ class Run:
         self.minibatches = state.minibatches
         self.next_key = state.keys
         self.stream_start = state.keys
-        self.actors: dict[str, Any] = {}
+        # every node's actor: the local ones, and stand-ins for those other processes host
+        # (with a cluster; their send_channel writes to the wire)
+        self.local: dict[str, Any] = {}
         for i, name in enumerate(self.layers):
+            if hosted is not None and name not in hosted:
+                continue
             node = graph.nodes[name]
             cls = getattr(node, "actor", None) or LayerActor
             actor = cls(
@@ -129,9 +141,14 @@ class Run:
                 state.versions[name],
             )
             actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
-            self.actors[name] = actor
+            self.local[name] = actor
         for name in graph.losses:
-            self.actors[name] = LossActor(self, graph.nodes[name])
+            if hosted is None or name in hosted:
+                self.local[name] = LossActor(self, graph.nodes[name])
+        self.actors: dict[str, Any] = {
+            n: self.local[n] if n in self.local else (remote or {})[n]
+            for n in [*self.layers, *graph.losses]
+        }
         self.in_flight = 0
         self.losses: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -280,7 +297,7 @@ class Run:
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
         """The current weights, optimizer states and versions (device arrays, not copies)."""
-        layers = {n: self.actors[n] for n in self.layers}
+        layers = {n: self.local[n] for n in self.layers if n in self.local}
         return RunState(
             params={n: a.params for n, a in layers.items()},
             opt_states={n: a.opt_state for n, a in layers.items()},
@@ -293,13 +310,13 @@ class Run:
     @property
     def params(self) -> dict[str, Any]:
         """``{node name: params}`` as numpy arrays (copies from the device where needed)."""
-        return {n: tree_map(to_numpy, self.actors[n].params) for n in self.layers}
+        return {n: tree_map(to_numpy, a.params) for n, a in self.local.items() if n in self.layers}
 
     def statistics(self) -> dict[str, ActorStatistics]:
         """Per-actor counters: busy/idle time, messages, stored activations and versions."""
         now = time.perf_counter()
         out = {}
-        for name, actor in self.actors.items():
+        for name, actor in self.local.items():
             s = actor.stats
             s.idle_seconds = max(0.0, (now - actor.born) - s.busy_seconds)
             out[name] = s
@@ -378,6 +395,7 @@ async def open_run(
     validated: bool = False,
     trace: str | None = None,
     trace_payloads: str = "inputs",
+    cluster: Any = None,
     _orders: Mapping[str, list[tuple[str, int]]] | None = None,
     _max_in_flight: int | None = None,
 ) -> AsyncIterator[Run]:
@@ -411,7 +429,21 @@ async def open_run(
         trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"`` (the
             data fed in, enough to replay), ``"all"`` (every message, enough to replay one actor
             alone) or ``"none"``.
+        cluster: run the graph's nodes on this cluster's worker processes
+            (``asyncnn.cluster.LocalCluster`` or ``RayCluster``; nodes placed with ``worker=``;
+            the scheduler and nodes without ``worker`` stay in this process).
     """
+    if cluster is not None:
+        if _orders is not None:
+            raise ValueError("replay runs in one process: pass cluster=None")
+        async with cluster.open_run(
+            graph, optimizer, policy, seed, dtype, state=state, pool=pool,
+            stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
+            validated=validated, trace=trace, trace_payloads=trace_payloads,
+            max_in_flight=_max_in_flight,
+        ) as remote_run:  # fmt: skip
+            yield remote_run
+        return
     if not validated:
         validate(graph, dtype)
     if state is None:
@@ -431,7 +463,7 @@ async def open_run(
             )  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:
-                    for name in run.actors:
+                    for name in run.local:
                         tg.start_soon(run._serve, name, name=f"actor {name}")
                     watchdog = anyio.CancelScope()
 
@@ -442,7 +474,7 @@ async def open_run(
                     tg.start_soon(guard)
                     yield run
                     await run.drain()
-                    for actor in run.actors.values():  # GPU work done before anyone reads it
+                    for actor in run.local.values():  # GPU work done before anyone reads it
                         await actor.wait_for_device()
                     await _stop_all(run)
                     watchdog.cancel()
@@ -455,7 +487,7 @@ async def open_run(
                                    -1 if key is None else key, meta={"error": str(error)})  # fmt: skip
                 raise error from error.__cause__  # keeps the original failure as the cause
             finally:
-                for actor in run.actors.values():
+                for actor in run.local.values():
                     actor.send_channel.close()
                     actor.inbox.close()
     except BaseException:
@@ -578,7 +610,8 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
 
 def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
     if node.kind == "layer":
-        backend = get_backend(node.device)
-        params = node.module.init(0, backend=node.device, dtype=dtype)
+        # a node placed on a worker is checked on the host: its GPU may be on another machine
+        backend = get_backend("cpu" if node.worker is not None else node.device)
+        params = node.module.init(0, backend=backend, dtype=dtype)
         return node.module(params, *[backend.asarray(a) for a in args])
     return node.module({}, *args)

@@ -1,0 +1,1 @@
+"""Workers: actor graphs across processes (see ``asyncnn.cluster``)."""

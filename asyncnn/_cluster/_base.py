@@ -1,0 +1,217 @@
+"""What every cluster does: start worker processes, connect them into a mesh, stop them.
+
+Subclasses say how a worker process is started (:class:`~asyncnn.cluster.LocalCluster`: a
+subprocess on this host; :class:`~asyncnn.cluster.RayCluster`: a Ray actor) and how to learn its
+fate; the data path (TCP frames, see ``_wire``) is the same for all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from typing import Any
+
+import anyio
+
+from asyncnn._errors import WorkerError
+
+from ._wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AuthenticationError,
+    Connection,
+    accept,
+    accept_socket,
+    listen,
+)
+
+__all__ = ["Cluster"]
+
+log = logging.getLogger("asyncnn.cluster")
+
+
+class Cluster:
+    """Worker processes connected to this (driver) process. Use a subclass.
+
+    A cluster starts on first use (the first ``fit`` or ``open_run`` that names it) and keeps its
+    workers for later runs; :meth:`close` (or leaving a ``with`` block, or the end of the
+    program) stops them. A run that fails takes its workers down with it; the next run starts
+    fresh ones.
+
+    Args:
+        workers: how many worker processes (nodes say where they run with ``worker=i``,
+            ``0 <= i < workers``; nodes without ``worker`` run in the driver).
+        host: the address the driver and workers listen on; loopback unless told otherwise.
+        heartbeat_timeout: a worker silent this long during a run is declared hung.
+        start_timeout: seconds for all workers to start and connect.
+        max_message_bytes: the largest message a process accepts (a frame that claims more is
+            refused without allocating it).
+        threads_per_worker: CPU threads each worker's actors use (default: this host's cores
+            shared out between the processes that host CPU actors).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        host: str = "127.0.0.1",
+        heartbeat_timeout: float = 10.0,
+        start_timeout: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        threads_per_worker: int | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"a cluster needs workers >= 1, got {workers!r}")
+        self.workers = workers
+        self.host = host
+        self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self.max_message_bytes = max_message_bytes
+        self.threads_per_worker = threads_per_worker
+        self.connections: dict[int, Connection] = {}
+        #: per worker: pid, host and port it listens on for peers, one-way latency estimate
+        self.info: dict[int, dict[str, Any]] = {}
+        #: connections refused so far (wrong token, unexpected peers), in words
+        self.rejected: list[str] = []
+        self.started = False
+        self.token = b""
+
+    # -- what subclasses provide -----------------------------------------------------------------
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        """Starts the worker processes, which then connect to ``host:port``."""
+        raise NotImplementedError
+
+    def _fate(self, index: int) -> str:
+        """What became of worker ``index`` (e.g. ``"exited with code -9"``), or ``""``."""
+        return ""
+
+    def _terminate(self) -> None:
+        """Stops every worker process, waiting for them; kills what does not stop."""
+
+    # -- life --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Starts the workers and connects them (a no-op when started)."""
+        if self.started:
+            return
+        self.token = os.urandom(32)
+        listener = listen(self.host, 0)
+        port = listener.getsockname()[1]
+        try:
+            self._launch(self.host, port, self.token)
+            with anyio.fail_after(self.start_timeout):
+                while len(self.connections) < self.workers:
+                    sock = await accept_socket(listener)
+                    await self._admit(sock)
+            for i, conn in self.connections.items():
+                t = time.perf_counter()
+                await conn.send({"t": "ping"})
+                header, _ = await conn.receive()
+                self.info[i]["latency"] = (time.perf_counter() - t) / 2
+            peers = [[i, v["host"], v["port"]] for i, v in self.info.items()]
+            for conn in self.connections.values():
+                await conn.send({"t": "mesh", "peers": peers})
+            with anyio.fail_after(self.start_timeout):
+                for i, conn in self.connections.items():
+                    header, _ = await conn.receive()
+                    if header.get("t") != "ready":
+                        raise WorkerError(i, [], f"worker {i} answered {header!r} to the mesh")
+        except TimeoutError:
+            missing = sorted(set(range(self.workers)) - set(self.connections))
+            fates = "; ".join(f"worker {i}: {self._fate(i) or 'no word'}" for i in missing)
+            self.close()
+            raise WorkerError(
+                missing[0] if missing else -1, [],
+                f"{type(self).__name__}: workers {missing} did not connect within "
+                f"{self.start_timeout:g} s ({fates})",
+            ) from None  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
+        self.started = True
+        atexit.register(self.close)  # no worker outlives the program
+
+    async def _admit(self, sock: Any) -> None:
+        try:
+            conn, hello = await accept(sock, self.token, self.max_message_bytes)
+        except AuthenticationError as exc:
+            self.reject(f"the driver refused a connection: {exc}")
+            return
+        i = hello.get("index")
+        if hello.get("role") != "worker" or not isinstance(i, int) or i in self.connections:
+            self.reject(f"the driver refused an authenticated connection saying {hello!r}")
+            conn.close()
+            return
+        if not 0 <= i < self.workers:
+            conn.close()
+            raise WorkerError(i, [], f"a worker said it was number {i} of {self.workers}")
+        conn.peer = f"worker {i}"
+        self.connections[i] = conn
+        self.info[i] = {k: hello.get(k) for k in ("pid", "host", "port")}
+
+    def open_run(
+        self,
+        graph: Any,
+        optimizer: Any,
+        policy: Any,
+        seed: int = 0,
+        dtype: str = "float32",
+        **options: Any,
+    ) -> Any:
+        """:func:`asyncnn.open_run` on this cluster (``ann.open_run(..., cluster=c)`` calls it)."""
+        from ._driver import open_cluster_run
+
+        return open_cluster_run(self, graph, optimizer, policy, seed, dtype, **options)
+
+    def reject(self, what: str) -> None:
+        """Records (and logs) a refused connection."""
+        self.rejected.append(what)
+        log.warning("%s", what)
+
+    def close(self) -> None:
+        """Stops the workers (asks them; kills those that do not go within seconds)."""
+        for conn in self.connections.values():
+            try:
+                # best effort, without an event loop: a tiny frame fits any socket buffer
+                _send_shutdown(conn)
+            except OSError:
+                pass
+        self._terminate()
+        for conn in self.connections.values():
+            conn.close()
+        self.connections.clear()
+        self.started = False
+        atexit.unregister(self.close)
+
+    def broken(self) -> None:
+        """Called after a failed run: its workers may be mid-message, so they are replaced."""
+        self.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "started", False):
+            self.close()
+
+    def describe_worker(self, index: int, hosted: list[str]) -> str:
+        """``"worker 1 (pid 123, hosting stage1, loss)"``."""
+        pid = self.info.get(index, {}).get("pid")
+        return f"worker {index} (pid {pid}, hosting {', '.join(hosted) or 'nothing'})"
+
+
+def _send_shutdown(conn: Connection) -> None:
+    import msgpack
+
+    from ._wire import _PREFIX, MAGIC
+
+    packed = msgpack.packb({"t": "shutdown", "n": []})
+    data = _PREFIX.pack(MAGIC, len(packed), 0) + packed
+    conn.sock.setblocking(True)
+    conn.sock.settimeout(1.0)
+    conn.sock.sendall(data)

@@ -1,0 +1,121 @@
+"""Turning messages and parameter trees into frames (a msgpack header plus raw buffers) and back.
+
+Nothing travels as pickle: a tensor is described by its dtype and shape in the header and its
+bytes go as one raw buffer, received straight into the array the receiver then uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from asyncnn._runtime._messages import Message
+from asyncnn.backends import to_numpy
+
+__all__ = ["decode_message", "decode_tree", "encode_message", "encode_tree"]
+
+
+def _host(array: Any) -> np.ndarray:
+    return np.ascontiguousarray(to_numpy(array))
+
+
+def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A message's header and buffers. GPU tensors come to the host first: the caller must have
+    waited for ``msg.event`` (the producing kernels)."""
+    descs: list[Any] = []
+    buffers: list[np.ndarray] = []
+    for t in msg.tensors:
+        if t is None:
+            descs.append(None)
+            continue
+        host = _host(t)
+        descs.append([host.dtype.str, list(host.shape)])
+        buffers.append(host)
+    header = {
+        "t": "m",
+        "k": msg.kind,
+        "key": msg.key,
+        "v": msg.version,
+        "s": msg.src,
+        "d": msg.dst,
+        "sl": msg.slot,
+        "m": msg.meta,
+        "x": descs,
+    }
+    return header, buffers
+
+
+def decode_message(header: dict[str, Any], buffers: list[np.ndarray]) -> Message:
+    """The inverse of :func:`encode_message` (the arrays are views of the received buffers).
+
+    Raises:
+        ValueError: the header lacks a field or its tensors do not match the buffers.
+    """
+    try:
+        descs = header["x"]
+        tensors: list[Any] = []
+        it = iter(buffers)
+        for d in descs:
+            if d is None:
+                tensors.append(None)
+                continue
+            tensors.append(_view(next(it), d[0], d[1]))
+        if next(it, None) is not None:
+            raise ValueError("more buffers than tensors")
+        return Message(
+            str(header["k"]),
+            int(header["key"]),
+            int(header["v"]),
+            str(header["s"]),
+            str(header["d"]),
+            int(header["sl"]),
+            tuple(tensors),
+            dict(header["m"]),
+        )
+    except (KeyError, TypeError, StopIteration) as exc:
+        raise ValueError(
+            f"a message frame with a malformed header ({exc!r}): {header!r:.200}"
+        ) from exc
+
+
+def _view(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise ValueError(f"object dtype {dtype!r} cannot travel")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count * dt.itemsize != buf.nbytes:
+        raise ValueError(
+            f"a tensor of dtype {dtype} and shape {tuple(shape)} needs {count * dt.itemsize} "
+            f"bytes, the frame carried {buf.nbytes}"
+        )
+    return buf.view(dt).reshape(shape)
+
+
+def encode_tree(tree: Any, buffers: list[np.ndarray]) -> Any:
+    """A msgpack-able description of a pytree of arrays; the arrays' bytes go to ``buffers``."""
+    if isinstance(tree, dict):
+        return {"dict": [[k, encode_tree(v, buffers)] for k, v in tree.items()]}
+    if isinstance(tree, list | tuple):
+        tag = "list" if isinstance(tree, list) else "tuple"
+        return {tag: [encode_tree(v, buffers) for v in tree]}
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        host = _host(tree)
+        buffers.append(host)
+        return {"a": len(buffers) - 1, "d": host.dtype.str, "s": list(host.shape)}
+    if tree is None or isinstance(tree, bool | int | float | str):
+        return {"value": tree}
+    raise TypeError(f"cannot send a {type(tree).__name__} in a parameter tree")
+
+
+def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:
+    """The inverse of :func:`encode_tree` (numpy arrays, views of ``buffers``)."""
+    if "dict" in spec:
+        return {k: decode_tree(v, buffers) for k, v in spec["dict"]}
+    if "list" in spec:
+        return [decode_tree(v, buffers) for v in spec["list"]]
+    if "tuple" in spec:
+        return tuple(decode_tree(v, buffers) for v in spec["tuple"])
+    if "a" in spec:
+        return _view(buffers[spec["a"]], spec["d"], spec["s"])
+    return spec["value"]

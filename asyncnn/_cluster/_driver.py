@@ -1,0 +1,463 @@
+"""The driver's side of a run on a cluster: it hosts the scheduler (and any node without
+``worker=``), sends each worker its share, and gathers losses, weights, statistics and traces."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+
+from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
+from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._policies import Policy
+from asyncnn._runtime._recorder import Recorder
+from asyncnn._runtime._run import (
+    Run,
+    RunState,
+    _cores,
+    _single_error,
+    _stop_all,
+    _trace_header,
+    init_state,
+    validate,
+)
+from asyncnn._runtime._statistics import ActorStatistics
+from asyncnn.backends import DevicePool, open_device_pool, to_numpy
+
+from ._codec import decode_tree, encode_tree
+from ._remote import RemoteActor, deliver
+from ._traces import merge_traces
+from ._wire import Connection, PeerLost, ProtocolError
+from ._worker import lost_peer
+
+if TYPE_CHECKING:
+    from ._base import Cluster
+
+__all__ = ["open_cluster_run", "placement"]
+
+
+def placement(graph: Graph, cluster: Cluster) -> dict[str, int | None]:
+    """Where each layer and loss runs: its ``worker``, or ``None`` for the driver. A loss without
+    one runs beside the layer it reads first (no extra hop for the logits).
+
+    Raises:
+        GraphError: a node names a worker the cluster does not have.
+    """
+    where: dict[str, int | None] = {}
+    for name in graph.layers:
+        w = graph.nodes[name].worker
+        if w is not None and not (isinstance(w, int) and 0 <= w < cluster.workers):
+            raise GraphError(
+                f"layer {name!r} is placed on worker={w!r}, but the cluster has "
+                f"{cluster.workers} workers (0..{cluster.workers - 1}); nodes without worker= "
+                "run in the driver"
+            )
+        where[name] = w
+    for name in graph.losses:
+        node = graph.nodes[name]
+        w = node.worker
+        if w is None:
+            w = next((where[s] for s in node.inputs if s in where), None)
+        elif not (isinstance(w, int) and 0 <= w < cluster.workers):
+            raise GraphError(
+                f"loss {name!r} is placed on worker={w!r}, but the cluster has "
+                f"{cluster.workers} workers"
+            )
+        where[name] = w
+    return where
+
+
+class DriverRun(Run):
+    """The run in the driver: its state and statistics include what the workers send back."""
+
+    results: dict[int, dict[str, Any]]
+
+    def state(self) -> RunState:
+        own = super().state()
+        for res in self.results.values():
+            own.params.update(res["params"])
+            own.opt_states.update(res["opt_states"])
+            own.versions.update(res["versions"])
+            own.pending_grads.update(res["pending"])
+        order = self.graph.layers
+        return RunState(
+            params={n: own.params[n] for n in order},
+            opt_states={n: own.opt_states[n] for n in order},
+            versions={n: own.versions[n] for n in order},
+            minibatches=own.minibatches,
+            keys=own.keys,
+            pending_grads=own.pending_grads,
+        )
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """``{node name: params}`` of every layer, as numpy (those of workers as they sent them
+        at the end of the run; before that, as they were at its start)."""
+        return {n: tree_map(to_numpy, p) for n, p in self.state().params.items()}
+
+    def statistics(self) -> dict[str, ActorStatistics]:
+        out = super().statistics()
+        for res in self.results.values():
+            for name, d in res["stats"].items():
+                out[name] = ActorStatistics(**d)
+        return {n: out[n] for n in self.actors if n in out}
+
+
+def _share(state: RunState, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    buffers: list[Any] = []
+    pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
+    fields = {
+        "params": encode_tree({n: state.params[n] for n in names}, buffers),
+        "opt_states": encode_tree({n: state.opt_states[n] for n in names}, buffers),
+        "versions": {n: state.versions[n] for n in names},
+        "pending": encode_tree(pending, buffers),
+        "minibatches": state.minibatches,
+        "keys": state.keys,
+    }
+    return fields, buffers
+
+
+@asynccontextmanager
+async def open_cluster_run(
+    cluster: Cluster,
+    graph: Graph,
+    optimizer: Any,
+    policy: Policy,
+    seed: int = 0,
+    dtype: str = "float32",
+    *,
+    state: RunState | None = None,
+    pool: DevicePool | None = None,
+    stall_timeout: float = 60.0,
+    check_finite: bool = False,
+    on_loss: Any = None,
+    validated: bool = False,
+    trace: str | None = None,
+    trace_payloads: str = "inputs",
+    max_in_flight: int | None = None,
+) -> AsyncIterator[Run]:
+    """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers."""
+    if not validated:
+        validate(graph, dtype)
+    where = placement(graph, cluster)
+    if state is None:
+        state = init_state(graph, optimizer, seed, dtype)
+    await cluster.start()
+    try:
+        async with _driver_run(
+            cluster, where, graph, optimizer, policy, seed, dtype, state, pool, stall_timeout,
+            check_finite, on_loss, trace, trace_payloads, max_in_flight,
+        ) as run:  # fmt: skip
+            yield run
+    except BaseException:
+        cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
+        raise
+
+
+@asynccontextmanager
+async def _driver_run(
+    cluster: Cluster,
+    where: dict[str, int | None],
+    graph: Graph,
+    optimizer: Any,
+    policy: Policy,
+    seed: int,
+    dtype: str,
+    state: RunState,
+    pool: DevicePool | None,
+    stall_timeout: float,
+    check_finite: bool,
+    on_loss: Any,
+    trace: str | None,
+    trace_payloads: str,
+    max_in_flight: int | None,
+) -> AsyncIterator[Run]:
+    hosted_by: dict[int | None, list[str]] = {}
+    for name, w in where.items():
+        hosted_by.setdefault(w, []).append(name)
+    here = set(hosted_by.get(None, []))
+    recorder = None
+    if trace is not None:
+        header = _trace_header(graph, optimizer, policy, seed, dtype, state)
+        header["workers"] = {str(k): v for k, v in where.items()}
+        recorder = Recorder(trace, header, trace_payloads)
+        recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
+    for conn in cluster.connections.values():
+        conn.new_loop()
+    # cores shared out between the processes that host CPU actors (they share this host when
+    # the cluster is local; a Ray worker on its own machine may be told otherwise)
+    cpu_hosts = {
+        where[n] for n in graph.layers if graph.nodes[n].device == "cpu"
+    } or {None}  # fmt: skip
+    threads = cluster.threads_per_worker or max(1, _cores() // len(cpu_hosts))
+    here_cpu = sum(1 for n in here if n in graph.layers and graph.nodes[n].device == "cpu")
+    failed = False
+    try:
+        async with _pool(pool, here_cpu, threads) as the_pool:
+            proxies = {
+                n: RemoteActor(n, cluster.connections[w], None, w)
+                for n, w in where.items()
+                if w is not None
+            }
+            run = DriverRun(
+                graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
+                check_finite, on_loss, recorder, None, max_in_flight, hosted=here, remote=proxies,
+            )  # fmt: skip
+            run.results = {}
+            for p in proxies.values():
+                p.run = run
+            for w in range(cluster.workers):
+                names = hosted_by.get(w, [])
+                fields, buffers = _share(state, [n for n in names if n in graph.layers])
+                cmd = {
+                    "t": "run",
+                    "graph": graph.to_spec(),
+                    "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
+                    "placement": where,
+                    "optimizer": optimizer.to_spec(),
+                    "policy": policy.to_spec(),
+                    "seed": seed,
+                    "dtype": str(np.dtype(dtype)),
+                    "stall_timeout": stall_timeout,
+                    "check_finite": check_finite,
+                    "max_in_flight": run.max_in_flight,
+                    "threads": threads,
+                    "trace": trace_payloads if recorder is not None else None,
+                    "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
+                    "latency": cluster.info[w].get("latency", 0.0),
+                    **fields,
+                }
+                await cluster.connections[w].send(cmd, buffers)
+            try:
+                async with anyio.create_task_group() as tg:
+                    local_done = anyio.Event()
+
+                    async def local_actors() -> None:
+                        async with anyio.create_task_group() as inner:
+                            for name in run.local:
+                                inner.start_soon(run._serve, name, name=f"actor {name}")
+                        local_done.set()
+
+                    tg.start_soon(local_actors)
+                    results_in = anyio.Event()
+                    readers = anyio.CancelScope()
+
+                    async def read_all() -> None:
+                        with readers:
+                            async with anyio.create_task_group() as rtg:
+                                for w in range(cluster.workers):
+                                    rtg.start_soon(
+                                        _read_worker, cluster, run, w, hosted_by.get(w, [])
+                                    )
+                        results_in.set()
+
+                    tg.start_soon(read_all)
+                    watchdog = anyio.CancelScope()
+
+                    async def guard() -> None:
+                        with watchdog:
+                            await run._watchdog()
+
+                    tg.start_soon(guard)
+                    yield run
+                    await run.drain()
+                    for actor in run.local.values():
+                        await actor.wait_for_device()
+                    await _stop_all(run)
+                    await local_done.wait()
+                    # what the driver's actors sent precedes this marker on each link
+                    for conn in cluster.connections.values():
+                        await conn.send({"t": "eor"})
+                    await results_in.wait()
+                    watchdog.cancel()
+            except BaseExceptionGroup as group:
+                error = _one_error(group)
+                lost = lost_peer(error)
+                if lost is not None and lost.worker is not None:
+                    # a process failed because another one went away: report that one
+                    j = lost.worker
+                    error = await _died(cluster, j, hosted_by.get(j, []), lost)
+                if recorder is not None:
+                    recorder.event(
+                        getattr(error, "actor", "scheduler"), "error",
+                        getattr(error, "kind", "") or "",
+                        -1 if getattr(error, "key", None) is None else error.key,  # type: ignore[attr-defined]
+                        meta={"error": str(error)},
+                    )  # fmt: skip
+                raise error from error.__cause__
+            finally:
+                for actor in run.local.values():
+                    actor.send_channel.close()
+                    actor.inbox.close()
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if recorder is not None:
+            try:
+                recorder.close()
+            except Exception:
+                if not failed:
+                    raise
+    if recorder is not None and trace is not None:
+        parts = [r.pop("trace") for r in run.results.values() if r.get("trace") is not None]
+        _merge(trace, parts)
+
+
+async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[str]) -> None:
+    """Handles what worker ``w`` sends during a run until its final result."""
+    conn: Connection = cluster.connections[w]
+    who = cluster.describe_worker(w, hosted)
+    while True:
+        with anyio.move_on_after(cluster.heartbeat_timeout) as scope:
+            try:
+                header, buffers = await conn.receive()
+            except ProtocolError as exc:
+                raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
+            except (EOFError, ConnectionError) as exc:
+                raise await _died(cluster, w, hosted, exc) from exc
+        if scope.cancelled_caught:
+            raise WorkerError(
+                w, hosted,
+                f"{who} sent nothing for {cluster.heartbeat_timeout:g} s (hung, or stopped); "
+                "raise heartbeat_timeout if a single step of its actors can take that long",
+            )  # fmt: skip
+        t = header.get("t")
+        if t == "m":
+            try:
+                await deliver(run, header, buffers, conn)
+            except ProtocolError as exc:
+                raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
+        elif t == "done":
+            run.backward_done(str(header["a"]), int(header["key"]))
+        elif t == "loss":
+            run.loss_reported(int(header["key"]), float(header["value"]), header["m"])
+        elif t == "hb":
+            now = time.perf_counter()
+            run.last_event = max(run.last_event, now - float(header["age"]))
+            for name, line in header["describe"].items():
+                actor = run.actors.get(name)
+                if isinstance(actor, RemoteActor):
+                    actor.last_report = line
+            _note_rejections(cluster, header.get("rejected", []))
+        elif t == "error":
+            if "lost" in header and header["lost"] is not None:
+                j = int(header["lost"])
+                raise PeerLost(j, f"{who} lost its connection to worker {j}")
+            raise _remote_failure(header, w, hosted, who)
+        elif t == "result":
+            _note_rejections(cluster, header.get("rejected", []))
+            run.results[w] = {
+                "params": decode_tree(header["params"], buffers),
+                "opt_states": decode_tree(header["opt_states"], buffers),
+                "versions": header["versions"],
+                "pending": {
+                    k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
+                },
+                "stats": header["stats"],
+                "trace": None if "trace" not in header else buffers[header["trace"]],
+            }
+            return
+        else:
+            conn.close()
+            raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
+
+
+def _note_rejections(cluster: Cluster, lines: list[str]) -> None:
+    for line in lines:
+        if line not in cluster.rejected:
+            cluster.reject(line)
+
+
+def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str) -> Exception:
+    cause = RemoteError(
+        header.get("cause") or f"{header.get('type')}: {header.get('message')}",
+        header.get("traceback", ""),
+    )
+    if header.get("actor") is not None:
+        err: Exception = ActorError(
+            header["actor"], header.get("kind", ""), header.get("key"),
+            f"{header.get('message')} (on {who})",
+        )  # fmt: skip
+    else:
+        err = WorkerError(w, hosted, f"{who} failed: {header.get('type')}: {header.get('message')}")
+    err.__cause__ = cause
+    return err
+
+
+async def _died(cluster: Cluster, w: int, hosted: list[str], exc: BaseException) -> WorkerError:
+    fate = await _fate(cluster, w)
+    err = WorkerError(
+        w, hosted,
+        f"{cluster.describe_worker(w, hosted)} died during the run ({fate or exc}); its "
+        "actors' work is lost: resume from the last checkpoint (Trainer.save / Trainer.load)",
+    )  # fmt: skip
+    err.__cause__ = exc
+    return err
+
+
+async def _fate(cluster: Cluster, w: int) -> str:
+    # a process that closed its socket is usually gone a moment later: wait a little for its
+    # exit status, which says more than the broken connection
+    for _ in range(20):
+        fate = cluster._fate(w)
+        if fate:
+            return fate
+        await anyio.sleep(0.05)
+    return ""
+
+
+def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for e in leaves:
+        if isinstance(e, WorkerError):
+            return e
+    for e in leaves:
+        if isinstance(e, ActorError) and lost_peer(e) is None:
+            return e
+    for e in leaves:
+        if lost_peer(e) is not None:
+            return e
+    return _single_error(group)
+
+
+@asynccontextmanager
+async def _pool(
+    pool: DevicePool | None, cpu_actors: int, threads: int
+) -> AsyncIterator[DevicePool]:
+    if pool is not None:
+        yield pool
+        return
+    workers = max(1, min(threads, cpu_actors))
+    async with open_device_pool(cpu_workers=workers, blas_threads=max(1, threads // workers)) as p:
+        yield p
+
+
+def _merge(path: str, parts: list[Any]) -> None:
+    files = []
+    try:
+        for raw in parts:
+            fd, name = tempfile.mkstemp(suffix=".trace")
+            with os.fdopen(fd, "wb") as f:
+                f.write(np.asarray(raw).tobytes())
+            files.append(name)
+        merge_traces(path, files)
+    finally:
+        for name in files:
+            os.unlink(name)

@@ -1,0 +1,93 @@
+"""Workers as processes on this host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from ._base import Cluster
+from ._worker import PATH_ENV, TOKEN_ENV
+
+__all__ = ["LocalCluster"]
+
+
+class LocalCluster(Cluster):
+    """``workers`` processes on this host, started fresh (spawned, never forked) on first use.
+
+    Example:
+        >>> with ann.cluster.LocalCluster(workers=2) as cluster:
+        ...     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(4),
+        ...                      cluster=cluster)
+        ...     tr.fit(data, epochs=1, batch_size=64)
+
+    Nodes say where they run with ``g.layer(..., worker=i)``; nodes without ``worker`` run in
+    this (the driver) process. Workers listen on loopback and admit only peers that know the
+    run's token. A worker that dies or hangs fails the run within seconds with a
+    :class:`~asyncnn.WorkerError` naming it and the nodes it hosted.
+
+    Args:
+        workers: how many worker processes.
+        **options: see :class:`~asyncnn.cluster.Cluster` (``host``, ``heartbeat_timeout``,
+            ``start_timeout``, ``max_message_bytes``, ``threads_per_worker``).
+    """
+
+    def __init__(self, workers: int, **options: Any) -> None:
+        super().__init__(workers, **options)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        env = dict(os.environ)
+        env[TOKEN_ENV] = token.hex()
+        env[PATH_ENV] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        # the workers' BLAS threads are set by the pool; keep OpenMP from spawning its own
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "asyncnn._cluster",
+                    "--driver",
+                    f"{host}:{port}",
+                    "--index",
+                    str(i),
+                    "--bind",
+                    host,
+                    "--max-message-bytes",
+                    str(self.max_message_bytes),
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            for i in range(self.workers)
+        ]
+
+    def _fate(self, index: int) -> str:
+        if index >= len(self.processes):
+            return ""
+        code = self.processes[index].poll()
+        if code is None:
+            return ""
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def _terminate(self) -> None:
+        for p in self.processes:
+            try:
+                p.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.processes = []
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (empty before the cluster starts)."""
+        return [p.pid for p in self.processes]

@@ -1,0 +1,149 @@
+"""Workers placed by Ray: each worker is a Ray actor with its CPUs and GPUs.
+
+Ray places and supervises the workers; the data between them still goes over asyncnn's own TCP
+connections (Ray's object store never carries a tensor of a run).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ._base import Cluster
+
+__all__ = ["RayCluster"]
+
+
+class _RayWorker:
+    """The body of one Ray actor: runs an asyncnn worker until the driver lets it go."""
+
+    def serve(
+        self,
+        host: str,
+        port: int,
+        index: int,
+        token: bytes,
+        bind: str,
+        max_bytes: int,
+        paths: list[str],
+    ) -> None:
+        import os
+        import sys
+
+        import anyio
+
+        # the driver's import path, where it exists here: user modules import as there
+        sys.path[:0] = [p for p in paths if p not in sys.path and os.path.isdir(p)]
+
+        from asyncnn.backends import tune_allocator
+
+        from ._worker import worker_main
+
+        tune_allocator()
+        advertise = bind
+        if bind in ("0.0.0.0", "::"):
+            import ray
+
+            advertise = ray.util.get_node_ip_address()
+        anyio.run(worker_main, host, port, index, token, bind, advertise, max_bytes, backend="trio")
+
+
+class RayCluster(Cluster):
+    """``workers`` asyncnn workers, each a Ray actor with ``gpus_per_worker`` GPUs.
+
+    Example:
+        >>> cluster = ann.cluster.RayCluster(workers=2, gpus_per_worker=1)
+        >>> tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(8),
+        ...                  cluster=cluster)
+
+    Needs ``pip install "asyncnn[ray]"``. With ``address=None`` it joins the Ray instance this
+    process already has, or starts a local one (stopped again by :meth:`close`); give
+    ``address="auto"`` or ``"ray://..."`` to use an existing Ray cluster. For workers on other
+    machines, listen on a routable address: ``host="0.0.0.0"`` (the driver then tells the
+    workers its node's IP). A worker sees only its own GPUs (Ray sets
+    ``CUDA_VISIBLE_DEVICES``), so its nodes use ``device="cuda:0"`` and up.
+
+    Args:
+        workers: how many workers.
+        gpus_per_worker: GPUs Ray reserves for each worker.
+        cpus_per_worker: CPUs Ray reserves for each worker.
+        address: the Ray cluster to use (see above).
+        **options: see :class:`~asyncnn.cluster.Cluster`.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        gpus_per_worker: float = 0,
+        cpus_per_worker: float = 1,
+        address: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(workers, **options)
+        self.gpus_per_worker = gpus_per_worker
+        self.cpus_per_worker = cpus_per_worker
+        self.address = address
+        self._actors: list[Any] = []
+        self._refs: list[Any] = []
+        self._owns_ray = False
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise ImportError(
+                'RayCluster needs Ray: pip install "asyncnn[ray]" (or pip install ray)'
+            ) from exc
+        if not ray.is_initialized():
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+            self._owns_ray = True
+        connect_host = host
+        if host in ("0.0.0.0", "::"):
+            connect_host = ray.util.get_node_ip_address()
+        import os
+        import sys
+
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        remote = ray.remote(_RayWorker)
+        self._actors = [
+            remote.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker).remote()
+            for _ in range(self.workers)
+        ]
+        self._refs = [
+            a.serve.remote(connect_host, port, i, token, host, self.max_message_bytes, paths)
+            for i, a in enumerate(self._actors)
+        ]
+
+    def _fate(self, index: int) -> str:
+        if index >= len(self._refs):
+            return ""
+        import ray
+
+        ref = self._refs[index]
+        done, _ = ray.wait([ref], timeout=0)
+        if not done:
+            return ""
+        try:
+            ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - the fate, in words
+            return f"the Ray actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return "the Ray actor returned"
+
+    def _terminate(self) -> None:
+        if not self._actors:
+            return
+        import ray
+
+        if self._refs:
+            ray.wait(self._refs, num_returns=len(self._refs), timeout=2.0)
+        for a in self._actors:
+            ray.kill(a)
+        self._actors, self._refs = [], []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False

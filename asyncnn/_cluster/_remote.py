@@ -1,0 +1,96 @@
+"""Stand-ins for actors that live in another process, and the task that delivers what arrives.
+
+A run in one process holds every node's actor in ``run.actors``; a node hosted elsewhere is a
+:class:`RemoteActor`, whose ``send_channel`` writes the message to the connection of the process
+that hosts it. On the other side, :func:`deliver` puts each arriving message into the local
+actor's inbox, awaiting room there: a full inbox stops the reading, the socket's buffers fill and
+the remote sender waits, as it would on an in-process channel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._codec import decode_message, encode_message
+from ._wire import Connection, PeerLost, ProtocolError
+
+if TYPE_CHECKING:
+    from asyncnn._runtime._messages import Message
+    from asyncnn._runtime._run import Run
+
+__all__ = ["RemoteActor", "deliver"]
+
+
+class _RemoteSender:
+    def __init__(self, actor: RemoteActor) -> None:
+        self.actor = actor
+
+    def send_nowait(self, msg: Message) -> None:
+        raise anyio.WouldBlock  # sending means writing to a socket: always the awaited path
+
+    async def send(self, msg: Message) -> None:
+        await self.actor.send(msg)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteActor:
+    """The actor of node ``name``, hosted by the process at the other end of ``conn``.
+
+    Args:
+        name: the node.
+        conn: the connection to the hosting process.
+        run: the local run (its device pool waits for GPU events before a tensor leaves).
+        worker: the hosting worker's index (None: the driver).
+    """
+
+    def __init__(self, name: str, conn: Connection, run: Run | None, worker: int | None) -> None:
+        self.name = name
+        self.worker = worker
+        where = "the driver" if worker is None else f"worker {worker}"
+        self.conn = conn
+        self.run = run
+        self.where = where
+        self.send_channel = _RemoteSender(self)
+        #: what the hosting process last said this actor was doing (from its heartbeats)
+        self.last_report = "no report yet"
+
+    async def send(self, msg: Message) -> None:
+        if msg.event is not None and self.run is not None:
+            # the producing kernels must be done before the bytes are copied to the host
+            await self.run.pool.wait(msg.event)
+        header, buffers = encode_message(msg)
+        try:
+            await self.conn.send(header, buffers)
+        except ConnectionError as exc:
+            raise PeerLost(self.worker, f"{self.where} is gone ({exc})") from exc
+
+    def describe(self) -> str:
+        return f"on {self.where}: {self.last_report}"
+
+    async def wait_for_device(self) -> None:
+        pass
+
+
+async def deliver(run: Run, header: dict[str, Any], buffers: list[Any], conn: Connection) -> None:
+    """Puts the message of a ``"m"`` frame into its local actor's inbox.
+
+    Raises:
+        ProtocolError: the frame is malformed or names an actor this process does not host.
+    """
+    try:
+        msg = decode_message(header, buffers)
+    except ValueError as exc:
+        conn.close()
+        raise ProtocolError(f"{conn.peer} sent a malformed message: {exc}") from exc
+    actor = run.local.get(msg.dst)
+    if actor is None:
+        conn.close()
+        raise ProtocolError(
+            f"{conn.peer} sent a {msg.kind} message for {msg.dst!r}, which this process does "
+            f"not host (it hosts {sorted(run.local)})"
+        )
+    await actor.send_channel.send(msg)

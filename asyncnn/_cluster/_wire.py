@@ -1,0 +1,345 @@
+"""Frames over TCP: a msgpack header, then raw buffers received straight into preallocated arrays.
+
+A frame on the wire::
+
+    b"ANN1" | u32 header length | u64 total buffer bytes | header (msgpack) | buffer 0 | buffer 1 ...
+
+The header is a map whose ``"n"`` entry lists the byte length of each buffer; the buffers follow
+back to back. Both lengths are checked against the connection's limits before anything is
+allocated, so a peer that claims 100 GB is refused with an error instead of ballooning memory.
+
+Connections are authenticated with a per-run token: the listening side sends a random nonce, the
+connecting side answers with HMAC-SHA256(token, nonce + hello) and its hello (who it is). The token
+itself never crosses the wire.
+
+Sockets are driven directly (non-blocking ``send``/``recv_into`` with anyio's readiness waits) so a
+tensor's bytes land in its final buffer with no intermediate copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import msgpack
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AuthenticationError",
+    "Connection",
+    "PeerLost",
+    "ProtocolError",
+    "accept",
+    "connect",
+]
+
+MAGIC = b"ANN1"
+_PREFIX = struct.Struct("<4sIQ")
+MAX_HEADER_BYTES = 1 << 20
+#: the largest frame accepted by default (sum of its buffers): 16 GiB; raise it per cluster
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 30
+_NONCE = 32
+_CHUNK = 1 << 22  # bytes per send call: big enough for the loopback, small enough to interleave
+
+
+class ProtocolError(ConnectionError):
+    """A peer sent something that is not a valid frame (the connection is closed)."""
+
+
+class PeerLost(ConnectionError):
+    """The process at the other end of a connection went away (``worker`` is its index, or
+    None for the driver)."""
+
+    def __init__(self, worker: int | None, message: str) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+
+class AuthenticationError(ConnectionError):
+    """A peer failed the token handshake (the connection is closed)."""
+
+
+class Connection:
+    """One authenticated TCP connection that carries frames both ways.
+
+    Writers are serialised by a lock (several actors may send on one connection); one task reads.
+
+    Args:
+        sock: a connected socket (made non-blocking here).
+        peer: who is at the other end, for error messages (e.g. ``"worker 1"``).
+        max_message_bytes: the most buffer bytes one incoming frame may announce.
+    """
+
+    def __init__(
+        self, sock: socket.socket, peer: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # small frames (control, tiny tensors) go out at once, not after Nagle's delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+        self.max_message_bytes = max_message_bytes
+        self._lock = anyio.Lock()
+        self.closed = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def new_loop(self) -> None:
+        """Prepares the connection for use from a new event loop (a cluster outlives the
+        ``anyio.run`` of one ``fit``; its lock must belong to the loop that uses it)."""
+        self._lock = anyio.Lock()
+
+    # -- low level ---------------------------------------------------------------------------------
+    async def _send_all(self, data: Any) -> None:
+        view = _byte_view(data)
+        while view:
+            try:
+                n = self.sock.send(view[:_CHUNK])
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"sending to {self.peer} failed: {exc}") from exc
+            view = view[n:]
+            self.bytes_sent += n
+
+    async def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        total = len(view)
+        while got < total:
+            try:
+                n = self.sock.recv_into(view[got:])
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
+            if n == 0:
+                raise EOFError(f"{self.peer} closed the connection")
+            got += n
+        self.bytes_received += total
+
+    async def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        await self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    # -- frames ------------------------------------------------------------------------------------
+    async def send(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
+        """Sends one frame: ``header`` (msgpack-able) and the raw bytes of each buffer (anything
+        exposing the buffer protocol, e.g. a C-contiguous numpy array)."""
+        views = [_byte_view(b) for b in buffers]
+        head = dict(header)
+        head["n"] = [v.nbytes for v in views]
+        packed = msgpack.packb(head, use_bin_type=True)
+        prefix = _PREFIX.pack(MAGIC, len(packed), sum(v.nbytes for v in views))
+        async with self._lock:
+            # one small write for prefix and header (many frames are nothing else)
+            await self._send_all(prefix + packed)
+            for v in views:
+                await self._send_all(v)
+
+    async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """Receives one frame: its header and one uint8 array per buffer.
+
+        Raises:
+            EOFError: the peer closed the connection between frames.
+            ProtocolError: the frame is malformed or larger than allowed (nothing more is read
+                from the connection, nothing beyond the prefix was allocated; close it after
+                reporting).
+        """
+        prefix = await self._recv_exact(_PREFIX.size)
+        magic, head_len, body = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            self._refuse_reading()
+            raise ProtocolError(
+                f"malformed frame from {self.peer}: starts with {magic!r}, expected {MAGIC!r} "
+                "(not an asyncnn peer, or the stream lost its place)"
+            )
+        if head_len > MAX_HEADER_BYTES:
+            self._refuse_reading()
+            raise ProtocolError(
+                f"frame from {self.peer} announces a {head_len}-byte header; the limit is "
+                f"{MAX_HEADER_BYTES} bytes"
+            )
+        if body > self.max_message_bytes:
+            self._refuse_reading()
+            raise ProtocolError(
+                f"frame from {self.peer} announces {body:,} bytes of tensors; the limit is "
+                f"{self.max_message_bytes:,} bytes (raise max_message_bytes of the cluster if "
+                "a real tensor is that large)"
+            )
+        raw = await self._recv_exact(head_len)
+        try:
+            header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's fault
+            self._refuse_reading()
+            raise ProtocolError(f"frame from {self.peer} has an undecodable header: {exc}") from exc
+        sizes = header.get("n") if isinstance(header, dict) else None
+        if (
+            not isinstance(sizes, list)
+            or not all(isinstance(s, int) and s >= 0 for s in sizes)
+            or sum(sizes) != body
+        ):
+            self._refuse_reading()
+            raise ProtocolError(
+                f"frame from {self.peer} has a header whose buffer sizes {sizes!r} do not add up "
+                f"to the {body} bytes its prefix announced"
+            )
+        buffers = []
+        for size in sizes:
+            arr = np.empty(size, dtype=np.uint8)
+            await self._recv_into(arr.data)
+            buffers.append(arr)
+        return header, buffers
+
+    def _refuse_reading(self) -> None:
+        # the stream has lost its place: nothing more is read from it; the write side stays
+        # open a moment so the error can still be reported (the owner then closes)
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Closes the socket (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+
+def _byte_view(b: Any) -> memoryview:
+    """The bytes of a buffer as a flat byte view, without a copy (numpy arrays of any shape,
+    zero-sized ones too)."""
+    if isinstance(b, np.ndarray):
+        return np.ascontiguousarray(b).reshape(-1).view(np.uint8).data
+    m = memoryview(b)
+    return m.cast("B") if m.nbytes else memoryview(b"")
+
+
+def _mac(token: bytes, nonce: bytes, hello: bytes) -> bytes:
+    return hmac.new(token, nonce + hello, hashlib.sha256).digest()
+
+
+async def connect(
+    host: str,
+    port: int,
+    token: bytes,
+    hello: dict[str, Any],
+    peer: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    seconds: float = 30.0,
+) -> Connection:
+    """Connects to a listening asyncnn process and proves knowledge of ``token``.
+
+    Raises:
+        AuthenticationError: the other side refused the handshake.
+        ConnectionError: nobody answered within ``seconds``.
+    """
+    with anyio.fail_after(seconds):
+        stream = await anyio.connect_tcp(host, port)
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket).dup()
+    await stream.aclose()
+    conn = Connection(sock, peer, max_message_bytes)
+    try:
+        with anyio.fail_after(seconds):
+            nonce = await conn._recv_exact(_NONCE)
+            packed = msgpack.packb(hello, use_bin_type=True)
+            await conn._send_all(struct.pack("<I", len(packed)) + packed)
+            await conn._send_all(_mac(token, nonce, packed))
+            verdict = await conn._recv_exact(1)
+    except (EOFError, TimeoutError) as exc:
+        conn.close()
+        raise AuthenticationError(f"{peer} at {host}:{port} refused the handshake") from exc
+    if verdict != b"\x01":
+        conn.close()
+        raise AuthenticationError(f"{peer} at {host}:{port} rejected this process's token")
+    return conn
+
+
+async def accept(
+    sock: socket.socket,
+    token: bytes,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    seconds: float = 10.0,
+) -> tuple[Connection, dict[str, Any]]:
+    """Runs the listening side of the handshake on a freshly accepted socket.
+
+    Returns:
+        The connection and the peer's hello.
+
+    Raises:
+        AuthenticationError: a wrong token, a malformed hello, or no answer within ``seconds``
+            (the socket is closed).
+    """
+    try:
+        address = "{}:{}".format(*sock.getpeername()[:2])
+    except OSError:
+        address = "?"
+    conn = Connection(sock, f"the peer at {address}", max_message_bytes)
+    try:
+        with anyio.fail_after(seconds):
+            nonce = os.urandom(_NONCE)
+            await conn._send_all(nonce)
+            (length,) = struct.unpack("<I", await conn._recv_exact(4))
+            if length > 4096:
+                raise AuthenticationError(
+                    f"the peer at {address} sent a {length}-byte hello (at most 4096)"
+                )
+            packed = await conn._recv_exact(length)
+            mac = await conn._recv_exact(32)
+            if not hmac.compare_digest(mac, _mac(token, nonce, packed)):
+                raise AuthenticationError(f"the peer at {address} presented a wrong token")
+            hello = msgpack.unpackb(packed, raw=False)
+            if not isinstance(hello, dict):
+                raise AuthenticationError(f"the peer at {address} sent a malformed hello")
+            await conn._send_all(b"\x01")
+    except AuthenticationError:
+        await _refuse(conn)
+        raise
+    except (EOFError, TimeoutError, ConnectionError, ValueError, struct.error) as exc:
+        conn.close()
+        raise AuthenticationError(f"the peer at {address} failed the handshake: {exc}") from exc
+    return conn, hello
+
+
+async def _refuse(conn: Connection) -> None:
+    try:
+        await conn._send_all(b"\x00")
+    except (ConnectionError, OSError):
+        pass
+    conn.close()
+
+
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A non-blocking listening socket (loopback by default, an ephemeral port by default)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+async def accept_socket(listener: socket.socket) -> socket.socket:
+    """Waits for and returns the next incoming connection on ``listener``."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await anyio.wait_readable(listener)
+            continue
+        return sock

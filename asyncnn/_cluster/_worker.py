@@ -1,0 +1,438 @@
+"""The worker process: hosts its share of a graph's actors for each run the driver starts.
+
+Started as ``python -m asyncnn._cluster --driver HOST:PORT --index I`` with the run's
+token in the environment (``ASYNCNN_CLUSTER_TOKEN``, hex), or in-process by a Ray actor through
+:func:`worker_main`. It connects to the driver, listens for its peers, builds the mesh of worker
+connections, then serves commands until the driver says ``shutdown`` or goes away (then it exits:
+a worker never outlives its driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import numpy as np
+
+from asyncnn._errors import ActorError
+from asyncnn._math._optim import from_spec as optimizer_from_spec
+from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._policies import policy_from_spec
+from asyncnn._runtime._recorder import Recorder
+from asyncnn._runtime._run import Run, RunState, _single_error
+from asyncnn.backends import get_backend, open_device_pool
+
+from ._codec import decode_tree, encode_tree
+from ._remote import RemoteActor, deliver
+from ._wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AuthenticationError,
+    Connection,
+    PeerLost,
+    ProtocolError,
+    accept,
+    accept_socket,
+    connect,
+    listen,
+)
+
+__all__ = ["worker_main"]
+
+TOKEN_ENV = "ASYNCNN_CLUSTER_TOKEN"
+PATH_ENV = "ASYNCNN_CLUSTER_PATH"
+
+
+class WorkerRun(Run):
+    """A run of the actors one worker hosts: what the scheduler must hear goes to the driver."""
+
+    control: Any  # a memory-channel sender; frames for the driver
+
+    def backward_done(self, actor: str, key: int) -> None:
+        self.control.send_nowait({"t": "done", "a": actor, "key": key})
+
+    def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
+        self.control.send_nowait({"t": "loss", "key": key, "value": value, "m": dict(meta)})
+
+
+class Worker:
+    """One worker's state between runs: its connections and what it has refused."""
+
+    def __init__(
+        self, index: int, driver: Connection, listener: Any, max_message_bytes: int
+    ) -> None:
+        self.index = index
+        self.driver = driver
+        self.listener = listener
+        self.max_message_bytes = max_message_bytes
+        self.peers: dict[int, Connection] = {}
+        self.expected: set[int] = set()
+        self.mesh_known = False
+        self.peer_arrived = anyio.Event()
+        self.rejected: list[str] = []
+        self.token = b""
+
+    async def accept_peers(self) -> None:
+        """Accepts the connections of workers with higher indices for the whole life of the
+        worker; anything else (a wrong token, an unexpected hello) is refused and reported."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                sock = await accept_socket(self.listener)
+                tg.start_soon(self._handshake, sock)
+
+    async def _handshake(self, sock: Any) -> None:
+        try:
+            conn, hello = await accept(sock, self.token, self.max_message_bytes)
+        except AuthenticationError as exc:
+            self.rejected.append(f"worker {self.index} refused a connection: {exc}")
+            return
+        j = hello.get("index")
+        # a peer may dial before this worker has heard of the mesh: any higher index is
+        # welcome then, and checked against the mesh once it is known
+        welcome = self.expected if self.mesh_known else {j} if isinstance(j, int) else set()
+        if (
+            hello.get("role") != "peer"
+            or not isinstance(j, int)
+            or j <= self.index
+            or j not in welcome
+            or j in self.peers
+        ):
+            self.rejected.append(
+                f"worker {self.index} refused a connection that authenticated but said "
+                f"{hello!r} (expected a peer among {sorted(self.expected - set(self.peers))})"
+            )
+            conn.close()
+            return
+        conn.peer = f"worker {j}"
+        self.peers[j] = conn
+        self.peer_arrived.set()
+        self.peer_arrived = anyio.Event()
+
+    async def build_mesh(self, addresses: Mapping[int, tuple[str, int]]) -> None:
+        """Connects to every lower-indexed worker and waits for every higher-indexed one."""
+        self.expected = {j for j in addresses if j > self.index}
+        self.mesh_known = True
+        for j in [j for j in self.peers if j not in addresses]:
+            self.rejected.append(f"worker {self.index} dropped a peer claiming index {j}")
+            self.peers.pop(j).close()
+        for j, (host, port) in sorted(addresses.items()):
+            if j < self.index:
+                self.peers[j] = await connect(
+                    host, port, self.token, {"role": "peer", "index": self.index},
+                    f"worker {j}", self.max_message_bytes,
+                )  # fmt: skip
+        with anyio.fail_after(60):
+            while not self.expected <= set(self.peers):
+                await self.peer_arrived.wait()
+
+    async def serve(self) -> None:
+        """Answers the driver's commands until ``shutdown`` or until the driver is gone."""
+        while True:
+            header, buffers = await self.driver.receive()
+            t = header.get("t")
+            if t == "ping":
+                await self.driver.send({"t": "pong"})
+            elif t == "mesh":
+                addresses = {int(j): (str(h), int(p)) for j, h, p in header["peers"]}
+                await self.build_mesh(addresses)
+                await self.driver.send({"t": "ready"})
+            elif t == "run":
+                try:
+                    await self.run_share(header, buffers)
+                except BaseException as exc:
+                    await self._report_error(exc)
+                    raise
+            elif t == "shutdown":
+                return
+            else:
+                raise ValueError(f"worker {self.index}: unexpected command {t!r} from the driver")
+
+    async def run_share(self, cmd: dict[str, Any], buffers: list[Any]) -> None:
+        """Runs this worker's actors for one run and sends the driver their final state."""
+        received = time.perf_counter()
+        graph = Graph.from_spec(cmd["graph"])
+        graph.shapes = {k: tuple(v) for k, v in cmd["shapes"].items()}
+        placement: dict[str, int | None] = cmd["placement"]
+        hosted = {n for n, w in placement.items() if w == self.index}
+        state = RunState(
+            params=decode_tree(cmd["params"], buffers),
+            opt_states=decode_tree(cmd["opt_states"], buffers),
+            versions=dict(cmd["versions"]),
+            minibatches=int(cmd["minibatches"]),
+            keys=int(cmd["keys"]),
+            pending_grads={
+                k: (v[0], int(v[1])) for k, v in decode_tree(cmd["pending"], buffers).items()
+            },
+        )
+        for name in state.params:  # host arrays from the wire, onto each node's device
+            backend = get_backend(graph.nodes[name].device)
+            state.params[name] = tree_map(backend.asarray, state.params[name])
+            state.opt_states[name] = tree_map(_on(backend), state.opt_states[name])
+            if name in state.pending_grads:
+                acc, count = state.pending_grads[name]
+                state.pending_grads[name] = (tree_map(backend.asarray, acc), count)
+        recorder = None
+        trace_file = None
+        if cmd["trace"] is not None:
+            fd, trace_file = tempfile.mkstemp(suffix=".trace", prefix=f"asyncnn-w{self.index}-")
+            os.close(fd)
+            recorder = Recorder(trace_file, {"worker": self.index}, cmd["trace"])
+            # one clock for the whole run: the driver's, shifted by the one-way latency
+            recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))
+        control_send, control_receive = anyio.create_memory_object_stream[dict[str, Any]](
+            float("inf")
+        )
+        error: BaseException | None = None
+        run: WorkerRun | None = None
+        cpu_actors = sum(1 for n in hosted if n in graph.layers and graph.nodes[n].device == "cpu")
+        threads = int(cmd["threads"])
+        try:
+            async with open_device_pool(
+                cpu_workers=max(1, min(threads, cpu_actors)),
+                blas_threads=max(1, threads // max(1, min(threads, cpu_actors))),
+            ) as pool:
+                proxies: dict[str, RemoteActor] = {}
+                for name, w in placement.items():
+                    if w != self.index:
+                        conn = self.driver if w is None else self.peers[w]
+                        proxies[name] = RemoteActor(name, conn, None, w)
+                run = WorkerRun(
+                    graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
+                    int(cmd["seed"]), cmd["dtype"], state, pool, float(cmd["stall_timeout"]),
+                    bool(cmd["check_finite"]), None, recorder, None, int(cmd["max_in_flight"]),
+                    hosted=hosted, remote=proxies,
+                )  # fmt: skip
+                for p in proxies.values():
+                    p.run = run
+                run.control = control_send
+                await self._serve_run(run, control_receive)
+        except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
+            error = exc
+        if recorder is not None:
+            try:
+                recorder.close()
+            except Exception as exc:  # noqa: BLE001
+                error = error or exc
+        if error is not None:
+            raise error
+        assert run is not None
+        out: list[Any] = []
+        final = run.state()
+        result = {
+            "t": "result",
+            "params": encode_tree(final.params, out),
+            "opt_states": encode_tree(final.opt_states, out),
+            "versions": final.versions,
+            "pending": encode_tree({k: list(v) for k, v in final.pending_grads.items()}, out),
+            "stats": {n: s.as_dict() for n, s in run.statistics().items()},
+            "rejected": self.rejected,
+        }
+        if trace_file is not None:
+            raw = await anyio.Path(trace_file).read_bytes()
+            out.append(np.frombuffer(raw, dtype=np.uint8))
+            os.unlink(trace_file)
+            result["trace"] = len(out) - 1
+        self.rejected = []
+        await self.driver.send(result, out)
+
+    async def _serve_run(self, run: WorkerRun, control: Any) -> None:
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def actors() -> None:
+                async with anyio.create_task_group() as inner:
+                    for name in run.local:
+                        inner.start_soon(run._serve, name, name=f"actor {name}")
+                for actor in run.local.values():
+                    await actor.wait_for_device()
+                # every message this worker's actors sent precedes this marker on each link
+                for conn in self.peers.values():
+                    await conn.send({"t": "eor"})
+                done.set()
+
+            async def forward_control() -> None:
+                async for frame in control:
+                    await self.driver.send(frame)
+
+            async def heartbeat() -> None:
+                while True:
+                    age = time.perf_counter() - run.last_event
+                    what = {n: a.describe() for n, a in run.local.items()}
+                    await self.driver.send(
+                        {"t": "hb", "age": age, "describe": what, "rejected": self.rejected}
+                    )
+                    await anyio.sleep(0.5)
+
+            async def read(conn: Connection, peer: int | None) -> None:
+                while True:
+                    try:
+                        header, buffers = await conn.receive()
+                    except (EOFError, ConnectionError) as exc:
+                        if isinstance(exc, ProtocolError):
+                            raise
+                        raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
+                    t = header.get("t")
+                    if t == "m":
+                        await deliver(run, header, buffers, conn)
+                    elif t == "eor":
+                        return
+                    elif t == "abort" and peer is None:
+                        raise RuntimeError("the driver aborted the run")
+                    else:
+                        raise ValueError(f"worker {self.index}: unexpected {t!r} from {conn.peer}")
+
+            tg.start_soon(actors)
+            tg.start_soon(forward_control)
+            hb_scope = anyio.CancelScope()
+
+            async def guarded_heartbeat() -> None:
+                with hb_scope:
+                    await heartbeat()
+
+            tg.start_soon(guarded_heartbeat)
+            async with anyio.create_task_group() as readers:
+                readers.start_soon(read, self.driver, None)
+                for j, conn in self.peers.items():
+                    readers.start_soon(read, conn, j)
+            await done.wait()
+            hb_scope.cancel()
+            run.control.close()  # the forwarder sends what is queued, then stops
+
+    async def _report_error(self, error: BaseException) -> None:
+        err = error
+        if isinstance(error, BaseExceptionGroup):
+            err = _single_error(error)
+        frame: dict[str, Any] = {
+            "t": "error",
+            "type": type(err).__name__,
+            "message": str(err),
+            "traceback": "".join(traceback.format_exception(err)),
+        }
+        lost = lost_peer(err)
+        if lost is not None:
+            frame["lost"] = lost.worker  # not this worker's fault: the driver says whose
+        if isinstance(err, ActorError):
+            frame.update(actor=err.actor, kind=err.kind, key=err.key)
+            cause = err.__cause__
+            if cause is not None:
+                frame["cause"] = f"{type(cause).__name__}: {cause}"
+        try:
+            with anyio.fail_after(5):
+                await self.driver.send(frame)
+        except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
+            pass
+
+
+def lost_peer(err: BaseException) -> PeerLost | None:
+    """The :class:`PeerLost` behind ``err`` (itself, or an actor's failure caused by it)."""
+    seen = 0
+    e: BaseException | None = err
+    while e is not None and seen < 5:
+        if isinstance(e, PeerLost):
+            return e
+        e = e.__cause__
+        seen += 1
+    return None
+
+
+def _on(backend: Any) -> Any:
+    def move(leaf: Any) -> Any:
+        return backend.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf
+
+    return move
+
+
+async def worker_main(
+    driver_host: str,
+    driver_port: int,
+    index: int,
+    token: bytes,
+    bind: str = "127.0.0.1",
+    advertise: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> None:
+    """Runs one worker until the driver shuts it down or disappears.
+
+    Args:
+        driver_host / driver_port: where the driver listens.
+        index: this worker's number (nodes with ``worker=index`` run here).
+        token: the run's shared secret.
+        bind: the address to listen on for peers (loopback by default).
+        advertise: the address peers should dial (default: ``bind``).
+        max_message_bytes: the largest frame accepted.
+    """
+    listener = listen(bind, 0)
+    port = listener.getsockname()[1]
+    hello = {
+        "role": "worker",
+        "index": index,
+        "pid": os.getpid(),
+        "host": advertise or bind,
+        "port": port,
+    }
+    driver = await connect(driver_host, driver_port, token, hello, "the driver", max_message_bytes)
+    worker = Worker(index, driver, listener, max_message_bytes)
+    worker.token = token
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.accept_peers)
+        try:
+            await worker.serve()
+        except (EOFError, ConnectionError):
+            pass  # the driver is gone: so is this worker
+        finally:
+            tg.cancel_scope.cancel()
+            for conn in worker.peers.values():
+                conn.close()
+            driver.close()
+            listener.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this process when its parent dies (no orphans, even when
+    the driver is killed with SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m asyncnn._cluster")
+    parser.add_argument("--driver", required=True, help="HOST:PORT of the driver")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--advertise", default=None)
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    token = bytes.fromhex(os.environ.pop(TOKEN_ENV))
+    extra = os.environ.pop(PATH_ENV, "")
+    # the driver's import path: user modules (custom layers, actors) import here as there
+    sys.path[:0] = [p for p in extra.split(os.pathsep) if p and p not in sys.path]
+    host, _, port = args.driver.rpartition(":")
+    from asyncnn.backends import tune_allocator
+
+    tune_allocator()
+    try:
+        anyio.run(
+            worker_main, host, int(port), args.index, token, args.bind, args.advertise,
+            args.max_message_bytes, backend="trio",
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - the driver has the details where it could
+        if os.environ.get("ASYNCNN_WORKER_DEBUG"):
+            traceback.print_exception(exc)
+        sys.exit(1)

@@ -1,0 +1,355 @@
+"""Graphs across worker processes (LocalCluster): same results as one process, clear faults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def chain(workers: list[int | None], width: int = 16, loss_worker: int | None = None) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = x
+    for i, w in enumerate(workers):
+        last = i == len(workers) - 1
+        mod = nn.Linear(12 if i == 0 else width, 4 if last else width)
+        h = g.layer(f"s{i}", mod if last else nn.Sequential(mod, nn.Tanh()), h, worker=w)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y, worker=loss_worker)
+    g.output("logits", h)
+    return g
+
+
+def data(n: int = 96, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 12)).astype("float32"), "y": rng.integers(0, 4, n)}
+
+
+def fit(graph: ann.Graph, policy: Any, cluster: Any = None, epochs: int = 2, **kw: Any) -> Any:
+    tr = ann.Trainer(
+        graph, optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policy, cluster=cluster, **kw
+    )
+    hist = tr.fit(data(), epochs=epochs, batch_size=32)
+    return tr, hist
+
+
+@pytest.fixture(scope="module")
+def three() -> Any:
+    with ann.cluster.LocalCluster(workers=3) as cluster:
+        yield cluster
+
+
+POLICIES = [
+    policies.Sync(),
+    policies.GPipe(microbatches=3),
+    policies.OneFOneB(microbatches=3),
+    policies.PipeDream(microbatches=4),
+    policies.PipeDream(microbatches=4, stash=False),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: repr(p))
+@pytest.mark.parametrize("workers", [2, 3])
+def test_deterministic_policies_match_one_process_bit_for_bit(
+    policy: Any, workers: int, three: Any
+) -> None:
+    placed = [0, 1, None] if workers == 2 else [0, 1, 2]
+    one, h1 = fit(chain([None, None, None]), policy)
+    many, h2 = fit(chain(placed), policy, cluster=three)
+    assert_params_equal(one.params, many.params)
+    assert many.versions == one.versions
+    np.testing.assert_allclose(h2.losses, h1.losses, rtol=1e-6)
+    # every actor reports its counters, wherever it ran
+    assert set(h2.statistics) == {"s0", "s1", "s2", "loss"}
+    assert h2.statistics["s0"].forwards == h1.statistics["s0"].forwards > 0
+
+
+def test_a_cluster_serves_several_fits_and_continues_the_same_run(three: Any) -> None:
+    policy = policies.OneFOneB(microbatches=2)
+    one = ann.Trainer(chain([None] * 3), optimizer=optim.Adam(lr=0.01), policy=policy)
+    many = ann.Trainer(chain([2, 0, 1]), optimizer=optim.Adam(lr=0.01), policy=policy,
+                       cluster=three)  # fmt: skip
+    for _ in range(3):
+        one.fit(data(), epochs=1, batch_size=32)
+        many.fit(data(), epochs=1, batch_size=32)
+    assert_params_equal(one.params, many.params)
+    # evaluation runs in the driver on the gathered weights
+    assert one.evaluate(data()) == many.evaluate(data())
+
+
+def test_loss_on_its_own_worker_and_layers_in_the_driver(three: Any) -> None:
+    policy = policies.GPipe(microbatches=2)
+    one, _ = fit(chain([None] * 3), policy)
+    many, _ = fit(chain([None, 1, None], loss_worker=2), policy, cluster=three)
+    assert_params_equal(one.params, many.params)
+
+
+def test_resume_from_a_checkpoint_on_a_cluster(tmp_path: Any, three: Any) -> None:
+    policy = policies.PipeDream(microbatches=2)
+    straight, _ = fit(chain([0, 1, 2]), policy, cluster=three, epochs=1)
+    straight.fit(data(), epochs=1, batch_size=32)  # two fits: PipeDream drains at each end
+    first, _ = fit(chain([0, 1, 2]), policy, cluster=three, epochs=1)
+    first.save(str(tmp_path / "ckpt"))
+    resumed = ann.Trainer.load(str(tmp_path / "ckpt"), cluster=three)
+    resumed.fit(data(), epochs=1, batch_size=32)
+    assert_params_equal(straight.params, resumed.params)
+
+
+@pytest.mark.anyio
+async def test_open_run_on_a_cluster(anyio_backend: str, three: Any) -> None:
+    g = chain([0, 1, None])
+    batch = data(32)
+    async with ann.open_run(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=2), cluster=three
+    ) as run:
+        for _ in range(3):
+            await run.step(batch)
+    async with ann.open_run(
+        chain([None] * 3), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=2)
+    ) as ref:
+        for _ in range(3):
+            await ref.step(batch)
+    assert_params_equal(ref.params, run.params)
+    assert sorted(run.losses) == [0, 1, 2]
+
+
+def test_async_trace_of_a_distributed_run_replays_identically(tmp_path: Any, three: Any) -> None:
+    path = str(tmp_path / "run.trace")
+    tr, _ = fit(
+        chain([0, 1, 2]), policies.Async(max_active_keys=3, min_update_frequency=1),
+        cluster=three, trace=path,
+    )  # fmt: skip
+    t = ann.trace.read(path)
+    actors = {e["a"] for e in t.events}
+    assert {"s0", "s1", "s2", "loss", "scheduler"} <= actors
+    times = [e["t"] for e in t.events]
+    assert times == sorted(times)  # one clock, merged in time order
+    rep = ann.replay(path)
+    assert rep.identical, rep.first_divergence
+    assert_params_equal(tr.params, rep.params)
+    ann.trace.to_chrome(path, str(tmp_path / "run.json"))
+
+
+def test_check_finite_on_a_worker_names_the_first_actor(three: Any) -> None:
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     cluster=three, check_finite=True)  # fmt: skip
+    tr.state.params["s1"][0]["weight"][:] = np.nan
+    with pytest.raises(ann.ActorError, match="NaN or Inf") as info:
+        tr.fit(data(), epochs=1, batch_size=32)
+    assert info.value.actor == "s1"
+    assert info.value.key == 0
+    assert isinstance(info.value.__cause__, ann.RemoteError)
+    # the cluster was replaced: the next fit works
+    tr2, _ = fit(chain([0, 1, 2]), policies.Sync(), cluster=three)
+    one, _ = fit(chain([None] * 3), policies.Sync())
+    assert_params_equal(one.params, tr2.params)
+
+
+def test_a_node_on_a_worker_the_cluster_lacks_is_a_graph_error(three: Any) -> None:
+    with pytest.raises(ann.GraphError, match="worker=5.*3 workers"):
+        fit(chain([0, 5, 1]), policies.Sync(), cluster=three)
+
+
+def test_cluster_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="workers >= 1"):
+        ann.cluster.LocalCluster(workers=0)
+    with pytest.raises(TypeError, match="asyncnn.cluster"):
+        ann.Trainer(chain([0]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=2)
+
+
+# -- faults ----------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slow(nn.Module):
+    """An identity that sleeps, so the test can act mid-run."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        time.sleep(0.02)
+        return x
+
+
+def slow_chain() -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
+    h = g.layer("slow", nn.Sequential(_Slow(), nn.Linear(16, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_worker_that_dies_or_hangs_fails_the_run_in_seconds(how: str) -> None:
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+    pids = cluster.pids
+    victim = pids[1]
+
+    strike = threading.Timer(
+        0.3, os.kill, (victim, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    )
+    start = time.perf_counter()
+    strike.start()
+    with pytest.raises(ann.WorkerError) as info:
+        tr.fit(data(4000), epochs=1, batch_size=32)
+    took = time.perf_counter() - start
+    err = info.value
+    assert err.worker == 1
+    assert "slow" in err.actors and "worker 1" in str(err) and str(victim) in str(err)
+    assert ("SIGKILL" in str(err)) if how == "kill" else ("sent nothing" in str(err))
+    assert took < 10
+    # no orphans: every worker is gone (the stopped one killed)
+    deadline = time.perf_counter() + 5
+    while any(_alive(p) for p in pids) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+    cluster.close()
+
+
+def test_killing_the_driver_leaves_no_orphans(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import asyncnn as ann, sys, time\n"
+        "c = ann.cluster.LocalCluster(workers=2)\n"
+        "import anyio; anyio.run(c.start)\n"
+        "print(*c.pids, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    deadline = time.perf_counter() + 5
+    while any(_alive(p) for p in pids) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_a_wrong_token_is_refused_and_reported(three: Any) -> None:
+    from asyncnn._cluster._wire import connect
+
+    fit(chain([0, 1, 2]), policies.Sync(), cluster=three)  # the cluster is up
+    host, port = three.info[0]["host"], three.info[0]["port"]
+
+    async def intrude() -> None:
+        await connect(host, port, b"not the token", {"role": "peer", "index": 2}, "worker 0")
+
+    with pytest.raises(ann.cluster.AuthenticationError, match="rejected"):
+        anyio.run(intrude)
+    before = len(three.rejected)
+    tr, _ = fit(chain([0, 1, 2]), policies.Sync(), cluster=three)  # the run goes on, unharmed
+    assert len(three.rejected) == before + 1
+    assert "wrong token" in three.rejected[-1] and "worker 0" in three.rejected[-1]
+    one, _ = fit(chain([None] * 3), policies.Sync())
+    assert_params_equal(one.params, tr.params)
+
+
+def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
+    from asyncnn._cluster._wire import _PREFIX, MAGIC
+
+    cluster = ann.cluster.LocalCluster(workers=2)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    big = data(2000)
+
+    async def main() -> None:
+        async with ann.open_run(
+            tr.graph, tr.optimizer, tr.policy, cluster=cluster, state=tr.state
+        ) as run:
+            await run.step({k: v[:32] for k, v in big.items()})
+            conn = cluster.connections[1]
+            async with conn._lock:  # between two frames, as a broken sender would
+                await conn._send_all(_PREFIX.pack(MAGIC, 10, 100 * 10**9))
+            for i in range(32, 2000, 32):
+                await run.step({k: v[i : i + 32] for k, v in big.items()})
+
+    start = time.perf_counter()
+    with pytest.raises((ann.WorkerError, ann.ActorError)) as info:
+        anyio.run(main, backend="trio")
+    assert time.perf_counter() - start < 10
+    text = str(info.value) + str(info.value.__cause__)
+    assert "100,000,000,000 bytes" in text and "worker 1" in text
+    cluster.close()
+
+
+# -- learning, and Ray -----------------------------------------------------------------------------
+def _mnist1d_accuracy(policy: Any, cluster: Any = None, workers: Any = None) -> float:
+    from asyncnn import data as datasets
+
+    ds = datasets.load_mnist1d()
+    layers = [nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)]
+    g = ann.Graph.sequential(layers, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 40),
+                             workers=workers)  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.Adam(lr=5e-3), policy=policy, seed=0, cluster=cluster)
+    tr.fit({"x": ds["x_train"], "y": ds["y_train"]}, epochs=150, batch_size=100, shuffle=True)
+    return float(tr.evaluate({"x": ds["x_test"], "y": ds["y_test"]})["accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_async_on_workers_trains_mnist1d_within_three_points_of_sync_in_one_process() -> None:
+    sync = _mnist1d_accuracy(policies.Sync())
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        spread = _mnist1d_accuracy(policies.Async(max_active_keys=4), cluster, [0, 1, None])
+    assert spread >= sync - 0.03, f"Async on 2 workers: {spread:.1%}, Sync: {sync:.1%}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_cluster_matches_one_process_and_reports_a_dead_worker() -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    try:
+        cluster = ann.cluster.RayCluster(workers=2, heartbeat_timeout=5.0)
+        policy = policies.OneFOneB(microbatches=3)
+        one, _ = fit(chain([None] * 3), policy)
+        many, _ = fit(chain([0, 1, None]), policy, cluster=cluster)
+        assert_params_equal(one.params, many.params)
+        # a deterministic policy on Ray equals one process; Async learns as well
+        tr, hist = fit(chain([0, 1, None]), policies.Async(max_active_keys=3), cluster=cluster)
+        assert np.isfinite(hist.losses).all()
+        # a Ray worker that dies fails the run with its name
+        pid = cluster.info[1]["pid"]
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        slow = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                           policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+        with pytest.raises(ann.WorkerError, match="worker 1 .*died"):
+            slow.fit(data(4000), epochs=1, batch_size=32)
+        cluster.close()
+    finally:
+        ray.shutdown()
