@@ -132,8 +132,15 @@ class Backend(abc.ABC):
         return True
 
     def memory_in_use(self) -> int:
-        """Bytes held by this backend's memory pool (0 where it has none)."""
+        """Bytes in live arrays of this backend's memory pool (0 where it has none)."""
         return 0
+
+    def memory_pool(self) -> tuple[int, int]:
+        """This device's memory pool: ``(bytes in live arrays, bytes held from the driver)``.
+
+        ``(0, 0)`` where the backend has no pool (numpy allocates through the C library).
+        """
+        return 0, 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device}>"

@@ -206,3 +206,8 @@ class CupyBackend(Backend):
     def memory_in_use(self) -> int:
         with self._cuda_device:
             return int(cupy.get_default_memory_pool().used_bytes())
+
+    def memory_pool(self) -> tuple[int, int]:
+        with self._cuda_device:
+            pool = cupy.get_default_memory_pool()
+            return int(pool.used_bytes()), int(pool.total_bytes())

@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# Runs the test suite on a GPU machine (the lent device, or any with CUDA and cupy), where every
-# math test also runs on the cupy backend. The device image lacks trio, outcome, pytest-trio and
-# mnist1d: fetch them first, here, with ../shared/tools/device-wheels (into .whl/), and carry .whl.
-# Usage (from the repository root, on the GPU machine): bash experiments/device_tests.sh [pytest args]
+# Sets a GPU machine up and runs the test suite there (the lent device, or any with CUDA and
+# cupy), where every math test also runs on the cupy backend; optionally the GPU benchmark too.
+# The device image lacks trio, outcome, pytest-trio and mnist1d: fetch them first, here, with
+# ../shared/tools/device-wheels (into .whl/), and carry .whl.
+# Usage (from the repository root, on the GPU machine):
+#   bash experiments/device_tests.sh [--bench] [--bench-only] [pytest args]
+# --bench also runs experiments/bench_gpu.py after the tests (--bench-only: the benchmark alone);
+# its JSON and both logs go to $OUT when that is set (the lent device), else to runs/.
 set -euo pipefail
+bench=0
+tests=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bench) bench=1; shift ;;
+    --bench-only) bench=1; tests=0; shift ;;
+    *) break ;;
+  esac
+done
+out="${OUT:-runs}"
+mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
@@ -12,5 +27,16 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | grep -v "^WARNING" || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, '| numpy', numpy.__version__, '| GPUs', cupy.cuda.runtime.getDeviceCount())"
-if [ $# -eq 0 ]; then set -- tests; fi
-python3 -m pytest -q -p no:cacheprovider -m "not slow" "$@"
+status=0
+if [ "$tests" = 1 ]; then
+  if [ $# -eq 0 ]; then set -- tests; fi
+  set +e
+  python3 -m pytest -q -p no:cacheprovider -m "not slow" "$@" 2>&1 | tee "$out/device_tests.log"
+  status=${PIPESTATUS[0]}
+  set -e
+fi
+if [ "$bench" = 1 ]; then
+  PYTHONUNBUFFERED=1 python3 experiments/bench_gpu.py --out "$out/bench_gpu.json" 2>&1 \
+    | tee "$out/bench_gpu.log"
+fi
+exit "$status"

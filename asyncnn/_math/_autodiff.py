@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends._dtypes import is_floating
 from ._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["Primitive", "Trace", "Tracer", "grad", "value_and_grad", "vjp"]
@@ -297,7 +298,8 @@ def _raw(x: Any) -> Any:
 def _is_differentiable(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     if dtype is not None:
-        return getattr(dtype, "kind", "") in "fc" and hasattr(x, "shape")
+        kind = getattr(dtype, "kind", "")
+        return hasattr(x, "shape") and (kind in "fc" or (kind == "V" and is_floating(dtype)))
     return isinstance(x, float)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..backends import array_namespace, get_backend, to_numpy
+from ..backends import array_namespace, get_backend, is_floating, to_numpy
 from ._autodiff import value_and_grad
 from ._data import ArrayDataset
 from ._pytree import tree_leaves
@@ -43,7 +43,7 @@ def _placement(params: Any) -> tuple[Any, Any]:
     leaves = [leaf for leaf in tree_leaves(params) if hasattr(leaf, "dtype")]
     xp = array_namespace(*leaves)
     for leaf in leaves:
-        if leaf.dtype.kind == "f":
+        if is_floating(leaf.dtype):
             return xp, leaf.dtype
     return xp, None
 
@@ -51,7 +51,7 @@ def _placement(params: Any) -> tuple[Any, Any]:
 def _to_params_device(array: Any, xp: Any, float_dtype: Any) -> Any:
     # Floating inputs take the parameters' dtype, so a float64 reference run stays float64 end
     # to end and a float32 one is not promoted by float64 data; integer labels stay as they are.
-    if float_dtype is not None and np.dtype(array.dtype).kind == "f":
+    if float_dtype is not None and is_floating(array.dtype):
         return xp.asarray(array, dtype=float_dtype)
     return xp.asarray(array)
 

@@ -266,6 +266,14 @@ class SGD(Optimizer):
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         xp = ns(p, g)
+        if xp.__name__ == "cupy":  # one kernel per leaf, the same arithmetic
+            from ..backends._fused import sgd_leaf
+
+            buf = buffers[0] if buffers else None
+            return sgd_leaf(
+                p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay,
+                self.nesterov,
+            )  # fmt: skip
         d, d_is_ours = g, False
         if self.weight_decay != 0.0:
             d = _fresh(xp, xp.multiply, p, self.weight_decay)
@@ -358,6 +366,13 @@ class Adam(Optimizer):
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         xp = ns(p, g)
+        if xp.__name__ == "cupy":  # one kernel per leaf, the same arithmetic
+            from ..backends._fused import adam_leaf
+
+            return adam_leaf(
+                p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
+                self._decoupled,
+            )  # fmt: skip
         beta1, beta2 = self.betas
         t = step + 1
         decay = 1.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asyncnn.backends import acc_mean, acc_sum, scatter_add
 from asyncnn.backends import array_namespace as ns
-from asyncnn.backends import scatter_add
 
 from ._autodiff import Forward, VjpRule
 
@@ -28,7 +28,7 @@ def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int,
 
 
 def _sum(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
-    return x.sum(axis=axis, keepdims=keepdims), (x.shape, axis)
+    return acc_sum(x, axis, keepdims), (x.shape, axis)
 
 
 def _sum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
@@ -37,7 +37,7 @@ def _sum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 def _mean(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
-    return x.mean(axis=axis, keepdims=keepdims), (x.shape, axis)
+    return acc_mean(x, axis, keepdims), (x.shape, axis)
 
 
 def _mean_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:

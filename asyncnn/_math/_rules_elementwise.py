@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+from asyncnn.backends import acc_sum
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -23,7 +25,7 @@ def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
         lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1
     )
     if axes:
-        g = g.sum(axis=axes)
+        g = acc_sum(g, axes)
     return g.reshape(shape)
 
 
@@ -151,12 +153,15 @@ def _sigmoid_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 def _relu(x: Any) -> tuple[Any, Any]:
-    out = ns(x).maximum(x, 0)
+    xp = ns(x)
+    # cupy promotes bfloat16 with a Python scalar to float32: compare with a 0 of x's dtype
+    out = xp.maximum(x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)
     return out, out
 
 
 def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    return (g * (out > 0),)
+    mask = out > 0
+    return (g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask),)
 
 
 _SQRT_HALF = 1 / math.sqrt(2)
@@ -170,7 +175,8 @@ def _erf(x: Any) -> Any:
         from scipy.special import erf
     else:
         from cupyx.scipy.special import erf
-    return erf(x)
+    # cupyx's erf answers float16 in float64
+    return erf(x).astype(x.dtype, copy=False)
 
 
 def _gelu(x: Any, approximate: str = "none") -> tuple[Any, Any]:
@@ -274,4 +280,57 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "minimum": (_minimum, _extremum_vjp),
     "where": (_where, _where_vjp),
     "astype": (_astype, _astype_vjp),
+}
+
+
+class _Widened:
+    """Residuals of a rule computed in float32 for bfloat16 inputs, with the dtype to return."""
+
+    __slots__ = ("res", "dtype")
+
+    def __init__(self, res: Any, dtype: Any) -> None:
+        self.res = res
+        self.dtype = dtype
+
+
+def _bf16_in_float32(
+    fwd: Forward, rule: VjpRule, arrays_pass: bool = False
+) -> tuple[Forward, VjpRule]:
+    """The rule pair, computing in float32 when an input is bfloat16 (numpy's extension type).
+
+    cupy promotes bfloat16 with a Python scalar (``0.5 * x``) to float32, so rules written with
+    scalars would change the dtype; this runs them in float32 and rounds the results back.
+    Other dtypes go straight through; with ``arrays_pass``, so do calls whose arguments are all
+    bfloat16 arrays (``x + b`` of two bfloat16 arrays stays in bfloat16, with no extra pass).
+    """
+
+    def forward(*args: Any, **params: Any) -> tuple[Any, Any]:
+        dtype = None
+        for a in args:
+            dt = getattr(a, "dtype", None)
+            if dt is not None and dt.kind == "V":
+                dtype = dt
+                break
+        if dtype is None or (arrays_pass and all(getattr(a, "dtype", None) == dtype for a in args)):
+            return fwd(*args, **params)
+        wide = [a.astype("float32") if getattr(a, "dtype", None) == dtype else a for a in args]
+        out, res = fwd(*wide, **params)
+        return out.astype(dtype), _Widened(res, dtype)
+
+    def vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> Sequence[Any]:
+        if type(res) is not _Widened:
+            return rule(g, res, needs)
+        grads = rule(g.astype("float32"), res.res, needs)
+        return [None if x is None else x.astype(res.dtype) for x in grads]
+
+    return forward, vjp
+
+
+# These keep bfloat16 as it is (no Python scalars in them; astype says its own dtype); the
+# arithmetic widens only when mixed with a scalar or another dtype; the rest always widen.
+_AS_IS = {"relu", "maximum", "minimum", "where", "astype"}
+_ARITHMETIC = {"add", "subtract", "multiply", "divide"}
+RULES = {
+    name: pair if name in _AS_IS else _bf16_in_float32(*pair, arrays_pass=name in _ARITHMETIC)
+    for name, pair in RULES.items()
 }

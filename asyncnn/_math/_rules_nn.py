@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn.backends import array_namespace as ns
+from asyncnn.backends import is_half
 
 from ._autodiff import Forward, VjpRule
 
@@ -292,6 +293,10 @@ def _class_last(logits: Any) -> Any:
 def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
     xp = ns(logits)
     z = _class_last(logits)
+    if is_half(z.dtype):
+        # 16-bit logits: the softmax, its sums and the loss in float32 (the loss comes out
+        # float32; the gradient goes back in the logits' dtype)
+        z = z.astype(xp.float32)
     y = labels.reshape(-1)
     rows = xp.arange(y.shape[0])
     m = z.max(axis=1, keepdims=True)
@@ -305,11 +310,11 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
         out = nll.sum()
     else:
         out = nll.reshape(labels.shape)
-    return out, (p, y, rows, reduction, tuple(logits.shape))
+    return out, (p, y, rows, reduction, tuple(logits.shape), logits.dtype)
 
 
 def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
-    p, y, rows, reduction, shape = res
+    p, y, rows, reduction, shape, dtype = res
     xp = ns(g)
     # softmax - onehot, built in place in the softmax residual (a pullback runs once).
     p[rows, y] -= 1
@@ -319,7 +324,7 @@ def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, 
         p *= g / y.shape[0] if reduction == "mean" else g
     if len(shape) > 2:
         p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
-    return p, None
+    return p.astype(dtype, copy=False), None
 
 
 RULES: dict[str, tuple[Forward, VjpRule]] = {
@@ -333,3 +338,14 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "dropout": (_dropout, _dropout_vjp),
     "cross_entropy": (_cross_entropy, _cross_entropy_vjp),
 }
+
+
+def _widen_16_bit_rules() -> None:
+    # normalisations and softmaxes use Python scalars, which cupy would promote bfloat16 with
+    from ._rules_elementwise import _bf16_in_float32
+
+    for name in ("softmax", "log_softmax", "logsumexp", "layer_norm"):
+        RULES[name] = _bf16_in_float32(*RULES[name])
+
+
+_widen_16_bit_rules()

@@ -151,6 +151,7 @@ class _Actor:
             self.device, fn, *args, stream=self.stream, after=after
         )
         self.last_event = event
+        self.stats.note_pool(*self.backend.memory_pool())
         self.keepalive.append((event, args))
         while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
             self.keepalive.popleft()

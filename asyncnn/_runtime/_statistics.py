@@ -21,6 +21,11 @@ class ActorStatistics:
             ``peak_versions_held``: the most at once.
         stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
             (an estimate of the residuals' memory).
+        pool_used_bytes / pool_held_bytes: on a GPU, the device's memory pool (cupy's) after
+            this actor's last compute: bytes in live arrays, and bytes the pool holds from the
+            driver (live plus cached for reuse); 0 on the CPU. The pool is the device's, shared
+            by the actors there. ``peak_pool_used_bytes`` / ``peak_pool_held_bytes``: the most
+            seen after any compute of this actor.
     """
 
     busy_seconds: float = 0.0
@@ -36,6 +41,19 @@ class ActorStatistics:
     peak_versions_held: int = 0
     stored_bytes: int = 0
     peak_stored_bytes: int = 0
+    pool_used_bytes: int = 0
+    pool_held_bytes: int = 0
+    peak_pool_used_bytes: int = 0
+    peak_pool_held_bytes: int = 0
+
+    def note_pool(self, used: int, held: int) -> None:
+        """Records a reading of the device's memory pool (bytes in use, bytes held)."""
+        self.pool_used_bytes = used
+        self.pool_held_bytes = held
+        if used > self.peak_pool_used_bytes:
+            self.peak_pool_used_bytes = used
+        if held > self.peak_pool_held_bytes:
+            self.peak_pool_held_bytes = held
 
     def as_dict(self) -> dict[str, float]:
         """The counters as a plain dict."""

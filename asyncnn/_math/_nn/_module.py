@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import Backend, get_backend
+from asyncnn.backends import Backend, get_backend, is_floating
 
 from .._pytree import tree_leaves
 
@@ -111,10 +111,10 @@ class Module:
             raise ValueError(f"{type(self).__name__}.init: seed must be an int >= 0, got {seed!r}")
         be = backend if isinstance(backend, Backend) else get_backend(backend)
         dt = be.dtype(dtype)
-        if dt.kind != "f":
+        if not is_floating(dt):
             raise ValueError(
                 f"{type(self).__name__}.init: parameters must be floating point, got dtype {dt}; "
-                "use dtype='float32' or 'float64'"
+                "use dtype='float32' or 'float64' (or 'float16'/'bfloat16' on a GPU)"
             )
         return self.init_params(Initializer(np.random.SeedSequence(int(seed)), be, dt))
 

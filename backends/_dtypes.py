@@ -1,0 +1,55 @@
+"""Floating dtypes, bfloat16 included, and sums that accumulate 16-bit floats in float32.
+
+numpy knows bfloat16 only through the ``ml_dtypes`` package, as a dtype of kind ``"V"``, so
+``dtype.kind == "f"`` misses it: ask :func:`is_floating`. cupy (14 and later) computes with it
+when ml_dtypes is installed. Importing this module registers the name ``"bfloat16"`` with numpy
+when ml_dtypes is there, so ``numpy.dtype("bfloat16")`` works everywhere after ``import asyncnn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+try:  # optional: only the 16-bit brain float needs it
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover - depends on the machine
+    _ml_dtypes = None
+
+__all__ = ["BFLOAT16", "acc_sum", "is_floating", "is_half"]
+
+#: numpy's bfloat16 dtype (from ml_dtypes), or None where ml_dtypes is not installed
+BFLOAT16: np.dtype[Any] | None = None if _ml_dtypes is None else np.dtype(_ml_dtypes.bfloat16)
+
+
+def is_floating(dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating dtype (float16/32/64 or bfloat16)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return False
+    return dt.kind == "f" or (BFLOAT16 is not None and dt == BFLOAT16)
+
+
+def is_half(dtype: Any) -> bool:
+    """Whether ``dtype`` is a 16-bit float (float16 or bfloat16): sums of it run in float32."""
+    dt = np.dtype(dtype)
+    return dt.itemsize == 2 and is_floating(dt)
+
+
+def acc_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    """``x.sum(axis, keepdims)`` in ``x``'s dtype, accumulated in float32 for 16-bit floats.
+
+    A bfloat16 accumulator has 8 significant bits: summing 10^5 ones in it gives 99,840 on cupy.
+    """
+    if is_half(x.dtype):
+        return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
+    return x.sum(axis=axis, keepdims=keepdims)
+
+
+def acc_mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    """``x.mean(axis, keepdims)``, accumulated in float32 for 16-bit floats."""
+    if is_half(x.dtype):
+        return x.mean(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
+    return x.mean(axis=axis, keepdims=keepdims)

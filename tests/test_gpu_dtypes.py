@@ -1,0 +1,161 @@
+"""16-bit floats (float16, bfloat16) and fused optimizer kernels on the GPU; float32 accumulation
+of sums; the memory pool in the actor statistics. The GPU tests skip without cupy and a GPU
+(run them with ``bash experiments/device_tests.sh``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+from asyncnn.backends import BFLOAT16, acc_sum, get_backend, is_floating, is_half
+
+from conftest import HAS_CUDA
+
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+
+
+def test_is_floating_and_is_half():
+    assert is_floating("float32") and is_floating(np.float16) and not is_floating("int64")
+    assert not is_floating("bool") and not is_floating(np.dtype([("a", "f4")]))
+    assert is_half("float16") and not is_half("float32") and not is_half("int16")
+    if BFLOAT16 is not None:
+        assert is_floating(BFLOAT16) and is_half(BFLOAT16) and BFLOAT16.kind == "V"
+
+
+def test_sums_of_16_bit_floats_accumulate_in_float32():
+    x = np.random.default_rng(0).random(100_000).astype(np.float16)
+    want = x.astype(np.float32).sum().astype(np.float16)
+    assert acc_sum(x) == want and acc_sum(x).dtype == np.float16
+    assert ops.sum(x).dtype == np.float16 and ops.sum(x) == want
+    y = np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(acc_sum(y, axis=0), y.sum(axis=0))
+
+
+def test_cpu_actors_report_no_memory_pool():
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    hist = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()).fit(
+        {"x": rng.standard_normal((16, 4)), "y": rng.integers(0, 2, 16)}, batch_size=8
+    )
+    for st in hist.statistics.values():
+        assert st.pool_used_bytes == st.peak_pool_held_bytes == 0
+
+
+# -- on the GPU ------------------------------------------------------------------------------
+def _opt_cases():
+    return [
+        optim.SGD(lr=0.1),
+        optim.SGD(lr=0.1, weight_decay=0.01),
+        optim.SGD(lr=0.05, momentum=0.9),
+        optim.SGD(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1),
+        optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+        optim.Adam(lr=1e-2),
+        optim.Adam(lr=1e-2, weight_decay=0.1, amsgrad=True),
+        optim.AdamW(lr=1e-2, weight_decay=0.1),
+    ]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opt", _opt_cases(), ids=repr)
+def test_fused_updates_equal_numpy_bit_for_bit(opt, dtype):
+    import cupy
+
+    rng = np.random.default_rng(1)
+    p = {"w": rng.standard_normal((7, 5)).astype(dtype), "b": rng.standard_normal(5).astype(dtype)}
+    cp_p = {k: cupy.asarray(v) for k, v in p.items()}
+    s, cs = opt.init(p), opt.init(cp_p)
+    for _ in range(3):
+        g = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in p.items()}
+        p, s = opt.update(p, g, s)
+        cp_p, cs = opt.update(cp_p, {k: cupy.asarray(v) for k, v in g.items()}, cs)
+    for k in p:
+        np.testing.assert_array_equal(cupy.asnumpy(cp_p[k]), p[k])
+        assert cp_p[k].dtype == p[k].dtype
+
+
+_LAYERS = {
+    "linear": (nn.Linear(8, 6), (5, 8)),
+    "relu": (nn.ReLU(), (5, 8)),
+    "tanh": (nn.Tanh(), (5, 8)),
+    "gelu": (nn.GELU(), (5, 8)),
+    "sigmoid": (nn.Sigmoid(), (5, 8)),
+    "layernorm": (nn.LayerNorm(8), (5, 8)),
+    "mlp": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), (5, 8)),
+}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_layers_keep_their_dtype_and_match_float32(name, dtype):
+    import cupy
+
+    be = get_backend("cuda:0")
+    module, shape = _LAYERS[name]
+    p32 = module.init(0, backend=be, dtype="float32")
+    p16 = module.init(0, backend=be, dtype=dtype)
+    x32 = be.asarray(np.random.default_rng(2).standard_normal(shape).astype(np.float32))
+    x16 = x32.astype(be.dtype(dtype))
+    out, pb = ann.vjp(lambda p, x: module(p, x), p16, x16)
+    assert out.dtype == be.dtype(dtype)
+    gp, gx = pb(cupy.ones_like(out))
+    for leaf in [gx, *ann._math._pytree.tree_leaves(gp)]:
+        assert leaf.dtype == be.dtype(dtype), f"{name}: a gradient came back {leaf.dtype}"
+    ref = module(p32, x32)
+    np.testing.assert_allclose(
+        cupy.asnumpy(out.astype(cupy.float32)), cupy.asnumpy(ref), rtol=5e-2, atol=5e-2
+    )
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_losses_and_sums_run_in_float32(dtype):
+    import cupy
+
+    be = get_backend("cuda:0")
+    dt = be.dtype(dtype)
+    logits = be.asarray(np.random.default_rng(3).standard_normal((64, 10))).astype(dt)
+    y = cupy.asarray(np.random.default_rng(4).integers(0, 10, 64))
+    loss, pb = ann.vjp(lambda z: ops.cross_entropy(z, y), logits)
+    assert loss.dtype == cupy.float32
+    (g,) = pb(cupy.float32(1.0))
+    assert g.dtype == dt
+    ref = ops.cross_entropy(logits.astype(cupy.float32), y)
+    assert abs(float(loss) - float(ref)) < 1e-5
+    x = be.asarray(np.random.default_rng(5).random(100_000)).astype(dt)
+    assert ops.sum(x) == x.astype(cupy.float32).sum().astype(dt)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("opt", [optim.SGD(lr=0.05, momentum=0.9), optim.Adam(lr=1e-3)], ids=repr)
+def test_trainer_in_16_bits_on_the_gpu(dtype, opt):
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((256, 20)), "y": rng.integers(0, 4, 256)}
+    data["y"] = (data["x"][:, 0] > 0).astype(np.int64) + 2 * (data["x"][:, 1] > 0)
+    results = {}
+    for dt in ("float32", dtype):
+        g = ann.Graph.sequential(
+            [nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)], loss=nn.CrossEntropyLoss(),
+            input_shape=(None, 20), devices=["cuda:0"],
+        )  # fmt: skip
+        tr = ann.Trainer(g, optimizer=opt, policy=policies.Sync(), dtype=dt, seed=0)
+        hist = tr.fit(data, epochs=5, batch_size=32)
+        results[dt] = (tr, hist)
+    tr16, h16 = results[dtype]
+    for leaf in ann._math._pytree.tree_leaves(tr16.params):
+        assert str(leaf.dtype) == dtype
+    assert h16.losses[-1] < 0.9 * h16.losses[0]
+    np.testing.assert_allclose(h16.losses[:4], results["float32"][1].losses[:4], rtol=5e-2)
+    stats = h16.statistics["stage0"]
+    assert stats.pool_used_bytes > 0 and stats.peak_pool_held_bytes >= stats.pool_used_bytes
