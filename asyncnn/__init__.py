@@ -4,7 +4,7 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import data, nn, ops, optim, policies, trace
+from . import data, dynamic, nn, ops, optim, policies, trace
 from ._errors import ActorError, GraphError, StallError, TraceFormatError
 from ._math._autodiff import grad, value_and_grad, vjp
 from ._math._loop import evaluate, predict, train_loop
@@ -31,6 +31,7 @@ __all__ = [
     "TraceFormatError",
     "Trainer",
     "data",
+    "dynamic",
     "evaluate",
     "grad",
     "nn",

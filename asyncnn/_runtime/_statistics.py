@@ -21,6 +21,7 @@ class ActorStatistics:
             ``peak_versions_held``: the most at once.
         stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
             (an estimate of the residuals' memory).
+        skipped: keys that reached this actor with no rows (a router sent them elsewhere).
     """
 
     busy_seconds: float = 0.0
@@ -36,6 +37,7 @@ class ActorStatistics:
     peak_versions_held: int = 0
     stored_bytes: int = 0
     peak_stored_bytes: int = 0
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, float]:
         """The counters as a plain dict."""
