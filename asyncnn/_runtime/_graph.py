@@ -211,7 +211,8 @@ class Graph:
                 ``ceil(capacity_factor * rows * k / experts)``.
             on_overflow: ``"drop"`` (rows over capacity are dropped and counted in
                 ``run.statistics()[name]``) or ``"error"``.
-            device, worker: where the router runs.
+            device: where the router runs.
+            worker: the worker process that hosts it (with a cluster).
         """
         from ._routing import Router, RouterActor
 
