@@ -4,7 +4,7 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import cluster, data, nn, ops, optim, policies, trace
+from . import cluster, data, dynamic, nn, ops, optim, policies, trace
 from ._errors import (
     ActorError,
     GraphError,
@@ -41,6 +41,7 @@ __all__ = [
     "WorkerError",
     "cluster",
     "data",
+    "dynamic",
     "evaluate",
     "grad",
     "nn",

@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
+from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import Policy
@@ -106,7 +107,9 @@ class DriverRun(Run):
         out = super().statistics()
         for res in self.results.values():
             for name, d in res["stats"].items():
-                out[name] = ActorStatistics(**d)
+                # a router's or a loop's counters have more fields than the base
+                cls = import_by_path(d["cls"], ActorStatistics, "statistics class")
+                out[name] = cls(**d["fields"])
         return {n: out[n] for n in self.actors if n in out}
 
 

@@ -22,6 +22,7 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError
+from asyncnn._math._imports import class_path
 from asyncnn._math._optim import from_spec as optimizer_from_spec
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
@@ -231,7 +232,10 @@ class Worker:
             "opt_states": encode_tree(final.opt_states, out),
             "versions": final.versions,
             "pending": encode_tree({k: list(v) for k, v in final.pending_grads.items()}, out),
-            "stats": {n: s.as_dict() for n, s in run.statistics().items()},
+            "stats": {
+                n: {"cls": class_path(type(s)), "fields": s.as_dict()}
+                for n, s in run.statistics().items()
+            },
             "rejected": self.rejected,
         }
         if trace_file is not None:

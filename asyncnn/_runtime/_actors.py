@@ -227,6 +227,7 @@ class LayerActor(_Actor):
         self.store: dict[int, tuple[Any, int, Any]] = {}  # key -> (pullback, version, inputs)
         self.held_bytes: dict[int, int] = {}
         self.version_refs: dict[int, int] = {}  # version -> stored keys that reference it
+        self.skipped: set[int] = set()  # keys this actor skipped (no rows were routed to it)
         self.acc: Any = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
@@ -337,13 +338,41 @@ class LayerActor(_Actor):
         del self.fwd_count[key]
         meta = self.meta[key]
         self.after = self.events.pop(key, [])
-        out = await self.on_forward(key, inputs, meta)
+        if self._skips(inputs):
+            # Nothing came for this key (a router sent its rows elsewhere): pass the skip on, so
+            # every actor still sees every key and static stage orders stay valid.
+            self.skipped.add(key)
+            self.stats.skipped += 1
+            tensors: list[tuple[Any, ...]] = [(None,)] * len(self.consumers)
+        else:
+            tensors = self._outputs(key, await self.on_forward(key, inputs, meta))
         event = None if self.on_cpu else self.last_event
-        for c_name, slot in self.consumers:
-            msg = Message(FORWARD, key, self.version, self.name, c_name, slot, (out,), meta)
+        for (c_name, slot), out in zip(self.consumers, tensors, strict=True):
+            msg = Message(FORWARD, key, self.version, self.name, c_name, slot, out, meta)
             msg.event = event
             await self._send(msg)
         self.stats.forwards += 1
+
+    def _skips(self, inputs: list[Any]) -> bool:
+        """Whether a key's forward is a skip: every input is ``None`` (routing sent it nothing)."""
+        if all(x is None for x in inputs):
+            return True
+        if any(x is None for x in inputs):
+            missing = [i for i, x in enumerate(inputs) if x is None]
+            raise ValueError(
+                f"layer {self.name!r} got no rows on input slot(s) {missing} but data on the "
+                "others; a layer behind a router must read only its own branch"
+            )
+        return False
+
+    def _outputs(self, key: int, out: Any) -> list[tuple[Any, ...]]:
+        """The tensors sent to each consumer (the same output to all, unless a router)."""
+        return [(out,)] * len(self.consumers)
+
+    async def _output_grad(self, parts: list[Any]) -> Any:
+        """The gradient of a key's output from one part per consumer edge: their sum, in
+        consumer order (the same sum whatever the timing), on this actor's stream."""
+        return await self.compute(self._sum_parts, parts, cost=0)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         """Computes a key's output from its inputs and keeps what its backward will need.
@@ -410,12 +439,16 @@ class LayerActor(_Actor):
         del self.bwd_count[key]
         meta = self.meta.pop(key)
         self.after = self.events.pop(key, [])
-        # added up in consumer order (the same sum whatever the timing), on this actor's stream
-        g = await self.compute(self._sum_parts, parts, cost=0)
         entry = self.store.get(key)
         # the version the gradients are computed with: the stashed one, else the current one
         used = entry[1] if entry is not None and entry[0] is not None else self.version
-        input_grads = await self.on_backward(key, g, meta)
+        if key in self.skipped:  # a skipped key: no gradient upstream, a zero one for the weights
+            self.skipped.discard(key)
+            input_grads: list[Any] | None = None
+            if self.param_size:
+                await self.accumulate(None, meta)
+        else:
+            input_grads = await self.on_backward(key, await self._output_grad(parts), meta)
         for slot, (src, from_layer) in enumerate(
             zip(self.node.inputs, self.input_is_layer, strict=True)
         ):
@@ -453,7 +486,8 @@ class LayerActor(_Actor):
     async def accumulate(self, param_grads: Any, meta: dict[str, Any]) -> None:
         """Adds a key's parameter gradients; applies them when the policy says an update is due."""
         policy = self.run.policy
-        self.acc = param_grads if self.acc is None else tree_map(_add, self.acc, param_grads)
+        if param_grads is not None:  # None: a skipped key, whose gradient is zero
+            self.acc = param_grads if self.acc is None else tree_map(_add, self.acc, param_grads)
         self.acc_count += 1
         mb = int(meta.get("minibatch", 0))
         done = self.mb_backwards.get(mb, 0) + 1
@@ -464,7 +498,8 @@ class LayerActor(_Actor):
             self.mb_backwards[mb] = done
         if policy.update_due(self.acc_count, mb_done):
             scale = policy.gradient_scale(self.acc_count)
-            grads = self.acc if scale == 1.0 else tree_map(lambda a: a * scale, self.acc)
+            acc = self.acc if self.acc is not None else tree_map(_zeros_like, self.params)
+            grads = acc if scale == 1.0 else tree_map(lambda a: a * scale, acc)
             self.acc, self.acc_count = None, 0
             await self.apply_gradients(grads)
 
@@ -483,6 +518,10 @@ class LayerActor(_Actor):
 
 def _add(a: Any, b: Any) -> Any:
     return a + b
+
+
+def _zeros_like(a: Any) -> Any:
+    return a * 0
 
 
 def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:

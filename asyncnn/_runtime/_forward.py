@@ -10,6 +10,7 @@ import numpy as np
 from asyncnn.backends import get_backend, is_cupy_array
 
 from ._graph import Graph
+from ._routing import plain_values
 
 __all__ = ["forward_pass"]
 
@@ -41,6 +42,8 @@ def forward_pass(
             continue
         if any(src not in values for src in node.inputs):
             continue
+        if node.kind == "layer" and plain_values(graph, name, params.get(name), values):
+            continue  # a router, a merge, or a layer of an expert branch
         if node.kind == "layer":
             backend = get_backend(node.device)
             args = [backend.asarray(values[src]) for src in node.inputs]

@@ -47,6 +47,7 @@ class Node:
     worker: int | None = None
     actor: Any = None  # a LayerActor subclass, for custom actors
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
+    recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
 
 
@@ -145,6 +146,11 @@ class Graph:
                 backward never waits for the stages after it).
         """
         self._check_name(name)
+        if any(ref == name or getattr(ref, "node", None) == name for ref in inputs):
+            raise GraphError(
+                f"layer {name!r} reads its own output: a cycle. Only a loop cell's own edge may "
+                "be recurrent; build it with g.loop(name, cell, init, xs=..., lengths=...)"
+            )
         if not callable(module) or not hasattr(module, "init"):
             raise GraphError(
                 f"layer {name!r}: {module!r} is not an asyncnn module (it needs init and __call__)"
@@ -169,6 +175,127 @@ class Graph:
         for slot, src in enumerate(names):
             self.nodes[src].consumers.append((name, slot))
         return TensorRef(id(self), name)
+
+    def router(
+        self,
+        name: str,
+        gate: Any,
+        x: TensorRef | str,
+        *extra: TensorRef | str,
+        experts: int,
+        k: int = 1,
+        gates: str = "softmax",
+        capacity: int | None = None,
+        capacity_factor: float | None = None,
+        on_overflow: str = "drop",
+        device: str = "cpu",
+        worker: int | None = None,
+    ) -> TensorRef:
+        """Adds a router: each row of ``x`` goes to the ``k`` experts with the best gate scores.
+
+        The experts are the layers that read the returned tensor (one per expert, in the order
+        they are added; each may continue as a chain of one-input layers), and their branches
+        come back together in :meth:`merge`. See ``docs/dynamic.md``.
+
+        Args:
+            name: the node's name.
+            gate: a module scoring the experts: ``gate(params, x, *extra) -> (rows, experts)``
+                (e.g. ``nn.Linear(d, experts)``; a parameterless module for a fixed condition).
+            x: the rows to route.
+            *extra: more inputs the gate reads (not routed), e.g. a flag to branch on.
+            experts: the number of experts.
+            k: experts per row (top-k of the scores).
+            gates: ``"softmax"``, ``"normalized"`` (softmax over the chosen k) or ``"none"``
+                (weight 1, hard branches).
+            capacity: the most rows per expert and key; ``capacity_factor``: or
+                ``ceil(capacity_factor * rows * k / experts)``.
+            on_overflow: ``"drop"`` (rows over capacity are dropped and counted in
+                ``run.statistics()[name]``) or ``"error"``.
+            device: where the router runs.
+            worker: the worker process that hosts it (with a cluster).
+        """
+        from ._routing import Router, RouterActor
+
+        try:
+            module = Router(gate, experts, k, gates, capacity, capacity_factor, on_overflow)
+        except (TypeError, ValueError) as exc:
+            raise GraphError(f"router {name!r}: {exc}") from exc
+        return self.layer(name, module, x, *extra, device=device, worker=worker, actor=RouterActor)
+
+    def merge(
+        self,
+        name: str,
+        router: TensorRef | str,
+        *branches: TensorRef | str,
+        device: str = "cpu",
+        worker: int | None = None,
+    ) -> TensorRef:
+        """Gathers a router's expert branches by row index: row ``i`` of the output is the sum,
+        over its kept choices ``j``, of the gate weight times its expert's output row.
+
+        Args:
+            name: the node's name.
+            router: the router's tensor (from :meth:`router`).
+            *branches: the last tensor of each expert branch, in expert order.
+        """
+        from ._routing import Merge, MergeActor
+
+        (src,) = self._resolve(f"merge {name!r}", [router])
+        mod = self.nodes[src].module
+        experts = getattr(mod, "experts", None)
+        if self.nodes[src].actor is None or experts is None or not hasattr(mod, "gate"):
+            raise GraphError(f"merge {name!r}: {src!r} is not a router (make one with g.router)")
+        if len(branches) != experts:
+            raise GraphError(
+                f"merge {name!r}: router {src!r} has {experts} experts but {len(branches)} "
+                "branches were given; pass the last tensor of each expert branch, in order"
+            )
+        return self.layer(
+            name, Merge(experts), router, *branches, device=device, worker=worker,
+            actor=MergeActor,
+        )  # fmt: skip
+
+    def loop(
+        self,
+        name: str,
+        cell: Any,
+        init: TensorRef | str,
+        xs: TensorRef | str | None = None,
+        lengths: TensorRef | str | None = None,
+        *,
+        until: Any = None,
+        max_steps: int | None = None,
+        output: str = "last",
+        device: str = "cpu",
+        worker: int | None = None,
+    ) -> TensorRef:
+        """Adds a loop: a cell actor whose output feeds itself, ``h <- cell(params, h, x_t)``.
+
+        Each row of a key runs its own number of steps (``lengths``, or until ``until`` says
+        stop); the backward unwinds the steps in reverse (BPTT). See ``docs/dynamic.md``.
+
+        Args:
+            name: the node's name.
+            cell: the step module: ``cell(params, h, x_t) -> h`` (``cell(params, h)`` without
+                ``xs``).
+            init: the initial state, ``(rows, ...)``.
+            xs: per-step inputs, ``(rows, steps, ...)``.
+            lengths: an int input ``(rows,)``: each row's number of steps.
+            until: a parameterless module, ``until({}, h) -> (rows,)``: true where a row stops.
+            max_steps: the most steps (required without ``xs``).
+            output: ``"last"`` (each row's final state) or ``"all"`` (every step's state,
+                ``(rows, steps, ...)``, zeros after a row's end).
+        """
+        from ._loops import Loop, LoopActor
+
+        try:
+            module = Loop(cell, xs is not None, lengths is not None, until, max_steps, output)
+        except (TypeError, ValueError) as exc:
+            raise GraphError(f"loop {name!r}: {exc}") from exc
+        inputs = [init] + [r for r in (xs, lengths) if r is not None]
+        ref = self.layer(name, module, *inputs, device=device, worker=worker, actor=LoopActor)
+        self.nodes[name].recurrent = True
+        return ref
 
     def loss(
         self, name: str, module: Any, *inputs: TensorRef | str, worker: int | None = None
@@ -293,6 +420,9 @@ class Graph:
         for name in self.inputs:
             if not self.nodes[name].consumers:
                 raise GraphError(f"input {name!r} is not read by any node")
+        from ._routing import check_routing
+
+        check_routing(self)
 
     # -- specs -----------------------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:
@@ -314,6 +444,8 @@ class Graph:
                     entry["actor"] = class_path(n.actor)
                 if n.stop_gradient:
                     entry["stop_gradient"] = True
+                if n.recurrent:  # the loop cell's self edge: the one cycle a graph may have
+                    entry["recurrent"] = True
             if n.kind == "loss" and n.worker is not None:
                 entry["worker"] = n.worker
             nodes.append(entry)
@@ -326,6 +458,7 @@ class Graph:
 
         g = cls()
         try:
+            _check_cycles(spec["nodes"])
             for entry in spec["nodes"]:
                 kind = entry["kind"]
                 if kind == "input":
@@ -340,6 +473,7 @@ class Graph:
                         actor=_actor_class(entry.get("actor")),
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
+                    g.nodes[entry["name"]].recurrent = bool(entry.get("recurrent", False))
                 elif kind == "loss":
                     g.loss(
                         entry["name"], module_from_spec(entry["module"]), *entry["inputs"],
@@ -352,6 +486,31 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
+
+
+def _check_cycles(nodes: list[dict[str, Any]]) -> None:
+    """Rejects a spec whose node reads itself or a later node (a cycle, or a wrong order)."""
+    position = {e.get("name"): i for i, e in enumerate(nodes)}
+    for i, entry in enumerate(nodes):
+        for src in entry.get("inputs", []):
+            j = position.get(src)
+            if j is None or j < i:
+                continue
+            what = "itself" if j == i else f"{src!r}, which comes after it"
+            mark = (
+                " (a recurrent edge is marked with 'recurrent': true on a loop node, whose "
+                "inputs never name itself: the loop feeds its state back inside)"
+            )
+            raise GraphError(
+                f"graph spec: node {entry.get('name')!r} reads {what}: a cycle. Only a loop "
+                f"cell's own recurrent edge may go back, made with g.loop(...){mark}"
+            )
+    for entry in nodes:
+        if entry.get("recurrent") and not str(entry.get("actor", "")).endswith(":LoopActor"):
+            raise GraphError(
+                f"graph spec: node {entry.get('name')!r} is marked recurrent but is not a loop "
+                "(only g.loop(...) nodes have a recurrent edge)"
+            )
 
 
 def _actor_class(path: str | None) -> Any:

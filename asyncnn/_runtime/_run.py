@@ -19,6 +19,7 @@ from asyncnn.backends import (
     DevicePool,
     array_namespace,
     get_backend,
+    is_floating,
     open_device_pool,
     to_numpy,
 )
@@ -192,7 +193,7 @@ class Run:
         if not self.checks_finite:
             return
         for leaf in tree_leaves(value):
-            if leaf is None or not hasattr(leaf, "dtype") or leaf.dtype.kind not in "fc":
+            if leaf is None or not hasattr(leaf, "dtype") or not _checkable(leaf.dtype):
                 continue
             ok = bool(array_namespace(leaf).isfinite(leaf).all())
             if not ok:
@@ -323,6 +324,11 @@ class Run:
         return out
 
 
+def _checkable(dtype: Any) -> bool:
+    # floats, bfloat16 (a numpy extension dtype, kind "V") and complex numbers can hold NaN
+    return dtype.kind == "c" or is_floating(dtype)
+
+
 def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:
     """Checks a batch against the graph's inputs (names, shapes, dtypes, NaN); returns its rows.
 
@@ -359,7 +365,7 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
                 f"input {name!r} is declared {node.dtype} but got {got} data: pass integers "
                 f"(e.g. {name}.astype(np.int64))"
             )
-        if kind == "f" and got.kind not in "fiub":
+        if kind == "f" and got.kind not in "fiub" and not is_floating(got):
             raise ValueError(f"input {name!r} is declared {node.dtype} but got {got} data")
         if rows is None:
             rows = shape[0]
@@ -367,7 +373,7 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
             raise ValueError(
                 f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
             )
-        if check_finite and got.kind == "f" and not bool(array_namespace(arr).isfinite(arr).all()):
+        if check_finite and is_floating(got) and not bool(array_namespace(arr).isfinite(arr).all()):
             raise ValueError(f"input {name!r} contains NaN or Inf (check_finite=True)")
     if not rows:
         raise ValueError("the batch is empty (0 rows)")

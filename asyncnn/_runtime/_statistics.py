@@ -26,6 +26,7 @@ class ActorStatistics:
             driver (live plus cached for reuse); 0 on the CPU. The pool is the device's, shared
             by the actors there. ``peak_pool_used_bytes`` / ``peak_pool_held_bytes``: the most
             seen after any compute of this actor.
+        skipped: keys that reached this actor with no rows (a router sent them elsewhere).
     """
 
     busy_seconds: float = 0.0
@@ -45,6 +46,7 @@ class ActorStatistics:
     pool_held_bytes: int = 0
     peak_pool_used_bytes: int = 0
     peak_pool_held_bytes: int = 0
+    skipped: int = 0
 
     def note_pool(self, used: int, held: int) -> None:
         """Records a reading of the device's memory pool (bytes in use, bytes held)."""

@@ -1,0 +1,247 @@
+"""Loops: a cell feeding itself, rows of one key leaving at different steps; gradients equal a
+plain loop over the instances one by one (BPTT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+from asyncnn.dynamic import RNNCell
+
+from _reference import assert_params_close
+
+T, DX, DC, H, C = 5, 3, 2, 4, 3
+
+
+def rnn_graph(output: str = "last") -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, T, DX))
+    c = g.input("c", (None, DC))
+    lens = g.input("len", (None,), dtype="int64")
+    y = g.input("y", (None,), dtype="int64") if output == "last" else g.input("y", (None, T, C))
+    h0 = g.layer("enc", nn.Sequential(nn.Linear(DC, H), nn.Tanh()), c)
+    xe = g.layer("embed", nn.Linear(DX, DX), x)
+    h = g.loop("rnn", RNNCell(DX, H), h0, xe, lens, output=output)
+    o = g.layer("head", nn.Linear(H, C), h)
+    g.loss("loss", nn.CrossEntropyLoss() if output == "last" else nn.MSELoss(), o, y)
+    g.output("logits", o)
+    return g
+
+
+def _data(n=8, seed=0, output="last"):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, T + 1, n)
+    lens[:3] = [0, T, 2]  # an empty sequence, a full one, a short one in the same key
+    y = rng.integers(0, C, n) if output == "last" else rng.standard_normal((n, T, C))
+    return {"x": rng.standard_normal((n, T, DX)), "c": rng.standard_normal((n, DC)),
+            "len": lens, "y": y}  # fmt: skip
+
+
+def reference_loss(g, p, d, lo, hi, output):
+    """One instance at a time: its own number of steps, a plain Python loop."""
+    m = {n: g.nodes[n].module for n in g.layers}
+    cell = m["rnn"].cell
+    total = 0.0
+    for i in range(lo, hi):
+        h = m["enc"](p["enc"], d["c"][i : i + 1])
+        states = []
+        for t in range(int(d["len"][i])):
+            h = cell(p["rnn"], h, m["embed"](p["embed"], d["x"][i : i + 1, t]))
+            states.append(h)
+        if output == "last":
+            total = total + nn.CrossEntropyLoss()({}, m["head"](p["head"], h), d["y"][i : i + 1])
+        else:
+            zeros = d["x"][i : i + 1, 0, :1] * 0 + np.zeros((1, H))
+            seq = ops.stack(states + [zeros] * (T - len(states)), axis=1)
+            o = m["head"](p["head"], seq)
+            total = total + ops.sum(ops.square(o - d["y"][i : i + 1])) / (T * C)
+    return total / (hi - lo)
+
+
+def reference_fit(g, start, batches, microbatches, output="last", lr=0.1):
+    p = dict(start)
+    opt = optim.SGD(lr=lr)
+    state = opt.init(p)
+    for b in batches:
+        n = len(b["len"])
+
+        def loss(q, b=b, n=n):
+            total = 0.0
+            for part in np.array_split(np.arange(n), min(microbatches, n)):
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                total = total + reference_loss(g, q, b, lo, hi, output) * ((hi - lo) / n)
+            return total
+
+        p, state = opt.update(p, ann.grad(loss)(p), state)
+    return p
+
+
+def _start(g):
+    return ann._runtime._run.init_state(g, optim.SGD(lr=0.1), 0, "float64").params
+
+
+POLICIES = [
+    pytest.param(policies.Sync(), 1, 2, id="Sync"),
+    pytest.param(policies.GPipe(2), 2, 2, id="GPipe2"),
+    pytest.param(policies.OneFOneB(3), 3, 1, id="1F1B3"),
+    pytest.param(policies.PipeDream(1, stash=True), 1, 1, id="PipeDream-stash"),
+    pytest.param(policies.PipeDream(1, stash=False), 1, 1, id="PipeDream-nostash"),
+    pytest.param(policies.Async(max_active_keys=1), 1, 2, id="Async1"),
+]
+
+
+@pytest.mark.parametrize(("policy", "micro", "batches"), POLICIES)
+def test_bptt_equals_a_plain_loop_over_instances(policy, micro, batches):
+    g = rnn_graph()
+    data = _data(n=8 * batches)
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
+    hist = tr.fit(data, batch_size=8)
+    bs = [{k: v[i * 8 : (i + 1) * 8] for k, v in data.items()} for i in range(batches)]
+    assert_params_close(tr.params, reference_fit(g, start, bs, micro), rtol=1e-10)
+    st = hist.statistics["rnn"]
+    assert st.row_steps == int(data["len"].sum())
+    assert st.max_steps_seen == T
+
+
+def test_all_states_output():
+    g = rnn_graph(output="all")
+    data = _data(output="all")
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    tr.fit(data, batch_size=8)
+    assert_params_close(tr.params, reference_fit(g, start, [data], 2, "all"), rtol=1e-10)
+
+
+@dataclass(frozen=True)
+class Halt(nn.Module):
+    """Stops a row once its first state component exceeds 0.3 (no parameters)."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, *, rng=None):
+        return ops.raw(h)[:, 0] > 0.3
+
+
+@dataclass(frozen=True)
+class Step(nn.Module):
+    """``h <- tanh(h @ w + b)``: a cell without per-step input."""
+
+    size: int
+
+    def init_params(self, init):
+        return {"w": init.normal((self.size, self.size), 0.8), "b": init.normal((self.size,), 0.5)}
+
+    def __call__(self, params, h, *, rng=None):
+        return ops.tanh(ops.add(ops.matmul(h, params["w"]), params["b"]))
+
+
+def test_stop_condition_carried_in_the_state():
+    g = ann.Graph()
+    c = g.input("c", (None, DC))
+    y = g.input("y", (None,), dtype="int64")
+    h0 = g.layer("enc", nn.Linear(DC, H), c)
+    h = g.loop("loop", Step(H), h0, until=Halt(), max_steps=6)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+    rng = np.random.default_rng(3)
+    data = {"c": rng.standard_normal((10, DC)), "y": rng.integers(0, C, 10)}
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), dtype="float64")
+    hist = tr.fit(data, batch_size=10)
+    m = {n: g.nodes[n].module for n in g.layers}
+    steps_taken = []
+
+    def loss(p):
+        total = 0.0
+        steps_taken.clear()
+        for half in np.array_split(np.arange(10), 2):
+            for i in half:
+                hh = m["enc"](p["enc"], data["c"][i : i + 1])
+                taken = 0
+                while taken < 6:
+                    hh = m["loop"].cell(p["loop"], hh)
+                    taken += 1
+                    if float(ops.raw(hh)[0, 0]) > 0.3:
+                        break
+                steps_taken.append(taken)
+                o = m["head"](p["head"], hh)
+                total = total + nn.CrossEntropyLoss()({}, o, data["y"][i : i + 1]) / 10
+        return total
+
+    p = dict(start)
+    ref, _ = optim.SGD(lr=0.1).update(p, ann.grad(loss)(p), optim.SGD(lr=0.1).init(p))
+    assert_params_close(tr.params, ref, rtol=1e-10)
+    assert len(set(steps_taken)) > 1  # rows left the loop at different steps
+    assert hist.statistics["loop"].row_steps == sum(steps_taken)
+
+
+def test_async_loop_replays_identically_and_runs_are_bit_identical(tmp_path):
+    path = str(tmp_path / "rnn.trace")
+    data = _data(n=32)
+    tr = ann.Trainer(rnn_graph(), optimizer=optim.SGD(lr=0.05),
+                     policy=policies.Async(max_active_keys=3), dtype="float64",
+                     trace=path)  # fmt: skip
+    tr.fit(data, batch_size=4)
+    loops = [e for e in ann.trace.read(path).events if e["ev"] == "loop"]
+    assert [sum(e["m"]["steps"]) for e in sorted(loops, key=lambda e: e["key"])] == [
+        int(data["len"][i : i + 4].sum()) for i in range(0, 32, 4)
+    ]
+    rep = ann.replay(path)
+    assert rep.identical, rep.first_divergence
+    assert_params_close(rep.params, tr.params, rtol=0)
+    runs = []
+    for _ in range(2):
+        t2 = ann.Trainer(rnn_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(4),
+                         dtype="float32")  # fmt: skip
+        t2.fit(data, batch_size=16)
+        runs.append(t2.params)
+    assert_params_close(runs[0], runs[1], rtol=0)
+
+
+def test_bad_lengths_and_cycles_are_clear_errors():
+    g = rnn_graph()
+    data = _data()
+    data["len"][4] = T + 2
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(ann.ActorError, match=r"loop 'rnn': lengths\[4\] = 7 is outside \[0, 5\]"):
+        tr.fit(data, batch_size=8)
+    spec = g.to_spec()
+    assert ann.Graph.from_spec(spec).to_spec() == spec
+    assert [e for e in spec["nodes"] if e["name"] == "rnn"][0]["recurrent"] is True
+    cyclic: Any = {"nodes": [dict(e) for e in spec["nodes"]], "outputs": {}}
+    for e in cyclic["nodes"]:
+        if e["name"] == "embed":
+            e["inputs"] = ["head"]  # reads a later node: a cycle through the head
+    with pytest.raises(ann.GraphError, match=r"node 'embed' reads 'head', which comes after it"):
+        ann.Graph.from_spec(cyclic)
+    for e in cyclic["nodes"]:
+        if e["name"] == "embed":
+            e["inputs"] = ["embed"]
+    with pytest.raises(ann.GraphError, match=r"node 'embed' reads itself: a cycle"):
+        ann.Graph.from_spec(cyclic)
+    marked = {"nodes": [dict(e) for e in spec["nodes"]], "outputs": {}}
+    for e in marked["nodes"]:
+        if e["name"] == "head":
+            e["recurrent"] = True
+    with pytest.raises(ann.GraphError, match="marked recurrent but is not a loop"):
+        ann.Graph.from_spec(marked)
+    g2 = ann.Graph()
+    x = g2.input("x", (None, H))
+    g2.layer("a", nn.Linear(H, H), x)
+    with pytest.raises(ann.GraphError, match=r"layer 'b' reads its own output: a cycle"):
+        g2.layer("b", nn.Linear(H, H), "b")
+    with pytest.raises(ann.GraphError, match=r"loop 'l': Loop: without xs, give max_steps"):
+        g2.loop("l", Step(H), x)
+    with pytest.raises(ann.GraphError, match=r"layer 'rnn' .*turned a state of shape \(2, 4\)"):
+        g3 = ann.Graph()
+        c = g3.input("c", (None, H))
+        y = g3.input("y", (None,), dtype="int64")
+        h = g3.loop("rnn", nn.Linear(H, 2), c, max_steps=3)
+        g3.loss("loss", nn.CrossEntropyLoss(), h, y)
+        ann.Trainer(g3, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())

@@ -1,0 +1,351 @@
+"""Routing (sparse experts, branches): gradients equal a plain loop over the rows one by one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+
+from _reference import assert_params_close
+
+D, H, C = 5, 4, 3
+
+
+def moe_graph(experts: int = 4, k: int = 2, **kw: Any) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", nn.Linear(D, experts), x, experts=experts, k=k, **kw)
+    outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(experts)]
+    m = g.merge("merge", r, *outs)
+    o = g.layer("head", nn.Linear(H, C), m)
+    g.loss("loss", nn.CrossEntropyLoss(), o, y)
+    g.output("logits", o)
+    return g
+
+
+def _row_choices(scores: np.ndarray, k: int) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
+    return order[:k]
+
+
+def reference_loss(
+    graph: ann.Graph, p: dict[str, Any], x: Any, y: Any, k: int, gates: str, cap: int | None
+) -> Any:
+    """The mean loss of one key, each row through its own experts, one row at a time."""
+    mods = {n: graph.nodes[n].module for n in graph.layers}
+    gate = mods["gate"].gate
+    experts = mods["gate"].experts
+    rows = x.shape[0]
+    chosen = []
+    for i in range(rows):
+        s = np.asarray(ops.raw(gate(p["gate"], x[i : i + 1])))[0]
+        chosen.append(_row_choices(s, k))
+    kept = [[True] * k for _ in range(rows)]
+    if cap is not None:  # first choices of all rows first, then second choices
+        load = [0] * experts
+        for j in range(k):
+            for i in range(rows):
+                e = chosen[i][j]
+                kept[i][j] = load[e] < cap
+                load[e] += kept[i][j]
+    total = 0.0
+    for i in range(rows):
+        xi = x[i : i + 1]
+        s = gate(p["gate"], xi)
+        idx = np.array(chosen[i])
+        if gates == "softmax":
+            w = ops.take(ops.softmax(s, axis=-1), idx, axis=1)
+        elif gates == "normalized":
+            w = ops.softmax(ops.take(s, idx, axis=1), axis=-1)
+        else:
+            w = None
+        out = None
+        for j, e in enumerate(chosen[i]):
+            if not kept[i][j]:
+                continue
+            ye = mods[f"e{e}"](p[f"e{e}"], xi)
+            term = ye if w is None else ye * w[:, j : j + 1]
+            out = term if out is None else out + term
+        if out is None:
+            out = xi[:, :H] * 0
+        logits = mods["head"](p["head"], out)
+        total = total + nn.CrossEntropyLoss()({}, logits, y[i : i + 1])
+    return total / rows
+
+
+def reference_fit(graph, params, batches, k, gates, cap, microbatches, lr=0.1):
+    """Plain SGD: one step per minibatch; the gradient of the minibatch mean loss, with the
+    capacity applied per microbatch (the runtime's key), like numpy.array_split."""
+    p = dict(params)
+    opt = optim.SGD(lr=lr)
+    state = opt.init(p)
+    for b in batches:
+        n = len(b["y"])
+
+        def loss(q, b=b, n=n):
+            total = 0.0
+            for part in np.array_split(np.arange(n), min(microbatches, n)):
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                total = total + reference_loss(
+                    graph, q, b["x"][lo:hi], b["y"][lo:hi], k, gates, cap
+                ) * ((hi - lo) / n)
+            return total
+
+        g = ann.grad(loss)(p)
+        p, state = opt.update(p, g, state)
+    return p
+
+
+def _data(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, D)), "y": rng.integers(0, C, n)}
+
+
+def _start(graph):
+    return ann._runtime._run.init_state(graph, optim.SGD(lr=0.1), 0, "float64").params
+
+
+POLICIES = [
+    pytest.param(policies.Sync(), 1, 2, id="Sync"),
+    pytest.param(policies.GPipe(3), 3, 2, id="GPipe3"),
+    pytest.param(policies.OneFOneB(2), 2, 2, id="1F1B2"),
+    pytest.param(policies.PipeDream(1, stash=True), 1, 1, id="PipeDream-stash"),
+    pytest.param(policies.PipeDream(1, stash=False), 1, 1, id="PipeDream-nostash"),
+    pytest.param(policies.Async(max_active_keys=1), 1, 3, id="Async1"),
+]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize(("policy", "micro", "batches"), POLICIES)
+def test_moe_gradients_equal_a_plain_loop_over_rows(policy, micro, batches, k):
+    g = moe_graph(k=k)
+    data = _data(n=6 * batches)
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", seed=0)
+    hist = tr.fit(data, batch_size=6)
+    bs = [{n: v[i * 6 : (i + 1) * 6] for n, v in data.items()} for i in range(batches)]
+    ref = reference_fit(g, start, bs, k, "softmax", None, micro)
+    assert_params_close(tr.params, ref, rtol=1e-10)
+    st = hist.statistics["gate"]
+    assert sum(st.expert_rows.values()) == 6 * batches * k
+    assert sum(1 for v in st.expert_rows.values() if v) >= 2  # rows went to different experts
+
+
+def test_experts_without_rows_are_skipped_and_counted():
+    g = moe_graph(experts=4, k=1)
+    data = _data(n=4)
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4), dtype="float64")
+    hist = tr.fit(data, batch_size=4)  # one row per key: three experts skip each key
+    skipped = sum(hist.statistics[f"e{i}"].skipped for i in range(4))
+    assert skipped == 4 * 3
+    ref = reference_fit(g, start, [data], 1, "softmax", None, 4)
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("gates", ["normalized", "none"])
+def test_gate_kinds(gates):
+    g = moe_graph(k=2, gates=gates)
+    data = _data()
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    tr.fit(data, batch_size=12)
+    ref = reference_fit(g, start, [data], 2, gates, None, 2)
+    assert_params_close(tr.params, ref, rtol=1e-10)
+    if gates == "none":  # hard branches: the gate gets a zero gradient
+        np.testing.assert_array_equal(tr.params["gate"]["weight"], start["gate"]["weight"])
+
+
+def test_capacity_drops_rows_counts_them_and_matches_the_reference():
+    g = moe_graph(experts=3, k=2, capacity=3)
+    data = _data(n=12)
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    hist = tr.fit(data, batch_size=12)
+    st = hist.statistics["gate"]
+    # 2 keys of 6 rows choose 2 of 3 experts (24 choices); at most 3 per expert and key fit
+    assert st.capacity == 3
+    assert st.dropped_total > 0
+    assert sum(st.dropped_rows.values()) == st.dropped_total
+    assert sum(st.expert_rows.values()) == 24 - st.dropped_total
+    assert all(v <= 3 * 2 for v in st.expert_rows.values())
+    ref = reference_fit(g, start, [data], 2, "softmax", 3, 2)
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+def test_capacity_factor_and_overflow_error():
+    g = moe_graph(experts=3, k=1, capacity_factor=0.5)
+    assert g.nodes["gate"].module.limit(12) == 2
+    g = moe_graph(experts=3, k=2, capacity=1, on_overflow="error")
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(ann.ActorError, match=r"router 'gate': key 0 sends more rows than the "
+                       r"capacity 1 allows"):  # fmt: skip
+        tr.fit(_data(), batch_size=12)
+
+
+def test_predict_follows_the_routes():
+    g = moe_graph(k=2, capacity=2)
+    data = _data()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    logits = tr.predict({"x": data["x"][:6]})["logits"]
+    p = tr.params
+    mods = {n: g.nodes[n].module for n in g.layers}
+    # the reference's head input for each row, with the same capacity (per predict batch)
+    ref_out = []
+    loss_of = reference_loss  # reuse the chooser: rebuild the merged rows by hand
+    assert loss_of is not None
+    s = np.asarray(mods["gate"].gate(p["gate"], data["x"][:6]))
+    probs = np.exp(s - s.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    load = [0] * 4
+    chosen = [_row_choices(row, 2) for row in s]
+    kept = [[False, False] for _ in range(6)]
+    for j in range(2):
+        for i in range(6):
+            e = chosen[i][j]
+            kept[i][j] = load[e] < 2
+            load[e] += kept[i][j]
+    for i in range(6):
+        out = np.zeros((1, H))
+        for j, e in enumerate(chosen[i]):
+            if kept[i][j]:
+                out = out + probs[i, e] * mods[f"e{e}"](p[f"e{e}"], data["x"][i : i + 1])
+        ref_out.append(mods["head"](p["head"], out)[0])
+    np.testing.assert_allclose(logits, np.array(ref_out), rtol=1e-12)
+
+
+def test_bit_identical_deterministic_runs():
+    runs = []
+    for _ in range(2):
+        tr = ann.Trainer(moe_graph(k=2), optimizer=optim.SGD(lr=0.1),
+                         policy=policies.OneFOneB(3), dtype="float32")  # fmt: skip
+        tr.fit(_data(n=24), batch_size=12)
+        runs.append(tr.params)
+    for name in runs[0]:
+        for a, b in zip(ann._math._pytree.tree_leaves(runs[0][name]),
+                        ann._math._pytree.tree_leaves(runs[1][name]), strict=True):  # fmt: skip
+            assert np.array_equal(a, b)
+
+
+def test_async_routed_run_replays_identically(tmp_path):
+    path = str(tmp_path / "moe.trace")
+    tr = ann.Trainer(moe_graph(k=2, capacity=4), optimizer=optim.SGD(lr=0.05),
+                     policy=policies.Async(max_active_keys=3), dtype="float64",
+                     trace=path)  # fmt: skip
+    tr.fit(_data(n=48), batch_size=6)
+    t = ann.trace.read(path)
+    routes = [e for e in t.events if e["ev"] == "route"]
+    assert len(routes) == 8 and all(sum(e["m"]["load"]) <= 12 for e in routes)
+    rep = ann.replay(path)
+    assert rep.identical, rep.first_divergence
+    assert rep.events_checked > 0
+    assert_params_close(rep.params, tr.params, rtol=0)
+
+
+@pytest.mark.anyio
+async def test_router_graph_trains_on_trio_and_asyncio():
+    g = moe_graph(k=1)
+    data = _data(n=12)
+    start = _start(g)
+    async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                            dtype="float64") as run:  # fmt: skip
+        await run.step(data)
+        await run.drain()
+        await anyio.lowlevel.checkpoint()
+    ref = reference_fit(g, start, [data], 1, "softmax", None, 2)
+    assert_params_close(run.params, ref, rtol=1e-10)
+    assert isinstance(run.statistics()["gate"], ann.dynamic.RouterStatistics)
+
+
+def test_a_branch_of_several_layers_and_a_condition_router():
+    """Hard branches on a condition (a parameterless gate), each branch two stages deep."""
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("sign", SignGate(), x, experts=2, k=1, gates="none")
+    ends = []
+    for b in range(2):
+        h = g.layer(f"b{b}a", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r)
+        ends.append(g.layer(f"b{b}b", nn.Linear(H, C), h))
+    out = g.merge("merge", r, *ends)
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    data = _data(n=8)
+    start = _start(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), dtype="float64")
+    tr.fit(data, batch_size=8)
+    mods = {n: g.nodes[n].module for n in g.layers}
+
+    def loss(p):
+        total = 0.0
+        for half in np.array_split(np.arange(8), 2):
+            part = 0.0
+            for i in half:
+                b = int(data["x"][i, 0] > 0)
+                h = mods[f"b{b}a"](p[f"b{b}a"], data["x"][i : i + 1])
+                o = mods[f"b{b}b"](p[f"b{b}b"], h)
+                part = part + nn.CrossEntropyLoss()({}, o, data["y"][i : i + 1])
+            total = total + part / 8
+        return total
+
+    p = dict(start)
+    g_ref = ann.grad(loss)(p)
+    ref, _ = optim.SGD(lr=0.1).update(p, g_ref, optim.SGD(lr=0.1).init(p))
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SignGate(nn.Module):
+    """Scores (x0 <= 0, x0 > 0): a fixed condition on a value."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, x, *, rng=None):
+        pos = (ops.raw(x)[:, :1] > 0).astype(ops.raw(x).dtype)
+        return np.concatenate([1 - pos, pos], axis=1)
+
+
+def test_bad_wiring_is_a_clear_graph_error():
+    g = moe_graph(experts=3)
+    with pytest.raises(ann.GraphError, match=r"gate.*scores of shape \(2, 5\).*needs \(2, 4\)"):
+        g2 = ann.Graph()
+        x = g2.input("x", (None, D))
+        y = g2.input("y", (None,), dtype="int64")
+        r = g2.router("gate", nn.Linear(D, 5), x, experts=4)
+        outs = [g2.layer(f"e{i}", nn.Linear(D, C), r) for i in range(4)]
+        g2.loss("loss", nn.CrossEntropyLoss(), g2.merge("m", r, *outs), y)
+        ann.Trainer(g2, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    g3 = ann.Graph()
+    x = g3.input("x", (None, D))
+    r = g3.router("gate", nn.Linear(D, 3), x, experts=3)
+    outs = [g3.layer(f"e{i}", nn.Linear(D, C), r) for i in range(2)]
+    with pytest.raises(ann.GraphError, match=r"router 'gate' has 3 experts but 2 branches"):
+        g3.merge("m", r, *outs)
+    with pytest.raises(
+        ann.GraphError, match=r"router 'bad': Router: k=4 must be an int in \[1, experts=3\]"
+    ):
+        g3.router("bad", nn.Linear(D, 3), x, experts=3, k=4)
+    with pytest.raises(ann.GraphError, match="is not a router"):
+        g3.merge("m2", x, *outs)
+    # an expert whose output also feeds something else
+    g4 = ann.Graph()
+    x = g4.input("x", (None, D))
+    y = g4.input("y", (None,), dtype="int64")
+    r = g4.router("gate", nn.Linear(D, 2), x, experts=2)
+    outs = [g4.layer(f"e{i}", nn.Linear(D, C), r) for i in range(2)]
+    m = g4.merge("m", r, *outs)
+    g4.loss("loss", nn.CrossEntropyLoss(), m, y)
+    g4.loss("side", nn.CrossEntropyLoss(), outs[0], y)
+    with pytest.raises(ann.GraphError, match=r"layer 'e0' feeds \['m', 'side'\]"):
+        g4.check_structure()
+    assert g.to_spec() == ann.Graph.from_spec(g.to_spec()).to_spec()
+    assert ann.Graph.from_spec(g.to_spec()).nodes["gate"].actor is ann.dynamic.RouterActor
