@@ -47,6 +47,7 @@ MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 30
 _NONCE = 32
 _CHUNK = 1 << 22  # bytes per send call: big enough for the loopback, small enough to interleave
+_READ_AHEAD = 1 << 16
 
 
 class ProtocolError(ConnectionError):
@@ -91,6 +92,9 @@ class Connection:
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._rbuf = bytearray(_READ_AHEAD)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0
 
     def new_loop(self) -> None:
         """Prepares the connection for use from a new event loop (a cluster outlives the
@@ -112,11 +116,20 @@ class Connection:
             self.bytes_sent += n
 
     async def _recv_into(self, view: memoryview) -> None:
-        got = 0
         total = len(view)
+        # first what an earlier read already brought in
+        got = min(total, self._rend - self._rstart)
+        if got:
+            view[:got] = self._rbuf[self._rstart : self._rstart + got]
+            self._rstart += got
         while got < total:
+            want = total - got
+            # small reads go through the read-ahead buffer: one system call brings a whole
+            # small frame (prefix, header, tiny tensors); large ones land in place
+            small = want < _READ_AHEAD // 4
+            target = self._rview if small else view[got:]
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(target)
             except BlockingIOError:
                 await anyio.wait_readable(self.sock)
                 continue
@@ -124,7 +137,13 @@ class Connection:
                 raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
             if n == 0:
                 raise EOFError(f"{self.peer} closed the connection")
-            got += n
+            if small:
+                take = min(n, want)
+                view[got : got + take] = self._rbuf[:take]
+                self._rstart, self._rend = take, n
+                got += take
+            else:
+                got += n
         self.bytes_received += total
 
     async def _recv_exact(self, n: int) -> bytes:
@@ -141,11 +160,15 @@ class Connection:
         head["n"] = [v.nbytes for v in views]
         packed = msgpack.packb(head, use_bin_type=True)
         prefix = _PREFIX.pack(MAGIC, len(packed), sum(v.nbytes for v in views))
+        body = sum(v.nbytes for v in views)
         async with self._lock:
-            # one small write for prefix and header (many frames are nothing else)
-            await self._send_all(prefix + packed)
-            for v in views:
-                await self._send_all(v)
+            if body <= _READ_AHEAD:
+                # a small frame goes out in one system call
+                await self._send_all(b"".join([prefix, packed, *views]))
+            else:
+                await self._send_all(prefix + packed)
+                for v in views:
+                    await self._send_all(v)
 
     async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Receives one frame: its header and one uint8 array per buffer.

@@ -1,0 +1,229 @@
+"""Benchmark of the worker transport, in one run (ratios against references measured here too):
+
+1. throughput of 1 MB and 64 MB tensors from one process to another, through asyncnn's frames
+   (a message encoded as the workers send it: msgpack header, raw bytes received into a fresh
+   array, decoded back into a message) against a raw-socket copy of the same bytes (blocking
+   ``sendall`` / ``recv_into`` into a preallocated buffer; no framing, no event loop);
+2. per-message latency of tiny tensors (a round trip halved), both ways;
+3. samples/s of a 2-stage ``PipeDream`` pipeline with one stage on each of 2 local workers,
+   against the same graph in one process (and against ``Sync`` in one process).
+
+Run: python experiments/bench_transport.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
+
+import asyncnn as ann  # noqa: E402
+from asyncnn import nn, optim, policies  # noqa: E402
+
+MB = 1 << 20
+
+
+# -- the receiving process -------------------------------------------------------------------------
+def _raw_receiver(port: int, nbytes: int, count: int, tiny: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    view = memoryview(buf)
+    for _ in range(count):
+        got = 0
+        while got < nbytes:
+            got += sock.recv_into(view[got:])
+    sock.sendall(b"k")
+    small = bytearray(16)
+    for _ in range(tiny):  # echo
+        got = 0
+        while got < 16:
+            got += sock.recv_into(memoryview(small)[got:])
+        sock.sendall(small)
+    sock.close()
+
+
+def _frame_receiver(port: int, token: bytes, count: int, tiny: int) -> None:
+    import anyio
+
+    from asyncnn._cluster._codec import decode_message, encode_message
+    from asyncnn._cluster._wire import connect
+    from asyncnn.backends import tune_allocator
+
+    tune_allocator()  # as a worker process does at start
+
+    async def main() -> None:
+        conn = await connect("127.0.0.1", port, token, {"role": "bench"}, "the sender")
+        for _ in range(count):
+            header, buffers = await conn.receive()
+            decode_message(header, buffers)
+        await conn.send({"t": "ack"})
+        for _ in range(tiny):  # echo the message back
+            header, buffers = await conn.receive()
+            msg = decode_message(header, buffers)
+            h, b = encode_message(msg)
+            await conn.send(h, b)
+        conn.close()
+
+    anyio.run(main, backend="trio")
+
+
+# -- the sending side --------------------------------------------------------------------------------
+def raw_socket(nbytes: int, count: int, tiny: int) -> tuple[float, float]:
+    """(GB/s, one-way latency in µs) of plain blocking sockets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    proc = mp.get_context("spawn").Process(target=_raw_receiver, args=(port, nbytes, count, tiny))
+    proc.start()
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    t = time.perf_counter()
+    for _ in range(count):
+        sock.sendall(memoryview(data))
+    sock.recv(1)
+    seconds = time.perf_counter() - t
+    small = bytes(16)
+    t = time.perf_counter()
+    for _ in range(tiny):
+        sock.sendall(small)
+        got = 0
+        while got < 16:
+            got += len(sock.recv(16 - got))
+    latency = (time.perf_counter() - t) / tiny / 2
+    sock.close()
+    listener.close()
+    proc.join()
+    return nbytes * count / seconds / 1e9, latency * 1e6
+
+
+def frames(nbytes: int, count: int, tiny: int) -> tuple[float, float]:
+    """(GB/s, one-way latency in µs) of asyncnn's message frames between two processes."""
+    import anyio
+
+    from asyncnn._cluster._codec import decode_message, encode_message
+    from asyncnn._cluster._wire import accept, accept_socket, listen
+    from asyncnn._runtime._messages import Message
+
+    token = os.urandom(32)
+    listener = listen()
+    port = listener.getsockname()[1]
+    proc = mp.get_context("spawn").Process(target=_frame_receiver, args=(port, token, count, tiny))
+    proc.start()
+    tensor = np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
+    meta = {"rows": 1, "mb_rows": 1, "mb_keys": 1, "minibatch": 0}
+    out: dict[str, float] = {}
+
+    async def main() -> None:
+        sock = await accept_socket(listener)
+        conn, _ = await accept(sock, token)
+        t = time.perf_counter()
+        for key in range(count):
+            h, b = encode_message(Message("forward", key, 0, "a", "b", 0, (tensor,), meta))
+            await conn.send(h, b)
+        await conn.receive()
+        out["seconds"] = time.perf_counter() - t
+        small = np.ones(4, dtype=np.float32)
+        t = time.perf_counter()
+        for key in range(tiny):
+            h, b = encode_message(Message("forward", key, 0, "a", "b", 0, (small,), meta))
+            await conn.send(h, b)
+            header, buffers = await conn.receive()
+            decode_message(header, buffers)
+        out["latency"] = (time.perf_counter() - t) / tiny / 2
+        conn.close()
+
+    anyio.run(main, backend="trio")
+    listener.close()
+    proc.join()
+    return nbytes * count / out["seconds"] / 1e9, out["latency"] * 1e6
+
+
+def best(fn: Any, nbytes: int, count: int, tiny: int, repeats: int) -> tuple[float, float]:
+    runs = [fn(nbytes, count, tiny) for _ in range(repeats)]
+    return max(r[0] for r in runs), min(r[1] for r in runs)
+
+
+# -- a pipeline on two workers ----------------------------------------------------------------------
+SIZES = [784, 1024, 1024, 1024, 10]
+
+
+def pipeline(batch: int, steps: int, micro: int) -> dict[str, float]:
+    mods: list[Any] = []
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+        mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(SIZES) - 2 else [])
+    rng = np.random.default_rng(0)
+    n = batch * steps
+    d = {"x": rng.standard_normal((n, SIZES[0]), dtype=np.float32), "y": rng.integers(0, 10, n)}
+    results: dict[str, float] = {}
+    cases = [
+        ("Sync, one process, 1 stage", policies.Sync(), None, None),
+        ("PipeDream, one process, 2 stages", policies.PipeDream(micro), None, [None, None]),
+        ("PipeDream, 2 workers, 2 stages", policies.PipeDream(micro), 2, [0, 1]),
+    ]
+    for name, policy, workers, placed in cases:
+        g = ann.Graph.sequential(
+            mods, loss=nn.CrossEntropyLoss(), stages=1 if placed is None else 2,
+            input_shape=(None, SIZES[0]), workers=placed,
+        )  # fmt: skip
+        cluster = ann.cluster.LocalCluster(workers=workers) if workers else None
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policy, cluster=cluster)
+        tr.fit({k: v[: batch * 2] for k, v in d.items()}, epochs=1, batch_size=batch)  # warm up
+        hist = tr.fit(d, epochs=1, batch_size=batch)
+        results[name] = hist.samples_per_second
+        if cluster is not None:
+            cluster.close()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    ap.add_argument("--out", default="runs/bench_transport.json")
+    args = ap.parse_args()
+    from asyncnn.backends import tune_allocator
+
+    tune_allocator()
+    repeats = 1 if args.quick else 3
+    tiny = 200 if args.quick else 2000
+    report: dict[str, Any] = {"throughput_gb_s": {}, "latency_us": {}}
+    print("1. throughput between two processes on this machine (GB/s, best of "
+          f"{repeats}; target asyncnn >= 0.8x raw):")  # fmt: skip
+    for label, nbytes, count in (("1 MB", MB, 400), ("64 MB", 64 * MB, 12)):
+        if args.quick:
+            count = max(2, count // 8)
+        raw, raw_lat = best(raw_socket, nbytes, count, tiny, repeats)
+        ours, our_lat = best(frames, nbytes, count, tiny, repeats)
+        report["throughput_gb_s"][label] = {"raw socket": raw, "asyncnn frames": ours}
+        report["latency_us"] = {"raw socket": raw_lat, "asyncnn frames": our_lat}
+        print(f"   {label:>6}: raw socket {raw:6.2f}   asyncnn {ours:6.2f}   {ours / raw:5.2f}x")
+    lat = report["latency_us"]
+    print(
+        f"2. one-way latency of a tiny message (µs): raw socket {lat['raw socket']:.1f}, "
+        f"asyncnn {lat['asyncnn frames']:.1f}"
+    )
+    tp = pipeline(256, 6 if args.quick else 30, 4)
+    report["pipeline_samples_per_second"] = tp
+    ref = tp["Sync, one process, 1 stage"]
+    same = tp["PipeDream, one process, 2 stages"]
+    print("3. MLP 784-1024-1024-1024-10, batch 256, 4 microbatches (samples/s):")
+    for k, v in tp.items():
+        print(f"   {k:<36} {v:8.0f}   {v / ref:5.2f}x Sync   {v / same:5.2f}x one process")
+    _common.write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
