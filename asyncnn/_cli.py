@@ -33,7 +33,7 @@ def _policy(name: str, microbatches: int, stages: int, stash: bool) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import Graph, Trainer, data, nn, optim
+    from . import Graph, data, nn
 
     if args.dataset == "mnist1d":
         ds = data.load_mnist1d()
@@ -49,19 +49,48 @@ def _train(args: argparse.Namespace) -> int:
         modules.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             modules.append(nn.ReLU())
+    workers = None
+    cluster = None
+    if args.workers:
+        from .cluster import LocalCluster
+
+        # stage i on worker i mod N; the loss follows the last stage
+        workers = [i % args.workers for i in range(args.stages)]
+        cluster = LocalCluster(workers=args.workers)
     graph = Graph.sequential(
-        modules, loss=nn.CrossEntropyLoss(), stages=args.stages, input_shape=(None, features)
-    )
+        modules, loss=nn.CrossEntropyLoss(), stages=args.stages, input_shape=(None, features),
+        workers=workers,
+    )  # fmt: skip
     policy = _policy(args.policy, args.microbatches, args.stages, not args.no_stash)
+    try:
+        return _fit(args, graph, policy, cluster, train, test, sizes)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _fit(
+    args: argparse.Namespace,
+    graph: Any,
+    policy: Any,
+    cluster: Any,
+    train: dict[str, Any],
+    test: dict[str, Any],
+    sizes: list[int],
+) -> int:
+    from . import Trainer, optim
+
+    where = f" on {args.workers} worker processes" if args.workers else ""
     trainer = Trainer(
         graph,
         optimizer=optim.Adam(lr=args.lr),
         policy=policy,
         seed=args.seed,
         progress=args.progress,
+        cluster=cluster,
     )
     print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
-          f"{args.stages} stages under {policy}")  # fmt: skip
+          f"{args.stages} stages under {policy}{where}")  # fmt: skip
     start = time.perf_counter()
     hist = trainer.fit(train, epochs=args.epochs, batch_size=args.batch_size, shuffle=True)
     seconds = time.perf_counter() - start
@@ -136,6 +165,26 @@ def _replay(args: argparse.Namespace) -> int:
     return 1
 
 
+_BENCHES = ("math", "runtime", "trace", "gpu", "transport")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(os.getcwd(), "experiments"), os.path.join(here, "..", "experiments")]
+    for folder in candidates:
+        script = os.path.join(folder, f"bench_{args.name}.py")
+        if os.path.exists(script):
+            return subprocess.call([sys.executable, script, *args.args])
+    print(
+        f"asyncnn bench: experiments/bench_{args.name}.py not found; the benchmarks ship with "
+        "the source (git clone the repository and run this from its root)",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="asyncnn", description="asynchronous neural networks")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -157,6 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--progress", action="store_true", help="live progress bar")
+    t.add_argument(
+        "--workers", type=int, default=0,
+        help="run the stages in this many local worker processes (stage i on worker i mod N)",
+    )  # fmt: skip
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")
     t.set_defaults(run=_train)
 
@@ -186,13 +239,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("path", help="a trace file")
     r.add_argument("--actor", help="replay this actor alone from its recorded messages")
     r.set_defaults(run=_replay)
+
+    b = sub.add_parser(
+        "bench",
+        help="run one of the benchmarks of experiments/ (from a source checkout)",
+        description="Runs experiments/bench_NAME.py of the source checkout with the given "
+        "arguments; each prints ratios against references measured in the same run.",
+    )
+    b.add_argument("name", choices=_BENCHES, help="which benchmark")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed on (e.g. --quick)")
+    b.set_defaults(run=_bench)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asyncnn`` command."""
     args = _parser().parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "bench"):
         return int(args.run(args))
     from ._errors import TraceFormatError
 

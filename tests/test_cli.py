@@ -1,4 +1,4 @@
-"""The ``asyncnn`` command line: trace summary / export / diff, replay, and train."""
+"""The ``asyncnn`` command line: trace summary / export / diff, replay, train, bench."""
 
 from __future__ import annotations
 
@@ -108,3 +108,19 @@ def test_train_still_runs_as_a_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout
     assert json.loads((tmp_path / "results.json").read_text())["test"]["accuracy"] > 0
+
+
+def test_train_on_worker_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--stages", "2", "--workers", "2",
+            "--hidden", "32", "--layers", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "on 2 worker processes" in out and "test accuracy" in out
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["args"]["workers"] == 2
+
+
+def test_bench_runs_a_benchmark_of_the_checkout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
