@@ -83,6 +83,65 @@ class _DeviceRNG:
         return on_device
 
 
+_staging_lock = threading.Lock()
+_staging_streams: dict[int, Any] = {}
+
+
+def _staging_stream(index: int) -> Any:
+    """A stream of device ``index`` for making sources contiguous before a peer copy."""
+    with _staging_lock:
+        stream = _staging_streams.get(index)
+        if stream is None:
+            with cupy.cuda.Device(index):
+                stream = _staging_streams[index] = cupy.cuda.Stream(non_blocking=True)
+        return stream
+
+
+def _peer_copy(x: Any, target: int) -> Any:
+    """``x`` copied onto device ``target``, ordered on that device's current stream.
+
+    The copy is ordered after the work queued so far on this thread's current stream of the
+    source device (plain code, such as a forward pass outside the actors); work that wrote ``x``
+    on another stream must be waited for by the caller (an actor's stream waits on the
+    message's event before its compute). A contiguous source is
+    copied by one ``cudaMemcpyAsync`` on that stream, reading over peer access (cupy enables it
+    where the devices allow, else the driver stages through the host). ``ndarray.copy`` would
+    make a strided source contiguous on the *source* device's current stream of this thread,
+    which is not ordered after the producer: that step is done here on a staging stream of
+    the source device chained to the target stream by events, both ways, so the temporary is
+    neither read too early nor reused by the pool while the copy still reads it.
+    """
+    source = x.device.id
+    with cupy.cuda.Device(source):
+        # per device, each thread has its own current stream; the legacy default streams of two
+        # devices are not ordered with each other, hence this event
+        written = cupy.cuda.Event(disable_timing=True)
+        written.record(cupy.cuda.get_current_stream())
+    with cupy.cuda.Device(target):
+        dst_stream = cupy.cuda.get_current_stream()
+        dst_stream.wait_event(written)
+        if x.flags.c_contiguous or x.flags.f_contiguous:
+            # order="K" keeps the layout, so astype on the source device is a no-op, no kernel
+            return x.copy(order="K")
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(dst_stream)
+    staging = _staging_stream(source)
+    with cupy.cuda.Device(source), staging:
+        staging.wait_event(ready)
+        packed = cupy.ascontiguousarray(x)
+        made = cupy.cuda.Event(disable_timing=True)
+        made.record(staging)
+    with cupy.cuda.Device(target):
+        dst_stream.wait_event(made)
+        out = packed.copy(order="K")
+        copied = cupy.cuda.Event(disable_timing=True)
+        copied.record(dst_stream)
+    # later work on the staging stream (where the pool may hand out `packed`'s memory again)
+    # starts after the copy has read it
+    staging.wait_event(copied)
+    return out
+
+
 class CupyBackend(Backend):
     """The backend of CUDA device ``index``, through cupy."""
 
@@ -158,12 +217,7 @@ class CupyBackend(Backend):
             return x.get()
         if target.index == x.device.id:
             return x
-        with cupy.cuda.Device(target.index):
-            # ndarray.copy allocates on the *current* device, reading the source over peer
-            # access (or through the host when there is none); it is ordered on the current
-            # stream of the target device, so a producer on another stream must be waited for
-            # first (wait_event) by the caller.
-            return x.copy()
+        return _peer_copy(x, target.index)
 
     # -- streams and events ---------------------------------------------------------------------
 

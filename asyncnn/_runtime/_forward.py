@@ -44,10 +44,16 @@ def forward_pass(
             continue
         if node.kind == "layer" and plain_values(graph, name, params.get(name), values):
             continue  # a router, a merge, or a layer of an expert branch
-        if node.kind == "layer":
-            backend = get_backend(node.device)
-            args = [backend.asarray(values[src]) for src in node.inputs]
-            values[name] = node.module(params[name], *args)
-        else:
-            values[name] = node.module({}, *[values[src] for src in node.inputs])
+        backend = get_backend(node.device)
+        # cupy computes on the thread's current device: with stages on several GPUs, each node
+        # must run on its own (a loss runs on the device of the layer feeding it)
+        with backend.activate():
+            if node.kind == "layer":
+                args = [backend.asarray(values[src]) for src in node.inputs]
+                values[name] = node.module(params[name], *args)
+            else:
+                args = [values[src] for src in node.inputs]
+                if backend.device.kind == "cuda":
+                    args = [backend.asarray(a) for a in args]
+                values[name] = node.module({}, *args)
     return values

@@ -619,5 +619,6 @@ def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
         # a node placed on a worker is checked on the host: its GPU may be on another machine
         backend = get_backend("cpu" if node.worker is not None else node.device)
         params = node.module.init(0, backend=backend, dtype=dtype)
-        return node.module(params, *[backend.asarray(a) for a in args])
+        with backend.activate():  # on the node's GPU, whichever device is current
+            return node.module(params, *[backend.asarray(a) for a in args])
     return node.module({}, *args)
