@@ -49,6 +49,10 @@ class Cluster:
             refused without allocating it).
         threads_per_worker: CPU threads each worker's actors use (default: this host's cores
             shared out between the processes that host CPU actors).
+        nccl: move tensors between GPU nodes of different processes with NCCL (cupy's
+            bindings; one two-rank communicator per direction of each such pair), instead of
+            through the host. Needs one GPU per process end (NCCL refuses two processes on one
+            GPU) and cupy with NCCL in every process, the driver included.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class Cluster:
         start_timeout: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         threads_per_worker: int | None = None,
+        nccl: bool = False,
     ) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"a cluster needs workers >= 1, got {workers!r}")
@@ -69,6 +74,7 @@ class Cluster:
         self.start_timeout = start_timeout
         self.max_message_bytes = max_message_bytes
         self.threads_per_worker = threads_per_worker
+        self.nccl = nccl
         self.connections: dict[int, Connection] = {}
         #: per worker: pid, host and port it listens on for peers, one-way latency estimate
         self.info: dict[int, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ import numpy as np
 from asyncnn._runtime._messages import Message
 from asyncnn.backends import to_numpy
 
-__all__ = ["decode_message", "decode_tree", "encode_message", "encode_tree"]
+__all__ = ["announce_message", "decode_message", "decode_tree", "encode_message", "encode_tree"]
 
 
 def _host(array: Any) -> np.ndarray:
@@ -44,6 +44,15 @@ def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
         "x": descs,
     }
     return header, buffers
+
+
+def announce_message(msg: Message) -> dict[str, Any]:
+    """A message's header announcing its tensors (dtype, shape under ``"g"``) without carrying
+    them: they follow over NCCL (see ``_nccl``)."""
+    header, _ = encode_message(Message(msg.kind, msg.key, msg.version, msg.src, msg.dst,
+                                       msg.slot, (), msg.meta))  # fmt: skip
+    header["g"] = [None if t is None else [t.dtype.str, list(t.shape)] for t in msg.tensors]
+    return header
 
 
 def decode_message(header: dict[str, Any], buffers: list[np.ndarray]) -> Message:

@@ -33,6 +33,7 @@ from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, open_device_pool, to_numpy
 
 from ._codec import decode_tree, encode_tree
+from ._nccl import NcclLinks, plan_links, unique_ids
 from ._remote import RemoteActor, deliver
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError
@@ -79,6 +80,7 @@ class DriverRun(Run):
     """The run in the driver: its state and statistics include what the workers send back."""
 
     results: dict[int, dict[str, Any]]
+    nccl: NcclLinks | None
 
     def state(self) -> RunState:
         own = super().state()
@@ -214,8 +216,11 @@ async def _driver_run(
                 check_finite, on_loss, recorder, None, max_in_flight, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
+            run.nccl = None
             for p in proxies.values():
                 p.run = run
+            plan = plan_links(graph, where) if cluster.nccl else []
+            ids = _nccl_ids(len(plan))
             for w in range(cluster.workers):
                 names = hosted_by.get(w, [])
                 fields, buffers = _share(state, [n for n in names if n in graph.layers])
@@ -235,9 +240,17 @@ async def _driver_run(
                     "trace": trace_payloads if recorder is not None else None,
                     "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
                     "latency": cluster.info[w].get("latency", 0.0),
+                    "nccl": {"plan": [list(k) for k in plan], "ids": ids},
                     **fields,
                 }
                 await cluster.connections[w].send(cmd, buffers)
+            if plan:
+                # every process creates its ends of the links now, in the same order
+                run.nccl = NcclLinks(-1)
+                with anyio.fail_after(cluster.start_timeout):
+                    await anyio.to_thread.run_sync(
+                        run.nccl.create, plan, ids, abandon_on_cancel=True
+                    )
             try:
                 async with anyio.create_task_group() as tg:
                     local_done = anyio.Event()
@@ -299,6 +312,8 @@ async def _driver_run(
                 for actor in run.local.values():
                     actor.send_channel.close()
                     actor.inbox.close()
+                if run.nccl is not None:
+                    run.nccl.close()
     except BaseException:
         failed = True
         raise
@@ -335,7 +350,7 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
         t = header.get("t")
         if t == "m":
             try:
-                await deliver(run, header, buffers, conn)
+                await deliver(run, header, buffers, conn, w)
             except ProtocolError as exc:
                 raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         elif t == "done":
@@ -464,3 +479,16 @@ def _merge(path: str, parts: list[Any]) -> None:
     finally:
         for name in files:
             os.unlink(name)
+
+
+def _nccl_ids(count: int) -> list[Any]:
+    if not count:
+        return []
+    try:
+        return unique_ids(count)
+    except ImportError as exc:
+        raise RuntimeError(
+            "the cluster was made with nccl=True, but this (the driver) process cannot load "
+            f"cupy's NCCL bindings ({exc}); install cupy with NCCL, or use nccl=False (GPU "
+            "tensors then travel through the host)"
+        ) from exc

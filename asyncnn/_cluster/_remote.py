@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._codec import decode_message, encode_message
+from asyncnn.backends import parse_device
+
+from ._codec import announce_message, decode_message, encode_message
 from ._wire import Connection, PeerLost, ProtocolError
 
 if TYPE_CHECKING:
@@ -59,6 +61,16 @@ class RemoteActor:
         self.last_report = "no report yet"
 
     async def send(self, msg: Message) -> None:
+        link = self._nccl_link(msg)
+        if link is not None:
+            header = announce_message(msg)
+            try:
+                await self.conn.send(
+                    header, (), then=lambda: link.send(list(msg.tensors), msg.event)
+                )
+            except ConnectionError as exc:
+                raise PeerLost(self.worker, f"{self.where} is gone ({exc})") from exc
+            return
         if msg.event is not None and self.run is not None:
             # the producing kernels must be done before the bytes are copied to the host
             await self.run.pool.wait(msg.event)
@@ -68,6 +80,21 @@ class RemoteActor:
         except ConnectionError as exc:
             raise PeerLost(self.worker, f"{self.where} is gone ({exc})") from exc
 
+    def _nccl_link(self, msg: Message) -> Any:
+        links = getattr(self.run, "nccl", None)
+        if links is None or not msg.tensors:
+            return None
+        if not all(t is None or hasattr(t, "__cuda_array_interface__") for t in msg.tensors):
+            return None
+        graph = self.run.graph  # type: ignore[union-attr]
+        src = graph.nodes.get(msg.src)
+        if src is None:
+            return None
+        proc = -1 if self.worker is None else self.worker
+        return links.outgoing(
+            str(parse_device(src.device)), proc, str(parse_device(graph.nodes[msg.dst].device))
+        )
+
     def describe(self) -> str:
         return f"on {self.where}: {self.last_report}"
 
@@ -75,14 +102,19 @@ class RemoteActor:
         pass
 
 
-async def deliver(run: Run, header: dict[str, Any], buffers: list[Any], conn: Connection) -> None:
-    """Puts the message of a ``"m"`` frame into its local actor's inbox.
+async def deliver(
+    run: Run, header: dict[str, Any], buffers: list[Any], conn: Connection, peer: int = -1
+) -> None:
+    """Puts the message of a ``"m"`` frame into its local actor's inbox (``peer``: the sending
+    process, a worker index or -1 for the driver).
 
     Raises:
         ProtocolError: the frame is malformed or names an actor this process does not host.
     """
     try:
         msg = decode_message(header, buffers)
+        if "g" in header:  # the tensors follow over NCCL
+            msg.tensors, msg.event = _receive_nccl(run, header, msg, peer)
     except ValueError as exc:
         conn.close()
         raise ProtocolError(f"{conn.peer} sent a malformed message: {exc}") from exc
@@ -94,3 +126,19 @@ async def deliver(run: Run, header: dict[str, Any], buffers: list[Any], conn: Co
             f"not host (it hosts {sorted(run.local)})"
         )
     await actor.send_channel.send(msg)
+
+
+def _receive_nccl(run: Run, header: dict[str, Any], msg: Message, peer: int) -> tuple[Any, Any]:
+    links = getattr(run, "nccl", None)
+    src = run.graph.nodes.get(msg.src)
+    dst = run.graph.nodes.get(msg.dst)
+    link = None
+    if links is not None and src is not None and dst is not None:
+        link = links.incoming(peer, str(parse_device(src.device)), str(parse_device(dst.device)))
+    if link is None:
+        raise ValueError(
+            f"it announced NCCL tensors from {msg.src!r} to {msg.dst!r}, but this run has no "
+            "NCCL link for them"
+        )
+    tensors, event = link.receive(list(header["g"]))
+    return tuple(tensors), event

@@ -23,7 +23,7 @@ import hmac
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -152,9 +152,17 @@ class Connection:
         return bytes(buf)
 
     # -- frames ------------------------------------------------------------------------------------
-    async def send(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
+    async def send(
+        self,
+        header: dict[str, Any],
+        buffers: Sequence[Any] = (),
+        then: Callable[[], None] | None = None,
+    ) -> None:
         """Sends one frame: ``header`` (msgpack-able) and the raw bytes of each buffer (anything
-        exposing the buffer protocol, e.g. a C-contiguous numpy array)."""
+        exposing the buffer protocol, e.g. a C-contiguous numpy array).
+
+        ``then`` runs right after the frame is written, before any other frame can follow: what
+        it starts (an NCCL transfer the header announced) is ordered like the frames."""
         views = [_byte_view(b) for b in buffers]
         head = dict(header)
         head["n"] = [v.nbytes for v in views]
@@ -169,6 +177,8 @@ class Connection:
                 await self._send_all(prefix + packed)
                 for v in views:
                     await self._send_all(v)
+            if then is not None:
+                then()
 
     async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Receives one frame: its header and one uint8 array per buffer.

@@ -32,6 +32,7 @@ from asyncnn._runtime._run import Run, RunState, _single_error
 from asyncnn.backends import get_backend, open_device_pool
 
 from ._codec import decode_tree, encode_tree
+from ._nccl import NcclLinks
 from ._remote import RemoteActor, deliver
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -55,6 +56,7 @@ class WorkerRun(Run):
     """A run of the actors one worker hosts: what the scheduler must hear goes to the driver."""
 
     control: Any  # a memory-channel sender; frames for the driver
+    nccl: NcclLinks | None  # this worker's ends of the run's NCCL links
 
     def backward_done(self, actor: str, key: int) -> None:
         self.control.send_nowait({"t": "done", "a": actor, "key": key})
@@ -213,7 +215,20 @@ class Worker:
                 for p in proxies.values():
                     p.run = run
                 run.control = control_send
-                await self._serve_run(run, control_receive)
+                run.nccl = None
+                nccl = cmd.get("nccl") or {}
+                if nccl.get("plan"):
+                    run.nccl = NcclLinks(self.index)
+                    plan = [(int(a), str(b), int(c), str(d)) for a, b, c, d in nccl["plan"]]
+                    with anyio.fail_after(60):
+                        await anyio.to_thread.run_sync(
+                            run.nccl.create, plan, nccl["ids"], abandon_on_cancel=True
+                        )
+                try:
+                    await self._serve_run(run, control_receive)
+                finally:
+                    if run.nccl is not None:
+                        run.nccl.close()
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
             error = exc
         if recorder is not None:
@@ -284,7 +299,7 @@ class Worker:
                         raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
                     t = header.get("t")
                     if t == "m":
-                        await deliver(run, header, buffers, conn)
+                        await deliver(run, header, buffers, conn, -1 if peer is None else peer)
                     elif t == "eor":
                         return
                     elif t == "abort" and peer is None:
