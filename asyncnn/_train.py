@@ -81,6 +81,13 @@ class Trainer:
         tune_allocator: raise glibc's mmap/trim thresholds once, so that large arrays are reused
             instead of page-faulting afresh each step (DESIGN.md section 7); False leaves the
             allocator alone.
+        cuda_graphs: on GPU actors, capture the forward, backward and update as CUDA graphs once
+            the shapes repeat and replay them (see ``docs/gpus.md``); used under ``Sync`` and
+            ``GPipe(1)`` without a trace, elsewhere (and on the CPU) the run stays eager.
+
+    Raises:
+        TypeError: ``cuda_graphs`` is not a bool.
+        ValueError: ``cuda_graphs=True`` with a ``cluster``.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class Trainer:
         stall_timeout: float = 60.0,
         check_finite: bool = False,
         tune_allocator: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         from ._runtime._recorder import PAYLOAD_MODES
 
@@ -125,6 +133,14 @@ class Trainer:
         self.progress = progress
         self.stall_timeout = stall_timeout
         self.check_finite = check_finite
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and cluster is not None:
+            raise ValueError(
+                "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
+                "cuda_graphs=False with a cluster"
+            )
+        self.cuda_graphs = cuda_graphs
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
@@ -193,6 +209,7 @@ class Trainer:
                     trace=trace_path,
                     trace_payloads=self.trace_payloads,
                     cluster=self.cluster,
+                    cuda_graphs=self.cuda_graphs,
                 ) as run:
                     bar.run = run
                     for _ in range(epochs):

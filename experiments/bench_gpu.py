@@ -4,9 +4,13 @@
 2. `Sync` step time of an MLP of width 4096 (4 Linear 4096x4096 + ReLU, a Linear to 10), SGD, at
    batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
    achieved TFLOP/s;
-3. a 4-stage `PipeDream` graph on one GPU (one CUDA stream per stage) against `Sync`.
+3. a 4-stage `PipeDream` graph on one GPU (one CUDA stream per stage) against `Sync`;
+4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
+   and 64) against PyTorch eager in the same run.
 
-Run: python experiments/bench_gpu.py [--steps N]   (writes runs/bench_gpu.json)
+Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--profile]
+(writes runs/bench_gpu.json; --profile prints where the host time of an eager bfloat16 batch-64
+step goes)
 """
 
 from __future__ import annotations
@@ -76,13 +80,16 @@ def matmul_rate(dtype: str) -> dict[str, float]:
 
 
 def asyncnn_step(
-    policy: Any, stages: int, batch: int, dtype: str, steps: int, on_device: bool = True
-) -> float:
+    policy: Any, stages: int, batch: int, dtype: str, steps: int, on_device: bool = True,
+    cuda_graphs: bool = False,
+) -> float:  # fmt: skip
     g = ann.Graph.sequential(
         mlp(), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, WIDTH),
         devices=["cuda:0"] * stages,
     )  # fmt: skip
-    tr = ann.Trainer(g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype, cuda_graphs=cuda_graphs
+    )
     rng = np.random.default_rng(0)
     data: dict[str, Any] = {"x": rng.standard_normal((batch * steps, WIDTH)).astype(np.float32),
                             "y": rng.integers(0, 10, batch * steps)}  # fmt: skip
@@ -127,6 +134,78 @@ def torch_step(batch: int, dtype: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None) -> float:
+    """Seconds per `Sync` step in steady state: one run, 10 warm-up steps (capture included),
+    then ``steps`` timed ones (batches sliced from data on the GPU, as the torch loop does)."""
+    import anyio
+    import cupy as cp
+
+    g = ann.Graph.sequential(
+        mlp(), loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, WIDTH),
+        devices=["cuda:0"],
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    cdt = np.float16 if dtype == "float16" else np.float32
+    x = cp.asarray(rng.standard_normal((batch * (steps + 10), WIDTH)).astype(cdt))
+    y = cp.asarray(rng.integers(0, 10, batch * (steps + 10)))
+    out: dict[str, float] = {}
+
+    async def main() -> None:
+        async with ann.open_run(
+            g, optim.SGD(lr=1e-3), policies.Sync(), dtype=dtype, cuda_graphs=cuda_graphs
+        ) as run:
+            for i in range(10):
+                await run.step({"x": x[i * batch : (i + 1) * batch],
+                                "y": y[i * batch : (i + 1) * batch]})  # fmt: skip
+            await run.drain()
+            cp.cuda.Device().synchronize()
+            if prof is not None:
+                prof.enable()
+            start = time.perf_counter()
+            for i in range(10, steps + 10):
+                await run.step({"x": x[i * batch : (i + 1) * batch],
+                                "y": y[i * batch : (i + 1) * batch]})  # fmt: skip
+            await run.drain()
+            cp.cuda.Device().synchronize()
+            out["t"] = (time.perf_counter() - start) / steps
+            if prof is not None:
+                prof.disable()
+
+    anyio.run(main)
+    return out["t"]
+
+
+def graphs_section(dtypes: list[str], steps: int) -> list[dict[str, Any]]:
+    """Section 4: `Sync` eager, `Sync` with CUDA graphs, and torch eager, same run."""
+    print("4. CUDA graphs: Sync, MLP width 4096, steady state (ms per step; ratio to torch eager)")
+    rows = []
+    for dt in [d for d in ("float32", "bfloat16") if d in dtypes]:
+        for batch in (1024, 64):
+            eager = steady_step(batch, dt, steps, False)
+            graphs = steady_step(batch, dt, steps, True)
+            t = torch_step(batch, dt, steps)
+            row = {"dtype": dt, "batch": batch, "eager_ms": eager * 1e3,
+                   "graphs_ms": graphs * 1e3, "torch_ms": t * 1e3,
+                   "graphs_ratio": graphs / t, "eager_ratio": eager / t}  # fmt: skip
+            rows.append(row)
+            print(f"   {dt:<9} batch {batch:5d}: eager {eager * 1e3:7.2f}  graphs "
+                  f"{graphs * 1e3:7.2f}  torch {t * 1e3:7.2f}   graphs/torch {graphs / t:5.2f}"
+                  f"  eager/torch {eager / t:5.2f}")  # fmt: skip
+    return rows
+
+
+def profile_step(dtype: str, batch: int, steps: int) -> None:
+    """Prints where the host time of steady `Sync` steps goes (eager, then with CUDA graphs)."""
+    import cProfile
+    import pstats
+
+    for graphs in (False, True):
+        prof = cProfile.Profile()
+        t = steady_step(batch, dtype, steps, graphs, prof)
+        print(f"profile: {dtype} batch {batch} cuda_graphs={graphs}: {t * 1e3:.2f} ms per step")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,7 +213,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     ap.add_argument("--out", default="runs/bench_gpu.json")
+    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run")
+    ap.add_argument("--profile", action="store_true", help="cProfile an eager bf16 b64 step")
     args = ap.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -150,13 +232,15 @@ def main() -> None:
             dtypes.append(candidate)
         except Exception as exc:  # noqa: BLE001 - report what cupy lacks
             print(f"{candidate}: not available in cupy here ({type(exc).__name__}: {exc})")
+    if args.profile:
+        profile_step("bfloat16" if "bfloat16" in dtypes else "float32", 64, args.steps)
     print("1. matmul 8192^2, TFLOP/s")
-    for dt in dtypes:
+    for dt in dtypes if 1 in sections or 2 in sections else []:
         rate = matmul_rate(dt)
         report["matmul_tflops"][dt] = rate
         print(f"   {dt:<9} cupy {rate['cupy']:7.1f}   torch {rate['torch']:7.1f}")
     print("2. Sync step, MLP width 4096 (ms; ratio asyncnn/torch; achieved TFLOP/s)")
-    for dt in dtypes:
+    for dt in dtypes if 2 in sections else []:
         for batch in (1024, 64):
             a = asyncnn_step(policies.Sync(), 1, batch, dt, args.steps)
             host = math.nan
@@ -172,6 +256,11 @@ def main() -> None:
             print(f"   {dt:<9} batch {batch:5d}: asyncnn {a * 1e3:8.2f}  torch {t * 1e3:8.2f}  "
                   f"ratio {a / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)"
                   f"   [data on the host: {host * 1e3:.2f} ms]")  # fmt: skip
+    if 4 in sections:
+        report["graphs"] = graphs_section(dtypes, args.steps)
+    if 3 not in sections:
+        _common.write_json(args.out, report)
+        return
     print("3. 4 stages on one GPU, float32, batch 1024, 4 microbatches (ms per step)")
     sync4 = asyncnn_step(policies.Sync(), 4, 1024, "float32", args.steps)
     pd4 = asyncnn_step(policies.PipeDream(4), 4, 1024, "float32", args.steps)

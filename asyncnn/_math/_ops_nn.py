@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._autodiff import Primitive
-from ._ops import PRIMITIVES, mean, multiply, raw, subtract, take
+from ._ops import PRIMITIVES, add, mean, multiply, raw, subtract, take
 from ._ops import sum as _sum
 from ._rules_array import normalize_axis
 from ._rules_nn import RULES, out_size
@@ -290,7 +290,9 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
 
     Raises:
         TypeError: when labels are not integers.
-        ValueError: on a shape mismatch, a label outside [0, C), or an unknown reduction.
+        ValueError: on a shape mismatch, a label outside [0, C) (numpy labels; on a GPU such
+            a label makes the loss NaN instead, as a check would stop the host every step), or
+            an unknown reduction.
     """
     _check_reduction("cross_entropy", reduction)
     labels = raw(labels)
@@ -309,6 +311,13 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
             "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
         )
     n_classes = xs[1]
+    if not isinstance(labels, np.ndarray):
+        # On a GPU a range check would stop the host on every step (and cannot be captured
+        # into a CUDA graph): a label outside [0, C) makes the loss NaN instead.
+        from asyncnn.backends._graphs import label_poison
+
+        out = _P["cross_entropy"](logits, labels, reduction=reduction)
+        return add(out, label_poison(labels, n_classes, raw(out).dtype))
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_classes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from asyncnn.backends import acc_mean, acc_sum, scatter_add
@@ -171,8 +172,17 @@ def _stack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
     ]
 
 
+def _mm(a: Any, b: Any) -> Any:
+    # inside a CUDA-graph capture the product must bypass cupy (which refuses cuBLAS there);
+    # the module is loaded only once a capture has been asked for
+    graphs = sys.modules.get("asyncnn.backends._graphs")
+    if graphs is not None and graphs.active():
+        return graphs.matmul(a, b)
+    return a @ b
+
+
 def _matmul(a: Any, b: Any) -> tuple[Any, Any]:
-    return a @ b, (a, b)
+    return _mm(a, b), (a, b)
 
 
 def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
@@ -181,7 +191,7 @@ def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b = res
     xp = ns(a, b)
     if a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:  # the hot path: dense layers
-        return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
+        return (_mm(g, b.T) if needs[0] else None, _mm(a.T, g) if needs[1] else None)
     # Promote vectors to matrices as matmul does, then drop the added axes again.
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b

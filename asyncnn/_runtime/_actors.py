@@ -24,6 +24,7 @@ from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import get_backend, parse_device
 
+from ._capture import ActorGraphs, LossGraphs, capture_allowed
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import RecordedOrder, StageOrder
@@ -239,6 +240,10 @@ class LayerActor(_Actor):
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
         self.flops_per_sample = _flops_per_sample(self.module, run.graph, node)
+        # CUDA graphs of the forward, backward and update (cuda_graphs=True, see _capture)
+        self.graphs: ActorGraphs | None = None
+        if not self.on_cpu and not self.stochastic and capture_allowed(run):
+            self.graphs = ActorGraphs(self)
 
     # -- the mailbox ----------------------------------------------------------------------------
     def _file_other(self, msg: Message) -> None:
@@ -384,8 +389,9 @@ class LayerActor(_Actor):
         keep_pullback = self.run.policy.flush or self.run.policy.stash
         version = self.version
         if keep_pullback:
+            vjp_fn = self._vjp if self.graphs is None else self.graphs.vjp
             out, pullback = await self.compute(
-                self._vjp, self.params, inputs, self._rng(key), cost=self._cost(rows)
+                vjp_fn, self.params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (pullback, version, None), inputs, out)
         else:
@@ -505,9 +511,9 @@ class LayerActor(_Actor):
 
     async def apply_gradients(self, grads: Any) -> None:
         """One optimizer update of this actor's parameters; the version goes up by one."""
-        opt = self.run.optimizer
+        update = self.run.optimizer.update if self.graphs is None else self.graphs.update
         self.params, self.opt_state = await self.compute(
-            opt.update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
+            update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
@@ -552,6 +558,9 @@ class LossActor(_Actor):
         super().__init__(run, node)
         self.module = node.module
         self.input_is_layer = [run.graph.nodes[src].kind == "layer" for src in node.inputs]
+        self.graphs: LossGraphs | None = None
+        if not self.on_cpu and capture_allowed(run):
+            self.graphs = LossGraphs(self)
 
     def _file_other(self, msg: Message) -> None:
         if msg.kind == STOP:
@@ -592,7 +601,14 @@ class LossActor(_Actor):
         meta = self.meta.pop(key)
         scale = self.run.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
         self.after = self.events.pop(key, [])
-        value, grads = await self.compute(self._value_and_grads, inputs, scale, cost=0)
+        fn = self._value_and_grads if self.graphs is None else self.graphs.value_and_grads
+        value, grads = await self.compute(fn, inputs, scale, cost=0)
+        if self.graphs is not None:
+            # a replayed step is short: poll by yielding to the loop for a while before the
+            # pool's sleeping back-off (whose first sleeps overshoot a sub-millisecond step)
+            deadline = time.perf_counter() + 2e-3
+            while not self.backend.event_done(self.last_event) and time.perf_counter() < deadline:
+                await anyio.lowlevel.checkpoint()
         await self.wait_for_device()  # the host reads the loss value
         self.run.check_finite(self.name, FORWARD, key, value)
         self.stats.forwards += 1
@@ -615,4 +631,5 @@ class LossActor(_Actor):
         inputs = self._to_device(inputs)
         value, pullback = vjp(lambda *xs: self.module({}, *xs), *inputs)
         xp = self.backend.xp
-        return value, pullback(xp.asarray(scale, dtype=value.dtype))
+        # a fill, not a copy from the host: capturable in a CUDA graph
+        return value, pullback(xp.full((), scale, dtype=value.dtype))

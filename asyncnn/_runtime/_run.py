@@ -25,6 +25,7 @@ from asyncnn.backends import (
 )
 
 from ._actors import LayerActor, LossActor
+from ._capture import capture_allowed
 from ._graph import Graph
 from ._messages import END, FORWARD, STOP, Message
 from ._policies import Policy
@@ -100,8 +101,12 @@ class Run:
         max_in_flight: int | None = None,
         hosted: Collection[str] | None = None,
         remote: Mapping[str, Any] | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.graph = graph
+        #: CUDA graphs asked for (``open_run(cuda_graphs=True)``); they are used where
+        #: :attr:`cuda_graphs_active` says the policy allows them
+        self.cuda_graphs = cuda_graphs
         self.optimizer = optimizer
         self.policy = policy
         self.seed = seed
@@ -121,6 +126,8 @@ class Run:
             for e, (c, slot) in enumerate(node.consumers):
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
+        #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
+        self.cuda_graphs_active = capture_allowed(self)
         self.minibatches = state.minibatches
         self.next_key = state.keys
         self.stream_start = state.keys
@@ -404,6 +411,7 @@ async def open_run(
     cluster: Any = None,
     _orders: Mapping[str, list[tuple[str, int]]] | None = None,
     _max_in_flight: int | None = None,
+    cuda_graphs: bool = False,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
 
@@ -438,8 +446,24 @@ async def open_run(
         cluster: run the graph's nodes on this cluster's worker processes
             (``asyncnn.cluster.LocalCluster`` or ``RayCluster``; nodes placed with ``worker=``;
             the scheduler and nodes without ``worker`` stay in this process).
+        cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
+            its input shapes repeat, and replay them (far fewer kernel launches at small
+            batches). Used only where one key at a time is in flight with flushes (``Sync``,
+            ``GPipe(1)``), without a trace; elsewhere, and on CPU actors, the run is eager
+            (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
+
+    Raises:
+        TypeError: ``cuda_graphs`` is not a bool.
+        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
     """
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if cluster is not None:
+        if cuda_graphs:
+            raise ValueError(
+                "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
+                "cuda_graphs=False with a cluster"
+            )
         if _orders is not None:
             raise ValueError("replay runs in one process: pass cluster=None")
         async with cluster.open_run(
@@ -466,6 +490,7 @@ async def open_run(
             run = Run(
                 graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
                 check_finite, on_loss, recorder, _orders, _max_in_flight,
+                cuda_graphs=cuda_graphs,
             )  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:

@@ -1,0 +1,364 @@
+"""CUDA graphs of GPU actors: capture a forward, its backward and the update once, replay after.
+
+At small batches a GPU step is bound by kernel launches (about 14 µs of host time each), and by
+the Python that traces the layer. With ``cuda_graphs=True`` a GPU layer actor whose input shapes
+repeat captures its forward (the ``vjp``: output and residuals), the matching backward (the
+pullback) and the optimizer update into CUDA graphs, and afterwards replays each with one
+launch; a loss actor captures its loss and gradient likewise. A signature (input shapes and
+dtypes) is captured the second time it is seen (the first runs eagerly and loads every kernel),
+up to :data:`MAX_SIGNATURES` per actor, least recently used dropped; anything a capture cannot
+hold (a host sync, a batched product, randomness) makes that signature run eagerly for good.
+
+A graph writes into the same buffers on every launch: its outputs are handed to the consumers
+as they are, and the next launch overwrites them. That is safe only when the next launch comes
+after every consumer of the previous one is done, which holds when one key at a time is in
+flight and flushes separate the minibatches (``Sync``, ``GPipe(1)``); under any other policy
+the run stays eager. The parameters live in buffers owned by the capture, updated in place by
+the captured update (or copied in after an eager one).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+if TYPE_CHECKING:
+    from ._actors import LayerActor, LossActor
+    from ._run import Run
+
+__all__ = ["ActorGraphs", "LossGraphs", "capture_allowed"]
+
+#: input signatures captured per actor (each holds its graphs' memory)
+MAX_SIGNATURES = 4
+
+
+def capture_allowed(run: Run) -> bool:
+    """Whether the run may replay graphs: asked for, one key in flight, flushes, no trace."""
+    policy = run.policy
+    return bool(
+        getattr(run, "cuda_graphs", False)
+        and run.max_in_flight == 1
+        and policy.flush
+        and policy.deterministic
+        and run.orders is None
+        and run.recorder is None
+    )
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+        self.eager = 0
+        self.failures: list[str] = []
+
+
+class _Graphs:
+    """What layer and loss graphs share: the backend, the stream and the capture helper."""
+
+    def __init__(self, actor: Any) -> None:
+        from asyncnn.backends import _graphs
+
+        self.g = _graphs
+        self.actor = actor
+        self.xp = actor.backend.xp
+        self.stats = _Stats()
+        self.seen: dict[Any, int] = {}
+        self.failed: set[Any] = set()
+
+    def _signature(self, inputs: list[Any]) -> tuple[Any, ...] | None:
+        xp = self.xp
+        index = self.actor.backend.device.index
+        sig = []
+        for x in inputs:
+            if not isinstance(x, xp.ndarray) or x.device.id != index:
+                return None
+            sig.append((x.shape, x.dtype.str))
+        return tuple(sig)
+
+    def _due(self, sig: Any) -> bool:
+        """Whether ``sig`` is to be captured now (its second sighting)."""
+        if sig in self.failed:
+            return False
+        n = self.seen.get(sig, 0) + 1
+        self.seen[sig] = n
+        return n >= 2
+
+    def _capture(self, fn: Callable[[], Any], warm: Callable[[], Any] | None) -> Any:
+        """``(graph, result, keep)`` of ``fn`` captured on the actor's stream."""
+        xp = self.xp
+        pool = xp.cuda.MemoryPool()
+        workspace = xp.empty(self.g.WORKSPACE_BYTES, dtype=xp.uint8)
+        if warm is not None:
+            # an eager run first, in the capture's pool: the capture then finds its blocks cached
+            self.g.run_in_pool(warm, pool)
+        graph, result = self.g.capture(fn, self.actor.stream, pool, workspace)
+        self.stats.captures += 1
+        return graph, result, (pool, workspace)
+
+    def _fail(self, sig: Any, exc: BaseException) -> None:
+        self.failed.add(sig)
+        self.stats.failures.append(f"{sig}: {exc}")
+
+    def _load(self, dst: list[Any], src: list[Any]) -> None:
+        copyto = self.xp.copyto
+        for d, s in zip(dst, src, strict=True):
+            if d is not s:
+                copyto(d, s)
+
+
+class _Entry:
+    """The graphs of one input signature of a layer actor."""
+
+    def __init__(self, owner: ActorGraphs, xs: list[Any]) -> None:
+        self.owner = owner
+        self.xs = xs  # static inputs
+        self.forward: Any = None
+        self.out: Any = None
+        self.pullback: Any = None
+        self.backward: Any = None
+        self.g_leaves: list[Any] = []
+        self.g_def: Any = None
+        self.grads: Any = None
+        self.keep: list[Any] = []
+
+    def pull(self, g: Any) -> Any:
+        """The pullback handed to the actor: replays (or captures) the backward graph."""
+        return self.owner.backward(self, g)
+
+
+class ActorGraphs:
+    """The CUDA graphs of one GPU layer actor (see the module docstring)."""
+
+    def __init__(self, actor: LayerActor) -> None:
+        self.base = _Graphs(actor)
+        self.actor = actor
+        self.entries: collections.OrderedDict[Any, _Entry] = collections.OrderedDict()
+        self.params: list[Any] | None = None  # the static parameter leaves
+        self.params_def: Any = None
+        self.updates: dict[Any, Any] = {}  # update token -> (graph, grads, state leaves, keep)
+        self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
+
+    @property
+    def stats(self) -> _Stats:
+        return self.base.stats
+
+    # -- parameters -----------------------------------------------------------------------------
+    def _adopt(self) -> Any:
+        """Makes the actor's parameters the static buffers (copying a newer version in)."""
+        actor = self.actor
+        leaves, treedef = tree_flatten(actor.params)
+        if self.params is None or treedef != self.params_def:
+            # buffers of our own: the caller's arrays are never written into
+            self.params = [p.copy() for p in leaves]
+            self.params_def = treedef
+        else:
+            self.base._load(self.params, leaves)
+        tree = tree_unflatten(treedef, self.params)
+        actor.params = tree
+        return tree
+
+    def _static_params(self) -> bool:
+        if self.params is None:
+            return False
+        leaves = tree_leaves(self.actor.params)
+        return len(leaves) == len(self.params) and all(
+            a is b for a, b in zip(leaves, self.params, strict=True)
+        )
+
+    # -- forward and backward -------------------------------------------------------------------
+    def vjp(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
+        """The actor's ``_vjp`` through a graph where one is (or can now be) captured."""
+        actor, base = self.actor, self.base
+        xs = actor._to_device(inputs)
+        sig = base._signature(xs)
+        entry = None if sig is None else self.entries.get(sig)
+        if entry is None:
+            if sig is None or not base._due(sig):
+                base.stats.eager += 1
+                return actor._vjp(actor.params, xs, rng)
+            try:
+                entry = self._capture_forward(xs)
+            except self.base.g.CaptureError as exc:
+                base._fail(sig, exc)
+                base.stats.eager += 1
+                return actor._vjp(actor.params, xs, rng)
+            self.entries[sig] = entry
+            while len(self.entries) > MAX_SIGNATURES:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(sig)
+            if not self._static_params():
+                self._adopt()
+            base._load(entry.xs, xs)
+            base.stats.replays += 1
+        entry.forward.launch(actor.stream)
+        return entry.out, entry.pull
+
+    def _capture_forward(self, xs: list[Any]) -> _Entry:
+        actor, xp = self.actor, self.base.xp
+        params = self._adopt()
+        static = [xp.empty_like(x) for x in xs]
+        self.base._load(static, xs)
+        entry = _Entry(self, static)
+
+        graph, (out, pullback), keep = self.base._capture(
+            lambda: actor._vjp(params, static, None), lambda: actor._vjp(params, static, None)
+        )
+        entry.forward, entry.out, entry.pullback = graph, out, pullback
+        entry.keep.append(keep)
+        return entry
+
+    def backward(self, entry: _Entry, g: Any) -> Any:
+        base = self.base
+        leaves, treedef = tree_flatten(g)
+        if entry.backward is None:
+            entry.g_leaves = [self.base.xp.empty_like(x) for x in leaves]
+            entry.g_def = treedef
+            base._load(entry.g_leaves, leaves)
+            gs = tree_unflatten(treedef, entry.g_leaves)
+            actor = self.actor
+
+            def warm() -> None:  # a fresh forward and backward, in the backward's pool
+                actor._vjp(actor.params, entry.xs, None)[1](gs)
+
+            try:
+                graph, grads, keep = base._capture(lambda: entry.pullback(gs), warm)
+            except base.g.CaptureError as exc:
+                # the pullback is spent: forget the signature, recompute this key eagerly
+                sig = next((s for s, e in self.entries.items() if e is entry), None)
+                self.entries.pop(sig, None)
+                base._fail(sig, exc)
+                _, pullback = self.actor._vjp(self.actor.params, entry.xs, None)
+                return pullback(g)
+            entry.backward, entry.grads = graph, grads
+            entry.pullback = None
+            entry.keep.append(keep)
+        else:
+            base._load(entry.g_leaves, leaves)
+        entry.backward.launch(self.actor.stream)
+        return entry.grads
+
+    # -- the optimizer update -------------------------------------------------------------------
+    def update(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        """``optimizer.update`` through a graph where one is (or can now be) captured."""
+        opt = self.actor.run.optimizer
+        token = _update_token(opt, state)
+        base = self.base
+        if token is None or not self._static_params():
+            return opt.update(params, grads, state)
+        captured = self.updates.get(token)
+        if captured is None:
+            if not base._due(("update", token)):
+                return opt.update(params, grads, state)
+            try:
+                captured = self._capture_update(grads, state, token)
+            except base.g.CaptureError as exc:
+                base._fail(("update", token), exc)
+                return opt.update(params, grads, state)
+            self.updates[token] = captured
+        else:
+            graph, g_static, _, _ = captured
+            base._load(g_static, tree_leaves(grads))
+            for name, leaves in self.state.items():
+                base._load(leaves, tree_leaves(state[name]))
+            base.stats.replays += 1
+        captured[0].launch(self.actor.stream)
+        return self._state_after(state)
+
+    def _state_after(self, state: Any) -> tuple[Any, Any]:
+        new: dict[str, Any] = {"step": state["step"] + 1}
+        for name, leaves in self.state.items():
+            new[name] = tree_unflatten(self.params_def, leaves)
+        return self.actor.params, new
+
+    def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
+        opt, base = self.actor.run.optimizer, self.base
+        names = [n for n in state if n != "step"]
+        for name in names:
+            leaves = tree_leaves(state[name])
+            if name not in self.state:
+                self.state[name] = [b.copy() for b in leaves]
+            else:
+                base._load(self.state[name], leaves)
+        g_static = tree_leaves(grads)  # the backward graph's outputs, as a rule: no copy then
+        params = tree_unflatten(self.params_def, self.params or [])
+        frozen = {"step": state["step"]}
+        for name in names:
+            frozen[name] = tree_unflatten(self.params_def, self.state[name])
+        g_tree = tree_unflatten(self.params_def, g_static)
+
+        def warm() -> None:
+            opt.update(params, g_tree, frozen)
+
+        def step() -> None:
+            new_p, new_s = opt.update(params, g_tree, frozen)
+            base._load(self.params or [], tree_leaves(new_p))
+            for name in names:
+                base._load(self.state[name], tree_leaves(new_s[name]))
+
+        graph, _, keep = base._capture(step, warm)
+        return graph, g_static, names, keep
+
+
+def _update_token(opt: Any, state: Any) -> Any:
+    """What a captured update depends on besides the arrays, or None (never capture it).
+
+    Only the built-in SGD qualifies: its kernels take the learning rate and whether this is the
+    first step (momentum starts its buffer then); Adam's bias corrections change every step.
+    """
+    from asyncnn import optim
+
+    if type(opt) is not optim.SGD or not isinstance(state, dict) or "step" not in state:
+        return None
+    step = int(state["step"])
+    return (float(opt.learning_rate(step)), step == 0)
+
+
+class LossGraphs:
+    """The CUDA graphs of one GPU loss actor: its loss value and input gradients."""
+
+    def __init__(self, actor: LossActor) -> None:
+        self.base = _Graphs(actor)
+        self.actor = actor
+        self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+    @property
+    def stats(self) -> _Stats:
+        return self.base.stats
+
+    def value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
+        actor, base = self.actor, self.base
+        xs = actor._to_device(inputs)
+        sig = base._signature(xs)
+        if sig is not None:
+            sig = (sig, float(scale))
+        entry = None if sig is None else self.entries.get(sig)
+        if entry is None:
+            if sig is None or not base._due(sig):
+                base.stats.eager += 1
+                return actor._value_and_grads(xs, scale)
+            static = [base.xp.empty_like(x) for x in xs]
+            base._load(static, xs)
+            try:
+                graph, result, keep = base._capture(
+                    lambda: actor._value_and_grads(static, scale),
+                    lambda: actor._value_and_grads(static, scale),
+                )
+            except base.g.CaptureError as exc:
+                base._fail(sig, exc)
+                base.stats.eager += 1
+                return actor._value_and_grads(xs, scale)
+            entry = (graph, static, result, keep)
+            self.entries[sig] = entry
+            while len(self.entries) > MAX_SIGNATURES:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(sig)
+            base._load(entry[1], xs)
+            base.stats.replays += 1
+        entry[0].launch(actor.stream)
+        return entry[2]

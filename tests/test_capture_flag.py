@@ -1,0 +1,79 @@
+"""The ``cuda_graphs`` flag on machines without a GPU: validation, and a no-op on CPU actors."""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _reference import assert_params_equal
+
+
+def _graph():
+    return ann.Graph.sequential(
+        [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=[2, 1],
+        input_shape=(None, 5),
+    )
+
+
+def _data(n=24):
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((n, 5)), "y": rng.integers(0, 3, n)}
+
+
+def test_cuda_graphs_must_be_a_bool():
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cuda_graphs=1)
+
+    async def main():
+        async with ann.open_run(_graph(), optim.SGD(lr=0.1), policies.Sync(), cuda_graphs="yes"):
+            pass
+
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        anyio.run(main)
+
+
+def test_cuda_graphs_refuses_a_cluster():
+    with pytest.raises(ValueError, match="cluster=None"):
+        ann.Trainer(
+            _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cuda_graphs=True,
+            cluster=ann.cluster.LocalCluster(workers=1),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy", "active"),
+    [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), False),
+     (policies.OneFOneB(2), False), (policies.PipeDream(2), False)],
+    ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream"],
+)  # fmt: skip
+def test_active_only_with_one_key_in_flight(policy, active):
+    seen = {}
+
+    async def main():
+        async with ann.open_run(_graph(), optim.SGD(lr=0.1), policy, cuda_graphs=True) as run:
+            seen["active"] = run.cuda_graphs_active
+            # CPU actors never capture
+            seen["graphs"] = [a.graphs for a in run.local.values()]
+
+    anyio.run(main)
+    assert seen["active"] is active
+    assert seen["graphs"] == [None] * len(seen["graphs"])
+
+
+def test_cuda_graphs_is_a_no_op_on_the_cpu():
+    results = []
+    for flag in (False, True):
+        tr = ann.Trainer(
+            _graph(), optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policies.Sync(),
+            cuda_graphs=flag, seed=4,
+        )  # fmt: skip
+        hist = tr.fit(_data(), epochs=2, batch_size=8)
+        results.append((tr.params, hist.losses))
+    assert_params_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
