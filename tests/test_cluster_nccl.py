@@ -3,22 +3,29 @@ and (on GPU machines) a run whose GPU tensors travel over NCCL."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
-from _reference import assert_params_close
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster._codec import announce_message
 from asyncnn._cluster._nccl import plan_links
 from asyncnn._cluster._remote import RemoteActor, deliver
+from asyncnn._cluster._wire import Connection
 from asyncnn._runtime._messages import Message
-from test_cluster_wire import pair
+
+from _reference import assert_params_close
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def pair() -> tuple[Connection, Connection]:
+    a, b = socket.socketpair()
+    return Connection(a, "peer a"), Connection(b, "peer b")
 
 
 def gpu_chain(workers: list[Any], devices: list[str]) -> ann.Graph:

@@ -188,6 +188,8 @@ async def _driver_run(
     for name, w in where.items():
         hosted_by.setdefault(w, []).append(name)
     here = set(hosted_by.get(None, []))
+    plan = plan_links(graph, where) if cluster.nccl else []
+    ids = _nccl_ids(len(plan))
     recorder = None
     if trace is not None:
         header = _trace_header(graph, optimizer, policy, seed, dtype, state)
@@ -219,39 +221,37 @@ async def _driver_run(
             run.nccl = None
             for p in proxies.values():
                 p.run = run
-            plan = plan_links(graph, where) if cluster.nccl else []
-            ids = _nccl_ids(len(plan))
-            for w in range(cluster.workers):
-                names = hosted_by.get(w, [])
-                fields, buffers = _share(state, [n for n in names if n in graph.layers])
-                cmd = {
-                    "t": "run",
-                    "graph": graph.to_spec(),
-                    "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
-                    "placement": where,
-                    "optimizer": optimizer.to_spec(),
-                    "policy": policy.to_spec(),
-                    "seed": seed,
-                    "dtype": str(np.dtype(dtype)),
-                    "stall_timeout": stall_timeout,
-                    "check_finite": check_finite,
-                    "max_in_flight": run.max_in_flight,
-                    "threads": threads,
-                    "trace": trace_payloads if recorder is not None else None,
-                    "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
-                    "latency": cluster.info[w].get("latency", 0.0),
-                    "nccl": {"plan": [list(k) for k in plan], "ids": ids},
-                    **fields,
-                }
-                await cluster.connections[w].send(cmd, buffers)
-            if plan:
-                # every process creates its ends of the links now, in the same order
-                run.nccl = NcclLinks(-1)
-                with anyio.fail_after(cluster.start_timeout):
-                    await anyio.to_thread.run_sync(
-                        run.nccl.create, plan, ids, abandon_on_cancel=True
-                    )
             try:
+                for w in range(cluster.workers):
+                    names = hosted_by.get(w, [])
+                    fields, buffers = _share(state, [n for n in names if n in graph.layers])
+                    cmd = {
+                        "t": "run",
+                        "graph": graph.to_spec(),
+                        "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
+                        "placement": where,
+                        "optimizer": optimizer.to_spec(),
+                        "policy": policy.to_spec(),
+                        "seed": seed,
+                        "dtype": str(np.dtype(dtype)),
+                        "stall_timeout": stall_timeout,
+                        "check_finite": check_finite,
+                        "max_in_flight": run.max_in_flight,
+                        "threads": threads,
+                        "trace": trace_payloads if recorder is not None else None,
+                        "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
+                        "latency": cluster.info[w].get("latency", 0.0),
+                        "nccl": {"plan": [list(k) for k in plan], "ids": ids},
+                        **fields,
+                    }
+                    await cluster.connections[w].send(cmd, buffers)
+                if plan:
+                    # every process creates its ends of the links now, in the same order
+                    run.nccl = NcclLinks(-1)
+                    with anyio.fail_after(cluster.start_timeout):
+                        await anyio.to_thread.run_sync(
+                            run.nccl.create, plan, ids, abandon_on_cancel=True
+                        )
                 async with anyio.create_task_group() as tg:
                     local_done = anyio.Event()
 
