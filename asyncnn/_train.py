@@ -250,13 +250,26 @@ class Trainer:
         self._losses = run.losses
         history.statistics = run.statistics()
 
+    def _params_on_devices(self) -> dict[str, Any]:
+        # weights that came back from worker processes are host arrays: each layer's go to its
+        # device once per call (a no-op for those already there)
+        from .backends import get_backend
+
+        out = {}
+        for name, p in self.state.params.items():
+            backend = get_backend(self.graph.nodes[name].device)
+            with backend.activate():
+                out[name] = tree_map(backend.asarray, p)
+        return out
+
     # -- inference ---------------------------------------------------------------------------------
     def predict(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, np.ndarray]:
         """The graph's outputs (``g.output``) for ``data``, as numpy arrays."""
         dataset = ArrayDataset(data)
+        params = self._params_on_devices()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
         for batch in dataset.batches(batch_size):
-            outs = forward_pass(self.graph, self.state.params, batch, self.dtype)
+            outs = forward_pass(self.graph, params, batch, self.dtype)
             for name, src in self.graph.outputs.items():
                 parts[name].append(np.asarray(to_numpy(outs[src])))
         return {name: np.concatenate(p) for name, p in parts.items()}
@@ -264,6 +277,7 @@ class Trainer:
     def evaluate(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, float]:
         """Mean loss over ``data``, and accuracy for a classifier (a loss reading integer labels)."""
         dataset = ArrayDataset(data)
+        params = self._params_on_devices()
         n = len(dataset)
         loss_sum = 0.0
         correct = 0
@@ -271,7 +285,7 @@ class Trainer:
         classify = None
         for batch in dataset.batches(batch_size):
             rows = len(next(iter(batch.values())))
-            outs = forward_pass(self.graph, self.state.params, batch, self.dtype, losses=True)
+            outs = forward_pass(self.graph, params, batch, self.dtype, losses=True)
             for name in self.graph.losses:
                 loss_sum += float(to_numpy(outs[name])) * rows
                 node = self.graph.nodes[name]

@@ -193,10 +193,12 @@ def run_in_pool(fn: Callable[[], Any], pool: Any) -> Any:
 
 
 @functools.cache
-def _poison_kernel(out_type: str) -> Any:
+def _poison_kernel(dtype_name: str, ctype: str) -> Any:
+    # parameter types are numpy names ("float" there would mean float64); casts are C types
     return cupy.ReductionKernel(
-        "T y, int64 n", f"{out_type} out", "(y < 0 || y >= n) ? 1 : 0", "max(a, b)",
-        f"out = a ? ({out_type})nan(\"\") : ({out_type})0", "0", "asyncnn_label_poison",
+        "T y, int64 n", f"{dtype_name} out", "(y < 0 || y >= n) ? 1 : 0", "max(a, b)",
+        f"out = a ? ({ctype})nan(\"\") : ({ctype})0", "0",
+        f"asyncnn_label_poison_{dtype_name}",
     )  # fmt: skip
 
 
@@ -206,5 +208,6 @@ def label_poison(labels: Any, n_classes: int, dtype: Any) -> Any:
     One kernel, no host sync: a loss adds it, so a bad label makes the loss NaN instead of
     costing a round trip to the host on every step.
     """
-    ctype = {"float32": "float", "float64": "double"}[str(np.dtype(dtype))]
-    return _poison_kernel(ctype)(labels.reshape(-1), np.int64(n_classes))
+    name = str(np.dtype(dtype))
+    ctype = {"float32": "float", "float64": "double"}[name]
+    return _poison_kernel(name, ctype)(labels.reshape(-1), np.int64(n_classes))

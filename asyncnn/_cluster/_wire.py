@@ -282,9 +282,7 @@ async def connect(
         ConnectionError: nobody answered within ``seconds``.
     """
     with anyio.fail_after(seconds):
-        stream = await anyio.connect_tcp(host, port)
-    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket).dup()
-    await stream.aclose()
+        sock = await _dial(host, port)
     conn = Connection(sock, peer, max_message_bytes)
     try:
         with anyio.fail_after(seconds):
@@ -300,6 +298,32 @@ async def connect(
         conn.close()
         raise AuthenticationError(f"{peer} at {host}:{port} rejected this process's token")
     return conn
+
+
+async def _dial(host: str, port: int) -> socket.socket:
+    # a plain non-blocking connect: the socket is ours alone from the start (closing a stream
+    # wrapper around it could shut the connection down under us)
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code)) from None
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise ConnectionError(f"cannot connect to {host}:{port}: {error}")
 
 
 async def accept(

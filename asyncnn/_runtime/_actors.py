@@ -492,8 +492,14 @@ class LayerActor(_Actor):
     async def accumulate(self, param_grads: Any, meta: dict[str, Any]) -> None:
         """Adds a key's parameter gradients; applies them when the policy says an update is due."""
         policy = self.run.policy
+        # the sums and scalings run through compute: on a GPU they must be queued on this
+        # actor's stream, after the kernels that made the gradients (the host thread's own
+        # stream would race them)
         if param_grads is not None:  # None: a skipped key, whose gradient is zero
-            self.acc = param_grads if self.acc is None else tree_map(_add, self.acc, param_grads)
+            if self.acc is None:
+                self.acc = param_grads
+            else:
+                self.acc = await self.compute(_tree_add, self.acc, param_grads, cost=0)
         self.acc_count += 1
         mb = int(meta.get("minibatch", 0))
         done = self.mb_backwards.get(mb, 0) + 1
@@ -504,8 +510,10 @@ class LayerActor(_Actor):
             self.mb_backwards[mb] = done
         if policy.update_due(self.acc_count, mb_done):
             scale = policy.gradient_scale(self.acc_count)
-            acc = self.acc if self.acc is not None else tree_map(_zeros_like, self.params)
-            grads = acc if scale == 1.0 else tree_map(lambda a: a * scale, acc)
+            acc = self.acc
+            if acc is None:
+                acc = await self.compute(tree_map, _zeros_like, self.params, cost=0)
+            grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
             self.acc, self.acc_count = None, 0
             await self.apply_gradients(grads)
 
@@ -528,6 +536,14 @@ def _add(a: Any, b: Any) -> Any:
 
 def _zeros_like(a: Any) -> Any:
     return a * 0
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    return tree_map(_add, a, b)
+
+
+def _tree_scale(tree: Any, scale: float) -> Any:
+    return tree_map(lambda a: a * scale, tree)
 
 
 def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:

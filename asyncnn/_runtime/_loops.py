@@ -259,8 +259,7 @@ class LoopActor(LayerActor):
             self._unwind, records, grad, inputs, cost=2 * self._cost(rows)
         )
         if self.param_size:
-            if param_grads is None:  # no row took a step: the gradient is zero
-                param_grads = tree_map(lambda a: a * 0, self.params)
+            # None when no row took a step: accumulate counts it as a zero gradient
             await self.accumulate(param_grads, meta)
         self._count_versions()
         return list(input_grads)
