@@ -5,7 +5,7 @@ Build them with :meth:`asyncnn.Graph.router`, :meth:`asyncnn.Graph.merge` and
 classes, statistics) and a ready-made cell. See ``docs/dynamic.md``.
 """
 
-from ._runtime._loops import Loop, LoopActor, LoopStatistics, RNNCell
+from ._runtime._loops import Loop, LoopActor, LoopStatistics, RNNCell, planned_row_steps
 from ._runtime._routing import (
     Merge,
     MergeActor,
@@ -27,5 +27,6 @@ __all__ = [
     "RouterActor",
     "RouterStatistics",
     "assign_rows",
+    "planned_row_steps",
     "topk_experts",
 ]

@@ -245,3 +245,14 @@ def test_bad_lengths_and_cycles_are_clear_errors():
         h = g3.loop("rnn", nn.Linear(H, 2), c, max_steps=3)
         g3.loss("loss", nn.CrossEntropyLoss(), h, y)
         ann.Trainer(g3, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def test_a_keys_cost_counts_its_row_steps_so_long_unrolls_leave_the_event_loop():
+    from asyncnn.dynamic import Loop, planned_row_steps
+
+    lengths = np.array([0, 3, 6, 9], dtype=np.int64)  # 9 is over the 6 steps of xs: capped
+    h, xs = np.zeros((4, 2)), np.zeros((4, 6, 3))
+    loop = Loop(RNNCell(3, 2), has_xs=True, has_lengths=True)
+    assert planned_row_steps(loop, [h, xs, lengths]) == 0 + 3 + 6 + 6
+    assert planned_row_steps(Loop(RNNCell(3, 2), has_xs=True), [h, xs]) == 4 * 6
+    assert planned_row_steps(Loop(RNNCell(3, 2), max_steps=5), [h]) == 4 * 5

@@ -26,7 +26,7 @@ from ._actors import LayerActor
 from ._messages import FORWARD
 from ._statistics import ActorStatistics
 
-__all__ = ["Loop", "LoopActor", "LoopStatistics", "RNNCell"]
+__all__ = ["Loop", "LoopActor", "LoopStatistics", "RNNCell", "planned_row_steps"]
 
 OUTPUTS = ("last", "all")
 
@@ -125,6 +125,18 @@ class Loop(Module):
         return h
 
 
+def planned_row_steps(loop: Loop, inputs: list[Any]) -> int:
+    """The row-steps a key will take at most: the sum of its lengths (capped at the steps of
+    ``xs`` / ``max_steps``), or every row for every step without lengths."""
+    h, xs, lengths = loop.split(inputs)
+    total = loop.steps(xs)
+    if lengths is None:
+        return int(h.shape[0]) * total
+    from asyncnn.backends import to_numpy
+
+    return int(np.clip(np.asarray(to_numpy(lengths)), 0, total).sum())
+
+
 def check_lengths(lengths: Any, total: int, who: str) -> None:
     """Raises ValueError unless every length is an int in [0, total]."""
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
@@ -203,10 +215,10 @@ class LoopActor(LayerActor):
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         keep = self.run.policy.flush or self.run.policy.stash
-        rows = int(inputs[0].shape[0])
-        out, records, steps = await self.compute(
-            self._unroll, self.params, inputs, keep, cost=self._cost(rows)
-        )
+        # The cell's cost per row-step, times the steps: a long unroll of a small cell is big
+        # work (it goes to a worker thread, off the event loop, when over the inline threshold).
+        cost = self._cost(1) * planned_row_steps(self.loop, inputs)
+        out, records, steps = await self.compute(self._unroll, self.params, inputs, keep, cost=cost)
         self._hold(key, (records if keep else None, self.version, inputs), inputs, out)
         st = self.stats
         assert isinstance(st, LoopStatistics)
@@ -250,13 +262,12 @@ class LoopActor(LayerActor):
         self._release(version)
         self.stats.stored = len(self.store)
         self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
-        rows = int(grad.shape[0])
         if records is None:  # recompute at the latest version (no stashing)
-            _, records, _ = await self.compute(
-                self._unroll, self.params, inputs, True, cost=self._cost(rows)
-            )
+            cost = self._cost(1) * planned_row_steps(self.loop, inputs)
+            _, records, _ = await self.compute(self._unroll, self.params, inputs, True, cost=cost)
+        row_steps = sum(len(r) for r, _ in records)
         param_grads, input_grads = await self.compute(
-            self._unwind, records, grad, inputs, cost=2 * self._cost(rows)
+            self._unwind, records, grad, inputs, cost=2 * self._cost(1) * row_steps
         )
         if self.param_size:
             # None when no row took a step: accumulate counts it as a zero gradient

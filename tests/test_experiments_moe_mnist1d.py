@@ -1,0 +1,44 @@
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+import moe_mnist1d  # noqa: E402
+
+
+def test_quick_run_writes_accuracy_load_and_figure(tmp_path):
+    moe_mnist1d.main(["--quick", "true", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    table = saved["results"]["table"]
+    assert set(table) == {
+        f"{m}{k} / {p}" for m in ("dense k=", "MoE top-", "MoE bal. top-") for k in (1, 2)
+        for p in ("Sync", "Async")
+    }  # fmt: skip
+    for run in saved["results"]["runs"]:
+        assert 0 <= run["test_accuracy"] <= 1 and run["samples_per_second"] > 0
+        if run["model"] != "dense":
+            # every row goes to k experts (no capacity: none dropped)
+            assert abs(sum(run["expert_share"]) - 1) < 1e-9 and run["dropped_rows"] == 0
+            assert abs(sum(run["test_expert_share"]) - 1) < 1e-9
+    assert (tmp_path / "moe_mnist1d.png").stat().st_size > 0
+
+
+def test_dense_twin_has_the_moe_compute_per_row():
+    cfg = moe_mnist1d.Config()
+    for k in (1, 2):
+        dense = moe_mnist1d.build(cfg, "dense", k).nodes["dense"].module
+        assert dense.modules[0].out_features == k * cfg.expert_width
+
+
+def test_the_centred_gate_gives_every_expert_its_share_of_a_key():
+    import numpy as np
+
+    gate = moe_mnist1d.CenteredGate(8, 4)
+    p = gate.init(0)
+    p["bias"] = np.array([5.0, 0, 0, 0], dtype=np.float32)  # a plain gate would pick expert 0
+    x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    top1 = np.asarray(gate(p, x)).argmax(axis=1)
+    share = np.bincount(top1, minlength=4) / 400
+    assert share.min() > 0.1 and share.max() < 0.45
