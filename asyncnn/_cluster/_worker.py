@@ -237,6 +237,8 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 error = error or exc
         if error is not None:
+            if trace_file is not None:  # a failed run's worker events are not merged
+                await anyio.Path(trace_file).unlink(missing_ok=True)
             raise error
         assert run is not None
         out: list[Any] = []
@@ -284,9 +286,12 @@ class Worker:
                 while True:
                     age = time.perf_counter() - run.last_event
                     what = {n: a.describe() for n, a in run.local.items()}
-                    await self.driver.send(
-                        {"t": "hb", "age": age, "describe": what, "rejected": self.rejected}
-                    )
+                    # never cut off mid-frame (the end of the run cancels this task): a half
+                    # frame would garble the stream for the result that follows
+                    with anyio.CancelScope(shield=True):
+                        await self.driver.send(
+                            {"t": "hb", "age": age, "describe": what, "rejected": self.rejected}
+                        )
                     await anyio.sleep(0.5)
 
             async def read(conn: Connection, peer: int | None) -> None:
