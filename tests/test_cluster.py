@@ -353,3 +353,64 @@ def test_ray_cluster_matches_one_process_and_reports_a_dead_worker() -> None:
         cluster.close()
     finally:
         ray.shutdown()
+
+
+# -- dynamic graphs on workers ---------------------------------------------------------------------
+def _moe_on(workers: list[Any]) -> ann.Graph:
+    """A router on one process, 3 experts spread over others, the merge and head elsewhere."""
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    r = g.router("gate", nn.Linear(12, 3), x, experts=3, k=1, capacity=6, worker=workers[0])
+    outs = [
+        g.layer(f"e{i}", nn.Sequential(nn.Linear(12, 8), nn.Tanh()), r, worker=workers[1 + i])
+        for i in range(3)
+    ]
+    m = g.merge("merge", r, *outs, worker=workers[4])
+    o = g.layer("head", nn.Linear(8, 4), m, worker=workers[5])
+    g.loss("loss", nn.CrossEntropyLoss(), o, y)
+    return g
+
+
+@pytest.mark.parametrize("policy", [policies.GPipe(microbatches=3), policies.PipeDream(2)],
+                         ids=repr)  # fmt: skip
+def test_routed_experts_on_workers_match_one_process(policy: Any, three: Any) -> None:
+    one, h1 = fit(_moe_on([None] * 6), policy)
+    many, h2 = fit(_moe_on([0, 1, 2, None, 1, 2]), policy, cluster=three)
+    assert_params_equal(one.params, many.params)
+    # skipped keys (an expert with no rows) and capacity drops are counted on every worker
+    for name in ("e0", "e1", "e2"):
+        assert h2.statistics[name].skipped == h1.statistics[name].skipped
+    gate1, gate2 = h1.statistics["gate"], h2.statistics["gate"]
+    assert gate2.expert_rows == gate1.expert_rows and gate2.dropped_rows == gate1.dropped_rows
+    assert sum(gate2.dropped_rows.values()) > 0  # the capacity of 6 rows per key bites
+
+
+def test_a_recurrent_loop_on_a_worker_matches_one_process(three: Any) -> None:
+    """Sequences of 0-5 steps in one key; the loop cell, its encoder and the head on 3 workers."""
+    from asyncnn.dynamic import RNNCell
+
+    def rnn(w: int | None) -> ann.Graph:
+        g = ann.Graph()
+        x = g.input("x", (None, 5, 3))
+        c = g.input("c", (None, 4))
+        lens = g.input("len", (None,), dtype="int64")
+        y = g.input("y", (None,), dtype="int64")
+        h0 = g.layer("enc", nn.Sequential(nn.Linear(4, 6), nn.Tanh()), c, worker=0)
+        h = g.loop("rnn", RNNCell(3, 6), h0, x, lens, worker=w)
+        o = g.layer("head", nn.Linear(6, 3), h, worker=2)
+        g.loss("loss", nn.CrossEntropyLoss(), o, y)
+        return g
+
+    rng = np.random.default_rng(0)
+    n = 24
+    d = {"x": rng.normal(size=(n, 5, 3)).astype("float32"),
+         "c": rng.normal(size=(n, 4)).astype("float32"),
+         "len": rng.integers(0, 6, n), "y": rng.integers(0, 3, n)}  # fmt: skip
+    results = []
+    for cluster, w in ((None, None), (three, 1)):
+        tr = ann.Trainer(rnn(w), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(3),
+                         cluster=cluster)  # fmt: skip
+        tr.fit(d, epochs=2, batch_size=12)
+        results.append(tr.params)
+    assert_params_equal(results[0], results[1])
