@@ -285,10 +285,12 @@ class RouterActor(LayerActor):
             rec.event(self.name, "route", FORWARD, key, self.version, "", self.seq,
                       meta={"load": loads, "dropped": [int(d) for d in dropped],
                             "capacity": capacity})  # fmt: skip
-        return (self._to_device([x])[0], weights, route)
+        # the per-expert gathers are kernels too: queued on this actor's stream (through
+        # compute), so the event the messages carry covers them
+        return await self.compute(self._gather, x, weights, route, cost=0)
 
-    def _outputs(self, key: int, out: Any) -> list[tuple[Any, ...]]:
-        x, weights, route = out
+    def _gather(self, x: Any, weights: Any, route: Any) -> list[tuple[Any, ...]]:
+        x = self._to_device([x])[0]
         xp = self.backend.xp
         tensors: list[tuple[Any, ...]] = []
         for e in self.edge_expert:
@@ -299,8 +301,11 @@ class RouterActor(LayerActor):
             tensors.append((x[xp.asarray(rows)],) if len(rows) else (None,))
         return tensors
 
+    def _outputs(self, key: int, out: Any) -> list[tuple[Any, ...]]:
+        return list(out)  # gathered by on_forward
+
     async def _output_grad(self, parts: list[Any]) -> Any:
-        return self._to_device(parts)  # one per consumer edge, not summed
+        return list(parts)  # one per consumer edge, not summed; moved in on_backward's compute
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         pullback, version, inputs = self.store.pop(key)
@@ -314,25 +319,32 @@ class RouterActor(LayerActor):
                 return vjp(lambda p, a: self._gate(p, a, [choice]), params, self._to_device(xs))[1]
 
             pullback = await self.compute(redo, self.params, inputs)
-        xp = self.backend.xp
-        g_weights = None
-        scattered: list[tuple[Any, Any]] = []
-        for e, part in zip(self.edge_expert, grad, strict=True):
-            if e is None:
-                g_weights = part
-            elif part is not None:
-                scattered.append((xp.asarray(expert_rows(route, e)[0]), part))
-        if g_weights is None:
+        if not any(e is None for e in self.edge_expert):
             raise ActorError(self.name, "backward", key, f"router {self.name!r}: no merge gradient")
-        if self.router.gates != "none":  # the dropped choices' weights were not used
-            g_weights = g_weights * xp.asarray(route >= 0)
-        param_grads, input_grads = await self.compute(pullback, g_weights)
-        input_grads = list(input_grads)
-        gx = input_grads[0]
-        gx = xp.zeros_like(inputs[0]) if gx is None else gx.copy()
-        for rows, part in scattered:  # ascending expert order: the same sum every time
-            gx[rows] += part
-        input_grads[0] = gx
+
+        def backward(pullback: Any, grad: list[Any]) -> tuple[Any, list[Any]]:
+            # all on this actor's stream (compute), after the events of the gradients' senders
+            xp = self.backend.xp
+            grad = self._to_device(grad)
+            g_weights = None
+            scattered: list[tuple[Any, Any]] = []
+            for e, part in zip(self.edge_expert, grad, strict=True):
+                if e is None:
+                    g_weights = part
+                elif part is not None:
+                    scattered.append((xp.asarray(expert_rows(route, e)[0]), part))
+            if self.router.gates != "none":  # the dropped choices' weights were not used
+                g_weights = g_weights * xp.asarray(route >= 0)
+            param_grads, input_grads = pullback(g_weights)
+            input_grads = list(input_grads)
+            gx = input_grads[0]
+            gx = xp.zeros_like(inputs[0]) if gx is None else gx.copy()
+            for rows, part in scattered:  # ascending expert order: the same sum every time
+                gx[rows] += part
+            input_grads[0] = gx
+            return param_grads, input_grads
+
+        param_grads, input_grads = await self.compute(backward, pullback, grad)
         if self.param_size:
             await self.accumulate(param_grads, meta)
         self._count_versions()
@@ -357,9 +369,20 @@ class MergeActor(LayerActor):
         return inputs[0] is None  # the router skipped the key (it is inside another branch)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        # the route's read and the gathers and sums run on this actor's stream (compute), after
+        # the events of the messages that brought them
+        out, weights, route, branches = await self.compute(
+            self._combine, key, inputs, self.routes.pop(key), cost=0
+        )
+        self.saved[key] = (weights, route, branches)
+        return out
+
+    def _combine(
+        self, key: int, inputs: list[Any], route_t: Any
+    ) -> tuple[Any, Any, Any, list[Any]]:
+        route = np.asarray(self.backend.to_numpy(route_t))
         inputs = self._to_device(inputs)
         weights, branches = inputs[0], inputs[1:]
-        route = np.asarray(self.backend.to_numpy(self.routes.pop(key)))
         out = None
         xp = self.backend.xp
         for e, y in enumerate(branches):
@@ -383,11 +406,14 @@ class MergeActor(LayerActor):
             shape = self.run.graph.shapes.get(self.name)
             trail = tuple(shape[1:]) if shape else ()
             out = xp.zeros((weights.shape[0], *trail), dtype=weights.dtype)
-        self.saved[key] = (weights, route, list(branches))
-        return out
+        return out, weights, route, list(branches)
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         weights, route, branches = self.saved.pop(key)
+        result: list[Any] = await self.compute(self._split, grad, weights, route, branches, cost=0)
+        return result
+
+    def _split(self, grad: Any, weights: Any, route: Any, branches: list[Any]) -> list[Any]:
         xp = self.backend.xp
         g_weights = xp.zeros_like(weights)
         grads: list[Any] = [g_weights]
