@@ -349,3 +349,36 @@ def test_bad_wiring_is_a_clear_graph_error():
         g4.check_structure()
     assert g.to_spec() == ann.Graph.from_spec(g.to_spec()).to_spec()
     assert ann.Graph.from_spec(g.to_spec()).nodes["gate"].actor is ann.dynamic.RouterActor
+
+
+def _assign_by_hand(choice, experts, capacity):
+    """Row by row, first choices before second ones: the rule assign_rows implements."""
+    route = choice.copy()
+    dropped = np.zeros(experts, dtype=np.int64)
+    load = np.zeros(experts, dtype=np.int64)
+    for j in range(choice.shape[1]):
+        for i in range(choice.shape[0]):
+            e = int(choice[i, j])
+            if load[e] < capacity:
+                load[e] += 1
+            else:
+                route[i, j] = -1
+                dropped[e] += 1
+    return route, dropped
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_capacity_assignment_matches_the_row_by_row_rule(seed):
+    from asyncnn.dynamic import assign_rows
+
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(1, 6))
+    k = int(rng.integers(1, experts + 1))
+    rows = int(rng.integers(0, 40))
+    choice = np.array([rng.permutation(experts)[:k] for _ in range(rows)], dtype=np.int64)
+    choice = choice.reshape(rows, k)  # 0 rows too
+    capacity = int(rng.integers(0, 12))
+    got = assign_rows(choice, experts, capacity)
+    want = _assign_by_hand(choice, experts, capacity)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

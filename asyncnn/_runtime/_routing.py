@@ -169,14 +169,19 @@ def assign_rows(
     if capacity is None:
         return route, dropped
     load = np.zeros(experts, dtype=np.int64)
-    for j in range(choice.shape[1]):
-        for i in range(choice.shape[0]):
-            e = int(choice[i, j])
-            if load[e] < capacity:
-                load[e] += 1
-            else:
-                route[i, j] = -1
-                dropped[e] += 1
+    n = choice.shape[0]
+    for j in range(choice.shape[1]):  # k columns; the rows of a column at once
+        col = choice[:, j].astype(np.int64)
+        # each row's place among the rows of this column that chose the same expert, in row
+        # order: a stable sort groups them, the offset from the group's start is the place
+        order = np.argsort(col, kind="stable")
+        grouped = col[order]
+        place = np.empty(n, dtype=np.int64)
+        place[order] = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+        keep = load[col] + place < capacity
+        route[~keep, j] = -1
+        dropped += np.bincount(col[~keep], minlength=experts)
+        load += np.bincount(col[keep], minlength=experts)
     return route, dropped
 
 
