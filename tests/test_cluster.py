@@ -414,3 +414,24 @@ def test_a_recurrent_loop_on_a_worker_matches_one_process(three: Any) -> None:
         tr.fit(d, epochs=2, batch_size=12)
         results.append(tr.params)
     assert_params_equal(results[0], results[1])
+
+
+def test_a_worker_that_died_between_fits_is_replaced(caplog: Any) -> None:
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        policy = policies.OneFOneB(microbatches=2)
+        many = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1), policy=policy,
+                           cluster=cluster)  # fmt: skip
+        one = ann.Trainer(chain([None] * 3), optimizer=optim.SGD(lr=0.1), policy=policy)
+        many.fit(data(), epochs=1, batch_size=32)
+        one.fit(data(), epochs=1, batch_size=32)
+        victim = cluster.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.perf_counter() + 5
+        while _alive(victim) and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        with caplog.at_level("WARNING", logger="asyncnn.cluster"):
+            many.fit(data(), epochs=1, batch_size=32)  # all state was in the driver: no loss
+        one.fit(data(), epochs=1, batch_size=32)
+        assert "worker 0 killed by SIGKILL since the last run" in caplog.text
+        assert victim not in cluster.pids
+        assert_params_equal(one.params, many.params)

@@ -97,9 +97,21 @@ class Cluster:
 
     # -- life --------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Starts the workers and connects them (a no-op when started)."""
+        """Starts the workers and connects them (a no-op when they are up).
+
+        A worker that died since the last run (between runs nobody reads its connection) is
+        noticed here: the cluster is then restarted, which loses nothing, as between runs every
+        weight lives in the driver."""
         if self.started:
-            return
+            gone = {i: self._fate(i) for i in range(self.workers)}
+            gone = {i: fate for i, fate in gone.items() if fate}
+            if not gone:
+                return
+            log.warning(
+                "restarting the cluster: %s",
+                "; ".join(f"worker {i} {fate} since the last run" for i, fate in gone.items()),
+            )
+            self.close()
         self.token = os.urandom(32)
         listener = listen(self.host, 0)
         port = listener.getsockname()[1]
