@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 if TYPE_CHECKING:
-    from ._actors import LayerActor, LossActor
+    from ._actors import LayerActor
+    from ._loss_actor import LossActor
     from ._run import Run
 
 __all__ = ["ActorGraphs", "LossGraphs", "capture_allowed"]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,20 +12,20 @@ from typing import Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError, GraphError, StallError
+from asyncnn._errors import ActorError, StallError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
     DevicePool,
     array_namespace,
-    get_backend,
-    is_floating,
     open_device_pool,
     to_numpy,
 )
 
-from ._actors import LayerActor, LossActor
+from ._actors import LayerActor
 from ._capture import capture_allowed
+from ._checks import _checkable, check_batch, validate
 from ._graph import Graph
+from ._loss_actor import LossActor
 from ._messages import END, FORWARD, STOP, Message
 from ._policies import Policy
 from ._recorder import Recorder
@@ -331,62 +330,6 @@ class Run:
         return out
 
 
-def _checkable(dtype: Any) -> bool:
-    # floats, bfloat16 (a numpy extension dtype, kind "V") and complex numbers can hold NaN
-    return dtype.kind == "c" or is_floating(dtype)
-
-
-def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:
-    """Checks a batch against the graph's inputs (names, shapes, dtypes, NaN); returns its rows.
-
-    Raises:
-        ValueError: naming the input and what was wrong with it.
-    """
-    names = graph.inputs
-    missing = [n for n in names if n not in batch]
-    if missing:
-        raise ValueError(
-            f"the batch has no {missing}; the graph's inputs are {names}, the batch gave "
-            f"{sorted(batch)}"
-        )
-    extra = [k for k in batch if k not in names]
-    if extra:
-        raise ValueError(f"the batch has {extra}, which the graph has no input for ({names})")
-    rows = None
-    for name in names:
-        node = graph.nodes[name]
-        arr = batch[name]
-        shape = tuple(getattr(arr, "shape", ()))
-        want = node.shape or ()
-        if len(shape) != len(want) or any(
-            w is not None and s != w for s, w in zip(shape, want, strict=True)
-        ):
-            raise ValueError(
-                f"input {name!r}: got shape {shape}, the graph declares {want} "
-                "(None is the batch dimension)"
-            )
-        kind = np.dtype(node.dtype).kind
-        got = np.dtype(getattr(arr, "dtype", np.float64))
-        if kind in "iu" and got.kind not in "iu":
-            raise ValueError(
-                f"input {name!r} is declared {node.dtype} but got {got} data: pass integers "
-                f"(e.g. {name}.astype(np.int64))"
-            )
-        if kind == "f" and got.kind not in "fiub" and not is_floating(got):
-            raise ValueError(f"input {name!r} is declared {node.dtype} but got {got} data")
-        if rows is None:
-            rows = shape[0]
-        elif shape[0] != rows:
-            raise ValueError(
-                f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
-            )
-        if check_finite and is_floating(got) and not bool(array_namespace(arr).isfinite(arr).all()):
-            raise ValueError(f"input {name!r} contains NaN or Inf (check_finite=True)")
-    if not rows:
-        raise ValueError("the batch is empty (0 rows)")
-    return int(rows)
-
-
 async def _stop_all(run: Run) -> None:
     for name, actor in run.actors.items():
         await actor.send_channel.send(Message(STOP, -1, 0, "", name, 0))
@@ -593,57 +536,3 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:
-    """Checks ``graph`` before any training compute: wiring, then shapes and dtypes by evaluating
-    every node on ``rows`` rows of zeros. Returns each node's output shape.
-
-    Raises:
-        GraphError: naming the node, its module and the shapes it was given.
-    """
-    graph.check_structure()
-    shapes: dict[str, tuple[int, ...]] = {}
-    values: dict[str, Any] = {}
-    dt = np.dtype(dtype)
-    for name, node in graph.nodes.items():
-        if node.kind == "input":
-            kind = np.dtype(node.dtype).kind
-            shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
-            values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
-            shapes[name] = shape
-            continue
-        args = [values[src] for src in node.inputs]
-        arg_desc = ", ".join(
-            f"{src} {tuple(a.shape)} {a.dtype}" for src, a in zip(node.inputs, args, strict=True)
-        )
-        try:
-            # Zeros may well give log(0) and the like: only shapes and dtypes are checked here.
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out = _evaluate_node(node, args, dtype)
-        except Exception as exc:
-            raise GraphError(
-                f"{node.kind} {name!r} ({node.module!r}) fails on its inputs [{arg_desc}] "
-                f"(batch of {rows}): {type(exc).__name__}: {exc}"
-            ) from exc
-        out = to_numpy(out)
-        if node.kind == "layer":
-            if not hasattr(out, "shape"):
-                raise GraphError(f"layer {name!r} returned {type(out).__name__}, not one array")
-            values[name] = out
-            shapes[name] = tuple(out.shape)
-        elif getattr(out, "size", 0) != 1:
-            raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}")
-    graph.shapes = shapes
-    return shapes
-
-
-def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
-    if node.kind == "layer":
-        # a node placed on a worker is checked on the host: its GPU may be on another machine
-        backend = get_backend("cpu" if node.worker is not None else node.device)
-        params = node.module.init(0, backend=backend, dtype=dtype)
-        with backend.activate():  # on the node's GPU, whichever device is current
-            return node.module(params, *[backend.asarray(a) for a in args])
-    return node.module({}, *args)
