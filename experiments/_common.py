@@ -80,6 +80,29 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, out: str, name: str) -> str:
+    """Lays ``fig`` out, writes it to ``out/name`` (100 dpi) and closes it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def target_summary(curve: list[dict[str, Any]], target: float) -> tuple[Any, dict[str, Any]]:
+    """The first point of a learning ``curve`` at or above ``target`` test accuracy (or None),
+    and the summary every time-to-target experiment reports."""
+    first = next((c for c in curve if c["test_accuracy"] >= target), None)
+    return first, {
+        "final_test_accuracy": curve[-1]["test_accuracy"],
+        "best_test_accuracy": max(c["test_accuracy"] for c in curve),
+        "epochs_to_target": first["epoch"] if first else None,
+        "seconds_to_target": first["seconds"] if first else None,
+    }
+
+
 def write_json(path: str, report: Any) -> None:
     """Writes a benchmark's report to ``path`` (making its folder) and says so."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -129,8 +129,7 @@ def train_curve(
             out["stage_concurrency"] = busy / wall
 
     anyio.run(main, backend="trio")
-    reached = [c for c in curve if c["test_accuracy"] >= cfg.target]
-    first = reached[0] if reached else None
+    first, summary = _common.target_summary(curve, cfg.target)
     out.update(
         {
             "label": label,
@@ -138,10 +137,7 @@ def train_curve(
             "stages": stages,
             "seed": seed,
             "curve": curve,
-            "final_test_accuracy": curve[-1]["test_accuracy"],
-            "best_test_accuracy": max(c["test_accuracy"] for c in curve),
-            "epochs_to_target": first["epoch"] if first else None,
-            "seconds_to_target": first["seconds"] if first else None,
+            **summary,
             "updates_to_target": first["updates"][0] if first else None,
         }
     )

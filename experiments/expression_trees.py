@@ -289,11 +289,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], majority: float) -> list[str]:
     bx.set_xticks(sorted({int(k) for r in runs for k in r["accuracy_by_depth"]}))
     bx.legend(fontsize=7, loc="upper center", ncol=3)
     fig.suptitle(f"expression trees of {cfg.min_leaves}-{cfg.max_leaves} leaves (2-core CPU)")
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "expression_trees.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_common.save_figure(fig, cfg.out, "expression_trees.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

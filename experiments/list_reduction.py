@@ -164,19 +164,9 @@ def train_curve(
             out["row_steps"] = stats["cell"].row_steps
 
     anyio.run(main, backend="trio")
-    reached = [c for c in curve if c["test_accuracy"] >= cfg.target]
-    first = reached[0] if reached else None
+    first, summary = _common.target_summary(curve, cfg.target)
     out.update(
-        {
-            "label": label,
-            "policy": policy.to_spec(),
-            "repeat": repeat,
-            "curve": curve,
-            "final_test_accuracy": curve[-1]["test_accuracy"],
-            "best_test_accuracy": max(c["test_accuracy"] for c in curve),
-            "epochs_to_target": first["epoch"] if first else None,
-            "seconds_to_target": first["seconds"] if first else None,
-        }
+        {"label": label, "policy": policy.to_spec(), "repeat": repeat, "curve": curve, **summary}
     )
     ttt = f"{first['seconds']:5.1f} s (epoch {first['epoch']:.1f})" if first else "not reached"
     print(
@@ -241,11 +231,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     fig.suptitle(
         f"list reduction, lengths {cfg.min_len}-{cfg.max_len}, width {cfg.width} (2-core CPU)"
     )
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "list_reduction.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_common.save_figure(fig, cfg.out, "list_reduction.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -190,11 +190,7 @@ def plot(cfg: Config, cells: list[dict[str, Any]]) -> list[str]:
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("MNIST-1D (Greydanus 2020) under four policies, 2-core CPU")
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "mnist1d_table.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_common.save_figure(fig, cfg.out, "mnist1d_table.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

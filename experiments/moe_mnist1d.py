@@ -232,11 +232,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]]) -> list[str]:
     cx.legend(fontsize=7, loc="upper center", ncol=4)
     fig.suptitle(f"MNIST-1D, {cfg.experts} experts of width {cfg.expert_width} vs dense of equal "
                  "compute (2-core CPU)")  # fmt: skip
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "moe_mnist1d.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_common.save_figure(fig, cfg.out, "moe_mnist1d.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

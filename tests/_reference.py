@@ -138,3 +138,8 @@ def assert_params_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
         lb = ann._math._pytree.tree_leaves(b[name])
         for x, y in zip(la, lb, strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+
+
+def fresh_params(graph: ann.Graph, dtype: str = "float64") -> dict[str, Any]:
+    """The parameters a run of ``graph`` with seed 0 starts from."""
+    return ann._runtime._run.init_state(graph, ann.optim.SGD(lr=0.1), 0, dtype).params

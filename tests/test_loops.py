@@ -13,7 +13,7 @@ import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 from asyncnn.dynamic import RNNCell
 
-from _reference import assert_params_close
+from _reference import assert_params_close, fresh_params
 
 T, DX, DC, H, C = 5, 3, 2, 4, 3
 
@@ -81,10 +81,6 @@ def reference_fit(g, start, batches, microbatches, output="last", lr=0.1):
     return p
 
 
-def _start(g):
-    return ann._runtime._run.init_state(g, optim.SGD(lr=0.1), 0, "float64").params
-
-
 POLICIES = [
     pytest.param(policies.Sync(), 1, 2, id="Sync"),
     pytest.param(policies.GPipe(2), 2, 2, id="GPipe2"),
@@ -99,7 +95,7 @@ POLICIES = [
 def test_bptt_equals_a_plain_loop_over_instances(policy, micro, batches):
     g = rnn_graph()
     data = _data(n=8 * batches)
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
     hist = tr.fit(data, batch_size=8)
     bs = [{k: v[i * 8 : (i + 1) * 8] for k, v in data.items()} for i in range(batches)]
@@ -112,7 +108,7 @@ def test_bptt_equals_a_plain_loop_over_instances(policy, micro, batches):
 def test_all_states_output():
     g = rnn_graph(output="all")
     data = _data(output="all")
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
     tr.fit(data, batch_size=8)
     assert_params_close(tr.params, reference_fit(g, start, [data], 2, "all"), rtol=1e-10)
@@ -151,7 +147,7 @@ def test_stop_condition_carried_in_the_state():
     g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
     rng = np.random.default_rng(3)
     data = {"c": rng.standard_normal((10, DC)), "y": rng.integers(0, C, 10)}
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), dtype="float64")
     hist = tr.fit(data, batch_size=10)
     m = {n: g.nodes[n].module for n in g.layers}

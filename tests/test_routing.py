@@ -11,7 +11,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
-from _reference import assert_params_close
+from _reference import assert_params_close, fresh_params
 
 D, H, C = 5, 4, 3
 
@@ -107,10 +107,6 @@ def _data(n=12, seed=0):
     return {"x": rng.standard_normal((n, D)), "y": rng.integers(0, C, n)}
 
 
-def _start(graph):
-    return ann._runtime._run.init_state(graph, optim.SGD(lr=0.1), 0, "float64").params
-
-
 POLICIES = [
     pytest.param(policies.Sync(), 1, 2, id="Sync"),
     pytest.param(policies.GPipe(3), 3, 2, id="GPipe3"),
@@ -126,7 +122,7 @@ POLICIES = [
 def test_moe_gradients_equal_a_plain_loop_over_rows(policy, micro, batches, k):
     g = moe_graph(k=k)
     data = _data(n=6 * batches)
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", seed=0)
     hist = tr.fit(data, batch_size=6)
     bs = [{n: v[i * 6 : (i + 1) * 6] for n, v in data.items()} for i in range(batches)]
@@ -140,7 +136,7 @@ def test_moe_gradients_equal_a_plain_loop_over_rows(policy, micro, batches, k):
 def test_experts_without_rows_are_skipped_and_counted():
     g = moe_graph(experts=4, k=1)
     data = _data(n=4)
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4), dtype="float64")
     hist = tr.fit(data, batch_size=4)  # one row per key: three experts skip each key
     skipped = sum(hist.statistics[f"e{i}"].skipped for i in range(4))
@@ -153,7 +149,7 @@ def test_experts_without_rows_are_skipped_and_counted():
 def test_gate_kinds(gates):
     g = moe_graph(k=2, gates=gates)
     data = _data()
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
     tr.fit(data, batch_size=12)
     ref = reference_fit(g, start, [data], 2, gates, None, 2)
@@ -165,7 +161,7 @@ def test_gate_kinds(gates):
 def test_capacity_drops_rows_counts_them_and_matches_the_reference():
     g = moe_graph(experts=3, k=2, capacity=3)
     data = _data(n=12)
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
     hist = tr.fit(data, batch_size=12)
     st = hist.statistics["gate"]
@@ -252,7 +248,7 @@ def test_async_routed_run_replays_identically(tmp_path):
 async def test_router_graph_trains_on_trio_and_asyncio():
     g = moe_graph(k=1)
     data = _data(n=12)
-    start = _start(g)
+    start = fresh_params(g)
     async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
                             dtype="float64") as run:  # fmt: skip
         await run.step(data)
@@ -276,7 +272,7 @@ def test_a_branch_of_several_layers_and_a_condition_router():
     out = g.merge("merge", r, *ends)
     g.loss("loss", nn.CrossEntropyLoss(), out, y)
     data = _data(n=8)
-    start = _start(g)
+    start = fresh_params(g)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), dtype="float64")
     tr.fit(data, batch_size=8)
     mods = {n: g.nodes[n].module for n in g.layers}

@@ -23,6 +23,7 @@ from ._wire import (
     Connection,
     accept,
     accept_socket,
+    frame_head,
     listen,
 )
 
@@ -224,12 +225,6 @@ class Cluster:
 
 
 def _send_shutdown(conn: Connection) -> None:
-    import msgpack
-
-    from ._wire import _PREFIX, MAGIC
-
-    packed = msgpack.packb({"t": "shutdown", "n": []})
-    data = _PREFIX.pack(MAGIC, len(packed), 0) + packed
     conn.sock.setblocking(True)
     conn.sock.settimeout(1.0)
-    conn.sock.sendall(data)
+    conn.sock.sendall(frame_head({"t": "shutdown"}, []))

@@ -18,26 +18,30 @@ from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import Policy
-from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
     Run,
     RunState,
     _cores,
+    _maybe_pool,
     _single_error,
     _stop_all,
-    _trace_header,
+    close_channels,
+    close_recorder,
+    error_leaves,
     init_state,
+    open_recorder,
+    record_error,
+    start_watchdog,
     validate,
 )
 from asyncnn._runtime._statistics import ActorStatistics
-from asyncnn.backends import DevicePool, open_device_pool, to_numpy
+from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import decode_tree, encode_tree
 from ._nccl import NcclLinks, plan_links, unique_ids
 from ._remote import RemoteActor, deliver
 from ._traces import merge_traces
-from ._wire import Connection, PeerLost, ProtocolError
-from ._worker import lost_peer
+from ._wire import Connection, PeerLost, ProtocolError, lost_peer
 
 if TYPE_CHECKING:
     from ._base import Cluster
@@ -190,12 +194,10 @@ async def _driver_run(
     here = set(hosted_by.get(None, []))
     plan = plan_links(graph, where) if cluster.nccl else []
     ids = _nccl_ids(len(plan))
-    recorder = None
-    if trace is not None:
-        header = _trace_header(graph, optimizer, policy, seed, dtype, state)
-        header["workers"] = {str(k): v for k, v in where.items()}
-        recorder = Recorder(trace, header, trace_payloads)
-        recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
+    recorder = open_recorder(
+        trace, trace_payloads, graph, optimizer, policy, seed, dtype, state,
+        workers={str(k): v for k, v in where.items()},
+    )  # fmt: skip
     for conn in cluster.connections.values():
         conn.new_loop()
     # cores shared out between the processes that host CPU actors (they share this host when
@@ -207,7 +209,7 @@ async def _driver_run(
     here_cpu = sum(1 for n in here if n in graph.layers and graph.nodes[n].device == "cpu")
     failed = False
     try:
-        async with _pool(pool, here_cpu, threads) as the_pool:
+        async with _maybe_pool(pool, here_cpu, threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()
@@ -222,26 +224,30 @@ async def _driver_run(
             for p in proxies.values():
                 p.run = run
             try:
+                # what every worker is told alike (the specs are built once)
+                common = {
+                    "t": "run",
+                    "graph": graph.to_spec(),
+                    "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
+                    "placement": where,
+                    "optimizer": optimizer.to_spec(),
+                    "policy": policy.to_spec(),
+                    "seed": seed,
+                    "dtype": str(np.dtype(dtype)),
+                    "stall_timeout": stall_timeout,
+                    "check_finite": check_finite,
+                    "max_in_flight": run.max_in_flight,
+                    "threads": threads,
+                    "trace": trace_payloads if recorder is not None else None,
+                    "nccl": {"plan": [list(k) for k in plan], "ids": ids},
+                }
                 for w in range(cluster.workers):
                     names = hosted_by.get(w, [])
                     fields, buffers = _share(state, [n for n in names if n in graph.layers])
                     cmd = {
-                        "t": "run",
-                        "graph": graph.to_spec(),
-                        "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
-                        "placement": where,
-                        "optimizer": optimizer.to_spec(),
-                        "policy": policy.to_spec(),
-                        "seed": seed,
-                        "dtype": str(np.dtype(dtype)),
-                        "stall_timeout": stall_timeout,
-                        "check_finite": check_finite,
-                        "max_in_flight": run.max_in_flight,
-                        "threads": threads,
-                        "trace": trace_payloads if recorder is not None else None,
+                        **common,
                         "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
                         "latency": cluster.info[w].get("latency", 0.0),
-                        "nccl": {"plan": [list(k) for k in plan], "ids": ids},
                         **fields,
                     }
                     await cluster.connections[w].send(cmd, buffers)
@@ -275,13 +281,7 @@ async def _driver_run(
                         results_in.set()
 
                     tg.start_soon(read_all)
-                    watchdog = anyio.CancelScope()
-
-                    async def guard() -> None:
-                        with watchdog:
-                            await run._watchdog()
-
-                    tg.start_soon(guard)
+                    watchdog = start_watchdog(tg, run)
                     yield run
                     await run.drain()
                     for actor in run.local.values():
@@ -300,30 +300,17 @@ async def _driver_run(
                     # a process failed because another one went away: report that one
                     j = lost.worker
                     error = await _died(cluster, j, hosted_by.get(j, []), lost)
-                if recorder is not None:
-                    recorder.event(
-                        getattr(error, "actor", "scheduler"), "error",
-                        getattr(error, "kind", "") or "",
-                        -1 if getattr(error, "key", None) is None else error.key,  # type: ignore[attr-defined]
-                        meta={"error": str(error)},
-                    )  # fmt: skip
+                record_error(recorder, error)
                 raise error from error.__cause__
             finally:
-                for actor in run.local.values():
-                    actor.send_channel.close()
-                    actor.inbox.close()
+                close_channels(run)
                 if run.nccl is not None:
                     run.nccl.close()
     except BaseException:
         failed = True
         raise
     finally:
-        if recorder is not None:
-            try:
-                recorder.close()
-            except Exception:
-                if not failed:
-                    raise
+        close_recorder(recorder, failed)
     if recorder is not None and trace is not None:
         parts = [r.pop("trace") for r in run.results.values() if r.get("trace") is not None]
         _merge(trace, parts)
@@ -433,16 +420,9 @@ async def _fate(cluster: Cluster, w: int) -> str:
 
 
 def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
+    # a worker's death explains everything else; then an actor's own failure; then a failure
+    # that only says a peer went away; then what one process would report
+    leaves = error_leaves(group)
     for e in leaves:
         if isinstance(e, WorkerError):
             return e
@@ -453,18 +433,6 @@ def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:
         if lost_peer(e) is not None:
             return e
     return _single_error(group)
-
-
-@asynccontextmanager
-async def _pool(
-    pool: DevicePool | None, cpu_actors: int, threads: int
-) -> AsyncIterator[DevicePool]:
-    if pool is not None:
-        yield pool
-        return
-    workers = max(1, min(threads, cpu_actors))
-    async with open_device_pool(cpu_workers=workers, blas_threads=max(1, threads // workers)) as p:
-        yield p
 
 
 def _merge(path: str, parts: list[Any]) -> None:

@@ -35,9 +35,6 @@ class _RemoteSender:
     async def send(self, msg: Message) -> None:
         await self.actor.send(msg)
 
-    def close(self) -> None:
-        pass
-
 
 class RemoteActor:
     """The actor of node ``name``, hosted by the process at the other end of ``conn``.
@@ -97,9 +94,6 @@ class RemoteActor:
 
     def describe(self) -> str:
         return f"on {self.where}: {self.last_report}"
-
-    async def wait_for_device(self) -> None:
-        pass
 
 
 async def deliver(

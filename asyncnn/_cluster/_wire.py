@@ -38,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "accept",
     "connect",
+    "lost_peer",
 ]
 
 MAGIC = b"ANN1"
@@ -61,6 +62,18 @@ class PeerLost(ConnectionError):
     def __init__(self, worker: int | None, message: str) -> None:
         super().__init__(message)
         self.worker = worker
+
+
+def lost_peer(err: BaseException) -> PeerLost | None:
+    """The :class:`PeerLost` behind ``err`` (itself, or an actor's failure caused by it)."""
+    seen = 0
+    e: BaseException | None = err
+    while e is not None and seen < 5:
+        if isinstance(e, PeerLost):
+            return e
+        e = e.__cause__
+        seen += 1
+    return None
 
 
 class AuthenticationError(ConnectionError):
@@ -164,17 +177,13 @@ class Connection:
         ``then`` runs right after the frame is written, before any other frame can follow: what
         it starts (an NCCL transfer the header announced) is ordered like the frames."""
         views = [_byte_view(b) for b in buffers]
-        head = dict(header)
-        head["n"] = [v.nbytes for v in views]
-        packed = msgpack.packb(head, use_bin_type=True)
-        prefix = _PREFIX.pack(MAGIC, len(packed), sum(v.nbytes for v in views))
-        body = sum(v.nbytes for v in views)
+        head = frame_head(header, [v.nbytes for v in views])
         async with self._lock:
-            if body <= _READ_AHEAD:
+            if sum(v.nbytes for v in views) <= _READ_AHEAD:
                 # a small frame goes out in one system call
-                await self._send_all(b"".join([prefix, packed, *views]))
+                await self._send_all(b"".join([head, *views]))
             else:
-                await self._send_all(prefix + packed)
+                await self._send_all(head)
                 for v in views:
                     await self._send_all(v)
             if then is not None:
@@ -251,6 +260,12 @@ class Connection:
             except OSError:
                 pass
             self.sock.close()
+
+
+def frame_head(header: dict[str, Any], sizes: list[int]) -> bytes:
+    """The prefix and msgpack header of a frame whose buffers have ``sizes`` bytes."""
+    packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
+    return _PREFIX.pack(MAGIC, len(packed), sum(sizes)) + packed
 
 
 def _byte_view(b: Any) -> memoryview:

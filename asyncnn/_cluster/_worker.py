@@ -28,8 +28,8 @@ from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import Recorder
-from asyncnn._runtime._run import Run, RunState, _single_error
-from asyncnn.backends import get_backend, open_device_pool
+from asyncnn._runtime._run import Run, RunState, _maybe_pool, _single_error
+from asyncnn.backends import get_backend
 
 from ._codec import decode_tree, encode_tree
 from ._nccl import NcclLinks
@@ -44,6 +44,7 @@ from ._wire import (
     accept_socket,
     connect,
     listen,
+    lost_peer,
 )
 
 __all__ = ["worker_main"]
@@ -175,12 +176,12 @@ class Worker:
             },
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
-            backend = get_backend(graph.nodes[name].device)
-            state.params[name] = tree_map(backend.asarray, state.params[name])
-            state.opt_states[name] = tree_map(_on(backend), state.opt_states[name])
+            move = _on(get_backend(graph.nodes[name].device))
+            state.params[name] = tree_map(move, state.params[name])
+            state.opt_states[name] = tree_map(move, state.opt_states[name])
             if name in state.pending_grads:
                 acc, count = state.pending_grads[name]
-                state.pending_grads[name] = (tree_map(backend.asarray, acc), count)
+                state.pending_grads[name] = (tree_map(move, acc), count)
         recorder = None
         trace_file = None
         if cmd["trace"] is not None:
@@ -197,10 +198,7 @@ class Worker:
         cpu_actors = sum(1 for n in hosted if n in graph.layers and graph.nodes[n].device == "cpu")
         threads = int(cmd["threads"])
         try:
-            async with open_device_pool(
-                cpu_workers=max(1, min(threads, cpu_actors)),
-                blas_threads=max(1, threads // max(1, min(threads, cpu_actors))),
-            ) as pool:
+            async with _maybe_pool(None, cpu_actors, threads) as pool:
                 proxies: dict[str, RemoteActor] = {}
                 for name, w in placement.items():
                     if w != self.index:
@@ -354,19 +352,9 @@ class Worker:
             pass
 
 
-def lost_peer(err: BaseException) -> PeerLost | None:
-    """The :class:`PeerLost` behind ``err`` (itself, or an actor's failure caused by it)."""
-    seen = 0
-    e: BaseException | None = err
-    while e is not None and seen < 5:
-        if isinstance(e, PeerLost):
-            return e
-        e = e.__cause__
-        seen += 1
-    return None
-
-
 def _on(backend: Any) -> Any:
+    """Moves a tree's numpy leaves onto ``backend`` (other leaves, e.g. step counts, stay)."""
+
     def move(leaf: Any) -> Any:
         return backend.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf
 

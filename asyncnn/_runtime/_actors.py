@@ -106,6 +106,15 @@ class _Actor:
         else:
             self._file_other(msg)
 
+    async def _take_message(self) -> None:
+        """Files the next message of the inbox, waiting for one only if none is queued (taking
+        a queued one without yielding saves a scheduler round trip)."""
+        try:
+            msg = self.inbox.receive_nowait()
+        except anyio.WouldBlock:
+            msg = await self.inbox.receive()
+        self._file(msg)
+
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")
 
@@ -290,11 +299,7 @@ class LayerActor(_Actor):
                     return
                 if planned is None:
                     self.waiting_for = "any message"
-                try:
-                    msg = self.inbox.receive_nowait()
-                except anyio.WouldBlock:
-                    msg = await self.inbox.receive()
-                self._file(msg)
+                await self._take_message()
                 continue
             start = time.perf_counter()
             self.stats.idle_seconds += start - idle_since

@@ -46,11 +46,7 @@ class LossActor(_Actor):
                 if self.stopping:
                     return
                 self.waiting_for = "the inputs of a key"
-                try:
-                    msg = self.inbox.receive_nowait()
-                except anyio.WouldBlock:
-                    msg = await self.inbox.receive()
-                self._file(msg)
+                await self._take_message()
             _, key = self.ready.popleft()
             start = time.perf_counter()
             self.computing = (FORWARD, key, start)

@@ -422,11 +422,7 @@ async def open_run(
     if state is None:
         state = init_state(graph, optimizer, seed, dtype)
     cpu_actors = sum(1 for n in graph.layers if graph.nodes[n].device == "cpu")
-    recorder = None
-    if trace is not None:
-        recorder = Recorder(trace, _trace_header(graph, optimizer, policy, seed, dtype, state),
-                            trace_payloads)  # fmt: skip
-        recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
+    recorder = open_recorder(trace, trace_payloads, graph, optimizer, policy, seed, dtype, state)
     failed = False
     try:
         async with _maybe_pool(pool, cpu_actors) as the_pool:
@@ -439,13 +435,7 @@ async def open_run(
                 async with anyio.create_task_group() as tg:
                     for name in run.local:
                         tg.start_soon(run._serve, name, name=f"actor {name}")
-                    watchdog = anyio.CancelScope()
-
-                    async def guard() -> None:
-                        with watchdog:
-                            await run._watchdog()
-
-                    tg.start_soon(guard)
+                    watchdog = start_watchdog(tg, run)
                     yield run
                     await run.drain()
                     for actor in run.local.values():  # GPU work done before anyone reads it
@@ -454,26 +444,77 @@ async def open_run(
                     watchdog.cancel()
             except BaseExceptionGroup as group:
                 error = _single_error(group)
-                if recorder is not None:
-                    where = getattr(error, "actor", "scheduler")
-                    key = getattr(error, "key", None)
-                    recorder.event(where, "error", getattr(error, "kind", "") or "",
-                                   -1 if key is None else key, meta={"error": str(error)})  # fmt: skip
+                record_error(recorder, error)
                 raise error from error.__cause__  # keeps the original failure as the cause
             finally:
-                for actor in run.local.values():
-                    actor.send_channel.close()
-                    actor.inbox.close()
+                close_channels(run)
     except BaseException:
         failed = True
         raise
     finally:
-        if recorder is not None:
-            try:
-                recorder.close()
-            except Exception:
-                if not failed:  # a trace that failed to write must not hide the run's own error
-                    raise
+        close_recorder(recorder, failed)
+
+
+def open_recorder(
+    trace: str | None,
+    payloads: str,
+    graph: Graph,
+    optimizer: Any,
+    policy: Policy,
+    seed: int,
+    dtype: str,
+    state: RunState,
+    **header: Any,
+) -> Recorder | None:
+    """The recorder of a run's trace (None without one), its header and initial state written;
+    ``header`` adds fields to the header."""
+    if trace is None:
+        return None
+    head = {**_trace_header(graph, optimizer, policy, seed, dtype, state), **header}
+    recorder = Recorder(trace, head, payloads)
+    recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
+    return recorder
+
+
+def record_error(recorder: Recorder | None, error: BaseException) -> None:
+    """Writes the error a run ends with into its trace (where, what, which key)."""
+    if recorder is None:
+        return
+    key = getattr(error, "key", None)
+    recorder.event(
+        getattr(error, "actor", "scheduler"), "error", getattr(error, "kind", "") or "",
+        -1 if key is None else key, meta={"error": str(error)},
+    )  # fmt: skip
+
+
+def close_recorder(recorder: Recorder | None, failed: bool) -> None:
+    """Closes a run's trace; a trace that failed to write must not hide the run's own error."""
+    if recorder is None:
+        return
+    try:
+        recorder.close()
+    except Exception:
+        if not failed:
+            raise
+
+
+def close_channels(run: Run) -> None:
+    """Closes the inboxes of the run's local actors."""
+    for actor in run.local.values():
+        actor.send_channel.close()
+        actor.inbox.close()
+
+
+def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
+    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it."""
+    scope = anyio.CancelScope()
+
+    async def guard() -> None:
+        with scope:
+            await run._watchdog()
+
+    tg.start_soon(guard)
+    return scope
 
 
 def _trace_header(
@@ -491,18 +532,16 @@ def _trace_header(
     }
 
 
+def error_leaves(group: BaseException) -> list[BaseException]:
+    """The errors inside a (nested) exception group, in order."""
+    if not isinstance(group, BaseExceptionGroup):
+        return [group]
+    return [leaf for sub in group.exceptions for leaf in error_leaves(sub)]
+
+
 def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """The one error a failed run reports: an actor's failure or a stall, before anything else."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
+    leaves = error_leaves(group)
     for kind in (ActorError, StallError):
         for e in leaves:
             if isinstance(e, kind):
@@ -514,14 +553,17 @@ def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
 
 
 @asynccontextmanager
-async def _maybe_pool(pool: DevicePool | None, cpu_actors: int) -> AsyncIterator[DevicePool]:
+async def _maybe_pool(
+    pool: DevicePool | None, cpu_actors: int, cores: int | None = None
+) -> AsyncIterator[DevicePool]:
+    """``pool``, or a fresh one sized for ``cpu_actors`` on ``cores`` (default: this host's)."""
     if pool is not None:
         yield pool
         return
     # Cores are shared out between the actors that compute at once: one BLAS thread each when
     # there are at least as many CPU actors as cores, more when there are fewer (one stage gets
     # all cores, as a plain loop would).
-    cores = _cores()
+    cores = cores or _cores()
     workers = max(1, min(cores, cpu_actors))
     async with open_device_pool(
         cpu_workers=workers, blas_threads=max(1, cores // workers)
