@@ -80,6 +80,17 @@ def pyplot() -> Any:
     return plt
 
 
+def sync_or_async(name: str, max_active_keys: int) -> Any:
+    """``policies.Sync()`` for ``"Sync"``, ``policies.Async(max_active_keys)`` for ``"Async"``."""
+    from asyncnn import policies
+
+    if name == "Sync":
+        return policies.Sync()
+    if name == "Async":
+        return policies.Async(max_active_keys=max_active_keys)
+    raise ValueError(f"unknown policy {name!r}; use Sync or Async")
+
+
 def save_figure(fig: Any, out: str, name: str) -> str:
     """Lays ``fig`` out, writes it to ``out/name`` (100 dpi) and closes it; returns the path."""
     import matplotlib.pyplot as plt

@@ -211,11 +211,7 @@ def build_mlp(cfg: Config) -> ann.Graph:
 
 
 def policy_of(cfg: Config, name: str) -> policies.Policy:
-    if name == "Sync":
-        return policies.Sync()
-    if name == "Async":
-        return policies.Async(max_active_keys=cfg.async_max_active_keys)
-    raise ValueError(f"unknown policy {name!r}; use Sync or Async")
+    return _common.sync_or_async(name, cfg.async_max_active_keys)
 
 
 def run_one(cfg: Config, model: str, pol: str, train: dict[str, Any], test: dict[str, Any]

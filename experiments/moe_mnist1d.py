@@ -99,11 +99,7 @@ def build(cfg: Config, model: str, k: int) -> ann.Graph:
 
 
 def policy_of(cfg: Config, name: str) -> policies.Policy:
-    if name == "Sync":
-        return policies.Sync()
-    if name == "Async":
-        return policies.Async(max_active_keys=cfg.async_max_active_keys)
-    raise ValueError(f"unknown policy {name!r}; use Sync or Async")
+    return _common.sync_or_async(name, cfg.async_max_active_keys)
 
 
 def run_one(
