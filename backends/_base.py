@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,21 @@ class Backend(abc.ABC):
     def asarray(self, x: Any, dtype: Any = None) -> Any:
         """``x`` (numpy, host data or an array of this backend) as an array on this device."""
 
+    def is_local(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this device already (``asarray`` would return it)."""
+        return False
+
     @abc.abstractmethod
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
         """A host copy of ``x`` (no copy when it is already a numpy array)."""
+
+    def to_host_async(self, x: Any, out: Any = None) -> np.ndarray[Any, Any]:
+        """A host array that ``x`` is being copied into on the current stream: read it only once
+        an event recorded after this call has completed (on the CPU: a finished copy).
+
+        ``out``, an array this returned before (and that has been read), is reused when it
+        has ``x``'s shape and dtype."""
+        return self.to_numpy(x)
 
     def to_bytes(self, x: Any) -> memoryview:
         """The raw bytes of ``x`` in C order (through the host)."""
@@ -124,12 +137,29 @@ class Backend(abc.ABC):
         """An event marking the work queued so far on ``stream`` (``None`` on the CPU)."""
         return None
 
+    def launch(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], stream: Any, after: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        """``fn(*args)`` queued on ``stream`` after the events ``after``: ``(result, the event
+        after its work)``. What :meth:`DevicePool.enqueue` does on a device with streams."""
+        with self.activate(stream):
+            for event in after:
+                self.wait_event(event, stream)
+            result = fn(*args)
+        return result, self.record_event(stream)
+
     def wait_event(self, event: Any, stream: Any = None) -> None:  # noqa: B027 - CPU: nothing
         """Makes ``stream`` wait for ``event`` without blocking the host."""
 
     def event_done(self, event: Any) -> bool:
         """Whether the work before ``event`` has finished."""
         return True
+
+    def notify(self, event: Any, callback: Callable[[], object]) -> bool:
+        """Arranges for ``callback()`` to run, on some thread, once the work before ``event`` has
+        finished; returns False where the backend cannot (the caller then polls). The callback
+        must not touch the device."""
+        return False
 
     def memory_in_use(self) -> int:
         """Bytes in live arrays of this backend's memory pool (0 where it has none)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,10 @@ class _DeviceRNG:
 
 _staging_lock = threading.Lock()
 _staging_streams: dict[int, Any] = {}
+
+
+def _call(callback: Callable[[], object]) -> None:
+    callback()
 
 
 def _staging_stream(index: int) -> Any:
@@ -165,6 +169,7 @@ class CupyBackend(Backend):
         self._cuda_device = cupy.cuda.Device(index)
         self._dtype_lock = threading.Lock()
         self._checked_dtypes: dict[np.dtype[Any], None] = {}
+        self._notifier: Any = None
 
     # -- arrays ---------------------------------------------------------------------------------
 
@@ -201,6 +206,25 @@ class CupyBackend(Backend):
             x = self.copy_to(x, self.device)
         with self._cuda_device:
             return cupy.asarray(x, dtype=dtype)
+
+    def is_local(self, x: Any) -> bool:
+        return isinstance(x, cupy.ndarray) and x.device.id == self.device.index
+
+    def to_host_async(self, x: Any, out: Any = None) -> np.ndarray[Any, Any]:
+        if not isinstance(x, cupy.ndarray):
+            return np.asarray(x)
+        shape = x.shape
+        if not x.flags.c_contiguous:
+            x = cupy.ascontiguousarray(x)  # (which makes a 0-d array 1-d: hence ``shape``)
+        # page-locked, so that the copy runs asynchronously on the current stream
+        if out is None or out.shape != shape or out.dtype != x.dtype:
+            mem = cupy.cuda.alloc_pinned_memory(max(x.nbytes, 1))
+            out = np.frombuffer(mem, dtype=x.dtype, count=x.size).reshape(shape)
+        cupy.cuda.runtime.memcpyAsync(
+            out.ctypes.data, x.data.ptr, x.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
+            cupy.cuda.get_current_stream().ptr,
+        )  # fmt: skip
+        return out
 
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
         if isinstance(x, cupy.ndarray):
@@ -247,6 +271,22 @@ class CupyBackend(Backend):
             event.record(stream)
             return event
 
+    def launch(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], stream: Any, after: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        # the base class's steps without its generator-based context manager: this runs for
+        # every compute of every GPU actor, several times per step
+        if stream is None:
+            return super().launch(fn, args, stream, after)
+        with self._cuda_device, stream:
+            for event in after:
+                if event is not None:
+                    stream.wait_event(event)
+            result = fn(*args)
+            event = cupy.cuda.Event(disable_timing=True)
+            event.record(stream)
+        return result, event
+
     def wait_event(self, event: Any, stream: Any = None) -> None:
         if event is None:  # produced on the CPU: already done
             return
@@ -256,6 +296,18 @@ class CupyBackend(Backend):
 
     def event_done(self, event: Any) -> bool:
         return event is None or bool(event.done)
+
+    def notify(self, event: Any, callback: Callable[[], object]) -> bool:
+        # A host function on a stream of its own, queued behind the event: the driver runs it
+        # as soon as the event completes, where polling from the event loop would sleep in
+        # whole milliseconds (the resolution of epoll's timeout). Non-blocking, so the legacy
+        # default stream never waits behind it.
+        with self._cuda_device:
+            if self._notifier is None:
+                self._notifier = cupy.cuda.Stream(non_blocking=True)
+            self._notifier.wait_event(event)
+            self._notifier.launch_host_func(_call, callback)
+        return True
 
     def memory_in_use(self) -> int:
         with self._cuda_device:

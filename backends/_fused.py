@@ -1,24 +1,54 @@
 """Fused optimizer updates on cupy: one kernel per parameter leaf instead of 2 to 8 passes.
 
 Each kernel reads the parameter, its gradient and its state buffers once and writes fresh
-arrays (the optimizers stay functional: nothing is written in place). The arithmetic is the
-eager update's, operation for operation, with rounding after each (``__fmul_rn`` and friends,
-which the compiler may not contract into fused multiply-adds), so float32 and float64 results
-equal the eager ones bit for bit. 16-bit floats (float16, bfloat16) compute in float32 and round
-once on the store.
+arrays (the optimizers stay functional: nothing is written in place), except inside
+:func:`in_place`, where it writes over the arrays it read: a captured update (a CUDA graph)
+keeps its parameters in fixed buffers, and writing there saves a copy of every parameter per
+step.
+
+The arithmetic is the eager update's, operation for operation, with rounding after each
+(``__fmul_rn`` and friends, which the compiler may not contract into fused multiply-adds), so
+float32 and float64 results equal the eager ones bit for bit. 16-bit floats (float16, bfloat16)
+compute in float32 and round once on the store; their kernels move eight values per 16-byte
+load and store (an elementwise kernel moving one 2-byte value at a time reaches about half the
+memory bandwidth), with the elementwise kernel as the fallback for unaligned views or where the
+CUDA headers are missing.
 
 Imported only from the optimizers, on cupy arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import cupy
+import numpy as np
 
-__all__ = ["adam_leaf", "sgd_leaf"]
+__all__ = ["adam_leaf", "in_place", "sgd_leaf", "vectorised_available"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def in_place() -> Iterator[None]:
+    """Within this block (on this thread) the updates write the new parameter and state buffers
+    over the ones they read, and return those arrays."""
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = False
+
+
+def _in_place() -> bool:
+    return bool(getattr(_state, "on", False))
+
 
 _OPS = {
     "float": "#define MUL __fmul_rn\n#define ADD __fadd_rn\n#define DIV __fdiv_rn\n"
@@ -27,20 +57,31 @@ _OPS = {
     "#define SQRT __dsqrt_rn\n",
 }
 
+# the CUDA type and header of each 16-bit dtype
+_HALF = {"float16": ("__half", "cuda_fp16.h"), "bfloat16": ("__nv_bfloat16", "cuda_bf16.h")}
+_VEC = 8  # values of 2 bytes per 16-byte load
+_THREADS = 256
 
-def _compute_type(dtype: Any) -> str:
-    return "double" if dtype == cupy.float64 else "float"
+
+@dataclass(frozen=True)
+class _Update:
+    """One update rule as a kernel body: its array inputs and outputs, its float64 scalars."""
+
+    name: str
+    ins: tuple[str, ...]
+    outs: tuple[str, ...]
+    scalars: tuple[str, ...]
+    body: str
 
 
-@functools.cache
-def _sgd_kernel(ctype: str, weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> Any:
+def _sgd_rule(weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> _Update:
     # momentum: 0 none, 1 first step (the buffer starts as d), 2 later steps
-    body = [f"{ctype} p_ = ({ctype})p; {ctype} d = ({ctype})g;"]
+    body = ["C p_ = (C)p; C d = (C)g;"]
     if weight_decay:
         body.append("d = ADD(MUL(p_, (C)wd), d);")
     if momentum == 0:
         body.append("out = (T)ADD(MUL(d, (C)nlr), p_);")
-        outs = "T out"
+        outs: tuple[str, ...] = ("out",)
     else:
         if momentum == 1:
             body.append("C b = d;")
@@ -53,33 +94,13 @@ def _sgd_kernel(ctype: str, weight_decay: bool, momentum: int, nesterov: bool, d
         else:
             body.append("out = (T)ADD(MUL(b, (C)nlr), p_);")
         body.append("buf_out = (T)b;")
-        outs = "T out, T buf_out"
-    ins = "T p, T g" + (", T buf" if momentum == 2 else "")
-    ins += ", float64 nlr, float64 wd, float64 mom, float64 omd"
-    pre = _OPS[ctype] + f"typedef {ctype} C;\n"
-    name = f"asyncnn_sgd_{ctype}_{int(weight_decay)}{momentum}{int(nesterov)}{int(damp)}"
-    return cupy.ElementwiseKernel(ins, outs, "\n".join(body), name, preamble=pre)
+        outs = ("out", "buf_out")
+    ins = ("p", "g") + (("buf",) if momentum == 2 else ())
+    name = f"asyncnn_sgd_{int(weight_decay)}{momentum}{int(nesterov)}{int(damp)}"
+    return _Update(name, ins, outs, ("nlr", "wd", "mom", "omd"), "\n".join(body))
 
 
-def sgd_leaf(
-    p: Any, g: Any, buf: Any, step: int, lr: float, momentum: float, dampening: float,
-    weight_decay: float, nesterov: bool,
-) -> tuple[Any, tuple[Any, ...]]:  # fmt: skip
-    """One leaf of torch's SGD update in one kernel: ``(new_p, (new_buffer,) or ())``."""
-    mode = 0 if momentum == 0.0 else (1 if step == 0 else 2)
-    kernel = _sgd_kernel(
-        _compute_type(p.dtype), weight_decay != 0.0, mode, nesterov, dampening != 0.0
-    )
-    args = (p, g) if mode != 2 else (p, g, buf)
-    scalars = (-lr, weight_decay, momentum, 1.0 - dampening)
-    if mode == 0:
-        return kernel(*args, *scalars), ()
-    out, new_buf = kernel(*args, *scalars)
-    return out, (new_buf,)
-
-
-@functools.cache
-def _adam_kernel(ctype: str, coupled: bool, decoupled: bool, amsgrad: bool) -> Any:
+def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool) -> _Update:
     body = ["C p_ = (C)p; C g_ = (C)g;"]
     if coupled:
         body.append("g_ = ADD(MUL(p_, (C)wd), g_);")
@@ -97,13 +118,125 @@ def _adam_kernel(ctype: str, coupled: bool, decoupled: bool, amsgrad: bool) -> A
         "out = (T)ADD(MUL(p_, (C)decay), delta);" if decoupled else "out = (T)ADD(delta, p_);",
         "ea_out = (T)m; eas_out = (T)v;",
     ]
-    ins = "T p, T g, T ea, T eas" + (", T mx" if amsgrad else "")
-    ins += ", float64 wd, float64 b1, float64 omb1, float64 b2, float64 omb2, float64 bc2"
-    ins += ", float64 eps, float64 nss, float64 decay"
-    outs = "T out, T ea_out, T eas_out" + (", T max_out" if amsgrad else "")
+    ins = ("p", "g", "ea", "eas") + (("mx",) if amsgrad else ())
+    outs = ("out", "ea_out", "eas_out") + (("max_out",) if amsgrad else ())
+    scalars = ("wd", "b1", "omb1", "b2", "omb2", "bc2", "eps", "nss", "decay")
+    name = f"asyncnn_adam_{int(coupled)}{int(decoupled)}{int(amsgrad)}"
+    return _Update(name, ins, outs, scalars, "\n".join(body))
+
+
+@functools.cache
+def _elementwise(rule: _Update, ctype: str) -> Any:
+    ins = ", ".join([f"T {n}" for n in rule.ins] + [f"float64 {s}" for s in rule.scalars])
+    outs = ", ".join(f"T {n}" for n in rule.outs)
     pre = _OPS[ctype] + f"typedef {ctype} C;\n"
-    name = f"asyncnn_adam_{ctype}_{int(coupled)}{int(decoupled)}{int(amsgrad)}"
-    return cupy.ElementwiseKernel(ins, outs, "\n".join(body), name, preamble=pre)
+    return cupy.ElementwiseKernel(ins, outs, rule.body, f"{rule.name}_{ctype}", preamble=pre)
+
+
+@functools.cache
+def _vectorised(rule: _Update, dtype_name: str) -> Any:
+    """The rule for a 16-bit dtype, eight values per thread and load; None where it won't build."""
+    ctype, header = _HALF[dtype_name]
+    arrays = [f"const T* {n}_a" for n in rule.ins]
+    arrays += [f"T* {n}_a" for n in rule.outs]  # may alias an input (in place)
+    params = ", ".join(arrays + [f"double {s}" for s in rule.scalars] + ["long long n"])
+
+    def lanes(load: str, store: str) -> str:
+        decl = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
+        outs = " ".join(f"T {n};" for n in rule.outs)
+        back = " ".join(store.format(n=n) for n in rule.outs)
+        return f"{{ {decl} {outs}\n{rule.body}\n{back} }}"
+
+    vec_in = " ".join(
+        f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
+        f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
+        for n in rule.ins
+    )
+    vec_out = " ".join(f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs)
+    vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
+    source = f"""#include <{header}>
+typedef {ctype} T;
+typedef float C;
+{_OPS["float"]}
+extern "C" __global__ void {rule.name}_{dtype_name}_x8({params}) {{
+  long long stride = (long long)gridDim.x * blockDim.x * {_VEC};
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * {_VEC}; i < n;
+       i += stride) {{
+    if (i + {_VEC} <= n) {{
+      {vec_in} {vec_out}
+      #pragma unroll
+      for (int j = 0; j < {_VEC}; ++j)
+        {lanes("{n}_l[j]", "{n}_l[j] = {n};")}
+      {vec_store}
+    }} else {{
+      for (long long k = i; k < n; ++k)
+        {lanes("{n}_a[k]", "{n}_a[k] = {n};")}
+    }}
+  }}
+}}
+"""
+    kernel = cupy.RawKernel(source, f"{rule.name}_{dtype_name}_x8")
+    try:
+        kernel.compile()
+    except Exception:  # noqa: BLE001 - no CUDA headers here: the elementwise kernel serves
+        return None
+    return kernel
+
+
+def vectorised_available(dtype_name: str) -> bool:
+    """Whether the eight-at-a-time kernels build here for ``dtype_name`` (a 16-bit float)."""
+    return (
+        dtype_name in _HALF
+        and _vectorised(_sgd_rule(False, 0, False, False), dtype_name) is not None
+    )
+
+
+def _vectorisable(arrays: list[Any]) -> bool:
+    """One dtype, one size, contiguous, 16-byte aligned (views into an array may not be)."""
+    size, dtype = arrays[0].size, arrays[0].dtype
+    return all(
+        a.dtype == dtype and a.flags.c_contiguous and a.size == size and a.data.ptr % 16 == 0
+        for a in arrays
+    )
+
+
+def _apply(
+    rule: _Update, arrays: list[Any], scalars: tuple[float, ...], outs: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """Runs ``rule`` over ``arrays`` (the inputs, in ``rule.ins`` order); ``outs`` are the
+    output arrays to write (empty: fresh ones). Returns the outputs as a tuple."""
+    p = arrays[0]
+    name = str(p.dtype)
+    if name in _HALF and p.size and _vectorisable(arrays + list(outs)):
+        kernel = _vectorised(rule, name)
+        if kernel is not None:
+            if not outs:
+                outs = tuple(cupy.empty_like(p) for _ in rule.outs)
+            n = p.size
+            blocks = min(-(-n // (_VEC * _THREADS)), 8192)
+            kernel(
+                (blocks,), (_THREADS,),
+                (*arrays, *outs, *(np.float64(s) for s in scalars), np.int64(n)),
+            )  # fmt: skip
+            return outs
+    ctype = "double" if p.dtype == cupy.float64 else "float"
+    result = _elementwise(rule, ctype)(*arrays, *scalars, *outs)
+    return result if isinstance(result, tuple) else (result,)
+
+
+def sgd_leaf(
+    p: Any, g: Any, buf: Any, step: int, lr: float, momentum: float, dampening: float,
+    weight_decay: float, nesterov: bool,
+) -> tuple[Any, tuple[Any, ...]]:  # fmt: skip
+    """One leaf of torch's SGD update in one kernel: ``(new_p, (new_buffer,) or ())``."""
+    mode = 0 if momentum == 0.0 else (1 if step == 0 else 2)
+    rule = _sgd_rule(weight_decay != 0.0, mode, nesterov, dampening != 0.0)
+    arrays = [p, g] if mode != 2 else [p, g, buf]
+    outs: tuple[Any, ...] = (p,) if mode == 0 else (p, buf)
+    if not _in_place() or any(a is None for a in outs):
+        outs = ()
+    result = _apply(rule, arrays, (-lr, weight_decay, momentum, 1.0 - dampening), outs)
+    return result[0], tuple(result[1:])
 
 
 def adam_leaf(
@@ -115,11 +248,15 @@ def adam_leaf(
     t = step + 1
     coupled = weight_decay != 0.0 and not decoupled
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    kernel = _adam_kernel(_compute_type(p.dtype), coupled, decay != 1.0, amsgrad)
-    args = (p, g, buffers[0], buffers[1]) + ((buffers[2],) if amsgrad else ())
+    rule = _adam_rule(coupled, decay != 1.0, amsgrad)
+    arrays = [p, g, buffers[0], buffers[1]] + ([buffers[2]] if amsgrad else [])
+    outs: tuple[Any, ...] = (p, *buffers)
+    if not _in_place() or any(a is None for a in outs):
+        outs = ()
     step_size = lr / (1.0 - beta1**t)
-    outs = kernel(
-        *args, weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-        math.sqrt(1.0 - beta2**t), eps, -step_size, decay,
+    scalars = (
+        weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**t), eps,
+        -step_size, decay,
     )  # fmt: skip
-    return outs[0], tuple(outs[1:])
+    result = _apply(rule, arrays, scalars, outs)
+    return result[0], tuple(result[1:])

@@ -27,7 +27,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-__all__ = ["CaptureError", "active", "capture", "label_poison", "matmul"]
+__all__ = ["CaptureError", "active", "capture", "copy_into", "label_poison", "matmul"]
 
 #: workspace given to cuBLAS for the products of one capture
 WORKSPACE_BYTES = 32 << 20
@@ -141,6 +141,27 @@ def matmul(a: Any, b: Any) -> Any:
     if rc != 0:
         raise CaptureError(f"cublasGemmEx failed with status {rc}")
     return out
+
+
+def copy_into(dst: Any, src: Any) -> None:
+    """``dst[...] = src`` on the current stream: one asynchronous memcpy where both are
+    contiguous with one dtype and shape (cupy's ``copyto`` checks far more, on the host, for
+    each of the several loads of every replayed step), else ``copyto``."""
+    if (
+        src.shape == dst.shape
+        and src.dtype == dst.dtype
+        and isinstance(src, cupy.ndarray)
+        and src.flags.c_contiguous
+        and dst.flags.c_contiguous
+        and src.device.id == dst.device.id
+    ):
+        if src.nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                dst.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
+                cupy.cuda.get_current_stream().ptr,
+            )  # fmt: skip
+        return
+    cupy.copyto(dst, src)
 
 
 def _relaxed() -> int:

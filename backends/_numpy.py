@@ -24,5 +24,8 @@ class NumpyBackend(Backend):
             x = x.get()  # a cupy array: copy it to the host
         return np.asarray(x, dtype=dtype)
 
+    def is_local(self, x: Any) -> bool:
+        return isinstance(x, np.ndarray)
+
     def to_numpy(self, x: Any) -> np.ndarray[Any, Any]:
         return self.asarray(x)

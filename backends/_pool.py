@@ -111,6 +111,7 @@ class DevicePool:
         self._exited = 0
         self._all_exited: anyio.Event | None = None
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
+        self._backends: dict[str | Device, Any] = {}  # enqueue's device -> its backend
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -256,28 +257,38 @@ class DevicePool:
         :meth:`wait` for it only where the host needs the data. On the CPU this is
         :meth:`run`, and the event is ``None`` (the work is done).
         """
-        dev = parse_device(device)
-        if dev.kind == "cpu":
-            return await self.run(dev, fn, *args), None
+        backend = self._backends.get(device)
+        if backend is None:
+            backend = self._backends[device] = get_backend(parse_device(device))
+        if backend.device.kind == "cpu":
+            return await self.run(backend.device, fn, *args), None
         self._check_open()
-        backend = get_backend(dev)
-        await anyio.lowlevel.checkpoint()
-        with backend.activate(stream):
-            for event in after:
-                backend.wait_event(event, stream)
-            result = fn(*args)
+        # a cancellation point, not a yield: queuing kernels is quick, and the actors' channel
+        # operations yield anyway
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        launched = backend.launch(fn, args, stream, after)
         self._gpu += 1
-        return result, backend.record_event(stream)
+        return launched
 
-    async def wait(self, event: Any, *, max_interval: float = 1e-3) -> None:
+    async def wait(
+        self, event: Any, *, device: str | Device | None = None, max_interval: float = 1e-3
+    ) -> None:
         """Returns once the work before ``event`` has finished, without blocking the loop.
 
-        Polls ``event.done``, sleeping 10 µs, then twice as long each time, up to
-        ``max_interval`` seconds. ``None`` (CPU work) is finished already.
+        With the event's ``device`` named, its backend wakes the loop when the event completes
+        (a CUDA host function); otherwise, or where the backend cannot, this polls
+        ``event.done``, sleeping 10 µs, then twice as long each time, up to ``max_interval``
+        seconds (the loop's sleeps last whole milliseconds at least). ``None`` (CPU work) is
+        finished already.
         """
         if event is None:
             await anyio.lowlevel.checkpoint()
             return
+        if device is not None and not event.done and self._call_soon is not None:
+            woken = anyio.Event()
+            call_soon = self._call_soon
+            if get_backend(device).notify(event, lambda: self._notify(call_soon, woken.set)):
+                await woken.wait()
         interval = 1e-5
         while not event.done:
             await anyio.sleep(interval)

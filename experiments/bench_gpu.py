@@ -8,7 +8,7 @@
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
 
-Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--profile]
+Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--repeats R] [--profile]
 (writes runs/bench_gpu.json; --profile prints where the host time of an eager bfloat16 batch-64
 step goes)
 """
@@ -106,7 +106,8 @@ def asyncnn_step(
     return (time.perf_counter() - start) / steps
 
 
-def torch_step(batch: int, dtype: str, steps: int) -> float:
+def torch_step(batch: int, dtype: str, steps: int, prof: Any = None) -> float:
+    """Seconds per PyTorch eager step; ``prof`` (``enable()``/``disable()``) sees the timed ones."""
     import torch
 
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -128,10 +129,15 @@ def torch_step(batch: int, dtype: str, steps: int) -> float:
 
     run(3)
     torch.cuda.synchronize()
+    if prof is not None:
+        prof.enable()
     start = time.perf_counter()
     run(steps)
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    elapsed = time.perf_counter() - start
+    if prof is not None:
+        prof.disable()
+    return elapsed / steps
 
 
 def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None) -> float:
@@ -175,22 +181,37 @@ def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any
     return out["t"]
 
 
-def graphs_section(dtypes: list[str], steps: int) -> list[dict[str, Any]]:
-    """Section 4: `Sync` eager, `Sync` with CUDA graphs, and torch eager, same run."""
-    print("4. CUDA graphs: Sync, MLP width 4096, steady state (ms per step; ratio to torch eager)")
+def graphs_section(
+    dtypes: list[str], steps: int, repeats: int, rates: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Section 4: `Sync` eager, `Sync` with CUDA graphs, and torch eager, same run; each
+    measured ``repeats`` times, interleaved, and the medians compared (a shared host's step
+    times wander by tens of percent from one run to the next, torch's as much as ours)."""
+    print(f"4. CUDA graphs: Sync, MLP width 4096, steady state (ms per step, median of "
+          f"{repeats}; ratio to torch eager)")  # fmt: skip
     rows = []
     for dt in [d for d in ("float32", "bfloat16") if d in dtypes]:
         for batch in (1024, 64):
-            eager = steady_step(batch, dt, steps, False)
-            graphs = steady_step(batch, dt, steps, True)
-            t = torch_step(batch, dt, steps)
-            row = {"dtype": dt, "batch": batch, "eager_ms": eager * 1e3,
-                   "graphs_ms": graphs * 1e3, "torch_ms": t * 1e3,
-                   "graphs_ratio": graphs / t, "eager_ratio": eager / t}  # fmt: skip
+            runs: dict[str, list[float]] = {"eager": [], "graphs": [], "torch": []}
+            for _ in range(repeats):
+                runs["eager"].append(steady_step(batch, dt, steps, False) * 1e3)
+                runs["graphs"].append(steady_step(batch, dt, steps, True) * 1e3)
+                runs["torch"].append(torch_step(batch, dt, steps) * 1e3)
+            eager, graphs, t = (float(np.median(runs[k])) for k in ("eager", "graphs", "torch"))
+            best = min(eager, graphs)
+            tflops = step_flops(batch) / (best * 1e-3) / 1e12
+            peak = rates.get(dt, {}).get("cupy", math.nan)
+            row = {"dtype": dt, "batch": batch, "eager_ms": eager, "graphs_ms": graphs,
+                   "torch_ms": t, "graphs_ratio": graphs / t, "eager_ratio": eager / t,
+                   "tflops": tflops, "fraction_of_matmul_rate": tflops / peak,
+                   "runs_ms": runs}  # fmt: skip
             rows.append(row)
-            print(f"   {dt:<9} batch {batch:5d}: eager {eager * 1e3:7.2f}  graphs "
-                  f"{graphs * 1e3:7.2f}  torch {t * 1e3:7.2f}   graphs/torch {graphs / t:5.2f}"
-                  f"  eager/torch {eager / t:5.2f}")  # fmt: skip
+            print(f"   {dt:<9} batch {batch:5d}: eager {eager:7.2f}  graphs {graphs:7.2f}  "
+                  f"torch {t:7.2f}   graphs/torch {graphs / t:5.2f}  eager/torch "
+                  f"{eager / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)"
+                  "   [runs: " + "; ".join(
+                      f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items())
+                  + "]")  # fmt: skip
     return rows
 
 
@@ -204,6 +225,8 @@ def profile_step(dtype: str, batch: int, steps: int) -> None:
         t = steady_step(batch, dtype, steps, graphs, prof)
         print(f"profile: {dtype} batch {batch} cuda_graphs={graphs}: {t * 1e3:.2f} ms per step")
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        if graphs:
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
 def main() -> None:
@@ -211,6 +234,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="section 4: runs per row (median)")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     ap.add_argument("--out", default="runs/bench_gpu.json")
     ap.add_argument("--sections", default="1,2,3,4", help="which sections to run")
@@ -257,7 +281,7 @@ def main() -> None:
                   f"ratio {a / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)"
                   f"   [data on the host: {host * 1e3:.2f} ms]")  # fmt: skip
     if 4 in sections:
-        report["graphs"] = graphs_section(dtypes, args.steps)
+        report["graphs"] = graphs_section(dtypes, args.steps, args.repeats, report["matmul_tflops"])
     if 3 not in sections:
         _common.write_json(args.out, report)
         return

@@ -125,3 +125,36 @@ def test_data_already_on_the_gpu_stays_there_and_gives_the_same_run():
     assert_params_equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]
     assert results[0][2] == pytest.approx(results[1][2])
+
+
+@pytest.mark.anyio
+async def test_a_gpu_batch_is_read_only_after_its_copy_lands():
+    # step copies a GPU batch on the host thread's stream, which the actors' streams do not
+    # follow: with a kernel still running there, an actor that did not wait would read the copy
+    # before it is written
+    import cupy as cp
+
+    spin = cp.RawKernel(
+        r"""extern "C" __global__ void spin(long long cycles) {
+            long long start = clock64();
+            while (clock64() - start < cycles) {}
+        }""",
+        "spin",
+    )
+    d = _data(16)
+    losses = []
+    for on_gpu in (False, True):
+        g = ann.Graph.sequential(
+            [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)], loss=nn.CrossEntropyLoss(),
+            input_shape=(None, 6), devices=["cuda:0" if on_gpu else "cpu"],
+        )  # fmt: skip
+        async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), dtype="float64") as run:
+            for _ in range(3):
+                batch = dict(d)
+                if on_gpu:
+                    batch = {k: cp.asarray(v) for k, v in d.items()}
+                    spin((1,), (1,), (np.int64(300_000_000),))  # about 0.15 s on an H100
+                await run.step(batch)
+            await run.drain()
+            losses.append([run.losses[i] for i in range(3)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)

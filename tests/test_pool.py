@@ -119,14 +119,25 @@ async def test_cancellation_mid_run_discards_result_and_shuts_down_cleanly() -> 
 
 
 async def test_exit_by_cancellation_waits_for_running_threads() -> None:
+    started = threading.Event()
+
     def slow() -> None:
+        started.set()
         time.sleep(0.2)
 
-    with anyio.move_on_after(0.05):
+    async def cancel_once_started(scope: anyio.CancelScope) -> None:
+        # (a fixed timeout could fire before a loaded machine starts the thread at all)
+        await anyio.to_thread.run_sync(started.wait)
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
         async with open_device_pool(cpu_workers=2) as pool:
-            await pool.run("cpu", slow)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_started, scope)
+                await pool.run("cpu", slow)
+    assert scope.cancelled_caught
     assert _pool_threads() == []
-    assert pool.statistics().tasks_threaded == 1
+    assert pool.statistics().tasks_threaded == 1  # the running job finished before the exit
 
 
 async def test_small_cost_runs_inline_and_statistics_count() -> None:
@@ -226,3 +237,68 @@ async def test_gpu_enqueue_on_stream_then_wait() -> None:
         assert pool.statistics().tasks_gpu == 3
         be.synchronize()
         assert be.to_numpy(w).tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+async def test_gpu_wait_is_woken_by_the_device_not_by_polling() -> None:
+    import cupy
+
+    from asyncnn.backends import get_backend
+
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long cycles) {
+            long long start = clock64();
+            while (clock64() - start < cycles) {}
+        }""",
+        "spin",
+    )
+    be = get_backend("cuda:0")
+    stream = be.new_stream()
+    ticks = 0
+
+    async def ticker() -> None:  # the loop stays free while the wait is pending
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0.001)
+
+    async with open_device_pool(cpu_workers=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            with stream:
+                spin((1,), (1,), (np.int64(100_000_000),))  # tens of milliseconds
+            event = be.record_event(stream)
+            assert not be.event_done(event)
+            await pool.wait(event, device="cuda:0")
+            assert be.event_done(event)
+            tg.cancel_scope.cancel()
+        # a finished event returns at once; a host copy taken behind an event reads right
+        await pool.wait(event, device="cuda:0")
+        with stream:
+            host = be.to_host_async(cupy.full((), 2.5, dtype=cupy.float32))
+        await pool.wait(be.record_event(stream), device="cuda:0")
+        assert float(host) == 2.5
+    assert ticks >= 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+async def test_gpu_wait_wakes_within_a_millisecond() -> None:
+    # polling would sleep whole milliseconds (epoll's resolution): a host function wakes the
+    # loop as soon as the event completes
+    from asyncnn.backends import get_backend
+
+    be = get_backend("cuda:0")
+    stream = be.new_stream()
+    x = be.asarray(np.ones(1 << 16, dtype=np.float32))
+    async with open_device_pool(cpu_workers=1) as pool:
+        times = []
+        for _ in range(50):
+            with stream:
+                (x * 2).sum()
+            event = be.record_event(stream)
+            start = time.perf_counter()
+            await pool.wait(event, device="cuda:0")
+            times.append(time.perf_counter() - start)
+    assert float(np.median(times)) < 0.8e-3, times

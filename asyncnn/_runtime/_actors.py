@@ -170,7 +170,7 @@ class _Actor:
     async def wait_for_device(self) -> None:
         """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
         if self.last_event is not None:
-            await self.run.pool.wait(self.last_event)
+            await self.run.pool.wait(self.last_event, device=self.device)
 
     def _sum_parts(self, parts: list[Any]) -> Any:
         g = None
@@ -181,7 +181,8 @@ class _Actor:
 
     def _to_device(self, xs: list[Any]) -> list[Any]:
         # runs inside the compute: on this actor's stream, after the producers' events
-        return [x if x is None else self.backend.asarray(x) for x in xs]
+        local = self.backend.is_local
+        return [x if x is None or local(x) else self.backend.asarray(x) for x in xs]
 
     def describe(self) -> str:
         """One line saying what this actor is doing or waiting for (for stall reports)."""
@@ -382,6 +383,9 @@ class LayerActor(_Actor):
     async def _output_grad(self, parts: list[Any]) -> Any:
         """The gradient of a key's output from one part per consumer edge: their sum, in
         consumer order (the same sum whatever the timing), on this actor's stream."""
+        if len(parts) == 1 and self.backend.is_local(parts[0]):
+            # nothing to add or move: the pullback's compute waits for the part's event
+            return parts[0]
         return await self.compute(self._sum_parts, parts, cost=0)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:

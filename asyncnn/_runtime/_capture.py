@@ -105,10 +105,10 @@ class _Graphs:
         self.stats.failures.append(f"{sig}: {exc}")
 
     def _load(self, dst: list[Any], src: list[Any]) -> None:
-        copyto = self.xp.copyto
+        copy = self.g.copy_into
         for d, s in zip(dst, src, strict=True):
             if d is not s:
-                copyto(d, s)
+                copy(d, s)
 
 
 class _Entry:
@@ -140,7 +140,9 @@ class ActorGraphs:
         self.entries: collections.OrderedDict[Any, _Entry] = collections.OrderedDict()
         self.params: list[Any] | None = None  # the static parameter leaves
         self.params_def: Any = None
-        self.updates: dict[Any, Any] = {}  # update token -> (graph, grads, state leaves, keep)
+        self.params_tree: Any = None  # the tree of them handed to the actor
+        # update token -> (graph, gradient leaves, state names, keep, the gradient tree captured)
+        self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
 
     @property
@@ -159,16 +161,12 @@ class ActorGraphs:
         else:
             self.base._load(self.params, leaves)
         tree = tree_unflatten(treedef, self.params)
-        actor.params = tree
+        actor.params = self.params_tree = tree
         return tree
 
     def _static_params(self) -> bool:
-        if self.params is None:
-            return False
-        leaves = tree_leaves(self.actor.params)
-        return len(leaves) == len(self.params) and all(
-            a is b for a, b in zip(leaves, self.params, strict=True)
-        )
+        # the actor holds the very tree handed out (an eager update replaces it)
+        return self.params_tree is not None and self.actor.params is self.params_tree
 
     # -- forward and backward -------------------------------------------------------------------
     def vjp(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
@@ -262,8 +260,9 @@ class ActorGraphs:
                 return opt.update(params, grads, state)
             self.updates[token] = captured
         else:
-            graph, g_static, _, _ = captured
-            base._load(g_static, tree_leaves(grads))
+            graph, g_static, _, _, g_tree = captured
+            if grads is not g_tree:  # else they are the captured buffers already
+                base._load(g_static, tree_leaves(grads))
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
             base.stats.replays += 1
@@ -277,6 +276,8 @@ class ActorGraphs:
         return self.actor.params, new
 
     def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
+        from asyncnn.backends import _fused as fused
+
         opt, base = self.actor.run.optimizer, self.base
         names = [n for n in state if n != "step"]
         for name in names:
@@ -296,13 +297,15 @@ class ActorGraphs:
             opt.update(params, g_tree, frozen)
 
         def step() -> None:
-            new_p, new_s = opt.update(params, g_tree, frozen)
+            # the fused kernels write over the static buffers: then the loads below copy nothing
+            with fused.in_place():
+                new_p, new_s = opt.update(params, g_tree, frozen)
             base._load(self.params or [], tree_leaves(new_p))
             for name in names:
                 base._load(self.state[name], tree_leaves(new_s[name]))
 
         graph, _, keep = base._capture(step, warm)
-        return graph, g_static, names, keep
+        return graph, g_static, names, keep, grads
 
 
 def _update_token(opt: Any, state: Any) -> Any:

@@ -3,10 +3,9 @@ backward wave."""
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
@@ -19,7 +18,11 @@ from ._messages import BACKWARD, END, FORWARD, STOP, Message
 if TYPE_CHECKING:
     from ._run import Run
 
-__all__ = ["LossActor"]
+__all__ = ["MAX_UNREAD", "LossActor"]
+
+#: loss values a GPU loss actor may have queued for the host but not read yet: how many keys the
+#: host may run ahead of the device before a loss actor waits for it
+MAX_UNREAD = 2
 
 
 class LossActor(_Actor):
@@ -33,6 +36,9 @@ class LossActor(_Actor):
         self.graphs: LossGraphs | None = None
         if not self.on_cpu and capture_allowed(run):
             self.graphs = LossGraphs(self)
+        # (key, the value's host copy in flight, the event after that copy, meta), oldest first
+        self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any]]] = collections.deque()
+        self.spare: list[Any] = []  # host buffers read already, for the next copies
 
     def _file_other(self, msg: Message) -> None:
         if msg.kind == STOP:
@@ -43,6 +49,10 @@ class LossActor(_Actor):
     async def serve(self) -> None:
         while True:
             while not self.ready:
+                if self.unread:  # nothing else to do: read the oldest loss (the device is behind)
+                    self.waiting_for = f"the device, to read the loss of key {self.unread[0][0]}"
+                    await self._read_oldest()
+                    continue
                 if self.stopping:
                     return
                 self.waiting_for = "the inputs of a key"
@@ -70,17 +80,14 @@ class LossActor(_Actor):
         scale = self.run.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
         self.after = self.events.pop(key, [])
         fn = self._value_and_grads if self.graphs is None else self.graphs.value_and_grads
-        value, grads = await self.compute(fn, inputs, scale, cost=0)
-        if self.graphs is not None:
-            # a replayed step is short: poll by yielding to the loop for a while before the
-            # pool's sleeping back-off (whose first sleeps overshoot a sub-millisecond step)
-            deadline = time.perf_counter() + 2e-3
-            while not self.backend.event_done(self.last_event) and time.perf_counter() < deadline:
-                await anyio.lowlevel.checkpoint()
-        await self.wait_for_device()  # the host reads the loss value
-        self.run.check_finite(self.name, FORWARD, key, value)
-        self.stats.forwards += 1
-        self.run.loss_reported(key, float(value), meta)
+        # On a GPU the host reads the value later (a copy to host memory is queued behind the
+        # loss): the gradients leave first, so the device never idles while the host waits. A
+        # check for NaN, or a trace (whose event carries the value), reads it now.
+        now = self.on_cpu or self.run.checks_finite or self.run.recorder is not None
+        value, grads = await self.compute(self._staged, fn, inputs, scale, not now, cost=0)
+        if now:
+            await self.wait_for_device()
+            self.run.check_finite(self.name, FORWARD, key, value)
         for slot, (src, from_layer) in enumerate(
             zip(self.node.inputs, self.input_is_layer, strict=True)
         ):
@@ -89,11 +96,38 @@ class LossActor(_Actor):
                 msg = Message(BACKWARD, key, 0, self.name, src, edge, (grads[slot],), meta)
                 msg.event = self.last_event
                 await self._send(msg)
-        if self.run.recorder is not None:  # the end comes after the sends, as for layers
-            self.run.recorder.event(
-                self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": float(value)}
-            )
+        self.stats.forwards += 1
+        if now:
+            loss = float(value)
+            self.run.loss_reported(key, loss, meta)
+            if self.run.recorder is not None:  # the end comes after the sends, as for layers
+                self.run.recorder.event(
+                    self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": loss}
+                )
+        else:
+            self.unread.append((key, value, self.last_event, meta))
+            # read what has landed; past MAX_UNREAD keys ahead of the device the host waits
+            while self.unread and (
+                len(self.unread) > MAX_UNREAD or self.backend.event_done(self.unread[0][2])
+            ):
+                await self._read_oldest()
         self.seq += 1
+
+    def _staged(self, fn: Any, inputs: list[Any], scale: float, later: bool) -> Any:
+        value, grads = fn(inputs, scale)
+        # a captured loss rewrites its value on the next replay: the copy is taken now
+        if not later:
+            return value, grads
+        spare = self.spare.pop() if self.spare else None
+        return self.backend.to_host_async(value, spare), grads
+
+    async def _read_oldest(self) -> None:
+        key, value, event, meta = self.unread[0]
+        await self.run.pool.wait(event, device=self.device)
+        self.unread.popleft()
+        loss = float(value)
+        self.spare.append(value)
+        self.run.loss_reported(key, loss, meta)
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)

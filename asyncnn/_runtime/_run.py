@@ -17,6 +17,8 @@ from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
     DevicePool,
     array_namespace,
+    get_backend,
+    is_cupy_array,
     open_device_pool,
     to_numpy,
 )
@@ -194,6 +196,7 @@ class Run:
             self.losses[mb] = pending.total
             if self._on_loss is not None:
                 self._on_loss(mb, pending.total, int(meta["mb_rows"]))
+            self._notify()  # drain waits for the losses too
 
     def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
         if not self.checks_finite:
@@ -236,12 +239,14 @@ class Run:
             # buffer for the next batch meanwhile.
             # Data may live on a GPU already (a cupy array): it then stays there.
             src = batch[name]
+            floating = np.dtype(self.graph.nodes[name].dtype).kind == "f"
+            if floating and getattr(src, "dtype", self.dtype) != self.dtype:
+                arrays[name] = src.astype(self.dtype)  # a cast copies already
+                continue
             arr = array_namespace(src).array(src, copy=True)
-            if np.dtype(self.graph.nodes[name].dtype).kind == "f":
-                arr = arr.astype(self.dtype, copy=False)
-            arrays[name] = arr
-        sizes = [len(part) for part in np.array_split(np.arange(rows), m)]
-        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+            arrays[name] = arr.astype(self.dtype, copy=False) if floating else arr
+        # numpy's array_split sizes: the first rows % m microbatches take one row more
+        bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * len(self.graph.losses))
         for i in range(m):
@@ -261,6 +266,7 @@ class Run:
         rec = self.recorder
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
+        ready = _ready_events(parts.values())
         for name in self.graph.inputs:
             part = parts[name]
             for i_c, (consumer, slot) in enumerate(self.graph.nodes[name].consumers):
@@ -269,13 +275,15 @@ class Run:
                     rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
                               {"slot": slot})  # fmt: skip
                 msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
+                if ready and is_cupy_array(part):
+                    msg.event = ready[part.device.id]
                 await self.actors[consumer].send_channel.send(msg)
         self.touch()
         return key
 
     async def drain(self) -> None:
-        """Waits until every admitted key has finished its backward wave (and, under a
-        continuous policy, the pipeline has cooled down)."""
+        """Waits until every admitted key has finished its backward wave and reported its loss
+        (and, under a continuous policy, the pipeline has cooled down)."""
         if not self.policy.flush and self.next_key > self.stream_start:
             for name in self.layers:
                 meta = {"total": self.next_key - self.stream_start}
@@ -283,7 +291,8 @@ class Run:
                     Message(END, -1, 0, "", name, 0, (), meta)
                 )
             self.stream_start = self.next_key
-        await self._wait_until(lambda: self.in_flight == 0)
+        # a loss actor reads its value after sending the gradients back: wait for those too
+        await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
         if self.recorder is not None and self.policy.flush and self.minibatches > 0:
             self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
 
@@ -328,6 +337,17 @@ class Run:
             s.idle_seconds = max(0.0, (now - actor.born) - s.busy_seconds)
             out[name] = s
         return out
+
+
+def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
+    """``{GPU index: event}`` recorded after the host thread's queued work on each GPU that
+    holds a part: ``step``'s copies run on that thread's current stream, which the actors'
+    streams do not follow, so each message of a GPU part carries the event to wait on."""
+    events: dict[int, Any] = {}
+    for part in parts:
+        if is_cupy_array(part) and part.device.id not in events:
+            events[part.device.id] = get_backend(f"cuda:{part.device.id}").record_event()
+    return events
 
 
 async def _stop_all(run: Run) -> None:
