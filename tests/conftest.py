@@ -23,6 +23,23 @@ def _cuda_available() -> bool:
 
 HAS_CUDA = _cuda_available()
 
+
+def spin_gpu(cycles: int) -> None:
+    """Queues a one-thread kernel that busies the GPU for ``cycles`` clock cycles (2e8 is about
+    0.1 s on an H100) on the current stream: work still running when a test looks."""
+    import cupy
+    import numpy as np
+
+    kernel = cupy.RawKernel(
+        r"""extern "C" __global__ void asyncnn_test_spin(long long cycles) {
+            long long start = clock64();
+            while (clock64() - start < cycles) {}
+        }""",
+        "asyncnn_test_spin",
+    )
+    kernel((1,), (1,), (np.int64(cycles),))
+
+
 _BACKEND_PARAMS = [
     pytest.param("numpy", id="numpy"),
     pytest.param(

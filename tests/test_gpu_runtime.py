@@ -11,7 +11,7 @@ import asyncnn as ann
 from asyncnn import nn, optim, policies
 
 from _reference import assert_params_close, assert_params_equal
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, spin_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")]
 
@@ -131,17 +131,13 @@ def test_data_already_on_the_gpu_stays_there_and_gives_the_same_run():
 async def test_a_gpu_batch_is_read_only_after_its_copy_lands():
     # step copies a GPU batch on the host thread's stream, which the actors' streams do not
     # follow: with a kernel still running there, an actor that did not wait would read the copy
-    # before it is written
+    # before it is written (each step's batch differs, so memory the pool hands back holding an
+    # earlier batch would not pass for this one)
     import cupy as cp
 
-    spin = cp.RawKernel(
-        r"""extern "C" __global__ void spin(long long cycles) {
-            long long start = clock64();
-            while (clock64() - start < cycles) {}
-        }""",
-        "spin",
-    )
-    d = _data(16)
+    batches = [_data(16) for _ in range(3)]
+    for i, b in enumerate(batches):
+        b["x"] = b["x"] * (i + 1) - i
     losses = []
     for on_gpu in (False, True):
         g = ann.Graph.sequential(
@@ -149,11 +145,11 @@ async def test_a_gpu_batch_is_read_only_after_its_copy_lands():
             input_shape=(None, 6), devices=["cuda:0" if on_gpu else "cpu"],
         )  # fmt: skip
         async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), dtype="float64") as run:
-            for _ in range(3):
+            for d in batches:
                 batch = dict(d)
                 if on_gpu:
                     batch = {k: cp.asarray(v) for k, v in d.items()}
-                    spin((1,), (1,), (np.int64(300_000_000),))  # about 0.15 s on an H100
+                    spin_gpu(300_000_000)  # about 0.15 s on an H100
                 await run.step(batch)
             await run.drain()
             losses.append([run.losses[i] for i in range(3)])

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_info
 
 from asyncnn.backends import PoolStatistics, open_device_pool
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, spin_gpu
 
 pytestmark = pytest.mark.anyio
 
@@ -246,13 +246,6 @@ async def test_gpu_wait_is_woken_by_the_device_not_by_polling() -> None:
 
     from asyncnn.backends import get_backend
 
-    spin = cupy.RawKernel(
-        r"""extern "C" __global__ void spin(long long cycles) {
-            long long start = clock64();
-            while (clock64() - start < cycles) {}
-        }""",
-        "spin",
-    )
     be = get_backend("cuda:0")
     stream = be.new_stream()
     ticks = 0
@@ -267,7 +260,7 @@ async def test_gpu_wait_is_woken_by_the_device_not_by_polling() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
             with stream:
-                spin((1,), (1,), (np.int64(100_000_000),))  # tens of milliseconds
+                spin_gpu(100_000_000)  # tens of milliseconds
             event = be.record_event(stream)
             assert not be.event_done(event)
             await pool.wait(event, device="cuda:0")
