@@ -13,6 +13,7 @@ import numpy as np
 
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_map
+from ._runtime._checks import check_cuda_graphs
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
@@ -133,13 +134,7 @@ class Trainer:
         self.progress = progress
         self.stall_timeout = stall_timeout
         self.check_finite = check_finite
-        if not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if cuda_graphs and cluster is not None:
-            raise ValueError(
-                "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
-                "cuda_graphs=False with a cluster"
-            )
+        check_cuda_graphs(cuda_graphs, cluster)
         self.cuda_graphs = cuda_graphs
         if tune_allocator:
             _tune_allocator()

@@ -163,7 +163,7 @@ class Backend(abc.ABC):
 
     def memory_in_use(self) -> int:
         """Bytes in live arrays of this backend's memory pool (0 where it has none)."""
-        return 0
+        return self.memory_pool()[0]
 
     def memory_pool(self) -> tuple[int, int]:
         """This device's memory pool: ``(bytes in live arrays, bytes held from the driver)``.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._base import Backend, Device, parse_device
+from ._dtypes import BFLOAT16
 
 try:
     import cupy
@@ -176,14 +177,12 @@ class CupyBackend(Backend):
     def dtype(self, dtype: Any) -> np.dtype[Any]:
         if str(dtype) == "bfloat16":
             # numpy learns the name only from ml_dtypes; cupy may still refuse the arrays
-            try:
-                import ml_dtypes
-            except ImportError as exc:
+            if BFLOAT16 is None:
                 raise ValueError(
                     "dtype 'bfloat16' needs the ml_dtypes package and a cupy that supports it; "
                     "use 'float16' or 'float32' on cupy"
-                ) from exc
-            dtype = ml_dtypes.bfloat16
+                )
+            dtype = BFLOAT16
         dt = super().dtype(dtype)
         if dt not in self._checked_dtypes:
             with self._dtype_lock, self._cuda_device:
@@ -308,10 +307,6 @@ class CupyBackend(Backend):
             self._notifier.wait_event(event)
             self._notifier.launch_host_func(_call, callback)
         return True
-
-    def memory_in_use(self) -> int:
-        with self._cuda_device:
-            return int(cupy.get_default_memory_pool().used_bytes())
 
     def memory_pool(self) -> tuple[int, int]:
         with self._cuda_device:

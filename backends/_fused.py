@@ -74,6 +74,7 @@ class _Update:
     body: str
 
 
+@functools.cache
 def _sgd_rule(weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> _Update:
     # momentum: 0 none, 1 first step (the buffer starts as d), 2 later steps
     body = ["C p_ = (C)p; C d = (C)g;"]
@@ -100,6 +101,7 @@ def _sgd_rule(weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> 
     return _Update(name, ins, outs, ("nlr", "wd", "mom", "omd"), "\n".join(body))
 
 
+@functools.cache
 def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool) -> _Update:
     body = ["C p_ = (C)p; C g_ = (C)g;"]
     if coupled:

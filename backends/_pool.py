@@ -111,7 +111,6 @@ class DevicePool:
         self._exited = 0
         self._all_exited: anyio.Event | None = None
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
-        self._backends: dict[str | Device, Any] = {}  # enqueue's device -> its backend
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -257,9 +256,7 @@ class DevicePool:
         :meth:`wait` for it only where the host needs the data. On the CPU this is
         :meth:`run`, and the event is ``None`` (the work is done).
         """
-        backend = self._backends.get(device)
-        if backend is None:
-            backend = self._backends[device] = get_backend(parse_device(device))
+        backend = get_backend(device)
         if backend.device.kind == "cpu":
             return await self.run(backend.device, fn, *args), None
         self._check_open()

@@ -15,6 +15,9 @@ __all__ = ["array_namespace", "get_backend", "is_cupy_array", "scatter_add", "to
 
 _lock = threading.Lock()
 _backends: dict[Device, Backend] = {}
+# the same backends by the key a caller passed ("cuda:0", Device(...), "cupy"): the device pool
+# asks on every GPU compute and wait, and parsing the name each time would cost more
+_by_key: dict[Any, Backend] = {}
 
 
 def get_backend(device: str | Device = "cpu") -> Backend:
@@ -22,14 +25,15 @@ def get_backend(device: str | Device = "cpu") -> Backend:
 
     cupy is imported the first time a CUDA device is asked for, never before.
     """
+    backend = _by_key.get(device)
+    if backend is not None:
+        return backend
+    key = device
     if device == "numpy":
         device = "cpu"
     elif device == "cupy":
         device = "cuda:0"
     dev = parse_device(device)
-    backend = _backends.get(dev)
-    if backend is not None:
-        return backend
     with _lock:
         backend = _backends.get(dev)
         if backend is None:
@@ -42,6 +46,7 @@ def get_backend(device: str | Device = "cpu") -> Backend:
 
                 backend = CupyBackend(dev.index)
             _backends[dev] = backend
+        _by_key[key] = backend
     return backend
 
 

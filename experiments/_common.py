@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -70,6 +71,13 @@ def write_results(out: str, config: Any, results: dict[str, Any]) -> str:
     return path
 
 
+def finish(out: str, config: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``results.json`` into ``out`` (:func:`write_results`), says so, returns ``results``."""
+    path = write_results(out, config, results)
+    print(f"wrote {path}")
+    return results
+
+
 def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend."""
     import matplotlib
@@ -92,14 +100,34 @@ def sync_or_async(name: str, max_active_keys: int) -> Any:
 
 
 def save_figure(fig: Any, out: str, name: str) -> str:
-    """Lays ``fig`` out, writes it to ``out/name`` (100 dpi) and closes it; returns the path."""
+    """Lays ``fig`` out, writes it to ``out/name`` (100 dpi; the folder is made if need be) and
+    closes it; returns the path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def seconds_per_call(
+    fn: Callable[[], Any], reps: int, sync: Callable[[], Any] | None = None, warmup: int = 1
+) -> float:
+    """Mean seconds per call of ``fn`` over ``reps`` calls, after ``warmup`` untimed ones;
+    ``sync()`` (a device synchronisation), if given, runs before the clock starts and before it
+    stops."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if sync is not None:
+        sync()
+    return (time.perf_counter() - start) / reps
 
 
 def target_summary(curve: list[dict[str, Any]], target: float) -> tuple[Any, dict[str, Any]]:

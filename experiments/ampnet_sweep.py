@@ -163,7 +163,7 @@ def settings(cfg: Config) -> list[tuple[str, policies.Policy, int]]:
     return runs
 
 
-def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Median over seeds of each setting's time to target, final accuracy and throughput."""
     table: dict[str, dict[str, Any]] = {}
     for label in dict.fromkeys(r["label"] for r in runs):
@@ -209,10 +209,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     axes[0].set_ylim(0.2, 0.8)
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"MNIST-1D MLP, {cfg.stages} stages, seed {seed}: accuracy vs time (2-core CPU)")
-    fig.tight_layout()
-    paths.append(os.path.join(cfg.out, "ampnet_curves.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_common.save_figure(fig, cfg.out, "ampnet_curves.png"))
 
     grid = np.full((len(cfg.min_update_frequency), len(cfg.max_active_keys)), np.nan)
     for i, f in enumerate(cfg.min_update_frequency):
@@ -239,10 +236,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
         fontsize=9,
     )
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths.append(os.path.join(cfg.out, "ampnet_heatmap.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_common.save_figure(fig, cfg.out, "ampnet_heatmap.png"))
     return paths
 
 
@@ -265,12 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in cfg.seeds:
         for label, policy, stages in settings(cfg):
             runs.append(train_curve(cfg, label, policy, stages, seed, train, test, cfg.max_epochs))
-    table = summarise(cfg, runs)
-    os.makedirs(cfg.out, exist_ok=True)
+    table = summarise(runs)
     results = {"machine_at_start": before, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs, table)
-    print("wrote", _common.write_results(cfg.out, cfg, results))
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

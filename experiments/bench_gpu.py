@@ -42,6 +42,20 @@ def mlp(width: int = WIDTH) -> list[Any]:
     return mods
 
 
+def graph(stages: int) -> ann.Graph:
+    """:func:`mlp` in ``stages`` stages, all on cuda:0."""
+    return ann.Graph.sequential(
+        mlp(), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, WIDTH),
+        devices=["cuda:0"] * stages,
+    )  # fmt: skip
+
+
+def data_dtype(dtype: str) -> type[np.floating[Any]]:
+    """The dtype the inputs are made in on the GPU: float16 data is cast ahead; bfloat16 data the
+    Trainer casts per batch (its input checks take IEEE floats only)."""
+    return np.float16 if dtype == "float16" else np.float32
+
+
 def step_flops(batch: int, width: int = WIDTH) -> float:
     per_layer = 2.0 * batch * width * width
     # forward, and backward (input and weight gradients), except no input gradient for layer 0
@@ -57,25 +71,15 @@ def matmul_rate(dtype: str) -> dict[str, float]:
     cdt = ann.backends.get_backend("cuda:0").dtype(dtype)
     a = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cdt)
     b = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cdt)
-    for _ in range(3):
-        a @ b
-    cp.cuda.Device().synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    cp.cuda.Device().synchronize()
-    out["cupy"] = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    seconds = _common.seconds_per_call(
+        lambda: a @ b, 10, sync=lambda: cp.cuda.Device().synchronize(), warmup=3
+    )
+    out["cupy"] = 2 * n**3 / seconds / 1e12
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     ta = torch.randn(n, n, device="cuda", dtype=tdt)
     tb = torch.randn(n, n, device="cuda", dtype=tdt)
-    for _ in range(3):
-        ta @ tb
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        ta @ tb
-    torch.cuda.synchronize()
-    out["torch"] = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    seconds = _common.seconds_per_call(lambda: ta @ tb, 10, sync=torch.cuda.synchronize, warmup=3)
+    out["torch"] = 2 * n**3 / seconds / 1e12
     return out
 
 
@@ -83,10 +87,7 @@ def asyncnn_step(
     policy: Any, stages: int, batch: int, dtype: str, steps: int, on_device: bool = True,
     cuda_graphs: bool = False,
 ) -> float:  # fmt: skip
-    g = ann.Graph.sequential(
-        mlp(), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, WIDTH),
-        devices=["cuda:0"] * stages,
-    )  # fmt: skip
+    g = graph(stages)
     tr = ann.Trainer(
         g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype, cuda_graphs=cuda_graphs
     )
@@ -96,9 +97,7 @@ def asyncnn_step(
     if on_device:  # the dataset lives on the GPU, as torch's tensors do below
         import cupy as cp
 
-        # float16 data is cast ahead; bfloat16 data the Trainer casts per batch (its input checks
-        # take IEEE floats only)
-        cdt = np.float16 if dtype == "float16" else np.float32
+        cdt = data_dtype(dtype)
         data = {k: cp.asarray(v).astype(cdt if k == "x" else v.dtype) for k, v in data.items()}
     tr.fit({k: v[: batch * 3] for k, v in data.items()}, batch_size=batch)  # warm-up
     start = time.perf_counter()
@@ -146,12 +145,9 @@ def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any
     import anyio
     import cupy as cp
 
-    g = ann.Graph.sequential(
-        mlp(), loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, WIDTH),
-        devices=["cuda:0"],
-    )  # fmt: skip
+    g = graph(1)
     rng = np.random.default_rng(0)
-    cdt = np.float16 if dtype == "float16" else np.float32
+    cdt = data_dtype(dtype)
     x = cp.asarray(rng.standard_normal((batch * (steps + 10), WIDTH)).astype(cdt))
     y = cp.asarray(rng.integers(0, 10, batch * (steps + 10)))
     out: dict[str, float] = {}
@@ -251,8 +247,7 @@ def main() -> None:
     # bfloat16 comes from ml_dtypes, which cupy 14 computes with
     for candidate in [d for d in args.dtypes.split(",") if d != "float32"]:
         try:
-            ann.backends.get_backend("cuda:0").dtype(candidate)
-            cp.zeros(4, dtype=ann.backends.get_backend("cuda:0").dtype(candidate))
+            ann.backends.get_backend("cuda:0").dtype(candidate)  # allocates one: raises if not
             dtypes.append(candidate)
         except Exception as exc:  # noqa: BLE001 - report what cupy lacks
             print(f"{candidate}: not available in cupy here ({type(exc).__name__}: {exc})")

@@ -82,20 +82,12 @@ def per_hop_overhead(keys: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def time_steps(fn: Any, steps: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
-
-
 def step_times(batch: int, steps: int) -> dict[str, float]:
     d = data(batch * steps)
     one = {k: v[:batch] for k, v in d.items()}
     results = {}
     params = _numpy_mlp.init(SIZES)
-    results["numpy by hand"] = time_steps(
+    results["numpy by hand"] = _common.seconds_per_call(
         lambda: _numpy_mlp.sgd_step(params, one["x"], one["y"], 0.01), steps
     )
 
@@ -111,7 +103,7 @@ def step_times(batch: int, steps: int) -> dict[str, float]:
         _, grads = vg(p)
         p, state = opt.update(p, grads, state)
 
-    results["plain loop (value_and_grad)"] = time_steps(plain, steps)
+    results["plain loop (value_and_grad)"] = _common.seconds_per_call(plain, steps)
     for k in (1, 2):
         g = ann.Graph.sequential(mlp_modules(), loss=loss, stages=k, input_shape=(None, SIZES[0]))
         tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())

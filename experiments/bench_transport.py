@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
+from bench_runtime import SIZES, data, mlp_modules  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
 from asyncnn import nn, optim, policies  # noqa: E402
@@ -156,16 +157,9 @@ def best(fn: Any, nbytes: int, count: int, tiny: int, repeats: int) -> tuple[flo
 
 
 # -- a pipeline on two workers ----------------------------------------------------------------------
-SIZES = [784, 1024, 1024, 1024, 10]
-
-
 def pipeline(batch: int, steps: int, micro: int) -> dict[str, float]:
-    mods: list[Any] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
-        mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(SIZES) - 2 else [])
-    rng = np.random.default_rng(0)
-    n = batch * steps
-    d = {"x": rng.standard_normal((n, SIZES[0]), dtype=np.float32), "y": rng.integers(0, 10, n)}
+    mods = mlp_modules()  # bench_runtime's MLP and data
+    d = data(batch * steps)
     results: dict[str, float] = {}
     cases = [
         ("Sync, one process, 1 stage", policies.Sync(), None, None),

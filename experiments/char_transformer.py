@@ -344,9 +344,7 @@ def plot(cfg: Config, results: dict[str, Any]) -> None:
     bx.set_ylim(0, 1)
     bx.set_ylabel("busy fraction")
     bx.set_title("per-stage utilisation (one process, 2 cores)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out, "char_transformer.png"), dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, cfg.out, "char_transformer.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

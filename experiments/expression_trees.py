@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
-from asyncnn import data, nn, ops, optim, policies  # noqa: E402
+from asyncnn import data, nn, ops, optim  # noqa: E402
 
 OPS = ("+", "-", "*")
 VOCAB = 10 + len(OPS)  # digits 0-9, then the operators
@@ -210,10 +210,6 @@ def build_mlp(cfg: Config) -> ann.Graph:
     )
 
 
-def policy_of(cfg: Config, name: str) -> policies.Policy:
-    return _common.sync_or_async(name, cfg.async_max_active_keys)
-
-
 def run_one(cfg: Config, model: str, pol: str, train: dict[str, Any], test: dict[str, Any]
             ) -> dict[str, Any]:  # fmt: skip
     """Trains one model under one policy, evaluating on the test trees after every epoch."""
@@ -222,14 +218,18 @@ def run_one(cfg: Config, model: str, pol: str, train: dict[str, Any], test: dict
         keys = ("xs", "len", "h0", "y")
     else:
         graph = build_mlp(cfg)
-        keys = ("xs", "y")
         train = {"x" if k == "xs" else k: v for k, v in train.items()}
         test = {"x" if k == "xs" else k: v for k, v in test.items()}
         keys = ("x", "y")
     ds = data.ArrayDataset({k: train[k] for k in keys})
     tst = {k: test[k] for k in keys}
     adam = optim.Adam(lr=cfg.lr, clip_norm=cfg.clip_norm or None)
-    tr = ann.Trainer(graph, optimizer=adam, policy=policy_of(cfg, pol), seed=cfg.seed)
+    tr = ann.Trainer(
+        graph,
+        optimizer=adam,
+        policy=_common.sync_or_async(pol, cfg.async_max_active_keys),
+        seed=cfg.seed,
+    )
     curve, seconds = [], 0.0
     for epoch in range(cfg.epochs):
         hist = tr.fit(ds, epochs=1, batch_size=cfg.batch_size, shuffle=True)
@@ -303,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in ("tree", "mlp"):
         for pol in cfg.policies:
             runs.append(run_one(cfg, model, pol, train, test))
-    os.makedirs(cfg.out, exist_ok=True)
     results: dict[str, Any] = {
         "machine_at_start": before, "majority_class_test_accuracy": majority,
         "label_counts_train": counts.tolist(),
@@ -312,8 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }  # fmt: skip
     results["figures"] = plot(cfg, runs, majority)
-    print("wrote", _common.write_results(cfg.out, cfg, results))
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

@@ -252,11 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, policy in settings(cfg):
             runs.append(train_curve(cfg, label, policy, repeat, train, test, cfg.max_epochs))
     table = summarise(runs)
-    os.makedirs(cfg.out, exist_ok=True)
     results = {"machine_at_start": before, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs, table)
-    print("wrote", _common.write_results(cfg.out, cfg, results))
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

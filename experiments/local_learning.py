@@ -126,7 +126,6 @@ def train_one(cfg: Config, data: dict[str, np.ndarray], local: bool, policy: str
 def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
     """Final-head curves of every run; per-stage head accuracy; wall time per policy."""
     plt = _common.pyplot()
-    os.makedirs(out, exist_ok=True)
     epochs = np.arange(1, cfg.epochs + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in runs:
@@ -139,10 +138,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"MNIST-1D, {cfg.stages} stages of {cfg.width}: local learning vs backprop")
-    fig.tight_layout()
-    curves = os.path.join(out, "local_learning_curves.png")
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
+    curves = _common.save_figure(fig, out, "local_learning_curves.png")
 
     fig, (ax_head, ax_time) = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in runs:
@@ -170,10 +166,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
     ax_time.set_xticks(x, pols)
     ax_time.set(ylabel=f"wall time, {cfg.epochs} epochs (s)", title="training time")
     ax_time.legend(fontsize=8)
-    fig.tight_layout()
-    heads = os.path.join(out, "local_learning_heads_time.png")
-    fig.savefig(heads, dpi=100)
-    plt.close(fig)
+    heads = _common.save_figure(fig, out, "local_learning_heads_time.png")
     return [curves, heads]
 
 
@@ -182,10 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     runs = [train_one(cfg, data, local, p) for p in cfg.policies for local in (False, True)]
     figures = plot(cfg, runs, cfg.out)
-    results = {"runs": runs, "figures": figures}
-    path = _common.write_results(cfg.out, cfg, results)
-    print(f"wrote {path}")
-    return results
+    return _common.finish(cfg.out, cfg, {"runs": runs, "figures": figures})
 
 
 if __name__ == "__main__":

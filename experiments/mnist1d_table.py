@@ -213,10 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for pol in cfg.policies:
             cells.append(run_cell(cfg, model, pol, sets["train"], sets["test"]))
     results = {"machine_at_start": before, "cells": cells, "paper": PAPER}
-    os.makedirs(cfg.out, exist_ok=True)
     results["figures"] = plot(cfg, cells)
-    print("wrote", _common.write_results(cfg.out, cfg, results))
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
-from asyncnn import data, nn, ops, optim, policies  # noqa: E402
+from asyncnn import data, nn, ops, optim  # noqa: E402
 
 MODELS = ("dense", "moe", "moe_balanced")
 
@@ -98,17 +98,13 @@ def build(cfg: Config, model: str, k: int) -> ann.Graph:
     return g
 
 
-def policy_of(cfg: Config, name: str) -> policies.Policy:
-    return _common.sync_or_async(name, cfg.async_max_active_keys)
-
-
 def run_one(
     cfg: Config, model: str, k: int, policy: str, seed: int, train: Any, test: Any
 ) -> dict[str, Any]:
     """Trains one (model, k, policy, seed) cell; returns its accuracy, throughput and load."""
     graph = build(cfg, model, k)
-    tr = ann.Trainer(graph, optimizer=optim.Adam(lr=cfg.lr), policy=policy_of(cfg, policy),
-                     seed=seed)  # fmt: skip
+    pol = _common.sync_or_async(policy, cfg.async_max_active_keys)
+    tr = ann.Trainer(graph, optimizer=optim.Adam(lr=cfg.lr), policy=pol, seed=seed)
     hist = tr.fit(train, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True)
     metrics = tr.evaluate(test)
     res: dict[str, Any] = {
@@ -117,8 +113,7 @@ def run_one(
         "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
         "train_accuracy": tr.evaluate(train.arrays)["accuracy"],
         "samples_per_second": hist.samples_per_second, "seconds": hist.seconds,
-        "params": int(sum(np.asarray(a).size for p in tr.params.values()
-                          for a in _leaves(p))),
+        "params": sum(graph.nodes[n].module.num_params(p) for n, p in tr.params.items()),
     }  # fmt: skip
     if model != "dense":
         gate = hist.statistics["gate"]
@@ -139,14 +134,6 @@ def run_one(
 
 
 LABELS = {"dense": "dense k={k}", "moe": "MoE top-{k}", "moe_balanced": "MoE bal. top-{k}"}
-
-
-def _leaves(p: Any) -> list[Any]:
-    if isinstance(p, dict):
-        return [a for v in p.values() for a in _leaves(v)]
-    if isinstance(p, list | tuple):
-        return [a for v in p for a in _leaves(v)]
-    return [p]
 
 
 def test_share(
@@ -247,11 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for pol in cfg.policies:
                     runs.append(run_one(cfg, model, k, pol, seed, train, test))
     table = summarise(runs)
-    os.makedirs(cfg.out, exist_ok=True)
     results = {"machine_at_start": before, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs)
-    print("wrote", _common.write_results(cfg.out, cfg, results))
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

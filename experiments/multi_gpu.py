@@ -122,6 +122,19 @@ def dataset(rows: int, cfg: Config, on_gpu: bool) -> dict[str, Any]:
             "y": rng_np.integers(0, 10, rows)}  # fmt: skip
 
 
+def timed_fit(tr: ann.Trainer, data: dict[str, Any], rows: int, cfg: Config,
+              devices: list[str]) -> float:  # fmt: skip
+    """Fits the first ``warmup`` minibatches of ``rows`` of ``data`` untimed, then the rest;
+    returns the seconds of the rest (the devices synchronised before and after)."""
+    if cfg.warmup:
+        tr.fit({k: v[: rows * cfg.warmup] for k, v in data.items()}, batch_size=rows)
+    synchronize(devices)
+    start = time.perf_counter()
+    tr.fit({k: v[rows * cfg.warmup :] for k, v in data.items()}, batch_size=rows)
+    synchronize(devices)
+    return time.perf_counter() - start
+
+
 def samples_per_second(
     graph: ann.Graph, policy: Any, rows: int, cfg: Config, devices: list[str], cluster: Any = None
 ) -> float:
@@ -130,13 +143,7 @@ def samples_per_second(
     data = dataset(rows * (cfg.warmup + cfg.steps), cfg, on_gpu)
     tr = ann.Trainer(graph, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=cfg.dtype,
                      cluster=cluster)  # fmt: skip
-    if cfg.warmup:
-        tr.fit({k: v[: rows * cfg.warmup] for k, v in data.items()}, batch_size=rows)
-    synchronize(devices)
-    start = time.perf_counter()
-    tr.fit({k: v[rows * cfg.warmup :] for k, v in data.items()}, batch_size=rows)
-    synchronize(devices)
-    return rows * cfg.steps / (time.perf_counter() - start)
+    return rows * cfg.steps / timed_fit(tr, data, rows, cfg, devices)
 
 
 def stage_devices(k: int, cfg: Config) -> list[str]:
@@ -157,7 +164,7 @@ def throughput(ks: list[int], cfg: Config, deadline: float) -> list[dict[str, An
         rows = m * cfg.microbatch
         modules, sizes = model(k, cfg)
         devices = stage_devices(k, cfg)
-        one = ["cpu"] if cfg.cpu_smoke else ["cuda:0"]
+        one = stage_devices(1, cfg)
         if time.perf_counter() > deadline:
             print(f"K={k}: skipped, past the time budget")
             rows_out.append({"k": k, "skipped": "time budget"})
@@ -202,16 +209,6 @@ def throughput(ks: list[int], cfg: Config, deadline: float) -> list[dict[str, An
 # -- 2. transfer rates --------------------------------------------------------------------------------
 
 
-def _timed(fn: Any, sync: Any, reps: int) -> float:
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / reps
-
-
 def cupy_copy_rate(src: int, dst: int, mib: int, reps: int) -> float:
     """MB/s of ``backend.copy_to`` from cuda:src to cuda:dst (a plain copy when they are one)."""
     import cupy
@@ -227,7 +224,7 @@ def cupy_copy_rate(src: int, dst: int, mib: int, reps: int) -> float:
         with cupy.cuda.Device(dst), stream:
             backend.copy_to(x, f"cuda:{dst}") if src != dst else x.copy()
 
-    seconds = _timed(copy, stream.synchronize, reps)
+    seconds = _common.seconds_per_call(copy, reps, sync=stream.synchronize)
     return n * 4 / seconds / 1e6
 
 
@@ -246,7 +243,7 @@ def torch_copy_rate(src: int, dst: int, mib: int, reps: int) -> float | None:
         torch.cuda.synchronize(src)
         torch.cuda.synchronize(dst)
 
-    return x.numel() * 4 / _timed(copy, sync, reps) / 1e6
+    return x.numel() * 4 / _common.seconds_per_call(copy, reps, sync=sync) / 1e6
 
 
 def _free_port() -> int:
@@ -313,12 +310,7 @@ def asyncnn_stage_rate(mib: int, cfg: Config, devices: list[str], workers: bool)
     try:
         tr = ann.Trainer(graph, optimizer=optim.SGD(lr=1e-3), policy=policies.Sync(),
                          cluster=cluster)  # fmt: skip
-        tr.fit({k: v[: rows * cfg.warmup] for k, v in data.items()}, batch_size=rows)
-        synchronize(devices)
-        start = time.perf_counter()
-        tr.fit({k: v[rows * cfg.warmup :] for k, v in data.items()}, batch_size=rows)
-        synchronize(devices)
-        seconds = time.perf_counter() - start
+        seconds = timed_fit(tr, data, rows, cfg, devices)
     finally:
         if cluster is not None:
             cluster.close()

@@ -175,7 +175,7 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
 # -- the whole experiment ----------------------------------------------------------------------
 
 
-def plot(cfg: Config, rows: list[dict], path: str) -> None:
+def plot(cfg: Config, rows: list[dict]) -> None:
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, len(cfg.policies), figsize=(5 * len(cfg.policies), 3.8))
     axes = np.atleast_1d(axes)
@@ -196,9 +196,7 @@ def plot(cfg: Config, rows: list[dict], path: str) -> None:
         ax.set_title(f"{name}: line (K-1)/(M+K-1), o busy counters, x wall")
         ax.set_ylim(-0.02, 1.0)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, cfg.out, "pipeline_bubble.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{1e3 * r['seconds_per_minibatch']:.1f} ms per minibatch "
                     f"(theory {1e3 * r['theory_seconds_per_minibatch']:.1f})"
                 )
-    plot(cfg, rows, os.path.join(cfg.out, "pipeline_bubble.png"))
+    plot(cfg, rows)
     timelines = {}
     if cfg.trace_example:
         k, m = max(cfg.stages), 4
@@ -231,10 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "png": final,
                 "busy_fraction": {a: v["busy_fraction"] for a, v in s["actors"].items()},
             }
-    results = {"rows": rows, "timelines": timelines}
-    path = _common.write_results(cfg.out, cfg, results)
-    print(f"wrote {path}")
-    return results
+    return _common.finish(cfg.out, cfg, {"rows": rows, "timelines": timelines})
 
 
 if __name__ == "__main__":

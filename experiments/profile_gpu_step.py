@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,19 +20,17 @@ import numpy as np
 import asyncnn as ann
 from asyncnn import nn, optim
 
-WIDTH = 4096
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
+import bench_gpu  # noqa: E402
+from bench_gpu import WIDTH  # noqa: E402
+
 BATCH = 1024
 
 
 def timeit(f: Callable[[], Any], n: int = 10) -> float:
     """Milliseconds per call, after a warm-up, synchronising the device around the loop."""
-    f()
-    cp.cuda.Device().synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        f()
-    cp.cuda.Device().synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    return 1e3 * _common.seconds_per_call(f, n, sync=lambda: cp.cuda.Device().synchronize())
 
 
 def profile(dtype: str) -> None:
@@ -46,11 +43,7 @@ def profile(dtype: str) -> None:
         "x.T@x ms",
         round(timeit(lambda: a.T @ a), 3),
     )
-    mods: list[Any] = []
-    for _ in range(4):
-        mods += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    mods.append(nn.Linear(WIDTH, 10))
-    model = nn.Sequential(*mods)
+    model = nn.Sequential(*bench_gpu.mlp())
     opt = optim.SGD(lr=1e-3)
     state = {"p": model.init(0, backend="cuda:0", dtype=dtype)}
     state["s"] = opt.init(state["p"])
@@ -72,9 +65,6 @@ def kernels(dtype: str, batch: int, steps: int = 10) -> None:
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import bench_gpu
 
     class Window:  # the enable/disable hooks of the bench's step loops, around the timed steps
         def __init__(self) -> None:

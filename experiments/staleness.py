@@ -78,7 +78,8 @@ def train_one(cfg: Config, name: str, policy: Any, data: dict[str, Any]) -> dict
         hist = tr.fit(train, epochs=1, batch_size=cfg.batch_size, shuffle=True)
         losses += hist.losses
         seconds += hist.seconds
-        test_acc.append(tr.evaluate(test)["accuracy"])
+        final = tr.evaluate(test)  # after the last epoch: the final weights' metrics
+        test_acc.append(final["accuracy"])
         s = ann.trace.summary(tr.traces[-1])
         for layer in tr.graph.layers:
             a = s["actors"][layer]
@@ -87,7 +88,6 @@ def train_one(cfg: Config, name: str, policy: Any, data: dict[str, Any]) -> dict
         os.remove(tr.traces[-1])  # one trace per fit; the summary is all we keep
     layers = tr.graph.layers
     per_stage = {n: float(np.mean(stale[n])) for n in layers}
-    final = tr.evaluate(test)
     result = {
         "setting": name,
         "policy": repr(policy),
@@ -125,11 +125,7 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     ax.set_ylabel(f"training loss (running mean of {window})")
     ax.set_title("MNIST-1D, 4-stage MLP: loss per setting")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "staleness_loss.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_common.save_figure(fig, cfg.out, "staleness_loss.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in rows:
@@ -143,11 +139,7 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     ax.set_xlabel("measured staleness (versions, mean over stages and backwards)")
     ax.set_ylabel(f"test accuracy after {cfg.epochs} epochs")
     ax.set_title("Final accuracy vs staleness")
-    fig.tight_layout()
-    path = os.path.join(cfg.out, "staleness_accuracy.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_common.save_figure(fig, cfg.out, "staleness_accuracy.png"))
     return paths
 
 
@@ -160,10 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "y_train": data["y_train"][: cfg.train_samples]}  # fmt: skip
     rows = [train_one(cfg, name, policy, data) for name, policy in settings(cfg)]
     plots = plot(cfg, rows)
-    results = {"rows": rows, "plots": plots}
-    path = _common.write_results(cfg.out, cfg, results)
-    print(f"wrote {path}")
-    return results
+    return _common.finish(cfg.out, cfg, {"rows": rows, "plots": plots})
 
 
 if __name__ == "__main__":

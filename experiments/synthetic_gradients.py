@@ -230,7 +230,6 @@ def train_one(cfg: Config, data: dict[str, np.ndarray], method: str, policy: str
 
 def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
     """Loss and test-accuracy curves; the synthesizers' squared error."""
-    os.makedirs(out, exist_ok=True)
     plt = _common.pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps_per_epoch = max(1, len(runs[0]["loss_per_step"]) // cfg.epochs)
@@ -247,10 +246,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"MNIST-1D, MLP {cfg.hidden_stages}x{cfg.width} + head: DNI vs backprop")
-    fig.tight_layout()
-    curves = os.path.join(out, "synthetic_gradients_curves.png")
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
+    curves = _common.save_figure(fig, out, "synthetic_gradients_curves.png")
 
     methods = [m for m in ("dni", "cdni") if any(r["method"] == m for r in runs)]
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(10, 3.6), squeeze=False)
@@ -269,10 +265,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
         ax.set_title(f"{method.upper().replace('C', 'c')}: ||M - true||^2 / ||true||^2")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    synth = os.path.join(out, "synthetic_gradients_synth_error.png")
-    fig.savefig(synth, dpi=100)
-    plt.close(fig)
+    synth = _common.save_figure(fig, out, "synthetic_gradients_synth_error.png")
     return [curves, synth]
 
 
@@ -285,9 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     figures = plot(cfg, runs, cfg.out)
     results = {"runs": runs, "figures": figures, "total_seconds": time.perf_counter() - start}
-    path = _common.write_results(cfg.out, cfg, results)
-    print(f"wrote {path}")
-    return results
+    return _common.finish(cfg.out, cfg, results)
 
 
 if __name__ == "__main__":

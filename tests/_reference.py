@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 import asyncnn as ann
-from asyncnn import nn
+from asyncnn import nn, optim
 
 
 def chain_graph(k: int, width: int = 6, features: int = 5, classes: int = 3) -> ann.Graph:
@@ -43,6 +44,33 @@ def plain_sgd(graph: ann.Graph, params: dict[str, Any], opt: Any, batches: list[
         plist, state = opt.update(plist, g, state)
         losses.append(float(loss))
     return dict(zip(graph.layers, plist, strict=True)), losses
+
+
+def microbatched_sgd(
+    params: dict[str, Any],
+    batches: list[dict[str, Any]],
+    microbatches: int,
+    key_loss: Callable[[dict[str, Any], dict[str, Any], int, int], Any],
+    lr: float = 0.1,
+) -> dict[str, Any]:
+    """Plain SGD, one step per minibatch, on the gradient of the minibatch's mean loss, split
+    like numpy.array_split into ``microbatches`` keys (the runtime's): ``key_loss(q, b, lo, hi)``
+    is the mean loss of rows ``lo:hi`` of minibatch ``b`` (of ``len(b["y"])`` rows) at ``q``."""
+    p = dict(params)
+    opt = optim.SGD(lr=lr)
+    state = opt.init(p)
+    for b in batches:
+        n = len(b["y"])
+
+        def loss(q: dict[str, Any], b: dict[str, Any] = b, n: int = n) -> Any:
+            total = 0.0
+            for part in np.array_split(np.arange(n), min(microbatches, n)):
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                total = total + key_loss(q, b, lo, hi) * ((hi - lo) / n)
+            return total
+
+        p, state = opt.update(p, ann.grad(loss)(p), state)
+    return p
 
 
 def one_f_one_b_order(stage: int, k: int, total: int) -> list[tuple[str, int]]:

@@ -1,13 +1,20 @@
-"""Shared fixtures: every math test runs on each available backend."""
+"""Shared fixtures: every math test runs on each available backend. Also puts experiments/ on
+``sys.path``, so that the tests of the experiment scripts import them by name."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from typing import Any
 
 import pytest
 
 from asyncnn.backends import Backend, get_backend
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
+)
 
 
 def _cuda_available() -> bool:

@@ -1,10 +1,6 @@
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import ampnet_sweep  # noqa: E402
+import ampnet_sweep
 
 
 def test_quick_run_writes_curves_table_and_figures(tmp_path):

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
+import char_transformer as ct
 import numpy as np
 import pytest
 
 from asyncnn.testing import check_grads
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
 
-
-@pytest.fixture(scope="module")
-def ct():  # type: ignore[no-untyped-def]
-    path = os.path.join(EXPERIMENTS, "char_transformer.py")
-    spec = importlib.util.spec_from_file_location("char_transformer", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["char_transformer"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_writes_results_and_plot(ct, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_smoke_writes_results_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
     flags = ["--steps", "6", "--eval-every", "3", "--context", "8", "--dim", "16", "--heads", "2"]
     flags += ["--val-windows", "8", "--sample-chars", "5", "--out", str(tmp_path)]
     results = ct.main(flags)
@@ -42,7 +27,7 @@ def test_smoke_writes_results_and_plot(ct, tmp_path) -> None:  # type: ignore[no
     assert base["trigram_bits"] < base["bigram_bits"] < base["unigram_bits"] < base["uniform_bits"]
 
 
-def test_pipedream_policy_runs(ct, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_pipedream_policy_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     flags = ["--steps", "2", "--eval-every", "2", "--context", "8", "--dim", "16", "--heads", "2"]
     flags += ["--val-windows", "8", "--sample-chars", "2", "--policy", "PipeDream"]
     results = ct.main([*flags, "--out", str(tmp_path)])
@@ -50,14 +35,14 @@ def test_pipedream_policy_runs(ct, tmp_path) -> None:  # type: ignore[no-untyped
     assert len(results["train_bits_per_step"]) == 2
 
 
-def test_block_gradients_match_finite_differences(ct) -> None:  # type: ignore[no-untyped-def]
+def test_block_gradients_match_finite_differences() -> None:
     block = ct.block(dim=8, heads=2)
     params = block.init(0, dtype="float64")
     x = np.random.default_rng(1).normal(size=(2, 5, 8))
     check_grads(block, params, x, rtol=1e-5)
 
 
-def test_embedding_and_head_gradients(ct) -> None:  # type: ignore[no-untyped-def]
+def test_embedding_and_head_gradients() -> None:
     embed = ct.TokenAndPosition(vocab=7, dim=4, context=6)
     ids = np.random.default_rng(2).integers(0, 7, size=(3, 5))  # shorter than the context
     check_grads(lambda p: embed(p, ids), embed.init(0, dtype="float64"), rtol=1e-5)
@@ -67,7 +52,7 @@ def test_embedding_and_head_gradients(ct) -> None:  # type: ignore[no-untyped-de
     check_grads(lambda a: head({}, a), x)
 
 
-def test_ngram_baseline_by_hand(ct) -> None:  # type: ignore[no-untyped-def]
+def test_ngram_baseline_by_hand() -> None:
     train = np.array([0, 1, 0, 1, 0, 1])
     # unigram: counts 3, 3 of vocab 2, add-one -> 1/2 each -> 1 bit
     assert ct.ngram_bits(train, np.array([0, 1, 1]), 2, 1) == pytest.approx(1.0)
@@ -76,6 +61,6 @@ def test_ngram_baseline_by_hand(ct) -> None:  # type: ignore[no-untyped-def]
     assert got == pytest.approx(-(np.log2(4 / 5) + np.log2(3 / 4)) / 2)
 
 
-def test_too_few_blocks_is_an_error(ct) -> None:  # type: ignore[no-untyped-def]
+def test_too_few_blocks_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one block per stage"):
         ct.build_modules(ct.Config(blocks=2, stages=4), vocab=10)

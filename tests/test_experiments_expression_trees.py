@@ -1,12 +1,7 @@
 import json
-import os
-import sys
 
+import expression_trees
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import expression_trees  # noqa: E402
 
 
 def test_trees_are_walked_in_post_order_and_labelled_with_their_value_mod_10():

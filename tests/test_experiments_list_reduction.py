@@ -1,12 +1,7 @@
 import json
-import os
-import sys
 
+import list_reduction
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import list_reduction  # noqa: E402
 
 
 def test_lists_are_labelled_with_their_sum_mod_10():

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import local_learning  # noqa: E402
+import local_learning
 
 
 def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:

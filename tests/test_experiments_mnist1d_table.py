@@ -1,10 +1,6 @@
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import mnist1d_table  # noqa: E402
+import mnist1d_table
 
 
 def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):

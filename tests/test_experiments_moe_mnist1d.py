@@ -1,10 +1,6 @@
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import moe_mnist1d  # noqa: E402
+import moe_mnist1d
 
 
 def test_quick_run_writes_accuracy_load_and_figure(tmp_path):

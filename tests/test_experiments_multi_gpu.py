@@ -6,15 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
+import multi_gpu
 import pytest
 
 from conftest import HAS_CUDA
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import multi_gpu  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

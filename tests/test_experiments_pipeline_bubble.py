@@ -1,25 +1,12 @@
 """Smoke test of experiments/pipeline_bubble.py: a tiny sweep writes its JSON and PNGs."""
 
-import importlib.util
 import json
-import os
-import sys
 
-HERE = os.path.dirname(__file__)
-
-
-def _load():
-    path = os.path.join(HERE, "..", "experiments", "pipeline_bubble.py")
-    spec = importlib.util.spec_from_file_location("pipeline_bubble", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+import pipeline_bubble
 
 
 def test_pipeline_bubble_smoke(tmp_path):
-    mod = _load()
-    mod.main(
+    pipeline_bubble.main(
         ["--stages", "1", "3", "--microbatches", "1", "2", "--minibatches", "1",
          "--forward-ms", "2", "--backward-ms", "4", "--out", str(tmp_path)]
     )  # fmt: skip

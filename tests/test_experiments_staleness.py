@@ -1,25 +1,12 @@
 """Smoke test of experiments/staleness.py: a tiny run writes its JSON and PNGs."""
 
-import importlib.util
 import json
-import os
-import sys
 
-HERE = os.path.dirname(__file__)
-
-
-def _load():
-    path = os.path.join(HERE, "..", "experiments", "staleness.py")
-    spec = importlib.util.spec_from_file_location("staleness", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+import staleness
 
 
 def test_staleness_smoke(tmp_path):
-    mod = _load()
-    mod.main(
+    staleness.main(
         ["--epochs", "1", "--width", "16", "--train-samples", "400", "--max-active-keys", "1",
          "4", "--out", str(tmp_path)]
     )  # fmt: skip

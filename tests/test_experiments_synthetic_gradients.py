@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import synthetic_gradients  # noqa: E402
+import synthetic_gradients
 
 
 def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 from asyncnn.dynamic import RNNCell
 
-from _reference import assert_params_close, fresh_params
+from _reference import assert_params_close, fresh_params, microbatched_sgd
 
 T, DX, DC, H, C = 5, 3, 2, 4, 3
 
@@ -64,21 +64,10 @@ def reference_loss(g, p, d, lo, hi, output):
 
 
 def reference_fit(g, start, batches, microbatches, output="last", lr=0.1):
-    p = dict(start)
-    opt = optim.SGD(lr=lr)
-    state = opt.init(p)
-    for b in batches:
-        n = len(b["len"])
-
-        def loss(q, b=b, n=n):
-            total = 0.0
-            for part in np.array_split(np.arange(n), min(microbatches, n)):
-                lo, hi = int(part[0]), int(part[-1]) + 1
-                total = total + reference_loss(g, q, b, lo, hi, output) * ((hi - lo) / n)
-            return total
-
-        p, state = opt.update(p, ann.grad(loss)(p), state)
-    return p
+    return microbatched_sgd(
+        start, batches, microbatches,
+        lambda q, b, lo, hi: reference_loss(g, q, b, lo, hi, output), lr,
+    )  # fmt: skip
 
 
 POLICIES = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
-from _reference import assert_params_close, fresh_params
+from _reference import assert_params_close, assert_params_equal, fresh_params, microbatched_sgd
 
 D, H, C = 5, 4, 3
 
@@ -82,24 +83,11 @@ def reference_loss(
 def reference_fit(graph, params, batches, k, gates, cap, microbatches, lr=0.1):
     """Plain SGD: one step per minibatch; the gradient of the minibatch mean loss, with the
     capacity applied per microbatch (the runtime's key), like numpy.array_split."""
-    p = dict(params)
-    opt = optim.SGD(lr=lr)
-    state = opt.init(p)
-    for b in batches:
-        n = len(b["y"])
-
-        def loss(q, b=b, n=n):
-            total = 0.0
-            for part in np.array_split(np.arange(n), min(microbatches, n)):
-                lo, hi = int(part[0]), int(part[-1]) + 1
-                total = total + reference_loss(
-                    graph, q, b["x"][lo:hi], b["y"][lo:hi], k, gates, cap
-                ) * ((hi - lo) / n)
-            return total
-
-        g = ann.grad(loss)(p)
-        p, state = opt.update(p, g, state)
-    return p
+    return microbatched_sgd(
+        params, batches, microbatches,
+        lambda q, b, lo, hi: reference_loss(graph, q, b["x"][lo:hi], b["y"][lo:hi], k, gates, cap),
+        lr,
+    )  # fmt: skip
 
 
 def _data(n=12, seed=0):
@@ -194,8 +182,7 @@ def test_predict_follows_the_routes():
     mods = {n: g.nodes[n].module for n in g.layers}
     # the reference's head input for each row, with the same capacity (per predict batch)
     ref_out = []
-    loss_of = reference_loss  # reuse the chooser: rebuild the merged rows by hand
-    assert loss_of is not None
+    # rebuild the merged rows by hand, with the reference's chooser
     s = np.asarray(mods["gate"].gate(p["gate"], data["x"][:6]))
     probs = np.exp(s - s.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -223,10 +210,7 @@ def test_bit_identical_deterministic_runs():
                          policy=policies.OneFOneB(3), dtype="float32")  # fmt: skip
         tr.fit(_data(n=24), batch_size=12)
         runs.append(tr.params)
-    for name in runs[0]:
-        for a, b in zip(ann._math._pytree.tree_leaves(runs[0][name]),
-                        ann._math._pytree.tree_leaves(runs[1][name]), strict=True):  # fmt: skip
-            assert np.array_equal(a, b)
+    assert_params_equal(runs[0], runs[1])
 
 
 def test_async_routed_run_replays_identically(tmp_path):
@@ -293,9 +277,6 @@ def test_a_branch_of_several_layers_and_a_condition_router():
     g_ref = ann.grad(loss)(p)
     ref, _ = optim.SGD(lr=0.1).update(p, g_ref, optim.SGD(lr=0.1).init(p))
     assert_params_close(tr.params, ref, rtol=1e-10)
-
-
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass(frozen=True)

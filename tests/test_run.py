@@ -14,7 +14,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
-from _reference import assert_params_close, chain_graph, plain_sgd
+from _reference import assert_params_close, chain_graph, fresh_params, plain_sgd
 
 
 def _data(n=16, features=5, classes=3, seed=0):
@@ -26,8 +26,7 @@ def _data(n=16, features=5, classes=3, seed=0):
 async def test_open_run_on_trio_and_asyncio():
     g = chain_graph(2)
     data = _data()
-    state = ann._runtime._run.init_state(g, optim.SGD(lr=0.1), 0, "float64")
-    start = {n: p for n, p in state.params.items()}
+    start = fresh_params(g)
     async with ann.open_run(
         g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
     ) as run:

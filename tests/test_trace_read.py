@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._math._pytree import tree_leaves
 from asyncnn._runtime import _recorder
 from asyncnn._runtime._recorder import Recorder, decode_tree, digest
 
@@ -59,14 +60,6 @@ def _record(
     return tr, p0, hist, d
 
 
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in _leaves(tree[k])]
-    if isinstance(tree, list | tuple):
-        return [x for v in tree for x in _leaves(v)]
-    return [tree]
-
-
 def _boundaries(raw: bytes) -> list[int]:
     """The byte offsets where records start, and the file's end."""
     out = [0]
@@ -101,7 +94,7 @@ def test_round_trip_header_state_and_events(tmp_path: Path) -> None:
     start = decode_tree(t.state["params"])
     assert sorted(start) == sorted(p0) == ["stage0", "stage1"]
     for name in p0:
-        a, b = _leaves(start[name]), _leaves(p0[name])
+        a, b = tree_leaves(start[name]), tree_leaves(p0[name])
         assert len(a) == len(b) > 0
         for x, y in zip(a, b, strict=True):
             assert x.dtype == y.dtype == np.float32

@@ -6,14 +6,26 @@ bytes go as one raw buffer, received straight into the array the receiver then u
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asyncnn._runtime._messages import Message
 from asyncnn.backends import to_numpy
 
-__all__ = ["announce_message", "decode_message", "decode_tree", "encode_message", "encode_tree"]
+if TYPE_CHECKING:
+    from asyncnn._runtime._run import RunState
+
+__all__ = [
+    "announce_message",
+    "decode_message",
+    "decode_state",
+    "decode_tree",
+    "encode_message",
+    "encode_state",
+    "encode_tree",
+]
 
 
 def _host(array: Any) -> np.ndarray:
@@ -128,3 +140,33 @@ def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:
     if "a" in spec:
         return _view(buffers[spec["a"]], spec["d"], spec["s"])
     return spec["value"]
+
+
+def encode_state(
+    state: RunState, buffers: list[np.ndarray], names: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The header fields of ``state``'s weights, optimizer states, versions and pending gradients
+    for the layers ``names`` (default: those ``state`` has); the arrays' bytes go to ``buffers``
+    (weights, then optimizer states, then pending gradients)."""
+    if names is None:
+        names = list(state.params)
+    pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
+    return {
+        "params": encode_tree({n: state.params[n] for n in names}, buffers),
+        "opt_states": encode_tree({n: state.opt_states[n] for n in names}, buffers),
+        "versions": {n: state.versions[n] for n in names},
+        "pending": encode_tree(pending, buffers),
+    }
+
+
+def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str, Any]:
+    """The inverse of :func:`encode_state`: ``{"params", "opt_states", "versions", "pending"}``,
+    pending gradients as ``{layer: (sum, count)}`` (numpy arrays, views of ``buffers``)."""
+    return {
+        "params": decode_tree(header["params"], buffers),
+        "opt_states": decode_tree(header["opt_states"], buffers),
+        "versions": dict(header["versions"]),
+        "pending": {
+            k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
+        },
+    }

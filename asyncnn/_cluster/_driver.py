@@ -24,21 +24,23 @@ from asyncnn._runtime._run import (
     _cores,
     _maybe_pool,
     _single_error,
-    _stop_all,
     close_channels,
     close_recorder,
+    cpu_layers,
     error_leaves,
+    finish_run,
     init_state,
     open_recorder,
     record_error,
+    serve_actors,
     start_watchdog,
     validate,
 )
 from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
 
-from ._codec import decode_tree, encode_tree
-from ._nccl import NcclLinks, plan_links, unique_ids
+from ._codec import decode_state, encode_state
+from ._nccl import NcclLinks, open_links, plan_links, unique_ids
 from ._remote import RemoteActor, deliver
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
@@ -84,7 +86,7 @@ class DriverRun(Run):
     """The run in the driver: its state and statistics include what the workers send back."""
 
     results: dict[int, dict[str, Any]]
-    nccl: NcclLinks | None
+    nccl: NcclLinks | None = None
 
     def state(self) -> RunState:
         own = super().state()
@@ -117,20 +119,6 @@ class DriverRun(Run):
                 cls = import_by_path(d["cls"], ActorStatistics, "statistics class")
                 out[name] = cls(**d["fields"])
         return {n: out[n] for n in self.actors if n in out}
-
-
-def _share(state: RunState, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
-    buffers: list[Any] = []
-    pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
-    fields = {
-        "params": encode_tree({n: state.params[n] for n in names}, buffers),
-        "opt_states": encode_tree({n: state.opt_states[n] for n in names}, buffers),
-        "versions": {n: state.versions[n] for n in names},
-        "pending": encode_tree(pending, buffers),
-        "minibatches": state.minibatches,
-        "keys": state.keys,
-    }
-    return fields, buffers
 
 
 @asynccontextmanager
@@ -196,20 +184,17 @@ async def _driver_run(
     ids = _nccl_ids(len(plan))
     recorder = open_recorder(
         trace, trace_payloads, graph, optimizer, policy, seed, dtype, state,
-        workers={str(k): v for k, v in where.items()},
+        workers=where,
     )  # fmt: skip
     for conn in cluster.connections.values():
         conn.new_loop()
     # cores shared out between the processes that host CPU actors (they share this host when
     # the cluster is local; a Ray worker on its own machine may be told otherwise)
-    cpu_hosts = {
-        where[n] for n in graph.layers if graph.nodes[n].device == "cpu"
-    } or {None}  # fmt: skip
+    cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
     threads = cluster.threads_per_worker or max(1, _cores() // len(cpu_hosts))
-    here_cpu = sum(1 for n in here if n in graph.layers and graph.nodes[n].device == "cpu")
     failed = False
     try:
-        async with _maybe_pool(pool, here_cpu, threads) as the_pool:
+        async with _maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()
@@ -220,9 +205,6 @@ async def _driver_run(
                 check_finite, on_loss, recorder, None, max_in_flight, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
-            run.nccl = None
-            for p in proxies.values():
-                p.run = run
             try:
                 # what every worker is told alike (the specs are built once)
                 common = {
@@ -242,51 +224,41 @@ async def _driver_run(
                     "nccl": {"plan": [list(k) for k in plan], "ids": ids},
                 }
                 for w in range(cluster.workers):
-                    names = hosted_by.get(w, [])
-                    fields, buffers = _share(state, [n for n in names if n in graph.layers])
+                    buffers: list[Any] = []
+                    names = [n for n in hosted_by.get(w, []) if n in graph.layers]
                     cmd = {
                         **common,
                         "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
                         "latency": cluster.info[w].get("latency", 0.0),
-                        **fields,
+                        **encode_state(state, buffers, names),
+                        "minibatches": state.minibatches,
+                        "keys": state.keys,
                     }
                     await cluster.connections[w].send(cmd, buffers)
-                if plan:
-                    # every process creates its ends of the links now, in the same order
-                    run.nccl = NcclLinks(-1)
-                    with anyio.fail_after(cluster.start_timeout):
-                        await anyio.to_thread.run_sync(
-                            run.nccl.create, plan, ids, abandon_on_cancel=True
-                        )
+                # every process creates its ends of the links now, in the same order
+                with anyio.fail_after(cluster.start_timeout):
+                    run.nccl = await open_links(-1, plan, ids)
                 async with anyio.create_task_group() as tg:
                     local_done = anyio.Event()
 
                     async def local_actors() -> None:
                         async with anyio.create_task_group() as inner:
-                            for name in run.local:
-                                inner.start_soon(run._serve, name, name=f"actor {name}")
+                            serve_actors(inner, run)
                         local_done.set()
 
                     tg.start_soon(local_actors)
                     results_in = anyio.Event()
-                    readers = anyio.CancelScope()
 
                     async def read_all() -> None:
-                        with readers:
-                            async with anyio.create_task_group() as rtg:
-                                for w in range(cluster.workers):
-                                    rtg.start_soon(
-                                        _read_worker, cluster, run, w, hosted_by.get(w, [])
-                                    )
+                        async with anyio.create_task_group() as rtg:
+                            for w in range(cluster.workers):
+                                rtg.start_soon(_read_worker, cluster, run, w, hosted_by.get(w, []))
                         results_in.set()
 
                     tg.start_soon(read_all)
                     watchdog = start_watchdog(tg, run)
                     yield run
-                    await run.drain()
-                    for actor in run.local.values():
-                        await actor.wait_for_device()
-                    await _stop_all(run)
+                    await finish_run(run)
                     await local_done.wait()
                     # what the driver's actors sent precedes this marker on each link
                     for conn in cluster.connections.values():
@@ -353,19 +325,14 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                     actor.last_report = line
             _note_rejections(cluster, header.get("rejected", []))
         elif t == "error":
-            if "lost" in header and header["lost"] is not None:
+            if header.get("lost") is not None:
                 j = int(header["lost"])
                 raise PeerLost(j, f"{who} lost its connection to worker {j}")
             raise _remote_failure(header, w, hosted, who)
         elif t == "result":
             _note_rejections(cluster, header.get("rejected", []))
             run.results[w] = {
-                "params": decode_tree(header["params"], buffers),
-                "opt_states": decode_tree(header["opt_states"], buffers),
-                "versions": header["versions"],
-                "pending": {
-                    k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
-                },
+                **decode_state(header, buffers),
                 "stats": header["stats"],
                 "trace": None if "trace" not in header else buffers[header["trace"]],
             }

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ._base import Cluster
-from ._worker import PATH_ENV, TOKEN_ENV
+from ._worker import PATH_ENV, TOKEN_ENV, driver_paths
 
 __all__ = ["LocalCluster"]
 
@@ -41,7 +41,7 @@ class LocalCluster(Cluster):
     def _launch(self, host: str, port: int, token: bytes) -> None:
         env = dict(os.environ)
         env[TOKEN_ENV] = token.hex()
-        env[PATH_ENV] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        env[PATH_ENV] = os.pathsep.join(driver_paths())
         # the workers' BLAS threads are set by the pool; keep OpenMP from spawning its own
         env.setdefault("OMP_NUM_THREADS", "1")
         self.processes = [

@@ -20,9 +20,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
+
 from asyncnn.backends import parse_device
 
-__all__ = ["Link", "LinkKey", "NcclLinks", "plan_links"]
+__all__ = ["Link", "LinkKey", "NcclLinks", "open_links", "plan_links"]
 
 #: (sending process, its device, receiving process, its device); a process is a worker index, or
 #: -1 for the driver
@@ -152,9 +154,26 @@ class NcclLinks:
         return self.links.get((src, src_dev, self.me, dst_dev))
 
     def close(self) -> None:
-        for link in self.links.values():
+        # a copy: an abandoned create() may still be adding links in its thread
+        for link in list(self.links.values()):
             try:
                 link.comm.destroy()
             except Exception:  # noqa: BLE001 - tearing down after a failure: nothing to add
                 pass
         self.links.clear()
+
+
+async def open_links(me: int, plan: list[Any], ids: list[Any]) -> NcclLinks | None:
+    """Process ``me``'s ends of the links of ``plan`` (None when the plan is empty), created in
+    the plan's order with the driver's ``ids``; each waits for its peer's end (bound the wait
+    with ``anyio.fail_after``). On failure, or cancelled, the ends created so far are destroyed."""
+    if not plan:
+        return None
+    plan = [(int(a), str(b), int(c), str(d)) for a, b, c, d in plan]  # lists, from the wire
+    links = NcclLinks(me)
+    try:
+        await anyio.to_thread.run_sync(links.create, plan, ids, abandon_on_cancel=True)
+    except BaseException:
+        links.close()
+        raise
+    return links

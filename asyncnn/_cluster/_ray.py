@@ -27,25 +27,14 @@ class _RayWorker:
         max_bytes: int,
         paths: list[str],
     ) -> None:
-        import os
-        import sys
+        from ._worker import run_worker
 
-        import anyio
-
-        # the driver's import path, where it exists here: user modules import as there
-        sys.path[:0] = [p for p in paths if p not in sys.path and os.path.isdir(p)]
-
-        from asyncnn.backends import tune_allocator
-
-        from ._worker import worker_main
-
-        tune_allocator()
         advertise = bind
         if bind in ("0.0.0.0", "::"):
             import ray
 
             advertise = ray.util.get_node_ip_address()
-        anyio.run(worker_main, host, port, index, token, bind, advertise, max_bytes, backend="trio")
+        run_worker(host, port, index, token, bind, advertise, max_bytes, paths)
 
 
 class RayCluster(Cluster):
@@ -105,10 +94,9 @@ class RayCluster(Cluster):
         connect_host = host
         if host in ("0.0.0.0", "::"):
             connect_host = ray.util.get_node_ip_address()
-        import os
-        import sys
+        from ._worker import driver_paths
 
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        paths = driver_paths()
         remote = ray.remote(_RayWorker)
         self._actors = [
             remote.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker).remote()

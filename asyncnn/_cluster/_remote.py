@@ -16,6 +16,7 @@ import anyio
 from asyncnn.backends import parse_device
 
 from ._codec import announce_message, decode_message, encode_message
+from ._nccl import _proc
 from ._wire import Connection, PeerLost, ProtocolError
 
 if TYPE_CHECKING:
@@ -25,19 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["RemoteActor", "deliver"]
 
 
-class _RemoteSender:
-    def __init__(self, actor: RemoteActor) -> None:
-        self.actor = actor
-
-    def send_nowait(self, msg: Message) -> None:
-        raise anyio.WouldBlock  # sending means writing to a socket: always the awaited path
-
-    async def send(self, msg: Message) -> None:
-        await self.actor.send(msg)
-
-
 class RemoteActor:
-    """The actor of node ``name``, hosted by the process at the other end of ``conn``.
+    """The actor of node ``name``, hosted by the process at the other end of ``conn``. It is its
+    own ``send_channel``: a message sent to it is written to ``conn``.
 
     Args:
         name: the node.
@@ -53,27 +44,28 @@ class RemoteActor:
         self.conn = conn
         self.run = run
         self.where = where
-        self.send_channel = _RemoteSender(self)
+        self.send_channel = self
         #: what the hosting process last said this actor was doing (from its heartbeats)
         self.last_report = "no report yet"
 
+    def send_nowait(self, msg: Message) -> None:
+        raise anyio.WouldBlock  # sending means writing to a socket: always the awaited path
+
     async def send(self, msg: Message) -> None:
         link = self._nccl_link(msg)
-        if link is not None:
-            header = announce_message(msg)
-            try:
-                await self.conn.send(
-                    header, (), then=lambda: link.send(list(msg.tensors), msg.event)
-                )
-            except ConnectionError as exc:
-                raise PeerLost(self.worker, f"{self.where} is gone ({exc})") from exc
-            return
-        if msg.event is not None and self.run is not None:
-            # the producing kernels must be done before the bytes are copied to the host
-            await self.run.pool.wait(msg.event)
-        header, buffers = encode_message(msg)
+        if link is None:
+            if msg.event is not None and self.run is not None:
+                # the producing kernels must be done before the bytes are copied to the host
+                await self.run.pool.wait(msg.event)
+            header, buffers = encode_message(msg)
+        else:  # the frame announces the tensors; NCCL carries them right after it
+            header, buffers = announce_message(msg), []
         try:
-            await self.conn.send(header, buffers)
+            await self.conn.send(
+                header,
+                buffers,
+                then=None if link is None else lambda: link.send(list(msg.tensors), msg.event),
+            )
         except ConnectionError as exc:
             raise PeerLost(self.worker, f"{self.where} is gone ({exc})") from exc
 
@@ -87,9 +79,10 @@ class RemoteActor:
         src = graph.nodes.get(msg.src)
         if src is None:
             return None
-        proc = -1 if self.worker is None else self.worker
         return links.outgoing(
-            str(parse_device(src.device)), proc, str(parse_device(graph.nodes[msg.dst].device))
+            str(parse_device(src.device)),
+            _proc(self.worker),
+            str(parse_device(graph.nodes[msg.dst].device)),
         )
 
     def describe(self) -> str:

@@ -2,7 +2,7 @@
 
 Started as ``python -m asyncnn._cluster --driver HOST:PORT --index I`` with the run's
 token in the environment (``ASYNCNN_CLUSTER_TOKEN``, hex), or in-process by a Ray actor through
-:func:`worker_main`. It connects to the driver, listens for its peers, builds the mesh of worker
+:func:`run_worker`. It connects to the driver, listens for its peers, builds the mesh of worker
 connections, then serves commands until the driver says ``shutdown`` or goes away (then it exits:
 a worker never outlives its driver).
 """
@@ -28,11 +28,20 @@ from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import Recorder
-from asyncnn._runtime._run import Run, RunState, _maybe_pool, _single_error
+from asyncnn._runtime._run import (
+    Run,
+    RunState,
+    _maybe_pool,
+    _single_error,
+    close_recorder,
+    cpu_layers,
+    serve_actors,
+    start_cancellable,
+)
 from asyncnn.backends import get_backend
 
-from ._codec import decode_tree, encode_tree
-from ._nccl import NcclLinks
+from ._codec import decode_state, encode_state
+from ._nccl import NcclLinks, _proc, open_links
 from ._remote import RemoteActor, deliver
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -47,7 +56,7 @@ from ._wire import (
     lost_peer,
 )
 
-__all__ = ["worker_main"]
+__all__ = ["driver_paths", "run_worker", "worker_main"]
 
 TOKEN_ENV = "ASYNCNN_CLUSTER_TOKEN"
 PATH_ENV = "ASYNCNN_CLUSTER_PATH"
@@ -57,7 +66,7 @@ class WorkerRun(Run):
     """A run of the actors one worker hosts: what the scheduler must hear goes to the driver."""
 
     control: Any  # a memory-channel sender; frames for the driver
-    nccl: NcclLinks | None  # this worker's ends of the run's NCCL links
+    nccl: NcclLinks | None = None  # this worker's ends of the run's NCCL links
 
     def backward_done(self, actor: str, key: int) -> None:
         self.control.send_nowait({"t": "done", "a": actor, "key": key})
@@ -70,18 +79,18 @@ class Worker:
     """One worker's state between runs: its connections and what it has refused."""
 
     def __init__(
-        self, index: int, driver: Connection, listener: Any, max_message_bytes: int
+        self, index: int, driver: Connection, listener: Any, max_message_bytes: int, token: bytes
     ) -> None:
         self.index = index
         self.driver = driver
         self.listener = listener
         self.max_message_bytes = max_message_bytes
+        self.token = token
         self.peers: dict[int, Connection] = {}
         self.expected: set[int] = set()
         self.mesh_known = False
         self.peer_arrived = anyio.Event()
         self.rejected: list[str] = []
-        self.token = b""
 
     async def accept_peers(self) -> None:
         """Accepts the connections of workers with higher indices for the whole life of the
@@ -100,12 +109,11 @@ class Worker:
         j = hello.get("index")
         # a peer may dial before this worker has heard of the mesh: any higher index is
         # welcome then, and checked against the mesh once it is known
-        welcome = self.expected if self.mesh_known else {j} if isinstance(j, int) else set()
         if (
             hello.get("role") != "peer"
             or not isinstance(j, int)
             or j <= self.index
-            or j not in welcome
+            or (self.mesh_known and j not in self.expected)
             or j in self.peers
         ):
             self.rejected.append(
@@ -165,15 +173,14 @@ class Worker:
         graph.shapes = {k: tuple(v) for k, v in cmd["shapes"].items()}
         placement: dict[str, int | None] = cmd["placement"]
         hosted = {n for n, w in placement.items() if w == self.index}
+        share = decode_state(cmd, buffers)
         state = RunState(
-            params=decode_tree(cmd["params"], buffers),
-            opt_states=decode_tree(cmd["opt_states"], buffers),
-            versions=dict(cmd["versions"]),
+            params=share["params"],
+            opt_states=share["opt_states"],
+            versions=share["versions"],
             minibatches=int(cmd["minibatches"]),
             keys=int(cmd["keys"]),
-            pending_grads={
-                k: (v[0], int(v[1])) for k, v in decode_tree(cmd["pending"], buffers).items()
-            },
+            pending_grads=share["pending"],
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
             move = _on(get_backend(graph.nodes[name].device))
@@ -195,10 +202,9 @@ class Worker:
         )
         error: BaseException | None = None
         run: WorkerRun | None = None
-        cpu_actors = sum(1 for n in hosted if n in graph.layers and graph.nodes[n].device == "cpu")
         threads = int(cmd["threads"])
         try:
-            async with _maybe_pool(None, cpu_actors, threads) as pool:
+            async with _maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
                 proxies: dict[str, RemoteActor] = {}
                 for name, w in placement.items():
                     if w != self.index:
@@ -210,18 +216,12 @@ class Worker:
                     bool(cmd["check_finite"]), None, recorder, None, int(cmd["max_in_flight"]),
                     hosted=hosted, remote=proxies,
                 )  # fmt: skip
-                for p in proxies.values():
-                    p.run = run
                 run.control = control_send
-                run.nccl = None
                 nccl = cmd.get("nccl") or {}
-                if nccl.get("plan"):
-                    run.nccl = NcclLinks(self.index)
-                    plan = [(int(a), str(b), int(c), str(d)) for a, b, c, d in nccl["plan"]]
-                    with anyio.fail_after(60):
-                        await anyio.to_thread.run_sync(
-                            run.nccl.create, plan, nccl["ids"], abandon_on_cancel=True
-                        )
+                with anyio.fail_after(60):
+                    run.nccl = await open_links(
+                        self.index, nccl.get("plan") or [], nccl.get("ids") or []
+                    )
                 try:
                     await self._serve_run(run, control_receive)
                 finally:
@@ -229,24 +229,19 @@ class Worker:
                         run.nccl.close()
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
             error = exc
-        if recorder is not None:
-            try:
-                recorder.close()
-            except Exception as exc:  # noqa: BLE001
-                error = error or exc
+        try:
+            close_recorder(recorder, error is not None)
+        except Exception as exc:  # noqa: BLE001 - the run went well, its trace did not
+            error = exc
         if error is not None:
             if trace_file is not None:  # a failed run's worker events are not merged
                 await anyio.Path(trace_file).unlink(missing_ok=True)
             raise error
         assert run is not None
         out: list[Any] = []
-        final = run.state()
         result = {
             "t": "result",
-            "params": encode_tree(final.params, out),
-            "opt_states": encode_tree(final.opt_states, out),
-            "versions": final.versions,
-            "pending": encode_tree({k: list(v) for k, v in final.pending_grads.items()}, out),
+            **encode_state(run.state(), out),
             "stats": {
                 n: {"cls": class_path(type(s)), "fields": s.as_dict()}
                 for n, s in run.statistics().items()
@@ -267,8 +262,7 @@ class Worker:
 
             async def actors() -> None:
                 async with anyio.create_task_group() as inner:
-                    for name in run.local:
-                        inner.start_soon(run._serve, name, name=f"actor {name}")
+                    serve_actors(inner, run)
                 for actor in run.local.values():
                     await actor.wait_for_device()
                 # every message this worker's actors sent precedes this marker on each link
@@ -302,7 +296,7 @@ class Worker:
                         raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
                     t = header.get("t")
                     if t == "m":
-                        await deliver(run, header, buffers, conn, -1 if peer is None else peer)
+                        await deliver(run, header, buffers, conn, _proc(peer))
                     elif t == "eor":
                         return
                     elif t == "abort" and peer is None:
@@ -312,13 +306,7 @@ class Worker:
 
             tg.start_soon(actors)
             tg.start_soon(forward_control)
-            hb_scope = anyio.CancelScope()
-
-            async def guarded_heartbeat() -> None:
-                with hb_scope:
-                    await heartbeat()
-
-            tg.start_soon(guarded_heartbeat)
+            hb_scope = start_cancellable(tg, heartbeat)
             async with anyio.create_task_group() as readers:
                 readers.start_soon(read, self.driver, None)
                 for j, conn in self.peers.items():
@@ -328,9 +316,7 @@ class Worker:
             run.control.close()  # the forwarder sends what is queued, then stops
 
     async def _report_error(self, error: BaseException) -> None:
-        err = error
-        if isinstance(error, BaseExceptionGroup):
-            err = _single_error(error)
+        err = _single_error(error)
         frame: dict[str, Any] = {
             "t": "error",
             "type": type(err).__name__,
@@ -390,8 +376,7 @@ async def worker_main(
         "port": port,
     }
     driver = await connect(driver_host, driver_port, token, hello, "the driver", max_message_bytes)
-    worker = Worker(index, driver, listener, max_message_bytes)
-    worker.token = token
+    worker = Worker(index, driver, listener, max_message_bytes, token)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.accept_peers)
         try:
@@ -404,6 +389,34 @@ async def worker_main(
                 conn.close()
             driver.close()
             listener.close()
+
+
+def driver_paths() -> list[str]:
+    """The driver's import path, as it tells its workers (the directories on it)."""
+    return [p for p in sys.path if p and os.path.isdir(p)]
+
+
+def run_worker(
+    driver_host: str,
+    driver_port: int,
+    index: int,
+    token: bytes,
+    bind: str,
+    advertise: str | None,
+    max_message_bytes: int,
+    paths: list[str],
+) -> None:
+    """Runs :func:`worker_main` (under trio) in this process, after putting the driver's import
+    ``paths`` (those that exist here) first on the import path, so that user modules (custom
+    layers, actors) import here as there."""
+    sys.path[:0] = [p for p in paths if p and p not in sys.path and os.path.isdir(p)]
+    from asyncnn.backends import tune_allocator
+
+    tune_allocator()
+    anyio.run(
+        worker_main, driver_host, driver_port, index, token, bind, advertise, max_message_bytes,
+        backend="trio",
+    )  # fmt: skip
 
 
 def _die_with_parent() -> None:
@@ -430,17 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent()
     token = bytes.fromhex(os.environ.pop(TOKEN_ENV))
-    extra = os.environ.pop(PATH_ENV, "")
-    # the driver's import path: user modules (custom layers, actors) import here as there
-    sys.path[:0] = [p for p in extra.split(os.pathsep) if p and p not in sys.path]
+    paths = os.environ.pop(PATH_ENV, "").split(os.pathsep)
     host, _, port = args.driver.rpartition(":")
-    from asyncnn.backends import tune_allocator
-
-    tune_allocator()
     try:
-        anyio.run(
-            worker_main, host, int(port), args.index, token, args.bind, args.advertise,
-            args.max_message_bytes, backend="trio",
+        run_worker(
+            host, int(port), args.index, token, args.bind, args.advertise,
+            args.max_message_bytes, paths,
         )  # fmt: skip
     except KeyboardInterrupt:
         pass

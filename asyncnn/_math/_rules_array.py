@@ -176,9 +176,7 @@ def _mm(a: Any, b: Any) -> Any:
     # inside a CUDA-graph capture the product must bypass cupy (which refuses cuBLAS there);
     # the module is loaded only once a capture has been asked for
     graphs = sys.modules.get("asyncnn.backends._graphs")
-    if graphs is not None and graphs.active():
-        return graphs.matmul(a, b)
-    return a @ b
+    return a @ b if graphs is None else graphs.matmul(a, b)
 
 
 def _matmul(a: Any, b: Any) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -24,7 +24,7 @@ from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import get_backend, parse_device
 
-from ._capture import ActorGraphs, capture_allowed
+from ._capture import ActorGraphs
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import RecordedOrder, StageOrder
@@ -83,6 +83,16 @@ class _Actor:
         self.last_event: Any = None
         self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
+        # which inputs get a gradient back (those from layers; none when this node stops the
+        # gradient), and where each goes: (input slot, source node, the source's consumer edge)
+        self.input_is_layer = [
+            run.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
+        ]
+        self.grad_targets = [
+            (slot, src, run.edge_index[(src, self.name, slot)])
+            for slot, src in enumerate(node.inputs)
+            if self.input_is_layer[slot]
+        ]
 
     def _file(self, msg: Message) -> None:
         """Puts a message in the mailbox; notes when a key's forward or backward is complete."""
@@ -134,6 +144,16 @@ class _Actor:
             channel.send_nowait(msg)
         except anyio.WouldBlock:
             await channel.send(msg)
+
+    async def _send_grads(
+        self, key: int, version: int, grads: Sequence[Any] | None, meta: dict[str, Any]
+    ) -> None:
+        """Sends each input from a layer its gradient (``None`` for all: a skipped key)."""
+        for slot, src, edge in self.grad_targets:
+            grad = None if grads is None else grads[slot]
+            msg = Message(BACKWARD, key, version, self.name, src, edge, (grad,), meta)
+            msg.event = self.last_event  # None on the CPU
+            await self._send(msg)
 
     def _fail(self, exc: BaseException, kind: str, key: int | None) -> ActorError:
         err = ActorError(
@@ -242,17 +262,15 @@ class LayerActor(_Actor):
         self.acc: Any = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
-        # which inputs come from layers (and so get gradients sent back)
-        # inputs that get a gradient back from this layer (none when it stops the gradient)
-        self.input_is_layer = [
-            run.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
-        ]
+        # keep each key's pullback (flush or stash), else its inputs, to recompute at the
+        # latest version
+        self.keep_pullback = run.policy.flush or run.policy.stash
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
         self.flops_per_sample = _flops_per_sample(self.module, run.graph, node)
         # CUDA graphs of the forward, backward and update (cuda_graphs=True, see _capture)
         self.graphs: ActorGraphs | None = None
-        if not self.on_cpu and not self.stochastic and capture_allowed(run):
+        if not self.on_cpu and not self.stochastic and run.cuda_graphs_active:
             self.graphs = ActorGraphs(self)
 
     # -- the mailbox ----------------------------------------------------------------------------
@@ -357,10 +375,9 @@ class LayerActor(_Actor):
             tensors: list[tuple[Any, ...]] = [(None,)] * len(self.consumers)
         else:
             tensors = self._outputs(key, await self.on_forward(key, inputs, meta))
-        event = None if self.on_cpu else self.last_event
         for (c_name, slot), out in zip(self.consumers, tensors, strict=True):
             msg = Message(FORWARD, key, self.version, self.name, c_name, slot, out, meta)
-            msg.event = event
+            msg.event = self.last_event  # None on the CPU
             await self._send(msg)
         self.stats.forwards += 1
 
@@ -395,9 +412,8 @@ class LayerActor(_Actor):
         recomputes at the latest version, the inputs).
         """
         rows = int(meta.get("rows", 1))
-        keep_pullback = self.run.policy.flush or self.run.policy.stash
         version = self.version
-        if keep_pullback:
+        if self.keep_pullback:
             vjp_fn = self._vjp if self.graphs is None else self.graphs.vjp
             out, pullback = await self.compute(
                 vjp_fn, self.params, inputs, self._rng(key), cost=self._cost(rows)
@@ -408,10 +424,14 @@ class LayerActor(_Actor):
                 self._apply, self.params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (None, version, inputs), inputs, out)
+        await self._check_finite(FORWARD, key, out)
+        return out
+
+    async def _check_finite(self, kind: str, key: int, value: Any) -> None:
+        """With ``check_finite``: waits for the device, then fails on NaN or Inf in ``value``."""
         if self.run.checks_finite:
             await self.wait_for_device()
-            self.run.check_finite(self.name, FORWARD, key, out)
-        return out
+            self.run.check_finite(self.name, kind, key, value)
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
         self.store[key] = entry
@@ -423,6 +443,14 @@ class LayerActor(_Actor):
         st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
         self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
         self._count_versions()
+
+    def _unhold(self, key: int) -> tuple[Any, int, Any]:
+        """Takes a key's entry out of the store (what :meth:`_hold` put in)."""
+        entry = self.store.pop(key)
+        self._release(entry[1])
+        self.stats.stored = len(self.store)
+        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
+        return entry
 
     def _release(self, version: int) -> None:
         n = self.version_refs[version] - 1
@@ -464,39 +492,30 @@ class LayerActor(_Actor):
                 await self.accumulate(None, meta)
         else:
             input_grads = await self.on_backward(key, await self._output_grad(parts), meta)
-        for slot, (src, from_layer) in enumerate(
-            zip(self.node.inputs, self.input_is_layer, strict=True)
-        ):
-            if not from_layer:
-                continue
-            edge = self.run.edge_index[(src, self.name, slot)]
-            grad = input_grads[slot] if input_grads is not None else None
-            msg = Message(BACKWARD, key, used, self.name, src, edge, (grad,), meta)
-            msg.event = None if self.on_cpu else self.last_event
-            await self._send(msg)
+        await self._send_grads(key, used, input_grads, meta)
         self.stats.backwards += 1
         self.run.backward_done(self.name, key)
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
-        pullback, version, inputs = self.store.pop(key)
-        self._release(version)
-        self.stats.stored = len(self.store)
-        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
+        pullback, _, inputs = self._unhold(key)
         rows = int(meta.get("rows", 1))
         if pullback is None:  # recompute at the latest version (no stashing)
             pullback = await self.compute(
                 lambda: self._vjp(self.params, inputs, self._rng(key))[1], cost=self._cost(rows)
             )
         param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
-        if self.run.checks_finite:
-            await self.wait_for_device()
-            self.run.check_finite(self.name, BACKWARD, key, input_grads)
-        if self.param_size:  # a layer without parameters has nothing to update
+        await self._check_finite(BACKWARD, key, input_grads)
+        await self._settle(param_grads, meta)
+        return list(input_grads)
+
+    async def _settle(self, param_grads: Any, meta: dict[str, Any]) -> None:
+        """The end of a key's backward: accumulates its parameter gradients (a layer without
+        parameters has nothing to update) and counts the versions still held."""
+        if self.param_size:
             await self.accumulate(param_grads, meta)
         self._count_versions()
-        return list(input_grads)
 
     async def accumulate(self, param_grads: Any, meta: dict[str, Any]) -> None:
         """Adds a key's parameter gradients; applies them when the policy says an update is due."""

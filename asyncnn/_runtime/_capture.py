@@ -71,14 +71,11 @@ class _Graphs:
         self.failed: set[Any] = set()
 
     def _signature(self, inputs: list[Any]) -> tuple[Any, ...] | None:
-        xp = self.xp
-        index = self.actor.backend.device.index
-        sig = []
-        for x in inputs:
-            if not isinstance(x, xp.ndarray) or x.device.id != index:
-                return None
-            sig.append((x.shape, x.dtype.str))
-        return tuple(sig)
+        """The inputs' shapes and dtypes; None unless every input is an array of this device."""
+        local = self.actor.backend.is_local
+        if not all(local(x) for x in inputs):
+            return None
+        return tuple((x.shape, x.dtype.str) for x in inputs)
 
     def _due(self, sig: Any) -> bool:
         """Whether ``sig`` is to be captured now (its second sighting)."""
@@ -88,14 +85,49 @@ class _Graphs:
         self.seen[sig] = n
         return n >= 2
 
-    def _capture(self, fn: Callable[[], Any], warm: Callable[[], Any] | None) -> Any:
-        """``(graph, result, keep)`` of ``fn`` captured on the actor's stream."""
+    def lookup(
+        self,
+        entries: collections.OrderedDict[Any, Any],
+        sig: Any,
+        capture: Callable[[], Any],
+        reload: Callable[[Any], None],
+    ) -> Any:
+        """The entry of ``sig`` in ``entries`` (least recently used first), to launch; None to
+        run eagerly (each counted).
+
+        A cached entry is moved to the end, ``reload(entry)`` copies the call's arrays into its
+        buffers and it counts as a replay; an unseen ``sig`` (or None: no signature) runs
+        eagerly; on its second sighting ``capture()`` makes its entry, at most
+        :data:`MAX_SIGNATURES` are kept, and a capture that fails runs eagerly for good.
+        """
+        entry = None if sig is None else entries.get(sig)
+        if entry is not None:
+            entries.move_to_end(sig)
+            reload(entry)
+            self.stats.replays += 1
+            return entry
+        if sig is None or not self._due(sig):
+            self.stats.eager += 1
+            return None
+        try:
+            entry = capture()
+        except self.g.CaptureError as exc:
+            self._fail(sig, exc)
+            self.stats.eager += 1
+            return None
+        entries[sig] = entry
+        while len(entries) > MAX_SIGNATURES:
+            entries.popitem(last=False)
+        return entry
+
+    def _capture(self, fn: Callable[[], Any], warm: Callable[[], Any] | None = None) -> Any:
+        """``(graph, result, keep)`` of ``fn`` captured on the actor's stream, after an eager
+        run of ``warm`` (by default ``fn`` itself)."""
         xp = self.xp
         pool = xp.cuda.MemoryPool()
         workspace = xp.empty(self.g.WORKSPACE_BYTES, dtype=xp.uint8)
-        if warm is not None:
-            # an eager run first, in the capture's pool: the capture then finds its blocks cached
-            self.g.run_in_pool(warm, pool)
+        # an eager run first, in the capture's pool: the capture then finds its blocks cached
+        self.g.run_in_pool(fn if warm is None else warm, pool)
         graph, result = self.g.capture(fn, self.actor.stream, pool, workspace)
         self.stats.captures += 1
         return graph, result, (pool, workspace)
@@ -122,7 +154,6 @@ class _Entry:
         self.pullback: Any = None
         self.backward: Any = None
         self.g_leaves: list[Any] = []
-        self.g_def: Any = None
         self.grads: Any = None
         self.keep: list[Any] = []
 
@@ -141,7 +172,7 @@ class ActorGraphs:
         self.params: list[Any] | None = None  # the static parameter leaves
         self.params_def: Any = None
         self.params_tree: Any = None  # the tree of them handed to the actor
-        # update token -> (graph, gradient leaves, state names, keep, the gradient tree captured)
+        # update token -> (graph, gradient leaves, keep, the gradient tree captured)
         self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
 
@@ -173,27 +204,17 @@ class ActorGraphs:
         """The actor's ``_vjp`` through a graph where one is (or can now be) captured."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
-        sig = base._signature(xs)
-        entry = None if sig is None else self.entries.get(sig)
-        if entry is None:
-            if sig is None or not base._due(sig):
-                base.stats.eager += 1
-                return actor._vjp(actor.params, xs, rng)
-            try:
-                entry = self._capture_forward(xs)
-            except self.base.g.CaptureError as exc:
-                base._fail(sig, exc)
-                base.stats.eager += 1
-                return actor._vjp(actor.params, xs, rng)
-            self.entries[sig] = entry
-            while len(self.entries) > MAX_SIGNATURES:
-                self.entries.popitem(last=False)
-        else:
-            self.entries.move_to_end(sig)
+
+        def reload(entry: _Entry) -> None:
             if not self._static_params():
                 self._adopt()
             base._load(entry.xs, xs)
-            base.stats.replays += 1
+
+        entry = base.lookup(
+            self.entries, base._signature(xs), lambda: self._capture_forward(xs), reload
+        )
+        if entry is None:
+            return actor._vjp(actor.params, xs, rng)
         entry.forward.launch(actor.stream)
         return entry.out, entry.pull
 
@@ -204,9 +225,7 @@ class ActorGraphs:
         self.base._load(static, xs)
         entry = _Entry(self, static)
 
-        graph, (out, pullback), keep = self.base._capture(
-            lambda: actor._vjp(params, static, None), lambda: actor._vjp(params, static, None)
-        )
+        graph, (out, pullback), keep = self.base._capture(lambda: actor._vjp(params, static, None))
         entry.forward, entry.out, entry.pullback = graph, out, pullback
         entry.keep.append(keep)
         return entry
@@ -216,7 +235,6 @@ class ActorGraphs:
         leaves, treedef = tree_flatten(g)
         if entry.backward is None:
             entry.g_leaves = [self.base.xp.empty_like(x) for x in leaves]
-            entry.g_def = treedef
             base._load(entry.g_leaves, leaves)
             gs = tree_unflatten(treedef, entry.g_leaves)
             actor = self.actor
@@ -260,7 +278,7 @@ class ActorGraphs:
                 return opt.update(params, grads, state)
             self.updates[token] = captured
         else:
-            graph, g_static, _, _, g_tree = captured
+            graph, g_static, _, g_tree = captured
             if grads is not g_tree:  # else they are the captured buffers already
                 base._load(g_static, tree_leaves(grads))
             for name, leaves in self.state.items():
@@ -305,7 +323,7 @@ class ActorGraphs:
                 base._load(self.state[name], tree_leaves(new_s[name]))
 
         graph, _, keep = base._capture(step, warm)
-        return graph, g_static, names, keep, grads
+        return graph, g_static, keep, grads
 
 
 def _update_token(opt: Any, state: Any) -> Any:
@@ -340,29 +358,16 @@ class LossGraphs:
         sig = base._signature(xs)
         if sig is not None:
             sig = (sig, float(scale))
-        entry = None if sig is None else self.entries.get(sig)
-        if entry is None:
-            if sig is None or not base._due(sig):
-                base.stats.eager += 1
-                return actor._value_and_grads(xs, scale)
+
+        def capture() -> tuple[Any, list[Any], Any, Any]:
             static = [base.xp.empty_like(x) for x in xs]
             base._load(static, xs)
-            try:
-                graph, result, keep = base._capture(
-                    lambda: actor._value_and_grads(static, scale),
-                    lambda: actor._value_and_grads(static, scale),
-                )
-            except base.g.CaptureError as exc:
-                base._fail(sig, exc)
-                base.stats.eager += 1
-                return actor._value_and_grads(xs, scale)
-            entry = (graph, static, result, keep)
-            self.entries[sig] = entry
-            while len(self.entries) > MAX_SIGNATURES:
-                self.entries.popitem(last=False)
-        else:
-            self.entries.move_to_end(sig)
-            base._load(entry[1], xs)
-            base.stats.replays += 1
+            graph, result, keep = base._capture(lambda: actor._value_and_grads(static, scale))
+            return graph, static, result, keep
+
+        # an entry: (graph, static inputs, result, keep)
+        entry = base.lookup(self.entries, sig, capture, lambda e: base._load(e[1], xs))
+        if entry is None:
+            return actor._value_and_grads(xs, scale)
         entry[0].launch(actor.stream)
         return entry[2]

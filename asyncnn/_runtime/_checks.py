@@ -14,12 +14,28 @@ from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
 from ._graph import Graph
 
-__all__ = ["check_batch", "validate"]
+__all__ = ["check_batch", "check_cuda_graphs", "validate"]
 
 
 def _checkable(dtype: Any) -> bool:
     # floats, bfloat16 (a numpy extension dtype, kind "V") and complex numbers can hold NaN
     return dtype.kind == "c" or is_floating(dtype)
+
+
+def check_cuda_graphs(cuda_graphs: Any, cluster: Any) -> None:
+    """Checks the ``cuda_graphs`` argument of a run.
+
+    Raises:
+        TypeError: ``cuda_graphs`` is not a bool.
+        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
+    """
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and cluster is not None:
+        raise ValueError(
+            "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
+            "cuda_graphs=False with a cluster"
+        )
 
 
 def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:

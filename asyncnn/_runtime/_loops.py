@@ -20,9 +20,8 @@ import numpy as np
 
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._nn._module import Initializer, Module
-from asyncnn._math._pytree import tree_map
 
-from ._actors import LayerActor
+from ._actors import LayerActor, _tree_add
 from ._messages import FORWARD
 from ._statistics import ActorStatistics
 
@@ -213,11 +212,18 @@ class LoopActor(LayerActor):
                 active[rows[stop.reshape(-1)]] = False
         return (outs if outs is not None else h), records, steps_done
 
+    def _unroll_cost(self, inputs: list[Any]) -> float | None:
+        """The cell's cost per row-step, times the steps: a long unroll of a small cell is big
+        work (it goes to a worker thread, off the event loop, when over the inline threshold).
+        None on a GPU, whose compute ignores the cost (and counting the steps would read the
+        lengths back from the device)."""
+        if not self.on_cpu:
+            return None
+        return self._cost(1) * planned_row_steps(self.loop, inputs)
+
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
-        keep = self.run.policy.flush or self.run.policy.stash
-        # The cell's cost per row-step, times the steps: a long unroll of a small cell is big
-        # work (it goes to a worker thread, off the event loop, when over the inline threshold).
-        cost = self._cost(1) * planned_row_steps(self.loop, inputs)
+        keep = self.keep_pullback
+        cost = self._unroll_cost(inputs)
         out, records, steps = await self.compute(self._unroll, self.params, inputs, keep, cost=cost)
         self._hold(key, (records if keep else None, self.version, inputs), inputs, out)
         st = self.stats
@@ -249,7 +255,7 @@ class LoopActor(LayerActor):
             gh[r] = g_h
             if gxs is not None and g_x is not None:
                 gxs[r, t] = g_x
-            acc = gp if acc is None else tree_map(_add, acc, gp)
+            acc = gp if acc is None else _tree_add(acc, gp)
         grads: list[Any] = [gh]
         if loop.has_xs:
             grads.append(gxs)
@@ -258,26 +264,17 @@ class LoopActor(LayerActor):
         return acc, grads
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        records, version, inputs = self.store.pop(key)
-        self._release(version)
-        self.stats.stored = len(self.store)
-        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
+        records, _, inputs = self._unhold(key)
         if records is None:  # recompute at the latest version (no stashing)
-            cost = self._cost(1) * planned_row_steps(self.loop, inputs)
+            cost = self._unroll_cost(inputs)
             _, records, _ = await self.compute(self._unroll, self.params, inputs, True, cost=cost)
         row_steps = sum(len(r) for r, _ in records)
         param_grads, input_grads = await self.compute(
             self._unwind, records, grad, inputs, cost=2 * self._cost(1) * row_steps
         )
-        if self.param_size:
-            # None when no row took a step: accumulate counts it as a zero gradient
-            await self.accumulate(param_grads, meta)
-        self._count_versions()
+        # param_grads is None when no row took a step: accumulate counts it as a zero gradient
+        await self._settle(param_grads, meta)
         return list(input_grads)
-
-
-def _add(a: Any, b: Any) -> Any:
-    return a + b
 
 
 @dataclass(frozen=True)

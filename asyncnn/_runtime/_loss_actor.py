@@ -11,9 +11,9 @@ from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
 
 from ._actors import _Actor
-from ._capture import LossGraphs, capture_allowed
+from ._capture import LossGraphs
 from ._graph import Node
-from ._messages import BACKWARD, END, FORWARD, STOP, Message
+from ._messages import END, FORWARD, STOP, Message
 
 if TYPE_CHECKING:
     from ._run import Run
@@ -32,9 +32,8 @@ class LossActor(_Actor):
     def __init__(self, run: Run, node: Node) -> None:
         super().__init__(run, node)
         self.module = node.module
-        self.input_is_layer = [run.graph.nodes[src].kind == "layer" for src in node.inputs]
         self.graphs: LossGraphs | None = None
-        if not self.on_cpu and capture_allowed(run):
+        if not self.on_cpu and run.cuda_graphs_active:
             self.graphs = LossGraphs(self)
         # (key, the value's host copy in flight, the event after that copy, meta), oldest first
         self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any]]] = collections.deque()
@@ -88,14 +87,7 @@ class LossActor(_Actor):
         if now:
             await self.wait_for_device()
             self.run.check_finite(self.name, FORWARD, key, value)
-        for slot, (src, from_layer) in enumerate(
-            zip(self.node.inputs, self.input_is_layer, strict=True)
-        ):
-            if from_layer:
-                edge = self.run.edge_index[(src, self.name, slot)]
-                msg = Message(BACKWARD, key, 0, self.name, src, edge, (grads[slot],), meta)
-                msg.event = self.last_event
-                await self._send(msg)
+        await self._send_grads(key, 0, grads, meta)
         self.stats.forwards += 1
         if now:
             loss = float(value)

@@ -40,6 +40,7 @@ __all__ = [
     "RouterActor",
     "RouterStatistics",
     "assign_rows",
+    "expert_starts",
     "gate_weights",
     "topk_experts",
 ]
@@ -212,6 +213,12 @@ def expert_rows(route: np.ndarray[Any, Any], e: int) -> tuple[np.ndarray[Any, An
     return rows, cols
 
 
+def expert_starts(graph: Graph, router: Node) -> list[str]:
+    """The first layer of each expert branch of ``router``, in expert order: the nodes that
+    read it, but its merge."""
+    return [c for c, _ in router.consumers if graph.nodes[c].actor is not MergeActor]
+
+
 class RouterActor(LayerActor):
     """Runs the gate, picks each row's experts, sends each expert its rows (or a skip) and the
     merge the weights and the route; on the backward, scatters the experts' input gradients back
@@ -222,22 +229,14 @@ class RouterActor(LayerActor):
         stats = RouterStatistics()
         self.stats = stats
         self.router: Router = self.module
-        graph = self.run.graph
+        self.expert_names = expert_starts(self.run.graph, self.node)
         # consumer edge -> expert index (None: the merge)
-        self.edge_expert: list[int | None] = []
-        e = 0
-        for c, _ in self.consumers:
-            if graph.nodes[c].actor is MergeActor:
-                self.edge_expert.append(None)
-            else:
-                self.edge_expert.append(e)
-                e += 1
-        self.expert_names = [
-            c for (c, _), x in zip(self.consumers, self.edge_expert, strict=True) if x is not None
-        ]
+        index = {name: e for e, name in enumerate(self.expert_names)}
+        self.edge_expert: list[int | None] = [index.get(c) for c, _ in self.consumers]
         stats.expert_rows = {n: 0 for n in self.expert_names}
         stats.dropped_rows = {n: 0 for n in self.expert_names}
-        self.routes: dict[int, tuple[Any, Any]] = {}  # key -> (route, choice)
+        # key -> (route, choice, the rows that go to each expert)
+        self.routes: dict[int, tuple[Any, Any, list[Any]]] = {}
 
     def _gate(self, params: Any, inputs: list[Any], chosen: list[Any]) -> Any:
         """The gate weights; picks the experts from the scores on the first call (``chosen``
@@ -252,7 +251,7 @@ class RouterActor(LayerActor):
         x = inputs[0]
         rows = int(x.shape[0])
         chosen: list[Any] = []
-        keep = self.run.policy.flush or self.run.policy.stash
+        keep = self.keep_pullback
 
         def run(params: Any, xs: list[Any]) -> Any:
             xs = self._to_device(xs)
@@ -278,10 +277,12 @@ class RouterActor(LayerActor):
                 )  # fmt: skip
             st.dropped_total += int(dropped.sum())
         self._hold(key, (pullback, self.version, None if keep else inputs), inputs, weights)
-        self.routes[key] = (route, choice)
+        # each expert's rows, worked out once for the gathers, the loads and the backward
+        picks = [expert_rows(route, e)[0] for e in range(len(self.expert_names))]
+        self.routes[key] = (route, choice, picks)
         loads = []
         for e, name in enumerate(self.expert_names):
-            n_e = int((route == e).sum())
+            n_e = len(picks[e])
             st.expert_rows[name] += n_e
             st.dropped_rows[name] += int(dropped[e])
             loads.append(n_e)
@@ -292,9 +293,9 @@ class RouterActor(LayerActor):
                             "capacity": capacity})  # fmt: skip
         # the per-expert gathers are kernels too: queued on this actor's stream (through
         # compute), so the event the messages carry covers them
-        return await self.compute(self._gather, x, weights, route, cost=0)
+        return await self.compute(self._gather, x, weights, route, picks, cost=0)
 
-    def _gather(self, x: Any, weights: Any, route: Any) -> list[tuple[Any, ...]]:
+    def _gather(self, x: Any, weights: Any, route: Any, picks: list[Any]) -> list[tuple[Any, ...]]:
         x = self._to_device([x])[0]
         xp = self.backend.xp
         tensors: list[tuple[Any, ...]] = []
@@ -302,7 +303,7 @@ class RouterActor(LayerActor):
             if e is None:
                 tensors.append((weights, xp.asarray(route)))
                 continue
-            rows, _ = expert_rows(route, e)
+            rows = picks[e]
             tensors.append((x[xp.asarray(rows)],) if len(rows) else (None,))
         return tensors
 
@@ -313,11 +314,8 @@ class RouterActor(LayerActor):
         return list(parts)  # one per consumer edge, not summed; moved in on_backward's compute
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        pullback, version, inputs = self.store.pop(key)
-        self._release(version)
-        self.stats.stored = len(self.store)
-        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
-        route, choice = self.routes.pop(key)
+        pullback, _, inputs = self._unhold(key)
+        route, choice, picks = self.routes.pop(key)
         if pullback is None:  # recompute the gate at the latest version; the route stays
 
             def redo(params: Any, xs: list[Any]) -> Any:
@@ -337,7 +335,7 @@ class RouterActor(LayerActor):
                 if e is None:
                     g_weights = part
                 elif part is not None:
-                    scattered.append((xp.asarray(expert_rows(route, e)[0]), part))
+                    scattered.append((xp.asarray(picks[e]), part))
             if self.router.gates != "none":  # the dropped choices' weights were not used
                 g_weights = g_weights * xp.asarray(route >= 0)
             param_grads, input_grads = pullback(g_weights)
@@ -350,9 +348,7 @@ class RouterActor(LayerActor):
             return param_grads, input_grads
 
         param_grads, input_grads = await self.compute(backward, pullback, grad)
-        if self.param_size:
-            await self.accumulate(param_grads, meta)
-        self._count_versions()
+        await self._settle(param_grads, meta)
         return input_grads
 
 
@@ -363,7 +359,8 @@ class MergeActor(LayerActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.routes: dict[int, Any] = {}
-        self.saved: dict[int, tuple[Any, Any, list[Any]]] = {}
+        # key -> (weights, each expert's (rows, route columns) on the device, branch outputs)
+        self.saved: dict[int, tuple[Any, list[Any], list[Any]]] = {}
 
     def _file(self, msg: Any) -> None:
         if msg.kind == FORWARD and msg.slot == 0 and len(msg.tensors) > 1:
@@ -376,20 +373,21 @@ class MergeActor(LayerActor):
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         # the route's read and the gathers and sums run on this actor's stream (compute), after
         # the events of the messages that brought them
-        out, weights, route, branches = await self.compute(
+        out, weights, picks, branches = await self.compute(
             self._combine, key, inputs, self.routes.pop(key), cost=0
         )
-        self.saved[key] = (weights, route, branches)
+        self.saved[key] = (weights, picks, branches)
         return out
 
     def _combine(
         self, key: int, inputs: list[Any], route_t: Any
-    ) -> tuple[Any, Any, Any, list[Any]]:
+    ) -> tuple[Any, Any, list[Any], list[Any]]:
         route = np.asarray(self.backend.to_numpy(route_t))
         inputs = self._to_device(inputs)
         weights, branches = inputs[0], inputs[1:]
         out = None
         xp = self.backend.xp
+        picks: list[Any] = []  # per expert: (rows, route columns), None for a skip
         for e, y in enumerate(branches):
             rows, cols = expert_rows(route, e)
             if y is None:
@@ -397,6 +395,7 @@ class MergeActor(LayerActor):
                     raise ActorError(self.name, FORWARD, key,
                                      f"merge {self.name!r}: expert {e} skipped key {key} but the "
                                      f"route sent it {len(rows)} rows")  # fmt: skip
+                picks.append(None)
                 continue
             if y.shape[0] != len(rows):
                 raise ActorError(self.name, FORWARD, key,
@@ -405,33 +404,34 @@ class MergeActor(LayerActor):
                                  "its rows (one output row per input row)")  # fmt: skip
             if out is None:
                 out = xp.zeros((weights.shape[0], *y.shape[1:]), dtype=y.dtype)
-            w = weights[xp.asarray(rows), xp.asarray(cols)]
-            out[xp.asarray(rows)] += w.reshape((-1,) + (1,) * (y.ndim - 1)) * y
+            r, c = xp.asarray(rows), xp.asarray(cols)
+            picks.append((r, c))
+            w = weights[r, c]
+            out[r] += w.reshape((-1,) + (1,) * (y.ndim - 1)) * y
         if out is None:  # every choice of every row was dropped: the rows' outputs are zeros
             shape = self.run.graph.shapes.get(self.name)
             trail = tuple(shape[1:]) if shape else ()
             out = xp.zeros((weights.shape[0], *trail), dtype=weights.dtype)
-        return out, weights, route, list(branches)
+        return out, weights, picks, list(branches)
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        weights, route, branches = self.saved.pop(key)
-        result: list[Any] = await self.compute(self._split, grad, weights, route, branches, cost=0)
+        weights, picks, branches = self.saved.pop(key)
+        result: list[Any] = await self.compute(self._split, grad, weights, picks, branches, cost=0)
         return result
 
-    def _split(self, grad: Any, weights: Any, route: Any, branches: list[Any]) -> list[Any]:
+    def _split(self, grad: Any, weights: Any, picks: list[Any], branches: list[Any]) -> list[Any]:
         xp = self.backend.xp
         g_weights = xp.zeros_like(weights)
         grads: list[Any] = [g_weights]
-        for e, y in enumerate(branches):
+        for pick, y in zip(picks, branches, strict=True):
             if y is None:
                 grads.append(None)
                 continue
-            rows, cols = expert_rows(route, e)
-            r, c = xp.asarray(rows), xp.asarray(cols)
+            r, c = pick
             g_rows = grad[r]
             w = weights[r, c].reshape((-1,) + (1,) * (y.ndim - 1))
             grads.append(w * g_rows)
-            g_weights[r, c] = (g_rows * y).reshape(len(rows), -1).sum(axis=1)
+            g_weights[r, c] = (g_rows * y).reshape(len(r), -1).sum(axis=1)
         return grads
 
 
@@ -450,7 +450,7 @@ def check_routing(graph: Graph) -> None:
                 f"*branches)); it has {merges or 'none'}"
             )
         merge = graph.nodes[merges[0]]
-        starts = [c for c, _ in node.consumers if graph.nodes[c].actor is not MergeActor]
+        starts = expert_starts(graph, node)
         if len(starts) != router.experts:
             raise GraphError(
                 f"router {node.name!r} has {router.experts} experts but {len(starts)} layers read "
@@ -526,8 +526,7 @@ def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -
         return True
     if isinstance(src, tuple):
         if src[0] == "routed":
-            e = [c for c, _ in graph.nodes[node.inputs[0]].consumers
-                 if graph.nodes[c].actor is not MergeActor].index(name)  # fmt: skip
+            e = expert_starts(graph, graph.nodes[node.inputs[0]]).index(name)
             rows = np.nonzero((src[3] == e).any(axis=1))[0]
             x = src[1][backend.xp.asarray(rows)]
         else:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from asyncnn.backends import (
 
 from ._actors import LayerActor
 from ._capture import capture_allowed
-from ._checks import _checkable, check_batch, validate
+from ._checks import _checkable, check_batch, check_cuda_graphs, validate
 from ._graph import Graph
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, STOP, Message
@@ -158,6 +158,8 @@ class Run:
             n: self.local[n] if n in self.local else (remote or {})[n]
             for n in [*self.layers, *graph.losses]
         }
+        for proxy in (remote or {}).values():
+            proxy.run = self  # a stand-in sends through this run (its pool, its NCCL links)
         self.in_flight = 0
         self.losses: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -307,9 +309,6 @@ class Run:
                     "flight; what each actor was doing:\n" + "\n".join(lines)
                 )
 
-    async def _serve(self, name: str) -> None:
-        await self.actors[name].serve()
-
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
         """The current weights, optimizer states and versions (device arrays, not copies)."""
@@ -353,6 +352,30 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
 async def _stop_all(run: Run) -> None:
     for name, actor in run.actors.items():
         await actor.send_channel.send(Message(STOP, -1, 0, "", name, 0))
+
+
+def serve_actors(tg: Any, run: Run) -> None:
+    """Starts each of the run's local actors as a task of ``tg``."""
+    for name, actor in run.local.items():
+        tg.start_soon(actor.serve, name=f"actor {name}")
+
+
+async def finish_run(run: Run) -> None:
+    """The end of a run that went well: drains it, waits for the local actors' GPU work (done
+    before anyone reads it), and tells every actor to stop."""
+    await run.drain()
+    for actor in run.local.values():
+        await actor.wait_for_device()
+    await _stop_all(run)
+
+
+def cpu_layers(graph: Graph, hosted: Collection[str] | None = None) -> list[str]:
+    """The layers of ``graph`` on the CPU (only those in ``hosted``, where given)."""
+    return [
+        n
+        for n in graph.layers
+        if graph.nodes[n].device == "cpu" and (hosted is None or n in hosted)
+    ]
 
 
 @asynccontextmanager
@@ -419,14 +442,8 @@ async def open_run(
         TypeError: ``cuda_graphs`` is not a bool.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
     """
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    check_cuda_graphs(cuda_graphs, cluster)
     if cluster is not None:
-        if cuda_graphs:
-            raise ValueError(
-                "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
-                "cuda_graphs=False with a cluster"
-            )
         if _orders is not None:
             raise ValueError("replay runs in one process: pass cluster=None")
         async with cluster.open_run(
@@ -441,11 +458,10 @@ async def open_run(
         validate(graph, dtype)
     if state is None:
         state = init_state(graph, optimizer, seed, dtype)
-    cpu_actors = sum(1 for n in graph.layers if graph.nodes[n].device == "cpu")
     recorder = open_recorder(trace, trace_payloads, graph, optimizer, policy, seed, dtype, state)
     failed = False
     try:
-        async with _maybe_pool(pool, cpu_actors) as the_pool:
+        async with _maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
             run = Run(
                 graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
                 check_finite, on_loss, recorder, _orders, _max_in_flight,
@@ -453,14 +469,10 @@ async def open_run(
             )  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:
-                    for name in run.local:
-                        tg.start_soon(run._serve, name, name=f"actor {name}")
+                    serve_actors(tg, run)
                     watchdog = start_watchdog(tg, run)
                     yield run
-                    await run.drain()
-                    for actor in run.local.values():  # GPU work done before anyone reads it
-                        await actor.wait_for_device()
-                    await _stop_all(run)
+                    await finish_run(run)
                     watchdog.cancel()
             except BaseExceptionGroup as group:
                 error = _single_error(group)
@@ -525,16 +537,21 @@ def close_channels(run: Run) -> None:
         actor.inbox.close()
 
 
-def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
-    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it."""
+def start_cancellable(tg: Any, fn: Callable[[], Awaitable[Any]]) -> anyio.CancelScope:
+    """Starts ``fn()`` in ``tg``; cancel the returned scope to stop it."""
     scope = anyio.CancelScope()
 
     async def guard() -> None:
         with scope:
-            await run._watchdog()
+            await fn()
 
     tg.start_soon(guard)
     return scope
+
+
+def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
+    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it."""
+    return start_cancellable(tg, run._watchdog)
 
 
 def _trace_header(
@@ -559,8 +576,9 @@ def error_leaves(group: BaseException) -> list[BaseException]:
     return [leaf for sub in group.exceptions for leaf in error_leaves(sub)]
 
 
-def _single_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The one error a failed run reports: an actor's failure or a stall, before anything else."""
+def _single_error(group: BaseException) -> BaseException:
+    """The one error a failed run reports: an actor's failure or a stall, before anything else
+    (a plain exception is its own)."""
     leaves = error_leaves(group)
     for kind in (ActorError, StallError):
         for e in leaves:

@@ -15,7 +15,7 @@ from collections import deque
 from typing import IO, Any
 
 from ._read import open_trace
-from ._summary import Occupancy, node_kinds
+from ._summary import Occupancy, node_kinds, sent_bytes
 
 __all__ = ["to_chrome"]
 
@@ -95,9 +95,9 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
     slices = flows = 0
     t_last = 0.0
 
-    def finish_flow(fid: int, start: dict[str, Any], actor: str, ts: float) -> None:
+    def end_flow(fid: int, actor: str, ts: float) -> None:
+        # the arrow's head, bound to the slice that encloses ts
         nonlocal flows
-        emit(start)
         emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
               "pid": _PID, "tid": tid(actor), "ts": ts})  # fmt: skip
         flows += 1
@@ -141,13 +141,11 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             slices += 1
             inside = ts + min(_INSIDE, dur / 2)
             for fid in ends:
-                emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
-                      "pid": _PID, "tid": tid(a), "ts": inside})  # fmt: skip
-                flows += 1
+                end_flow(fid, a, inside)
         elif ev == "send":
             peer = str(e.get("p", ""))
             fid, next_id = next_id, next_id + 1
-            nbytes = sum(int(x["n"]) for x in e.get("x") or () if x is not None)
+            nbytes = sent_bytes(e)
             if a not in open_:
                 marker(a, t, f"send {kind} k{key} → {peer}", {"key": key, "bytes": nbytes})
             s_event = {"ph": "s", "cat": "message", "name": "message", "id": fid, "pid": _PID,
@@ -185,12 +183,11 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                        "unfinished": True}})  # fmt: skip
         slices += 1
         for fid in ends:
-            emit({"ph": "f", "bp": "e", "cat": "message", "name": "message", "id": fid,
-                  "pid": _PID, "tid": tid(a), "ts": ts + min(_INSIDE, dur / 2)})  # fmt: skip
-            flows += 1
+            end_flow(fid, a, ts + min(_INSIDE, dur / 2))
     for (a, kind, key), items in waiting.items():
         for fid, s_event, t in items:
             marker(a, t, f"receive {kind} k{key} (never computed)", {"key": key})
-            finish_flow(fid, s_event, a, _us(t))
+            emit(s_event)
+            end_flow(fid, a, _us(t))
     unmatched = sum(len(q) for q in sends.values())
     return {"slices": slices, "flows": flows, "unmatched_sends": unmatched}

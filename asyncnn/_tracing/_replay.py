@@ -91,11 +91,17 @@ class _Stop(Exception):
 class _HookedOrder(RecordedOrder):
     """The recorded order, calling ``hook(actor, seq, kind, key, params)`` after each op."""
 
-    def __init__(self, ops: list[tuple[str, int]], actor: Any, hook: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        ops: list[tuple[str, int]],
+        actor: Any,
+        hook: Callable[..., Any],
+        snapshot: dict[str, Any],
+    ) -> None:
         super().__init__(ops)
         self.actor = actor
         self.hook = hook
-        self.snapshot: dict[str, Any] = {}
+        self.snapshot = snapshot  # filled with the weights where the hook stops the replay
 
     def done(self, op: tuple[str, int], minibatch_keys: int) -> None:
         seq = self.i
@@ -266,8 +272,7 @@ def replay(
                 if hook is not None:
                     for name in graph.layers:
                         a = run.actors[name]
-                        a.order = _HookedOrder(orders[name], a, hook)
-                        a.order.snapshot = params
+                        a.order = _HookedOrder(orders[name], a, hook, params)
                 try:
                     if actor is None:
                         await _feed_inputs(run, trace)
@@ -289,15 +294,21 @@ def replay(
     return ReplayResult(first is None, checked, first, params, stopped[0] if stopped else None)
 
 
-async def _feed_inputs(run: Any, trace: Trace) -> None:
-    """Admits the recorded keys, in order, with their recorded data."""
+def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:
+    """``{key: {input: its recorded data}}`` (the data is kept with an input's first send)."""
     data: dict[int, dict[str, Any]] = {}
-    inputs = set(run.graph.inputs)
     for e in trace.events:
         if e["ev"] == "send" and e["a"] in inputs:
             arr = payload_array(e)
             if arr is not None:
                 data.setdefault(e["key"], {})[e["a"]] = arr
+    return data
+
+
+async def _feed_inputs(run: Any, trace: Trace) -> None:
+    """Admits the recorded keys, in order, with their recorded data."""
+    inputs = set(run.graph.inputs)
+    data = _input_data(trace, inputs)
     for e in trace.events:
         if e["ev"] != "admit":
             continue
@@ -323,14 +334,11 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
     run.isolated = name  # its sends are recorded, not delivered: the other actors stay idle
     metas = {e["key"]: e["m"] for e in trace.events if e["ev"] == "admit"}
     inputs = set(run.graph.inputs)
-    data: dict[tuple[str, int], Any] = {}  # the data is kept with its input's first send only
-    for e in trace.events:
-        if e["ev"] == "send" and e["a"] in inputs and payload_array(e) is not None:
-            data[(e["a"], e["key"])] = payload_array(e)
+    data = _input_data(trace, inputs)
     target = run.actors[name]
     for e in trace.events:
         if e["ev"] == "send" and e.get("p") == name:
-            arr = data.get((e["a"], e["key"])) if e["a"] in inputs else payload_array(e)
+            arr = data.get(e["key"], {}).get(e["a"]) if e["a"] in inputs else payload_array(e)
             slot = int(e.get("m", {}).get("slot", 0))
             msg = Message(
                 e["k"], e["key"], e.get("v", 0), e["a"], name, slot, (arr,), metas[e["key"]]

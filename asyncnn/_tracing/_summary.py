@@ -13,7 +13,7 @@ from typing import Any
 
 from ._read import open_trace
 
-__all__ = ["Occupancy", "format_summary", "node_kinds", "summary"]
+__all__ = ["Occupancy", "format_summary", "node_kinds", "sent_bytes", "summary"]
 
 
 def node_kinds(header: dict[str, Any]) -> dict[str, str]:
@@ -22,6 +22,11 @@ def node_kinds(header: dict[str, Any]) -> dict[str, str]:
     if not isinstance(graph, dict):
         return {}
     return {str(n["name"]): str(n.get("kind", "")) for n in graph.get("nodes", []) if "name" in n}
+
+
+def sent_bytes(e: dict[str, Any]) -> int:
+    """The bytes of the tensors a ``send`` event carried."""
+    return sum(int(x["n"]) for x in e.get("x") or () if x is not None)
 
 
 class Occupancy:
@@ -185,7 +190,7 @@ def summary(
             st.messages_in += 1
         elif ev == "send":
             st.messages_out += 1
-            st.bytes_out += sum(int(x["n"]) for x in e.get("x") or () if x is not None)
+            st.bytes_out += sent_bytes(e)
         elif ev == "update":
             st.updates += 1
         elif ev == "start":

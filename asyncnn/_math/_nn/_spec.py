@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .._imports import import_by_path
+from .._imports import class_path, import_by_path
 from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
 from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
@@ -35,12 +35,10 @@ BUILTINS: dict[str, type[Module]] = {
 def _type_name(cls: type) -> str:
     if BUILTINS.get(cls.__name__) is cls:
         return cls.__name__
-    if "<locals>" in cls.__qualname__:
-        raise ValueError(
-            f"to_spec: {cls.__qualname__} is defined inside a function and cannot be imported "
-            "again from a spec; define it at module level"
-        )
-    return f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        return class_path(cls)
+    except ValueError as exc:
+        raise ValueError(f"to_spec: {exc}") from None
 
 
 def _encode(value: Any, where: str) -> Any:
