@@ -173,3 +173,51 @@ def test_policy_specs_round_trip_and_validate():
         policies.GPipe(0)
     with pytest.raises(ValueError, match="max_active_keys"):
         policies.Async(max_active_keys=0)
+
+
+# -- what each policy decides is one of its methods ----------------------------------------------
+@pytest.mark.parametrize("rows", [1, 5, 8, 64, 67])
+@pytest.mark.parametrize("m", [1, 3, 4, 8])
+def test_split_follows_numpy_array_split(rows, m):
+    parts = policies.GPipe(microbatches=m).split(rows)
+    sizes = [len(a) for a in np.array_split(np.arange(rows), min(m, rows))]
+    assert [hi - lo for lo, hi in parts] == sizes
+    assert parts[0][0] == 0 and parts[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+
+
+def test_policy_methods_state_each_decision():
+    assert policies.Sync().keeps_pullback() and policies.Sync().waits_between_minibatches()
+    assert policies.PipeDream(4, stash=True).keeps_pullback()
+    assert not policies.PipeDream(4, stash=False).keeps_pullback()
+    assert (
+        not policies.Async(4).keeps_pullback() and not policies.Async(4).waits_between_minibatches()
+    )
+    assert policies.Sync().allows_capture(3, traced=False)
+    assert policies.OneFOneB(1).allows_capture(3, traced=False)
+    assert not policies.Sync().allows_capture(3, traced=True)
+    assert not policies.GPipe(4).allows_capture(3, traced=False)
+    assert not policies.PipeDream(1).allows_capture(3, traced=False)
+    assert not policies.Async(1).allows_capture(3, traced=False)
+    assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)
+
+
+def test_replay_policy_keeps_the_recorded_meaning_and_orders():
+    seen = []
+    recorded = policies.PipeDream(microbatches=3, stash=False)
+    ops = [("forward", 0), ("forward", 1), ("backward", 0)]
+    rp = policies.Replay(recorded, {"stage0": ops}, keys=9, isolated="stage0",
+                         on_op=lambda *a: seen.append(a))  # fmt: skip
+    assert rp.split(7) == recorded.split(7) and rp.microbatches == 3 and not rp.stash
+    assert rp.max_in_flight(2) == 9 and not rp.keeps_pullback()
+    assert rp.update_due(1, False) and rp.loss_cotangent(2, 6) == recorded.loss_cotangent(2, 6)
+    assert not rp.waits_between_minibatches() and not rp.allows_capture(1, traced=False)
+    assert not rp.delivers("stage0") and policies.Replay(recorded, {}).delivers("stage0")
+    assert rp.to_spec() == recorded.to_spec()
+    order = rp.order_for("stage0", 0, 2)
+    for op in ops:
+        assert order.next() == op
+        order.done(op, 3)
+    assert order.next() == ("forward", -1)  # afterwards: nothing more
+    assert seen == [("stage0", i, k, key) for i, (k, key) in enumerate(ops)]
+    assert rp.order_for("stage1", 1, 2).next() == ("forward", -1)

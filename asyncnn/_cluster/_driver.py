@@ -201,8 +201,9 @@ async def _driver_run(
                 if w is not None
             }
             run = DriverRun(
-                graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
-                check_finite, on_loss, recorder, None, max_in_flight, hosted=here, remote=proxies,
+                graph, optimizer, policy, seed, dtype, state, the_pool,
+                stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
+                recorder=recorder, max_in_flight=max_in_flight, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
             try:

@@ -212,9 +212,10 @@ class Worker:
                         proxies[name] = RemoteActor(name, conn, None, w)
                 run = WorkerRun(
                     graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
-                    int(cmd["seed"]), cmd["dtype"], state, pool, float(cmd["stall_timeout"]),
-                    bool(cmd["check_finite"]), None, recorder, None, int(cmd["max_in_flight"]),
-                    hosted=hosted, remote=proxies,
+                    int(cmd["seed"]), cmd["dtype"], state, pool,
+                    stall_timeout=float(cmd["stall_timeout"]),
+                    check_finite=bool(cmd["check_finite"]), recorder=recorder,
+                    max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
                 )  # fmt: skip
                 run.control = control_send
                 nccl = cmd.get("nccl") or {}

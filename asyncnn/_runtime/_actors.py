@@ -27,7 +27,7 @@ from asyncnn.backends import get_backend, parse_device
 from ._capture import ActorGraphs
 from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
-from ._policies import RecordedOrder, StageOrder
+from ._policies import StageOrder
 from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class _Actor:
         self.last_event: Any = None
         self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
+        self.delivers = run.policy.delivers(self.name)
         # which inputs get a gradient back (those from layers; none when this node stops the
         # gradient), and where each goes: (input slot, source node, the source's consumer edge)
         self.input_is_layer = [
@@ -136,8 +137,8 @@ class _Actor:
                 self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq, msg.tensors,
                 rec.payloads == "all", {"slot": msg.slot},
             )  # fmt: skip
-        if self.run.isolated is not None:
-            return  # replaying one actor alone: its sends are checked, not delivered
+        if not self.delivers:
+            return  # the policy records this actor's sends only (an actor replayed alone)
         channel = self.run.actors[msg.dst].send_channel
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
@@ -242,10 +243,7 @@ class LayerActor(_Actor):
         super().__init__(run, node)
         self.module = node.module
         self.stage = stage
-        if run.orders is not None:  # replay: the recorded order, whatever the policy
-            self.order: StageOrder = RecordedOrder(run.orders.get(node.name, []))
-        else:
-            self.order = run.policy.stage_order(stage, num_stages)
+        self.order: StageOrder = run.policy.order_for(node.name, stage, num_stages)
         self.order.start(run.next_key)
         self.params = params
         self.opt_state = opt_state
@@ -262,9 +260,8 @@ class LayerActor(_Actor):
         self.acc: Any = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
-        # keep each key's pullback (flush or stash), else its inputs, to recompute at the
-        # latest version
-        self.keep_pullback = run.policy.flush or run.policy.stash
+        # keep each key's pullback, else its inputs, to recompute at the latest version
+        self.keep_pullback = run.policy.keeps_pullback()
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
         self.flops_per_sample = _flops_per_sample(self.module, run.graph, node)
@@ -531,7 +528,7 @@ class LayerActor(_Actor):
         self.acc_count += 1
         mb = int(meta.get("minibatch", 0))
         done = self.mb_backwards.get(mb, 0) + 1
-        mb_done = done == int(meta.get("mb_keys", 1))
+        mb_done = policy.minibatch_done(done, int(meta.get("mb_keys", 1)))
         if mb_done:
             self.mb_backwards.pop(mb, None)
         else:

@@ -12,8 +12,8 @@ hold (a host sync, a batched product, randomness) makes that signature run eager
 A graph writes into the same buffers on every launch: its outputs are handed to the consumers
 as they are, and the next launch overwrites them. That is safe only when the next launch comes
 after every consumer of the previous one is done, which holds when one key at a time is in
-flight and flushes separate the minibatches (``Sync``, ``GPipe(1)``); under any other policy
-the run stays eager. The parameters live in buffers owned by the capture, updated in place by
+flight and flushes separate the minibatches (``Sync``, ``GPipe(1)``, ``OneFOneB(1)``: what
+:meth:`Policy.allows_capture` says); under any other policy the run stays eager. The parameters live in buffers owned by the capture, updated in place by
 the captured update (or copied in after an eager one).
 """
 
@@ -28,25 +28,11 @@ from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
 if TYPE_CHECKING:
     from ._actors import LayerActor
     from ._loss_actor import LossActor
-    from ._run import Run
 
-__all__ = ["ActorGraphs", "LossGraphs", "capture_allowed"]
+__all__ = ["ActorGraphs", "LossGraphs"]
 
 #: input signatures captured per actor (each holds its graphs' memory)
 MAX_SIGNATURES = 4
-
-
-def capture_allowed(run: Run) -> bool:
-    """Whether the run may replay graphs: asked for, one key in flight, flushes, no trace."""
-    policy = run.policy
-    return bool(
-        getattr(run, "cuda_graphs", False)
-        and run.max_in_flight == 1
-        and policy.flush
-        and policy.deterministic
-        and run.orders is None
-        and run.recorder is None
-    )
 
 
 class _Stats:

@@ -1,28 +1,37 @@
 """Policies: when keys are admitted, the order of work at each stage, and when weights change.
 
-A policy is a frozen description. The runtime asks it for three things:
+A policy is a frozen description, and everything a policy decides is one of its methods, so
+reading a policy class tells all it does. The runtime asks it:
 
-* admission: how a minibatch is split into keys (microbatches), whether the scheduler waits for a
-  flush between minibatches, and how many keys may be in flight at once;
-* order: :meth:`Policy.stage_order` gives each layer actor a :class:`StageOrder`, a small state
+* admission: :meth:`Policy.split` (how a minibatch is split into keys),
+  :meth:`Policy.waits_between_minibatches` (whether the scheduler flushes between minibatches)
+  and :meth:`Policy.max_in_flight` (how many keys may be in flight at once);
+* order: :meth:`Policy.order_for` gives each layer actor a :class:`StageOrder`, a small state
   machine naming the exact message it must process next (deterministic policies) or ``None``,
   meaning "whatever is ready first" (``Async``);
-* updates: :meth:`Policy.update_due` says whether a stage applies its accumulated gradients now,
-  and :meth:`Policy.loss_cotangent` how each microbatch's loss gradient is scaled.
+* backward: :meth:`Policy.keeps_pullback` (keep a key's pullback, or its inputs to recompute at
+  the latest version) and :meth:`Policy.loss_cotangent` (how each key's loss gradient is scaled);
+* updates: :meth:`Policy.minibatch_done` and :meth:`Policy.update_due` (whether a stage applies
+  its accumulated gradients now) and :meth:`Policy.gradient_scale`;
+* execution: :meth:`Policy.allows_capture` (whether GPU actors may replay CUDA graphs) and
+  :meth:`Policy.delivers` (whether an actor's messages reach their destination).
 
+:class:`Replay` is the policy of a replayed run: each actor follows its recorded order.
 To write a new policy, subclass :class:`Policy` (see ``docs/policies.md``).
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
 from asyncnn._math._imports import class_path, import_by_path
 
+from ._messages import BACKWARD, FORWARD
+
 __all__ = [
-    "RecordedOrder",
     "AnyOrder",
     "Async",
     "GPipe",
@@ -30,13 +39,13 @@ __all__ = [
     "OneFOneBOrder",
     "PipeDream",
     "Policy",
+    "RecordedOrder",
+    "Replay",
     "StageOrder",
     "Sync",
     "policy_from_spec",
 ]
 
-FORWARD = "forward"
-BACKWARD = "backward"
 Op = tuple[str, int]  # (kind, key)
 
 
@@ -69,12 +78,21 @@ class AnyOrder(StageOrder):
         pass
 
 
-class RecordedOrder(StageOrder):
-    """Exactly a given sequence of operations (replay); afterwards, nothing more."""
+#: ``on_op(actor, seq, kind, key)``, called after each recorded operation an actor processed
+OpCallback = Callable[[str, int, str, int], None]
 
-    def __init__(self, ops: list[Op]) -> None:
+
+class RecordedOrder(StageOrder):
+    """Exactly a given sequence of operations (replay); afterwards, nothing more.
+
+    ``on_op``, where given, is called as ``on_op(actor, seq, kind, key)`` after each operation
+    (a replay's hook: it may raise to stop the run there)."""
+
+    def __init__(self, ops: list[Op], actor: str = "", on_op: OpCallback | None = None) -> None:
         self.ops = ops
         self.i = 0
+        self.actor = actor
+        self.on_op = on_op
 
     def next(self) -> Op:
         if self.i < len(self.ops):
@@ -82,7 +100,10 @@ class RecordedOrder(StageOrder):
         return (FORWARD, -1)  # a key that never comes: the actor idles until it is stopped
 
     def done(self, op: Op, minibatch_keys: int) -> None:
+        seq = self.i
         self.i += 1
+        if self.on_op is not None:
+            self.on_op(self.actor, seq, op[0], op[1])
 
 
 class OneFOneBOrder(StageOrder):
@@ -148,13 +169,52 @@ class Policy(abc.ABC):
     #: whether a backward uses the parameter version its forward used
     stash: bool = True
 
+    # -- admission -------------------------------------------------------------------------------
+    def split(self, rows: int) -> list[tuple[int, int]]:
+        """How a minibatch of ``rows`` rows is split into keys: each key's ``(start, stop)`` rows.
+
+        The default splits into ``min(microbatches, rows)`` parts sized like
+        ``numpy.array_split`` (the first ``rows % m`` parts take one row more).
+        """
+        m = min(self.microbatches, rows)
+        bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(m)]
+
+    def waits_between_minibatches(self) -> bool:
+        """Whether every key of a minibatch finishes before the next minibatch is admitted (a
+        flush); otherwise keys stream on and the stage orders cool down only at the end."""
+        return self.flush
+
     def max_in_flight(self, num_stages: int) -> int:
         """How many keys may be admitted and not yet finished."""
         return self.microbatches
 
+    # -- the order of work -----------------------------------------------------------------------
     @abc.abstractmethod
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
         """The order of work of layer ``stage`` (its topological position) of ``num_stages``."""
+
+    def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
+        """The order of work of the layer actor named ``actor``; by default
+        :meth:`stage_order` of its position (a replay gives each actor its recorded order)."""
+        return self.stage_order(stage, num_stages)
+
+    def delivers(self, actor: str) -> bool:
+        """Whether the messages ``actor`` sends reach their destination; ``False`` records them
+        only (a replay of one actor alone, whose sends are checked, not delivered)."""
+        return True
+
+    # -- backward and updates --------------------------------------------------------------------
+    def keeps_pullback(self) -> bool:
+        """Whether a forward keeps its pullback (and so the parameter version it used) for the
+        backward; otherwise it keeps its inputs, and the backward recomputes the vjp at the
+        latest version."""
+        return self.flush or self.stash
+
+    def minibatch_done(self, backwards_done: int, minibatch_keys: int) -> bool:
+        """Whether a stage has finished its part of a minibatch, having done ``backwards_done``
+        of the minibatch's ``minibatch_keys`` keys' backwards."""
+        return backwards_done == minibatch_keys
 
     def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
         """Whether a stage applies its accumulated gradients after a backward."""
@@ -171,6 +231,17 @@ class Policy(abc.ABC):
         the gradient of the minibatch's mean loss.
         """
         return rows / minibatch_rows
+
+    # -- execution -------------------------------------------------------------------------------
+    def allows_capture(self, num_stages: int, traced: bool) -> bool:
+        """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
+        only with one key in flight at a time, flushes, a fixed order, and no trace."""
+        return (
+            self.max_in_flight(num_stages) == 1
+            and self.waits_between_minibatches()
+            and self.deterministic
+            and not traced
+        )
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""
@@ -287,6 +358,77 @@ class Async(Policy):
 
     def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
         return 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class Replay(Policy):
+    """The policy of a replayed run: the recorded policy, with each actor's recorded order.
+
+    Everything but the order of work is the recorded policy's, so the replay computes exactly
+    what the run did. Built by :func:`asyncnn.replay`; not meant to be written by hand.
+
+    Attributes:
+        recorded: the policy of the recorded run.
+        orders: each layer actor's recorded operations, ``(kind, key)`` in processing order.
+        keys: how many keys may be in flight (every recorded one: the orders decide).
+        isolated: replay this actor alone: its sends are recorded, not delivered.
+        on_op: called as ``on_op(actor, seq, kind, key)`` after each operation.
+    """
+
+    recorded: Policy = field(default_factory=lambda: Sync())
+    orders: Mapping[str, list[Op]] = field(default_factory=dict)
+    keys: int = 1
+    isolated: str | None = None
+    on_op: OpCallback | None = None
+    name: ClassVar[str] = "Replay"
+
+    @property
+    def microbatches(self) -> int:  # type: ignore[override]
+        return self.recorded.microbatches
+
+    @property
+    def stash(self) -> bool:  # type: ignore[override]
+        return self.recorded.stash
+
+    def split(self, rows: int) -> list[tuple[int, int]]:
+        return self.recorded.split(rows)
+
+    def waits_between_minibatches(self) -> bool:
+        return self.recorded.waits_between_minibatches()
+
+    def max_in_flight(self, num_stages: int) -> int:
+        return self.keys
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        raise TypeError("a replay's order is per actor: use Replay.order_for")
+
+    def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
+        order = RecordedOrder(list(self.orders.get(actor, [])), actor, self.on_op)
+        return order
+
+    def delivers(self, actor: str) -> bool:
+        return self.isolated is None
+
+    def keeps_pullback(self) -> bool:
+        return self.recorded.keeps_pullback()
+
+    def minibatch_done(self, backwards_done: int, minibatch_keys: int) -> bool:
+        return self.recorded.minibatch_done(backwards_done, minibatch_keys)
+
+    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+        return self.recorded.update_due(backwards_since_update, minibatch_done)
+
+    def gradient_scale(self, accumulated: int) -> float:
+        return self.recorded.gradient_scale(accumulated)
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+        return self.recorded.loss_cotangent(rows, minibatch_rows)
+
+    def allows_capture(self, num_stages: int, traced: bool) -> bool:
+        return False  # a replay checks every message against the trace: eager
+
+    def to_spec(self) -> dict[str, Any]:
+        return self.recorded.to_spec()  # a replay's trace reads as the recorded run's
 
 
 _BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (Sync, GPipe, OneFOneB, PipeDream, Async)}

@@ -24,7 +24,6 @@ from asyncnn.backends import (
 )
 
 from ._actors import LayerActor
-from ._capture import capture_allowed
 from ._checks import _checkable, check_batch, check_cuda_graphs, validate
 from ._graph import Graph
 from ._loss_actor import LossActor
@@ -94,11 +93,11 @@ class Run:
         dtype: str,
         state: RunState,
         pool: DevicePool,
+        *,
         stall_timeout: float,
         check_finite: bool,
         on_loss: Any = None,
         recorder: Recorder | None = None,
-        orders: Mapping[str, list[tuple[str, int]]] | None = None,
         max_in_flight: int | None = None,
         hosted: Collection[str] | None = None,
         remote: Mapping[str, Any] | None = None,
@@ -118,8 +117,6 @@ class Run:
         self.checks_finite = check_finite  # actors check their outputs for NaN/Inf
         self._on_loss = on_loss
         self.recorder = recorder
-        self.orders = orders  # replay: each actor's recorded order of work
-        self.isolated: str | None = None  # replay of one actor alone: its name
         self.layers = graph.layers
         self.num_stages = len(self.layers)
         self.edge_index: dict[tuple[str, str, int], int] = {}
@@ -128,7 +125,9 @@ class Run:
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
-        self.cuda_graphs_active = capture_allowed(self)
+        self.cuda_graphs_active = cuda_graphs and policy.allows_capture(
+            self.num_stages, recorder is not None
+        )
         self.minibatches = state.minibatches
         self.next_key = state.keys
         self.stream_start = state.keys
@@ -178,11 +177,12 @@ class Run:
         self._changed = anyio.Event()
 
     def backward_done(self, actor: str, key: int) -> None:
-        if self.isolated is not None:
-            return  # replaying one actor alone: no key was admitted, none is in flight
-        n = self._done_count.get(key, 0) + 1
+        n = self._done_count.get(key)
+        if n is None:
+            return  # a key this run never admitted (an actor replayed alone): none in flight
+        n += 1
         if n == self.num_stages:
-            self._done_count.pop(key, None)
+            del self._done_count[key]
             self.in_flight -= 1
             self._notify()
         else:
@@ -228,10 +228,11 @@ class Run:
             ValueError: a missing or unknown input, a wrong shape or dtype.
         """
         rows = check_batch(self.graph, batch, self.checks_finite)
-        m = min(self.policy.microbatches, rows)
+        parts = self.policy.split(rows)
+        m = len(parts)
         mb = self.minibatches
         self.minibatches += 1
-        if self.policy.flush:
+        if self.policy.waits_between_minibatches():
             await self._wait_until(lambda: self.in_flight == 0)
             if self.recorder is not None and mb > 0:
                 self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
@@ -247,12 +248,9 @@ class Run:
                 continue
             arr = array_namespace(src).array(src, copy=True)
             arrays[name] = arr.astype(self.dtype, copy=False) if floating else arr
-        # numpy's array_split sizes: the first rows % m microbatches take one row more
-        bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * len(self.graph.losses))
-        for i in range(m):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
+        for lo, hi in parts:
             meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
             await self.admit({name: arrays[name][lo:hi] for name in self.graph.inputs}, meta)
         self.samples += rows
@@ -260,11 +258,19 @@ class Run:
 
     async def admit(self, parts: Mapping[str, Any], meta: dict[str, Any]) -> int:
         """Sends one key in (once the policy allows): ``parts`` maps each graph input to its rows
-        of the key, ``meta`` says where the key stands (see :class:`Message`). Returns the key."""
+        of the key, ``meta`` says where the key stands (see :class:`Message`): its ``rows``, and
+        its minibatch's ``minibatch`` index, ``mb_keys`` and ``mb_rows``. A minibatch not begun
+        by :meth:`step` (a replay admits recorded keys one by one) is registered here, so its
+        loss is assembled from its keys all the same. Returns the key."""
         await self._wait_until(lambda: self.in_flight < self.max_in_flight)
+        mb = int(meta.get("minibatch", -1))
+        if mb >= 0 and mb not in self._pending and mb not in self.losses:
+            self._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * len(self.graph.losses))
+            self.minibatches = max(self.minibatches, mb + 1)
         key = self.next_key
         self.next_key += 1
         self.in_flight += 1
+        self._done_count[key] = 0
         rec = self.recorder
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
@@ -286,7 +292,8 @@ class Run:
     async def drain(self) -> None:
         """Waits until every admitted key has finished its backward wave and reported its loss
         (and, under a continuous policy, the pipeline has cooled down)."""
-        if not self.policy.flush and self.next_key > self.stream_start:
+        flushes = self.policy.waits_between_minibatches()
+        if not flushes and self.next_key > self.stream_start:
             for name in self.layers:
                 meta = {"total": self.next_key - self.stream_start}
                 await self.actors[name].send_channel.send(
@@ -295,7 +302,7 @@ class Run:
             self.stream_start = self.next_key
         # a loss actor reads its value after sending the gradients back: wait for those too
         await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
-        if self.recorder is not None and self.policy.flush and self.minibatches > 0:
+        if self.recorder is not None and flushes and self.minibatches > 0:
             self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
 
     async def _watchdog(self) -> None:
@@ -395,8 +402,6 @@ async def open_run(
     trace: str | None = None,
     trace_payloads: str = "inputs",
     cluster: Any = None,
-    _orders: Mapping[str, list[tuple[str, int]]] | None = None,
-    _max_in_flight: int | None = None,
     cuda_graphs: bool = False,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
@@ -444,13 +449,10 @@ async def open_run(
     """
     check_cuda_graphs(cuda_graphs, cluster)
     if cluster is not None:
-        if _orders is not None:
-            raise ValueError("replay runs in one process: pass cluster=None")
         async with cluster.open_run(
             graph, optimizer, policy, seed, dtype, state=state, pool=pool,
             stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
             validated=validated, trace=trace, trace_payloads=trace_payloads,
-            max_in_flight=_max_in_flight,
         ) as remote_run:  # fmt: skip
             yield remote_run
         return
@@ -463,9 +465,9 @@ async def open_run(
     try:
         async with _maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
             run = Run(
-                graph, optimizer, policy, seed, dtype, state, the_pool, stall_timeout,
-                check_finite, on_loss, recorder, _orders, _max_in_flight,
-                cuda_graphs=cuda_graphs,
+                graph, optimizer, policy, seed, dtype, state, the_pool,
+                stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
+                recorder=recorder, cuda_graphs=cuda_graphs,
             )  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:

@@ -20,9 +20,9 @@ import numpy as np
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._messages import Message
-from asyncnn._runtime._policies import RecordedOrder, policy_from_spec
+from asyncnn._runtime._policies import Replay, policy_from_spec
 from asyncnn._runtime._recorder import decode_tree
-from asyncnn._runtime._run import RunState, _Pending, open_run
+from asyncnn._runtime._run import Run, RunState, open_run
 from asyncnn.backends import get_backend
 
 from ._read import Trace, payload_array, read
@@ -86,30 +86,6 @@ class ReplayResult:
 
 class _Stop(Exception):
     pass
-
-
-class _HookedOrder(RecordedOrder):
-    """The recorded order, calling ``hook(actor, seq, kind, key, params)`` after each op."""
-
-    def __init__(
-        self,
-        ops: list[tuple[str, int]],
-        actor: Any,
-        hook: Callable[..., Any],
-        snapshot: dict[str, Any],
-    ) -> None:
-        super().__init__(ops)
-        self.actor = actor
-        self.hook = hook
-        self.snapshot = snapshot  # filled with the weights where the hook stops the replay
-
-    def done(self, op: tuple[str, int], minibatch_keys: int) -> None:
-        seq = self.i
-        super().done(op, minibatch_keys)
-        if self.hook(self.actor.name, seq, op[0], op[1], self.actor.params):
-            # the weights where it stopped, before the stop cancels the run
-            self.snapshot.update(self.actor.run.params)
-            raise _Stop((self.actor.name, seq, op[0], op[1]))
 
 
 def _orders(trace: Trace, layers: list[str]) -> dict[str, list[tuple[str, int]]]:
@@ -261,24 +237,36 @@ def replay(
         out = os.path.join(tmp, "replay.trace")
         stopped: list[Any] = []
         params: dict[str, Any] = {}
+        running: list[Run] = []  # the run, once open (the hook reads its weights)
+        finished = anyio.Event()  # the actor replayed alone has done all its recorded work
+        alone = len(orders.get(actor, [])) if actor is not None else 0
+
+        def on_op(name: str, seq: int, kind: str, key: int) -> None:
+            if name == actor and seq + 1 >= alone:
+                finished.set()
+            if hook is not None and hook(name, seq, kind, key, running[0].actors[name].params):
+                # the weights where it stopped, before the stop cancels the run
+                params.update(running[0].params)
+                raise _Stop((name, seq, kind, key))
+
+        max_keys = sum(1 for e in trace.events if e["ev"] == "admit") + 1
+        replayed_policy = Replay(policy, orders, max_keys, actor, on_op)
 
         async def main() -> None:
-            max_keys = sum(1 for e in trace.events if e["ev"] == "admit") + 1
             async with open_run(
-                graph, opt, policy, h["seed"], h["dtype"], state=state, validated=True,
+                graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
-                _orders=orders, _max_in_flight=max_keys, stall_timeout=30.0,
+                stall_timeout=30.0,
             ) as run:  # fmt: skip
-                if hook is not None:
-                    for name in graph.layers:
-                        a = run.actors[name]
-                        a.order = _HookedOrder(orders[name], a, hook, params)
+                running.append(run)
                 try:
                     if actor is None:
                         await _feed_inputs(run, trace)
                         await run.drain()
                     else:
                         await _feed_actor(run, trace, actor)
+                        if alone:
+                            await finished.wait()
                 except _Stop as stop:
                     stopped.append(stop.args[0])
                 params.update(run.params)
@@ -320,18 +308,14 @@ async def _feed_inputs(run: Any, trace: Trace) -> None:
                 f"{trace.path}: key {key} has no recorded data for {sorted(missing)}; replay needs "
                 "traces recorded with trace_payloads='inputs' or 'all'"
             )
-        mb = int(meta["minibatch"])
-        if mb not in run._pending and mb not in run.losses:
-            run._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * len(run.graph.losses))
-            run.minibatches = max(run.minibatches, mb + 1)
         got = await run.admit(parts, meta)
         if got != key:
             raise ValueError(f"{trace.path}: keys out of sequence (recorded {key}, replayed {got})")
 
 
 async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
-    """Replays one actor: sends it the recorded messages, then waits until it has done its work."""
-    run.isolated = name  # its sends are recorded, not delivered: the other actors stay idle
+    """Replays one actor: sends it the recorded messages (the replay policy keeps its sends from
+    being delivered, so the other actors stay idle)."""
     metas = {e["key"]: e["m"] for e in trace.events if e["ev"] == "admit"}
     inputs = set(run.graph.inputs)
     data = _input_data(trace, inputs)
@@ -344,16 +328,3 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
                 e["k"], e["key"], e.get("v", 0), e["a"], name, slot, (arr,), metas[e["key"]]
             )
             await target.send_channel.send(msg)
-    done = anyio.Event()
-    order = target.order
-    finish = order.done
-
-    def done_and_check(op: tuple[str, int], minibatch_keys: int) -> None:
-        finish(op, minibatch_keys)
-        if order.i >= len(order.ops):
-            done.set()
-
-    order.done = done_and_check
-    if order.i >= len(order.ops):
-        done.set()
-    await done.wait()
