@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from asyncnn import nn, ops
+from asyncnn import dynamic, nn, ops
 from asyncnn.backends import Backend, to_numpy
 from asyncnn.testing import check_grads
 
@@ -390,6 +390,10 @@ SPEC_MODULES = [
     nn.LogSoftmax(), nn.Flatten(2), nn.Dropout(0.3), nn.CrossEntropyLoss("sum"), nn.MSELoss(),
     nn.Residual(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU())),
     Scale(3, inner=nn.Tanh()),
+    # the pure modules of dynamic graphs, with the math since the runtime only runs them
+    dynamic.Router(nn.Linear(4, 3), experts=3, k=2, capacity_factor=1.5),
+    dynamic.Merge(3), dynamic.RNNCell(2, 5),
+    dynamic.Loop(dynamic.RNNCell(2, 5), has_xs=True, has_lengths=True, output="all"),
 ]  # fmt: skip
 
 

@@ -10,8 +10,16 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
-from asyncnn._math._imports import class_path, import_by_path
+from asyncnn._math._imports import class_path
+from asyncnn._math._nn import Sequential
+from asyncnn._math._nn import from_spec as module_from_spec
+from asyncnn._math._nn import to_spec as module_spec
+from asyncnn._math._nn._loops import Loop
+from asyncnn._math._nn._routing import Merge, Router
+from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import parse_device
+
+from ._structure import check_routing
 
 __all__ = ["Graph", "Node", "TensorRef"]
 
@@ -29,12 +37,17 @@ class TensorRef:
         return f"<tensor of {self.node!r}>"
 
 
+#: the role of a layer node by the type of its module (any other module: a plain layer)
+_ROLES: dict[type, str] = {Router: "router", Merge: "merge", Loop: "loop"}
+
+
 @dataclass
 class Node:
     """One node of a graph.
 
     ``kind`` is ``"input"``, ``"layer"`` or ``"loss"``. Layers and losses read the outputs of
-    ``inputs`` (node names, in argument order) and call ``module(params, *inputs)``.
+    ``inputs`` (node names, in argument order) and call ``module(params, *inputs)``. A node only
+    describes; :attr:`role` says what it does, and the runtime picks the actor that runs it.
     """
 
     name: str
@@ -45,10 +58,27 @@ class Node:
     dtype: str | None = None  # inputs only
     device: str = "cpu"
     worker: int | None = None
-    actor: Any = None  # a LayerActor subclass, for custom actors
+    #: a custom ``LayerActor`` subclass (or, from a spec, its import path); None: the role's
+    custom_actor: Any = None
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
     recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
+
+    @property
+    def role(self) -> str:
+        """What the node does: ``"input"``, ``"loss"``, or for a layer ``"router"``,
+        ``"merge"``, ``"loop"`` (by its module) or ``"layer"``."""
+        if self.kind != "layer":
+            return self.kind
+        return _ROLES.get(type(self.module), "layer")
+
+    @property
+    def actor(self) -> Any:
+        """The actor class the runtime runs this node with: the custom one where given, else
+        its role's (the runtime's one table of actor classes decides)."""
+        from ._actor_table import actor_class  # the runtime's table; the graph only describes
+
+        return actor_class(self)
 
 
 class Graph:
@@ -169,7 +199,7 @@ class Graph:
             inputs=names,
             device=dev,
             worker=worker,
-            actor=actor,
+            custom_actor=actor,
             stop_gradient=bool(stop_gradient),
         )
         for slot, src in enumerate(names):
@@ -214,13 +244,11 @@ class Graph:
             device: where the router runs.
             worker: the worker process that hosts it (with a cluster).
         """
-        from ._routing import Router, RouterActor
-
         try:
             module = Router(gate, experts, k, gates, capacity, capacity_factor, on_overflow)
         except (TypeError, ValueError) as exc:
             raise GraphError(f"router {name!r}: {exc}") from exc
-        return self.layer(name, module, x, *extra, device=device, worker=worker, actor=RouterActor)
+        return self.layer(name, module, x, *extra, device=device, worker=worker)
 
     def merge(
         self,
@@ -238,22 +266,17 @@ class Graph:
             router: the router's tensor (from :meth:`router`).
             *branches: the last tensor of each expert branch, in expert order.
         """
-        from ._routing import Merge, MergeActor
-
         (src,) = self._resolve(f"merge {name!r}", [router])
         mod = self.nodes[src].module
-        experts = getattr(mod, "experts", None)
-        if self.nodes[src].actor is None or experts is None or not hasattr(mod, "gate"):
+        if self.nodes[src].role != "router":
             raise GraphError(f"merge {name!r}: {src!r} is not a router (make one with g.router)")
+        experts = mod.experts
         if len(branches) != experts:
             raise GraphError(
                 f"merge {name!r}: router {src!r} has {experts} experts but {len(branches)} "
                 "branches were given; pass the last tensor of each expert branch, in order"
             )
-        return self.layer(
-            name, Merge(experts), router, *branches, device=device, worker=worker,
-            actor=MergeActor,
-        )  # fmt: skip
+        return self.layer(name, Merge(experts), router, *branches, device=device, worker=worker)
 
     def loop(
         self,
@@ -286,14 +309,12 @@ class Graph:
             output: ``"last"`` (each row's final state) or ``"all"`` (every step's state,
                 ``(rows, steps, ...)``, zeros after a row's end).
         """
-        from ._loops import Loop, LoopActor
-
         try:
             module = Loop(cell, xs is not None, lengths is not None, until, max_steps, output)
         except (TypeError, ValueError) as exc:
             raise GraphError(f"loop {name!r}: {exc}") from exc
         inputs = [init] + [r for r in (xs, lengths) if r is not None]
-        ref = self.layer(name, module, *inputs, device=device, worker=worker, actor=LoopActor)
+        ref = self.layer(name, module, *inputs, device=device, worker=worker)
         self.nodes[name].recurrent = True
         return ref
 
@@ -356,8 +377,6 @@ class Graph:
             A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
             ``"loss"``, and output ``"logits"``.
         """
-        from asyncnn._math._nn import Sequential
-
         modules = list(modules)
         sizes = _split_sizes(modules, stages, balance, tuple(input_shape))
         if devices is not None and len(devices) != len(sizes):
@@ -420,15 +439,11 @@ class Graph:
         for name in self.inputs:
             if not self.nodes[name].consumers:
                 raise GraphError(f"input {name!r} is not read by any node")
-        from ._routing import check_routing
-
         check_routing(self)
 
     # -- specs -----------------------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:
         """The graph as a plain msgpack-able dict (modules by spec, not pickle)."""
-        from asyncnn._math._nn import to_spec as module_spec
-
         nodes = []
         for n in self.nodes.values():
             entry: dict[str, Any] = {"name": n.name, "kind": n.kind, "inputs": list(n.inputs)}
@@ -440,8 +455,9 @@ class Graph:
             if n.kind == "layer":
                 entry["device"] = n.device
                 entry["worker"] = n.worker
-                if n.actor is not None:
-                    entry["actor"] = class_path(n.actor)
+                custom = n.custom_actor
+                if custom is not None:
+                    entry["actor"] = custom if isinstance(custom, str) else class_path(custom)
                 if n.stop_gradient:
                     entry["stop_gradient"] = True
                 if n.recurrent:  # the loop cell's self edge: the one cycle a graph may have
@@ -454,8 +470,6 @@ class Graph:
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Graph:
         """Rebuilds a graph from :meth:`to_spec` output."""
-        from asyncnn._math._nn import from_spec as module_from_spec
-
         g = cls()
         try:
             _check_cycles(spec["nodes"])
@@ -473,7 +487,13 @@ class Graph:
                         actor=_actor_class(entry.get("actor")),
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
-                    g.nodes[entry["name"]].recurrent = bool(entry.get("recurrent", False))
+                    node = g.nodes[entry["name"]]
+                    node.recurrent = bool(entry.get("recurrent", False))
+                    if node.recurrent and node.role != "loop":
+                        raise GraphError(
+                            f"graph spec: node {node.name!r} is marked recurrent but is not a "
+                            "loop (only g.loop(...) nodes have a recurrent edge)"
+                        )
                 elif kind == "loss":
                     g.loss(
                         entry["name"], module_from_spec(entry["module"]), *entry["inputs"],
@@ -505,23 +525,26 @@ def _check_cycles(nodes: list[dict[str, Any]]) -> None:
                 f"graph spec: node {entry.get('name')!r} reads {what}: a cycle. Only a loop "
                 f"cell's own recurrent edge may go back, made with g.loop(...){mark}"
             )
-    for entry in nodes:
-        if entry.get("recurrent") and not str(entry.get("actor", "")).endswith(":LoopActor"):
-            raise GraphError(
-                f"graph spec: node {entry.get('name')!r} is marked recurrent but is not a loop "
-                "(only g.loop(...) nodes have a recurrent edge)"
-            )
 
 
-def _actor_class(path: str | None) -> Any:
-    if not path:
+#: the built-in role actors as older specs name them: those nodes follow their role instead
+_LEGACY_ACTOR_PATHS = frozenset(
+    {
+        "asyncnn._runtime._routing:RouterActor",
+        "asyncnn._runtime._routing:MergeActor",
+        "asyncnn._runtime._loops:LoopActor",
+    }
+)
+
+
+def _actor_class(path: str | None) -> str | None:
+    """A spec's custom actor, kept as its import path: the runtime resolves and checks it when
+    the graph is validated, before any compute."""
+    if not path or path in _LEGACY_ACTOR_PATHS:
         return None
-    from ._actors import LayerActor
-
-    try:
-        return import_by_path(path, LayerActor, "actor")
-    except ValueError as exc:
-        raise GraphError(f"graph spec: {exc}") from exc
+    if not isinstance(path, str) or ":" not in path:
+        raise GraphError(f"graph spec: actor {path!r} is not an import path 'package.module:Class'")
+    return path
 
 
 def _split_sizes(
@@ -544,8 +567,6 @@ def _split_sizes(
 
 def _module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
     """Each module's cost: its parameter count, or its forward FLOPs per sample."""
-    from asyncnn._math._pytree import tree_leaves
-
     if balance not in ("params", "flops"):
         raise GraphError(f"sequential: balance must be 'params' or 'flops', got {balance!r}")
     costs = []

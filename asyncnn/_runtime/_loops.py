@@ -1,6 +1,7 @@
 """Recurrent loops: a cell actor whose output feeds itself for the next step.
 
-A loop node (made by :meth:`Graph.loop`) carries a state ``h`` per row through steps
+A loop node (made by :meth:`Graph.loop`, its module a :class:`~asyncnn.dynamic.Loop` from the
+math) carries a state ``h`` per row through steps
 ``h <- cell(params, h, xs[:, t])`` (or ``cell(params, h)`` without ``xs``). Each row runs as many
 steps as it needs: ``lengths[i]`` steps, or until ``until({}, h)`` says stop (at most
 ``max_steps``), so sequences of different lengths (or trees of different shapes, walked in
@@ -19,135 +20,13 @@ from typing import Any
 import numpy as np
 
 from asyncnn._math._autodiff import vjp
-from asyncnn._math._nn._module import Initializer, Module
+from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps
 
 from ._actors import LayerActor, _tree_add
 from ._messages import FORWARD
 from ._statistics import ActorStatistics
 
-__all__ = ["Loop", "LoopActor", "LoopStatistics", "RNNCell", "planned_row_steps"]
-
-OUTPUTS = ("last", "all")
-
-
-@dataclass(frozen=True)
-class Loop(Module):
-    """The module of a loop node: runs ``cell`` over each row's steps.
-
-    Called as ``loop(params, init, [xs], [lengths])`` (the inputs it was built with, in that
-    order). ``params`` are the cell's.
-
-    Attributes:
-        cell: ``cell(params, h, x_t) -> h`` (``cell(params, h)`` when there is no ``xs``); the
-            new state has the shape of the old.
-        has_xs: whether a per-step input ``xs`` of shape ``(rows, steps, ...)`` is read.
-        has_lengths: whether an int ``lengths`` input ``(rows,)`` gives each row's steps.
-        until: a parameterless module, ``until({}, h) -> (rows,)``, true where a row stops after
-            the step that produced ``h`` (a stop condition carried in the state).
-        max_steps: the most steps (default: the length of ``xs``).
-        output: ``"last"`` (each row's state after its last step, ``(rows, ...)``) or ``"all"``
-            (``(rows, max_steps, ...)``, each row's states, zeros after its end).
-    """
-
-    cell: Module
-    has_xs: bool = False
-    has_lengths: bool = False
-    until: Module | None = None
-    max_steps: int | None = None
-    output: str = "last"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.cell, Module):
-            raise TypeError(f"Loop: cell must be an nn.Module, got {type(self.cell).__name__}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"Loop: output={self.output!r} must be one of {OUTPUTS}")
-        if self.max_steps is not None and (
-            not isinstance(self.max_steps, int) or self.max_steps < 0
-        ):
-            raise ValueError(f"Loop: max_steps={self.max_steps!r} must be an int >= 0")
-        if not self.has_xs and self.max_steps is None:
-            raise ValueError("Loop: without xs, give max_steps (the most steps a row may take)")
-        if self.has_lengths and self.until is not None:
-            raise ValueError("Loop: give lengths or until, not both")
-
-    def init_params(self, init: Initializer) -> Any:
-        return self.cell.init_params(init)
-
-    def split(self, inputs: list[Any]) -> tuple[Any, Any, Any]:
-        """``(init, xs or None, lengths or None)`` from the inputs."""
-        it = iter(inputs[1:])
-        xs = next(it) if self.has_xs else None
-        lengths = next(it) if self.has_lengths else None
-        return inputs[0], xs, lengths
-
-    def steps(self, xs: Any) -> int:
-        """The most steps of a key."""
-        t = int(xs.shape[1]) if xs is not None else 0
-        if self.max_steps is not None:
-            return min(t, self.max_steps) if xs is not None else self.max_steps
-        return t
-
-    def step(self, params: Any, h: Any, x: Any) -> Any:
-        """One step of the cell, with its output's shape checked."""
-        new = self.cell(params, h) if x is None else self.cell(params, h, x)
-        if tuple(new.shape) != tuple(h.shape):
-            raise ValueError(
-                f"the loop's cell {self.cell!r} turned a state of shape {tuple(h.shape)} into "
-                f"{tuple(new.shape)}; a recurrent state must keep its shape"
-            )
-        return new
-
-    def __call__(self, params: Any, *inputs: Any, rng: Any = None) -> Any:
-        # A plain (dense, masked) evaluation: every row steps, finished rows keep their state.
-        from asyncnn import ops
-
-        h, xs, lengths = self.split(list(inputs))
-        n = int(h.shape[0])
-        total = self.steps(xs)
-        active = np.ones(n, dtype=bool)
-        if lengths is not None:
-            lengths = np.asarray(ops.raw(lengths))
-            check_lengths(lengths, total, "loop")
-        outs = []
-        tail = (1,) * (len(h.shape) - 1)
-        for t in range(total):
-            if lengths is not None:
-                active = lengths > t
-            new = self.step(params, h, None if xs is None else xs[:, t])
-            h = ops.where(active.reshape((n, *tail)), new, h)
-            if self.output == "all":
-                outs.append(ops.where(active.reshape((n, *tail)), h, h * 0))
-            if self.until is not None:
-                active = active & ~np.asarray(ops.raw(self.until({}, h)), dtype=bool)
-        if self.output == "all":
-            return ops.stack(outs, axis=1) if outs else ops.expand_dims(h, 1)[:, :0]
-        return h
-
-
-def planned_row_steps(loop: Loop, inputs: list[Any]) -> int:
-    """The row-steps a key will take at most: the sum of its lengths (capped at the steps of
-    ``xs`` / ``max_steps``), or every row for every step without lengths."""
-    h, xs, lengths = loop.split(inputs)
-    total = loop.steps(xs)
-    if lengths is None:
-        return int(h.shape[0]) * total
-    from asyncnn.backends import to_numpy
-
-    return int(np.clip(np.asarray(to_numpy(lengths)), 0, total).sum())
-
-
-def check_lengths(lengths: Any, total: int, who: str) -> None:
-    """Raises ValueError unless every length is an int in [0, total]."""
-    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise ValueError(f"{who}: lengths must be one int per row, got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")  # fmt: skip
-    bad = np.nonzero((lengths < 0) | (lengths > total))[0]
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(
-            f"{who}: lengths[{i}] = {int(lengths[i])} is outside [0, {total}] (the steps of xs / "
-            "max_steps)"
-        )
+__all__ = ["LoopActor", "LoopStatistics"]
 
 
 @dataclass(slots=True)
@@ -275,31 +154,3 @@ class LoopActor(LayerActor):
         # param_grads is None when no row took a step: accumulate counts it as a zero gradient
         await self._settle(param_grads, meta)
         return list(input_grads)
-
-
-@dataclass(frozen=True)
-class RNNCell(Module):
-    """An Elman cell for loops: ``h <- tanh(x_t @ w_x + h @ w_h + bias)``.
-
-    Params: ``{"w_x": (input_size, hidden_size), "w_h": (hidden_size, hidden_size),
-    "bias": (hidden_size,)}``, uniform in ``±1/sqrt(hidden_size)`` (as torch's RNN).
-    """
-
-    input_size: int
-    hidden_size: int
-
-    def init_params(self, init: Initializer) -> Any:
-        from asyncnn._math._nn._module import fan_in_bound
-
-        b = fan_in_bound(self.hidden_size)
-        return {
-            "w_x": init.uniform((self.input_size, self.hidden_size), b),
-            "w_h": init.uniform((self.hidden_size, self.hidden_size), b),
-            "bias": init.uniform((self.hidden_size,), b),
-        }
-
-    def __call__(self, params: Any, h: Any, x: Any, *, rng: Any = None) -> Any:
-        from asyncnn import ops
-
-        pre = ops.add(ops.matmul(x, params["w_x"]), ops.matmul(h, params["w_h"]))
-        return ops.tanh(ops.add(pre, params["bias"]))

@@ -23,7 +23,7 @@ from asyncnn.backends import (
     to_numpy,
 )
 
-from ._actors import LayerActor
+from ._actor_table import actor_class
 from ._checks import _checkable, check_batch, check_cuda_graphs, validate
 from ._graph import Graph
 from ._loss_actor import LossActor
@@ -138,7 +138,7 @@ class Run:
             if hosted is not None and name not in hosted:
                 continue
             node = graph.nodes[name]
-            cls = getattr(node, "actor", None) or LayerActor
+            cls = actor_class(node)
             actor = cls(
                 self,
                 node,

@@ -15,10 +15,12 @@ from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
 from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
 from ._linear import Embedding, Linear
+from ._loops import Loop, RNNCell
 from ._losses import CrossEntropyLoss, MSELoss
 from ._module import Module, _check_dataclass
 from ._norm import LayerNorm
 from ._reshape import Dropout, Flatten
+from ._routing import Merge, Router
 
 __all__ = ["BUILTINS", "from_spec", "to_spec"]
 
@@ -26,8 +28,9 @@ BUILTINS: dict[str, type[Module]] = {
     cls.__name__: cls
     for cls in (
         AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
-        GELU, Identity, LayerNorm, Linear, LogSoftmax, MaxPool1d, MaxPool2d, MSELoss,
-        MultiHeadAttention, ReLU, Residual, Sequential, Sigmoid, Softmax, Tanh,
+        GELU, Identity, LayerNorm, Linear, LogSoftmax, Loop, MaxPool1d, MaxPool2d, Merge,
+        MSELoss, MultiHeadAttention, ReLU, Residual, RNNCell, Router, Sequential, Sigmoid,
+        Softmax, Tanh,
     )
 }  # fmt: skip
 

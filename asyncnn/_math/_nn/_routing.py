@@ -1,0 +1,176 @@
+"""The modules of data-dependent routing: :class:`Router` (a gate picks each row's experts) and
+:class:`Merge` (the experts' rows gathered back), and the pure functions behind them.
+
+Both are plain modules: called directly they evaluate densely, for shapes and for a plain
+reference. The runtime runs a router node and a merge node with actors of their own that send
+each expert only its rows (``asyncnn/_runtime/_routing.py``; see ``docs/dynamic.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _ops as ops
+from .. import _ops_nn as ops_nn
+from ._module import Initializer, Module
+
+__all__ = [
+    "GATES",
+    "OVERFLOW",
+    "Merge",
+    "Router",
+    "assign_rows",
+    "expert_rows",
+    "gate_weights",
+    "topk_experts",
+]
+
+GATES = ("softmax", "normalized", "none")
+OVERFLOW = ("drop", "error")
+
+
+@dataclass(frozen=True)
+class Router(Module):
+    """The module of a router node (made by :meth:`Graph.router`); see ``docs/dynamic.md``.
+
+    Attributes:
+        gate: the module scoring the experts: ``gate(params, x, *extra) -> (rows, experts)``.
+        experts: how many experts (branches) the router feeds.
+        k: how many experts each row goes to (top-k of the scores; ties go to the lower index).
+        gates: how a row's outputs are weighted in the merge: ``"softmax"`` (the softmax over all
+            experts, at the chosen ones), ``"normalized"`` (the softmax over the chosen ``k``),
+            ``"none"`` (weight 1: hard branches; the gate then gets no gradient).
+        capacity: the most rows an expert takes per key (None: no limit).
+        capacity_factor: or a limit of ``ceil(capacity_factor * rows * k / experts)`` per key.
+        on_overflow: ``"drop"`` (drop rows over capacity and count them) or ``"error"``.
+    """
+
+    gate: Module
+    experts: int
+    k: int = 1
+    gates: str = "softmax"
+    capacity: int | None = None
+    capacity_factor: float | None = None
+    on_overflow: str = "drop"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gate, Module):
+            raise TypeError(f"Router: gate must be an nn.Module, got {type(self.gate).__name__}")
+        if not isinstance(self.experts, int) or self.experts < 1:
+            raise ValueError(f"Router: experts={self.experts!r} must be an int >= 1")
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.experts:
+            raise ValueError(f"Router: k={self.k!r} must be an int in [1, experts={self.experts}]")
+        if self.gates not in GATES:
+            raise ValueError(f"Router: gates={self.gates!r} must be one of {GATES}")
+        if self.capacity is not None and self.capacity_factor is not None:
+            raise ValueError("Router: give capacity or capacity_factor, not both")
+        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 0):
+            raise ValueError(f"Router: capacity={self.capacity!r} must be an int >= 0")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"Router: capacity_factor={self.capacity_factor!r} must be > 0")
+        if self.on_overflow not in OVERFLOW:
+            raise ValueError(f"Router: on_overflow={self.on_overflow!r} must be one of {OVERFLOW}")
+
+    def init_params(self, init: Initializer) -> Any:
+        return self.gate.init_params(init)
+
+    def limit(self, rows: int) -> int | None:
+        """The capacity of each expert for a key of ``rows`` rows (None: unlimited)."""
+        if self.capacity_factor is not None:
+            return int(math.ceil(self.capacity_factor * rows * self.k / self.experts))
+        return self.capacity
+
+    def scores(self, params: Any, x: Any, *extra: Any) -> Any:
+        """The gate's scores, checked to be ``(rows, experts)``."""
+        s = self.gate(params, x, *extra)
+        shape = tuple(getattr(s, "shape", ()))
+        if len(shape) != 2 or shape[1] != self.experts or shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the gate {self.gate!r} gave scores of shape {shape} for input {tuple(x.shape)}; "
+                f"a router over {self.experts} experts needs ({x.shape[0]}, {self.experts})"
+            )
+        return s
+
+    def __call__(self, params: Any, x: Any, *extra: Any, rng: Any = None) -> Any:
+        # Shape evaluation only (graph validation): the experts read the routed rows of x.
+        self.scores(params, x, *extra)
+        return x
+
+
+@dataclass(frozen=True)
+class Merge(Module):
+    """The module of a merge node (made by :meth:`Graph.merge`): ``out[i] = sum_j w[i, j] *
+    expert_{route[i, j]}(x[i])`` over the row's kept choices (zeros for a row all of whose choices
+    were dropped)."""
+
+    experts: int
+
+    def init_params(self, init: Initializer) -> Any:
+        return {}
+
+    def __call__(self, params: Any, routed: Any, *branches: Any, rng: Any = None) -> Any:
+        # Shape evaluation only (graph validation): every branch must give the same row shape.
+        shapes = [tuple(b.shape) for b in branches]
+        if len(set(s[1:] for s in shapes)) > 1:
+            raise ValueError(f"the expert branches give rows of different shapes: {shapes}")
+        return branches[0] * 0
+
+
+def topk_experts(scores: np.ndarray[Any, Any], k: int) -> np.ndarray[Any, Any]:
+    """Each row's ``k`` best experts, best first (ties go to the lower index)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+def assign_rows(
+    choice: np.ndarray[Any, Any], experts: int, capacity: int | None
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Applies the capacity: first choices of all rows (in row order), then second choices, ...
+
+    Returns the route (``choice`` with ``-1`` where dropped) and the dropped count per expert.
+    """
+    route = choice.copy()
+    dropped = np.zeros(experts, dtype=np.int64)
+    if capacity is None:
+        return route, dropped
+    load = np.zeros(experts, dtype=np.int64)
+    n = choice.shape[0]
+    for j in range(choice.shape[1]):  # k columns; the rows of a column at once
+        col = choice[:, j].astype(np.int64)
+        # each row's place among the rows of this column that chose the same expert, in row
+        # order: a stable sort groups them, the offset from the group's start is the place
+        order = np.argsort(col, kind="stable")
+        grouped = col[order]
+        place = np.empty(n, dtype=np.int64)
+        place[order] = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+        keep = load[col] + place < capacity
+        route[~keep, j] = -1
+        dropped += np.bincount(col[~keep], minlength=experts)
+        load += np.bincount(col[keep], minlength=experts)
+    return route, dropped
+
+
+def gate_weights(scores: Any, choice: np.ndarray[Any, Any], gates: str) -> Any:
+    """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``)."""
+    idx = choice
+    if gates == "none":  # weight 1, still a function of the scores (its gradient is zero)
+        return _take_rows(ops.add(ops.multiply(scores, 0.0), 1.0), idx)
+    if gates == "softmax":
+        probs = ops_nn.softmax(scores, axis=-1)
+        return _take_rows(probs, idx)
+    return ops_nn.softmax(_take_rows(scores, idx), axis=-1)
+
+
+def _take_rows(a: Any, idx: np.ndarray[Any, Any]) -> Any:
+    n, e = a.shape
+    flat = (np.arange(n)[:, None] * e + idx).reshape(-1)
+    return ops.reshape(ops.take(ops.reshape(a, (n * e,)), flat, axis=0), idx.shape)
+
+
+def expert_rows(route: np.ndarray[Any, Any], e: int) -> tuple[np.ndarray[Any, Any], Any]:
+    """The rows that go to expert ``e`` (ascending) and the route column each came through."""
+    rows, cols = np.nonzero(route == e)
+    return rows, cols

@@ -1,0 +1,74 @@
+"""Checks and queries of a graph's wiring that need no execution: routers, merges and their
+expert branches (called by :meth:`Graph.check_structure`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from asyncnn._errors import GraphError
+
+if TYPE_CHECKING:
+    from ._graph import Graph, Node
+
+__all__ = ["check_routing", "expert_starts"]
+
+
+def expert_starts(graph: Graph, router: Node) -> list[str]:
+    """The first layer of each expert branch of ``router``, in expert order: the nodes that
+    read it, but its merge."""
+    return [c for c, _ in router.consumers if graph.nodes[c].role != "merge"]
+
+
+def check_routing(graph: Graph) -> None:
+    """Checks the wiring of routers and merges: one merge per router, one branch per expert,
+    each a chain of one-input layers coming back into the merge in expert order."""
+    for node in graph.nodes.values():
+        if node.role != "router":
+            continue
+        experts = int(node.module.experts)
+        merges = [c for c, _ in node.consumers if graph.nodes[c].role == "merge"]
+        if len(merges) != 1:
+            raise GraphError(
+                f"router {node.name!r} needs exactly one merge reading it (g.merge(name, router, "
+                f"*branches)); it has {merges or 'none'}"
+            )
+        merge = graph.nodes[merges[0]]
+        starts = expert_starts(graph, node)
+        if len(starts) != experts:
+            raise GraphError(
+                f"router {node.name!r} has {experts} experts but {len(starts)} layers read "
+                f"it ({starts}); add one expert layer per expert: g.layer(name, module, router)"
+            )
+        if merge.inputs[0] != node.name or len(merge.inputs) != experts + 1:
+            raise GraphError(
+                f"merge {merge.name!r} must read router {node.name!r} first, then the "
+                f"{experts} expert branches; it reads {list(merge.inputs)}"
+            )
+        for e, start in enumerate(starts):
+            _check_branch(graph, node, merge, e, start)
+
+
+def _check_branch(graph: Graph, router: Node, merge: Node, e: int, start: str) -> None:
+    name = start
+    while True:
+        n = graph.nodes[name]
+        if len(n.inputs) != 1 or n.kind != "layer":
+            raise GraphError(
+                f"expert branch {e} of router {router.name!r}: {n.kind} {name!r} reads "
+                f"{list(n.inputs)}; a branch is a chain of one-input layers"
+            )
+        if len(n.consumers) != 1:
+            raise GraphError(
+                f"expert branch {e} of router {router.name!r}: layer {name!r} feeds "
+                f"{[c for c, _ in n.consumers]}; a branch layer feeds exactly one node "
+                f"(the next layer of its branch, or the merge {merge.name!r})"
+            )
+        ((nxt, slot),) = n.consumers
+        if nxt == merge.name:
+            if slot != e + 1:
+                raise GraphError(
+                    f"merge {merge.name!r}: expert branch {e} (from {start!r}) comes in "
+                    f"at input {slot}; pass the branches in expert order"
+                )
+            return
+        name = nxt
