@@ -21,8 +21,7 @@ from ._runtime._run import Run, RunState, open_run
 from ._runtime._statistics import ActorStatistics
 from ._tracing._replay import replay
 from ._train import History, Trainer
-
-__version__ = "0.1.0.dev0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "ActorError",

@@ -8,7 +8,14 @@ from ._alloc import allocator_tuning, tune_allocator
 from ._base import Backend, Device, parse_device
 from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_floating, is_half
 from ._pool import DEFAULT_INLINE_FLOPS, DevicePool, PoolStatistics, open_device_pool
-from ._registry import array_namespace, get_backend, is_cupy_array, scatter_add, to_numpy
+from ._registry import (
+    array_namespace,
+    backend_of,
+    get_backend,
+    is_cupy_array,
+    scatter_add,
+    to_numpy,
+)
 
 __all__ = [
     "BFLOAT16",
@@ -21,6 +28,7 @@ __all__ = [
     "acc_sum",
     "allocator_tuning",
     "array_namespace",
+    "backend_of",
     "get_backend",
     "is_cupy_array",
     "is_floating",

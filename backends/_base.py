@@ -165,6 +165,12 @@ class Backend(abc.ABC):
         """Bytes in live arrays of this backend's memory pool (0 where it has none)."""
         return self.memory_pool()[0]
 
+    def fused_kernels(self) -> Any:
+        """The module of this backend's fused optimizer kernels (``sgd_leaf``, ``adam_leaf``:
+        one kernel per parameter, the same arithmetic as the plain update), or None where the
+        plain array code is already the fast path (numpy)."""
+        return None
+
     def memory_pool(self) -> tuple[int, int]:
         """This device's memory pool: ``(bytes in live arrays, bytes held from the driver)``.
 

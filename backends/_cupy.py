@@ -308,6 +308,11 @@ class CupyBackend(Backend):
             self._notifier.launch_host_func(_call, callback)
         return True
 
+    def fused_kernels(self) -> Any:
+        from . import _fused
+
+        return _fused
+
     def memory_pool(self) -> tuple[int, int]:
         with self._cuda_device:
             pool = cupy.get_default_memory_pool()

@@ -11,7 +11,14 @@ import numpy as np
 
 from ._base import Backend, Device, parse_device
 
-__all__ = ["array_namespace", "get_backend", "is_cupy_array", "scatter_add", "to_numpy"]
+__all__ = [
+    "array_namespace",
+    "backend_of",
+    "get_backend",
+    "is_cupy_array",
+    "scatter_add",
+    "to_numpy",
+]
 
 _lock = threading.Lock()
 _backends: dict[Device, Backend] = {}
@@ -64,6 +71,15 @@ def array_namespace(*xs: Any) -> ModuleType:
         if type(x) is not np.ndarray and is_cupy_array(x):
             return sys.modules["cupy"]
     return np
+
+
+def backend_of(*xs: Any) -> Backend:
+    """The backend of the arrays ``xs``: that of the GPU holding the first cupy array among
+    them, else numpy's (Python scalars and numpy arrays)."""
+    for x in xs:
+        if type(x) is not np.ndarray and is_cupy_array(x):
+            return get_backend(f"cuda:{x.device.id}")
+    return get_backend("cpu")
 
 
 def to_numpy(x: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..backends import array_namespace, get_backend, is_floating, to_numpy
+from ..backends import array_namespace, backend_of, is_floating, to_numpy
 from ._autodiff import value_and_grad
 from ._data import ArrayDataset
 from ._pytree import tree_leaves
@@ -116,7 +116,7 @@ def train_loop(
     dataset = _as_dataset(data, (*inputs, label_key))
     num_batches = dataset.num_batches(batch_size, drop_last)
     xp, float_dtype = _placement(params)
-    backend = get_backend("cupy" if xp.__name__ == "cupy" else "numpy")
+    backend = backend_of(*tree_leaves(params))
     state = optimizer.init(params) if opt_state is None else opt_state
 
     def objective(p: Any, labels: Any, rng: Any, *xs: Any) -> Any:

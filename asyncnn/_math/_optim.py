@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends import array_namespace as ns
+from ..backends import backend_of
 from ._pytree import TreeDef, tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
@@ -266,11 +267,10 @@ class SGD(Optimizer):
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         xp = ns(p, g)
-        if xp.__name__ == "cupy":  # one kernel per leaf, the same arithmetic
-            from ..backends._fused import sgd_leaf
-
+        fused = backend_of(p, g).fused_kernels()
+        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             buf = buffers[0] if buffers else None
-            return sgd_leaf(
+            return fused.sgd_leaf(
                 p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay,
                 self.nesterov,
             )  # fmt: skip
@@ -366,10 +366,9 @@ class Adam(Optimizer):
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         xp = ns(p, g)
-        if xp.__name__ == "cupy":  # one kernel per leaf, the same arithmetic
-            from ..backends._fused import adam_leaf
-
-            return adam_leaf(
+        fused = backend_of(p, g).fused_kernels()
+        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
+            return fused.adam_leaf(
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
                 self._decoupled,
             )  # fmt: skip

@@ -1,9 +1,10 @@
-"""Actors: one async task per node, processing forward and backward messages.
+"""Layer actors: one async task per layer node, processing forward and backward messages.
 
 A :class:`LayerActor` runs ``vjp`` on a forward message, sends the output on and keeps the
 pullback under the key; on the backward message for that key it calls the pullback, sends the
 input gradients upstream and accumulates its parameter gradients until the policy says to update.
-A :class:`LossActor` runs as soon as its inputs arrive and starts the backward wave.
+The loss actor (``_loss_actor.py``) and the routing and loop actors (``_routing.py``,
+``_loops.py``) build on :class:`_Actor` and :class:`LayerActor`.
 
 To write a custom actor, subclass :class:`LayerActor` and override :meth:`LayerActor.on_forward`
 and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(..., actor=Cls)``.
@@ -298,7 +299,6 @@ class LayerActor(_Actor):
 
     async def serve(self) -> None:
         """Processes messages in the policy's order until told to stop."""
-        idle_since = time.perf_counter()
         since_yield = 0
         while True:
             op = planned = self.order.next()
@@ -318,7 +318,6 @@ class LayerActor(_Actor):
                 await self._take_message()
                 continue
             start = time.perf_counter()
-            self.stats.idle_seconds += start - idle_since
             kind, key = op
             self.computing = (kind, key, start)
             rec = self.run.recorder
@@ -337,10 +336,10 @@ class LayerActor(_Actor):
             if rec is not None:
                 rec.event(self.name, "end", kind, key, self.version, "", self.seq)
             self.seq += 1
-            idle_since = time.perf_counter()
-            self.stats.busy_seconds += idle_since - start
+            end = time.perf_counter()
+            self.stats.busy_seconds += end - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
-            self.run.last_event = idle_since
+            self.run.last_event = end
             since_yield += 1
             if since_yield == 16:
                 # Inline work on queued messages never yields by itself: let the other actors
@@ -583,9 +582,9 @@ def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:
 
 
 def _is_stochastic(module: Any) -> bool:
+    # a module says whether it draws random numbers; one that cannot (not an nn.Module
+    # dataclass) gets an rng, to be safe
     try:
-        from asyncnn._math._nn import to_spec
-
-        return "Dropout" in repr(to_spec(module))
-    except Exception:  # noqa: BLE001 - a custom module without a spec: give it randomness
+        return bool(module.stochastic)
+    except Exception:  # noqa: BLE001
         return True

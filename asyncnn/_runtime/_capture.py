@@ -23,6 +23,7 @@ import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from asyncnn._math._optim import SGD
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 if TYPE_CHECKING:
@@ -318,9 +319,7 @@ def _update_token(opt: Any, state: Any) -> Any:
     Only the built-in SGD qualifies: its kernels take the learning rate and whether this is the
     first step (momentum starts its buffer then); Adam's bias corrections change every step.
     """
-    from asyncnn import optim
-
-    if type(opt) is not optim.SGD or not isinstance(state, dict) or "step" not in state:
+    if type(opt) is not SGD or not isinstance(state, dict) or "step" not in state:
         return None
     step = int(state["step"])
     return (float(opt.learning_rate(step)), step == 0)

@@ -87,9 +87,9 @@ def decode_tree(spec: Any) -> Any:
 
 
 def package_versions() -> dict[str, str]:
-    import asyncnn
+    from asyncnn._version import __version__
 
-    versions = {"asyncnn": asyncnn.__version__, "numpy": np.__version__}
+    versions = {"asyncnn": __version__, "numpy": np.__version__}
     versions["python"] = platform.python_version()
     import sys
 

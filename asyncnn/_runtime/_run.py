@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
@@ -335,13 +336,15 @@ class Run:
         return {n: tree_map(to_numpy, a.params) for n, a in self.local.items() if n in self.layers}
 
     def statistics(self) -> dict[str, ActorStatistics]:
-        """Per-actor counters: busy/idle time, messages, stored activations and versions."""
+        """Per-actor counters: busy/idle time, messages, stored activations and versions.
+
+        Each is a snapshot, taken now: later work does not change it."""
         now = time.perf_counter()
         out = {}
         for name, actor in self.local.items():
-            s = actor.stats
-            s.idle_seconds = max(0.0, (now - actor.born) - s.busy_seconds)
-            out[name] = s
+            snap = copy.deepcopy(actor.stats)
+            snap.idle_seconds = max(0.0, (now - actor.born) - snap.busy_seconds)
+            out[name] = snap
         return out
 
 

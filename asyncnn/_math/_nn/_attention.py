@@ -39,6 +39,10 @@ class MultiHeadAttention(Module):
     causal: bool = False
     dropout: float = 0.0
 
+    @property
+    def stochastic(self) -> bool:
+        return bool(self.dropout)
+
     def __post_init__(self) -> None:
         for name in ("embed_dim", "num_heads"):
             v = getattr(self, name)

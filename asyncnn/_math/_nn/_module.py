@@ -93,6 +93,18 @@ class Module:
         ...         return ops.multiply(x, params["scale"])
     """
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether a call draws random numbers when given an ``rng`` (dropout): true when any
+        module among its fields is. The runtime gives a stochastic layer a seeded ``rng`` per
+        key and keeps it out of CUDA-graph capture."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, Module) and item.stochastic:
+                    return True
+        return False
+
     def init(self, seed: int, backend: str | Backend = "numpy", dtype: Any = "float32") -> Any:
         """Creates a fresh parameter pytree.
 

@@ -55,6 +55,10 @@ class Dropout(Module):
         if isinstance(self.p, bool) or not isinstance(self.p, int | float) or not 0 <= self.p < 1:
             raise ValueError(f"Dropout: p must be a probability in [0, 1), got {self.p!r}")
 
+    @property
+    def stochastic(self) -> bool:
+        return True
+
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         return ops_nn.dropout(x, float(self.p), rng)
 
