@@ -4,6 +4,7 @@ Record one with ``Trainer(..., trace="run.trace")`` or ``open_run(..., trace=...
 with :func:`asyncnn.replay`. The format is specified in ``docs/trace_format.md``.
 """
 
+from ._runtime._traceformat import iter_frames
 from ._tracing._chrome import to_chrome
 from ._tracing._diff import diff
 from ._tracing._read import Trace, TraceReader, open_trace, payload_array, read
@@ -16,6 +17,7 @@ __all__ = [
     "Trace",
     "TraceReader",
     "diff",
+    "iter_frames",
     "open_trace",
     "payload_array",
     "read",

@@ -46,7 +46,6 @@ from bench_runtime import SIZES, data, mlp_modules  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
 from asyncnn import nn, optim, policies  # noqa: E402
-from asyncnn._runtime._traceformat import iter_frames  # noqa: E402
 from asyncnn.backends import tune_allocator  # noqa: E402
 
 BATCH = 256
@@ -123,7 +122,7 @@ def trace_size(path: str, steps: int) -> dict[str, float]:
     events = sends = payload_bytes = 0
     first_event = total
     with open(path, "rb") as f:
-        for i, (offset, rec) in enumerate(iter_frames(f, path)):
+        for i, (offset, rec) in enumerate(ann.trace.iter_frames(f, path)):
             assert rec is not None, "the trace is truncated"
             if i == 0 or "state" in rec:
                 continue

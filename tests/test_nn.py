@@ -478,3 +478,14 @@ def test_error_messages() -> None:
 
     with pytest.raises(TypeError, match="dataclass"):
         NotDataclass().init(0)
+
+
+def test_modules_say_whether_they_draw_random_numbers() -> None:
+    assert nn.Dropout(0.1).stochastic and nn.Dropout(0.0).stochastic
+    assert not nn.Linear(2, 3).stochastic and not nn.ReLU().stochastic
+    assert nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5)).stochastic
+    assert nn.Residual(nn.Sequential(nn.Dropout(0.5))).stochastic
+    assert not nn.Sequential(nn.Linear(2, 3), nn.Tanh()).stochastic
+    assert nn.MultiHeadAttention(8, 2, dropout=0.1).stochastic
+    assert not nn.MultiHeadAttention(8, 2).stochastic
+    assert not Scale(2, inner=nn.Tanh()).stochastic and Scale(2, inner=nn.Dropout(0.2)).stochastic

@@ -302,3 +302,20 @@ async def test_step_copies_its_inputs():
         return run.losses
 
     assert await train(reuse=True) == await train(reuse=False)
+
+
+@pytest.mark.anyio
+async def test_statistics_are_snapshots_that_later_work_leaves_alone():
+    data = _data()
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64"
+    ) as run:
+        await run.step(data)
+        await run.drain()
+        before = run.statistics()
+        await run.step(data)
+        await run.drain()
+        after = run.statistics()
+    assert before["stage0"].forwards == 1 and after["stage0"].forwards == 2
+    assert before["stage0"] is not after["stage0"]
+    assert after["stage0"].idle_seconds >= 0.0

@@ -26,12 +26,12 @@ from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import get_backend, parse_device
 
 from ._capture import ActorGraphs
-from ._graph import Node
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import StageOrder
 from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
+    from ._graph import Node
     from ._run import Run
 
 __all__ = ["ActorStatistics", "LayerActor"]

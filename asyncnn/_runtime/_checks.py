@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,7 +13,9 @@ from asyncnn._errors import GraphError
 from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
 from ._actor_table import actor_class
-from ._graph import Graph
+
+if TYPE_CHECKING:
+    from ._graph import Graph
 
 __all__ = ["check_batch", "check_cuda_graphs", "validate"]
 

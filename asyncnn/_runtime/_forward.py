@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asyncnn.backends import get_backend, is_cupy_array
 
-from ._graph import Graph
 from ._routing import plain_values
+
+if TYPE_CHECKING:
+    from ._graph import Graph
 
 __all__ = ["forward_pass"]
 

@@ -12,10 +12,10 @@ from asyncnn._math._autodiff import vjp
 
 from ._actors import _Actor
 from ._capture import LossGraphs
-from ._graph import Node
 from ._messages import END, FORWARD, STOP, Message
 
 if TYPE_CHECKING:
+    from ._graph import Node
     from ._run import Run
 
 __all__ = ["MAX_UNREAD", "LossActor"]
