@@ -75,7 +75,7 @@ class SyntheticGradientLayer(ann.LayerActor):
         module = nn.Linear(width + (10 if self.conditioned else 0), width)
         opt = optim.Adam(lr=self.synth_lr)
         if self.name not in self.states:
-            params = module.init(self.run.seed, backend="numpy", dtype=str(out.dtype))
+            params = module.init(self.ctx.seed, backend="numpy", dtype=str(out.dtype))
             params = {k: self.backend.asarray(v * 0) for k, v in params.items()}  # zero init
             self.states[self.name] = (params, opt.init(params))
         return module, opt, self.states[self.name]
@@ -96,7 +96,7 @@ class SyntheticGradientLayer(ann.LayerActor):
         # The gradient of the loss as the policy seeds it, per row: the synthesizer predicts the
         # gradient of one sample's loss, so its targets keep one scale whatever the batch split.
         rows = int(meta["rows"])
-        return self.run.policy.loss_cotangent(rows, int(meta["mb_rows"])) / rows
+        return self.ctx.policy.loss_cotangent(rows, int(meta["mb_rows"])) / rows
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

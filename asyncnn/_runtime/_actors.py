@@ -31,8 +31,8 @@ from ._policies import StageOrder
 from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
+    from ._context import ActorContext
     from ._graph import Node
-    from ._run import Run
 
 __all__ = ["ActorStatistics", "LayerActor"]
 
@@ -49,8 +49,8 @@ def _nbytes(xs: Any) -> int:
 class _Actor:
     """What layer and loss actors share: an inbox, a mailbox of partial messages, bookkeeping."""
 
-    def __init__(self, run: Run, node: Node) -> None:
-        self.run = run
+    def __init__(self, ctx: ActorContext, node: Node) -> None:
+        self.ctx = ctx
         self.node = node
         self.name = node.name
         self.device = parse_device(getattr(node, "device", "cpu"))
@@ -59,7 +59,7 @@ class _Actor:
         # Bounded: at most max_in_flight keys are admitted, each bringing one message per input
         # slot and one per consumer edge, plus control messages; twice that leaves room to spare,
         # so the bound is never what stops a sender (it would be a bug, met with back-pressure).
-        in_flight = run.max_in_flight
+        in_flight = ctx.max_in_flight
         edges = len(node.inputs) + len(node.consumers)
         self.capacity = 2 * in_flight * max(1, edges) + 8
         self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](self.capacity)
@@ -84,22 +84,27 @@ class _Actor:
         self.last_event: Any = None
         self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
-        self.delivers = run.policy.delivers(self.name)
+        self.delivers = ctx.policy.delivers(self.name)
         # which inputs get a gradient back (those from layers; none when this node stops the
         # gradient), and where each goes: (input slot, source node, the source's consumer edge)
         self.input_is_layer = [
-            run.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
+            ctx.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
         ]
         self.grad_targets = [
-            (slot, src, run.edge_index[(src, self.name, slot)])
+            (slot, src, ctx.edge_index[(src, self.name, slot)])
             for slot, src in enumerate(node.inputs)
             if self.input_is_layer[slot]
         ]
 
+    @property
+    def run(self) -> ActorContext:
+        """The same as :attr:`ctx` (the name custom actors have used): the run's context."""
+        return self.ctx
+
     def _file(self, msg: Message) -> None:
         """Puts a message in the mailbox; notes when a key's forward or backward is complete."""
         self.stats.messages_in += 1
-        rec = self.run.recorder
+        rec = self.ctx.recorder
         if rec is not None and msg.kind in (FORWARD, BACKWARD):
             rec.event(self.name, "receive", msg.kind, msg.key, msg.version, msg.src)
         if msg.kind == FORWARD:
@@ -132,7 +137,7 @@ class _Actor:
 
     async def _send(self, msg: Message) -> None:
         self.stats.messages_out += 1
-        rec = self.run.recorder
+        rec = self.ctx.recorder
         if rec is not None:
             rec.event(
                 self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq, msg.tensors,
@@ -140,7 +145,7 @@ class _Actor:
             )  # fmt: skip
         if not self.delivers:
             return  # the policy records this actor's sends only (an actor replayed alone)
-        channel = self.run.actors[msg.dst].send_channel
+        channel = self.ctx.channels[msg.dst]
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
             channel.send_nowait(msg)
@@ -175,11 +180,11 @@ class _Actor:
         a hand-off to a worker thread would cost more than the work.
         """
         if self.on_cpu:
-            if cost is not None and cost < self.run.inline_flops:
+            if cost is not None and cost < self.ctx.inline_flops:
                 return fn(*args)
-            return await self.run.pool.run(self.device, fn, *args, cost=cost)
+            return await self.ctx.pool.run(self.device, fn, *args, cost=cost)
         after, self.after = self.after, []
-        result, event = await self.run.pool.enqueue(
+        result, event = await self.ctx.pool.enqueue(
             self.device, fn, *args, stream=self.stream, after=after
         )
         self.last_event = event
@@ -192,7 +197,7 @@ class _Actor:
     async def wait_for_device(self) -> None:
         """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
         if self.last_event is not None:
-            await self.run.pool.wait(self.last_event, device=self.device)
+            await self.ctx.pool.wait(self.last_event, device=self.device)
 
     def _sum_parts(self, parts: list[Any]) -> Any:
         g = None
@@ -233,7 +238,7 @@ class LayerActor(_Actor):
 
     def __init__(
         self,
-        run: Run,
+        ctx: ActorContext,
         node: Node,
         stage: int,
         num_stages: int,
@@ -241,17 +246,17 @@ class LayerActor(_Actor):
         opt_state: Any,
         version: int,
     ) -> None:
-        super().__init__(run, node)
+        super().__init__(ctx, node)
         self.module = node.module
         self.stage = stage
-        self.order: StageOrder = run.policy.order_for(node.name, stage, num_stages)
-        self.order.start(run.next_key)
+        self.order: StageOrder = ctx.policy.order_for(node.name, stage, num_stages)
+        self.order.start(ctx.first_key)
         self.params = params
         self.opt_state = opt_state
         self.version = version
         self.consumers = node.consumers
         # consumers that send a gradient back (a stop-gradient layer sends none)
-        self.grad_edges = sum(1 for c, _ in node.consumers if not run.graph.nodes[c].stop_gradient)
+        self.grad_edges = sum(1 for c, _ in node.consumers if not ctx.graph.nodes[c].stop_gradient)
         self.bwd_grads: dict[int, list[Any]] = {}
         self.bwd_count: dict[int, int] = {}
         self.store: dict[int, tuple[Any, int, Any]] = {}  # key -> (pullback, version, inputs)
@@ -262,13 +267,13 @@ class LayerActor(_Actor):
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
         # keep each key's pullback, else its inputs, to recompute at the latest version
-        self.keep_pullback = run.policy.keeps_pullback()
+        self.keep_pullback = ctx.policy.keeps_pullback()
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
-        self.flops_per_sample = _flops_per_sample(self.module, run.graph, node)
+        self.flops_per_sample = _flops_per_sample(self.module, ctx.graph, node)
         # CUDA graphs of the forward, backward and update (cuda_graphs=True, see _capture)
         self.graphs: ActorGraphs | None = None
-        if not self.on_cpu and not self.stochastic and run.cuda_graphs_active:
+        if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
             self.graphs = ActorGraphs(self)
 
     # -- the mailbox ----------------------------------------------------------------------------
@@ -320,7 +325,7 @@ class LayerActor(_Actor):
             start = time.perf_counter()
             kind, key = op
             self.computing = (kind, key, start)
-            rec = self.run.recorder
+            rec = self.ctx.recorder
             if rec is not None:
                 rec.event(self.name, "start", kind, key, self.version, "", self.seq)
             try:
@@ -339,7 +344,7 @@ class LayerActor(_Actor):
             end = time.perf_counter()
             self.stats.busy_seconds += end - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
-            self.run.last_event = end
+            self.ctx.touch()
             since_yield += 1
             if since_yield == 16:
                 # Inline work on queued messages never yields by itself: let the other actors
@@ -355,7 +360,7 @@ class LayerActor(_Actor):
     def _rng(self, key: int) -> Any:
         if not self.stochastic:
             return None
-        seq = np.random.SeedSequence([self.run.seed, self.stage, key, 0x5EED])
+        seq = np.random.SeedSequence([self.ctx.seed, self.stage, key, 0x5EED])
         return self.backend.rng(seq)
 
     async def _forward(self, key: int) -> None:
@@ -425,9 +430,9 @@ class LayerActor(_Actor):
 
     async def _check_finite(self, kind: str, key: int, value: Any) -> None:
         """With ``check_finite``: waits for the device, then fails on NaN or Inf in ``value``."""
-        if self.run.checks_finite:
+        if self.ctx.checks_finite:
             await self.wait_for_device()
-            self.run.check_finite(self.name, kind, key, value)
+            self.ctx.check_finite(self.name, kind, key, value)
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
         self.store[key] = entry
@@ -490,7 +495,7 @@ class LayerActor(_Actor):
             input_grads = await self.on_backward(key, await self._output_grad(parts), meta)
         await self._send_grads(key, used, input_grads, meta)
         self.stats.backwards += 1
-        self.run.backward_done(self.name, key)
+        self.ctx.backward_done(self.name, key)
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
@@ -515,7 +520,7 @@ class LayerActor(_Actor):
 
     async def accumulate(self, param_grads: Any, meta: dict[str, Any]) -> None:
         """Adds a key's parameter gradients; applies them when the policy says an update is due."""
-        policy = self.run.policy
+        policy = self.ctx.policy
         # the sums and scalings run through compute: on a GPU they must be queued on this
         # actor's stream, after the kernels that made the gradients (the host thread's own
         # stream would race them)
@@ -543,15 +548,15 @@ class LayerActor(_Actor):
 
     async def apply_gradients(self, grads: Any) -> None:
         """One optimizer update of this actor's parameters; the version goes up by one."""
-        update = self.run.optimizer.update if self.graphs is None else self.graphs.update
+        update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
         self.params, self.opt_state = await self.compute(
             update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
-        if self.run.recorder is not None:
-            self.run.recorder.event(self.name, "update", version=self.version)
-        self.run.touch()
+        if self.ctx.recorder is not None:
+            self.ctx.recorder.event(self.name, "update", version=self.version)
+        self.ctx.touch()
 
 
 def _add(a: Any, b: Any) -> Any:

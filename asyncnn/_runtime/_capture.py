@@ -249,7 +249,7 @@ class ActorGraphs:
     # -- the optimizer update -------------------------------------------------------------------
     def update(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
         """``optimizer.update`` through a graph where one is (or can now be) captured."""
-        opt = self.actor.run.optimizer
+        opt = self.actor.ctx.optimizer
         token = _update_token(opt, state)
         base = self.base
         if token is None or not self._static_params():
@@ -283,7 +283,7 @@ class ActorGraphs:
     def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
         from asyncnn.backends import _fused as fused
 
-        opt, base = self.actor.run.optimizer, self.base
+        opt, base = self.actor.ctx.optimizer, self.base
         names = [n for n in state if n != "step"]
         for name in names:
             leaves = tree_leaves(state[name])

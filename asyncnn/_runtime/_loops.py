@@ -111,7 +111,7 @@ class LoopActor(LayerActor):
         st.steps += taken
         st.row_steps += int(steps.sum())
         st.max_steps_seen = max(st.max_steps_seen, taken)
-        rec = self.run.recorder
+        rec = self.ctx.recorder
         if rec is not None:
             rec.event(self.name, "loop", FORWARD, key, self.version, "", self.seq,
                       meta={"steps": [int(s) for s in steps]})  # fmt: skip

@@ -15,8 +15,8 @@ from ._capture import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
 
 if TYPE_CHECKING:
+    from ._context import ActorContext
     from ._graph import Node
-    from ._run import Run
 
 __all__ = ["MAX_UNREAD", "LossActor"]
 
@@ -29,11 +29,11 @@ class LossActor(_Actor):
     """The actor of a loss node: computes the loss as soon as its inputs arrive, reports it, and
     sends the gradient of each input that comes from a layer back upstream."""
 
-    def __init__(self, run: Run, node: Node) -> None:
-        super().__init__(run, node)
+    def __init__(self, ctx: ActorContext, node: Node) -> None:
+        super().__init__(ctx, node)
         self.module = node.module
         self.graphs: LossGraphs | None = None
-        if not self.on_cpu and run.cuda_graphs_active:
+        if not self.on_cpu and ctx.cuda_graphs:
             self.graphs = LossGraphs(self)
         # (key, the value's host copy in flight, the event after that copy, meta), oldest first
         self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any]]] = collections.deque()
@@ -59,7 +59,7 @@ class LossActor(_Actor):
             _, key = self.ready.popleft()
             start = time.perf_counter()
             self.computing = (FORWARD, key, start)
-            rec = self.run.recorder
+            rec = self.ctx.recorder
             if rec is not None:
                 rec.event(self.name, "start", FORWARD, key, 0, "", self.seq)
             try:
@@ -70,30 +70,30 @@ class LossActor(_Actor):
                 raise self._fail(exc, FORWARD, key) from exc
             self.computing = None
             self.stats.busy_seconds += time.perf_counter() - start
-            self.run.touch()
+            self.ctx.touch()
 
     async def _loss(self, key: int) -> None:
         inputs = self.fwd_slots.pop(key)
         del self.fwd_count[key]
         meta = self.meta.pop(key)
-        scale = self.run.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
+        scale = self.ctx.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
         self.after = self.events.pop(key, [])
         fn = self._value_and_grads if self.graphs is None else self.graphs.value_and_grads
         # On a GPU the host reads the value later (a copy to host memory is queued behind the
         # loss): the gradients leave first, so the device never idles while the host waits. A
         # check for NaN, or a trace (whose event carries the value), reads it now.
-        now = self.on_cpu or self.run.checks_finite or self.run.recorder is not None
+        now = self.on_cpu or self.ctx.checks_finite or self.ctx.recorder is not None
         value, grads = await self.compute(self._staged, fn, inputs, scale, not now, cost=0)
         if now:
             await self.wait_for_device()
-            self.run.check_finite(self.name, FORWARD, key, value)
+            self.ctx.check_finite(self.name, FORWARD, key, value)
         await self._send_grads(key, 0, grads, meta)
         self.stats.forwards += 1
         if now:
             loss = float(value)
-            self.run.loss_reported(key, loss, meta)
-            if self.run.recorder is not None:  # the end comes after the sends, as for layers
-                self.run.recorder.event(
+            self.ctx.loss_reported(key, loss, meta)
+            if self.ctx.recorder is not None:  # the end comes after the sends, as for layers
+                self.ctx.recorder.event(
                     self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": loss}
                 )
         else:
@@ -115,11 +115,11 @@ class LossActor(_Actor):
 
     async def _read_oldest(self) -> None:
         key, value, event, meta = self.unread[0]
-        await self.run.pool.wait(event, device=self.device)
+        await self.ctx.pool.wait(event, device=self.device)
         self.unread.popleft()
         loss = float(value)
         self.spare.append(value)
-        self.run.loss_reported(key, loss, meta)
+        self.ctx.loss_reported(key, loss, meta)
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)

@@ -75,7 +75,7 @@ class RouterActor(LayerActor):
         stats = RouterStatistics()
         self.stats = stats
         self.router: Router = self.module
-        self.expert_names = expert_starts(self.run.graph, self.node)
+        self.expert_names = expert_starts(self.ctx.graph, self.node)
         # consumer edge -> expert index (None: the merge)
         index = {name: e for e, name in enumerate(self.expert_names)}
         self.edge_expert: list[int | None] = [index.get(c) for c, _ in self.consumers]
@@ -132,7 +132,7 @@ class RouterActor(LayerActor):
             st.expert_rows[name] += n_e
             st.dropped_rows[name] += int(dropped[e])
             loads.append(n_e)
-        rec = self.run.recorder
+        rec = self.ctx.recorder
         if rec is not None:
             rec.event(self.name, "route", FORWARD, key, self.version, "", self.seq,
                       meta={"load": loads, "dropped": [int(d) for d in dropped],
@@ -255,7 +255,7 @@ class MergeActor(LayerActor):
             w = weights[r, c]
             out[r] += w.reshape((-1,) + (1,) * (y.ndim - 1)) * y
         if out is None:  # every choice of every row was dropped: the rows' outputs are zeros
-            shape = self.run.graph.shapes.get(self.name)
+            shape = self.ctx.graph.shapes.get(self.name)
             trail = tuple(shape[1:]) if shape else ()
             out = xp.zeros((weights.shape[0], *trail), dtype=weights.dtype)
         return out, weights, picks, list(branches)

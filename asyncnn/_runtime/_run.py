@@ -26,6 +26,7 @@ from asyncnn.backends import (
 
 from ._actor_table import actor_class
 from ._checks import _checkable, check_batch, check_cuda_graphs, validate
+from ._context import ActorContext
 from ._graph import Graph
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, STOP, Message
@@ -132,6 +133,26 @@ class Run:
         self.minibatches = state.minibatches
         self.next_key = state.keys
         self.stream_start = state.keys
+        channels: dict[str, Any] = {}  # every node's inbox, once every actor exists
+        #: what the actors see of this run
+        self.context = ActorContext(
+            graph=graph,
+            policy=policy,
+            optimizer=optimizer,
+            seed=seed,
+            pool=pool,
+            recorder=recorder,
+            checks_finite=check_finite,
+            max_in_flight=self.max_in_flight,
+            first_key=self.next_key,
+            cuda_graphs=self.cuda_graphs_active,
+            edge_index=self.edge_index,
+            channels=channels,
+            touch=self.touch,
+            backward_done=self.backward_done,
+            loss_reported=self.loss_reported,
+            check_finite=self.check_finite,
+        )
         # every node's actor: the local ones, and stand-ins for those other processes host
         # (with a cluster; their send_channel writes to the wire)
         self.local: dict[str, Any] = {}
@@ -141,7 +162,7 @@ class Run:
             node = graph.nodes[name]
             cls = actor_class(node)
             actor = cls(
-                self,
+                self.context,
                 node,
                 i,
                 self.num_stages,
@@ -153,11 +174,12 @@ class Run:
             self.local[name] = actor
         for name in graph.losses:
             if hosted is None or name in hosted:
-                self.local[name] = LossActor(self, graph.nodes[name])
+                self.local[name] = LossActor(self.context, graph.nodes[name])
         self.actors: dict[str, Any] = {
             n: self.local[n] if n in self.local else (remote or {})[n]
             for n in [*self.layers, *graph.losses]
         }
+        channels.update((n, a.send_channel) for n, a in self.actors.items())
         for proxy in (remote or {}).values():
             proxy.run = self  # a stand-in sends through this run (its pool, its NCCL links)
         self.in_flight = 0
