@@ -52,33 +52,37 @@ STYLES = {"Sync": "-", "PipeDream": "--"}  # one line style per policy
 class SyntheticGradientLayer(ann.LayerActor):
     """A layer decoupled by a synthetic gradient model (DNI).
 
-    The synthesizer is this actor's own extra state: its parameters and Adam state live here, not
-    in the run's parameters. Actors are rebuilt for every ``fit``, so the state is kept in the
-    class-level ``states`` (by node name) between fits; :meth:`configure` resets it.
+    The synthesizer is this actor's own state: its parameters and Adam state live here, not in
+    the run's parameters. Its hyperparameters come as ``actor_args`` (part of the graph's spec,
+    so they reach worker processes too), and the run carries the synthesizer from one ``fit`` to
+    the next through :meth:`actor_state` (checkpoints keep it too).
     """
 
-    synth_lr: ClassVar[float] = 1e-3
-    upstream: ClassVar[str] = "synthetic"
-    states: ClassVar[dict[str, Any]] = {}  # node name -> (synth params, synth opt state)
-    synth_losses: ClassVar[dict[str, list[float]]] = {}  # node name -> squared error per key
+    #: node name -> relative squared error of each key's synthetic gradient (a report only)
+    synth_losses: ClassVar[dict[str, list[float]]] = {}
 
-    @classmethod
-    def configure(cls, synth_lr: float, upstream: str) -> None:
-        """Sets the hyperparameters and forgets every synthesizer (a fresh experiment)."""
+    def setup(self, synth_lr: float = 1e-3, upstream: str = "synthetic") -> None:
         if upstream not in ("synthetic", "none"):
             raise ValueError(f"upstream must be 'synthetic' or 'none', got {upstream!r}")
-        cls.synth_lr, cls.upstream = synth_lr, upstream
-        cls.states, cls.synth_losses = {}, {}
+        self.synth_lr, self.upstream = float(synth_lr), upstream
+        self.synth: tuple[Any, Any] | None = None  # (synth params, synth opt state), made lazily
+        self.pending: dict[int, tuple[Any, Any]] = {}  # key -> (features, input gradients)
+
+    def actor_state(self) -> Any:
+        return None if self.synth is None else {"params": self.synth[0], "opt": self.synth[1]}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.synth = (state["params"], state["opt"])
 
     def _synthesizer(self, out: Any) -> tuple[Any, Any, Any]:
         width = int(out.shape[-1])
         module = nn.Linear(width + (10 if self.conditioned else 0), width)
         opt = optim.Adam(lr=self.synth_lr)
-        if self.name not in self.states:
+        if self.synth is None:
             params = module.init(self.ctx.seed, backend="numpy", dtype=str(out.dtype))
             params = {k: self.backend.asarray(v * 0) for k, v in params.items()}  # zero init
-            self.states[self.name] = (params, opt.init(params))
-        return module, opt, self.states[self.name]
+            self.synth = (params, opt.init(params))
+        return module, opt, self.synth
 
     @property
     def conditioned(self) -> bool:
@@ -97,10 +101,6 @@ class SyntheticGradientLayer(ann.LayerActor):
         # gradient of one sample's loss, so its targets keep one scale whatever the batch split.
         rows = int(meta["rows"])
         return self.ctx.policy.loss_cotangent(rows, int(meta["mb_rows"])) / rows
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pending: dict[int, tuple[Any, Any]] = {}  # key -> (output, input gradients)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         scale = self._scale(meta)
@@ -132,7 +132,7 @@ class SyntheticGradientLayer(ann.LayerActor):
                 return sp, state, loss * rows, (target * target).sum()
 
             sp, state, error, energy = await self.compute(train_synthesizer, sp, state)
-            self.states[self.name] = (sp, state)
+            self.synth = (sp, state)
             if float(energy) > 0:  # relative error: 1 is "predicts nothing" (the zero start)
                 self.synth_losses.setdefault(self.name, []).append(float(error) / float(energy))
         if self.upstream == "none":
@@ -163,14 +163,18 @@ def build_graph(cfg: Config, method: str) -> ann.Graph:
     h = g.input("x", shape=(None, 40))
     y = g.input("y", shape=(None,), dtype="int64")
     width_in = 40
+    args = {"synth_lr": cfg.synth_lr, "upstream": cfg.upstream}
     for i in range(cfg.hidden_stages):
         block = nn.Sequential(nn.Linear(width_in, cfg.width), nn.ReLU())
         if method == "backprop":
             h = g.layer(f"block{i}", block, h)
         elif method == "dni":
-            h = g.layer(f"block{i}", block, h, actor=SyntheticGradientLayer)
+            h = g.layer(f"block{i}", block, h, actor=SyntheticGradientLayer, actor_args=args)
         else:
-            h = g.layer(f"block{i}", IgnoreLabels(block), h, y, actor=SyntheticGradientLayer)
+            h = g.layer(
+                f"block{i}", IgnoreLabels(block), h, y, actor=SyntheticGradientLayer,
+                actor_args=args,
+            )  # fmt: skip
         width_in = cfg.width
     out = g.layer("head", nn.Linear(cfg.width, 10), h)  # gets the true gradient at once
     g.loss("loss", nn.CrossEntropyLoss(), out, y)
@@ -191,7 +195,7 @@ def make_policy(name: str) -> Any:
 def train_one(cfg: Config, data: dict[str, np.ndarray], method: str, policy: str) -> dict[str, Any]:
     """Trains one (method, policy) pair epoch by epoch; returns its curves and totals."""
     dni = method != "backprop"
-    SyntheticGradientLayer.configure(cfg.synth_lr, cfg.upstream)
+    SyntheticGradientLayer.synth_losses.clear()
     tr = ann.Trainer(
         build_graph(cfg, method), optimizer=optim.Adam(lr=cfg.lr), policy=make_policy(policy),
         seed=cfg.seed,

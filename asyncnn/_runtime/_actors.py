@@ -276,6 +276,38 @@ class LayerActor(_Actor):
         if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
             self.graphs = ActorGraphs(self)
 
+    # -- set-up and extra state -----------------------------------------------------------------
+    def setup(self, **args: Any) -> None:
+        """Called once, before any message, with the node's ``actor_args`` (from
+        ``g.layer(..., actor=Cls, actor_args={...})``): override it to configure the actor and
+        create per-actor state. The default takes no arguments.
+
+        Raises:
+            TypeError: arguments this actor does not take.
+        """
+        if args:
+            raise TypeError(
+                f"layer {self.name!r}: {type(self).__name__} takes no actor_args (got "
+                f"{sorted(args)}); override setup(self, ...) to accept them"
+            )
+
+    def actor_state(self) -> Any:
+        """This actor's own state besides its parameters and optimizer state (a pytree of
+        arrays and numbers, e.g. a synthesizer's weights), or None. A run carries it over to
+        the next ``fit`` (``RunState.actor_states``) and checkpoints keep it."""
+        return None
+
+    def load_actor_state(self, state: Any) -> None:
+        """Restores what :meth:`actor_state` returned (called after :meth:`setup`).
+
+        Raises:
+            TypeError: the actor keeps no state of its own but was given some.
+        """
+        raise TypeError(
+            f"layer {self.name!r}: {type(self).__name__} was given actor state but keeps none; "
+            "override actor_state and load_actor_state together"
+        )
+
     # -- the mailbox ----------------------------------------------------------------------------
     def _file_other(self, msg: Message) -> None:
         if msg.kind == BACKWARD:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,8 @@ class Node:
     worker: int | None = None
     #: a custom ``LayerActor`` subclass (or, from a spec, its import path); None: the role's
     custom_actor: Any = None
+    #: the keyword arguments of the custom actor's ``setup`` (plain, msgpack-able values)
+    actor_args: dict[str, Any] = field(default_factory=dict)
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
     recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
@@ -158,6 +162,7 @@ class Graph:
         device: str = "cpu",
         worker: int | None = None,
         actor: Any = None,
+        actor_args: Mapping[str, Any] | None = None,
         stop_gradient: bool = False,
     ) -> TensorRef:
         """Adds a layer actor computing ``module(params, *inputs)`` on ``device``.
@@ -170,6 +175,10 @@ class Graph:
             worker: the worker process that hosts it (with a cluster).
             actor: a :class:`~asyncnn.LayerActor` subclass with custom ``on_forward`` /
                 ``on_backward`` handlers (default: the plain layer actor).
+            actor_args: keyword arguments of the custom actor's ``setup`` (plain values:
+                None, bool, int, float, str, and lists and string-keyed dicts of those). They
+                are part of the graph's spec, so they reach worker processes, traces and
+                checkpoints.
             stop_gradient: the layer trains from the gradient of its own output but sends none
                 to its inputs; the layers before it then neither wait for nor get a backward
                 message from it (local learning: each stage learns from its own loss, and its
@@ -192,6 +201,7 @@ class Graph:
         except ValueError as exc:
             raise GraphError(f"layer {name!r}: {exc}") from exc
         names = self._resolve(f"layer {name!r}", inputs)
+        args = _check_actor_args(name, actor, actor_args)
         self.nodes[name] = Node(
             name,
             "layer",
@@ -200,6 +210,7 @@ class Graph:
             device=dev,
             worker=worker,
             custom_actor=actor,
+            actor_args=args,
             stop_gradient=bool(stop_gradient),
         )
         for slot, src in enumerate(names):
@@ -441,6 +452,32 @@ class Graph:
                 raise GraphError(f"input {name!r} is not read by any node")
         check_routing(self)
 
+    def main_classes(self) -> list[str]:
+        """The classes this graph names (custom actors, modules at any depth) that are defined
+        in ``__main__`` (a script or a notebook): another process cannot import them, so they
+        cannot reach worker processes, and a trace naming them replays only where ``__main__``
+        defines them again."""
+        found: list[str] = []
+
+        def visit(obj: Any) -> None:
+            if isinstance(obj, tuple):
+                for item in obj:
+                    visit(item)
+                return
+            cls = obj if isinstance(obj, type) else type(obj)
+            if cls.__module__ == "__main__" and cls.__qualname__ not in found:
+                found.append(cls.__qualname__)
+            if not isinstance(obj, type) and dataclasses.is_dataclass(obj):
+                for f in dataclasses.fields(obj):
+                    visit(getattr(obj, f.name))
+
+        for node in self.nodes.values():
+            if node.module is not None:
+                visit(node.module)
+            if isinstance(node.custom_actor, type):
+                visit(node.custom_actor)
+        return found
+
     # -- specs -----------------------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:
         """The graph as a plain msgpack-able dict (modules by spec, not pickle)."""
@@ -458,6 +495,8 @@ class Graph:
                 custom = n.custom_actor
                 if custom is not None:
                     entry["actor"] = custom if isinstance(custom, str) else class_path(custom)
+                if n.actor_args:
+                    entry["actor_args"] = dict(n.actor_args)
                 if n.stop_gradient:
                     entry["stop_gradient"] = True
                 if n.recurrent:  # the loop cell's self edge: the one cycle a graph may have
@@ -485,6 +524,7 @@ class Graph:
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
                         actor=_actor_class(entry.get("actor")),
+                        actor_args=entry.get("actor_args"),
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
                     node = g.nodes[entry["name"]]
@@ -545,6 +585,51 @@ def _actor_class(path: str | None) -> str | None:
     if not isinstance(path, str) or ":" not in path:
         raise GraphError(f"graph spec: actor {path!r} is not an import path 'package.module:Class'")
     return path
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The custom actor's ``setup`` arguments, checked to be plain values it accepts."""
+    if not args:
+        return {}
+    if actor is None:
+        raise GraphError(
+            f"layer {name!r}: actor_args={dict(args)!r} but no actor class; pass "
+            "actor=YourActor (a LayerActor subclass whose setup takes them)"
+        )
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise GraphError(f"layer {name!r}: actor_args must be a dict of names to values")
+    bad = [k for k, v in args.items() if not _plain(v)]
+    if bad:
+        raise GraphError(
+            f"layer {name!r}: actor_args {bad} hold values a spec cannot carry "
+            f"({', '.join(type(args[k]).__name__ for k in bad)}); use None, bool, int, float, "
+            "str, or lists and string-keyed dicts of those"
+        )
+    setup = getattr(actor, "setup", None)
+    if isinstance(actor, type) and getattr(setup, "__qualname__", "") == "LayerActor.setup":
+        raise GraphError(
+            f"layer {name!r}: {actor.__name__}.setup does not take actor_args {sorted(args)}: "
+            "it takes none; override setup(self, ...) to accept them"
+        )
+    if isinstance(actor, type) and callable(setup):
+        try:
+            inspect.signature(setup).bind(None, **args)
+        except TypeError as exc:
+            raise GraphError(
+                f"layer {name!r}: {actor.__name__}.setup does not take actor_args "
+                f"{sorted(args)}: {exc}"
+            ) from exc
+    return dict(args)
 
 
 def _split_sizes(

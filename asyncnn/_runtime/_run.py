@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError, StallError
+from asyncnn._errors import ActorError, GraphError, StallError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
     DevicePool,
@@ -49,6 +50,8 @@ class RunState:
     # gradients a layer has accumulated but not applied yet (Async with min_update_frequency > 1,
     # custom update rules): {layer: (sum of gradients, how many)}; carried from one fit to the next
     pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # custom actors' own state (LayerActor.actor_state): {layer: state}
+    actor_states: dict[str, Any] = field(default_factory=dict)
 
 
 def node_seed(seed: int, index: int) -> int:
@@ -156,25 +159,11 @@ class Run:
         # every node's actor: the local ones, and stand-ins for those other processes host
         # (with a cluster; their send_channel writes to the wire)
         self.local: dict[str, Any] = {}
-        for i, name in enumerate(self.layers):
-            if hosted is not None and name not in hosted:
-                continue
-            node = graph.nodes[name]
-            cls = actor_class(node)
-            actor = cls(
-                self.context,
-                node,
-                i,
-                self.num_stages,
-                state.params[name],
-                state.opt_states[name],
-                state.versions[name],
-            )
-            actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
-            self.local[name] = actor
-        for name in graph.losses:
-            if hosted is None or name in hosted:
-                self.local[name] = LossActor(self.context, graph.nodes[name])
+        try:
+            self._start_actors(graph, state, hosted)
+        except BaseException:
+            close_channels(self)  # the actors made so far: their inboxes must not leak
+            raise
         self.actors: dict[str, Any] = {
             n: self.local[n] if n in self.local else (remote or {})[n]
             for n in [*self.layers, *graph.losses]
@@ -190,6 +179,29 @@ class Run:
         self.last_event = time.perf_counter()
         self.started = time.perf_counter()
         self.samples = 0
+
+    def _start_actors(self, graph: Graph, state: RunState, hosted: Collection[str] | None) -> None:
+        """Makes the local actors (each set up with its node's arguments and own state)."""
+        for i, name in enumerate(self.layers):
+            if hosted is not None and name not in hosted:
+                continue
+            node = graph.nodes[name]
+            cls = actor_class(node)
+            actor = cls(
+                self.context,
+                node,
+                i,
+                self.num_stages,
+                state.params[name],
+                state.opt_states[name],
+                state.versions[name],
+            )
+            actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
+            self.local[name] = actor  # before its set-up, so a failure closes its inbox too
+            _set_up(actor, node, state.actor_states.get(name))
+        for name in graph.losses:
+            if hosted is None or name in hosted:
+                self.local[name] = LossActor(self.context, graph.nodes[name])
 
     # -- called by actors ------------------------------------------------------------------------
     def touch(self) -> None:
@@ -350,6 +362,7 @@ class Run:
             minibatches=self.minibatches,
             keys=self.next_key,
             pending_grads={n: (a.acc, a.acc_count) for n, a in layers.items() if a.acc_count},
+            actor_states={n: st for n, a in layers.items() if (st := a.actor_state()) is not None},
         )
 
     @property
@@ -368,6 +381,16 @@ class Run:
             snap.idle_seconds = max(0.0, (now - actor.born) - snap.busy_seconds)
             out[name] = snap
         return out
+
+
+def _set_up(actor: Any, node: Any, state: Any) -> None:
+    """Runs a new actor's ``setup`` with its node's arguments, then restores its own state."""
+    try:
+        actor.setup(**node.actor_args)
+    except TypeError as exc:
+        raise GraphError(f"layer {node.name!r}: {type(actor).__name__}.setup: {exc}") from exc
+    if state is not None:
+        actor.load_actor_state(state)
 
 
 def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
@@ -474,6 +497,13 @@ async def open_run(
     """
     check_cuda_graphs(cuda_graphs, cluster)
     if cluster is not None:
+        defined_in_main = graph.main_classes()
+        if defined_in_main:
+            raise GraphError(
+                f"the graph names {defined_in_main}, defined in __main__ (this script or "
+                "notebook), which worker processes cannot import; move them to a module (a .py "
+                "file on the path) and import them from there"
+            )
         async with cluster.open_run(
             graph, optimizer, policy, seed, dtype, state=state, pool=pool,
             stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
@@ -529,6 +559,14 @@ def open_recorder(
     ``header`` adds fields to the header."""
     if trace is None:
         return None
+    defined_in_main = graph.main_classes()
+    if defined_in_main:
+        warnings.warn(
+            f"the trace {trace} names {defined_in_main}, defined in __main__ (this script or "
+            "notebook): asyncnn.replay can rebuild the graph only where __main__ defines them "
+            "again; define them in a module to replay anywhere",
+            stacklevel=3,
+        )
     head = {**_trace_header(graph, optimizer, policy, seed, dtype, state), **header}
     recorder = Recorder(trace, head, payloads)
     recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)

@@ -1,0 +1,148 @@
+"""Custom actors with arguments (``actor_args``), a set-up hook, and state of their own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._math._pytree import tree_leaves
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class ScaledGradient(ann.LayerActor):
+    """Sends ``factor`` times the input gradient upstream; counts the keys it saw (its state)."""
+
+    def setup(self, factor: float = 1.0, label: str = "") -> None:
+        self.factor = float(factor)
+        self.label = label
+        self.seen = np.zeros((), dtype=np.int64)
+
+    def actor_state(self) -> Any:
+        return {"seen": self.seen}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.seen = np.asarray(state["seen"]).copy()
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
+        grads = await super().on_backward(key, grad, meta)
+        self.seen = self.seen + 1
+        return [None if g is None else g * self.factor for g in grads or []]
+
+
+def _graph(factor: float, worker: int | None = None) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Sequential(nn.Linear(6, 8), nn.Tanh()), x)
+    h = g.layer(
+        "b", nn.Linear(8, 3), h, actor=ScaledGradient,
+        actor_args={"factor": factor, "label": "half"}, worker=worker,
+    )  # fmt: skip
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+def _data(n: int = 32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.normal(size=(n, 6)), "y": rng.integers(0, 3, size=n)}
+
+
+def _fit(graph: ann.Graph, **kw: Any) -> ann.Trainer:
+    tr = ann.Trainer(
+        graph, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64", **kw
+    )
+    tr.fit(_data(), epochs=2, batch_size=16)
+    return tr
+
+
+def test_actor_args_reach_setup_and_the_spec():
+    g = _graph(0.0)
+    spec = g.to_spec()
+    (entry,) = [e for e in spec["nodes"] if e["name"] == "b"]
+    assert entry["actor_args"] == {"factor": 0.0, "label": "half"}
+    again = ann.Graph.from_spec(spec)
+    assert again.nodes["b"].actor_args == {"factor": 0.0, "label": "half"}
+    assert again.to_spec() == spec
+    # factor 0: the first layer gets a zero gradient and never moves
+    tr = _fit(g)
+    start = _fit(g, seed=0)  # same seed: same start; compare with an untrained trainer's
+    fresh = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    for got, want in zip(tree_leaves(tr.params["a"]), tree_leaves(fresh.params["a"]), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(
+        not np.array_equal(p, q)
+        for p, q in zip(tree_leaves(start.params["b"]), tree_leaves(fresh.params["b"]), strict=True)
+    )
+
+
+def test_actor_state_carries_over_from_one_fit_to_the_next():
+    tr = _fit(_graph(0.5))  # 2 epochs of 2 minibatches of 2 keys: 8 backwards
+    assert int(tr.state.actor_states["b"]["seen"]) == 8
+    tr.fit(_data(), epochs=1, batch_size=16)
+    assert int(tr.state.actor_states["b"]["seen"]) == 12
+
+
+def test_bad_actor_args_are_refused_when_the_graph_is_built():
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    with pytest.raises(ann.GraphError, match=r"layer 'b'.*no actor class"):
+        g.layer("b", nn.Linear(6, 3), x, actor_args={"factor": 0.5})
+    with pytest.raises(ann.GraphError, match=r"layer 'c'.*\['arr'\].*ndarray"):
+        g.layer("c", nn.Linear(6, 3), x, actor=ScaledGradient, actor_args={"arr": np.ones(2)})
+    with pytest.raises(ann.GraphError, match=r"layer 'd': ScaledGradient.setup does not take"):
+        g.layer("d", nn.Linear(6, 3), x, actor=ScaledGradient, actor_args={"fcator": 0.5})
+    with pytest.raises(ann.GraphError, match=r"layer 'e': LayerActor.setup does not take"):
+        g.layer("e", nn.Linear(6, 3), x, actor=ann.LayerActor, actor_args={"k": 1})
+
+
+def test_a_stateless_actor_given_state_says_so():
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(6, 3), x), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    tr.state.actor_states["b"] = {"seen": 1}
+    with pytest.raises(TypeError, match="layer 'b': LayerActor was given actor state"):
+        tr.fit(_data(), batch_size=16)
+
+
+@pytest.mark.slow
+def test_actor_args_equal_in_one_process_and_on_workers():
+    one = _fit(_graph(0.25))
+    with ann.cluster.LocalCluster(workers=1) as cluster:
+        two = _fit(_graph(0.25, worker=0), cluster=cluster)
+    for name in ("a", "b"):
+        for p, q in zip(tree_leaves(one.params[name]), tree_leaves(two.params[name]), strict=True):
+            np.testing.assert_array_equal(p, q)
+
+
+MainActor = type("MainActor", (ann.LayerActor,), {"__module__": "__main__"})
+
+
+@pytest.mark.anyio
+async def test_a_class_from_main_is_refused_before_workers_start():
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(6, 3), x, actor=MainActor), y)
+    assert g.main_classes() == ["MainActor"]
+    with pytest.raises(ann.GraphError, match=r"\['MainActor'\], defined in __main__.*module"):
+        async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), cluster=object()):
+            pass
+
+
+def test_a_trace_naming_a_class_from_main_warns(tmp_path):
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(6, 3), x, actor=MainActor), y)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(tmp_path / "t")
+    )
+    with pytest.warns(UserWarning, match="replay can rebuild the graph only where __main__"):
+        tr.fit(_data(), batch_size=16)
