@@ -16,6 +16,7 @@ import numpy as np
 from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
 from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import Policy
 from asyncnn._runtime._run import (
@@ -182,10 +183,11 @@ async def _driver_run(
     here = set(hosted_by.get(None, []))
     plan = plan_links(graph, where) if cluster.nccl else []
     ids = _nccl_ids(len(plan))
-    recorder = open_recorder(
-        trace, trace_payloads, graph, optimizer, policy, seed, dtype, state,
-        workers=where,
+    config = RunConfig(
+        seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
+        trace=trace, trace_payloads=trace_payloads,
     )  # fmt: skip
+    recorder = open_recorder(config, graph, optimizer, policy, state, workers=where)
     for conn in cluster.connections.values():
         conn.new_loop()
     # cores shared out between the processes that host CPU actors (they share this host when
@@ -201,8 +203,7 @@ async def _driver_run(
                 if w is not None
             }
             run = DriverRun(
-                graph, optimizer, policy, seed, dtype, state, the_pool,
-                stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
+                graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder, max_in_flight=max_in_flight, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}

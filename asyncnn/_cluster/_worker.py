@@ -25,6 +25,7 @@ from asyncnn._errors import ActorError
 from asyncnn._math._imports import class_path
 from asyncnn._math._optim import from_spec as optimizer_from_spec
 from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import Recorder
@@ -210,11 +211,14 @@ class Worker:
                     if w != self.index:
                         conn = self.driver if w is None else self.peers[w]
                         proxies[name] = RemoteActor(name, conn, None, w)
+                config = RunConfig(
+                    seed=int(cmd["seed"]), dtype=cmd["dtype"],
+                    stall_timeout=float(cmd["stall_timeout"]),
+                    check_finite=bool(cmd["check_finite"]),
+                )  # fmt: skip
                 run = WorkerRun(
                     graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
-                    int(cmd["seed"]), cmd["dtype"], state, pool,
-                    stall_timeout=float(cmd["stall_timeout"]),
-                    check_finite=bool(cmd["check_finite"]), recorder=recorder,
+                    state, pool, config, recorder=recorder,
                     max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
                 )  # fmt: skip
                 run.control = control_send

@@ -20,11 +20,11 @@ import xxhash
 
 from asyncnn.backends import to_numpy
 
+from ._config import PAYLOAD_MODES
 from ._traceformat import FORMAT, VERSION, encode_record
 
 __all__ = ["PAYLOAD_MODES", "Recorder", "describe_arrays", "digest"]
 
-PAYLOAD_MODES = ("inputs", "all", "none")
 
 
 def digest(array: Any) -> int:

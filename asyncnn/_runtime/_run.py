@@ -27,6 +27,7 @@ from asyncnn.backends import (
 
 from ._actor_table import actor_class
 from ._checks import _checkable, check_batch, check_cuda_graphs, validate
+from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
 from ._loss_actor import LossActor
@@ -94,32 +95,30 @@ class Run:
         graph: Graph,
         optimizer: Any,
         policy: Policy,
-        seed: int,
-        dtype: str,
         state: RunState,
         pool: DevicePool,
+        config: RunConfig,
         *,
-        stall_timeout: float,
-        check_finite: bool,
         on_loss: Any = None,
         recorder: Recorder | None = None,
         max_in_flight: int | None = None,
         hosted: Collection[str] | None = None,
         remote: Mapping[str, Any] | None = None,
-        cuda_graphs: bool = False,
     ) -> None:
         self.graph = graph
+        #: the run's options (seed, dtype, stall timeout, checks, trace, CUDA graphs)
+        self.config = config
         #: CUDA graphs asked for (``open_run(cuda_graphs=True)``); they are used where
         #: :attr:`cuda_graphs_active` says the policy allows them
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = config.cuda_graphs
         self.optimizer = optimizer
         self.policy = policy
-        self.seed = seed
-        self.dtype = np.dtype(dtype)
+        self.seed = config.seed
+        self.dtype = np.dtype(config.dtype)
         self.pool = pool
         self.inline_flops = pool.inline_flops
-        self.stall_timeout = stall_timeout
-        self.checks_finite = check_finite  # actors check their outputs for NaN/Inf
+        self.stall_timeout = config.stall_timeout
+        self.checks_finite = config.check_finite  # actors check their outputs for NaN/Inf
         self._on_loss = on_loss
         self.recorder = recorder
         self.layers = graph.layers
@@ -130,7 +129,7 @@ class Run:
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
-        self.cuda_graphs_active = cuda_graphs and policy.allows_capture(
+        self.cuda_graphs_active = config.cuda_graphs and policy.allows_capture(
             self.num_stages, recorder is not None
         )
         self.minibatches = state.minibatches
@@ -142,10 +141,10 @@ class Run:
             graph=graph,
             policy=policy,
             optimizer=optimizer,
-            seed=seed,
+            seed=config.seed,
             pool=pool,
             recorder=recorder,
-            checks_finite=check_finite,
+            checks_finite=config.check_finite,
             max_in_flight=self.max_in_flight,
             first_key=self.next_key,
             cuda_graphs=self.cuda_graphs_active,
@@ -451,6 +450,7 @@ async def open_run(
     trace_payloads: str = "inputs",
     cluster: Any = None,
     cuda_graphs: bool = False,
+    config: RunConfig | None = None,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
 
@@ -490,12 +490,23 @@ async def open_run(
             batches). Used only where one key at a time is in flight with flushes (``Sync``,
             ``GPipe(1)``), without a trace; elsewhere, and on CPU actors, the run is eager
             (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
+        config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
+            own); the separate options must then keep their defaults.
 
     Raises:
         TypeError: ``cuda_graphs`` is not a bool.
-        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
+        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
+            option, or options given both separately and in ``config``.
     """
-    check_cuda_graphs(cuda_graphs, cluster)
+    given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
+    if config is None:
+        config = given
+    elif given != RunConfig():
+        raise ValueError(
+            "open_run: pass the run's options either in config= or separately, not both "
+            f"(config={config}, and separately {given})"
+        )
+    check_cuda_graphs(config.cuda_graphs, cluster)
     if cluster is not None:
         defined_in_main = graph.main_classes()
         if defined_in_main:
@@ -504,25 +515,25 @@ async def open_run(
                 "notebook), which worker processes cannot import; move them to a module (a .py "
                 "file on the path) and import them from there"
             )
+        c = config
         async with cluster.open_run(
-            graph, optimizer, policy, seed, dtype, state=state, pool=pool,
-            stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
-            validated=validated, trace=trace, trace_payloads=trace_payloads,
+            graph, optimizer, policy, c.seed, c.dtype, state=state, pool=pool,
+            stall_timeout=c.stall_timeout, check_finite=c.check_finite, on_loss=on_loss,
+            validated=validated, trace=c.trace, trace_payloads=c.trace_payloads,
         ) as remote_run:  # fmt: skip
             yield remote_run
         return
     if not validated:
-        validate(graph, dtype)
+        validate(graph, config.dtype)
     if state is None:
-        state = init_state(graph, optimizer, seed, dtype)
-    recorder = open_recorder(trace, trace_payloads, graph, optimizer, policy, seed, dtype, state)
+        state = init_state(graph, optimizer, config.seed, config.dtype)
+    recorder = open_recorder(config, graph, optimizer, policy, state)
     failed = False
     try:
         async with _maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
             run = Run(
-                graph, optimizer, policy, seed, dtype, state, the_pool,
-                stall_timeout=stall_timeout, check_finite=check_finite, on_loss=on_loss,
-                recorder=recorder, cuda_graphs=cuda_graphs,
+                graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
+                recorder=recorder,
             )  # fmt: skip
             try:
                 async with anyio.create_task_group() as tg:
@@ -545,18 +556,16 @@ async def open_run(
 
 
 def open_recorder(
-    trace: str | None,
-    payloads: str,
+    config: RunConfig,
     graph: Graph,
     optimizer: Any,
     policy: Policy,
-    seed: int,
-    dtype: str,
     state: RunState,
     **header: Any,
 ) -> Recorder | None:
     """The recorder of a run's trace (None without one), its header and initial state written;
     ``header`` adds fields to the header."""
+    trace = config.trace
     if trace is None:
         return None
     defined_in_main = graph.main_classes()
@@ -567,8 +576,8 @@ def open_recorder(
             "again; define them in a module to replay anywhere",
             stacklevel=3,
         )
-    head = {**_trace_header(graph, optimizer, policy, seed, dtype, state), **header}
-    recorder = Recorder(trace, head, payloads)
+    head = {**_trace_header(config, graph, optimizer, policy, state), **header}
+    recorder = Recorder(trace, head, config.trace_payloads)
     recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
     return recorder
 
@@ -620,15 +629,16 @@ def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
 
 
 def _trace_header(
-    graph: Graph, optimizer: Any, policy: Policy, seed: int, dtype: str, state: RunState
+    config: RunConfig, graph: Graph, optimizer: Any, policy: Policy, state: RunState
 ) -> dict[str, Any]:
     return {
         "created": time.time(),
         "graph": graph.to_spec(),
         "policy": policy.to_spec(),
         "optimizer": optimizer.to_spec(),
-        "seed": seed,
-        "dtype": str(np.dtype(dtype)),
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "config": config.to_spec(),
         "start": {"minibatches": state.minibatches, "keys": state.keys},
         "devices": sorted({graph.nodes[n].device for n in graph.layers}),
     }

@@ -1,0 +1,75 @@
+"""RunConfig: a run's options as one frozen, serialisable record."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn._runtime._config import RunConfig
+
+from _reference import chain_graph
+
+
+def test_defaults_round_trip_and_freeze():
+    cfg = RunConfig(seed=np.int64(3), dtype="float64", trace="t.trace", cuda_graphs=False)
+    assert cfg.seed == 3 and type(cfg.seed) is int and cfg.dtype == "float64"
+    wire = msgpack.unpackb(msgpack.packb(cfg.to_spec()))
+    assert RunConfig.from_spec(wire) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 4  # type: ignore[misc]
+    assert cfg.replace(seed=5).seed == 5 and cfg.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"seed": True}, TypeError, "seed must be an int"),
+        ({"dtype": "floaty"}, ValueError, "dtype 'floaty'"),
+        ({"stall_timeout": 0}, ValueError, "stall_timeout must be a number > 0"),
+        ({"trace_payloads": "some"}, ValueError, "trace_payloads must be one of"),
+        ({"check_finite": 1}, TypeError, "check_finite must be True or False"),
+        ({"cuda_graphs": "yes"}, TypeError, "cuda_graphs must be True or False"),
+    ],
+)
+def test_bad_options_are_named(kw, error, match):
+    with pytest.raises(error, match=match):
+        RunConfig(**kw)
+
+
+def test_unknown_options_from_a_newer_writer_are_refused():
+    with pytest.raises(ValueError, match=r"run options \['turbo'\] are unknown"):
+        RunConfig.from_spec({**RunConfig().to_spec(), "turbo": True})
+
+
+@pytest.mark.anyio
+async def test_open_run_takes_a_config_whole_but_not_twice():
+    g = chain_graph(2)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, size=8)}
+    cfg = RunConfig(seed=7, dtype="float64")
+    async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), config=cfg) as run:
+        await run.step(batch)
+    assert run.config is cfg and run.seed == 7 and run.dtype == np.float64
+    with pytest.raises(ValueError, match="either in config= or separately"):
+        async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), seed=1, config=cfg):
+            pass
+
+
+def test_the_trace_header_carries_the_config(tmp_path):
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64",
+        seed=3, trace=path,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    tr.fit({"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, size=8)}, batch_size=8)
+    header = ann.trace.read(path).header
+    assert RunConfig.from_spec(header["config"]) == RunConfig(
+        seed=3, dtype="float64", trace=path, trace_payloads="inputs"
+    )
