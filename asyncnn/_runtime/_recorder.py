@@ -26,7 +26,6 @@ from ._traceformat import FORMAT, VERSION, encode_record
 __all__ = ["PAYLOAD_MODES", "Recorder", "describe_arrays", "digest"]
 
 
-
 def digest(array: Any) -> int:
     """A 64-bit hash (xxh3) of an array's bytes in C order."""
     host = np.ascontiguousarray(to_numpy(array))
