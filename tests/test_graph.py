@@ -221,3 +221,23 @@ def test_stop_gradient_needs_another_path_to_a_loss():
         g.check_structure()
     spec = ann.Graph.from_spec(_local_graph(True).to_spec())
     assert spec.nodes["block1"].stop_gradient and not spec.nodes["block0"].stop_gradient
+
+
+def test_sequential_balances_stages_by_measured_time():
+    from asyncnn._runtime._graph import _module_times
+
+    heavy, light = nn.Linear(512, 512), nn.ReLU()
+    times = _module_times([heavy, light], (None, 512), "float32", 256)
+    assert all(t > 0 for t in times) and times[0] > times[1]  # a product against one pass
+    modules = [nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)]
+    g = ann.Graph.sequential(
+        modules, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 32), balance="time"
+    )
+    stages = [g.nodes[n].module for n in g.layers]
+    assert len(stages) == 3 and sum(len(s.modules) for s in stages) == len(modules)
+    with pytest.raises(ann.GraphError, match="balance_rows must be an int >= 1"):
+        ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=2,
+                             input_shape=(None, 32), balance="time", balance_rows=0)  # fmt: skip
+    with pytest.raises(ann.GraphError, match="'params', 'flops' or 'time'"):
+        ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=2,
+                             input_shape=(None, 32), balance="speed")  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
+from asyncnn._math._autodiff import vjp
 from asyncnn._math._imports import class_path
 from asyncnn._math._nn import Sequential
 from asyncnn._math._nn import from_spec as module_from_spec
@@ -367,6 +369,7 @@ class Graph:
         devices: Sequence[str] | None = None,
         balance: str = "params",
         workers: Sequence[int | None] | None = None,
+        balance_rows: int = 64,
     ) -> Graph:
         """A chain of stages over consecutive ``modules``, with inputs ``"x"``, ``"y"``.
 
@@ -380,16 +383,22 @@ class Graph:
             label_shape: the shape of input ``"y"``.
             label_dtype: the dtype of ``"y"``.
             devices: the device of each stage (default all ``"cpu"``).
-            balance: ``"params"`` (parameter count) or ``"flops"`` (per-sample FLOPs) when
-                ``stages`` is an int.
+            balance: how stages are balanced when ``stages`` is an int: ``"params"``
+                (parameter count), ``"flops"`` (per-sample FLOPs) or ``"time"`` (each module's
+                measured forward and backward time on a batch of ``balance_rows`` rows, float32,
+                on this machine's CPU: the median of five timings; what runs fastest decides,
+                so stage boundaries may differ between machines).
             workers: the worker process of each stage, with a cluster (``None``: the driver).
+            balance_rows: the rows of the timing batch of ``balance="time"``.
 
         Returns:
             A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
             ``"loss"``, and output ``"logits"``.
         """
         modules = list(modules)
-        sizes = _split_sizes(modules, stages, balance, tuple(input_shape))
+        sizes = _split_sizes(
+            modules, stages, balance, tuple(input_shape), input_dtype, balance_rows
+        )
         if devices is not None and len(devices) != len(sizes):
             raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")
         if workers is not None and len(workers) != len(sizes):
@@ -633,7 +642,12 @@ def _check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> 
 
 
 def _split_sizes(
-    modules: list[Any], stages: int | Sequence[int], balance: str, input_shape: tuple[Any, ...]
+    modules: list[Any],
+    stages: int | Sequence[int],
+    balance: str,
+    input_shape: tuple[Any, ...],
+    input_dtype: str = "float32",
+    rows: int = 64,
 ) -> list[int]:
     n = len(modules)
     if n == 0:
@@ -647,13 +661,19 @@ def _split_sizes(
         return sizes
     if not 1 <= stages <= n:
         raise GraphError(f"sequential: stages={stages} but there are {n} modules")
-    return _balanced_partition(_module_costs(modules, balance, input_shape), stages)
+    if balance == "time":
+        costs = _module_times(modules, input_shape, input_dtype, rows)
+    else:
+        costs = _module_costs(modules, balance, input_shape)
+    return _balanced_partition(costs, stages)
 
 
 def _module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
     """Each module's cost: its parameter count, or its forward FLOPs per sample."""
     if balance not in ("params", "flops"):
-        raise GraphError(f"sequential: balance must be 'params' or 'flops', got {balance!r}")
+        raise GraphError(
+            f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
+        )
     costs = []
     # One sample of zeros, run through the modules in turn, gives each module's input shape.
     x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=np.float64)
@@ -674,6 +694,56 @@ def _module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]
                 f"sequential: {m!r} fails on input of shape {tuple(x.shape)}: {exc}"
             ) from exc
     return costs
+
+
+def _module_times(
+    modules: list[Any], input_shape: tuple[Any, ...], input_dtype: str, rows: int
+) -> list[float]:
+    """Each module's measured time for a forward and a backward (vjp and pullback) on ``rows``
+    rows, float32: the median of five runs after one to warm up."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
+    rng = np.random.default_rng(0)
+    dims = tuple(int(d or 1) for d in input_shape[1:])
+    floating = np.dtype(input_dtype).kind == "f"
+    x: Any = (
+        rng.standard_normal((rows, *dims)).astype(np.float32)
+        if floating
+        else np.zeros((rows, *dims), dtype=input_dtype)
+    )
+    times = []
+    for m in modules:
+        try:
+            params = m.init(0, dtype="float32")
+        except Exception as exc:
+            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+        inputs_differentiable = np.asarray(x).dtype.kind == "f"
+
+        def step(
+            m: Any = m, params: Any = params, x: Any = x, d: bool = inputs_differentiable
+        ) -> Any:
+            if d:
+                out, pullback = vjp(lambda p, xs: m(p, xs), params, x)
+            else:
+                out, pullback = vjp(lambda p: m(p, x), params)
+            pullback(np.ones_like(out))
+            return out
+
+        samples = []
+        try:
+            with np.errstate(all="ignore"):
+                out = step()
+                for _ in range(5):
+                    start = time.perf_counter()
+                    step()
+                    samples.append(time.perf_counter() - start)
+        except Exception as exc:
+            raise GraphError(
+                f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: {exc}"
+            ) from exc
+        times.append(float(np.median(samples)))
+        x = np.asarray(out)
+    return times
 
 
 def _balanced_partition(costs: list[float], k: int) -> list[int]:
