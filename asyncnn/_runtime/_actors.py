@@ -249,7 +249,7 @@ class LayerActor(_Actor):
         super().__init__(ctx, node)
         self.module = node.module
         self.stage = stage
-        self.order: StageOrder = ctx.policy.order_for(node.name, stage, num_stages)
+        self.order: StageOrder = ctx.orders[node.name]
         self.order.start(ctx.first_key)
         self.params = params
         self.opt_state = opt_state

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from asyncnn.backends import DevicePool
 
     from ._graph import Graph
-    from ._policies import Policy
+    from ._policies import Policy, StageOrder
     from ._recorder import Recorder
 
 __all__ = ["ActorContext"]
@@ -40,6 +40,7 @@ class ActorContext:
         edge_index: ``(source, consumer, slot) -> the source's consumer edge``.
         channels: each node's inbox (a remote node's stand-in for nodes other processes
             host), filled once every actor exists.
+        orders: each layer actor's order of work (``policy.orders``, made once per run).
         touch: records progress (the stall watchdog reads it).
         backward_done: ``backward_done(actor, key)``: a layer finished a key's backward.
         loss_reported: ``loss_reported(key, value, meta)``: a loss actor's value of a key.
@@ -58,6 +59,7 @@ class ActorContext:
     cuda_graphs: bool
     edge_index: Mapping[tuple[str, str, int], int]
     channels: Mapping[str, Any]
+    orders: Mapping[str, StageOrder]
     touch: Callable[[], None]
     backward_done: Callable[[str, int], None]
     loss_reported: Callable[[int, float, Mapping[str, Any]], None]

@@ -23,7 +23,7 @@ To write a new policy, subclass :class:`Policy` (see ``docs/policies.md``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
@@ -199,6 +199,13 @@ class Policy(abc.ABC):
         :meth:`stage_order` of its position (a replay gives each actor its recorded order)."""
         return self.stage_order(stage, num_stages)
 
+    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
+        """The orders of every layer actor of a run, made once when the run starts (``actors``
+        in topological order: each one's stage is its position). By default
+        :meth:`order_for` of each; override it to make orders that share state (several stages
+        on one device following one schedule)."""
+        return {name: self.order_for(name, i, len(actors)) for i, name in enumerate(actors)}
+
     def delivers(self, actor: str) -> bool:
         """Whether the messages ``actor`` sends reach their destination; ``False`` records them
         only (a replay of one actor alone, whose sends are checked, not delivered)."""
@@ -369,14 +376,15 @@ class Replay(Policy):
 
     Attributes:
         recorded: the policy of the recorded run.
-        orders: each layer actor's recorded operations, ``(kind, key)`` in processing order.
+        recorded_ops: each layer actor's recorded operations, ``(kind, key)`` in processing
+            order.
         keys: how many keys may be in flight (every recorded one: the orders decide).
         isolated: replay this actor alone: its sends are recorded, not delivered.
         on_op: called as ``on_op(actor, seq, kind, key)`` after each operation.
     """
 
     recorded: Policy = field(default_factory=lambda: Sync())
-    orders: Mapping[str, list[Op]] = field(default_factory=dict)
+    recorded_ops: Mapping[str, list[Op]] = field(default_factory=dict)
     keys: int = 1
     isolated: str | None = None
     on_op: OpCallback | None = None
@@ -403,7 +411,7 @@ class Replay(Policy):
         raise TypeError("a replay's order is per actor: use Replay.order_for")
 
     def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
-        order = RecordedOrder(list(self.orders.get(actor, [])), actor, self.on_op)
+        order = RecordedOrder(list(self.recorded_ops.get(actor, [])), actor, self.on_op)
         return order
 
     def delivers(self, actor: str) -> bool:

@@ -150,6 +150,7 @@ class Run:
             cuda_graphs=self.cuda_graphs_active,
             edge_index=self.edge_index,
             channels=channels,
+            orders=policy.orders(self.layers),
             touch=self.touch,
             backward_done=self.backward_done,
             loss_reported=self.loss_reported,
