@@ -17,18 +17,23 @@ from ._runtime._policies import (
     Sync,
     policy_from_spec,
 )
+from ._runtime._remedies import DelayCompensation, PipeMareLR, Remedy, StalenessScaledLR
 
 __all__ = [
     "AnyOrder",
     "Async",
+    "DelayCompensation",
     "GPipe",
     "OneFOneB",
     "OneFOneBOrder",
     "PipeDream",
+    "PipeMareLR",
     "Policy",
     "RecordedOrder",
+    "Remedy",
     "Replay",
     "StageOrder",
+    "StalenessScaledLR",
     "Sync",
     "policy_from_spec",
 ]

@@ -275,6 +275,12 @@ class LayerActor(_Actor):
         self.graphs: ActorGraphs | None = None
         if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
             self.graphs = ActorGraphs(self)
+        # -- staleness: the delays of the gradients accumulated since the last update (for the
+        # trace's "update" event), and, for a policy whose gradient correction needs them, the
+        # weights of earlier versions that stored keys still reference
+        self.pending_delays: list[int] = []
+        self.keeps_forward_weights = ctx.policy.needs_forward_weights()
+        self.weights_by_version: dict[int, Any] = {}
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, **args: Any) -> None:
@@ -532,7 +538,7 @@ class LayerActor(_Actor):
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
-        pullback, _, inputs = self._unhold(key)
+        pullback, forward_version, inputs = self._unhold(key)
         rows = int(meta.get("rows", 1))
         if pullback is None:  # recompute at the latest version (no stashing)
             pullback = await self.compute(
@@ -540,19 +546,34 @@ class LayerActor(_Actor):
             )
         param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
         await self._check_finite(BACKWARD, key, input_grads)
-        await self._settle(param_grads, meta)
+        await self._settle(param_grads, meta, forward_version)
         return list(input_grads)
 
-    async def _settle(self, param_grads: Any, meta: dict[str, Any]) -> None:
+    async def _settle(
+        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
+    ) -> None:
         """The end of a key's backward: accumulates its parameter gradients (a layer without
-        parameters has nothing to update) and counts the versions still held."""
+        parameters has nothing to update) and counts the versions still held.
+
+        ``forward_version`` is the parameter version of the key's forward (where known: it
+        gives the gradient's delay, see :meth:`accumulate`)."""
         if self.param_size:
-            await self.accumulate(param_grads, meta)
+            await self.accumulate(param_grads, meta, forward_version)
         self._count_versions()
 
-    async def accumulate(self, param_grads: Any, meta: dict[str, Any]) -> None:
-        """Adds a key's parameter gradients; applies them when the policy says an update is due."""
+    async def accumulate(
+        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
+    ) -> None:
+        """Adds a key's parameter gradients; applies them when the policy says an update is due.
+
+        With ``forward_version`` (the version the key's forward used), the gradient's delay
+        (this actor's version now, which is its version at the update, minus the forward's) is
+        recorded in the statistics and the trace, and a policy that corrects stale gradients
+        (:meth:`Policy.corrects_gradients`) corrects it before it is added.
+        """
         policy = self.ctx.policy
+        if param_grads is not None and forward_version is not None:
+            param_grads = await self._note_delay(param_grads, forward_version)
         # the sums and scalings run through compute: on a GPU they must be queued on this
         # actor's stream, after the kernels that made the gradients (the host thread's own
         # stream would race them)
@@ -581,14 +602,46 @@ class LayerActor(_Actor):
     async def apply_gradients(self, grads: Any) -> None:
         """One optimizer update of this actor's parameters; the version goes up by one."""
         update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
+        if self.keeps_forward_weights and self.version in self.version_refs:
+            self.weights_by_version[self.version] = self.params  # stored keys still use it
         self.params, self.opt_state = await self.compute(
             update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
+        delays, self.pending_delays = self.pending_delays, []
         if self.ctx.recorder is not None:
-            self.ctx.recorder.event(self.name, "update", version=self.version)
+            meta = {"delays": delays} if delays else None
+            self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
         self.ctx.touch()
+
+    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
+        """Records the delay of a key's gradient, computed with parameters its forward saw at
+        ``forward_version``, and returns the gradient as the policy corrects it."""
+        delay = self.version - forward_version
+        self.stats.note_delay(delay)
+        self.pending_delays.append(delay)
+        policy = self.ctx.policy
+        if not policy.corrects_gradients():
+            return param_grads
+        forward_weights = None
+        if self.keeps_forward_weights:
+            forward_weights = (
+                self.params
+                if forward_version == self.version
+                else self.weights_by_version[forward_version]
+            )
+            for version in [v for v in self.weights_by_version if v not in self.version_refs]:
+                del self.weights_by_version[version]  # no stored key references it any more
+        return await self.compute(
+            policy.correct_gradient,
+            param_grads,
+            delay,
+            self.version,
+            self.params,
+            forward_weights,
+            cost=0,
+        )
 
 
 def _add(a: Any, b: Any) -> Any:

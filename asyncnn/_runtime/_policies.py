@@ -239,6 +239,34 @@ class Policy(abc.ABC):
         """
         return rows / minibatch_rows
 
+    # -- stale gradients -------------------------------------------------------------------------
+    def corrects_gradients(self) -> bool:
+        """Whether each gradient passes through :meth:`correct_gradient` before it is
+        accumulated (a staleness remedy, see ``asyncnn.policies.DelayCompensation``)."""
+        return False
+
+    def needs_forward_weights(self) -> bool:
+        """Whether :meth:`correct_gradient` reads the weights the gradient's forward used (a
+        stage then keeps each earlier version that a stored key references)."""
+        return False
+
+    def correct_gradient(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        """A key's parameter gradients as they are accumulated (with
+        :meth:`corrects_gradients`; the default changes nothing).
+
+        Args:
+            grads: the key's parameter gradients (a pytree like the parameters).
+            delay: the stage's updates between the key's forward and the update that will apply
+                the gradients (0: not stale).
+            version: the stage's version now (the updates it has applied so far).
+            weights: the stage's parameters now, which the update will change.
+            forward_weights: the parameters the key's forward used, where
+                :meth:`needs_forward_weights` is true (else ``None``).
+        """
+        return grads
+
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
@@ -431,6 +459,17 @@ class Replay(Policy):
 
     def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
         return self.recorded.loss_cotangent(rows, minibatch_rows)
+
+    def corrects_gradients(self) -> bool:
+        return self.recorded.corrects_gradients()
+
+    def needs_forward_weights(self) -> bool:
+        return self.recorded.needs_forward_weights()
+
+    def correct_gradient(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        return self.recorded.correct_gradient(grads, delay, version, weights, forward_weights)
 
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         return False  # a replay checks every message against the trace: eager

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["ActorStatistics"]
 
@@ -27,6 +28,11 @@ class ActorStatistics:
             by the actors there. ``peak_pool_used_bytes`` / ``peak_pool_held_bytes``: the most
             seen after any compute of this actor.
         skipped: keys that reached this actor with no rows (a router sent them elsewhere).
+        delays: how stale the gradients this layer applied were: ``{delay: count}``, where a
+            gradient's delay is the number of updates of this layer between the forward that
+            made it and the update that applies it (its version at the update minus its
+            forward's version; 0 under ``Sync``, ``GPipe`` and ``OneFOneB``).
+            ``max_delay``: the largest; ``delay_total``: their sum (see :attr:`mean_delay`).
     """
 
     busy_seconds: float = 0.0
@@ -47,6 +53,9 @@ class ActorStatistics:
     peak_pool_used_bytes: int = 0
     peak_pool_held_bytes: int = 0
     skipped: int = 0
+    delays: dict[int, int] = field(default_factory=dict)
+    max_delay: int = 0
+    delay_total: int = 0
 
     def note_pool(self, used: int, held: int) -> None:
         """Records a reading of the device's memory pool (bytes in use, bytes held)."""
@@ -57,6 +66,19 @@ class ActorStatistics:
         if held > self.peak_pool_held_bytes:
             self.peak_pool_held_bytes = held
 
-    def as_dict(self) -> dict[str, float]:
+    def note_delay(self, delay: int) -> None:
+        """Records the delay of one gradient applied (see :attr:`delays`)."""
+        self.delays[delay] = self.delays.get(delay, 0) + 1
+        self.delay_total += delay
+        if delay > self.max_delay:
+            self.max_delay = delay
+
+    @property
+    def mean_delay(self) -> float:
+        """The mean delay of the gradients applied (0.0 before any)."""
+        n = sum(self.delays.values())
+        return self.delay_total / n if n else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
         """The counters as a plain dict."""
         return asdict(self)

@@ -1,0 +1,220 @@
+"""Staleness remedies: policy wrappers that correct the stale gradients of another policy.
+
+Under ``PipeDream`` and ``Async`` a stage applies a gradient computed ``delay`` updates ago (the
+stage's version at the update minus the version its forward used; each actor records it, see
+``ActorStatistics.delays``). A remedy wraps such a policy: every decision stays the wrapped
+policy's, and each gradient passes through :meth:`Remedy.correct_gradient` before the stage
+accumulates it. Remedies nest (``DelayCompensation(StalenessScaledLR(PipeDream(4)))``: the inner
+correction first) and do nothing to a gradient of delay 0, so under a flushing policy they
+change nothing.
+
+The learning-rate remedies scale the gradient, which for plain SGD is the same as scaling the
+learning rate of that update; with momentum or Adam it is not (Adam is nearly invariant to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from asyncnn._math._pytree import tree_map
+
+from ._policies import _BUILTIN, PipeDream, Policy, StageOrder, policy_from_spec
+
+__all__ = ["DelayCompensation", "PipeMareLR", "Remedy", "StalenessScaledLR"]
+
+
+@dataclass(frozen=True)
+class Remedy(Policy):
+    """A policy that corrects the stale gradients of ``policy`` and otherwise is ``policy``.
+
+    Subclass it (as a frozen dataclass) and implement :meth:`correct`; every other decision is
+    delegated to the wrapped policy.
+
+    Attributes:
+        policy: the wrapped policy (a spec dict, as :meth:`Policy.to_spec` gives, is rebuilt).
+    """
+
+    policy: Policy = field(default_factory=lambda: PipeDream(2))
+    name: ClassVar[str] = "Remedy"
+
+    def __post_init__(self) -> None:
+        inner: Any = self.policy
+        if isinstance(inner, dict):
+            inner = policy_from_spec(inner)
+            object.__setattr__(self, "policy", inner)
+        if not isinstance(inner, Policy):
+            raise TypeError(
+                f"{type(self).__name__}(policy={inner!r}): policy must be a Policy, e.g. "
+                f"{type(self).__name__}(policies.PipeDream(4))"
+            )
+
+    # -- the remedy ------------------------------------------------------------------------------
+    def correct(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        """This remedy's correction of a gradient (arguments as :meth:`correct_gradient`)."""
+        raise NotImplementedError
+
+    def uses_forward_weights(self) -> bool:
+        """Whether :meth:`correct` reads ``forward_weights``."""
+        return False
+
+    def corrects_gradients(self) -> bool:
+        return True
+
+    def needs_forward_weights(self) -> bool:
+        return self.uses_forward_weights() or self.policy.needs_forward_weights()
+
+    def correct_gradient(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        inner = self.policy
+        if inner.corrects_gradients():
+            grads = inner.correct_gradient(grads, delay, version, weights, forward_weights)
+        if delay == 0:
+            return grads
+        return self.correct(grads, delay, version, weights, forward_weights)
+
+    # -- everything else is the wrapped policy's ---------------------------------------------------
+    @property
+    def microbatches(self) -> int:  # type: ignore[override]
+        return self.policy.microbatches
+
+    @property
+    def stash(self) -> bool:  # type: ignore[override]
+        return self.policy.stash
+
+    def split(self, rows: int) -> list[tuple[int, int]]:
+        return self.policy.split(rows)
+
+    def waits_between_minibatches(self) -> bool:
+        return self.policy.waits_between_minibatches()
+
+    def max_in_flight(self, num_stages: int) -> int:
+        return self.policy.max_in_flight(num_stages)
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        return self.policy.stage_order(stage, num_stages)
+
+    def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
+        return self.policy.order_for(actor, stage, num_stages)
+
+    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
+        return self.policy.orders(actors)
+
+    def delivers(self, actor: str) -> bool:
+        return self.policy.delivers(actor)
+
+    def keeps_pullback(self) -> bool:
+        return self.policy.keeps_pullback()
+
+    def minibatch_done(self, backwards_done: int, minibatch_keys: int) -> bool:
+        return self.policy.minibatch_done(backwards_done, minibatch_keys)
+
+    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+        return self.policy.update_due(backwards_since_update, minibatch_done)
+
+    def gradient_scale(self, accumulated: int) -> float:
+        return self.policy.gradient_scale(accumulated)
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+        return self.policy.loss_cotangent(rows, minibatch_rows)
+
+    def allows_capture(self, num_stages: int, traced: bool) -> bool:
+        return False  # a correction per gradient: eager
+
+    def to_spec(self) -> dict[str, Any]:
+        spec = super().to_spec()
+        args = {k: v for k, v in asdict(self).items() if k != "policy"}
+        spec["args"] = {"policy": self.policy.to_spec(), **args}
+        return spec
+
+
+def _check_nonnegative(policy: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{policy}({name}={value!r}): {name} must be a number >= 0")
+
+
+@dataclass(frozen=True)
+class DelayCompensation(Remedy):
+    """DC-ASGD (Zheng et al. 2017): ``g + strength * g * g * (w_now - w_forward)``.
+
+    A first-order Taylor correction of a stale gradient ``g`` towards the gradient at the
+    current weights, with the Hessian approximated by ``strength * g * g`` (elementwise). The
+    stage keeps the weights of every version a stored key references.
+
+    Attributes:
+        policy: the wrapped policy.
+        strength: lambda, the weight of the correction (0 changes nothing).
+    """
+
+    strength: float = 0.04
+    name: ClassVar[str] = "DelayCompensation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_nonnegative("DelayCompensation", "strength", self.strength)
+
+    def uses_forward_weights(self) -> bool:
+        return True
+
+    def correct(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        lam = self.strength
+        return tree_map(
+            lambda g, w, w0: g + lam * g * g * (w - w0), grads, weights, forward_weights
+        )
+
+
+@dataclass(frozen=True)
+class StalenessScaledLR(Remedy):
+    """The staleness-aware learning rate (Zhang et al. 2016): a gradient of delay ``d`` is
+    scaled by ``1 / max(d, 1)``.
+
+    Attributes:
+        policy: the wrapped policy.
+    """
+
+    name: ClassVar[str] = "StalenessScaledLR"
+
+    def correct(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        scale = 1.0 / max(delay, 1)
+        return tree_map(lambda g: g * scale, grads)
+
+
+@dataclass(frozen=True)
+class PipeMareLR(Remedy):
+    """PipeMare's learning-rate rescheduling (Yang et al. 2021): a gradient of delay ``d``
+    applied at a stage's update ``k`` is scaled by ``max(d, 1) ** -p``, ``p = 1 - min(k / T, 1)``.
+
+    Early updates, when the weights move fastest, are damped by the delay; the damping fades
+    out over ``T = warmup_updates`` updates of the stage.
+
+    Attributes:
+        policy: the wrapped policy.
+        warmup_updates: T, the updates over which the damping fades out.
+    """
+
+    warmup_updates: int = 100
+    name: ClassVar[str] = "PipeMareLR"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.warmup_updates
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError(f"PipeMareLR(warmup_updates={w!r}): must be an int >= 1")
+
+    def correct(
+        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    ) -> Any:
+        p = 1.0 - min(version / self.warmup_updates, 1.0)
+        scale = float(max(delay, 1)) ** -p
+        return tree_map(lambda g: g * scale, grads)
+
+
+_BUILTIN.update({p.name: p for p in (DelayCompensation, StalenessScaledLR, PipeMareLR)})

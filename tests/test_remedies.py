@@ -1,0 +1,229 @@
+"""Gradient delays (statistics, trace) and the staleness remedies (asyncnn/_runtime/_remedies.py),
+each against an independent sequential re-enactment of its formula on PipeDream's known delays."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _reference import assert_params_close, chain_graph, one_f_one_b_order
+
+
+def _data(n: int = 30, features: int = 5, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
+
+
+def _microbatches(data, batch_size, m):
+    out = []
+    n = len(data["y"])
+    for lo in range(0, n, batch_size):
+        b = {k: v[lo : lo + batch_size] for k, v in data.items()}
+        for part in np.array_split(np.arange(len(b["y"])), min(m, len(b["y"]))):
+            out.append({k: v[part[0] : part[-1] + 1] for k, v in b.items()})
+    return out
+
+
+def _tmap(fn, *trees):
+    return ann._math._pytree.tree_map(fn, *trees)
+
+
+def pipedream_with_correction(graph, params, lr, micro, stash, correct):
+    """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
+    with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient.
+
+    Returns the final parameters and each stage's list of delays."""
+    names = graph.layers
+    k = len(names)
+    p = [params[n] for n in names]
+    version = [0] * k
+    orders = [one_f_one_b_order(s, k, len(micro)) for s in range(k)]
+    pos = [0] * k
+    acts = {(0, i): mb["x"] for i, mb in enumerate(micro)}
+    grads: dict[tuple[int, int], Any] = {}
+    stored: dict[tuple[int, int], Any] = {}
+    delays: list[list[int]] = [[] for _ in range(k)]
+    loss = nn.CrossEntropyLoss()
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(k):
+            if pos[s] == len(orders[s]):
+                continue
+            kind, i = orders[s][pos[s]]
+            module = graph.nodes[names[s]].module
+            if kind == "F" and (s, i) in acts:
+                x = acts.pop((s, i))
+                out = module(p[s], x)
+                stored[(s, i)] = (x, p[s], version[s])
+                if s + 1 < k:
+                    acts[(s + 1, i)] = out
+                else:
+                    y = micro[i]["y"]
+                    grads[(s, i)] = ann.grad(lambda o, y=y: loss({}, o, y))(out)
+            elif kind == "B" and (s, i) in grads:
+                g_out = grads.pop((s, i))
+                x, w_fwd, v_fwd = stored.pop((s, i))
+                w_grad = w_fwd if stash else p[s]
+                _, pb = ann.vjp(lambda q, x, module=module: module(q, x), w_grad, x)
+                gp, gx = pb(g_out)
+                if s > 0:
+                    grads[(s - 1, i)] = gx
+                delay = version[s] - v_fwd
+                delays[s].append(delay)
+                gp = correct(gp, delay, version[s], p[s], w_fwd)
+                p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
+                version[s] += 1
+            else:
+                continue
+            pos[s] += 1
+            progressed = True
+    assert all(pos[s] == len(orders[s]) for s in range(k))
+    return dict(zip(names, p, strict=True)), delays
+
+
+def _run(policy, k, data, batch_size=10, epochs=1, trace=None):
+    tr = ann.Trainer(
+        chain_graph(k), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", trace=trace
+    )
+    start = tr.params
+    hist = tr.fit(data, epochs=epochs, batch_size=batch_size)
+    return tr, start, hist
+
+
+# -- delays ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,m", [(2, 3), (3, 2), (4, 3)])
+def test_pipedream_delays_are_the_warmup_of_each_stage(k, m, tmp_path):
+    data = _data()
+    tr, _, hist = _run(policies.PipeDream(m), k, data, trace=tmp_path / "run.trace")
+    keys = 3 * m
+    for s, name in enumerate(tr.graph.layers):
+        want = Counter(min(i, k - s - 1) for i in range(keys))  # key i waits min(i, w) updates
+        st = hist.statistics[name]
+        assert st.delays == dict(want), name
+        assert st.max_delay == k - s - 1
+        assert st.mean_delay == pytest.approx(sum(d * c for d, c in want.items()) / keys)
+    # the trace: each update event lists the delays of the gradients it applied
+    events = ann.trace.read(tmp_path / "run.trace").events
+    for s, name in enumerate(tr.graph.layers):
+        ups = [e["m"]["delays"] for e in events if e["a"] == name and e["ev"] == "update"]
+        assert ups == [[min(i, k - s - 1)] for i in range(keys)]
+
+
+def test_flush_policies_have_no_delay_and_async_reports_its_own(tmp_path):
+    data = _data(n=24)
+    for policy in [policies.Sync(), policies.GPipe(3), policies.OneFOneB(4)]:
+        tr, _, hist = _run(policy, 3, data, batch_size=8)
+        for name in tr.graph.layers:
+            st = hist.statistics[name]
+            assert st.max_delay == 0 and st.mean_delay == 0.0
+            assert st.delays == {0: st.backwards}
+    tr, _, hist = _run(policies.Async(max_active_keys=3, min_update_frequency=2), 3, data, 4)
+    for name in tr.graph.layers:
+        st = hist.statistics[name]
+        assert sum(st.delays.values()) == st.backwards == 6
+        assert st.max_delay <= 2  # at most 3 keys in flight, an update every 2 gradients
+        assert st.as_dict()["delays"] == st.delays
+
+
+# -- remedies against their formulas ---------------------------------------------------------------
+def _dc(lam):
+    return lambda g, d, v, w, w0: _tmap(lambda g, w, w0: g + lam * g * g * (w - w0), g, w, w0)
+
+
+def _staleness(g, d, v, w, w0):
+    return _tmap(lambda g: g / max(d, 1), g)
+
+
+def _pipemare(warmup):
+    def correct(g, d, v, w, w0):
+        p = 1.0 - min(v / warmup, 1.0)
+        return _tmap(lambda g: g * max(d, 1) ** (-p), g)
+
+    return correct
+
+
+REMEDIES = {
+    "dc": (lambda inner: policies.DelayCompensation(inner, strength=2.0), _dc(2.0)),
+    "staleness": (policies.StalenessScaledLR, _staleness),
+    "pipemare": (lambda inner: policies.PipeMareLR(inner, warmup_updates=5), _pipemare(5)),
+    "dc+staleness": (
+        lambda inner: policies.DelayCompensation(policies.StalenessScaledLR(inner), strength=2.0),
+        lambda g, d, v, w, w0: _dc(2.0)(_staleness(g, d, v, w, w0), d, v, w, w0),
+    ),
+}
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
+@pytest.mark.parametrize("remedy", sorted(REMEDIES))
+def test_remedy_equals_its_formula_on_pipedream(remedy, k, m, stash):
+    make, formula = REMEDIES[remedy]
+    data = _data()
+    tr, start, hist = _run(make(policies.PipeDream(m, stash=stash)), k, data, epochs=2)
+    micro = _microbatches(data, 10, m) * 2
+    ref, delays = pipedream_with_correction(tr.graph, start, 0.1, micro, stash, formula)
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    for s, name in enumerate(tr.graph.layers):
+        assert hist.statistics[name].delays == dict(Counter(delays[s]))
+    # and the remedy changed something: plain PipeDream ends elsewhere
+    plain, _ = pipedream_with_correction(tr.graph, start, 0.1, micro, stash, lambda g, *a: g)
+    leaves = ann._math._pytree.tree_leaves
+    first = tr.graph.layers[0]
+    assert not np.allclose(leaves(plain[first])[0], leaves(ref[first])[0], rtol=1e-6)
+
+
+def test_remedies_change_nothing_without_delay():
+    data = _data(n=24)
+    want, _, _ = _run(policies.OneFOneB(3), 3, data, batch_size=8)
+    for make, _ in REMEDIES.values():
+        got, _, _ = _run(make(policies.OneFOneB(3)), 3, data, batch_size=8)
+        assert_params_close(got.params, want.params, rtol=0, atol=0)
+
+
+def test_remedy_keeps_only_the_versions_stored_keys_reference():
+    data = _data()
+    tr, _, hist = _run(policies.DelayCompensation(policies.PipeDream(3)), 4, data)
+    for s, name in enumerate(tr.graph.layers):
+        # PipeDream's stashing holds K - s versions at stage s; the remedy adds none
+        assert hist.statistics[name].peak_versions_held <= 4 - s
+
+
+def test_remedy_specs_round_trip_delegate_and_validate():
+    inner = policies.PipeDream(4, stash=False)
+    for p in [
+        policies.DelayCompensation(inner, strength=0.1),
+        policies.StalenessScaledLR(policies.Async(8, 2)),
+        policies.PipeMareLR(policies.DelayCompensation(inner), warmup_updates=50),
+    ]:
+        spec = p.to_spec()
+        assert policies.policy_from_spec(spec) == p
+        assert p.corrects_gradients() and not p.allows_capture(1, traced=False)
+    p = policies.DelayCompensation(inner)
+    assert p.microbatches == 4 and not p.stash and not p.keeps_pullback()
+    assert p.max_in_flight(3) == 3 and p.update_due(1, False) and p.loss_cotangent(1, 4) == 1.0
+    assert (
+        p.needs_forward_weights() and not policies.StalenessScaledLR(inner).needs_forward_weights()
+    )
+    assert policies.StalenessScaledLR(p).needs_forward_weights()
+    with pytest.raises(ValueError, match="strength"):
+        policies.DelayCompensation(inner, strength=-1.0)
+    with pytest.raises(ValueError, match="warmup_updates"):
+        policies.PipeMareLR(inner, warmup_updates=0)
+    with pytest.raises(TypeError, match="must be a Policy"):
+        policies.StalenessScaledLR("PipeDream")  # type: ignore[arg-type]
+
+
+def test_remedy_under_async_replays_exactly(tmp_path):
+    data = _data(n=24)
+    path = tmp_path / "async.trace"
+    policy = policies.DelayCompensation(policies.Async(3, 1), strength=1.0)
+    tr, _, _ = _run(policy, 3, data, batch_size=4, trace=path)
+    result = ann.replay(path)
+    assert_params_close(result.params, tr.params, rtol=0, atol=0)
