@@ -10,6 +10,7 @@ from ._runtime._policies import (
     OneFOneB,
     OneFOneBOrder,
     PipeDream,
+    PipeDream2BW,
     Policy,
     RecordedOrder,
     Replay,
@@ -17,7 +18,13 @@ from ._runtime._policies import (
     Sync,
     policy_from_spec,
 )
-from ._runtime._remedies import DelayCompensation, PipeMareLR, Remedy, StalenessScaledLR
+from ._runtime._remedies import (
+    DelayCompensation,
+    PipeMareLR,
+    Remedy,
+    StalenessScaledLR,
+    WeightPrediction,
+)
 
 __all__ = [
     "AnyOrder",
@@ -27,6 +34,7 @@ __all__ = [
     "OneFOneB",
     "OneFOneBOrder",
     "PipeDream",
+    "PipeDream2BW",
     "PipeMareLR",
     "Policy",
     "RecordedOrder",
@@ -35,5 +43,6 @@ __all__ = [
     "StageOrder",
     "StalenessScaledLR",
     "Sync",
+    "WeightPrediction",
     "policy_from_spec",
 ]

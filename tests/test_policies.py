@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _forward_hook import forward_weights_hook  # noqa: F401 - a fixture
 
 import asyncnn as ann
 from asyncnn import optim, policies
@@ -221,3 +222,47 @@ def test_replay_policy_keeps_the_recorded_meaning_and_orders():
     assert order.next() == ("forward", -1)  # afterwards: nothing more
     assert seen == [("stage0", i, k, key) for i, (k, key) in enumerate(ops)]
     assert rp.order_for("stage1", 1, 2).next() == ("forward", -1)
+
+
+# -- PipeDream-2BW -------------------------------------------------------------------------------
+def two_bw_reference(graph, params, opt, batches):
+    """PipeDream-2BW's published rule, in sequence: W(t+1) = W(t) - update(grad f_t(W(t-1))),
+    f_t the mean loss of minibatch t (W(-1) = W(0))."""
+    from _reference import composed_loss
+
+    history = [[params[n] for n in graph.layers]]
+    state = opt.init(history[0])
+    for t, b in enumerate(batches):
+        used = history[max(t - 1, 0)]
+        g = ann.grad(lambda p, b=b: composed_loss(graph, p, b["x"], b["y"]))(used)
+        new, state = opt.update(history[-1], g, state)
+        history.append(new)
+    return dict(zip(graph.layers, history[-1], strict=True))
+
+
+@pytest.mark.usefixtures("forward_weights_hook")
+@pytest.mark.parametrize("k,m", [(2, 1), (3, 2), (3, 4), (4, 3)])
+def test_pipedream_2bw_follows_its_published_rule(k, m):
+    data = _data(n=40)
+    g = chain_graph(k)
+    opt = lambda: optim.SGD(lr=0.1, momentum=0.5)  # noqa: E731
+    tr = ann.Trainer(g, optimizer=opt(), policy=policies.PipeDream2BW(m), dtype="float64")
+    start = tr.params
+    hist = tr.fit(data, epochs=2, batch_size=8)
+    ref = two_bw_reference(g, start, opt(), _batches(data, 8) * 2)
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    assert tr.versions == {name: 10 for name in g.layers}  # one update per minibatch
+    for name in g.layers:
+        st = hist.statistics[name]
+        assert st.delays == {0: m, 1: 9 * m}  # the first minibatch's gradient is fresh
+        assert st.peak_versions_held <= 2  # double buffering
+
+
+def test_pipedream_2bw_states_its_decisions():
+    p = policies.PipeDream2BW(4)
+    assert not p.waits_between_minibatches() and p.keeps_pullback() and p.max_in_flight(3) == 3
+    assert p.versions_kept() == 1 and p.forward_version(0, 7, 7) == 7
+    assert p.forward_version(5, 7, 12) == 11
+    assert policies.policy_from_spec(p.to_spec()) == p
+    with pytest.raises(ValueError, match="microbatches >= 4"):
+        policies.PipeDream2BW(3).stage_order(0, 5)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _forward_hook import forward_weights_hook  # noqa: F401 - a fixture
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -34,9 +35,11 @@ def _tmap(fn, *trees):
     return ann._math._pytree.tree_map(fn, *trees)
 
 
-def pipedream_with_correction(graph, params, lr, micro, stash, correct):
+def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=False):
     """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
-    with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient.
+    with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient; with
+    ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the delay of the
+    gradient just applied (linear weight prediction).
 
     Returns the final parameters and each stage's list of delays."""
     names = graph.layers
@@ -49,6 +52,7 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct):
     grads: dict[tuple[int, int], Any] = {}
     stored: dict[tuple[int, int], Any] = {}
     delays: list[list[int]] = [[] for _ in range(k)]
+    predicted: list[Any] = [None] * k
     loss = nn.CrossEntropyLoss()
     progressed = True
     while progressed:
@@ -60,8 +64,9 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct):
             module = graph.nodes[names[s]].module
             if kind == "F" and (s, i) in acts:
                 x = acts.pop((s, i))
-                out = module(p[s], x)
-                stored[(s, i)] = (x, p[s], version[s])
+                w = predicted[s] if predicted[s] is not None else p[s]
+                out = module(w, x)
+                stored[(s, i)] = (x, w, version[s])
                 if s + 1 < k:
                     acts[(s + 1, i)] = out
                 else:
@@ -78,8 +83,11 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct):
                 delay = version[s] - v_fwd
                 delays[s].append(delay)
                 gp = correct(gp, delay, version[s], p[s], w_fwd)
+                before = p[s]
                 p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
                 version[s] += 1
+                if predict:
+                    predicted[s] = _tmap(lambda w, w0, d=delay: w + d * (w - w0), p[s], before)
             else:
                 continue
             pos[s] += 1
@@ -227,3 +235,22 @@ def test_remedy_under_async_replays_exactly(tmp_path):
     tr, _, _ = _run(policy, 3, data, batch_size=4, trace=path)
     result = ann.replay(path)
     assert_params_close(result.params, tr.params, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("forward_weights_hook")
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
+def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
+    data = _data()
+    policy = policies.WeightPrediction(policies.PipeDream(m, stash=stash))
+    tr, start, hist = _run(policy, k, data, epochs=2)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    ref, delays = pipedream_with_correction(tr.graph, start, 0.1, micro, stash, ident, True)
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    plain, _ = pipedream_with_correction(tr.graph, start, 0.1, micro, stash, ident, False)
+    leaves = ann._math._pytree.tree_leaves
+    first = tr.graph.layers[0]
+    assert not np.allclose(leaves(plain[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    assert policies.policy_from_spec(policy.to_spec()) == policy
+    assert policy.predicts_weights() and not policy.corrects_gradients()

@@ -281,6 +281,11 @@ class LayerActor(_Actor):
         self.pending_delays: list[int] = []
         self.keeps_forward_weights = ctx.policy.needs_forward_weights()
         self.weights_by_version: dict[int, Any] = {}
+        # earlier versions kept besides those stored keys reference (PipeDream2BW's double
+        # buffer); the (minibatch, version) of this run's first forward; predicted weights
+        self.versions_back = ctx.policy.versions_kept()
+        self.run_start: tuple[int, int] | None = None
+        self.predicted: Any = None
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, **args: Any) -> None:
@@ -602,18 +607,62 @@ class LayerActor(_Actor):
     async def apply_gradients(self, grads: Any) -> None:
         """One optimizer update of this actor's parameters; the version goes up by one."""
         update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
-        if self.keeps_forward_weights and self.version in self.version_refs:
-            self.weights_by_version[self.version] = self.params  # stored keys still use it
+        old = self.params
+        if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
+            self.weights_by_version[self.version] = old  # forwards still use it
         self.params, self.opt_state = await self.compute(
             update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
         delays, self.pending_delays = self.pending_delays, []
+        if self.versions_back:
+            self._prune_versions()
+        policy = self.ctx.policy
+        if policy.predicts_weights():
+            horizon = delays[-1] if delays else 0
+            self.predicted = await self.compute(
+                policy.predict_weights, self.params, old, horizon, cost=2.0 * self.param_size
+            )
         if self.ctx.recorder is not None:
             meta = {"delays": delays} if delays else None
             self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
         self.ctx.touch()
+
+    def _prune_versions(self) -> None:
+        """Drops the kept weights of versions no stored key references and the policy does not
+        keep (:meth:`Policy.versions_kept`)."""
+        oldest = self.version - self.versions_back
+        for v in [v for v in self.weights_by_version if v < oldest and v not in self.version_refs]:
+            del self.weights_by_version[v]
+
+    def forward_weights(self, key: int, meta: dict[str, Any]) -> tuple[Any, int]:
+        """The parameters a key's forward computes with, and their version.
+
+        The latest (:attr:`params`, :attr:`version`), unless the policy predicts the weights
+        (:meth:`Policy.predicts_weights`: the prediction made at the last update, with the
+        latest version) or pins an earlier version (:meth:`Policy.forward_version`:
+        ``PipeDream2BW``'s forwards of a minibatch use the version before the last update).
+        """
+        if self.predicted is not None:
+            return self.predicted, self.version
+        if not self.versions_back:
+            return self.params, self.version
+        minibatch = int(meta.get("minibatch", 0))
+        if self.run_start is None:
+            self.run_start = (minibatch, self.version)
+        first, start_version = self.run_start
+        v = self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
+        if v == self.version:
+            return self.params, v
+        weights = self.weights_by_version.get(v)
+        if weights is None:
+            raise RuntimeError(
+                f"layer {self.name!r}: the policy pins key {key} (minibatch {minibatch}) to "
+                f"version {v}, but the layer holds versions {sorted(self.weights_by_version)} and "
+                f"{self.version} (raise Policy.versions_kept, or split minibatches into more keys)"
+            )
+        return weights, v
 
     async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
         """Records the delay of a key's gradient, computed with parameters its forward saw at
@@ -631,8 +680,7 @@ class LayerActor(_Actor):
                 if forward_version == self.version
                 else self.weights_by_version[forward_version]
             )
-            for version in [v for v in self.weights_by_version if v not in self.version_refs]:
-                del self.weights_by_version[version]  # no stored key references it any more
+            self._prune_versions()
         return await self.compute(
             policy.correct_gradient,
             param_grads,

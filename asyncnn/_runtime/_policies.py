@@ -38,6 +38,7 @@ __all__ = [
     "OneFOneB",
     "OneFOneBOrder",
     "PipeDream",
+    "PipeDream2BW",
     "Policy",
     "RecordedOrder",
     "Replay",
@@ -267,6 +268,34 @@ class Policy(abc.ABC):
         """
         return grads
 
+    # -- the weights a forward uses --------------------------------------------------------------
+    def versions_kept(self) -> int:
+        """How many versions before the latest a stage keeps (besides those its stored keys
+        reference), for :meth:`forward_version` to pin forwards to (``PipeDream2BW``: 1)."""
+        return 0
+
+    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
+        """The parameter version a forward of a run's ``minibatch``-th minibatch (0-based)
+        uses: by default the latest, ``version``; ``start_version`` is the stage's version at
+        the run's first forward. Read only when :meth:`versions_kept` is above 0."""
+        return version
+
+    def predicts_weights(self) -> bool:
+        """Whether forwards use weights predicted by :meth:`predict_weights` after each update
+        instead of the latest weights (``asyncnn.policies.WeightPrediction``)."""
+        return False
+
+    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+        """The weights forwards use after an update (with :meth:`predicts_weights`).
+
+        Args:
+            weights: the stage's parameters after the update.
+            previous: its parameters before the update.
+            horizon: the delay of the last gradient the update applied (how many updates a
+                gradient of the coming forwards will likely lag).
+        """
+        return weights
+
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
@@ -357,6 +386,43 @@ class PipeDream(Policy):
 
     def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
         return 1.0  # each update uses the gradient of that microbatch's mean loss
+
+
+@dataclass(frozen=True)
+class PipeDream2BW(Policy):
+    """PipeDream-2BW (Narayanan et al. 2021): 1F1B over the stream, double-buffered weights.
+
+    Each stage accumulates the gradients of a minibatch's ``M`` keys (summing to the gradient of
+    the minibatch's mean loss) and applies them once; every forward of minibatch ``b`` uses
+    the version from before minibatch ``b - 1``'s update, so the versions follow
+    ``W(t+1) = W(t) - lr * grad f(W(t-1))``: a constant delay of 1, with two versions per stage
+    (``M >= K - 1`` keys per minibatch, so that the older one is always ready).
+    """
+
+    microbatches: int = 1
+    name: ClassVar[str] = "PipeDream2BW"
+    flush: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_int("PipeDream2BW", "microbatches", self.microbatches)
+
+    def max_in_flight(self, num_stages: int) -> int:
+        return num_stages  # stage 0 holds at most K keys: its warm-up plus one
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        if self.microbatches < num_stages - 1:
+            raise ValueError(
+                f"PipeDream2BW(microbatches={self.microbatches}) on {num_stages} stages: needs "
+                f"microbatches >= {num_stages - 1} (K - 1), so that each minibatch's forwards "
+                "find the previous version"
+            )
+        return OneFOneBOrder(num_stages - stage - 1, flush=False)
+
+    def versions_kept(self) -> int:
+        return 1
+
+    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
+        return start_version + max(minibatch - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -471,6 +537,18 @@ class Replay(Policy):
     ) -> Any:
         return self.recorded.correct_gradient(grads, delay, version, weights, forward_weights)
 
+    def versions_kept(self) -> int:
+        return self.recorded.versions_kept()
+
+    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
+        return self.recorded.forward_version(minibatch, start_version, version)
+
+    def predicts_weights(self) -> bool:
+        return self.recorded.predicts_weights()
+
+    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+        return self.recorded.predict_weights(weights, previous, horizon)
+
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         return False  # a replay checks every message against the trace: eager
 
@@ -478,7 +556,9 @@ class Replay(Policy):
         return self.recorded.to_spec()  # a replay's trace reads as the recorded run's
 
 
-_BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (Sync, GPipe, OneFOneB, PipeDream, Async)}
+_BUILTIN: dict[str, type[Policy]] = {
+    p.name: p for p in (Sync, GPipe, OneFOneB, PipeDream, PipeDream2BW, Async)
+}
 
 
 def policy_from_spec(spec: dict[str, Any]) -> Policy:

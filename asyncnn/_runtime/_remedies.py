@@ -22,7 +22,7 @@ from asyncnn._math._pytree import tree_map
 
 from ._policies import _BUILTIN, PipeDream, Policy, StageOrder, policy_from_spec
 
-__all__ = ["DelayCompensation", "PipeMareLR", "Remedy", "StalenessScaledLR"]
+__all__ = ["DelayCompensation", "PipeMareLR", "Remedy", "StalenessScaledLR", "WeightPrediction"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class Remedy(Policy):
 
     policy: Policy = field(default_factory=lambda: PipeDream(2))
     name: ClassVar[str] = "Remedy"
+    #: whether this remedy corrects gradients (:meth:`correct`)
+    corrects: ClassVar[bool] = True
+    #: whether this remedy predicts the weights forwards use (:meth:`predict`)
+    predicts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         inner: Any = self.policy
@@ -62,7 +66,25 @@ class Remedy(Policy):
         return False
 
     def corrects_gradients(self) -> bool:
-        return True
+        return self.corrects or self.policy.corrects_gradients()
+
+    def predicts_weights(self) -> bool:
+        return self.predicts or self.policy.predicts_weights()
+
+    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+        if self.predicts:
+            return self.predict(weights, previous, horizon)
+        return self.policy.predict_weights(weights, previous, horizon)
+
+    def predict(self, weights: Any, previous: Any, horizon: int) -> Any:
+        """This remedy's prediction of the weights forwards use (with :attr:`predicts`)."""
+        raise NotImplementedError
+
+    def versions_kept(self) -> int:
+        return self.policy.versions_kept()
+
+    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
+        return self.policy.forward_version(minibatch, start_version, version)
 
     def needs_forward_weights(self) -> bool:
         return self.uses_forward_weights() or self.policy.needs_forward_weights()
@@ -73,7 +95,7 @@ class Remedy(Policy):
         inner = self.policy
         if inner.corrects_gradients():
             grads = inner.correct_gradient(grads, delay, version, weights, forward_weights)
-        if delay == 0:
+        if delay == 0 or not self.corrects:
             return grads
         return self.correct(grads, delay, version, weights, forward_weights)
 
@@ -217,4 +239,30 @@ class PipeMareLR(Remedy):
         return tree_map(lambda g: g * scale, grads)
 
 
-_BUILTIN.update({p.name: p for p in (DelayCompensation, StalenessScaledLR, PipeMareLR)})
+@dataclass(frozen=True)
+class WeightPrediction(Remedy):
+    """Linear weight prediction (Kosson et al. 2020): forwards use the weights extrapolated
+    along the last update step, ``w + D * (w - w_before)``, where ``D`` is the delay of the
+    last gradient the stage applied, so that a gradient is computed near the weights it will
+    be applied to.
+
+    For SGD with momentum the last step is ``-lr * v``, and this is Kosson et al.'s
+    ``w - lr * D * v``. With ``stash=True`` the backward uses the predicted weights its forward
+    used; the updates apply to the true weights, which are what a run returns.
+
+    Attributes:
+        policy: the wrapped policy.
+    """
+
+    name: ClassVar[str] = "WeightPrediction"
+    corrects: ClassVar[bool] = False
+    predicts: ClassVar[bool] = True
+
+    def predict(self, weights: Any, previous: Any, horizon: int) -> Any:
+        d = float(horizon)
+        return tree_map(lambda w, w0: w + d * (w - w0), weights, previous)
+
+
+_BUILTIN.update(
+    {p.name: p for p in (DelayCompensation, StalenessScaledLR, PipeMareLR, WeightPrediction)}
+)
