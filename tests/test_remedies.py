@@ -254,3 +254,21 @@ def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
     assert not np.allclose(leaves(plain[first])[0], leaves(ref[first])[0], rtol=1e-6)
     assert policies.policy_from_spec(policy.to_spec()) == policy
     assert policy.predicts_weights() and not policy.corrects_gradients()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [policies.PipeDream2BW(3), policies.WeightPrediction(policies.PipeDream(3))],
+    ids=["2bw", "prediction"],
+)
+def test_policies_that_give_forwards_their_weights_fail_without_the_hook(policy, monkeypatch):
+    from asyncnn._runtime._actors import LayerActor
+
+    async def plain_on_forward(self, key, inputs, meta):  # computes at self.params, asks nothing
+        out = await self.compute(self._apply, self.params, inputs, None)
+        self._hold(key, (None, self.version, inputs), inputs, out)
+        return out
+
+    monkeypatch.setattr(LayerActor, "on_forward", plain_on_forward)
+    with pytest.raises(Exception, match="without asking forward_weights"):
+        _run(policy, 3, _data())

@@ -286,6 +286,8 @@ class LayerActor(_Actor):
         self.versions_back = ctx.policy.versions_kept()
         self.run_start: tuple[int, int] | None = None
         self.predicted: Any = None
+        self.pins_weights = bool(self.versions_back) or ctx.policy.predicts_weights()
+        self.forward_weights_asked = False
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, **args: Any) -> None:
@@ -544,6 +546,12 @@ class LayerActor(_Actor):
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
         pullback, forward_version, inputs = self._unhold(key)
+        if self.pins_weights and not self.forward_weights_asked:
+            raise RuntimeError(
+                f"layer {self.name!r}: the policy {self.ctx.policy.name} gives forwards their "
+                f"weights, but {type(self).__name__}.on_forward computed key {key} without "
+                "asking forward_weights(key, meta)"
+            )
         rows = int(meta.get("rows", 1))
         if pullback is None:  # recompute at the latest version (no stashing)
             pullback = await self.compute(
@@ -644,6 +652,7 @@ class LayerActor(_Actor):
         latest version) or pins an earlier version (:meth:`Policy.forward_version`:
         ``PipeDream2BW``'s forwards of a minibatch use the version before the last update).
         """
+        self.forward_weights_asked = True
         if self.predicted is not None:
             return self.predicted, self.version
         if not self.versions_back:
