@@ -7,6 +7,7 @@ from ._runtime._policies import (
     AnyOrder,
     Async,
     GPipe,
+    Interleaved1F1B,
     OneFOneB,
     OneFOneBOrder,
     PipeDream,
@@ -16,6 +17,7 @@ from ._runtime._policies import (
     Replay,
     StageOrder,
     Sync,
+    interleaved_1f1b_schedule,
     policy_from_spec,
 )
 from ._runtime._remedies import (
@@ -31,6 +33,7 @@ __all__ = [
     "Async",
     "DelayCompensation",
     "GPipe",
+    "Interleaved1F1B",
     "OneFOneB",
     "OneFOneBOrder",
     "PipeDream",
@@ -44,5 +47,6 @@ __all__ = [
     "StalenessScaledLR",
     "Sync",
     "WeightPrediction",
+    "interleaved_1f1b_schedule",
     "policy_from_spec",
 ]

@@ -266,3 +266,66 @@ def test_pipedream_2bw_states_its_decisions():
     assert policies.policy_from_spec(p.to_spec()) == p
     with pytest.raises(ValueError, match="microbatches >= 4"):
         policies.PipeDream2BW(3).stage_order(0, 5)
+
+
+# -- interleaved 1F1B ----------------------------------------------------------------------------
+def _torch_device_orders(devices, virtual, m):
+    """PyTorch's ScheduleInterleaved1F1B order of each rank, without a process group (its own
+    schedule visualizer instantiates the schedule on mocked stages), idle slots left out."""
+    pytest.importorskip("torch")
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+
+    ranks = get_schedule_ops(ScheduleInterleaved1F1B, devices, m, virtual)
+    kinds = {"FORWARD": "forward", "FULL_BACKWARD": "backward"}
+    return [
+        [(kinds[a.computation_type.name], a.stage_index, a.microbatch_index) for a in r if a]
+        for r in ranks
+    ]
+
+
+@pytest.mark.parametrize(
+    "d,v,m",
+    [(2, 2, 4), (2, 2, 6), (2, 3, 8), (3, 2, 3), (3, 2, 6), (4, 2, 8), (4, 3, 4), (4, 2, 2)],
+)
+def test_interleaved_1f1b_order_equals_pytorchs(d, v, m):
+    assert policies.interleaved_1f1b_schedule(d, v, m) == _torch_device_orders(d, v, m)
+
+
+def test_interleaved_1f1b_stages_follow_their_part_of_the_device_order():
+    d, v, m = 2, 2, 4
+    policy = policies.Interleaved1F1B(m, virtual=v)
+    names = [f"s{i}" for i in range(d * v)]
+    orders = policy.orders(names)
+    device_ops = policies.interleaved_1f1b_schedule(d, v, m)
+    for first_key in (0, 4):  # two minibatches: the part restarts with the next keys
+        for i, name in enumerate(names):
+            want = [(k, first_key + mb) for k, st, mb in device_ops[i % d] if st == i]
+            got = []
+            for _ in range(2 * m):
+                op = orders[name].next()
+                got.append(op)
+                orders[name].done(op, m)
+            assert got == want, name
+    with pytest.raises(ValueError, match="multiple of the rounds"):
+        policies.interleaved_1f1b_schedule(2, 2, 5)
+    with pytest.raises(ValueError, match="not a multiple of virtual=2"):
+        policy.orders(names[:3])
+    assert policies.policy_from_spec(policy.to_spec()) == policy
+
+
+@pytest.mark.parametrize("k,v,m", [(4, 2, 4), (6, 2, 3), (6, 3, 4)])
+def test_interleaved_1f1b_equals_plain_minibatch_training_and_is_bit_identical(k, v, m):
+    data = _data(n=26)  # batches of 8, 8, 8 and 2: a short last minibatch too
+    runs = []
+    for _ in range(2):
+        g = chain_graph(k)
+        opt = optim.SGD(lr=0.1, momentum=0.9)
+        tr = ann.Trainer(g, optimizer=opt, policy=policies.Interleaved1F1B(m, v), dtype="float64")
+        start = tr.params
+        hist = tr.fit(data, epochs=2, batch_size=8)
+        runs.append(tr.params)
+    ref, ref_losses = plain_sgd(g, start, optim.SGD(lr=0.1, momentum=0.9), _batches(data, 8) * 2)
+    assert_params_close(runs[0], ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
+    assert_params_equal(runs[0], runs[1])
