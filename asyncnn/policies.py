@@ -18,6 +18,7 @@ from ._runtime._policies import (
     StageOrder,
     Sync,
     interleaved_1f1b_schedule,
+    interleaved_zero_bubble_schedule,
     policy_from_spec,
 )
 from ._runtime._remedies import (
@@ -48,5 +49,6 @@ __all__ = [
     "Sync",
     "WeightPrediction",
     "interleaved_1f1b_schedule",
+    "interleaved_zero_bubble_schedule",
     "policy_from_spec",
 ]

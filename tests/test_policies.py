@@ -329,3 +329,24 @@ def test_interleaved_1f1b_equals_plain_minibatch_training_and_is_bit_identical(k
     assert_params_close(runs[0], ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
     assert_params_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(
+    "d,v,m", [(2, 2, 4), (2, 3, 6), (3, 2, 3), (3, 2, 6), (4, 2, 8), (4, 3, 2)]
+)
+def test_interleaved_zero_bubble_order_equals_pytorchs(d, v, m):
+    pytest.importorskip("torch")
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    from torch.distributed.pipelining.schedules import ScheduleInterleavedZeroBubble
+
+    kinds = {
+        "FORWARD": "forward",
+        "BACKWARD_INPUT": "backward_input",
+        "BACKWARD_WEIGHT": "backward_weight",
+    }
+    ranks = get_schedule_ops(ScheduleInterleavedZeroBubble, d, m, v)
+    want = [
+        [(kinds[a.computation_type.name], a.stage_index, a.microbatch_index) for a in r if a]
+        for r in ranks
+    ]
+    assert policies.interleaved_zero_bubble_schedule(d, v, m) == want

@@ -46,6 +46,7 @@ __all__ = [
     "StageOrder",
     "Sync",
     "interleaved_1f1b_schedule",
+    "interleaved_zero_bubble_schedule",
     "policy_from_spec",
 ]
 
@@ -446,6 +447,67 @@ def _device_ops(
         ops += [forward(warmup + j), backward(j)]
     ops += [backward(j) for j in range(total - warmup, total)]
     return ops
+
+
+#: the kinds of a zero-bubble order: a backward split into its input half (sent upstream at once)
+#: and its weight half (deferred), see ``asyncnn._math._autodiff.vjp_split``
+BACKWARD_INPUT = "backward_input"
+BACKWARD_WEIGHT = "backward_weight"
+
+
+def interleaved_zero_bubble_schedule(
+    devices: int, virtual: int, microbatches: int
+) -> list[list[tuple[str, int, int]]]:
+    """Each device's order under interleaved zero bubble (Qi et al. 2024, the ZB-H1 rule on
+    interleaved stages), idle slots left out: ``(kind, stage, microbatch)`` with ``kind``
+    ``FORWARD``, ``BACKWARD_INPUT`` or ``BACKWARD_WEIGHT``.
+
+    Like :func:`interleaved_1f1b_schedule`, with ``(V - 1) R + (D - 1 - d)`` warm-up forwards
+    and each backward split: the steady state runs a forward and an input half, and, once
+    device ``d`` has run ``d`` of them, the weight half of its oldest backward whose weight half
+    is still due; the cool-down runs the remaining input halves (each followed by a weight half,
+    likewise), then the weight halves left.
+    """
+    for label, value in (
+        ("devices", devices),
+        ("virtual", virtual),
+        ("microbatches", microbatches),
+    ):
+        _check_int("interleaved_zero_bubble_schedule", label, value)
+    per_round = _per_round(devices, microbatches)
+    if per_round is None:
+        raise ValueError(
+            f"zero bubble with {microbatches} microbatches on {devices} devices: the "
+            f"microbatches must be a multiple of the rounds (max(1, M // D) = "
+            f"{max(1, microbatches // devices)})"
+        )
+    out = []
+    total = microbatches * virtual
+    for d in range(devices):
+        warmup = min((virtual - 1) * per_round + (devices - 1 - d), total)
+        taken = {k: [0] * virtual for k in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)}
+
+        def op(kind: str, chunk: int, d: int = d, taken: dict[str, list[int]] = taken) -> Any:
+            taken[kind][chunk] += 1
+            return (kind, chunk * devices + d, taken[kind][chunk] - 1)
+
+        def back_chunk(j: int) -> int:
+            return virtual - 1 - (j // per_round) % virtual
+
+        ops = [op(FORWARD, (k // per_round) % virtual) for k in range(warmup)]
+        weights_done = 0
+        for j in range(total):  # the j-th backward
+            if j < total - warmup:
+                ops.append(op(FORWARD, ((warmup + j) // per_round) % virtual))
+            ops.append(op(BACKWARD_INPUT, back_chunk(j)))
+            if j >= d:  # the first d backwards' weight halves wait (ZB-H1's 1F1B part)
+                ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
+                weights_done += 1
+        while weights_done < total:
+            ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
+            weights_done += 1
+        out.append(ops)
+    return out
 
 
 class _DeviceSchedule:
