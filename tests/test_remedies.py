@@ -214,6 +214,9 @@ def test_remedy_specs_round_trip_delegate_and_validate():
         assert policies.policy_from_spec(spec) == p
         assert p.corrects_gradients() and not p.allows_capture(1, traced=False)
     p = policies.DelayCompensation(inner)
+    assert p.deterministic and not p.flush
+    assert not policies.StalenessScaledLR(policies.Async(4)).deterministic
+    assert policies.PipeMareLR(policies.Sync()).flush
     assert p.microbatches == 4 and not p.stash and not p.keeps_pullback()
     assert p.max_in_flight(3) == 3 and p.update_due(1, False) and p.loss_cotangent(1, 4) == 1.0
     assert (

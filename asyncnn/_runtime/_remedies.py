@@ -101,6 +101,14 @@ class Remedy(Policy):
 
     # -- everything else is the wrapped policy's ---------------------------------------------------
     @property
+    def deterministic(self) -> bool:  # type: ignore[override]
+        return self.policy.deterministic
+
+    @property
+    def flush(self) -> bool:  # type: ignore[override]
+        return self.policy.flush
+
+    @property
     def microbatches(self) -> int:  # type: ignore[override]
         return self.policy.microbatches
 
