@@ -350,3 +350,17 @@ def test_interleaved_zero_bubble_order_equals_pytorchs(d, v, m):
         for r in ranks
     ]
     assert policies.interleaved_zero_bubble_schedule(d, v, m) == want
+
+
+def test_replay_delegates_the_stale_gradient_decisions():
+    recorded = policies.DelayCompensation(policies.PipeDream2BW(4), strength=0.5)
+    rp = policies.Replay(recorded, {})
+    assert rp.corrects_gradients() and rp.needs_forward_weights()
+    assert rp.versions_kept() == 1 and rp.forward_version(3, 0, 3) == 2
+    assert not rp.predicts_weights()
+    g = {"w": np.ones(2)}
+    w, w0 = {"w": np.full(2, 3.0)}, {"w": np.ones(2)}
+    np.testing.assert_array_equal(rp.correct_gradient(g, 1, 5, w, w0)["w"], [2.0, 2.0])
+    assert rp.predict_weights(w, w0, 2) is w  # no prediction: the latest weights
+    wp = policies.Replay(policies.WeightPrediction(policies.PipeDream(2)), {})
+    np.testing.assert_array_equal(wp.predict_weights(w, w0, 2)["w"], [7.0, 7.0])

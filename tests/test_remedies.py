@@ -196,11 +196,38 @@ def test_remedies_change_nothing_without_delay():
 
 
 def test_remedy_keeps_only_the_versions_stored_keys_reference():
-    data = _data()
-    tr, _, hist = _run(policies.DelayCompensation(policies.PipeDream(3)), 4, data)
-    for s, name in enumerate(tr.graph.layers):
-        # PipeDream's stashing holds K - s versions at stage s; the remedy adds none
-        assert hist.statistics[name].peak_versions_held <= 4 - s
+    from asyncnn._runtime._actors import LayerActor
+
+    kept: dict[str, int] = {}
+
+    class Recording(LayerActor):
+        async def apply_gradients(self, grads):
+            await super().apply_gradients(grads)
+            held = set(self.weights_by_version)
+            assert held <= set(self.version_refs), (self.name, held, self.version_refs)
+            kept[self.name] = max(kept.get(self.name, 0), len(held))
+
+    k = 4
+    g = ann.Graph()
+    h = g.input("x", shape=(None, 5), dtype="float64")
+    y = g.input("y", shape=(None,), dtype="int64")
+    for s in range(k):
+        last = s == k - 1
+        mod = (
+            nn.Linear(6, 3) if last else nn.Sequential(nn.Linear(5 if s == 0 else 6, 6), nn.Tanh())
+        )
+        h = g.layer(f"stage{s}", mod, h, actor=Recording)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    for stash in (True, False):
+        kept.clear()
+        policy = policies.DelayCompensation(policies.PipeDream(3, stash=stash))
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
+        hist = tr.fit(_data(), epochs=1, batch_size=10)
+        for s, name in enumerate(g.layers):
+            # stage s has at most K - s keys stored, of K - s - 1 older versions at most
+            assert kept[name] <= k - s - 1, (stash, name, kept)
+            assert hist.statistics[name].peak_versions_held <= k - s
+        assert kept["stage0"] == k - 1  # in steady state: the versions of 3 keys in flight
 
 
 def test_remedy_specs_round_trip_delegate_and_validate():
