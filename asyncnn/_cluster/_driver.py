@@ -16,26 +16,28 @@ import numpy as np
 from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
 from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._checks import validate
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
-from asyncnn._runtime._policies import Policy
-from asyncnn._runtime._run import (
-    Run,
-    RunState,
-    _cores,
-    _maybe_pool,
-    _single_error,
+from asyncnn._runtime._lifecycle import (
     close_channels,
     close_recorder,
     cpu_layers,
     error_leaves,
     finish_run,
-    init_state,
+    host_cores,
+    maybe_pool,
     open_recorder,
     record_error,
     serve_actors,
+    single_error,
     start_watchdog,
-    validate,
+)
+from asyncnn._runtime._policies import Policy
+from asyncnn._runtime._run import (
+    Run,
+    RunState,
+    init_state,
 )
 from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
@@ -193,10 +195,10 @@ async def _driver_run(
     # cores shared out between the processes that host CPU actors (they share this host when
     # the cluster is local; a Ray worker on its own machine may be told otherwise)
     cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
-    threads = cluster.threads_per_worker or max(1, _cores() // len(cpu_hosts))
+    threads = cluster.threads_per_worker or max(1, host_cores() // len(cpu_hosts))
     failed = False
     try:
-        async with _maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
+        async with maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()
@@ -401,7 +403,7 @@ def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:
     for e in leaves:
         if lost_peer(e) is not None:
             return e
-    return _single_error(group)
+    return single_error(group)
 
 
 def _merge(path: str, parts: list[Any]) -> None:

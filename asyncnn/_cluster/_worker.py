@@ -27,17 +27,19 @@ from asyncnn._math._optim import from_spec as optimizer_from_spec
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._lifecycle import (
+    close_recorder,
+    cpu_layers,
+    maybe_pool,
+    serve_actors,
+    single_error,
+    start_cancellable,
+)
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
     Run,
     RunState,
-    _maybe_pool,
-    _single_error,
-    close_recorder,
-    cpu_layers,
-    serve_actors,
-    start_cancellable,
 )
 from asyncnn.backends import get_backend
 
@@ -205,7 +207,7 @@ class Worker:
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
         try:
-            async with _maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
+            async with maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
                 proxies: dict[str, RemoteActor] = {}
                 for name, w in placement.items():
                     if w != self.index:
@@ -321,7 +323,7 @@ class Worker:
             run.control.close()  # the forwarder sends what is queued, then stops
 
     async def _report_error(self, error: BaseException) -> None:
-        err = _single_error(error)
+        err = single_error(error)
         frame: dict[str, Any] = {
             "t": "error",
             "type": type(err).__name__,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
 
-from ._actors import _Actor
+from ._actor_base import _Actor
 from ._capture import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
 
