@@ -3,9 +3,9 @@
 A :class:`LayerActor` runs ``vjp`` on a forward message, sends the output on and keeps the
 pullback under the key; on the backward message for that key it calls the pullback, sends the
 input gradients upstream and accumulates its parameter gradients until the policy says to update.
-The shared base of every actor is ``_actor_base.py``; the loss actor (``_loss_actor.py``) and the
-routing and loop actors (``_routing.py``,
-``_loops.py``) build on :class:`_Actor` and :class:`LayerActor`.
+The shared base of every actor is ``_actor_base.py``; the loss actor (``_loss_actor.py``) and
+the routing and loop actors (``_routing.py``, ``_loops.py``) build on it and on
+:class:`LayerActor`.
 
 To write a custom actor, subclass :class:`LayerActor` and override :meth:`LayerActor.on_forward`
 and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(..., actor=Cls)``.
