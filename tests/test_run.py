@@ -319,3 +319,31 @@ async def test_statistics_are_snapshots_that_later_work_leaves_alone():
     assert before["stage0"].forwards == 1 and after["stage0"].forwards == 2
     assert before["stage0"] is not after["stage0"]
     assert after["stage0"].idle_seconds >= 0.0
+
+
+class _SpinForever(ann.LayerActor):
+    """Its forward runs a Python loop that never ends, inline on the event loop's thread."""
+
+    async def on_forward(self, key, inputs, meta):
+        def spin():
+            while True:
+                pass
+
+        return await self.compute(spin, cost=0)
+
+
+@pytest.mark.timeout(60)
+def test_an_inline_compute_that_never_returns_is_a_stall_error():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss(
+        "loss", nn.CrossEntropyLoss(), g.layer("spin", nn.Linear(5, 3), x, actor=_SpinForever), y
+    )
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    with pytest.raises(
+        ann.StallError, match=r"actor 'spin' has been computing its forward of key 0"
+    ):
+        tr.fit(_data(), batch_size=16)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError
+from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves, tree_map
 
@@ -173,8 +173,8 @@ class LayerActor(_Actor):
                     await self._forward(key)
                 else:
                     await self._backward(key)
-            except ActorError:
-                raise
+            except (ActorError, StallError):
+                raise  # already names the actor, or a stall the monitor interrupted
             except Exception as exc:
                 raise self._fail(exc, kind, key) from exc
             self.computing = None

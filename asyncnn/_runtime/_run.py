@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import Policy
 from ._recorder import Recorder
+from ._stall import BlockedLoopMonitor
 from ._statistics import ActorStatistics
 
 __all__ = ["Run", "RunState", "open_run"]
@@ -352,14 +354,37 @@ class Run:
 
     async def _watchdog(self) -> None:
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        while True:
-            await anyio.sleep(interval)
-            if self.in_flight > 0 and time.perf_counter() - self.last_event > self.stall_timeout:
-                lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
-                raise StallError(
-                    f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
-                    "flight; what each actor was doing:\n" + "\n".join(lines)
+        # a thread watches this loop itself: an inline compute that never returns stops it
+        monitor = BlockedLoopMonitor(
+            threading.get_ident(), self.stall_timeout, interval, self._inline_compute
+        )
+        try:
+            while True:
+                await anyio.sleep(interval)
+                monitor.tick()
+                if (
+                    self.in_flight > 0
+                    and time.perf_counter() - self.last_event > self.stall_timeout
+                ):
+                    lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
+                    raise StallError(
+                        f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
+                        "flight; what each actor was doing:\n" + "\n".join(lines)
+                    )
+        finally:
+            monitor.stop()
+
+    def _inline_compute(self) -> str | None:
+        """What is computing on the loop's thread (read by the monitor thread), or None."""
+        for name, actor in self.local.items():
+            computing = getattr(actor, "computing", None)
+            if computing is not None and getattr(actor, "on_cpu", False):
+                kind, key, since = computing
+                return (
+                    f"actor {name!r} has been computing its {kind} of key {key} for "
+                    f"{time.perf_counter() - since:.1f} s"
                 )
+        return None
 
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
