@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import trio
 
 from ._callbacks import Callback, wants_epoch_end
 from ._datacheck import check_labels, check_params, require_inputs
@@ -571,6 +572,7 @@ class _FitState:
         else:
             await run.drain()
 
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C waits: the trainer never holds half a state
     def _snapshot(self, run: Run) -> None:
         """Hands the run's current state, consistent at this point, to the trainer."""
         if not self.in_process:
@@ -581,6 +583,7 @@ class _FitState:
             state.opt_states = {n: tree_map(_copy, p) for n, p in state.opt_states.items()}
         self._commit(state)
 
+    @trio.lowlevel.enable_ki_protection
     def _commit(self, state: RunState) -> None:
         tr = self.tr
         tr.state = state
