@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -559,7 +560,14 @@ class _FitState:
         step-end callbacks whose losses have come."""
         if self.tr._interrupt.is_set():  # Ctrl-C in a notebook, seen by the waiting thread
             raise KeyboardInterrupt
-        if self.flush and self.in_process and run.minibatches > self.first_mb:
+        # (captured CUDA graphs update in place: a snapshot would be a copy each step, so
+        # there the state is kept at epoch ends and when the run stops between minibatches)
+        if (
+            self.flush
+            and self.in_process
+            and not run.cuda_graphs_active
+            and run.minibatches > self.first_mb
+        ):
             await run._wait_until(lambda: run.in_flight == 0)
             self._snapshot(run)
         self._deliver_steps()
@@ -619,6 +627,7 @@ class _FitState:
 
     def _epoch_end(self, epoch: int) -> None:
         tr, plan = self.tr, self.plan
+        _synchronize(tr.graph)  # GPU updates done before validation or a checkpoint reads them
         logs: dict[str, float] = {"epoch": epoch, "loss": self._epoch_loss(epoch)}
         if plan.validation_data is not None:
             for name, value in tr._evaluate(plan.validation_data).items():
@@ -636,6 +645,11 @@ class _FitState:
         run = self.run
         if run is None or not self.in_process:
             return  # nothing ran, or the workers' weights never came back: the state before
+        with contextlib.suppress(Exception):  # a broken device must not hide the first error
+            _synchronize(self.tr.graph)
+        if run.in_flight == 0:  # stopped between minibatches: everything admitted is applied
+            self._commit(run.state())
+            return
         if self.flush:
             return  # the last snapshot: every layer after the same last completed minibatch
         # continuous policies: each layer's own last update; the counters stop at the first
@@ -646,6 +660,14 @@ class _FitState:
             done += 1
         state.minibatches = done
         self._commit(state)
+
+
+def _synchronize(graph: Graph) -> None:
+    """Waits for the work queued on each GPU that holds a layer (nothing to do on the CPU)."""
+    from .backends import get_backend
+
+    for device in sorted({graph.nodes[n].device for n in graph.layers} - {"cpu"}):
+        get_backend(device).synchronize()
 
 
 def _copy(a: Any) -> Any:
