@@ -123,6 +123,15 @@ class Trainer:
     Raises:
         TypeError: ``cuda_graphs`` is not a bool.
         ValueError: ``cuda_graphs=True`` with a ``cluster``.
+
+    Attributes:
+        history: the :class:`History` of the latest ``fit``, also of one that was interrupted
+            or failed (then with the losses of the updates the trainer kept).
+        epochs_done: epochs trained in all.
+        epoch_batches: minibatches done of an epoch that an interrupted ``fit`` left
+            unfinished (the next ``fit`` finishes it first); 0 otherwise.
+        stop_training: set to True (by a callback) to end the current ``fit`` after its step.
+        traces: the trace files written so far, one per ``fit``.
     """
 
     def __init__(
