@@ -494,6 +494,7 @@ class _FitState:
             or wants_epoch_end(plan.callbacks)
         )
         self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
+        self.stepped = self.first_mb  # minibatches whose keys were all admitted
 
     # -- during the run --------------------------------------------------------------------------
     def on_loss(self, minibatch: int, loss: float, rows: int) -> None:
@@ -537,6 +538,7 @@ class _FitState:
                     if tr.stop_training:
                         break
                     mb = await run.step(batch)
+                    self.stepped = run.minibatches  # every key of `mb` admitted
                     self.mb_epoch[mb] = epoch
                     self.position = (epoch, i + 1)
                 skip = 0
@@ -656,7 +658,9 @@ class _FitState:
             return  # nothing ran, or the workers' weights never came back: the state before
         with contextlib.suppress(Exception):  # a broken device must not hide the first error
             _synchronize(self.tr.graph)
-        if run.in_flight == 0:  # stopped between minibatches: everything admitted is applied
+        if run.in_flight == 0 and run.minibatches == self.stepped:
+            # stopped between minibatches (not inside a step, which counts its minibatch
+            # before admitting its keys): everything admitted is applied
             self._commit(run.state())
             return
         if self.flush:
