@@ -75,3 +75,29 @@ def test_a_notebook_runs_headless(tmp_path):
     shown = fit_cell.outputs[-1]["data"]["text/plain"]
     assert shown.startswith("History(12 minibatches, 3 epochs")
     assert nb.cells[4].outputs[-1]["data"]["text/plain"].isdigit()  # events checked
+
+
+def test_interrupting_the_waiting_thread_stops_the_fit_and_keeps_what_finished():
+    """A notebook's "interrupt kernel" raises KeyboardInterrupt in the thread that waits for the
+    fit's worker thread: the fit stops at its next step and keeps what finished."""
+    import _thread
+
+    data, tr = _setup()
+
+    class InterruptKernel(ann.callbacks.Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 1:
+                _thread.interrupt_main()  # as SIGINT would, in the main (waiting) thread
+
+    async def cell():
+        tr.fit(data, epochs=50, batch_size=8, callbacks=[InterruptKernel()])
+
+    loop = asyncio.new_event_loop()  # like a kernel's loop: no SIGINT handler of its own
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(cell())
+    finally:
+        loop.close()
+    done = tr.state.minibatches
+    assert 2 <= done < 50 * 4 and set(tr.versions.values()) == {done}
+    assert len(tr.history.losses) == done
