@@ -303,9 +303,9 @@ def test_a_cluster_fit_refuses_what_needs_weights_during_the_fit():
 
 
 def test_plain_text_progress_where_rich_cannot_draw(monkeypatch, capsys):
-    from asyncnn import _train
+    from asyncnn import _fit
 
-    monkeypatch.setattr(_train, "_plain_progress", lambda: True)
+    monkeypatch.setattr(_fit, "_plain_progress", lambda: True)
     tr = ann.Trainer(
         chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), progress=True
     )

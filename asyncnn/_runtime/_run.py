@@ -266,6 +266,16 @@ class Run:
         while not condition():
             await self._changed.wait()
 
+    async def wait_idle(self, losses: bool = False) -> None:
+        """Waits until no admitted key is in flight (every stage has done its backward of
+        every key, so a flush policy's updates are applied); with ``losses``, also until the
+        loss of every admitted minibatch is known. Unlike :meth:`drain` it does not end a
+        continuous policy's stream."""
+        if losses:
+            await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
+        else:
+            await self._wait_until(lambda: self.in_flight == 0)
+
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
