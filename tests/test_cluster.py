@@ -435,3 +435,99 @@ def test_a_worker_that_died_between_fits_is_replaced(caplog: Any) -> None:
         assert "worker 0 killed by SIGKILL since the last run" in caplog.text
         assert victim not in cluster.pids
         assert_params_equal(one.params, many.params)
+
+
+# -- hostile local processes -------------------------------------------------------------------------
+def _flood(host: str, port: int, count: int, refused: list[int]) -> None:
+    """``count`` wrong-token handshakes against ``host:port``, 32 at a time."""
+    from asyncnn._cluster._wire import connect
+
+    async def main() -> None:
+        limiter = anyio.CapacityLimiter(32)
+
+        async def one() -> None:
+            async with limiter:
+                try:
+                    conn = await connect(host, port, b"not the token", {"role": "peer", "index": 9},
+                                         "worker", seconds=20)  # fmt: skip
+                    conn.close()
+                except (ConnectionError, OSError):
+                    refused[0] += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+
+    anyio.run(main, backend="trio")
+
+
+@pytest.mark.timeout(180)
+def test_a_flood_of_wrong_tokens_during_a_run_leaves_it_unharmed() -> None:
+    # 12,000 wrong-token handshakes against a worker, while a run goes on: the run completes,
+    # equals one process, and the refusals cost a counter and a few lines, not a list each
+    cluster = ann.cluster.LocalCluster(workers=2)
+    batches = [data(32, seed) for seed in range(4)]
+    refused = [0]
+    steps = [0]
+
+    async def main(graph: ann.Graph, on_cluster: bool) -> dict[str, Any]:
+        async with ann.open_run(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=2),
+            cluster=cluster if on_cluster else None,
+        ) as run:  # fmt: skip
+            if on_cluster:
+                await run.step(batches[0])
+                host, port = cluster.info[0]["host"], cluster.info[0]["port"]
+                flood = threading.Thread(target=_flood, args=(host, port, 12_000, refused))
+                flood.start()
+                i = 1
+                while flood.is_alive():
+                    await run.step(batches[i % 4])
+                    i += 1
+                    await anyio.sleep(0.02)
+                flood.join()
+                for _ in range(3):  # and a little after it
+                    await run.step(batches[i % 4])
+                    i += 1
+                steps[0] = i
+            else:
+                for i in range(steps[0]):
+                    await run.step(batches[i % 4])
+        return run.params
+
+    try:
+        spread = anyio.run(main, chain([0, 1, None]), True, backend="trio")
+        assert refused[0] == 12_000
+        assert cluster.rejected_count >= 12_000 - 64  # at most the last few still in flight
+        assert len(cluster.rejected) <= cluster.REJECTED_KEPT
+        assert any("wrong token" in line for line in cluster.rejected)
+    finally:
+        cluster.close()
+    one = anyio.run(main, chain([None] * 3), False, backend="trio")
+    assert_params_equal(one, spread)
+
+
+class _Blocked(ann.cluster.LocalCluster):
+    """A local cluster whose port is found by idle connections before its workers dial it."""
+
+    idle: list[Any]
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        import socket
+
+        self.idle = [socket.create_connection((host, port)) for _ in range(4)]
+        super()._launch(host, port, token)
+
+
+def test_idle_connections_to_the_drivers_port_cannot_keep_the_workers_out() -> None:
+    # the driver handshakes with every comer at once: four idle connections (each would have
+    # held a one-at-a-time handshake for its 10 s timeout) do not delay the start
+    cluster = _Blocked(workers=2, start_timeout=8.0)
+    try:
+        tr, _ = fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        for s in getattr(cluster, "idle", []):
+            s.close()
+        cluster.close()
+    one, _ = fit(chain([None] * 3), policies.Sync(), epochs=1)
+    assert_params_equal(one.params, tr.params)

@@ -323,14 +323,14 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                 actor = run.actors.get(name)
                 if isinstance(actor, RemoteActor):
                     actor.last_report = line
-            _note_rejections(cluster, header.get("rejected", []))
+            _note_rejections(cluster, header.get("rejected"))
         elif t == "error":
             if header.get("lost") is not None:
                 j = int(header["lost"])
                 raise PeerLost(j, f"{who} lost its connection to worker {j}")
             raise _remote_failure(header, w, hosted, who)
         elif t == "result":
-            _note_rejections(cluster, header.get("rejected", []))
+            _note_rejections(cluster, header.get("rejected"))
             run.results[w] = {
                 **decode_state(header, buffers),
                 "stats": header["stats"],
@@ -342,10 +342,14 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
 
 
-def _note_rejections(cluster: Cluster, lines: list[str]) -> None:
-    for line in lines:
-        if line not in cluster.rejected:
-            cluster.reject(line)
+def _note_rejections(cluster: Cluster, report: Any) -> None:
+    """Adds a worker's report of refused connections (``{"count", "sample"}``, what is new since
+    its last report) to the cluster's: a few lines, however large the count."""
+    if not isinstance(report, dict):
+        return
+    sample = [str(line) for line in report.get("sample", [])[:32]]
+    count = report.get("count", len(sample))
+    cluster.reject_many(sample, count if isinstance(count, int) else len(sample))
 
 
 def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str) -> Exception:
