@@ -25,7 +25,7 @@ from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import RunState, _Pending, open_run
 from asyncnn.backends import get_backend
 
-from ._read import Trace, payload_array, read
+from ._read import Trace, check_replayable, payload_array, read
 
 __all__ = ["Divergence", "ReplayResult", "replay"]
 
@@ -236,6 +236,7 @@ def replay(
     from asyncnn.optim import from_spec as optimizer_from_spec
 
     trace = read(path)
+    check_replayable(trace)  # a truncated, incomplete or malformed trace is refused here
     h = trace.header
     graph = Graph.from_spec(h["graph"])
     policy = policy_from_spec(h["policy"])
