@@ -340,6 +340,8 @@ def test_ray_cluster_matches_one_process_and_reports_a_dead_worker() -> None:
         one, _ = fit(chain([None] * 3), policy)
         many, _ = fit(chain([0, 1, None]), policy, cluster=cluster)
         assert_params_equal(one.params, many.params)
+        # asyncnn's own listeners on Ray workers are on loopback (Ray's are Ray's: see docs)
+        assert {v["host"] for v in cluster.info.values()} == {"127.0.0.1"}
         # a deterministic policy on Ray equals one process; Async learns as well
         tr, hist = fit(chain([0, 1, None]), policies.Async(max_active_keys=3), cluster=cluster)
         assert np.isfinite(hist.losses).all()
@@ -531,3 +533,47 @@ def test_idle_connections_to_the_drivers_port_cannot_keep_the_workers_out() -> N
         cluster.close()
     one, _ = fit(chain([None] * 3), policies.Sync(), epochs=1)
     assert_params_equal(one.params, tr.params)
+
+
+# -- traces of failed runs -------------------------------------------------------------------------
+def test_a_failed_cluster_runs_trace_holds_every_workers_events(tmp_path: Any, three: Any) -> None:
+    # s1 (worker 1) fails at the first key; s0 (worker 0) and s2 (worker 2) are aborted: each
+    # sends the events it recorded, and the trace holds them all
+    path = str(tmp_path / "failed.trace")
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     cluster=three, check_finite=True, trace=path)  # fmt: skip
+    tr.state.params["s1"][0]["weight"][:] = np.nan
+    with pytest.raises(ann.ActorError, match="NaN or Inf"):
+        tr.fit(data(), epochs=1, batch_size=32)
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["s1"]["forwards"] == 0
+    t = ann.trace.read(path)
+    assert any(e["ev"] == "start" and e["a"] == "s1" for e in t.events)  # from its error report
+    assert any(e["ev"] == "error" for e in t.events)
+
+
+def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_path: Any) -> None:
+    from asyncnn._tracing._summary import format_summary
+
+    path = str(tmp_path / "killed.trace")
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    try:
+        tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+        tr.trace = path
+        victim = cluster.pids[1]
+        strike = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))
+        strike.start()
+        with pytest.raises(ann.WorkerError):
+            tr.fit(data(4000), epochs=1, batch_size=32)
+        strike.join()
+    finally:
+        cluster.close()
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == [1]  # worker 0's events came with its abort report
+    assert s["actors"]["s0"]["forwards"] >= 1
+    assert "events of workers [1] are missing" in format_summary(s)
+    with pytest.raises(ann.TraceFormatError, match=r"lacks the events of workers \[1\]"):
+        ann.replay(path)

@@ -10,6 +10,7 @@ a worker never outlives its driver).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -93,6 +94,8 @@ class Worker:
         self.peer_arrived = anyio.Event()
         #: refused connections since the last report to the driver (a count and a few lines)
         self.rejected = Refusals()
+        #: the trace file of a run that failed here, until the error report carries it
+        self.failed_trace: bytes | None = None
 
     async def accept_peers(self) -> None:
         """Accepts the connections of workers with higher indices for the whole life of the
@@ -245,8 +248,11 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the run went well, its trace did not
             error = exc
         if error is not None:
-            if trace_file is not None:  # a failed run's worker events are not merged
-                await anyio.Path(trace_file).unlink(missing_ok=True)
+            if trace_file is not None:  # sent with the error report, for the driver's trace
+                path = anyio.Path(trace_file)
+                with contextlib.suppress(OSError):
+                    self.failed_trace = await path.read_bytes()
+                await path.unlink(missing_ok=True)
             raise error
         assert run is not None
         out: list[Any] = []
@@ -342,9 +348,14 @@ class Worker:
             cause = err.__cause__
             if cause is not None:
                 frame["cause"] = f"{type(cause).__name__}: {cause}"
+        buffers: list[Any] = []
+        if self.failed_trace is not None:  # the events this worker recorded, up to the failure
+            frame["trace"] = 0
+            buffers.append(np.frombuffer(self.failed_trace, dtype=np.uint8))
+            self.failed_trace = None
         try:
             with anyio.fail_after(5):
-                await self.driver.send(frame)
+                await self.driver.send(frame, buffers)
         except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
             pass
 

@@ -437,6 +437,11 @@ def _check_events(trace: Trace, graph: Any) -> None:
     fed: dict[int, set[str]] = {}
     seqs: dict[str, int] = {}
     open_: dict[str, int] = {}
+    # a cluster run's events are merged by time across processes: a worker's event may come
+    # before the driver's admit of its key, so the keys are gathered first
+    for e in trace.events:
+        if e["ev"] == "admit" and isinstance(e.get("key"), int):
+            admitted.add(e["key"])
     for i, e in enumerate(trace.events):
         ev, a = e["ev"], e["a"]
 
@@ -455,7 +460,6 @@ def _check_events(trace: Trace, graph: Any) -> None:
             count[1] += 1
             if count[0] != m["mb_keys"] or count[1] > count[0]:
                 raise bad(f"disagrees with the {count[0]} keys announced for its minibatch")
-            admitted.add(next_key)
             next_key += 1
         elif ev in ("send", "start", "end"):
             if e.get("key") not in admitted:
