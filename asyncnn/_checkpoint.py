@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from ._math._imports import UntrustedModuleError, trusted_modules
+from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._pytree import tree_flatten
 from ._runtime._graph import Graph
 from ._runtime._policies import policy_from_spec
@@ -188,9 +188,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             graph = Graph.from_spec(spec["graph"])
             optimizer = _optimizer_from_spec(spec["optimizer"])
             policy = policy_from_spec(spec["policy"])
-    except UntrustedModuleError as exc:
-        raise UntrustedModuleError(f"{spec_path}: {exc}") from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{spec_path}: {untrusted}") from None
         raise CheckpointError(f"{spec_path}: its specs cannot be rebuilt: {exc}") from exc
     kwargs: dict[str, Any] = {
         "optimizer": optimizer,

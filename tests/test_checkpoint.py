@@ -157,11 +157,18 @@ def test_a_class_path_in_a_checkpoint_imports_nothing(
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "evilmod.py").write_text("import pathlib\npathlib.Path('ran').touch()\nX = 1\n")
-    for target in ["evilmod:X", "unittest.__main__:X"]:
+    for target, place in [("evilmod:X", "optimizer"), ("unittest.__main__:X", "optimizer"),
+                          ("evilmod:Actor", "actor"), ("evilmod:Layer", "module")]:  # fmt: skip
         bad = _copy(saved[0], str(tmp_path / target.replace(":", "_")))
 
-        def change(s: dict[str, Any], target: str = target) -> None:
-            s["optimizer"] = {"name": target, "lr": 0.1}
+        def change(s: dict[str, Any], target: str = target, place: str = place) -> None:
+            layer = next(n for n in s["graph"]["nodes"] if n["kind"] == "layer")
+            if place == "optimizer":
+                s["optimizer"] = {"name": target, "lr": 0.1}
+            elif place == "actor":
+                layer["actor"] = target
+            else:
+                layer["module"] = {"type": target, "args": {}}
 
         _rewrite_spec(bad, change)
         with pytest.raises(UntrustedModuleError, match=f"{target}.*trusted_modules=") as info:

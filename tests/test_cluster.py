@@ -577,3 +577,27 @@ def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_pat
     assert "events of workers [1] are missing" in format_summary(s)
     with pytest.raises(ann.TraceFormatError, match=r"lacks the events of workers \[1\]"):
         ann.replay(path)
+
+
+class _Impostor(ann.cluster.LocalCluster):
+    """A local cluster joined, before its workers, by a token holder claiming index 7."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        from asyncnn._cluster._wire import connect
+
+        async def claim() -> None:
+            conn = await connect(host, port, token, {"role": "worker", "index": 7}, "driver")
+            await anyio.sleep(2)
+            conn.close()
+
+        threading.Thread(target=anyio.run, args=(claim,), daemon=True).start()
+        super()._launch(host, port, token)
+
+
+def test_a_worker_claiming_an_impossible_index_fails_the_start_naming_it() -> None:
+    cluster = _Impostor(workers=2)
+    try:
+        with pytest.raises(ann.WorkerError, match="said it was number 7 of 2"):
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        cluster.close()

@@ -169,10 +169,20 @@ class Cluster:
             if len(self.connections) >= self.workers:
                 all_in.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve_listener, listener, admit, self.reject)
-            await all_in.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_listener, listener, admit, self.reject)
+                await all_in.wait()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # a worker that announced an impossible index: that, not the group, is the error
+            wrong, _ = group.split(WorkerError)
+            if wrong is None:
+                raise
+            leaf: BaseException = wrong
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
 
     async def _admit(self, sock: Any) -> None:
         try:

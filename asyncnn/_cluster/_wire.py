@@ -496,7 +496,10 @@ async def serve_listener(
         done = False
         try:
             with scope:
-                await handshake(sock)
+                try:
+                    await handshake(sock)
+                except OSError as exc:  # e.g. reset before its options could be set
+                    refuse(f"a connection to {address} failed during its handshake: {exc}")
                 done = True
         finally:
             pending.pop(n, None)

@@ -25,6 +25,7 @@ __all__ = [
     "class_path",
     "import_by_path",
     "trusted_modules",
+    "untrusted_cause",
 ]
 
 #: the environment variable that lists modules trusted in every run of this process
@@ -39,6 +40,19 @@ _trusted: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
 class UntrustedModuleError(ValueError):
     """A spec names a class in a module that is neither imported nor trusted; nothing was
     imported. The message says how to trust the module."""
+
+
+def untrusted_cause(error: BaseException) -> UntrustedModuleError | None:
+    """The :class:`UntrustedModuleError` behind ``error`` (itself, or what it was raised from:
+    a graph's spec wraps its nodes' errors in a ``GraphError``)."""
+    e: BaseException | None = error
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, UntrustedModuleError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def class_path(cls: type) -> str:

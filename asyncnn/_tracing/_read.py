@@ -376,7 +376,7 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
         TraceFormatError: naming the trace and what makes it unusable.
         UntrustedModuleError: the header names a class of a module neither imported nor trusted.
     """
-    from asyncnn._math._imports import UntrustedModuleError
+    from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
     from asyncnn._math._imports import trusted_modules as trusting
     from asyncnn._math._optim import from_spec as optimizer_from_spec
     from asyncnn._runtime._graph import Graph
@@ -408,9 +408,10 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
             graph = Graph.from_spec(h["graph"])
             policy_from_spec(h["policy"])
             optimizer_from_spec(h["optimizer"])
-    except UntrustedModuleError as exc:
-        raise UntrustedModuleError(f"{path}: {exc}") from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{path}: {untrusted}") from None
         raise TraceFormatError(f"{path}: the header's specs cannot be rebuilt: {exc}") from exc
     if trace.state is None:
         raise TraceFormatError(f"{path}: the trace holds no initial state record; cannot replay")
