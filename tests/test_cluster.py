@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -601,3 +602,32 @@ def test_a_worker_claiming_an_impossible_index_fails_the_start_naming_it() -> No
             fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
     finally:
         cluster.close()
+
+
+_STUCK_CALLS = [0]  # per process: the worker that hosts the layer counts its own calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stuck(nn.Module):
+    """An identity that hangs for a while on its third call."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        _STUCK_CALLS[0] += 1
+        if _STUCK_CALLS[0] == 3:
+            time.sleep(4)
+        return x
+
+
+def test_a_stall_on_a_worker_reports_each_remote_actor_with_the_age_of_its_report() -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
+    h = g.layer("stuck", nn.Sequential(_Stuck(), nn.Linear(16, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=30.0) as cluster:
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster,
+                         stall_timeout=1.5)  # fmt: skip
+        with pytest.raises(ann.StallError) as info:
+            tr.fit(data(160), epochs=1, batch_size=32)
+    assert re.search(r"on worker 0, as reported \d+\.\d s ago", str(info.value)), str(info.value)

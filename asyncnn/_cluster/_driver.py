@@ -344,6 +344,7 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                 actor = run.actors.get(name)
                 if isinstance(actor, RemoteActor):
                     actor.last_report = line
+                    actor.last_report_at = now
             _note_rejections(cluster, header.get("rejected"))
         elif t == "error":
             _keep_trace(run.worker_traces, w, header, buffers)
