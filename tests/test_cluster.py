@@ -631,3 +631,39 @@ def test_a_stall_on_a_worker_reports_each_remote_actor_with_the_age_of_its_repor
         with pytest.raises(ann.StallError) as info:
             tr.fit(data(160), epochs=1, batch_size=32)
     assert re.search(r"on worker 0, as reported \d+\.\d s ago", str(info.value)), str(info.value)
+
+
+def test_an_interrupted_cluster_runs_trace_holds_the_workers_events(tmp_path: Any) -> None:
+    # Ctrl-C during a fit on a cluster: the workers are asked to abort and send their events
+    import subprocess
+    import sys
+
+    trace = tmp_path / "interrupted.trace"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, numpy as np, asyncnn as ann\n"
+        "from asyncnn import nn, optim, policies\n"
+        "g = ann.Graph.sequential([nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)],\n"
+        "    loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 12), workers=[0, 1])\n"
+        "rng = np.random.default_rng(0)\n"
+        "d = {'x': rng.normal(size=(20000, 12)).astype('float32'), 'y': rng.integers(0, 4, 20000)}\n"
+        "with ann.cluster.LocalCluster(workers=2) as c:\n"
+        "    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=c)\n"
+        "    tr.fit({k: v[:32] for k, v in d.items()}, epochs=1, batch_size=32)  # workers up\n"
+        f"    tr.trace = {str(trace)!r}\n"
+        "    print('fitting', flush=True)\n"
+        "    try:\n"
+        "        tr.fit(d, epochs=20, batch_size=32)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "fitting"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    s = ann.trace.summary(trace)
+    assert s["missing_workers"] == []
+    assert s["actors"]["stage0"]["forwards"] >= 1 and s["actors"]["stage1"]["forwards"] >= 1

@@ -187,7 +187,9 @@ class _Bounded:
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self._left:
-            n = self._left
+            # the file may have grown since (a trace still being written): look again
+            self._left = max(0, os.fstat(self._f.fileno()).st_size - self._f.tell())
+            n = self._left if n < 0 else min(n, self._left)
         data = self._f.read(n)
         self._left -= len(data)
         return data
