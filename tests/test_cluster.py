@@ -584,14 +584,25 @@ class _Impostor(ann.cluster.LocalCluster):
     """A local cluster joined, before its workers, by a token holder claiming index 7."""
 
     def _launch(self, host: str, port: int, token: bytes) -> None:
-        from asyncnn._cluster._wire import connect
+        import hashlib
+        import hmac
+        import socket
+        import struct
 
-        async def claim() -> None:
-            conn = await connect(host, port, token, {"role": "worker", "index": 7}, "driver")
-            await anyio.sleep(2)
-            conn.close()
+        import msgpack
 
-        threading.Thread(target=anyio.run, args=(claim,), daemon=True).start()
+        # connected now, before any worker process exists: first in the driver's queue
+        sock = socket.create_connection((host, port), timeout=10)
+
+        def claim() -> None:
+            with sock:
+                nonce = sock.recv(32, socket.MSG_WAITALL)
+                hello = msgpack.packb({"role": "worker", "index": 7})
+                mac = hmac.new(token, nonce + hello, hashlib.sha256).digest()
+                sock.sendall(struct.pack("<I", len(hello)) + hello + mac)
+                sock.recv(1)
+
+        threading.Thread(target=claim, daemon=True).start()
         super()._launch(host, port, token)
 
 
