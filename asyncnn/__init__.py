@@ -5,6 +5,7 @@ messages and a policy decides when work is admitted and when weights change.
 """
 
 from . import callbacks, cluster, data, dynamic, interop, nn, ops, optim, policies, trace
+from ._checkpoint import CheckpointError
 from ._errors import (
     ActorError,
     GraphError,
@@ -14,9 +15,12 @@ from ._errors import (
     WorkerError,
 )
 from ._math._autodiff import grad, value_and_grad, vjp
+from ._math._imports import UntrustedModuleError
 from ._math._loop import evaluate, predict, train_loop
 from ._notebook import replay  # runs on a worker thread inside a running event loop
 from ._runtime._actors import LayerActor
+from ._runtime._config import RunConfig
+from ._runtime._context import ActorContext
 from ._runtime._graph import Graph, TensorRef
 from ._runtime._run import Run, RunState, open_run
 from ._runtime._statistics import ActorStatistics
@@ -24,6 +28,10 @@ from ._train import History, Trainer
 from ._version import __version__ as __version__
 
 __all__ = [
+    "ActorContext",
+    "CheckpointError",
+    "RunConfig",
+    "UntrustedModuleError",
     "ActorError",
     "ActorStatistics",
     "Graph",

@@ -2,8 +2,13 @@
 
 Record one with ``Trainer(..., trace="run.trace")`` or ``open_run(..., trace=...)``; replay it
 with :func:`asyncnn.replay`. The format is specified in ``docs/trace_format.md``.
+
+Reading a trace never runs code: a class path in its header resolves only to asyncnn's own
+modules, modules already imported, or those trusted with :func:`trusted_modules` (see
+``docs/security.md``).
 """
 
+from ._math._imports import UntrustedModuleError, trusted_modules
 from ._runtime._traceformat import iter_frames
 from ._tracing._chrome import to_chrome
 from ._tracing._diff import diff
@@ -16,6 +21,7 @@ __all__ = [
     "ReplayResult",
     "Trace",
     "TraceReader",
+    "UntrustedModuleError",
     "diff",
     "iter_frames",
     "open_trace",
@@ -23,4 +29,5 @@ __all__ = [
     "read",
     "summary",
     "to_chrome",
+    "trusted_modules",
 ]

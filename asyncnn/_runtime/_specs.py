@@ -41,14 +41,17 @@ _LEGACY_ACTOR_PATHS = frozenset(
 )
 
 
-def actor_from_spec(path: str | None) -> str | None:
-    """A spec's custom actor, kept as its import path: the runtime resolves and checks it when
-    the graph is validated, before any compute."""
+def actor_from_spec(path: str | None) -> Any:
+    """A spec's custom actor class, resolved from its import path by the runtime's actor table
+    (only from modules imported or trusted; see ``import_by_path``); the built-in role actors
+    older specs name follow the node's role instead (None)."""
     if not path or path in _LEGACY_ACTOR_PATHS:
         return None
     if not isinstance(path, str) or ":" not in path:
         raise GraphError(f"graph spec: actor {path!r} is not an import path 'package.module:Class'")
-    return path
+    from ._actor_table import resolve_actor  # the actors run; the spec only names one
+
+    return resolve_actor(path)
 
 
 def _plain(value: Any) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from asyncnn._errors import TraceFormatError
+
 from ._read import Trace, read
 from ._replay import Divergence, compare_sends
 
@@ -22,12 +24,32 @@ def _starts(trace: Trace) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _check_comparable(trace: Trace) -> None:
+    """Every compute start and send names its kind and key (a start also its sequence number):
+    what the comparison reads."""
+    for i, e in enumerate(trace.events):
+        if e["ev"] in ("start", "send"):
+            need = ("k", "key", "seq") if e["ev"] == "start" else ("k", "key")
+            lacking = [f for f in need if f not in e]
+            if lacking:
+                raise TraceFormatError(
+                    f"{trace.path}: event {i} ({e['ev']} of {e['a']!r}) lacks {lacking}; two "
+                    "traces are compared by these fields"
+                )
+
+
 def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -> Divergence | None:
     """Compares two traces of the same graph; returns None if every actor processed the same
     messages in the same order with the same results, else the first :class:`Divergence`
-    (earliest in ``a``'s time): a reordered message, or a tensor that differs."""
+    (earliest in ``a``'s time): a reordered message, or a tensor that differs.
+
+    Raises:
+        TraceFormatError: a trace is damaged, or an event lacks what the comparison reads.
+    """
     ta = a if isinstance(a, Trace) else read(a)
     tb = b if isinstance(b, Trace) else read(b)
+    _check_comparable(ta)
+    _check_comparable(tb)
     sa, sb = _starts(ta), _starts(tb)
     found: list[tuple[float, Divergence]] = []
     for actor in sorted(set(sa) | set(sb)):

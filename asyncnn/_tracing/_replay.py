@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import numpy as np
 
+from asyncnn._math._imports import trusted_modules as trusting
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._messages import Message
@@ -25,7 +26,7 @@ from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import Run, RunState, open_run
 from asyncnn.backends import get_backend
 
-from ._read import Trace, payload_array, read
+from ._read import Trace, check_replayable, payload_array, read
 
 __all__ = ["Divergence", "ReplayResult", "replay"]
 
@@ -191,6 +192,7 @@ def replay(
     optimizer: Any = None,
     hook: Callable[[str, int, str, int, Any], bool | None] | None = None,
     stop_at_key: int | None = None,
+    trusted_modules: Iterable[str] | None = None,
 ) -> ReplayResult:
     """Reruns a recorded run and checks it against its trace.
 
@@ -204,6 +206,8 @@ def replay(
             return value stops the replay there (for stepping through a layer's history).
         stop_at_key: stop once an actor has processed any work of this key (a shortcut for a
             hook).
+        trusted_modules: modules whose classes the trace's header may name besides asyncnn's
+            own and those already imported (see ``docs/security.md``).
 
     Returns:
         A :class:`ReplayResult`: ``identical``, ``events_checked``, ``first_divergence``,
@@ -212,10 +216,13 @@ def replay(
     from asyncnn.optim import from_spec as optimizer_from_spec
 
     trace = read(path)
+    # a truncated, incomplete or malformed trace is refused here, before anything runs
+    check_replayable(trace, trusted_modules)
     h = trace.header
-    graph = Graph.from_spec(h["graph"])
-    policy = policy_from_spec(h["policy"])
-    opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
+    with trusting(trusted_modules):
+        graph = Graph.from_spec(h["graph"])
+        policy = policy_from_spec(h["policy"])
+        opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
     state = _initial_state(trace, graph)
     orders = _orders(trace, graph.layers)
     if stop_at_key is not None:

@@ -133,7 +133,8 @@ def summary(
             ``busy.png`` (each actor's computes on a timeline) into, with matplotlib.
 
     Returns:
-        A dict: ``path``, ``truncated``, ``events``, ``seconds`` (time of the last event),
+        A dict: ``path``, ``truncated``, ``missing_workers`` (workers of a failed or
+        interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of the last event),
         ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
         every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
         flight), ``losses`` (count, ``first``, ``last``), ``errors`` (messages), ``plots`` (paths
@@ -154,6 +155,7 @@ def summary(
     minibatches: set[int] = set()
     losses: list[float] = []
     errors: list[str] = []
+    missing: set[int] = set()
     flight: list[tuple[float, int]] = [(0.0, 0)]
     flight_area = 0.0
     flight_max = 0
@@ -182,6 +184,9 @@ def summary(
             continue
         if ev == "error":
             errors.append(str(e.get("m", {}).get("error", "")))
+            continue
+        if ev == "missing":
+            missing.update(w for w in e.get("m", {}).get("workers", []) if isinstance(w, int))
             continue
         if a == "scheduler" or ev == "flush":
             continue
@@ -240,6 +245,7 @@ def summary(
     result: dict[str, Any] = {
         "path": str(path),
         "truncated": reader.truncated,
+        "missing_workers": sorted(missing),
         "events": events,
         "seconds": span,
         "policy": policy.get("type", "") if isinstance(policy, dict) else "",
@@ -313,6 +319,14 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
         + (" (TRUNCATED: the file was cut off mid-record)" if s["truncated"] else ""),
+        *(
+            [
+                f"INCOMPLETE: the events of workers {s['missing_workers']} are missing (the run "
+                "failed or was interrupted before they could be collected)"
+            ]
+            if s.get("missing_workers")
+            else []
+        ),
         f"policy {s['policy'] or '?'}; {s['keys']} keys in {s['minibatches']} minibatches; "
         f"keys in flight: max {s['in_flight']['max']}, mean {s['in_flight']['mean']:.2f}; "
         f"{_bytes(s['bytes_moved'])} moved",
