@@ -12,12 +12,14 @@ from ._math._imports import UntrustedModuleError, trusted_modules
 from ._runtime._traceformat import iter_frames
 from ._tracing._chrome import to_chrome
 from ._tracing._diff import diff
+from ._tracing._event import Event
 from ._tracing._read import Trace, TraceReader, open_trace, payload_array, read
 from ._tracing._replay import Divergence, ReplayResult
 from ._tracing._summary import summary
 
 __all__ = [
     "Divergence",
+    "Event",
     "ReplayResult",
     "Trace",
     "TraceReader",

@@ -145,10 +145,10 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
     for e in reader:
         t = float(e.get("t", t_last))
         t_last = max(t_last, t)
-        a = str(e.get("a", ""))
-        ev = e.get("ev")
-        kind = str(e.get("k", ""))
-        key = int(e.get("key", -1))
+        a = e.actor
+        ev = e.what
+        kind = e.kind
+        key = e.key
         for change in occ.feed(e):
             if change[0] == "in_flight":
                 emit({"ph": "C", "pid": _PID, "name": "keys in flight", "ts": _us(t),
@@ -170,7 +170,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             if start.get("v") != e.get("v"):
                 args["version at start"] = start.get("v")
             if "m" in e:
-                args.update(e["m"])
+                args.update(e.meta)
             emit({"ph": "X", "cat": "compute", "name": f"{kind} k{key}", "pid": _PID,
                   "tid": tid(a), "ts": ts, "dur": dur, "args": args})  # fmt: skip
             slices += 1
@@ -178,7 +178,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             for fid in ends:
                 end_flow(fid, a, inside)
         elif ev == "send":
-            peer = str(e.get("p", ""))
+            peer = e.peer
             fid, next_id = next_id, next_id + 1
             nbytes = sent_bytes(e)
             if a not in open_:
@@ -189,7 +189,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                                 "version": e.get("v"), "bytes": nbytes}}  # fmt: skip
             sends.setdefault((a, peer, kind, key), deque()).append((fid, s_event))
         elif ev == "receive":
-            queue = sends.get((str(e.get("p", "")), a, kind, key))
+            queue = sends.get((e.peer, a, kind, key))
             if queue:
                 fid, s_event = queue.popleft()
                 if a in open_ and open_[a][0].get("k") == kind and open_[a][0].get("key") == key:
@@ -201,7 +201,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             emit({"ph": "i", "s": "t", "cat": "update", "name": f"update → v{e.get('v')}",
                   "pid": _PID, "tid": tid(a), "ts": _us(t), "args": {"version": e.get("v")}})  # fmt: skip
         elif ev in ("admit", "flush", "error", "missing"):
-            args = dict(e.get("m", {}))
+            args = e.meta
             if key >= 0:
                 args["key"] = key
             name = f"admit k{key}" if ev == "admit" else str(ev)

@@ -13,6 +13,8 @@ import numpy as np
 from asyncnn._errors import TraceFormatError
 from asyncnn._runtime._traceformat import VERSION, iter_frames
 
+from ._event import Event
+
 __all__ = [
     "Trace",
     "TraceReader",
@@ -209,7 +211,7 @@ class Trace:
     """
 
     header: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     state: dict[str, Any] | None = None
     truncated: bool = False
     path: str = ""
@@ -294,17 +296,17 @@ class TraceReader:
             return None
         return item[1]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Event]:
         try:
             if self._pending is not None:
-                yield self._pending
+                yield Event(self._pending)
                 self._pending = None
             while True:
                 rec = self._next_record()
                 if rec is None:
                     return
                 check_event(rec, self._where())
-                yield rec
+                yield Event(rec)
         finally:
             self.close()
 
@@ -357,8 +359,8 @@ def missing_workers(trace: Trace) -> list[int]:
     ``missing`` event records them; empty for a complete trace."""
     out: list[int] = []
     for e in trace.events:
-        if e["ev"] == "missing":
-            out.extend(w for w in e.get("m", {}).get("workers", []) if isinstance(w, int))
+        if e.what == "missing":
+            out.extend(w for w in e.meta.get("workers", []) if isinstance(w, int))
     return sorted(set(out))
 
 
@@ -443,16 +445,16 @@ def _check_events(trace: Trace, graph: Any) -> None:
     # a cluster run's events are merged by time across processes: a worker's event may come
     # before the driver's admit of its key, so the keys are gathered first
     for e in trace.events:
-        if e["ev"] == "admit" and isinstance(e.get("key"), int):
-            admitted.add(e["key"])
+        if e.what == "admit" and isinstance(e.get("key"), int):
+            admitted.add(e.key)
     for i, e in enumerate(trace.events):
-        ev, a = e["ev"], e["a"]
+        ev, a = e.what, e.actor
 
         def bad(what: str, e: dict[str, Any] = e, i: int = i) -> TraceFormatError:
             return TraceFormatError(f"{path}: event {i} ({e['ev']} of {e['a']!r}) {what}")
 
         if ev == "admit":
-            m = e.get("m", {})
+            m = e.meta
             if e.get("key") != next_key:
                 raise bad(f"admits key {e.get('key')!r}, expected {next_key} (keys in sequence)")
             if not isinstance(m.get("minibatch"), int) or not isinstance(m.get("mb_keys"), int):
@@ -478,16 +480,16 @@ def _check_events(trace: Trace, graph: Any) -> None:
                     for got, want in zip(shape, node.shape, strict=True)
                 ):
                     raise bad(f"carries data of shape {shape}; input {a!r} is {node.shape}")
-                fed.setdefault(e["key"], set()).add(a)
+                fed.setdefault(e.key, set()).add(a)
             elif ev == "start" and a in actors:
                 if e.get("seq") != seqs.get(a, 0) or a in open_:
                     raise bad(f"has sequence number {e.get('seq')!r}, expected {seqs.get(a, 0)}")
-                open_[a] = e["seq"]
-                seqs[a] = e["seq"] + 1
+                open_[a] = e.seq
+                seqs[a] = e.seq + 1
             elif ev == "end" and a in actors:
                 if open_.pop(a, None) != e.get("seq"):
                     raise bad(f"ends compute {e.get('seq')!r}, which did not start")
-    failed = any(e["ev"] == "error" for e in trace.events)
+    failed = any(e.what == "error" for e in trace.events)
     if open_ and not failed:
         raise TraceFormatError(f"{path}: the computes {sorted(open_.items())} never end")
     for mb, (announced, seen) in minibatches.items():
