@@ -295,3 +295,34 @@ async def test_gpu_wait_wakes_within_a_millisecond() -> None:
             await pool.wait(event, device="cuda:0")
             times.append(time.perf_counter() - start)
     assert float(np.median(times)) < 0.8e-3, times
+
+
+async def test_one_task_splits_its_large_products_across_the_workers() -> None:
+    from asyncnn.backends import current_team, matmul
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 128))
+    b = rng.standard_normal((128, 256))
+    async with open_device_pool(cpu_workers=2, blas_threads=1) as pool:
+        assert pool.team.splits_work and pool.team.workers == 2
+        on_worker = await pool.run("cpu", current_team)
+        out = await pool.run("cpu", matmul, a, b)  # 16.8 MFLOP: two parts of 8.4
+        again = await pool.run("cpu", matmul, a, b)
+        stats = pool.statistics()
+    assert on_worker is pool.team
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+    assert np.array_equal(out, again)
+    assert stats.splits == 2 and stats.tasks_threaded == 3
+
+
+async def test_pools_with_multi_threaded_blas_do_not_split() -> None:
+    from asyncnn.backends import matmul
+
+    a = np.random.default_rng(1).standard_normal((256, 256))
+    async with open_device_pool(cpu_workers=2, blas_threads=2) as pool:
+        await pool.run("cpu", matmul, a, a)
+        assert not pool.team.splits_work
+    async with open_device_pool(cpu_workers=2, blas_threads=1, split=False) as pool:
+        await pool.run("cpu", matmul, a, a)
+        assert not pool.team.splits_work
+    assert pool.statistics().splits == 0
