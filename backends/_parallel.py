@@ -541,6 +541,26 @@ class ComputeTeam:
         self.run_parts(part, len(bounds) - 1)
         return out
 
+    def sum_rows(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """``x.sum(axis=0)`` of a 2-D array (a bias gradient), cut by columns when large.
+
+        Each column is summed over the rows in the same order as the uncut call, so the result
+        is the same bit for bit.
+        """
+        cols = x.shape[1]
+        parts = len(self.row_bounds(cols, x.size)) - 1
+        bounds = split_bounds(cols, parts, ALIGN)
+        if len(bounds) <= 2:
+            return x.sum(axis=0)
+        out = np.empty(cols, dtype=x.dtype)
+
+        def part(i: int) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            np.sum(x[:, lo:hi], axis=0, out=out[lo:hi])
+
+        self.run_parts(part, len(bounds) - 1)
+        return out
+
     def statistics(self) -> TeamStatistics:
         """A snapshot of the team's counters."""
         return TeamStatistics(

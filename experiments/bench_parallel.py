@@ -45,6 +45,7 @@ import asyncnn as ann  # noqa: E402
 from asyncnn import nn, optim, policies  # noqa: E402
 from asyncnn.backends import (  # noqa: E402
     ComputeTeam,
+    acc_sum,
     elementwise,
     matmul,
     open_device_pool,
@@ -243,18 +244,18 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
         if value is not None:
             samples.setdefault(name, []).append(value)
 
-    with ComputeTeam(n) as team:
-        for _ in range(repeats):
-            add("numpy by hand", by_hand(sizes, batch, steps, None))
-            before = team.statistics().busy_seconds
+    for _ in range(repeats):
+        # the references first, with BLAS on every core; then the same on a team (which holds
+        # BLAS at one thread while it is open)
+        add("numpy by hand", by_hand(sizes, batch, steps, None))
+        add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
+        with ComputeTeam(n) as team:
             t0 = time.perf_counter()
             add("numpy by hand, on the team", by_hand(sizes, batch, steps, team))
             wall = time.perf_counter() - t0
-            after = team.statistics().busy_seconds
             utilisation["numpy by hand, on the team"] = [
-                (b - a) / wall for a, b in zip(before, after, strict=True)
+                b / wall for b in team.statistics().busy_seconds
             ]
-            add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
             add("value_and_grad loop, on the team", value_and_grad_loop(sizes, batch, steps, team))
     for _ in range(repeats):
         add("PyTorch eager", torch_eager(sizes, batch, steps))
@@ -288,6 +289,59 @@ def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
                 parts = len(team.product_plan(a.shape[0], b.shape[1], a.shape[1])[1]) - 1
                 key = f"{name} {a.shape}x{b.shape} in {parts} parts"
                 out[key] = bool(np.array_equal(split, a @ b))
+    return out
+
+
+def _products(sizes: list[int], batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The products of one SGD step of the MLP: forward, input gradient (not of the first layer)
+    and weight gradient of each layer."""
+    rng = np.random.default_rng(2)
+    out = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        x = rng.standard_normal((batch, fan_in), dtype=np.float32)
+        w = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
+        g = rng.standard_normal((batch, fan_out), dtype=np.float32)
+        out += [(x, w), (x.T, g)] + ([(g, w.T)] if i > 0 else [])
+    return out
+
+
+def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
+    """ms per step of the step's products alone (GFLOP/s beside) and of its large elementwise
+    passes alone: BLAS on every core, the team, and torch when installed."""
+    prods = _products(sizes, batch)
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in prods)
+    h = np.random.default_rng(3).standard_normal((batch, sizes[1]), dtype=np.float32)
+    bias = np.ones(sizes[1], np.float32)
+    ws = [np.ones((a, b), np.float32) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def passes() -> None:  # what the step does elementwise, per hidden layer and per weight
+        for _ in sizes[1:-1]:
+            y = elementwise(np.add, h, bias)
+            y = elementwise(np.maximum, y, 0)
+            elementwise(_relu_grad, h, y)
+            acc_sum(h, (0,))
+        for w in ws:
+            elementwise(_sgd, w, w, 0.01)
+
+    def products() -> None:
+        for a, b in prods:
+            matmul(a, b)
+
+    out: dict[str, float] = {"GFLOP per step": flops / 1e9}
+    out["products, BLAS on all cores (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
+    out["elementwise, numpy (ms)"] = 1e3 * _common.seconds_per_call(passes, reps)
+    with ComputeTeam(cores()) as team, using_team(team):
+        out["products, team (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
+        out["elementwise, team (ms)"] = 1e3 * _common.seconds_per_call(passes, reps)
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(cores())
+    tprods = [(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(b)) for a, b in prods]
+    out["products, torch (ms)"] = 1e3 * _common.seconds_per_call(
+        lambda: [torch.mm(a, b) for a, b in tprods], reps
+    )
     return out
 
 
@@ -340,8 +394,14 @@ def main() -> None:
         print(f"split products bit-identical to uncut 1-thread ones, batch {batch}:")
         for k, v in ident.items():
             print(f"   {k:<48} {v}")
+        parts = breakdown(sizes, batch, max(2, steps // 2))
+        print(f"one step's parts alone, batch {batch}:")
+        for k, v in parts.items():
+            rate = f"  {parts['GFLOP per step'] / v * 1e3:7.0f} GFLOP/s" if "products" in k else ""
+            print(f"   {k:<40} {v:9.2f}{rate}")
         result = table(sizes, batch, steps, repeats)
         result["bit_identical"] = ident
+        result["breakdown"] = parts
         report[title] = result
         show(f"{title} ({cores()} cores, median of {repeats}):", result)
     if args.two_core and not args.only_two_core:

@@ -270,3 +270,17 @@ def test_elementwise_splits_by_rows_bit_for_bit(team: ComputeTeam) -> None:
     with using_team(team):
         assert np.array_equal(elementwise(np.add, x, bias), x + bias)
     assert np.array_equal(elementwise(np.add, x, bias), x + bias)  # no team: plain numpy
+
+
+def test_bias_gradient_sums_split_by_columns_bit_for_bit(team: ComputeTeam) -> None:
+    from asyncnn.backends import acc_sum
+
+    for dtype in (np.float32, np.float64):
+        g = np.random.default_rng(9).standard_normal((50, 300)).astype(dtype)
+        assert np.array_equal(team.sum_rows(g), g.sum(axis=0))
+        with using_team(team):
+            before = team.statistics().splits
+            assert np.array_equal(acc_sum(g, (0,)), g.sum(axis=0))
+            assert np.array_equal(acc_sum(g, 0, keepdims=True), g.sum(axis=0, keepdims=True))
+            assert np.array_equal(acc_sum(g, 1), g.sum(axis=1))  # other axes: plain numpy
+            assert team.statistics().splits == before + 2
