@@ -284,3 +284,20 @@ def test_bias_gradient_sums_split_by_columns_bit_for_bit(team: ComputeTeam) -> N
             assert np.array_equal(acc_sum(g, 0, keepdims=True), g.sum(axis=0, keepdims=True))
             assert np.array_equal(acc_sum(g, 1), g.sum(axis=1))  # other axes: plain numpy
             assert team.statistics().splits == before + 2
+
+
+def test_a_capture_in_progress_takes_the_products_before_the_team(team: ComputeTeam) -> None:
+    from asyncnn.backends._parallel import capturing
+
+    calls: list[tuple[int, ...]] = []
+
+    def captured(a: Any, b: Any) -> Any:
+        calls.append(a.shape)
+        return a @ b
+
+    a, b = _operands(64, 8, 64, np.float64, seed=10)
+    with using_team(team), capturing(captured):
+        matmul(a, b)
+    assert calls == [(64, 8)] and team.statistics().splits == 0
+    matmul(a, b)  # the capture ended: plain numpy again
+    assert len(calls) == 1

@@ -326,3 +326,38 @@ async def test_pools_with_multi_threaded_blas_do_not_split() -> None:
         await pool.run("cpu", matmul, a, a)
         assert not pool.team.splits_work
     assert pool.statistics().splits == 0
+
+
+@pytest.mark.parametrize("policy", ["Sync", "GPipe(2)"])
+async def test_runs_on_a_shared_pool_equal_the_plain_loop_bit_for_bit_run_to_run(
+    policy: str,
+) -> None:
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    from _reference import (
+        assert_params_close,
+        assert_params_equal,
+        chain_graph,
+        fresh_params,
+        plain_sgd,
+    )
+
+    g = chain_graph(2, width=256, features=256)  # Linear(256, 256) + Tanh, Linear(256, 3)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"x": rng.standard_normal((128, 256)), "y": rng.integers(0, 3, 128)} for _ in range(3)
+    ]
+    ref, _ = plain_sgd(g, fresh_params(g), optim.SGD(lr=0.1), batches)
+    results = []
+    for _ in range(2):
+        async with open_device_pool(cpu_workers=2, blas_threads=1) as pool:
+            pol = policies.Sync() if policy == "Sync" else policies.GPipe(2)
+            async with ann.open_run(g, optim.SGD(lr=0.1), pol, dtype="float64", pool=pool) as run:
+                for b in batches:
+                    await run.step(b)
+                await run.drain()
+        assert pool.statistics().splits > 0  # the 64- and 128-row products were cut in two
+        results.append(run.params)
+    assert_params_close(results[0], ref, rtol=1e-10, atol=1e-12)
+    assert_params_equal(results[0], results[1])
