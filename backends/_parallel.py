@@ -208,6 +208,8 @@ class ComputeTeam:
         split: whether work is split at all; with ``False`` the team only runs whole tasks (and
             its workers' products run uncut), as a pool whose BLAS calls are multi-threaded wants.
         name: prefix of the worker threads' names.
+        on_exit: called by each worker thread as it stops (after :meth:`shutdown` or
+            :meth:`close`), so that an event loop can wait for the workers without blocking.
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class ComputeTeam:
         part_elements: int = DEFAULT_PART_ELEMENTS,
         split: bool = True,
         name: str = "asyncnn-team",
+        on_exit: Callable[[], object] | None = None,
     ) -> None:
         if int(workers) < 1:
             raise ValueError(f"a compute team needs at least 1 worker, got {workers}")
@@ -234,6 +237,7 @@ class ComputeTeam:
         self._part_elements = int(part_elements)
         self._split = bool(split)
         self._name = name
+        self._on_exit = on_exit
         self._cond = threading.Condition(threading.Lock())
         self._splits: collections.deque[_Split] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], object], Callable[[], object] | None]]
@@ -267,6 +271,14 @@ class ComputeTeam:
             self._threads.append(t)
         return self
 
+    def shutdown(self) -> None:
+        """Asks the workers to stop once the queued work is done, and returns at once (each
+        worker calls ``on_exit`` as it leaves); :meth:`close` then joins them."""
+        with self._cond:
+            if self._state == "open":
+                self._state = "closing"
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Stops the workers once the queued tasks are done; restores BLAS's thread count.
 
@@ -276,9 +288,7 @@ class ComputeTeam:
         if self._state in ("new", "closed"):
             self._state = "closed"
             return
-        with self._cond:
-            self._state = "closing"
-            self._cond.notify_all()
+        self.shutdown()
         current = threading.current_thread()
         for t in self._threads:
             if t is not current:
@@ -317,6 +327,13 @@ class ComputeTeam:
     # -- the workers ----------------------------------------------------------------------------
 
     def _worker(self, index: int) -> None:
+        try:
+            self._serve(index)
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _serve(self, index: int) -> None:
         if self._blas_threads is not None:
             # An OpenMP-threaded BLAS keeps its thread count per calling thread (a pthreads
             # OpenBLAS keeps it per process, set in start()): set it here too.

@@ -112,8 +112,14 @@ class DevicePool:
         self._inline_flops = inline_flops
         self._name = name
         self._team = ComputeTeam(
-            cpu_workers, blas_threads=blas_threads, split=split, name=f"{name}-cpu"
+            cpu_workers,
+            blas_threads=blas_threads,
+            split=split,
+            name=f"{name}-cpu",
+            on_exit=self._on_worker_exit,
         )
+        self._exited = 0
+        self._all_exited: anyio.Event | None = None
         self._inline = 0
         self._gpu = 0
         self._abandoned = 0
@@ -124,6 +130,7 @@ class DevicePool:
 
     def _start(self) -> None:
         self._call_soon = _call_soon_threadsafe(anyio.lowlevel.current_token().native_token)
+        self._all_exited = anyio.Event()
         self._team.start()
         self._closed = False
 
@@ -131,11 +138,24 @@ class DevicePool:
         if self._closed:
             return
         self._closed = True
+        self._team.shutdown()
+        assert self._all_exited is not None
         # Shielded: closing after a cancellation must still wait for the threads, or they would
-        # outlive the pool. It waits at most for the tasks already queued or running to finish;
-        # the join runs on a helper thread so that the loop keeps delivering their results.
+        # outlive the pool. It waits at most for the tasks already queued or running to finish,
+        # without blocking the loop (the workers report their exit through it).
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._team.close)
+            await self._all_exited.wait()
+        self._team.close()  # joins threads that have left already; restores BLAS's threads
+
+    def _on_worker_exit(self) -> None:
+        call_soon = self._call_soon
+        if call_soon is not None:
+            self._notify(call_soon, self._worker_exited)
+
+    def _worker_exited(self) -> None:
+        self._exited += 1
+        if self._exited == self._n and self._all_exited is not None:
+            self._all_exited.set()
 
     @staticmethod
     def _run_job(job: _Job) -> None:

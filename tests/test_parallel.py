@@ -301,3 +301,17 @@ def test_a_capture_in_progress_takes_the_products_before_the_team(team: ComputeT
     assert calls == [(64, 8)] and team.statistics().splits == 0
     matmul(a, b)  # the capture ended: plain numpy again
     assert len(calls) == 1
+
+
+def test_shutdown_returns_at_once_and_each_worker_reports_its_exit() -> None:
+    exits: list[str] = []
+    release = threading.Event()
+    team = ComputeTeam(2, name="test-team", on_exit=lambda: exits.append("x")).start()
+    team.submit(lambda: release.wait(5))
+    team.shutdown()  # a task is still running: returns anyway
+    assert not team.is_open
+    with pytest.raises(RuntimeError, match="closing"):
+        team.submit(print)
+    release.set()
+    team.close()
+    assert exits == ["x", "x"] and _team_threads() == []
