@@ -189,14 +189,18 @@ async def maybe_pool(
     if pool is not None:
         yield pool
         return
-    # Cores are shared out between the actors that compute at once: one BLAS thread each when
-    # there are at least as many CPU actors as cores, more when there are fewer (one stage gets
-    # all cores, as a plain loop would).
     cores = cores or host_cores()
-    workers = max(1, min(cores, cpu_actors))
-    async with open_device_pool(
-        cpu_workers=workers, blas_threads=max(1, cores // workers)
-    ) as fresh:
+    if cpu_actors <= 1:
+        # One CPU actor: nothing computes beside it, and OpenBLAS's own threads serve one
+        # caller best (about 10% faster than cutting its products on a team; docs/cpu.md).
+        async with open_device_pool(cpu_workers=1, blas_threads=cores) as fresh:
+            yield fresh
+        return
+    # Several: one shared team, every core a worker with one BLAS thread. An actor's large
+    # products, elementwise passes and updates are cut over the free workers, so whichever
+    # actor computes gets the cores (under Sync, GPipe, OneFOneB) and actors computing at once
+    # share them (OpenBLAS runs one multi-threaded call at a time: fixed shares never overlap).
+    async with open_device_pool(cpu_workers=cores, blas_threads=1) as fresh:
         yield fresh
 
 
