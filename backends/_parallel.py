@@ -279,11 +279,13 @@ class ComputeTeam:
                 self._state = "closing"
             self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Stops the workers once the queued tasks are done; restores BLAS's thread count.
 
-        Waits for tasks already queued or running (a thread cannot be interrupted). Splits called
-        after this run all their parts on the caller. Closing twice does nothing.
+        Waits for tasks already queued or running (a thread cannot be interrupted), unless
+        ``wait`` is false: then a worker still running a task is left to finish it on its own
+        (the threads are daemons). Splits called after this run all their parts on the caller.
+        Closing twice does nothing.
         """
         if self._state in ("new", "closed"):
             self._state = "closed"
@@ -291,7 +293,7 @@ class ComputeTeam:
         self.shutdown()
         current = threading.current_thread()
         for t in self._threads:
-            if t is not current:
+            if t is not current and (wait or not t.is_alive()):
                 t.join()
         self._state = "closed"
         if self._limiter is not None:

@@ -43,6 +43,10 @@ DEFAULT_INLINE_FLOPS = 5_000_000
 
 _pool_ids = itertools.count()
 
+#: seconds a closing pool waits for tasks whose callers were cancelled before leaving their
+#: threads behind
+ABANDONED_GRACE = 1.0
+
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -141,11 +145,19 @@ class DevicePool:
         self._team.shutdown()
         assert self._all_exited is not None
         # Shielded: closing after a cancellation must still wait for the threads, or they would
-        # outlive the pool. It waits at most for the tasks already queued or running to finish,
-        # without blocking the loop (the workers report their exit through it).
+        # outlive the pool. It waits for the tasks already queued or running to finish, without
+        # blocking the loop (the workers report their exit through it). A task whose caller was
+        # cancelled may never end (a hung compute that failed the run with a StallError): then
+        # the wait is bounded, and a thread still in it is left behind (a daemon), so that the
+        # run's error is not held up by it.
         with anyio.CancelScope(shield=True):
-            await self._all_exited.wait()
-        self._team.close()  # joins threads that have left already; restores BLAS's threads
+            if self._abandoned:
+                with anyio.move_on_after(ABANDONED_GRACE):
+                    await self._all_exited.wait()
+            else:
+                await self._all_exited.wait()
+        # joins the threads that have left; restores BLAS's threads
+        self._team.close(wait=self._all_exited.is_set())
 
     def _on_worker_exit(self) -> None:
         call_soon = self._call_soon

@@ -3,6 +3,7 @@ in a clear error within seconds, never a hang; memory stays flat."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -347,3 +348,30 @@ def test_an_inline_compute_that_never_returns_is_a_stall_error():
         ann.StallError, match=r"actor 'spin' has been computing its forward of key 0"
     ):
         tr.fit(_data(), batch_size=16)
+
+
+_release = threading.Event()
+
+
+class _HangOnAWorker(ann.LayerActor):
+    """Its forward hangs on a pool thread (a cost far above the inline threshold)."""
+
+    async def on_forward(self, key, inputs, meta):
+        return await self.compute(_release.wait, 60.0, cost=1e12)
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_compute_on_a_pool_thread_fails_fit_without_waiting_for_it():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("hang", nn.Linear(5, 3), x, actor=_HangOnAWorker)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("out", nn.Linear(3, 3), h), y)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    try:
+        with pytest.raises(ann.StallError, match=r"hang: computing forward of key 0"):
+            tr.fit(_data(), batch_size=16)  # returns in seconds while the thread still waits
+    finally:
+        _release.set()

@@ -45,7 +45,7 @@ class BlockedLoopMonitor:
         self.interval = interval
         self.blocker = blocker
         self.last_tick = time.perf_counter()
-        self.fired = False
+        self.fired_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._main, name="asyncnn stall monitor", daemon=True
@@ -61,8 +61,13 @@ class BlockedLoopMonitor:
 
     def _main(self) -> None:
         while not self._stop.wait(self.interval):
-            blocked = time.perf_counter() - self.last_tick
-            if blocked <= self.timeout or self.fired:
+            now = time.perf_counter()
+            blocked = now - self.last_tick
+            # fires again a timeout later if the loop is still blocked: the exception may have
+            # landed where it was swallowed (its delivery point is wherever the thread was)
+            if blocked <= self.timeout or (
+                self.fired_at is not None and now - self.fired_at <= self.timeout
+            ):
                 continue
             what = self.blocker()
             if what is None or self._stop.is_set():
@@ -72,7 +77,7 @@ class BlockedLoopMonitor:
                 "the event loop's thread, which it blocked (small work runs inline); the "
                 "compute was interrupted"
             )
-            self.fired = True
+            self.fired_at = now
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
                 ctypes.c_ulong(self.loop_thread), ctypes.py_object(LoopBlockedError)
             )
