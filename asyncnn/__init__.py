@@ -4,7 +4,8 @@ Layers run as async actors that exchange tensors over channels; a scheduler rout
 messages and a policy decides when work is admitted and when weights change.
 """
 
-from . import cluster, data, dynamic, nn, ops, optim, policies, trace
+from . import callbacks, cluster, data, dynamic, interop, nn, ops, optim, policies, trace
+from ._checkpoint import CheckpointError
 from ._errors import (
     ActorError,
     GraphError,
@@ -14,16 +15,23 @@ from ._errors import (
     WorkerError,
 )
 from ._math._autodiff import grad, value_and_grad, vjp
+from ._math._imports import UntrustedModuleError
 from ._math._loop import evaluate, predict, train_loop
+from ._notebook import replay  # runs on a worker thread inside a running event loop
 from ._runtime._actors import LayerActor
+from ._runtime._config import RunConfig
+from ._runtime._context import ActorContext
 from ._runtime._graph import Graph, TensorRef
 from ._runtime._run import Run, RunState, open_run
 from ._runtime._statistics import ActorStatistics
-from ._tracing._replay import replay
 from ._train import History, Trainer
 from ._version import __version__ as __version__
 
 __all__ = [
+    "ActorContext",
+    "CheckpointError",
+    "RunConfig",
+    "UntrustedModuleError",
     "ActorError",
     "ActorStatistics",
     "Graph",
@@ -38,11 +46,13 @@ __all__ = [
     "TraceFormatError",
     "Trainer",
     "WorkerError",
+    "callbacks",
     "cluster",
     "data",
     "dynamic",
     "evaluate",
     "grad",
+    "interop",
     "nn",
     "open_run",
     "ops",

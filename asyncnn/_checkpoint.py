@@ -1,15 +1,28 @@
 """Checkpoints: a folder with ``spec.msgpack`` (graph, policy, optimizer, counters, and the
-layout of the arrays) and ``arrays.safetensors`` (weights and optimizer buffers). Nothing is
-pickled: a checkpoint is rebuilt from specs."""
+layout of the arrays), ``arrays.safetensors`` (weights and optimizer buffers) and
+``manifest.json`` (the format version and the SHA-256 of each of the other two files). Nothing is
+pickled: a checkpoint is rebuilt from specs, and every file is checked before it is used.
+
+The layout of a folder (format version 2)::
+
+    manifest.json       {"format": "asyncnn-checkpoint", "version": 2,
+                         "files": {"spec.msgpack": {"bytes": n, "sha256": hex}, ...}}
+    spec.msgpack        {"format", "version", "graph", "policy", "optimizer", "seed", "dtype",
+                         "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout"}
+    arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>"
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
+from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._pytree import tree_flatten
 from ._runtime._graph import Graph
 from ._runtime._policies import policy_from_spec
@@ -19,8 +32,20 @@ from .backends import get_backend, to_numpy
 if TYPE_CHECKING:
     from ._train import Trainer
 
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+
 FORMAT = "asyncnn-checkpoint"
-VERSION = 1
+VERSION = 2
+MANIFEST = "manifest.json"
+SPEC = "spec.msgpack"
+ARRAYS = "arrays.safetensors"
+_MAX_MANIFEST_BYTES = 1 << 16
+_MAX_SPEC_BYTES = 1 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged, incomplete, of another format version, or does not fit
+    its graph; the message names the file and what is wrong."""
 
 
 def _treedef_spec(tree: Any) -> Any:
@@ -39,25 +64,45 @@ def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
     spec = _treedef_spec(tree)
     for i, leaf in enumerate(leaves):
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            arrays[f"{prefix}/{i}"] = np.ascontiguousarray(to_numpy(leaf))
+            # np.asarray keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
+            a = np.asarray(to_numpy(leaf))
+            arrays[f"{prefix}/{i}"] = a if a.flags.c_contiguous else np.ascontiguousarray(a)
     return spec
 
 
 def _join(spec: Any, prefix: str, arrays: dict[str, Any], device: str, counter: list[int]) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{prefix}: a tree entry must be a map of one key, got {spec!r:.80}")
     if "dict" in spec:
+        if not isinstance(spec["dict"], dict):
+            raise ValueError(f"{prefix}: 'dict' holds {type(spec['dict']).__name__}, not a map")
         return {
             k: _join(v, prefix, arrays, device, counter) for k, v in sorted(spec["dict"].items())
         }
     if "list" in spec or "tuple" in spec:
-        items = [
-            _join(v, prefix, arrays, device, counter) for v in spec.get("list", spec.get("tuple"))
-        ]
+        entries = spec.get("list", spec.get("tuple"))
+        if not isinstance(entries, list):
+            raise ValueError(f"{prefix}: a list entry holds {type(entries).__name__}")
+        items = [_join(v, prefix, arrays, device, counter) for v in entries]
         return items if "list" in spec else tuple(items)
     i = counter[0]
     counter[0] += 1
-    if spec.get("array"):
-        return get_backend(device).asarray(arrays[f"{prefix}/{i}"])
-    return spec["value"]
+    if "array" in spec:
+        name = f"{prefix}/{i}"
+        if name not in arrays:
+            raise ValueError(f"{prefix}: the array {name!r} is missing from {ARRAYS}")
+        return get_backend(device).asarray(arrays[name])
+    if "value" in spec:
+        return spec["value"]
+    raise ValueError(f"{prefix}: unknown tree entry {sorted(spec)!r}")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_checkpoint(trainer: Trainer, path: str) -> None:
@@ -79,6 +124,8 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
                 "grads": _split(acc, f"pending/{name}", arrays),
                 "count": count,
             }
+        if name in state.actor_states:  # a custom actor's own state (LayerActor.actor_state)
+            layout[name]["actor_state"] = _split(state.actor_states[name], f"actor/{name}", arrays)
     spec = {
         "format": FORMAT,
         "version": VERSION,
@@ -94,54 +141,229 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
         "trace_base": trainer.trace,
         "layout": layout,
     }
-    # Write beside, then rename: a crash mid-save never leaves a half-written checkpoint.
-    tmp_arrays = os.path.join(path, "arrays.safetensors.tmp")
-    tmp_spec = os.path.join(path, "spec.msgpack.tmp")
+    # Write beside, then rename, the manifest last: a crash mid-save leaves either the old
+    # checkpoint or files that disagree with their manifest (refused by load), never a
+    # half-written file that loads.
+    tmp_arrays = os.path.join(path, ARRAYS + ".tmp")
+    tmp_spec = os.path.join(path, SPEC + ".tmp")
+    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
     save_file(arrays, tmp_arrays)
     with open(tmp_spec, "wb") as f:
         f.write(msgpack.packb(spec, use_bin_type=True))
-    os.replace(tmp_arrays, os.path.join(path, "arrays.safetensors"))
-    os.replace(tmp_spec, os.path.join(path, "spec.msgpack"))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "files": {
+            name: {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
+            for name, tmp in ((SPEC, tmp_spec), (ARRAYS, tmp_arrays))
+        },
+    }
+    with open(tmp_manifest, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp_arrays, os.path.join(path, ARRAYS))
+    os.replace(tmp_spec, os.path.join(path, SPEC))
+    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
 
 
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
-    from safetensors.numpy import load_file
+    """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
-    from .optim import from_spec as optimizer_from_spec
+    ``overrides`` replace constructor arguments; ``trusted_modules=[...]`` names modules whose
+    classes the spec may name without their being imported already (see
+    :func:`~asyncnn._math._imports.import_by_path`).
 
-    spec_path = os.path.join(path, "spec.msgpack")
-    if not os.path.exists(spec_path):
-        raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no spec.msgpack")
-    with open(spec_path, "rb") as f:
-        spec = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-    if spec.get("format") != FORMAT:
-        raise ValueError(
-            f"{spec_path} is not an asyncnn checkpoint (format {spec.get('format')!r})"
-        )
-    arrays = load_file(os.path.join(path, "arrays.safetensors"))
-    graph = Graph.from_spec(spec["graph"])
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+        CheckpointError: a file is missing, damaged (its checksum differs), of another format
+            version, malformed, or does not fit the graph it describes.
+        UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
+    """
+    trusted = overrides.pop("trusted_modules", None)
+    spec_path = os.path.join(path, SPEC)
+    if not os.path.isdir(path) or not (
+        os.path.exists(spec_path) or os.path.exists(os.path.join(path, MANIFEST))
+    ):
+        raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
+    verify_checkpoint(path)
+    spec = _read_spec(spec_path)
+    arrays = _read_arrays(os.path.join(path, ARRAYS))
+    try:
+        with trusted_modules(trusted):
+            graph = Graph.from_spec(spec["graph"])
+            optimizer = _optimizer_from_spec(spec["optimizer"])
+            policy = policy_from_spec(spec["policy"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{spec_path}: {untrusted}") from None
+        raise CheckpointError(f"{spec_path}: its specs cannot be rebuilt: {exc}") from exc
     kwargs: dict[str, Any] = {
-        "optimizer": optimizer_from_spec(spec["optimizer"]),
-        "policy": policy_from_spec(spec["policy"]),
+        "optimizer": optimizer,
+        "policy": policy,
         "seed": spec["seed"],
         "dtype": spec["dtype"],
     }
     kwargs.update(overrides)
     trainer = cls(graph, **kwargs)
-    params, opt_states, versions, pending = {}, {}, {}, {}
-    for name in graph.layers:
-        entry = spec["layout"][name]
-        device = graph.nodes[name].device
-        params[name] = _join(entry["params"], f"params/{name}", arrays, device, [0])
-        opt_states[name] = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
-        versions[name] = int(entry["version"])
-        if "pending" in entry:
-            acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
-            pending[name] = (acc, int(entry["pending"]["count"]))
-    trainer.state = RunState(
-        params, opt_states, versions, spec["minibatches"], spec["keys"], pending
-    )
-    trainer.epochs_done = int(spec["epochs_done"])
+    fresh = trainer.state
+    same_dtype = "dtype" not in overrides
+    try:
+        params, opt_states, versions, pending, actor_states = {}, {}, {}, {}, {}
+        for name in graph.layers:
+            entry = spec["layout"][name]
+            device = graph.nodes[name].device
+            params[name] = _join(entry["params"], f"params/{name}", arrays, device, [0])
+            _fits(params[name], fresh.params[name], f"the parameters of {name!r}", same_dtype)
+            opt_states[name] = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
+            if "optimizer" not in overrides:  # another optimizer may keep another state
+                _fits(opt_states[name], fresh.opt_states[name], f"the optimizer state of {name!r}")
+            versions[name] = _count(entry["version"], f"the version of {name!r}")
+            if "pending" in entry:
+                acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
+                _fits(acc, fresh.params[name], f"the pending gradients of {name!r}", same_dtype)
+                pending[name] = (acc, _count(entry["pending"]["count"], "a gradient count"))
+            if "actor_state" in entry:
+                actor_states[name] = _join(
+                    entry["actor_state"], f"actor/{name}", arrays, device, [0]
+                )
+        trainer.state = RunState(
+            params, opt_states, versions, _count(spec["minibatches"], "minibatches"),
+            _count(spec["keys"], "keys"), pending, actor_states,
+        )  # fmt: skip
+        trainer.epochs_done = _count(spec["epochs_done"], "epochs_done")
+        traces = spec.get("traces", [])
+        if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):
+            raise ValueError(f"'traces' must be a list of paths, got {traces!r:.80}")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint does not fit its graph: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
-        trainer.traces = [str(t) for t in spec.get("traces", [])]
+        trainer.traces = list(traces)
     return trainer
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Checks a checkpoint folder's manifest (format, version) and the checksum of every file it
+    lists; returns the manifest.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(
+            f"{path}: the checkpoint has no {MANIFEST} (it was written by an asyncnn older than "
+            f"checkpoint format version {VERSION}, which kept no checksums, or the file was "
+            "deleted); load it with the asyncnn that wrote it"
+        )
+    try:
+        if os.path.getsize(manifest_path) > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"it is larger than {_MAX_MANIFEST_BYTES} bytes")
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError("it is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path} is damaged: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{manifest_path} is not an asyncnn checkpoint manifest (format "
+            f"{manifest.get('format')!r:.80}, expected {FORMAT!r})"
+        )
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: checkpoint format version {manifest.get('version')!r:.80}; this "
+            f"asyncnn reads version {VERSION} (load it with the asyncnn that wrote it)"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {SPEC, ARRAYS}:
+        raise CheckpointError(
+            f"{manifest_path} is damaged: it must list exactly {SPEC} and {ARRAYS}, not "
+            f"{sorted(files) if isinstance(files, dict) else files!r:.80}"
+        )
+    for name, entry in files.items():
+        file = os.path.join(path, name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(
+                f"{manifest_path} is damaged: its entry for {name} is {entry!r:.80}"
+            )
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file} is missing (the manifest lists it)")
+        size = os.path.getsize(file)
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{file} is damaged: it has {size} bytes, {manifest_path} says {entry['bytes']}"
+            )
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(
+                f"{file} is damaged: its SHA-256 differs from the one in {manifest_path} (one of "
+                "the two changed after the checkpoint was saved)"
+            )
+    return manifest
+
+
+def _read_spec(spec_path: str) -> dict[str, Any]:
+    try:
+        with open(spec_path, "rb") as f:
+            spec = msgpack.unpackb(f.read(_MAX_SPEC_BYTES + 1), raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is damage
+        raise CheckpointError(f"{spec_path} is damaged: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise CheckpointError(f"{spec_path} is not an asyncnn checkpoint (format {got!r:.80})")
+    if spec.get("version") != VERSION:
+        raise CheckpointError(
+            f"{spec_path}: checkpoint format version {spec.get('version')!r:.80}; this asyncnn "
+            f"reads version {VERSION}"
+        )
+    for key, kind in (("graph", dict), ("optimizer", dict), ("policy", dict), ("layout", dict),
+                      ("seed", int), ("dtype", str)):  # fmt: skip
+        if not isinstance(spec.get(key), kind):
+            raise CheckpointError(
+                f"{spec_path} is malformed: {key!r} must be a {kind.__name__}, got "
+                f"{spec.get(key)!r:.80}"
+            )
+    return spec
+
+
+def _read_arrays(arrays_path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(arrays_path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{arrays_path} is damaged: {type(exc).__name__}: {exc}") from exc
+
+
+def _optimizer_from_spec(spec: Any) -> Any:
+    from .optim import from_spec
+
+    return from_spec(spec)
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a count (an int >= 0), got {value!r:.80}")
+    return value
+
+
+def _fits(tree: Any, like: Any, what: str, same_dtype: bool = False) -> None:
+    """Checks that ``tree`` has the structure, shapes (and dtypes) of ``like``."""
+    leaves, treedef = tree_flatten(tree)
+    ref_leaves, ref_treedef = tree_flatten(like)
+    if treedef != ref_treedef:
+        raise ValueError(f"{what} have another structure than the graph's")
+    for i, (a, b) in enumerate(zip(leaves, ref_leaves, strict=True)):
+        a_array, b_array = hasattr(a, "shape"), hasattr(b, "shape")
+        if a_array != b_array:
+            raise ValueError(f"{what}: leaf {i} is {type(a).__name__}, expected {type(b).__name__}")
+        if a_array and tuple(a.shape) != tuple(b.shape):
+            raise ValueError(
+                f"{what}: leaf {i} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+            )
+        if a_array and same_dtype and np.dtype(a.dtype) != np.dtype(b.dtype):
+            raise ValueError(f"{what}: leaf {i} has dtype {a.dtype}, expected {b.dtype}")
+        if not a_array and not isinstance(a, _SCALARS):
+            raise ValueError(f"{what}: leaf {i} is {a!r:.80}, not a number")
+
+
+_SCALARS: tuple[type, ...] = (int, float, bool, type(None), str)

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -32,6 +32,44 @@ def _policy(name: str, microbatches: int, stages: int, stash: bool) -> Any:
     return getattr(policies, name)(microbatches)
 
 
+# train's options that describe the model, the policy or the optimizer: a checkpoint holds them
+_MODEL_FLAGS = (
+    "--policy", "--stages", "--microbatches", "--no-stash", "--layers", "--hidden", "--lr",
+    "--seed",
+)  # fmt: skip
+
+
+class UsageError(Exception):
+    """A command line that cannot work: printed as one line, exit status 2."""
+
+
+def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuses contradictory train options (one line each)."""
+    if args.resume:
+        clash = [f for f in _MODEL_FLAGS if f in given]
+        if clash:
+            raise UsageError(
+                f"--resume takes the model, policy, optimizer and seed from the checkpoint; "
+                f"drop {' '.join(clash)}"
+            )
+        return
+    if args.no_stash and args.policy != "PipeDream":
+        raise UsageError(
+            f"--no-stash applies to PipeDream only ({args.policy} keeps no weight stash)"
+        )
+    if "--microbatches" in given and args.policy in ("Sync", "Async"):
+        raise UsageError(
+            f"--microbatches applies to GPipe, OneFOneB and PipeDream ({args.policy} sends each "
+            "minibatch as one key)"
+        )
+    modules = 2 * args.layers + 1
+    if args.stages > modules:
+        raise UsageError(
+            f"--stages {args.stages} is more than the MLP's {modules} modules "
+            f"({args.layers} hidden layers, each Linear + ReLU, and the output Linear)"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import Graph, data, nn
 
@@ -44,26 +82,36 @@ def _train(args: argparse.Namespace) -> int:
     features = train["x"].shape[1]
     classes = int(train["y"].max()) + 1
     sizes = [features] + [args.hidden] * args.layers + [classes]
-    modules: list[Any] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        modules.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            modules.append(nn.ReLU())
     workers = None
     cluster = None
     if args.workers:
         from .cluster import LocalCluster
 
-        # stage i on worker i mod N; the loss follows the last stage
-        workers = [i % args.workers for i in range(args.stages)]
         cluster = LocalCluster(workers=args.workers)
-    graph = Graph.sequential(
-        modules, loss=nn.CrossEntropyLoss(), stages=args.stages, input_shape=(None, features),
-        workers=workers,
-    )  # fmt: skip
-    policy = _policy(args.policy, args.microbatches, args.stages, not args.no_stash)
     try:
-        return _fit(args, graph, policy, cluster, train, test, sizes)
+        if args.resume:
+            from . import Trainer
+
+            trainer = Trainer.load(
+                args.resume, progress=args.progress, cluster=cluster, trace=args.trace
+            )
+            graph, policy = trainer.graph, trainer.policy
+        else:
+            modules: list[Any] = []
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+                modules.append(nn.Linear(a, b))
+                if i < len(sizes) - 2:
+                    modules.append(nn.ReLU())
+            if args.workers:
+                # stage i on worker i mod N; the loss follows the last stage
+                workers = [i % args.workers for i in range(args.stages)]
+            graph = Graph.sequential(
+                modules, loss=nn.CrossEntropyLoss(), stages=args.stages,
+                input_shape=(None, features), workers=workers,
+            )  # fmt: skip
+            policy = _policy(args.policy, args.microbatches, args.stages, not args.no_stash)
+            trainer = None
+        return _fit(args, graph, policy, cluster, train, test, sizes, trainer)
     finally:
         if cluster is not None:
             cluster.close()
@@ -77,23 +125,56 @@ def _fit(
     train: dict[str, Any],
     test: dict[str, Any],
     sizes: list[int],
+    trainer: Any = None,
 ) -> int:
     from . import Trainer, optim
+    from .callbacks import JSONLLogger
 
     where = f" on {args.workers} worker processes" if args.workers else ""
-    trainer = Trainer(
-        graph,
-        optimizer=optim.Adam(lr=args.lr),
-        policy=policy,
-        seed=args.seed,
-        progress=args.progress,
-        cluster=cluster,
-    )
-    print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
-          f"{args.stages} stages under {policy}{where}")  # fmt: skip
+    if trainer is None:
+        trainer = Trainer(
+            graph,
+            optimizer=optim.Adam(lr=args.lr),
+            policy=policy,
+            seed=args.seed,
+            progress=args.progress,
+            cluster=cluster,
+            trace=args.trace,
+        )
+        print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
+              f"{args.stages} stages under {policy}{where}")  # fmt: skip
+    else:
+        print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
+              f"({trainer.state.minibatches} minibatches) under {policy}{where}")  # fmt: skip
+    epochs = args.epochs - trainer.epochs_done  # --epochs counts those of the checkpoint too
+    if epochs < 0:
+        raise UsageError(
+            f"--epochs {args.epochs}: the checkpoint has trained {trainer.epochs_done} already"
+        )
+    callbacks = [JSONLLogger(args.metrics)] if args.metrics else []
     start = time.perf_counter()
-    hist = trainer.fit(train, epochs=args.epochs, batch_size=args.batch_size, shuffle=True)
+    try:
+        hist = trainer.fit(
+            train, epochs=epochs, batch_size=args.batch_size, shuffle=True, callbacks=callbacks
+        )
+    except KeyboardInterrupt:
+        saved = ""
+        if args.save:
+            trainer.save(args.save)
+            saved = f"; saved to {args.save} (continue with --resume {args.save})"
+        print(
+            f"asyncnn train: interrupted after {trainer.state.minibatches} minibatches "
+            f"(epoch {trainer.epochs_done}, batch {trainer.epoch_batches}){saved}",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception:
+        if args.save:  # what finished is kept: save it before the error is reported
+            trainer.save(args.save)
+        raise
     seconds = time.perf_counter() - start
+    if args.save:
+        trainer.save(args.save)
     result = trainer.evaluate(test)
     print(
         f"test accuracy {result['accuracy']:.1%}, test loss {result['loss']:.3f}; "
@@ -105,6 +186,8 @@ def _fit(
         print(
             f"{name:<9} {util[name]:6.1%}  {st.forwards:8d}  {st.updates:7d}  {st.peak_stored:11d}"
         )
+    if args.save:
+        print(f"saved the trainer to {args.save}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         report = {
@@ -152,7 +235,14 @@ def _trace_diff(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from . import replay
+    from .trace import read
 
+    recorded = read(args.path)
+    if recorded.truncated:
+        raise UsageError(
+            f"{args.path} is cut off after {len(recorded.events)} events (the run that wrote it "
+            "did not finish writing): replay needs a whole trace"
+        )
     result = replay(args.path, actor=args.actor)
     what = f"actor {args.actor}" if args.actor else "the run"
     if result.identical:
@@ -185,36 +275,90 @@ def _bench(args: argparse.Namespace) -> int:
     return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and the defaults in every option's help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+_positive_int.__name__ = _natural.__name__ = "integer"  # argparse names the type in errors
+_positive_float.__name__ = "number"
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="asyncnn", description="asynchronous neural networks")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="asyncnn", description="asynchronous neural networks")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser(
         "train",
         help="train an MLP through a pipeline of actors (the main job)",
         description="Train an MLP on MNIST-1D (generated locally) or scikit-learn's digits through "
-        "a multi-stage actor graph; print test accuracy and per-actor utilisation.",
+        "a multi-stage actor graph; print test accuracy and per-actor utilisation. Ctrl-C stops "
+        "after the last completed update (saved with --save; continue with --resume).",
+        allow_abbrev=False,
     )
-    t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
-    t.add_argument("--policy", choices=_POLICIES, default="PipeDream")
-    t.add_argument("--stages", type=int, default=3, help="actors holding layers (default 3)")
-    t.add_argument("--microbatches", type=int, default=4, help="keys per minibatch (default 4)")
+    t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d", help="data")
+    t.add_argument("--policy", choices=_POLICIES, default="PipeDream", help="training policy")
+    t.add_argument("--stages", type=_positive_int, default=3, help="actors holding layers")
+    t.add_argument(
+        "--microbatches", type=_positive_int, default=4,
+        help="keys per minibatch (GPipe, OneFOneB, PipeDream)",
+    )  # fmt: skip
     t.add_argument("--no-stash", action="store_true", help="PipeDream without weight stashing")
-    t.add_argument("--layers", type=int, default=3, help="hidden layers (default 3)")
-    t.add_argument("--hidden", type=int, default=512, help="hidden width (default 512)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=_natural, default=3, help="hidden layers")
+    t.add_argument("--hidden", type=_positive_int, default=512, help="hidden width")
+    t.add_argument(
+        "--epochs", type=_natural, default=30,
+        help="epochs in all (with --resume, those of the checkpoint count)",
+    )  # fmt: skip
+    t.add_argument("--batch-size", type=_positive_int, default=100, help="rows per minibatch")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    t.add_argument("--seed", type=_natural, default=0, help="weights and shuffling")
     t.add_argument("--progress", action="store_true", help="live progress bar")
     t.add_argument(
-        "--workers", type=int, default=0,
+        "--workers", type=_natural, default=0,
         help="run the stages in this many local worker processes (stage i on worker i mod N)",
     )  # fmt: skip
+    t.add_argument("--trace", metavar="PATH", help="write a message trace of the run here")
+    t.add_argument(
+        "--save", metavar="DIR",
+        help="save the trainer here at the end, and on Ctrl-C or an error",
+    )  # fmt: skip
+    t.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the trainer saved in DIR (model, policy and optimizer from it)",
+    )  # fmt: skip
+    t.add_argument("--metrics", metavar="FILE", help="append step and epoch metrics here (JSONL)")
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")
     t.set_defaults(run=_train)
 
     tr = sub.add_parser("trace", help="inspect, export and diff message traces")
-    tsub = tr.add_subparsers(dest="trace_command", required=True)
+    tsub = tr.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
     s = tsub.add_parser(
         "summary",
         help="per-actor busy time, messages, bytes, updates, gradient staleness, keys in flight",
@@ -253,17 +397,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``asyncnn`` command."""
-    args = _parser().parse_args(argv)
-    if args.command in ("train", "bench"):
-        return int(args.run(args))
-    from ._errors import TraceFormatError
+    """Entry point of the ``asyncnn`` command.
 
+    Ordinary mistakes (bad options, a missing or damaged file, bad data, a graph that cannot be
+    built) print one line on stderr and exit with status 2; Ctrl-C exits with 130.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    what = f"asyncnn {args.command}"
     try:
+        if args.command == "train":
+            _check_train_args(args, given)
         return int(args.run(args))
-    except (TraceFormatError, OSError) as exc:  # a bad or missing file: say so, no traceback
-        print(f"asyncnn {args.command}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{what}: interrupted", file=sys.stderr)
+        return 130
+    except _ERRORS as exc:
+        print(f"{what}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    first = text.splitlines()[0]
+    more = " (...)" if "\n" in text else ""
+    return f"{first}{more}"
+
+
+def _error_types() -> tuple[type[BaseException], ...]:
+    from ._errors import ActorError, GraphError, StallError, TraceFormatError, WorkerError
+
+    return (
+        UsageError, TraceFormatError, GraphError, ActorError, StallError, WorkerError, OSError,
+        ValueError, TypeError, KeyError,
+    )  # fmt: skip
+
+
+_ERRORS = _error_types()
 
 
 if __name__ == "__main__":

@@ -3,51 +3,46 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 import numpy as np
 
+from ._callbacks import Callback
+from ._datacheck import check_labels, check_params, require_inputs
+from ._fit import _FitPlan, _FitState, _Progress
+from ._history import History
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_map
+from ._notebook import run_outside_loop
 from ._runtime._checks import check_cuda_graphs
+from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
-from ._runtime._run import Run, RunState, check_batch, init_state, open_run, validate
-from ._runtime._statistics import ActorStatistics
+from ._runtime._run import RunState, check_batch, init_state, validate
 from .backends import to_numpy, tune_allocator
 
 __all__ = ["History", "Trainer"]
 
 
-@dataclass
-class History:
-    """What ``fit`` measured.
+class _Option:
+    """A :class:`Trainer` attribute kept in its :class:`RunConfig` (reads and writes go there,
+    checked as a new config is)."""
 
-    Attributes:
-        losses: one mean loss per minibatch, in minibatch order (per key for ``Async``, whose
-            keys are minibatches).
-        samples_per_second: training throughput over the whole call.
-        seconds: wall time of the call.
-        statistics: per-actor counters at the end of the call.
-    """
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-    losses: list[float] = field(default_factory=list)
-    samples_per_second: float = 0.0
-    seconds: float = 0.0
-    statistics: dict[str, ActorStatistics] = field(default_factory=dict)
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.config, self.name)
 
-    def utilisation(self) -> dict[str, float]:
-        """Busy fraction of each actor over the call."""
-        out = {}
-        for name, s in self.statistics.items():
-            total = s.busy_seconds + s.idle_seconds
-            out[name] = s.busy_seconds / total if total > 0 else 0.0
-        return out
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.config = obj.config.replace(**{self.name: value})
 
 
 class Trainer:
@@ -89,7 +84,24 @@ class Trainer:
     Raises:
         TypeError: ``cuda_graphs`` is not a bool.
         ValueError: ``cuda_graphs=True`` with a ``cluster``.
+
+    Attributes:
+        history: the :class:`History` of the latest ``fit``, also of one that was interrupted
+            or failed (then with the losses of the updates the trainer kept).
+        epochs_done: epochs trained in all.
+        epoch_batches: minibatches done of an epoch that an interrupted ``fit`` left
+            unfinished (the next ``fit`` finishes it first); 0 otherwise.
+        stop_training: set to True (by a callback) to end the current ``fit`` after its step.
+        traces: the trace files written so far, one per ``fit``.
     """
+
+    seed = _Option()
+    dtype = _Option()
+    trace = _Option()
+    trace_payloads = _Option()
+    stall_timeout = _Option()
+    check_finite = _Option()
+    cuda_graphs = _Option()
 
     def __init__(
         self,
@@ -107,14 +119,12 @@ class Trainer:
         tune_allocator: bool = True,
         cuda_graphs: bool = False,
     ) -> None:
-        from ._runtime._recorder import PAYLOAD_MODES
-
-        if trace_payloads not in PAYLOAD_MODES:
-            raise ValueError(
-                f"trace_payloads must be one of {PAYLOAD_MODES}, got {trace_payloads!r}"
-            )
-        self.trace = None if trace is None else str(trace)
-        self.trace_payloads = trace_payloads
+        #: the run options every fit runs with (``seed``, ``dtype``, ``trace`` and the others
+        #: below read and change it)
+        self.config = RunConfig(
+            seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
+            trace=trace, trace_payloads=trace_payloads, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
         self.traces: list[str] = []  # the trace files written so far, one per fit
         if cluster is not None and not callable(getattr(cluster, "open_run", None)):
             raise TypeError(
@@ -129,13 +139,8 @@ class Trainer:
         self.graph = graph
         self.optimizer = optimizer
         self.policy = policy
-        self.seed = seed
-        self.dtype = str(np.dtype(dtype))
         self.progress = progress
-        self.stall_timeout = stall_timeout
-        self.check_finite = check_finite
         check_cuda_graphs(cuda_graphs, cluster)
-        self.cuda_graphs = cuda_graphs
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
@@ -143,6 +148,14 @@ class Trainer:
             graph, optimizer, seed, self.dtype, placed_on_host=cluster is not None
         )
         self.epochs_done = 0
+        #: minibatches done of the epoch an interrupted fit left unfinished (the next fit
+        #: finishes that epoch first)
+        self.epoch_batches = 0
+        #: the History of the latest fit, kept also when it was interrupted or failed
+        self.history = History()
+        #: set to True (by a callback) to end the current fit after its current step
+        self.stop_training = False
+        self._interrupt = threading.Event()
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -152,15 +165,27 @@ class Trainer:
 
     @params.setter
     def params(self, value: Mapping[str, Any]) -> None:
+        """Replaces the weights of the layers named in ``value`` (others keep theirs), checked
+        against the graph first: each layer's structure, array shapes and real dtypes.
+
+        Raises:
+            KeyError: no layer of that name.
+            ValueError: naming the layer, the place in its parameters and what differs.
+        """
+        from .backends import get_backend
+
         for name, p in value.items():
             node = self.graph.nodes.get(name)
             if node is None or node.kind != "layer":
                 raise KeyError(f"no layer named {name!r}; layers: {self.graph.layers}")
-            from .backends import get_backend
-
-            backend = get_backend(node.device)
+            check_params(name, self.state.params[name], p)
+        for name, p in value.items():
+            backend = get_backend(self.graph.nodes[name].device)
             self.state.params[name] = tree_map(
-                lambda a, backend=backend: backend.asarray(np.asarray(a), dtype=self.dtype), p
+                lambda a, backend=backend: backend.asarray(
+                    np.asarray(to_numpy(a)), dtype=self.dtype
+                ),
+                p,
             )
 
     @property
@@ -176,58 +201,109 @@ class Trainer:
         batch_size: int = 32,
         shuffle: bool = False,
         drop_last: bool = False,
+        *,
+        validation_data: Mapping[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 3,
+        check_data: bool = True,
     ) -> History:
         """Trains for ``epochs`` passes over ``data`` (a dict of arrays named like the graph's
         inputs). Shuffling depends on ``(seed, epoch)`` only, so a resumed run continues the same
-        sequence. Returns a :class:`History`."""
+        sequence. Returns a :class:`History` (also kept as :attr:`history`).
+
+        What is kept when the fit stops early: on ``KeyboardInterrupt`` or an error, the trainer
+        keeps the state of the last update that completed everywhere (weights, optimizer state,
+        versions, counters, :attr:`history`) and the exception is raised; the next ``fit``
+        finishes the interrupted epoch first. See ``docs/workflow.md`` for each policy.
+
+        Inside a running event loop (a notebook) the fit runs on a worker thread and this call
+        waits for it.
+
+        Args:
+            data: the training data.
+            epochs: epochs to train; an epoch left unfinished by an interrupted fit counts as
+                one (it is finished first).
+            batch_size: rows per minibatch.
+            shuffle: a new order each epoch (from the seed and the epoch number).
+            drop_last: skip each epoch's last, smaller minibatch.
+            validation_data: evaluated after each epoch; ``val_loss`` (and ``val_accuracy``)
+                go into :attr:`History.epochs` and the callbacks' logs.
+            callbacks: :class:`~asyncnn.callbacks.Callback` objects (early stopping, loggers).
+            checkpoint_dir: where ``checkpoint_every`` writes checkpoints
+                (``epoch-0001/``... each a :meth:`save` folder).
+            checkpoint_every: save every this many epochs.
+            keep_checkpoints: how many of the latest checkpoints to keep (0: all).
+            check_data: check the data before any compute: NaN/Inf in float inputs, integer
+                labels against the loss's class count. False skips these passes over the data.
+
+        Raises:
+            ValueError: bad data (naming the input and the row) or arguments.
+        """
         dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
-        check_batch(self.graph, dataset.arrays, self.check_finite)  # all of it, before any compute
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be asyncnn.callbacks.Callback objects, got {cb!r}")
+        if (checkpoint_every is None) != (checkpoint_dir is None):
+            raise ValueError(
+                "checkpoint_every and checkpoint_dir go together: give both or neither"
+            )
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (epochs), got {checkpoint_every}")
+        if self.cluster is not None and (validation_data is not None or checkpoint_every):
+            raise ValueError(
+                "validation_data and checkpoint_every need the weights during fit, which worker "
+                "processes send back only at its end: with a cluster, call fit one epoch at a "
+                "time and evaluate or save between calls"
+            )
+        check_batch(self.graph, dataset.arrays, check_data or self.check_finite)
+        if check_data:
+            check_labels(self.graph, self.shapes, dataset.arrays)
+        if validation_data is not None:
+            require_inputs(self.graph, validation_data, self.graph.losses, "validation_data")
+            check_batch(self.graph, validation_data, check_data)
+            if check_data:
+                check_labels(self.graph, self.shapes, validation_data)
+        plan = _FitPlan(
+            dataset, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
+            None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,
+            keep_checkpoints,
+        )  # fmt: skip
+        self._interrupt.clear()
+        return run_outside_loop(lambda: self._fit(plan), on_interrupt=self._interrupt.set)
+
+    def _fit(self, plan: _FitPlan) -> History:
+        dataset = plan.dataset
+        per_epoch = dataset.num_batches(plan.batch_size, plan.drop_last)
+        if self.epoch_batches and self.epoch_batches >= per_epoch:
+            self.epoch_batches = 0  # other data or sizes: that epoch starts over
+        total = plan.epochs * per_epoch - (self.epoch_batches if plan.epochs else 0)
         history = History()
-        total = epochs * dataset.num_batches(batch_size, drop_last)
-
-        async def main() -> None:
-            with _Progress(self.progress, total) as bar:
-                epochs_done = self.epochs_done
-                async with open_run(
-                    self.graph,
-                    self.optimizer,
-                    self.policy,
-                    self.seed,
-                    self.dtype,
-                    state=self.state,
-                    stall_timeout=self.stall_timeout,
-                    check_finite=self.check_finite,
-                    on_loss=bar.on_loss,
-                    validated=True,
-                    trace=trace_path,
-                    trace_payloads=self.trace_payloads,
-                    cluster=self.cluster,
-                    cuda_graphs=self.cuda_graphs,
-                ) as run:
-                    bar.run = run
-                    for _ in range(epochs):
-                        for batch in dataset.batches(
-                            batch_size, shuffle, self.seed, epochs_done, drop_last
-                        ):
-                            await run.step(batch)
-                        epochs_done += 1
-                    await run.drain()
-                # only a run that finished changes the trainer's state
-                self._collect(run, history)
-                self.epochs_done = epochs_done
-
+        self.history = history
+        self.stop_training = False
+        fit = _FitState(self, plan, history)
         trace_path = self._next_trace_path()
         start = time.perf_counter()
-        first = self.state.minibatches
-        anyio.run(main, backend="trio")
-        if trace_path is not None:
-            self.traces.append(trace_path)
-        history.seconds = time.perf_counter() - start
-        n = len(dataset) * epochs
-        history.samples_per_second = n / history.seconds if history.seconds > 0 else 0.0
-        history.losses = [self._losses[mb] for mb in range(first, self.state.minibatches)]
+        for cb in plan.callbacks:
+            cb.on_fit_start(self)
+        try:
+            with _Progress(self.progress, total) as bar:
+                fit.bar = bar
+                anyio.run(fit.main, trace_path, backend="trio")
+        except BaseException:
+            fit.keep()
+            raise
+        finally:
+            if trace_path is not None:
+                self.traces.append(trace_path)
+            history.seconds = time.perf_counter() - start
+            history.samples_per_second = fit.rows / history.seconds if history.seconds > 0 else 0.0
+            for cb in plan.callbacks:
+                cb.on_fit_end(self, history)
         return history
 
     def _next_trace_path(self) -> str | None:
@@ -239,11 +315,6 @@ class Trainer:
 
         stem, ext = os.path.splitext(self.trace)
         return f"{stem}.{len(self.traces)}{ext}"
-
-    def _collect(self, run: Run, history: History) -> None:
-        self.state = run.state()
-        self._losses = run.losses
-        history.statistics = run.statistics()
 
     def _params_on_devices(self) -> dict[str, Any]:
         # weights that came back from worker processes are host arrays: each layer's go to its
@@ -259,7 +330,13 @@ class Trainer:
 
     # -- inference ---------------------------------------------------------------------------------
     def predict(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, np.ndarray]:
-        """The graph's outputs (``g.output``) for ``data``, as numpy arrays."""
+        """The graph's outputs (``g.output``) for ``data``, as numpy arrays.
+
+        Raises:
+            ValueError: an input the outputs need is missing (named), or has the wrong shape.
+        """
+        outputs = list(self.graph.outputs.values())
+        require_inputs(self.graph, data, outputs, "predict")
         dataset = ArrayDataset(data)
         params = self._params_on_devices()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
@@ -270,7 +347,15 @@ class Trainer:
         return {name: np.concatenate(p) for name, p in parts.items()}
 
     def evaluate(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, float]:
-        """Mean loss over ``data``, and accuracy for a classifier (a loss reading integer labels)."""
+        """Mean loss over ``data``, and accuracy for a classifier (a loss reading integer labels).
+
+        Raises:
+            ValueError: an input the losses need (the labels too) is missing (named).
+        """
+        require_inputs(self.graph, data, self.graph.losses, "evaluate")
+        return self._evaluate(data, batch_size)
+
+    def _evaluate(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, float]:
         dataset = ArrayDataset(data)
         params = self._params_on_devices()
         n = len(dataset)
@@ -297,20 +382,36 @@ class Trainer:
         return result
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Writes a checkpoint folder: weights and optimizer state in safetensors, the rest (graph,
-        policy, optimizer, counters) as a msgpack spec. :meth:`load` resumes from it."""
+        policy, optimizer, counters) as a msgpack spec, and where the current epoch stands in
+        ``fit.json``. :meth:`load` resumes from it."""
         from ._checkpoint import save_checkpoint
 
+        path = os.fspath(path)
         save_checkpoint(self, path)
+        tmp = os.path.join(path, _FIT_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"epoch_batches": self.epoch_batches}, f)
+        os.replace(tmp, os.path.join(path, _FIT_FILE))
 
     @classmethod
-    def load(cls, path: str, **overrides: Any) -> Trainer:
+    def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
-        bit-identically. ``overrides`` replace constructor arguments (e.g. ``progress=True``)."""
+        bit-identically (also from a fit that was interrupted mid-epoch). ``overrides`` replace
+        constructor arguments (e.g. ``progress=True``)."""
         from ._checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, path, **overrides)
+        path = os.fspath(path)
+        trainer = load_checkpoint(cls, path, **overrides)
+        fit_file = os.path.join(path, _FIT_FILE)
+        if os.path.exists(fit_file):
+            with open(fit_file, encoding="utf-8") as f:
+                trainer.epoch_batches = int(json.load(f).get("epoch_batches", 0))
+        return trainer
+
+
+_FIT_FILE = "fit.json"
 
 
 _allocator_tuned = False
@@ -321,42 +422,3 @@ def _tune_allocator() -> None:
     if not _allocator_tuned:
         tune_allocator()
         _allocator_tuned = True
-
-
-class _Progress:
-    """A rich progress bar fed by loss reports (does nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.run: Run | None = None
-        self._bar: Any = None
-        self._task: Any = None
-        self._rows = 0
-        self._start = time.perf_counter()
-        self.on_loss: Callable[[int, float, int], None] | None = self._on_loss if enabled else None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]:.4f}"),
-                TextColumn("{task.fields[rate]:.0f} samples/s"),
-                TimeRemainingColumn(),
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("train", total=self.total, loss=float("nan"), rate=0.0)
-        return self
-
-    def _on_loss(self, minibatch: int, loss: float, rows: int) -> None:
-        self._rows += rows
-        rate = self._rows / max(time.perf_counter() - self._start, 1e-9)
-        self._bar.update(self._task, advance=1, loss=loss, rate=rate)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

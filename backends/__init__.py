@@ -7,6 +7,15 @@ This package is the seam between asyncnn and its compute engines. It is imported
 from ._alloc import allocator_tuning, tune_allocator
 from ._base import Backend, Device, parse_device
 from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_floating, is_half
+from ._parallel import (
+    ComputeTeam,
+    TeamStatistics,
+    current_team,
+    elementwise,
+    matmul,
+    split_bounds,
+    using_team,
+)
 from ._pool import DEFAULT_INLINE_FLOPS, DevicePool, PoolStatistics, open_device_pool
 from ._registry import (
     array_namespace,
@@ -21,21 +30,28 @@ __all__ = [
     "BFLOAT16",
     "DEFAULT_INLINE_FLOPS",
     "Backend",
+    "ComputeTeam",
     "Device",
     "DevicePool",
     "PoolStatistics",
+    "TeamStatistics",
     "acc_mean",
     "acc_sum",
     "allocator_tuning",
     "array_namespace",
     "backend_of",
+    "current_team",
+    "elementwise",
     "get_backend",
     "is_cupy_array",
     "is_floating",
     "is_half",
+    "matmul",
     "open_device_pool",
     "parse_device",
     "scatter_add",
+    "split_bounds",
     "to_numpy",
     "tune_allocator",
+    "using_team",
 ]

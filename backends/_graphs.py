@@ -11,8 +11,8 @@ The products take cuBLAS's default algorithm with the compute type cupy uses for
 the eager one's values; bit-equality is not promised by cuBLAS across handles and workspaces
 (``tests/test_gpu_capture.py`` checks it on the card at hand).
 
-Imported only on cupy arrays (the runtime's capture path and the matmul rule, once a capture is
-active).
+Imported only on cupy arrays (the runtime's capture path). While a capture runs on a thread,
+:func:`asyncnn.backends.matmul` on that thread is this module's :func:`matmul`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any
 
 import cupy
 import numpy as np
+
+from ._parallel import capturing
 
 __all__ = ["CaptureError", "active", "capture", "copy_into", "label_poison", "matmul"]
 
@@ -191,7 +193,7 @@ def capture(fn: Callable[[], Any], stream: Any, pool: Any, workspace: Any) -> tu
         raise CaptureError("captures do not nest")
     _state.capture = _Capture(stream, workspace)
     try:
-        with _allocating(pool), stream:
+        with _allocating(pool), stream, capturing(matmul):
             stream.begin_capture(mode=_relaxed())
             try:
                 result = fn()

@@ -1,7 +1,9 @@
 """The device pool: where actors' compute runs without blocking the event loop.
 
-CPU work goes to a few long-lived worker threads fed by one queue (numpy releases the GIL inside
-BLAS and most ufuncs, so workers compute in parallel). A worker hands its result back by scheduling
+CPU work goes to the long-lived worker threads of a :class:`ComputeTeam` (numpy releases the GIL
+inside BLAS and most ufuncs, so workers compute in parallel). With one BLAS thread per call (the
+default) the team also splits a task's large products into parts that its free workers run: one
+actor alone can then use every core, and several actors share them (see ``_parallel.py``). A worker hands its result back by scheduling
 a callback on the event loop (trio's ``run_sync_soon``, asyncio's ``call_soon_threadsafe``), which
 never blocks the worker; the awaiting task sleeps on an :class:`anyio.Event`. A thread per call
 (``anyio.to_thread.run_sync``) costs about twice this round trip, so it is not used.
@@ -16,11 +18,9 @@ when it must (:meth:`DevicePool.wait`), polling with back-off so the loop keeps 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import queue
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
+from ._parallel import ComputeTeam
 from ._registry import get_backend
 
 __all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_pool"]
@@ -42,6 +43,10 @@ DEFAULT_INLINE_FLOPS = 5_000_000
 
 _pool_ids = itertools.count()
 
+#: seconds a closing pool waits for tasks whose callers were cancelled before leaving their
+#: threads behind
+ABANDONED_GRACE = 1.0
+
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -53,8 +58,12 @@ class PoolStatistics:
         tasks_threaded: CPU tasks finished by worker threads (failed ones included).
         tasks_gpu: GPU launches.
         tasks_abandoned: threaded tasks whose caller was cancelled (result discarded or never run).
-        busy_seconds: seconds each worker spent running tasks, one entry per worker.
+        busy_seconds: seconds each worker spent running tasks (and parts of split work), one
+            entry per worker.
         queue_length: CPU tasks waiting for a free worker.
+        splits: computations split into parts across the workers (0 when the pool does not
+            split work).
+        parts_helped: parts of split computations that a worker ran for another caller.
     """
 
     workers: int
@@ -64,6 +73,8 @@ class PoolStatistics:
     tasks_abandoned: int
     busy_seconds: tuple[float, ...]
     queue_length: int
+    splits: int = 0
+    parts_helped: int = 0
 
 
 class _Job:
@@ -94,22 +105,29 @@ class DevicePool:
     """
 
     def __init__(
-        self, cpu_workers: int, inline_flops: float, name: str, blas_threads: int | None = None
+        self,
+        cpu_workers: int,
+        inline_flops: float,
+        name: str,
+        blas_threads: int | None = None,
+        split: bool = False,
     ) -> None:
         self._n = cpu_workers
-        self._blas_threads = blas_threads
         self._inline_flops = inline_flops
         self._name = name
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._busy = [0.0] * cpu_workers
-        self._done_per_worker = [0] * cpu_workers
+        self._team = ComputeTeam(
+            cpu_workers,
+            blas_threads=blas_threads,
+            split=split,
+            name=f"{name}-cpu",
+            on_exit=self._on_worker_exit,
+        )
+        self._exited = 0
+        self._all_exited: anyio.Event | None = None
         self._inline = 0
         self._gpu = 0
         self._abandoned = 0
         self._closed = True
-        self._exited = 0
-        self._all_exited: anyio.Event | None = None
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -117,55 +135,48 @@ class DevicePool:
     def _start(self) -> None:
         self._call_soon = _call_soon_threadsafe(anyio.lowlevel.current_token().native_token)
         self._all_exited = anyio.Event()
+        self._team.start()
         self._closed = False
-        for i in range(self._n):
-            t = threading.Thread(
-                target=self._worker, args=(i,), name=f"{self._name}-cpu{i}", daemon=True
-            )
-            t.start()
-            self._threads.append(t)
 
     async def _aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
+        self._team.shutdown()
         assert self._all_exited is not None
         # Shielded: closing after a cancellation must still wait for the threads, or they would
-        # outlive the pool. It waits at most for the tasks already running to finish.
+        # outlive the pool. It waits for the tasks already queued or running to finish, without
+        # blocking the loop (the workers report their exit through it). A task whose caller was
+        # cancelled may never end (a hung compute that failed the run with a StallError): then
+        # the wait is bounded, and a thread still in it is left behind (a daemon), so that the
+        # run's error is not held up by it.
         with anyio.CancelScope(shield=True):
-            if self._threads:
+            if self._abandoned:
+                with anyio.move_on_after(ABANDONED_GRACE):
+                    await self._all_exited.wait()
+            else:
                 await self._all_exited.wait()
-        for t in self._threads:
-            t.join()
+        # joins the threads that have left; restores BLAS's threads
+        self._team.close(wait=self._all_exited.is_set())
 
-    def _worker(self, index: int) -> None:
-        if self._blas_threads is not None:
-            # An OpenMP-threaded BLAS keeps its thread count per calling thread (a pthreads
-            # OpenBLAS keeps it per process, set when the pool opened): set it here too.
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(limits=self._blas_threads, user_api="blas")
+    def _on_worker_exit(self) -> None:
         call_soon = self._call_soon
-        assert call_soon is not None
-        get = self._queue.get
-        busy = self._busy
-        done = self._done_per_worker
-        while True:
-            job = get()
-            if job is None:
-                break
-            if not job.abandoned:  # a cancelled caller's job that has not started is skipped
-                start = time.perf_counter()
-                try:
-                    job.result = job.fn(*job.args)
-                except BaseException as exc:  # handed to the awaiting task, with its traceback
-                    job.error = exc
-                busy[index] += time.perf_counter() - start
-                done[index] += 1
-            self._notify(call_soon, job.done.set)
-        self._notify(call_soon, self._worker_exited)
+        if call_soon is not None:
+            self._notify(call_soon, self._worker_exited)
+
+    def _worker_exited(self) -> None:
+        self._exited += 1
+        if self._exited == self._n and self._all_exited is not None:
+            self._all_exited.set()
+
+    @staticmethod
+    def _run_job(job: _Job) -> None:
+        """A job on a worker: its result or error is kept for the awaiting task."""
+        if not job.abandoned:  # a cancelled caller's job that has not started is skipped
+            try:
+                job.result = job.fn(*job.args)
+            except BaseException as exc:  # handed to the awaiting task, with its traceback
+                job.error = exc
 
     @staticmethod
     def _notify(
@@ -176,11 +187,6 @@ class DevicePool:
         except RuntimeError:
             # The loop is gone (the pool was never closed, and its run ended): nobody is waiting.
             pass
-
-    def _worker_exited(self) -> None:
-        self._exited += 1
-        if self._exited == len(self._threads) and self._all_exited is not None:
-            self._all_exited.set()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -222,7 +228,12 @@ class DevicePool:
             self._inline += 1
             return fn(*args)
         job = _Job(fn, args)
-        self._queue.put(job)
+        call_soon = self._call_soon
+        assert call_soon is not None
+        self._team.submit(
+            functools.partial(self._run_job, job),
+            functools.partial(self._notify, call_soon, job.done.set),
+        )
         try:
             await job.done.wait()
         except BaseException:
@@ -294,14 +305,17 @@ class DevicePool:
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's counters."""
+        team = self._team.statistics()
         return PoolStatistics(
             workers=self._n,
             tasks_inline=self._inline,
-            tasks_threaded=sum(self._done_per_worker),
+            tasks_threaded=team.tasks,
             tasks_gpu=self._gpu,
             tasks_abandoned=self._abandoned,
-            busy_seconds=tuple(self._busy),
-            queue_length=self._queue.qsize(),
+            busy_seconds=team.busy_seconds,
+            queue_length=self._team.queued_tasks,
+            splits=team.splits,
+            parts_helped=team.parts_helped,
         )
 
     @property
@@ -313,6 +327,12 @@ class DevicePool:
     def workers(self) -> int:
         """Number of CPU worker threads."""
         return self._n
+
+    @property
+    def team(self) -> ComputeTeam:
+        """The CPU worker threads: the :class:`ComputeTeam` that runs this pool's CPU tasks (and,
+        when the pool splits work, the parts of their large products)."""
+        return self._team
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -331,6 +351,7 @@ async def open_device_pool(
     cpu_workers: int | None = None,
     blas_threads: int | None = 1,
     inline_flops: float = DEFAULT_INLINE_FLOPS,
+    split: bool | None = None,
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
@@ -343,8 +364,12 @@ async def open_device_pool(
         blas_threads: BLAS threads per call while the pool is open (threadpoolctl), so that
             workers computing side by side don't oversubscribe the cores; ``None`` leaves BLAS as
             it is. numpy's OpenBLAS (and MKL) take this limit process-wide, not per thread, so it
-            is set once here and restored on exit rather than in each worker.
+            is set once when the pool opens and restored when it closes.
         inline_flops: CPU work whose ``cost`` is below this runs on the event-loop thread.
+        split: whether a task's large products (:func:`asyncnn.backends.matmul`) are cut into
+            parts that free workers run side by side (see :class:`ComputeTeam`); default: when
+            ``blas_threads`` is 1. With one worker per core and ``blas_threads=1`` one task alone
+            can use every core, and several tasks share them.
 
     Example::
 
@@ -357,20 +382,15 @@ async def open_device_pool(
         raise ValueError(f"cpu_workers must be at least 1, got {cpu_workers}")
     if blas_threads is not None and blas_threads < 1:
         raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads}")
-    limiter = None
-    if blas_threads is not None:
-        from threadpoolctl import threadpool_limits
-
-        limiter = threadpool_limits(limits=blas_threads, user_api="blas")
     pool = DevicePool(
-        n, inline_flops, name=f"asyncnn-pool{next(_pool_ids)}", blas_threads=blas_threads
+        n,
+        inline_flops,
+        name=f"asyncnn-pool{next(_pool_ids)}",
+        blas_threads=blas_threads,
+        split=blas_threads == 1 if split is None else bool(split),
     )
+    pool._start()
     try:
-        pool._start()
-        try:
-            yield pool
-        finally:
-            await pool._aclose()
+        yield pool
     finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
+        await pool._aclose()

@@ -124,3 +124,118 @@ def test_bench_runs_a_benchmark_of_the_checkout(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["bench", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# -- one-line errors, Ctrl-C, --save / --resume --------------------------------------------------
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--stages", "0"], "--stages: must be at least 1, got 0"),
+        (["--lr", "-1"], "--lr: must be a positive number, got -1"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["--epochs", "x"], "--epochs: invalid integer value: 'x'"),
+        (["--policy", "GPipe", "--no-stash"], "--no-stash applies to PipeDream only"),
+        (["--policy", "Sync", "--microbatches", "2"], "--microbatches applies to GPipe"),
+        (["--stages", "9", "--layers", "1"], "more than the MLP's 3 modules"),
+        (["--resume", "ckpt", "--lr", "0.1"], "drop --lr"),
+        (["--resume", "no-such-folder"], "'no-such-folder' is not a checkpoint folder"),
+    ],
+)
+def test_train_errors_are_one_line(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["train", "--dataset", "digits", "--out", "", *args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("asyncnn train: error: ") and says in line
+
+
+def test_train_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for text in ("(default: 3)", "(default: PipeDream)", "(default: 100)", "--trace", "--save",
+                 "--resume"):  # fmt: skip
+        assert text in out
+
+
+def test_replay_of_a_truncated_trace_or_one_without_payloads_is_one_line(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = Path(traces[0]).read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert main(["replay", str(cut)]) == 2
+    line = _one_error_line(capsys)
+    assert "cut.trace is cut off after" in line and "replay needs a whole trace" in line
+    assert main(["replay", traces[0], "--actor", "stage1"]) == 2
+    assert "record with trace_payloads='all'" in _one_error_line(capsys)
+    bare = str(tmp_path / "bare.trace")
+    rng = np.random.default_rng(0)
+    ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=bare,
+        trace_payloads="none",
+    ).fit({"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, 8)}, batch_size=8)  # fmt: skip
+    assert main(["replay", bare]) == 2
+    assert "replay needs traces recorded with trace_payloads=" in _one_error_line(capsys)
+
+
+_TRAIN = ["train", "--dataset", "digits", "--policy", "Sync", "--stages", "2", "--layers", "1",
+          "--hidden", "16", "--batch-size", "64", "--out", ""]  # fmt: skip
+
+
+def test_ctrl_c_saves_what_finished_and_resume_continues_bit_identically(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncnn", *_TRAIN, "--epochs", "1000", "--save", str(ckpt),
+         "--metrics", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) > 30):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncnn train: interrupted after"), err
+    assert f"continue with --resume {ckpt}" in lines[0]
+    kept = ann.Trainer.load(str(ckpt))
+    done = kept.state.minibatches
+    # the metrics file had 30 steps (one line is the epoch's), each logged after its update
+    assert done >= 30 and set(kept.versions.values()) == {done}  # Sync: one update a minibatch
+    # finish the interrupted epoch, then compare with a run that never stopped
+    epochs = kept.epochs_done + 1
+    assert main([*_TRAIN[:1], "--resume", str(ckpt), "--dataset", "digits", "--batch-size",
+                 "64", "--out", "", "--epochs", str(epochs), "--save", str(ckpt)]) == 0  # fmt: skip
+    assert main([*_TRAIN, "--epochs", str(epochs), "--save", str(tmp_path / "straight")]) == 0
+    resumed = ann.Trainer.load(str(ckpt))
+    straight = ann.Trainer.load(str(tmp_path / "straight"))
+    assert resumed.epochs_done == straight.epochs_done == epochs
+    assert resumed.versions == straight.versions
+    for name in straight.params:
+        for a, b in zip(
+            ann._math._pytree.tree_leaves(resumed.params[name]),
+            ann._math._pytree.tree_leaves(straight.params[name]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)

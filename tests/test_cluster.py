@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -340,6 +341,8 @@ def test_ray_cluster_matches_one_process_and_reports_a_dead_worker() -> None:
         one, _ = fit(chain([None] * 3), policy)
         many, _ = fit(chain([0, 1, None]), policy, cluster=cluster)
         assert_params_equal(one.params, many.params)
+        # asyncnn's own listeners on Ray workers are on loopback (Ray's are Ray's: see docs)
+        assert {v["host"] for v in cluster.info.values()} == {"127.0.0.1"}
         # a deterministic policy on Ray equals one process; Async learns as well
         tr, hist = fit(chain([0, 1, None]), policies.Async(max_active_keys=3), cluster=cluster)
         assert np.isfinite(hist.losses).all()
@@ -435,3 +438,243 @@ def test_a_worker_that_died_between_fits_is_replaced(caplog: Any) -> None:
         assert "worker 0 killed by SIGKILL since the last run" in caplog.text
         assert victim not in cluster.pids
         assert_params_equal(one.params, many.params)
+
+
+# -- hostile local processes -------------------------------------------------------------------------
+def _flood(host: str, port: int, count: int, refused: list[int]) -> None:
+    """``count`` wrong-token handshakes against ``host:port``, 32 at a time."""
+    from asyncnn._cluster._wire import connect
+
+    async def main() -> None:
+        limiter = anyio.CapacityLimiter(32)
+
+        async def one() -> None:
+            async with limiter:
+                try:
+                    conn = await connect(host, port, b"not the token", {"role": "peer", "index": 9},
+                                         "worker", seconds=20)  # fmt: skip
+                    conn.close()
+                except (ConnectionError, OSError):
+                    refused[0] += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+
+    anyio.run(main, backend="trio")
+
+
+@pytest.mark.timeout(180)
+def test_a_flood_of_wrong_tokens_during_a_run_leaves_it_unharmed() -> None:
+    # 12,000 wrong-token handshakes against a worker, while a run goes on: the run completes,
+    # equals one process, and the refusals cost a counter and a few lines, not a list each
+    cluster = ann.cluster.LocalCluster(workers=2)
+    batches = [data(32, seed) for seed in range(4)]
+    refused = [0]
+    steps = [0]
+
+    async def main(graph: ann.Graph, on_cluster: bool) -> dict[str, Any]:
+        async with ann.open_run(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=2),
+            cluster=cluster if on_cluster else None,
+        ) as run:  # fmt: skip
+            if on_cluster:
+                await run.step(batches[0])
+                host, port = cluster.info[0]["host"], cluster.info[0]["port"]
+                flood = threading.Thread(target=_flood, args=(host, port, 12_000, refused))
+                flood.start()
+                i = 1
+                while flood.is_alive():
+                    await run.step(batches[i % 4])
+                    i += 1
+                    await anyio.sleep(0.02)
+                flood.join()
+                for _ in range(3):  # and a little after it
+                    await run.step(batches[i % 4])
+                    i += 1
+                steps[0] = i
+            else:
+                for i in range(steps[0]):
+                    await run.step(batches[i % 4])
+        return run.params
+
+    try:
+        spread = anyio.run(main, chain([0, 1, None]), True, backend="trio")
+        assert refused[0] == 12_000
+        assert cluster.rejected_count >= 12_000 - 64  # at most the last few still in flight
+        assert len(cluster.rejected) <= cluster.REJECTED_KEPT
+        assert any("wrong token" in line for line in cluster.rejected)
+    finally:
+        cluster.close()
+    one = anyio.run(main, chain([None] * 3), False, backend="trio")
+    assert_params_equal(one, spread)
+
+
+class _Blocked(ann.cluster.LocalCluster):
+    """A local cluster whose port is found by idle connections before its workers dial it."""
+
+    idle: list[Any]
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        import socket
+
+        self.idle = [socket.create_connection((host, port)) for _ in range(4)]
+        super()._launch(host, port, token)
+
+
+def test_idle_connections_to_the_drivers_port_cannot_keep_the_workers_out() -> None:
+    # the driver handshakes with every comer at once: four idle connections (each would have
+    # held a one-at-a-time handshake for its 10 s timeout) do not delay the start
+    cluster = _Blocked(workers=2, start_timeout=8.0)
+    try:
+        tr, _ = fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        for s in getattr(cluster, "idle", []):
+            s.close()
+        cluster.close()
+    one, _ = fit(chain([None] * 3), policies.Sync(), epochs=1)
+    assert_params_equal(one.params, tr.params)
+
+
+# -- traces of failed runs -------------------------------------------------------------------------
+def test_a_failed_cluster_runs_trace_holds_every_workers_events(tmp_path: Any, three: Any) -> None:
+    # s1 (worker 1) fails at the first key; s0 (worker 0) and s2 (worker 2) are aborted: each
+    # sends the events it recorded, and the trace holds them all
+    path = str(tmp_path / "failed.trace")
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     cluster=three, check_finite=True, trace=path)  # fmt: skip
+    tr.state.params["s1"][0]["weight"][:] = np.nan
+    with pytest.raises(ann.ActorError, match="NaN or Inf"):
+        tr.fit(data(), epochs=1, batch_size=32)
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["s1"]["forwards"] == 0
+    t = ann.trace.read(path)
+    assert any(e["ev"] == "start" and e["a"] == "s1" for e in t.events)  # from its error report
+    assert any(e["ev"] == "error" for e in t.events)
+
+
+def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_path: Any) -> None:
+    from asyncnn._tracing._summary import format_summary
+
+    path = str(tmp_path / "killed.trace")
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    try:
+        tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+        tr.trace = path
+        victim = cluster.pids[1]
+        strike = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))
+        strike.start()
+        with pytest.raises(ann.WorkerError):
+            tr.fit(data(4000), epochs=1, batch_size=32)
+        strike.join()
+    finally:
+        cluster.close()
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == [1]  # worker 0's events came with its abort report
+    assert s["actors"]["s0"]["forwards"] >= 1
+    assert "events of workers [1] are missing" in format_summary(s)
+    with pytest.raises(ann.TraceFormatError, match=r"lacks the events of workers \[1\]"):
+        ann.replay(path)
+
+
+class _Impostor(ann.cluster.LocalCluster):
+    """A local cluster joined, before its workers, by a token holder claiming index 7."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        import hashlib
+        import hmac
+        import socket
+        import struct
+
+        import msgpack
+
+        # connected now, before any worker process exists: first in the driver's queue
+        sock = socket.create_connection((host, port), timeout=10)
+
+        def claim() -> None:
+            with sock:
+                nonce = sock.recv(32, socket.MSG_WAITALL)
+                hello = msgpack.packb({"role": "worker", "index": 7})
+                mac = hmac.new(token, nonce + hello, hashlib.sha256).digest()
+                sock.sendall(struct.pack("<I", len(hello)) + hello + mac)
+                sock.recv(1)
+
+        threading.Thread(target=claim, daemon=True).start()
+        super()._launch(host, port, token)
+
+
+def test_a_worker_claiming_an_impossible_index_fails_the_start_naming_it() -> None:
+    cluster = _Impostor(workers=2)
+    try:
+        with pytest.raises(ann.WorkerError, match="said it was number 7 of 2"):
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        cluster.close()
+
+
+_STUCK_CALLS = [0]  # per process: the worker that hosts the layer counts its own calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stuck(nn.Module):
+    """An identity that hangs for a while on its third call."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        _STUCK_CALLS[0] += 1
+        if _STUCK_CALLS[0] == 3:
+            time.sleep(4)
+        return x
+
+
+def test_a_stall_on_a_worker_reports_each_remote_actor_with_the_age_of_its_report() -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
+    h = g.layer("stuck", nn.Sequential(_Stuck(), nn.Linear(16, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=30.0) as cluster:
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster,
+                         stall_timeout=1.5)  # fmt: skip
+        with pytest.raises(ann.StallError) as info:
+            tr.fit(data(160), epochs=1, batch_size=32)
+    assert re.search(r"on worker 0, as reported \d+\.\d s ago", str(info.value)), str(info.value)
+
+
+def test_an_interrupted_cluster_runs_trace_holds_the_workers_events(tmp_path: Any) -> None:
+    # Ctrl-C during a fit on a cluster: the workers are asked to abort and send their events
+    import subprocess
+    import sys
+
+    trace = tmp_path / "interrupted.trace"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, numpy as np, asyncnn as ann\n"
+        "from asyncnn import nn, optim, policies\n"
+        "g = ann.Graph.sequential([nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)],\n"
+        "    loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 12), workers=[0, 1])\n"
+        "rng = np.random.default_rng(0)\n"
+        "d = {'x': rng.normal(size=(20000, 12)).astype('float32'), 'y': rng.integers(0, 4, 20000)}\n"
+        "with ann.cluster.LocalCluster(workers=2) as c:\n"
+        "    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=c)\n"
+        "    tr.fit({k: v[:32] for k, v in d.items()}, epochs=1, batch_size=32)  # workers up\n"
+        f"    tr.trace = {str(trace)!r}\n"
+        "    print('fitting', flush=True)\n"
+        "    try:\n"
+        "        tr.fit(d, epochs=20, batch_size=32)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "fitting"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    s = ann.trace.summary(trace)
+    assert s["missing_workers"] == []
+    assert s["actors"]["stage0"]["forwards"] >= 1 and s["actors"]["stage1"]["forwards"] >= 1

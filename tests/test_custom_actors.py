@@ -146,3 +146,13 @@ def test_a_trace_naming_a_class_from_main_warns(tmp_path):
     )
     with pytest.warns(UserWarning, match="replay can rebuild the graph only where __main__"):
         tr.fit(_data(), batch_size=16)
+
+
+def test_a_checkpoint_keeps_an_actors_own_state(tmp_path):
+    tr = _fit(_graph(0.5))
+    tr.save(tmp_path / "ckpt")
+    back = ann.Trainer.load(tmp_path / "ckpt")
+    assert int(back.state.actor_states["b"]["seen"]) == 8
+    assert back.graph.nodes["b"].actor_args == {"factor": 0.5, "label": "half"}
+    back.fit(_data(), epochs=1, batch_size=16)
+    assert int(back.state.actor_states["b"]["seen"]) == 12

@@ -153,7 +153,8 @@ def test_residual_and_two_input_graph_gradients(policy):
 
 
 def test_sequential_balances_by_flops():
-    from asyncnn._runtime._graph import _balanced_partition, _module_costs
+    from asyncnn._runtime._balance import balanced_partition as _balanced_partition
+    from asyncnn._runtime._balance import module_costs as _module_costs
 
     # A conv with few parameters but many FLOPs per sample, then a dense layer.
     mods = [nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)]
@@ -224,7 +225,7 @@ def test_stop_gradient_needs_another_path_to_a_loss():
 
 
 def test_sequential_balances_stages_by_measured_time():
-    from asyncnn._runtime._graph import _module_times
+    from asyncnn._runtime._balance import module_times as _module_times
 
     heavy, light = nn.Linear(512, 512), nn.ReLU()
     times = _module_times([heavy, light], (None, 512), "float32", 256)

@@ -523,3 +523,29 @@ def test_schedules_match_torch(backend: Backend, index: int) -> None:
     got = _host(backend, _run(optim.SGD(lr=ours, momentum=0.9), backend, params, grads, "f8"))
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+        optim.Adam(lr=1e-2, amsgrad=True),
+        optim.AdamW(lr=1e-2, weight_decay=0.1),
+    ],  # fmt: skip
+    ids=lambda o: type(o).__name__,
+)
+def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
+    from asyncnn.backends import ComputeTeam, using_team
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
+    grads = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
+    state = opt.init(params)
+    whole = opt.update(params, grads, state)
+    whole = opt.update(whole[0], grads, whole[1])
+    with ComputeTeam(2, part_elements=1024) as team, using_team(team):
+        assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+        cut = opt.update(params, grads, state)
+        cut = opt.update(cut[0], grads, cut[1])
+    for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

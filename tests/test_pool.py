@@ -295,3 +295,69 @@ async def test_gpu_wait_wakes_within_a_millisecond() -> None:
             await pool.wait(event, device="cuda:0")
             times.append(time.perf_counter() - start)
     assert float(np.median(times)) < 0.8e-3, times
+
+
+async def test_one_task_splits_its_large_products_across_the_workers() -> None:
+    from asyncnn.backends import current_team, matmul
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 128))
+    b = rng.standard_normal((128, 256))
+    async with open_device_pool(cpu_workers=2, blas_threads=1) as pool:
+        assert pool.team.splits_work and pool.team.workers == 2
+        on_worker = await pool.run("cpu", current_team)
+        out = await pool.run("cpu", matmul, a, b)  # 16.8 MFLOP: two parts of 8.4
+        again = await pool.run("cpu", matmul, a, b)
+        stats = pool.statistics()
+    assert on_worker is pool.team
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+    assert np.array_equal(out, again)
+    assert stats.splits == 2 and stats.tasks_threaded == 3
+
+
+async def test_pools_with_multi_threaded_blas_do_not_split() -> None:
+    from asyncnn.backends import matmul
+
+    a = np.random.default_rng(1).standard_normal((256, 256))
+    async with open_device_pool(cpu_workers=2, blas_threads=2) as pool:
+        await pool.run("cpu", matmul, a, a)
+        assert not pool.team.splits_work
+    async with open_device_pool(cpu_workers=2, blas_threads=1, split=False) as pool:
+        await pool.run("cpu", matmul, a, a)
+        assert not pool.team.splits_work
+    assert pool.statistics().splits == 0
+
+
+@pytest.mark.parametrize("policy", ["Sync", "GPipe(2)"])
+async def test_runs_on_a_shared_pool_equal_the_plain_loop_bit_for_bit_run_to_run(
+    policy: str,
+) -> None:
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    from _reference import (
+        assert_params_close,
+        assert_params_equal,
+        chain_graph,
+        fresh_params,
+        plain_sgd,
+    )
+
+    g = chain_graph(2, width=256, features=256)  # Linear(256, 256) + Tanh, Linear(256, 3)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"x": rng.standard_normal((128, 256)), "y": rng.integers(0, 3, 128)} for _ in range(3)
+    ]
+    ref, _ = plain_sgd(g, fresh_params(g), optim.SGD(lr=0.1), batches)
+    results = []
+    for _ in range(2):
+        async with open_device_pool(cpu_workers=2, blas_threads=1) as pool:
+            pol = policies.Sync() if policy == "Sync" else policies.GPipe(2)
+            async with ann.open_run(g, optim.SGD(lr=0.1), pol, dtype="float64", pool=pool) as run:
+                for b in batches:
+                    await run.step(b)
+                await run.drain()
+        assert pool.statistics().splits > 0  # the 64- and 128-row products were cut in two
+        results.append(run.params)
+    assert_params_close(results[0], ref, rtol=1e-10, atol=1e-12)
+    assert_params_equal(results[0], results[1])

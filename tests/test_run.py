@@ -3,6 +3,7 @@ in a clear error within seconds, never a hang; memory stays flat."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -319,3 +320,58 @@ async def test_statistics_are_snapshots_that_later_work_leaves_alone():
     assert before["stage0"].forwards == 1 and after["stage0"].forwards == 2
     assert before["stage0"] is not after["stage0"]
     assert after["stage0"].idle_seconds >= 0.0
+
+
+class _SpinForever(ann.LayerActor):
+    """Its forward runs a Python loop that never ends, inline on the event loop's thread."""
+
+    async def on_forward(self, key, inputs, meta):
+        def spin():
+            while True:
+                pass
+
+        return await self.compute(spin, cost=0)
+
+
+@pytest.mark.timeout(60)
+def test_an_inline_compute_that_never_returns_is_a_stall_error():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss(
+        "loss", nn.CrossEntropyLoss(), g.layer("spin", nn.Linear(5, 3), x, actor=_SpinForever), y
+    )
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    with pytest.raises(
+        ann.StallError, match=r"actor 'spin' has been computing its forward of key 0"
+    ):
+        tr.fit(_data(), batch_size=16)
+
+
+_release = threading.Event()
+
+
+class _HangOnAWorker(ann.LayerActor):
+    """Its forward hangs on a pool thread (a cost far above the inline threshold)."""
+
+    async def on_forward(self, key, inputs, meta):
+        return await self.compute(_release.wait, 60.0, cost=1e12)
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_compute_on_a_pool_thread_fails_fit_without_waiting_for_it():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("hang", nn.Linear(5, 3), x, actor=_HangOnAWorker)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("out", nn.Linear(3, 3), h), y)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    try:
+        with pytest.raises(ann.StallError, match=r"hang: computing forward of key 0"):
+            tr.fit(_data(), batch_size=16)  # returns in seconds while the thread still waits
+    finally:
+        _release.set()

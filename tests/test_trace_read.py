@@ -4,6 +4,7 @@ a writer that never makes actors wait, and the trace of a run that fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -420,3 +421,281 @@ def test_failed_run_trace_ends_with_the_error(tmp_path: Path) -> None:
     starts = [e for e in t.events if e["a"] == "middle" and e["ev"] == "start"]
     assert starts and not any(e["a"] == "middle" and e["ev"] == "end" for e in t.events)
     assert os.path.getsize(path) == _boundaries(path.read_bytes())[-1]
+
+
+# -- CRC-valid records with wrong fields, a second header, lengths past the end ----------------
+def _with_records(raw: bytes, records: list[dict[str, Any]], at: int | None = None) -> bytes:
+    """``raw`` with well-framed (CRC-valid) ``records`` inserted before record ``at`` (an event
+    index; the end by default)."""
+    from asyncnn._runtime._traceformat import encode_record
+
+    bounds = _boundaries(raw)
+    cut = bounds[-1] if at is None else bounds[min(len(bounds) - 1, 2 + at)]
+    return raw[:cut] + b"".join(encode_record(r) for r in records) + raw[cut:]
+
+
+_BAD_RECORDS = [
+    {"ev": "start"},  # no time, no actor
+    {"t": "soon", "a": "stage0", "ev": "start"},
+    {"t": 1.0, "a": 7, "ev": "send"},
+    {"t": 1.0, "a": "stage0", "ev": "start", "key": "k3", "k": "forward", "seq": 0},
+    {"t": 1.0, "a": "stage0", "ev": "start", "key": 0, "k": "forward", "seq": [0]},
+    {"t": 1.0, "a": "stage0", "ev": "end", "m": {"loss": "low"}},
+    {"t": 1.0, "a": "scheduler", "ev": "admit", "key": 0, "m": {"minibatch": "first"}},
+    {"t": 1.0, "a": "scheduler", "ev": "admit", "key": 0, "m": ["minibatch", 0]},
+    {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": [{"s": [2, 4], "d": "<f4"}]},
+    {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": [{"s": [2], "d": "O", "n": 16, "h": 1}]},
+    {
+        "t": 1.0,
+        "a": "x",
+        "ev": "send",
+        "key": 0,
+        "x": [{"s": [2], "d": "<f4", "n": 8, "h": 1}],
+        "pl": [b"\x00" * 3],
+    },  # fmt: skip
+    {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": "tensor"},
+    {"t": float("nan"), "a": "x", "ev": "send"},
+    {"format": "asyncnn-trace", "version": 1},  # a second header
+    {"state": {}},  # a second state record
+]
+
+
+@pytest.mark.parametrize("record", _BAD_RECORDS, ids=range(len(_BAD_RECORDS)))
+def test_a_crc_valid_record_with_wrong_fields_is_a_trace_format_error_everywhere(
+    small_trace: tuple[bytes, Any], tmp_path: Path, record: dict[str, Any]
+) -> None:
+    raw, _ = small_trace
+    path = tmp_path / "crafted.trace"
+    path.write_bytes(_with_records(raw, [record], at=3))
+    with pytest.raises(ann.TraceFormatError, match=r"record 5 at byte \d+"):
+        ann.trace.read(path)
+    with pytest.raises(ann.TraceFormatError):
+        ann.trace.summary(path)
+    out = tmp_path / "out.json"
+    with pytest.raises(ann.TraceFormatError):
+        ann.trace.to_chrome(path, out)
+    assert not out.exists() and os.listdir(tmp_path) == ["crafted.trace"]  # nothing half-written
+    with pytest.raises(ann.TraceFormatError):
+        ann.replay(path)
+
+
+def test_a_record_claiming_more_bytes_than_the_file_holds_allocates_nothing(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    import tracemalloc
+
+    raw, whole = small_trace
+    n = (1 << 31) - 1  # the largest length the format allows
+    path = tmp_path / "claims.trace"
+    path.write_bytes(raw + struct.pack("<III", n, n ^ 0xFFFFFFFF, 0) + bytes(100))
+    tracemalloc.start()
+    try:
+        t = ann.trace.read(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert t.truncated and t.events == whole.events
+    assert peak < 16 << 20  # nothing near the claimed 2 GiB
+
+
+def test_a_truncated_trace_is_refused_by_replay_at_once(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    import time
+
+    raw, _ = small_trace
+    bounds = _boundaries(raw)
+    path = tmp_path / "cut.trace"
+    # cut inside the state, inside events, 5 bytes short of the end
+    for cut in [bounds[2] - 3, bounds[2] + 7, bounds[len(bounds) // 2] + 20, len(raw) - 5]:
+        path.write_bytes(raw[:cut])
+        start = time.perf_counter()
+        with pytest.raises(ann.TraceFormatError, match="is truncated") as info:
+            ann.replay(path)
+        assert "trace_payloads" not in str(info.value)
+        assert time.perf_counter() - start < 10  # refused before anything runs, never a stall
+        assert ann.trace.summary(path)["truncated"]
+
+
+def test_a_class_path_in_a_trace_header_imports_nothing(
+    small_trace: tuple[bytes, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from asyncnn._math._imports import UntrustedModuleError
+    from asyncnn._runtime._traceformat import encode_record
+
+    raw, whole = small_trace
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "evilmod.py").write_text("import pathlib\npathlib.Path('ran').touch()\n")
+    bounds = _boundaries(raw)
+    for target in ["evilmod:X", "unittest.__main__:X"]:
+        header = {**whole.header, "optimizer": {"name": target, "lr": 0.1}}
+        path = tmp_path / "evil.trace"
+        path.write_bytes(encode_record(header) + raw[bounds[1] :])
+        assert ann.trace.read(path).header["optimizer"]["name"] == target  # reading is harmless
+        ann.trace.summary(path)
+        with pytest.raises(UntrustedModuleError, match=f"evil.trace.*{target}.*trusted_modules"):
+            ann.replay(path)
+    assert not (tmp_path / "ran").exists()
+    assert "evilmod" not in sys.modules and "unittest.__main__" not in sys.modules
+
+
+# -- random CRC-valid records: only TraceFormatError ever escapes ------------------------------
+_names = st.sampled_from(["stage0", "stage1", "loss", "x", "y", "scheduler", "?"])
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True),
+    st.text(max_size=5), st.binary(max_size=8), st.lists(st.integers(-1, 4), max_size=3),
+)  # fmt: skip
+_tensor = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {
+            "s": st.lists(st.integers(0, 3), max_size=2),
+            "d": st.sampled_from(["<f4", "<i8", "O", 3]),
+            "n": st.integers(0, 64),
+            "h": st.integers(0, 2**63),
+        }  # fmt: skip
+    ),
+    _values,
+)
+_record_strategy = st.fixed_dictionaries(
+    {},
+    optional={
+        "t": st.one_of(st.floats(0, 100), _values),
+        "a": st.one_of(_names, _values),
+        "ev": st.one_of(
+            st.sampled_from(
+                [
+                    "admit",
+                    "send",
+                    "receive",
+                    "start",
+                    "end",
+                    "update",
+                    "flush",
+                    "error",
+                    "route",
+                    "loop",
+                    "missing",
+                    "other",
+                ]
+            ),  # fmt: skip
+            _values,
+        ),
+        "k": st.one_of(st.sampled_from(["forward", "backward"]), _values),
+        "key": st.one_of(st.integers(-1, 3), _values),
+        "v": st.one_of(st.integers(0, 3), _values),
+        "p": st.one_of(_names, _values),
+        "seq": st.one_of(st.integers(0, 12), _values),
+        "x": st.one_of(st.lists(_tensor, max_size=2), _values),
+        "pl": st.one_of(
+            st.lists(st.one_of(st.none(), st.binary(max_size=16)), max_size=2), _values
+        ),
+        "m": st.one_of(
+            st.dictionaries(
+                st.sampled_from(
+                    ["minibatch", "mb_keys", "rows", "loss", "error", "slot", "workers", "other"]
+                ),  # fmt: skip
+                _values,
+                max_size=3,
+            ),
+            _values,
+        ),
+        "format": st.just("asyncnn-trace"),
+        "state": _values,
+    },
+)
+
+
+# records of the right types with arbitrary values: these pass the field checks and test what
+# summary, to_chrome and replay make of events that contradict the run
+_typed_tensor = st.builds(
+    lambda s, d, h: {"s": s, "d": d, "n": int(np.prod(s)) * np.dtype(d).itemsize, "h": h},
+    st.lists(st.integers(0, 3), max_size=2), st.sampled_from(["<f4", "<i8", "|u1"]),
+    st.integers(0, 2**64 - 1),
+)  # fmt: skip
+_typed_record = st.fixed_dictionaries(
+    {
+        "t": st.floats(-1, 100, allow_nan=False),
+        "a": _names,
+        "ev": st.sampled_from(
+            [
+                "admit",
+                "send",
+                "receive",
+                "start",
+                "end",
+                "update",
+                "flush",
+                "error",
+                "route",
+                "loop",
+                "missing",
+            ]
+        ),  # fmt: skip
+    },
+    optional={
+        "k": st.sampled_from(["forward", "backward", "end"]),
+        "key": st.integers(-1, 4),
+        "v": st.integers(0, 4),
+        "p": _names,
+        "seq": st.integers(0, 12),
+        "x": st.lists(st.one_of(st.none(), _typed_tensor), max_size=2),
+        "m": st.fixed_dictionaries(
+            {},
+            optional={
+                "minibatch": st.integers(-1, 3),
+                "mb_keys": st.integers(-1, 3),
+                "rows": st.integers(0, 5),
+                "mb_rows": st.integers(0, 5),
+                "slot": st.integers(0, 2),
+                "loss": st.floats(allow_nan=True),
+                "error": st.text(max_size=5),
+                "workers": st.lists(st.integers(-1, 3)),
+            },
+        ),  # fmt: skip
+    },
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+)
+@given(
+    record=st.one_of(_typed_record, _record_strategy), at=st.integers(0, 40), replay=st.booleans()
+)
+@pytest.mark.timeout(120)
+def test_random_crc_valid_records_only_ever_raise_trace_format_error(
+    small_trace: tuple[bytes, Any], tmp_path: Path, record: dict[str, Any], at: int, replay: bool
+) -> None:
+    raw, _ = small_trace
+    path = tmp_path / "random.trace"
+    path.write_bytes(_with_records(raw, [record], at=at))
+    out = tmp_path / "random.json"
+    if out.exists():
+        out.unlink()
+    from asyncnn._tracing._summary import format_summary
+
+    with contextlib.suppress(ann.TraceFormatError):
+        ann.trace.read(path)
+    with contextlib.suppress(ann.TraceFormatError):
+        format_summary(ann.trace.summary(path))
+    try:
+        ann.trace.to_chrome(path, out)
+        json.loads(out.read_text())  # what is written is whole JSON
+    except ann.TraceFormatError:
+        assert not out.exists()
+    with contextlib.suppress(ann.TraceFormatError):
+        ann.trace.diff(path, path)
+    if replay:  # a replay runs the graph: half of the examples
+        try:
+            result = ann.replay(path)
+        except ann.TraceFormatError:
+            pass
+        else:
+            assert isinstance(result.identical, bool)

@@ -168,3 +168,147 @@ def test_a_resumed_trainer_numbers_its_traces_on(tmp_path):
     resumed.fit(_data(), epochs=1, batch_size=8)
     assert resumed.traces == [path, str(tmp_path / "run.1.trace")]
     assert ann.trace.read(resumed.traces[1]).header["start"]["minibatches"] == 5
+
+
+# -- what fit keeps when it stops early ----------------------------------------------------------
+
+
+def _trainer(policy, seed=3):
+    return ann.Trainer(chain_graph(3), optimizer=optim.Adam(lr=0.01), policy=policy, seed=seed)
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(2)], ids=["sync", "gpipe"])
+def test_a_failing_minibatch_keeps_the_earlier_updates(policy):
+    data = _data()
+    bad = {"x": data["x"], "y": data["y"].copy()}
+    bad["y"][27] = 7  # minibatch 3 (rows 24..31) has a label the loss has no class for
+    tr = _trainer(policy)
+    with pytest.raises(ann.ActorError, match="loss"):
+        tr.fit(bad, epochs=1, batch_size=8, check_data=False)
+    assert tr.state.minibatches == 3
+    assert tr.versions == {"stage0": 3, "stage1": 3, "stage2": 3}
+    assert (tr.epochs_done, tr.epoch_batches) == (0, 3)
+    assert len(tr.history.losses) == 3
+    reference = _trainer(policy)
+    reference.fit({k: v[:24] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, reference.params)
+    assert tr.history.losses == reference.history.losses
+
+
+class _Interrupt(ann.callbacks.Callback):
+    """Ctrl-C, as fit sees it, after a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.OneFOneB(3)], ids=["sync", "1f1b"])
+def test_an_interrupted_fit_resumes_bit_identically(tmp_path, policy):
+    data = _data()
+    straight = _trainer(policy)
+    straight.fit(data, epochs=3, batch_size=8, shuffle=True)
+
+    tr = _trainer(policy)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=3, batch_size=8, shuffle=True, callbacks=[_Interrupt(7)])
+    # step 7 reported its loss once step 8 was admitted: the kept state is after 7 or 8
+    assert tr.state.minibatches in (8, 9) and set(tr.versions.values()) == {tr.state.minibatches}
+    assert tr.epochs_done == 1 and tr.epoch_batches == tr.state.minibatches - 5
+    tr.save(str(tmp_path / "ckpt"))
+    resumed = ann.Trainer.load(str(tmp_path / "ckpt"))
+    assert resumed.epoch_batches == tr.epoch_batches
+    resumed.fit(data, epochs=2, batch_size=8, shuffle=True)  # finishes epoch 1, then epoch 2
+    assert resumed.epochs_done == 3 and resumed.epoch_batches == 0
+    assert_params_equal(resumed.params, straight.params)
+
+
+def test_an_interrupted_pipedream_fit_keeps_each_layers_last_update():
+    tr = _trainer(policies.PipeDream(2))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_Interrupt(3)])
+    v = tr.versions
+    # each layer after its own last update (2 per minibatch); the counters stop at the first
+    # minibatch whose loss was not known
+    assert all(n >= 2 * 3 for n in v.values()) and len(tr.history.losses) == tr.state.minibatches
+    tr.fit(_data(), epochs=1, batch_size=8)  # and it goes on from there
+    assert tr.epochs_done == 1 and tr.epoch_batches == 0
+
+
+def test_fit_checks_the_data_first():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    nan = {"x": data["x"].copy(), "y": data["y"]}
+    nan["x"][5, 2] = np.nan
+    with pytest.raises(ValueError, match="input 'x' contains NaN"):
+        tr.fit(nan, batch_size=8)
+    labels = {"x": data["x"], "y": data["y"].copy()}
+    labels["y"][13] = 3
+    with pytest.raises(ValueError, match=r"input 'y': label 3 at row 13 .*3 classes.* 0\.\.2"):
+        tr.fit(labels, batch_size=8)
+    with pytest.raises(ValueError, match="label -1 at row 0"):
+        tr.fit({"x": data["x"], "y": -np.ones(40, dtype=np.int64)}, batch_size=8)
+    with pytest.raises(ValueError, match="validation_data needs the input 'y'"):
+        tr.fit(data, batch_size=8, validation_data={"x": data["x"]})
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+    tr.fit(nan, batch_size=40, check_data=False)  # the switch skips the checks
+    assert np.isnan(tr.history.losses[0])
+
+
+def test_predict_and_evaluate_name_a_missing_input():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError, match=r"predict needs the input 'x' \(for 'stage2'\)"):
+        tr.predict({"y": data["y"]})
+    with pytest.raises(ValueError, match=r"evaluate needs the input 'y' \(for 'loss'\)"):
+        tr.evaluate({"x": data["x"]})
+    with pytest.raises(ValueError, match=r"the data has \['z'\]"):
+        tr.predict({"x": data["x"], "z": data["x"]})
+
+
+def test_params_assignment_is_checked_against_the_graph():
+    tr = _trainer(policies.Sync())
+    p = tr.params
+    wrong = [dict(p["stage0"][0], weight=np.zeros((6, 5))), {}]
+    with pytest.raises(ValueError, match=r"tr.params\['stage0'\]\[0\]\['weight'\] has shape"):
+        tr.params = {"stage0": wrong}
+    with pytest.raises(ValueError, match="must be a list of 2 entries"):
+        tr.params = {"stage0": [p["stage0"][0]]}
+    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+        tr.params = {"stage0": [{"weight": p["stage0"][0]["weight"]}, {}]}
+    with pytest.raises(ValueError, match="dtype <U1"):
+        tr.params = {"stage0": [dict(p["stage0"][0], bias=np.full(6, "a")), {}]}
+    assert_params_equal(tr.params, p)  # nothing was assigned
+
+
+def test_history_repr_is_short():
+    tr = _trainer(policies.Sync())
+    hist = tr.fit(_data(n=400), epochs=5, batch_size=8, validation_data=_data())
+    assert len(hist.losses) == 250 and len(hist.epochs) == 5
+    text = repr(hist)
+    assert len(text) < 200 and text.startswith("History(250 minibatches, 5 epochs, loss")
+    assert "val_loss" in text and "val_accuracy" in text
+
+
+def test_a_cluster_fit_refuses_what_needs_weights_during_the_fit():
+    with ann.cluster.LocalCluster(workers=1) as cluster:
+        tr = ann.Trainer(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster
+        )
+        with pytest.raises(ValueError, match="with a cluster, call fit one epoch at a time"):
+            tr.fit(_data(), validation_data=_data())
+
+
+def test_plain_text_progress_where_rich_cannot_draw(monkeypatch, capsys):
+    from asyncnn import _fit
+
+    monkeypatch.setattr(_fit, "_plain_progress", lambda: True)
+    tr = ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), progress=True
+    )
+    tr.fit(_data(), epochs=1, batch_size=8)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("train 5/5  loss ") and lines[-1].endswith("samples/s")

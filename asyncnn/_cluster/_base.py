@@ -22,9 +22,9 @@ from ._wire import (
     AuthenticationError,
     Connection,
     accept,
-    accept_socket,
     frame_head,
     listen,
+    serve_listener,
 )
 
 __all__ = ["Cluster"]
@@ -56,6 +56,11 @@ class Cluster:
             GPU) and cupy with NCCL in every process, the driver included.
     """
 
+    #: how many refused connections :attr:`rejected` keeps in words
+    REJECTED_KEPT = 100
+    #: at most one warning about refused connections is logged per this many seconds
+    REJECTED_LOG_SECONDS = 5.0
+
     def __init__(
         self,
         workers: int,
@@ -79,8 +84,12 @@ class Cluster:
         self.connections: dict[int, Connection] = {}
         #: per worker: pid, host and port it listens on for peers, one-way latency estimate
         self.info: dict[int, dict[str, Any]] = {}
-        #: connections refused so far (wrong token, unexpected peers), in words
+        #: the most recent connections refused (wrong token, unexpected peers, handshakes cut),
+        #: in words: at most :attr:`REJECTED_KEPT` lines, however many came
         self.rejected: list[str] = []
+        #: every connection refused since the cluster was made, by this process or a worker
+        self.rejected_count = 0
+        self._log_window = (0.0, 0)  # (start of the current logging window, refusals unlogged)
         self.started = False
         self.token = b""
 
@@ -119,9 +128,7 @@ class Cluster:
         try:
             self._launch(self.host, port, self.token)
             with anyio.fail_after(self.start_timeout):
-                while len(self.connections) < self.workers:
-                    sock = await accept_socket(listener)
-                    await self._admit(sock)
+                await self._admit_all(listener)
             for i, conn in self.connections.items():
                 t = time.perf_counter()
                 await conn.send({"t": "ping"})
@@ -151,6 +158,31 @@ class Cluster:
             listener.close()
         self.started = True
         atexit.register(self.close)  # no worker outlives the program
+
+    async def _admit_all(self, listener: Any) -> None:
+        """Accepts the workers' connections, handshaking with every comer at once (so that idle
+        connections to the driver's port cannot keep the workers out), until all are in."""
+        all_in = anyio.Event()
+
+        async def admit(sock: Any) -> None:
+            await self._admit(sock)
+            if len(self.connections) >= self.workers:
+                all_in.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_listener, listener, admit, self.reject)
+                await all_in.wait()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # a worker that announced an impossible index: that, not the group, is the error
+            wrong, _ = group.split(WorkerError)
+            if wrong is None:
+                raise
+            leaf: BaseException = wrong
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
 
     async def _admit(self, sock: Any) -> None:
         try:
@@ -186,8 +218,32 @@ class Cluster:
 
     def reject(self, what: str) -> None:
         """Records (and logs) a refused connection."""
-        self.rejected.append(what)
-        log.warning("%s", what)
+        self.reject_many([what], 1)
+
+    def reject_many(self, sample: list[str], count: int) -> None:
+        """Records ``count`` refused connections, of which ``sample`` are described.
+
+        Only the last :attr:`REJECTED_KEPT` lines are kept, and at most one warning is logged
+        every :attr:`REJECTED_LOG_SECONDS` (saying how many refusals it stands for), so a flood
+        of connections costs a counter, not memory or a log line each."""
+        count = max(count, len(sample))
+        if not count:
+            return
+        self.rejected_count += count
+        lines = list(sample)
+        if count > len(sample):
+            lines.append(f"{count - len(sample)} more connections refused (not itemised)")
+        self.rejected.extend(lines[-self.REJECTED_KEPT :])
+        del self.rejected[: -self.REJECTED_KEPT]
+        start, unlogged = self._log_window
+        now = time.monotonic()
+        unlogged += count
+        if now - start >= self.REJECTED_LOG_SECONDS:
+            more = f" ({unlogged - 1} more refused since the last warning)" if unlogged > 1 else ""
+            log.warning("%s%s", lines[0] if sample else lines[-1], more)
+            self._log_window = (now, 0)
+        else:
+            self._log_window = (start, unlogged)
 
     def close(self) -> None:
         """Stops the workers (asks them; kills those that do not go within seconds)."""

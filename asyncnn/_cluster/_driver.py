@@ -16,26 +16,28 @@ import numpy as np
 from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
 from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
+from asyncnn._runtime._checks import validate
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
-from asyncnn._runtime._policies import Policy
-from asyncnn._runtime._run import (
-    Run,
-    RunState,
-    _cores,
-    _maybe_pool,
-    _single_error,
+from asyncnn._runtime._lifecycle import (
     close_channels,
     close_recorder,
     cpu_layers,
     error_leaves,
     finish_run,
-    init_state,
+    host_cores,
+    maybe_pool,
     open_recorder,
     record_error,
     serve_actors,
+    single_error,
     start_watchdog,
-    validate,
+)
+from asyncnn._runtime._policies import Policy
+from asyncnn._runtime._run import (
+    Run,
+    RunState,
+    init_state,
 )
 from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
@@ -87,6 +89,7 @@ class DriverRun(Run):
     """The run in the driver: its state and statistics include what the workers send back."""
 
     results: dict[int, dict[str, Any]]
+    worker_traces: dict[int, Any]
     nccl: NcclLinks | None = None
 
     def state(self) -> RunState:
@@ -193,10 +196,12 @@ async def _driver_run(
     # cores shared out between the processes that host CPU actors (they share this host when
     # the cluster is local; a Ray worker on its own machine may be told otherwise)
     cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
-    threads = cluster.threads_per_worker or max(1, _cores() // len(cpu_hosts))
+    threads = cluster.threads_per_worker or max(1, host_cores() // len(cpu_hosts))
     failed = False
+    # each worker's trace file, as it sent it (with its result, or with its error report)
+    worker_traces: dict[int, Any] = {}
     try:
-        async with _maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
+        async with maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()
@@ -207,6 +212,7 @@ async def _driver_run(
                 recorder=recorder, max_in_flight=max_in_flight, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
+            run.worker_traces = worker_traces
             try:
                 # what every worker is told alike (the specs are built once)
                 common = {
@@ -274,6 +280,8 @@ async def _driver_run(
                     # a process failed because another one went away: report that one
                     j = lost.worker
                     error = await _died(cluster, j, hosted_by.get(j, []), lost)
+                if recorder is not None:
+                    await _gather_traces(cluster, worker_traces, hosted_by)
                 record_error(recorder, error)
                 raise error from error.__cause__
             finally:
@@ -284,10 +292,25 @@ async def _driver_run(
         failed = True
         raise
     finally:
+        if failed and recorder is not None:
+            # say whose events the trace lacks (summary and replay report it)
+            missing = sorted(
+                w for w, names in hosted_by.items()
+                if w is not None and names and w not in worker_traces
+            )  # fmt: skip
+            if missing:
+                recorder.event(
+                    "scheduler", "missing",
+                    meta={"workers": missing, "error": "the run failed or was interrupted before "
+                          "these workers' events could be collected"},
+                )  # fmt: skip
         close_recorder(recorder, failed)
-    if recorder is not None and trace is not None:
-        parts = [r.pop("trace") for r in run.results.values() if r.get("trace") is not None]
-        _merge(trace, parts)
+        if recorder is not None and trace is not None and worker_traces:
+            try:
+                _merge(trace, [worker_traces[w] for w in sorted(worker_traces)])
+            except Exception:
+                if not failed:  # a failed run's own error matters more than its trace
+                    raise
 
 
 async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[str]) -> None:
@@ -325,29 +348,65 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                 actor = run.actors.get(name)
                 if isinstance(actor, RemoteActor):
                     actor.last_report = line
-            _note_rejections(cluster, header.get("rejected", []))
+                    actor.last_report_at = now
+            _note_rejections(cluster, header.get("rejected"))
         elif t == "error":
+            _keep_trace(run.worker_traces, w, header, buffers)
             if header.get("lost") is not None:
                 j = int(header["lost"])
                 raise PeerLost(j, f"{who} lost its connection to worker {j}")
             raise _remote_failure(header, w, hosted, who)
         elif t == "result":
-            _note_rejections(cluster, header.get("rejected", []))
-            run.results[w] = {
-                **decode_state(header, buffers),
-                "stats": header["stats"],
-                "trace": None if "trace" not in header else buffers[header["trace"]],
-            }
+            _note_rejections(cluster, header.get("rejected"))
+            run.results[w] = {**decode_state(header, buffers), "stats": header["stats"]}
+            _keep_trace(run.worker_traces, w, header, buffers)
             return
         else:
             conn.close()
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
 
 
-def _note_rejections(cluster: Cluster, lines: list[str]) -> None:
-    for line in lines:
-        if line not in cluster.rejected:
-            cluster.reject(line)
+def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers: list[Any]) -> None:
+    i = header.get("trace")
+    if isinstance(i, int) and 0 <= i < len(buffers):
+        traces[w] = buffers[i]
+
+
+async def _gather_traces(
+    cluster: Cluster, traces: dict[int, Any], hosted_by: dict[int | None, list[str]]
+) -> None:
+    """After a failed run: asks every worker still connected whose trace is not in to abort,
+    and keeps the trace its error report carries (two seconds at most, in all)."""
+    wanted = [w for w, names in hosted_by.items() if w is not None and names and w not in traces]
+
+    async def one(w: int) -> None:
+        conn = cluster.connections.get(w)
+        if conn is None or conn.closed:
+            return
+        try:
+            await conn.send({"t": "abort"})
+            while True:
+                header, buffers = await conn.receive()
+                if header.get("t") in ("error", "result"):
+                    _keep_trace(traces, w, header, buffers)
+                    return
+        except (EOFError, ConnectionError, ValueError):
+            return  # gone, or its stream lost its place: its events stay missing
+
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+        async with anyio.create_task_group() as tg:
+            for w in wanted:
+                tg.start_soon(one, w)
+
+
+def _note_rejections(cluster: Cluster, report: Any) -> None:
+    """Adds a worker's report of refused connections (``{"count", "sample"}``, what is new since
+    its last report) to the cluster's: a few lines, however large the count."""
+    if not isinstance(report, dict):
+        return
+    sample = [str(line) for line in report.get("sample", [])[:32]]
+    count = report.get("count", len(sample))
+    cluster.reject_many(sample, count if isinstance(count, int) else len(sample))
 
 
 def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str) -> Exception:
@@ -401,7 +460,7 @@ def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:
     for e in leaves:
         if lost_peer(e) is not None:
             return e
-    return _single_error(group)
+    return single_error(group)
 
 
 def _merge(path: str, parts: list[Any]) -> None:

@@ -13,6 +13,8 @@ from ._base import Cluster
 
 __all__ = ["RayCluster"]
 
+log = logging.getLogger("asyncnn.cluster")
+
 
 class _RayWorker:
     """The body of one Ray actor: runs an asyncnn worker until the driver lets it go."""
@@ -37,6 +39,21 @@ class _RayWorker:
         run_worker(host, port, index, token, bind, advertise, max_bytes, paths)
 
 
+_warned = False
+
+
+def _warn_ray_listens() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "RayCluster started a local Ray instance: asyncnn's own connections listen on "
+            "loopback, but Ray's services (GCS, raylet, object manager, workers' gRPC servers) "
+            "listen on every network interface, which Ray 2.60 offers no way to change; on a "
+            "host reachable from untrusted machines, firewall them (see docs/security.md)"
+        )
+
+
 class RayCluster(Cluster):
     """``workers`` asyncnn workers, each a Ray actor with ``gpus_per_worker`` GPUs.
 
@@ -51,6 +68,12 @@ class RayCluster(Cluster):
     machines, listen on a routable address: ``host="0.0.0.0"`` (the driver then tells the
     workers its node's IP). A worker sees only its own GPUs (Ray sets
     ``CUDA_VISIBLE_DEVICES``), so its nodes use ``device="cuda:0"`` and up.
+
+    Security: asyncnn's connections (driver, workers) listen on ``host`` (loopback by default)
+    and admit only holders of the run's token. Ray's own services are Ray's: in Ray 2.60 they
+    listen on every network interface whatever is asked (``ray.init`` resolves a loopback node
+    address to the routable one), and Ray authenticates nothing. Run Ray only where the
+    network is trusted, or firewall its ports; docs/security.md shows how.
 
     Args:
         workers: how many workers.
@@ -86,11 +109,13 @@ class RayCluster(Cluster):
         if not ray.is_initialized():
             ray.init(
                 address=self.address,
-                include_dashboard=False,
+                include_dashboard=False,  # no web UI (it would take jobs from anyone who can reach it)
                 log_to_driver=False,
                 logging_level=logging.WARNING,
             )
             self._owns_ray = True
+            if self.address is None:
+                _warn_ray_listens()
         connect_host = host
         if host in ("0.0.0.0", "::"):
             connect_host = ray.util.get_node_ip_address()

@@ -9,6 +9,7 @@ the remote sender waits, as it would on an in-process channel.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -47,6 +48,8 @@ class RemoteActor:
         self.send_channel = self
         #: what the hosting process last said this actor was doing (from its heartbeats)
         self.last_report = "no report yet"
+        #: when that report arrived (``time.perf_counter()``), or None
+        self.last_report_at: float | None = None
 
     def send_nowait(self, msg: Message) -> None:
         raise anyio.WouldBlock  # sending means writing to a socket: always the awaited path
@@ -86,7 +89,10 @@ class RemoteActor:
         )
 
     def describe(self) -> str:
-        return f"on {self.where}: {self.last_report}"
+        if self.last_report_at is None:
+            return f"on {self.where}: {self.last_report}"
+        age = time.perf_counter() - self.last_report_at
+        return f"on {self.where}, as reported {age:.1f} s ago: {self.last_report}"
 
 
 async def deliver(

@@ -18,12 +18,14 @@ tensor's bytes land in its final buffer with no intermediate copy.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import itertools
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -36,6 +38,7 @@ __all__ = [
     "Connection",
     "PeerLost",
     "ProtocolError",
+    "Refusals",
     "accept",
     "connect",
     "lost_peer",
@@ -406,12 +409,111 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-async def accept_socket(listener: socket.socket) -> socket.socket:
-    """Waits for and returns the next incoming connection on ``listener``."""
+#: handshakes in progress that one listener allows at once; the oldest is cut to make room
+MAX_PENDING_HANDSHAKES = 64
+# accept() failures that mean "out of descriptors or memory for now", not "the listener is broken"
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+async def accept_socket(
+    listener: socket.socket, exhausted: Callable[[OSError], None] | None = None
+) -> socket.socket:
+    """Waits for and returns the next incoming connection on ``listener``.
+
+    Running out of file descriptors (``EMFILE``: a flood of connections) does not end the wait:
+    ``exhausted(error)`` is told (it may free a descriptor) and accepting resumes after a short
+    back-off, growing to one second while the shortage lasts."""
+    delay = 0.01
     while True:
         try:
             sock, _ = listener.accept()
         except BlockingIOError:
             await anyio.wait_readable(listener)
             continue
+        except (ConnectionAbortedError, InterruptedError):
+            continue  # the peer gave up before we accepted: nothing to do
+        except OSError as exc:
+            if exc.errno not in _EXHAUSTED:
+                raise
+            if exhausted is not None:
+                exhausted(exc)
+            await anyio.sleep(delay)
+            delay = min(1.0, delay * 2)
+            continue
         return sock
+
+
+class Refusals:
+    """Connections refused by one process: a count and the first few, in words.
+
+    Bounded however many come (a flood of wrong tokens costs a counter, not a list), and
+    reported in pieces: :meth:`take` hands over what accumulated since the last call.
+
+    Args:
+        keep: how many refusals are kept in words between two reports.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.count = 0
+        self.sample: list[str] = []
+
+    def add(self, what: str) -> None:
+        """Counts one refusal (kept in words while there is room)."""
+        self.count += 1
+        if len(self.sample) < self.keep:
+            self.sample.append(what)
+
+    def take(self) -> dict[str, Any]:
+        """``{"count": n, "sample": [...]}`` since the last call; starts counting afresh."""
+        out = {"count": self.count, "sample": self.sample}
+        self.count, self.sample = 0, []
+        return out
+
+
+async def serve_listener(
+    listener: socket.socket,
+    handshake: Callable[[socket.socket], Awaitable[None]],
+    refuse: Callable[[str], None],
+    limit: int = MAX_PENDING_HANDSHAKES,
+) -> None:
+    """Accepts connections on ``listener`` for ever, running ``handshake(sock)`` for each
+    concurrently (an idle connection delays nobody).
+
+    At most ``limit`` handshakes run at once: a connection beyond that cuts the oldest pending
+    one (a real peer answers within milliseconds, so the oldest is the likeliest idler), and
+    so does running out of file descriptors. ``refuse(what)`` is told of each cut."""
+    pending: dict[int, anyio.CancelScope] = {}
+    numbers = itertools.count()
+    address = "{}:{}".format(*listener.getsockname()[:2])
+
+    def cut_oldest(why: str) -> None:
+        if pending:
+            pending.pop(next(iter(pending))).cancel()
+            refuse(f"a connection to {address} was cut: {why}")
+
+    async def one(sock: socket.socket, n: int, scope: anyio.CancelScope) -> None:
+        done = False
+        try:
+            with scope:
+                try:
+                    await handshake(sock)
+                except OSError as exc:  # e.g. reset before its options could be set
+                    refuse(f"a connection to {address} failed during its handshake: {exc}")
+                done = True
+        finally:
+            pending.pop(n, None)
+            if not done:  # cut, cancelled or failed: the socket is ours to close
+                sock.close()
+
+    async with anyio.create_task_group() as tg:
+        while True:
+            sock = await accept_socket(
+                listener, lambda exc: cut_oldest(f"out of file descriptors ({exc.strerror})")
+            )
+            if len(pending) >= limit:
+                cut_oldest(f"more than {limit} handshakes were pending")
+            n = next(numbers)
+            scope = anyio.CancelScope()
+            pending[n] = scope
+            tg.start_soon(one, sock, n, scope)

@@ -10,6 +10,7 @@ a worker never outlives its driver).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -22,22 +23,24 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError
-from asyncnn._math._imports import class_path
+from asyncnn._math._imports import class_path, trusted_modules
 from asyncnn._math._optim import from_spec as optimizer_from_spec
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._lifecycle import (
+    close_recorder,
+    cpu_layers,
+    maybe_pool,
+    serve_actors,
+    single_error,
+    start_cancellable,
+)
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
     Run,
     RunState,
-    _maybe_pool,
-    _single_error,
-    close_recorder,
-    cpu_layers,
-    serve_actors,
-    start_cancellable,
 )
 from asyncnn.backends import get_backend
 
@@ -50,11 +53,12 @@ from ._wire import (
     Connection,
     PeerLost,
     ProtocolError,
+    Refusals,
     accept,
-    accept_socket,
     connect,
     listen,
     lost_peer,
+    serve_listener,
 )
 
 __all__ = ["driver_paths", "run_worker", "worker_main"]
@@ -91,21 +95,26 @@ class Worker:
         self.expected: set[int] = set()
         self.mesh_known = False
         self.peer_arrived = anyio.Event()
-        self.rejected: list[str] = []
+        #: refused connections since the last report to the driver (a count and a few lines)
+        self.rejected = Refusals()
+        #: the trace file of a run that failed here, until the error report carries it
+        self.failed_trace: bytes | None = None
 
     async def accept_peers(self) -> None:
         """Accepts the connections of workers with higher indices for the whole life of the
-        worker; anything else (a wrong token, an unexpected hello) is refused and reported."""
-        async with anyio.create_task_group() as tg:
-            while True:
-                sock = await accept_socket(self.listener)
-                tg.start_soon(self._handshake, sock)
+        worker; anything else (a wrong token, an unexpected hello) is refused and reported.
+        Handshakes run concurrently, at most :data:`MAX_PENDING_HANDSHAKES` at once, and
+        running out of file descriptors pauses accepting instead of ending the worker."""
+        await serve_listener(
+            self.listener, self._handshake,
+            lambda what: self.rejected.add(f"worker {self.index}: {what}"),
+        )  # fmt: skip
 
     async def _handshake(self, sock: Any) -> None:
         try:
             conn, hello = await accept(sock, self.token, self.max_message_bytes)
         except AuthenticationError as exc:
-            self.rejected.append(f"worker {self.index} refused a connection: {exc}")
+            self.rejected.add(f"worker {self.index} refused a connection: {exc}")
             return
         j = hello.get("index")
         # a peer may dial before this worker has heard of the mesh: any higher index is
@@ -117,7 +126,7 @@ class Worker:
             or (self.mesh_known and j not in self.expected)
             or j in self.peers
         ):
-            self.rejected.append(
+            self.rejected.add(
                 f"worker {self.index} refused a connection that authenticated but said "
                 f"{hello!r} (expected a peer among {sorted(self.expected - set(self.peers))})"
             )
@@ -133,7 +142,7 @@ class Worker:
         self.expected = {j for j in addresses if j > self.index}
         self.mesh_known = True
         for j in [j for j in self.peers if j not in addresses]:
-            self.rejected.append(f"worker {self.index} dropped a peer claiming index {j}")
+            self.rejected.add(f"worker {self.index} dropped a peer claiming index {j}")
             self.peers.pop(j).close()
         for j, (host, port) in sorted(addresses.items()):
             if j < self.index:
@@ -146,7 +155,14 @@ class Worker:
                 await self.peer_arrived.wait()
 
     async def serve(self) -> None:
-        """Answers the driver's commands until ``shutdown`` or until the driver is gone."""
+        """Answers the driver's commands until ``shutdown`` or until the driver is gone.
+
+        The driver authenticated with the run's token and started this process: the classes
+        its specs name are imported here as there (user layers and actors included)."""
+        with trusted_modules("*"):
+            await self._serve()
+
+    async def _serve(self) -> None:
         while True:
             header, buffers = await self.driver.receive()
             t = header.get("t")
@@ -205,7 +221,7 @@ class Worker:
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
         try:
-            async with _maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
+            async with maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
                 proxies: dict[str, RemoteActor] = {}
                 for name, w in placement.items():
                     if w != self.index:
@@ -239,8 +255,11 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the run went well, its trace did not
             error = exc
         if error is not None:
-            if trace_file is not None:  # a failed run's worker events are not merged
-                await anyio.Path(trace_file).unlink(missing_ok=True)
+            if trace_file is not None:  # sent with the error report, for the driver's trace
+                path = anyio.Path(trace_file)
+                with contextlib.suppress(OSError):
+                    self.failed_trace = await path.read_bytes()
+                await path.unlink(missing_ok=True)
             raise error
         assert run is not None
         out: list[Any] = []
@@ -251,14 +270,13 @@ class Worker:
                 n: {"cls": class_path(type(s)), "fields": s.as_dict()}
                 for n, s in run.statistics().items()
             },
-            "rejected": self.rejected,
+            "rejected": self.rejected.take(),
         }
         if trace_file is not None:
             raw = await anyio.Path(trace_file).read_bytes()
             out.append(np.frombuffer(raw, dtype=np.uint8))
             os.unlink(trace_file)
             result["trace"] = len(out) - 1
-        self.rejected = []
         await self.driver.send(result, out)
 
     async def _serve_run(self, run: WorkerRun, control: Any) -> None:
@@ -285,10 +303,11 @@ class Worker:
                     what = {n: a.describe() for n, a in run.local.items()}
                     # never cut off mid-frame (the end of the run cancels this task): a half
                     # frame would garble the stream for the result that follows
+                    beat = {"t": "hb", "age": age, "describe": what}
+                    if self.rejected.count:  # only what is new since the last report
+                        beat["rejected"] = self.rejected.take()
                     with anyio.CancelScope(shield=True):
-                        await self.driver.send(
-                            {"t": "hb", "age": age, "describe": what, "rejected": self.rejected}
-                        )
+                        await self.driver.send(beat)
                     await anyio.sleep(0.5)
 
             async def read(conn: Connection, peer: int | None) -> None:
@@ -321,7 +340,7 @@ class Worker:
             run.control.close()  # the forwarder sends what is queued, then stops
 
     async def _report_error(self, error: BaseException) -> None:
-        err = _single_error(error)
+        err = single_error(error)
         frame: dict[str, Any] = {
             "t": "error",
             "type": type(err).__name__,
@@ -336,9 +355,14 @@ class Worker:
             cause = err.__cause__
             if cause is not None:
                 frame["cause"] = f"{type(cause).__name__}: {cause}"
+        buffers: list[Any] = []
+        if self.failed_trace is not None:  # the events this worker recorded, up to the failure
+            frame["trace"] = 0
+            buffers.append(np.frombuffer(self.failed_trace, dtype=np.uint8))
+            self.failed_trace = None
         try:
             with anyio.fail_after(5):
-                await self.driver.send(frame)
+                await self.driver.send(frame, buffers)
         except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
             pass
 

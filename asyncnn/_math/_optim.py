@@ -23,8 +23,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..backends import array_namespace as ns
-from ..backends import backend_of
+from ..backends import backend_of, current_team
 from ._pytree import TreeDef, tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
@@ -124,6 +126,11 @@ class Optimizer(abc.ABC):
     lr: float | Schedule
     clip_norm: float | None
 
+    #: whether :meth:`update_leaf` is elementwise (each element's new value depends only on that
+    #: element of the parameter, gradient and buffers): then a large CPU leaf's update is cut by
+    #: rows over the compute team, each element computed exactly as whole (bit-identical)
+    elementwise_update = False
+
     @abc.abstractmethod
     def buffer_names(self) -> tuple[str, ...]:
         """The per-parameter state buffers, each a pytree shaped like the parameters."""
@@ -196,7 +203,7 @@ class Optimizer(abc.ABC):
         new_p: list[Any] = []
         new_bufs: list[list[Any]] = [[] for _ in buffer_names]
         for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
-            p2, bufs2 = self.update_leaf(p, g, tuple(b[i] for b in buffers), step, lr)
+            p2, bufs2 = self._update_leaf(p, g, tuple(b[i] for b in buffers), step, lr)
             new_p.append(p2)
             for out, b in zip(new_bufs, bufs2, strict=True):
                 out.append(b)
@@ -204,6 +211,38 @@ class Optimizer(abc.ABC):
         for buf_name, leaves in zip(buffer_names, new_bufs, strict=True):
             new_state[buf_name] = tree_unflatten(treedef, leaves)
         return tree_unflatten(treedef, new_p), new_state
+
+    def _update_leaf(
+        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`update_leaf`, cut by rows over this thread's compute team where the update is
+        elementwise and the leaf large (numpy float32/float64 arrays only)."""
+        team = current_team()
+        arrays = (p, g, *buffers)
+        if (
+            team is None
+            or not self.elementwise_update
+            or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
+            or p.ndim == 0
+            or p.dtype not in (np.float32, np.float64)
+        ):
+            return self.update_leaf(p, g, buffers, step, lr)
+        bounds = team.row_bounds(p.shape[0], p.size * len(arrays))
+        if len(bounds) <= 2:
+            return self.update_leaf(p, g, buffers, step, lr)
+        new_p = np.empty_like(p)
+        new_bufs = tuple(np.empty_like(b) for b in buffers)
+
+        def rows(lo: int, hi: int) -> None:
+            part, part_bufs = self.update_leaf(
+                p[lo:hi], g[lo:hi], tuple(b[lo:hi] for b in buffers), step, lr
+            )
+            new_p[lo:hi] = part
+            for out, b in zip(new_bufs, part_bufs, strict=True):
+                out[lo:hi] = b
+
+        team.map_rows(rows, p.shape[0], p.size * len(arrays))
+        return new_p, new_bufs
 
     def to_spec(self) -> dict[str, Any]:
         """A plain dict (msgpack-able) of the name and hyperparameters; see :func:`from_spec`."""
@@ -246,6 +285,7 @@ class SGD(Optimizer):
     weight_decay: float = 0.0
     nesterov: bool = False
     clip_norm: float | None = None
+    elementwise_update = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", check_lr("SGD", self.lr))
@@ -354,6 +394,7 @@ class Adam(Optimizer):
 
     #: AdamW sets this: weight decay applied to the parameter, not added to the gradient
     _decoupled = False
+    elementwise_update = True
 
     def __post_init__(self) -> None:
         _check_adam(type(self).__name__, self)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from asyncnn.backends import acc_mean, acc_sum, scatter_add
 from asyncnn.backends import array_namespace as ns
+from asyncnn.backends import matmul as backend_matmul
 
 from ._autodiff import Forward, VjpRule
 
@@ -172,11 +172,9 @@ def _stack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
     ]
 
 
-def _mm(a: Any, b: Any) -> Any:
-    # inside a CUDA-graph capture the product must bypass cupy (which refuses cuBLAS there);
-    # the module is loaded only once a capture has been asked for
-    graphs = sys.modules.get("asyncnn.backends._graphs")
-    return a @ b if graphs is None else graphs.matmul(a, b)
+# The backend's product: inside a CUDA-graph capture it bypasses cupy (which refuses cuBLAS
+# there); on a thread of a compute team a large CPU product is split across the team's workers.
+_mm = backend_matmul
 
 
 def _matmul(a: Any, b: Any) -> tuple[Any, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
-from asyncnn.backends import acc_sum
+from asyncnn.backends import acc_sum, elementwise
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -47,8 +48,12 @@ def grad_like(g: Any, target: tuple[tuple[int, ...], Any]) -> Any:
 # Each forward returns (out, residuals); each rule returns one gradient per argument.
 
 
+# The large passes of dense layers (bias add, ReLU and its gradient) go through the backend's
+# ``elementwise``: on a thread of a CPU compute team they are split by rows across its workers.
+
+
 def _add(a: Any, b: Any) -> tuple[Any, Any]:
-    return a + b, (like(a), like(b))
+    return elementwise(operator.add, a, b), (like(a), like(b))
 
 
 def _add_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
@@ -155,13 +160,17 @@ def _sigmoid_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 def _relu(x: Any) -> tuple[Any, Any]:
     xp = ns(x)
     # cupy promotes bfloat16 with a Python scalar to float32: compare with a 0 of x's dtype
-    out = xp.maximum(x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)
+    out = elementwise(xp.maximum, x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)
     return out, out
 
 
-def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+def _relu_grad(g: Any, out: Any) -> Any:
     mask = out > 0
-    return (g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask),)
+    return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
+
+
+def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (elementwise(_relu_grad, g, out),)
 
 
 _SQRT_HALF = 1 / math.sqrt(2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._errors import GraphError
-from asyncnn._math._imports import import_by_path
+from asyncnn._math._imports import UntrustedModuleError, import_by_path
 
 from ._actors import LayerActor
 from ._loops import LoopActor
@@ -48,6 +48,8 @@ def resolve_actor(path: str) -> type[Any]:
     """
     try:
         cls: type[Any] = import_by_path(path, LayerActor, "actor")
+    except UntrustedModuleError:
+        raise  # already says what to trust, and how
     except ValueError as exc:
         raise GraphError(f"graph spec: {exc}") from exc
     return cls

@@ -3,8 +3,9 @@
 A :class:`LayerActor` runs ``vjp`` on a forward message, sends the output on and keeps the
 pullback under the key; on the backward message for that key it calls the pullback, sends the
 input gradients upstream and accumulates its parameter gradients until the policy says to update.
-The loss actor (``_loss_actor.py``) and the routing and loop actors (``_routing.py``,
-``_loops.py``) build on :class:`_Actor` and :class:`LayerActor`.
+The shared base of every actor is ``_actor_base.py``; the loss actor (``_loss_actor.py``) and
+the routing and loop actors (``_routing.py``, ``_loops.py``) build on it and on
+:class:`LayerActor`.
 
 To write a custom actor, subclass :class:`LayerActor` and override :meth:`LayerActor.on_forward`
 and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(..., actor=Cls)``.
@@ -13,18 +14,16 @@ and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError
+from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves, tree_map
-from asyncnn.backends import get_backend, parse_device
 
+from ._actor_base import _Actor, _nbytes
 from ._capture import ActorGraphs
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import StageOrder
@@ -35,197 +34,6 @@ if TYPE_CHECKING:
     from ._graph import Node
 
 __all__ = ["ActorStatistics", "LayerActor"]
-
-
-def _nbytes(xs: Any) -> int:
-    if type(xs) is list:
-        return sum(int(getattr(x, "nbytes", 0)) for x in xs)
-    nbytes = getattr(xs, "nbytes", None)
-    if nbytes is not None:
-        return int(nbytes)
-    return sum(int(getattr(x, "nbytes", 0)) for x in tree_leaves(xs))
-
-
-class _Actor:
-    """What layer and loss actors share: an inbox, a mailbox of partial messages, bookkeeping."""
-
-    def __init__(self, ctx: ActorContext, node: Node) -> None:
-        self.ctx = ctx
-        self.node = node
-        self.name = node.name
-        self.device = parse_device(getattr(node, "device", "cpu"))
-        self.on_cpu = self.device.kind == "cpu"
-        self.backend = get_backend(self.device)
-        # Bounded: at most max_in_flight keys are admitted, each bringing one message per input
-        # slot and one per consumer edge, plus control messages; twice that leaves room to spare,
-        # so the bound is never what stops a sender (it would be a bug, met with back-pressure).
-        in_flight = ctx.max_in_flight
-        edges = len(node.inputs) + len(node.consumers)
-        self.capacity = 2 * in_flight * max(1, edges) + 8
-        self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](self.capacity)
-        self.n_inputs = len(node.inputs)
-        # a key's forward is complete when every input slot has arrived
-        self.fwd_slots: dict[int, list[Any]] = {}
-        self.fwd_count: dict[int, int] = {}
-        self.meta: dict[int, dict[str, Any]] = {}
-        self.ready: deque[tuple[str, int]] = deque()  # completed messages, in completion order
-        self.stats = ActorStatistics()
-        self.waiting_for: Any = "its first message"  # a description, or the (kind, key) awaited
-        self.computing: tuple[str, int, float] | None = None
-        self.seq = 0  # this actor's processing sequence number (traces and replay)
-        self.stopping = False  # told to stop: returns once nothing it must do is left
-        # GPU: this actor's own stream; the events its next compute waits for (those of the
-        # messages it reads); the event of its last compute; arrays kept alive until the
-        # kernels reading them are done (cupy's pool would otherwise hand their memory to the
-        # producer's stream while this stream still reads it)
-        self.stream = None if self.on_cpu else self.backend.new_stream()
-        self.events: dict[int, list[Any]] = {}
-        self.after: list[Any] = []
-        self.last_event: Any = None
-        self.keepalive: deque[tuple[Any, Any]] = deque()
-        self.born = time.perf_counter()
-        self.delivers = ctx.policy.delivers(self.name)
-        # which inputs get a gradient back (those from layers; none when this node stops the
-        # gradient), and where each goes: (input slot, source node, the source's consumer edge)
-        self.input_is_layer = [
-            ctx.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
-        ]
-        self.grad_targets = [
-            (slot, src, ctx.edge_index[(src, self.name, slot)])
-            for slot, src in enumerate(node.inputs)
-            if self.input_is_layer[slot]
-        ]
-
-    @property
-    def run(self) -> ActorContext:
-        """The same as :attr:`ctx` (the name custom actors have used): the run's context."""
-        return self.ctx
-
-    def _file(self, msg: Message) -> None:
-        """Puts a message in the mailbox; notes when a key's forward or backward is complete."""
-        self.stats.messages_in += 1
-        rec = self.ctx.recorder
-        if rec is not None and msg.kind in (FORWARD, BACKWARD):
-            rec.event(self.name, "receive", msg.kind, msg.key, msg.version, msg.src)
-        if msg.kind == FORWARD:
-            slots = self.fwd_slots.get(msg.key)
-            if slots is None:
-                slots = self.fwd_slots[msg.key] = [None] * self.n_inputs
-                self.fwd_count[msg.key] = 0
-                self.meta[msg.key] = msg.meta
-            # moved to this device inside the compute, on this actor's stream (after its event)
-            slots[msg.slot] = msg.tensors[0]
-            if msg.event is not None:
-                self.events.setdefault(msg.key, []).append(msg.event)
-            self.fwd_count[msg.key] += 1
-            if self.fwd_count[msg.key] == self.n_inputs:
-                self.ready.append((FORWARD, msg.key))
-        else:
-            self._file_other(msg)
-
-    async def _take_message(self) -> None:
-        """Files the next message of the inbox, waiting for one only if none is queued (taking
-        a queued one without yielding saves a scheduler round trip)."""
-        try:
-            msg = self.inbox.receive_nowait()
-        except anyio.WouldBlock:
-            msg = await self.inbox.receive()
-        self._file(msg)
-
-    def _file_other(self, msg: Message) -> None:
-        raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")
-
-    async def _send(self, msg: Message) -> None:
-        self.stats.messages_out += 1
-        rec = self.ctx.recorder
-        if rec is not None:
-            rec.event(
-                self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq, msg.tensors,
-                rec.payloads == "all", {"slot": msg.slot},
-            )  # fmt: skip
-        if not self.delivers:
-            return  # the policy records this actor's sends only (an actor replayed alone)
-        channel = self.ctx.channels[msg.dst]
-        try:
-            # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
-            channel.send_nowait(msg)
-        except anyio.WouldBlock:
-            await channel.send(msg)
-
-    async def _send_grads(
-        self, key: int, version: int, grads: Sequence[Any] | None, meta: dict[str, Any]
-    ) -> None:
-        """Sends each input from a layer its gradient (``None`` for all: a skipped key)."""
-        for slot, src, edge in self.grad_targets:
-            grad = None if grads is None else grads[slot]
-            msg = Message(BACKWARD, key, version, self.name, src, edge, (grad,), meta)
-            msg.event = self.last_event  # None on the CPU
-            await self._send(msg)
-
-    def _fail(self, exc: BaseException, kind: str, key: int | None) -> ActorError:
-        err = ActorError(
-            self.name,
-            kind,
-            key,
-            f"actor {self.name!r} failed on {kind} of key {key}: {type(exc).__name__}: {exc}",
-        )
-        err.__cause__ = exc
-        return err
-
-    # -- work -----------------------------------------------------------------------------------
-    async def compute(self, fn: Callable[..., Any], *args: Any, cost: float | None = None) -> Any:
-        """Runs ``fn(*args)`` on this actor's device through the run's device pool.
-
-        Small CPU work (``cost`` in flops below the pool's inline threshold) runs right here:
-        a hand-off to a worker thread would cost more than the work.
-        """
-        if self.on_cpu:
-            if cost is not None and cost < self.ctx.inline_flops:
-                return fn(*args)
-            return await self.ctx.pool.run(self.device, fn, *args, cost=cost)
-        after, self.after = self.after, []
-        result, event = await self.ctx.pool.enqueue(
-            self.device, fn, *args, stream=self.stream, after=after
-        )
-        self.last_event = event
-        self.stats.note_pool(*self.backend.memory_pool())
-        self.keepalive.append((event, args))
-        while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
-            self.keepalive.popleft()
-        return result
-
-    async def wait_for_device(self) -> None:
-        """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
-        if self.last_event is not None:
-            await self.ctx.pool.wait(self.last_event, device=self.device)
-
-    def _sum_parts(self, parts: list[Any]) -> Any:
-        g = None
-        for part in self._to_device(parts):
-            if part is not None:
-                g = part if g is None else g + part
-        return g
-
-    def _to_device(self, xs: list[Any]) -> list[Any]:
-        # runs inside the compute: on this actor's stream, after the producers' events
-        local = self.backend.is_local
-        return [x if x is None or local(x) else self.backend.asarray(x) for x in xs]
-
-    def describe(self) -> str:
-        """One line saying what this actor is doing or waiting for (for stall reports)."""
-        if self.computing is not None:
-            kind, key, since = self.computing
-            return f"computing {kind} of key {key} for {time.perf_counter() - since:.1f} s"
-        partial = [
-            f"forward key {k} ({self.fwd_count[k]}/{self.n_inputs} inputs)"
-            for k in self.fwd_slots
-            if self.fwd_count[k] < self.n_inputs
-        ]
-        held = f"; holding {sorted(self.fwd_slots)} forwards" if self.fwd_slots else ""
-        extra = f"; partial: {', '.join(partial)}" if partial else ""
-        w = self.waiting_for
-        what = f"{w[0]} of key {w[1]}" if isinstance(w, tuple) else w
-        return f"waiting for {what}{held}{extra}"
 
 
 class LayerActor(_Actor):
@@ -378,8 +186,8 @@ class LayerActor(_Actor):
                     await self._forward(key)
                 else:
                     await self._backward(key)
-            except ActorError:
-                raise
+            except (ActorError, StallError):
+                raise  # already names the actor, or a stall the monitor interrupted
             except Exception as exc:
                 raise self._fail(exc, kind, key) from exc
             self.computing = None

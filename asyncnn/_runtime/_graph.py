@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,16 +11,16 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
-from asyncnn._math._autodiff import vjp
 from asyncnn._math._imports import class_path
 from asyncnn._math._nn import Sequential
 from asyncnn._math._nn import from_spec as module_from_spec
 from asyncnn._math._nn import to_spec as module_spec
 from asyncnn._math._nn._loops import Loop
 from asyncnn._math._nn._routing import Merge, Router
-from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import parse_device
 
+from ._balance import split_sizes
+from ._specs import actor_from_spec, check_actor_args, check_cycles
 from ._structure import check_routing
 
 __all__ = ["Graph", "Node", "TensorRef"]
@@ -203,7 +201,7 @@ class Graph:
         except ValueError as exc:
             raise GraphError(f"layer {name!r}: {exc}") from exc
         names = self._resolve(f"layer {name!r}", inputs)
-        args = _check_actor_args(name, actor, actor_args)
+        args = check_actor_args(name, actor, actor_args)
         self.nodes[name] = Node(
             name,
             "layer",
@@ -396,9 +394,7 @@ class Graph:
             ``"loss"``, and output ``"logits"``.
         """
         modules = list(modules)
-        sizes = _split_sizes(
-            modules, stages, balance, tuple(input_shape), input_dtype, balance_rows
-        )
+        sizes = split_sizes(modules, stages, balance, tuple(input_shape), input_dtype, balance_rows)
         if devices is not None and len(devices) != len(sizes):
             raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")
         if workers is not None and len(workers) != len(sizes):
@@ -520,7 +516,7 @@ class Graph:
         """Rebuilds a graph from :meth:`to_spec` output."""
         g = cls()
         try:
-            _check_cycles(spec["nodes"])
+            check_cycles(spec["nodes"])
             for entry in spec["nodes"]:
                 kind = entry["kind"]
                 if kind == "input":
@@ -532,7 +528,7 @@ class Graph:
                         *entry["inputs"],
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
-                        actor=_actor_class(entry.get("actor")),
+                        actor=actor_from_spec(entry.get("actor")),
                         actor_args=entry.get("actor_args"),
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
@@ -555,218 +551,3 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
-
-
-def _check_cycles(nodes: list[dict[str, Any]]) -> None:
-    """Rejects a spec whose node reads itself or a later node (a cycle, or a wrong order)."""
-    position = {e.get("name"): i for i, e in enumerate(nodes)}
-    for i, entry in enumerate(nodes):
-        for src in entry.get("inputs", []):
-            j = position.get(src)
-            if j is None or j < i:
-                continue
-            what = "itself" if j == i else f"{src!r}, which comes after it"
-            mark = (
-                " (a recurrent edge is marked with 'recurrent': true on a loop node, whose "
-                "inputs never name itself: the loop feeds its state back inside)"
-            )
-            raise GraphError(
-                f"graph spec: node {entry.get('name')!r} reads {what}: a cycle. Only a loop "
-                f"cell's own recurrent edge may go back, made with g.loop(...){mark}"
-            )
-
-
-#: the built-in role actors as older specs name them: those nodes follow their role instead
-_LEGACY_ACTOR_PATHS = frozenset(
-    {
-        "asyncnn._runtime._routing:RouterActor",
-        "asyncnn._runtime._routing:MergeActor",
-        "asyncnn._runtime._loops:LoopActor",
-    }
-)
-
-
-def _actor_class(path: str | None) -> str | None:
-    """A spec's custom actor, kept as its import path: the runtime resolves and checks it when
-    the graph is validated, before any compute."""
-    if not path or path in _LEGACY_ACTOR_PATHS:
-        return None
-    if not isinstance(path, str) or ":" not in path:
-        raise GraphError(f"graph spec: actor {path!r} is not an import path 'package.module:Class'")
-    return path
-
-
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, bool | int | float | str):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
-
-
-def _check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The custom actor's ``setup`` arguments, checked to be plain values it accepts."""
-    if not args:
-        return {}
-    if actor is None:
-        raise GraphError(
-            f"layer {name!r}: actor_args={dict(args)!r} but no actor class; pass "
-            "actor=YourActor (a LayerActor subclass whose setup takes them)"
-        )
-    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
-        raise GraphError(f"layer {name!r}: actor_args must be a dict of names to values")
-    bad = [k for k, v in args.items() if not _plain(v)]
-    if bad:
-        raise GraphError(
-            f"layer {name!r}: actor_args {bad} hold values a spec cannot carry "
-            f"({', '.join(type(args[k]).__name__ for k in bad)}); use None, bool, int, float, "
-            "str, or lists and string-keyed dicts of those"
-        )
-    setup = getattr(actor, "setup", None)
-    if isinstance(actor, type) and getattr(setup, "__qualname__", "") == "LayerActor.setup":
-        raise GraphError(
-            f"layer {name!r}: {actor.__name__}.setup does not take actor_args {sorted(args)}: "
-            "it takes none; override setup(self, ...) to accept them"
-        )
-    if isinstance(actor, type) and callable(setup):
-        try:
-            inspect.signature(setup).bind(None, **args)
-        except TypeError as exc:
-            raise GraphError(
-                f"layer {name!r}: {actor.__name__}.setup does not take actor_args "
-                f"{sorted(args)}: {exc}"
-            ) from exc
-    return dict(args)
-
-
-def _split_sizes(
-    modules: list[Any],
-    stages: int | Sequence[int],
-    balance: str,
-    input_shape: tuple[Any, ...],
-    input_dtype: str = "float32",
-    rows: int = 64,
-) -> list[int]:
-    n = len(modules)
-    if n == 0:
-        raise GraphError("sequential: no modules given")
-    if not isinstance(stages, int):
-        sizes = [int(s) for s in stages]
-        if any(s <= 0 for s in sizes) or sum(sizes) != n:
-            raise GraphError(
-                f"sequential: stage sizes {sizes} must be positive and add up to the {n} modules"
-            )
-        return sizes
-    if not 1 <= stages <= n:
-        raise GraphError(f"sequential: stages={stages} but there are {n} modules")
-    if balance == "time":
-        costs = _module_times(modules, input_shape, input_dtype, rows)
-    else:
-        costs = _module_costs(modules, balance, input_shape)
-    return _balanced_partition(costs, stages)
-
-
-def _module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
-    """Each module's cost: its parameter count, or its forward FLOPs per sample."""
-    if balance not in ("params", "flops"):
-        raise GraphError(
-            f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
-        )
-    costs = []
-    # One sample of zeros, run through the modules in turn, gives each module's input shape.
-    x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=np.float64)
-    for m in modules:
-        try:
-            params = m.init(0, dtype="float64")
-        except Exception as exc:
-            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
-        if balance == "params":
-            costs.append(float(sum(getattr(p, "size", 0) for p in tree_leaves(params))))
-            continue
-        costs.append(float(m.flops(tuple(x.shape))))
-        try:
-            with np.errstate(all="ignore"):
-                x = np.asarray(m(params, x))
-        except Exception as exc:
-            raise GraphError(
-                f"sequential: {m!r} fails on input of shape {tuple(x.shape)}: {exc}"
-            ) from exc
-    return costs
-
-
-def _module_times(
-    modules: list[Any], input_shape: tuple[Any, ...], input_dtype: str, rows: int
-) -> list[float]:
-    """Each module's measured time for a forward and a backward (vjp and pullback) on ``rows``
-    rows, float32: the median of five runs after one to warm up."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
-    rng = np.random.default_rng(0)
-    dims = tuple(int(d or 1) for d in input_shape[1:])
-    floating = np.dtype(input_dtype).kind == "f"
-    x: Any = (
-        rng.standard_normal((rows, *dims)).astype(np.float32)
-        if floating
-        else np.zeros((rows, *dims), dtype=input_dtype)
-    )
-    times = []
-    for m in modules:
-        try:
-            params = m.init(0, dtype="float32")
-        except Exception as exc:
-            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
-        inputs_differentiable = np.asarray(x).dtype.kind == "f"
-
-        def step(
-            m: Any = m, params: Any = params, x: Any = x, d: bool = inputs_differentiable
-        ) -> Any:
-            if d:
-                out, pullback = vjp(lambda p, xs: m(p, xs), params, x)
-            else:
-                out, pullback = vjp(lambda p: m(p, x), params)
-            pullback(np.ones_like(out))
-            return out
-
-        samples = []
-        try:
-            with np.errstate(all="ignore"):
-                out = step()
-                for _ in range(5):
-                    start = time.perf_counter()
-                    step()
-                    samples.append(time.perf_counter() - start)
-        except Exception as exc:
-            raise GraphError(
-                f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: {exc}"
-            ) from exc
-        times.append(float(np.median(samples)))
-        x = np.asarray(out)
-    return times
-
-
-def _balanced_partition(costs: list[float], k: int) -> list[int]:
-    """Splits ``costs`` into ``k`` consecutive non-empty groups minimising the largest group sum."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[j][i]: the smallest possible max-group cost splitting costs[:i] into j groups
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for j in range(1, k + 1):
-        for i in range(j, n + 1):
-            for p in range(j - 1, i):
-                v = max(best[j - 1][p], prefix[i] - prefix[p])
-                if v < best[j][i]:
-                    best[j][i], cut[j][i] = v, p
-    sizes = []
-    i = n
-    for j in range(k, 0, -1):
-        p = cut[j][i]
-        sizes.append(i - p)
-        i = p
-    return sizes[::-1]

@@ -7,10 +7,10 @@ import collections
 import time
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._errors import ActorError
+from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 
-from ._actors import _Actor
+from ._actor_base import _Actor
 from ._capture import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
 
@@ -64,8 +64,8 @@ class LossActor(_Actor):
                 rec.event(self.name, "start", FORWARD, key, 0, "", self.seq)
             try:
                 await self._loss(key)
-            except ActorError:
-                raise
+            except (ActorError, StallError):
+                raise  # already names the actor, or a stall the monitor interrupted
             except Exception as exc:
                 raise self._fail(exc, FORWARD, key) from exc
             self.computing = None

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,6 @@ from asyncnn.backends import (
     array_namespace,
     get_backend,
     is_cupy_array,
-    open_device_pool,
     to_numpy,
 )
 
@@ -30,10 +29,23 @@ from ._checks import _checkable, check_batch, check_cuda_graphs, validate
 from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
+from ._lifecycle import (
+    close_channels,
+    close_recorder,
+    cpu_layers,
+    finish_run,
+    maybe_pool,
+    open_recorder,
+    record_error,
+    serve_actors,
+    single_error,
+    start_watchdog,
+)
 from ._loss_actor import LossActor
-from ._messages import END, FORWARD, STOP, Message
+from ._messages import END, FORWARD, Message
 from ._policies import Policy
 from ._recorder import Recorder
+from ._stall import BlockedLoopMonitor
 from ._statistics import ActorStatistics
 
 __all__ = ["Run", "RunState", "open_run"]
@@ -254,6 +266,16 @@ class Run:
         while not condition():
             await self._changed.wait()
 
+    async def wait_idle(self, losses: bool = False) -> None:
+        """Waits until no admitted key is in flight (every stage has done its backward of
+        every key, so a flush policy's updates are applied); with ``losses``, also until the
+        loss of every admitted minibatch is known. Unlike :meth:`drain` it does not end a
+        continuous policy's stream."""
+        if losses:
+            await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
+        else:
+            await self._wait_until(lambda: self.in_flight == 0)
+
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
@@ -342,14 +364,37 @@ class Run:
 
     async def _watchdog(self) -> None:
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        while True:
-            await anyio.sleep(interval)
-            if self.in_flight > 0 and time.perf_counter() - self.last_event > self.stall_timeout:
-                lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
-                raise StallError(
-                    f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
-                    "flight; what each actor was doing:\n" + "\n".join(lines)
+        # a thread watches this loop itself: an inline compute that never returns stops it
+        monitor = BlockedLoopMonitor(
+            threading.get_ident(), self.stall_timeout, interval, self._inline_compute
+        )
+        try:
+            while True:
+                await anyio.sleep(interval)
+                monitor.tick()
+                if (
+                    self.in_flight > 0
+                    and time.perf_counter() - self.last_event > self.stall_timeout
+                ):
+                    lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
+                    raise StallError(
+                        f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
+                        "flight; what each actor was doing:\n" + "\n".join(lines)
+                    )
+        finally:
+            monitor.stop()
+
+    def _inline_compute(self) -> str | None:
+        """What is computing on the loop's thread (read by the monitor thread), or None."""
+        for name, actor in self.local.items():
+            computing = getattr(actor, "computing", None)
+            if computing is not None and getattr(actor, "on_cpu", False):
+                kind, key, since = computing
+                return (
+                    f"actor {name!r} has been computing its {kind} of key {key} for "
+                    f"{time.perf_counter() - since:.1f} s"
                 )
+        return None
 
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
@@ -402,35 +447,6 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
         if is_cupy_array(part) and part.device.id not in events:
             events[part.device.id] = get_backend(f"cuda:{part.device.id}").record_event()
     return events
-
-
-async def _stop_all(run: Run) -> None:
-    for name, actor in run.actors.items():
-        await actor.send_channel.send(Message(STOP, -1, 0, "", name, 0))
-
-
-def serve_actors(tg: Any, run: Run) -> None:
-    """Starts each of the run's local actors as a task of ``tg``."""
-    for name, actor in run.local.items():
-        tg.start_soon(actor.serve, name=f"actor {name}")
-
-
-async def finish_run(run: Run) -> None:
-    """The end of a run that went well: drains it, waits for the local actors' GPU work (done
-    before anyone reads it), and tells every actor to stop."""
-    await run.drain()
-    for actor in run.local.values():
-        await actor.wait_for_device()
-    await _stop_all(run)
-
-
-def cpu_layers(graph: Graph, hosted: Collection[str] | None = None) -> list[str]:
-    """The layers of ``graph`` on the CPU (only those in ``hosted``, where given)."""
-    return [
-        n
-        for n in graph.layers
-        if graph.nodes[n].device == "cpu" and (hosted is None or n in hosted)
-    ]
 
 
 @asynccontextmanager
@@ -531,7 +547,7 @@ async def open_run(
     recorder = open_recorder(config, graph, optimizer, policy, state)
     failed = False
     try:
-        async with _maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
+        async with maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
             run = Run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
@@ -544,7 +560,7 @@ async def open_run(
                     await finish_run(run)
                     watchdog.cancel()
             except BaseExceptionGroup as group:
-                error = _single_error(group)
+                error = single_error(group)
                 record_error(recorder, error)
                 raise error from error.__cause__  # keeps the original failure as the cause
             finally:
@@ -554,141 +570,3 @@ async def open_run(
         raise
     finally:
         close_recorder(recorder, failed)
-
-
-def open_recorder(
-    config: RunConfig,
-    graph: Graph,
-    optimizer: Any,
-    policy: Policy,
-    state: RunState,
-    **header: Any,
-) -> Recorder | None:
-    """The recorder of a run's trace (None without one), its header and initial state written;
-    ``header`` adds fields to the header."""
-    trace = config.trace
-    if trace is None:
-        return None
-    defined_in_main = graph.main_classes()
-    if defined_in_main:
-        warnings.warn(
-            f"the trace {trace} names {defined_in_main}, defined in __main__ (this script or "
-            "notebook): asyncnn.replay can rebuild the graph only where __main__ defines them "
-            "again; define them in a module to replay anywhere",
-            stacklevel=3,
-        )
-    head = {**_trace_header(config, graph, optimizer, policy, state), **header}
-    recorder = Recorder(trace, head, config.trace_payloads)
-    recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
-    return recorder
-
-
-def record_error(recorder: Recorder | None, error: BaseException) -> None:
-    """Writes the error a run ends with into its trace (where, what, which key)."""
-    if recorder is None:
-        return
-    key = getattr(error, "key", None)
-    recorder.event(
-        getattr(error, "actor", "scheduler"), "error", getattr(error, "kind", "") or "",
-        -1 if key is None else key, meta={"error": str(error)},
-    )  # fmt: skip
-
-
-def close_recorder(recorder: Recorder | None, failed: bool) -> None:
-    """Closes a run's trace; a trace that failed to write must not hide the run's own error."""
-    if recorder is None:
-        return
-    try:
-        recorder.close()
-    except Exception:
-        if not failed:
-            raise
-
-
-def close_channels(run: Run) -> None:
-    """Closes the inboxes of the run's local actors."""
-    for actor in run.local.values():
-        actor.send_channel.close()
-        actor.inbox.close()
-
-
-def start_cancellable(tg: Any, fn: Callable[[], Awaitable[Any]]) -> anyio.CancelScope:
-    """Starts ``fn()`` in ``tg``; cancel the returned scope to stop it."""
-    scope = anyio.CancelScope()
-
-    async def guard() -> None:
-        with scope:
-            await fn()
-
-    tg.start_soon(guard)
-    return scope
-
-
-def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
-    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it."""
-    return start_cancellable(tg, run._watchdog)
-
-
-def _trace_header(
-    config: RunConfig, graph: Graph, optimizer: Any, policy: Policy, state: RunState
-) -> dict[str, Any]:
-    return {
-        "created": time.time(),
-        "graph": graph.to_spec(),
-        "policy": policy.to_spec(),
-        "optimizer": optimizer.to_spec(),
-        "seed": config.seed,
-        "dtype": config.dtype,
-        "config": config.to_spec(),
-        "start": {"minibatches": state.minibatches, "keys": state.keys},
-        "devices": sorted({graph.nodes[n].device for n in graph.layers}),
-    }
-
-
-def error_leaves(group: BaseException) -> list[BaseException]:
-    """The errors inside a (nested) exception group, in order."""
-    if not isinstance(group, BaseExceptionGroup):
-        return [group]
-    return [leaf for sub in group.exceptions for leaf in error_leaves(sub)]
-
-
-def _single_error(group: BaseException) -> BaseException:
-    """The one error a failed run reports: an actor's failure or a stall, before anything else
-    (a plain exception is its own)."""
-    leaves = error_leaves(group)
-    for kind in (ActorError, StallError):
-        for e in leaves:
-            if isinstance(e, kind):
-                return e
-    for e in leaves:
-        if not isinstance(e, anyio.get_cancelled_exc_class()):
-            return e
-    return leaves[0]
-
-
-@asynccontextmanager
-async def _maybe_pool(
-    pool: DevicePool | None, cpu_actors: int, cores: int | None = None
-) -> AsyncIterator[DevicePool]:
-    """``pool``, or a fresh one sized for ``cpu_actors`` on ``cores`` (default: this host's)."""
-    if pool is not None:
-        yield pool
-        return
-    # Cores are shared out between the actors that compute at once: one BLAS thread each when
-    # there are at least as many CPU actors as cores, more when there are fewer (one stage gets
-    # all cores, as a plain loop would).
-    cores = cores or _cores()
-    workers = max(1, min(cores, cpu_actors))
-    async with open_device_pool(
-        cpu_workers=workers, blas_threads=max(1, cores // workers)
-    ) as fresh:
-        yield fresh
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

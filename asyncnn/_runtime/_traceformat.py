@@ -10,6 +10,7 @@ tells a damaged payload. The first record is the header, ``{"format": "asyncnn-t
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -34,6 +35,14 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return _PREFIX.pack(n, n ^ 0xFFFFFFFF, zlib.crc32(payload)) + payload
 
 
+def _bytes_left(f: IO[bytes]) -> int | None:
+    """The bytes of ``f`` after its position, where the file can tell (None elsewhere)."""
+    try:
+        return max(0, os.fstat(f.fileno()).st_size - f.tell())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def iter_frames(f: IO[bytes], path: str = "<trace>") -> Iterator[tuple[int, dict[str, Any] | None]]:
     """Yields ``(offset, record)`` for each whole record; a final ``(offset, None)`` means the
     file was cut off mid-record (truncated). Damage raises :class:`TraceFormatError`."""
@@ -51,6 +60,10 @@ def iter_frames(f: IO[bytes], path: str = "<trace>") -> Iterator[tuple[int, dict
             raise TraceFormatError(
                 f"{path}: record {index} at byte {offset} is damaged: its length field is corrupt"
             )
+        left = _bytes_left(f)
+        if left is not None and n > left:  # never allocate what the file cannot hold
+            yield offset, None
+            return
         payload = f.read(n)
         if len(payload) < n:
             yield offset, None

@@ -37,8 +37,30 @@ class _Writer:
     def __call__(self, event: dict[str, Any]) -> None:
         self.f.write("\n" if self.first else ",\n")
         self.first = False
-        self.f.write(json.dumps(event, separators=(",", ":")))
+        self.f.write(_json(event))
         self.count += 1
+
+
+def _json(value: Any) -> str:
+    # what msgpack can hold and JSON cannot (bytes, non-text keys) is written as text
+    try:
+        return json.dumps(value, separators=(",", ":"), default=_plain)
+    except TypeError:
+        return json.dumps(_text_keys(value), separators=(",", ":"), default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return repr(value)
+
+
+def _text_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _text_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_text_keys(v) for v in value]
+    return value
 
 
 def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, int]:
@@ -51,34 +73,47 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
         Counts of what was written: ``slices`` (computes), ``flows`` (messages with an arrow),
         ``unmatched_sends`` (sends whose receive is not in the trace: a truncated or failed run),
         ``events`` (JSON events in all).
+
+    Raises:
+        TraceFormatError: the trace is damaged (``out`` is then left as it was: the JSON is
+            written beside it and renamed into place only when whole).
     """
     reader = open_trace(path)
     kinds = node_kinds(reader.header)
     tids: dict[str, int] = {}
-    with open(out, "w") as f:
-        f.write('{"displayTimeUnit":"ms","otherData":')
-        policy = reader.header.get("policy", {})
-        f.write(json.dumps({"source": str(path), "format": "asyncnn-trace", "policy": policy}))
-        f.write(',"traceEvents":[')
-        emit = _Writer(f)
-        emit({"ph": "M", "pid": _PID, "name": "process_name", "args": {"name": "asyncnn run"}})
+    # written beside, then renamed: a trace that turns out damaged halfway leaves no half file
+    out = os.fspath(out)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write('{"displayTimeUnit":"ms","otherData":')
+            policy = reader.header.get("policy", {})
+            f.write(_json({"source": str(path), "format": "asyncnn-trace", "policy": policy}))
+            f.write(',"traceEvents":[')
+            emit = _Writer(f)
+            emit({"ph": "M", "pid": _PID, "name": "process_name", "args": {"name": "asyncnn run"}})
 
-        def tid(actor: str) -> int:
-            if actor not in tids:
-                tids[actor] = len(tids) + 1
-                name = actor if actor not in kinds else f"{actor} ({kinds[actor]})"
-                emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_name",
-                      "args": {"name": name}})  # fmt: skip
-                emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_sort_index",
-                      "args": {"sort_index": tids[actor]}})  # fmt: skip
-            return tids[actor]
+            def tid(actor: str) -> int:
+                if actor not in tids:
+                    tids[actor] = len(tids) + 1
+                    name = actor if actor not in kinds else f"{actor} ({kinds[actor]})"
+                    emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_name",
+                          "args": {"name": name}})  # fmt: skip
+                    emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_sort_index",
+                          "args": {"sort_index": tids[actor]}})  # fmt: skip
+                return tids[actor]
 
-        # rows in graph order: the scheduler, then the nodes as the graph lists them
-        tid("scheduler")
-        for name in kinds:
-            tid(name)
-        counts = _export(reader, kinds, emit, tid)
-        f.write("\n]}\n")
+            # rows in graph order: the scheduler, then the nodes as the graph lists them
+            tid("scheduler")
+            for name in kinds:
+                tid(name)
+            counts = _export(reader, kinds, emit, tid)
+            f.write("\n]}\n")
+        os.replace(tmp, out)
+    finally:
+        reader.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     counts["events"] = emit.count
     return counts
 
@@ -110,10 +145,10 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
     for e in reader:
         t = float(e.get("t", t_last))
         t_last = max(t_last, t)
-        a = str(e.get("a", ""))
-        ev = e.get("ev")
-        kind = str(e.get("k", ""))
-        key = int(e.get("key", -1))
+        a = e.actor
+        ev = e.what
+        kind = e.kind
+        key = e.key
         for change in occ.feed(e):
             if change[0] == "in_flight":
                 emit({"ph": "C", "pid": _PID, "name": "keys in flight", "ts": _us(t),
@@ -135,7 +170,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             if start.get("v") != e.get("v"):
                 args["version at start"] = start.get("v")
             if "m" in e:
-                args.update(e["m"])
+                args.update(e.meta)
             emit({"ph": "X", "cat": "compute", "name": f"{kind} k{key}", "pid": _PID,
                   "tid": tid(a), "ts": ts, "dur": dur, "args": args})  # fmt: skip
             slices += 1
@@ -143,7 +178,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             for fid in ends:
                 end_flow(fid, a, inside)
         elif ev == "send":
-            peer = str(e.get("p", ""))
+            peer = e.peer
             fid, next_id = next_id, next_id + 1
             nbytes = sent_bytes(e)
             if a not in open_:
@@ -154,7 +189,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                                 "version": e.get("v"), "bytes": nbytes}}  # fmt: skip
             sends.setdefault((a, peer, kind, key), deque()).append((fid, s_event))
         elif ev == "receive":
-            queue = sends.get((str(e.get("p", "")), a, kind, key))
+            queue = sends.get((e.peer, a, kind, key))
             if queue:
                 fid, s_event = queue.popleft()
                 if a in open_ and open_[a][0].get("k") == kind and open_[a][0].get("key") == key:
@@ -165,8 +200,8 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
         elif ev == "update":
             emit({"ph": "i", "s": "t", "cat": "update", "name": f"update → v{e.get('v')}",
                   "pid": _PID, "tid": tid(a), "ts": _us(t), "args": {"version": e.get("v")}})  # fmt: skip
-        elif ev in ("admit", "flush", "error"):
-            args = dict(e.get("m", {}))
+        elif ev in ("admit", "flush", "error", "missing"):
+            args = e.meta
             if key >= 0:
                 args["key"] = key
             name = f"admit k{key}" if ev == "admit" else str(ev)

@@ -2,17 +2,199 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from asyncnn._errors import TraceFormatError
 from asyncnn._runtime._traceformat import VERSION, iter_frames
 
-__all__ = ["Trace", "TraceReader", "open_trace", "payload_array", "read"]
+from ._event import Event
+
+__all__ = [
+    "Trace",
+    "TraceReader",
+    "check_event",
+    "check_header",
+    "missing_workers",
+    "open_trace",
+    "payload_array",
+    "read",
+]
+
+_PAYLOAD_MODES = ("inputs", "all", "none")
+#: fields of an event and their types (docs/trace_format.md); unknown fields are ignored
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "t": (int, float),
+    "a": str,
+    "ev": str,
+    "k": str,
+    "key": int,
+    "v": int,
+    "p": str,
+    "seq": int,
+    "x": list,
+    "pl": list,
+    "m": dict,
+}
+#: facts in ``m`` that readers interpret, and their types
+_META: dict[str, type | tuple[type, ...]] = {
+    "minibatch": int,
+    "mb_keys": int,
+    "rows": int,
+    "mb_rows": int,
+    "slot": int,
+    "loss": (int, float),
+    "error": str,
+    "workers": list,
+}
+_DTYPES: dict[str, int] = {}  # dtype strings seen valid -> item size
+
+
+def _dtype_size(d: str) -> int | None:
+    size = _DTYPES.get(d)
+    if size is None:
+        try:
+            dt = np.dtype(d)
+        except (TypeError, ValueError):
+            return None
+        if dt.kind not in "biufc":
+            return None
+        size = _DTYPES[d] = dt.itemsize
+    return size
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def check_event(rec: dict[str, Any], where: str) -> None:
+    """Checks an event record's fields against the format (docs/trace_format.md).
+
+    Raises:
+        TraceFormatError: naming ``where`` (file, record, byte) and the field that is wrong.
+    """
+    if "format" in rec:
+        raise TraceFormatError(f"{where} is a second header: a trace has exactly one")
+    for name in ("t", "a", "ev"):
+        if name not in rec:
+            raise TraceFormatError(f"{where} is not an event: it has no {name!r} field")
+    for name, value in rec.items():
+        kind = _FIELDS.get(name)
+        if kind is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TraceFormatError(
+                f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, expected "
+                f"{_type_name(kind)}"
+            )
+    if not math.isfinite(rec["t"]):
+        raise TraceFormatError(f"{where}: its time 't' is {rec['t']!r}")
+    m = rec.get("m")
+    if m is not None:
+        for name, value in m.items():
+            if not isinstance(name, str):
+                raise TraceFormatError(
+                    f"{where}: field 'm' has a key {name!r:.60} that is not text"
+                )
+            kind = _META.get(name)
+            if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise TraceFormatError(
+                    f"{where}: m[{name!r}] is {type(value).__name__} {value!r:.60}, expected "
+                    f"{_type_name(kind)}"
+                )
+    x = rec.get("x")
+    if x is not None:
+        for i, info in enumerate(x):
+            if info is not None:
+                _check_tensor(info, f"{where}: tensor {i}")
+        pl = rec.get("pl")
+        if pl is not None:
+            if len(pl) != len(x):
+                raise TraceFormatError(
+                    f"{where}: {len(pl)} payloads for {len(x)} tensors (they must align)"
+                )
+            for i, (payload, info) in enumerate(zip(pl, x, strict=True)):
+                if payload is None:
+                    continue
+                if not isinstance(payload, bytes) or info is None or len(payload) != info["n"]:
+                    raise TraceFormatError(
+                        f"{where}: payload {i} is not the {info and info['n']} bytes its tensor "
+                        "announces"
+                    )
+    elif "pl" in rec:
+        raise TraceFormatError(f"{where}: payloads without tensor descriptions ('x')")
+
+
+def _check_tensor(info: Any, where: str) -> None:
+    if not isinstance(info, dict):
+        raise TraceFormatError(f"{where} is {type(info).__name__}, expected a map or nil")
+    shape, d, n, h = info.get("s"), info.get("d"), info.get("n"), info.get("h")
+    if not isinstance(shape, list) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in shape
+    ):
+        raise TraceFormatError(f"{where}: its shape 's' is {shape!r:.60}")
+    size = _dtype_size(d) if isinstance(d, str) else None
+    if size is None:
+        raise TraceFormatError(f"{where}: its dtype 'd' is {d!r:.60}, not a numeric numpy dtype")
+    if not isinstance(n, int) or isinstance(n, bool) or n != math.prod(shape) * size:
+        raise TraceFormatError(f"{where}: its byte count 'n' is {n!r:.60}, not shape x item size")
+    if not isinstance(h, int) or isinstance(h, bool):
+        raise TraceFormatError(f"{where}: its digest 'h' is {h!r:.60}, expected an int")
+
+
+def check_header(header: dict[str, Any], path: str) -> None:
+    """Checks the header fields readers interpret (graph nodes, policy, counters).
+
+    Raises:
+        TraceFormatError: naming the field.
+    """
+
+    def bad(what: str) -> TraceFormatError:
+        return TraceFormatError(f"{path}: the header's {what}")
+
+    graph = header.get("graph")
+    if graph is not None:
+        if not isinstance(graph, dict) or not isinstance(graph.get("nodes", []), list):
+            raise bad("'graph' is not a graph spec (a map with a list of 'nodes')")
+        for node in graph.get("nodes", []):
+            if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+                raise bad(f"graph has a node {node!r:.60} without a 'name'")
+            if not isinstance(node.get("kind", ""), str):
+                raise bad(f"graph node {node['name']!r} has a 'kind' that is not text")
+    for name, kind in (("policy", dict), ("optimizer", dict), ("seed", int), ("dtype", str),
+                       ("start", dict), ("payloads", str), ("workers", dict)):  # fmt: skip
+        if name in header and not isinstance(header[name], kind):
+            raise bad(f"{name!r} is {type(header[name]).__name__}, expected {kind.__name__}")
+    if header.get("payloads", "inputs") not in _PAYLOAD_MODES:
+        raise bad(f"'payloads' is {header['payloads']!r:.60}, not one of {_PAYLOAD_MODES}")
+    for name in ("minibatches", "keys"):
+        value = header.get("start", {}).get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"start[{name!r}] is {value!r:.60}, expected an int")
+
+
+class _Bounded:
+    """A file whose reads never ask for more than it holds: a record that claims more bytes
+    than remain is read as a truncation, without allocating the claim."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._left = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            # the file may have grown since (a trace still being written): look again
+            self._left = max(0, os.fstat(self._f.fileno()).st_size - self._f.tell())
+            n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
 
 
 @dataclass
@@ -29,7 +211,7 @@ class Trace:
     """
 
     header: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     state: dict[str, Any] | None = None
     truncated: bool = False
     path: str = ""
@@ -46,7 +228,9 @@ class TraceReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / iteration
-        self._frames = iter_frames(self._file, self.path)
+        self._frames = iter_frames(_Bounded(self._file), self.path)  # type: ignore[arg-type]
+        self._offset = 0
+        self._index = 0
         self.truncated = False
         self.state: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
@@ -57,9 +241,18 @@ class TraceReader:
         except BaseException:
             self.close()  # a damaged header or state record must not leak the open file
             raise
-        if second is not None and "state" in second:
+        if second is not None and "state" in second and "ev" not in second:
+            if not isinstance(second["state"], dict):
+                self.close()
+                raise TraceFormatError(f"{self.path}: record 1 (the state) is not a map")
             self.state = second["state"]
         else:
+            try:
+                if second is not None:
+                    check_event(second, self._where())
+            except BaseException:
+                self.close()
+                raise
             self._pending = second
 
     def _read_header(self) -> dict[str, Any]:
@@ -80,32 +273,40 @@ class TraceReader:
                 f"{size} bytes do not hold a whole first record"
             )
         header = first[1]
+        self._offset, self._index = first[0], 0
         if header.get("version") != VERSION:
             raise TraceFormatError(
                 f"{self.path} is an asyncnn trace of format version {header.get('version')!r}; "
                 f"this asyncnn reads version {VERSION} (read it with the asyncnn that wrote it)"
             )
+        check_header(header, self.path)
         return header
+
+    def _where(self) -> str:
+        return f"{self.path}: record {self._index} at byte {self._offset}"
 
     def _next_record(self) -> dict[str, Any] | None:
         item = next(self._frames, None)
         if item is None:
             return None
+        self._offset = item[0]
+        self._index += 1
         if item[1] is None:
             self.truncated = True
             return None
         return item[1]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Event]:
         try:
             if self._pending is not None:
-                yield self._pending
+                yield Event(self._pending)
                 self._pending = None
             while True:
                 rec = self._next_record()
                 if rec is None:
                     return
-                yield rec
+                check_event(rec, self._where())
+                yield Event(rec)
         finally:
             self.close()
 
@@ -144,4 +345,163 @@ def payload_array(event: dict[str, Any], i: int = 0) -> np.ndarray[Any, Any] | N
     if not payloads or not info or i >= len(payloads) or info[i] is None or payloads[i] is None:
         return None
     meta = info[i]
-    return np.frombuffer(payloads[i], dtype=np.dtype(meta["d"])).reshape(meta["s"])
+    try:
+        return np.frombuffer(payloads[i], dtype=np.dtype(meta["d"])).reshape(meta["s"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise TraceFormatError(
+            f"the payload of a {event.get('ev')} event of {event.get('a')!r} does not fit its "
+            f"description {meta!r:.80}: {exc}"
+        ) from exc
+
+
+def missing_workers(trace: Trace) -> list[int]:
+    """The workers whose events a (failed or interrupted) cluster run's trace lacks, as its
+    ``missing`` event records them; empty for a complete trace."""
+    out: list[int] = []
+    for e in trace.events:
+        if e.what == "missing":
+            out.extend(w for w in e.meta.get("workers", []) if isinstance(w, int))
+    return sorted(set(out))
+
+
+def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
+    """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
+    (not truncated, no worker's events missing), its header's specs rebuild, its initial state
+    decodes, and its events are consistent (keys admitted in sequence with their data, each
+    actor's computes numbered in order). A trace that fails is refused at once with the reason,
+    instead of stalling or blaming the wrong setting halfway through a replay.
+
+    Args:
+        trace: a trace from :func:`read`.
+        trusted_modules: modules whose classes the header may name (see
+            :func:`~asyncnn._math._imports.trusted_modules`).
+
+    Raises:
+        TraceFormatError: naming the trace and what makes it unusable.
+        UntrustedModuleError: the header names a class of a module neither imported nor trusted.
+    """
+    from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
+    from asyncnn._math._imports import trusted_modules as trusting
+    from asyncnn._math._optim import from_spec as optimizer_from_spec
+    from asyncnn._runtime._graph import Graph
+    from asyncnn._runtime._policies import policy_from_spec
+    from asyncnn._runtime._recorder import decode_tree
+
+    path = trace.path
+    if trace.truncated:
+        raise TraceFormatError(
+            f"{path} is truncated: the file ends inside a record, after {len(trace.events)} "
+            "whole events (the run crashed or was killed while writing, or the file was copied "
+            "before it was closed). Replay needs a whole trace; summary and to_chrome show what "
+            "it holds"
+        )
+    missing = missing_workers(trace)
+    if missing:
+        raise TraceFormatError(
+            f"{path} lacks the events of workers {missing}: the cluster run failed or was "
+            "interrupted before they could be collected. Replay needs every actor's events; "
+            "summary and to_chrome show what it holds"
+        )
+    h = trace.header
+    for name in ("graph", "policy", "optimizer", "seed", "dtype"):
+        if name not in h:
+            raise TraceFormatError(f"{path}: the header has no {name!r}; cannot replay")
+    try:
+        np.dtype(h["dtype"])
+        with trusting(trusted_modules):
+            graph = Graph.from_spec(h["graph"])
+            policy_from_spec(h["policy"])
+            optimizer_from_spec(h["optimizer"])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{path}: {untrusted}") from None
+        raise TraceFormatError(f"{path}: the header's specs cannot be rebuilt: {exc}") from exc
+    if trace.state is None:
+        raise TraceFormatError(f"{path}: the trace holds no initial state record; cannot replay")
+    try:
+        st = trace.state
+        params, opt_states = decode_tree(st["params"]), decode_tree(st["opt_states"])
+        decode_tree(st.get("pending", {"dict": {}}))
+        for name in graph.layers:
+            params[name], opt_states[name]  # noqa: B018 - present for every layer
+            if not isinstance(st["versions"][name], int):
+                raise ValueError(f"the version of {name!r} is {st['versions'][name]!r:.40}")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise TraceFormatError(f"{path}: the initial state record is malformed: {exc}") from exc
+    _check_events(trace, graph)
+
+
+def _check_events(trace: Trace, graph: Any) -> None:
+    path = trace.path
+    inputs = set(graph.inputs)
+    actors = set(graph.layers) | set(graph.losses)
+    next_key = trace.header.get("start", {}).get("keys", 0)
+    admitted: set[int] = set()
+    minibatches: dict[int, list[int]] = {}  # minibatch -> [keys announced, keys seen]
+    fed: dict[int, set[str]] = {}
+    seqs: dict[str, int] = {}
+    open_: dict[str, int] = {}
+    # a cluster run's events are merged by time across processes: a worker's event may come
+    # before the driver's admit of its key, so the keys are gathered first
+    for e in trace.events:
+        if e.what == "admit" and isinstance(e.get("key"), int):
+            admitted.add(e.key)
+    for i, e in enumerate(trace.events):
+        ev, a = e.what, e.actor
+
+        def bad(what: str, e: dict[str, Any] = e, i: int = i) -> TraceFormatError:
+            return TraceFormatError(f"{path}: event {i} ({e['ev']} of {e['a']!r}) {what}")
+
+        if ev == "admit":
+            m = e.meta
+            if e.get("key") != next_key:
+                raise bad(f"admits key {e.get('key')!r}, expected {next_key} (keys in sequence)")
+            if not isinstance(m.get("minibatch"), int) or not isinstance(m.get("mb_keys"), int):
+                raise bad("lacks its minibatch and its count of keys ('m')")
+            if m["mb_keys"] < 1:
+                raise bad(f"says its minibatch has {m['mb_keys']} keys")
+            count = minibatches.setdefault(m["minibatch"], [m["mb_keys"], 0])
+            count[1] += 1
+            if count[0] != m["mb_keys"] or count[1] > count[0]:
+                raise bad(f"disagrees with the {count[0]} keys announced for its minibatch")
+            next_key += 1
+        elif ev in ("send", "start", "end"):
+            if e.get("key") not in admitted:
+                raise bad(f"names key {e.get('key')!r}, which was never admitted")
+            if e.get("k") not in ("forward", "backward"):
+                raise bad(f"has the message kind {e.get('k')!r}")
+            if ev == "send" and a in inputs and e.get("pl"):
+                node = graph.nodes[a]
+                info = e["x"][0] if e.get("x") else None
+                shape = tuple(info["s"]) if info else ()
+                if len(shape) != len(node.shape) or any(
+                    want is not None and got != want
+                    for got, want in zip(shape, node.shape, strict=True)
+                ):
+                    raise bad(f"carries data of shape {shape}; input {a!r} is {node.shape}")
+                fed.setdefault(e.key, set()).add(a)
+            elif ev == "start" and a in actors:
+                if e.get("seq") != seqs.get(a, 0) or a in open_:
+                    raise bad(f"has sequence number {e.get('seq')!r}, expected {seqs.get(a, 0)}")
+                open_[a] = e.seq
+                seqs[a] = e.seq + 1
+            elif ev == "end" and a in actors:
+                if open_.pop(a, None) != e.get("seq"):
+                    raise bad(f"ends compute {e.get('seq')!r}, which did not start")
+    failed = any(e.what == "error" for e in trace.events)
+    if open_ and not failed:
+        raise TraceFormatError(f"{path}: the computes {sorted(open_.items())} never end")
+    for mb, (announced, seen) in minibatches.items():
+        if seen != announced and not failed:
+            raise TraceFormatError(
+                f"{path}: minibatch {mb} announced {announced} keys, {seen} were admitted"
+            )
+    if trace.header.get("payloads", "inputs") != "none":
+        for key in sorted(admitted):
+            if fed.get(key, set()) != inputs and not failed:
+                lacking = sorted(inputs - fed.get(key, set()))
+                raise TraceFormatError(
+                    f"{path}: key {key} has no recorded data for {lacking}, though the trace "
+                    "keeps its inputs' payloads; the file was altered"
+                )

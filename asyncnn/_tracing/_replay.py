@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import numpy as np
 
+from asyncnn._math._imports import trusted_modules as trusting
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._messages import Message
@@ -25,7 +26,8 @@ from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import Run, RunState, open_run
 from asyncnn.backends import get_backend
 
-from ._read import Trace, payload_array, read
+from ._event import Event
+from ._read import Trace, check_replayable, payload_array, read
 
 __all__ = ["Divergence", "ReplayResult", "replay"]
 
@@ -91,8 +93,8 @@ class _Stop(Exception):
 def _orders(trace: Trace, layers: list[str]) -> dict[str, list[tuple[str, int]]]:
     starts: dict[str, list[tuple[int, str, int]]] = {name: [] for name in layers}
     for e in trace.events:
-        if e["ev"] == "start" and e["a"] in starts:
-            starts[e["a"]].append((e["seq"], e["k"], e["key"]))
+        if e.what == "start" and e.actor in starts:
+            starts[e.actor].append((e.seq, e.kind, e.key))
     return {name: [(k, key) for _, k, key in sorted(ops)] for name, ops in starts.items()}
 
 
@@ -124,13 +126,13 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
     )
 
 
-def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {a: [] for a in actors}
+def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = {a: [] for a in actors}
     for e in trace.events:
-        if e["ev"] == "send" and e["a"] in out:
-            out[e["a"]].append(e)
+        if e.what == "send" and e.actor in out:
+            out[e.actor].append(e)
     for sends in out.values():
-        sends.sort(key=lambda e: e.get("seq", -1))  # stable: sends of one op keep their order
+        sends.sort(key=lambda e: e.seq)  # stable: sends of one op keep their order
     return out
 
 
@@ -150,36 +152,34 @@ def compare_sends(
             if i >= len(b[actor]):
                 if prefix:
                     break
-                found.append((ea["t"], Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"],
-                              ea.get("p", ""), reason="the replay sent nothing here")))  # fmt: skip
+                found.append((ea.time, Divergence(actor, ea.seq, ea.key, ea.kind,
+                              ea.peer, reason="the replay sent nothing here")))  # fmt: skip
                 break
             eb = b[actor][i]
             checked += 1
-            same_op = (ea["k"], ea["key"], ea.get("p")) == (eb["k"], eb["key"], eb.get("p"))
-            da = [x and x["h"] for x in ea.get("x", [])]
-            db = [x and x["h"] for x in eb.get("x", [])]
+            same_op = (ea.kind, ea.key, ea.get("p")) == (eb.kind, eb.key, eb.get("p"))
+            da = [x and x["h"] for x in ea.tensors]
+            db = [x and x["h"] for x in eb.tensors]
             if same_op and da == db:
                 continue
             if not same_op:
-                reason = (
-                    f"the replay sent the {eb['k']} of key {eb['key']} to {eb.get('p')!r} instead"
-                )
-                div = Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"], ea.get("p", ""),
-                                 (ea["k"], ea["key"]), (eb["k"], eb["key"]), None, reason)  # fmt: skip
+                reason = f"the replay sent the {eb.kind} of key {eb.key} to {eb.get('p')!r} instead"
+                div = Divergence(actor, ea.seq, ea.key, ea.kind, ea.peer,
+                                 (ea.kind, ea.key), (eb.kind, eb.key), None, reason)  # fmt: skip
             else:
                 size = None
                 pa, pb = payload_array(ea), payload_array(eb)
                 if pa is not None and pb is not None and pa.shape == pb.shape:
                     size = float(np.max(np.abs(pa.astype(np.float64) - pb.astype(np.float64))))
-                div = Divergence(actor, ea.get("seq", -1), ea["key"], ea["k"], ea.get("p", ""),
+                div = Divergence(actor, ea.seq, ea.key, ea.kind, ea.peer,
                                  da, db, size, "the tensor's digest differs")  # fmt: skip
-            found.append((ea["t"], div))
+            found.append((ea.time, div))
             break
         else:
             if len(b[actor]) > len(a[actor]):
                 eb = b[actor][len(a[actor])]
-                found.append((float("inf"), Divergence(actor, eb.get("seq", -1), eb["key"], eb["k"],
-                              eb.get("p", ""), reason="the replay sent more than the run")))  # fmt: skip
+                found.append((float("inf"), Divergence(actor, eb.seq, eb.key, eb.kind,
+                              eb.peer, reason="the replay sent more than the run")))  # fmt: skip
     first = min(found, key=lambda f: f[0])[1] if found else None
     return checked, first
 
@@ -191,6 +191,7 @@ def replay(
     optimizer: Any = None,
     hook: Callable[[str, int, str, int, Any], bool | None] | None = None,
     stop_at_key: int | None = None,
+    trusted_modules: Iterable[str] | None = None,
 ) -> ReplayResult:
     """Reruns a recorded run and checks it against its trace.
 
@@ -204,6 +205,8 @@ def replay(
             return value stops the replay there (for stepping through a layer's history).
         stop_at_key: stop once an actor has processed any work of this key (a shortcut for a
             hook).
+        trusted_modules: modules whose classes the trace's header may name besides asyncnn's
+            own and those already imported (see ``docs/security.md``).
 
     Returns:
         A :class:`ReplayResult`: ``identical``, ``events_checked``, ``first_divergence``,
@@ -212,10 +215,13 @@ def replay(
     from asyncnn.optim import from_spec as optimizer_from_spec
 
     trace = read(path)
+    # a truncated, incomplete or malformed trace is refused here, before anything runs
+    check_replayable(trace, trusted_modules)
     h = trace.header
-    graph = Graph.from_spec(h["graph"])
-    policy = policy_from_spec(h["policy"])
-    opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
+    with trusting(trusted_modules):
+        graph = Graph.from_spec(h["graph"])
+        policy = policy_from_spec(h["policy"])
+        opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
     state = _initial_state(trace, graph)
     orders = _orders(trace, graph.layers)
     if stop_at_key is not None:
@@ -249,7 +255,7 @@ def replay(
                 params.update(running[0].params)
                 raise _Stop((name, seq, kind, key))
 
-        max_keys = sum(1 for e in trace.events if e["ev"] == "admit") + 1
+        max_keys = sum(1 for e in trace.events if e.what == "admit") + 1
         replayed_policy = Replay(policy, orders, max_keys, actor, on_op)
 
         async def main() -> None:
@@ -286,10 +292,10 @@ def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:
     """``{key: {input: its recorded data}}`` (the data is kept with an input's first send)."""
     data: dict[int, dict[str, Any]] = {}
     for e in trace.events:
-        if e["ev"] == "send" and e["a"] in inputs:
+        if e.what == "send" and e.actor in inputs:
             arr = payload_array(e)
             if arr is not None:
-                data.setdefault(e["key"], {})[e["a"]] = arr
+                data.setdefault(e.key, {})[e.actor] = arr
     return data
 
 
@@ -298,9 +304,9 @@ async def _feed_inputs(run: Any, trace: Trace) -> None:
     inputs = set(run.graph.inputs)
     data = _input_data(trace, inputs)
     for e in trace.events:
-        if e["ev"] != "admit":
+        if e.what != "admit":
             continue
-        key, meta = e["key"], e["m"]
+        key, meta = e.key, e.meta
         parts = data.get(key, {})
         missing = inputs - set(parts)
         if missing:
@@ -316,15 +322,13 @@ async def _feed_inputs(run: Any, trace: Trace) -> None:
 async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
     """Replays one actor: sends it the recorded messages (the replay policy keeps its sends from
     being delivered, so the other actors stay idle)."""
-    metas = {e["key"]: e["m"] for e in trace.events if e["ev"] == "admit"}
+    metas = {e.key: e.meta for e in trace.events if e.what == "admit"}
     inputs = set(run.graph.inputs)
     data = _input_data(trace, inputs)
     target = run.actors[name]
     for e in trace.events:
-        if e["ev"] == "send" and e.get("p") == name:
-            arr = data.get(e["key"], {}).get(e["a"]) if e["a"] in inputs else payload_array(e)
-            slot = int(e.get("m", {}).get("slot", 0))
-            msg = Message(
-                e["k"], e["key"], e.get("v", 0), e["a"], name, slot, (arr,), metas[e["key"]]
-            )
+        if e.what == "send" and e.get("p") == name:
+            arr = data.get(e.key, {}).get(e.actor) if e.actor in inputs else payload_array(e)
+            slot = int(e.meta.get("slot", 0))
+            msg = Message(e.kind, e.key, e.get("v", 0), e.actor, name, slot, (arr,), metas[e.key])
             await target.send_channel.send(msg)

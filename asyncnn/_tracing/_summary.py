@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._event import Event
 from ._read import open_trace
 
 __all__ = ["Occupancy", "format_summary", "node_kinds", "sent_bytes", "summary"]
@@ -24,7 +25,7 @@ def node_kinds(header: dict[str, Any]) -> dict[str, str]:
     return {str(n["name"]): str(n.get("kind", "")) for n in graph.get("nodes", []) if "name" in n}
 
 
-def sent_bytes(e: dict[str, Any]) -> int:
+def sent_bytes(e: Event) -> int:
     """The bytes of the tensors a ``send`` event carried."""
     return sum(int(x["n"]) for x in e.get("x") or () if x is not None)
 
@@ -57,28 +58,28 @@ class Occupancy:
         refs = self._refs.get(actor, {})
         return len(refs) + (self.version.get(actor, 0) not in refs)
 
-    def feed(self, e: dict[str, Any]) -> list[tuple[Any, ...]]:
-        ev = e.get("ev")
-        a = str(e.get("a", ""))
+    def feed(self, e: Event) -> list[tuple[Any, ...]]:
+        ev = e.what
+        a = e.actor
         changes: list[tuple[Any, ...]] = []
         if ev == "admit" and "key" in e:
-            self._admitted.add(int(e["key"]))
+            self._admitted.add(e.key)
             self.in_flight += 1
             changes.append(("in_flight", self.in_flight))
         elif ev == "update" and "v" in e:
-            self.version[a] = int(e["v"])
+            self.version[a] = e.version
             if a in self._refs:
                 changes.append((a, self.stored.get(a, 0), self.versions_held(a)))
         elif ev in ("start", "end") and self._is_layer(a) and "key" in e:
-            key = int(e["key"])
+            key = e.key
             refs = self._refs.setdefault(a, {})
-            if ev == "end" and e.get("k") == "forward":
+            if ev == "end" and e.kind == "forward":
                 v = int(e.get("v", 0))
                 self._fwd_version[(a, key)] = v
                 refs[v] = refs.get(v, 0) + 1
                 self.stored[a] = self.stored.get(a, 0) + 1
                 changes.append((a, self.stored[a], self.versions_held(a)))
-            elif ev == "start" and e.get("k") == "backward":
+            elif ev == "start" and e.kind == "backward":
                 held = self._fwd_version.pop((a, key), None)
                 if held is not None:
                     refs[held] -= 1
@@ -86,7 +87,7 @@ class Occupancy:
                         del refs[held]
                     self.stored[a] -= 1
                     changes.append((a, self.stored[a], self.versions_held(a)))
-            elif ev == "end" and e.get("k") == "backward" and key in self._admitted:
+            elif ev == "end" and e.kind == "backward" and key in self._admitted:
                 n = self._done.get(key, 0) + 1
                 if n == len(self.layers) or not self.known:
                     # without a graph in the header the first layer's backward ends the key
@@ -133,7 +134,8 @@ def summary(
             ``busy.png`` (each actor's computes on a timeline) into, with matplotlib.
 
     Returns:
-        A dict: ``path``, ``truncated``, ``events``, ``seconds`` (time of the last event),
+        A dict: ``path``, ``truncated``, ``missing_workers`` (workers of a failed or
+        interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of the last event),
         ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
         every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
         flight), ``losses`` (count, ``first``, ``last``), ``errors`` (messages), ``plots`` (paths
@@ -154,6 +156,7 @@ def summary(
     minibatches: set[int] = set()
     losses: list[float] = []
     errors: list[str] = []
+    missing: set[int] = set()
     flight: list[tuple[float, int]] = [(0.0, 0)]
     flight_area = 0.0
     flight_max = 0
@@ -161,8 +164,8 @@ def summary(
         events += 1
         t = float(e.get("t", t_last))
         t_last = max(t_last, t)
-        a = str(e.get("a", ""))
-        ev = e.get("ev")
+        a = e.actor
+        ev = e.what
         for change in occ.feed(e):
             if change[0] == "in_flight":
                 t0, n0 = flight[-1]
@@ -177,11 +180,14 @@ def summary(
                 st.peak_versions_held = max(st.peak_versions_held, change[2])
         if ev == "admit":
             keys += 1
-            if "minibatch" in e.get("m", {}):
-                minibatches.add(int(e["m"]["minibatch"]))
+            if "minibatch" in e.meta:
+                minibatches.add(int(e.meta["minibatch"]))
             continue
         if ev == "error":
-            errors.append(str(e.get("m", {}).get("error", "")))
+            errors.append(str(e.meta.get("error", "")))
+            continue
+        if ev == "missing":
+            missing.update(w for w in e.meta.get("workers", []) if isinstance(w, int))
             continue
         if a == "scheduler" or ev == "flush":
             continue
@@ -194,7 +200,7 @@ def summary(
         elif ev == "update":
             st.updates += 1
         elif ev == "start":
-            kind, key = str(e.get("k", "")), int(e.get("key", -1))
+            kind, key = e.kind, e.key
             st.open = (t, kind, key)
             v = int(e.get("v", 0))
             if kind == "forward":
@@ -207,8 +213,8 @@ def summary(
             st.busy += t - t0
             if kind == "forward":
                 st.forwards += 1
-                if "loss" in e.get("m", {}):
-                    losses.append(float(e["m"]["loss"]))
+                if "loss" in e.meta:
+                    losses.append(float(e.meta["loss"]))
             else:
                 st.backwards += 1
             if keep:
@@ -240,6 +246,7 @@ def summary(
     result: dict[str, Any] = {
         "path": str(path),
         "truncated": reader.truncated,
+        "missing_workers": sorted(missing),
         "events": events,
         "seconds": span,
         "policy": policy.get("type", "") if isinstance(policy, dict) else "",
@@ -313,6 +320,14 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
         + (" (TRUNCATED: the file was cut off mid-record)" if s["truncated"] else ""),
+        *(
+            [
+                f"INCOMPLETE: the events of workers {s['missing_workers']} are missing (the run "
+                "failed or was interrupted before they could be collected)"
+            ]
+            if s.get("missing_workers")
+            else []
+        ),
         f"policy {s['policy'] or '?'}; {s['keys']} keys in {s['minibatches']} minibatches; "
         f"keys in flight: max {s['in_flight']['max']}, mean {s['in_flight']['mean']:.2f}; "
         f"{_bytes(s['bytes_moved'])} moved",

@@ -1,0 +1,217 @@
+"""Callbacks of ``Trainer.fit``: hooks at the end of each step and epoch, early stopping, and
+metrics loggers (JSON lines; TensorBoard scalars through ``tensorboardX``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._train import History, Trainer
+
+__all__ = ["Callback", "EarlyStopping", "JSONLLogger", "TensorBoardLogger"]
+
+
+class Callback:
+    """Base class of ``fit``'s callbacks: override the hooks you need.
+
+    Hooks run in ``fit``'s own thread, between steps. ``trainer.params`` and
+    ``trainer.versions`` are those of the last completed update (see ``docs/workflow.md``);
+    set ``trainer.stop_training = True`` to end the fit after the current step.
+
+    Example:
+        ```python
+        class PrintEvery(ann.callbacks.Callback):
+            def on_step_end(self, trainer, step, logs):
+                if step % 10 == 0:
+                    print(step, logs["loss"])
+        ```
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Called once before the first step."""
+
+    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
+        """Called when minibatch ``step`` (counted over the trainer's life) has its loss.
+
+        ``logs`` holds ``"loss"`` and ``"epoch"``.
+        """
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        """Called after each epoch, once its updates are applied everywhere.
+
+        ``logs`` holds ``"loss"`` (the epoch's mean minibatch loss) and, with
+        ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"`` for a classifier).
+        """
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        """Called when ``fit`` ends, also when it ends by an error or an interrupt."""
+
+
+def _overrides(cb: Callback, hook: str) -> bool:
+    return getattr(type(cb), hook) is not getattr(Callback, hook)
+
+
+def wants_epoch_end(callbacks: list[Callback]) -> bool:
+    """Whether any of ``callbacks`` has an epoch-end hook."""
+    return any(_overrides(cb, "on_epoch_end") for cb in callbacks)
+
+
+class EarlyStopping(Callback):
+    """Stops ``fit`` when a monitored epoch metric has stopped improving.
+
+    Args:
+        monitor: an epoch metric: ``"loss"``, or ``"val_loss"``/``"val_accuracy"`` with
+            ``validation_data``.
+        patience: epochs without improvement before stopping.
+        min_delta: the least change that counts as an improvement.
+        mode: ``"min"``, ``"max"``, or ``"auto"`` (``"max"`` for accuracies, else ``"min"``).
+
+    Attributes:
+        best: the best value seen. stopped_epoch: the epoch that stopped the fit, or None.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 2,
+        min_delta: float = 0.0,
+        mode: str = "auto",
+    ) -> None:
+        if mode not in ("min", "max", "auto"):
+            raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
+        if patience < 0:
+            raise ValueError(f"EarlyStopping: patience must be >= 0, got {patience}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = abs(min_delta)
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        self.mode = mode
+        self.best: float | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        if self.monitor not in logs:
+            raise ValueError(
+                f"EarlyStopping monitors {self.monitor!r}, which this fit does not measure; it "
+                f"measures {sorted(logs)} (val_* need fit(..., validation_data=...))"
+            )
+        value = float(logs[self.monitor])
+        better = (
+            self.best is None
+            or (self.mode == "min" and value < self.best - self.min_delta)
+            or (self.mode == "max" and value > self.best + self.min_delta)
+        )
+        if better:
+            self.best = value
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            trainer.stop_training = True
+
+
+class JSONLLogger(Callback):
+    """Writes metrics as JSON lines while training goes, one object a line, flushed each time.
+
+    Each step's line is ``{"event": "step", "step": ..., "epoch": ..., "loss": ..., "time": ...}``
+    (every ``every`` steps); each epoch's is ``{"event": "epoch", "epoch": ..., "loss": ...,
+    "val_loss": ..., "time": ...}``. ``time`` is seconds since the fit started. The file is
+    appended to, so a resumed run continues it.
+
+    Args:
+        path: the file to write.
+        every: log every this many steps (0: epochs only).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
+        if every < 0:
+            raise ValueError(f"JSONLLogger: every must be >= 0, got {every}")
+        self.path = os.fspath(path)
+        self.every = every
+        self._file: Any = None
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed at fit end
+        self._start = time.perf_counter()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        record["time"] = round(time.perf_counter() - self._start, 6)
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
+        if self.every and step % self.every == 0:
+            self._write({"event": "step", "step": step, **logs})
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        self._write({"event": "epoch", **logs, "epoch": epoch})
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard scalars through ``tensorboardX`` (``pip install 'asyncnn[tensorboard]'``).
+
+    Step losses go to ``train/loss`` at the step number (every ``every`` steps); epoch metrics to
+    ``epoch/NAME`` at the epoch number. View with ``tensorboard --logdir LOGDIR``.
+
+    Args:
+        logdir: the folder of the event files.
+        every: log every this many steps (0: epochs only).
+
+    Raises:
+        ImportError: tensorboardX is not installed (saying how to install it).
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], every: int = 1) -> None:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "TensorBoardLogger writes through tensorboardX: pip install 'asyncnn[tensorboard]' "
+                "(or use JSONLLogger, which needs nothing)"
+            ) from exc
+        self.logdir = os.fspath(logdir)
+        self.every = every
+        self._writer: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=self.logdir)
+
+    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
+        if self._writer is not None and self.every and step % self.every == 0:
+            self._writer.add_scalar("train/loss", logs["loss"], step)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for name, value in logs.items():
+            if name != "epoch":
+                self._writer.add_scalar(f"epoch/{name}", value, epoch)
+
+    def on_fit_end(self, trainer: Trainer, history: History) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

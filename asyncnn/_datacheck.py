@@ -1,0 +1,133 @@
+"""Checks of what a user hands the Trainer, before any compute: labels against the loss's class
+count, the inputs ``predict`` and ``evaluate`` need, and parameters assigned to ``tr.params``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._runtime._graph import Graph
+from .backends import is_floating, to_numpy
+
+__all__ = ["check_labels", "check_params", "needed_inputs", "require_inputs"]
+
+
+def check_labels(
+    graph: Graph, shapes: Mapping[str, tuple[int, ...]], data: Mapping[str, Any]
+) -> None:
+    """Checks the integer labels of each cross-entropy loss against its class count.
+
+    Raises:
+        ValueError: naming the input, the first bad row, its value and the valid range.
+    """
+    from ._math._nn import CrossEntropyLoss
+
+    for name in graph.losses:
+        node = graph.nodes[name]
+        if not isinstance(node.module, CrossEntropyLoss) or len(node.inputs) != 2:
+            continue
+        logits, labels = node.inputs
+        if graph.nodes[labels].kind != "input" or labels not in data:
+            continue
+        shape = shapes.get(logits)
+        if shape is None or len(shape) < 2:
+            continue
+        classes = int(shape[1])
+        y = np.asarray(to_numpy(data[labels]))
+        if y.size == 0 or y.dtype.kind not in "iu":
+            continue
+        bad = (y < 0) | (y >= classes)
+        if bad.any():
+            index = np.unravel_index(int(np.argmax(bad)), y.shape)
+            where = (
+                f"row {index[0]}" if len(index) == 1 else f"index {tuple(int(i) for i in index)}"
+            )
+            raise ValueError(
+                f"input {labels!r}: label {int(y[index])} at {where} is out of range for loss "
+                f"{name!r} ({type(node.module).__name__} over the {classes} classes of "
+                f"{logits!r}): labels must be in 0..{classes - 1}"
+            )
+
+
+def needed_inputs(graph: Graph, targets: list[str]) -> list[str]:
+    """The graph inputs that ``targets`` (node names) depend on, in the graph's input order."""
+    seen: set[str] = set()
+    stack = list(targets)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        stack.extend(graph.nodes[name].inputs)
+    return [n for n in graph.inputs if n in seen]
+
+
+def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what: str) -> None:
+    """Checks that ``data`` gives every input that ``targets`` need (names only).
+
+    Raises:
+        ValueError: naming the missing inputs and what needs them.
+    """
+    need = needed_inputs(graph, targets)
+    missing = [n for n in need if n not in data]
+    if missing:
+        raise ValueError(
+            f"{what} needs the input{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(m) for m in missing)} (for {', '.join(repr(t) for t in targets)}); "
+            f"the data gave {sorted(data)}"
+        )
+    unknown = [k for k in data if k not in graph.inputs]
+    if unknown:
+        raise ValueError(
+            f"{what}: the data has {unknown}, which the graph has no input for ({graph.inputs})"
+        )
+
+
+def check_params(name: str, current: Any, given: Any) -> None:
+    """Checks ``given`` against a layer's ``current`` parameters: the same structure, the same
+    array shapes, real numeric dtypes.
+
+    Raises:
+        ValueError: naming the layer, the place in its parameters and what differs.
+    """
+    _compare(name, current, given, "")
+
+
+def _compare(layer: str, want: Any, got: Any, path: str) -> None:
+    where = f"tr.params[{layer!r}]{path}"
+    if isinstance(want, Mapping):
+        if not isinstance(got, Mapping):
+            raise ValueError(
+                f"{where} must be a dict with keys {sorted(want)}, got {type(got).__name__}"
+            )
+        if set(want) != set(got):
+            missing = sorted(set(want) - set(got))
+            extra = sorted(set(got) - set(want))
+            raise ValueError(
+                f"{where} must have the keys {sorted(want)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unexpected {extra}" if extra else "")
+            )
+        for k in want:
+            _compare(layer, want[k], got[k], f"{path}[{k!r}]")
+        return
+    if isinstance(want, list | tuple):
+        if not isinstance(got, list | tuple) or len(got) != len(want):
+            n = len(got) if isinstance(got, list | tuple) else type(got).__name__
+            raise ValueError(
+                f"{where} must be a list of {len(want)} entries (one per module), got {n}"
+            )
+        for i, (w, g) in enumerate(zip(want, got, strict=True)):
+            _compare(layer, w, g, f"{path}[{i}]")
+        return
+    if not (hasattr(want, "shape") and hasattr(want, "dtype")):
+        return  # a scalar setting kept in the tree
+    if not hasattr(got, "shape"):
+        got = np.asarray(got)
+    shape = tuple(got.shape)
+    if shape != tuple(want.shape):
+        raise ValueError(f"{where} has shape {shape}; the layer's is {tuple(want.shape)}")
+    if not (np.dtype(got.dtype).kind in "iu" or is_floating(got.dtype)):
+        raise ValueError(f"{where} has dtype {got.dtype}; parameters are real numbers (float)")

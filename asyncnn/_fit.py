@@ -1,0 +1,342 @@
+"""One ``Trainer.fit`` call, running: the plan of the call, the run it drives epoch by epoch,
+what it keeps when it stops (the state of the last completed update), the callbacks it calls,
+and its progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+
+from ._callbacks import Callback, wants_epoch_end
+from ._history import History
+from ._math._data import ArrayDataset
+from ._math._pytree import tree_map
+from ._runtime._graph import Graph
+from ._runtime._run import Run, RunState, open_run
+
+if TYPE_CHECKING:
+    from ._train import Trainer
+
+
+@dataclass
+class _FitPlan:
+    """The arguments of one ``fit``, checked."""
+
+    dataset: ArrayDataset
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    validation_data: Mapping[str, Any] | None
+    callbacks: list[Callback]
+    checkpoint_dir: str | None
+    checkpoint_every: int | None
+    keep_checkpoints: int
+
+
+class _FitState:
+    """One ``fit`` going: feeds the run, keeps the state of the last completed update, calls the
+    callbacks between steps, and hands what it kept to the trainer however the fit ends."""
+
+    def __init__(self, trainer: Trainer, plan: _FitPlan, history: History) -> None:
+        self.tr = trainer
+        self.plan = plan
+        self.history = history
+        self.bar: _Progress | None = None
+        self.run: Run | None = None
+        self.rows = 0
+        self.first_mb = trainer.state.minibatches
+        self.losses: dict[int, float] = {}
+        self.mb_epoch: dict[int, int] = {}
+        self.epoch_start: dict[
+            int, tuple[int, int]
+        ] = {}  # epoch -> (first mb here, batches before)
+        self.reported: list[int] = []  # minibatches whose step-end callbacks are due
+        self.in_process = trainer.cluster is None
+        self.flush = trainer.policy.flush
+        self.epoch_hooks = bool(
+            plan.validation_data is not None
+            or plan.checkpoint_every
+            or wants_epoch_end(plan.callbacks)
+        )
+        self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
+        self.stepped = self.first_mb  # minibatches whose keys were all admitted
+
+    # -- during the run --------------------------------------------------------------------------
+    def on_loss(self, minibatch: int, loss: float, rows: int) -> None:
+        self.losses[minibatch] = loss
+        self.rows += rows
+        self.reported.append(minibatch)
+        if self.bar is not None and self.bar.on_loss is not None:
+            self.bar.on_loss(minibatch, loss, rows)
+
+    async def main(self, trace_path: str | None) -> None:
+        tr, plan = self.tr, self.plan
+        async with open_run(
+            tr.graph,
+            tr.optimizer,
+            tr.policy,
+            state=tr.state,
+            on_loss=self.on_loss,
+            validated=True,
+            cluster=tr.cluster,
+            config=tr.config.replace(trace=trace_path),
+        ) as run:
+            self.run = run
+            if self.bar is not None:
+                self.bar.run = run
+            epoch, skip = self.position
+            for _ in range(plan.epochs):
+                self.epoch_start[epoch] = (run.minibatches, skip)
+                batches = plan.dataset.batches(
+                    plan.batch_size, plan.shuffle, tr.seed, epoch, plan.drop_last
+                )
+                for i, batch in enumerate(batches):
+                    if i < skip:
+                        continue
+                    await self._step_point(run, (epoch, i))
+                    if tr.stop_training:
+                        break
+                    mb = await run.step(batch)
+                    self.stepped = run.minibatches  # every key of `mb` admitted
+                    self.mb_epoch[mb] = epoch
+                    self.position = (epoch, i + 1)
+                skip = 0
+                if tr.stop_training:
+                    break
+                epoch += 1
+                self.position = (epoch, 0)
+                if self.epoch_hooks:
+                    await self._settle(run)
+                    self._snapshot(run)
+                    self._deliver_steps()
+                    self._epoch_end(epoch - 1)
+                if tr.stop_training:
+                    break
+            self.history.stopped_early = tr.stop_training
+            await run.drain()
+        # the run has ended well: its state is complete (with a cluster, the workers' too)
+        self._commit(run.state())
+        self._deliver_steps()
+        recorded = {int(e["epoch"]) for e in self.history.epochs}
+        for e in sorted(set(self.mb_epoch.values())):
+            epoch_done = e < self.position[0]
+            if epoch_done and e not in recorded:
+                self.history.epochs.append({"epoch": e, "loss": self._epoch_loss(e)})
+        self.history.statistics = run.statistics()
+
+    async def _step_point(self, run: Run, position: tuple[int, int]) -> None:
+        """Before each step: under a flush policy in this process, waits for the previous
+        minibatch's updates (as the step itself would) and keeps that state; then delivers the
+        step-end callbacks whose losses have come."""
+        if self.tr._interrupt.is_set():  # Ctrl-C in a notebook, seen by the waiting thread
+            raise KeyboardInterrupt
+        # (captured CUDA graphs update in place: a snapshot would be a copy each step, so
+        # there the state is kept at epoch ends and when the run stops between minibatches)
+        if (
+            self.flush
+            and self.in_process
+            and not run.cuda_graphs_active
+            and run.minibatches > self.first_mb
+        ):
+            await run.wait_idle()
+            self._snapshot(run)
+        self._deliver_steps()
+
+    async def _settle(self, run: Run) -> None:
+        """Every admitted minibatch done and its loss known (a continuous policy's pipeline
+        cools down: the next epoch starts a new stream)."""
+        if self.flush:
+            await run.wait_idle(losses=True)
+        else:
+            await run.drain()
+
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C waits: the trainer never holds half a state
+    def _snapshot(self, run: Run) -> None:
+        """Hands the run's current state, consistent at this point, to the trainer."""
+        if not self.in_process:
+            return  # the workers' weights come back only at the end of the run
+        state = run.state()
+        if run.cuda_graphs_active:  # captured updates write in place: keep copies
+            state.params = {n: tree_map(_copy, p) for n, p in state.params.items()}
+            state.opt_states = {n: tree_map(_copy, p) for n, p in state.opt_states.items()}
+        self._commit(state)
+
+    @trio.lowlevel.enable_ki_protection
+    def _commit(self, state: RunState) -> None:
+        tr = self.tr
+        tr.state = state
+        done = state.minibatches
+        epoch, skip = self.position
+        # where the next fit continues: the epoch and batch of minibatch `done`
+        for e, (first, before) in sorted(self.epoch_start.items()):
+            if first <= done:
+                epoch, skip = e, before + done - first
+        per_epoch = self.plan.dataset.num_batches(self.plan.batch_size, self.plan.drop_last)
+        if skip >= per_epoch:
+            epoch, skip = epoch + 1, 0
+        tr.epochs_done, tr.epoch_batches = epoch, skip
+        self.history.losses = [
+            self.losses[mb] for mb in range(self.first_mb, done) if mb in self.losses
+        ]
+
+    def _deliver_steps(self) -> None:
+        if not self.reported:
+            return
+        due, self.reported = sorted(self.reported), []
+        for mb in due:
+            logs = {
+                "loss": self.losses[mb],
+                "epoch": float(self.mb_epoch.get(mb, self.position[0])),
+            }
+            for cb in self.plan.callbacks:
+                cb.on_step_end(self.tr, mb, logs)
+
+    def _epoch_loss(self, epoch: int) -> float:
+        values = [v for mb, v in self.losses.items() if self.mb_epoch.get(mb) == epoch]
+        return float(np.mean(values)) if values else float("nan")
+
+    def _epoch_end(self, epoch: int) -> None:
+        tr, plan = self.tr, self.plan
+        _synchronize(tr.graph)  # GPU updates done before validation or a checkpoint reads them
+        logs: dict[str, float] = {"epoch": epoch, "loss": self._epoch_loss(epoch)}
+        if plan.validation_data is not None:
+            for name, value in tr._evaluate(plan.validation_data).items():
+                logs[f"val_{name}"] = value
+        self.history.epochs.append(dict(logs))
+        for cb in plan.callbacks:
+            cb.on_epoch_end(tr, epoch, dict(logs))
+        every = plan.checkpoint_every
+        if every and plan.checkpoint_dir is not None and (epoch + 1) % every == 0:
+            _save_rotating(tr, plan.checkpoint_dir, epoch + 1, plan.keep_checkpoints)
+
+    # -- when the fit stops early ------------------------------------------------------------------
+    def keep(self) -> None:
+        """After an interrupt or an error: what the trainer keeps (see ``docs/workflow.md``)."""
+        run = self.run
+        if run is None or not self.in_process:
+            return  # nothing ran, or the workers' weights never came back: the state before
+        with contextlib.suppress(Exception):  # a broken device must not hide the first error
+            _synchronize(self.tr.graph)
+        if run.in_flight == 0 and run.minibatches == self.stepped:
+            # stopped between minibatches (not inside a step, which counts its minibatch
+            # before admitting its keys): everything admitted is applied
+            self._commit(run.state())
+            return
+        if self.flush:
+            return  # the last snapshot: every layer after the same last completed minibatch
+        # continuous policies: each layer's own last update; the counters stop at the first
+        # minibatch whose loss is not known
+        state = run.state()
+        done = self.first_mb
+        while done in self.losses:
+            done += 1
+        state.minibatches = done
+        self._commit(state)
+
+
+def _synchronize(graph: Graph) -> None:
+    """Waits for the work queued on each GPU that holds a layer (nothing to do on the CPU)."""
+    from .backends import get_backend
+
+    for device in sorted({graph.nodes[n].device for n in graph.layers} - {"cpu"}):
+        get_backend(device).synchronize()
+
+
+def _copy(a: Any) -> Any:
+    return a.copy() if hasattr(a, "copy") else a
+
+
+def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:
+    """Saves ``trainer`` to ``folder/epoch-NNNN`` and removes all but the ``keep`` latest."""
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    trainer.save(os.path.join(folder, f"epoch-{epochs_done:04d}"))
+    if keep <= 0:
+        return
+    saved = sorted(d for d in os.listdir(folder) if d.startswith("epoch-") and d[6:].isdigit())
+    for old in saved[:-keep]:
+        shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+
+
+class _Progress:
+    """A rich progress bar fed by loss reports (does nothing when disabled). In a notebook
+    without ipywidgets (which rich's live display needs there) it prints plain text lines
+    instead, at most one a second and one at the end."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.run: Run | None = None
+        self._bar: Any = None
+        self._task: Any = None
+        self._rows = 0
+        self._done = 0
+        self._loss = float("nan")
+        self._plain = False
+        self._printed = 0.0
+        self._start = time.perf_counter()
+        self.on_loss: Callable[[int, float, int], None] | None = self._on_loss if enabled else None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            if _plain_progress():
+                self._plain = True
+                return self
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[rate]:.0f} samples/s"),
+                TimeRemainingColumn(),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, loss=float("nan"), rate=0.0)
+        return self
+
+    def _rate(self) -> float:
+        return self._rows / max(time.perf_counter() - self._start, 1e-9)
+
+    def _on_loss(self, minibatch: int, loss: float, rows: int) -> None:
+        self._rows += rows
+        self._done += 1
+        self._loss = loss
+        if self._plain:
+            now = time.perf_counter()
+            if now - self._printed >= 1.0:
+                self._printed = now
+                self._print_line()
+            return
+        self._bar.update(self._task, advance=1, loss=loss, rate=self._rate())
+
+    def _print_line(self) -> None:
+        print(
+            f"train {self._done}/{self.total}  loss {self._loss:.4f}  {self._rate():.0f} samples/s",
+            flush=True,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._plain:
+            self._print_line()
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _plain_progress() -> bool:
+    """In a Jupyter kernel without ipywidgets: rich's live display would only warn there."""
+    import importlib.util
+
+    from rich.console import Console
+
+    return Console().is_jupyter and importlib.util.find_spec("ipywidgets") is None

@@ -1,0 +1,89 @@
+"""Synchronous calls inside a running event loop (a Jupyter notebook, an async server).
+
+``Trainer.fit`` and ``replay`` start their own trio loop; Python allows one running loop per
+thread, so where one already runs (a notebook's asyncio loop) they run on a worker thread of
+their own and the caller waits for them. Ctrl-C (a notebook's "interrupt kernel") while waiting
+asks the call to stop at its next step and then raises ``KeyboardInterrupt`` as it would have.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["in_event_loop", "replay", "run_outside_loop"]
+
+T = TypeVar("T")
+
+
+def in_event_loop() -> bool:
+    """Whether this thread is running an asyncio or trio event loop right now."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    import trio
+
+    try:
+        trio.lowlevel.current_trio_token()
+        return True
+    except RuntimeError:
+        return False
+
+
+def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
+    """``fn()`` here, or on a worker thread when this thread runs an event loop.
+
+    Args:
+        fn: the call; it may start its own event loop.
+        on_interrupt: called when ``KeyboardInterrupt`` reaches the waiting thread, to ask
+            ``fn`` to stop soon; the interrupt is raised once ``fn`` has returned or failed.
+    """
+    if not in_event_loop():
+        return fn()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the waiting thread
+            error.append(exc)
+
+    worker = threading.Thread(target=target, name="asyncnn-call", daemon=True)
+    worker.start()
+    interrupted = False
+    while worker.is_alive():
+        try:
+            worker.join(0.1)
+        except KeyboardInterrupt:
+            interrupted = True
+            if on_interrupt is not None:
+                on_interrupt()
+    if error:
+        raise error[0]
+    if interrupted:
+        raise KeyboardInterrupt
+    return result[0]
+
+
+def _wrap_replay() -> Callable[..., Any]:
+    from ._tracing._replay import replay as inner
+
+    @functools.wraps(inner)
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        return run_outside_loop(lambda: inner(*args, **kwargs))
+
+    replay.__doc__ = (inner.__doc__ or "") + (
+        "\n\n    Inside a running event loop (a notebook) the replay runs on a worker thread and "
+        "this call waits for it.\n"
+    )
+    return replay
+
+
+replay = _wrap_replay()

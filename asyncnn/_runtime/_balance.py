@@ -1,0 +1,147 @@
+"""How :meth:`Graph.sequential` cuts a chain of modules into stages: by parameter count, by
+FLOPs per sample, or by measured time, each a balanced partition (the largest stage smallest)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from asyncnn._errors import GraphError
+from asyncnn._math._autodiff import vjp
+from asyncnn._math._pytree import tree_leaves
+
+__all__ = ["balanced_partition", "module_costs", "module_times", "split_sizes"]
+
+
+def split_sizes(
+    modules: list[Any],
+    stages: int | Sequence[int],
+    balance: str,
+    input_shape: tuple[Any, ...],
+    input_dtype: str = "float32",
+    rows: int = 64,
+) -> list[int]:
+    n = len(modules)
+    if n == 0:
+        raise GraphError("sequential: no modules given")
+    if not isinstance(stages, int):
+        sizes = [int(s) for s in stages]
+        if any(s <= 0 for s in sizes) or sum(sizes) != n:
+            raise GraphError(
+                f"sequential: stage sizes {sizes} must be positive and add up to the {n} modules"
+            )
+        return sizes
+    if not 1 <= stages <= n:
+        raise GraphError(f"sequential: stages={stages} but there are {n} modules")
+    if balance == "time":
+        costs = module_times(modules, input_shape, input_dtype, rows)
+    else:
+        costs = module_costs(modules, balance, input_shape)
+    return balanced_partition(costs, stages)
+
+
+def module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
+    """Each module's cost: its parameter count, or its forward FLOPs per sample."""
+    if balance not in ("params", "flops"):
+        raise GraphError(
+            f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
+        )
+    costs = []
+    # One sample of zeros, run through the modules in turn, gives each module's input shape.
+    x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=np.float64)
+    for m in modules:
+        try:
+            params = m.init(0, dtype="float64")
+        except Exception as exc:
+            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+        if balance == "params":
+            costs.append(float(sum(getattr(p, "size", 0) for p in tree_leaves(params))))
+            continue
+        costs.append(float(m.flops(tuple(x.shape))))
+        try:
+            with np.errstate(all="ignore"):
+                x = np.asarray(m(params, x))
+        except Exception as exc:
+            raise GraphError(
+                f"sequential: {m!r} fails on input of shape {tuple(x.shape)}: {exc}"
+            ) from exc
+    return costs
+
+
+def module_times(
+    modules: list[Any], input_shape: tuple[Any, ...], input_dtype: str, rows: int
+) -> list[float]:
+    """Each module's measured time for a forward and a backward (vjp and pullback) on ``rows``
+    rows, float32: the median of five runs after one to warm up."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
+    rng = np.random.default_rng(0)
+    dims = tuple(int(d or 1) for d in input_shape[1:])
+    floating = np.dtype(input_dtype).kind == "f"
+    x: Any = (
+        rng.standard_normal((rows, *dims)).astype(np.float32)
+        if floating
+        else np.zeros((rows, *dims), dtype=input_dtype)
+    )
+    times = []
+    for m in modules:
+        try:
+            params = m.init(0, dtype="float32")
+        except Exception as exc:
+            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+        inputs_differentiable = np.asarray(x).dtype.kind == "f"
+
+        def step(
+            m: Any = m, params: Any = params, x: Any = x, d: bool = inputs_differentiable
+        ) -> Any:
+            if d:
+                out, pullback = vjp(lambda p, xs: m(p, xs), params, x)
+            else:
+                out, pullback = vjp(lambda p: m(p, x), params)
+            pullback(np.ones_like(out))
+            return out
+
+        samples = []
+        try:
+            with np.errstate(all="ignore"):
+                out = step()
+                for _ in range(5):
+                    start = time.perf_counter()
+                    step()
+                    samples.append(time.perf_counter() - start)
+        except Exception as exc:
+            raise GraphError(
+                f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: {exc}"
+            ) from exc
+        times.append(float(np.median(samples)))
+        x = np.asarray(out)
+    return times
+
+
+def balanced_partition(costs: list[float], k: int) -> list[int]:
+    """Splits ``costs`` into ``k`` consecutive non-empty groups minimising the largest group sum."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: the smallest possible max-group cost splitting costs[:i] into j groups
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for p in range(j - 1, i):
+                v = max(best[j - 1][p], prefix[i] - prefix[p])
+                if v < best[j][i]:
+                    best[j][i], cut[j][i] = v, p
+    sizes = []
+    i = n
+    for j in range(k, 0, -1):
+        p = cut[j][i]
+        sizes.append(i - p)
+        i = p
+    return sizes[::-1]

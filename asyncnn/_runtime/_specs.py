@@ -1,0 +1,99 @@
+"""Checks of a graph's specs that need no execution: cycles, custom actors named by path, and
+the arguments of custom actors."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from asyncnn._errors import GraphError
+
+__all__ = ["actor_from_spec", "check_actor_args", "check_cycles"]
+
+
+def check_cycles(nodes: list[dict[str, Any]]) -> None:
+    """Rejects a spec whose node reads itself or a later node (a cycle, or a wrong order)."""
+    position = {e.get("name"): i for i, e in enumerate(nodes)}
+    for i, entry in enumerate(nodes):
+        for src in entry.get("inputs", []):
+            j = position.get(src)
+            if j is None or j < i:
+                continue
+            what = "itself" if j == i else f"{src!r}, which comes after it"
+            mark = (
+                " (a recurrent edge is marked with 'recurrent': true on a loop node, whose "
+                "inputs never name itself: the loop feeds its state back inside)"
+            )
+            raise GraphError(
+                f"graph spec: node {entry.get('name')!r} reads {what}: a cycle. Only a loop "
+                f"cell's own recurrent edge may go back, made with g.loop(...){mark}"
+            )
+
+
+#: the built-in role actors as older specs name them: those nodes follow their role instead
+_LEGACY_ACTOR_PATHS = frozenset(
+    {
+        "asyncnn._runtime._routing:RouterActor",
+        "asyncnn._runtime._routing:MergeActor",
+        "asyncnn._runtime._loops:LoopActor",
+    }
+)
+
+
+def actor_from_spec(path: str | None) -> Any:
+    """A spec's custom actor class, resolved from its import path by the runtime's actor table
+    (only from modules imported or trusted; see ``import_by_path``); the built-in role actors
+    older specs name follow the node's role instead (None)."""
+    if not path or path in _LEGACY_ACTOR_PATHS:
+        return None
+    if not isinstance(path, str) or ":" not in path:
+        raise GraphError(f"graph spec: actor {path!r} is not an import path 'package.module:Class'")
+    from ._actor_table import resolve_actor  # the actors run; the spec only names one
+
+    return resolve_actor(path)
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The custom actor's ``setup`` arguments, checked to be plain values it accepts."""
+    if not args:
+        return {}
+    if actor is None:
+        raise GraphError(
+            f"layer {name!r}: actor_args={dict(args)!r} but no actor class; pass "
+            "actor=YourActor (a LayerActor subclass whose setup takes them)"
+        )
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise GraphError(f"layer {name!r}: actor_args must be a dict of names to values")
+    bad = [k for k, v in args.items() if not _plain(v)]
+    if bad:
+        raise GraphError(
+            f"layer {name!r}: actor_args {bad} hold values a spec cannot carry "
+            f"({', '.join(type(args[k]).__name__ for k in bad)}); use None, bool, int, float, "
+            "str, or lists and string-keyed dicts of those"
+        )
+    setup = getattr(actor, "setup", None)
+    if isinstance(actor, type) and getattr(setup, "__qualname__", "") == "LayerActor.setup":
+        raise GraphError(
+            f"layer {name!r}: {actor.__name__}.setup does not take actor_args {sorted(args)}: "
+            "it takes none; override setup(self, ...) to accept them"
+        )
+    if isinstance(actor, type) and callable(setup):
+        try:
+            inspect.signature(setup).bind(None, **args)
+        except TypeError as exc:
+            raise GraphError(
+                f"layer {name!r}: {actor.__name__}.setup does not take actor_args "
+                f"{sorted(args)}: {exc}"
+            ) from exc
+    return dict(args)

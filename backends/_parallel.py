@@ -1,0 +1,595 @@
+"""The CPU compute team: one worker thread per core, and large products split across them.
+
+OpenBLAS runs one multi-threaded call at a time (concurrent callers queue on its lock), but as many
+single-threaded calls side by side as there are cores. So the team's threads all call BLAS with one
+thread each, and one large computation is cut into parts that free workers take:
+
+- A :class:`ComputeTeam` holds two queues: *tasks* (whole jobs, such as an actor's vjp handed over
+  by the device pool) and *splits* (the parts of one computation in progress). A free worker takes a
+  part before a task, so a computation already started finishes first.
+- The caller of a split takes parts of its own split too, until none is left unclaimed, then waits
+  for the parts other workers took. It never waits for a part nobody has started, so a split called
+  from inside a worker (a task that splits its products), or from many callers at once (several
+  actors), cannot deadlock: at worst the caller does all its parts itself.
+- How work is cut depends only on the shapes and the team's size, never on timing; a part computes
+  the same arithmetic whichever thread runs it. Results are therefore identical run to run. A
+  matrix product is cut along an output dimension (rows of ``a``, or columns of ``b``), never along
+  the contraction, so every output element is summed in the same order as an uncut product with
+  the same BLAS kernel.
+
+:func:`matmul` is the one entry point the math rules use: it dispatches to the product of a CUDA
+graph capture in progress, to the team of the calling thread (set on the team's workers, or by
+:func:`using_team`), or to ``a @ b``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import operator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_PART_ELEMENTS",
+    "DEFAULT_PART_FLOPS",
+    "ComputeTeam",
+    "TeamStatistics",
+    "current_team",
+    "elementwise",
+    "matmul",
+    "split_bounds",
+    "using_team",
+]
+
+#: A part of a split product does at least this many flops: ~40 µs on one core, far above the
+#: ~10-20 µs it costs to wake a worker and hand it the part.
+DEFAULT_PART_FLOPS = 4_000_000
+#: A part of a split elementwise pass touches at least this many elements (~50 µs of a ufunc).
+DEFAULT_PART_ELEMENTS = 131_072
+#: Parts of a product start on multiples of this many rows or columns (BLAS kernels work in
+#: blocks of 4 to 16 rows; a part of whole blocks keeps every kernel call on its fast path).
+ALIGN = 16
+_BLAS_KINDS = frozenset("fc")  # float32/64, complex64/128: the dtypes numpy hands to BLAS
+#: operators whose numpy ufunc writes a part in place (no temporary)
+_UFUNCS: dict[Any, np.ufunc] = {
+    operator.add: np.add,
+    operator.sub: np.subtract,
+    operator.mul: np.multiply,
+    operator.truediv: np.true_divide,
+}
+
+
+class _ThreadState(threading.local):
+    team: ComputeTeam | None = None
+    #: the capture-safe product of a CUDA graph capture in progress on this thread
+    capture_matmul: Callable[[Any, Any], Any] | None = None
+
+
+_state = _ThreadState()
+
+
+def current_team() -> ComputeTeam | None:
+    """The compute team whose products this thread splits (None: products run unsplit)."""
+    return _state.team
+
+
+@contextlib.contextmanager
+def using_team(team: ComputeTeam | None) -> Iterator[None]:
+    """Within the block, :func:`matmul` on this thread splits its products over ``team``.
+
+    A team's own workers use it already; this is for other threads, such as a plain training loop
+    on the main thread. ``None`` turns splitting off within the block.
+    """
+    previous = _state.team
+    _state.team = team
+    try:
+        yield
+    finally:
+        _state.team = previous
+
+
+@contextlib.contextmanager
+def capturing(product: Callable[[Any, Any], Any]) -> Iterator[None]:
+    """Within the block, :func:`matmul` on this thread is ``product`` (a CUDA graph capture's)."""
+    previous = _state.capture_matmul
+    _state.capture_matmul = product
+    try:
+        yield
+    finally:
+        _state.capture_matmul = previous
+
+
+def matmul(a: Any, b: Any) -> Any:
+    """``a @ b``, through the backend this thread is using.
+
+    Inside a CUDA graph capture on this thread: the capture's product (cuBLAS on the capture's
+    stream). On a thread with a :class:`ComputeTeam` (its workers, or inside :func:`using_team`):
+    large 2-D numpy products split across the team. Otherwise ``a @ b``.
+    """
+    state = _state
+    product = state.capture_matmul
+    if product is not None:
+        return product(a, b)
+    team = state.team
+    if team is not None and type(a) is np.ndarray and type(b) is np.ndarray:
+        return team.matmul(a, b)
+    return a @ b
+
+
+def elementwise(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` for an elementwise ``fn`` (each output row depends only on the same rows of
+    the inputs, numpy broadcasting); on a thread with a :class:`ComputeTeam`, large numpy work is
+    split by rows of the result (see :meth:`ComputeTeam.elementwise`). Bit-identical either way.
+    """
+    team = _state.team
+    if team is None:
+        return fn(*args)
+    return team.elementwise(fn, *args)
+
+
+@functools.lru_cache(maxsize=4096)
+def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
+    """Cut points of ``range(length)`` into at most ``parts`` nearly equal pieces of whole
+    ``align``-sized blocks: ``(0, ..., length)``; a function of its arguments alone."""
+    blocks = -(-length // align)
+    parts = max(1, min(parts, blocks))
+    return tuple(min(length, (i * blocks // parts) * align) for i in range(parts + 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _product_plan(
+    m: int, n: int, k: int, workers: int, part_flops: int
+) -> tuple[int, tuple[int, ...]]:
+    """``(axis, bounds)`` of a split ``(m, k) @ (k, n)`` product: axis 0 cuts rows of the output,
+    1 columns; ``bounds`` has one piece when the product stays whole."""
+    flops = 2 * m * n * k
+    parts = min(workers, flops // max(1, part_flops))
+    axis = 0 if m >= n else 1
+    if parts < 2:
+        return axis, (0, m if axis == 0 else n)
+    return axis, split_bounds(m if axis == 0 else n, parts, ALIGN)
+
+
+@dataclass(frozen=True)
+class TeamStatistics:
+    """A snapshot of a :class:`ComputeTeam`'s counters.
+
+    Attributes:
+        workers: worker threads.
+        tasks: whole tasks the workers finished.
+        splits: computations split into parts (by any caller).
+        parts: parts run, by the callers and by the workers.
+        parts_helped: parts run by a worker other than the split's caller.
+        busy_seconds: seconds each worker spent running tasks and parts, one entry per worker.
+    """
+
+    workers: int
+    tasks: int
+    splits: int
+    parts: int
+    parts_helped: int
+    busy_seconds: tuple[float, ...]
+
+
+class _Split:
+    __slots__ = ("fn", "n", "next", "left", "errors", "done")
+
+    def __init__(self, fn: Callable[[int], object], n: int) -> None:
+        self.fn = fn
+        self.n = n
+        self.next = 0  # the next unclaimed part
+        self.left = n  # parts not finished
+        self.errors: list[tuple[int, BaseException]] = []
+        self.done = threading.Event()
+
+
+class ComputeTeam:
+    """Worker threads, one per core, that run whole tasks and share out split computations.
+
+    Use it as a context manager (or call :meth:`start` and :meth:`close`)::
+
+        with ComputeTeam(16) as team:
+            y = team.matmul(a, b)  # cut into up to 16 parts, run side by side
+
+    Args:
+        workers: worker threads (usually one per core this process may use).
+        blas_threads: BLAS threads per call while the team is open, set through threadpoolctl and
+            restored on :meth:`close` (OpenBLAS keeps one count for the whole process); ``None``
+            leaves BLAS as it is. Splitting only pays with ``1``.
+        part_flops: the least work, in flops, of one part of a split product.
+        part_elements: the least number of elements one part of a split elementwise pass touches.
+        split: whether work is split at all; with ``False`` the team only runs whole tasks (and
+            its workers' products run uncut), as a pool whose BLAS calls are multi-threaded wants.
+        name: prefix of the worker threads' names.
+        on_exit: called by each worker thread as it stops (after :meth:`shutdown` or
+            :meth:`close`), so that an event loop can wait for the workers without blocking.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        blas_threads: int | None = 1,
+        part_flops: int = DEFAULT_PART_FLOPS,
+        part_elements: int = DEFAULT_PART_ELEMENTS,
+        split: bool = True,
+        name: str = "asyncnn-team",
+        on_exit: Callable[[], object] | None = None,
+    ) -> None:
+        if int(workers) < 1:
+            raise ValueError(f"a compute team needs at least 1 worker, got {workers}")
+        if blas_threads is not None and blas_threads < 1:
+            raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads}")
+        if part_flops < 1 or part_elements < 1:
+            raise ValueError(
+                f"part_flops and part_elements must be positive, got {part_flops}, {part_elements}"
+            )
+        self._n = int(workers)
+        self._blas_threads = blas_threads
+        self._part_flops = int(part_flops)
+        self._part_elements = int(part_elements)
+        self._split = bool(split)
+        self._name = name
+        self._on_exit = on_exit
+        self._cond = threading.Condition(threading.Lock())
+        self._splits: collections.deque[_Split] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], object], Callable[[], object] | None]]
+        self._tasks = collections.deque()
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
+        self._busy = [0.0] * self._n
+        self._tasks_done = [0] * self._n  # per worker: each worker writes only its own entry
+        self._helped = [0] * self._n
+        self._split_count = 0
+        self._part_count = 0
+        self._state = "new"  # new -> open -> closing -> closed
+        self._limiter: Any = None
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def start(self) -> ComputeTeam:
+        """Starts the workers (and limits BLAS threads); returns the team."""
+        if self._state != "new":
+            raise RuntimeError(f"this compute team was started already ({self._state})")
+        if self._blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            self._limiter = threadpool_limits(limits=self._blas_threads, user_api="blas")
+        self._state = "open"
+        for i in range(self._n):
+            t = threading.Thread(
+                target=self._worker, args=(i,), name=f"{self._name}-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def shutdown(self) -> None:
+        """Asks the workers to stop once the queued work is done, and returns at once (each
+        worker calls ``on_exit`` as it leaves); :meth:`close` then joins them."""
+        with self._cond:
+            if self._state == "open":
+                self._state = "closing"
+            self._cond.notify_all()
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the workers once the queued tasks are done; restores BLAS's thread count.
+
+        Waits for tasks already queued or running (a thread cannot be interrupted), unless
+        ``wait`` is false: then a worker still running a task is left to finish it on its own
+        (the threads are daemons). Splits called after this run all their parts on the caller.
+        Closing twice does nothing.
+        """
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        self.shutdown()
+        current = threading.current_thread()
+        for t in self._threads:
+            if t is not current and (wait or not t.is_alive()):
+                t.join()
+        self._state = "closed"
+        if self._limiter is not None:
+            self._limiter.restore_original_limits()
+            self._limiter = None
+
+    def __enter__(self) -> ComputeTeam:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def workers(self) -> int:
+        """Number of worker threads."""
+        return self._n
+
+    @property
+    def splits_work(self) -> bool:
+        """Whether the team splits large work across its workers."""
+        return self._split
+
+    @property
+    def queued_tasks(self) -> int:
+        """Tasks waiting for a free worker."""
+        return len(self._tasks)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the workers are running and take new tasks."""
+        return self._state == "open"
+
+    # -- the workers ----------------------------------------------------------------------------
+
+    def _worker(self, index: int) -> None:
+        try:
+            self._serve(index)
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _serve(self, index: int) -> None:
+        if self._blas_threads is not None:
+            # An OpenMP-threaded BLAS keeps its thread count per calling thread (a pthreads
+            # OpenBLAS keeps it per process, set in start()): set it here too.
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=self._blas_threads, user_api="blas")
+        if self._split:
+            _state.team = self
+        cond = self._cond
+        busy = self._busy
+        tasks_done = self._tasks_done
+        helped = self._helped
+        while True:
+            with cond:
+                while not self._splits and not self._tasks:
+                    if self._state != "open":
+                        return
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                if self._splits:
+                    split = self._splits[0]
+                    part = self._claim(split)
+                    task = then = None
+                else:
+                    task, then = self._tasks.popleft()
+            start = time.perf_counter()
+            if task is not None:
+                task()  # a task reports its own errors (see submit)
+                busy[index] += time.perf_counter() - start
+                tasks_done[index] += 1
+                if then is not None:
+                    then()
+            else:
+                self._run_part(split, part)
+                busy[index] += time.perf_counter() - start
+                helped[index] += 1
+
+    def _claim(self, split: _Split) -> int:
+        """The next unclaimed part of ``split``, or -1; called with the lock held."""
+        i = split.next
+        if i >= split.n:
+            return -1
+        split.next = i + 1
+        if i + 1 == split.n:
+            self._splits.remove(split)
+        return i
+
+    def _run_part(self, split: _Split, i: int) -> None:
+        try:
+            split.fn(i)
+        except BaseException as exc:  # raised by the split's caller, lowest part first
+            split.errors.append((i, exc))
+        with self._cond:
+            self._part_count += 1
+            split.left -= 1
+            if split.left == 0:
+                split.done.set()
+
+    # -- running work ---------------------------------------------------------------------------
+
+    def submit(self, task: Callable[[], object], then: Callable[[], object] | None = None) -> None:
+        """Queues ``task()`` for a free worker, and ``then()`` after it once the team's counters
+        include it. Both must report their own results and errors (what they raise is lost);
+        parts of splits in progress go before them.
+
+        Raises:
+            RuntimeError: when the team is not open.
+        """
+        with self._cond:
+            if self._state != "open":
+                raise RuntimeError(f"this compute team is {self._state}: it takes no new tasks")
+            self._tasks.append((task, then))
+            if self._idle:
+                self._cond.notify()
+
+    def run_parts(self, fn: Callable[[int], object], parts: int) -> None:
+        """Runs ``fn(0)``, ..., ``fn(parts - 1)``, side by side on free workers and this thread.
+
+        Returns once every part has finished. This thread takes parts too, so the call never waits
+        for a part that nobody has started (safe from inside a worker, and from many threads at
+        once). Each part must write its own piece of the result.
+
+        Raises:
+            BaseException: the error of the lowest-numbered part that failed (after all parts
+                have finished).
+        """
+        if parts <= 1 or self._state != "open" or not self._split:
+            for i in range(parts):
+                fn(i)
+            return
+        split = _Split(fn, parts)
+        with self._cond:
+            self._split_count += 1
+            self._splits.append(split)
+            if self._idle:
+                self._cond.notify(min(parts - 1, self._idle))
+        claim = self._claim
+        while True:
+            with self._cond:
+                i = claim(split)
+            if i < 0:
+                break
+            self._run_part(split, i)
+        split.done.wait()
+        if split.errors:
+            error = min(split.errors, key=lambda e: e[0])[1]
+            split.errors.clear()
+            try:
+                raise error
+            finally:
+                del error
+
+    def product_plan(self, m: int, n: int, k: int) -> tuple[int, tuple[int, ...]]:
+        """How :meth:`matmul` cuts an ``(m, k) @ (k, n)`` product: ``(axis, bounds)``, with axis
+        0 for rows and 1 for columns of the output; one piece means the product stays whole."""
+        return _product_plan(m, n, k, self._n, self._part_flops)
+
+    def matmul(self, a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """``a @ b``; a large 2-D float product is cut along its larger output dimension into up
+        to one part per worker, in whole blocks of 16 rows or columns.
+
+        The cut depends only on the shapes and the team's size. Every output element is the same
+        dot product as in an uncut single-threaded call (never a cut contraction); with a BLAS
+        whose kernel for a block does not depend on the other blocks (OpenBLAS), the result is
+        bit-identical to ``a @ b`` with one BLAS thread.
+        """
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.dtype != b.dtype
+            or a.dtype.kind not in _BLAS_KINDS
+            or a.shape[1] != b.shape[0]
+            or self._state != "open"
+            or not self._split
+        ):
+            return a @ b
+        m, k = a.shape
+        n = b.shape[1]
+        axis, bounds = _product_plan(m, n, k, self._n, self._part_flops)
+        if len(bounds) <= 2:
+            return a @ b
+        out = np.empty((m, n), dtype=a.dtype)
+        mm = np.matmul
+        if axis == 0:
+
+            def part(i: int) -> None:
+                lo, hi = bounds[i], bounds[i + 1]
+                mm(a[lo:hi], b, out=out[lo:hi])
+
+        else:
+
+            def part(i: int) -> None:
+                lo, hi = bounds[i], bounds[i + 1]
+                mm(a, b[:, lo:hi], out=out[:, lo:hi])
+
+        self.run_parts(part, len(bounds) - 1)
+        return out
+
+    def row_bounds(self, rows: int, elements: int) -> tuple[int, ...]:
+        """Cut points of an elementwise pass over ``rows`` rows touching ``elements`` elements in
+        all: one piece when it is too small to split (see ``part_elements``)."""
+        open_ = self._state == "open" and self._split
+        parts = min(self._n, elements // self._part_elements) if open_ else 1
+        return split_bounds(rows, max(1, parts))
+
+    def map_rows(self, fn: Callable[[int, int], object], rows: int, elements: int) -> None:
+        """Runs ``fn(lo, hi)`` over pieces of ``range(rows)`` side by side (see
+        :meth:`row_bounds`); each call must write only rows ``lo:hi`` of its outputs."""
+        bounds = self.row_bounds(rows, elements)
+        if len(bounds) <= 2:
+            fn(0, rows)
+            return
+        self.run_parts(lambda i: fn(bounds[i], bounds[i + 1]), len(bounds) - 1)
+
+    def elementwise(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, split by rows of the result when the numpy arrays among ``args`` are
+        large (see ``part_elements``).
+
+        ``fn`` must be elementwise along the first axis: row ``i`` of its result depends only on
+        row ``i`` of the arguments that have the result's full first axis (others, broadcast or
+        scalar, go whole to every part). A ufunc writes each part in place; any other ``fn``
+        computes a part and copies it in. Results equal the uncut call bit for bit.
+        """
+        ndim = 0
+        touched = 0
+        for x in args:
+            if type(x) is np.ndarray:
+                ndim = max(ndim, x.ndim)
+                touched += x.size
+            elif hasattr(x, "__array_namespace__") or hasattr(x, "__cuda_array_interface__"):
+                return fn(*args)  # another library's array: not this team's work
+        if ndim == 0 or touched < 2 * self._part_elements:
+            return fn(*args)
+        rows = 0
+        lead = []
+        for x in args:
+            full = type(x) is np.ndarray and x.ndim == ndim and x.shape[0] > 1
+            lead.append(full)
+            if full:
+                rows = max(rows, x.shape[0])
+        if rows < 2 or any(f and x.shape[0] != rows for f, x in zip(lead, args, strict=True)):
+            return fn(*args)  # an error for fn to raise, with numpy's own message
+        bounds = self.row_bounds(rows, touched)
+        if len(bounds) <= 2:
+            return fn(*args)
+        probe = fn(*(x[:0] if f else x for f, x in zip(lead, args, strict=True)))
+        if type(probe) is not np.ndarray or probe.ndim != ndim:
+            return fn(*args)
+        out = np.empty((rows, *probe.shape[1:]), dtype=probe.dtype)
+        fn = _UFUNCS.get(fn, fn)
+        in_place = isinstance(fn, np.ufunc) and fn.nout == 1
+
+        def part(i: int) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            piece = [x[lo:hi] if f else x for f, x in zip(lead, args, strict=True)]
+            if in_place:
+                fn(*piece, out=out[lo:hi])
+            else:
+                out[lo:hi] = fn(*piece)
+
+        self.run_parts(part, len(bounds) - 1)
+        return out
+
+    def sum_rows(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """``x.sum(axis=0)`` of a 2-D array (a bias gradient), cut by columns when large.
+
+        Each column is summed over the rows in the same order as the uncut call, so the result
+        is the same bit for bit.
+        """
+        cols = x.shape[1]
+        parts = len(self.row_bounds(cols, x.size)) - 1
+        bounds = split_bounds(cols, parts, ALIGN)
+        if len(bounds) <= 2:
+            return x.sum(axis=0)
+        out = np.empty(cols, dtype=x.dtype)
+
+        def part(i: int) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            np.sum(x[:, lo:hi], axis=0, out=out[lo:hi])
+
+        self.run_parts(part, len(bounds) - 1)
+        return out
+
+    def statistics(self) -> TeamStatistics:
+        """A snapshot of the team's counters."""
+        return TeamStatistics(
+            workers=self._n,
+            tasks=sum(self._tasks_done),
+            splits=self._split_count,
+            parts=self._part_count,
+            parts_helped=sum(self._helped),
+            busy_seconds=tuple(self._busy),
+        )
+
+    def __repr__(self) -> str:
+        return f"<ComputeTeam {self._name} {self._state}, {self._n} workers>"

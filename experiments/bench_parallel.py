@@ -1,0 +1,416 @@
+"""Benchmark of the shared CPU compute team (issue 15), in one run, samples/s of SGD on an MLP:
+
+- a hand-written numpy step (``numpy by hand``), and the same step with its products and large
+  elementwise passes split over a :class:`~asyncnn.backends.ComputeTeam` (one worker per core,
+  one BLAS thread each);
+- PyTorch eager on all cores, when torch is installed;
+- asyncnn's plain ``value_and_grad`` loop, without and with the team (``using_team``);
+- ``Sync`` with 1 and 4 stages, ``PipeDream(8)`` and ``Async(4)`` with 4 stages, through the public
+  API: once as the runtime sizes its pool today (``Trainer.fit``), once on a shared pool passed to
+  ``open_run`` (``open_device_pool(cpu_workers=cores, blas_threads=1)``: every core a worker, large
+  products and elementwise passes split across the free ones), with each worker's utilisation.
+
+The main table is the MLP 784-2048x4-10 (float32) at batch 1024 and 64 on every core of this
+process; ``--two-core`` adds the CI machine's case (784-1024x3-10, batch 256) in a child process
+pinned to 2 cores. Ratios are against references measured in the same run; each figure is the
+median of ``--repeats`` interleaved repeats.
+
+Run: python experiments/bench_parallel.py [--quick] [--two-core] [--cores N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+if __name__ == "__main__" and "--cores" in sys.argv:  # pin before numpy loads OpenBLAS
+    _n = int(sys.argv[sys.argv.index("--cores") + 1])
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_n])
+
+import anyio
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
+import _numpy_mlp  # noqa: E402
+
+import asyncnn as ann  # noqa: E402
+from asyncnn import nn, optim, policies  # noqa: E402
+from asyncnn.backends import (  # noqa: E402
+    ComputeTeam,
+    acc_sum,
+    elementwise,
+    matmul,
+    open_device_pool,
+    tune_allocator,
+    using_team,
+)
+
+BIG = [784, 2048, 2048, 2048, 2048, 10]
+SMALL = [784, 1024, 1024, 1024, 10]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def blas_info() -> list[dict[str, Any]]:
+    from threadpoolctl import threadpool_info
+
+    keep = ("user_api", "internal_api", "version", "architecture", "num_threads", "threading_layer")
+    return [{k: lib.get(k) for k in keep} for lib in threadpool_info()]
+
+
+def data(sizes: list[int], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, sizes[0]), dtype=np.float32), "y": rng.integers(0, 10, n)}
+
+
+def mlp_modules(sizes: list[int]) -> list[Any]:
+    mods: list[Any] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        mods.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            mods.append(nn.ReLU())
+    return mods
+
+
+def _relu_grad(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    return g * (h > 0)
+
+
+def _sgd(w: np.ndarray, gw: np.ndarray, lr: float) -> np.ndarray:
+    return w - lr * gw
+
+
+def numpy_step_on_team(
+    params: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray, lr: float
+) -> float:
+    """``_numpy_mlp.sgd_step`` with its products and large elementwise passes (bias, ReLU, the
+    ReLU gradient, the weight update) through the backend's ``matmul``/``elementwise``."""
+    acts = [x]
+    h = x
+    for i, (w, b) in enumerate(params):
+        h = elementwise(np.add, matmul(h, w), b)
+        if i < len(params) - 1:
+            h = elementwise(np.maximum, h, 0)
+        acts.append(h)
+    logits = acts[-1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    expd = np.exp(shifted)
+    total = expd.sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = float(np.mean(np.log(total[:, 0]) - shifted[np.arange(n), y]))
+    g = expd / total
+    g[np.arange(n), y] -= 1
+    g /= n
+    for i in range(len(params) - 1, -1, -1):
+        w, b = params[i]
+        gw = matmul(acts[i].T, g)
+        gb = g.sum(axis=0)
+        if i > 0:
+            g = elementwise(_relu_grad, matmul(g, w.T), acts[i])
+        params[i] = (elementwise(_sgd, w, gw, lr), b - lr * gb)
+    return loss
+
+
+def _median_rate(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def by_hand(sizes: list[int], batch: int, steps: int, team: ComputeTeam | None) -> float:
+    d = data(sizes, batch)
+    params = _numpy_mlp.init(sizes)
+    if team is None:
+        spc = _common.seconds_per_call(
+            lambda: _numpy_mlp.sgd_step(params, d["x"], d["y"], 0.01), steps
+        )
+    else:
+        with using_team(team):
+            spc = _common.seconds_per_call(
+                lambda: numpy_step_on_team(params, d["x"], d["y"], 0.01), steps
+            )
+    return batch / spc
+
+
+def value_and_grad_loop(
+    sizes: list[int], batch: int, steps: int, team: ComputeTeam | None
+) -> float:
+    d = data(sizes, batch)
+    model = nn.Sequential(*mlp_modules(sizes))
+    p = model.init(0)
+    opt = optim.SGD(lr=0.01)
+    state = opt.init(p)
+    loss = nn.CrossEntropyLoss()
+    vg = ann.value_and_grad(lambda q: loss({}, model(q, d["x"]), d["y"]))
+
+    def step() -> None:
+        nonlocal p, state
+        _, grads = vg(p)
+        p, state = opt.update(p, grads, state)
+
+    with using_team(team):
+        return batch / _common.seconds_per_call(step, steps)
+
+
+def torch_eager(sizes: list[int], batch: int, steps: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(cores())
+    layers: list[Any] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    d = data(sizes, batch)
+    x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return batch / _common.seconds_per_call(step, steps)
+
+
+RUNS = [
+    ("Sync, 1 stage", 1, lambda: policies.Sync()),
+    ("Sync, 4 stages", 4, lambda: policies.Sync()),
+    ("PipeDream(8), 4 stages", 4, lambda: policies.PipeDream(8)),
+    ("Async(4), 4 stages", 4, lambda: policies.Async(4)),
+]
+
+
+def graph(sizes: list[int], stages: int) -> Any:
+    return ann.Graph.sequential(
+        mlp_modules(sizes), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, sizes[0])
+    )
+
+
+def runtime_today(sizes: list[int], batch: int, steps: int, stages: int, policy: Any) -> float:
+    """samples/s of ``Trainer.fit``: the pool the runtime opens for itself today."""
+    d = data(sizes, batch * steps)
+    tr = ann.Trainer(graph(sizes, stages), optimizer=optim.SGD(lr=0.01), policy=policy)
+    tr.fit({k: v[: batch * 2] for k, v in d.items()}, epochs=1, batch_size=batch)  # warm-up
+    return float(tr.fit(d, epochs=1, batch_size=batch).samples_per_second)
+
+
+def runtime_shared(
+    sizes: list[int], batch: int, steps: int, stages: int, policy: Any
+) -> tuple[float, list[float]]:
+    """samples/s of ``open_run`` on a shared pool (every core a worker, work split across them),
+    and each worker's busy share of the timed window."""
+    d = data(sizes, batch * steps)
+    g = graph(sizes, stages)
+    batches = [{k: v[i * batch : (i + 1) * batch] for k, v in d.items()} for i in range(steps)]
+
+    async def main() -> tuple[float, list[float]]:
+        async with open_device_pool(cpu_workers=cores(), blas_threads=1) as pool:
+            async with ann.open_run(g, optim.SGD(lr=0.01), policy, pool=pool) as run:
+                for b in batches[:2]:  # warm-up
+                    await run.step(b)
+                await run.drain()
+                busy0 = pool.statistics().busy_seconds
+                start = time.perf_counter()
+                for b in batches:
+                    await run.step(b)
+                await run.drain()
+                wall = time.perf_counter() - start
+                busy1 = pool.statistics().busy_seconds
+        util = [(b1 - b0) / wall for b0, b1 in zip(busy0, busy1, strict=True)]
+        return batch * steps / wall, util
+
+    return anyio.run(main, backend="trio")
+
+
+def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Every measurement of one (model, batch), interleaved over ``repeats`` rounds."""
+    n = cores()
+    samples: dict[str, list[float]] = {}
+    utilisation: dict[str, list[float]] = {}
+
+    def add(name: str, value: float | None) -> None:
+        if value is not None:
+            samples.setdefault(name, []).append(value)
+
+    for _ in range(repeats):
+        # the references first, with BLAS on every core; then the same on a team (which holds
+        # BLAS at one thread while it is open)
+        add("numpy by hand", by_hand(sizes, batch, steps, None))
+        add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
+        with ComputeTeam(n) as team:
+            t0 = time.perf_counter()
+            add("numpy by hand, on the team", by_hand(sizes, batch, steps, team))
+            wall = time.perf_counter() - t0
+            utilisation["numpy by hand, on the team"] = [
+                b / wall for b in team.statistics().busy_seconds
+            ]
+            add("value_and_grad loop, on the team", value_and_grad_loop(sizes, batch, steps, team))
+    for _ in range(repeats):
+        add("PyTorch eager", torch_eager(sizes, batch, steps))
+        for name, stages, policy in RUNS:
+            add(
+                f"{name}, runtime's pool today",
+                runtime_today(sizes, batch, steps, stages, policy()),
+            )
+            rate, util = runtime_shared(sizes, batch, steps, stages, policy())
+            add(f"{name}, shared pool", rate)
+            utilisation[f"{name}, shared pool"] = util
+    return {
+        "samples_per_second": {k: statistics.median(v) for k, v in samples.items()},
+        "all_repeats": samples,
+        "worker_utilisation_last_repeat": utilisation,
+    }
+
+
+def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
+    """Whether the team's split products equal the uncut single-threaded ones bit for bit, for
+    the three products of each layer (forward, input gradient, weight gradient)."""
+    rng = np.random.default_rng(1)
+    out = {}
+    with ComputeTeam(cores()) as team:
+        for fan_in, fan_out in sorted(set(zip(sizes[:-1], sizes[1:], strict=True))):
+            x = rng.standard_normal((batch, fan_in), dtype=np.float32)
+            w = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
+            g = rng.standard_normal((batch, fan_out), dtype=np.float32)
+            for name, a, b in [("x@w", x, w), ("g@w.T", g, w.T), ("x.T@g", x.T, g)]:
+                split = team.matmul(a, b)
+                parts = len(team.product_plan(a.shape[0], b.shape[1], a.shape[1])[1]) - 1
+                key = f"{name} {a.shape}x{b.shape} in {parts} parts"
+                out[key] = bool(np.array_equal(split, a @ b))
+    return out
+
+
+def _products(sizes: list[int], batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The products of one SGD step of the MLP: forward, input gradient (not of the first layer)
+    and weight gradient of each layer."""
+    rng = np.random.default_rng(2)
+    out = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        x = rng.standard_normal((batch, fan_in), dtype=np.float32)
+        w = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
+        g = rng.standard_normal((batch, fan_out), dtype=np.float32)
+        out += [(x, w), (x.T, g)] + ([(g, w.T)] if i > 0 else [])
+    return out
+
+
+def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
+    """ms per step of the step's products alone (GFLOP/s beside) and of its large elementwise
+    passes alone: BLAS on every core, the team, and torch when installed."""
+    prods = _products(sizes, batch)
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in prods)
+    h = np.random.default_rng(3).standard_normal((batch, sizes[1]), dtype=np.float32)
+    bias = np.ones(sizes[1], np.float32)
+    ws = [np.ones((a, b), np.float32) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def passes() -> None:  # what the step does elementwise, per hidden layer and per weight
+        for _ in sizes[1:-1]:
+            y = elementwise(np.add, h, bias)
+            y = elementwise(np.maximum, y, 0)
+            elementwise(_relu_grad, h, y)
+            acc_sum(h, (0,))
+        for w in ws:
+            elementwise(_sgd, w, w, 0.01)
+
+    def products() -> None:
+        for a, b in prods:
+            matmul(a, b)
+
+    out: dict[str, float] = {"GFLOP per step": flops / 1e9}
+    out["products, BLAS on all cores (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
+    out["elementwise, numpy (ms)"] = 1e3 * _common.seconds_per_call(passes, reps)
+    with ComputeTeam(cores()) as team, using_team(team):
+        out["products, team (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
+        out["elementwise, team (ms)"] = 1e3 * _common.seconds_per_call(passes, reps)
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(cores())
+    tprods = [(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(b)) for a, b in prods]
+    out["products, torch (ms)"] = 1e3 * _common.seconds_per_call(
+        lambda: [torch.mm(a, b) for a, b in tprods], reps
+    )
+    return out
+
+
+def show(title: str, result: dict[str, Any]) -> None:
+    sps = result["samples_per_second"]
+    hand = sps["numpy by hand"]
+    torch_sps = sps.get("PyTorch eager")
+    sync1 = {
+        "today": sps["Sync, 1 stage, runtime's pool today"],
+        "shared": sps["Sync, 1 stage, shared pool"],
+    }
+    print(title)
+    head = f"   {'run':<46} {'samples/s':>10} {'x numpy':>8} {'x torch':>8} {'x Sync 1':>9}"
+    print(head)
+    for k, v in sps.items():
+        ref1 = sync1["shared"] if k.endswith("shared pool") else sync1["today"]
+        tt = f"{v / torch_sps:8.2f}" if torch_sps else f"{'-':>8}"
+        print(f"   {k:<46} {v:10.0f} {v / hand:8.2f} {tt} {v / ref1:9.2f}")
+    print("   busy share of each worker (last repeat):")
+    for k, util in result["worker_utilisation_last_repeat"].items():
+        print(f"   {k:<46} mean {np.mean(util):4.2f}  " + " ".join(f"{u:.2f}" for u in util))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="few steps, one repeat (a smoke run)")
+    ap.add_argument("--two-core", action="store_true", help="add the 2-core case (child process)")
+    ap.add_argument("--only-two-core", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cores", type=int, default=None, help="pin to the first N cores")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench_parallel.json")
+    args = ap.parse_args()
+    tune_allocator()
+    repeats = 1 if args.quick else args.repeats
+    report: dict[str, Any] = {"machine": _common.machine(), "cores": cores(), "blas": blas_info()}
+    print(f"{cores()} cores; BLAS: {json.dumps(report['blas'])}")
+    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    cases = (
+        [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 10)]
+        if args.only_two_core
+        else [
+            ("MLP 784-2048x4-10, float32, batch 1024", BIG, 1024, 2 if args.quick else 8),
+            ("MLP 784-2048x4-10, float32, batch 64", BIG, 64, 5 if args.quick else 40),
+        ]
+    )
+    for title, sizes, batch, steps in cases:
+        ident = bit_identity(sizes, batch)
+        print(f"split products bit-identical to uncut 1-thread ones, batch {batch}:")
+        for k, v in ident.items():
+            print(f"   {k:<48} {v}")
+        parts = breakdown(sizes, batch, max(2, steps // 2))
+        print(f"one step's parts alone, batch {batch}:")
+        for k, v in parts.items():
+            rate = f"  {parts['GFLOP per step'] / v * 1e3:7.0f} GFLOP/s" if "products" in k else ""
+            print(f"   {k:<40} {v:9.2f}{rate}")
+        result = table(sizes, batch, steps, repeats)
+        result["bit_identical"] = ident
+        result["breakdown"] = parts
+        report[title] = result
+        show(f"{title} ({cores()} cores, median of {repeats}):", result)
+    if args.two_core and not args.only_two_core:
+        out2 = os.path.splitext(args.out)[0] + "_2core.json"
+        cmd = [sys.executable, __file__, "--only-two-core", "--cores", "2", "--out", out2]
+        cmd += ["--repeats", str(repeats)] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, check=True)
+    _common.write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

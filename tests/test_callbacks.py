@@ -1,0 +1,170 @@
+"""Callbacks of Trainer.fit: step and epoch hooks, validation, checkpoint_every, early stopping,
+the JSONL and TensorBoard loggers."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn.callbacks import Callback, EarlyStopping, JSONLLogger, TensorBoardLogger
+
+from _reference import assert_params_equal, chain_graph
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, 5)), "y": rng.integers(0, 3, n)}
+
+
+def _trainer(policy=None, lr=0.01):
+    return ann.Trainer(
+        chain_graph(3), optimizer=optim.Adam(lr=lr), policy=policy or policies.GPipe(2), seed=3
+    )
+
+
+class _Record(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_fit_start(self, trainer):
+        self.calls.append(("start",))
+
+    def on_step_end(self, trainer, step, logs):
+        self.calls.append(("step", step, logs["epoch"], logs["loss"]))
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        # the trainer holds the weights of the epoch's last update here
+        self.calls.append(("epoch", epoch, trainer.state.minibatches, dict(logs)))
+
+    def on_fit_end(self, trainer, history):
+        self.calls.append(("end", len(history.losses)))
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.GPipe(2), policies.PipeDream(2)], ids=["gpipe", "pipedream"]
+)
+def test_step_and_epoch_hooks_in_order(policy):
+    rec = _Record()
+    tr = _trainer(policy)
+    hist = tr.fit(_data(), epochs=2, batch_size=8, callbacks=[rec])
+    steps = [c for c in rec.calls if c[0] == "step"]
+    assert [c[1] for c in steps] == list(range(10))
+    assert [c[2] for c in steps] == [0] * 5 + [1] * 5
+    assert [c[3] for c in steps] == hist.losses
+    epochs = [c for c in rec.calls if c[0] == "epoch"]
+    assert [(c[1], c[2]) for c in epochs] == [(0, 5), (1, 10)]
+    assert epochs[0][3]["loss"] == pytest.approx(np.mean(hist.losses[:5]))
+    assert rec.calls[0] == ("start",) and rec.calls[-1] == ("end", 10)
+    assert hist.epochs == [c[3] for c in epochs]
+
+
+def test_a_callback_stops_the_fit_after_the_current_step():
+    class StopAt(Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 2:
+                trainer.stop_training = True
+
+    tr = _trainer(policies.Sync())
+    hist = tr.fit(_data(), epochs=3, batch_size=8, callbacks=[StopAt()])
+    assert hist.stopped_early and 3 <= len(hist.losses) <= 4
+    assert tr.state.minibatches == len(hist.losses) == tr.epoch_batches
+    assert set(tr.versions.values()) == {len(hist.losses)}
+
+
+def test_validation_metrics_per_epoch():
+    train, val = _data(), _data(n=30, seed=1)
+    tr = _trainer()
+    hist = tr.fit(train, epochs=3, batch_size=8, validation_data=val)
+    assert [e["epoch"] for e in hist.epochs] == [0, 1, 2]
+    assert set(hist.metrics) == {"loss", "val_loss", "val_accuracy"}
+    final = tr.evaluate(val)
+    assert hist.epochs[-1]["val_loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert hist.epochs[-1]["val_accuracy"] == final["accuracy"]
+
+
+def test_checkpoint_every_keeps_the_last_n(tmp_path):
+    data = _data()
+    tr = _trainer()
+    tr.fit(data, epochs=4, batch_size=8, shuffle=True, checkpoint_dir=tmp_path, checkpoint_every=1,
+           keep_checkpoints=2)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0003", "epoch-0004"]
+    back = ann.Trainer.load(tmp_path / "epoch-0003")
+    assert back.epochs_done == 3 and back.state.minibatches == 15
+    back.fit(data, epochs=1, batch_size=8, shuffle=True)
+    assert_params_equal(back.params, tr.params)
+    with pytest.raises(ValueError, match="give both or neither"):
+        tr.fit(data, checkpoint_every=1)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        tr.fit(data, checkpoint_every=0, checkpoint_dir=tmp_path)
+
+
+def test_early_stopping():
+    tr = _trainer(policies.Sync(), lr=0.0)  # nothing changes: no epoch improves on the first
+    stop = EarlyStopping(monitor="loss", patience=1)
+    hist = tr.fit(_data(), epochs=10, batch_size=8, callbacks=[stop])
+    assert hist.stopped_early and len(hist.epochs) == 3 and stop.stopped_epoch == 2
+    assert tr.epochs_done == 3
+    learning = _trainer(policies.Sync(), lr=0.01)
+    hist = learning.fit(_data(), epochs=4, batch_size=8, validation_data=_data(),
+                        callbacks=[EarlyStopping(patience=1)])  # fmt: skip
+    assert not hist.stopped_early and len(hist.epochs) == 4
+    with pytest.raises(ValueError, match="monitors 'val_loss', which this fit does not measure"):
+        _trainer().fit(_data(), callbacks=[EarlyStopping()])
+    with pytest.raises(ValueError, match="mode must be"):
+        EarlyStopping(mode="up")
+    with pytest.raises(TypeError, match="Callback objects"):
+        _trainer().fit(_data(), callbacks=[print])
+
+
+def test_jsonl_logger(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    tr = _trainer()
+    hist = tr.fit(
+        _data(), epochs=2, batch_size=8, validation_data=_data(), callbacks=[JSONLLogger(path)]
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["loss"] for r in steps] == hist.losses and [r["step"] for r in steps] == list(
+        range(10)
+    )
+    assert [r["val_loss"] for r in epochs] == hist.metrics["val_loss"]
+    assert all(r["time"] >= 0 for r in records)
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(path, every=0)])
+    assert len(path.read_text().splitlines()) == len(records) + 1  # appended: one epoch line
+
+
+def _tensorboard_scalars(logdir):
+    """(tag, step, value) of the scalars of the event files in ``logdir`` (records: length,
+    its crc, the Event protobuf, its crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        data = (logdir / name).read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            for v in event.summary.value:
+                out.append((v.tag, event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboardX")
+    tr = _trainer()
+    hist = tr.fit(_data(), epochs=2, batch_size=8, callbacks=[TensorBoardLogger(tmp_path)])
+    scalars = _tensorboard_scalars(tmp_path)
+    losses = [(s, v) for t, s, v in scalars if t == "train/loss"]
+    assert [s for s, _ in losses] == list(range(10))
+    np.testing.assert_allclose([v for _, v in losses], hist.losses, rtol=1e-6)
+    epochs = [(s, v) for t, s, v in scalars if t == "epoch/loss"]
+    assert [s for s, _ in epochs] == [0, 1]

@@ -1,0 +1,184 @@
+"""Checkpoints: every file checksummed, the format version checked, every damage one named error."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._checkpoint import CheckpointError
+from asyncnn._math._imports import UntrustedModuleError
+
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _trainer() -> ann.Trainer:
+    g = ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                             loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 6))  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.Adam(lr=1e-2), policy=policies.GPipe(2), seed=0)
+    rng = np.random.default_rng(0)
+    tr.fit({"x": rng.normal(size=(32, 6)).astype("float32"), "y": rng.integers(0, 3, 32)},
+           epochs=1, batch_size=16)  # fmt: skip
+    return tr
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
+    tr = _trainer()
+    path = str(tmp_path_factory.mktemp("ckpt") / "c")
+    tr.save(path)
+    return path, tr
+
+
+def _copy(src: str, dst: str) -> str:
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        Path(dst, name).write_bytes(Path(src, name).read_bytes())
+    return dst
+
+
+def _json(path: str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def test_a_checkpoint_has_a_manifest_with_the_checksum_of_every_file(saved: Any) -> None:
+    path, tr = saved
+    manifest = _json(os.path.join(path, "manifest.json"))
+    assert manifest["format"] == "asyncnn-checkpoint" and manifest["version"] == 2
+    assert sorted(manifest["files"]) == ["arrays.safetensors", "spec.msgpack"]
+    back = ann.Trainer.load(path)
+    assert_params_equal(tr.params, back.params)
+
+
+@pytest.mark.parametrize("name", ["spec.msgpack", "arrays.safetensors", "manifest.json"])
+def test_byte_flips_in_every_file_are_refused_or_harmless(
+    saved: Any, tmp_path: Any, name: str
+) -> None:
+    # a flipped byte anywhere in any file: load either refuses it with a CheckpointError that
+    # names the file, or (a flip in the manifest's whitespace) loads exactly the saved state
+    path, tr = saved
+    size = os.path.getsize(os.path.join(path, name))
+    rng = np.random.default_rng(len(name))
+    offsets = sorted({0, size - 1, *rng.integers(0, size, 24).tolist()})
+    for n, at in enumerate(offsets):
+        bad = _copy(path, str(tmp_path / f"flip{n}"))
+        file = os.path.join(bad, name)
+        data = bytearray(Path(file).read_bytes())
+        data[at] ^= 0x5A
+        Path(file).write_bytes(bytes(data))
+        try:
+            back = ann.Trainer.load(bad)
+        except CheckpointError as exc:
+            assert name in str(exc), f"flip at {at} of {name}: {exc}"
+            continue
+        assert name == "manifest.json", f"a flip at byte {at} of {name} loaded silently"
+        assert_params_equal(tr.params, back.params)
+        assert back.state.versions == tr.state.versions
+
+
+def test_a_missing_or_truncated_file_and_another_version_are_named(
+    saved: Any, tmp_path: Any
+) -> None:
+    path, _ = saved
+    bad = _copy(path, str(tmp_path / "a"))
+    os.unlink(os.path.join(bad, "arrays.safetensors"))
+    with pytest.raises(CheckpointError, match=r"arrays\.safetensors is missing"):
+        ann.Trainer.load(bad)
+    bad = _copy(path, str(tmp_path / "b"))
+    with open(os.path.join(bad, "spec.msgpack"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"spec\.msgpack is damaged: it has 100 bytes"):
+        ann.Trainer.load(bad)
+    bad = _copy(path, str(tmp_path / "c"))
+    m = _json(os.path.join(bad, "manifest.json"))
+    m["version"] = 99
+    Path(bad, "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="format version 99; this asyncnn reads version 2"):
+        ann.Trainer.load(bad)
+    bad = _copy(path, str(tmp_path / "d"))
+    os.unlink(os.path.join(bad, "manifest.json"))
+    with pytest.raises(CheckpointError, match="has no manifest.json"):
+        ann.Trainer.load(bad)
+
+
+def _rewrite_spec(path: str, change: Any) -> None:
+    """Changes the spec and re-signs it, as a careless (or hostile) author would."""
+    import hashlib
+
+    import msgpack
+
+    file = os.path.join(path, "spec.msgpack")
+    spec = msgpack.unpackb(Path(file).read_bytes(), raw=False, strict_map_key=False)
+    change(spec)
+    raw = msgpack.packb(spec, use_bin_type=True)
+    Path(file).write_bytes(raw)
+    m = _json(os.path.join(path, "manifest.json"))
+    m["files"]["spec.msgpack"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    Path(path, "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.pop("layout"),
+        lambda s: s["layout"].pop("stage0"),
+        lambda s: s.update(seed="zero"),
+        lambda s: s.update(minibatches=-3),
+        lambda s: s["layout"]["stage1"].update(params={"dict": {"weight": {"array": True}}}),
+        lambda s: s["layout"]["stage1"].update(version="one"),
+        lambda s: s["graph"].update(nodes=7),
+        lambda s: s.update(version=1),
+    ],
+    ids=["no-layout", "no-layer", "seed", "minibatches", "params-tree", "version", "graph", "v1"],
+)
+def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
+    saved: Any, tmp_path: Any, change: Any
+) -> None:
+    bad = _copy(saved[0], str(tmp_path / "c"))
+    _rewrite_spec(bad, change)
+    with pytest.raises(CheckpointError):
+        ann.Trainer.load(bad)
+
+
+def test_a_class_path_in_a_checkpoint_imports_nothing(
+    saved: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    # a spec naming evilmod:X must not import evilmod.py from the current directory, and
+    # unittest.__main__:X must not run test discovery; trusted_modules= allows a module
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "evilmod.py").write_text("import pathlib\npathlib.Path('ran').touch()\nX = 1\n")
+    for target, place in [("evilmod:X", "optimizer"), ("unittest.__main__:X", "optimizer"),
+                          ("evilmod:Actor", "actor"), ("evilmod:Layer", "module")]:  # fmt: skip
+        bad = _copy(saved[0], str(tmp_path / target.replace(":", "_")))
+
+        def change(s: dict[str, Any], target: str = target, place: str = place) -> None:
+            layer = next(n for n in s["graph"]["nodes"] if n["kind"] == "layer")
+            if place == "optimizer":
+                s["optimizer"] = {"name": target, "lr": 0.1}
+            elif place == "actor":
+                layer["actor"] = target
+            else:
+                layer["module"] = {"type": target, "args": {}}
+
+        _rewrite_spec(bad, change)
+        with pytest.raises(UntrustedModuleError, match=f"{target}.*trusted_modules=") as info:
+            ann.Trainer.load(bad)
+        assert "spec.msgpack" in str(info.value)
+    assert not (tmp_path / "ran").exists()
+    assert "evilmod" not in sys.modules and "unittest.__main__" not in sys.modules
+    # trusting the module imports it (and then it is simply not an optimizer)
+    bad = str(tmp_path / "evilmod_X")
+    with pytest.raises(CheckpointError, match="not a Optimizer subclass"):
+        ann.Trainer.load(bad, trusted_modules=["evilmod"])
+    assert (tmp_path / "ran").exists()
+    sys.modules.pop("evilmod", None)

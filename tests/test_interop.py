@@ -1,0 +1,166 @@
+"""Weights in and out: torch state dicts (a torch MLP and a Conv1d net give the same logits
+here), safetensors files written by torch, and DLPack zero-copy exchange."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn.interop import (
+    from_dlpack,
+    from_torch,
+    load_safetensors,
+    save_safetensors,
+    to_torch,
+    to_torch_tensor,
+    torch_names,
+)
+
+from _reference import assert_params_equal
+
+
+def _mlp_graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(), stages=[2, 3], input_shape=(None, 5),
+    )  # fmt: skip
+
+
+def _conv_graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8, 3)],
+        loss=nn.CrossEntropyLoss(), stages=[2, 2], input_shape=(None, 2, 10),
+    )  # fmt: skip
+
+
+def _trainer(graph: ann.Graph) -> ann.Trainer:
+    return ann.Trainer(graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+
+
+def test_names_follow_one_torch_sequential():
+    assert torch_names(_mlp_graph()) == [
+        "0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
+    ]  # fmt: skip
+    names = torch_names(_mlp_graph(), names={"stage0": "body", "stage1": "head"})
+    assert names == ["body.0.weight", "body.0.bias", "head.0.weight", "head.0.bias",
+                     "head.2.weight", "head.2.bias"]  # fmt: skip
+    assert torch_names(nn.Linear(2, 3)) == ["weight", "bias"]
+
+
+def test_round_trip_without_torch_is_exact(tmp_path):
+    tr = _trainer(_mlp_graph())
+    tr.fit({"x": np.ones((4, 5)), "y": np.array([0, 1, 2, 0])}, batch_size=4)
+    state = to_torch(tr.params, tr.graph)
+    assert state["0.weight"].shape == (16, 5)  # torch's (out, in)
+    np.testing.assert_array_equal(state["0.weight"], tr.params["stage0"][0]["weight"].T)
+    assert_params_equal(from_torch(state, tr.graph), tr.params)
+    save_safetensors(state, tmp_path / "w.safetensors")
+    assert_params_equal(
+        from_torch(load_safetensors(tmp_path / "w.safetensors"), tr.graph), tr.params
+    )
+
+
+def test_mismatches_are_named(tmp_path):
+    g = _mlp_graph()
+    state = to_torch(_trainer(g).params, g)
+    with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
+        from_torch({k: v for k, v in state.items() if k != "4.bias"}, g)
+    with pytest.raises(ValueError, match=r"unexpected \['5.weight'\]"):
+        from_torch({**state, "5.weight": state["4.weight"]}, g)
+    with pytest.raises(
+        ValueError, match=r"'2.weight' has shape \(8, 15\); layer 'stage1' needs \(8, 16\)"
+    ):
+        from_torch({**state, "2.weight": np.zeros((8, 15))}, g)
+    with pytest.raises(ValueError, match="names has no torch prefix for layer 'stage1'"):
+        torch_names(g, names={"stage0": "a"})
+    with pytest.raises(FileNotFoundError, match="no safetensors file"):
+        load_safetensors(tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors file"):
+        load_safetensors(tmp_path / "bad.safetensors")
+
+
+def _torch_same_logits(graph, model, x):
+    torch = pytest.importorskip("torch")
+    model = model.double()
+    tr = _trainer(graph)
+    tr.params = from_torch(model.state_dict(), graph)
+    ours = tr.predict({"x": x})["logits"]
+    theirs = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
+    # and back: asyncnn -> torch -> asyncnn is exact
+    back = to_torch(tr.params, graph, tensors=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+    assert_params_equal(from_torch(back, graph), tr.params)
+    return tr
+
+
+def test_a_torch_mlp_gives_the_same_logits():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    tn = torch.nn
+    model = tn.Sequential(tn.Linear(5, 16), tn.Tanh(), tn.Linear(16, 8), tn.ReLU(), tn.Linear(8, 3))
+    # trained a little in torch first, so the weights are not just an initialisation
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 5)
+    y = torch.randint(0, 3, (32,))
+    for _ in range(5):
+        opt.zero_grad()
+        tn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    rng = np.random.default_rng(0)
+    _torch_same_logits(_mlp_graph(), model, rng.standard_normal((7, 5)))
+
+
+def test_a_torch_conv1d_net_gives_the_same_logits():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    tn = torch.nn
+    model = tn.Sequential(tn.Conv1d(2, 4, 3), tn.ReLU(), tn.Flatten(), tn.Linear(4 * 8, 3))
+    rng = np.random.default_rng(1)
+    _torch_same_logits(_conv_graph(), model, rng.standard_normal((6, 2, 10)))
+
+
+def test_a_safetensors_file_written_by_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    tn = torch.nn
+    model = tn.Sequential(tn.Conv1d(2, 4, 3), tn.ReLU(), tn.Flatten(), tn.Linear(4 * 8, 3)).double()
+    save_file(model.state_dict(), str(tmp_path / "torch.safetensors"))
+    graph = _conv_graph()
+    params = from_torch(load_safetensors(tmp_path / "torch.safetensors"), graph)
+    np.testing.assert_array_equal(params["stage1"][1]["weight"], model[3].weight.detach().numpy().T)
+    save_safetensors(to_torch(params, graph), tmp_path / "back.safetensors")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_a_torch_multihead_attention():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    theirs = torch.nn.MultiheadAttention(8, 2, batch_first=True).double()
+    ours = nn.MultiHeadAttention(8, 2)
+    params = from_torch(theirs.state_dict(), ours)
+    q = np.random.default_rng(2).standard_normal((2, 4, 8))
+    t = torch.from_numpy(q)
+    np.testing.assert_allclose(
+        ours(params, q), theirs(t, t, t, need_weights=False)[0].detach().numpy(), atol=1e-10
+    )
+
+
+def test_dlpack_shares_memory():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float64)
+    a = from_dlpack({"w": [t]})["w"][0]
+    assert isinstance(a, np.ndarray)
+    t[0] = 42.0  # one buffer: a write on one side shows on the other
+    assert a[0] == 42.0
+    back = to_torch_tensor({"w": a})["w"]
+    back[1] = -1.0
+    assert t[1] == -1.0 and a[1] == -1.0
+    assert from_dlpack(3) == 3  # leaves that are not arrays pass through

@@ -1,0 +1,317 @@
+"""The compute team: split products equal uncut ones and repeat bit for bit; concurrent and
+nested callers; errors; closing; the backend's ``matmul`` dispatch and the autodiff rules on it.
+
+Small shapes with a tiny ``part_flops`` so that everything splits, and fast on 2 cores; no
+timing is asserted.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import asyncnn as ann
+from asyncnn import nn
+from asyncnn._math._pytree import tree_leaves, tree_map
+from asyncnn.backends import (
+    ComputeTeam,
+    TeamStatistics,
+    current_team,
+    elementwise,
+    matmul,
+    split_bounds,
+    using_team,
+)
+
+SHAPES = [(64, 48, 80), (80, 48, 64), (33, 17, 50), (7, 5, 300), (300, 9, 7), (1, 64, 64)]
+
+
+def _blas_threads() -> int:
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return int(blas[0]["num_threads"])
+
+
+def _team_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("test-team")]
+
+
+@pytest.fixture
+def team() -> Any:
+    with ComputeTeam(2, part_flops=1_000, part_elements=64, name="test-team") as t:
+        yield t
+    assert _team_threads() == []
+
+
+def _operands(m: int, k: int, n: int, dtype: Any, seed: int) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+
+
+def test_split_bounds_cover_the_range_in_aligned_pieces() -> None:
+    assert split_bounds(100, 4, 16) == (0, 16, 48, 80, 100)
+    assert split_bounds(10, 4, 16) == (0, 10)  # one block: no cut
+    assert split_bounds(7, 3) == (0, 2, 4, 7)
+    for length, parts, align in [(1000, 16, 16), (37, 5, 1), (64, 64, 16)]:
+        b = split_bounds(length, parts, align)
+        assert b[0] == 0 and b[-1] == length and list(b) == sorted(set(b))
+        assert all(x % align == 0 for x in b[:-1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_split_product_equals_the_uncut_one(team: ComputeTeam, shape: Any, dtype: Any) -> None:
+    m, k, n = shape
+    a, b = _operands(m, k, n, dtype, seed=m + n)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for x, y in [(a, b), (np.asfortranarray(a), b), (a, np.ascontiguousarray(b.T).T)]:
+        out = team.matmul(x, y)
+        assert out.dtype == dtype and out.shape == (m, n)
+        np.testing.assert_allclose(out, a @ b, rtol=tol, atol=tol)
+        assert np.array_equal(out, team.matmul(x, y))  # bit-identical on a second call
+    axis, bounds = team.product_plan(m, n, k)
+    assert axis == (0 if m >= n else 1)
+    if max(m, n) > 16:
+        assert len(bounds) == 3  # cut in two, one part per worker
+
+
+def test_results_repeat_bit_for_bit_across_teams_and_under_load() -> None:
+    a, b = _operands(96, 40, 72, np.float32, seed=1)
+    with ComputeTeam(2, part_flops=1_000) as t1:
+        first = t1.matmul(a, b)
+        assert t1.statistics().splits == 1
+    busy = np.ones((128, 128))
+    stop = threading.Event()
+
+    def load() -> None:  # another thread competing for the cores and the team
+        while not stop.is_set():
+            busy @ busy
+
+    with ComputeTeam(2, part_flops=1_000) as t2:
+        loaders = [threading.Thread(target=load) for _ in range(2)]
+        for t in loaders:
+            t.start()
+        try:
+            for _ in range(20):
+                assert np.array_equal(t2.matmul(a, b), first)
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join()
+
+
+def test_concurrent_callers_share_the_workers(team: ComputeTeam) -> None:
+    inputs = [_operands(64, 32, 48, np.float64, seed=s) for s in range(6)]
+    results: list[Any] = [None] * len(inputs)
+    barrier = threading.Barrier(len(inputs))
+
+    def caller(i: int) -> None:
+        barrier.wait(5)
+        for _ in range(5):
+            results[i] = team.matmul(*inputs[i])
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for (a, b), r in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(r, a @ b, rtol=1e-12)
+    stats = team.statistics()
+    assert isinstance(stats, TeamStatistics)
+    assert stats.splits == 30 and stats.parts == 60
+
+
+def test_nested_splits_from_workers_do_not_deadlock(team: ComputeTeam) -> None:
+    # Every worker busy with an outer part that splits again: the callers do the inner parts.
+    out = np.zeros((4, 4))
+    done = threading.Event()
+
+    def outer(i: int) -> None:
+        assert current_team() is team or threading.current_thread() is main
+        team.run_parts(lambda j: out.__setitem__((i, j), i * 10 + j), 4)
+
+    main = threading.current_thread()
+    result: list[Any] = []
+
+    def task() -> None:  # a whole task on a worker, splitting as an actor's vjp would
+        team.run_parts(outer, 4)
+        result.append(matmul(*_operands(40, 8, 40, np.float64, seed=0)))
+        done.set()
+
+    team.submit(task)
+    assert done.wait(10)
+    assert np.array_equal(out, np.add.outer(np.arange(4) * 10, np.arange(4)))
+    a, b = _operands(40, 8, 40, np.float64, seed=0)
+    np.testing.assert_allclose(result[0], a @ b, rtol=1e-12)
+    assert team.statistics().tasks == 1
+
+
+def test_errors_propagate_lowest_part_first_and_the_team_survives(team: ComputeTeam) -> None:
+    ran: list[int] = []
+
+    def part(i: int) -> None:
+        ran.append(i)
+        if i >= 2:
+            raise ValueError(f"part {i} failed")
+
+    with pytest.raises(ValueError, match="part 2 failed"):
+        team.run_parts(part, 5)
+    assert sorted(ran) == [0, 1, 2, 3, 4]  # every part ran to its end first
+    a, b = _operands(32, 8, 32, np.float64, seed=2)
+    np.testing.assert_allclose(team.matmul(a, b), a @ b, rtol=1e-12)
+    with pytest.raises(ValueError, match="matmul"):  # numpy's own error for bad shapes
+        team.matmul(a, a[:3])
+
+
+def test_closing_restores_blas_and_later_work_runs_on_the_caller() -> None:
+    before = _blas_threads()
+    t = ComputeTeam(2, part_flops=1_000, name="test-team").start()
+    assert _blas_threads() == 1 and len(_team_threads()) == 2
+    with pytest.raises(RuntimeError, match="started already"):
+        t.start()
+    queued = threading.Event()
+    t.submit(queued.set)
+    t.close()
+    assert queued.is_set()  # queued tasks ran before the workers left
+    assert _team_threads() == [] and _blas_threads() == before and not t.is_open
+    t.close()  # twice: nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        t.submit(print)
+    a, b = _operands(64, 8, 64, np.float64, seed=3)
+    np.testing.assert_allclose(t.matmul(a, b), a @ b, rtol=1e-12)
+    assert t.statistics().splits == 0
+
+
+def test_bad_arguments_name_the_field() -> None:
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        ComputeTeam(0)
+    with pytest.raises(ValueError, match="blas_threads"):
+        ComputeTeam(2, blas_threads=0)
+    with pytest.raises(ValueError, match="part_flops"):
+        ComputeTeam(2, part_flops=0)
+
+
+def test_split_false_runs_work_whole(team: ComputeTeam) -> None:
+    with ComputeTeam(2, part_flops=1_000, split=False, blas_threads=None) as whole:
+        a, b = _operands(64, 8, 64, np.float64, seed=4)
+        assert np.array_equal(whole.matmul(a, b), a @ b)
+        assert whole.row_bounds(1000, 10**9) == (0, 1000)
+        assert whole.statistics().splits == 0 and not whole.splits_work
+
+
+def test_map_rows_splits_elementwise_work(team: ComputeTeam) -> None:
+    x = np.random.default_rng(5).standard_normal((300, 7))
+    out = np.empty_like(x)
+
+    def relu_rows(lo: int, hi: int) -> None:
+        np.maximum(x[lo:hi], 0, out=out[lo:hi])
+
+    team.map_rows(relu_rows, len(x), x.size)
+    assert np.array_equal(out, np.maximum(x, 0))
+    assert team.row_bounds(300, x.size) == (0, 150, 300)
+    assert team.row_bounds(300, 10) == (0, 300)  # too small: one piece
+
+
+def test_matmul_dispatch_follows_the_thread(team: ComputeTeam) -> None:
+    a, b = _operands(64, 8, 64, np.float64, seed=6)
+    assert current_team() is None
+    matmul(a, b)
+    assert team.statistics().splits == 0
+    with using_team(team):
+        assert current_team() is team
+        np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)
+        with using_team(None):
+            matmul(a, b)
+    assert current_team() is None
+    assert team.statistics().splits == 1
+    assert matmul(a[0], b).shape == (64,)  # vectors: plain numpy
+
+
+def test_autodiff_on_a_team_equals_the_plain_gradients(team: ComputeTeam) -> None:
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU())
+    params = tree_map(lambda p: p.astype(np.float64), model.init(0))
+    x = np.random.default_rng(7).standard_normal((48, 24))
+
+    def loss(p: Any) -> Any:
+        return (model(p, x) ** 2).mean()
+
+    plain = ann.value_and_grad(loss)(params)
+    with using_team(team):
+        split = ann.value_and_grad(loss)(params)
+        again = ann.value_and_grad(loss)(params)
+    assert team.statistics().splits > 0
+    np.testing.assert_allclose(split[0], plain[0], rtol=1e-10)
+    for s, p, r in zip(
+        tree_leaves(split[1]), tree_leaves(plain[1]), tree_leaves(again[1]), strict=True
+    ):
+        np.testing.assert_allclose(s, p, rtol=1e-10, atol=1e-12)
+        assert np.array_equal(s, r)
+
+
+def test_elementwise_splits_by_rows_bit_for_bit(team: ComputeTeam) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((100, 30)).astype(np.float32)
+    bias = rng.standard_normal(30).astype(np.float32)
+    col = rng.standard_normal((1, 30))
+    cases = [(np.add, (x, bias)), (np.maximum, (x, 0)), (lambda u, v: u * (v > 0), (x, x)),
+             (np.multiply, (x, col)), (np.add, (bias, bias))]  # fmt: skip
+    for fn, args in cases:
+        before = team.statistics().splits
+        out = team.elementwise(fn, *args)
+        ref = fn(*args)
+        assert out.dtype == ref.dtype and np.array_equal(out, ref)
+        assert team.statistics().splits == before + (args[0].ndim == 2)
+    with pytest.raises(ValueError, match="broadcast"):
+        team.elementwise(np.add, x, x[:7])
+    with using_team(team):
+        assert np.array_equal(elementwise(np.add, x, bias), x + bias)
+    assert np.array_equal(elementwise(np.add, x, bias), x + bias)  # no team: plain numpy
+
+
+def test_bias_gradient_sums_split_by_columns_bit_for_bit(team: ComputeTeam) -> None:
+    from asyncnn.backends import acc_sum
+
+    for dtype in (np.float32, np.float64):
+        g = np.random.default_rng(9).standard_normal((50, 300)).astype(dtype)
+        assert np.array_equal(team.sum_rows(g), g.sum(axis=0))
+        with using_team(team):
+            before = team.statistics().splits
+            assert np.array_equal(acc_sum(g, (0,)), g.sum(axis=0))
+            assert np.array_equal(acc_sum(g, 0, keepdims=True), g.sum(axis=0, keepdims=True))
+            assert np.array_equal(acc_sum(g, 1), g.sum(axis=1))  # other axes: plain numpy
+            assert team.statistics().splits == before + 2
+
+
+def test_a_capture_in_progress_takes_the_products_before_the_team(team: ComputeTeam) -> None:
+    from asyncnn.backends._parallel import capturing
+
+    calls: list[tuple[int, ...]] = []
+
+    def captured(a: Any, b: Any) -> Any:
+        calls.append(a.shape)
+        return a @ b
+
+    a, b = _operands(64, 8, 64, np.float64, seed=10)
+    with using_team(team), capturing(captured):
+        matmul(a, b)
+    assert calls == [(64, 8)] and team.statistics().splits == 0
+    matmul(a, b)  # the capture ended: plain numpy again
+    assert len(calls) == 1
+
+
+def test_shutdown_returns_at_once_and_each_worker_reports_its_exit() -> None:
+    exits: list[str] = []
+    release = threading.Event()
+    team = ComputeTeam(2, name="test-team", on_exit=lambda: exits.append("x")).start()
+    team.submit(lambda: release.wait(5))
+    team.shutdown()  # a task is still running: returns anyway
+    assert not team.is_open
+    with pytest.raises(RuntimeError, match="closing"):
+        team.submit(print)
+    release.set()
+    team.close()
+    assert exits == ["x", "x"] and _team_threads() == []
