@@ -3,11 +3,15 @@
 See DESIGN.md section 2 for the semantics of each, and ``docs/policies.md`` for writing one.
 """
 
+from ._runtime._interleaved import (
+    Interleaved1F1B,
+    interleaved_1f1b_schedule,
+    interleaved_zero_bubble_schedule,
+)
 from ._runtime._policies import (
     AnyOrder,
     Async,
     GPipe,
-    Interleaved1F1B,
     OneFOneB,
     OneFOneBOrder,
     PipeDream,
@@ -17,8 +21,6 @@ from ._runtime._policies import (
     Replay,
     StageOrder,
     Sync,
-    interleaved_1f1b_schedule,
-    interleaved_zero_bubble_schedule,
     policy_from_spec,
 )
 from ._runtime._remedies import (

@@ -1,0 +1,238 @@
+"""Interleaved schedules: several non-adjacent stages per device following one order.
+
+:func:`interleaved_1f1b_schedule` and :func:`interleaved_zero_bubble_schedule` give each device's
+order (PyTorch's ``ScheduleInterleaved1F1B`` and ``ScheduleInterleavedZeroBubble`` compute the
+same ones); :class:`Interleaved1F1B` is the policy that runs the first, its stages sharing one
+schedule per device through :meth:`Policy.orders`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._messages import BACKWARD, FORWARD
+from ._policies import _BUILTIN, Op, Policy, StageOrder, _check_int
+
+__all__ = [
+    "BACKWARD_INPUT",
+    "BACKWARD_WEIGHT",
+    "Interleaved1F1B",
+    "interleaved_1f1b_schedule",
+    "interleaved_zero_bubble_schedule",
+]
+
+
+def interleaved_1f1b_schedule(
+    devices: int, virtual: int, microbatches: int
+) -> list[list[tuple[str, int, int]]]:
+    """Each device's order of work under interleaved 1F1B (Narayanan et al. 2021), idle slots
+    left out: ``(kind, stage, microbatch)`` with ``kind`` ``FORWARD`` or ``BACKWARD`` and
+    ``stage = chunk * devices + device`` (device ``d`` hosts stages ``d, d + D, ...``).
+
+    Microbatches go in rounds of ``R = M // max(1, M // D)`` (``M`` must be a multiple of the
+    number of rounds). Device ``d`` runs ``min((V - 1) R + 2 (D - 1 - d), M V)`` warm-up
+    forwards, then alternates one forward and one backward, then the remaining backwards. Its
+    ``k``-th forward is of chunk ``(k // R) mod V`` and its ``j``-th backward of chunk
+    ``V - 1 - (j // R) mod V``; each chunk takes its microbatches in order.
+    """
+    for label, value in (
+        ("devices", devices),
+        ("virtual", virtual),
+        ("microbatches", microbatches),
+    ):
+        _check_int("interleaved_1f1b_schedule", label, value)
+    per_round = _per_round(devices, microbatches)
+    if per_round is None:
+        raise ValueError(
+            f"interleaved 1F1B with {microbatches} microbatches on {devices} devices: the "
+            f"microbatches must be a multiple of the rounds (max(1, M // D) = "
+            f"{max(1, microbatches // devices)})"
+        )
+    return [_device_ops(d, devices, virtual, microbatches, per_round) for d in range(devices)]
+
+
+def _per_round(devices: int, microbatches: int) -> int | None:
+    rounds = max(1, microbatches // devices)
+    return None if microbatches % rounds else microbatches // rounds
+
+
+def _device_ops(
+    d: int, devices: int, virtual: int, microbatches: int, per_round: int
+) -> list[tuple[str, int, int]]:
+    total = microbatches * virtual
+    warmup = min((virtual - 1) * per_round + 2 * (devices - 1 - d), total)
+    taken = {FORWARD: [0] * virtual, BACKWARD: [0] * virtual}
+
+    def op(kind: str, chunk: int) -> tuple[str, int, int]:
+        taken[kind][chunk] += 1
+        return (kind, chunk * devices + d, taken[kind][chunk] - 1)
+
+    def forward(k: int) -> tuple[str, int, int]:
+        return op(FORWARD, (k // per_round) % virtual)
+
+    def backward(j: int) -> tuple[str, int, int]:
+        return op(BACKWARD, virtual - 1 - (j // per_round) % virtual)
+
+    ops = [forward(k) for k in range(warmup)]
+    for j in range(total - warmup):
+        ops += [forward(warmup + j), backward(j)]
+    ops += [backward(j) for j in range(total - warmup, total)]
+    return ops
+
+
+#: the kinds of a zero-bubble order: a backward split into its input half (sent upstream at once)
+#: and its weight half (deferred), see ``asyncnn._math._autodiff.vjp_split``
+BACKWARD_INPUT = "backward_input"
+BACKWARD_WEIGHT = "backward_weight"
+
+
+def interleaved_zero_bubble_schedule(
+    devices: int, virtual: int, microbatches: int
+) -> list[list[tuple[str, int, int]]]:
+    """Each device's order under interleaved zero bubble (Qi et al. 2024, the ZB-H1 rule on
+    interleaved stages), idle slots left out: ``(kind, stage, microbatch)`` with ``kind``
+    ``FORWARD``, ``BACKWARD_INPUT`` or ``BACKWARD_WEIGHT``.
+
+    Like :func:`interleaved_1f1b_schedule`, with ``(V - 1) R + (D - 1 - d)`` warm-up forwards
+    and each backward split: the steady state runs a forward and an input half, and, once
+    device ``d`` has run ``d`` of them, the weight half of its oldest backward whose weight half
+    is still due; the cool-down runs the remaining input halves (each followed by a weight half,
+    likewise), then the weight halves left.
+    """
+    for label, value in (
+        ("devices", devices),
+        ("virtual", virtual),
+        ("microbatches", microbatches),
+    ):
+        _check_int("interleaved_zero_bubble_schedule", label, value)
+    per_round = _per_round(devices, microbatches)
+    if per_round is None:
+        raise ValueError(
+            f"zero bubble with {microbatches} microbatches on {devices} devices: the "
+            f"microbatches must be a multiple of the rounds (max(1, M // D) = "
+            f"{max(1, microbatches // devices)})"
+        )
+    out = []
+    total = microbatches * virtual
+    for d in range(devices):
+        warmup = min((virtual - 1) * per_round + (devices - 1 - d), total)
+        taken = {k: [0] * virtual for k in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)}
+
+        def op(kind: str, chunk: int, d: int = d, taken: dict[str, list[int]] = taken) -> Any:
+            taken[kind][chunk] += 1
+            return (kind, chunk * devices + d, taken[kind][chunk] - 1)
+
+        def back_chunk(j: int) -> int:
+            return virtual - 1 - (j // per_round) % virtual
+
+        ops = [op(FORWARD, (k // per_round) % virtual) for k in range(warmup)]
+        weights_done = 0
+        for j in range(total):  # the j-th backward
+            if j < total - warmup:
+                ops.append(op(FORWARD, ((warmup + j) // per_round) % virtual))
+            ops.append(op(BACKWARD_INPUT, back_chunk(j)))
+            if j >= d:  # the first d backwards' weight halves wait (ZB-H1's 1F1B part)
+                ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
+                weights_done += 1
+        while weights_done < total:
+            ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
+            weights_done += 1
+        out.append(ops)
+    return out
+
+
+class _DeviceSchedule:
+    """One device's interleaved order, shared by the stages it hosts: each asks for its own
+    part of the order of a minibatch of ``m`` keys (made once per size)."""
+
+    def __init__(self, devices: int, virtual: int, device: int) -> None:
+        self.devices = devices
+        self.virtual = virtual
+        self.device = device
+        self.parts: dict[int, dict[int, list[Op]]] = {}  # m -> stage -> its ops (keys 0..m-1)
+
+    def part(self, stage: int, m: int) -> list[Op]:
+        parts = self.parts.get(m)
+        if parts is None:
+            # a minibatch whose key count PyTorch refuses (the last, short one) runs in one round
+            per_round = _per_round(self.devices, m) or m
+            ops = _device_ops(self.device, self.devices, self.virtual, m, per_round)
+            parts = self.parts[m] = {}
+            for kind, st, mb in ops:
+                parts.setdefault(st, []).append((kind, mb))
+        return parts[stage]
+
+
+class _InterleavedOrder(StageOrder):
+    """A stage's part of its device's interleaved order, restarting at each minibatch."""
+
+    def __init__(self, schedule: _DeviceSchedule, stage: int) -> None:
+        self.schedule = schedule
+        self.stage = stage
+        self.base = 0
+        self.i = 0
+        self.ops: list[Op] | None = None  # this minibatch's, once its size is known
+        self.keys = 0  # and its size
+
+    def next(self) -> Op:
+        if self.ops is None:
+            return (FORWARD, self.base)  # every stage's part starts with the first forward
+        kind, mb = self.ops[self.i]
+        return (kind, self.base + mb)
+
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        if self.ops is None:  # told on the first forward (a backward's count is not reliable)
+            self.ops = self.schedule.part(self.stage, minibatch_keys)
+            self.keys = minibatch_keys
+        self.i += 1
+        if self.i == len(self.ops):
+            self.base += self.keys
+            self.i = 0
+            self.ops = None
+
+    def start(self, first_key: int) -> None:
+        self.base = first_key
+
+
+@dataclass(frozen=True)
+class Interleaved1F1B(Policy):
+    """Interleaved 1F1B (Narayanan et al. 2021) with a flush: ``K = D V`` layers on ``D``
+    devices, device ``d`` hosting the ``V`` non-adjacent stages ``d, d + D, ...`` (virtual
+    stages), which follow one order (:func:`interleaved_1f1b_schedule`). Computes what
+    ``GPipe`` computes (minibatch SGD), in the order of PyTorch's ``ScheduleInterleaved1F1B``.
+
+    Attributes:
+        microbatches: ``M``, keys per minibatch.
+        virtual: ``V``, stages per device; the graph's layer count must be a multiple of it.
+    """
+
+    microbatches: int = 1
+    virtual: int = 2
+    name: ClassVar[str] = "Interleaved1F1B"
+
+    def __post_init__(self) -> None:
+        _check_int("Interleaved1F1B", "microbatches", self.microbatches)
+        _check_int("Interleaved1F1B", "virtual", self.virtual)
+
+    def devices(self, num_stages: int) -> int:
+        """``D``: the devices ``num_stages`` layers make, ``V`` stages each."""
+        if num_stages % self.virtual:
+            raise ValueError(
+                f"Interleaved1F1B(virtual={self.virtual}): the graph's {num_stages} layers are "
+                f"not a multiple of virtual={self.virtual}"
+            )
+        return num_stages // self.virtual
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        d = self.devices(num_stages)
+        return _InterleavedOrder(_DeviceSchedule(d, self.virtual, stage % d), stage)
+
+    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
+        d = self.devices(len(actors))
+        shared = [_DeviceSchedule(d, self.virtual, dev) for dev in range(d)]
+        return {name: _InterleavedOrder(shared[i % d], i) for i, name in enumerate(actors)}
+
+
+_BUILTIN[Interleaved1F1B.name] = Interleaved1F1B
