@@ -25,6 +25,7 @@ from ._runtime._policies import (
 )
 from ._runtime._remedies import (
     DelayCompensation,
+    DiscrepancyCorrection,
     PipeMareLR,
     Remedy,
     StalenessScaledLR,
@@ -35,6 +36,7 @@ __all__ = [
     "AnyOrder",
     "Async",
     "DelayCompensation",
+    "DiscrepancyCorrection",
     "GPipe",
     "Interleaved1F1B",
     "OneFOneB",

@@ -35,11 +35,13 @@ def _tmap(fn, *trees):
     return ann._math._pytree.tree_map(fn, *trees)
 
 
-def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=False):
+def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=False, gamma=None):
     """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
     with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient; with
     ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the delay of the
-    gradient just applied (linear weight prediction).
+    gradient just applied (linear weight prediction); with ``gamma`` (and no stashing), a
+    backward recomputes at ``w - delay * delta``, delta the stage's average weight change
+    (PipeMare's discrepancy correction).
 
     Returns the final parameters and each stage's list of delays."""
     names = graph.layers
@@ -53,6 +55,7 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=
     stored: dict[tuple[int, int], Any] = {}
     delays: list[list[int]] = [[] for _ in range(k)]
     predicted: list[Any] = [None] * k
+    delta: list[Any] = [None] * k
     loss = nn.CrossEntropyLoss()
     progressed = True
     while progressed:
@@ -76,6 +79,9 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=
                 g_out = grads.pop((s, i))
                 x, w_fwd, v_fwd = stored.pop((s, i))
                 w_grad = w_fwd if stash else p[s]
+                delay = version[s] - v_fwd
+                if gamma is not None and not stash and delta[s] is not None and delay:
+                    w_grad = _tmap(lambda w, v, d=delay: w - d * v, p[s], delta[s])
                 _, pb = ann.vjp(lambda q, x, module=module: module(q, x), w_grad, x)
                 gp, gx = pb(g_out)
                 if s > 0:
@@ -88,6 +94,13 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=
                 version[s] += 1
                 if predict:
                     predicted[s] = _tmap(lambda w, w0, d=delay: w + d * (w - w0), p[s], before)
+                if gamma is not None:
+                    change = _tmap(lambda w, w0: (1 - gamma) * (w - w0), p[s], before)
+                    delta[s] = (
+                        change
+                        if delta[s] is None
+                        else _tmap(lambda v, c: gamma * v + c, delta[s], change)
+                    )
             else:
                 continue
             pos[s] += 1
@@ -302,3 +315,25 @@ def test_policies_that_give_forwards_their_weights_fail_without_the_hook(policy,
     monkeypatch.setattr(LayerActor, "on_forward", plain_on_forward)
     with pytest.raises(Exception, match="without asking forward_weights"):
         _run(policy, 3, _data())
+
+
+@pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
+def test_discrepancy_correction_equals_its_formula_on_pipedream(k, m):
+    data = _data()
+    policy = policies.DiscrepancyCorrection(policies.PipeDream(m, stash=False), decay=0.8)
+    tr, start, _ = _run(policy, k, data, epochs=2)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    ref, _ = pipedream_with_correction(tr.graph, start, 0.1, micro, False, ident, gamma=0.8)
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    plain, _ = pipedream_with_correction(tr.graph, start, 0.1, micro, False, ident)
+    leaves = ann._math._pytree.tree_leaves
+    first = tr.graph.layers[0]
+    assert not np.allclose(leaves(plain[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    assert policies.policy_from_spec(policy.to_spec()) == policy
+    # with stashing it changes nothing: the backward already uses the forward's weights
+    stashed, _, _ = _run(policies.DiscrepancyCorrection(policies.PipeDream(m)), k, data, epochs=2)
+    want, _, _ = _run(policies.PipeDream(m), k, data, epochs=2)
+    assert_params_close(stashed.params, want.params, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        policies.DiscrepancyCorrection(policies.PipeDream(m), decay=1.0)

@@ -96,6 +96,9 @@ class LayerActor(_Actor):
         self.predicted: Any = None
         self.pins_weights = bool(self.versions_back) or ctx.policy.predicts_weights()
         self.forward_weights_asked = False
+        # the average weight change of a policy that recomputes at estimated weights
+        self.change_decay = ctx.policy.weight_change_decay()
+        self.weight_change: Any = None
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, **args: Any) -> None:
@@ -362,8 +365,17 @@ class LayerActor(_Actor):
             )
         rows = int(meta.get("rows", 1))
         if pullback is None:  # recompute at the latest version (no stashing)
+            weights = self.params
+            if self.change_decay is not None:  # or at the policy's estimate of the forward's
+                weights = await self.compute(
+                    self.ctx.policy.backward_weights,
+                    weights,
+                    self.weight_change,
+                    self.version - forward_version,
+                    cost=2.0 * self.param_size,
+                )
             pullback = await self.compute(
-                lambda: self._vjp(self.params, inputs, self._rng(key))[1], cost=self._cost(rows)
+                lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
             )
         param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
         await self._check_finite(BACKWARD, key, input_grads)
@@ -434,6 +446,10 @@ class LayerActor(_Actor):
         delays, self.pending_delays = self.pending_delays, []
         if self.versions_back:
             self._prune_versions()
+        if self.change_decay is not None:
+            self.weight_change = await self.compute(
+                _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
+            )
         policy = self.ctx.policy
         if policy.predicts_weights():
             horizon = delays[-1] if delays else 0
@@ -507,6 +523,13 @@ class LayerActor(_Actor):
             forward_weights,
             cost=0,
         )
+
+
+def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:
+    """``decay * average + (1 - decay) * (new - old)`` (``average`` ``None``: zero)."""
+    if average is None:
+        return tree_map(lambda n, o: (1.0 - decay) * (n - o), new, old)
+    return tree_map(lambda a, n, o: decay * a + (1.0 - decay) * (n - o), average, new, old)
 
 
 def _add(a: Any, b: Any) -> Any:

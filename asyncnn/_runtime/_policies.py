@@ -296,6 +296,18 @@ class Policy(abc.ABC):
         """
         return weights
 
+    def weight_change_decay(self) -> float | None:
+        """``gamma`` of the average of weight changes a stage keeps for
+        :meth:`backward_weights` (``delta <- gamma delta + (1 - gamma) (w_new - w_old)`` at each
+        update), or ``None`` to keep none (the default)."""
+        return None
+
+    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
+        """The weights a backward that recomputes (``keeps_pullback()`` false) differentiates
+        at, for a key of ``delay``: by default the latest, ``weights``. ``weight_change`` is the
+        average of :meth:`weight_change_decay` (``None`` before the first update)."""
+        return weights
+
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
@@ -548,6 +560,12 @@ class Replay(Policy):
 
     def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
         return self.recorded.predict_weights(weights, previous, horizon)
+
+    def weight_change_decay(self) -> float | None:
+        return self.recorded.weight_change_decay()
+
+    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
+        return self.recorded.backward_weights(weights, weight_change, delay)
 
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         return False  # a replay checks every message against the trace: eager

@@ -22,7 +22,14 @@ from asyncnn._math._pytree import tree_map
 
 from ._policies import _BUILTIN, PipeDream, Policy, StageOrder, policy_from_spec
 
-__all__ = ["DelayCompensation", "PipeMareLR", "Remedy", "StalenessScaledLR", "WeightPrediction"]
+__all__ = [
+    "DelayCompensation",
+    "DiscrepancyCorrection",
+    "PipeMareLR",
+    "Remedy",
+    "StalenessScaledLR",
+    "WeightPrediction",
+]
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,12 @@ class Remedy(Policy):
     def predict(self, weights: Any, previous: Any, horizon: int) -> Any:
         """This remedy's prediction of the weights forwards use (with :attr:`predicts`)."""
         raise NotImplementedError
+
+    def weight_change_decay(self) -> float | None:
+        return self.policy.weight_change_decay()
+
+    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
+        return self.policy.backward_weights(weights, weight_change, delay)
 
     def versions_kept(self) -> int:
         return self.policy.versions_kept()
@@ -271,6 +284,52 @@ class WeightPrediction(Remedy):
         return tree_map(lambda w, w0: w + d * (w - w0), weights, previous)
 
 
+@dataclass(frozen=True)
+class DiscrepancyCorrection(Remedy):
+    """PipeMare's discrepancy correction (Yang et al. 2021): without weight stashing, a backward
+    recomputes at ``u = w - d * delta`` instead of the latest weights ``w``, ``d`` the key's delay
+    and ``delta`` the stage's average weight change (``delta <- decay * delta + (1 - decay) *
+    (w_new - w_old)`` at each update), an estimate of the weights its forward used that costs
+    one copy of the weights instead of a stash of ``d``.
+
+    Only a policy that recomputes (``stash=False``) reads it; with stashing the backward already
+    uses the forward's weights.
+
+    Attributes:
+        policy: the wrapped policy.
+        decay: gamma, the average's decay.
+    """
+
+    decay: float = 0.9
+    name: ClassVar[str] = "DiscrepancyCorrection"
+    corrects: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d = self.decay
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
+            raise ValueError(f"DiscrepancyCorrection(decay={d!r}): decay must be in [0, 1)")
+
+    def weight_change_decay(self) -> float | None:
+        return float(self.decay)
+
+    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
+        weights = self.policy.backward_weights(weights, weight_change, delay)
+        if weight_change is None or delay == 0:
+            return weights
+        d = float(delay)
+        return tree_map(lambda w, v: w - d * v, weights, weight_change)
+
+
 _BUILTIN.update(
-    {p.name: p for p in (DelayCompensation, StalenessScaledLR, PipeMareLR, WeightPrediction)}
+    {
+        p.name: p
+        for p in (
+            DelayCompensation,
+            DiscrepancyCorrection,
+            StalenessScaledLR,
+            PipeMareLR,
+            WeightPrediction,
+        )
+    }
 )
