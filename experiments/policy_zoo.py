@@ -95,6 +95,7 @@ def settings(cfg: Config) -> list[tuple[str, Any]]:
         (f"{a} + StalenessScaledLR", policies.StalenessScaledLR(stale)),
         (f"{a} + ConstantScale 1/A", ConstantScale(stale, scale=1 / cfg.max_active_keys)),
         (f"{a} + PipeMareLR", policies.PipeMareLR(stale, warmup_updates=cfg.pipemare_warmup)),
+        (f"{a} + DiscrepancyCorrection", policies.DiscrepancyCorrection(stale, decay=0.9)),
         (
             f"{a} + WeightPrediction",
             policies.WeightPrediction(
