@@ -362,12 +362,19 @@ class Run:
         if self.recorder is not None and flushes and self.minibatches > 0:
             self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
 
-    async def _watchdog(self) -> None:
+    def _watch_loop(self) -> BlockedLoopMonitor:
+        """Starts the thread that watches this loop itself (an inline compute that never
+        returns stops the loop, and the watchdog with it); called on the loop's thread before
+        any actor runs, since the first actor may block the loop before the watchdog starts."""
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        # a thread watches this loop itself: an inline compute that never returns stops it
-        monitor = BlockedLoopMonitor(
+        self._monitor = BlockedLoopMonitor(
             threading.get_ident(), self.stall_timeout, interval, self._inline_compute
         )
+        return self._monitor
+
+    async def _watchdog(self) -> None:
+        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
+        monitor = getattr(self, "_monitor", None) or self._watch_loop()
         try:
             while True:
                 await anyio.sleep(interval)
