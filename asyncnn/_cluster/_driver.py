@@ -99,6 +99,7 @@ class DriverRun(Run):
             own.opt_states.update(res["opt_states"])
             own.versions.update(res["versions"])
             own.pending_grads.update(res["pending"])
+            own.actor_states.update(res["actor_states"])
         order = self.graph.layers
         return RunState(
             params={n: own.params[n] for n in order},
@@ -107,6 +108,7 @@ class DriverRun(Run):
             minibatches=own.minibatches,
             keys=own.keys,
             pending_grads=own.pending_grads,
+            actor_states=own.actor_states,
         )
 
     @property

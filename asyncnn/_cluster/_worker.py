@@ -198,6 +198,7 @@ class Worker:
             minibatches=int(cmd["minibatches"]),
             keys=int(cmd["keys"]),
             pending_grads=share["pending"],
+            actor_states=share["actor_states"],
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
             move = _on(get_backend(graph.nodes[name].device))
@@ -206,6 +207,8 @@ class Worker:
             if name in state.pending_grads:
                 acc, count = state.pending_grads[name]
                 state.pending_grads[name] = (tree_map(move, acc), count)
+            if name in state.actor_states:
+                state.actor_states[name] = tree_map(move, state.actor_states[name])
         recorder = None
         trace_file = None
         if cmd["trace"] is not None:
