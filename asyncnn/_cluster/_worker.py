@@ -230,11 +230,7 @@ class Worker:
                     if w != self.index:
                         conn = self.driver if w is None else self.peers[w]
                         proxies[name] = RemoteActor(name, conn, None, w)
-                config = RunConfig(
-                    seed=int(cmd["seed"]), dtype=cmd["dtype"],
-                    stall_timeout=float(cmd["stall_timeout"]),
-                    check_finite=bool(cmd["check_finite"]),
-                )  # fmt: skip
+                config = RunConfig.from_spec(cmd["config"])
                 run = WorkerRun(
                     graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
                     state, pool, config, recorder=recorder,

@@ -539,11 +539,9 @@ async def open_run(
                 "notebook), which worker processes cannot import; move them to a module (a .py "
                 "file on the path) and import them from there"
             )
-        c = config
         async with cluster.open_run(
-            graph, optimizer, policy, c.seed, c.dtype, state=state, pool=pool,
-            stall_timeout=c.stall_timeout, check_finite=c.check_finite, on_loss=on_loss,
-            validated=validated, trace=c.trace, trace_payloads=c.trace_payloads,
+            graph, optimizer, policy, state=state, pool=pool, on_loss=on_loss,
+            validated=validated, config=config,
         ) as remote_run:  # fmt: skip
             yield remote_run
         return
