@@ -387,8 +387,8 @@ class Graph:
             balance: how stages are balanced when ``stages`` is an int: ``"params"``
                 (parameter count), ``"flops"`` (per-sample FLOPs) or ``"time"`` (each module's
                 measured forward and backward time on a batch of ``balance_rows`` rows, float32,
-                on this machine's CPU: the median of five timings; what runs fastest decides,
-                so stage boundaries may differ between machines).
+                one BLAS thread, on this machine's CPU: the fastest of five timings; what runs
+                fastest decides, so stage boundaries may differ between machines).
             workers: the worker process of each stage, with a cluster (``None``: the driver).
             balance_rows: the rows of the timing batch of ``balance="time"``.
 
