@@ -107,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
                 workers = [i % args.workers for i in range(args.stages)]
             graph = Graph.sequential(
                 modules, loss=nn.CrossEntropyLoss(), stages=args.stages,
-                input_shape=(None, features), workers=workers,
+                input_shape=(None, features), workers=workers, balance=args.balance,
+                balance_rows=max(1, args.batch_size // max(1, args.microbatches)),
             )  # fmt: skip
             policy = _policy(args.policy, args.microbatches, args.stages, not args.no_stash)
             trainer = None
@@ -325,6 +326,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d", help="data")
     t.add_argument("--policy", choices=_POLICIES, default="PipeDream", help="training policy")
     t.add_argument("--stages", type=_positive_int, default=3, help="actors holding layers")
+    t.add_argument(
+        "--balance", choices=("time", "params", "flops"), default="time",
+        help="how layers are shared out between the stages: by measured time on a batch, "
+        "parameter count or FLOPs",
+    )  # fmt: skip
     t.add_argument(
         "--microbatches", type=_positive_int, default=4,
         help="keys per minibatch (GPipe, OneFOneB, PipeDream)",

@@ -119,6 +119,8 @@ def test_actor_args_equal_in_one_process_and_on_workers():
     for name in ("a", "b"):
         for p, q in zip(tree_leaves(one.params[name]), tree_leaves(two.params[name]), strict=True):
             np.testing.assert_array_equal(p, q)
+    # the worker's actor sends its own state back with its weights
+    assert int(two.state.actor_states["b"]["seen"]) == int(one.state.actor_states["b"]["seen"]) == 8
 
 
 MainActor = type("MainActor", (ann.LayerActor,), {"__module__": "__main__"})

@@ -242,3 +242,16 @@ def test_sequential_balances_stages_by_measured_time():
     with pytest.raises(ann.GraphError, match="'params', 'flops' or 'time'"):
         ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=2,
                              input_shape=(None, 32), balance="speed")  # fmt: skip
+
+
+def test_sequential_infers_a_linear_input_and_says_how_to_declare_others():
+    g = ann.Graph.sequential([nn.Linear(64, 10)], loss=nn.CrossEntropyLoss())
+    assert g.nodes["x"].shape == (None, 64)
+    conv = ann.Graph.sequential(
+        [nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(152, 10)], loss=nn.CrossEntropyLoss()
+    )
+    with pytest.raises(
+        ann.GraphError,
+        match=r"input 'x' is declared as shape \(None,\).*input_shape=\(None, \.\.\.\)",
+    ):
+        ann.Trainer(conv, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())

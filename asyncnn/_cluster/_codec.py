@@ -29,7 +29,8 @@ __all__ = [
 
 
 def _host(array: Any) -> np.ndarray:
-    return np.ascontiguousarray(to_numpy(array))
+    host = np.asarray(to_numpy(array))  # a 0-d array stays 0-d (ascontiguousarray adds an axis)
+    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
 
 
 def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -151,17 +152,20 @@ def encode_state(
     if names is None:
         names = list(state.params)
     pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
+    actor_states = {n: state.actor_states[n] for n in names if n in state.actor_states}
     return {
         "params": encode_tree({n: state.params[n] for n in names}, buffers),
         "opt_states": encode_tree({n: state.opt_states[n] for n in names}, buffers),
         "versions": {n: state.versions[n] for n in names},
         "pending": encode_tree(pending, buffers),
+        "actor_states": encode_tree(actor_states, buffers),
     }
 
 
 def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str, Any]:
-    """The inverse of :func:`encode_state`: ``{"params", "opt_states", "versions", "pending"}``,
-    pending gradients as ``{layer: (sum, count)}`` (numpy arrays, views of ``buffers``)."""
+    """The inverse of :func:`encode_state`: ``{"params", "opt_states", "versions", "pending",
+    "actor_states"}``, pending gradients as ``{layer: (sum, count)}`` (numpy arrays, views of
+    ``buffers``)."""
     return {
         "params": decode_tree(header["params"], buffers),
         "opt_states": decode_tree(header["opt_states"], buffers),
@@ -169,4 +173,5 @@ def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str,
         "pending": {
             k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
         },
+        "actor_states": decode_tree(header.get("actor_states", encode_tree({}, [])), buffers),
     }

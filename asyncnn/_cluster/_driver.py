@@ -99,6 +99,7 @@ class DriverRun(Run):
             own.opt_states.update(res["opt_states"])
             own.versions.update(res["versions"])
             own.pending_grads.update(res["pending"])
+            own.actor_states.update(res["actor_states"])
         order = self.graph.layers
         return RunState(
             params={n: own.params[n] for n in order},
@@ -107,6 +108,7 @@ class DriverRun(Run):
             minibatches=own.minibatches,
             keys=own.keys,
             pending_grads=own.pending_grads,
+            actor_states=own.actor_states,
         )
 
     @property
@@ -143,19 +145,25 @@ async def open_cluster_run(
     trace: str | None = None,
     trace_payloads: str = "inputs",
     max_in_flight: int | None = None,
+    config: RunConfig | None = None,
 ) -> AsyncIterator[Run]:
-    """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers."""
+    """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers (the run's
+    options separately, or whole as ``config``, which ``asyncnn.open_run`` passes)."""
+    if config is None:
+        config = RunConfig(
+            seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
+            trace=trace, trace_payloads=trace_payloads,
+        )  # fmt: skip
     if not validated:
-        validate(graph, dtype)
+        validate(graph, config.dtype)
     where = placement(graph, cluster)
     if state is None:
-        state = init_state(graph, optimizer, seed, dtype)
+        state = init_state(graph, optimizer, config.seed, config.dtype)
     await cluster.start()
     try:
         async with _driver_run(
-            cluster, where, graph, optimizer, policy, seed, dtype, state, pool, stall_timeout,
-            check_finite, on_loss, trace, trace_payloads, max_in_flight,
-        ) as run:  # fmt: skip
+            cluster, where, graph, optimizer, policy, config, state, pool, on_loss, max_in_flight
+        ) as run:
             yield run
     except BaseException:
         cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
@@ -169,15 +177,10 @@ async def _driver_run(
     graph: Graph,
     optimizer: Any,
     policy: Policy,
-    seed: int,
-    dtype: str,
+    config: RunConfig,
     state: RunState,
     pool: DevicePool | None,
-    stall_timeout: float,
-    check_finite: bool,
     on_loss: Any,
-    trace: str | None,
-    trace_payloads: str,
     max_in_flight: int | None,
 ) -> AsyncIterator[Run]:
     hosted_by: dict[int | None, list[str]] = {}
@@ -186,10 +189,6 @@ async def _driver_run(
     here = set(hosted_by.get(None, []))
     plan = plan_links(graph, where) if cluster.nccl else []
     ids = _nccl_ids(len(plan))
-    config = RunConfig(
-        seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
-        trace=trace, trace_payloads=trace_payloads,
-    )  # fmt: skip
     recorder = open_recorder(config, graph, optimizer, policy, state, workers=where)
     for conn in cluster.connections.values():
         conn.new_loop()
@@ -222,13 +221,11 @@ async def _driver_run(
                     "placement": where,
                     "optimizer": optimizer.to_spec(),
                     "policy": policy.to_spec(),
-                    "seed": seed,
-                    "dtype": str(np.dtype(dtype)),
-                    "stall_timeout": stall_timeout,
-                    "check_finite": check_finite,
+                    # the run's options, whole; a worker writes no trace file of its own name
+                    "config": config.replace(trace=None).to_spec(),
                     "max_in_flight": run.max_in_flight,
                     "threads": threads,
-                    "trace": trace_payloads if recorder is not None else None,
+                    "trace": config.trace_payloads if recorder is not None else None,
                     "nccl": {"plan": [list(k) for k in plan], "ids": ids},
                 }
                 for w in range(cluster.workers):
@@ -305,9 +302,9 @@ async def _driver_run(
                           "these workers' events could be collected"},
                 )  # fmt: skip
         close_recorder(recorder, failed)
-        if recorder is not None and trace is not None and worker_traces:
+        if recorder is not None and config.trace is not None and worker_traces:
             try:
-                _merge(trace, [worker_traces[w] for w in sorted(worker_traces)])
+                _merge(config.trace, [worker_traces[w] for w in sorted(worker_traces)])
             except Exception:
                 if not failed:  # a failed run's own error matters more than its trace
                     raise

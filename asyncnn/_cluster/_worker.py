@@ -198,6 +198,7 @@ class Worker:
             minibatches=int(cmd["minibatches"]),
             keys=int(cmd["keys"]),
             pending_grads=share["pending"],
+            actor_states=share["actor_states"],
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
             move = _on(get_backend(graph.nodes[name].device))
@@ -206,6 +207,8 @@ class Worker:
             if name in state.pending_grads:
                 acc, count = state.pending_grads[name]
                 state.pending_grads[name] = (tree_map(move, acc), count)
+            if name in state.actor_states:
+                state.actor_states[name] = tree_map(move, state.actor_states[name])
         recorder = None
         trace_file = None
         if cmd["trace"] is not None:
@@ -227,11 +230,7 @@ class Worker:
                     if w != self.index:
                         conn = self.driver if w is None else self.peers[w]
                         proxies[name] = RemoteActor(name, conn, None, w)
-                config = RunConfig(
-                    seed=int(cmd["seed"]), dtype=cmd["dtype"],
-                    stall_timeout=float(cmd["stall_timeout"]),
-                    check_finite=bool(cmd["check_finite"]),
-                )  # fmt: skip
+                config = RunConfig.from_spec(cmd["config"])
                 run = WorkerRun(
                     graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
                     state, pool, config, recorder=recorder,

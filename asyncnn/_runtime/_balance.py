@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
@@ -75,7 +76,9 @@ def module_times(
     modules: list[Any], input_shape: tuple[Any, ...], input_dtype: str, rows: int
 ) -> list[float]:
     """Each module's measured time for a forward and a backward (vjp and pullback) on ``rows``
-    rows, float32: the median of five runs after one to warm up."""
+    rows, float32, with one BLAS thread (as each worker of the run's pool computes): the fastest
+    of five runs after one to warm up (the fastest is what other load on the machine disturbs
+    least)."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
     rng = np.random.default_rng(0)
@@ -106,7 +109,7 @@ def module_times(
 
         samples = []
         try:
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), threadpool_limits(1):
                 out = step()
                 for _ in range(5):
                     start = time.perf_counter()
@@ -116,7 +119,7 @@ def module_times(
             raise GraphError(
                 f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: {exc}"
             ) from exc
-        times.append(float(np.median(samples)))
+        times.append(min(samples))
         x = np.asarray(out)
     return times
 

@@ -123,9 +123,22 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out = _evaluate_node(node, args, dtype)
         except Exception as exc:
+            # an input declared as one number per row is the usual cause: say how to declare it
+            flat = [
+                src for src in node.inputs
+                if graph.nodes[src].kind == "input" and tuple(graph.nodes[src].shape or ()) == (None,)
+                and np.dtype(graph.nodes[src].dtype).kind == "f"
+            ]  # fmt: skip
+            hint = (
+                f"; input {flat[0]!r} is declared as shape (None,), one number per row: if it "
+                "has features, declare them (g.input(name, shape=(None, ...)), or "
+                "Graph.sequential(..., input_shape=(None, ...)))"
+                if flat
+                else ""
+            )
             raise GraphError(
                 f"{node.kind} {name!r} ({node.module!r}) fails on its inputs [{arg_desc}] "
-                f"(batch of {rows}): {type(exc).__name__}: {exc}"
+                f"(batch of {rows}): {type(exc).__name__}: {exc}{hint}"
             ) from exc
         out = to_numpy(out)
         if node.kind == "layer":

@@ -360,7 +360,7 @@ class Graph:
         modules: Sequence[Any],
         loss: Any,
         stages: int | Sequence[int] = 1,
-        input_shape: Sequence[int | None] = (None,),
+        input_shape: Sequence[int | None] | None = None,
         input_dtype: str = "float32",
         label_shape: Sequence[int | None] = (None,),
         label_dtype: str = "int64",
@@ -376,7 +376,10 @@ class Graph:
             loss: the loss module, applied to the last stage's output and ``"y"``.
             stages: ``K`` (split into K stages balanced by ``balance``) or the number of
                 consecutive modules in each stage, e.g. ``[2, 3]``.
-            input_shape: the shape of input ``"x"`` (None first, the batch dimension).
+            input_shape: the shape of input ``"x"`` (None first, the batch dimension). By
+                default ``(None, in_features)`` when the first module has ``in_features`` (a
+                ``Linear``), else ``(None,)``; give it for anything else (a convolution's
+                ``(None, C, L)``).
             input_dtype: the dtype of ``"x"``.
             label_shape: the shape of input ``"y"``.
             label_dtype: the dtype of ``"y"``.
@@ -384,8 +387,8 @@ class Graph:
             balance: how stages are balanced when ``stages`` is an int: ``"params"``
                 (parameter count), ``"flops"`` (per-sample FLOPs) or ``"time"`` (each module's
                 measured forward and backward time on a batch of ``balance_rows`` rows, float32,
-                on this machine's CPU: the median of five timings; what runs fastest decides,
-                so stage boundaries may differ between machines).
+                one BLAS thread, on this machine's CPU: the fastest of five timings; what runs
+                fastest decides, so stage boundaries may differ between machines).
             workers: the worker process of each stage, with a cluster (``None``: the driver).
             balance_rows: the rows of the timing batch of ``balance="time"``.
 
@@ -394,6 +397,9 @@ class Graph:
             ``"loss"``, and output ``"logits"``.
         """
         modules = list(modules)
+        if input_shape is None:
+            first = getattr(modules[0], "in_features", None) if modules else None
+            input_shape = (None,) if not isinstance(first, int) else (None, first)
         sizes = split_sizes(modules, stages, balance, tuple(input_shape), input_dtype, balance_rows)
         if devices is not None and len(devices) != len(sizes):
             raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")

@@ -140,7 +140,9 @@ def start_cancellable(tg: Any, fn: Callable[[], Awaitable[Any]]) -> anyio.Cancel
 
 
 def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
-    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it."""
+    """Starts the run's stall watchdog in ``tg``; cancel the returned scope to stop it. The
+    thread that watches the loop itself starts now, before any actor can block the loop."""
+    run._watch_loop()
     return start_cancellable(tg, run._watchdog)
 
 
@@ -190,16 +192,13 @@ async def maybe_pool(
         yield pool
         return
     cores = cores or host_cores()
-    if cpu_actors <= 1:
-        # One CPU actor: nothing computes beside it, and OpenBLAS's own threads serve one
-        # caller best (about 10% faster than cutting its products on a team; docs/cpu.md).
-        async with open_device_pool(cpu_workers=1, blas_threads=cores) as fresh:
-            yield fresh
-        return
-    # Several: one shared team, every core a worker with one BLAS thread. An actor's large
-    # products, elementwise passes and updates are cut over the free workers, so whichever
+    # One shared team, every core a worker with one BLAS thread. An actor's large products,
+    # elementwise passes and optimizer updates are cut over the free workers, so whichever
     # actor computes gets the cores (under Sync, GPipe, OneFOneB) and actors computing at once
     # share them (OpenBLAS runs one multi-threaded call at a time: fixed shares never overlap).
+    # One actor alone gains too: its elementwise work and updates use every core
+    # (docs/benchmarks.md, "CPU: one shared compute team"). ``cpu_actors`` no longer sizes it.
+    del cpu_actors
     async with open_device_pool(cpu_workers=cores, blas_threads=1) as fresh:
         yield fresh
 

@@ -362,12 +362,19 @@ class Run:
         if self.recorder is not None and flushes and self.minibatches > 0:
             self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
 
-    async def _watchdog(self) -> None:
+    def _watch_loop(self) -> BlockedLoopMonitor:
+        """Starts the thread that watches this loop itself (an inline compute that never
+        returns stops the loop, and the watchdog with it); called on the loop's thread before
+        any actor runs, since the first actor may block the loop before the watchdog starts."""
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        # a thread watches this loop itself: an inline compute that never returns stops it
-        monitor = BlockedLoopMonitor(
+        self._monitor = BlockedLoopMonitor(
             threading.get_ident(), self.stall_timeout, interval, self._inline_compute
         )
+        return self._monitor
+
+    async def _watchdog(self) -> None:
+        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
+        monitor = getattr(self, "_monitor", None) or self._watch_loop()
         try:
             while True:
                 await anyio.sleep(interval)
@@ -532,11 +539,9 @@ async def open_run(
                 "notebook), which worker processes cannot import; move them to a module (a .py "
                 "file on the path) and import them from there"
             )
-        c = config
         async with cluster.open_run(
-            graph, optimizer, policy, c.seed, c.dtype, state=state, pool=pool,
-            stall_timeout=c.stall_timeout, check_finite=c.check_finite, on_loss=on_loss,
-            validated=validated, trace=c.trace, trace_payloads=c.trace_payloads,
+            graph, optimizer, policy, state=state, pool=pool, on_loss=on_loss,
+            validated=validated, config=config,
         ) as remote_run:  # fmt: skip
             yield remote_run
         return
