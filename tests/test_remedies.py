@@ -271,12 +271,11 @@ def test_remedy_specs_round_trip_delegate_and_validate():
         policies.StalenessScaledLR("PipeDream")  # type: ignore[arg-type]
 
 
-def test_a_remedied_run_replays_exactly(tmp_path):
-    # PipeDream, not Async: replaying an Async trace (remedy or not) trips main's
-    # test_run.py::test_an_inline_compute_that_never_returns_is_a_stall_error later in the process
+@pytest.mark.parametrize("inner", [policies.Async(3, 1), policies.PipeDream(3)], ids=str)
+def test_a_remedied_run_replays_exactly(inner, tmp_path):
     data = _data(n=24)
     path = tmp_path / "run.trace"
-    policy = policies.DelayCompensation(policies.StalenessScaledLR(policies.PipeDream(3)), 1.0)
+    policy = policies.DelayCompensation(policies.StalenessScaledLR(inner), strength=1.0)
     tr, _, _ = _run(policy, 3, data, batch_size=4, trace=path)
     result = ann.replay(path)
     assert_params_close(result.params, tr.params, rtol=0, atol=0)
@@ -301,10 +300,12 @@ def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
     assert policy.predicts_weights() and not policy.corrects_gradients()
 
 
-def test_policies_that_give_forwards_their_weights_fail_without_the_hook(monkeypatch):
-    # one run covers both kinds (a pinned version, predicted weights): a second failing run in
-    # this process would trip main's test_run.py::test_an_inline_compute_that_never_returns_...
-    policy = policies.WeightPrediction(policies.PipeDream2BW(3))
+@pytest.mark.parametrize(
+    "policy",
+    [policies.PipeDream2BW(3), policies.WeightPrediction(policies.PipeDream(3))],
+    ids=["2bw", "prediction"],
+)
+def test_policies_that_give_forwards_their_weights_fail_without_the_hook(policy, monkeypatch):
     from asyncnn._runtime._actors import LayerActor
 
     async def plain_on_forward(self, key, inputs, meta):  # computes at self.params, asks nothing
