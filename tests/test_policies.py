@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _forward_hook import forward_weights_hook  # noqa: F401 - a fixture
 
 import asyncnn as ann
 from asyncnn import optim, policies
@@ -240,7 +239,6 @@ def two_bw_reference(graph, params, opt, batches):
     return dict(zip(graph.layers, history[-1], strict=True))
 
 
-@pytest.mark.usefixtures("forward_weights_hook")
 @pytest.mark.parametrize("k,m", [(2, 1), (3, 2), (3, 4), (4, 3)])
 def test_pipedream_2bw_follows_its_published_rule(k, m):
     data = _data(n=40)

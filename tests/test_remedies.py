@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _forward_hook import forward_weights_hook  # noqa: F401 - a fixture
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -281,7 +280,6 @@ def test_a_remedied_run_replays_exactly(inner, tmp_path):
     assert_params_close(result.params, tr.params, rtol=0, atol=0)
 
 
-@pytest.mark.usefixtures("forward_weights_hook")
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
 def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
@@ -305,7 +303,7 @@ def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
     [policies.PipeDream2BW(3), policies.WeightPrediction(policies.PipeDream(3))],
     ids=["2bw", "prediction"],
 )
-def test_policies_that_give_forwards_their_weights_fail_without_the_hook(policy, monkeypatch):
+def test_an_on_forward_that_ignores_forward_weights_fails_clearly(policy, monkeypatch):
     from asyncnn._runtime._actors import LayerActor
 
     async def plain_on_forward(self, key, inputs, meta):  # computes at self.params, asks nothing

@@ -265,20 +265,21 @@ class LayerActor(_Actor):
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         """Computes a key's output from its inputs and keeps what its backward will need.
 
-        The default runs ``vjp`` of the module and stores the pullback (or, when the policy
-        recomputes at the latest version, the inputs).
+        The default runs ``vjp`` of the module at the weights the policy gives this forward
+        (:meth:`forward_weights`: the latest, a predicted or a pinned version) and stores the
+        pullback (or, when the policy recomputes at the latest version, the inputs).
         """
         rows = int(meta.get("rows", 1))
-        version = self.version
+        params, version = self.forward_weights(key, meta)
         if self.keep_pullback:
             vjp_fn = self._vjp if self.graphs is None else self.graphs.vjp
             out, pullback = await self.compute(
-                vjp_fn, self.params, inputs, self._rng(key), cost=self._cost(rows)
+                vjp_fn, params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (pullback, version, None), inputs, out)
         else:
             out = await self.compute(
-                self._apply, self.params, inputs, self._rng(key), cost=self._cost(rows)
+                self._apply, params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (None, version, inputs), inputs, out)
         await self._check_finite(FORWARD, key, out)
