@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..backends._dtypes import is_floating
-from ._pytree import tree_flatten, tree_unflatten
+from ._pytree import TreeDef, tree_flatten, tree_unflatten
 
 __all__ = ["Primitive", "Trace", "Tracer", "grad", "value_and_grad", "vjp", "vjp_split"]
 
@@ -303,6 +303,19 @@ def _is_differentiable(x: Any) -> bool:
     return isinstance(x, float)
 
 
+def _cotangent_leaves(cotangent: Any, out_def: TreeDef) -> list[Any]:
+    """The leaves of a pullback's cotangent, checked to have the output's structure (a lone
+    array stands for a one-leaf output)."""
+    ct_leaves, ct_def = tree_flatten(cotangent)
+    if ct_def != out_def:
+        if out_def.kind == "leaf" and len(ct_leaves) == 1:
+            return ct_leaves[:1]
+        raise ValueError(
+            f"pullback: the cotangent's structure {ct_def!r} differs from the output's {out_def!r}"
+        )
+    return ct_leaves
+
+
 def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
     """Runs ``fn(*primals)`` and returns its output and a pullback.
 
@@ -352,15 +365,7 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
     num_primals = len(primals)
 
     def pullback(cotangent: Any) -> tuple[Any, ...]:
-        ct_leaves, ct_def = tree_flatten(cotangent)
-        if ct_def != out_def:
-            if out_def.kind == "leaf" and len(ct_leaves) == 1:
-                ct_leaves = ct_leaves[:1]
-            else:
-                raise ValueError(
-                    f"pullback: the cotangent's structure {ct_def!r} differs from the output's "
-                    f"{out_def!r}"
-                )
+        ct_leaves = _cotangent_leaves(cotangent, out_def)
         seeds: dict[int, Any] = {}
         for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
             if i < 0 or ct is None:
@@ -440,15 +445,7 @@ def vjp_split(
         if trace.done:
             raise RuntimeError("this split pullback's input half has already run")
         trace.done = True
-        ct_leaves, ct_def = tree_flatten(cotangent)
-        if ct_def != out_def:
-            if out_def.kind == "leaf" and len(ct_leaves) == 1:
-                ct_leaves = ct_leaves[:1]
-            else:
-                raise ValueError(
-                    f"pullback: the cotangent's structure {ct_def!r} differs from the output's "
-                    f"{out_def!r}"
-                )
+        ct_leaves = _cotangent_leaves(cotangent, out_def)
         grads: list[Any] = [None] * len(nodes)
         for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
             if i >= 0 and ct is not None:
