@@ -142,8 +142,10 @@ def _fit(
             cluster=cluster,
             trace=args.trace,
         )
+        cut = [len(graph.nodes[n].module.modules) for n in graph.layers]
         print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
-              f"{args.stages} stages under {policy}{where}")  # fmt: skip
+              f"{args.stages} stages under {policy}{where}; modules per stage {cut} "
+              f"(balanced by {args.balance})")  # fmt: skip
     else:
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
               f"({trainer.state.minibatches} minibatches) under {policy}{where}")  # fmt: skip

@@ -30,7 +30,7 @@ import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
-from ._parallel import ComputeTeam
+from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
 from ._registry import get_backend
 
 __all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_pool"]
@@ -111,6 +111,7 @@ class DevicePool:
         name: str,
         blas_threads: int | None = None,
         split: bool = False,
+        part_flops: int = DEFAULT_PART_FLOPS,
     ) -> None:
         self._n = cpu_workers
         self._inline_flops = inline_flops
@@ -119,6 +120,7 @@ class DevicePool:
             cpu_workers,
             blas_threads=blas_threads,
             split=split,
+            part_flops=part_flops,
             name=f"{name}-cpu",
             on_exit=self._on_worker_exit,
         )
@@ -352,6 +354,7 @@ async def open_device_pool(
     blas_threads: int | None = 1,
     inline_flops: float = DEFAULT_INLINE_FLOPS,
     split: bool | None = None,
+    part_flops: int = DEFAULT_PART_FLOPS,
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
@@ -370,6 +373,8 @@ async def open_device_pool(
             parts that free workers run side by side (see :class:`ComputeTeam`); default: when
             ``blas_threads`` is 1. With one worker per core and ``blas_threads=1`` one task alone
             can use every core, and several tasks share them.
+        part_flops: the fewest flops a part of a split product does (smaller products stay
+            whole; see :class:`ComputeTeam`).
 
     Example::
 
@@ -388,6 +393,7 @@ async def open_device_pool(
         name=f"asyncnn-pool{next(_pool_ids)}",
         blas_threads=blas_threads,
         split=blas_threads == 1 if split is None else bool(split),
+        part_flops=part_flops,
     )
     pool._start()
     try:
