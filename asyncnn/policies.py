@@ -18,7 +18,6 @@ from ._runtime._policies import (
     PipeDream2BW,
     Policy,
     RecordedOrder,
-    Replay,
     StageOrder,
     Sync,
     policy_from_spec,
@@ -31,6 +30,7 @@ from ._runtime._remedies import (
     StalenessScaledLR,
     WeightPrediction,
 )
+from ._runtime._wrapped import Replay, WrappedPolicy
 
 __all__ = [
     "AnyOrder",
@@ -49,6 +49,7 @@ __all__ = [
     "Remedy",
     "Replay",
     "StageOrder",
+    "WrappedPolicy",
     "StalenessScaledLR",
     "Sync",
     "WeightPrediction",

@@ -23,8 +23,8 @@ To write a new policy, subclass :class:`Policy` (see ``docs/policies.md``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, ClassVar
 
 from asyncnn._math._imports import class_path, import_by_path
@@ -41,7 +41,6 @@ __all__ = [
     "PipeDream2BW",
     "Policy",
     "RecordedOrder",
-    "Replay",
     "StageOrder",
     "Sync",
     "policy_from_spec",
@@ -471,107 +470,6 @@ class Async(Policy):
 
     def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
         return 1.0
-
-
-@dataclass(frozen=True, eq=False)
-class Replay(Policy):
-    """The policy of a replayed run: the recorded policy, with each actor's recorded order.
-
-    Everything but the order of work is the recorded policy's, so the replay computes exactly
-    what the run did. Built by :func:`asyncnn.replay`; not meant to be written by hand.
-
-    Attributes:
-        recorded: the policy of the recorded run.
-        recorded_ops: each layer actor's recorded operations, ``(kind, key)`` in processing
-            order.
-        keys: how many keys may be in flight (every recorded one: the orders decide).
-        isolated: replay this actor alone: its sends are recorded, not delivered.
-        on_op: called as ``on_op(actor, seq, kind, key)`` after each operation.
-    """
-
-    recorded: Policy = field(default_factory=lambda: Sync())
-    recorded_ops: Mapping[str, list[Op]] = field(default_factory=dict)
-    keys: int = 1
-    isolated: str | None = None
-    on_op: OpCallback | None = None
-    name: ClassVar[str] = "Replay"
-
-    @property
-    def microbatches(self) -> int:  # type: ignore[override]
-        return self.recorded.microbatches
-
-    @property
-    def stash(self) -> bool:  # type: ignore[override]
-        return self.recorded.stash
-
-    def split(self, rows: int) -> list[tuple[int, int]]:
-        return self.recorded.split(rows)
-
-    def waits_between_minibatches(self) -> bool:
-        return self.recorded.waits_between_minibatches()
-
-    def max_in_flight(self, num_stages: int) -> int:
-        return self.keys
-
-    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
-        raise TypeError("a replay's order is per actor: use Replay.order_for")
-
-    def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
-        order = RecordedOrder(list(self.recorded_ops.get(actor, [])), actor, self.on_op)
-        return order
-
-    def delivers(self, actor: str) -> bool:
-        return self.isolated is None
-
-    def keeps_pullback(self) -> bool:
-        return self.recorded.keeps_pullback()
-
-    def minibatch_done(self, backwards_done: int, minibatch_keys: int) -> bool:
-        return self.recorded.minibatch_done(backwards_done, minibatch_keys)
-
-    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
-        return self.recorded.update_due(backwards_since_update, minibatch_done)
-
-    def gradient_scale(self, accumulated: int) -> float:
-        return self.recorded.gradient_scale(accumulated)
-
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
-        return self.recorded.loss_cotangent(rows, minibatch_rows)
-
-    def corrects_gradients(self) -> bool:
-        return self.recorded.corrects_gradients()
-
-    def needs_forward_weights(self) -> bool:
-        return self.recorded.needs_forward_weights()
-
-    def correct_gradient(
-        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
-    ) -> Any:
-        return self.recorded.correct_gradient(grads, delay, version, weights, forward_weights)
-
-    def versions_kept(self) -> int:
-        return self.recorded.versions_kept()
-
-    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
-        return self.recorded.forward_version(minibatch, start_version, version)
-
-    def predicts_weights(self) -> bool:
-        return self.recorded.predicts_weights()
-
-    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
-        return self.recorded.predict_weights(weights, previous, horizon)
-
-    def weight_change_decay(self) -> float | None:
-        return self.recorded.weight_change_decay()
-
-    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
-        return self.recorded.backward_weights(weights, weight_change, delay)
-
-    def allows_capture(self, num_stages: int, traced: bool) -> bool:
-        return False  # a replay checks every message against the trace: eager
-
-    def to_spec(self) -> dict[str, Any]:
-        return self.recorded.to_spec()  # a replay's trace reads as the recorded run's
 
 
 _BUILTIN: dict[str, type[Policy]] = {

@@ -14,13 +14,13 @@ learning rate of that update; with momentum or Adam it is not (Adam is nearly in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from asyncnn._math._pytree import tree_map
 
-from ._policies import _BUILTIN, PipeDream, Policy, StageOrder, policy_from_spec
+from ._policies import _BUILTIN, PipeDream, Policy, policy_from_spec
+from ._wrapped import WrappedPolicy
 
 __all__ = [
     "DelayCompensation",
@@ -33,7 +33,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Remedy(Policy):
+class Remedy(WrappedPolicy):
     """A policy that corrects the stale gradients of ``policy`` and otherwise is ``policy``.
 
     Subclass it (as a frozen dataclass) and implement :meth:`correct`; every other decision is
@@ -87,18 +87,6 @@ class Remedy(Policy):
         """This remedy's prediction of the weights forwards use (with :attr:`predicts`)."""
         raise NotImplementedError
 
-    def weight_change_decay(self) -> float | None:
-        return self.policy.weight_change_decay()
-
-    def backward_weights(self, weights: Any, weight_change: Any, delay: int) -> Any:
-        return self.policy.backward_weights(weights, weight_change, delay)
-
-    def versions_kept(self) -> int:
-        return self.policy.versions_kept()
-
-    def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
-        return self.policy.forward_version(minibatch, start_version, version)
-
     def needs_forward_weights(self) -> bool:
         return self.uses_forward_weights() or self.policy.needs_forward_weights()
 
@@ -112,58 +100,10 @@ class Remedy(Policy):
             return grads
         return self.correct(grads, delay, version, weights, forward_weights)
 
-    # -- everything else is the wrapped policy's ---------------------------------------------------
+    # -- everything else is the wrapped policy's (WrappedPolicy delegates it) -----------------
     @property
-    def deterministic(self) -> bool:  # type: ignore[override]
-        return self.policy.deterministic
-
-    @property
-    def flush(self) -> bool:  # type: ignore[override]
-        return self.policy.flush
-
-    @property
-    def microbatches(self) -> int:  # type: ignore[override]
-        return self.policy.microbatches
-
-    @property
-    def stash(self) -> bool:  # type: ignore[override]
-        return self.policy.stash
-
-    def split(self, rows: int) -> list[tuple[int, int]]:
-        return self.policy.split(rows)
-
-    def waits_between_minibatches(self) -> bool:
-        return self.policy.waits_between_minibatches()
-
-    def max_in_flight(self, num_stages: int) -> int:
-        return self.policy.max_in_flight(num_stages)
-
-    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
-        return self.policy.stage_order(stage, num_stages)
-
-    def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
-        return self.policy.order_for(actor, stage, num_stages)
-
-    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
-        return self.policy.orders(actors)
-
-    def delivers(self, actor: str) -> bool:
-        return self.policy.delivers(actor)
-
-    def keeps_pullback(self) -> bool:
-        return self.policy.keeps_pullback()
-
-    def minibatch_done(self, backwards_done: int, minibatch_keys: int) -> bool:
-        return self.policy.minibatch_done(backwards_done, minibatch_keys)
-
-    def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
-        return self.policy.update_due(backwards_since_update, minibatch_done)
-
-    def gradient_scale(self, accumulated: int) -> float:
-        return self.policy.gradient_scale(accumulated)
-
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
-        return self.policy.loss_cotangent(rows, minibatch_rows)
+    def wrapped(self) -> Policy:
+        return self.policy
 
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         return False  # a correction per gradient: eager
