@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import optim, policies
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
+from staleness import make_graph  # noqa: E402 - the staleness experiment's chain, as there
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,6 @@ def _scaled(tree: Any, scale: float) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(_scaled(v, scale) for v in tree)
     return None if tree is None else tree * scale
-
-
-def make_graph(cfg: Config) -> ann.Graph:
-    """One Linear (+ ReLU) per stage: 40-w, w-w, w-w, w-10."""
-    w = cfg.width
-    return ann.Graph.sequential(
-        [nn.Linear(40, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
-         nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10)],
-        loss=nn.CrossEntropyLoss(),
-        stages=[2, 2, 2, 1],
-        input_shape=(None, 40),
-    )  # fmt: skip
 
 
 def settings(cfg: Config) -> list[tuple[str, Any]]:

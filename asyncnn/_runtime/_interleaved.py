@@ -37,20 +37,30 @@ def interleaved_1f1b_schedule(
     ``k``-th forward is of chunk ``(k // R) mod V`` and its ``j``-th backward of chunk
     ``V - 1 - (j // R) mod V``; each chunk takes its microbatches in order.
     """
+    per_round = _checked_rounds(
+        "interleaved_1f1b_schedule", "interleaved 1F1B", devices, virtual, microbatches
+    )
+    return [_device_ops(d, devices, virtual, microbatches, per_round) for d in range(devices)]
+
+
+def _checked_rounds(
+    function: str, schedule: str, devices: int, virtual: int, microbatches: int
+) -> int:
+    """The microbatches per round of an interleaved schedule, its arguments checked."""
     for label, value in (
         ("devices", devices),
         ("virtual", virtual),
         ("microbatches", microbatches),
     ):
-        _check_int("interleaved_1f1b_schedule", label, value)
+        _check_int(function, label, value)
     per_round = _per_round(devices, microbatches)
     if per_round is None:
         raise ValueError(
-            f"interleaved 1F1B with {microbatches} microbatches on {devices} devices: the "
+            f"{schedule} with {microbatches} microbatches on {devices} devices: the "
             f"microbatches must be a multiple of the rounds (max(1, M // D) = "
             f"{max(1, microbatches // devices)})"
         )
-    return [_device_ops(d, devices, virtual, microbatches, per_round) for d in range(devices)]
+    return per_round
 
 
 def _per_round(devices: int, microbatches: int) -> int | None:
@@ -101,19 +111,9 @@ def interleaved_zero_bubble_schedule(
     is still due; the cool-down runs the remaining input halves (each followed by a weight half,
     likewise), then the weight halves left.
     """
-    for label, value in (
-        ("devices", devices),
-        ("virtual", virtual),
-        ("microbatches", microbatches),
-    ):
-        _check_int("interleaved_zero_bubble_schedule", label, value)
-    per_round = _per_round(devices, microbatches)
-    if per_round is None:
-        raise ValueError(
-            f"zero bubble with {microbatches} microbatches on {devices} devices: the "
-            f"microbatches must be a multiple of the rounds (max(1, M // D) = "
-            f"{max(1, microbatches // devices)})"
-        )
+    per_round = _checked_rounds(
+        "interleaved_zero_bubble_schedule", "zero bubble", devices, virtual, microbatches
+    )
     out = []
     total = microbatches * virtual
     for d in range(devices):
