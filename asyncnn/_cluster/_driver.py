@@ -200,7 +200,7 @@ async def _driver_run(
     # each worker's trace file, as it sent it (with its result, or with its error report)
     worker_traces: dict[int, Any] = {}
     try:
-        async with maybe_pool(pool, len(cpu_layers(graph, here)), threads) as the_pool:
+        async with maybe_pool(pool, threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()

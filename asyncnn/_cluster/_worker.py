@@ -30,7 +30,6 @@ from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import (
     close_recorder,
-    cpu_layers,
     maybe_pool,
     serve_actors,
     single_error,
@@ -224,7 +223,7 @@ class Worker:
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
         try:
-            async with maybe_pool(None, len(cpu_layers(graph, hosted)), threads) as pool:
+            async with maybe_pool(None, threads) as pool:
                 proxies: dict[str, RemoteActor] = {}
                 for name, w in placement.items():
                     if w != self.index:

@@ -34,10 +34,8 @@ ACTORS: dict[str, type[Any]] = {
 
 def actor_class(node: Node) -> type[Any]:
     """The class of the actor that runs ``node``: its custom class, else its role's."""
-    custom = node.custom_actor
-    if custom is None:
-        return ACTORS[node.role]
-    return resolve_actor(custom) if isinstance(custom, str) else custom
+    custom: type[Any] | None = node.custom_actor
+    return ACTORS[node.role] if custom is None else custom
 
 
 def resolve_actor(path: str) -> type[Any]:

@@ -12,8 +12,6 @@ import numpy as np
 from asyncnn._errors import GraphError
 from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
-from ._actor_table import actor_class
-
 if TYPE_CHECKING:
     from ._graph import Graph
 
@@ -100,9 +98,6 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
         GraphError: naming the node, its module and the shapes it was given.
     """
     graph.check_structure()
-    for node in graph.nodes.values():
-        if node.kind == "layer":
-            actor_class(node)  # a custom actor named by a spec resolves (or fails) now
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, Any] = {}
     dt = np.dtype(dtype)

@@ -60,7 +60,7 @@ class Node:
     dtype: str | None = None  # inputs only
     device: str = "cpu"
     worker: int | None = None
-    #: a custom ``LayerActor`` subclass (or, from a spec, its import path); None: the role's
+    #: a custom ``LayerActor`` subclass (from a spec: resolved when read); None: the role's
     custom_actor: Any = None
     #: the keyword arguments of the custom actor's ``setup`` (plain, msgpack-able values)
     actor_args: dict[str, Any] = field(default_factory=dict)
@@ -485,7 +485,7 @@ class Graph:
         for node in self.nodes.values():
             if node.module is not None:
                 visit(node.module)
-            if isinstance(node.custom_actor, type):
+            if node.custom_actor is not None:
                 visit(node.custom_actor)
         return found
 
@@ -505,7 +505,7 @@ class Graph:
                 entry["worker"] = n.worker
                 custom = n.custom_actor
                 if custom is not None:
-                    entry["actor"] = custom if isinstance(custom, str) else class_path(custom)
+                    entry["actor"] = class_path(custom)
                 if n.actor_args:
                     entry["actor_args"] = dict(n.actor_args)
                 if n.stop_gradient:

@@ -185,9 +185,9 @@ def single_error(group: BaseException) -> BaseException:
 
 @asynccontextmanager
 async def maybe_pool(
-    pool: DevicePool | None, cpu_actors: int, cores: int | None = None
+    pool: DevicePool | None, cores: int | None = None
 ) -> AsyncIterator[DevicePool]:
-    """``pool``, or a fresh one sized for ``cpu_actors`` on ``cores`` (default: this host's)."""
+    """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's)."""
     if pool is not None:
         yield pool
         return
@@ -197,8 +197,7 @@ async def maybe_pool(
     # actor computes gets the cores (under Sync, GPipe, OneFOneB) and actors computing at once
     # share them (OpenBLAS runs one multi-threaded call at a time: fixed shares never overlap).
     # One actor alone gains too: its elementwise work and updates use every core
-    # (docs/benchmarks.md, "CPU: one shared compute team"). ``cpu_actors`` no longer sizes it.
-    del cpu_actors
+    # (docs/benchmarks.md, "CPU: one shared compute team").
     # Parts of at least 16 MFLOP: with several actors computing, every worker is often busy and
     # smaller parts only add hand-offs (on 2 cores, the main job's 25-row keys ran 7% slower cut
     # at 4 MFLOP than whole, and as fast at 16); the 16-core runs' products are far larger.

@@ -32,7 +32,6 @@ from ._graph import Graph
 from ._lifecycle import (
     close_channels,
     close_recorder,
-    cpu_layers,
     finish_run,
     maybe_pool,
     open_recorder,
@@ -189,6 +188,7 @@ class Run:
         self._done_count: dict[int, int] = {}
         self._changed = anyio.Event()
         self.last_event = time.perf_counter()
+        self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
         self.samples = 0
 
@@ -374,7 +374,7 @@ class Run:
 
     async def _watchdog(self) -> None:
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        monitor = getattr(self, "_monitor", None) or self._watch_loop()
+        monitor = self._monitor or self._watch_loop()
         try:
             while True:
                 await anyio.sleep(interval)
@@ -552,7 +552,7 @@ async def open_run(
     recorder = open_recorder(config, graph, optimizer, policy, state)
     failed = False
     try:
-        async with maybe_pool(pool, len(cpu_layers(graph))) as the_pool:
+        async with maybe_pool(pool) as the_pool:
             run = Run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
