@@ -23,15 +23,13 @@ def _checkable(dtype: Any) -> bool:
     return dtype.kind == "c" or is_floating(dtype)
 
 
-def check_cuda_graphs(cuda_graphs: Any, cluster: Any) -> None:
-    """Checks the ``cuda_graphs`` argument of a run.
+def check_cuda_graphs(cuda_graphs: bool, cluster: Any) -> None:
+    """Checks that ``cuda_graphs`` (a bool, as :class:`RunConfig` checked) goes with the run's
+    placement.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
     """
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if cuda_graphs and cluster is not None:
         raise ValueError(
             "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
