@@ -454,9 +454,7 @@ def tiny_run(batches: list[dict[str, np.ndarray]], graph: Any, cluster: Any = No
     to the end of the drain."""
 
     async def main() -> float:
-        async with ann.open_run(
-            graph, optim.SGD(lr=0.01), policies.Sync(), cluster=cluster
-        ) as run:
+        async with ann.open_run(graph, optim.SGD(lr=0.01), policies.Sync(), cluster=cluster) as run:
             for b in batches[:20]:
                 await run.step(b)
             await run.drain()
