@@ -45,10 +45,13 @@ class Inbox:
     finds a message queued is still a checkpoint, as anyio's is).
     """
 
-    __slots__ = ("capacity", "_items", "_receiver", "_space", "_closed")
+    __slots__ = ("capacity", "owner", "_items", "_receiver", "_space", "_closed")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, owner: _Actor | None = None) -> None:
         self.capacity = capacity
+        #: the actor this inbox belongs to: it may take a message directly (see
+        #: :meth:`_Actor.takes_directly`) when nothing is queued before it
+        self.owner = owner
         self._items: deque[Message] = deque()
         self._receiver: anyio.Event | None = None  # set when a message arrives, or on close
         self._space: anyio.Event | None = None  # set when a full inbox gets room, or on close
@@ -63,9 +66,14 @@ class Inbox:
         """
         if self._closed:
             raise anyio.ClosedResourceError
-        if len(self._items) >= self.capacity:
+        items = self._items
+        if not items:
+            owner = self.owner
+            if owner is not None and owner.direct and owner.takes_directly(msg):
+                return
+        if len(items) >= self.capacity:
             raise anyio.WouldBlock
-        self._items.append(msg)
+        items.append(msg)
         receiver = self._receiver
         if receiver is not None:
             self._receiver = None
@@ -138,7 +146,10 @@ class _Actor:
         in_flight = ctx.max_in_flight
         edges = len(node.inputs) + len(node.consumers)
         self.capacity = 2 * in_flight * max(1, edges) + 8
-        self.inbox = Inbox(self.capacity)
+        self.inbox = Inbox(self.capacity, self)
+        #: whether this actor takes messages directly, in the sender's task, when it is idle
+        #: (see :meth:`takes_directly`); the loss actor does on the CPU, without a trace
+        self.direct = False
         self.send_channel = self.inbox  # what senders hold (a remote actor's writes to the wire)
         self.n_inputs = len(node.inputs)
         # a key's forward is complete when every input slot has arrived
@@ -209,6 +220,18 @@ class _Actor:
             msg = await self.inbox.receive()
         self._file(msg)
 
+    def takes_directly(self, msg: Message) -> bool:
+        """Whether this actor has taken ``msg`` (a send to its empty inbox) on the sender's
+        task, with no wake-up of its own; only called where :attr:`direct` is set. No actor
+        does by default."""
+        return False
+
+    async def run_directly(self, msg: Message) -> bool:
+        """Whether this actor has taken and fully processed ``msg`` on the sender's task
+        (another actor's :meth:`_send`); only called where :attr:`direct` is set and its inbox
+        is empty. No actor does by default."""
+        return False
+
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")
 
@@ -223,6 +246,14 @@ class _Actor:
         if not self.delivers:
             return  # the policy records this actor's sends only (an actor replayed alone)
         channel = self.ctx.channels[msg.dst]
+        if type(channel) is Inbox and not channel._items:
+            owner = channel.owner
+            if owner is not None and owner.direct:
+                start = time.perf_counter()
+                if await owner.run_directly(msg):
+                    # the time was the receiver's work, not this actor's
+                    self.stats.busy_seconds -= time.perf_counter() - start
+                    return
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
             channel.send_nowait(msg)
