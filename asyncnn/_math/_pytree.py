@@ -15,7 +15,7 @@ __all__ = ["TreeDef", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten
 class TreeDef:
     """The shape of a pytree without its leaves: enough to rebuild it from a flat list."""
 
-    __slots__ = ("kind", "meta", "children", "num_leaves")
+    __slots__ = ("kind", "meta", "children", "num_leaves", "flat")
 
     def __init__(
         self, kind: str, meta: Any, children: tuple[TreeDef, ...], num_leaves: int | None = None
@@ -26,8 +26,13 @@ class TreeDef:
         if num_leaves is None:
             num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
         self.num_leaves: int = num_leaves
+        # a container whose children are all leaves (a layer's {"weight", "bias"}): rebuilt
+        # from its leaves in one step
+        self.flat = kind != "leaf" and all(c.kind == "leaf" for c in children)
 
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         return (
             isinstance(other, TreeDef)
             and self.kind == other.kind
@@ -51,6 +56,19 @@ class TreeDef:
 
 
 _LEAF = TreeDef("leaf", None, ())
+_CONTAINERS = (dict, list, tuple)
+#: the one TreeDef of each dict structure whose values are all leaves (a layer's parameters),
+#: by its sorted keys: shared, so that comparing two trees of such dicts is mostly identity
+_FLAT_DICTS: dict[tuple[Any, ...], TreeDef] = {}
+
+
+def _flat_dict(keys: tuple[Any, ...]) -> TreeDef:
+    treedef = _FLAT_DICTS.get(keys)
+    if treedef is None:
+        treedef = TreeDef("dict", keys, (_LEAF,) * len(keys), len(keys))
+        if len(_FLAT_DICTS) < 4096:
+            _FLAT_DICTS[keys] = treedef
+    return treedef
 
 
 def _flatten(tree: Any, out: list[Any]) -> TreeDef:
@@ -62,7 +80,14 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
     start = len(out)
     if t is dict:
         keys = tuple(sorted(tree))
-        children = tuple([_flatten(tree[k], out) for k in keys])
+        values = [tree[k] for k in keys]
+        for v in values:
+            if type(v) in _CONTAINERS:
+                break
+        else:  # every value a leaf
+            out.extend(values)
+            return _flat_dict(keys)
+        children = tuple([_flatten(v, out) for v in values])
         return TreeDef("dict", keys, children, len(out) - start)
     children = tuple([_flatten(v, out) for v in tree])
     return TreeDef("list" if t is list else "tuple", None, children, len(out) - start)
@@ -76,9 +101,15 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
 
 def _unflatten(treedef: TreeDef, leaves: Iterator[Any]) -> Any:
-    if treedef.kind == "leaf":
+    kind = treedef.kind
+    if kind == "leaf":
         return next(leaves)
-    if treedef.kind == "dict":
+    if treedef.flat:
+        if kind == "dict":
+            return {k: next(leaves) for k in treedef.meta}
+        items = [next(leaves) for _ in treedef.children]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
         return {
             k: _unflatten(c, leaves) for k, c in zip(treedef.meta, treedef.children, strict=True)
         }
