@@ -218,10 +218,11 @@ class Optimizer(abc.ABC):
         """:meth:`update_leaf`, cut by rows over this thread's compute team where the update is
         elementwise and the leaf large (numpy float32/float64 arrays only)."""
         team = current_team()
+        if team is None:
+            return self.update_leaf(p, g, buffers, step, lr)
         arrays = (p, g, *buffers)
         if (
-            team is None
-            or not self.elementwise_update
+            not self.elementwise_update
             or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
             or p.ndim == 0
             or p.dtype not in (np.float32, np.float64)
@@ -306,8 +307,11 @@ class SGD(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp = ns(p, g)
-        fused = backend_of(p, g).fused_kernels()
+        if type(p) is np.ndarray and type(g) is np.ndarray:
+            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
+        else:
+            xp = ns(p, g)
+            fused = backend_of(p, g).fused_kernels()
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             buf = buffers[0] if buffers else None
             return fused.sgd_leaf(
@@ -406,8 +410,11 @@ class Adam(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp = ns(p, g)
-        fused = backend_of(p, g).fused_kernels()
+        if type(p) is np.ndarray and type(g) is np.ndarray:
+            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
+        else:
+            xp = ns(p, g)
+            fused = backend_of(p, g).fused_kernels()
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             return fused.adam_leaf(
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
