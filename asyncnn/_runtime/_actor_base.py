@@ -82,6 +82,10 @@ class Inbox:
     async def send(self, msg: Message) -> None:
         """Queues ``msg``, waiting while the inbox is full (a checkpoint either way)."""
         await anyio.lowlevel.checkpoint()
+        owner = self.owner
+        if owner is not None and owner.direct and not self._items and not self._closed:
+            if await owner.run_directly(msg):
+                return
         while True:
             try:
                 self.send_nowait(msg)
