@@ -42,7 +42,8 @@ class Inbox:
     It does what anyio's memory object streams do for one receiver, at a fraction of their cost
     on the path every message takes: a message for a waiting actor sets one event; a receive
     that must wait parks on that event at once, with no checkpoint before it (a receive that
-    finds a message queued is still a checkpoint, as anyio's is).
+    finds a message queued is still a checkpoint, as anyio's is); a send with room does not
+    yield.
     """
 
     __slots__ = ("capacity", "owner", "_items", "_receiver", "_space", "_closed")
@@ -80,8 +81,12 @@ class Inbox:
             receiver.set()
 
     async def send(self, msg: Message) -> None:
-        """Queues ``msg``, waiting while the inbox is full (a checkpoint either way)."""
-        await anyio.lowlevel.checkpoint()
+        """Queues ``msg``, waiting only while the inbox is full.
+
+        A send with room is not a checkpoint: the run admits a minibatch's keys (data and
+        labels) in one go, and the actors start on them when it next waits (for the policy's
+        admission or a flush), with no scheduler round trip per message.
+        """
         owner = self.owner
         if owner is not None and owner.direct and not self._items and not self._closed:
             if await owner.run_directly(msg):
@@ -91,7 +96,7 @@ class Inbox:
                 self.send_nowait(msg)
                 return
             except anyio.WouldBlock:
-                if self._space is None:
+                if self._space is None:  # full: wait for room (a checkpoint)
                     self._space = anyio.Event()
                 await self._space.wait()
 
