@@ -4,6 +4,7 @@ actors build on :class:`_Actor`."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,7 +23,42 @@ if TYPE_CHECKING:
     from ._context import ActorContext
     from ._graph import Node
 
-__all__ = ["Inbox", "_Actor"]
+__all__ = ["MAX_DIRECT_DEPTH", "Inbox", "_Actor"]
+
+#: how many actors may run nested in one sender's task (each taking a message directly and
+#: sending on to the next): past it, messages queue as usual (bounds the Python stack)
+MAX_DIRECT_DEPTH = 16
+#: a sender yields to the event loop before every this many messages it hands over directly
+DIRECT_YIELD_EVERY = 16
+
+
+class _Direct(threading.local):
+    """How deep actors run nested in this thread's sender now, and how many hand-overs so far
+    (per thread: each event loop runs on its own)."""
+
+    depth = 0
+    runs = 0
+
+
+_direct = _Direct()
+
+
+async def _hand_over(owner: _Actor, msg: Message) -> bool:
+    """Whether ``owner`` (idle, its inbox empty) took and processed ``msg`` in this task."""
+    state = _direct
+    if state.depth >= MAX_DIRECT_DEPTH:
+        return False
+    state.runs += 1
+    if state.depth == 0 and state.runs % DIRECT_YIELD_EVERY == 0:
+        # work handed over never yields by itself: let the other tasks (and the stall
+        # watchdog) run now and then; only from the outermost sender, since the actors nested
+        # in it must not wait
+        await anyio.lowlevel.checkpoint()
+    state.depth += 1
+    try:
+        return await owner.run_directly(msg)
+    finally:
+        state.depth -= 1
 
 
 def _nbytes(xs: Any) -> int:
@@ -89,7 +125,7 @@ class Inbox:
         """
         owner = self.owner
         if owner is not None and owner.direct and not self._items and not self._closed:
-            if await owner.run_directly(msg):
+            if await _hand_over(owner, msg):
                 return
         while True:
             try:
@@ -237,8 +273,10 @@ class _Actor:
 
     async def run_directly(self, msg: Message) -> bool:
         """Whether this actor has taken and fully processed ``msg`` on the sender's task
-        (another actor's :meth:`_send`); only called where :attr:`direct` is set and its inbox
-        is empty. No actor does by default."""
+        (another actor's :meth:`_send`, or the run's); only called where :attr:`direct` is set
+        and its inbox is empty, at most :data:`MAX_DIRECT_DEPTH` actors deep. An actor that
+        does must be idle, and nothing it runs may wait (its own task, parked on its empty
+        inbox, must never run beside it). No actor does by default."""
         return False
 
     def _file_other(self, msg: Message) -> None:
@@ -259,7 +297,7 @@ class _Actor:
             owner = channel.owner
             if owner is not None and owner.direct:
                 start = time.perf_counter()
-                if await owner.run_directly(msg):
+                if await _hand_over(owner, msg):
                     # the time was the receiver's work, not this actor's
                     self.stats.busy_seconds -= time.perf_counter() - start
                     return
