@@ -17,11 +17,11 @@ median of ``--repeats`` interleaved repeats.
 
 ``--tiny`` adds (``--only-tiny`` runs alone) the runtime's own cost where every op is tiny
 (AMPNet's regime): a chain of 8 ``Linear(8, 8)``/``Tanh`` pairs, batch 4, float32, MSE loss, SGD,
-in ms per step: the plain ``value_and_grad`` loop with the same optimizer update, ``Sync`` with 1
-and 4 stages in this process (``open_run``, and ``Trainer.fit`` for 1 stage), the 4 stages on
-``LocalCluster(4)`` (one stage a worker), and PyTorch eager (one thread) when installed, with
-ratios. ``--profile-tiny`` prints where the time of ``Sync`` with 1 stage and of the plain loop
-goes (cProfile, by own time).
+in ms per step (wall, and this process's CPU time): the plain ``value_and_grad`` loop with the
+same optimizer update, ``Sync`` with 1 and 4 stages in this process (``open_run``, and
+``Trainer.fit`` for 1 stage), the 4 stages on ``LocalCluster(4)`` (one stage a worker), and
+PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` prints where the time
+of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
 
 Run: python experiments/bench_parallel.py [--quick] [--two-core] [--cores N] [--tiny]
 """
@@ -404,9 +404,23 @@ def tiny_graph(stages: int, workers: list[int | None] | None = None) -> Any:
     )  # fmt: skip
 
 
-def tiny_plain(batches: list[dict[str, np.ndarray]]) -> float:
-    """Seconds per step of the plain loop: ``value_and_grad`` of the composed chain and the
-    same SGD update, over the same minibatches."""
+class _Clock:
+    """Wall and CPU time (this process, every thread) of a timed window, per step."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def per_step(self, steps: int) -> tuple[float, float]:
+        return (
+            (time.perf_counter() - self.wall) / steps,
+            (time.process_time() - self.cpu) / steps,
+        )
+
+
+def tiny_plain(batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of the plain loop: ``value_and_grad`` of the composed chain
+    and the same SGD update, over the same minibatches."""
     model = nn.Sequential(*tiny_modules())
     p = model.init(0)
     opt = optim.SGD(lr=0.01)
@@ -415,15 +429,16 @@ def tiny_plain(batches: list[dict[str, np.ndarray]]) -> float:
     vg = ann.value_and_grad(lambda q, x, y: loss({}, model(q, x), y))
     for b in batches[:20]:  # warm-up
         vg(p, b["x"], b["y"])
-    start = time.perf_counter()
+    clock = _Clock()
     for b in batches:
         _, grads = vg(p, b["x"], b["y"])
         p, state = opt.update(p, grads, state)
-    return (time.perf_counter() - start) / len(batches)
+    return clock.per_step(len(batches))
 
 
-def tiny_torch(batches: list[dict[str, np.ndarray]]) -> float | None:
-    """Seconds per step of PyTorch eager (one thread: the tensors are far too small to split)."""
+def tiny_torch(batches: list[dict[str, np.ndarray]]) -> tuple[float, float] | None:
+    """(wall, CPU) seconds per step of PyTorch eager (one thread: the tensors are far too small
+    to split)."""
     try:
         import torch
     except ImportError:
@@ -443,44 +458,54 @@ def tiny_torch(batches: list[dict[str, np.ndarray]]) -> float | None:
 
     for x, y in tb[:20]:
         step(x, y)
-    start = time.perf_counter()
+    clock = _Clock()
     for x, y in tb:
         step(x, y)
-    return (time.perf_counter() - start) / len(tb)
+    return clock.per_step(len(tb))
 
 
-def tiny_run(batches: list[dict[str, np.ndarray]], graph: Any, cluster: Any = None) -> float:
-    """Seconds per step of ``Sync`` through ``open_run``: the steps after 20 warm-up ones, up
-    to the end of the drain."""
+def tiny_run(
+    batches: list[dict[str, np.ndarray]], graph: Any, cluster: Any = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``Sync`` through ``open_run``: the steps after 20
+    warm-up ones, up to the end of the drain (CPU time of this process only: with a cluster,
+    the driver's)."""
 
-    async def main() -> float:
-        async with ann.open_run(graph, optim.SGD(lr=0.01), policies.Sync(), cluster=cluster) as run:
+    async def main() -> tuple[float, float]:
+        policy = policies.Sync()
+        async with ann.open_run(graph, optim.SGD(lr=0.01), policy, cluster=cluster) as run:
             for b in batches[:20]:
                 await run.step(b)
             await run.drain()
-            start = time.perf_counter()
+            clock = _Clock()
             for b in batches:
                 await run.step(b)
             await run.drain()
-            return (time.perf_counter() - start) / len(batches)
+            return clock.per_step(len(batches))
 
     return anyio.run(main, backend="trio")
 
 
-def tiny_fit(batches: list[dict[str, np.ndarray]]) -> float:
-    """Seconds per step of ``Trainer.fit`` with 1 stage (the run's start and end included)."""
+def tiny_fit(batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``Trainer.fit`` with 1 stage (the run's start and end
+    included)."""
     data_ = {k: np.concatenate([b[k] for b in batches]) for k in ("x", "y")}
     tr = ann.Trainer(tiny_graph(1), optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
     tr.fit({k: v[: 20 * TINY_BATCH] for k, v in data_.items()}, epochs=1, batch_size=TINY_BATCH)
-    start = time.perf_counter()
+    clock = _Clock()
     tr.fit(data_, epochs=1, batch_size=TINY_BATCH)
-    return (time.perf_counter() - start) / len(batches)
+    return clock.per_step(len(batches))
+
+
+CLUSTER_ROW = "Sync, 4 stages, LocalCluster(4)"
 
 
 def tiny_table(steps: int, repeats: int, cluster_steps: int) -> dict[str, Any]:
-    """ms per step of every tiny-chain run, medians of ``repeats`` interleaved rounds."""
+    """ms per step (wall and CPU) of every tiny-chain run, medians of ``repeats`` interleaved
+    rounds."""
     batches = tiny_batches(steps)
-    samples: dict[str, list[float]] = {}
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     with ann.cluster.LocalCluster(workers=4) as cluster:
         g1, g4 = tiny_graph(1), tiny_graph(4)
         g4w = tiny_graph(4, workers=[0, 1, 2, 3])
@@ -491,33 +516,43 @@ def tiny_table(steps: int, repeats: int, cluster_steps: int) -> dict[str, Any]:
                 ("Sync, 1 stage", lambda: tiny_run(batches, g1)),
                 ("Sync, 1 stage, Trainer.fit", lambda: tiny_fit(batches)),
                 ("Sync, 4 stages", lambda: tiny_run(batches, g4)),
-                (
-                    "Sync, 4 stages, LocalCluster(4)",
-                    lambda: tiny_run(batches[:cluster_steps], g4w, cluster),
-                ),
+                (CLUSTER_ROW, lambda: tiny_run(batches[:cluster_steps], g4w, cluster)),
             ]
             for name, fn in rows:
                 value = fn()
                 if value is not None:
-                    samples.setdefault(name, []).append(value * 1e3)
-    ms = {k: statistics.median(v) for k, v in samples.items()}
-    return {"ms_per_step": ms, "all_repeats_ms": samples, "load_average": os.getloadavg()}
+                    wall.setdefault(name, []).append(value[0] * 1e3)
+                    cpu.setdefault(name, []).append(value[1] * 1e3)
+    return {
+        "ms_per_step": {k: statistics.median(v) for k, v in wall.items()},
+        "cpu_ms_per_step": {k: statistics.median(v) for k, v in cpu.items()},
+        "all_repeats_ms": wall,
+        "all_repeats_cpu_ms": cpu,
+        "load_average": os.getloadavg(),
+    }
 
 
 def show_tiny(result: dict[str, Any], repeats: int) -> None:
     ms = result["ms_per_step"]
+    cpu = result["cpu_ms_per_step"]
     plain = ms["plain loop (value_and_grad + SGD)"]
-    one = ms["Sync, 4 stages"]
+    plain_cpu = cpu["plain loop (value_and_grad + SGD)"]
+    four = ms["Sync, 4 stages"]
     print(
         f"tiny chain: {TINY_DEPTH} x (Linear({TINY_WIDTH}, {TINY_WIDTH}) + Tanh), batch "
         f"{TINY_BATCH}, float32, MSE, SGD ({cores()} cores, median of {repeats}; load "
         f"{' '.join(f'{x:.2f}' for x in result['load_average'])}):"
     )
-    print(f"   {'run':<36} {'ms/step':>8} {'x plain':>8} {'x 4 stages here':>16}")
+    print(f"   {'run':<36} {'ms/step':>8} {'x plain':>8} {'CPU ms':>7} {'x plain':>8}")
     for k, v in ms.items():
-        print(f"   {k:<36} {v:8.3f} {v / plain:8.2f} {v / one:16.2f}")
+        if k == CLUSTER_ROW:  # the CPU time would be the driver's alone
+            extra = f"{'-':>7} {'-':>8}   {v / four:.2f}x the same 4 stages in one process"
+        else:
+            extra = f"{cpu[k]:7.3f} {cpu[k] / plain_cpu:8.2f}"
+        print(f"   {k:<36} {v:8.3f} {v / plain:8.2f} {extra}")
     print("   targets: Sync 1 stage <= 1.25x plain, 4 stages <= 2.0x plain,")
     print("            LocalCluster(4) <= 2.0x the same 4 stages in one process")
+    print("   (CPU ms: this process's CPU time, less disturbed than wall time on a busy machine)")
 
 
 def profile_tiny(steps: int) -> None:
