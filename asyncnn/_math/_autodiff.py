@@ -38,6 +38,10 @@ class _Node:
         self.needs = needs
 
 
+#: the node of every input leaf (no rule, nothing kept): one shared object, never changed
+_LEAF_NODE = _Node(None, None, (), ())
+
+
 class Trace:
     """The record of one differentiated call: a list of nodes in execution order."""
 
@@ -48,7 +52,7 @@ class Trace:
         self.done = False
 
     def leaf(self, value: Any) -> Tracer:
-        self.nodes.append(_Node(None, None, (), ()))
+        self.nodes.append(_LEAF_NODE)
         return Tracer(value, self, len(self.nodes) - 1)
 
     def record(
