@@ -28,7 +28,7 @@ __all__ = ["MAX_DIRECT_DEPTH", "Inbox", "_Actor"]
 #: how many actors may run nested in one sender's task (each taking a message directly and
 #: sending on to the next): past it, messages queue as usual (bounds the Python stack)
 MAX_DIRECT_DEPTH = 16
-#: a sender yields to the event loop before every this many messages it hands over directly
+#: a sender yields to the event loop once this many messages were handed over directly
 DIRECT_YIELD_EVERY = 16
 
 
@@ -49,10 +49,11 @@ async def _hand_over(owner: _Actor, msg: Message) -> bool:
     if state.depth >= MAX_DIRECT_DEPTH:
         return False
     state.runs += 1
-    if state.depth == 0 and state.runs % DIRECT_YIELD_EVERY == 0:
+    if state.depth == 0 and state.runs >= DIRECT_YIELD_EVERY:
         # work handed over never yields by itself: let the other tasks (and the stall
-        # watchdog) run now and then; only from the outermost sender, since the actors nested
-        # in it must not wait
+        # watchdog) run now and then; only from the outermost sender (the actors nested in it
+        # must not wait), at its first hand-over once the count is due
+        state.runs = 0
         await anyio.lowlevel.checkpoint()
     state.depth += 1
     try:
