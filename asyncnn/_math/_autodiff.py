@@ -38,6 +38,10 @@ class _Node:
         self.needs = needs
 
 
+#: the node of every input leaf (no rule, nothing kept): one shared object, never changed
+_LEAF_NODE = _Node(None, None, (), ())
+
+
 class Trace:
     """The record of one differentiated call: a list of nodes in execution order."""
 
@@ -48,7 +52,7 @@ class Trace:
         self.done = False
 
     def leaf(self, value: Any) -> Tracer:
-        self.nodes.append(_Node(None, None, (), ()))
+        self.nodes.append(_LEAF_NODE)
         return Tracer(value, self, len(self.nodes) - 1)
 
     def record(
@@ -296,6 +300,9 @@ def _raw(x: Any) -> Any:
 
 
 def _is_differentiable(x: Any) -> bool:
+    if type(x) is np.ndarray:  # the common case, answered first
+        kind = x.dtype.kind
+        return kind == "f" or kind == "c" or (kind == "V" and is_floating(x.dtype))
     dtype = getattr(x, "dtype", None)
     if dtype is not None:
         kind = getattr(dtype, "kind", "")
@@ -306,6 +313,8 @@ def _is_differentiable(x: Any) -> bool:
 def _cotangent_leaves(cotangent: Any, out_def: TreeDef) -> list[Any]:
     """The leaves of a pullback's cotangent, checked to have the output's structure (a lone
     array stands for a one-leaf output)."""
+    if out_def.kind == "leaf" and type(cotangent) not in (dict, list, tuple):
+        return [cotangent]
     ct_leaves, ct_def = tree_flatten(cotangent)
     if ct_def != out_def:
         if out_def.kind == "leaf" and len(ct_leaves) == 1:
@@ -360,7 +369,10 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
     for o in out_leaves:
         if type(o) is Tracer and o.trace is not trace:
             raise ValueError("vjp: fn returned a traced array of another vjp call")
-    out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
+    if out_def.kind == "leaf":  # one array out: nothing to rebuild
+        out_raw = _raw(out_leaves[0])
+    else:
+        out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
     wanted = [i for i in leaf_index if i >= 0]
     num_primals = len(primals)
 

@@ -176,15 +176,24 @@ class Optimizer(abc.ABC):
             )
         _check_grads(p_leaves, g_leaves, treedef)
         buffer_names = self.buffer_names()
-        expected = {"step", *buffer_names}
-        if not isinstance(state, dict) or set(state) != expected:
+        if (
+            not isinstance(state, dict)
+            or len(state) != 1 + len(buffer_names)
+            or "step" not in state
+            or any(b not in state for b in buffer_names)
+        ):
+            expected = {"step", *buffer_names}
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
                 f"{name}.update: state must be a dict with keys {sorted(expected)}, as made by "
                 f"{name}.init(params) with the same options; got {found}"
             )
         step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        if type(step) is not int and (
+            isinstance(step, bool) or not isinstance(step, numbers.Integral)
+        ):
+            raise ValueError(f"{name}.update: state['step'] must be an int >= 0, got {step!r}")
+        if step < 0:
             raise ValueError(f"{name}.update: state['step'] must be an int >= 0, got {step!r}")
         step = int(step)
         buffers = []
@@ -202,7 +211,11 @@ class Optimizer(abc.ABC):
         lr = self.learning_rate(step)
         new_p: list[Any] = []
         new_bufs: list[list[Any]] = [[] for _ in buffer_names]
-        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
+        if not buffers:  # no state buffers (plain SGD): one call a leaf, nothing to gather
+            update_leaf = self._update_leaf
+            for p, g in zip(p_leaves, g_leaves, strict=True):
+                new_p.append(update_leaf(p, g, (), step, lr)[0])
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True) if buffers else ()):
             p2, bufs2 = self._update_leaf(p, g, tuple(b[i] for b in buffers), step, lr)
             new_p.append(p2)
             for out, b in zip(new_bufs, bufs2, strict=True):
@@ -218,10 +231,11 @@ class Optimizer(abc.ABC):
         """:meth:`update_leaf`, cut by rows over this thread's compute team where the update is
         elementwise and the leaf large (numpy float32/float64 arrays only)."""
         team = current_team()
+        if team is None:
+            return self.update_leaf(p, g, buffers, step, lr)
         arrays = (p, g, *buffers)
         if (
-            team is None
-            or not self.elementwise_update
+            not self.elementwise_update
             or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
             or p.ndim == 0
             or p.dtype not in (np.float32, np.float64)
@@ -306,8 +320,11 @@ class SGD(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp = ns(p, g)
-        fused = backend_of(p, g).fused_kernels()
+        if type(p) is np.ndarray and type(g) is np.ndarray:
+            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
+        else:
+            xp = ns(p, g)
+            fused = backend_of(p, g).fused_kernels()
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             buf = buffers[0] if buffers else None
             return fused.sgd_leaf(
@@ -406,8 +423,11 @@ class Adam(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp = ns(p, g)
-        fused = backend_of(p, g).fused_kernels()
+        if type(p) is np.ndarray and type(g) is np.ndarray:
+            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
+        else:
+            xp = ns(p, g)
+            fused = backend_of(p, g).fused_kernels()
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             return fused.adam_leaf(
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,

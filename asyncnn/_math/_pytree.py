@@ -15,10 +15,15 @@ __all__ = ["TreeDef", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten
 class TreeDef:
     """The shape of a pytree without its leaves: enough to rebuild it from a flat list."""
 
-    __slots__ = ("kind", "meta", "children", "num_leaves")
+    __slots__ = ("kind", "meta", "children", "num_leaves", "flat")
 
     def __init__(
-        self, kind: str, meta: Any, children: tuple[TreeDef, ...], num_leaves: int | None = None
+        self,
+        kind: str,
+        meta: Any,
+        children: tuple[TreeDef, ...],
+        num_leaves: int | None = None,
+        flat: bool | None = None,
     ) -> None:
         self.kind = kind  # "leaf", "dict", "list" or "tuple"
         self.meta = meta  # sorted keys for a dict
@@ -26,8 +31,15 @@ class TreeDef:
         if num_leaves is None:
             num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
         self.num_leaves: int = num_leaves
+        # a container whose children are all leaves (a layer's {"weight", "bias"}): rebuilt
+        # from its leaves in one step
+        if flat is None:
+            flat = kind != "leaf" and all(c.kind == "leaf" for c in children)
+        self.flat = flat
 
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         return (
             isinstance(other, TreeDef)
             and self.kind == other.kind
@@ -51,21 +63,54 @@ class TreeDef:
 
 
 _LEAF = TreeDef("leaf", None, ())
+_CONTAINERS = (dict, list, tuple)
+#: the one TreeDef of each dict structure whose values are all leaves (a layer's parameters),
+#: by its sorted keys: shared, so that comparing two trees of such dicts is mostly identity
+_FLAT_DICTS: dict[tuple[Any, ...], TreeDef] = {}
+
+
+def _flat_dict(keys: tuple[Any, ...]) -> TreeDef:
+    treedef = _FLAT_DICTS.get(keys)
+    if treedef is None:
+        treedef = TreeDef("dict", keys, (_LEAF,) * len(keys), len(keys), True)
+        if len(_FLAT_DICTS) < 4096:
+            _FLAT_DICTS[keys] = treedef
+    return treedef
 
 
 def _flatten(tree: Any, out: list[Any]) -> TreeDef:
-    # Called for every leaf of every vjp and optimizer update: keep the common paths short.
+    # Called for every leaf of every vjp and optimizer update: keep the common paths short
+    # (plain loops, no comprehensions: each would be a call of its own).
     t = type(tree)
-    if t is not dict and t is not list and t is not tuple:
-        out.append(tree)
-        return _LEAF
-    start = len(out)
     if t is dict:
-        keys = tuple(sorted(tree))
+        keys = sorted(tree)
+        start = len(out)
+        append = out.append
+        for k in keys:
+            v = tree[k]
+            if type(v) in _CONTAINERS:
+                break
+            append(v)
+        else:  # every value a leaf
+            return _flat_dict(tuple(keys))
+        del out[start:]
         children = tuple([_flatten(tree[k], out) for k in keys])
-        return TreeDef("dict", keys, children, len(out) - start)
-    children = tuple([_flatten(v, out) for v in tree])
-    return TreeDef("list" if t is list else "tuple", None, children, len(out) - start)
+        return TreeDef("dict", tuple(keys), children, len(out) - start, False)
+    if t is list or t is tuple:
+        start = len(out)
+        append = out.append
+        kids: list[TreeDef] = []
+        flat = True
+        for v in tree:
+            if type(v) in _CONTAINERS:
+                kids.append(_flatten(v, out))
+                flat = False
+            else:
+                append(v)
+                kids.append(_LEAF)
+        return TreeDef("list" if t is list else "tuple", None, tuple(kids), len(out) - start, flat)
+    out.append(tree)
+    return _LEAF
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
@@ -76,14 +121,27 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
 
 def _unflatten(treedef: TreeDef, leaves: Iterator[Any]) -> Any:
-    if treedef.kind == "leaf":
+    # plain loops, no comprehensions (each would be a call of its own)
+    kind = treedef.kind
+    if kind == "leaf":
         return next(leaves)
-    if treedef.kind == "dict":
-        return {
-            k: _unflatten(c, leaves) for k, c in zip(treedef.meta, treedef.children, strict=True)
-        }
-    items = [_unflatten(c, leaves) for c in treedef.children]
-    return items if treedef.kind == "list" else tuple(items)
+    if kind == "dict":
+        out: dict[Any, Any] = {}
+        if treedef.flat:
+            for k in treedef.meta:
+                out[k] = next(leaves)
+        else:
+            for k, c in zip(treedef.meta, treedef.children, strict=True):
+                out[k] = _unflatten(c, leaves)
+        return out
+    items: list[Any] = []
+    if treedef.flat:
+        for _ in treedef.children:
+            items.append(next(leaves))
+    else:
+        for c in treedef.children:
+            items.append(next(leaves) if c.kind == "leaf" else _unflatten(c, leaves))
+    return items if kind == "list" else tuple(items)
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:

@@ -4,6 +4,7 @@ actors build on :class:`_Actor`."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,7 +23,43 @@ if TYPE_CHECKING:
     from ._context import ActorContext
     from ._graph import Node
 
-__all__ = ["_Actor"]
+__all__ = ["MAX_DIRECT_DEPTH", "Inbox", "_Actor"]
+
+#: how many actors may run nested in one sender's task (each taking a message directly and
+#: sending on to the next): past it, messages queue as usual (bounds the Python stack)
+MAX_DIRECT_DEPTH = 16
+#: a sender yields to the event loop once this many messages were handed over directly
+DIRECT_YIELD_EVERY = 16
+
+
+class _Direct(threading.local):
+    """How deep actors run nested in this thread's sender now, and how many hand-overs so far
+    (per thread: each event loop runs on its own)."""
+
+    depth = 0
+    runs = 0
+
+
+_direct = _Direct()
+
+
+async def _hand_over(owner: _Actor, msg: Message) -> bool:
+    """Whether ``owner`` (idle, its inbox empty) took and processed ``msg`` in this task."""
+    state = _direct
+    if state.depth >= MAX_DIRECT_DEPTH:
+        return False
+    state.runs += 1
+    if state.depth == 0 and state.runs >= DIRECT_YIELD_EVERY:
+        # work handed over never yields by itself: let the other tasks (and the stall
+        # watchdog) run now and then; only from the outermost sender (the actors nested in it
+        # must not wait), at its first hand-over once the count is due
+        state.runs = 0
+        await anyio.lowlevel.checkpoint()
+    state.depth += 1
+    try:
+        return await owner.run_directly(msg)
+    finally:
+        state.depth -= 1
 
 
 def _nbytes(xs: Any) -> int:
@@ -32,6 +69,111 @@ def _nbytes(xs: Any) -> int:
     if nbytes is not None:
         return int(nbytes)
     return sum(int(getattr(x, "nbytes", 0)) for x in tree_leaves(xs))
+
+
+class Inbox:
+    """An actor's inbox: a bounded first-in first-out queue of messages, both ends in one object
+    (the run sends with :meth:`send` / :meth:`send_nowait`, the actor takes with
+    :meth:`receive_nowait` / :meth:`receive`).
+
+    It does what anyio's memory object streams do for one receiver, at a fraction of their cost
+    on the path every message takes: a message for a waiting actor sets one event; a receive
+    that must wait parks on that event at once, with no checkpoint before it (a receive that
+    finds a message queued is still a checkpoint, as anyio's is); a send with room does not
+    yield.
+    """
+
+    __slots__ = ("capacity", "owner", "_items", "_receiver", "_space", "_closed")
+
+    def __init__(self, capacity: int, owner: _Actor | None = None) -> None:
+        self.capacity = capacity
+        #: the actor this inbox belongs to: it may take a message directly (see
+        #: :meth:`_Actor.takes_directly`) when nothing is queued before it
+        self.owner = owner
+        self._items: deque[Message] = deque()
+        self._receiver: anyio.Event | None = None  # set when a message arrives, or on close
+        self._space: anyio.Event | None = None  # set when a full inbox gets room, or on close
+        self._closed = False
+
+    def send_nowait(self, msg: Message) -> None:
+        """Queues ``msg``.
+
+        Raises:
+            anyio.ClosedResourceError: the inbox is closed.
+            anyio.WouldBlock: the inbox is full.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        items = self._items
+        if not items:
+            owner = self.owner
+            if owner is not None and owner.direct and owner.takes_directly(msg):
+                return
+        if len(items) >= self.capacity:
+            raise anyio.WouldBlock
+        items.append(msg)
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            receiver.set()
+
+    async def send(self, msg: Message) -> None:
+        """Queues ``msg``, waiting only while the inbox is full.
+
+        A send with room is not a checkpoint: the run admits a minibatch's keys (data and
+        labels) in one go, and the actors start on them when it next waits (for the policy's
+        admission or a flush), with no scheduler round trip per message.
+        """
+        owner = self.owner
+        if owner is not None and owner.direct and not self._items and not self._closed:
+            if await _hand_over(owner, msg):
+                return
+        while True:
+            try:
+                self.send_nowait(msg)
+                return
+            except anyio.WouldBlock:
+                if self._space is None:  # full: wait for room (a checkpoint)
+                    self._space = anyio.Event()
+                await self._space.wait()
+
+    def receive_nowait(self) -> Message:
+        """The oldest queued message.
+
+        Raises:
+            anyio.WouldBlock: none is queued.
+            anyio.EndOfStream: none is queued and the inbox is closed.
+        """
+        items = self._items
+        if items:
+            msg = items.popleft()
+            space = self._space
+            if space is not None:
+                self._space = None
+                space.set()
+            return msg
+        if self._closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
+
+    async def receive(self) -> Message:
+        """The oldest message, waiting for one if none is queued."""
+        if self._items:
+            await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                event = self._receiver = anyio.Event()
+                await event.wait()
+
+    def close(self) -> None:
+        """Closes the inbox: later sends fail; a waiting receive ends once the queue is empty."""
+        self._closed = True
+        for event in (self._receiver, self._space):
+            if event is not None:
+                event.set()
+        self._receiver = self._space = None
 
 
 class _Actor:
@@ -50,7 +192,11 @@ class _Actor:
         in_flight = ctx.max_in_flight
         edges = len(node.inputs) + len(node.consumers)
         self.capacity = 2 * in_flight * max(1, edges) + 8
-        self.send_channel, self.inbox = anyio.create_memory_object_stream[Message](self.capacity)
+        self.inbox = Inbox(self.capacity, self)
+        #: whether this actor takes messages directly, in the sender's task, when it is idle
+        #: (see :meth:`takes_directly`); the loss actor does on the CPU, without a trace
+        self.direct = False
+        self.send_channel = self.inbox  # what senders hold (a remote actor's writes to the wire)
         self.n_inputs = len(node.inputs)
         # a key's forward is complete when every input slot has arrived
         self.fwd_slots: dict[int, list[Any]] = {}
@@ -120,6 +266,20 @@ class _Actor:
             msg = await self.inbox.receive()
         self._file(msg)
 
+    def takes_directly(self, msg: Message) -> bool:
+        """Whether this actor has taken ``msg`` (a send to its empty inbox) on the sender's
+        task, with no wake-up of its own; only called where :attr:`direct` is set. No actor
+        does by default."""
+        return False
+
+    async def run_directly(self, msg: Message) -> bool:
+        """Whether this actor has taken and fully processed ``msg`` on the sender's task
+        (another actor's :meth:`_send`, or the run's); only called where :attr:`direct` is set
+        and its inbox is empty, at most :data:`MAX_DIRECT_DEPTH` actors deep. An actor that
+        does must be idle, and nothing it runs may wait (its own task, parked on its empty
+        inbox, must never run beside it). No actor does by default."""
+        return False
+
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")
 
@@ -134,6 +294,14 @@ class _Actor:
         if not self.delivers:
             return  # the policy records this actor's sends only (an actor replayed alone)
         channel = self.ctx.channels[msg.dst]
+        if type(channel) is Inbox and not channel._items:
+            owner = channel.owner
+            if owner is not None and owner.direct:
+                start = time.perf_counter()
+                if await _hand_over(owner, msg):
+                    # the time was the receiver's work, not this actor's
+                    self.stats.busy_seconds -= time.perf_counter() - start
+                    return
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
             channel.send_nowait(msg)

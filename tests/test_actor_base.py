@@ -1,0 +1,131 @@
+"""The actors' inbox and the direct hand-over of messages (asyncnn/_runtime/_actor_base.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncnn._runtime._actor_base import DIRECT_YIELD_EVERY, MAX_DIRECT_DEPTH, Inbox, _hand_over
+from asyncnn._runtime._messages import FORWARD, Message
+
+
+def _msg(key: int) -> Message:
+    return Message(FORWARD, key, 0, "a", "b", 0, (None,), {})
+
+
+def test_an_inbox_is_first_in_first_out_and_bounded():
+    inbox = Inbox(2)
+    inbox.send_nowait(_msg(0))
+    inbox.send_nowait(_msg(1))
+    with pytest.raises(anyio.WouldBlock):
+        inbox.send_nowait(_msg(2))  # full
+    assert [inbox.receive_nowait().key for _ in range(2)] == [0, 1]
+    with pytest.raises(anyio.WouldBlock):
+        inbox.receive_nowait()  # empty
+
+
+@pytest.mark.anyio
+async def test_a_waiting_receive_gets_what_is_sent_later():
+    inbox = Inbox(4)
+    got: list[int] = []
+
+    async def receiver() -> None:
+        for _ in range(3):
+            got.append((await inbox.receive()).key)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        for key in range(3):
+            await anyio.sleep(0.01)  # the receiver is parked by now
+            await inbox.send(_msg(key))
+    assert got == [0, 1, 2]
+
+
+@pytest.mark.anyio
+async def test_a_send_to_a_full_inbox_waits_for_room():
+    inbox = Inbox(1)
+    inbox.send_nowait(_msg(0))
+    sent = anyio.Event()
+
+    async def sender() -> None:
+        await inbox.send(_msg(1))
+        sent.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        await anyio.sleep(0.01)
+        assert not sent.is_set()  # still waiting: the inbox is full
+        assert inbox.receive_nowait().key == 0
+        await sent.wait()
+    assert inbox.receive_nowait().key == 1
+
+
+@pytest.mark.anyio
+async def test_closing_ends_a_waiting_receive_and_refuses_sends():
+    inbox = Inbox(2)
+    ended = anyio.Event()
+
+    async def receiver() -> None:
+        with pytest.raises(anyio.EndOfStream):
+            await inbox.receive()
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        await anyio.sleep(0.01)
+        inbox.close()
+        await ended.wait()
+    with pytest.raises(anyio.ClosedResourceError):
+        inbox.send_nowait(_msg(0))
+
+
+class _Taker:
+    """An actor that takes every message handed over and records how deep it ran."""
+
+    direct = True
+
+    def __init__(self, nested: Any = None) -> None:
+        self.taken = 0
+        self.nested = nested
+
+    async def run_directly(self, msg: Message) -> bool:
+        self.taken += 1
+        if self.nested is not None:  # hands the message on, as a layer sends to the next
+            return await _hand_over(self.nested, msg)
+        return True
+
+
+@pytest.mark.anyio
+async def test_handing_over_yields_now_and_then_and_is_bounded_in_depth():
+    ticks = 0
+    stop = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    owner = _Taker()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        for key in range(4 * DIRECT_YIELD_EVERY):
+            assert await _hand_over(owner, _msg(key))  # type: ignore[arg-type]
+        # the hand-overs never wait, yet the other task ran in between
+        assert ticks - before >= 3
+        stop.set()
+    # a chain deeper than the bound takes the message only up to it
+    chain = _Taker()
+    for _ in range(MAX_DIRECT_DEPTH + 4):
+        chain = _Taker(chain)
+    assert not await _hand_over(chain, _msg(0))  # type: ignore[arg-type]
+    depth = 0
+    node: Any = chain
+    while node is not None and node.taken:
+        depth += 1
+        node = node.nested
+    assert depth == MAX_DIRECT_DEPTH
