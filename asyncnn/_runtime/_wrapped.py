@@ -60,6 +60,9 @@ class WrappedPolicy(Policy):
     def delivers(self, actor: str) -> bool:
         return self.wrapped.delivers(actor)
 
+    def splits_backward(self) -> bool:
+        return self.wrapped.splits_backward()
+
     def keeps_pullback(self) -> bool:
         return self.wrapped.keeps_pullback()
 
