@@ -4,9 +4,8 @@ measured bubble of each flush schedule is its formula's."""
 import dataclasses
 import json
 
-import pytest
-
 import pipeline_bubble
+import pytest
 
 
 def test_pipeline_bubble_smoke(tmp_path):

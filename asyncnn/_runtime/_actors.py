@@ -68,13 +68,18 @@ class LayerActor(_Actor):
         self.order.start(ctx.first_key)
         # the turns of the device this stage shares with others (an interleaved order)
         self.turns = self.order.device_turns()
-        if self.turns is not None:
-            self._check_device_mates(ctx)
         # a backward in two operations: the input half, and later the weight half
         self.splits_backward = ctx.policy.splits_backward()
         self.weight_due: dict[int, dict[str, Any]] = {}  # key -> meta, input half done
-        if self.splits_backward:
-            self._check_split_overrides(ctx)
+        try:
+            if self.turns is not None:
+                self._check_device_mates(ctx)
+            if self.splits_backward:
+                self._check_split_overrides(ctx)
+        except BaseException:
+            self.send_channel.close()  # the run never sees this actor: close its inbox here
+            self.inbox.close()
+            raise
         self.params = params
         self.opt_state = opt_state
         self.version = version
@@ -208,6 +213,11 @@ class LayerActor(_Actor):
             return
         self.ready.remove((BACKWARD, key) if kind == BACKWARD_INPUT else op)
 
+    def _backward_half(self, key: int) -> tuple[str, int]:
+        """The half of a split backward that a ``"backward"`` of ``key`` names (as a trace
+        records both): the weight half once the input half is done."""
+        return (BACKWARD_WEIGHT if key in self.weight_due else BACKWARD_INPUT, key)
+
     def _minibatch_keys(self, op: tuple[str, int]) -> int:
         kind, key = op
         meta = self.weight_due[key] if kind == BACKWARD_WEIGHT else self.meta.get(key, {})
@@ -218,6 +228,8 @@ class LayerActor(_Actor):
         since_yield = 0
         while True:
             op = planned = self.order.next()
+            if self.splits_backward and op is not None and op[0] == BACKWARD:
+                op = self._backward_half(op[1])  # a replayed split run's recorded order
             if op is None:
                 if self.ready:
                     op = self.ready.popleft()
@@ -245,7 +257,10 @@ class LayerActor(_Actor):
             self.computing = (kind, key, start)
             rec = self.ctx.recorder
             if rec is not None:
-                rec.event(self.name, "start", kind, key, self.version, "", self.seq)
+                rec_kind, rec_meta = _recorded_kind(kind)
+                rec.event(
+                    self.name, "start", rec_kind, key, self.version, "", self.seq, meta=rec_meta
+                )
             try:
                 if kind == FORWARD:
                     await self._forward(key)
@@ -259,7 +274,9 @@ class LayerActor(_Actor):
                 raise self._fail(exc, kind, key) from exc
             self.computing = None
             if rec is not None:
-                rec.event(self.name, "end", kind, key, self.version, "", self.seq)
+                rec.event(
+                    self.name, "end", rec_kind, key, self.version, "", self.seq, meta=rec_meta
+                )
             self.seq += 1
             end = time.perf_counter()
             self.stats.busy_seconds += end - start
@@ -647,6 +664,17 @@ class LayerActor(_Actor):
             forward_weights,
             cost=0,
         )
+
+
+def _recorded_kind(kind: str) -> tuple[str, dict[str, Any] | None]:
+    """How a trace records an operation: a split backward's halves as ``"backward"`` with
+    ``meta["half"]`` ``"input"`` or ``"weight"`` (the trace format's kinds stay forward and
+    backward; a replay tells the halves apart by their order)."""
+    if kind == BACKWARD_INPUT:
+        return BACKWARD, {"half": "input"}
+    if kind == BACKWARD_WEIGHT:
+        return BACKWARD, {"half": "weight"}
+    return kind, None
 
 
 def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:
