@@ -28,6 +28,7 @@ from ._runtime._remedies import (
     DiscrepancyCorrection,
     PipeMareLR,
     Remedy,
+    SpikeCompensation,
     StalenessScaledLR,
     WeightPrediction,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "RecordedOrder",
     "Remedy",
     "Replay",
+    "SpikeCompensation",
     "StageOrder",
     "WrappedPolicy",
     "StalenessScaledLR",

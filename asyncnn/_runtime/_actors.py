@@ -579,19 +579,31 @@ class LayerActor(_Actor):
         old = self.params
         if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
             self.weights_by_version[self.version] = old  # forwards still use it
+        step = self.opt_state.get("step", 0) if isinstance(self.opt_state, dict) else 0
         self.params, self.opt_state = await self.compute(
             update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
         delays, self.pending_delays = self.pending_delays, []
+        policy = self.ctx.policy
+        if delays and policy.corrects_updates():
+            self.params = await self.compute(
+                policy.correct_update,
+                self.params,
+                old,
+                grads,
+                sum(delays) / len(delays),
+                self.ctx.optimizer,
+                int(step),
+                cost=4.0 * self.param_size,
+            )
         if self.versions_back:
             self._prune_versions()
         if self.change_decay is not None:
             self.weight_change = await self.compute(
                 _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
             )
-        policy = self.ctx.policy
         if policy.predicts_weights():
             horizon = delays[-1] if delays else 0
             self.predicted = await self.compute(

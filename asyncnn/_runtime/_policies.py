@@ -283,6 +283,27 @@ class Policy(abc.ABC):
         """
         return grads
 
+    def corrects_updates(self) -> bool:
+        """Whether each update's result passes through :meth:`correct_update` (a remedy that
+        changes the step itself, ``asyncnn.policies.SpikeCompensation``)."""
+        return False
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        """A stage's parameters after an update, as the policy corrects them (with
+        :meth:`corrects_updates`; the default changes nothing).
+
+        Args:
+            new: the parameters the optimizer's update gave.
+            old: the parameters before the update.
+            grads: the gradients the update applied (as accumulated and scaled).
+            delay: the mean delay of those gradients (0: not stale).
+            optimizer: the run's optimizer.
+            step: the optimizer's count of updates before this one (its state's ``"step"``).
+        """
+        return new
+
     # -- the weights a forward uses --------------------------------------------------------------
     def versions_kept(self) -> int:
         """How many versions before the latest a stage keeps (besides those its stored keys

@@ -89,6 +89,14 @@ class WrappedPolicy(Policy):
     ) -> Any:
         return self.wrapped.correct_gradient(grads, delay, version, weights, forward_weights)
 
+    def corrects_updates(self) -> bool:
+        return self.wrapped.corrects_updates()
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        return self.wrapped.correct_update(new, old, grads, delay, optimizer, step)
+
     def versions_kept(self) -> int:
         return self.wrapped.versions_kept()
 
