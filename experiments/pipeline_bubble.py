@@ -14,7 +14,8 @@ take turns in the device's order. The *bubble* of a device is its idle time over
 (Narayanan et al.'s and Qi et al.'s measure): with ``M`` microbatches, ``(K - 1) / M`` for GPipe
 and OneFOneB, ``(K - 1) / (M V)`` for Interleaved1F1B and ``(K - 1) / (3 M V)`` for
 ZeroBubbleH1 when the forward, the input half and the weight half cost the same (the defaults;
-with other costs no formula is given). The *idle fraction* is idle over wall time, ``r / (1 +
+with other costs no formula is given), the last two for ``M >= K`` (with fewer microbatches than
+devices the interleaved and split orders cannot fill, and no formula is given either). The *idle fraction* is idle over wall time, ``r / (1 +
 r)`` for a bubble ``r``: ``(K - 1) / (M + K - 1)`` for a flush. We measure both per device from
 the actors' busy counters over the steady part (minibatches after a warm-up one). Run ``python
 experiments/pipeline_bubble.py --help``.
@@ -138,6 +139,9 @@ def theory_bubble(cfg: Config, name: str, k: int, m: int) -> float:
     """The bubble (idle over busy time per device) of ``name`` on ``k`` devices, ``m``
     microbatches."""
     v = virtual_of(cfg, name)
+    interleaved = v > 1 or name == "ZeroBubbleH1"
+    if interleaved and m < k:
+        return float("nan")  # fewer microbatches than devices: the schedule cannot fill
     if name != "ZeroBubbleH1":
         return (k - 1) / (m * v)
     if cfg.forward_ms != cfg.backward_ms / 2:
@@ -186,15 +190,22 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
             for _ in range(cfg.warmup):
                 await run.step(batch)
             await run.drain()
+            # each minibatch measured alone too (a flush makes them identical): a moment when
+            # other processes hold the cores stretches one of them, not the median
+            walls, busies = [], []
             t0 = time.perf_counter()
             busy0 = {n: run.statistics()[n].busy_seconds for n in graph.layers}
             for _ in range(cfg.minibatches):
+                t = time.perf_counter()
+                before = {n: run.statistics()[n].busy_seconds for n in graph.layers}
                 await run.step(batch)
-            await run.drain()
+                await run.drain()
+                walls.append(time.perf_counter() - t)
+                busies.append({n: run.statistics()[n].busy_seconds - before[n]
+                               for n in graph.layers})  # fmt: skip
             wall = time.perf_counter() - t0
             busy = {n: run.statistics()[n].busy_seconds - busy0[n] for n in graph.layers}
-            out["wall"] = wall
-            out["busy"] = busy
+            out.update(wall=wall, busy=busy, walls=walls, busies=busies)
 
     anyio.run(main, backend="trio")
     wall, busy = out["wall"], out["busy"]
@@ -204,6 +215,12 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
     device_busy = [sum(busy[n] for n in layers[d::k]) for d in range(k)]
     idle = [1.0 - db / wall for db in device_busy]
     bubble = [(wall - db) / db for db in device_busy]
+    # per device, the median over minibatches of each minibatch's own bubble
+    per_mb = [
+        [(w - sum(b[n] for n in layers[d::k])) / sum(b[n] for n in layers[d::k]) for d in range(k)]
+        for w, b in zip(out["walls"], out["busies"], strict=True)
+    ]
+    median = [float(np.median([mb[d] for mb in per_mb])) for d in range(k)]
     r = theory_bubble(cfg, policy_name, k, m)
     return {
         "policy": policy_name,
@@ -213,6 +230,7 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         "theory_bubble": r,
         "measured_bubble_mean": float(np.mean(bubble)),
         "measured_bubble_per_device": bubble,
+        "median_bubble_per_device": median,  # over minibatches: robust to a moment of load
         "theory_idle": r / (1 + r),
         "measured_idle_mean": float(np.mean(idle)),
         "measured_idle_per_device": idle,
@@ -239,7 +257,7 @@ def plot(cfg: Config, rows: list[dict]) -> None:
         for i, k in enumerate(cfg.stages):
             sel = [r for r in rows if r["policy"] == name and r["K"] == k]
             c = colors[i % len(colors)]
-            theory = np.array([theory_bubble(cfg, name, k, 1)]) / mm
+            theory = np.array([theory_bubble(cfg, name, k, m) for m in mm])
             ax.plot(mm, theory / (1 + theory), "-", color=c, alpha=0.5)
             ax.plot([r["M"] for r in sel], [r["measured_idle_mean"] for r in sel], "o", color=c,
                     label=f"K={k}")  # fmt: skip

@@ -380,6 +380,51 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     return paths
 
 
+def _score(row: dict[str, Any], key: str) -> str:
+    if "error" in row:
+        return "not run"
+    text = f"{row[key]:.3f}"
+    if f"{key}_std" in row and len(row[f"{key}_runs"]) > 1:
+        text += f" ± {row[f'{key}_std']:.3f}"
+    return text
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results as Markdown tables, one per task (``table.md`` in the output folder)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sel = [r for r in rows if r["task"] == task]
+        opts = list(dict.fromkeys(r["optimizer"] for r in sel))
+        unit = "test accuracy" if task == "mnist1d" else "val. bits/char"
+        head = "| setting |"
+        for o in opts:
+            head += f" {unit} {o}, equal epochs | {o}, equal wall time (epochs) |"
+        head += " delay mean per stage | peak stored keys | peak versions | idle fraction |"
+        out += [f"**{task}**", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for name in dict.fromkeys(r["setting"] for r in sel):
+            by_opt = {r["optimizer"]: r for r in sel if r["setting"] == name}
+            line = f"| {name} |"
+            for o in opts:
+                r = by_opt.get(o)
+                if r is None:
+                    line += " | |"
+                    continue
+                epochs = "" if "error" in r else f" ({r['epochs_in_time']})"
+                line += f" {_score(r, 'score_equal_epochs')} | {_score(r, 'score_equal_time')}"
+                line += f"{epochs} |"
+            first = next(r for r in by_opt.values())
+            if "error" in first:
+                out.append(line + " | | | |")
+                continue
+            per = " / ".join(f"{v:.2f}" for v in first["delay_mean_per_stage"].values())
+            stored = " / ".join(str(v) for v in first["peak_stored_per_stage"].values())
+            versions = " / ".join(str(v) for v in first["peak_versions_per_stage"].values())
+            line += f" {per} | {stored} | {versions} | {first['idle_fraction']:.2f} |"
+            out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = _common.parse_config(Config, argv, __doc__)
     os.makedirs(cfg.out, exist_ok=True)
@@ -394,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             only = {s.strip() for s in cfg.char_only.split(",") if s.strip()} or None
             rows += run_task(cfg, chars_task(cfg), ["adam"], only)
     plots = plot(cfg, rows)
+    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        f.write(markdown_table(rows))
     total = time.perf_counter() - start
     print(f"the whole zoo: {total:.0f} s")
     return _common.finish(cfg.out, cfg, {"rows": rows, "plots": plots, "seconds": total})
