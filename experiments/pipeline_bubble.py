@@ -150,6 +150,65 @@ def theory_bubble(cfg: Config, name: str, k: int, m: int) -> float:
     return (k - 1) / (3 * m * v)
 
 
+def device_orders(cfg: Config, name: str, k: int, m: int) -> list[list[tuple[str, int, int]]]:
+    """Each device's operations in order, ``(kind, stage, microbatch)``, as the policy runs them
+    (the interleaved ones' device orders; one stage per device for GPipe and OneFOneB)."""
+    v = virtual_of(cfg, name)
+    if name == "Interleaved1F1B":
+        return policies.interleaved_1f1b_schedule(k, v, m)
+    if name == "ZeroBubbleH1":
+        return policies.interleaved_zero_bubble_schedule(k, v, m)
+    out = []
+    for s in range(k):
+        order = policies.OneFOneBOrder(None if name == "GPipe" else k - s - 1, flush=True)
+        ops = []
+        for _ in range(2 * m):
+            kind, key = order.next()
+            order.done((kind, key), m)
+            ops.append((kind, s, key))
+        out.append(ops)
+    return out
+
+
+def simulated_bubble(cfg: Config, name: str, k: int, m: int) -> list[float]:
+    """Each device's bubble under its order with the stage costs and no overhead at all: an
+    operation starts once its device is free and its inputs are done (a forward after the
+    previous stage's, a backward or input half after the next stage's input half and its own
+    forward, a weight half after its input half). Holds for every ``M``, where the formulas
+    need ``M >= K``."""
+    orders = device_orders(cfg, name, k, m)
+    stages = k * virtual_of(cfg, name)
+    f, b = cfg.forward_ms, cfg.backward_ms
+    cost = {"forward": f, "backward": b, "backward_input": b / 2, "backward_weight": b / 2}
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * k
+    nxt = [0] * k
+    while any(nxt[d] < len(orders[d]) for d in range(k)):
+        moved = False
+        for d in range(k):
+            if nxt[d] == len(orders[d]):
+                continue
+            kind, s, mb = orders[d][nxt[d]]
+            if kind == "forward":
+                needs = [("forward", s - 1, mb)] if s else []
+            elif kind == "backward_weight":
+                needs = [("input", s, mb)]
+            else:
+                needs = [("forward", s, mb)] + ([("input", s + 1, mb)] if s + 1 < stages else [])
+            if any(n not in done for n in needs):
+                continue
+            end = max([free[d]] + [done[n] for n in needs]) + cost[kind]
+            free[d] = end
+            done[("input" if kind in ("backward", "backward_input") else kind, s, mb)] = end
+            nxt[d] += 1
+            moved = True
+        if not moved:
+            raise RuntimeError(f"{name} K={k} M={m}: the device orders deadlock")
+    wall = max(free)
+    busy = [sum(cost[kind] for kind, _, _ in ops) for ops in orders]
+    return [(wall - x) / x for x in busy]
+
+
 def runnable(cfg: Config, name: str, k: int, m: int) -> bool:
     """Whether ``name`` runs ``m`` microbatches on ``k`` devices (the interleaved orders take
     microbatches in rounds: ``m`` a multiple of ``max(1, m // k)``)."""
@@ -222,12 +281,14 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
     ]
     median = [float(np.median([mb[d] for mb in per_mb])) for d in range(k)]
     r = theory_bubble(cfg, policy_name, k, m)
+    simulated = simulated_bubble(cfg, policy_name, k, m)
     return {
         "policy": policy_name,
         "K": k,
         "V": v,
         "M": m,
         "theory_bubble": r,
+        "simulated_bubble_per_device": simulated,
         "measured_bubble_mean": float(np.mean(bubble)),
         "measured_bubble_per_device": bubble,
         "median_bubble_per_device": median,  # over minibatches: robust to a moment of load
