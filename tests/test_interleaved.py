@@ -19,7 +19,13 @@ import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 from asyncnn.policies import DeviceTurns
 
-from _reference import assert_params_close, assert_params_equal, chain_graph, plain_sgd
+from _reference import (
+    assert_params_close,
+    assert_params_equal,
+    chain_graph,
+    fresh_params,
+    plain_sgd,
+)
 
 
 def _data(n: int = 26, features: int = 5, classes: int = 3, seed: int = 0):
@@ -61,6 +67,23 @@ def test_split_and_interleaved_runs_equal_plain_minibatch_training_float64(k, po
     for name in g.layers:
         st = hist.statistics[name]
         assert st.stored == 0 and st.updates == 8 and st.backwards == st.forwards
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "policy", [policies.Interleaved1F1B(4, virtual=2), policies.ZeroBubbleH1(4, virtual=2)]
+)
+async def test_turns_and_split_backwards_on_trio_and_asyncio(policy):
+    g = chain_graph(4)
+    data = _data(n=16)
+    start = fresh_params(g)
+    batches = [{k: v[:8] for k, v in data.items()}, {k: v[8:] for k, v in data.items()}]
+    async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64") as run:
+        for b in batches:
+            await run.step(b)
+        await run.drain()
+    ref, _ = plain_sgd(g, start, optim.SGD(lr=0.1), batches)
+    assert_params_close(run.params, ref, rtol=1e-10, atol=1e-12)
 
 
 # -- random sleeps ---------------------------------------------------------------------------------
@@ -151,7 +174,8 @@ def test_the_stages_of_a_device_compute_one_at_a_time_in_its_order(policy, sched
         assert got == want
 
 
-def test_device_turns_pass_in_order_and_refuse_out_of_turn():
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_device_turns_pass_in_order_and_refuse_out_of_turn(backend):
     turns = DeviceTurns(0, lambda m: [0, 2, 2, 0][:m])
     seen = []
 
@@ -167,7 +191,7 @@ def test_device_turns_pass_in_order_and_refuse_out_of_turn():
             tg.start_soon(stage, 2, 2)
             tg.start_soon(stage, 0, 2)
 
-    anyio.run(main)
+    anyio.run(main, backend=backend)
     assert seen == [0, 2, 2, 0]
     assert turns.next_stage() is None  # the minibatch is over
     assert turns.is_turn(0, 4) and not turns.is_turn(2, 4)
