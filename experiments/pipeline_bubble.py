@@ -280,6 +280,7 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         for w, b in zip(out["walls"], out["busies"], strict=True)
     ]
     median = [float(np.median([mb[d] for mb in per_mb])) for d in range(k)]
+    least = [float(min(mb[d] for mb in per_mb)) for d in range(k)]
     r = theory_bubble(cfg, policy_name, k, m)
     simulated = simulated_bubble(cfg, policy_name, k, m)
     return {
@@ -292,6 +293,8 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         "measured_bubble_mean": float(np.mean(bubble)),
         "measured_bubble_per_device": bubble,
         "median_bubble_per_device": median,  # over minibatches: robust to a moment of load
+        # the least disturbed minibatch's (other processes' load mostly adds idle time)
+        "least_bubble_per_device": least,
         "theory_idle": r / (1 + r),
         "measured_idle_mean": float(np.mean(idle)),
         "measured_idle_per_device": idle,
