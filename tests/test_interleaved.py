@@ -369,8 +369,8 @@ def test_the_runtime_realizes_each_schedules_bubble_on_a_virtual_clock(name, k, 
 
 
 def test_without_turns_the_stages_of_a_device_would_overlap(monkeypatch):
-    """The same run with the turns switched off: a device's two stages compute at once, so its
-    busy time no longer fits in the wall time (a negative bubble)."""
+    """The same run with the turns switched off: a device's two stages compute at once (as two
+    devices would), and its measured bubble is no longer the schedule's (0 instead of 1/8)."""
     from asyncnn._runtime._interleaved import _InterleavedOrder
 
     monkeypatch.setattr(_InterleavedOrder, "device_turns", lambda self: None)
