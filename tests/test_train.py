@@ -234,8 +234,12 @@ def test_an_interrupted_pipedream_fit_keeps_each_layers_last_update():
     # each layer after its own last update (2 per minibatch); the counters stop at the first
     # minibatch whose loss was not known
     assert all(n >= 2 * 3 for n in v.values()) and len(tr.history.losses) == tr.state.minibatches
+    # the pipeline streams: whether the epoch's last loss (minibatch 4) was known when the
+    # interrupt came depends on timing, so the first epoch may or may not be complete
+    before = tr.epochs_done
+    assert before in (0, 1) and tr.epoch_batches == tr.state.minibatches - 5 * before
     tr.fit(_data(), epochs=1, batch_size=8)  # and it goes on from there
-    assert tr.epochs_done == 1 and tr.epoch_batches == 0
+    assert tr.epochs_done == before + 1 and tr.epoch_batches == 0
 
 
 def test_fit_checks_the_data_first():

@@ -11,7 +11,7 @@ import atexit
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -26,6 +26,9 @@ from ._wire import (
     listen,
     serve_listener,
 )
+
+if TYPE_CHECKING:
+    from asyncnn._runtime._config import RunConfig
 
 __all__ = ["Cluster"]
 
@@ -207,14 +210,15 @@ class Cluster:
         graph: Any,
         optimizer: Any,
         policy: Any,
-        seed: int = 0,
-        dtype: str = "float32",
+        config: RunConfig,
         **options: Any,
     ) -> Any:
-        """:func:`asyncnn.open_run` on this cluster (``ann.open_run(..., cluster=c)`` calls it)."""
+        """:func:`asyncnn.open_run` on this cluster (``ann.open_run(..., cluster=c)`` calls it,
+        with the run's options whole in ``config``; ``options`` are ``state``, ``pool``,
+        ``on_loss`` and ``validated``)."""
         from ._driver import open_cluster_run
 
-        return open_cluster_run(self, graph, optimizer, policy, seed, dtype, **options)
+        return open_cluster_run(self, graph, optimizer, policy, config, **options)
 
     def reject(self, what: str) -> None:
         """Records (and logs) a refused connection."""

@@ -20,20 +20,19 @@ from asyncnn._runtime._checks import validate
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import (
+    Share,
     close_channels,
-    close_recorder,
     cpu_layers,
     error_leaves,
-    finish_run,
     host_cores,
+    hosting,
     maybe_pool,
     open_recorder,
-    record_error,
-    serve_actors,
+    recording,
     single_error,
-    start_watchdog,
 )
 from asyncnn._runtime._policies import Policy
+from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
     Run,
     RunState,
@@ -133,27 +132,15 @@ async def open_cluster_run(
     graph: Graph,
     optimizer: Any,
     policy: Policy,
-    seed: int = 0,
-    dtype: str = "float32",
+    config: RunConfig,
     *,
     state: RunState | None = None,
     pool: DevicePool | None = None,
-    stall_timeout: float = 60.0,
-    check_finite: bool = False,
     on_loss: Any = None,
     validated: bool = False,
-    trace: str | None = None,
-    trace_payloads: str = "inputs",
-    max_in_flight: int | None = None,
-    config: RunConfig | None = None,
 ) -> AsyncIterator[Run]:
-    """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers (the run's
-    options separately, or whole as ``config``, which ``asyncnn.open_run`` passes)."""
-    if config is None:
-        config = RunConfig(
-            seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
-            trace=trace, trace_payloads=trace_payloads,
-        )  # fmt: skip
+    """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers, with the run's
+    options whole as ``config`` (the one record every process of the run reads them from)."""
     if not validated:
         validate(graph, config.dtype)
     where = placement(graph, cluster)
@@ -162,7 +149,7 @@ async def open_cluster_run(
     await cluster.start()
     try:
         async with _driver_run(
-            cluster, where, graph, optimizer, policy, config, state, pool, on_loss, max_in_flight
+            cluster, where, graph, optimizer, policy, config, state, pool, on_loss
         ) as run:
             yield run
     except BaseException:
@@ -181,7 +168,6 @@ async def _driver_run(
     state: RunState,
     pool: DevicePool | None,
     on_loss: Any,
-    max_in_flight: int | None,
 ) -> AsyncIterator[Run]:
     hosted_by: dict[int | None, list[str]] = {}
     for name, w in where.items():
@@ -196,10 +182,8 @@ async def _driver_run(
     # the cluster is local; a Ray worker on its own machine may be told otherwise)
     cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
     threads = cluster.threads_per_worker or max(1, host_cores() // len(cpu_hosts))
-    failed = False
-    # each worker's trace file, as it sent it (with its result, or with its error report)
-    worker_traces: dict[int, Any] = {}
-    try:
+    share = _DriverShare(cluster, hosted_by, recorder, config.trace)
+    with recording(recorder, share):
         async with maybe_pool(pool, threads) as the_pool:
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
@@ -208,106 +192,144 @@ async def _driver_run(
             }
             run = DriverRun(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
-                recorder=recorder, max_in_flight=max_in_flight, hosted=here, remote=proxies,
+                recorder=recorder, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
-            run.worker_traces = worker_traces
+            run.worker_traces = share.traces
             try:
-                # what every worker is told alike (the specs are built once)
-                common = {
-                    "t": "run",
-                    "graph": graph.to_spec(),
-                    "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
-                    "placement": where,
-                    "optimizer": optimizer.to_spec(),
-                    "policy": policy.to_spec(),
-                    # the run's options, whole; a worker writes no trace file of its own name
-                    "config": config.replace(trace=None).to_spec(),
-                    "max_in_flight": run.max_in_flight,
-                    "threads": threads,
-                    "trace": config.trace_payloads if recorder is not None else None,
-                    "nccl": {"plan": [list(k) for k in plan], "ids": ids},
-                }
-                for w in range(cluster.workers):
-                    buffers: list[Any] = []
-                    names = [n for n in hosted_by.get(w, []) if n in graph.layers]
-                    cmd = {
-                        **common,
-                        "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
-                        "latency": cluster.info[w].get("latency", 0.0),
-                        **encode_state(state, buffers, names),
-                        "minibatches": state.minibatches,
-                        "keys": state.keys,
-                    }
-                    await cluster.connections[w].send(cmd, buffers)
+                await _start_workers(cluster, run, state, where, threads, plan, ids)
                 # every process creates its ends of the links now, in the same order
                 with anyio.fail_after(cluster.start_timeout):
                     run.nccl = await open_links(-1, plan, ids)
-                async with anyio.create_task_group() as tg:
-                    local_done = anyio.Event()
-
-                    async def local_actors() -> None:
-                        async with anyio.create_task_group() as inner:
-                            serve_actors(inner, run)
-                        local_done.set()
-
-                    tg.start_soon(local_actors)
-                    results_in = anyio.Event()
-
-                    async def read_all() -> None:
-                        async with anyio.create_task_group() as rtg:
-                            for w in range(cluster.workers):
-                                rtg.start_soon(_read_worker, cluster, run, w, hosted_by.get(w, []))
-                        results_in.set()
-
-                    tg.start_soon(read_all)
-                    watchdog = start_watchdog(tg, run)
-                    yield run
-                    await finish_run(run)
-                    await local_done.wait()
-                    # what the driver's actors sent precedes this marker on each link
-                    for conn in cluster.connections.values():
-                        await conn.send({"t": "eor"})
-                    await results_in.wait()
-                    watchdog.cancel()
-            except BaseExceptionGroup as group:
-                error = _one_error(group)
-                lost = lost_peer(error)
-                if lost is not None and lost.worker is not None:
-                    # a process failed because another one went away: report that one
-                    j = lost.worker
-                    error = await _died(cluster, j, hosted_by.get(j, []), lost)
-                if recorder is not None:
-                    await _gather_traces(cluster, worker_traces, hosted_by)
-                record_error(recorder, error)
-                raise error from error.__cause__
-            finally:
+            except BaseException:
+                share.close(run)
                 close_channels(run)
-                if run.nccl is not None:
-                    run.nccl.close()
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if failed and recorder is not None:
-            # say whose events the trace lacks (summary and replay report it)
-            missing = sorted(
-                w for w, names in hosted_by.items()
-                if w is not None and names and w not in worker_traces
+                raise
+            async with hosting(run, share):
+                yield run
+
+
+class _DriverShare(Share):
+    """The driver's part in a cluster run: it reads every worker beside its own actors, marks
+    the end of what it sent on each link, waits for the workers' results, names a failure by
+    its first cause (a worker's death explains the rest), and merges the workers' traces into
+    its own."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        hosted_by: dict[int | None, list[str]],
+        recorder: Recorder | None,
+        trace: str | None,
+    ) -> None:
+        self.cluster = cluster
+        self.hosted_by = hosted_by
+        self.recorder = recorder
+        self.trace = trace if recorder is not None else None
+        self.results_in = anyio.Event()
+        # each worker's trace file, as it sent it (with its result, or with its error report)
+        self.traces: dict[int, Any] = {}
+
+    def start(self, tg: Any, run: Run) -> None:
+        assert isinstance(run, DriverRun)
+        cluster, hosted_by = self.cluster, self.hosted_by
+
+        async def read_all() -> None:
+            async with anyio.create_task_group() as rtg:
+                for w in range(cluster.workers):
+                    rtg.start_soon(_read_worker, cluster, run, w, hosted_by.get(w, []))
+            self.results_in.set()
+
+        tg.start_soon(read_all)
+
+    async def actors_stopped(self, run: Run) -> None:
+        # what the driver's actors sent precedes this marker on each link
+        for conn in self.cluster.connections.values():
+            await conn.send({"t": "eor"})
+
+    async def settle(self, run: Run) -> None:
+        await self.results_in.wait()
+
+    async def failure(self, group: BaseExceptionGroup[Any]) -> BaseException:
+        error = _one_error(group)
+        lost = lost_peer(error)
+        if lost is not None and lost.worker is not None:
+            # a process failed because another one went away: report that one
+            j = lost.worker
+            error = await _died(self.cluster, j, self.hosted_by.get(j, []), lost)
+        if self.trace is not None:
+            await _gather_traces(self.cluster, self.traces, self.hosted_by)
+        return error
+
+    def close(self, run: Run) -> None:
+        assert isinstance(run, DriverRun)
+        if run.nccl is not None:
+            run.nccl.close()
+
+    def trace_closing(self, failed: bool) -> None:
+        if not failed or self.recorder is None:
+            return
+        # say whose events the trace lacks (summary and replay report it)
+        missing = sorted(
+            w for w, names in self.hosted_by.items()
+            if w is not None and names and w not in self.traces
+        )  # fmt: skip
+        if missing:
+            self.recorder.event(
+                "scheduler", "missing",
+                meta={"workers": missing, "error": "the run failed or was interrupted before "
+                      "these workers' events could be collected"},
             )  # fmt: skip
-            if missing:
-                recorder.event(
-                    "scheduler", "missing",
-                    meta={"workers": missing, "error": "the run failed or was interrupted before "
-                          "these workers' events could be collected"},
-                )  # fmt: skip
-        close_recorder(recorder, failed)
-        if recorder is not None and config.trace is not None and worker_traces:
-            try:
-                _merge(config.trace, [worker_traces[w] for w in sorted(worker_traces)])
-            except Exception:
-                if not failed:  # a failed run's own error matters more than its trace
-                    raise
+
+    def trace_closed(self, failed: bool) -> None:
+        if self.trace is None or not self.traces:
+            return
+        try:
+            _merge(self.trace, [self.traces[w] for w in sorted(self.traces)])
+        except Exception:
+            if not failed:  # a failed run's own error matters more than its trace
+                raise
+
+
+async def _start_workers(
+    cluster: Cluster,
+    run: DriverRun,
+    state: RunState,
+    where: dict[str, int | None],
+    threads: int,
+    plan: list[Any],
+    ids: list[Any],
+) -> None:
+    """Sends each worker its share of the run: the specs, the run's options and the state of
+    the layers it hosts."""
+    graph, recorder = run.graph, run.recorder
+    # what every worker is told alike (the specs are built once)
+    common = {
+        "t": "run",
+        "graph": graph.to_spec(),
+        "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
+        "placement": where,
+        "optimizer": run.optimizer.to_spec(),
+        "policy": run.policy.to_spec(),
+        # the run's options, whole; a worker writes no trace file of its own name
+        "config": run.config.replace(trace=None).to_spec(),
+        "max_in_flight": run.max_in_flight,
+        "threads": threads,
+        "trace": run.config.trace_payloads if recorder is not None else None,
+        "nccl": {"plan": [list(k) for k in plan], "ids": ids},
+    }
+    for w in range(cluster.workers):
+        buffers: list[Any] = []
+        names = [n for n in graph.layers if where[n] == w]
+        cmd = {
+            **common,
+            "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
+            "latency": cluster.info[w].get("latency", 0.0),
+            **encode_state(state, buffers, names),
+            "minibatches": state.minibatches,
+            "keys": state.keys,
+        }
+        await cluster.connections[w].send(cmd, buffers)
 
 
 async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[str]) -> None:

@@ -29,9 +29,11 @@ from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import (
-    close_recorder,
+    Share,
+    close_channels,
+    hosting,
     maybe_pool,
-    serve_actors,
+    recording,
     single_error,
     start_cancellable,
 )
@@ -223,34 +225,34 @@ class Worker:
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
         try:
-            async with maybe_pool(None, threads) as pool:
-                proxies: dict[str, RemoteActor] = {}
-                for name, w in placement.items():
-                    if w != self.index:
-                        conn = self.driver if w is None else self.peers[w]
-                        proxies[name] = RemoteActor(name, conn, None, w)
-                config = RunConfig.from_spec(cmd["config"])
-                run = WorkerRun(
-                    graph, optimizer_from_spec(cmd["optimizer"]), policy_from_spec(cmd["policy"]),
-                    state, pool, config, recorder=recorder,
-                    max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
-                )  # fmt: skip
-                run.control = control_send
-                nccl = cmd.get("nccl") or {}
-                with anyio.fail_after(60):
-                    run.nccl = await open_links(
-                        self.index, nccl.get("plan") or [], nccl.get("ids") or []
-                    )
-                try:
-                    await self._serve_run(run, control_receive)
-                finally:
-                    if run.nccl is not None:
-                        run.nccl.close()
+            with recording(recorder):  # a worker writes no error event: the driver's trace has it
+                async with maybe_pool(None, threads) as pool:
+                    proxies: dict[str, RemoteActor] = {}
+                    for name, w in placement.items():
+                        if w != self.index:
+                            conn = self.driver if w is None else self.peers[w]
+                            proxies[name] = RemoteActor(name, conn, None, w)
+                    config = RunConfig.from_spec(cmd["config"])
+                    run = WorkerRun(
+                        graph, optimizer_from_spec(cmd["optimizer"]),
+                        policy_from_spec(cmd["policy"]), state, pool, config, recorder=recorder,
+                        max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
+                    )  # fmt: skip
+                    run.control = control_send
+                    part = _WorkerShare(self, control_receive)
+                    nccl = cmd.get("nccl") or {}
+                    try:
+                        with anyio.fail_after(60):
+                            run.nccl = await open_links(
+                                self.index, nccl.get("plan") or [], nccl.get("ids") or []
+                            )
+                    except BaseException:
+                        part.close(run)
+                        close_channels(run)
+                        raise
+                    async with hosting(run, part):
+                        pass  # the driver drives the run: its actors stop when it says so
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
-            error = exc
-        try:
-            close_recorder(recorder, error is not None)
-        except Exception as exc:  # noqa: BLE001 - the run went well, its trace did not
             error = exc
         if error is not None:
             if trace_file is not None:  # sent with the error report, for the driver's trace
@@ -276,66 +278,6 @@ class Worker:
             os.unlink(trace_file)
             result["trace"] = len(out) - 1
         await self.driver.send(result, out)
-
-    async def _serve_run(self, run: WorkerRun, control: Any) -> None:
-        done = anyio.Event()
-        async with anyio.create_task_group() as tg:
-
-            async def actors() -> None:
-                async with anyio.create_task_group() as inner:
-                    serve_actors(inner, run)
-                for actor in run.local.values():
-                    await actor.wait_for_device()
-                # every message this worker's actors sent precedes this marker on each link
-                for conn in self.peers.values():
-                    await conn.send({"t": "eor"})
-                done.set()
-
-            async def forward_control() -> None:
-                async for frame in control:
-                    await self.driver.send(frame)
-
-            async def heartbeat() -> None:
-                while True:
-                    age = time.perf_counter() - run.last_event
-                    what = {n: a.describe() for n, a in run.local.items()}
-                    # never cut off mid-frame (the end of the run cancels this task): a half
-                    # frame would garble the stream for the result that follows
-                    beat = {"t": "hb", "age": age, "describe": what}
-                    if self.rejected.count:  # only what is new since the last report
-                        beat["rejected"] = self.rejected.take()
-                    with anyio.CancelScope(shield=True):
-                        await self.driver.send(beat)
-                    await anyio.sleep(0.5)
-
-            async def read(conn: Connection, peer: int | None) -> None:
-                while True:
-                    try:
-                        header, buffers = await conn.receive()
-                    except (EOFError, ConnectionError) as exc:
-                        if isinstance(exc, ProtocolError):
-                            raise
-                        raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
-                    t = header.get("t")
-                    if t == "m":
-                        await deliver(run, header, buffers, conn, _proc(peer))
-                    elif t == "eor":
-                        return
-                    elif t == "abort" and peer is None:
-                        raise RuntimeError("the driver aborted the run")
-                    else:
-                        raise ValueError(f"worker {self.index}: unexpected {t!r} from {conn.peer}")
-
-            tg.start_soon(actors)
-            tg.start_soon(forward_control)
-            hb_scope = start_cancellable(tg, heartbeat)
-            async with anyio.create_task_group() as readers:
-                readers.start_soon(read, self.driver, None)
-                for j, conn in self.peers.items():
-                    readers.start_soon(read, conn, j)
-            await done.wait()
-            hb_scope.cancel()
-            run.control.close()  # the forwarder sends what is queued, then stops
 
     async def _report_error(self, error: BaseException) -> None:
         err = single_error(error)
@@ -363,6 +305,92 @@ class Worker:
                 await self.driver.send(frame, buffers)
         except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
             pass
+
+
+class _WorkerShare(Share):
+    """A worker's part in a cluster run: beside its actors it reads the driver and every peer,
+    forwards what the scheduler must hear, and beats a heartbeat; when its actors stop it marks
+    the end of what it sent on every peer link. The driver watches for stalls and writes the
+    run's error into the trace."""
+
+    watches = False
+    records_error = False
+
+    def __init__(self, worker: Worker, control: Any) -> None:
+        self.worker = worker
+        self.control = control  # what the run's actors tell the scheduler, for the driver
+        self.heartbeat: anyio.CancelScope | None = None
+        self.links_done = anyio.Event()
+
+    def start(self, tg: Any, run: Run) -> None:
+        worker = self.worker
+        assert isinstance(run, WorkerRun)
+
+        async def forward_control() -> None:
+            async for frame in self.control:
+                await worker.driver.send(frame)
+
+        async def heartbeat() -> None:
+            while True:
+                age = time.perf_counter() - run.last_event
+                what = {n: a.describe() for n, a in run.local.items()}
+                # never cut off mid-frame (the end of the run cancels this task): a half
+                # frame would garble the stream for the result that follows
+                beat = {"t": "hb", "age": age, "describe": what}
+                if worker.rejected.count:  # only what is new since the last report
+                    beat["rejected"] = worker.rejected.take()
+                with anyio.CancelScope(shield=True):
+                    await worker.driver.send(beat)
+                await anyio.sleep(0.5)
+
+        async def read(conn: Connection, peer: int | None) -> None:
+            while True:
+                try:
+                    header, buffers = await conn.receive()
+                except (EOFError, ConnectionError) as exc:
+                    if isinstance(exc, ProtocolError):
+                        raise
+                    raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
+                t = header.get("t")
+                if t == "m":
+                    await deliver(run, header, buffers, conn, _proc(peer))
+                elif t == "eor":
+                    return
+                elif t == "abort" and peer is None:
+                    raise RuntimeError("the driver aborted the run")
+                else:
+                    raise ValueError(f"worker {worker.index}: unexpected {t!r} from {conn.peer}")
+
+        async def read_all() -> None:
+            async with anyio.create_task_group() as readers:
+                readers.start_soon(read, worker.driver, None)
+                for j, conn in worker.peers.items():
+                    readers.start_soon(read, conn, j)
+            self.links_done.set()
+
+        tg.start_soon(forward_control)
+        self.heartbeat = start_cancellable(tg, heartbeat)
+        tg.start_soon(read_all)
+
+    def close(self, run: Run) -> None:
+        assert isinstance(run, WorkerRun)
+        if run.nccl is not None:
+            run.nccl.close()
+
+    async def end(self, run: Run) -> None:
+        pass  # the driver ends the run: it stops this worker's actors through their inboxes
+
+    async def actors_stopped(self, run: Run) -> None:
+        # every message this worker's actors sent precedes this marker on each link
+        for conn in self.worker.peers.values():
+            await conn.send({"t": "eor"})
+
+    async def settle(self, run: Run) -> None:
+        await self.links_done.wait()  # every process marked the end of what it sent here
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+        assert isinstance(run, WorkerRun)
+        run.control.close()  # the forwarder sends what is queued, then stops
 
 
 def _on(backend: Any) -> Any:

@@ -1,14 +1,20 @@
 """The life of a run, shared by a run in one process, a cluster's driver and its workers: the
 trace recorder opened and closed, the actors served and stopped, the stall watchdog, the device
-pool sized for the CPU actors, and the one error a failed run reports."""
+pool sized for the CPU actors, and the one error a failed run reports.
+
+Each process hosts a share of the run's actors. :func:`hosting` is the one sequence every process
+goes through (serve the actors beside the process's own tasks, watch for stalls, end the run,
+pick the one error, close the inboxes); a :class:`Share` says what differs between the local
+run, the driver and a worker, in a handful of hooks. :func:`recording` closes the trace around it.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,6 +25,7 @@ from asyncnn.backends import DevicePool, open_device_pool
 from ._config import RunConfig
 from ._messages import STOP, Message
 from ._recorder import Recorder
+from ._stall import LoopBlockedError
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -26,15 +33,18 @@ if TYPE_CHECKING:
     from ._run import Run, RunState
 
 __all__ = [
+    "Share",
     "close_channels",
     "close_recorder",
     "host_cores",
+    "hosting",
     "cpu_layers",
     "error_leaves",
     "finish_run",
     "maybe_pool",
     "open_recorder",
     "record_error",
+    "recording",
     "serve_actors",
     "single_error",
     "start_cancellable",
@@ -47,10 +57,23 @@ async def _stop_all(run: Run) -> None:
         await actor.send_channel.send(Message(STOP, -1, 0, "", name, 0))
 
 
-def serve_actors(tg: Any, run: Run) -> None:
-    """Starts each of the run's local actors as a task of ``tg``."""
+def serve_actors(tg: Any, run: Run) -> anyio.Event:
+    """Starts each of the run's local actors as a task of ``tg``; the event is set once every
+    one of them has stopped."""
+    stopped = anyio.Event()
+    serving = set(run.local)
+
+    async def serve(name: str, actor: Any) -> None:
+        await actor.serve()
+        serving.discard(name)
+        if not serving:
+            stopped.set()
+
+    if not serving:
+        stopped.set()
     for name, actor in run.local.items():
-        tg.start_soon(actor.serve, name=f"actor {name}")
+        tg.start_soon(serve, name, actor, name=f"actor {name}")
+    return stopped
 
 
 async def finish_run(run: Run) -> None:
@@ -146,6 +169,104 @@ def start_watchdog(tg: Any, run: Run) -> anyio.CancelScope:
     return start_cancellable(tg, run._watchdog)
 
 
+class Share:
+    """What one process does in a run beside serving its actors. This base class is a run in one
+    process; a cluster's driver and its workers override the hooks where they differ (their
+    readers of other processes, heartbeats, end-of-run markers, and how a failure is named).
+    """
+
+    #: this process watches the run for stalls (a worker does not: the driver sees its stalls
+    #: through heartbeats)
+    watches: bool = True
+    #: this process writes the run's error into its trace (a worker does not: the driver's
+    #: trace has it)
+    records_error: bool = True
+
+    def start(self, tg: Any, run: Run) -> None:
+        """Starts the tasks that run beside the actors in ``tg`` (readers of other processes,
+        heartbeats)."""
+
+    async def end(self, run: Run) -> None:
+        """Ends a run that went well, once the caller's block is done: by default drains it and
+        tells every actor to stop."""
+        await finish_run(run)
+
+    async def actors_stopped(self, run: Run) -> None:
+        """Runs once the run has ended here and this process's actors have stopped, their
+        device work done (a cluster process tells its peers that nothing more will come from
+        it)."""
+
+    async def settle(self, run: Run) -> None:
+        """Waits, after the actors stopped, for what must arrive before the run is over (the
+        driver: every worker's result)."""
+
+    async def failure(self, group: BaseExceptionGroup[Any]) -> BaseException:
+        """The one error a failed run reports, out of what its tasks raised."""
+        return single_error(group)
+
+    def close(self, run: Run) -> None:
+        """Releases what this process opened for the run (its links to other processes' GPUs),
+        whether it went well or not."""
+
+    def trace_closing(self, failed: bool) -> None:
+        """Runs just before the trace closes (whatever the run's fate)."""
+
+    def trace_closed(self, failed: bool) -> None:
+        """Runs just after the trace closed (whatever the run's fate)."""
+
+
+@asynccontextmanager
+async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
+    """Serves the run's local actors (and ``share``'s own tasks) for the length of the block,
+    then ends the run; a failure becomes one error, written to the trace and raised with the
+    original failure as its cause. The inboxes are closed whatever happens.
+
+    The sequence is the same in every process; ``share`` says what differs.
+    """
+    try:
+        async with anyio.create_task_group() as tg:
+            stopped = serve_actors(tg, run)
+            share.start(tg, run)
+            watchdog = start_watchdog(tg, run) if share.watches else None
+            yield
+            await share.end(run)
+            await stopped.wait()
+            for actor in run.local.values():
+                await actor.wait_for_device()
+            await share.actors_stopped(run)
+            await share.settle(run)
+            if watchdog is not None:
+                watchdog.cancel()
+    except BaseExceptionGroup as group:
+        error = await share.failure(group)
+        if share.records_error:
+            record_error(run.recorder, error)
+        raise error from error.__cause__  # keeps the original failure as the cause
+    finally:
+        try:
+            close_channels(run)
+        finally:
+            share.close(run)
+
+
+@contextmanager
+def recording(recorder: Recorder | None, share: Share | None = None) -> Iterator[None]:
+    """Closes the run's trace when the block ends, however it ends (a trace that fails to write
+    must not hide the run's own error); ``share``'s hooks run around the closing."""
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if share is not None:
+            share.trace_closing(failed)
+        close_recorder(recorder, failed)
+        if share is not None:
+            share.trace_closed(failed)
+
+
 def _trace_header(
     config: RunConfig, graph: Graph, optimizer: Any, policy: Policy, state: RunState
 ) -> dict[str, Any]:
@@ -170,10 +291,12 @@ def error_leaves(group: BaseException) -> list[BaseException]:
 
 
 def single_error(group: BaseException) -> BaseException:
-    """The one error a failed run reports: an actor's failure or a stall, before anything else
-    (a plain exception is its own)."""
+    """The one error a failed run reports: an actor's failure, then a blocked loop, then a
+    stall, before anything else (a plain exception is its own)."""
     leaves = error_leaves(group)
-    for kind in (ActorError, StallError):
+    # a blocked loop's own report names the actor; the watchdog, woken once the loop is
+    # interrupted, may report the same stall in general terms before it arrives
+    for kind in (ActorError, LoopBlockedError, StallError):
         for e in leaves:
             if isinstance(e, kind):
                 return e

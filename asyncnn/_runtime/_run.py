@@ -30,15 +30,12 @@ from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
 from ._lifecycle import (
+    Share,
     close_channels,
-    close_recorder,
-    finish_run,
+    hosting,
     maybe_pool,
     open_recorder,
-    record_error,
-    serve_actors,
-    single_error,
-    start_watchdog,
+    recording,
 )
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
@@ -540,8 +537,8 @@ async def open_run(
                 "file on the path) and import them from there"
             )
         async with cluster.open_run(
-            graph, optimizer, policy, state=state, pool=pool, on_loss=on_loss,
-            validated=validated, config=config,
+            graph, optimizer, policy, config, state=state, pool=pool, on_loss=on_loss,
+            validated=validated,
         ) as remote_run:  # fmt: skip
             yield remote_run
         return
@@ -550,28 +547,11 @@ async def open_run(
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
     recorder = open_recorder(config, graph, optimizer, policy, state)
-    failed = False
-    try:
+    with recording(recorder):
         async with maybe_pool(pool) as the_pool:
             run = Run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
             )  # fmt: skip
-            try:
-                async with anyio.create_task_group() as tg:
-                    serve_actors(tg, run)
-                    watchdog = start_watchdog(tg, run)
-                    yield run
-                    await finish_run(run)
-                    watchdog.cancel()
-            except BaseExceptionGroup as group:
-                error = single_error(group)
-                record_error(recorder, error)
-                raise error from error.__cause__  # keeps the original failure as the cause
-            finally:
-                close_channels(run)
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        close_recorder(recorder, failed)
+            async with hosting(run, Share()):
+                yield run
