@@ -5,6 +5,7 @@ See DESIGN.md section 2 for the semantics of each, and ``docs/policies.md`` for 
 
 from ._runtime._interleaved import (
     Interleaved1F1B,
+    ZeroBubbleH1,
     interleaved_1f1b_schedule,
     interleaved_zero_bubble_schedule,
 )
@@ -27,15 +28,18 @@ from ._runtime._remedies import (
     DiscrepancyCorrection,
     PipeMareLR,
     Remedy,
+    SpikeCompensation,
     StalenessScaledLR,
     WeightPrediction,
 )
+from ._runtime._turns import DeviceTurns
 from ._runtime._wrapped import Replay, WrappedPolicy
 
 __all__ = [
     "AnyOrder",
     "Async",
     "DelayCompensation",
+    "DeviceTurns",
     "DiscrepancyCorrection",
     "GPipe",
     "Interleaved1F1B",
@@ -48,11 +52,13 @@ __all__ = [
     "RecordedOrder",
     "Remedy",
     "Replay",
+    "SpikeCompensation",
     "StageOrder",
     "WrappedPolicy",
     "StalenessScaledLR",
     "Sync",
     "WeightPrediction",
+    "ZeroBubbleH1",
     "interleaved_1f1b_schedule",
     "interleaved_zero_bubble_schedule",
     "policy_from_spec",

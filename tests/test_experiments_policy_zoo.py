@@ -1,4 +1,5 @@
-"""Smoke test of experiments/policy_zoo.py: a tiny run writes its JSON and PNG."""
+"""Smoke test of experiments/policy_zoo.py: a tiny run of both tasks writes its JSON and PNGs,
+with both columns (equal epochs, equal wall time) and the schedules' own delays."""
 
 import json
 
@@ -7,20 +8,36 @@ import policy_zoo
 
 def test_policy_zoo_smoke(tmp_path):
     policy_zoo.main(
-        ["--epochs", "1", "--width", "8", "--train-samples", "400", "--optimizers", "sgd",
-         "--only", "Sync,PipeDream,Async A=16,Async A=16 + StalenessScaledLR,PipeDream2BW M=4",
+        ["--epochs", "1", "--max-epochs", "2", "--width", "8", "--train-samples", "400",
+         "--optimizers", "sgd", "--async-repeats", "1",
+         "--only", "Sync,PipeDream,Async A=16 + StalenessScaledLR,PipeDream2BW M=4,"
+                   "ZeroBubbleH1 M=4,PipeDream + SpikeCompensation",
+         "--char-dim", "8", "--char-context", "8", "--char-train-windows", "32",
+         "--char-epochs", "1", "--char-max-epochs", "1", "--char-val-windows", "4",
+         "--char-only", "Sync,ZeroBubbleH1 M=4",
          "--out", str(tmp_path)]
     )  # fmt: skip
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
-    rows = {r["setting"]: r for r in saved["results"]["rows"]}
+    rows = {(r["task"], r["setting"]): r for r in saved["results"]["rows"]}
     assert set(rows) == {
-        "Sync", "PipeDream", "Async A=16", "Async A=16 + StalenessScaledLR", "PipeDream2BW M=4"
+        ("mnist1d", "Sync"), ("mnist1d", "PipeDream"), ("mnist1d", "PipeDream2BW M=4"),
+        ("mnist1d", "Async A=16 + StalenessScaledLR"), ("mnist1d", "ZeroBubbleH1 M=4"),
+        ("mnist1d", "PipeDream + SpikeCompensation"), ("chars", "Sync"),
+        ("chars", "ZeroBubbleH1 M=4"),
     }  # fmt: skip
-    assert rows["Sync"]["delay_mean"] == 0.0
-    pd = rows["PipeDream"]["delay_max_per_stage"]
-    assert [pd[f"stage{s}"] for s in range(4)] == [3, 2, 1, 0]  # K - s - 1
-    assert rows["PipeDream"]["peak_stored_per_stage"]["stage0"] == 4
-    # a setting the runtime cannot run is reported, not fatal (2BW needs the on_forward change)
-    assert "error" in rows["PipeDream2BW M=4"] or rows["PipeDream2BW M=4"]["delay_mean"] <= 1
-    assert (tmp_path / "policy_zoo.png").stat().st_size > 0
+    sync = rows[("mnist1d", "Sync")]
+    assert sync["delay_mean"] == 0.0 and sync["score_equal_time"] == sync["score_equal_epochs"]
+    pd = rows[("mnist1d", "PipeDream")]
+    assert [pd["delay_max_per_stage"][f"stage{s}"] for s in range(4)] == [3, 2, 1, 0]
+    assert pd["peak_stored_per_stage"]["stage0"] == 4
+    assert pd["budget_seconds"] == sync["seconds_for_epochs"]
+    assert 1 <= pd["epochs_in_time"] <= 2
+    assert rows[("mnist1d", "PipeDream2BW M=4")]["delay_mean"] <= 1
+    # the synchronous schedules compute the same weights: the same score
+    zb = rows[("chars", "ZeroBubbleH1 M=4")]
+    assert zb["score_equal_epochs"] == rows[("chars", "Sync")]["score_equal_epochs"] or (
+        abs(zb["score_equal_epochs"] - rows[("chars", "Sync")]["score_equal_epochs"]) < 1e-3
+    )
+    for task in ("mnist1d", "chars"):
+        assert (tmp_path / f"policy_zoo_{task}.png").stat().st_size > 0

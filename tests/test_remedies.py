@@ -34,13 +34,16 @@ def _tmap(fn, *trees):
     return ann._math._pytree.tree_map(fn, *trees)
 
 
-def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=False, gamma=None):
+def pipedream_with_correction(
+    graph, params, lr, micro, stash, correct, predict=False, gamma=None, sgd_step=None
+):
     """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
     with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient; with
     ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the delay of the
     gradient just applied (linear weight prediction); with ``gamma`` (and no stashing), a
     backward recomputes at ``w - delay * delta``, delta the stage's average weight change
-    (PipeMare's discrepancy correction).
+    (PipeMare's discrepancy correction). ``sgd_step(s, w, g, delay) -> w``, where given, replaces
+    the plain SGD step of stage ``s``.
 
     Returns the final parameters and each stage's list of delays."""
     names = graph.layers
@@ -89,7 +92,10 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=
                 delays[s].append(delay)
                 gp = correct(gp, delay, version[s], p[s], w_fwd)
                 before = p[s]
-                p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
+                if sgd_step is None:
+                    p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
+                else:
+                    p[s] = sgd_step(s, p[s], gp, delay)
                 version[s] += 1
                 if predict:
                     predicted[s] = _tmap(lambda w, w0, d=delay: w + d * (w - w0), p[s], before)
@@ -108,9 +114,13 @@ def pipedream_with_correction(graph, params, lr, micro, stash, correct, predict=
     return dict(zip(names, p, strict=True)), delays
 
 
-def _run(policy, k, data, batch_size=10, epochs=1, trace=None):
+def _run(policy, k, data, batch_size=10, epochs=1, trace=None, optimizer=None):
     tr = ann.Trainer(
-        chain_graph(k), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", trace=trace
+        chain_graph(k),
+        optimizer=optimizer or optim.SGD(lr=0.1),
+        policy=policy,
+        dtype="float64",
+        trace=trace,
     )
     start = tr.params
     hist = tr.fit(data, epochs=epochs, batch_size=batch_size)
@@ -336,3 +346,59 @@ def test_discrepancy_correction_equals_its_formula_on_pipedream(k, m):
     assert_params_close(stashed.params, want.params, rtol=0, atol=0)
     with pytest.raises(ValueError, match="decay must be in"):
         policies.DiscrepancyCorrection(policies.PipeDream(m), decay=1.0)
+
+
+# -- spike compensation ----------------------------------------------------------------------------
+def _spike_compensated_momentum(lr, m, wd, k):
+    """Kosson et al.'s spike compensation re-enacted step by step, per stage: with ``d = g + wd
+    w`` and the momentum buffer ``v = d`` at the first update, else ``m v + d``, a gradient of
+    delay ``D`` moves the weights by ``-lr (m**D v + (1 - m**D) / (1 - m) d)``."""
+    buffers = [None] * k
+
+    def step(s, w, g, delay):
+        d = _tmap(lambda g, w: g + wd * w, g, w)
+        v = d if buffers[s] is None else _tmap(lambda v, d: m * v + d, buffers[s], d)
+        buffers[s] = v
+        a = m**delay
+        b = sum(m**j for j in range(delay))  # 1 + m + ... + m**(D-1): the missed steps
+        return _tmap(lambda w, v, d: w - lr * (a * v + b * d), w, v, d)
+
+    return step
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
+def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
+    data = _data()
+    opt = optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01)
+    policy = policies.SpikeCompensation(policies.PipeDream(m, stash=stash))
+    tr, start, hist = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    step = _spike_compensated_momentum(0.05, 0.9, 0.01, k)
+    ref, delays = pipedream_with_correction(
+        tr.graph, start, 0.05, micro, stash, ident, sgd_step=step
+    )
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    for s, name in enumerate(tr.graph.layers):
+        assert hist.statistics[name].delays == dict(Counter(delays[s]))
+    # without the compensation (plain momentum) the weights end elsewhere
+    plain = _run(policies.PipeDream(m, stash=stash), k, data, epochs=2, optimizer=opt)[0]
+    first = tr.graph.layers[0]
+    leaves = ann._math._pytree.tree_leaves
+    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    assert policies.policy_from_spec(policy.to_spec()) == policy
+    assert policy.corrects_updates() and not policy.corrects_gradients()
+    assert policies.Replay(policy, {}).corrects_updates()
+
+
+def test_spike_compensation_changes_nothing_without_delay_and_needs_plain_sgd():
+    data = _data(n=24)
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    want, _, _ = _run(policies.OneFOneB(3), 3, data, batch_size=8, optimizer=opt)
+    got, _, _ = _run(
+        policies.SpikeCompensation(policies.OneFOneB(3)), 3, data, batch_size=8, optimizer=opt
+    )
+    assert_params_close(got.params, want.params, rtol=0, atol=0)
+    with pytest.raises(ann.ActorError, match="SpikeCompensation corrects the step of optim.SGD"):
+        _run(policies.SpikeCompensation(policies.PipeDream(2)), 2, data, optimizer=optim.Adam())

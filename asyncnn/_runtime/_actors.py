@@ -9,6 +9,12 @@ the routing and loop actors (``_routing.py``, ``_loops.py``) build on it and on
 
 To write a custom actor, subclass :class:`LayerActor` and override :meth:`LayerActor.on_forward`
 and/or :meth:`LayerActor.on_backward` (both async); pass the class as ``g.layer(..., actor=Cls)``.
+
+Under a policy that splits backwards (``ZeroBubbleH1``) a backward is two operations of the
+order: :meth:`LayerActor.on_backward_input` sends the inputs' gradients upstream at once, and
+:meth:`LayerActor.on_backward_weight`, later, accumulates the parameters' gradients. Under an
+interleaved policy the stages of one device take turns (``_turns.DeviceTurns``): an actor
+computes only when the device's order has reached its operation.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError, StallError
-from asyncnn._math._autodiff import vjp
+from asyncnn._math._autodiff import vjp, vjp_split
 from asyncnn._math._pytree import tree_leaves, tree_map
 
 from ._actor_base import _Actor, _nbytes
 from ._capture import ActorGraphs
+from ._interleaved import BACKWARD_INPUT, BACKWARD_WEIGHT
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import StageOrder
 from ._statistics import ActorStatistics
@@ -59,6 +66,20 @@ class LayerActor(_Actor):
         self.stage = stage
         self.order: StageOrder = ctx.orders[node.name]
         self.order.start(ctx.first_key)
+        # the turns of the device this stage shares with others (an interleaved order)
+        self.turns = self.order.device_turns()
+        # a backward in two operations: the input half, and later the weight half
+        self.splits_backward = ctx.policy.splits_backward()
+        self.weight_due: dict[int, dict[str, Any]] = {}  # key -> meta, input half done
+        try:
+            if self.turns is not None:
+                self._check_device_mates(ctx)
+            if self.splits_backward:
+                self._check_split_overrides(ctx)
+        except BaseException:
+            self.send_channel.close()  # the run never sees this actor: close its inbox here
+            self.inbox.close()
+            raise
         self.params = params
         self.opt_state = opt_state
         self.version = version
@@ -99,6 +120,30 @@ class LayerActor(_Actor):
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()
         self.weight_change: Any = None
+
+    def _check_device_mates(self, ctx: ActorContext) -> None:
+        """The stages that take turns on one device must be placed together (one worker, one
+        device): turns are passed within a process."""
+        mates = [n for n, o in ctx.orders.items() if o.device_turns() is self.turns]
+        for attr in ("worker", "device"):
+            places = {n: getattr(ctx.graph.nodes[n], attr) for n in mates}
+            if len(set(places.values())) > 1:
+                raise ValueError(
+                    f"layer {self.name!r}: the policy {ctx.policy.name} runs layers {mates} on "
+                    f"one device, taking turns, but they are placed on different {attr}s "
+                    f"{places}; place them on one {attr} (see docs/policies.md)"
+                )
+
+    def _check_split_overrides(self, ctx: ActorContext) -> None:
+        cls = type(self)
+        if cls.on_backward is not LayerActor.on_backward and (
+            cls.on_backward_input is LayerActor.on_backward_input
+        ):
+            raise TypeError(
+                f"layer {self.name!r}: the policy {ctx.policy.name} splits each backward into "
+                f"an input and a weight half, but {cls.__name__} overrides on_backward only; "
+                "override on_backward_input and on_backward_weight too, or use another policy"
+            )
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, **args: Any) -> None:
@@ -156,18 +201,40 @@ class LayerActor(_Actor):
         kind, key = op
         if kind == FORWARD:
             return self.fwd_count.get(key, -1) == self.n_inputs
+        if kind == BACKWARD_WEIGHT:
+            return key in self.weight_due
         return self.bwd_count.get(key, -1) == self.grad_edges
+
+    def _take_ready(self, op: tuple[str, int]) -> None:
+        """Takes a planned operation's complete message out of :attr:`ready` (a split
+        backward's input half reads the backward message; its weight half reads none)."""
+        kind, key = op
+        if kind == BACKWARD_WEIGHT:
+            return
+        self.ready.remove((BACKWARD, key) if kind == BACKWARD_INPUT else op)
+
+    def _backward_half(self, key: int) -> tuple[str, int]:
+        """The half of a split backward that a ``"backward"`` of ``key`` names (as a trace
+        records both): the weight half once the input half is done."""
+        return (BACKWARD_WEIGHT if key in self.weight_due else BACKWARD_INPUT, key)
+
+    def _minibatch_keys(self, op: tuple[str, int]) -> int:
+        kind, key = op
+        meta = self.weight_due[key] if kind == BACKWARD_WEIGHT else self.meta.get(key, {})
+        return int(meta.get("mb_keys", 1))
 
     async def serve(self) -> None:
         """Processes messages in the policy's order until told to stop."""
         since_yield = 0
         while True:
             op = planned = self.order.next()
+            if self.splits_backward and op is not None and op[0] == BACKWARD:
+                op = self._backward_half(op[1])  # a replayed split run's recorded order
             if op is None:
                 if self.ready:
                     op = self.ready.popleft()
             elif self._is_ready(op):
-                self.ready.remove(op)
+                self._take_ready(op)
             else:
                 self.waiting_for = op  # formatted only if a stall report asks
                 op = None
@@ -178,28 +245,44 @@ class LayerActor(_Actor):
                     self.waiting_for = "any message"
                 await self._take_message()
                 continue
+            turns = self.turns
+            if turns is not None and not turns.is_turn(self.stage, self._minibatch_keys(op)):
+                self.waiting_for = (
+                    f"its turn on device {turns.device} for {op[0]} of key {op[1]} (stage "
+                    f"{turns.next_stage()}'s is next)"
+                )
+                await turns.wait(self.stage, self._minibatch_keys(op))
             start = time.perf_counter()
             kind, key = op
             self.computing = (kind, key, start)
             rec = self.ctx.recorder
             if rec is not None:
-                rec.event(self.name, "start", kind, key, self.version, "", self.seq)
+                rec_kind, rec_meta = _recorded_kind(kind)
+                rec.event(
+                    self.name, "start", rec_kind, key, self.version, "", self.seq, meta=rec_meta
+                )
             try:
                 if kind == FORWARD:
                     await self._forward(key)
+                elif kind == BACKWARD_WEIGHT:
+                    await self._backward_weight(key)
                 else:
-                    await self._backward(key)
+                    await self._backward(key, split=kind == BACKWARD_INPUT)
             except (ActorError, StallError):
                 raise  # already names the actor, or a stall the monitor interrupted
             except Exception as exc:
                 raise self._fail(exc, kind, key) from exc
             self.computing = None
             if rec is not None:
-                rec.event(self.name, "end", kind, key, self.version, "", self.seq)
+                rec.event(
+                    self.name, "end", rec_kind, key, self.version, "", self.seq, meta=rec_meta
+                )
             self.seq += 1
             end = time.perf_counter()
             self.stats.busy_seconds += end - start
             self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
+            if turns is not None:
+                turns.passed(self.stage)
             self.ctx.touch()
             since_yield += 1
             if since_yield == 16:
@@ -273,6 +356,8 @@ class LayerActor(_Actor):
         params, version = self.forward_weights(key, meta)
         if self.keep_pullback:
             vjp_fn = self._vjp if self.graphs is None else self.graphs.vjp
+            if self.splits_backward:
+                vjp_fn = self._vjp_split
             out, pullback = await self.compute(
                 vjp_fn, params, inputs, self._rng(key), cost=self._cost(rows)
             )
@@ -335,7 +420,17 @@ class LayerActor(_Actor):
         out, pullback = vjp(lambda p: self.module(p, *inputs, rng=rng), params)
         return out, lambda g: (pullback(g)[0], [None] * len(inputs))
 
-    async def _backward(self, key: int) -> None:
+    def _vjp_split(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
+        """:meth:`_vjp` with a pullback in two halves (``vjp_split``): ``pullback(g)`` gives
+        ``(input_grads, weight_pullback)``, one input gradient per slot."""
+        inputs = self._to_device(inputs)
+        if any(self.input_is_layer):
+            out, split = vjp_split(lambda p, xs: self.module(p, *xs, rng=rng), params, inputs)
+            return out, lambda g: _first_input(split(g))
+        out, split = vjp_split(lambda p: self.module(p, *inputs, rng=rng), params)
+        return out, lambda g: ([None] * len(inputs), split(g)[1])
+
+    async def _backward(self, key: int, split: bool = False) -> None:
         parts = self.bwd_grads.pop(key)
         del self.bwd_count[key]
         meta = self.meta.pop(key)
@@ -343,9 +438,17 @@ class LayerActor(_Actor):
         entry = self.store.get(key)
         # the version the gradients are computed with: the stashed one, else the current one
         used = entry[1] if entry is not None and entry[0] is not None else self.version
+        input_grads: list[Any] | None = None
+        if split:  # the input half: the weight half follows when the order says
+            if key not in self.skipped:
+                input_grads = await self.on_backward_input(
+                    key, await self._output_grad(parts), meta
+                )
+            self.weight_due[key] = meta
+            await self._send_grads(key, used, input_grads, meta)
+            return
         if key in self.skipped:  # a skipped key: no gradient upstream, a zero one for the weights
             self.skipped.discard(key)
-            input_grads: list[Any] | None = None
             if self.param_size:
                 await self.accumulate(None, meta)
         else:
@@ -354,16 +457,22 @@ class LayerActor(_Actor):
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
 
+    async def _backward_weight(self, key: int) -> None:
+        meta = self.weight_due.pop(key)
+        if key in self.skipped:
+            self.skipped.discard(key)
+            if self.param_size:
+                await self.accumulate(None, meta)
+        else:
+            await self.on_backward_weight(key, meta)
+        self.stats.backwards += 1
+        self.ctx.backward_done(self.name, key)
+
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
         pullback, forward_version, inputs = self._unhold(key)
-        if self.pins_weights and not self.forward_weights_asked:
-            raise RuntimeError(
-                f"layer {self.name!r}: the policy {self.ctx.policy.name} gives forwards their "
-                f"weights, but {type(self).__name__}.on_forward computed key {key} without "
-                "asking forward_weights(key, meta)"
-            )
+        self._check_forward_weights_asked(key)
         rows = int(meta.get("rows", 1))
         if pullback is None:  # recompute at the latest version (no stashing)
             weights = self.params
@@ -382,6 +491,37 @@ class LayerActor(_Actor):
         await self._check_finite(BACKWARD, key, input_grads)
         await self._settle(param_grads, meta, forward_version)
         return list(input_grads)
+
+    async def on_backward_input(
+        self, key: int, grad: Any, meta: dict[str, Any]
+    ) -> list[Any] | None:
+        """The input half of a split backward (a policy whose :meth:`Policy.splits_backward`
+        is true): turns the gradient of a key's output into gradients of its inputs (one per
+        input slot), sent upstream at once, and keeps the key's residuals for
+        :meth:`on_backward_weight`."""
+        pullback, forward_version, inputs = self.store[key]
+        self._check_forward_weights_asked(key)
+        rows = int(meta.get("rows", 1))
+        input_grads, weight_pullback = await self.compute(pullback, grad, cost=self._cost(rows))
+        self.store[key] = (weight_pullback, forward_version, inputs)
+        await self._check_finite(BACKWARD, key, input_grads)
+        return list(input_grads)
+
+    async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
+        """The weight half of a split backward: the key's parameter gradients from the residuals
+        :meth:`on_backward_input` kept, accumulated; updates when the policy says so."""
+        weight_pullback, forward_version, _ = self._unhold(key)
+        rows = int(meta.get("rows", 1))
+        param_grads = await self.compute(weight_pullback, cost=self._cost(rows))
+        await self._settle(param_grads, meta, forward_version)
+
+    def _check_forward_weights_asked(self, key: int) -> None:
+        if self.pins_weights and not self.forward_weights_asked:
+            raise RuntimeError(
+                f"layer {self.name!r}: the policy {self.ctx.policy.name} gives forwards their "
+                f"weights, but {type(self).__name__}.on_forward computed key {key} without "
+                "asking forward_weights(key, meta)"
+            )
 
     async def _settle(
         self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
@@ -439,19 +579,31 @@ class LayerActor(_Actor):
         old = self.params
         if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
             self.weights_by_version[self.version] = old  # forwards still use it
+        step = self.opt_state.get("step", 0) if isinstance(self.opt_state, dict) else 0
         self.params, self.opt_state = await self.compute(
             update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
         )
         self.version += 1
         self.stats.updates += 1
         delays, self.pending_delays = self.pending_delays, []
+        policy = self.ctx.policy
+        if delays and policy.corrects_updates():
+            self.params = await self.compute(
+                policy.correct_update,
+                self.params,
+                old,
+                grads,
+                sum(delays) / len(delays),
+                self.ctx.optimizer,
+                int(step),
+                cost=4.0 * self.param_size,
+            )
         if self.versions_back:
             self._prune_versions()
         if self.change_decay is not None:
             self.weight_change = await self.compute(
                 _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
             )
-        policy = self.ctx.policy
         if policy.predicts_weights():
             horizon = delays[-1] if delays else 0
             self.predicted = await self.compute(
@@ -524,6 +676,23 @@ class LayerActor(_Actor):
             forward_weights,
             cost=0,
         )
+
+
+def _recorded_kind(kind: str) -> tuple[str, dict[str, Any] | None]:
+    """How a trace records an operation: a split backward's halves as ``"backward"`` with
+    ``meta["half"]`` ``"input"`` or ``"weight"`` (the trace format's kinds stay forward and
+    backward; a replay tells the halves apart by their order)."""
+    if kind == BACKWARD_INPUT:
+        return BACKWARD, {"half": "input"}
+    if kind == BACKWARD_WEIGHT:
+        return BACKWARD, {"half": "weight"}
+    return kind, None
+
+
+def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:
+    """A split pullback's halves over one list of inputs: the list's gradients, the weight half."""
+    (input_grads,), weight_pullback = halves
+    return list(input_grads), weight_pullback
 
 
 def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:

@@ -2,23 +2,26 @@
 
 :func:`interleaved_1f1b_schedule` and :func:`interleaved_zero_bubble_schedule` give each device's
 order (PyTorch's ``ScheduleInterleaved1F1B`` and ``ScheduleInterleavedZeroBubble`` compute the
-same ones); :class:`Interleaved1F1B` is the policy that runs the first, its stages sharing one
-schedule per device through :meth:`Policy.orders`.
+same ones); :class:`Interleaved1F1B` and :class:`ZeroBubbleH1` are the policies that run them,
+the stages of a device sharing one schedule (made by :meth:`Policy.orders`) and taking turns in
+it (``_turns.DeviceTurns``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ._messages import BACKWARD, FORWARD
 from ._policies import _BUILTIN, Op, Policy, StageOrder, _check_int
+from ._turns import DeviceTurns
 
 __all__ = [
     "BACKWARD_INPUT",
     "BACKWARD_WEIGHT",
     "Interleaved1F1B",
+    "ZeroBubbleH1",
     "interleaved_1f1b_schedule",
     "interleaved_zero_bubble_schedule",
 ]
@@ -40,7 +43,10 @@ def interleaved_1f1b_schedule(
     per_round = _checked_rounds(
         "interleaved_1f1b_schedule", "interleaved 1F1B", devices, virtual, microbatches
     )
-    return [_device_ops(d, devices, virtual, microbatches, per_round) for d in range(devices)]
+    return [
+        _one_f_one_b_device_ops(d, devices, virtual, microbatches, per_round)
+        for d in range(devices)
+    ]
 
 
 def _checked_rounds(
@@ -68,7 +74,7 @@ def _per_round(devices: int, microbatches: int) -> int | None:
     return None if microbatches % rounds else microbatches // rounds
 
 
-def _device_ops(
+def _one_f_one_b_device_ops(
     d: int, devices: int, virtual: int, microbatches: int, per_round: int
 ) -> list[tuple[str, int, int]]:
     total = microbatches * virtual
@@ -109,58 +115,84 @@ def interleaved_zero_bubble_schedule(
     and each backward split: the steady state runs a forward and an input half, and, once
     device ``d`` has run ``d`` of them, the weight half of its oldest backward whose weight half
     is still due; the cool-down runs the remaining input halves (each followed by a weight half,
-    likewise), then the weight halves left.
+    likewise), then the weight halves left. With ``V = 1`` this is ZB-H1.
     """
     per_round = _checked_rounds(
         "interleaved_zero_bubble_schedule", "zero bubble", devices, virtual, microbatches
     )
-    out = []
+    return [
+        _zero_bubble_device_ops(d, devices, virtual, microbatches, per_round)
+        for d in range(devices)
+    ]
+
+
+def _zero_bubble_device_ops(
+    d: int, devices: int, virtual: int, microbatches: int, per_round: int
+) -> list[tuple[str, int, int]]:
     total = microbatches * virtual
-    for d in range(devices):
-        warmup = min((virtual - 1) * per_round + (devices - 1 - d), total)
-        taken = {k: [0] * virtual for k in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)}
+    warmup = min((virtual - 1) * per_round + (devices - 1 - d), total)
+    taken = {k: [0] * virtual for k in (FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)}
 
-        def op(kind: str, chunk: int, d: int = d, taken: dict[str, list[int]] = taken) -> Any:
-            taken[kind][chunk] += 1
-            return (kind, chunk * devices + d, taken[kind][chunk] - 1)
+    def op(kind: str, chunk: int) -> tuple[str, int, int]:
+        taken[kind][chunk] += 1
+        return (kind, chunk * devices + d, taken[kind][chunk] - 1)
 
-        def back_chunk(j: int) -> int:
-            return virtual - 1 - (j // per_round) % virtual
+    def back_chunk(j: int) -> int:
+        return virtual - 1 - (j // per_round) % virtual
 
-        ops = [op(FORWARD, (k // per_round) % virtual) for k in range(warmup)]
-        weights_done = 0
-        for j in range(total):  # the j-th backward
-            if j < total - warmup:
-                ops.append(op(FORWARD, ((warmup + j) // per_round) % virtual))
-            ops.append(op(BACKWARD_INPUT, back_chunk(j)))
-            if j >= d:  # the first d backwards' weight halves wait (ZB-H1's 1F1B part)
-                ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
-                weights_done += 1
-        while weights_done < total:
+    ops = [op(FORWARD, (k // per_round) % virtual) for k in range(warmup)]
+    weights_done = 0
+    for j in range(total):  # the j-th backward
+        if j < total - warmup:
+            ops.append(op(FORWARD, ((warmup + j) // per_round) % virtual))
+        ops.append(op(BACKWARD_INPUT, back_chunk(j)))
+        if j >= d:  # the first d backwards' weight halves wait (ZB-H1's 1F1B part)
             ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
             weights_done += 1
-        out.append(ops)
-    return out
+    while weights_done < total:
+        ops.append(op(BACKWARD_WEIGHT, back_chunk(weights_done)))
+        weights_done += 1
+    return ops
+
+
+#: one device's order: ``ops(device, devices, virtual, microbatches, per_round)``
+DeviceOps = Callable[[int, int, int, int, int], list[tuple[str, int, int]]]
 
 
 class _DeviceSchedule:
     """One device's interleaved order, shared by the stages it hosts: each asks for its own
-    part of the order of a minibatch of ``m`` keys (made once per size)."""
+    part of the order of a minibatch of ``m`` keys (made once per size), and they take turns
+    in it (:attr:`turns`)."""
 
-    def __init__(self, devices: int, virtual: int, device: int) -> None:
+    def __init__(self, devices: int, virtual: int, device: int, device_ops: DeviceOps) -> None:
         self.devices = devices
         self.virtual = virtual
         self.device = device
+        self.device_ops = device_ops
+        self.orders: dict[int, list[tuple[str, int, int]]] = {}  # m -> the device's order
         self.parts: dict[int, dict[int, list[Op]]] = {}  # m -> stage -> its ops (keys 0..m-1)
+        self.turns = DeviceTurns(device, self.sequence)
+
+    def order(self, m: int) -> list[tuple[str, int, int]]:
+        """The device's order for a minibatch of ``m`` keys: ``(kind, stage, key - first)``."""
+        ops = self.orders.get(m)
+        if ops is None:
+            # a minibatch whose key count PyTorch refuses (the last, short one) runs in one round
+            per_round = _per_round(self.devices, m) or m
+            ops = self.orders[m] = self.device_ops(
+                self.device, self.devices, self.virtual, m, per_round
+            )
+        return ops
+
+    def sequence(self, m: int) -> list[int]:
+        """The stage of each operation of the device's order of ``m`` keys."""
+        return [st for _, st, _ in self.order(m)]
 
     def part(self, stage: int, m: int) -> list[Op]:
         parts = self.parts.get(m)
         if parts is None:
-            # a minibatch whose key count PyTorch refuses (the last, short one) runs in one round
-            per_round = _per_round(self.devices, m) or m
-            ops = _device_ops(self.device, self.devices, self.virtual, m, per_round)
             parts = self.parts[m] = {}
-            for kind, st, mb in ops:
+            for kind, st, mb in self.order(m):
                 parts.setdefault(st, []).append((kind, mb))
         return parts[stage]
 
@@ -195,13 +227,50 @@ class _InterleavedOrder(StageOrder):
     def start(self, first_key: int) -> None:
         self.base = first_key
 
+    def device_turns(self) -> DeviceTurns | None:
+        if self.schedule.virtual == 1:
+            return None  # alone on its device: nobody to take turns with
+        return self.schedule.turns
+
+
+class _DeviceOrders:
+    """What the interleaved policies share: ``K = D V`` layers on ``D`` devices, device ``d``
+    hosting stages ``d, d + D, ...``, each device's stages following one order."""
+
+    virtual: int
+    name: ClassVar[str]
+
+    def _device_ops(self) -> DeviceOps:
+        raise NotImplementedError
+
+    def devices(self, num_stages: int) -> int:
+        """``D``: the devices ``num_stages`` layers make, ``V`` stages each."""
+        if num_stages % self.virtual:
+            raise ValueError(
+                f"{self.name}(virtual={self.virtual}): the graph's {num_stages} layers are "
+                f"not a multiple of virtual={self.virtual}"
+            )
+        return num_stages // self.virtual
+
+    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        d = self.devices(num_stages)
+        schedule = _DeviceSchedule(d, self.virtual, stage % d, self._device_ops())
+        return _InterleavedOrder(schedule, stage)
+
+    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
+        d = self.devices(len(actors))
+        ops = self._device_ops()
+        shared = [_DeviceSchedule(d, self.virtual, dev, ops) for dev in range(d)]
+        return {name: _InterleavedOrder(shared[i % d], i) for i, name in enumerate(actors)}
+
 
 @dataclass(frozen=True)
-class Interleaved1F1B(Policy):
+class Interleaved1F1B(_DeviceOrders, Policy):
     """Interleaved 1F1B (Narayanan et al. 2021) with a flush: ``K = D V`` layers on ``D``
     devices, device ``d`` hosting the ``V`` non-adjacent stages ``d, d + D, ...`` (virtual
-    stages), which follow one order (:func:`interleaved_1f1b_schedule`). Computes what
-    ``GPipe`` computes (minibatch SGD), in the order of PyTorch's ``ScheduleInterleaved1F1B``.
+    stages), which take turns in one order (:func:`interleaved_1f1b_schedule`). Computes what
+    ``GPipe`` computes (minibatch SGD), in the order of PyTorch's ``ScheduleInterleaved1F1B``;
+    with equal stages its bubble (idle over busy time per device) is ``(D - 1) / (M V)``.
 
     Attributes:
         microbatches: ``M``, keys per minibatch.
@@ -216,23 +285,41 @@ class Interleaved1F1B(Policy):
         _check_int("Interleaved1F1B", "microbatches", self.microbatches)
         _check_int("Interleaved1F1B", "virtual", self.virtual)
 
-    def devices(self, num_stages: int) -> int:
-        """``D``: the devices ``num_stages`` layers make, ``V`` stages each."""
-        if num_stages % self.virtual:
-            raise ValueError(
-                f"Interleaved1F1B(virtual={self.virtual}): the graph's {num_stages} layers are "
-                f"not a multiple of virtual={self.virtual}"
-            )
-        return num_stages // self.virtual
-
-    def stage_order(self, stage: int, num_stages: int) -> StageOrder:
-        d = self.devices(num_stages)
-        return _InterleavedOrder(_DeviceSchedule(d, self.virtual, stage % d), stage)
-
-    def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
-        d = self.devices(len(actors))
-        shared = [_DeviceSchedule(d, self.virtual, dev) for dev in range(d)]
-        return {name: _InterleavedOrder(shared[i % d], i) for i, name in enumerate(actors)}
+    def _device_ops(self) -> DeviceOps:
+        return _one_f_one_b_device_ops
 
 
-_BUILTIN[Interleaved1F1B.name] = Interleaved1F1B
+@dataclass(frozen=True)
+class ZeroBubbleH1(_DeviceOrders, Policy):
+    """Zero bubble, ZB-H1 (Qi et al., ICLR 2024) with a flush: each backward split into its
+    input half (B, sent upstream at once) and its weight half (W, deferred into the slots the
+    order gives), with 1F1B's warm-up and so its memory. With ``virtual = V > 1`` each of ``D``
+    devices hosts the stages ``d, d + D, ...`` and they take turns in one order, PyTorch's
+    ``ScheduleInterleavedZeroBubble`` (:func:`interleaved_zero_bubble_schedule`). Computes
+    what ``GPipe`` computes (minibatch SGD); with equal forward, input and weight halves its
+    bubble (idle over busy time per device) is ``(D - 1) / (3 M V)``, a third of 1F1B's.
+
+    Attributes:
+        microbatches: ``M``, keys per minibatch.
+        virtual: ``V``, stages per device (1: plain ZB-H1, one stage per device).
+    """
+
+    microbatches: int = 1
+    virtual: int = 1
+    name: ClassVar[str] = "ZeroBubbleH1"
+
+    def __post_init__(self) -> None:
+        _check_int("ZeroBubbleH1", "microbatches", self.microbatches)
+        _check_int("ZeroBubbleH1", "virtual", self.virtual)
+
+    def _device_ops(self) -> DeviceOps:
+        return _zero_bubble_device_ops
+
+    def splits_backward(self) -> bool:
+        return True
+
+    def allows_capture(self, num_stages: int, traced: bool) -> bool:
+        return False  # the captured vjp is not split: eager
+
+
+_BUILTIN.update({p.name: p for p in (Interleaved1F1B, ZeroBubbleH1)})

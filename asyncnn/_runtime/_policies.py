@@ -25,11 +25,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from asyncnn._math._imports import class_path, import_by_path
 
 from ._messages import BACKWARD, FORWARD
+
+if TYPE_CHECKING:
+    from ._turns import DeviceTurns
 
 __all__ = [
     "AnyOrder",
@@ -66,6 +69,12 @@ class StageOrder(abc.ABC):
     def end_of_stream(self, total_keys: int) -> None:  # noqa: B027 - optional
         """Told once ``total_keys`` keys (from the start or the last end) are all that will come,
         so that a continuous order can cool down."""
+
+    def device_turns(self) -> DeviceTurns | None:
+        """The turns of the device this stage shares with other stages (an interleaved order:
+        the actor waits for its turn before each operation and passes it on after), or ``None``
+        (the default): the stage computes as soon as its next operation is ready."""
+        return None
 
 
 class AnyOrder(StageOrder):
@@ -212,6 +221,13 @@ class Policy(abc.ABC):
         return True
 
     # -- backward and updates --------------------------------------------------------------------
+    def splits_backward(self) -> bool:
+        """Whether a backward runs in two operations of the order (``ZeroBubbleH1``): the input
+        half (``"backward_input"``: the inputs' gradients, sent upstream at once) and, later,
+        the weight half (``"backward_weight"``: the parameters' gradients, then the update when
+        due), from one set of residuals."""
+        return False
+
     def keeps_pullback(self) -> bool:
         """Whether a forward keeps its pullback (and so the parameter version it used) for the
         backward; otherwise it keeps its inputs, and the backward recomputes the vjp at the
@@ -266,6 +282,27 @@ class Policy(abc.ABC):
                 :meth:`needs_forward_weights` is true (else ``None``).
         """
         return grads
+
+    def corrects_updates(self) -> bool:
+        """Whether each update's result passes through :meth:`correct_update` (a remedy that
+        changes the step itself, ``asyncnn.policies.SpikeCompensation``)."""
+        return False
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        """A stage's parameters after an update, as the policy corrects them (with
+        :meth:`corrects_updates`; the default changes nothing).
+
+        Args:
+            new: the parameters the optimizer's update gave.
+            old: the parameters before the update.
+            grads: the gradients the update applied (as accumulated and scaled).
+            delay: the mean delay of those gradients (0: not stale).
+            optimizer: the run's optimizer.
+            step: the optimizer's count of updates before this one (its state's ``"step"``).
+        """
+        return new
 
     # -- the weights a forward uses --------------------------------------------------------------
     def versions_kept(self) -> int:

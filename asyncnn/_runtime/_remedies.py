@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from asyncnn._math._optim import SGD
 from asyncnn._math._pytree import tree_map
 
 from ._policies import _BUILTIN, PipeDream, Policy, policy_from_spec
@@ -27,6 +28,7 @@ __all__ = [
     "DiscrepancyCorrection",
     "PipeMareLR",
     "Remedy",
+    "SpikeCompensation",
     "StalenessScaledLR",
     "WeightPrediction",
 ]
@@ -49,6 +51,8 @@ class Remedy(WrappedPolicy):
     corrects: ClassVar[bool] = True
     #: whether this remedy predicts the weights forwards use (:meth:`predict`)
     predicts: ClassVar[bool] = False
+    #: whether this remedy changes each stale update's step (:meth:`adjust`)
+    adjusts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         inner: Any = self.policy
@@ -89,6 +93,26 @@ class Remedy(WrappedPolicy):
 
     def needs_forward_weights(self) -> bool:
         return self.uses_forward_weights() or self.policy.needs_forward_weights()
+
+    def corrects_updates(self) -> bool:
+        return self.adjusts or self.policy.corrects_updates()
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        inner = self.policy
+        if inner.corrects_updates():
+            new = inner.correct_update(new, old, grads, delay, optimizer, step)
+        if delay == 0 or not self.adjusts:
+            return new
+        return self.adjust(new, old, grads, delay, optimizer, step)
+
+    def adjust(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        """This remedy's change of an update's result (with :attr:`adjusts`; arguments as
+        :meth:`Policy.correct_update`)."""
+        raise NotImplementedError
 
     def correct_gradient(
         self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
@@ -225,6 +249,62 @@ class WeightPrediction(Remedy):
 
 
 @dataclass(frozen=True)
+class SpikeCompensation(Remedy):
+    """Spike compensation (Kosson et al. 2020), for SGD with momentum ``m``: an update that
+    applies a gradient of delay ``D`` takes the step ``a v + b d`` instead of ``v``,
+
+    ``w_new = w - lr * (m**D * v + (1 - m**D) / (1 - m) * d)``,
+
+    ``d`` the gradient (plus ``weight_decay * w``) and ``v = m * v_before + d`` the momentum
+    buffer, which is unchanged. Momentum spreads a gradient's effect over the following updates
+    (``m**k`` at the ``k``-th); a gradient ``D`` updates late has missed the first ``D`` of them,
+    so the update applies those at once (the spike, ``b = 1 + m + ... + m**(D-1)``) and damps
+    the rest by ``a = m**D``: the gradient's total effect stays ``1 / (1 - m)``.
+
+    The update's ``D`` is the mean delay of the gradients it applies (one gradient under
+    ``PipeDream``). It needs ``optim.SGD`` without Nesterov momentum, dampening or clipping.
+
+    Attributes:
+        policy: the wrapped policy.
+    """
+
+    name: ClassVar[str] = "SpikeCompensation"
+    corrects: ClassVar[bool] = False
+    adjusts: ClassVar[bool] = True
+
+    def adjust(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        m, lr, decay = _sgd_terms(optimizer, step)
+        a = m**delay
+        b = (1.0 - a) / (1.0 - m) if m != 1.0 else float(delay)
+        if decay:
+            grads = tree_map(lambda g, w0: g + decay * w0, grads, old)
+        return tree_map(lambda w, w0, g: w0 + a * (w - w0) - (lr * b) * g, new, old, grads)
+
+
+def _sgd_terms(optimizer: Any, step: int) -> tuple[float, float, float]:
+    """The momentum, learning rate (at ``step``) and weight decay of a plain SGD optimizer.
+
+    Raises:
+        TypeError: any other optimizer, or SGD with Nesterov momentum, dampening or clipping.
+    """
+    if (
+        not isinstance(optimizer, SGD)
+        or optimizer.nesterov
+        or optimizer.dampening
+        or optimizer.clip_norm is not None
+    ):
+        raise TypeError(
+            f"SpikeCompensation corrects the step of optim.SGD(lr, momentum, weight_decay) "
+            f"without Nesterov momentum, dampening or clip_norm; the run's optimizer is "
+            f"{optimizer!r}"
+        )
+    lr = optimizer.lr(step) if callable(optimizer.lr) else optimizer.lr
+    return float(optimizer.momentum), float(lr), float(optimizer.weight_decay)
+
+
+@dataclass(frozen=True)
 class DiscrepancyCorrection(Remedy):
     """PipeMare's discrepancy correction (Yang et al. 2021): without weight stashing, a backward
     recomputes at ``u = w - d * delta`` instead of the latest weights ``w``, ``d`` the key's delay
@@ -269,6 +349,7 @@ _BUILTIN.update(
             DiscrepancyCorrection,
             StalenessScaledLR,
             PipeMareLR,
+            SpikeCompensation,
             WeightPrediction,
         )
     }

@@ -60,6 +60,9 @@ class WrappedPolicy(Policy):
     def delivers(self, actor: str) -> bool:
         return self.wrapped.delivers(actor)
 
+    def splits_backward(self) -> bool:
+        return self.wrapped.splits_backward()
+
     def keeps_pullback(self) -> bool:
         return self.wrapped.keeps_pullback()
 
@@ -85,6 +88,14 @@ class WrappedPolicy(Policy):
         self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
     ) -> Any:
         return self.wrapped.correct_gradient(grads, delay, version, weights, forward_weights)
+
+    def corrects_updates(self) -> bool:
+        return self.wrapped.corrects_updates()
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        return self.wrapped.correct_update(new, old, grads, delay, optimizer, step)
 
     def versions_kept(self) -> int:
         return self.wrapped.versions_kept()
