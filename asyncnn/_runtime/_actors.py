@@ -29,12 +29,12 @@ from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp, vjp_split
 from asyncnn._math._pytree import tree_leaves, tree_map
 
-from ._actor_base import _Actor, _nbytes
 from ._capture import ActorGraphs
 from ._interleaved import BACKWARD_INPUT, BACKWARD_WEIGHT
 from ._messages import BACKWARD, END, FORWARD, STOP, Message
 from ._policies import StageOrder
 from ._statistics import ActorStatistics
+from ._weight_versions import WeightVersions
 
 if TYPE_CHECKING:
     from ._context import ActorContext
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["ActorStatistics", "LayerActor"]
 
 
-class LayerActor(_Actor):
+class LayerActor(WeightVersions):
     """The actor of a layer node. Subclass it to write a custom actor.
 
     Override :meth:`on_forward` and :meth:`on_backward`; call ``await self.compute(fn, *args)``
@@ -120,6 +120,17 @@ class LayerActor(_Actor):
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()
         self.weight_change: Any = None
+        # messages taken in the sender's task (see run_directly): on the CPU, without a trace,
+        # under a flush policy (a continuous one would let the run's admissions run ahead of
+        # the losses), one whole backward at a time, and no device shared with other stages
+        self.direct = (
+            self.on_cpu
+            and ctx.recorder is None
+            and self.graphs is None
+            and ctx.policy.waits_between_minibatches()
+            and self.turns is None
+            and not self.splits_backward
+        )
 
     def _check_device_mates(self, ctx: ActorContext) -> None:
         """The stages that take turns on one device must be placed together (one worker, one
@@ -252,44 +263,76 @@ class LayerActor(_Actor):
                     f"{turns.next_stage()}'s is next)"
                 )
                 await turns.wait(self.stage, self._minibatch_keys(op))
-            start = time.perf_counter()
-            kind, key = op
-            self.computing = (kind, key, start)
-            rec = self.ctx.recorder
-            if rec is not None:
-                rec_kind, rec_meta = _recorded_kind(kind)
-                rec.event(
-                    self.name, "start", rec_kind, key, self.version, "", self.seq, meta=rec_meta
-                )
-            try:
-                if kind == FORWARD:
-                    await self._forward(key)
-                elif kind == BACKWARD_WEIGHT:
-                    await self._backward_weight(key)
-                else:
-                    await self._backward(key, split=kind == BACKWARD_INPUT)
-            except (ActorError, StallError):
-                raise  # already names the actor, or a stall the monitor interrupted
-            except Exception as exc:
-                raise self._fail(exc, kind, key) from exc
-            self.computing = None
-            if rec is not None:
-                rec.event(
-                    self.name, "end", rec_kind, key, self.version, "", self.seq, meta=rec_meta
-                )
-            self.seq += 1
-            end = time.perf_counter()
-            self.stats.busy_seconds += end - start
-            self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
-            if turns is not None:
-                turns.passed(self.stage)
-            self.ctx.touch()
+            await self._run_op(op)
             since_yield += 1
             if since_yield == 16:
                 # Inline work on queued messages never yields by itself: let the other actors
                 # (and the stall watchdog) run now and then.
                 since_yield = 0
                 await anyio.lowlevel.checkpoint()
+
+    def _completes(self, msg: Message) -> bool:
+        """Whether filing ``msg`` completes its key's forward or backward here."""
+        if msg.kind == FORWARD:
+            return self.fwd_count.get(msg.key, 0) + 1 == self.n_inputs
+        if msg.kind == BACKWARD:
+            return self.bwd_count.get(msg.key, 0) + 1 == self.grad_edges
+        return False
+
+    async def run_directly(self, msg: Message) -> bool:
+        """Runs the op ``msg`` completes here, in the sender's task, when this actor is idle,
+        the op is the next its order plans, and all its work (forward, or backward and update)
+        runs inline: nothing in it then waits, so this actor's own task, parked on its empty
+        inbox, never runs beside it. Plain layers only (a custom actor's work may wait)."""
+        if (
+            self.computing is not None
+            or self.ready
+            or self.stopping
+            or type(self) is not LayerActor
+            or not self._completes(msg)
+            or 4.0 * max(self.param_size, self._cost(int(msg.meta.get("rows", 1))))
+            >= self.ctx.inline_flops
+        ):
+            return False
+        planned = self.order.next()
+        if planned is not None and planned != (msg.kind, msg.key):
+            return False
+        self._file(msg)
+        await self._run_op(self.ready.pop())
+        return True
+
+    async def _run_op(self, op: tuple[str, int]) -> None:
+        """Runs one planned op (a key's forward, backward or backward half), with its
+        bookkeeping: the trace's events, the busy time, the order and the device's turn."""
+        turns = self.turns
+        start = time.perf_counter()
+        kind, key = op
+        self.computing = (kind, key, start)
+        rec = self.ctx.recorder
+        if rec is not None:
+            rec_kind, rec_meta = _recorded_kind(kind)
+            rec.event(self.name, "start", rec_kind, key, self.version, "", self.seq, meta=rec_meta)
+        try:
+            if kind == FORWARD:
+                await self._forward(key)
+            elif kind == BACKWARD_WEIGHT:
+                await self._backward_weight(key)
+            else:
+                await self._backward(key, split=kind == BACKWARD_INPUT)
+        except (ActorError, StallError):
+            raise  # already names the actor, or a stall the monitor interrupted
+        except Exception as exc:
+            raise self._fail(exc, kind, key) from exc
+        self.computing = None
+        if rec is not None:
+            rec.event(self.name, "end", rec_kind, key, self.version, "", self.seq, meta=rec_meta)
+        self.seq += 1
+        end = time.perf_counter()
+        self.stats.busy_seconds += end - start
+        self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
+        if turns is not None:
+            turns.passed(self.stage)
+        self.ctx.touch()
 
     def _cost(self, rows: int) -> float:
         # FLOPs of the forward: the module's own count per sample where it gives one (a
@@ -375,38 +418,6 @@ class LayerActor(_Actor):
         if self.ctx.checks_finite:
             await self.wait_for_device()
             self.ctx.check_finite(self.name, kind, key, value)
-
-    def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
-        self.store[key] = entry
-        st = self.stats
-        st.stored = len(self.store)
-        st.peak_stored = max(st.peak_stored, st.stored)
-        self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
-        st.stored_bytes += self.held_bytes[key]
-        st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
-        self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
-        self._count_versions()
-
-    def _unhold(self, key: int) -> tuple[Any, int, Any]:
-        """Takes a key's entry out of the store (what :meth:`_hold` put in)."""
-        entry = self.store.pop(key)
-        self._release(entry[1])
-        self.stats.stored = len(self.store)
-        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
-        return entry
-
-    def _release(self, version: int) -> None:
-        n = self.version_refs[version] - 1
-        if n:
-            self.version_refs[version] = n
-        else:
-            del self.version_refs[version]
-
-    def _count_versions(self) -> None:
-        held = len(self.version_refs) + (self.version not in self.version_refs)
-        self.stats.versions_held = held
-        if held > self.stats.peak_versions_held:
-            self.stats.peak_versions_held = held
 
     def _apply(self, params: Any, inputs: list[Any], rng: Any) -> Any:
         return self.module(params, *self._to_device(inputs), rng=rng)
@@ -573,110 +584,6 @@ class LayerActor(_Actor):
             self.acc, self.acc_count = None, 0
             await self.apply_gradients(grads)
 
-    async def apply_gradients(self, grads: Any) -> None:
-        """One optimizer update of this actor's parameters; the version goes up by one."""
-        update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
-        old = self.params
-        if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
-            self.weights_by_version[self.version] = old  # forwards still use it
-        step = self.opt_state.get("step", 0) if isinstance(self.opt_state, dict) else 0
-        self.params, self.opt_state = await self.compute(
-            update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
-        )
-        self.version += 1
-        self.stats.updates += 1
-        delays, self.pending_delays = self.pending_delays, []
-        policy = self.ctx.policy
-        if delays and policy.corrects_updates():
-            self.params = await self.compute(
-                policy.correct_update,
-                self.params,
-                old,
-                grads,
-                sum(delays) / len(delays),
-                self.ctx.optimizer,
-                int(step),
-                cost=4.0 * self.param_size,
-            )
-        if self.versions_back:
-            self._prune_versions()
-        if self.change_decay is not None:
-            self.weight_change = await self.compute(
-                _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
-            )
-        if policy.predicts_weights():
-            horizon = delays[-1] if delays else 0
-            self.predicted = await self.compute(
-                policy.predict_weights, self.params, old, horizon, cost=2.0 * self.param_size
-            )
-        if self.ctx.recorder is not None:
-            meta = {"delays": delays} if delays else None
-            self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
-        self.ctx.touch()
-
-    def _prune_versions(self) -> None:
-        """Drops the kept weights of versions no stored key references and the policy does not
-        keep (:meth:`Policy.versions_kept`)."""
-        oldest = self.version - self.versions_back
-        for v in [v for v in self.weights_by_version if v < oldest and v not in self.version_refs]:
-            del self.weights_by_version[v]
-
-    def forward_weights(self, key: int, meta: dict[str, Any]) -> tuple[Any, int]:
-        """The parameters a key's forward computes with, and their version.
-
-        The latest (:attr:`params`, :attr:`version`), unless the policy predicts the weights
-        (:meth:`Policy.predicts_weights`: the prediction made at the last update, with the
-        latest version) or pins an earlier version (:meth:`Policy.forward_version`:
-        ``PipeDream2BW``'s forwards of a minibatch use the version before the last update).
-        """
-        self.forward_weights_asked = True
-        if self.predicted is not None:
-            return self.predicted, self.version
-        if not self.versions_back:
-            return self.params, self.version
-        minibatch = int(meta.get("minibatch", 0))
-        if self.run_start is None:
-            self.run_start = (minibatch, self.version)
-        first, start_version = self.run_start
-        v = self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
-        if v == self.version:
-            return self.params, v
-        weights = self.weights_by_version.get(v)
-        if weights is None:
-            raise RuntimeError(
-                f"layer {self.name!r}: the policy pins key {key} (minibatch {minibatch}) to "
-                f"version {v}, but the layer holds versions {sorted(self.weights_by_version)} and "
-                f"{self.version} (raise Policy.versions_kept, or split minibatches into more keys)"
-            )
-        return weights, v
-
-    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
-        """Records the delay of a key's gradient, computed with parameters its forward saw at
-        ``forward_version``, and returns the gradient as the policy corrects it."""
-        delay = self.version - forward_version
-        self.stats.note_delay(delay)
-        self.pending_delays.append(delay)
-        policy = self.ctx.policy
-        if not policy.corrects_gradients():
-            return param_grads
-        forward_weights = None
-        if self.keeps_forward_weights:
-            forward_weights = (
-                self.params
-                if forward_version == self.version
-                else self.weights_by_version[forward_version]
-            )
-            self._prune_versions()
-        return await self.compute(
-            policy.correct_gradient,
-            param_grads,
-            delay,
-            self.version,
-            self.params,
-            forward_weights,
-            cost=0,
-        )
-
 
 def _recorded_kind(kind: str) -> tuple[str, dict[str, Any] | None]:
     """How a trace records an operation: a split backward's halves as ``"backward"`` with
@@ -693,13 +600,6 @@ def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:
     """A split pullback's halves over one list of inputs: the list's gradients, the weight half."""
     (input_grads,), weight_pullback = halves
     return list(input_grads), weight_pullback
-
-
-def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:
-    """``decay * average + (1 - decay) * (new - old)`` (``average`` ``None``: zero)."""
-    if average is None:
-        return tree_map(lambda n, o: (1.0 - decay) * (n - o), new, old)
-    return tree_map(lambda a, n, o: decay * a + (1.0 - decay) * (n - o), average, new, old)
 
 
 def _add(a: Any, b: Any) -> Any:

@@ -1,0 +1,188 @@
+"""The weight versions of a layer actor: which versions stored keys still reference, the
+earlier weights a policy keeps (PipeDream's stash, PipeDream2BW's double buffer, a remedy's
+forward weights), the weights a key's forward computes with, the delay of each gradient, and the
+optimizer update that makes a new version (with the policy's corrections and predictions).
+
+:class:`WeightVersions` is the base of :class:`~asyncnn._runtime._actors.LayerActor`, which sets
+the attributes declared here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from asyncnn._math._pytree import tree_map
+
+from ._actor_base import _Actor, _nbytes
+
+if TYPE_CHECKING:
+    from ._capture import ActorGraphs
+
+__all__ = ["WeightVersions"]
+
+
+class WeightVersions(_Actor):
+    """What a layer actor does with its weights' versions (see the module's docstring)."""
+
+    params: Any
+    opt_state: Any
+    version: int
+    param_size: int
+    graphs: ActorGraphs | None
+    #: key -> (pullback, version, inputs) of the keys whose backward is still to come
+    store: dict[int, tuple[Any, int, Any]]
+    held_bytes: dict[int, int]
+    #: version -> stored keys that reference it
+    version_refs: dict[int, int]
+    weights_by_version: dict[int, Any]
+    versions_back: int
+    keeps_forward_weights: bool
+    pending_delays: list[int]
+    change_decay: float | None
+    weight_change: Any
+    predicted: Any
+    run_start: tuple[int, int] | None
+    forward_weights_asked: bool
+
+    def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
+        self.store[key] = entry
+        st = self.stats
+        st.stored = len(self.store)
+        st.peak_stored = max(st.peak_stored, st.stored)
+        self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
+        st.stored_bytes += self.held_bytes[key]
+        st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
+        self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
+        self._count_versions()
+
+    def _unhold(self, key: int) -> tuple[Any, int, Any]:
+        """Takes a key's entry out of the store (what :meth:`_hold` put in)."""
+        entry = self.store.pop(key)
+        self._release(entry[1])
+        self.stats.stored = len(self.store)
+        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
+        return entry
+
+    def _release(self, version: int) -> None:
+        n = self.version_refs[version] - 1
+        if n:
+            self.version_refs[version] = n
+        else:
+            del self.version_refs[version]
+
+    def _count_versions(self) -> None:
+        held = len(self.version_refs) + (self.version not in self.version_refs)
+        self.stats.versions_held = held
+        if held > self.stats.peak_versions_held:
+            self.stats.peak_versions_held = held
+
+    async def apply_gradients(self, grads: Any) -> None:
+        """One optimizer update of this actor's parameters; the version goes up by one."""
+        update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
+        old = self.params
+        if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
+            self.weights_by_version[self.version] = old  # forwards still use it
+        step = self.opt_state.get("step", 0) if isinstance(self.opt_state, dict) else 0
+        self.params, self.opt_state = await self.compute(
+            update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
+        )
+        self.version += 1
+        self.stats.updates += 1
+        delays, self.pending_delays = self.pending_delays, []
+        policy = self.ctx.policy
+        if delays and policy.corrects_updates():
+            self.params = await self.compute(
+                policy.correct_update,
+                self.params,
+                old,
+                grads,
+                sum(delays) / len(delays),
+                self.ctx.optimizer,
+                int(step),
+                cost=4.0 * self.param_size,
+            )
+        if self.versions_back:
+            self._prune_versions()
+        if self.change_decay is not None:
+            self.weight_change = await self.compute(
+                _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
+            )
+        if policy.predicts_weights():
+            horizon = delays[-1] if delays else 0
+            self.predicted = await self.compute(
+                policy.predict_weights, self.params, old, horizon, cost=2.0 * self.param_size
+            )
+        if self.ctx.recorder is not None:
+            meta = {"delays": delays} if delays else None
+            self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
+        self.ctx.touch()
+
+    def _prune_versions(self) -> None:
+        """Drops the kept weights of versions no stored key references and the policy does not
+        keep (:meth:`Policy.versions_kept`)."""
+        oldest = self.version - self.versions_back
+        for v in [v for v in self.weights_by_version if v < oldest and v not in self.version_refs]:
+            del self.weights_by_version[v]
+
+    def forward_weights(self, key: int, meta: dict[str, Any]) -> tuple[Any, int]:
+        """The parameters a key's forward computes with, and their version.
+
+        The latest (:attr:`params`, :attr:`version`), unless the policy predicts the weights
+        (:meth:`Policy.predicts_weights`: the prediction made at the last update, with the
+        latest version) or pins an earlier version (:meth:`Policy.forward_version`:
+        ``PipeDream2BW``'s forwards of a minibatch use the version before the last update).
+        """
+        self.forward_weights_asked = True
+        if self.predicted is not None:
+            return self.predicted, self.version
+        if not self.versions_back:
+            return self.params, self.version
+        minibatch = int(meta.get("minibatch", 0))
+        if self.run_start is None:
+            self.run_start = (minibatch, self.version)
+        first, start_version = self.run_start
+        v = self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
+        if v == self.version:
+            return self.params, v
+        weights = self.weights_by_version.get(v)
+        if weights is None:
+            raise RuntimeError(
+                f"layer {self.name!r}: the policy pins key {key} (minibatch {minibatch}) to "
+                f"version {v}, but the layer holds versions {sorted(self.weights_by_version)} and "
+                f"{self.version} (raise Policy.versions_kept, or split minibatches into more keys)"
+            )
+        return weights, v
+
+    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
+        """Records the delay of a key's gradient, computed with parameters its forward saw at
+        ``forward_version``, and returns the gradient as the policy corrects it."""
+        delay = self.version - forward_version
+        self.stats.note_delay(delay)
+        self.pending_delays.append(delay)
+        policy = self.ctx.policy
+        if not policy.corrects_gradients():
+            return param_grads
+        forward_weights = None
+        if self.keeps_forward_weights:
+            forward_weights = (
+                self.params
+                if forward_version == self.version
+                else self.weights_by_version[forward_version]
+            )
+            self._prune_versions()
+        return await self.compute(
+            policy.correct_gradient,
+            param_grads,
+            delay,
+            self.version,
+            self.params,
+            forward_weights,
+            cost=0,
+        )
+
+
+def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:
+    """``decay * average + (1 - decay) * (new - old)`` (``average`` ``None``: zero)."""
+    if average is None:
+        return tree_map(lambda n, o: (1.0 - decay) * (n - o), new, old)
+    return tree_map(lambda a, n, o: decay * a + (1.0 - decay) * (n - o), average, new, old)
