@@ -17,8 +17,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from _reference import assert_params_equal
-
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster import _shm
@@ -31,6 +29,8 @@ from asyncnn._cluster._wire import (
     connect,
     listen,
 )
+
+from _reference import assert_params_equal
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -381,9 +381,7 @@ def test_shm_false_keeps_a_local_cluster_on_tcp() -> None:
         assert all(type(c) is Connection for c in cluster.connections.values())
 
 
-def test_a_killed_worker_fails_the_run_and_leaves_no_shared_memory() -> None:
-    shm_before = set(os.listdir("/dev/shm"))
-    fds_before = memfds()
+def _kill_a_worker_mid_run() -> str:
     big = data(4000)
     cluster = ann.cluster.LocalCluster(workers=2)
     tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1),
@@ -400,18 +398,21 @@ def test_a_killed_worker_fails_the_run_and_leaves_no_shared_memory() -> None:
                     os.kill(pid, signal.SIGKILL)
                 await run.step({k: v[i : i + 32] for k, v in big.items()})
 
-    def failure() -> str:
-        try:
-            anyio.run(main, backend="trio")
-        except ann.WorkerError as exc:
-            return str(exc)  # not the error itself: its traceback holds the connections
-        return "no error"
+    try:
+        anyio.run(main, backend="trio")
+    except ann.WorkerError as exc:
+        return str(exc)  # not the error itself: its traceback holds the connections
+    finally:
+        cluster.close()
+    return "no error"
 
+
+def test_a_killed_worker_fails_the_run_and_leaves_no_shared_memory() -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    fds_before = memfds()
     start = time.perf_counter()
-    assert "worker 1" in failure()
+    assert "worker 1" in _kill_a_worker_mid_run()
     assert time.perf_counter() - start < 30
-    cluster.close()
-    del tr, cluster
     assert set(os.listdir("/dev/shm")) == shm_before
     assert memfds() <= fds_before
 
