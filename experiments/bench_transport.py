@@ -65,7 +65,12 @@ def _frame_receiver(port: int, token: bytes, count: int, tiny: int, shm: bool) -
 
     async def main() -> None:
         conn = await connect("127.0.0.1", port, token, {"role": "bench"}, "the sender", shm=shm)
-        for _ in range(count + 1):  # a first message to warm up, then the timed ones
+        for _ in range(2):  # two messages to warm up (a reader holds one while it awaits the next)
+            header, buffers = await conn.receive()
+            decode_message(header, buffers)
+        del header, buffers
+        await conn.send({"t": "ack"})
+        for _ in range(count):
             header, buffers = await conn.receive()
             decode_message(header, buffers)
         await conn.send({"t": "ack"})
@@ -80,8 +85,15 @@ def _frame_receiver(port: int, token: bytes, count: int, tiny: int, shm: bool) -
 
 
 # -- the sending side --------------------------------------------------------------------------------
-def raw_socket(nbytes: int, count: int, tiny: int) -> tuple[float, float]:
-    """(GB/s, one-way latency in µs) of plain blocking sockets."""
+def _one_way(round_trips: list[float]) -> tuple[float, float]:
+    """(median, mean) one-way latency in µs of timed round trips (the first tenth left out as
+    warm-up): the median is the typical message, the mean counts the slow ones too."""
+    kept = np.asarray(round_trips[len(round_trips) // 10 :]) / 2 * 1e6
+    return float(np.median(kept)), float(kept.mean())
+
+
+def raw_socket(nbytes: int, count: int, tiny: int) -> tuple[float, float, float]:
+    """(GB/s, median and mean one-way latency in µs) of plain blocking sockets."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -97,21 +109,22 @@ def raw_socket(nbytes: int, count: int, tiny: int) -> tuple[float, float]:
     sock.recv(1)
     seconds = time.perf_counter() - t
     small = bytes(16)
-    t = time.perf_counter()
+    trips = []
     for _ in range(tiny):
+        t = time.perf_counter()
         sock.sendall(small)
         got = 0
         while got < 16:
             got += len(sock.recv(16 - got))
-    latency = (time.perf_counter() - t) / tiny / 2
+        trips.append(time.perf_counter() - t)
     sock.close()
     listener.close()
     proc.join()
-    return nbytes * count / seconds / 1e9, latency * 1e6
+    return (nbytes * count / seconds / 1e9, *_one_way(trips))
 
 
-def frames(nbytes: int, count: int, tiny: int, shm: bool = False) -> tuple[float, float]:
-    """(GB/s, one-way latency in µs) of asyncnn's message frames between two processes (over
+def frames(nbytes: int, count: int, tiny: int, shm: bool = False) -> tuple[float, float, float]:
+    """(GB/s, median and mean one-way latency in µs) of asyncnn's message frames between two processes (over
     TCP, or through shared memory as a ``LocalCluster``'s processes exchange them)."""
     import anyio
 
@@ -129,13 +142,16 @@ def frames(nbytes: int, count: int, tiny: int, shm: bool = False) -> tuple[float
     tensor = np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
     meta = {"rows": 1, "mb_rows": 1, "mb_keys": 1, "minibatch": 0}
     out: dict[str, float] = {}
+    trips: list[float] = []
 
     async def main() -> None:
         sock = await accept_socket(listener)
         conn, _ = await accept(sock, token, shm=shm)
         assert (type(conn).__name__ == "ShmConnection") == shm, type(conn)
         h, b = encode_message(Message("forward", -1, 0, "a", "b", 0, (tensor,), meta))
-        await conn.send(h, b)  # warm-up: connection, buffers and pages
+        for _ in range(2):  # warm-up: connection, buffers and pages (slabs: steady state is two)
+            await conn.send(h, b)
+        await conn.receive()
         t = time.perf_counter()
         for key in range(count):
             h, b = encode_message(Message("forward", key, 0, "a", "b", 0, (tensor,), meta))
@@ -143,29 +159,32 @@ def frames(nbytes: int, count: int, tiny: int, shm: bool = False) -> tuple[float
         await conn.receive()
         out["seconds"] = time.perf_counter() - t
         small = np.ones(4, dtype=np.float32)
-        t = time.perf_counter()
         for key in range(tiny):
+            t = time.perf_counter()
             h, b = encode_message(Message("forward", key, 0, "a", "b", 0, (small,), meta))
             await conn.send(h, b)
             header, buffers = await conn.receive()
             decode_message(header, buffers)
-        out["latency"] = (time.perf_counter() - t) / tiny / 2
+            trips.append(time.perf_counter() - t)
         conn.close()
 
     anyio.run(main, backend="trio")
     listener.close()
     proc.join()
-    return nbytes * count / out["seconds"] / 1e9, out["latency"] * 1e6
+    return (nbytes * count / out["seconds"] / 1e9, *_one_way(trips))
 
 
-def shm_frames(nbytes: int, count: int, tiny: int) -> tuple[float, float]:
+def shm_frames(nbytes: int, count: int, tiny: int) -> tuple[float, float, float]:
     """:func:`frames` through shared memory."""
     return frames(nbytes, count, tiny, shm=True)
 
 
-def best(fn: Any, nbytes: int, count: int, tiny: int, repeats: int) -> tuple[float, float]:
+def best(
+    fn: Any, nbytes: int, count: int, tiny: int, repeats: int
+) -> tuple[float, tuple[float, float]]:
+    """The best of ``repeats`` runs: (GB/s, (median, mean) one-way µs)."""
     runs = [fn(nbytes, count, tiny) for _ in range(repeats)]
-    return max(r[0] for r in runs), min(r[1] for r in runs)
+    return max(r[0] for r in runs), (min(r[1] for r in runs), min(r[2] for r in runs))
 
 
 # -- a pipeline on two workers ----------------------------------------------------------------------
@@ -208,9 +227,10 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     tiny = 200 if args.quick else 2000
     report: dict[str, Any] = {"throughput_gb_s": {}, "latency_us": {}}
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print("1. throughput between two processes on this machine (GB/s, best of "
           f"{repeats}; targets: TCP frames >= 0.8x raw, shared memory >= 2x TCP frames):")  # fmt: skip
-    lat: dict[str, float] = {}
+    lat: dict[str, tuple[float, float]] = {}
     for label, nbytes, count in (("1 MB", MB, 400), ("64 MB", 64 * MB, 12)):
         if args.quick:
             count = max(2, count // 8)
@@ -224,11 +244,11 @@ def main() -> None:
             f"   {label:>6}: raw socket {raw:6.2f}   TCP frames {ours:6.2f} ({ours / raw:4.2f}x raw)"
             f"   shared memory {shm:6.2f} ({shm / ours:4.2f}x TCP frames)"
         )
-    report["latency_us"] = lat
-    print(
-        f"2. one-way latency of a tiny message (µs, best of {repeats}; target shared memory <= 15): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in lat.items())
-    )
+    report["latency_us"] = {k: {"median": v[0], "mean": v[1]} for k, v in lat.items()}
+    print(f"2. one-way latency of a tiny message (µs, median / mean of {tiny} round trips halved, "
+          f"best of {repeats}; target shared memory <= 15):")  # fmt: skip
+    for k, (median, mean) in lat.items():
+        print(f"   {k:<32} {median:7.1f} / {mean:7.1f}")
     tp = pipeline(256, 6 if args.quick else 30, 4)
     report["pipeline_samples_per_second"] = tp
     ref = tp["Sync, one process, 1 stage"]
@@ -236,6 +256,8 @@ def main() -> None:
     print("3. MLP 784-1024-1024-1024-10, batch 256, 4 microbatches (samples/s):")
     for k, v in tp.items():
         print(f"   {k:<48} {v:8.0f}   {v / ref:5.2f}x Sync   {v / same:5.2f}x one process")
+    report["machine"] = _common.machine()  # the load average at the end among it
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     _common.write_json(args.out, report)
 
 

@@ -26,8 +26,9 @@ is freed by the kernel when the last process holding it exits or unmaps it, howe
 (a SIGKILL included).
 
 How a receiver learns of a record: it reads the write position. When nothing is there it first
-spins briefly (only while no other task of its event loop is runnable, at most ``SPIN_SECONDS``,
-adapted to how often spinning paid off), then sets its "asleep" flag and waits for the socket to
+spins briefly (at most ``SPIN_SECONDS``, only while no other task of its event loop is runnable,
+and only while spinning pays off often enough: each record carries the time it was published,
+so a receiver that slept learns whether a spin would likely have caught it), then sets its "asleep" flag and waits for the socket to
 become readable; a sender that finds the flag set sends one zero byte on the socket. A missed
 wake-up (the two sides' flag and position stores crossing) is prevented by a full fence on
 x86-64 (acquiring a lock executes a locked instruction), which is why other machines use TCP.
@@ -52,6 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgpack
 import numpy as np
 
@@ -87,14 +89,16 @@ DEFAULT_SLAB_BYTES = 1 << 30
 #: slabs per direction at most
 MAX_SLABS = 64
 #: the longest a receiver spins before it sleeps on the socket
-SPIN_SECONDS = 100e-6
+SPIN_SECONDS = 200e-6
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
 #: copies at least this large run in a thread (numpy releases the GIL), keeping the loop free
 THREAD_COPY_BYTES = 8 << 20
 
 _CTRL = 4096  # the control page
-_W, _R, _S = 0, 8, 16  # u64 word indices: write position, read position, receiver asleep
+# u64 word indices: write position, read position, receiver asleep, when the last record was
+# published (a float: ``time.perf_counter()``, CLOCK_MONOTONIC, the same in every process)
+_W, _R, _S, _T = 0, 8, 16, 24
 _REL = 64  # u64 word index of slab 0's released generation
 _PREFIX = struct.Struct("<IIIIQ")  # record length, kind, header length, slab, generation
 _ALIGN = 64  # tensors in a slab start on cache lines
@@ -198,6 +202,7 @@ class Channel:
         self.ring_bytes = ring_bytes
         self.fd, self.mm = _create("ring", _CTRL + ring_bytes)
         self.words = memoryview(self.mm).cast("B")[:_CTRL].cast("Q")
+        self.stamps = memoryview(self.mm).cast("B")[:_CTRL].cast("d")
         self.data = memoryview(self.mm).cast("B")[_CTRL:]
         self.pos = 0  # what this side has written (a copy of words[_W])
         #: slab number -> [fd, mapping, byte view, size, generation last sent]
@@ -247,6 +252,7 @@ class _Incoming:
         self.ring_bytes = ring_bytes
         mm = open_peer(pid, fd, _CTRL + ring_bytes, "peer's ring")
         self.words = memoryview(mm).cast("B")[:_CTRL].cast("Q")
+        self.stamps = memoryview(mm).cast("B")[:_CTRL].cast("d")
         self.data = memoryview(mm).cast("B")[_CTRL:]
         self.pos = 0  # what this side has read (a copy of words[_R])
         #: slab number -> (byte view of the mapping, size)
@@ -317,11 +323,16 @@ class ShmConnection(Connection):
         self.out = out
         self.inc = _Incoming(peer_ring["pid"], peer_ring["fd"], peer_ring["ring"])
         self.slab_bytes = slab_bytes
-        self._spin = SPIN_SECONDS / 4
+        #: a moving average of how often spinning catches (or would catch) the next record
+        self._hits = 1.0
+        #: a moving average of how often waiting for a busy slab ended with it free
+        self._reuse = 1.0
         self._eof = False
         self._broken: str | None = None
         #: messages sent through the ring, through slabs, and over the socket
         self.counts = {"inline": 0, "slab": 0, "socket": 0}
+        #: waits for a message that ended while spinning, and on the socket
+        self.waits = {"spin": 0, "sleep": 0}
 
     # -- sending -----------------------------------------------------------------------------------
     async def send(
@@ -389,6 +400,7 @@ class ShmConnection(Connection):
 
     def _publish(self, length: int) -> None:
         out = self.out
+        out.stamps[_T] = time.perf_counter()
         out.pos += length
         out.words[_W] = out.pos
         _fence()
@@ -471,6 +483,21 @@ class ShmConnection(Connection):
         ]
         if free:
             return min(free)[1]
+        busy = [i for i, s in out.slabs.items() if s[3] >= span]
+        if busy and self._reuse >= 0.25:
+            # a new slab costs about three copies (the kernel zeroes and maps its pages); a
+            # receiver done with its last message frees a slab within microseconds: wait for
+            # that for half a copy's time (at ~10 GB/s), no longer
+            clock = time.perf_counter
+            deadline = clock() + max(20e-6, span / 20e9)
+            while clock() < deadline:
+                await anyio.lowlevel.checkpoint()
+                for i in busy:
+                    s = out.slabs.get(i)
+                    if s is not None and out.words[_REL + i] == s[4]:
+                        self._reuse = 0.8 * self._reuse + 0.2
+                        return i
+            self._reuse *= 0.8
         size = max(1 << 20, 1 << (span - 1).bit_length())
         if size > self.slab_bytes:
             return None
@@ -761,14 +788,16 @@ class ShmConnection(Connection):
         if self._eof:
             raise EOFError(f"{self.peer} closed the connection")
         start = time.perf_counter()
-        spin = self._spin
-        if spin > 0 and not _others_runnable():
+        spun = self._hits >= 0.25 and not _others_runnable()
+        if spun:
             clock = time.perf_counter
-            until = start + spin
+            until = start + SPIN_SECONDS
             while clock() < until:
                 if inc.words[_W] != pos:
-                    self._spin = min(SPIN_SECONDS, spin * 1.5)  # it paid off
+                    self._hits = 0.8 * self._hits + 0.2  # it paid off
+                    self.waits["spin"] += 1
                     return
+        self.waits["sleep"] += 1
         inc.words[_S] = 1
         try:
             _fence()
@@ -778,14 +807,14 @@ class ShmConnection(Connection):
         finally:
             inc.words[_S] = 0
         self._drain()
-        waited = time.perf_counter() - start
-        # a message that came soon after the spin stopped: spin that long next time
-        if waited < SPIN_SECONDS:
-            self._spin = min(SPIN_SECONDS, max(waited * 1.25, 5e-6))
-        else:
-            self._spin *= 0.5
-            if self._spin < 2e-6:
-                self._spin = 0.0 if waited > 10 * SPIN_SECONDS else 2e-6
+        # would spinning have caught it? the sender stamps each record with the time it
+        # published it (one clock for every process of a host). A spin that failed is a miss;
+        # a record that came soon after a sleep began is a hit, though after the spin's length
+        # (the peer may itself have slept and woken late: were both spinning, it would come
+        # sooner). Spinning goes on while a quarter of the recent waits hit.
+        gap = inc.stamps[_T] - start
+        hit = not spun and gap <= 2 * SPIN_SECONDS
+        self._hits = 0.8 * self._hits + (0.2 if hit else 0.0)
         if self._eof and inc.words[_W] == pos:
             raise EOFError(f"{self.peer} closed the connection")
 
