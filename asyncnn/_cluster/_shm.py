@@ -90,6 +90,9 @@ DEFAULT_SLAB_BYTES = 1 << 30
 MAX_SLABS = 64
 #: the longest a receiver spins before it sleeps on the socket
 SPIN_SECONDS = 200e-6
+#: the longest a receiver spins when its last send woke the peer (the answer comes after the
+#: peer's wake-up: about 100 µs on a 2-core VM)
+LONG_SPIN_SECONDS = 800e-6
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
 #: copies at least this large run in a thread (numpy releases the GIL), keeping the loop free
@@ -259,6 +262,11 @@ class _Incoming:
         self.slabs: dict[int, tuple[memoryview, int]] = {}
 
 
+#: the connections of this process whose reader sleeps on its socket (a spinning reader of
+#: another connection watches their rings too, and stops spinning when one has a record)
+_sleeping: weakref.WeakSet[ShmConnection] = weakref.WeakSet()
+
+
 def _release(words: memoryview, index: int, generation: int) -> None:
     # runs when the last array of a message read from slab ``index`` is gone
     try:
@@ -287,7 +295,9 @@ def _others_runnable() -> bool:
     if lib == "trio":
         import trio
 
-        return trio.lowlevel.current_statistics().tasks_runnable > 0
+        stats = trio.lowlevel.current_statistics()
+        # a thread's result (the pool's) comes through the run_sync_soon queue
+        return stats.tasks_runnable > 0 or stats.run_sync_soon_queue_size > 0
     if lib == "asyncio":
         import asyncio
 
@@ -325,6 +335,10 @@ class ShmConnection(Connection):
         self.slab_bytes = slab_bytes
         #: a moving average of how often spinning catches (or would catch) the next record
         self._hits = 1.0
+        #: whether this side's last record woke the peer, and a moving average of how often
+        #: the long spins that follow paid off
+        self._woke = False
+        self._long = 1.0
         #: a moving average of how often waiting for a busy slab ended with it free
         self._reuse = 1.0
         self._eof = False
@@ -407,6 +421,7 @@ class ShmConnection(Connection):
         if out.words[_S]:
             out.words[_S] = 0
             self._wake()
+            self._woke = True
 
     def _wake(self) -> None:
         try:
@@ -788,17 +803,36 @@ class ShmConnection(Connection):
         if self._eof:
             raise EOFError(f"{self.peer} closed the connection")
         start = time.perf_counter()
-        spun = self._hits >= 0.25 and not _others_runnable()
+        # this side's last send woke the peer: its answer comes after its wake-up, so spin
+        # long enough to catch that (then both sides spin, and answers come in microseconds),
+        # as long as such long spins pay off
+        woke = self._woke and self._long >= 0.25
+        self._woke = False
+        spun = (woke or self._hits >= 0.25) and not _others_runnable()
         if spun:
+            # the loop is blocked while this spins: it stops (to sleep) as soon as a task of
+            # the loop could run, or a record came on another connection (whose reader sleeps)
             clock = time.perf_counter
-            until = start + SPIN_SECONDS
-            while clock() < until:
+            until = start + (LONG_SPIN_SECONDS if woke else SPIN_SECONDS)
+            others = [c.inc for c in _sleeping if c is not self]
+            n = 0
+            while True:
                 if inc.words[_W] != pos:
                     self._hits = 0.8 * self._hits + 0.2  # it paid off
+                    if woke:
+                        self._long = 0.8 * self._long + 0.2
                     self.waits["spin"] += 1
                     return
+                n += 1
+                if not n & 15 and (
+                    clock() > until
+                    or any(o.words[_W] != o.pos for o in others)
+                    or _others_runnable()
+                ):
+                    break
         self.waits["sleep"] += 1
         inc.words[_S] = 1
+        _sleeping.add(self)
         try:
             _fence()
             if inc.words[_W] != pos:
@@ -806,6 +840,7 @@ class ShmConnection(Connection):
             await anyio.wait_readable(self.sock)
         finally:
             inc.words[_S] = 0
+            _sleeping.discard(self)
         self._drain()
         # would spinning have caught it? the sender stamps each record with the time it
         # published it (one clock for every process of a host). A spin that failed is a miss;
@@ -815,6 +850,10 @@ class ShmConnection(Connection):
         gap = inc.stamps[_T] - start
         hit = not spun and gap <= 2 * SPIN_SECONDS
         self._hits = 0.8 * self._hits + (0.2 if hit else 0.0)
+        if woke:  # a long spin for nothing
+            self._long *= 0.5
+        elif gap <= LONG_SPIN_SECONDS:
+            self._long = 0.8 * self._long + 0.2
         if self._eof and inc.words[_W] == pos:
             raise EOFError(f"{self.peer} closed the connection")
 
