@@ -284,6 +284,25 @@ def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, at
 
 
+_CORES = os.cpu_count() or 1
+_runnable = [0.0, 0]  # when /proc/loadavg was last read, and its count of runnable tasks
+
+
+def _cores_free() -> bool:
+    """Whether this host has no more runnable tasks than cores (read from ``/proc/loadavg``
+    at most every 10 ms): spinning on an oversubscribed host takes the core that the peer
+    needs to answer."""
+    now = time.monotonic()
+    if now - _runnable[0] > 0.01:
+        _runnable[0] = now
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                _runnable[1] = int(f.read().split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            _runnable[1] = 0
+    return _runnable[1] <= _CORES
+
+
 def _others_runnable() -> bool:
     """Whether another task of this event loop could run now (then a receiver does not spin)."""
     try:
@@ -808,7 +827,7 @@ class ShmConnection(Connection):
         # as long as such long spins pay off
         woke = self._woke and self._long >= 0.25
         self._woke = False
-        spun = (woke or self._hits >= 0.25) and not _others_runnable()
+        spun = (woke or self._hits >= 0.25) and not _others_runnable() and _cores_free()
         if spun:
             # the loop is blocked while this spins: it stops (to sleep) as soon as a task of
             # the loop could run, or a record came on another connection (whose reader sleeps)
