@@ -158,6 +158,43 @@ async def test_a_sleeping_receiver_is_woken_and_learns_when_the_peer_is_gone(
     b.close()
 
 
+def _send_and_exit(port: int, token: bytes) -> None:
+    async def main() -> None:
+        conn = await connect("127.0.0.1", port, token, {"role": "x"}, "parent", shm=True)
+        await conn.send({"t": "last words"}, [np.arange(1 << 18, dtype=np.float32)])
+        conn.close()  # waits until the parent has opened the slab, then exits
+
+    anyio.run(main)
+
+
+@pytest.mark.anyio
+async def test_a_message_in_a_slab_outlives_the_process_that_sent_it(anyio_backend: str) -> None:
+    import multiprocessing
+
+    token = os.urandom(32)
+    listener = listen()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_send_and_exit, args=(listener.getsockname()[1], token)
+    )
+    proc.start()
+    try:
+        with anyio.fail_after(30):
+            conn, _ = await accept(await accept_socket(listener), token, shm=True)
+            assert type(conn) is ShmConnection
+            header, buffers = await conn.receive()
+            await anyio.to_thread.run_sync(proc.join)  # gone before the bytes are looked at
+            assert header["t"] == "last words"
+            np.testing.assert_array_equal(
+                buffers[0].view(np.float32), np.arange(1 << 18, dtype=np.float32)
+            )
+            with pytest.raises(EOFError):
+                await conn.receive()
+    finally:
+        proc.join(10)
+        listener.close()
+    conn.close()
+
+
 # -- a peer that writes garbage --------------------------------------------------------------------
 def _record(a: ShmConnection, kind: int, head: bytes, slab: int = 0, gen: int = 0) -> None:
     length = (len(head) + _PREFIX.size + 7) // 8 * 8
