@@ -161,6 +161,8 @@ def _create(what: str, size: int) -> tuple[int, mmap.mmap]:
     fd = os.memfd_create(f"{_MEMFD_PREFIX}-{what}", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
+        # the pages now, or an error now (ENOSPC, ENOMEM): never a SIGBUS at first touch
+        os.posix_fallocate(fd, 0, size)
         return fd, _map(fd, size)
     except BaseException:
         os.close(fd)
@@ -746,8 +748,10 @@ class ShmConnection(Connection):
         inc.slabs[slab] = (memoryview(mm).cast("B"), size)
 
     def slab_limit(self) -> int:
-        """The largest slab a peer may announce: its largest allowed message, rounded up."""
-        return max(1 << 20, 1 << max(0, self.max_message_bytes - 1).bit_length())
+        """The largest slab a peer may announce: its largest allowed message rounded up to a
+        power of two, and no more than the slab budget."""
+        pow2 = 1 << max(0, self.max_message_bytes - 1).bit_length()
+        return max(1 << 20, min(pow2, self.slab_bytes))
 
     def _advance(self, n: int) -> None:
         self.inc.pos += n
