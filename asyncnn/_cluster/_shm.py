@@ -378,6 +378,8 @@ class ShmConnection(Connection):
     ) -> None:
         """Sends one frame (see :meth:`Connection.send`): small ones straight into the ring,
         without waiting for anything when the ring has room and no other send is under way."""
+        if self.closed:
+            raise ConnectionError(f"the connection to {self.peer} is closed")
         views = [_byte_view(b) for b in buffers]
         sizes = [v.nbytes for v in views]
         total = sum(sizes)
@@ -837,7 +839,10 @@ class ShmConnection(Connection):
             # the loop could run, or a record came on another connection (whose reader sleeps)
             clock = time.perf_counter
             until = start + (LONG_SPIN_SECONDS if woke else SPIN_SECONDS)
-            others = [c.inc for c in _sleeping if c is not self]
+            try:
+                others = [c.inc for c in _sleeping if c is not self]
+            except RuntimeError:  # changed by another thread's event loop meanwhile
+                others = []
             n = 0
             while True:
                 if inc.words[_W] != pos:
