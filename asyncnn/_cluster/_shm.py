@@ -525,9 +525,10 @@ class ShmConnection(Connection):
         if busy and self._reuse >= 0.25:
             # a new slab costs about three copies (the kernel zeroes and maps its pages); a
             # receiver done with its last message frees a slab within microseconds: wait for
-            # that for half a copy's time (at ~10 GB/s), no longer
+            # that for half a copy's time (at ~10 GB/s), or for a receiver's wake-up through
+            # the socket (about 100 µs), whichever is longer
             clock = time.perf_counter
-            deadline = clock() + max(20e-6, span / 20e9)
+            deadline = clock() + max(300e-6, span / 20e9)
             while clock() < deadline:
                 await anyio.lowlevel.checkpoint()
                 for i in busy:
