@@ -117,6 +117,18 @@ async def test_a_slab_is_reused_once_its_arrays_are_gone_and_not_before(anyio_ba
 
 
 @pytest.mark.anyio
+async def test_a_large_tensor_is_copied_in_pieces_exactly(anyio_backend: str) -> None:
+    a, b = pair()
+    x = np.random.default_rng(2).integers(0, 255, (17 << 20) + 3, dtype=np.uint8)  # odd size
+    await a.send({"t": "big"}, [np.int8([1]), x])
+    _, got = await b.receive()
+    assert got[0].tolist() == [1] and a.counts["slab"] == 1
+    np.testing.assert_array_equal(got[1], x)
+    a.close()
+    b.close()
+
+
+@pytest.mark.anyio
 async def test_a_full_ring_makes_the_sender_wait_for_the_reader(anyio_backend: str) -> None:
     a, b = pair()
     payload = np.zeros(60_000, dtype=np.uint8)  # inline; about 17 fill the 1 MB ring

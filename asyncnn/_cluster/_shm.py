@@ -95,7 +95,7 @@ SPIN_SECONDS = 200e-6
 LONG_SPIN_SECONDS = 800e-6
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
-#: copies at least this large run in a thread (numpy releases the GIL), keeping the loop free
+#: copies at least this large run in threads (numpy releases the GIL), keeping the loop free
 THREAD_COPY_BYTES = 8 << 20
 
 _CTRL = 4096  # the control page
@@ -275,6 +275,21 @@ def _release(words: memoryview, index: int, generation: int) -> None:
         words[_REL + index] = generation
     except (ValueError, IndexError):  # the connection's views were released already
         pass
+
+
+async def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copies a large buffer in threads (numpy releases the GIL), in up to one piece per core
+    (at most 4, of 4 MB at least): one core copies about 13 GB/s on the 2-core VM, two about 18."""
+    n = src.nbytes
+    parts = max(1, min(_CORES, 4, n // (4 << 20)))
+    step = _align(-(-n // parts), _ALIGN)
+
+    async def piece(a: int, b: int) -> None:
+        await anyio.to_thread.run_sync(np.copyto, dst[a:b], src[a:b])
+
+    async with anyio.create_task_group() as tg:
+        for a in range(0, n, step):
+            tg.start_soon(piece, a, min(n, a + step))
 
 
 def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -589,8 +604,7 @@ class ShmConnection(Connection):
         for v, o in zip(views, offsets, strict=True):
             n = v.nbytes
             if n >= THREAD_COPY_BYTES:
-                dst = np.frombuffer(view, np.uint8, n, o)
-                await anyio.to_thread.run_sync(np.copyto, dst, np.frombuffer(v, np.uint8))
+                await _copy(np.frombuffer(view, np.uint8, n, o), np.frombuffer(v, np.uint8))
             else:
                 view[o : o + n] = v
         await self._wait_room(length)
