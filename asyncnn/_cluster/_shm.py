@@ -89,10 +89,10 @@ DEFAULT_SLAB_BYTES = 1 << 30
 #: slabs per direction at most
 MAX_SLABS = 64
 #: the longest a receiver spins before it sleeps on the socket
-SPIN_SECONDS = 200e-6
+SPIN_SECONDS = float(os.environ.get("ASYNCNN_SHM_SPIN_US", "200")) * 1e-6
 #: the longest a receiver spins when its last send woke the peer (the answer comes after the
 #: peer's wake-up: about 100 µs on a 2-core VM)
-LONG_SPIN_SECONDS = 800e-6
+LONG_SPIN_SECONDS = 4 * SPIN_SECONDS
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
 #: copies at least this large run in threads (numpy releases the GIL), keeping the loop free
@@ -848,7 +848,12 @@ class ShmConnection(Connection):
         # as long as such long spins pay off
         woke = self._woke and self._long >= 0.25
         self._woke = False
-        spun = (woke or self._hits >= 0.25) and not _others_runnable() and _cores_free()
+        spun = (
+            SPIN_SECONDS > 0
+            and (woke or self._hits >= 0.25)
+            and not _others_runnable()
+            and _cores_free()
+        )
         if spun:
             # the loop is blocked while this spins: it stops (to sleep) as soon as a task of
             # the loop could run, or a record came on another connection (whose reader sleeps)
