@@ -283,7 +283,8 @@ def test_a_wrong_token_is_refused_and_reported(three: Any) -> None:
 def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
     from asyncnn._cluster._wire import _PREFIX, MAGIC
 
-    cluster = ann.cluster.LocalCluster(workers=2)
+    # a raw TCP frame (tests/test_shm.py sends the same claim through shared memory)
+    cluster = ann.cluster.LocalCluster(workers=2, shm=False)
     tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
                      policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
     big = data(2000)

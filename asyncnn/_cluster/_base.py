@@ -2,7 +2,8 @@
 
 Subclasses say how a worker process is started (:class:`~asyncnn.cluster.LocalCluster`: a
 subprocess on this host; :class:`~asyncnn.cluster.RayCluster`: a Ray actor) and how to learn its
-fate; the data path (TCP frames, see ``_wire``) is the same for all.
+fate; the data path is frames (``_wire``): over TCP, or through shared memory between processes
+of one host (``_shm``, what a ``LocalCluster`` uses unless told not to).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from ._wire import (
     AuthenticationError,
     Connection,
     accept,
-    frame_head,
     listen,
     serve_listener,
 )
@@ -59,6 +59,9 @@ class Cluster:
             GPU) and cupy with NCCL in every process, the driver included.
     """
 
+    #: whether connections to this cluster's workers may use shared memory (``_shm``): only
+    #: where every worker runs on this host (:class:`~asyncnn.cluster.LocalCluster`)
+    shm = False
     #: how many refused connections :attr:`rejected` keeps in words
     REJECTED_KEPT = 100
     #: at most one warning about refused connections is logged per this many seconds
@@ -189,7 +192,7 @@ class Cluster:
 
     async def _admit(self, sock: Any) -> None:
         try:
-            conn, hello = await accept(sock, self.token, self.max_message_bytes)
+            conn, hello = await accept(sock, self.token, self.max_message_bytes, shm=self.shm)
         except AuthenticationError as exc:
             self.reject(f"the driver refused a connection: {exc}")
             return
@@ -285,6 +288,4 @@ class Cluster:
 
 
 def _send_shutdown(conn: Connection) -> None:
-    conn.sock.setblocking(True)
-    conn.sock.settimeout(1.0)
-    conn.sock.sendall(frame_head({"t": "shutdown"}, []))
+    conn.send_sync({"t": "shutdown"})

@@ -6,6 +6,7 @@ bytes go as one raw buffer, received straight into the array the receiver then u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +106,9 @@ def _view(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
     dt = np.dtype(dtype)
     if dt.hasobject:
         raise ValueError(f"object dtype {dtype!r} cannot travel")
-    count = int(np.prod(shape, dtype=np.int64))
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"a tensor's shape {shape!r:.100} is not a list of sizes")
+    count = math.prod(shape)  # exact (np.prod of a list also costs microseconds per message)
     if count * dt.itemsize != buf.nbytes:
         raise ValueError(
             f"a tensor of dtype {dtype} and shape {tuple(shape)} needs {count * dt.itemsize} "

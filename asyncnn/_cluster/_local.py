@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+from . import _shm
 from ._base import Cluster
 from ._worker import PATH_ENV, TOKEN_ENV, driver_paths
 
@@ -28,20 +29,30 @@ class LocalCluster(Cluster):
     run's token. A worker that dies or hangs fails the run within seconds with a
     :class:`~asyncnn.WorkerError` naming it and the nodes it hosted.
 
+    Tensors between these processes travel through shared memory (written once by the sender,
+    read in place by the receiver; see the cluster docs), the messages' headers too; TCP on
+    loopback stays for the handshake, wake-ups and end-of-stream. ``shm=False`` keeps everything
+    on TCP (as between hosts).
+
     Args:
         workers: how many worker processes.
+        shm: move messages through shared memory (Linux on x86-64; elsewhere TCP regardless).
         **options: see :class:`~asyncnn.cluster.Cluster` (``host``, ``heartbeat_timeout``,
             ``start_timeout``, ``max_message_bytes``, ``threads_per_worker``).
     """
 
-    def __init__(self, workers: int, **options: Any) -> None:
+    def __init__(self, workers: int, *, shm: bool = True, **options: Any) -> None:
         super().__init__(workers, **options)
+        if not isinstance(shm, bool):
+            raise TypeError(f"LocalCluster(shm=...) takes True or False, got {shm!r}")
+        self.shm = shm
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def _launch(self, host: str, port: int, token: bytes) -> None:
         env = dict(os.environ)
         env[TOKEN_ENV] = token.hex()
         env[PATH_ENV] = os.pathsep.join(driver_paths())
+        env[_shm.ENV] = "1" if self.shm else "0"  # the workers' connections, to all peers
         # the workers' BLAS threads are set by the pool; keep OpenMP from spawning its own
         env.setdefault("OMP_NUM_THREADS", "1")
         self.processes = [

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import hmac
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -43,6 +44,8 @@ __all__ = [
     "connect",
     "lost_peer",
 ]
+
+log = logging.getLogger("asyncnn.cluster")
 
 MAGIC = b"ANN1"
 _PREFIX = struct.Struct("<4sIQ")
@@ -111,6 +114,21 @@ class Connection:
         self._rbuf = bytearray(_READ_AHEAD)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
+
+    def adopt(self, other: Connection) -> None:
+        """Takes over what ``other`` (a connection on the same socket, done with) read ahead."""
+        left = other._rbuf[other._rstart : other._rend]
+        self._rbuf[: len(left)] = left
+        self._rstart, self._rend = 0, len(left)
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+
+    def send_sync(self, header: dict[str, Any]) -> None:
+        """Sends a header-only frame without an event loop, blocking at most a second (the
+        shutdown notice a closing cluster leaves its workers); best effort."""
+        self.sock.setblocking(True)
+        self.sock.settimeout(1.0)
+        self.sock.sendall(frame_head(header, []))
 
     def new_loop(self) -> None:
         """Prepares the connection for use from a new event loop (a cluster outlives the
@@ -292,16 +310,31 @@ async def connect(
     peer: str,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     seconds: float = 30.0,
+    shm: bool | None = None,
 ) -> Connection:
     """Connects to a listening asyncnn process and proves knowledge of ``token``.
+
+    With ``shm`` (default: the ``ASYNCNN_SHM`` environment variable, see ``_shm``) the
+    connection offers shared memory; when the other side accepts (it offers it too and runs on
+    this host) the result is a :class:`~asyncnn._cluster._shm.ShmConnection`.
 
     Raises:
         AuthenticationError: the other side refused the handshake.
         ConnectionError: nobody answered within ``seconds``.
     """
+    from . import _shm
+
     with anyio.fail_after(seconds):
         sock = await _dial(host, port)
     conn = Connection(sock, peer, max_message_bytes)
+    out = None
+    if _shm.enabled(shm):
+        try:
+            out = _shm.Channel()
+        except OSError:
+            out = None  # no shared memory to be had: plain TCP
+        else:
+            hello = {**hello, _SHM_KEY: {"boot": _shm.boot_id(), **out.describe()}}
     try:
         with anyio.fail_after(seconds):
             nonce = await conn._recv_exact(_NONCE)
@@ -309,13 +342,60 @@ async def connect(
             await conn._send_all(struct.pack("<I", len(packed)) + packed)
             await conn._send_all(_mac(token, nonce, packed))
             verdict = await conn._recv_exact(1)
+            theirs = None
+            if verdict == b"\x02" and out is not None:  # shared memory offered back
+                (length,) = struct.unpack("<I", await conn._recv_exact(4))
+                if length > 4096:
+                    raise EOFError(f"a {length}-byte shared-memory answer")
+                theirs = msgpack.unpackb(await conn._recv_exact(length), raw=False)
+                verdict = b"\x01"
     except (EOFError, TimeoutError) as exc:
         conn.close()
+        if out is not None:
+            out.close()
         raise AuthenticationError(f"{peer} at {host}:{port} refused the handshake") from exc
     if verdict != b"\x01":
         conn.close()
+        if out is not None:
+            out.close()
         raise AuthenticationError(f"{peer} at {host}:{port} rejected this process's token")
-    return conn
+    if theirs is None or out is None:
+        if out is not None:
+            out.close()
+        return conn
+    try:
+        upgraded: Connection = _shm.ShmConnection(
+            conn.sock, peer, max_message_bytes, out, _ring_of(theirs)
+        )
+    except (ProtocolError, OSError):
+        await conn._send_all(b"\x00")  # stay on TCP
+        out.close()
+        return conn
+    await conn._send_all(b"\x01")
+    upgraded.adopt(conn)
+    return upgraded
+
+
+_SHM_KEY = "shm"
+
+
+def _ring_of(desc: Any) -> dict[str, int]:
+    """A peer's ring description ``{"pid", "fd", "ring"}``, checked field by field."""
+    from . import _shm
+
+    if not isinstance(desc, dict):
+        raise ProtocolError(f"a shared-memory description that is not a map: {desc!r:.100}")
+    out = {}
+    for field, top in (("pid", 1 << 32), ("fd", 1 << 31), ("ring", _shm.MAX_RING_BYTES)):
+        v = desc.get(field)
+        if not isinstance(v, int) or not 0 < v <= top:
+            raise ProtocolError(
+                f"shared-memory field {field!r} = {v!r:.40} is not an integer in (0, {top}]"
+            )
+        out[field] = v
+    if out["ring"] % 8:
+        raise ProtocolError(f"shared-memory field 'ring' = {out['ring']} is not a multiple of 8")
+    return out
 
 
 async def _dial(host: str, port: int) -> socket.socket:
@@ -349,8 +429,13 @@ async def accept(
     token: bytes,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     seconds: float = 10.0,
+    shm: bool | None = None,
 ) -> tuple[Connection, dict[str, Any]]:
     """Runs the listening side of the handshake on a freshly accepted socket.
+
+    With ``shm`` (default: the ``ASYNCNN_SHM`` environment variable) a peer that offers shared
+    memory from this host gets it: the connection is then a
+    :class:`~asyncnn._cluster._shm.ShmConnection`.
 
     Returns:
         The connection and the peer's hello.
@@ -359,11 +444,14 @@ async def accept(
         AuthenticationError: a wrong token, a malformed hello, or no answer within ``seconds``
             (the socket is closed).
     """
+    from . import _shm
+
     try:
         address = "{}:{}".format(*sock.getpeername()[:2])
     except OSError:
         address = "?"
     conn = Connection(sock, f"the peer at {address}", max_message_bytes)
+    out = None
     try:
         with anyio.fail_after(seconds):
             nonce = os.urandom(_NONCE)
@@ -380,14 +468,43 @@ async def accept(
             hello = msgpack.unpackb(packed, raw=False)
             if not isinstance(hello, dict):
                 raise AuthenticationError(f"the peer at {address} sent a malformed hello")
-            await conn._send_all(b"\x01")
+            offer = hello.pop(_SHM_KEY, None)
+            upgraded: Connection | None = None
+            if (
+                offer is not None
+                and _shm.enabled(shm)
+                and isinstance(offer, dict)
+                and offer.get("boot") == _shm.boot_id() != ""
+            ):
+                try:
+                    theirs = _ring_of(offer)
+                    out = _shm.Channel()
+                    upgraded = _shm.ShmConnection(sock, conn.peer, max_message_bytes, out, theirs)
+                except (ProtocolError, OSError) as exc:
+                    log.debug("no shared memory with the peer at %s: %s", address, exc)
+                    if out is not None:
+                        out.close()
+                    out = upgraded = None
+            if upgraded is None:
+                await conn._send_all(b"\x01")
+                return conn, hello
+            mine = msgpack.packb(out.describe(), use_bin_type=True)  # type: ignore[union-attr]
+            await conn._send_all(b"\x02" + struct.pack("<I", len(mine)) + mine)
+            if await conn._recv_exact(1) != b"\x01":  # the peer could not map this side's ring
+                out.close()  # type: ignore[union-attr]
+                return conn, hello
+            upgraded.adopt(conn)
+            return upgraded, hello
     except AuthenticationError:
+        if out is not None:
+            out.close()
         await _refuse(conn)
         raise
     except (EOFError, TimeoutError, ConnectionError, ValueError, struct.error) as exc:
         conn.close()
+        if out is not None:
+            out.close()
         raise AuthenticationError(f"the peer at {address} failed the handshake: {exc}") from exc
-    return conn, hello
 
 
 async def _refuse(conn: Connection) -> None:

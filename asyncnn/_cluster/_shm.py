@@ -1,0 +1,925 @@
+"""Frames through shared memory, for processes on one host (``LocalCluster``'s workers).
+
+A :class:`ShmConnection` is a :class:`~asyncnn._cluster._wire.Connection` whose frames travel
+through memory both processes map; its TCP socket stays, for three things only: waking a receiver
+that sleeps, telling either side that the other is gone (end of stream), and carrying the rare
+frame that does not fit the shared memory (a header over half the ring, or tensors beyond the
+slab budget).
+
+Each direction of a connection has, made by its sending side:
+
+* a **ring** (one ``memfd``): a control page, then ``RING_BYTES`` of records. The control page
+  holds the sender's write position, the receiver's read position, the receiver's "asleep" flag
+  and one released-generation word per slab, each word written by one side only. A record is a
+  24-byte prefix (length, kind, header length, slab, generation), the msgpack header (the same
+  header as a TCP frame's, with the buffer sizes under ``"n"``) and, for a small message, its
+  tensors' bytes, which the receiver copies out at once (so the record is free as soon as it
+  is read);
+* **slabs** (one ``memfd`` each, up to ``slab_bytes`` in all): a message whose tensors exceed
+  ``INLINE_BYTES`` is written once into a free slab and read in place: the receiver's arrays
+  are views of the slab, and when the last of them is gone the receiver writes the slab's
+  generation to the control page, which frees it for the sender's next message.
+
+Nothing has a name in ``/dev/shm``: the memory is anonymous (``memfd_create``) and the peer opens
+it through ``/proc/<pid>/fd/<fd>`` during the handshake (or when a slab is first announced), so it
+is freed by the kernel when the last process holding it exits or unmaps it, however it ends
+(a SIGKILL included).
+
+How a receiver learns of a record: it reads the write position. When nothing is there it first
+spins briefly (at most ``SPIN_SECONDS``, only while no other task of its event loop is runnable,
+and only while spinning pays off often enough: each record carries the time it was published,
+so a receiver that slept learns whether a spin would likely have caught it), then sets its "asleep" flag and waits for the socket to
+become readable; a sender that finds the flag set sends one zero byte on the socket. A missed
+wake-up (the two sides' flag and position stores crossing) is prevented by a full fence on
+x86-64 (acquiring a lock executes a locked instruction), which is why other machines use TCP.
+
+Everything a peer writes (positions, lengths, kinds, slab numbers and sizes, headers) is checked
+before it is used; a peer that writes garbage gets a :class:`~asyncnn._cluster._wire.ProtocolError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import socket
+import struct
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgpack
+import numpy as np
+
+from ._wire import (
+    MAX_HEADER_BYTES,
+    Connection,
+    ProtocolError,
+    _byte_view,
+    frame_head,
+)
+
+__all__ = [
+    "DEFAULT_SLAB_BYTES",
+    "ENV",
+    "RING_BYTES",
+    "Channel",
+    "ShmConnection",
+    "enabled",
+    "supported",
+]
+
+#: the environment variable that turns shared memory on ("1") or off ("0") in a process whose
+#: caller did not say (``LocalCluster`` sets it for its workers)
+ENV = "ASYNCNN_SHM"
+#: bytes of records in each direction's ring
+RING_BYTES = 1 << 20
+#: the largest ring a peer may announce
+MAX_RING_BYTES = 64 << 20
+#: a message whose tensors total at most this many bytes travels inside the ring
+INLINE_BYTES = 1 << 16
+#: the most slab bytes one direction of a connection keeps (more waits for none: it goes by TCP)
+DEFAULT_SLAB_BYTES = 1 << 30
+#: slabs per direction at most
+MAX_SLABS = 64
+#: the longest a receiver spins before it sleeps on the socket
+SPIN_SECONDS = float(os.environ.get("ASYNCNN_SHM_SPIN_US", "200")) * 1e-6
+#: the longest a receiver spins when its last send woke the peer (the answer comes after the
+#: peer's wake-up: about 100 µs on a 2-core VM)
+LONG_SPIN_SECONDS = 4 * SPIN_SECONDS
+#: the longest a closing sender waits for its peer to map the slabs it announced last
+LINGER_SECONDS = 2.0
+#: copies at least this large run in threads (numpy releases the GIL), keeping the loop free
+THREAD_COPY_BYTES = 8 << 20
+
+_CTRL = 4096  # the control page
+# u64 word indices: write position, read position, receiver asleep, when the last record was
+# published (a float: ``time.perf_counter()``, CLOCK_MONOTONIC, the same in every process)
+_W, _R, _S, _T = 0, 8, 16, 24
+_REL = 64  # u64 word index of slab 0's released generation
+_PREFIX = struct.Struct("<IIIIQ")  # record length, kind, header length, slab, generation
+_ALIGN = 64  # tensors in a slab start on cache lines
+
+# record kinds
+_INLINE, _SLAB, _SOCKET, _NEWSLAB, _WRAP, _DROP = 1, 2, 3, 4, 5, 6
+_KINDS = {_INLINE, _SLAB, _SOCKET, _NEWSLAB, _WRAP, _DROP}
+_NEWSLAB_BODY = struct.Struct("<QQ")  # fd, size
+_WAKE = b"\x00"
+_MEMFD_PREFIX = "asyncnn"
+
+
+def supported() -> bool:
+    """Whether this process can use shared-memory connections: Linux (``memfd_create``, peers
+    opened through ``/proc``) on x86-64, whose memory ordering the wake-up protocol relies on."""
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "memfd_create")
+        and platform.machine().lower() in ("x86_64", "amd64")
+    )
+
+
+def enabled(choice: bool | None = None) -> bool:
+    """Whether to offer shared memory on a new connection: ``choice`` if given, else the
+    :data:`ENV` environment variable (off when unset); never where it is not :func:`supported`."""
+    if choice is None:
+        choice = os.environ.get(ENV, "0") == "1"
+    return bool(choice) and supported()
+
+
+def boot_id() -> str:
+    """This host's boot id: two processes that read the same one share a kernel (one host)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _fence() -> None:
+    # acquiring a lock executes a locked instruction (a compare-and-swap): a full memory barrier
+    # on x86-64, which orders this thread's store of a flag before its load of the other side's
+    # position. A fresh lock each time: an interrupt between two calls cannot leave one held.
+    threading.Lock().acquire()
+
+
+def _align(n: int, to: int = 8) -> int:
+    return (n + to - 1) // to * to
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _create(what: str, size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(f"{_MEMFD_PREFIX}-{what}", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        # the pages now, or an error now (ENOSPC, ENOMEM): never a SIGBUS at first touch
+        os.posix_fallocate(fd, 0, size)
+        return fd, _map(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_peer(pid: int, fd: int, size: int, what: str) -> mmap.mmap:
+    """Maps ``size`` bytes of the memory another process of this host holds as ``fd``.
+
+    Raises:
+        ProtocolError: ``fd`` of process ``pid`` is not an asyncnn memfd at least ``size``
+            bytes long (the field named in the message), or cannot be opened.
+    """
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        target = os.readlink(path)
+        if not target.startswith(f"/memfd:{_MEMFD_PREFIX}-"):
+            raise ProtocolError(
+                f"the {what} (field 'fd' = {fd} of pid {pid}) is {target!r}, not asyncnn "
+                "shared memory"
+            )
+        own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolError(f"cannot open the {what} at {path}: {exc}") from exc
+    try:
+        have = os.fstat(own).st_size
+        if have < size:
+            raise ProtocolError(f"the {what} claims 'size' = {size:,} bytes but has only {have:,}")
+        return _map(own, size)
+    finally:
+        os.close(own)  # the mapping keeps the memory
+
+
+class Channel:
+    """This process's sending side of one direction: its ring and slabs (all memfds it made).
+
+    Args:
+        ring_bytes: bytes of records in the ring.
+    """
+
+    def __init__(self, ring_bytes: int = RING_BYTES) -> None:
+        self.ring_bytes = ring_bytes
+        self.fd, self.mm = _create("ring", _CTRL + ring_bytes)
+        self.words = memoryview(self.mm).cast("B")[:_CTRL].cast("Q")
+        self.stamps = memoryview(self.mm).cast("B")[:_CTRL].cast("d")
+        self.data = memoryview(self.mm).cast("B")[_CTRL:]
+        self.pos = 0  # what this side has written (a copy of words[_W])
+        #: slab number -> [fd, mapping, byte view, size, generation last sent]
+        self.slabs: dict[int, list[Any]] = {}
+        self.slab_total = 0
+        #: fds of dropped slabs, with the position the receiver must read past (it may still
+        #: have to open them) before they are closed
+        self.graves: list[tuple[int, int]] = []
+        #: the position just past the last slab announcement (the receiver opens a slab when
+        #: it reads its announcement: until then this process must hold the slab's fd)
+        self.announced = 0
+
+    def bury(self) -> None:
+        """Closes the fds of dropped slabs that the receiver can no longer need."""
+        if self.graves:
+            read = self.words[_R]
+            keep = []
+            for pos, fd in self.graves:
+                if pos <= read:
+                    os.close(fd)
+                else:
+                    keep.append((pos, fd))
+            self.graves = keep
+
+    def describe(self) -> dict[str, int]:
+        """What the peer needs to map the ring."""
+        return {"pid": os.getpid(), "fd": self.fd, "ring": self.ring_bytes}
+
+    def close(self) -> None:
+        """Closes the memfds (mappings go with the last reference: views may still be out)."""
+        fds = [self.fd, *(s[0] for s in self.slabs.values()), *(fd for _, fd in self.graves)]
+        self.graves = []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fd = -1
+        self.slabs.clear()
+
+
+class _Incoming:
+    """This process's receiving side of one direction: the peer's ring and slabs, mapped."""
+
+    def __init__(self, pid: int, fd: int, ring_bytes: int) -> None:
+        self.pid = pid
+        self.ring_bytes = ring_bytes
+        mm = open_peer(pid, fd, _CTRL + ring_bytes, "peer's ring")
+        self.words = memoryview(mm).cast("B")[:_CTRL].cast("Q")
+        self.stamps = memoryview(mm).cast("B")[:_CTRL].cast("d")
+        self.data = memoryview(mm).cast("B")[_CTRL:]
+        self.pos = 0  # what this side has read (a copy of words[_R])
+        #: slab number -> (byte view of the mapping, size)
+        self.slabs: dict[int, tuple[memoryview, int]] = {}
+
+
+#: the connections of this process whose reader sleeps on its socket (a spinning reader of
+#: another connection watches their rings too, and stops spinning when one has a record)
+_sleeping: weakref.WeakSet[ShmConnection] = weakref.WeakSet()
+
+
+def _release(words: memoryview, index: int, generation: int) -> None:
+    # runs when the last array of a message read from slab ``index`` is gone
+    try:
+        words[_REL + index] = generation
+    except (ValueError, IndexError):  # the connection's views were released already
+        pass
+
+
+async def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copies a large buffer in threads (numpy releases the GIL), in up to one piece per core
+    (at most 4, of 4 MB at least): one core copies about 13 GB/s on the 2-core VM, two about 18."""
+    n = src.nbytes
+    parts = max(1, min(_CORES, 4, n // (4 << 20)))
+    step = _align(-(-n // parts), _ALIGN)
+
+    async def piece(a: int, b: int) -> None:
+        await anyio.to_thread.run_sync(np.copyto, dst[a:b], src[a:b])
+
+    async with anyio.create_task_group() as tg:
+        for a in range(0, n, step):
+            tg.start_soon(piece, a, min(n, a + step))
+
+
+def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    offsets = []
+    at = 0
+    for n in sizes:
+        offsets.append(at)
+        at = _align(at + n, _ALIGN)
+    return offsets, at
+
+
+_CORES = os.cpu_count() or 1
+_runnable = [0.0, 0]  # when /proc/loadavg was last read, and its count of runnable tasks
+
+
+def _cores_free() -> bool:
+    """Whether this host has no more runnable tasks than cores (read from ``/proc/loadavg``
+    at most every 10 ms): spinning on an oversubscribed host takes the core that the peer
+    needs to answer."""
+    now = time.monotonic()
+    if now - _runnable[0] > 0.01:
+        _runnable[0] = now
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                _runnable[1] = int(f.read().split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            _runnable[1] = 0
+    return _runnable[1] <= _CORES
+
+
+def _others_runnable() -> bool:
+    """Whether another task of this event loop could run now (then a receiver does not spin)."""
+    try:
+        import sniffio
+
+        lib = sniffio.current_async_library()
+    except Exception:  # noqa: BLE001 - unknown: be polite
+        return True
+    if lib == "trio":
+        import trio
+
+        stats = trio.lowlevel.current_statistics()
+        # a thread's result (the pool's) comes through the run_sync_soon queue
+        return stats.tasks_runnable > 0 or stats.run_sync_soon_queue_size > 0
+    if lib == "asyncio":
+        import asyncio
+
+        ready = getattr(asyncio.get_running_loop(), "_ready", None)
+        return ready is None or len(ready) > 0
+    return True
+
+
+class ShmConnection(Connection):
+    """A :class:`Connection` whose frames go through shared memory (see the module's notes);
+    made by :func:`~asyncnn._cluster._wire.connect` / :func:`~asyncnn._cluster._wire.accept`
+    when both ends offer it and share a host.
+
+    Args:
+        sock: the connected, authenticated socket (wake-ups, end of stream, oversized frames).
+        peer: who is at the other end, for error messages.
+        max_message_bytes: the most tensor bytes one incoming message may announce.
+        out: this side's sending channel.
+        peer_ring: the peer's ring: ``{"pid", "fd", "ring"}``.
+        slab_bytes: the most slab bytes this side keeps for its messages.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        max_message_bytes: int,
+        out: Channel,
+        peer_ring: dict[str, int],
+        slab_bytes: int = DEFAULT_SLAB_BYTES,
+    ) -> None:
+        super().__init__(sock, peer, max_message_bytes)
+        self.out = out
+        self.inc = _Incoming(peer_ring["pid"], peer_ring["fd"], peer_ring["ring"])
+        self.slab_bytes = slab_bytes
+        #: a moving average of how often spinning catches (or would catch) the next record
+        self._hits = 1.0
+        #: whether this side's last record woke the peer, and a moving average of how often
+        #: the long spins that follow paid off
+        self._woke = False
+        self._long = 1.0
+        #: a moving average of how often waiting for a busy slab ended with it free
+        self._reuse = 1.0
+        self._eof = False
+        self._broken: str | None = None
+        #: messages sent through the ring, through slabs, and over the socket
+        self.counts = {"inline": 0, "slab": 0, "socket": 0}
+        #: waits for a message that ended while spinning, and on the socket
+        self.waits = {"spin": 0, "sleep": 0}
+
+    # -- sending -----------------------------------------------------------------------------------
+    async def send(
+        self,
+        header: dict[str, Any],
+        buffers: Sequence[Any] = (),
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Sends one frame (see :meth:`Connection.send`): small ones straight into the ring,
+        without waiting for anything when the ring has room and no other send is under way."""
+        if self.closed:
+            raise ConnectionError(f"the connection to {self.peer} is closed")
+        views = [_byte_view(b) for b in buffers]
+        sizes = [v.nbytes for v in views]
+        total = sum(sizes)
+        if total <= INLINE_BYTES and not self._lock.locked():
+            packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
+            length = _align(_PREFIX.size + len(packed) + total)
+            if length <= self.out.ring_bytes // 2 and self._room(length):
+                self._put_inline(packed, views, length)
+                self.counts["inline"] += 1
+                if then is not None:
+                    then()
+                return
+        async with self._lock:
+            await self._send_slow(header, views, sizes, total)
+            if then is not None:
+                then()
+
+    def _room(self, length: int) -> bool:
+        """Whether a record of ``length`` bytes fits now (counting the skip to the ring's start)."""
+        out = self.out
+        at = out.pos % out.ring_bytes
+        need = length + (out.ring_bytes - at if at + length > out.ring_bytes else 0)
+        return out.pos + need - out.words[_R] <= out.ring_bytes
+
+    async def _wait_room(self, length: int) -> None:
+        delay = 50e-6
+        while not self._room(length):
+            self._check_alive()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            raise ConnectionError(f"the connection to {self.peer} is closed")
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK) == b"":
+                raise ConnectionError(f"{self.peer} closed the connection")
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise ConnectionError(f"{self.peer} is gone: {exc}") from exc
+
+    def _record(self, length: int) -> int:
+        """Where a record of ``length`` bytes starts (the caller checked there is room); a
+        record never wraps: the rest of the ring is skipped first."""
+        out = self.out
+        at = out.pos % out.ring_bytes
+        if at + length > out.ring_bytes:
+            rest = out.ring_bytes - at
+            if rest >= _PREFIX.size:
+                _PREFIX.pack_into(out.data, at, rest, _WRAP, 0, 0, 0)
+            out.pos += rest
+            at = 0
+        return at
+
+    def _publish(self, length: int) -> None:
+        out = self.out
+        out.stamps[_T] = time.perf_counter()
+        out.pos += length
+        out.words[_W] = out.pos
+        _fence()
+        if out.words[_S]:
+            out.words[_S] = 0
+            self._wake()
+            self._woke = True
+
+    def _wake(self) -> None:
+        try:
+            self.sock.send(_WAKE)
+        except BlockingIOError:
+            pass  # the socket holds unread wake bytes: the receiver wakes anyway
+        except OSError:
+            pass  # the peer is gone; its reader learns that from the socket
+        else:
+            self.bytes_sent += 1
+
+    def _put_inline(self, packed: bytes, views: list[memoryview], length: int) -> None:
+        data = self.out.data
+        at = self._record(length)
+        _PREFIX.pack_into(data, at, length, _INLINE, len(packed), 0, 0)
+        o = at + _PREFIX.size
+        data[o : o + len(packed)] = packed
+        o += len(packed)
+        for v in views:
+            n = v.nbytes
+            data[o : o + n] = v
+            o += n
+        self.bytes_sent += length
+        self._publish(length)
+
+    def _put_control(self, kind: int, body: bytes, slab: int = 0, gen: int = 0) -> None:
+        """Writes a record without tensors (the caller waited for room)."""
+        length = _align(_PREFIX.size + len(body))
+        at = self._record(length)
+        _PREFIX.pack_into(self.out.data, at, length, kind, len(body), slab, gen)
+        self.out.data[at + _PREFIX.size : at + _PREFIX.size + len(body)] = body
+        self._publish(length)
+
+    async def _send_slow(
+        self, header: dict[str, Any], views: list[memoryview], sizes: list[int], total: int
+    ) -> None:
+        packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
+        if total <= INLINE_BYTES:
+            length = _align(_PREFIX.size + len(packed) + total)
+            if length <= self.out.ring_bytes // 2:
+                await self._wait_room(length)
+                self._put_inline(packed, views, length)
+                self.counts["inline"] += 1
+                return
+        else:
+            length = _align(_PREFIX.size + len(packed))
+            if length <= self.out.ring_bytes // 2:
+                offsets, span = _layout(sizes)
+                index = await self._slab_for(span)
+                if index is not None:
+                    await self._put_slab(index, packed, views, offsets, length)
+                    self.counts["slab"] += 1
+                    return
+        # too large for the ring, or beyond the slab budget: the frame goes over the socket,
+        # announced in the ring so that it keeps its place among the messages
+        await self._wait_room(_PREFIX.size)
+        self._put_control(_SOCKET, b"")
+        head = frame_head(header, sizes)
+        if total <= 1 << 16:
+            await self._send_all(b"".join([head, *views]))
+        else:
+            await self._send_all(head)
+            for v in views:
+                await self._send_all(v)
+        self.counts["socket"] += 1
+
+    async def _slab_for(self, span: int) -> int | None:
+        """A free slab of at least ``span`` bytes (made if need be), or None when the budget
+        does not allow one."""
+        out = self.out
+        out.bury()
+        free = [
+            (s[3], i) for i, s in out.slabs.items() if out.words[_REL + i] == s[4] and s[3] >= span
+        ]
+        if free:
+            return min(free)[1]
+        busy = [i for i, s in out.slabs.items() if s[3] >= span]
+        if busy and self._reuse >= 0.25:
+            # a new slab costs about three copies (the kernel zeroes and maps its pages); a
+            # receiver done with its last message frees a slab within microseconds: wait for
+            # that for half a copy's time (at ~10 GB/s), or for a receiver's wake-up through
+            # the socket (about 100 µs), whichever is longer
+            clock = time.perf_counter
+            deadline = clock() + max(300e-6, span / 20e9)
+            while clock() < deadline:
+                await anyio.lowlevel.checkpoint()
+                for i in busy:
+                    s = out.slabs.get(i)
+                    if s is not None and out.words[_REL + i] == s[4]:
+                        self._reuse = 0.8 * self._reuse + 0.2
+                        return i
+            self._reuse *= 0.8
+        size = max(1 << 20, 1 << (span - 1).bit_length())
+        if size > self.slab_bytes:
+            return None
+        # room in the budget: drop free slabs (smallest first) until the new one fits
+        if out.slab_total + size > self.slab_bytes:
+            for _, i in sorted((s[3], i) for i, s in out.slabs.items()
+                               if out.words[_REL + i] == s[4]):  # fmt: skip
+                await self._drop_slab(i)
+                if out.slab_total + size <= self.slab_bytes:
+                    break
+        if out.slab_total + size > self.slab_bytes:
+            return None
+        index = next((i for i in range(MAX_SLABS) if i not in out.slabs), None)
+        if index is None:
+            return None
+        announce = _align(_PREFIX.size + _NEWSLAB_BODY.size)
+        await self._wait_room(announce)
+        # from here on no await until the slab is announced: a cancelled send cannot leave a
+        # slab the receiver never heard of
+        try:
+            fd, mm = _create(f"slab{index}", size)
+        except OSError:
+            return None  # out of memory for it: this message goes by TCP
+        # a new slab's generation continues from what the receiver last released for the number
+        gen = int(out.words[_REL + index])
+        out.slabs[index] = [fd, mm, memoryview(mm).cast("B"), size, gen]
+        out.slab_total += size
+        self._put_control(_NEWSLAB, _NEWSLAB_BODY.pack(fd, size), index, gen)
+        out.announced = out.pos
+        return index
+
+    async def _drop_slab(self, index: int) -> None:
+        out = self.out
+        await self._wait_room(_PREFIX.size)
+        fd, _, _, size, gen = out.slabs.pop(index)
+        out.slab_total -= size
+        self._put_control(_DROP, b"", index, gen)
+        out.graves.append((out.pos, fd))
+
+    async def _put_slab(
+        self,
+        index: int,
+        packed: bytes,
+        views: list[memoryview],
+        offsets: list[int],
+        length: int,
+    ) -> None:
+        slab = self.out.slabs[index]
+        view = slab[2]
+        for v, o in zip(views, offsets, strict=True):
+            n = v.nbytes
+            if n >= THREAD_COPY_BYTES:
+                await _copy(np.frombuffer(view, np.uint8, n, o), np.frombuffer(v, np.uint8))
+            else:
+                view[o : o + n] = v
+        await self._wait_room(length)
+        slab[4] += 1  # busy from here: no await until the record is out
+        at = self._record(length)
+        _PREFIX.pack_into(self.out.data, at, length, _SLAB, len(packed), index, slab[4])
+        o = at + _PREFIX.size
+        self.out.data[o : o + len(packed)] = packed
+        self.bytes_sent += sum(v.nbytes for v in views) + length
+        self._publish(length)
+
+    def send_sync(self, header: dict[str, Any]) -> None:
+        """Sends a header-only frame without an event loop, best effort (the shutdown notice)."""
+        packed = msgpack.packb({**header, "n": []}, use_bin_type=True)
+        length = _align(_PREFIX.size + len(packed))
+        if self.closed or not self._room(length) or self._lock.locked():
+            return
+        self._put_inline(packed, [], length)
+        # the receiver may sleep on the socket: the wake byte must go even if the flag is unset
+        self._wake()
+
+    # -- receiving ---------------------------------------------------------------------------------
+    async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """Receives one frame (see :meth:`Connection.receive`).
+
+        Raises:
+            EOFError: the peer closed the connection and everything it sent was read.
+            ProtocolError: the peer wrote something malformed or beyond the limits.
+        """
+        if self._broken is not None:
+            raise ProtocolError(self._broken)
+        inc = self.inc
+        while True:
+            if inc.words[_W] != inc.pos:
+                got = await self._take()
+                if got is not None:
+                    return got
+                continue
+            await self._wait()
+
+    def _bad(self, what: str) -> ProtocolError:
+        self._broken = f"{self.peer} broke the shared-memory protocol: {what}"
+        self._refuse_reading()
+        return ProtocolError(self._broken)
+
+    async def _take(self) -> tuple[dict[str, Any], list[np.ndarray]] | None:
+        inc = self.inc
+        written = inc.words[_W]
+        ahead = written - inc.pos
+        if ahead < 0 or ahead > inc.ring_bytes:
+            raise self._bad(
+                f"field 'write position' = {written} is not within {inc.ring_bytes} bytes "
+                f"ahead of the read position {inc.pos}"
+            )
+        at = inc.pos % inc.ring_bytes
+        rest = inc.ring_bytes - at
+        if rest < _PREFIX.size:  # too little room for a prefix: the writer skipped it
+            self._advance(rest)
+            return None
+        length, kind, head_len, slab, gen = _PREFIX.unpack_from(inc.data, at)
+        if kind not in _KINDS:
+            raise self._bad(f"field 'kind' = {kind} is not a record kind")
+        if length < _PREFIX.size or length > rest or length > ahead or length % 8:
+            raise self._bad(
+                f"field 'record length' = {length} does not fit (at most {min(rest, ahead)}, "
+                f"a multiple of 8, at least {_PREFIX.size})"
+            )
+        if kind == _WRAP:
+            self._advance(length)
+            return None
+        if head_len > length - _PREFIX.size or head_len > MAX_HEADER_BYTES:
+            raise self._bad(
+                f"field 'header length' = {head_len} exceeds its record's "
+                f"{length - _PREFIX.size} bytes"
+            )
+        start = at + _PREFIX.size
+        body = inc.data[start : start + head_len]
+        if kind == _SOCKET:
+            self._advance(length)
+            return await self._receive_socket()
+        if kind in (_NEWSLAB, _DROP):
+            self._slab_record(kind, body, slab, gen)
+            self._advance(length)
+            return None
+        header, sizes = self._header(body)
+        total = sum(sizes)
+        if kind == _INLINE:
+            if head_len + total > length - _PREFIX.size:
+                raise self._bad(
+                    f"field 'n' = {sizes!r} claims {total} bytes of tensors; its record holds "
+                    f"{length - _PREFIX.size - head_len}"
+                )
+            o = start + head_len
+            buffers = []
+            for n in sizes:
+                arr = np.empty(n, np.uint8)
+                arr.data.cast("B")[:] = inc.data[o : o + n]
+                buffers.append(arr)
+                o += n
+            self._advance(length)
+            self.bytes_received += length
+            return header, buffers
+        # _SLAB
+        mapped = inc.slabs.get(slab)
+        if mapped is None:
+            raise self._bad(f"field 'slab' = {slab} names no slab it announced")
+        view, size = mapped
+        offsets, span = _layout(sizes)
+        if span > size:
+            raise self._bad(f"field 'n' = {sizes!r} needs {span:,} bytes; slab {slab} has {size:,}")
+        whole = np.frombuffer(view, np.uint8, span, 0)
+        weakref.finalize(whole, _release, inc.words, slab, gen)
+        buffers = [whole[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+        self._advance(length)
+        self.bytes_received += length + total
+        return header, buffers
+
+    def _header(self, body: memoryview) -> tuple[dict[str, Any], list[int]]:
+        try:
+            header = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's fault
+            raise self._bad(f"an undecodable header: {exc}") from exc
+        sizes = header.get("n") if isinstance(header, dict) else None
+        if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
+            raise self._bad(f"field 'n' (buffer sizes) is {sizes!r}, not a list of sizes")
+        if sum(sizes) > self.max_message_bytes:
+            raise self._bad(
+                f"field 'n' announces {sum(sizes):,} bytes of tensors; the limit is "
+                f"{self.max_message_bytes:,} bytes (raise max_message_bytes of the cluster if "
+                "a real tensor is that large)"
+            )
+        return header, sizes
+
+    def _slab_record(self, kind: int, body: memoryview, slab: int, gen: int) -> None:
+        inc = self.inc
+        if slab >= MAX_SLABS:
+            raise self._bad(f"field 'slab' = {slab} is not below {MAX_SLABS}")
+        if kind == _DROP:
+            inc.slabs.pop(slab, None)  # the mapping goes with the last array viewing it
+            return
+        if len(body) != _NEWSLAB_BODY.size:
+            raise self._bad(f"a slab announcement of {len(body)} bytes")
+        fd, size = _NEWSLAB_BODY.unpack(body)
+        if size > self.slab_limit():
+            raise self._bad(
+                f"field 'size' = {size:,} of slab {slab} is beyond the limit of "
+                f"{self.slab_limit():,} bytes"
+            )
+        try:
+            mm = open_peer(self.inc.pid, fd, size, f"slab {slab}")
+        except ProtocolError as exc:
+            if not os.path.exists(f"/proc/{self.inc.pid}"):
+                raise EOFError(
+                    f"{self.peer} exited before this process could open the shared memory "
+                    "of its last message"
+                ) from None
+            raise self._bad(str(exc)) from None
+        inc.slabs[slab] = (memoryview(mm).cast("B"), size)
+
+    def slab_limit(self) -> int:
+        """The largest slab a peer may announce: its largest allowed message rounded up to a
+        power of two, and no more than the slab budget."""
+        pow2 = 1 << max(0, self.max_message_bytes - 1).bit_length()
+        return max(1 << 20, min(pow2, self.slab_bytes))
+
+    def _advance(self, n: int) -> None:
+        self.inc.pos += n
+        self.inc.words[_R] = self.inc.pos
+
+    async def _receive_socket(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        # wake bytes (zeros) may precede the frame: a frame starts with b"A"
+        while True:
+            if self._rstart == self._rend:
+                await self._fill()
+            while self._rstart < self._rend and self._rbuf[self._rstart] == 0:
+                self._rstart += 1
+            if self._rstart < self._rend:
+                break
+        try:
+            return await Connection.receive(self)
+        except ProtocolError as exc:
+            self._broken = str(exc)
+            raise
+
+    async def _fill(self) -> None:
+        """Reads what the socket has into the (empty) read-ahead buffer, waiting for something."""
+        while True:
+            try:
+                n = self.sock.recv_into(self._rview)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
+            if n == 0:
+                raise EOFError(f"{self.peer} closed the connection")
+            self._rstart, self._rend = 0, n
+            return
+
+    def _drain(self) -> None:
+        """Reads the wake bytes the socket holds, keeping anything else (the start of a frame
+        sent over the socket) in the read-ahead buffer; notes the end of the stream."""
+        while self._rstart < self._rend and self._rbuf[self._rstart] == 0:
+            self._rstart += 1
+        if self._rstart < self._rend:
+            self._unannounced()
+            return  # a frame's bytes wait there: read when its record comes
+        try:
+            n = self.sock.recv_into(self._rview)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._eof = True
+            return
+        if n == 0:
+            self._eof = True
+            return
+        self._rstart, self._rend = 0, n
+        while self._rstart < self._rend and self._rbuf[self._rstart] == 0:
+            self._rstart += 1
+        self._unannounced()
+
+    def _unannounced(self) -> None:
+        # a frame's bytes come after the ring record announcing it (x86-64 makes the record
+        # visible first): bytes with no record are garbage
+        if self._rstart < self._rend and self.inc.words[_W] == self.inc.pos:
+            raise self._bad(
+                f"{self._rend - self._rstart} bytes on the socket that no record announced "
+                f"(starting {bytes(self._rbuf[self._rstart : self._rstart + 8])!r})"
+            )
+
+    async def _wait(self) -> None:
+        """Waits until the peer's write position moves (or the peer is gone)."""
+        inc = self.inc
+        pos = inc.pos
+        if self._eof:
+            raise EOFError(f"{self.peer} closed the connection")
+        start = time.perf_counter()
+        # this side's last send woke the peer: its answer comes after its wake-up, so spin
+        # long enough to catch that (then both sides spin, and answers come in microseconds),
+        # as long as such long spins pay off
+        woke = self._woke and self._long >= 0.25
+        self._woke = False
+        spun = (
+            SPIN_SECONDS > 0
+            and (woke or self._hits >= 0.25)
+            and not _others_runnable()
+            and _cores_free()
+        )
+        if spun:
+            # the loop is blocked while this spins: it stops (to sleep) as soon as a task of
+            # the loop could run, or a record came on another connection (whose reader sleeps)
+            clock = time.perf_counter
+            until = start + (LONG_SPIN_SECONDS if woke else SPIN_SECONDS)
+            try:
+                others = [c.inc for c in _sleeping if c is not self]
+            except RuntimeError:  # changed by another thread's event loop meanwhile
+                others = []
+            n = 0
+            while True:
+                if inc.words[_W] != pos:
+                    self._hits = 0.8 * self._hits + 0.2  # it paid off
+                    if woke:
+                        self._long = 0.8 * self._long + 0.2
+                    self.waits["spin"] += 1
+                    return
+                n += 1
+                if not n & 15 and (
+                    clock() > until
+                    or any(o.words[_W] != o.pos for o in others)
+                    or _others_runnable()
+                ):
+                    break
+        self.waits["sleep"] += 1
+        inc.words[_S] = 1
+        _sleeping.add(self)
+        try:
+            _fence()
+            if inc.words[_W] != pos:
+                return
+            await anyio.wait_readable(self.sock)
+        finally:
+            inc.words[_S] = 0
+            _sleeping.discard(self)
+        self._drain()
+        # would spinning have caught it? the sender stamps each record with the time it
+        # published it (one clock for every process of a host). A spin that failed is a miss;
+        # a record that came soon after a sleep began is a hit, though after the spin's length
+        # (the peer may itself have slept and woken late: were both spinning, it would come
+        # sooner). Spinning goes on while a quarter of the recent waits hit.
+        gap = inc.stamps[_T] - start
+        hit = not spun and gap <= 2 * SPIN_SECONDS
+        self._hits = 0.8 * self._hits + (0.2 if hit else 0.0)
+        if woke:  # a long spin for nothing
+            self._long *= 0.5
+        elif gap <= LONG_SPIN_SECONDS:
+            self._long = 0.8 * self._long + 0.2
+        if self._eof and inc.words[_W] == pos:
+            raise EOFError(f"{self.peer} closed the connection")
+
+    def close(self) -> None:
+        """Closes the socket and this side's memfds (idempotent; the memory goes when the last
+        array viewing it is gone).
+
+        A slab announced but not yet opened by the peer (its last message, say an error
+        report, sent just before this process exits) can only be opened while this process
+        holds it: closing waits for the peer to read that far, at most ``LINGER_SECONDS``, and
+        not at all once the peer is gone."""
+        if not self.closed:
+            deadline = time.monotonic() + LINGER_SECONDS
+            while self.out.words[_R] < self.out.announced and time.monotonic() < deadline:
+                try:
+                    self._check_alive()
+                except ConnectionError:
+                    break
+                time.sleep(0.002)
+            super().close()
+            self.out.close()
