@@ -215,16 +215,28 @@ def runtime_today(sizes: list[int], batch: int, steps: int, stages: int, policy:
 
 
 def runtime_shared(
-    sizes: list[int], batch: int, steps: int, stages: int, policy: Any
+    sizes: list[int],
+    batch: int,
+    steps: int,
+    stages: int,
+    policy: Any,
+    one_worker: bool = False,
 ) -> tuple[float, list[float]]:
     """samples/s of ``open_run`` on a shared pool (every core a worker, work split across them),
-    and each worker's busy share of the timed window."""
+    and each worker's busy share of the timed window. ``one_worker``: a pool of one worker with
+    BLAS on every core and products whole instead (the layout for one computing actor at a time,
+    OpenBLAS's own threads doing the products)."""
     d = data(sizes, batch * steps)
     g = graph(sizes, stages)
     batches = [{k: v[i * batch : (i + 1) * batch] for k, v in d.items()} for i in range(steps)]
+    shape = (
+        {"cpu_workers": 1, "blas_threads": cores(), "split": False}
+        if one_worker
+        else {"cpu_workers": cores(), "blas_threads": 1}
+    )
 
     async def main() -> tuple[float, list[float]]:
-        async with open_device_pool(cpu_workers=cores(), blas_threads=1) as pool:
+        async with open_device_pool(**shape) as pool:
             async with ann.open_run(g, optim.SGD(lr=0.01), policy, pool=pool) as run:
                 for b in batches[:2]:  # warm-up
                     await run.step(b)
@@ -254,7 +266,7 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
 
     for _ in range(repeats):
         # the references first, with BLAS on every core; then the same on a team (which holds
-        # BLAS at one thread while it is open)
+        # BLAS at one thread while it is open); then the runs
         add("numpy by hand", by_hand(sizes, batch, steps, None))
         add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
         with ComputeTeam(n) as team:
@@ -265,7 +277,8 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
                 b / wall for b in team.statistics().busy_seconds
             ]
             add("value_and_grad loop, on the team", value_and_grad_loop(sizes, batch, steps, team))
-    for _ in range(repeats):
+        # the runs in the same round as the references: a drift of the machine between rounds
+        # (a 2-vCPU VM's BLAS rate moves by 30% between quiet runs) moves both alike
         add("PyTorch eager", torch_eager(sizes, batch, steps))
         for name, stages, policy in RUNS:
             add(
@@ -275,6 +288,9 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
             rate, util = runtime_shared(sizes, batch, steps, stages, policy())
             add(f"{name}, shared pool", rate)
             utilisation[f"{name}, shared pool"] = util
+            if name.startswith("Sync"):  # one actor computes at a time
+                rate, _ = runtime_shared(sizes, batch, steps, stages, policy(), one_worker=True)
+                add(f"{name}, one worker, BLAS threads", rate)
     return {
         "samples_per_second": {k: statistics.median(v) for k, v in samples.items()},
         "all_repeats": samples,
