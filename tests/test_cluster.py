@@ -61,6 +61,7 @@ POLICIES = [
     policies.OneFOneB(microbatches=3),
     policies.PipeDream(microbatches=4),
     policies.PipeDream(microbatches=4, stash=False),
+    policies.ZeroBubbleH1(microbatches=3),
 ]
 
 
@@ -679,3 +680,27 @@ def test_an_interrupted_cluster_runs_trace_holds_the_workers_events(tmp_path: An
     s = ann.trace.summary(trace)
     assert s["missing_workers"] == []
     assert s["actors"]["stage0"]["forwards"] >= 1 and s["actors"]["stage1"]["forwards"] >= 1
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [policies.Interleaved1F1B(microbatches=4), policies.ZeroBubbleH1(microbatches=4, virtual=2)],
+    ids=lambda p: repr(p),
+)
+def test_interleaved_stages_of_a_device_on_one_worker_match_one_process(
+    policy: Any, three: Any
+) -> None:
+    # 4 stages on 2 devices (V = 2): device 0 hosts stages 0 and 2, device 1 stages 1 and 3;
+    # the stages of a device take turns, so they share a worker
+    one, h1 = fit(chain([None] * 4), policy)
+    many, h2 = fit(chain([0, 1, 0, 1]), policy, cluster=three)
+    assert_params_equal(one.params, many.params)
+    assert many.versions == one.versions
+    np.testing.assert_allclose(h2.losses, h1.losses, rtol=1e-6)
+
+
+def test_stages_of_one_device_on_different_workers_are_refused_by_name() -> None:
+    # refused by the driver before any worker hears of the run
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        with pytest.raises(ann.GraphError, match=r"\['s0', 's2'\] on one device.*different"):
+            fit(chain([0, 1, 1, 0]), policies.Interleaved1F1B(microbatches=4), cluster=cluster)

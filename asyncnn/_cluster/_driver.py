@@ -84,6 +84,29 @@ def placement(graph: Graph, cluster: Cluster) -> dict[str, int | None]:
     return where
 
 
+def _check_turns(graph: Graph, policy: Policy, where: dict[str, int | None]) -> None:
+    """Refuses, before any worker starts, a placement that puts layers of one device (stages
+    that take turns in the device's order, as under ``Interleaved1F1B``) in different
+    processes: turns are passed within a process.
+
+    Raises:
+        GraphError: naming the layers and where each is placed.
+    """
+    mates: dict[int, list[str]] = {}
+    for name, order in policy.orders(graph.layers).items():
+        turns = order.device_turns()
+        if turns is not None:
+            mates.setdefault(id(turns), []).append(name)
+    for names in mates.values():
+        places = {n: where[n] for n in names}
+        if len(set(places.values())) > 1:
+            raise GraphError(
+                f"the policy {policy.name} runs layers {names} on one device, taking turns, but "
+                f"they are placed on different workers {places} (None: the driver); place them "
+                "on one worker (see docs/policies.md)"
+            )
+
+
 class DriverRun(Run):
     """The run in the driver: its state and statistics include what the workers send back."""
 
@@ -144,6 +167,7 @@ async def open_cluster_run(
     if not validated:
         validate(graph, config.dtype)
     where = placement(graph, cluster)
+    _check_turns(graph, policy, where)
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
     await cluster.start()
