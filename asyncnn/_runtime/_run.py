@@ -183,7 +183,11 @@ class Run:
         self.losses: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._done_count: dict[int, int] = {}
-        self._changed = anyio.Event()
+        # set when a key retires or a minibatch's loss is known; made only while someone waits
+        self._changed: anyio.Event | None = None
+        # the graph's inputs and loss count, read on every step (a run's graph does not change)
+        self._inputs = graph.inputs
+        self._num_losses = len(graph.losses)
         self.last_event = time.perf_counter()
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
@@ -217,8 +221,10 @@ class Run:
         self.last_event = time.perf_counter()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     def backward_done(self, actor: str, key: int) -> None:
         n = self._done_count.get(key)
@@ -261,6 +267,8 @@ class Run:
     # -- the scheduler ---------------------------------------------------------------------------
     async def _wait_until(self, condition: Any) -> None:
         while not condition():
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
     async def wait_idle(self, losses: bool = False) -> None:
@@ -291,7 +299,7 @@ class Run:
             if self.recorder is not None and mb > 0:
                 self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
         arrays = {}
-        for name in self.graph.inputs:
+        for name in self._inputs:
             # A copy: step returns before its keys are computed, and the caller may refill its
             # buffer for the next batch meanwhile.
             # Data may live on a GPU already (a cupy array): it then stays there.
@@ -303,10 +311,10 @@ class Run:
             arr = array_namespace(src).array(src, copy=True)
             arrays[name] = arr.astype(self.dtype, copy=False) if floating else arr
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
-        self._pending[mb] = _Pending(keys=m * len(self.graph.losses))
+        self._pending[mb] = _Pending(keys=m * self._num_losses)
         for lo, hi in parts:
             meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
-            await self.admit({name: arrays[name][lo:hi] for name in self.graph.inputs}, meta)
+            await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
         self.samples += rows
         return mb
 
@@ -319,7 +327,7 @@ class Run:
         await self._wait_until(lambda: self.in_flight < self.max_in_flight)
         mb = int(meta.get("minibatch", -1))
         if mb >= 0 and mb not in self._pending and mb not in self.losses:
-            self._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * len(self.graph.losses))
+            self._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * self._num_losses)
             self.minibatches = max(self.minibatches, mb + 1)
         key = self.next_key
         self.next_key += 1
@@ -329,7 +337,7 @@ class Run:
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
         ready = _ready_events(parts.values())
-        for name in self.graph.inputs:
+        for name in self._inputs:
             part = parts[name]
             for i_c, (consumer, slot) in enumerate(self.graph.nodes[name].consumers):
                 if rec is not None:  # the data is recorded once, with its first send
