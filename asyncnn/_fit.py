@@ -68,6 +68,10 @@ class _FitState:
         )
         self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
         self.stepped = self.first_mb  # minibatches whose keys were all admitted
+        # the history's losses as last handed over (see _history_losses)
+        self._losses_list: list[float] = []
+        self._losses_upto = self.first_mb
+        self._losses_whole = False  # rebuilt at the first commit
 
     # -- during the run --------------------------------------------------------------------------
     def on_loss(self, minibatch: int, loss: float, rows: int) -> None:
@@ -183,9 +187,24 @@ class _FitState:
         if skip >= per_epoch:
             epoch, skip = epoch + 1, 0
         tr.epochs_done, tr.epoch_batches = epoch, skip
-        self.history.losses = [
-            self.losses[mb] for mb in range(self.first_mb, done) if mb in self.losses
-        ]
+        self._history_losses(done)
+
+    def _history_losses(self, done: int) -> None:
+        """The history's losses: those known of minibatches ``first_mb .. done - 1``, in order.
+        Extended in place when the list so far has every earlier one (a snapshot each step would
+        otherwise rebuild it: quadratic in the fit's length), rebuilt otherwise."""
+        losses = self.losses
+        upto = self._losses_upto
+        if self._losses_whole and upto <= done and self.history.losses is self._losses_list:
+            new = range(upto, done)
+            self._losses_list.extend(losses[mb] for mb in new if mb in losses)
+            self._losses_whole = all(mb in losses for mb in new)
+        else:
+            kept = range(self.first_mb, done)
+            self._losses_list = [losses[mb] for mb in kept if mb in losses]
+            self._losses_whole = all(mb in losses for mb in kept)
+            self.history.losses = self._losses_list
+        self._losses_upto = done
 
     def _deliver_steps(self) -> None:
         if not self.reported:
