@@ -142,6 +142,36 @@ def target_summary(curve: list[dict[str, Any]], target: float) -> tuple[Any, dic
     }
 
 
+def mlp_modules(sizes: list[int]) -> list[Any]:
+    """The benchmarks' MLP as modules: ``Linear`` layers of ``sizes`` with ``ReLU`` between."""
+    from asyncnn import nn
+
+    mods: list[Any] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        mods.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            mods.append(nn.ReLU())
+    return mods
+
+
+def plain_step(model: Any, loss: Any, optimizer: Any, seed: int = 0) -> Callable[[Any, Any], None]:
+    """One step of the plain loop the runtime is measured against, as ``step(x, y)``:
+    ``value_and_grad`` of ``loss`` on ``model``'s output, then ``optimizer``'s update (the
+    parameters and state live in the closure, from ``model.init(seed)``)."""
+    import asyncnn as ann
+
+    params = model.init(seed)
+    state = optimizer.init(params)
+    vg = ann.value_and_grad(lambda q, x, y: loss({}, model(q, x), y))
+
+    def step(x: Any, y: Any) -> None:
+        nonlocal params, state
+        _, grads = vg(params, x, y)
+        params, state = optimizer.update(params, grads, state)
+
+    return step
+
+
 def write_json(path: str, report: Any) -> None:
     """Writes a benchmark's report to ``path`` (making its folder) and says so."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -21,6 +21,20 @@ def init(
     return params
 
 
+def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """The mean softmax cross-entropy of ``logits`` against integer labels ``y``, and its
+    gradient with respect to the logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    expd = np.exp(shifted)
+    total = expd.sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = float(np.mean(np.log(total[:, 0]) - shifted[np.arange(n), y]))
+    g = expd / total
+    g[np.arange(n), y] -= 1
+    g /= n
+    return loss, g
+
+
 def sgd_step(
     params: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray, lr: float
 ) -> float:
@@ -32,15 +46,7 @@ def sgd_step(
         if i < len(params) - 1:
             h = np.maximum(h, 0)
         acts.append(h)
-    logits = acts[-1]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    expd = np.exp(shifted)
-    total = expd.sum(axis=1, keepdims=True)
-    n = len(y)
-    loss = float(np.mean(np.log(total[:, 0]) - shifted[np.arange(n), y]))
-    g = expd / total
-    g[np.arange(n), y] -= 1
-    g /= n
+    loss, g = softmax_cross_entropy(acts[-1], y)
     for i in range(len(params) - 1, -1, -1):
         w, b = params[i]
         gw = acts[i].T @ g

@@ -81,15 +81,6 @@ def data(sizes: list[int], n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": rng.standard_normal((n, sizes[0]), dtype=np.float32), "y": rng.integers(0, 10, n)}
 
 
-def mlp_modules(sizes: list[int]) -> list[Any]:
-    mods: list[Any] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        mods.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            mods.append(nn.ReLU())
-    return mods
-
-
 def _relu_grad(g: np.ndarray, h: np.ndarray) -> np.ndarray:
     return g * (h > 0)
 
@@ -110,15 +101,7 @@ def numpy_step_on_team(
         if i < len(params) - 1:
             h = elementwise(np.maximum, h, 0)
         acts.append(h)
-    logits = acts[-1]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    expd = np.exp(shifted)
-    total = expd.sum(axis=1, keepdims=True)
-    n = len(y)
-    loss = float(np.mean(np.log(total[:, 0]) - shifted[np.arange(n), y]))
-    g = expd / total
-    g[np.arange(n), y] -= 1
-    g /= n
+    loss, g = _numpy_mlp.softmax_cross_entropy(acts[-1], y)
     for i in range(len(params) - 1, -1, -1):
         w, b = params[i]
         gw = matmul(acts[i].T, g)
@@ -152,20 +135,10 @@ def value_and_grad_loop(
     sizes: list[int], batch: int, steps: int, team: ComputeTeam | None
 ) -> float:
     d = data(sizes, batch)
-    model = nn.Sequential(*mlp_modules(sizes))
-    p = model.init(0)
-    opt = optim.SGD(lr=0.01)
-    state = opt.init(p)
-    loss = nn.CrossEntropyLoss()
-    vg = ann.value_and_grad(lambda q: loss({}, model(q, d["x"]), d["y"]))
-
-    def step() -> None:
-        nonlocal p, state
-        _, grads = vg(p)
-        p, state = opt.update(p, grads, state)
-
+    model = nn.Sequential(*_common.mlp_modules(sizes))
+    step = _common.plain_step(model, nn.CrossEntropyLoss(), optim.SGD(lr=0.01))
     with using_team(team):
-        return batch / _common.seconds_per_call(step, steps)
+        return batch / _common.seconds_per_call(lambda: step(d["x"], d["y"]), steps)
 
 
 def torch_eager(sizes: list[int], batch: int, steps: int) -> float | None:
@@ -202,7 +175,10 @@ RUNS = [
 
 def graph(sizes: list[int], stages: int) -> Any:
     return ann.Graph.sequential(
-        mlp_modules(sizes), loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, sizes[0])
+        _common.mlp_modules(sizes),
+        loss=nn.CrossEntropyLoss(),
+        stages=stages,
+        input_shape=(None, sizes[0]),
     )
 
 
@@ -437,18 +413,12 @@ class _Clock:
 def tiny_plain(batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
     """(wall, CPU) seconds per step of the plain loop: ``value_and_grad`` of the composed chain
     and the same SGD update, over the same minibatches."""
-    model = nn.Sequential(*tiny_modules())
-    p = model.init(0)
-    opt = optim.SGD(lr=0.01)
-    state = opt.init(p)
-    loss = nn.MSELoss()
-    vg = ann.value_and_grad(lambda q, x, y: loss({}, model(q, x), y))
+    step = _common.plain_step(nn.Sequential(*tiny_modules()), nn.MSELoss(), optim.SGD(lr=0.01))
     for b in batches[:20]:  # warm-up
-        vg(p, b["x"], b["y"])
+        step(b["x"], b["y"])
     clock = _Clock()
     for b in batches:
-        _, grads = vg(p, b["x"], b["y"])
-        p, state = opt.update(p, grads, state)
+        step(b["x"], b["y"])
     return clock.per_step(len(batches))
 
 

@@ -31,12 +31,7 @@ SIZES = [784, 1024, 1024, 1024, 10]
 
 
 def mlp_modules() -> list[Any]:
-    mods: list[Any] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
-        mods.append(nn.Linear(a, b))
-        if i < len(SIZES) - 2:
-            mods.append(nn.ReLU())
-    return mods
+    return _common.mlp_modules(SIZES)
 
 
 def data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,19 +86,11 @@ def step_times(batch: int, steps: int) -> dict[str, float]:
         lambda: _numpy_mlp.sgd_step(params, one["x"], one["y"], 0.01), steps
     )
 
-    model = nn.Sequential(*mlp_modules())
-    p = model.init(0)
-    opt = optim.SGD(lr=0.01)
-    state = opt.init(p)
     loss = nn.CrossEntropyLoss()
-    vg = ann.value_and_grad(lambda q: loss({}, model(q, one["x"]), one["y"]))
-
-    def plain() -> None:
-        nonlocal p, state
-        _, grads = vg(p)
-        p, state = opt.update(p, grads, state)
-
-    results["plain loop (value_and_grad)"] = _common.seconds_per_call(plain, steps)
+    plain = _common.plain_step(nn.Sequential(*mlp_modules()), loss, optim.SGD(lr=0.01))
+    results["plain loop (value_and_grad)"] = _common.seconds_per_call(
+        lambda: plain(one["x"], one["y"]), steps
+    )
     for k in (1, 2):
         g = ann.Graph.sequential(mlp_modules(), loss=loss, stages=k, input_shape=(None, SIZES[0]))
         tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
