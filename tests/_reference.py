@@ -10,6 +10,26 @@ import numpy as np
 import asyncnn as ann
 from asyncnn import nn, optim
 
+#: the optimizers the equivalence tests run under, by name
+OPTIMIZERS = {
+    "sgd-momentum": lambda: optim.SGD(lr=0.1, momentum=0.9),
+    "adam": lambda: optim.Adam(lr=0.01),
+}
+
+
+def classification_data(
+    n: int, features: int = 5, classes: int = 3, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """``n`` rows of normal features ``"x"`` and integer labels ``"y"``."""
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
+
+
+def minibatches(data: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
+    """``data`` cut into consecutive minibatches of ``batch_size`` rows (the last may be short)."""
+    n = len(data["y"])
+    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+
 
 def chain_graph(k: int, width: int = 6, features: int = 5, classes: int = 3) -> ann.Graph:
     """A K-stage chain: K Linear+Tanh stages, the last ending in a Linear to the classes."""

@@ -20,28 +20,15 @@ from asyncnn import nn, ops, optim, policies
 from asyncnn.policies import DeviceTurns
 
 from _reference import (
+    OPTIMIZERS,
     assert_params_close,
     assert_params_equal,
     chain_graph,
+    classification_data,
     fresh_params,
+    minibatches,
     plain_sgd,
 )
-
-
-def _data(n: int = 26, features: int = 5, classes: int = 3, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
-
-
-def _batches(data, batch_size):
-    n = len(data["y"])
-    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
-
-
-OPTIMIZERS = {
-    "sgd-momentum": lambda: optim.SGD(lr=0.1, momentum=0.9),
-    "adam": lambda: optim.Adam(lr=0.01),
-}
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
@@ -56,12 +43,12 @@ OPTIMIZERS = {
     ],
 )
 def test_split_and_interleaved_runs_equal_plain_minibatch_training_float64(k, policy, opt_name):
-    data = _data()  # batches of 8, 8, 8 and 2: a short last minibatch too
+    data = classification_data(26)  # batches of 8, 8, 8 and 2: a short last minibatch too
     g = chain_graph(k)
     tr = ann.Trainer(g, optimizer=OPTIMIZERS[opt_name](), policy=policy, dtype="float64")
     start = tr.params
     hist = tr.fit(data, epochs=2, batch_size=8)
-    ref, ref_losses = plain_sgd(g, start, OPTIMIZERS[opt_name](), _batches(data, 8) * 2)
+    ref, ref_losses = plain_sgd(g, start, OPTIMIZERS[opt_name](), minibatches(data, 8) * 2)
     assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
     for name in g.layers:
@@ -75,7 +62,7 @@ def test_split_and_interleaved_runs_equal_plain_minibatch_training_float64(k, po
 )
 async def test_turns_and_split_backwards_on_trio_and_asyncio(policy):
     g = chain_graph(4)
-    data = _data(n=16)
+    data = classification_data(16)
     start = fresh_params(g)
     batches = [{k: v[:8] for k, v in data.items()}, {k: v[8:] for k, v in data.items()}]
     async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64") as run:
@@ -122,7 +109,7 @@ SLEEPS: list[Any] = [np.random.default_rng(0)]
     ],
 )
 def test_bit_identical_run_to_run_under_seeded_random_sleeps(stages, policy):
-    data = {"x": _data()["x"].astype(np.float32), "y": _data()["y"]}
+    data = {"x": classification_data(26)["x"].astype(np.float32), "y": classification_data(26)["y"]}
     results = []
     for seed in range(3):
         SLEEPS[0] = np.random.default_rng(seed)
@@ -156,7 +143,7 @@ def test_the_stages_of_a_device_compute_one_at_a_time_in_its_order(policy, sched
     tr = ann.Trainer(
         chain_graph(d * v), optimizer=optim.SGD(lr=0.1), policy=policy, trace=str(path)
     )
-    tr.fit(_data(n=16), epochs=1, batch_size=8)  # two minibatches of 4 keys
+    tr.fit(classification_data(16), epochs=1, batch_size=8)  # two minibatches of 4 keys
     events = [e for e in ann.trace.read(str(path)).events if e.what in ("start", "end")]
     names = tr.graph.layers
     for dev in range(d):
@@ -212,10 +199,10 @@ def test_a_split_backward_needs_both_halves_from_a_custom_actor():
     g.loss("loss", nn.CrossEntropyLoss(), out, y)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2))
     with pytest.raises(TypeError, match="'a'.*OnlyBackward overrides on_backward only"):
-        tr.fit(_data(n=8), epochs=1, batch_size=8)
+        tr.fit(classification_data(8), epochs=1, batch_size=8)
     # under a policy that does not split, the same actor runs
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2))
-    tr.fit(_data(n=8), epochs=1, batch_size=8)
+    tr.fit(classification_data(8), epochs=1, batch_size=8)
 
 
 def test_stages_that_take_turns_must_share_a_placement():
@@ -228,7 +215,7 @@ def test_stages_that_take_turns_must_share_a_placement():
     g.loss("loss", nn.CrossEntropyLoss(), h, y)
     with pytest.raises(Exception, match=r"runs layers \['s0', 's2'\] on one device") as info:
         ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Interleaved1F1B(2)).fit(
-            _data(n=8), epochs=1, batch_size=8
+            classification_data(8), epochs=1, batch_size=8
         )
     assert "different workers" in str(info.value) or "different workers" in str(
         info.value.__cause__
@@ -244,7 +231,7 @@ def test_a_zero_bubble_run_replays_exactly(tmp_path):
         trace=path,
         dtype="float64",
     )
-    tr.fit(_data(n=16), epochs=1, batch_size=8)
+    tr.fit(classification_data(16), epochs=1, batch_size=8)
     rep = ann.replay(path)
     assert rep.identical, rep.first_divergence
     # the trace records the halves as backwards, telling them apart in meta

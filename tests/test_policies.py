@@ -10,62 +10,52 @@ from asyncnn import optim, policies
 from asyncnn.policies import OneFOneBOrder
 
 from _reference import (
+    OPTIMIZERS,
     assert_params_close,
     assert_params_equal,
     chain_graph,
+    classification_data,
+    minibatches,
     one_f_one_b_order,
     pipedream_reference,
     plain_sgd,
 )
 
 
-def _data(n: int = 24, features: int = 5, classes: int = 3, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
-
-
-def _batches(data, batch_size):
-    n = len(data["y"])
-    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
-
-
-OPTIMIZERS = {
-    "sgd-momentum": lambda: optim.SGD(lr=0.1, momentum=0.9),
-    "adam": lambda: optim.Adam(lr=0.01),
-}
-
-
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("policy_name", ["Sync", "GPipe", "OneFOneB"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_flush_policies_equal_plain_minibatch_training_float64(policy_name, k, opt_name):
-    data = _data()
+    data = classification_data(24)
     for m in [1] if policy_name == "Sync" else [1, 3, 5, 8]:
         policy = policies.Sync() if policy_name == "Sync" else getattr(policies, policy_name)(m)
         g = chain_graph(k)
         tr = ann.Trainer(g, optimizer=OPTIMIZERS[opt_name](), policy=policy, dtype="float64")
         start = tr.params
         hist = tr.fit(data, epochs=2, batch_size=10)  # batches of 10, 10, 4: uneven splits too
-        ref, ref_losses = plain_sgd(g, start, OPTIMIZERS[opt_name](), _batches(data, 10) * 2)
+        ref, ref_losses = plain_sgd(g, start, OPTIMIZERS[opt_name](), minibatches(data, 10) * 2)
         assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
 
 
 @pytest.mark.parametrize("policy", [policies.GPipe(4), policies.OneFOneB(3)])
 def test_flush_policies_float32_within_1e5(policy):
-    data = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in _data().items()}
+    data = {
+        k: (v.astype(np.float32) if v.dtype.kind == "f" else v)
+        for k, v in classification_data(24).items()
+    }
     g = chain_graph(3)
     tr = ann.Trainer(g, optimizer=optim.Adam(lr=0.01), policy=policy, dtype="float32")
     start = tr.params
     tr.fit(data, epochs=2, batch_size=8)
-    ref, _ = plain_sgd(g, start, optim.Adam(lr=0.01), _batches(data, 8) * 2)
+    ref, _ = plain_sgd(g, start, optim.Adam(lr=0.01), minibatches(data, 8) * 2)
     assert_params_close(tr.params, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("k,m", [(2, 4), (3, 2), (4, 3), (3, 1)])
 def test_pipedream_matches_sequential_1f1b_reenactment(k, m, stash):
-    data = _data(n=30)
+    data = classification_data(30)
     g = chain_graph(k)
     tr = ann.Trainer(
         g,
@@ -76,7 +66,7 @@ def test_pipedream_matches_sequential_1f1b_reenactment(k, m, stash):
     start = tr.params
     tr.fit(data, epochs=1, batch_size=10)
     micro = []
-    for b in _batches(data, 10):
+    for b in minibatches(data, 10):
         idx = np.array_split(np.arange(len(b["y"])), m)
         micro += [{kk: v[i[0] : i[-1] + 1] for kk, v in b.items()} for i in idx]
     ref, _ = pipedream_reference(g, start, optim.SGD(lr=0.1, momentum=0.5), micro, stash)
@@ -101,7 +91,7 @@ def test_order_formula_matches_design():
 
 
 def test_peak_stored_activations():
-    data = _data(n=32)
+    data = classification_data(32)
     k, m = 4, 8
     for policy, bound in [
         (policies.OneFOneB(m), lambda s: k - s),
@@ -128,7 +118,7 @@ def test_deterministic_policies_are_bit_identical_with_random_sleeps():
             time.sleep(float(np.random.default_rng().uniform(0, 0.003)))
             return super().__call__(params, x)
 
-    data = _data(n=24)
+    data = classification_data(24)
     for policy in [policies.GPipe(4), policies.OneFOneB(4), policies.PipeDream(3, stash=True)]:
         results = []
         for _ in range(3):
@@ -147,7 +137,7 @@ def test_deterministic_policies_are_bit_identical_with_random_sleeps():
 
 
 def test_async_trains_and_counts_updates():
-    data = _data(n=40)
+    data = classification_data(40)
     tr = ann.Trainer(
         chain_graph(3),
         optimizer=optim.SGD(lr=0.1),
@@ -241,13 +231,13 @@ def two_bw_reference(graph, params, opt, batches):
 
 @pytest.mark.parametrize("k,m", [(2, 1), (3, 2), (3, 4), (4, 3)])
 def test_pipedream_2bw_follows_its_published_rule(k, m):
-    data = _data(n=40)
+    data = classification_data(40)
     g = chain_graph(k)
     opt = lambda: optim.SGD(lr=0.1, momentum=0.5)  # noqa: E731
     tr = ann.Trainer(g, optimizer=opt(), policy=policies.PipeDream2BW(m), dtype="float64")
     start = tr.params
     hist = tr.fit(data, epochs=2, batch_size=8)
-    ref = two_bw_reference(g, start, opt(), _batches(data, 8) * 2)
+    ref = two_bw_reference(g, start, opt(), minibatches(data, 8) * 2)
     assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
     assert tr.versions == {name: 10 for name in g.layers}  # one update per minibatch
     for name in g.layers:
@@ -314,7 +304,7 @@ def test_interleaved_1f1b_stages_follow_their_part_of_the_device_order():
 
 @pytest.mark.parametrize("k,v,m", [(4, 2, 4), (6, 2, 3), (6, 3, 4)])
 def test_interleaved_1f1b_equals_plain_minibatch_training_and_is_bit_identical(k, v, m):
-    data = _data(n=26)  # batches of 8, 8, 8 and 2: a short last minibatch too
+    data = classification_data(26)  # batches of 8, 8, 8 and 2: a short last minibatch too
     runs = []
     for _ in range(2):
         g = chain_graph(k)
@@ -323,7 +313,7 @@ def test_interleaved_1f1b_equals_plain_minibatch_training_and_is_bit_identical(k
         start = tr.params
         hist = tr.fit(data, epochs=2, batch_size=8)
         runs.append(tr.params)
-    ref, ref_losses = plain_sgd(g, start, optim.SGD(lr=0.1, momentum=0.9), _batches(data, 8) * 2)
+    ref, ref_losses = plain_sgd(g, start, optim.SGD(lr=0.1, momentum=0.9), minibatches(data, 8) * 2)
     assert_params_close(runs[0], ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
     assert_params_equal(runs[0], runs[1])

@@ -12,12 +12,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
-from _reference import assert_params_close, chain_graph, one_f_one_b_order
-
-
-def _data(n: int = 30, features: int = 5, classes: int = 3, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((n, features)), "y": rng.integers(0, classes, n)}
+from _reference import assert_params_close, chain_graph, classification_data, one_f_one_b_order
 
 
 def _microbatches(data, batch_size, m):
@@ -130,7 +125,7 @@ def _run(policy, k, data, batch_size=10, epochs=1, trace=None, optimizer=None):
 # -- delays ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k,m", [(2, 3), (3, 2), (4, 3)])
 def test_pipedream_delays_are_the_warmup_of_each_stage(k, m, tmp_path):
-    data = _data()
+    data = classification_data(30)
     tr, _, hist = _run(policies.PipeDream(m), k, data, trace=tmp_path / "run.trace")
     keys = 3 * m
     for s, name in enumerate(tr.graph.layers):
@@ -147,7 +142,7 @@ def test_pipedream_delays_are_the_warmup_of_each_stage(k, m, tmp_path):
 
 
 def test_flush_policies_have_no_delay_and_async_reports_its_own(tmp_path):
-    data = _data(n=24)
+    data = classification_data(24)
     for policy in [policies.Sync(), policies.GPipe(3), policies.OneFOneB(4)]:
         tr, _, hist = _run(policy, 3, data, batch_size=8)
         for name in tr.graph.layers:
@@ -195,7 +190,7 @@ REMEDIES = {
 @pytest.mark.parametrize("remedy", sorted(REMEDIES))
 def test_remedy_equals_its_formula_on_pipedream(remedy, k, m, stash):
     make, formula = REMEDIES[remedy]
-    data = _data()
+    data = classification_data(30)
     tr, start, hist = _run(make(policies.PipeDream(m, stash=stash)), k, data, epochs=2)
     micro = _microbatches(data, 10, m) * 2
     ref, delays = pipedream_with_correction(tr.graph, start, 0.1, micro, stash, formula)
@@ -210,7 +205,7 @@ def test_remedy_equals_its_formula_on_pipedream(remedy, k, m, stash):
 
 
 def test_remedies_change_nothing_without_delay():
-    data = _data(n=24)
+    data = classification_data(24)
     want, _, _ = _run(policies.OneFOneB(3), 3, data, batch_size=8)
     for make, _ in REMEDIES.values():
         got, _, _ = _run(make(policies.OneFOneB(3)), 3, data, batch_size=8)
@@ -244,7 +239,7 @@ def test_remedy_keeps_only_the_versions_stored_keys_reference():
         kept.clear()
         policy = policies.DelayCompensation(policies.PipeDream(3, stash=stash))
         tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
-        hist = tr.fit(_data(), epochs=1, batch_size=10)
+        hist = tr.fit(classification_data(30), epochs=1, batch_size=10)
         for s, name in enumerate(g.layers):
             # stage s has at most K - s keys stored, of K - s - 1 older versions at most
             assert kept[name] <= k - s - 1, (stash, name, kept)
@@ -282,7 +277,7 @@ def test_remedy_specs_round_trip_delegate_and_validate():
 
 @pytest.mark.parametrize("inner", [policies.Async(3, 1), policies.PipeDream(3)], ids=str)
 def test_a_remedied_run_replays_exactly(inner, tmp_path):
-    data = _data(n=24)
+    data = classification_data(24)
     path = tmp_path / "run.trace"
     policy = policies.DelayCompensation(policies.StalenessScaledLR(inner), strength=1.0)
     tr, _, _ = _run(policy, 3, data, batch_size=4, trace=path)
@@ -293,7 +288,7 @@ def test_a_remedied_run_replays_exactly(inner, tmp_path):
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
 def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
-    data = _data()
+    data = classification_data(30)
     policy = policies.WeightPrediction(policies.PipeDream(m, stash=stash))
     tr, start, hist = _run(policy, k, data, epochs=2)
     micro = _microbatches(data, 10, m) * 2
@@ -323,12 +318,12 @@ def test_an_on_forward_that_ignores_forward_weights_fails_clearly(policy, monkey
 
     monkeypatch.setattr(LayerActor, "on_forward", plain_on_forward)
     with pytest.raises(Exception, match="without asking forward_weights"):
-        _run(policy, 3, _data())
+        _run(policy, 3, classification_data(30))
 
 
 @pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
 def test_discrepancy_correction_equals_its_formula_on_pipedream(k, m):
-    data = _data()
+    data = classification_data(30)
     policy = policies.DiscrepancyCorrection(policies.PipeDream(m, stash=False), decay=0.8)
     tr, start, _ = _run(policy, k, data, epochs=2)
     micro = _microbatches(data, 10, m) * 2
@@ -369,7 +364,7 @@ def _spike_compensated_momentum(lr, m, wd, k):
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
 def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
-    data = _data()
+    data = classification_data(30)
     opt = optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01)
     policy = policies.SpikeCompensation(policies.PipeDream(m, stash=stash))
     tr, start, hist = _run(policy, k, data, epochs=2, optimizer=opt)
@@ -393,7 +388,7 @@ def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
 
 
 def test_spike_compensation_changes_nothing_without_delay_and_needs_plain_sgd():
-    data = _data(n=24)
+    data = classification_data(24)
     opt = optim.SGD(lr=0.1, momentum=0.9)
     want, _, _ = _run(policies.OneFOneB(3), 3, data, batch_size=8, optimizer=opt)
     got, _, _ = _run(
