@@ -20,8 +20,6 @@ from asyncnn._runtime._checks import validate
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import (
-    Share,
-    close_channels,
     cpu_layers,
     error_leaves,
     host_cores,
@@ -42,7 +40,7 @@ from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import decode_state, encode_state
-from ._nccl import NcclLinks, open_links, plan_links, unique_ids
+from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._remote import RemoteActor, deliver
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
@@ -206,7 +204,9 @@ async def _driver_run(
     # the cluster is local; a Ray worker on its own machine may be told otherwise)
     cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
     threads = cluster.threads_per_worker or max(1, host_cores() // len(cpu_hosts))
-    share = _DriverShare(cluster, hosted_by, recorder, config.trace)
+    share = _DriverShare(
+        cluster, where, hosted_by, recorder, config.trace, state, threads, plan, ids
+    )
     with recording(recorder, share):
         async with maybe_pool(pool, threads) as the_pool:
             proxies = {
@@ -220,39 +220,47 @@ async def _driver_run(
             )  # fmt: skip
             run.results = {}
             run.worker_traces = share.traces
-            try:
-                await _start_workers(cluster, run, state, where, threads, plan, ids)
-                # every process creates its ends of the links now, in the same order
-                with anyio.fail_after(cluster.start_timeout):
-                    run.nccl = await open_links(-1, plan, ids)
-            except BaseException:
-                share.close(run)
-                close_channels(run)
-                raise
             async with hosting(run, share):
                 yield run
 
 
-class _DriverShare(Share):
-    """The driver's part in a cluster run: it reads every worker beside its own actors, marks
-    the end of what it sent on each link, waits for the workers' results, names a failure by
-    its first cause (a worker's death explains the rest), and merges the workers' traces into
+class _DriverShare(LinkedShare):
+    """The driver's part in a cluster run: it sends each worker its share of the run (``state``
+    of the layers it hosts, ``threads`` for its pool), reads every worker beside its own actors,
+    marks the end of what it sent on each link, waits for the workers' results, names a failure
+    by its first cause (a worker's death explains the rest), and merges the workers' traces into
     its own."""
 
     def __init__(
         self,
         cluster: Cluster,
+        where: dict[str, int | None],
         hosted_by: dict[int | None, list[str]],
         recorder: Recorder | None,
         trace: str | None,
+        state: RunState,
+        threads: int,
+        plan: list[Any],
+        ids: list[Any],
     ) -> None:
+        super().__init__(-1, plan, ids, cluster.start_timeout)
         self.cluster = cluster
+        self.where = where
+        self.state = state
+        self.threads = threads
         self.hosted_by = hosted_by
         self.recorder = recorder
         self.trace = trace if recorder is not None else None
         self.results_in = anyio.Event()
         # each worker's trace file, as it sent it (with its result, or with its error report)
         self.traces: dict[int, Any] = {}
+
+    async def begin(self, run: Run) -> None:
+        assert isinstance(run, DriverRun)
+        await _start_workers(
+            self.cluster, run, self.state, self.where, self.threads, self.plan, self.ids
+        )
+        await super().begin(run)
 
     def start(self, tg: Any, run: Run) -> None:
         assert isinstance(run, DriverRun)
@@ -284,11 +292,6 @@ class _DriverShare(Share):
         if self.trace is not None:
             await _gather_traces(self.cluster, self.traces, self.hosted_by)
         return error
-
-    def close(self, run: Run) -> None:
-        assert isinstance(run, DriverRun)
-        if run.nccl is not None:
-            run.nccl.close()
 
     def trace_closing(self, failed: bool) -> None:
         if not failed or self.recorder is None:

@@ -22,9 +22,10 @@ from typing import Any
 
 import anyio
 
+from asyncnn._runtime._lifecycle import Share
 from asyncnn.backends import parse_device
 
-__all__ = ["Link", "LinkKey", "NcclLinks", "open_links", "plan_links"]
+__all__ = ["Link", "LinkKey", "LinkedShare", "NcclLinks", "open_links", "plan_links"]
 
 #: (sending process, its device, receiving process, its device); a process is a worker index, or
 #: -1 for the driver
@@ -177,3 +178,26 @@ async def open_links(me: int, plan: list[Any], ids: list[Any]) -> NcclLinks | No
         links.close()
         raise
     return links
+
+
+class LinkedShare(Share):
+    """The part in a run of a process of a cluster: it opens its ends of the run's NCCL links
+    (``plan``, created with the driver's ``ids``) before its actors serve, waiting at most
+    ``timeout`` seconds for the peers' ends, and closes them when the run ends. The run keeps
+    them as ``run.nccl``."""
+
+    def __init__(self, me: int, plan: list[Any], ids: list[Any], timeout: float) -> None:
+        self.me = me
+        self.plan = plan
+        self.ids = ids
+        self.timeout = timeout
+
+    async def begin(self, run: Any) -> None:
+        # every process creates its ends of the links now, in the same order
+        with anyio.fail_after(self.timeout):
+            run.nccl = await open_links(self.me, self.plan, self.ids)
+
+    def close(self, run: Any) -> None:
+        links = getattr(run, "nccl", None)
+        if links is not None:
+            links.close()

@@ -29,8 +29,6 @@ from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import (
-    Share,
-    close_channels,
     hosting,
     maybe_pool,
     recording,
@@ -46,7 +44,7 @@ from asyncnn._runtime._run import (
 from asyncnn.backends import get_backend
 
 from ._codec import decode_state, encode_state
-from ._nccl import NcclLinks, _proc, open_links
+from ._nccl import LinkedShare, NcclLinks, _proc
 from ._remote import RemoteActor, deliver
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -239,17 +237,10 @@ class Worker:
                         max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
                     )  # fmt: skip
                     run.control = control_send
-                    part = _WorkerShare(self, control_receive)
                     nccl = cmd.get("nccl") or {}
-                    try:
-                        with anyio.fail_after(60):
-                            run.nccl = await open_links(
-                                self.index, nccl.get("plan") or [], nccl.get("ids") or []
-                            )
-                    except BaseException:
-                        part.close(run)
-                        close_channels(run)
-                        raise
+                    part = _WorkerShare(
+                        self, control_receive, nccl.get("plan") or [], nccl.get("ids") or []
+                    )
                     async with hosting(run, part):
                         pass  # the driver drives the run: its actors stop when it says so
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
@@ -307,7 +298,7 @@ class Worker:
             pass
 
 
-class _WorkerShare(Share):
+class _WorkerShare(LinkedShare):
     """A worker's part in a cluster run: beside its actors it reads the driver and every peer,
     forwards what the scheduler must hear, and beats a heartbeat; when its actors stop it marks
     the end of what it sent on every peer link. The driver watches for stalls and writes the
@@ -316,7 +307,8 @@ class _WorkerShare(Share):
     watches = False
     records_error = False
 
-    def __init__(self, worker: Worker, control: Any) -> None:
+    def __init__(self, worker: Worker, control: Any, plan: list[Any], ids: list[Any]) -> None:
+        super().__init__(worker.index, plan, ids, 60.0)
         self.worker = worker
         self.control = control  # what the run's actors tell the scheduler, for the driver
         self.heartbeat: anyio.CancelScope | None = None
@@ -371,11 +363,6 @@ class _WorkerShare(Share):
         tg.start_soon(forward_control)
         self.heartbeat = start_cancellable(tg, heartbeat)
         tg.start_soon(read_all)
-
-    def close(self, run: Run) -> None:
-        assert isinstance(run, WorkerRun)
-        if run.nccl is not None:
-            run.nccl.close()
 
     async def end(self, run: Run) -> None:
         pass  # the driver ends the run: it stops this worker's actors through their inboxes

@@ -182,6 +182,11 @@ class Share:
     #: trace has it)
     records_error: bool = True
 
+    async def begin(self, run: Run) -> None:
+        """Prepares the run before any actor serves (a driver sends the workers their shares;
+        a cluster process opens its links to other processes' GPUs). A failure here is raised
+        as it is, the inboxes closed and :meth:`close` called."""
+
     def start(self, tg: Any, run: Run) -> None:
         """Starts the tasks that run beside the actors in ``tg`` (readers of other processes,
         heartbeats)."""
@@ -217,13 +222,15 @@ class Share:
 
 @asynccontextmanager
 async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
-    """Serves the run's local actors (and ``share``'s own tasks) for the length of the block,
+    """Prepares the run (:meth:`Share.begin`), serves its local actors (and ``share``'s own
+    tasks) for the length of the block,
     then ends the run; a failure becomes one error, written to the trace and raised with the
     original failure as its cause. The inboxes are closed whatever happens.
 
     The sequence is the same in every process; ``share`` says what differs.
     """
     try:
+        await share.begin(run)
         async with anyio.create_task_group() as tg:
             stopped = serve_actors(tg, run)
             share.start(tg, run)
