@@ -89,6 +89,7 @@ class _Taker:
     def __init__(self, nested: Any = None) -> None:
         self.taken = 0
         self.nested = nested
+        self.inbox = Inbox(4, self)  # empty: a hand-over checks that nothing queued meanwhile
 
     async def run_directly(self, msg: Message) -> bool:
         self.taken += 1
@@ -129,3 +130,19 @@ async def test_handing_over_yields_now_and_then_and_is_bounded_in_depth():
         depth += 1
         node = node.nested
     assert depth == MAX_DIRECT_DEPTH
+
+
+@pytest.mark.anyio
+async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile():
+    from asyncnn._runtime import _actor_base
+
+    taker = _Taker()
+    _actor_base._direct.runs = DIRECT_YIELD_EVERY - 1  # this hand-over yields first
+
+    async def queue() -> None:
+        taker.inbox.send_nowait(_msg(1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue)
+        assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
+    assert taker.taken == 0 and taker.inbox.receive_nowait().key == 1

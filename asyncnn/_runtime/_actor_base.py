@@ -55,6 +55,8 @@ async def _hand_over(owner: _Actor, msg: Message) -> bool:
         # must not wait), at its first hand-over once the count is due
         state.runs = 0
         await anyio.lowlevel.checkpoint()
+        if owner.inbox._items:  # queued meanwhile: ``msg`` must not pass it
+            return False
     state.depth += 1
     try:
         return await owner.run_directly(msg)
@@ -87,8 +89,8 @@ class Inbox:
 
     def __init__(self, capacity: int, owner: _Actor | None = None) -> None:
         self.capacity = capacity
-        #: the actor this inbox belongs to: it may take a message directly (see
-        #: :meth:`_Actor.takes_directly`) when nothing is queued before it
+        #: the actor this inbox belongs to: it may run a message directly (see
+        #: :meth:`_Actor.run_directly`) when nothing is queued before it
         self.owner = owner
         self._items: deque[Message] = deque()
         self._receiver: anyio.Event | None = None  # set when a message arrives, or on close
@@ -105,10 +107,6 @@ class Inbox:
         if self._closed:
             raise anyio.ClosedResourceError
         items = self._items
-        if not items:
-            owner = self.owner
-            if owner is not None and owner.direct and owner.takes_directly(msg):
-                return
         if len(items) >= self.capacity:
             raise anyio.WouldBlock
         items.append(msg)
@@ -193,8 +191,8 @@ class _Actor:
         edges = len(node.inputs) + len(node.consumers)
         self.capacity = 2 * in_flight * max(1, edges) + 8
         self.inbox = Inbox(self.capacity, self)
-        #: whether this actor takes messages directly, in the sender's task, when it is idle
-        #: (see :meth:`takes_directly`); the loss actor does on the CPU, without a trace
+        #: whether this actor runs messages directly, in the sender's task, when it is idle
+        #: (see :meth:`run_directly`); the loss actor does on the CPU, without a trace
         self.direct = False
         self.send_channel = self.inbox  # what senders hold (a remote actor's writes to the wire)
         self.n_inputs = len(node.inputs)
@@ -265,12 +263,6 @@ class _Actor:
         except anyio.WouldBlock:
             msg = await self.inbox.receive()
         self._file(msg)
-
-    def takes_directly(self, msg: Message) -> bool:
-        """Whether this actor has taken ``msg`` (a send to its empty inbox) on the sender's
-        task, with no wake-up of its own; only called where :attr:`direct` is set. No actor
-        does by default."""
-        return False
 
     async def run_directly(self, msg: Message) -> bool:
         """Whether this actor has taken and fully processed ``msg`` on the sender's task

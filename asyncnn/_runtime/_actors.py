@@ -124,9 +124,9 @@ class LayerActor(WeightVersions):
         # under a flush policy (a continuous one would let the run's admissions run ahead of
         # the losses), one whole backward at a time, and no device shared with other stages
         self.direct = (
-            self.on_cpu
+            type(self) is LayerActor  # a custom actor's work may wait
+            and self.on_cpu  # (so no CUDA graphs either)
             and ctx.recorder is None
-            and self.graphs is None
             and ctx.policy.waits_between_minibatches()
             and self.turns is None
             and not self.splits_backward
@@ -283,12 +283,11 @@ class LayerActor(WeightVersions):
         """Runs the op ``msg`` completes here, in the sender's task, when this actor is idle,
         the op is the next its order plans, and all its work (forward, or backward and update)
         runs inline: nothing in it then waits, so this actor's own task, parked on its empty
-        inbox, never runs beside it. Plain layers only (a custom actor's work may wait)."""
+        inbox, never runs beside it. Plain layers only (:attr:`direct`)."""
         if (
             self.computing is not None
             or self.ready
             or self.stopping
-            or type(self) is not LayerActor
             or not self._completes(msg)
             or 4.0 * max(self.param_size, self._cost(int(msg.meta.get("rows", 1))))
             >= self.ctx.inline_flops

@@ -49,14 +49,6 @@ class LossActor(_Actor):
     def _idle(self) -> bool:
         return not self.ready and self.computing is None and not self.stopping and not self.unread
 
-    def takes_directly(self, msg: Message) -> bool:
-        if msg.kind != FORWARD or not self._idle():
-            return False
-        if self.fwd_count.get(msg.key, 0) + 1 == self.n_inputs:
-            return False  # it completes a key: the loss is computed in this actor's task
-        self._file(msg)
-        return True
-
     async def run_directly(self, msg: Message) -> bool:
         if msg.kind != FORWARD or not self._idle():
             return False
