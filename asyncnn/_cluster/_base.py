@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncnn._errors import WorkerError
+from asyncnn._runtime._lifecycle import error_leaves
 
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -182,13 +183,10 @@ class Cluster:
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # a worker that announced an impossible index: that, not the group, is the error
-            wrong, _ = group.split(WorkerError)
+            wrong = next((e for e in error_leaves(group) if isinstance(e, WorkerError)), None)
             if wrong is None:
                 raise
-            leaf: BaseException = wrong
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            raise leaf from None
+            raise wrong from None
 
     async def _admit(self, sock: Any) -> None:
         try:

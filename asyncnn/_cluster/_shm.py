@@ -157,8 +157,6 @@ class ShmConnection(Connection):
         self._broken: str | None = None
         #: messages sent through the ring, through slabs, and over the socket
         self.counts = {"inline": 0, "slab": 0, "socket": 0}
-        #: waits for a message that ended while spinning, and on the socket
-        self.waits = {"spin": 0, "sleep": 0}
 
     # -- sending -----------------------------------------------------------------------------------
     async def send(
@@ -645,7 +643,6 @@ class ShmConnection(Connection):
                     self._hits = 0.8 * self._hits + 0.2  # it paid off
                     if woke:
                         self._long = 0.8 * self._long + 0.2
-                    self.waits["spin"] += 1
                     return
                 n += 1
                 if not n & 15 and (
@@ -654,7 +651,6 @@ class ShmConnection(Connection):
                     or _others_runnable()
                 ):
                     break
-        self.waits["sleep"] += 1
         inc.words[_S] = 1
         _sleeping.add(self)
         try:

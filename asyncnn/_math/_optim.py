@@ -276,6 +276,14 @@ class Optimizer(abc.ABC):
         return spec
 
 
+def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
+    """The array namespace of a leaf and its gradient, and their backend's fused kernels (None
+    where it has none)."""
+    if type(p) is np.ndarray and type(g) is np.ndarray:
+        return np, None  # numpy has no fused kernels: the array code is its fast path
+    return ns(p, g), backend_of(p, g).fused_kernels()
+
+
 @dataclass(frozen=True)
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, as torch.optim.SGD.
@@ -320,11 +328,7 @@ class SGD(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        if type(p) is np.ndarray and type(g) is np.ndarray:
-            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
-        else:
-            xp = ns(p, g)
-            fused = backend_of(p, g).fused_kernels()
+        xp, fused = _leaf_ops(p, g)
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             buf = buffers[0] if buffers else None
             return fused.sgd_leaf(
@@ -423,11 +427,7 @@ class Adam(Optimizer):
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        if type(p) is np.ndarray and type(g) is np.ndarray:
-            xp, fused = np, None  # numpy has no fused kernels: the array code is its fast path
-        else:
-            xp = ns(p, g)
-            fused = backend_of(p, g).fused_kernels()
+        xp, fused = _leaf_ops(p, g)
         if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
             return fused.adam_leaf(
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,

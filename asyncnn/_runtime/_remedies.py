@@ -300,8 +300,11 @@ def _sgd_terms(optimizer: Any, step: int) -> tuple[float, float, float]:
             f"without Nesterov momentum, dampening or clip_norm; the run's optimizer is "
             f"{optimizer!r}"
         )
-    lr = optimizer.lr(step) if callable(optimizer.lr) else optimizer.lr
-    return float(optimizer.momentum), float(lr), float(optimizer.weight_decay)
+    return (
+        float(optimizer.momentum),
+        float(optimizer.learning_rate(step)),
+        float(optimizer.weight_decay),
+    )
 
 
 @dataclass(frozen=True)
