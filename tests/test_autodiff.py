@@ -69,3 +69,18 @@ def test_operators():
     check_grads(lambda x: (-x + 1 - x * 2 / (x + 5)) ** 2 @ x.T, a)
     check_grads(lambda x: x[1:, ::2].sum() + x.mean(axis=0) + x.reshape(9)[[0, 0, 4]].sum(), a)
     check_grads(lambda x: 2.0**x + 3.0 / x + abs(x), a)
+
+
+@pytest.mark.parametrize("name", ["vjp", "vjp_split"])
+def test_an_output_traced_by_another_call_is_refused(name):
+    from asyncnn._math._autodiff import vjp_split
+
+    inner = {"vjp": lambda f, *a: ann.vjp(f, *a), "vjp_split": vjp_split}[name]
+
+    def outer(w):
+        # the inner function returns the outer call's traced array, not its own
+        inner(lambda p, x: w * 2.0, np.ones(2), np.ones(2))
+        return ops.sum(w)
+
+    with pytest.raises(ValueError, match=rf"{name}: fn returned a traced array of another"):
+        ann.vjp(outer, np.ones(2))

@@ -325,6 +325,46 @@ def _cotangent_leaves(cotangent: Any, out_def: TreeDef) -> list[Any]:
     return ct_leaves
 
 
+def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> tuple[Any, ...]:
+    """Runs ``fn(*primals)`` on a fresh trace, the differentiable leaves of ``primals`` traced.
+
+    Returns ``(trace, leaves, treedef, leaf_index, out_leaves, out_def, out_index, out_raw)``:
+    the primals' leaves and structure, each leaf's node (-1: not differentiated), the output's
+    leaves and structure, each output leaf's node (-1: a constant), and the output as raw
+    arrays.
+    """
+    trace = Trace()
+    leaves, treedef = tree_flatten(primals)
+    traced: list[Any] = []
+    leaf_index: list[int] = []
+    for leaf in leaves:
+        if type(leaf) is Tracer:
+            raise ValueError(
+                f"{who} got a traced array as an argument: nested differentiation (grad of "
+                "grad) is not supported"
+            )
+        if _is_differentiable(leaf):
+            if isinstance(leaf, float):
+                leaf = np.asarray(leaf)
+            t = trace.leaf(leaf)
+            traced.append(t)
+            leaf_index.append(t.index)
+        else:
+            traced.append(leaf)
+            leaf_index.append(-1)
+    out = fn(*tree_unflatten(treedef, traced))
+    out_leaves, out_def = tree_flatten(out)
+    out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
+    for o in out_leaves:
+        if type(o) is Tracer and o.trace is not trace:
+            raise ValueError(f"{who}: fn returned a traced array of another vjp call")
+    if out_def.kind == "leaf":  # one array out: nothing to rebuild
+        out_raw = _raw(out_leaves[0])
+    else:
+        out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
+    return trace, leaves, treedef, leaf_index, out_leaves, out_def, out_index, out_raw
+
+
 def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
     """Runs ``fn(*primals)`` and returns its output and a pullback.
 
@@ -343,36 +383,9 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
         >>> y, pb = vjp(lambda w, x: ops.sum(ops.tanh(x @ w)), w, x)
         >>> gw, gx = pb(1.0)
     """
-    trace = Trace()
-    leaves, treedef = tree_flatten(primals)
-    traced: list[Any] = []
-    leaf_index: list[int] = []
-    for leaf in leaves:
-        if type(leaf) is Tracer:
-            raise ValueError(
-                "vjp got a traced array as an argument: nested differentiation (grad of grad) is "
-                "not supported"
-            )
-        if _is_differentiable(leaf):
-            if isinstance(leaf, float):
-                leaf = np.asarray(leaf)
-            t = trace.leaf(leaf)
-            traced.append(t)
-            leaf_index.append(t.index)
-        else:
-            traced.append(leaf)
-            leaf_index.append(-1)
-    args = tree_unflatten(treedef, traced)
-    out = fn(*args)
-    out_leaves, out_def = tree_flatten(out)
-    out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
-    for o in out_leaves:
-        if type(o) is Tracer and o.trace is not trace:
-            raise ValueError("vjp: fn returned a traced array of another vjp call")
-    if out_def.kind == "leaf":  # one array out: nothing to rebuild
-        out_raw = _raw(out_leaves[0])
-    else:
-        out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
+    trace, leaves, treedef, leaf_index, out_leaves, out_def, out_index, out_raw = _trace_call(
+        fn, primals, "vjp"
+    )
     wanted = [i for i in leaf_index if i >= 0]
     num_primals = len(primals)
 
@@ -421,26 +434,11 @@ def vjp_split(
         >>> (gx,), weight_pullback = pb(ct)
         >>> gw = weight_pullback()
     """
-    trace = Trace()
     primals = (params, *inputs)
-    leaves, treedef = tree_flatten(primals)
+    trace, leaves, treedef, leaf_index, out_leaves, out_def, out_index, out_raw = _trace_call(
+        fn, primals, "vjp_split"
+    )
     param_leaves = len(tree_flatten(params)[0])
-    traced: list[Any] = []
-    leaf_index: list[int] = []
-    for leaf in leaves:
-        if type(leaf) is Tracer:
-            raise ValueError("vjp_split got a traced array as an argument")
-        if _is_differentiable(leaf):
-            t = trace.leaf(np.asarray(leaf) if isinstance(leaf, float) else leaf)
-            traced.append(t)
-            leaf_index.append(t.index)
-        else:
-            traced.append(leaf)
-            leaf_index.append(-1)
-    out = fn(*tree_unflatten(treedef, traced))
-    out_leaves, out_def = tree_flatten(out)
-    out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
-    out_raw = tree_unflatten(out_def, [_raw(o) for o in out_leaves])
     # the nodes that depend on an input: the input half's walk; the others depend on
     # parameters (or nothing) only, and are the weight half's
     nodes = trace.nodes
