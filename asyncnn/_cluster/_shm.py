@@ -98,7 +98,6 @@ from ._wire import (
     Connection,
     ProtocolError,
     _byte_view,
-    frame_head,
 )
 
 __all__ = [
@@ -291,13 +290,7 @@ class ShmConnection(Connection):
         # announced in the ring so that it keeps its place among the messages
         await self._wait_room(_PREFIX.size)
         self._put_control(_SOCKET, b"")
-        head = frame_head(header, sizes)
-        if total <= 1 << 16:
-            await self._send_all(b"".join([head, *views]))
-        else:
-            await self._send_all(head)
-            for v in views:
-                await self._send_all(v)
+        await self._send_frame(header, views)
         self.counts["socket"] += 1
 
     async def _slab_for(self, span: int) -> int | None:
@@ -565,18 +558,8 @@ class ShmConnection(Connection):
 
     async def _fill(self) -> None:
         """Reads what the socket has into the (empty) read-ahead buffer, waiting for something."""
-        while True:
-            try:
-                n = self.sock.recv_into(self._rview)
-            except BlockingIOError:
-                await anyio.wait_readable(self.sock)
-                continue
-            except OSError as exc:
-                raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
-            if n == 0:
-                raise EOFError(f"{self.peer} closed the connection")
-            self._rstart, self._rend = 0, n
-            return
+        n = await self._recv_some(self._rview)
+        self._rstart, self._rend = 0, n
 
     def _drain(self) -> None:
         """Reads the wake bytes the socket holds, keeping anything else (the start of a frame

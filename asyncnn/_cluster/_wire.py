@@ -161,7 +161,24 @@ class Connection:
             # small reads go through the read-ahead buffer: one system call brings a whole
             # small frame (prefix, header, tiny tensors); large ones land in place
             small = want < _READ_AHEAD // 4
-            target = self._rview if small else view[got:]
+            n = await self._recv_some(self._rview if small else view[got:])
+            if small:
+                take = min(n, want)
+                view[got : got + take] = self._rbuf[:take]
+                self._rstart, self._rend = take, n
+                got += take
+            else:
+                got += n
+        self.bytes_received += total
+
+    async def _recv_some(self, target: memoryview) -> int:
+        """Reads what the socket has into ``target`` (at least one byte, waiting for it).
+
+        Raises:
+            ConnectionError: the read failed.
+            EOFError: the peer closed the connection.
+        """
+        while True:
             try:
                 n = self.sock.recv_into(target)
             except BlockingIOError:
@@ -171,14 +188,7 @@ class Connection:
                 raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
             if n == 0:
                 raise EOFError(f"{self.peer} closed the connection")
-            if small:
-                take = min(n, want)
-                view[got : got + take] = self._rbuf[:take]
-                self._rstart, self._rend = take, n
-                got += take
-            else:
-                got += n
-        self.bytes_received += total
+            return n
 
     async def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -198,17 +208,21 @@ class Connection:
         ``then`` runs right after the frame is written, before any other frame can follow: what
         it starts (an NCCL transfer the header announced) is ordered like the frames."""
         views = [_byte_view(b) for b in buffers]
-        head = frame_head(header, [v.nbytes for v in views])
         async with self._lock:
-            if sum(v.nbytes for v in views) <= _READ_AHEAD:
-                # a small frame goes out in one system call
-                await self._send_all(b"".join([head, *views]))
-            else:
-                await self._send_all(head)
-                for v in views:
-                    await self._send_all(v)
+            await self._send_frame(header, views)
             if then is not None:
                 then()
+
+    async def _send_frame(self, header: dict[str, Any], views: list[memoryview]) -> None:
+        """Writes one frame on the socket (the caller holds the lock)."""
+        head = frame_head(header, [v.nbytes for v in views])
+        if sum(v.nbytes for v in views) <= _READ_AHEAD:
+            # a small frame goes out in one system call
+            await self._send_all(b"".join([head, *views]))
+        else:
+            await self._send_all(head)
+            for v in views:
+                await self._send_all(v)
 
     async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Receives one frame: its header and one uint8 array per buffer.
