@@ -115,7 +115,11 @@ class LayerActor(WeightVersions):
         self.versions_back = ctx.policy.versions_kept()
         self.run_start: tuple[int, int] | None = None
         self.predicted: Any = None
-        self.pins_weights = bool(self.versions_back) or ctx.policy.predicts_weights()
+        # what the (frozen) policy does to stale gradients and updates, asked once
+        self.corrects_gradients = ctx.policy.corrects_gradients()
+        self.corrects_updates = ctx.policy.corrects_updates()
+        self.predicts_weights = ctx.policy.predicts_weights()
+        self.pins_weights = bool(self.versions_back) or self.predicts_weights
         self.forward_weights_asked = False
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()

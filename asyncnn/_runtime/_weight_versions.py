@@ -43,6 +43,9 @@ class WeightVersions(_Actor):
     predicted: Any
     run_start: tuple[int, int] | None
     forward_weights_asked: bool
+    corrects_gradients: bool
+    corrects_updates: bool
+    predicts_weights: bool
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
         self.store[key] = entry
@@ -90,7 +93,7 @@ class WeightVersions(_Actor):
         self.stats.updates += 1
         delays, self.pending_delays = self.pending_delays, []
         policy = self.ctx.policy
-        if delays and policy.corrects_updates():
+        if delays and self.corrects_updates:
             self.params = await self.compute(
                 policy.correct_update,
                 self.params,
@@ -107,7 +110,7 @@ class WeightVersions(_Actor):
             self.weight_change = await self.compute(
                 _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
             )
-        if policy.predicts_weights():
+        if self.predicts_weights:
             horizon = delays[-1] if delays else 0
             self.predicted = await self.compute(
                 policy.predict_weights, self.params, old, horizon, cost=2.0 * self.param_size
@@ -160,7 +163,7 @@ class WeightVersions(_Actor):
         self.stats.note_delay(delay)
         self.pending_delays.append(delay)
         policy = self.ctx.policy
-        if not policy.corrects_gradients():
+        if not self.corrects_gradients:
             return param_grads
         forward_weights = None
         if self.keeps_forward_weights:
