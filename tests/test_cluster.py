@@ -281,13 +281,12 @@ def test_a_wrong_token_is_refused_and_reported(three: Any) -> None:
     assert_params_equal(one.params, tr.params)
 
 
-def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
-    from asyncnn._cluster._wire import _PREFIX, MAGIC
-
-    # a raw TCP frame (tests/test_shm.py sends the same claim through shared memory)
-    cluster = ann.cluster.LocalCluster(workers=2, shm=False)
-    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
-                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+def run_with_a_broken_frame(cluster: Any, graph: ann.Graph, inject: Any) -> str:
+    """Runs ``GPipe(4)`` on ``cluster`` and, after its first minibatch, awaits ``inject(conn)``
+    on worker 1's connection between two frames, as a broken sender would; the run must fail.
+    Returns the text of its error and cause."""
+    tr = ann.Trainer(graph, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=4),
+                     cluster=cluster)  # fmt: skip
     big = data(2000)
 
     async def main() -> None:
@@ -296,16 +295,27 @@ def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
         ) as run:
             await run.step({k: v[:32] for k, v in big.items()})
             conn = cluster.connections[1]
-            async with conn._lock:  # between two frames, as a broken sender would
-                await conn._send_all(_PREFIX.pack(MAGIC, 10, 100 * 10**9))
+            async with conn._lock:  # between two frames
+                await inject(conn)
             for i in range(32, 2000, 32):
                 await run.step({k: v[i : i + 32] for k, v in big.items()})
 
-    start = time.perf_counter()
     with pytest.raises((ann.WorkerError, ann.ActorError)) as info:
         anyio.run(main, backend="trio")
+    return str(info.value) + str(info.value.__cause__)
+
+
+def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
+    from asyncnn._cluster._wire import _PREFIX, MAGIC
+
+    async def claim(conn: Any) -> None:
+        await conn._send_all(_PREFIX.pack(MAGIC, 10, 100 * 10**9))
+
+    # a raw TCP frame (tests/test_shm.py sends the same claim through shared memory)
+    cluster = ann.cluster.LocalCluster(workers=2, shm=False)
+    start = time.perf_counter()
+    text = run_with_a_broken_frame(cluster, slow_chain(), claim)
     assert time.perf_counter() - start < 10
-    text = str(info.value) + str(info.value.__cause__)
     assert "100,000,000,000 bytes" in text and "worker 1" in text
     cluster.close()
 

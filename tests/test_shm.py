@@ -16,11 +16,13 @@ import anyio
 import msgpack
 import numpy as np
 import pytest
+from test_cluster import run_with_a_broken_frame
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster import _shm
 from asyncnn._cluster._shm import _PREFIX, _R, _W, Channel, ShmConnection
+from asyncnn._cluster._shm_memory import _INLINE, _NEWSLAB, _SLAB
 from asyncnn._cluster._wire import (
     Connection,
     ProtocolError,
@@ -208,16 +210,8 @@ async def test_a_message_in_a_slab_outlives_the_process_that_sent_it(anyio_backe
 
 
 # -- a peer that writes garbage --------------------------------------------------------------------
-def _record(a: ShmConnection, kind: int, head: bytes, slab: int = 0, gen: int = 0) -> None:
-    length = (len(head) + _PREFIX.size + 7) // 8 * 8
-    at = a._record(length)
-    _PREFIX.pack_into(a.out.data, at, length, kind, len(head), slab, gen)
-    a.out.data[at + _PREFIX.size : at + _PREFIX.size + len(head)] = head
-    a._publish(length)
-
-
 def _inline(a: ShmConnection, header: dict[str, Any]) -> None:
-    _record(a, 1, msgpack.packb(header))
+    a._put_control(_INLINE, msgpack.packb(header))
 
 
 def _write_position(a: ShmConnection) -> None:
@@ -225,7 +219,7 @@ def _write_position(a: ShmConnection) -> None:
 
 
 def _bad_kind(a: ShmConnection) -> None:
-    _record(a, 99, b"")
+    a._put_control(99, b"")
 
 
 def _bad_length(a: ShmConnection) -> None:
@@ -239,7 +233,7 @@ def _bad_header_length(a: ShmConnection) -> None:
 
 
 def _undecodable(a: ShmConnection) -> None:
-    _record(a, 1, b"\xc1\xc1\xc1")
+    a._put_control(_INLINE, b"\xc1\xc1\xc1")
 
 
 def _sizes_not_a_list(a: ShmConnection) -> None:
@@ -251,23 +245,23 @@ def _sizes_beyond_the_record(a: ShmConnection) -> None:
 
 
 def _hundred_gb(a: ShmConnection) -> None:
-    _record(a, 2, msgpack.packb({"t": "m", "n": [100 * 10**9]}))
+    a._put_control(_SLAB, msgpack.packb({"t": "m", "n": [100 * 10**9]}))
 
 
 def _unknown_slab(a: ShmConnection) -> None:
-    _record(a, 2, msgpack.packb({"t": "m", "n": [1 << 20]}), slab=7)
+    a._put_control(_SLAB, msgpack.packb({"t": "m", "n": [1 << 20]}), slab=7)
 
 
 def _slab_beyond_limit(a: ShmConnection) -> None:
-    _record(a, 4, struct.pack("<QQ", a.out.fd, 1 << 40), slab=3)
+    a._put_control(_NEWSLAB, struct.pack("<QQ", a.out.fd, 1 << 40), slab=3)
 
 
 def _slab_not_a_memfd(a: ShmConnection) -> None:
-    _record(a, 4, struct.pack("<QQ", a.sock.fileno(), 1 << 20), slab=3)
+    a._put_control(_NEWSLAB, struct.pack("<QQ", a.sock.fileno(), 1 << 20), slab=3)
 
 
 def _slab_number(a: ShmConnection) -> None:
-    _record(a, 4, struct.pack("<QQ", a.out.fd, 1 << 20), slab=1000)
+    a._put_control(_NEWSLAB, struct.pack("<QQ", a.out.fd, 1 << 20), slab=1000)
 
 
 def _unannounced_bytes(a: ShmConnection) -> None:
@@ -467,25 +461,11 @@ def test_a_killed_worker_fails_the_run_and_leaves_no_shared_memory() -> None:
 
 
 def test_a_frame_claiming_100_gb_through_shared_memory_is_refused_and_reported() -> None:
+    async def claim(conn: Any) -> None:
+        assert isinstance(conn, ShmConnection)
+        conn._put_control(_INLINE, msgpack.packb({"t": "m", "n": [100 * 10**9]}))
+
     cluster = ann.cluster.LocalCluster(workers=2)
-    tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1),
-                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
-    big = data(2000)
-
-    async def main() -> None:
-        async with ann.open_run(
-            tr.graph, tr.optimizer, tr.policy, cluster=cluster, state=tr.state
-        ) as run:
-            await run.step({k: v[:32] for k, v in big.items()})
-            conn = cluster.connections[1]
-            assert isinstance(conn, ShmConnection)
-            async with conn._lock:  # between two frames, as a broken sender would
-                _record(conn, 1, msgpack.packb({"t": "m", "n": [100 * 10**9]}))
-            for i in range(32, 2000, 32):
-                await run.step({k: v[i : i + 32] for k, v in big.items()})
-
-    with pytest.raises((ann.WorkerError, ann.ActorError)) as info:
-        anyio.run(main, backend="trio")
-    text = str(info.value) + str(info.value.__cause__)
+    text = run_with_a_broken_frame(cluster, chain([0, 1, None]), claim)
     assert "100,000,000,000 bytes" in text and "worker 1" in text
     cluster.close()
