@@ -189,11 +189,10 @@ class Optimizer(abc.ABC):
                 f"{name}.init(params) with the same options; got {found}"
             )
         step = state["step"]
-        if type(step) is not int and (
-            isinstance(step, bool) or not isinstance(step, numbers.Integral)
-        ):
-            raise ValueError(f"{name}.update: state['step'] must be an int >= 0, got {step!r}")
-        if step < 0:
+        if (
+            type(step) is not int
+            and (isinstance(step, bool) or not isinstance(step, numbers.Integral))
+        ) or step < 0:
             raise ValueError(f"{name}.update: state['step'] must be an int >= 0, got {step!r}")
         step = int(step)
         buffers = []
@@ -211,12 +210,10 @@ class Optimizer(abc.ABC):
         lr = self.learning_rate(step)
         new_p: list[Any] = []
         new_bufs: list[list[Any]] = [[] for _ in buffer_names]
-        if not buffers:  # no state buffers (plain SGD): one call a leaf, nothing to gather
-            update_leaf = self._update_leaf
-            for p, g in zip(p_leaves, g_leaves, strict=True):
-                new_p.append(update_leaf(p, g, (), step, lr)[0])
-        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True) if buffers else ()):
-            p2, bufs2 = self._update_leaf(p, g, tuple(b[i] for b in buffers), step, lr)
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
+            p2, bufs2 = self._update_leaf(
+                p, g, tuple(b[i] for b in buffers) if buffers else (), step, lr
+            )
             new_p.append(p2)
             for out, b in zip(new_bufs, bufs2, strict=True):
                 out.append(b)
@@ -255,7 +252,7 @@ class Optimizer(abc.ABC):
             for out, b in zip(new_bufs, part_bufs, strict=True):
                 out[lo:hi] = b
 
-        team.map_rows(rows, p.shape[0], p.size * len(arrays))
+        team.run_parts(lambda i: rows(bounds[i], bounds[i + 1]), len(bounds) - 1)
         return new_p, new_bufs
 
     def to_spec(self) -> dict[str, Any]:
