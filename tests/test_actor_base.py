@@ -133,16 +133,22 @@ async def test_handing_over_yields_now_and_then_and_is_bounded_in_depth():
 
 
 @pytest.mark.anyio
-async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile():
+async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile(monkeypatch):
+    import types
+
     from asyncnn._runtime import _actor_base
 
     taker = _Taker()
-    _actor_base._direct.runs = DIRECT_YIELD_EVERY - 1  # this hand-over yields first
+    real = anyio.lowlevel.checkpoint
 
-    async def queue() -> None:
+    async def checkpoint() -> None:  # another task queues a message while the sender yields
         taker.inbox.send_nowait(_msg(1))
+        await real()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(queue)
-        assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
+    patched = types.ModuleType("anyio")
+    patched.__dict__.update(vars(anyio))
+    patched.lowlevel = types.SimpleNamespace(checkpoint=checkpoint)  # type: ignore[attr-defined]
+    monkeypatch.setattr(_actor_base, "anyio", patched)
+    monkeypatch.setattr(_actor_base._direct, "runs", DIRECT_YIELD_EVERY - 1)  # this one yields
+    assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
     assert taker.taken == 0 and taker.inbox.receive_nowait().key == 1
