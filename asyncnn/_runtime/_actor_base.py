@@ -217,11 +217,14 @@ class _Actor:
         self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
         self.delivers = ctx.policy.delivers(self.name)
+        #: CPU work estimated below this many flops runs inline (the pool's threshold, fixed)
+        self.inline_limit = ctx.inline_flops
         # which inputs get a gradient back (those from layers; none when this node stops the
         # gradient), and where each goes: (input slot, source node, the source's consumer edge)
         self.input_is_layer = [
             ctx.graph.nodes[src].kind == "layer" and not node.stop_gradient for src in node.inputs
         ]
+        self.any_input_is_layer = any(self.input_is_layer)
         self.grad_targets = [
             (slot, src, ctx.edge_index[(src, self.name, slot)])
             for slot, src in enumerate(node.inputs)
@@ -328,7 +331,7 @@ class _Actor:
         a hand-off to a worker thread would cost more than the work.
         """
         if self.on_cpu:
-            if cost is not None and cost < self.ctx.inline_flops:
+            if cost is not None and cost < self.inline_limit:
                 return fn(*args)
             return await self.ctx.pool.run(self.device, fn, *args, cost=cost)
         after, self.after = self.after, []

@@ -288,14 +288,10 @@ class LayerActor(WeightVersions):
         the op is the next its order plans, and all its work (forward, or backward and update)
         runs inline: nothing in it then waits, so this actor's own task, parked on its empty
         inbox, never runs beside it. Plain layers only (:attr:`direct`)."""
-        if (
-            self.computing is not None
-            or self.ready
-            or self.stopping
-            or not self._completes(msg)
-            or 4.0 * max(self.param_size, self._cost(int(msg.meta.get("rows", 1))))
-            >= self.ctx.inline_flops
-        ):
+        if self.computing is not None or self.ready or self.stopping or not self._completes(msg):
+            return False
+        rows = msg.meta.get("rows", 1)
+        if 4.0 * max(self.param_size, self._cost(rows)) >= self.inline_limit:
             return False
         planned = self.order.next()
         if planned is not None and planned != (msg.kind, msg.key):
@@ -369,6 +365,8 @@ class LayerActor(WeightVersions):
 
     def _skips(self, inputs: list[Any]) -> bool:
         """Whether a key's forward is a skip: every input is ``None`` (routing sent it nothing)."""
+        if len(inputs) == 1:  # the common case, answered first
+            return inputs[0] is None
         if all(x is None for x in inputs):
             return True
         if any(x is None for x in inputs):
@@ -413,7 +411,8 @@ class LayerActor(WeightVersions):
                 self._apply, params, inputs, self._rng(key), cost=self._cost(rows)
             )
             self._hold(key, (None, version, inputs), inputs, out)
-        await self._check_finite(FORWARD, key, out)
+        if self.ctx.checks_finite:
+            await self._check_finite(FORWARD, key, out)
         return out
 
     async def _check_finite(self, kind: str, key: int, value: Any) -> None:
@@ -427,7 +426,7 @@ class LayerActor(WeightVersions):
 
     def _vjp(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)
-        if any(self.input_is_layer):
+        if self.any_input_is_layer:
             return vjp(lambda p, xs: self.module(p, *xs, rng=rng), params, inputs)
         # Inputs straight from the data need no gradient: leave them out of the trace, so the
         # pullback does not compute one (for a first dense layer that is a whole matmul saved).
@@ -438,7 +437,7 @@ class LayerActor(WeightVersions):
         """:meth:`_vjp` with a pullback in two halves (``vjp_split``): ``pullback(g)`` gives
         ``(input_grads, weight_pullback)``, one input gradient per slot."""
         inputs = self._to_device(inputs)
-        if any(self.input_is_layer):
+        if self.any_input_is_layer:
             out, split = vjp_split(lambda p, xs: self.module(p, *xs, rng=rng), params, inputs)
             return out, lambda g: _first_input(split(g))
         out, split = vjp_split(lambda p: self.module(p, *inputs, rng=rng), params)
@@ -502,7 +501,8 @@ class LayerActor(WeightVersions):
                 lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
             )
         param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
-        await self._check_finite(BACKWARD, key, input_grads)
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, input_grads)
         await self._settle(param_grads, meta, forward_version)
         return list(input_grads)
 
@@ -561,7 +561,10 @@ class LayerActor(WeightVersions):
         """
         policy = self.ctx.policy
         if param_grads is not None and forward_version is not None:
-            param_grads = await self._note_delay(param_grads, forward_version)
+            if self.corrects_gradients:
+                param_grads = await self._note_delay(param_grads, forward_version)
+            else:
+                self._record_delay(forward_version)
         # the sums and scalings run through compute: on a GPU they must be queued on this
         # actor's stream, after the kernels that made the gradients (the host thread's own
         # stream would race them)

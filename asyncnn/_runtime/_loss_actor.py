@@ -7,6 +7,8 @@ import collections
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 
@@ -106,7 +108,10 @@ class LossActor(_Actor):
         # loss): the gradients leave first, so the device never idles while the host waits. A
         # check for NaN, or a trace (whose event carries the value), reads it now.
         now = self.on_cpu or self.ctx.checks_finite or self.ctx.recorder is not None
-        value, grads = await self.compute(self._staged, fn, inputs, scale, not now, cost=0)
+        if now:
+            value, grads = await self.compute(fn, inputs, scale, cost=0)
+        else:
+            value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         if now:
             await self.wait_for_device()
             self.ctx.check_finite(self.name, FORWARD, key, value)
@@ -128,11 +133,10 @@ class LossActor(_Actor):
                 await self._read_oldest()
         self.seq += 1
 
-    def _staged(self, fn: Any, inputs: list[Any], scale: float, later: bool) -> Any:
+    def _staged(self, fn: Any, inputs: list[Any], scale: float) -> Any:
+        """``fn(inputs, scale)`` with the value's copy to the host queued behind it (a captured
+        loss rewrites its value on the next replay: the copy is taken now)."""
         value, grads = fn(inputs, scale)
-        # a captured loss rewrites its value on the next replay: the copy is taken now
-        if not later:
-            return value, grads
         spare = self.spare.pop() if self.spare else None
         return self.backend.to_host_async(value, spare), grads
 
@@ -160,9 +164,11 @@ class LossActor(_Actor):
                 return self.module({}, *args)
 
             value, pullback = vjp(loss, *(inputs[slot] for slot in slots))
-        xp = self.backend.xp
-        # a fill, not a copy from the host: capturable in a CUDA graph
-        grads = pullback(xp.full((), scale, dtype=value.dtype))
+        if self.on_cpu:
+            seed = np.array(scale, dtype=value.dtype)
+        else:  # a fill, not a copy from the host: capturable in a CUDA graph
+            seed = self.backend.xp.full((), scale, dtype=value.dtype)
+        grads = pullback(seed)
         if len(slots) == len(inputs):
             return value, grads
         out: list[Any] = [None] * len(inputs)

@@ -183,7 +183,8 @@ class Policy(abc.ABC):
         """How a minibatch of ``rows`` rows is split into keys: each key's ``(start, stop)`` rows.
 
         The default splits into ``min(microbatches, rows)`` parts sized like
-        ``numpy.array_split`` (the first ``rows % m`` parts take one row more).
+        ``numpy.array_split`` (the first ``rows % m`` parts take one row more). A run asks once
+        per row count and keeps the answer: the split must depend on ``rows`` alone.
         """
         m = min(self.microbatches, rows)
         bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]

@@ -187,7 +187,14 @@ class Run:
         self._changed: anyio.Event | None = None
         # the graph's inputs and loss count, read on every step (a run's graph does not change)
         self._inputs = graph.inputs
+        self._inputs_floating = [
+            (name, np.dtype(graph.nodes[name].dtype).kind == "f") for name in self._inputs
+        ]
+        self._input_consumers = [(name, graph.nodes[name].consumers) for name in self._inputs]
         self._num_losses = len(graph.losses)
+        self._flushes = policy.waits_between_minibatches()  # a policy is frozen
+        self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
+        self._last_batch: tuple[Any, int] = ((), 0)  # the last batch checked, and its rows
         self.last_event = time.perf_counter()
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
@@ -289,32 +296,50 @@ class Run:
         Raises:
             ValueError: a missing or unknown input, a wrong shape or dtype.
         """
-        rows = check_batch(self.graph, batch, self.checks_finite)
-        parts = self.policy.split(rows)
+        # a batch like the last one (names, shapes, dtypes) passes the same checks: they are
+        # skipped, unless each batch's values are checked for NaN
+        signature = tuple(
+            [(k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in batch.items()]
+        )
+        if signature == self._last_batch[0] and not self.checks_finite:
+            rows = self._last_batch[1]
+        else:
+            rows = check_batch(self.graph, batch, self.checks_finite)
+            self._last_batch = (signature, rows)
+        parts = self._splits.get(rows)
+        if parts is None:
+            parts = self._splits[rows] = self.policy.split(rows)
         m = len(parts)
         mb = self.minibatches
         self.minibatches += 1
-        if self.policy.waits_between_minibatches():
-            await self._wait_until(lambda: self.in_flight == 0)
+        if self._flushes:
+            if self.in_flight:
+                await self._wait_until(lambda: self.in_flight == 0)
             if self.recorder is not None and mb > 0:
                 self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
         arrays = {}
-        for name in self._inputs:
+        for name, floating in self._inputs_floating:
             # A copy: step returns before its keys are computed, and the caller may refill its
             # buffer for the next batch meanwhile.
             # Data may live on a GPU already (a cupy array): it then stays there.
             src = batch[name]
-            floating = np.dtype(self.graph.nodes[name].dtype).kind == "f"
             if floating and getattr(src, "dtype", self.dtype) != self.dtype:
                 arrays[name] = src.astype(self.dtype)  # a cast copies already
                 continue
-            arr = array_namespace(src).array(src, copy=True)
+            arr = (
+                src.copy()
+                if type(src) is np.ndarray
+                else array_namespace(src).array(src, copy=True)
+            )
             arrays[name] = arr.astype(self.dtype, copy=False) if floating else arr
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * self._num_losses)
         for lo, hi in parts:
             meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
-            await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
+            if m == 1:  # the whole minibatch: the copies themselves
+                await self.admit(arrays, meta)
+            else:
+                await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
         self.samples += rows
         return mb
 
@@ -324,7 +349,8 @@ class Run:
         its minibatch's ``minibatch`` index, ``mb_keys`` and ``mb_rows``. A minibatch not begun
         by :meth:`step` (a replay admits recorded keys one by one) is registered here, so its
         loss is assembled from its keys all the same. Returns the key."""
-        await self._wait_until(lambda: self.in_flight < self.max_in_flight)
+        if self.in_flight >= self.max_in_flight:
+            await self._wait_until(lambda: self.in_flight < self.max_in_flight)
         mb = int(meta.get("minibatch", -1))
         if mb >= 0 and mb not in self._pending and mb not in self.losses:
             self._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * self._num_losses)
@@ -337,9 +363,9 @@ class Run:
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
         ready = _ready_events(parts.values())
-        for name in self._inputs:
+        for name, consumers in self._input_consumers:
             part = parts[name]
-            for i_c, (consumer, slot) in enumerate(self.graph.nodes[name].consumers):
+            for i_c, (consumer, slot) in enumerate(consumers):
                 if rec is not None:  # the data is recorded once, with its first send
                     keep = i_c == 0 and rec.payloads != "none"
                     rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
@@ -456,7 +482,7 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
     streams do not follow, so each message of a GPU part carries the event to wait on."""
     events: dict[int, Any] = {}
     for part in parts:
-        if is_cupy_array(part) and part.device.id not in events:
+        if type(part) is not np.ndarray and is_cupy_array(part) and part.device.id not in events:
             events[part.device.id] = get_backend(f"cuda:{part.device.id}").record_event()
     return events
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from asyncnn._math._pytree import tree_map
 
 from ._actor_base import _Actor, _nbytes
@@ -52,7 +54,11 @@ class WeightVersions(_Actor):
         st = self.stats
         st.stored = len(self.store)
         st.peak_stored = max(st.peak_stored, st.stored)
-        self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
+        if type(inputs) is list and len(inputs) == 1 and type(out) is np.ndarray:
+            held = getattr(inputs[0], "nbytes", 0) + out.nbytes  # the common case, answered first
+        else:
+            held = _nbytes(inputs) + _nbytes(out)
+        self.held_bytes[key] = held
         st.stored_bytes += self.held_bytes[key]
         st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
         self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
@@ -156,12 +162,18 @@ class WeightVersions(_Actor):
             )
         return weights, v
 
-    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
-        """Records the delay of a key's gradient, computed with parameters its forward saw at
-        ``forward_version``, and returns the gradient as the policy corrects it."""
+    def _record_delay(self, forward_version: int) -> int:
+        """Records (in the statistics, and for the update's trace event) and returns the delay
+        of a key's gradient computed at ``forward_version``."""
         delay = self.version - forward_version
         self.stats.note_delay(delay)
         self.pending_delays.append(delay)
+        return delay
+
+    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
+        """Records the delay of a key's gradient, computed with parameters its forward saw at
+        ``forward_version``, and returns the gradient as the policy corrects it."""
+        delay = self._record_delay(forward_version)
         policy = self.ctx.policy
         if not self.corrects_gradients:
             return param_grads
