@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 
 from asyncnn._errors import ActorError
 from asyncnn._math._pytree import tree_leaves
@@ -46,10 +47,11 @@ _direct = _Direct()
 async def _hand_over(owner: _Actor, msg: Message) -> bool:
     """Whether ``owner`` (idle, its inbox empty) took and processed ``msg`` in this task."""
     state = _direct
-    if state.depth >= MAX_DIRECT_DEPTH:
+    depth = state.depth
+    if depth >= MAX_DIRECT_DEPTH:
         return False
-    state.runs += 1
-    if state.depth == 0 and state.runs >= DIRECT_YIELD_EVERY:
+    runs = state.runs + 1
+    if depth == 0 and runs >= DIRECT_YIELD_EVERY:
         # work handed over never yields by itself: let the other tasks (and the stall
         # watchdog) run now and then; only from the outermost sender (the actors nested in it
         # must not wait), at its first hand-over once the count is due
@@ -57,11 +59,13 @@ async def _hand_over(owner: _Actor, msg: Message) -> bool:
         await anyio.lowlevel.checkpoint()
         if owner.inbox._items:  # queued meanwhile: ``msg`` must not pass it
             return False
-    state.depth += 1
+    else:
+        state.runs = runs
+    state.depth = depth + 1
     try:
         return await owner.run_directly(msg)
     finally:
-        state.depth -= 1
+        state.depth = depth
 
 
 def _nbytes(xs: Any) -> int:
@@ -359,6 +363,12 @@ class _Actor:
 
     def _to_device(self, xs: list[Any]) -> list[Any]:
         # runs inside the compute: on this actor's stream, after the producers' events
+        if self.on_cpu:  # the common case, answered first: host arrays already
+            for x in xs:
+                if type(x) is not np.ndarray:
+                    break
+            else:
+                return xs
         local = self.backend.is_local
         return [x if x is None or local(x) else self.backend.asarray(x) for x in xs]
 
