@@ -68,6 +68,7 @@ class _FitState:
         )
         self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
         self.stepped = self.first_mb  # minibatches whose keys were all admitted
+        self.per_epoch = plan.dataset.num_batches(plan.batch_size, plan.drop_last)
         # the history's losses as last handed over (see _history_losses)
         self._losses_list: list[float] = []
         self._losses_upto = self.first_mb
@@ -179,12 +180,14 @@ class _FitState:
         tr.state = state
         done = state.minibatches
         epoch, skip = self.position
-        # where the next fit continues: the epoch and batch of minibatch `done`
-        for e, (first, before) in sorted(self.epoch_start.items()):
+        # where the next fit continues: the epoch and batch of minibatch `done` (epochs are
+        # entered in increasing order: the latest one begun at or before `done` holds it)
+        for e in reversed(self.epoch_start):
+            first, before = self.epoch_start[e]
             if first <= done:
                 epoch, skip = e, before + done - first
-        per_epoch = self.plan.dataset.num_batches(self.plan.batch_size, self.plan.drop_last)
-        if skip >= per_epoch:
+                break
+        if skip >= self.per_epoch:
             epoch, skip = epoch + 1, 0
         tr.epochs_done, tr.epoch_batches = epoch, skip
         self._history_losses(done)
