@@ -336,7 +336,7 @@ class Run:
         self._pending[mb] = _Pending(keys=m * self._num_losses)
         for lo, hi in parts:
             meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
-            if m == 1:  # the whole minibatch: the copies themselves
+            if lo == 0 and hi == rows:  # the whole minibatch: the copies themselves
                 await self.admit(arrays, meta)
             else:
                 await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
