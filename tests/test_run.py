@@ -282,6 +282,41 @@ async def test_pipedream_can_drain_and_go_on_in_one_run():
 
 
 @pytest.mark.anyio
+async def test_a_bad_batch_after_good_ones_is_still_checked():
+    # a batch like the last one skips the checks: any change of name, shape or dtype must not
+    d = _data(n=16)
+    good = {k: v[:8] for k, v in d.items()}
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    ) as run:
+        await run.step(good)
+        await run.step({k: v[8:] for k, v in d.items()})
+        with pytest.raises(ValueError, match=r"input 'x': got shape \(8, 4\)"):
+            await run.step({"x": good["x"][:, :4], "y": good["y"]})
+        with pytest.raises(ValueError, match=r"'y' is declared int64 but got float64 data"):
+            await run.step({"x": good["x"], "y": good["y"].astype(float)})
+        with pytest.raises(ValueError, match=r"the batch has no \['y'\]"):
+            await run.step({"x": good["x"]})
+        with pytest.raises(ValueError, match=r"'extra'"):
+            await run.step({**good, "extra": good["y"]})
+        await run.step(good)  # and a good one after them runs
+        await run.drain()
+    assert sorted(run.losses) == [0, 1, 2]
+    nan = {"x": good["x"].copy(), "y": good["y"]}
+    nan["x"][3, 1] = np.nan
+    async with ann.open_run(
+        chain_graph(2),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.GPipe(2),
+        dtype="float64",
+        check_finite=True,
+    ) as run:
+        await run.step(good)
+        with pytest.raises(ValueError, match="'x' contains NaN"):
+            await run.step(nan)  # the same shapes and dtypes: checked all the same
+
+
+@pytest.mark.anyio
 async def test_step_copies_its_inputs():
     # step returns before its keys are computed: refilling the caller's buffer must not matter
     g = chain_graph(2)
