@@ -284,8 +284,9 @@ class Run:
         loss of every admitted minibatch is known. Unlike :meth:`drain` it does not end a
         continuous policy's stream."""
         if losses:
-            await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
-        else:
+            if self.in_flight or self._pending:
+                await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
+        elif self.in_flight:
             await self._wait_until(lambda: self.in_flight == 0)
 
     async def step(self, batch: Mapping[str, Any]) -> int:
