@@ -58,7 +58,7 @@ def _frame_receiver(port: int, token: bytes, count: int, tiny: int, shm: bool) -
     import anyio
 
     from asyncnn._cluster._codec import decode_message, encode_message
-    from asyncnn._cluster._wire import connect
+    from asyncnn._cluster._handshake import connect
     from asyncnn.backends import tune_allocator
 
     tune_allocator()  # as a worker process does at start
@@ -129,7 +129,7 @@ def frames(nbytes: int, count: int, tiny: int, shm: bool = False) -> tuple[float
     import anyio
 
     from asyncnn._cluster._codec import decode_message, encode_message
-    from asyncnn._cluster._wire import accept, accept_socket, listen
+    from asyncnn._cluster._handshake import accept, accept_socket, listen
     from asyncnn._runtime._messages import Message
 
     token = os.urandom(32)

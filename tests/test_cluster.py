@@ -263,7 +263,7 @@ def test_killing_the_driver_leaves_no_orphans(tmp_path: Any) -> None:
 
 
 def test_a_wrong_token_is_refused_and_reported(three: Any) -> None:
-    from asyncnn._cluster._wire import connect
+    from asyncnn._cluster._handshake import connect
 
     fit(chain([0, 1, 2]), policies.Sync(), cluster=three)  # the cluster is up
     host, port = three.info[0]["host"], three.info[0]["port"]
@@ -455,7 +455,7 @@ def test_a_worker_that_died_between_fits_is_replaced(caplog: Any) -> None:
 # -- hostile local processes -------------------------------------------------------------------------
 def _flood(host: str, port: int, count: int, refused: list[int]) -> None:
     """``count`` wrong-token handshakes against ``host:port``, 32 at a time."""
-    from asyncnn._cluster._wire import connect
+    from asyncnn._cluster._handshake import connect
 
     async def main() -> None:
         limiter = anyio.CapacityLimiter(32)

@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 
 from asyncnn._cluster._codec import decode_message, decode_tree, encode_message, encode_tree
-from asyncnn._cluster._wire import (
-    _PREFIX,
-    MAGIC,
-    AuthenticationError,
-    Connection,
-    ProtocolError,
+from asyncnn._cluster._handshake import (
     Refusals,
     accept,
     accept_socket,
     connect,
     listen,
     serve_listener,
+)
+from asyncnn._cluster._wire import (
+    _PREFIX,
+    MAGIC,
+    AuthenticationError,
+    Connection,
+    ProtocolError,
 )
 from asyncnn._runtime._messages import Message
 

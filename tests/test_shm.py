@@ -21,15 +21,17 @@ from test_cluster import run_with_a_broken_frame
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster import _shm
+from asyncnn._cluster._handshake import (
+    accept,
+    accept_socket,
+    connect,
+    listen,
+)
 from asyncnn._cluster._shm import _PREFIX, _R, _W, Channel, ShmConnection
 from asyncnn._cluster._shm_memory import _INLINE, _NEWSLAB, _SLAB
 from asyncnn._cluster._wire import (
     Connection,
     ProtocolError,
-    accept,
-    accept_socket,
-    connect,
-    listen,
 )
 
 from _reference import assert_params_equal
@@ -358,7 +360,7 @@ def test_the_environment_turns_it_on_and_off(monkeypatch: Any) -> None:
 
 
 def test_a_ring_description_is_checked_field_by_field() -> None:
-    from asyncnn._cluster._wire import _ring_of
+    from asyncnn._cluster._handshake import _ring_of
 
     with pytest.raises(ProtocolError, match="'ring'"):
         _ring_of({"pid": 1, "fd": 3, "ring": 1 << 40})

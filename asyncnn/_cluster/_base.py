@@ -19,13 +19,15 @@ import anyio
 from asyncnn._errors import WorkerError
 from asyncnn._runtime._lifecycle import error_leaves
 
+from ._handshake import (
+    accept,
+    listen,
+    serve_listener,
+)
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     AuthenticationError,
     Connection,
-    accept,
-    listen,
-    serve_listener,
 )
 
 if TYPE_CHECKING:

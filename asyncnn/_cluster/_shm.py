@@ -119,7 +119,7 @@ _sleeping: weakref.WeakSet[ShmConnection] = weakref.WeakSet()
 
 class ShmConnection(Connection):
     """A :class:`Connection` whose frames go through shared memory (see the module's notes);
-    made by :func:`~asyncnn._cluster._wire.connect` / :func:`~asyncnn._cluster._wire.accept`
+    made by :func:`~asyncnn._cluster._handshake.connect` / :func:`~asyncnn._cluster._handshake.accept`
     when both ends offer it and share a host.
 
     Args:

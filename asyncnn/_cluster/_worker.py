@@ -44,6 +44,13 @@ from asyncnn._runtime._run import (
 from asyncnn.backends import get_backend
 
 from ._codec import decode_state, encode_state
+from ._handshake import (
+    Refusals,
+    accept,
+    connect,
+    listen,
+    serve_listener,
+)
 from ._nccl import LinkedShare, NcclLinks, _proc
 from ._remote import RemoteActor, deliver
 from ._wire import (
@@ -52,12 +59,7 @@ from ._wire import (
     Connection,
     PeerLost,
     ProtocolError,
-    Refusals,
-    accept,
-    connect,
-    listen,
     lost_peer,
-    serve_listener,
 )
 
 __all__ = ["driver_paths", "run_worker", "worker_main"]
