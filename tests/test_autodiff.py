@@ -73,7 +73,7 @@ def test_operators():
 
 @pytest.mark.parametrize("name", ["vjp", "vjp_split"])
 def test_an_output_traced_by_another_call_is_refused(name):
-    from asyncnn._math._autodiff import vjp_split
+    from asyncnn._math._autodiff_split import vjp_split
 
     inner = {"vjp": lambda f, *a: ann.vjp(f, *a), "vjp_split": vjp_split}[name]
 

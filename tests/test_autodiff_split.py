@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from asyncnn import nn, ops
-from asyncnn._math._autodiff import vjp, vjp_split
+from asyncnn._math._autodiff import vjp
+from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._pytree import tree_leaves
 
 

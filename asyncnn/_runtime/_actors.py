@@ -26,7 +26,8 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError, StallError
-from asyncnn._math._autodiff import vjp, vjp_split
+from asyncnn._math._autodiff import vjp
+from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._pytree import tree_leaves, tree_map
 
 from ._capture import ActorGraphs
