@@ -28,7 +28,7 @@ import numpy as np
 from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
-from asyncnn._math._pytree import tree_leaves, tree_map
+from asyncnn._math._pytree import tree_leaves
 
 from ._capture import ActorGraphs
 from ._interleaved import BACKWARD_INPUT, BACKWARD_WEIGHT
@@ -538,59 +538,6 @@ class LayerActor(WeightVersions):
                 "asking forward_weights(key, meta)"
             )
 
-    async def _settle(
-        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
-    ) -> None:
-        """The end of a key's backward: accumulates its parameter gradients (a layer without
-        parameters has nothing to update) and counts the versions still held.
-
-        ``forward_version`` is the parameter version of the key's forward (where known: it
-        gives the gradient's delay, see :meth:`accumulate`)."""
-        if self.param_size:
-            await self.accumulate(param_grads, meta, forward_version)
-        self._count_versions()
-
-    async def accumulate(
-        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
-    ) -> None:
-        """Adds a key's parameter gradients; applies them when the policy says an update is due.
-
-        With ``forward_version`` (the version the key's forward used), the gradient's delay
-        (this actor's version now, which is its version at the update, minus the forward's) is
-        recorded in the statistics and the trace, and a policy that corrects stale gradients
-        (:meth:`Policy.corrects_gradients`) corrects it before it is added.
-        """
-        policy = self.ctx.policy
-        if param_grads is not None and forward_version is not None:
-            if self.corrects_gradients:
-                param_grads = await self._note_delay(param_grads, forward_version)
-            else:
-                self._record_delay(forward_version)
-        # the sums and scalings run through compute: on a GPU they must be queued on this
-        # actor's stream, after the kernels that made the gradients (the host thread's own
-        # stream would race them)
-        if param_grads is not None:  # None: a skipped key, whose gradient is zero
-            if self.acc is None:
-                self.acc = param_grads
-            else:
-                self.acc = await self.compute(_tree_add, self.acc, param_grads, cost=0)
-        self.acc_count += 1
-        mb = int(meta.get("minibatch", 0))
-        done = self.mb_backwards.get(mb, 0) + 1
-        mb_done = policy.minibatch_done(done, int(meta.get("mb_keys", 1)))
-        if mb_done:
-            self.mb_backwards.pop(mb, None)
-        else:
-            self.mb_backwards[mb] = done
-        if policy.update_due(self.acc_count, mb_done):
-            scale = policy.gradient_scale(self.acc_count)
-            acc = self.acc
-            if acc is None:
-                acc = await self.compute(tree_map, _zeros_like, self.params, cost=0)
-            grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
-            self.acc, self.acc_count = None, 0
-            await self.apply_gradients(grads)
-
 
 def _recorded_kind(kind: str) -> tuple[str, dict[str, Any] | None]:
     """How a trace records an operation: a split backward's halves as ``"backward"`` with
@@ -607,22 +554,6 @@ def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:
     """A split pullback's halves over one list of inputs: the list's gradients, the weight half."""
     (input_grads,), weight_pullback = halves
     return list(input_grads), weight_pullback
-
-
-def _add(a: Any, b: Any) -> Any:
-    return a + b
-
-
-def _zeros_like(a: Any) -> Any:
-    return a * 0
-
-
-def _tree_add(a: Any, b: Any) -> Any:
-    return tree_map(_add, a, b)
-
-
-def _tree_scale(tree: Any, scale: float) -> Any:
-    return tree_map(lambda a: a * scale, tree)
 
 
 def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:

@@ -22,9 +22,10 @@ import numpy as np
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps
 
-from ._actors import LayerActor, _tree_add
+from ._actors import LayerActor
 from ._messages import FORWARD
 from ._statistics import ActorStatistics
+from ._weight_versions import _tree_add
 
 __all__ = ["LoopActor", "LoopStatistics"]
 

@@ -1,7 +1,8 @@
 """The weight versions of a layer actor: which versions stored keys still reference, the
 earlier weights a policy keeps (PipeDream's stash, PipeDream2BW's double buffer, a remedy's
-forward weights), the weights a key's forward computes with, the delay of each gradient, and the
-optimizer update that makes a new version (with the policy's corrections and predictions).
+forward weights), the weights a key's forward computes with, the delay of each gradient, the
+gradients summed until the policy says an update is due, and the optimizer update that makes a new
+version (with the policy's corrections and predictions).
 
 :class:`WeightVersions` is the base of :class:`~asyncnn._runtime._actors.LayerActor`, which sets
 the attributes declared here.
@@ -43,6 +44,11 @@ class WeightVersions(_Actor):
     change_decay: float | None
     weight_change: Any
     predicted: Any
+    #: the parameter gradients summed since the last update, and how many keys they sum
+    acc: Any
+    acc_count: int
+    #: minibatch -> its keys whose backward this actor has done (until the minibatch is)
+    mb_backwards: dict[int, int]
     run_start: tuple[int, int] | None
     forward_weights_asked: bool
     corrects_gradients: bool
@@ -126,6 +132,59 @@ class WeightVersions(_Actor):
             self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
         self.ctx.touch()
 
+    async def _settle(
+        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
+    ) -> None:
+        """The end of a key's backward: accumulates its parameter gradients (a layer without
+        parameters has nothing to update) and counts the versions still held.
+
+        ``forward_version`` is the parameter version of the key's forward (where known: it
+        gives the gradient's delay, see :meth:`accumulate`)."""
+        if self.param_size:
+            await self.accumulate(param_grads, meta, forward_version)
+        self._count_versions()
+
+    async def accumulate(
+        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
+    ) -> None:
+        """Adds a key's parameter gradients; applies them when the policy says an update is due.
+
+        With ``forward_version`` (the version the key's forward used), the gradient's delay
+        (this actor's version now, which is its version at the update, minus the forward's) is
+        recorded in the statistics and the trace, and a policy that corrects stale gradients
+        (:meth:`Policy.corrects_gradients`) corrects it before it is added.
+        """
+        policy = self.ctx.policy
+        if param_grads is not None and forward_version is not None:
+            if self.corrects_gradients:
+                param_grads = await self._note_delay(param_grads, forward_version)
+            else:
+                self._record_delay(forward_version)
+        # the sums and scalings run through compute: on a GPU they must be queued on this
+        # actor's stream, after the kernels that made the gradients (the host thread's own
+        # stream would race them)
+        if param_grads is not None:  # None: a skipped key, whose gradient is zero
+            if self.acc is None:
+                self.acc = param_grads
+            else:
+                self.acc = await self.compute(_tree_add, self.acc, param_grads, cost=0)
+        self.acc_count += 1
+        mb = int(meta.get("minibatch", 0))
+        done = self.mb_backwards.get(mb, 0) + 1
+        mb_done = policy.minibatch_done(done, int(meta.get("mb_keys", 1)))
+        if mb_done:
+            self.mb_backwards.pop(mb, None)
+        else:
+            self.mb_backwards[mb] = done
+        if policy.update_due(self.acc_count, mb_done):
+            scale = policy.gradient_scale(self.acc_count)
+            acc = self.acc
+            if acc is None:
+                acc = await self.compute(tree_map, _zeros_like, self.params, cost=0)
+            grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
+            self.acc, self.acc_count = None, 0
+            await self.apply_gradients(grads)
+
     def _prune_versions(self) -> None:
         """Drops the kept weights of versions no stored key references and the policy does not
         keep (:meth:`Policy.versions_kept`)."""
@@ -201,3 +260,19 @@ def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:
     if average is None:
         return tree_map(lambda n, o: (1.0 - decay) * (n - o), new, old)
     return tree_map(lambda a, n, o: decay * a + (1.0 - decay) * (n - o), average, new, old)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def _zeros_like(a: Any) -> Any:
+    return a * 0
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    return tree_map(_add, a, b)
+
+
+def _tree_scale(tree: Any, scale: float) -> Any:
+    return tree_map(lambda a: a * scale, tree)
