@@ -320,6 +320,48 @@ def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
     cluster.close()
 
 
+class _FramesFrom:
+    """A worker's connection as the driver reads it: the given frames, then silence."""
+
+    def __init__(self, frames: list[dict[str, Any]]) -> None:
+        self.frames = list(frames)
+        self.closed = False
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        if not self.frames:
+            await anyio.sleep_forever()
+        return self.frames.pop(0), []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.anyio
+async def test_the_driver_takes_reports_alone_or_several_in_one_frame(anyio_backend: str) -> None:
+    from asyncnn._cluster._driver import _read_worker
+
+    reports: list[Any] = []
+    run = dataclasses.make_dataclass("FakeRun", [])()
+    run.backward_done = lambda actor, key: reports.append(("done", actor, key))
+    run.loss_reported = lambda key, value, meta: reports.append(("loss", key, value, meta))
+    meta = {"rows": 4, "mb_rows": 4, "mb_keys": 1, "minibatch": 0}
+    conn = _FramesFrom([
+        {"t": "done", "a": "l2", "key": 0},
+        {"t": "ctl", "frames": [
+            {"t": "loss", "key": 0, "value": 1.5, "m": meta}, {"t": "done", "a": "l1", "key": 0},
+        ]},
+        {"t": "ctl", "frames": [{"t": "hb", "age": 0.0, "describe": {}}]},  # not a report
+    ])  # fmt: skip
+    cluster = dataclasses.make_dataclass("FakeCluster", [])()
+    cluster.connections = {1: conn}
+    cluster.heartbeat_timeout = 5.0
+    cluster.describe_worker = lambda w, hosted: f"worker {w} ({', '.join(hosted)})"
+    with pytest.raises(ann.WorkerError, match=r"worker 1 \(l1, l2\) sent a malformed 'ctl' frame"):
+        await _read_worker(cluster, run, 1, ["l1", "l2"])
+    assert reports == [("done", "l2", 0), ("loss", 0, 1.5, meta), ("done", "l1", 0)]
+    assert conn.closed
+
+
 # -- learning, and Ray -----------------------------------------------------------------------------
 def _mnist1d_accuracy(policy: Any, cluster: Any = None, workers: Any = None) -> float:
     from asyncnn import data as datasets

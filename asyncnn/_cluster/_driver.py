@@ -383,10 +383,20 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                 await deliver(run, header, buffers, conn, w)
             except ProtocolError as exc:
                 raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
-        elif t == "done":
-            run.backward_done(str(header["a"]), int(header["key"]))
-        elif t == "loss":
-            run.loss_reported(int(header["key"]), float(header["value"]), header["m"])
+        elif t in ("done", "loss"):
+            _report(run, header)
+        elif t == "ctl":  # several reports at once (one wake-up of this process)
+            frames = header.get("frames")
+            if not isinstance(frames, list) or not all(
+                isinstance(f, dict) and f.get("t") in ("done", "loss") for f in frames
+            ):
+                conn.close()
+                raise WorkerError(
+                    w, hosted, f"{who} sent a malformed 'ctl' frame: 'frames' must be a list of "
+                    f"'done' and 'loss' reports, got {frames!r:.200}",
+                )  # fmt: skip
+            for frame in frames:
+                _report(run, frame)
         elif t == "hb":
             now = time.perf_counter()
             run.last_event = max(run.last_event, now - float(header["age"]))
@@ -410,6 +420,14 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
         else:
             conn.close()
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
+
+
+def _report(run: DriverRun, frame: dict[str, Any]) -> None:
+    """A worker's report to the scheduler: a layer's backward of a key done, or a key's loss."""
+    if frame["t"] == "done":
+        run.backward_done(str(frame["a"]), int(frame["key"]))
+    else:
+        run.loss_reported(int(frame["key"]), float(frame["value"]), frame["m"])
 
 
 def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers: list[Any]) -> None:

@@ -322,7 +322,16 @@ class _WorkerShare(LinkedShare):
 
         async def forward_control() -> None:
             async for frame in self.control:
-                await worker.driver.send(frame)
+                # the reports queued meanwhile go in one frame: one wake-up of the driver
+                frames = [frame]
+                while True:
+                    try:
+                        frames.append(self.control.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await worker.driver.send(
+                    frame if len(frames) == 1 else {"t": "ctl", "frames": frames}
+                )
 
         async def heartbeat() -> None:
             while True:
