@@ -362,6 +362,93 @@ async def test_the_driver_takes_reports_alone_or_several_in_one_frame(anyio_back
     assert conn.closed
 
 
+class _FramesTo:
+    """A connection that keeps the frames sent on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict[str, Any], list[Any]]] = []
+        self.peer = "a test peer"
+        self.closed = False
+
+    async def send(self, header: dict[str, Any], buffers: Any = (), then: Any = None) -> None:
+        self.sent.append((header, list(buffers)))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.anyio
+async def test_a_workers_reports_go_out_together_when_its_loop_gets_to_them(
+    anyio_backend: str,
+) -> None:
+    from asyncnn._cluster._worker import Reports
+
+    reports, driver = Reports(), _FramesTo()
+    done = {"t": "done", "a": "l0", "key": 0}
+    loss = {"t": "loss", "key": 0, "value": 1.0, "m": {}}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reports.forward, driver)
+        await anyio.sleep(0.01)
+        reports.add([done])
+        await anyio.sleep(0.01)
+        reports.add([loss])
+        reports.add([done])  # before the forwarder runs: one frame for both
+        await anyio.sleep(0.01)
+        reports.add([loss])
+        reports.close()  # what is pending still goes, then the forwarder returns
+    assert [h for h, _ in driver.sent] == [
+        done, {"t": "ctl", "frames": [loss, done]}, loss,
+    ]  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_backward_messages_carry_the_pending_reports_and_deliver_passes_them_on(
+    anyio_backend: str,
+) -> None:
+    from asyncnn._cluster._remote import RemoteActor, deliver
+    from asyncnn._runtime._messages import BACKWARD, FORWARD, Message
+
+    pending = [{"t": "done", "a": "l2", "key": 3}]
+    sender = dataclasses.make_dataclass("FakeWorkerRun", [])()
+    sender.take_reports = lambda: [pending.pop()] if pending else []
+    conn = _FramesTo()
+    actor = RemoteActor("l1", conn, sender, 1)  # type: ignore[arg-type]
+    grad = np.ones((2, 3), dtype=np.float32)
+    await actor.send(Message(FORWARD, 3, 0, "l0", "l1", 0, (grad,), {"rows": 2}))
+    await actor.send(Message(BACKWARD, 3, 0, "l2", "l1", 0, (grad,), {"rows": 2}))
+    await actor.send(Message(BACKWARD, 4, 0, "l2", "l1", 0, (grad,), {"rows": 2}))
+    headers = [h for h, _ in conn.sent]
+    assert ["r" in h for h in headers] == [False, True, False]  # taken once, by a backward
+    assert headers[1]["r"] == [{"t": "done", "a": "l2", "key": 3}]
+
+    got: list[Any] = []
+    inbox = dataclasses.make_dataclass("FakeInbox", [])()
+
+    async def put(msg: Any) -> None:
+        got.append(msg)
+
+    inbox.send = put
+    local = dataclasses.make_dataclass("FakeActor", [])()
+    local.send_channel = inbox
+    worker = dataclasses.make_dataclass("FakeWorkerRun", [])()  # passes them on
+    worker.local, passed = {"l1": local}, []
+    worker.add_reports = passed.extend
+    driver = dataclasses.make_dataclass("FakeDriverRun", [])()  # applies them
+    driver.local, applied = {"l1": local}, []
+    driver.backward_done = lambda a, k: applied.append((a, k))
+    header, buffers = conn.sent[1]
+    await deliver(worker, header, [np.asarray(b) for b in buffers], _FramesTo(), 2)
+    await deliver(driver, header, [np.asarray(b) for b in buffers], _FramesTo(), 2)
+    assert passed == [{"t": "done", "a": "l2", "key": 3}] and applied == [("l2", 3)]
+    assert len(got) == 2 and got[0].key == 3 and got[0].kind == BACKWARD
+    bad = _FramesTo()
+    with pytest.raises(ann.cluster.ProtocolError, match="'r' is not a list of 'done' and 'loss'"):
+        await deliver(worker, {**header, "r": [{"t": "hb"}]}, buffers, bad, 2)
+    assert bad.closed
+    with pytest.raises(ann.cluster.ProtocolError, match="a malformed 'done' report"):
+        await deliver(driver, {**header, "r": [{"t": "done", "key": 3}]}, buffers, bad, 2)
+
+
 # -- learning, and Ray -----------------------------------------------------------------------------
 def _mnist1d_accuracy(policy: Any, cluster: Any = None, workers: Any = None) -> float:
     from asyncnn import data as datasets

@@ -41,7 +41,7 @@ from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import decode_state, encode_state
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
-from ._remote import RemoteActor, deliver
+from ._remote import RemoteActor, apply_report, deliver, is_reports
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
 
@@ -383,20 +383,20 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
                 await deliver(run, header, buffers, conn, w)
             except ProtocolError as exc:
                 raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
-        elif t in ("done", "loss"):
-            _report(run, header)
-        elif t == "ctl":  # several reports at once (one wake-up of this process)
-            frames = header.get("frames")
-            if not isinstance(frames, list) or not all(
-                isinstance(f, dict) and f.get("t") in ("done", "loss") for f in frames
-            ):
+        elif t in ("done", "loss", "ctl"):  # reports to the scheduler, alone or several
+            frames = [header] if t != "ctl" else header.get("frames")
+            if frames is None or not is_reports(frames):
                 conn.close()
                 raise WorkerError(
                     w, hosted, f"{who} sent a malformed 'ctl' frame: 'frames' must be a list of "
                     f"'done' and 'loss' reports, got {frames!r:.200}",
                 )  # fmt: skip
-            for frame in frames:
-                _report(run, frame)
+            try:
+                for frame in frames:
+                    apply_report(run, frame)
+            except ValueError as exc:
+                conn.close()
+                raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         elif t == "hb":
             now = time.perf_counter()
             run.last_event = max(run.last_event, now - float(header["age"]))
@@ -420,14 +420,6 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
         else:
             conn.close()
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
-
-
-def _report(run: DriverRun, frame: dict[str, Any]) -> None:
-    """A worker's report to the scheduler: a layer's backward of a key done, or a key's loss."""
-    if frame["t"] == "done":
-        run.backward_done(str(frame["a"]), int(frame["key"]))
-    else:
-        run.loss_reported(int(frame["key"]), float(frame["value"]), frame["m"])
 
 
 def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers: list[Any]) -> None:

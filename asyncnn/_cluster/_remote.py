@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asyncnn._runtime._messages import BACKWARD
 from asyncnn.backends import parse_device
 
 from ._codec import announce_message, decode_message, encode_message
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from asyncnn._runtime._messages import Message
     from asyncnn._runtime._run import Run
 
-__all__ = ["RemoteActor", "deliver"]
+__all__ = ["RemoteActor", "apply_report", "deliver", "is_reports"]
 
 
 class RemoteActor:
@@ -63,6 +64,11 @@ class RemoteActor:
             header, buffers = encode_message(msg)
         else:  # the frame announces the tensors; NCCL carries them right after it
             header, buffers = announce_message(msg), []
+        if msg.kind == BACKWARD:  # the reports pending here ride along (see _worker.Reports)
+            take = getattr(self.run, "take_reports", None)
+            reports = take() if take is not None else None
+            if reports:
+                header["r"] = reports
         try:
             await self.conn.send(
                 header,
@@ -99,11 +105,30 @@ async def deliver(
     run: Run, header: dict[str, Any], buffers: list[Any], conn: Connection, peer: int = -1
 ) -> None:
     """Puts the message of a ``"m"`` frame into its local actor's inbox (``peer``: the sending
-    process, a worker index or -1 for the driver).
+    process, a worker index or -1 for the driver), after passing on the reports to the scheduler
+    it carries (``"r"``: applied in the driver, added to a worker's own on their way there).
 
     Raises:
         ProtocolError: the frame is malformed or names an actor this process does not host.
     """
+    reports = header.get("r")
+    if reports is not None:
+        if not is_reports(reports):
+            conn.close()
+            raise ProtocolError(
+                f"{conn.peer} sent a message whose 'r' is not a list of 'done' and 'loss' "
+                f"reports: {reports!r:.200}"
+            )
+        give = getattr(run, "add_reports", None)
+        if give is not None:  # a worker: on towards the driver
+            give(reports)
+        else:  # the driver: to the scheduler now
+            try:
+                for report in reports:
+                    apply_report(run, report)
+            except ValueError as exc:
+                conn.close()
+                raise ProtocolError(f"{conn.peer} sent {exc}") from exc
     try:
         msg = decode_message(header, buffers)
         if "g" in header:  # the tensors follow over NCCL
@@ -135,3 +160,25 @@ def _receive_nccl(run: Run, header: dict[str, Any], msg: Message, peer: int) -> 
         )
     tensors, event = link.receive(list(header["g"]))
     return tuple(tensors), event
+
+
+def is_reports(frames: Any) -> bool:
+    """Whether ``frames`` is a list of a worker's reports to the scheduler."""
+    return isinstance(frames, list) and all(
+        isinstance(f, dict) and f.get("t") in ("done", "loss") for f in frames
+    )
+
+
+def apply_report(run: Run, report: dict[str, Any]) -> None:
+    """A worker's report to the scheduler: a layer's backward of a key done, or a key's loss.
+
+    Raises:
+        ValueError: a field is missing or of the wrong type.
+    """
+    try:
+        if report["t"] == "done":
+            run.backward_done(str(report["a"]), int(report["key"]))
+        else:
+            run.loss_reported(int(report["key"]), float(report["value"]), dict(report["m"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"a malformed {report.get('t')!r} report {report!r:.200}: {exc}") from exc

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 
 from asyncnn._errors import ActorError
@@ -68,17 +69,73 @@ TOKEN_ENV = "ASYNCNN_CLUSTER_TOKEN"
 PATH_ENV = "ASYNCNN_CLUSTER_PATH"
 
 
+class Reports:
+    """What a worker's actors tell the scheduler (a layer's backward of a key done, a key's loss)
+    on its way to the driver.
+
+    A backward message to another process carries the reports pending when it leaves (see
+    :func:`~asyncnn._cluster._remote.deliver`), and that process passes them on the same way:
+    along a chain of workers the reports of a key reach the driver in one frame, with the last
+    stage's, instead of waking it once per stage. What no message takes, :meth:`forward` sends
+    to the driver as soon as this worker's event loop gets to it, several reports in one frame.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.closed = False
+        self._kick: anyio.Event | None = None
+
+    def add(self, frames: list[dict[str, Any]]) -> None:
+        self.items.extend(frames)
+        kick = self._kick
+        if kick is not None:
+            self._kick = None
+            kick.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        items, self.items = self.items, []
+        return items
+
+    def close(self) -> None:
+        """After the reports pending now, :meth:`forward` returns."""
+        self.closed = True
+        self.add([])
+
+    async def forward(self, driver: Connection) -> None:
+        """Sends the pending reports to the driver whenever there are some, until closed."""
+        while True:
+            if self.items:
+                frames = self.take()
+                await driver.send(frames[0] if len(frames) == 1 else {"t": "ctl", "frames": frames})
+            elif self.closed:
+                return
+            else:
+                self._kick = anyio.Event()
+                await self._kick.wait()
+                # let the tasks woken with these reports go first: an actor whose backward
+                # was queued meanwhile takes them along with its gradients
+                await anyio.lowlevel.checkpoint()
+
+
 class WorkerRun(Run):
     """A run of the actors one worker hosts: what the scheduler must hear goes to the driver."""
 
-    control: Any  # a memory-channel sender; frames for the driver
+    reports: Reports  # on their way to the driver
     nccl: NcclLinks | None = None  # this worker's ends of the run's NCCL links
 
     def backward_done(self, actor: str, key: int) -> None:
-        self.control.send_nowait({"t": "done", "a": actor, "key": key})
+        self.reports.add([{"t": "done", "a": actor, "key": key}])
 
     def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
-        self.control.send_nowait({"t": "loss", "key": key, "value": value, "m": dict(meta)})
+        self.reports.add([{"t": "loss", "key": key, "value": value, "m": dict(meta)}])
+
+    def take_reports(self) -> list[dict[str, Any]]:
+        """The reports pending now, for a backward message about to leave to carry."""
+        return self.reports.take()
+
+    def add_reports(self, frames: list[dict[str, Any]]) -> None:
+        """Reports another worker's message carried here, on their way to the driver."""
+        self.reports.add(frames)
 
 
 class Worker:
@@ -218,9 +275,6 @@ class Worker:
             recorder = Recorder(trace_file, {"worker": self.index}, cmd["trace"])
             # one clock for the whole run: the driver's, shifted by the one-way latency
             recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))
-        control_send, control_receive = anyio.create_memory_object_stream[dict[str, Any]](
-            float("inf")
-        )
         error: BaseException | None = None
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
@@ -238,11 +292,9 @@ class Worker:
                         policy_from_spec(cmd["policy"]), state, pool, config, recorder=recorder,
                         max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
                     )  # fmt: skip
-                    run.control = control_send
+                    run.reports = Reports()
                     nccl = cmd.get("nccl") or {}
-                    part = _WorkerShare(
-                        self, control_receive, nccl.get("plan") or [], nccl.get("ids") or []
-                    )
+                    part = _WorkerShare(self, nccl.get("plan") or [], nccl.get("ids") or [])
                     async with hosting(run, part):
                         pass  # the driver drives the run: its actors stop when it says so
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
@@ -309,29 +361,15 @@ class _WorkerShare(LinkedShare):
     watches = False
     records_error = False
 
-    def __init__(self, worker: Worker, control: Any, plan: list[Any], ids: list[Any]) -> None:
+    def __init__(self, worker: Worker, plan: list[Any], ids: list[Any]) -> None:
         super().__init__(worker.index, plan, ids, 60.0)
         self.worker = worker
-        self.control = control  # what the run's actors tell the scheduler, for the driver
         self.heartbeat: anyio.CancelScope | None = None
         self.links_done = anyio.Event()
 
     def start(self, tg: Any, run: Run) -> None:
         worker = self.worker
         assert isinstance(run, WorkerRun)
-
-        async def forward_control() -> None:
-            async for frame in self.control:
-                # the reports queued meanwhile go in one frame: one wake-up of the driver
-                frames = [frame]
-                while True:
-                    try:
-                        frames.append(self.control.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await worker.driver.send(
-                    frame if len(frames) == 1 else {"t": "ctl", "frames": frames}
-                )
 
         async def heartbeat() -> None:
             while True:
@@ -371,7 +409,7 @@ class _WorkerShare(LinkedShare):
                     readers.start_soon(read, conn, j)
             self.links_done.set()
 
-        tg.start_soon(forward_control)
+        tg.start_soon(run.reports.forward, worker.driver)
         self.heartbeat = start_cancellable(tg, heartbeat)
         tg.start_soon(read_all)
 
@@ -388,7 +426,7 @@ class _WorkerShare(LinkedShare):
         if self.heartbeat is not None:
             self.heartbeat.cancel()
         assert isinstance(run, WorkerRun)
-        run.control.close()  # the forwarder sends what is queued, then stops
+        run.reports.close()  # the forwarder sends what is pending, then stops
 
 
 def _on(backend: Any) -> Any:

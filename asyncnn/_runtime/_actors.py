@@ -467,9 +467,11 @@ class LayerActor(WeightVersions):
                 await self.accumulate(None, meta)
         else:
             input_grads = await self.on_backward(key, await self._output_grad(parts), meta)
-        await self._send_grads(key, used, input_grads, meta)
+        # done before the gradients leave (the update, if due, is applied already): a cluster
+        # worker's report then rides with them instead of waking the driver on its own
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
+        await self._send_grads(key, used, input_grads, meta)
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)

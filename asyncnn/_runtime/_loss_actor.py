@@ -112,14 +112,16 @@ class LossActor(_Actor):
             value, grads = await self.compute(fn, inputs, scale, cost=0)
         else:
             value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
+        loss = 0.0
         if now:
             await self.wait_for_device()
             self.ctx.check_finite(self.name, FORWARD, key, value)
+            # reported before the gradients leave: a cluster worker's report then rides with them
+            loss = float(value)
+            self.ctx.loss_reported(key, loss, meta)
         await self._send_grads(key, 0, grads, meta)
         self.stats.forwards += 1
         if now:
-            loss = float(value)
-            self.ctx.loss_reported(key, loss, meta)
             if self.ctx.recorder is not None:  # the end comes after the sends, as for layers
                 self.ctx.recorder.event(
                     self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": loss}
