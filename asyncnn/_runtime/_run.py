@@ -438,15 +438,30 @@ class Run:
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
         """The current weights, optimizer states and versions (device arrays, not copies)."""
-        layers = {n: self.local[n] for n in self.layers if n in self.local}
+        params: dict[str, Any] = {}
+        opt_states: dict[str, Any] = {}
+        versions: dict[str, int] = {}
+        pending: dict[str, tuple[Any, int]] = {}
+        actor_states: dict[str, Any] = {}
+        local = self.local
+        for n in self.layers:  # one pass: a fit takes this snapshot at every step
+            a = local.get(n)
+            if a is None:
+                continue
+            params[n], opt_states[n], versions[n] = a.params, a.opt_state, a.version
+            if a.acc_count:
+                pending[n] = (a.acc, a.acc_count)
+            st = a.actor_state()
+            if st is not None:
+                actor_states[n] = st
         return RunState(
-            params={n: a.params for n, a in layers.items()},
-            opt_states={n: a.opt_state for n, a in layers.items()},
-            versions={n: a.version for n, a in layers.items()},
+            params=params,
+            opt_states=opt_states,
+            versions=versions,
             minibatches=self.minibatches,
             keys=self.next_key,
-            pending_grads={n: (a.acc, a.acc_count) for n, a in layers.items() if a.acc_count},
-            actor_states={n: st for n, a in layers.items() if (st := a.actor_state()) is not None},
+            pending_grads=pending,
+            actor_states=actor_states,
         )
 
     @property
