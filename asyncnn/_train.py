@@ -25,7 +25,8 @@ from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
-from ._runtime._run import RunState, check_batch, init_state, validate
+from ._runtime._run import RunState, check_batch, validate
+from ._runtime._state import init_state
 from .backends import to_numpy, tune_allocator
 
 __all__ = ["History", "Trainer"]

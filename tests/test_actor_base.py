@@ -133,6 +133,37 @@ async def test_handing_over_yields_now_and_then_and_is_bounded_in_depth():
 
 
 @pytest.mark.anyio
+async def test_hand_overs_of_two_tasks_that_end_out_of_order_leave_no_depth_behind():
+    # a worker's two readers may each hand a message over while the other's awaits a socket
+    first_in, release = anyio.Event(), anyio.Event()
+
+    class _Waiter(_Taker):
+        async def run_directly(self, msg: Message) -> bool:
+            first_in.set()
+            await release.wait()  # the first hand-over is still running...
+            return True
+
+    from asyncnn._runtime import _actor_base
+
+    before = _actor_base._direct.depth
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_hand_over, _Waiter(), _msg(0))
+        await first_in.wait()
+
+        async def second() -> None:  # ...when the second begins, and it ends last
+            class _Late(_Taker):
+                async def run_directly(self, msg: Message) -> bool:
+                    release.set()
+                    await anyio.sleep(0.01)
+                    return True
+
+            await _hand_over(_Late(), _msg(1))  # type: ignore[arg-type]
+
+        tg.start_soon(second)
+    assert _actor_base._direct.depth == before
+
+
+@pytest.mark.anyio
 async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile(monkeypatch):
     import types
 

@@ -1,4 +1,4 @@
-"""``vjp_split`` (asyncnn/_math/_autodiff.py): a pullback in two halves, the inputs' cotangents and
+"""``vjp_split`` (asyncnn/_math/_autodiff_split.py): a pullback in two halves, the inputs' cotangents and
 then the parameters', from one set of residuals (zero-bubble schedules' B and W)."""
 
 from __future__ import annotations

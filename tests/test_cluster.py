@@ -405,7 +405,7 @@ async def test_a_workers_reports_go_out_together_when_its_loop_gets_to_them(
 async def test_backward_messages_carry_the_pending_reports_and_deliver_passes_them_on(
     anyio_backend: str,
 ) -> None:
-    from asyncnn._cluster._remote import RemoteActor, deliver
+    from asyncnn._cluster._remote import ClusterRun, RemoteActor, deliver
     from asyncnn._runtime._messages import BACKWARD, FORWARD, Message
 
     pending = [{"t": "done", "a": "l2", "key": 3}]
@@ -436,6 +436,7 @@ async def test_backward_messages_carry_the_pending_reports_and_deliver_passes_th
     driver = dataclasses.make_dataclass("FakeDriverRun", [])()  # applies them
     driver.local, applied = {"l1": local}, []
     driver.backward_done = lambda a, k: applied.append((a, k))
+    driver.add_reports = lambda frames: ClusterRun.add_reports(driver, frames)
     header, buffers = conn.sent[1]
     await deliver(worker, header, [np.asarray(b) for b in buffers], _FramesTo(), 2)
     await deliver(driver, header, [np.asarray(b) for b in buffers], _FramesTo(), 2)
@@ -447,6 +448,27 @@ async def test_backward_messages_carry_the_pending_reports_and_deliver_passes_th
     assert bad.closed
     with pytest.raises(ann.cluster.ProtocolError, match="a malformed 'done' report"):
         await deliver(driver, {**header, "r": [{"t": "done", "key": 3}]}, buffers, bad, 2)
+
+
+def test_an_error_of_the_loss_callback_is_its_own_not_the_workers() -> None:
+    # the loss is computed on a worker and reaches the driver's scheduler as a report: what the
+    # user's callback raises must come back as it is, not as the worker breaking the protocol
+    def on_loss(minibatch: int, loss: float, rows: int) -> None:
+        raise ValueError("the callback's own bug")
+
+    async def main() -> None:
+        with ann.cluster.LocalCluster(workers=2) as cluster:
+            async with ann.open_run(
+                chain([0, 1], loss_worker=1), optim.SGD(lr=0.1), policies.Sync(),
+                cluster=cluster, on_loss=on_loss,
+            ) as run:  # fmt: skip
+                await run.step(data(16))
+                await run.drain()
+
+    with pytest.raises(BaseException) as info:
+        anyio.run(main, backend="trio")
+    text = repr(info.value) + repr(info.value.__cause__)
+    assert "the callback's own bug" in text and "protocol" not in text
 
 
 # -- learning, and Ray -----------------------------------------------------------------------------

@@ -289,6 +289,8 @@ async def test_a_bad_batch_after_good_ones_is_still_checked():
     async with ann.open_run(
         chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
     ) as run:
+        with pytest.raises(ValueError, match=r"the batch has no \['x', 'y'\]"):
+            await run.step({})  # on a fresh run: nothing was checked before it
         await run.step(good)
         await run.step({k: v[8:] for k, v in d.items()})
         with pytest.raises(ValueError, match=r"input 'x': got shape \(8, 4\)"):

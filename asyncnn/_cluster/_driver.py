@@ -41,7 +41,7 @@ from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import decode_state, encode_state
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
-from ._remote import RemoteActor, apply_report, deliver, is_reports
+from ._remote import ClusterRun, MalformedReport, RemoteActor, apply_report, deliver, is_reports
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
 
@@ -105,7 +105,7 @@ def _check_turns(graph: Graph, policy: Policy, where: dict[str, int | None]) -> 
             )
 
 
-class DriverRun(Run):
+class DriverRun(ClusterRun):
     """The run in the driver: its state and statistics include what the workers send back."""
 
     results: dict[int, dict[str, Any]]
@@ -394,7 +394,7 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
             try:
                 for frame in frames:
                     apply_report(run, frame)
-            except ValueError as exc:
+            except MalformedReport as exc:
                 conn.close()
                 raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         elif t == "hb":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncnn._runtime._messages import BACKWARD
+from asyncnn._runtime._run import Run
 from asyncnn.backends import parse_device
 
 from ._codec import announce_message, decode_message, encode_message
@@ -23,9 +24,24 @@ from ._wire import Connection, PeerLost, ProtocolError
 
 if TYPE_CHECKING:
     from asyncnn._runtime._messages import Message
-    from asyncnn._runtime._run import Run
 
-__all__ = ["RemoteActor", "apply_report", "deliver", "is_reports"]
+__all__ = ["ClusterRun", "MalformedReport", "RemoteActor", "apply_report", "deliver", "is_reports"]
+
+
+class ClusterRun(Run):
+    """A run in one process of a cluster (the driver's or a worker's): the reports to the
+    scheduler that messages between processes carry (see ``_worker.Reports``) leave and arrive
+    through :meth:`take_reports` and :meth:`add_reports`."""
+
+    def take_reports(self) -> list[dict[str, Any]]:
+        """The reports a backward message about to leave this process carries (the driver, where
+        the scheduler is, has none)."""
+        return []
+
+    def add_reports(self, frames: list[dict[str, Any]]) -> None:
+        """Reports a message from another process carried here: the driver applies them."""
+        for frame in frames:
+            apply_report(self, frame)
 
 
 class RemoteActor:
@@ -39,7 +55,9 @@ class RemoteActor:
         worker: the hosting worker's index (None: the driver).
     """
 
-    def __init__(self, name: str, conn: Connection, run: Run | None, worker: int | None) -> None:
+    def __init__(
+        self, name: str, conn: Connection, run: ClusterRun | None, worker: int | None
+    ) -> None:
         self.name = name
         self.worker = worker
         where = "the driver" if worker is None else f"worker {worker}"
@@ -64,9 +82,8 @@ class RemoteActor:
             header, buffers = encode_message(msg)
         else:  # the frame announces the tensors; NCCL carries them right after it
             header, buffers = announce_message(msg), []
-        if msg.kind == BACKWARD:  # the reports pending here ride along (see _worker.Reports)
-            take = getattr(self.run, "take_reports", None)
-            reports = take() if take is not None else None
+        if msg.kind == BACKWARD and self.run is not None:
+            reports = self.run.take_reports()  # those pending here ride along
             if reports:
                 header["r"] = reports
         try:
@@ -102,7 +119,7 @@ class RemoteActor:
 
 
 async def deliver(
-    run: Run, header: dict[str, Any], buffers: list[Any], conn: Connection, peer: int = -1
+    run: ClusterRun, header: dict[str, Any], buffers: list[Any], conn: Connection, peer: int = -1
 ) -> None:
     """Puts the message of a ``"m"`` frame into its local actor's inbox (``peer``: the sending
     process, a worker index or -1 for the driver), after passing on the reports to the scheduler
@@ -119,16 +136,11 @@ async def deliver(
                 f"{conn.peer} sent a message whose 'r' is not a list of 'done' and 'loss' "
                 f"reports: {reports!r:.200}"
             )
-        give = getattr(run, "add_reports", None)
-        if give is not None:  # a worker: on towards the driver
-            give(reports)
-        else:  # the driver: to the scheduler now
-            try:
-                for report in reports:
-                    apply_report(run, report)
-            except ValueError as exc:
-                conn.close()
-                raise ProtocolError(f"{conn.peer} sent {exc}") from exc
+        try:
+            run.add_reports(reports)  # a worker's go on towards the driver; the driver's apply
+        except MalformedReport as exc:
+            conn.close()
+            raise ProtocolError(f"{conn.peer} sent {exc}") from exc
     try:
         msg = decode_message(header, buffers)
         if "g" in header:  # the tensors follow over NCCL
@@ -169,16 +181,31 @@ def is_reports(frames: Any) -> bool:
     )
 
 
+class MalformedReport(ValueError):
+    """A report to the scheduler with a field missing or of the wrong type."""
+
+
 def apply_report(run: Run, report: dict[str, Any]) -> None:
     """A worker's report to the scheduler: a layer's backward of a key done, or a key's loss.
 
     Raises:
-        ValueError: a field is missing or of the wrong type.
+        MalformedReport: a field is missing or of the wrong type (checked before the scheduler
+            hears of it: what the scheduler's own callbacks raise is theirs, not the worker's).
     """
     try:
+        key = int(report["key"])
         if report["t"] == "done":
-            run.backward_done(str(report["a"]), int(report["key"]))
+            actor = str(report["a"])
         else:
-            run.loss_reported(int(report["key"]), float(report["value"]), dict(report["m"]))
+            value = float(report["value"])
+            meta = dict(report["m"])
+            for field in ("minibatch", "rows", "mb_rows"):
+                int(meta[field])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"a malformed {report.get('t')!r} report {report!r:.200}: {exc}") from exc
+        raise MalformedReport(
+            f"a malformed {report.get('t')!r} report {report!r:.200}: bad or missing field {exc}"
+        ) from exc
+    if report["t"] == "done":
+        run.backward_done(actor, key)
+    else:
+        run.loss_reported(key, value, meta)

@@ -53,7 +53,7 @@ from ._handshake import (
     serve_listener,
 )
 from ._nccl import LinkedShare, NcclLinks, _proc
-from ._remote import RemoteActor, deliver
+from ._remote import ClusterRun, RemoteActor, deliver
 from ._wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     AuthenticationError,
@@ -75,7 +75,7 @@ class Reports:
 
     A backward message to another process carries the reports pending when it leaves (see
     :func:`~asyncnn._cluster._remote.deliver`), and that process passes them on the same way:
-    along a chain of workers the reports of a key reach the driver in one frame, with the last
+    along a chain of workers the reports of a key reach the driver in one frame, with the first
     stage's, instead of waking it once per stage. What no message takes, :meth:`forward` sends
     to the driver as soon as this worker's event loop gets to it, several reports in one frame.
     """
@@ -117,7 +117,7 @@ class Reports:
                 await anyio.lowlevel.checkpoint()
 
 
-class WorkerRun(Run):
+class WorkerRun(ClusterRun):
     """A run of the actors one worker hosts: what the scheduler must hear goes to the driver."""
 
     reports: Reports  # on their way to the driver

@@ -65,7 +65,9 @@ async def _hand_over(owner: _Actor, msg: Message) -> bool:
     try:
         return await owner.run_directly(msg)
     finally:
-        state.depth = depth
+        # not ``= depth``: another task's hand-over (a worker's other reader, while this one
+        # awaits a socket) may have begun and may end after this one
+        state.depth -= 1
 
 
 def _nbytes(xs: Any) -> int:

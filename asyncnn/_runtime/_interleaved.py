@@ -99,7 +99,7 @@ def _one_f_one_b_device_ops(
 
 
 #: the kinds of a zero-bubble order: a backward split into its input half (sent upstream at once)
-#: and its weight half (deferred), see ``asyncnn._math._autodiff.vjp_split``
+#: and its weight half (deferred), see ``asyncnn._math._autodiff_split.vjp_split``
 BACKWARD_INPUT = "backward_input"
 BACKWARD_WEIGHT = "backward_weight"
 

@@ -42,47 +42,10 @@ from ._messages import END, FORWARD, Message
 from ._policies import Policy
 from ._recorder import Recorder
 from ._stall import BlockedLoopMonitor
+from ._state import RunState, init_state
 from ._statistics import ActorStatistics
 
 __all__ = ["Run", "RunState", "open_run"]
-
-
-@dataclass
-class RunState:
-    """What a run leaves behind and a later run starts from: weights, optimizer state, versions."""
-
-    params: dict[str, Any]
-    opt_states: dict[str, Any]
-    versions: dict[str, int]
-    minibatches: int = 0  # minibatches trained so far
-    keys: int = 0  # keys admitted so far
-    # gradients a layer has accumulated but not applied yet (Async with min_update_frequency > 1,
-    # custom update rules): {layer: (sum of gradients, how many)}; carried from one fit to the next
-    pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
-    # custom actors' own state (LayerActor.actor_state): {layer: state}
-    actor_states: dict[str, Any] = field(default_factory=dict)
-
-
-def node_seed(seed: int, index: int) -> int:
-    """The init seed of the layer at topological position ``index``."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def init_state(
-    graph: Graph, optimizer: Any, seed: int, dtype: str, placed_on_host: bool = False
-) -> RunState:
-    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``.
-
-    With ``placed_on_host``, layers placed on a worker get host arrays (the worker moves them to
-    its device; the values are the same on every backend)."""
-    params: dict[str, Any] = {}
-    opt_states: dict[str, Any] = {}
-    for i, name in enumerate(graph.layers):
-        node = graph.nodes[name]
-        device = "cpu" if placed_on_host and node.worker is not None else node.device
-        params[name] = node.module.init(node_seed(seed, i), backend=device, dtype=dtype)
-        opt_states[name] = optimizer.init(params[name])
-    return RunState(params, opt_states, {name: 0 for name in graph.layers})
 
 
 @dataclass
@@ -194,7 +157,7 @@ class Run:
         self._num_losses = len(graph.losses)
         self._flushes = policy.waits_between_minibatches()  # a policy is frozen
         self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
-        self._last_batch: tuple[Any, int] = ((), 0)  # the last batch checked, and its rows
+        self._last_batch: tuple[Any, int] = (None, 0)  # the last batch checked, and its rows
         self.last_event = time.perf_counter()
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
@@ -381,7 +344,7 @@ class Run:
     async def drain(self) -> None:
         """Waits until every admitted key has finished its backward wave and reported its loss
         (and, under a continuous policy, the pipeline has cooled down)."""
-        flushes = self.policy.waits_between_minibatches()
+        flushes = self._flushes
         if not flushes and self.next_key > self.stream_start:
             for name in self.layers:
                 meta = {"total": self.next_key - self.stream_start}
@@ -389,7 +352,8 @@ class Run:
                     Message(END, -1, 0, "", name, 0, (), meta)
                 )
             self.stream_start = self.next_key
-        # a loss actor reads its value after sending the gradients back: wait for those too
+        # a loss actor on a GPU reads its value after sending the gradients back: wait for the
+        # losses too
         await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
         if self.recorder is not None and flushes and self.minibatches > 0:
             self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})

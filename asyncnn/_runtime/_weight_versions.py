@@ -231,11 +231,10 @@ class WeightVersions(_Actor):
 
     async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
         """Records the delay of a key's gradient, computed with parameters its forward saw at
-        ``forward_version``, and returns the gradient as the policy corrects it."""
+        ``forward_version``, and returns the gradient as the policy corrects it (called where
+        the policy corrects gradients; elsewhere :meth:`_record_delay` alone)."""
         delay = self._record_delay(forward_version)
         policy = self.ctx.policy
-        if not self.corrects_gradients:
-            return param_grads
         forward_weights = None
         if self.keeps_forward_weights:
             forward_weights = (

@@ -1,0 +1,52 @@
+"""What a run leaves behind and a later run starts from (:class:`RunState`), and the fresh state
+of a graph's layers (:func:`init_state`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+
+__all__ = ["RunState", "init_state", "node_seed"]
+
+
+@dataclass
+class RunState:
+    """What a run leaves behind and a later run starts from: weights, optimizer state, versions."""
+
+    params: dict[str, Any]
+    opt_states: dict[str, Any]
+    versions: dict[str, int]
+    minibatches: int = 0  # minibatches trained so far
+    keys: int = 0  # keys admitted so far
+    # gradients a layer has accumulated but not applied yet (Async with min_update_frequency > 1,
+    # custom update rules): {layer: (sum of gradients, how many)}; carried from one fit to the next
+    pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # custom actors' own state (LayerActor.actor_state): {layer: state}
+    actor_states: dict[str, Any] = field(default_factory=dict)
+
+
+def node_seed(seed: int, index: int) -> int:
+    """The init seed of the layer at topological position ``index``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def init_state(
+    graph: Graph, optimizer: Any, seed: int, dtype: str, placed_on_host: bool = False
+) -> RunState:
+    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``.
+
+    With ``placed_on_host``, layers placed on a worker get host arrays (the worker moves them to
+    its device; the values are the same on every backend)."""
+    params: dict[str, Any] = {}
+    opt_states: dict[str, Any] = {}
+    for i, name in enumerate(graph.layers):
+        node = graph.nodes[name]
+        device = "cpu" if placed_on_host and node.worker is not None else node.device
+        params[name] = node.module.init(node_seed(seed, i), backend=device, dtype=dtype)
+        opt_states[name] = optimizer.init(params[name])
+    return RunState(params, opt_states, {name: 0 for name in graph.layers})
