@@ -34,8 +34,10 @@ run.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -77,6 +79,9 @@ class Config:
     repeats: int = 1  # runs of each setting (interleaved); the table gives medians
     target: float = 0.95  # test accuracy of "solved" (the majority class: 17%)
     stop_at_target: bool = False  # end a run at its first epoch at or over the target
+    # the levels model's schedule: "root" (a node's level: levels - its distance from the root;
+    # every root is at the last level) or "height" (its height; weights untied either way)
+    levels_align: str = "height"
     mlp_width: int = 256  # the token-sequence MLP baseline: 2 hidden layers
     quick: bool = False  # smoke run: 2 epochs, 200 trees, width 16
     out: str = "runs/expression_trees"  # results.json and PNGs
@@ -148,45 +153,89 @@ def encode(cfg: Config, trees: list[Any]) -> dict[str, np.ndarray]:
 
 
 def levels(cfg: Config) -> int:
-    """The greatest height of a tree of ``max_leaves`` leaves (a chain): the levels model's
+    """The greatest depth of a tree of ``max_leaves`` leaves (a chain): the levels model's
     number of levels."""
     return cfg.max_leaves - 1
 
 
+def node_levels(cfg: Config, t: Any) -> tuple[dict[tuple[int, ...], Any], list[tuple[int, ...]]]:
+    """Every node of ``t`` by its path from the root (1: left, 2: right): a leaf's entry is
+    ``("leaf", its index left to right, digit)``, an operator's ``(level, operator)``; and the
+    operators' paths in post-order. ``align="height"``: an operator's level is its height (1 +
+    its taller child's); ``"root"``: ``levels(cfg)`` minus its distance from the root, so every
+    root is at the last level and an operator's operator children one level below it. Either way
+    children come at lower levels than their parent."""
+    info: dict[tuple[int, ...], Any] = {}
+    order: list[tuple[int, ...]] = []
+    count = [0]
+
+    def walk(u: Any, path: tuple[int, ...]) -> int:  # the height
+        if isinstance(u, int):
+            info[path] = ("leaf", count[0], u)
+            count[0] += 1
+            return 0
+        h = 1 + max(walk(u[1], (*path, 1)), walk(u[2], (*path, 2)))
+        info[path] = (h if cfg.levels_align == "height" else levels(cfg) - len(path), u[0])
+        order.append(path)
+        return h
+
+    walk(t, ())
+    return info, order
+
+
+@functools.lru_cache(maxsize=16)
 def positions(cfg: Config) -> list[int]:
-    """The most nodes of height L in one tree, for L = 1 .. levels: a node of height L roots a
-    subtree of at least L + 1 leaves, and nodes of one height root disjoint subtrees."""
-    return [cfg.max_leaves // (lv + 1) for lv in range(1, levels(cfg) + 1)]
+    """The most operator nodes at each level (1 .. levels) in one tree, over every tree shape
+    of ``min_leaves`` to ``max_leaves`` leaves (enumerated: 22 shapes for 2-5 leaves)."""
+
+    def shapes(n: int) -> list[Any]:
+        if n == 1:
+            return [0]
+        return [(0, a, b) for i in range(1, n) for a in shapes(i) for b in shapes(n - i)]
+
+    most = [0] * levels(cfg)
+    for n in range(cfg.min_leaves, cfg.max_leaves + 1):
+        for t in shapes(n):
+            info, order = node_levels(cfg, t)
+            for lv, c in collections.Counter(info[q][0] for q in order).items():
+                most[lv - 1] = max(most[lv - 1], c)
+    return [max(m, 1) for m in most]
 
 
-def level_offsets(cfg: Config) -> list[int]:
-    """The slot of the first node of height L, for L = 0 .. levels: leaves take slots
-    ``0 .. max_leaves - 1``, then the nodes of height 1 (``positions(cfg)[0]`` slots), 2, ..."""
-    offs = [0, cfg.max_leaves]
-    for p in positions(cfg)[:-1]:
-        offs.append(offs[-1] + p)
-    return offs
+def level_inputs(cfg: Config, lv: int) -> list[int]:
+    """The levels whose vectors the nodes of level ``lv`` read, after the leaves (level 0): every
+    lower level (``align="height"``), or the one below (``"root"``)."""
+    if cfg.levels_align == "height":
+        return list(range(lv))
+    return [0] if lv == 1 else [0, lv - 1]
 
 
 def levels_layout(cfg: Config, t: Any) -> tuple[list[int], dict[int, list[tuple[int, int, int]]]]:
-    """A tree's leaves (digits, left to right) and, for each height L, its nodes of that height in
-    post-order, each as ``(operator, left child's slot, right child's slot)``; slots as in
-    :func:`level_offsets` (a node of height L is at ``level_offsets(cfg)[L] + its position``)."""
-    offs = level_offsets(cfg)
-    leaves: list[int] = []
+    """A tree's leaves (digits, left to right) and, for each level, its nodes there in
+    post-order, each as ``(operator, left child's slot, right child's slot)``. A slot numbers the
+    vectors that level reads (:func:`level_inputs`), concatenated: the leaves first
+    (``max_leaves`` slots), then ``positions(cfg)[L - 1]`` slots for each level L read."""
+    info, order = node_levels(cfg, t)
+    leaves = [v[2] for v in sorted(v for v in info.values() if v[0] == "leaf")]
+    pos: dict[tuple[int, ...], int] = {}
     nodes: dict[int, list[tuple[int, int, int]]] = {}
+    for q in order:
+        pos[q] = len(nodes.setdefault(info[q][0], []))
+        nodes[info[q][0]].append((info[q][1], -1, -1))
 
-    def walk(u: Any) -> tuple[int, int]:  # (height, slot)
-        if isinstance(u, int):
-            leaves.append(u)
-            return 0, len(leaves) - 1
-        (ha, sa), (hb, sb) = walk(u[1]), walk(u[2])
-        h = 1 + max(ha, hb)
-        here = nodes.setdefault(h, [])
-        here.append((u[0], sa, sb))
-        return h, offs[h] + len(here) - 1
+    def slot(q: tuple[int, ...], lv: int) -> int:
+        if info[q][0] == "leaf":
+            return int(info[q][1])
+        offset = cfg.max_leaves
+        for read in level_inputs(cfg, lv)[1:]:
+            if read == info[q][0]:
+                return offset + pos[q]
+            offset += positions(cfg)[read - 1]
+        raise AssertionError(f"level {lv} does not read level {info[q][0]}")
 
-    walk(t)
+    for q in order:
+        lv, op = info[q]
+        nodes[lv][pos[q]] = (op, slot((*q, 1), lv), slot((*q, 2), lv))
     return leaves, nodes
 
 
@@ -382,12 +431,14 @@ class NoNode(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class RootHead(nn.Module):
-    """Reads the merge of every level and ``struct``; each row's root is position 0 of its
-    greatest level (a tree of depth D has nodes at every height 1..D, one at D), then
-    ``W2 relu(W1 root + b1) + b2``: the 10 logits."""
+    """The 10 logits ``W2 relu(W1 root + b1) + b2`` of each tree's root. ``align="root"``: reads
+    the last level's merge, where every root is (position 0). ``"height"``: reads the merge of
+    every level and ``struct``; a root is position 0 of its tree's greatest level (a tree of depth
+    D has nodes at every height 1..D, one at D)."""
 
     width: int
     hidden: int
+    align: str = "root"
 
     def init_params(self, init: nn.Initializer) -> Any:
         d, h = self.width, self.hidden
@@ -399,6 +450,14 @@ class RootHead(nn.Module):
         }
 
     def __call__(self, params: Any, *inputs: Any, rng: Any = None) -> Any:
+        if self.align == "root":
+            root = ops.getitem(inputs[0], (slice(None), slice(0, self.width)))
+        else:
+            root = self._root_by_height(inputs)
+        hid = ops.relu(ops.add(ops.matmul(root, params["w1"]), params["b1"]))
+        return ops.add(ops.matmul(hid, params["w2"]), params["b2"])
+
+    def _root_by_height(self, inputs: Any) -> Any:
         *merged, struct = inputs
         st = np.asarray(ops.raw(struct))
         top = (st[:, :, 0, 0] >= 0).sum(axis=1)  # the tree's depth: its root's level
@@ -407,8 +466,7 @@ class RootHead(nn.Module):
             mask = (top == lv).astype(np.asarray(ops.raw(m)).dtype)[:, None]
             part = ops.multiply(ops.getitem(m, (slice(None), slice(0, self.width))), mask)
             root = part if root is None else ops.add(root, part)
-        hid = ops.relu(ops.add(ops.matmul(root, params["w1"]), params["b1"]))
-        return ops.add(ops.matmul(hid, params["w2"]), params["b2"])
+        return root
 
 
 def placer(workers: int) -> Any:
@@ -433,9 +491,10 @@ def build_loop(cfg: Config, workers: int = 0) -> ann.Graph:
 
 
 def build_levels(cfg: Config, workers: int = 0) -> ann.Graph:
-    """leaves -> per height L: childrenL -> routeL -> levelL_{add,sub,mul,none} -> mergeL -> head.
+    """leaves -> per level L: childrenL -> routeL -> levelL_{add,sub,mul,none} -> mergeL -> head.
 
-    With workers, height L's children, router and merge go to worker L - 1 (mod N) and its
+    Levels are as in :func:`node_levels`. With workers, level L's children, router and merge go
+    to worker L - 1 (mod N) and its
     operators to the next workers round-robin, so that a key's operators, and different keys'
     heights, compute in different processes."""
     d, at = cfg.width, placer(workers)
@@ -443,41 +502,51 @@ def build_levels(cfg: Config, workers: int = 0) -> ann.Graph:
     digits = g.input("digits", shape=(None, cfg.max_leaves, 10))
     struct = g.input("struct", shape=(None, levels(cfg), max(positions(cfg)), 3), dtype="int64")
     y = g.input("y", shape=(None,), dtype="int64")
-    vectors = [g.layer("leaves", LeafEmbed(d, cfg.max_leaves), digits, worker=at(0))]
+    leaves = LeafEmbed(d, cfg.max_leaves)
+    vectors = [g.layer("leaves", leaves, digits, worker=at(0))]
     for lv, npos in enumerate(positions(cfg), start=1):
         home = at(lv - 1)
-        x = g.layer(f"children{lv}", Children(d, lv, npos), *vectors, struct, worker=home)
+        reads = [vectors[i] for i in level_inputs(cfg, lv)]
+        x = g.layer(f"children{lv}", Children(d, lv, npos), *reads, struct, worker=home)
         r = g.router(f"route{lv}", ByOperator(d, npos), x, experts=len(OPS) + 1,
                      k=min(npos, len(OPS)), gates="none", worker=home)  # fmt: skip
         branches = [
-            g.layer(f"level{lv}_{name}", Combine(d, cfg.hidden, npos, op), r, worker=at(lv + op))
+            g.layer(
+                f"level{lv}_{name}",
+                Combine(d, cfg.hidden, npos, op),
+                r,
+                worker=at(lv + op),
+            )  # fmt: skip
             for op, name in enumerate(OP_NAMES)
         ]
         branches.append(g.layer(f"level{lv}_none", NoNode(d, npos), r, worker=home))
         vectors.append(g.merge(f"merge{lv}", r, *branches, worker=home))
-    out = g.layer("head", RootHead(d, cfg.hidden), *vectors[1:], struct, worker=at(levels(cfg)))
+    head = RootHead(d, cfg.hidden, cfg.levels_align)
+    ins = [vectors[-1]] if cfg.levels_align == "root" else [*vectors[1:], struct]
+    out = g.layer("head", head, *ins, worker=at(levels(cfg)))
     g.loss("loss", nn.CrossEntropyLoss(), out, y)
     g.output("logits", out)
     return g
 
 
 def reference_logits(cfg: Config, params: dict[str, Any], trees: list[Any]) -> Any:
-    """The levels model's logits computed tree by tree by recursion (no routing, no slots):
-    a node of height L and operator o is ``levelL_o``'s MLP of its children. Written with
-    ``asyncnn.ops``, so it runs on plain numpy arrays and under ``ann.value_and_grad``."""
+    """The levels model's logits computed tree by tree by recursion (no routing, no slots): an
+    operator node at level L (:func:`node_levels`) with operator o is ``levelL_o``'s MLP of its
+    children. Written with ``asyncnn.ops``, so it runs on plain numpy arrays and under
+    ``ann.value_and_grad``."""
+    dtype = np.asarray(ops.raw(params["leaves"]["leaf"])).dtype
 
-    def value(t: Any) -> tuple[Any, int]:
-        if isinstance(t, int):
-            onehot = np.zeros((1, 10), dtype=np.asarray(ops.raw(params["leaves"]["leaf"])).dtype)
-            onehot[0, t] = 1.0
-            return ops.tanh(ops.matmul(onehot, params["leaves"]["leaf"])), 0
-        (a, ha), (b, hb) = value(t[1]), value(t[2])
-        h = 1 + max(ha, hb)
-        p = params[f"level{h}_{OP_NAMES[t[0]]}"]
+    def value(u: Any, path: tuple[int, ...], info: dict[tuple[int, ...], Any]) -> Any:
+        if isinstance(u, int):
+            onehot = np.zeros((1, 10), dtype=dtype)
+            onehot[0, u] = 1.0
+            return ops.tanh(ops.matmul(onehot, params["leaves"]["leaf"]))
+        a, b = value(u[1], (*path, 1), info), value(u[2], (*path, 2), info)
+        p = params[f"level{info[path][0]}_{OP_NAMES[u[0]]}"]
         hid = ops.relu(ops.add(ops.matmul(ops.concatenate([a, b], axis=1), p["w1"]), p["b1"]))
-        return ops.tanh(ops.add(ops.matmul(hid, p["w2"]), p["b2"])), h
+        return ops.tanh(ops.add(ops.matmul(hid, p["w2"]), p["b2"]))
 
-    roots = ops.concatenate([value(t)[0] for t in trees], axis=0)
+    roots = ops.concatenate([value(t, (), node_levels(cfg, t)[0]) for t in trees], axis=0)
     q = params["head"]
     hid = ops.relu(ops.add(ops.matmul(roots, q["w1"]), q["b1"]))
     return ops.add(ops.matmul(hid, q["w2"]), q["b2"])
@@ -668,4 +737,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    # Worker processes import the modules of the graph by name, and cannot import __main__:
+    # run the importable copy of this file.
+    import expression_trees
+
+    expression_trees.main()

@@ -30,25 +30,32 @@ def test_the_cell_leaves_the_root_alone_on_the_stack():
     assert np.abs(h[:, :4]).min(axis=1).max() > 0  # the root is there
 
 
-def test_levels_layout_places_nodes_by_height_in_post_order():
-    cfg = expression_trees.Config(max_leaves=5)
-    assert expression_trees.positions(cfg) == [2, 1, 1, 1]
-    assert expression_trees.level_offsets(cfg) == [0, 5, 7, 8, 9]
-    tree = (2, (0, 3, 4), (1, 9, (0, 2, 5)))  # heights: + 1, inner + 1, - 2, * 3
-    leaves, nodes = expression_trees.levels_layout(cfg, tree)
+def test_levels_layout_places_nodes_by_height_or_by_distance_from_the_root():
+    tree = (2, (0, 3, 4), (1, 9, (0, 2, 5)))  # (3 + 4) * (9 - (2 + 5))
+    high = expression_trees.Config(max_leaves=5, levels_align="height")
+    assert expression_trees.positions(high) == [2, 1, 1, 1]
+    leaves, nodes = expression_trees.levels_layout(high, tree)
     assert leaves == [3, 4, 9, 2, 5]
+    # slots: leaves 0-4, then height 1 (5, 6), height 2 (7), height 3 (8)
     assert nodes == {1: [(0, 0, 1), (0, 3, 4)], 2: [(1, 2, 6)], 3: [(2, 5, 7)]}
+    root = expression_trees.Config(max_leaves=5, levels_align="root")
+    assert expression_trees.positions(root) == [1, 2, 2, 1]
+    leaves, nodes = expression_trees.levels_layout(root, tree)
+    assert leaves == [3, 4, 9, 2, 5]
+    # every root at level 4; a level reads the leaves (0-4) and the level below it (5, 6)
+    assert nodes == {2: [(0, 3, 4)], 3: [(0, 0, 1), (1, 2, 5)], 4: [(2, 5, 6)]}
 
 
-def _levels_setup(n=24):
-    cfg = expression_trees.Config(width=6, hidden=10)
+def _levels_setup(align, n=24):
+    cfg = expression_trees.Config(width=6, hidden=10, levels_align=align)
     rng = np.random.default_rng(3)
     trees = [expression_trees.random_tree(int(rng.integers(2, 6)), rng) for _ in range(n)]
     return cfg, trees, expression_trees.encode(cfg, trees)
 
 
-def test_the_levels_network_computes_each_tree_as_its_recursion_does():
-    cfg, trees, d = _levels_setup()
+@pytest.mark.parametrize("align", ["root", "height"])
+def test_the_levels_network_computes_each_tree_as_its_recursion_does(align):
+    cfg, trees, d = _levels_setup(align)
     tr = ann.Trainer(
         expression_trees.build_levels(cfg),
         optimizer=optim.SGD(lr=0.1),
@@ -60,9 +67,10 @@ def test_the_levels_network_computes_each_tree_as_its_recursion_does():
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_the_levels_network_gradient_equals_that_of_the_recursion():
+@pytest.mark.parametrize("align", ["root", "height"])
+def test_the_levels_network_gradient_equals_that_of_the_recursion(align):
     # one Sync SGD step of lr 1 on one key moves every weight by minus its gradient
-    cfg, trees, d = _levels_setup()
+    cfg, trees, d = _levels_setup(align)
     tr = ann.Trainer(
         expression_trees.build_levels(cfg),
         optimizer=optim.SGD(lr=1.0),
