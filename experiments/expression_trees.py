@@ -9,7 +9,7 @@ Two tree networks, both genuine: the structure of each tree decides the computat
   width d | one-hot stack pointer]``; at a digit token the cell pushes a leaf embedding, at an
   operator token (+, -, *) it pops the two top vectors and pushes an MLP of them and the
   operator; ``lengths`` is the number of tokens (tree nodes). The head classifies the root.
-- ``levels``: the tree unrolled by node height (AMPNet's node-type actors). A ``leaves`` actor
+- ``levels``: the tree unrolled by node height (after AMPNet's node-type actors). A ``leaves`` actor
   embeds every digit; then for each height L = 1 .. max_leaves - 1: ``childrenL`` gathers the two
   children of every node of height L (at most ``max_leaves // (L + 1)`` such nodes per tree),
   ``routeL`` (a router with a parameterless gate, ``gates="none"``) sends each tree to the actor
@@ -18,6 +18,7 @@ Two tree networks, both genuine: the structure of each tree decides the computat
   that height, and ``mergeL`` gathers them by row. The head reads each tree's root (the node of
   its greatest height). Different operators of one key, and different heights of different keys,
   are different actors, so they can run at once. Weights are per (height, operator): untied.
+  (``levels_align="root"`` numbers the levels from the root instead: every root at the last.)
 
 Baselines: the majority class of the training labels, and an MLP on the flattened, padded one-hot
 post-order token sequence (the same tokens, no structure), trained for as many epochs.

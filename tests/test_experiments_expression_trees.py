@@ -116,3 +116,15 @@ def test_quick_run_writes_results_and_figure(tmp_path):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'tree'"):
         expression_trees.main(["--models", "tree"])
+
+
+def test_quick_run_on_local_workers(tmp_path):
+    # the graph's modules live in this experiment's file: worker processes must import them
+    res = expression_trees.main(
+        ["--quick", "true", "--models", "levels", "--policies", "Async", "--max-active-keys",
+         "2", "--workers", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+    (run,) = res["runs"]
+    assert (run["model"], run["policy"], run["workers"]) == ("levels", "Async K=2", 2)
+    assert list(res["table"]) == ["levels Async K=2, LocalCluster(2)"]
+    assert run["actor_concurrency"] > 0
