@@ -2,6 +2,10 @@ import json
 
 import expression_trees
 import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
 
 
 def test_trees_are_walked_in_post_order_and_labelled_with_their_value_mod_10():
@@ -26,16 +30,101 @@ def test_the_cell_leaves_the_root_alone_on_the_stack():
     assert np.abs(h[:, :4]).min(axis=1).max() > 0  # the root is there
 
 
+def test_levels_layout_places_nodes_by_height_or_by_distance_from_the_root():
+    tree = (2, (0, 3, 4), (1, 9, (0, 2, 5)))  # (3 + 4) * (9 - (2 + 5))
+    high = expression_trees.Config(max_leaves=5, levels_align="height")
+    assert expression_trees.positions(high) == [2, 1, 1, 1]
+    leaves, nodes = expression_trees.levels_layout(high, tree)
+    assert leaves == [3, 4, 9, 2, 5]
+    # slots: leaves 0-4, then height 1 (5, 6), height 2 (7), height 3 (8)
+    assert nodes == {1: [(0, 0, 1), (0, 3, 4)], 2: [(1, 2, 6)], 3: [(2, 5, 7)]}
+    root = expression_trees.Config(max_leaves=5, levels_align="root")
+    assert expression_trees.positions(root) == [1, 2, 2, 1]
+    leaves, nodes = expression_trees.levels_layout(root, tree)
+    assert leaves == [3, 4, 9, 2, 5]
+    # every root at level 4; a level reads the leaves (0-4) and the level below it (5, 6)
+    assert nodes == {2: [(0, 3, 4)], 3: [(0, 0, 1), (1, 2, 5)], 4: [(2, 5, 6)]}
+
+
+def _levels_setup(align, n=24):
+    cfg = expression_trees.Config(width=6, hidden=10, levels_align=align)
+    rng = np.random.default_rng(3)
+    trees = [expression_trees.random_tree(int(rng.integers(2, 6)), rng) for _ in range(n)]
+    return cfg, trees, expression_trees.encode(cfg, trees)
+
+
+@pytest.mark.parametrize("align", ["root", "height"])
+def test_the_levels_network_computes_each_tree_as_its_recursion_does(align):
+    cfg, trees, d = _levels_setup(align)
+    tr = ann.Trainer(
+        expression_trees.build_levels(cfg),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(),
+        dtype="float64",
+    )
+    got = tr.predict({"digits": d["digits"], "struct": d["struct"]})["logits"]
+    want = np.asarray(expression_trees.reference_logits(cfg, tr.params, trees))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("align", ["root", "height"])
+def test_the_levels_network_gradient_equals_that_of_the_recursion(align):
+    # one Sync SGD step of lr 1 on one key moves every weight by minus its gradient
+    cfg, trees, d = _levels_setup(align)
+    tr = ann.Trainer(
+        expression_trees.build_levels(cfg),
+        optimizer=optim.SGD(lr=1.0),
+        policy=policies.Sync(),
+        dtype="float64",
+    )
+    before = tr.params
+    tr.fit({k: d[k] for k in ("digits", "struct", "y")}, epochs=1, batch_size=len(trees))
+    after = tr.params
+
+    def loss(p):
+        return nn.CrossEntropyLoss()({}, expression_trees.reference_logits(cfg, p, trees), d["y"])
+
+    _, grads = ann.value_and_grad(loss)(before)
+    checked = 0
+    for name, p in before.items():
+        for k, w in p.items() if isinstance(p, dict) else ():
+            want = grads[name][k] if grads[name][k] is not None else np.zeros_like(w)
+            np.testing.assert_allclose(w - after[name][k], want, rtol=1e-8, atol=1e-12)
+            checked += bool(np.abs(want).max() > 0)
+    assert checked >= 10  # leaves, head and most (height, operator) actors got gradient
+
+
 def test_quick_run_writes_results_and_figure(tmp_path):
     expression_trees.main(["--quick", "true", "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     res = saved["results"]
     assert [(r["model"], r["policy"]) for r in res["runs"]] == [
-        ("tree", "Sync"), ("tree", "Async"), ("mlp", "Sync"), ("mlp", "Async"),
+        ("loop", "Sync"), ("loop", "Async K=4"), ("levels", "Sync"), ("levels", "Async K=4"),
+        ("mlp", "Sync"), ("mlp", "Async K=4"),
     ]  # fmt: skip
     for run in res["runs"]:
         assert [c["epoch"] for c in run["curve"]] == [1, 2]
         assert 0 <= run["test_accuracy"] <= 1
+        assert run["actor_concurrency"] > 0
+    assert set(res["table"]) == {f"{m} {p}, 1 process" for m, p in
+                                 [(r["model"], r["policy"]) for r in res["runs"]]}  # fmt: skip
     assert 0 < res["majority_class_test_accuracy"] < 1
     assert (tmp_path / "expression_trees.png").stat().st_size > 0
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'tree'"):
+        expression_trees.main(["--models", "tree"])
+
+
+def test_quick_run_on_local_workers(tmp_path):
+    # the graph's modules live in this experiment's file: worker processes must import them
+    res = expression_trees.main(
+        ["--quick", "true", "--models", "levels", "--policies", "Async", "--max-active-keys",
+         "2", "--workers", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+    (run,) = res["runs"]
+    assert (run["model"], run["policy"], run["workers"]) == ("levels", "Async K=2", 2)
+    assert list(res["table"]) == ["levels Async K=2, LocalCluster(2)"]
+    assert run["actor_concurrency"] > 0
