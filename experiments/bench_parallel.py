@@ -591,7 +591,7 @@ def main() -> None:
     print(f"{cores()} cores; BLAS: {json.dumps(report['blas'])}")
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     cases = (
-        [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 10)]
+        [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 30)]
         if args.only_two_core
         else [
             ("MLP 784-2048x4-10, float32, batch 1024", BIG, 1024, 2 if args.quick else 8),
