@@ -1,5 +1,6 @@
 import json
 
+import _tree_levels
 import expression_trees
 import numpy as np
 import pytest
@@ -33,14 +34,14 @@ def test_the_cell_leaves_the_root_alone_on_the_stack():
 def test_levels_layout_places_nodes_by_height_or_by_distance_from_the_root():
     tree = (2, (0, 3, 4), (1, 9, (0, 2, 5)))  # (3 + 4) * (9 - (2 + 5))
     high = expression_trees.Config(max_leaves=5, levels_align="height")
-    assert expression_trees.positions(high) == [2, 1, 1, 1]
-    leaves, nodes = expression_trees.levels_layout(high, tree)
+    assert _tree_levels.positions(high) == [2, 1, 1, 1]
+    leaves, nodes = _tree_levels.levels_layout(high, tree)
     assert leaves == [3, 4, 9, 2, 5]
     # slots: leaves 0-4, then height 1 (5, 6), height 2 (7), height 3 (8)
     assert nodes == {1: [(0, 0, 1), (0, 3, 4)], 2: [(1, 2, 6)], 3: [(2, 5, 7)]}
     root = expression_trees.Config(max_leaves=5, levels_align="root")
-    assert expression_trees.positions(root) == [1, 2, 2, 1]
-    leaves, nodes = expression_trees.levels_layout(root, tree)
+    assert _tree_levels.positions(root) == [1, 2, 2, 1]
+    leaves, nodes = _tree_levels.levels_layout(root, tree)
     assert leaves == [3, 4, 9, 2, 5]
     # every root at level 4; a level reads the leaves (0-4) and the level below it (5, 6)
     assert nodes == {2: [(0, 3, 4)], 3: [(0, 0, 1), (1, 2, 5)], 4: [(2, 5, 6)]}
@@ -57,13 +58,13 @@ def _levels_setup(align, n=24):
 def test_the_levels_network_computes_each_tree_as_its_recursion_does(align):
     cfg, trees, d = _levels_setup(align)
     tr = ann.Trainer(
-        expression_trees.build_levels(cfg),
+        _tree_levels.build_levels(cfg),
         optimizer=optim.SGD(lr=0.1),
         policy=policies.Sync(),
         dtype="float64",
     )
     got = tr.predict({"digits": d["digits"], "struct": d["struct"]})["logits"]
-    want = np.asarray(expression_trees.reference_logits(cfg, tr.params, trees))
+    want = np.asarray(_tree_levels.reference_logits(cfg, tr.params, trees))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -72,7 +73,7 @@ def test_the_levels_network_gradient_equals_that_of_the_recursion(align):
     # one Sync SGD step of lr 1 on one key moves every weight by minus its gradient
     cfg, trees, d = _levels_setup(align)
     tr = ann.Trainer(
-        expression_trees.build_levels(cfg),
+        _tree_levels.build_levels(cfg),
         optimizer=optim.SGD(lr=1.0),
         policy=policies.Sync(),
         dtype="float64",
@@ -82,7 +83,7 @@ def test_the_levels_network_gradient_equals_that_of_the_recursion(align):
     after = tr.params
 
     def loss(p):
-        return nn.CrossEntropyLoss()({}, expression_trees.reference_logits(cfg, p, trees), d["y"])
+        return nn.CrossEntropyLoss()({}, _tree_levels.reference_logits(cfg, p, trees), d["y"])
 
     _, grads = ann.value_and_grad(loss)(before)
     checked = 0
