@@ -1,0 +1,211 @@
+"""``bench_parallel.py``'s tiny chain: the runtime's own cost where every op is tiny (AMPNet's
+regime), against the plain ``value_and_grad`` loop, PyTorch eager and 4 local workers
+(``python experiments/bench_parallel.py --only-tiny``; ``--profile-tiny`` profiles it)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import _common
+import anyio
+import numpy as np
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+# -- the runtime's own cost: a chain of tiny layers ----------------------------------------------
+#: 8 pairs: 16 modules, so 1 stage and 4 stages (2 pairs each) split evenly, and enough layers
+#: that the per-op cost (autodiff, ~50 small ufuncs a step) and the per-message cost (4 stages:
+#: 9 forward and 8 backward hops a step) both show, as in AMPNet's list reduction
+TINY_DEPTH = 8
+TINY_WIDTH = 8
+TINY_BATCH = 4
+
+
+def tiny_modules() -> list[Any]:
+    mods: list[Any] = []
+    for _ in range(TINY_DEPTH):
+        mods += [nn.Linear(TINY_WIDTH, TINY_WIDTH), nn.Tanh()]
+    return mods
+
+
+def tiny_batches(steps: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shape = (steps, TINY_BATCH, TINY_WIDTH)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    y = rng.standard_normal(shape, dtype=np.float32)
+    return [{"x": x[i], "y": y[i]} for i in range(steps)]
+
+
+def tiny_graph(stages: int, workers: list[int | None] | None = None) -> Any:
+    return ann.Graph.sequential(
+        tiny_modules(), loss=nn.MSELoss(), stages=stages, input_shape=(None, TINY_WIDTH),
+        label_shape=(None, TINY_WIDTH), label_dtype="float32", workers=workers,
+    )  # fmt: skip
+
+
+class _Clock:
+    """Wall and CPU time (this process, every thread) of a timed window, per step."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def per_step(self, steps: int) -> tuple[float, float]:
+        return (
+            (time.perf_counter() - self.wall) / steps,
+            (time.process_time() - self.cpu) / steps,
+        )
+
+
+def tiny_plain(batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of the plain loop: ``value_and_grad`` of the composed chain
+    and the same SGD update, over the same minibatches."""
+    step = _common.plain_step(nn.Sequential(*tiny_modules()), nn.MSELoss(), optim.SGD(lr=0.01))
+    for b in batches[:20]:  # warm-up
+        step(b["x"], b["y"])
+    clock = _Clock()
+    for b in batches:
+        step(b["x"], b["y"])
+    return clock.per_step(len(batches))
+
+
+def tiny_torch(batches: list[dict[str, np.ndarray]]) -> tuple[float, float] | None:
+    """(wall, CPU) seconds per step of PyTorch eager (one thread: the tensors are far too small
+    to split)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    layers: list[Any] = []
+    for _ in range(TINY_DEPTH):
+        layers += [torch.nn.Linear(TINY_WIDTH, TINY_WIDTH), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tb = [(torch.from_numpy(b["x"]), torch.from_numpy(b["y"])) for b in batches]
+
+    def step(x: Any, y: Any) -> None:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    for x, y in tb[:20]:
+        step(x, y)
+    clock = _Clock()
+    for x, y in tb:
+        step(x, y)
+    return clock.per_step(len(tb))
+
+
+def tiny_run(
+    batches: list[dict[str, np.ndarray]], graph: Any, cluster: Any = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``Sync`` through ``open_run``: the steps after 20
+    warm-up ones, up to the end of the drain (CPU time of this process only: with a cluster,
+    the driver's)."""
+
+    async def main() -> tuple[float, float]:
+        policy = policies.Sync()
+        async with ann.open_run(graph, optim.SGD(lr=0.01), policy, cluster=cluster) as run:
+            for b in batches[:20]:
+                await run.step(b)
+            await run.drain()
+            clock = _Clock()
+            for b in batches:
+                await run.step(b)
+            await run.drain()
+            return clock.per_step(len(batches))
+
+    return anyio.run(main, backend="trio")
+
+
+def tiny_fit(batches: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``Trainer.fit`` with 1 stage (the run's start and end
+    included)."""
+    data_ = {k: np.concatenate([b[k] for b in batches]) for k in ("x", "y")}
+    tr = ann.Trainer(tiny_graph(1), optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
+    tr.fit({k: v[: 20 * TINY_BATCH] for k, v in data_.items()}, epochs=1, batch_size=TINY_BATCH)
+    clock = _Clock()
+    tr.fit(data_, epochs=1, batch_size=TINY_BATCH)
+    return clock.per_step(len(batches))
+
+
+CLUSTER_ROW = "Sync, 4 stages, LocalCluster(4)"
+
+
+def tiny_table(steps: int, repeats: int, cluster_steps: int) -> dict[str, Any]:
+    """ms per step (wall and CPU) of every tiny-chain run, medians of ``repeats`` interleaved
+    rounds."""
+    batches = tiny_batches(steps)
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    with ann.cluster.LocalCluster(workers=4) as cluster:
+        g1, g4 = tiny_graph(1), tiny_graph(4)
+        g4w = tiny_graph(4, workers=[0, 1, 2, 3])
+        for _ in range(repeats):
+            rows = [
+                ("plain loop (value_and_grad + SGD)", lambda: tiny_plain(batches)),
+                ("PyTorch eager (1 thread)", lambda: tiny_torch(batches)),
+                ("Sync, 1 stage", lambda: tiny_run(batches, g1)),
+                ("Sync, 1 stage, Trainer.fit", lambda: tiny_fit(batches)),
+                ("Sync, 4 stages", lambda: tiny_run(batches, g4)),
+                (CLUSTER_ROW, lambda: tiny_run(batches[:cluster_steps], g4w, cluster)),
+            ]
+            for name, fn in rows:
+                value = fn()
+                if value is not None:
+                    wall.setdefault(name, []).append(value[0] * 1e3)
+                    cpu.setdefault(name, []).append(value[1] * 1e3)
+    return {
+        "ms_per_step": {k: statistics.median(v) for k, v in wall.items()},
+        "cpu_ms_per_step": {k: statistics.median(v) for k, v in cpu.items()},
+        "all_repeats_ms": wall,
+        "all_repeats_cpu_ms": cpu,
+        "load_average": os.getloadavg(),
+    }
+
+
+def show_tiny(result: dict[str, Any], repeats: int) -> None:
+    ms = result["ms_per_step"]
+    cpu = result["cpu_ms_per_step"]
+    plain = ms["plain loop (value_and_grad + SGD)"]
+    plain_cpu = cpu["plain loop (value_and_grad + SGD)"]
+    four = ms["Sync, 4 stages"]
+    print(
+        f"tiny chain: {TINY_DEPTH} x (Linear({TINY_WIDTH}, {TINY_WIDTH}) + Tanh), batch "
+        f"{TINY_BATCH}, float32, MSE, SGD ({len(os.sched_getaffinity(0))} cores, median of {repeats}; load "
+        f"{' '.join(f'{x:.2f}' for x in result['load_average'])}):"
+    )
+    print(f"   {'run':<36} {'ms/step':>8} {'x plain':>8} {'CPU ms':>7} {'x plain':>8}")
+    for k, v in ms.items():
+        if k == CLUSTER_ROW:  # the CPU time would be the driver's alone
+            extra = f"{'-':>7} {'-':>8}   {v / four:.2f}x the same 4 stages in one process"
+        else:
+            extra = f"{cpu[k]:7.3f} {cpu[k] / plain_cpu:8.2f}"
+        print(f"   {k:<36} {v:8.3f} {v / plain:8.2f} {extra}")
+    print("   targets: Sync 1 stage <= 1.25x plain, 4 stages <= 2.0x plain,")
+    print("            LocalCluster(4) <= 2.0x the same 4 stages in one process")
+    print("   (CPU ms: this process's CPU time, less disturbed than wall time on a busy machine)")
+
+
+def profile_tiny(steps: int) -> None:
+    """cProfile of the plain loop and of ``Sync`` with 1 stage: the functions with the most own
+    time, per step."""
+    import cProfile
+    import pstats
+
+    batches = tiny_batches(steps)
+    for name, fn in [
+        ("plain loop", lambda: tiny_plain(batches)),
+        ("Sync, 1 stage", lambda: tiny_run(batches, tiny_graph(1))),
+    ]:
+        prof = cProfile.Profile()
+        prof.enable()
+        fn()
+        prof.disable()
+        print(f"--- profile of {name} ({steps} steps), by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
