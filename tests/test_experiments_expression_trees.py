@@ -47,22 +47,23 @@ def test_levels_layout_places_nodes_by_height_or_by_distance_from_the_root():
     assert nodes == {2: [(0, 3, 4)], 3: [(0, 0, 1), (1, 2, 5)], 4: [(2, 5, 6)]}
 
 
-def _levels_setup(align, n=24):
+def _levels_setup(align, lr=0.1, n=24):
+    """A levels network (``Sync``, float64), its config, trees, and their encoding."""
     cfg = expression_trees.Config(width=6, hidden=10, levels_align=align)
     rng = np.random.default_rng(3)
     trees = [expression_trees.random_tree(int(rng.integers(2, 6)), rng) for _ in range(n)]
-    return cfg, trees, expression_trees.encode(cfg, trees)
+    tr = ann.Trainer(
+        _tree_levels.build_levels(cfg),
+        optimizer=optim.SGD(lr=lr),
+        policy=policies.Sync(),
+        dtype="float64",
+    )
+    return tr, cfg, trees, expression_trees.encode(cfg, trees)
 
 
 @pytest.mark.parametrize("align", ["root", "height"])
 def test_the_levels_network_computes_each_tree_as_its_recursion_does(align):
-    cfg, trees, d = _levels_setup(align)
-    tr = ann.Trainer(
-        _tree_levels.build_levels(cfg),
-        optimizer=optim.SGD(lr=0.1),
-        policy=policies.Sync(),
-        dtype="float64",
-    )
+    tr, cfg, trees, d = _levels_setup(align)
     got = tr.predict({"digits": d["digits"], "struct": d["struct"]})["logits"]
     want = np.asarray(_tree_levels.reference_logits(cfg, tr.params, trees))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
@@ -71,13 +72,7 @@ def test_the_levels_network_computes_each_tree_as_its_recursion_does(align):
 @pytest.mark.parametrize("align", ["root", "height"])
 def test_the_levels_network_gradient_equals_that_of_the_recursion(align):
     # one Sync SGD step of lr 1 on one key moves every weight by minus its gradient
-    cfg, trees, d = _levels_setup(align)
-    tr = ann.Trainer(
-        _tree_levels.build_levels(cfg),
-        optimizer=optim.SGD(lr=1.0),
-        policy=policies.Sync(),
-        dtype="float64",
-    )
+    tr, cfg, trees, d = _levels_setup(align, lr=1.0)
     before = tr.params
     tr.fit({k: d[k] for k in ("digits", "struct", "y")}, epochs=1, batch_size=len(trees))
     after = tr.params
