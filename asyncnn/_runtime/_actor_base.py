@@ -71,8 +71,11 @@ async def _hand_over(owner: _Actor, msg: Message) -> bool:
 
 
 def _nbytes(xs: Any) -> int:
-    if type(xs) is list:
-        return sum(int(getattr(x, "nbytes", 0)) for x in xs)
+    if type(xs) is list:  # a plain loop: called for every stored key (no generator's frame)
+        n = 0
+        for x in xs:
+            n += int(getattr(x, "nbytes", 0))
+        return n
     nbytes = getattr(xs, "nbytes", None)
     if nbytes is not None:
         return int(nbytes)
@@ -121,6 +124,14 @@ class Inbox:
             self._receiver = None
             receiver.set()
 
+    def direct_owner(self) -> _Actor | None:
+        """The owner, where it may run a message sent now in the sender's task (see
+        :meth:`_Actor.run_directly`): it takes messages directly and nothing is queued before."""
+        owner = self.owner
+        if owner is not None and owner.direct and not self._items and not self._closed:
+            return owner
+        return None
+
     async def send(self, msg: Message) -> None:
         """Queues ``msg``, waiting only while the inbox is full.
 
@@ -128,10 +139,9 @@ class Inbox:
         labels) in one go, and the actors start on them when it next waits (for the policy's
         admission or a flush), with no scheduler round trip per message.
         """
-        owner = self.owner
-        if owner is not None and owner.direct and not self._items and not self._closed:
-            if await _hand_over(owner, msg):
-                return
+        owner = self.direct_owner()
+        if owner is not None and await _hand_over(owner, msg):
+            return
         while True:
             try:
                 self.send_nowait(msg)
@@ -295,14 +305,13 @@ class _Actor:
         if not self.delivers:
             return  # the policy records this actor's sends only (an actor replayed alone)
         channel = self.ctx.channels[msg.dst]
-        if type(channel) is Inbox and not channel._items:
-            owner = channel.owner
-            if owner is not None and owner.direct:
-                start = time.perf_counter()
-                if await _hand_over(owner, msg):
-                    # the time was the receiver's work, not this actor's
-                    self.stats.busy_seconds -= time.perf_counter() - start
-                    return
+        owner = channel.direct_owner() if type(channel) is Inbox else None
+        if owner is not None:
+            start = time.perf_counter()
+            if await _hand_over(owner, msg):
+                # the time was the receiver's work, not this actor's
+                self.stats.busy_seconds -= time.perf_counter() - start
+                return
         try:
             # The inbox is sized so this never blocks; not yielding saves a scheduler round trip.
             channel.send_nowait(msg)

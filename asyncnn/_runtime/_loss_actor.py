@@ -108,17 +108,16 @@ class LossActor(_Actor):
         # loss): the gradients leave first, so the device never idles while the host waits. A
         # check for NaN, or a trace (whose event carries the value), reads it now.
         now = self.on_cpu or self.ctx.checks_finite or self.ctx.recorder is not None
-        if now:
-            value, grads = await self.compute(fn, inputs, scale, cost=0)
-        else:
-            value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         loss = 0.0
         if now:
+            value, grads = await self.compute(fn, inputs, scale, cost=0)
             await self.wait_for_device()
             self.ctx.check_finite(self.name, FORWARD, key, value)
             # reported before the gradients leave: a cluster worker's report then rides with them
             loss = float(value)
             self.ctx.loss_reported(key, loss, meta)
+        else:
+            value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         await self._send_grads(key, 0, grads, meta)
         self.stats.forwards += 1
         if now:

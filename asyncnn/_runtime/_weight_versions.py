@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from asyncnn._math._pytree import tree_map
 
 from ._actor_base import _Actor, _nbytes
@@ -60,12 +58,8 @@ class WeightVersions(_Actor):
         st = self.stats
         st.stored = len(self.store)
         st.peak_stored = max(st.peak_stored, st.stored)
-        if type(inputs) is list and len(inputs) == 1 and type(out) is np.ndarray:
-            held = getattr(inputs[0], "nbytes", 0) + out.nbytes  # the common case, answered first
-        else:
-            held = _nbytes(inputs) + _nbytes(out)
-        self.held_bytes[key] = held
-        st.stored_bytes += self.held_bytes[key]
+        held = self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
+        st.stored_bytes += held
         st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
         self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
         self._count_versions()
