@@ -4,7 +4,10 @@
 2. `Sync` step time of an MLP of width 4096 (4 Linear 4096x4096 + ReLU, a Linear to 10), SGD, at
    batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
    achieved TFLOP/s;
-3. a 4-stage `PipeDream` graph on one GPU (one CUDA stream per stage) against `Sync`;
+3. 4 stages on one GPU (one CUDA stream per stage), steady state: the pipelines (`GPipe(4)`,
+   `OneFOneB(4)`, captured and eager), `PipeDream(4)` and `Async(4)` (eager: they never flush),
+   against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64 (where one
+   step leaves most of the card idle);
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
 
@@ -139,13 +142,18 @@ def torch_step(batch: int, dtype: str, steps: int, prof: Any = None) -> float:
     return elapsed / steps
 
 
-def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None) -> float:
-    """Seconds per `Sync` step in steady state: one run, 10 warm-up steps (capture included),
-    then ``steps`` timed ones (batches sliced from data on the GPU, as the torch loop does)."""
+def steady_step(
+    batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None,
+    policy: Any = None, stages: int = 1,
+) -> float:  # fmt: skip
+    """Seconds per step in steady state (`Sync` on one stage unless ``policy`` and ``stages``
+    say otherwise): one run, 10 warm-up steps (capture included), then ``steps`` timed ones
+    (batches sliced from data on the GPU, as the torch loop does)."""
     import anyio
     import cupy as cp
 
-    g = graph(1)
+    policy = policies.Sync() if policy is None else policy
+    g = graph(stages)
     rng = np.random.default_rng(0)
     cdt = data_dtype(dtype)
     x = cp.asarray(rng.standard_normal((batch * (steps + 10), WIDTH)).astype(cdt))
@@ -154,7 +162,7 @@ def steady_step(batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any
 
     async def main() -> None:
         async with ann.open_run(
-            g, optim.SGD(lr=1e-3), policies.Sync(), dtype=dtype, cuda_graphs=cuda_graphs
+            g, optim.SGD(lr=1e-3), policy, dtype=dtype, cuda_graphs=cuda_graphs
         ) as run:
             for i in range(10):
                 await run.step({"x": x[i * batch : (i + 1) * batch],
@@ -208,6 +216,44 @@ def graphs_section(
                   "   [runs: " + "; ".join(
                       f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items())
                   + "]")  # fmt: skip
+    return rows
+
+
+#: section 3's rows: (label, policy, stages, CUDA graphs asked for)
+PIPELINE_ROWS: list[tuple[str, Any, int, bool]] = [
+    ("Sync, 1 stage, graphs", policies.Sync(), 1, True),
+    ("Sync, 4 stages, graphs", policies.Sync(), 4, True),
+    ("GPipe(4), graphs", policies.GPipe(4), 4, True),
+    ("OneFOneB(4), graphs", policies.OneFOneB(4), 4, True),
+    ("OneFOneB(4), eager", policies.OneFOneB(4), 4, False),
+    ("PipeDream(4), eager", policies.PipeDream(4), 4, False),
+    ("Async(4), eager", policies.Async(max_active_keys=4), 4, False),
+]
+
+
+def pipeline_section(dtypes: list[str], steps: int, repeats: int) -> list[dict[str, Any]]:
+    """Section 3: 4 stages on one GPU against `Sync` captured on one stage (the first row),
+    steady state, each row measured ``repeats`` times, interleaved; medians compared."""
+    print(f"3. 4 stages on one GPU, MLP width 4096, steady state (ms per step, median of "
+          f"{repeats}; samples/s against Sync captured on 1 stage)")  # fmt: skip
+    rows = []
+    cases = [("float32", 1024), ("bfloat16", 64)]
+    for dt, batch in [(d, b) for d, b in cases if d in dtypes]:
+        runs: dict[str, list[float]] = {label: [] for label, *_ in PIPELINE_ROWS}
+        for _ in range(repeats):
+            for label, policy, stages, graphs in PIPELINE_ROWS:
+                ms = steady_step(batch, dt, steps, graphs, policy=policy, stages=stages) * 1e3
+                runs[label].append(ms)
+        base = float(np.median(runs[PIPELINE_ROWS[0][0]]))
+        for label, *_ in PIPELINE_ROWS:
+            ms = float(np.median(runs[label]))
+            row = {"dtype": dt, "batch": batch, "run": label, "ms": ms,
+                   "samples_per_s": batch / (ms * 1e-3), "x_sync_graphs_1_stage": base / ms,
+                   "runs_ms": runs[label]}  # fmt: skip
+            rows.append(row)
+            print(f"   {dt:<9} batch {batch:5d}  {label:<24} {ms:8.2f} ms  "
+                  f"{batch / (ms * 1e-3):10.0f} samples/s  {base / ms:5.2f}x   [runs: "
+                  + " ".join(f"{v:.2f}" for v in runs[label]) + "]")  # fmt: skip
     return rows
 
 
@@ -277,20 +323,8 @@ def main() -> None:
                   f"   [data on the host: {host * 1e3:.2f} ms]")  # fmt: skip
     if 4 in sections:
         report["graphs"] = graphs_section(dtypes, args.steps, args.repeats, report["matmul_tflops"])
-    if 3 not in sections:
-        _common.write_json(args.out, report)
-        return
-    print("3. 4 stages on one GPU, float32, batch 1024, 4 microbatches (ms per step)")
-    sync4 = asyncnn_step(policies.Sync(), 4, 1024, "float32", args.steps)
-    pd4 = asyncnn_step(policies.PipeDream(4), 4, 1024, "float32", args.steps)
-    ofob4 = asyncnn_step(policies.OneFOneB(4), 4, 1024, "float32", args.steps)
-    report["pipeline"] = {
-        "sync_4_stages_ms": sync4 * 1e3,
-        "pipedream_ms": pd4 * 1e3,
-        "onefoneb_ms": ofob4 * 1e3,
-    }
-    print(f"   Sync {sync4 * 1e3:.2f}   PipeDream(4) {pd4 * 1e3:.2f} ({sync4 / pd4:.2f}x)   "
-          f"OneFOneB(4) {ofob4 * 1e3:.2f} ({sync4 / ofob4:.2f}x)")  # fmt: skip
+    if 3 in sections:
+        report["pipeline"] = pipeline_section(dtypes, args.steps, args.repeats)
     _common.write_json(args.out, report)
 
 

@@ -48,11 +48,12 @@ def test_cuda_graphs_refuses_a_cluster():
 
 @pytest.mark.parametrize(
     ("policy", "active"),
-    [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), False),
-     (policies.OneFOneB(2), False), (policies.PipeDream(2), False)],
-    ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream"],
+    [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), True),
+     (policies.OneFOneB(2), True), (policies.PipeDream(2), False),
+     (policies.Async(max_active_keys=2), False)],
+    ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream", "async"],
 )  # fmt: skip
-def test_active_only_with_one_key_in_flight(policy, active):
+def test_active_only_with_flushes_between_minibatches(policy, active):
     seen = {}
 
     async def main():

@@ -186,7 +186,8 @@ def test_policy_methods_state_each_decision():
     assert policies.Sync().allows_capture(3, traced=False)
     assert policies.OneFOneB(1).allows_capture(3, traced=False)
     assert not policies.Sync().allows_capture(3, traced=True)
-    assert not policies.GPipe(4).allows_capture(3, traced=False)
+    assert policies.GPipe(4).allows_capture(3, traced=False)  # flushes: graphs per key
+    assert policies.OneFOneB(4).allows_capture(3, traced=False)
     assert not policies.PipeDream(1).allows_capture(3, traced=False)
     assert not policies.Async(1).allows_capture(3, traced=False)
     assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)

@@ -19,6 +19,7 @@ computes only when the device's order has reached its operation.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -400,9 +401,11 @@ class LayerActor(WeightVersions):
         rows = int(meta.get("rows", 1))
         params, version = self.forward_weights(key, meta)
         if self.keep_pullback:
-            vjp_fn = self._vjp if self.graphs is None else self.graphs.vjp
+            vjp_fn: Any = self._vjp
             if self.splits_backward:
                 vjp_fn = self._vjp_split
+            elif self.graphs is not None:
+                vjp_fn = functools.partial(self.graphs.vjp, slot=self.graphs.slot(meta))
             out, pullback = await self.compute(
                 vjp_fn, params, inputs, self._rng(key), cost=self._cost(rows)
             )

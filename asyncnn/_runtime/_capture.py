@@ -10,11 +10,15 @@ up to :data:`MAX_SIGNATURES` per actor, least recently used dropped; anything a 
 hold (a host sync, a batched product, randomness) makes that signature run eagerly for good.
 
 A graph writes into the same buffers on every launch: its outputs are handed to the consumers
-as they are, and the next launch overwrites them. That is safe only when the next launch comes
-after every consumer of the previous one is done, which holds when one key at a time is in
-flight and flushes separate the minibatches (``Sync``, ``GPipe(1)``, ``OneFOneB(1)``: what
-:meth:`Policy.allows_capture` says); under any other policy the run stays eager. The parameters live in buffers owned by the capture, updated in place by
-the captured update (or copied in after an eager one).
+as they are, and the next launch overwrites them. So each key of a minibatch has graphs of its
+own at each actor, a *slot*: the keys of a minibatch take slots 0, 1, ... in the order of their
+forwards at that actor, and a slot's graphs run again only in a later minibatch. That is safe
+when flushes separate the minibatches, so that every consumer of a minibatch's buffers is done
+before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``: what
+:meth:`Policy.allows_capture` says); under any other policy the run stays eager. The parameters
+live in buffers owned by the capture, shared by the slots, updated in place by the captured
+update (or copied in after an eager one): no update comes between a minibatch's forwards and
+its backwards under a flush.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ActorGraphs", "LossGraphs"]
 
-#: input signatures captured per actor (each holds its graphs' memory)
+#: input signatures captured per actor (each holds its graphs' memory, once per slot)
 MAX_SIGNATURES = 4
 
 
@@ -56,6 +60,21 @@ class _Graphs:
         self.stats = _Stats()
         self.seen: dict[Any, int] = {}
         self.failed: set[Any] = set()
+        self.minibatch: Any = None  # the minibatch whose keys take slots now
+        self.next_slot = 0
+        self.slots = 1  # the most slots a minibatch has taken
+
+    def slot(self, meta: dict[str, Any]) -> int:
+        """The slot of the key whose forward comes now (see the module docstring): its place
+        among its minibatch's keys at this actor."""
+        mb = meta.get("minibatch")
+        if mb != self.minibatch:
+            self.minibatch, self.next_slot = mb, 0
+        slot = self.next_slot
+        self.next_slot += 1
+        if slot >= self.slots:
+            self.slots = slot + 1
+        return slot
 
     def _signature(self, inputs: list[Any]) -> tuple[Any, ...] | None:
         """The inputs' shapes and dtypes; None unless every input is an array of this device."""
@@ -85,7 +104,7 @@ class _Graphs:
         A cached entry is moved to the end, ``reload(entry)`` copies the call's arrays into its
         buffers and it counts as a replay; an unseen ``sig`` (or None: no signature) runs
         eagerly; on its second sighting ``capture()`` makes its entry, at most
-        :data:`MAX_SIGNATURES` are kept, and a capture that fails runs eagerly for good.
+        :data:`MAX_SIGNATURES` per slot are kept, and a capture that fails runs eagerly for good.
         """
         entry = None if sig is None else entries.get(sig)
         if entry is not None:
@@ -103,7 +122,7 @@ class _Graphs:
             self.stats.eager += 1
             return None
         entries[sig] = entry
-        while len(entries) > MAX_SIGNATURES:
+        while len(entries) > MAX_SIGNATURES * self.slots:
             entries.popitem(last=False)
         return entry
 
@@ -167,6 +186,10 @@ class ActorGraphs:
     def stats(self) -> _Stats:
         return self.base.stats
 
+    def slot(self, meta: dict[str, Any]) -> int:
+        """The slot of the key whose forward comes now (:meth:`_Graphs.slot`)."""
+        return self.base.slot(meta)
+
     # -- parameters -----------------------------------------------------------------------------
     def _adopt(self) -> Any:
         """Makes the actor's parameters the static buffers (copying a newer version in)."""
@@ -187,8 +210,9 @@ class ActorGraphs:
         return self.params_tree is not None and self.actor.params is self.params_tree
 
     # -- forward and backward -------------------------------------------------------------------
-    def vjp(self, params: Any, inputs: list[Any], rng: Any) -> tuple[Any, Any]:
-        """The actor's ``_vjp`` through a graph where one is (or can now be) captured."""
+    def vjp(self, params: Any, inputs: list[Any], rng: Any, slot: int = 0) -> tuple[Any, Any]:
+        """The actor's ``_vjp`` through a graph where one is (or can now be) captured, in the
+        key's ``slot`` (:meth:`_Graphs.slot`)."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
 
@@ -197,8 +221,12 @@ class ActorGraphs:
                 self._adopt()
             base._load(entry.xs, xs)
 
+        sig = base._signature(xs)
         entry = base.lookup(
-            self.entries, base._signature(xs), lambda: self._capture_forward(xs), reload
+            self.entries,
+            None if sig is None else (sig, slot),
+            lambda: self._capture_forward(xs),
+            reload,
         )
         if entry is None:
             return actor._vjp(actor.params, xs, rng)
@@ -337,12 +365,18 @@ class LossGraphs:
     def stats(self) -> _Stats:
         return self.base.stats
 
-    def value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
+    def slot(self, meta: dict[str, Any]) -> int:
+        """The slot of the key whose loss comes now (:meth:`_Graphs.slot`)."""
+        return self.base.slot(meta)
+
+    def value_and_grads(self, inputs: list[Any], scale: float, slot: int = 0) -> tuple[Any, Any]:
+        """The actor's ``_value_and_grads`` through a graph where one is (or can now be)
+        captured, in the key's ``slot`` (:meth:`_Graphs.slot`)."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
         sig = base._signature(xs)
         if sig is not None:
-            sig = (sig, float(scale))
+            sig = (sig, float(scale), slot)
 
         def capture() -> tuple[Any, list[Any], Any, Any]:
             static = [base.xp.empty_like(x) for x in xs]

@@ -4,6 +4,7 @@ backward wave."""
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,9 @@ class LossActor(_Actor):
         meta = self.meta.pop(key)
         scale = self.ctx.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
         self.after = self.events.pop(key, [])
-        fn = self._value_and_grads if self.graphs is None else self.graphs.value_and_grads
+        fn: Any = self._value_and_grads
+        if self.graphs is not None:
+            fn = functools.partial(self.graphs.value_and_grads, slot=self.graphs.slot(meta))
         # On a GPU the host reads the value later (a copy to host memory is queued behind the
         # loss): the gradients leave first, so the device never idles while the host waits. A
         # check for NaN, or a trace (whose event carries the value), reads it now.

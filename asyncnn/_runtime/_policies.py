@@ -348,13 +348,9 @@ class Policy(abc.ABC):
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
-        only with one key in flight at a time, flushes, a fixed order, and no trace."""
-        return (
-            self.max_in_flight(num_stages) == 1
-            and self.waits_between_minibatches()
-            and self.deterministic
-            and not traced
-        )
+        only with flushes between minibatches (each key of a minibatch then has graphs of its
+        own at each actor, reused in the next minibatch), a fixed order, and no trace."""
+        return self.waits_between_minibatches() and self.deterministic and not traced
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""

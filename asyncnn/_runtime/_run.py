@@ -522,8 +522,8 @@ async def open_run(
             the scheduler and nodes without ``worker`` stay in this process).
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
-            batches). Used only where one key at a time is in flight with flushes (``Sync``,
-            ``GPipe(1)``), without a trace; elsewhere, and on CPU actors, the run is eager
+            batches). Used only where flushes separate the minibatches (``Sync``, ``GPipe``,
+            ``OneFOneB``), without a trace; elsewhere, and on CPU actors, the run is eager
             (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
         config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
             own); the separate options must then keep their defaults.
