@@ -14,7 +14,13 @@ load and store (an elementwise kernel moving one 2-byte value at a time reaches 
 memory bandwidth), with the elementwise kernel as the fallback for unaligned views or where the
 CUDA headers are missing.
 
-Imported only from the optimizers, on cupy arrays.
+Inside :func:`scalars_on_device`, Adam's step-dependent scalars (the bias corrections, and
+AdamW's decay, which follows the learning rate) are read from a small array on the device
+instead of the kernel's arguments: a captured update then replays right at every step once
+:func:`set_scalars` has written that step's values there (one tiny kernel, its values passed by
+value: no host memory the device reads later).
+
+Imported only from the optimizers and the runtime's capture, on cupy arrays.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from typing import Any
 import cupy
 import numpy as np
 
-__all__ = ["adam_leaf", "in_place", "sgd_leaf", "vectorised_available"]
+__all__ = [
+    "adam_leaf",
+    "adam_step_scalars",
+    "in_place",
+    "scalars_on_device",
+    "set_scalars",
+    "sgd_leaf",
+    "vectorised_available",
+]
 
 _state = threading.local()
 
@@ -48,6 +62,43 @@ def in_place() -> Iterator[None]:
 
 def _in_place() -> bool:
     return bool(getattr(_state, "on", False))
+
+
+@contextlib.contextmanager
+def scalars_on_device(buffer: Any) -> Iterator[None]:
+    """Within this block (on this thread) Adam's kernels read their step-dependent scalars
+    (:func:`adam_step_scalars`) from ``buffer``, a float64 array of 3 on the device."""
+    _state.scalars = buffer
+    try:
+        yield
+    finally:
+        _state.scalars = None
+
+
+def adam_step_scalars(
+    step: int, lr: float, betas: tuple[float, float], weight_decay: float, decoupled: bool
+) -> tuple[float, float, float]:
+    """What Adam's update ``step`` (0 for the first) multiplies by besides its constants:
+    ``(sqrt(1 - b2^t), -lr / (1 - b1^t), decay)`` with ``t = step + 1``; ``decay`` is AdamW's
+    ``1 - lr * weight_decay`` (1 for Adam)."""
+    beta1, beta2 = betas
+    t = step + 1
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    return math.sqrt(1.0 - beta2**t), -(lr / (1.0 - beta1**t)), decay
+
+
+@functools.cache
+def _setter() -> Any:
+    return cupy.ElementwiseKernel(
+        "float64 a, float64 b, float64 c", "float64 out",
+        "out = i == 0 ? a : (i == 1 ? b : c)", "asyncnn_set_scalars",
+    )  # fmt: skip
+
+
+def set_scalars(buffer: Any, values: tuple[float, float, float]) -> None:
+    """Writes ``values`` into ``buffer`` (a float64 array of 3) on the current stream, by one
+    kernel whose arguments carry them (nothing read from host memory later)."""
+    _setter()(*values, buffer)
 
 
 _OPS = {
@@ -72,6 +123,12 @@ class _Update:
     outs: tuple[str, ...]
     scalars: tuple[str, ...]
     body: str
+    #: scalars read from a float64 array on the device (``dsc``), in this order
+    device: tuple[str, ...] = ()
+
+    def prologue(self) -> str:
+        """The declarations of the device-read scalars, for the kernel's body."""
+        return " ".join(f"const double {n} = dsc[{i}];" for i, n in enumerate(self.device))
 
 
 @functools.cache
@@ -102,7 +159,7 @@ def _sgd_rule(weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> 
 
 
 @functools.cache
-def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool) -> _Update:
+def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool, on_device: bool) -> _Update:
     body = ["C p_ = (C)p; C g_ = (C)g;"]
     if coupled:
         body.append("g_ = ADD(MUL(p_, (C)wd), g_);")
@@ -122,17 +179,22 @@ def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool) -> _Update:
     ]
     ins = ("p", "g", "ea", "eas") + (("mx",) if amsgrad else ())
     outs = ("out", "ea_out", "eas_out") + (("max_out",) if amsgrad else ())
-    scalars = ("wd", "b1", "omb1", "b2", "omb2", "bc2", "eps", "nss", "decay")
-    name = f"asyncnn_adam_{int(coupled)}{int(decoupled)}{int(amsgrad)}"
-    return _Update(name, ins, outs, scalars, "\n".join(body))
+    stepwise = ("bc2", "nss", "decay")  # what adam_step_scalars gives
+    scalars = ("wd", "b1", "omb1", "b2", "omb2", "eps")
+    name = f"asyncnn_adam_{int(coupled)}{int(decoupled)}{int(amsgrad)}{int(on_device)}"
+    if on_device:
+        return _Update(name, ins, outs, scalars, "\n".join(body), stepwise)
+    return _Update(name, ins, outs, scalars + stepwise, "\n".join(body))
 
 
 @functools.cache
 def _elementwise(rule: _Update, ctype: str) -> Any:
-    ins = ", ".join([f"T {n}" for n in rule.ins] + [f"float64 {s}" for s in rule.scalars])
+    dsc = ["raw float64 dsc"] if rule.device else []
+    ins = ", ".join([f"T {n}" for n in rule.ins] + dsc + [f"float64 {s}" for s in rule.scalars])
     outs = ", ".join(f"T {n}" for n in rule.outs)
     pre = _OPS[ctype] + f"typedef {ctype} C;\n"
-    return cupy.ElementwiseKernel(ins, outs, rule.body, f"{rule.name}_{ctype}", preamble=pre)
+    body = rule.prologue() + "\n" + rule.body
+    return cupy.ElementwiseKernel(ins, outs, body, f"{rule.name}_{ctype}", preamble=pre)
 
 
 @functools.cache
@@ -141,6 +203,7 @@ def _vectorised(rule: _Update, dtype_name: str) -> Any:
     ctype, header = _HALF[dtype_name]
     arrays = [f"const T* {n}_a" for n in rule.ins]
     arrays += [f"T* {n}_a" for n in rule.outs]  # may alias an input (in place)
+    arrays += ["const double* dsc"] if rule.device else []
     params = ", ".join(arrays + [f"double {s}" for s in rule.scalars] + ["long long n"])
 
     def lanes(load: str, store: str) -> str:
@@ -161,6 +224,7 @@ typedef {ctype} T;
 typedef float C;
 {_OPS["float"]}
 extern "C" __global__ void {rule.name}_{dtype_name}_x8({params}) {{
+  {rule.prologue()}
   long long stride = (long long)gridDim.x * blockDim.x * {_VEC};
   for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * {_VEC}; i < n;
        i += stride) {{
@@ -203,11 +267,14 @@ def _vectorisable(arrays: list[Any]) -> bool:
 
 
 def _apply(
-    rule: _Update, arrays: list[Any], scalars: tuple[float, ...], outs: tuple[Any, ...]
-) -> tuple[Any, ...]:
+    rule: _Update, arrays: list[Any], scalars: tuple[float, ...], outs: tuple[Any, ...],
+    dsc: Any = None,
+) -> tuple[Any, ...]:  # fmt: skip
     """Runs ``rule`` over ``arrays`` (the inputs, in ``rule.ins`` order); ``outs`` are the
-    output arrays to write (empty: fresh ones). Returns the outputs as a tuple."""
+    output arrays to write (empty: fresh ones); ``dsc`` the device scalars' array where
+    ``rule.device`` names some. Returns the outputs as a tuple."""
     p = arrays[0]
+    on_device = (dsc,) if rule.device else ()
     name = str(p.dtype)
     if name in _HALF and p.size and _vectorisable(arrays + list(outs)):
         kernel = _vectorised(rule, name)
@@ -218,11 +285,11 @@ def _apply(
             blocks = min(-(-n // (_VEC * _THREADS)), 8192)
             kernel(
                 (blocks,), (_THREADS,),
-                (*arrays, *outs, *(np.float64(s) for s in scalars), np.int64(n)),
+                (*arrays, *outs, *on_device, *(np.float64(s) for s in scalars), np.int64(n)),
             )  # fmt: skip
             return outs
     ctype = "double" if p.dtype == cupy.float64 else "float"
-    result = _elementwise(rule, ctype)(*arrays, *scalars, *outs)
+    result = _elementwise(rule, ctype)(*arrays, *on_device, *scalars, *outs)
     return result if isinstance(result, tuple) else (result,)
 
 
@@ -245,20 +312,20 @@ def adam_leaf(
     p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float, betas: tuple[float, float],
     eps: float, weight_decay: float, amsgrad: bool, decoupled: bool,
 ) -> tuple[Any, tuple[Any, ...]]:  # fmt: skip
-    """One leaf of torch's Adam/AdamW update in one kernel: ``(new_p, new_buffers)``."""
+    """One leaf of torch's Adam/AdamW update in one kernel: ``(new_p, new_buffers)``; inside
+    :func:`scalars_on_device` the step's scalars come from the device (``step`` and ``lr`` are
+    then not read)."""
     beta1, beta2 = betas
-    t = step + 1
     coupled = weight_decay != 0.0 and not decoupled
-    decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    rule = _adam_rule(coupled, decay != 1.0, amsgrad)
+    dsc = getattr(_state, "scalars", None)
+    # (p * 1.0 + delta equals delta + p: an AdamW with lr * weight_decay == 0 may take either)
+    rule = _adam_rule(coupled, decoupled and weight_decay != 0.0, amsgrad, dsc is not None)
     arrays = [p, g, buffers[0], buffers[1]] + ([buffers[2]] if amsgrad else [])
     outs: tuple[Any, ...] = (p, *buffers)
     if not _in_place() or any(a is None for a in outs):
         outs = ()
-    step_size = lr / (1.0 - beta1**t)
-    scalars = (
-        weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**t), eps,
-        -step_size, decay,
-    )  # fmt: skip
-    result = _apply(rule, arrays, scalars, outs)
+    scalars: tuple[float, ...] = (weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps)
+    if dsc is None:
+        scalars += adam_step_scalars(step, lr, betas, weight_decay, decoupled)
+    result = _apply(rule, arrays, scalars, outs, dsc)
     return result[0], tuple(result[1:])

@@ -60,6 +60,11 @@ def _train(batches, optimizer, policy, cuda_graphs, dtype="float32", device="cud
             await run.drain()
             out["active"] = run.cuda_graphs_active
             out["stats"] = {n: a.graphs.stats for n, a in run.local.items() if a.graphs is not None}
+            out["layers"] = {
+                n: {"updates_captured": len(a.graphs.updates)}
+                for n, a in run.local.items()
+                if getattr(a, "graphs", None) is not None and hasattr(a.graphs, "updates")
+            }
         out["params"] = _to_host(run.state().params)
         out["losses"] = [run.losses[i] for i in sorted(run.losses)]
 
@@ -88,17 +93,22 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize(
     "optimizer",
-    [optim.SGD(lr=0.1), optim.SGD(lr=0.1, momentum=0.9), optim.Adam(lr=0.01)],
-    ids=["sgd", "momentum", "adam"],
-)
+    [optim.SGD(lr=0.1), optim.SGD(lr=0.1, momentum=0.9), optim.Adam(lr=0.01),
+     optim.AdamW(lr=optim.CosineAnnealing(0.01, total_steps=8), weight_decay=0.1,
+                 amsgrad=True)],
+    ids=["sgd", "momentum", "adam", "adamw-cosine-amsgrad"],
+)  # fmt: skip
 def test_captured_run_equals_eager_run_float32(optimizer):
     batches = _batches([16] * 8)
     eager = _train(batches, optimizer, policies.Sync(), False)
     graphs = _train(batches, optimizer, policies.Sync(), True)
     assert graphs["active"] and not eager["stats"]
-    # every actor captured once and replayed the later steps (forward, backward, update)
+    # every actor captured once and replayed the later steps (forward, backward, update: Adam's
+    # too, one graph for every step, its step's scalars written on the device before each)
     for name, st in graphs["stats"].items():
-        assert st.captures >= 1 and st.replays >= 5, (name, vars(st))
+        assert st.captures >= 1 and st.replays >= 5 and not st.failures, (name, vars(st))
+    for name, layer in graphs["layers"].items():
+        assert layer["updates_captured"] == 1, name
     diff = _max_diff(graphs["params"], eager["params"])
     print(f"captured vs eager, {optimizer}: max |param difference| {diff:.3g}, losses equal: "
           f"{graphs['losses'] == eager['losses']}")  # fmt: skip

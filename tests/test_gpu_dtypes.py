@@ -120,6 +120,40 @@ def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(opt, dtype,
                                       cupy.asnumpy(r2[k].view(np.uint16)))  # fmt: skip
 
 
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("opt", [o for o in _opt_cases() if isinstance(o, optim.Adam)], ids=repr)
+def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(opt, dtype):
+    # what a captured Adam update runs: the bias corrections read from a device array, written
+    # before each step; bit for bit the kernel that takes them as arguments
+    import cupy
+
+    from asyncnn.backends import _fused
+
+    dt = get_backend("cuda:0").dtype(dtype)
+    rng = np.random.default_rng(3)
+    p = {"w": cupy.asarray(rng.standard_normal(8 * 37 + 5)).astype(dt),
+         "b": cupy.asarray(rng.standard_normal(6)).astype(dt)}  # fmt: skip
+    host, dev = (p, opt.init(p)), (p, opt.init(p))
+    scalars = cupy.zeros(3, dtype=cupy.float64)
+    decoupled = isinstance(opt, optim.AdamW)
+    for step in range(4):
+        g = {k: cupy.asarray(rng.standard_normal(v.shape)).astype(dt) for k, v in p.items()}
+        host = opt.update(host[0], g, host[1])
+        _fused.set_scalars(
+            scalars,
+            _fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
+                                     opt.weight_decay, decoupled),
+        )  # fmt: skip
+        with _fused.scalars_on_device(scalars):
+            dev = opt.update(dev[0], g, dev[1])
+        assert dev[1]["step"] == host[1]["step"] == step + 1
+    for k in p:
+        a, b = (cupy.asnumpy(x[0][k]).view(np.uint8) for x in (host, dev))
+        np.testing.assert_array_equal(a, b)
+
+
 _LAYERS = {
     "linear": (nn.Linear(8, 6), (5, 8)),
     "relu": (nn.ReLU(), (5, 8)),

@@ -24,10 +24,11 @@ its backwards under a flush.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._optim import SGD
+from asyncnn._math._optim import SGD, Adam, AdamW
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ class ActorGraphs:
         # update token -> (graph, gradient leaves, keep, the gradient tree captured)
         self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
+        self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
 
     @property
     def stats(self) -> _Stats:
@@ -299,6 +301,15 @@ class ActorGraphs:
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
             base.stats.replays += 1
+        if token[0] == "adam":  # this step's bias corrections, where the graph reads them
+            from asyncnn.backends import _fused as fused
+
+            step = int(state["step"])
+            fused.set_scalars(
+                self.scalars,
+                fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
+                                        opt.weight_decay, type(opt) is AdamW),
+            )  # fmt: skip
         captured[0].launch(self.actor.stream)
         return self._state_after(state)
 
@@ -329,9 +340,15 @@ class ActorGraphs:
         def warm() -> None:
             opt.update(params, g_tree, frozen)
 
+        on_device: Any = contextlib.nullcontext()
+        if token[0] == "adam":
+            if self.scalars is None:
+                self.scalars = base.xp.zeros(3, dtype=base.xp.float64)
+            on_device = fused.scalars_on_device(self.scalars)
+
         def step() -> None:
             # the fused kernels write over the static buffers: then the loads below copy nothing
-            with fused.in_place():
+            with fused.in_place(), on_device:
                 new_p, new_s = opt.update(params, g_tree, frozen)
             base._load(self.params or [], tree_leaves(new_p))
             for name in names:
@@ -344,13 +361,19 @@ class ActorGraphs:
 def _update_token(opt: Any, state: Any) -> Any:
     """What a captured update depends on besides the arrays, or None (never capture it).
 
-    Only the built-in SGD qualifies: its kernels take the learning rate and whether this is the
-    first step (momentum starts its buffer then); Adam's bias corrections change every step.
+    The built-in SGD's kernels take the learning rate and whether this is the first step
+    (momentum starts its buffer then). The built-in Adam and AdamW read what changes from step
+    to step (bias corrections, the learning rate) from the device, written before each launch:
+    one graph serves every step. Clipping by the global norm is left eager.
     """
-    if type(opt) is not SGD or not isinstance(state, dict) or "step" not in state:
+    if not isinstance(state, dict) or "step" not in state:
         return None
-    step = int(state["step"])
-    return (float(opt.learning_rate(step)), step == 0)
+    if type(opt) is SGD:
+        step = int(state["step"])
+        return ("sgd", float(opt.learning_rate(step)), step == 0)
+    if type(opt) in (Adam, AdamW) and opt.clip_norm is None:
+        return ("adam",)
+    return None
 
 
 class LossGraphs:
