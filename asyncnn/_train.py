@@ -79,8 +79,9 @@ class Trainer:
             instead of page-faulting afresh each step (DESIGN.md section 7); False leaves the
             allocator alone.
         cuda_graphs: on GPU actors, capture the forward, backward and update as CUDA graphs once
-            the shapes repeat and replay them (see ``docs/gpus.md``); used under ``Sync``,
-            ``GPipe`` and ``OneFOneB`` without a trace, elsewhere (and on the CPU) the run stays
+            the shapes repeat and replay them (see ``docs/gpus.md``); used where
+            ``Policy.allows_capture`` says (``Sync``, ``GPipe``, ``OneFOneB``, ``Async``,
+            ``PipeDream(stash=False)``) without a trace, elsewhere (and on the CPU) the run stays
             eager.
 
     Raises:

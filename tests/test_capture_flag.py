@@ -50,10 +50,12 @@ def test_cuda_graphs_refuses_a_cluster():
     ("policy", "active"),
     [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), True),
      (policies.OneFOneB(2), True), (policies.PipeDream(2), False),
-     (policies.Async(max_active_keys=2), False)],
-    ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream", "async"],
+     (policies.PipeDream(2, stash=False), True), (policies.Async(max_active_keys=2), True),
+     (policies.Async(max_active_keys=2, stash=True), False)],
+    ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream-stash", "pipedream", "async",
+         "async-stash"],
 )  # fmt: skip
-def test_active_only_with_flushes_between_minibatches(policy, active):
+def test_active_with_flushes_or_at_the_latest_weights(policy, active):
     seen = {}
 
     async def main():

@@ -1,7 +1,8 @@
 """CUDA-graph capture of GPU actors (``cuda_graphs=True``): captured runs give the eager run's
 results (and the CPU's), a new input shape is captured anew (eager until then), pipelines with
-flushes capture one set of graphs per key of a minibatch, and policies without flushes stay
-eager. Skipped without cupy and a GPU."""
+flushes capture one set of graphs per key of a minibatch, streaming policies capture where
+every forward and backward is at the latest weights, and stashing ones stay eager. Skipped
+without cupy and a GPU."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def _train(batches, optimizer, policy, cuda_graphs, dtype="float32", device="cud
             await run.drain()
             out["active"] = run.cuda_graphs_active
             out["stats"] = {n: a.graphs.stats for n, a in run.local.items() if a.graphs is not None}
+            out["graph_bytes"] = {n: st.graph_bytes for n, st in run.statistics().items()}
             out["layers"] = {
                 n: {"updates_captured": len(a.graphs.updates)}
                 for n, a in run.local.items()
@@ -109,6 +111,9 @@ def test_captured_run_equals_eager_run_float32(optimizer):
         assert st.captures >= 1 and st.replays >= 5 and not st.failures, (name, vars(st))
     for name, layer in graphs["layers"].items():
         assert layer["updates_captured"] == 1, name
+    # the graphs' memory is reported: every capturing actor holds some, an eager run none
+    assert all(graphs["graph_bytes"][n] > 0 for n in graphs["stats"]), graphs["graph_bytes"]
+    assert not any(eager["graph_bytes"].values())
     diff = _max_diff(graphs["params"], eager["params"])
     print(f"captured vs eager, {optimizer}: max |param difference| {diff:.3g}, losses equal: "
           f"{graphs['losses'] == eager['losses']}")  # fmt: skip
@@ -166,15 +171,46 @@ def test_captured_pipeline_is_bit_identical_across_runs_and_equals_the_cpu_in_fl
 
 
 @pytest.mark.parametrize(
-    "policy", [policies.PipeDream(2), policies.Async(max_active_keys=2)], ids=["pipedream", "async"]
+    "policy",
+    [policies.PipeDream(4, stash=False), policies.Async(max_active_keys=1, min_update_frequency=2)],
+    ids=["pipedream-recompute", "async-one-key-two-per-update"],
 )
-def test_policies_without_flushes_stay_eager(policy):
+def test_streaming_policies_capture_at_the_latest_weights_and_equal_eager(policy):
+    # keys stream on (no flush): one set of buffers per graph, outputs copied out of it, the
+    # backward recomputing from the kept inputs in one graph; a sum of gradients kept across
+    # backwards copies them out of the graph's buffers
+    batches = _batches([16] * 8)
+    opt = optim.SGD(lr=0.05, momentum=0.9)
+    eager = _train(batches, opt, policy, False)
+    graphs = _train(batches, opt, policy, True)
+    assert graphs["active"]
+    for name, st in graphs["stats"].items():
+        assert st.captures >= 1 and st.replays >= 10 and not st.failures, (name, vars(st))
+    assert_params_close(graphs["params"], eager["params"], rtol=1e-5,
+                        atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(graphs["losses"], eager["losses"], rtol=1e-5)
+    again = _train(batches, opt, policy, True)
+    assert again["losses"] == graphs["losses"]
+    _assert_params_equal(again["params"], graphs["params"])
+
+
+def test_async_with_several_keys_in_flight_captures_and_learns():
+    batches = _batches([16] * 4, seed=2) * 6
+    opt = optim.SGD(lr=0.2, momentum=0.9)
+    graphs = _train(batches, opt, policies.Async(max_active_keys=4), True)
+    assert graphs["active"]
+    for name, st in graphs["stats"].items():
+        assert st.replays >= 20 and not st.failures, (name, vars(st))
+    losses = graphs["losses"]
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_stashing_pipedream_stays_eager():
     batches = _batches([16] * 4)
-    run = _train(batches, optim.SGD(lr=0.1), policy, True)
+    run = _train(batches, optim.SGD(lr=0.1), policies.PipeDream(2), True)
     assert not run["active"] and not run["stats"]
-    if policy.deterministic:
-        eager = _train(batches, optim.SGD(lr=0.1), policy, False)
-        assert run["losses"] == eager["losses"]
+    eager = _train(batches, optim.SGD(lr=0.1), policies.PipeDream(2), False)
+    assert run["losses"] == eager["losses"]
 
 
 def _assert_params_equal(a, b):

@@ -411,9 +411,8 @@ class LayerActor(WeightVersions):
             )
             self._hold(key, (pullback, version, None), inputs, out)
         else:
-            out = await self.compute(
-                self._apply, params, inputs, self._rng(key), cost=self._cost(rows)
-            )
+            apply = self._apply if self.graphs is None else self.graphs.apply
+            out = await self.compute(apply, params, inputs, self._rng(key), cost=self._cost(rows))
             self._hold(key, (None, version, inputs), inputs, out)
         if self.ctx.checks_finite:
             await self._check_finite(FORWARD, key, out)
@@ -493,20 +492,26 @@ class LayerActor(WeightVersions):
         pullback, forward_version, inputs = self._unhold(key)
         self._check_forward_weights_asked(key)
         rows = int(meta.get("rows", 1))
-        if pullback is None:  # recompute at the latest version (no stashing)
-            weights = self.params
-            if self.change_decay is not None:  # or at the policy's estimate of the forward's
-                weights = await self.compute(
-                    self.ctx.policy.backward_weights,
-                    weights,
-                    self.weight_change,
-                    self.version - forward_version,
-                    cost=2.0 * self.param_size,
-                )
-            pullback = await self.compute(
-                lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
+        if pullback is None and self.graphs is not None and self.change_decay is None:
+            # recompute at the latest version, forward and backward in one graph
+            param_grads, input_grads = await self.compute(
+                self.graphs.backward_latest, inputs, grad, cost=3 * self._cost(rows)
             )
-        param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
+        else:
+            if pullback is None:  # recompute at the latest version (no stashing)
+                weights = self.params
+                if self.change_decay is not None:  # or at the policy's estimate of the forward's
+                    weights = await self.compute(
+                        self.ctx.policy.backward_weights,
+                        weights,
+                        self.weight_change,
+                        self.version - forward_version,
+                        cost=2.0 * self.param_size,
+                    )
+                pullback = await self.compute(
+                    lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
+                )
+            param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
         if self.ctx.checks_finite:
             await self._check_finite(BACKWARD, key, input_grads)
         await self._settle(param_grads, meta, forward_version)

@@ -19,6 +19,14 @@ before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``: what
 live in buffers owned by the capture, shared by the slots, updated in place by the captured
 update (or copied in after an eager one): no update comes between a minibatch's forwards and
 its backwards under a flush.
+
+Where keys stream on without flushes (``Async``, ``PipeDream(stash=False)``), no consumer's
+reads are ordered before the next launch, so each graph has one set of buffers and what leaves
+the actor is copied out of them (a forward's output, the inputs' gradients, a loss's
+gradients: activations, not weights). That is allowed only where every forward and every
+backward computes at the latest weights (the backward recomputes the vjp from the kept inputs):
+the graphs then read the weights in place, at the moment they run, as the eager run reads
+them at the moment it computes.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._math._optim import SGD, Adam, AdamW
-from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_unflatten
+from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 if TYPE_CHECKING:
     from ._actors import LayerActor
@@ -61,13 +69,18 @@ class _Graphs:
         self.stats = _Stats()
         self.seen: dict[Any, int] = {}
         self.failed: set[Any] = set()
+        #: keys stream on without flushes: one set of buffers, outputs copied out of it
+        self.streaming = not actor.ctx.policy.waits_between_minibatches()
+        self.memory: Callable[[], int] = lambda: 0  # the owner's bytes held, for the stats
         self.minibatch: Any = None  # the minibatch whose keys take slots now
         self.next_slot = 0
         self.slots = 1  # the most slots a minibatch has taken
 
     def slot(self, meta: dict[str, Any]) -> int:
         """The slot of the key whose forward comes now (see the module docstring): its place
-        among its minibatch's keys at this actor."""
+        among its minibatch's keys at this actor (always 0 when streaming)."""
+        if self.streaming:
+            return 0
         mb = meta.get("minibatch")
         if mb != self.minibatch:
             self.minibatch, self.next_slot = mb, 0
@@ -125,7 +138,12 @@ class _Graphs:
         entries[sig] = entry
         while len(entries) > MAX_SIGNATURES * self.slots:
             entries.popitem(last=False)
+        self.changed()
         return entry
+
+    def changed(self) -> None:
+        """After a capture or an eviction: the memory held, into the actor's statistics."""
+        self.actor.stats.graph_bytes = self.memory()
 
     def _capture(self, fn: Callable[[], Any], warm: Callable[[], Any] | None = None) -> Any:
         """``(graph, result, keep)`` of ``fn`` captured on the actor's stream, after an eager
@@ -139,6 +157,11 @@ class _Graphs:
         self.stats.captures += 1
         return graph, result, (pool, workspace)
 
+    @staticmethod
+    def held(keeps: list[Any]) -> int:
+        """Bytes held by captures' ``keep`` (memory pool, workspace) pairs."""
+        return sum(int(pool.total_bytes()) + int(workspace.nbytes) for pool, workspace in keeps)
+
     def _fail(self, sig: Any, exc: BaseException) -> None:
         self.failed.add(sig)
         self.stats.failures.append(f"{sig}: {exc}")
@@ -148,6 +171,11 @@ class _Graphs:
         for d, s in zip(dst, src, strict=True):
             if d is not s:
                 copy(d, s)
+
+    def copied(self, tree: Any) -> Any:
+        """A fresh copy of each array in ``tree`` (None stays None): what leaves the actor
+        from a graph's buffers when streaming."""
+        return tree_map(lambda a: None if a is None else a.copy(), tree)
 
 
 class _Entry:
@@ -183,6 +211,18 @@ class ActorGraphs:
         self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
         self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
+        # graphs of forwards that keep no pullback and of backwards that recompute (streaming):
+        # signature -> (graph, static inputs, result, keep)
+        self.applies: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.backwards: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.base.memory = self.memory
+
+    def memory(self) -> int:
+        """Bytes of device memory this actor's graphs hold."""
+        keeps = [k for e in self.entries.values() for k in e.keep]
+        keeps += [e[3] for e in (*self.applies.values(), *self.backwards.values())]
+        keeps += [c[2] for c in self.updates.values()]
+        return self.base.held(keeps)
 
     @property
     def stats(self) -> _Stats:
@@ -217,6 +257,9 @@ class ActorGraphs:
         key's ``slot`` (:meth:`_Graphs.slot`)."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
+        if base.streaming:  # a kept pullback's buffers would be rewritten by the next key's
+            base.stats.eager += 1
+            return actor._vjp(params, xs, rng)
 
         def reload(entry: _Entry) -> None:
             if not self._static_params():
@@ -271,10 +314,76 @@ class ActorGraphs:
             entry.backward, entry.grads = graph, grads
             entry.pullback = None
             entry.keep.append(keep)
+            base.changed()
         else:
             base._load(entry.g_leaves, leaves)
         entry.backward.launch(self.actor.stream)
         return entry.grads
+
+    # -- a forward and a recomputing backward, at the latest weights -----------------------------
+    def _reload_params(self) -> None:
+        if not self._static_params():
+            self._adopt()
+
+    def apply(self, params: Any, inputs: list[Any], rng: Any) -> Any:
+        """The actor's ``_apply`` (a forward that keeps no pullback) through a graph where one
+        is (or can now be) captured; the output leaves as a copy."""
+        actor, base = self.actor, self.base
+        xs = actor._to_device(inputs)
+        sig = base._signature(xs)
+
+        def capture() -> tuple[Any, list[Any], Any, Any]:
+            tree = self._adopt()
+            static = [base.xp.empty_like(x) for x in xs]
+            base._load(static, xs)
+            graph, out, keep = base._capture(lambda: actor._apply(tree, static, None))
+            return graph, static, out, keep
+
+        def reload(entry: Any) -> None:
+            self._reload_params()
+            base._load(entry[1], xs)
+
+        entry = base.lookup(self.applies, None if sig is None else ("apply", sig), capture, reload)
+        if entry is None:
+            return actor._apply(params, xs, rng)
+        entry[0].launch(actor.stream)
+        return base.copied(entry[2])
+
+    def backward_latest(self, inputs: list[Any], g: Any) -> tuple[Any, Any]:
+        """``(parameter gradients, input gradients)`` of the vjp at the latest weights, from
+        a key's kept ``inputs`` and its output's gradient ``g``, through a graph where one is
+        (or can now be) captured; the input gradients leave as copies, the parameter gradients
+        in the graph's buffers (:meth:`reuses_gradients`)."""
+        actor, base = self.actor, self.base
+        xs = actor._to_device(inputs)
+        g_leaves, g_def = tree_flatten(g)
+        sig = base._signature(xs + g_leaves)
+
+        def capture() -> tuple[Any, list[Any], Any, Any]:
+            tree = self._adopt()
+            static = [base.xp.empty_like(x) for x in xs + g_leaves]
+            base._load(static, xs + g_leaves)
+            sx, sg = static[: len(xs)], tree_unflatten(g_def, static[len(xs) :])
+            graph, grads, keep = base._capture(lambda: actor._vjp(tree, sx, None)[1](sg))
+            return graph, static, grads, keep
+
+        def reload(entry: Any) -> None:
+            self._reload_params()
+            base._load(entry[1], xs + g_leaves)
+
+        entry = base.lookup(
+            self.backwards, None if sig is None else ("backward", sig), capture, reload
+        )
+        if entry is None:
+            return actor._vjp(actor.params, xs, None)[1](g)
+        entry[0].launch(actor.stream)
+        param_grads, input_grads = entry[2]
+        return param_grads, base.copied(list(input_grads))
+
+    def reuses_gradients(self, minibatch_done: bool) -> bool:
+        """Whether the parameter gradients a backward returned may be written over by a later
+        backward before the next one's are added to them: a sum that keeps them must copy."""
+        return self.base.streaming or minibatch_done
 
     # -- the optimizer update -------------------------------------------------------------------
     def update(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
@@ -294,6 +403,7 @@ class ActorGraphs:
                 base._fail(("update", token), exc)
                 return opt.update(params, grads, state)
             self.updates[token] = captured
+            base.changed()
         else:
             graph, g_static, _, g_tree = captured
             if grads is not g_tree:  # else they are the captured buffers already
@@ -383,6 +493,7 @@ class LossGraphs:
         self.base = _Graphs(actor)
         self.actor = actor
         self.entries: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.base.memory = lambda: self.base.held([e[3] for e in self.entries.values()])
 
     @property
     def stats(self) -> _Stats:
@@ -412,4 +523,7 @@ class LossGraphs:
         if entry is None:
             return actor._value_and_grads(xs, scale)
         entry[0].launch(actor.stream)
+        if base.streaming:  # the value is copied to the host right behind, on this stream
+            value, grads = entry[2]
+            return value, base.copied(list(grads))
         return entry[2]

@@ -347,10 +347,24 @@ class Policy(abc.ABC):
 
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
-        """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``):
-        only with flushes between minibatches (each key of a minibatch then has graphs of its
-        own at each actor, reused in the next minibatch), a fixed order, and no trace."""
-        return self.waits_between_minibatches() and self.deterministic and not traced
+        """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``),
+        never with a trace or a split backward: with flushes between minibatches and a fixed
+        order (each key of a minibatch then has graphs of its own at each actor, reused in the
+        next minibatch), or, keys streaming on, where every forward and backward computes at
+        the latest weights (no stash, no pinned, predicted or corrected weights: the graphs
+        read the weights in place, and copy out what leaves the actor)."""
+        if traced or self.splits_backward():
+            return False
+        if self.waits_between_minibatches():
+            return self.deterministic
+        return (
+            not self.keeps_pullback()
+            and self.versions_kept() == 0
+            and not self.predicts_weights()
+            and self.weight_change_decay() is None
+            and not self.corrects_gradients()
+            and not self.corrects_updates()
+        )
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""

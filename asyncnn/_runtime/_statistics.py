@@ -27,6 +27,8 @@ class ActorStatistics:
             driver (live plus cached for reuse); 0 on the CPU. The pool is the device's, shared
             by the actors there. ``peak_pool_used_bytes`` / ``peak_pool_held_bytes``: the most
             seen after any compute of this actor.
+        graph_bytes: on a GPU with ``cuda_graphs=True``, the device memory held by this actor's
+            captured CUDA graphs (each capture's memory pool and cuBLAS workspace); 0 otherwise.
         skipped: keys that reached this actor with no rows (a router sent them elsewhere).
         delays: how stale the gradients this layer applied were: ``{delay: count}``, where a
             gradient's delay is the number of updates of this layer between the forward that
@@ -52,6 +54,7 @@ class ActorStatistics:
     pool_held_bytes: int = 0
     peak_pool_used_bytes: int = 0
     peak_pool_held_bytes: int = 0
+    graph_bytes: int = 0
     skipped: int = 0
     delays: dict[int, int] = field(default_factory=dict)
     max_delay: int = 0

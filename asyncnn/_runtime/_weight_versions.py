@@ -178,6 +178,13 @@ class WeightVersions(_Actor):
             grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
             self.acc, self.acc_count = None, 0
             await self.apply_gradients(grads)
+        elif (
+            self.acc is param_grads
+            and self.graphs is not None
+            and self.graphs.reuses_gradients(mb_done)
+        ):
+            # a graph's buffers, which a later backward writes over before the next sum
+            self.acc = await self.compute(tree_map, _copy, param_grads, cost=0)
 
     def _prune_versions(self) -> None:
         """Drops the kept weights of versions no stored key references and the policy does not
@@ -261,6 +268,10 @@ def _add(a: Any, b: Any) -> Any:
 
 def _zeros_like(a: Any) -> Any:
     return a * 0
+
+
+def _copy(a: Any) -> Any:
+    return a.copy()
 
 
 def _tree_add(a: Any, b: Any) -> Any:

@@ -116,7 +116,10 @@ class WrappedPolicy(Policy):
         return self.wrapped.backward_weights(weights, weight_change, delay)
 
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
-        return self.wrapped.allows_capture(num_stages, traced)
+        # the wrapped policy's own rule, and the general one over this policy's decisions
+        return self.wrapped.allows_capture(num_stages, traced) and Policy.allows_capture(
+            self, num_stages, traced
+        )
 
 
 @dataclass(frozen=True, eq=False)
