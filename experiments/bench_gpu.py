@@ -5,9 +5,9 @@
    batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
    achieved TFLOP/s;
 3. 4 stages on one GPU (one CUDA stream per stage), steady state: the pipelines (`GPipe(4)`,
-   `OneFOneB(4)`, captured and eager), `PipeDream(4)` and `Async(4)` (eager: they never flush),
-   against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64 (where one
-   step leaves most of the card idle);
+   `OneFOneB(4)`), `PipeDream(4)` (stashing: eager; recomputing: captured) and `Async`, captured
+   and eager, against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64
+   (where one step leaves most of the card idle);
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
 
@@ -227,7 +227,10 @@ PIPELINE_ROWS: list[tuple[str, Any, int, bool]] = [
     ("OneFOneB(4), graphs", policies.OneFOneB(4), 4, True),
     ("OneFOneB(4), eager", policies.OneFOneB(4), 4, False),
     ("PipeDream(4), eager", policies.PipeDream(4), 4, False),
+    ("PipeDream(4, stash=False), graphs", policies.PipeDream(4, stash=False), 4, True),
     ("Async(4), eager", policies.Async(max_active_keys=4), 4, False),
+    ("Async(4), graphs", policies.Async(max_active_keys=4), 4, True),
+    ("Async(8), graphs", policies.Async(max_active_keys=8), 4, True),
 ]
 
 
@@ -251,7 +254,7 @@ def pipeline_section(dtypes: list[str], steps: int, repeats: int) -> list[dict[s
                    "samples_per_s": batch / (ms * 1e-3), "x_sync_graphs_1_stage": base / ms,
                    "runs_ms": runs[label]}  # fmt: skip
             rows.append(row)
-            print(f"   {dt:<9} batch {batch:5d}  {label:<24} {ms:8.2f} ms  "
+            print(f"   {dt:<9} batch {batch:5d}  {label:<34} {ms:8.2f} ms  "
                   f"{batch / (ms * 1e-3):10.0f} samples/s  {base / ms:5.2f}x   [runs: "
                   + " ".join(f"{v:.2f}" for v in runs[label]) + "]")  # fmt: skip
     return rows
