@@ -397,6 +397,8 @@ class ActorGraphs:
         if captured is None:
             if not base._due(("update", token)):
                 return opt.update(params, grads, state)
+            if token[0] == "adam":  # (the warm-up before the capture reads them too)
+                self._write_adam_scalars(opt, state)
             try:
                 captured = self._capture_update(grads, state, token)
             except base.g.CaptureError as exc:
@@ -410,18 +412,24 @@ class ActorGraphs:
                 base._load(g_static, tree_leaves(grads))
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
+            if token[0] == "adam":
+                self._write_adam_scalars(opt, state)
             base.stats.replays += 1
-        if token[0] == "adam":  # this step's bias corrections, where the graph reads them
-            from asyncnn.backends import _fused as fused
-
-            step = int(state["step"])
-            fused.set_scalars(
-                self.scalars,
-                fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
-                                        opt.weight_decay, type(opt) is AdamW),
-            )  # fmt: skip
         captured[0].launch(self.actor.stream)
         return self._state_after(state)
+
+    def _write_adam_scalars(self, opt: Any, state: Any) -> None:
+        """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
+        from asyncnn.backends import _fused as fused
+
+        if self.scalars is None:
+            self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
+        step = int(state["step"])
+        fused.set_scalars(
+            self.scalars,
+            fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas, opt.weight_decay,
+                                    type(opt) is AdamW),
+        )  # fmt: skip
 
     def _state_after(self, state: Any) -> tuple[Any, Any]:
         new: dict[str, Any] = {"step": state["step"] + 1}
@@ -447,18 +455,18 @@ class ActorGraphs:
             frozen[name] = tree_unflatten(self.params_def, self.state[name])
         g_tree = tree_unflatten(self.params_def, g_static)
 
-        def warm() -> None:
-            opt.update(params, g_tree, frozen)
+        def on_device() -> Any:  # Adam's kernels read the step's scalars from the device
+            if token[0] != "adam":
+                return contextlib.nullcontext()
+            return fused.scalars_on_device(self.scalars)
 
-        on_device: Any = contextlib.nullcontext()
-        if token[0] == "adam":
-            if self.scalars is None:
-                self.scalars = base.xp.zeros(3, dtype=base.xp.float64)
-            on_device = fused.scalars_on_device(self.scalars)
+        def warm() -> None:  # (loads the very kernels the capture will launch)
+            with on_device():
+                opt.update(params, g_tree, frozen)
 
         def step() -> None:
             # the fused kernels write over the static buffers: then the loads below copy nothing
-            with fused.in_place(), on_device:
+            with fused.in_place(), on_device():
                 new_p, new_s = opt.update(params, g_tree, frozen)
             base._load(self.params or [], tree_leaves(new_p))
             for name in names:
