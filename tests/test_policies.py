@@ -197,6 +197,28 @@ def test_policy_methods_state_each_decision():
     assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)
 
 
+def test_streaming_capture_needs_every_forward_and_backward_at_the_latest_weights():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Predicting(policies.Async):
+        def predicts_weights(self) -> bool:
+            return True
+
+    @dataclass(frozen=True)
+    class Averaging(policies.Async):
+        def weight_change_decay(self) -> float | None:
+            return 0.9
+
+    assert policies.Async(2).allows_capture(3, traced=False)
+    assert not Predicting(2).allows_capture(3, traced=False)
+    assert not Averaging(2).allows_capture(3, traced=False)
+    assert not policies.PipeDream2BW(4).allows_capture(3, traced=False)  # pinned versions
+    assert not policies.ZeroBubbleH1(4).allows_capture(3, traced=False)  # split backward
+    # a wrapper keeps its wrapped policy's answer and the general rule over its own decisions
+    assert not policies.WeightPrediction(policies.Async(2)).allows_capture(3, traced=False)
+
+
 def test_replay_policy_keeps_the_recorded_meaning_and_orders():
     seen = []
     recorded = policies.PipeDream(microbatches=3, stash=False)
