@@ -197,7 +197,7 @@ def test_policy_methods_state_each_decision():
     assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)
 
 
-def test_streaming_capture_needs_every_forward_and_backward_at_the_latest_weights():
+def test_capture_needs_forwards_and_backwards_at_the_latest_weights():
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
@@ -210,7 +210,14 @@ def test_streaming_capture_needs_every_forward_and_backward_at_the_latest_weight
         def weight_change_decay(self) -> float | None:
             return 0.9
 
+    @dataclass(frozen=True)
+    class UpdatingInside(policies.OneFOneB):  # a flush, but updates within the minibatch
+        def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
+            return True
+
     assert policies.Async(2).allows_capture(3, traced=False)
+    assert not UpdatingInside(4).allows_capture(3, traced=False)
+    assert UpdatingInside(1).allows_capture(3, traced=False)  # one key: nothing in between
     assert not Predicting(2).allows_capture(3, traced=False)
     assert not Averaging(2).allows_capture(3, traced=False)
     assert not policies.PipeDream2BW(4).allows_capture(3, traced=False)  # pinned versions

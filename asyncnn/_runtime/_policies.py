@@ -348,23 +348,29 @@ class Policy(abc.ABC):
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``),
-        never with a trace or a split backward: with flushes between minibatches and a fixed
-        order (each key of a minibatch then has graphs of its own at each actor, reused in the
-        next minibatch), or, keys streaming on, where every forward and backward computes at
-        the latest weights (no stash, no pinned, predicted or corrected weights: the graphs
-        read the weights in place, and copy out what leaves the actor)."""
+        never with a trace or a split backward, and only where forwards and backwards compute
+        at the latest weights (none pinned, predicted or corrected: the graphs read the weights
+        in place). Then: with flushes between minibatches, a fixed order and no update inside a
+        minibatch of several keys (each key of a minibatch has graphs of its own at each actor,
+        reused in the next minibatch); or, keys streaming on, with no stash (the backward
+        recomputes at the latest weights; what leaves an actor is copied out of its graphs)."""
         if traced or self.splits_backward():
             return False
+        if (
+            self.versions_kept()
+            or self.predicts_weights()
+            or self.weight_change_decay() is not None
+            or self.corrects_gradients()
+            or self.corrects_updates()
+        ):
+            return False  # the graphs read the latest weights, in place
         if self.waits_between_minibatches():
-            return self.deterministic
-        return (
-            not self.keeps_pullback()
-            and self.versions_kept() == 0
-            and not self.predicts_weights()
-            and self.weight_change_decay() is None
-            and not self.corrects_gradients()
-            and not self.corrects_updates()
-        )
+            # graphs per key of a minibatch: no update may come between its keys' forwards
+            # and backwards (they would read the new weights)
+            keys = self.max_in_flight(num_stages)
+            updates_inside = any(self.update_due(n, False) for n in range(1, keys + 1))
+            return self.deterministic and (keys == 1 or not updates_inside)
+        return not self.keeps_pullback()
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""
