@@ -78,10 +78,13 @@ class _Graphs:
 
     def slot(self, meta: dict[str, Any]) -> int:
         """The slot of the key whose forward comes now (see the module docstring): its place
-        among its minibatch's keys at this actor (always 0 when streaming)."""
+        among its minibatch's keys at this actor (always 0 when streaming); -1 for a key of no
+        minibatch (admitted by hand), which runs eagerly: no flush orders it."""
         if self.streaming:
             return 0
         mb = meta.get("minibatch")
+        if mb is None or int(mb) < 0:
+            return -1
         if mb != self.minibatch:
             self.minibatch, self.next_slot = mb, 0
         slot = self.next_slot
@@ -257,7 +260,7 @@ class ActorGraphs:
         key's ``slot`` (:meth:`_Graphs.slot`)."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
-        if base.streaming:  # a kept pullback's buffers would be rewritten by the next key's
+        if base.streaming or slot < 0:  # buffers the next key's forward could write over
             base.stats.eager += 1
             return actor._vjp(params, xs, rng)
 
@@ -518,7 +521,7 @@ class LossGraphs:
         xs = actor._to_device(inputs)
         sig = base._signature(xs)
         if sig is not None:
-            sig = (sig, float(scale), slot)
+            sig = None if slot < 0 else (sig, float(scale), slot)
 
         def capture() -> tuple[Any, list[Any], Any, Any]:
             static = [base.xp.empty_like(x) for x in xs]
