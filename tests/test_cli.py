@@ -192,8 +192,9 @@ def test_replay_of_a_truncated_trace_or_one_without_payloads_is_one_line(
     assert "replay needs traces recorded with trace_payloads=" in _one_error_line(capsys)
 
 
-# --balance params: a cut by measured time can fall elsewhere under load, and with it the
-# results' last bits (README), so the run that never stopped would not be comparable
+# --balance params: a cut by measured time can fall elsewhere under load, and each stage draws
+# its initial weights from a seed of its own (README), so the run that never stopped would start
+# from other weights
 _TRAIN = ["train", "--dataset", "digits", "--policy", "Sync", "--stages", "2", "--layers", "1",
           "--hidden", "16", "--batch-size", "64", "--balance", "params", "--out", ""]  # fmt: skip
 
