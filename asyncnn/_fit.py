@@ -17,7 +17,7 @@ import trio
 from ._callbacks import Callback, wants_epoch_end
 from ._history import History
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_map
+from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._run import Run, RunState, open_run
 
@@ -170,8 +170,8 @@ class _FitState:
             return  # the workers' weights come back only at the end of the run
         state = run.state()
         if run.cuda_graphs_active:  # captured updates write in place: keep copies
-            state.params = {n: tree_map(_copy, p) for n, p in state.params.items()}
-            state.opt_states = {n: tree_map(_copy, p) for n, p in state.opt_states.items()}
+            state.params = {n: tree_copy(p) for n, p in state.params.items()}
+            state.opt_states = {n: tree_copy(p) for n, p in state.opt_states.items()}
         self._commit(state)
 
     @trio.lowlevel.enable_ki_protection
@@ -270,10 +270,6 @@ def _synchronize(graph: Graph) -> None:
 
     for device in sorted({graph.nodes[n].device for n in graph.layers} - {"cpu"}):
         get_backend(device).synchronize()
-
-
-def _copy(a: Any) -> Any:
-    return a.copy() if hasattr(a, "copy") else a
 
 
 def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:

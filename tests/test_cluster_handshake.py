@@ -82,30 +82,49 @@ async def test_a_silent_or_oversized_hello_is_refused(anyio_backend: str) -> Non
 
 
 # -- a listener under a flood: file descriptors run out, idle connections pile up ----------------
+class _Peers:
+    """A listener and its handshake, which records the index of each peer it lets in."""
+
+    def __init__(self, seconds: float) -> None:
+        self.listener = listen()
+        self.port = self.listener.getsockname()[1]
+        self.seconds = seconds
+        self.served: list[int] = []
+        self.refused: list[str] = []
+        self.pending = 0  # handshakes under way
+        self.let_in = anyio.Event()
+
+    async def handshake(self, sock: socket.socket) -> None:
+        self.pending += 1
+        try:
+            conn, hello = await accept(sock, b"secret", seconds=self.seconds)
+        except AuthenticationError:
+            return
+        finally:
+            self.pending -= 1
+        self.served.append(hello["index"])
+        self.let_in.set()
+        conn.close()
+
+    async def a_peer_gets_in(self, index: int) -> None:
+        conn = await connect(
+            "127.0.0.1", self.port, b"secret", {"role": "peer", "index": index}, "l"
+        )
+        conn.close()
+        with anyio.fail_after(5):
+            await self.let_in.wait()
+
+
 async def test_running_out_of_file_descriptors_pauses_accepting_instead_of_failing(
     anyio_backend: str,
 ) -> None:
     import resource
 
-    listener = listen()
-    port = listener.getsockname()[1]
-    served: list[int] = []
-    refused: list[str] = []
-    in_ = anyio.Event()
-
-    async def handshake(sock: socket.socket) -> None:
-        try:
-            conn, hello = await accept(sock, b"secret", seconds=5)
-        except AuthenticationError:
-            return
-        served.append(hello["index"])
-        in_.set()
-        conn.close()
-
+    peers = _Peers(seconds=5)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     idle: list[socket.socket] = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(serve_listener, listener, handshake, refused.append)
+        tg.start_soon(serve_listener, peers.listener, peers.handshake, peers.refused.append)
         try:
             # a descriptor limit just above what is open now: the idle connections (this process
             # holds both of their ends) exhaust it, and accept() meets EMFILE
@@ -116,7 +135,7 @@ async def test_running_out_of_file_descriptors_pauses_accepting_instead_of_faili
             resource.setrlimit(resource.RLIMIT_NOFILE, (used + 16, hard))
             for _ in range(12):
                 try:
-                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                    idle.append(socket.create_connection(("127.0.0.1", peers.port), timeout=5))
                 except OSError:
                     break
             await anyio.sleep(0.3)  # the listener meets EMFILE, cuts the oldest, backs off
@@ -124,15 +143,11 @@ async def test_running_out_of_file_descriptors_pauses_accepting_instead_of_faili
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for s in idle:
             s.close()
-        # the listener is still serving: a real peer gets in
-        conn = await connect("127.0.0.1", port, b"secret", {"role": "peer", "index": 7}, "l")
-        conn.close()
-        with anyio.fail_after(5):
-            await in_.wait()
+        await peers.a_peer_gets_in(7)  # the listener is still serving
         tg.cancel_scope.cancel()
-    listener.close()
-    assert served == [7]
-    assert any("out of file descriptors" in r for r in refused)
+    peers.listener.close()
+    assert peers.served == [7]
+    assert any("out of file descriptors" in r for r in peers.refused)
 
 
 def test_accept_backs_off_on_emfile_and_raises_other_errors() -> None:
@@ -158,42 +173,21 @@ def test_accept_backs_off_on_emfile_and_raises_other_errors() -> None:
 async def test_pending_handshakes_are_capped_and_a_real_peer_still_gets_in(
     anyio_backend: str,
 ) -> None:
-    listener = listen()
-    port = listener.getsockname()[1]
-    refused: list[str] = []
-    served: list[int] = []
-    running = [0]
-    in_ = anyio.Event()
-
-    async def handshake(sock: socket.socket) -> None:
-        running[0] += 1
-        try:
-            conn, hello = await accept(sock, b"secret", seconds=30)
-            served.append(hello["index"])
-            in_.set()
-            conn.close()
-        except AuthenticationError:
-            pass
-        finally:
-            running[0] -= 1
-
+    peers = _Peers(seconds=30)
     idle = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(serve_listener, listener, handshake, refused.append, 8)
+        tg.start_soon(serve_listener, peers.listener, peers.handshake, peers.refused.append, 8)
         for _ in range(20):  # connections that never answer the nonce
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            idle.append(socket.create_connection(("127.0.0.1", peers.port), timeout=5))
         await anyio.sleep(0.2)
-        assert running[0] <= 8  # the oldest were cut (and their sockets closed)
-        conn = await connect("127.0.0.1", port, b"secret", {"role": "peer", "index": 3}, "l")
-        conn.close()
-        with anyio.fail_after(5):
-            await in_.wait()
+        assert peers.pending <= 8  # the oldest were cut (and their sockets closed)
+        await peers.a_peer_gets_in(3)
         tg.cancel_scope.cancel()
     for s in idle:
         s.close()
-    listener.close()
-    assert served == [3]
-    assert sum("handshakes were pending" in r for r in refused) >= 12
+    peers.listener.close()
+    assert peers.served == [3]
+    assert sum("handshakes were pending" in r for r in peers.refused) >= 12
 
 
 def test_refusals_are_a_count_and_a_bounded_sample() -> None:

@@ -13,7 +13,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
-from _reference import assert_params_close
+from _reference import assert_params_close, assert_params_equal
 from conftest import HAS_CUDA
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")]
@@ -163,7 +163,7 @@ def test_captured_pipeline_is_bit_identical_across_runs_and_equals_the_cpu_in_fl
     second = _train(batches, opt, policies.OneFOneB(4), True, "float64")
     assert first["active"] and all(st.replays for st in first["stats"].values())
     assert first["losses"] == second["losses"]
-    _assert_params_equal(first["params"], second["params"])
+    assert_params_equal(first["params"], second["params"])
     cpu = _train([_to_host(b) for b in batches], opt, policies.OneFOneB(4), False, "float64",
                  device="cpu")  # fmt: skip
     assert_params_close(first["params"], cpu["params"], rtol=1e-10, atol=1e-12)
@@ -191,7 +191,7 @@ def test_streaming_policies_capture_at_the_latest_weights_and_equal_eager(policy
     np.testing.assert_allclose(graphs["losses"], eager["losses"], rtol=1e-5)
     again = _train(batches, opt, policy, True)
     assert again["losses"] == graphs["losses"]
-    _assert_params_equal(again["params"], graphs["params"])
+    assert_params_equal(again["params"], graphs["params"])
 
 
 def test_async_with_several_keys_in_flight_captures_and_learns():
@@ -211,13 +211,6 @@ def test_stashing_pipedream_stays_eager():
     assert not run["active"] and not run["stats"]
     eager = _train(batches, optim.SGD(lr=0.1), policies.PipeDream(2), False)
     assert run["losses"] == eager["losses"]
-
-
-def _assert_params_equal(a, b):
-    from asyncnn._math._pytree import tree_leaves
-
-    for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["TreeDef", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
+__all__ = ["TreeDef", "tree_copy", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
 
 
 class TreeDef:
@@ -154,6 +154,16 @@ def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
 def tree_leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree`` in flattening order."""
     return tree_flatten(tree)[0]
+
+
+def tree_copy(tree: Any) -> Any:
+    """``tree`` with a fresh copy of each array leaf (leaves without ``copy``, such as None or
+    an int, stay as they are)."""
+    return tree_map(_copy_leaf, tree)
+
+
+def _copy_leaf(a: Any) -> Any:
+    return a.copy() if hasattr(a, "copy") else a
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:

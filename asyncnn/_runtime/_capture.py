@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._math._optim import SGD, Adam, AdamW
-from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
 
 if TYPE_CHECKING:
     from ._actors import LayerActor
@@ -61,9 +61,10 @@ class _Graphs:
     """What layer and loss graphs share: the backend, the stream and the capture helper."""
 
     def __init__(self, actor: Any) -> None:
-        from asyncnn.backends import _graphs
+        from asyncnn.backends import _fused, _graphs  # (cupy: imported for GPU actors only)
 
         self.g = _graphs
+        self.fused = _fused
         self.actor = actor
         self.xp = actor.backend.xp
         self.stats = _Stats()
@@ -174,11 +175,6 @@ class _Graphs:
         for d, s in zip(dst, src, strict=True):
             if d is not s:
                 copy(d, s)
-
-    def copied(self, tree: Any) -> Any:
-        """A fresh copy of each array in ``tree`` (None stays None): what leaves the actor
-        from a graph's buffers when streaming."""
-        return tree_map(lambda a: None if a is None else a.copy(), tree)
 
 
 class _Entry:
@@ -350,7 +346,7 @@ class ActorGraphs:
         if entry is None:
             return actor._apply(params, xs, rng)
         entry[0].launch(actor.stream)
-        return base.copied(entry[2])
+        return tree_copy(entry[2])
 
     def backward_latest(self, inputs: list[Any], g: Any) -> tuple[Any, Any]:
         """``(parameter gradients, input gradients)`` of the vjp at the latest weights, from
@@ -381,7 +377,7 @@ class ActorGraphs:
             return actor._vjp(actor.params, xs, None)[1](g)
         entry[0].launch(actor.stream)
         param_grads, input_grads = entry[2]
-        return param_grads, base.copied(list(input_grads))
+        return param_grads, tree_copy(list(input_grads))
 
     def reuses_gradients(self, minibatch_done: bool) -> bool:
         """Whether the parameter gradients a backward returned may be written over by a later
@@ -423,8 +419,7 @@ class ActorGraphs:
 
     def _write_adam_scalars(self, opt: Any, state: Any) -> None:
         """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
-        from asyncnn.backends import _fused as fused
-
+        fused = self.base.fused
         if self.scalars is None:
             self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
         step = int(state["step"])
@@ -441,9 +436,8 @@ class ActorGraphs:
         return self.actor.params, new
 
     def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
-        from asyncnn.backends import _fused as fused
-
         opt, base = self.actor.ctx.optimizer, self.base
+        fused = base.fused
         names = [n for n in state if n != "step"]
         for name in names:
             leaves = tree_leaves(state[name])
@@ -536,5 +530,5 @@ class LossGraphs:
         entry[0].launch(actor.stream)
         if base.streaming:  # the value is copied to the host right behind, on this stream
             value, grads = entry[2]
-            return value, base.copied(list(grads))
+            return value, tree_copy(list(grads))
         return entry[2]

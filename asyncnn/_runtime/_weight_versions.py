@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._pytree import tree_map
+from asyncnn._math._pytree import tree_copy, tree_map
 
 from ._actor_base import _Actor, _nbytes
 
@@ -184,7 +184,7 @@ class WeightVersions(_Actor):
             and self.graphs.reuses_gradients(mb_done)
         ):
             # a graph's buffers, which a later backward writes over before the next sum
-            self.acc = await self.compute(tree_map, _copy, param_grads, cost=0)
+            self.acc = await self.compute(tree_copy, param_grads, cost=0)
 
     def _prune_versions(self) -> None:
         """Drops the kept weights of versions no stored key references and the policy does not
@@ -268,10 +268,6 @@ def _add(a: Any, b: Any) -> Any:
 
 def _zeros_like(a: Any) -> Any:
     return a * 0
-
-
-def _copy(a: Any) -> Any:
-    return a.copy()
 
 
 def _tree_add(a: Any, b: Any) -> Any:
