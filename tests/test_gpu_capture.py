@@ -185,7 +185,10 @@ def test_streaming_policies_capture_at_the_latest_weights_and_equal_eager(policy
     graphs = _train(batches, opt, policy, True)
     assert graphs["active"]
     for name, st in graphs["stats"].items():
-        assert st.captures >= 1 and st.replays >= 10 and not st.failures, (name, vars(st))
+        # a layer replays its forward and its backward graph for each key after the first
+        # two; the loss one graph per key (its first key runs eagerly, its second captures)
+        least = len(batches) - 2 if name == "loss" else 10
+        assert st.captures >= 1 and st.replays >= least and not st.failures, (name, vars(st))
     assert_params_close(graphs["params"], eager["params"], rtol=1e-5,
                         atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(graphs["losses"], eager["losses"], rtol=1e-5)
