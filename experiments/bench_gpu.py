@@ -5,8 +5,7 @@
    batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
    achieved TFLOP/s;
 3. 4 stages on one GPU (one CUDA stream per stage), steady state: the pipelines (`GPipe(4)`,
-   `OneFOneB(4)`), `PipeDream(4)` (stashing: eager; recomputing: captured) and `Async`, captured
-   and eager, against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64
+   `OneFOneB(4)`), `PipeDream(4)` (stashing and recomputing) and `Async`, captured and eager, against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64
    (where one step leaves most of the card idle);
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
@@ -227,9 +226,11 @@ PIPELINE_ROWS: list[tuple[str, Any, int, bool]] = [
     ("OneFOneB(4), graphs", policies.OneFOneB(4), 4, True),
     ("OneFOneB(4), eager", policies.OneFOneB(4), 4, False),
     ("PipeDream(4), eager", policies.PipeDream(4), 4, False),
+    ("PipeDream(4), graphs", policies.PipeDream(4), 4, True),
     ("PipeDream(4, stash=False), graphs", policies.PipeDream(4, stash=False), 4, True),
     ("Async(4), eager", policies.Async(max_active_keys=4), 4, False),
     ("Async(4), graphs", policies.Async(max_active_keys=4), 4, True),
+    ("Async(4, stash), graphs", policies.Async(max_active_keys=4, stash=True), 4, True),
     ("Async(8), graphs", policies.Async(max_active_keys=8), 4, True),
 ]
 

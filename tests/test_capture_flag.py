@@ -49,13 +49,14 @@ def test_cuda_graphs_refuses_a_cluster():
 @pytest.mark.parametrize(
     ("policy", "active"),
     [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), True),
-     (policies.OneFOneB(2), True), (policies.PipeDream(2), False),
+     (policies.OneFOneB(2), True), (policies.PipeDream(2), True),
      (policies.PipeDream(2, stash=False), True), (policies.Async(max_active_keys=2), True),
-     (policies.Async(max_active_keys=2, stash=True), False)],
+     (policies.Async(max_active_keys=2, stash=True), True),
+     (policies.PipeDream2BW(2), False)],
     ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream-stash", "pipedream", "async",
-         "async-stash"],
+         "async-stash", "pipedream-2bw-pinned"],
 )  # fmt: skip
-def test_active_with_flushes_or_at_the_latest_weights(policy, active):
+def test_active_with_flushes_or_streaming_at_the_latest_or_stashed_weights(policy, active):
     seen = {}
 
     async def main():

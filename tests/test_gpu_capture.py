@@ -1,8 +1,8 @@
 """CUDA-graph capture of GPU actors (``cuda_graphs=True``): captured runs give the eager run's
 results (and the CPU's), a new input shape is captured anew (eager until then), pipelines with
-flushes capture one set of graphs per key of a minibatch, streaming policies capture where
-every forward and backward is at the latest weights, and stashing ones stay eager. Skipped
-without cupy and a GPU."""
+flushes capture one set of graphs per key of a minibatch, streaming policies capture one set
+where every forward and backward is at the latest weights and a slot per key in flight where
+they stash. Skipped without cupy and a GPU."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def _train(batches, optimizer, policy, cuda_graphs, dtype="float32", device="cud
             await run.drain()
             out["active"] = run.cuda_graphs_active
             out["stats"] = {n: a.graphs.stats for n, a in run.local.items() if a.graphs is not None}
+            out["slots"] = {
+                n: a.graphs.base.slots for n, a in run.local.items() if a.graphs is not None
+            }
             out["graph_bytes"] = {n: st.graph_bytes for n, st in run.statistics().items()}
             out["layers"] = {
                 n: {"updates_captured": len(a.graphs.updates)}
@@ -208,12 +211,39 @@ def test_async_with_several_keys_in_flight_captures_and_learns():
     assert np.all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
-def test_stashing_pipedream_stays_eager():
-    batches = _batches([16] * 4)
-    run = _train(batches, optim.SGD(lr=0.1), policies.PipeDream(2), True)
-    assert not run["active"] and not run["stats"]
-    eager = _train(batches, optim.SGD(lr=0.1), policies.PipeDream(2), False)
-    assert run["losses"] == eager["losses"]
+def test_stashing_pipedream_captures_a_slot_per_key_in_flight_and_equals_the_cpu():
+    # each key's backward must read the weights its forward read, though updates come between:
+    # a slot's copy of them; a backward at the latest weights would differ far beyond 1e-10
+    batches = _batches([16] * 10)
+    opt = optim.SGD(lr=0.05, momentum=0.5)
+    policy = policies.PipeDream(4)
+    first = _train(batches, opt, policy, True, "float64")
+    assert first["active"]
+    for name, st in first["stats"].items():
+        assert st.captures >= 1 and st.replays >= 4 and not st.failures, (name, vars(st))
+    # no more slots than keys in flight (4 stages: PipeDream admits 4 at a time)
+    assert 1 < max(first["slots"].values()) <= 4, first["slots"]
+    second = _train(batches, opt, policy, True, "float64")
+    assert first["losses"] == second["losses"]
+    assert_params_equal(first["params"], second["params"])
+    cpu = _train([_to_host(b) for b in batches], opt, policy, False, "float64", device="cpu")
+    assert_params_close(first["params"], cpu["params"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(first["losses"], cpu["losses"], rtol=1e-10)
+    eager = _train(batches, opt, policy, False, "float32")
+    graphs = _train(batches, opt, policy, True, "float32")
+    assert_params_close(graphs["params"], eager["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_stashing_async_captures_and_learns():
+    batches = _batches([16] * 4, seed=2) * 6
+    opt = optim.SGD(lr=0.2, momentum=0.9)
+    graphs = _train(batches, opt, policies.Async(max_active_keys=3, stash=True), True)
+    assert graphs["active"]
+    for name, st in graphs["stats"].items():
+        assert st.replays >= 15 and not st.failures, (name, vars(st))
+    assert max(graphs["slots"].values()) <= 3, graphs["slots"]
+    losses = graphs["losses"]
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -189,10 +189,10 @@ def test_policy_methods_state_each_decision():
     assert policies.GPipe(4).allows_capture(3, traced=False)  # flushes: graphs per key
     assert policies.OneFOneB(4).allows_capture(3, traced=False)
     # keys streaming: only where every backward recomputes at the latest weights
-    assert not policies.PipeDream(1).allows_capture(3, traced=False)  # stashes
+    assert policies.PipeDream(1).allows_capture(3, traced=False)  # stashes: a slot per key
     assert policies.PipeDream(1, stash=False).allows_capture(3, traced=False)
     assert policies.Async(1).allows_capture(3, traced=False)
-    assert not policies.Async(1, stash=True).allows_capture(3, traced=False)
+    assert policies.Async(1, stash=True).allows_capture(3, traced=False)
     assert not policies.Async(1).allows_capture(3, traced=True)
     assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)
 

@@ -20,13 +20,18 @@ live in buffers owned by the capture, shared by the slots, updated in place by t
 update (or copied in after an eager one): no update comes between a minibatch's forwards and
 its backwards under a flush.
 
-Where keys stream on without flushes (``Async``, ``PipeDream(stash=False)``), no consumer's
-reads are ordered before the next launch, so each graph has one set of buffers and what leaves
-the actor is copied out of them (a forward's output, the inputs' gradients, a loss's
-gradients: activations, not weights). That is allowed only where every forward and every
-backward computes at the latest weights (the backward recomputes the vjp from the kept inputs):
-the graphs then read the weights in place, at the moment they run, as the eager run reads
-them at the moment it computes.
+Where keys stream on without flushes (``Async``, ``PipeDream``), no consumer's reads are
+ordered before the next launch, so what leaves the actor is copied out of the graphs' buffers
+(a forward's output, the inputs' gradients, a loss's gradients: activations, not weights).
+Without a stash (``PipeDream(stash=False)``, ``Async()``) every forward and every backward
+computes at the latest weights (the backward recomputes the vjp from the kept inputs): each
+graph has one set of buffers and reads the weights in place, at the moment it runs, as the
+eager run reads them at the moment it computes. With a stash (``PipeDream(M)``,
+``Async(stash=True)``) a key's backward must use the weights its forward used: each key in
+flight at the actor takes a free slot at its forward and gives it back at its backward, and a
+slot holds a copy of the weights (written just before its forward graph runs) that its forward
+and backward graphs read, besides its residuals. A run admits at most ``max_in_flight`` keys,
+so an actor never needs more slots than that.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class _Graphs:
         self.failed: set[Any] = set()
         #: keys stream on without flushes: one set of buffers, outputs copied out of it
         self.streaming = not actor.ctx.policy.waits_between_minibatches()
+        #: streaming with a stash: a slot per key in flight, taken at its forward (see above)
+        self.stashes = self.streaming and actor.ctx.policy.keeps_pullback()
+        self.busy: set[int] = set()  # the slots whose key's backward has not run yet
         self.memory: Callable[[], int] = lambda: 0  # the owner's bytes held, for the stats
         self.minibatch: Any = None  # the minibatch whose keys take slots now
         self.next_slot = 0
@@ -90,6 +98,17 @@ class _Graphs:
             self.minibatch, self.next_slot = mb, 0
         slot = self.next_slot
         self.next_slot += 1
+        if slot >= self.slots:
+            self.slots = slot + 1
+        return slot
+
+    def take_slot(self) -> int:
+        """A free slot for the key whose forward comes now (stashing: see the module
+        docstring), the lowest one, so the fewest graphs are captured."""
+        slot = 0
+        while slot in self.busy:
+            slot += 1
+        self.busy.add(slot)
         if slot >= self.slots:
             self.slots = slot + 1
         return slot
@@ -190,6 +209,8 @@ class _Entry:
         self.g_leaves: list[Any] = []
         self.grads: Any = None
         self.keep: list[Any] = []
+        self.params: list[Any] = []  # stashing: this slot's copy of the weights
+        self.slot = 0  # stashing: the slot of the key whose backward comes next
 
     def pull(self, g: Any) -> Any:
         """The pullback handed to the actor: replays (or captures) the backward graph."""
@@ -256,6 +277,8 @@ class ActorGraphs:
         key's ``slot`` (:meth:`_Graphs.slot`)."""
         actor, base = self.actor, self.base
         xs = actor._to_device(inputs)
+        if base.stashes:
+            return self._vjp_stashed(params, xs, rng)
         if base.streaming or slot < 0:  # buffers the next key's forward could write over
             base.stats.eager += 1
             return actor._vjp(params, xs, rng)
@@ -277,12 +300,42 @@ class ActorGraphs:
         entry.forward.launch(actor.stream)
         return entry.out, entry.pull
 
-    def _capture_forward(self, xs: list[Any]) -> _Entry:
+    def _vjp_stashed(self, params: Any, xs: list[Any], rng: Any) -> tuple[Any, Any]:
+        """:meth:`vjp` under a stash: the key takes a free slot, whose weights are this
+        forward's (copied in before the graph runs) until its backward gives the slot back."""
+        actor, base = self.actor, self.base
+        sig = base._signature(xs)
+        slot = base.take_slot()
+
+        def reload(entry: _Entry) -> None:
+            self._reload_params()
+            base._load(entry.params, self.params or [])
+            base._load(entry.xs, xs)
+
+        entry = base.lookup(
+            self.entries,
+            None if sig is None else (sig, slot),
+            lambda: self._capture_forward(xs, stash=True),
+            reload,
+        )
+        if entry is None:
+            base.busy.discard(slot)
+            if params is self.params_tree:  # the static buffers: a later update writes them
+                params = tree_copy(params)
+            return actor._vjp(params, xs, rng)
+        entry.slot = slot
+        entry.forward.launch(actor.stream)
+        return tree_copy(entry.out), entry.pull
+
+    def _capture_forward(self, xs: list[Any], stash: bool = False) -> _Entry:
         actor, xp = self.actor, self.base.xp
         params = self._adopt()
         static = [xp.empty_like(x) for x in xs]
         self.base._load(static, xs)
         entry = _Entry(self, static)
+        if stash:  # the slot's own weights, which the forward and the backward graphs read
+            entry.params = [p.copy() for p in self.params or []]
+            params = tree_unflatten(self.params_def, entry.params)
 
         graph, (out, pullback), keep = self.base._capture(lambda: actor._vjp(params, static, None))
         entry.forward, entry.out, entry.pullback = graph, out, pullback
@@ -290,6 +343,18 @@ class ActorGraphs:
         return entry
 
     def backward(self, entry: _Entry, g: Any) -> Any:
+        base = self.base
+        if not base.stashes:
+            return self._backward(entry, g)
+        try:
+            param_grads, input_grads = self._backward(entry, g)
+        finally:
+            base.busy.discard(entry.slot)  # later launches on this stream come after this one
+        # the graph writes the inputs' gradients again at the slot's next backward, which
+        # nothing orders after the producer's use of them: they leave as copies
+        return param_grads, tree_copy(list(input_grads))
+
+    def _backward(self, entry: _Entry, g: Any) -> Any:
         base = self.base
         leaves, treedef = tree_flatten(g)
         if entry.backward is None:
@@ -308,7 +373,10 @@ class ActorGraphs:
                 sig = next((s for s, e in self.entries.items() if e is entry), None)
                 self.entries.pop(sig, None)
                 base._fail(sig, exc)
-                _, pullback = self.actor._vjp(self.actor.params, entry.xs, None)
+                params = self.actor.params  # the forward's own weights, where stashed
+                if entry.params:
+                    params = tree_unflatten(self.params_def, entry.params)
+                _, pullback = self.actor._vjp(params, entry.xs, None)
                 return pullback(g)
             entry.backward, entry.grads = graph, grads
             entry.pullback = None

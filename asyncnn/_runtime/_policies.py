@@ -349,11 +349,14 @@ class Policy(abc.ABC):
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``),
         never with a trace or a split backward, and only where forwards and backwards compute
-        at the latest weights (none pinned, predicted or corrected: the graphs read the weights
-        in place). Then: with flushes between minibatches, a fixed order and no update inside a
-        minibatch of several keys (each key of a minibatch has graphs of its own at each actor,
-        reused in the next minibatch); or, keys streaming on, with no stash (the backward
-        recomputes at the latest weights; what leaves an actor is copied out of its graphs)."""
+        at the latest weights or a stash of them (none pinned, predicted or corrected: the
+        graphs read the weights in place, or a copy taken at the forward). Then: with flushes
+        between minibatches, a fixed order and no update inside a minibatch of several keys
+        (each key of a minibatch has graphs of its own at each actor, reused in the next
+        minibatch); or, keys streaming on, with a stash (each key in flight has graphs and a
+        copy of the weights of its own at each actor, while its backward is due) or without
+        (the backward recomputes at the latest weights); what leaves an actor is then copied
+        out of its graphs."""
         if traced or self.splits_backward():
             return False
         if (
@@ -370,7 +373,7 @@ class Policy(abc.ABC):
             keys = self.max_in_flight(num_stages)
             updates_inside = any(self.update_due(n, False) for n in range(1, keys + 1))
             return self.deterministic and (keys == 1 or not updates_inside)
-        return not self.keeps_pullback()
+        return True
 
     def to_spec(self) -> dict[str, Any]:
         """The policy as a plain dict: its name and arguments."""
