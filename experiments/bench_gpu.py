@@ -5,8 +5,9 @@
    batch 1024 and 64, float32 and float16/bfloat16 where cupy has them, against PyTorch eager;
    achieved TFLOP/s;
 3. 4 stages on one GPU (one CUDA stream per stage), steady state: the pipelines (`GPipe(4)`,
-   `OneFOneB(4)`), `PipeDream(4)` (stashing and recomputing) and `Async`, captured and eager, against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64
-   (where one step leaves most of the card idle);
+   `OneFOneB(4)`), `PipeDream(4)` (stashing and recomputing) and `Async`, captured and eager,
+   against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64 (where one
+   step leaves most of the card idle);
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
 
