@@ -3,12 +3,20 @@ the data already on the device, and one host-to-device copy of a 16 MB batch; wi
 ``--kernels``, the GPU kernels of steady `Sync` steps (eager and with CUDA graphs) and of
 PyTorch eager steps, as PyTorch's profiler (CUPTI) sees them, which records cupy's kernels too.
 
+With ``--timeline``, the GPU timeline of rows of ``bench_gpu.py``'s section 3 (several actors
+on one GPU, each on its own stream): every kernel on the device clock, written as a Chrome
+trace (a row per stream; open it in https://ui.perfetto.dev), and the overlap measured from it:
+the kernels' summed time against the time at least one kernel runs (their union), and the share
+of the steps' wall time the GPU is busy.
+
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
+[--timeline bfloat16:64 --rows 0,9 --out runs/]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -60,21 +68,26 @@ def profile(dtype: str) -> None:
     print("host->device 16 MB ms", round(timeit(lambda: cp.asarray(host)), 2))
 
 
+class Window:
+    """PyTorch's profiler of the GPU (CUPTI), as the enable/disable hooks that the bench's step
+    loops call around the timed steps."""
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        self.prof = torch_profile(activities=[ProfilerActivity.CUDA])
+
+    def enable(self) -> None:
+        self.prof.start()
+
+    def disable(self) -> None:
+        self.prof.stop()
+
+
 def kernels(dtype: str, batch: int, steps: int = 10) -> None:
     """Prints the GPU kernels of ``steps`` steady steps: asyncnn eager, with graphs, torch."""
     import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    class Window:  # the enable/disable hooks of the bench's step loops, around the timed steps
-        def __init__(self) -> None:
-            self.prof = torch_profile(activities=[ProfilerActivity.CUDA])
-
-        def enable(self) -> None:
-            self.prof.start()
-
-        def disable(self) -> None:
-            self.prof.stop()
 
     def show(label: str, run: Callable[[Window], float]) -> None:
         window = Window()
@@ -101,11 +114,61 @@ def kernels(dtype: str, batch: int, steps: int = 10) -> None:
     torch.cuda.synchronize()
 
 
+def busy_union(spans: list[tuple[float, float]]) -> float:
+    """The time covered by at least one of ``spans`` ((start, end) pairs)."""
+    total, end = 0.0, -math.inf
+    for s, e in sorted(spans):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def timeline(dtype: str, batch: int, rows: list[int], out: str, steps: int = 20) -> None:
+    """Writes the GPU timeline of each of section 3's ``rows`` (indices into
+    ``bench_gpu.PIPELINE_ROWS``) to ``out`` and prints how much the actors' kernels overlap."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    for index in rows:
+        label, policy, stages, graphs = bench_gpu.PIPELINE_ROWS[index]
+        window = Window()
+        per_step = bench_gpu.steady_step(batch, dtype, steps, graphs, window, policy, stages)
+        prof = window.prof
+        name = "".join(c if c.isalnum() else "_" for c in f"{dtype}_{batch}_{label}")
+        path = os.path.join(out, f"timeline_{name}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+        kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+        spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
+        streams = sorted({e.get("args", {}).get("stream") for e in kernels}, key=str)
+        summed = sum(e - s for s, e in spans)
+        union = busy_union(spans)
+        wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else math.nan
+        print(f"--- {dtype} batch {batch} {label}: {per_step * 1e3:.3f} ms per step; kernels "
+              f"{summed / steps / 1e3:.3f} ms per step summed, {union / steps / 1e3:.3f} ms "
+              f"busy (union): overlap {summed / union if union else math.nan:.2f}x, GPU busy "
+              f"{union / wall if wall else math.nan:.0%} of the kernels' span; "
+              f"{len(kernels) / steps:.0f} kernels per step on {len(streams)} streams; "
+              f"timeline: {path}")  # fmt: skip
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kernels", default="", help="dtype:batch,... to list kernels of")
+    ap.add_argument("--timeline", default="", help="dtype:batch of section 3 rows to draw")
+    ap.add_argument("--rows", default="0,1,9", help="--timeline: indices of PIPELINE_ROWS")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="runs", help="--timeline: the folder of the traces")
     args = ap.parse_args()
-    if args.kernels:
+    if args.timeline:
+        dt, b = args.timeline.split(":")
+        timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
+    elif args.kernels:
         for spec in args.kernels.split(","):
             dt, b = spec.split(":")
             kernels(dt, int(b))
