@@ -80,9 +80,9 @@ class Trainer:
             allocator alone.
         cuda_graphs: on GPU actors, capture the forward, backward and update as CUDA graphs once
             the shapes repeat and replay them (see ``docs/gpus.md``); used where
-            ``Policy.allows_capture`` says (``Sync``, ``GPipe``, ``OneFOneB``, ``Async``,
-            ``PipeDream(stash=False)``) without a trace, elsewhere (and on the CPU) the run stays
-            eager.
+            ``Policy.allows_capture`` says (``Sync``, ``GPipe``, ``OneFOneB``, ``PipeDream``,
+            ``Async``; not ``PipeDream2BW`` nor weight prediction or corrections) without a
+            trace, elsewhere (and on the CPU) the run stays eager.
 
     Raises:
         TypeError: ``cuda_graphs`` is not a bool.

@@ -523,9 +523,9 @@ async def open_run(
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
             batches). Used where :meth:`Policy.allows_capture` says (flushes between
-            minibatches, or every forward and backward at the latest weights: ``Sync``,
-            ``GPipe``, ``OneFOneB``, ``Async``, ``PipeDream(stash=False)``), without a trace;
-            elsewhere, and on CPU actors, the run is eager
+            minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
+            ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), without a trace; elsewhere,
+            and on CPU actors, the run is eager
             (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
         config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
             own); the separate options must then keep their defaults.
