@@ -64,8 +64,7 @@ class RunConfig:
             raise TypeError(f"check_finite must be True or False, got {self.check_finite!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise TypeError(
-                f"cuda_graphs must be True, False or None (on where safe), got "
-                f"{self.cuda_graphs!r}"
+                f"cuda_graphs must be True, False or None (on where safe), got {self.cuda_graphs!r}"
             )
         if self.trace is not None:
             object.__setattr__(self, "trace", str(self.trace))
