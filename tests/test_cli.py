@@ -192,9 +192,9 @@ def test_replay_of_a_truncated_trace_or_one_without_payloads_is_one_line(
     assert "replay needs traces recorded with trace_payloads=" in _one_error_line(capsys)
 
 
-# --balance params: a cut by measured time can fall elsewhere under load, and each stage draws
-# its initial weights from a seed of its own (README), so the run that never stopped would start
-# from other weights
+# --balance params: a cut by measured time can fall elsewhere under load, and the run that never
+# stopped would then hold other stages than the checkpoint (the initial weights no longer depend
+# on the cut: a chain is seeded by module)
 _TRAIN = ["train", "--dataset", "digits", "--policy", "Sync", "--stages", "2", "--layers", "1",
           "--hidden", "16", "--batch-size", "64", "--balance", "params", "--out", ""]  # fmt: skip
 

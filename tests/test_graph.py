@@ -11,7 +11,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
-from _reference import assert_params_close
+from _reference import assert_params_close, fresh_params
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,29 @@ def test_stop_gradient_needs_another_path_to_a_loss():
         g.check_structure()
     spec = ann.Graph.from_spec(_local_graph(True).to_spec())
     assert spec.nodes["block1"].stop_gradient and not spec.nodes["block0"].stop_gradient
+
+
+def test_sequential_weights_do_not_depend_on_the_stage_cut():
+    # a chain's modules are seeded by their place in the whole chain: a balance that cuts it
+    # elsewhere (by measured time, which varies from run to run) starts from the same weights
+    mods = [nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)]
+    flat = []
+    for stages in ([5], [1, 4], [2, 2, 1], [3, 1, 1]):
+        g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=stages)
+        params = fresh_params(g)
+        flat.append([x for n in g.layers for x in ann._math._pytree.tree_leaves(params[n])])
+    for other in flat[1:]:
+        assert len(other) == len(flat[0])
+        for a, b in zip(flat[0], other, strict=True):
+            assert np.array_equal(a, b)
+    # and one stage is the whole Sequential's own init, at the first layer's seed
+    one = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=1)
+    g2 = ann.Graph.from_spec(one.to_spec())
+    assert g2.nodes["stage0"].init_offset == 0
+    bad = one.to_spec()
+    bad["nodes"][2]["init_offset"] = -2
+    with pytest.raises(ann.GraphError, match="init_offset"):
+        ann.Graph.from_spec(bad)
 
 
 def test_sequential_balances_stages_by_measured_time():

@@ -129,6 +129,17 @@ def test_init_seed_determinism_and_independent_children() -> None:
     assert np.array_equal(p64[0]["weight"].astype(np.float32), p1[0]["weight"])
 
 
+def test_init_offset_seeds_a_slice_as_its_place_in_the_whole_chain() -> None:
+    mods = [nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2)]
+    whole = nn.Sequential(*mods).init(5, dtype="float64")
+    for k in range(len(mods)):
+        part = nn.Sequential(*mods[k:]).init(5, dtype="float64", offset=k)
+        for a, b in zip(_np_leaves(whole[k:]), _np_leaves(part), strict=True):
+            assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="offset must be an int >= 0"):
+        nn.Sequential(*mods).init(5, offset=-1)
+
+
 def test_init_identical_across_backends(backend: Backend) -> None:
     m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 4), nn.LayerNorm(4))
     here = m.init(11, backend=backend.name)

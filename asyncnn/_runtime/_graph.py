@@ -66,6 +66,10 @@ class Node:
     actor_args: dict[str, Any] = field(default_factory=dict)
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
     recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
+    #: a stage of ``Graph.sequential``: its ``Sequential`` holds the chain's modules from this
+    #: place on, seeded by their place in the whole chain (at the first stage's seed), so the
+    #: weights do not depend on where the chain is cut; None: seeded by the node's position
+    init_offset: int | None = None
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
 
     @property
@@ -415,6 +419,7 @@ class Graph:
             h = g.layer(
                 f"stage{k}", Sequential(*modules[start : start + size]), h, device=dev, worker=w
             )
+            g.nodes[f"stage{k}"].init_offset = start
             start += size
         g.loss("loss", loss, h, y)
         g.output("logits", h)
@@ -512,6 +517,8 @@ class Graph:
                     entry["stop_gradient"] = True
                 if n.recurrent:  # the loop cell's self edge: the one cycle a graph may have
                     entry["recurrent"] = True
+                if n.init_offset is not None:
+                    entry["init_offset"] = n.init_offset
             if n.kind == "loss" and n.worker is not None:
                 entry["worker"] = n.worker
             nodes.append(entry)
@@ -540,6 +547,7 @@ class Graph:
                     )
                     node = g.nodes[entry["name"]]
                     node.recurrent = bool(entry.get("recurrent", False))
+                    node.init_offset = _init_offset(node, entry.get("init_offset"))
                     if node.recurrent and node.role != "loop":
                         raise GraphError(
                             f"graph spec: node {node.name!r} is marked recurrent but is not a "
@@ -557,3 +565,20 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
+
+
+def _init_offset(node: Node, offset: Any) -> int | None:
+    """A spec's ``init_offset`` of ``node``, checked (see :attr:`Node.init_offset`)."""
+    if offset is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise GraphError(
+            f"graph spec: node {node.name!r} has init_offset {offset!r}; it must be an int >= 0"
+        )
+    if not isinstance(node.module, Sequential):
+        raise GraphError(
+            f"graph spec: node {node.name!r} has an init_offset but its module is "
+            f"{type(node.module).__name__}, not a Sequential (only Graph.sequential's stages "
+            "have one)"
+        )
+    return offset

@@ -47,6 +47,11 @@ def init_state(
     for i, name in enumerate(graph.layers):
         node = graph.nodes[name]
         device = "cpu" if placed_on_host and node.worker is not None else node.device
-        params[name] = node.module.init(node_seed(seed, i), backend=device, dtype=dtype)
+        if node.init_offset is None:
+            params[name] = node.module.init(node_seed(seed, i), backend=device, dtype=dtype)
+        else:  # a stage of a chain: seeded by its modules' places in the whole chain
+            params[name] = node.module.init(
+                node_seed(seed, 0), backend=device, dtype=dtype, offset=node.init_offset
+            )
         opt_states[name] = optimizer.init(params[name])
     return RunState(params, opt_states, {name: 0 for name in graph.layers})

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _ops as ops
 from ._module import Initializer, Module, Shape, shape_of
+
+if TYPE_CHECKING:
+    from asyncnn.backends import Backend
 
 __all__ = ["Residual", "Sequential"]
 
@@ -49,11 +52,38 @@ class Sequential(Module):
     def __repr__(self) -> str:
         return f"Sequential({', '.join(repr(m) for m in self.modules)})"
 
+    def init(
+        self,
+        seed: int,
+        backend: str | Backend = "numpy",
+        dtype: Any = "float32",
+        offset: int = 0,
+    ) -> Any:
+        """Creates a fresh parameter list (see :meth:`Module.init`).
+
+        Args:
+            seed: a non-negative int; module ``i`` draws from the ``i``-th child stream of
+                ``numpy.random.SeedSequence(seed)``.
+            backend: ``"numpy"``, ``"cupy"``, a device or a Backend.
+            dtype: a floating-point dtype.
+            offset: seeds the modules as the places ``offset``, ``offset + 1``, ... of a longer
+                chain, so that ``Sequential(*ms[k:]).init(s, offset=k)`` equals
+                ``Sequential(*ms).init(s)[k:]`` (how ``Graph.sequential``'s stages start
+                from the same weights wherever the chain is cut).
+
+        Raises:
+            ValueError: a bad seed, dtype or offset.
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"Sequential.init: offset must be an int >= 0, got {offset!r}")
+        init = self._initializer(seed, backend, dtype)
+        return self._init_children(init.spawn(offset + len(self.modules))[offset:])
+
     def init_params(self, init: Initializer) -> Any:
-        return [
-            m.init_params(i)
-            for m, i in zip(self.modules, init.spawn(len(self.modules)), strict=True)
-        ]
+        return self._init_children(init.spawn(len(self.modules)))
+
+    def _init_children(self, inits: list[Initializer]) -> list[Any]:
+        return [m.init_params(i) for m, i in zip(self.modules, inits, strict=True)]
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if not isinstance(params, list | tuple) or len(params) != len(self.modules):

@@ -118,6 +118,10 @@ class Module:
             The parameters (a dict, a list for containers, ``{}`` for modules without any).
             The same seed gives identical values on every backend.
         """
+        return self.init_params(self._initializer(seed, backend, dtype))
+
+    def _initializer(self, seed: int, backend: str | Backend, dtype: Any) -> Initializer:
+        """The checked arguments of :meth:`init` as an :class:`Initializer`."""
         _check_dataclass(type(self))
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"{type(self).__name__}.init: seed must be an int >= 0, got {seed!r}")
@@ -128,7 +132,7 @@ class Module:
                 f"{type(self).__name__}.init: parameters must be floating point, got dtype {dt}; "
                 "use dtype='float32' or 'float64' (or 'float16'/'bfloat16' on a GPU)"
             )
-        return self.init_params(Initializer(np.random.SeedSequence(int(seed)), be, dt))
+        return Initializer(np.random.SeedSequence(int(seed)), be, dt)
 
     def init_params(self, init: Initializer) -> Any:
         """Draws this module's parameters with ``init`` (override in modules with parameters)."""
