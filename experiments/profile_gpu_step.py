@@ -10,7 +10,7 @@ the kernels' summed time against the time at least one kernel runs (their union)
 of the steps' wall time the GPU is busy.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
-[--timeline bfloat16:64 --rows 0,9 --out runs/]
+[--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -66,6 +66,21 @@ def profile(dtype: str) -> None:
     print(dtype, "forward ms", round(timeit(lambda: model(state["p"], a)), 2))
     host = np.ones((BATCH, WIDTH), np.float32)
     print("host->device 16 MB ms", round(timeit(lambda: cp.asarray(host)), 2))
+
+
+def matmul_by_rows(dtype: str) -> None:
+    """The card's rate for the products of one layer of width WIDTH at the row counts a
+    microbatch gives (a pipeline of M microbatches multiplies M times fewer rows at a time)."""
+    dt = ann.backends.get_backend("cuda:0").dtype(dtype)  # (bfloat16: ml_dtypes')
+    for rows in (1024, 256, 64, 16):
+        a = cp.random.standard_normal((rows, WIDTH)).astype(np.float32).astype(dt)
+        w = cp.random.standard_normal((WIDTH, WIDTH)).astype(np.float32).astype(dt)
+        flops = 2.0 * rows * WIDTH * WIDTH
+        for name, f in (("x@w", lambda: a @ w), ("g@w.T", lambda: a @ w.T),
+                        ("x.T@g", lambda: a.T @ a)):  # fmt: skip
+            ms = timeit(f, 50)
+            print(f"{dtype} rows {rows:5d} {name:6s} {ms * 1e3:8.1f} us "
+                  f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
 
 
 class Window:
@@ -164,7 +179,11 @@ if __name__ == "__main__":
     ap.add_argument("--rows", default="0,1,9", help="--timeline: indices of PIPELINE_ROWS")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs", help="--timeline: the folder of the traces")
+    ap.add_argument("--matmul-rows", default="", help="dtypes to time the products by rows of")
     args = ap.parse_args()
+    if args.matmul_rows:
+        for dt in args.matmul_rows.split(","):
+            matmul_by_rows(dt)
     if args.timeline:
         dt, b = args.timeline.split(":")
         timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
