@@ -76,8 +76,8 @@ def matmul_by_rows(dtype: str) -> None:
         a = cp.random.standard_normal((rows, WIDTH)).astype(np.float32).astype(dt)
         w = cp.random.standard_normal((WIDTH, WIDTH)).astype(np.float32).astype(dt)
         flops = 2.0 * rows * WIDTH * WIDTH
-        for name, f in (("x@w", lambda: a @ w), ("g@w.T", lambda: a @ w.T),
-                        ("x.T@g", lambda: a.T @ a)):  # fmt: skip
+        for name, f in (("x@w", lambda a=a, w=w: a @ w), ("g@w.T", lambda a=a, w=w: a @ w.T),
+                        ("x.T@g", lambda a=a: a.T @ a)):  # fmt: skip
             ms = timeit(f, 50)
             print(f"{dtype} rows {rows:5d} {name:6s} {ms * 1e3:8.1f} us "
                   f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
