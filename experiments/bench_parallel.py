@@ -166,6 +166,9 @@ def torch_eager(sizes: list[int], batch: int, steps: int) -> float | None:
     return batch / _common.seconds_per_call(step, steps)
 
 
+#: the pause before each measurement of :func:`table` (see there)
+SETTLE_SECONDS = 0.5
+
 RUNS = [
     ("Sync, 1 stage", 1, lambda: policies.Sync()),
     ("Sync, 4 stages", 4, lambda: policies.Sync()),
@@ -240,6 +243,9 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
     def add(name: str, value: float | None) -> None:
         if value is not None:
             samples.setdefault(name, []).append(value)
+        # OpenBLAS's (and torch's OpenMP) idle threads spin for about 0.1 s after a call and
+        # take cores from whatever is measured next: each measurement starts after they sleep
+        time.sleep(SETTLE_SECONDS)
 
     for _ in range(repeats):
         # the references first, with BLAS on every core; then the same on a team (which holds
