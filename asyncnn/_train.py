@@ -61,7 +61,8 @@ class Trainer:
         graph: the network (see :class:`~asyncnn.Graph`).
         optimizer: an ``asyncnn.optim`` optimizer (each layer keeps its own state).
         policy: an ``asyncnn.policies`` policy.
-        seed: seeds the weights (per node), the shuffling and dropout.
+        seed: seeds the weights (per module of a sequential chain, else per node), the
+            shuffling and dropout.
         dtype: floating dtype of weights and float inputs.
         trace: write a message trace of each ``fit`` to this path (the first ``fit``; later ones
             to ``NAME.1.EXT``, ``NAME.2.EXT``, ...). Read it with ``asyncnn.trace.read``, replay

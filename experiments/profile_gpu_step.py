@@ -4,10 +4,10 @@ the data already on the device, and one host-to-device copy of a 16 MB batch; wi
 PyTorch eager steps, as PyTorch's profiler (CUPTI) sees them, which records cupy's kernels too.
 
 With ``--timeline``, the GPU timeline of rows of ``bench_gpu.py``'s section 3 (several actors
-on one GPU, each on its own stream): every kernel on the device clock, written as a Chrome
-trace (a row per stream; open it in https://ui.perfetto.dev), and the overlap measured from it:
-the kernels' summed time against the time at least one kernel runs (their union), and the share
-of the steps' wall time the GPU is busy.
+on one GPU, each on its own stream): every kernel and device copy on the device clock, written
+as a Chrome trace (a row per stream; open it in https://ui.perfetto.dev), and the overlap
+measured from it: the work's summed time against the time at least one piece runs (their
+union), and the share of the span from the first piece to the last that the card is busy.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
@@ -142,6 +142,10 @@ def busy_union(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+#: the Chrome trace categories of the device's own work (PyTorch's profiler, Kineto)
+_DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
 def timeline(dtype: str, batch: int, rows: list[int], out: str, steps: int = 20) -> None:
     """Writes the GPU timeline of each of section 3's ``rows`` (indices into
     ``bench_gpu.PIPELINE_ROWS``) to ``out`` and prints how much the actors' kernels overlap."""
@@ -158,18 +162,22 @@ def timeline(dtype: str, batch: int, rows: list[int], out: str, steps: int = 20)
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-        kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
-        spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
-        streams = sorted({e.get("args", {}).get("stream") for e in kernels}, key=str)
+        # kernels, and the device's copies and fills (the graphs' input loads, a stash's
+        # weight copy, the outputs copied out): all of it is the card's work
+        work = [e for e in trace.get("traceEvents", []) if e.get("cat") in _DEVICE_WORK]
+        spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in work]
+        copies = sum(float(e["dur"]) for e in work if e.get("cat") != "kernel")
+        streams = sorted({e.get("args", {}).get("stream") for e in work}, key=str)
         summed = sum(e - s for s, e in spans)
         union = busy_union(spans)
-        wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else math.nan
-        print(f"--- {dtype} batch {batch} {label}: {per_step * 1e3:.3f} ms per step; kernels "
-              f"{summed / steps / 1e3:.3f} ms per step summed, {union / steps / 1e3:.3f} ms "
-              f"busy (union): overlap {summed / union if union else math.nan:.2f}x, GPU busy "
-              f"{union / wall if wall else math.nan:.0%} of the kernels' span; "
-              f"{len(kernels) / steps:.0f} kernels per step on {len(streams)} streams; "
-              f"timeline: {path}")  # fmt: skip
+        span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else math.nan
+        print(f"--- {dtype} batch {batch} {label}: {per_step * 1e3:.3f} ms per step; device "
+              f"work {summed / steps / 1e3:.3f} ms per step summed (copies and fills "
+              f"{copies / steps / 1e3:.3f}), {union / steps / 1e3:.3f} ms busy (union): "
+              f"overlap {summed / union if union else math.nan:.2f}x, busy "
+              f"{union / span if span else math.nan:.0%} of the span from the first to the "
+              f"last; {len(work) / steps:.0f} kernels and copies per step on {len(streams)} "
+              f"streams; timeline: {path}")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -184,7 +192,7 @@ if __name__ == "__main__":
     if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)
-    if args.timeline:
+    elif args.timeline:
         dt, b = args.timeline.split(":")
         timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
     elif args.kernels:

@@ -188,7 +188,7 @@ def test_policy_methods_state_each_decision():
     assert not policies.Sync().allows_capture(3, traced=True)
     assert policies.GPipe(4).allows_capture(3, traced=False)  # flushes: graphs per key
     assert policies.OneFOneB(4).allows_capture(3, traced=False)
-    # keys streaming: only where every backward recomputes at the latest weights
+    # keys streaming: the latest weights (recomputed) or a stash (a slot per key in flight)
     assert policies.PipeDream(1).allows_capture(3, traced=False)  # stashes: a slot per key
     assert policies.PipeDream(1, stash=False).allows_capture(3, traced=False)
     assert policies.Async(1).allows_capture(3, traced=False)

@@ -6,7 +6,7 @@ repeat captures its forward (the ``vjp``: output and residuals), the matching ba
 pullback) and the optimizer update into CUDA graphs, and afterwards replays each with one
 launch; a loss actor captures its loss and gradient likewise. A signature (input shapes and
 dtypes) is captured the second time it is seen (the first runs eagerly and loads every kernel),
-up to :data:`MAX_SIGNATURES` per actor, least recently used dropped; anything a capture cannot
+up to :data:`MAX_SIGNATURES` per slot of an actor, least recently used dropped; anything a capture cannot
 hold (a host sync, a batched product, randomness) makes that signature run eagerly for good.
 
 A graph writes into the same buffers on every launch: its outputs are handed to the consumers
@@ -14,8 +14,8 @@ as they are, and the next launch overwrites them. So each key of a minibatch has
 own at each actor, a *slot*: the keys of a minibatch take slots 0, 1, ... in the order of their
 forwards at that actor, and a slot's graphs run again only in a later minibatch. That is safe
 when flushes separate the minibatches, so that every consumer of a minibatch's buffers is done
-before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``: what
-:meth:`Policy.allows_capture` says); under any other policy the run stays eager. The parameters
+before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``); streaming policies
+take the ways below, and :meth:`Policy.allows_capture` says where any of them is safe. The parameters
 live in buffers owned by the capture, shared by the slots, updated in place by the captured
 update (or copied in after an eager one): no update comes between a minibatch's forwards and
 its backwards under a flush.
@@ -30,7 +30,8 @@ eager run reads them at the moment it computes. With a stash (``PipeDream(M)``,
 ``Async(stash=True)``) a key's backward must use the weights its forward used: each key in
 flight at the actor takes a free slot at its forward and gives it back at its backward, and a
 slot holds a copy of the weights (written just before its forward graph runs) that its forward
-and backward graphs read, besides its residuals. A run admits at most ``max_in_flight`` keys,
+and backward graphs read, besides its residuals; a slot's graphs of every input signature share
+that copy, since a slot serves one key at a time. A run admits at most ``max_in_flight`` keys,
 so an actor never needs more slots than that.
 """
 
@@ -209,8 +210,9 @@ class _Entry:
         self.g_leaves: list[Any] = []
         self.grads: Any = None
         self.keep: list[Any] = []
-        self.params: list[Any] = []  # stashing: this slot's copy of the weights
+        self.params: list[Any] = []  # stashing: its slot's copy of the weights
         self.slot = 0  # stashing: the slot of the key whose backward comes next
+        self.key: Any = None  # its key in the owner's entries: (signature, slot)
 
     def pull(self, g: Any) -> Any:
         """The pullback handed to the actor: replays (or captures) the backward graph."""
@@ -230,6 +232,8 @@ class ActorGraphs:
         # update token -> (graph, gradient leaves, keep, the gradient tree captured)
         self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
+        #: stashing: each slot's copy of the weights, which its graphs of every signature read
+        self.slot_weights: dict[int, list[Any]] = {}
         self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
         # graphs of forwards that keep no pullback and of backwards that recompute (streaming):
         # signature -> (graph, static inputs, result, keep)
@@ -242,7 +246,8 @@ class ActorGraphs:
         keeps = [k for e in self.entries.values() for k in e.keep]
         keeps += [e[3] for e in (*self.applies.values(), *self.backwards.values())]
         keeps += [c[2] for c in self.updates.values()]
-        return self.base.held(keeps)
+        copies = sum(int(w.nbytes) for ws in self.slot_weights.values() for w in ws)
+        return self.base.held(keeps) + copies
 
     @property
     def stats(self) -> _Stats:
@@ -292,7 +297,7 @@ class ActorGraphs:
         entry = base.lookup(
             self.entries,
             None if sig is None else (sig, slot),
-            lambda: self._capture_forward(xs),
+            lambda: self._capture_forward(xs, (sig, slot)),
             reload,
         )
         if entry is None:
@@ -312,29 +317,48 @@ class ActorGraphs:
             base._load(entry.params, self.params or [])
             base._load(entry.xs, xs)
 
-        entry = base.lookup(
-            self.entries,
-            None if sig is None else (sig, slot),
-            lambda: self._capture_forward(xs, stash=True),
-            reload,
-        )
-        if entry is None:
+        try:
+            entry = base.lookup(
+                self.entries,
+                None if sig is None else (sig, slot),
+                lambda: self._capture_forward(xs, (sig, slot), stash=True),
+                reload,
+            )
+            if entry is not None:
+                entry.slot = slot
+                entry.forward.launch(actor.stream)
+                return tree_copy(entry.out), entry.pull
+        except BaseException:
             base.busy.discard(slot)
-            if params is self.params_tree:  # the static buffers: a later update writes them
-                params = tree_copy(params)
-            return actor._vjp(params, xs, rng)
-        entry.slot = slot
-        entry.forward.launch(actor.stream)
-        return tree_copy(entry.out), entry.pull
+            raise
+        base.busy.discard(slot)
+        # Eager: a pullback that holds the static buffers (a capture that failed has just
+        # adopted them) would read the weights a later update writes there: use a copy.
+        static = {id(p) for p in self.params or []}
+        if any(id(leaf) in static for leaf in tree_leaves(params)):
+            params = tree_copy(params)
+        return actor._vjp(params, xs, rng)
 
-    def _capture_forward(self, xs: list[Any], stash: bool = False) -> _Entry:
+    def _weights_of(self, slot: int) -> list[Any]:
+        """The copy of the weights that ``slot``'s graphs read (stashing), made on first use."""
+        weights = self.slot_weights.get(slot)
+        master = self.params or []
+        if weights is None or len(weights) != len(master):
+            weights = self.slot_weights[slot] = [p.copy() for p in master]
+            self.base.changed()
+        else:
+            self.base._load(weights, master)
+        return weights
+
+    def _capture_forward(self, xs: list[Any], key: Any, stash: bool = False) -> _Entry:
         actor, xp = self.actor, self.base.xp
         params = self._adopt()
         static = [xp.empty_like(x) for x in xs]
         self.base._load(static, xs)
         entry = _Entry(self, static)
+        entry.key = key
         if stash:  # the slot's own weights, which the forward and the backward graphs read
-            entry.params = [p.copy() for p in self.params or []]
+            entry.params = self._weights_of(key[1])
             params = tree_unflatten(self.params_def, entry.params)
 
         graph, (out, pullback), keep = self.base._capture(lambda: actor._vjp(params, static, None))
@@ -370,9 +394,9 @@ class ActorGraphs:
                 graph, grads, keep = base._capture(lambda: entry.pullback(gs), warm)
             except base.g.CaptureError as exc:
                 # the pullback is spent: forget the signature, recompute this key eagerly
-                sig = next((s for s, e in self.entries.items() if e is entry), None)
-                self.entries.pop(sig, None)
-                base._fail(sig, exc)
+                if self.entries.get(entry.key) is entry:
+                    del self.entries[entry.key]
+                base._fail(entry.key, exc)
                 params = self.actor.params  # the forward's own weights, where stashed
                 if entry.params:
                     params = tree_unflatten(self.params_def, entry.params)

@@ -23,7 +23,8 @@ class RunConfig:
     """How a run runs (what it runs is the graph, the optimizer and the policy).
 
     Attributes:
-        seed: seeds parameter initialisation (per node) and dropout.
+        seed: seeds parameter initialisation (per module of a sequential chain, else per
+            node) and dropout.
         dtype: the floating dtype of parameters and float inputs.
         stall_timeout: seconds without progress, while keys are in flight, before a
             :class:`~asyncnn.StallError`.

@@ -505,7 +505,8 @@ async def open_run(
         graph: the network.
         optimizer: an ``asyncnn.optim`` optimizer; each layer keeps its own state.
         policy: an ``asyncnn.policies`` policy.
-        seed: seeds parameter initialisation (per node) and dropout.
+        seed: seeds parameter initialisation (per module of a sequential chain, else per
+            node) and dropout.
         dtype: the floating dtype of parameters and float inputs.
         state: start from these weights and optimizer states (default: fresh ones).
         pool: a device pool to use (default: one opened for the run).

@@ -38,7 +38,8 @@ def node_seed(seed: int, index: int) -> int:
 def init_state(
     graph: Graph, optimizer: Any, seed: int, dtype: str, placed_on_host: bool = False
 ) -> RunState:
-    """Fresh parameters (seeded per node) and optimizer states for every layer of ``graph``.
+    """Fresh parameters (seeded per node, or per module by its place in a chain of
+    ``Graph.sequential``: :attr:`Node.init_offset`) and optimizer states for every layer.
 
     With ``placed_on_host``, layers placed on a worker get host arrays (the worker moves them to
     its device; the values are the same on every backend)."""
