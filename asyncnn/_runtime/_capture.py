@@ -6,19 +6,20 @@ repeat captures its forward (the ``vjp``: output and residuals), the matching ba
 pullback) and the optimizer update into CUDA graphs, and afterwards replays each with one
 launch; a loss actor captures its loss and gradient likewise. A signature (input shapes and
 dtypes) is captured the second time it is seen (the first runs eagerly and loads every kernel),
-up to :data:`MAX_SIGNATURES` per slot of an actor, least recently used dropped; anything a capture cannot
-hold (a host sync, a batched product, randomness) makes that signature run eagerly for good.
+up to :data:`MAX_SIGNATURES` per slot of an actor, least recently used dropped; anything a
+capture cannot hold (a host sync, a batched product, randomness) makes that signature run
+eagerly for good.
 
 A graph writes into the same buffers on every launch: its outputs are handed to the consumers
 as they are, and the next launch overwrites them. So each key of a minibatch has graphs of its
 own at each actor, a *slot*: the keys of a minibatch take slots 0, 1, ... in the order of their
 forwards at that actor, and a slot's graphs run again only in a later minibatch. That is safe
 when flushes separate the minibatches, so that every consumer of a minibatch's buffers is done
-before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``); streaming policies
-take the ways below, and :meth:`Policy.allows_capture` says where any of them is safe. The parameters
-live in buffers owned by the capture, shared by the slots, updated in place by the captured
-update (or copied in after an eager one): no update comes between a minibatch's forwards and
-its backwards under a flush.
+before the next minibatch begins (``Sync``, ``GPipe(M)``, ``OneFOneB(M)``); streaming
+policies take the ways below, and :meth:`Policy.allows_capture` says where any of them is
+safe. The parameters live in buffers owned by the capture, shared by the slots, updated in
+place by the captured update (or copied in after an eager one): no update comes between a
+minibatch's forwards and its backwards under a flush.
 
 Where keys stream on without flushes (``Async``, ``PipeDream``), no consumer's reads are
 ordered before the next launch, so what leaves the actor is copied out of the graphs' buffers
