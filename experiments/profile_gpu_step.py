@@ -8,9 +8,12 @@ on one GPU, each on its own stream): every kernel and device copy on the device 
 as a Chrome trace (a row per stream; open it in https://ui.perfetto.dev), and the overlap
 measured from it: the work's summed time against the time at least one piece runs (their
 union), and the share of the span from the first piece to the last that the card is busy.
+``--host-profile`` gives the same rows' host time by function (cProfile), and
+``--matmul-rows`` the card's rate for one layer's products at the row counts microbatches give.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
+[--host-profile bfloat16:64 --rows 1,2,9]
 """
 
 from __future__ import annotations
@@ -142,6 +145,20 @@ def busy_union(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def host_profile(dtype: str, batch: int, rows: list[int], steps: int = 60) -> None:
+    """Where the host time of steady steps of section 3's ``rows`` goes (cProfile, by own
+    time): at small batches the host, not the card, bounds a step of several actors."""
+    import cProfile
+    import pstats
+
+    for index in rows:
+        label, policy, stages, graphs = bench_gpu.PIPELINE_ROWS[index]
+        prof = cProfile.Profile()
+        per_step = bench_gpu.steady_step(batch, dtype, steps, graphs, prof, policy, stages)
+        print(f"--- host profile, {dtype} batch {batch} {label}: {per_step * 1e3:.3f} ms per step")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 #: the Chrome trace categories of the device's own work (PyTorch's profiler, Kineto)
 _DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -184,14 +201,19 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kernels", default="", help="dtype:batch,... to list kernels of")
     ap.add_argument("--timeline", default="", help="dtype:batch of section 3 rows to draw")
-    ap.add_argument("--rows", default="0,1,9", help="--timeline: indices of PIPELINE_ROWS")
+    ap.add_argument("--rows", default="0,1,9", help="indices of PIPELINE_ROWS (--timeline, "
+                    "--host-profile)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs", help="--timeline: the folder of the traces")
     ap.add_argument("--matmul-rows", default="", help="dtypes to time the products by rows of")
+    ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
     args = ap.parse_args()
     if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)
+    elif args.host_profile:
+        dt, b = args.host_profile.split(":")
+        host_profile(dt, int(b), [int(r) for r in args.rows.split(",")], args.steps)
     elif args.timeline:
         dt, b = args.timeline.split(":")
         timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
