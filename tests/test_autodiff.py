@@ -84,3 +84,57 @@ def test_an_output_traced_by_another_call_is_refused(name):
 
     with pytest.raises(ValueError, match=rf"{name}: fn returned a traced array of another"):
         ann.vjp(outer, np.ones(2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mse_loss_is_one_node_equal_to_its_three_op_composition(reduction, dtype):
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal((5, 7)).astype(dtype) for _ in range(2))
+
+    def composed(x, y):
+        d = ops.subtract(x, y)
+        sq = ops.multiply(d, d)
+        return {"mean": ops.mean, "sum": ops.sum}.get(reduction, lambda s: s)(sq)
+
+    v1, p1 = ann.vjp(composed, a, b)
+    v2, p2 = ann.vjp(lambda x, y: ops.mse_loss(x, y, reduction), a, b)
+    ct = np.asarray(rng.standard_normal(np.shape(v1))).astype(dtype)
+    assert np.array_equal(v1, v2)
+    for g1, g2 in zip(p1(ct), p2(ct), strict=True):
+        assert g1.dtype == g2.dtype and np.array_equal(g1, g2)
+
+
+@pytest.mark.parametrize(
+    ("loss", "second"),
+    [(ann.nn.CrossEntropyLoss(), np.array([0, 2, 1, 2])),
+     (ann.nn.MSELoss(reduction="sum"), np.linspace(-1, 1, 12).reshape(4, 3))],
+    ids=["cross-entropy", "mse"],
+)  # fmt: skip
+@pytest.mark.parametrize("wrt", [(0,), (0, 1)])
+def test_primitive_vjp_equals_vjp_of_the_loss_bit_for_bit(loss, second, wrt):
+    x = np.random.default_rng(5).standard_normal((4, 3))
+    inputs = [x, second]
+    call = loss.primitive_call(*inputs)
+    value, pullback = ann._math._autodiff.primitive_vjp(*call, list(wrt))
+    grads = pullback(np.array(0.25))
+
+    def f(*xs):
+        args = list(inputs)
+        for i, v in zip(wrt, xs, strict=True):
+            args[i] = v
+        return loss({}, *args)
+
+    ref_value, ref_pullback = ann.vjp(f, *(inputs[i] for i in wrt))
+    assert np.array_equal(value, ref_value)
+    for g, ref in zip(grads, ref_pullback(np.array(0.25)), strict=True):
+        assert (g is None and ref is None) or np.array_equal(g, ref)
+    if second.dtype.kind == "i":  # labels: not differentiable
+        assert len(grads) == 1 or grads[1] is None
+
+
+def test_a_loss_as_one_primitive_checks_as_its_call_does():
+    with pytest.raises(ValueError, match="label 5 is outside"):
+        ann.nn.CrossEntropyLoss().primitive_call(np.zeros((2, 3)), np.array([0, 5]))
+    with pytest.raises(ValueError, match="differ"):
+        ann.nn.MSELoss().primitive_call(np.zeros((2, 3)), np.zeros((3, 2)))

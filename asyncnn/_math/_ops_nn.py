@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._autodiff import Primitive
-from ._ops import PRIMITIVES, add, mean, multiply, raw, subtract, take
-from ._ops import sum as _sum
+from ._ops import PRIMITIVES, add, raw, take
 from ._rules_array import normalize_axis
 from ._rules_nn import RULES, out_size
 
@@ -27,6 +26,8 @@ PRIMITIVES.update({name: Primitive(name, fwd, rule) for name, (fwd, rule) in RUL
 _P = PRIMITIVES
 
 IntOrTuple = int | Sequence[int]
+#: one primitive call: ``(primitive, positional args, keyword params)``
+PrimitiveCall = tuple[Primitive, tuple[Any, ...], dict[str, Any]]
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -280,6 +281,21 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall | None:
+    """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks, where it is one
+    primitive call (numpy labels); None where it is more (labels on a GPU)."""
+    labels, _ = _checked_labels(logits, labels, reduction)
+    if not isinstance(labels, np.ndarray):
+        return None
+    return _P["cross_entropy"], (logits, labels), {"reduction": reduction}
+
+
+def mse_loss_call(pred: Any, target: Any, reduction: str = "mean") -> PrimitiveCall:
+    """:func:`mse_loss` as ``(primitive, args, params)`` after its checks."""
+    _check_mse(pred, target, reduction)
+    return _P["mse_loss"], (pred, target), {"reduction": reduction}
+
+
 def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
     """Softmax cross-entropy of ``logits`` against integer class ``labels`` (torch semantics).
 
@@ -294,6 +310,19 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
             a label makes the loss NaN instead, as a check would stop the host every step), or
             an unknown reduction.
     """
+    labels, n_classes = _checked_labels(logits, labels, reduction)
+    if not isinstance(labels, np.ndarray):
+        # On a GPU a range check would stop the host on every step (and cannot be captured
+        # into a CUDA graph): a label outside [0, C) makes the loss NaN instead.
+        from asyncnn.backends._graphs import label_poison
+
+        out = _P["cross_entropy"](logits, labels, reduction=reduction)
+        return add(out, label_poison(labels, n_classes, raw(out).dtype))
+    return _P["cross_entropy"](logits, labels, reduction=reduction)
+
+
+def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]:
+    """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
     _check_reduction("cross_entropy", reduction)
     labels = raw(labels)
     ls = _shape(labels)
@@ -311,21 +340,14 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
             "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
         )
     n_classes = xs[1]
-    if not isinstance(labels, np.ndarray):
-        # On a GPU a range check would stop the host on every step (and cannot be captured
-        # into a CUDA graph): a label outside [0, C) makes the loss NaN instead.
-        from asyncnn.backends._graphs import label_poison
-
-        out = _P["cross_entropy"](logits, labels, reduction=reduction)
-        return add(out, label_poison(labels, n_classes, raw(out).dtype))
-    if labels.size:
+    if isinstance(labels, np.ndarray) and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
                 f"cross_entropy: label {bad} is outside [0, {n_classes}) for logits of shape {xs}"
             )
-    return _P["cross_entropy"](logits, labels, reduction=reduction)
+    return labels, n_classes
 
 
 def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
@@ -334,19 +356,17 @@ def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
     Raises:
         ValueError: when the shapes differ (no silent broadcasting of (N, 1) against (N,)).
     """
+    _check_mse(pred, target, reduction)
+    return _P["mse_loss"](pred, target, reduction=reduction)
+
+
+def _check_mse(pred: Any, target: Any, reduction: str) -> None:
     _check_reduction("mse_loss", reduction)
     if _shape(pred) != _shape(target):
         raise ValueError(
             f"mse_loss: pred of shape {_shape(pred)} and target of shape {_shape(target)} differ; "
             "reshape one of them (broadcasting here is almost always a bug)"
         )
-    d = subtract(pred, target)
-    sq = multiply(d, d)
-    if reduction == "mean":
-        return mean(sq)
-    if reduction == "sum":
-        return _sum(sq)
-    return sq
 
 
 def embedding(weight: Any, ids: Any) -> Any:

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import acc_mean, acc_sum, is_half
 from asyncnn.backends import array_namespace as ns
-from asyncnn.backends import is_half
 
 from ._autodiff import Forward, VjpRule
+from ._rules_elementwise import grad_like, like
 
 Ints = tuple[int, ...]
 
@@ -327,6 +328,32 @@ def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, 
     return p.astype(dtype, copy=False), None
 
 
+def _mse(pred: Any, target: Any, reduction: str) -> tuple[Any, Any]:
+    # the steps of (pred - target) ** 2 and its reduction as separate ops would take, so a
+    # loss computed here equals theirs bit for bit, in one node instead of three
+    d = pred - target
+    sq = d * d
+    if reduction == "mean":
+        out = acc_mean(sq, tuple(range(sq.ndim)), False)
+    elif reduction == "sum":
+        out = acc_sum(sq, tuple(range(sq.ndim)), False)
+    else:
+        out = sq
+    return out, (d, reduction, like(pred), like(target))
+
+
+def _mse_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    d, reduction, pred_like, target_like = res
+    if reduction == "mean":
+        g = g / d.size
+    gd = g * d
+    gd = gd + gd  # d * d has d twice: two equal contributions, added as a trace adds them
+    return (
+        grad_like(gd, pred_like) if needs[0] else None,
+        grad_like(-gd, target_like) if needs[1] else None,
+    )
+
+
 RULES: dict[str, tuple[Forward, VjpRule]] = {
     "softmax": (_softmax, _softmax_vjp),
     "log_softmax": (_log_softmax, _log_softmax_vjp),
@@ -337,6 +364,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "layer_norm": (_layer_norm, _layer_norm_vjp),
     "dropout": (_dropout, _dropout_vjp),
     "cross_entropy": (_cross_entropy, _cross_entropy_vjp),
+    "mse_loss": (_mse, _mse_vjp),
 }
 
 
@@ -344,7 +372,7 @@ def _widen_16_bit_rules() -> None:
     # normalisations and softmaxes use Python scalars, which cupy would promote bfloat16 with
     from ._rules_elementwise import _bf16_in_float32
 
-    for name in ("softmax", "log_softmax", "logsumexp", "layer_norm"):
+    for name in ("softmax", "log_softmax", "logsumexp", "layer_norm", "mse_loss"):
         RULES[name] = _bf16_in_float32(*RULES[name])
 
 

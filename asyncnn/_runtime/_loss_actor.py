@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asyncnn._errors import ActorError, StallError
-from asyncnn._math._autodiff import vjp
+from asyncnn._math._autodiff import primitive_vjp, vjp
 
 from ._actor_base import _Actor
 from ._capture import LossGraphs
@@ -43,6 +43,8 @@ class LossActor(_Actor):
         self.spare: list[Any] = []  # host buffers read already, for the next copies
         # the input slots whose gradient goes upstream (the others, labels, are constants)
         self.diff_slots = [slot for slot, _, _ in self.grad_targets]
+        #: the built-in losses say when they are one primitive call (see _value_and_grads)
+        self.primitive_call = getattr(self.module, "primitive_call", None)
         # On the CPU without a trace, a message that finds this actor idle is taken in the
         # sender's task: a label is filed, and the input that completes a key has its loss
         # computed and its gradients sent right there (the same work in the same order, with
@@ -155,27 +157,37 @@ class LossActor(_Actor):
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)
         slots = self.diff_slots
+        call = self.primitive_call(*inputs) if self.primitive_call is not None else None
+        if call is not None:  # one primitive: its rules directly, as a trace of it would
+            prim, args, params = call
+            value, direct = primitive_vjp(prim, args, params, slots)
+            return value, self._placed(direct(self._seed(value, scale)), len(inputs))
         # only the inputs whose gradient goes upstream are differentiated: the others (labels)
         # are constants of the loss, as in the plain loop
         if len(slots) == len(inputs):
             value, pullback = vjp(lambda *xs: self.module({}, *xs), *inputs)
-        else:
+            return value, pullback(self._seed(value, scale))
 
-            def loss(*xs: Any) -> Any:
-                args = list(inputs)
-                for slot, x in zip(slots, xs, strict=True):
-                    args[slot] = x
-                return self.module({}, *args)
+        def loss(*xs: Any) -> Any:
+            args = list(inputs)
+            for slot, x in zip(slots, xs, strict=True):
+                args[slot] = x
+            return self.module({}, *args)
 
-            value, pullback = vjp(loss, *(inputs[slot] for slot in slots))
-        if self.on_cpu:
-            seed = np.array(scale, dtype=value.dtype)
-        else:  # a fill, not a copy from the host: capturable in a CUDA graph
-            seed = self.backend.xp.full((), scale, dtype=value.dtype)
-        grads = pullback(seed)
-        if len(slots) == len(inputs):
-            return value, grads
-        out: list[Any] = [None] * len(inputs)
-        for slot, g in zip(slots, grads, strict=True):
+        value, pullback = vjp(loss, *(inputs[slot] for slot in slots))
+        return value, self._placed(pullback(self._seed(value, scale)), len(inputs))
+
+    def _placed(self, grads: Any, n: int) -> list[Any]:
+        """The gradients of :attr:`diff_slots`, in order, as one entry per input (None for
+        the others)."""
+        out: list[Any] = [None] * n
+        for slot, g in zip(self.diff_slots, grads, strict=True):
             out[slot] = g
-        return value, out
+        return out
+
+    def _seed(self, value: Any, scale: float) -> Any:
+        """The loss's cotangent, ``scale``, as an array of the loss's dtype on its device."""
+        if self.on_cpu:
+            return np.array(scale, dtype=value.dtype)
+        # a fill, not a copy from the host: capturable in a CUDA graph
+        return self.backend.xp.full((), scale, dtype=value.dtype)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _ops_nn as ops_nn
+from .._ops_nn import PrimitiveCall
 from ._module import Module, Shape
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
@@ -27,6 +28,13 @@ class _Loss(Module):
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         return input_shapes[0] if self.reduction == "none" else ()
 
+    def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
+        """This loss of ``inputs`` as one primitive call, ``(primitive, args, params)``, after
+        the checks a call makes (raising as it would); None where it is more than one (then
+        differentiate the call itself). A loss actor differentiates it without a trace
+        (``primitive_vjp``)."""
+        return None
+
 
 @dataclass(frozen=True)
 class CrossEntropyLoss(_Loss):
@@ -38,6 +46,10 @@ class CrossEntropyLoss(_Loss):
     def __call__(self, params: Any, logits: Any, labels: Any, *, rng: Any = None) -> Any:
         return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
 
+    def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
+        logits, labels = inputs
+        return ops_nn.cross_entropy_call(logits, labels, self.reduction)
+
 
 @dataclass(frozen=True)
 class MSELoss(_Loss):
@@ -45,3 +57,7 @@ class MSELoss(_Loss):
 
     def __call__(self, params: Any, pred: Any, target: Any, *, rng: Any = None) -> Any:
         return ops_nn.mse_loss(pred, target, reduction=self.reduction)
+
+    def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
+        pred, target = inputs
+        return ops_nn.mse_loss_call(pred, target, self.reduction)
