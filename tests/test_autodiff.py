@@ -138,3 +138,16 @@ def test_a_loss_as_one_primitive_checks_as_its_call_does():
         ann.nn.CrossEntropyLoss().primitive_call(np.zeros((2, 3)), np.array([0, 5]))
     with pytest.raises(ValueError, match="differ"):
         ann.nn.MSELoss().primitive_call(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_a_subclass_that_changes_the_call_is_not_taken_for_the_primitive():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Halved(ann.nn.MSELoss):
+        def __call__(self, params, pred, target, *, rng=None):
+            return ops.multiply(super().__call__(params, pred, target), 0.5)
+
+    x = np.ones((2, 3))
+    assert Halved().primitive_call(x, 2 * x) is None
+    assert ann.nn.MSELoss().primitive_call(x, 2 * x) is not None

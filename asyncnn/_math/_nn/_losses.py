@@ -35,6 +35,11 @@ class _Loss(Module):
         (``primitive_vjp``)."""
         return None
 
+    def _calls_its_own(self, cls: type) -> bool:
+        # a subclass that changes the call (label smoothing, a weighting) is differentiated
+        # through its call, never as the primitive of the class it came from
+        return type(self).__call__ is cls.__call__
+
 
 @dataclass(frozen=True)
 class CrossEntropyLoss(_Loss):
@@ -47,6 +52,8 @@ class CrossEntropyLoss(_Loss):
         return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
+        if not self._calls_its_own(CrossEntropyLoss):
+            return None
         logits, labels = inputs
         return ops_nn.cross_entropy_call(logits, labels, self.reduction)
 
@@ -59,5 +66,7 @@ class MSELoss(_Loss):
         return ops_nn.mse_loss(pred, target, reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
+        if not self._calls_its_own(MSELoss):
+            return None
         pred, target = inputs
         return ops_nn.mse_loss_call(pred, target, self.reduction)
