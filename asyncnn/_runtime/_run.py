@@ -401,7 +401,13 @@ class Run:
 
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
-        """The current weights, optimizer states and versions (device arrays, not copies)."""
+        """The current weights, optimizer states and versions (device arrays, not copies).
+
+        With CUDA graphs active (:attr:`cuda_graphs_active`) the weights are the captures' own
+        buffers, which later updates write in place on the actors' streams: to keep them, copy
+        them once the run has drained (leaving ``open_run``'s block drains it), as ``fit``
+        does at epoch ends.
+        """
         params: dict[str, Any] = {}
         opt_states: dict[str, Any] = {}
         versions: dict[str, int] = {}
