@@ -404,9 +404,10 @@ class Run:
         """The current weights, optimizer states and versions (device arrays, not copies).
 
         With CUDA graphs active (:attr:`cuda_graphs_active`) the weights are the captures' own
-        buffers, which later updates write in place on the actors' streams: to keep them, copy
-        them once the run has drained (leaving ``open_run``'s block drains it), as ``fit``
-        does at epoch ends.
+        buffers, which later updates write in place on the actors' streams, and a key counts
+        as done (:meth:`drain`) once its work is queued there: copy them after leaving
+        ``open_run``'s block, which waits for every actor's work on the device (``fit`` also
+        waits for the actors' streams before its epoch-end copies).
         """
         params: dict[str, Any] = {}
         opt_states: dict[str, Any] = {}
