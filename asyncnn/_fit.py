@@ -165,8 +165,7 @@ class _FitState:
         if run.cuda_graphs_active:
             # a key counts as done once its work is queued: the snapshot copies the weights
             # that captured updates write on the actors' streams only after those have run
-            for actor in run.local.values():
-                await actor.wait_for_device()
+            await run.wait_for_devices()
 
     @trio.lowlevel.enable_ki_protection  # Ctrl-C waits: the trainer never holds half a state
     def _snapshot(self, run: Run) -> None:

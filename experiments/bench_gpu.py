@@ -262,15 +262,20 @@ def pipeline_section(dtypes: list[str], steps: int, repeats: int) -> list[dict[s
     return rows
 
 
-def profile_step(dtype: str, batch: int, steps: int) -> None:
-    """Prints where the host time of steady `Sync` steps goes (eager, then with CUDA graphs)."""
+def profile_step(
+    dtype: str, batch: int, steps: int, policy: Any = None, stages: int = 1,
+    graph_modes: tuple[bool, ...] = (False, True), label: str = "Sync",
+) -> None:  # fmt: skip
+    """Prints where the host time of steady steps goes (cProfile; `Sync` on one stage unless
+    ``policy`` and ``stages`` say otherwise), eager and with CUDA graphs (``graph_modes``)."""
     import cProfile
     import pstats
 
-    for graphs in (False, True):
+    for graphs in graph_modes:
         prof = cProfile.Profile()
-        t = steady_step(batch, dtype, steps, graphs, prof)
-        print(f"profile: {dtype} batch {batch} cuda_graphs={graphs}: {t * 1e3:.2f} ms per step")
+        t = steady_step(batch, dtype, steps, graphs, prof, policy, stages)
+        print(f"profile: {label}, {dtype} batch {batch} cuda_graphs={graphs}: "
+              f"{t * 1e3:.2f} ms per step")  # fmt: skip
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
         if graphs:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)

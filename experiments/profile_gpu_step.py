@@ -148,15 +148,9 @@ def busy_union(spans: list[tuple[float, float]]) -> float:
 def host_profile(dtype: str, batch: int, rows: list[int], steps: int = 60) -> None:
     """Where the host time of steady steps of section 3's ``rows`` goes (cProfile, by own
     time): at small batches the host, not the card, bounds a step of several actors."""
-    import cProfile
-    import pstats
-
     for index in rows:
         label, policy, stages, graphs = bench_gpu.PIPELINE_ROWS[index]
-        prof = cProfile.Profile()
-        per_step = bench_gpu.steady_step(batch, dtype, steps, graphs, prof, policy, stages)
-        print(f"--- host profile, {dtype} batch {batch} {label}: {per_step * 1e3:.3f} ms per step")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        bench_gpu.profile_step(dtype, batch, steps, policy, stages, (graphs,), label)
 
 
 #: the Chrome trace categories of the device's own work (PyTorch's profiler, Kineto)

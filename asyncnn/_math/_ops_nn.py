@@ -283,10 +283,11 @@ def _check_reduction(op: str, reduction: str) -> None:
 
 def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall | None:
     """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks, where it is one
-    primitive call (numpy labels); None where it is more (labels on a GPU)."""
-    labels, _ = _checked_labels(logits, labels, reduction)
-    if not isinstance(labels, np.ndarray):
+    primitive call (numpy labels); None where it is more (labels on a GPU: its call checks
+    them)."""
+    if not isinstance(raw(labels), np.ndarray):
         return None
+    labels, _ = _checked_labels(logits, labels, reduction)
     return _P["cross_entropy"], (logits, labels), {"reduction": reduction}
 
 

@@ -212,7 +212,6 @@ class _Entry:
         self.grads: Any = None
         self.keep: list[Any] = []
         self.params: list[Any] = []  # stashing: its slot's copy of the weights
-        self.slot = 0  # stashing: the slot of the key whose backward comes next
         self.key: Any = None  # its key in the owner's entries: (signature, slot)
 
     def pull(self, g: Any) -> Any:
@@ -290,8 +289,7 @@ class ActorGraphs:
             return actor._vjp(params, xs, rng)
 
         def reload(entry: _Entry) -> None:
-            if not self._static_params():
-                self._adopt()
+            self._reload_params()
             base._load(entry.xs, xs)
 
         sig = base._signature(xs)
@@ -326,7 +324,6 @@ class ActorGraphs:
                 reload,
             )
             if entry is not None:
-                entry.slot = slot
                 entry.forward.launch(actor.stream)
                 return tree_copy(entry.out), entry.pull
         except BaseException:
@@ -374,7 +371,7 @@ class ActorGraphs:
         try:
             param_grads, input_grads = self._backward(entry, g)
         finally:
-            base.busy.discard(entry.slot)  # later launches on this stream come after this one
+            base.busy.discard(entry.key[1])  # later launches on this stream come after this one
         # the graph writes the inputs' gradients again at the slot's next backward, which
         # nothing orders after the producer's use of them: they leave as copies
         return param_grads, tree_copy(list(input_grads))

@@ -80,8 +80,7 @@ async def finish_run(run: Run) -> None:
     """The end of a run that went well: drains it, waits for the local actors' GPU work (done
     before anyone reads it), and tells every actor to stop."""
     await run.drain()
-    for actor in run.local.values():
-        await actor.wait_for_device()
+    await run.wait_for_devices()
     await _stop_all(run)
 
 
@@ -238,8 +237,7 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             yield
             await share.end(run)
             await stopped.wait()
-            for actor in run.local.values():
-                await actor.wait_for_device()
+            await run.wait_for_devices()
             await share.actors_stopped(run)
             await share.settle(run)
             if watchdog is not None:

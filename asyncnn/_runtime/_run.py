@@ -252,6 +252,13 @@ class Run:
         elif self.in_flight:
             await self._wait_until(lambda: self.in_flight == 0)
 
+    async def wait_for_devices(self) -> None:
+        """Waits until the device work this process's actors have queued is done (on a GPU a
+        key counts as done, for :meth:`wait_idle` and :meth:`drain`, once its work is queued
+        on the actors' streams); at once on the CPU."""
+        for actor in self.local.values():
+            await actor.wait_for_device()
+
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
@@ -405,9 +412,9 @@ class Run:
 
         With CUDA graphs active (:attr:`cuda_graphs_active`) the weights are the captures' own
         buffers, which later updates write in place on the actors' streams, and a key counts
-        as done (:meth:`drain`) once its work is queued there: copy them after leaving
-        ``open_run``'s block, which waits for every actor's work on the device (``fit`` also
-        waits for the actors' streams before its epoch-end copies).
+        as done (:meth:`drain`) once its work is queued there: copy them after
+        :meth:`wait_for_devices`, with no key admitted since, or after leaving ``open_run``'s
+        block (as ``fit`` does for its snapshots).
         """
         params: dict[str, Any] = {}
         opt_states: dict[str, Any] = {}
