@@ -26,7 +26,7 @@ import asyncnn as ann
 import asyncnn.backends
 from asyncnn import nn, optim, policies
 from asyncnn._math._pytree import tree_flatten, tree_unflatten
-from asyncnn._runtime import _actors, _capture, _loss_actor
+from asyncnn._runtime import _actors, _capture, _capture_loss, _loss_actor
 
 from _reference import assert_params_equal
 
@@ -130,7 +130,7 @@ def emulated(monkeypatch):
     def loss(self, ctx, node):
         loss_init(self, ctx, node)
         if ctx.cuda_graphs:
-            self.graphs = _capture.LossGraphs(self)
+            self.graphs = _capture_loss.LossGraphs(self)
             self.direct = False
             control["actors"].append(self)
 

@@ -14,7 +14,7 @@ from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import primitive_vjp, vjp
 
 from ._actor_base import _Actor
-from ._capture import LossGraphs
+from ._capture_loss import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
 
 if TYPE_CHECKING:
