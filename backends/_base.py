@@ -137,6 +137,17 @@ class Backend(abc.ABC):
         """An event marking the work queued so far on ``stream`` (``None`` on the CPU)."""
         return None
 
+    def timing_event(self, stream: Any = None) -> Any:
+        """An event on ``stream`` that marks a moment on the device's own clock, for
+        :meth:`elapsed`; ``None`` where work runs on the host (the CPU: the host's clock
+        times it)."""
+        return None
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        """Seconds of the device's clock from ``start`` to ``end``, two :meth:`timing_event`
+        events of this device (``end`` complete, or this waits for it)."""
+        raise NotImplementedError(f"{self.device} has no clock of its own: time it on the host")
+
     def launch(
         self, fn: Callable[..., Any], args: tuple[Any, ...], stream: Any, after: Sequence[Any]
     ) -> tuple[Any, Any]:

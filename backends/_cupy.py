@@ -270,6 +270,16 @@ class CupyBackend(Backend):
             event.record(stream)
             return event
 
+    def timing_event(self, stream: Any = None) -> Any:
+        with self._cuda_device:
+            event = cupy.cuda.Event()  # (timing on: the default)
+            event.record(stream)
+            return event
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        end.synchronize()
+        return float(cupy.cuda.get_elapsed_time(start, end)) / 1e3
+
     def launch(
         self, fn: Callable[..., Any], args: tuple[Any, ...], stream: Any, after: Sequence[Any]
     ) -> tuple[Any, Any]:

@@ -185,7 +185,7 @@ def test_policy_methods_state_each_decision():
     )
     assert policies.Sync().allows_capture(3, traced=False)
     assert policies.OneFOneB(1).allows_capture(3, traced=False)
-    assert not policies.Sync().allows_capture(3, traced=True)
+    assert policies.Sync().allows_capture(3, traced=True)  # the trace copies behind the graphs
     assert policies.GPipe(4).allows_capture(3, traced=False)  # flushes: graphs per key
     assert policies.OneFOneB(4).allows_capture(3, traced=False)
     # keys streaming: the latest weights (recomputed) or a stash (a slot per key in flight)
@@ -193,7 +193,7 @@ def test_policy_methods_state_each_decision():
     assert policies.PipeDream(1, stash=False).allows_capture(3, traced=False)
     assert policies.Async(1).allows_capture(3, traced=False)
     assert policies.Async(1, stash=True).allows_capture(3, traced=False)
-    assert not policies.Async(1).allows_capture(3, traced=True)
+    assert policies.Async(1).allows_capture(3, traced=True)
     assert policies.Sync().minibatch_done(2, 2) and not policies.Sync().minibatch_done(1, 2)
 
 
@@ -235,7 +235,10 @@ def test_replay_policy_keeps_the_recorded_meaning_and_orders():
     assert rp.split(7) == recorded.split(7) and rp.microbatches == 3 and not rp.stash
     assert rp.max_in_flight(2) == 9 and not rp.keeps_pullback()
     assert rp.update_due(1, False) and rp.loss_cotangent(2, 6) == recorded.loss_cotangent(2, 6)
-    assert not rp.waits_between_minibatches() and not rp.allows_capture(1, traced=False)
+    assert not rp.waits_between_minibatches()
+    # captured as the recorded run was (the same order: the same captures)
+    assert rp.allows_capture(1, traced=True) == recorded.allows_capture(1, traced=True)
+    assert not policies.Replay(policies.PipeDream2BW(2), {}).allows_capture(1, traced=True)
     assert not rp.delivers("stage0") and policies.Replay(recorded, {}).delivers("stage0")
     assert rp.to_spec() == recorded.to_spec()
     order = rp.order_for("stage0", 0, 2)

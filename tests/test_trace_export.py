@@ -12,6 +12,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import optim, policies
+from asyncnn._tracing._summary import format_summary
 
 from _reference import chain_graph
 
@@ -208,3 +209,55 @@ def test_summary_plots(async_run: Any, tmp_path: Path) -> None:
     assert sorted(Path(p).name for p in s["plots"]) == ["busy.png", "in_flight.png"]
     for p in s["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_events_become_a_row_under_each_gpu_actor(gpipe_run: Any, tmp_path: Path) -> None:
+    # a traced GPU actor writes "device" events (when its work ran on the device's clock);
+    # here added to a CPU run's trace, as well-framed records
+    from asyncnn._runtime._traceformat import encode_record
+
+    path, _ = gpipe_run
+    spans = {"stage0": [[0.010, 0.012], [0.0125, 0.013]], "stage1": [[0.011, 0.014]]}
+    extra = [
+        {"t": 0.02, "a": a, "ev": "device", "k": "forward", "key": 0, "seq": 0, "m": {"spans": sp}}
+        for a, sp in spans.items()
+    ]
+    crafted = tmp_path / "with_device.trace"
+    crafted.write_bytes(path.read_bytes() + b"".join(encode_record(r) for r in extra))
+    counts, events = _export(crafted, tmp_path)
+    assert counts["device_slices"] == 3
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    order = {
+        e["tid"]: e["args"]["sort_index"] for e in events if e.get("name") == "thread_sort_index"
+    }
+    rows = {name: tid for tid, name in names.items()}
+    for actor, sp in spans.items():
+        row = rows[f"{actor} (device)"]
+        own = next(tid for tid, name in names.items() if name.split(" ")[0] == actor and tid != row)
+        assert order[row] == order[own] + 1  # right under the actor's own row
+        got = [(e["ts"], e["dur"]) for e in events if e["ph"] == "X" and e["tid"] == row]
+        assert got == [(round(a * 1e6, 3), round((b - a) * 1e6, 3)) for a, b in sp]
+    # the other rows keep their order: the scheduler first, then the graph's nodes
+    assert sorted(order.values()) == sorted(set(order.values()))
+    assert counts["slices"] == ann.trace.to_chrome(path, tmp_path / "plain.json")["slices"]
+
+
+def test_summary_measures_the_overlap_of_device_work(gpipe_run: Any, tmp_path: Path) -> None:
+    from asyncnn._runtime._traceformat import encode_record
+
+    path, _ = gpipe_run
+    spans = {"stage0": [[0.0, 2.0], [3.0, 4.0]], "stage1": [[1.0, 3.5]], "stage2": [[5.0, 6.0]]}
+    extra = [
+        {"t": 0.02, "a": a, "ev": "device", "k": "forward", "key": 0, "seq": 0, "m": {"spans": sp}}
+        for a, sp in spans.items()
+    ]
+    crafted = tmp_path / "with_device.trace"
+    crafted.write_bytes(path.read_bytes() + b"".join(encode_record(r) for r in extra))
+    s = ann.trace.summary(crafted)
+    assert s["actors"]["stage0"]["device_busy_seconds"] == 3.0
+    assert s["actors"]["stage1"]["device_busy_seconds"] == 2.5
+    # the chain's nodes are on "cpu" in its header: one device; busy 6.5 s over 5 s covered
+    ((device, use),) = s["devices"].items()
+    assert use == {"busy_seconds": 6.5, "active_seconds": 5.0, "overlap": 1.3}
+    assert f"{device}: actors' work ran 5.000 s" in format_summary(s)
+    assert ann.trace.summary(path)["devices"] == {}

@@ -454,6 +454,9 @@ _BAD_RECORDS = [
         "pl": [b"\x00" * 3],
     },  # fmt: skip
     {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": "tensor"},
+    {"t": 1.0, "a": "stage0", "ev": "device", "key": 0, "m": {"spans": [[0.2, 0.1]]}},
+    {"t": 1.0, "a": "stage0", "ev": "device", "key": 0, "m": {"spans": [[0.1, "later"]]}},
+    {"t": 1.0, "a": "stage0", "ev": "device", "key": 0, "m": {"spans": 0.1}},
     {"t": float("nan"), "a": "x", "ev": "send"},
     {"format": "asyncnn-trace", "version": 1},  # a second header
     {"state": {}},  # a second state record

@@ -18,6 +18,7 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import get_backend, parse_device
 
 from ._messages import BACKWARD, FORWARD, Message
+from ._recorder import Pending
 from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
@@ -230,6 +231,11 @@ class _Actor:
         self.events: dict[int, list[Any]] = {}
         self.after: list[Any] = []
         self.last_event: Any = None
+        #: a traced GPU actor's work since its last op ended, as device timing events (the
+        #: trace's "device" events); None elsewhere
+        self.spans: list[tuple[Any, Any]] | None = (
+            [] if ctx.recorder is not None and not self.on_cpu else None
+        )
         self.keepalive: deque[tuple[Any, Any]] = deque()
         self.born = time.perf_counter()
         self.delivers = ctx.policy.delivers(self.name)
@@ -291,6 +297,22 @@ class _Actor:
         inbox, must never run beside it). No actor does by default."""
         return False
 
+    def _for_trace(self, tensors: tuple[Any, ...]) -> Any:
+        """What the trace's writer may read later of the tensors sent: CPU arrays as they are
+        (nothing writes into them again); a GPU actor's, copies to the host queued on its
+        stream behind the work that made them (:class:`Pending`: the writer waits, this actor
+        does not); and where graphs are replayed, whose next launch writes over the buffers
+        handed out, such copies in any case."""
+        if self.on_cpu:
+            if getattr(self, "graphs", None) is None:
+                return tensors
+            return tuple(None if t is None else t.copy() for t in tensors)
+        backend = self.backend
+        with backend.activate(self.stream):
+            hosts = tuple(None if t is None else backend.to_host_async(t) for t in tensors)
+            event = backend.record_event(self.stream)
+        return Pending(hosts, event.synchronize)
+
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")
 
@@ -299,8 +321,8 @@ class _Actor:
         rec = self.ctx.recorder
         if rec is not None:
             rec.event(
-                self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq, msg.tensors,
-                rec.payloads == "all", {"slot": msg.slot},
+                self.name, "send", msg.kind, msg.key, msg.version, msg.dst, self.seq,
+                self._for_trace(msg.tensors), rec.payloads == "all", {"slot": msg.slot},
             )  # fmt: skip
         if not self.delivers:
             return  # the policy records this actor's sends only (an actor replayed alone)
@@ -350,6 +372,8 @@ class _Actor:
                 return fn(*args)
             return await self.ctx.pool.run(self.device, fn, *args, cost=cost)
         after, self.after = self.after, []
+        if self.spans is not None:  # a trace: when the work runs, on the device's clock
+            fn, args = _timed, (self.backend, self.spans, fn, *args)
         result, event = await self.ctx.pool.enqueue(
             self.device, fn, *args, stream=self.stream, after=after
         )
@@ -359,6 +383,13 @@ class _Actor:
         while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
             self.keepalive.popleft()
         return result
+
+    def _record_device(self, rec: Any, kind: str, key: int, seq: int) -> None:
+        """The trace's "device" event of the op just ended: when its work ran on the device."""
+        if self.spans:
+            spans, self.spans = self.spans, []
+            rec.event(self.name, "device", kind, key, -1, "", seq,
+                      meta={"spans": rec.device_spans(self.backend, spans)})  # fmt: skip
 
     async def wait_for_device(self) -> None:
         """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
@@ -398,3 +429,12 @@ class _Actor:
         w = self.waiting_for
         what = f"{w[0]} of key {w[1]}" if isinstance(w, tuple) else w
         return f"waiting for {what}{held}{extra}"
+
+
+def _timed(backend: Any, spans: list[tuple[Any, Any]], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` between two timing events on the current stream (inside a launch: the
+    actor's, after the events it waits for), noted in ``spans``."""
+    start = backend.timing_event()
+    result = fn(*args)
+    spans.append((start, backend.timing_event()))
+    return result

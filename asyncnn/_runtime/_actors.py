@@ -327,6 +327,7 @@ class LayerActor(WeightVersions):
         self.computing = None
         if rec is not None:
             rec.event(self.name, "end", rec_kind, key, self.version, "", self.seq, meta=rec_meta)
+            self._record_device(rec, rec_kind, key, self.seq)
         self.seq += 1
         end = time.perf_counter()
         self.stats.busy_seconds += end - start

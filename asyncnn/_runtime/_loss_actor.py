@@ -16,6 +16,7 @@ from asyncnn._math._autodiff import primitive_vjp, vjp
 from ._actor_base import _Actor
 from ._capture_loss import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
+from ._recorder import Later
 
 if TYPE_CHECKING:
     from ._context import ActorContext
@@ -111,8 +112,9 @@ class LossActor(_Actor):
             fn = functools.partial(self.graphs.value_and_grads, slot=self.graphs.slot(meta))
         # On a GPU the host reads the value later (a copy to host memory is queued behind the
         # loss): the gradients leave first, so the device never idles while the host waits. A
-        # check for NaN, or a trace (whose event carries the value), reads it now.
-        now = self.on_cpu or self.ctx.checks_finite or self.ctx.recorder is not None
+        # check for NaN reads it now; a trace's event carries the copy, which its writer reads
+        # once it has landed.
+        now = self.on_cpu or self.ctx.checks_finite
         loss = 0.0
         if now:
             value, grads = await self.compute(fn, inputs, scale, cost=0)
@@ -125,12 +127,12 @@ class LossActor(_Actor):
             value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         await self._send_grads(key, 0, grads, meta)
         self.stats.forwards += 1
-        if now:
-            if self.ctx.recorder is not None:  # the end comes after the sends, as for layers
-                self.ctx.recorder.event(
-                    self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": loss}
-                )
-        else:
+        rec = self.ctx.recorder
+        if rec is not None:  # the end comes after the sends, as for layers
+            recorded = loss if now else Later(functools.partial(_landed, value, self.last_event))
+            rec.event(self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": recorded})
+            self._record_device(rec, FORWARD, key, self.seq)
+        if not now:
             self.unread.append((key, value, self.last_event, meta))
             # read what has landed; past MAX_UNREAD keys ahead of the device the host waits
             while self.unread and (
@@ -151,7 +153,8 @@ class LossActor(_Actor):
         await self.ctx.pool.wait(event, device=self.device)
         self.unread.popleft()
         loss = float(value)
-        self.spare.append(value)
+        if self.ctx.recorder is None:  # (a trace's writer may not have read it yet)
+            self.spare.append(value)
         self.ctx.loss_reported(key, loss, meta)
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
@@ -191,3 +194,10 @@ class LossActor(_Actor):
             return np.array(scale, dtype=value.dtype)
         # a fill, not a copy from the host: capturable in a CUDA graph
         return self.backend.xp.full((), scale, dtype=value.dtype)
+
+
+def _landed(value: Any, event: Any) -> float:
+    """A loss value whose copy to the host ``event`` marks, once it has landed (for the trace's
+    writer, which may wait)."""
+    event.synchronize()
+    return float(value)

@@ -348,7 +348,7 @@ class Policy(abc.ABC):
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
         """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``),
-        never with a trace or a split backward, and only where forwards and backwards compute
+        never with a split backward, and only where forwards and backwards compute
         at the latest weights or a stash of them (none pinned, predicted or corrected: the
         graphs read the weights in place, or a copy taken at the forward). Then: with flushes
         between minibatches, a fixed order and no update inside a minibatch of several keys
@@ -356,8 +356,9 @@ class Policy(abc.ABC):
         minibatch); or, keys streaming on, with a stash (each key in flight has graphs and a
         copy of the weights of its own at each actor, while its backward is due) or without
         (the backward recomputes at the latest weights); what leaves an actor is then copied
-        out of its graphs."""
-        if traced or self.splits_backward():
+        out of its graphs. A trace (``traced``) does not matter to the built-in policies: what
+        an actor sends is copied to the host for the trace behind its graphs' work."""
+        if self.splits_backward():
             return False
         if (
             self.versions_kept()

@@ -4,7 +4,12 @@ Actors call :meth:`Recorder.event` on the hot path: it only appends a tuple to a
 thread turns the tuples into records (digests of the tensor bytes, payloads where asked), frames
 them (see ``_traceformat``) and writes them through a buffer. Arrays handed to the recorder are
 never modified afterwards by the runtime (updates make new arrays), so the thread may read them
-later.
+later. Where that does not hold (a GPU actor's outputs, or the buffers a replayed CUDA graph
+writes again at its next launch), the actor hands over a :class:`Pending`: host copies queued on
+its own stream behind the work that made the tensors, and an event the writer waits for before
+reading them. The actor never waits for the copy, and the digests stay those of the bytes (the
+same function on every device, so ``trace diff`` compares a captured GPU run with an eager or a
+CPU one).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import platform
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +29,42 @@ from asyncnn.backends import to_numpy
 from ._config import PAYLOAD_MODES
 from ._traceformat import FORMAT, VERSION, encode_record
 
-__all__ = ["PAYLOAD_MODES", "Recorder", "describe_arrays", "digest"]
+__all__ = ["PAYLOAD_MODES", "Later", "Pending", "Recorder", "describe_arrays", "digest"]
+
+
+class Pending:
+    """Host copies of an event's tensors (or of a value in its ``meta``) that a device is still
+    writing: the trace's writer calls ``wait()`` (on its own thread) before it reads them.
+
+    Args:
+        arrays: the host arrays being written (``None`` entries stay ``None``).
+        wait: blocks until they are written (a device event's ``synchronize``).
+    """
+
+    __slots__ = ("arrays", "wait")
+
+    def __init__(self, arrays: tuple[Any, ...], wait: Any) -> None:
+        self.arrays = arrays
+        self.wait = wait
+
+    def ready(self) -> tuple[Any, ...]:
+        """The arrays, once written."""
+        self.wait()
+        return self.arrays
+
+
+class Later:
+    """A value of an event's ``meta`` that the trace's writer computes (on its own thread, so it
+    may wait for the device): ``resolve()`` gives it.
+
+    Args:
+        resolve: gives the value (a loss read once its copy has landed, device times).
+    """
+
+    __slots__ = ("resolve",)
+
+    def __init__(self, resolve: Callable[[], Any]) -> None:
+        self.resolve = resolve
 
 
 def digest(array: Any) -> int:
@@ -118,6 +159,7 @@ class Recorder:
         self._error: BaseException | None = None
         self.events = 0
         self.bytes = 0
+        self._clocks: dict[str, tuple[Any, float]] = {}
         head = {
             "format": FORMAT,
             "version": VERSION,
@@ -132,6 +174,32 @@ class Recorder:
     def _write(self, data: bytes) -> None:
         self._file.write(data)
         self.bytes += len(data)
+
+    def device_spans(self, backend: Any, spans: list[tuple[Any, Any]]) -> Later:
+        """When ``spans`` (pairs of ``backend.timing_event`` events around queued work) ran on
+        the device's clock, as ``[[start, end], ...]`` in this trace's seconds, for an event's
+        ``meta``: the writer reads the times once the work has finished."""
+        base, at = self._device_clock(backend)
+
+        def times() -> list[list[float]]:
+            return [
+                [at + backend.elapsed(base, a), at + backend.elapsed(base, b)] for a, b in spans
+            ]
+
+        return Later(times)
+
+    def _device_clock(self, backend: Any) -> tuple[Any, float]:
+        """An event of ``backend``'s device and the trace time it completed at: where the
+        device's clock meets the trace's. Read once per device (one wait for it, at the first
+        traced work there): the device idle, the event completes as it is recorded."""
+        name = str(backend.device)
+        clock = self._clocks.get(name)
+        if clock is None:
+            backend.synchronize()
+            event = backend.timing_event()
+            backend.elapsed(event, event)  # (waits for it)
+            clock = self._clocks[name] = (event, time.perf_counter() - self.t0)
+        return clock
 
     def state(self, params: Any, opt_states: Any, versions: Any, pending: Any = None) -> None:
         """Records the weights, optimizer states and not yet applied gradients the run starts
@@ -188,11 +256,15 @@ class Recorder:
                 if seq >= 0:
                     rec["seq"] = seq
                 if tensors is not None:
+                    if type(tensors) is Pending:
+                        tensors = tensors.ready()
                     info, payloads = describe_arrays(tensors, payload)
                     rec["x"] = info
                     if payloads:
                         rec["pl"] = payloads
                 if meta:
+                    if any(type(v) is Later for v in meta.values()):
+                        meta = {k: v.resolve() if type(v) is Later else v for k, v in meta.items()}
                     rec["m"] = meta
                 self._write(encode_record(rec))
                 self.events += 1

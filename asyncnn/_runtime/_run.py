@@ -539,8 +539,8 @@ async def open_run(
             its input shapes repeat, and replay them (far fewer kernel launches at small
             batches). Used where :meth:`Policy.allows_capture` says (flushes between
             minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
-            ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), without a trace; elsewhere,
-            and on CPU actors, the run is eager
+            ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), with or without a trace;
+            elsewhere, and on CPU actors, the run is eager
             (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
         config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
             own); the separate options must then keep their defaults.

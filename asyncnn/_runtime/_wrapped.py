@@ -173,7 +173,12 @@ class Replay(WrappedPolicy):
         return self.isolated is None
 
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
-        return False  # a replay checks every message against the trace: eager
+        # As the recorded run did (the replay passes its cuda_graphs on): the replay follows
+        # each actor's recorded order, so every actor sees the same input signatures in the
+        # same order, and captures, replays, evicts and takes slots exactly as the run did. A
+        # captured kernel need not equal its eager launch bit for bit (16-bit products), so
+        # replaying a captured run eagerly would not check it.
+        return self.recorded.allows_capture(num_stages, traced)
 
     def to_spec(self) -> dict[str, Any]:
         return self.recorded.to_spec()  # a replay's trace reads as the recorded run's

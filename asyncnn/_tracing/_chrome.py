@@ -2,7 +2,9 @@
 
 One row (thread) per actor; a complete slice per compute; flow arrows from each send to the
 compute that consumed the message; counters for keys in flight and, per layer, stored activations
-and parameter versions held. Written while the trace streams by, so memory stays bounded by
+and parameter versions held. A GPU actor of a traced run has a second row, "(device)", under
+its own: when its queued work ran on the device's clock (its "device" events), so the overlap
+of actors on one GPU shows beside the host's view. Written while the trace streams by, so memory stays bounded by
 what is in flight, not by the length of the run. See "What you see in Perfetto" in
 docs/trace_format.md.
 """
@@ -70,7 +72,8 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
     microseconds since the run started.
 
     Returns:
-        Counts of what was written: ``slices`` (computes), ``flows`` (messages with an arrow),
+        Counts of what was written: ``slices`` (computes), ``device_slices`` (work on a
+        device's clock), ``flows`` (messages with an arrow),
         ``unmatched_sends`` (sends whose receive is not in the trace: a truncated or failed run),
         ``events`` (JSON events in all).
 
@@ -93,15 +96,18 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
             emit = _Writer(f)
             emit({"ph": "M", "pid": _PID, "name": "process_name", "args": {"name": "asyncnn run"}})
 
-            def tid(actor: str) -> int:
-                if actor not in tids:
-                    tids[actor] = len(tids) + 1
-                    name = actor if actor not in kinds else f"{actor} ({kinds[actor]})"
-                    emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_name",
+            def tid(actor: str, device: bool = False) -> int:
+                row = f"{actor} (device)" if device else actor
+                if row not in tids:
+                    # an actor's device row sorts right under its own
+                    order = 2 * tid(actor) + 1 if device else 2 * (len(tids) + 1)
+                    tids[row] = len(tids) + 1
+                    name = row if device or actor not in kinds else f"{actor} ({kinds[actor]})"
+                    emit({"ph": "M", "pid": _PID, "tid": tids[row], "name": "thread_name",
                           "args": {"name": name}})  # fmt: skip
-                    emit({"ph": "M", "pid": _PID, "tid": tids[actor], "name": "thread_sort_index",
-                          "args": {"sort_index": tids[actor]}})  # fmt: skip
-                return tids[actor]
+                    emit({"ph": "M", "pid": _PID, "tid": tids[row], "name": "thread_sort_index",
+                          "args": {"sort_index": order}})  # fmt: skip
+                return tids[row]
 
             # rows in graph order: the scheduler, then the nodes as the graph lists them
             tid("scheduler")
@@ -127,7 +133,7 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
     # received messages awaiting the compute that consumes them, per (actor, kind, key)
     waiting: dict[tuple[str, str, int], list[tuple[int, dict[str, Any], float]]] = {}
     next_id = 1
-    slices = flows = 0
+    slices = flows = device_slices = 0
     t_last = 0.0
 
     def end_flow(fid: int, actor: str, ts: float) -> None:
@@ -197,6 +203,14 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                     emit(s_event)
                 else:
                     waiting.setdefault((a, kind, key), []).append((fid, s_event, t))
+        elif ev == "device":
+            row = tid(a, device=True)
+            for start_t, end_t in e.meta.get("spans", []):
+                ts = _us(float(start_t))
+                emit({"ph": "X", "cat": "device", "name": f"{kind} k{key}", "pid": _PID,
+                      "tid": row, "ts": ts, "dur": max(0.0, round(_us(float(end_t)) - ts, 3)),
+                      "args": {"key": key, "seq": e.get("seq")}})  # fmt: skip
+                device_slices += 1
         elif ev == "update":
             emit({"ph": "i", "s": "t", "cat": "update", "name": f"update → v{e.get('v')}",
                   "pid": _PID, "tid": tid(a), "ts": _us(t), "args": {"version": e.get("v")}})  # fmt: skip
@@ -225,4 +239,9 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             emit(s_event)
             end_flow(fid, a, _us(t))
     unmatched = sum(len(q) for q in sends.values())
-    return {"slices": slices, "flows": flows, "unmatched_sends": unmatched}
+    return {
+        "slices": slices,
+        "device_slices": device_slices,
+        "flows": flows,
+        "unmatched_sends": unmatched,
+    }

@@ -51,8 +51,20 @@ _META: dict[str, type | tuple[type, ...]] = {
     "loss": (int, float),
     "error": str,
     "workers": list,
+    "spans": list,
 }
 _DTYPES: dict[str, int] = {}  # dtype strings seen valid -> item size
+
+
+def _is_span(s: Any) -> bool:
+    return (
+        isinstance(s, list)
+        and len(s) == 2
+        and all(isinstance(t, int | float) and not isinstance(t, bool) for t in s)
+        and math.isfinite(s[0])
+        and math.isfinite(s[1])
+        and s[0] <= s[1]
+    )
 
 
 def _dtype_size(d: str) -> int | None:
@@ -107,6 +119,11 @@ def check_event(rec: dict[str, Any], where: str) -> None:
                 raise TraceFormatError(
                     f"{where}: m[{name!r}] is {type(value).__name__} {value!r:.60}, expected "
                     f"{_type_name(kind)}"
+                )
+            if name == "spans" and not all(_is_span(s) for s in value):
+                raise TraceFormatError(
+                    f"{where}: m['spans'] is {value!r:.60}, expected a list of [start, end] "
+                    "pairs of finite numbers, start <= end"
                 )
     x = rec.get("x")
     if x is not None:

@@ -7,6 +7,7 @@ summarised; the plots (optional) keep one interval per compute.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,29 @@ def node_kinds(header: dict[str, Any]) -> dict[str, str]:
     if not isinstance(graph, dict):
         return {}
     return {str(n["name"]): str(n.get("kind", "")) for n in graph.get("nodes", []) if "name" in n}
+
+
+def node_devices(header: dict[str, Any]) -> dict[str, str]:
+    """``{node name: its device}`` from the header's graph spec (empty without)."""
+    graph = header.get("graph")
+    if not isinstance(graph, dict):
+        return {}
+    return {
+        str(n["name"]): str(n["device"])
+        for n in graph.get("nodes", [])
+        if "name" in n and "device" in n
+    }
+
+
+def _union_seconds(starts: array[float], ends: array[float]) -> float:
+    """The time covered by the intervals ``[starts[i], ends[i]]``."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(zip(starts, ends, strict=True)):
+        if b <= reach:
+            continue
+        total += b - max(a, reach)
+        reach = b
+    return total
 
 
 def sent_bytes(e: Event) -> int:
@@ -113,9 +137,18 @@ class _Actor:
     staleness: list[int] = field(default_factory=list)
     peak_stored: int = 0
     peak_versions_held: int = 0
+    device_busy: float = 0.0
     open: tuple[float, str, int] | None = None
     fwd_version: dict[int, int] = field(default_factory=dict)
     intervals: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+def _device_use(busy: float, active: float) -> dict[str, float]:
+    return {
+        "busy_seconds": busy,
+        "active_seconds": active,
+        "overlap": busy / active if active > 0 else 0.0,
+    }
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -143,7 +176,12 @@ def summary(
         ``busy_fraction``, ``forwards``, ``backwards``, ``updates``, ``messages_in``,
         ``messages_out``, ``bytes_out``, ``staleness_mean`` / ``staleness_max`` (over its
         backwards: its version at the backward minus its version at the key's forward),
-        ``peak_stored`` and ``peak_versions_held``.
+        ``peak_stored`` and ``peak_versions_held``, and ``device_busy_seconds`` (the time
+        its work ran on its device's clock: a traced GPU actor's "device" events; 0 without).
+        ``devices``: per device that "device" events name, ``busy_seconds`` (the sum over
+        its actors), ``active_seconds`` (the time at least one of them ran) and ``overlap``
+        (their ratio: how many actors' work ran at once on average, 1.0 when none
+        overlapped).
     """
     keep = plots is not None
     reader = open_trace(path)
@@ -160,6 +198,9 @@ def summary(
     flight: list[tuple[float, int]] = [(0.0, 0)]
     flight_area = 0.0
     flight_max = 0
+    devices = node_devices(reader.header)
+    # each device's spans of work, for the time any ran (a union: kept until the end)
+    spans: dict[str, tuple[array[float], array[float]]] = {}
     for e in reader:
         events += 1
         t = float(e.get("t", t_last))
@@ -199,6 +240,12 @@ def summary(
             st.bytes_out += sent_bytes(e)
         elif ev == "update":
             st.updates += 1
+        elif ev == "device":
+            starts, ends = spans.setdefault(devices.get(a, "device"), (array("d"), array("d")))
+            for t0, t1 in e.meta.get("spans", []):
+                starts.append(float(t0))
+                ends.append(float(t1))
+                st.device_busy += float(t1) - float(t0)
         elif ev == "start":
             kind, key = e.kind, e.key
             st.open = (t, kind, key)
@@ -241,6 +288,7 @@ def summary(
             "staleness_max": max(st.staleness, default=0),
             "peak_stored": st.peak_stored,
             "peak_versions_held": st.peak_versions_held,
+            "device_busy_seconds": st.device_busy,
         }
     policy = reader.header.get("policy")
     result: dict[str, Any] = {
@@ -261,6 +309,15 @@ def summary(
         },
         "errors": errors,
         "actors": out_actors,
+        "devices": {
+            device: _device_use(
+                sum(
+                    st.device_busy for n, st in actors.items() if devices.get(n, "device") == device
+                ),
+                _union_seconds(*got),
+            )
+            for device, got in spans.items()
+        },
         "plots": [],
     }
     if plots is not None:
@@ -362,6 +419,11 @@ def format_summary(s: dict[str, Any]) -> str:
         "stale: gradient staleness mean/max in versions (version at backward minus version at "
         "forward); stored, vers: peak activations stored and parameter versions held"
     )
+    for device, use in s.get("devices", {}).items():
+        lines.append(
+            f"{device}: actors' work ran {use['active_seconds']:.3f} s of the device's clock, "
+            f"{use['busy_seconds']:.3f} s in all: {use['overlap']:.2f} actors at once on average"
+        )
     for err in s["errors"]:
         lines.append(f"error: {err}")
     for p in s["plots"]:

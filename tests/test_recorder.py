@@ -1,0 +1,74 @@
+"""The trace recorder (``asyncnn/_runtime/_recorder.py``): what a device is still writing is read
+only once it has landed, and device clocks land on the trace's clock."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import asyncnn as ann
+from asyncnn._runtime._recorder import Later, Pending, Recorder, digest
+
+
+def _events(path: Path) -> list[Any]:
+    return [e for e in ann.trace.read(path).events]
+
+
+def test_a_pending_copy_is_read_after_it_lands_and_a_later_value_resolved(tmp_path: Path) -> None:
+    # a device copy that lands only when waited for: before the wait, the host array holds
+    # zeros; the digest must be that of the landed bytes
+    landed = np.arange(6, dtype=np.float32).reshape(2, 3)
+    host = np.zeros_like(landed)
+    waited = threading.Event()
+
+    def wait() -> None:
+        host[...] = landed
+        waited.set()
+
+    rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
+    rec.event("stage0", "send", "forward", 0, 0, "loss", 0, Pending((host, None), wait), True)
+    rec.event("loss", "end", "forward", 0, 0, "", 0, meta={"loss": Later(lambda: 0.25)})
+    rec.close()
+    assert waited.is_set()
+    send, end = _events(tmp_path / "t.trace")
+    assert send["x"][0]["h"] == digest(landed) and send["x"][1] is None
+    assert ann.trace.payload_array(send).tolist() == landed.tolist()
+    assert end.meta == {"loss": 0.25}
+
+
+class _ClockedDevice:
+    """A device whose clock runs 100 s ahead of the host's and whose events are clock
+    readings."""
+
+    device = "cuda:7"
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.synchronized = 0
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+    def timing_event(self, stream: Any = None) -> float:
+        return self.now
+
+    def elapsed(self, start: float, end: float) -> float:
+        return end - start
+
+
+def test_device_spans_are_placed_on_the_trace_clock_from_one_reading(tmp_path: Path) -> None:
+    dev = _ClockedDevice()
+    rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
+    first = rec.device_spans(dev, [(100.0, 100.5), (100.5, 101.0)])
+    at = rec._clocks["cuda:7"][1]  # the trace time at which the device read 100.0
+    second = rec.device_spans(dev, [(102.0, 102.25)])
+    rec.event("stage0", "device", "forward", 0, -1, "", 0, meta={"spans": first})
+    rec.event("stage0", "device", "backward", 0, -1, "", 1, meta={"spans": second})
+    rec.close()
+    assert dev.synchronized == 1  # the clocks are matched once per device
+    a, b = _events(tmp_path / "t.trace")
+    assert a.meta["spans"] == [[at, at + 0.5], [at + 0.5, at + 1.0]]
+    assert b.meta["spans"] == [[at + 2.0, at + 2.25]]
