@@ -144,11 +144,11 @@ def torch_step(batch: int, dtype: str, steps: int, prof: Any = None) -> float:
 
 def steady_step(
     batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None,
-    policy: Any = None, stages: int = 1,
+    policy: Any = None, stages: int = 1, trace: str | None = None,
 ) -> float:  # fmt: skip
     """Seconds per step in steady state (`Sync` on one stage unless ``policy`` and ``stages``
     say otherwise): one run, 10 warm-up steps (capture included), then ``steps`` timed ones
-    (batches sliced from data on the GPU, as the torch loop does)."""
+    (batches sliced from data on the GPU, as the torch loop does); ``trace``: record one."""
     import anyio
     import cupy as cp
 
@@ -162,7 +162,7 @@ def steady_step(
 
     async def main() -> None:
         async with ann.open_run(
-            g, optim.SGD(lr=1e-3), policy, dtype=dtype, cuda_graphs=cuda_graphs
+            g, optim.SGD(lr=1e-3), policy, dtype=dtype, cuda_graphs=cuda_graphs, trace=trace
         ) as run:
             for i in range(10):
                 await run.step({"x": x[i * batch : (i + 1) * batch],

@@ -10,10 +10,13 @@ measured from it: the work's summed time against the time at least one piece run
 union), and the share of the span from the first piece to the last that the card is busy.
 ``--host-profile`` gives the same rows' host time by function (cProfile), and
 ``--matmul-rows`` the card's rate for one layer's products at the row counts microbatches give.
+``--own-timeline`` traces the same rows with asyncnn's own trace (its "device" events: each
+actor's work on the card's clock), prints the trace's cost per step and the overlap that
+``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor).
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
-[--host-profile bfloat16:64 --rows 1,2,9]
+[--host-profile bfloat16:64 --rows 1,2,9] [--own-timeline bfloat16:64 --rows 0,9,10]
 """
 
 from __future__ import annotations
@@ -191,6 +194,29 @@ def timeline(dtype: str, batch: int, rows: list[int], out: str, steps: int = 20)
               f"streams; timeline: {path}")  # fmt: skip
 
 
+def own_timeline(dtype: str, batch: int, rows: list[int], out: str, steps: int = 20) -> None:
+    """Each of section 3's ``rows`` traced by asyncnn itself: the step time with and without
+    the trace (its cost), the overlap of the actors' work on the card from the trace's
+    "device" events (``asyncnn trace summary``), and the Chrome export with a device row per
+    actor."""
+    os.makedirs(out, exist_ok=True)
+    for index in rows:
+        label, policy, stages, graphs = bench_gpu.PIPELINE_ROWS[index]
+        name = "".join(c if c.isalnum() else "_" for c in f"{dtype}_{batch}_{label}")
+        path = os.path.join(out, f"trace_{name}.trace")
+        plain = bench_gpu.steady_step(batch, dtype, steps, graphs, None, policy, stages)
+        traced = bench_gpu.steady_step(batch, dtype, steps, graphs, None, policy, stages, path)
+        counts = ann.trace.to_chrome(path, path.replace(".trace", ".json"))
+        use = ann.trace.summary(path)["devices"]
+        overlap = ", ".join(
+            f"{d}: {u['overlap']:.2f} actors at once, busy {u['active_seconds']:.3f} s"
+            for d, u in use.items()
+        )
+        print(f"--- {dtype} batch {batch} {label}: {plain * 1e3:.3f} ms per step, traced "
+              f"{traced * 1e3:.3f} ({traced / plain:.2f}x); whole run (warm-up included) "
+              f"{overlap}; {counts['device_slices']} device slices; {path}")  # fmt: skip
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kernels", default="", help="dtype:batch,... to list kernels of")
@@ -201,6 +227,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="runs", help="--timeline: the folder of the traces")
     ap.add_argument("--matmul-rows", default="", help="dtypes to time the products by rows of")
     ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
+    ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
+                    "with asyncnn's own device events")  # fmt: skip
     args = ap.parse_args()
     if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
@@ -208,6 +236,9 @@ if __name__ == "__main__":
     elif args.host_profile:
         dt, b = args.host_profile.split(":")
         host_profile(dt, int(b), [int(r) for r in args.rows.split(",")], args.steps)
+    elif args.own_timeline:
+        dt, b = args.own_timeline.split(":")
+        own_timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
     elif args.timeline:
         dt, b = args.timeline.split(":")
         timeline(dt, int(b), [int(r) for r in args.rows.split(",")], args.out, args.steps)
