@@ -340,6 +340,32 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
     with ComputeTeam(cores()) as team, using_team(team):
         out["products, team (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
         out["elementwise, team (ms)"] = 1e3 * _common.seconds_per_call(passes, reps)
+    # what a pipeline of 8 microbatches does instead, on one core: the same products in 8
+    # pieces of batch/8 rows, and an SGD update of every weight after each piece
+    from threadpoolctl import threadpool_limits
+
+    micro = _products(sizes, max(1, batch // 8))
+    weights = [np.ones((a, b), np.float32) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    grads = [np.full_like(w, 1e-3) for w in weights]
+
+    def microbatches() -> None:
+        for _ in range(8):
+            for a, b in micro:
+                a @ b
+
+    def update() -> None:  # as SGD does on the CPU: new arrays (a stash may hold the old ones)
+        for w, g in zip(weights, grads, strict=True):
+            d = np.multiply(g, -0.01)
+            d += w
+
+    with threadpool_limits(1):
+        out["products, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
+        out["products of 8 microbatches, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(
+            microbatches, reps
+        )
+        out["SGD update of every weight, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(
+            update, reps
+        )
     try:
         import torch
     except ImportError:
