@@ -1,0 +1,133 @@
+"""A numpy stand-in for a CUDA device (the ``fake_cuda`` fixture): ``cuda:0`` as numpy arrays with
+streams, events, asynchronous copies to the host and a clock, for tests of the runtime's path
+for a device with streams on the CPU.
+
+It computes at launch (the arrays a launch returns are filled at once), but a copy to the host
+lands only when an event recorded after it is waited for or found done, as a real device's copy
+lands later: a host read that skips the wait sees zeros. Its clock advances by one microsecond
+per timing event. Races between streams are not modelled (``tests/test_gpu_*.py`` run the real
+device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asyncnn.backends import _registry
+from asyncnn.backends._base import Backend, Device
+
+__all__ = ["fake_cuda"]
+
+
+class _Stream:
+    """Copies queued to the host, landed in order up to an event."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[int, Any]] = []  # (position, copy)
+        self.position = 0
+        self.lock = threading.Lock()
+
+    def land(self, upto: int) -> None:
+        with self.lock:
+            due = [c for p, c in self.queued if p <= upto]
+            self.queued = [(p, c) for p, c in self.queued if p > upto]
+        for copy in due:
+            copy()
+
+
+class _Event:
+    def __init__(self, stream: _Stream | None, at: float = 0.0) -> None:
+        self.stream = stream
+        self.at = at  # the device clock when reached (timing events)
+        self.position = 0 if stream is None else stream.position
+
+    @property
+    def done(self) -> bool:
+        self.synchronize()  # the device is done by the time it is asked
+        return True
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.land(self.position)
+
+
+class _FakeDevice(Backend):
+    """``cuda:0`` as numpy arrays with streams, events and asynchronous copies to the host."""
+
+    name = "cupy"
+    xp = np
+
+    def __init__(self) -> None:
+        self.device = Device("cuda", 0)
+        self.default = _Stream()
+        self.current = threading.local()
+        self.clock = itertools.count(1)
+        self.copies = 0
+
+    def _stream(self, stream: Any = None) -> _Stream:
+        return stream or getattr(self.current, "stream", None) or self.default
+
+    def rng(self, seed: Any) -> Any:
+        return np.random.default_rng(seed)
+
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        return np.asarray(x, dtype=dtype)
+
+    def is_local(self, x: Any) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def to_numpy(self, x: Any) -> Any:
+        return np.asarray(x)
+
+    def to_host_async(self, x: Any, out: Any = None) -> Any:
+        host = np.zeros(np.shape(x), dtype=np.asarray(x).dtype)
+        s = self._stream()
+        snapshot = np.array(x)  # what the device holds when the copy's turn comes
+        with s.lock:
+            s.position += 1
+            s.queued.append((s.position, lambda: np.copyto(host, snapshot)))
+        self.copies += 1
+        return host
+
+    def activate(self, stream: Any = None) -> Any:
+        return self._activate(stream)
+
+    @contextlib.contextmanager
+    def _activate(self, stream: Any) -> Any:
+        before = getattr(self.current, "stream", None)
+        self.current.stream = stream or before
+        try:
+            yield self.current.stream
+        finally:
+            self.current.stream = before
+
+    def new_stream(self) -> Any:
+        return _Stream()
+
+    def record_event(self, stream: Any = None) -> Any:
+        return _Event(self._stream(stream))
+
+    def timing_event(self, stream: Any = None) -> Any:
+        return _Event(self._stream(stream), at=next(self.clock) * 1e-6)
+
+    def elapsed(self, start: Any, end: Any) -> float:
+        end.synchronize()
+        return float(end.at - start.at)
+
+    def synchronize(self) -> None:
+        self.default.land(1 << 60)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> _FakeDevice:
+    fake = _FakeDevice()
+    for key in ("cuda:0", "cuda", fake.device):
+        monkeypatch.setitem(_registry._by_key, key, fake)
+    monkeypatch.setitem(_registry._backends, fake.device, fake)
+    return fake
