@@ -1,7 +1,7 @@
 """The capture's bookkeeping (``asyncnn/_runtime/_capture.py``) on the CPU, with a numpy stand-in
 for CUDA graphs (``tests/_graphs_stand_in.py``): slots per key under flushes, one set of buffers
 when streaming, a slot and a weight copy per key in flight under a stash, eviction, captures that
-fail, traces of captured runs.
+fail (traces of captured runs: ``tests/test_device_path_emulated.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from asyncnn import nn, optim, policies
 from _reference import assert_params_equal
 
 
-def _train(policy, batches, graphs, control=None, trace=None):
+def _train(policy, batches, graphs, control=None):
     modules = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
                nn.Tanh(), nn.Linear(8, 3)]  # fmt: skip
     g = ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=4, balance="params")
@@ -28,8 +28,7 @@ def _train(policy, batches, graphs, control=None, trace=None):
 
     async def main():
         async with ann.open_run(
-            g, optim.SGD(lr=0.05, momentum=0.5), policy, dtype="float64", cuda_graphs=graphs,
-            trace=trace,
+            g, optim.SGD(lr=0.05, momentum=0.5), policy, dtype="float64", cuda_graphs=graphs
         ) as run:  # fmt: skip
             for b in batches:
                 await run.step(b)
@@ -89,32 +88,3 @@ def test_a_forward_whose_capture_fails_keeps_its_own_weights(emulated):
     graphs = _train(policies.PipeDream(4), batches, True, emulated)
     assert any(st.failures for st in graphs["stats"].values())
     assert_params_equal(graphs["params"], eager["params"])
-
-
-@pytest.mark.parametrize(
-    "policy",
-    [policies.Sync(), policies.GPipe(4), policies.PipeDream(4), policies.PipeDream(4, stash=False),
-     policies.Async(max_active_keys=2, min_update_frequency=2, stash=True)],
-    ids=["sync", "gpipe4", "pipedream4", "pipedream4-recompute", "async2-stash"],
-)  # fmt: skip
-def test_a_trace_of_emulated_graphs_records_what_was_sent_and_replays(emulated, policy, tmp_path):
-    # the graphs write over the buffers they hand out at their next launch, and the trace's
-    # writer reads later: it must read what was sent, not what the buffers hold by then
-    batches = _batches([16] * 8)
-    eager_trace, graphs_trace = tmp_path / "eager.trace", tmp_path / "graphs.trace"
-    eager = _train(policy, batches, False, trace=str(eager_trace))
-    graphs = _train(policy, batches, True, emulated, trace=str(graphs_trace))
-    assert graphs["active"]
-    assert all(st.replays for st in graphs["stats"].values()), graphs
-    assert_params_equal(graphs["params"], eager["params"])
-    if policy.deterministic:  # same order: the same messages, digest for digest
-        assert ann.trace.diff(eager_trace, graphs_trace) is None
-
-    def losses(path):  # each key's loss, as the trace's events carry it
-        ends = [e for e in ann.trace.read(path).events if e.actor == "loss" and e.what == "end"]
-        return sorted((e.key, e.meta["loss"]) for e in ends)
-
-    assert losses(graphs_trace) == losses(eager_trace)
-    replayed = ann.replay(graphs_trace)  # captured again, as recorded
-    assert replayed.identical and replayed.events_checked > 0
-    assert_params_equal(replayed.params, graphs["params"])

@@ -301,12 +301,10 @@ class _Actor:
         """What the trace's writer may read later of the tensors sent: CPU arrays as they are
         (nothing writes into them again); a GPU actor's, copies to the host queued on its
         stream behind the work that made them (:class:`Pending`: the writer waits, this actor
-        does not); and where graphs are replayed, whose next launch writes over the buffers
-        handed out, such copies in any case."""
+        does not), taken before its next launch, which may write over buffers it handed out
+        (its CUDA graphs')."""
         if self.on_cpu:
-            if getattr(self, "graphs", None) is None:
-                return tensors
-            return tuple(None if t is None else t.copy() for t in tensors)
+            return tensors
         backend = self.backend
         with backend.activate(self.stream):
             hosts = tuple(None if t is None else backend.to_host_async(t) for t in tensors)
