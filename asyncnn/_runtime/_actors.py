@@ -126,16 +126,18 @@ class LayerActor(WeightVersions):
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()
         self.weight_change: Any = None
-        # messages taken in the sender's task (see run_directly): on the CPU, without a trace,
-        # under a flush policy (a continuous one would let the run's admissions run ahead of
-        # the losses), one whole backward at a time, and no device shared with other stages
+        # messages taken in the sender's task (see run_directly): without a trace, under a
+        # flush policy (a continuous one would let the run's admissions run ahead of the
+        # losses), one whole backward at a time, and no device shared with other stages by
+        # turns; on a GPU (whose work is queued on the actor's stream, not waited for) only
+        # without NaN checks, the one wait for the device inside an operation
         self.direct = (
             type(self) is LayerActor  # a custom actor's work may wait
-            and self.on_cpu  # (so no CUDA graphs either)
             and ctx.recorder is None
             and ctx.policy.waits_between_minibatches()
             and self.turns is None
             and not self.splits_backward
+            and (self.on_cpu or not ctx.checks_finite)
         )
 
     def _check_device_mates(self, ctx: ActorContext) -> None:
@@ -288,13 +290,15 @@ class LayerActor(WeightVersions):
     async def run_directly(self, msg: Message) -> bool:
         """Runs the op ``msg`` completes here, in the sender's task, when this actor is idle,
         the op is the next its order plans, and all its work (forward, or backward and update)
-        runs inline: nothing in it then waits, so this actor's own task, parked on its empty
-        inbox, never runs beside it. Plain layers only (:attr:`direct`)."""
+        runs inline on the CPU or is queued on the GPU: nothing in it then waits, so this
+        actor's own task, parked on its empty inbox, never runs beside it. Plain layers only
+        (:attr:`direct`)."""
         if self.computing is not None or self.ready or self.stopping or not self._completes(msg):
             return False
-        rows = msg.meta.get("rows", 1)
-        if 4.0 * max(self.param_size, self._cost(rows)) >= self.inline_limit:
-            return False
+        if self.on_cpu:  # (a GPU actor's host work is a few launches, whatever the size)
+            rows = msg.meta.get("rows", 1)
+            if 4.0 * max(self.param_size, self._cost(rows)) >= self.inline_limit:
+                return False
         planned = self.order.next()
         if planned is not None and planned != (msg.kind, msg.key):
             return False
