@@ -4,10 +4,15 @@ digits and reduces them (here: the sum modulo 10), under Sync and Async; time to
 The graph has three actors doing real work, so that keys in flight can overlap across them:
 ``embed`` (a per-digit MLP over the whole padded list), ``cell`` (a loop, ``g.loop``, running
 each list for its own length with a multiplicative recurrent cell) and ``head`` (an MLP on the
-final state). Lists of every length share a key. Every epoch the current weights are evaluated
-on the test lists *without draining the run* (as in ``ampnet_sweep.py``); the evaluation's time
-is left out of the clock. Time to target is the training wall time at the first epoch whose test
-accuracy reaches ``target``. Each setting runs ``repeats`` times (interleaved), for the spread.
+final state). Lists of every length share a key. Every ``eval_every`` keys' worth of lists the
+current weights are evaluated on the test lists *without draining the run* (as in
+``ampnet_sweep.py``); the evaluation's time is left out of the clock. Time to target is the
+training wall time at the first snapshot whose test accuracy reaches ``target``.
+
+The settings: ``Async`` for each number of keys in flight (``max_active_keys``) and each update
+interval (``update_every``: AMPNet's ``min_update_interval``, gradients of that many keys per
+update), and ``Sync`` on minibatches of one key and of each interval's worth of keys (the same
+lists per update). Each setting runs ``repeats`` times (interleaved), for the spread.
 
 Run ``python experiments/list_reduction.py --help``; ``--quick true`` is a seconds-long smoke run.
 """
@@ -50,6 +55,10 @@ class Config:
     eval_every: int = 10  # evaluate a snapshot every 10 keys (1,000 lists): time resolution
     target: float = 0.90  # test accuracy of "solved" (chance is 10%)
     max_active_keys: tuple[int, ...] = (2, 4)  # AMPNet's knob: keys (minibatches) in flight
+    # AMPNet's other knob, its "min_update_interval": gradients of this many keys per update
+    # (Async's min_update_frequency); each value also adds Sync on minibatches this many times
+    # larger, the same lists per update, as the fair control for it
+    update_every: tuple[int, ...] = (1, 2)
     stash: bool = True  # a backward uses its forward's weights: no recomputation of the unroll
     quick: bool = False  # smoke run: 2 epochs, 300 lists, width 32, one repeat, eval every 3
     out: str = "runs/list_reduction"  # results.json and PNGs
@@ -117,8 +126,13 @@ def train_curve(
     train: data.ArrayDataset,
     test: dict[str, np.ndarray],
     epochs: int,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Trains one setting for ``epochs``, evaluating a snapshot after each; returns the curve."""
+    """Trains one setting for ``epochs``, evaluating a snapshot every ``eval_every`` keys of
+    ``cfg.batch_size`` lists (as many lists whatever ``batch_size``, the key size here);
+    returns the curve."""
+    batch_size = batch_size or cfg.batch_size
+    eval_lists = cfg.eval_every * cfg.batch_size
     graph = build(cfg)
     judge = ann.Trainer(graph, optimizer=optim.Adam(lr=cfg.lr), policy=policies.Sync())
     curve: list[dict[str, Any]] = []
@@ -129,13 +143,14 @@ def train_curve(
         async with ann.open_run(graph, optimizer=adam, policy=policy, seed=cfg.seed) as run:
             start = time.perf_counter()
             eval_seconds = 0.0
-            keys = 0
-            per_epoch = train.num_batches(cfg.batch_size)
+            keys = lists = 0
+            per_epoch = train.num_batches(batch_size)
             for epoch in range(epochs):
-                for batch in train.batches(cfg.batch_size, True, cfg.seed, epoch):
+                for batch in train.batches(batch_size, True, cfg.seed, epoch):
                     await run.step(batch)
                     keys += 1
-                    if keys % cfg.eval_every and keys != epochs * per_epoch:
+                    before, lists = lists, lists + len(batch["y"])
+                    if lists // eval_lists == before // eval_lists and keys != epochs * per_epoch:
                         continue
                     # No drain: a snapshot of whatever each actor holds, keys still in flight.
                     t0 = time.perf_counter()
@@ -170,18 +185,25 @@ def train_curve(
     )
     ttt = f"{first['seconds']:5.1f} s (epoch {first['epoch']:.1f})" if first else "not reached"
     print(
-        f"{label:>12} repeat {repeat}: target {ttt}, final {out['final_test_accuracy']:.3f}, "
+        f"{label:>26} repeat {repeat}: target {ttt}, final {out['final_test_accuracy']:.3f}, "
         f"{out['samples_per_second']:6.0f} lists/s, concurrency {out['actor_concurrency']:.2f}",
         flush=True,
     )
     return out
 
 
-def settings(cfg: Config) -> list[tuple[str, policies.Policy]]:
-    """(label, policy) of every run: Sync, then Async for each number of keys in flight."""
-    runs: list[tuple[str, policies.Policy]] = [("Sync", policies.Sync())]
+def settings(cfg: Config) -> list[tuple[str, policies.Policy, int]]:
+    """(label, policy, key size) of every run: Sync on minibatches of ``batch_size`` times each
+    ``update_every``, then Async for each number of keys in flight and each update interval."""
+    runs: list[tuple[str, policies.Policy, int]] = []
+    for m in cfg.update_every:
+        label = "Sync" if m == 1 else f"Sync, batch {m * cfg.batch_size}"
+        runs.append((label, policies.Sync(), m * cfg.batch_size))
     for k in cfg.max_active_keys:
-        runs.append((f"Async K={k}", policies.Async(max_active_keys=k, stash=cfg.stash)))
+        for m in cfg.update_every:
+            label = f"Async K={k}" + ("" if m == 1 else f", update every {m}")
+            policy = policies.Async(max_active_keys=k, min_update_frequency=m, stash=cfg.stash)
+            runs.append((label, policy, cfg.batch_size))
     return runs
 
 
@@ -224,7 +246,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
         bx.scatter([i] * len(each), each, color=colors[lab], s=18)
         if table[lab]["seconds_to_target"] is not None:
             bx.hlines(table[lab]["seconds_to_target"], i - 0.25, i + 0.25, color=colors[lab])
-    bx.set_xticks(range(len(labels)), labels)
+    bx.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     bx.set_ylim(bottom=0)
     bx.set_ylabel(f"seconds to {cfg.target:.0%} (dots: repeats)")
     bx.set_title("time to target", fontsize=9)
@@ -249,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_curve(cfg, "warm-up", policies.Async(max_active_keys=2), 0, warm, test, 1)
     runs = []
     for repeat in range(cfg.repeats):  # interleaved, so load changes hit every setting alike
-        for label, policy in settings(cfg):
-            runs.append(train_curve(cfg, label, policy, repeat, train, test, cfg.max_epochs))
+        for label, policy, size in settings(cfg):
+            runs.append(train_curve(cfg, label, policy, repeat, train, test, cfg.max_epochs, size))
     table = summarise(runs)
     results = {"machine_at_start": before, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs, table)

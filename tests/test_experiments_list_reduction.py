@@ -19,10 +19,15 @@ def test_quick_run_writes_curves_table_and_figure(tmp_path):
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     table = saved["results"]["table"]
-    assert set(table) == {"Sync", "Async K=2", "Async K=4"}
+    assert list(table) == [
+        "Sync", "Sync, batch 200", "Async K=2", "Async K=2, update every 2", "Async K=4",
+        "Async K=4, update every 2",
+    ]  # fmt: skip
     for run in saved["results"]["runs"]:
-        # 3 keys an epoch, a snapshot every 3 keys
-        assert [c["keys"] for c in run["curve"]] == [3, 6]
+        # a snapshot every 300 lists, an epoch: 3 keys of 100, or 2 of up to 200
+        keys = [2, 4] if run["label"] == "Sync, batch 200" else [3, 6]
+        assert [c["keys"] for c in run["curve"]] == keys
+        assert [c["epoch"] for c in run["curve"]] == [1.0, 2.0]
         # any accuracy reaches a 0% target: time to it is the first snapshot's
         assert run["epochs_to_target"] == 1.0
         assert run["row_steps"] > 0
