@@ -79,6 +79,10 @@ class Config:
     models: tuple[str, ...] = ("loop", "levels", "mlp")  # tree networks and the token MLP
     policies: tuple[str, ...] = ("Sync", "Async")  # Async: one setting per max_active_keys
     max_active_keys: tuple[int, ...] = (4,)  # Async's keys (of differently shaped trees) in flight
+    # AMPNet's min_update_interval: gradients of this many keys per update (Async's
+    # min_update_frequency); a value above 1 also adds Sync on minibatches that many keys large
+    # (the same trees per update), as its control
+    update_every: tuple[int, ...] = (1,)
     stash: bool = False  # Async's default: a backward recomputes at the latest weights
     workers: tuple[int, ...] = (0,)  # 0: one process; N: the tree networks on LocalCluster(N)
     repeats: int = 1  # runs of each setting (interleaved); the table gives medians
@@ -271,7 +275,7 @@ def where(workers: int) -> str:
 
 def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, repeat: int,
             train: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Trains one model under one policy (``label``: ``Sync`` or ``Async K=k``) for up to
+    """Trains one model under one setting (``label``, one of :func:`settings`) for up to
     ``epochs``, one ``fit`` per epoch, evaluating on the test trees after each."""
     if model == "mlp":
         graph = build_mlp(cfg)
@@ -282,15 +286,13 @@ def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, rep
     keys = INPUTS[model]
     ds = data.ArrayDataset({k: train[k] for k in keys})
     tst = {k: test[k] for k in keys}
-    k_active = int(label.split("=")[1]) if label.startswith("Async") else 0
-    policy = (policies.Async(max_active_keys=k_active, stash=cfg.stash) if k_active
-              else policies.Sync())  # fmt: skip
+    policy, batch_size = setting(cfg, label)
     adam = optim.Adam(lr=cfg.lr, betas=(cfg.beta1, 0.999), clip_norm=cfg.clip_norm or None)
     tr = ann.Trainer(graph, optimizer=adam, policy=policy, seed=cfg.seed, cluster=cluster)
     curve: list[dict[str, Any]] = []
     seconds, busy = 0.0, dict.fromkeys(graph.layers, 0.0)
     for epoch in range(cfg.epochs):
-        hist = tr.fit(ds, epochs=1, batch_size=cfg.batch_size, shuffle=True)
+        hist = tr.fit(ds, epochs=1, batch_size=batch_size, shuffle=True)
         seconds += hist.seconds
         for n in graph.layers:
             busy[n] += hist.statistics[n].busy_seconds
@@ -319,7 +321,7 @@ def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, rep
         res["row_steps_last_epoch"] = st.row_steps
         res["batched_steps_last_epoch"] = st.steps
     ttt = f"{first['seconds']:5.1f} s (epoch {first['epoch']})" if first else "not reached"
-    print(f"{model:>6} {label:>9} {where(workers):>15} #{repeat}: test "
+    print(f"{model:>6} {label:>26} {where(workers):>15} #{repeat}: test "
           f"{res['test_accuracy']:.3f} (train {res['train_accuracy']:.3f}), {cfg.target:.0%} "
           f"at {ttt}, {res['samples_per_second']:6.0f} trees/s, {seconds:.1f} s, concurrency "
           f"{res['actor_concurrency']:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
@@ -327,16 +329,36 @@ def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, rep
 
 
 def settings(cfg: Config) -> list[str]:
-    """The policy labels: ``Sync``, and ``Async K=k`` for each of ``max_active_keys``."""
+    """The setting labels: ``Sync`` (and ``Sync, batch N`` for each update interval above 1),
+    and ``Async K=k`` (``Async K=k, update every m``) for each of ``max_active_keys`` and of
+    ``update_every``."""
     out = []
     for pol in cfg.policies:
         if pol == "Sync":
-            out.append("Sync")
+            out.extend(
+                "Sync" if m == 1 else f"Sync, batch {m * cfg.batch_size}" for m in cfg.update_every
+            )
         elif pol == "Async":
-            out.extend(f"Async K={k}" for k in cfg.max_active_keys)
+            out.extend(
+                f"Async K={k}" + ("" if m == 1 else f", update every {m}")
+                for k in cfg.max_active_keys
+                for m in cfg.update_every
+            )
         else:
             raise ValueError(f"unknown policy {pol!r}; use Sync or Async")
     return out
+
+
+def setting(cfg: Config, label: str) -> tuple[policies.Policy, int]:
+    """The policy and the key size (trees) of a label of :func:`settings`."""
+    if label.startswith("Sync"):
+        batch = int(label.split("batch ")[1]) if ", batch " in label else cfg.batch_size
+        return policies.Sync(), batch
+    k = int(label.split("=")[1].split(",")[0])
+    m = int(label.split("update every ")[1]) if "update every" in label else 1
+    return policies.Async(
+        max_active_keys=k, min_update_frequency=m, stash=cfg.stash
+    ), cfg.batch_size
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -33,8 +33,8 @@ __all__ = ["PAYLOAD_MODES", "Later", "Pending", "Recorder", "describe_arrays", "
 
 
 class Pending:
-    """Host copies of an event's tensors (or of a value in its ``meta``) that a device is still
-    writing: the trace's writer calls ``wait()`` (on its own thread) before it reads them.
+    """Host copies of an event's tensors that a device is still writing: the trace's writer
+    calls ``wait()`` (on its own thread) before it reads them.
 
     Args:
         arrays: the host arrays being written (``None`` entries stay ``None``).
@@ -43,7 +43,7 @@ class Pending:
 
     __slots__ = ("arrays", "wait")
 
-    def __init__(self, arrays: tuple[Any, ...], wait: Any) -> None:
+    def __init__(self, arrays: tuple[Any, ...], wait: Callable[[], object]) -> None:
         self.arrays = arrays
         self.wait = wait
 

@@ -4,9 +4,9 @@ One row (thread) per actor; a complete slice per compute; flow arrows from each 
 compute that consumed the message; counters for keys in flight and, per layer, stored activations
 and parameter versions held. A GPU actor of a traced run has a second row, "(device)", under
 its own: when its queued work ran on the device's clock (its "device" events), so the overlap
-of actors on one GPU shows beside the host's view. Written while the trace streams by, so memory stays bounded by
-what is in flight, not by the length of the run. See "What you see in Perfetto" in
-docs/trace_format.md.
+of actors on one GPU shows beside the host's view. Written while the trace streams by, so
+memory stays bounded by what is in flight, not by the length of the run. See "What you see
+in Perfetto" in docs/trace_format.md.
 """
 
 from __future__ import annotations
