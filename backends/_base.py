@@ -133,14 +133,17 @@ class Backend(abc.ABC):
         """A new stream on this device (``None`` on the CPU)."""
         return None
 
-    def record_event(self, stream: Any = None) -> Any:
-        """An event marking the work queued so far on ``stream`` (``None`` on the CPU)."""
+    def record_event(self, stream: Any = None, blocking: bool = False) -> Any:
+        """An event marking the work queued so far on ``stream`` (``None`` on the CPU).
+
+        ``blocking``: a host thread that waits for it sleeps instead of spinning (for waits off
+        the actors' path, such as the trace writer's, which should leave the cores to them)."""
         return None
 
     def timing_event(self, stream: Any = None) -> Any:
         """An event on ``stream`` that marks a moment on the device's own clock, for
-        :meth:`elapsed`; ``None`` where work runs on the host (the CPU: the host's clock
-        times it)."""
+        :meth:`elapsed` (a host thread waiting for it sleeps); ``None`` where work runs on the
+        host (the CPU: the host's clock times it)."""
         return None
 
     def elapsed(self, start: Any, end: Any) -> float:

@@ -263,16 +263,16 @@ class CupyBackend(Backend):
         with self._cuda_device:
             return cupy.cuda.Stream(non_blocking=True)
 
-    def record_event(self, stream: Any = None) -> Any:
+    def record_event(self, stream: Any = None, blocking: bool = False) -> Any:
         with self._cuda_device:
             # timing off: an event used only for ordering is cheaper to record and to query
-            event = cupy.cuda.Event(disable_timing=True)
+            event = cupy.cuda.Event(block=blocking, disable_timing=True)
             event.record(stream)
             return event
 
     def timing_event(self, stream: Any = None) -> Any:
         with self._cuda_device:
-            event = cupy.cuda.Event()  # (timing on: the default)
+            event = cupy.cuda.Event(block=True)  # (timing on: the default)
             event.record(stream)
             return event
 

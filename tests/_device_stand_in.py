@@ -110,7 +110,7 @@ class _FakeDevice(Backend):
     def new_stream(self) -> Any:
         return _Stream()
 
-    def record_event(self, stream: Any = None) -> Any:
+    def record_event(self, stream: Any = None, blocking: bool = False) -> Any:
         return _Event(self._stream(stream))
 
     def timing_event(self, stream: Any = None) -> Any:

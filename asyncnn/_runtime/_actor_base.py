@@ -308,7 +308,7 @@ class _Actor:
         backend = self.backend
         with backend.activate(self.stream):
             hosts = tuple(None if t is None else backend.to_host_async(t) for t in tensors)
-            event = backend.record_event(self.stream)
+            event = backend.record_event(self.stream, blocking=True)
         return Pending(hosts, event.synchronize)
 
     def _file_other(self, msg: Message) -> None:

@@ -129,7 +129,11 @@ class LossActor(_Actor):
         self.stats.forwards += 1
         rec = self.ctx.recorder
         if rec is not None:  # the end comes after the sends, as for layers
-            recorded = loss if now else Later(functools.partial(_landed, value, self.last_event))
+            if now:
+                recorded: Any = loss
+            else:  # the writer sleeps until the copy has landed (an event of its own)
+                landed = self.backend.record_event(self.stream, blocking=True)
+                recorded = Later(functools.partial(_landed, value, landed))
             rec.event(self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": recorded})
             self._record_device(rec, FORWARD, key, self.seq)
         if not now:
