@@ -1,8 +1,9 @@
 """The runtime's path for a device with streams (a GPU's), on the CPU, with a numpy stand-in for
 a CUDA device (``tests/_device_stand_in.py``): its actors compute through streams and events, a
 loss value and a trace's copies reach the host asynchronously, a traced run writes when each
-op's work ran on the device, and with the stand-in for CUDA graphs too
-(``tests/_graphs_stand_in.py``) a captured, traced run on the device equals the CPU's.
+op's work ran on the device, routing and loops on the device equal the CPU's, and with the
+stand-in for CUDA graphs too (``tests/_graphs_stand_in.py``) a captured, traced run on the device
+equals the CPU's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from test_loops import _data as loop_data
+from test_loops import rnn_graph
+from test_routing import _data as routing_data
+from test_routing import moe_graph
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -118,3 +123,40 @@ def test_a_captured_traced_run_on_the_device_equals_the_eager_cpu_run(
     if policy.deterministic:
         assert ann.trace.diff(tmp_path / "cpu.trace", tmp_path / "cuda:0.trace") is None
     assert ann.replay(tmp_path / "cuda:0.trace").identical  # captured again, as recorded
+
+
+def _on(graph: ann.Graph, device: str) -> ann.Graph:
+    """``graph`` with every node but its inputs on ``device``."""
+    spec = graph.to_spec()
+    for node in spec["nodes"]:
+        if node["kind"] != "input" and "device" in node:
+            node["device"] = device
+    return ann.Graph.from_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [policies.GPipe(2), policies.PipeDream(1, stash=True), policies.Async(max_active_keys=1)],
+    ids=["gpipe2", "pipedream1", "async1"],
+)
+@pytest.mark.parametrize("model", ["routing", "loop"])
+def test_routing_and_loops_on_the_device_equal_the_cpu(
+    fake_cuda: Any, model: str, policy: Any
+) -> None:
+    # a router's per-expert rows and a loop's per-row steps, through streams and events
+    make, data = (
+        (lambda: moe_graph(k=2), routing_data(n=24))
+        if model == "routing"
+        else (rnn_graph, loop_data(n=16))
+    )
+    runs = []
+    for where in ("cpu", "cuda:0"):
+        tr = ann.Trainer(
+            _on(make(), where), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
+            seed=0, cuda_graphs=False,
+        )  # fmt: skip
+        runs.append((tr.fit(data, batch_size=8).losses, tr.params))
+    (cpu_losses, cpu_params), (dev_losses, dev_params) = runs
+    assert fake_cuda.copies > 0  # (the device run's losses came back through copies)
+    assert dev_losses == cpu_losses
+    assert_params_equal(dev_params, cpu_params)
