@@ -136,27 +136,34 @@ def _on(graph: ann.Graph, device: str) -> ann.Graph:
 
 @pytest.mark.parametrize(
     "policy",
-    [policies.GPipe(2), policies.PipeDream(1, stash=True), policies.Async(max_active_keys=1)],
-    ids=["gpipe2", "pipedream1", "async1"],
-)
+    [policies.Sync(), policies.GPipe(2), policies.PipeDream(1, stash=True),
+     policies.Async(max_active_keys=1)],
+    ids=["sync", "gpipe2", "pipedream1", "async1"],
+)  # fmt: skip
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("model", ["routing", "loop"])
 def test_routing_and_loops_on_the_device_equal_the_cpu(
-    fake_cuda: Any, model: str, policy: Any
+    fake_cuda: Any, request: pytest.FixtureRequest, model: str, captured: bool, policy: Any
 ) -> None:
-    # a router's per-expert rows and a loop's per-row steps, through streams and events
+    # a router's per-expert rows (a new input shape at an expert whenever its share of rows
+    # changes: captured per shape, up to the cache's limit) and a loop's per-row steps, through
+    # streams and events; the loop cell and the router themselves stay eager
+    graphs = request.getfixturevalue("emulated") if captured else None
     make, data = (
-        (lambda: moe_graph(k=2), routing_data(n=24))
+        (lambda: moe_graph(k=2), routing_data(n=48))
         if model == "routing"
-        else (rnn_graph, loop_data(n=16))
+        else (rnn_graph, loop_data(n=32))
     )
     runs = []
     for where in ("cpu", "cuda:0"):
         tr = ann.Trainer(
             _on(make(), where), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
-            seed=0, cuda_graphs=False,
+            seed=0, cuda_graphs=captured and where != "cpu",
         )  # fmt: skip
-        runs.append((tr.fit(data, batch_size=8).losses, tr.params))
+        runs.append((tr.fit(data, batch_size=8, epochs=2).losses, tr.params))
     (cpu_losses, cpu_params), (dev_losses, dev_params) = runs
     assert fake_cuda.copies > 0  # (the device run's losses came back through copies)
+    if graphs is not None:
+        assert sum(a.graphs.stats.replays for a in graphs["actors"]) > 0
     assert dev_losses == cpu_losses
     assert_params_equal(dev_params, cpu_params)
