@@ -99,6 +99,37 @@ def sync_or_async(name: str, max_active_keys: int) -> Any:
     raise ValueError(f"unknown policy {name!r}; use Sync or Async")
 
 
+def interval_settings(
+    kinds: tuple[str, ...],
+    batch_size: int,
+    max_active_keys: tuple[int, ...],
+    update_every: tuple[int, ...],
+    stash: bool,
+) -> list[tuple[str, Any, int]]:
+    """``(label, policy, key size)`` of AMPNet's comparison, for each of ``kinds`` (``"Sync"``,
+    ``"Async"``): ``Sync`` on keys of ``batch_size`` times each update interval (the examples
+    an ``Async`` update with that interval sees: its fair control), and ``Async`` for each
+    number of keys in flight and each interval (``min_update_frequency``, AMPNet's
+    ``min_update_interval``) on keys of ``batch_size``."""
+    from asyncnn import policies
+
+    out: list[tuple[str, Any, int]] = []
+    for kind in kinds:
+        if kind == "Sync":
+            for m in update_every:
+                label = "Sync" if m == 1 else f"Sync, batch {m * batch_size}"
+                out.append((label, policies.Sync(), m * batch_size))
+        elif kind == "Async":
+            for k in max_active_keys:
+                for m in update_every:
+                    label = f"Async K={k}" + ("" if m == 1 else f", update every {m}")
+                    policy = policies.Async(max_active_keys=k, min_update_frequency=m, stash=stash)
+                    out.append((label, policy, batch_size))
+        else:
+            raise ValueError(f"unknown policy {kind!r}; use Sync or Async")
+    return out
+
+
 def save_figure(fig: Any, out: str, name: str) -> str:
     """Lays ``fig`` out, writes it to ``out/name`` (100 dpi; the folder is made if need be) and
     closes it; returns the path."""

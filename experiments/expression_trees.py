@@ -273,10 +273,12 @@ def where(workers: int) -> str:
     return "1 process" if workers == 0 else f"LocalCluster({workers})"
 
 
-def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, repeat: int,
-            train: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Trains one model under one setting (``label``, one of :func:`settings`) for up to
-    ``epochs``, one ``fit`` per epoch, evaluating on the test trees after each."""
+def run_one(cfg: Config, model: str, setting: tuple[str, Any, int], workers: int, cluster: Any,
+            repeat: int, train: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Trains one model under one setting (``(label, policy, key size)``, one of
+    :func:`settings`) for up to ``epochs``, one ``fit`` per epoch, evaluating on the test trees
+    after each."""
+    label, policy, batch_size = setting
     if model == "mlp":
         graph = build_mlp(cfg)
         train = {"x" if k == "xs" else k: v for k, v in train.items()}
@@ -286,7 +288,6 @@ def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, rep
     keys = INPUTS[model]
     ds = data.ArrayDataset({k: train[k] for k in keys})
     tst = {k: test[k] for k in keys}
-    policy, batch_size = setting(cfg, label)
     adam = optim.Adam(lr=cfg.lr, betas=(cfg.beta1, 0.999), clip_norm=cfg.clip_norm or None)
     tr = ann.Trainer(graph, optimizer=adam, policy=policy, seed=cfg.seed, cluster=cluster)
     curve: list[dict[str, Any]] = []
@@ -328,37 +329,13 @@ def run_one(cfg: Config, model: str, label: str, workers: int, cluster: Any, rep
     return res
 
 
-def settings(cfg: Config) -> list[str]:
-    """The setting labels: ``Sync`` (and ``Sync, batch N`` for each update interval above 1),
-    and ``Async K=k`` (``Async K=k, update every m``) for each of ``max_active_keys`` and of
-    ``update_every``."""
-    out = []
-    for pol in cfg.policies:
-        if pol == "Sync":
-            out.extend(
-                "Sync" if m == 1 else f"Sync, batch {m * cfg.batch_size}" for m in cfg.update_every
-            )
-        elif pol == "Async":
-            out.extend(
-                f"Async K={k}" + ("" if m == 1 else f", update every {m}")
-                for k in cfg.max_active_keys
-                for m in cfg.update_every
-            )
-        else:
-            raise ValueError(f"unknown policy {pol!r}; use Sync or Async")
-    return out
-
-
-def setting(cfg: Config, label: str) -> tuple[policies.Policy, int]:
-    """The policy and the key size (trees) of a label of :func:`settings`."""
-    if label.startswith("Sync"):
-        batch = int(label.split("batch ")[1]) if ", batch " in label else cfg.batch_size
-        return policies.Sync(), batch
-    k = int(label.split("=")[1].split(",")[0])
-    m = int(label.split("update every ")[1]) if "update every" in label else 1
-    return policies.Async(
-        max_active_keys=k, min_update_frequency=m, stash=cfg.stash
-    ), cfg.batch_size
+def settings(cfg: Config) -> list[tuple[str, policies.Policy, int]]:
+    """``(label, policy, key size)`` of each setting: ``Sync`` (and ``Sync, batch N`` for each
+    update interval above 1), and ``Async K=k`` (``Async K=k, update every m``) for each of
+    ``max_active_keys`` and of ``update_every``, as ``policies`` asks."""
+    return _common.interval_settings(
+        cfg.policies, cfg.batch_size, cfg.max_active_keys, cfg.update_every, cfg.stash
+    )
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -442,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for model in cfg.models:
                     if model == "mlp" and w:
                         continue  # the baseline runs in one process only
-                    for label in settings(cfg):
-                        runs.append(run_one(cfg, model, label, w, clusters[w], repeat, train,
+                    for setting in settings(cfg):
+                        runs.append(run_one(cfg, model, setting, w, clusters[w], repeat, train,
                                             test))  # fmt: skip
     results: dict[str, Any] = {
         "machine_at_start": before, "majority_class_test_accuracy": majority,

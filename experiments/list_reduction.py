@@ -195,16 +195,9 @@ def train_curve(
 def settings(cfg: Config) -> list[tuple[str, policies.Policy, int]]:
     """(label, policy, key size) of every run: Sync on minibatches of ``batch_size`` times each
     ``update_every``, then Async for each number of keys in flight and each update interval."""
-    runs: list[tuple[str, policies.Policy, int]] = []
-    for m in cfg.update_every:
-        label = "Sync" if m == 1 else f"Sync, batch {m * cfg.batch_size}"
-        runs.append((label, policies.Sync(), m * cfg.batch_size))
-    for k in cfg.max_active_keys:
-        for m in cfg.update_every:
-            label = f"Async K={k}" + ("" if m == 1 else f", update every {m}")
-            policy = policies.Async(max_active_keys=k, min_update_frequency=m, stash=cfg.stash)
-            runs.append((label, policy, cfg.batch_size))
-    return runs
+    return _common.interval_settings(
+        ("Sync", "Async"), cfg.batch_size, cfg.max_active_keys, cfg.update_every, cfg.stash
+    )
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -128,9 +128,9 @@ def test_quick_run_on_local_workers(tmp_path):
 
 def test_update_intervals_add_async_settings_and_their_sync_control():
     cfg = expression_trees.Config(max_active_keys=(4,), update_every=(1, 2))
-    labels = expression_trees.settings(cfg)
+    got = [(policy, batch) for _, policy, batch in expression_trees.settings(cfg)]
+    labels = [label for label, _, _ in expression_trees.settings(cfg)]
     assert labels == ["Sync", "Sync, batch 100", "Async K=4", "Async K=4, update every 2"]
-    got = [expression_trees.setting(cfg, label) for label in labels]
     assert [batch for _, batch in got] == [50, 100, 50, 50]
     assert got[3][0].max_active_keys == 4 and got[3][0].min_update_frequency == 2
     assert got[2][0].min_update_frequency == 1

@@ -4,13 +4,14 @@ only once it has landed, and device clocks land on the trace's clock."""
 from __future__ import annotations
 
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import asyncnn as ann
-from asyncnn._runtime._recorder import Later, Pending, Recorder, digest
+from asyncnn._runtime._recorder import Later, Recorder, digest, when_done
 
 
 def _events(path: Path) -> list[Any]:
@@ -29,7 +30,8 @@ def test_a_pending_copy_is_read_after_it_lands_and_a_later_value_resolved(tmp_pa
         waited.set()
 
     rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
-    rec.event("stage0", "send", "forward", 0, 0, "loss", 0, Pending((host, None), wait), True)
+    copies = when_done(types.SimpleNamespace(synchronize=wait), lambda: (host, None))
+    rec.event("stage0", "send", "forward", 0, 0, "loss", 0, copies, True)
     rec.event("loss", "end", "forward", 0, 0, "", 0, meta={"loss": Later(lambda: 0.25)})
     rec.close()
     assert waited.is_set()

@@ -18,7 +18,7 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import get_backend, parse_device
 
 from ._messages import BACKWARD, FORWARD, Message
-from ._recorder import Pending
+from ._recorder import when_done
 from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
@@ -300,7 +300,7 @@ class _Actor:
     def _for_trace(self, tensors: tuple[Any, ...]) -> Any:
         """What the trace's writer may read later of the tensors sent: CPU arrays as they are
         (nothing writes into them again); a GPU actor's, copies to the host queued on its
-        stream behind the work that made them (:class:`Pending`: the writer waits, this actor
+        stream behind the work that made them (:func:`when_done`: the writer waits, this actor
         does not), taken before its next launch, which may write over buffers it handed out
         (its CUDA graphs')."""
         if self.on_cpu:
@@ -309,7 +309,7 @@ class _Actor:
         with backend.activate(self.stream):
             hosts = tuple(None if t is None else backend.to_host_async(t) for t in tensors)
             event = backend.record_event(self.stream, blocking=True)
-        return Pending(hosts, event.synchronize)
+        return when_done(event, lambda: hosts)
 
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")

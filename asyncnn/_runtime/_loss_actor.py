@@ -16,7 +16,7 @@ from asyncnn._math._autodiff import primitive_vjp, vjp
 from ._actor_base import _Actor
 from ._capture_loss import LossGraphs
 from ._messages import END, FORWARD, STOP, Message
-from ._recorder import Later
+from ._recorder import when_done
 
 if TYPE_CHECKING:
     from ._context import ActorContext
@@ -133,7 +133,7 @@ class LossActor(_Actor):
                 recorded: Any = loss
             else:  # the writer sleeps until the copy has landed (an event of its own)
                 landed = self.backend.record_event(self.stream, blocking=True)
-                recorded = Later(functools.partial(_landed, value, landed))
+                recorded = when_done(landed, functools.partial(float, value))
             rec.event(self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": recorded})
             self._record_device(rec, FORWARD, key, self.seq)
         if not now:
@@ -198,10 +198,3 @@ class LossActor(_Actor):
             return np.array(scale, dtype=value.dtype)
         # a fill, not a copy from the host: capturable in a CUDA graph
         return self.backend.xp.full((), scale, dtype=value.dtype)
-
-
-def _landed(value: Any, event: Any) -> float:
-    """A loss value whose copy to the host ``event`` marks, once it has landed (for the trace's
-    writer, which may wait)."""
-    event.synchronize()
-    return float(value)

@@ -5,9 +5,9 @@ thread turns the tuples into records (digests of the tensor bytes, payloads wher
 them (see ``_traceformat``) and writes them through a buffer. Arrays handed to the recorder are
 never modified afterwards by the runtime (updates make new arrays), so the thread may read them
 later. Where that does not hold (a GPU actor's outputs, or the buffers a replayed CUDA graph
-writes again at its next launch), the actor hands over a :class:`Pending`: host copies queued on
-its own stream behind the work that made the tensors, and an event the writer waits for before
-reading them. The actor never waits for the copy, and the digests stay those of the bytes (the
+writes again at its next launch), the actor hands over a :class:`Later` (:func:`when_done`):
+host copies queued on its own stream behind the work that made the tensors, read once an event
+after them is done. The actor never waits for the copy, and the digests stay those of the bytes (the
 same function on every device, so ``trace diff`` compares a captured GPU run with an eager or a
 CPU one).
 """
@@ -29,42 +29,29 @@ from asyncnn.backends import to_numpy
 from ._config import PAYLOAD_MODES
 from ._traceformat import FORMAT, VERSION, encode_record
 
-__all__ = ["PAYLOAD_MODES", "Later", "Pending", "Recorder", "describe_arrays", "digest"]
-
-
-class Pending:
-    """Host copies of an event's tensors that a device is still writing: the trace's writer
-    calls ``wait()`` (on its own thread) before it reads them.
-
-    Args:
-        arrays: the host arrays being written (``None`` entries stay ``None``).
-        wait: blocks until they are written (a device event's ``synchronize``).
-    """
-
-    __slots__ = ("arrays", "wait")
-
-    def __init__(self, arrays: tuple[Any, ...], wait: Callable[[], object]) -> None:
-        self.arrays = arrays
-        self.wait = wait
-
-    def ready(self) -> tuple[Any, ...]:
-        """The arrays, once written."""
-        self.wait()
-        return self.arrays
+__all__ = ["PAYLOAD_MODES", "Later", "Recorder", "describe_arrays", "digest", "when_done"]
 
 
 class Later:
-    """A value of an event's ``meta`` that the trace's writer computes (on its own thread, so it
-    may wait for the device): ``resolve()`` gives it.
-
-    Args:
-        resolve: gives the value (a loss read once its copy has landed, device times).
+    """Something of an event that the trace's writer computes on its own thread, where it may
+    wait for a device: its tensors (host copies a device is still writing) or a value of its
+    ``meta`` (a loss read once its copy has landed, device times). ``resolve()`` gives it.
     """
 
     __slots__ = ("resolve",)
 
     def __init__(self, resolve: Callable[[], Any]) -> None:
         self.resolve = resolve
+
+
+def when_done(event: Any, read: Callable[[], Any]) -> Later:
+    """``read()``, once the device work before ``event`` has finished (the writer waits)."""
+
+    def resolve() -> Any:
+        event.synchronize()
+        return read()
+
+    return Later(resolve)
 
 
 def digest(array: Any) -> int:
@@ -256,8 +243,8 @@ class Recorder:
                 if seq >= 0:
                     rec["seq"] = seq
                 if tensors is not None:
-                    if type(tensors) is Pending:
-                        tensors = tensors.ready()
+                    if type(tensors) is Later:
+                        tensors = tensors.resolve()
                     info, payloads = describe_arrays(tensors, payload)
                     rec["x"] = info
                     if payloads:
