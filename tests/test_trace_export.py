@@ -261,3 +261,20 @@ def test_summary_measures_the_overlap_of_device_work(gpipe_run: Any, tmp_path: P
     assert use == {"busy_seconds": 6.5, "active_seconds": 5.0, "overlap": 1.3}
     assert f"{device}: actors' work ran 5.000 s" in format_summary(s)
     assert ann.trace.summary(path)["devices"] == {}
+
+
+def test_overlap_is_never_below_one_when_the_spans_meet_end_to_end(
+    gpipe_run: Any, tmp_path: Path
+) -> None:
+    # two spans that touch: their lengths' sum rounds below their union's length
+    from asyncnn._runtime._traceformat import encode_record
+
+    path, _ = gpipe_run
+    spans = [[0.306, 0.859], [0.859, 0.876]]
+    assert (0.859 - 0.306) + (0.876 - 0.859) < 0.876 - 0.306
+    extra = {"t": 0.02, "a": "stage0", "ev": "device", "k": "forward", "key": 0, "seq": 0,
+             "m": {"spans": spans}}  # fmt: skip
+    crafted = tmp_path / "touching.trace"
+    crafted.write_bytes(path.read_bytes() + encode_record(extra))
+    ((_, use),) = ann.trace.summary(crafted)["devices"].items()
+    assert use["overlap"] == 1.0
