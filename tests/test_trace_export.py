@@ -263,18 +263,21 @@ def test_summary_measures_the_overlap_of_device_work(gpipe_run: Any, tmp_path: P
     assert ann.trace.summary(path)["devices"] == {}
 
 
-def test_overlap_is_never_below_one_when_the_spans_meet_end_to_end(
+def test_overlap_is_never_below_one_when_spans_meet_end_to_end(
     gpipe_run: Any, tmp_path: Path
 ) -> None:
-    # two spans that touch: their lengths' sum rounds below their union's length
+    # three spans of two actors, end to end: the actors' sums added up round below the union's
     from asyncnn._runtime._traceformat import encode_record
 
     path, _ = gpipe_run
-    spans = [[0.306, 0.859], [0.859, 0.876]]
-    assert (0.859 - 0.306) + (0.876 - 0.859) < 0.876 - 0.306
-    extra = {"t": 0.02, "a": "stage0", "ev": "device", "k": "forward", "key": 0, "seq": 0,
-             "m": {"spans": spans}}  # fmt: skip
+    spans = {"stage0": [[0.031, 0.229], [0.901, 0.945]], "stage1": [[0.229, 0.901]]}
+    busy = ((0.229 - 0.031) + (0.945 - 0.901)) + (0.901 - 0.229)
+    assert busy < (0.229 - 0.031) + (0.901 - 0.229) + (0.945 - 0.901)
+    extra = [
+        {"t": 0.02, "a": a, "ev": "device", "k": "forward", "key": 0, "seq": 0, "m": {"spans": sp}}
+        for a, sp in spans.items()
+    ]
     crafted = tmp_path / "touching.trace"
-    crafted.write_bytes(path.read_bytes() + encode_record(extra))
+    crafted.write_bytes(path.read_bytes() + b"".join(encode_record(r) for r in extra))
     ((_, use),) = ann.trace.summary(crafted)["devices"].items()
-    assert use["overlap"] == 1.0
+    assert use["busy_seconds"] == busy and use["overlap"] == 1.0
