@@ -108,8 +108,12 @@ def asyncnn_step(
     return (time.perf_counter() - start) / steps
 
 
-def torch_step(batch: int, dtype: str, steps: int, prof: Any = None) -> float:
-    """Seconds per PyTorch eager step; ``prof`` (``enable()``/``disable()``) sees the timed ones."""
+def torch_step(
+    batch: int, dtype: str, steps: int, prof: Any = None, microbatches: int = 1
+) -> float:
+    """Seconds per PyTorch eager step; ``prof`` (``enable()``/``disable()``) sees the timed ones;
+    ``microbatches``: the step's gradient summed over that many slices of the batch, one update
+    (what any pipeline computes, so the matmuls' rate at a microbatch's rows bounds it)."""
     import torch
 
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -126,7 +130,8 @@ def torch_step(batch: int, dtype: str, steps: int, prof: Any = None) -> float:
         for i in range(n):
             opt.zero_grad()
             xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
-            torch.nn.functional.cross_entropy(model(xb).float(), yb).backward()
+            for xm, ym in zip(xb.chunk(microbatches), yb.chunk(microbatches), strict=True):
+                torch.nn.functional.cross_entropy(model(xm).float(), ym).backward()
             opt.step()
 
     run(3)
@@ -233,24 +238,51 @@ PIPELINE_ROWS: list[tuple[str, Any, int, bool]] = [
     ("Async(4), graphs", policies.Async(max_active_keys=4), 4, True),
     ("Async(4, stash), graphs", policies.Async(max_active_keys=4, stash=True), 4, True),
     ("Async(8), graphs", policies.Async(max_active_keys=8), 4, True),
+    # the microbatches' own cost, with no stages: what a pipeline on one GPU cannot beat
+    ("GPipe(4), 1 stage, graphs", policies.GPipe(4), 1, True),
 ]
 
 
-def pipeline_section(dtypes: list[str], steps: int, repeats: int) -> list[dict[str, Any]]:
-    """Section 3: 4 stages on one GPU against `Sync` captured on one stage (the first row),
-    steady state, each row measured ``repeats`` times, interleaved; medians compared."""
+#: section 3's reference rows, PyTorch eager: the whole batch, and 4 microbatches summed
+TORCH_ROWS = [("torch eager", 1), ("torch eager, 4 microbatches", 4)]
+
+
+def pipeline_section(
+    dtypes: list[str], steps: int, repeats: int, only: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Section 3: 4 stages on one GPU against `Sync` captured on one stage (the first row,
+    always run), steady state, each row measured ``repeats`` times, interleaved; medians
+    compared. ``only``: the indices into :data:`PIPELINE_ROWS` to run (all by default); the
+    torch rows run when torch is installed."""
     print(f"3. 4 stages on one GPU, MLP width 4096, steady state (ms per step, median of "
           f"{repeats}; samples/s against Sync captured on 1 stage)")  # fmt: skip
+    chosen = [r for i, r in enumerate(PIPELINE_ROWS) if only is None or i == 0 or i in only]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        references: list[tuple[str, int]] = []
+    else:
+        references = TORCH_ROWS
     rows = []
     cases = [("float32", 1024), ("bfloat16", 64)]
     for dt, batch in [(d, b) for d, b in cases if d in dtypes]:
-        runs: dict[str, list[float]] = {label: [] for label, *_ in PIPELINE_ROWS}
-        for _ in range(repeats):
-            for label, policy, stages, graphs in PIPELINE_ROWS:
-                ms = steady_step(batch, dt, steps, graphs, policy=policy, stages=stages) * 1e3
+        runs: dict[str, list[float]] = {label: [] for label, *_ in chosen}
+        runs.update({label: [] for label, _ in references})
+        for rep in range(repeats):
+            for label, policy, stages, graphs in chosen:
+                try:
+                    ms = steady_step(batch, dt, steps, graphs, policy=policy, stages=stages) * 1e3
+                except Exception as exc:  # noqa: BLE001 - one row's failure keeps the others
+                    print(f"   {label}: failed: {type(exc).__name__}: {exc}", flush=True)
+                    ms = math.nan
                 runs[label].append(ms)
-        base = float(np.median(runs[PIPELINE_ROWS[0][0]]))
-        for label, *_ in PIPELINE_ROWS:
+                print(f"   ({dt} batch {batch}, repeat {rep + 1}: {label} {ms:.2f} ms)", flush=True)
+            for label, micro in references:
+                ms = torch_step(batch, dt, steps, microbatches=micro) * 1e3
+                runs[label].append(ms)
+                print(f"   ({dt} batch {batch}, repeat {rep + 1}: {label} {ms:.2f} ms)", flush=True)
+        base = float(np.median(runs[chosen[0][0]]))
+        for label in runs:
             ms = float(np.median(runs[label]))
             row = {"dtype": dt, "batch": batch, "run": label, "ms": ms,
                    "samples_per_s": batch / (ms * 1e-3), "x_sync_graphs_1_stage": base / ms,
@@ -259,6 +291,10 @@ def pipeline_section(dtypes: list[str], steps: int, repeats: int) -> list[dict[s
             print(f"   {dt:<9} batch {batch:5d}  {label:<34} {ms:8.2f} ms  "
                   f"{batch / (ms * 1e-3):10.0f} samples/s  {base / ms:5.2f}x   [runs: "
                   + " ".join(f"{v:.2f}" for v in runs[label]) + "]")  # fmt: skip
+        if references:
+            whole, split = (float(np.median(runs[label])) for label, _ in references)
+            print(f"   {dt:<9} batch {batch:5d}  torch's 4 microbatches take {split / whole:.2f}x "
+                  "its whole-batch step")  # fmt: skip
     return rows
 
 
@@ -286,11 +322,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3, help="section 4: runs per row (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="sections 3, 4: runs per row (median)")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     ap.add_argument("--out", default="runs/bench_gpu.json")
     ap.add_argument("--sections", default="1,2,3,4", help="which sections to run")
     ap.add_argument("--profile", action="store_true", help="cProfile an eager bf16 b64 step")
+    ap.add_argument(
+        "--rows", default=None, help="section 3: comma-separated indices into PIPELINE_ROWS"
+    )
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
     import cupy as cp
@@ -334,7 +373,8 @@ def main() -> None:
     if 4 in sections:
         report["graphs"] = graphs_section(dtypes, args.steps, args.repeats, report["matmul_tflops"])
     if 3 in sections:
-        report["pipeline"] = pipeline_section(dtypes, args.steps, args.repeats)
+        only = None if args.rows is None else [int(x) for x in args.rows.split(",")]
+        report["pipeline"] = pipeline_section(dtypes, args.steps, args.repeats, only)
     _common.write_json(args.out, report)
 
 
