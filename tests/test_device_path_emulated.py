@@ -167,3 +167,35 @@ def test_routing_and_loops_on_the_device_equal_the_cpu(
         assert sum(a.graphs.stats.replays for a in graphs["actors"]) > 0
     assert dev_losses == cpu_losses
     assert_params_equal(dev_params, cpu_params)
+
+
+@pytest.mark.parametrize("asked", [None, False], ids=["default", "eager"])
+def test_a_replay_captures_where_the_recorded_run_did(
+    fake_cuda: Any, emulated: Any, asked: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # the header keeps the option as given: left at its default (on where there is a GPU actor)
+    # the recorded run captured, and so must its replay, or a 16-bit product could differ
+    import contextlib
+
+    import asyncnn._tracing._replay as replay_module
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((64, 6)), "y": rng.integers(0, 3, 64)}
+    tr = ann.Trainer(
+        _graph(["cuda:0"] * 3), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+        dtype="float64", seed=1, trace=str(tmp_path / "run.trace"), cuda_graphs=asked,
+    )  # fmt: skip
+    tr.fit(data, epochs=1, batch_size=16)
+    assert ann.trace.read(tmp_path / "run.trace").header["config"]["cuda_graphs"] is asked
+    seen = []
+    opened = replay_module.open_run
+
+    @contextlib.asynccontextmanager
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        async with opened(*args, **kwargs) as run:
+            seen.append(run.cuda_graphs_active)
+            yield run
+
+    monkeypatch.setattr(replay_module, "open_run", spy)
+    assert ann.replay(tmp_path / "run.trace").identical
+    assert seen == [asked is None]
