@@ -217,8 +217,9 @@ def graphs_section(
             rows.append(row)
             print(f"   {dt:<9} batch {batch:5d}: eager {eager:7.2f}  graphs {graphs:7.2f}  "
                   f"torch {t:7.2f}   graphs/torch {graphs / t:5.2f}  eager/torch "
-                  f"{eager / t:5.2f}   {tflops:6.1f} TFLOP/s ({tflops / peak:4.0%} of matmul)"
-                  "   [runs: " + "; ".join(
+                  f"{eager / t:5.2f}   {tflops:6.1f} TFLOP/s"
+                  + ("" if math.isnan(peak) else f" ({tflops / peak:4.0%} of matmul)")
+                  + "   [runs: " + "; ".join(
                       f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items())
                   + "]")  # fmt: skip
     return rows
