@@ -7,11 +7,14 @@
 3. 4 stages on one GPU (one CUDA stream per stage), steady state: the pipelines (`GPipe(4)`,
    `OneFOneB(4)`), `PipeDream(4)` (stashing and recomputing) and `Async`, captured and eager,
    against `Sync` captured on one stage, at float32 batch 1024 and bfloat16 batch 64 (where one
-   step leaves most of the card idle);
+   step leaves most of the card idle); as bounds, `GPipe(4)` on one stage (the microbatches
+   with no stages) and PyTorch eager on the whole batch and on 4 microbatches summed
+   (``--rows`` picks rows);
 4. CUDA graphs: `Sync` with and without ``cuda_graphs=True`` (float32 and bfloat16, batch 1024
    and 64) against PyTorch eager in the same run.
 
-Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--repeats R] [--profile]
+Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--repeats R] [--rows I,J]
+[--profile]
 (writes runs/bench_gpu.json; --profile prints where the host time of an eager bfloat16 batch-64
 step goes)
 """

@@ -144,8 +144,8 @@ class _Actor:
 
 
 def _device_use(busy: float, active: float) -> dict[str, float]:
-    # the spans' sum is never below their union's length, but the two sums round differently:
-    # one span alone gave 0.9999999999999999 on the device
+    # the spans' sum is never below their union's length, but the two add in different orders:
+    # several actors' spans meeting end to end gave 0.9999999999999999 on an H100
     return {
         "busy_seconds": busy,
         "active_seconds": active,
