@@ -500,6 +500,10 @@ class ComputeTeam:
         all: one piece when it is too small to split (see ``part_elements``)."""
         open_ = self._state == "open" and self._split
         parts = min(self._n, elements // self._part_elements) if open_ else 1
+        if parts == 2 and elements < 4 * self._part_elements:
+            # two parts save half the pass and pay a hand-over that costs about two parts' worth:
+            # on the 2-core CI VM a 263K-element add took 108 µs in two parts, 51 µs whole
+            parts = 1
         return split_bounds(rows, max(1, parts))
 
     def map_rows(self, fn: Callable[[int, int], object], rows: int, elements: int) -> None:

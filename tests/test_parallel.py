@@ -214,6 +214,12 @@ def test_map_rows_splits_elementwise_work(team: ComputeTeam) -> None:
     assert np.array_equal(out, np.maximum(x, 0))
     assert team.row_bounds(300, x.size) == (0, 150, 300)
     assert team.row_bounds(300, 10) == (0, 300)  # too small: one piece
+    # two parts must each touch twice the minimum (64 here): a hand-over costs about that
+    assert team.row_bounds(300, 4 * 64 - 1) == (0, 300)
+    assert team.row_bounds(300, 4 * 64) == (0, 150, 300)
+    with ComputeTeam(3, part_elements=64) as three:
+        assert three.row_bounds(300, 3 * 64) == (0, 100, 200, 300)  # three parts: as before
+        assert three.row_bounds(300, 3 * 64 - 1) == (0, 300)
 
 
 def test_matmul_dispatch_follows_the_thread(team: ComputeTeam) -> None:
