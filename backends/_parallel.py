@@ -204,7 +204,8 @@ class ComputeTeam:
             restored on :meth:`close` (OpenBLAS keeps one count for the whole process); ``None``
             leaves BLAS as it is. Splitting only pays with ``1``.
         part_flops: the least work, in flops, of one part of a split product.
-        part_elements: the least number of elements one part of a split elementwise pass touches.
+        part_elements: the least number of elements one part of a split elementwise pass
+            touches (twice that when the pass is cut in only two parts).
         split: whether work is split at all; with ``False`` the team only runs whole tasks (and
             its workers' products run uncut), as a pool whose BLAS calls are multi-threaded wants.
         name: prefix of the worker threads' names.
