@@ -6,7 +6,7 @@
 # Usage (from the repository root, on the GPU machine):
 #   bash experiments/device_tests.sh [--jobs N] [--bench] [--bench-only] [pytest args]
 # --jobs N runs the test files in N pytest processes side by side (alternate files of
-# tests/test_*.py; with pytest args, those name what each process runs besides its files): on the
+# tests/test_*.py; pytest options such as -x or -k go to each, but no paths): on the
 # lent 16-core host the suite took about 310 s in 2 processes, where the GPU's launches, not its
 # compute, are the bound. --bench also runs experiments/bench_gpu.py after the tests
 # (--bench-only: the benchmark alone); its JSON and the logs go to $OUT when that is set (the
@@ -35,6 +35,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, '| numpy', numpy.__version__, '| GPUs', cupy.cuda.runtime.getDeviceCount())"
 status=0
 if [ "$tests" = 1 ] && [ "$jobs" -gt 1 ]; then
+  for arg in "$@"; do
+    if [ -e "$arg" ]; then
+      echo "device_tests.sh: --jobs splits tests/test_*.py itself; drop the path $arg" >&2
+      exit 2
+    fi
+  done
   set +e
   pids=()
   for ((j = 0; j < jobs; j++)); do
