@@ -58,9 +58,13 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
     worker = threading.Thread(target=target, name="asyncnn-call", daemon=True)
     worker.start()
     interrupted = False
-    while worker.is_alive():
+    while True:
+        # the interrupt lands at whatever this thread runs, the loop's own test included: all
+        # of the wait is inside the try, or a Ctrl-C there would leave ``fn`` running unasked
         try:
-            worker.join(0.1)
+            while worker.is_alive():
+                worker.join(0.1)
+            break
         except KeyboardInterrupt:
             interrupted = True
             if on_interrupt is not None:

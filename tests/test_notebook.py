@@ -101,3 +101,43 @@ def test_interrupting_the_waiting_thread_stops_the_fit_and_keeps_what_finished()
     done = tr.state.minibatches
     assert 2 <= done < 50 * 4 and set(tr.versions.values()) == {done}
     assert len(tr.history.losses) == done
+
+
+def test_an_interrupt_that_lands_outside_the_join_still_stops_the_call_and_waits(monkeypatch):
+    """The interrupt lands at whatever the waiting thread runs: here in the loop's test of
+    whether the call is still running (``is_alive``), not in ``join``. The call must still be
+    asked to stop and be waited for, not left running behind the raised KeyboardInterrupt."""
+    import threading
+
+    from asyncnn._notebook import run_outside_loop
+
+    stop = threading.Event()
+    finished = []
+
+    def call():
+        stop.wait(5.0)
+        finished.append(stop.is_set())
+        return 1
+
+    real = threading.Thread.is_alive
+    seen = []
+
+    def is_alive(self):
+        if self.name == "asyncnn-call":
+            seen.append(1)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(threading.Thread, "is_alive", is_alive)
+
+    async def cell():
+        run_outside_loop(call, on_interrupt=stop.set)
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(cell())
+    finally:
+        loop.close()
+    assert finished == [True]
