@@ -134,12 +134,16 @@ def _on(graph: ann.Graph, device: str) -> ann.Graph:
     return ann.Graph.from_spec(spec)
 
 
-@pytest.mark.parametrize(
+#: the policies routing and loops run under on a device (here and in test_gpu_runtime.py)
+ROUTING_LOOP_POLICIES = pytest.mark.parametrize(
     "policy",
     [policies.Sync(), policies.GPipe(2), policies.PipeDream(1, stash=True),
      policies.Async(max_active_keys=1)],
     ids=["sync", "gpipe2", "pipedream1", "async1"],
 )  # fmt: skip
+
+
+@ROUTING_LOOP_POLICIES
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("model", ["routing", "loop"])
 def test_routing_and_loops_on_the_device_equal_the_cpu(
@@ -149,6 +153,18 @@ def test_routing_and_loops_on_the_device_equal_the_cpu(
     # changes: captured per shape, up to the cache's limit) and a loop's per-row steps, through
     # streams and events; the loop cell and the router themselves stay eager
     graphs = request.getfixturevalue("emulated") if captured else None
+    (cpu, cpu_params), (dev, dev_params) = routing_or_loop_runs(model, captured, policy)
+    assert fake_cuda.copies > 0  # (the device run's losses came back through copies)
+    if graphs is not None:
+        assert sum(a.graphs.stats.replays for a in graphs["actors"]) > 0
+    assert dev.losses == cpu.losses
+    assert_params_equal(dev_params, cpu_params)
+
+
+def routing_or_loop_runs(model: str, captured: bool, policy: Any) -> list[tuple[Any, Any]]:
+    """``(history, params)`` of a float64 fit of the routing (``"routing"``: a sparse mixture of
+    experts) or loop (``"loop"``: BPTT over variable lengths) model on the CPU, then with every
+    node on ``cuda:0``, captured or eager (also run on the real GPU by test_gpu_runtime.py)."""
     make, data = (
         (lambda: moe_graph(k=2), routing_data(n=48))
         if model == "routing"
@@ -160,13 +176,8 @@ def test_routing_and_loops_on_the_device_equal_the_cpu(
             _on(make(), where), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
             seed=0, cuda_graphs=captured and where != "cpu",
         )  # fmt: skip
-        runs.append((tr.fit(data, batch_size=8, epochs=2).losses, tr.params))
-    (cpu_losses, cpu_params), (dev_losses, dev_params) = runs
-    assert fake_cuda.copies > 0  # (the device run's losses came back through copies)
-    if graphs is not None:
-        assert sum(a.graphs.stats.replays for a in graphs["actors"]) > 0
-    assert dev_losses == cpu_losses
-    assert_params_equal(dev_params, cpu_params)
+        runs.append((tr.fit(data, batch_size=8, epochs=2), tr.params))
+    return runs
 
 
 @pytest.mark.parametrize("asked", [True, False], ids=["captured", "eager"])

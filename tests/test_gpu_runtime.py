@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_device_path_emulated import ROUTING_LOOP_POLICIES, routing_or_loop_runs
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -156,38 +157,14 @@ async def test_a_gpu_batch_is_read_only_after_its_copy_lands():
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [policies.Sync(), policies.GPipe(2), policies.PipeDream(1, stash=True),
-     policies.Async(max_active_keys=1)],
-    ids=["sync", "gpipe2", "pipedream1", "async1"],
-)  # fmt: skip
+@ROUTING_LOOP_POLICIES
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("model", ["routing", "loop"])
 def test_routing_and_loops_on_the_gpu_equal_the_cpu(model, captured, policy):
     # the stand-in device's test (test_device_path_emulated.py) on the real one: a router's
     # per-expert rows (an expert sees a new input shape whenever its share of rows changes,
     # captured per shape up to the cache's limit) and a loop's per-row steps, float64
-    from test_device_path_emulated import _on
-    from test_loops import _data as loop_data
-    from test_loops import rnn_graph
-    from test_routing import _data as routing_data
-    from test_routing import moe_graph
-
-    make, data = (
-        (lambda: moe_graph(k=2), routing_data(n=48))
-        if model == "routing"
-        else (rnn_graph, loop_data(n=32))
-    )
-    runs = []
-    for where in ("cpu", "cuda:0"):
-        tr = ann.Trainer(
-            _on(make(), where), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
-            seed=0, cuda_graphs=captured and where != "cpu",
-        )  # fmt: skip
-        hist = tr.fit(data, batch_size=8, epochs=2)
-        runs.append((hist, tr.params))
-    (cpu, cpu_params), (gpu, gpu_params) = runs
+    (cpu, cpu_params), (gpu, gpu_params) = routing_or_loop_runs(model, captured, policy)
     if captured:
         assert any(st.graph_bytes for st in gpu.statistics.values()), gpu.statistics
     np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-10)
