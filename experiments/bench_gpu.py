@@ -22,10 +22,12 @@ step goes)
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -270,19 +272,25 @@ def pipeline_section(
     rows = []
     cases = [("float32", 1024), ("bfloat16", 64)]
     for dt, batch in [(d, b) for d, b in cases if d in dtypes]:
-        runs: dict[str, list[float]] = {label: [] for label, *_ in chosen}
-        runs.update({label: [] for label, _ in references})
+        # each row's measurement, asyncnn's and torch's alike: seconds per step
+        timed: list[tuple[str, Callable[[], float]]] = []
+        timed += [
+            (label, functools.partial(steady_step, batch, dt, steps, graphs, policy=policy,
+                                      stages=stages))
+            for label, policy, stages, graphs in chosen
+        ]  # fmt: skip
+        timed += [
+            (label, functools.partial(torch_step, batch, dt, steps, microbatches=micro))
+            for label, micro in references
+        ]
+        runs: dict[str, list[float]] = {label: [] for label, _ in timed}
         for rep in range(repeats):
-            for label, policy, stages, graphs in chosen:
+            for label, measure in timed:
                 try:
-                    ms = steady_step(batch, dt, steps, graphs, policy=policy, stages=stages) * 1e3
+                    ms = measure() * 1e3
                 except Exception as exc:  # noqa: BLE001 - one row's failure keeps the others
                     print(f"   {label}: failed: {type(exc).__name__}: {exc}", flush=True)
                     ms = math.nan
-                runs[label].append(ms)
-                print(f"   ({dt} batch {batch}, repeat {rep + 1}: {label} {ms:.2f} ms)", flush=True)
-            for label, micro in references:
-                ms = torch_step(batch, dt, steps, microbatches=micro) * 1e3
                 runs[label].append(ms)
                 print(f"   ({dt} batch {batch}, repeat {rep + 1}: {label} {ms:.2f} ms)", flush=True)
         base = float(np.median(runs[chosen[0][0]]))

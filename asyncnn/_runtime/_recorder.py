@@ -7,9 +7,9 @@ never modified afterwards by the runtime (updates make new arrays), so the threa
 later. Where that does not hold (a GPU actor's outputs, or the buffers a replayed CUDA graph
 writes again at its next launch), the actor hands over a :class:`Later` (:func:`when_done`):
 host copies queued on its own stream behind the work that made the tensors, read once an event
-after them is done. The actor never waits for the copy, and the digests stay those of the bytes (the
-same function on every device, so ``trace diff`` compares a captured GPU run with an eager or a
-CPU one).
+after them is done. The actor never waits for the copy, and the digests stay those of the bytes
+(the same function on every device, so ``trace diff`` compares a captured GPU run with an eager
+or a CPU one).
 """
 
 from __future__ import annotations
