@@ -185,6 +185,12 @@ class Backend(abc.ABC):
         plain array code is already the fast path (numpy)."""
         return None
 
+    def fused_nn_kernels(self) -> Any:
+        """The module of this backend's fused network kernels (``cross_entropy_rows``,
+        ``cross_entropy_grad``: two kernels instead of about eighteen array operations), or
+        None where the array code is already the fast path (numpy)."""
+        return None
+
     def memory_pool(self) -> tuple[int, int]:
         """This device's memory pool: ``(bytes in live arrays, bytes held from the driver)``.
 

@@ -323,6 +323,11 @@ class CupyBackend(Backend):
 
         return _fused
 
+    def fused_nn_kernels(self) -> Any:
+        from . import _fused_nn
+
+        return _fused_nn
+
     def memory_pool(self) -> tuple[int, int]:
         with self._cuda_device:
             pool = cupy.get_default_memory_pool()

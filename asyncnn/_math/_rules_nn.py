@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_mean, acc_sum, is_half
+from asyncnn.backends import acc_mean, acc_sum, backend_of, is_half
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -294,35 +294,51 @@ def _class_last(logits: Any) -> Any:
 def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
     xp = ns(logits)
     z = _class_last(logits)
-    if is_half(z.dtype):
-        # 16-bit logits: the softmax, its sums and the loss in float32 (the loss comes out
-        # float32; the gradient goes back in the logits' dtype)
-        z = z.astype(xp.float32)
-    y = labels.reshape(-1)
-    rows = xp.arange(y.shape[0])
-    m = z.max(axis=1, keepdims=True)
-    p = xp.exp(z - m)
-    s = p.sum(axis=1, keepdims=True)
-    p /= s  # the softmax, kept for the VJP
-    nll = (xp.log(s) + m)[:, 0] - z[rows, y]
-    if reduction == "mean":
-        out = nll.mean()
-    elif reduction == "sum":
-        out = nll.sum()
+    fused = backend_of(z).fused_nn_kernels()
+    if fused is not None and fused.fits(z, labels):
+        # one kernel for the softmax and the row losses (and one for the gradient): an eager
+        # GPU step is bound by its launches, and the array code below takes about eighteen
+        compute = xp.float32 if is_half(z.dtype) else z.dtype
+        p, nll = fused.cross_entropy_rows(z, labels, compute)
+        rows = None
     else:
-        out = nll.reshape(labels.shape)
-    return out, (p, y, rows, reduction, tuple(logits.shape), logits.dtype)
+        if is_half(z.dtype):
+            # 16-bit logits: the softmax, its sums and the loss in float32 (the loss comes out
+            # float32; the gradient goes back in the logits' dtype)
+            z = z.astype(xp.float32)
+        fused = None
+        rows = xp.arange(labels.size)
+        m = z.max(axis=1, keepdims=True)
+        p = xp.exp(z - m)
+        s = p.sum(axis=1, keepdims=True)
+        p /= s  # the softmax, kept for the VJP
+        nll = (xp.log(s) + m)[:, 0] - z[rows, labels.reshape(-1)]
+    res = (p, labels.reshape(-1), rows, fused, reduction, tuple(logits.shape), logits.dtype)
+    return _reduced(nll, labels, reduction), res
+
+
+def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
+    """The per-row losses ``nll`` reduced as ``reduction`` says (``"none"``: in ``labels``'
+    shape)."""
+    if reduction == "mean":
+        return nll.mean()
+    if reduction == "sum":
+        return nll.sum()
+    return nll.reshape(labels.shape)
 
 
 def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
-    p, y, rows, reduction, shape, dtype = res
+    p, y, rows, fused, reduction, shape, dtype = res
     xp = ns(g)
-    # softmax - onehot, built in place in the softmax residual (a pullback runs once).
-    p[rows, y] -= 1
-    if reduction == "none":
-        p *= g.reshape(-1, 1)
+    if fused is not None:
+        p = fused.cross_entropy_grad(p, y, g, reduction, dtype)
     else:
-        p *= g / y.shape[0] if reduction == "mean" else g
+        # softmax - onehot, built in place in the softmax residual (a pullback runs once).
+        p[rows, y] -= 1
+        if reduction == "none":
+            p *= g.reshape(-1, 1)
+        else:
+            p *= g / y.shape[0] if reduction == "mean" else g
     if len(shape) > 2:
         p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
     return p.astype(dtype, copy=False), None

@@ -1,0 +1,105 @@
+"""The fused cross-entropy kernels on the GPU (``backends/_fused_nn.py``) against the array code
+they replace, which the same op runs with the fused kernels turned off: every reduction, 2-D and
+spatial logits, every float dtype, views, labels outside the classes, rows too long for them.
+Skips without cupy and a GPU (run it with ``bash experiments/device_tests.sh``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import ops
+from asyncnn.backends import BFLOAT16
+
+from conftest import HAS_CUDA
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")]
+
+
+def _value_and_grad(logits: Any, labels: Any, reduction: str, fused: bool, mp: Any) -> Any:
+    from backends._cupy import CupyBackend
+
+    with mp.context() as m:
+        if not fused:
+            m.setattr(CupyBackend, "fused_nn_kernels", lambda self: None)
+        loss, pullback = ann.vjp(lambda x: ops.cross_entropy(x, labels, reduction), logits)
+        seed = loss.copy() if reduction == "none" else None
+        if seed is not None:
+            seed[...] = np.linspace(0.5, 1.5, seed.size).reshape(seed.shape).astype(seed.dtype)
+        (grad,) = pullback(1.0 if seed is None else seed)
+    return loss, grad
+
+
+def _close(got: Any, want: Any, dtype: str) -> None:
+    import cupy
+
+    tol = {"float64": 1e-13, "float32": 1e-6}.get(dtype, 1e-6)
+    got, want = cupy.asnumpy(got).astype(np.float64), cupy.asnumpy(want).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+DTYPES = ["float64", "float32", "float16"] + (["bfloat16"] if BFLOAT16 is not None else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(64, 10), (5, 3, 4, 2)], ids=["rows", "spatial"])
+def test_fused_cross_entropy_equals_the_array_code(
+    dtype: str, reduction: str, shape: tuple[int, ...], monkeypatch: Any
+) -> None:
+    import cupy
+
+    rng = np.random.default_rng(0)
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    logits = cupy.asarray((3 * rng.standard_normal(shape)).astype(np.float32)).astype(dt)
+    labels = cupy.asarray(rng.integers(0, shape[1], (shape[0], *shape[2:])))
+    loss, grad = _value_and_grad(logits, labels, reduction, True, monkeypatch)
+    want_loss, want_grad = _value_and_grad(logits, labels, reduction, False, monkeypatch)
+    assert loss.dtype == want_loss.dtype and loss.shape == want_loss.shape
+    assert grad.dtype == want_grad.dtype == logits.dtype and grad.shape == logits.shape
+    _close(loss, want_loss, dtype)
+    # 16-bit gradients: the same float32 value rounded once, or one rounding apart
+    if dtype in ("float64", "float32"):
+        _close(grad, want_grad, dtype)
+    else:
+        g, w = (cupy.asnumpy(a.astype(np.float32)) for a in (grad, want_grad))
+        np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-3)
+
+
+def test_views_int32_labels_and_long_rows(monkeypatch: Any) -> None:
+    import cupy
+
+    from backends import _fused_nn
+
+    rng = np.random.default_rng(1)
+    wide = cupy.asarray(rng.standard_normal((32, 24)))
+    view = wide[:, ::2]  # not contiguous: read through a copy
+    labels = cupy.asarray(rng.integers(0, 12, 32).astype(np.int32))
+    loss, grad = _value_and_grad(view, labels, "mean", True, monkeypatch)
+    want_loss, want_grad = _value_and_grad(view, labels, "mean", False, monkeypatch)
+    _close(loss, want_loss, "float64")
+    _close(grad, want_grad, "float64")
+    # rows longer than the kernels take go through the array code, still right
+    long_rows = cupy.asarray(rng.standard_normal((4, _fused_nn.MAX_CLASSES + 1)))
+    assert not _fused_nn.fits(long_rows, labels[:4])
+    loss, _ = _value_and_grad(long_rows, labels[:4], "sum", True, monkeypatch)
+    z = cupy.asnumpy(long_rows)
+    y = cupy.asnumpy(labels[:4])
+    want = (np.log(np.exp(z).sum(1)) - z[np.arange(4), y]).sum()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-12)
+
+
+def test_a_label_outside_the_classes_makes_its_loss_nan() -> None:
+    import cupy
+
+    from backends import _fused_nn
+
+    logits = cupy.asarray(np.random.default_rng(2).standard_normal((4, 3)))
+    labels = cupy.asarray(np.array([0, 3, 1, -1]))
+    _, rows = _fused_nn.cross_entropy_rows(logits, labels, logits.dtype)
+    got = cupy.asnumpy(rows)
+    assert np.isnan(got[[1, 3]]).all() and np.isfinite(got[[0, 2]]).all()
+    assert np.isnan(float(ops.cross_entropy(logits, labels)))
