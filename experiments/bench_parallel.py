@@ -23,7 +23,7 @@ same optimizer update, ``Sync`` with 1 and 4 stages in this process (``open_run`
 PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` prints where the time
 of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
 
-Run: python experiments/bench_parallel.py [--quick] [--two-core] [--cores N] [--tiny]
+Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N] [--tiny]
 """
 
 from __future__ import annotations
@@ -404,7 +404,11 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="few steps, one repeat (a smoke run)")
     ap.add_argument("--two-core", action="store_true", help="add the 2-core case (child process)")
-    ap.add_argument("--only-two-core", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--only-two-core",
+        action="store_true",
+        help="run only the 2-core case, in this process (with --cores 2 on a larger host)",
+    )
     ap.add_argument("--cores", type=int, default=None, help="pin to the first N cores")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="add the tiny chain (runtime's cost)")
