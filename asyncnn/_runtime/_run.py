@@ -79,8 +79,8 @@ class Run:
         self.graph = graph
         #: the run's options (seed, dtype, stall timeout, checks, trace, CUDA graphs)
         self.config = config
-        #: CUDA graphs asked for (``open_run(cuda_graphs=...)``: True, or None for "where the
-        #: run has a GPU actor"); they are used where :attr:`cuda_graphs_active` says
+        #: CUDA graphs asked for (``open_run(cuda_graphs=True)``); they are used where
+        #: :attr:`cuda_graphs_active` says the policy allows them
         self.cuda_graphs = config.cuda_graphs
         self.optimizer = optimizer
         self.policy = policy
@@ -100,10 +100,7 @@ class Run:
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
-        asked = config.cuda_graphs
-        if asked is None:  # on by default where there is a GPU actor to capture
-            asked = any(node.device != "cpu" for node in graph.nodes.values())
-        self.cuda_graphs_active = asked and policy.allows_capture(
+        self.cuda_graphs_active = config.cuda_graphs and policy.allows_capture(
             self.num_stages, recorder is not None
         )
         self.minibatches = state.minibatches
@@ -501,7 +498,7 @@ async def open_run(
     trace: str | None = None,
     trace_payloads: str = "inputs",
     cluster: Any = None,
-    cuda_graphs: bool | None = None,
+    cuda_graphs: bool = False,
     config: RunConfig | None = None,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
@@ -540,9 +537,7 @@ async def open_run(
             the scheduler and nodes without ``worker`` stay in this process).
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
-            batches). ``None`` (the default) captures where the run has a GPU actor and no
-            ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it and refuses
-            a ``cluster``. Used where :meth:`Policy.allows_capture` says (flushes between
+            batches). Used where :meth:`Policy.allows_capture` says (flushes between
             minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
             ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), with or without a trace;
             elsewhere, and on CPU actors, the run is eager
@@ -551,7 +546,7 @@ async def open_run(
             own); the separate options must then keep their defaults.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool or None.
+        TypeError: ``cuda_graphs`` is not a bool.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, or options given both separately and in ``config``.
     """
@@ -565,9 +560,6 @@ async def open_run(
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
     if cluster is not None:
-        # the workers' actors stay eager: graphs need every actor in one process
-        if config.cuda_graphs is None:
-            config = config.replace(cuda_graphs=False)
         defined_in_main = graph.main_classes()
         if defined_in_main:
             raise GraphError(
