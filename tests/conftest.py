@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from typing import Any
 
@@ -33,6 +34,13 @@ def _cuda_available() -> bool:
 
 
 HAS_CUDA = _cuda_available()
+
+# A shell without job control starts its background jobs with SIGINT ignored (as
+# experiments/device_tests.sh --jobs does), and Python then raises no KeyboardInterrupt, in this
+# process or in the ones it starts: the Ctrl-C tests would see nothing. They test our handling of
+# Ctrl-C, so the suite restores Python's own handler (children then start with the default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def spin_gpu(cycles: int) -> None:

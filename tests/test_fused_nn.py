@@ -20,6 +20,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs cu
 
 
 def _value_and_grad(logits: Any, labels: Any, reduction: str, fused: bool, mp: Any) -> Any:
+    import cupy
+
     from backends._cupy import CupyBackend
 
     with mp.context() as m:
@@ -28,7 +30,8 @@ def _value_and_grad(logits: Any, labels: Any, reduction: str, fused: bool, mp: A
         loss, pullback = ann.vjp(lambda x: ops.cross_entropy(x, labels, reduction), logits)
         seed = loss.copy() if reduction == "none" else None
         if seed is not None:
-            seed[...] = np.linspace(0.5, 1.5, seed.size).reshape(seed.shape).astype(seed.dtype)
+            # (cupy takes no numpy array on the right of an assignment)
+            seed[...] = cupy.linspace(0.5, 1.5, seed.size).reshape(seed.shape).astype(seed.dtype)
         (grad,) = pullback(1.0 if seed is None else seed)
     return loss, grad
 

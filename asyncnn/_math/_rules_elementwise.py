@@ -248,6 +248,8 @@ def _minimum(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _where(cond: Any, a: Any, b: Any) -> tuple[Any, Any]:
     xp = ns(a, b, cond)
+    # a host mask (a loop's rows still running) over a device's arrays: cupy takes only its own
+    cond = xp.asarray(cond)
     return xp.where(cond, a, b), (cond, like(a), like(b))
 
 

@@ -98,7 +98,8 @@ class Loop(Module):
         total = self.steps(xs)
         active = np.ones(n, dtype=bool)
         if lengths is not None:
-            lengths = np.asarray(ops.raw(lengths))
+            # (a device's array reaches the host only explicitly: cupy refuses np.asarray)
+            lengths = np.asarray(to_numpy(ops.raw(lengths)))
             check_lengths(lengths, total, "loop")
         outs = []
         tail = (1,) * (len(h.shape) - 1)
@@ -110,7 +111,7 @@ class Loop(Module):
             if self.output == "all":
                 outs.append(ops.where(active.reshape((n, *tail)), h, h * 0))
             if self.until is not None:
-                active = active & ~np.asarray(ops.raw(self.until({}, h)), dtype=bool)
+                active = active & ~np.asarray(to_numpy(ops.raw(self.until({}, h))), dtype=bool)
         if self.output == "all":
             return ops.stack(outs, axis=1) if outs else ops.expand_dims(h, 1)[:, :0]
         return h
