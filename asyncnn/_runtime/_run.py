@@ -446,8 +446,17 @@ class Run:
 
     @property
     def params(self) -> dict[str, Any]:
-        """``{node name: params}`` as numpy arrays (copies from the device where needed)."""
-        return {n: tree_map(to_numpy, a.params) for n, a in self.local.items() if n in self.layers}
+        """``{node name: params}`` as numpy arrays (copies from the device where needed, once
+        the work the GPU actors have queued is done)."""
+        local = self.local
+        # Under CUDA graphs the weights are the captures' buffers, which updates write in place
+        # on the actors' streams, and a copy to the host is not ordered after them: without
+        # this a replay of a captured run read its first stage's weights before its last
+        # update (H100, 2026-12-05). Blocking, as a property must be; at once on the CPU.
+        for actor in local.values():
+            if not actor.on_cpu:
+                actor.backend.synchronize()
+        return {n: tree_map(to_numpy, a.params) for n, a in local.items() if n in self.layers}
 
     def statistics(self) -> dict[str, ActorStatistics]:
         """Per-actor counters: busy/idle time, messages, stored activations and versions.
