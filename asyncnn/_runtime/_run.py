@@ -450,9 +450,9 @@ class Run:
         the work the GPU actors have queued is done)."""
         local = self.local
         # Under CUDA graphs the weights are the captures' buffers, which updates write in place
-        # on the actors' streams, and a copy to the host is not ordered after them: without
-        # this a replay of a captured run read its first stage's weights before its last
-        # update (H100, 2026-12-05). Blocking, as a property must be; at once on the CPU.
+        # on the actors' streams, and a copy to the host is not ordered after them (the likely
+        # cause of a captured run's replay ending with other first-stage weights on an H100,
+        # 2026-12-05). Blocking, as a property must be; at once on the CPU.
         for actor in local.values():
             if not actor.on_cpu:
                 actor.backend.synchronize()
