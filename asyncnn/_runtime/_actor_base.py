@@ -366,6 +366,15 @@ class _Actor:
         a hand-off to a worker thread would cost more than the work.
         """
         if self.on_cpu:
+            if self.after:
+                # Tensors from a GPU actor: its work is queued on its own stream, which a copy
+                # to the host (cupy's get, on another stream) is not ordered after, so wait for
+                # the events its messages carry (a captured graph's buffers would otherwise be
+                # read still holding the previous key's values).
+                after, self.after = self.after, []
+                for event in after:
+                    if not event.done:
+                        await self.ctx.pool.wait(event)
             if cost is not None and cost < self.inline_limit:
                 return fn(*args)
             return await self.ctx.pool.run(self.device, fn, *args, cost=cost)

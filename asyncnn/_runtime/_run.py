@@ -495,7 +495,9 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
 def _mixes_cpu_and_gpu(graph: Graph) -> bool:
     """Whether ``graph`` has actors on the CPU and on a GPU. Such runs stay eager: captured
     ``GPipe(4)`` and ``OneFOneB(4)`` with CPU and GPU stages ended with wrong weights on an
-    H100 (2026-12-05; the CPU stand-ins do not show it), so capture waits for that fix."""
+    H100 (2026-12-05; the CPU stand-ins do not show it). Its likely cause is mended (CPU actors
+    now wait for the events of a GPU actor's messages); capture here waits until that has run
+    on a GPU."""
     places = {node.device == "cpu" for node in graph.nodes.values() if node.kind != "input"}
     return len(places) == 2
 
