@@ -54,6 +54,20 @@ def test_device_actors_compute_what_cpu_actors_do(fake_cuda: Any, policy: Any) -
     assert_params_equal(dev.params, cpu.params)
 
 
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0", "cpu"], ["cuda:0", "cpu", "cuda:0"]])
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(4)], ids=str)
+def test_cpu_and_device_actors_together_compute_what_cpu_actors_do(
+    fake_cuda: Any, policy: Any, devices: list[str]
+) -> None:
+    # a CPU actor reading a device actor's tensors waits for the events its messages carry
+    # (on a real GPU the copy to the host is not ordered after the producer's stream; the
+    # stand-in computes at launch, so this checks the path, not the race)
+    cpu, cpu_hist = _train(["cpu"] * 3, policy)
+    mixed, mixed_hist = _train(devices, policy)
+    assert mixed_hist.losses == cpu_hist.losses
+    assert_params_equal(mixed.params, cpu.params)
+
+
 def test_a_traced_device_run_records_what_the_cpu_run_does_and_when_it_ran(
     fake_cuda: Any, tmp_path: Path
 ) -> None:
