@@ -2,11 +2,11 @@
 streams, events, asynchronous copies to the host and a clock, for tests of the runtime's path
 for a device with streams on the CPU.
 
-It computes at launch (the arrays a launch returns are filled at once), but a copy to the host
-lands only when an event recorded after it is waited for or found done, as a real device's copy
-lands later: a host read that skips the wait sees zeros. Its clock advances by one microsecond
-per timing event. Races between streams are not modelled (``tests/test_gpu_*.py`` run the real
-device).
+It computes at launch, but what a launch returns (its float arrays) and a copy to the host land
+only when an event recorded after them is waited for or found done, as a real device's results
+land later: a host read that skips the wait sees NaN, or zeros for a copy. Its clock advances by
+one microsecond per timing event. Other races between streams (two streams writing one buffer)
+are not modelled (``tests/test_gpu_*.py`` run the real device).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,8 @@ class _FakeDevice(Backend):
         self.current = threading.local()
         self.clock = itertools.count(1)
         self.copies = 0
+        self.streams: list[_Stream] = []
+        self.host_buffers: dict[int, Any] = {}  # id -> weak reference
 
     def _stream(self, stream: Any = None) -> _Stream:
         return stream or getattr(self.current, "stream", None) or self.default
@@ -87,8 +90,12 @@ class _FakeDevice(Backend):
 
     def to_host_async(self, x: Any, out: Any = None) -> Any:
         host = np.zeros(np.shape(x), dtype=np.asarray(x).dtype)
+        self.host_buffers[id(host)] = weakref.ref(host)  # a host array already: never late
         s = self._stream()
-        snapshot = np.array(x)  # what the device holds when the copy's turn comes
+        # what the device holds when the copy's turn comes: with late results, the launches
+        # before it on this stream have landed by then (each launch lands its stream first);
+        # otherwise every launch has computed already, so take it now
+        snapshot = x if self.late_results else np.array(x)
         with s.lock:
             s.position += 1
             s.queued.append((s.position, lambda: np.copyto(host, snapshot)))
@@ -108,7 +115,9 @@ class _FakeDevice(Backend):
             self.current.stream = before
 
     def new_stream(self) -> Any:
-        return _Stream()
+        stream = _Stream()
+        self.streams.append(stream)
+        return stream
 
     def record_event(self, stream: Any = None, blocking: bool = False) -> Any:
         return _Event(self._stream(stream))
@@ -121,7 +130,48 @@ class _FakeDevice(Backend):
         return float(end.at - start.at)
 
     def synchronize(self) -> None:
-        self.default.land(1 << 60)
+        for stream in (self.default, *self.streams):  # every stream's work, as a device's
+            stream.land(1 << 60)
+
+    # -- results that land late (``late_results``) ------------------------------------------------
+    #: The float arrays a launch returns (itself, or in a tuple or list) hold NaN until an event
+    #: recorded after the launch is waited for or found done (by the host, or by another
+    #: stream's wait), as a real device's results are not there before its stream has run: a
+    #: host read that skips the producer's event sees NaN. (Arrays deeper in what a launch
+    #: returns, such as updated weights in a dict, are there at once.)
+    late_results = True
+
+    def launch(self, fn: Any, args: tuple[Any, ...], stream: Any, after: Any) -> Any:
+        s = self._stream(stream)
+        for event in after:
+            self.wait_event(event, stream)
+        s.land(s.position)  # a stream runs in order: its earlier work is done by now
+        with self.activate(stream):
+            result = fn(*args)
+        if self.late_results:
+            result = self._late(result, s)
+        return result, self.record_event(stream)
+
+    def wait_event(self, event: Any, stream: Any = None) -> None:
+        if event is not None:
+            event.synchronize()  # the waiting stream's later work comes after it
+
+    def _late(self, result: Any, s: _Stream) -> Any:
+        if isinstance(result, tuple):
+            return tuple(self._late(r, s) for r in result)
+        if isinstance(result, list):
+            return [self._late(r, s) for r in result]
+        if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
+            return result
+        ref = self.host_buffers.get(id(result))
+        if ref is not None and ref() is result:
+            return result
+        early = np.full_like(result, np.nan)
+        value = result.copy()
+        with s.lock:
+            s.position += 1
+            s.queued.append((s.position, lambda: np.copyto(early, value)))
+        return early
 
 
 @pytest.fixture

@@ -59,9 +59,9 @@ def test_device_actors_compute_what_cpu_actors_do(fake_cuda: Any, policy: Any) -
 def test_cpu_and_device_actors_together_compute_what_cpu_actors_do(
     fake_cuda: Any, policy: Any, devices: list[str]
 ) -> None:
-    # a CPU actor reading a device actor's tensors waits for the events its messages carry
-    # (on a real GPU the copy to the host is not ordered after the producer's stream; the
-    # stand-in computes at launch, so this checks the path, not the race)
+    # a CPU actor reading a device actor's tensors waits for the events its messages carry (on
+    # a real GPU the copy to the host is not ordered after the producer's stream; here a read
+    # that skips the event sees the launch's results as NaN: this failed before the waits)
     cpu, cpu_hist = _train(["cpu"] * 3, policy)
     mixed, mixed_hist = _train(devices, policy)
     assert mixed_hist.losses == cpu_hist.losses
