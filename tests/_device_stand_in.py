@@ -71,7 +71,7 @@ class _FakeDevice(Backend):
         self.clock = itertools.count(1)
         self.copies = 0
         self.streams: list[_Stream] = []
-        self.host_buffers: dict[int, Any] = {}  # id -> weak reference
+        self.host_buffers: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     def _stream(self, stream: Any = None) -> _Stream:
         return stream or getattr(self.current, "stream", None) or self.default
@@ -90,15 +90,13 @@ class _FakeDevice(Backend):
 
     def to_host_async(self, x: Any, out: Any = None) -> Any:
         host = np.zeros(np.shape(x), dtype=np.asarray(x).dtype)
-        self.host_buffers[id(host)] = weakref.ref(host)  # a host array already: never late
+        self.host_buffers[id(host)] = host  # a host array already: never made late
         s = self._stream()
-        # what the device holds when the copy's turn comes: with late results, the launches
-        # before it on this stream have landed by then (each launch lands its stream first);
-        # otherwise every launch has computed already, so take it now
-        snapshot = x if self.late_results else np.array(x)
+        # read when the copy's turn comes: the launches before it on this stream have landed
+        # by then (each launch lands its stream first), later ones have not yet written
         with s.lock:
             s.position += 1
-            s.queued.append((s.position, lambda: np.copyto(host, snapshot)))
+            s.queued.append((s.position, lambda: np.copyto(host, x)))
         self.copies += 1
         return host
 
@@ -133,14 +131,12 @@ class _FakeDevice(Backend):
         for stream in (self.default, *self.streams):  # every stream's work, as a device's
             stream.land(1 << 60)
 
-    # -- results that land late (``late_results``) ------------------------------------------------
-    #: The float arrays a launch returns (itself, or in a tuple or list) hold NaN until an event
-    #: recorded after the launch is waited for or found done (by the host, or by another
-    #: stream's wait), as a real device's results are not there before its stream has run: a
-    #: host read that skips the producer's event sees NaN. (Arrays deeper in what a launch
-    #: returns, such as updated weights in a dict, are there at once.)
-    late_results = True
-
+    # -- results that land late --------------------------------------------------------------------
+    # The float arrays a launch returns (itself, or in a tuple or list) hold NaN until an event
+    # recorded after the launch is waited for or found done (by the host, or by another stream's
+    # wait), as a real device's results are not there before its stream has run: a host read
+    # that skips the producer's event sees NaN. (Arrays deeper in what a launch returns, such as
+    # updated weights in a dict, are there at once.)
     def launch(self, fn: Any, args: tuple[Any, ...], stream: Any, after: Any) -> Any:
         s = self._stream(stream)
         for event in after:
@@ -148,9 +144,7 @@ class _FakeDevice(Backend):
         s.land(s.position)  # a stream runs in order: its earlier work is done by now
         with self.activate(stream):
             result = fn(*args)
-        if self.late_results:
-            result = self._late(result, s)
-        return result, self.record_event(stream)
+        return self._late(result, s), self.record_event(stream)
 
     def wait_event(self, event: Any, stream: Any = None) -> None:
         if event is not None:
@@ -163,8 +157,7 @@ class _FakeDevice(Backend):
             return [self._late(r, s) for r in result]
         if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
             return result
-        ref = self.host_buffers.get(id(result))
-        if ref is not None and ref() is result:
+        if self.host_buffers.get(id(result)) is result:
             return result
         early = np.full_like(result, np.nan)
         value = result.copy()

@@ -297,6 +297,12 @@ class _Actor:
         inbox, must never run beside it). No actor does by default."""
         return False
 
+    def _from_device(self, msg: Message) -> bool:
+        """Whether ``msg``'s key has tensors from a GPU actor here: a CPU actor's compute then
+        waits for their events (see :meth:`compute`), so it cannot take the message in the
+        sender's task (:meth:`run_directly`), where nothing may wait."""
+        return msg.event is not None or msg.key in self.events
+
     def _for_trace(self, tensors: tuple[Any, ...]) -> Any:
         """What the trace's writer may read later of the tensors sent: CPU arrays as they are
         (nothing writes into them again); a GPU actor's, copies to the host queued on its

@@ -299,8 +299,8 @@ class LayerActor(WeightVersions):
             rows = msg.meta.get("rows", 1)
             if 4.0 * max(self.param_size, self._cost(rows)) >= self.inline_limit:
                 return False
-            if msg.event is not None or msg.key in self.events:
-                return False  # tensors from a GPU actor: its compute may wait for their events
+            if self._from_device(msg):
+                return False
         planned = self.order.next()
         if planned is not None and planned != (msg.kind, msg.key):
             return False

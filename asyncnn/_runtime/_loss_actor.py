@@ -58,8 +58,8 @@ class LossActor(_Actor):
     async def run_directly(self, msg: Message) -> bool:
         if msg.kind != FORWARD or not self._idle():
             return False
-        if msg.event is not None or msg.key in self.events:
-            return False  # tensors from a GPU actor: the compute may wait for their events
+        if self._from_device(msg):
+            return False
         self._file(msg)
         if self.ready:
             _, key = self.ready.popleft()

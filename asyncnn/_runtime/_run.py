@@ -453,9 +453,8 @@ class Run:
         # on the actors' streams, and a copy to the host is not ordered after them (the likely
         # cause of a captured run's replay ending with other first-stage weights on an H100,
         # 2026-12-05). Blocking, as a property must be; at once on the CPU.
-        for actor in local.values():
-            if not actor.on_cpu:
-                actor.backend.synchronize()
+        for backend in {id(a.backend): a.backend for a in local.values() if not a.on_cpu}.values():
+            backend.synchronize()
         return {n: tree_map(to_numpy, a.params) for n, a in local.items() if n in self.layers}
 
     def statistics(self) -> dict[str, ActorStatistics]:
