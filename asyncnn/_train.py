@@ -80,13 +80,15 @@ class Trainer:
             instead of page-faulting afresh each step (DESIGN.md section 7); False leaves the
             allocator alone.
         cuda_graphs: on GPU actors, capture the forward, backward and update as CUDA graphs once
-            the shapes repeat and replay them (see ``docs/gpus.md``); used where
+            the shapes repeat and replay them (see ``docs/gpus.md``). ``None`` (the default):
+            wherever the graph has a GPU node and there is no ``cluster``; ``False``: never;
+            ``True``: asked for (an error with a ``cluster``). Used where
             ``Policy.allows_capture`` says (``Sync``, ``GPipe``, ``OneFOneB``, ``PipeDream``,
             ``Async``; not ``PipeDream2BW`` nor weight prediction or corrections), with or
             without a trace; elsewhere (and on the CPU) the run stays eager.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool.
+        TypeError: ``cuda_graphs`` is not a bool or None.
         ValueError: ``cuda_graphs=True`` with a ``cluster``.
 
     Attributes:
@@ -121,7 +123,7 @@ class Trainer:
         stall_timeout: float = 60.0,
         check_finite: bool = False,
         tune_allocator: bool = True,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
         #: the run options every fit runs with (``seed``, ``dtype``, ``trace`` and the others
         #: below read and change it)

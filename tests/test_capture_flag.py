@@ -26,15 +26,15 @@ def _data(n=24):
     return {"x": rng.standard_normal((n, 5)), "y": rng.integers(0, 3, n)}
 
 
-def test_cuda_graphs_must_be_a_bool():
-    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+def test_cuda_graphs_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="cuda_graphs must be True, False or None"):
         ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cuda_graphs=1)
 
     async def main():
         async with ann.open_run(_graph(), optim.SGD(lr=0.1), policies.Sync(), cuda_graphs="yes"):
             pass
 
-    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+    with pytest.raises(TypeError, match="cuda_graphs must be True, False or None"):
         anyio.run(main)
 
 
@@ -70,27 +70,54 @@ def test_active_with_flushes_or_streaming_at_the_latest_or_stashed_weights(polic
     assert seen["graphs"] == [None] * len(seen["graphs"])
 
 
+def test_by_default_graphs_are_on_only_where_the_run_has_a_gpu_actor():
+    # (the default, None: a CPU run stays as it was, so fit keeps its state at every step)
+    seen = {}
+
+    async def main():
+        async with ann.open_run(_graph(), optim.SGD(lr=0.1), policies.Sync()) as run:
+            seen["asked"], seen["active"] = run.cuda_graphs, run.cuda_graphs_active
+
+    anyio.run(main)
+    assert seen == {"asked": None, "active": False}
+    assert (
+        ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()).cuda_graphs
+        is None
+    )
+
+
+def test_by_default_a_cluster_runs_its_actors_eagerly():
+    tr = ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+        cluster=ann.cluster.LocalCluster(workers=1),
+    )  # fmt: skip
+    hist = tr.fit(_data(), epochs=1, batch_size=8)
+    assert len(hist.losses) == 3 and np.all(np.isfinite(hist.losses))
+
+
 def test_cuda_graphs_is_a_no_op_on_the_cpu():
     results = []
-    for flag in (False, True):
+    for flag in (False, True, None):
         tr = ann.Trainer(
             _graph(), optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policies.Sync(),
             cuda_graphs=flag, seed=4,
         )  # fmt: skip
         hist = tr.fit(_data(), epochs=2, batch_size=8)
         results.append((tr.params, hist.losses))
-    assert_params_equal(results[0][0], results[1][0])
-    assert results[0][1] == results[1][1]
+    for params, losses in results[1:]:
+        assert_params_equal(results[0][0], params)
+        assert results[0][1] == losses
 
 
 @pytest.mark.parametrize(
     ("devices", "active"),
-    [(["cuda:0", "cuda:0"], True), (["cpu", "cuda:0"], False), (["cuda:0", "cpu"], False)],
-    ids=["gpu", "cpu-then-gpu", "gpu-then-cpu"],
-)
-def test_a_graph_with_cpu_and_gpu_actors_stays_eager(fake_cuda, emulated, devices, active):
-    # captured GPipe/OneFOneB across CPU and GPU stages ended with wrong weights on an H100;
-    # until that is mended such runs are eager, whatever cuda_graphs asks
+    [(["cuda:0", "cuda:0"], True), (["cpu", "cuda:0"], True), (["cuda:0", "cpu"], True),
+     (["cpu", "cpu"], False)],
+    ids=["gpu", "cpu-then-gpu", "gpu-then-cpu", "cpu"],
+)  # fmt: skip
+def test_capture_applies_where_a_graph_has_a_gpu_actor(fake_cuda, emulated, devices, active):
+    # CPU actors wait for the events of a GPU actor's messages, so a graph with actors on both
+    # captures its GPU ones by default; one with none stays eager
     graph = ann.Graph.sequential(
         [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)], loss=nn.CrossEntropyLoss(),
         stages=[2, 1], input_shape=(None, 5), devices=devices,
@@ -98,8 +125,9 @@ def test_a_graph_with_cpu_and_gpu_actors_stays_eager(fake_cuda, emulated, device
     seen = {}
 
     async def main():
-        async with ann.open_run(graph, optim.SGD(lr=0.1), policies.GPipe(2), cuda_graphs=True) as r:
+        async with ann.open_run(graph, optim.SGD(lr=0.1), policies.GPipe(2)) as r:
             seen["active"] = r.cuda_graphs_active
 
     anyio.run(main)
     assert seen["active"] is active
+

@@ -104,14 +104,9 @@ def test_gpu_deterministic_and_replayable(tmp_path, captured):
 @pytest.mark.parametrize(
     "policy", [policies.Sync(), policies.GPipe(4), policies.OneFOneB(4)], ids=str
 )
-def test_captured_gpu_stages_between_cpu_stages_equal_cpu_runs(policy, monkeypatch):
-    # The runtime keeps graphs with CPU and GPU actors eager (_mixes_cpu_and_gpu) since captured
-    # GPipe(4)/OneFOneB(4) across them ended with wrong weights on an H100: a CPU actor read a
-    # GPU actor's buffers without waiting for its events. This lifts that guard to show whether
-    # the waits mend it; once it passes on a GPU, the guard can go.
-    from asyncnn._runtime import _run
-
-    monkeypatch.setattr(_run, "_mixes_cpu_and_gpu", lambda graph: False)
+def test_captured_gpu_stages_between_cpu_stages_equal_cpu_runs(policy):
+    # Captured GPipe(4)/OneFOneB(4) across CPU and GPU stages once ended with wrong weights on
+    # an H100: a CPU actor read a GPU actor's buffers without waiting for its events
     results = {}
     for name, devs in (("cpu", ["cpu"] * 4), ("gpu", ["cpu", "cuda:0", "cpu", "cuda:0"])):
         tr = ann.Trainer(

@@ -84,7 +84,7 @@ def _fit(
     policy: Any,
     workers: list[int | None] | None = None,
     cluster: Any = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> tuple[Any, Any]:
     tr = ann.Trainer(
         _graph(devices, workers),
@@ -99,12 +99,10 @@ def _fit(
 
 
 def _captures(devices: list[str], policy: Any) -> bool:
-    """Whether a run of this graph and policy with ``cuda_graphs=True`` captures CUDA graphs."""
+    """Whether a run of this graph and policy, left at the default, captures CUDA graphs."""
 
     async def main() -> bool:
-        async with ann.open_run(
-            _graph(devices), optim.SGD(lr=0.1), policy, cuda_graphs=True
-        ) as run:
+        async with ann.open_run(_graph(devices), optim.SGD(lr=0.1), policy) as run:
             return bool(run.cuda_graphs_active)
 
     return anyio.run(main)
@@ -138,19 +136,19 @@ def test_in_process_one_stage_per_gpu_matches_one_gpu(policy: Any) -> None:
 @several_gpus
 @pytest.mark.parametrize("policy", _policies(max(GPUS, 1)), ids=POLICY_IDS)
 def test_in_process_captured_stages_per_gpu_match_eager_ones_on_one_gpu(policy: Any) -> None:
-    # a stage per GPU takes the same captured path as stages sharing one: each actor captures
-    # on its own device, its inputs copied from a peer
+    # a stage per GPU takes the same captured path as stages sharing one (capture is on by
+    # default in one process): each actor captures on its own device, inputs copied from a peer
     assert _captures([f"cuda:{i}" for i in range(GPUS)], policy)
-    spread = _fit([f"cuda:{i}" for i in range(GPUS)], policy, cuda_graphs=True)
-    one = _fit(["cuda:0"] * GPUS, policy)
+    spread = _fit([f"cuda:{i}" for i in range(GPUS)], policy)
+    one = _fit(["cuda:0"] * GPUS, policy, cuda_graphs=False)
     _assert_same_run(spread, one)
 
 
 @pytest.mark.parametrize("policy", _policies(STANDIN_STAGES), ids=POLICY_IDS)
 def test_in_process_standin_captured_stages_match_eager_ones(policy: Any) -> None:
     assert _captures(["cuda:0"] * STANDIN_STAGES, policy)
-    captured = _fit(["cuda:0"] * STANDIN_STAGES, policy, cuda_graphs=True)
-    eager = _fit(["cuda:0"] * STANDIN_STAGES, policy)
+    captured = _fit(["cuda:0"] * STANDIN_STAGES, policy)
+    eager = _fit(["cuda:0"] * STANDIN_STAGES, policy, cuda_graphs=False)
     _assert_same_run(captured, eager)
 
 

@@ -23,14 +23,14 @@ def _checkable(dtype: Any) -> bool:
     return dtype.kind == "c" or is_floating(dtype)
 
 
-def check_cuda_graphs(cuda_graphs: bool, cluster: Any) -> None:
-    """Checks that ``cuda_graphs`` (a bool, as :class:`RunConfig` checked) goes with the run's
+def check_cuda_graphs(cuda_graphs: bool | None, cluster: Any) -> None:
+    """Checks that ``cuda_graphs`` (as :class:`RunConfig` checked it) goes with the run's
     placement.
 
     Raises:
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process).
     """
-    if cuda_graphs and cluster is not None:
+    if cuda_graphs is True and cluster is not None:
         raise ValueError(
             "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
             "cuda_graphs=False with a cluster"

@@ -32,7 +32,9 @@ class RunConfig:
         trace: write a message trace of the run to this file (None: no trace).
         trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"``,
             ``"all"`` or ``"none"``.
-        cuda_graphs: let GPU actors capture and replay CUDA graphs where the policy allows.
+        cuda_graphs: let GPU actors capture and replay CUDA graphs where the policy allows;
+            ``None`` (the default): where the run is in one process and has a GPU actor;
+            ``False``: never.
     """
 
     seed: int = 0
@@ -41,7 +43,7 @@ class RunConfig:
     check_finite: bool = False
     trace: str | None = None
     trace_payloads: str = "inputs"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
@@ -59,9 +61,12 @@ class RunConfig:
             raise ValueError(
                 f"trace_payloads must be one of {PAYLOAD_MODES}, got {self.trace_payloads!r}"
             )
-        for name in ("check_finite", "cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be True or False, got {self.check_finite!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise TypeError(
+                f"cuda_graphs must be True, False or None (on where safe), got {self.cuda_graphs!r}"
+            )
         if self.trace is not None:
             object.__setattr__(self, "trace", str(self.trace))
 

@@ -79,8 +79,8 @@ class Run:
         self.graph = graph
         #: the run's options (seed, dtype, stall timeout, checks, trace, CUDA graphs)
         self.config = config
-        #: CUDA graphs asked for (``open_run(cuda_graphs=True)``); they are used where
-        #: :attr:`cuda_graphs_active` says the policy allows them
+        #: CUDA graphs asked for (``open_run(cuda_graphs=...)``: True, or None for "where the
+        #: run has a GPU actor"); they are used where :attr:`cuda_graphs_active` says
         self.cuda_graphs = config.cuda_graphs
         self.optimizer = optimizer
         self.policy = policy
@@ -100,10 +100,11 @@ class Run:
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
-        self.cuda_graphs_active = (
-            config.cuda_graphs
-            and policy.allows_capture(self.num_stages, recorder is not None)
-            and not _mixes_cpu_and_gpu(graph)
+        asked = config.cuda_graphs
+        if asked is None:  # on by default where there is a GPU actor to capture
+            asked = any(node.device != "cpu" for node in graph.nodes.values())
+        self.cuda_graphs_active = asked and policy.allows_capture(
+            self.num_stages, recorder is not None
         )
         self.minibatches = state.minibatches
         self.next_key = state.keys
@@ -491,16 +492,6 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
     return events
 
 
-def _mixes_cpu_and_gpu(graph: Graph) -> bool:
-    """Whether ``graph`` has actors on the CPU and on a GPU. Such runs stay eager: captured
-    ``GPipe(4)`` and ``OneFOneB(4)`` with CPU and GPU stages ended with wrong weights on an
-    H100 (2026-12-05; the CPU stand-ins do not show it). Its likely cause is mended (CPU actors
-    now wait for the events of a GPU actor's messages); capture here waits until that has run
-    on a GPU."""
-    places = {node.device == "cpu" for node in graph.nodes.values() if node.kind != "input"}
-    return len(places) == 2
-
-
 @asynccontextmanager
 async def open_run(
     graph: Graph,
@@ -518,7 +509,7 @@ async def open_run(
     trace: str | None = None,
     trace_payloads: str = "inputs",
     cluster: Any = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     config: RunConfig | None = None,
 ) -> AsyncIterator[Run]:
     """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
@@ -557,17 +548,18 @@ async def open_run(
             the scheduler and nodes without ``worker`` stay in this process).
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
-            batches). Used where :meth:`Policy.allows_capture` says (flushes between
+            batches). ``None`` (the default) captures where the run has a GPU actor and no
+            ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it and refuses
+            a ``cluster``. Used where :meth:`Policy.allows_capture` says (flushes between
             minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
             ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), with or without a trace;
-            elsewhere, on CPU actors, and in a graph with actors on the CPU as well as on a
-            GPU, the run is eager (:attr:`Run.cuda_graphs_active` says which). See
-            ``docs/gpus.md``.
+            elsewhere, and on CPU actors, the run is eager
+            (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
         config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
             own); the separate options must then keep their defaults.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool.
+        TypeError: ``cuda_graphs`` is not a bool or None.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, or options given both separately and in ``config``.
     """
@@ -581,6 +573,9 @@ async def open_run(
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
     if cluster is not None:
+        # the workers' actors stay eager: graphs need every actor in one process
+        if config.cuda_graphs is None:
+            config = config.replace(cuda_graphs=False)
         defined_in_main = graph.main_classes()
         if defined_in_main:
             raise GraphError(

@@ -263,7 +263,7 @@ def replay(
             async with open_run(
                 graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
-                stall_timeout=30.0, cuda_graphs=bool(h.get("config", {}).get("cuda_graphs")),
+                stall_timeout=30.0, cuda_graphs=h.get("config", {}).get("cuda_graphs", False),
             ) as run:  # fmt: skip
                 running.append(run)
                 try:
