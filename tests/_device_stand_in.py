@@ -32,14 +32,17 @@ class _Stream:
     def __init__(self) -> None:
         self.queued: list[tuple[int, Any]] = []  # (position, copy)
         self.position = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def land(self, upto: int) -> None:
+        # the copies run under the lock: two threads landing one stream at once (pool workers
+        # asking whether events are done) must not run a later copy before an earlier one ends,
+        # as a stream runs in order (a host copy of a launch's result would read its NaN)
         with self.lock:
             due = [c for p, c in self.queued if p <= upto]
             self.queued = [(p, c) for p, c in self.queued if p > upto]
-        for copy in due:
-            copy()
+            for copy in due:
+                copy()
 
 
 class _Event:
