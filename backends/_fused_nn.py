@@ -61,7 +61,9 @@ grad = (T)((p - onehot) * scale);
 # g * (out > 0) as the array code computes it (a product with 1 or 0: exact, so NaN and -0
 # in g come through as there), in one pass instead of a comparison, a product and, for 16-bit
 # floats, a cast of the mask
-_RELU_GRAD = "grad = (T)((A)g * (((A)out > zero) ? (A)1 : (A)0));"
+# (A: the arithmetic's type, double for float64 and float otherwise, as a typedef: cupy infers
+# a kernel's type placeholders from its array arguments only)
+_RELU_GRAD = "grad = (T)((A)g * (((A)out > (A)0) ? (A)1 : (A)0));"
 
 
 @functools.cache
@@ -80,15 +82,17 @@ def _gradient() -> Any:
 
 
 @functools.cache
-def _relu_gradient() -> Any:
-    return cupy.ElementwiseKernel("T g, T out, A zero", "T grad", _RELU_GRAD, "asyncnn_relu_grad")
+def _relu_gradient(ctype: str) -> Any:
+    return cupy.ElementwiseKernel(
+        "T g, T out", "T grad", _RELU_GRAD, f"asyncnn_relu_grad_{ctype}",
+        preamble=f"typedef {ctype} A;",
+    )  # fmt: skip
 
 
 def relu_grad(g: Any, out: Any) -> Any:
     """The gradient of ``relu`` at its output ``out`` (``g`` where ``out > 0``, else ``0 * g``),
     in one kernel; ``g`` and ``out`` of one shape and dtype."""
-    zero = np.float64(0) if g.dtype == np.float64 else np.float32(0)
-    return _relu_gradient()(g, out, zero)
+    return _relu_gradient("double" if g.dtype == np.float64 else "float")(g, out)
 
 
 def fits(rows: Any, labels: Any) -> bool:
