@@ -28,9 +28,6 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
         "(cupy-cuda12x), or place the work on device='cpu'"
     ) from exc
 
-from . import _gemm  # noqa: E402 - after cupy, which it needs
-from ._parallel import use_device_matmul  # noqa: E402
-
 __all__ = ["CupyBackend"]
 
 
@@ -174,7 +171,6 @@ class CupyBackend(Backend):
         self._dtype_lock = threading.Lock()
         self._checked_dtypes: dict[np.dtype[Any], None] = {}
         self._notifier: Any = None
-        use_device_matmul(_gemm.matmul, _gemm.sum_rows)
 
     # -- arrays ---------------------------------------------------------------------------------
 

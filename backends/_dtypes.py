@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._parallel import current_team, device_sum_rows
+from ._parallel import current_team
 
 try:  # optional: only the 16-bit brain float needs it
     import ml_dtypes as _ml_dtypes
@@ -45,16 +45,13 @@ def acc_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
 
     A bfloat16 accumulator has 8 significant bits: summing 10^5 ones in it gives 99,840 on cupy.
     """
-    if (axis == 0 or axis == (0,)) and x.ndim == 2:
-        if type(x) is np.ndarray:
-            team = current_team()  # a bias gradient on a compute team: cut by columns
-            out = None if team is None or is_half(x.dtype) else team.sum_rows(x)
-        else:  # on a GPU: one product with a row of ones, not a reduction and a cast
-            out = device_sum_rows(x)
-        if out is not None:
-            return out[None, :] if keepdims else out
     if is_half(x.dtype):
         return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
+    if (axis == 0 or axis == (0,)) and type(x) is np.ndarray and x.ndim == 2:
+        team = current_team()  # a bias gradient on a compute team: cut by columns
+        if team is not None:
+            out = team.sum_rows(x)
+            return out[None, :] if keepdims else out
     return x.sum(axis=axis, keepdims=keepdims)
 
 

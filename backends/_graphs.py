@@ -27,7 +27,6 @@ from typing import Any
 import cupy
 import numpy as np
 
-from ._gemm import COMPUTE_64F, DATA_TYPES, GEMM_DEFAULT, plan
 from ._parallel import capturing
 
 __all__ = ["CaptureError", "active", "capture", "copy_into", "label_poison", "matmul"]
@@ -38,6 +37,11 @@ WORKSPACE_BYTES = 32 << 20
 _state = threading.local()
 _lib_lock = threading.Lock()
 _lib: Any = None
+
+# cudaDataType and cublasComputeType_t
+_DATA = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}
+_COMPUTE_32F, _COMPUTE_64F = 68, 70
+_GEMM_DEFAULT = -1
 
 
 class CaptureError(RuntimeError):
@@ -91,32 +95,50 @@ class _Capture:
             raise CaptureError("cublasSetWorkspace failed")
 
 
+def _operand(x: Any) -> tuple[Any, bool, int]:
+    """``(array, transposed, leading dimension)`` of a 2-D operand as cuBLAS reads it."""
+    if x.flags.c_contiguous:
+        return x, False, max(1, x.shape[1])
+    if x.flags.f_contiguous:
+        return x, True, max(1, x.shape[0])
+    x = cupy.ascontiguousarray(x)
+    return x, False, max(1, x.shape[1])
+
+
 def matmul(a: Any, b: Any) -> Any:
     """``a @ b``; inside :func:`capture`, 2-D products go to cuBLAS directly (capturable)."""
     cap = getattr(_state, "capture", None)
     if cap is None:
         return a @ b
-    if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype.name not in DATA_TYPES:
+    if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or str(a.dtype) not in _DATA:
         raise CaptureError(
             f"no capturable product of {a.dtype}{a.shape} and {b.dtype}{b.shape} (2-D, one dtype)"
         )
-    planned = plan(a, b)
-    if planned is None:  # an empty dimension: no product to run
-        return cupy.zeros((a.shape[0], b.shape[1]), dtype=a.dtype)
-    out, (b, a), (tb, ta, n, m, k, ldb, lda, ldc, dt, compute) = planned
+    m, k = a.shape
+    n = b.shape[1]
+    out = cupy.empty((m, n), dtype=a.dtype)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out.fill(0)
+        return out
+    a, ta, lda = _operand(a)
+    b, tb, ldb = _operand(b)
+    dt = _DATA[str(a.dtype)]
     one: ctypes.c_double | ctypes.c_float
     zero: ctypes.c_double | ctypes.c_float
-    if compute == COMPUTE_64F:
-        one, zero = ctypes.c_double(1.0), ctypes.c_double(0.0)
+    if a.dtype == np.float64:
+        compute, one, zero = _COMPUTE_64F, ctypes.c_double(1.0), ctypes.c_double(0.0)
     else:
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        compute, one, zero = _COMPUTE_32F, ctypes.c_float(1.0), ctypes.c_float(0.0)
     cap.bind()
+    # row-major out = a @ b is column-major out^T = b^T a^T
     rc = cap.lib.cublasGemmEx(
-        cap.handle, ctypes.c_int(tb), ctypes.c_int(ta), ctypes.c_int(n), ctypes.c_int(m),
-        ctypes.c_int(k), ctypes.byref(one), ctypes.c_void_p(b.data.ptr), ctypes.c_int(dt),
-        ctypes.c_int(ldb), ctypes.c_void_p(a.data.ptr), ctypes.c_int(dt), ctypes.c_int(lda),
-        ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), ctypes.c_int(dt), ctypes.c_int(ldc),
-        ctypes.c_int(compute), ctypes.c_int(GEMM_DEFAULT),
+        cap.handle, ctypes.c_int(int(tb)), ctypes.c_int(int(ta)), ctypes.c_int(n),
+        ctypes.c_int(m), ctypes.c_int(k), ctypes.byref(one), ctypes.c_void_p(b.data.ptr),
+        ctypes.c_int(dt), ctypes.c_int(ldb), ctypes.c_void_p(a.data.ptr), ctypes.c_int(dt),
+        ctypes.c_int(lda), ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), ctypes.c_int(dt),
+        ctypes.c_int(n), ctypes.c_int(compute), ctypes.c_int(_GEMM_DEFAULT),
     )  # fmt: skip
     if rc != 0:
         raise CaptureError(f"cublasGemmEx failed with status {rc}")

@@ -106,50 +106,20 @@ def capturing(product: Callable[[Any, Any], Any]) -> Iterator[None]:
         _state.capture_matmul = previous
 
 
-#: the product of device arrays and their column sums (cupy's: :mod:`backends._gemm`), set
-#: when a CUDA backend is first made; None until then
-_device_matmul: Callable[[Any, Any], Any] | None = None
-_device_sum_rows: Callable[[Any], Any] | None = None
-
-
-def use_device_matmul(product: Callable[[Any, Any], Any], sum_rows: Callable[[Any], Any]) -> None:
-    """Makes ``product`` the :func:`matmul` of arrays that are not numpy's (a GPU backend's),
-    and ``sum_rows`` their sums over axis 0 (None where it does not take the array)."""
-    global _device_matmul, _device_sum_rows
-    _device_matmul, _device_sum_rows = product, sum_rows
-
-
-def device_sum_rows(x: Any) -> Any:
-    """``x.sum(axis=0)`` of a 2-D device array through the GPU backend's product, or None where
-    there is none for it (numpy arrays, no GPU backend made, dtypes it does not take)."""
-    if _device_sum_rows is None or type(x) is np.ndarray:
-        return None
-    return _device_sum_rows(x)
-
-
-def capturing_now() -> bool:
-    """Whether a CUDA graph capture is in progress on this thread."""
-    return _state.capture_matmul is not None
-
-
 def matmul(a: Any, b: Any) -> Any:
     """``a @ b``, through the backend this thread is using.
 
     Inside a CUDA graph capture on this thread: the capture's product (cuBLAS on the capture's
     stream). On a thread with a :class:`ComputeTeam` (its workers, or inside :func:`using_team`):
-    large 2-D numpy products split across the team. On device arrays: the GPU backend's product
-    (one cuBLAS call where cupy's ``@`` costs several times its host time). Otherwise ``a @ b``.
+    large 2-D numpy products split across the team. Otherwise ``a @ b``.
     """
     state = _state
     product = state.capture_matmul
     if product is not None:
         return product(a, b)
-    if type(a) is np.ndarray:
-        team = state.team
-        if team is not None and type(b) is np.ndarray:
-            return team.matmul(a, b)
-    elif _device_matmul is not None:
-        return _device_matmul(a, b)
+    team = state.team
+    if team is not None and type(a) is np.ndarray and type(b) is np.ndarray:
+        return team.matmul(a, b)
     return a @ b
 
 

@@ -82,39 +82,11 @@ def matmul_by_rows(dtype: str) -> None:
         a = cp.random.standard_normal((rows, WIDTH)).astype(np.float32).astype(dt)
         w = cp.random.standard_normal((WIDTH, WIDTH)).astype(np.float32).astype(dt)
         flops = 2.0 * rows * WIDTH * WIDTH
-        for name, (x, y) in (("x@w", (a, w)), ("g@w.T", (a, w.T)), ("x.T@g", (a.T, a))):
-            ms = timeit(lambda x=x, y=y: x @ y, 50)
-            # the same product as the math rules run it eagerly (one cublasGemmEx call)
-            ours = timeit(lambda x=x, y=y: ann.backends.matmul(x, y), 50)
+        for name, f in (("x@w", lambda a=a, w=w: a @ w), ("g@w.T", lambda a=a, w=w: a @ w.T),
+                        ("x.T@g", lambda a=a: a.T @ a)):  # fmt: skip
+            ms = timeit(f, 50)
             print(f"{dtype} rows {rows:5d} {name:6s} {ms * 1e3:8.1f} us "
-                  f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s   asyncnn.backends.matmul "
-                  f"{ours * 1e3:8.1f} us")  # fmt: skip
-
-
-def eager_paths(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 3) -> None:
-    """Eager `Sync` steps with the eager GPU paths of ``backends/_gemm.py`` and the fused ReLU
-    gradient (on) against cupy's ``@``, its reductions and the ReLU's array code (off),
-    interleaved in one process, ms per step (median of ``repeats``)."""
-    from asyncnn.backends import _fused_nn, _parallel
-
-    on = (_parallel._device_matmul, _parallel._device_sum_rows, _fused_nn.relu_grad)
-
-    def array_relu_grad(g: Any, out: Any) -> Any:
-        mask = out > 0
-        return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
-
-    off = (None, None, array_relu_grad)
-    for dtype, batch in cases:
-        runs: dict[str, list[float]] = {"on": [], "off": []}
-        for _ in range(repeats):
-            for label, paths in (("on", on), ("off", off)):
-                _parallel._device_matmul, _parallel._device_sum_rows, _fused_nn.relu_grad = paths
-                runs[label].append(bench_gpu.steady_step(batch, dtype, steps, False) * 1e3)
-        _parallel._device_matmul, _parallel._device_sum_rows, _fused_nn.relu_grad = on
-        a, b = (float(np.median(runs[k])) for k in ("on", "off"))
-        print(f"eager Sync {dtype} batch {batch}: paths on {a:.2f} ms, off {b:.2f} ms, "
-              f"off/on {b / a:.2f}  [on: {' '.join(f'{v:.2f}' for v in runs['on'])}; "
-              f"off: {' '.join(f'{v:.2f}' for v in runs['off'])}]")  # fmt: skip
+                  f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
 
 
 class Window:
@@ -254,15 +226,10 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs", help="--timeline: the folder of the traces")
     ap.add_argument("--matmul-rows", default="", help="dtypes to time the products by rows of")
-    ap.add_argument(
-        "--eager-paths", default="", help="dtype:batch,... eager steps, direct paths on and off"
-    )
     ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
     args = ap.parse_args()
-    if args.eager_paths:
-        eager_paths([(c.split(":")[0], int(c.split(":")[1])) for c in args.eager_paths.split(",")])
     if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)

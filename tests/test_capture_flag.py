@@ -130,4 +130,3 @@ def test_capture_applies_where_a_graph_has_a_gpu_actor(fake_cuda, emulated, devi
 
     anyio.run(main)
     assert seen["active"] is active
-
