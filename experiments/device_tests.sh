@@ -9,8 +9,8 @@
 # tests/test_*.py; pytest options such as -x or -k go to each, but no paths): on the lent
 # 16-core host the suite took about 310 s in 2 processes, 160-210 s in 4 and 150 s in 8 (H100,
 # 2026-12-05), where the GPU's launches, not its compute, are the bound. --bench also runs
-# experiments/bench_gpu.py after the tests (--bench-only: the benchmark alone); its JSON and the logs go to $OUT when that is
-# set (the lent device), else to runs/.
+# experiments/bench_gpu.py after the tests (--bench-only: the benchmark alone); its JSON and
+# the logs go to $OUT when that is set (the lent device), else to runs/.
 set -euo pipefail
 bench=0
 tests=1
