@@ -35,9 +35,10 @@ class _Stream:
         self.lock = threading.RLock()
 
     def land(self, upto: int) -> None:
-        # the copies run under the lock: two threads landing one stream at once (pool workers
-        # asking whether events are done) must not run a later copy before an earlier one ends,
-        # as a stream runs in order (a host copy of a launch's result would read its NaN)
+        # the copies run under the lock: two threads landing one stream at once (the trace's
+        # writer asking whether an event is done while the loop launches) must not run a later
+        # copy before an earlier one ends, as a stream runs in order (a host copy of a launch's
+        # result would read its NaN)
         with self.lock:
             due = [c for p, c in self.queued if p <= upto]
             self.queued = [(p, c) for p, c in self.queued if p > upto]

@@ -3,7 +3,7 @@ a CUDA device (``tests/_device_stand_in.py``): its actors compute through stream
 loss value and a trace's copies reach the host asynchronously, a traced run writes when each
 op's work ran on the device, routing and loops on the device equal the CPU's, and with the
 stand-in for CUDA graphs too (``tests/_graphs_stand_in.py``) a captured, traced run on the device
-equals the CPU's.
+equals the CPU's; and the stand-in itself runs a stream's work in order from any thread.
 """
 
 from __future__ import annotations
@@ -224,3 +224,32 @@ def test_a_replay_captures_where_the_recorded_run_did(
     monkeypatch.setattr(replay_module, "open_run", spy)
     assert ann.replay(tmp_path / "run.trace").identical
     assert seen == [asked is None]
+
+
+def test_the_stand_in_lands_a_stream_in_order_from_two_threads() -> None:
+    # a copy queued later never runs before an earlier one ends, whichever thread lands it
+    import threading
+
+    from _device_stand_in import _Stream
+
+    stream, order = _Stream(), []
+    started, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        started.set()
+        release.wait(5)
+        order.append("first")
+
+    stream.queued = [(1, first), (2, lambda: order.append("second"))]
+    stream.position = 2
+    a = threading.Thread(target=stream.land, args=(1,))
+    b = threading.Thread(target=stream.land, args=(2,))
+    a.start()
+    assert started.wait(5)  # the first thread runs its copy
+    b.start()
+    b.join(0.2)  # the second waits for the first's copy: it cannot be done yet
+    assert b.is_alive() and order == []
+    release.set()
+    a.join(5)
+    b.join(5)
+    assert order == ["first", "second"]
