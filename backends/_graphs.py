@@ -77,12 +77,18 @@ class _Capture:
         self.stream = stream
         self.workspace = workspace
         self.lib = _cublas()
-        handle = getattr(_state, "handle", None)
+        # a handle belongs to the device current when it was made, and one thread (the event
+        # loop's) captures for the actors of every GPU: one handle per device and thread
+        handles: dict[int, Any] | None = getattr(_state, "handles", None)
+        if handles is None:
+            handles = _state.handles = {}
+        device = int(cupy.cuda.runtime.getDevice())  # the capture's: launches run inside it
+        handle = handles.get(device)
         if handle is None:
             handle = ctypes.c_void_p()
             if self.lib.cublasCreate_v2(ctypes.byref(handle)) != 0:
-                raise CaptureError("cublasCreate failed")
-            _state.handle = handle
+                raise CaptureError(f"cublasCreate failed on cuda:{device}")
+            handles[device] = handle
         self.handle = handle
 
     def bind(self) -> None:
