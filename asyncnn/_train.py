@@ -81,8 +81,9 @@ class Trainer:
             allocator alone.
         cuda_graphs: on GPU actors, capture the forward, backward and update as CUDA graphs once
             the shapes repeat and replay them (see ``docs/gpus.md``). ``None`` (the default):
-            wherever the graph has a GPU node and there is no ``cluster``; ``False``: never;
-            ``True``: asked for (an error with a ``cluster``). Used where
+            where the graph's GPU nodes share one GPU and there is no ``cluster``; ``False``:
+            never; ``True``: asked for (also across several GPUs; an error with a
+            ``cluster``). Used where
             ``Policy.allows_capture`` says (``Sync``, ``GPipe``, ``OneFOneB``, ``PipeDream``,
             ``Async``; not ``PipeDream2BW`` nor weight prediction or corrections), with or
             without a trace; elsewhere (and on the CPU) the run stays eager.

@@ -141,8 +141,10 @@ def samples_per_second(
     """Trains ``warmup`` then ``steps`` minibatches of ``rows``; samples/s of the timed part."""
     on_gpu = cluster is None and not cfg.cpu_smoke
     data = dataset(rows * (cfg.warmup + cfg.steps), cfg, on_gpu)
+    # eager in every row: worker processes cannot capture, and one GPU would by default, so
+    # rows in one process and across workers compare like with like
     tr = ann.Trainer(graph, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=cfg.dtype,
-                     cluster=cluster)  # fmt: skip
+                     cluster=cluster, cuda_graphs=False)  # fmt: skip
     return rows * cfg.steps / timed_fit(tr, data, rows, cfg, devices)
 
 
@@ -307,9 +309,9 @@ def asyncnn_stage_rate(mib: int, cfg: Config, devices: list[str], workers: bool)
     data = {"x": rng.standard_normal((n, 16)).astype(np.float32),
             "y": rng.integers(0, cfg.width, n)}  # fmt: skip
     cluster = ann.cluster.LocalCluster(workers=2) if workers else None
-    try:
+    try:  # eager, as in samples_per_second
         tr = ann.Trainer(graph, optimizer=optim.SGD(lr=1e-3), policy=policies.Sync(),
-                         cluster=cluster)  # fmt: skip
+                         cluster=cluster, cuda_graphs=False)  # fmt: skip
         seconds = timed_fit(tr, data, rows, cfg, devices)
     finally:
         if cluster is not None:

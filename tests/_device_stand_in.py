@@ -32,7 +32,7 @@ class _Stream:
     def __init__(self) -> None:
         self.queued: list[tuple[int, Any]] = []  # (position, copy)
         self.position = 0
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()  # (a copy never lands a stream itself)
 
     def land(self, upto: int) -> None:
         # the copies run under the lock: two threads landing one stream at once (the trace's

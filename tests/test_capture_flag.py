@@ -86,13 +86,31 @@ def test_by_default_graphs_are_on_only_where_the_run_has_a_gpu_actor():
     )
 
 
-def test_by_default_a_cluster_runs_its_actors_eagerly():
-    tr = ann.Trainer(
-        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
-        cluster=ann.cluster.LocalCluster(workers=1),
-    )  # fmt: skip
-    hist = tr.fit(_data(), epochs=1, batch_size=8)
-    assert len(hist.losses) == 3 and np.all(np.isfinite(hist.losses))
+def test_by_default_a_cluster_runs_its_actors_eagerly(monkeypatch):
+    # with a cluster the default (None) reaches the workers as False: graphs need one process
+    from contextlib import asynccontextmanager
+
+    seen = []
+
+    class Recording(ann.cluster.LocalCluster):
+        @asynccontextmanager
+        async def _run(self, graph, optimizer, policy, config, **options):
+            seen.append(config.cuda_graphs)
+            yield None
+
+        def open_run(self, graph, optimizer, policy, config, **options):
+            return self._run(graph, optimizer, policy, config, **options)
+
+    async def main(asked):
+        async with ann.open_run(
+            _graph(), optim.SGD(lr=0.1), policies.Sync(), cluster=Recording(workers=1),
+            cuda_graphs=asked,
+        ):  # fmt: skip
+            pass
+
+    for asked in (None, False):
+        anyio.run(main, asked)
+    assert seen == [False, False]
 
 
 def test_cuda_graphs_is_a_no_op_on_the_cpu():
@@ -130,3 +148,27 @@ def test_capture_applies_where_a_graph_has_a_gpu_actor(fake_cuda, emulated, devi
 
     anyio.run(main)
     assert seen["active"] is active
+
+
+def test_by_default_several_gpus_in_one_process_stay_eager(fake_cuda, emulated, monkeypatch):
+    # capture across GPUs has not run on a machine with several: asked for, it applies
+    from asyncnn.backends import Device, _registry
+
+    for key in ("cuda:1", Device("cuda", 1)):  # a second stand-in GPU (the same numpy arrays)
+        monkeypatch.setitem(_registry._by_key, key, fake_cuda)
+    monkeypatch.setitem(_registry._backends, Device("cuda", 1), fake_cuda)
+    graph = ann.Graph.sequential(
+        [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)], loss=nn.CrossEntropyLoss(),
+        stages=[2, 1], input_shape=(None, 5), devices=["cuda:0", "cuda:1"],
+    )  # fmt: skip
+    seen = []
+
+    async def main(asked):
+        async with ann.open_run(
+            graph, optim.SGD(lr=0.1), policies.GPipe(2), cuda_graphs=asked
+        ) as r:
+            seen.append(r.cuda_graphs_active)
+
+    for asked in (None, True, False):
+        anyio.run(main, asked)
+    assert seen == [False, True, False]

@@ -98,11 +98,14 @@ def _fit(
     return tr, hist
 
 
-def _captures(devices: list[str], policy: Any) -> bool:
-    """Whether a run of this graph and policy, left at the default, captures CUDA graphs."""
+def _captures(devices: list[str], policy: Any, cuda_graphs: bool | None = None) -> bool:
+    """Whether a run of this graph and policy with ``cuda_graphs`` (the default: None) captures
+    CUDA graphs."""
 
     async def main() -> bool:
-        async with ann.open_run(_graph(devices), optim.SGD(lr=0.1), policy) as run:
+        async with ann.open_run(
+            _graph(devices), optim.SGD(lr=0.1), policy, cuda_graphs=cuda_graphs
+        ) as run:
             return bool(run.cuda_graphs_active)
 
     return anyio.run(main)
@@ -136,10 +139,13 @@ def test_in_process_one_stage_per_gpu_matches_one_gpu(policy: Any) -> None:
 @several_gpus
 @pytest.mark.parametrize("policy", _policies(max(GPUS, 1)), ids=POLICY_IDS)
 def test_in_process_captured_stages_per_gpu_match_eager_ones_on_one_gpu(policy: Any) -> None:
-    # a stage per GPU takes the same captured path as stages sharing one (capture is on by
-    # default in one process): each actor captures on its own device, inputs copied from a peer
-    assert _captures([f"cuda:{i}" for i in range(GPUS)], policy)
-    spread = _fit([f"cuda:{i}" for i in range(GPUS)], policy)
+    # a stage per GPU takes the same captured path as stages sharing one, when asked for (the
+    # default keeps several GPUs eager until this has run): each actor captures on its own
+    # device, inputs copied from a peer
+    spread_devices = [f"cuda:{i}" for i in range(GPUS)]
+    assert not _captures(spread_devices, policy)
+    assert _captures(spread_devices, policy, cuda_graphs=True)
+    spread = _fit(spread_devices, policy, cuda_graphs=True)
     one = _fit(["cuda:0"] * GPUS, policy, cuda_graphs=False)
     _assert_same_run(spread, one)
 

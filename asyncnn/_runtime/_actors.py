@@ -102,7 +102,7 @@ class LayerActor(WeightVersions):
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
         self.flops_per_sample = _flops_per_sample(self.module, ctx.graph, node)
-        # CUDA graphs of the forward, backward and update (cuda_graphs=True, see _capture)
+        # CUDA graphs of the forward, backward and update (when active, see _capture)
         self.graphs: ActorGraphs | None = None
         if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
             self.graphs = ActorGraphs(self)

@@ -1,14 +1,14 @@
 """CUDA graphs of GPU actors: capture a forward, its backward and the update once, replay after.
 
-At small batches a GPU step is bound by kernel launches (about 14 µs of host time each), and by
-the Python that traces the layer. With ``cuda_graphs=True`` a GPU layer actor whose input shapes
-repeat captures its forward (the ``vjp``: output and residuals), the matching backward (the
-pullback) and the optimizer update into CUDA graphs, and afterwards replays each with one
-launch; a loss actor captures its loss and gradient likewise. A signature (input shapes and
-dtypes) is captured the second time it is seen (the first runs eagerly and loads every kernel),
-up to :data:`MAX_SIGNATURES` per slot of an actor, least recently used dropped; anything a
-capture cannot hold (a host sync, a batched product, randomness) makes that signature run
-eagerly for good.
+At small batches a GPU step is bound by kernel launches (about 14 µs of host time each), and by the
+Python that traces the layer. With CUDA graphs active (``Run.cuda_graphs_active``: by default on
+one GPU) a GPU layer actor whose input shapes repeat captures its forward (the ``vjp``: output and
+residuals), the matching backward (the pullback) and the optimizer update into CUDA graphs, and
+afterwards replays each with one launch; a loss actor captures its loss and gradient likewise. A
+signature (input shapes and dtypes) is captured the second time it is seen (the first runs eagerly
+and loads every kernel), up to :data:`MAX_SIGNATURES` per slot of an actor, least recently used
+dropped; anything a capture cannot hold (a host sync, a batched product, randomness) makes that
+signature run eagerly for good.
 
 A graph writes into the same buffers on every launch: its outputs are handed to the consumers
 as they are, and the next launch overwrites them. So each key of a minibatch has graphs of its

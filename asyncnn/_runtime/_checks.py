@@ -32,8 +32,8 @@ def check_cuda_graphs(cuda_graphs: bool | None, cluster: Any) -> None:
     """
     if cuda_graphs is True and cluster is not None:
         raise ValueError(
-            "cuda_graphs=True needs the actors in this process: pass cluster=None, or "
-            "cuda_graphs=False with a cluster"
+            "cuda_graphs=True needs the actors in this process: pass cluster=None, or leave "
+            "cuda_graphs at its default (None) or False with a cluster, whose workers run eagerly"
         )
 
 

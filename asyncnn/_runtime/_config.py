@@ -33,8 +33,8 @@ class RunConfig:
         trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"``,
             ``"all"`` or ``"none"``.
         cuda_graphs: let GPU actors capture and replay CUDA graphs where the policy allows;
-            ``None`` (the default): where the run is in one process and has a GPU actor;
-            ``False``: never.
+            ``None`` (the default): where the run is in one process and its GPU actors share
+            one GPU; ``False``: never.
     """
 
     seed: int = 0

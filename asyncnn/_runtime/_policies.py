@@ -347,7 +347,7 @@ class Policy(abc.ABC):
 
     # -- execution -------------------------------------------------------------------------------
     def allows_capture(self, num_stages: int, traced: bool) -> bool:
-        """Whether GPU actors may capture and replay CUDA graphs (``open_run(cuda_graphs=True)``),
+        """Whether GPU actors may capture and replay CUDA graphs (``open_run``'s ``cuda_graphs``),
         never with a split backward, and only where forwards and backwards compute
         at the latest weights or a stash of them (none pinned, predicted or corrected: the
         graphs read the weights in place, or a copy taken at the forward). Then: with flushes

@@ -80,7 +80,7 @@ class Run:
         #: the run's options (seed, dtype, stall timeout, checks, trace, CUDA graphs)
         self.config = config
         #: CUDA graphs asked for (``open_run(cuda_graphs=...)``: True, or None for "where the
-        #: run has a GPU actor"); they are used where :attr:`cuda_graphs_active` says
+        #: run's GPU actors share one GPU"); they are used where :attr:`cuda_graphs_active` says
         self.cuda_graphs = config.cuda_graphs
         self.optimizer = optimizer
         self.policy = policy
@@ -101,8 +101,11 @@ class Run:
         self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
         asked = config.cuda_graphs
-        if asked is None:  # on by default where there is a GPU actor to capture
-            asked = any(node.device != "cpu" for node in graph.nodes.values())
+        if asked is None:
+            # on by default where the GPU actors share one GPU; capture across several GPUs in
+            # one process has not run on such a machine yet, so there it is asked for (True)
+            gpus = {node.device for node in graph.nodes.values() if node.device != "cpu"}
+            asked = len(gpus) == 1
         self.cuda_graphs_active = asked and policy.allows_capture(
             self.num_stages, recorder is not None
         )
@@ -548,8 +551,8 @@ async def open_run(
             the scheduler and nodes without ``worker`` stay in this process).
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
-            batches). ``None`` (the default) captures where the run has a GPU actor and no
-            ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it and refuses
+            batches). ``None`` (the default) captures where the run's GPU actors share one GPU
+            and there is no ``cluster`` (across several GPUs in one process, pass True); ``False`` keeps every actor eager; ``True`` asks for it and refuses
             a ``cluster``. Used where :meth:`Policy.allows_capture` says (flushes between
             minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
             ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), with or without a trace;

@@ -27,7 +27,7 @@ class ActorStatistics:
             driver (live plus cached for reuse); 0 on the CPU. The pool is the device's, shared
             by the actors there. ``peak_pool_used_bytes`` / ``peak_pool_held_bytes``: the most
             seen after any compute of this actor.
-        graph_bytes: on a GPU with ``cuda_graphs=True``, the device memory held by this actor's
+        graph_bytes: on a GPU with CUDA graphs active, the device memory held by this actor's
             captured CUDA graphs (each capture's memory pool and cuBLAS workspace); 0 otherwise.
         skipped: keys that reached this actor with no rows (a router sent them elsewhere).
         delays: how stale the gradients this layer applied were: ``{delay: count}``, where a
