@@ -23,7 +23,8 @@ same optimizer update, ``Sync`` with 1 and 4 stages in this process (``open_run`
 PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` prints where the time
 of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
 
-Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N] [--tiny]
+Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N]
+[--tiny]
 """
 
 from __future__ import annotations

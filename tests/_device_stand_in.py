@@ -34,6 +34,12 @@ class _Stream:
         self.position = 0
         self.lock = threading.Lock()  # (a copy never lands a stream itself)
 
+    def queue(self, copy: Any) -> None:
+        """Queues ``copy`` behind the stream's work so far (it runs when that lands)."""
+        with self.lock:
+            self.position += 1
+            self.queued.append((self.position, copy))
+
     def land(self, upto: int) -> None:
         # the copies run under the lock: two threads landing one stream at once (the trace's
         # writer asking whether an event is done while the loop launches) must not run a later
@@ -95,12 +101,9 @@ class _FakeDevice(Backend):
     def to_host_async(self, x: Any, out: Any = None) -> Any:
         host = np.zeros(np.shape(x), dtype=np.asarray(x).dtype)
         self.host_buffers[id(host)] = host  # a host array already: never made late
-        s = self._stream()
         # read when the copy's turn comes: the launches before it on this stream have landed
         # by then (each launch lands its stream first), later ones have not yet written
-        with s.lock:
-            s.position += 1
-            s.queued.append((s.position, lambda: np.copyto(host, x)))
+        self._stream().queue(lambda: np.copyto(host, x))
         self.copies += 1
         return host
 
@@ -165,9 +168,7 @@ class _FakeDevice(Backend):
             return result
         early = np.full_like(result, np.nan)
         value = result.copy()
-        with s.lock:
-            s.position += 1
-            s.queued.append((s.position, lambda: np.copyto(early, value)))
+        s.queue(lambda: np.copyto(early, value))
         return early
 
 

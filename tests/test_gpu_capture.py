@@ -1,8 +1,8 @@
-"""CUDA-graph capture of GPU actors (asked for with ``cuda_graphs=True``): captured runs give the eager run's
-results (and the CPU's), a new input shape is captured anew (eager until then), pipelines with
-flushes capture one set of graphs per key of a minibatch, streaming policies capture one set
-where every forward and backward is at the latest weights and a slot per key in flight where
-they stash. Skipped without cupy and a GPU."""
+"""CUDA-graph capture of GPU actors (asked for with ``cuda_graphs=True``): captured runs give the
+eager run's results (and the CPU's), a new input shape is captured anew (eager until then),
+pipelines with flushes capture one set of graphs per key of a minibatch, streaming policies capture
+one set where every forward and backward is at the latest weights and a slot per key in flight
+where they stash. Skipped without cupy and a GPU."""
 
 from __future__ import annotations
 

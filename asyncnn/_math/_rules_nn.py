@@ -294,12 +294,13 @@ def _class_last(logits: Any) -> Any:
 def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
     xp = ns(logits)
     z = _class_last(logits)
+    y = labels.reshape(-1)
     fused = backend_of(z).fused_nn_kernels()
-    if fused is not None and fused.fits(z, labels):
+    if fused is not None and fused.fits(z, y):
         # one kernel for the softmax and the row losses (and one for the gradient): an eager
         # GPU step is bound by its launches, and the array code below takes about eighteen
         compute = xp.float32 if is_half(z.dtype) else z.dtype
-        p, nll = fused.cross_entropy_rows(z, labels, compute)
+        p, nll = fused.cross_entropy_rows(z, y, compute)
         rows = None
     else:
         if is_half(z.dtype):
@@ -307,13 +308,13 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
             # float32; the gradient goes back in the logits' dtype)
             z = z.astype(xp.float32)
         fused = None
-        rows = xp.arange(labels.size)
+        rows = xp.arange(y.size)
         m = z.max(axis=1, keepdims=True)
         p = xp.exp(z - m)
         s = p.sum(axis=1, keepdims=True)
         p /= s  # the softmax, kept for the VJP
-        nll = (xp.log(s) + m)[:, 0] - z[rows, labels.reshape(-1)]
-    res = (p, labels.reshape(-1), rows, fused, reduction, tuple(logits.shape), logits.dtype)
+        nll = (xp.log(s) + m)[:, 0] - z[rows, y]
+    res = (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype)
     return _reduced(nll, labels, reduction), res
 
 

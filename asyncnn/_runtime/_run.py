@@ -552,12 +552,12 @@ async def open_run(
         cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
             its input shapes repeat, and replay them (far fewer kernel launches at small
             batches). ``None`` (the default) captures where the run's GPU actors share one GPU
-            and there is no ``cluster`` (across several GPUs in one process, pass True); ``False`` keeps every actor eager; ``True`` asks for it and refuses
-            a ``cluster``. Used where :meth:`Policy.allows_capture` says (flushes between
-            minibatches, or keys streaming at the latest or at stashed weights: ``Sync``,
-            ``GPipe``, ``OneFOneB``, ``PipeDream``, ``Async``), with or without a trace;
-            elsewhere, and on CPU actors, the run is eager
-            (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
+            and there is no ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it
+            (also across several GPUs in one process) and refuses a ``cluster``. Used where
+            :meth:`Policy.allows_capture` says (flushes between minibatches, or keys streaming
+            at the latest or at stashed weights: ``Sync``, ``GPipe``, ``OneFOneB``,
+            ``PipeDream``, ``Async``), with or without a trace; elsewhere, and on CPU actors, the
+            run is eager (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
         config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
             own); the separate options must then keep their defaults.
 
