@@ -20,6 +20,11 @@ instead of the kernel's arguments: a captured update then replays right at every
 :func:`set_scalars` has written that step's values there (one tiny kernel, its values passed by
 value: no host memory the device reads later).
 
+:func:`sgd_many` and :func:`adam_many` update a whole parameter tree in one launch for up to
+:data:`MAX_LEAVES` leaves (the leaves' pointers and sizes in the kernel's arguments, each block
+working on one leaf), the per-leaf kernels' arithmetic exactly: an eager step launched one kernel
+per leaf, each costing tens of microseconds of host time.
+
 Imported only from the optimizers and the runtime's capture, on cupy arrays.
 """
 
@@ -37,12 +42,15 @@ import cupy
 import numpy as np
 
 __all__ = [
+    "MAX_LEAVES",
     "adam_leaf",
+    "adam_many",
     "adam_step_scalars",
     "in_place",
     "scalars_on_device",
     "set_scalars",
     "sgd_leaf",
+    "sgd_many",
     "vectorised_available",
 ]
 
@@ -293,19 +301,75 @@ def _apply(
     return result if isinstance(result, tuple) else (result,)
 
 
+def _sgd_setup(
+    step: int, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+) -> tuple[_Update, int, tuple[float, ...]]:
+    """The SGD rule of this step, its momentum mode (0 none, 1 first step, 2 later) and scalars."""
+    mode = 0 if momentum == 0.0 else (1 if step == 0 else 2)
+    rule = _sgd_rule(weight_decay != 0.0, mode, nesterov, dampening != 0.0)
+    return rule, mode, (-lr, weight_decay, momentum, 1.0 - dampening)
+
+
+def _sgd_arrays(p: Any, g: Any, buf: Any, mode: int) -> tuple[list[Any], tuple[Any, ...]]:
+    """A leaf's inputs to the SGD rule, and its outputs in place (empty: fresh ones)."""
+    arrays = [p, g] if mode != 2 else [p, g, buf]
+    outs: tuple[Any, ...] = (p,) if mode == 0 else (p, buf)
+    if not _in_place() or any(a is None for a in outs):
+        outs = ()
+    return arrays, outs
+
+
 def sgd_leaf(
     p: Any, g: Any, buf: Any, step: int, lr: float, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool,
 ) -> tuple[Any, tuple[Any, ...]]:  # fmt: skip
     """One leaf of torch's SGD update in one kernel: ``(new_p, (new_buffer,) or ())``."""
-    mode = 0 if momentum == 0.0 else (1 if step == 0 else 2)
-    rule = _sgd_rule(weight_decay != 0.0, mode, nesterov, dampening != 0.0)
-    arrays = [p, g] if mode != 2 else [p, g, buf]
-    outs: tuple[Any, ...] = (p,) if mode == 0 else (p, buf)
+    rule, mode, scalars = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
+    arrays, outs = _sgd_arrays(p, g, buf, mode)
+    result = _apply(rule, arrays, scalars, outs)
+    return result[0], tuple(result[1:])
+
+
+def sgd_many(
+    ps: list[Any], gs: list[Any], bufs: list[Any] | None, step: int, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+) -> tuple[list[Any], list[list[Any]]] | None:  # fmt: skip
+    """:func:`sgd_leaf` over every leaf, in one launch per :data:`MAX_LEAVES` leaves:
+    ``(new_ps, [new_buffers])`` (no buffer list without momentum), or None where the leaves
+    do not suit one kernel (see :func:`_apply_many`; then update them one by one)."""
+    rule, mode, scalars = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
+    leaves = [
+        _sgd_arrays(p, g, None if bufs is None else bufs[i], mode)
+        for i, (p, g) in enumerate(zip(ps, gs, strict=True))
+    ]
+    return _apply_many(rule, leaves, scalars, None)
+
+
+def _adam_setup(
+    step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+    amsgrad: bool, decoupled: bool,
+) -> tuple[_Update, tuple[float, ...], Any]:  # fmt: skip
+    """The Adam rule of this step, its scalars and the device scalars' array (or None)."""
+    beta1, beta2 = betas
+    coupled = weight_decay != 0.0 and not decoupled
+    dsc = getattr(_state, "scalars", None)
+    # (p * 1.0 + delta equals delta + p: an AdamW with lr * weight_decay == 0 may take either)
+    rule = _adam_rule(coupled, decoupled and weight_decay != 0.0, amsgrad, dsc is not None)
+    scalars: tuple[float, ...] = (weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps)
+    if dsc is None:
+        scalars += adam_step_scalars(step, lr, betas, weight_decay, decoupled)
+    return rule, scalars, dsc
+
+
+def _adam_arrays(
+    p: Any, g: Any, buffers: tuple[Any, ...], amsgrad: bool
+) -> tuple[list[Any], tuple[Any, ...]]:
+    """A leaf's inputs to the Adam rule, and its outputs in place (empty: fresh ones)."""
+    arrays = [p, g, buffers[0], buffers[1]] + ([buffers[2]] if amsgrad else [])
+    outs: tuple[Any, ...] = (p, *buffers)
     if not _in_place() or any(a is None for a in outs):
         outs = ()
-    result = _apply(rule, arrays, (-lr, weight_decay, momentum, 1.0 - dampening), outs)
-    return result[0], tuple(result[1:])
+    return arrays, outs
 
 
 def adam_leaf(
@@ -315,17 +379,168 @@ def adam_leaf(
     """One leaf of torch's Adam/AdamW update in one kernel: ``(new_p, new_buffers)``; inside
     :func:`scalars_on_device` the step's scalars come from the device (``step`` and ``lr`` are
     then not read)."""
-    beta1, beta2 = betas
-    coupled = weight_decay != 0.0 and not decoupled
-    dsc = getattr(_state, "scalars", None)
-    # (p * 1.0 + delta equals delta + p: an AdamW with lr * weight_decay == 0 may take either)
-    rule = _adam_rule(coupled, decoupled and weight_decay != 0.0, amsgrad, dsc is not None)
-    arrays = [p, g, buffers[0], buffers[1]] + ([buffers[2]] if amsgrad else [])
-    outs: tuple[Any, ...] = (p, *buffers)
-    if not _in_place() or any(a is None for a in outs):
-        outs = ()
-    scalars: tuple[float, ...] = (weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps)
-    if dsc is None:
-        scalars += adam_step_scalars(step, lr, betas, weight_decay, decoupled)
+    rule, scalars, dsc = _adam_setup(step, lr, betas, eps, weight_decay, amsgrad, decoupled)
+    arrays, outs = _adam_arrays(p, g, buffers, amsgrad)
     result = _apply(rule, arrays, scalars, outs, dsc)
     return result[0], tuple(result[1:])
+
+
+def adam_many(
+    ps: list[Any], gs: list[Any], buffers: list[list[Any]], step: int, lr: float,
+    betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool, decoupled: bool,
+) -> tuple[list[Any], list[list[Any]]] | None:  # fmt: skip
+    """:func:`adam_leaf` over every leaf (``buffers``: one list of leaves per state buffer), in
+    one launch per :data:`MAX_LEAVES` leaves: ``(new_ps, new_buffers)``, or None where the
+    leaves do not suit one kernel."""
+    rule, scalars, dsc = _adam_setup(step, lr, betas, eps, weight_decay, amsgrad, decoupled)
+    leaves = [
+        _adam_arrays(p, g, tuple(b[i] for b in buffers), amsgrad)
+        for i, (p, g) in enumerate(zip(ps, gs, strict=True))
+    ]
+    return _apply_many(rule, leaves, scalars, dsc)
+
+
+# -- several leaves in one launch --------------------------------------------------------------
+#: the most leaves one launch updates: their pointers, sizes and first blocks travel in the
+#: kernel's arguments (4 KB at most); 24 leaves of Adam with amsgrad take about 2 KB
+MAX_LEAVES = 24
+#: the most blocks one leaf gets (its threads then stride over it)
+_MAX_LEAF_BLOCKS = 4096
+
+
+@functools.cache
+def _multi(rule: _Update, dtype_name: str, count: int, vec: int) -> Any:
+    """The rule over ``count`` leaves of ``dtype_name`` in one kernel, ``vec`` values per thread
+    and load (8 for aligned 16-bit floats, else 1); None where it won't build."""
+    if dtype_name in _HALF:
+        ctype, header = _HALF[dtype_name]
+        head, compute = f"#include <{header}>", "float"
+    else:
+        ctype = compute = "double" if dtype_name == "float64" else "float"
+        head = ""
+    arrays = rule.ins + rule.outs
+    params: list[str] = []
+    for k in range(count):
+        params += [f"const T* {n}_{k}" for n in rule.ins] + [f"T* {n}_{k}" for n in rule.outs]
+        params += [f"long long n_{k}", f"int b_{k}"]
+    params += [f"int b_{count}"] + (["const double* dsc"] if rule.device else [])
+    params += [f"double {s}" for s in rule.scalars]
+    # each block works on one leaf: the last whose first block it is at or past
+    find = " ".join(f"if (blk >= b_{k}) j = {k};" for k in range(1, count))
+    cases = " ".join(
+        f"case {k}: "
+        + " ".join(f"{n}_a = {n}_{k};" for n in arrays)
+        + f" n = n_{k}; first = b_{k}; next = b_{k + 1}; break;"
+        for k in range(count)
+    )
+    decl = " ".join(f"const T* {n}_a;" for n in rule.ins) + " "
+    decl += " ".join(f"T* {n}_a;" for n in rule.outs)
+
+    def lanes(load: str, store: str) -> str:
+        ins = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
+        outs = " ".join(f"T {n};" for n in rule.outs)
+        back = " ".join(store.format(n=n) for n in rule.outs)
+        return f"{{ {ins} {outs}\n{rule.body}\n{back} }}"
+
+    scalar = lanes("{n}_a[i]", "{n}_a[i] = {n};")
+    if vec == 1:
+        loop = scalar
+    else:
+        vec_in = " ".join(
+            f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
+            f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
+            for n in rule.ins
+        )
+        vec_out = " ".join(
+            f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs
+        )
+        vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
+        loop = f"""if (i + {vec} <= n) {{
+      {vec_in} {vec_out}
+      #pragma unroll
+      for (int l = 0; l < {vec}; ++l)
+        {lanes("{n}_l[l]", "{n}_l[l] = {n};")}
+      {vec_store}
+    }} else {{
+      for (long long k = i; k < n; ++k)
+        {lanes("{n}_a[k]", "{n}_a[k] = {n};")}
+    }}"""
+    name = f"{rule.name}_{dtype_name}_many{count}_x{vec}"
+    source = f"""{head}
+typedef {ctype} T;
+typedef {compute} C;
+{_OPS[compute]}
+extern "C" __global__ void {name}({", ".join(params)}) {{
+  {rule.prologue()}
+  const int blk = blockIdx.x;
+  int j = 0;
+  {find}
+  {decl}
+  long long n = 0; int first = 0, next = 0;
+  switch (j) {{ {cases} }}
+  long long stride = (long long)(next - first) * blockDim.x * {vec};
+  for (long long i = ((long long)(blk - first) * blockDim.x + threadIdx.x) * {vec}; i < n;
+       i += stride) {{
+    {loop}
+  }}
+}}
+"""
+    kernel = cupy.RawKernel(source, name)
+    try:
+        kernel.compile()
+    except Exception:  # noqa: BLE001 - no CUDA headers here: the leaves go one by one
+        return None
+    return kernel
+
+
+def _apply_many(
+    rule: _Update, leaves: list[tuple[list[Any], tuple[Any, ...]]], scalars: tuple[float, ...],
+    dsc: Any,
+) -> tuple[list[Any], list[list[Any]]] | None:  # fmt: skip
+    """Runs ``rule`` over every leaf (its inputs in ``rule.ins`` order, and its outputs to
+    write, empty for fresh ones) in one launch per :data:`MAX_LEAVES` leaves: the outputs as
+    ``(firsts, [seconds, ...])``. None, launching nothing, unless every array is a contiguous
+    cupy array of one float dtype on one GPU (the per-leaf kernels serve the rest)."""
+    if not leaves:
+        return None
+    first = leaves[0][0][0]
+    dtype, device = first.dtype, first.device.id
+    name = str(dtype)
+    if name not in _HALF and dtype not in (cupy.float32, cupy.float64):
+        return None
+    aligned = True
+    for arrays, outs in leaves:
+        size = arrays[0].size
+        for a in (*arrays, *outs):
+            if (
+                type(a) is not cupy.ndarray
+                or a.dtype != dtype
+                or a.size != size
+                or not a.flags.c_contiguous
+                or a.device.id != device
+            ):
+                return None
+            aligned = aligned and a.data.ptr % 16 == 0
+    vec = _VEC if name in _HALF and aligned else 1
+    parts = [leaves[lo : lo + MAX_LEAVES] for lo in range(0, len(leaves), MAX_LEAVES)]
+    kernels = [_multi(rule, name, len(part), vec) for part in parts]
+    if any(k is None for k in kernels):  # before any launch: in place, none may run twice
+        return None
+    results: list[tuple[Any, ...]] = []
+    for part, kernel in zip(parts, kernels, strict=True):
+        args: list[Any] = []
+        blocks = 0
+        for arrays, outs in part:
+            if not outs:
+                outs = tuple(cupy.empty_like(arrays[0]) for _ in rule.outs)
+            results.append(outs)
+            n = arrays[0].size
+            args += [*arrays, *outs, np.int64(n), np.int32(blocks)]
+            blocks += min(-(-n // (vec * _THREADS)), _MAX_LEAF_BLOCKS)
+        args.append(np.int32(blocks))
+        if rule.device:
+            args.append(dsc)
+        args += [np.float64(s) for s in scalars]
+        if blocks:
+            kernel((blocks,), (_THREADS,), tuple(args))
+    return [r[0] for r in results], [[r[i] for r in results] for i in range(1, len(rule.outs))]

@@ -12,11 +12,13 @@ union), and the share of the span from the first piece to the last that the card
 ``--matmul-rows`` the card's rate for one layer's products at the row counts microbatches give.
 ``--own-timeline`` traces the same rows with asyncnn's own trace (its "device" events: each
 actor's work on the card's clock), prints the trace's cost per step and the overlap that
-``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor).
+``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor). ``--many-leaves`` times the optimizer's
+update in one launch for all leaves against a launch per leaf, alone and in eager steps.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
 [--host-profile bfloat16:64 --rows 1,2,9] [--own-timeline bfloat16:64 --rows 0,9,10]
+[--many-leaves bfloat16:1024,float32:64]
 """
 
 from __future__ import annotations
@@ -87,6 +89,65 @@ def matmul_by_rows(dtype: str) -> None:
             ms = timeit(f, 50)
             print(f"{dtype} rows {rows:5d} {name:6s} {ms * 1e3:8.1f} us "
                   f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
+
+
+def many_leaves(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5) -> None:
+    """The optimizer's update in one launch for all leaves (``backends/_fused.py``'s
+    ``sgd_many``/``adam_many``) against a launch per leaf: the update of the MLP's 10 leaves
+    alone (host µs to launch it, and µs per update with the device's work), then eager `Sync`
+    steps with each and PyTorch eager's step, interleaved in one process (medians of
+    ``repeats``)."""
+    import time
+
+    from asyncnn.backends import _fused
+
+    together = _fused._apply_many
+
+    def apart(*args: Any) -> None:
+        return None
+
+    def update_us(opt: Any, p: Any, n: int = 100) -> tuple[float, float]:
+        s = opt.init(p)
+        opt.update(p, p, s)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opt.update(p, p, s)
+        t1 = time.perf_counter()
+        cp.cuda.Device().synchronize()
+        return (t1 - t0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
+
+    for dtype, batch in cases:
+        params = nn.Sequential(*bench_gpu.mlp()).init(0, backend="cuda:0", dtype=dtype)
+        for opt in (optim.SGD(lr=1e-3), optim.Adam(lr=1e-3)):
+            runs: dict[str, list[tuple[float, float]]] = {"one launch": [], "per leaf": []}
+            for _ in range(repeats):
+                for label, fn in (("one launch", together), ("per leaf", apart)):
+                    _fused._apply_many = fn
+                    runs[label].append(update_us(opt, params))
+            _fused._apply_many = together
+            line = "; ".join(
+                f"{k}: host {np.median([r[0] for r in v]):.0f} us, with the device "
+                f"{np.median([r[1] for r in v]):.0f} us"
+                for k, v in runs.items()
+            )
+            print(f"{type(opt).__name__} update of 10 {dtype} leaves: {line}")
+        steps_ms: dict[str, list[float]] = {"one launch": [], "per leaf": [], "torch": []}
+        for _ in range(repeats):
+            for label, fn in (("one launch", together), ("per leaf", apart)):
+                _fused._apply_many = fn
+                steps_ms[label].append(bench_gpu.steady_step(batch, dtype, steps, False) * 1e3)
+            steps_ms["torch"].append(bench_gpu.torch_step(batch, dtype, steps) * 1e3)
+        _fused._apply_many = together
+        med = {k: float(np.median(v)) for k, v in steps_ms.items()}
+        print(
+            f"eager Sync {dtype} batch {batch}, ms per step: one launch {med['one launch']:.2f}, "
+            f"per leaf {med['per leaf']:.2f}, torch {med['torch']:.2f}; eager/torch "
+            f"{med['one launch'] / med['torch']:.2f} (per leaf "
+            f"{med['per leaf'] / med['torch']:.2f})  ["
+            + "; ".join(f"{k}: {' '.join(f'{v:.2f}' for v in vs)}" for k, vs in steps_ms.items())
+            + "]"
+        )
 
 
 class Window:
@@ -229,8 +290,12 @@ if __name__ == "__main__":
     ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
+    ap.add_argument("--many-leaves", default="", help="dtype:batch,... the update in one "
+                    "launch against a launch per leaf, and eager steps with each")  # fmt: skip
     args = ap.parse_args()
-    if args.matmul_rows:
+    if args.many_leaves:
+        many_leaves([(c.split(":")[0], int(c.split(":")[1])) for c in args.many_leaves.split(",")])
+    elif args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)
     elif args.host_profile:

@@ -154,6 +154,88 @@ def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(opt, d
         np.testing.assert_array_equal(a, b)
 
 
+# 30 leaves: two launches (MAX_LEAVES is 24); empty, tiny, odd and 2-D leaves; sizes that end
+# mid-vector and leaves long enough to stride (more values than their blocks' threads)
+_MANY_SHAPES = [(0,), (1,), (7,), (8 * 37 + 5,), (33, 31), (4096 * 3 + 1,), (8,), (16, 16)] * 3
+_MANY_SHAPES += [(5,), (64, 129), (3,), (1025,), (2, 8), (9,)]
+
+
+def _many_leaves(dtype: str, seed: int, offset: int = 0) -> list:
+    import cupy
+
+    dt = get_backend("cuda:0").dtype(dtype)
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape in _MANY_SHAPES:
+        whole = rng.standard_normal(int(np.prod(shape)) + offset).astype(np.float32)
+        out.append(cupy.asarray(whole).astype(dt)[offset:].reshape(shape))
+    return out
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("opt", _opt_cases(), ids=repr)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "views one value in"])
+def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset, monkeypatch):
+    import cupy
+
+    from asyncnn.backends import _fused
+
+    launched = []
+    many = _fused._apply_many
+
+    def spy(*args):
+        result = many(*args)
+        launched.append(result is not None)
+        return result
+
+    p = _many_leaves(dtype, 4, offset)
+    steps = [_many_leaves(dtype, 5 + i, offset) for i in range(3)]
+
+    def run(one_by_one: bool) -> list:
+        with monkeypatch.context() as m:
+            m.setattr(_fused, "_apply_many", (lambda *a: None) if one_by_one else spy)
+            params, state = p, opt.init(p)
+            for g in steps:
+                params, state = opt.update(params, g, state)
+            buffers = [leaf for name in opt.buffer_names() for leaf in state[name]]
+            return [cupy.asnumpy(x).view(np.uint8) for x in params + buffers]
+
+    together, apart = run(False), run(True)
+    assert launched == [True] * 3  # every step took the launch for many leaves
+    for a, b in zip(together, apart, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("opt", [_opt_cases()[2], _opt_cases()[6]], ids=repr)
+def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(opt, dtype, monkeypatch):
+    # a captured update writes over its parameters and buffers; both paths must, identically
+    import cupy
+
+    from asyncnn.backends import _fused
+
+    def run(one_by_one: bool) -> list:
+        p = _many_leaves(dtype, 6)
+        state = opt.init(p)
+        state["step"] = 1  # momentum reads its buffer
+        with monkeypatch.context() as m:
+            if one_by_one:
+                m.setattr(_fused, "_apply_many", lambda *a: None)
+            with _fused.in_place():
+                new_p, new_s = opt.update(p, _many_leaves(dtype, 7), state)
+        assert all(a is b for a, b in zip(new_p, p, strict=True))
+        for name in opt.buffer_names():
+            assert all(a is b for a, b in zip(new_s[name], state[name], strict=True))
+        return [cupy.asnumpy(x).view(np.uint8) for x in p]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 _LAYERS = {
     "linear": (nn.Linear(8, 6), (5, 8)),
     "relu": (nn.ReLU(), (5, 8)),

@@ -208,19 +208,30 @@ class Optimizer(abc.ABC):
             clipped, _ = clip_grad_norm(g_leaves, self.clip_norm)
             g_leaves = clipped
         lr = self.learning_rate(step)
-        new_p: list[Any] = []
-        new_bufs: list[list[Any]] = [[] for _ in buffer_names]
-        for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
-            p2, bufs2 = self._update_leaf(
-                p, g, tuple(b[i] for b in buffers) if buffers else (), step, lr
-            )
-            new_p.append(p2)
-            for out, b in zip(new_bufs, bufs2, strict=True):
-                out.append(b)
+        many = self._update_many(p_leaves, g_leaves, buffers, step, lr)
+        if many is not None:
+            new_p, new_bufs = many
+        else:
+            new_p, new_bufs = [], [[] for _ in buffer_names]
+            for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
+                p2, bufs2 = self._update_leaf(
+                    p, g, tuple(b[i] for b in buffers) if buffers else (), step, lr
+                )
+                new_p.append(p2)
+                for out, b in zip(new_bufs, bufs2, strict=True):
+                    out.append(b)
         new_state: State = {"step": step + 1}
         for buf_name, leaves in zip(buffer_names, new_bufs, strict=True):
             new_state[buf_name] = tree_unflatten(treedef, leaves)
         return tree_unflatten(treedef, new_p), new_state
+
+    def _update_many(
+        self, ps: list[Any], gs: list[Any], buffers: list[list[Any]], step: int, lr: float
+    ) -> tuple[list[Any], list[list[Any]]] | None:
+        """Every leaf's update at once (``(new_ps, new_buffers)``) where the leaves' backend has
+        a kernel for several leaves and :meth:`update_leaf` is this class's own; None for one
+        leaf at a time."""
+        return None
 
     def _update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
@@ -273,6 +284,15 @@ class Optimizer(abc.ABC):
         return spec
 
 
+def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
+    """The fused kernels' module for updating the leaves ``ps`` at once, or None: numpy leaves
+    (no fused kernels), or a subclass with its own :meth:`~Optimizer.update_leaf`, which the
+    built-in kernels would skip."""
+    if not ps or type(ps[0]) is np.ndarray or type(opt).update_leaf is not cls.update_leaf:
+        return None
+    return backend_of(ps[0]).fused_kernels()
+
+
 def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
     """The array namespace of a leaf and its gradient, and their backend's fused kernels (None
     where it has none)."""
@@ -321,6 +341,17 @@ class SGD(Optimizer):
 
     def buffer_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum != 0.0 else ()
+
+    def _update_many(
+        self, ps: list[Any], gs: list[Any], buffers: list[list[Any]], step: int, lr: float
+    ) -> tuple[list[Any], list[list[Any]]] | None:
+        fused = _many_kernels(self, SGD, ps)
+        if fused is None:
+            return None
+        return fused.sgd_many(
+            ps, gs, buffers[0] if buffers else None, step, lr, self.momentum, self.dampening,
+            self.weight_decay, self.nesterov,
+        )  # fmt: skip
 
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
@@ -420,6 +451,17 @@ class Adam(Optimizer):
     def buffer_names(self) -> tuple[str, ...]:
         names = ("exp_avg", "exp_avg_sq")
         return (*names, "max_exp_avg_sq") if self.amsgrad else names
+
+    def _update_many(
+        self, ps: list[Any], gs: list[Any], buffers: list[list[Any]], step: int, lr: float
+    ) -> tuple[list[Any], list[list[Any]]] | None:
+        fused = _many_kernels(self, Adam, ps)
+        if fused is None:
+            return None
+        return fused.adam_many(
+            ps, gs, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
+            self._decoupled,
+        )  # fmt: skip
 
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
