@@ -1,7 +1,7 @@
 """The fused cross-entropy kernels on the GPU (``backends/_fused_nn.py``) against the array code
 they replace, which the same op runs with the fused kernels turned off: every reduction, 2-D and
-spatial logits, every float dtype, views, labels outside the classes, rows too long for them.
-Skips without cupy and a GPU (run it with ``bash experiments/device_tests.sh``)."""
+spatial logits, every float dtype, views, labels outside the classes, rows too long for them;
+and the fused ReLU gradient against its array code. Skips without cupy and a GPU (run it with ``bash experiments/device_tests.sh``)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,37 @@ def test_a_label_outside_the_classes_makes_its_loss_nan() -> None:
     got = cupy.asnumpy(rows)
     assert np.isnan(got[[1, 3]]).all() and np.isfinite(got[[0, 2]]).all()
     assert np.isnan(float(ops.cross_entropy(logits, labels)))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_fused_relu_gradient_equals_the_array_code_bit_for_bit(
+    dtype: str, monkeypatch: Any
+) -> None:
+    import cupy
+
+    from backends._cupy import CupyBackend
+
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(5)
+    x = cupy.asarray(rng.standard_normal((37, 65)), dtype=cupy.float32).astype(dt)
+    x[0, :4] = 0  # relu's output is 0 there: no gradient
+    seed = cupy.asarray(rng.standard_normal((37, 65)), dtype=cupy.float32).astype(dt)
+    seed[1, :3] = cupy.asarray([np.nan, -0.0, np.inf], dtype=cupy.float32).astype(dt)
+    seed = seed[:, ::-1]  # a view: the kernel takes any layout
+
+    def grad(fused: bool) -> Any:
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(CupyBackend, "fused_nn_kernels", lambda self: None)
+            _, pullback = ann.vjp(ops.relu, x)
+            (g,) = pullback(seed)
+        return g
+
+    got, want = grad(True), grad(False)
+    assert got.dtype == want.dtype == dt and got.shape == want.shape
+    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[dt.itemsize]
+    got, want = cupy.ascontiguousarray(got), cupy.ascontiguousarray(want)
+    nan = cupy.isnan(want.astype(cupy.float64))
+    assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all()) and int(nan.sum()) >= 1
+    # every other value to the bit, the signs of zeros included (NaN payloads may differ)
+    assert bool(((got.view(bits) == want.view(bits)) | nan).all())
