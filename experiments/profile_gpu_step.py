@@ -12,13 +12,14 @@ union), and the share of the span from the first piece to the last that the card
 ``--matmul-rows`` the card's rate for one layer's products at the row counts microbatches give.
 ``--own-timeline`` traces the same rows with asyncnn's own trace (its "device" events: each
 actor's work on the card's clock), prints the trace's cost per step and the overlap that
-``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor). ``--many-leaves`` times the optimizer's
-update in one launch for all leaves against a launch per leaf, alone and in eager steps.
+``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor). ``--launch-cuts`` times the optimizer's
+update in one launch for all leaves against a launch per leaf, alone, and eager steps with that
+and the fused ReLU gradient on and off.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
 [--host-profile bfloat16:64 --rows 1,2,9] [--own-timeline bfloat16:64 --rows 0,9,10]
-[--many-leaves bfloat16:1024,float32:64]
+[--launch-cuts bfloat16:1024,float32:64]
 """
 
 from __future__ import annotations
@@ -91,20 +92,29 @@ def matmul_by_rows(dtype: str) -> None:
                   f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
 
 
-def many_leaves(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5) -> None:
-    """The optimizer's update in one launch for all leaves (``backends/_fused.py``'s
-    ``sgd_many``/``adam_many``) against a launch per leaf: the update of the MLP's 10 leaves
-    alone (host µs to launch it, and µs per update with the device's work), then eager `Sync`
-    steps with each and PyTorch eager's step, interleaved in one process (medians of
-    ``repeats``)."""
+def launch_cuts(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5) -> None:
+    """Two cuts in an eager step's launches against the code before them: the optimizer's
+    update in one launch for all leaves (``backends/_fused.py``'s ``sgd_many``/``adam_many``)
+    against a launch per leaf, and the ReLU's gradient in one kernel (``_fused_nn.relu_grad``)
+    against its array code. First the update of the MLP's 10 leaves alone (host µs to launch
+    it, and µs per update with the device's work), then eager `Sync` steps with both cuts on
+    and off and PyTorch eager's step, interleaved in one process (medians of ``repeats``)."""
     import time
 
-    from asyncnn.backends import _fused
+    from asyncnn.backends import _fused, _fused_nn
 
-    together = _fused._apply_many
+    together, fused_relu = _fused._apply_many, _fused_nn.relu_grad
 
     def apart(*args: Any) -> None:
         return None
+
+    def array_relu_grad(g: Any, out: Any) -> Any:
+        mask = out > 0
+        return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
+
+    def cuts(on: bool) -> None:
+        _fused._apply_many = together if on else apart
+        _fused_nn.relu_grad = fused_relu if on else array_relu_grad
 
     def update_us(opt: Any, p: Any, n: int = 100) -> tuple[float, float]:
         s = opt.init(p)
@@ -122,31 +132,31 @@ def many_leaves(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5)
         for opt in (optim.SGD(lr=1e-3), optim.Adam(lr=1e-3)):
             runs: dict[str, list[tuple[float, float]]] = {"one launch": [], "per leaf": []}
             for _ in range(repeats):
-                for label, fn in (("one launch", together), ("per leaf", apart)):
-                    _fused._apply_many = fn
+                for label, on in (("one launch", True), ("per leaf", False)):
+                    cuts(on)
                     runs[label].append(update_us(opt, params))
-            _fused._apply_many = together
+            cuts(True)
             line = "; ".join(
                 f"{k}: host {np.median([r[0] for r in v]):.0f} us, with the device "
                 f"{np.median([r[1] for r in v]):.0f} us"
                 for k, v in runs.items()
             )
             print(f"{type(opt).__name__} update of 10 {dtype} leaves: {line}")
-        steps_ms: dict[str, list[float]] = {"one launch": [], "per leaf": [], "torch": []}
+        steps_ms: dict[str, list[float]] = {"cuts on": [], "cuts off": [], "torch": []}
         for _ in range(repeats):
-            for label, fn in (("one launch", together), ("per leaf", apart)):
-                _fused._apply_many = fn
+            for label, on in (("cuts on", True), ("cuts off", False)):
+                cuts(on)
                 steps_ms[label].append(bench_gpu.steady_step(batch, dtype, steps, False) * 1e3)
             steps_ms["torch"].append(bench_gpu.torch_step(batch, dtype, steps) * 1e3)
-        _fused._apply_many = together
+        cuts(True)
         med = {k: float(np.median(v)) for k, v in steps_ms.items()}
         print(
-            f"eager Sync {dtype} batch {batch}, ms per step: one launch {med['one launch']:.2f}, "
-            f"per leaf {med['per leaf']:.2f}, torch {med['torch']:.2f}; eager/torch "
-            f"{med['one launch'] / med['torch']:.2f} (per leaf "
-            f"{med['per leaf'] / med['torch']:.2f})  ["
+            f"eager Sync {dtype} batch {batch}, ms per step: cuts on {med['cuts on']:.2f}, "
+            f"off {med['cuts off']:.2f}, torch {med['torch']:.2f}; eager/torch "
+            f"{med['cuts on'] / med['torch']:.2f} (off: {med['cuts off'] / med['torch']:.2f})  ["
             + "; ".join(f"{k}: {' '.join(f'{v:.2f}' for v in vs)}" for k, vs in steps_ms.items())
-            + "]"
+            + "]",
+            flush=True,
         )
 
 
@@ -290,11 +300,11 @@ if __name__ == "__main__":
     ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
-    ap.add_argument("--many-leaves", default="", help="dtype:batch,... the update in one "
-                    "launch against a launch per leaf, and eager steps with each")  # fmt: skip
+    ap.add_argument("--launch-cuts", default="", help="dtype:batch,... the update in one "
+                    "launch and the fused ReLU gradient, on and off")  # fmt: skip
     args = ap.parse_args()
-    if args.many_leaves:
-        many_leaves([(c.split(":")[0], int(c.split(":")[1])) for c in args.many_leaves.split(",")])
+    if args.launch_cuts:
+        launch_cuts([(c.split(":")[0], int(c.split(":")[1])) for c in args.launch_cuts.split(",")])
     elif args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)
