@@ -1,5 +1,6 @@
-"""Fused softmax cross-entropy on cupy: two kernels a step instead of about eighteen; and the
-ReLU's gradient in one kernel instead of two or three.
+"""Fused softmax cross-entropy on cupy: two kernels a step instead of about eighteen; the
+ReLU's gradient in one kernel instead of two or three; a 16-bit float's sum over axes in one
+kernel (accumulated in float32, rounded on the store) instead of a sum and a cast.
 
 An eager step on a GPU is bound by launching kernels from Python (each launch costs tens of
 microseconds of host time on the lent machines), and the cross-entropy written with array
@@ -17,7 +18,8 @@ loss (the op's own label check still makes the whole loss NaN).
 One thread per row: meant for classification heads. Rows longer than :data:`MAX_CLASSES` take the
 array code.
 
-Imported only from the math's cross-entropy rule, through the backend, on cupy arrays.
+Imported only from the math's rules (cross-entropy, ReLU) and 16-bit sums, through the backend,
+on cupy arrays.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from typing import Any
 import cupy
 import numpy as np
 
-__all__ = ["MAX_CLASSES", "cross_entropy_grad", "cross_entropy_rows", "fits", "relu_grad"]
+__all__ = [
+    "MAX_CLASSES",
+    "cross_entropy_grad",
+    "cross_entropy_rows",
+    "fits",
+    "half_sum",
+    "relu_grad",
+]
 
 #: the longest row (number of classes) the fused kernels take; one thread walks a row three times
 MAX_CLASSES = 1024
@@ -92,6 +101,19 @@ def relu_grad(g: Any, out: Any) -> Any:
     """The gradient of ``relu`` at its output ``out`` (``g`` where ``out > 0``, else ``0 * g``),
     in one kernel; ``g`` and ``out`` of one shape and dtype."""
     return _relu_gradient("double" if g.dtype == np.float64 else "float")(g, out)
+
+
+@functools.cache
+def _half_sum() -> Any:
+    return cupy.ReductionKernel(
+        "T x", "T y", "(float)x", "a + b", "y = (T)a", "0", "asyncnn_half_sum",
+        reduce_type="float",
+    )  # fmt: skip
+
+
+def half_sum(x: Any, axis: Any, keepdims: bool) -> Any:
+    """``x.sum(axis, dtype=float32).astype(x.dtype)`` for a 16-bit ``x``, in one kernel."""
+    return _half_sum()(x, axis=axis, keepdims=keepdims)
 
 
 def fits(rows: Any, labels: Any) -> bool:

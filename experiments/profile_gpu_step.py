@@ -13,8 +13,8 @@ union), and the share of the span from the first piece to the last that the card
 ``--own-timeline`` traces the same rows with asyncnn's own trace (its "device" events: each
 actor's work on the card's clock), prints the trace's cost per step and the overlap that
 ``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor). ``--launch-cuts`` times the optimizer's
-update in one launch for all leaves against a launch per leaf, alone, and eager steps with that
-and the fused ReLU gradient on and off.
+update in one launch for all leaves against a launch per leaf, alone, and eager steps with that,
+the fused ReLU gradient and the one-kernel 16-bit sums on and off.
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
@@ -93,17 +93,18 @@ def matmul_by_rows(dtype: str) -> None:
 
 
 def launch_cuts(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5) -> None:
-    """Two cuts in an eager step's launches against the code before them: the optimizer's
+    """Three cuts in an eager step's launches against the code before them: the optimizer's
     update in one launch for all leaves (``backends/_fused.py``'s ``sgd_many``/``adam_many``)
-    against a launch per leaf, and the ReLU's gradient in one kernel (``_fused_nn.relu_grad``)
-    against its array code. First the update of the MLP's 10 leaves alone (host µs to launch
+    against a launch per leaf, the ReLU's gradient in one kernel (``_fused_nn.relu_grad``)
+    against its array code, and a 16-bit bias gradient's sum in one kernel
+    (``_fused_nn.half_sum``) against a sum and a cast. First the update of the MLP's 10 leaves alone (host µs to launch
     it, and µs per update with the device's work), then eager `Sync` steps with both cuts on
     and off and PyTorch eager's step, interleaved in one process (medians of ``repeats``)."""
     import time
 
     from asyncnn.backends import _fused, _fused_nn
 
-    together, fused_relu = _fused._apply_many, _fused_nn.relu_grad
+    together, fused_relu, fused_sum = _fused._apply_many, _fused_nn.relu_grad, _fused_nn.half_sum
 
     def apart(*args: Any) -> None:
         return None
@@ -112,9 +113,13 @@ def launch_cuts(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5)
         mask = out > 0
         return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
 
+    def sum_and_cast(x: Any, axis: Any, keepdims: bool) -> Any:
+        return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
+
     def cuts(on: bool) -> None:
         _fused._apply_many = together if on else apart
         _fused_nn.relu_grad = fused_relu if on else array_relu_grad
+        _fused_nn.half_sum = fused_sum if on else sum_and_cast
 
     def update_us(opt: Any, p: Any, n: int = 100) -> tuple[float, float]:
         s = opt.init(p)
@@ -301,7 +306,7 @@ if __name__ == "__main__":
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
     ap.add_argument("--launch-cuts", default="", help="dtype:batch,... the update in one "
-                    "launch and the fused ReLU gradient, on and off")  # fmt: skip
+                    "launch, the fused ReLU gradient and 16-bit sums, on and off")  # fmt: skip
     args = ap.parse_args()
     if args.launch_cuts:
         launch_cuts([(c.split(":")[0], int(c.split(":")[1])) for c in args.launch_cuts.split(",")])

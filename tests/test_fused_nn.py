@@ -1,7 +1,8 @@
 """The fused cross-entropy kernels on the GPU (``backends/_fused_nn.py``) against the array code
 they replace, which the same op runs with the fused kernels turned off: every reduction, 2-D and
 spatial logits, every float dtype, views, labels outside the classes, rows too long for them;
-and the fused ReLU gradient against its array code. Skips without cupy and a GPU (run it with ``bash experiments/device_tests.sh``)."""
+and the fused ReLU gradient and 16-bit sums against their array code. Skips without cupy and a
+GPU (run it with ``bash experiments/device_tests.sh``)."""
 
 from __future__ import annotations
 
@@ -140,3 +141,32 @@ def test_fused_relu_gradient_equals_the_array_code_bit_for_bit(
     assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all()) and int(nan.sum()) >= 1
     # every other value to the bit, the signs of zeros included (NaN payloads may differ)
     assert bool(((got.view(bits) == want.view(bits)) | nan).all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("shape", "axis", "keepdims"),
+    [((64, 4096), (0,), False), ((37, 65), 0, True), ((3, 5, 129), (0, 1), False),
+     ((3, 5, 129), 2, False)],
+)  # fmt: skip
+def test_16_bit_sums_in_one_kernel_equal_a_sum_and_a_cast(
+    dtype: str, shape: tuple[int, ...], axis: Any, keepdims: bool, monkeypatch: Any
+) -> None:
+    import cupy
+
+    from asyncnn.backends import acc_sum
+    from backends._cupy import CupyBackend
+
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = cupy.asarray(np.random.default_rng(6).standard_normal(shape), dtype=cupy.float32)
+    x = x.astype(dt)
+    got = acc_sum(x, axis, keepdims)
+    with monkeypatch.context() as m:
+        m.setattr(CupyBackend, "fused_nn_kernels", lambda self: None)
+        want = acc_sum(x, axis, keepdims)
+    assert got.dtype == want.dtype == dt and got.shape == want.shape
+    np.testing.assert_array_equal(cupy.asnumpy(got.view(cupy.uint16)),
+                                  cupy.asnumpy(want.view(cupy.uint16)))  # fmt: skip
+    # and it is the float32 sum, rounded once
+    ref = cupy.asnumpy(x.astype(cupy.float32)).astype(np.float64).sum(axis=axis, keepdims=keepdims)
+    np.testing.assert_allclose(cupy.asnumpy(got.astype(cupy.float32)), ref, rtol=1e-2, atol=1e-2)
