@@ -181,14 +181,16 @@ class Backend(abc.ABC):
 
     def fused_kernels(self) -> Any:
         """The module of this backend's fused optimizer kernels (``sgd_leaf``, ``adam_leaf``:
-        one kernel per parameter, the same arithmetic as the plain update), or None where the
-        plain array code is already the fast path (numpy)."""
+        one kernel per parameter; ``sgd_many``, ``adam_many``: one launch for many; the same
+        arithmetic as the plain update), or None where the plain array code is already the
+        fast path (numpy)."""
         return None
 
     def fused_nn_kernels(self) -> Any:
         """The module of this backend's fused network kernels (``cross_entropy_rows``,
-        ``cross_entropy_grad``: two kernels instead of about eighteen array operations), or
-        None where the array code is already the fast path (numpy)."""
+        ``cross_entropy_grad``: two kernels instead of about eighteen array operations;
+        ``relu_grad``; ``half_sum``), or None where the array code is already the fast path
+        (numpy)."""
         return None
 
     def memory_pool(self) -> tuple[int, int]:

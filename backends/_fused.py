@@ -1,4 +1,5 @@
-"""Fused optimizer updates on cupy: one kernel per parameter leaf instead of 2 to 8 passes.
+"""Fused optimizer updates on cupy: one kernel for a parameter leaf instead of 2 to 8 passes,
+and one launch for up to :data:`MAX_LEAVES` leaves.
 
 Each kernel reads the parameter, its gradient and its state buffers once and writes fresh
 arrays (the optimizers stay functional: nothing is written in place), except inside
