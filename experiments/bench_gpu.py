@@ -155,10 +155,12 @@ def torch_step(
 def steady_step(
     batch: int, dtype: str, steps: int, cuda_graphs: bool, prof: Any = None,
     policy: Any = None, stages: int = 1, trace: str | None = None,
+    times: dict[str, float] | None = None,
 ) -> float:  # fmt: skip
     """Seconds per step in steady state (`Sync` on one stage unless ``policy`` and ``stages``
     say otherwise): one run, 10 warm-up steps (capture included), then ``steps`` timed ones
-    (batches sliced from data on the GPU, as the torch loop does); ``trace``: record one."""
+    (batches sliced from data on the GPU, as the torch loop does); ``trace``: record one;
+    ``times``: gets this process's CPU seconds per timed step too (``"cpu"``)."""
     import anyio
     import cupy as cp
 
@@ -181,17 +183,20 @@ def steady_step(
             cp.cuda.Device().synchronize()
             if prof is not None:
                 prof.enable()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for i in range(10, steps + 10):
                 await run.step({"x": x[i * batch : (i + 1) * batch],
                                 "y": y[i * batch : (i + 1) * batch]})  # fmt: skip
             await run.drain()
             cp.cuda.Device().synchronize()
             out["t"] = (time.perf_counter() - start) / steps
+            out["cpu"] = (time.process_time() - cpu) / steps
             if prof is not None:
                 prof.disable()
 
     anyio.run(main)
+    if times is not None:
+        times["cpu"] = out["cpu"]
     return out["t"]
 
 

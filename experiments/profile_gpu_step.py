@@ -12,14 +12,11 @@ union), and the share of the span from the first piece to the last that the card
 ``--matmul-rows`` the card's rate for one layer's products at the row counts microbatches give.
 ``--own-timeline`` traces the same rows with asyncnn's own trace (its "device" events: each
 actor's work on the card's clock), prints the trace's cost per step and the overlap that
-``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor). ``--launch-cuts`` times the optimizer's
-update in one launch for all leaves against a launch per leaf, alone, and eager steps with that,
-the fused ReLU gradient and the one-kernel 16-bit sums on and off.
+``asyncnn trace summary`` reads from it, and writes the Chrome export (a device row per actor).
 
 Run on a CUDA machine: python experiments/profile_gpu_step.py [--kernels float32:1024,...]
 [--timeline bfloat16:64 --rows 0,9 --out runs/] [--matmul-rows float32,bfloat16]
 [--host-profile bfloat16:64 --rows 1,2,9] [--own-timeline bfloat16:64 --rows 0,9,10]
-[--launch-cuts bfloat16:1024,float32:64]
 """
 
 from __future__ import annotations
@@ -90,79 +87,6 @@ def matmul_by_rows(dtype: str) -> None:
             ms = timeit(f, 50)
             print(f"{dtype} rows {rows:5d} {name:6s} {ms * 1e3:8.1f} us "
                   f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")  # fmt: skip
-
-
-def launch_cuts(cases: list[tuple[str, int]], steps: int = 30, repeats: int = 5) -> None:
-    """Three cuts in an eager step's launches against the code before them: the optimizer's
-    update in one launch for all leaves (``backends/_fused.py``'s ``sgd_many``/``adam_many``)
-    against a launch per leaf, the ReLU's gradient in one kernel (``_fused_nn.relu_grad``)
-    against its array code, and a 16-bit bias gradient's sum in one kernel
-    (``_fused_nn.half_sum``) against a sum and a cast. First the update of the MLP's 10 leaves alone (host µs to launch
-    it, and µs per update with the device's work), then eager `Sync` steps with both cuts on
-    and off and PyTorch eager's step, interleaved in one process (medians of ``repeats``)."""
-    import time
-
-    from asyncnn.backends import _fused, _fused_nn
-
-    together, fused_relu, fused_sum = _fused._apply_many, _fused_nn.relu_grad, _fused_nn.half_sum
-
-    def apart(*args: Any) -> None:
-        return None
-
-    def array_relu_grad(g: Any, out: Any) -> Any:
-        mask = out > 0
-        return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
-
-    def sum_and_cast(x: Any, axis: Any, keepdims: bool) -> Any:
-        return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
-
-    def cuts(on: bool) -> None:
-        _fused._apply_many = together if on else apart
-        _fused_nn.relu_grad = fused_relu if on else array_relu_grad
-        _fused_nn.half_sum = fused_sum if on else sum_and_cast
-
-    def update_us(opt: Any, p: Any, n: int = 100) -> tuple[float, float]:
-        s = opt.init(p)
-        opt.update(p, p, s)
-        cp.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            opt.update(p, p, s)
-        t1 = time.perf_counter()
-        cp.cuda.Device().synchronize()
-        return (t1 - t0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
-
-    for dtype, batch in cases:
-        params = nn.Sequential(*bench_gpu.mlp()).init(0, backend="cuda:0", dtype=dtype)
-        for opt in (optim.SGD(lr=1e-3), optim.Adam(lr=1e-3)):
-            runs: dict[str, list[tuple[float, float]]] = {"one launch": [], "per leaf": []}
-            for _ in range(repeats):
-                for label, on in (("one launch", True), ("per leaf", False)):
-                    cuts(on)
-                    runs[label].append(update_us(opt, params))
-            cuts(True)
-            line = "; ".join(
-                f"{k}: host {np.median([r[0] for r in v]):.0f} us, with the device "
-                f"{np.median([r[1] for r in v]):.0f} us"
-                for k, v in runs.items()
-            )
-            print(f"{type(opt).__name__} update of 10 {dtype} leaves: {line}")
-        steps_ms: dict[str, list[float]] = {"cuts on": [], "cuts off": [], "torch": []}
-        for _ in range(repeats):
-            for label, on in (("cuts on", True), ("cuts off", False)):
-                cuts(on)
-                steps_ms[label].append(bench_gpu.steady_step(batch, dtype, steps, False) * 1e3)
-            steps_ms["torch"].append(bench_gpu.torch_step(batch, dtype, steps) * 1e3)
-        cuts(True)
-        med = {k: float(np.median(v)) for k, v in steps_ms.items()}
-        print(
-            f"eager Sync {dtype} batch {batch}, ms per step: cuts on {med['cuts on']:.2f}, "
-            f"off {med['cuts off']:.2f}, torch {med['torch']:.2f}; eager/torch "
-            f"{med['cuts on'] / med['torch']:.2f} (off: {med['cuts off'] / med['torch']:.2f})  ["
-            + "; ".join(f"{k}: {' '.join(f'{v:.2f}' for v in vs)}" for k, vs in steps_ms.items())
-            + "]",
-            flush=True,
-        )
 
 
 class Window:
@@ -305,12 +229,8 @@ if __name__ == "__main__":
     ap.add_argument("--host-profile", default="", help="dtype:batch of section 3 rows to profile")
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
-    ap.add_argument("--launch-cuts", default="", help="dtype:batch,... the update in one "
-                    "launch, the fused ReLU gradient and 16-bit sums, on and off")  # fmt: skip
     args = ap.parse_args()
-    if args.launch_cuts:
-        launch_cuts([(c.split(":")[0], int(c.split(":")[1])) for c in args.launch_cuts.split(",")])
-    elif args.matmul_rows:
+    if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)
     elif args.host_profile:

@@ -16,8 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"asyncnn._errors", "asyncnn._version"}
-# Benchmarks of private machinery that has no public face: the wire protocol between workers.
-PRIVATE_BENCHMARKS = {"bench_transport.py"}
+# Benchmarks of private machinery that has no public face: the wire protocol between workers;
+# GPU kernels switched on and off against the code they replaced.
+PRIVATE_BENCHMARKS = {"bench_transport.py", "bench_launch_cuts.py"}
 
 
 def module_name(path: Path) -> str:
