@@ -206,6 +206,40 @@ def _elementwise(rule: _Update, ctype: str) -> Any:
     return cupy.ElementwiseKernel(ins, outs, body, f"{rule.name}_{ctype}", preamble=pre)
 
 
+def _lanes(rule: _Update, load: str, store: str) -> str:
+    """The rule on one value: its inputs loaded (``load``, a format of the array's name ``n``),
+    its outputs stored (``store``)."""
+    ins = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
+    outs = " ".join(f"T {n};" for n in rule.outs)
+    back = " ".join(store.format(n=n) for n in rule.outs)
+    return f"{{ {ins} {outs}\n{rule.body}\n{back} }}"
+
+
+def _values_at_i(rule: _Update, vec: int) -> str:
+    """A kernel loop's body for the ``vec`` values from ``i`` of arrays ``{name}_a`` of ``n``
+    values: one 16-byte load and store of each array for 8 16-bit values (the tail one value
+    at a time), or the one value at ``i``."""
+    if vec == 1:
+        return _lanes(rule, "{n}_a[i]", "{n}_a[i] = {n};")
+    vec_in = " ".join(
+        f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
+        f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
+        for n in rule.ins
+    )
+    vec_out = " ".join(f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs)
+    vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
+    return f"""if (i + {vec} <= n) {{
+      {vec_in} {vec_out}
+      #pragma unroll
+      for (int l = 0; l < {vec}; ++l)
+        {_lanes(rule, "{n}_l[l]", "{n}_l[l] = {n};")}
+      {vec_store}
+    }} else {{
+      for (long long k = i; k < n; ++k)
+        {_lanes(rule, "{n}_a[k]", "{n}_a[k] = {n};")}
+    }}"""
+
+
 @functools.cache
 def _vectorised(rule: _Update, dtype_name: str) -> Any:
     """The rule for a 16-bit dtype, eight values per thread and load; None where it won't build."""
@@ -214,20 +248,6 @@ def _vectorised(rule: _Update, dtype_name: str) -> Any:
     arrays += [f"T* {n}_a" for n in rule.outs]  # may alias an input (in place)
     arrays += ["const double* dsc"] if rule.device else []
     params = ", ".join(arrays + [f"double {s}" for s in rule.scalars] + ["long long n"])
-
-    def lanes(load: str, store: str) -> str:
-        decl = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
-        outs = " ".join(f"T {n};" for n in rule.outs)
-        back = " ".join(store.format(n=n) for n in rule.outs)
-        return f"{{ {decl} {outs}\n{rule.body}\n{back} }}"
-
-    vec_in = " ".join(
-        f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
-        f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
-        for n in rule.ins
-    )
-    vec_out = " ".join(f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs)
-    vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
     source = f"""#include <{header}>
 typedef {ctype} T;
 typedef float C;
@@ -237,16 +257,7 @@ extern "C" __global__ void {rule.name}_{dtype_name}_x8({params}) {{
   long long stride = (long long)gridDim.x * blockDim.x * {_VEC};
   for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * {_VEC}; i < n;
        i += stride) {{
-    if (i + {_VEC} <= n) {{
-      {vec_in} {vec_out}
-      #pragma unroll
-      for (int j = 0; j < {_VEC}; ++j)
-        {lanes("{n}_l[j]", "{n}_l[j] = {n};")}
-      {vec_store}
-    }} else {{
-      for (long long k = i; k < n; ++k)
-        {lanes("{n}_a[k]", "{n}_a[k] = {n};")}
-    }}
+    {_values_at_i(rule, _VEC)}
   }}
 }}
 """
@@ -436,36 +447,6 @@ def _multi(rule: _Update, dtype_name: str, count: int, vec: int) -> Any:
     )
     decl = " ".join(f"const T* {n}_a;" for n in rule.ins) + " "
     decl += " ".join(f"T* {n}_a;" for n in rule.outs)
-
-    def lanes(load: str, store: str) -> str:
-        ins = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
-        outs = " ".join(f"T {n};" for n in rule.outs)
-        back = " ".join(store.format(n=n) for n in rule.outs)
-        return f"{{ {ins} {outs}\n{rule.body}\n{back} }}"
-
-    scalar = lanes("{n}_a[i]", "{n}_a[i] = {n};")
-    if vec == 1:
-        loop = scalar
-    else:
-        vec_in = " ".join(
-            f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
-            f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
-            for n in rule.ins
-        )
-        vec_out = " ".join(
-            f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs
-        )
-        vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
-        loop = f"""if (i + {vec} <= n) {{
-      {vec_in} {vec_out}
-      #pragma unroll
-      for (int l = 0; l < {vec}; ++l)
-        {lanes("{n}_l[l]", "{n}_l[l] = {n};")}
-      {vec_store}
-    }} else {{
-      for (long long k = i; k < n; ++k)
-        {lanes("{n}_a[k]", "{n}_a[k] = {n};")}
-    }}"""
     name = f"{rule.name}_{dtype_name}_many{count}_x{vec}"
     source = f"""{head}
 typedef {ctype} T;
@@ -482,7 +463,7 @@ extern "C" __global__ void {name}({", ".join(params)}) {{
   long long stride = (long long)(next - first) * blockDim.x * {vec};
   for (long long i = ((long long)(blk - first) * blockDim.x + threadIdx.x) * {vec}; i < n;
        i += stride) {{
-    {loop}
+    {_values_at_i(rule, vec)}
   }}
 }}
 """
