@@ -12,8 +12,8 @@ The arithmetic is the eager update's, operation for operation, with rounding aft
 float32 and float64 results equal the eager ones bit for bit. 16-bit floats (float16, bfloat16)
 compute in float32 and round once on the store; their kernels move eight values per 16-byte
 load and store (an elementwise kernel moving one 2-byte value at a time reaches about half the
-memory bandwidth), with the elementwise kernel as the fallback for unaligned views or where the
-CUDA headers are missing.
+memory bandwidth), one value at a time for unaligned views, and the elementwise kernel as the
+fallback where the CUDA headers are missing.
 
 Inside :func:`scalars_on_device`, Adam's step-dependent scalars (the bias corrections, and
 AdamW's decay, which follows the learning rate) are read from a small array on the device
@@ -482,13 +482,19 @@ def _apply_many(
     """Runs ``rule`` over every leaf (its inputs in ``rule.ins`` order, and its outputs to
     write, empty for fresh ones) in one launch per :data:`MAX_LEAVES` leaves: the outputs as
     ``(firsts, [seconds, ...])``. None, launching nothing, unless every array is a contiguous
-    cupy array of one float dtype on one GPU (the per-leaf kernels serve the rest)."""
+    cupy array of one float dtype on the current GPU, no array is written twice, and the
+    kernels build (the per-leaf kernels serve the rest; none for no leaves)."""
     if not leaves:
         return None
     first = leaves[0][0][0]
     dtype, device = first.dtype, first.device.id
     name = str(dtype)
     if name not in _HALF and dtype not in (cupy.float32, cupy.float64):
+        return None
+    if device != cupy.cuda.runtime.getDevice():  # (the launch goes to the current one)
+        return None
+    written = [id(o) for _, outs in leaves for o in outs]
+    if len(set(written)) != len(written):  # in place, one array twice: blocks would race
         return None
     aligned = True
     for arrays, outs in leaves:

@@ -84,11 +84,16 @@ def test_fused_updates_equal_numpy_bit_for_bit(opt, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("opt", _opt_cases(), ids=repr)
-def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(opt, dtype, monkeypatch):
+@pytest.mark.parametrize("launch", ["for all leaves", "per leaf"])
+def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(
+    opt, dtype, launch, monkeypatch
+):
     import cupy
 
     from asyncnn.backends import _fused
 
+    if launch == "per leaf":  # the one-leaf kernels, which serve what one launch cannot
+        monkeypatch.setattr(_fused, "_apply_many", lambda *a: None)
     be = get_backend("cuda:0")
     dt = be.dtype(dtype)
     rng = np.random.default_rng(2)
@@ -108,7 +113,7 @@ def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(opt, dtype,
         assert p1[k].dtype == dt
         np.testing.assert_array_equal(cupy.asnumpy(p1[k].view(np.uint16)),
                                       cupy.asnumpy(q1[k].view(np.uint16)))  # fmt: skip
-    # unaligned views take the elementwise kernel and agree too
+    # unaligned views (one value at a time, or per leaf the elementwise kernel) agree too
     pv = {"w": p["w"][1:], "b": p["b"][1:]}
     gv = {"w": g["w"][1:], "b": g["b"][1:]}
     r1, _ = opt.update(pv, gv, opt.init(pv))
@@ -124,12 +129,18 @@ def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(opt, dtype,
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("opt", [o for o in _opt_cases() if isinstance(o, optim.Adam)], ids=repr)
-def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(opt, dtype):
+@pytest.mark.parametrize("launch", ["for all leaves", "per leaf"])
+def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(
+    opt, dtype, launch, monkeypatch
+):
     # what a captured Adam update runs: the bias corrections read from a device array, written
     # before each step; bit for bit the kernel that takes them as arguments
     import cupy
 
     from asyncnn.backends import _fused
+
+    if launch == "per leaf":
+        monkeypatch.setattr(_fused, "_apply_many", lambda *a: None)
 
     dt = get_backend("cuda:0").dtype(dtype)
     rng = np.random.default_rng(3)
@@ -155,7 +166,8 @@ def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(opt, d
 
 
 # 30 leaves: two launches (MAX_LEAVES is 24); empty, tiny, odd and 2-D leaves; sizes that end
-# mid-vector and leaves long enough to stride (more values than their blocks' threads)
+# mid-vector; with two blocks a leaf, leaves long enough to stride (more values than the
+# threads of their blocks take at once: 4,096 16-bit values, or 512 one at a time)
 _MANY_SHAPES = [(0,), (1,), (7,), (8 * 37 + 5,), (33, 31), (4096 * 3 + 1,), (8,), (16, 16)] * 3
 _MANY_SHAPES += [(5,), (64, 129), (3,), (1025,), (2, 8), (9,)]
 
@@ -177,7 +189,8 @@ def _many_leaves(dtype: str, seed: int, offset: int = 0) -> list:
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("opt", _opt_cases(), ids=repr)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "views one value in"])
-def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset, monkeypatch):
+@pytest.mark.parametrize("cap", [None, 2], ids=["blocks as needed", "two blocks a leaf"])
+def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset, cap, monkeypatch):
     import cupy
 
     from asyncnn.backends import _fused
@@ -196,6 +209,8 @@ def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset,
     def run(one_by_one: bool) -> list:
         with monkeypatch.context() as m:
             m.setattr(_fused, "_apply_many", (lambda *a: None) if one_by_one else spy)
+            if cap is not None:
+                m.setattr(_fused, "_MAX_LEAF_BLOCKS", cap)
             params, state = p, opt.init(p)
             for g in steps:
                 params, state = opt.update(params, g, state)
@@ -211,9 +226,18 @@ def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset,
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("opt", [_opt_cases()[2], _opt_cases()[6]], ids=repr)
-def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(opt, dtype, monkeypatch):
-    # a captured update writes over its parameters and buffers; both paths must, identically
+@pytest.mark.parametrize(
+    ("opt", "on_device"),
+    [(_opt_cases()[2], False), (_opt_cases()[6], False), (_opt_cases()[6], True)],
+    ids=["SGD momentum", "Adam amsgrad", "Adam amsgrad, scalars on the device"],
+)
+@pytest.mark.parametrize("step", [0, 1])
+def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(
+    opt, on_device, step, dtype, monkeypatch
+):
+    # a captured update writes over its parameters and buffers (Adam's step scalars read from
+    # the device); both paths must, identically, at the first step (momentum's buffer written,
+    # not read) and later
     import cupy
 
     from asyncnn.backends import _fused
@@ -221,16 +245,28 @@ def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(opt, dtype, 
     def run(one_by_one: bool) -> list:
         p = _many_leaves(dtype, 6)
         state = opt.init(p)
-        state["step"] = 1  # momentum reads its buffer
+        state["step"] = step
+        buffers = [leaf for name in opt.buffer_names() for leaf in state[name]]
+        # buffers that are not zeros, nor negative (Adam's second moments)
+        for i, b in enumerate(buffers):
+            leaf = _many_leaves(dtype, 8 + i // len(p))[i % len(p)]
+            b[...] = leaf * leaf
+        scalars = cupy.zeros(3, dtype=cupy.float64)
+        if on_device:
+            _fused.set_scalars(
+                scalars,
+                _fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
+                                         opt.weight_decay, False),
+            )  # fmt: skip
         with monkeypatch.context() as m:
             if one_by_one:
                 m.setattr(_fused, "_apply_many", lambda *a: None)
-            with _fused.in_place():
+            with _fused.in_place(), _fused.scalars_on_device(scalars if on_device else None):
                 new_p, new_s = opt.update(p, _many_leaves(dtype, 7), state)
         assert all(a is b for a, b in zip(new_p, p, strict=True))
         for name in opt.buffer_names():
             assert all(a is b for a, b in zip(new_s[name], state[name], strict=True))
-        return [cupy.asnumpy(x).view(np.uint8) for x in p]
+        return [cupy.asnumpy(x).view(np.uint8) for x in p + buffers]
 
     for a, b in zip(run(False), run(True), strict=True):
         np.testing.assert_array_equal(a, b)

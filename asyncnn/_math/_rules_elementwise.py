@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_sum, backend_of, elementwise
+from asyncnn.backends import acc_sum, backend_of, elementwise, is_floating
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -172,7 +172,12 @@ def _relu_grad(g: Any, out: Any) -> Any:
 
 
 def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    if type(g) is not np.ndarray and g.dtype == out.dtype and g.shape == out.shape:
+    if (
+        type(g) is not np.ndarray
+        and g.dtype == out.dtype
+        and g.shape == out.shape
+        and is_floating(g.dtype)
+    ):
         fused = backend_of(g).fused_nn_kernels()
         if fused is not None:  # one kernel on a GPU, where each launch costs host time
             return (fused.relu_grad(g, out),)
