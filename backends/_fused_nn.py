@@ -114,8 +114,8 @@ def _half_sum() -> Any:
 def half_sum(x: Any, axis: Any, keepdims: bool) -> Any:
     """``x.sum(axis, dtype=float32).astype(x.dtype)`` for a 16-bit ``x``, in one kernel: the
     sum accumulated in float32 and rounded once. It adds in the order of cupy's own reduction
-    kernels, so it equals the sum and the cast bit for bit where cupy's ``sum`` takes those
-    (not CUB's; on the H100 and H200, with cupy's defaults, it did)."""
+    kernels, so it equals the sum and the cast where cupy's ``sum`` takes those, and may be
+    one rounding apart where cupy's sum adds in another order (CUB's)."""
     return _half_sum()(x, axis=axis, keepdims=keepdims)
 
 
