@@ -178,3 +178,27 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
         assert layer("asyncnn._runtime._run") not in ALLOWED["math"]
     finally:
         bad.unlink()
+
+
+def _folder_imports(path: Path) -> list[tuple[int, str]]:
+    """Imports of ``backends`` by its folder's name in ``path``."""
+    return [(n, m) for n, m in imports(path) if m == "backends" or m.startswith("backends.")]
+
+
+def test_tests_and_experiments_import_the_backends_only_as_asyncnn_backends() -> None:
+    # the folder backends/ is the package asyncnn.backends; imported as "backends" (the
+    # repository's root is on the path in tests) it is a second copy of every module, one the
+    # runtime never calls: a test that patches it changes nothing (test_fused_nn.py did, and
+    # compared the fused kernels with themselves, until 2026-12-05)
+    files = sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "experiments").glob("*.py"))
+    bad = {str(p.relative_to(ROOT)): found for p in files if (found := _folder_imports(p))}
+    assert not bad, f"import asyncnn.backends (or from asyncnn.backends ...) instead: {bad}"
+
+
+def test_the_folder_import_check_sees_one() -> None:
+    probe = ROOT / "tests" / "_layering_probe_folder.py"
+    probe.write_text("def f():\n    from backends._cupy import CupyBackend\n")
+    try:
+        assert _folder_imports(probe) == [(2, "backends._cupy")]
+    finally:
+        probe.unlink()
