@@ -248,9 +248,9 @@ def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(
         state["step"] = step
         buffers = [leaf for name in opt.buffer_names() for leaf in state[name]]
         # buffers that are not zeros, nor negative (Adam's second moments)
-        for i, b in enumerate(buffers):
-            leaf = _many_leaves(dtype, 8 + i // len(p))[i % len(p)]
-            b[...] = leaf * leaf
+        values = [v for k in range(len(opt.buffer_names())) for v in _many_leaves(dtype, 8 + k)]
+        for b, v in zip(buffers, values, strict=True):
+            b[...] = v * v
         scalars = cupy.zeros(3, dtype=cupy.float64)
         if on_device:
             _fused.set_scalars(
