@@ -313,6 +313,12 @@ def _apply(
     return result if isinstance(result, tuple) else (result,)
 
 
+def _in_place_outs(outs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arrays an update writes over (its inputs, inside :func:`in_place`, where every one
+    is given), else () for fresh outputs."""
+    return outs if _in_place() and all(a is not None for a in outs) else ()
+
+
 def _sgd_setup(
     step: int, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
 ) -> tuple[_Update, int, tuple[float, ...]]:
@@ -325,10 +331,7 @@ def _sgd_setup(
 def _sgd_arrays(p: Any, g: Any, buf: Any, mode: int) -> tuple[list[Any], tuple[Any, ...]]:
     """A leaf's inputs to the SGD rule, and its outputs in place (empty: fresh ones)."""
     arrays = [p, g] if mode != 2 else [p, g, buf]
-    outs: tuple[Any, ...] = (p,) if mode == 0 else (p, buf)
-    if not _in_place() or any(a is None for a in outs):
-        outs = ()
-    return arrays, outs
+    return arrays, _in_place_outs((p,) if mode == 0 else (p, buf))
 
 
 def sgd_leaf(
@@ -378,10 +381,7 @@ def _adam_arrays(
 ) -> tuple[list[Any], tuple[Any, ...]]:
     """A leaf's inputs to the Adam rule, and its outputs in place (empty: fresh ones)."""
     arrays = [p, g, buffers[0], buffers[1]] + ([buffers[2]] if amsgrad else [])
-    outs: tuple[Any, ...] = (p, *buffers)
-    if not _in_place() or any(a is None for a in outs):
-        outs = ()
-    return arrays, outs
+    return arrays, _in_place_outs((p, *buffers))
 
 
 def adam_leaf(

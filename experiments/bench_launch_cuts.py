@@ -30,6 +30,7 @@ import cupy as cp
 import numpy as np
 
 from asyncnn import nn, optim
+from asyncnn._math._rules_elementwise import _relu_grad
 from asyncnn.backends import _fused, _fused_nn
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -42,19 +43,15 @@ def _apart(*args: Any) -> None:
     return None  # no launch for many leaves: the optimizer updates them one by one
 
 
-def _array_relu_grad(g: Any, out: Any) -> Any:
-    mask = out > 0
-    return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
-
-
 def _sum_and_cast(x: Any, axis: Any, keepdims: bool) -> Any:
+    # acc_sum's own 16-bit path before the one-kernel sum (not a function of its own there)
     return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
 
 
 def cuts(on: bool) -> None:
     """Turns the three cuts on, or back to the code before them."""
     _fused._apply_many, _fused_nn.relu_grad, _fused_nn.half_sum = (
-        _ON if on else (_apart, _array_relu_grad, _sum_and_cast)
+        _ON if on else (_apart, _relu_grad, _sum_and_cast)
     )
 
 
