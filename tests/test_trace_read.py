@@ -293,6 +293,23 @@ def test_damage_anywhere_is_refused_naming_the_record(
     assert f"record {record} at byte {bounds[record]}" in msg, msg
 
 
+def test_a_header_length_damaged_with_its_check_is_refused_naming_the_record(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    # hypothesis found it: the same bits flipped in the length and in its complement keep the
+    # prefix consistent while the length now runs past the file's end
+    raw, _ = small_trace
+    data = bytearray(raw)
+    data[1] ^= 24
+    data[5] ^= 24
+    path = tmp_path / "damaged.trace"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ann.TraceFormatError) as info:
+        ann.trace.read(path)
+    msg = str(info.value)
+    assert "not an asyncnn trace" in msg and "record 0 at byte 0" in msg, msg
+
+
 def test_damaged_state_record_closes_the_file(
     small_trace: tuple[bytes, Any], tmp_path: Path
 ) -> None:

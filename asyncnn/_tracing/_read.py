@@ -287,7 +287,7 @@ class TraceReader:
         if first[1] is None:
             raise TraceFormatError(
                 f"{self.path} is not an asyncnn trace, or was cut off inside its header: its "
-                f"{size} bytes do not hold a whole first record"
+                f"{size} bytes do not hold a whole first record (record 0 at byte 0)"
             )
         header = first[1]
         self._offset, self._index = first[0], 0
