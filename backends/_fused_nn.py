@@ -30,6 +30,8 @@ from typing import Any
 import cupy
 import numpy as np
 
+from ._dtypes import is_floating
+
 __all__ = [
     "MAX_CLASSES",
     "cross_entropy_grad",
@@ -121,11 +123,11 @@ def half_sum(x: Any, axis: Any, keepdims: bool) -> Any:
 
 def fits(rows: Any, labels: Any) -> bool:
     """Whether the fused kernels take these (M, C) ``rows`` and ``labels`` (M of them): a
-    floating array of at most :data:`MAX_CLASSES` columns, integer labels."""
+    floating array (bfloat16 included) of at most :data:`MAX_CLASSES` columns, integer labels."""
     return (
         rows.ndim == 2
         and 0 < rows.shape[1] <= MAX_CLASSES
-        and rows.dtype.kind == "f"
+        and is_floating(rows.dtype)
         and labels.dtype.kind in "iu"
         and labels.size == rows.shape[0]
     )
