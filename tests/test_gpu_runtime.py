@@ -174,6 +174,60 @@ async def test_a_gpu_batch_is_read_only_after_its_copy_lands():
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-10)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, None], ids=["eager", "default"])
+def test_a_batch_a_late_backward_reads_is_not_handed_out_again(monkeypatch, cuda_graphs):
+    # The first stage's weight gradient reads its input, the run's copy of a batch already on
+    # the GPU, through the pullback that holds it. Here that backward waits behind a kernel
+    # spinning on the stage's stream (before the Linear's product, in the Tanh's rule), while
+    # the host goes on to the next step and copies the next batch on its own stream, which
+    # waits for no actor's:
+    # had the memory of the first copy gone back to the pool when the backward was queued, the
+    # next copy would land in it before the product read it (the weights would differ from
+    # the CPU's; the biases, which do not read the input, would not).
+    import anyio
+    import cupy as cp
+
+    from asyncnn._math._ops import PRIMITIVES
+    from asyncnn._math._pytree import tree_map
+
+    def to_host(a):
+        return cp.asnumpy(a) if isinstance(a, cp.ndarray) else a
+
+    batches = [_data(16) for _ in range(4)]
+    for i, b in enumerate(batches):
+        b["x"] = b["x"] * (i + 1) - i
+
+    def fit(device):
+        g = ann.Graph.sequential(
+            [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)], loss=nn.CrossEntropyLoss(),
+            stages=[2, 1], input_shape=(None, 6), devices=[device] * 2,
+        )  # fmt: skip
+
+        async def main():
+            async with ann.open_run(
+                g, optim.SGD(lr=0.1), policies.Sync(), dtype="float64", cuda_graphs=cuda_graphs
+            ) as run:
+                for b in batches:
+                    if device != "cpu":  # (a numpy batch would be copied on the actor's stream)
+                        b = {k: cp.asarray(v) for k, v in b.items()}
+                    await run.step(b)
+                await run.drain()
+            return tree_map(to_host, run.state().params)
+
+        return anyio.run(main)
+
+    on_cpu = fit("cpu")
+    tanh = PRIMITIVES["tanh"]
+    rule = tanh.vjp_rule
+
+    def late_rule(*args):
+        spin_gpu(60_000_000)  # about 30 ms on an H100, on the backward's stream
+        return rule(*args)
+
+    monkeypatch.setattr(tanh, "vjp_rule", late_rule)
+    assert_params_close(fit("cuda:0"), on_cpu, rtol=1e-10)
+
+
 @ROUTING_LOOP_POLICIES
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("model", ["routing", "loop"])

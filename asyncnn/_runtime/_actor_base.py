@@ -226,7 +226,10 @@ class _Actor:
         # GPU: this actor's own stream; the events its next compute waits for (those of the
         # messages it reads); the event of its last compute; arrays kept alive until the
         # kernels reading them are done (cupy's pool would otherwise hand their memory to the
-        # producer's stream while this stream still reads it)
+        # producer's stream while this stream still reads it): a compute's arguments and its
+        # function, whose closure may hold them (a pullback holds the forward's inputs, which
+        # a backward's weight gradient reads, and the run's copy of a batch is made on the
+        # host thread's stream, which does not wait for this one before it copies the next)
         self.stream = None if self.on_cpu else self.backend.new_stream()
         self.events: dict[int, list[Any]] = {}
         self.after: list[Any] = []
@@ -236,7 +239,7 @@ class _Actor:
         self.spans: list[tuple[Any, Any]] | None = (
             [] if ctx.recorder is not None and not self.on_cpu else None
         )
-        self.keepalive: deque[tuple[Any, Any]] = deque()
+        self.keepalive: deque[tuple[Any, Any, Any]] = deque()
         self.born = time.perf_counter()
         self.delivers = ctx.policy.delivers(self.name)
         #: CPU work estimated below this many flops runs inline (the pool's threshold, fixed)
@@ -392,7 +395,7 @@ class _Actor:
         )
         self.last_event = event
         self.stats.note_pool(*self.backend.memory_pool())
-        self.keepalive.append((event, args))
+        self.keepalive.append((event, fn, args))
         while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
             self.keepalive.popleft()
         return result
