@@ -183,7 +183,7 @@ def test_a_batch_a_late_backward_reads_is_not_handed_out_again(monkeypatch, cuda
     # waits for no actor's:
     # had the memory of the first copy gone back to the pool when the backward was queued, the
     # next copy would land in it before the product read it (the weights would differ from
-    # the CPU's; the biases, which do not read the input, would not).
+    # the CPU's, and through them every later step: this failed so on an H100 without the fix).
     import anyio
     import cupy as cp
 
