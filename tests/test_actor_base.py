@@ -183,3 +183,79 @@ async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile(
     monkeypatch.setattr(_actor_base._direct, "runs", DIRECT_YIELD_EVERY - 1)  # this one yields
     assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
     assert taker.taken == 0 and taker.inbox.receive_nowait().key == 1
+
+
+def _pipeline_graph() -> Any:
+    import asyncnn as ann
+    from asyncnn import nn
+
+    return ann.Graph.sequential(
+        [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)],
+        loss=nn.CrossEntropyLoss(), stages=[2, 2, 1], input_shape=(None, 6),
+    )  # fmt: skip
+
+
+async def _losses_and_params(policy: Any) -> tuple[list[float], Any]:
+    import numpy as np
+
+    import asyncnn as ann
+    from asyncnn import optim
+
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((16, 6)), "y": rng.integers(0, 4, 16)} for _ in range(5)]
+    async with ann.open_run(
+        _pipeline_graph(), optim.SGD(lr=0.1), policy, stall_timeout=5
+    ) as run:  # fmt: skip
+        for batch in data:
+            await run.step(batch)
+        await run.drain()
+    return [run.losses[i] for i in range(5)], run.state().params
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["Sync", "GPipe", "OneFOneB"])
+async def test_a_handed_over_op_whose_sends_wait_leaves_its_actor_deciding_after_it(
+    policy: str, monkeypatch: Any
+) -> None:
+    # An op handed over runs in its sender's task; a send in it may wait (to another process:
+    # its socket, a GPU tensor's event). A message arriving meanwhile wakes the actor's own
+    # task, which must not plan from the state before the op ends (it would wait for the
+    # message the op has taken, and the run would stall) nor run a second op beside it.
+    from asyncnn import policies
+    from asyncnn._runtime._actor_base import _Actor
+    from asyncnn._runtime._actors import LayerActor
+    from asyncnn._runtime._loss_actor import LossActor
+
+    from _reference import assert_params_equal
+
+    make = {"Sync": policies.Sync, "GPipe": lambda: policies.GPipe(4),
+            "OneFOneB": lambda: policies.OneFOneB(4)}[policy]  # fmt: skip
+    want_losses, want_params = await _losses_and_params(make())
+    send = _Actor._send_grads
+
+    async def send_that_waits(self: Any, *args: Any) -> None:  # the layers' and the loss's
+        await anyio.sleep(0.002)
+        await send(self, *args)
+
+    monkeypatch.setattr(_Actor, "_send_grads", send_that_waits)
+    running: dict[int, int] = {}
+    most = [0]
+
+    def one_at_a_time(op: Any) -> Any:  # counts the ops each actor runs at once
+        async def counted(self: Any, *args: Any) -> None:
+            running[id(self)] = running.get(id(self), 0) + 1
+            most[0] = max(most[0], running[id(self)])
+            try:
+                await op(self, *args)
+            finally:
+                running[id(self)] -= 1
+
+        return counted
+
+    monkeypatch.setattr(LayerActor, "_run_op", one_at_a_time(LayerActor._run_op))
+    monkeypatch.setattr(LossActor, "_process", one_at_a_time(LossActor._process))
+    losses, params = await _losses_and_params(make())
+    assert losses == want_losses
+    assert_params_equal(params, want_params)
+    assert most[0] == 1  # no actor ran two ops at once

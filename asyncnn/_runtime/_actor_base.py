@@ -211,6 +211,10 @@ class _Actor:
         #: whether this actor runs messages directly, in the sender's task, when it is idle
         #: (see :meth:`run_directly`); the loss actor does on the CPU, without a trace
         self.direct = False
+        #: an op of this actor runs in a sender's task now (:meth:`run_directly`); this actor's
+        #: own task waits for its end (:meth:`_after_hand_over`) before deciding anything
+        self.handed_over = False
+        self._hand_over_ended: anyio.Event | None = None
         self.send_channel = self.inbox  # what senders hold (a remote actor's writes to the wire)
         self.n_inputs = len(node.inputs)
         # a key's forward is complete when every input slot has arrived
@@ -291,6 +295,25 @@ class _Actor:
         except anyio.WouldBlock:
             msg = await self.inbox.receive()
         self._file(msg)
+
+    def _end_hand_over(self) -> None:
+        """Ends an op run in a sender's task (:meth:`run_directly` sets :attr:`handed_over`
+        and calls this in a ``finally``). A send in such an op may wait (to another process:
+        its socket, a GPU tensor's event; or a full inbox), and a message arriving meanwhile
+        wakes this actor's own task, which must not decide from the state before the op ends
+        (it would wait for a message the op has taken, and the run would stall) nor start
+        another op beside it: it waits in :meth:`_after_hand_over` for this."""
+        self.handed_over = False
+        ended, self._hand_over_ended = self._hand_over_ended, None
+        if ended is not None:
+            ended.set()
+
+    async def _after_hand_over(self) -> None:
+        """Returns once no op of this actor runs in a sender's task (:meth:`_end_hand_over`)."""
+        while self.handed_over:
+            if self._hand_over_ended is None:
+                self._hand_over_ended = anyio.Event()
+            await self._hand_over_ended.wait()
 
     async def run_directly(self, msg: Message) -> bool:
         """Whether this actor has taken and fully processed ``msg`` on the sender's task

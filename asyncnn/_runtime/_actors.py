@@ -246,6 +246,8 @@ class LayerActor(WeightVersions):
         """Processes messages in the policy's order until told to stop."""
         since_yield = 0
         while True:
+            if self.handed_over:  # an op runs in a sender's task: decide after it
+                await self._after_hand_over()
             op = planned = self.order.next()
             if self.splits_backward and op is not None and op[0] == BACKWARD:
                 op = self._backward_half(op[1])  # a replayed split run's recorded order
@@ -305,7 +307,14 @@ class LayerActor(WeightVersions):
         if planned is not None and planned != (msg.kind, msg.key):
             return False
         self._file(msg)
-        await self._run_op(self.ready.pop())
+        self.handed_over = True
+        try:
+            await self._run_op(self.ready.pop())
+        finally:
+            self._end_hand_over()
+            # (this actor's own task may stay parked: a stall report then says what is next)
+            planned = self.order.next()
+            self.waiting_for = "any message" if planned is None else planned
         return True
 
     async def _run_op(self, op: tuple[str, int]) -> None:

@@ -63,7 +63,11 @@ class LossActor(_Actor):
         self._file(msg)
         if self.ready:
             _, key = self.ready.popleft()
-            await self._process(key)
+            self.handed_over = True
+            try:
+                await self._process(key)
+            finally:
+                self._end_hand_over()
         return True
 
     def _file_other(self, msg: Message) -> None:
@@ -74,17 +78,19 @@ class LossActor(_Actor):
 
     async def serve(self) -> None:
         while True:
-            while not self.ready:
-                if self.unread:  # nothing else to do: read the oldest loss (the device is behind)
-                    self.waiting_for = f"the device, to read the loss of key {self.unread[0][0]}"
-                    await self._read_oldest()
-                    continue
-                if self.stopping:
-                    return
+            if self.handed_over:  # a key's loss runs in a sender's task: take none beside it
+                await self._after_hand_over()
+            elif self.ready:
+                _, key = self.ready.popleft()
+                await self._process(key)
+            elif self.unread:  # nothing else to do: read the oldest loss (the device is behind)
+                self.waiting_for = f"the device, to read the loss of key {self.unread[0][0]}"
+                await self._read_oldest()
+            elif self.stopping:
+                return
+            else:
                 self.waiting_for = "the inputs of a key"
                 await self._take_message()
-            _, key = self.ready.popleft()
-            await self._process(key)
 
     async def _process(self, key: int) -> None:
         """The loss of a key whose inputs have all arrived, and its gradients sent back."""
