@@ -319,14 +319,17 @@ class _Actor:
         """Whether this actor has taken and fully processed ``msg`` on the sender's task
         (another actor's :meth:`_send`, or the run's); only called where :attr:`direct` is set
         and its inbox is empty, at most :data:`MAX_DIRECT_DEPTH` actors deep. An actor that
-        does must be idle, and nothing it runs may wait (its own task, parked on its empty
-        inbox, must never run beside it). No actor does by default."""
+        does must be idle, and should not wait for its own work (the hand-over saves wake-ups
+        only where the work runs inline or is queued); its sends may wait, and it sets
+        :attr:`handed_over` around the op and ends it with :meth:`_end_hand_over`, so that its
+        own task, woken meanwhile, waits instead of running beside it. No actor does by
+        default."""
         return False
 
     def _from_device(self, msg: Message) -> bool:
         """Whether ``msg``'s key has tensors from a GPU actor here: a CPU actor's compute then
-        waits for their events (see :meth:`compute`), so it cannot take the message in the
-        sender's task (:meth:`run_directly`), where nothing may wait."""
+        waits for their events (see :meth:`compute`), so it does not take the message in the
+        sender's task (:meth:`run_directly`), which would wait for the device there."""
         return msg.event is not None or msg.key in self.events
 
     def _for_trace(self, tensors: tuple[Any, ...]) -> Any:

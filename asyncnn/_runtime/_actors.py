@@ -292,9 +292,10 @@ class LayerActor(WeightVersions):
     async def run_directly(self, msg: Message) -> bool:
         """Runs the op ``msg`` completes here, in the sender's task, when this actor is idle,
         the op is the next its order plans, and all its work (forward, or backward and update)
-        runs inline on the CPU or is queued on the GPU: nothing in it then waits, so this
-        actor's own task, parked on its empty inbox, never runs beside it. Plain layers only
-        (:attr:`direct`)."""
+        runs inline on the CPU or is queued on the GPU. Its sends may still wait (to another
+        process, or a full inbox): this actor's own task, woken meanwhile by a message, then
+        waits for the op to end before it decides anything (:meth:`_end_hand_over`). Plain
+        layers only (:attr:`direct`)."""
         if self.computing is not None or self.ready or self.stopping or not self._completes(msg):
             return False
         if self.on_cpu:  # (a GPU actor's host work is a few launches, whatever the size)
