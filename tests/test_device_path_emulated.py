@@ -54,6 +54,30 @@ def test_device_actors_compute_what_cpu_actors_do(fake_cuda: Any, policy: Any) -
     assert_params_equal(dev.params, cpu.params)
 
 
+@pytest.mark.anyio
+async def test_device_actors_keep_what_their_kernels_read_until_a_run_ends(
+    fake_cuda: Any, monkeypatch: Any
+) -> None:
+    # a compute's function and arguments (a backward's pullback holds its forward's inputs)
+    # live until the actor finds its kernels done; once the run's end has waited for the
+    # device, nothing is kept any more. Here no compute is ever found done by asking (the
+    # stand-in's work lands when asked), so all are kept until the end's wait.
+    from asyncnn.backends import get_backend
+
+    monkeypatch.setattr(type(get_backend("cuda:0")), "event_done", lambda self, event: False)
+    rng = np.random.default_rng(0)
+    async with ann.open_run(
+        _graph(["cuda:0"] * 3), optim.SGD(lr=0.1), policies.GPipe(4), dtype="float64",
+        cuda_graphs=False,
+    ) as run:  # fmt: skip
+        for _ in range(3):
+            await run.step({"x": rng.standard_normal((16, 6)), "y": rng.integers(0, 3, 16)})
+        await run.drain()
+        kept = {name: len(actor.keepalive) for name, actor in run.local.items()}
+    assert all(kept.values()), kept
+    assert not any(actor.keepalive for actor in run.local.values())
+
+
 @pytest.mark.parametrize("devices", [["cpu", "cuda:0", "cpu"], ["cuda:0", "cpu", "cuda:0"]])
 @pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(4)], ids=str)
 def test_cpu_and_device_actors_together_compute_what_cpu_actors_do(

@@ -422,9 +422,15 @@ class _Actor:
         self.last_event = event
         self.stats.note_pool(*self.backend.memory_pool())
         self.keepalive.append((event, fn, args))
-        while self.keepalive and self.backend.event_done(self.keepalive[0][0]):
-            self.keepalive.popleft()
+        self._release_done()
         return result
+
+    def _release_done(self) -> None:
+        """Drops what :attr:`keepalive` holds for the computes whose kernels have run (their
+        events are recorded in order on this actor's stream)."""
+        keepalive, done = self.keepalive, self.backend.event_done
+        while keepalive and done(keepalive[0][0]):
+            keepalive.popleft()
 
     def _record_device(self, rec: Any, kind: str, key: int, seq: int) -> None:
         """The trace's "device" event of the op just ended: when its work ran on the device."""
@@ -434,9 +440,19 @@ class _Actor:
                       meta={"spans": rec.device_spans(self.backend, spans)})  # fmt: skip
 
     async def wait_for_device(self) -> None:
-        """Waits (without blocking the event loop) until this actor's queued GPU work is done."""
-        if self.last_event is not None:
-            await self.ctx.pool.wait(self.last_event, device=self.device)
+        """Waits (without blocking the event loop) until this actor's queued GPU work is done,
+        then lets go of what its computes up to then kept alive (the end of a run waits so)."""
+        event = self.last_event
+        if event is not None:
+            await self.ctx.pool.wait(event, device=self.device)
+            # done, and so is all before it on this stream (computes queued during the wait
+            # come after it and stay kept)
+            keepalive = self.keepalive
+            for i, entry in enumerate(keepalive):
+                if entry[0] is event:
+                    for _ in range(i + 1):
+                        keepalive.popleft()
+                    break
 
     def _sum_parts(self, parts: list[Any]) -> Any:
         g = None
