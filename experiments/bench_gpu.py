@@ -355,9 +355,9 @@ def main() -> None:
     card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     report: dict[str, Any] = {"card": card, "matmul_tflops": {}, "sync": [], "pipeline": []}
     print(f"card: {card}")
-    dtypes = ["float32"]
+    dtypes: list[str] = []
     # bfloat16 comes from ml_dtypes, which cupy 14 computes with
-    for candidate in [d for d in args.dtypes.split(",") if d != "float32"]:
+    for candidate in [d for d in args.dtypes.split(",") if d]:
         try:
             ann.backends.get_backend("cuda:0").dtype(candidate)  # allocates one: raises if not
             dtypes.append(candidate)
@@ -365,12 +365,14 @@ def main() -> None:
             print(f"{candidate}: not available in cupy here ({type(exc).__name__}: {exc})")
     if args.profile:
         profile_step("bfloat16" if "bfloat16" in dtypes else "float32", 64, args.steps)
-    print("1. matmul 8192^2, TFLOP/s")
+    if 1 in sections or 2 in sections:
+        print("1. matmul 8192^2, TFLOP/s")
     for dt in dtypes if 1 in sections or 2 in sections else []:
         rate = matmul_rate(dt)
         report["matmul_tflops"][dt] = rate
         print(f"   {dt:<9} cupy {rate['cupy']:7.1f}   torch {rate['torch']:7.1f}")
-    print("2. Sync step, MLP width 4096 (ms; ratio asyncnn/torch; achieved TFLOP/s)")
+    if 2 in sections:
+        print("2. Sync step, MLP width 4096 (ms; ratio asyncnn/torch; achieved TFLOP/s)")
     for dt in dtypes if 2 in sections else []:
         for batch in (1024, 64):
             a = asyncnn_step(policies.Sync(), 1, batch, dt, args.steps)
