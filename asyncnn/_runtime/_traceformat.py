@@ -6,7 +6,8 @@ Each record is a 12-byte prefix, then a msgpack map:
 
 all little-endian. The complemented length tells a damaged prefix from a file cut short (and a
 length damaged along with its complement, running past the end, is told by a whole record
-after it); the CRC tells a damaged payload. The first record is the header, ``{"format": "asyncnn-trace", ...}``.
+after it); the CRC tells a damaged payload. The first record is the header,
+``{"format": "asyncnn-trace", ...}``.
 """
 
 from __future__ import annotations
