@@ -11,6 +11,7 @@ allocates; each method here does so, so callers never depend on which device hap
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -86,6 +87,14 @@ class _DeviceRNG:
 
 _staging_lock = threading.Lock()
 _staging_streams: dict[int, Any] = {}
+
+
+@functools.cache
+def _fused_nn_module() -> Any:
+    # imported on first use (it imports cupy); cached, as an eager step asks about ten times
+    from . import _fused_nn
+
+    return _fused_nn
 
 
 def _call(callback: Callable[[], object]) -> None:
@@ -324,9 +333,7 @@ class CupyBackend(Backend):
         return _fused
 
     def fused_nn_kernels(self) -> Any:
-        from . import _fused_nn
-
-        return _fused_nn
+        return _fused_nn_module()
 
     def memory_pool(self) -> tuple[int, int]:
         with self._cuda_device:

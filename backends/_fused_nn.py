@@ -33,11 +33,14 @@ import numpy as np
 from ._dtypes import is_floating
 
 __all__ = [
+    "COLUMN_SUM_ROWS",
     "MAX_CLASSES",
     "cross_entropy_grad",
     "cross_entropy_rows",
     "fits",
     "half_sum",
+    "reduce_losses",
+    "relu",
     "relu_grad",
 ]
 
@@ -73,6 +76,10 @@ grad = (T)((p - onehot) * scale);
 # in g come through as there), in one pass instead of a comparison, a product and, for 16-bit
 # floats, a cast of the mask (A: the arithmetic's type, double for float64 and float otherwise,
 # as a typedef: cupy infers a kernel's type placeholders from its array arguments only)
+# max(x, 0) as numpy's and cupy's maximum compute it: NaN comes through, -0 becomes +0; for
+# 16-bit floats without the zero array the array code must make each time (A: as below)
+_RELU = "const A v = (A)x; y = (v > (A)0 || v != v) ? x : (T)(A)0;"
+
 _RELU_GRAD = "grad = (T)((A)g * (((A)out > (A)0) ? (A)1 : (A)0));"
 
 
@@ -99,6 +106,19 @@ def _relu_gradient(ctype: str) -> Any:
     )  # fmt: skip
 
 
+@functools.cache
+def _relu_forward(ctype: str) -> Any:
+    return cupy.ElementwiseKernel(
+        "T x", "T y", _RELU, f"asyncnn_relu_{ctype}", preamble=f"typedef {ctype} A;"
+    )
+
+
+def relu(x: Any) -> Any:
+    """``max(x, 0)`` of a float ``x`` in one kernel, as ``maximum(x, 0)`` computes it bit for
+    bit (NaN kept, ``-0`` to ``+0``)."""
+    return _relu_forward("double" if x.dtype == np.float64 else "float")(x)
+
+
 def relu_grad(g: Any, out: Any) -> Any:
     """The gradient of ``relu`` at its output ``out`` (``g`` where ``out > 0``, else ``0 * g``),
     in one kernel; ``g`` and ``out`` of one shape and dtype."""
@@ -113,12 +133,117 @@ def _half_sum() -> Any:
     )  # fmt: skip
 
 
+# (C type, header, to float, from float rounding to nearest) of each 16-bit float
+_HALF_C = {
+    "float16": ("__half", "cuda_fp16.h", "__half2float", "__float2half_rn"),
+    "bfloat16": ("__nv_bfloat16", "cuda_bf16.h", "__bfloat162float", "__float2bfloat16_rn"),
+}
+
+#: the most rows :func:`half_sum` adds with the column kernel (each thread walks rows/8 of them)
+COLUMN_SUM_ROWS = 16384
+
+# a (rows, cols) array's column sums: a block takes 32 columns; its 8 rows of threads add every
+# 8th row each, in order, and the first row of threads adds the 8 partial sums in order, so the
+# result depends on the shape alone; one launch whose host cost is a raw kernel's, a fraction of
+# a reduction kernel's (a bias gradient, once per dense layer per step)
+_COLUMN_SUM = r"""
+#include <{header}>
+extern "C" __global__ void asyncnn_column_sum_{name}(
+    const {ctype}* x, {ctype}* y, long long rows, long long cols) {{
+  __shared__ float part[8][33];
+  const long long c = (long long)blockIdx.x * 32 + threadIdx.x;
+  float s = 0.0f;
+  if (c < cols)
+    for (long long r = threadIdx.y; r < rows; r += 8) s += {to_float}(x[r * cols + c]);
+  part[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {{
+    float t = part[0][threadIdx.x];
+    for (int k = 1; k < 8; ++k) t += part[k][threadIdx.x];
+    y[c] = {from_float}(t);
+  }}
+}}
+"""
+
+
+@functools.cache
+def _column_sum(name: str) -> Any:
+    ctype, header, to_float, from_float = _HALF_C[name]
+    source = _COLUMN_SUM.format(
+        header=header, name=name, ctype=ctype, to_float=to_float, from_float=from_float
+    )
+    kernel = cupy.RawKernel(source, f"asyncnn_column_sum_{name}")
+    try:
+        kernel.compile()
+    except Exception:  # noqa: BLE001 - no CUDA headers here: the reduction kernel serves
+        return None
+    return kernel
+
+
 def half_sum(x: Any, axis: Any, keepdims: bool) -> Any:
     """``x.sum(axis, dtype=float32).astype(x.dtype)`` for a 16-bit ``x``, in one kernel: the
-    sum accumulated in float32 and rounded once. It adds in the order of cupy's own reduction
-    kernels, so it equals the sum and the cast where cupy's ``sum`` takes those, and may be
-    one rounding apart where cupy's sum adds in another order (CUB's)."""
+    sum accumulated in float32 and rounded once.
+
+    A C-contiguous 2-D array summed over axis 0 (a bias gradient) of at most
+    :data:`COLUMN_SUM_ROWS` rows takes a raw kernel that adds each column's values in a fixed
+    order (every 8th row in turn, then the 8 partial sums), cheaper to launch; anything else
+    takes a reduction kernel that adds in the order of cupy's own. Either way the result may be
+    one rounding apart from cupy's ``sum`` and cast, which may add in another order (CUB's).
+    """
+    if (
+        x.ndim == 2
+        and axis in (0, (0,))
+        and x.flags.c_contiguous
+        and 0 < x.shape[0] <= COLUMN_SUM_ROWS
+        and x.shape[1] > 0
+    ):
+        kernel = _column_sum(str(x.dtype))
+        if kernel is not None:
+            rows, cols = x.shape
+            y = cupy.empty((1, cols) if keepdims else (cols,), dtype=x.dtype)
+            kernel(((cols + 31) // 32,), (32, 8), (x, y, np.int64(rows), np.int64(cols)))
+            return y
     return _half_sum()(x, axis=axis, keepdims=keepdims)
+
+
+# the mean or the sum of a vector of float32 or float64 losses in one block: each of 256
+# threads adds every 256th value in order, then a tree of fixed shape adds theirs; a raw kernel
+# is cheaper to launch than cupy's reduction (a loss, once per step)
+_LOSS_SUM = r"""
+extern "C" __global__ void asyncnn_loss_sum_{ctype}(
+    const {ctype}* x, {ctype}* y, long long n, {ctype} divisor) {{
+  __shared__ {ctype} part[256];
+  {ctype} s = 0;
+  for (long long i = threadIdx.x; i < n; i += 256) s += x[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {{
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }}
+  if (threadIdx.x == 0) y[0] = part[0] / divisor;
+}}
+"""
+
+
+@functools.cache
+def _loss_sum(ctype: str) -> Any:
+    return cupy.RawKernel(_LOSS_SUM.format(ctype=ctype), f"asyncnn_loss_sum_{ctype}")
+
+
+def reduce_losses(losses: Any, reduction: str) -> Any:
+    """The ``"mean"`` or ``"sum"`` of a 1-D float32 or float64 array of losses as a 0-d
+    array, in one kernel that adds in a fixed order (256 strided partial sums, then a tree);
+    NaN where any loss is NaN, and NaN for the mean of none."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduce_losses: reduction must be 'mean' or 'sum', got {reduction!r}")
+    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
+    losses = cupy.ascontiguousarray(losses)
+    n = losses.size
+    out = cupy.empty((), dtype=losses.dtype)
+    divisor = losses.dtype.type(n if reduction == "mean" else 1)
+    _loss_sum(ctype)((1,), (256,), (losses, out, np.int64(n), divisor))
+    return out
 
 
 def fits(rows: Any, labels: Any) -> bool:

@@ -123,17 +123,101 @@ def test_views_int32_labels_and_long_rows(monkeypatch: Any) -> None:
     np.testing.assert_allclose(float(loss), want, rtol=1e-12)
 
 
-def test_a_label_outside_the_classes_makes_its_loss_nan() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "array"])
+def test_a_label_outside_the_classes_makes_its_loss_nan(fused: bool, monkeypatch: Any) -> None:
     import cupy
 
-    from asyncnn.backends import _fused_nn
+    from asyncnn.backends import _fused_nn, _graphs
 
     logits = cupy.asarray(np.random.default_rng(2).standard_normal((4, 3)))
     labels = cupy.asarray(np.array([0, 3, 1, -1]))
     _, rows = _fused_nn.cross_entropy_rows(logits, labels, logits.dtype)
     got = cupy.asnumpy(rows)
     assert np.isnan(got[[1, 3]]).all() and np.isfinite(got[[0, 2]]).all()
-    assert np.isnan(float(ops.cross_entropy(logits, labels)))
+    with monkeypatch.context() as m:
+        poisons = _counting_in(m, _graphs, "label_poison")
+        if not fused:
+            _unfused(m)
+        for reduction in ("mean", "sum"):
+            assert np.isnan(float(ops.cross_entropy(logits, labels, reduction)))
+            good = float(ops.cross_entropy(logits, cupy.asarray([0, 2, 1, 0]), reduction))
+            assert np.isfinite(good)
+        # the whole loss, every row, as on the array code
+        assert bool(cupy.isnan(ops.cross_entropy(logits, labels, "none")).all())
+    # the fused rows carry the NaN themselves: no poison kernel but for "none"
+    assert len(poisons) == (1 if fused else 5)
+
+
+def _counting_in(m: Any, module: Any, name: str) -> list[int]:
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    m.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 255, 256, 1000, 70_000])
+def test_losses_reduced_in_one_kernel_in_a_fixed_order(dtype: str, n: int) -> None:
+    import cupy
+
+    from asyncnn.backends import _fused_nn
+
+    x = np.random.default_rng(n).standard_normal(n).astype(dtype)
+    losses = cupy.asarray(x)
+    # rounding error grows with the sum of the magnitudes, not with the (cancelled) result
+    scale = np.abs(x.astype(np.float64)).sum() * (1e-14 if dtype == "float64" else 1e-6)
+    for reduction, want in (("mean", x.astype(np.float64).mean()), ("sum", x.sum(dtype=float))):
+        got = _fused_nn.reduce_losses(losses, reduction)
+        assert got.shape == () and got.dtype == losses.dtype
+        tol = scale / n if reduction == "mean" else scale
+        np.testing.assert_allclose(float(got), want, rtol=0, atol=tol)
+        # the order depends on the length alone: the same bits every time
+        assert float(_fused_nn.reduce_losses(losses, reduction)) == float(got)
+    losses[n // 2] = np.nan
+    assert np.isnan(float(_fused_nn.reduce_losses(losses, "mean")))
+    assert np.isnan(float(_fused_nn.reduce_losses(losses[:0], "mean")))
+    assert float(_fused_nn.reduce_losses(losses[:0], "sum")) == 0.0
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        _fused_nn.reduce_losses(losses, "none")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_fused_relu_equals_the_array_code_bit_for_bit(dtype: str, monkeypatch: Any) -> None:
+    import cupy
+
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(4)
+    x = cupy.asarray(rng.standard_normal((33, 70)), dtype=cupy.float32)
+    x[0, :7] = cupy.asarray([np.nan, -0.0, 0.0, np.inf, -np.inf, 1e-30, -1e-30], cupy.float32)
+    x = x.astype(dt)[:, ::-1]  # a view: the kernel takes any layout
+
+    def relu(fused: bool) -> Any:
+        with monkeypatch.context() as m:
+            calls = _counting(m, "relu")
+            if not fused:
+                _unfused(m)
+            out, pullback = ann.vjp(ops.relu, x)
+            pullback(out)  # the gradient reads the output the fused kernel wrote
+        assert len(calls) == int(fused)
+        return out
+
+    got, want = relu(True), relu(False)
+    assert got.dtype == want.dtype == dt and got.shape == want.shape
+    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[dt.itemsize]
+    got, want = cupy.ascontiguousarray(got), cupy.ascontiguousarray(want)
+    nan = cupy.isnan(want.astype(cupy.float64))
+    assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all()) and int(nan.sum()) == 1
+    # every other value to the bit: -0 and the negative tiny become +0 on both
+    assert bool(((got.view(bits) == want.view(bits)) | nan).all())
+    # and as numpy computes it on the CPU
+    host = np.maximum(cupy.asnumpy(x.astype(cupy.float32)), np.float32(0))
+    assert not np.signbit(cupy.asnumpy(got.astype(cupy.float32))).any()
+    np.testing.assert_array_equal(cupy.asnumpy(got.astype(cupy.float32)), host)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
@@ -174,7 +258,7 @@ def test_fused_relu_gradient_equals_the_array_code_bit_for_bit(
 @pytest.mark.parametrize(
     ("shape", "axis", "keepdims"),
     [((64, 4096), (0,), False), ((37, 65), 0, True), ((3, 5, 129), (0, 1), False),
-     ((3, 5, 129), 2, False)],
+     ((3, 5, 129), 2, False), ((16_385, 33), (0,), False), ((1, 7), 0, False)],
 )  # fmt: skip
 def test_16_bit_sums_in_one_kernel_equal_a_sum_and_a_cast(
     dtype: str, shape: tuple[int, ...], axis: Any, keepdims: bool, monkeypatch: Any
@@ -201,3 +285,32 @@ def test_16_bit_sums_in_one_kernel_equal_a_sum_and_a_cast(
     # and it is the float32 sum, rounded once
     ref = cupy.asnumpy(x.astype(cupy.float32)).astype(np.float64).sum(axis=axis, keepdims=keepdims)
     np.testing.assert_allclose(cupy.asnumpy(got.astype(cupy.float32)), ref, rtol=1e-2, atol=1e-2)
+    # the same bits again: the order of the additions depends on the shape alone
+    again = acc_sum(x, axis, keepdims)
+    assert bool((again.view(cupy.uint16) == got.view(cupy.uint16)).all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_column_sums_of_views_and_long_columns(dtype: str) -> None:
+    import cupy
+
+    from asyncnn.backends import _fused_nn
+
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = cupy.asarray(np.random.default_rng(7).standard_normal((300, 130)), cupy.float32)
+    x = x.astype(dt)
+    # views and an empty one: the reduction kernel takes them
+    for view in (x[:, ::2], x[::3], x.T, x[:, :0]):
+        assert view.size == 0 or not view.flags.c_contiguous
+        got = _fused_nn.half_sum(view, (0,), False)
+        ref = cupy.asnumpy(view.astype(cupy.float32)).astype(np.float64).sum(axis=0)
+        assert got.shape == ref.shape and got.dtype == dt
+        np.testing.assert_allclose(
+            cupy.asnumpy(got.astype(cupy.float32)), ref, rtol=1e-2, atol=2e-2
+        )
+    # a column of many ones: float32 accumulation (bfloat16 would stop at 256)
+    ones = cupy.ones((_fused_nn.COLUMN_SUM_ROWS, 3), dtype=dt)
+    assert (
+        cupy.asnumpy(_fused_nn.half_sum(ones, 0, False).astype(cupy.float32)).tolist()
+        == [float(_fused_nn.COLUMN_SUM_ROWS)] * 3
+    )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._autodiff import Primitive
-from ._ops import PRIMITIVES, add, raw, take
+from ._ops import PRIMITIVES, raw, take
 from ._rules_array import normalize_axis
 from ._rules_nn import RULES, out_size
 
@@ -311,14 +311,9 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
             a label makes the loss NaN instead, as a check would stop the host every step), or
             an unknown reduction.
     """
-    labels, n_classes = _checked_labels(logits, labels, reduction)
-    if not isinstance(labels, np.ndarray):
-        # On a GPU a range check would stop the host on every step (and cannot be captured
-        # into a CUDA graph): a label outside [0, C) makes the loss NaN instead.
-        from asyncnn.backends._graphs import label_poison
-
-        out = _P["cross_entropy"](logits, labels, reduction=reduction)
-        return add(out, label_poison(labels, n_classes, raw(out).dtype))
+    # labels on a GPU are not checked here (that would stop the host every step): the op
+    # makes the loss NaN where a label is outside [0, C)
+    labels, _ = _checked_labels(logits, labels, reduction)
     return _P["cross_entropy"](logits, labels, reduction=reduction)
 
 

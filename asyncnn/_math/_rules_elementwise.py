@@ -160,6 +160,11 @@ def _sigmoid_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 def _relu(x: Any) -> tuple[Any, Any]:
+    if type(x) is not np.ndarray:
+        fused = backend_of(x).fused_nn_kernels()
+        if fused is not None and is_floating(x.dtype):
+            out = fused.relu(x)  # one kernel on a GPU, and no zero array to make for 16 bits
+            return out, out
     xp = ns(x)
     # cupy promotes bfloat16 with a Python scalar to float32: compare with a 0 of x's dtype
     out = elementwise(xp.maximum, x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)

@@ -315,7 +315,18 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
         p /= s  # the softmax, kept for the VJP
         nll = (xp.log(s) + m)[:, 0] - z[rows, y]
     res = (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype)
-    return _reduced(nll, labels, reduction), res
+    if fused is not None and reduction != "none":
+        # one kernel for the mean or sum; a label outside [0, C) has made its row's loss NaN,
+        # and so the whole loss, as the poison below does for the array code
+        return fused.reduce_losses(nll, reduction), res
+    out = _reduced(nll, labels, reduction)
+    if type(labels) is not np.ndarray:
+        # labels on a GPU: a range check would stop the host on every step (and cannot be
+        # captured into a CUDA graph), so a label outside [0, C) makes the loss NaN instead
+        from asyncnn.backends._graphs import label_poison  # imports cupy
+
+        out = out + label_poison(labels, logits.shape[1], out.dtype)
+    return out, res
 
 
 def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
