@@ -1,19 +1,20 @@
-"""Fused softmax cross-entropy on cupy: two kernels a step instead of about eighteen; the
-ReLU's gradient in one kernel instead of two or three; a 16-bit float's sum over axes in one
-kernel (accumulated in float32, rounded on the store) instead of a sum and a cast.
+"""Fused softmax cross-entropy on cupy: three kernels a step instead of about eighteen; ReLU
+in one kernel each way (forward without a zero array for 16-bit floats; the gradient instead of
+two or three); a 16-bit float's sum over axes in one kernel (accumulated in float32, rounded on
+the store) instead of a sum and a cast, a raw one for a bias gradient.
 
 An eager step on a GPU is bound by launching kernels from Python (each launch costs tens of
 microseconds of host time on the lent machines), and the cross-entropy written with array
 operations launches about thirteen kernels forward (a cast, the row maximum, the shift, the
 exponential, the row sums, the division, the logarithm, the label gather, ...) and five more for
 its gradient. Here one kernel computes each row's softmax (kept for the gradient) and its loss,
-and one computes the gradient of the logits, in the logits' dtype.
+one their mean or sum, and one the gradient of the logits, in the logits' dtype.
 
 The arithmetic is the array code's, step for step, in the same dtype (float32 for 16-bit logits,
 as there): the row maximum, ``exp(z - max)``, the row sum, the division, and the loss
 ``(log(sum) + max) - z[label]``. The row sum is added in order, so results can differ from the
 array code's tree-shaped sums in the last bits; a label outside ``[0, C)`` gives that row a NaN
-loss (the op's own label check still makes the whole loss NaN).
+loss, and so the mean or sum (the array code adds a NaN from a kernel of its own instead).
 
 One thread per row: meant for classification heads. Rows longer than :data:`MAX_CLASSES` take the
 array code.
