@@ -145,7 +145,7 @@ async def test_hand_overs_of_two_tasks_that_end_out_of_order_leave_no_depth_behi
 
     from asyncnn._runtime import _actor_base
 
-    before = _actor_base._direct.depth
+    before = _actor_base.direct_depth()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_hand_over, _Waiter(), _msg(0))
         await first_in.wait()
@@ -160,7 +160,58 @@ async def test_hand_overs_of_two_tasks_that_end_out_of_order_leave_no_depth_behi
             await _hand_over(_Late(), _msg(1))  # type: ignore[arg-type]
 
         tg.start_soon(second)
-    assert _actor_base._direct.depth == before
+    assert _actor_base.direct_depth() == before
+
+
+@pytest.mark.anyio
+async def test_hand_overs_waiting_in_other_tasks_neither_block_nor_deepen_this_tasks():
+    # across processes a handed-over op may wait (a socket); meanwhile other tasks (a worker's
+    # other readers) hand over too, each its own chain: their depth and periodic yield are
+    # their own, not the thread's
+    from asyncnn._runtime import _actor_base
+
+    parked, release = 0, anyio.Event()
+    all_parked = anyio.Event()
+
+    class _Parked(_Taker):
+        async def run_directly(self, msg: Message) -> bool:
+            nonlocal parked
+            parked += 1
+            if parked == MAX_DIRECT_DEPTH:
+                all_parked.set()
+            await release.wait()
+            return True
+
+    seen: list[int] = []
+
+    class _Depth(_Taker):
+        async def run_directly(self, msg: Message) -> bool:
+            seen.append(_actor_base.direct_depth())
+            return True
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not release.is_set():
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        for key in range(MAX_DIRECT_DEPTH):  # as many waiting hand-overs as one chain may nest
+            tg.start_soon(_hand_over, _Parked(), _msg(key))
+        await all_parked.wait()
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        owner = _Depth()
+        for key in range(4 * DIRECT_YIELD_EVERY):
+            assert await _hand_over(owner, _msg(key))  # type: ignore[arg-type]
+        # each ran one deep, and this task still let the others run now and then
+        assert seen == [1] * (4 * DIRECT_YIELD_EVERY)
+        assert ticks - before >= 3
+        release.set()
+    assert _actor_base.direct_depth() == 0
 
 
 @pytest.mark.anyio
@@ -180,8 +231,11 @@ async def test_a_hand_over_that_yields_does_not_pass_a_message_queued_meanwhile(
     patched.__dict__.update(vars(anyio))
     patched.lowlevel = types.SimpleNamespace(checkpoint=checkpoint)  # type: ignore[attr-defined]
     monkeypatch.setattr(_actor_base, "anyio", patched)
-    monkeypatch.setattr(_actor_base._direct, "runs", DIRECT_YIELD_EVERY - 1)  # this one yields
-    assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
+    token = _actor_base._direct_runs.set(DIRECT_YIELD_EVERY - 1)  # this one yields
+    try:
+        assert not await _hand_over(taker, _msg(2))  # type: ignore[arg-type]
+    finally:
+        _actor_base._direct_runs.reset(token)
     assert taker.taken == 0 and taker.inbox.receive_nowait().key == 1
 
 

@@ -4,7 +4,7 @@ actors build on :class:`_Actor`."""
 
 from __future__ import annotations
 
-import threading
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,41 +34,39 @@ MAX_DIRECT_DEPTH = 16
 DIRECT_YIELD_EVERY = 16
 
 
-class _Direct(threading.local):
-    """How deep actors run nested in this thread's sender now, and how many hand-overs so far
-    (per thread: each event loop runs on its own)."""
+# How deep actors run nested in this task's sender now, and how many hand-overs it made so far:
+# per task (each task runs in its own copy of the context), as a hand-over may wait inside (a
+# send to another process) while other tasks of the thread hand over on their own
+_direct_depth: contextvars.ContextVar[int] = contextvars.ContextVar("asyncnn_depth", default=0)
+_direct_runs: contextvars.ContextVar[int] = contextvars.ContextVar("asyncnn_runs", default=0)
 
-    depth = 0
-    runs = 0
 
-
-_direct = _Direct()
+def direct_depth() -> int:
+    """How many handed-over operations run nested in the current task now."""
+    return _direct_depth.get()
 
 
 async def _hand_over(owner: _Actor, msg: Message) -> bool:
     """Whether ``owner`` (idle, its inbox empty) took and processed ``msg`` in this task."""
-    state = _direct
-    depth = state.depth
+    depth = _direct_depth.get()
     if depth >= MAX_DIRECT_DEPTH:
         return False
-    runs = state.runs + 1
+    runs = _direct_runs.get() + 1
     if depth == 0 and runs >= DIRECT_YIELD_EVERY:
         # work handed over never yields by itself: let the other tasks (and the stall
         # watchdog) run now and then; only from the outermost sender (the actors nested in it
         # must not wait), at its first hand-over once the count is due
-        state.runs = 0
+        _direct_runs.set(0)
         await anyio.lowlevel.checkpoint()
         if owner.inbox._items:  # queued meanwhile: ``msg`` must not pass it
             return False
     else:
-        state.runs = runs
-    state.depth = depth + 1
+        _direct_runs.set(runs)
+    token = _direct_depth.set(depth + 1)
     try:
         return await owner.run_directly(msg)
     finally:
-        # not ``= depth``: another task's hand-over (a worker's other reader, while this one
-        # awaits a socket) may have begun and may end after this one
-        state.depth -= 1
+        _direct_depth.reset(token)
 
 
 def _nbytes(xs: Any) -> int:
