@@ -73,14 +73,14 @@ const A scale = per_row ? g[r] : (mean ? g[0] / n : g[0]);
 grad = (T)((p - onehot) * scale);
 """
 
+# max(x, 0) as numpy's and cupy's maximum compute it: NaN comes through, -0 becomes +0; for
+# 16-bit floats, without the zero array the array code makes each call (A: as just below)
+_RELU = "const A v = (A)x; y = (v > (A)0 || v != v) ? x : (T)(A)0;"
+
 # g * (out > 0) as the array code computes it (a product with 1 or 0: exact, so NaN and -0
 # in g come through as there), in one pass instead of a comparison, a product and, for 16-bit
 # floats, a cast of the mask (A: the arithmetic's type, double for float64 and float otherwise,
 # as a typedef: cupy infers a kernel's type placeholders from its array arguments only)
-# max(x, 0) as numpy's and cupy's maximum compute it: NaN comes through, -0 becomes +0; for
-# 16-bit floats without the zero array the array code must make each time (A: as below)
-_RELU = "const A v = (A)x; y = (v > (A)0 || v != v) ? x : (T)(A)0;"
-
 _RELU_GRAD = "grad = (T)((A)g * (((A)out > (A)0) ? (A)1 : (A)0));"
 
 
