@@ -26,14 +26,19 @@ def _counting(m: Any, name: str) -> list[int]:
     imported under the folder's name, would be a second copy the runtime never calls)."""
     from asyncnn.backends import _fused_nn
 
+    return _counting_in(m, _fused_nn, name)
+
+
+def _counting_in(m: Any, module: Any, name: str) -> list[int]:
+    """Counts, in ``m``'s context, the calls of ``module``'s function ``name``."""
     calls: list[int] = []
-    real = getattr(_fused_nn, name)
+    real = getattr(module, name)
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    m.setattr(_fused_nn, name, spy)
+    m.setattr(module, name, spy)
     return calls
 
 
@@ -70,6 +75,19 @@ def _close(got: Any, want: Any, dtype: str) -> None:
     tol = {"float64": 1e-13, "float32": 1e-6}.get(dtype, 1e-6)
     got, want = cupy.asnumpy(got).astype(np.float64), cupy.asnumpy(want).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def _same_bits_but_nan_payloads(got: Any, want: Any) -> int:
+    """Asserts that two float arrays of one dtype hold the same bits wherever ``want`` is not
+    NaN, and NaN where it is (payloads may differ); returns how many NaNs."""
+    import cupy
+
+    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[want.dtype.itemsize]
+    got, want = cupy.ascontiguousarray(got), cupy.ascontiguousarray(want)
+    nan = cupy.isnan(want.astype(cupy.float64))
+    assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all())
+    assert bool(((got.view(bits) == want.view(bits)) | nan).all())
+    return int(nan.sum())
 
 
 DTYPES = ["float64", "float32", "float16"] + (["bfloat16"] if BFLOAT16 is not None else [])
@@ -148,18 +166,6 @@ def test_a_label_outside_the_classes_makes_its_loss_nan(fused: bool, monkeypatch
     assert len(poisons) == (1 if fused else 5)
 
 
-def _counting_in(m: Any, module: Any, name: str) -> list[int]:
-    calls: list[int] = []
-    real = getattr(module, name)
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    m.setattr(module, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 70_000])
 def test_losses_reduced_in_one_kernel_in_a_fixed_order(dtype: str, n: int) -> None:
@@ -208,12 +214,8 @@ def test_fused_relu_equals_the_array_code_bit_for_bit(dtype: str, monkeypatch: A
 
     got, want = relu(True), relu(False)
     assert got.dtype == want.dtype == dt and got.shape == want.shape
-    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[dt.itemsize]
-    got, want = cupy.ascontiguousarray(got), cupy.ascontiguousarray(want)
-    nan = cupy.isnan(want.astype(cupy.float64))
-    assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all()) and int(nan.sum()) == 1
-    # every other value to the bit: -0 and the negative tiny become +0 on both
-    assert bool(((got.view(bits) == want.view(bits)) | nan).all())
+    # every value to the bit (-0 and the negative tiny become +0 on both), the NaN a NaN
+    assert _same_bits_but_nan_payloads(got, want) == 1
     # and as numpy computes it on the CPU
     host = np.maximum(cupy.asnumpy(x.astype(cupy.float32)), np.float32(0))
     assert not np.signbit(cupy.asnumpy(got.astype(cupy.float32))).any()
@@ -246,12 +248,8 @@ def test_fused_relu_gradient_equals_the_array_code_bit_for_bit(
 
     got, want = grad(True), grad(False)
     assert got.dtype == want.dtype == dt and got.shape == want.shape
-    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[dt.itemsize]
-    got, want = cupy.ascontiguousarray(got), cupy.ascontiguousarray(want)
-    nan = cupy.isnan(want.astype(cupy.float64))
-    assert bool((cupy.isnan(got.astype(cupy.float64)) == nan).all()) and int(nan.sum()) >= 1
-    # every other value to the bit, the signs of zeros included (NaN payloads may differ)
-    assert bool(((got.view(bits) == want.view(bits)) | nan).all())
+    # every value to the bit, the signs of zeros included (NaN payloads may differ)
+    assert _same_bits_but_nan_payloads(got, want) >= 1
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
