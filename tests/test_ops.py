@@ -644,6 +644,32 @@ def test_cross_entropy_errors_say_what_to_pass() -> None:
         ops.cross_entropy(logits, np.array([0, 1, 2]), reduction="avg")
 
 
+def test_cross_entropy_takes_labels_of_an_ndarray_subclass(tmp_path: Any) -> None:
+    # a memory-mapped dataset's labels are an np.memmap: checked on the host as numpy labels
+    # are, and never taken for a GPU's (whose range check is a kernel of the cupy backend)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 4))
+    labels = np.array([0, 3, 1, 2, 2, 0])
+    path = tmp_path / "labels.npy"
+    np.save(path, labels)
+    mapped = np.load(path, mmap_mode="r")
+    assert type(mapped) is np.memmap
+    for reduction in ("mean", "sum", "none"):
+        want = ops.cross_entropy(logits, labels, reduction)
+        np.testing.assert_array_equal(ops.cross_entropy(logits, mapped, reduction), want)
+        np.testing.assert_array_equal(
+            ops.cross_entropy(logits[1:], mapped[1:], reduction)[...],
+            ops.cross_entropy(logits[1:], labels[1:], reduction)[...],
+        )
+    value, pullback = ann.vjp(lambda z: ops.cross_entropy(z, mapped), logits)
+    _, want_pullback = ann.vjp(lambda z: ops.cross_entropy(z, labels), logits)
+    np.testing.assert_array_equal(pullback(1.0)[0], want_pullback(1.0)[0])
+    with pytest.raises(ValueError, match=r"label 4 is outside \[0, 4\)"):
+        bad = np.load(path, mmap_mode="r+")
+        bad[1] = 4
+        ops.cross_entropy(logits, bad)
+
+
 def test_other_errors() -> None:
     with pytest.raises(ValueError, match=r"mse_loss: pred of shape \(3, 1\) and target of shape"):
         ops.mse_loss(np.zeros((3, 1)), np.zeros(3))

@@ -320,7 +320,7 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
         # and so the whole loss, as the poison below does for the array code
         return fused.reduce_losses(nll, reduction), res
     out = _reduced(nll, labels, reduction)
-    if type(labels) is not np.ndarray:
+    if not isinstance(labels, np.ndarray):  # (a subclass, np.memmap, was checked on the host)
         # labels on a GPU: a range check would stop the host on every step (and cannot be
         # captured into a CUDA graph), so a label outside [0, C) makes the loss NaN instead
         from asyncnn.backends._graphs import label_poison  # imports cupy
