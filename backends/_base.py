@@ -187,10 +187,12 @@ class Backend(abc.ABC):
         return None
 
     def fused_nn_kernels(self) -> Any:
-        """The module of this backend's fused network kernels (``cross_entropy_rows``,
-        ``cross_entropy_grad``: two kernels instead of about eighteen array operations;
-        ``relu_grad``; ``half_sum``), or None where the array code is already the fast path
-        (numpy)."""
+        """The module of this backend's fused network kernels, or None where the array code is
+        already the fast path (numpy). The rules call, where ``fits`` says the rows fit:
+        ``cross_entropy_rows``, ``reduce_losses`` and ``cross_entropy_grad`` (three kernels
+        instead of about eighteen array operations); and ``relu``, ``relu_grad`` and
+        ``half_sum`` (a 16-bit sum over axes, accumulated in float32) on this backend's float
+        arrays."""
         return None
 
     def memory_pool(self) -> tuple[int, int]:

@@ -134,33 +134,36 @@ async def test_handing_over_yields_now_and_then_and_is_bounded_in_depth():
 
 @pytest.mark.anyio
 async def test_hand_overs_of_two_tasks_that_end_out_of_order_leave_no_depth_behind():
-    # a worker's two readers may each hand a message over while the other's awaits a socket
+    # a worker's two readers may each hand a message over while the other's awaits a socket:
+    # each task's hand-over runs one deep, and each task is back at depth 0 after its own
+    from asyncnn._runtime import _actor_base
+
     first_in, release = anyio.Event(), anyio.Event()
+    seen: dict[str, int] = {}
 
     class _Waiter(_Taker):
         async def run_directly(self, msg: Message) -> bool:
+            seen["first, inside"] = _actor_base.direct_depth()
             first_in.set()
             await release.wait()  # the first hand-over is still running...
             return True
 
-    from asyncnn._runtime import _actor_base
+    class _Late(_Taker):
+        async def run_directly(self, msg: Message) -> bool:
+            seen["second, inside"] = _actor_base.direct_depth()
+            release.set()
+            await anyio.sleep(0.01)  # ...when the second begins, and it ends last
+            return True
 
-    before = _actor_base.direct_depth()
+    async def hand_over(name: str, owner: Any, key: int) -> None:
+        assert await _hand_over(owner, _msg(key))
+        seen[f"{name}, after"] = _actor_base.direct_depth()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_hand_over, _Waiter(), _msg(0))
+        tg.start_soon(hand_over, "first", _Waiter(), 0)
         await first_in.wait()
-
-        async def second() -> None:  # ...when the second begins, and it ends last
-            class _Late(_Taker):
-                async def run_directly(self, msg: Message) -> bool:
-                    release.set()
-                    await anyio.sleep(0.01)
-                    return True
-
-            await _hand_over(_Late(), _msg(1))  # type: ignore[arg-type]
-
-        tg.start_soon(second)
-    assert _actor_base.direct_depth() == before
+        tg.start_soon(hand_over, "second", _Late(), 1)
+    assert seen == {"first, inside": 1, "second, inside": 1, "first, after": 0, "second, after": 0}
 
 
 @pytest.mark.anyio
@@ -197,9 +200,15 @@ async def test_hand_overs_waiting_in_other_tasks_neither_block_nor_deepen_this_t
             ticks += 1
             await anyio.lowlevel.checkpoint()
 
+    after: list[int] = []
+
+    async def park(key: int) -> None:
+        assert await _hand_over(_Parked(), _msg(key))  # type: ignore[arg-type]
+        after.append(_actor_base.direct_depth())
+
     async with anyio.create_task_group() as tg:
         for key in range(MAX_DIRECT_DEPTH):  # as many waiting hand-overs as one chain may nest
-            tg.start_soon(_hand_over, _Parked(), _msg(key))
+            tg.start_soon(park, key)
         await all_parked.wait()
         tg.start_soon(ticker)
         await anyio.lowlevel.checkpoint()
@@ -211,7 +220,7 @@ async def test_hand_overs_waiting_in_other_tasks_neither_block_nor_deepen_this_t
         assert seen == [1] * (4 * DIRECT_YIELD_EVERY)
         assert ticks - before >= 3
         release.set()
-    assert _actor_base.direct_depth() == 0
+    assert after == [0] * MAX_DIRECT_DEPTH  # each parked task back at depth 0 after its own
 
 
 @pytest.mark.anyio

@@ -282,9 +282,9 @@ def _check_reduction(op: str, reduction: str) -> None:
 
 
 def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall | None:
-    """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks, where it is one
-    primitive call (numpy labels); None where it is more (labels on a GPU: its call checks
-    them)."""
+    """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks, for numpy
+    labels; None for labels on a GPU (the caller then traces the op, which is one primitive
+    too, whose labels are checked by a kernel instead of on the host)."""
     if not isinstance(raw(labels), np.ndarray):
         return None
     labels, _ = _checked_labels(logits, labels, reduction)
