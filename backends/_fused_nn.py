@@ -35,6 +35,7 @@ from ._dtypes import is_floating
 
 __all__ = [
     "COLUMN_SUM_ROWS",
+    "LOSS_SUM_ROWS",
     "MAX_CLASSES",
     "cross_entropy_grad",
     "cross_entropy_rows",
@@ -207,6 +208,10 @@ def half_sum(x: Any, axis: Any, keepdims: bool) -> Any:
     return _half_sum()(x, axis=axis, keepdims=keepdims)
 
 
+#: the most losses :func:`reduce_losses` adds in its one block (each thread adds n/256 of them);
+#: more (a loss per pixel, say) take cupy's own reduction, which spreads over the whole GPU
+LOSS_SUM_ROWS = 16384
+
 # the mean or the sum of a vector of float32 or float64 losses in one block: each of 256
 # threads adds every 256th value in order, then a tree of fixed shape adds theirs; a raw kernel
 # is cheaper to launch than cupy's reduction (a loss, once per step)
@@ -235,9 +240,12 @@ def _loss_sum(ctype: str) -> Any:
 def reduce_losses(losses: Any, reduction: str) -> Any:
     """The ``"mean"`` or ``"sum"`` of a 1-D float32 or float64 array of losses as a 0-d
     array, in one kernel that adds in a fixed order (256 strided partial sums, then a tree);
-    NaN where any loss is NaN, and NaN for the mean of none."""
+    NaN where any loss is NaN, and NaN for the mean of none. More than :data:`LOSS_SUM_ROWS`
+    losses take cupy's ``mean`` or ``sum`` instead (one block would be slow on them)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduce_losses: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if losses.size > LOSS_SUM_ROWS:
+        return losses.mean() if reduction == "mean" else losses.sum()
     ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
     losses = cupy.ascontiguousarray(losses)
     n = losses.size

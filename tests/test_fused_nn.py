@@ -167,7 +167,7 @@ def test_a_label_outside_the_classes_makes_its_loss_nan(fused: bool, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("n", [1, 255, 256, 1000, 70_000])
+@pytest.mark.parametrize("n", [1, 255, 256, 1000, 16_384, 16_385, 70_000])
 def test_losses_reduced_in_one_kernel_in_a_fixed_order(dtype: str, n: int) -> None:
     import cupy
 
@@ -268,6 +268,10 @@ def test_16_bit_sums_in_one_kernel_equal_a_sum_and_a_cast(
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     x = cupy.asarray(np.random.default_rng(6).standard_normal(shape), dtype=cupy.float32)
     x = x.astype(dt)
+    from asyncnn.backends import _fused_nn
+
+    # the raw column kernel built here (a build failure would fall back without a word)
+    assert _fused_nn._column_sum(str(dt)) is not None
     with monkeypatch.context() as m:
         calls = _counting(m, "half_sum")
         got = acc_sum(x, axis, keepdims)
