@@ -263,13 +263,11 @@ def test_16_bit_sums_in_one_kernel_equal_a_sum_and_a_cast(
 ) -> None:
     import cupy
 
-    from asyncnn.backends import acc_sum
+    from asyncnn.backends import _fused_nn, acc_sum
 
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     x = cupy.asarray(np.random.default_rng(6).standard_normal(shape), dtype=cupy.float32)
     x = x.astype(dt)
-    from asyncnn.backends import _fused_nn
-
     # the raw column kernel built here (a build failure would fall back without a word)
     assert _fused_nn._column_sum(str(dt)) is not None
     with monkeypatch.context() as m:
