@@ -20,6 +20,7 @@ from ._pool import DEFAULT_INLINE_FLOPS, DevicePool, PoolStatistics, open_device
 from ._registry import (
     array_namespace,
     backend_of,
+    fused_nn_kernels_of,
     get_backend,
     is_cupy_array,
     scatter_add,
@@ -42,6 +43,7 @@ __all__ = [
     "backend_of",
     "current_team",
     "elementwise",
+    "fused_nn_kernels_of",
     "get_backend",
     "is_cupy_array",
     "is_floating",

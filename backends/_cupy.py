@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -90,11 +91,10 @@ _staging_streams: dict[int, Any] = {}
 
 
 @functools.cache
-def _fused_nn_module() -> Any:
-    # imported on first use (it imports cupy); cached, as an eager step asks about ten times
-    from . import _fused_nn
-
-    return _fused_nn
+def _kernels(module: str) -> Any:
+    # a kernels module (it imports cupy), imported on first use; cached, as an eager step asks
+    # for the network kernels about ten times and an update for the optimizer's
+    return importlib.import_module(f"{__package__}.{module}")
 
 
 def _call(callback: Callable[[], object]) -> None:
@@ -328,12 +328,10 @@ class CupyBackend(Backend):
         return True
 
     def fused_kernels(self) -> Any:
-        from . import _fused
-
-        return _fused
+        return _kernels("_fused")
 
     def fused_nn_kernels(self) -> Any:
-        return _fused_nn_module()
+        return _kernels("_fused_nn")
 
     def memory_pool(self) -> tuple[int, int]:
         with self._cuda_device:

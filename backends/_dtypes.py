@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._parallel import current_team
-from ._registry import backend_of
+from ._registry import fused_nn_kernels_of
 
 try:  # optional: only the 16-bit brain float needs it
     import ml_dtypes as _ml_dtypes
@@ -47,10 +47,9 @@ def acc_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     A bfloat16 accumulator has 8 significant bits: summing 10^5 ones in it gives 99,840 on cupy.
     """
     if is_half(x.dtype):
-        if axis is not None and type(x) is not np.ndarray:
-            fused = backend_of(x).fused_nn_kernels()
-            if fused is not None:  # one kernel on a GPU (a bias gradient): no cast after it
-                return fused.half_sum(x, axis, keepdims)
+        fused = None if axis is None else fused_nn_kernels_of(x)
+        if fused is not None:  # one kernel on a GPU (a bias gradient): no cast after it
+            return fused.half_sum(x, axis, keepdims)
         return x.sum(axis=axis, keepdims=keepdims, dtype=np.float32).astype(x.dtype)
     if (axis == 0 or axis == (0,)) and type(x) is np.ndarray and x.ndim == 2:
         team = current_team()  # a bias gradient on a compute team: cut by columns

@@ -47,6 +47,7 @@ __all__ = [
     "adam_leaf",
     "adam_many",
     "adam_step_scalars",
+    "built",
     "in_place",
     "scalars_on_device",
     "set_scalars",
@@ -240,6 +241,16 @@ def _values_at_i(rule: _Update, vec: int) -> str:
     }}"""
 
 
+def built(kernel: Any) -> Any:
+    """``kernel`` (a raw kernel) compiled, or None where it does not build here (no CUDA
+    headers, say): the caller's array or elementwise path then serves."""
+    try:
+        kernel.compile()
+    except Exception:  # noqa: BLE001 - whatever stops the build, the other path serves
+        return None
+    return kernel
+
+
 @functools.cache
 def _vectorised(rule: _Update, dtype_name: str) -> Any:
     """The rule for a 16-bit dtype, eight values per thread and load; None where it won't build."""
@@ -261,12 +272,8 @@ extern "C" __global__ void {rule.name}_{dtype_name}_x8({params}) {{
   }}
 }}
 """
-    kernel = cupy.RawKernel(source, f"{rule.name}_{dtype_name}_x8")
-    try:
-        kernel.compile()
-    except Exception:  # noqa: BLE001 - no CUDA headers here: the elementwise kernel serves
-        return None
-    return kernel
+    # None: the elementwise kernel serves
+    return built(cupy.RawKernel(source, f"{rule.name}_{dtype_name}_x8"))
 
 
 def vectorised_available(dtype_name: str) -> bool:
@@ -467,12 +474,7 @@ extern "C" __global__ void {name}({", ".join(params)}) {{
   }}
 }}
 """
-    kernel = cupy.RawKernel(source, name)
-    try:
-        kernel.compile()
-    except Exception:  # noqa: BLE001 - no CUDA headers here: the leaves go one by one
-        return None
-    return kernel
+    return built(cupy.RawKernel(source, name))  # None: the leaves go one by one
 
 
 def _apply_many(

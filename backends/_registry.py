@@ -82,6 +82,15 @@ def backend_of(*xs: Any) -> Backend:
     return get_backend("cpu")
 
 
+def fused_nn_kernels_of(x: Any) -> Any:
+    """The fused network kernels of the backend holding ``x`` (see
+    :meth:`Backend.fused_nn_kernels`), or None: numpy arrays, Python scalars, and backends whose
+    array code is already the fast path."""
+    if type(x) is np.ndarray:  # (the common case on the CPU, answered first)
+        return None
+    return backend_of(x).fused_nn_kernels()
+
+
 def to_numpy(x: Any) -> Any:
     """A numpy copy of a cupy array; numpy arrays and other values are returned as they are."""
     if is_cupy_array(x):

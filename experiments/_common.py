@@ -57,6 +57,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def card_name(index: int = 0) -> str:
+    """The name of GPU ``index`` as the CUDA runtime gives it (cupy)."""
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def write_results(out: str, config: Any, results: dict[str, Any]) -> str:
     """Writes ``results.json`` (config, machine, results) into ``out``; returns its path."""
     os.makedirs(out, exist_ok=True)

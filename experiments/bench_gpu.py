@@ -349,10 +349,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
-    import cupy as cp
-
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    card = _common.card_name()
     report: dict[str, Any] = {"card": card, "matmul_tflops": {}, "sync": [], "pipeline": []}
     print(f"card: {card}")
     dtypes: list[str] = []

@@ -110,8 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     import cupy as cp
 
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    card = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    card = _common.card_name()
     report: dict[str, Any] = {"card": card, "batch": args.batch, "rows": []}
     print(f"card: {card}; host microseconds a call (fastest round / median round), batch "
           f"{args.batch}, {args.rounds} rounds of {args.calls} calls")  # fmt: skip

@@ -80,10 +80,7 @@ def gpu_info() -> dict[str, Any]:
 
     rt = cupy.cuda.runtime
     n = int(rt.getDeviceCount())
-    names = []
-    for i in range(n):
-        name = rt.getDeviceProperties(i)["name"]
-        names.append(name.decode() if isinstance(name, bytes) else str(name))
+    names = [_common.card_name(i) for i in range(n)]
     peer = [[i == j or bool(rt.deviceCanAccessPeer(i, j)) for j in range(n)] for i in range(n)]
     return {"count": n, "names": names, "peer_access": peer, "cupy": cupy.__version__}
 

@@ -77,6 +77,20 @@ def _close(got: Any, want: Any, dtype: str) -> None:
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+def _fused_and_array(mp: Any, kernel: str, fn: Any) -> tuple[Any, Any]:
+    """``fn()`` with the fused kernels, then with the array code; the fused kernel ``kernel``
+    must run once in the first and not at all in the second."""
+    results = []
+    for fused in (True, False):
+        with mp.context() as m:
+            calls = _counting(m, kernel)
+            if not fused:
+                _unfused(m)
+            results.append(fn())
+        assert len(calls) == int(fused)
+    return results[0], results[1]
+
+
 def _same_bits_but_nan_payloads(got: Any, want: Any) -> int:
     """Asserts that two float arrays of one dtype hold the same bits wherever ``want`` is not
     NaN, and NaN where it is (payloads may differ); returns how many NaNs."""
@@ -202,17 +216,12 @@ def test_fused_relu_equals_the_array_code_bit_for_bit(dtype: str, monkeypatch: A
     x[0, :7] = cupy.asarray([np.nan, -0.0, 0.0, np.inf, -np.inf, 1e-30, -1e-30], cupy.float32)
     x = x.astype(dt)[:, ::-1]  # a view: the kernel takes any layout
 
-    def relu(fused: bool) -> Any:
-        with monkeypatch.context() as m:
-            calls = _counting(m, "relu")
-            if not fused:
-                _unfused(m)
-            out, pullback = ann.vjp(ops.relu, x)
-            pullback(out)  # the gradient reads the output the fused kernel wrote
-        assert len(calls) == int(fused)
+    def relu() -> Any:
+        out, pullback = ann.vjp(ops.relu, x)
+        pullback(out)  # the gradient reads the output the fused kernel wrote
         return out
 
-    got, want = relu(True), relu(False)
+    got, want = _fused_and_array(monkeypatch, "relu", relu)
     assert got.dtype == want.dtype == dt and got.shape == want.shape
     # every value to the bit (-0 and the negative tiny become +0 on both), the NaN a NaN
     assert _same_bits_but_nan_payloads(got, want) == 1
@@ -236,17 +245,12 @@ def test_fused_relu_gradient_equals_the_array_code_bit_for_bit(
     seed[1, :3] = cupy.asarray([np.nan, -0.0, np.inf], dtype=cupy.float32).astype(dt)
     seed = seed[:, ::-1]  # a view: the kernel takes any layout
 
-    def grad(fused: bool) -> Any:
-        with monkeypatch.context() as m:
-            calls = _counting(m, "relu_grad")
-            if not fused:
-                _unfused(m)
-            _, pullback = ann.vjp(ops.relu, x)
-            (g,) = pullback(seed)
-        assert len(calls) == int(fused)
+    def grad() -> Any:
+        _, pullback = ann.vjp(ops.relu, x)
+        (g,) = pullback(seed)
         return g
 
-    got, want = grad(True), grad(False)
+    got, want = _fused_and_array(monkeypatch, "relu_grad", grad)
     assert got.dtype == want.dtype == dt and got.shape == want.shape
     # every value to the bit, the signs of zeros included (NaN payloads may differ)
     assert _same_bits_but_nan_payloads(got, want) >= 1

@@ -7,9 +7,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from asyncnn.backends import acc_sum, backend_of, elementwise, is_floating
+from asyncnn.backends import acc_sum, elementwise, fused_nn_kernels_of, is_floating
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -160,11 +158,10 @@ def _sigmoid_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 def _relu(x: Any) -> tuple[Any, Any]:
-    if type(x) is not np.ndarray:
-        fused = backend_of(x).fused_nn_kernels()
-        if fused is not None and is_floating(x.dtype):
-            out = fused.relu(x)  # one kernel on a GPU, and no zero array to make for 16 bits
-            return out, out
+    fused = fused_nn_kernels_of(x)
+    if fused is not None and is_floating(x.dtype):
+        out = fused.relu(x)  # one kernel on a GPU, and no zero array to make for 16 bits
+        return out, out
     xp = ns(x)
     # cupy promotes bfloat16 with a Python scalar to float32: compare with a 0 of x's dtype
     out = elementwise(xp.maximum, x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)
@@ -177,15 +174,11 @@ def _relu_grad(g: Any, out: Any) -> Any:
 
 
 def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    fused = fused_nn_kernels_of(g)
     if (
-        type(g) is not np.ndarray
-        and g.dtype == out.dtype
-        and g.shape == out.shape
-        and is_floating(g.dtype)
-    ):
-        fused = backend_of(g).fused_nn_kernels()
-        if fused is not None:  # one kernel on a GPU, where each launch costs host time
-            return (fused.relu_grad(g, out),)
+        fused is not None and g.dtype == out.dtype and g.shape == out.shape and is_floating(g.dtype)
+    ):  # one kernel on a GPU, where each launch costs host time
+        return (fused.relu_grad(g, out),)
     return (elementwise(_relu_grad, g, out),)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_mean, acc_sum, backend_of, is_half
+from asyncnn.backends import acc_mean, acc_sum, fused_nn_kernels_of, is_half
 from asyncnn.backends import array_namespace as ns
 
 from ._autodiff import Forward, VjpRule
@@ -295,7 +295,7 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
     xp = ns(logits)
     z = _class_last(logits)
     y = labels.reshape(-1)
-    fused = backend_of(z).fused_nn_kernels()
+    fused = fused_nn_kernels_of(z)
     if fused is not None and fused.fits(z, y):
         # one kernel for the softmax and the row losses (and one for the gradient): an eager
         # GPU step is bound by its launches, and the array code below takes about eighteen
