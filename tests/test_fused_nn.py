@@ -318,3 +318,30 @@ def test_16_bit_column_sums_of_views_and_long_columns(dtype: str) -> None:
         cupy.asnumpy(_fused_nn.half_sum(ones, 0, False).astype(cupy.float32)).tolist()
         == [float(_fused_nn.COLUMN_SUM_ROWS)] * 3
     )
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "array"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_loss_primitive_on_gpu_labels_equals_its_trace(
+    fused: bool, reduction: str, monkeypatch: Any
+) -> None:
+    """The loss actor's direct path (``primitive_call`` and ``primitive_vjp``, no trace) takes
+    labels on the GPU too, with the same bits as tracing the loss, a bad label's NaN included."""
+    import cupy
+
+    rng = np.random.default_rng(4)
+    logits = cupy.asarray(rng.standard_normal((6, 5)).astype(np.float32))
+    loss = ann.nn.CrossEntropyLoss(reduction=reduction)
+    for labels in (cupy.asarray([0, 4, 1, 2, 3, 0]), cupy.asarray([0, 5, 1, 2, 3, -1])):
+        with monkeypatch.context() as m:
+            if not fused:
+                _unfused(m)
+            call = loss.primitive_call(logits, labels)
+            assert call is not None
+            value, pullback = ann._math._autodiff.primitive_vjp(*call, [0])
+            ref_value, ref_pullback = ann.vjp(lambda x, y=labels: loss({}, x, y), logits)
+            seed = cupy.full(value.shape, 0.5, value.dtype)
+            (grad,) = pullback(seed)
+            (ref_grad,) = ref_pullback(seed)
+        _same_bits_but_nan_payloads(value, ref_value)
+        _same_bits_but_nan_payloads(grad, ref_grad)

@@ -281,12 +281,9 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall | None:
-    """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks, for numpy
-    labels; None for labels on a GPU (the caller then traces the op, which is one primitive
-    too, whose labels are checked by a kernel instead of on the host)."""
-    if not isinstance(raw(labels), np.ndarray):
-        return None
+def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall:
+    """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks (labels on a GPU
+    are checked by the op's kernels instead, as :func:`cross_entropy` says); never None."""
     labels, _ = _checked_labels(logits, labels, reduction)
     return _P["cross_entropy"], (logits, labels), {"reduction": reduction}
 
