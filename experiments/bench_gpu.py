@@ -14,9 +14,10 @@
    and 64) against PyTorch eager in the same run.
 
 Run: python experiments/bench_gpu.py [--steps N] [--sections 1,2,3,4] [--repeats R] [--rows I,J]
-[--profile]
-(writes runs/bench_gpu.json; --profile prints where the host time of an eager bfloat16 batch-64
-step goes)
+[--profile [DTYPE:BATCH]]
+(writes runs/bench_gpu.json; --profile prints where the host time of an eager and a captured
+`Sync` step goes, bfloat16 batch 64 unless DTYPE:BATCH says otherwise, e.g. bfloat16:1024, with
+the step's wall and CPU time unprofiled beside it)
 """
 
 from __future__ import annotations
@@ -325,10 +326,15 @@ def profile_step(
     import pstats
 
     for graphs in graph_modes:
+        # unprofiled first: a step whose CPU time is its wall time is host-bound (or waits on
+        # the card in a spin; the profile below tells which)
+        times: dict[str, float] = {}
+        plain = steady_step(batch, dtype, steps, graphs, None, policy, stages, times=times)
         prof = cProfile.Profile()
         t = steady_step(batch, dtype, steps, graphs, prof, policy, stages)
         print(f"profile: {label}, {dtype} batch {batch} cuda_graphs={graphs}: "
-              f"{t * 1e3:.2f} ms per step")  # fmt: skip
+              f"{t * 1e3:.2f} ms per step profiled; unprofiled {plain * 1e3:.2f} ms, "
+              f"CPU {times['cpu'] * 1e3:.2f} ms")  # fmt: skip
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
         if graphs:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
@@ -343,7 +349,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated")
     ap.add_argument("--out", default="runs/bench_gpu.json")
     ap.add_argument("--sections", default="1,2,3,4", help="which sections to run")
-    ap.add_argument("--profile", action="store_true", help="cProfile an eager bf16 b64 step")
+    ap.add_argument(
+        "--profile", nargs="?", const="bfloat16:64", default=None, metavar="DTYPE:BATCH",
+        help="cProfile eager and captured Sync steps (default bfloat16:64)",
+    )  # fmt: skip
     ap.add_argument(
         "--rows", default=None, help="section 3: comma-separated indices into PIPELINE_ROWS"
     )
@@ -360,8 +369,11 @@ def main() -> None:
             dtypes.append(candidate)
         except Exception as exc:  # noqa: BLE001 - report what cupy lacks
             print(f"{candidate}: not available in cupy here ({type(exc).__name__}: {exc})")
-    if args.profile:
-        profile_step("bfloat16" if "bfloat16" in dtypes else "float32", 64, args.steps)
+    if args.profile is not None:
+        dtype, _, batch = args.profile.partition(":")
+        if dtype not in dtypes:
+            ap.error(f"--profile {args.profile}: {dtype!r} is not among the dtypes here {dtypes}")
+        profile_step(dtype, int(batch or 64), args.steps)
     if 1 in sections or 2 in sections:
         print("1. matmul 8192^2, TFLOP/s")
     for dt in dtypes if 1 in sections or 2 in sections else []:
