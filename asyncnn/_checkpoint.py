@@ -23,11 +23,11 @@ import msgpack
 import numpy as np
 
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
-from ._math._pytree import tree_flatten
+from ._math._pytree import tree_flatten, tree_map
 from ._runtime._graph import Graph
 from ._runtime._policies import policy_from_spec
 from ._runtime._run import RunState
-from .backends import get_backend, to_numpy
+from .backends import get_backend, is_floating, to_numpy
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -168,8 +168,11 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
-    ``overrides`` replace constructor arguments; ``trusted_modules=[...]`` names modules whose
-    classes the spec may name without their being imported already (see
+    ``overrides`` replace constructor arguments: with ``dtype``, the weights and optimizer
+    buffers are cast to it; with an ``optimizer`` whose state has another structure than the
+    checkpoint's (another kind), each layer's optimizer state starts fresh (the weights, versions
+    and counters are kept). ``trusted_modules=[...]`` names modules whose classes the spec may
+    name without their being imported already (see
     :func:`~asyncnn._math._imports.import_by_path`).
 
     Raises:
@@ -214,13 +217,20 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             device = graph.nodes[name].device
             params[name] = _join(entry["params"], f"params/{name}", arrays, device, [0])
             _fits(params[name], fresh.params[name], f"the parameters of {name!r}", same_dtype)
-            opt_states[name] = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
-            if "optimizer" not in overrides:  # another optimizer may keep another state
-                _fits(opt_states[name], fresh.opt_states[name], f"the optimizer state of {name!r}")
+            params[name] = _cast_like(params[name], fresh.params[name], device)
+            opt_state = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
+            try:
+                _fits(opt_state, fresh.opt_states[name], f"the optimizer state of {name!r}")
+            except ValueError:
+                if "optimizer" not in overrides:
+                    raise
+                opt_state = fresh.opt_states[name]  # another optimizer: its own state, fresh
+            opt_states[name] = _cast_like(opt_state, fresh.opt_states[name], device)
             versions[name] = _count(entry["version"], f"the version of {name!r}")
             if "pending" in entry:
                 acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
                 _fits(acc, fresh.params[name], f"the pending gradients of {name!r}", same_dtype)
+                acc = _cast_like(acc, fresh.params[name], device)
                 pending[name] = (acc, _count(entry["pending"]["count"], "a gradient count"))
             if "actor_state" in entry:
                 actor_states[name] = _join(
@@ -364,6 +374,20 @@ def _fits(tree: Any, like: Any, what: str, same_dtype: bool = False) -> None:
             raise ValueError(f"{what}: leaf {i} has dtype {a.dtype}, expected {b.dtype}")
         if not a_array and not isinstance(a, _SCALARS):
             raise ValueError(f"{what}: leaf {i} is {a!r:.80}, not a number")
+
+
+def _cast_like(tree: Any, like: Any, device: str) -> Any:
+    """``tree`` with each floating array leaf in the dtype of ``like``'s (where a ``dtype``
+    override gave the trainer another one than the checkpoint's); other leaves as they are."""
+
+    def cast(a: Any, b: Any) -> Any:
+        if not (hasattr(a, "dtype") and hasattr(b, "dtype")) or a.dtype == b.dtype:
+            return a
+        if not (is_floating(a.dtype) and is_floating(b.dtype)):
+            return a
+        return get_backend(device).asarray(a, dtype=b.dtype)
+
+    return tree_map(cast, tree, like)
 
 
 _SCALARS: tuple[type, ...] = (int, float, bool, type(None), str)

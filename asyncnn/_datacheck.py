@@ -1,5 +1,6 @@
 """Checks of what a user hands the Trainer, before any compute: labels against the loss's class
-count, the inputs ``predict`` and ``evaluate`` need, and parameters assigned to ``tr.params``."""
+count, the inputs ``predict`` and ``evaluate`` need (names, shapes, dtypes), and parameters
+assigned to ``tr.params``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from ._runtime._graph import Graph
 from .backends import is_floating, to_numpy
 
-__all__ = ["check_labels", "check_params", "needed_inputs", "require_inputs"]
+__all__ = ["check_inputs", "check_labels", "check_params", "needed_inputs", "require_inputs"]
 
 
 def check_labels(
@@ -65,10 +66,11 @@ def needed_inputs(graph: Graph, targets: list[str]) -> list[str]:
 
 
 def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what: str) -> None:
-    """Checks that ``data`` gives every input that ``targets`` need (names only).
+    """Checks that ``data`` gives every input that ``targets`` need, and no input the graph
+    lacks (names only).
 
     Raises:
-        ValueError: naming the missing inputs and what needs them.
+        ValueError: naming the missing inputs and what needs them, or the unknown ones.
     """
     need = needed_inputs(graph, targets)
     missing = [n for n in need if n not in data]
@@ -83,6 +85,41 @@ def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], wh
         raise ValueError(
             f"{what}: the data has {unknown}, which the graph has no input for ({graph.inputs})"
         )
+
+
+def check_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what: str) -> None:
+    """Checks the shape and dtype of each input that ``targets`` need against the graph's
+    declaration, and that there are rows (after :func:`require_inputs`, on arrays sharing their
+    first dimension).
+
+    Raises:
+        ValueError: naming the input, the shape or dtype it has and the one declared.
+    """
+    need = needed_inputs(graph, targets)
+    rows = None
+    for name in need:
+        node = graph.nodes[name]
+        array = data[name]
+        shape = tuple(array.shape)
+        want = tuple(node.shape or ())
+        if len(shape) != len(want) or any(
+            w is not None and s != w for s, w in zip(shape, want, strict=True)
+        ):
+            raise ValueError(
+                f"{what}: input {name!r}: got shape {shape}, the graph declares {want} "
+                "(None is the batch dimension)"
+            )
+        got = np.dtype(array.dtype)
+        if np.dtype(node.dtype).kind in "iu" and got.kind not in "iu":
+            raise ValueError(
+                f"{what}: input {name!r} is declared {node.dtype} but got {got} data: pass "
+                f"integers (e.g. {name}.astype(np.int64))"
+            )
+        if np.dtype(node.dtype).kind == "f" and got.kind not in "fiub" and not is_floating(got):
+            raise ValueError(f"{what}: input {name!r} is declared {node.dtype} but got {got} data")
+        rows = shape[0]
+    if rows == 0:
+        raise ValueError(f"{what}: the data has 0 rows")
 
 
 def check_params(name: str, current: Any, given: Any) -> None:

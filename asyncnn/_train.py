@@ -14,10 +14,10 @@ import anyio
 import numpy as np
 
 from ._callbacks import Callback
-from ._datacheck import check_labels, check_params, require_inputs
+from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._fit import _FitPlan, _FitState, _Progress
 from ._history import History
-from ._math._data import ArrayDataset
+from ._math._data import ArrayDataset, _check_index
 from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
 from ._runtime._checks import check_cuda_graphs
@@ -209,7 +209,7 @@ class Trainer:
         shuffle: bool = False,
         drop_last: bool = False,
         *,
-        validation_data: Mapping[str, Any] | None = None,
+        validation_data: Mapping[str, Any] | ArrayDataset | None = None,
         callbacks: Sequence[Callback] = (),
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int | None = None,
@@ -235,7 +235,8 @@ class Trainer:
             batch_size: rows per minibatch.
             shuffle: a new order each epoch (from the seed and the epoch number).
             drop_last: skip each epoch's last, smaller minibatch.
-            validation_data: evaluated after each epoch; ``val_loss`` (and ``val_accuracy``)
+            validation_data: evaluated after each epoch (a dict of arrays or an
+                :class:`~asyncnn.data.ArrayDataset`); ``val_loss`` (and ``val_accuracy``)
                 go into :attr:`History.epochs` and the callbacks' logs.
             callbacks: :class:`~asyncnn.callbacks.Callback` objects (early stopping, loggers).
             checkpoint_dir: where ``checkpoint_every`` writes checkpoints
@@ -246,11 +247,23 @@ class Trainer:
                 labels against the loss's class count. False skips these passes over the data.
 
         Raises:
-            ValueError: bad data (naming the input and the row) or arguments.
+            ValueError: bad data (naming the input and the row) or arguments (also a
+                ``batch_size`` that ``drop_last`` leaves no minibatch of).
+            TypeError: ``epochs`` or ``batch_size`` is not an int; ``callbacks`` is not a list
+                of callbacks.
         """
         dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
-        if epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        epochs = _check_index(epochs, "epochs", 0)
+        if epochs and drop_last and 0 < len(dataset) < _check_index(batch_size, "batch_size", 1):
+            raise ValueError(
+                f"batch_size={batch_size} with drop_last=True leaves no minibatch of the "
+                f"{len(dataset)} rows: use a batch_size of at most {len(dataset)}"
+            )
+        if isinstance(callbacks, Callback):
+            raise TypeError(
+                f"callbacks takes a list of callbacks: pass callbacks=[{type(callbacks).__name__}"
+                "(...)], not the callback alone"
+            )
         callbacks = list(callbacks)
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -270,8 +283,12 @@ class Trainer:
         check_batch(self.graph, dataset.arrays, check_data or self.check_finite)
         if check_data:
             check_labels(self.graph, self.shapes, dataset.arrays)
+        if isinstance(validation_data, ArrayDataset):
+            validation_data = validation_data.arrays
         if validation_data is not None:
             require_inputs(self.graph, validation_data, self.graph.losses, "validation_data")
+            validation_data = ArrayDataset(validation_data).arrays
+            check_inputs(self.graph, validation_data, self.graph.losses, "validation_data")
             check_batch(self.graph, validation_data, check_data)
             if check_data:
                 check_labels(self.graph, self.shapes, validation_data)
@@ -295,8 +312,15 @@ class Trainer:
         fit = _FitState(self, plan, history)
         trace_path = self._next_trace_path()
         start = time.perf_counter()
-        for cb in plan.callbacks:
-            cb.on_fit_start(self)
+        started: list[Callback] = []
+        try:
+            for cb in plan.callbacks:
+                cb.on_fit_start(self)
+                started.append(cb)
+        except BaseException:  # those started end (a logger closes its file), then it raises
+            for cb in started:
+                cb.on_fit_end(self, history)
+            raise
         try:
             with _Progress(self.progress, total) as bar:
                 fit.bar = bar
@@ -336,15 +360,21 @@ class Trainer:
         return out
 
     # -- inference ---------------------------------------------------------------------------------
-    def predict(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, np.ndarray]:
-        """The graph's outputs (``g.output``) for ``data``, as numpy arrays.
+    def predict(
+        self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        """The graph's outputs (``g.output``) for ``data`` (a dict of arrays or an
+        :class:`~asyncnn.data.ArrayDataset`), as numpy arrays.
 
         Raises:
-            ValueError: an input the outputs need is missing (named), or has the wrong shape.
+            ValueError: an input the outputs need is missing, or has another shape or dtype than
+                the graph declares (named); the data has no rows.
         """
         outputs = list(self.graph.outputs.values())
+        data = data.arrays if isinstance(data, ArrayDataset) else data
         require_inputs(self.graph, data, outputs, "predict")
         dataset = ArrayDataset(data)
+        check_inputs(self.graph, dataset.arrays, outputs, "predict")
         params = self._params_on_devices()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
         for batch in dataset.batches(batch_size):
@@ -353,17 +383,28 @@ class Trainer:
                 parts[name].append(np.asarray(to_numpy(outs[src])))
         return {name: np.concatenate(p) for name, p in parts.items()}
 
-    def evaluate(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, float]:
-        """Mean loss over ``data``, and accuracy for a classifier (a loss reading integer labels).
+    def evaluate(
+        self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
+    ) -> dict[str, float]:
+        """Mean loss over ``data`` (a dict of arrays or an :class:`~asyncnn.data.ArrayDataset`),
+        and accuracy for a classifier (a loss reading integer labels).
 
         Raises:
-            ValueError: an input the losses need (the labels too) is missing (named).
+            ValueError: an input the losses need (the labels too) is missing, or has another
+                shape or dtype than the graph declares (named); a label is out of range (named
+                with its row); the data has no rows.
         """
+        data = data.arrays if isinstance(data, ArrayDataset) else data
         require_inputs(self.graph, data, self.graph.losses, "evaluate")
-        return self._evaluate(data, batch_size)
-
-    def _evaluate(self, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, float]:
         dataset = ArrayDataset(data)
+        check_inputs(self.graph, dataset.arrays, self.graph.losses, "evaluate")
+        check_labels(self.graph, self.shapes, dataset.arrays)
+        return self._evaluate(dataset, batch_size)
+
+    def _evaluate(
+        self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
+    ) -> dict[str, float]:
+        dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
         params = self._params_on_devices()
         n = len(dataset)
         loss_sum = 0.0

@@ -140,6 +140,20 @@ def test_jsonl_logger(tmp_path):
     assert len(path.read_text().splitlines()) == len(records) + 1  # appended: one epoch line
 
 
+def test_a_callback_failing_at_fit_start_ends_those_already_started(tmp_path):
+    class Fails(Callback):
+        def on_fit_start(self, trainer):
+            raise RuntimeError("no start")
+
+    first, logger = _Record(), JSONLLogger(tmp_path / "m.jsonl")
+    tr = _trainer()
+    with pytest.raises(RuntimeError, match="no start"):
+        tr.fit(_data(), batch_size=8, callbacks=[first, logger, Fails(), _Record()])
+    assert first.calls == [("start",), ("end", 0)]
+    assert logger._file is None  # closed, not left open
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}
+
+
 def _tensorboard_scalars(logdir):
     """(tag, step, value) of the scalars of the event files in ``logdir`` (records: length,
     its crc, the Event protobuf, its crc)."""

@@ -182,3 +182,33 @@ def test_a_class_path_in_a_checkpoint_imports_nothing(
         ann.Trainer.load(bad, trusted_modules=["evilmod"])
     assert (tmp_path / "ran").exists()
     sys.modules.pop("evilmod", None)
+
+
+def test_a_dtype_override_casts_the_weights_and_optimizer_state(saved: Any, tmp_path: Any) -> None:
+    path, tr = saved
+    wide = ann.Trainer.load(path, dtype="float64")
+    assert wide.dtype == "float64"
+    for name, params in wide.params.items():
+        for a, b in zip(params[0].values(), tr.params[name][0].values(), strict=True):
+            assert a.dtype == np.float64
+            np.testing.assert_array_equal(a, b.astype(np.float64))
+    adam = wide.state.opt_states["stage0"]
+    assert adam["exp_avg"][0]["weight"].dtype == np.float64
+    wide.save(str(tmp_path / "wide"))  # and back: float64 to float32 is the same numbers again
+    narrow = ann.Trainer.load(str(tmp_path / "wide"), dtype="float32")
+    assert_params_equal(narrow.params, tr.params)
+
+
+def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved: Any) -> None:
+    path, tr = saved
+    rng = np.random.default_rng(1)
+    data = {"x": rng.normal(size=(16, 6)).astype("float32"), "y": rng.integers(0, 3, 16)}
+    sgd = ann.Trainer.load(path, optimizer=optim.SGD(lr=0.1, momentum=0.9))
+    assert sgd.state.opt_states["stage0"]["step"] == 0 and sgd.versions == tr.versions
+    assert_params_equal(sgd.params, tr.params)
+    sgd.fit(data, batch_size=16)  # was an ActorError: SGD.update handed Adam's state
+    assert sgd.versions["stage0"] == tr.versions["stage0"] + 1
+    slower = ann.Trainer.load(path, optimizer=optim.Adam(lr=1e-4))
+    kept, was = slower.state.opt_states["stage1"], tr.state.opt_states["stage1"]
+    assert kept["step"] == was["step"] > 0
+    np.testing.assert_array_equal(kept["exp_avg_sq"][0]["bias"], was["exp_avg_sq"][0]["bias"])

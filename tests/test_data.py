@@ -42,6 +42,11 @@ def test_lists_are_converted():
     assert ds["x"].shape == (2, 2) and ds["y"].dtype.kind == "i"
 
 
+def test_ragged_lists_name_the_field():
+    with pytest.raises(ValueError, match="field 'x' cannot be made an array"):
+        data.ArrayDataset({"x": [[1.0, 2.0], [3.0]], "y": [0, 1]})
+
+
 def test_batches_in_order_with_a_short_last_batch():
     ds = _dataset(10)
     batches = list(ds.batches(4))

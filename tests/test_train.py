@@ -316,3 +316,49 @@ def test_plain_text_progress_where_rich_cannot_draw(monkeypatch, capsys):
     tr.fit(_data(), epochs=1, batch_size=8)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("train 5/5  loss ") and lines[-1].endswith("samples/s")
+
+
+def test_predict_and_evaluate_check_shapes_dtypes_labels_and_rows():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    # one row without its batch dimension: was broadcast into a wrong answer, silently
+    with pytest.raises(ValueError, match=r"predict: input 'x': got shape \(5,\), .* \(None, 5\)"):
+        tr.predict({"x": data["x"][0]})
+    with pytest.raises(ValueError, match=r"evaluate: input 'x': got shape \(40, 4\)"):
+        tr.evaluate({"x": data["x"][:, :4], "y": data["y"]})
+    with pytest.raises(ValueError, match=r"evaluate: input 'y' is declared int64 but got float64"):
+        tr.evaluate({"x": data["x"], "y": data["y"].astype(float)})
+    with pytest.raises(ValueError, match=r"input 'y': label 7 at row 2 .* 0\.\.2"):
+        tr.evaluate({"x": data["x"], "y": np.where(np.arange(40) == 2, 7, data["y"])})
+    with pytest.raises(ValueError, match="evaluate: the data has 0 rows"):  # was ZeroDivisionError
+        tr.evaluate({"x": data["x"][:0], "y": data["y"][:0]})
+    with pytest.raises(ValueError, match="predict: the data has 0 rows"):
+        tr.predict({"x": data["x"][:0]})
+
+
+def test_an_array_dataset_goes_wherever_a_dict_of_arrays_does():
+    data = _data()
+    ds = ann.data.ArrayDataset(data)
+    tr = _trainer(policies.Sync())
+    hist = tr.fit(ds, batch_size=8, validation_data=ds)
+    assert hist.metrics["val_loss"] == [tr.evaluate(data)["loss"]] == [tr.evaluate(ds)["loss"]]
+    np.testing.assert_array_equal(
+        tr.predict(ann.data.ArrayDataset({"x": data["x"]}))["logits"],
+        tr.predict({"x": data["x"]})["logits"],
+    )
+    with pytest.raises(ValueError, match=r"evaluate needs the input 'y'"):
+        tr.evaluate(ann.data.ArrayDataset({"x": data["x"]}))
+
+
+def test_fit_refuses_arguments_that_would_train_nothing_or_misread():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError, match="batch_size=64 with drop_last=True leaves no minibatch"):
+        tr.fit(data, batch_size=64, drop_last=True)
+    with pytest.raises(TypeError, match="epochs must be an int, got float 1.5"):
+        tr.fit(data, epochs=1.5, batch_size=8)
+    with pytest.raises(TypeError, match=r"pass callbacks=\[EarlyStopping\(...\)\]"):
+        tr.fit(data, batch_size=8, callbacks=ann.callbacks.EarlyStopping(monitor="loss"))
+    with pytest.raises(ValueError, match=r"validation_data: input 'x': got shape \(40, 4\)"):
+        tr.fit(data, batch_size=8, validation_data={"x": data["x"][:, :4], "y": data["y"]})
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran

@@ -92,7 +92,15 @@ class ArrayDataset:
         for name, array in arrays.items():
             if not isinstance(name, str):
                 raise TypeError(f"ArrayDataset field names must be str, got {name!r}")
-            converted[name] = array if hasattr(array, "shape") else np.asarray(array)
+            if not hasattr(array, "shape"):
+                try:
+                    array = np.asarray(array)
+                except ValueError as exc:  # ragged nested lists
+                    raise ValueError(
+                        f"field {name!r} cannot be made an array (its rows must all have the "
+                        f"same shape): {exc}"
+                    ) from exc
+            converted[name] = array
         self._length = batch_length(converted)
         self._arrays = converted
 
