@@ -3,14 +3,17 @@ only once it has landed, and device clocks land on the trace's clock."""
 
 from __future__ import annotations
 
+import os
 import threading
 import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import asyncnn as ann
+from asyncnn import nn, optim, policies
 from asyncnn._runtime._recorder import Later, Recorder, digest, when_done
 
 
@@ -74,3 +77,51 @@ def test_device_spans_are_placed_on_the_trace_clock_from_one_reading(tmp_path: P
     a, b = _events(tmp_path / "t.trace")
     assert a.meta["spans"] == [[at, at + 0.5], [at + 0.5, at + 1.0]]
     assert b.meta["spans"] == [[at + 2.0, at + 2.25]]
+
+
+def test_a_second_recorder_of_a_path_being_written_is_refused(tmp_path: Path) -> None:
+    # the second would empty the file and write over the first's records: both runs' events
+    # silently lost or mixed
+    path = str(tmp_path / "t.trace")
+    first = Recorder(path, {"graph": {}})
+    first.event("stage0", "start", "forward", 0, 0, "", 0)
+    with pytest.raises(OSError, match="being written by another run.*its own trace path"):
+        Recorder(path, {"graph": {}})
+    first.event("stage0", "end", "forward", 0, 0, "", 0)
+    first.close()
+    t = ann.trace.read(path)
+    assert [e.what for e in t.events] == ["start", "end"] and not t.truncated
+    Recorder(path, {"graph": {}}).close()  # once closed, the path may be written again
+    assert ann.trace.read(path).events == []
+
+
+@pytest.mark.skipif(not os.path.exists(os.devnull), reason="needs a null device")
+def test_recorders_to_the_null_device_are_neither_locked_nor_emptied() -> None:
+    # a trace thrown away (to time the recording itself): any number of writers, no truncation
+    first = Recorder(os.devnull, {"graph": {}})
+    second = Recorder(os.devnull, {"graph": {}})
+    first.event("stage0", "start", "forward", 0, 0, "", 0)
+    second.close()
+    first.close()
+
+
+@pytest.mark.anyio
+async def test_two_runs_recording_to_one_path_keep_the_first_runs_trace(tmp_path: Path) -> None:
+    graph = ann.Graph.sequential(
+        [nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)],
+        loss=nn.CrossEntropyLoss(),
+        stages=2,
+        input_shape=(None, 4),
+    )
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((4, 4)).astype(np.float32), "y": rng.integers(0, 2, 4)}
+    path = str(tmp_path / "run.trace")
+    async with ann.open_run(graph, optim.SGD(lr=0.1), policies.Sync(), trace=path) as run:
+        await run.step(batch)
+        with pytest.raises(OSError, match="being written by another run"):
+            async with ann.open_run(graph, optim.SGD(lr=0.1), policies.Sync(), trace=path):
+                pass
+        await run.step(batch)
+    t = ann.trace.read(path)
+    assert not t.truncated and t.state is not None
+    assert [e.key for e in t.events if e.what == "admit"] == [0, 1]

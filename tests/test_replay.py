@@ -277,3 +277,53 @@ def test_backward_messages_carry_the_version_they_were_computed_with(tmp_path):
     for e in t.events:
         if e["ev"] == "send" and e["k"] == "backward" and e["a"].startswith("stage"):
             assert e["v"] == fwd[(e["a"], e["key"])]  # stashed: the forward's version
+
+
+# refused at once: before the check, the replay waited out its stall timeout
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("error", [None, "user code broke"])
+def test_replay_of_a_run_stopped_with_work_unprocessed_is_refused_at_once(tmp_path, error):
+    """A run cancelled (no error recorded), or failed outside the actors, leaves messages that
+    no actor processed: a whole replay would wait for that work forever."""
+    path, cut = tmp_path / "r.trace", tmp_path / "cut.trace"
+    ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
+        _data(8), batch_size=8
+    )
+    with open(path, "rb") as f:
+        head, state, *events = [r for _, r in iter_frames(f)]
+
+    def at(ev, actor):
+        return next(
+            i
+            for i, e in enumerate(events)
+            if (e["ev"], e["a"], e.get("k")) == (ev, actor, "backward")
+        )
+
+    # the run stopped once stage1 had sent key 0's backward on, before stage0 received it
+    sent, ended = at("send", "stage1"), at("end", "stage1")
+    kept = events[: sent + 1] + [e for e in events[sent + 1 : ended + 1] if e["a"] == "stage1"]
+    if error is not None:
+        kept.append({"t": kept[-1]["t"], "a": "scheduler", "ev": "error", "m": {"error": error}})
+    with open(cut, "wb") as f:
+        for r in (head, state, *kept):
+            f.write(encode_record(r))
+    with pytest.raises(
+        ann.TraceFormatError, match="stopped before 'stage0' processed the backward of key 0"
+    ) as info:
+        ann.replay(cut)
+    assert ("user code broke" if error else "cancelled or interrupted") in str(info.value)
+    # what it did can still be replayed one actor at a time, or up to a key
+    assert ann.replay(cut, stop_at_key=0).identical
+
+
+def test_replay_with_an_optimizer_that_cannot_continue_the_recorded_state_says_why(tmp_path):
+    path = tmp_path / "r.trace"
+    ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
+        _data(8), batch_size=8
+    )
+    for other in (optim.Adam(lr=0.1), optim.SGD(lr=0.1, momentum=0.9)):
+        with pytest.raises(ValueError, match=r"layer 'stage0' has \[.*'step'\], that of the "):
+            ann.replay(path, optimizer=other)
+    with pytest.raises(TypeError, match="must be an asyncnn.optim optimizer.*'sgd'"):
+        ann.replay(path, optimizer="sgd")
+    assert ann.replay(path, optimizer=optim.SGD(lr=0.1)).identical

@@ -14,8 +14,10 @@ or a CPU one).
 
 from __future__ import annotations
 
+import os
 import platform
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,11 @@ from asyncnn.backends import to_numpy
 
 from ._config import PAYLOAD_MODES
 from ._traceformat import FORMAT, VERSION, encode_record
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, a second writer goes unnoticed
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["PAYLOAD_MODES", "Later", "Recorder", "describe_arrays", "digest", "when_done"]
 
@@ -125,11 +132,36 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _open_alone(path: str) -> Any:
+    """``path`` opened for writing, emptied, and locked for this recorder alone: a second run
+    recording to the same path while this one writes is refused, instead of the two runs
+    writing over each other's records (the file is emptied only once the lock is held)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        # only a regular file: /dev/null or a pipe takes any number of writers and cannot be
+        # emptied
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as exc:
+                    raise OSError(
+                        f"the trace {path!r} is being written by another run (of this or "
+                        "another process): give each run its own trace path"
+                    ) from exc
+            os.ftruncate(fd, 0)
+        return open(fd, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Recorder:
     """Writes one run's trace. Open it with a header; call :meth:`event`; :meth:`close` at the end.
 
     Args:
-        path: the trace file (created or truncated).
+        path: the trace file (created or truncated). While this recorder writes it, a second
+            recorder of the same path is refused (``OSError``).
         header: the first record (format, version and package versions are added).
         payloads: ``"inputs"`` (the data fed in: enough to replay), ``"all"`` (every message's
             tensors: enough to replay one actor alone) or ``"none"`` (digests only).
@@ -142,7 +174,7 @@ class Recorder:
         self.payloads = payloads
         self.t0 = time.perf_counter()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._file = _open_alone(path)
         self._error: BaseException | None = None
         self.events = 0
         self.bytes = 0

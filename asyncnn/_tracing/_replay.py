@@ -17,8 +17,9 @@ from typing import Any
 import anyio
 import numpy as np
 
+from asyncnn._errors import TraceFormatError
 from asyncnn._math._imports import trusted_modules as trusting
-from asyncnn._math._pytree import tree_map
+from asyncnn._math._pytree import tree_flatten, tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._policies import policy_from_spec
@@ -222,8 +223,11 @@ def replay(
     with trusting(trusted_modules):
         graph = Graph.from_spec(h["graph"])
         policy = policy_from_spec(h["policy"])
-        opt = optimizer if optimizer is not None else optimizer_from_spec(h["optimizer"])
+        recorded_opt = optimizer_from_spec(h["optimizer"])
+    opt = optimizer if optimizer is not None else recorded_opt
     state = _initial_state(trace, graph)
+    if optimizer is not None:
+        _check_optimizer(optimizer, recorded_opt, state, trace.path)
     orders = _orders(trace, graph.layers)
     if stop_at_key is not None:
         user_hook = hook
@@ -234,6 +238,8 @@ def replay(
 
     if actor is not None and actor not in graph.layers:
         raise ValueError(f"replay: no layer named {actor!r}; layers: {graph.layers}")
+    if actor is None and stop_at_key is None:
+        _check_finished(trace, set(graph.layers) | set(graph.losses))
     payloads = h.get("payloads", "inputs")
     if actor is not None and payloads != "all":
         raise ValueError(
@@ -287,6 +293,55 @@ def replay(
     # a replay stopped by a hook is checked as far as it went
     checked, first = compare_sends(trace, replayed, actors, prefix=bool(stopped))
     return ReplayResult(first is None, checked, first, params, stopped[0] if stopped else None)
+
+
+def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) -> None:
+    """Refuses, before anything runs, an ``optimizer=`` that cannot continue from the recorded
+    optimizer states (another kind, or options that keep other buffers)."""
+    if not all(callable(getattr(optimizer, m, None)) for m in ("init", "update", "to_spec")):
+        raise TypeError(
+            f"replay: optimizer must be an asyncnn.optim optimizer (such as "
+            f"optim.SGD(lr=0.1)), got {optimizer!r:.80}"
+        )
+    for name, params in state.params.items():
+        fresh, kept = optimizer.init(params), state.opt_states[name]
+        if tree_flatten(fresh)[1] != tree_flatten(kept)[1]:
+
+            def keys(tree: Any) -> Any:
+                return sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+
+            raise ValueError(
+                f"replay: optimizer={optimizer!r:.120} cannot continue the run of {path}: its "
+                f"state for layer {name!r} has {keys(fresh)}, that of the recorded "
+                f"{recorded!r:.120} has {keys(kept)}. Pass an optimizer of the recorded kind "
+                "with options that keep the same state (others, such as lr, may change)"
+            )
+
+
+def _check_finished(trace: Trace, actors: set[str]) -> None:
+    """Refuses, before anything runs, a trace whose run stopped with a message that an actor
+    never processed (the run was cancelled, or failed outside the actors): a replay of the
+    whole run would wait for that work forever. A failure in an actor is not refused: the
+    replay reproduces it there."""
+    errors = [e for e in trace.events if e.what == "error"]
+    if any(e.actor in actors for e in errors):
+        return
+    started = {(e.actor, e.kind, e.key) for e in trace.events if e.what == "start"}
+    for e in trace.events:
+        if e.what == "send" and e.peer in actors and (e.peer, e.kind, e.key) not in started:
+            how = (
+                f"it ended with the error {errors[-1].meta.get('error', '')!r:.200}"
+                if errors
+                else "it was cancelled or interrupted: it recorded no error"
+            )
+            raise TraceFormatError(
+                f"{trace.path}: the run stopped before {e.peer!r} processed the {e.kind} of key "
+                f"{e.key} that {e.actor!r} sent it ({how}), so a replay of the whole run would "
+                "wait for that work forever. Replay needs a run that finished, or one that "
+                "failed in an actor (the replay reproduces the failure); replay one actor "
+                "alone, or stop earlier with stop_at_key; summary and to_chrome show what it "
+                "holds"
+            )
 
 
 def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:
