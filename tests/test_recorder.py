@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
@@ -125,3 +126,33 @@ async def test_two_runs_recording_to_one_path_keep_the_first_runs_trace(tmp_path
     t = ann.trace.read(path)
     assert not t.truncated and t.state is not None
     assert [e.key for e in t.events if e.what == "admit"] == [0, 1]
+
+
+@pytest.mark.anyio
+async def test_a_run_cancelled_from_outside_says_so_in_its_trace(tmp_path: Path) -> None:
+    # before, its trace looked like a run that ended cleanly (and a replay of it waited for the
+    # work it left undone)
+    graph = ann.Graph.sequential(
+        [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=2,
+        input_shape=(None, 4),
+    )
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((8, 4)).astype(np.float32), "y": rng.integers(0, 3, 8)}
+    path = str(tmp_path / "run.trace")
+    with anyio.CancelScope() as scope:
+        policy = policies.Async(max_active_keys=4)
+        async with ann.open_run(graph, optim.SGD(lr=0.1), policy, trace=path) as run:
+            for _ in range(3):
+                await run.step(batch)
+            scope.cancel()
+            await run.step(batch)
+    assert scope.cancelled_caught
+    t = ann.trace.read(path)
+    errors = [e for e in t.events if e.what == "error"]
+    assert [(e.actor, e.meta["error"]) for e in errors] == [
+        ("scheduler", "the run was cancelled from outside (a cancel scope or a timeout around it)")
+    ]
+    with pytest.raises(ann.TraceFormatError, match="ended with the error 'the run was cancelled"):
+        ann.replay(path)

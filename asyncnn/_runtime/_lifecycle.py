@@ -131,6 +131,20 @@ def record_error(recorder: Recorder | None, error: BaseException) -> None:
     )  # fmt: skip
 
 
+def record_interruption(recorder: Recorder | None, exc: BaseException) -> None:
+    """Writes into the trace that the run was cancelled or interrupted (``exc``: the
+    cancellation, ``KeyboardInterrupt``, or another error raised outside the actors)."""
+    if recorder is None:
+        return
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        what = "the run was cancelled from outside (a cancel scope or a timeout around it)"
+    elif isinstance(exc, KeyboardInterrupt):
+        what = "the run was interrupted (KeyboardInterrupt)"
+    else:
+        what = f"the run stopped on {type(exc).__name__}: {exc}"
+    recorder.event("scheduler", "error", "", -1, meta={"error": what})
+
+
 def close_recorder(recorder: Recorder | None, failed: bool) -> None:
     """Closes a run's trace; a trace that failed to write must not hide the run's own error."""
     if recorder is None:
@@ -247,6 +261,12 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
         if share.records_error:
             record_error(run.recorder, error)
         raise error from error.__cause__  # keeps the original failure as the cause
+    except BaseException as exc:
+        # a run cancelled from outside, or Ctrl-C: said in the trace, which would otherwise
+        # look like a run that ended cleanly (and a replay of it wait for the work left undone)
+        if share.records_error:
+            record_interruption(run.recorder, exc)
+        raise
     finally:
         try:
             close_channels(run)
