@@ -151,6 +151,19 @@ def test_chrome_export_of_a_truncated_trace(async_run: Any, tmp_path: Path) -> N
     assert ann.trace.summary(cut)["truncated"] is True
 
 
+def test_chrome_export_to_a_folder_or_a_missing_folder_names_the_path_given(
+    async_run: Any, tmp_path: Path
+) -> None:
+    # (the errors named the temporary file beside it, a name the user never gave)
+    path, _ = async_run
+    with pytest.raises(IsADirectoryError, match=r"to_chrome: '.*' is a folder; name the JSON"):
+        ann.trace.to_chrome(path, tmp_path)
+    missing = tmp_path / "no" / "out.json"
+    with pytest.raises(FileNotFoundError, match=r"the folder of '.*out\.json' \(.*no\) does not"):
+        ann.trace.to_chrome(path, missing)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
 def _staleness(trace: ann.trace.Trace) -> dict[str, list[int]]:
     fwd: dict[tuple[str, int], int] = {}
     out: dict[str, list[int]] = defaultdict(list)

@@ -80,12 +80,19 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
     Raises:
         TraceFormatError: the trace is damaged (``out`` is then left as it was: the JSON is
             written beside it and renamed into place only when whole).
+        OSError: ``out`` is a folder, or its folder does not exist (said of ``out``).
     """
+    out = os.fspath(out)
+    # said of the path given, not of the temporary file beside it that the write goes through
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"to_chrome: {out!r} is a folder; name the JSON file to write")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"to_chrome: the folder of {out!r} ({folder}) does not exist")
     reader = open_trace(path)
     kinds = node_kinds(reader.header)
     tids: dict[str, int] = {}
     # written beside, then renamed: a trace that turns out damaged halfway leaves no half file
-    out = os.fspath(out)
     tmp = f"{out}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w") as f:
