@@ -327,3 +327,22 @@ def test_replay_with_an_optimizer_that_cannot_continue_the_recorded_state_says_w
     with pytest.raises(TypeError, match="must be an asyncnn.optim optimizer.*'sgd'"):
         ann.replay(path, optimizer="sgd")
     assert ann.replay(path, optimizer=optim.SGD(lr=0.1)).identical
+
+
+def test_a_diff_of_runs_of_other_widths_names_the_shapes(tmp_path):
+    # (it said only that a digest differed)
+    paths = []
+    for width in (8, 6):
+        graph = ann.Graph.sequential(
+            [nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3)],
+            loss=nn.CrossEntropyLoss(),
+            stages=2,
+            input_shape=(None, 5),
+        )
+        paths.append(tmp_path / f"{width}.trace")
+        ann.Trainer(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(paths[-1])
+        ).fit(_data(8), batch_size=8)
+    d = ann.trace.diff(*paths)
+    assert (d.actor, d.kind, d.key) == ("stage0", "forward", 0)
+    assert "tensor 0 has shape (8, 8) <f4 in the first run and (8, 6) <f4 in the second" in d.reason

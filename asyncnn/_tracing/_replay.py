@@ -174,7 +174,7 @@ def compare_sends(
                 if pa is not None and pb is not None and pa.shape == pb.shape:
                     size = float(np.max(np.abs(pa.astype(np.float64) - pb.astype(np.float64))))
                 div = Divergence(actor, ea.seq, ea.key, ea.kind, ea.peer,
-                                 da, db, size, "the tensor's digest differs")  # fmt: skip
+                                 da, db, size, _what_differs(ea, eb))  # fmt: skip
             found.append((ea.time, div))
             break
         else:
@@ -184,6 +184,22 @@ def compare_sends(
                               eb.peer, reason="the replay sent more than the run")))  # fmt: skip
     first = min(found, key=lambda f: f[0])[1] if found else None
     return checked, first
+
+
+def _what_differs(ea: Event, eb: Event) -> str:
+    """Why two sends of the same message differ: the first tensor whose shape or dtype differs
+    (two graphs of other sizes), else its digest."""
+    for i, (xa, xb) in enumerate(zip(ea.tensors, eb.tensors, strict=False)):
+        if xa is None or xb is None:
+            continue
+        if (xa.get("s"), xa.get("d")) != (xb.get("s"), xb.get("d")):
+            return (
+                f"tensor {i} has shape {tuple(xa.get('s', ()))} {xa.get('d')} in the first "
+                f"run and {tuple(xb.get('s', ()))} {xb.get('d')} in the second"
+            )
+    if len(ea.tensors) != len(eb.tensors):
+        return f"the first run sent {len(ea.tensors)} tensors, the second {len(eb.tensors)}"
+    return "the tensor's digest differs"
 
 
 def replay(
