@@ -274,6 +274,13 @@ class Trainer:
             )
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (epochs), got {checkpoint_every}")
+        _check_index(keep_checkpoints, "keep_checkpoints (0: keep all)", 0)
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir):
+            if not os.path.isdir(checkpoint_dir):  # found before an epoch trains, not after
+                raise ValueError(
+                    f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is a file: name a folder "
+                    "(it is made if missing)"
+                )
         if self.cluster is not None and (validation_data is not None or checkpoint_every):
             raise ValueError(
                 "validation_data and checkpoint_every need the weights during fit, which worker "

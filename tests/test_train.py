@@ -362,3 +362,17 @@ def test_fit_refuses_arguments_that_would_train_nothing_or_misread():
     with pytest.raises(ValueError, match=r"validation_data: input 'x': got shape \(40, 4\)"):
         tr.fit(data, batch_size=8, validation_data={"x": data["x"][:, :4], "y": data["y"]})
     assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+
+
+def test_fit_checks_its_checkpoint_arguments_before_training(tmp_path):
+    # (a file as checkpoint_dir failed only once the first epoch had trained)
+    data = _data()
+    tr = _trainer(policies.Sync())
+    file = tmp_path / "ckpt"
+    file.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"checkpoint_dir '.*ckpt' is a file: name a folder"):
+        tr.fit(data, batch_size=8, checkpoint_dir=file, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"keep_checkpoints \(0: keep all\) must be >= 0, got -1"):
+        tr.fit(data, batch_size=8, checkpoint_dir=tmp_path / "d", checkpoint_every=1,
+               keep_checkpoints=-1)  # fmt: skip
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
