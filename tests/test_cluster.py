@@ -130,6 +130,24 @@ async def test_open_run_on_a_cluster(anyio_backend: str, three: Any) -> None:
     assert sorted(run.losses) == [0, 1, 2]
 
 
+@pytest.mark.anyio
+async def test_a_second_run_on_a_busy_cluster_is_refused_and_the_first_goes_on(
+    anyio_backend: str, three: Any
+) -> None:
+    batch = data(32)
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    async with ann.open_run(chain([0, 1, None]), cluster=three, **opts) as run:
+        await run.step(batch)
+        with pytest.raises(RuntimeError, match="already has a run open"):
+            async with ann.open_run(chain([2, 1, None]), cluster=three, **opts):
+                pass
+        await run.step(batch)
+    async with ann.open_run(chain([None] * 3), **opts) as ref:
+        for _ in range(2):
+            await ref.step(batch)
+    assert_params_equal(ref.params, run.params)
+
+
 def test_async_trace_of_a_distributed_run_replays_identically(tmp_path: Any, three: Any) -> None:
     path = str(tmp_path / "run.trace")
     tr, _ = fit(
@@ -165,6 +183,13 @@ def test_check_finite_on_a_worker_names_the_first_actor(three: Any) -> None:
 def test_a_node_on_a_worker_the_cluster_lacks_is_a_graph_error(three: Any) -> None:
     with pytest.raises(ann.GraphError, match="worker=5.*3 workers"):
         fit(chain([0, 5, 1]), policies.Sync(), cluster=three)
+    # a numpy integer (``workers=np.arange(3)``) or a bool is not taken for a worker's number
+    with pytest.raises(
+        ann.GraphError, match=r"'s1' is placed on worker=np.int64\(1\) \(of type int64\)"
+    ):
+        fit(chain([0, np.int64(1), 2]), policies.Sync(), cluster=three)  # type: ignore[list-item]
+    with pytest.raises(ann.GraphError, match=r"'s1' is placed on worker=True \(of type bool\)"):
+        fit(chain([0, True, 2]), policies.Sync(), cluster=three)
 
 
 def test_cluster_arguments_are_checked() -> None:
@@ -235,6 +260,33 @@ def test_a_worker_that_dies_or_hangs_fails_the_run_in_seconds(how: str) -> None:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
     cluster.close()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_worker_that_hangs_or_dies_while_it_is_sent_its_share_fails_the_run(how: str) -> None:
+    # over TCP the driver's send of a large share waits for the worker to read: a stopped
+    # worker must fail the run (it sends no heartbeat yet), a killed one name itself
+    # (the kill comes 1 s in, well inside the kill case's longer silence allowed)
+    timeout = 2.0 if how == "stop" else 6.0
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=timeout, shm=False)
+    tr = ann.Trainer(chain([0, 1, None], width=4000), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.Sync(), cluster=cluster)  # fmt: skip
+    tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+    victim = cluster.pids[1]
+    strike = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    try:
+        os.kill(victim, signal.SIGSTOP)  # s1's 64 MB of weights: more than socket buffers hold
+        if how == "kill":
+            strike.start()
+        with pytest.raises(ann.WorkerError) as info:
+            tr.fit(data(32), epochs=1, batch_size=32)
+    finally:
+        strike.cancel()
+        cluster.close()
+    err = info.value
+    assert err.worker == 1 and err.actors == ["s1"] and str(victim) in str(err)
+    assert ("took none of its share" in str(err)) if how == "stop" else ("SIGKILL" in str(err))
 
 
 def test_killing_the_driver_leaves_no_orphans(tmp_path: Any) -> None:
@@ -318,6 +370,27 @@ def test_a_frame_claiming_100_gb_is_refused_and_the_run_reports_it() -> None:
     assert time.perf_counter() - start < 10
     assert "100,000,000,000 bytes" in text and "worker 1" in text
     cluster.close()
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "tcp"])
+def test_a_message_over_max_message_bytes_fails_the_run_naming_the_nodes_and_the_limit(
+    shm: bool,
+) -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x)
+    h = g.layer("s1", nn.Sequential(nn.Linear(4, 64), nn.Tanh()), h, worker=0)
+    h = g.layer("s2", nn.Linear(64, 4), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    # the weights fit in 3,000 bytes; s1's activations (32 x 64 float32) do not
+    with ann.cluster.LocalCluster(workers=2, max_message_bytes=3000, shm=shm) as cluster:
+        with pytest.raises(ann.ActorError) as info:
+            fit(g, policies.Sync(), cluster=cluster, epochs=1)
+    text = str(info.value)
+    assert info.value.actor == "s1"
+    assert "from 's1' to 's2'" in text and "(32, 64)" in text and "worker 1" in text
+    assert "8,192 bytes" in text and "max_message_bytes" in text
 
 
 # -- learning, and Ray -----------------------------------------------------------------------------
@@ -623,6 +696,25 @@ def test_a_worker_claiming_an_impossible_index_fails_the_start_naming_it() -> No
     try:
         with pytest.raises(ann.WorkerError, match="said it was number 7 of 2"):
             fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        cluster.close()
+
+
+class _Stillborn(ann.cluster.LocalCluster):
+    """A local cluster whose worker 1 dies before it can connect."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        super()._launch(host, port, token)
+        self.processes[1].kill()
+
+
+@pytest.mark.timeout(30)  # well under the default start_timeout of 60 s
+def test_a_worker_that_dies_before_connecting_fails_the_start_at_once_naming_it() -> None:
+    cluster = _Stillborn(workers=2)
+    try:
+        with pytest.raises(ann.WorkerError, match="worker 1 killed by SIGKILL before it conn"):
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+        assert not cluster.started and cluster.processes == []
     finally:
         cluster.close()
 

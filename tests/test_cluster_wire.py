@@ -117,6 +117,25 @@ async def test_a_frame_claiming_100_gb_is_refused_without_allocating(anyio_backe
     assert peak < 1 << 20  # nothing near the claim was allocated
 
 
+async def test_a_frame_over_the_limit_is_refused_by_its_sender_naming_the_message(
+    anyio_backend: str,
+) -> None:
+    a, b = pair(limit=1000)
+    header, buffers = encode_message(Message("forward", 3, 0, "s1", "s2", 0, (np.ones((4, 64)),)))
+    with pytest.raises(ValueError, match=r"forward message from 's1' to 's2'") as info:
+        await a.send(header, buffers)
+    text = str(info.value)
+    assert "(4, 64)" in text and "2,048 bytes" in text and "peer a" in text
+    assert "max_message_bytes" in text
+    # nothing went out: the connection carries the next frame as if nothing happened
+    assert a.bytes_sent == 0
+    await a.send({"t": "next"}, [np.ones(10, np.float32)])
+    got, _ = await b.receive()
+    assert got["t"] == "next"
+    a.close()
+    b.close()
+
+
 async def test_a_peer_closing_mid_frame_is_an_eof(anyio_backend: str) -> None:
     a, b = pair()
     head = msgpack.packb({"t": "m", "n": [100]})

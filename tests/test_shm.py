@@ -97,6 +97,22 @@ async def test_tiny_large_and_oversized_frames_round_trip(anyio_backend: str) ->
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("size", [100, 1 << 17], ids=["ring", "slab"])
+async def test_a_message_over_the_limit_is_refused_by_its_sender(
+    anyio_backend: str, size: int
+) -> None:
+    a, b = pair(limit=size - 1)
+    with pytest.raises(ValueError, match=r"'huge' frame carries .* over the limit.*max_message"):
+        await a.send({"t": "huge"}, [np.zeros(size, np.uint8)])
+    assert a.bytes_sent == 0  # nothing went out: the next frame is the next one read
+    await a.send({"t": "next"}, [np.ones(8, np.uint8)])
+    got, _ = await b.receive()
+    assert got["t"] == "next"
+    a.close()
+    b.close()
+
+
+@pytest.mark.anyio
 async def test_a_slab_is_reused_once_its_arrays_are_gone_and_not_before(anyio_backend: str) -> None:
     a, b = pair()
     x = np.arange(1 << 18, dtype=np.float32)

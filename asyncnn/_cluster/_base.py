@@ -100,6 +100,8 @@ class Cluster:
         self.rejected_count = 0
         self._log_window = (0.0, 0)  # (start of the current logging window, refusals unlogged)
         self.started = False
+        #: whether a run is open on the workers (one at a time: they serve one run)
+        self.running = False
         self.token = b""
 
     # -- what subclasses provide -----------------------------------------------------------------
@@ -178,9 +180,22 @@ class Cluster:
             if len(self.connections) >= self.workers:
                 all_in.set()
 
+        async def watch() -> None:
+            # a worker that ends before it connects fails the start now, not at start_timeout
+            while True:
+                await anyio.sleep(0.1)
+                for i in range(self.workers):
+                    fate = "" if i in self.connections else self._fate(i)
+                    if fate:
+                        raise WorkerError(
+                            i, [], f"{type(self).__name__}: worker {i} {fate} before it "
+                            "connected to the driver (its output, above, may say why)",
+                        )  # fmt: skip
+
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(serve_listener, listener, admit, self.reject)
+                tg.start_soon(watch)
                 await all_in.wait()
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:

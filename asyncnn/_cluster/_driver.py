@@ -60,26 +60,28 @@ def placement(graph: Graph, cluster: Cluster) -> dict[str, int | None]:
     """
     where: dict[str, int | None] = {}
     for name in graph.layers:
-        w = graph.nodes[name].worker
-        if w is not None and not (isinstance(w, int) and 0 <= w < cluster.workers):
-            raise GraphError(
-                f"layer {name!r} is placed on worker={w!r}, but the cluster has "
-                f"{cluster.workers} workers (0..{cluster.workers - 1}); nodes without worker= "
-                "run in the driver"
-            )
-        where[name] = w
+        where[name] = _worker_of("layer", name, graph.nodes[name].worker, cluster)
     for name in graph.losses:
         node = graph.nodes[name]
-        w = node.worker
+        w = _worker_of("loss", name, node.worker, cluster)
         if w is None:
             w = next((where[s] for s in node.inputs if s in where), None)
-        elif not (isinstance(w, int) and 0 <= w < cluster.workers):
-            raise GraphError(
-                f"loss {name!r} is placed on worker={w!r}, but the cluster has "
-                f"{cluster.workers} workers"
-            )
         where[name] = w
     return where
+
+
+def _worker_of(kind: str, name: str, w: Any, cluster: Cluster) -> int | None:
+    if w is None or (type(w) is int and 0 <= w < cluster.workers):
+        return w
+    if type(w) is not int:  # a bool, a numpy integer, a string...
+        raise GraphError(
+            f"{kind} {name!r} is placed on worker={w!r} (of type {type(w).__name__}): "
+            f"worker= takes a Python int (0..{cluster.workers - 1}), or None for the driver"
+        )
+    raise GraphError(
+        f"{kind} {name!r} is placed on worker={w!r}, but the cluster has {cluster.workers} "
+        f"workers (0..{cluster.workers - 1}); nodes without worker= run in the driver"
+    )
 
 
 def _check_turns(graph: Graph, policy: Policy, where: dict[str, int | None]) -> None:
@@ -162,14 +164,21 @@ async def open_cluster_run(
 ) -> AsyncIterator[Run]:
     """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers, with the run's
     options whole as ``config`` (the one record every process of the run reads them from)."""
+    if cluster.running:
+        # refused before anything reaches the workers: the open run goes on unharmed
+        raise RuntimeError(
+            f"this {type(cluster).__name__} already has a run open; its workers serve one run "
+            "at a time: finish that run first, or give this one a cluster of its own"
+        )
     if not validated:
         validate(graph, config.dtype)
     where = placement(graph, cluster)
     _check_turns(graph, policy, where)
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
-    await cluster.start()
+    cluster.running = True
     try:
+        await cluster.start()
         async with _driver_run(
             cluster, where, graph, optimizer, policy, config, state, pool, on_loss
         ) as run:
@@ -177,6 +186,8 @@ async def open_cluster_run(
     except BaseException:
         cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
         raise
+    finally:
+        cluster.running = False
 
 
 @asynccontextmanager
@@ -356,7 +367,43 @@ async def _start_workers(
             "minibatches": state.minibatches,
             "keys": state.keys,
         }
-        await cluster.connections[w].send(cmd, buffers)
+        await _send_share(cluster, w, [n for n, p in where.items() if p == w], cmd, buffers)
+
+
+async def _send_share(
+    cluster: Cluster, w: int, hosted: list[str], cmd: dict[str, Any], buffers: list[Any]
+) -> None:
+    """Sends worker ``w`` its share of the run. Nobody reads the worker yet (its heartbeats
+    start with the run), so the send watches it: a worker that takes none of the share for
+    ``heartbeat_timeout`` (stopped, hung) or goes away fails the run, named."""
+    conn = cluster.connections[w]
+    stalled = False
+    lost: BaseException | None = None
+
+    async def watch() -> None:
+        nonlocal stalled
+        seen = -1
+        while conn.bytes_sent != seen:
+            seen = conn.bytes_sent
+            await anyio.sleep(cluster.heartbeat_timeout)
+        stalled = True
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            await conn.send(cmd, buffers)
+        except (EOFError, ConnectionError) as exc:
+            lost = exc
+        tg.cancel_scope.cancel()
+    if lost is not None:
+        raise await _died(cluster, w, hosted, lost) from lost
+    if stalled:
+        raise WorkerError(
+            w, hosted,
+            f"{cluster.describe_worker(w, hosted)} took none of its share of the run for "
+            f"{cluster.heartbeat_timeout:g} s (hung, or stopped)",
+        )  # fmt: skip
 
 
 async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[str]) -> None:

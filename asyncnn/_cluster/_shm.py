@@ -108,7 +108,7 @@ class ShmConnection(ShmReading):
     Args:
         sock: the connected, authenticated socket (wake-ups, end of stream, oversized frames).
         peer: who is at the other end, for error messages.
-        max_message_bytes: the most tensor bytes one incoming message may announce.
+        max_message_bytes: the most tensor bytes one message may carry, either way.
         out: this side's sending channel.
         peer_ring: the peer's ring: ``{"pid", "fd", "ring"}``.
         slab_bytes: the most slab bytes this side keeps for its messages.
@@ -154,6 +154,7 @@ class ShmConnection(ShmReading):
         views = [_byte_view(b) for b in buffers]
         sizes = [v.nbytes for v in views]
         total = sum(sizes)
+        self._check_size(header, total)
         if total <= INLINE_BYTES and not self._lock.locked():
             packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
             length = _align(_PREFIX.size + len(packed) + total)
@@ -357,13 +358,14 @@ class ShmConnection(ShmReading):
                 await _copy(np.frombuffer(view, np.uint8, n, o), np.frombuffer(v, np.uint8))
             else:
                 view[o : o + n] = v
+            self.bytes_sent += n  # progress a long copy shows (the driver watches a share's)
         await self._wait_room(length)
         slab[4] += 1  # busy from here: no await until the record is out
         at = self._record(length)
         _PREFIX.pack_into(self.out.data, at, length, _SLAB, len(packed), index, slab[4])
         o = at + _PREFIX.size
         self.out.data[o : o + len(packed)] = packed
-        self.bytes_sent += sum(v.nbytes for v in views) + length
+        self.bytes_sent += length
         self._publish(length)
 
     def send_sync(self, header: dict[str, Any]) -> None:

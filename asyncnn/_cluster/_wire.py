@@ -81,7 +81,9 @@ class Connection:
     Args:
         sock: a connected socket (made non-blocking here).
         peer: who is at the other end, for error messages (e.g. ``"worker 1"``).
-        max_message_bytes: the most buffer bytes one incoming frame may announce.
+        max_message_bytes: the most buffer bytes one frame may carry: an incoming frame that
+            announces more is refused, an outgoing one is refused before it is sent (both ends
+            of a cluster's connections have the same limit).
     """
 
     def __init__(
@@ -193,12 +195,34 @@ class Connection:
         exposing the buffer protocol, e.g. a C-contiguous numpy array).
 
         ``then`` runs right after the frame is written, before any other frame can follow: what
-        it starts (an NCCL transfer the header announced) is ordered like the frames."""
+        it starts (an NCCL transfer the header announced) is ordered like the frames.
+
+        Raises:
+            ValueError: the buffers exceed ``max_message_bytes`` (nothing was sent).
+        """
         views = [_byte_view(b) for b in buffers]
+        self._check_size(header, sum(v.nbytes for v in views))
         async with self._lock:
             await self._send_frame(header, views)
             if then is not None:
                 then()
+
+    def _check_size(self, header: dict[str, Any], total: int) -> None:
+        """Refuses, before anything is written, a frame that the peer would refuse as too large
+        (which would end the connection with an error in the peer, not here)."""
+        if total > self.max_message_bytes:
+            t = str(header.get("t"))
+            what = {
+                "m": f"a {header.get('k')} message from {header.get('s')!r} to {header.get('d')!r} "
+                f"(tensors of shapes {[tuple(d[1]) for d in header.get('x') or [] if d]})",
+                "run": "the start of a run (the state of the layers it hosts)",
+                "result": "the end of a run (the state of the layers it hosted)",
+            }.get(t, f"a {t!r} frame")
+            raise ValueError(
+                f"{what} carries {total:,} bytes of tensors for {self.peer}, over the limit of "
+                f"{self.max_message_bytes:,} bytes (raise max_message_bytes of the cluster if a "
+                "tensor is really that large)"
+            )
 
     async def _send_frame(self, header: dict[str, Any], views: list[memoryview]) -> None:
         """Writes one frame on the socket (the caller holds the lock)."""
