@@ -110,6 +110,51 @@ def test_spec_round_trip():
     assert g2.to_spec() == g.to_spec()
 
 
+def test_a_spec_with_two_nodes_of_one_name_says_so_not_a_cycle():
+    g = ann.Graph.sequential([nn.Linear(4, 8), nn.Linear(8, 3)], nn.CrossEntropyLoss(), stages=2)
+    spec = g.to_spec()
+    again = dict(spec, nodes=spec["nodes"] + [dict(spec["nodes"][2])])  # stage0 twice
+    with pytest.raises(ann.GraphError, match=r"nodes 2 and 5 are both named 'stage0'"):
+        ann.Graph.from_spec(again)
+    renamed = dict(spec, nodes=[dict(e) for e in spec["nodes"]])
+    renamed["nodes"][3]["name"] = "stage0"  # stage1 renamed: it reads a node of its own name
+    with pytest.raises(ann.GraphError, match=r"nodes 2 and 3 are both named 'stage0'"):
+        ann.Graph.from_spec(renamed)
+
+
+def test_input_dimensions_must_be_ints_and_errors_name_the_input():
+    g = ann.Graph()
+    for shape, bad in [((None, -4), "-4"), ((None, 4.5), "4.5"), ((None, "4"), "'4'")]:
+        with pytest.raises(ann.GraphError, match=rf"input 'x': shape .* has dimension {bad}"):
+            g.input("x", shape=shape)
+    with pytest.raises(ann.GraphError, match="input 'x': shape 4 is not a tuple"):
+        g.input("x", shape=4)
+    assert g.nodes == {}
+    g.input("x", shape=(None, np.int64(4)))
+    assert g.nodes["x"].shape == (None, 4) and type(g.nodes["x"].shape[1]) is int
+    mods = [nn.Linear(4, 3)]
+    with pytest.raises(ann.GraphError, match=r"input 'y': shape \(None, -1\) has dimension -1"):
+        ann.Graph.sequential(mods, nn.CrossEntropyLoss(), label_shape=(None, -1))
+    with pytest.raises(ann.GraphError, match=r"input 'x': shape \(None, -3\) has dimension -3"):
+        ann.Graph.sequential(mods, nn.CrossEntropyLoss(), stages=1, input_shape=(None, -3))
+
+
+def test_sequential_checks_its_stages_devices_and_workers_arguments():
+    mods = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
+    loss = nn.CrossEntropyLoss()
+    assert ann.Graph.sequential(mods, loss, stages=np.int64(2)).layers == ["stage0", "stage1"]
+    assert len(ann.Graph.sequential(mods, loss, stages=np.array([1, 2])).layers) == 2
+    for stages in (True, [1.5, 1.5], "2", 2.0):
+        with pytest.raises(ann.GraphError, match=r"sequential: stages=.*give the number"):
+            ann.Graph.sequential(mods, loss, stages=stages)
+    with pytest.raises(ann.GraphError, match=r"devices='cpu'; give a list .* \(2 stages\)"):
+        ann.Graph.sequential(mods, loss, stages=2, devices="cpu")
+    with pytest.raises(ann.GraphError, match=r"workers=0; give a list .* \(2 stages\)"):
+        ann.Graph.sequential(mods, loss, stages=2, workers=0)
+    with pytest.raises(ann.GraphError, match="2 stages but 1 devices"):
+        ann.Graph.sequential(mods, loss, stages=2, devices=["cpu"])
+
+
 def _two_input_graph():
     g = ann.Graph()
     a = g.input("a", shape=(None, 3))

@@ -232,6 +232,32 @@ def test_bad_lengths_and_cycles_are_clear_errors():
         ann.Trainer(g3, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
 
 
+@dataclass(frozen=True)
+class HaltAll(nn.Module):
+    """One stop condition for the whole batch (a scalar): not one per row."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, *, rng=None):
+        return np.asarray(ops.raw(h).sum() > 100.0)
+
+
+def test_a_stop_condition_not_one_per_row_is_a_clear_error():
+    g = ann.Graph()
+    c = g.input("c", (None, DC))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.loop("loop", Step(DC), c, until=HaltAll(), max_steps=4)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(DC, C), h), y)
+    rng = np.random.default_rng(0)
+    data = {"c": rng.standard_normal((6, DC)), "y": rng.integers(0, C, 6)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(ann.ActorError, match=r"loop 'loop': until HaltAll\(\) gave a stop "
+                       r"condition of shape \(\) .* shape \(6,\)") as info:  # fmt: skip
+        tr.fit(data, batch_size=6)
+    assert info.value.actor == "loop"
+
+
 def test_a_keys_cost_counts_its_row_steps_so_long_unrolls_leave_the_event_loop():
     from asyncnn.dynamic import Loop, planned_row_steps
 

@@ -163,6 +163,11 @@ def test_policy_specs_round_trip_and_validate():
         policies.GPipe(0)
     with pytest.raises(ValueError, match="max_active_keys"):
         policies.Async(max_active_keys=0)
+    # a string such as "no" is truthy: it would silently mean stash=True
+    with pytest.raises(ValueError, match=r"PipeDream\(stash='no'\): stash must be True or False"):
+        policies.PipeDream(4, stash="no")
+    with pytest.raises(ValueError, match=r"Async\(stash=0\): stash must be True or False"):
+        policies.Async(stash=0)
 
 
 # -- what each policy decides is one of its methods ----------------------------------------------

@@ -173,6 +173,22 @@ def test_capacity_factor_and_overflow_error():
         tr.fit(_data(), batch_size=12)
 
 
+def test_capacity_factor_must_be_a_finite_number_when_the_graph_is_built():
+    for factor in (float("inf"), float("nan"), "1", 0, True):
+        with pytest.raises(ann.GraphError, match=r"router 'gate': capacity_factor=.* finite"):
+            moe_graph(experts=3, k=1, capacity_factor=factor)
+    # a router module made by hand (or read from a spec) is checked before any compute
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    router = ann.dynamic.Router(nn.Linear(D, 2), 2, capacity_factor=float("inf"))
+    r = g.layer("gate", router, x)
+    outs = [g.layer(f"e{i}", nn.Linear(D, C), r) for i in range(2)]
+    g.loss("loss", nn.CrossEntropyLoss(), g.merge("m", r, *outs), y)
+    with pytest.raises(ann.GraphError, match=r"router 'gate': capacity_factor=inf"):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
 def test_predict_follows_the_routes():
     g = moe_graph(k=2, capacity=2)
     data = _data()

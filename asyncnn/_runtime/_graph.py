@@ -21,7 +21,7 @@ from asyncnn.backends import parse_device
 
 from ._balance import split_sizes
 from ._specs import actor_from_spec, check_actor_args, check_cycles
-from ._structure import check_routing
+from ._structure import check_capacity_factor, check_routing
 
 __all__ = ["Graph", "Node", "TensorRef"]
 
@@ -145,12 +145,23 @@ class Graph:
     def input(self, name: str, shape: Sequence[int | None], dtype: str = "float32") -> TensorRef:
         """Declares a data input. ``None`` in ``shape`` marks the batch dimension (the first)."""
         self._check_name(name)
+        if not isinstance(shape, Sequence) or isinstance(shape, str):
+            raise GraphError(f"input {name!r}: shape {shape!r} is not a tuple, e.g. (None, 40)")
         shape = tuple(shape)
         if not shape or shape[0] is not None or any(s is None for s in shape[1:]):
             raise GraphError(
                 f"input {name!r}: shape {shape} must start with None (the batch dimension) and "
                 "give every other dimension, e.g. (None, 40)"
             )
+        dims: list[int] = []
+        for d in shape[1:]:
+            if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0:
+                raise GraphError(
+                    f"input {name!r}: shape {shape} has dimension {d!r}; every dimension after "
+                    "the batch's must be an int >= 0"
+                )
+            dims.append(int(d))
+        shape = (None, *dims)
         try:
             np.dtype(dtype)
         except TypeError as exc:
@@ -259,6 +270,7 @@ class Graph:
             device: where the router runs.
             worker: the worker process that hosts it (with a cluster).
         """
+        check_capacity_factor(name, capacity_factor)
         try:
             module = Router(gate, experts, k, gates, capacity, capacity_factor, on_overflow)
         except (TypeError, ValueError) as exc:
@@ -404,14 +416,23 @@ class Graph:
         if input_shape is None:
             first = getattr(modules[0], "in_features", None) if modules else None
             input_shape = (None,) if not isinstance(first, int) else (None, first)
-        sizes = split_sizes(modules, stages, balance, tuple(input_shape), input_dtype, balance_rows)
-        if devices is not None and len(devices) != len(sizes):
-            raise GraphError(f"sequential: {len(sizes)} stages but {len(devices)} devices")
-        if workers is not None and len(workers) != len(sizes):
-            raise GraphError(f"sequential: {len(sizes)} stages but {len(workers)} workers")
         g = cls()
-        h: TensorRef = g.input("x", input_shape, input_dtype)
+        h: TensorRef = g.input("x", input_shape, input_dtype)  # checked before it is used
         y = g.input("y", label_shape, label_dtype)
+        input_shape = g.nodes["x"].shape or (None,)
+        sizes = split_sizes(
+            modules, _stages(stages), balance, input_shape, input_dtype, balance_rows
+        )
+        for what, given in (("devices", devices), ("workers", workers)):
+            if given is None:
+                continue
+            if isinstance(given, str) or not isinstance(given, Sequence):
+                raise GraphError(
+                    f"sequential: {what}={given!r}; give a list with one entry per stage "
+                    f"({len(sizes)} stages)"
+                )
+            if len(given) != len(sizes):
+                raise GraphError(f"sequential: {len(sizes)} stages but {len(given)} {what}")
         start = 0
         for k, size in enumerate(sizes):
             dev = devices[k] if devices is not None else "cpu"
@@ -565,6 +586,20 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
+
+
+def _stages(stages: Any) -> int | list[int]:
+    """``Graph.sequential``'s ``stages``, checked: an int (numpy's too), or a list of ints."""
+    if isinstance(stages, Sequence | np.ndarray) and not isinstance(stages, str):
+        parts = list(stages)
+        if all(isinstance(s, int | np.integer) and not isinstance(s, bool) for s in parts):
+            return [int(s) for s in parts]
+    elif isinstance(stages, int | np.integer) and not isinstance(stages, bool):
+        return int(stages)
+    raise GraphError(
+        f"sequential: stages={stages!r}; give the number of stages (an int) or the number of "
+        "modules in each stage (a list of ints, e.g. [2, 3])"
+    )
 
 
 def _init_offset(node: Node, offset: Any) -> int | None:

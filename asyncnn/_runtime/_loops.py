@@ -89,6 +89,12 @@ class LoopActor(LayerActor):
                 active = lengths > t + 1
             if loop.until is not None:
                 stop = np.asarray(self.backend.to_numpy(loop.until({}, new)), dtype=bool)
+                if stop.shape[:1] != (len(rows),) or stop.size != len(rows):
+                    raise ValueError(
+                        f"loop {self.name!r}: until {loop.until!r} gave a stop condition of "
+                        f"shape {stop.shape} for a state of shape {tuple(new.shape)}; it must "
+                        f"give one bool per row, shape ({len(rows)},)"
+                    )
                 active[rows[stop.reshape(-1)]] = False
         return (outs if outs is not None else h), records, steps_done
 

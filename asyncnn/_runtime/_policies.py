@@ -390,6 +390,12 @@ def _check_int(policy: str, field: str, value: int) -> None:
         raise ValueError(f"{policy}({field}={value!r}): {field} must be an int >= 1")
 
 
+def _check_bool(policy: str, field: str, value: bool) -> None:
+    # a string such as "no" is truthy: it would silently mean the opposite
+    if not isinstance(value, bool):
+        raise ValueError(f"{policy}({field}={value!r}): {field} must be True or False")
+
+
 @dataclass(frozen=True)
 class Sync(Policy):
     """The whole minibatch forward, then backward; one update per minibatch."""
@@ -443,6 +449,7 @@ class PipeDream(Policy):
 
     def __post_init__(self) -> None:
         _check_int("PipeDream", "microbatches", self.microbatches)
+        _check_bool("PipeDream", "stash", self.stash)
 
     def max_in_flight(self, num_stages: int) -> int:
         return num_stages  # stage 0 holds at most K keys: its warm-up plus one
@@ -513,6 +520,7 @@ class Async(Policy):
     def __post_init__(self) -> None:
         _check_int("Async", "max_active_keys", self.max_active_keys)
         _check_int("Async", "min_update_frequency", self.min_update_frequency)
+        _check_bool("Async", "stash", self.stash)
 
     def max_in_flight(self, num_stages: int) -> int:
         return self.max_active_keys

@@ -13,8 +13,17 @@ __all__ = ["actor_from_spec", "check_actor_args", "check_cycles"]
 
 
 def check_cycles(nodes: list[dict[str, Any]]) -> None:
-    """Rejects a spec whose node reads itself or a later node (a cycle, or a wrong order)."""
-    position = {e.get("name"): i for i, e in enumerate(nodes)}
+    """Rejects a spec whose node reads itself or a later node (a cycle, or a wrong order), and
+    one with two nodes of one name (which would read as a cycle)."""
+    position: dict[Any, int] = {}
+    for i, entry in enumerate(nodes):
+        name = entry.get("name")
+        if name is not None and name in position:
+            raise GraphError(
+                f"graph spec: nodes {position[name]} and {i} are both named {name!r}; node "
+                "names must be unique"
+            )
+        position[name] = i
     for i, entry in enumerate(nodes):
         for src in entry.get("inputs", []):
             j = position.get(src)

@@ -3,14 +3,28 @@ expert branches (called by :meth:`Graph.check_structure`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from numbers import Real
+from typing import TYPE_CHECKING, Any
 
 from asyncnn._errors import GraphError
 
 if TYPE_CHECKING:
     from ._graph import Graph, Node
 
-__all__ = ["check_routing", "expert_starts"]
+__all__ = ["check_capacity_factor", "check_routing", "expert_starts"]
+
+
+def check_capacity_factor(router: str, factor: Any) -> None:
+    """Raises :class:`GraphError` unless a router's ``capacity_factor`` is None or a finite
+    number > 0 (an infinite one would fail only when the first key arrives)."""
+    if factor is None:
+        return
+    if isinstance(factor, bool) or not isinstance(factor, Real) or not 0 < float(factor) < math.inf:
+        raise GraphError(
+            f"router {router!r}: capacity_factor={factor!r} must be a finite number > 0 (or "
+            "None, for capacity=... or no limit)"
+        )
 
 
 def expert_starts(graph: Graph, router: Node) -> list[str]:
@@ -25,6 +39,7 @@ def check_routing(graph: Graph) -> None:
     for node in graph.nodes.values():
         if node.role != "router":
             continue
+        check_capacity_factor(node.name, node.module.capacity_factor)
         experts = int(node.module.experts)
         merges = [c for c, _ in node.consumers if graph.nodes[c].role == "merge"]
         if len(merges) != 1:
