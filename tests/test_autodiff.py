@@ -59,6 +59,20 @@ def test_numpy_ufunc_on_tracer_routes_to_ops():
     np.testing.assert_allclose(g, [1.0, 1.0])
 
 
+def test_comparisons_of_traced_arrays_give_raw_arrays():
+    x = np.array([0.0, 1.0, 2.0])
+
+    def f(t):
+        np.testing.assert_array_equal(t == 0, [True, False, False])
+        np.testing.assert_array_equal(t != 0, [False, True, True])
+        np.testing.assert_array_equal(0.0 == t, [True, False, False])
+        np.testing.assert_array_equal(np.ones(3) == t, [False, True, False])
+        np.testing.assert_array_equal(np.ones(3) < t, [False, False, True])
+        return ops.sum(ops.where(t == 0, 5.0 * t, t * t))
+
+    np.testing.assert_array_equal(ann.grad(f)(x), [5.0, 2.0, 4.0])
+
+
 def test_tracer_refuses_silent_conversion():
     with pytest.raises(TypeError, match="gradient would be lost"):
         ann.grad(lambda x: ops.sum(np.asarray(x)))(np.ones(2))

@@ -97,6 +97,8 @@ GRAD_CASES = [
     case("power-int-exponent", lambda a: ops.power(a, 3), N(2, 3)),
     case("power-operator-float", lambda a: a**2.5, P(2, 3)),
     case("rpow", lambda b: 2.0**b, N(3)),
+    case("power-0-to-the-0", lambda a: (a * 0) ** 0 + a, N(3)),  # d/da a**0 is 0 at a == 0 too
+    case("power-0-to-array-0", lambda a: ops.power(a * 0, ops.raw(a) * 0) + a, N(3)),
     # elementwise unary
     case("exp", ops.exp, N(2, 3)),
     case("log", ops.log, P(2, 3)),
@@ -182,6 +184,7 @@ GRAD_CASES = [
          N(2)),
     case("conv2d-pairs", lambda x, w: ops.conv2d(x, w, None, (1, 2), (2, 0), (2, 1)),
          N(2, 1, 4, 6), N(2, 1, 2, 3)),
+    case("conv2d-empty-batch", ops.conv2d, N(0, 2, 4, 4), N(3, 2, 2, 2), N(3)),
     # pools
     case("max_pool1d", lambda x: ops.max_pool1d(x, 2), N(2, 3, 8)),
     case("max_pool1d-s1-p1", lambda x: ops.max_pool1d(x, 3, stride=1, padding=1), N(2, 2, 5)),
@@ -679,3 +682,56 @@ def test_other_errors() -> None:
         ops.embedding(np.zeros((5, 2)), np.array([0.0, 1.0]))
     with pytest.raises(TypeError, match="axis must be one int"):
         ops.softmax(np.zeros((2, 2)), axis=(0, 1))  # type: ignore[arg-type]
+
+
+def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
+    x = np.arange(6.0).reshape(2, 3)
+    for call, op, axis in [
+        (lambda: ops.take(x, np.array([0]), axis=2), "take", 2),
+        (lambda: ops.concatenate([x, x], axis=2), "concatenate", 2),
+        (lambda: ops.stack([x, x], axis=-4), "stack", -4),
+        (lambda: ops.expand_dims(x, 3), "expand_dims", 3),
+        (lambda: ops.sum(x, axis=(0, 2)), "sum", 2),
+        (lambda: ops.max(x, axis=-3), "max", -3),
+        (lambda: ops.softmax(x, axis=2), "softmax", 2),
+    ]:
+        with pytest.raises(ValueError, match=rf"{op}: axis {axis} is out of range"):
+            call()
+    with pytest.raises(TypeError, match=r"mean: axis must be an int, got 1.0"):
+        ops.mean(x, axis=1.0)  # type: ignore[arg-type]
+    # numpy integers are axes, as in numpy
+    np.testing.assert_array_equal(ops.mean(x, axis=np.int64(1)), x.mean(axis=1))
+    np.testing.assert_array_equal(ops.sum(x, axis=(np.int64(0), -1)), x.sum())
+    np.testing.assert_array_equal(ops.take(x, np.array([2]), axis=np.int64(-1)), x[:, 2:])
+
+
+def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
+    a, b = np.zeros((3, 4)), np.zeros(3)
+    for name in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum"):
+        with pytest.raises(ValueError, match=rf"{name}: shapes \(3, 4\) and \(3,\) do not broad"):
+            getattr(ops, name)(a, b)
+    with pytest.raises(ValueError, match=r"add: shapes \(3, 4\) and \(3,\) do not broadcast"):
+        ann.vjp(lambda a: a + b, a)  # traced, through the operator
+    with pytest.raises(ValueError, match=r"where: shapes \(2,\) and \(3, 4\) and \(3, 4\)"):
+        ops.where(np.array([True, False]), a, a)
+    with pytest.raises(ValueError, match=r"matmul: .* batch dimensions \(2,\) and \(3,\)"):
+        ops.matmul(np.zeros((2, 3, 4)), np.zeros((3, 4, 2)))
+
+
+def test_integer_input_to_a_float_op_says_to_convert() -> None:
+    ints = np.arange(6).reshape(2, 3)
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        with pytest.raises(TypeError, match=rf"{name}: x must be floating point, got dtype int64"):
+            getattr(ops, name)(ints)
+    with pytest.raises(TypeError, match="avg_pool1d: x must be floating point"):
+        ops.avg_pool1d(ints[None], 2)
+
+
+def test_embedding_ids_out_of_range_are_refused() -> None:
+    weight = np.arange(10.0).reshape(5, 2)
+    with pytest.raises(IndexError, match=r"embedding: id 5 is outside \[0, 5\) .* \(5, 2\)"):
+        ops.embedding(weight, np.array([0, 5]))
+    with pytest.raises(IndexError, match=r"id -1 is outside"):  # not the last row, as in torch
+        ops.embedding(weight, np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"weight must have shape \(n, d\), got \(5,\)"):
+        ops.embedding(np.zeros(5), np.array([1]))

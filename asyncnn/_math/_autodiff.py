@@ -147,7 +147,7 @@ class Tracer:
 
     Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.reshape()``,
     indexing, and the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``).
-    Comparisons return raw boolean arrays (they have no gradient).
+    Comparisons (``<``, ``==``, ...) return raw boolean arrays (they have no gradient).
     """
 
     __slots__ = ("value", "trace", "index")
@@ -255,7 +255,13 @@ class Tracer:
     def __ge__(self, o: Any) -> Any:
         return self.value >= _raw(o)
 
-    __hash__ = object.__hash__
+    def __eq__(self, o: object) -> Any:
+        return self.value == _raw(o)
+
+    def __ne__(self, o: object) -> Any:
+        return self.value != _raw(o)
+
+    __hash__ = object.__hash__  # by identity, as before: __eq__ answers with an array
 
     @property
     def T(self) -> Any:  # noqa: N802 - numpy's name
@@ -286,6 +292,8 @@ class Tracer:
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         op: Any = None
         if method == "__call__" and not kwargs:
+            if ufunc.__name__ in _COMPARISONS:  # ``array == traced``: no gradient, a raw answer
+                return ufunc(*(_raw(x) for x in inputs))
             op = _ops.UFUNC_OPS.get(ufunc.__name__)
         if op is None:
             raise TypeError(
@@ -297,6 +305,9 @@ class Tracer:
 
 def _raw(x: Any) -> Any:
     return x.value if type(x) is Tracer else x
+
+
+_COMPARISONS = frozenset(("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"))
 
 
 def _is_differentiable(x: Any) -> bool:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from asyncnn.backends import array_namespace
 
 from ._autodiff import Primitive, Tracer
 from ._rules_array import RULES as _ARRAY_RULES
-from ._rules_array import normalize_axis
+from ._rules_array import check_axis, normalize_axis
 from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
 
 __all__ = [
@@ -50,25 +52,43 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
+def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
+    """``_P[name](*args, **params)``, where a shape mismatch fails naming the op and the shapes
+    instead of with numpy's message from inside the rule."""
+    try:
+        return _P[name](*args, **params)
+    except ValueError:
+        shapes = [_shape(a) for a in args]
+        try:
+            np.broadcast_shapes(*shapes)
+        except ValueError:
+            raise ValueError(
+                f"{name}: shapes {' and '.join(map(str, shapes))} do not broadcast (aligned from "
+                "the right, each pair of dimensions must be equal or one of them 1); reshape "
+                "one of them, e.g. ops.expand_dims(b, -1) or ops.reshape(b, ...)"
+            ) from None
+        raise
+
+
 # -- elementwise ----------------------------------------------------------------------------------
 def add(a: Any, b: Any) -> Any:
     """``a + b`` with numpy broadcasting."""
-    return _P["add"](a, b)
+    return _broadcasting("add", a, b)
 
 
 def subtract(a: Any, b: Any) -> Any:
     """``a - b`` with numpy broadcasting."""
-    return _P["subtract"](a, b)
+    return _broadcasting("subtract", a, b)
 
 
 def multiply(a: Any, b: Any) -> Any:
     """``a * b`` with numpy broadcasting."""
-    return _P["multiply"](a, b)
+    return _broadcasting("multiply", a, b)
 
 
 def divide(a: Any, b: Any) -> Any:
     """``a / b`` with numpy broadcasting."""
-    return _P["divide"](a, b)
+    return _broadcasting("divide", a, b)
 
 
 def negative(x: Any) -> Any:
@@ -78,7 +98,7 @@ def negative(x: Any) -> Any:
 
 def power(a: Any, b: Any) -> Any:
     """``a ** b``."""
-    return _P["power"](a, b)
+    return _broadcasting("power", a, b)
 
 
 def square(x: Any) -> Any:
@@ -130,17 +150,17 @@ def abs(x: Any) -> Any:  # noqa: A001 - numpy's name
 
 def maximum(a: Any, b: Any) -> Any:
     """Elementwise maximum; at ties each side gets half the gradient."""
-    return _P["maximum"](a, b)
+    return _broadcasting("maximum", a, b)
 
 
 def minimum(a: Any, b: Any) -> Any:
     """Elementwise minimum; at ties each side gets half the gradient."""
-    return _P["minimum"](a, b)
+    return _broadcasting("minimum", a, b)
 
 
 def where(condition: Any, a: Any, b: Any) -> Any:
     """``a`` where ``condition`` holds, else ``b``. The condition gets no gradient."""
-    return _P["where"](raw(condition), a, b)
+    return _broadcasting("where", raw(condition), a, b)
 
 
 def astype(x: Any, dtype: Any) -> Any:
@@ -153,22 +173,22 @@ def astype(x: Any, dtype: Any) -> Any:
 # -- reductions ------------------------------------------------------------------------------------
 def sum(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
     """Sum over ``axis`` (all axes by default)."""
-    return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+    return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x)), "sum"), keepdims=keepdims)
 
 
 def mean(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
     """Mean over ``axis`` (all axes by default)."""
-    return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+    return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x)), "mean"), keepdims=keepdims)
 
 
 def max(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
     """Maximum over ``axis``; tied maxima share the gradient equally."""
-    return _P["max"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+    return _P["max"](x, axis=normalize_axis(axis, len(_shape(x)), "max"), keepdims=keepdims)
 
 
 def min(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
     """Minimum over ``axis``; tied minima share the gradient equally."""
-    return _P["min"](x, axis=normalize_axis(axis, len(_shape(x))), keepdims=keepdims)
+    return _P["min"](x, axis=normalize_axis(axis, len(_shape(x)), "min"), keepdims=keepdims)
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -185,8 +205,7 @@ def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
 def expand_dims(x: Any, axis: int) -> Any:
     """Inserts an axis of length 1 at ``axis``."""
     shape = list(_shape(x))
-    axis = axis % (len(shape) + 1)
-    shape.insert(axis, 1)
+    shape.insert(check_axis(axis, len(shape) + 1, "expand_dims"), 1)
     return reshape(x, shape)
 
 
@@ -196,7 +215,7 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
     axes = (
         tuple(i for i, s in enumerate(shape) if s == 1)
         if axis is None
-        else normalize_axis(axis, len(shape))
+        else normalize_axis(axis, len(shape), "squeeze")
     )
     for a in axes:
         if shape[a] != 1:
@@ -220,21 +239,21 @@ def getitem(x: Any, index: Any) -> Any:
 
 def take(x: Any, indices: Any, axis: int = 0) -> Any:
     """Gathers entries of ``x`` along ``axis`` at integer ``indices`` (as ``numpy.take``)."""
-    return _P["take"](x, raw(indices), axis=axis % len(_shape(x)))
+    return _P["take"](x, raw(indices), axis=check_axis(axis, len(_shape(x)), "take"))
 
 
 def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays along an existing axis."""
     if not arrays:
         raise ValueError("concatenate needs at least one array")
-    return _P["concatenate"](*arrays, axis=axis % len(_shape(arrays[0])))
+    return _P["concatenate"](*arrays, axis=check_axis(axis, len(_shape(arrays[0])), "concatenate"))
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays of one shape along a new axis."""
     if not arrays:
         raise ValueError("stack needs at least one array")
-    return _P["stack"](*arrays, axis=axis % (len(_shape(arrays[0])) + 1))
+    return _P["stack"](*arrays, axis=check_axis(axis, len(_shape(arrays[0])) + 1, "stack"))
 
 
 def matmul(a: Any, b: Any) -> Any:
@@ -242,7 +261,17 @@ def matmul(a: Any, b: Any) -> Any:
     sa, sb = _shape(a), _shape(b)
     if not sa or not sb or sa[-1] != sb[0 if len(sb) == 1 else -2]:
         raise ValueError(f"matmul: shapes {sa} and {sb} do not line up")
-    return _P["matmul"](a, b)
+    try:
+        return _P["matmul"](a, b)
+    except ValueError:
+        try:
+            np.broadcast_shapes(sa[:-2], sb[:-2])
+        except ValueError:
+            raise ValueError(
+                f"matmul: shapes {sa} and {sb} do not line up: their batch dimensions "
+                f"{sa[:-2]} and {sb[:-2]} do not broadcast"
+            ) from None
+        raise
 
 
 # numpy ufuncs applied to a traced array are routed here (see Tracer.__array_ufunc__).

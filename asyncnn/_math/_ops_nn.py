@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import is_floating
+
 from ._autodiff import Primitive
 from ._ops import PRIMITIVES, raw, take
-from ._rules_array import normalize_axis
+from ._rules_array import check_axis
 from ._rules_nn import RULES, out_size
 
 __all__ = [
@@ -34,10 +36,20 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
+def _check_floating(x: Any, name: str) -> None:
+    dtype = getattr(raw(x), "dtype", None)
+    if dtype is not None and not is_floating(dtype):
+        raise TypeError(
+            f"{name}: x must be floating point, got dtype {dtype} (shape {_shape(x)}); convert "
+            "it first, e.g. x.astype(np.float32)"
+        )
+
+
 def _one_axis(x: Any, axis: int, name: str) -> int:
     if not isinstance(axis, int | np.integer):
         raise TypeError(f"{name}: axis must be one int, got {axis!r}")
-    return normalize_axis(int(axis), len(_shape(x)))[0]
+    _check_floating(x, name)
+    return check_axis(axis, len(_shape(x)), name)
 
 
 # -- softmax family -------------------------------------------------------------------------------
@@ -188,6 +200,8 @@ def _pool(
     padding: IntOrTuple,
 ) -> Any:
     xs = _check_input(op, x, spatial)
+    if prim == "avg_pool":
+        _check_floating(x, op)
     k = _tuple(kernel_size, spatial, "kernel_size", op, 1)
     s = k if stride is None else _tuple(stride, spatial, "stride", op, 1)
     p = _tuple(padding, spatial, "padding", op, 0)
@@ -367,6 +381,9 @@ def embedding(weight: Any, ids: Any) -> Any:
 
     Raises:
         TypeError: when ids are not integers.
+        ValueError: when weight is not 2-D.
+        IndexError: when an id is outside [0, n) (numpy ids; as torch, a negative id is not
+            counted from the end).
     """
     ids = raw(ids)
     kind = getattr(getattr(ids, "dtype", None), "kind", None)
@@ -375,4 +392,14 @@ def embedding(weight: Any, ids: Any) -> Any:
             f"embedding: ids must be an integer array, got "
             f"{getattr(ids, 'dtype', type(ids).__name__)}; use ids.astype(np.int64)"
         )
+    ws = _shape(weight)
+    if len(ws) != 2:
+        raise ValueError(f"embedding: weight must have shape (n, d), got {ws}")
+    if isinstance(ids, np.ndarray) and ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= ws[0]:
+            raise IndexError(
+                f"embedding: id {lo if lo < 0 else hi} is outside [0, {ws[0]}) for a weight of "
+                f"shape {ws}"
+            )
     return take(weight, ids, axis=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from asyncnn.backends import acc_mean, acc_sum, scatter_add
 from asyncnn.backends import array_namespace as ns
 from asyncnn.backends import matmul as backend_matmul
@@ -11,17 +13,35 @@ from asyncnn.backends import matmul as backend_matmul
 from ._autodiff import Forward, VjpRule
 
 
-def normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
-    """``axis`` (None, int or sequence) as a sorted tuple of non-negative axes."""
+def normalize_axis(axis: Any, ndim: int, op: str = "") -> tuple[int, ...]:
+    """``axis`` (None, an int or a sequence of ints) as a sorted tuple of non-negative axes.
+
+    Raises:
+        TypeError: when an axis is not an integer (numpy integers are).
+        ValueError: when an axis is out of range; the message names ``op`` when given.
+    """
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
-        out.append(a % ndim)
-    return tuple(sorted(set(out)))
+    axes = axis if isinstance(axis, tuple | list) else (axis,)
+    return tuple(sorted({check_axis(a, ndim, op) for a in axes}))
+
+
+def check_axis(axis: Any, ndim: int, op: str = "") -> int:
+    """One ``axis`` of an array of ``ndim`` dimensions, made non-negative.
+
+    Raises:
+        TypeError: when ``axis`` is not an integer (numpy integers are).
+        ValueError: when ``axis`` is outside ``[-ndim, ndim)``: never a silent wrap-around.
+    """
+    prefix = f"{op}: " if op else ""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"{prefix}axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{prefix}axis {axis} is out of range for an array of {ndim} dimensions "
+            f"(valid: {-ndim} to {ndim - 1})"
+        )
+    return int(axis) % ndim
 
 
 def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:

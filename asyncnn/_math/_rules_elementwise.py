@@ -110,7 +110,16 @@ def _power(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b, out = res
-    ga = grad_like(g * b * a ** (b - 1), like(a)) if needs[0] else None
+    ga = None
+    if needs[0]:
+        # d(a**b)/da = b * a**(b - 1), and 0 where b == 0 (a**0 is constant, at a == 0 too:
+        # a**(0 - 1) there would make it 0 * inf = NaN). A Python exponent stays a Python number,
+        # so that a float16 or float32 base keeps its dtype.
+        if isinstance(b, int | float):
+            lowered = 1 if b == 0 else b - 1
+        else:
+            lowered = ns(b).where(b == 0, 1, b - 1)
+        ga = grad_like(g * b * a**lowered, like(a))
     gb = None
     if needs[1]:
         xp = ns(a, b)

@@ -151,10 +151,12 @@ def _conv(x: Any, w: Any, b: Any, stride: Ints, padding: Ints, dilation: Ints) -
     cols = xp.empty((c, *kernel, n, *out_shape), dtype=x.dtype)
     for offset, index in _windows(kernel, stride, dilation, out_shape):
         cols[(slice(None), *offset)] = xp.swapaxes(xpad[index], 0, 1)
-    ck = cols.size // (n * int(np.prod(out_shape)))
-    cols2 = cols.reshape(ck, -1)
+    ck = c * int(np.prod(kernel))
+    positions = int(np.prod(out_shape))  # explicit sizes, not -1: the batch may be empty
+    cols2 = cols.reshape(ck, n * positions)
     out = w.reshape(o, ck) @ cols2  # (O, N * prod(out))
-    out = xp.ascontiguousarray(xp.swapaxes(out.reshape(o, n, -1), 0, 1)).reshape(n, o, *out_shape)
+    out = xp.ascontiguousarray(xp.swapaxes(out.reshape(o, n, positions), 0, 1))
+    out = out.reshape(n, o, *out_shape)
     if b is not None:
         out += b.reshape((o,) + (1,) * len(out_shape))
     geometry = (tuple(x.shape), kernel, stride, padding, dilation, out_shape)
@@ -167,7 +169,9 @@ def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]
     xp = ns(g)
     n, o = g.shape[:2]
     # (O, N * prod(out)): the layout the forward's product produced.
-    g2 = xp.ascontiguousarray(xp.swapaxes(g.reshape(n, o, -1), 0, 1)).reshape(o, -1)
+    positions = int(np.prod(out_shape))
+    g2 = xp.ascontiguousarray(xp.swapaxes(g.reshape(n, o, positions), 0, 1))
+    g2 = g2.reshape(o, n * positions)
     gx = gw = gb = None
     if needs[1]:
         gw = (g2 @ cols2.T).reshape(w.shape).astype(w.dtype, copy=False)
