@@ -71,6 +71,14 @@ async def test_messages_and_parameter_trees_round_trip(anyio_backend: str) -> No
     np.testing.assert_array_equal(got["a"][1]["w"], np.eye(2, dtype=np.float32))
 
 
+def test_a_tensor_of_objects_is_refused_by_its_sender_naming_the_message() -> None:
+    # (its pointers went out, and the receiver refused "a malformed message" from its peer)
+    objects = np.array([1, "a", None], dtype=object)
+    msg = Message("forward", 2, 0, "s1", "s2", 0, (np.ones(2), objects))
+    with pytest.raises(TypeError, match=r"forward message from 's1' to 's2': tensor 1 \(shape"):
+        encode_message(msg)
+
+
 def test_decoding_a_message_whose_tensors_do_not_match_fails_clearly() -> None:
     header, buffers = encode_message(Message("forward", 0, 0, "a", "b", 0, (np.ones(4),)))
     header["x"][0][1] = [5]

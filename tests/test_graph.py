@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,3 +324,32 @@ def test_sequential_infers_a_linear_input_and_says_how_to_declare_others():
         match=r"input 'x' is declared as shape \(None,\).*input_shape=\(None, \.\.\.\)",
     ):
         ann.Trainer(conv, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+@pytest.mark.parametrize("dtype", ["O", "U3", "datetime64[s]"])
+def test_an_input_of_a_dtype_that_is_not_numbers_is_refused(dtype):
+    # (accepted before: the run failed later, on the first batch, far from the declaration)
+    g = ann.Graph()
+    with pytest.raises(ann.GraphError, match=f"input 'x': dtype '{re.escape(dtype)}' is not num"):
+        g.input("x", (None, 3), dtype)
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ([], "expected a dict with a list of 'nodes'"),
+        ({"nodes": "x"}, "expected a dict with a list of 'nodes'"),
+        ({"nodes": [1]}, "node 0 is 1, not a dict"),
+        (
+            {"nodes": [{"kind": "input", "name": "x", "shape": [None, 2], "dtype": "float32"},
+                       {"kind": "layer", "name": "l", "inputs": "x", "module": {}}]},
+            "node 'l' has inputs 'x'; expected a list of node names",
+        ),
+        ({"nodes": [], "outputs": []}, "outputs \\[\\]; expected a dict"),
+    ],
+    ids=["not-a-dict", "nodes-not-a-list", "node-not-a-dict", "inputs-a-string", "outputs-a-list"],
+)  # fmt: skip
+def test_a_damaged_spec_is_a_graph_error_naming_what(spec, said):
+    # (a string of inputs was split into one-letter node names; the others raised TypeError)
+    with pytest.raises(ann.GraphError, match=said):
+        ann.Graph.from_spec(spec)

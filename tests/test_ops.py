@@ -703,6 +703,9 @@ def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
     np.testing.assert_array_equal(ops.mean(x, axis=np.int64(1)), x.mean(axis=1))
     np.testing.assert_array_equal(ops.sum(x, axis=(np.int64(0), -1)), x.sum())
     np.testing.assert_array_equal(ops.take(x, np.array([2]), axis=np.int64(-1)), x[:, 2:])
+    # an axis named twice is a mistake, as in numpy (it was silently one axis)
+    with pytest.raises(ValueError, match=r"sum: axis \(1, -1\) names an axis twice"):
+        ops.sum(x, axis=(1, -1))
 
 
 def test_broadcast_errors_name_the_op_and_the_shapes() -> None:

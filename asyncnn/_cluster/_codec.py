@@ -39,11 +39,17 @@ def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
     waited for ``msg.event`` (the producing kernels)."""
     descs: list[Any] = []
     buffers: list[np.ndarray] = []
-    for t in msg.tensors:
+    for i, t in enumerate(msg.tensors):
         if t is None:
             descs.append(None)
             continue
         host = _host(t)
+        if host.dtype.hasobject:  # its bytes are pointers: the receiver would refuse the frame
+            raise TypeError(
+                f"a {msg.kind} message from {msg.src!r} to {msg.dst!r}: tensor {i} (shape "
+                f"{host.shape}) has dtype object, which cannot travel between processes; give "
+                "the layer numeric arrays"
+            )
         descs.append([host.dtype.str, list(host.shape)])
         buffers.append(host)
     header = {

@@ -23,7 +23,10 @@ def normalize_axis(axis: Any, ndim: int, op: str = "") -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     axes = axis if isinstance(axis, tuple | list) else (axis,)
-    return tuple(sorted({check_axis(a, ndim, op) for a in axes}))
+    out = [check_axis(a, ndim, op) for a in axes]
+    if len(set(out)) != len(out):  # as numpy: (0, 0) or (1, -1) is a mistake, not one axis
+        raise ValueError(f"{op + ': ' if op else ''}axis {tuple(axes)} names an axis twice")
+    return tuple(sorted(out))
 
 
 def check_axis(axis: Any, ndim: int, op: str = "") -> int:

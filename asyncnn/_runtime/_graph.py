@@ -17,10 +17,10 @@ from asyncnn._math._nn import from_spec as module_from_spec
 from asyncnn._math._nn import to_spec as module_spec
 from asyncnn._math._nn._loops import Loop
 from asyncnn._math._nn._routing import Merge, Router
-from asyncnn.backends import parse_device
+from asyncnn.backends import is_floating, parse_device
 
 from ._balance import split_sizes
-from ._specs import actor_from_spec, check_actor_args, check_cycles
+from ._specs import actor_from_spec, check_actor_args, check_cycles, check_spec_layout
 from ._structure import check_capacity_factor, check_routing
 
 __all__ = ["Graph", "Node", "TensorRef"]
@@ -163,9 +163,14 @@ class Graph:
             dims.append(int(d))
         shape = (None, *dims)
         try:
-            np.dtype(dtype)
+            kind = np.dtype(dtype).kind
         except TypeError as exc:
             raise GraphError(f"input {name!r}: unknown dtype {dtype!r}") from exc
+        if kind in "OUSMmV" and not is_floating(np.dtype(dtype)):
+            raise GraphError(
+                f"input {name!r}: dtype {dtype!r} is not numbers; an input takes floats, ints or "
+                "bools (e.g. 'float32' for features, 'int64' for class labels)"
+            )
         self.nodes[name] = Node(name, "input", shape=shape, dtype=str(np.dtype(dtype)))
         return TensorRef(id(self), name)
 
@@ -549,6 +554,7 @@ class Graph:
     def from_spec(cls, spec: dict[str, Any]) -> Graph:
         """Rebuilds a graph from :meth:`to_spec` output."""
         g = cls()
+        check_spec_layout(spec)
         try:
             check_cycles(spec["nodes"])
             for entry in spec["nodes"]:

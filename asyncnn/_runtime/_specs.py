@@ -9,7 +9,29 @@ from typing import Any
 
 from asyncnn._errors import GraphError
 
-__all__ = ["actor_from_spec", "check_actor_args", "check_cycles"]
+__all__ = ["actor_from_spec", "check_actor_args", "check_cycles", "check_spec_layout"]
+
+
+def check_spec_layout(spec: Any) -> None:
+    """Rejects a graph spec whose containers are not what :meth:`Graph.to_spec` writes (a
+    damaged trace or checkpoint): a dict with a list of node dicts, each node's ``inputs`` a
+    list of names, and a dict of ``outputs``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("nodes"), list):
+        raise GraphError(
+            f"graph spec: {type(spec).__name__} with nodes {spec.get('nodes') if isinstance(spec, dict) else None!r:.80}; "
+            "expected a dict with a list of 'nodes', as Graph.to_spec writes"
+        )
+    for i, entry in enumerate(spec["nodes"]):
+        if not isinstance(entry, dict):
+            raise GraphError(f"graph spec: node {i} is {entry!r:.80}, not a dict")
+        inputs = entry.get("inputs", [])
+        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+            raise GraphError(
+                f"graph spec: node {entry.get('name', i)!r} has inputs {inputs!r:.80}; expected a "
+                "list of node names"
+            )
+    if not isinstance(spec.get("outputs", {}), dict):
+        raise GraphError(f"graph spec: outputs {spec['outputs']!r:.80}; expected a dict")
 
 
 def check_cycles(nodes: list[dict[str, Any]]) -> None:
