@@ -719,6 +719,41 @@ def test_a_worker_that_dies_before_connecting_fails_the_start_at_once_naming_it(
         cluster.close()
 
 
+class _StruckAfterConnecting(ann.cluster.LocalCluster):
+    """A local cluster whose worker 1 is stopped or killed once every worker has connected."""
+
+    def __init__(self, how: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.how = how
+
+    async def _admit_all(self, listener: Any) -> None:
+        await super()._admit_all(listener)
+        victim = self.processes[1]
+        os.kill(victim.pid, signal.SIGSTOP if self.how == "stop" else signal.SIGKILL)
+        if self.how == "kill":
+            victim.wait()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_worker_struck_after_connecting_fails_the_start_naming_it(how: str) -> None:
+    # (the ping after the workers connect had no timeout: a stopped worker hung the start; a
+    # killed one surfaced as a bare EOFError)
+    cluster = _StruckAfterConnecting(how, workers=2, start_timeout=3.0)
+    try:
+        with pytest.raises(ann.WorkerError) as info:
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+        assert info.value.worker == 1
+        said = str(info.value)
+        if how == "stop":
+            assert "worker 1 connected but did not answer the driver's ping within 3 s" in said
+        else:
+            assert "worker 1" in said and "before it could answer the driver's ping" in said
+        assert not cluster.started
+    finally:
+        cluster.close()
+
+
 _STUCK_CALLS = [0]  # per process: the worker that hosts the layer counts its own calls
 
 

@@ -136,32 +136,58 @@ class Cluster:
         self.token = os.urandom(32)
         listener = listen(self.host, 0)
         port = listener.getsockname()[1]
+        # which worker the start waits for after all have connected, and for what (a worker
+        # that hangs or dies there is named, as one that never connects is)
+        awaited: tuple[int, str] | None = None
         try:
             self._launch(self.host, port, self.token)
             with anyio.fail_after(self.start_timeout):
                 await self._admit_all(listener)
-            for i, conn in self.connections.items():
-                t = time.perf_counter()
-                await conn.send({"t": "ping"})
-                header, _ = await conn.receive()
-                self.info[i]["latency"] = (time.perf_counter() - t) / 2
-            peers = [[i, v["host"], v["port"]] for i, v in self.info.items()]
-            for conn in self.connections.values():
-                await conn.send({"t": "mesh", "peers": peers})
             with anyio.fail_after(self.start_timeout):
                 for i, conn in self.connections.items():
+                    awaited = (i, "answer the driver's ping")
+                    t = time.perf_counter()
+                    await conn.send({"t": "ping"})
+                    header, _ = await conn.receive()
+                    self.info[i]["latency"] = (time.perf_counter() - t) / 2
+                peers = [[i, v["host"], v["port"]] for i, v in self.info.items()]
+                for i, conn in self.connections.items():
+                    awaited = (i, "take the list of its peers")
+                    await conn.send({"t": "mesh", "peers": peers})
+            with anyio.fail_after(self.start_timeout):
+                for i, conn in self.connections.items():
+                    awaited = (i, "connect to its peers")
                     header, _ = await conn.receive()
                     if header.get("t") != "ready":
                         raise WorkerError(i, [], f"worker {i} answered {header!r} to the mesh")
         except TimeoutError:
             missing = sorted(set(range(self.workers)) - set(self.connections))
-            fates = "; ".join(f"worker {i}: {self._fate(i) or 'no word'}" for i in missing)
+            if missing or awaited is None:
+                fates = "; ".join(f"worker {i}: {self._fate(i) or 'no word'}" for i in missing)
+                message = (
+                    f"workers {missing} did not connect within {self.start_timeout:g} s ({fates})"
+                )
+            else:
+                i, what = awaited
+                missing = [i]
+                message = (
+                    f"worker {i} connected but did not {what} within {self.start_timeout:g} s "
+                    f"({self._fate(i) or 'hung, or stopped'})"
+                )
             self.close()
             raise WorkerError(
-                missing[0] if missing else -1, [],
-                f"{type(self).__name__}: workers {missing} did not connect within "
-                f"{self.start_timeout:g} s ({fates})",
-            ) from None  # fmt: skip
+                missing[0] if missing else -1, [], f"{type(self).__name__}: {message}"
+            ) from None
+        except (EOFError, ConnectionError) as exc:
+            if awaited is None:
+                self.close()
+                raise
+            i, what = awaited
+            fate = self._fate(i) or "closed its connection"
+            self.close()
+            raise WorkerError(
+                i, [], f"{type(self).__name__}: worker {i} {fate} before it could {what} ({exc})"
+            ) from exc
         except BaseException:
             self.close()
             raise
