@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -411,6 +412,50 @@ def test_bad_update_inputs(backend: Backend) -> None:
         opt.update(p, p, {"step": 1, "momentum_buffer": [p["w"]]})
     with pytest.raises(ValueError, match="int >= 0"):
         opt.update(p, p, {"step": -1, "momentum_buffer": p})
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [optim.SGD(momentum=0.9), optim.Adam(), optim.AdamW(amsgrad=True)],
+    ids=lambda o: type(o).__name__,
+)
+def test_state_made_for_other_parameters_is_refused(backend: Backend, opt: optim.Optimizer) -> None:
+    # same structure, other shapes or dtypes: broadcasting used to reshape the parameters or
+    # promote float32 ones to float64 without a word
+    p = {"w": backend.asarray(np.zeros(3, np.float32))}
+    g = {"w": backend.asarray(np.ones(3, np.float32))}
+    name = type(opt).__name__
+    wider = dict(opt.init({"w": backend.asarray(np.zeros((2, 3), np.float32))}), step=1)
+    with pytest.raises(ValueError, match=rf"{name}.update: state\[.*shape \(2, 3\), but its "):
+        opt.update(p, g, wider)
+    f64 = dict(opt.init({"w": backend.asarray(np.zeros(3))}), step=1)
+    with pytest.raises(TypeError, match=rf"{name}.update: state\[.*float64, but its parameter is "):
+        opt.update(p, g, f64)
+    missing = dict(opt.init(p), step=1)
+    missing[opt.buffer_names()[0]] = {"w": None}
+    with pytest.raises(ValueError, match="is None.*other parameters"):
+        opt.update(p, g, missing)
+
+
+@dataclass(frozen=True)
+class _LinearDecay(optim.Schedule):
+    """A user schedule that forgets to stop at zero."""
+
+    lr: float
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        return self.lr * (1.0 - step / self.total_steps)
+
+
+def test_a_schedule_giving_a_negative_rate_is_an_error(backend: Backend) -> None:
+    opt = optim.SGD(lr=_LinearDecay(1.0, 2))
+    p = {"w": backend.asarray(np.zeros(2))}
+    state = opt.init(p)
+    for _ in range(3):  # rates 1, 0.5, 0
+        p, state = opt.update(p, p, state)
+    with pytest.raises(ValueError, match=r"_LinearDecay.*-0.5 for step 3.*>= 0"):
+        opt.update(p, p, state)
 
 
 def test_public_namespace() -> None:

@@ -83,12 +83,34 @@ def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
             )
 
 
+def _check_buffer(
+    owner: str, buf_name: str, params: list[Any], buffer: list[Any], treedef: TreeDef
+) -> None:
+    # broadcasting would otherwise reshape the parameters, or promote their dtype, silently
+    for i, (p, b) in enumerate(zip(params, buffer, strict=True)):
+        shape = getattr(b, "shape", None)
+        if shape == p.shape and b.dtype == p.dtype:
+            continue
+        where = f"{owner}.update: state[{buf_name!r}] leaf {i} of {treedef!r}"
+        hint = f"was the state made for other parameters? Make it with {owner}.init(params)"
+        if shape is None:
+            raise ValueError(f"{where} is {b!r}, not an array; {hint}")
+        if shape != p.shape:
+            raise ValueError(
+                f"{where} has shape {shape}, but its parameter has shape {p.shape}; {hint}"
+            )
+        raise TypeError(f"{where} is {b.dtype}, but its parameter is {p.dtype}; {hint}")
+
+
 def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:
     """Scales a pytree of gradients so that their global L2 norm is at most ``max_norm``.
 
     torch.nn.utils.clip_grad_norm_ semantics: ``total_norm`` is the L2 norm of all leaves taken
     together, and every leaf is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``. The
-    gradients are not modified: new arrays are returned.
+    gradients are not modified: new arrays are returned. As torch's default
+    (``error_if_nonfinite=False``), non-finite gradients raise nothing: a NaN makes every
+    clipped leaf NaN, an infinity turns itself into NaN and every other entry into 0; check
+    ``total_norm`` to skip such a step.
 
     Args:
         grads: a pytree of float arrays.
@@ -153,8 +175,20 @@ class Optimizer(abc.ABC):
         return state
 
     def learning_rate(self, step: int) -> float:
-        """The learning rate of the update that follows ``step`` updates."""
-        return float(self.lr(step)) if isinstance(self.lr, Schedule) else self.lr
+        """The learning rate of the update that follows ``step`` updates.
+
+        Raises:
+            ValueError: where the schedule gives a negative or NaN rate for this step.
+        """
+        if not isinstance(self.lr, Schedule):
+            return self.lr
+        lr = float(self.lr(step))
+        if not lr >= 0.0:  # written so that NaN fails too
+            raise ValueError(
+                f"{type(self).__name__}: the schedule {self.lr!r} gave the learning rate {lr!r} "
+                f"for step {step}; a learning rate must be >= 0 (clamp it in the schedule)"
+            )
+        return lr
 
     def update(self, params: Any, grads: Any, state: State) -> tuple[Any, State]:
         """Applies one update.
@@ -203,6 +237,7 @@ class Optimizer(abc.ABC):
                     f"{name}.update: state[{buf_name!r}] has structure {buf_def!r}, params have "
                     f"{treedef!r}; was the state made for other parameters?"
                 )
+            _check_buffer(name, buf_name, p_leaves, buf_leaves, treedef)
             buffers.append(buf_leaves)
         if self.clip_norm is not None:
             clipped, _ = clip_grad_norm(g_leaves, self.clip_norm)

@@ -161,6 +161,8 @@ class LinearWarmup(Schedule):
     torch's ``LinearLR(start_factor, end_factor=1.0, total_iters=warmup_steps)``; the wrapped
     schedule is asked at the same step, as torch's ``ChainedScheduler`` of the two would. So
     ``LinearWarmup(CosineAnnealing(1e-3, 1000), 100)`` warms up while the cosine already runs.
+    (The rate is always this product; torch's chain gives the same rates except around a
+    ``CosineAnnealing`` with ``min_lr > 0``, whose recursive form torch does not multiply through.)
 
     Args:
         schedule: the learning rate (float) or the schedule to warm up.
