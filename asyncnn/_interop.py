@@ -98,6 +98,18 @@ def _is_sequential(module: Any) -> bool:
     return isinstance(module, mnn.Sequential)
 
 
+def _check_target(target: Any, fn: str) -> None:
+    from ._math import _nn as mnn
+
+    if not isinstance(target, Graph | mnn.Module):
+        kind = type(target)
+        raise TypeError(
+            f"{fn}: target must be an asyncnn Graph or nn.Module, got {kind.__module__}."
+            f"{kind.__name__}; pass the asyncnn graph or module that matches it (e.g. "
+            "nn.Linear(in_features, out_features) for a torch.nn.Linear)"
+        )
+
+
 def _template(target: Any, dtype: str = "float64") -> Any:
     if isinstance(target, Graph):
         return {n: target.nodes[n].module.init(0, dtype=dtype) for n in target.layers}
@@ -112,6 +124,7 @@ def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str
     ``names`` maps layer names to torch prefixes instead (``{"stage0": "features"}`` reads
     ``"features.0.weight"`` for the first module of ``stage0``'s ``Sequential``).
     """
+    _check_target(target, "torch_names")
     return list(_layout(target, _template(target), names))
 
 
@@ -143,8 +156,9 @@ def from_torch(
     """asyncnn parameters from a torch ``state_dict`` (tensors or numpy arrays).
 
     Linear weights are transposed (torch keeps ``(out, in)``, asyncnn ``(in, out)``); the other
-    built-in modules share torch's layouts. The arrays keep the state dict's dtype; assigning
-    them to ``tr.params`` casts them to the trainer's.
+    built-in modules share torch's layouts. The arrays are copies (a torch model trained on
+    afterwards leaves them alone) and keep the state dict's dtype; assigning them to
+    ``tr.params`` casts them to the trainer's.
 
     Example:
         ```python no-run
@@ -159,9 +173,18 @@ def from_torch(
         names: for a graph, ``{layer: torch prefix}`` (see :func:`torch_names`).
 
     Raises:
+        TypeError: a torch module given instead of its ``state_dict()``, or as ``target``.
         ValueError: a name missing from ``state_dict`` or left over in it, or a shape that
             does not fit (naming the torch name and the layer).
     """
+    if not isinstance(state_dict, Mapping):
+        kind = type(state_dict).__name__
+        if hasattr(state_dict, "state_dict"):
+            raise TypeError(
+                f"from_torch: got the torch module {kind}, not its weights; pass model.state_dict()"
+            )
+        raise TypeError(f"from_torch: state_dict must be a mapping of name to array, got {kind}")
+    _check_target(target, "from_torch")
     template = _template(target)
     layout = _layout(target, template, names)
     missing = [k for k in layout if k not in state_dict]
@@ -177,8 +200,7 @@ def from_torch(
     out = template
     for key, (node, path, transposed) in layout.items():
         arr = _as_numpy(state_dict[key])
-        if transposed:
-            arr = np.ascontiguousarray(arr.T)
+        arr = np.array(arr.T if transposed else arr, order="C")  # a copy: no memory shared
         tree = out[node] if node is not None else out
         want = _get(tree, path).shape
         if arr.shape != want:
@@ -204,14 +226,15 @@ def to_torch(
 
     Returns:
         ``{torch name: array}``, ready for ``model.load_state_dict`` (with ``tensors=True``) or
-        :func:`save_safetensors`.
+        :func:`save_safetensors`; copies, sharing no memory with ``params``.
     """
+    _check_target(target, "to_torch")
     layout = _layout(target, params, names)
     out: dict[str, Any] = {}
     for key, (node, path, transposed) in layout.items():
         tree = params[node] if node is not None else params
         arr = _as_numpy(_get(tree, path))
-        out[key] = np.ascontiguousarray(arr.T if transposed else arr)
+        out[key] = np.array(arr.T if transposed else arr, order="C")  # a copy, as from_torch
     if tensors:
         import torch
 

@@ -62,6 +62,23 @@ def test_round_trip_without_torch_is_exact(tmp_path):
     )
 
 
+def test_weights_are_copied_not_shared():
+    # every entry, transposed or not: a later in-place change on one side (torch training on,
+    # load_state_dict(..., assign=True)) must not reach the other
+    module = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Flatten(), nn.Linear(6, 2))
+    state = to_torch(module.init(0, dtype="float64"), module)
+    params = from_torch(state, module)
+    kept = to_torch(params, module)
+    for v in state.values():
+        v += 1.0
+    for k, v in to_torch(params, module).items():
+        np.testing.assert_array_equal(v, kept[k], err_msg=k)
+    for v in kept.values():
+        v += 1.0
+    for k, v in to_torch(params, module).items():
+        np.testing.assert_array_equal(v + 1.0, kept[k], err_msg=k)
+
+
 def test_mismatches_are_named(tmp_path):
     g = _mlp_graph()
     state = to_torch(_trainer(g).params, g)
@@ -151,6 +168,35 @@ def test_a_torch_multihead_attention():
     np.testing.assert_allclose(
         ours(params, q), theirs(t, t, t, need_weights=False)[0].detach().numpy(), atol=1e-10
     )
+
+
+def test_torch_weights_are_copied_and_torch_modules_are_refused():
+    torch = pytest.importorskip("torch")
+    theirs = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 3, 2), torch.nn.Flatten(), torch.nn.Linear(6, 2)
+    )
+    theirs = theirs.double()
+    ours = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Flatten(), nn.Linear(6, 2))
+    params = from_torch(theirs.state_dict(), ours)
+    kept = {k: v.clone() for k, v in theirs.state_dict().items()}
+    with torch.no_grad():  # torch trains on after the import
+        for p in theirs.parameters():
+            p.add_(1.0)
+    back = to_torch(params, ours, tensors=True)
+    for k, v in kept.items():
+        assert torch.equal(back[k], v), k
+    for v in back.values():  # and the tensors handed out are torch's own
+        v.add_(1.0)
+    for k, v in to_torch(params, ours, tensors=True).items():
+        assert torch.equal(v, kept[k]), k
+    with pytest.raises(TypeError, match=r"got the torch module Sequential.*\.state_dict\(\)"):
+        from_torch(theirs, ours)
+    with pytest.raises(
+        TypeError, match="target must be an asyncnn Graph or nn.Module, got .*Linear"
+    ):
+        from_torch(theirs.state_dict(), theirs[2])
+    with pytest.raises(TypeError, match="target must be an asyncnn Graph or nn.Module"):
+        to_torch(params, theirs)
 
 
 def test_dlpack_shares_memory():
