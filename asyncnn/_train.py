@@ -24,6 +24,7 @@ from ._runtime._checks import check_cuda_graphs
 from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
+from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, check_batch, validate
 from ._runtime._state import init_state
@@ -393,8 +394,9 @@ class Trainer:
     def evaluate(
         self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
     ) -> dict[str, float]:
-        """Mean loss over ``data`` (a dict of arrays or an :class:`~asyncnn.data.ArrayDataset`),
-        and accuracy for a classifier (a loss reading integer labels).
+        """The loss over ``data`` (a dict of arrays or an :class:`~asyncnn.data.ArrayDataset`):
+        the mean over its rows, or the sum for a loss of ``reduction="sum"``, as that loss on
+        the whole data at once; and accuracy for a classifier (a loss reading integer labels).
 
         Raises:
             ValueError: an input the losses need (the labels too) is missing, or has another
@@ -422,8 +424,10 @@ class Trainer:
             rows = len(next(iter(batch.values())))
             outs = forward_pass(self.graph, params, batch, self.dtype, losses=True)
             for name in self.graph.losses:
-                loss_sum += float(to_numpy(outs[name])) * rows
                 node = self.graph.nodes[name]
+                # a mean, weighted by its rows, comes back a mean over the data; a sum adds up
+                weight = n if sums_over_rows(node.module) else rows
+                loss_sum += float(to_numpy(outs[name])) * weight
                 if len(node.inputs) == 2 and self.graph.nodes[node.inputs[1]].kind == "input":
                     labels = np.asarray(to_numpy(batch[node.inputs[1]]))
                     if labels.dtype.kind in "iu":

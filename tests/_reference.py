@@ -31,8 +31,11 @@ def minibatches(data: dict[str, Any], batch_size: int) -> list[dict[str, Any]]:
     return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
 
 
-def chain_graph(k: int, width: int = 6, features: int = 5, classes: int = 3) -> ann.Graph:
-    """A K-stage chain: K Linear+Tanh stages, the last ending in a Linear to the classes."""
+def chain_graph(
+    k: int, width: int = 6, features: int = 5, classes: int = 3, loss: Any = None
+) -> ann.Graph:
+    """A K-stage chain: K Linear+Tanh stages, the last ending in a Linear to the classes, and
+    ``loss`` (``CrossEntropyLoss()`` by default)."""
     modules: list[Any] = []
     sizes = []
     for s in range(k):
@@ -42,16 +45,17 @@ def chain_graph(k: int, width: int = 6, features: int = 5, classes: int = 3) -> 
             stage.append(nn.Tanh())
         modules += stage
         sizes.append(len(stage))
-    return ann.Graph.sequential(
-        modules, loss=nn.CrossEntropyLoss(), stages=sizes, input_shape=(None, features)
-    )
+    loss = nn.CrossEntropyLoss() if loss is None else loss
+    return ann.Graph.sequential(modules, loss=loss, stages=sizes, input_shape=(None, features))
 
 
 def composed_loss(graph: ann.Graph, params_list: list[Any], x: Any, y: Any) -> Any:
+    """The graph's loss of the chain's layers composed, on the whole of ``x`` (the graph's own
+    loss module, with its reduction)."""
     h = x
     for name, p in zip(graph.layers, params_list, strict=True):
         h = graph.nodes[name].module(p, h)
-    return nn.CrossEntropyLoss()({}, h, y)
+    return graph.nodes[graph.losses[0]].module({}, h, y)
 
 
 def plain_sgd(graph: ann.Graph, params: dict[str, Any], opt: Any, batches: list[dict[str, Any]]):

@@ -15,6 +15,7 @@ from _reference import (
     assert_params_equal,
     chain_graph,
     classification_data,
+    composed_loss,
     minibatches,
     one_f_one_b_order,
     pipedream_reference,
@@ -394,3 +395,38 @@ def test_replay_delegates_the_stale_gradient_decisions():
     assert rp.predict_weights(w, w0, 2) is w  # no prediction: the latest weights
     wp = policies.Replay(policies.WeightPrediction(policies.PipeDream(2)), {})
     np.testing.assert_array_equal(wp.predict_weights(w, w0, 2)["w"], [7.0, 7.0])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize(
+    "policy", [policies.Sync(), policies.GPipe(4), policies.OneFOneB(3)], ids=str
+)
+def test_a_summed_loss_trains_as_the_plain_loop_under_every_flush_policy(policy, reduction):
+    # (microbatches' gradients were scaled as a mean's, rows / minibatch rows, whatever the
+    # loss's reduction: a summed loss trained on a fraction of its gradient, and reported a
+    # fraction of its value)
+    data = classification_data(24)
+    g = chain_graph(3, loss=ann.nn.CrossEntropyLoss(reduction))
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.02), policy=policy, dtype="float64")
+    start = tr.params
+    hist = tr.fit(data, epochs=1, batch_size=10)  # batches of 10, 10, 4: uneven splits too
+    ref, ref_losses = plain_sgd(g, start, optim.SGD(lr=0.02), minibatches(data, 10))
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
+    whole = composed_loss(g, [tr.params[n] for n in g.layers], data["x"], data["y"])
+    np.testing.assert_allclose(tr.evaluate(data, batch_size=7)["loss"], float(whole), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.PipeDream(3), policies.Async(max_active_keys=3)], ids=str
+)
+def test_a_summed_loss_is_reported_whole_by_the_policies_that_update_per_key(policy):
+    # with lr=0 every key's loss is taken at the starting weights: the minibatch's loss is the
+    # summed loss of its rows there, however it was cut into keys
+    data = classification_data(24)
+    g = chain_graph(2, loss=ann.nn.CrossEntropyLoss("sum"))
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.0), policy=policy, dtype="float64")
+    start = [tr.params[n] for n in g.layers]
+    hist = tr.fit(data, epochs=1, batch_size=10)
+    want = [float(composed_loss(g, start, b["x"], b["y"])) for b in minibatches(data, 10)]
+    np.testing.assert_allclose(hist.losses, want, rtol=1e-10)

@@ -43,7 +43,8 @@ class ActorContext:
         orders: each layer actor's order of work (``policy.orders``, made once per run).
         touch: records progress (the stall watchdog reads it).
         backward_done: ``backward_done(actor, key)``: a layer finished a key's backward.
-        loss_reported: ``loss_reported(key, value, meta)``: a loss actor's value of a key.
+        loss_reported: ``loss_reported(key, share, meta)``: a loss actor's key's share of its
+            minibatch's loss (its value weighted by its rows, or whole for a summed loss).
         check_finite: ``check_finite(actor, kind, key, value)``: raises on NaN or Inf.
     """
 

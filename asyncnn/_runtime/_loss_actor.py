@@ -22,11 +22,19 @@ if TYPE_CHECKING:
     from ._context import ActorContext
     from ._graph import Node
 
-__all__ = ["MAX_UNREAD", "LossActor"]
+__all__ = ["MAX_UNREAD", "LossActor", "sums_over_rows"]
 
 #: loss values a GPU loss actor may have queued for the host but not read yet: how many keys the
 #: host may run ahead of the device before a loss actor waits for it
 MAX_UNREAD = 2
+
+
+def sums_over_rows(module: Any) -> bool:
+    """Whether a loss module's value is a sum over its rows (``reduction="sum"``) rather than a
+    mean (every other loss, custom ones included). A mean's keys are weighted by their share of
+    the minibatch's rows, in the gradient under a flush and in the minibatch's reported loss; a
+    sum's keys add up as they are."""
+    return getattr(module, "reduction", "mean") == "sum"
 
 
 class LossActor(_Actor):
@@ -39,13 +47,17 @@ class LossActor(_Actor):
         self.graphs: LossGraphs | None = None
         if not self.on_cpu and ctx.cuda_graphs:
             self.graphs = LossGraphs(self)
-        # (key, the value's host copy in flight, the event after that copy, meta), oldest first
-        self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any]]] = collections.deque()
+        # (key, the value's host copy in flight, the event after that copy, meta, the key's
+        # share of its minibatch's loss), oldest first
+        self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any], float]] = (
+            collections.deque()
+        )
         self.spare: list[Any] = []  # host buffers read already, for the next copies
         # the input slots whose gradient goes upstream (the others, labels, are constants)
         self.diff_slots = [slot for slot, _, _ in self.grad_targets]
         #: the built-in losses say when they are one primitive call (see _value_and_grads)
         self.primitive_call = getattr(self.module, "primitive_call", None)
+        self.sums_rows = sums_over_rows(self.module)
         # On the CPU without a trace, a message that finds this actor idle is taken in the
         # sender's task: a label is filed, and the input that completes a key has its loss
         # computed and its gradients sent right there (the same work in the same order, with
@@ -113,7 +125,10 @@ class LossActor(_Actor):
         inputs = self.fwd_slots.pop(key)
         del self.fwd_count[key]
         meta = self.meta.pop(key)
-        scale = self.ctx.policy.loss_cotangent(int(meta["rows"]), int(meta["mb_rows"]))
+        rows, mb_rows = int(meta["rows"]), int(meta["mb_rows"])
+        # a mean's keys are weighted by their share of the minibatch's rows; a sum's add up
+        share = 1.0 if self.sums_rows else rows / mb_rows
+        scale = 1.0 if self.sums_rows else self.ctx.policy.loss_cotangent(rows, mb_rows)
         self.after = self.events.pop(key, [])
         fn: Any = self._value_and_grads
         if self.graphs is not None:
@@ -130,7 +145,7 @@ class LossActor(_Actor):
             self.ctx.check_finite(self.name, FORWARD, key, value)
             # reported before the gradients leave: a cluster worker's report then rides with them
             loss = float(value)
-            self.ctx.loss_reported(key, loss, meta)
+            self.ctx.loss_reported(key, loss * share, meta)
         else:
             value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         await self._send_grads(key, 0, grads, meta)
@@ -145,7 +160,7 @@ class LossActor(_Actor):
             rec.event(self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": recorded})
             self._record_device(rec, FORWARD, key, self.seq)
         if not now:
-            self.unread.append((key, value, self.last_event, meta))
+            self.unread.append((key, value, self.last_event, meta, share))
             # read what has landed; past MAX_UNREAD keys ahead of the device the host waits
             while self.unread and (
                 len(self.unread) > MAX_UNREAD or self.backend.event_done(self.unread[0][2])
@@ -161,13 +176,13 @@ class LossActor(_Actor):
         return self.backend.to_host_async(value, spare), grads
 
     async def _read_oldest(self) -> None:
-        key, value, event, meta = self.unread[0]
+        key, value, event, meta, share = self.unread[0]
         await self.ctx.pool.wait(event, device=self.device)
         self.unread.popleft()
         loss = float(value)
         if self.ctx.recorder is None:  # (a trace's writer may not have read it yet)
             self.spare.append(value)
-        self.ctx.loss_reported(key, loss, meta)
+        self.ctx.loss_reported(key, loss * share, meta)
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)

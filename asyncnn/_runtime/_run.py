@@ -217,7 +217,7 @@ class Run:
     def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
         mb = int(meta["minibatch"])
         pending = self._pending[mb]
-        pending.total += value * int(meta["rows"]) / int(meta["mb_rows"])
+        pending.total += value  # the key's share of its minibatch's loss (see sums_over_rows)
         pending.seen += 1
         if pending.seen == pending.keys:
             del self._pending[mb]
