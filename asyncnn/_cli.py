@@ -34,8 +34,8 @@ def _policy(name: str, microbatches: int, stages: int, stash: bool) -> Any:
 
 # train's options that describe the model, the policy or the optimizer: a checkpoint holds them
 _MODEL_FLAGS = (
-    "--policy", "--stages", "--microbatches", "--no-stash", "--layers", "--hidden", "--lr",
-    "--seed",
+    "--policy", "--stages", "--balance", "--microbatches", "--no-stash", "--layers", "--hidden",
+    "--lr", "--seed",
 )  # fmt: skip
 
 
@@ -45,6 +45,10 @@ class UsageError(Exception):
 
 def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
     """Refuses contradictory train options (one line each)."""
+    for flag, folder in (("--save", args.save), ("--out", args.out)):
+        # found before the run, not when its end is saved
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder}: that is a file; {flag} takes a folder")
     if args.resume:
         clash = [f for f in _MODEL_FLAGS if f in given]
         if clash:
@@ -96,6 +100,13 @@ def _train(args: argparse.Namespace) -> int:
                 args.resume, progress=args.progress, cluster=cluster, trace=args.trace
             )
             graph, policy = trainer.graph, trainer.policy
+            declared = graph.nodes["x"].shape if "x" in graph.nodes else None
+            if declared is not None and len(declared) == 2 and declared[1] != features:
+                raise UsageError(
+                    f"--resume {args.resume}: its model takes rows of {declared[1]} features, "
+                    f"--dataset {args.dataset} has {features}: give the --dataset it was "
+                    "trained on"
+                )
         else:
             modules: list[Any] = []
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -154,6 +165,8 @@ def _fit(
         raise UsageError(
             f"--epochs {args.epochs}: the checkpoint has trained {trainer.epochs_done} already"
         )
+    if args.trace:  # its folder made, as those of --save, --metrics and --out are
+        os.makedirs(os.path.dirname(args.trace) or ".", exist_ok=True)
     callbacks = [JSONLLogger(args.metrics)] if args.metrics else []
     start = time.perf_counter()
     try:
@@ -359,11 +372,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--resume", metavar="DIR",
-        help="continue the trainer saved in DIR (model, policy and optimizer from it)",
+        help="continue the trainer saved in DIR (model, policy, optimizer and seed from it; "
+        "give the --dataset it was trained on)",
     )  # fmt: skip
     t.add_argument("--metrics", metavar="FILE", help="append step and epoch metrics here (JSONL)")
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")
-    t.set_defaults(run=_train)
+    t.set_defaults(run=_train, parser=t)
 
     tr = sub.add_parser("trace", help="inspect, export and diff message traces")
     tsub = tr.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
@@ -373,16 +387,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("path", help="a trace file (Trainer(..., trace=PATH))")
     s.add_argument("--plots", metavar="DIR", help="also write in_flight.png and busy.png here")
-    s.set_defaults(run=_trace_summary)
+    s.set_defaults(run=_trace_summary, parser=s)
     e = tsub.add_parser("export", help="convert a trace for Perfetto / chrome://tracing")
     e.add_argument("path", help="a trace file")
     e.add_argument("out", help="the JSON file to write")
     e.add_argument("--format", choices=("chrome",), default="chrome", help="Chrome trace events")
-    e.set_defaults(run=_trace_export)
+    e.set_defaults(run=_trace_export, parser=e)
     d = tsub.add_parser("diff", help="where two runs' traces part (exit status 1 if they do)")
     d.add_argument("a", help="a trace file")
     d.add_argument("b", help="another trace file")
-    d.set_defaults(run=_trace_diff)
+    d.set_defaults(run=_trace_diff, parser=d)
 
     r = sub.add_parser(
         "replay",
@@ -390,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("path", help="a trace file")
     r.add_argument("--actor", help="replay this actor alone from its recorded messages")
-    r.set_defaults(run=_replay)
+    r.set_defaults(run=_replay, parser=r)
 
     b = sub.add_parser(
         "bench",
@@ -400,7 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("name", choices=_BENCHES, help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed on (e.g. --quick)")
-    b.set_defaults(run=_bench)
+    b.set_defaults(run=_bench, parser=b)
     return ap
 
 
@@ -411,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     built) print one line on stderr and exit with status 2; Ctrl-C exits with 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    parser = vars(args).pop("parser")  # the subcommand's: its error names it and its --help
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     what = f"asyncnn {args.command}"
     try:

@@ -148,6 +148,10 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--stages", "9", "--layers", "1"], "more than the MLP's 3 modules"),
         (["--resume", "ckpt", "--lr", "0.1"], "drop --lr"),
         (["--resume", "no-such-folder"], "'no-such-folder' is not a checkpoint folder"),
+        # the cut comes from the checkpoint too: --balance was ignored without a word
+        (["--resume", "ckpt", "--balance", "params"], "drop --balance"),
+        # named the top command, whose --help does not list train's options
+        (["--epoch", "3"], "unrecognized arguments: --epoch 3 (see asyncnn train --help)"),
     ],
 )
 def test_train_errors_are_one_line(
@@ -160,6 +164,48 @@ def test_train_errors_are_one_line(
     assert code == 2
     line = _one_error_line(capsys)
     assert line.startswith("asyncnn train: error: ") and says in line
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", ["--save", "--out"])
+def test_train_refuses_a_file_for_a_folder_before_training(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it trained to the end, then failed to save there (File exists) and lost the run
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--layers", "1", "--hidden", "8",
+            "--stages", "2", "--out", "", flag, str(path)]  # fmt: skip
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the data, the graph and the run
+    assert err.strip() == (
+        f"asyncnn train: error: {flag} {path}: that is a file; {flag} takes a folder"
+    )
+    assert path.read_text() == "not a folder"
+
+
+@pytest.mark.timeout(60)
+def test_train_makes_the_folder_of_its_trace(tmp_path: Path) -> None:
+    # --save, --metrics and --out make their folders; --trace failed on a missing one
+    trace = tmp_path / "runs" / "run.trace"
+    assert main([*_TRAIN, "--epochs", "1", "--trace", str(trace)]) == 0
+    assert ann.trace.read(str(trace)).events
+
+
+@pytest.mark.timeout(60)
+def test_resume_with_another_dataset_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it failed in the data check: "input 'x': got shape (4000, 40), the graph declares ..."
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*_TRAIN, "--epochs", "1", "--save", ckpt]) == 0  # on digits: 64 features
+    capsys.readouterr()
+    assert main(["train", "--resume", ckpt, "--epochs", "2", "--out", ""]) == 2
+    assert _one_error_line(capsys) == (
+        f"asyncnn train: error: --resume {ckpt}: its model takes rows of 64 features, "
+        "--dataset mnist1d has 40: give the --dataset it was trained on"
+    )
 
 
 def test_train_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
