@@ -417,3 +417,134 @@ def test_a_hung_compute_on_a_pool_thread_fails_fit_without_waiting_for_it():
             tr.fit(_data(), batch_size=16)  # returns in seconds while the thread still waits
     finally:
         _release.set()
+
+
+@pytest.mark.anyio
+async def test_a_step_after_the_block_is_a_clear_error():
+    d = _data()
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+    ) as run:
+        await run.step(d)
+    with pytest.raises(RuntimeError, match=r"run.step\(\) after the open_run block was left"):
+        await run.step(d)  # was anyio.ClosedResourceError, with no message
+    await run.drain()  # nothing left to wait for: returns at once
+    assert sorted(run.losses) == [0]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_steps_from_several_tasks_go_in_one_at_a_time():
+    # each step's minibatch index must be that of its keys: the loss recorded under it is its
+    # batch's loss in a run that steps the batches one by one in that order
+    d = _data(n=32)
+    batches = [{k: v[i * 8 : (i + 1) * 8] for k, v in d.items()} for i in range(4)]
+    got: dict[int, int] = {}
+
+    def run_args():
+        return dict(optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+
+    async def step(run, i):
+        got[i] = await run.step(batches[i])
+
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(3), **run_args()) as run:
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(step, run, i)
+            await run.drain()
+        order = sorted(range(4), key=lambda i: got[i])
+        assert sorted(got.values()) == [0, 1, 2, 3]
+        async with ann.open_run(chain_graph(3), **run_args()) as one_by_one:
+            for i in order:
+                await one_by_one.step(batches[i])
+    assert run.losses == one_by_one.losses
+    assert_params_close(run.params, one_by_one.params, rtol=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_step_cancelled_before_its_keys_go_in_leaves_the_run_usable():
+    d = _data()
+    policy = policies.Async(max_active_keys=1, min_update_frequency=1)
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policy) as run:
+            await run.step(d)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await run.step(d)  # waits for its admission: cancelled there
+            await run.step(d)
+            await run.drain()  # waited forever for the cancelled step's loss
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_step_cut_off_after_some_keys_went_in_fails_clearly():
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("first", nn.Linear(5, 3), x)
+    h = g.layer("silent", nn.Identity(), h, actor=Silent)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    policy = policies.PipeDream(4)  # 2 keys in flight at most: the 3rd key waits
+    with anyio.fail_after(20), pytest.raises(RuntimeError, match=r"minibatch 0 was cut off"):
+        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy) as run:
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def step():
+                    with scope:
+                        await run.step(_data())
+
+                tg.start_soon(step)
+                while run.in_flight < run.max_in_flight:  # the keys that went in: 2 of 4
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+            with pytest.raises(RuntimeError, match=r"2 of its 4 keys went in"):
+                await run.step(_data())  # would wait forever
+            with pytest.raises(RuntimeError, match=r"run.drain\(\) cannot wait"):
+                await run.drain()
+            # and leaving the block, which drains, raises it too (it hung)
+
+
+@pytest.mark.anyio
+async def test_an_input_that_is_not_an_array_is_named():
+    d = _data()
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+    ) as run:
+        with pytest.raises(TypeError, match=r"input 'x' is a list, not an array"):
+            await run.step({"x": d["x"].tolist(), "y": d["y"]})  # said "got shape ()"
+        await run.step(d)
+
+
+def test_bad_run_options_name_the_option():
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -1"):
+        _trainer(seed=-1)  # numpy's "expected non-negative integer", naming nothing
+    with pytest.raises(ValueError, match=r"stall_timeout must be a number > 0, got True"):
+        _trainer(stall_timeout=True)  # was a stall timeout of 1 s
+
+
+class _NeverTakes:
+    """An inbox whose send never returns (a receiver stuck for good)."""
+
+    async def send(self, msg):
+        await anyio.sleep_forever()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_key_that_never_goes_in_is_cut_off_after_the_stall_timeout():
+    # a cancellation waits while a key's messages go in to this process's actors, but not for
+    # good: a send stuck past stall_timeout is cut off (a wait that never ends is a hang)
+    with anyio.fail_after(10), pytest.raises(TimeoutError, match="sending key 0 in took over 0.5"):
+        async with ann.open_run(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), stall_timeout=0.5
+        ) as run:
+            run.actors["stage0"].send_channel = _NeverTakes()
+            with anyio.move_on_after(0.05):  # deferred: the key would go in whole
+                await run.step(_data())

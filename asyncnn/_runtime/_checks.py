@@ -42,6 +42,7 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
 
     Raises:
         ValueError: naming the input and what was wrong with it.
+        TypeError: naming an input that is not an array (a list, say).
     """
     names = graph.inputs
     missing = [n for n in names if n not in batch]
@@ -57,7 +58,13 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
     for name in names:
         node = graph.nodes[name]
         arr = batch[name]
-        shape = tuple(getattr(arr, "shape", ()))
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+            # a list's shape would read as () and its dtype as float64: say what it is instead
+            raise TypeError(
+                f"input {name!r} is a {type(arr).__name__}, not an array: pass an array "
+                f"(numpy.asarray(batch[{name!r}]), or a cupy array on a GPU)"
+            )
+        shape = tuple(arr.shape)
         want = node.shape or ()
         if len(shape) != len(want) or any(
             w is not None and s != w for s, w in zip(shape, want, strict=True)

@@ -48,13 +48,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.seed < 0:  # numpy's seeding refuses it later, without naming the option
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         try:
             dt = np.dtype(self.dtype)
         except TypeError as exc:
             raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows") from exc
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "dtype", str(dt))
-        if not isinstance(self.stall_timeout, int | float) or not self.stall_timeout > 0:
+        if (
+            isinstance(self.stall_timeout, bool)
+            or not isinstance(self.stall_timeout, int | float)
+            or not self.stall_timeout > 0
+        ):
             raise ValueError(f"stall_timeout must be a number > 0, got {self.stall_timeout!r}")
         object.__setattr__(self, "stall_timeout", float(self.stall_timeout))
         if self.trace_payloads not in PAYLOAD_MODES:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -146,6 +147,10 @@ class Run:
             for n in [*self.layers, *graph.losses]
         }
         channels.update((n, a.send_channel) for n, a in self.actors.items())
+        # the graph's inputs go to actors of this process only (see admit)
+        self._local_sends = all(
+            c in self.local for n in graph.inputs for c, _ in graph.nodes[n].consumers
+        )
         for proxy in (remote or {}).values():
             proxy.run = self  # a stand-in sends through this run (its pool, its NCCL links)
         self.in_flight = 0
@@ -164,6 +169,12 @@ class Run:
         self._flushes = policy.waits_between_minibatches()  # a policy is frozen
         self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
         self._last_batch: tuple[Any, int] = (None, 0)  # the last batch checked, and its rows
+        # steps from several tasks go in one at a time, in the order they came
+        self._stepping = anyio.Lock()
+        #: why this run cannot go on (a step cut off after some of its keys went in), or None
+        self._broken: str | None = None
+        #: the ``open_run`` block was left: the actors have stopped
+        self._ended = False
         self.last_event = time.perf_counter()
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
@@ -252,6 +263,7 @@ class Run:
         every key, so a flush policy's updates are applied); with ``losses``, also until the
         loss of every admitted minibatch is known. Unlike :meth:`drain` it does not end a
         continuous policy's stream."""
+        self._check_usable("wait_idle")
         if losses:
             if self.in_flight or self._pending:
                 await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
@@ -265,14 +277,37 @@ class Run:
         for actor in self.local.values():
             await actor.wait_for_device()
 
+    def _check_usable(self, what: str) -> None:
+        """Raises where the run cannot take ``what`` (a step after the block, or any wait once a
+        step was cut off part-way, which would wait forever)."""
+        if self._ended and what == "step":
+            raise RuntimeError(
+                "run.step() after the open_run block was left: its actors have stopped. Step "
+                "inside the block, or open a new run (open_run(..., state=run.state()) goes on "
+                "from this one's weights)"
+            )
+        if self._broken is not None:
+            raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
+
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
         :attr:`losses` when its keys have run.
 
+        Steps called from several tasks at once go in one after another, in the order they
+        were called. A cancellation waits until the key being sent in has gone in whole (for
+        at most ``stall_timeout``, where every receiver is in this process); a step cancelled
+        before any of its keys went in leaves no trace. One cut off after some of its keys (or
+        part of a key, sent to another process) went in leaves a minibatch the run cannot
+        finish: every later ``step``, :meth:`drain`, and leaving the block, raise a
+        ``RuntimeError`` that says so.
+
         Raises:
             ValueError: a missing or unknown input, a wrong shape or dtype.
+            TypeError: an input that is not an array (a list, say).
+            RuntimeError: the ``open_run`` block was left, or an earlier step was cut off.
         """
+        self._check_usable("step")
         # a batch like the last one (names, shapes, dtypes) passes the same checks: they are
         # skipped, unless each batch's values are checked for NaN
         signature = tuple(
@@ -286,14 +321,17 @@ class Run:
         parts = self._splits.get(rows)
         if parts is None:
             parts = self._splits[rows] = self.policy.split(rows)
-        m = len(parts)
-        mb = self.minibatches
-        self.minibatches += 1
-        if self._flushes:
-            if self.in_flight:
-                await self._wait_until(lambda: self.in_flight == 0)
-            if self.recorder is not None and mb > 0:
-                self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
+        async with self._stepping:
+            self._check_usable("step")  # a step before this one may have been cut off
+            mb = await self._admit_minibatch(batch, rows, parts)
+        self.samples += rows
+        return mb
+
+    async def _admit_minibatch(
+        self, batch: Mapping[str, Any], rows: int, parts: list[tuple[int, int]]
+    ) -> int:
+        if self._flushes and self.in_flight:
+            await self._wait_until(lambda: self.in_flight == 0)
         arrays = {}
         for name, floating in self._inputs_floating:
             # A copy: step returns before its keys are computed, and the caller may refill its
@@ -309,15 +347,36 @@ class Run:
                 else array_namespace(src).array(src, copy=True)
             )
             arrays[name] = arr.astype(self.dtype, copy=False) if floating else arr
+        # nothing above changed the run: a cancellation there leaves it as it was
+        m = len(parts)
+        mb = self.minibatches
+        self.minibatches += 1
+        if self._flushes and self.recorder is not None and mb > 0:
+            self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * self._num_losses)
-        for lo, hi in parts:
-            meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
-            if lo == 0 and hi == rows:  # the whole minibatch: the copies themselves
-                await self.admit(arrays, meta)
-            else:
-                await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
-        self.samples += rows
+        first_key = self.next_key
+        try:
+            for lo, hi in parts:
+                meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
+                if lo == 0 and hi == rows:  # the whole minibatch: the copies themselves
+                    await self.admit(arrays, meta)
+                else:
+                    await self.admit({name: arrays[name][lo:hi] for name in self._inputs}, meta)
+        except BaseException as exc:
+            if self.next_key == first_key:  # none of its keys went in: as if never called
+                del self._pending[mb]
+                self.minibatches -= 1
+            elif self._broken is None:
+                # its keys in flight wait for the rest of the minibatch (a flush, its loss),
+                # which will never come: waiting for them would hang
+                self._broken = (
+                    f"the step of minibatch {mb} was cut off ({type(exc).__name__}) after "
+                    f"{self.next_key - first_key} of its {m} keys went in (keys {first_key}..), "
+                    "so the run cannot finish it; leave the open_run block and open a new run "
+                    "(open_run(..., state=run.state()) goes on from its weights)"
+                )
+            raise
         return mb
 
     async def admit(self, parts: Mapping[str, Any], meta: dict[str, Any]) -> int:
@@ -340,23 +399,54 @@ class Run:
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
         ready = _ready_events(parts.values())
-        for name, consumers in self._input_consumers:
-            part = parts[name]
-            for i_c, (consumer, slot) in enumerate(consumers):
-                if rec is not None:  # the data is recorded once, with its first send
-                    keep = i_c == 0 and rec.payloads != "none"
-                    rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
-                              {"slot": slot})  # fmt: skip
-                msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
-                if ready and is_cupy_array(part):
-                    msg.event = ready[part.device.id]
-                await self.actors[consumer].send_channel.send(msg)
+        # A key goes in whole or the run cannot finish it, so a cancellation must not land
+        # between its messages. Sends to this process's actors do not wait on anything outside
+        # it (a send may run the receiver's work in this task, a hand-over, but their inboxes
+        # have room for every key admitted): they are shielded, for at most stall_timeout (a
+        # stuck one is still cut off, as the watchdog reports). A send to another process may
+        # wait on its socket and is not shielded (a failed run must not wait for it). A key cut
+        # off once its first message went in is said by every later call instead of a wait that
+        # would never end.
+        shield = self._local_sends
+        sent = False
+        try:
+            with anyio.CancelScope(
+                shield=shield,
+                deadline=anyio.current_time() + self.stall_timeout if shield else math.inf,
+            ) as scope:
+                for name, consumers in self._input_consumers:
+                    part = parts[name]
+                    for i_c, (consumer, slot) in enumerate(consumers):
+                        if rec is not None:  # the data is recorded once, with its first send
+                            keep = i_c == 0 and rec.payloads != "none"
+                            rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
+                                      {"slot": slot})  # fmt: skip
+                        msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
+                        if ready and is_cupy_array(part):
+                            msg.event = ready[part.device.id]
+                        sent = True
+                        await self.actors[consumer].send_channel.send(msg)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"sending key {key} in took over {self.stall_timeout:g} s")
+        except BaseException as exc:
+            if sent and self._broken is None:
+                self._broken = (
+                    f"key {key} (minibatch {mb}) was cut off ({type(exc).__name__}) while its "
+                    "messages went in, so the run cannot finish it; leave the open_run block and "
+                    "open a new run (open_run(..., state=run.state()) goes on from its weights)"
+                )
+            raise
         self.touch()
         return key
 
     async def drain(self) -> None:
         """Waits until every admitted key has finished its backward wave and reported its loss
-        (and, under a continuous policy, the pipeline has cooled down)."""
+        (and, under a continuous policy, the pipeline has cooled down).
+
+        Raises:
+            RuntimeError: a step was cut off after some of its keys went in (see :meth:`step`).
+        """
+        self._check_usable("drain")
         flushes = self._flushes
         if not flushes and self.next_key > self.stream_start:
             for name in self.layers:
@@ -590,7 +680,10 @@ async def open_run(
             graph, optimizer, policy, config, state=state, pool=pool, on_loss=on_loss,
             validated=validated,
         ) as remote_run:  # fmt: skip
-            yield remote_run
+            try:
+                yield remote_run
+            finally:
+                remote_run._ended = True
         return
     if not validated:
         validate(graph, config.dtype)
@@ -603,5 +696,8 @@ async def open_run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
             )  # fmt: skip
-            async with hosting(run, Share()):
-                yield run
+            try:
+                async with hosting(run, Share()):
+                    yield run
+            finally:
+                run._ended = True
