@@ -451,7 +451,10 @@ class Trainer:
         save_checkpoint(self, path)
         tmp = os.path.join(path, _FIT_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"epoch_batches": self.epoch_batches}, f)
+            # the minibatch count ties it to the checkpoint it sits beside (written after it)
+            json.dump(
+                {"epoch_batches": self.epoch_batches, "minibatches": self.state.minibatches}, f
+            )
         os.replace(tmp, os.path.join(path, _FIT_FILE))
 
     @classmethod
@@ -465,9 +468,27 @@ class Trainer:
         trainer = load_checkpoint(cls, path, **overrides)
         fit_file = os.path.join(path, _FIT_FILE)
         if os.path.exists(fit_file):
-            with open(fit_file, encoding="utf-8") as f:
-                trainer.epoch_batches = int(json.load(f).get("epoch_batches", 0))
+            trainer.epoch_batches = _epoch_batches(fit_file, trainer.state.minibatches)
         return trainer
+
+
+def _epoch_batches(fit_file: str, minibatches: int) -> int:
+    """Where the checkpoint's epoch stands, from its ``fit.json``, checked against the
+    checkpoint's own minibatch count (a save interrupted between its files leaves another's)."""
+    fix = f"delete {fit_file} to start the interrupted epoch over"
+    try:
+        with open(fit_file, encoding="utf-8") as f:
+            fit = json.load(f)
+        done = int(fit.get("epoch_batches", 0))
+        saved = fit.get("minibatches")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{fit_file} is damaged ({exc}); {fix}") from exc
+    if saved is not None and saved != minibatches:
+        raise ValueError(
+            f"{fit_file} was written after {saved} minibatches, the checkpoint beside it after "
+            f"{minibatches} (a save interrupted between its files?); {fix}"
+        )
+    return done
 
 
 _FIT_FILE = "fit.json"

@@ -212,3 +212,22 @@ def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved
     kept, was = slower.state.opt_states["stage1"], tr.state.opt_states["stage1"]
     assert kept["step"] == was["step"] > 0
     np.testing.assert_array_equal(kept["exp_avg_sq"][0]["bias"], was["exp_avg_sq"][0]["bias"])
+
+
+def test_a_damaged_or_foreign_fit_json_is_named_with_the_fix(saved: Any, tmp_path: Any) -> None:
+    # (a damaged one gave json's message without the file; one left by an interrupted save,
+    # beside another checkpoint, resumed the epoch at the wrong minibatch silently)
+    path, tr = saved
+    damaged = _copy(path, str(tmp_path / "damaged"))
+    Path(damaged, "fit.json").write_text("{epoch_batches: 3")
+    with pytest.raises(ValueError, match=r"fit.json is damaged .*delete .*fit.json to start"):
+        ann.Trainer.load(damaged)
+    foreign = _copy(path, str(tmp_path / "foreign"))
+    minibatches = tr.state.minibatches
+    Path(foreign, "fit.json").write_text(
+        json.dumps({"epoch_batches": 1, "minibatches": minibatches + 5})
+    )
+    with pytest.raises(ValueError, match=rf"after {minibatches + 5} minibatches, the checkpoint"):
+        ann.Trainer.load(foreign)
+    Path(foreign, "fit.json").write_text(json.dumps({"epoch_batches": 1}))  # older saves
+    assert ann.Trainer.load(foreign).epoch_batches == 1
