@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import collections
 import copy
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -147,10 +147,6 @@ class Run:
             for n in [*self.layers, *graph.losses]
         }
         channels.update((n, a.send_channel) for n, a in self.actors.items())
-        # the graph's inputs go to actors of this process only (see admit)
-        self._local_sends = all(
-            c in self.local for n in graph.inputs for c, _ in graph.nodes[n].consumers
-        )
         for proxy in (remote or {}).values():
             proxy.run = self  # a stand-in sends through this run (its pool, its NCCL links)
         self.in_flight = 0
@@ -169,8 +165,11 @@ class Run:
         self._flushes = policy.waits_between_minibatches()  # a policy is frozen
         self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
         self._last_batch: tuple[Any, int] = (None, 0)  # the last batch checked, and its rows
-        # steps from several tasks go in one at a time, in the order they came
-        self._stepping = anyio.Lock()
+        # steps from several tasks go in one at a time, in the order they came: a step going
+        # in, and the turns of those waiting (a flag, not a lock: an uncontended step, the
+        # common case, must not pay a scheduler round trip)
+        self._stepping = False
+        self._step_turns: collections.deque[anyio.Event] = collections.deque()
         #: why this run cannot go on (a step cut off after some of its keys went in), or None
         self._broken: str | None = None
         #: the ``open_run`` block was left: the actors have stopped
@@ -295,12 +294,11 @@ class Run:
         :attr:`losses` when its keys have run.
 
         Steps called from several tasks at once go in one after another, in the order they
-        were called. A cancellation waits until the key being sent in has gone in whole (for
-        at most ``stall_timeout``, where every receiver is in this process); a step cancelled
-        before any of its keys went in leaves no trace. One cut off after some of its keys (or
-        part of a key, sent to another process) went in leaves a minibatch the run cannot
-        finish: every later ``step``, :meth:`drain`, and leaving the block, raise a
-        ``RuntimeError`` that says so.
+        were called. A step cancelled before any of its keys went in leaves no trace. One cut
+        off once a key's first message went in (on the CPU a step may run much of its keys'
+        work itself, in the actors it hands them to) leaves a minibatch the run cannot finish:
+        every later ``step``, :meth:`drain`, and leaving the block, raise a ``RuntimeError``
+        that says so.
 
         Raises:
             ValueError: a missing or unknown input, a wrong shape or dtype.
@@ -321,11 +319,38 @@ class Run:
         parts = self._splits.get(rows)
         if parts is None:
             parts = self._splits[rows] = self.policy.split(rows)
-        async with self._stepping:
+        # a cancellation point (a step cancelled already goes nowhere), not a yield
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._stepping:
+            await self._wait_turn()
+        else:
+            self._stepping = True
+        try:
             self._check_usable("step")  # a step before this one may have been cut off
             mb = await self._admit_minibatch(batch, rows, parts)
+        finally:
+            self._pass_turn()
         self.samples += rows
         return mb
+
+    async def _wait_turn(self) -> None:
+        """Waits until the steps called before this one have gone in."""
+        turn = anyio.Event()
+        self._step_turns.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # the turn came as this step was cancelled: hand it on
+                self._pass_turn()
+            else:
+                self._step_turns.remove(turn)
+            raise
+
+    def _pass_turn(self) -> None:
+        if self._step_turns:
+            self._step_turns.popleft().set()  # still stepping: the next step's turn
+        else:
+            self._stepping = False
 
     async def _admit_minibatch(
         self, batch: Mapping[str, Any], rows: int, parts: list[tuple[int, int]]
@@ -399,35 +424,25 @@ class Run:
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
         ready = _ready_events(parts.values())
-        # A key goes in whole or the run cannot finish it, so a cancellation must not land
-        # between its messages. Sends to this process's actors do not wait on anything outside
-        # it (a send may run the receiver's work in this task, a hand-over, but their inboxes
-        # have room for every key admitted): they are shielded, for at most stall_timeout (a
-        # stuck one is still cut off, as the watchdog reports). A send to another process may
-        # wait on its socket and is not shielded (a failed run must not wait for it). A key cut
-        # off once its first message went in is said by every later call instead of a wait that
-        # would never end.
-        shield = self._local_sends
+        # A key goes in whole or the run cannot finish it. Its sends are not shielded from
+        # cancellation (a shield would cost every key a cancel scope; a send may also run the
+        # receiver's work in this task, a hand-over, or wait on another process's socket, and a
+        # stall must still cut it off): a key cut off once its first message went in is said
+        # by every later call instead of a wait that would never end.
         sent = False
         try:
-            with anyio.CancelScope(
-                shield=shield,
-                deadline=anyio.current_time() + self.stall_timeout if shield else math.inf,
-            ) as scope:
-                for name, consumers in self._input_consumers:
-                    part = parts[name]
-                    for i_c, (consumer, slot) in enumerate(consumers):
-                        if rec is not None:  # the data is recorded once, with its first send
-                            keep = i_c == 0 and rec.payloads != "none"
-                            rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
-                                      {"slot": slot})  # fmt: skip
-                        msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
-                        if ready and is_cupy_array(part):
-                            msg.event = ready[part.device.id]
-                        sent = True
-                        await self.actors[consumer].send_channel.send(msg)
-            if scope.cancelled_caught:
-                raise TimeoutError(f"sending key {key} in took over {self.stall_timeout:g} s")
+            for name, consumers in self._input_consumers:
+                part = parts[name]
+                for i_c, (consumer, slot) in enumerate(consumers):
+                    if rec is not None:  # the data is recorded once, with its first send
+                        keep = i_c == 0 and rec.payloads != "none"
+                        rec.event(name, "send", FORWARD, key, 0, consumer, -1, (part,), keep,
+                                  {"slot": slot})  # fmt: skip
+                    msg = Message(FORWARD, key, 0, name, consumer, slot, (part,), meta)
+                    if ready and is_cupy_array(part):
+                        msg.event = ready[part.device.id]
+                    sent = True
+                    await self.actors[consumer].send_channel.send(msg)
         except BaseException as exc:
             if sent and self._broken is None:
                 self._broken = (
