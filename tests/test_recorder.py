@@ -106,16 +106,22 @@ def test_recorders_to_the_null_device_are_neither_locked_nor_emptied() -> None:
     first.close()
 
 
-@pytest.mark.anyio
-async def test_two_runs_recording_to_one_path_keep_the_first_runs_trace(tmp_path: Path) -> None:
+def _two_stages() -> tuple[ann.Graph, dict[str, np.ndarray]]:
+    """A two-stage classifier and a batch of 8 rows for it."""
     graph = ann.Graph.sequential(
-        [nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)],
+        [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)],
         loss=nn.CrossEntropyLoss(),
         stages=2,
         input_shape=(None, 4),
     )
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((4, 4)).astype(np.float32), "y": rng.integers(0, 2, 4)}
+    batch = {"x": rng.standard_normal((8, 4)).astype(np.float32), "y": rng.integers(0, 3, 8)}
+    return graph, batch
+
+
+@pytest.mark.anyio
+async def test_two_runs_recording_to_one_path_keep_the_first_runs_trace(tmp_path: Path) -> None:
+    graph, batch = _two_stages()
     path = str(tmp_path / "run.trace")
     async with ann.open_run(graph, optim.SGD(lr=0.1), policies.Sync(), trace=path) as run:
         await run.step(batch)
@@ -132,14 +138,7 @@ async def test_two_runs_recording_to_one_path_keep_the_first_runs_trace(tmp_path
 async def test_a_run_cancelled_from_outside_says_so_in_its_trace(tmp_path: Path) -> None:
     # before, its trace looked like a run that ended cleanly (and a replay of it waited for the
     # work it left undone)
-    graph = ann.Graph.sequential(
-        [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)],
-        loss=nn.CrossEntropyLoss(),
-        stages=2,
-        input_shape=(None, 4),
-    )
-    rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((8, 4)).astype(np.float32), "y": rng.integers(0, 3, 8)}
+    graph, batch = _two_stages()
     path = str(tmp_path / "run.trace")
     with anyio.CancelScope() as scope:
         policy = policies.Async(max_active_keys=4)
