@@ -155,3 +155,14 @@ async def test_a_run_cancelled_from_outside_says_so_in_its_trace(tmp_path: Path)
     ]
     with pytest.raises(ann.TraceFormatError, match="ended with the error 'the run was cancelled"):
         ann.replay(path)
+
+
+def test_an_error_without_a_message_is_recorded_by_its_kind(tmp_path: Path) -> None:
+    # (a KeyboardInterrupt's text is empty: the trace said the run "ended with the error ''")
+    from asyncnn._runtime._lifecycle import record_error
+
+    path = str(tmp_path / "t.trace")
+    rec = Recorder(path, {"graph": {}})
+    record_error(rec, KeyboardInterrupt())
+    rec.close()
+    assert [e.meta["error"] for e in ann.trace.read(path).events] == ["KeyboardInterrupt"]

@@ -127,7 +127,7 @@ def record_error(recorder: Recorder | None, error: BaseException) -> None:
     key = getattr(error, "key", None)
     recorder.event(
         getattr(error, "actor", "scheduler"), "error", getattr(error, "kind", "") or "",
-        -1 if key is None else key, meta={"error": str(error)},
+        -1 if key is None else key, meta={"error": str(error) or type(error).__name__},
     )  # fmt: skip
 
 
