@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ def _overrides(cb: Callback, hook: str) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
 
 
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is an int >= 0 (a bool is not one)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
+
+
 def wants_epoch_end(callbacks: list[Callback]) -> bool:
     """Whether any of ``callbacks`` has an epoch-end hook."""
     return any(_overrides(cb, "on_epoch_end") for cb in callbacks)
@@ -81,10 +87,15 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         mode: str = "auto",
     ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"EarlyStopping: monitor must be a metric's name, got {monitor!r}")
         if mode not in ("min", "max", "auto"):
             raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
-        if patience < 0:
-            raise ValueError(f"EarlyStopping: patience must be >= 0, got {patience}")
+        if not _is_count(patience):
+            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
+        if not isinstance(min_delta, Real) or not math.isfinite(min_delta):
+            # (a NaN would make every epoch "not better", stopping a fit that improves)
+            raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
         self.monitor = monitor
         self.patience = patience
         self.min_delta = abs(min_delta)
@@ -131,8 +142,8 @@ class JSONLLogger(Callback):
     """
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
-        if every < 0:
-            raise ValueError(f"JSONLLogger: every must be >= 0, got {every}")
+        if not _is_count(every):
+            raise ValueError(f"JSONLLogger: every must be an int >= 0, got {every!r}")
         self.path = os.fspath(path)
         self.every = every
         self._file: Any = None
@@ -180,10 +191,13 @@ class TensorBoardLogger(Callback):
         every: log every this many steps (0: epochs only).
 
     Raises:
+        ValueError: ``every`` is not an int >= 0.
         ImportError: tensorboardX is not installed (saying how to install it).
     """
 
     def __init__(self, logdir: str | os.PathLike[str], every: int = 1) -> None:
+        if not _is_count(every):
+            raise ValueError(f"TensorBoardLogger: every must be an int >= 0, got {every!r}")
         try:
             import tensorboardX  # noqa: F401
         except ImportError as exc:

@@ -182,3 +182,31 @@ def test_tensorboard_logger(tmp_path):
     np.testing.assert_allclose([v for _, v in losses], hist.losses, rtol=1e-6)
     epochs = [(s, v) for t, s, v in scalars if t == "epoch/loss"]
     assert [s for s, _ in epochs] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patience": "2"}, r"patience must be an int >= 0, got '2'"),
+        ({"patience": 1.5}, r"patience must be an int >= 0, got 1.5"),
+        ({"patience": -1}, r"patience must be an int >= 0, got -1"),
+        ({"min_delta": float("nan")}, r"min_delta must be a finite number, got nan"),
+        ({"min_delta": "0.1"}, r"min_delta must be a finite number, got '0.1'"),
+        ({"monitor": ""}, r"monitor must be a metric's name, got ''"),
+        ({"monitor": None}, r"monitor must be a metric's name, got None"),
+    ],
+)
+def test_early_stopping_refuses_bad_settings_naming_them(kwargs, match):
+    # (before, a NaN min_delta stopped a fit that was improving, and the others failed later
+    # with a bare comparison error, or not at all)
+    with pytest.raises(ValueError, match=match):
+        EarlyStopping(**kwargs)
+    assert EarlyStopping(patience=np.int64(1), min_delta=np.float32(0.5)).patience == 1
+
+
+@pytest.mark.parametrize("every", [-1, 1.5, True])
+def test_loggers_refuse_a_bad_every(tmp_path, every):
+    with pytest.raises(ValueError, match=r"JSONLLogger: every must be an int >= 0"):
+        JSONLLogger(tmp_path / "m.jsonl", every=every)
+    with pytest.raises(ValueError, match=r"TensorBoardLogger: every must be an int >= 0"):
+        TensorBoardLogger(tmp_path, every=every)

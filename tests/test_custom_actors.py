@@ -158,3 +158,81 @@ def test_a_checkpoint_keeps_an_actors_own_state(tmp_path):
     assert back.graph.nodes["b"].actor_args == {"factor": 0.5, "label": "half"}
     back.fit(_data(), epochs=1, batch_size=16)
     assert int(back.state.actor_states["b"]["seen"]) == 12
+
+
+class ReturnsNone(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        await super().on_forward(key, inputs, meta)
+        return None
+
+
+class ReturnsTuple(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        out = await super().on_forward(key, inputs, meta)
+        return out, out
+
+
+class ReturnsOneTensor(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward(key, grad, meta) or [None]
+        return g
+
+
+class ReturnsTwoGrads(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        grads = await super().on_backward(key, grad, meta) or []
+        return grads + grads
+
+
+class ReturnsNoGrads(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        await super().on_backward(key, grad, meta)
+        return []
+
+
+class SyncForward(ann.LayerActor):
+    def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:  # type: ignore[override]
+        return inputs[0][:, :3]
+
+
+def _actor_on_b(actor: type[ann.LayerActor]) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Sequential(nn.Linear(6, 8), nn.Tanh()), x)
+    h = g.layer("b", nn.Linear(8, 3), h, actor=actor)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.parametrize(
+    ("actor", "kind", "cause", "match"),
+    [
+        (ReturnsNone, "forward", TypeError, r"ReturnsNone.on_forward returned None; .*one array"),
+        (ReturnsTuple, "forward", TypeError, r"ReturnsTuple.on_forward returned tuple"),
+        (ReturnsOneTensor, "backward", TypeError, r"on_backward returned ndarray; .*a list"),
+        (ReturnsTwoGrads, "backward", ValueError, r"returned 2 gradients for 1 input slot"),
+        (ReturnsNoGrads, "backward", ValueError, r"returned 0 gradients for 1 input slot"),
+        (SyncForward, "forward", TypeError, r"SyncForward.on_forward must be defined with async"),
+    ],
+    ids=[
+        "forward-none",
+        "forward-tuple",
+        "backward-tensor",
+        "backward-long",
+        "backward-short",
+        "sync-hook",
+    ],  # fmt: skip
+)
+def test_a_hook_returning_the_wrong_thing_is_an_error_of_its_own_actor(actor, kind, cause, match):
+    # (before, the consumer failed under its own name, or the layer upstream took a row of
+    # the tensor, or the extra gradients were dropped without a word)
+    tr = ann.Trainer(
+        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    )
+    with pytest.raises(ann.ActorError, match=match) as info:
+        tr.fit(_data(), batch_size=16)
+    err = info.value
+    assert (err.actor, err.kind, err.key) == ("b", kind, 0)
+    assert f"actor 'b' failed on {kind} of key 0" in str(err)
+    assert isinstance(err.__cause__, cause)

@@ -20,6 +20,7 @@ computes only when the device's order has reached its operation.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -352,6 +353,16 @@ class LayerActor(WeightVersions):
             turns.passed(self.stage)
         self.ctx.touch()
 
+    def _fail(self, exc: BaseException, kind: str, key: int | None) -> ActorError:
+        err = super()._fail(exc, kind, key)
+        if isinstance(exc, TypeError) and "await" in str(exc):
+            cls = type(self)
+            sync = [h for h in _ASYNC_HOOKS if not inspect.iscoroutinefunction(getattr(cls, h))]
+            if sync:  # a hook written as a plain def: its result was awaited
+                names = ", ".join(f"{cls.__name__}.{h}" for h in sync)
+                err.args = (f"{err.args[0]} ({names} must be defined with async def)",)
+        return err
+
     def _cost(self, rows: int) -> float:
         # FLOPs of the forward: the module's own count per sample where it gives one (a
         # convolution does far more work than its parameter count says), else 2 per parameter
@@ -398,6 +409,13 @@ class LayerActor(WeightVersions):
 
     def _outputs(self, key: int, out: Any) -> list[tuple[Any, ...]]:
         """The tensors sent to each consumer (the same output to all, unless a router)."""
+        if out is None or type(out) is tuple or type(out) is list:
+            # (the consumers would fail on it under their own names, or take None for a skip)
+            raise TypeError(
+                f"{type(self).__name__}.on_forward returned "
+                f"{'None' if out is None else type(out).__name__}; it must return the layer's "
+                "output, one array (sent to every consumer)"
+            )
         return [(out,)] * len(self.consumers)
 
     async def _output_grad(self, parts: list[Any]) -> Any:
@@ -474,8 +492,9 @@ class LayerActor(WeightVersions):
         input_grads: list[Any] | None = None
         if split:  # the input half: the weight half follows when the order says
             if key not in self.skipped:
-                input_grads = await self.on_backward_input(
-                    key, await self._output_grad(parts), meta
+                input_grads = self._checked_grads(
+                    "on_backward_input",
+                    await self.on_backward_input(key, await self._output_grad(parts), meta),
                 )
             self.weight_due[key] = meta
             await self._send_grads(key, used, input_grads, meta)
@@ -485,12 +504,33 @@ class LayerActor(WeightVersions):
             if self.param_size:
                 await self.accumulate(None, meta)
         else:
-            input_grads = await self.on_backward(key, await self._output_grad(parts), meta)
+            input_grads = self._checked_grads(
+                "on_backward", await self.on_backward(key, await self._output_grad(parts), meta)
+            )
         # done before the gradients leave (the update, if due, is applied already): a cluster
         # worker's report then rides with them instead of waking the driver on its own
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
         await self._send_grads(key, used, input_grads, meta)
+
+    def _checked_grads(self, hook: str, grads: Any) -> list[Any] | None:
+        """What a backward hook returned, if it is None or one gradient per input slot (a
+        tensor, or a list of another length, would reach the layers upstream as wrong
+        gradients, or fail there under their names)."""
+        if grads is None:
+            return None
+        if type(grads) is not list and type(grads) is not tuple:
+            raise TypeError(
+                f"{type(self).__name__}.{hook} returned {type(grads).__name__}; it must return "
+                f"a list of one gradient per input slot ({self.n_inputs}; None for no "
+                "gradient), or None"
+            )
+        if len(grads) != self.n_inputs:
+            raise ValueError(
+                f"{type(self).__name__}.{hook} returned {len(grads)} gradients for "
+                f"{self.n_inputs} input slot(s); return one per slot (None for no gradient)"
+            )
+        return grads
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)
@@ -565,6 +605,10 @@ class LayerActor(WeightVersions):
                 f"weights, but {type(self).__name__}.on_forward computed key {key} without "
                 "asking forward_weights(key, meta)"
             )
+
+
+#: the hooks the runtime awaits: a custom actor must define them with ``async def``
+_ASYNC_HOOKS = ("on_forward", "on_backward", "on_backward_input", "on_backward_weight")
 
 
 def _recorded_kind(kind: str) -> tuple[str, dict[str, Any] | None]:
