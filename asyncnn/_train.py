@@ -326,8 +326,7 @@ class Trainer:
                 cb.on_fit_start(self)
                 started.append(cb)
         except BaseException:  # those started end (a logger closes its file), then it raises
-            for cb in started:
-                cb.on_fit_end(self, history)
+            _end_all(started, self, history)
             raise
         try:
             with _Progress(self.progress, total) as bar:
@@ -341,8 +340,7 @@ class Trainer:
                 self.traces.append(trace_path)
             history.seconds = time.perf_counter() - start
             history.samples_per_second = fit.rows / history.seconds if history.seconds > 0 else 0.0
-            for cb in plan.callbacks:
-                cb.on_fit_end(self, history)
+            _end_all(plan.callbacks, self, history)
         return history
 
     def _next_trace_path(self) -> str | None:
@@ -470,6 +468,20 @@ class Trainer:
         if os.path.exists(fit_file):
             trainer.epoch_batches = _epoch_batches(fit_file, trainer.state.minibatches)
         return trainer
+
+
+def _end_all(callbacks: Sequence[Callback], trainer: Trainer, history: History) -> None:
+    """Every callback's ``on_fit_end``, even where one raises (a logger after it must still
+    close its file); then the first error, if any."""
+    first: BaseException | None = None
+    for cb in callbacks:
+        try:
+            cb.on_fit_end(trainer, history)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
 
 
 def _epoch_batches(fit_file: str, minibatches: int) -> int:

@@ -210,3 +210,15 @@ def test_loggers_refuse_a_bad_every(tmp_path, every):
         JSONLLogger(tmp_path / "m.jsonl", every=every)
     with pytest.raises(ValueError, match=r"TensorBoardLogger: every must be an int >= 0"):
         TensorBoardLogger(tmp_path, every=every)
+
+
+def test_a_callback_failing_at_fit_end_still_lets_the_others_end(tmp_path):
+    # (the callbacks after it never ended: a logger's file was left open)
+    class Fails(Callback):
+        def on_fit_end(self, trainer, history):
+            raise RuntimeError("no end")
+
+    logger, last = JSONLLogger(tmp_path / "m.jsonl"), _Record()
+    with pytest.raises(RuntimeError, match="no end"):
+        _trainer().fit(_data(), batch_size=8, callbacks=[Fails(), logger, last])
+    assert logger._file is None and last.calls[-1][0] == "end"
