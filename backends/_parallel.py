@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
+import numbers
 import operator
 import threading
 import time
@@ -143,6 +145,41 @@ def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
     return tuple(min(length, (i * blocks // parts) * align) for i in range(parts + 1))
 
 
+def check_number(
+    name: str, value: Any, *, integer: bool, least: float, none_ok: bool = False
+) -> None:
+    """Raises an error naming the argument ``name`` unless ``value`` is a number (a whole one
+    when ``integer``; never a bool) of at least ``least``, or None where ``none_ok``."""
+    if value is None and none_ok:
+        return
+    or_none = " or None" if none_ok else ""
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if integer else numbers.Real
+    ):
+        raise TypeError(
+            f"{name} must be {'an int' if integer else 'a number'}{or_none}, got {value!r}"
+        )
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}{or_none}, got {value!r}")
+
+
+def check_flag(name: str, value: Any, *, none_ok: bool = False) -> None:
+    """Raises an error naming ``name`` unless ``value`` is True or False (or None where
+    ``none_ok``): ``bool("false")`` is True, so a string must not pass as a flag."""
+    if not (isinstance(value, bool | np.bool_) or (value is None and none_ok)):
+        choices = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{name} must be {choices}, got {value!r}")
+
+
+def _no_one_wide_tail(bounds: tuple[int, ...]) -> tuple[int, ...]:
+    """``bounds`` with a last piece one row (or column) wide merged into the piece before it:
+    numpy computes a one-row product as a matrix-vector product and sums one column pairwise,
+    whose rounding differs from the uncut call's."""
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        return bounds[:-2] + bounds[-1:]
+    return bounds
+
+
 @functools.lru_cache(maxsize=4096)
 def _product_plan(
     m: int, n: int, k: int, workers: int, part_flops: int
@@ -152,9 +189,26 @@ def _product_plan(
     flops = 2 * m * n * k
     parts = min(workers, flops // max(1, part_flops))
     axis = 0 if m >= n else 1
-    if parts < 2:
+    if parts < 2 or min(m, n) == 1:  # a matrix-vector product: its parts would round otherwise
         return axis, (0, m if axis == 0 else n)
-    return axis, split_bounds(m if axis == 0 else n, parts, ALIGN)
+    return axis, _no_one_wide_tail(split_bounds(m if axis == 0 else n, parts, ALIGN))
+
+
+def _is_own_transpose(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    """Whether ``b`` is ``a.T`` (the same memory): numpy then computes ``a @ b`` with BLAS's
+    symmetric product (syrk), which no part of a cut product would use."""
+    return (
+        a.shape == b.shape[::-1]
+        and a.strides == b.strides[::-1]
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+def _report(exc: BaseException) -> None:
+    """An error that a worker's task raised: handed to :func:`threading.excepthook`, as a
+    thread's uncaught error is, while the worker carries on."""
+    args = [type(exc), exc, exc.__traceback__, threading.current_thread()]
+    threading.excepthook(threading.ExceptHookArgs(args))
 
 
 @dataclass(frozen=True)
@@ -179,10 +233,13 @@ class TeamStatistics:
 
 
 class _Split:
-    __slots__ = ("fn", "n", "next", "left", "errors", "done")
+    __slots__ = ("fn", "context", "n", "next", "left", "errors", "done")
 
     def __init__(self, fn: Callable[[int], object], n: int) -> None:
         self.fn = fn
+        # the caller's context (numpy's error state is a context variable): each part a worker
+        # runs sees the settings the caller's own parts see
+        self.context = contextvars.copy_context()
         self.n = n
         self.next = 0  # the next unclaimed part
         self.left = n  # parts not finished
@@ -226,12 +283,10 @@ class ComputeTeam:
     ) -> None:
         if int(workers) < 1:
             raise ValueError(f"a compute team needs at least 1 worker, got {workers}")
-        if blas_threads is not None and blas_threads < 1:
-            raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads}")
-        if part_flops < 1 or part_elements < 1:
-            raise ValueError(
-                f"part_flops and part_elements must be positive, got {part_flops}, {part_elements}"
-            )
+        check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
+        check_number("part_flops", part_flops, integer=False, least=1)
+        check_number("part_elements", part_elements, integer=False, least=1)
+        check_flag("split", split)
         self._n = int(workers)
         self._blas_threads = blas_threads
         self._part_flops = int(part_flops)
@@ -365,13 +420,19 @@ class ComputeTeam:
                     task, then = self._tasks.popleft()
             start = time.perf_counter()
             if task is not None:
-                task()  # a task reports its own errors (see submit)
+                try:
+                    task()  # a task reports its own errors (see submit)
+                except BaseException as exc:
+                    _report(exc)
                 busy[index] += time.perf_counter() - start
                 tasks_done[index] += 1
                 if then is not None:
-                    then()
+                    try:
+                        then()
+                    except BaseException as exc:
+                        _report(exc)
             else:
-                self._run_part(split, part)
+                split.context.copy().run(self._run_part, split, part)
                 busy[index] += time.perf_counter() - start
                 helped[index] += 1
 
@@ -400,8 +461,9 @@ class ComputeTeam:
 
     def submit(self, task: Callable[[], object], then: Callable[[], object] | None = None) -> None:
         """Queues ``task()`` for a free worker, and ``then()`` after it once the team's counters
-        include it. Both must report their own results and errors (what they raise is lost);
-        parts of splits in progress go before them.
+        include it. Both must report their own results and errors: what they raise goes to
+        :func:`threading.excepthook` (printed, as a thread's uncaught error), and the worker
+        carries on. Parts of splits in progress go before them.
 
         Raises:
             RuntimeError: when the team is not open.
@@ -477,7 +539,7 @@ class ComputeTeam:
         m, k = a.shape
         n = b.shape[1]
         axis, bounds = _product_plan(m, n, k, self._n, self._part_flops)
-        if len(bounds) <= 2:
+        if len(bounds) <= 2 or _is_own_transpose(a, b):
             return a @ b
         out = np.empty((m, n), dtype=a.dtype)
         mm = np.matmul
@@ -572,8 +634,10 @@ class ComputeTeam:
         is the same bit for bit.
         """
         cols = x.shape[1]
+        if x.dtype.kind not in _BLAS_KINDS:  # integers and bools sum into a wider dtype
+            return x.sum(axis=0)
         parts = len(self.row_bounds(cols, x.size)) - 1
-        bounds = split_bounds(cols, parts, ALIGN)
+        bounds = _no_one_wide_tail(split_bounds(cols, parts, ALIGN))
         if len(bounds) <= 2:
             return x.sum(axis=0)
         out = np.empty(cols, dtype=x.dtype)

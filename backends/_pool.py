@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
-from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
+from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam, check_flag, check_number
 from ._registry import get_backend
 
 __all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_pool"]
@@ -385,8 +386,9 @@ async def open_device_pool(
     n = _default_workers() if cpu_workers is None else int(cpu_workers)
     if n < 1:
         raise ValueError(f"cpu_workers must be at least 1, got {cpu_workers}")
-    if blas_threads is not None and blas_threads < 1:
-        raise ValueError(f"blas_threads must be at least 1 or None, got {blas_threads}")
+    check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
+    check_number("inline_flops", inline_flops, integer=False, least=-math.inf)
+    check_flag("split", split, none_ok=True)
     pool = DevicePool(
         n,
         inline_flops,

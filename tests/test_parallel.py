@@ -74,8 +74,10 @@ def test_split_product_equals_the_uncut_one(team: ComputeTeam, shape: Any, dtype
         assert np.array_equal(out, team.matmul(x, y))  # bit-identical on a second call
     axis, bounds = team.product_plan(m, n, k)
     assert axis == (0 if m >= n else 1)
-    if max(m, n) > 16:
+    if max(m, n) > 16 and min(m, n) > 1:
         assert len(bounds) == 3  # cut in two, one part per worker
+    elif min(m, n) == 1:
+        assert len(bounds) == 2  # numpy's matrix-vector product: a cut would round otherwise
 
 
 def test_results_repeat_bit_for_bit_across_teams_and_under_load() -> None:
@@ -193,6 +195,12 @@ def test_bad_arguments_name_the_field() -> None:
         ComputeTeam(2, blas_threads=0)
     with pytest.raises(ValueError, match="part_flops"):
         ComputeTeam(2, part_flops=0)
+    # wrong types name the field too (bool("false") is True: a string is no flag)
+    for kwargs, field in [({"blas_threads": "1"}, "blas_threads"), ({"part_flops": None},
+                          "part_flops"), ({"part_elements": "64"}, "part_elements"),
+                          ({"split": "false"}, "split")]:  # fmt: skip
+        with pytest.raises(TypeError, match=field):
+            ComputeTeam(2, **kwargs)
 
 
 def test_split_false_runs_work_whole(team: ComputeTeam) -> None:
@@ -321,3 +329,75 @@ def test_shutdown_returns_at_once_and_each_worker_reports_its_exit() -> None:
     release.set()
     team.close()
     assert exits == ["x", "x"] and _team_threads() == []
+
+
+def test_products_numpy_computes_another_way_are_not_cut(team: ComputeTeam) -> None:
+    # numpy computes a one-row (or one-column) product as a matrix-vector product and a @ a.T
+    # with BLAS's symmetric product: a cut that made such a part would round differently
+    rng = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        for m, k, n in [(17, 300, 16), (16, 500, 17), (33, 64, 20), (1, 64, 300), (300, 64, 1)]:
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            _, bounds = team.product_plan(m, n, k)
+            assert len(bounds) == 2 or min(np.diff(bounds)) > 1
+            for x, y in [(a, b), (np.asfortranarray(a), np.asfortranarray(b))]:
+                assert np.array_equal(team.matmul(x, y), x @ y)  # one BLAS thread while open
+        a = rng.standard_normal((100, 33)).astype(dtype)
+        assert np.array_equal(team.matmul(a, a.T), a @ a.T)
+    assert team.product_plan(1, 300, 64)[1] == (0, 300)  # a vector-matrix product stays whole
+
+
+def test_bias_sums_with_a_one_column_tail_equal_numpy(team: ComputeTeam) -> None:
+    # numpy sums one column pairwise, and a whole array row after row
+    for dtype in (np.float32, np.float64):
+        g = np.random.default_rng(12).standard_normal((100, 17)).astype(dtype)  # 16 + 1 columns
+        assert np.array_equal(team.sum_rows(g), g.sum(axis=0))
+
+
+def test_integer_and_bool_sums_on_a_team_keep_numpys_dtype(team: ComputeTeam) -> None:
+    from asyncnn.backends import acc_sum
+
+    mask = np.random.default_rng(13).standard_normal((100, 300)) > 0
+    small = np.full((100, 300), 100, dtype=np.int8)
+    with using_team(team):
+        for x in (mask, small, small.astype(np.int32)):
+            out = acc_sum(x, (0,))
+            assert out.dtype == x.sum(axis=0).dtype and np.array_equal(out, x.sum(axis=0))
+    assert acc_sum(mask, (0,))[0] == mask[:, 0].sum()  # a count, not a logical or
+
+
+def test_a_task_that_raises_is_reported_and_the_worker_carries_on(monkeypatch: Any) -> None:
+    reported: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", reported.append)
+    ran = threading.Event()
+    with ComputeTeam(1, name="test-team") as one:
+
+        def fail() -> None:
+            raise KeyError("task failed")
+
+        one.submit(fail, then=fail)
+        one.submit(ran.set)
+        assert ran.wait(10)  # the only worker is still there
+        assert one.statistics().tasks == 2
+    assert [type(r.exc_value) for r in reported] == [KeyError, KeyError]
+    assert reported[0].exc_traceback is not None
+
+
+def test_parts_run_by_workers_see_the_callers_numpy_error_state(team: ComputeTeam) -> None:
+    # Both parts wait for each other, so one runs on a worker while the caller runs the other.
+    together = threading.Barrier(2, timeout=10)
+    seen: dict[int, str] = {}
+
+    def part(i: int) -> None:
+        together.wait()
+        seen[i] = np.geterr()["divide"]
+
+    with np.errstate(divide="raise"):
+        team.run_parts(part, 2)
+    assert seen == {0: "raise", 1: "raise"} and team.statistics().parts_helped == 1
+    x = np.ones((400, 300))
+    y = np.ones((400, 300))
+    y[300] = 0  # a division by zero in the second half only
+    with np.errstate(divide="raise"), pytest.raises(FloatingPointError):
+        team.elementwise(np.divide, x, y)

@@ -181,6 +181,14 @@ async def test_default_workers_one_per_core_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="blas_threads"):
         async with open_device_pool(blas_threads=0):
             pass
+    # wrong types name the field, at open (bool("false") is True: a string is no flag)
+    for kwargs, field in [({"split": "false"}, "split"), ({"blas_threads": "1"}, "blas_threads"),
+                          ({"inline_flops": None}, "inline_flops"),
+                          ({"part_flops": None}, "part_flops")]:  # fmt: skip
+        with pytest.raises(TypeError, match=field):
+            async with open_device_pool(cpu_workers=1, **kwargs):
+                pass
+    assert _pool_threads() == []
 
 
 async def test_cpu_enqueue_and_wait_are_trivial() -> None:
