@@ -130,12 +130,16 @@ class _FitState:
         # the run has ended well: its state is complete (with a cluster, the workers' too)
         self._commit(run.state())
         self._deliver_steps()
+        self._record_epochs(self.position[0])
+        self.history.statistics = run.statistics()
+
+    def _record_epochs(self, before: int) -> None:
+        """Gives :attr:`History.epochs` an entry for each epoch of this fit before ``before``
+        that has none (epoch-end hooks record theirs as they go)."""
         recorded = {int(e["epoch"]) for e in self.history.epochs}
         for e in sorted(set(self.mb_epoch.values())):
-            epoch_done = e < self.position[0]
-            if epoch_done and e not in recorded:
+            if e < before and e not in recorded:
                 self.history.epochs.append({"epoch": e, "loss": self._epoch_loss(e)})
-        self.history.statistics = run.statistics()
 
     async def _step_point(self, run: Run, position: tuple[int, int]) -> None:
         """Before each step: under a flush policy in this process, waits for the previous
@@ -249,6 +253,12 @@ class _FitState:
         run = self.run
         if run is None or not self.in_process:
             return  # nothing ran, or the workers' weights never came back: the state before
+        try:
+            self._keep(run)
+        finally:  # the epochs the kept state finished, as a fit that ends well records them
+            self._record_epochs(self.tr.epochs_done)
+
+    def _keep(self, run: Run) -> None:
         with contextlib.suppress(Exception):  # a broken device must not hide the first error
             _synchronize(self.tr.graph)
         if run.in_flight == 0 and run.minibatches == self.stepped:

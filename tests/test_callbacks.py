@@ -222,3 +222,25 @@ def test_a_callback_failing_at_fit_end_still_lets_the_others_end(tmp_path):
     with pytest.raises(RuntimeError, match="no end"):
         _trainer().fit(_data(), batch_size=8, callbacks=[Fails(), logger, last])
     assert logger._file is None and last.calls[-1][0] == "end"
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.Sync(), policies.GPipe(2), policies.PipeDream(2)], ids=str
+)
+def test_a_fit_stopped_by_an_error_keeps_its_finished_epochs_in_the_history(policy):
+    # (without epoch-end hooks, History.epochs stayed empty though two epochs had finished)
+    class FailsAtStep11(Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 11:
+                raise RuntimeError("stop here")
+
+    tr = _trainer(policy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        tr.fit(_data(), epochs=4, batch_size=8, callbacks=[FailsAtStep11()])  # 5 steps an epoch
+    assert tr.epochs_done == 2
+    epochs = tr.history.epochs
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    np.testing.assert_allclose(
+        [e["loss"] for e in epochs],
+        [np.mean(tr.history.losses[0:5]), np.mean(tr.history.losses[5:10])],
+    )
