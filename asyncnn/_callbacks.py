@@ -58,7 +58,7 @@ def _overrides(cb: Callback, hook: str) -> bool:
 
 def _is_count(value: object) -> bool:
     """Whether ``value`` is an int >= 0 (a bool is not one)."""
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 def wants_epoch_end(callbacks: list[Callback]) -> bool:
@@ -93,7 +93,8 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
         if not _is_count(patience):
             raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
-        if not isinstance(min_delta, Real) or not math.isfinite(min_delta):
+        given: object = min_delta  # (any number: mypy takes float for no numbers.Real)
+        if not isinstance(given, Real) or not math.isfinite(float(given)):
             # (a NaN would make every epoch "not better", stopping a fit that improves)
             raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
         self.monitor = monitor

@@ -530,7 +530,7 @@ class LayerActor(WeightVersions):
                 f"{type(self).__name__}.{hook} returned {len(grads)} gradients for "
                 f"{self.n_inputs} input slot(s); return one per slot (None for no gradient)"
             )
-        return grads
+        return grads if type(grads) is list else list(grads)
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)
