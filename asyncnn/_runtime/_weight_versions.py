@@ -204,7 +204,8 @@ class WeightVersions(_Actor):
         self.forward_weights_asked = True
         if self.predicted is not None:
             return self.predicted, self.version
-        if not self.versions_back:
+        if not self.versions_back or not self.param_size:
+            # (a layer without parameters never updates: its one version serves every forward)
             return self.params, self.version
         minibatch = int(meta.get("minibatch", 0))
         if self.run_start is None:
