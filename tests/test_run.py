@@ -550,3 +550,21 @@ async def test_a_step_cancelled_while_its_key_goes_in_fails_later_calls_clearly(
                 await run.step(_data())
             with pytest.raises(RuntimeError, match=r"key 0 \(minibatch 0\) was cut off \(Canc"):
                 await run.step(_data())
+
+
+@pytest.mark.anyio
+async def test_a_minibatchs_loss_is_the_same_whatever_order_its_shares_arrive_in():
+    # two losses, or a pipeline's keys, report in an order that varies from run to run: an
+    # ordinary running sum varied in its last bits with it
+    from asyncnn._runtime._run import _Pending
+
+    shares = [1e16, 1.0, -1e16, 1.0]
+    got = []
+    async with ann.open_run(chain_graph(2), optim.SGD(lr=0.1), policies.Sync()) as run:
+        for order in (shares, shares[::-1]):
+            mb = 100 + len(got)
+            run._pending[mb] = _Pending(keys=len(order))
+            for key, share in enumerate(order):
+                run.loss_reported(key, share, {"minibatch": mb, "mb_rows": 4})
+            got.append(run.losses.pop(mb))
+    assert got == [2.0, 2.0]

@@ -350,7 +350,9 @@ class SGD(Optimizer):
         dampening: dampening of the momentum.
         weight_decay: L2 penalty added to the gradient.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
-        clip_norm: if set, gradients are clipped to this global norm before the update.
+        clip_norm: if set, gradients are clipped to this global norm before the update: the
+            norm of the whole tree ``update`` is given, which in a run is one layer's (each
+            layer actor updates its own parameters), not the model's.
     """
 
     lr: float | Schedule = 0.1
@@ -466,7 +468,9 @@ class Adam(Optimizer):
         eps: added to the denominator, after the square root.
         weight_decay: L2 penalty added to the gradient.
         amsgrad: use the running maximum of the second moment (AMSGrad).
-        clip_norm: if set, gradients are clipped to this global norm before the update.
+        clip_norm: if set, gradients are clipped to this global norm before the update: the
+            norm of the whole tree ``update`` is given, which in a run is one layer's (each
+            layer actor updates its own parameters), not the model's.
     """
 
     lr: float | Schedule = 1e-3
@@ -557,7 +561,9 @@ class AdamW(Adam):
         eps: added to the denominator, after the square root.
         weight_decay: decoupled weight decay coefficient.
         amsgrad: use the running maximum of the second moment (AMSGrad).
-        clip_norm: if set, gradients are clipped to this global norm before the update.
+        clip_norm: if set, gradients are clipped to this global norm before the update: the
+            norm of the whole tree ``update`` is given, which in a run is one layer's (each
+            layer actor updates its own parameters), not the model's.
     """
 
     weight_decay: float = 1e-2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -227,10 +228,13 @@ class Run:
     def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
         mb = int(meta["minibatch"])
         pending = self._pending[mb]
-        pending.total += value  # the key's share of its minibatch's loss (see sums_over_rows)
+        pending.values.append(value)  # the key's share of its minibatch's loss (sums_over_rows)
         pending.seen += 1
         if pending.seen == pending.keys:
             del self._pending[mb]
+            # summed exactly: the shares arrive in an order that varies from run to run (two
+            # losses, a pipeline), and an ordinary sum would vary in its last bits with it
+            pending.total = math.fsum(pending.values)
             self.losses[mb] = pending.total
             if self._on_loss is not None:
                 self._on_loss(mb, pending.total, int(meta["mb_rows"]))
