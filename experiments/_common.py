@@ -12,33 +12,64 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C")
 
 
-def parse_config(cls: type[C], argv: list[str] | None = None, doc: str | None = None) -> C:
-    """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept)."""
+def _flag_bool(text: str) -> bool:
+    """``true``/``yes``/``1`` or ``false``/``no``/``0`` (any case); anything else is refused, so a
+    typo (``--quick ture``) is an error rather than a silent ``False``."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_config(
+    cls: type[C],
+    argv: list[str] | None = None,
+    doc: str | None = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    check: Callable[[C], str | None] | None = None,
+) -> C:
+    """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept).
+
+    ``choices`` names the values a field (each element, for a tuple) may take; ``check(config)``
+    returns what is wrong with the parsed config, or None. Either failing is argparse's one-line
+    usage error (exit status 2), not a traceback from deep in the run."""
     ap = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    choices = choices or {}
+    unknown = set(choices) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"choices name fields {cls.__name__} lacks: {sorted(unknown)}")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        extra: dict[str, Any] = {}
+        if f.name in choices:
+            extra["choices"] = list(choices[f.name])
         if isinstance(default, bool):
-            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+            ap.add_argument(flag, type=_flag_bool, default=default, metavar="{true,false}")
         elif isinstance(default, tuple | list):
             kind = type(default[0]) if default else str
-            ap.add_argument(flag, type=kind, nargs="+", default=list(default))
+            ap.add_argument(flag, type=kind, nargs="+", default=list(default), **extra)
         else:
-            ap.add_argument(flag, type=type(default), default=default)
+            ap.add_argument(flag, type=type(default), default=default, **extra)
     args = ap.parse_args(argv)
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         v = getattr(args, f.name)
         values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
-    return cls(**values)
+    config = cls(**values)
+    if check is not None and (problem := check(config)):
+        ap.error(problem)
+    return config
 
 
 def machine() -> dict[str, Any]:

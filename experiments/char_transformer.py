@@ -348,7 +348,15 @@ def plot(cfg: Config, results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    def check(c: Config) -> str | None:
+        if not 1 <= c.stages <= c.blocks:
+            return (
+                f"need 1 <= --stages <= --blocks (a block per stage), got {c.stages} and {c.blocks}"
+            )
+        return None
+
+    choices = {"policy": ("OneFOneB", "PipeDream")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, check=check)
     start = time.perf_counter()
     results = run(cfg)
     print(f"done in {time.perf_counter() - start:.0f} s; wrote {cfg.out}/results.json")

@@ -395,15 +395,16 @@ def plot(cfg: Config, runs: list[dict[str, Any]], majority: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    def check(c: Config) -> str | None:
+        if any(w < 0 for w in c.workers):
+            return f"--workers must be >= 0 (0: one process), got {list(c.workers)}"
+        return None
+
+    choices = {"models": MODELS, "policies": ("Sync", "Async")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, check=check)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, train_trees=200, test_trees=100, width=16, hidden=32,
                                   mlp_width=32, epochs=2)  # fmt: skip
-    for m in cfg.models:
-        if m not in MODELS:
-            raise ValueError(f"unknown model {m!r} in --models; use some of {', '.join(MODELS)}")
-    if any(w < 0 for w in cfg.workers):
-        raise ValueError(f"--workers must be >= 0 (0: one process), got {list(cfg.workers)}")
     rng = np.random.default_rng(cfg.seed)
     train = make_trees(cfg, cfg.train_trees, rng)
     test = make_trees(cfg, cfg.test_trees, rng)

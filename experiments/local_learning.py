@@ -171,7 +171,8 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    choices = {"policies": ("Sync", "PipeDream", "Async")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     runs = [train_one(cfg, data, local, p) for p in cfg.policies for local in (False, True)]
     figures = plot(cfg, runs, cfg.out)

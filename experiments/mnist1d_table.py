@@ -194,7 +194,10 @@ def plot(cfg: Config, cells: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    cfg = _common.parse_config(
+        Config, argv, __doc__,
+        choices={"policies": ("Sync", "GPipe", "PipeDream", "Async"), "models": tuple(PAPER)},
+    )  # fmt: skip
     ds = data.load_mnist1d()
     rows = 400 if cfg.quick else len(ds["y_train"])
     flat = {

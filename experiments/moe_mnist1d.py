@@ -219,7 +219,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    cfg = _common.parse_config(Config, argv, __doc__, choices={"policies": ("Sync", "Async")})
     if cfg.quick:
         cfg = dataclasses.replace(cfg, seeds=cfg.seeds[:1], epochs=1)
     ds = data.load_mnist1d()

@@ -383,7 +383,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    choices = {"policies": tuple(POLICIES), "modes": ("process", "workers")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
     if cfg.cpu_smoke:
         n_gpus, info = 0, {"count": 0, "names": [], "peer_access": [], "cupy": None}
         card = "CPU (smoke run: sizes and numbers mean nothing)"

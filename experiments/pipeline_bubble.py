@@ -337,7 +337,8 @@ def plot(cfg: Config, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    choices = {"policies": ("GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
     os.makedirs(cfg.out, exist_ok=True)
     rows = []
     for name in cfg.policies:

@@ -426,7 +426,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    choices = {"optimizers": ("sgd", "adam"), "tasks": ("mnist1d", "chars")}
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
     os.makedirs(cfg.out, exist_ok=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

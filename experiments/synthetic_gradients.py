@@ -274,7 +274,12 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    choices = {
+        "methods": ("backprop", "dni", "cdni"),
+        "policies": ("Sync", "PipeDream"),
+        "upstream": ("synthetic", "none"),
+    }
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     start = time.perf_counter()
     runs = [

@@ -1,6 +1,7 @@
 import json
 
 import ampnet_sweep
+import pytest
 
 
 def test_quick_run_writes_curves_table_and_figures(tmp_path):
@@ -17,3 +18,18 @@ def test_quick_run_writes_curves_table_and_figures(tmp_path):
         assert run["seconds_to_target"] == times[0] and run["epochs_to_target"] == 1
     for png in ("ampnet_curves.png", "ampnet_heatmap.png"):
         assert (tmp_path / png).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quick", "yes please"], "argument --quick: expected true or false"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        ampnet_sweep.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

@@ -64,3 +64,19 @@ def test_ngram_baseline_by_hand() -> None:
 def test_too_few_blocks_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one block per stage"):
         ct.build_modules(ct.Config(blocks=2, stages=4), vocab=10)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "GPipe"], "argument --policy: invalid choice: 'GPipe'"),
+        (["--blocks", "2"], "need 1 <= --stages <= --blocks"),
+        (["--stages", "0"], "need 1 <= --stages <= --blocks"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # argparse's one-line error and exit status 2, before any training (was a traceback)
+    with pytest.raises(SystemExit) as stop:
+        ct.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

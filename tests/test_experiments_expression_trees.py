@@ -109,9 +109,28 @@ def test_quick_run_writes_results_and_figure(tmp_path):
     assert (tmp_path / "expression_trees.png").stat().st_size > 0
 
 
-def test_unknown_model_is_named():
-    with pytest.raises(ValueError, match="unknown model 'tree'"):
+def test_unknown_model_is_named(capsys):
+    # a usage error naming the flag (exit status 2), not a ValueError's traceback
+    with pytest.raises(SystemExit) as stop:
         expression_trees.main(["--models", "tree"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --models: invalid choice: 'tree'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "-1"], "--workers must be >= 0"),
+        (["--policies", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
+        (["--quick", "ture"], "argument --quick: expected true or false, got 'ture'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        expression_trees.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_quick_run_on_local_workers(tmp_path):

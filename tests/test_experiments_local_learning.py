@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import local_learning
+import pytest
 
 
 def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:
@@ -43,3 +44,18 @@ def test_stop_gradient_cuts_the_stages() -> None:
     w_full, w_alone = full.params["block0"][0]["weight"], alone.params["block0"][0]["weight"]
     assert (w_full == w_alone).all()
     assert not (w_full == start["block0"][0]["weight"]).all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policies", "Sync", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        local_learning.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 import json
 
 import mnist1d_table
+import pytest
 
 
 def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):
@@ -18,3 +19,23 @@ def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):
     assert by_policy["PipeDream"]["updates_per_stage"] == by_policy["Sync"]["updates_per_stage"]
     assert by_policy["PipeDream"]["batch_size"] == 4 * by_policy["Sync"]["batch_size"]
     assert (tmp_path / "mnist1d_table.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quick", "true", "--models", "resnet"], "argument --models: invalid choice: 'resnet'"),
+        (
+            ["--quick", "true", "--policies", "OneFOneB"],
+            "argument --policies: invalid choice: 'OneFOneB'",
+        ),
+        (["--quick", "flase"], "argument --quick: expected true or false, got 'flase'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        mnist1d_table.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

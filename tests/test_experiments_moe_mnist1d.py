@@ -1,6 +1,7 @@
 import json
 
 import moe_mnist1d
+import pytest
 
 
 def test_quick_run_writes_accuracy_load_and_figure(tmp_path):
@@ -38,3 +39,21 @@ def test_the_centred_gate_gives_every_expert_its_share_of_a_key():
     top1 = np.asarray(gate(p, x)).argmax(axis=1)
     share = np.bincount(top1, minlength=4) / 400
     assert share.min() > 0.1 and share.max() < 0.45
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--quick", "true", "--policies", "GPipe"],
+            "argument --policies: invalid choice: 'GPipe'",
+        ),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        moe_mnist1d.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

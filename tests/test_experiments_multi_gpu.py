@@ -52,3 +52,18 @@ def test_gpipe_bubble_bound() -> None:
     # the issue's bound at M = 4K: 1 - (K-1)/(5K-1)
     for k in (1, 2, 4, 8):
         assert multi_gpu.gpipe_bound(k, 4 * k) == pytest.approx(1 - (k - 1) / (5 * k - 1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cpu-smoke", "true", "--policies", "zb"], "argument --policies: invalid choice: 'zb'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        multi_gpu.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

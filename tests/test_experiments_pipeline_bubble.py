@@ -91,3 +91,18 @@ def test_the_device_orders_have_the_formulas_bubbles_without_any_overhead():
                     assert simulated == pytest.approx([theory] * k, abs=1e-9), (name, k, m)
                     checked += 1
     assert checked == 4 * 16 - 2 * 5  # the interleaved and split orders: 5 settings have M < K
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policies", "PipeDream"], "argument --policies: invalid choice: 'PipeDream'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        pipeline_bubble.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

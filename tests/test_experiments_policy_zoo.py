@@ -4,6 +4,7 @@ with both columns (equal epochs, equal wall time) and the schedules' own delays.
 import json
 
 import policy_zoo
+import pytest
 
 
 def test_policy_zoo_smoke(tmp_path):
@@ -41,3 +42,19 @@ def test_policy_zoo_smoke(tmp_path):
     )
     for task in ("mnist1d", "chars"):
         assert (tmp_path / f"policy_zoo_{task}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizers", "rmsprop"], "argument --optimizers: invalid choice: 'rmsprop'"),
+        (["--tasks", "cifar"], "argument --tasks: invalid choice: 'cifar'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        policy_zoo.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import synthetic_gradients
 
 
@@ -32,3 +33,20 @@ def test_synthesizer_learns_the_top_gradient(tmp_path: Path) -> None:
     run = json.loads((tmp_path / "results.json").read_text())["results"]["runs"][0]
     errors = np.asarray(run["synth_loss_per_key"]["block2"])
     assert errors[-10:].mean() < 0.5 * errors[:3].mean()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policies", "Async"], "argument --policies: invalid choice: 'Async'"),
+        (["--methods", "dfa"], "argument --methods: invalid choice: 'dfa'"),
+        (["--upstream", "zero"], "argument --upstream: invalid choice: 'zero'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a misspelt true/false a silent false)
+    with pytest.raises(SystemExit) as stop:
+        synthetic_gradients.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
