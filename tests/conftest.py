@@ -85,3 +85,18 @@ def xp(backend: Backend) -> Any:
 def anyio_backend(request: Any) -> str:
     """Every async test (marked ``@pytest.mark.anyio``) runs on trio and on asyncio."""
     return str(request.param)
+
+
+@pytest.fixture
+def usage_error(capsys: Any, tmp_path: Any) -> Any:
+    """``usage_error(main, argv)``: runs an experiment script's ``main(argv)`` (its output in a
+    temporary folder, never the repository's ``runs/``), checks that it stops with argparse's
+    usage error (exit status 2) and returns what it printed on stderr."""
+
+    def check(main: Any, argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--out", str(tmp_path)])
+        assert stop.value.code == 2
+        return str(capsys.readouterr().err)
+
+    return check

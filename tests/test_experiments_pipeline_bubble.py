@@ -99,10 +99,7 @@ def test_the_device_orders_have_the_formulas_bubbles_without_any_overhead():
         (["--policies", "PipeDream"], "argument --policies: invalid choice: 'PipeDream'"),
     ],
 )
-def test_bad_flags_are_usage_errors(argv, message, capsys, tmp_path):
+def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
-    with pytest.raises(SystemExit) as stop:
-        pipeline_bubble.main([*argv, "--out", str(tmp_path)])  # never the repository\'s runs/
-    assert stop.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(pipeline_bubble.main, argv)
