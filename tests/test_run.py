@@ -524,6 +524,8 @@ def test_bad_run_options_name_the_option():
         _trainer(seed=-1)  # numpy's "expected non-negative integer", naming nothing
     with pytest.raises(ValueError, match=r"stall_timeout must be a number > 0, got True"):
         _trainer(stall_timeout=True)  # was a stall timeout of 1 s
+    with pytest.raises(ValueError, match=r"dtype must name a floating dtype.*got None"):
+        ann.Trainer(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(), dtype=None)  # was float64
 
 
 class _NeverTakes:

@@ -50,6 +50,8 @@ class RunConfig:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.seed < 0:  # numpy's seeding refuses it later, without naming the option
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.dtype is None:  # np.dtype(None) is float64: not what a forgotten value means
+            raise ValueError("dtype must name a floating dtype, such as 'float32'; got None")
         try:
             dt = np.dtype(self.dtype)
         except TypeError as exc:
