@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._runtime._checks import check_input
 from ._runtime._graph import Graph
 from .backends import is_floating, to_numpy
 
@@ -95,29 +96,9 @@ def check_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what
     Raises:
         ValueError: naming the input, the shape or dtype it has and the one declared.
     """
-    need = needed_inputs(graph, targets)
     rows = None
-    for name in need:
-        node = graph.nodes[name]
-        array = data[name]
-        shape = tuple(array.shape)
-        want = tuple(node.shape or ())
-        if len(shape) != len(want) or any(
-            w is not None and s != w for s, w in zip(shape, want, strict=True)
-        ):
-            raise ValueError(
-                f"{what}: input {name!r}: got shape {shape}, the graph declares {want} "
-                "(None is the batch dimension)"
-            )
-        got = np.dtype(array.dtype)
-        if np.dtype(node.dtype).kind in "iu" and got.kind not in "iu":
-            raise ValueError(
-                f"{what}: input {name!r} is declared {node.dtype} but got {got} data: pass "
-                f"integers (e.g. {name}.astype(np.int64))"
-            )
-        if np.dtype(node.dtype).kind == "f" and got.kind not in "fiub" and not is_floating(got):
-            raise ValueError(f"{what}: input {name!r} is declared {node.dtype} but got {got} data")
-        rows = shape[0]
+    for name in needed_inputs(graph, targets):
+        rows = check_input(graph.nodes[name], data[name], f"{what}: ")[0]
     if rows == 0:
         raise ValueError(f"{what}: the data has 0 rows")
 

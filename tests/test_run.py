@@ -45,6 +45,11 @@ async def test_open_run_on_trio_and_asyncio():
     np.testing.assert_allclose([run.losses[0], run.losses[1]], losses, rtol=1e-10)
 
 
+def _sync_run():
+    """``open_run`` of a two-stage chain under ``Sync`` (SGD, defaults otherwise)."""
+    return ann.open_run(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
 def _trainer(**kw):
     return ann.Trainer(
         chain_graph(2),
@@ -422,9 +427,7 @@ def test_a_hung_compute_on_a_pool_thread_fails_fit_without_waiting_for_it():
 @pytest.mark.anyio
 async def test_a_step_after_the_block_is_a_clear_error():
     d = _data()
-    async with ann.open_run(
-        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
-    ) as run:
+    async with _sync_run() as run:
         await run.step(d)
     with pytest.raises(RuntimeError, match=r"run.step\(\) after the open_run block was left"):
         await run.step(d)  # was anyio.ClosedResourceError, with no message
@@ -511,9 +514,7 @@ async def test_a_step_cut_off_after_some_keys_went_in_fails_clearly():
 @pytest.mark.anyio
 async def test_an_input_that_is_not_an_array_is_named():
     d = _data()
-    async with ann.open_run(
-        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
-    ) as run:
+    async with _sync_run() as run:
         with pytest.raises(TypeError, match=r"input 'x' is a list, not an array"):
             await run.step({"x": d["x"].tolist(), "y": d["y"]})  # said "got shape ()"
         await run.step(d)
@@ -544,9 +545,7 @@ async def test_a_step_cancelled_while_its_key_goes_in_fails_later_calls_clearly(
     # the key's first message is sent (its receiver stuck), the second never: waiting for that
     # key, as drain and the block's exit do, would never end
     with anyio.fail_after(10), pytest.raises(RuntimeError, match=r"drain\(\) cannot wait: key 0"):
-        async with ann.open_run(
-            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
-        ) as run:
+        async with _sync_run() as run:
             run.actors["stage0"].send_channel = _NeverTakes()
             with anyio.move_on_after(0.05):
                 await run.step(_data())
@@ -562,7 +561,7 @@ async def test_a_minibatchs_loss_is_the_same_whatever_order_its_shares_arrive_in
 
     shares = [1e16, 1.0, -1e16, 1.0]
     got = []
-    async with ann.open_run(chain_graph(2), optim.SGD(lr=0.1), policies.Sync()) as run:
+    async with _sync_run() as run:
         for order in (shares, shares[::-1]):
             mb = 100 + len(got)
             run._pending[mb] = _Pending(keys=len(order))

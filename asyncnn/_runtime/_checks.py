@@ -13,9 +13,9 @@ from asyncnn._errors import GraphError
 from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
 if TYPE_CHECKING:
-    from ._graph import Graph
+    from ._graph import Graph, Node
 
-__all__ = ["check_batch", "check_cuda_graphs", "validate"]
+__all__ = ["check_batch", "check_cuda_graphs", "check_input", "validate"]
 
 
 def _checkable(dtype: Any) -> bool:
@@ -37,6 +37,42 @@ def check_cuda_graphs(cuda_graphs: bool | None, cluster: Any) -> None:
         )
 
 
+def check_input(node: Node, arr: Any, prefix: str = "") -> tuple[int, ...]:
+    """Checks one array against its input node's declared shape and dtype; returns its shape.
+
+    Raises:
+        ValueError: naming the input (after ``prefix``, such as ``"predict: "``) and what was
+            wrong with it.
+        TypeError: naming an input that is not an array (a list, say).
+    """
+    name = node.name
+    if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+        # a list's shape would read as () and its dtype as float64: say what it is instead
+        raise TypeError(
+            f"{prefix}input {name!r} is a {type(arr).__name__}, not an array: pass an array "
+            f"(numpy.asarray(batch[{name!r}]), or a cupy array on a GPU)"
+        )
+    shape = tuple(arr.shape)
+    want = node.shape or ()
+    if len(shape) != len(want) or any(
+        w is not None and s != w for s, w in zip(shape, want, strict=True)
+    ):
+        raise ValueError(
+            f"{prefix}input {name!r}: got shape {shape}, the graph declares {want} "
+            "(None is the batch dimension)"
+        )
+    kind = np.dtype(node.dtype).kind
+    got = np.dtype(arr.dtype)
+    if kind in "iu" and got.kind not in "iu":
+        raise ValueError(
+            f"{prefix}input {name!r} is declared {node.dtype} but got {got} data: pass integers "
+            f"(e.g. {name}.astype(np.int64))"
+        )
+    if kind == "f" and got.kind not in "fiub" and not is_floating(got):
+        raise ValueError(f"{prefix}input {name!r} is declared {node.dtype} but got {got} data")
+    return shape
+
+
 def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:
     """Checks a batch against the graph's inputs (names, shapes, dtypes, NaN); returns its rows.
 
@@ -56,32 +92,9 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
         raise ValueError(f"the batch has {extra}, which the graph has no input for ({names})")
     rows = None
     for name in names:
-        node = graph.nodes[name]
         arr = batch[name]
-        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
-            # a list's shape would read as () and its dtype as float64: say what it is instead
-            raise TypeError(
-                f"input {name!r} is a {type(arr).__name__}, not an array: pass an array "
-                f"(numpy.asarray(batch[{name!r}]), or a cupy array on a GPU)"
-            )
-        shape = tuple(arr.shape)
-        want = node.shape or ()
-        if len(shape) != len(want) or any(
-            w is not None and s != w for s, w in zip(shape, want, strict=True)
-        ):
-            raise ValueError(
-                f"input {name!r}: got shape {shape}, the graph declares {want} "
-                "(None is the batch dimension)"
-            )
-        kind = np.dtype(node.dtype).kind
-        got = np.dtype(getattr(arr, "dtype", np.float64))
-        if kind in "iu" and got.kind not in "iu":
-            raise ValueError(
-                f"input {name!r} is declared {node.dtype} but got {got} data: pass integers "
-                f"(e.g. {name}.astype(np.int64))"
-            )
-        if kind == "f" and got.kind not in "fiub" and not is_floating(got):
-            raise ValueError(f"input {name!r} is declared {node.dtype} but got {got} data")
+        shape = check_input(graph.nodes[name], arr)
+        got = np.dtype(arr.dtype)
         if rows is None:
             rows = shape[0]
         elif shape[0] != rows:

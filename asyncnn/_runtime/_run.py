@@ -54,10 +54,8 @@ __all__ = ["Run", "RunState", "open_run"]
 class _Pending:
     """A minibatch whose loss is still being assembled from its keys."""
 
-    keys: int
-    total: float = 0.0
-    seen: int = 0
-    values: list[float] = field(default_factory=list)
+    keys: int  # the shares expected: one per key and loss node
+    values: list[float] = field(default_factory=list)  # the shares reported so far
 
 
 class Run:
@@ -229,15 +227,14 @@ class Run:
         mb = int(meta["minibatch"])
         pending = self._pending[mb]
         pending.values.append(value)  # the key's share of its minibatch's loss (sums_over_rows)
-        pending.seen += 1
-        if pending.seen == pending.keys:
+        if len(pending.values) == pending.keys:
             del self._pending[mb]
             # summed exactly: the shares arrive in an order that varies from run to run (two
             # losses, a pipeline), and an ordinary sum would vary in its last bits with it
-            pending.total = math.fsum(pending.values)
-            self.losses[mb] = pending.total
+            total = math.fsum(pending.values)
+            self.losses[mb] = total
             if self._on_loss is not None:
-                self._on_loss(mb, pending.total, int(meta["mb_rows"]))
+                self._on_loss(mb, total, int(meta["mb_rows"]))
             self._notify()  # drain waits for the losses too
 
     def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
@@ -291,6 +288,14 @@ class Run:
             )
         if self._broken is not None:
             raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
+
+    def _cut_off(self, what: str) -> None:
+        """Marks the run as one that cannot go on (the first cause is the one kept)."""
+        if self._broken is None:
+            self._broken = (
+                f"{what}, so the run cannot finish it; leave the open_run block and open a new "
+                "run (open_run(..., state=run.state()) goes on from its weights)"
+            )
 
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
@@ -396,14 +401,12 @@ class Run:
             if self.next_key == first_key:  # none of its keys went in: as if never called
                 del self._pending[mb]
                 self.minibatches -= 1
-            elif self._broken is None:
+            else:
                 # its keys in flight wait for the rest of the minibatch (a flush, its loss),
                 # which will never come: waiting for them would hang
-                self._broken = (
+                self._cut_off(
                     f"the step of minibatch {mb} was cut off ({type(exc).__name__}) after "
-                    f"{self.next_key - first_key} of its {m} keys went in (keys {first_key}..), "
-                    "so the run cannot finish it; leave the open_run block and open a new run "
-                    "(open_run(..., state=run.state()) goes on from its weights)"
+                    f"{self.next_key - first_key} of its {m} keys went in (keys {first_key}..)"
                 )
             raise
         return mb
@@ -448,11 +451,10 @@ class Run:
                     sent = True
                     await self.actors[consumer].send_channel.send(msg)
         except BaseException as exc:
-            if sent and self._broken is None:
-                self._broken = (
+            if sent:
+                self._cut_off(
                     f"key {key} (minibatch {mb}) was cut off ({type(exc).__name__}) while its "
-                    "messages went in, so the run cannot finish it; leave the open_run block and "
-                    "open a new run (open_run(..., state=run.state()) goes on from its weights)"
+                    "messages went in"
                 )
             raise
         self.touch()
