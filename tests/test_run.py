@@ -136,13 +136,19 @@ class Silent(ann.LayerActor):
         await anyio.sleep_forever()
 
 
-def test_layer_that_never_answers_is_a_stall_error_within_seconds():
+def _silent_graph() -> ann.Graph:
+    """A Linear layer, then a Silent one, then the loss."""
     g = ann.Graph()
     x = g.input("x", shape=(None, 5))
     y = g.input("y", shape=(None,), dtype="int64")
     h = g.layer("first", nn.Linear(5, 3), x)
     h = g.layer("silent", nn.Identity(), h, actor=Silent)
     g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+def test_layer_that_never_answers_is_a_stall_error_within_seconds():
+    g = _silent_graph()
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), stall_timeout=0.5)
     start = time.perf_counter()
     with pytest.raises(ann.StallError) as info:
@@ -484,12 +490,7 @@ async def test_a_step_cancelled_before_its_keys_go_in_leaves_the_run_usable():
 @pytest.mark.anyio
 @pytest.mark.timeout(30)
 async def test_a_step_cut_off_after_some_keys_went_in_fails_clearly():
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 5))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("first", nn.Linear(5, 3), x)
-    h = g.layer("silent", nn.Identity(), h, actor=Silent)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g = _silent_graph()
     policy = policies.PipeDream(4)  # 2 keys in flight at most: the 3rd key waits
     with anyio.fail_after(20), pytest.raises(RuntimeError, match=r"minibatch 0 was cut off"):
         async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy) as run:
