@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 import time
 from collections.abc import Sequence
@@ -422,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asyncnn`` command.
 
     Ordinary mistakes (bad options, a missing or damaged file, bad data, a graph that cannot be
-    built) print one line on stderr and exit with status 2; Ctrl-C exits with 130.
+    built) print one line on stderr and exit with status 2; Ctrl-C exits with 130. Output cut
+    off by its reader (``asyncnn trace summary X | head``) ends quietly with 141, as a program
+    killed by SIGPIPE does.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = _parser().parse_known_args(argv)
@@ -438,9 +441,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{what}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            print(f"{what}: error: {_one_line(exc)}", file=sys.stderr)  # a socket or a child's pipe
+            return 2
+        # Python would flush stdout again at exit and print a second "Broken pipe" there.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _ERRORS as exc:
         print(f"{what}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe whose reader closed polls as an error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object with no file
+        return False
+    if not hasattr(select, "poll"):  # Windows: no way to ask, and stdout is the likely pipe
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    events = poller.poll(0)
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in events)
 
 
 def _one_line(exc: BaseException) -> str:

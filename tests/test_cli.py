@@ -42,6 +42,30 @@ def test_trace_summary(traces: tuple[str, str], capsys: pytest.CaptureFixture[st
     assert "TRUNCATED" not in out
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
+def test_output_cut_off_by_its_reader_ends_quietly(traces: tuple[str, str]) -> None:
+    # As `asyncnn trace summary X | head -0`: the reader has gone before the first line.
+    with subprocess.Popen(
+        [sys.executable, "-m", "asyncnn", "trace", "summary", traces[0]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as child:  # fmt: skip
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        assert child.wait(timeout=60) == 141 and err == ""
+
+
+def test_a_broken_pipe_elsewhere_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def cut(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("asyncnn._cli._trace_summary", cut)
+    assert main(["trace", "summary", "x.trace"]) == 2
+    assert "asyncnn trace: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
 def test_trace_summary_plots(
     traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
