@@ -165,6 +165,44 @@ class OneFOneBOrder(StageOrder):
                 self.total = None
 
 
+class _PinnedOneFOneBOrder(OneFOneBOrder):
+    """``PipeDream2BW``'s order: 1F1B over the stream (``warmup`` warm-up forwards), except
+    that the forwards of a minibatch ``b`` wait for this stage's backwards of minibatch
+    ``b - 2``, whose update makes the version they are pinned to (the stage does its next
+    backwards meanwhile).
+
+    A minibatch ``b - 1`` of at least ``warmup`` keys never makes them wait (1F1B has done
+    those backwards by then); a shorter one (the last minibatch of an epoch, of fewer rows than
+    ``microbatches``) holds the forwards of the minibatch after it back until that update: a
+    bubble at the upstream stages, the same versions. No deadlock: the rule only moves a
+    stage's backwards (of keys it has forwarded) earlier, it is the same at every stage, and a
+    stage downstream, of a shorter warm-up, never runs further ahead than one upstream. Keys
+    are numbered from :meth:`start` on, consecutively over the whole run (its streams too).
+    """
+
+    def __init__(self, warmup: int) -> None:
+        super().__init__(warmup, flush=False)
+        self.mb_start = 0  # the first key of the minibatch of the last forward
+        self.mb_end = 0  # one past its last key: a forward of a key from here on starts the next
+
+    def next(self) -> Op:
+        op = super().next()
+        if op[0] == FORWARD and op[1] >= self.mb_end and self.base + self.b < self.mb_start:
+            return (BACKWARD, self.base + self.b)  # there is one: b < f, as mb_start <= key
+        return op
+
+    def done(self, op: Op, minibatch_keys: int) -> None:
+        key = op[1]
+        if key >= self.mb_end and op[0] == FORWARD:  # the first forward of a minibatch
+            self.mb_start = key
+            self.mb_end = key + minibatch_keys
+        super().done(op, minibatch_keys)
+
+    def start(self, first_key: int) -> None:
+        super().start(first_key)
+        self.mb_start = self.mb_end = first_key
+
+
 class Policy(abc.ABC):
     """The strategy of a run. Subclass it (as a frozen dataclass) to write a new policy."""
 
@@ -471,8 +509,13 @@ class PipeDream2BW(Policy):
     Each stage accumulates the gradients of a minibatch's ``M`` keys (summing to the gradient of
     the minibatch's mean loss) and applies them once; every forward of minibatch ``b`` uses
     the version from before minibatch ``b - 1``'s update, so the versions follow
-    ``W(t+1) = W(t) - lr * grad f(W(t-1))``: a constant delay of 1, with two versions per stage
-    (``M >= K - 1`` keys per minibatch, so that the older one is always ready).
+    ``W(t+1) = W(t) - lr * grad f(W(t-1))``: a constant delay of 1, with two versions per stage.
+    ``M >= K - 1`` (checked), so that with full minibatches the version a forward needs is
+    always ready when 1F1B reaches it. A minibatch cut into fewer than ``K - 1`` keys (the last
+    of an epoch, of fewer rows than ``M``) keeps this rule exactly too: the forwards of the
+    minibatch after it wait at the upstream stages until the update they are pinned to is made
+    (those stages do their backwards first), a bubble in the pipeline, not a change of the
+    versions.
     """
 
     microbatches: int = 1
@@ -490,9 +533,9 @@ class PipeDream2BW(Policy):
             raise ValueError(
                 f"PipeDream2BW(microbatches={self.microbatches}) on {num_stages} stages: needs "
                 f"microbatches >= {num_stages - 1} (K - 1), so that each minibatch's forwards "
-                "find the previous version"
+                "find the previous version without waiting for it"
             )
-        return OneFOneBOrder(num_stages - stage - 1, flush=False)
+        return _PinnedOneFOneBOrder(num_stages - stage - 1)
 
     def versions_kept(self) -> int:
         return 1
