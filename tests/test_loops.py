@@ -233,29 +233,96 @@ def test_bad_lengths_and_cycles_are_clear_errors():
 
 
 @dataclass(frozen=True)
-class HaltAll(nn.Module):
-    """One stop condition for the whole batch (a scalar): not one per row."""
+class HaltShaped(nn.Module):
+    """Halt's stop condition (a row stops once its first state component exceeds 0.3), given in
+    the shape ``kind`` names: ``"rows"`` ``(rows,)``, ``"column"`` ``(rows, 1)`` (both one bool
+    per row), or one the rule refuses: ``"wide"`` ``(rows, 2)``, ``"extra_row"``
+    ``(rows + 1,)``, ``"batch"`` ``()`` (one value for the whole batch), ``"deep"``
+    ``(rows, 1, 1)``; ``"squeezed"`` is ``(rows,)`` but ``()`` for a single row (a column
+    squeezed), which a build's check on two rows cannot see."""
+
+    kind: str
 
     def init_params(self, init):
         return {}
 
     def __call__(self, params, h, *, rng=None):
-        return np.asarray(ops.raw(h).sum() > 100.0)
+        first = ops.raw(h)[:, :1] > 0.3  # (rows, 1)
+        return {
+            "rows": lambda: first[:, 0],
+            "column": lambda: first,
+            "wide": lambda: np.concatenate([first, first], axis=1),
+            "extra_row": lambda: np.concatenate([first[:, 0], first[:1, 0]]),
+            "batch": lambda: np.asarray(first.all()),
+            "deep": lambda: first[:, :, None],
+            "squeezed": lambda: first.squeeze(),
+        }[self.kind]()
 
 
-def test_a_stop_condition_not_one_per_row_is_a_clear_error():
+def halting_graph(kind: str, size: int = H) -> ann.Graph:
+    """A loop ``"walk"`` of :class:`Step` cells that runs until :class:`HaltShaped` (``kind``)
+    says stop, at most 6 steps, then a head and a loss."""
     g = ann.Graph()
     c = g.input("c", (None, DC))
     y = g.input("y", (None,), dtype="int64")
-    h = g.loop("loop", Step(DC), c, until=HaltAll(), max_steps=4)
-    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(DC, C), h), y)
-    rng = np.random.default_rng(0)
-    data = {"c": rng.standard_normal((6, DC)), "y": rng.integers(0, C, 6)}
+    h0 = g.layer("enc", nn.Linear(DC, size), c)
+    h = g.loop("walk", Step(size), h0, until=HaltShaped(kind), max_steps=6)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(size, C), h), y)
+    return g
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.OneFOneB(2)], ids=["Sync", "1F1B2"])
+def test_an_until_of_shape_rows_by_one_runs_as_one_of_shape_rows(policy):
+    # (rows, 1) is one bool per row, as (rows,) is: the actor took it, but the graph's build
+    # refused it (the dense check broadcast it against the rows' mask into (rows, rows))
+    rng = np.random.default_rng(3)
+    data = {"c": rng.standard_normal((10, DC)), "y": rng.integers(0, C, 10)}
+    runs = {}
+    for kind in ("rows", "column"):
+        g = halting_graph(kind)
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
+        hist = tr.fit(data, batch_size=10, epochs=2)
+        runs[kind] = (tr.params, hist)
+        h0 = g.nodes["enc"].module(tr.params["enc"], data["c"])
+        runs[kind] += (np.asarray(ops.raw(g.nodes["walk"].module(tr.params["walk"], h0))),)
+    (p_rows, h_rows, d_rows), (p_col, h_col, d_col) = runs["rows"], runs["column"]
+    assert_params_close(p_col, p_rows, rtol=0)
+    assert h_col.losses == h_rows.losses
+    s_rows, s_col = h_rows.statistics["walk"], h_col.statistics["walk"]
+    assert s_col.row_steps == s_rows.row_steps < 10 * 2 * s_rows.max_steps_seen  # rows halted
+    np.testing.assert_array_equal(d_col, d_rows)  # the dense evaluation agrees too
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("wide", r"\(2, 2\)"), ("extra_row", r"\(3,\)"), ("batch", r"\(\)"),
+     ("deep", r"\(2, 1, 1\)")],
+)  # fmt: skip
+def test_an_until_of_another_shape_is_refused_when_the_graph_is_built(kind, shape):
+    with pytest.raises(
+        ann.GraphError,
+        match=rf"layer 'walk' .*until HaltShaped\(kind='{kind}'\) gave a stop condition of "
+        rf"shape {shape} for a state of shape \(2, 4\); it must give one bool per row, shape "
+        r"\(2,\) or \(2, 1\)",
+    ):
+        ann.Trainer(halting_graph(kind), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def test_an_until_whose_shape_slips_past_the_build_is_refused_by_the_loop_actor():
+    # squeezed, a column of one row is a scalar: the build's two rows give (2,), a key of one
+    # row gives (), refused by the same rule, named by the loop's actor
+    g = halting_graph("squeezed", size=DC)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
-    with pytest.raises(ann.ActorError, match=r"loop 'loop': until HaltAll\(\) gave a stop "
-                       r"condition of shape \(\) .* shape \(6,\)") as info:  # fmt: skip
-        tr.fit(data, batch_size=6)
-    assert info.value.actor == "loop"
+    rng = np.random.default_rng(0)
+    data = {"c": rng.standard_normal((1, DC)), "y": rng.integers(0, C, 1)}
+    with pytest.raises(
+        ann.ActorError,
+        match=r"loop 'walk': until HaltShaped\(kind='squeezed'\) gave a stop condition of shape "
+        r"\(\) for a state of shape \(1, 2\); it must give one bool per row, shape \(1,\) or "
+        r"\(1, 1\)",
+    ) as info:
+        tr.fit(data, batch_size=1)
+    assert info.value.actor == "walk"
 
 
 def test_a_keys_cost_counts_its_row_steps_so_long_unrolls_leave_the_event_loop():

@@ -336,7 +336,9 @@ class Graph:
             init: the initial state, ``(rows, ...)``.
             xs: per-step inputs, ``(rows, steps, ...)``.
             lengths: an int input ``(rows,)``: each row's number of steps.
-            until: a parameterless module, ``until({}, h) -> (rows,)``: true where a row stops.
+            until: a parameterless module, ``until({}, h)``: one bool per row, ``(rows,)`` or
+                ``(rows, 1)``, true where a row stops (any other shape fails when the graph is
+                checked, naming the loop).
             max_steps: the most steps (required without ``xs``).
             output: ``"last"`` (each row's final state) or ``"all"`` (every step's state,
                 ``(rows, steps, ...)``, zeros after a row's end).

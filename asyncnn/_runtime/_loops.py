@@ -3,9 +3,10 @@
 A loop node (made by :meth:`Graph.loop`, its module a :class:`~asyncnn.dynamic.Loop` from the
 math) carries a state ``h`` per row through steps
 ``h <- cell(params, h, xs[:, t])`` (or ``cell(params, h)`` without ``xs``). Each row runs as many
-steps as it needs: ``lengths[i]`` steps, or until ``until({}, h)`` says stop (at most
-``max_steps``), so sequences of different lengths (or trees of different shapes, walked in
-post-order with a stack in the state) share one key. A key's steps run back to back as one
+steps as it needs: ``lengths[i]`` steps, or until ``until({}, h)`` says stop (one bool per
+row, ``(rows,)`` or ``(rows, 1)``, the rule of ``stop_rows`` that the graph's check applies too;
+at most ``max_steps``), so sequences of different lengths (or trees of different shapes, walked
+in post-order with a stack in the state) share one key. A key's steps run back to back as one
 scheduled forward op, with only the rows still active at each step; its backward unwinds them in
 reverse (backpropagation through time), as one backward op, so deterministic policies keep their
 static orders. The loop is the only cycle a graph may have: the cell's self edge is marked
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._math._autodiff import vjp
-from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps
+from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps, stop_rows
 
 from ._actors import LayerActor
 from ._messages import FORWARD
@@ -88,14 +89,9 @@ class LoopActor(LayerActor):
             if lengths is not None:
                 active = lengths > t + 1
             if loop.until is not None:
-                stop = np.asarray(self.backend.to_numpy(loop.until({}, new)), dtype=bool)
-                if stop.shape[:1] != (len(rows),) or stop.size != len(rows):
-                    raise ValueError(
-                        f"loop {self.name!r}: until {loop.until!r} gave a stop condition of "
-                        f"shape {stop.shape} for a state of shape {tuple(new.shape)}; it must "
-                        f"give one bool per row, shape ({len(rows)},)"
-                    )
-                active[rows[stop.reshape(-1)]] = False
+                stop = self.backend.to_numpy(loop.until({}, new))
+                who = f"loop {self.name!r}"
+                active[rows[stop_rows(stop, len(rows), tuple(new.shape), loop.until, who)]] = False
         return (outs if outs is not None else h), records, steps_done
 
     def _unroll_cost(self, inputs: list[Any]) -> float | None:

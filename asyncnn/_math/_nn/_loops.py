@@ -19,7 +19,7 @@ from asyncnn.backends import to_numpy
 from .. import _ops as ops
 from ._module import Initializer, Module, fan_in_bound
 
-__all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps"]
+__all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps", "stop_rows"]
 
 OUTPUTS = ("last", "all")
 
@@ -36,8 +36,10 @@ class Loop(Module):
             new state has the shape of the old.
         has_xs: whether a per-step input ``xs`` of shape ``(rows, steps, ...)`` is read.
         has_lengths: whether an int ``lengths`` input ``(rows,)`` gives each row's steps.
-        until: a parameterless module, ``until({}, h) -> (rows,)``, true where a row stops after
-            the step that produced ``h`` (a stop condition carried in the state).
+        until: a parameterless module, ``until({}, h)``: one bool per row of ``h``, shape
+            ``(rows,)`` or ``(rows, 1)``, true where a row stops after the step that produced
+            ``h`` (a stop condition carried in the state); any other shape (one value for the
+            whole batch included) is an error (:func:`stop_rows`).
         max_steps: the most steps (default: the length of ``xs``).
         output: ``"last"`` (each row's state after its last step, ``(rows, ...)``) or ``"all"``
             (``(rows, max_steps, ...)``, each row's states, zeros after its end).
@@ -111,7 +113,8 @@ class Loop(Module):
             if self.output == "all":
                 outs.append(ops.where(active.reshape((n, *tail)), h, h * 0))
             if self.until is not None:
-                active = active & ~np.asarray(to_numpy(ops.raw(self.until({}, h))), dtype=bool)
+                stop = to_numpy(ops.raw(self.until({}, h)))
+                active = active & ~stop_rows(stop, n, tuple(h.shape), self.until, "loop")
         if self.output == "all":
             return ops.stack(outs, axis=1) if outs else ops.expand_dims(h, 1)[:, :0]
         return h
@@ -125,6 +128,24 @@ def planned_row_steps(loop: Loop, inputs: list[Any]) -> int:
     if lengths is None:
         return int(h.shape[0]) * total
     return int(np.clip(np.asarray(to_numpy(lengths)), 0, total).sum())
+
+
+def stop_rows(stop: Any, rows: int, state: tuple[int, ...], until: Any, who: str) -> np.ndarray:
+    """``until``'s stop condition for a state of ``rows`` rows as one bool per row, shape
+    ``(rows,)``: the one rule for its shape, at the graph's build (the dense evaluation) and in
+    the loop actor alike. It must be ``(rows,)`` or ``(rows, 1)``.
+
+    Raises:
+        ValueError: for any other shape (one value for the whole batch, ``(rows, 2)``, the wrong
+            number of rows), naming ``who``, the shape found and the shapes accepted.
+    """
+    stop = np.asarray(stop, dtype=bool)
+    if stop.shape not in ((rows,), (rows, 1)):
+        raise ValueError(
+            f"{who}: until {until!r} gave a stop condition of shape {stop.shape} for a state of "
+            f"shape {state}; it must give one bool per row, shape ({rows},) or ({rows}, 1)"
+        )
+    return stop.reshape(rows)
 
 
 def check_lengths(lengths: Any, total: int, who: str) -> None:
