@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Initializer, Module, Shape, check_params, fan_in_bound
+from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["MultiHeadAttention"]
 
@@ -76,7 +76,7 @@ class MultiHeadAttention(Module):
             params["out_proj_bias"] = init.zeros((e,))
         return params
 
-    def _check(self, name: str, x: Any, batch: int | None = None) -> Shape:
+    def _check(self, params: Any, name: str, x: Any, batch: int | None = None) -> Shape:
         shape = tuple(getattr(x, "shape", ()))
         if (
             len(shape) != 3
@@ -85,6 +85,8 @@ class MultiHeadAttention(Module):
         ):
             want = f"({'batch' if batch is None else batch}, seq, {self.embed_dim})"
             raise ValueError(f"{self!r}: {name} has shape {shape}, expected {want}")
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params["in_proj_weight"], name)
         return shape
 
     def _project(self, x: Any, params: Any, part: int) -> Any:
@@ -102,7 +104,7 @@ class MultiHeadAttention(Module):
     ) -> Any:
         check_params(self, params, self._expected())
         e = self.embed_dim
-        b, lq, _ = self._check("query", query)
+        b, lq, _ = self._check(params, "query", query)
         if key is None and value is None:
             qkv = ops.matmul(query, params["in_proj_weight"])  # one product for q, k and v
             if self.bias:
@@ -110,8 +112,8 @@ class MultiHeadAttention(Module):
             q, k, v = (ops.getitem(qkv, (Ellipsis, slice(i * e, (i + 1) * e))) for i in range(3))
             lk = lq
         elif key is not None and value is not None:
-            _, lk, _ = self._check("key", key, b)
-            if self._check("value", value, b)[1] != lk:
+            _, lk, _ = self._check(params, "key", key, b)
+            if self._check(params, "value", value, b)[1] != lk:
                 raise ValueError(
                     f"{self!r}: key and value need the same length, got {tuple(key.shape)} and "
                     f"{tuple(value.shape)}"

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _ops_nn as ops_nn
-from ._module import Initializer, Module, Shape, check_ndim, check_params, fan_in_bound
+from ._module import (
+    Initializer,
+    Module,
+    Shape,
+    check_ndim,
+    check_params,
+    fan_in_bound,
+    float_input_error,
+)
 
 __all__ = [
     "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d",
@@ -94,6 +102,8 @@ class _ConvNd(Module):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         check_params(self, params, self._expected())
         self._check_input(x)
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params["weight"])
         conv = ops_nn.conv1d if self._n == 1 else ops_nn.conv2d
         return conv(
             x,

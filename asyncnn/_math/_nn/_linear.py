@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Initializer, Module, Shape, check_params, fan_in_bound
+from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["Embedding", "Linear"]
 
@@ -56,6 +56,8 @@ class Linear(Module):
                 f"Linear({self.in_features} -> {self.out_features}) got input of shape {shape}: "
                 f"the last dimension must be {self.in_features}"
             )
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params["weight"])
         y = ops.matmul(x, params["weight"])
         return ops.add(y, params["bias"]) if self.bias else y
 

@@ -17,7 +17,7 @@ import numpy as np
 from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
-from ._module import Initializer, Module, fan_in_bound
+from ._module import Initializer, Module, fan_in_bound, float_input_error
 
 __all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps", "stop_rows"]
 
@@ -182,5 +182,7 @@ class RNNCell(Module):
         }
 
     def __call__(self, params: Any, h: Any, x: Any, *, rng: Any = None) -> Any:
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params["w_x"])
         pre = ops.add(ops.matmul(x, params["w_x"]), ops.matmul(h, params["w_h"]))
         return ops.tanh(ops.add(pre, params["bias"]))

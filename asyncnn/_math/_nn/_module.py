@@ -18,7 +18,7 @@ from asyncnn.backends import Backend, get_backend, is_floating
 
 from .._pytree import tree_leaves
 
-__all__ = ["Initializer", "Module", "check_params", "shape_of"]
+__all__ = ["Initializer", "Module", "check_params", "float_input_error", "shape_of"]
 
 Shape = tuple[int, ...]
 
@@ -215,6 +215,41 @@ def check_ndim(module: Any, x: Any, ndims: Sequence[int], layout: str) -> Shape:
     if len(shape) not in ndims:
         raise ValueError(f"{module!r} expects {layout} input, got shape {shape}")
     return shape
+
+
+def float_input_error(module: Any, x: Any, param: Any = None, what: str = "input") -> TypeError:
+    """The error of a layer that computes in floating point given integer or bool input.
+
+    Such a layer refuses it where numpy would promote it silently (``int64 @ float32`` is
+    float64: a float32 model would run and return float64); torch refuses it too. The layer
+    tests the input itself, so that the common case costs one dtype-kind test and no call::
+
+        if x.dtype.kind in "iub":  # x: a numpy or cupy array, or a Tracer (its value's dtype)
+            raise float_input_error(self, x, params["weight"])
+
+    Float input of another float dtype is not refused: numpy's promotion decides the output
+    (a float64 input to float32 parameters gives float64; gradients come back in each
+    argument's own dtype), and a run casts its float inputs to the run's dtype anyway.
+
+    Args:
+        module: the layer, named in the message.
+        x: its input.
+        param: one of its parameters (the message gives its dtype), or None without any.
+        what: the input's name in the message (``"query"`` for attention, say).
+
+    Returns:
+        A TypeError naming the module, the input's dtype and shape, the parameters' dtype and
+        the fixes (a cast, or ``nn.Embedding`` for integer ids).
+    """
+    name = "x" if what == "input" else what
+    dtype = getattr(param, "dtype", None)
+    held = "" if dtype is None else f"its parameters are {dtype} and "
+    cast = "float32" if dtype is None else str(dtype)
+    return TypeError(
+        f"{module!r} got {what} of dtype {x.dtype} and shape {_shape(x)}, but {held}it takes "
+        f"floating-point input only: cast the {what}, e.g. {name}.astype({cast!r}), or, if they "
+        "are integer ids (tokens, categories), look them up with nn.Embedding first"
+    )
 
 
 def shape_of(module: Module, *input_shapes: Sequence[int | None]) -> Shape:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Initializer, Module, Shape, check_params
+from ._module import Initializer, Module, Shape, check_params, float_input_error
 
 __all__ = ["LayerNorm"]
 
@@ -69,6 +69,8 @@ class LayerNorm(Module):
                 f"{self!r} got input of shape {shape}: its trailing dimensions must be "
                 f"{self.normalized_shape}"
             )
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params.get("weight"))
         if self.elementwise_affine:
             return ops_nn.layer_norm(x, params["weight"], params.get("bias"), eps=self.eps)
         # Without a weight the op normalizes the last axis only: merge the normalized axes first.
