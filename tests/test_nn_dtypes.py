@@ -1,10 +1,14 @@
 """Tests of the input dtypes asyncnn.nn's modules take: a layer that computes in floating point
 refuses integer and bool input (numpy would promote it silently: int64 @ float32 is float64),
-naming itself, the input and the fix; integer ids and labels still go where they belong; float
-input of another float dtype keeps numpy's promotion in a direct call, and a run casts it."""
+naming itself, the input and the fix, and so do the parameterless modules whose output would be a
+promoted float (Tanh, Sigmoid, GELU, the softmaxes) or wrong (Dropout), and the losses' prediction;
+layers exact on integers keep them; integer ids and labels still go where they belong (an MSELoss
+target is cast to the prediction's dtype); float input of another float dtype keeps numpy's
+promotion in a direct call, and a run casts it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
-from asyncnn._math._autodiff import Trace
+from asyncnn._math._autodiff import Trace, primitive_vjp
 from asyncnn.backends import Backend, to_numpy
 
 
@@ -144,10 +148,10 @@ def test_integer_ids_and_labels_still_work(backend: Backend, dtype: str) -> None
     assert loss.dtype == np.float32 and np.isfinite(float(loss))
     g = ann.grad(lambda p: nn.CrossEntropyLoss()({}, model(p, ids), labels))(params)
     assert g[2]["weight"].dtype == np.float32
-    # an integer regression target is a label too: MSELoss takes it (numpy's promotion decides
-    # the loss's dtype; the gradient comes back in the prediction's)
+    # an integer regression target is a label too: MSELoss takes it, in the prediction's dtype
     target = backend.asarray(np.ones((3, 4), dtype=dtype))
-    assert np.isfinite(float(nn.MSELoss()({}, logits, target)))
+    loss = nn.MSELoss()({}, logits, target)
+    assert loss.dtype == np.float32 and np.isfinite(float(loss))
     g = ann.grad(lambda p: nn.MSELoss()({}, model(p, ids), target))(params)
     assert g[2]["weight"].dtype == np.float32
 
@@ -159,6 +163,214 @@ def test_parameterless_layers_keep_their_integer_behaviour() -> None:
     assert nn.Identity()({}, x) is x
     assert nn.Flatten()({}, x.reshape(2, 2, 2)).dtype == x.dtype
     assert nn.MaxPool1d(2)({}, x.reshape(2, 1, 4)).dtype == x.dtype
+
+
+# -- parameterless modules ------------------------------------------------------------------------
+# (module, input shape, its repr): the parameterless modules whose output for integer or bool input
+# would be a float numpy promoted it to (Tanh gave float64, float16 for uint8; torch gives float32
+# or refuses) or wrong (Dropout's 1/(1-p) truncated to 1), alone and inside containers
+FLOAT_ONLY = [
+    (nn.Tanh(), (2, 4), "Tanh()"),
+    (nn.Sigmoid(), (2, 4), "Sigmoid()"),
+    (nn.GELU(), (2, 4), "GELU(approximate='none')"),
+    (nn.GELU("tanh"), (2, 3, 4), "GELU(approximate='tanh')"),
+    (nn.Softmax(), (2, 4), "Softmax(dim=-1)"),
+    (nn.LogSoftmax(1), (2, 3, 4), "LogSoftmax(dim=1)"),
+    (nn.Dropout(0.25), (2, 4), "Dropout(p=0.25)"),
+    (nn.Dropout(0.0), (2, 3, 4), "Dropout(p=0.0)"),
+    (nn.Sequential(nn.Identity(), nn.Tanh()), (2, 4), "Tanh()"),
+    (nn.Residual(nn.Sigmoid()), (2, 4), "Sigmoid()"),
+]
+ALL_INTEGRAL = ["int64", "int32", "int8", "uint8", "bool"]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", ALL_INTEGRAL)
+@pytest.mark.parametrize(("module", "shape", "named"), FLOAT_ONLY, ids=_case_id)
+def test_parameterless_float_modules_refuse_integer_and_bool_input(
+    backend: Backend,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    named: str,
+    dtype: str,
+    training: bool,
+) -> None:
+    params = module.init(0, backend=backend)
+    rng = backend.rng(0) if training else None  # Dropout refuses in evaluation too
+    with pytest.raises(TypeError) as info:
+        module(params, backend.asarray(np.ones(shape, dtype=dtype)), rng=rng)
+    msg = str(info.value)
+    assert msg.startswith(
+        f"{named} got input of dtype {dtype} and shape {shape}, but it takes floating-point "
+        "input only: cast the input, e.g. x.astype('float32'), or, if they are integer ids"
+    ), msg
+    assert "nn.Embedding" in msg, msg
+    # float input goes through in its own dtype
+    out = module(params, backend.asarray(np.ones(shape, dtype=np.float32)), rng=rng)
+    assert out.dtype == np.float32 and tuple(out.shape) == shape
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_dropout_scales_float_input_in_its_own_dtype(backend: Backend, dtype: str) -> None:
+    x = backend.asarray(np.full((50, 40), 3.0, dtype=dtype))
+    y = nn.Dropout(0.25)({}, x, rng=backend.rng(0))
+    assert y.dtype == np.dtype(dtype)
+    kept = np.asarray(3 / np.float64(0.75)).astype(dtype)  # 4.0, exact in every float
+    assert set(np.unique(to_numpy(y)).tolist()) == {0.0, float(kept)}
+
+
+@pytest.mark.parametrize("op", ["avg_pool1d", "avg_pool2d"])
+@pytest.mark.parametrize("dtype", ALL_INTEGRAL)
+def test_average_pools_refuse_integer_and_bool_input(backend: Backend, op: str, dtype: str) -> None:
+    # (refused by their op already, which the message names: a mean of integers is a float)
+    module = nn.AvgPool1d(2) if op == "avg_pool1d" else nn.AvgPool2d(2)
+    shape = (1, 2, 4) if op == "avg_pool1d" else (1, 2, 4, 4)
+    with pytest.raises(TypeError, match=rf"^{op}: x must be floating point, got dtype {dtype} "):
+        module({}, backend.asarray(np.ones(shape, dtype=dtype)))
+
+
+def _ints(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    n = int(np.prod(shape))
+    values = np.arange(n) % 3 == 0 if dtype == "bool" else np.arange(n) - n // 2  # uint8 wraps
+    return values.astype(dtype).reshape(shape)
+
+
+# (module, input shape, what it returns, computed with numpy in the input's dtype): the layers
+# exact on integers keep them (ReLU gives int64 for bool, as numpy's maximum; torch refuses bool)
+EXACT = [
+    (nn.Identity(), (2, 6), lambda x: x),
+    (nn.ReLU(), (2, 6), lambda x: np.maximum(x, x.dtype.type(0))),
+    (nn.Flatten(), (2, 2, 3), lambda x: x.reshape(2, 6)),
+    (nn.Flatten(0, 1), (2, 2, 3), lambda x: x.reshape(4, 3)),
+    (nn.MaxPool1d(2), (2, 1, 6), lambda x: x.reshape(2, 1, 3, 2).max(-1)),
+    (nn.MaxPool1d(3, stride=1), (1, 2, 5), lambda x: np.stack([x[..., i : i + 3].max(-1)
+                                                               for i in range(3)], -1)),
+    (nn.MaxPool2d(2), (1, 2, 4, 4), lambda x: x.reshape(1, 2, 2, 2, 2, 2).max((3, 5))),
+    (nn.Sequential(nn.Flatten(), nn.ReLU()), (2, 2, 3), lambda x: np.maximum(x, 0).reshape(2, 6)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "shape", "expected", "dtype"),
+    [
+        pytest.param(m, s, f, dt, id=f"{_case_id(m)}-{dt}")
+        for m, s, f in EXACT
+        for dt in ALL_INTEGRAL
+        if not (dt == "bool" and "ReLU" in repr(m))
+    ],
+)
+def test_layers_exact_on_integers_keep_their_dtype_and_values(
+    backend: Backend, module: nn.Module, shape: tuple[int, ...], expected: Any, dtype: str
+) -> None:
+    x = _ints(shape, dtype)
+    out = module(module.init(0, backend=backend), backend.asarray(x))
+    assert out.dtype == x.dtype
+    want = expected(x)
+    assert want.dtype == x.dtype  # (the reference stays in the dtype too)
+    np.testing.assert_array_equal(to_numpy(out), want)
+
+
+@pytest.mark.parametrize(("module", "shape", "named"), FLOAT_ONLY, ids=_case_id)
+def test_parameterless_modules_read_only_the_dtype_of_a_raw_or_traced_array(
+    module: nn.Module, shape: tuple[int, ...], named: str
+) -> None:
+    params = module.init(0)
+    rng = np.random.default_rng(0)
+    # an array of another library (as a cupy array is): refused before any compute
+    with pytest.raises(TypeError, match=rf"^{re.escape(named)} got input of dtype uint8"):
+        module(params, _DeviceArray(shape, "uint8"), rng=rng)
+    traced = Trace().leaf(np.ones(shape, dtype=np.int32))
+    with pytest.raises(TypeError, match=rf"^{re.escape(named)} got input of dtype int32"):
+        module(params, traced, rng=rng)
+    with pytest.raises(TypeError, match=rf"^{re.escape(named)} got input of dtype int64"):
+        ann.vjp(lambda p, x: module(p, x, rng=rng), params, np.ones(shape, dtype=np.int64))
+    out, pullback = ann.vjp(lambda p, x: module(p, x, rng=rng), params, np.ones(shape, np.float32))
+    _, gx = pullback(np.ones_like(out))
+    assert out.dtype == gx.dtype == np.float32
+
+
+# -- losses ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("pred_dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ALL_INTEGRAL)
+def test_an_integer_mse_target_is_taken_in_the_predictions_dtype(
+    backend: Backend, dtype: str, pred_dtype: str, reduction: str
+) -> None:
+    # torch casts it the same way (float32 - int64 is float32 there); numpy gave float64
+    rng = np.random.default_rng(0)
+    pred = rng.standard_normal((3, 4)).astype(pred_dtype)
+    target = (np.arange(12).reshape(3, 4) % 5).astype(dtype)  # (small: float16 holds sums)
+    loss = nn.MSELoss(reduction)
+    want = to_numpy(loss({}, backend.asarray(pred), backend.asarray(target.astype(pred_dtype))))
+    value = loss({}, backend.asarray(pred), backend.asarray(target))
+    assert value.dtype == np.dtype(pred_dtype)
+    np.testing.assert_array_equal(to_numpy(value), want)  # the same as a float target's
+    # the same as one primitive (the loss actor's path) and under vjp
+    prim, args, kwargs = loss.primitive_call(backend.asarray(pred), backend.asarray(target))
+    out, direct = primitive_vjp(prim, args, kwargs, [0])
+    assert out.dtype == np.dtype(pred_dtype)
+    np.testing.assert_array_equal(to_numpy(out), want)
+    (g,) = direct(backend.xp.ones(out.shape, dtype=out.dtype))
+    assert g.dtype == np.dtype(pred_dtype)
+    out, pullback = ann.vjp(lambda p: loss({}, p, backend.asarray(target)), backend.asarray(pred))
+    assert out.dtype == np.dtype(pred_dtype)
+    (g,) = pullback(backend.xp.ones(out.shape, dtype=out.dtype))
+    assert g.dtype == np.dtype(pred_dtype)
+
+
+REFUSED_PREDICTIONS = [
+    pytest.param(nn.MSELoss(), "MSELoss(reduction='mean')", "pred", np.ones((3, 4), np.float32),
+                 id="MSELoss-float-target"),
+    pytest.param(nn.MSELoss("none"), "MSELoss(reduction='none')", "pred",
+                 np.ones((3, 4), np.int64), id="MSELoss-int-target"),
+    pytest.param(nn.CrossEntropyLoss(), "CrossEntropyLoss(reduction='mean')", "logits",
+                 np.array([0, 1, 3]), id="CrossEntropyLoss"),
+    pytest.param(nn.CrossEntropyLoss("sum"), "CrossEntropyLoss(reduction='sum')", "logits",
+                 np.array([2, 2, 0]), id="CrossEntropyLoss-sum"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ALL_INTEGRAL)
+@pytest.mark.parametrize(("loss", "named", "what", "second"), REFUSED_PREDICTIONS)
+def test_losses_refuse_an_integer_prediction(
+    backend: Backend, loss: nn.Module, named: str, what: str, second: Any, dtype: str
+) -> None:
+    # an integer prediction comes from no parameter (they are floats, and integers are not
+    # traced), so no gradient would reach the model; torch refuses it too (or promotes it)
+    pred = backend.asarray(np.ones((3, 4), dtype=dtype))
+    for call in (lambda: loss({}, pred, backend.asarray(second)),
+                 lambda: loss.primitive_call(pred, backend.asarray(second))):  # fmt: skip
+        with pytest.raises(TypeError) as info:
+            call()
+        msg = str(info.value)
+        assert msg.startswith(
+            f"{named} got {what} of dtype {dtype} and shape (3, 4), but it takes floating-point "
+            f"input only: cast the {what}, e.g. {what}.astype('float32')"
+        ), msg
+
+
+def test_a_float_mse_target_of_another_dtype_keeps_numpys_promotion() -> None:
+    # as for the layers (and as torch): float32 with float64 is float64, with float16 float32
+    pred = np.ones((2, 3), np.float32)
+    assert nn.MSELoss()({}, pred, np.zeros((2, 3), np.float64)).dtype == np.float64
+    assert nn.MSELoss()({}, pred, np.zeros((2, 3), np.float16)).dtype == np.float32
+
+
+def test_a_graph_that_feeds_integers_to_a_float_activation_fails_when_checked() -> None:
+    for module in (nn.Tanh(), nn.Dropout(0.5)):  # Dropout: the check runs it in evaluation
+        g = ann.Graph.sequential([nn.Flatten(), module, nn.Linear(4, 2)],
+                                 loss=nn.CrossEntropyLoss(), input_shape=(None, 4),
+                                 input_dtype="int64")  # fmt: skip
+        with pytest.raises(ann.GraphError, match=rf"{type(module).__name__}\(.*dtype int64"):
+            ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    # an integer regression target trains
+    g = ann.Graph.sequential([nn.Linear(4, 2)], loss=nn.MSELoss(), input_shape=(None, 4),
+                             label_shape=(None, 2), label_dtype="int64")  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
+    rng = np.random.default_rng(0)
+    hist = tr.fit({"x": rng.standard_normal((16, 4)), "y": rng.integers(0, 3, (16, 2))},
+                  epochs=2, batch_size=8)  # fmt: skip
+    assert np.isfinite(hist.losses).all()
 
 
 # -- float input of another float dtype -----------------------------------------------------------

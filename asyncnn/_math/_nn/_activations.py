@@ -1,15 +1,26 @@
-"""Parameterless elementwise layers: activations, softmax, Identity."""
+"""Parameterless elementwise layers: activations, softmax, Identity.
+
+Those that compute in floating point (Tanh, Sigmoid, GELU, Softmax, LogSoftmax) refuse integer
+and bool input, as the layers with parameters do (numpy would promote it: tanh of int64 is
+float64, of uint8 float16, in a float32 model); Identity and ReLU are exact on integers and keep
+them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Module, Shape
+from ._module import Module, Shape, float_input_error
 
 __all__ = ["GELU", "Identity", "LogSoftmax", "ReLU", "Sigmoid", "Softmax", "Tanh"]
+
+#: the dtype an input without one (a Python float) passes the checks with
+_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class Tanh(_Elementwise):
     """Hyperbolic tangent."""
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+            raise float_input_error(self, x)
         return ops.tanh(x)
 
 
@@ -47,6 +60,8 @@ class Sigmoid(_Elementwise):
     """The logistic function ``1 / (1 + exp(-x))``."""
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+            raise float_input_error(self, x)
         return ops.sigmoid(x)
 
 
@@ -63,6 +78,8 @@ class GELU(_Elementwise):
             )
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+            raise float_input_error(self, x)
         return ops.gelu(x, approximate=self.approximate)
 
 
@@ -73,6 +90,8 @@ class Softmax(_Elementwise):
     dim: int = -1
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
+            raise float_input_error(self, x)
         return ops_nn.softmax(x, axis=self.dim)
 
 
@@ -83,4 +102,6 @@ class LogSoftmax(_Elementwise):
     dim: int = -1
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
+            raise float_input_error(self, x)
         return ops_nn.log_softmax(x, axis=self.dim)

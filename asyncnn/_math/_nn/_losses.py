@@ -1,17 +1,28 @@
-"""Losses: modules without parameters that reduce to a scalar by default."""
+"""Losses: modules without parameters that reduce to a scalar by default.
+
+A loss refuses an integer or bool prediction (logits, ``pred``): it comes from no parameter, so
+no gradient would reach the model. Integer labels are what ``CrossEntropyLoss`` takes, and an
+integer or bool ``MSELoss`` target is cast to the prediction's dtype, as torch does (numpy would
+promote the loss to float64 in a float32 model).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _ops_nn as ops_nn
+from .._ops import raw
 from .._ops_nn import PrimitiveCall
-from ._module import Module, Shape
+from ._module import Module, Shape, float_input_error
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+#: the dtype an input without one (a Python float) passes the checks with
+_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -49,24 +60,43 @@ class CrossEntropyLoss(_Loss):
     """
 
     def __call__(self, params: Any, logits: Any, labels: Any, *, rng: Any = None) -> Any:
+        if getattr(logits, "dtype", _NO_DTYPE).kind in "iub":  # no gradient, float64 loss
+            raise float_input_error(self, logits, None, "logits")
         return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
         if not self._calls_its_own(CrossEntropyLoss):
             return None
         logits, labels = inputs
+        if getattr(logits, "dtype", _NO_DTYPE).kind in "iub":
+            raise float_input_error(self, logits, None, "logits")
         return ops_nn.cross_entropy_call(logits, labels, self.reduction)
 
 
 @dataclass(frozen=True)
 class MSELoss(_Loss):
-    """Squared error between prediction and target of the same shape (mean by default)."""
+    """Squared error between prediction and target of the same shape (mean by default).
+
+    The prediction is floating point; an integer or bool target (counts, ratings) is cast to
+    its dtype, so the loss comes out in the prediction's dtype (as in torch). A float target of
+    another dtype follows numpy's promotion (float64 with float32 gives float64, as in torch).
+    """
 
     def __call__(self, params: Any, pred: Any, target: Any, *, rng: Any = None) -> Any:
+        dtype = getattr(pred, "dtype", _NO_DTYPE)
+        if dtype.kind in "iub":  # no gradient, and a float64 loss
+            raise float_input_error(self, pred, None, "pred")
+        if getattr(target, "dtype", _NO_DTYPE).kind in "iub":  # a label: no gradient to lose
+            target = raw(target).astype(dtype)
         return ops_nn.mse_loss(pred, target, reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
         if not self._calls_its_own(MSELoss):
             return None
         pred, target = inputs
+        dtype = getattr(pred, "dtype", _NO_DTYPE)
+        if dtype.kind in "iub":
+            raise float_input_error(self, pred, None, "pred")
+        if getattr(target, "dtype", _NO_DTYPE).kind in "iub":
+            target = raw(target).astype(dtype)
         return ops_nn.mse_loss_call(pred, target, self.reduction)

@@ -6,11 +6,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Module, Shape
+from ._module import Module, Shape, float_input_error
 
 __all__ = ["Dropout", "Flatten"]
+
+#: the dtype an input without one (a Python float) passes the checks with
+_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,11 @@ class Flatten(Module):
 class Dropout(Module):
     """Zeroes each entry with probability ``p`` and scales the rest by ``1/(1-p)``.
 
-    Active only when called with an ``rng`` (training); without one it is the identity.
+    Active only when called with an ``rng`` (training); without one it is the identity. Takes
+    floating-point input only, in either mode: integers cannot hold the scaled values (numpy
+    would truncate the scale ``1/(1-p)`` to the input's dtype, to 1 for any ``p < 0.5``, leaving
+    the output unscaled; torch refuses them in training), and a graph's check, which runs in
+    evaluation, then finds an integer input before the first training step does.
     """
 
     p: float = 0.5
@@ -60,6 +69,8 @@ class Dropout(Module):
         return True
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # scaled ints would be wrong values
+            raise float_input_error(self, x)
         return ops_nn.dropout(x, float(self.p), rng)
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
