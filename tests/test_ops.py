@@ -4,6 +4,7 @@ references (and torch where installed), hypothesis properties, dtypes and error 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -411,6 +412,18 @@ def test_max_pool_gradient_goes_to_the_first_maximum(backend: Any) -> None:
     g = ann.grad(lambda x: ops.sum(ops.max_pool1d(x, 3, stride=1)))(x)
     # windows at 0..3: [1,3,3] [3,3,0] [3,0,2] [0,2,2]; the tied ones pick their first maximum
     np.testing.assert_array_equal(to_numpy(g), [[[0.0, 2.0, 1.0, 0.0, 1.0, 0.0]]])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "bool"])
+def test_max_pool_pads_integers_below_every_value(backend: Any, dtype: str) -> None:
+    # The padding must never win: -inf cast to int8 or int16 is 0 and to bool True.
+    lo = False if dtype == "bool" else np.iinfo(dtype).min
+    x = np.array([[[lo, 1, lo, lo]]] if dtype != "bool" else [[[False, True, False, False]]], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns on the cast of -inf
+        got = to_numpy(ops.max_pool1d(backend.asarray(x), 2, padding=1))
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, np.array([[[lo, 1, lo]]], dtype))
 
 
 def test_softmax_handles_rows_of_minus_infinity(backend: Any) -> None:

@@ -190,11 +190,21 @@ def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]
 
 
 # -- pooling --------------------------------------------------------------------------------------
+def _lowest(dtype: Any) -> Any:
+    """A padding value no entry of ``dtype`` is below: -inf would become 0 in int8 or int16 and
+    True in bool."""
+    if dtype.kind == "b":
+        return False
+    if dtype.kind in "iu":
+        return np.iinfo(dtype).min
+    return -np.inf
+
+
 def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
     xp = ns(x)
     ones = (1,) * len(kernel)
     out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
-    xpad = _pad(x, padding, -np.inf)
+    xpad = _pad(x, padding, _lowest(x.dtype))
     windows = _windows(kernel, stride, ones, out_shape)
     out = xpad[next(windows)[1]].copy()
     arg = xp.zeros(out.shape, dtype=np.int32)
