@@ -19,15 +19,6 @@ from asyncnn import nn, optim, policies
 from asyncnn._math._autodiff import Trace, primitive_vjp
 from asyncnn.backends import Backend, to_numpy
 
-
-def _put(backend: Backend, tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _put(backend, v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_put(backend, v) for v in tree]
-    return backend.asarray(tree)
-
-
 # (module, input shape, the class the message names): every built-in layer that computes in
 # floating point, alone and inside the containers that pass their input on
 FLOAT_LAYERS = [
