@@ -269,6 +269,9 @@ def test_remedy_specs_round_trip_delegate_and_validate():
     assert policies.StalenessScaledLR(p).needs_forward_weights()
     with pytest.raises(ValueError, match="strength"):
         policies.DelayCompensation(inner, strength=-1.0)
+    for bad in (float("inf"), float("nan"), True, "0.1"):  # inf would make the weights NaN
+        with pytest.raises(ValueError, match=r"strength=.* must be a finite number >= 0"):
+            policies.DelayCompensation(inner, strength=bad)
     with pytest.raises(ValueError, match="warmup_updates"):
         policies.PipeMareLR(inner, warmup_updates=0)
     with pytest.raises(TypeError, match="must be a Policy"):

@@ -14,6 +14,7 @@ learning rate of that update; with momentum or Adam it is not (Adam is nearly in
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -140,8 +141,9 @@ class Remedy(WrappedPolicy):
 
 
 def _check_nonnegative(policy: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{policy}({name}={value!r}): {name} must be a number >= 0")
+    # (an infinite one would turn the first corrected gradient, and so the weights, into NaN)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{policy}({name}={value!r}): {name} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ class DelayCompensation(Remedy):
 
     Attributes:
         policy: the wrapped policy.
-        strength: lambda, the weight of the correction (0 changes nothing).
+        strength: lambda, the weight of the correction, a finite number >= 0 (0 changes
+            nothing).
     """
 
     strength: float = 0.04

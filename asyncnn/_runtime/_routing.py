@@ -83,6 +83,8 @@ class RouterActor(LayerActor):
         stats.dropped_rows = {n: 0 for n in self.expert_names}
         # key -> (route, choice, the rows that go to each expert)
         self.routes: dict[int, tuple[Any, Any, list[Any]]] = {}
+        # key -> (gate gradient, forward version): input half done, weight half due
+        self.weight_grads: dict[int, tuple[Any, int]] = {}
 
     def _gate(self, params: Any, inputs: list[Any], chosen: list[Any]) -> Any:
         """The gate weights; picks the experts from the scores on the first call (``chosen``
@@ -105,7 +107,10 @@ class RouterActor(LayerActor):
                 return vjp(lambda p, a: self._gate(p, a, chosen), params, xs)
             return self._gate(params, xs, chosen), None
 
-        weights, pullback = await self.compute(run, self.params, inputs, cost=self._cost(rows))
+        # the weights the policy gives this forward (the latest, a prediction or a pinned
+        # version), like any layer's: their version gives the gradient's delay
+        params, version = self.forward_weights(key, meta)
+        weights, pullback = await self.compute(run, params, inputs, cost=self._cost(rows))
         choice = chosen[0]
         capacity = self.router.limit(rows)
         route, dropped = assign_rows(choice, self.router.experts, capacity)
@@ -122,7 +127,7 @@ class RouterActor(LayerActor):
                     "on_overflow='drop' to drop and count them",
                 )  # fmt: skip
             st.dropped_total += int(dropped.sum())
-        self._hold(key, (pullback, self.version, None if keep else inputs), inputs, weights)
+        self._hold(key, (pullback, version, None if keep else inputs), inputs, weights)
         # each expert's rows, worked out once for the gathers, the loads and the backward
         picks = [expert_rows(route, e)[0] for e in range(len(self.expert_names))]
         self.routes[key] = (route, choice, picks)
@@ -160,14 +165,45 @@ class RouterActor(LayerActor):
         return list(parts)  # one per consumer edge, not summed; moved in on_backward's compute
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        pullback, _, inputs = self._unhold(key)
+        param_grads, input_grads, forward_version = await self._route_backward(key, grad)
+        # with the forward's version: the gradient's delay is recorded, and corrected by a
+        # policy that corrects stale gradients
+        await self._settle(param_grads, meta, forward_version)
+        return input_grads
+
+    async def on_backward_input(
+        self, key: int, grad: Any, meta: dict[str, Any]
+    ) -> list[Any] | None:
+        # a split backward (ZeroBubbleH1): the gate is small, its parameter gradient comes with
+        # the input's here, and the weight half only accumulates it
+        param_grads, input_grads, forward_version = await self._route_backward(key, grad)
+        self.weight_grads[key] = (param_grads, forward_version)
+        return input_grads
+
+    async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
+        param_grads, forward_version = self.weight_grads.pop(key)
+        await self._settle(param_grads, meta, forward_version)
+
+    async def _route_backward(self, key: int, grad: list[Any]) -> tuple[Any, list[Any], int]:
+        """A key's gate gradient and input gradient (the experts' input gradients scattered
+        back to their rows), and the version of its forward."""
+        pullback, forward_version, inputs = self._unhold(key)
         route, choice, picks = self.routes.pop(key)
         if pullback is None:  # recompute the gate at the latest version; the route stays
+            params = self.params
+            if self.change_decay is not None:  # or at the policy's estimate of the forward's
+                params = await self.compute(
+                    self.ctx.policy.backward_weights,
+                    params,
+                    self.weight_change,
+                    self.version - forward_version,
+                    cost=2.0 * self.param_size,
+                )
 
             def redo(params: Any, xs: list[Any]) -> Any:
                 return vjp(lambda p, a: self._gate(p, a, [choice]), params, self._to_device(xs))[1]
 
-            pullback = await self.compute(redo, self.params, inputs)
+            pullback = await self.compute(redo, params, inputs)
         if not any(e is None for e in self.edge_expert):
             raise ActorError(self.name, "backward", key, f"router {self.name!r}: no merge gradient")
 
@@ -194,8 +230,7 @@ class RouterActor(LayerActor):
             return param_grads, input_grads
 
         param_grads, input_grads = await self.compute(backward, pullback, grad)
-        await self._settle(param_grads, meta)
-        return input_grads
+        return param_grads, input_grads, forward_version
 
 
 class MergeActor(LayerActor):
@@ -265,6 +300,14 @@ class MergeActor(LayerActor):
         result: list[Any] = await self.compute(self._split, grad, weights, picks, branches, cost=0)
         return result
 
+    async def on_backward_input(
+        self, key: int, grad: Any, meta: dict[str, Any]
+    ) -> list[Any] | None:
+        return await self.on_backward(key, grad, meta)  # a split backward: all of it
+
+    async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
+        return None  # no parameters
+
     def _split(self, grad: Any, weights: Any, picks: list[Any], branches: list[Any]) -> list[Any]:
         xp = self.backend.xp
         g_weights = xp.zeros_like(weights)
@@ -316,7 +359,11 @@ def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -
             cols = np.nonzero(route == e)[1]
             w = weights[rows, cols].reshape((-1,) + (1,) * (y.ndim - 1))
             out[rows] += w * y
-        values[name] = out if out is not None else backend.xp.zeros_like(x[:, :0])
+        if out is None:  # every choice of every row was dropped: zero rows, as the actor gives
+            shape = graph.shapes.get(name)
+            trail = tuple(shape[1:]) if shape else ()
+            out = backend.xp.zeros((x.shape[0], *trail), dtype=weights.dtype)
+        values[name] = out
         return True
     if isinstance(src, tuple):
         if src[0] == "routed":

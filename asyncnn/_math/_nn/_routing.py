@@ -93,6 +93,12 @@ class Router(Module):
                 f"the gate {self.gate!r} gave scores of shape {shape} for input {tuple(x.shape)}; "
                 f"a router over {self.experts} experts needs ({x.shape[0]}, {self.experts})"
             )
+        dtype = getattr(ops.raw(s), "dtype", None)
+        if dtype is not None and dtype.kind not in "fiu":  # bools have no order to rank by
+            raise ValueError(
+                f"the gate {self.gate!r} gave scores of dtype {dtype}; a router ranks numbers "
+                "(one score per expert): cast a condition to numbers, e.g. cond.astype(x.dtype)"
+            )
         return s
 
     def __call__(self, params: Any, x: Any, *extra: Any, rng: Any = None) -> Any:
