@@ -32,7 +32,7 @@ from .backends import get_backend, is_floating, to_numpy
 if TYPE_CHECKING:
     from ._train import Trainer
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "check_save_path", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "asyncnn-checkpoint"
 VERSION = 2
@@ -108,6 +108,7 @@ def _sha256(path: str) -> str:
 def save_checkpoint(trainer: Trainer, path: str) -> None:
     from safetensors.numpy import save_file
 
+    check_save_path(path)
     os.makedirs(path, exist_ok=True)
     state = trainer.state
     arrays: dict[str, np.ndarray] = {}
@@ -141,15 +142,17 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
         "trace_base": trainer.trace,
         "layout": layout,
     }
-    # Write beside, then rename, the manifest last: a crash mid-save leaves either the old
-    # checkpoint or files that disagree with their manifest (refused by load), never a
-    # half-written file that loads.
+    # Write beside (each file on disk before it is renamed), then rename, the manifest last: a
+    # crash mid-save leaves the old checkpoint, or the new one in part renamed (which load
+    # finishes: _finish_save), never a half-written file that loads.
     tmp_arrays = os.path.join(path, ARRAYS + ".tmp")
     tmp_spec = os.path.join(path, SPEC + ".tmp")
     tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
     save_file(arrays, tmp_arrays)
+    _sync(tmp_arrays)
     with open(tmp_spec, "wb") as f:
         f.write(msgpack.packb(spec, use_bin_type=True))
+    _sync(tmp_spec)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -160,16 +163,114 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
     }
     with open(tmp_manifest, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
+    _sync(tmp_manifest)
     os.replace(tmp_arrays, os.path.join(path, ARRAYS))
     os.replace(tmp_spec, os.path.join(path, SPEC))
     os.replace(tmp_manifest, os.path.join(path, MANIFEST))
+    _sync(path)
+
+
+def _sync(path: str) -> None:
+    """Has the file (or folder: its entries) ``path`` on disk, where the system can."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # nor synced on some file systems
+        pass
+    finally:
+        os.close(fd)
+
+
+def _finish_save(path: str) -> bool:
+    """Finishes a save interrupted between its renames, whose new files are all there (each
+    renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
+    returns whether it did."""
+    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
+    try:
+        if os.path.getsize(tmp_manifest) > _MAX_MANIFEST_BYTES:
+            return False
+        with open(tmp_manifest, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or set(files) != {SPEC, ARRAYS}:
+            return False
+        sources = {}
+        for name, entry in files.items():
+            for file in (os.path.join(path, name + ".tmp"), os.path.join(path, name)):
+                if (
+                    os.path.exists(file)
+                    and os.path.getsize(file) == entry["bytes"]
+                    and _sha256(file) == entry["sha256"]
+                ):
+                    sources[name] = file
+                    break
+            else:
+                return False
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    for name, file in sources.items():
+        if file != os.path.join(path, name):
+            os.replace(file, os.path.join(path, name))
+    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
+    return True
+
+
+#: the files a checkpoint folder holds (``fit.json``: where the epoch stands, by Trainer.save)
+_FILES = (MANIFEST, SPEC, ARRAYS, "fit.json")
+
+
+def check_save_path(path: str) -> None:
+    """Refuses a save that would overwrite a file that is no part of a checkpoint: ``path`` is a
+    file, or a folder holding one of the names a checkpoint writes without being a checkpoint.
+    Call it before a long run whose end saves (the CLI's ``--save``) to fail before training.
+
+    Raises:
+        FileExistsError: naming the path or the files, and what to do instead.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(
+            f"cannot save a checkpoint to {path!r}: it is a file; a checkpoint is a folder (name "
+            "a new or empty folder, or a checkpoint to replace)"
+        )
+    present = [name for name in _FILES if os.path.exists(os.path.join(path, name))]
+    if present and not _is_checkpoint(path):
+        raise FileExistsError(
+            f"cannot save a checkpoint to {path!r}: it holds {', '.join(present)}, which saving "
+            "would overwrite, and it is not an asyncnn checkpoint; save to a new or empty folder "
+            "(or remove those files)"
+        )
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether the folder ``path`` holds an asyncnn checkpoint (its manifest, or the spec of a
+    checkpoint written before manifests), whatever its version and even if damaged."""
+    try:
+        manifest_path = os.path.join(path, MANIFEST)
+        if os.path.exists(manifest_path) and os.path.getsize(manifest_path) <= _MAX_MANIFEST_BYTES:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+                return True
+        spec_path = os.path.join(path, SPEC)
+        if os.path.exists(spec_path) and os.path.getsize(spec_path) <= _MAX_SPEC_BYTES:
+            with open(spec_path, "rb") as f:
+                spec = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+            return isinstance(spec, dict) and spec.get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - unreadable: not known to be a checkpoint
+        return False
+    return False
 
 
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
-    ``overrides`` replace constructor arguments: with ``dtype``, the weights and optimizer
-    buffers are cast to it; with an ``optimizer`` whose state has another structure than the
+    ``overrides`` replace constructor arguments: with ``graph``, the weights go into that graph
+    instead of the one saved (the same layers placed otherwise: on other devices or workers),
+    which must have the checkpoint's layers, by name, with parameters of the same structure and
+    shapes; with ``dtype``, the weights and optimizer buffers are cast to it; with an ``optimizer`` whose state has another structure than the
     checkpoint's (another kind), each layer's optimizer state starts fresh (the weights, versions
     and counters are kept). ``trusted_modules=[...]`` names modules whose classes the spec may
     name without their being imported already (see
@@ -178,21 +279,31 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint folder.
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
-            version, malformed, or does not fit the graph it describes.
+            version, malformed, or does not fit the graph it describes (or the ``graph``
+            given): the message names the layer, the place in its parameters and the shapes.
+        TypeError: ``graph`` is not a :class:`~asyncnn.Graph`.
         UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
     """
     trusted = overrides.pop("trusted_modules", None)
+    given_graph = overrides.pop("graph", None)
+    if given_graph is not None and not isinstance(given_graph, Graph):
+        raise TypeError(f"graph must be an asyncnn Graph, got {type(given_graph).__name__}")
     spec_path = os.path.join(path, SPEC)
-    if not os.path.isdir(path) or not (
-        os.path.exists(spec_path) or os.path.exists(os.path.join(path, MANIFEST))
+    if not os.path.isdir(path) or not any(
+        os.path.exists(os.path.join(path, name)) for name in (SPEC, MANIFEST, MANIFEST + ".tmp")
     ):
         raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
-    verify_checkpoint(path)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        if not _finish_save(path):  # a save interrupted between its renames: the new one
+            raise
+        verify_checkpoint(path)
     spec = _read_spec(spec_path)
     arrays = _read_arrays(os.path.join(path, ARRAYS))
     try:
         with trusted_modules(trusted):
-            graph = Graph.from_spec(spec["graph"])
+            graph = Graph.from_spec(spec["graph"]) if given_graph is None else given_graph
             optimizer = _optimizer_from_spec(spec["optimizer"])
             policy = policy_from_spec(spec["policy"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -207,6 +318,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         "dtype": spec["dtype"],
     }
     kwargs.update(overrides)
+    fits = "its graph" if given_graph is None else "the graph given"
+    _same_layers(graph, spec["layout"], f"{path}: the checkpoint does not fit {fits}")
     trainer = cls(graph, **kwargs)
     fresh = trainer.state
     same_dtype = "dtype" not in overrides
@@ -245,7 +358,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):
             raise ValueError(f"'traces' must be a list of paths, got {traces!r:.80}")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{path}: the checkpoint does not fit its graph: {exc}") from exc
+        raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
         trainer.traces = list(traces)
     return trainer
@@ -356,24 +469,78 @@ def _count(value: Any, what: str) -> int:
     return value
 
 
-def _fits(tree: Any, like: Any, what: str, same_dtype: bool = False) -> None:
-    """Checks that ``tree`` has the structure, shapes (and dtypes) of ``like``."""
-    leaves, treedef = tree_flatten(tree)
-    ref_leaves, ref_treedef = tree_flatten(like)
-    if treedef != ref_treedef:
-        raise ValueError(f"{what} have another structure than the graph's")
-    for i, (a, b) in enumerate(zip(leaves, ref_leaves, strict=True)):
-        a_array, b_array = hasattr(a, "shape"), hasattr(b, "shape")
-        if a_array != b_array:
-            raise ValueError(f"{what}: leaf {i} is {type(a).__name__}, expected {type(b).__name__}")
-        if a_array and tuple(a.shape) != tuple(b.shape):
-            raise ValueError(
-                f"{what}: leaf {i} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+def _same_layers(graph: Graph, layout: dict[str, Any], prefix: str) -> None:
+    """Checks that the checkpoint holds the weights of exactly the graph's layers, by name.
+
+    Raises:
+        CheckpointError: after ``prefix``, naming the layers missing on either side.
+    """
+    missing = [n for n in graph.layers if n not in layout]
+    extra = [n for n in layout if n not in graph.layers]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"it has no weights for the layers {missing}")
+        if extra:
+            parts.append(f"it has weights for the layers {extra}, which the graph lacks")
+        raise CheckpointError(
+            f"{prefix}: {'; '.join(parts)} (the checkpoint's layers: {list(layout)}; the "
+            f"graph's: {graph.layers})"
+        )
+
+
+def _fits(tree: Any, like: Any, what: str, same_dtype: bool = False, path: str = "") -> None:
+    """Checks that ``tree`` has the structure, shapes (and dtypes) of ``like`` (the graph's).
+
+    Raises:
+        ValueError: naming ``what``, the place in it (``[0]['weight']``) and what differs.
+    """
+    where = f"{what}, at {path}," if path else what
+    if isinstance(like, dict):
+        if not isinstance(tree, dict) or set(tree) != set(like):
+            got = (
+                f"the keys {sorted(tree, key=str)}"
+                if isinstance(tree, dict)
+                else type(tree).__name__
             )
-        if a_array and same_dtype and np.dtype(a.dtype) != np.dtype(b.dtype):
-            raise ValueError(f"{what}: leaf {i} has dtype {a.dtype}, expected {b.dtype}")
-        if not a_array and not isinstance(a, _SCALARS):
-            raise ValueError(f"{what}: leaf {i} is {a!r:.80}, not a number")
+            raise ValueError(
+                f"{where} hold {got} in the checkpoint, the keys {sorted(like, key=str)} in "
+                "the graph"
+            )
+        for k in sorted(like, key=str):
+            _fits(tree[k], like[k], what, same_dtype, f"{path}[{k!r}]")
+        return
+    if isinstance(like, list | tuple):
+        if type(tree) is not type(like) or len(tree) != len(like):
+            got = (
+                f"a {type(tree).__name__} of {len(tree)} entries"
+                if isinstance(tree, list | tuple)
+                else type(tree).__name__
+            )
+            raise ValueError(
+                f"{where} hold {got} in the checkpoint, a {type(like).__name__} of {len(like)} "
+                "entries in the graph"
+            )
+        for i, (a, b) in enumerate(zip(tree, like, strict=True)):
+            _fits(a, b, what, same_dtype, f"{path}[{i}]")
+        return
+    a_array, b_array = hasattr(tree, "shape"), hasattr(like, "shape")
+    if a_array != b_array or isinstance(tree, dict | list | tuple):
+        raise ValueError(
+            f"{where} hold {type(tree).__name__} in the checkpoint, {type(like).__name__} in "
+            "the graph"
+        )
+    if a_array and tuple(tree.shape) != tuple(like.shape):
+        raise ValueError(
+            f"{where} have shape {tuple(tree.shape)} in the checkpoint, {tuple(like.shape)} in "
+            "the graph"
+        )
+    if a_array and same_dtype and np.dtype(tree.dtype) != np.dtype(like.dtype):
+        raise ValueError(
+            f"{where} have dtype {tree.dtype} in the checkpoint, {like.dtype} in the graph"
+        )
+    if not a_array and not isinstance(tree, _SCALARS):
+        raise ValueError(f"{where} hold {tree!r:.80}, not a number")
 
 
 def _cast_like(tree: Any, like: Any, device: str) -> Any:

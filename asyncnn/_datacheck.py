@@ -142,10 +142,24 @@ def _compare(layer: str, want: Any, got: Any, path: str) -> None:
         return
     if not (hasattr(want, "shape") and hasattr(want, "dtype")):
         return  # a scalar setting kept in the tree
-    if not hasattr(got, "shape"):
-        got = np.asarray(got)
+    if not hasattr(got, "shape") or not _numpy_dtype(got):
+        try:  # a list, or an array of a dtype numpy does not know (a torch tensor's)
+            got = np.asarray(to_numpy(got))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"{where} ({type(got).__name__}) cannot be read as an array: {exc}"
+            ) from exc
     shape = tuple(got.shape)
     if shape != tuple(want.shape):
         raise ValueError(f"{where} has shape {shape}; the layer's is {tuple(want.shape)}")
     if not (np.dtype(got.dtype).kind in "iu" or is_floating(got.dtype)):
         raise ValueError(f"{where} has dtype {got.dtype}; parameters are real numbers (float)")
+
+
+def _numpy_dtype(array: Any) -> bool:
+    """Whether ``array.dtype`` is one numpy knows."""
+    try:
+        np.dtype(array.dtype)
+    except TypeError:
+        return False
+    return True

@@ -16,8 +16,12 @@ class History:
     Attributes:
         losses: one mean loss per minibatch, in minibatch order (per key for ``Async``, whose
             keys are minibatches).
-        epochs: one dict per epoch finished: ``"epoch"``, ``"loss"`` (its mean minibatch loss)
-            and, with ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"``).
+        epochs: one dict per epoch finished: ``"epoch"`` (counted over the trainer's life, so
+            a second ``fit`` starts after the first's), ``"loss"`` (its mean minibatch loss)
+            and, with ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"``). An epoch
+            that an interrupted ``fit`` left unfinished gets its entry from the ``fit`` that
+            finishes it, whose ``"loss"`` is the mean over the minibatches that ``fit`` ran
+            (the interrupted one's losses are in its own history).
         samples_per_second: training throughput over the whole call.
         seconds: wall time of the call.
         statistics: per-actor counters at the end of the call.

@@ -231,3 +231,114 @@ def test_a_damaged_or_foreign_fit_json_is_named_with_the_fix(saved: Any, tmp_pat
         ann.Trainer.load(foreign)
     Path(foreign, "fit.json").write_text(json.dumps({"epoch_batches": 1}))  # older saves
     assert ann.Trainer.load(foreign).epoch_batches == 1
+
+
+def _placed(widths: tuple[int, int] = (8, 3), bias: bool = True) -> ann.Graph:
+    """The graph of ``_trainer`` built by hand (as another placement of its layers would be)."""
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("stage0", nn.Sequential(nn.Linear(6, widths[0], bias=bias), nn.Tanh()), x)
+    out = g.layer("stage1", nn.Sequential(nn.Linear(widths[0], widths[1])), h)
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    g.output("logits", out)
+    return g
+
+
+def test_a_checkpoint_loads_into_another_graph_of_the_same_layers(saved: Any) -> None:
+    # (was a TypeError: "got multiple values for argument 'graph'", though overrides replace
+    # constructor arguments: a checkpoint saved on a GPU could not be put on a CPU)
+    path, tr = saved
+    back = ann.Trainer.load(path, graph=_placed())
+    assert back.versions == tr.versions and back.state.minibatches == tr.state.minibatches
+    assert_params_equal(back.params, tr.params)
+    assert_params_equal(back.state.opt_states, tr.state.opt_states)
+    with pytest.raises(TypeError, match="graph must be an asyncnn Graph, got dict"):
+        ann.Trainer.load(path, graph={})
+
+
+@pytest.mark.parametrize(
+    ("graph", "says"),
+    [
+        (lambda: _placed((9, 3)), r"the parameters of 'stage0', at \[0\]\['bias'\], have shape "
+                                  r"\(8,\) in the checkpoint, \(9,\) in the graph"),
+        (lambda: _placed((8, 4)), r"'stage1', at \[0\]\['bias'\], have shape \(3,\)"),
+        (lambda: _placed(bias=False), r"'stage0', at \[0\], hold the keys \['bias', 'weight'\] "
+                                      r"in the checkpoint, the keys \['weight'\] in the graph"),
+        (lambda: ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                                      loss=nn.CrossEntropyLoss(), stages=[1, 2],
+                                      input_shape=(None, 6)),
+         r"'stage0' hold a list of 2 entries in the checkpoint, a list of 1 entries"),
+        (lambda: ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                                      loss=nn.CrossEntropyLoss(), stages=3,
+                                      input_shape=(None, 6)),
+         r"has no weights for the layers \['stage2'\] \(the checkpoint's layers: \['stage0', "
+         r"'stage1'\]; the graph's: \['stage0', 'stage1', 'stage2'\]\)"),
+    ],
+    ids=["width", "classes", "no-bias", "another-cut", "another-layer"],
+)  # fmt: skip
+def test_loading_into_a_graph_that_differs_names_the_layer_and_the_shapes(
+    saved: Any, graph: Any, says: str
+) -> None:
+    path, _ = saved
+    with pytest.raises(CheckpointError, match=r"does not fit the graph given: .*" + says):
+        ann.Trainer.load(path, graph=graph())
+
+
+def test_a_save_refuses_to_overwrite_files_that_are_not_a_checkpoint(
+    saved: Any, tmp_path: Any
+) -> None:
+    # (a save into a folder of another tool overwrote its manifest.json without a word)
+    _, tr = saved
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app"}')
+    with pytest.raises(FileExistsError, match=r"it holds manifest.json, which saving would "
+                                              r"overwrite, and it is not an asyncnn checkpoint"):  # fmt: skip
+        tr.save(str(app))
+    assert (app / "manifest.json").read_text() == '{"name": "my app"}'
+    assert sorted(os.listdir(app)) == ["manifest.json"]
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(FileExistsError, match="it is a file; a checkpoint is a folder"):
+        tr.save(str(tmp_path / "a-file"))
+    # a checkpoint is replaced, and a folder of other files gets one beside them
+    tr.save(str(tmp_path / "ckpt"))
+    tr.save(str(tmp_path / "ckpt"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("mine")
+    tr.save(str(tmp_path / "notes"))
+    assert_params_equal(ann.Trainer.load(str(tmp_path / "notes")).params, tr.params)
+    assert (tmp_path / "notes" / "README").read_text() == "mine"
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 2])
+@pytest.mark.parametrize("first", [True, False], ids=["first-save", "over-a-checkpoint"])
+def test_a_save_interrupted_between_its_renames_loads_whole(
+    saved: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, renames_done: int, first: bool
+) -> None:
+    # (one interrupted after its first rename left neither checkpoint loadable: the old one's
+    # files half replaced, the new one's refused by the old manifest)
+    path, old = saved
+    folder = str(tmp_path / "c")
+    if not first:
+        _copy(path, folder)
+    new = _trainer()
+    new.params = {"stage1": [{k: v + 1 for k, v in new.params["stage1"][0].items()}]}
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        if len(calls) == renames_done:
+            raise KeyboardInterrupt  # between two renames
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.setattr(os, "replace", real)
+    if renames_done == 0 and not first:  # nothing renamed: the old checkpoint, as it was
+        assert_params_equal(ann.Trainer.load(folder).params, old.params)
+        return
+    back = ann.Trainer.load(folder)  # the new one, its renames finished
+    assert_params_equal(back.params, new.params)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]

@@ -47,6 +47,35 @@ def test_ragged_lists_name_the_field():
         data.ArrayDataset({"x": [[1.0, 2.0], [3.0]], "y": [0, 1]})
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_arrays_of_other_kinds_are_read_as_numpy_or_refused_by_name(tmp_path):
+    x = np.arange(20.0).reshape(10, 2)
+    # np.matrix kept its 2-d rows when indexed (a (n, 1) label column): fit failed in the loss
+    ds = data.ArrayDataset({"x": np.asmatrix(x), "y": np.asmatrix(np.arange(10.0)).T[:, 0]})
+    assert type(ds["x"]) is np.ndarray and ds["y"].shape == (10, 1)
+    batch = next(ds.batches(4, shuffle=True))
+    assert type(batch["x"]) is np.ndarray and batch["x"].shape == (4, 2)
+    # a memory map stays a view of its file
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    ds = data.ArrayDataset({"x": mapped})
+    assert type(ds["x"]) is np.ndarray and np.shares_memory(ds["x"], mapped)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in ds.batches(3)]), x)
+    with pytest.raises(TypeError, match=r"field 'x' is a masked array.*x.filled\(value\)"):
+        data.ArrayDataset({"x": np.ma.masked_array(x, mask=x > 5)})
+
+
+def test_a_torch_tensor_is_read_as_numpy():
+    # (its dtype, torch.float64, reached the input checks: "Cannot interpret 'torch.float64' as
+    # a data type", naming no field)
+    torch = pytest.importorskip("torch")
+    ds = data.ArrayDataset({"x": torch.arange(6.0).reshape(3, 2), "y": torch.tensor([0, 1, 2])})
+    assert type(ds["x"]) is np.ndarray and ds["x"].dtype == np.float32
+    assert ds["y"].dtype == np.int64 and [b["y"].tolist() for b in ds.batches(2)] == [[0, 1], [2]]
+    with pytest.raises(TypeError, match=r"field 'x' \(Tensor\) cannot be made a numpy array"):
+        data.ArrayDataset({"x": torch.zeros(3, requires_grad=True)})
+
+
 def test_batches_in_order_with_a_short_last_batch():
     ds = _dataset(10)
     batches = list(ds.batches(4))

@@ -218,6 +218,28 @@ def test_sequential_balances_by_flops():
         )
 
 
+@pytest.mark.parametrize("balance", ["params", "flops", "time"])
+def test_sequential_balances_a_chain_of_token_ids(balance):
+    # an Embedding first reads integer ids: the modules are run on ids of the input's dtype
+    mods = [nn.Embedding(50, 8), nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 4)]
+    g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 6),
+                             input_dtype="int64", balance=balance, balance_rows=8)  # fmt: skip
+    assert sum(len(g.nodes[n].module.modules) for n in g.layers) == len(mods) == 5
+
+
+def test_sequential_checks_balance_and_measures_nothing_when_the_cut_is_given():
+    conv = [nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(152, 10)]
+    for balance in ("flops", "time"):  # one stage, or one module a stage: no input is guessed
+        for stages in (1, 3):
+            g = ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=stages,
+                                     balance=balance)  # fmt: skip
+            assert len(g.layers) == stages
+    with pytest.raises(ann.GraphError, match="'params', 'flops' or 'time', got 'speed'"):
+        ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=[1, 2], balance="speed")
+    with pytest.raises(ann.GraphError, match=r"stages=4 but there are 3 modules.*between 1 and 3"):
+        ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=4)
+
+
 def _local_graph(stop: bool) -> ann.Graph:
     g = ann.Graph()
     x = g.input("x", shape=(None, 5))

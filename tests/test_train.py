@@ -288,6 +288,27 @@ def test_params_assignment_is_checked_against_the_graph():
     assert_params_equal(tr.params, p)  # nothing was assigned
 
 
+def test_params_and_data_may_be_torch_tensors():
+    # (each failed with "Cannot interpret 'torch.float64' as a data type", naming nothing)
+    torch = pytest.importorskip("torch")
+    data = _data()
+    tr = _trainer(policies.Sync())
+    given = {"stage0": [{k: torch.tensor(v) + 1 for k, v in tr.params["stage0"][0].items()}, {}]}
+    tr.params = given
+    np.testing.assert_array_equal(tr.params["stage0"][0]["bias"], given["stage0"][0]["bias"])
+    given["stage0"][0]["bias"] = torch.zeros(6, requires_grad=True)
+    with pytest.raises(ValueError, match=r"\['bias'\] \(Tensor\) cannot be read as an array"):
+        tr.params = given
+    as_torch = {k: torch.tensor(v) for k, v in data.items()}
+    a, b = _trainer(policies.Sync()), _trainer(policies.Sync())
+    losses = a.fit(as_torch, batch_size=8, shuffle=True).losses
+    assert losses == b.fit(data, batch_size=8, shuffle=True).losses
+    assert a.evaluate(as_torch) == b.evaluate(data)
+    np.testing.assert_array_equal(
+        a.predict({"x": as_torch["x"]})["logits"], b.predict({"x": data["x"]})["logits"]
+    )
+
+
 def test_history_repr_is_short():
     tr = _trainer(policies.Sync())
     hist = tr.fit(_data(n=400), epochs=5, batch_size=8, validation_data=_data())

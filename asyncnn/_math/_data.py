@@ -68,12 +68,46 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray[Any, A
     return rng.permutation(num_rows)
 
 
+def _as_array(name: str, array: Any) -> Any:
+    """One field of a dataset as an array that rows can be taken from (see
+    :class:`ArrayDataset`)."""
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"field {name!r} is a masked array: its masked entries would be read as the values "
+            f"stored under the mask; fill them ({name}.filled(value)) or drop those rows first"
+        )
+    if isinstance(array, np.ndarray):
+        return np.asarray(array)  # a subclass (np.matrix would stay 2-d when indexed): a view
+    if hasattr(array, "shape") and type(array).__module__.startswith("cupy"):
+        return array
+    if hasattr(array, "shape") and hasattr(array, "dtype"):
+        try:
+            np.dtype(array.dtype)
+            return array  # an array of a numpy dtype (h5py, zarr): rows are read as needed
+        except TypeError:
+            pass  # a dtype numpy does not know (a torch tensor's): converted below
+    try:
+        return np.asarray(array)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(
+            f"field {name!r} cannot be made an array (its rows must all have the same shape): {exc}"
+        ) from exc
+    except (TypeError, RuntimeError) as exc:  # a GPU torch tensor, one that requires grad
+        raise TypeError(
+            f"field {name!r} ({type(array).__name__}) cannot be made a numpy array: {exc}"
+        ) from exc
+
+
 class ArrayDataset:
     """A dataset held in memory as named arrays with one row per example.
 
     Args:
-        arrays: ``{name: array}``; every array has the same length along axis 0. numpy arrays
-            are kept as they are (no copy); other array-likes are converted with ``np.asarray``.
+        arrays: ``{name: array}``; every array has the same length along axis 0. numpy and
+            cupy arrays are kept as they are (no copy; a subclass such as ``np.memmap`` or
+            ``np.matrix`` as a plain ndarray view of its data), and so are other arrays of a
+            numpy dtype (read lazily, row by row, where they can be); anything else (lists, a
+            CPU torch tensor) is converted with ``np.asarray``. A masked array is refused: its
+            masked entries would be read as they are stored.
 
     Example:
         ```python
@@ -92,15 +126,7 @@ class ArrayDataset:
         for name, array in arrays.items():
             if not isinstance(name, str):
                 raise TypeError(f"ArrayDataset field names must be str, got {name!r}")
-            if not hasattr(array, "shape"):
-                try:
-                    array = np.asarray(array)
-                except ValueError as exc:  # ragged nested lists
-                    raise ValueError(
-                        f"field {name!r} cannot be made an array (its rows must all have the "
-                        f"same shape): {exc}"
-                    ) from exc
-            converted[name] = array
+            converted[name] = _as_array(name, array)
         self._length = batch_length(converted)
         self._arrays = converted
 

@@ -1,5 +1,10 @@
 """How :meth:`Graph.sequential` cuts a chain of modules into stages: by parameter count, by
-FLOPs per sample, or by measured time, each a balanced partition (the largest stage smallest)."""
+FLOPs per sample, or by measured time, each a balanced partition (the largest stage smallest).
+
+A cut by measured time can differ between runs and machines. The results of a deterministic
+policy do not depend on the cut for a chain without random modules (the weights are seeded by each
+module's place in the whole chain), but dropout masks are drawn per stage: with ``Dropout`` in
+the chain another cut gives other results (see ``docs/cpu.md``, "Choosing stages")."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves
+from asyncnn.backends import is_floating
 
 __all__ = ["balanced_partition", "module_costs", "module_times", "split_sizes"]
 
@@ -28,6 +34,12 @@ def split_sizes(
     n = len(modules)
     if n == 0:
         raise GraphError("sequential: no modules given")
+    if balance not in _BALANCES:
+        raise GraphError(
+            f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
+        )
+    if balance == "time":
+        _check_rows(rows)
     if not isinstance(stages, int):
         sizes = [int(s) for s in stages]
         if any(s <= 0 for s in sizes) or sum(sizes) != n:
@@ -36,23 +48,35 @@ def split_sizes(
             )
         return sizes
     if not 1 <= stages <= n:
-        raise GraphError(f"sequential: stages={stages} but there are {n} modules")
+        raise GraphError(
+            f"sequential: stages={stages} but there are {n} modules (each stage needs at least "
+            f"one): give stages between 1 and {n}"
+        )
+    if stages in (1, n):  # one cut only: nothing to measure (nor to fail on a guessed input)
+        return [n] if stages == 1 else [1] * n
     if balance == "time":
         costs = module_times(modules, input_shape, input_dtype, rows)
     else:
-        costs = module_costs(modules, balance, input_shape)
+        costs = module_costs(modules, balance, input_shape, input_dtype)
     return balanced_partition(costs, stages)
 
 
-def module_costs(modules: list[Any], balance: str, input_shape: tuple[Any, ...]) -> list[float]:
+_BALANCES = ("params", "flops", "time")
+
+
+def module_costs(
+    modules: list[Any], balance: str, input_shape: tuple[Any, ...], input_dtype: str = "float64"
+) -> list[float]:
     """Each module's cost: its parameter count, or its forward FLOPs per sample."""
     if balance not in ("params", "flops"):
         raise GraphError(
             f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
         )
     costs = []
-    # One sample of zeros, run through the modules in turn, gives each module's input shape.
-    x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=np.float64)
+    # One sample of zeros, run through the modules in turn, gives each module's input shape;
+    # of the input's dtype where it is not floating (the token ids of an Embedding first).
+    dtype = np.float64 if is_floating(input_dtype) else np.dtype(input_dtype)
+    x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=dtype)
     for m in modules:
         try:
             params = m.init(0, dtype="float64")
@@ -79,11 +103,10 @@ def module_times(
     rows, float32, with one BLAS thread (as each worker of the run's pool computes): the fastest
     of five runs after one to warm up (the fastest is what other load on the machine disturbs
     least)."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
+    _check_rows(rows)
     rng = np.random.default_rng(0)
     dims = tuple(int(d or 1) for d in input_shape[1:])
-    floating = np.dtype(input_dtype).kind == "f"
+    floating = is_floating(input_dtype)
     x: Any = (
         rng.standard_normal((rows, *dims)).astype(np.float32)
         if floating
@@ -122,6 +145,11 @@ def module_times(
         times.append(min(samples))
         x = np.asarray(out)
     return times
+
+
+def _check_rows(rows: Any) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
 
 
 def balanced_partition(costs: list[float], k: int) -> list[int]:
