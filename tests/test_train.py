@@ -247,8 +247,12 @@ def test_fit_checks_the_data_first():
     tr = _trainer(policies.Sync())
     nan = {"x": data["x"].copy(), "y": data["y"]}
     nan["x"][5, 2] = np.nan
-    with pytest.raises(ValueError, match="input 'x' contains NaN"):
+    with pytest.raises(ValueError, match="input 'x' contains NaN or Inf, first in row 5: "):
         tr.fit(nan, batch_size=8)
+    nan["x"][3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"first in row 3: .*check_data=False"):
+        tr.fit(nan, batch_size=8)
+    nan["x"][3, 0] = 0.0
     labels = {"x": data["x"], "y": data["y"].copy()}
     labels["y"][13] = 3
     with pytest.raises(ValueError, match=r"input 'y': label 3 at row 13 .*3 classes.* 0\.\.2"):

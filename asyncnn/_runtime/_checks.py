@@ -102,10 +102,20 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
                 f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
             )
         if check_finite and is_floating(got) and not bool(array_namespace(arr).isfinite(arr).all()):
-            raise ValueError(f"input {name!r} contains NaN or Inf (check_finite=True)")
+            raise ValueError(
+                f"input {name!r} contains NaN or Inf, first in row {_first_bad_row(arr)}: clean "
+                "the data (check_data=False skips this check, unless check_finite=True)"
+            )
     if not rows:
         raise ValueError("the batch is empty (0 rows)")
     return int(rows)
+
+
+def _first_bad_row(arr: Any) -> int:
+    """The first row of ``arr`` holding a NaN or an Inf (on the error path only)."""
+    finite = np.isfinite(np.asarray(to_numpy(arr)))
+    rows_ok = finite.reshape(finite.shape[0], -1).all(axis=1) if finite.ndim else finite
+    return int(np.flatnonzero(~rows_ok)[0]) if finite.ndim else 0
 
 
 def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:
