@@ -543,6 +543,19 @@ class LayerActor(WeightVersions):
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
 
+    async def recompute_weights(self, forward_version: int) -> Any:
+        """The weights a backward without its forward's stashed pullback differentiates at: the
+        latest, or the policy's estimate of the forward's (``DiscrepancyCorrection``)."""
+        if self.change_decay is None:
+            return self.params
+        return await self.compute(
+            self.ctx.policy.backward_weights,
+            self.params,
+            self.weight_change,
+            self.version - forward_version,
+            cost=2.0 * self.param_size,
+        )
+
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
@@ -555,16 +568,8 @@ class LayerActor(WeightVersions):
                 self.graphs.backward_latest, inputs, grad, cost=3 * self._cost(rows)
             )
         else:
-            if pullback is None:  # recompute at the latest version (no stashing)
-                weights = self.params
-                if self.change_decay is not None:  # or at the policy's estimate of the forward's
-                    weights = await self.compute(
-                        self.ctx.policy.backward_weights,
-                        weights,
-                        self.weight_change,
-                        self.version - forward_version,
-                        cost=2.0 * self.param_size,
-                    )
+            if pullback is None:  # recompute (no stashing)
+                weights = await self.recompute_weights(forward_version)
                 pullback = await self.compute(
                     lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
                 )

@@ -189,16 +189,8 @@ class RouterActor(LayerActor):
         back to their rows), and the version of its forward."""
         pullback, forward_version, inputs = self._unhold(key)
         route, choice, picks = self.routes.pop(key)
-        if pullback is None:  # recompute the gate at the latest version; the route stays
-            params = self.params
-            if self.change_decay is not None:  # or at the policy's estimate of the forward's
-                params = await self.compute(
-                    self.ctx.policy.backward_weights,
-                    params,
-                    self.weight_change,
-                    self.version - forward_version,
-                    cost=2.0 * self.param_size,
-                )
+        if pullback is None:  # recompute the gate (latest or estimated weights); the route stays
+            params = await self.recompute_weights(forward_version)
 
             def redo(params: Any, xs: list[Any]) -> Any:
                 return vjp(lambda p, a: self._gate(p, a, [choice]), params, self._to_device(xs))[1]
