@@ -8,9 +8,12 @@ row, ``(rows,)`` or ``(rows, 1)``, the rule of ``stop_rows`` that the graph's ch
 at most ``max_steps``), so sequences of different lengths (or trees of different shapes, walked
 in post-order with a stack in the state) share one key. A key's steps run back to back as one
 scheduled forward op, with only the rows still active at each step; its backward unwinds them in
-reverse (backpropagation through time), as one backward op, so deterministic policies keep their
-static orders. The loop is the only cycle a graph may have: the cell's self edge is marked
-recurrent in the spec, and any other cycle is rejected.
+reverse (backpropagation through time), as one backward op (two under ``ZeroBubbleH1``: the
+inputs' gradients, then the parameters'), so deterministic policies keep their static orders.
+Like any layer's, its forward uses the weights the policy gives (:meth:`forward_weights`), and
+its gradient's delay is recorded and corrected by the policy's remedies. The loop is the only
+cycle a graph may have: the cell's self edge is marked recurrent in the spec, and any other
+cycle is rejected.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._math._autodiff import vjp
+from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps, stop_rows
 
 from ._actors import LayerActor
@@ -54,8 +58,16 @@ class LoopActor(LayerActor):
         super().__init__(*args, **kwargs)
         self.stats = LoopStatistics()
         self.loop: Loop = self.module
+        # key -> the rows each step of its forward ran (a backward that recomputes the steps,
+        # no pullback kept, runs the same ones)
+        self.schedules: dict[int, list[Any]] = {}
 
-    def _unroll(self, params: Any, inputs: list[Any], tape: bool) -> tuple[Any, list[Any], Any]:
+    def _unroll(
+        self, params: Any, inputs: list[Any], tape: bool, split: bool = False
+    ) -> tuple[Any, list[Any], Any]:
+        """A key's steps: the output, each step's (active rows, pullback) (with ``split``, a
+        pullback in two halves, ``vjp_split``'s; without ``tape``, None), and the steps each
+        row took."""
         loop = self.loop
         xp = self.backend.xp
         h, xs, lengths = loop.split(self._to_device(inputs))
@@ -70,6 +82,7 @@ class LoopActor(LayerActor):
         steps_done = np.zeros(n, dtype=np.int64)
         outs = xp.zeros((n, total, *h.shape[1:]), dtype=h.dtype) if loop.output == "all" else None
         records: list[tuple[Any, Any]] = []
+        taper = vjp_split if split else vjp
         for t in range(total):
             rows = np.nonzero(active)[0]
             if not len(rows):
@@ -77,10 +90,11 @@ class LoopActor(LayerActor):
             r = xp.asarray(rows)
             x = None if xs is None else xs[r, t]
             if tape:
-                new, pullback = vjp(lambda p, a, b: loop.step(p, a, b), params, h[r], x)
+                new, pullback = taper(lambda p, a, b: loop.step(p, a, b), params, h[r], x)
                 records.append((r, pullback))
             else:
                 new = loop.step(params, h[r], x)
+                records.append((r, None))
             h = h.copy()
             h[r] = new
             if outs is not None:
@@ -106,8 +120,15 @@ class LoopActor(LayerActor):
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         keep = self.keep_pullback
         cost = self._unroll_cost(inputs)
-        out, records, steps = await self.compute(self._unroll, self.params, inputs, keep, cost=cost)
-        self._hold(key, (records if keep else None, self.version, inputs), inputs, out)
+        # the weights the policy gives this forward (the latest, a prediction or a pinned
+        # version), like any layer's: their version gives the gradient's delay
+        params, version = self.forward_weights(key, meta)
+        out, records, steps = await self.compute(
+            self._unroll, params, inputs, keep, self.splits_backward, cost=cost
+        )
+        if not keep:
+            self.schedules[key] = [r for r, _ in records]
+        self._hold(key, (records if keep else None, version, inputs), inputs, out)
         st = self.stats
         assert isinstance(st, LoopStatistics)
         taken = int(steps.max()) if len(steps) else 0
@@ -120,7 +141,12 @@ class LoopActor(LayerActor):
                       meta={"steps": [int(s) for s in steps]})  # fmt: skip
         return out
 
-    def _unwind(self, records: list[tuple[Any, Any]], grad: Any, inputs: list[Any]) -> Any:
+    def _unwind(
+        self, records: list[tuple[Any, Any]], grad: Any, inputs: list[Any], split: bool = False
+    ) -> tuple[Any, list[Any]]:
+        """Backpropagation through a key's steps, last to first: the parameters' gradient (or,
+        with ``split``, the steps' weight halves, last step first, for :func:`_weight_grads`)
+        and one gradient per input slot."""
         loop = self.loop
         xp = self.backend.xp
         h, xs, lengths = loop.split(self._to_device(inputs))
@@ -130,30 +156,100 @@ class LoopActor(LayerActor):
             g_all, gh = None, grad.copy()
         gxs = None if xs is None else xp.zeros_like(xs)
         acc = None
+        halves: list[Any] = []
         for t in range(len(records) - 1, -1, -1):
             r, pullback = records[t]
             g = gh[r] if g_all is None else gh[r] + g_all[r, t]
-            gp, g_h, g_x = pullback(g)
+            if split:
+                (g_h, g_x), weight_pullback = pullback(g)
+                halves.append(weight_pullback)
+            else:
+                gp, g_h, g_x = pullback(g)
+                acc = gp if acc is None else _tree_add(acc, gp)
             gh[r] = g_h
             if gxs is not None and g_x is not None:
                 gxs[r, t] = g_x
-            acc = gp if acc is None else _tree_add(acc, gp)
         grads: list[Any] = [gh]
         if loop.has_xs:
             grads.append(gxs)
         if loop.has_lengths:
             grads.append(None)
-        return acc, grads
+        return (halves if split else acc), grads
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        records, _, inputs = self._unhold(key)
-        if records is None:  # recompute at the latest version (no stashing)
-            cost = self._unroll_cost(inputs)
-            _, records, _ = await self.compute(self._unroll, self.params, inputs, True, cost=cost)
-        row_steps = sum(len(r) for r, _ in records)
+        records, forward_version, inputs = self._unhold(key)
+        if records is None:  # not stashed: recompute the steps
+            schedule = self.schedules.pop(key)
+            records = await self._recompute(forward_version, inputs, schedule, False)
         param_grads, input_grads = await self.compute(
-            self._unwind, records, grad, inputs, cost=2 * self._cost(1) * row_steps
+            self._unwind, records, grad, inputs, cost=self._unwind_cost(records)
         )
-        # param_grads is None when no row took a step: accumulate counts it as a zero gradient
-        await self._settle(param_grads, meta)
+        # param_grads is None when no row took a step: accumulate counts it as a zero gradient;
+        # with the forward's version: the gradient's delay is recorded, and corrected by a
+        # policy that corrects stale gradients
+        await self._settle(param_grads, meta, forward_version)
         return list(input_grads)
+
+    async def on_backward_input(
+        self, key: int, grad: Any, meta: dict[str, Any]
+    ) -> list[Any] | None:
+        # a split backward (ZeroBubbleH1): the steps unwound for the inputs' gradients, each
+        # step's weight half kept (the key stays stored, as a layer's does) for the weight half
+        records, forward_version, inputs = self.store[key]
+        if records is None:  # not stashed: recompute the steps
+            schedule = self.schedules.pop(key)
+            records = await self._recompute(forward_version, inputs, schedule, True)
+        cost = self._unwind_cost(records) / 2  # each half about half the work
+        halves, input_grads = await self.compute(
+            self._unwind, records, grad, inputs, True, cost=cost
+        )
+        self.store[key] = ((halves, cost), forward_version, inputs)
+        return list(input_grads)
+
+    async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
+        (halves, cost), forward_version, _ = self._unhold(key)
+        param_grads = await self.compute(_weight_grads, halves, cost=cost)
+        await self._settle(param_grads, meta, forward_version)
+
+    async def _recompute(
+        self, forward_version: int, inputs: list[Any], schedule: list[Any], split: bool
+    ) -> list[tuple[Any, Any]]:
+        """A key's steps taped again (its forward kept no pullback), at the latest weights, or
+        at the policy's estimate of the forward's (DiscrepancyCorrection), over the rows the
+        forward ran at each step: the output's gradient is that of the forward's steps, even
+        where other weights would stop a row (``until``) at another step."""
+        params = await self.recompute_weights(forward_version)
+        cost = self._cost(1) * sum(len(r) for r in schedule)
+        records: list[tuple[Any, Any]] = await self.compute(
+            self._retape, params, inputs, schedule, split, cost=cost
+        )
+        return records
+
+    def _retape(
+        self, params: Any, inputs: list[Any], schedule: list[Any], split: bool
+    ) -> list[tuple[Any, Any]]:
+        loop = self.loop
+        h, xs, _ = loop.split(self._to_device(inputs))
+        taper = vjp_split if split else vjp
+        records: list[tuple[Any, Any]] = []
+        for t, r in enumerate(schedule):
+            x = None if xs is None else xs[r, t]
+            new, pullback = taper(lambda p, a, b: loop.step(p, a, b), params, h[r], x)
+            records.append((r, pullback))
+            h = h.copy()
+            h[r] = new
+        return records
+
+    def _unwind_cost(self, records: list[tuple[Any, Any]]) -> float:
+        return 2 * self._cost(1) * sum(len(r) for r, _ in records)
+
+
+def _weight_grads(halves: list[Any]) -> Any:
+    """The parameters' gradient of a split backward: its steps' weight halves (kept last step
+    first by :meth:`LoopActor._unwind`), summed in that order, as the one-piece backward sums
+    them (None when no row took a step)."""
+    acc = None
+    for weight_pullback in halves:
+        gp = weight_pullback()
+        acc = gp if acc is None else _tree_add(acc, gp)
+    return acc
