@@ -205,6 +205,36 @@ def test_a_split_backward_needs_both_halves_from_a_custom_actor():
     tr.fit(classification_data(8), epochs=1, batch_size=8)
 
 
+def test_a_custom_backward_with_its_input_half_needs_its_weight_half_too():
+    # the base weight half would read a stored pullback that this class's halves do not keep
+    class NoWeightHalf(ann.LayerActor):
+        async def on_backward(self, key, grad, meta):
+            return await super().on_backward(key, grad, meta)
+
+        async def on_backward_input(self, key, grad, meta):
+            return await super().on_backward_input(key, grad, meta)
+
+    class Halves(ann.LayerActor):  # wrapping a half alone stays allowed
+        async def on_backward_weight(self, key, meta):
+            return await super().on_backward_weight(key, meta)
+
+    def graph(actor: type) -> ann.Graph:
+        g = ann.Graph()
+        x = g.input("x", shape=(None, 5))
+        y = g.input("y", shape=(None,), dtype="int64")
+        h = g.layer("a", nn.Linear(5, 4), x, actor=actor)
+        g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(4, 3), h), y)
+        return g
+
+    tr = ann.Trainer(
+        graph(NoWeightHalf), optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2)
+    )
+    with pytest.raises(TypeError, match="overrides on_backward and on_backward_input only"):
+        tr.fit(classification_data(8), epochs=1, batch_size=8)
+    tr = ann.Trainer(graph(Halves), optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2))
+    tr.fit(classification_data(8), epochs=1, batch_size=8)
+
+
 def test_stages_that_take_turns_must_share_a_placement():
     g = ann.Graph()
     h = g.input("x", shape=(None, 5))

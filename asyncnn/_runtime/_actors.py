@@ -155,14 +155,20 @@ class LayerActor(WeightVersions):
                 )
 
     def _check_split_overrides(self, ctx: ActorContext) -> None:
+        # The base halves read a layer's stored pullback: a class that keeps its own state in
+        # on_backward must give the halves that read it (a half alone may wrap the base's).
         cls = type(self)
-        if cls.on_backward is not LayerActor.on_backward and (
-            cls.on_backward_input is LayerActor.on_backward_input
-        ):
+        mine = [
+            name
+            for name in ("on_backward", "on_backward_input", "on_backward_weight")
+            if getattr(cls, name) is not getattr(LayerActor, name)
+        ]
+        if "on_backward" in mine and len(mine) < 3:
             raise TypeError(
                 f"layer {self.name!r}: the policy {ctx.policy.name} splits each backward into "
-                f"an input and a weight half, but {cls.__name__} overrides on_backward only; "
-                "override on_backward_input and on_backward_weight too, or use another policy"
+                f"an input and a weight half, but {cls.__name__} overrides {' and '.join(mine)} "
+                "only; override on_backward_input and on_backward_weight too, or use another "
+                "policy"
             )
 
     # -- set-up and extra state -----------------------------------------------------------------
