@@ -50,6 +50,13 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
         # found before the run, not when its end is saved
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise UsageError(f"{flag} {folder}: that is a file; {flag} takes a folder")
+    if args.save:
+        from ._checkpoint import check_save_path
+
+        try:  # a folder the save would refuse (not a checkpoint): refused now, not after the run
+            check_save_path(args.save)
+        except FileExistsError as exc:
+            raise UsageError(f"--save {args.save}: {exc}") from exc
     if args.resume:
         clash = [f for f in _MODEL_FLAGS if f in given]
         if clash:

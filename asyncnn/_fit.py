@@ -40,6 +40,25 @@ class _FitPlan:
     checkpoint_every: int | None
     keep_checkpoints: int
 
+    def epoch_layout(self, seed: int) -> dict[str, Any]:
+        """What defines this fit's minibatches of an epoch, in which an unfinished epoch's
+        position (:attr:`Trainer.epoch_batches`) is counted: a fit with another layout starts
+        that epoch over. ``seed`` (the shuffle's) is ``None`` when the rows are not shuffled."""
+        return epoch_layout(
+            len(self.dataset), self.batch_size, self.shuffle, seed if self.shuffle else None,
+            self.drop_last,
+        )  # fmt: skip
+
+
+def epoch_layout(
+    rows: int, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool
+) -> dict[str, Any]:
+    """The epoch layout in ``fit.json`` (see :meth:`_FitPlan.epoch_layout`)."""
+    return {
+        "rows": rows, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
+        "drop_last": drop_last,
+    }  # fmt: skip
+
 
 class _FitState:
     """One ``fit`` going: feeds the run, keeps the state of the last completed update, calls the
@@ -69,6 +88,7 @@ class _FitState:
         self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
         self.stepped = self.first_mb  # minibatches whose keys were all admitted
         self.per_epoch = plan.dataset.num_batches(plan.batch_size, plan.drop_last)
+        self.layout = plan.epoch_layout(trainer.seed)
         # the history's losses as last handed over (see _history_losses)
         self._losses_list: list[float] = []
         self._losses_upto = self.first_mb
@@ -190,14 +210,17 @@ class _FitState:
         epoch, skip = self.position
         # where the next fit continues: the epoch and batch of minibatch `done` (epochs are
         # entered in increasing order: the latest one begun at or before `done` holds it)
+        layout = tr._epoch_layout  # no epoch begun here (epochs=0): the position as it was
         for e in reversed(self.epoch_start):
             first, before = self.epoch_start[e]
             if first <= done:
-                epoch, skip = e, before + done - first
+                # counted in this fit's minibatches (a position counted in others was reset)
+                epoch, skip, layout = e, before + done - first, self.layout
                 break
         if skip >= self.per_epoch:
             epoch, skip = epoch + 1, 0
         tr.epochs_done, tr.epoch_batches = epoch, skip
+        tr._epoch_layout = layout if skip else None
         self._history_losses(done)
 
     def _history_losses(self, done: int) -> None:
@@ -286,17 +309,67 @@ def _synchronize(graph: Graph) -> None:
         get_backend(device).synchronize()
 
 
+def _checkpoint_epochs(folder: str) -> dict[int, str]:
+    """``{epochs: name}`` of the entries ``epoch-NNNN`` of ``folder`` (none if it is missing)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for name in names:
+        digits = name[len("epoch-") :]
+        if name.startswith("epoch-") and digits.isascii() and digits.isdigit():
+            found[int(digits)] = name
+    return found
+
+
+def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
+    """Refuses a ``checkpoint_dir`` holding checkpoints ``epoch-NNNN`` of more epochs than the
+    trainer has done: they are another run's (or a later point of this one, resumed from an
+    earlier checkpoint). The fit would save over them, and the rotation would keep them as the
+    latest ones and delete those the fit writes. Checkpoints of fewer or as many epochs are
+    those a resumed run continues from: the rotation removes them, oldest first.
+
+    Raises:
+        ValueError: naming the folder, the checkpoints and what to do instead.
+    """
+    names = _checkpoint_epochs(folder)
+    later = sorted(n for n in names if n > epochs_done)
+    if not later:
+        return
+    listed = ", ".join(names[n] for n in later[:5]) + (", ..." if len(later) > 5 else "")
+    raise ValueError(
+        f"checkpoint_dir {folder!r} holds {listed}, saved after more than the {epochs_done} "
+        "epochs this trainer has done: another run's checkpoints, which this fit would save "
+        "over or leave looking newer than its own; give another (new or empty) checkpoint_dir, "
+        f"remove them, or resume the latest (Trainer.load of {names[later[-1]]}) to go on in "
+        "this folder"
+    )
+
+
 def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:
-    """Saves ``trainer`` to ``folder/epoch-NNNN`` and removes all but the ``keep`` latest."""
+    """Saves ``trainer`` to ``folder/epoch-NNNN`` and removes all but the ``keep`` latest
+    checkpoints of the folder, by epoch number (``epoch-10000`` comes after ``epoch-9999``),
+    counting the new one, which is never removed; entries that are not checkpoints stay."""
     import shutil
 
+    from ._checkpoint import _is_checkpoint
+
     os.makedirs(folder, exist_ok=True)
-    trainer.save(os.path.join(folder, f"epoch-{epochs_done:04d}"))
+    name = f"epoch-{epochs_done:04d}"
+    trainer.save(os.path.join(folder, name))
     if keep <= 0:
         return
-    saved = sorted(d for d in os.listdir(folder) if d.startswith("epoch-") and d[6:].isdigit())
-    for old in saved[:-keep]:
-        shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    # the new one counts as one of the `keep`; those of fewer epochs go, oldest first (any of
+    # more epochs, which fit's check of the folder refuses up front, is left alone)
+    entries = _checkpoint_epochs(folder)
+    older = [
+        entries[n]
+        for n in sorted(entries)
+        if n < epochs_done and _is_checkpoint(os.path.join(folder, entries[n]))
+    ]
+    for entry in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 class _Progress:

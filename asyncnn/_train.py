@@ -15,7 +15,7 @@ import numpy as np
 
 from ._callbacks import Callback
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
-from ._fit import _FitPlan, _FitState, _Progress
+from ._fit import _FitPlan, _FitState, _Progress, check_checkpoint_dir, epoch_layout
 from ._history import History
 from ._math._data import ArrayDataset, _check_index
 from ._math._pytree import tree_map
@@ -98,7 +98,9 @@ class Trainer:
             or failed (then with the losses of the updates the trainer kept).
         epochs_done: epochs trained in all.
         epoch_batches: minibatches done of an epoch that an interrupted ``fit`` left
-            unfinished (the next ``fit`` finishes it first); 0 otherwise.
+            unfinished (the next ``fit`` finishes it first, if it has the same rows,
+            ``batch_size``, ``shuffle``, ``drop_last`` and seed; else it starts that epoch
+            over); 0 otherwise.
         stop_training: set to True (by a callback) to end the current ``fit`` after its step.
         traces: the trace files written so far, one per ``fit``.
     """
@@ -159,6 +161,10 @@ class Trainer:
         #: minibatches done of the epoch an interrupted fit left unfinished (the next fit
         #: finishes that epoch first)
         self.epoch_batches = 0
+        # what defines the minibatches epoch_batches counts (see _FitPlan.epoch_layout): a fit
+        # with another layout starts the epoch over; None where unknown (a checkpoint's fit.json
+        # written before it was kept): the position is taken as it comes
+        self._epoch_layout: dict[str, Any] | None = None
         #: the History of the latest fit, kept also when it was interrupted or failed
         self.history = History()
         #: set to True (by a callback) to end the current fit after its current step
@@ -241,15 +247,19 @@ class Trainer:
                 go into :attr:`History.epochs` and the callbacks' logs.
             callbacks: :class:`~asyncnn.callbacks.Callback` objects (early stopping, loggers).
             checkpoint_dir: where ``checkpoint_every`` writes checkpoints
-                (``epoch-0001/``... each a :meth:`save` folder).
+                (``epoch-0001/``... each a :meth:`save` folder, numbered by the epochs done).
+                Refused if it holds a checkpoint of more epochs than the trainer has done
+                (another run's): the fit would save over it.
             checkpoint_every: save every this many epochs.
-            keep_checkpoints: how many of the latest checkpoints to keep (0: all).
+            keep_checkpoints: how many of the latest checkpoints of ``checkpoint_dir`` to keep,
+                by epoch number, counting the one just written (0: all).
             check_data: check the data before any compute: NaN/Inf in float inputs, integer
                 labels against the loss's class count. False skips these passes over the data.
 
         Raises:
             ValueError: bad data (naming the input and the row) or arguments (also a
-                ``batch_size`` that ``drop_last`` leaves no minibatch of).
+                ``batch_size`` that ``drop_last`` leaves no minibatch of, a ``checkpoint_dir``
+                holding another run's later checkpoints).
             TypeError: ``epochs`` or ``batch_size`` is not an int; ``callbacks`` is not a list
                 of callbacks.
         """
@@ -282,6 +292,8 @@ class Trainer:
                     f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is a file: name a folder "
                     "(it is made if missing)"
                 )
+            if checkpoint_every is not None:
+                check_checkpoint_dir(os.fspath(checkpoint_dir), self.epochs_done)
         if self.cluster is not None and (validation_data is not None or checkpoint_every):
             raise ValueError(
                 "validation_data and checkpoint_every need the weights during fit, which worker "
@@ -311,8 +323,20 @@ class Trainer:
     def _fit(self, plan: _FitPlan) -> History:
         dataset = plan.dataset
         per_epoch = dataset.num_batches(plan.batch_size, plan.drop_last)
-        if self.epoch_batches and self.epoch_batches >= per_epoch:
-            self.epoch_batches = 0  # other data or sizes: that epoch starts over
+        if (
+            plan.epochs
+            and self.epoch_batches
+            and (
+                self.epoch_batches >= per_epoch
+                or (
+                    self._epoch_layout is not None
+                    and self._epoch_layout != plan.epoch_layout(self.seed)
+                )
+            )
+        ):
+            # counted in other minibatches (other data, sizes, order): that epoch starts over
+            self.epoch_batches = 0
+            self._epoch_layout = None
         total = plan.epochs * per_epoch - (self.epoch_batches if plan.epochs else 0)
         history = History()
         self.history = history
@@ -442,7 +466,8 @@ class Trainer:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes a checkpoint folder: weights and optimizer state in safetensors, the rest (graph,
         policy, optimizer, counters) as a msgpack spec, and where the current epoch stands in
-        ``fit.json``. :meth:`load` resumes from it."""
+        ``fit.json`` (with what its minibatches were: rows, ``batch_size``, ``shuffle``, seed,
+        ``drop_last``). :meth:`load` resumes from it."""
         from ._checkpoint import save_checkpoint
 
         path = os.fspath(path)
@@ -450,9 +475,12 @@ class Trainer:
         tmp = os.path.join(path, _FIT_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             # the minibatch count ties it to the checkpoint it sits beside (written after it)
-            json.dump(
-                {"epoch_batches": self.epoch_batches, "minibatches": self.state.minibatches}, f
-            )
+            fit = {
+                "epoch_batches": self.epoch_batches,
+                "minibatches": self.state.minibatches,
+                "epoch_layout": self._epoch_layout if self.epoch_batches else None,
+            }
+            json.dump(fit, f)
         os.replace(tmp, os.path.join(path, _FIT_FILE))
 
     @classmethod
@@ -466,7 +494,9 @@ class Trainer:
         trainer = load_checkpoint(cls, path, **overrides)
         fit_file = os.path.join(path, _FIT_FILE)
         if os.path.exists(fit_file):
-            trainer.epoch_batches = _epoch_batches(fit_file, trainer.state.minibatches)
+            trainer.epoch_batches, trainer._epoch_layout = _epoch_batches(
+                fit_file, trainer.state.minibatches
+            )
         return trainer
 
 
@@ -484,15 +514,17 @@ def _end_all(callbacks: Sequence[Callback], trainer: Trainer, history: History) 
         raise first
 
 
-def _epoch_batches(fit_file: str, minibatches: int) -> int:
+def _epoch_batches(fit_file: str, minibatches: int) -> tuple[int, dict[str, Any] | None]:
     """Where the checkpoint's epoch stands, from its ``fit.json``, checked against the
-    checkpoint's own minibatch count (a save interrupted between its files leaves another's)."""
+    checkpoint's own minibatch count (a save interrupted between its files leaves another's),
+    and the epoch layout it was counted in (``None`` in a ``fit.json`` of an older save)."""
     fix = f"delete {fit_file} to start the interrupted epoch over"
     try:
         with open(fit_file, encoding="utf-8") as f:
             fit = json.load(f)
         done = int(fit.get("epoch_batches", 0))
         saved = fit.get("minibatches")
+        layout = _layout(fit.get("epoch_layout"))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{fit_file} is damaged ({exc}); {fix}") from exc
     if saved is not None and saved != minibatches:
@@ -500,7 +532,29 @@ def _epoch_batches(fit_file: str, minibatches: int) -> int:
             f"{fit_file} was written after {saved} minibatches, the checkpoint beside it after "
             f"{minibatches} (a save interrupted between its files?); {fix}"
         )
-    return done
+    return done, layout
+
+
+def _layout(value: Any) -> dict[str, Any] | None:
+    """``fit.json``'s ``epoch_layout``, checked field by field (``ValueError`` naming one)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"epoch_layout is {value!r}, not an object")
+    ints = {"rows": 0, "batch_size": 1}
+    for key, low in ints.items():
+        v = value.get(key)
+        if type(v) is not int or v < low:
+            raise ValueError(f"epoch_layout[{key!r}] is {v!r}, not an int >= {low}")
+    for key in ("shuffle", "drop_last"):
+        if not isinstance(value.get(key), bool):
+            raise ValueError(f"epoch_layout[{key!r}] is {value.get(key)!r}, not true or false")
+    seed = value.get("seed")
+    if seed is not None and (type(seed) is not int or seed < 0):
+        raise ValueError(f"epoch_layout['seed'] is {seed!r}, not an int >= 0 or null")
+    return epoch_layout(
+        value["rows"], value["batch_size"], value["shuffle"], seed, value["drop_last"]
+    )
 
 
 _FIT_FILE = "fit.json"

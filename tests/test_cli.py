@@ -312,3 +312,26 @@ def test_ctrl_c_saves_what_finished_and_resume_continues_bit_identically(tmp_pat
             strict=True,
         ):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_train_refuses_a_save_folder_that_is_not_a_checkpoint_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it trained to the end, then refused to save over the folder's manifest.json: the run lost
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"files": ["a.csv"]}')
+    assert main([*_TRAIN, "--epochs", "1", "--save", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the data, the graph and the run
+    assert err.strip() == (
+        f"asyncnn train: error: --save {folder}: cannot save a checkpoint to '{folder}': it holds "
+        "manifest.json, which saving would overwrite, and it is not an asyncnn checkpoint; save "
+        "to a new or empty folder (or remove those files)"
+    )
+    assert (folder / "manifest.json").read_text() == '{"files": ["a.csv"]}'
+    # a checkpoint folder (to replace) and a new one are fine
+    ckpt = tmp_path / "ckpt"
+    assert main([*_TRAIN, "--epochs", "1", "--save", str(ckpt)]) == 0
+    assert main([*_TRAIN, "--epochs", "1", "--save", str(ckpt)]) == 0

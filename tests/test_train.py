@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -401,3 +404,137 @@ def test_fit_checks_its_checkpoint_arguments_before_training(tmp_path):
         tr.fit(data, batch_size=8, checkpoint_dir=tmp_path / "d", checkpoint_every=1,
                keep_checkpoints=-1)  # fmt: skip
     assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+
+
+# -- checkpoint_dir of an earlier run; resuming with another epoch layout ------------------------
+
+
+def test_checkpoint_every_refuses_a_folder_holding_another_runs_later_checkpoints(tmp_path):
+    # rotation kept the earlier run's epoch-0004 and epoch-0005 and deleted each checkpoint this
+    # run had just written: it ended with none of its own
+    data = _data()
+    earlier = _trainer(policies.Sync())
+    earlier.fit(data, epochs=5, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+                keep_checkpoints=2)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0004", "epoch-0005"]
+    fresh = _trainer(policies.Sync())
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint_dir '{re.escape(str(tmp_path))}' holds epoch-0004, epoch-0005, saved after more than "
+        r"the 0 epochs this trainer has done",
+    ):
+        fresh.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+                  keep_checkpoints=2)  # fmt: skip
+    assert fresh.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # refused before training
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0004", "epoch-0005"]
+    # resuming the latest goes on in the same folder, rotating out the oldest
+    resumed = ann.Trainer.load(tmp_path / "epoch-0005")
+    resumed.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+                keep_checkpoints=2)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0006", "epoch-0007"]
+    assert ann.Trainer.load(tmp_path / "epoch-0007").state.minibatches == 35
+
+
+def test_checkpoint_rotation_counts_epochs_as_numbers_and_keeps_what_it_wrote(tmp_path):
+    # by name, epoch-10000 sorted before epoch-9999 and was deleted as the oldest
+    data = _data()
+    tr = _trainer(policies.Sync())
+    tr.epochs_done = 9999
+    tr.save(tmp_path / "epoch-9999")
+    (tmp_path / "epoch-0007").mkdir()  # not a checkpoint: rotation leaves it alone
+    (tmp_path / "epoch-0007" / "notes.txt").write_text("mine")
+    tr.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+           keep_checkpoints=1)  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0007", "epoch-10001"]
+    assert ann.Trainer.load(tmp_path / "epoch-10001").epochs_done == 10001
+    assert (tmp_path / "epoch-0007" / "notes.txt").read_text() == "mine"
+
+
+def _interrupted_at_3(shuffle=False):
+    """A Sync trainer whose first fit (batches of 8 of 40 rows) failed in minibatch 3."""
+    data = _data()
+    bad = {"x": data["x"], "y": data["y"].copy()}
+    # a label the loss has no class for in minibatch 3 (rows 24..31 of the epoch's order)
+    row = ann.data.epoch_permutation(40, 3, 0)[27] if shuffle else 27
+    bad["y"][row] = 7
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ann.ActorError, match="loss"):
+        tr.fit(bad, epochs=1, batch_size=8, shuffle=shuffle, check_data=False)
+    assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (0, 3, 3)
+    return tr, data
+
+
+@pytest.mark.parametrize("through_a_checkpoint", [False, True], ids=["in-memory", "saved"])
+def test_resuming_with_another_batch_size_starts_the_epoch_over(tmp_path, through_a_checkpoint):
+    # it skipped the first 3 minibatches of 4 rows (rows 0..11) and ran 7: rows 12..23, already
+    # trained in minibatches of 8, were trained twice and rows 0..11 once
+    tr, data = _interrupted_at_3()
+    if through_a_checkpoint:
+        tr.save(tmp_path / "ckpt")
+        tr = ann.Trainer.load(tmp_path / "ckpt")
+        assert tr.epoch_batches == 3
+    tr.fit(data, epochs=1, batch_size=4)
+    assert tr.state.minibatches == 3 + 10 and len(tr.history.losses) == 10
+    assert (tr.epochs_done, tr.epoch_batches) == (1, 0)
+    reference = _trainer(policies.Sync())  # the 3 minibatches of 8, then a whole epoch of 4
+    reference.fit({k: v[:24] for k, v in data.items()}, epochs=1, batch_size=8)
+    reference.fit(data, epochs=1, batch_size=4)
+    assert_params_equal(tr.params, reference.params)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"data": 48}, {"shuffle": True}, {"drop_last": True}, {"seed": 4}],
+    ids=["rows", "shuffle", "drop_last", "seed"],
+)
+def test_resuming_with_another_epoch_layout_starts_the_epoch_over(tmp_path, change):
+    tr, data = _interrupted_at_3(shuffle="seed" in change)
+    kwargs = {"batch_size": 8, "shuffle": "seed" in change}
+    if "data" in change:
+        data = _data(n=change["data"])
+    if "seed" in change:
+        tr.seed = change["seed"]  # another shuffle of the epoch
+    kwargs.update({k: v for k, v in change.items() if k in ("shuffle", "drop_last")})
+    tr.save(tmp_path / "ckpt")
+    loaded = ann.Trainer.load(tmp_path / "ckpt", seed=tr.seed)
+    for trainer in (tr, loaded):
+        trainer.fit(data, epochs=1, **kwargs)
+        assert trainer.state.minibatches == 3 + len(data["y"]) // 8, change
+        assert (trainer.epochs_done, trainer.epoch_batches) == (1, 0)
+
+
+def test_resuming_with_the_same_layout_finishes_the_epoch_and_old_fit_json_loads(tmp_path):
+    tr, data = _interrupted_at_3()
+    tr.save(tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / "fit.json") as f:
+        fit = json.load(f)
+    assert fit == {
+        "epoch_batches": 3,
+        "minibatches": 3,
+        "epoch_layout": {"rows": 40, "batch_size": 8, "shuffle": False, "seed": None,
+                         "drop_last": False},
+    }  # fmt: skip
+    tr.fit(data, epochs=1, batch_size=8)
+    assert tr.state.minibatches == 5 and (tr.epochs_done, tr.epoch_batches) == (1, 0)
+    # a fit.json of an older save (no layout): the position is taken as it comes, as before
+    del fit["epoch_layout"]
+    with open(tmp_path / "ckpt" / "fit.json", "w") as f:
+        json.dump(fit, f)
+    old = ann.Trainer.load(tmp_path / "ckpt")
+    assert old.epoch_batches == 3
+    old.fit(data, epochs=1, batch_size=8)
+    assert old.state.minibatches == 5 and (old.epochs_done, old.epoch_batches) == (1, 0)
+    assert_params_equal(old.params, tr.params)
+
+
+def test_a_damaged_epoch_layout_in_fit_json_is_named(tmp_path):
+    tr, _ = _interrupted_at_3()
+    tr.save(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "fit.json"
+    fit = json.loads(path.read_text())
+    fit["epoch_layout"]["batch_size"] = "8"
+    path.write_text(json.dumps(fit))
+    with pytest.raises(
+        ValueError, match=r"fit.json is damaged \(epoch_layout\['batch_size'\] is '8'.*delete"
+    ):
+        ann.Trainer.load(tmp_path / "ckpt")
