@@ -25,8 +25,11 @@ def vjp_split(
         them), and ``weight_pullback()`` the gradient of ``params``. The input half computes
         only what the inputs' gradients need and keeps, for the weight half, the cotangent of
         each node that reads a parameter-only value (and that node's residuals); the weight half
-        finishes the walk. Each half may be called once. Both give exactly (bit for bit) what
-        :func:`vjp`'s pullback gives.
+        finishes the walk. Each half may be called once (a cotangent the input half refuses
+        leaves it usable, as :func:`vjp`'s pullback). Both give exactly (bit for bit) what
+        :func:`vjp`'s pullback gives. The weight half reads the cotangent given to the input
+        half, which the input gradients may share memory with: change neither in place before
+        the weight half has run.
 
     Example:
         >>> y, pb = vjp_split(lambda w, x: ops.tanh(x @ w), w, x)
@@ -53,20 +56,24 @@ def vjp_split(
     def input_pullback(cotangent: Any) -> tuple[tuple[Any, ...], Callable[[], Any]]:
         if trace.done:
             raise RuntimeError("this split pullback's input half has already run")
-        trace.done = True
         ct_leaves = _cotangent_leaves(cotangent, out_def)
         grads: list[Any] = [None] * len(nodes)
         for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
             if i >= 0 and ct is not None:
                 ct = _as_cotangent(ct, _raw(o))
                 grads[i] = ct if grads[i] is None else grads[i] + ct
+        # spent only now: a cotangent refused above leaves it usable, as vjp's pullback
+        trace.done = True
         # the seeds of parameter-only outputs wait for the weight half, like any other cotangent
         deferred: dict[int, Any] = {}  # node -> its cotangent, for its parameter-only parents
         keep = set(input_wanted)
         for i in range(len(nodes) - 1, -1, -1):
             node = nodes[i]
+            if node is None or node.rule is None or not on_input[i]:
+                continue
             g = grads[i]
-            if node is None or node.rule is None or g is None or not on_input[i]:
+            if g is None:  # no cotangent reaches it: neither half needs its residuals
+                nodes[i] = None
                 continue
             if i not in keep:
                 grads[i] = None
