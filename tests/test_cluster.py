@@ -841,3 +841,68 @@ def test_stages_of_one_device_on_different_workers_are_refused_by_name() -> None
     with ann.cluster.LocalCluster(workers=2) as cluster:
         with pytest.raises(ann.GraphError, match=r"\['s0', 's2'\] on one device.*different"):
             fit(chain([0, 1, 1, 0]), policies.Interleaved1F1B(microbatches=4), cluster=cluster)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_cluster_run_cancelled_from_outside_keeps_the_workers_events_and_runs_again(
+    anyio_backend: str, tmp_path: Any
+) -> None:
+    # a cancel scope around the run is no failure of its tasks: the workers were never asked for
+    # their events, and the trace lacked them all (replay refused even stop_at_key)
+    path = str(tmp_path / "cancelled.trace")
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.GPipe(2)}
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
+            await run.step(data(8))  # the workers are up
+        with anyio.move_on_after(0.5) as scope:
+            async with ann.open_run(slow_chain(), cluster=cluster, trace=path, **opts) as run:
+                for _ in range(100):
+                    await run.step(data(32))
+        assert scope.cancelled_caught
+        async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
+            await run.step(data(32))  # the cluster runs again
+        assert sorted(run.losses) == [0]
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["slow"]["forwards"] >= 1
+    assert ann.replay(path, stop_at_key=0).stopped_at is not None
+
+
+class _HeldAtTheDoor(ann.cluster.LocalCluster):
+    """Launches its workers but lets none in while ``hold``: a start to cancel midway."""
+
+    hold = True
+    launched: list[int] = []
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        super()._launch(host, port, token)
+        self.launched = list(self.pids)
+
+    async def _admit_all(self, listener: Any) -> None:
+        if self.hold:
+            await anyio.sleep_forever()
+        await super()._admit_all(listener)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_start_cancelled_before_workers_connect_ends_at_once(anyio_backend: str) -> None:
+    # the workers not yet connected were never told to stop, and were waited on 2 s each
+    # before being killed: a cancel took 4 s more with two workers
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    cluster = _HeldAtTheDoor(workers=2)
+    try:
+        t = time.perf_counter()
+        with anyio.move_on_after(0.3) as scope:
+            async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
+                await run.step(data(32))
+        assert scope.cancelled_caught
+        assert time.perf_counter() - t < 1.5
+        assert len(cluster.launched) == 2 and not any(_alive(p) for p in cluster.launched)
+        cluster.hold = False
+        async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
+            await run.step(data(32))  # the cluster starts again
+        assert sorted(run.losses) == [0]
+    finally:
+        cluster.close()

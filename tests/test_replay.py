@@ -346,3 +346,43 @@ def test_a_diff_of_runs_of_other_widths_names_the_shapes(tmp_path):
     d = ann.trace.diff(*paths)
     assert (d.actor, d.kind, d.key) == ("stage0", "forward", 0)
     assert "tensor 0 has shape (8, 8) <f4 in the first run and (8, 6) <f4 in the second" in d.reason
+
+
+def _routed() -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    r = g.router("gate", nn.Linear(5, 3), x, experts=3, k=2, capacity=3)
+    experts = [g.layer(f"e{i}", nn.Sequential(nn.Linear(5, 4), nn.Tanh()), r) for i in range(3)]
+    head = g.layer("head", nn.Linear(4, 3), g.merge("merge", r, *experts))
+    g.loss("loss", nn.CrossEntropyLoss(), head, y)
+    return g
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", [policies.GPipe(2), policies.Async(3)], ids=repr)
+def test_a_merge_replays_alone_from_the_weights_and_route_its_router_sent(tmp_path, policy):
+    # the router sends its merge two tensors in one message (gate weights, route); replaying the
+    # merge alone fed it the first only, and it failed on the missing route (KeyError)
+    path = tmp_path / "moe.trace"
+    tr = ann.Trainer(_routed(), optimizer=optim.SGD(lr=0.1), policy=policy, trace=str(path),
+                     trace_payloads="all")  # fmt: skip
+    tr.fit(_data(24), epochs=1, batch_size=8)
+    for actor in ("merge", "gate", "e1", "head"):
+        rep = ann.replay(path, actor=actor)
+        assert rep.identical and rep.events_checked > 0, (actor, rep.first_divergence)
+        assert_params_equal({actor: rep.params[actor]}, {actor: tr.params[actor]})
+
+
+@pytest.mark.timeout(20)  # the replay used to stall for 30 s (StallError)
+def test_a_run_that_check_finite_stopped_replays_up_to_the_same_failure(tmp_path):
+    path = tmp_path / "nan.trace"
+    tr = ann.Trainer(_routed(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                     trace=str(path), check_finite=True)  # fmt: skip
+    tr.state.params["e1"][0]["weight"][:] = np.nan
+    with pytest.raises(ann.ActorError, match="'e1' produced NaN or Inf") as run_err:
+        tr.fit(_data(24), epochs=1, batch_size=8)
+    with pytest.raises(ann.ActorError, match="'e1' produced NaN or Inf") as replay_err:
+        ann.replay(path)
+    run, rep = run_err.value, replay_err.value
+    assert (rep.actor, rep.key) == (run.actor, run.key)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from . import _shm
@@ -90,9 +91,15 @@ class LocalCluster(Cluster):
         return f"exited with code {code}"
 
     def _terminate(self) -> None:
+        # a connected worker was just asked to stop; one not connected (a start that was cut
+        # short, by a cancel say) was told nothing and would be waited on in vain: kill it now
+        for i, p in enumerate(self.processes):
+            if i not in self.connections and p.poll() is None:
+                p.kill()
+        deadline = time.monotonic() + 2.0  # for all of them, not each
         for p in self.processes:
             try:
-                p.wait(timeout=2.0)
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

@@ -281,11 +281,15 @@ def replay(
         max_keys = sum(1 for e in trace.events if e.what == "admit") + 1
         replayed_policy = Replay(policy, orders, max_keys, actor, on_op)
 
+        config = h.get("config", {})
+
         async def main() -> None:
             async with open_run(
                 graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
-                stall_timeout=30.0, cuda_graphs=h.get("config", {}).get("cuda_graphs", False),
+                stall_timeout=30.0, cuda_graphs=config.get("cuda_graphs", False),
+                # a run that check_finite stopped fails at the same actor again
+                check_finite=config.get("check_finite", False) is True,
             ) as run:  # fmt: skip
                 running.append(run)
                 try:
@@ -400,7 +404,10 @@ async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
     target = run.actors[name]
     for e in trace.events:
         if e.what == "send" and e.get("p") == name:
-            arr = data.get(e.key, {}).get(e.actor) if e.actor in inputs else payload_array(e)
+            if e.actor in inputs:
+                tensors: tuple[Any, ...] = (data.get(e.key, {}).get(e.actor),)
+            else:  # every tensor the message carried (a router's to its merge: weights, route)
+                tensors = tuple(payload_array(e, i) for i in range(max(1, len(e.tensors))))
             slot = int(e.meta.get("slot", 0))
-            msg = Message(e.kind, e.key, e.get("v", 0), e.actor, name, slot, (arr,), metas[e.key])
+            msg = Message(e.kind, e.key, e.get("v", 0), e.actor, name, slot, tensors, metas[e.key])
             await target.send_channel.send(msg)
