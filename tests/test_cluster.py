@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -855,10 +856,12 @@ async def test_a_cluster_run_cancelled_from_outside_keeps_the_workers_events_and
     with ann.cluster.LocalCluster(workers=2) as cluster:
         async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
             await run.step(data(8))  # the workers are up
-        with anyio.move_on_after(0.5) as scope:
+        with anyio.CancelScope() as scope:
             async with ann.open_run(slow_chain(), cluster=cluster, trace=path, **opts) as run:
-                for _ in range(100):
+                for i in range(100):
                     await run.step(data(32))
+                    if i == 3:  # minibatches done on both workers (GPipe admits after a flush)
+                        scope.cancel()
         assert scope.cancelled_caught
         async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
             await run.step(data(32))  # the cluster runs again
@@ -874,10 +877,21 @@ class _HeldAtTheDoor(ann.cluster.LocalCluster):
 
     hold = True
     launched: list[int] = []
+    waited_in_vain = 0  # waits for a worker's exit that ran out (it had been told nothing)
 
     def _launch(self, host: str, port: int, token: bytes) -> None:
         super()._launch(host, port, token)
         self.launched = list(self.pids)
+        for p in self.processes:
+
+            def wait(timeout: float | None = None, _wait: Any = p.wait) -> int:
+                try:
+                    return int(_wait(timeout=timeout))
+                except subprocess.TimeoutExpired:
+                    self.waited_in_vain += 1
+                    raise
+
+            p.wait = wait  # type: ignore[method-assign]
 
     async def _admit_all(self, listener: Any) -> None:
         if self.hold:
@@ -893,12 +907,11 @@ async def test_a_start_cancelled_before_workers_connect_ends_at_once(anyio_backe
     opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
     cluster = _HeldAtTheDoor(workers=2)
     try:
-        t = time.perf_counter()
         with anyio.move_on_after(0.3) as scope:
             async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
                 await run.step(data(32))
         assert scope.cancelled_caught
-        assert time.perf_counter() - t < 1.5
+        assert cluster.waited_in_vain == 0  # killed at once, not waited on
         assert len(cluster.launched) == 2 and not any(_alive(p) for p in cluster.launched)
         cluster.hold = False
         async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
