@@ -225,6 +225,10 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
     minibatches."""
     v = virtual_of(cfg, policy_name)
     graph = make_graph(cfg, k * v)
+    policy = make_policy(cfg, policy_name, m)
+    # operations per microbatch and stage: forward and backward, or (a split backward, ZB-H1)
+    # forward, input half and weight half
+    ops_per_microbatch = 3 if policy.splits_backward() else 2
     rng = np.random.default_rng(cfg.seed)
     rows = m  # one row per microbatch: the arithmetic stays negligible
     batch = {
@@ -239,7 +243,7 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
             ann.open_run(
                 graph,
                 optim.SGD(lr=0.0),  # the weights do not matter; a zero step keeps them fixed
-                make_policy(cfg, policy_name, m),
+                policy,
                 cfg.seed,
                 pool=pool,
                 trace=trace,
@@ -304,7 +308,7 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         "theory_seconds_per_minibatch": (1 + r) * m * v * (f + b),
         "busy_per_op_overhead_ms": 1e3
         * (np.mean(device_busy) - ideal_busy)
-        / (2 * cfg.minibatches * m * v),
+        / (ops_per_microbatch * cfg.minibatches * m * v),
     }
 
 

@@ -46,6 +46,25 @@ def test_stop_gradient_cuts_the_stages() -> None:
     assert not (w_full == start["block0"][0]["weight"]).all()
 
 
+def test_no_backward_message_crosses_a_stage(tmp_path: Path) -> None:
+    """In a trace of the local graph, the stop-gradient stages send forwards only: the stage
+    below never waits for a backward from them (end to end, every stage above the first does)."""
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    cfg = local_learning.Config(width=16)
+    data = ann.data.load_mnist1d(num_samples=600)
+    batch = {"x": data["x_train"][:400], "y": data["y_train"][:400]}
+    for local in (True, False):
+        tr = ann.Trainer(local_learning.build_graph(cfg, local), optim.Adam(lr=1e-3),
+                         policies.PipeDream(microbatches=1), trace=str(tmp_path / f"{local}.trace"),
+                         trace_payloads="none")  # fmt: skip
+        tr.fit(batch, epochs=1, batch_size=100)
+        sent = {(e.actor, e.kind) for e in ann.trace.read(tr.traces[-1]).events if e.what == "send"}
+        backwards = {a for a, kind in sent if kind == "backward" and a.startswith("block")}
+        assert backwards == (set() if local else {"block1", "block2"})
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -93,6 +93,22 @@ def test_the_device_orders_have_the_formulas_bubbles_without_any_overhead():
     assert checked == 4 * 16 - 2 * 5  # the interleaved and split orders: 5 settings have M < K
 
 
+@pytest.mark.parametrize(("name", "ops"), [("OneFOneB", 2), ("ZeroBubbleH1", 3)])
+def test_overhead_per_operation_counts_each_schedules_operations(name, ops):
+    """``busy_per_op_overhead_ms`` spreads a device's busy time beyond its sleeps over the
+    operations it ran: forward and backward per microbatch, and under ZeroBubbleH1 forward, input
+    half and weight half (three; it divided by two, overstating ZB-H1's overhead by half)."""
+    cfg = dataclasses.replace(
+        pipeline_bubble.Config(), forward_ms=2.0, backward_ms=4.0, minibatches=1
+    )
+    r = pipeline_bubble.measure(cfg, name, 2, 2)
+    wall = r["seconds_per_minibatch"] * cfg.minibatches
+    busy = sum(wall / (1 + b) for b in r["measured_bubble_per_device"]) / r["K"]
+    ideal = cfg.minibatches * r["M"] * r["V"] * (cfg.forward_ms + cfg.backward_ms) / 1e3
+    per_op = 1e3 * (busy - ideal) / (ops * cfg.minibatches * r["M"] * r["V"])
+    assert r["busy_per_op_overhead_ms"] == pytest.approx(per_op, rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import staleness
 
 
@@ -20,3 +21,30 @@ def test_staleness_smoke(tmp_path):
     assert pd["stage0"] > pd["stage3"]
     for name in ("staleness_loss.png", "staleness_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_reported_staleness_is_the_policys_delays(tmp_path):
+    """The staleness the script reads from its traces is what the policy makes: PipeDream's 1F1B
+    with K = 4 keys in flight lags stage s by K - s - 1 updates after a warm-up in which the
+    first keys lag 0, 1, 2 (10 minibatches: means 2.4, 1.7, 0.9, 0), and it equals the delays
+    the layers record themselves (``ActorStatistics.delays``)."""
+    import asyncnn as ann
+    from asyncnn import optim
+
+    flags = ["--epochs", "1", "--width", "16", "--train-samples", "1000", "--max-active-keys",
+             "2", "--out", str(tmp_path)]  # fmt: skip
+    results = staleness.main(flags)
+    rows = {r["setting"]: r for r in results["rows"]}
+    want = {"stage0": 2.4, "stage1": 1.7, "stage2": 0.9, "stage3": 0.0}
+    for name in ("PipeDream stash", "PipeDream no stash"):
+        assert rows[name]["staleness_mean_per_stage"] == pytest.approx(want)
+        assert rows[name]["staleness_max_per_stage"] == {"stage0": 3, "stage1": 2, "stage2": 1,
+                                                         "stage3": 0}  # fmt: skip
+    cfg = staleness.Config(width=16)
+    data = ann.data.load_mnist1d()
+    train = {"x": data["x_train"][:1000], "y": data["y_train"][:1000]}
+    for name, policy in staleness.settings(cfg)[:3]:
+        tr = ann.Trainer(staleness.make_graph(cfg), optim.Adam(lr=cfg.lr), policy, seed=cfg.seed)
+        stats = tr.fit(train, epochs=1, batch_size=cfg.batch_size, shuffle=True).statistics
+        got = {n: stats[n].mean_delay for n in tr.graph.layers}
+        assert got == pytest.approx(rows[name]["staleness_mean_per_stage"]), name

@@ -35,6 +35,39 @@ def test_synthesizer_learns_the_top_gradient(tmp_path: Path) -> None:
     assert errors[-10:].mean() < 0.5 * errors[:3].mean()
 
 
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_stages_update_from_their_synthesizers_not_the_true_gradient(method) -> None:
+    """The decoupling, numerically (Sync, float64, Adam). The synthesizers start at zero, so a
+    stage's first updates are zero although its true gradient is not (Adam moves by lr on any
+    non-zero gradient): block2 first moves at minibatch 2 (its synthesizer trained on the head's
+    true gradient of minibatch 1), block1 at 3 and block0 at 4 (each synthesizer trained on the
+    gradient the stage above sent from its own synthetic one: the bootstrapping). Without that
+    upstream gradient (``upstream="none"``), block1 and block0 never move."""
+    import copy
+
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    data = ann.data.load_mnist1d(num_samples=600)
+    moved = {}
+    for upstream in ("synthetic", "none"):
+        cfg = synthetic_gradients.Config(width=16, upstream=upstream)
+        for n in (1, 2, 3, 4):
+            tr = ann.Trainer(synthetic_gradients.build_graph(cfg, method), optim.Adam(lr=1e-2),
+                             policies.Sync(), seed=0, dtype="float64")  # fmt: skip
+            start = copy.deepcopy(tr.params)
+            batch = {"x": data["x_train"][: 50 * n], "y": data["y_train"][: 50 * n]}
+            tr.fit(batch, epochs=1, batch_size=50, shuffle=False)
+            moved[upstream, n] = {
+                name: not np.array_equal(tr.params[name][0]["weight"], start[name][0]["weight"])
+                for name in ("block0", "block1", "block2")
+            }
+    first = {"block2": 2, "block1": 3, "block0": 4}
+    for n in (1, 2, 3, 4):
+        assert moved["synthetic", n] == {b: n >= first[b] for b in first}, n
+        assert moved["none", n] == {"block0": False, "block1": False, "block2": n >= 2}, n
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
