@@ -46,6 +46,7 @@ __all__ = [
     "current_team",
     "elementwise",
     "matmul",
+    "narrowed",
     "split_bounds",
     "using_team",
 ]
@@ -113,7 +114,8 @@ def matmul(a: Any, b: Any) -> Any:
 
     Inside a CUDA graph capture on this thread: the capture's product (cuBLAS on the capture's
     stream). On a thread with a :class:`ComputeTeam` (its workers, or inside :func:`using_team`):
-    large 2-D numpy products split across the team. Otherwise ``a @ b``.
+    large 2-D numpy products split across the team. Otherwise ``a @ b``. The product of two
+    arrays of one dtype is in that dtype: two bfloat16 arrays give bfloat16 (see :func:`narrowed`).
     """
     state = _state
     product = state.capture_matmul
@@ -121,8 +123,28 @@ def matmul(a: Any, b: Any) -> Any:
         return product(a, b)
     team = state.team
     if team is not None and type(a) is np.ndarray and type(b) is np.ndarray:
-        return team.matmul(a, b)
-    return a @ b
+        out = team.matmul(a, b)
+    else:
+        out = a @ b
+    if out.dtype is not a.dtype:  # one comparison: numpy's dtypes of float32, ... are singletons
+        return narrowed(out, a, b)
+    return out
+
+
+def narrowed(out: Any, a: Any, b: Any) -> Any:
+    """``out``, numpy's product of ``a`` and ``b``, in their dtype where numpy widened it.
+
+    numpy multiplies two bfloat16 arrays (ml_dtypes) in float32 and returns float32. cuBLAS also
+    accumulates in float32 but rounds the result to bfloat16, as this does: each op's output is
+    in its inputs' dtype on the CPU as on a GPU. Mixed dtypes keep numpy's promotion.
+    """
+    dtype = a.dtype
+    if out.dtype is dtype:  # the common case first: one comparison
+        return out
+    # (a vector times a vector is a numpy scalar; a cupy array is neither: cuBLAS rounded it)
+    if isinstance(out, np.ndarray | np.generic) and b.dtype == dtype != out.dtype:
+        return out.astype(dtype)
+    return out
 
 
 def elementwise(fn: Callable[..., Any], *args: Any) -> Any:
@@ -519,7 +541,8 @@ class ComputeTeam:
 
     def matmul(self, a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """``a @ b``; a large 2-D float product is cut along its larger output dimension into up
-        to one part per worker, in whole blocks of 16 rows or columns.
+        to one part per worker, in whole blocks of 16 rows or columns (bfloat16: the float32
+        product of the two, as numpy computes it).
 
         The cut depends only on the shapes and the team's size. Every output element is the same
         dot product as in an uncut single-threaded call (never a cut contraction); with a BLAS
@@ -530,11 +553,16 @@ class ComputeTeam:
             a.ndim != 2
             or b.ndim != 2
             or a.dtype != b.dtype
-            or a.dtype.kind not in _BLAS_KINDS
             or a.shape[1] != b.shape[0]
             or self._state != "open"
             or not self._split
         ):
+            return a @ b
+        if a.dtype.kind not in _BLAS_KINDS:
+            if a.dtype.name == "bfloat16":
+                # (ml_dtypes) numpy multiplies it in float32, as this split does; the result is
+                # float32, which matmul() rounds back
+                return self.matmul(a.astype(np.float32), b.astype(np.float32))
             return a @ b
         m, k = a.shape
         n = b.shape[1]

@@ -17,6 +17,7 @@ import numpy as np
 
 from asyncnn.backends import acc_mean, acc_sum, fused_nn_kernels_of, is_half
 from asyncnn.backends import array_namespace as ns
+from asyncnn.backends._parallel import narrowed
 
 from ._autodiff import Forward, VjpRule
 from ._rules_elementwise import grad_like, like
@@ -154,7 +155,8 @@ def _conv(x: Any, w: Any, b: Any, stride: Ints, padding: Ints, dilation: Ints) -
     ck = c * int(np.prod(kernel))
     positions = int(np.prod(out_shape))  # explicit sizes, not -1: the batch may be empty
     cols2 = cols.reshape(ck, n * positions)
-    out = w.reshape(o, ck) @ cols2  # (O, N * prod(out))
+    # (O, N * prod(out)); two bfloat16 arrays multiply in float32 on numpy: rounded back
+    out = narrowed(w.reshape(o, ck) @ cols2, w, cols2)
     out = xp.ascontiguousarray(xp.swapaxes(out.reshape(o, n, positions), 0, 1))
     out = out.reshape(n, o, *out_shape)
     if b is not None:
@@ -179,7 +181,7 @@ def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]
         gb = g.sum(axis=(0, *range(2, g.ndim)))
     if needs[0]:
         c = x_shape[1]
-        dcols = (w.reshape(o, -1).T @ g2).reshape(c, *kernel, n, *out_shape)
+        dcols = narrowed(w.reshape(o, -1).T @ g2, w, g2).reshape(c, *kernel, n, *out_shape)
         padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
         gpad = xp.zeros((n, c, *padded), dtype=g.dtype)
         for offset, index in _windows(kernel, stride, dilation, out_shape):
