@@ -107,6 +107,17 @@ def one_f_one_b_order(stage: int, k: int, total: int) -> list[tuple[str, int]]:
     return order
 
 
+def forward_versions_1f1b(stages: int, total: int) -> list[list[int]]:
+    """Under PipeDream, stage ``s`` runs key ``i`` forward after the backwards its 1F1B order
+    puts before it: that many updates, ``[stage][key]``."""
+    out = []
+    for s in range(stages):
+        order = one_f_one_b_order(s, stages, total)
+        before = [order[: order.index(("F", i))] for i in range(total)]
+        out.append([sum(op[0] == "B" for op in ops_) for ops_ in before])
+    return out
+
+
 def pipedream_reference(
     graph: ann.Graph,
     params: dict[str, Any],

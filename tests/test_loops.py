@@ -13,7 +13,12 @@ import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 from asyncnn.dynamic import RNNCell
 
-from _reference import assert_params_close, fresh_params, microbatched_sgd
+from _reference import (
+    assert_params_close,
+    forward_versions_1f1b,
+    fresh_params,
+    microbatched_sgd,
+)
 
 T, DX, DC, H, C = 5, 3, 2, 4, 3
 
@@ -422,19 +427,6 @@ def _stream_reference(g, start, keys, fwd_version, per_update, lr, stash=True, c
     return {n: hist[n][-1] for n in names}
 
 
-def _forward_versions_1f1b(stages, total):
-    """Under PipeDream, stage ``s`` runs key ``i`` forward after the backwards its 1F1B order
-    puts before it: that many updates."""
-    from _reference import one_f_one_b_order
-
-    out = []
-    for s in range(stages):
-        order = one_f_one_b_order(s, stages, total)
-        before = [order[: order.index(("F", i))] for i in range(total)]
-        out.append([sum(op[0] == "B" for op in ops_) for ops_ in before])
-    return out
-
-
 def _assert_nothing_left(hist, g):
     for name in g.layers:
         st = hist.statistics[name]
@@ -480,7 +472,7 @@ def test_loop_under_pipedream_and_remedies_equals_a_key_by_key_reference(remedy,
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=lr), policy=policy, dtype="float64", seed=0)
     hist = tr.fit(data, batch_size=6)  # 4 minibatches of 2 keys: a stream of 8 keys
     keys = [({k: v[lo : lo + 3] for k, v in data.items()}, 1.0) for lo in range(0, 24, 3)]
-    fv = _forward_versions_1f1b(4, 8)
+    fv = forward_versions_1f1b(4, 8)
     ref = _stream_reference(g, start, keys, lambda s, i: fv[s][i], 1, lr, **kw)
     assert_params_close(tr.params, ref, rtol=1e-10)
     # the loop's delays are those of stage 2: a warm-up of K - 1 - 2 = 1 forward
@@ -597,7 +589,7 @@ def test_a_recomputed_backward_unwinds_the_steps_its_forward_took():
             steps.append(n)
         return steps
 
-    fv = _forward_versions_1f1b(3, 8)
+    fv = forward_versions_1f1b(3, 8)
     hist_w = {n: [start[n]] for n in g.layers}
     changed = 0
     for i in range(8):

@@ -12,7 +12,13 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
-from _reference import assert_params_close, assert_params_equal, fresh_params, microbatched_sgd
+from _reference import (
+    assert_params_close,
+    assert_params_equal,
+    forward_versions_1f1b,
+    fresh_params,
+    microbatched_sgd,
+)
 
 D, H, C = 5, 4, 3
 
@@ -420,19 +426,6 @@ def _tmap(fn, *trees):
     return ann._math._pytree.tree_map(fn, *trees)
 
 
-def _forward_versions_1f1b(stages, total):
-    """Under PipeDream, stage ``s`` runs key ``i`` forward after the backwards its 1F1B order
-    puts before it: that many updates."""
-    from _reference import one_f_one_b_order
-
-    out = []
-    for s in range(stages):
-        order = one_f_one_b_order(s, stages, total)
-        before = [order[: order.index(("F", i))] for i in range(total)]
-        out.append([sum(op[0] == "B" for op in ops_) for ops_ in before])
-    return out
-
-
 def _dc(g, d, w, w0):
     return _tmap(lambda a, b, c: a + 0.5 * a * a * (b - c), g, w, w0)
 
@@ -467,7 +460,7 @@ def test_router_under_pipedream_and_remedies_equals_a_key_by_key_reference(remed
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", seed=0)
     hist = tr.fit(data, batch_size=6)  # 4 minibatches of 2 keys: a stream of 8 keys
     keys = [(data["x"][lo : lo + 3], data["y"][lo : lo + 3], 1.0) for lo in range(0, 24, 3)]
-    fv = _forward_versions_1f1b(5, 8)
+    fv = forward_versions_1f1b(5, 8)
     ref = _stream_reference(g, start, keys, lambda s, i: fv[s][i], 1, 0.1, correct, predict)
     assert_params_close(tr.params, ref, rtol=1e-10)
     # the gate's delays are those of stage 0: its warm-up of K - 1 = 4 forwards
@@ -505,7 +498,7 @@ def test_router_recomputes_its_gate_at_the_discrepancy_corrected_weights():
     policy = policies.DiscrepancyCorrection(policies.PipeDream(2, stash=False), decay=gamma)
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=lr), policy=policy, dtype="float64", seed=0)
     tr.fit(data, batch_size=6)  # a stream of 8 keys of 3 rows
-    fv = _forward_versions_1f1b(4, 8)[0]  # the gate is stage 0
+    fv = forward_versions_1f1b(4, 8)[0]  # the gate is stage 0
     versions, delta = [start["gate"]], None
 
     def gate_weights(q, xs, choice):
