@@ -8,7 +8,8 @@ The layout of a folder (format version 2)::
     manifest.json       {"format": "asyncnn-checkpoint", "version": 2,
                          "files": {"spec.msgpack": {"bytes": n, "sha256": hex}, ...}}
     spec.msgpack        {"format", "version", "graph", "policy", "optimizer", "seed", "dtype",
-                         "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout"}
+                         "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout",
+                         "options"}
     arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>"
 """
 
@@ -141,6 +142,8 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
         "traces": list(trainer.traces),  # so a resumed trainer numbers its next trace on
         "trace_base": trainer.trace,
         "layout": layout,
+        # the run options a loaded trainer starts with (its constructor's, unless overridden)
+        "options": {name: getattr(trainer, name) for name in _OPTIONS},
     }
     # Write beside (each file on disk before it is renamed), then rename, the manifest last: a
     # crash mid-save leaves the old checkpoint, or the new one in part renamed (which load
@@ -168,6 +171,39 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
     os.replace(tmp_spec, os.path.join(path, SPEC))
     os.replace(tmp_manifest, os.path.join(path, MANIFEST))
     _sync(path)
+
+
+#: run options a checkpoint keeps, each with the test of a valid value and what it must be
+_OPTIONS: dict[str, tuple[Any, str]] = {
+    "stall_timeout": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+        "a number > 0",
+    ),
+    "check_finite": (lambda v: isinstance(v, bool), "True or False"),
+    "trace_payloads": (lambda v: v in ("inputs", "all", "none"), "'inputs', 'all' or 'none'"),
+    "cuda_graphs": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
+}
+
+
+def _options(options: Any, spec_path: str) -> dict[str, Any]:
+    """The run options a checkpoint kept (``spec["options"]``), checked.
+
+    Raises:
+        CheckpointError: naming the option and the value expected.
+    """
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{spec_path}: 'options' must be a dict, got {options!r:.80}")
+    kept = {}
+    for name, value in options.items():
+        if name not in _OPTIONS:
+            continue  # an option of a later version: its default here
+        valid, expected = _OPTIONS[name]
+        if not valid(value):
+            raise CheckpointError(
+                f"{spec_path}: option {name!r} is {value!r:.80}; it must be {expected}"
+            )
+        kept[name] = value
+    return kept
 
 
 def _sync(path: str) -> None:
@@ -317,6 +353,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         "seed": spec["seed"],
         "dtype": spec["dtype"],
     }
+    kwargs.update(_options(spec.get("options", {}), spec_path))  # none in older checkpoints
     kwargs.update(overrides)
     fits = "its graph" if given_graph is None else "the graph given"
     _same_layers(graph, spec["layout"], f"{path}: the checkpoint does not fit {fits}")

@@ -486,8 +486,10 @@ class Trainer:
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
-        bit-identically (also from a fit that was interrupted mid-epoch). ``overrides`` replace
-        constructor arguments (e.g. ``progress=True``)."""
+        bit-identically (also from a fit that was interrupted mid-epoch). The graph, policy,
+        optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
+        ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
+        constructor arguments (e.g. ``progress=True``, ``check_finite=False``)."""
         from ._checkpoint import load_checkpoint
 
         path = os.fspath(path)

@@ -137,8 +137,23 @@ def _rewrite_spec(path: str, change: Any) -> None:
         lambda s: s["layout"]["stage1"].update(version="one"),
         lambda s: s["graph"].update(nodes=7),
         lambda s: s.update(version=1),
+        lambda s: s["options"].update(stall_timeout="soon"),
+        lambda s: s["options"].update(trace_payloads="most"),
+        lambda s: s.update(options=[]),
     ],
-    ids=["no-layout", "no-layer", "seed", "minibatches", "params-tree", "version", "graph", "v1"],
+    ids=[
+        "no-layout",
+        "no-layer",
+        "seed",
+        "minibatches",
+        "params-tree",
+        "version",
+        "graph",
+        "v1",
+        "stall_timeout",
+        "trace_payloads",
+        "options",
+    ],  # fmt: skip
 )
 def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
     saved: Any, tmp_path: Any, change: Any
@@ -342,3 +357,22 @@ def test_a_save_interrupted_between_its_renames_loads_whole(
     back = ann.Trainer.load(folder)  # the new one, its renames finished
     assert_params_equal(back.params, new.params)
     assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_the_run_options_come_back_with_the_checkpoint(tmp_path: Any) -> None:
+    # a loaded trainer lost check_finite=True, its stall_timeout and trace payloads: back to
+    # the defaults, silently
+    tr = _trainer()
+    tr.check_finite, tr.stall_timeout, tr.trace_payloads, tr.cuda_graphs = True, 5.0, "all", False
+    path = str(tmp_path / "c")
+    tr.save(path)
+    back = ann.Trainer.load(path)
+    assert (back.check_finite, back.stall_timeout, back.trace_payloads, back.cuda_graphs) == (
+        True, 5.0, "all", False,
+    )  # fmt: skip
+    over = ann.Trainer.load(path, check_finite=False, stall_timeout=9.0)  # overrides still win
+    assert (over.check_finite, over.stall_timeout, over.trace_payloads) == (False, 9.0, "all")
+    older = _copy(path, str(tmp_path / "older"))  # a checkpoint written before options were kept
+    _rewrite_spec(older, lambda s: s.pop("options"))
+    old = ann.Trainer.load(older)
+    assert (old.check_finite, old.stall_timeout, old.trace_payloads) == (False, 60.0, "inputs")
