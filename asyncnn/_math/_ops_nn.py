@@ -45,8 +45,9 @@ def _check_floating(x: Any, name: str) -> None:
         )
 
 
-def _one_axis(x: Any, axis: int, name: str) -> int:
-    if not isinstance(axis, int | np.integer):
+def _softmax_axis(x: Any, axis: int, name: str) -> int:
+    """The softmax family's one axis, made non-negative, after checking that ``x`` is floating."""
+    if not isinstance(axis, int | np.integer):  # a sequence: one axis only (check_axis says int)
         raise TypeError(f"{name}: axis must be one int, got {axis!r}")
     _check_floating(x, name)
     return check_axis(axis, len(_shape(x)), name)
@@ -55,17 +56,17 @@ def _one_axis(x: Any, axis: int, name: str) -> int:
 # -- softmax family -------------------------------------------------------------------------------
 def softmax(x: Any, axis: int = -1) -> Any:
     """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the maximum."""
-    return _P["softmax"](x, axis=_one_axis(x, axis, "softmax"))
+    return _P["softmax"](x, axis=_softmax_axis(x, axis, "softmax"))
 
 
 def log_softmax(x: Any, axis: int = -1) -> Any:
     """``x - logsumexp(x)`` along ``axis``, computed without overflow."""
-    return _P["log_softmax"](x, axis=_one_axis(x, axis, "log_softmax"))
+    return _P["log_softmax"](x, axis=_softmax_axis(x, axis, "log_softmax"))
 
 
 def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     """``log(sum(exp(x)))`` along ``axis``, computed as ``max + log(sum(exp(x - max)))``."""
-    return _P["logsumexp"](x, axis=_one_axis(x, axis, "logsumexp"), keepdims=keepdims)
+    return _P["logsumexp"](x, axis=_softmax_axis(x, axis, "logsumexp"), keepdims=keepdims)
 
 
 # -- convolution and pooling ----------------------------------------------------------------------

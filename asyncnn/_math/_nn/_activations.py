@@ -11,16 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Module, Shape, float_input_error
+from ._module import NO_DTYPE, Module, Shape, float_input_error
 
 __all__ = ["GELU", "Identity", "LogSoftmax", "ReLU", "Sigmoid", "Softmax", "Tanh"]
-
-#: the dtype an input without one (a Python float) passes the checks with
-_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ class Tanh(_Elementwise):
     """Hyperbolic tangent."""
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
         return ops.tanh(x)
 
@@ -60,7 +55,7 @@ class Sigmoid(_Elementwise):
     """The logistic function ``1 / (1 + exp(-x))``."""
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
         return ops.sigmoid(x)
 
@@ -78,7 +73,7 @@ class GELU(_Elementwise):
             )
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
         return ops.gelu(x, approximate=self.approximate)
 
@@ -90,7 +85,7 @@ class Softmax(_Elementwise):
     dim: int = -1
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
             raise float_input_error(self, x)
         return ops_nn.softmax(x, axis=self.dim)
 
@@ -102,6 +97,6 @@ class LogSoftmax(_Elementwise):
     dim: int = -1
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
             raise float_input_error(self, x)
         return ops_nn.log_softmax(x, axis=self.dim)

@@ -11,18 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .. import _ops_nn as ops_nn
 from .._ops import raw
 from .._ops_nn import PrimitiveCall
-from ._module import Module, Shape, float_input_error
+from ._module import NO_DTYPE, Module, Shape, float_input_error
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-#: the dtype an input without one (a Python float) passes the checks with
-_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -60,17 +56,18 @@ class CrossEntropyLoss(_Loss):
     """
 
     def __call__(self, params: Any, logits: Any, labels: Any, *, rng: Any = None) -> Any:
-        if getattr(logits, "dtype", _NO_DTYPE).kind in "iub":  # no gradient, float64 loss
-            raise float_input_error(self, logits, None, "logits")
-        return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
+        return ops_nn.cross_entropy(self._floating(logits), labels, reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
         if not self._calls_its_own(CrossEntropyLoss):
             return None
         logits, labels = inputs
-        if getattr(logits, "dtype", _NO_DTYPE).kind in "iub":
+        return ops_nn.cross_entropy_call(self._floating(logits), labels, self.reduction)
+
+    def _floating(self, logits: Any) -> Any:
+        if getattr(logits, "dtype", NO_DTYPE).kind in "iub":  # no gradient, float64 loss
             raise float_input_error(self, logits, None, "logits")
-        return ops_nn.cross_entropy_call(logits, labels, self.reduction)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -83,20 +80,19 @@ class MSELoss(_Loss):
     """
 
     def __call__(self, params: Any, pred: Any, target: Any, *, rng: Any = None) -> Any:
-        dtype = getattr(pred, "dtype", _NO_DTYPE)
-        if dtype.kind in "iub":  # no gradient, and a float64 loss
-            raise float_input_error(self, pred, None, "pred")
-        if getattr(target, "dtype", _NO_DTYPE).kind in "iub":  # a label: no gradient to lose
-            target = raw(target).astype(dtype)
-        return ops_nn.mse_loss(pred, target, reduction=self.reduction)
+        return ops_nn.mse_loss(pred, self._target(pred, target), reduction=self.reduction)
 
     def primitive_call(self, *inputs: Any) -> PrimitiveCall | None:
         if not self._calls_its_own(MSELoss):
             return None
         pred, target = inputs
-        dtype = getattr(pred, "dtype", _NO_DTYPE)
-        if dtype.kind in "iub":
+        return ops_nn.mse_loss_call(pred, self._target(pred, target), self.reduction)
+
+    def _target(self, pred: Any, target: Any) -> Any:
+        """``target`` after the checks of the prediction: cast to its dtype if integral."""
+        dtype = getattr(pred, "dtype", NO_DTYPE)
+        if dtype.kind in "iub":  # no gradient, and a float64 loss
             raise float_input_error(self, pred, None, "pred")
-        if getattr(target, "dtype", _NO_DTYPE).kind in "iub":
-            target = raw(target).astype(dtype)
-        return ops_nn.mse_loss_call(pred, target, self.reduction)
+        if getattr(target, "dtype", NO_DTYPE).kind in "iub":  # a label: no gradient to lose
+            return raw(target).astype(dtype)
+        return target

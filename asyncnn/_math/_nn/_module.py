@@ -18,7 +18,7 @@ from asyncnn.backends import Backend, get_backend, is_floating
 
 from .._pytree import tree_leaves
 
-__all__ = ["Initializer", "Module", "check_params", "float_input_error", "shape_of"]
+__all__ = ["NO_DTYPE", "Initializer", "Module", "check_params", "float_input_error", "shape_of"]
 
 Shape = tuple[int, ...]
 
@@ -215,6 +215,11 @@ def check_ndim(module: Any, x: Any, ndims: Sequence[int], layout: str) -> Shape:
     if len(shape) not in ndims:
         raise ValueError(f"{module!r} expects {layout} input, got shape {shape}")
     return shape
+
+
+#: the dtype an input without one (a Python float) passes the integer checks with:
+#: ``getattr(x, "dtype", NO_DTYPE).kind in "iub"``
+NO_DTYPE = np.dtype(np.float64)
 
 
 def float_input_error(module: Any, x: Any, param: Any = None, what: str = "input") -> TypeError:

@@ -6,16 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Module, Shape, float_input_error
+from ._module import NO_DTYPE, Module, Shape, float_input_error
 
 __all__ = ["Dropout", "Flatten"]
-
-#: the dtype an input without one (a Python float) passes the checks with
-_NO_DTYPE = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ class Dropout(Module):
         return True
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        if getattr(x, "dtype", _NO_DTYPE).kind in "iub":  # scaled ints would be wrong values
+        if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # scaled ints would be wrong values
             raise float_input_error(self, x)
         return ops_nn.dropout(x, float(self.p), rng)
 
