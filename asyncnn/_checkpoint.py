@@ -25,6 +25,7 @@ import numpy as np
 
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._pytree import tree_flatten, tree_map
+from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
 from ._runtime._policies import policy_from_spec
 from ._runtime._run import RunState
@@ -173,16 +174,8 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
     _sync(path)
 
 
-#: run options a checkpoint keeps, each with the test of a valid value and what it must be
-_OPTIONS: dict[str, tuple[Any, str]] = {
-    "stall_timeout": (
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
-        "a number > 0",
-    ),
-    "check_finite": (lambda v: isinstance(v, bool), "True or False"),
-    "trace_payloads": (lambda v: v in ("inputs", "all", "none"), "'inputs', 'all' or 'none'"),
-    "cuda_graphs": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
-}
+#: the run options a checkpoint keeps (checked on load as a RunConfig checks them)
+_OPTIONS = ("stall_timeout", "check_finite", "trace_payloads", "cuda_graphs")
 
 
 def _options(options: Any, spec_path: str) -> dict[str, Any]:
@@ -193,16 +186,12 @@ def _options(options: Any, spec_path: str) -> dict[str, Any]:
     """
     if not isinstance(options, dict):
         raise CheckpointError(f"{spec_path}: 'options' must be a dict, got {options!r:.80}")
-    kept = {}
-    for name, value in options.items():
-        if name not in _OPTIONS:
-            continue  # an option of a later version: its default here
-        valid, expected = _OPTIONS[name]
-        if not valid(value):
-            raise CheckpointError(
-                f"{spec_path}: option {name!r} is {value!r:.80}; it must be {expected}"
-            )
-        kept[name] = value
+    # (an option of a later version is left out: its default here)
+    kept = {name: value for name, value in options.items() if name in _OPTIONS}
+    try:
+        RunConfig(**kept)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{spec_path}: option {exc}") from exc
     return kept
 
 

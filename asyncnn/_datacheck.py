@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._math._data import has_numpy_dtype
 from ._runtime._checks import check_input
 from ._runtime._graph import Graph
 from .backends import is_floating, to_numpy
@@ -142,7 +143,7 @@ def _compare(layer: str, want: Any, got: Any, path: str) -> None:
         return
     if not (hasattr(want, "shape") and hasattr(want, "dtype")):
         return  # a scalar setting kept in the tree
-    if not hasattr(got, "shape") or not _numpy_dtype(got):
+    if not hasattr(got, "shape") or not has_numpy_dtype(got):
         try:  # a list, or an array of a dtype numpy does not know (a torch tensor's)
             got = np.asarray(to_numpy(got))
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -154,12 +155,3 @@ def _compare(layer: str, want: Any, got: Any, path: str) -> None:
         raise ValueError(f"{where} has shape {shape}; the layer's is {tuple(want.shape)}")
     if not (np.dtype(got.dtype).kind in "iu" or is_floating(got.dtype)):
         raise ValueError(f"{where} has dtype {got.dtype}; parameters are real numbers (float)")
-
-
-def _numpy_dtype(array: Any) -> bool:
-    """Whether ``array.dtype`` is one numpy knows."""
-    try:
-        np.dtype(array.dtype)
-    except TypeError:
-        return False
-    return True

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import is_cupy_array
+
 __all__ = ["ArrayDataset", "batch_length", "epoch_permutation", "split_microbatches"]
 
 
@@ -68,6 +70,15 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray[Any, A
     return rng.permutation(num_rows)
 
 
+def has_numpy_dtype(array: Any) -> bool:
+    """Whether ``array.dtype`` is one numpy knows (a torch tensor's is not)."""
+    try:
+        np.dtype(array.dtype)
+    except TypeError:
+        return False
+    return True
+
+
 def _as_array(name: str, array: Any) -> Any:
     """One field of a dataset as an array that rows can be taken from (see
     :class:`ArrayDataset`)."""
@@ -78,15 +89,11 @@ def _as_array(name: str, array: Any) -> Any:
         )
     if isinstance(array, np.ndarray):
         return np.asarray(array)  # a subclass (np.matrix would stay 2-d when indexed): a view
-    if hasattr(array, "shape") and type(array).__module__.startswith("cupy"):
+    if hasattr(array, "shape") and is_cupy_array(array):
         return array
-    if hasattr(array, "shape") and hasattr(array, "dtype"):
-        try:
-            np.dtype(array.dtype)
-            return array  # an array of a numpy dtype (h5py, zarr): rows are read as needed
-        except TypeError:
-            pass  # a dtype numpy does not know (a torch tensor's): converted below
-    try:
+    if hasattr(array, "shape") and hasattr(array, "dtype") and has_numpy_dtype(array):
+        return array  # an array of a numpy dtype (h5py, zarr): rows are read as needed
+    try:  # (a dtype numpy does not know, a torch tensor's, is converted here too)
         return np.asarray(array)
     except ValueError as exc:  # ragged nested lists
         raise ValueError(
