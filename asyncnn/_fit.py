@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ class _FitPlan:
     batch_size: int
     shuffle: bool
     drop_last: bool
-    validation_data: Mapping[str, Any] | None
+    validation_data: ArrayDataset | None
     callbacks: list[Callback]
     checkpoint_dir: str | None
     checkpoint_every: int | None

@@ -303,17 +303,16 @@ class Trainer:
         check_batch(self.graph, dataset.arrays, check_data or self.check_finite)
         if check_data:
             check_labels(self.graph, self.shapes, dataset.arrays)
-        if isinstance(validation_data, ArrayDataset):
-            validation_data = validation_data.arrays
+        validation = None
         if validation_data is not None:
-            require_inputs(self.graph, validation_data, self.graph.losses, "validation_data")
-            validation_data = ArrayDataset(validation_data).arrays
-            check_inputs(self.graph, validation_data, self.graph.losses, "validation_data")
-            check_batch(self.graph, validation_data, check_data)
+            validation = self._checked_dataset(
+                validation_data, self.graph.losses, "validation_data"
+            )
+            check_batch(self.graph, validation.arrays, check_data)
             if check_data:
-                check_labels(self.graph, self.shapes, validation_data)
+                check_labels(self.graph, self.shapes, validation.arrays)
         plan = _FitPlan(
-            dataset, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
+            dataset, epochs, batch_size, shuffle, drop_last, validation, callbacks,
             None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,
             keep_checkpoints,
         )  # fmt: skip
@@ -401,10 +400,7 @@ class Trainer:
                 the graph declares (named); the data has no rows.
         """
         outputs = list(self.graph.outputs.values())
-        data = data.arrays if isinstance(data, ArrayDataset) else data
-        require_inputs(self.graph, data, outputs, "predict")
-        dataset = ArrayDataset(data)
-        check_inputs(self.graph, dataset.arrays, outputs, "predict")
+        dataset = self._checked_dataset(data, outputs, "predict")
         params = self._params_on_devices()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
         for batch in dataset.batches(batch_size):
@@ -425,17 +421,22 @@ class Trainer:
                 shape or dtype than the graph declares (named); a label is out of range (named
                 with its row); the data has no rows.
         """
-        data = data.arrays if isinstance(data, ArrayDataset) else data
-        require_inputs(self.graph, data, self.graph.losses, "evaluate")
-        dataset = ArrayDataset(data)
-        check_inputs(self.graph, dataset.arrays, self.graph.losses, "evaluate")
+        dataset = self._checked_dataset(data, self.graph.losses, "evaluate")
         check_labels(self.graph, self.shapes, dataset.arrays)
         return self._evaluate(dataset, batch_size)
 
-    def _evaluate(
-        self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
-    ) -> dict[str, float]:
-        dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
+    def _checked_dataset(
+        self, data: Mapping[str, Any] | ArrayDataset, targets: Any, what: str
+    ) -> ArrayDataset:
+        """``data`` as a dataset, once the inputs ``targets`` need are there (named, before the
+        arrays are read) and have the shapes and dtypes the graph declares."""
+        arrays = data.arrays if isinstance(data, ArrayDataset) else data
+        require_inputs(self.graph, arrays, targets, what)
+        dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(arrays)
+        check_inputs(self.graph, dataset.arrays, targets, what)
+        return dataset
+
+    def _evaluate(self, dataset: ArrayDataset, batch_size: int = 256) -> dict[str, float]:
         params = self._params_on_devices()
         n = len(dataset)
         loss_sum = 0.0

@@ -231,16 +231,8 @@ async def _driver_run(
             )  # fmt: skip
             run.results = {}
             run.worker_traces = share.traces
-            try:
-                async with hosting(run, share):
-                    yield run
-            except BaseException:
-                # a run cancelled from outside (a cancel scope, Ctrl-C on asyncio) is no failure
-                # of its tasks, so hosting asked the workers for nothing: their events are
-                # gathered here, before the cluster takes them down
-                if share.trace is not None and not share.gathered:
-                    await _gather_traces(cluster, share.traces, hosted_by)
-                raise
+            async with hosting(run, share):
+                yield run
 
 
 class _DriverShare(LinkedShare):
@@ -273,8 +265,6 @@ class _DriverShare(LinkedShare):
         self.results_in = anyio.Event()
         # each worker's trace file, as it sent it (with its result, or with its error report)
         self.traces: dict[int, Any] = {}
-        # the workers were asked for their events (after a failure): not again
-        self.gathered = False
 
     async def begin(self, run: Run) -> None:
         assert isinstance(run, DriverRun)
@@ -312,8 +302,13 @@ class _DriverShare(LinkedShare):
             error = await _died(self.cluster, j, self.hosted_by.get(j, []), lost)
         if self.trace is not None:
             await _gather_traces(self.cluster, self.traces, self.hosted_by)
-            self.gathered = True
         return error
+
+    async def interrupted(self, run: Run) -> None:
+        # a run cancelled from outside (a cancel scope, Ctrl-C on asyncio) is no failure of its
+        # tasks: its workers' events are asked for here, before the cluster takes them down
+        if self.trace is not None:
+            await _gather_traces(self.cluster, self.traces, self.hosted_by)
 
     def trace_closing(self, failed: bool) -> None:
         if not failed or self.recorder is None:

@@ -113,9 +113,8 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
 
 def _first_bad_row(arr: Any) -> int:
     """The first row of ``arr`` holding a NaN or an Inf (on the error path only)."""
-    finite = np.isfinite(np.asarray(to_numpy(arr)))
-    rows_ok = finite.reshape(finite.shape[0], -1).all(axis=1) if finite.ndim else finite
-    return int(np.flatnonzero(~rows_ok)[0]) if finite.ndim else 0
+    finite = np.isfinite(np.asarray(to_numpy(arr)))  # (check_input gave it a batch axis)
+    return int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
 
 
 def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:

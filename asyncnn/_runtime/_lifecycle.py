@@ -222,6 +222,11 @@ class Share:
         """The one error a failed run reports, out of what its tasks raised."""
         return single_error(group)
 
+    async def interrupted(self, run: Run) -> None:
+        """Runs when the run is cancelled from outside or interrupted (Ctrl-C), before its
+        inboxes close (the driver collects its workers' events for the trace); whatever it
+        awaits must shield itself from the cancellation."""
+
     def close(self, run: Run) -> None:
         """Releases what this process opened for the run (its links to other processes' GPUs),
         whether it went well or not."""
@@ -266,8 +271,10 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
         # look like a run that ended cleanly (and a replay of it wait for the work left undone)
         if share.records_error:
             record_interruption(run.recorder, exc)
+        await share.interrupted(run)
         raise
     finally:
+        run._ended = True  # a step after the block is refused, naming it
         try:
             close_channels(run)
         finally:

@@ -70,12 +70,13 @@ class LoopActor(LayerActor):
         row took."""
         loop = self.loop
         xp = self.backend.xp
+        who = f"loop {self.name!r}"  # for the errors
         h, xs, lengths = loop.split(self._to_device(inputs))
         n = int(h.shape[0])
         total = loop.steps(xs)
         if lengths is not None:
             lengths = np.asarray(self.backend.to_numpy(lengths))
-            check_lengths(lengths, total, f"loop {self.name!r}")
+            check_lengths(lengths, total, who)
             active = lengths > 0
         else:
             active = np.ones(n, dtype=bool)
@@ -104,7 +105,6 @@ class LoopActor(LayerActor):
                 active = lengths > t + 1
             if loop.until is not None:
                 stop = self.backend.to_numpy(loop.until({}, new))
-                who = f"loop {self.name!r}"
                 active[rows[stop_rows(stop, len(rows), tuple(new.shape), loop.until, who)]] = False
         return (outs if outs is not None else h), records, steps_done
 
@@ -179,8 +179,7 @@ class LoopActor(LayerActor):
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         records, forward_version, inputs = self._unhold(key)
         if records is None:  # not stashed: recompute the steps
-            schedule = self.schedules.pop(key)
-            records = await self._recompute(forward_version, inputs, schedule, False)
+            records = await self._recompute(key, forward_version, inputs, False)
         param_grads, input_grads = await self.compute(
             self._unwind, records, grad, inputs, cost=self._unwind_cost(records)
         )
@@ -197,8 +196,7 @@ class LoopActor(LayerActor):
         # step's weight half kept (the key stays stored, as a layer's does) for the weight half
         records, forward_version, inputs = self.store[key]
         if records is None:  # not stashed: recompute the steps
-            schedule = self.schedules.pop(key)
-            records = await self._recompute(forward_version, inputs, schedule, True)
+            records = await self._recompute(key, forward_version, inputs, True)
         cost = self._unwind_cost(records) / 2  # each half about half the work
         halves, input_grads = await self.compute(
             self._unwind, records, grad, inputs, True, cost=cost
@@ -212,12 +210,13 @@ class LoopActor(LayerActor):
         await self._settle(param_grads, meta, forward_version)
 
     async def _recompute(
-        self, forward_version: int, inputs: list[Any], schedule: list[Any], split: bool
+        self, key: int, forward_version: int, inputs: list[Any], split: bool
     ) -> list[tuple[Any, Any]]:
         """A key's steps taped again (its forward kept no pullback), at the latest weights, or
         at the policy's estimate of the forward's (DiscrepancyCorrection), over the rows the
         forward ran at each step: the output's gradient is that of the forward's steps, even
         where other weights would stop a row (``until``) at another step."""
+        schedule = self.schedules.pop(key)
         params = await self.recompute_weights(forward_version)
         cost = self._cost(1) * sum(len(r) for r in schedule)
         records: list[tuple[Any, Any]] = await self.compute(

@@ -47,11 +47,8 @@ class LossActor(_Actor):
         self.graphs: LossGraphs | None = None
         if not self.on_cpu and ctx.cuda_graphs:
             self.graphs = LossGraphs(self)
-        # (key, the value's host copy in flight, the event after that copy, meta, the key's
-        # share of its minibatch's loss), oldest first
-        self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any], float]] = (
-            collections.deque()
-        )
+        # (key, the value's host copy in flight, the event after that copy, meta), oldest first
+        self.unread: collections.deque[tuple[int, Any, Any, dict[str, Any]]] = collections.deque()
         self.spare: list[Any] = []  # host buffers read already, for the next copies
         # the input slots whose gradient goes upstream (the others, labels, are constants)
         self.diff_slots = [slot for slot, _, _ in self.grad_targets]
@@ -126,8 +123,6 @@ class LossActor(_Actor):
         del self.fwd_count[key]
         meta = self.meta.pop(key)
         rows, mb_rows = int(meta["rows"]), int(meta["mb_rows"])
-        # a mean's keys are weighted by their share of the minibatch's rows; a sum's add up
-        share = 1.0 if self.sums_rows else rows / mb_rows
         scale = 1.0 if self.sums_rows else self.ctx.policy.loss_cotangent(rows, mb_rows)
         self.after = self.events.pop(key, [])
         fn: Any = self._value_and_grads
@@ -145,7 +140,7 @@ class LossActor(_Actor):
             self.ctx.check_finite(self.name, FORWARD, key, value)
             # reported before the gradients leave: a cluster worker's report then rides with them
             loss = float(value)
-            self.ctx.loss_reported(key, loss * share, meta)
+            self.ctx.loss_reported(key, loss * self._share(meta), meta)
         else:
             value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         await self._send_grads(key, 0, grads, meta)
@@ -160,7 +155,7 @@ class LossActor(_Actor):
             rec.event(self.name, "end", FORWARD, key, 0, "", self.seq, meta={"loss": recorded})
             self._record_device(rec, FORWARD, key, self.seq)
         if not now:
-            self.unread.append((key, value, self.last_event, meta, share))
+            self.unread.append((key, value, self.last_event, meta))
             # read what has landed; past MAX_UNREAD keys ahead of the device the host waits
             while self.unread and (
                 len(self.unread) > MAX_UNREAD or self.backend.event_done(self.unread[0][2])
@@ -176,13 +171,18 @@ class LossActor(_Actor):
         return self.backend.to_host_async(value, spare), grads
 
     async def _read_oldest(self) -> None:
-        key, value, event, meta, share = self.unread[0]
+        key, value, event, meta = self.unread[0]
         await self.ctx.pool.wait(event, device=self.device)
         self.unread.popleft()
         loss = float(value)
         if self.ctx.recorder is None:  # (a trace's writer may not have read it yet)
             self.spare.append(value)
-        self.ctx.loss_reported(key, loss * share, meta)
+        self.ctx.loss_reported(key, loss * self._share(meta), meta)
+
+    def _share(self, meta: dict[str, Any]) -> float:
+        """A key's part of its minibatch's loss: a mean's keys are weighted by their share of
+        the minibatch's rows; a sum's add up."""
+        return 1.0 if self.sums_rows else int(meta["rows"]) / int(meta["mb_rows"])
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)

@@ -83,8 +83,6 @@ class RouterActor(LayerActor):
         stats.dropped_rows = {n: 0 for n in self.expert_names}
         # key -> (route, choice, the rows that go to each expert)
         self.routes: dict[int, tuple[Any, Any, list[Any]]] = {}
-        # key -> (gate gradient, forward version): input half done, weight half due
-        self.weight_grads: dict[int, tuple[Any, int]] = {}
 
     def _gate(self, params: Any, inputs: list[Any], chosen: list[Any]) -> Any:
         """The gate weights; picks the experts from the scores on the first call (``chosen``
@@ -165,29 +163,33 @@ class RouterActor(LayerActor):
         return list(parts)  # one per consumer edge, not summed; moved in on_backward's compute
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        param_grads, input_grads, forward_version = await self._route_backward(key, grad)
+        entry = self._unhold(key)
+        param_grads, input_grads = await self._route_backward(key, grad, entry)
         # with the forward's version: the gradient's delay is recorded, and corrected by a
         # policy that corrects stale gradients
-        await self._settle(param_grads, meta, forward_version)
+        await self._settle(param_grads, meta, entry[1])
         return input_grads
 
     async def on_backward_input(
         self, key: int, grad: Any, meta: dict[str, Any]
     ) -> list[Any] | None:
         # a split backward (ZeroBubbleH1): the gate is small, its parameter gradient comes with
-        # the input's here, and the weight half only accumulates it
-        param_grads, input_grads, forward_version = await self._route_backward(key, grad)
-        self.weight_grads[key] = (param_grads, forward_version)
+        # the input's here; the key stays stored (as a layer's does) with it for the weight half
+        entry = self.store[key]
+        param_grads, input_grads = await self._route_backward(key, grad, entry)
+        self.store[key] = (param_grads, entry[1], None)
         return input_grads
 
     async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
-        param_grads, forward_version = self.weight_grads.pop(key)
+        param_grads, forward_version, _ = self._unhold(key)
         await self._settle(param_grads, meta, forward_version)
 
-    async def _route_backward(self, key: int, grad: list[Any]) -> tuple[Any, list[Any], int]:
+    async def _route_backward(
+        self, key: int, grad: list[Any], entry: tuple[Any, int, Any]
+    ) -> tuple[Any, list[Any]]:
         """A key's gate gradient and input gradient (the experts' input gradients scattered
-        back to their rows), and the version of its forward."""
-        pullback, forward_version, inputs = self._unhold(key)
+        back to their rows), from its store entry ``(pullback, forward version, inputs)``."""
+        pullback, forward_version, inputs = entry
         route, choice, picks = self.routes.pop(key)
         if pullback is None:  # recompute the gate (latest or estimated weights); the route stays
             params = await self.recompute_weights(forward_version)
@@ -222,7 +224,7 @@ class RouterActor(LayerActor):
             return param_grads, input_grads
 
         param_grads, input_grads = await self.compute(backward, pullback, grad)
-        return param_grads, input_grads, forward_version
+        return param_grads, input_grads
 
 
 class MergeActor(LayerActor):
@@ -281,10 +283,8 @@ class MergeActor(LayerActor):
             picks.append((r, c))
             w = weights[r, c]
             out[r] += w.reshape((-1,) + (1,) * (y.ndim - 1)) * y
-        if out is None:  # every choice of every row was dropped: the rows' outputs are zeros
-            shape = self.ctx.graph.shapes.get(self.name)
-            trail = tuple(shape[1:]) if shape else ()
-            out = xp.zeros((weights.shape[0], *trail), dtype=weights.dtype)
+        if out is None:
+            out = _all_dropped(self.ctx.graph, self.name, weights, xp)
         return out, weights, picks, list(branches)
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
@@ -351,10 +351,8 @@ def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -
             cols = np.nonzero(route == e)[1]
             w = weights[rows, cols].reshape((-1,) + (1,) * (y.ndim - 1))
             out[rows] += w * y
-        if out is None:  # every choice of every row was dropped: zero rows, as the actor gives
-            shape = graph.shapes.get(name)
-            trail = tuple(shape[1:]) if shape else ()
-            out = backend.xp.zeros((x.shape[0], *trail), dtype=weights.dtype)
+        if out is None:
+            out = _all_dropped(graph, name, weights, backend.xp)
         values[name] = out
         return True
     if isinstance(src, tuple):
@@ -368,3 +366,11 @@ def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -
         values[name] = ("branch", rows, y)
         return True
     return False
+
+
+def _all_dropped(graph: Graph, name: str, weights: Any, xp: Any) -> Any:
+    """The merge ``name``'s output where every choice of every row was dropped: zeros, of the
+    graph's width for it (the merge and the plain evaluation alike)."""
+    shape = graph.shapes.get(name)
+    trail = tuple(shape[1:]) if shape else ()
+    return xp.zeros((weights.shape[0], *trail), dtype=weights.dtype)

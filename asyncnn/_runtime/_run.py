@@ -701,11 +701,7 @@ async def open_run(
             graph, optimizer, policy, config, state=state, pool=pool, on_loss=on_loss,
             validated=validated,
         ) as remote_run:  # fmt: skip
-            try:
-                yield remote_run
-            finally:
-                if isinstance(remote_run, Run):  # (a cluster's stand-in in tests may yield None)
-                    remote_run._ended = True
+            yield remote_run
         return
     if not validated:
         validate(graph, config.dtype)
@@ -718,8 +714,5 @@ async def open_run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
             )  # fmt: skip
-            try:
-                async with hosting(run, Share()):
-                    yield run
-            finally:
-                run._ended = True
+            async with hosting(run, Share()):
+                yield run
