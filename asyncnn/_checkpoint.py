@@ -15,6 +15,7 @@ The layout of a folder (format version 2)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -209,16 +210,29 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
+def _read_manifest(file: str) -> dict[str, Any]:
+    """A manifest file's JSON object (format and version unchecked).
+
+    Raises:
+        ValueError: it is too large, not JSON (UnicodeDecodeError too) or not an object.
+        OSError: it cannot be read.
+    """
+    if os.path.getsize(file) > _MAX_MANIFEST_BYTES:
+        raise ValueError(f"it is larger than {_MAX_MANIFEST_BYTES} bytes")
+    with open(file, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError("it is not a JSON object")
+    return manifest
+
+
 def _finish_save(path: str) -> bool:
     """Finishes a save interrupted between its renames, whose new files are all there (each
     renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
     returns whether it did."""
     tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
     try:
-        if os.path.getsize(tmp_manifest) > _MAX_MANIFEST_BYTES:
-            return False
-        with open(tmp_manifest, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = _read_manifest(tmp_manifest)
         files = manifest["files"]
         if manifest.get("format") != FORMAT or set(files) != {SPEC, ARRAYS}:
             return False
@@ -275,10 +289,9 @@ def _is_checkpoint(path: str) -> bool:
     try:
         manifest_path = os.path.join(path, MANIFEST)
         if os.path.exists(manifest_path) and os.path.getsize(manifest_path) <= _MAX_MANIFEST_BYTES:
-            with open(manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
-            if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
-                return True
+            with contextlib.suppress(ValueError):  # not an object: the spec may still say
+                if _read_manifest(manifest_path).get("format") == FORMAT:
+                    return True
         spec_path = os.path.join(path, SPEC)
         if os.path.exists(spec_path) and os.path.getsize(spec_path) <= _MAX_SPEC_BYTES:
             with open(spec_path, "rb") as f:
@@ -405,12 +418,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
             "deleted); load it with the asyncnn that wrote it"
         )
     try:
-        if os.path.getsize(manifest_path) > _MAX_MANIFEST_BYTES:
-            raise ValueError(f"it is larger than {_MAX_MANIFEST_BYTES} bytes")
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if not isinstance(manifest, dict):
-            raise ValueError("it is not a JSON object")
+        manifest = _read_manifest(manifest_path)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is damaged: {exc}") from exc
     if manifest.get("format") != FORMAT:
