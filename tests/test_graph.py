@@ -315,6 +315,42 @@ def test_sequential_weights_do_not_depend_on_the_stage_cut():
         ann.Graph.from_spec(bad)
 
 
+def _dropout_chain(chain: str, p: float) -> list[Any]:
+    """A chain with dropout: one between Linear layers, or two that a cut may keep together."""
+    if chain == "two in a stage":
+        return [nn.Linear(5, 8), nn.Dropout(p), nn.Tanh(), nn.Dropout(p), nn.Linear(8, 3)]
+    return [nn.Linear(5, 8), nn.ReLU(), nn.Dropout(p), nn.Linear(8, 8), nn.Linear(8, 3)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("chain", ["one", "two in a stage"])
+async def test_sequential_dropout_masks_do_not_depend_on_the_stage_cut(chain):
+    # each module draws its masks by its place in the whole chain (as its weights are seeded):
+    # a cut elsewhere (balance="time" varies from run to run) trains to the same bits
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((8, 5)), "y": rng.integers(0, 3, 8)} for _ in range(3)]
+
+    async def train(p, stages):
+        g = ann.Graph.sequential(_dropout_chain(chain, p), nn.CrossEntropyLoss(), stages)
+        async with ann.open_run(
+            g, optimizer=optim.SGD(lr=0.5), policy=policies.Sync(), seed=3, dtype="float64"
+        ) as run:
+            for batch in batches:
+                await run.step(batch)
+            await run.drain()
+        return [x for n in g.layers for x in ann._math._pytree.tree_leaves(run.params[n])]
+
+    whole = await train(0.5, 1)
+    for stages in ([1, 4], [3, 2], 2, 4):
+        cut = await train(0.5, stages)
+        assert len(cut) == len(whole)
+        for a, b in zip(whole, cut, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"stages={stages}")
+    # the masks took effect: at p=0 the weights end elsewhere
+    plain = await train(0.0, 1)
+    assert any(not np.array_equal(a, b) for a, b in zip(whole, plain, strict=True))
+
+
 def test_sequential_balances_stages_by_measured_time():
     from asyncnn._runtime._balance import module_times as _module_times
 

@@ -334,6 +334,25 @@ def test_dropout(backend: Backend) -> None:
     assert not np.array_equal(y1, to_numpy(m([{}], x, rng=backend.rng(4))))
 
 
+def test_sequential_draws_each_module_from_its_own_rng_of_a_list(backend: Backend) -> None:
+    m = nn.Sequential(nn.Dropout(0.5), nn.Tanh(), nn.Dropout(0.25))
+    x = backend.asarray(np.ones((40, 30)))
+    y = to_numpy(m([{}, {}, {}], x, rng=[backend.rng(1), None, backend.rng(2)]))
+    # the same as calling the modules one by one, each with its own generator
+    h = m.modules[0]({}, x, rng=backend.rng(1))
+    h = m.modules[2]({}, m.modules[1]({}, h), rng=backend.rng(2))
+    np.testing.assert_array_equal(y, to_numpy(h))
+    # and not what one generator shared in turn gives
+    assert not np.array_equal(y, to_numpy(m([{}, {}, {}], x, rng=backend.rng(1))))
+
+
+def test_sequential_refuses_a_list_of_rngs_of_another_length(backend: Backend) -> None:
+    m = nn.Sequential(nn.Dropout(0.5), nn.Tanh(), nn.Dropout(0.25))
+    x = backend.asarray(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"Sequential of 3 modules .* tuple of length 2"):
+        m([{}, {}, {}], x, rng=(backend.rng(1), None))
+
+
 # -- torch cross-checks (same weights) ------------------------------------------------------------
 def test_against_torch() -> None:
     torch = pytest.importorskip("torch")

@@ -30,6 +30,7 @@ import numpy as np
 from asyncnn._errors import ActorError, StallError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
+from asyncnn._math._nn import Sequential
 from asyncnn._math._pytree import tree_leaves
 
 from ._capture import ActorGraphs
@@ -102,6 +103,7 @@ class LayerActor(WeightVersions):
         self.keep_pullback = ctx.policy.keeps_pullback()
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
         self.stochastic = _is_stochastic(self.module)
+        self.draw_places = _draw_places(node) if self.stochastic else None
         self.flops_per_sample = _flops_per_sample(self.module, ctx.graph, node)
         # CUDA graphs of the forward, backward and update (when active, see _capture)
         self.graphs: ActorGraphs | None = None
@@ -377,7 +379,14 @@ class LayerActor(WeightVersions):
     def _rng(self, key: int) -> Any:
         if not self.stochastic:
             return None
-        seq = np.random.SeedSequence([self.ctx.seed, self.stage, key, 0x5EED])
+        places = self.draw_places
+        if places is not None:  # a stage of a chain: one stream per module, by its place
+            seed, rng = self.ctx.seed, self.backend.rng
+            return [
+                None if i is None else rng(np.random.SeedSequence([seed, i, key, _PLACE_TAG]))
+                for i in places
+            ]
+        seq = np.random.SeedSequence([self.ctx.seed, self.stage, key, _STAGE_TAG])
         return self.backend.rng(seq)
 
     async def _forward(self, key: int) -> None:
@@ -618,6 +627,11 @@ class LayerActor(WeightVersions):
             )
 
 
+#: the last word of the seeds of a node's one stream (by its stage) and of a chain's per-module
+#: streams (by the module's place in the whole chain): distinct, so the two never coincide
+_STAGE_TAG = 0x5EED
+_PLACE_TAG = 0xC4A1
+
 #: the hooks the runtime awaits: a custom actor must define them with ``async def``
 _ASYNC_HOOKS = ("on_forward", "on_backward", "on_backward_input", "on_backward_weight")
 
@@ -648,6 +662,15 @@ def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:
         return float(flops(*shapes))
     except Exception:  # noqa: BLE001 - an estimate only: fall back to the parameter count
         return 0.0
+
+
+def _draw_places(node: Node) -> list[int | None] | None:
+    """For a stage of ``Graph.sequential``: each module's place in the whole chain (None where
+    it draws nothing), so its masks do not depend on where the chain is cut; else None."""
+    module, offset = node.module, node.init_offset
+    if offset is None or not isinstance(module, Sequential):
+        return None
+    return [offset + i if _is_stochastic(m) else None for i, m in enumerate(module)]
 
 
 def _is_stochastic(module: Any) -> bool:

@@ -1,10 +1,10 @@
 """How :meth:`Graph.sequential` cuts a chain of modules into stages: by parameter count, by
 FLOPs per sample, or by measured time, each a balanced partition (the largest stage smallest).
 
-A cut by measured time can differ between runs and machines. The results of a deterministic
-policy do not depend on the cut for a chain without random modules (the weights are seeded by each
-module's place in the whole chain), but dropout masks are drawn per stage: with ``Dropout`` in
-the chain another cut gives other results (see ``docs/cpu.md``, "Choosing stages")."""
+A cut by measured time can differ between runs and machines. The results of ``Sync``, ``GPipe``
+and ``OneFOneB`` do not depend on the cut, with ``Dropout`` in the chain too: each module's
+weights are seeded, and its masks drawn, by its place in the whole chain (see ``docs/cpu.md``,
+"Choosing stages"). A graph built node by node draws one stream per node."""
 
 from __future__ import annotations
 

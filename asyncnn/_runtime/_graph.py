@@ -67,8 +67,9 @@ class Node:
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
     recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
     #: a stage of ``Graph.sequential``: its ``Sequential`` holds the chain's modules from this
-    #: place on, seeded by their place in the whole chain (at the first stage's seed), so the
-    #: weights do not depend on where the chain is cut; None: seeded by the node's position
+    #: place on, seeded (and drawing their dropout masks) by their place in the whole chain (at
+    #: the first stage's seed), so neither depends on where the chain is cut; None: seeded by
+    #: the node's position
     init_offset: int | None = None
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
 

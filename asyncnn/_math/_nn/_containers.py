@@ -20,7 +20,8 @@ class Sequential(Module):
     """Applies modules one after another.
 
     Params: a list with one entry per module (``{}`` for modules without parameters). An ``rng``
-    passed to the call is passed on to every module.
+    passed to the call is passed on to every module in turn, or given per module as a list (how
+    ``Graph.sequential``'s stages draw each module's masks by its place in the whole chain).
     """
 
     modules: tuple[Module, ...]
@@ -86,6 +87,21 @@ class Sequential(Module):
         return [m.init_params(i) for m, i in zip(self.modules, inits, strict=True)]
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        """Applies the modules in order.
+
+        Args:
+            params: one entry per module (see :meth:`init`).
+            x: the input of the first module.
+            rng: None (evaluation), one Generator that the modules draw from in turn, or a list
+                or tuple with one entry per module (a Generator, or None for a module that
+                draws nothing): each module draws from its own entry only.
+
+        Returns:
+            The last module's output.
+
+        Raises:
+            ValueError: ``params``, or a list of ``rng``, not one entry per module.
+        """
         if not isinstance(params, list | tuple) or len(params) != len(self.modules):
             got = f"a {type(params).__name__}"
             if isinstance(params, list | tuple):
@@ -95,6 +111,16 @@ class Sequential(Module):
                 f"{len(self.modules)} entries (one per module, {{}} where a module has none), "
                 f"got {got}; create them with Sequential.init(seed)"
             )
+        if isinstance(rng, list | tuple):
+            if len(rng) != len(self.modules):
+                raise ValueError(
+                    f"Sequential of {len(self.modules)} modules expects rng as one Generator or "
+                    f"a list of {len(self.modules)} entries (one per module, None where a "
+                    f"module draws nothing), got a {type(rng).__name__} of length {len(rng)}"
+                )
+            for m, p, r in zip(self.modules, params, rng, strict=True):
+                x = m(p, x, rng=r)
+            return x
         for m, p in zip(self.modules, params, strict=True):
             x = m(p, x, rng=rng)
         return x
