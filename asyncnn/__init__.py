@@ -22,7 +22,8 @@ from ._runtime._actors import LayerActor
 from ._runtime._config import RunConfig
 from ._runtime._context import ActorContext
 from ._runtime._graph import Graph, TensorRef
-from ._runtime._run import Run, RunState, open_run
+from ._runtime._open_run import open_run
+from ._runtime._run import Run, RunState
 from ._runtime._statistics import ActorStatistics
 from ._train import History, Trainer
 from ._version import __version__ as __version__

@@ -19,7 +19,8 @@ from ._history import History
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
-from ._runtime._run import Run, RunState, open_run
+from ._runtime._open_run import open_run
+from ._runtime._run import Run, RunState
 
 if TYPE_CHECKING:
     from ._train import Trainer

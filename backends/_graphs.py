@@ -27,7 +27,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from ._parallel import capturing
+from ._dispatch import capturing
 
 __all__ = ["CaptureError", "active", "capture", "copy_into", "label_poison", "matmul"]
 

@@ -17,26 +17,27 @@ thread each, and one large computation is cut into parts that free workers take:
   the contraction, so every output element is summed in the same order as an uncut product with
   the same BLAS kernel.
 
-:func:`matmul` is the one entry point the math rules use: it dispatches to the product of a CUDA
-graph capture in progress, to the team of the calling thread (set on the team's workers, or by
-:func:`using_team`), or to ``a @ b``.
+Which team, if any, a thread's products go to (:func:`matmul`, :func:`elementwise`,
+:func:`using_team`) is decided per thread in ``_dispatch.py``; those names are imported here too,
+where the package has always found them.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import contextvars
 import functools
-import numbers
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ._checks import check_flag, check_number
+from ._dispatch import _state, current_team, elementwise, matmul, narrowed, using_team
 
 __all__ = [
     "DEFAULT_PART_ELEMENTS",
@@ -69,95 +70,6 @@ _UFUNCS: dict[Any, np.ufunc] = {
 }
 
 
-class _ThreadState(threading.local):
-    team: ComputeTeam | None = None
-    #: the capture-safe product of a CUDA graph capture in progress on this thread
-    capture_matmul: Callable[[Any, Any], Any] | None = None
-
-
-_state = _ThreadState()
-
-
-def current_team() -> ComputeTeam | None:
-    """The compute team whose products this thread splits (None: products run unsplit)."""
-    return _state.team
-
-
-@contextlib.contextmanager
-def using_team(team: ComputeTeam | None) -> Iterator[None]:
-    """Within the block, :func:`matmul` on this thread splits its products over ``team``.
-
-    A team's own workers use it already; this is for other threads, such as a plain training loop
-    on the main thread. ``None`` turns splitting off within the block.
-    """
-    previous = _state.team
-    _state.team = team
-    try:
-        yield
-    finally:
-        _state.team = previous
-
-
-@contextlib.contextmanager
-def capturing(product: Callable[[Any, Any], Any]) -> Iterator[None]:
-    """Within the block, :func:`matmul` on this thread is ``product`` (a CUDA graph capture's)."""
-    previous = _state.capture_matmul
-    _state.capture_matmul = product
-    try:
-        yield
-    finally:
-        _state.capture_matmul = previous
-
-
-def matmul(a: Any, b: Any) -> Any:
-    """``a @ b``, through the backend this thread is using.
-
-    Inside a CUDA graph capture on this thread: the capture's product (cuBLAS on the capture's
-    stream). On a thread with a :class:`ComputeTeam` (its workers, or inside :func:`using_team`):
-    large 2-D numpy products split across the team. Otherwise ``a @ b``. The product of two
-    arrays of one dtype is in that dtype: two bfloat16 arrays give bfloat16 (see :func:`narrowed`).
-    """
-    state = _state
-    product = state.capture_matmul
-    if product is not None:
-        return product(a, b)
-    team = state.team
-    if team is not None and type(a) is np.ndarray and type(b) is np.ndarray:
-        out = team.matmul(a, b)
-    else:
-        out = a @ b
-    if out.dtype is not a.dtype:  # one comparison: numpy's dtypes of float32, ... are singletons
-        return narrowed(out, a, b)
-    return out
-
-
-def narrowed(out: Any, a: Any, b: Any) -> Any:
-    """``out``, numpy's product of ``a`` and ``b``, in their dtype where numpy widened it.
-
-    numpy multiplies two bfloat16 arrays (ml_dtypes) in float32 and returns float32. cuBLAS also
-    accumulates in float32 but rounds the result to bfloat16, as this does: each op's output is
-    in its inputs' dtype on the CPU as on a GPU. Mixed dtypes keep numpy's promotion.
-    """
-    dtype = a.dtype
-    if out.dtype is dtype:  # the common case first: one comparison
-        return out
-    # (a vector times a vector is a numpy scalar; a cupy array is neither: cuBLAS rounded it)
-    if isinstance(out, np.ndarray | np.generic) and b.dtype == dtype != out.dtype:
-        return out.astype(dtype)
-    return out
-
-
-def elementwise(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` for an elementwise ``fn`` (each output row depends only on the same rows of
-    the inputs, numpy broadcasting); on a thread with a :class:`ComputeTeam`, large numpy work is
-    split by rows of the result (see :meth:`ComputeTeam.elementwise`). Bit-identical either way.
-    """
-    team = _state.team
-    if team is None:
-        return fn(*args)
-    return team.elementwise(fn, *args)
-
-
 @functools.lru_cache(maxsize=4096)
 def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
     """Cut points of ``range(length)`` into at most ``parts`` nearly equal pieces of whole
@@ -165,32 +77,6 @@ def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
     blocks = -(-length // align)
     parts = max(1, min(parts, blocks))
     return tuple(min(length, (i * blocks // parts) * align) for i in range(parts + 1))
-
-
-def check_number(
-    name: str, value: Any, *, integer: bool, least: float, none_ok: bool = False
-) -> None:
-    """Raises an error naming the argument ``name`` unless ``value`` is a number (a whole one
-    when ``integer``; never a bool) of at least ``least``, or None where ``none_ok``."""
-    if value is None and none_ok:
-        return
-    or_none = " or None" if none_ok else ""
-    if isinstance(value, bool) or not isinstance(
-        value, numbers.Integral if integer else numbers.Real
-    ):
-        raise TypeError(
-            f"{name} must be {'an int' if integer else 'a number'}{or_none}, got {value!r}"
-        )
-    if value < least:
-        raise ValueError(f"{name} must be at least {least}{or_none}, got {value!r}")
-
-
-def check_flag(name: str, value: Any, *, none_ok: bool = False) -> None:
-    """Raises an error naming ``name`` unless ``value`` is True or False (or None where
-    ``none_ok``): ``bool("false")`` is True, so a string must not pass as a flag."""
-    if not (isinstance(value, bool | np.bool_) or (value is None and none_ok)):
-        choices = "True, False or None" if none_ok else "True or False"
-        raise TypeError(f"{name} must be {choices}, got {value!r}")
 
 
 def _no_one_wide_tail(bounds: tuple[int, ...]) -> tuple[int, ...]:

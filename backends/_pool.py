@@ -31,7 +31,8 @@ import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
-from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam, check_flag, check_number
+from ._checks import check_flag, check_number
+from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
 from ._registry import get_backend
 
 __all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_pool"]

@@ -301,7 +301,7 @@ def test_bias_gradient_sums_split_by_columns_bit_for_bit(team: ComputeTeam) -> N
 
 
 def test_a_capture_in_progress_takes_the_products_before_the_team(team: ComputeTeam) -> None:
-    from asyncnn.backends._parallel import capturing
+    from asyncnn.backends._dispatch import capturing
 
     calls: list[tuple[int, ...]] = []
 

@@ -1,5 +1,5 @@
-"""A run: the actors of a graph, the scheduler that feeds them keys, and the async face
-:func:`open_run`."""
+"""A run: the actors of a graph and the scheduler that feeds them keys (``_open_run.py`` holds
+the async face :func:`open_run`, which makes one)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,27 +26,22 @@ from asyncnn.backends import (
 )
 
 from ._actor_table import actor_class
-from ._checks import _checkable, check_batch, check_cuda_graphs, validate
+from ._checks import _checkable, check_batch
+from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
-from ._lifecycle import (
-    Share,
-    close_channels,
-    hosting,
-    maybe_pool,
-    open_recorder,
-    recording,
-)
+from ._lifecycle import close_channels
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import Policy
 from ._recorder import Recorder
 from ._stall import BlockedLoopMonitor
-from ._state import RunState, init_state
+from ._state import RunState
+from ._state import init_state as init_state  # a cluster driver and tests import it here
 from ._statistics import ActorStatistics
 
-__all__ = ["Run", "RunState", "open_run"]
+__all__ = ["Run", "RunState"]
 
 
 @dataclass
@@ -604,115 +598,3 @@ def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
         if type(part) is not np.ndarray and is_cupy_array(part) and part.device.id not in events:
             events[part.device.id] = get_backend(f"cuda:{part.device.id}").record_event()
     return events
-
-
-@asynccontextmanager
-async def open_run(
-    graph: Graph,
-    optimizer: Any,
-    policy: Policy,
-    seed: int = 0,
-    dtype: str = "float32",
-    *,
-    state: RunState | None = None,
-    pool: DevicePool | None = None,
-    stall_timeout: float = 60.0,
-    check_finite: bool = False,
-    on_loss: Any = None,
-    validated: bool = False,
-    trace: str | None = None,
-    trace_payloads: str = "inputs",
-    cluster: Any = None,
-    cuda_graphs: bool | None = None,
-    config: RunConfig | None = None,
-) -> AsyncIterator[Run]:
-    """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
-
-    Usable from any running trio or asyncio loop (a notebook, a server)::
-
-        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4)) as run:
-            for batch in batches:
-                await run.step(batch)
-            await run.drain()
-        print(run.losses)
-
-    Leaving the block drains the run (every admitted key finishes). An exception in any actor
-    cancels the whole run and is raised here as one :class:`~asyncnn.ActorError`; no progress for
-    ``stall_timeout`` seconds raises :class:`~asyncnn.StallError`.
-
-    Args:
-        graph: the network.
-        optimizer: an ``asyncnn.optim`` optimizer; each layer keeps its own state.
-        policy: an ``asyncnn.policies`` policy.
-        seed: seeds parameter initialisation (per module of a sequential chain, else per
-            node) and dropout.
-        dtype: the floating dtype of parameters and float inputs.
-        state: start from these weights and optimizer states (default: fresh ones).
-        pool: a device pool to use (default: one opened for the run).
-        stall_timeout: seconds without progress, while keys are in flight, before failing.
-        check_finite: check every tensor for NaN/Inf and name the first actor producing one.
-        on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known.
-        validated: skip the checks of :func:`validate` (the caller has run them).
-        trace: write a message trace of the run to this file (see ``asyncnn.trace``).
-        trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"`` (the
-            data fed in, enough to replay), ``"all"`` (every message, enough to replay one actor
-            alone) or ``"none"``.
-        cluster: run the graph's nodes on this cluster's worker processes
-            (``asyncnn.cluster.LocalCluster`` or ``RayCluster``; nodes placed with ``worker=``;
-            the scheduler and nodes without ``worker`` stay in this process).
-        cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
-            its input shapes repeat, and replay them (far fewer kernel launches at small
-            batches). ``None`` (the default) captures where the run's GPU actors share one GPU
-            and there is no ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it
-            (also across several GPUs in one process) and refuses a ``cluster``. Used where
-            :meth:`Policy.allows_capture` says (flushes between minibatches, or keys streaming
-            at the latest or at stashed weights: ``Sync``, ``GPipe``, ``OneFOneB``,
-            ``PipeDream``, ``Async``), with or without a trace; elsewhere, and on CPU actors, the
-            run is eager (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
-        config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
-            own); the separate options must then keep their defaults.
-
-    Raises:
-        TypeError: ``cuda_graphs`` is not a bool or None.
-        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
-            option, or options given both separately and in ``config``.
-    """
-    given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
-    if config is None:
-        config = given
-    elif given != RunConfig():
-        raise ValueError(
-            "open_run: pass the run's options either in config= or separately, not both "
-            f"(config={config}, and separately {given})"
-        )
-    check_cuda_graphs(config.cuda_graphs, cluster)
-    if cluster is not None:
-        # the workers' actors stay eager: graphs need every actor in one process
-        if config.cuda_graphs is None:
-            config = config.replace(cuda_graphs=False)
-        defined_in_main = graph.main_classes()
-        if defined_in_main:
-            raise GraphError(
-                f"the graph names {defined_in_main}, defined in __main__ (this script or "
-                "notebook), which worker processes cannot import; move them to a module (a .py "
-                "file on the path) and import them from there"
-            )
-        async with cluster.open_run(
-            graph, optimizer, policy, config, state=state, pool=pool, on_loss=on_loss,
-            validated=validated,
-        ) as remote_run:  # fmt: skip
-            yield remote_run
-        return
-    if not validated:
-        validate(graph, config.dtype)
-    if state is None:
-        state = init_state(graph, optimizer, config.seed, config.dtype)
-    recorder = open_recorder(config, graph, optimizer, policy, state)
-    with recording(recorder):
-        async with maybe_pool(pool) as the_pool:
-            run = Run(
-                graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
-                recorder=recorder,
-            )  # fmt: skip
-            async with hosting(run, Share()):
-                yield run

@@ -22,9 +22,10 @@ from asyncnn._math._imports import trusted_modules as trusting
 from asyncnn._math._pytree import tree_flatten, tree_map
 from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._messages import Message
+from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import decode_tree
-from asyncnn._runtime._run import Run, RunState, open_run
+from asyncnn._runtime._run import Run, RunState
 from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 

@@ -1,0 +1,139 @@
+"""The async face of a run: :func:`open_run` checks its options, sends the run to a cluster's
+workers or keeps it in this process, and holds the :class:`Run` open for an ``async with`` block.
+
+Assembling a run (options, validation, the first state, the trace recorder, the device pool, the
+hosting of the actors) happens once per run and needs most of the runtime; the :class:`Run` it
+yields (``_run.py``) is the scheduler, on the path of every key. Apart, each reads top to bottom
+as one job, and the scheduler does not import what only the assembling needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from asyncnn._errors import GraphError
+from asyncnn.backends import DevicePool
+
+from ._checks import check_cuda_graphs, validate
+from ._config import RunConfig
+from ._graph import Graph
+from ._lifecycle import Share, hosting, maybe_pool, open_recorder, recording
+from ._policies import Policy
+from ._run import Run
+from ._state import RunState, init_state
+
+__all__ = ["open_run"]
+
+
+@asynccontextmanager
+async def open_run(
+    graph: Graph,
+    optimizer: Any,
+    policy: Policy,
+    seed: int = 0,
+    dtype: str = "float32",
+    *,
+    state: RunState | None = None,
+    pool: DevicePool | None = None,
+    stall_timeout: float = 60.0,
+    check_finite: bool = False,
+    on_loss: Any = None,
+    validated: bool = False,
+    trace: str | None = None,
+    trace_payloads: str = "inputs",
+    cluster: Any = None,
+    cuda_graphs: bool | None = None,
+    config: RunConfig | None = None,
+) -> AsyncIterator[Run]:
+    """Starts the actors of ``graph`` and yields the :class:`Run`; stops them on exit.
+
+    Usable from any running trio or asyncio loop (a notebook, a server)::
+
+        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4)) as run:
+            for batch in batches:
+                await run.step(batch)
+            await run.drain()
+        print(run.losses)
+
+    Leaving the block drains the run (every admitted key finishes). An exception in any actor
+    cancels the whole run and is raised here as one :class:`~asyncnn.ActorError`; no progress for
+    ``stall_timeout`` seconds raises :class:`~asyncnn.StallError`.
+
+    Args:
+        graph: the network.
+        optimizer: an ``asyncnn.optim`` optimizer; each layer keeps its own state.
+        policy: an ``asyncnn.policies`` policy.
+        seed: seeds parameter initialisation (per module of a sequential chain, else per
+            node) and dropout.
+        dtype: the floating dtype of parameters and float inputs.
+        state: start from these weights and optimizer states (default: fresh ones).
+        pool: a device pool to use (default: one opened for the run).
+        stall_timeout: seconds without progress, while keys are in flight, before failing.
+        check_finite: check every tensor for NaN/Inf and name the first actor producing one.
+        on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known.
+        validated: skip the checks of :func:`validate` (the caller has run them).
+        trace: write a message trace of the run to this file (see ``asyncnn.trace``).
+        trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"`` (the
+            data fed in, enough to replay), ``"all"`` (every message, enough to replay one actor
+            alone) or ``"none"``.
+        cluster: run the graph's nodes on this cluster's worker processes
+            (``asyncnn.cluster.LocalCluster`` or ``RayCluster``; nodes placed with ``worker=``;
+            the scheduler and nodes without ``worker`` stay in this process).
+        cuda_graphs: capture each GPU actor's forward, backward and update as CUDA graphs once
+            its input shapes repeat, and replay them (far fewer kernel launches at small
+            batches). ``None`` (the default) captures where the run's GPU actors share one GPU
+            and there is no ``cluster``; ``False`` keeps every actor eager; ``True`` asks for it
+            (also across several GPUs in one process) and refuses a ``cluster``. Used where
+            :meth:`Policy.allows_capture` says (flushes between minibatches, or keys streaming
+            at the latest or at stashed weights: ``Sync``, ``GPipe``, ``OneFOneB``,
+            ``PipeDream``, ``Async``), with or without a trace; elsewhere, and on CPU actors, the
+            run is eager (:attr:`Run.cuda_graphs_active` says which). See ``docs/gpus.md``.
+        config: every option above at once, as a :class:`RunConfig` (``Trainer`` passes its
+            own); the separate options must then keep their defaults.
+
+    Raises:
+        TypeError: ``cuda_graphs`` is not a bool or None.
+        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
+            option, or options given both separately and in ``config``.
+    """
+    given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
+    if config is None:
+        config = given
+    elif given != RunConfig():
+        raise ValueError(
+            "open_run: pass the run's options either in config= or separately, not both "
+            f"(config={config}, and separately {given})"
+        )
+    check_cuda_graphs(config.cuda_graphs, cluster)
+    if cluster is not None:
+        # the workers' actors stay eager: graphs need every actor in one process
+        if config.cuda_graphs is None:
+            config = config.replace(cuda_graphs=False)
+        defined_in_main = graph.main_classes()
+        if defined_in_main:
+            raise GraphError(
+                f"the graph names {defined_in_main}, defined in __main__ (this script or "
+                "notebook), which worker processes cannot import; move them to a module (a .py "
+                "file on the path) and import them from there"
+            )
+        async with cluster.open_run(
+            graph, optimizer, policy, config, state=state, pool=pool, on_loss=on_loss,
+            validated=validated,
+        ) as remote_run:  # fmt: skip
+            yield remote_run
+        return
+    if not validated:
+        validate(graph, config.dtype)
+    if state is None:
+        state = init_state(graph, optimizer, config.seed, config.dtype)
+    recorder = open_recorder(config, graph, optimizer, policy, state)
+    with recording(recorder):
+        async with maybe_pool(pool) as the_pool:
+            run = Run(
+                graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
+                recorder=recorder,
+            )  # fmt: skip
+            async with hosting(run, Share()):
+                yield run
