@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import msgpack
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from asyncnn import dynamic, nn, ops
+from asyncnn import dynamic, nn, ops, vjp
+from asyncnn._math._nn._module import shape_of
 from asyncnn.backends import Backend, to_numpy
 from asyncnn.testing import check_grads
 
@@ -289,6 +291,19 @@ def test_losses_forward(backend: Backend) -> None:
     assert float(mse) == pytest.approx(((logits - target) ** 2).mean(), rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("reduction", "logits", "out"),
+    [("none", (5, 4), (5,)), ("none", (2, 4, 3, 1), (2, 3, 1)), ("mean", (5, 4, 3), ())],
+)
+def test_cross_entropy_output_shape_is_the_labels(
+    reduction: str, logits: tuple[int, ...], out: tuple[int, ...]
+) -> None:
+    loss = nn.CrossEntropyLoss(reduction)
+    labels = np.zeros(logits[:1] + logits[2:], np.int64)
+    assert loss({}, np.zeros(logits), labels).shape == out
+    assert shape_of(loss, logits, labels.shape) == out  # not the logits' shape
+
+
 # -- gradients of whole modules (float64, finite differences) -------------------------------------
 GRAD_CASES = [
     (nn.Linear(3, 2), (2, 3)),
@@ -410,6 +425,38 @@ def test_against_torch() -> None:
         np.testing.assert_allclose(m(p, xa), ref_a, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("kv_len", "causal", "bias"), [(None, False, True), (None, True, False), (3, True, True)]
+)
+def test_attention_gradients_against_torch(kv_len: int | None, causal: bool, bias: bool) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    m = nn.MultiHeadAttention(6, 3, bias=bias, causal=causal)
+    p = {k: rng.standard_normal(v.shape) for k, v in m.init(0, dtype="float64").items()}
+    x = rng.standard_normal((2, 4, 6))
+    kv = () if kv_len is None else (rng.standard_normal((2, kv_len, 6)),) * 2
+    out, pullback = vjp(lambda p, *xs: m(p, *xs), p, x, *kv)
+    ct = rng.standard_normal(out.shape)
+    grads = pullback(ct)
+
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+    tx = [torch.tensor(a, requires_grad=True) for a in (x, *kv)]
+    q, k, v = (tx * 3)[:3] if kv_len is None else tx
+    lk = k.shape[1]
+    mask = torch.triu(torch.ones(4, lk, dtype=torch.bool), 1) if causal else None
+    w, b = tp["in_proj_weight"].T, tp.get("in_proj_bias")
+    ref = torch.nn.functional.multi_head_attention_forward(
+        *(t.transpose(0, 1) for t in (q, k, v)), 6, 3, w, b, None, None, False, 0.0,
+        tp["out_proj_weight"].T, tp.get("out_proj_bias"), attn_mask=mask, need_weights=False,
+    )[0].transpose(0, 1)  # fmt: skip
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    ref.backward(torch.tensor(ct))
+    for key, g in grads[0].items():
+        np.testing.assert_allclose(g, tp[key].grad.numpy(), rtol=1e-9, atol=1e-11, err_msg=key)
+    for g, t in zip(grads[1:], tx, strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-9, atol=1e-11)
+
+
 # -- specs, equality, flops -----------------------------------------------------------------------
 SPEC_MODULES = [
     nn.Linear(3, 4, bias=False), nn.Conv1d(2, 3, 5, stride=2, padding=1, dilation=2),
@@ -508,6 +555,25 @@ def test_error_messages() -> None:
 
     with pytest.raises(TypeError, match="dataclass"):
         NotDataclass().init(0)
+
+
+@pytest.mark.parametrize(
+    ("h", "x"),
+    [((4,), (2, 3)), ((1, 4), (2, 3)), ((2, 4), (1, 3)), ((2, 5), (2, 3)), ((2, 4), (2, 2))],
+)
+def test_rnn_cell_refuses_shapes_numpy_would_broadcast(
+    h: tuple[int, ...], x: tuple[int, ...]
+) -> None:
+    cell = dynamic.RNNCell(3, 4)
+    with pytest.raises(ValueError, match=rf"RNNCell\(.* got state h of shape {re.escape(str(h))}"):
+        cell(cell.init(0), np.zeros(h, np.float32), np.zeros(x, np.float32))
+
+
+def test_rnn_cell_checks_its_sizes_and_params() -> None:
+    with pytest.raises(ValueError, match="RNNCell: input_size must be an int >= 1, got 0"):
+        dynamic.RNNCell(0, 4)
+    with pytest.raises(ValueError, match=r"RNNCell\(.*expects params .*'w_h'"):
+        dynamic.RNNCell(3, 4)({"w_x": np.zeros((3, 4))}, np.zeros((2, 4)), np.zeros((2, 3)))
 
 
 def test_modules_say_whether_they_draw_random_numbers() -> None:

@@ -407,11 +407,71 @@ def test_forward_matches_numpy_reference(
     np.testing.assert_allclose(got, ref(*inputs), rtol=1e-10, atol=1e-12)
 
 
+_TAILS = np.array([-745.0, -700.0, -100.0, -40.0, -37.0, -30.0, -20.0, -10.0, -1e-3, 0.0, 1e-3,
+                   10.0, 20.0, 40.0, 700.0, 1000.0])  # fmt: skip
+
+
+def _logistic(x: float) -> float:
+    # in double precision, each side in the form that does not cancel
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float64, 1e-15), (np.float32, 1e-6)])
+def test_sigmoid_keeps_its_relative_precision_in_both_tails(
+    backend: Any, dtype: Any, rtol: float
+) -> None:
+    x = _TAILS.astype(dtype)
+    want = np.array([_logistic(float(v)) for v in x])
+    got = to_numpy(ops.sigmoid(backend.asarray(x))).astype(np.float64)
+    tiny = np.finfo(dtype).tiny  # below it a float32 result is subnormal or 0, as in torch
+    np.testing.assert_allclose(got, np.where(want < tiny, got, want), rtol=rtol, atol=0)
+    assert np.all(got[want < tiny] <= tiny)
+    g = to_numpy(ann.grad(lambda x: ops.sum(ops.sigmoid(x)))(backend.asarray(x))).astype(float)
+    # the derivative out * (1 - out), checked where it does not cancel (as in torch, 1 - out
+    # loses digits for large positive x)
+    dwant = want * (1 - want)
+    keep = (x <= 0) & (dwant > tiny)
+    np.testing.assert_allclose(g[keep], dwant[keep], rtol=10 * rtol, atol=0)
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum(backend: Any) -> None:
     x = backend.asarray(np.array([[[1.0, 3.0, 3.0, 0.0, 2.0, 2.0]]]))
     g = ann.grad(lambda x: ops.sum(ops.max_pool1d(x, 3, stride=1)))(x)
     # windows at 0..3: [1,3,3] [3,3,0] [3,0,2] [0,2,2]; the tied ones pick their first maximum
     np.testing.assert_array_equal(to_numpy(g), [[[0.0, 2.0, 1.0, 0.0, 1.0, 0.0]]])
+
+
+_NAN = np.nan
+
+
+@pytest.mark.parametrize(
+    ("row", "grad"),
+    [  # windows of 3 at stride 1; a NaN wins its windows, the last NaN of a window as in torch
+        ([1.0, _NAN, 2.0, 0.0, 5.0, 3.0], [0.0, 2.0, 0.0, 0.0, 2.0, 0.0]),
+        ([_NAN, 1.0, 2.0, 0.0, 5.0, 3.0], [1.0, 0.0, 1.0, 0.0, 2.0, 0.0]),
+        ([1.0, _NAN, 2.0, _NAN, 5.0, 3.0], [0.0, 1.0, 0.0, 3.0, 0.0, 0.0]),
+    ],
+)
+def test_max_pool_propagates_nan(backend: Any, row: list[float], grad: list[float]) -> None:
+    x = np.array([[row]])
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=1), backend.asarray(x))
+    np.testing.assert_array_equal(to_numpy(y), ref_pool(x, (3,), (1,), (0,), "max"))
+    np.testing.assert_array_equal(to_numpy(pullback(np.ones((1, 1, 4)))[0]), [[grad]])
+    x2 = np.stack([x, x], axis=3)  # (1, 1, 6, 2): the same windows in two dimensions
+    got = to_numpy(ops.max_pool2d(backend.asarray(x2), (3, 2), stride=1))
+    np.testing.assert_array_equal(got, ref_pool(x2, (3, 2), (1, 1), (0, 0), "max"))
+
+
+def test_max_pool_propagates_nan_as_torch() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.array([[[1.0, _NAN, 2.0, _NAN, 5.0, 3.0, 1.0, _NAN]]])
+    ct = np.arange(1.0, 5.0).reshape(1, 1, 4)
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=2, padding=1), x)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.max_pool1d(tx, 3, 2, 1)
+    (ty * torch.tensor(ct)).sum().backward()
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    np.testing.assert_array_equal(pullback(ct)[0], tx.grad.numpy())
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "bool"])

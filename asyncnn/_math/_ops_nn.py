@@ -217,7 +217,8 @@ def max_pool1d(
     x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
 ) -> Any:
     """Max over windows of an (N, C, L) input (torch semantics: stride defaults to kernel_size,
-    padding is -inf). The gradient goes to the first maximum of each window."""
+    padding is -inf). The gradient goes to the first maximum of each window; a NaN in a window
+    makes its maximum NaN (as torch and ``np.max``), and takes the gradient."""
     return _pool("max_pool1d", "max_pool", 1, x, kernel_size, stride, padding)
 
 
@@ -315,7 +316,8 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
     Args:
         logits: shape (N, C) or (N, C, d1, ...).
         labels: integer class indices in [0, C), shape (N,) or (N, d1, ...).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-position losses).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-position losses). The
+            mean over no positions (an empty batch) is NaN, as in torch.
 
     Raises:
         TypeError: when labels are not integers.

@@ -210,10 +210,14 @@ def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
     windows = _windows(kernel, stride, ones, out_shape)
     out = xpad[next(windows)[1]].copy()
     arg = xp.zeros(out.shape, dtype=np.int32)
-    # A running max over kernel offsets: strict ">" keeps the first maximum, as torch does.
+    floating = x.dtype.kind not in "iub"
+    # A running max over kernel offsets: strict ">" keeps the first maximum, as torch does, and
+    # a NaN wins (as in torch; ">" alone would drop it unless it came first in its window).
     for k, (_, index) in enumerate(windows, start=1):
         window = xpad[index]
         better = window > out
+        if floating:
+            better |= window != window
         out = xp.where(better, window, out)
         arg[better] = k
     return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape)

@@ -17,7 +17,7 @@ import numpy as np
 from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
-from ._module import Initializer, Module, fan_in_bound, float_input_error
+from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps", "stop_rows"]
 
@@ -167,11 +167,22 @@ class RNNCell(Module):
     """An Elman cell for loops: ``h <- tanh(x_t @ w_x + h @ w_h + bias)``.
 
     Params: ``{"w_x": (input_size, hidden_size), "w_h": (hidden_size, hidden_size),
-    "bias": (hidden_size,)}``, uniform in ``±1/sqrt(hidden_size)`` (as torch's RNN).
+    "bias": (hidden_size,)}``, uniform in ``±1/sqrt(hidden_size)`` (as torch's RNN). Called as
+    ``cell(params, h, x)`` with ``h`` (batch, hidden_size) and ``x`` (batch, input_size).
     """
 
     input_size: int
     hidden_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "hidden_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RNNCell: {name} must be an int >= 1, got {v!r}")
+
+    def _expected(self) -> dict[str, Shape]:
+        i, h = self.input_size, self.hidden_size
+        return {"w_x": (i, h), "w_h": (h, h), "bias": (h,)}
 
     def init_params(self, init: Initializer) -> Any:
         b = fan_in_bound(self.hidden_size)
@@ -182,6 +193,14 @@ class RNNCell(Module):
         }
 
     def __call__(self, params: Any, h: Any, x: Any, *, rng: Any = None) -> Any:
+        check_params(self, params, self._expected())
+        hs, xs = tuple(h.shape), tuple(x.shape)
+        if xs[-1:] != (self.input_size,) or hs[-1:] != (self.hidden_size,) or hs[:-1] != xs[:-1]:
+            # (numpy would broadcast a state of one row, or of none, over the batch)
+            raise ValueError(
+                f"{self!r} got state h of shape {hs} and input x of shape {xs}; expected "
+                f"(batch, {self.hidden_size}) and (batch, {self.input_size}), the same batch"
+            )
         if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
             raise float_input_error(self, x, params["w_x"])
         pre = ops.add(ops.matmul(x, params["w_x"]), ops.matmul(h, params["w_h"]))

@@ -64,6 +64,10 @@ class CrossEntropyLoss(_Loss):
         logits, labels = inputs
         return ops_nn.cross_entropy_call(self._floating(logits), labels, self.reduction)
 
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        logits = input_shapes[0]  # per-position losses have the labels' shape: (N, d1, ...)
+        return (*logits[:1], *logits[2:]) if self.reduction == "none" else ()
+
     def _floating(self, logits: Any) -> Any:
         if getattr(logits, "dtype", NO_DTYPE).kind in "iub":  # no gradient, float64 loss
             raise float_input_error(self, logits, None, "logits")
