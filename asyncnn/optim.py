@@ -2,6 +2,12 @@
 
 ``opt = optim.Adam(lr=1e-3)``, ``state = opt.init(params)``, then every step
 ``params, state = opt.update(params, grads, state)``: new arrays, nothing modified in place.
+
+The updates equal torch.optim's to rounding, not bit for bit: torch's CPU kernels fuse
+multiply-adds (``add(alpha=)``, and ``lerp`` for Adam's first moment), which numpy cannot; here
+every operation rounds, in the order each optimizer's docstring writes, on the CPU and the GPU
+alike. 16-bit parameters are updated in float32 and rounded once (torch computes each operation
+in float32 but rounds every intermediate to 16 bits).
 """
 
 from ._math._optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm, from_spec

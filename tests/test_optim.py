@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -234,6 +235,53 @@ def test_float32_stays_float32(backend: Backend, opt: optim.Optimizer) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _half(backend: Backend, name: str) -> Any:
+    if name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    return backend.dtype(name)
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    return tree_map(lambda x: x.astype(dtype) if hasattr(x, "dtype") else x, tree)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("opt", ALL_OPTIMIZERS, ids=repr)
+def test_a_16_bit_update_is_the_float32_update_rounded_once(
+    backend: Backend, opt: optim.Optimizer, name: str
+) -> None:
+    # as the GPU kernels compute it; numpy in 16 bits rounded every intermediate (and eps=1e-8
+    # to 0 in float16, beta2=0.999 to 1 in bfloat16)
+    dt = _half(backend, name)
+    params, grads = _problem(7)
+    p = q = _to(backend, params, dt)
+    state = expected_state = opt.init(p)
+    unclipped = dataclasses.replace(opt, clip_norm=None)  # clipping is of the 16-bit gradients
+    for g_host in grads:
+        g = _to(backend, g_host, dt)
+        p, state = opt.update(p, g, state)
+        if opt.clip_norm is not None:
+            g = optim.clip_grad_norm(g, opt.clip_norm)[0]
+        wide = unclipped.update(*_cast((q, g, expected_state), np.float32))
+        q, expected_state = _cast(wide, dt)
+    for a, b in zip(tree_leaves((p, state)), tree_leaves((q, expected_state)), strict=True):
+        assert getattr(a, "dtype", None) == getattr(b, "dtype", None)
+        np.testing.assert_array_equal(np.asarray(backend.to_numpy(a)).view(np.uint16)
+                                      if hasattr(a, "dtype") else a,
+                                      np.asarray(backend.to_numpy(b)).view(np.uint16)
+                                      if hasattr(b, "dtype") else b)  # fmt: skip
+
+
+def test_float16_adam_keeps_its_eps(backend: Backend) -> None:
+    # g = 1e-4: g * g underflows to 0 in float16, as eps=1e-8 does: the update divided by 0
+    opt = optim.Adam(lr=1e-2)
+    p = {"w": backend.asarray(np.zeros(3, np.float16))}
+    g = {"w": backend.asarray(np.full(3, 1e-4, np.float16))}
+    new, _ = opt.update(p, g, opt.init(p))
+    # float64: m_hat = g, sqrt(v_hat) = |g|, so the first step is lr * g / (|g| + eps) ~ lr
+    np.testing.assert_allclose(backend.to_numpy(new["w"]), -1e-2 / (1 + 1e-4), rtol=1e-3)
+
+
 def test_state_is_a_pytree_of_arrays_and_ints(backend: Backend) -> None:
     params, grads = _problem()
     p = _to(backend, params, "float32")
@@ -284,6 +332,53 @@ def test_clip_grad_norm_many_leaves(backend: Backend) -> None:
     clipped, norm = optim.clip_grad_norm(grads, 1.0)
     assert float(norm) == pytest.approx(math.sqrt(50.0), rel=1e-14)
     np.testing.assert_allclose(backend.to_numpy(clipped[99]), 0.5 / (math.sqrt(50.0) + 1e-6))
+
+
+CLIP_CASES = {
+    # name: (gradient leaves, max_norm, expected total norm, expected clipped leaves)
+    "zero": ([[0.0, 0.0], [0.0]], 1.0, 0.0, [[0.0, 0.0], [0.0]]),
+    "max_norm 0": ([[3.0], [4.0]], 0.0, 5.0, [[0.0], [0.0]]),
+    "inf": ([[math.inf, 1.0], [2.0]], 1.0, math.inf, [[math.nan, 0.0], [0.0]]),
+    "-inf": ([[-math.inf], [2.0]], 1.0, math.inf, [[math.nan], [0.0]]),
+    "nan": ([[math.nan, 1.0], [2.0]], 1.0, math.nan, [[math.nan, math.nan], [math.nan]]),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", CLIP_CASES)
+def test_clip_grad_norm_edge_cases(backend: Backend, case: str, dtype: str) -> None:
+    # as torch's default: nothing raised, and with filterwarnings=error no numpy warning either
+    leaves, max_norm, norm, expected = CLIP_CASES[case]
+    grads = [backend.asarray(np.asarray(g, dtype)) for g in leaves]
+    clipped, total = optim.clip_grad_norm(grads, max_norm)
+    np.testing.assert_array_equal(float(total), norm)
+    for a, e in zip(clipped, expected, strict=True):
+        np.testing.assert_array_equal(backend.to_numpy(a), np.asarray(e, dtype))
+    torch = pytest.importorskip("torch")
+    ts = [torch.zeros(len(g), dtype=getattr(torch, dtype), requires_grad=True) for g in leaves]
+    for t, g in zip(ts, leaves, strict=True):
+        t.grad = torch.tensor(g, dtype=getattr(torch, dtype))
+    np.testing.assert_array_equal(torch.nn.utils.clip_grad_norm_(ts, max_norm).item(), norm)
+    for t, a in zip(ts, clipped, strict=True):
+        np.testing.assert_array_equal(t.grad.numpy(), backend.to_numpy(a))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_clip_grad_norm_sums_16_bit_squares_in_float32(backend: Backend, name: str) -> None:
+    # 256 * 16**2 = 65536 overflows float16 (max 65504): the norm was inf, the gradients zeroed
+    dt = _half(backend, name)
+    grads = [backend.asarray(np.full(256, 16.0, dt)), backend.asarray(np.ones((), dt))]
+    clipped, norm = optim.clip_grad_norm(grads, 1.0)
+    assert norm.dtype == np.float32 and float(norm) == pytest.approx(math.sqrt(65537.0), 1e-7)
+    coef = 1.0 / (math.sqrt(65537.0) + 1e-6)
+    for a, g in zip(clipped, [16.0, 1.0], strict=True):
+        assert a.dtype == dt
+        np.testing.assert_allclose(np.asarray(backend.to_numpy(a), np.float64), g * coef, 4e-3)
+    if name == "float16":  # torch's norm accumulates in float32 too
+        torch = pytest.importorskip("torch")
+        ts = [torch.zeros(256, dtype=torch.float16, requires_grad=True)]
+        ts[0].grad = torch.full((256,), 16.0, dtype=torch.float16)
+        assert torch.nn.utils.clip_grad_norm_(ts, 1.0).item() == 256.0
 
 
 # Schedules
@@ -412,6 +507,27 @@ def test_bad_update_inputs(backend: Backend) -> None:
         opt.update(p, p, {"step": 1, "momentum_buffer": [p["w"]]})
     with pytest.raises(ValueError, match="int >= 0"):
         opt.update(p, p, {"step": -1, "momentum_buffer": p})
+
+
+BAD_LEAVES = [
+    ("int", lambda: np.ones(3, np.int64), "is int64; only float16/32/64 and bfloat16 arrays"),
+    ("bool", lambda: np.ones(3, bool), "is bool; only float"),
+    ("complex", lambda: np.ones(3, np.complex128), "is complex128; only float"),
+    ("python float", lambda: 1.5, "is float, not an array"),
+]
+
+
+@pytest.mark.parametrize(("kind", "make", "match"), BAD_LEAVES, ids=[b[0] for b in BAD_LEAVES])
+@pytest.mark.parametrize("opt", ALL_OPTIMIZERS[:4], ids=repr)
+def test_leaves_that_are_not_float_arrays_are_refused(
+    opt: optim.Optimizer, kind: str, make: Any, match: str
+) -> None:
+    # they failed deep in a ufunc, or (complex) Adam computed g * g for |g|^2 without a word
+    with pytest.raises(TypeError, match=r"update: parameter leaf 0 of \[\*\] " + match):
+        opt.update([make()], [make()], opt.init([np.ones(3)]))
+    # an int gradient was clipped to zeros
+    with pytest.raises(TypeError, match=r"clip_grad_norm: gradient leaf 0 of \[\*\] " + match):
+        optim.clip_grad_norm([make()], 1.0)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,15 @@ buffer, shaped like the parameters (``"momentum_buffer"``; ``"exp_avg"``, ``"exp
 
 Every update allocates its outputs and then works in place on those fresh arrays only, with at
 most one scratch array per leaf. Hyperparameters are Python floats, which never promote an array's
-dtype: float32 parameters stay float32.
+dtype: float32 parameters stay float32. A 16-bit leaf (float16, bfloat16) is updated in float32
+and each result rounded once to 16 bits, as the GPU kernels do: in 16-bit arithmetic Adam's
+``eps=1e-8`` would be 0 in float16 and its ``beta2=0.999`` 1 in bfloat16.
+
+Against torch.optim (CPU, float64 or float32) the updates agree to rounding, not bit for bit:
+torch's kernels fuse multiply-adds (``add(alpha=)``, ``lerp``, which Adam uses for its first
+moment) and compute ``addcdiv`` as ``p + (value * m) / d``; here each operation rounds (numpy
+has no fused multiply-add) in the order of the formulas in each docstring, which the GPU kernels
+repeat exactly. One step differs by a few units in the last place of its largest term.
 """
 
 from __future__ import annotations
@@ -20,13 +28,14 @@ import abc
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backends import array_namespace as ns
-from ..backends import backend_of, current_team
+from ..backends import backend_of, current_team, is_floating, is_half
 from ._pytree import TreeDef, tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
@@ -64,23 +73,43 @@ def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
     return ufunc(a, b, out=xp.empty_like(a))
 
 
+def _not_a_float_array(x: Any) -> str | None:
+    """What is wrong with ``x`` as a parameter or gradient leaf (None: a real floating array)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        return f"is {type(x).__name__}, not an array"
+    if dtype.kind != "f" and not is_floating(dtype):
+        return f"is {dtype}; only float16/32/64 and bfloat16 arrays can be updated or clipped"
+    return None
+
+
 def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if g is None:
-            raise ValueError(
-                f"update: gradient leaf {i} of {treedef!r} is None; every parameter needs a "
-                "gradient (use zeros for a parameter that got none)"
-            )
-        if g.shape != p.shape:
-            raise ValueError(
-                f"update: gradient leaf {i} of {treedef!r} has shape {g.shape}, but its "
-                f"parameter has shape {p.shape}"
-            )
-        if g.dtype != p.dtype:
+        try:
+            p_shape, p_dtype, g_shape, g_dtype = p.shape, p.dtype, g.shape, g.dtype
+        except AttributeError:
+            if g is None:
+                raise ValueError(
+                    f"update: gradient leaf {i} of {treedef!r} is None; every parameter needs a "
+                    "gradient (use zeros for a parameter that got none)"
+                ) from None
+            what, x = ("parameter", p) if _not_a_float_array(p) else ("gradient", g)
             raise TypeError(
-                f"update: gradient leaf {i} of {treedef!r} is {g.dtype}, but its parameter is "
-                f"{p.dtype}; cast the gradient with .astype({str(p.dtype)!r})"
+                f"update: {what} leaf {i} of {treedef!r} {_not_a_float_array(x)}"
+            ) from None
+        if g_shape != p_shape:
+            raise ValueError(
+                f"update: gradient leaf {i} of {treedef!r} has shape {g_shape}, but its "
+                f"parameter has shape {p_shape}"
             )
+        if g_dtype != p_dtype:
+            raise TypeError(
+                f"update: gradient leaf {i} of {treedef!r} is {g_dtype}, but its parameter is "
+                f"{p_dtype}; cast the gradient with .astype({str(p_dtype)!r})"
+            )
+        if p_dtype.kind != "f" and not is_floating(p_dtype):
+            # numpy would fail deep in a ufunc (int), or Adam compute g * g, not |g|^2 (complex)
+            raise TypeError(f"update: parameter leaf {i} of {treedef!r} {_not_a_float_array(p)}")
 
 
 def _check_buffer(
@@ -108,9 +137,10 @@ def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:
     torch.nn.utils.clip_grad_norm_ semantics: ``total_norm`` is the L2 norm of all leaves taken
     together, and every leaf is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``. The
     gradients are not modified: new arrays are returned. As torch's default
-    (``error_if_nonfinite=False``), non-finite gradients raise nothing: a NaN makes every
-    clipped leaf NaN, an infinity turns itself into NaN and every other entry into 0; check
-    ``total_norm`` to skip such a step.
+    (``error_if_nonfinite=False``), non-finite gradients raise (and warn) nothing: a NaN makes
+    every clipped leaf NaN, an infinity turns itself into NaN and every other entry into 0; check
+    ``total_norm`` to skip such a step. The squares are summed in float32 at least (16-bit
+    leaves are widened first, as torch's norm accumulates them), in float64 if a leaf is.
 
     Args:
         grads: a pytree of float arrays.
@@ -119,21 +149,32 @@ def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:
     Returns:
         ``(clipped_grads, total_norm)``; ``total_norm`` is a 0-d array on the gradients' device
         (the norm before clipping), so that clipping never waits for a GPU.
+
+    Raises:
+        TypeError: for a leaf that is not a float array (an int array would be scaled to 0).
     """
     bound = _non_negative("clip_grad_norm", "max_norm", max_norm)
     leaves, treedef = tree_flatten(grads)
     if not leaves:
         return grads, ns().asarray(0.0, dtype="float32")
+    for i, g in enumerate(leaves):
+        wrong = _not_a_float_array(g)
+        if wrong is not None:
+            raise TypeError(f"clip_grad_norm: gradient leaf {i} of {treedef!r} {wrong}")
     xp = ns(*leaves)
     # by dtype, not by leaf: result_type takes at most 64 arguments
     dtype = xp.result_type(*{g.dtype for g in leaves}, xp.float32)
     total_sq = xp.zeros((), dtype=dtype)
-    for g in leaves:
-        flat = g.reshape(-1)
-        total_sq += xp.dot(flat, flat)
-    total_norm = xp.asarray(xp.sqrt(total_sq))
-    scale = xp.minimum(bound / (total_norm + 1e-6), 1.0)
-    clipped = [_fresh(xp, xp.multiply, g, scale.astype(g.dtype)) for g in leaves]
+    # numpy warns where a norm overflows or an infinity times 0 gives NaN; torch does not
+    with np.errstate(over="ignore", invalid="ignore"):
+        for g in leaves:
+            flat = g.reshape(-1)
+            if flat.dtype != dtype:  # a float16 dot sums in float16: 256 ones of 16 overflow
+                flat = flat.astype(dtype)
+            total_sq += xp.dot(flat, flat)
+        total_norm = xp.asarray(xp.sqrt(total_sq))
+        scale = xp.minimum(bound / (total_norm + 1e-6), 1.0)
+        clipped = [_fresh(xp, xp.multiply, g, scale.astype(g.dtype)) for g in leaves]
     return tree_unflatten(treedef, clipped), total_norm
 
 
@@ -336,6 +377,26 @@ def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
     return ns(p, g), backend_of(p, g).fused_kernels()
 
 
+def _in_float32(
+    update: Callable[..., tuple[Any, tuple[Any, ...]]],
+    opt: Optimizer,
+    p: Any,
+    g: Any,
+    buffers: tuple[Any, ...],
+    step: int,
+    lr: float,
+) -> tuple[Any, tuple[Any, ...]]:
+    """A 16-bit leaf's ``update`` (a class's own ``update_leaf``) as the GPU kernels compute it:
+    in float32 from the leaf's values, each result rounded once to its dtype. (In 16 bits numpy
+    rounds every intermediate, and every hyperparameter: Adam's eps=1e-8 is 0 in float16, so a
+    second moment that underflows to 0 divides by 0; its beta2=0.999 is 1 in bfloat16.)"""
+    f32 = np.float32
+    new_p, new_buffers = update(
+        opt, p.astype(f32), g.astype(f32), tuple(b.astype(f32) for b in buffers), step, lr
+    )
+    return new_p.astype(p.dtype), tuple(b.astype(p.dtype) for b in new_buffers)
+
+
 @dataclass(frozen=True)
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, as torch.optim.SGD.
@@ -345,7 +406,7 @@ class SGD(Optimizer):
     ``d + momentum * b`` with ``nesterov``; ``p = p - lr * step``.
 
     Args:
-        lr: learning rate, a float or a :class:`Schedule`.
+        lr: learning rate, a float or a :class:`Schedule` (default 0.1; torch's is 1e-3).
         momentum: momentum factor (0 for none).
         dampening: dampening of the momentum.
         weight_decay: L2 penalty added to the gradient.
@@ -400,6 +461,8 @@ class SGD(Optimizer):
                 p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay,
                 self.nesterov,
             )  # fmt: skip
+        if p.dtype.itemsize == 2 and is_half(p.dtype):
+            return _in_float32(SGD.update_leaf, self, p, g, buffers, step, lr)
         d, d_is_ours = g, False
         if self.weight_decay != 0.0:
             d = _fresh(xp, xp.multiply, p, self.weight_decay)
@@ -511,6 +574,8 @@ class Adam(Optimizer):
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
                 self._decoupled,
             )  # fmt: skip
+        if p.dtype.itemsize == 2 and is_half(p.dtype):
+            return _in_float32(Adam.update_leaf, self, p, g, buffers, step, lr)
         beta1, beta2 = self.betas
         t = step + 1
         decay = 1.0

@@ -167,7 +167,8 @@ class LinearWarmup(Schedule):
     Args:
         schedule: the learning rate (float) or the schedule to warm up.
         warmup_steps: the number of updates until the factor reaches 1.
-        start_factor: the factor of the first update, in ``[0, 1]``.
+        start_factor: the factor of the first update, in ``[0, 1]`` (default 0: the first
+            update's rate is 0; torch's ``LinearLR`` defaults to 1/3 and refuses 0).
     """
 
     schedule: float | Schedule
