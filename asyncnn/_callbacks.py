@@ -72,12 +72,18 @@ class EarlyStopping(Callback):
     Args:
         monitor: an epoch metric: ``"loss"``, or ``"val_loss"``/``"val_accuracy"`` with
             ``validation_data``.
-        patience: epochs without improvement before stopping.
+        patience: epochs in a row without improvement that the fit goes on through: the next
+            one stops it (``patience=0`` stops at the first epoch that does not improve; Keras
+            and Lightning stop one epoch earlier, at the ``patience``-th). A NaN never counts
+            as an improvement.
         min_delta: the least change that counts as an improvement.
         mode: ``"min"``, ``"max"``, or ``"auto"`` (``"max"`` for accuracies, else ``"min"``).
 
     Attributes:
         best: the best value seen. stopped_epoch: the epoch that stopped the fit, or None.
+            Both, and the count of epochs without improvement, carry over to the next ``fit``
+            given this callback (a fit per epoch goes on counting): make a new one to start
+            afresh.
     """
 
     def __init__(
@@ -114,7 +120,9 @@ class EarlyStopping(Callback):
                 f"measures {sorted(logs)} (val_* need fit(..., validation_data=...))"
             )
         value = float(logs[self.monitor])
-        better = (
+        # a NaN is never an improvement (it would become the best, and no value is better than
+        # a NaN: a fit diverging at its first epoch, then improving, stopped)
+        better = not math.isnan(value) and (
             self.best is None
             or (self.mode == "min" and value < self.best - self.min_delta)
             or (self.mode == "max" and value > self.best + self.min_delta)

@@ -72,9 +72,18 @@ def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], wh
     lacks (names only).
 
     Raises:
+        TypeError: ``data`` is not a dict (an array, or an ``(x, y)`` tuple as Keras takes),
+            showing the dict to pass instead.
         ValueError: naming the missing inputs and what needs them, or the unknown ones.
     """
     need = needed_inputs(graph, targets)
+    if not isinstance(data, Mapping):
+        # (`name in array` compared elementwise: "the truth value of an array ... is ambiguous")
+        fields = ", ".join(f"{n!r}: {n}" for n in need)
+        raise TypeError(
+            f"{what} takes a dict of arrays named like the graph's inputs, e.g. {{{fields}}}; "
+            f"got {type(data).__name__}"
+        )
     missing = [n for n in need if n not in data]
     if missing:
         raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._runtime._graph import Graph
+from .backends import BFLOAT16
 
 __all__ = [
     "from_dlpack",
@@ -52,8 +53,9 @@ def _module_entries(module: Any, params: Any) -> list[tuple[str, tuple[Any, ...]
         return [(names[k][0], (k,), names[k][1]) for k in params]
     raise ValueError(
         f"no torch name mapping for {type(module).__name__}: the built-in Linear, Conv1d, "
-        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, Sequential and parameterless modules "
-        "have one; give this module's weights with tr.params = {...} directly"
+        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, Sequential, Residual and "
+        "parameterless modules have one; give this module's weights with tr.params = {...} "
+        "directly"
     )
 
 
@@ -128,14 +130,54 @@ def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str
     return list(_layout(target, _template(target), names))
 
 
-def _as_numpy(value: Any) -> np.ndarray:
+def _as_numpy(value: Any, what: str = "an array") -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+        value = _torch_to_numpy(value, what)
     elif not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
         value = from_dlpack(value)
     from .backends import to_numpy
 
     return np.asarray(to_numpy(value))
+
+
+def _is_torch_bfloat16(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == (
+        "torch.bfloat16"
+    )
+
+
+def _no_bfloat16(what: str) -> TypeError:
+    return TypeError(
+        f"{what} is a torch.bfloat16 tensor: numpy holds bfloat16 only with the ml_dtypes "
+        "package installed (pip install ml_dtypes), or convert it first with .float()"
+    )
+
+
+def _torch_to_numpy(t: Any, what: str) -> np.ndarray:
+    """A numpy view of a (CPU copy of a) torch tensor: bfloat16 through ml_dtypes, bit for bit
+    (torch's ``.numpy()`` refuses it)."""
+    import torch
+
+    t = t.detach().cpu().resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        if BFLOAT16 is None:
+            raise _no_bfloat16(what)
+        return np.asarray(t.view(torch.int16).numpy().view(BFLOAT16))
+    try:
+        return np.asarray(t.numpy())
+    except TypeError as exc:  # float8 and the other dtypes numpy has none of
+        raise TypeError(
+            f"{what} is a {t.dtype} tensor, which numpy cannot hold ({exc}); convert it first "
+            "(e.g. .float())"
+        ) from exc
+
+
+def _numpy_to_torch(a: np.ndarray) -> Any:
+    import torch
+
+    if BFLOAT16 is not None and a.dtype == BFLOAT16:  # torch.from_numpy refuses ml_dtypes'
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _set(tree: Any, path: tuple[Any, ...], value: Any) -> None:
@@ -150,6 +192,52 @@ def _get(tree: Any, path: tuple[Any, ...]) -> Any:
     return tree
 
 
+def _leaf_paths(tree: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:
+    """``{path: leaf}`` of a pytree of dicts, lists and tuples."""
+    if isinstance(tree, Mapping):
+        items: Any = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return {path: tree}
+    out: dict[tuple[Any, ...], Any] = {}
+    for k, v in items:
+        out.update(_leaf_paths(v, (*path, k)))
+    return out
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "params" + "".join(f"[{p!r}]" for p in path)
+
+
+def _check_fits(params: Any, template: Any, target: Any) -> None:
+    """Refuses ``params`` that are not ``template``'s structure and shapes, naming the leaves."""
+    given, want = _leaf_paths(params), _leaf_paths(template)
+    problems = []
+    missing = [_path_str(p) for p in want if p not in given]
+    extra = [_path_str(p) for p in given if p not in want]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra)}")
+    for p, leaf in want.items():
+        if p in given and tuple(np.shape(given[p])) != tuple(leaf.shape):
+            problems.append(
+                f"{_path_str(p)} has shape {tuple(np.shape(given[p]))}, the target needs "
+                f"{tuple(leaf.shape)}"
+            )
+    if problems:
+        what = "graph" if isinstance(target, Graph) else repr(target)
+        raise ValueError(
+            f"to_torch: params do not fit the {what}: {'; '.join(problems)}; pass the "
+            "params of this target (tr.params for tr.graph)"
+        )
+
+
+#: buffers of torch's BatchNorm layers (no asyncnn module has them)
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def from_torch(
     state_dict: Mapping[str, Any], target: Any, names: Mapping[str, str] | None = None
 ) -> Any:
@@ -157,8 +245,10 @@ def from_torch(
 
     Linear weights are transposed (torch keeps ``(out, in)``, asyncnn ``(in, out)``); the other
     built-in modules share torch's layouts. The arrays are copies (a torch model trained on
-    afterwards leaves them alone) and keep the state dict's dtype; assigning them to
-    ``tr.params`` casts them to the trainer's.
+    afterwards leaves them alone) and keep the state dict's dtype (bfloat16 through
+    ``ml_dtypes``); assigning them to ``tr.params`` casts them to the trainer's. Only names and
+    shapes are checked: settings a state dict does not hold (an Embedding's ``padding_idx``, a
+    conv's ``padding_mode``) must match by construction.
 
     Example:
         ```python no-run
@@ -173,9 +263,11 @@ def from_torch(
         names: for a graph, ``{layer: torch prefix}`` (see :func:`torch_names`).
 
     Raises:
-        TypeError: a torch module given instead of its ``state_dict()``, or as ``target``.
-        ValueError: a name missing from ``state_dict`` or left over in it, or a shape that
-            does not fit (naming the torch name and the layer).
+        TypeError: a torch module given instead of its ``state_dict()``, or as ``target``; a
+            tensor of a dtype numpy cannot hold (bfloat16 without ``ml_dtypes``), naming it.
+        ValueError: a name missing from ``state_dict`` or left over in it (batch-norm running
+            statistics named as such), or a shape that does not fit (naming the torch name and
+            the layer).
     """
     if not isinstance(state_dict, Mapping):
         kind = type(state_dict).__name__
@@ -190,16 +282,23 @@ def from_torch(
     missing = [k for k in layout if k not in state_dict]
     extra = [k for k in state_dict if k not in layout]
     if missing or extra:
+        stats = sorted({k.rpartition(".")[0] for k in extra if k.rpartition(".")[2] in _BUFFERS})
         raise ValueError(
             "the state dict does not match: "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and extra else "")
             + (f"unexpected {extra}" if extra else "")
             + f" (expected {list(layout)})"
+            + (
+                f"; torch module(s) {stats} hold batch-norm running statistics, and asyncnn has "
+                "no batch norm: fold each into the layer before it (in eval mode) first"
+                if stats
+                else ""
+            )
         )
     out = template
     for key, (node, path, transposed) in layout.items():
-        arr = _as_numpy(state_dict[key])
+        arr = _as_numpy(state_dict[key], f"state dict entry {key!r}")
         arr = np.array(arr.T if transposed else arr, order="C")  # a copy: no memory shared
         tree = out[node] if node is not None else out
         want = _get(tree, path).shape
@@ -226,19 +325,23 @@ def to_torch(
 
     Returns:
         ``{torch name: array}``, ready for ``model.load_state_dict`` (with ``tensors=True``) or
-        :func:`save_safetensors`; copies, sharing no memory with ``params``.
+        :func:`save_safetensors`; copies, sharing no memory with ``params``, in their dtype
+        (bfloat16 included), on the CPU.
+
+    Raises:
+        ValueError: ``params`` not of ``target``'s structure and shapes (naming the leaves).
     """
     _check_target(target, "to_torch")
-    layout = _layout(target, params, names)
+    template = _template(target)
+    _check_fits(params, template, target)
+    layout = _layout(target, template, names)
     out: dict[str, Any] = {}
     for key, (node, path, transposed) in layout.items():
         tree = params[node] if node is not None else params
-        arr = _as_numpy(_get(tree, path))
+        arr = _as_numpy(_get(tree, path), _path_str((*(() if node is None else (node,)), *path)))
         out[key] = np.array(arr.T if transposed else arr, order="C")  # a copy, as from_torch
     if tensors:
-        import torch
-
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        return {k: _numpy_to_torch(v) for k, v in out.items()}
     return out
 
 
@@ -271,9 +374,9 @@ def from_dlpack(tree: Any) -> Any:
     """Arrays of another library (torch, JAX, cupy...) as asyncnn's numpy or cupy arrays,
     sharing their memory (no copy), through DLPack. Works on a pytree of them.
 
-    CPU tensors become numpy arrays, CUDA tensors cupy arrays (cupy needed). A library that
-    cannot export (or a tensor that needs a gradient, in torch: call ``.detach()``) raises its
-    own error.
+    CPU tensors become numpy arrays, CUDA tensors cupy arrays (cupy needed); torch's bfloat16
+    ones too, through ``ml_dtypes``. A library that cannot export (or a tensor that needs a
+    gradient, in torch: call ``.detach()``) raises its own error.
     """
     return _map(_from_dlpack, tree)
 
@@ -285,6 +388,8 @@ def _has_dlpack(x: Any) -> bool:
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple
+        return type(tree)(*(_map(fn, v) for v in tree))
     if isinstance(tree, list | tuple):
         return type(tree)(_map(fn, v) for v in tree)
     return fn(tree)
@@ -293,6 +398,12 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
 def _from_dlpack(x: Any) -> Any:
     if not _has_dlpack(x):
         return x
+    if _is_torch_bfloat16(x):  # DLPack importers refuse bfloat16: the same bits as int16
+        if BFLOAT16 is None:
+            raise _no_bfloat16("from_dlpack: an array")
+        import torch
+
+        return _from_dlpack(x.view(torch.int16)).view(BFLOAT16)
     device_type, _ = x.__dlpack_device__()
     if int(device_type) in (1, 3):  # kDLCPU, kDLCUDAHost
         return np.from_dlpack(x)
@@ -303,7 +414,27 @@ def _from_dlpack(x: Any) -> Any:
 
 def to_torch_tensor(tree: Any) -> Any:
     """asyncnn arrays (numpy or cupy; a pytree of them) as torch tensors sharing their memory,
-    through DLPack (``torch.from_dlpack``). Needs torch."""
+    through DLPack (``torch.from_dlpack``). Needs torch.
+
+    Raises:
+        ValueError: an array with a negative stride (a reversed view such as ``x[::-1]``),
+            which no torch tensor can share: pass a copy.
+    """
+    return _map(_to_torch_tensor, tree)
+
+
+def _to_torch_tensor(a: Any) -> Any:
+    if not _has_dlpack(a):
+        return a
+    strides = getattr(a, "strides", None)  # numpy's and cupy's, in bytes
+    if isinstance(strides, tuple) and any(s < 0 for s in strides):  # torch.from_dlpack aborts
+        raise ValueError(
+            f"to_torch_tensor: an array of shape {tuple(a.shape)} has negative strides "
+            f"{strides} (a reversed view such as x[::-1]), which a torch tensor cannot share; "
+            "pass a copy, numpy.ascontiguousarray(x) (or cupy's)"
+        )
     import torch
 
-    return _map(lambda a: torch.from_dlpack(a) if _has_dlpack(a) else a, tree)
+    if BFLOAT16 is not None and getattr(a, "dtype", None) == BFLOAT16:
+        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)  # the same bits
+    return torch.from_dlpack(a)

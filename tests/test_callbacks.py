@@ -204,6 +204,34 @@ def test_early_stopping_refuses_bad_settings_naming_them(kwargs, match):
     assert EarlyStopping(patience=np.int64(1), min_delta=np.float32(0.5)).patience == 1
 
 
+class _Stoppable:
+    stop_training = False
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "stopped_epoch"),
+    [
+        ("min", [1.0, 1.0, 1.0, 1.0], 2),  # patience=1: the second epoch in a row without gain
+        ("min", [float("nan"), 1.0, 0.9, 0.8, 0.7], None),  # improving after a NaN
+        ("min", [1.0, float("nan"), 0.9, float("nan"), 0.8], None),
+        ("min", [1.0, float("nan"), float("nan"), 0.5], 2),  # a NaN is no improvement
+        ("max", [float("nan"), 0.1, 0.2, 0.3], None),
+        ("min", [float("inf"), 1.0, 0.9], None),
+    ],
+)
+def test_early_stopping_counts_epochs_without_improvement(mode, values, stopped_epoch):
+    # (a NaN first value became the best, which nothing compares better than: a fit whose first
+    # epoch diverged was stopped however it improved)
+    stop, trainer = EarlyStopping(monitor="loss", patience=1, mode=mode), _Stoppable()
+    for epoch, value in enumerate(values):
+        stop.on_epoch_end(trainer, epoch, {"epoch": epoch, "loss": value})
+        if trainer.stop_training:
+            break
+    assert stop.stopped_epoch == stopped_epoch and trainer.stop_training == (
+        stopped_epoch is not None
+    )
+
+
 @pytest.mark.parametrize("every", [-1, 1.5, True])
 def test_loggers_refuse_a_bad_every(tmp_path, every):
     with pytest.raises(ValueError, match=r"JSONLLogger: every must be an int >= 0"):

@@ -135,6 +135,152 @@ def test_negative_seed_or_epoch_is_an_error():
         list(_dataset().batches(2, shuffle=True, epoch=-1))
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ds: list(ds.batches(True)),
+        lambda ds: ds.num_batches(np.True_),
+        lambda ds: list(ds.batches(4, shuffle=True, seed=False)),
+        lambda ds: data.split_microbatches(ds.take(slice(0, 4)), True),
+    ],
+)
+def test_a_bool_is_not_a_count(call):
+    # (operator.index takes a bool: fit(data, 5, True), meaning shuffle, trained batch_size=1)
+    with pytest.raises(TypeError, match="must be an int, got bool"):
+        call(_dataset())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shuffle": "no"}, "shuffle must be True or False, got str 'no'"),
+        ({"drop_last": 1}, "drop_last must be True or False, got int 1"),
+        ({"shuffle": None}, "shuffle must be True or False, got NoneType None"),
+    ],
+)
+def test_shuffle_and_drop_last_must_be_bools(kwargs, match):
+    # (shuffle="no" shuffled: any truthy value did)
+    with pytest.raises(TypeError, match=match):
+        list(_dataset().batches(4, **kwargs))
+    assert len(list(_dataset().batches(4, shuffle=np.True_, drop_last=np.False_))) == 3
+
+
+class _LazyRows:
+    """Stands in for an h5py dataset: a numpy dtype, rows read on indexing, and an index array
+    refused unless strictly increasing (h5py: "Indexing elements must be in increasing order")."""
+
+    def __init__(self, array):
+        self._array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads = 0
+
+    def __getitem__(self, rows):
+        if isinstance(rows, np.ndarray) and not (np.diff(rows) > 0).all():
+            raise TypeError("Indexing elements must be in increasing order")
+        self.reads += 1
+        return self._array[rows]
+
+
+class _LabelledRows:
+    """Stands in for a pandas Series whose index labels are not 0..n-1 (after a shuffle or a
+    split): an index array selects rows by label, a slice by position."""
+
+    def __init__(self, array, labels):
+        self._array, self._labels, self.shape, self.dtype = array, labels, array.shape, array.dtype
+        self.iloc = array
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice):
+            return self._array[rows]
+        where = {label: i for i, label in enumerate(self._labels)}
+        return self._array[[where[r] for r in np.asarray(rows).tolist()]]
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array if dtype is None else self._array.astype(dtype)
+
+
+def test_lazily_read_arrays_are_shuffled_row_by_row_like_numpy():
+    # (shuffle=True failed on an h5py dataset, which ArrayDataset keeps unread: h5py refuses
+    # an index array that is not increasing)
+    plain = _dataset(23)
+    lazy = data.ArrayDataset({"x": _LazyRows(plain["x"]), "y": plain["y"]})
+    want = list(plain.batches(5, shuffle=True, seed=2, epoch=1))
+    got = list(lazy.batches(5, shuffle=True, seed=2, epoch=1))
+    for w, g in zip(want, got, strict=True):
+        assert type(g["x"]) is np.ndarray
+        np.testing.assert_array_equal(g["x"], w["x"])
+        np.testing.assert_array_equal(g["y"], w["y"])
+    assert lazy["x"].reads == 5  # one read a batch, not one a row
+    np.testing.assert_array_equal(lazy.take(np.array([3, -1, 3]))["x"], plain["x"][[3, 22, 3]])
+
+
+def test_a_label_indexed_series_is_read_by_position():
+    # (a pandas Series was kept as it came: a shuffled batch took its rows by index label,
+    # other rows than the x of the same batch, silently)
+    plain = _dataset(12)
+    labels = np.random.default_rng(0).permutation(12)
+    ds = data.ArrayDataset({"x": plain["x"], "y": _LabelledRows(plain["y"], labels)})
+    assert type(ds["y"]) is np.ndarray
+    for b in ds.batches(5, shuffle=True, seed=1):
+        np.testing.assert_array_equal(b["x"][:, 0], 2.0 * b["y"])
+
+
+@pytest.mark.parametrize("package", ["h5py", "pandas"])
+def test_real_lazy_and_labelled_arrays_shuffle_like_numpy(package, tmp_path):
+    module = pytest.importorskip(package)
+    plain = _dataset(23)
+    if package == "h5py":
+        with module.File(tmp_path / "d.h5", "w") as f:
+            f["x"] = plain["x"]
+        file = module.File(tmp_path / "d.h5", "r")
+        fields = {"x": file["x"], "y": plain["y"]}
+    else:
+        order = np.random.default_rng(0).permutation(23)  # as after a split: labels shuffled
+        frame = module.DataFrame({"a": plain["x"][:, 0], "y": plain["y"]}).iloc[order]
+        fields = {"x": frame[["a"]], "y": frame["y"]}
+        plain = data.ArrayDataset({"x": plain["x"][order, :1], "y": plain["y"][order]})
+    got = list(data.ArrayDataset(fields).batches(5, shuffle=True, seed=3))
+    for w, g in zip(plain.batches(5, shuffle=True, seed=3), got, strict=True):
+        np.testing.assert_array_equal(g["x"], w["x"])
+        np.testing.assert_array_equal(g["y"], w["y"])
+
+
+def test_a_dataset_of_a_dataset_shares_its_arrays():
+    ds = _dataset()
+    again = data.ArrayDataset(ds)
+    assert again.keys() == ds.keys() and again["x"] is ds["x"]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda tr, d: tr.predict(d["x"]), r"predict takes a dict .* \{'x': x\}; got ndarray"),
+        (
+            lambda tr, d: tr.evaluate((d["x"], d["y"])),
+            r"evaluate takes a dict .* \{'x': x, 'y': y\}; got tuple",
+        ),
+        (
+            lambda tr, d: tr.fit(d, batch_size=4, validation_data=(d["x"], d["y"])),
+            r"validation_data takes a dict .* \{'x': x, 'y': y\}; got tuple",
+        ),
+        (lambda tr, d: tr.fit(d, 5, True), "batch_size must be an int, got bool True"),
+    ],
+)
+def test_what_the_trainer_reads_is_checked_naming_the_argument(call, match):
+    # (an array or an (x, y) tuple, as Keras takes, failed with numpy's "The truth value of an
+    # array with more than one element is ambiguous")
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    from _reference import chain_graph
+
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    rng = np.random.default_rng(0)
+    d = {"x": rng.standard_normal((8, 5)), "y": rng.integers(0, 3, 8)}
+    with pytest.raises(TypeError, match=match):
+        call(tr, d)
+    assert tr.versions == {"stage0": 0, "stage1": 0}
+
+
 # -- microbatches ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("n", "m"), [(10, 1), (10, 3), (10, 4), (10, 10), (7, 2), (32, 5)])
 def test_microbatches_split_like_array_split(n, m):
@@ -254,8 +400,9 @@ def test_mnist1d_cache_dir_from_environment(monkeypatch, tmp_path):
 def test_mnist1d_argument_errors():
     with pytest.raises(ValueError, match="multiple of 10"):
         data.load_mnist1d(num_samples=55, cache=False)
-    with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        data.load_mnist1d(train_split=1.0, cache=False)
+    for split in (1.0, float("nan"), float("inf"), float("-inf")):  # (nan, inf: int() failed)
+        with pytest.raises(ValueError, match=f"train_split={split} leaves an empty split"):
+            data.load_mnist1d(train_split=split, cache=False)
     with pytest.raises(ValueError, match="seed must be in"):
         data.load_mnist1d(seed=-1, cache=False)
 

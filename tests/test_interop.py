@@ -1,13 +1,16 @@
 """Weights in and out: torch state dicts (a torch MLP and a Conv1d net give the same logits
-here), safetensors files written by torch, and DLPack zero-copy exchange."""
+here), safetensors files written by torch, and DLPack zero-copy exchange; and, at the end,
+``asyncnn.testing``'s gradient check (that a wrong gradient fails it)."""
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import _interop, dynamic, nn, ops, optim, policies
 from asyncnn.interop import (
     from_dlpack,
     from_torch,
@@ -17,6 +20,8 @@ from asyncnn.interop import (
     to_torch_tensor,
     torch_names,
 )
+from asyncnn.ops import Primitive
+from asyncnn.testing import check_grads
 
 from _reference import assert_params_equal
 
@@ -210,3 +215,145 @@ def test_dlpack_shares_memory():
     back[1] = -1.0
     assert t[1] == -1.0 and a[1] == -1.0
     assert from_dlpack(3) == 3  # leaves that are not arrays pass through
+
+
+_LINEAR = {"weight": np.zeros((3, 2)), "bias": np.zeros(2)}
+_MHA = nn.MultiHeadAttention(4, 2)
+
+
+@pytest.mark.parametrize(
+    "target, params, match",
+    [
+        (nn.Linear(3, 2), {**_LINEAR, "extra": np.zeros(2)}, r"unexpected params\['extra'\]"),
+        (nn.Linear(3, 2, bias=False), _LINEAR, r"unexpected params\['bias'\]"),
+        (nn.Linear(3, 2), {"weight": _LINEAR["weight"]}, r"missing params\['bias'\]"),
+        (nn.Linear(3, 2), {**_LINEAR, "weight": _LINEAR["weight"].T}, r"\(2, 3\), the target"),
+        (nn.Sequential(nn.Linear(3, 2), nn.ReLU()), [{}], r"missing params\[0\]\['weight'\]"),
+        (_MHA, {**_MHA.init(0), "k": 1.0}, r"unexpected params\['k'\]"),
+    ],
+)  # fmt: skip
+def test_to_torch_refuses_params_that_do_not_fit(target, params, match):
+    # (they were written out as given: a stray key, a bias the target lacks, a missing one, a
+    # weight of any shape transposed, or failed in zip or on a KeyError)
+    with pytest.raises(ValueError, match="to_torch: params do not fit .*" + match):
+        to_torch(params, target)
+
+
+def test_graph_params_that_do_not_fit_are_named():
+    g = _mlp_graph()
+    params = _trainer(g).params
+    params["stage1"][2]["bias"] = np.zeros(4)
+    with pytest.raises(ValueError, match=r"params\['stage1'\]\[2\]\['bias'\] has shape \(4,\)"):
+        to_torch(params, g)
+
+
+def test_batch_norm_statistics_and_unmapped_modules_are_refused_by_name():
+    # what a torch Linear + BatchNorm1d's state dict holds, read as Linear + LayerNorm
+    ours = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    state = to_torch(ours.init(0), ours)
+    state |= {"1.running_mean": np.zeros(4), "1.running_var": np.ones(4)}
+    state["1.num_batches_tracked"] = np.array(3)
+    with pytest.raises(ValueError, match=r"torch module\(s\) \['1'\] hold batch-norm running"):
+        from_torch(state, ours)
+    with pytest.raises(ValueError, match="no torch name mapping for RNNCell"):
+        torch_names(dynamic.RNNCell(2, 3))
+
+
+def test_dlpack_refuses_reversed_views_and_keeps_namedtuples():
+    # torch.from_dlpack aborted the whole process on a negative stride
+    with pytest.raises(ValueError, match=r"negative strides \(-8,\).*ascontiguousarray"):
+        to_torch_tensor({"w": np.arange(5.0)[::-1]})
+    pair = collections.namedtuple("pair", "w b")(np.ones(2), 3)
+    back = from_dlpack(pair)
+    assert type(back) is type(pair) and back.b == 3
+    np.testing.assert_array_equal(back.w, pair.w)
+
+
+def test_unusual_torch_tensors_convert():
+    torch = pytest.importorskip("torch")
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch._neg_view(torch.randn(4, dtype=torch.float64)[::2])  # a negative-bit view
+    params = from_torch({"weight": w.t(), "bias": b}, nn.Linear(3, 2))  # transposed, strided
+    np.testing.assert_array_equal(params["weight"], w.detach().numpy())
+    np.testing.assert_array_equal(params["bias"], b.resolve_neg().numpy())
+    assert params["weight"].flags["C_CONTIGUOUS"]
+
+
+def test_torch_bfloat16_without_ml_dtypes_is_named(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(_interop, "BFLOAT16", None)
+    state = torch.nn.Linear(3, 2).to(torch.bfloat16).state_dict()
+    with pytest.raises(TypeError, match="'weight' is a torch.bfloat16 tensor: .*ml_dtypes"):
+        from_torch(state, nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="torch.bfloat16 tensor: .*ml_dtypes"):
+        from_dlpack(state["bias"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_16_and_32_bit_torch_weights_round_trip_bit_for_bit(dtype):
+    torch = pytest.importorskip("torch")
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")  # numpy's bfloat16
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    state = model.to(getattr(torch, dtype)).state_dict()
+    ours = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = from_torch(state, ours)
+    assert params[0]["weight"].dtype == np.dtype(dtype)
+    for k, v in to_torch(params, ours, tensors=True).items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    t = state["0.bias"].clone()
+    a = from_dlpack(t)  # one buffer both ways
+    t[0] = 7.0
+    assert a[0] == 7.0 and a.dtype == np.dtype(dtype)
+    to_torch_tensor(a)[1] = -3.0
+    assert t[1] == -3.0
+
+
+# asyncnn.testing.check_grads: a wrong gradient must fail it, a right one pass at any dtype
+
+
+def _square(vjp_rule):
+    return Primitive("square", lambda x: (x * x, x), vjp_rule)
+
+
+_RIGHT = _square(lambda ct, x, needs: (2 * x * ct,))
+_X = np.random.default_rng(0).standard_normal((3, 4))
+
+
+@pytest.mark.parametrize(
+    "rule, match",
+    [
+        (lambda ct, x, needs: ((2 * x * ct).astype(np.float32),), "gradient dtype float32, the"),
+        (lambda ct, x, needs: (2 * x * ct * (1 + 1e-5),), r"args\[0\]: vjp and finite differ"),
+        (lambda ct, x, needs: (2 * x,), "vjp and finite differences differ"),
+        (lambda ct, x, needs: ((2 * x * ct)[:1],), r"gradient shape \(1, 4\)"),
+    ],
+)  # fmt: skip
+def test_check_grads_fails_a_wrong_gradient(rule, match):
+    check_grads(_RIGHT, _X)
+    with pytest.raises(AssertionError, match=match):
+        check_grads(_square(rule), _X)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_check_grads_passes_right_gradients_below_float64(dtype):
+    # finite differences taken in the arguments' dtype were 7% off in float32 (a step of 1e-6
+    # rounded away) and 0 in float16, whatever the tolerance; bfloat16 leaves were "not floats"
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3), nn.LogSoftmax())
+    x = _X.astype(dtype)
+    check_grads(lambda p, x: m(p, x), m.init(0, dtype=dtype), x)
+    check_grads(lambda x: ops.sum(ops.exp(x) * x), x)
+    if dtype == "float32":  # and still fails a gradient 1% off
+        with pytest.raises(AssertionError, match="differ"):
+            check_grads(_square(lambda ct, x, needs: (2 * x * ct * np.float32(1.01),)), x)
+
+
+def test_check_grads_takes_python_floats_names_leaves_and_refuses_complex():
+    check_grads(lambda a, s: a * s, _X, 2.0)  # vjp differentiates a Python float too
+    wrong = _square(lambda ct, x, needs: (3 * x * ct,))
+    with pytest.raises(AssertionError, match=r"args\[1\]\['w'\]: vjp and finite"):
+        check_grads(lambda a, p: a * wrong(p["w"]), _X, {"w": _X, "n": np.arange(3)})
+    with pytest.raises(TypeError, match=r"args\[0\] is complex"):
+        check_grads(lambda z: z * z, _X + 1j)

@@ -20,6 +20,9 @@ __all__ = ["ArrayDataset", "batch_length", "epoch_permutation", "split_microbatc
 
 
 def _check_index(value: Any, name: str, minimum: int) -> int:
+    # (a bool is an int to operator.index: fit(data, 5, True) meant shuffle, not batch_size=1)
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
     try:
         index = operator.index(value)
     except TypeError:
@@ -27,6 +30,13 @@ def _check_index(value: Any, name: str, minimum: int) -> int:
     if index < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {index}")
     return index
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool: a Python or numpy bool (a string such as ``"no"`` would be true)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def batch_length(batch: Mapping[str, Any]) -> int:
@@ -91,9 +101,16 @@ def _as_array(name: str, array: Any) -> Any:
         return np.asarray(array)  # a subclass (np.matrix would stay 2-d when indexed): a view
     if hasattr(array, "shape") and is_cupy_array(array):
         return array
+    if hasattr(array, "iloc"):  # pandas: an index array selects rows by label, not position
+        return _converted(name, array)
     if hasattr(array, "shape") and hasattr(array, "dtype") and has_numpy_dtype(array):
         return array  # an array of a numpy dtype (h5py, zarr): rows are read as needed
-    try:  # (a dtype numpy does not know, a torch tensor's, is converted here too)
+    # (a dtype numpy does not know, a torch tensor's, is converted here too)
+    return _converted(name, array)
+
+
+def _converted(name: str, array: Any) -> np.ndarray[Any, Any]:
+    try:
         return np.asarray(array)
     except ValueError as exc:  # ragged nested lists
         raise ValueError(
@@ -109,12 +126,14 @@ class ArrayDataset:
     """A dataset held in memory as named arrays with one row per example.
 
     Args:
-        arrays: ``{name: array}``; every array has the same length along axis 0. numpy and
-            cupy arrays are kept as they are (no copy; a subclass such as ``np.memmap`` or
-            ``np.matrix`` as a plain ndarray view of its data), and so are other arrays of a
-            numpy dtype (read lazily, row by row, where they can be); anything else (lists, a
-            CPU torch tensor) is converted with ``np.asarray``. A masked array is refused: its
-            masked entries would be read as they are stored.
+        arrays: ``{name: array}`` (or another dataset, whose arrays are then shared); every
+            array has the same length along axis 0. numpy and cupy arrays are kept as they are
+            (no copy; a subclass such as ``np.memmap`` or ``np.matrix`` as a plain ndarray view
+            of its data), and so are other arrays of a numpy dtype (h5py, zarr: read lazily,
+            the rows of each batch as it is taken, in increasing order as h5py needs); anything
+            else (lists, a CPU torch tensor, a pandas Series or DataFrame, whose index arrays
+            would select rows by label) is converted with ``np.asarray``. A masked array is
+            refused: its masked entries would be read as they are stored.
 
     Example:
         ```python
@@ -123,7 +142,9 @@ class ArrayDataset:
         ```
     """
 
-    def __init__(self, arrays: Mapping[str, Any]) -> None:
+    def __init__(self, arrays: Mapping[str, Any] | ArrayDataset) -> None:
+        if isinstance(arrays, ArrayDataset):
+            arrays = arrays.arrays
         if not isinstance(arrays, Mapping):
             raise TypeError(
                 "ArrayDataset takes a dict of arrays, e.g. ArrayDataset({'x': x, 'y': y}); got "
@@ -167,13 +188,33 @@ class ArrayDataset:
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches :meth:`batches` yields per epoch."""
         batch_size = _check_index(batch_size, "batch_size", 1)
-        if drop_last:
+        if _check_flag(drop_last, "drop_last"):
             return self._length // batch_size
         return -(-self._length // batch_size)
 
     def take(self, rows: Any) -> dict[str, Any]:
-        """The rows ``rows`` (a slice or an index array) of every field, as a dict."""
-        return {name: array[rows] for name, array in self._arrays.items()}
+        """The rows ``rows`` (a slice or an index array) of every field, as a dict.
+
+        A field read lazily (h5py, zarr) is read at the rows in increasing order, each once
+        (h5py refuses other index arrays), and comes back as numpy in the order asked for.
+        """
+        if isinstance(rows, slice):
+            return {name: array[rows] for name, array in self._arrays.items()}
+        out: dict[str, Any] = {}
+        increasing: Any = None
+        for name, array in self._arrays.items():
+            if isinstance(array, np.ndarray) or is_cupy_array(array):
+                out[name] = array[rows]
+                continue
+            if increasing is None:
+                index = np.asarray(rows)
+                if index.dtype == np.bool_:
+                    index = np.flatnonzero(index)
+                index = np.where(index < 0, index + self._length, index)
+                increasing, back = np.unique(index, return_inverse=True)
+                back = back.reshape(index.shape)
+            out[name] = np.asarray(array[increasing])[back]
+        return out
 
     def batches(
         self,
@@ -195,7 +236,11 @@ class ArrayDataset:
             drop_last: skip a final batch smaller than ``batch_size``.
         """
         batch_size = _check_index(batch_size, "batch_size", 1)
-        order = epoch_permutation(self._length, seed, epoch) if shuffle else None
+        order = (
+            epoch_permutation(self._length, seed, epoch)
+            if _check_flag(shuffle, "shuffle")
+            else None
+        )
         stop = self.num_batches(batch_size, drop_last) * batch_size
         for start in range(0, min(stop, self._length), batch_size):
             end = min(start + batch_size, self._length)

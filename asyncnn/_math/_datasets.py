@@ -150,7 +150,8 @@ def load_mnist1d(
             f"num_samples must be a positive multiple of 10 (one tenth per digit), got {num_samples}"
         )
     train_split = float(train_split)
-    split_ix = int(num_samples * train_split)
+    # (a NaN or an inf failed in int() below with a message naming neither)
+    split_ix = int(num_samples * train_split) if 0.0 < train_split < 1.0 else 0
     if not 0 < split_ix < num_samples:
         raise ValueError(
             f"train_split={train_split} leaves an empty split of {num_samples} samples; "
