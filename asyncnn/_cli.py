@@ -12,6 +12,7 @@ import json
 import os
 import select
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -33,6 +34,10 @@ def _policy(name: str, microbatches: int, stages: int, stash: bool) -> Any:
     return getattr(policies, name)(microbatches)
 
 
+# the policies that cut each minibatch into --microbatches keys
+_MICROBATCHED = ("PipeDream", "OneFOneB", "GPipe")
+
+
 # train's options that describe the model, the policy or the optimizer: a checkpoint holds them
 _MODEL_FLAGS = (
     "--policy", "--stages", "--balance", "--microbatches", "--no-stash", "--layers", "--hidden",
@@ -44,12 +49,51 @@ class UsageError(Exception):
     """A command line that cannot work: printed as one line, exit status 2."""
 
 
+def _check_writable(flag: str, path: str, folder: bool) -> None:
+    """Refuses, before the run, a path that its end (or its first step) could not write: a
+    folder given for a file or a file for a folder, a path under a file, a folder it may not
+    write in. The files themselves are written where the run would write them."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: that is a file; {flag} takes a folder")
+    if not folder and os.path.isdir(path):
+        raise UsageError(
+            f"{flag} {path}: that is a folder; {flag} takes a file name (e.g. "
+            f"{os.path.join(path, 'run.trace' if flag == '--trace' else 'metrics.jsonl')})"
+        )
+    if not folder and os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: cannot write to it (permission denied)")
+        return
+    # the folder written in: the path itself (a folder that exists) or its nearest ancestor
+    # that exists (the run makes the folders between)
+    where = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while where and not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    where = where or "."
+    kind = "folder" if folder else "file"
+    if not os.path.isdir(where):
+        raise UsageError(
+            f"{flag} {path}: {where} is a file, not a folder, so nothing can go under it; give "
+            f"another {kind}"
+        )
+    try:  # a temporary file, gone when closed: what a write there would meet
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write in {where} ({exc.strerror or exc}); give a {kind} "
+            "where you can write"
+        ) from exc
+
+
 def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
     """Refuses contradictory train options (one line each)."""
-    for flag, folder in (("--save", args.save), ("--out", args.out)):
-        # found before the run, not when its end is saved
-        if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            raise UsageError(f"{flag} {folder}: that is a file; {flag} takes a folder")
+    # found before the run, not when its end is saved (or its first step traced)
+    for flag, path, folder in (
+        ("--save", args.save, True), ("--out", args.out, True), ("--trace", args.trace, False),
+        ("--metrics", args.metrics, False),
+    ):  # fmt: skip
+        if path:
+            _check_writable(flag, path, folder)
     if args.save:
         from ._checkpoint import check_save_path
 
@@ -73,6 +117,12 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(
             f"--microbatches applies to GPipe, OneFOneB and PipeDream ({args.policy} sends each "
             "minibatch as one key)"
+        )
+    if args.policy in _MICROBATCHED and args.microbatches > args.batch_size:
+        raise UsageError(
+            f"--microbatches {args.microbatches} is more than the --batch-size of "
+            f"{args.batch_size} rows (a minibatch is cut into at most one key a row): give "
+            f"--microbatches {args.batch_size} or fewer, or a larger --batch-size"
         )
     modules = 2 * args.layers + 1
     if args.stages > modules:
@@ -104,10 +154,20 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume:
             from . import Trainer
 
+            placed: dict[str, Any] = {}
+            if cluster is not None:  # the stages on --workers as a new run places them
+                placed["graph"] = _on_workers(Trainer.load(args.resume).graph, args.workers)
             trainer = Trainer.load(
-                args.resume, progress=args.progress, cluster=cluster, trace=args.trace
-            )
+                args.resume, progress=args.progress, cluster=cluster, trace=args.trace or None,
+                **placed,
+            )  # fmt: skip
             graph, policy = trainer.graph, trainer.policy
+            microbatches = getattr(policy, "microbatches", None)
+            if isinstance(microbatches, int) and microbatches > args.batch_size:
+                raise UsageError(
+                    f"--batch-size {args.batch_size}: the checkpoint's {policy} cuts each "
+                    f"minibatch into {microbatches} keys; give --batch-size {microbatches} or more"
+                )
             declared = graph.nodes["x"].shape if "x" in graph.nodes else None
             if declared is not None and len(declared) == 2 and declared[1] != features:
                 raise UsageError(
@@ -121,13 +181,15 @@ def _train(args: argparse.Namespace) -> int:
                 modules.append(nn.Linear(a, b))
                 if i < len(sizes) - 2:
                     modules.append(nn.ReLU())
+            # the rows of one key, on which --balance time measures the stages
+            keys = args.microbatches if args.policy in _MICROBATCHED else 1
             if args.workers:
                 # stage i on worker i mod N; the loss follows the last stage
                 workers = [i % args.workers for i in range(args.stages)]
             graph = Graph.sequential(
                 modules, loss=nn.CrossEntropyLoss(), stages=args.stages,
                 input_shape=(None, features), workers=workers, balance=args.balance,
-                balance_rows=max(1, args.batch_size // max(1, args.microbatches)),
+                balance_rows=max(1, args.batch_size // keys),
             )  # fmt: skip
             policy = _policy(args.policy, args.microbatches, args.stages, not args.no_stash)
             trainer = None
@@ -135,6 +197,21 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _on_workers(graph: Any, workers: int) -> Any:
+    """``graph`` with its stages placed as a new run's: stage i on worker i mod ``workers``, the
+    loss beside the last stage (a checkpoint keeps the placement of the run that saved it)."""
+    from . import Graph
+
+    spec = graph.to_spec()
+    layers = [entry for entry in spec["nodes"] if entry["kind"] == "layer"]
+    for i, entry in enumerate(layers):
+        entry["worker"] = i % workers
+    for entry in spec["nodes"]:
+        if entry["kind"] == "loss":
+            entry.pop("worker", None)
+    return Graph.from_spec(spec)
 
 
 def _fit(
@@ -150,7 +227,8 @@ def _fit(
     from . import Trainer, optim
     from .callbacks import JSONLLogger
 
-    where = f" on {args.workers} worker processes" if args.workers else ""
+    plural = "es" if args.workers != 1 else ""
+    where = f" on {args.workers} worker process{plural}" if args.workers else ""
     if trainer is None:
         trainer = Trainer(
             graph,
@@ -159,7 +237,7 @@ def _fit(
             seed=args.seed,
             progress=args.progress,
             cluster=cluster,
-            trace=args.trace,
+            trace=args.trace or None,
         )
         cut = [len(graph.nodes[n].module.modules) for n in graph.layers]
         print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
@@ -171,7 +249,9 @@ def _fit(
     epochs = args.epochs - trainer.epochs_done  # --epochs counts those of the checkpoint too
     if epochs < 0:
         raise UsageError(
-            f"--epochs {args.epochs}: the checkpoint has trained {trainer.epochs_done} already"
+            f"--epochs {args.epochs}: the checkpoint has trained {trainer.epochs_done} already "
+            f"(--epochs counts them too); give --epochs {trainer.epochs_done + 1} or more to "
+            "train on"
         )
     if args.trace:  # its folder made, as those of --save, --metrics and --out are
         os.makedirs(os.path.dirname(args.trace) or ".", exist_ok=True)
@@ -200,37 +280,53 @@ def _fit(
     if args.save:
         trainer.save(args.save)
     result = trainer.evaluate(test)
-    print(
-        f"test accuracy {result['accuracy']:.1%}, test loss {result['loss']:.3f}; "
-        f"{seconds:.1f} s, {hist.samples_per_second:.0f} samples/s"
-    )
-    print("actor       busy  forwards  updates  peak stored")
     util = hist.utilisation()
-    for name, st in hist.statistics.items():
-        print(
-            f"{name:<9} {util[name]:6.1%}  {st.forwards:8d}  {st.updates:7d}  {st.peak_stored:11d}"
-        )
-    if args.save:
-        print(f"saved the trainer to {args.save}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
+    results = os.path.join(args.out, "results.json") if args.out else None
+    if results is not None:  # written before the report is printed: a reader that stops
+        # reading early (| head) ends the printing, not what the run produced
+        args_given = {k: v for k, v in vars(args).items() if k != "run"}
+        if args.resume:  # those of the checkpoint, not the defaults of flags not given
+            for flag in _MODEL_FLAGS:
+                args_given[flag[2:].replace("-", "_")] = None
         report = {
-            "args": {k: v for k, v in vars(args).items() if k != "run"},
+            "args": args_given,
+            "model": {
+                "policy": str(policy),
+                "modules_per_stage": [len(graph.nodes[n].module.modules) for n in graph.layers],
+                "optimizer": str(trainer.optimizer),
+                "seed": trainer.seed,
+                "epochs_done": trainer.epochs_done,
+            },
             "test": result,
             "seconds": seconds,
             "samples_per_second": hist.samples_per_second,
             "utilisation": util,
             "losses": hist.losses,
         }
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        os.makedirs(args.out, exist_ok=True)
+        with open(results, "w") as f:
             json.dump(report, f, indent=2)
-        print(f"wrote {os.path.join(args.out, 'results.json')}")
+    print(
+        f"test accuracy {result['accuracy']:.1%}, test loss {result['loss']:.3f}; "
+        f"{seconds:.1f} s, {hist.samples_per_second:.0f} samples/s"
+    )
+    print("actor       busy  forwards  updates  peak stored")
+    for name, st in hist.statistics.items():
+        print(
+            f"{name:<9} {util[name]:6.1%}  {st.forwards:8d}  {st.updates:7d}  {st.peak_stored:11d}"
+        )
+    if args.save:
+        print(f"saved the trainer to {args.save}")
+    if results is not None:
+        print(f"wrote {results}")
     return 0
 
 
 def _trace_summary(args: argparse.Namespace) -> int:
     from ._tracing._summary import format_summary, summary
 
+    if args.plots:  # refused before the trace is read, naming the option
+        _check_writable("--plots", args.plots, folder=True)
     print(format_summary(summary(args.path, plots=args.plots)))
     return 0
 
@@ -238,6 +334,15 @@ def _trace_summary(args: argparse.Namespace) -> int:
 def _trace_export(args: argparse.Namespace) -> int:
     from ._tracing._chrome import to_chrome
 
+    if (
+        os.path.exists(args.out)
+        and os.path.exists(args.path)
+        and os.path.samefile(args.path, args.out)
+    ):  # the export would write over the trace it reads
+        raise UsageError(
+            f"{args.out} is the trace itself: name another file for the JSON (e.g. "
+            f"{os.path.splitext(args.out)[0]}.json)"
+        )
     counts = to_chrome(args.path, args.out)
     print(
         f"wrote {args.out}: {counts['slices']} computes, {counts['flows']} messages "
@@ -247,13 +352,18 @@ def _trace_export(args: argparse.Namespace) -> int:
 
 
 def _trace_diff(args: argparse.Namespace) -> int:
-    from .trace import diff  # imported here: the diff may be newer than this command
+    from .trace import diff, read  # imported here: the diff may be newer than this command
 
-    divergence = diff(args.a, args.b)
+    a, b = read(args.a), read(args.b)
+    cut = [f"{t.path} is cut off after {len(t.events)} events" for t in (a, b) if t.truncated]
+    divergence = diff(a, b)
     if divergence is None:
         print(f"{args.a} and {args.b} agree: same events in the same order, same digests")
         return 0
     print(divergence)
+    if cut:  # the other run's later work then looks like a divergence
+        print(f"note: {'; '.join(cut)} (its run did not finish writing): a divergence where it "
+              "ends may be only the cut")  # fmt: skip
     return 1
 
 
@@ -331,7 +441,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:  # checkpoints and traces keep it as an unsigned 64-bit integer
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1, got {value}")
+    return value
+
+
 _positive_int.__name__ = _natural.__name__ = "integer"  # argparse names the type in errors
+_seed.__name__ = "integer"
 _positive_float.__name__ = "number"
 
 
@@ -367,7 +485,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument("--batch-size", type=_positive_int, default=100, help="rows per minibatch")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    t.add_argument("--seed", type=_natural, default=0, help="weights and shuffling")
+    t.add_argument("--seed", type=_seed, default=0, help="weights and shuffling")
     t.add_argument("--progress", action="store_true", help="live progress bar")
     t.add_argument(
         "--workers", type=_natural, default=0,
@@ -421,7 +539,8 @@ def _parser() -> argparse.ArgumentParser:
         "arguments; each prints ratios against references measured in the same run.",
     )
     b.add_argument("name", choices=_BENCHES, help="which benchmark")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="passed on (e.g. --quick)")
+    passed = b.add_argument("args", nargs=argparse.REMAINDER, help="passed on (e.g. --quick)")
+    passed.required = False  # none is fine: "asyncnn bench" names only the missing benchmark
     b.set_defaults(run=_bench, parser=b)
     return ap
 

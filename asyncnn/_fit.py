@@ -246,10 +246,7 @@ class _FitState:
             return
         due, self.reported = sorted(self.reported), []
         for mb in due:
-            logs = {
-                "loss": self.losses[mb],
-                "epoch": float(self.mb_epoch.get(mb, self.position[0])),
-            }
+            logs = {"loss": self.losses[mb], "epoch": self.mb_epoch.get(mb, self.position[0])}
             for cb in self.plan.callbacks:
                 cb.on_step_end(self.tr, mb, logs)
 

@@ -4,6 +4,9 @@
 thread, so where one already runs (a notebook's asyncio loop) they run on a worker thread of
 their own and the caller waits for them. Ctrl-C (a notebook's "interrupt kernel") while waiting
 asks the call to stop at its next step and then raises ``KeyboardInterrupt`` as it would have.
+The modules trusted around the call (``asyncnn.trace.trusted_modules(...)``, a context variable)
+are trusted on the worker thread too. (Not the whole context: the caller's would tell the event
+loop started there that one runs already.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import functools
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from ._math._imports import _trusted
 
 __all__ = ["in_event_loop", "replay", "run_outside_loop"]
 
@@ -40,7 +45,9 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
     """``fn()`` here, or on a worker thread when this thread runs an event loop.
 
     Args:
-        fn: the call; it may start its own event loop.
+        fn: the call; it may start its own event loop. On a worker thread it runs with the
+            modules trusted here (the rest of this thread's context would say that an event
+            loop runs already).
         on_interrupt: called when ``KeyboardInterrupt`` reaches the waiting thread, to ask
             ``fn`` to stop soon; the interrupt is raised once ``fn`` has returned or failed.
     """
@@ -48,9 +55,11 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
         return fn()
     result: list[T] = []
     error: list[BaseException] = []
+    trusted = _trusted.get()  # a new thread starts in an empty context
 
     def target() -> None:
         try:
+            _trusted.set(trusted)
             result.append(fn())
         except BaseException as exc:  # handed to the waiting thread
             error.append(exc)

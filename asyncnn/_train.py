@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from ._callbacks import Callback
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._fit import _FitPlan, _FitState, _Progress, check_checkpoint_dir, epoch_layout
 from ._history import History
-from ._math._data import ArrayDataset, _check_index
+from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
 from ._runtime._checks import check_cuda_graphs
@@ -217,7 +219,7 @@ class Trainer:
         drop_last: bool = False,
         *,
         validation_data: Mapping[str, Any] | ArrayDataset | None = None,
-        callbacks: Sequence[Callback] = (),
+        callbacks: Sequence[Callback] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 3,
@@ -245,12 +247,14 @@ class Trainer:
             validation_data: evaluated after each epoch (a dict of arrays or an
                 :class:`~asyncnn.data.ArrayDataset`); ``val_loss`` (and ``val_accuracy``)
                 go into :attr:`History.epochs` and the callbacks' logs.
-            callbacks: :class:`~asyncnn.callbacks.Callback` objects (early stopping, loggers).
+            callbacks: :class:`~asyncnn.callbacks.Callback` objects (early stopping, loggers);
+                None (the default) or an empty list: none. Every callback that started gets its
+                ``on_fit_end``, however the fit ends (see Raises).
             checkpoint_dir: where ``checkpoint_every`` writes checkpoints
                 (``epoch-0001/``... each a :meth:`save` folder, numbered by the epochs done).
                 Refused if it holds a checkpoint of more epochs than the trainer has done
                 (another run's): the fit would save over it.
-            checkpoint_every: save every this many epochs.
+            checkpoint_every: save every this many epochs (an int >= 1).
             keep_checkpoints: how many of the latest checkpoints of ``checkpoint_dir`` to keep,
                 by epoch number, counting the one just written (0: all).
             check_data: check the data before any compute: NaN/Inf in float inputs, integer
@@ -260,12 +264,26 @@ class Trainer:
             ValueError: bad data (naming the input and the row) or arguments (also a
                 ``batch_size`` that ``drop_last`` leaves no minibatch of, a ``checkpoint_dir``
                 holding another run's later checkpoints).
-            TypeError: ``epochs`` or ``batch_size`` is not an int; ``callbacks`` is not a list
-                of callbacks.
+            TypeError: ``epochs``, ``batch_size``, ``checkpoint_every`` or ``keep_checkpoints``
+                is not an int (a bool is not one either); ``shuffle`` or ``drop_last`` is not a
+                bool; ``callbacks`` is not a list of callbacks. All of these are checked before
+                any callback starts.
+
+        Errors of the callbacks' ``on_fit_end``: every callback that started ends, even where
+        one raises; then the first such error is raised (any later ones added to it as notes).
+        Where the fit is already raising (an error of its own or of a callback, or Ctrl-C's
+        ``KeyboardInterrupt``), that exception goes on, never replaced by a callback's: the
+        callback's error is added to it as a note, with its traceback, so that the traceback
+        shows both.
         """
         dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
+        # as Python ints and bools: the plan's epoch layout goes into fit.json (numpy scalars
+        # would fail its save), and a bad value is refused before any callback starts
         epochs = _check_index(epochs, "epochs", 0)
-        if epochs and drop_last and 0 < len(dataset) < _check_index(batch_size, "batch_size", 1):
+        batch_size = _check_index(batch_size, "batch_size", 1)
+        shuffle = _check_flag(shuffle, "shuffle")
+        drop_last = _check_flag(drop_last, "drop_last")
+        if epochs and drop_last and 0 < len(dataset) < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} with drop_last=True leaves no minibatch of the "
                 f"{len(dataset)} rows: use a batch_size of at most {len(dataset)}"
@@ -275,7 +293,13 @@ class Trainer:
                 f"callbacks takes a list of callbacks: pass callbacks=[{type(callbacks).__name__}"
                 "(...)], not the callback alone"
             )
-        callbacks = list(callbacks)
+        try:
+            callbacks = [] if callbacks is None else list(callbacks)
+        except TypeError:
+            raise TypeError(
+                "callbacks takes a list of asyncnn.callbacks.Callback objects (or None), got "
+                f"{type(callbacks).__name__} {callbacks!r}"
+            ) from None
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be asyncnn.callbacks.Callback objects, got {cb!r}")
@@ -283,9 +307,9 @@ class Trainer:
             raise ValueError(
                 "checkpoint_every and checkpoint_dir go together: give both or neither"
             )
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (epochs), got {checkpoint_every}")
-        _check_index(keep_checkpoints, "keep_checkpoints (0: keep all)", 0)
+        if checkpoint_every is not None:
+            checkpoint_every = _check_index(checkpoint_every, "checkpoint_every", 1)
+        keep_checkpoints = _check_index(keep_checkpoints, "keep_checkpoints (0: keep all)", 0)
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir):
             if not os.path.isdir(checkpoint_dir):  # found before an epoch trains, not after
                 raise ValueError(
@@ -348,22 +372,28 @@ class Trainer:
             for cb in plan.callbacks:
                 cb.on_fit_start(self)
                 started.append(cb)
-        except BaseException:  # those started end (a logger closes its file), then it raises
-            _end_all(started, self, history)
+        except BaseException as exc:  # those started end (a logger closes its file), then it
+            _end_all(started, self, history, exc)  # raises
             raise
         try:
-            with _Progress(self.progress, total) as bar:
-                fit.bar = bar
-                anyio.run(fit.main, trace_path, backend="trio")
-        except BaseException:
-            fit.keep()
+            try:
+                with _Progress(self.progress, total) as bar:
+                    fit.bar = bar
+                    anyio.run(fit.main, trace_path, backend="trio")
+            except BaseException:
+                fit.keep()
+                raise
+            finally:
+                if trace_path is not None:
+                    self.traces.append(trace_path)
+                history.seconds = time.perf_counter() - start
+                history.samples_per_second = (
+                    fit.rows / history.seconds if history.seconds > 0 else 0.0
+                )
+        except BaseException as exc:  # it goes on, whatever the callbacks' ends raise
+            _end_all(plan.callbacks, self, history, exc)
             raise
-        finally:
-            if trace_path is not None:
-                self.traces.append(trace_path)
-            history.seconds = time.perf_counter() - start
-            history.samples_per_second = fit.rows / history.seconds if history.seconds > 0 else 0.0
-            _end_all(plan.callbacks, self, history)
+        _end_all(plan.callbacks, self, history)
         return history
 
     def _next_trace_path(self) -> str | None:
@@ -414,7 +444,15 @@ class Trainer:
     ) -> dict[str, float]:
         """The loss over ``data`` (a dict of arrays or an :class:`~asyncnn.data.ArrayDataset`):
         the mean over its rows, or the sum for a loss of ``reduction="sum"``, as that loss on
-        the whole data at once; and accuracy for a classifier (a loss reading integer labels).
+        the whole data at once (summed over the loss nodes where there are several).
+
+        ``"accuracy"`` is reported for a classifier only: where a loss node is a
+        ``CrossEntropyLoss`` (or a subclass) whose labels are a graph input declared as integer
+        class indices. It is the fraction of labels (one per row, or per position for labels
+        ``(N, d1, ...)``) equal to the argmax of their logits over the class axis (axis 1),
+        over all such losses; a loss whose argmax has another shape than its labels is left
+        out (never broadcast). A regression (``MSELoss``, even of integer targets) or another
+        loss gets no ``"accuracy"``; nor do ``val_accuracy`` and the callbacks' logs.
 
         Raises:
             ValueError: an input the losses need (the labels too) is missing, or has another
@@ -440,9 +478,8 @@ class Trainer:
         params = self._params_on_devices()
         n = len(dataset)
         loss_sum = 0.0
-        correct = 0
-        labelled = 0
-        classify = None
+        # {loss node: [labels matching their logits' argmax, labels]} of the classifiers
+        counts = {name: [0, 0] for name in _classifiers(self.graph)}
         for batch in dataset.batches(batch_size):
             rows = len(next(iter(batch.values())))
             outs = forward_pass(self.graph, params, batch, self.dtype, losses=True)
@@ -451,16 +488,20 @@ class Trainer:
                 # a mean, weighted by its rows, comes back a mean over the data; a sum adds up
                 weight = n if sums_over_rows(node.module) else rows
                 loss_sum += float(to_numpy(outs[name])) * weight
-                if len(node.inputs) == 2 and self.graph.nodes[node.inputs[1]].kind == "input":
-                    labels = np.asarray(to_numpy(batch[node.inputs[1]]))
-                    if labels.dtype.kind in "iu":
-                        logits = np.asarray(to_numpy(outs[node.inputs[0]]))
-                        correct += int((logits.argmax(axis=1) == labels).sum())
-                        labelled += labels.size  # one label per row, or per position
-                        classify = True
+                if name not in counts:
+                    continue
+                labels = np.asarray(to_numpy(batch[node.inputs[1]]))
+                predicted = np.asarray(to_numpy(outs[node.inputs[0]])).argmax(axis=1)
+                if predicted.shape != labels.shape:  # (a subclass's own call): never broadcast
+                    del counts[name]
+                    continue
+                counts[name][0] += int((predicted == labels).sum())
+                counts[name][1] += labels.size  # one label per row, or per position
         result = {"loss": loss_sum / n}
-        if classify:
-            result["accuracy"] = correct / labelled
+        if counts:
+            result["accuracy"] = sum(c for c, _ in counts.values()) / sum(
+                t for _, t in counts.values()
+            )
         return result
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -472,17 +513,25 @@ class Trainer:
         from ._checkpoint import save_checkpoint
 
         path = os.fspath(path)
-        save_checkpoint(self, path)
-        tmp = os.path.join(path, _FIT_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            # the minibatch count ties it to the checkpoint it sits beside (written after it)
-            fit = {
+        # the minibatch count ties it to the checkpoint it sits beside (written after it);
+        # serialised first: a value JSON cannot hold fails the save before anything is written
+        fit = json.dumps(
+            {
                 "epoch_batches": self.epoch_batches,
                 "minibatches": self.state.minibatches,
                 "epoch_layout": self._epoch_layout if self.epoch_batches else None,
             }
-            json.dump(fit, f)
-        os.replace(tmp, os.path.join(path, _FIT_FILE))
+        )
+        save_checkpoint(self, path)
+        tmp = os.path.join(path, _FIT_FILE + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(fit)
+            os.replace(tmp, os.path.join(path, _FIT_FILE))
+        except BaseException:  # a failed write (a full disk) leaves no fit.json.tmp behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
@@ -503,17 +552,48 @@ class Trainer:
         return trainer
 
 
-def _end_all(callbacks: Sequence[Callback], trainer: Trainer, history: History) -> None:
+def _classifiers(graph: Graph) -> list[str]:
+    """The loss nodes whose accuracy :meth:`Trainer.evaluate` counts: a ``CrossEntropyLoss`` (or
+    a subclass) reading logits and a graph input declared as integer class indices. Decided from
+    the graph, never from the dtype of the data given."""
+    from ._math._nn import CrossEntropyLoss
+
+    found = []
+    for name in graph.losses:
+        node = graph.nodes[name]
+        if isinstance(node.module, CrossEntropyLoss) and len(node.inputs) == 2:
+            labels = graph.nodes[node.inputs[1]]
+            if labels.kind == "input" and np.dtype(labels.dtype).kind in "iu":
+                found.append(name)
+    return found
+
+
+def _end_all(
+    callbacks: Sequence[Callback],
+    trainer: Trainer,
+    history: History,
+    propagating: BaseException | None = None,
+) -> None:
     """Every callback's ``on_fit_end``, even where one raises (a logger after it must still
-    close its file); then the first error, if any."""
-    first: BaseException | None = None
+    close its file); then the first error, if any, with any later ones as notes.
+
+    Where the fit is already raising ``propagating`` (an error, or a ``KeyboardInterrupt`` that
+    the CLI turns into exit status 130), the callbacks' errors do not replace it: each is added
+    to it as a note, traceback included, and nothing is raised here (the caller re-raises it).
+    """
+    first = propagating
     for cb in callbacks:
         try:
             cb.on_fit_end(trainer, history)
         except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
             if first is None:
                 first = exc
-    if first is not None:
+            else:
+                first.add_note(
+                    f"{type(cb).__name__}.on_fit_end raised too, while this was raised:\n"
+                    + "".join(traceback.format_exception(exc, chain=False)).rstrip()
+                )
+    if first is not None and first is not propagating:
         raise first
 
 

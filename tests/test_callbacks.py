@@ -136,6 +136,7 @@ def test_jsonl_logger(tmp_path):
     )
     assert [r["val_loss"] for r in epochs] == hist.metrics["val_loss"]
     assert all(r["time"] >= 0 for r in records)
+    assert all(type(r["epoch"]) is int for r in records)  # (step lines read "epoch": 0.0)
     tr.fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(path, every=0)])
     assert len(path.read_text().splitlines()) == len(records) + 1  # appended: one epoch line
 
@@ -250,6 +251,42 @@ def test_a_callback_failing_at_fit_end_still_lets_the_others_end(tmp_path):
     with pytest.raises(RuntimeError, match="no end"):
         _trainer().fit(_data(), batch_size=8, callbacks=[Fails(), logger, last])
     assert logger._file is None and last.calls[-1][0] == "end"
+    # the first error is raised, later ones added as notes
+    with pytest.raises(RuntimeError, match="no end") as info:
+        _trainer().fit(_data(), batch_size=8, callbacks=[Fails(), Fails()])
+    assert len(info.value.__notes__) == 1
+
+
+class _FailsAtEnd(Callback):
+    def on_fit_end(self, trainer, history):
+        raise RuntimeError("no end")
+
+
+class _Raises(Callback):
+    def __init__(self, error, at="step"):
+        self.error, self.at = error, at
+
+    def on_fit_start(self, trainer):
+        if self.at == "start":
+            raise self.error
+
+    def on_step_end(self, trainer, step, logs):
+        if step == 1:
+            raise self.error
+
+
+@pytest.mark.parametrize("at", ["step", "start"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError], ids=["ctrl-c", "error"])
+def test_a_callback_failing_at_fit_end_does_not_replace_the_exception_ending_the_fit(error, at):
+    # (the callback's error replaced it, the original left as its __context__: Ctrl-C in the
+    # CLI came out as that error, not exit status 130)
+    last = _Record()
+    with pytest.raises(error) as info:
+        _trainer().fit(_data(), batch_size=8,
+                       callbacks=[_FailsAtEnd(), last, _Raises(error("stop"), at)])  # fmt: skip
+    assert str(info.value) == "stop" and last.calls[-1][0] == "end"
+    (note,) = info.value.__notes__
+    assert note.startswith("_FailsAtEnd.on_fit_end raised too") and "RuntimeError: no end" in note
 
 
 @pytest.mark.parametrize(

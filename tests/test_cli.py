@@ -176,6 +176,14 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--resume", "ckpt", "--balance", "params"], "drop --balance"),
         # named the top command, whose --help does not list train's options
         (["--epoch", "3"], "unrecognized arguments: --epoch 3 (see asyncnn train --help)"),
+        # trained to the end, then a traceback from msgpack (OverflowError) saving or tracing it
+        (["--seed", str(2**64), "--epochs", "0"], "--seed: must be from 0 to 2**64 - 1, got 1844"),
+        # each minibatch became one key a row, under a policy printed as PipeDream(microbatches=4)
+        (["--batch-size", "2", "--epochs", "0"], "--microbatches 4 is more than the --batch-size"),
+        (
+            ["--microbatches", "9", "--batch-size", "8", "--epochs", "0"],
+            "--microbatches 8 or fewer",
+        ),
     ],
 )
 def test_train_errors_are_one_line(
@@ -335,3 +343,209 @@ def test_train_refuses_a_save_folder_that_is_not_a_checkpoint_before_training(
     ckpt = tmp_path / "ckpt"
     assert main([*_TRAIN, "--epochs", "1", "--save", str(ckpt)]) == 0
     assert main([*_TRAIN, "--epochs", "1", "--save", str(ckpt)]) == 0
+
+
+# -- paths checked before the run, resumed runs, the report, trace export and diff -----------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flag", "under", "says"),
+    [
+        # each trained to the end (or to its first step) and then failed: "[Errno 20] Not a
+        # directory", "[Errno 17] File exists: 'a-file'", "[Errno 21] Is a directory"
+        ("--save", "a-file/ckpt", "a-file is a file, not a folder, so nothing can go under it"),
+        ("--out", "a-file/out", "a-file is a file, not a folder, so nothing can go under it"),
+        ("--trace", "a-file/run.trace", "a-file is a file, not a folder"),
+        ("--metrics", "a-file/m.jsonl", "a-file is a file, not a folder"),
+        ("--trace", "folder", "that is a folder; --trace takes a file name (e.g. "),
+        ("--metrics", "folder", "that is a folder; --metrics takes a file name (e.g. "),
+    ],
+)
+def test_train_refuses_paths_it_could_not_write_before_training(
+    flag: str, under: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    path = str(tmp_path / under)
+    assert main([*_TRAIN, "--epochs", "1", flag, path]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the data, the graph and the run
+    assert err.startswith(f"asyncnn train: error: {flag} {path}: ") and says in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys: Linux")
+def test_train_refuses_a_folder_it_may_not_write_in_before_training(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # sysfs refuses new files to root too; it trained to the end, then "Permission denied"
+    assert main([*_TRAIN, "--epochs", "1", "--save", "/sys/asyncnn-ckpt"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    line = err.strip()  # Permission denied, or a read-only file system
+    assert line.startswith("asyncnn train: error: --save /sys/asyncnn-ckpt: cannot write in /sys (")
+    assert line.endswith("); give a folder where you can write") and "\n" not in line
+
+
+def test_train_takes_an_empty_trace_path_as_none(tmp_path: Path) -> None:
+    # as --out '' (documented), --metrics '' and --save '': it failed with "No such file or
+    # directory: ''"
+    assert main([*_TRAIN, "--epochs", "0", "--trace", ""]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_balance_by_time_measures_the_rows_of_one_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sync and Async send each minibatch as one key: measured on a quarter of it before
+    # (--microbatches' default applied to policies that take no --microbatches)
+    seen = []
+
+    def sequential(*args: object, balance_rows: int, **kwargs: object) -> None:
+        seen.append(balance_rows)
+        raise ann.GraphError("stop here")
+
+    monkeypatch.setattr(ann.Graph, "sequential", sequential)
+    for policy, rows in (("Sync", 64), ("Async", 64), ("GPipe", 16)):
+        args = [*_TRAIN, "--policy", policy, "--balance", "time"]
+        assert main(args) == 2
+        assert seen.pop() == rows, policy
+
+
+@pytest.mark.timeout(60)
+def test_resume_places_the_stages_on_the_workers_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the stages kept the placement of the run that saved them: with --workers 2 on a checkpoint
+    # saved without, all of them ran in the driver beside 2 idle worker processes (the first line
+    # said "on 2 worker processes"); --workers 1 on one saved with 2 failed ("placed on
+    # worker=1, but the cluster has 1 workers")
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*_TRAIN, "--epochs", "0", "--save", ckpt]) == 0
+    placed = []
+
+    def fit(args: object, graph: ann.Graph, *rest: object) -> int:
+        placed.append({n: graph.nodes[n].worker for n in (*graph.layers, "loss")})
+        return 0
+
+    monkeypatch.setattr("asyncnn._cli._fit", fit)
+    resume = ["train", "--dataset", "digits", "--resume", ckpt, "--out", ""]
+    for workers, expected in ((2, [0, 1]), (1, [0, 0])):
+        assert main([*resume, "--workers", str(workers)]) == 0
+        assert placed.pop() == {"stage0": expected[0], "stage1": expected[1], "loss": None}
+    assert main(resume) == 0
+    assert placed.pop() == {"stage0": None, "stage1": None, "loss": None}
+    capsys.readouterr()
+
+
+@pytest.mark.timeout(60)
+def test_resume_refuses_a_batch_size_below_the_checkpoints_microbatches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    args = [*_TRAIN, "--epochs", "0", "--save", ckpt]
+    args[args.index("Sync")] = "GPipe"
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--batch-size", "3",
+                 "--out", ""]) == 2  # fmt: skip
+    assert _one_error_line(capsys).endswith(
+        "--batch-size 3: the checkpoint's GPipe(microbatches=4) cuts each minibatch into 4 keys; "
+        "give --batch-size 4 or more"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_the_report_of_a_resumed_run_names_the_checkpoints_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # its "args" gave the defaults of the flags not given (PipeDream, 3 stages, 512 wide, lr
+    # 0.001) for a model that was none of them
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    assert main([*_TRAIN, "--epochs", "1", "--lr", "0.01", "--save", ckpt]) == 0
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "1", "--out",
+                 str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "results.json").read_text())
+    for flag in ("policy", "stages", "hidden", "layers", "lr", "seed", "microbatches"):
+        assert report["args"][flag] is None, flag
+    assert report["args"]["resume"] == ckpt
+    model = report["model"]
+    assert model["policy"] == "Sync()" and model["modules_per_stage"] == [1, 2]
+    assert model["optimizer"].startswith("Adam(lr=0.01,") and model["seed"] == 0
+    assert model["epochs_done"] == 1
+    capsys.readouterr()
+    # the default --epochs (30) or one given, below the checkpoint's: the message said no more
+    assert (
+        main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "0", "--out", ""]) == 2
+    )
+    assert _one_error_line(capsys).endswith(
+        "--epochs 0: the checkpoint has trained 1 already (--epochs counts them too); give "
+        "--epochs 2 or more to train on"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_results_are_written_before_a_reader_that_stops_reading_ends_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `asyncnn train | head -2` (with PYTHONUNBUFFERED=1): the table's lines met a closed pipe
+    # and results.json, written after them, was lost
+    import builtins
+
+    def cut(*args: object, **kwargs: object) -> None:
+        if str(args[0]).startswith("test accuracy"):
+            raise BrokenPipeError(32, "Broken pipe")
+        builtins.print(*args, **kwargs)
+
+    monkeypatch.setattr("asyncnn._cli.print", cut, raising=False)
+    out = tmp_path / "out"
+    args = [*_TRAIN, "--epochs", "1", "--out", str(out)]
+    assert main(args) in (2, 141)
+    assert json.loads((out / "results.json").read_text())["test"]["accuracy"] > 0
+
+
+def test_trace_export_refuses_to_write_over_its_trace(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it replaced the trace by its JSON export
+    path = tmp_path / "run.trace"
+    path.write_bytes(Path(traces[0]).read_bytes())
+    assert main(["trace", "export", str(path), str(path)]) == 2
+    assert _one_error_line(capsys) == (
+        f"asyncnn trace: error: {path} is the trace itself: name another file for the JSON "
+        f"(e.g. {tmp_path / 'run.json'})"
+    )
+    assert path.read_bytes() == Path(traces[0]).read_bytes()
+
+
+def test_trace_summary_plots_into_a_file_names_the_option(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "[Errno 17] File exists: ..." after reading the whole trace
+    path = tmp_path / "a-file"
+    path.write_text("")
+    assert main(["trace", "summary", traces[0], "--plots", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"asyncnn trace: error: --plots {path}: that is a file; --plots takes a folder"
+    )
+
+
+def test_trace_diff_says_when_a_trace_is_cut_off(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "one run did more work here than the other", with no word of the cut
+    data = Path(traces[0]).read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert main(["trace", "diff", traces[0], str(cut)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith(f"note: {cut} is cut off after ") and "only the cut" in out[-1]
+    assert main(["trace", "diff", traces[0], traces[1]]) == 1
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_bench_without_a_name_asks_for_the_name_only(capsys: pytest.CaptureFixture[str]) -> None:
+    # "the following arguments are required: name, args": the arguments passed on are optional
+    with pytest.raises(SystemExit):
+        main(["bench"])
+    err = capsys.readouterr().err
+    assert "required: name (see asyncnn bench --help)" in err

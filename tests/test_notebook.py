@@ -146,3 +146,17 @@ def test_an_interrupt_that_lands_outside_the_join_still_stops_the_call_and_waits
     finally:
         loop.close()
     assert finished == [True]
+
+
+def test_context_variables_set_around_the_call_hold_on_its_worker_thread():
+    """``with ann.trace.trusted_modules([...]): ann.replay(...)`` in a notebook: the replay ran on
+    a new thread, which starts in an empty context, and refused the module trusted around it
+    (``UntrustedModuleError``) where a script's call read it."""
+    from asyncnn._math._imports import _trusted
+    from asyncnn._notebook import run_outside_loop
+
+    async def cell():
+        with ann.trace.trusted_modules(["mylab.layers"]):
+            return run_outside_loop(_trusted.get)
+
+    assert "mylab.layers" in asyncio.run(cell())

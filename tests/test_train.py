@@ -403,7 +403,128 @@ def test_fit_checks_its_checkpoint_arguments_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"keep_checkpoints \(0: keep all\) must be >= 0, got -1"):
         tr.fit(data, batch_size=8, checkpoint_dir=tmp_path / "d", checkpoint_every=1,
                keep_checkpoints=-1)  # fmt: skip
+    for every, error in [(1.5, "got float 1.5"), ("2", "got str '2'"), (True, "got bool True")]:
+        # (1.5 saved whenever (epoch + 1) % 1.5 == 0; "2" failed comparing a str to an int)
+        with pytest.raises(TypeError, match=f"checkpoint_every must be an int, {error}"):
+            tr.fit(data, batch_size=8, checkpoint_dir=tmp_path / "d", checkpoint_every=every)
     assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+    tr.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path / "d",
+           checkpoint_every=np.int64(2), callbacks=None)  # fmt: skip
+    assert os.listdir(tmp_path / "d") == ["epoch-0002"]
+
+
+class _Starts(ann.callbacks.Callback):
+    def __init__(self, fail_at_step=None):
+        self.started = False
+        self.fail_at_step = fail_at_step
+
+    def on_fit_start(self, trainer):
+        self.started = True
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.fail_at_step:
+            raise RuntimeError("stop mid-epoch")
+
+
+def test_fit_takes_numpy_ints_and_bools_and_saves_them_as_json(tmp_path):
+    # (they went into fit.json's epoch layout as they came: the save of a fit stopped mid-epoch
+    # failed, "Object of type int64 is not JSON serializable", leaving fit.json.tmp behind)
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(RuntimeError, match="stop mid-epoch"):
+        tr.fit(data, epochs=2, batch_size=np.int64(8), shuffle=np.True_, drop_last=np.False_,
+               callbacks=[_Starts(fail_at_step=2)])  # fmt: skip
+    assert tr.epoch_batches > 0
+    tr.save(tmp_path / "c")
+    assert "fit.json.tmp" not in os.listdir(tmp_path / "c")
+    layout = json.loads((tmp_path / "c" / "fit.json").read_text())["epoch_layout"]
+    assert (layout["batch_size"], layout["shuffle"], layout["drop_last"]) == (8, True, False)
+    assert ann.Trainer.load(tmp_path / "c").epoch_batches == tr.epoch_batches
+    # a bad value is refused before any callback starts
+    for kwargs, error in [
+        ({"shuffle": "no"}, "shuffle must be True or False, got str 'no'"),
+        ({"drop_last": 1}, "drop_last must be True or False, got int 1"),
+        ({"batch_size": 8.0}, "batch_size must be an int, got float 8.0"),
+    ]:
+        cb = _Starts()
+        with pytest.raises(TypeError, match=error):
+            tr.fit(data, **{"batch_size": 8, **kwargs}, callbacks=[cb])
+        assert not cb.started
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    tr = _trainer(policies.Sync())
+    tr.fit(_data(), epochs=1, batch_size=8)
+    replace = os.replace
+
+    def full_disk(src, dst):
+        if os.path.basename(dst) == "fit.json":
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tr.save(tmp_path / "c")
+    assert "fit.json.tmp" not in os.listdir(tmp_path / "c")
+    tr.epoch_batches, tr._epoch_layout = 1, {"rows": object()}  # what JSON cannot hold
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        tr.save(tmp_path / "d")
+    assert not os.path.exists(tmp_path / "d")  # refused before anything was written
+
+
+def test_evaluate_reports_accuracy_only_for_class_index_labels():
+    # (it reported accuracy whenever the labels given were integers: argmax of (N,) against
+    # (N, 1) labels broadcast to an "accuracy" of 9.0 for a regression, into val_accuracy)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5))
+    regression = ann.Graph.sequential(
+        [nn.Linear(5, 1)], loss=nn.MSELoss(), stages=1, input_shape=(None, 5),
+        label_shape=(None, 1), label_dtype="float32",
+    )  # fmt: skip
+    tr = ann.Trainer(regression, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
+    data = {"x": x, "y": rng.integers(0, 5, (40, 1))}
+    assert set(tr.evaluate(data)) == {"loss"}
+    hist = tr.fit(data, batch_size=8, validation_data=data)
+    assert set(hist.metrics) == {"loss", "val_loss"}
+
+    @dataclass(frozen=True)
+    class ColumnOfLabels(nn.CrossEntropyLoss):
+        """Labels (N, 1): the argmax (N,) has another shape, so there is no accuracy."""
+
+        def __call__(self, params, logits, labels, *, rng=None):
+            return super().__call__(params, logits, labels[:, 0])
+
+    column = ann.Graph.sequential(
+        [nn.Linear(5, 3)], loss=ColumnOfLabels(), stages=1, input_shape=(None, 5),
+        label_shape=(None, 1),
+    )  # fmt: skip
+    tr = ann.Trainer(column, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
+    assert set(tr.evaluate({"x": x, "y": rng.integers(0, 3, (40, 1))})) == {"loss"}
+
+
+def test_check_batch_reads_a_large_input_in_bounded_chunks(monkeypatch):
+    # (isfinite(arr).all() made a mask of the whole input: 25 GB for a 100 GB memory map)
+    import tracemalloc
+
+    from asyncnn._runtime import _checks
+
+    g = ann.Graph.sequential(
+        [nn.Linear(1000, 3)], loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 1000)
+    )
+    big = {"x": np.broadcast_to(np.float32(1), (25_000, 1000)), "y": np.zeros(25_000, int)}
+    tracemalloc.start()
+    try:
+        assert _checks.check_batch(g, big, check_finite=True) == 25_000  # 100 MB, none held
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MB to check 100 MB"
+    # the first bad row is found across chunks of rows
+    monkeypatch.setattr(_checks, "_FINITE_CHUNK_BYTES", 3 * 1000 * 4)  # 3 rows at a time
+    x = np.ones((10, 1000), np.float32)
+    x[7, 999], x[8, 0] = np.inf, np.nan
+    with pytest.raises(ValueError, match="input 'x' contains NaN or Inf, first in row 7"):
+        _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, check_finite=True)
 
 
 # -- checkpoint_dir of an earlier run; resuming with another epoch layout ------------------------

@@ -3,6 +3,7 @@ every node on a couple of rows of zeros."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -101,14 +102,35 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
             raise ValueError(
                 f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
             )
-        if check_finite and is_floating(got) and not bool(array_namespace(arr).isfinite(arr).all()):
+        bad = _first_nonfinite_row(arr) if check_finite and is_floating(got) else None
+        if bad is not None:
             raise ValueError(
-                f"input {name!r} contains NaN or Inf, first in row {_first_bad_row(arr)}: clean "
-                "the data (check_data=False skips this check, unless check_finite=True)"
+                f"input {name!r} contains NaN or Inf, first in row {bad}: clean the data "
+                "(check_data=False skips this check, unless check_finite=True)"
             )
     if not rows:
         raise ValueError("the batch is empty (0 rows)")
     return int(rows)
+
+
+#: how many bytes of an input :func:`check_batch` checks for NaN at a time: the mask of a
+#: whole 100 GB memory-mapped dataset would take 25 GB (an array this size or smaller: one pass)
+_FINITE_CHUNK_BYTES = 16 << 20
+
+
+def _first_nonfinite_row(arr: Any) -> int | None:
+    """The first row of ``arr`` (with a batch axis) holding a NaN or an Inf, or None; read in
+    chunks of whole rows of about :data:`_FINITE_CHUNK_BYTES`, so that the memory it takes
+    stays bounded whatever the size of ``arr`` (a memory map, an h5py dataset)."""
+    rows = int(arr.shape[0])
+    row_bytes = math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize
+    step = max(1, _FINITE_CHUNK_BYTES // max(1, row_bytes))
+    xp = array_namespace(arr)
+    for start in range(0, rows, step):
+        chunk = arr if step >= rows else arr[start : start + step]
+        if not bool(xp.isfinite(chunk).all()):
+            return start + _first_bad_row(chunk)
+    return None
 
 
 def _first_bad_row(arr: Any) -> int:
