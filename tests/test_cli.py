@@ -511,8 +511,8 @@ def test_trace_export_refuses_to_write_over_its_trace(
     path.write_bytes(Path(traces[0]).read_bytes())
     assert main(["trace", "export", str(path), str(path)]) == 2
     assert _one_error_line(capsys) == (
-        f"asyncnn trace: error: {path} is the trace itself: name another file for the JSON "
-        f"(e.g. {tmp_path / 'run.json'})"
+        f"asyncnn trace: error: to_chrome: '{path}' is the trace itself: name another file for "
+        f"the JSON (e.g. '{tmp_path / 'run.json'}')"
     )
     assert path.read_bytes() == Path(traces[0]).read_bytes()
 
@@ -537,10 +537,15 @@ def test_trace_diff_says_when_a_trace_is_cut_off(
     cut = tmp_path / "cut.trace"
     cut.write_bytes(data[: len(data) * 2 // 3])
     assert main(["trace", "diff", traces[0], str(cut)]) == 1
-    out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith(f"note: {cut} is cut off after ") and "only the cut" in out[-1]
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"; note: {cut} is cut off after " in line and line.endswith("only the cut")
     assert main(["trace", "diff", traces[0], traces[1]]) == 1
     assert "note:" not in capsys.readouterr().out
+    # a cut that lost only the last record: "agree"
+    cut.write_bytes(data[:-5])
+    assert main(["trace", "diff", traces[0], str(cut)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"the runs agree as far as the traces go, but {cut} is cut off after " in line
 
 
 def test_bench_without_a_name_asks_for_the_name_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import msgpack
@@ -10,6 +11,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import optim, policies
+from asyncnn._cli import _seed
 from asyncnn._runtime._config import RunConfig
 
 from _reference import chain_graph
@@ -30,6 +32,8 @@ def test_defaults_round_trip_and_freeze():
     [
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"seed": True}, TypeError, "seed must be an int"),
+        # a checkpoint's or a trace header's msgpack then failed (OverflowError), leaving .tmp
+        ({"seed": 2**64}, ValueError, r"seed must be an int from 0 to 2\*\*64 - 1 .*got 1844"),
         ({"dtype": "floaty"}, ValueError, "dtype 'floaty'"),
         ({"stall_timeout": 0}, ValueError, "stall_timeout must be a number > 0"),
         ({"trace_payloads": "some"}, ValueError, "trace_payloads must be one of"),
@@ -73,3 +77,21 @@ def test_the_trace_header_carries_the_config(tmp_path):
     assert RunConfig.from_spec(header["config"]) == RunConfig(
         seed=3, dtype="float64", trace=path, trace_payloads="inputs"
     )
+
+
+def test_the_largest_seed_a_checkpoint_and_a_trace_hold_is_taken(tmp_path):
+    # 2**64 trained, then failed in msgpack saving the trainer (leaving .tmp files) or writing
+    # the trace's header; the CLI's --seed refuses it in the same words
+    with pytest.raises(ValueError, match=r"from 0 to 2\*\*64 - 1") as lib:
+        ann.Trainer(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(), seed=2**64)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"from 0 to 2\*\*64 - 1") as cli:
+        _seed(str(2**64))
+    assert str(lib.value).endswith(f"got {2**64}") and str(cli.value).endswith(f"got {2**64}")
+    seed = np.uint64(2**64 - 1)
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(), seed=seed, trace=path)
+    rng = np.random.default_rng(0)
+    tr.fit({"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, size=8)}, batch_size=8)
+    tr.save(str(tmp_path / "ckpt"))
+    assert ann.Trainer.load(str(tmp_path / "ckpt")).seed == 2**64 - 1
+    assert ann.trace.read(path).header["seed"] == 2**64 - 1

@@ -3,6 +3,7 @@ diff names the first reordered message of two differently timed runs."""
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -386,3 +387,48 @@ def test_a_run_that_check_finite_stopped_replays_up_to_the_same_failure(tmp_path
         ann.replay(path)
     run, rep = run_err.value, replay_err.value
     assert (rep.actor, rep.key) == (run.actor, run.key)
+
+
+def test_a_diff_with_a_trace_cut_off_says_so(tmp_path):
+    # the cut showed only as "one run did more work here than the other" (the CLI added a
+    # note of its own), and a cut that lost only the last record said the runs agreed
+    whole = tmp_path / "whole.trace"
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(whole)
+    ).fit(_data(16), batch_size=8)
+    data = whole.read_bytes()
+    recorded = ann.trace.read(whole).events
+    assert recorded[-1]["ev"] == "flush"  # compared by neither check
+    # the byte where each event's record starts, and a compute that sends
+    at = [offset for offset, _ in iter_frames(io.BytesIO(data), str(whole))][2:]
+    i = next(i for i, e in enumerate(recorded) if e["ev"] == "start" and e["a"] == "stage0")
+    assert recorded[i + 1]["ev"] == "send"
+    cuts = {"half": len(data) // 2, "start": at[i + 1] + 5, "end": len(data) - 5}
+    for name, size in cuts.items():
+        cut = tmp_path / f"{name}.trace"
+        cut.write_bytes(data[:size])
+        trace = ann.trace.read(cut)
+        assert trace.truncated
+        note = f"{cut} is cut off after {len(trace.events)} events (its run did not finish writing)"
+        for pair in ((whole, cut), (cut, whole)):
+            d = ann.trace.diff(*pair)
+            assert d is not None and note in d.reason and note in str(d)
+        if name == "end":
+            assert len(trace.events) == len(recorded) - 1
+            assert d.reason.startswith("the runs agree as far as the traces go, but ")
+        else:
+            assert d.reason.endswith(", so a divergence where it ends may be only the cut")
+        if name == "start":  # said "the replay sent nothing here", of no replay
+            d = ann.trace.diff(whole, cut)
+            assert (d.actor, d.seq) == ("stage0", recorded[i]["seq"])
+            assert d.reason.startswith("the second run sent nothing here; note: ")
+    assert ann.trace.diff(whole, whole) is None
+
+
+def _plain_graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=2,
+        input_shape=(None, 5),
+    )

@@ -24,7 +24,7 @@ class RunConfig:
 
     Attributes:
         seed: seeds parameter initialisation (per module of a sequential chain, else per
-            node) and dropout.
+            node) and dropout; from 0 to 2**64 - 1.
         dtype: the floating dtype of parameters and float inputs.
         stall_timeout: seconds without progress, while keys are in flight, before a
             :class:`~asyncnn.StallError`.
@@ -50,6 +50,11 @@ class RunConfig:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.seed < 0:  # numpy's seeding refuses it later, without naming the option
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.seed >= 2**64:  # a checkpoint or a trace header could not hold it (msgpack)
+            raise ValueError(
+                f"seed must be an int from 0 to 2**64 - 1 (checkpoints and traces keep it as an "
+                f"unsigned 64-bit integer), got {self.seed!r}"
+            )
         if self.dtype is None:  # np.dtype(None) is float64: not what a forgotten value means
             raise ValueError("dtype must name a floating dtype, such as 'float32'; got None")
         try:

@@ -80,14 +80,29 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
     Raises:
         TraceFormatError: the trace is damaged (``out`` is then left as it was: the JSON is
             written beside it and renamed into place only when whole).
-        OSError: ``out`` is a folder, or its folder does not exist (said of ``out``).
+        ValueError: ``out`` is the trace itself (the export would replace it).
+        OSError: ``out`` is a folder, or its folder does not exist or is a file (said of
+            ``out``).
     """
     out = os.fspath(out)
     # said of the path given, not of the temporary file beside it that the write goes through
     if os.path.isdir(out):
         raise IsADirectoryError(f"to_chrome: {out!r} is a folder; name the JSON file to write")
+    if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
+        raise ValueError(
+            f"to_chrome: {out!r} is the trace itself: name another file for the JSON (e.g. "
+            f"{os.path.splitext(out)[0] + '.json'!r})"
+        )
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
+        # the nearest part of the folder's path that exists: a file, or the folder is missing
+        where = folder
+        while not os.path.exists(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise NotADirectoryError(
+                f"to_chrome: {where} is a file, not a folder, so {out!r} cannot be written under it"
+            )
         raise FileNotFoundError(f"to_chrome: the folder of {out!r} ({folder}) does not exist")
     reader = open_trace(path)
     kinds = node_kinds(reader.header)
@@ -135,10 +150,20 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
     occ = Occupancy(kinds)
     # an open compute per actor: (start event, flows that end in it)
     open_: dict[str, tuple[dict[str, Any], list[int]]] = {}
-    # sends awaiting their receive, FIFO per (sender, receiver, kind, key): (flow id, "s" event)
-    sends: dict[tuple[str, str, str, int], deque[tuple[int, dict[str, Any]]]] = {}
+    # a message's send and receive are matched FIFO per (sender, receiver, kind, key), whichever
+    # comes first in the trace: in a cluster run's trace, a receive whose process's clock runs
+    # behind the sender's comes before its send. Flow ids of sends awaiting their receive, and
+    # of receives awaiting their send:
+    sends: dict[tuple[str, str, str, int], deque[int]] = {}
+    early: dict[tuple[str, str, str, int], deque[int]] = {}
+    # each flow's "s" event, until it is bound to the compute that consumed the message
+    tails: dict[int, dict[str, Any]] = {}
+    # flows bound to a compute before their send came, and those whose compute also ended then
+    # (its slice and the place of the arrow's head: (actor, ts))
+    untailed: set[int] = set()
+    heads: dict[int, tuple[str, float]] = {}
     # received messages awaiting the compute that consumes them, per (actor, kind, key)
-    waiting: dict[tuple[str, str, int], list[tuple[int, dict[str, Any], float]]] = {}
+    waiting: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
     next_id = 1
     slices = flows = device_slices = 0
     t_last = 0.0
@@ -154,6 +179,39 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
         # a zero-length slice for a flow to bind to where no compute encloses the message
         emit({"ph": "X", "cat": "message", "name": name, "pid": _PID, "tid": tid(actor),
               "ts": _us(t), "dur": 0, "args": args})  # fmt: skip
+
+    def bind(fid: int) -> None:
+        # the flow's head is in a compute now: its tail is written, or is to come with its send
+        if fid in tails:
+            emit(tails.pop(fid))
+        else:
+            untailed.add(fid)
+
+    def land(fid: int, actor: str, ts: float) -> None:
+        # the flow's compute ended: its head is written, or waits for its send
+        if fid in untailed:
+            untailed.discard(fid)
+            heads[fid] = (actor, ts)
+        else:
+            end_flow(fid, actor, ts)
+
+    def match(
+        pending: dict[tuple[str, str, str, int], deque[int]],
+        other: dict[tuple[str, str, str, int], deque[int]],
+        route: tuple[str, str, str, int],
+    ) -> tuple[int, bool]:
+        # (flow id, whether the other side came first): the oldest of the other side's
+        # pending flows on this route, else a new one pending on this side
+        nonlocal next_id
+        queue = other.get(route)
+        if queue:
+            fid = queue.popleft()
+            if not queue:
+                del other[route]  # kept, these would grow with the keys of the run
+            return fid, True
+        fid, next_id = next_id, next_id + 1
+        pending.setdefault(route, deque()).append(fid)
+        return fid, False
 
     for e in reader:
         t = float(e.get("t", t_last))
@@ -173,9 +231,9 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                       "ts": _us(t), "args": {"versions": change[2]}})  # fmt: skip
         if ev == "start":
             open_[a] = (e, [])
-            for fid, s_event, _ in waiting.pop((a, kind, key), []):
+            for fid, _ in waiting.pop((a, kind, key), []):
                 open_[a][1].append(fid)
-                emit(s_event)
+                bind(fid)
         elif ev == "end" and a in open_:
             start, ends = open_.pop(a)
             ts, dur = _us(float(start["t"])), max(0.0, round(_us(t) - _us(float(start["t"])), 3))
@@ -189,27 +247,30 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
             slices += 1
             inside = ts + min(_INSIDE, dur / 2)
             for fid in ends:
-                end_flow(fid, a, inside)
+                land(fid, a, inside)
         elif ev == "send":
             peer = e.peer
-            fid, next_id = next_id, next_id + 1
+            fid, received = match(sends, early, (a, peer, kind, key))
             nbytes = sent_bytes(e)
             if a not in open_:
                 marker(a, t, f"send {kind} k{key} → {peer}", {"key": key, "bytes": nbytes})
-            s_event = {"ph": "s", "cat": "message", "name": "message", "id": fid, "pid": _PID,
-                       "tid": tid(a), "ts": _us(t),
-                       "args": {"from": a, "to": peer, "kind": kind, "key": key,
-                                "version": e.get("v"), "bytes": nbytes}}  # fmt: skip
-            sends.setdefault((a, peer, kind, key), deque()).append((fid, s_event))
+            tails[fid] = {"ph": "s", "cat": "message", "name": "message", "id": fid,
+                          "pid": _PID, "tid": tid(a), "ts": _us(t),
+                          "args": {"from": a, "to": peer, "kind": kind, "key": key,
+                                   "version": e.get("v"), "bytes": nbytes}}  # fmt: skip
+            if fid in untailed:  # received and bound to its compute before it was sent
+                untailed.discard(fid)
+                emit(tails.pop(fid))
+            elif fid in heads:  # ... and that compute has ended
+                emit(tails.pop(fid))
+                end_flow(fid, *heads.pop(fid))
         elif ev == "receive":
-            queue = sends.get((e.peer, a, kind, key))
-            if queue:
-                fid, s_event = queue.popleft()
-                if a in open_ and open_[a][0].get("k") == kind and open_[a][0].get("key") == key:
-                    open_[a][1].append(fid)
-                    emit(s_event)
-                else:
-                    waiting.setdefault((a, kind, key), []).append((fid, s_event, t))
+            fid, _ = match(early, sends, (e.peer, a, kind, key))
+            if a in open_ and open_[a][0].get("k") == kind and open_[a][0].get("key") == key:
+                open_[a][1].append(fid)
+                bind(fid)
+            else:
+                waiting.setdefault((a, kind, key), []).append((fid, t))
         elif ev == "device":
             row = tid(a, device=True)
             for start_t, end_t in e.meta.get("spans", []):
@@ -239,12 +300,13 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
                        "unfinished": True}})  # fmt: skip
         slices += 1
         for fid in ends:
-            end_flow(fid, a, ts + min(_INSIDE, dur / 2))
+            land(fid, a, ts + min(_INSIDE, dur / 2))
     for (a, kind, key), items in waiting.items():
-        for fid, s_event, t in items:
+        for fid, t in items:
             marker(a, t, f"receive {kind} k{key} (never computed)", {"key": key})
-            emit(s_event)
-            end_flow(fid, a, _us(t))
+            if fid in tails:  # (a receive whose send the trace lacks gets no arrow)
+                emit(tails.pop(fid))
+                end_flow(fid, a, _us(t))
     unmatched = sum(len(q) for q in sends.values())
     return {
         "slices": slices,

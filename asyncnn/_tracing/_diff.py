@@ -3,6 +3,7 @@ first tensor whose digest differs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from asyncnn._errors import TraceFormatError
@@ -42,6 +43,11 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     """Compares two traces of the same graph; returns None if every actor processed the same
     messages in the same order with the same results, else the first :class:`Divergence`
     (earliest in ``a``'s time): a reordered message, or a tensor that differs.
+
+    A trace cut off mid-record (:attr:`Trace.truncated`: its run did not finish writing) lacks
+    the rest of its run, which then looks like a divergence where it ends: the divergence's
+    ``reason`` says which trace is cut off. Two traces that agree as far as a cut one goes are
+    not said to agree: the result is a divergence at the cut trace's last compute.
 
     Raises:
         TraceFormatError: a trace is damaged, or an event lacks what the comparison reads.
@@ -84,10 +90,49 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     _, first_value = compare_sends(ta, tb, actors)
     if first_value is not None:
         t = _time_of(ta, first_value)
-        found.append((t, first_value))
+        found.append((t, _of_two_runs(first_value)))
+    cut = [t for t in (ta, tb) if t.truncated]
     if not found:
-        return None
-    return min(found, key=lambda f: f[0])[1]
+        if not cut:
+            return None
+        return _at_the_cut(cut)
+    first = min(found, key=lambda f: f[0])[1]
+    if cut:  # the other run's later work then looks like a divergence
+        first = dataclasses.replace(
+            first,
+            reason=f"{first.reason}; note: {_cut_note(cut)}, so a divergence where it ends may "
+            "be only the cut",
+        )
+    return first
+
+
+def _cut_note(cut: list[Trace]) -> str:
+    return "; ".join(
+        f"{t.path} is cut off after {len(t.events)} events (its run did not finish writing)"
+        for t in cut
+    )
+
+
+def _of_two_runs(d: Divergence) -> Divergence:
+    """``d`` as found by the comparison that replay makes, said of two runs."""
+    reason = {
+        "the replay sent nothing here": "the second run sent nothing here",
+        "the replay sent more than the run": "the second run sent more than the first",
+    }.get(d.reason, d.reason)
+    return dataclasses.replace(d, reason=reason)
+
+
+def _at_the_cut(cut: list[Trace]) -> Divergence:
+    """Where the first of the cut traces ends: its last compute (or nothing, where it has
+    none), with the reason that the traces cannot be said to agree."""
+    last = next((e for e in reversed(cut[0].events) if e.what == "start"), None)
+    reason = (
+        f"the runs agree as far as the traces go, but {_cut_note(cut)}: whether they part "
+        "after that cannot be told"
+    )
+    if last is None:
+        return Divergence("", -1, -1, "", reason=reason)
+    return Divergence(last.actor, last.seq, last.key, last.kind, reason=reason)
 
 
 def _time_of(trace: Trace, d: Divergence) -> float:

@@ -60,6 +60,12 @@ class Occupancy:
     versions they reference (the same counting as :class:`~asyncnn.ActorStatistics`).
 
     :meth:`feed` returns what changed: ``("in_flight", n)`` or ``(actor, stored, versions)``.
+
+    Events are taken in the trace's order, which is by time; in a cluster run's trace each
+    worker's times are on the driver's clock only as closely as that clock was matched, so a
+    worker's backward of a key may come before the driver's admit of it. Such backwards are
+    counted for the key when it is admitted (one that every layer has ended by then is never
+    counted in flight), instead of leaving the key in flight for good.
     """
 
     def __init__(self, kinds: dict[str, str]) -> None:
@@ -87,9 +93,12 @@ class Occupancy:
         a = e.actor
         changes: list[tuple[Any, ...]] = []
         if ev == "admit" and "key" in e:
-            self._admitted.add(e.key)
-            self.in_flight += 1
-            changes.append(("in_flight", self.in_flight))
+            if self._done.get(e.key, 0) >= max(1, self._layers_to_end()):
+                del self._done[e.key]  # through every backward before its admit, by the clocks
+            else:
+                self._admitted.add(e.key)
+                self.in_flight += 1
+                changes.append(("in_flight", self.in_flight))
         elif ev == "update" and "v" in e:
             self.version[a] = e.version
             if a in self._refs:
@@ -111,17 +120,20 @@ class Occupancy:
                         del refs[held]
                     self.stored[a] -= 1
                     changes.append((a, self.stored[a], self.versions_held(a)))
-            elif ev == "end" and e.kind == "backward" and key in self._admitted:
+            elif ev == "end" and e.kind == "backward":
                 n = self._done.get(key, 0) + 1
-                if n == len(self.layers) or not self.known:
-                    # without a graph in the header the first layer's backward ends the key
+                if n >= self._layers_to_end() and key in self._admitted:
                     self._done.pop(key, None)
                     self._admitted.discard(key)
                     self.in_flight -= 1
                     changes.append(("in_flight", self.in_flight))
-                else:
+                else:  # more layers to go, or (another process's clock) its admit still to come
                     self._done[key] = n
         return changes
+
+    def _layers_to_end(self) -> int:
+        # the backwards that end a key; without a graph in the header, the first layer's
+        return len(self.layers) if self.known else 1
 
 
 @dataclass
