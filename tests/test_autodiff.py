@@ -1,3 +1,5 @@
+from collections import OrderedDict, namedtuple
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,47 @@ def test_a_subclass_that_changes_the_call_is_not_taken_for_the_primitive():
     x = np.ones((2, 3))
     assert Halved().primitive_call(x, 2 * x) is None
     assert ann.nn.MSELoss().primitive_call(x, 2 * x) is not None
+
+
+@pytest.mark.parametrize("argnums", [(0, 0), (1, -1)])
+def test_argnums_naming_an_argument_twice_is_refused(argnums):
+    with pytest.raises(ValueError, match="names an argument twice"):  # the first got zeros
+        ann.grad(lambda a, b: ops.sum(a * b), argnums=argnums)(np.ones(2), np.ones(2))
+
+
+_Pair = namedtuple("_Pair", "w b")
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "where"),
+    [(lambda p: ops.sum(p.w), _Pair(np.ones(2), 1), "an argument holds"),
+     (lambda p: ops.sum(p["w"]), OrderedDict(w=np.ones(2)), "an argument holds"),
+     (lambda x: _Pair(x * 2.0, None), np.ones(2), "fn returned"),
+     (lambda x: [OrderedDict(w=x)], np.ones(2), "fn returned")],
+    ids=["namedtuple-argument", "ordereddict-argument", "namedtuple-output", "ordereddict-output"],
+)  # fmt: skip
+def test_arrays_in_containers_that_pytrees_keep_whole_are_refused(fn, arg, where):
+    # before: no gradient for the argument's arrays, and tracers returned for the output's
+    with pytest.raises(TypeError, match=rf"vjp: {where} arrays inside _?\w+\(\.\.\.\)"):
+        ann.vjp(fn, arg)
+
+
+def test_containers_that_pytrees_keep_whole_may_hold_constants():
+    config = _Pair(w=0.5, b=np.arange(3))  # no float array: a constant, as before
+    out, pb = ann.vjp(lambda x, c: (ops.sum(x * c.w), _Pair(1, c.b)), np.ones(3), config)
+    assert pb((1.0, _Pair(None, None)))[1] is None and out[1].b is config.b
+    with pytest.raises(TypeError, match="the aux holds arrays inside _Pair"):
+        ann.value_and_grad(lambda x: (ops.sum(x), _Pair(x, 0)), has_aux=True)(np.ones(2))
+
+
+def test_a_complex_cotangent_for_a_real_output_is_refused():
+    _, pullback = ann.vjp(lambda x: x * 2.0, np.ones(2))
+    with pytest.raises(ValueError, match=r"complex cotangent \(complex128\) .* dtype float64"):
+        pullback(np.ones(2) * 1j)  # before: a ComplexWarning, the imaginary part dropped
+
+
+def test_iterating_a_traced_array_yields_its_rows_and_refuses_0d():
+    g = ann.grad(lambda x: sum(row[0] * i for i, row in enumerate(x)))(np.ones((3, 2)))
+    np.testing.assert_array_equal(g, [[0, 0], [1, 0], [2, 0]])
+    with pytest.raises(TypeError, match="iteration over a 0-d"):  # before: nothing, silently
+        ann.grad(lambda x: sum(iter(x), x))(np.array(1.0))

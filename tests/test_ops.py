@@ -119,6 +119,10 @@ GRAD_CASES = [
     case("sum-axis-1-keepdims", lambda x: ops.sum(x, axis=-1, keepdims=True), N(2, 3, 4)),
     case("sum-tuple", lambda x: ops.sum(x, axis=(0, 2)), N(2, 3, 4)),
     case("sum-method", lambda x: x.sum(axis=1), N(2, 3)),
+    case("sum-numpy-function", lambda x: np.sum(x, axis=0), N(2, 3)),
+    case("mean-numpy-function", lambda x: np.mean(x, axis=(0, 1), keepdims=True), N(2, 3)),
+    case("max-numpy-function", lambda x: np.max(x, axis=1), N(2, 3)),
+    case("min-method", lambda x: x.min(axis=0), N(2, 3)),
     case("mean-all", ops.mean, N(2, 3, 4)),
     case("mean-axis1", lambda x: ops.mean(x, axis=1), N(2, 3, 4)),
     case("mean-tuple-keepdims", lambda x: ops.mean(x, (0, 2), keepdims=True), N(2, 3, 4)),
@@ -144,6 +148,8 @@ GRAD_CASES = [
          I([[True, False, True], [0, 1, 1]], bool) ),
     case("take-axis0", lambda x, i: ops.take(x, i), N(4, 3), I([3, 0, 3])),
     case("take-axis1-2d", lambda x, i: ops.take(x, i, axis=1), N(2, 4, 3), I([[1, 1], [0, 3]])),
+    case("take-list", lambda x: ops.take(x, [2, -1, 0], axis=1), N(2, 3)),
+    case("take-int", lambda x: ops.take(x, 1), N(3, 2)),
     case("concatenate-axis0", lambda a, b: ops.concatenate([a, b]), N(2, 3), N(1, 3)),
     case("concatenate-axis-1", lambda a, b, c: ops.concatenate([a, b, c], -1), N(2, 1), N(2, 3),
          N(2, 2)),
@@ -257,6 +263,20 @@ def test_astype_gradient_comes_back_in_the_input_dtype(backend: Any) -> None:
     assert g64.dtype == np.float64
     np.testing.assert_array_equal(to_numpy(g64), [3.0, 3.0])
     assert ops.astype(x64, np.float64) is x64  # no-op casts record nothing
+
+
+@pytest.mark.parametrize("join", [ops.concatenate, ops.stack])
+def test_joined_float32_and_float64_get_gradients_of_their_dtypes(backend: Any, join: Any) -> None:
+    a32, a64 = backend.asarray(np.ones((2, 3), np.float32)), backend.asarray(np.ones((2, 3)))
+    grads = ann.grad(lambda a, b: ops.sum(join([a, b, a])), argnums=(0, 1))(a32, a64)
+    assert [g.dtype for g in grads] == [np.float32, np.float64]  # as in torch
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, bool])
+def test_astype_to_integers_or_bools_is_a_constant(backend: Any, dtype: Any) -> None:
+    x = backend.asarray(np.array([0.3, 1.7, -2.2]))  # a step function: no gradient, as in torch
+    np.testing.assert_array_equal(to_numpy(ann.grad(lambda x: ops.sum(x.astype(dtype) * x))(x)),
+                                  to_numpy(x.astype(dtype)).astype(float))  # fmt: skip
 
 
 def test_dropout(backend: Any) -> None:

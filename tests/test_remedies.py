@@ -1,8 +1,10 @@
 """Gradient delays (statistics, trace) and the staleness remedies (asyncnn/_runtime/_remedies.py),
-each against an independent sequential re-enactment of its formula on PipeDream's known delays."""
+each against an independent sequential re-enactment of its paper's rule on PipeDream's known
+delays, and on the order each layer of an Async run recorded in its trace."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -12,7 +14,13 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
-from _reference import assert_params_close, chain_graph, classification_data, one_f_one_b_order
+from _reference import (
+    assert_params_close,
+    chain_graph,
+    classification_data,
+    minibatches,
+    one_f_one_b_order,
+)
 
 
 def _microbatches(data, batch_size, m):
@@ -30,22 +38,25 @@ def _tmap(fn, *trees):
 
 
 def pipedream_with_correction(
-    graph, params, lr, micro, stash, correct, predict=False, gamma=None, sgd_step=None
-):
+    graph, params, lr, micro, stash, correct, predict=False, gamma=None, sgd_step=None,
+    orders=None,
+):  # fmt: skip
     """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
     with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient; with
     ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the delay of the
     gradient just applied (linear weight prediction); with ``gamma`` (and no stashing), a
     backward recomputes at ``w - delay * delta``, delta the stage's average weight change
     (PipeMare's discrepancy correction). ``sgd_step(s, w, g, delay) -> w``, where given, replaces
-    the plain SGD step of stage ``s``.
+    the plain SGD step of stage ``s``. ``orders``, where given, replaces 1F1B: each stage's
+    operations ``("F" | "B", key)`` in order (an ``Async`` run's, read from its trace).
 
     Returns the final parameters and each stage's list of delays."""
     names = graph.layers
     k = len(names)
     p = [params[n] for n in names]
     version = [0] * k
-    orders = [one_f_one_b_order(s, k, len(micro)) for s in range(k)]
+    if orders is None:
+        orders = [one_f_one_b_order(s, k, len(micro)) for s in range(k)]
     pos = [0] * k
     acts = {(0, i): mb["x"] for i, mb in enumerate(micro)}
     grads: dict[tuple[int, int], Any] = {}
@@ -167,6 +178,8 @@ def _staleness(g, d, v, w, w0):
 
 
 def _pipemare(warmup):
+    # with plain SGD (no momentum, no weight decay) rescheduling the learning rate is scaling
+    # the gradient; test_pipemare_reschedules_the_learning_rate_of_any_optimizer has the others
     def correct(g, d, v, w, w0):
         p = 1.0 - min(v / warmup, 1.0)
         return _tmap(lambda g: g * max(d, 1) ** (-p), g)
@@ -347,11 +360,13 @@ def test_discrepancy_correction_equals_its_formula_on_pipedream(k, m):
 
 
 # -- spike compensation ----------------------------------------------------------------------------
-def _spike_compensated_momentum(lr, m, wd, k):
+def _spike_compensated_momentum(lr, m, wd, k, pipemare_warmup=None):
     """Kosson et al.'s spike compensation re-enacted step by step, per stage: with ``d = g + wd
     w`` and the momentum buffer ``v = d`` at the first update, else ``m v + d``, a gradient of
-    delay ``D`` moves the weights by ``-lr (m**D v + (1 - m**D) / (1 - m) d)``."""
+    delay ``D`` moves the weights by ``-lr (m**D v + (1 - m**D) / (1 - m) d)``. With
+    ``pipemare_warmup`` (T), ``lr`` is PipeMare's rescheduled learning rate of each update."""
     buffers = [None] * k
+    updates = [0] * k
 
     def step(s, w, g, delay):
         d = _tmap(lambda g, w: g + wd * w, g, w)
@@ -359,7 +374,11 @@ def _spike_compensated_momentum(lr, m, wd, k):
         buffers[s] = v
         a = m**delay
         b = sum(m**j for j in range(delay))  # 1 + m + ... + m**(D-1): the missed steps
-        return _tmap(lambda w, v, d: w - lr * (a * v + b * d), w, v, d)
+        eta = lr
+        if pipemare_warmup is not None:
+            eta = lr * max(delay, 1) ** -(1.0 - min(updates[s] / pipemare_warmup, 1.0))
+        updates[s] += 1
+        return _tmap(lambda w, v, d: w - eta * (a * v + b * d), w, v, d)
 
     return step
 
@@ -400,3 +419,160 @@ def test_spike_compensation_changes_nothing_without_delay_and_needs_plain_sgd():
     assert_params_close(got.params, want.params, rtol=0, atol=0)
     with pytest.raises(ann.ActorError, match="SpikeCompensation corrects the step of optim.SGD"):
         _run(policies.SpikeCompensation(policies.PipeDream(2)), 2, data, optimizer=optim.Adam())
+
+
+# -- PipeMare's learning-rate rescheduling: the step's rate, whatever the optimizer ---------------
+def _rescheduled(opt, k, warmup):
+    """Each stage's optimizer updates with PipeMare's learning rate (Yang et al., T1): update
+    ``j`` (0-based) of a stage, applying a gradient of delay ``d``, runs with ``lr * max(d, 1)
+    ** -p``, ``p = 1 - min(j / T, 1)``; the optimizer's state (velocity, moments) goes on as
+    the optimizer makes it."""
+    states: list[Any] = [None] * k
+
+    def step(s, w, g, delay):
+        if states[s] is None:
+            states[s] = opt.init(w)
+        p = 1.0 - min(states[s]["step"] / warmup, 1.0)
+        w, states[s] = dataclasses.replace(opt, lr=opt.lr * max(delay, 1) ** -p).update(
+            w, g, states[s]
+        )
+        return w
+
+    return step
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize(
+    "opt",
+    [optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), optim.Adam(lr=0.01, weight_decay=0.01)],
+    ids=["sgd-momentum-decay", "adam"],
+)
+def test_pipemare_reschedules_the_learning_rate_of_any_optimizer(opt, stash):
+    """PipeMare scales the learning rate of a stage's update, so the whole step: the momentum's
+    and the weight decay's part too, and Adam's step (scaling the gradient instead would leave
+    the weight decay alone, let the velocity carry the scale into later steps, and all but
+    vanish in Adam's normalisation)."""
+    data = classification_data(30)
+    k, m, warmup = 4, 3, 5  # 20 updates a stage: the damping fades out over the first 5
+    policy = policies.PipeMareLR(policies.PipeDream(m, stash=stash), warmup_updates=warmup)
+    tr, start, hist = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    step = _rescheduled(opt, k, warmup)
+    ref, delays = pipedream_with_correction(
+        tr.graph, start, None, micro, stash, ident, sgd_step=step
+    )
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    for s, name in enumerate(tr.graph.layers):
+        assert hist.statistics[name].delays == dict(Counter(delays[s]))
+    plain = _run(policies.PipeDream(m, stash=stash), k, data, epochs=2, optimizer=opt)[0]
+    first = tr.graph.layers[0]
+    leaves = ann._math._pytree.tree_leaves
+    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    assert policy.corrects_updates() and not policy.corrects_gradients()
+    assert policy.scale(3, 0) == pytest.approx(1 / 3) and policy.scale(3, warmup) == 1.0
+    assert policy.scale(0, 0) == policy.scale(1, 0) == 1.0  # delay 0 or 1: not damped
+
+
+def test_pipemare_around_spike_compensation_rescales_the_compensated_step():
+    data = classification_data(30)
+    k, m, warmup = 4, 3, 5
+    opt = optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01)
+    policy = policies.PipeMareLR(
+        policies.SpikeCompensation(policies.PipeDream(m)), warmup_updates=warmup
+    )
+    tr, start, _ = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    step = _spike_compensated_momentum(0.05, 0.9, 0.01, k, pipemare_warmup=warmup)
+    ref, _ = pipedream_with_correction(
+        tr.graph, start, None, micro, True, lambda g, *a: g, sgd_step=step
+    )
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_combinations_that_would_correct_with_the_wrong_weights_are_refused():
+    """DelayCompensation needs the weights a gradient was computed at, which under
+    WeightPrediction are predicted ones that no stage keeps; SpikeCompensation's spike uses the
+    optimizer's learning rate, which an inner PipeMareLR has rescheduled."""
+    inner = policies.PipeDream(3)
+    dc, wp = policies.DelayCompensation, policies.WeightPrediction
+    for make in (
+        lambda: dc(wp(inner)),
+        lambda: wp(dc(inner)),
+        lambda: wp(policies.StalenessScaledLR(dc(inner, strength=0.5))),
+    ):
+        with pytest.raises(ValueError, match="cannot be combined with WeightPrediction"):
+            make()
+    with pytest.raises(ValueError, match=r"nest them the other way, PipeMareLR\(Spike"):
+        policies.SpikeCompensation(policies.StalenessScaledLR(policies.PipeMareLR(inner)))
+    # and a spec of one is refused as it is rebuilt
+    spec = {"type": "DelayCompensation", "args": {"policy": wp(inner).to_spec(), "strength": 1.0}}
+    with pytest.raises(ValueError, match=r"DelayCompensation\(WeightPrediction\(PipeDream\)\)"):
+        policies.policy_from_spec(spec)
+    # each alone, and every other nesting, is fine
+    policies.PipeMareLR(policies.SpikeCompensation(dc(inner)))
+    policies.DiscrepancyCorrection(wp(policies.PipeDream(3, stash=False)))
+
+
+# -- every remedy under Async, on the order its trace recorded ------------------------------------
+def _trace_orders(path, names):
+    """Each layer's operations ``("F" | "B", key)`` in the order its trace recorded them."""
+    orders: dict[str, list[tuple[str, int]]] = {n: [] for n in names}
+    for e in ann.trace.read(path).events:
+        if e["a"] in orders and e["ev"] == "start" and e["k"] in ("forward", "backward"):
+            orders[e["a"]].append(("F" if e["k"] == "forward" else "B", e["key"]))
+    return [orders[n] for n in names]
+
+
+_MOMENTUM_DECAY = optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+ASYNC_REMEDIES: dict[str, Any] = {
+    # name: (the remedy around Async, the optimizer, the reference's arguments for k stages)
+    "dc": (
+        lambda p: policies.DelayCompensation(p, strength=2.0),
+        optim.SGD(lr=0.1),
+        lambda k: {"correct": _dc(2.0)},
+    ),
+    "staleness": (policies.StalenessScaledLR, optim.SGD(lr=0.1), lambda k: {"correct": _staleness}),
+    "pipemare": (
+        lambda p: policies.PipeMareLR(p, warmup_updates=4),
+        _MOMENTUM_DECAY,
+        lambda k: {"sgd_step": _rescheduled(_MOMENTUM_DECAY, k, 4)},
+    ),
+    "prediction": (policies.WeightPrediction, optim.SGD(lr=0.1), lambda k: {"predict": True}),
+    "discrepancy": (
+        lambda p: policies.DiscrepancyCorrection(p, decay=0.8),
+        optim.SGD(lr=0.1),
+        lambda k: {"gamma": 0.8},
+    ),
+    "spike": (
+        policies.SpikeCompensation,
+        optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
+        lambda k: {"sgd_step": _spike_compensated_momentum(0.05, 0.9, 0.01, k)},
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("remedy", sorted(ASYNC_REMEDIES))
+async def test_each_remedy_under_async_equals_its_formula_on_the_recorded_order(
+    remedy, anyio_backend, tmp_path
+):
+    """Async (no stashing: each backward recomputes at the latest weights) takes its messages
+    as they come; the trace records each layer's order, and the paper's rule re-enacted on that
+    order gives the run's weights, whatever the timing was."""
+    make, opt, reference = ASYNC_REMEDIES[remedy]
+    k = 3
+    graph = chain_graph(k)
+    batches = minibatches(classification_data(36), 4)  # 9 keys, each a minibatch
+    path = str(tmp_path / "run.trace")
+    policy = make(policies.Async(max_active_keys=3))
+    async with ann.open_run(graph, opt, policy, dtype="float64", trace=path) as run:
+        start = run.state().params
+        for b in batches:
+            await run.step(b)
+        await run.drain()
+    kw = {"correct": lambda g, *a: g, **reference(k)}
+    orders = _trace_orders(path, graph.layers)
+    ref, delays = pipedream_with_correction(graph, start, 0.1, batches, False, orders=orders, **kw)
+    assert_params_close(run.state().params, ref, rtol=1e-10, atol=1e-12)
+    assert max(delays[0]) > 0  # stage 0 runs the forwards of the keys in flight first

@@ -9,7 +9,7 @@ its rule has run. Calls on raw arrays never touch a trace and cost one forward c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,9 +145,11 @@ class Primitive:
 class Tracer:
     """A traced array: a raw backend array plus its place in a :class:`Trace`.
 
-    Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.reshape()``,
-    indexing, and the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``).
-    Comparisons (``<``, ``==``, ...) return raw boolean arrays (they have no gradient).
+    Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.max()``,
+    ``.min()`` (``np.sum(t)`` and the like call these), ``.reshape()``, indexing, iteration over
+    the first axis, and the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes
+    ``ops.exp(t)``). Comparisons (``<``, ``==``, ...) return raw boolean arrays, and ``float(t)``
+    and ``bool(t)`` the value (they have no gradient).
     """
 
     __slots__ = ("value", "trace", "index")
@@ -176,6 +178,12 @@ class Tracer:
 
     def __len__(self) -> int:
         return len(self.value)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.ndim == 0:  # as numpy; Python's fallback through __getitem__ would yield nothing
+            raise TypeError("iteration over a 0-d traced array")
+        for i in range(len(self.value)):
+            yield _ops.getitem(self, i)
 
     def __repr__(self) -> str:
         return f"Tracer(shape={self.shape}, dtype={self.dtype})"
@@ -267,14 +275,22 @@ class Tracer:
     def T(self) -> Any:  # noqa: N802 - numpy's name
         return _ops.transpose(self)
 
-    def sum(self, axis: Any = None, keepdims: bool = False) -> Any:
-        return _ops.sum(self, axis=axis, keepdims=keepdims)
+    # ``dtype`` and ``out`` are what np.sum(t), np.mean(t), np.max(t) pass to these methods
+    def sum(
+        self, axis: Any = None, keepdims: bool = False, *, dtype: Any = None, out: Any = None
+    ) -> Any:
+        return _ops.sum(_reduced(self, "sum", dtype, out), axis=axis, keepdims=keepdims)
 
-    def mean(self, axis: Any = None, keepdims: bool = False) -> Any:
-        return _ops.mean(self, axis=axis, keepdims=keepdims)
+    def mean(
+        self, axis: Any = None, keepdims: bool = False, *, dtype: Any = None, out: Any = None
+    ) -> Any:
+        return _ops.mean(_reduced(self, "mean", dtype, out), axis=axis, keepdims=keepdims)
 
-    def max(self, axis: Any = None, keepdims: bool = False) -> Any:
-        return _ops.max(self, axis=axis, keepdims=keepdims)
+    def max(self, axis: Any = None, keepdims: bool = False, *, out: Any = None) -> Any:
+        return _ops.max(_reduced(self, "max", None, out), axis=axis, keepdims=keepdims)
+
+    def min(self, axis: Any = None, keepdims: bool = False, *, out: Any = None) -> Any:
+        return _ops.min(_reduced(self, "min", None, out), axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape: Any) -> Any:
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
@@ -307,6 +323,13 @@ def _raw(x: Any) -> Any:
     return x.value if type(x) is Tracer else x
 
 
+def _reduced(t: Tracer, name: str, dtype: Any, out: Any) -> Any:
+    """What ``t.sum(dtype=..., out=...)`` (and ``np.sum(t)``) reduces: ``t`` in ``dtype``."""
+    if out is not None:
+        raise TypeError(f"{name} of a traced array cannot write into out=; use the result")
+    return t if dtype is None else _ops.astype(t, dtype)
+
+
 _COMPARISONS = frozenset(("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"))
 
 
@@ -319,6 +342,37 @@ def _is_differentiable(x: Any) -> bool:
         kind = getattr(dtype, "kind", "")
         return hasattr(x, "shape") and (kind in "fc" or (kind == "V" and is_floating(dtype)))
     return isinstance(x, float)
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _is_tracer(x: Any) -> bool:
+    return type(x) is Tracer
+
+
+def _is_float_array(x: Any) -> bool:
+    return type(x) is Tracer or (hasattr(x, "shape") and _is_differentiable(x))
+
+
+def _hides(x: Any, found: Callable[[Any], bool]) -> bool:
+    """Whether ``x``, a container that pytrees keep whole (a namedtuple, an OrderedDict: only
+    plain dicts, lists and tuples are opened), holds something ``found`` picks, at any depth."""
+    if isinstance(x, dict):
+        return any(_hides(v, found) for v in x.values())
+    if isinstance(x, list | tuple):
+        return any(_hides(v, found) for v in x)
+    return found(x)
+
+
+def _unopened(who: str, where: str, leaf: Any, fate: str) -> str:
+    kind = type(leaf).__name__
+    base = next(t for t in _CONTAINERS if isinstance(leaf, t)).__name__
+    plain = "x._asdict() or tuple(x)" if hasattr(leaf, "_asdict") else f"{base}(x)"
+    return (
+        f"{who}: {where} arrays inside {kind}(...), which would {fate}: pytrees open only plain "
+        f"dicts, lists and tuples, and any other type ({kind} too) is one leaf; use {plain}"
+    )
 
 
 def _cotangent_leaves(cotangent: Any, out_def: TreeDef) -> list[Any]:
@@ -361,14 +415,19 @@ def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> t
             traced.append(t)
             leaf_index.append(t.index)
         else:
+            if isinstance(leaf, _CONTAINERS) and _hides(leaf, _is_float_array):
+                raise TypeError(_unopened(who, "an argument holds", leaf, "get no gradient"))
             traced.append(leaf)
             leaf_index.append(-1)
     out = fn(*tree_unflatten(treedef, traced))
     out_leaves, out_def = tree_flatten(out)
     out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
     for o in out_leaves:
-        if type(o) is Tracer and o.trace is not trace:
-            raise ValueError(f"{who}: fn returned a traced array of another vjp call")
+        if type(o) is Tracer:
+            if o.trace is not trace:
+                raise ValueError(f"{who}: fn returned a traced array of another vjp call")
+        elif isinstance(o, _CONTAINERS) and _hides(o, _is_tracer):
+            raise TypeError(_unopened(who, "fn returned", o, "come back traced, with no gradient"))
     if out_def.kind == "leaf":  # one array out: nothing to rebuild
         out_raw = _raw(out_leaves[0])
     else:
@@ -459,6 +518,11 @@ def _as_cotangent(ct: Any, out: Any) -> Any:
     shape = getattr(out, "shape", ())
     if getattr(ct, "shape", None) == shape and getattr(ct, "dtype", None) == out.dtype:
         return ct
+    if np.iscomplexobj(ct) and out.dtype.kind != "c":  # a cast would drop its imaginary part
+        raise ValueError(
+            f"pullback: a complex cotangent ({getattr(ct, 'dtype', type(ct).__name__)}) for an "
+            f"output of dtype {out.dtype}"
+        )
     xp = _ops.namespace_of(out)
     ct = xp.asarray(ct, dtype=out.dtype)
     if ct.shape != shape:
@@ -475,7 +539,10 @@ def _select(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
     for a in nums:
         if not -n <= a < n:
             raise ValueError(f"argnums={argnums!r} but the function was called with {n} arguments")
-    return tuple(a % n for a in nums)
+    nums = tuple(a % n for a in nums)
+    if len(nums) > 1 and len(set(nums)) != len(nums):  # the later would replace the earlier
+        raise ValueError(f"argnums={argnums!r} names an argument twice")
+    return nums
 
 
 def value_and_grad(
@@ -516,6 +583,11 @@ def value_and_grad(
         g = grads[0] if isinstance(argnums, int) else grads
         if has_aux:
             leaves, treedef = tree_flatten(aux[0])
+            for x in leaves:
+                if isinstance(x, _CONTAINERS) and _hides(x, _is_tracer):
+                    raise TypeError(
+                        _unopened("value_and_grad", "the aux holds", x, "come back traced")
+                    )
             return (value, tree_unflatten(treedef, [_raw(x) for x in leaves])), g
         return value, g
 

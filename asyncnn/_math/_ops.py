@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import array_namespace
+from asyncnn.backends import array_namespace, is_floating
 
 from ._autodiff import Primitive, Tracer
 from ._rules_array import RULES as _ARRAY_RULES
@@ -164,9 +164,12 @@ def where(condition: Any, a: Any, b: Any) -> Any:
 
 
 def astype(x: Any, dtype: Any) -> Any:
-    """``x`` converted to ``dtype``; the gradient is converted back."""
+    """``x`` converted to ``dtype``; the gradient is converted back. An integer or boolean
+    ``dtype`` gives a constant: a step function has no gradient (torch's ``.long()``, too)."""
     if raw(x).dtype == dtype:
         return x
+    if not is_floating(dtype) and np.dtype(dtype).kind != "c":
+        return _P["astype"](raw(x), dtype=dtype)
     return _P["astype"](x, dtype=dtype)
 
 

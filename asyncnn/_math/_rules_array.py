@@ -157,6 +157,7 @@ def _take(x: Any, indices: Any, axis: int) -> tuple[Any, Any]:
 def _take_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
     shape, indices, axis = res
     xp = ns(g)
+    indices = xp.asarray(indices)  # a list or an int takes as an array does
     out = xp.zeros(shape, dtype=g.dtype)
     moved = xp.moveaxis(out, axis, 0)  # a view: scattering into it fills `out`
     gi = xp.moveaxis(g, tuple(range(axis, axis + indices.ndim)), tuple(range(indices.ndim)))
@@ -164,19 +165,26 @@ def _take_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
     return out, None
 
 
+def _in_dtype(g: Any, dtype: Any) -> Any:
+    """``g`` in its input's ``dtype``: a float32 array joined with float64 ones gets a float32
+    gradient, as in torch."""
+    return g if dtype is None or g.dtype == dtype else g.astype(dtype)
+
+
 def _concatenate(*xs: Any, axis: int) -> tuple[Any, Any]:
-    return ns(*xs).concatenate(xs, axis=axis), ([x.shape[axis] for x in xs], axis)
+    out = ns(*xs).concatenate(xs, axis=axis)
+    return out, ([x.shape[axis] for x in xs], [x.dtype for x in xs], axis)
 
 
 def _concatenate_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
-    sizes, axis = res
+    sizes, dtypes, axis = res
     grads = []
     start = 0
-    for size, need in zip(sizes, needs, strict=True):
+    for size, dtype, need in zip(sizes, dtypes, needs, strict=True):
         if need:
             index = [slice(None)] * g.ndim
             index[axis] = slice(start, start + size)
-            grads.append(g[tuple(index)])
+            grads.append(_in_dtype(g[tuple(index)], dtype))
         else:
             grads.append(None)
         start += size
@@ -184,14 +192,15 @@ def _concatenate_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
 
 
 def _stack(*xs: Any, axis: int) -> tuple[Any, Any]:
-    return ns(*xs).stack(xs, axis=axis), (len(xs), axis)
+    return ns(*xs).stack(xs, axis=axis), ([getattr(x, "dtype", None) for x in xs], axis)
 
 
 def _stack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
-    n, axis = res
+    dtypes, axis = res
     xp = ns(g)
     return [
-        xp.take(g, i, axis=axis) if need else None for i, need in zip(range(n), needs, strict=True)
+        _in_dtype(xp.take(g, i, axis=axis), dtype) if need else None
+        for i, (dtype, need) in enumerate(zip(dtypes, needs, strict=True))
     ]
 
 

@@ -4,12 +4,19 @@ Under ``PipeDream`` and ``Async`` a stage applies a gradient computed ``delay`` 
 stage's version at the update minus the version its forward used; each actor records it, see
 ``ActorStatistics.delays``). A remedy wraps such a policy: every decision stays the wrapped
 policy's, and each gradient passes through :meth:`Remedy.correct_gradient` before the stage
-accumulates it. Remedies nest (``DelayCompensation(StalenessScaledLR(PipeDream(4)))``: the inner
+accumulates it (``DelayCompensation``, ``StalenessScaledLR``), or each update's result through
+:meth:`Remedy.correct_update` (``PipeMareLR``, ``SpikeCompensation``), or the remedy gives
+forwards (``WeightPrediction``) or recomputing backwards (``DiscrepancyCorrection``) their
+weights. Remedies nest (``DelayCompensation(StalenessScaledLR(PipeDream(4)))``: the inner
 correction first) and do nothing to a gradient of delay 0, so under a flushing policy they
 change nothing.
 
-The learning-rate remedies scale the gradient, which for plain SGD is the same as scaling the
-learning rate of that update; with momentum or Adam it is not (Adam is nearly invariant to it).
+``StalenessScaledLR`` scales each gradient, as Zhang et al.'s rule scales each gradient of an
+averaged update; for SGD without momentum or weight decay that is scaling the learning rate, with
+momentum the scaled gradient enters the velocity, and Adam is nearly invariant to it.
+``PipeMareLR`` reschedules the learning rate itself, as PipeMare does: it scales the optimizer's
+step (:meth:`Policy.correct_update`), which is scaling the learning rate of that update for every
+built-in optimizer (SGD with momentum and weight decay, Adam, AdamW).
 """
 
 from __future__ import annotations
@@ -65,6 +72,21 @@ class Remedy(WrappedPolicy):
                 f"{type(self).__name__}(policy={inner!r}): policy must be a Policy, e.g. "
                 f"{type(self).__name__}(policies.PipeDream(4))"
             )
+        if self.predicts_weights() and self.needs_forward_weights():
+            # the correction needs the weights a gradient was computed at: under a prediction
+            # those are the predicted ones, which a stage does not keep (it keeps each version's
+            # true weights), so the correction would start from the wrong point
+            raise ValueError(
+                f"{self._chain()}: a remedy that reads the weights a key's forward used "
+                "(DelayCompensation) cannot be combined with WeightPrediction, whose forwards "
+                "use predicted weights that a stage does not keep; use one or the other"
+            )
+
+    def _chain(self) -> str:
+        """This remedy and the remedies it wraps, for messages: ``A(B(PipeDream))``."""
+        inner = self.policy
+        inside = inner._chain() if isinstance(inner, Remedy) else inner.name
+        return f"{type(self).__name__}({inside})"
 
     # -- the remedy ------------------------------------------------------------------------------
     def correct(
@@ -151,8 +173,17 @@ class DelayCompensation(Remedy):
     """DC-ASGD (Zheng et al. 2017): ``g + strength * g * g * (w_now - w_forward)``.
 
     A first-order Taylor correction of a stale gradient ``g`` towards the gradient at the
-    current weights, with the Hessian approximated by ``strength * g * g`` (elementwise). The
-    stage keeps the weights of every version a stored key references.
+    current weights, with the Hessian approximated by ``strength * g * g`` (elementwise): the
+    paper's DC-ASGD-c, whose ``lambda = 0.04`` is the default (its adaptive variant, DC-ASGD-a,
+    which divides lambda by a running mean square of the gradients, is not offered). The stage
+    keeps the weights of every version a stored key references. The corrected gradient is what
+    the optimizer receives (momentum and Adam included), as in the paper's update
+    ``w - lr * (g + lambda g g (w_now - w_forward))``.
+
+    ``w_forward`` is the weights of the key's forward. Without stashing (``stash=False``) the
+    backward recomputes the stage's vjp at the latest weights, so only the activations around
+    the stage are stale; the correction still spans the whole ``w_now - w_forward``. It cannot
+    be combined with :class:`WeightPrediction` (refused): its forwards use predicted weights.
 
     Attributes:
         policy: the wrapped policy.
@@ -184,6 +215,14 @@ class StalenessScaledLR(Remedy):
     """The staleness-aware learning rate (Zhang et al. 2016): a gradient of delay ``d`` is
     scaled by ``1 / max(d, 1)``.
 
+    The paper modulates the learning rate per gradient, ``lr / d`` (``lr`` for ``d = 0``), in an
+    update that averages several gradients of different delays (``Async`` with
+    ``min_update_frequency > 1``): each gradient is scaled by its own delay before the mean.
+    For SGD without momentum or weight decay this is exactly the paper's update. With momentum
+    the scaled gradient enters the velocity (the weight decay term is not scaled), and Adam,
+    which divides by the gradients' running magnitude, is nearly invariant to the scaling: for
+    a learning rate that shrinks with the delay under Adam, use :class:`PipeMareLR`.
+
     Attributes:
         policy: the wrapped policy.
     """
@@ -199,11 +238,24 @@ class StalenessScaledLR(Remedy):
 
 @dataclass(frozen=True)
 class PipeMareLR(Remedy):
-    """PipeMare's learning-rate rescheduling (Yang et al. 2021): a gradient of delay ``d``
-    applied at a stage's update ``k`` is scaled by ``max(d, 1) ** -p``, ``p = 1 - min(k / T, 1)``.
+    """PipeMare's learning-rate rescheduling (Yang et al. 2021): an update ``k`` of a stage that
+    applies a gradient of delay ``d`` steps with the learning rate ``lr * max(d, 1) ** -p``,
+    ``p = 1 - min(k / T, 1)``.
 
     Early updates, when the weights move fastest, are damped by the delay; the damping fades
-    out over ``T = warmup_updates`` updates of the stage.
+    out over ``T = warmup_updates`` updates of the stage. ``k`` is the stage's count of updates
+    before this one (its optimizer state's ``"step"``) and ``d`` the delay of the gradient the
+    update applies (the mean delay where it applies several, ``Async`` with
+    ``min_update_frequency > 1``). PipeMare's delay is the stage's pipeline delay ``tau_i``;
+    under ``PipeDream`` the gradients reach it (``K - s - 1``) from the stage's ``(K - s)``-th
+    update on, and the warm-up's smaller delays are damped less (delay 0 or 1: not at all).
+
+    The learning rate is rescheduled, not the gradient: the update's step is scaled,
+    ``w_new = w + scale * (w_opt - w)``, ``w_opt`` the optimizer's result, which is that update
+    with ``lr * scale`` for every built-in optimizer (SGD with momentum, weight decay or
+    Nesterov, Adam, AdamW); the velocity or moment estimates stay as the optimizer made them.
+    Combined with :class:`SpikeCompensation`, wrap it: ``PipeMareLR(SpikeCompensation(...))``
+    (the other nesting is refused).
 
     Attributes:
         policy: the wrapped policy.
@@ -212,6 +264,8 @@ class PipeMareLR(Remedy):
 
     warmup_updates: int = 100
     name: ClassVar[str] = "PipeMareLR"
+    corrects: ClassVar[bool] = False
+    adjusts: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -219,12 +273,19 @@ class PipeMareLR(Remedy):
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError(f"PipeMareLR(warmup_updates={w!r}): must be an int >= 1")
 
-    def correct(
-        self, grads: Any, delay: int, version: int, weights: Any, forward_weights: Any
+    def scale(self, delay: float, step: int) -> float:
+        """The factor on the learning rate of a stage's update ``step`` (0-based) that applies
+        gradients of mean delay ``delay``."""
+        p = 1.0 - min(step / self.warmup_updates, 1.0)
+        return float(max(delay, 1.0)) ** -p
+
+    def adjust(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
     ) -> Any:
-        p = 1.0 - min(version / self.warmup_updates, 1.0)
-        scale = float(max(delay, 1)) ** -p
-        return tree_map(lambda g: g * scale, grads)
+        scale = self.scale(delay, step)
+        if scale == 1.0:
+            return new
+        return tree_map(lambda w, w0: w0 + scale * (w - w0), new, old)
 
 
 @dataclass(frozen=True)
@@ -235,8 +296,19 @@ class WeightPrediction(Remedy):
     be applied to.
 
     For SGD with momentum the last step is ``-lr * v``, and this is Kosson et al.'s
-    ``w - lr * D * v``. With ``stash=True`` the backward uses the predicted weights its forward
-    used; the updates apply to the true weights, which are what a run returns.
+    ``w - lr * D * v`` (and SpecTrain's ``w - s * lr * v``, Chen et al. 2018, whose ``v`` is the
+    optimizer's smoothed gradient); with another optimizer it extrapolates that optimizer's
+    last step. With ``stash=True`` the backward uses the predicted weights its forward used;
+    with ``stash=False`` it recomputes at the latest weights, those the prediction aimed at (as
+    SpecTrain's backward under 1F1B, whose horizon there is 0). The updates apply to the true
+    weights, which are what a run returns. Before a stage's first update of a run (of a ``fit``
+    call) forwards use the latest weights.
+
+    ``D`` is measured, not derived from the pipeline: the papers use the stage's delay (under
+    ``PipeDream``, ``K - s - 1``), which PipeDream's gradients reach from the stage's
+    ``(K - s)``-th update of a run on; the first ``K - s - 1`` predictions use the smaller delays
+    of the warm-up's gradients (0, 1, ...) and extrapolate less than the papers' would. Under
+    ``Async`` the last delay is the stage's estimate of the next.
 
     Attributes:
         policy: the wrapped policy.
@@ -266,6 +338,8 @@ class SpikeCompensation(Remedy):
 
     The update's ``D`` is the mean delay of the gradients it applies (one gradient under
     ``PipeDream``). It needs ``optim.SGD`` without Nesterov momentum, dampening or clipping.
+    It cannot wrap a :class:`PipeMareLR` (its spike would use the unscaled learning rate):
+    nest them the other way, ``PipeMareLR(SpikeCompensation(...))``.
 
     Attributes:
         policy: the wrapped policy.
@@ -274,6 +348,18 @@ class SpikeCompensation(Remedy):
     name: ClassVar[str] = "SpikeCompensation"
     corrects: ClassVar[bool] = False
     adjusts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        inner: Policy = self.policy
+        while isinstance(inner, Remedy):
+            if isinstance(inner, PipeMareLR):
+                raise ValueError(
+                    f"{self._chain()}: SpikeCompensation's spike is lr * b * d at the "
+                    "optimizer's learning rate, which an inner PipeMareLR has rescheduled; "
+                    "nest them the other way, PipeMareLR(SpikeCompensation(...))"
+                )
+            inner = inner.policy
 
     def adjust(
         self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
@@ -319,7 +405,11 @@ class DiscrepancyCorrection(Remedy):
     one copy of the weights instead of a stash of ``d``.
 
     Only a policy that recomputes (``stash=False``) reads it; with stashing the backward already
-    uses the forward's weights.
+    uses the forward's weights. This is PipeMare's ``u = w - (tau_fwd - tau_bkwd) delta`` with
+    the backward at the latest weights (``tau_bkwd = 0``) and ``tau_fwd`` the key's measured
+    delay; ``delta`` starts at zero (the first update makes it ``(1 - decay) (w_1 - w_0)``), and
+    before a stage's first update, or for a key of delay 0, the backward uses the latest
+    weights. One ``decay`` serves every stage.
 
     Attributes:
         policy: the wrapped policy.
