@@ -21,7 +21,8 @@ from ._notebook import replay  # runs on a worker thread inside a running event 
 from ._runtime._actors import LayerActor
 from ._runtime._config import RunConfig
 from ._runtime._context import ActorContext
-from ._runtime._graph import Graph, TensorRef
+from ._runtime._graph import Graph
+from ._runtime._node import TensorRef
 from ._runtime._open_run import open_run
 from ._runtime._run import Run, RunState
 from ._runtime._statistics import ActorStatistics

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -297,6 +298,35 @@ class _FitState:
             done += 1
         state.minibatches = done
         self._commit(state)
+
+
+def _end_all(
+    callbacks: Sequence[Callback],
+    trainer: Trainer,
+    history: History,
+    propagating: BaseException | None = None,
+) -> None:
+    """Every callback's ``on_fit_end``, even where one raises (a logger after it must still
+    close its file); then the first error, if any, with any later ones as notes.
+
+    Where the fit is already raising ``propagating`` (an error, or a ``KeyboardInterrupt`` that
+    the CLI turns into exit status 130), the callbacks' errors do not replace it: each is added
+    to it as a note, traceback included, and nothing is raised here (the caller re-raises it).
+    """
+    first = propagating
+    for cb in callbacks:
+        try:
+            cb.on_fit_end(trainer, history)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
+            if first is None:
+                first = exc
+            else:
+                first.add_note(
+                    f"{type(cb).__name__}.on_fit_end raised too, while this was raised:\n"
+                    + "".join(traceback.format_exception(exc, chain=False)).rstrip()
+                )
+    if first is not None and first is not propagating:
+        raise first
 
 
 def _synchronize(graph: Graph) -> None:

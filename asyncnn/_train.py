@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,8 @@ import numpy as np
 
 from ._callbacks import Callback
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
-from ._fit import _FitPlan, _FitState, _Progress, check_checkpoint_dir, epoch_layout
+from ._fit import _end_all, _FitPlan, _FitState, _Progress, check_checkpoint_dir
+from ._fit_file import _FIT_FILE, _epoch_batches
 from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
@@ -566,81 +566,6 @@ def _classifiers(graph: Graph) -> list[str]:
             if labels.kind == "input" and np.dtype(labels.dtype).kind in "iu":
                 found.append(name)
     return found
-
-
-def _end_all(
-    callbacks: Sequence[Callback],
-    trainer: Trainer,
-    history: History,
-    propagating: BaseException | None = None,
-) -> None:
-    """Every callback's ``on_fit_end``, even where one raises (a logger after it must still
-    close its file); then the first error, if any, with any later ones as notes.
-
-    Where the fit is already raising ``propagating`` (an error, or a ``KeyboardInterrupt`` that
-    the CLI turns into exit status 130), the callbacks' errors do not replace it: each is added
-    to it as a note, traceback included, and nothing is raised here (the caller re-raises it).
-    """
-    first = propagating
-    for cb in callbacks:
-        try:
-            cb.on_fit_end(trainer, history)
-        except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
-            if first is None:
-                first = exc
-            else:
-                first.add_note(
-                    f"{type(cb).__name__}.on_fit_end raised too, while this was raised:\n"
-                    + "".join(traceback.format_exception(exc, chain=False)).rstrip()
-                )
-    if first is not None and first is not propagating:
-        raise first
-
-
-def _epoch_batches(fit_file: str, minibatches: int) -> tuple[int, dict[str, Any] | None]:
-    """Where the checkpoint's epoch stands, from its ``fit.json``, checked against the
-    checkpoint's own minibatch count (a save interrupted between its files leaves another's),
-    and the epoch layout it was counted in (``None`` in a ``fit.json`` of an older save)."""
-    fix = f"delete {fit_file} to start the interrupted epoch over"
-    try:
-        with open(fit_file, encoding="utf-8") as f:
-            fit = json.load(f)
-        done = int(fit.get("epoch_batches", 0))
-        saved = fit.get("minibatches")
-        layout = _layout(fit.get("epoch_layout"))
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{fit_file} is damaged ({exc}); {fix}") from exc
-    if saved is not None and saved != minibatches:
-        raise ValueError(
-            f"{fit_file} was written after {saved} minibatches, the checkpoint beside it after "
-            f"{minibatches} (a save interrupted between its files?); {fix}"
-        )
-    return done, layout
-
-
-def _layout(value: Any) -> dict[str, Any] | None:
-    """``fit.json``'s ``epoch_layout``, checked field by field (``ValueError`` naming one)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ValueError(f"epoch_layout is {value!r}, not an object")
-    ints = {"rows": 0, "batch_size": 1}
-    for key, low in ints.items():
-        v = value.get(key)
-        if type(v) is not int or v < low:
-            raise ValueError(f"epoch_layout[{key!r}] is {v!r}, not an int >= {low}")
-    for key in ("shuffle", "drop_last"):
-        if not isinstance(value.get(key), bool):
-            raise ValueError(f"epoch_layout[{key!r}] is {value.get(key)!r}, not true or false")
-    seed = value.get("seed")
-    if seed is not None and (type(seed) is not int or seed < 0):
-        raise ValueError(f"epoch_layout['seed'] is {seed!r}, not an int >= 0 or null")
-    return epoch_layout(
-        value["rows"], value["batch_size"], value["shuffle"], seed, value["drop_last"]
-    )
-
-
-_FIT_FILE = "fit.json"
 
 
 _allocator_tuned = False

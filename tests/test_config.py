@@ -11,7 +11,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import optim, policies
-from asyncnn._cli import _seed
+from asyncnn._cli_args import _seed
 from asyncnn._runtime._config import RunConfig
 
 from _reference import chain_graph

@@ -35,8 +35,16 @@ from typing import Any
 import numpy as np
 
 from ..backends import array_namespace as ns
-from ..backends import backend_of, current_team, is_floating, is_half
-from ._pytree import TreeDef, tree_flatten, tree_unflatten
+from ..backends import backend_of, current_team, is_half
+from ._optim_checks import (
+    _check_buffer,
+    _check_clip_norm,
+    _check_grads,
+    _non_negative,
+    _not_a_float_array,
+    _real,
+)
+from ._pytree import tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "from_spec"]
@@ -44,91 +52,9 @@ __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "from_spec"]
 State = dict[str, Any]
 
 
-def _real(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
-    return float(value)
-
-
-def _non_negative(owner: str, name: str, value: Any) -> float:
-    x = _real(owner, name, value)
-    if not x >= 0.0:  # written so that NaN fails too
-        raise ValueError(f"{owner}: invalid {name} value {value!r}: it must be >= 0")
-    return x
-
-
-def _check_clip_norm(owner: str, clip_norm: Any) -> float | None:
-    if clip_norm is None:
-        return None
-    x = _real(owner, "clip_norm", clip_norm)
-    if not x > 0.0:
-        raise ValueError(
-            f"{owner}: clip_norm must be > 0 (or None for no clipping), got {clip_norm!r}"
-        )
-    return x
-
-
 def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
     # out= keeps 0-d results arrays: numpy ufuncs otherwise return scalars for 0-d inputs
     return ufunc(a, b, out=xp.empty_like(a))
-
-
-def _not_a_float_array(x: Any) -> str | None:
-    """What is wrong with ``x`` as a parameter or gradient leaf (None: a real floating array)."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not hasattr(x, "shape"):
-        return f"is {type(x).__name__}, not an array"
-    if dtype.kind != "f" and not is_floating(dtype):
-        return f"is {dtype}; only float16/32/64 and bfloat16 arrays can be updated or clipped"
-    return None
-
-
-def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        try:
-            p_shape, p_dtype, g_shape, g_dtype = p.shape, p.dtype, g.shape, g.dtype
-        except AttributeError:
-            if g is None:
-                raise ValueError(
-                    f"update: gradient leaf {i} of {treedef!r} is None; every parameter needs a "
-                    "gradient (use zeros for a parameter that got none)"
-                ) from None
-            what, x = ("parameter", p) if _not_a_float_array(p) else ("gradient", g)
-            raise TypeError(
-                f"update: {what} leaf {i} of {treedef!r} {_not_a_float_array(x)}"
-            ) from None
-        if g_shape != p_shape:
-            raise ValueError(
-                f"update: gradient leaf {i} of {treedef!r} has shape {g_shape}, but its "
-                f"parameter has shape {p_shape}"
-            )
-        if g_dtype != p_dtype:
-            raise TypeError(
-                f"update: gradient leaf {i} of {treedef!r} is {g_dtype}, but its parameter is "
-                f"{p_dtype}; cast the gradient with .astype({str(p_dtype)!r})"
-            )
-        if p_dtype.kind != "f" and not is_floating(p_dtype):
-            # numpy would fail deep in a ufunc (int), or Adam compute g * g, not |g|^2 (complex)
-            raise TypeError(f"update: parameter leaf {i} of {treedef!r} {_not_a_float_array(p)}")
-
-
-def _check_buffer(
-    owner: str, buf_name: str, params: list[Any], buffer: list[Any], treedef: TreeDef
-) -> None:
-    # broadcasting would otherwise reshape the parameters, or promote their dtype, silently
-    for i, (p, b) in enumerate(zip(params, buffer, strict=True)):
-        shape = getattr(b, "shape", None)
-        if shape == p.shape and b.dtype == p.dtype:
-            continue
-        where = f"{owner}.update: state[{buf_name!r}] leaf {i} of {treedef!r}"
-        hint = f"was the state made for other parameters? Make it with {owner}.init(params)"
-        if shape is None:
-            raise ValueError(f"{where} is {b!r}, not an array; {hint}")
-        if shape != p.shape:
-            raise ValueError(
-                f"{where} has shape {shape}, but its parameter has shape {p.shape}; {hint}"
-            )
-        raise TypeError(f"{where} is {b.dtype}, but its parameter is {p.dtype}; {hint}")
 
 
 def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:

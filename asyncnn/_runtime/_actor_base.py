@@ -23,7 +23,7 @@ from ._statistics import ActorStatistics
 
 if TYPE_CHECKING:
     from ._context import ActorContext
-    from ._graph import Node
+    from ._node import Node
 
 __all__ = ["MAX_DIRECT_DEPTH", "Inbox", "_Actor"]
 

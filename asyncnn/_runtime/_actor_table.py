@@ -18,7 +18,7 @@ from ._loss_actor import LossActor
 from ._routing import MergeActor, RouterActor
 
 if TYPE_CHECKING:
-    from ._graph import Node
+    from ._node import Node
 
 __all__ = ["ACTORS", "actor_class", "resolve_actor"]
 

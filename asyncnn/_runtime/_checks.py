@@ -14,7 +14,8 @@ from asyncnn._errors import GraphError
 from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
 if TYPE_CHECKING:
-    from ._graph import Graph, Node
+    from ._graph import Graph
+    from ._node import Node
 
 __all__ = ["check_batch", "check_cuda_graphs", "check_input", "validate"]
 

@@ -20,7 +20,7 @@ from ._recorder import when_done
 
 if TYPE_CHECKING:
     from ._context import ActorContext
-    from ._graph import Node
+    from ._node import Node
 
 __all__ = ["MAX_UNREAD", "LossActor", "sums_over_rows"]
 

@@ -37,7 +37,8 @@ from ._statistics import ActorStatistics
 from ._structure import expert_starts
 
 if TYPE_CHECKING:
-    from ._graph import Graph, Node
+    from ._graph import Graph
+    from ._node import Node
 
 __all__ = [
     "MergeActor",

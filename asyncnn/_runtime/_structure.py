@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from asyncnn._errors import GraphError
 
 if TYPE_CHECKING:
-    from ._graph import Graph, Node
+    from ._graph import Graph
+    from ._node import Node
 
 __all__ = ["check_capacity_factor", "check_routing", "expert_starts"]
 

@@ -4,8 +4,8 @@ forward weights), the weights a key's forward computes with, the delay of each g
 gradients summed until the policy says an update is due, and the optimizer update that makes a new
 version (with the policy's corrections and predictions).
 
-:class:`WeightVersions` is the base of :class:`~asyncnn._runtime._actors.LayerActor`, which sets
-the attributes declared here.
+:class:`WeightVersions` is a base of :class:`~asyncnn._runtime._actors.LayerActor` (through
+``_serving.Serving``), which sets the attributes declared here.
 """
 
 from __future__ import annotations
