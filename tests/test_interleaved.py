@@ -368,6 +368,8 @@ def _virtual_bubble(policy, stages: int, devices: int, m: int) -> list[float]:
         ("ZeroBubbleH1", 3, 1, 6),
         ("ZeroBubbleH1", 4, 1, 4),
         ("ZeroBubbleH1", 2, 2, 4),
+        ("Interleaved1F1B", 2, 2, 5),  # M not a multiple of PyTorch's rounds: one round
+        ("ZeroBubbleH1", 2, 2, 5),
     ],
 )
 def test_the_runtime_realizes_each_schedules_bubble_on_a_virtual_clock(name, k, v, m):
@@ -383,6 +385,65 @@ def test_the_runtime_realizes_each_schedules_bubble_on_a_virtual_clock(name, k, 
     }[name]()
     want = (k - 1) / (m * v) / (3 if name == "ZeroBubbleH1" else 1)
     assert _virtual_bubble(policy, k * v, k, m) == pytest.approx([want] * k, abs=1e-9)
+
+
+def test_fewer_microbatches_than_devices_leave_a_larger_bubble():
+    # (docs/policies.md: the bubble is (D - 1) / (M V) for M >= D; D = 4, V = 2, M = 3: 2/3)
+    bubbles = _virtual_bubble(policies.Interleaved1F1B(3, virtual=2), 8, 4, 3)
+    assert bubbles == pytest.approx([2 / 3] * 4, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.Interleaved1F1B(5, virtual=2), policies.ZeroBubbleH1(5, virtual=2)]
+)
+def test_microbatches_pytorch_refuses_run_in_one_round_and_equal_the_plain_loop(policy):
+    # M = 5 on 2 devices is not a multiple of PyTorch's rounds (2): each full minibatch runs
+    # the order of one round of 5, the short last one (2 keys) PyTorch's own
+    data = classification_data(24)  # minibatches of 11, 11 and 2 rows
+    g = chain_graph(4)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policy, dtype="float64")
+    start = tr.params
+    hist = tr.fit(data, epochs=2, batch_size=11)
+    ref, ref_losses = plain_sgd(
+        g, start, optim.SGD(lr=0.1, momentum=0.9), minibatches(data, 11) * 2
+    )
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hist.losses, ref_losses, rtol=1e-10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("base", [policies.Interleaved1F1B, policies.ZeroBubbleH1])
+def test_a_stage_order_made_alone_takes_no_turns(base):
+    # (stage_order gave each stage a schedule and turns of its own: stage 0 waited for stage
+    # 2's turn on a device object no other stage used, and a policy built on it stalled)
+    @dataclass(frozen=True)
+    class OnItsOwn(policies.Policy):
+        microbatches: int = 4
+
+        def stage_order(self, stage, num_stages):
+            return base(self.microbatches, virtual=2).stage_order(stage, num_stages)
+
+        def splits_backward(self):
+            return base is policies.ZeroBubbleH1
+
+    assert OnItsOwn().stage_order(0, 4).device_turns() is None
+    assert base(4, virtual=2).orders(["a", "b", "c", "d"])["a"].device_turns() is not None
+    data = classification_data(16)
+    g = chain_graph(4)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=OnItsOwn(), dtype="float64", stall_timeout=10
+    )
+    start = tr.params
+    tr.fit(data, epochs=1, batch_size=8)
+    ref, _ = plain_sgd(g, start, optim.SGD(lr=0.1), minibatches(data, 8))
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_count_not_a_multiple_of_virtual_is_refused_with_the_fix():
+    g = chain_graph(6)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Interleaved1F1B(4, 4))
+    with pytest.raises(ValueError, match=r"virtual=4\)?.*give virtual one of \[1, 2, 3, 6\]"):
+        tr.fit(classification_data(8), epochs=1, batch_size=8)
 
 
 def test_without_turns_the_stages_of_a_device_would_overlap(monkeypatch):

@@ -172,6 +172,58 @@ def test_policy_specs_round_trip_and_validate():
         policies.Async(stash=0)
 
 
+def test_policy_counts_and_flags_take_numpy_values_as_plain_ones():
+    # (a numpy integer, as a sweep over np.arange gives, was refused with "microbatches must be
+    # an int >= 1", though Graph.sequential's stages and fit's batch_size take one)
+    import json
+
+    made = [
+        (policies.GPipe(np.int64(4)), policies.GPipe(4)),
+        (policies.OneFOneB(np.int32(3)), policies.OneFOneB(3)),
+        (policies.PipeDream(np.int64(2), stash=np.False_), policies.PipeDream(2, stash=False)),
+        (policies.PipeDream2BW(np.uint8(3)), policies.PipeDream2BW(3)),
+        (policies.Async(np.int64(3), np.int16(2), np.True_), policies.Async(3, 2, True)),
+        (policies.Interleaved1F1B(np.int64(4), np.int64(2)), policies.Interleaved1F1B(4, 2)),
+        (policies.ZeroBubbleH1(np.int64(4), np.int64(2)), policies.ZeroBubbleH1(4, 2)),
+    ]
+    for got, want in made:
+        assert got == want and got.to_spec() == want.to_spec()
+        args = got.to_spec()["args"]
+        assert all(type(v) in (int, bool) for v in args.values()), args
+        assert policies.policy_from_spec(json.loads(json.dumps(got.to_spec()))) == want
+    assert policies.interleaved_1f1b_schedule(
+        np.int64(2), np.int64(2), np.int64(4)
+    ) == policies.interleaved_1f1b_schedule(2, 2, 4)
+    for bad in [True, np.True_, 0, np.int64(0), -1, 2.0, None, "4"]:
+        with pytest.raises(ValueError, match=r"GPipe\(microbatches=.*\): microbatches must be"):
+            policies.GPipe(bad)
+        with pytest.raises(ValueError, match=r"ZeroBubbleH1\(virtual=.*\): virtual must be"):
+            policies.ZeroBubbleH1(4, virtual=bad)
+    with pytest.raises(ValueError, match=r"Async\(min_update_frequency=np.False_\)"):
+        policies.Async(4, np.False_)
+    with pytest.raises(ValueError, match=r"PipeDream\(stash=np.int64\(1\)\): stash must be"):
+        policies.PipeDream(2, stash=np.int64(1))
+
+
+@pytest.mark.parametrize("warmup", [-1, -3, 1.0, True, "2"])
+def test_a_1f1b_order_refuses_a_warmup_that_is_not_a_count(warmup):
+    # (a negative warm-up planned a backward before its forward: the run stalled, and a policy
+    # such as docs/policies.md's OneFOneBWarm with extra=-1 failed only after stall_timeout)
+    with pytest.raises(ValueError, match=r"OneFOneBOrder\(warmup=.*\): warmup must be None"):
+        OneFOneBOrder(warmup, flush=True)
+    with pytest.raises(ValueError, match=r"OneFOneBOrder\(flush='no'\)"):
+        OneFOneBOrder(1, flush="no")
+    assert OneFOneBOrder(np.int64(0), flush=True).next() == ("forward", 0)
+
+
+def test_split_refuses_a_minibatch_of_no_rows():
+    # (split(0) divided by zero; a run refuses an empty batch before it asks)
+    for p in [policies.GPipe(3), policies.Sync(), policies.Interleaved1F1B(4, 2)]:
+        with pytest.raises(ValueError, match=r"split\(rows=0\): rows must be an int >= 1"):
+            p.split(0)
+    assert policies.GPipe(3).split(np.int64(7)) == [(0, 3), (3, 5), (5, 7)]
+
+
 # -- what each policy decides is one of its methods ----------------------------------------------
 @pytest.mark.parametrize("rows", [1, 5, 8, 64, 67])
 @pytest.mark.parametrize("m", [1, 3, 4, 8])
@@ -471,6 +523,112 @@ def test_interleaved_zero_bubble_order_equals_pytorchs(d, v, m):
         for r in ranks
     ]
     assert policies.interleaved_zero_bubble_schedule(d, v, m) == want
+
+
+def _torch_schedule_ops(schedule_class, devices, virtual, m):
+    """Each rank's order under one of PyTorch's multi-stage schedules, made on mocked stages
+    (as its visualizer does, but for any ``virtual`` >= 1), idle slots left out."""
+    from unittest import mock
+
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.submod = 0, devices, None
+    stage.num_stages = devices * virtual
+    sched = schedule_class([stage] * virtual, m)
+    kinds = {
+        "FORWARD": "forward",
+        "FULL_BACKWARD": "backward",
+        "BACKWARD_INPUT": "backward_input",
+        "BACKWARD_WEIGHT": "backward_weight",
+    }
+    return [
+        [
+            (kinds[a.computation_type.name], a.stage_index, a.microbatch_index)
+            for a in sched.pipeline_order[rank]
+            if a is not None and a.computation_type.name in kinds
+        ]
+        for rank in range(devices)
+    ]
+
+
+@pytest.mark.parametrize("schedule", ["ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble"])
+def test_interleaved_orders_and_refusals_equal_pytorchs_over_a_grid(schedule):
+    # every D <= 4, V <= 3 (V = 1: ZB-H1 and 1F1B's interleaved form), M <= 10: M below D, not
+    # a multiple of D, 1; each order equals PyTorch's and each M PyTorch refuses is refused
+    pytest.importorskip("torch")
+    from torch.distributed.pipelining import schedules
+
+    cls = getattr(schedules, schedule)
+    ours = {
+        "ScheduleInterleaved1F1B": policies.interleaved_1f1b_schedule,
+        "ScheduleInterleavedZeroBubble": policies.interleaved_zero_bubble_schedule,
+    }[schedule]
+    refused = 0
+    for d in range(1, 5):
+        for v in range(1, 4):
+            for m in range(1, 11):
+                try:
+                    want = _torch_schedule_ops(cls, d, v, m)
+                except ValueError as exc:
+                    assert "multiple of the number of rounds" in str(exc)
+                    with pytest.raises(ValueError, match="multiple of the rounds"):
+                        ours(d, v, m)
+                    refused += 1
+                    continue
+                assert ours(d, v, m) == want, (d, v, m)
+    assert refused == 18  # M = 5, 7, 9 on 2 devices, M = 7, 10 on 3, M = 9 on 4, for each V
+
+
+def _torch_single_stage_order(schedule_class, k, s, m):
+    """The order PyTorch's ScheduleGPipe or Schedule1F1B runs at stage ``s`` of ``k`` (its
+    ``_step_microbatches`` on a mocked stage that records each forward and backward; its
+    ``pipeline_order`` of the last stage of Schedule1F1B starts at microbatch 1)."""
+    from unittest import mock
+
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.submod = s, k, None
+    stage.num_stages, stage.stage_index = k, s
+    stage.is_first, stage.is_last = s == 0, s == k - 1
+    seen = []
+    stage.forward_one_chunk.side_effect = lambda i, *a, **kw: seen.append(("F", i))
+    stage.backward_one_chunk.side_effect = lambda i, *a, **kw: seen.append(("B", i))
+    sched = schedule_class(stage, m)
+    quiet = [mock.patch.object(schedules, "_batch_p2p", lambda *a, **kw: [])]
+    quiet.append(mock.patch.object(schedules, "_wait_batch_p2p", lambda *a, **kw: None))
+    for name in ("_initialize_stage", "_maybe_compute_loss", "_maybe_get_loss", "_update_losses"):
+        quiet.append(mock.patch.object(sched, name))
+    for patch in quiet:
+        patch.start()
+    try:
+        sched._step_microbatches([() for _ in range(m)], [{} for _ in range(m)])
+    finally:
+        for patch in quiet:
+            patch.stop()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["GPipe", "OneFOneB"])
+def test_gpipe_and_1f1b_orders_equal_pytorchs(name):
+    # every stage of K <= 5 with M <= 9 (M below K only for GPipe: PyTorch's 1F1B refuses it;
+    # ours caps the warm-up at M, test_order_formula_matches_design)
+    pytest.importorskip("torch")
+    from torch.distributed.pipelining import schedules
+
+    cls = {"GPipe": schedules.ScheduleGPipe, "OneFOneB": schedules.Schedule1F1B}[name]
+    for k in range(1, 6):
+        for m in range(1 if name == "GPipe" else k, 10):
+            for s in range(k):
+                order = getattr(policies, name)(m).stage_order(s, k)
+                got = []
+                for _ in range(2 * m):
+                    op = order.next()
+                    got.append(("F" if op[0] == "forward" else "B", op[1]))
+                    order.done(op, m)
+                assert got == _torch_single_stage_order(cls, k, s, m), (k, s, m)
 
 
 def test_replay_delegates_the_stale_gradient_decisions():

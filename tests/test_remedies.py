@@ -576,3 +576,10 @@ async def test_each_remedy_under_async_equals_its_formula_on_the_recorded_order(
     ref, delays = pipedream_with_correction(graph, start, 0.1, batches, False, orders=orders, **kw)
     assert_params_close(run.state().params, ref, rtol=1e-10, atol=1e-12)
     assert max(delays[0]) > 0  # stage 0 runs the forwards of the keys in flight first
+
+
+def test_pipemare_takes_a_numpy_int_as_a_plain_one() -> None:
+    p = policies.PipeMareLR(policies.PipeDream(2), warmup_updates=np.int64(3))
+    assert p.warmup_updates == 3 and type(p.warmup_updates) is int
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        policies.PipeMareLR(policies.PipeDream(2), warmup_updates=np.True_)

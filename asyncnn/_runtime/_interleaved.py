@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ._messages import BACKWARD, FORWARD
-from ._policies import _BUILTIN, Op, Policy, StageOrder, _check_int
+from ._policies import _BUILTIN, Op, Policy, StageOrder, _check_fields, _check_int
 from ._turns import DeviceTurns
 
 __all__ = [
@@ -40,7 +40,7 @@ def interleaved_1f1b_schedule(
     ``k``-th forward is of chunk ``(k // R) mod V`` and its ``j``-th backward of chunk
     ``V - 1 - (j // R) mod V``; each chunk takes its microbatches in order.
     """
-    per_round = _checked_rounds(
+    devices, virtual, microbatches, per_round = _checked_rounds(
         "interleaved_1f1b_schedule", "interleaved 1F1B", devices, virtual, microbatches
     )
     return [
@@ -51,14 +51,17 @@ def interleaved_1f1b_schedule(
 
 def _checked_rounds(
     function: str, schedule: str, devices: int, virtual: int, microbatches: int
-) -> int:
-    """The microbatches per round of an interleaved schedule, its arguments checked."""
-    for label, value in (
-        ("devices", devices),
-        ("virtual", virtual),
-        ("microbatches", microbatches),
-    ):
+) -> tuple[int, int, int, int]:
+    """An interleaved schedule's arguments checked (as plain ints) and its microbatches per
+    round: ``(devices, virtual, microbatches, per_round)``."""
+    devices, virtual, microbatches = (
         _check_int(function, label, value)
+        for label, value in (
+            ("devices", devices),
+            ("virtual", virtual),
+            ("microbatches", microbatches),
+        )
+    )
     per_round = _per_round(devices, microbatches)
     if per_round is None:
         raise ValueError(
@@ -66,7 +69,7 @@ def _checked_rounds(
             f"microbatches must be a multiple of the rounds (max(1, M // D) = "
             f"{max(1, microbatches // devices)})"
         )
-    return per_round
+    return devices, virtual, microbatches, per_round
 
 
 def _per_round(devices: int, microbatches: int) -> int | None:
@@ -117,7 +120,7 @@ def interleaved_zero_bubble_schedule(
     is still due; the cool-down runs the remaining input halves (each followed by a weight half,
     likewise), then the weight halves left. With ``V = 1`` this is ZB-H1.
     """
-    per_round = _checked_rounds(
+    devices, virtual, microbatches, per_round = _checked_rounds(
         "interleaved_zero_bubble_schedule", "zero bubble", devices, virtual, microbatches
     )
     return [
@@ -198,11 +201,14 @@ class _DeviceSchedule:
 
 
 class _InterleavedOrder(StageOrder):
-    """A stage's part of its device's interleaved order, restarting at each minibatch."""
+    """A stage's part of its device's interleaved order, restarting at each minibatch; with
+    ``takes_turns`` (the orders of :meth:`Policy.orders`, which share the device's schedule)
+    it takes turns with the device's other stages."""
 
-    def __init__(self, schedule: _DeviceSchedule, stage: int) -> None:
+    def __init__(self, schedule: _DeviceSchedule, stage: int, takes_turns: bool = True) -> None:
         self.schedule = schedule
         self.stage = stage
+        self.takes_turns = takes_turns
         self.base = 0
         self.i = 0
         self.ops: list[Op] | None = None  # this minibatch's, once its size is known
@@ -228,8 +234,8 @@ class _InterleavedOrder(StageOrder):
         self.base = first_key
 
     def device_turns(self) -> DeviceTurns | None:
-        if self.schedule.virtual == 1:
-            return None  # alone on its device: nobody to take turns with
+        if self.schedule.virtual == 1 or not self.takes_turns:
+            return None  # alone on its device, or its schedule shared with no other stage
         return self.schedule.turns
 
 
@@ -246,16 +252,21 @@ class _DeviceOrders:
     def devices(self, num_stages: int) -> int:
         """``D``: the devices ``num_stages`` layers make, ``V`` stages each."""
         if num_stages % self.virtual:
+            divisors = [v for v in range(1, num_stages + 1) if num_stages % v == 0]
             raise ValueError(
                 f"{self.name}(virtual={self.virtual}): the graph's {num_stages} layers are "
-                f"not a multiple of virtual={self.virtual}"
+                f"not a multiple of virtual={self.virtual}; give virtual one of {divisors} "
+                f"(stages per device), or the graph a multiple of {self.virtual} layers"
             )
         return num_stages // self.virtual
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        """The stage's part of its device's order, alone: it takes no turns (its schedule is
+        its own, so the device's other stages would never pass it the turn). A run's orders
+        come from :meth:`orders`, whose stages of a device share one schedule and its turns."""
         d = self.devices(num_stages)
         schedule = _DeviceSchedule(d, self.virtual, stage % d, self._device_ops())
-        return _InterleavedOrder(schedule, stage)
+        return _InterleavedOrder(schedule, stage, takes_turns=False)
 
     def orders(self, actors: Sequence[str]) -> dict[str, StageOrder]:
         d = self.devices(len(actors))
@@ -269,8 +280,10 @@ class Interleaved1F1B(_DeviceOrders, Policy):
     """Interleaved 1F1B (Narayanan et al. 2021) with a flush: ``K = D V`` layers on ``D``
     devices, device ``d`` hosting the ``V`` non-adjacent stages ``d, d + D, ...`` (virtual
     stages), which take turns in one order (:func:`interleaved_1f1b_schedule`). Computes what
-    ``GPipe`` computes (minibatch SGD), in the order of PyTorch's ``ScheduleInterleaved1F1B``;
-    with equal stages its bubble (idle over busy time per device) is ``(D - 1) / (M V)``.
+    ``GPipe`` computes (minibatch SGD), in the order of PyTorch's ``ScheduleInterleaved1F1B``
+    (a minibatch whose key count PyTorch refuses, not a multiple of its rounds, runs in one
+    round); with equal stages and ``M >= D`` its bubble (idle over busy time per device) is
+    ``(D - 1) / (M V)``.
 
     Attributes:
         microbatches: ``M``, keys per minibatch.
@@ -282,8 +295,7 @@ class Interleaved1F1B(_DeviceOrders, Policy):
     name: ClassVar[str] = "Interleaved1F1B"
 
     def __post_init__(self) -> None:
-        _check_int("Interleaved1F1B", "microbatches", self.microbatches)
-        _check_int("Interleaved1F1B", "virtual", self.virtual)
+        _check_fields(self, ints=("microbatches", "virtual"))
 
     def _device_ops(self) -> DeviceOps:
         return _one_f_one_b_device_ops
@@ -296,8 +308,9 @@ class ZeroBubbleH1(_DeviceOrders, Policy):
     order gives), with 1F1B's warm-up and so its memory. With ``virtual = V > 1`` each of ``D``
     devices hosts the stages ``d, d + D, ...`` and they take turns in one order, PyTorch's
     ``ScheduleInterleavedZeroBubble`` (:func:`interleaved_zero_bubble_schedule`). Computes
-    what ``GPipe`` computes (minibatch SGD); with equal forward, input and weight halves its
-    bubble (idle over busy time per device) is ``(D - 1) / (3 M V)``, a third of 1F1B's.
+    what ``GPipe`` computes (minibatch SGD); with equal forward, input and weight halves and
+    ``M >= D`` its bubble (idle over busy time per device) is ``(D - 1) / (3 M V)``, a third
+    of 1F1B's.
 
     Attributes:
         microbatches: ``M``, keys per minibatch.
@@ -309,8 +322,7 @@ class ZeroBubbleH1(_DeviceOrders, Policy):
     name: ClassVar[str] = "ZeroBubbleH1"
 
     def __post_init__(self) -> None:
-        _check_int("ZeroBubbleH1", "microbatches", self.microbatches)
-        _check_int("ZeroBubbleH1", "virtual", self.virtual)
+        _check_fields(self, ints=("microbatches", "virtual"))
 
     def _device_ops(self) -> DeviceOps:
         return _zero_bubble_device_ops

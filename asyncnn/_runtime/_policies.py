@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from asyncnn._math._imports import class_path, import_by_path
 
 from ._messages import BACKWARD, FORWARD
@@ -124,8 +126,18 @@ class OneFOneBOrder(StageOrder):
     """
 
     def __init__(self, warmup: int | None, flush: bool) -> None:
-        self.warmup = warmup
-        self.flush = flush
+        # (a negative warm-up would plan a backward before its forward: the run would stall)
+        if warmup is not None and (
+            isinstance(warmup, bool | np.bool_)
+            or not isinstance(warmup, int | np.integer)
+            or warmup < 0
+        ):
+            raise ValueError(
+                f"OneFOneBOrder(warmup={warmup!r}): warmup must be None (all forwards first) "
+                "or an int >= 0, the forwards before the first backward"
+            )
+        self.warmup = None if warmup is None else int(warmup)
+        self.flush = _check_bool("OneFOneBOrder", "flush", flush)
         self.base = 0  # first key of the current minibatch (flush) or of the stream
         self.f = 0  # forwards done since base
         self.b = 0  # backwards done since base
@@ -224,6 +236,9 @@ class Policy(abc.ABC):
         ``numpy.array_split`` (the first ``rows % m`` parts take one row more). A run asks once
         per row count and keeps the answer: the split must depend on ``rows`` alone.
         """
+        if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1:
+            raise ValueError(f"{self.name}.split(rows={rows!r}): rows must be an int >= 1")
+        rows = int(rows)
         m = min(self.microbatches, rows)
         bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]
         return [(bounds[i], bounds[i + 1]) for i in range(m)]
@@ -423,15 +438,29 @@ class Policy(abc.ABC):
         return {"type": kind, "args": args}
 
 
-def _check_int(policy: str, field: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _check_int(policy: str, field: str, value: Any) -> int:
+    """``value`` as an int >= 1 (a numpy integer too, as ``Graph.sequential``'s ``stages`` and
+    ``fit``'s ``batch_size`` take), else a ``ValueError`` naming ``policy(field=value)``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{policy}({field}={value!r}): {field} must be an int >= 1")
+    return int(value)
 
 
-def _check_bool(policy: str, field: str, value: bool) -> None:
+def _check_bool(policy: str, field: str, value: Any) -> bool:
     # a string such as "no" is truthy: it would silently mean the opposite
-    if not isinstance(value, bool):
+    if not isinstance(value, bool | np.bool_):
         raise ValueError(f"{policy}({field}={value!r}): {field} must be True or False")
+    return bool(value)
+
+
+def _check_fields(policy: Policy, ints: Sequence[str] = (), bools: Sequence[str] = ()) -> None:
+    """Checks a frozen policy's int and bool fields, storing each as a plain ``int`` or
+    ``bool`` (a numpy one compares equal, but its spec would not be plain JSON)."""
+    label = type(policy).__name__
+    for field in ints:
+        object.__setattr__(policy, field, _check_int(label, field, getattr(policy, field)))
+    for field in bools:
+        object.__setattr__(policy, field, _check_bool(label, field, getattr(policy, field)))
 
 
 @dataclass(frozen=True)
@@ -452,7 +481,7 @@ class GPipe(Policy):
     name: ClassVar[str] = "GPipe"
 
     def __post_init__(self) -> None:
-        _check_int("GPipe", "microbatches", self.microbatches)
+        _check_fields(self, ints=("microbatches",))
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
         return OneFOneBOrder(None, flush=True)
@@ -466,7 +495,7 @@ class OneFOneB(Policy):
     name: ClassVar[str] = "OneFOneB"
 
     def __post_init__(self) -> None:
-        _check_int("OneFOneB", "microbatches", self.microbatches)
+        _check_fields(self, ints=("microbatches",))
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
         return OneFOneBOrder(num_stages - stage - 1, flush=True)
@@ -486,8 +515,7 @@ class PipeDream(Policy):
     flush: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_int("PipeDream", "microbatches", self.microbatches)
-        _check_bool("PipeDream", "stash", self.stash)
+        _check_fields(self, ints=("microbatches",), bools=("stash",))
 
     def max_in_flight(self, num_stages: int) -> int:
         return num_stages  # stage 0 holds at most K keys: its warm-up plus one
@@ -523,7 +551,7 @@ class PipeDream2BW(Policy):
     flush: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_int("PipeDream2BW", "microbatches", self.microbatches)
+        _check_fields(self, ints=("microbatches",))
 
     def max_in_flight(self, num_stages: int) -> int:
         return num_stages  # stage 0 holds at most K keys: its warm-up plus one
@@ -561,9 +589,7 @@ class Async(Policy):
     flush: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_int("Async", "max_active_keys", self.max_active_keys)
-        _check_int("Async", "min_update_frequency", self.min_update_frequency)
-        _check_bool("Async", "stash", self.stash)
+        _check_fields(self, ints=("max_active_keys", "min_update_frequency"), bools=("stash",))
 
     def max_in_flight(self, num_stages: int) -> int:
         return self.max_active_keys

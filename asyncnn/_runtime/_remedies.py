@@ -25,6 +25,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 from asyncnn._math._optim import SGD
 from asyncnn._math._pytree import tree_map
 
@@ -270,8 +272,9 @@ class PipeMareLR(Remedy):
     def __post_init__(self) -> None:
         super().__post_init__()
         w = self.warmup_updates
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        if not isinstance(w, int | np.integer) or isinstance(w, bool | np.bool_) or w < 1:
             raise ValueError(f"PipeMareLR(warmup_updates={w!r}): must be an int >= 1")
+        object.__setattr__(self, "warmup_updates", int(w))  # plain in its spec (JSON)
 
     def scale(self, delay: float, step: int) -> float:
         """The factor on the learning rate of a stage's update ``step`` (0-based) that applies
