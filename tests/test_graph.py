@@ -411,3 +411,279 @@ def test_a_damaged_spec_is_a_graph_error_naming_what(spec, said):
     # (a string of inputs was split into one-letter node names; the others raised TypeError)
     with pytest.raises(ann.GraphError, match=said):
         ann.Graph.from_spec(spec)
+
+
+class Scaled(ann.LayerActor):
+    """A custom actor with a setup argument (for the spec round trip)."""
+
+    def setup(self, scale: float = 1.0, tags: Any = None) -> None:
+        self.scale = scale
+
+
+def _base() -> tuple[ann.Graph, Any, Any]:
+    g = ann.Graph()
+    return g, g.input("x", (None, 4)), g.input("y", (None,), dtype="int64")
+
+
+def test_a_graph_without_a_layer_is_refused_not_left_to_stall():
+    # (its loss waited for a layer's output until stall_timeout, 60 s by default)
+    g = ann.Graph()
+    g.loss("loss", nn.MSELoss(), g.input("x", (None, 4)), g.input("t", (None, 4)))
+    with pytest.raises(ann.GraphError, match=r"no layer, so nothing to train: its losses \['loss'"):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), stall_timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("add", "said"),
+    [
+        (lambda g, x, y: g.layer("a", nn.Linear, x), r"layer 'a': got the class Linear, not a mod"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, stop_gradient="no"),
+         r"layer 'a': stop_gradient='no'; give True or False"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker=-1),
+         r"layer 'a' is placed on worker=-1 \(of type int\): worker= takes a Python int >= 0"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker="1"),
+         r"layer 'a' is placed on worker='1' \(of type str\)"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, actor="mylab:Actor"),
+         r"layer 'a': actor='mylab:Actor' is not a LayerActor subclass"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, actor=int),
+         r"layer 'a': actor=the class int is not a LayerActor subclass"),
+        (lambda g, x, y: g.loss("loss", None, x, y), r"loss 'loss': None is not a loss module"),
+        (lambda g, x, y: g.loss("loss", nn.CrossEntropyLoss, x, y),
+         r"loss 'loss': got the class CrossEntropyLoss, not a module"),
+        (lambda g, x, y: g.loss("loss", nn.MSELoss(), x, x, worker=True),
+         r"loss 'loss' is placed on worker=True \(of type bool\)"),
+        (lambda g, x, y: g.output("", x), "output name '' is not valid"),
+        (lambda g, x, y: g.output(3, x), "output name 3 is not valid"),
+        (lambda g, x, y: g.input("z", (None, 2), None), "input 'z': dtype None; give one"),
+    ],
+    ids=["module-class", "stop_gradient-str", "worker-negative", "worker-str", "actor-str",
+         "actor-not-an-actor", "loss-None", "loss-class", "loss-worker-bool", "output-empty",
+         "output-int", "dtype-None"],
+)  # fmt: skip
+def test_a_node_argument_of_the_wrong_kind_is_refused_as_the_node_is_added(add, said):
+    # (each was taken: stop_gradient="no" read as True, dtype None as float64, worker= was
+    # ignored without a cluster, the others failed at fit or at save, without naming the node)
+    g, x, y = _base()
+    before = dict(g.nodes)
+    with pytest.raises(ann.GraphError, match=said):
+        add(g, x, y)
+    assert g.nodes == before and g.outputs == {}
+
+
+def test_a_loss_with_parameters_or_no_reduction_says_what_to_change():
+    g, x, y = _base()
+    h = g.layer("a", nn.Linear(4, 3), x)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g.loss("head", nn.Linear(3, 1), h)  # a layer's module given to g.loss
+    with pytest.raises(ann.GraphError, match=r"loss 'head': its module Linear.* has parameters, "
+                       r"but a loss node trains none .*put that module in a layer"):  # fmt: skip
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    g, x, y = _base()
+    g.loss("loss", nn.CrossEntropyLoss(reduction="none"), g.layer("a", nn.Linear(4, 3), x), y)
+    with pytest.raises(ann.GraphError, match=r"scalar, got shape \(2,\) \(its reduction is 'none"):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def test_a_dtype_error_points_at_the_declared_dtype_not_at_features():
+    # (the hint said to declare the features of a (None,) input, whatever the error)
+    g = ann.Graph()
+    x, y = g.input("x", (None, 4)), g.input("labels", (None,), dtype="float32")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("a", nn.Linear(4, 3), x), y)
+    with pytest.raises(ann.GraphError) as info:
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    said = str(info.value)
+    assert "declared as shape (None,)" not in said
+    assert "input 'labels' is declared float32: if it holds integers, declare it so" in said
+    ids = ann.Graph.sequential([nn.Embedding(5, 3), nn.Flatten(), nn.Linear(3, 2)],
+                               nn.CrossEntropyLoss(), input_shape=(None, 1))  # fmt: skip
+    with pytest.raises(ann.GraphError, match="input 'x' is declared float32: if it holds integ"):
+        ann.Trainer(ids, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def _full_graph() -> ann.Graph:
+    g, x, y = _base()
+    h = g.layer("a", nn.Linear(4, 3), x, worker=1, actor=Scaled,
+                actor_args={"scale": 2.0, "tags": ["t", {"k": 1}]})  # fmt: skip
+    h2 = g.layer("b", nn.Linear(3, 3), h, device="cpu", stop_gradient=True)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y, worker=0)
+    g.loss("loss2", nn.CrossEntropyLoss(), h2, y)
+    g.output("logits", h)
+    return g
+
+
+def test_a_spec_round_trip_keeps_every_node_option():
+    import msgpack
+
+    g = _full_graph()
+    spec = msgpack.unpackb(msgpack.packb(g.to_spec()))
+    again = ann.Graph.from_spec(spec)
+    assert again.to_spec() == g.to_spec() and again.outputs == g.outputs
+    for name, node in g.nodes.items():
+        other = again.nodes[name]
+        for field in ("kind", "module", "inputs", "shape", "dtype", "device", "worker",
+                      "custom_actor", "actor_args", "stop_gradient", "consumers"):  # fmt: skip
+            assert getattr(other, field) == getattr(node, field), (name, field)
+    chain = ann.Graph.sequential([nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)],
+                                 nn.CrossEntropyLoss(), stages=2, workers=[0, 1])  # fmt: skip
+    again = ann.Graph.from_spec(chain.to_spec())
+    assert [again.nodes[n].init_offset for n in again.layers] == [0, 1]
+    assert [again.nodes[n].worker for n in again.layers] == [0, 1]
+
+
+def _entry(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(e for e in spec["nodes"] if e.get("name") == name)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda s: _entry(s, "b").__setitem__("stop_gradiant", True),
+         r"layer 'b' has the unknown field 'stop_gradiant'; a layer node has 'name'"),
+        (lambda s: s.__setitem__("extra", 1), r"unknown field 'extra'; a graph spec has 'nodes'"),
+        (lambda s: _entry(s, "b").__setitem__("stop_gradient", "false"),
+         r"layer 'b' has stop_gradient 'false' \(a str\); expected true or false"),
+        (lambda s: _entry(s, "a").__setitem__("worker", "1"),
+         r"layer 'a' has worker '1' \(a str\); expected an int >= 0 or None"),
+        (lambda s: _entry(s, "loss").__setitem__("worker", -1), r"loss 'loss' has worker -1"),
+        (lambda s: _entry(s, "loss").__setitem__("device", "cpu"),
+         r"loss 'loss' has the unknown field 'device'"),
+        (lambda s: _entry(s, "x").__setitem__("shape", 4), r"input 'x' has shape 4 \(a int\)"),
+        (lambda s: _entry(s, "x").__setitem__("dtype", None), r"input 'x' has dtype None"),
+        (lambda s: _entry(s, "x").__setitem__("inputs", ["y"]), r"input 'x' has inputs \['y'\]"),
+        (lambda s: _entry(s, "a").__setitem__("actor", 3), r"layer 'a' has actor 3 \(a int\)"),
+        (lambda s: _entry(s, "a").__setitem__("actor", "collections:OrderedDict"),
+         r"layer 'a': 'collections:OrderedDict' is not a LayerActor subclass"),
+        (lambda s: _entry(s, "a").pop("module"), r"layer 'a' is missing the field 'module'"),
+        (lambda s: _entry(s, "a").pop("name"), r"node 2 is missing the field 'name'"),
+        (lambda s: _entry(s, "a").__setitem__("module", {"type": "Linear", "args": {"bias": 1}}),
+         r"layer 'a' has a module that cannot be rebuilt: .*in_features"),
+        (lambda s: s.__setitem__("outputs", {"logits": 3}), r"output 'logits': 3; expected a nam"),
+    ],
+    ids=["typo", "top-level-extra", "bool-as-str", "worker-str", "loss-worker-negative",
+         "field-of-another-kind", "shape-int", "dtype-None", "input-reads", "actor-int",
+         "actor-not-an-actor", "no-module", "no-name", "module-args", "output-not-a-name"],
+)  # fmt: skip
+def test_a_spec_field_missing_unknown_or_mistyped_is_named(damage, said):
+    # (a typo's field was dropped without a word, "false" read as True, a worker "1" or a
+    # shape 4 taken or a TypeError, a missing field or a module's bad args named no node)
+    import copy
+
+    spec = copy.deepcopy(_full_graph().to_spec())
+    damage(spec)
+    with pytest.raises(ann.GraphError, match=said):
+        ann.Graph.from_spec(spec)
+
+
+def test_a_spec_naming_an_untrusted_module_is_refused_without_importing_it(tmp_path, monkeypatch):
+    import sys
+
+    from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
+
+    (tmp_path / "graphmod_untrusted.py").write_text(
+        "import pathlib\npathlib.Path('ran').touch()\nfrom asyncnn import nn\nLayer = nn.Linear\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    spec = _full_graph().to_spec()
+    _entry(spec, "b")["module"] = {"type": "graphmod_untrusted:Layer", "args": {}}
+    with pytest.raises(ann.GraphError, match="layer 'b' has a module that cannot be rebuilt: "
+                       ".*pass trusted_modules=") as info:  # fmt: skip
+        ann.Graph.from_spec(spec)
+    assert isinstance(untrusted_cause(info.value), UntrustedModuleError)
+    _entry(spec, "b")["module"] = nn.to_spec(nn.Linear(3, 3))
+    _entry(spec, "a")["actor"] = "graphmod_untrusted:Actor"
+    with pytest.raises(UntrustedModuleError, match="graphmod_untrusted"):
+        ann.Graph.from_spec(spec)
+    assert "graphmod_untrusted" not in sys.modules and not (tmp_path / "ran").exists()
+
+
+@dataclass(frozen=True)
+class Holding(nn.Module):
+    """A module holding any value (an array cannot be in a spec)."""
+
+    factor: Any = None
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return x
+
+
+def test_a_node_that_cannot_be_in_a_spec_is_named():
+    def local_actor() -> type:
+        class Local(ann.LayerActor):
+            pass
+
+        return Local
+
+    g, x, y = _base()
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("held", Holding(np.ones(3)), x), y)
+    with pytest.raises(TypeError, match=r"layer 'held': its module cannot be in a spec: .*ndarr"):
+        g.to_spec()
+    g, x, y = _base()
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("a", nn.Linear(4, 3), x, actor=local_actor()), y)
+    with pytest.raises(ValueError, match=r"layer 'a': its actor cannot be in a spec: .*<locals>"):
+        g.to_spec()
+
+
+def test_sequential_names_a_module_that_is_not_one_and_a_shape_it_cannot_measure():
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(ann.GraphError, match=r"modules\[1\] is the class ReLU, not a module"):
+        ann.Graph.sequential([nn.Linear(4, 3), nn.ReLU, nn.Linear(3, 2)], loss, stages=2)
+    with pytest.raises(ann.GraphError, match=r"modules\[1\] is int \(3\), not an nn.Module"):
+        ann.Graph.sequential([nn.Linear(4, 3), 3], loss)
+    with pytest.raises(ann.GraphError, match=r"modules=Linear.*; give a list of modules"):
+        ann.Graph.sequential(nn.Linear(4, 3), loss)
+    # (flops on a convolution given the default (None,) input: an IndexError from its flops)
+    conv = [nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(152, 10)]
+    for balance in ("flops", "time"):
+        with pytest.raises(ann.GraphError, match=r"Conv1d.* expects \(N, C, L\) input.*declared "
+                           r"\(None,\): give Graph.sequential the input_shape"):  # fmt: skip
+            ann.Graph.sequential(conv, loss, stages=2, balance=balance, balance_rows=4)
+    with pytest.raises(ann.GraphError, match="balance_rows must be an int >= 1, got 0"):
+        ann.Graph.sequential(conv, loss, stages=2, balance="params", balance_rows=0)
+
+
+@dataclass(frozen=True)
+class Cat(nn.Module):
+    """Concatenates two inputs on the feature axis (a merge of two branches)."""
+
+    def __call__(self, params: Any, a: Any, b: Any, *, rng: Any = None) -> Any:
+        return ops.concatenate([a, b], axis=1)
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(3)])
+def test_a_branching_graph_with_two_losses_is_the_plain_loop(policy):
+    # a shared input, a merge of two branches, a residual across stages, a tensor read twice by
+    # one layer and a loss reading an input directly: the runtime is value_and_grad on the sum
+    def build() -> ann.Graph:
+        g, x, y = _base()
+        t = g.input("t", (None, 4))
+        a = g.layer("a", nn.Linear(4, 5), x)
+        b = g.layer("b", nn.Sequential(nn.Linear(4, 5), nn.Tanh()), x)
+        d = g.layer("d", Add(), g.layer("c", nn.Linear(10, 5), g.layer("m", Cat(), a, b)), a)
+        out = g.layer("o", nn.Linear(5, 3), g.layer("dd", Add(), d, d))  # d read twice
+        g.loss("ce", nn.CrossEntropyLoss(), out, y)
+        g.loss("mse", nn.MSELoss(), g.layer("rec", nn.Linear(5, 4), d), t)
+        return g
+
+    def loss(g: ann.Graph, p: dict[str, Any], b: dict[str, Any]) -> Any:
+        m = {n: g.nodes[n].module for n in g.layers}
+        a, h = m["a"](p["a"], b["x"]), m["b"](p["b"], b["x"])
+        d = m["c"](p["c"], ops.concatenate([a, h], axis=1)) + a
+        ce = nn.CrossEntropyLoss()({}, m["o"](p["o"], d + d), b["y"])
+        return ce + nn.MSELoss()({}, m["rec"](p["rec"], d), b["t"])
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((12, 4)), "y": rng.integers(0, 3, 12),
+            "t": rng.standard_normal((12, 4))}  # fmt: skip
+    g = build()
+    tr = ann.Trainer(g, optimizer=optim.Adam(lr=0.01), policy=policy, dtype="float64", seed=1)
+    params, opt = tr.params, optim.Adam(lr=0.01)
+    state, losses = opt.init(params), []
+    for i in range(0, 12, 6):
+        batch = {k: v[i : i + 6] for k, v in data.items()}
+        value, grads = ann.value_and_grad(lambda p, b=batch: loss(g, p, b))(params)
+        params, state = opt.update(params, grads, state)
+        losses.append(float(value))
+    hist = tr.fit(data, epochs=1, batch_size=6)
+    np.testing.assert_allclose(hist.losses, losses, rtol=1e-10)
+    assert_params_close(tr.params, params, rtol=1e-10, atol=1e-12)

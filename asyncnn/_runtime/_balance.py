@@ -38,8 +38,7 @@ def split_sizes(
         raise GraphError(
             f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
         )
-    if balance == "time":
-        _check_rows(rows)
+    _check_rows(rows)  # (whatever the balance: a wrong value is a mistake all the same)
     if not isinstance(stages, int):
         sizes = [int(s) for s in stages]
         if any(s <= 0 for s in sizes) or sum(sizes) != n:
@@ -77,7 +76,7 @@ def module_costs(
     # of the input's dtype where it is not floating (the token ids of an Embedding first).
     dtype = np.float64 if is_floating(input_dtype) else np.dtype(input_dtype)
     x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=dtype)
-    for m in modules:
+    for i, m in enumerate(modules):
         try:
             params = m.init(0, dtype="float64")
         except Exception as exc:
@@ -85,15 +84,32 @@ def module_costs(
         if balance == "params":
             costs.append(float(sum(getattr(p, "size", 0) for p in tree_leaves(params))))
             continue
-        costs.append(float(m.flops(tuple(x.shape))))
+        # the forward first: on an input of the wrong shape it says so, where a module's
+        # flops may fail in its own way (a convolution's on (N,): an IndexError)
         try:
             with np.errstate(all="ignore"):
-                x = np.asarray(m(params, x))
+                out = np.asarray(m(params, x))
+            costs.append(float(m.flops(tuple(x.shape))))
         except Exception as exc:
-            raise GraphError(
-                f"sequential: {m!r} fails on input of shape {tuple(x.shape)}: {exc}"
-            ) from exc
+            raise _fails(i, m, x, input_shape, exc) from exc
+        x = out
     return costs
+
+
+def _fails(i: int, m: Any, x: Any, input_shape: tuple[Any, ...], exc: Exception) -> GraphError:
+    """The error of module ``i``, ``m``, failing on ``x`` while stages are measured; for the
+    first module, a hint to declare the input's shape (by default ``(None,)`` but for a
+    ``Linear``)."""
+    hint = (
+        f"; the input 'x' is declared {tuple(input_shape)}: give Graph.sequential the "
+        "input_shape=(None, ...) that its first module takes"
+        if i == 0
+        else ""
+    )
+    return GraphError(
+        f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: "
+        f"{type(exc).__name__}: {exc}{hint}"
+    )
 
 
 def module_times(
@@ -113,7 +129,7 @@ def module_times(
         else np.zeros((rows, *dims), dtype=input_dtype)
     )
     times = []
-    for m in modules:
+    for i, m in enumerate(modules):
         try:
             params = m.init(0, dtype="float32")
         except Exception as exc:
@@ -139,9 +155,7 @@ def module_times(
                     step()
                     samples.append(time.perf_counter() - start)
         except Exception as exc:
-            raise GraphError(
-                f"sequential: {m!r} fails on input of shape {tuple(np.shape(x))}: {exc}"
-            ) from exc
+            raise _fails(i, m, x, input_shape, exc) from exc
         times.append(min(samples))
         x = np.asarray(out)
     return times

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asyncnn._errors import GraphError
+from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import array_namespace, get_backend, is_floating, to_numpy
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
             values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
             shapes[name] = shape
             continue
+        if node.kind == "loss":
+            _check_no_params(node, dtype)
         args = [values[src] for src in node.inputs]
         arg_desc = ", ".join(
             f"{src} {tuple(a.shape)} {a.dtype}" for src, a in zip(node.inputs, args, strict=True)
@@ -168,8 +171,9 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
                 warnings.simplefilter("ignore", RuntimeWarning)
                 out = _evaluate_node(node, args, dtype)
         except Exception as exc:
-            # an input declared as one number per row is the usual cause: say how to declare it
-            flat = [
+            # an input declared as one number per row is the usual cause of a shape error: say
+            # how to declare it (a TypeError is of a dtype: float labels, float token ids)
+            flat = [] if isinstance(exc, TypeError) else [
                 src for src in node.inputs
                 if graph.nodes[src].kind == "input" and tuple(graph.nodes[src].shape or ()) == (None,)
                 and np.dtype(graph.nodes[src].dtype).kind == "f"
@@ -179,7 +183,7 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
                 "has features, declare them (g.input(name, shape=(None, ...)), or "
                 "Graph.sequential(..., input_shape=(None, ...)))"
                 if flat
-                else ""
+                else _integer_hint(graph, node, exc)
             )
             raise GraphError(
                 f"{node.kind} {name!r} ({node.module!r}) fails on its inputs [{arg_desc}] "
@@ -192,7 +196,13 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
             values[name] = out
             shapes[name] = tuple(out.shape)
         elif getattr(out, "size", 0) != 1:
-            raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}")
+            reduction = getattr(node.module, "reduction", None)
+            hint = (
+                f" (its reduction is {reduction!r}: use 'mean' or 'sum')"
+                if reduction not in (None, "mean", "sum")
+                else ""
+            )
+            raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}{hint}")
     graph.shapes = shapes
     return shapes
 
@@ -205,3 +215,35 @@ def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
         with backend.activate():  # on the node's GPU, whichever device is current
             return node.module(params, *[backend.asarray(a) for a in args])
     return node.module({}, *args)
+
+
+def _integer_hint(graph: Graph, node: Node, exc: Exception) -> str:
+    """Where a node wants integers (class labels, token ids) and reads an input declared
+    floating: says how to declare it (its data, integers, would pass as floats)."""
+    floating = [
+        src for src in node.inputs
+        if graph.nodes[src].kind == "input" and np.dtype(graph.nodes[src].dtype).kind in "fb"
+    ]  # fmt: skip
+    if not isinstance(exc, TypeError) or "integer" not in str(exc) or not floating:
+        return ""
+    return (
+        f"; input {floating[-1]!r} is declared {graph.nodes[floating[-1]].dtype}: if it holds "
+        "integers, declare it so (g.input(name, shape, dtype='int64'), or "
+        "Graph.sequential(..., input_dtype=... or label_dtype='int64'))"
+    )
+
+
+def _check_no_params(loss: Node, dtype: str) -> None:
+    """A loss node is called with no parameters (``{}``) and trains none: refuses a loss module
+    that has some (a layer's module given to ``g.loss``)."""
+    init = getattr(loss.module, "init", None)
+    try:
+        params = init(0, dtype=dtype) if init is not None else {}  # None: a plain function
+    except Exception:
+        return  # calling it will tell
+    if tree_leaves(params):
+        raise GraphError(
+            f"loss {loss.name!r}: its module {loss.module!r} has parameters, but a loss node "
+            "trains none (it is called with {}); put that module in a layer, g.layer(name, "
+            "module, ...), and give the loss its output"
+        )

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
-from asyncnn._math._imports import class_path
-from asyncnn._math._nn import Sequential
+from asyncnn._math._imports import UntrustedModuleError, class_path
+from asyncnn._math._nn import Module, Sequential
 from asyncnn._math._nn import from_spec as module_from_spec
 from asyncnn._math._nn import to_spec as module_spec
 from asyncnn._math._nn._loops import Loop
@@ -101,6 +101,8 @@ class Graph:
                 )
             dims.append(int(d))
         shape = (None, *dims)
+        if dtype is None:  # numpy would read None as float64
+            raise GraphError(f"input {name!r}: dtype None; give one, e.g. 'float32' or 'int64'")
         try:
             kind = np.dtype(dtype).kind
         except TypeError as exc:
@@ -149,6 +151,7 @@ class Graph:
                 f"layer {name!r} reads its own output: a cycle. Only a loop cell's own edge may "
                 "be recurrent; build it with g.loop(name, cell, init, xs=..., lengths=...)"
             )
+        _check_module(f"layer {name!r}", module)
         if not callable(module) or not hasattr(module, "init"):
             raise GraphError(
                 f"layer {name!r}: {module!r} is not an asyncnn module (it needs init and __call__)"
@@ -159,6 +162,11 @@ class Graph:
             dev = str(parse_device(device))
         except ValueError as exc:
             raise GraphError(f"layer {name!r}: {exc}") from exc
+        _check_worker(f"layer {name!r}", worker)
+        if not isinstance(stop_gradient, bool | np.bool_):  # bool("no") would read as True
+            raise GraphError(
+                f"layer {name!r}: stop_gradient={stop_gradient!r:.40}; give True or False"
+            )
         names = self._resolve(f"layer {name!r}", inputs)
         args = check_actor_args(name, actor, actor_args)
         self.nodes[name] = Node(
@@ -298,8 +306,15 @@ class Graph:
 
         With a cluster it runs on ``worker``, by default beside the first layer it reads."""
         self._check_name(name)
+        _check_module(f"loss {name!r}", module)
+        if not callable(module):
+            raise GraphError(
+                f"loss {name!r}: {module!r:.80} is not a loss module; pass one such as "
+                "nn.CrossEntropyLoss() or nn.MSELoss()"
+            )
         if not inputs:
             raise GraphError(f"loss {name!r} has no inputs")
+        _check_worker(f"loss {name!r}", worker)
         names = self._resolve(f"loss {name!r}", inputs)
         # The loss runs where the first layer feeding it runs, so logits need no copy.
         device = next((self.nodes[s].device for s in names if self.nodes[s].kind == "layer"), "cpu")
@@ -311,6 +326,8 @@ class Graph:
 
     def output(self, name: str, tensor: TensorRef | str) -> None:
         """Names a tensor as an output of the graph (what ``predict`` returns)."""
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"output name {name!r:.40} is not valid: give a non-empty string")
         if name in self.outputs:
             raise GraphError(f"an output named {name!r} already exists")
         (src,) = self._resolve(f"output {name!r}", [tensor])
@@ -358,7 +375,7 @@ class Graph:
             A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
             ``"loss"``, and output ``"logits"``.
         """
-        modules = list(modules)
+        modules = _modules(modules)
         if input_shape is None:
             first = getattr(modules[0], "in_features", None) if modules else None
             input_shape = (None,) if not isinstance(first, int) else (None, first)
@@ -419,6 +436,11 @@ class Graph:
         """
         if not self.losses:
             raise GraphError("the graph has no loss node: add one with g.loss(name, module, ...)")
+        if not self.layers:  # (its loss would wait for a layer's output for ever)
+            raise GraphError(
+                f"the graph has no layer, so nothing to train: its losses {self.losses} read "
+                "inputs only; add one with g.layer(name, module, *inputs)"
+            )
         reaches: set[str] = set(self.losses)
         for node in reversed(list(self.nodes.values())):
             # a gradient reaches a node only through consumers that send one back
@@ -471,13 +493,13 @@ class Graph:
                 entry["shape"] = list(n.shape or ())
                 entry["dtype"] = n.dtype
             else:
-                entry["module"] = module_spec(n.module)
+                entry["module"] = _spec_of(n, "module", module_spec, n.module)
             if n.kind == "layer":
                 entry["device"] = n.device
                 entry["worker"] = n.worker
                 custom = n.custom_actor
                 if custom is not None:
-                    entry["actor"] = class_path(custom)
+                    entry["actor"] = _spec_of(n, "actor", class_path, custom)
                 if n.actor_args:
                     entry["actor_args"] = dict(n.actor_args)
                 if n.stop_gradient:
@@ -505,11 +527,11 @@ class Graph:
                 elif kind == "layer":
                     g.layer(
                         entry["name"],
-                        module_from_spec(entry["module"]),
+                        _module_from_spec(entry),
                         *entry["inputs"],
                         device=entry.get("device", "cpu"),
                         worker=entry.get("worker"),
-                        actor=actor_from_spec(entry.get("actor")),
+                        actor=_actor_from_spec(entry),
                         actor_args=entry.get("actor_args"),
                         stop_gradient=bool(entry.get("stop_gradient", False)),
                     )
@@ -523,7 +545,7 @@ class Graph:
                         )
                 elif kind == "loss":
                     g.loss(
-                        entry["name"], module_from_spec(entry["module"]), *entry["inputs"],
+                        entry["name"], _module_from_spec(entry), *entry["inputs"],
                         worker=entry.get("worker"),
                     )  # fmt: skip
                 else:
@@ -564,3 +586,84 @@ def _init_offset(node: Node, offset: Any) -> int | None:
             "have one)"
         )
     return offset
+
+
+def _check_module(who: str, module: Any) -> None:
+    """Refuses a module's class given for the module (``nn.Linear`` for ``nn.Linear(4, 8)``)."""
+    if isinstance(module, type):
+        raise GraphError(
+            f"{who}: got the class {module.__name__}, not a module; pass an instance, e.g. "
+            f"{module.__name__}(...) with its arguments"
+        )
+
+
+def _check_worker(who: str, worker: Any) -> None:
+    """Refuses a ``worker=`` that is not None or a Python int >= 0 (a worker's number), when the
+    node is added: without a cluster ``worker=`` is ignored, and would hide the mistake until a
+    cluster runs the graph. (A numpy integer is refused, as the cluster refuses it.)"""
+    if worker is None or (type(worker) is int and worker >= 0):
+        return
+    raise GraphError(
+        f"{who} is placed on worker={worker!r:.40} (of type {type(worker).__name__}): worker= "
+        "takes a Python int >= 0 (the worker's number), or None for the driver"
+    )
+
+
+def _modules(modules: Any) -> list[Any]:
+    """``Graph.sequential``'s ``modules``, checked: a list (or other iterable) of module
+    instances, each named by its place in the list where it is not one."""
+    try:
+        if isinstance(modules, Module) and not isinstance(modules, Sequential):
+            raise TypeError("one module, not a list of them")
+        listed = list(modules)
+    except TypeError:
+        raise GraphError(
+            f"sequential: modules={modules!r:.80}; give a list of modules, e.g. "
+            "[nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10)]"
+        ) from None
+    for i, m in enumerate(listed):
+        if isinstance(m, type):
+            raise GraphError(
+                f"sequential: modules[{i}] is the class {m.__name__}, not a module; pass an "
+                f"instance, e.g. {m.__name__}(...) with its arguments"
+            )
+        if not isinstance(m, Module):
+            raise GraphError(
+                f"sequential: modules[{i}] is {type(m).__name__} ({m!r:.40}), not an nn.Module"
+            )
+    return listed
+
+
+def _spec_of(node: Node, what: str, to_spec: Any, value: Any) -> Any:
+    """``to_spec(value)``, its error naming the node: a spec cannot carry every module or actor
+    a run in one process can use (a function, a class defined inside a function, an array)."""
+    try:
+        return to_spec(value)
+    except (TypeError, ValueError) as exc:
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        raise kind(f"{node.kind} {node.name!r}: its {what} cannot be in a spec: {exc}") from exc
+
+
+def _module_from_spec(entry: dict[str, Any]) -> Any:
+    """The module of a node spec, its errors naming the node (an untrusted module's error, which
+    says how to trust it, stays a cause of the ``GraphError``, where ``untrusted_cause`` finds
+    it)."""
+    try:
+        return module_from_spec(entry["module"])
+    except (TypeError, ValueError) as exc:
+        raise GraphError(
+            f"graph spec: {entry['kind']} {entry['name']!r} has a module that cannot be "
+            f"rebuilt: {exc}"
+        ) from exc
+
+
+def _actor_from_spec(entry: dict[str, Any]) -> Any:
+    """The custom actor of a layer spec, its errors naming the node (an untrusted module's
+    error, which says how to trust it, passes as it is)."""
+    try:
+        return actor_from_spec(entry.get("actor"))
+    except UntrustedModuleError:
+        raise
+    except GraphError as exc:
+        said = str(exc).removeprefix("graph spec: ")
+        raise GraphError(f"graph spec: layer {entry['name']!r}: {said}") from exc

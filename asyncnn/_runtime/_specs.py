@@ -21,6 +21,11 @@ def check_spec_layout(spec: Any) -> None:
             f"graph spec: {type(spec).__name__} with nodes {spec.get('nodes') if isinstance(spec, dict) else None!r:.80}; "
             "expected a dict with a list of 'nodes', as Graph.to_spec writes"
         )
+    extra = sorted(set(spec) - {"nodes", "outputs"}, key=str)
+    if extra:
+        raise GraphError(
+            f"graph spec: unknown field {extra[0]!r}; a graph spec has 'nodes' and 'outputs'"
+        )
     for i, entry in enumerate(spec["nodes"]):
         if not isinstance(entry, dict):
             raise GraphError(f"graph spec: node {i} is {entry!r:.80}, not a dict")
@@ -30,8 +35,79 @@ def check_spec_layout(spec: Any) -> None:
                 f"graph spec: node {entry.get('name', i)!r} has inputs {inputs!r:.80}; expected a "
                 "list of node names"
             )
-    if not isinstance(spec.get("outputs", {}), dict):
-        raise GraphError(f"graph spec: outputs {spec['outputs']!r:.80}; expected a dict")
+        _check_fields(i, entry)
+    outputs = spec.get("outputs", {})
+    if not isinstance(outputs, dict):
+        raise GraphError(f"graph spec: outputs {outputs!r:.80}; expected a dict")
+    for name, src in outputs.items():
+        if not isinstance(name, str) or not isinstance(src, str):
+            raise GraphError(
+                f"graph spec: output {name!r:.40}: {src!r:.40}; expected a name and a node name"
+            )
+
+
+#: the fields :meth:`Graph.to_spec` writes for each kind of node (every version has written
+#: these), the first ones required: any other field is refused, so that a typo
+#: (``stop_gradiant``) or a damaged spec is an error rather than a setting dropped unseen
+_FIELDS = {
+    "input": (("name", "kind", "shape", "dtype"), ("inputs",)),
+    "layer": (
+        ("name", "kind", "inputs", "module"),
+        ("device", "worker", "actor", "actor_args", "stop_gradient", "recurrent", "init_offset"),
+    ),
+    "loss": (("name", "kind", "inputs", "module"), ("worker",)),
+}
+
+
+def _check_fields(i: int, entry: dict[str, Any]) -> None:
+    """Rejects a node spec with a missing, unknown or mistyped field, naming the node and it."""
+    name = entry.get("name")
+    node = f"node {i} ({name!r})" if isinstance(name, str) else f"node {i}"
+    for field in ("name", "kind"):
+        if field not in entry:
+            raise GraphError(f"graph spec: {node} is missing the field {field!r}")
+    kind = entry["kind"]
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise GraphError(
+            f"graph spec: {node} has kind {kind!r:.40}; expected 'input', 'layer' or 'loss'"
+        )
+    required, optional = _FIELDS[kind]
+    missing = [f for f in required if f not in entry]
+    if missing:
+        raise GraphError(f"graph spec: {kind} {name!r} is missing the field {missing[0]!r}")
+    unknown = sorted(set(entry) - set(required) - set(optional), key=str)
+    if unknown:
+        raise GraphError(
+            f"graph spec: {kind} {name!r} has the unknown field {unknown[0]!r:.40}; a {kind} "
+            f"node has {', '.join(repr(f) for f in required + optional)}"
+        )
+
+    def wrong(field: str, want: str) -> GraphError:
+        return GraphError(
+            f"graph spec: {kind} {name!r} has {field} {entry[field]!r:.60} (a "
+            f"{type(entry[field]).__name__}); expected {want}"
+        )
+
+    if kind == "input":
+        if entry.get("inputs"):
+            raise wrong("inputs", "[] (an input reads no node)")
+        if not isinstance(entry["shape"], list | tuple):
+            raise wrong("shape", "a list such as [None, 40]")
+        if not isinstance(entry["dtype"], str):
+            raise wrong("dtype", "a dtype's name such as 'float32'")
+        return
+    for field in ("stop_gradient", "recurrent"):
+        if field in entry and not isinstance(entry[field], bool):
+            raise wrong(field, "true or false")
+    if "device" in entry and not isinstance(entry["device"], str):
+        raise wrong("device", "'cpu' or 'cuda:N'")
+    worker = entry.get("worker")
+    if worker is not None and (type(worker) is not int or worker < 0):
+        raise wrong("worker", "an int >= 0 or None")
+    if entry.get("actor") is not None and not isinstance(entry["actor"], str):
+        raise wrong("actor", "an import path 'package.module:Class'")
+    if entry.get("actor_args") is not None and not isinstance(entry["actor_args"], dict):
+        raise wrong("actor_args", "a dict of names to values")
 
 
 def check_cycles(nodes: list[dict[str, Any]]) -> None:
@@ -96,7 +172,16 @@ def _plain(value: Any) -> bool:
 
 
 def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The custom actor's ``setup`` arguments, checked to be plain values it accepts."""
+    """The custom actor's ``setup`` arguments, checked to be plain values it accepts (and the
+    actor, to be a ``LayerActor`` subclass)."""
+    from ._actors import LayerActor  # the actors run; a graph only names one
+
+    if actor is not None and not (isinstance(actor, type) and issubclass(actor, LayerActor)):
+        what = f"the class {actor.__name__}" if isinstance(actor, type) else repr(actor)
+        raise GraphError(
+            f"layer {name!r}: actor={what:.80} is not a LayerActor subclass; pass a class such "
+            "as `class MyActor(ann.LayerActor): ...` (not an instance, nor its name)"
+        )
     if not args:
         return {}
     if actor is None:
