@@ -10,17 +10,25 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
-from asyncnn._math._imports import UntrustedModuleError, class_path
-from asyncnn._math._nn import Module, Sequential
-from asyncnn._math._nn import from_spec as module_from_spec
+from asyncnn._math._imports import class_path
+from asyncnn._math._nn import Sequential
 from asyncnn._math._nn import to_spec as module_spec
 from asyncnn._math._nn._loops import Loop
 from asyncnn._math._nn._routing import Merge, Router
 from asyncnn.backends import is_floating, parse_device
 
 from ._balance import split_sizes
+from ._graph_args import check_module, check_worker, checked_modules, checked_stages
 from ._node import Node, TensorRef
-from ._specs import actor_from_spec, check_actor_args, check_cycles, check_spec_layout
+from ._specs import (
+    _actor_from_spec,
+    _init_offset,
+    _module_from_spec,
+    _spec_of,
+    check_actor_args,
+    check_cycles,
+    check_spec_layout,
+)
 from ._structure import check_capacity_factor, check_routing
 
 __all__ = ["Graph"]
@@ -151,7 +159,7 @@ class Graph:
                 f"layer {name!r} reads its own output: a cycle. Only a loop cell's own edge may "
                 "be recurrent; build it with g.loop(name, cell, init, xs=..., lengths=...)"
             )
-        _check_module(f"layer {name!r}", module)
+        check_module(f"layer {name!r}", module)
         if not callable(module) or not hasattr(module, "init"):
             raise GraphError(
                 f"layer {name!r}: {module!r} is not an asyncnn module (it needs init and __call__)"
@@ -162,7 +170,7 @@ class Graph:
             dev = str(parse_device(device))
         except ValueError as exc:
             raise GraphError(f"layer {name!r}: {exc}") from exc
-        _check_worker(f"layer {name!r}", worker)
+        check_worker(f"layer {name!r}", worker)
         if not isinstance(stop_gradient, bool | np.bool_):  # bool("no") would read as True
             raise GraphError(
                 f"layer {name!r}: stop_gradient={stop_gradient!r:.40}; give True or False"
@@ -306,7 +314,7 @@ class Graph:
 
         With a cluster it runs on ``worker``, by default beside the first layer it reads."""
         self._check_name(name)
-        _check_module(f"loss {name!r}", module)
+        check_module(f"loss {name!r}", module)
         if not callable(module):
             raise GraphError(
                 f"loss {name!r}: {module!r:.80} is not a loss module; pass one such as "
@@ -314,7 +322,7 @@ class Graph:
             )
         if not inputs:
             raise GraphError(f"loss {name!r} has no inputs")
-        _check_worker(f"loss {name!r}", worker)
+        check_worker(f"loss {name!r}", worker)
         names = self._resolve(f"loss {name!r}", inputs)
         # The loss runs where the first layer feeding it runs, so logits need no copy.
         device = next((self.nodes[s].device for s in names if self.nodes[s].kind == "layer"), "cpu")
@@ -375,7 +383,7 @@ class Graph:
             A graph with nodes ``"stage0"`` .. ``"stage{K-1}"`` (each an ``nn.Sequential``),
             ``"loss"``, and output ``"logits"``.
         """
-        modules = _modules(modules)
+        modules = checked_modules(modules)
         if input_shape is None:
             first = getattr(modules[0], "in_features", None) if modules else None
             input_shape = (None,) if not isinstance(first, int) else (None, first)
@@ -384,7 +392,7 @@ class Graph:
         y = g.input("y", label_shape, label_dtype)
         input_shape = g.nodes["x"].shape or (None,)
         sizes = split_sizes(
-            modules, _stages(stages), balance, input_shape, input_dtype, balance_rows
+            modules, checked_stages(stages), balance, input_shape, input_dtype, balance_rows
         )
         for what, given in (("devices", devices), ("workers", workers)):
             if given is None:
@@ -555,115 +563,3 @@ class Graph:
         except KeyError as exc:
             raise GraphError(f"graph spec is missing the field {exc}") from exc
         return g
-
-
-def _stages(stages: Any) -> int | list[int]:
-    """``Graph.sequential``'s ``stages``, checked: an int (numpy's too), or a list of ints."""
-    if isinstance(stages, Sequence | np.ndarray) and not isinstance(stages, str):
-        parts = list(stages)
-        if all(isinstance(s, int | np.integer) and not isinstance(s, bool) for s in parts):
-            return [int(s) for s in parts]
-    elif isinstance(stages, int | np.integer) and not isinstance(stages, bool):
-        return int(stages)
-    raise GraphError(
-        f"sequential: stages={stages!r}; give the number of stages (an int) or the number of "
-        "modules in each stage (a list of ints, e.g. [2, 3])"
-    )
-
-
-def _init_offset(node: Node, offset: Any) -> int | None:
-    """A spec's ``init_offset`` of ``node``, checked (see :attr:`Node.init_offset`)."""
-    if offset is None:
-        return None
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise GraphError(
-            f"graph spec: node {node.name!r} has init_offset {offset!r}; it must be an int >= 0"
-        )
-    if not isinstance(node.module, Sequential):
-        raise GraphError(
-            f"graph spec: node {node.name!r} has an init_offset but its module is "
-            f"{type(node.module).__name__}, not a Sequential (only Graph.sequential's stages "
-            "have one)"
-        )
-    return offset
-
-
-def _check_module(who: str, module: Any) -> None:
-    """Refuses a module's class given for the module (``nn.Linear`` for ``nn.Linear(4, 8)``)."""
-    if isinstance(module, type):
-        raise GraphError(
-            f"{who}: got the class {module.__name__}, not a module; pass an instance, e.g. "
-            f"{module.__name__}(...) with its arguments"
-        )
-
-
-def _check_worker(who: str, worker: Any) -> None:
-    """Refuses a ``worker=`` that is not None or a Python int >= 0 (a worker's number), when the
-    node is added: without a cluster ``worker=`` is ignored, and would hide the mistake until a
-    cluster runs the graph. (A numpy integer is refused, as the cluster refuses it.)"""
-    if worker is None or (type(worker) is int and worker >= 0):
-        return
-    raise GraphError(
-        f"{who} is placed on worker={worker!r:.40} (of type {type(worker).__name__}): worker= "
-        "takes a Python int >= 0 (the worker's number), or None for the driver"
-    )
-
-
-def _modules(modules: Any) -> list[Any]:
-    """``Graph.sequential``'s ``modules``, checked: a list (or other iterable) of module
-    instances, each named by its place in the list where it is not one."""
-    try:
-        if isinstance(modules, Module) and not isinstance(modules, Sequential):
-            raise TypeError("one module, not a list of them")
-        listed = list(modules)
-    except TypeError:
-        raise GraphError(
-            f"sequential: modules={modules!r:.80}; give a list of modules, e.g. "
-            "[nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10)]"
-        ) from None
-    for i, m in enumerate(listed):
-        if isinstance(m, type):
-            raise GraphError(
-                f"sequential: modules[{i}] is the class {m.__name__}, not a module; pass an "
-                f"instance, e.g. {m.__name__}(...) with its arguments"
-            )
-        if not isinstance(m, Module):
-            raise GraphError(
-                f"sequential: modules[{i}] is {type(m).__name__} ({m!r:.40}), not an nn.Module"
-            )
-    return listed
-
-
-def _spec_of(node: Node, what: str, to_spec: Any, value: Any) -> Any:
-    """``to_spec(value)``, its error naming the node: a spec cannot carry every module or actor
-    a run in one process can use (a function, a class defined inside a function, an array)."""
-    try:
-        return to_spec(value)
-    except (TypeError, ValueError) as exc:
-        kind = TypeError if isinstance(exc, TypeError) else ValueError
-        raise kind(f"{node.kind} {node.name!r}: its {what} cannot be in a spec: {exc}") from exc
-
-
-def _module_from_spec(entry: dict[str, Any]) -> Any:
-    """The module of a node spec, its errors naming the node (an untrusted module's error, which
-    says how to trust it, stays a cause of the ``GraphError``, where ``untrusted_cause`` finds
-    it)."""
-    try:
-        return module_from_spec(entry["module"])
-    except (TypeError, ValueError) as exc:
-        raise GraphError(
-            f"graph spec: {entry['kind']} {entry['name']!r} has a module that cannot be "
-            f"rebuilt: {exc}"
-        ) from exc
-
-
-def _actor_from_spec(entry: dict[str, Any]) -> Any:
-    """The custom actor of a layer spec, its errors naming the node (an untrusted module's
-    error, which says how to trust it, passes as it is)."""
-    try:
-        return actor_from_spec(entry.get("actor"))
-    except UntrustedModuleError:
-        raise
-    except GraphError as exc:
-        said = str(exc).removeprefix("graph spec: ")
-        raise GraphError(f"graph spec: layer {entry['name']!r}: {said}") from exc

@@ -8,8 +8,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from asyncnn._errors import GraphError
+from asyncnn._math._imports import UntrustedModuleError
+from asyncnn._math._nn import Sequential
+from asyncnn._math._nn import from_spec as module_from_spec
+
+from ._node import Node
 
 __all__ = ["actor_from_spec", "check_actor_args", "check_cycles", "check_spec_layout"]
+
+# (also, for Graph: _init_offset, _spec_of, _module_from_spec and _actor_from_spec, which read
+# and write one node's spec, their errors naming the node)
 
 
 def check_spec_layout(spec: Any) -> None:
@@ -213,3 +221,55 @@ def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> d
                 f"{sorted(args)}: {exc}"
             ) from exc
     return dict(args)
+
+
+def _init_offset(node: Node, offset: Any) -> int | None:
+    """A spec's ``init_offset`` of ``node``, checked (see :attr:`Node.init_offset`)."""
+    if offset is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise GraphError(
+            f"graph spec: node {node.name!r} has init_offset {offset!r}; it must be an int >= 0"
+        )
+    if not isinstance(node.module, Sequential):
+        raise GraphError(
+            f"graph spec: node {node.name!r} has an init_offset but its module is "
+            f"{type(node.module).__name__}, not a Sequential (only Graph.sequential's stages "
+            "have one)"
+        )
+    return offset
+
+
+def _spec_of(node: Node, what: str, to_spec: Any, value: Any) -> Any:
+    """``to_spec(value)``, its error naming the node: a spec cannot carry every module or actor
+    a run in one process can use (a function, a class defined inside a function, an array)."""
+    try:
+        return to_spec(value)
+    except (TypeError, ValueError) as exc:
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        raise kind(f"{node.kind} {node.name!r}: its {what} cannot be in a spec: {exc}") from exc
+
+
+def _module_from_spec(entry: dict[str, Any]) -> Any:
+    """The module of a node spec, its errors naming the node (an untrusted module's error, which
+    says how to trust it, stays a cause of the ``GraphError``, where ``untrusted_cause`` finds
+    it)."""
+    try:
+        return module_from_spec(entry["module"])
+    except (TypeError, ValueError) as exc:
+        raise GraphError(
+            f"graph spec: {entry['kind']} {entry['name']!r} has a module that cannot be "
+            f"rebuilt: {exc}"
+        ) from exc
+
+
+def _actor_from_spec(entry: dict[str, Any]) -> Any:
+    """The custom actor of a layer spec, its errors naming the node (an untrusted module's
+    error, which says how to trust it, passes as it is)."""
+    try:
+        return actor_from_spec(entry.get("actor"))
+    except UntrustedModuleError:
+        raise
+    except GraphError as exc:
+        said = str(exc).removeprefix("graph spec: ")
+        raise GraphError(f"graph spec: layer {entry['name']!r}: {said}") from exc
