@@ -585,3 +585,13 @@ def test_modules_say_whether_they_draw_random_numbers() -> None:
     assert nn.MultiHeadAttention(8, 2, dropout=0.1).stochastic
     assert not nn.MultiHeadAttention(8, 2).stochastic
     assert not Scale(2, inner=nn.Tanh()).stochastic and Scale(2, inner=nn.Dropout(0.2)).stochastic
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [(nn.Conv1d(1, 4, 3), (1,)), (nn.Conv2d(1, 4, 3), (2, 1, 5)), (nn.MaxPool1d(2), (2, 3))],
+)
+def test_conv_and_pool_shapes_of_another_rank_are_named(module: Any, shape: Any) -> None:
+    # (the shape walk of Graph.sequential's balance and flops: an IndexError before)
+    with pytest.raises(ValueError, match=r"takes \(N, C, .*\) input, \d dimensions; got the shape"):
+        shape_of(module, shape)

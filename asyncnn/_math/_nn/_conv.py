@@ -48,6 +48,16 @@ def _tup(value: Any, n: int) -> tuple[int, ...]:
     return (value,) * n if isinstance(value, int) else tuple(value)
 
 
+def _check_rank(module: Any, shape: Shape) -> None:
+    # (a shape of another rank would fail below with a bare IndexError)
+    if len(shape) != module._n + 2:
+        layout = "(N, C, L)" if module._n == 1 else "(N, C, H, W)"
+        raise ValueError(
+            f"{module!r} takes {layout} input, {module._n + 2} dimensions; got the shape "
+            f"{tuple(shape)}"
+        )
+
+
 def _out_sizes(
     sizes: Shape, kernel: Any, stride: Any, padding: Any, dilation: Any, n: int
 ) -> tuple[int, ...]:
@@ -116,6 +126,7 @@ class _ConvNd(Module):
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         shape = input_shapes[0]
+        _check_rank(self, shape)
         sizes = _out_sizes(
             shape[2:], self.kernel_size, self.stride, self.padding, self.dilation, self._n
         )
@@ -173,6 +184,7 @@ class _PoolNd(Module):
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         shape = input_shapes[0]
+        _check_rank(self, shape)
         stride = self.kernel_size if self.stride is None else self.stride
         sizes = _out_sizes(shape[2:], self.kernel_size, stride, self.padding, 1, self._n)
         return (*shape[:2], *sizes)
