@@ -118,10 +118,12 @@ def check_grads(
     Args:
         fn: a function of the arguments built from asyncnn ops.
         *args: its arguments (pytrees); float64 ones check the vjp to the tightest tolerance.
-        rtol, atol: the tolerance; by default by each leaf's dtype, for the vjp's own rounding:
-            ``1e-6, 1e-8`` for float64 (and Python floats), ``1e-4, 1e-5`` for float32,
-            ``2e-2, 1e-2`` for float16 and bfloat16 (an error of 1e-3 passes there: check in
-            float64 to find small ones).
+        rtol: the relative tolerance; by default by each leaf's dtype, for the vjp's own
+            rounding: ``1e-6`` for float64 (and Python floats), ``1e-4`` for float32, ``2e-2``
+            for float16 and bfloat16 (an error of 1e-3 passes there: check in float64 to find
+            small ones).
+        atol: the absolute tolerance; by default ``1e-8``, ``1e-5`` and ``1e-2`` by dtype as
+            for ``rtol``.
         eps: the finite-difference step.
         seed: seeds the random cotangent.
 
