@@ -383,6 +383,18 @@ def _spike_compensated_momentum(lr, m, wd, k, pipemare_warmup=None):
     return step
 
 
+def _assert_follows(tr, hist, ref, delays, plain_policy, k, data, opt):
+    """The run's weights are the reference's, its delays the reference's, and the same run
+    without the remedy (``plain_policy``) ends elsewhere (so the remedy acted)."""
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    for s, name in enumerate(tr.graph.layers):
+        assert hist.statistics[name].delays == dict(Counter(delays[s]))
+    plain = _run(plain_policy, k, data, epochs=2, optimizer=opt)[0]
+    first = tr.graph.layers[0]
+    leaves = ann._math._pytree.tree_leaves
+    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
 def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
@@ -396,14 +408,8 @@ def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
     ref, delays = pipedream_with_correction(
         tr.graph, start, 0.05, micro, stash, ident, sgd_step=step
     )
-    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
-    for s, name in enumerate(tr.graph.layers):
-        assert hist.statistics[name].delays == dict(Counter(delays[s]))
     # without the compensation (plain momentum) the weights end elsewhere
-    plain = _run(policies.PipeDream(m, stash=stash), k, data, epochs=2, optimizer=opt)[0]
-    first = tr.graph.layers[0]
-    leaves = ann._math._pytree.tree_leaves
-    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    _assert_follows(tr, hist, ref, delays, policies.PipeDream(m, stash=stash), k, data, opt)
     assert policies.policy_from_spec(policy.to_spec()) == policy
     assert policy.corrects_updates() and not policy.corrects_gradients()
     assert policies.Replay(policy, {}).corrects_updates()
@@ -462,13 +468,7 @@ def test_pipemare_reschedules_the_learning_rate_of_any_optimizer(opt, stash):
     ref, delays = pipedream_with_correction(
         tr.graph, start, None, micro, stash, ident, sgd_step=step
     )
-    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
-    for s, name in enumerate(tr.graph.layers):
-        assert hist.statistics[name].delays == dict(Counter(delays[s]))
-    plain = _run(policies.PipeDream(m, stash=stash), k, data, epochs=2, optimizer=opt)[0]
-    first = tr.graph.layers[0]
-    leaves = ann._math._pytree.tree_leaves
-    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+    _assert_follows(tr, hist, ref, delays, policies.PipeDream(m, stash=stash), k, data, opt)
     assert policy.corrects_updates() and not policy.corrects_gradients()
     assert policy.scale(3, 0) == pytest.approx(1 / 3) and policy.scale(3, warmup) == 1.0
     assert policy.scale(0, 0) == policy.scale(1, 0) == 1.0  # delay 0 or 1: not damped
