@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -35,7 +36,13 @@ from .backends import get_backend, is_floating, to_numpy
 if TYPE_CHECKING:
     from ._train import Trainer
 
-__all__ = ["CheckpointError", "check_save_path", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_save_path",
+    "load_checkpoint",
+    "read_graph",
+    "save_checkpoint",
+]
 
 FORMAT = "asyncnn-checkpoint"
 VERSION = 2
@@ -302,6 +309,52 @@ def _is_checkpoint(path: str) -> bool:
     return False
 
 
+def _spec_path(path: str) -> str:
+    """The spec file of the checkpoint folder ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+    """
+    if not os.path.isdir(path) or not any(
+        os.path.exists(os.path.join(path, name)) for name in (SPEC, MANIFEST, MANIFEST + ".tmp")
+    ):
+        raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
+    return os.path.join(path, SPEC)
+
+
+@contextlib.contextmanager
+def _rebuilding(spec_path: str, trusted: Any) -> Iterator[None]:
+    """Rebuilds objects from the specs of ``spec_path`` in its block, with ``trusted`` modules:
+    a failure is a :class:`CheckpointError`, or an ``UntrustedModuleError`` naming the file."""
+    try:
+        with trusted_modules(trusted):
+            yield
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{spec_path}: {untrusted}") from None
+        raise CheckpointError(f"{spec_path}: its specs cannot be rebuilt: {exc}") from exc
+
+
+def read_graph(path: str, trusted: Any = None) -> Graph:
+    """The graph saved in the checkpoint folder ``path``, read from its spec alone: the arrays
+    are neither read nor checksummed (:func:`load_checkpoint`, given the graph or another
+    placement of it, checks the whole folder).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+        CheckpointError: the spec is damaged, of another format version, or its graph cannot
+            be rebuilt.
+        UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
+    """
+    spec_path = _spec_path(path)
+    if not os.path.exists(spec_path):
+        _finish_save(path)  # a save interrupted between its renames: the new spec, if whole
+    spec = _read_spec(spec_path)
+    with _rebuilding(spec_path, trusted):
+        return Graph.from_spec(spec["graph"])
+
+
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
@@ -326,11 +379,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     given_graph = overrides.pop("graph", None)
     if given_graph is not None and not isinstance(given_graph, Graph):
         raise TypeError(f"graph must be an asyncnn Graph, got {type(given_graph).__name__}")
-    spec_path = os.path.join(path, SPEC)
-    if not os.path.isdir(path) or not any(
-        os.path.exists(os.path.join(path, name)) for name in (SPEC, MANIFEST, MANIFEST + ".tmp")
-    ):
-        raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
+    spec_path = _spec_path(path)
     try:
         verify_checkpoint(path)
     except CheckpointError:
@@ -339,16 +388,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         verify_checkpoint(path)
     spec = _read_spec(spec_path)
     arrays = _read_arrays(os.path.join(path, ARRAYS))
-    try:
-        with trusted_modules(trusted):
-            graph = Graph.from_spec(spec["graph"]) if given_graph is None else given_graph
-            optimizer = _optimizer_from_spec(spec["optimizer"])
-            policy = policy_from_spec(spec["policy"])
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        untrusted = untrusted_cause(exc)
-        if untrusted is not None:
-            raise UntrustedModuleError(f"{spec_path}: {untrusted}") from None
-        raise CheckpointError(f"{spec_path}: its specs cannot be rebuilt: {exc}") from exc
+    with _rebuilding(spec_path, trusted):
+        graph = Graph.from_spec(spec["graph"]) if given_graph is None else given_graph
+        optimizer = _optimizer_from_spec(spec["optimizer"])
+        policy = policy_from_spec(spec["policy"])
     kwargs: dict[str, Any] = {
         "optimizer": optimizer,
         "policy": policy,

@@ -69,10 +69,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             from . import Trainer
+            from ._checkpoint import read_graph
 
             placed: dict[str, Any] = {}
             if cluster is not None:  # the stages on --workers as a new run places them
-                placed["graph"] = _on_workers(Trainer.load(args.resume).graph, args.workers)
+                placed["graph"] = _on_workers(read_graph(args.resume), args.workers)
             trainer = Trainer.load(
                 args.resume, progress=args.progress, cluster=cluster, trace=args.trace or None,
                 **placed,

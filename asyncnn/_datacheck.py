@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._math._data import has_numpy_dtype
-from ._runtime._checks import check_input
+from ._runtime._checks import check_input, row_chunks
 from ._runtime._graph import Graph
 from .backends import is_floating, to_numpy
 
@@ -38,17 +38,19 @@ def check_labels(
         if shape is None or len(shape) < 2:
             continue
         classes = int(shape[1])
-        y = np.asarray(to_numpy(data[labels]))
-        if y.size == 0 or y.dtype.kind not in "iu":
+        y = data[labels]  # (with a batch axis: a dataset's array)
+        if np.dtype(y.dtype).kind not in "iu":
             continue
-        bad = (y < 0) | (y >= classes)
-        if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), y.shape)
-            where = (
-                f"row {index[0]}" if len(index) == 1 else f"index {tuple(int(i) for i in index)}"
-            )
+        for start, chunk in row_chunks(y):  # bounded memory, whatever the size of y
+            part = np.asarray(to_numpy(chunk))
+            bad = (part < 0) | (part >= classes)
+            if not bad.any():
+                continue
+            index = np.unravel_index(int(np.argmax(bad)), part.shape)
+            at = (start + int(index[0]), *(int(i) for i in index[1:]))
+            where = f"row {at[0]}" if len(at) == 1 else f"index {at}"
             raise ValueError(
-                f"input {labels!r}: label {int(y[index])} at {where} is out of range for loss "
+                f"input {labels!r}: label {int(part[index])} at {where} is out of range for loss "
                 f"{name!r} ({type(node.module).__name__} over the {classes} classes of "
                 f"{logits!r}): labels must be in 0..{classes - 1}"
             )

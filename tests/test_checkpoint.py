@@ -13,7 +13,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
-from asyncnn._checkpoint import CheckpointError
+from asyncnn._checkpoint import CheckpointError, read_graph
 from asyncnn._math._imports import UntrustedModuleError
 
 from _reference import assert_params_equal
@@ -270,6 +270,19 @@ def test_a_checkpoint_loads_into_another_graph_of_the_same_layers(saved: Any) ->
     assert_params_equal(back.state.opt_states, tr.state.opt_states)
     with pytest.raises(TypeError, match="graph must be an asyncnn Graph, got dict"):
         ann.Trainer.load(path, graph={})
+
+
+def test_read_graph_reads_the_spec_alone(saved: Any, tmp_path: Any) -> None:
+    # (the CLI's --resume DIR --workers N loaded the whole checkpoint to read its graph)
+    path, tr = saved
+    assert read_graph(path).to_spec() == tr.graph.to_spec()
+    folder = _copy(path, str(tmp_path / "c"))
+    os.remove(os.path.join(folder, "arrays.safetensors"))  # the arrays are not read
+    assert read_graph(folder).layers == tr.graph.layers
+    with pytest.raises(CheckpointError, match="arrays.safetensors is missing"):
+        ann.Trainer.load(folder)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        read_graph(str(tmp_path / "none"))
 
 
 @pytest.mark.parametrize(

@@ -428,10 +428,22 @@ def test_resume_places_the_stages_on_the_workers_given(
         return 0
 
     monkeypatch.setattr("asyncnn._cli._fit", fit)
+    # the weights are read once: the graph to place again is read from the spec alone (it was
+    # read by a whole Trainer.load, then loaded again)
+    read_arrays = ann._checkpoint._read_arrays
+    reads = []
+
+    def counted(path: str) -> dict[str, np.ndarray]:
+        reads.append(path)
+        return read_arrays(path)
+
+    monkeypatch.setattr("asyncnn._checkpoint._read_arrays", counted)
     resume = ["train", "--dataset", "digits", "--resume", ckpt, "--out", ""]
     for workers, expected in ((2, [0, 1]), (1, [0, 0])):
         assert main([*resume, "--workers", str(workers)]) == 0
         assert placed.pop() == {"stage0": expected[0], "stage1": expected[1], "loss": None}
+        assert len(reads) == 1
+        reads.clear()
     assert main(resume) == 0
     assert placed.pop() == {"stage0": None, "stage1": None, "loss": None}
     capsys.readouterr()

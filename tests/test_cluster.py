@@ -17,6 +17,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._cluster._driver import _worker_of
 
 from _reference import assert_params_equal
 
@@ -184,11 +185,18 @@ def test_check_finite_on_a_worker_names_the_first_actor(three: Any) -> None:
 def test_a_node_on_a_worker_the_cluster_lacks_is_a_graph_error(three: Any) -> None:
     with pytest.raises(ann.GraphError, match="worker=5.*3 workers"):
         fit(chain([0, 5, 1]), policies.Sync(), cluster=three)
-    # a numpy integer (``workers=np.arange(3)``) or a bool is not taken for a worker's number
-    with pytest.raises(
-        ann.GraphError, match=r"'s1' is placed on worker=np.int64\(1\) \(of type int64\)"
-    ):
-        fit(chain([0, np.int64(1), 2]), policies.Sync(), cluster=three)  # type: ignore[list-item]
+    # a numpy integer (``workers=np.arange(3)``) is a worker's number, as a Python int is
+    with pytest.raises(ann.GraphError, match=r"worker=5.*3 workers"):
+        fit(chain([0, np.int64(5), 1]), policies.Sync(), cluster=three)  # type: ignore[list-item]
+    assert _worker_of("layer", "s1", np.int64(1), three) == 1
+    assert type(_worker_of("layer", "s1", np.int64(1), three)) is int
+    with pytest.raises(ann.GraphError, match=r"worker=np.int64\(-1\).*3 workers"):
+        _worker_of("layer", "s1", np.int64(-1), three)
+    # a bool or a string is not
+    with pytest.raises(ann.GraphError, match=r"'s1' is placed on worker=np.True_ \(of type bool"):
+        _worker_of("layer", "s1", np.bool_(True), three)
+    with pytest.raises(ann.GraphError, match=r"'s1' is placed on worker='1' \(of type str\)"):
+        _worker_of("layer", "s1", "1", three)
     with pytest.raises(ann.GraphError, match=r"'s1' is placed on worker=True \(of type bool\)"):
         fit(chain([0, True, 2]), policies.Sync(), cluster=three)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,18 @@ def test_sequential_checks_its_stages_devices_and_workers_arguments():
         ann.Graph.sequential(mods, loss, stages=2, workers=0)
     with pytest.raises(ann.GraphError, match="2 stages but 1 devices"):
         ann.Graph.sequential(mods, loss, stages=2, devices=["cpu"])
+
+
+def test_a_numpy_integer_is_a_worker_number_stored_as_a_python_int():
+    mods = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
+    g = ann.Graph.sequential(mods, nn.CrossEntropyLoss(), stages=2, workers=np.arange(2))
+    assert [g.nodes[n].worker for n in g.layers] == [0, 1]
+    assert all(type(g.nodes[n].worker) is int for n in g.layers)
+    json.dumps(g.to_spec())  # plain JSON: no numpy scalar in the spec
+    h = ann.Graph()
+    x, y = h.input("x", (None, 4)), h.input("y", (None,), "int64")
+    h.loss("loss", nn.CrossEntropyLoss(), h.layer("a", nn.Linear(4, 3), x), y, worker=np.int32(2))
+    assert type(h.nodes["loss"].worker) is int and h.nodes["loss"].worker == 2
 
 
 def _two_input_graph():
@@ -440,7 +453,11 @@ def test_a_graph_without_a_layer_is_refused_not_left_to_stall():
         (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, stop_gradient="no"),
          r"layer 'a': stop_gradient='no'; give True or False"),
         (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker=-1),
-         r"layer 'a' is placed on worker=-1 \(of type int\): worker= takes a Python int >= 0"),
+         r"layer 'a' is placed on worker=-1 \(of type int\): worker= takes an int >= 0"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker=np.int64(-1)),
+         r"layer 'a' is placed on worker=np.int64\(-1\) \(of type int64\)"),
+        (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker=np.bool_(True)),
+         r"layer 'a' is placed on worker=np.True_ \(of type bool"),
         (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, worker="1"),
          r"layer 'a' is placed on worker='1' \(of type str\)"),
         (lambda g, x, y: g.layer("a", nn.Linear(4, 3), x, actor="mylab:Actor"),
@@ -456,7 +473,8 @@ def test_a_graph_without_a_layer_is_refused_not_left_to_stall():
         (lambda g, x, y: g.output(3, x), "output name 3 is not valid"),
         (lambda g, x, y: g.input("z", (None, 2), None), "input 'z': dtype None; give one"),
     ],
-    ids=["module-class", "stop_gradient-str", "worker-negative", "worker-str", "actor-str",
+    ids=["module-class", "stop_gradient-str", "worker-negative", "worker-numpy-negative",
+         "worker-numpy-bool", "worker-str", "actor-str",
          "actor-not-an-actor", "loss-None", "loss-class", "loss-worker-bool", "output-empty",
          "output-int", "dtype-None"],
 )  # fmt: skip

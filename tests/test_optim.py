@@ -387,6 +387,11 @@ def test_clip_grad_norm_sums_16_bit_squares_in_float32(backend: Backend, name: s
 def test_schedules_closed_forms() -> None:
     step = optim.StepLR(0.1, step_size=3, gamma=0.5)
     assert [step(t) for t in range(7)] == [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]
+    # gamma > 1 grows the rate up to inf, as torch's does (was a bare OverflowError)
+    grow = optim.StepLR(0.1, step_size=1, gamma=2.0)
+    assert grow(10) == 0.1 * 2**10 and grow(10**6) == math.inf
+    assert optim.StepLR(0.0, step_size=1, gamma=2.0)(10**6) == 0.0
+    assert optim.StepLR(0.1, step_size=1, gamma=0.5)(10**6) == 0.0
     cos = optim.CosineAnnealing(1.0, total_steps=4, min_lr=0.2)
     expected = [1.0, 0.2 + 0.8 * (1 + math.cos(math.pi / 4)) / 2, 0.6, None, 0.2, 0.2]
     for t, e in enumerate(expected):

@@ -527,6 +527,38 @@ def test_check_batch_reads_a_large_input_in_bounded_chunks(monkeypatch):
         _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, check_finite=True)
 
 
+def test_check_labels_reads_large_labels_in_bounded_chunks(monkeypatch):
+    # (the range check made masks of the whole label array: memory the size of the labels)
+    import tracemalloc
+
+    from asyncnn._datacheck import check_labels
+    from asyncnn._runtime import _checks
+
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 3)], loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 4)
+    )
+    shapes = {"stage0": (2, 3)}
+    big = {"y": np.broadcast_to(np.int64(1), (25_000_000,))}  # 200 MB, none held
+    tracemalloc.start()
+    try:
+        check_labels(g, shapes, big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MB to check 200 MB of labels"
+    # the first bad row (and its value) is found across chunks of rows
+    monkeypatch.setattr(_checks, "_FINITE_CHUNK_BYTES", 3 * 8)  # 3 rows at a time
+    y = np.zeros(10, np.int64)
+    y[7], y[8] = 5, -1
+    with pytest.raises(ValueError, match=r"input 'y': label 5 at row 7 .*labels must be in 0\.\.2"):
+        check_labels(g, shapes, {"y": y})
+    y2 = np.zeros((10, 2), np.int64)
+    y2[7, 1] = 3
+    with pytest.raises(ValueError, match=r"label 3 at index \(7, 1\) "):
+        check_labels(g, shapes, {"y": y2})
+    check_labels(g, shapes, {"y": np.zeros(0, np.int64)})  # no rows: nothing to check
+
+
 # -- checkpoint_dir of an earlier run; resuming with another epoch layout ------------------------
 
 

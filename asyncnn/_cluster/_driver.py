@@ -71,13 +71,17 @@ def placement(graph: Graph, cluster: Cluster) -> dict[str, int | None]:
 
 
 def _worker_of(kind: str, name: str, w: Any, cluster: Cluster) -> int | None:
-    if w is None or (type(w) is int and 0 <= w < cluster.workers):
-        return w
-    if type(w) is not int:  # a bool, a numpy integer, a string...
+    """A node's worker as a Python int (None: the driver), or the error naming the node. A
+    numpy integer is taken, as the graph takes it; a bool, a string... is not."""
+    if w is None:
+        return None
+    if not isinstance(w, int | np.integer) or isinstance(w, bool | np.bool_):
         raise GraphError(
-            f"{kind} {name!r} is placed on worker={w!r} (of type {type(w).__name__}): "
-            f"worker= takes a Python int (0..{cluster.workers - 1}), or None for the driver"
+            f"{kind} {name!r} is placed on worker={w!r:.40} (of type {type(w).__name__}): "
+            f"worker= takes an int (0..{cluster.workers - 1}), or None for the driver"
         )
+    if 0 <= w < cluster.workers:
+        return int(w)
     raise GraphError(
         f"{kind} {name!r} is placed on worker={w!r}, but the cluster has {cluster.workers} "
         f"workers (0..{cluster.workers - 1}); nodes without worker= run in the driver"

@@ -91,7 +91,7 @@ class StepLR(Schedule):
     Args:
         lr: the learning rate of the first ``step_size`` updates.
         step_size: number of updates between two decays.
-        gamma: the factor of each decay.
+        gamma: the factor of each decay (above 1 the rate grows, as torch's does, up to inf).
     """
 
     lr: float
@@ -110,7 +110,11 @@ class StepLR(Schedule):
         object.__setattr__(self, "gamma", gamma)
 
     def __call__(self, step: int) -> float:
-        return self.lr * self.gamma ** (step // self.step_size)
+        try:
+            factor = self.gamma ** (step // self.step_size)
+        except OverflowError:  # gamma > 1 after very many updates: inf, as torch's rate grows to
+            return math.inf if self.lr else 0.0  # (0 stays 0 there, not 0 * inf = nan)
+        return self.lr * factor
 
 
 @dataclass(frozen=True)

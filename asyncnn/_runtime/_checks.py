@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,21 +115,28 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
     return int(rows)
 
 
-#: how many bytes of an input :func:`check_batch` checks for NaN at a time: the mask of a
-#: whole 100 GB memory-mapped dataset would take 25 GB (an array this size or smaller: one pass)
+#: how many bytes of an input :func:`check_batch` checks for NaN (and ``check_labels`` checks
+#: for labels out of range) at a time: the mask of a whole 100 GB memory-mapped dataset would
+#: take 25 GB (an array this size or smaller: one pass)
 _FINITE_CHUNK_BYTES = 16 << 20
+
+
+def row_chunks(arr: Any) -> Iterator[tuple[int, Any]]:
+    """``(start, rows)``: ``arr`` (with a batch axis) in chunks of whole rows of about
+    :data:`_FINITE_CHUNK_BYTES`, so that a check over them takes bounded memory whatever the
+    size of ``arr`` (a memory map, an h5py dataset); ``arr`` itself when it is no larger."""
+    rows = int(arr.shape[0])
+    row_bytes = math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize
+    step = max(1, _FINITE_CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield start, arr if step >= rows else arr[start : start + step]
 
 
 def _first_nonfinite_row(arr: Any) -> int | None:
     """The first row of ``arr`` (with a batch axis) holding a NaN or an Inf, or None; read in
-    chunks of whole rows of about :data:`_FINITE_CHUNK_BYTES`, so that the memory it takes
-    stays bounded whatever the size of ``arr`` (a memory map, an h5py dataset)."""
-    rows = int(arr.shape[0])
-    row_bytes = math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize
-    step = max(1, _FINITE_CHUNK_BYTES // max(1, row_bytes))
+    chunks (:func:`row_chunks`)."""
     xp = array_namespace(arr)
-    for start in range(0, rows, step):
-        chunk = arr if step >= rows else arr[start : start + step]
+    for start, chunk in row_chunks(arr):
         if not bool(xp.isfinite(chunk).all()):
             return start + _first_bad_row(chunk)
     return None

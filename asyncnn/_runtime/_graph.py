@@ -18,7 +18,7 @@ from asyncnn._math._nn._routing import Merge, Router
 from asyncnn.backends import is_floating, parse_device
 
 from ._balance import split_sizes
-from ._graph_args import check_module, check_worker, checked_modules, checked_stages
+from ._graph_args import check_module, checked_modules, checked_stages, checked_worker
 from ._node import Node, TensorRef
 from ._specs import (
     _actor_from_spec,
@@ -170,7 +170,7 @@ class Graph:
             dev = str(parse_device(device))
         except ValueError as exc:
             raise GraphError(f"layer {name!r}: {exc}") from exc
-        check_worker(f"layer {name!r}", worker)
+        worker = checked_worker(f"layer {name!r}", worker)
         if not isinstance(stop_gradient, bool | np.bool_):  # bool("no") would read as True
             raise GraphError(
                 f"layer {name!r}: stop_gradient={stop_gradient!r:.40}; give True or False"
@@ -322,7 +322,7 @@ class Graph:
             )
         if not inputs:
             raise GraphError(f"loss {name!r} has no inputs")
-        check_worker(f"loss {name!r}", worker)
+        worker = checked_worker(f"loss {name!r}", worker)
         names = self._resolve(f"loss {name!r}", inputs)
         # The loss runs where the first layer feeding it runs, so logits need no copy.
         device = next((self.nodes[s].device for s in names if self.nodes[s].kind == "layer"), "cpu")
@@ -397,7 +397,7 @@ class Graph:
         for what, given in (("devices", devices), ("workers", workers)):
             if given is None:
                 continue
-            if isinstance(given, str) or not isinstance(given, Sequence):
+            if isinstance(given, str) or not isinstance(given, Sequence | np.ndarray):
                 raise GraphError(
                     f"sequential: {what}={given!r}; give a list with one entry per stage "
                     f"({len(sizes)} stages)"

@@ -13,7 +13,7 @@ import numpy as np
 from asyncnn._errors import GraphError
 from asyncnn._math._nn import Module, Sequential
 
-__all__ = ["check_module", "check_worker", "checked_modules", "checked_stages"]
+__all__ = ["check_module", "checked_worker", "checked_modules", "checked_stages"]
 
 
 def checked_stages(stages: Any) -> int | list[int]:
@@ -39,15 +39,19 @@ def check_module(who: str, module: Any) -> None:
         )
 
 
-def check_worker(who: str, worker: Any) -> None:
-    """Refuses a ``worker=`` that is not None or a Python int >= 0 (a worker's number), when the
-    node is added: without a cluster ``worker=`` is ignored, and would hide the mistake until a
-    cluster runs the graph. (A numpy integer is refused, as the cluster refuses it.)"""
-    if worker is None or (type(worker) is int and worker >= 0):
-        return
+def checked_worker(who: str, worker: Any) -> int | None:
+    """A node's ``worker=``, checked when the node is added: None (the driver) or an int >= 0
+    (numpy's too, as ``workers=np.arange(2)`` gives), returned as a Python int so that specs
+    stay plain JSON. Without a cluster ``worker=`` is ignored, so a wrong one is refused here,
+    not only when a cluster runs the graph. A bool is refused: ``True`` is no worker's number."""
+    if worker is None:
+        return None
+    if isinstance(worker, int | np.integer) and not isinstance(worker, bool | np.bool_):
+        if worker >= 0:
+            return int(worker)
     raise GraphError(
         f"{who} is placed on worker={worker!r:.40} (of type {type(worker).__name__}): worker= "
-        "takes a Python int >= 0 (the worker's number), or None for the driver"
+        "takes an int >= 0 (the worker's number), or None for the driver"
     )
 
 
