@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._math._imports import _trusted
+from ._math._imports import trusted_modules, trusted_now
 
 __all__ = ["in_event_loop", "replay", "run_outside_loop"]
 
@@ -55,12 +55,12 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
         return fn()
     result: list[T] = []
     error: list[BaseException] = []
-    trusted = _trusted.get()  # a new thread starts in an empty context
+    trusted = trusted_now()  # a new thread starts in an empty context
 
     def target() -> None:
         try:
-            _trusted.set(trusted)
-            result.append(fn())
+            with trusted_modules(trusted or None):
+                result.append(fn())
         except BaseException as exc:  # handed to the waiting thread
             error.append(exc)
 

@@ -132,13 +132,20 @@ class Step(nn.Module):
         return ops.tanh(ops.add(ops.matmul(h, params["w"]), params["b"]))
 
 
-def test_stop_condition_carried_in_the_state():
+def loop_graph(until: Any, name: str = "loop", size: int = H) -> ann.Graph:
+    """An encoder, a loop ``name`` of :class:`Step` cells that runs until ``until`` says stop
+    (at most 6 steps), then a head and a loss."""
     g = ann.Graph()
     c = g.input("c", (None, DC))
     y = g.input("y", (None,), dtype="int64")
-    h0 = g.layer("enc", nn.Linear(DC, H), c)
-    h = g.loop("loop", Step(H), h0, until=Halt(), max_steps=6)
-    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+    h0 = g.layer("enc", nn.Linear(DC, size), c)
+    h = g.loop(name, Step(size), h0, until=until, max_steps=6)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(size, C), h), y)
+    return g
+
+
+def test_stop_condition_carried_in_the_state():
+    g = loop_graph(Halt())
     rng = np.random.default_rng(3)
     data = {"c": rng.standard_normal((10, DC)), "y": rng.integers(0, C, 10)}
     start = fresh_params(g)
@@ -267,13 +274,7 @@ class HaltShaped(nn.Module):
 def halting_graph(kind: str, size: int = H) -> ann.Graph:
     """A loop ``"walk"`` of :class:`Step` cells that runs until :class:`HaltShaped` (``kind``)
     says stop, at most 6 steps, then a head and a loss."""
-    g = ann.Graph()
-    c = g.input("c", (None, DC))
-    y = g.input("y", (None,), dtype="int64")
-    h0 = g.layer("enc", nn.Linear(DC, size), c)
-    h = g.loop("walk", Step(size), h0, until=HaltShaped(kind), max_steps=6)
-    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(size, C), h), y)
-    return g
+    return loop_graph(HaltShaped(kind), "walk", size)
 
 
 @pytest.mark.parametrize("policy", [policies.Sync(), policies.OneFOneB(2)], ids=["Sync", "1F1B2"])
@@ -535,12 +536,7 @@ def test_a_loop_without_xs_splits_its_backward_bit_for_bit():
     data = {"c": rng.standard_normal((12, DC)), "y": rng.integers(0, C, 12)}
     runs = []
     for policy in (policies.OneFOneB(3), policies.ZeroBubbleH1(3)):
-        g = ann.Graph()
-        c = g.input("c", (None, DC))
-        y = g.input("y", (None,), dtype="int64")
-        h0 = g.layer("enc", nn.Linear(DC, H), c)
-        h = g.loop("loop", Step(H), h0, until=Halt(), max_steps=6)
-        g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+        g = loop_graph(Halt())
         tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
         hist = tr.fit(data, batch_size=6, epochs=2)
         _assert_nothing_left(hist, g)
@@ -553,12 +549,7 @@ def test_a_recomputed_backward_unwinds_the_steps_its_forward_took():
     """PipeDream(stash=False) recomputes a key's steps at the latest weights, over the rows its
     forward ran at each step: a row whose stop condition would fire at another step with the new
     weights still unwinds the forward's steps (the gradient of the output downstream got)."""
-    g = ann.Graph()
-    c = g.input("c", (None, DC))
-    y = g.input("y", (None,), dtype="int64")
-    h0 = g.layer("enc", nn.Linear(DC, H), c)
-    h = g.loop("loop", Step(H), h0, until=Halt(), max_steps=6)
-    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+    g = loop_graph(Halt())
     rng = np.random.default_rng(3)
     data = {"c": rng.standard_normal((24, DC)), "y": rng.integers(0, C, 24)}
     start = fresh_params(g)

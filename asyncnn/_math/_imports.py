@@ -25,6 +25,7 @@ __all__ = [
     "class_path",
     "import_by_path",
     "trusted_modules",
+    "trusted_now",
     "untrusted_cause",
 ]
 
@@ -81,6 +82,12 @@ def trusted_modules(modules: Iterable[str] | str | None) -> Iterator[None]:
         yield
     finally:
         _trusted.reset(token)
+
+
+def trusted_now() -> tuple[str, ...]:
+    """The modules trusted in this context by :func:`trusted_modules` (not the environment's):
+    what a thread started from here needs to trust them too (a new thread's context is empty)."""
+    return _trusted.get()
 
 
 def _names(modules: Iterable[str] | str | None) -> tuple[str, ...]:

@@ -25,12 +25,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-
 from asyncnn._math._optim import SGD
 from asyncnn._math._pytree import tree_map
 
-from ._policies import _BUILTIN, PipeDream, Policy, policy_from_spec
+from ._policies import _BUILTIN, PipeDream, Policy, _check_fields, policy_from_spec
 from ._wrapped import WrappedPolicy
 
 __all__ = [
@@ -271,10 +269,7 @@ class PipeMareLR(Remedy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        w = self.warmup_updates
-        if not isinstance(w, int | np.integer) or isinstance(w, bool | np.bool_) or w < 1:
-            raise ValueError(f"PipeMareLR(warmup_updates={w!r}): must be an int >= 1")
-        object.__setattr__(self, "warmup_updates", int(w))  # plain in its spec (JSON)
+        _check_fields(self, ints=("warmup_updates",))  # as the policies' counts
 
     def scale(self, delay: float, step: int) -> float:
         """The factor on the learning rate of a stage's update ``step`` (0-based) that applies
