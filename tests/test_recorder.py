@@ -96,6 +96,25 @@ def test_a_second_recorder_of_a_path_being_written_is_refused(tmp_path: Path) ->
     assert ann.trace.read(path).events == []
 
 
+def test_a_trace_path_that_cannot_be_written_is_named_before_the_run_trains(
+    tmp_path: Path,
+) -> None:
+    # (a bare "[Errno 2] No such file or directory", which did not say it was the trace)
+    graph, batch = _two_stages()
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.Sync(), trace=str(tmp_path / "no" / "t"))
+    before = tr.params
+    with pytest.raises(FileNotFoundError, match=r"the trace '.*t': its folder '.*no' does not"):
+        tr.fit(batch, batch_size=8)
+    assert all(
+        np.array_equal(a[k], b[k])
+        for name in before
+        for a, b in zip(before[name], tr.params[name], strict=True)
+        for k in a
+    )
+    with pytest.raises(IsADirectoryError, match="the trace '.*': it is a folder. Pass trace="):
+        Recorder(str(tmp_path), {"graph": {}})
+
+
 @pytest.mark.skipif(not os.path.exists(os.devnull), reason="needs a null device")
 def test_recorders_to_the_null_device_are_neither_locked_nor_emptied() -> None:
     # a trace thrown away (to time the recording itself): any number of writers, no truncation

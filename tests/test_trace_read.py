@@ -426,6 +426,59 @@ def test_writer_failure_is_reported_by_close(
     assert isinstance(info.value.__cause__, OSError)
 
 
+# -- the summary's numbers ----------------------------------------------------------------------
+
+
+def test_summary_counts_a_split_backward_once_and_its_key_until_its_weight_half(
+    tmp_path: Path,
+) -> None:
+    # ZeroBubbleH1 splits each backward in two computes (input half, weight half): the summary
+    # counted 16 backwards for 8 keys, let a key out of flight once as many halves had ended
+    # as there are layers (a chain of four: mean 1.79 keys in flight where 2.20 were), and
+    # dropped a stored activation at the input half (its stage1: peak 3 where it held 4)
+    graph = ann.Graph.sequential(
+        [nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)],
+        loss=nn.CrossEntropyLoss(),
+        stages=[1, 2, 2],
+        input_shape=(None, 4),
+    )
+    path = tmp_path / "zb.trace"
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.ZeroBubbleH1(4, virtual=1), trace=str(path))
+    hist = tr.fit(_data(32), batch_size=16)
+    s = ann.trace.summary(path)
+    for name in tr.graph.layers:
+        assert s["actors"][name]["backwards"] == s["actors"][name]["forwards"] == 8
+        assert s["actors"][name]["peak_stored"] == hist.statistics[name].peak_stored, name
+    # by hand: a key is in flight from its admit to the end of the last backward compute
+    events = ann.trace.read(path).events
+    admit = {e.key: e.time for e in events if e.what == "admit"}
+    done = {e.key: e.time for e in events if e.what == "end" and e.kind == "backward"}
+    changes = sorted([(admit[k], 1) for k in admit] + [(done[k], -1) for k in admit])
+    area, n, last = 0.0, 0, 0.0
+    for t, d in changes:
+        area, n, last = area + n * (t - last), n + d, t
+    assert s["in_flight"]["mean"] == pytest.approx(area / s["seconds"])
+
+
+def test_summary_staleness_is_the_delays_the_layers_record(tmp_path: Path) -> None:
+    # PipeDream-2BW's forwards use a pinned version, older than the one a start event records:
+    # the summary gave stage0 a mean staleness of 0.125 where the layer recorded 0.5 (and the
+    # last stage of a longer chain 0 where every gradient was one update late)
+    path = tmp_path / "2bw.trace"
+    tr = ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream2BW(4), trace=str(path)
+    )
+    hist = tr.fit(_data(32), batch_size=16)
+    s = ann.trace.summary(path)["actors"]
+    for name in tr.graph.layers:
+        st = hist.statistics[name]
+        assert (s[name]["staleness_mean"], s[name]["staleness_max"]) == (
+            pytest.approx(st.mean_delay),
+            st.max_delay,
+        ), name
+    assert hist.statistics["stage1"].max_delay == 1
+
+
 # -- the trace of a run that fails --------------------------------------------------------------
 
 

@@ -136,7 +136,22 @@ def _open_alone(path: str) -> Any:
     """``path`` opened for writing, emptied, and locked for this recorder alone: a second run
     recording to the same path while this one writes is refused, instead of the two runs
     writing over each other's records (the file is emptied only once the lock is held)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        # the bare "[Errno 2] No such file or directory" does not say which of a run's paths
+        # it was; the same class, so that callers catching it still do
+        folder = os.path.dirname(os.path.abspath(path))
+        why = exc.strerror or type(exc).__name__
+        if isinstance(exc, FileNotFoundError) and not os.path.isdir(folder):
+            why = f"its folder {folder!r} does not exist"
+        elif isinstance(exc, IsADirectoryError):
+            why = "it is a folder"
+        raise type(exc)(
+            exc.errno,
+            f"cannot write the trace {path!r}: {why}. Pass trace= a file path in an existing "
+            "folder this process may write to",
+        ) from exc
     try:
         # only a regular file: /dev/null or a pipe takes any number of writers and cannot be
         # emptied

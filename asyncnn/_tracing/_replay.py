@@ -75,7 +75,9 @@ class ReplayResult:
     """The outcome of :func:`replay`.
 
     Attributes:
-        identical: every checked tensor matched its recorded digest.
+        identical: every checked tensor matched its recorded digest. Updates are checked
+            where a later forward uses their weights: those of a layer's last update, which
+            nothing in the run used, are not (compare ``params`` with the run's).
         events_checked: how many sent tensors were compared.
         first_divergence: the first difference, or None.
         params: the parameters at the end of the replay (``{layer: params}``, numpy).

@@ -105,6 +105,9 @@ class Occupancy:
                 changes.append((a, self.stored.get(a, 0), self.versions_held(a)))
         elif ev in ("start", "end") and self._is_layer(a) and "key" in e:
             key = e.key
+            # a split backward (ZeroBubbleH1) is two computes, its input half then its weight
+            # half: the key's residuals are held, and its backward goes on, until the second
+            whole = _whole_backward(e)
             refs = self._refs.setdefault(a, {})
             if ev == "end" and e.kind == "forward":
                 v = int(e.get("v", 0))
@@ -112,7 +115,7 @@ class Occupancy:
                 refs[v] = refs.get(v, 0) + 1
                 self.stored[a] = self.stored.get(a, 0) + 1
                 changes.append((a, self.stored[a], self.versions_held(a)))
-            elif ev == "start" and e.kind == "backward":
+            elif ev == "start" and e.kind == "backward" and whole:
                 held = self._fwd_version.pop((a, key), None)
                 if held is not None:
                     refs[held] -= 1
@@ -120,7 +123,7 @@ class Occupancy:
                         del refs[held]
                     self.stored[a] -= 1
                     changes.append((a, self.stored[a], self.versions_held(a)))
-            elif ev == "end" and e.kind == "backward":
+            elif ev == "end" and e.kind == "backward" and whole:
                 n = self._done.get(key, 0) + 1
                 if n >= self._layers_to_end() and key in self._admitted:
                     self._done.pop(key, None)
@@ -136,6 +139,13 @@ class Occupancy:
         return len(self.layers) if self.known else 1
 
 
+def _whole_backward(e: Event) -> bool:
+    """Whether a backward's ``start`` or ``end`` event is of a whole one, or of the weight half
+    that ends a split one (false for the input half, which a weight half follows)."""
+    meta = e.get("m")
+    return not (isinstance(meta, dict) and meta.get("half") == "input")
+
+
 @dataclass
 class _Actor:
     kind: str = ""
@@ -146,7 +156,13 @@ class _Actor:
     messages_out: int = 0
     bytes_out: int = 0
     updates: int = 0
+    # version at a backward minus version at its key's forward: the staleness of a trace whose
+    # updates do not list their gradients' delays (written by another tool)
     staleness: list[int] = field(default_factory=list)
+    # the delays the update events list: the forward's version as the actor used it (a pinned
+    # or stashed one, which a start event's version is not), as ActorStatistics counts them
+    delays: list[int] = field(default_factory=list)
+    lists_delays: bool = False
     peak_stored: int = 0
     peak_versions_held: int = 0
     device_busy: float = 0.0
@@ -187,9 +203,13 @@ def summary(
         every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
         flight), ``losses`` (count, ``first``, ``last``), ``errors`` (messages), ``plots`` (paths
         written) and ``actors``: per actor its ``kind``, ``busy_seconds``, ``idle_seconds``,
-        ``busy_fraction``, ``forwards``, ``backwards``, ``updates``, ``messages_in``,
-        ``messages_out``, ``bytes_out``, ``staleness_mean`` / ``staleness_max`` (over its
-        backwards: its version at the backward minus its version at the key's forward),
+        ``busy_fraction``, ``forwards``, ``backwards`` (the two halves of a split one count
+        once), ``updates``, ``messages_in``, ``messages_out``, ``bytes_out``,
+        ``staleness_mean`` / ``staleness_max`` (over the gradients its updates applied: the
+        delays its ``update`` events list, the version at the update minus the version the
+        key's forward used, as ``ActorStatistics.delays`` counts them; for a trace whose
+        updates list none, over its backwards: its version at the backward minus its version
+        at the key's forward),
         ``peak_stored`` and ``peak_versions_held``, and ``device_busy_seconds`` (the time
         its work ran on its device's clock: a traced GPU actor's "device" events; 0 without).
         ``devices``: per device that "device" events name, ``busy_seconds`` (the sum over
@@ -254,6 +274,10 @@ def summary(
             st.bytes_out += sent_bytes(e)
         elif ev == "update":
             st.updates += 1
+            delays = e.meta.get("delays")
+            if isinstance(delays, list):
+                st.lists_delays = True
+                st.delays.extend(int(d) for d in delays if isinstance(d, int))
         elif ev == "device":
             starts, ends = spans.setdefault(devices.get(a, "device"), (array("d"), array("d")))
             for t0, t1 in e.meta.get("spans", []):
@@ -276,7 +300,7 @@ def summary(
                 st.forwards += 1
                 if "loss" in e.meta:
                     losses.append(float(e.meta["loss"]))
-            else:
+            elif _whole_backward(e):
                 st.backwards += 1
             if keep:
                 st.intervals.append((t0, t, kind))
@@ -287,6 +311,7 @@ def summary(
     for name, st in actors.items():
         if st.open is not None:  # cut off mid-compute: count it up to the end
             st.busy += t_last - st.open[0]
+        stale = st.delays if st.lists_delays else st.staleness
         out_actors[name] = {
             "kind": st.kind,
             "busy_seconds": st.busy,
@@ -298,8 +323,8 @@ def summary(
             "messages_in": st.messages_in,
             "messages_out": st.messages_out,
             "bytes_out": st.bytes_out,
-            "staleness_mean": _mean(st.staleness),
-            "staleness_max": max(st.staleness, default=0),
+            "staleness_mean": _mean(stale),
+            "staleness_max": max(stale, default=0),
             "peak_stored": st.peak_stored,
             "peak_versions_held": st.peak_versions_held,
             "device_busy_seconds": st.device_busy,
@@ -430,8 +455,9 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(
-        "stale: gradient staleness mean/max in versions (version at backward minus version at "
-        "forward); stored, vers: peak activations stored and parameter versions held"
+        "stale: gradient staleness mean/max in versions (the version an update applied a "
+        "gradient at minus the version its forward used); stored, vers: peak activations "
+        "stored and parameter versions held"
     )
     for device, use in s.get("devices", {}).items():
         lines.append(
