@@ -9,8 +9,13 @@ The layout of a folder (format version 2)::
                          "files": {"spec.msgpack": {"bytes": n, "sha256": hex}, ...}}
     spec.msgpack        {"format", "version", "graph", "policy", "optimizer", "seed", "dtype",
                          "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout",
-                         "options"}
+                         "options", "fit"}
     arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>"
+    fit.json            where the epoch stands (the spec's "fit"), for an asyncnn before it
+
+A save first finishes one that was interrupted between its renames (its files would otherwise be
+overwritten half-way), writes every file beside its place, then renames them into place; one that
+fails before its renames removes what it wrote and leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
+from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._pytree import tree_flatten, tree_map
 from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
-from ._runtime._policies import policy_from_spec
+from ._runtime._policies import Policy, policy_from_spec
 from ._runtime._run import RunState
+from ._runtime._wrapped import WrappedPolicy
 from .backends import get_backend, is_floating, to_numpy
 
 if TYPE_CHECKING:
@@ -58,20 +65,42 @@ class CheckpointError(ValueError):
     its graph; the message names the file and what is wrong."""
 
 
-def _treedef_spec(tree: Any) -> Any:
-    """The structure of a pytree with its non-array leaves (ints, floats) kept inline."""
-    if isinstance(tree, dict):
-        return {"dict": {k: _treedef_spec(v) for k, v in tree.items()}}
-    if isinstance(tree, list | tuple):
-        return {"list" if isinstance(tree, list) else "tuple": [_treedef_spec(v) for v in tree]}
+def _treedef_spec(tree: Any, what: str, path: str = "") -> Any:
+    """The structure of a pytree with its non-array leaves (ints, floats) kept inline.
+
+    Containers are dicts, lists and tuples of exactly these types, as :func:`tree_flatten`
+    sees them (it takes an ``OrderedDict`` or a named tuple for one leaf).
+
+    Raises:
+        TypeError: a leaf the spec cannot hold, naming ``what`` and the place in it.
+    """
+    kind = type(tree)
+    if kind is dict:
+        for k in tree:
+            if type(k) not in (str, int):
+                raise TypeError(
+                    f"cannot save {what}: at {path or 'its top'} a dict has the key {k!r:.80}; "
+                    "a checkpoint keeps str and int keys"
+                )
+        return {"dict": {k: _treedef_spec(v, what, f"{path}[{k!r}]") for k, v in tree.items()}}
+    if kind is list or kind is tuple:
+        entries = [_treedef_spec(v, what, f"{path}[{i}]") for i, v in enumerate(tree)]
+        return {"list" if kind is list else "tuple": entries}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         return {"array": True}
-    return {"value": tree}
+    if tree is None or isinstance(tree, bool | int | float | str):
+        return {"value": tree}
+    raise TypeError(
+        f"cannot save {what}: at {path or 'its top'} it holds an object of type "
+        f"{kind.__qualname__}; a checkpoint keeps dicts, lists and tuples (of exactly these "
+        "types), arrays, numbers, strings and None (a dataclass or named tuple: give its "
+        "fields as a dict)"
+    )
 
 
-def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
+def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray], what: str) -> Any:
     leaves, _ = tree_flatten(tree)
-    spec = _treedef_spec(tree)
+    spec = _treedef_spec(tree, what)
     for i, leaf in enumerate(leaves):
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             # np.asarray keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
@@ -115,28 +144,36 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(trainer: Trainer, path: str) -> None:
+def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
+    """Writes the checkpoint folder ``path`` (see the module's docstring); ``fit`` is where the
+    epoch stands (:meth:`Trainer.save`'s record), kept in the spec with the weights."""
     from safetensors.numpy import save_file
 
     check_save_path(path)
-    os.makedirs(path, exist_ok=True)
     state = trainer.state
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, Any] = {}
     for name in trainer.graph.layers:
         layout[name] = {
-            "params": _split(state.params[name], f"params/{name}", arrays),
-            "opt_state": _split(state.opt_states[name], f"opt/{name}", arrays),
+            "params": _split(
+                state.params[name], f"params/{name}", arrays, f"the parameters of {name!r}"
+            ),
+            "opt_state": _split(
+                state.opt_states[name], f"opt/{name}", arrays, f"the optimizer state of {name!r}"
+            ),
             "version": state.versions[name],
         }
         if name in state.pending_grads:  # gradients accumulated and not yet applied
             acc, count = state.pending_grads[name]
             layout[name]["pending"] = {
-                "grads": _split(acc, f"pending/{name}", arrays),
+                "grads": _split(acc, f"pending/{name}", arrays, f"the gradients of {name!r}"),
                 "count": count,
             }
         if name in state.actor_states:  # a custom actor's own state (LayerActor.actor_state)
-            layout[name]["actor_state"] = _split(state.actor_states[name], f"actor/{name}", arrays)
+            layout[name]["actor_state"] = _split(
+                state.actor_states[name], f"actor/{name}", arrays,
+                f"the actor state of {name!r} (its actor_state())",
+            )  # fmt: skip
     spec = {
         "format": FORMAT,
         "version": VERSION,
@@ -154,28 +191,43 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
         # the run options a loaded trainer starts with (its constructor's, unless overridden)
         "options": {name: getattr(trainer, name) for name in _OPTIONS},
     }
+    if fit is not None:
+        spec["fit"] = fit
+    os.makedirs(path, exist_ok=True)  # (a state that cannot be saved is refused before)
+    if os.path.exists(os.path.join(path, MANIFEST + ".tmp")):
+        # an earlier save interrupted between its renames: this one would write over the files
+        # it still has to rename, and an interruption of this one would then leave neither
+        # checkpoint whole
+        _finish_save(path)
     # Write beside (each file on disk before it is renamed), then rename, the manifest last: a
     # crash mid-save leaves the old checkpoint, or the new one in part renamed (which load
     # finishes: _finish_save), never a half-written file that loads.
     tmp_arrays = os.path.join(path, ARRAYS + ".tmp")
     tmp_spec = os.path.join(path, SPEC + ".tmp")
     tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
-    save_file(arrays, tmp_arrays)
-    _sync(tmp_arrays)
-    with open(tmp_spec, "wb") as f:
-        f.write(msgpack.packb(spec, use_bin_type=True))
-    _sync(tmp_spec)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "files": {
-            name: {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
-            for name, tmp in ((SPEC, tmp_spec), (ARRAYS, tmp_arrays))
-        },
-    }
-    with open(tmp_manifest, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    _sync(tmp_manifest)
+    try:
+        save_file(arrays, tmp_arrays)
+        _sync(tmp_arrays)
+        packed = msgpack.packb(spec, use_bin_type=True)
+        with open(tmp_spec, "wb") as f:
+            f.write(packed)
+        _sync(tmp_spec)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "files": {
+                name: {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
+                for name, tmp in ((SPEC, tmp_spec), (ARRAYS, tmp_arrays))
+            },
+        }
+        with open(tmp_manifest, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        _sync(tmp_manifest)
+    except BaseException:  # a full disk, Ctrl-C: the old checkpoint stays, without the debris
+        for tmp in (tmp_manifest, tmp_spec, tmp_arrays):  # (a large one on a full disk)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
     os.replace(tmp_arrays, os.path.join(path, ARRAYS))
     os.replace(tmp_spec, os.path.join(path, SPEC))
     os.replace(tmp_manifest, os.path.join(path, MANIFEST))
@@ -363,7 +415,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     which must have the checkpoint's layers, by name, with parameters of the same structure and
     shapes; with ``dtype``, the weights and optimizer buffers are cast to it; with an ``optimizer`` whose state has another structure than the
     checkpoint's (another kind), each layer's optimizer state starts fresh (the weights, versions
-    and counters are kept). ``trusted_modules=[...]`` names modules whose classes the spec may
+    and counters are kept); with a ``policy`` of another kind than the checkpoint's (``Sync``
+    after ``Async``), the gradients the saved policy had accumulated and not yet applied are
+    dropped. The epoch's position comes from the spec (from ``fit.json`` for a checkpoint of
+    an asyncnn before the spec kept it). ``trusted_modules=[...]`` names modules whose classes the spec may
     name without their being imported already (see
     :func:`~asyncnn._math._imports.import_by_path`).
 
@@ -372,6 +427,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
             version, malformed, or does not fit the graph it describes (or the ``graph``
             given): the message names the layer, the place in its parameters and the shapes.
+        ValueError: ``fit.json`` (read for an older checkpoint) is damaged or another save's:
+            the message names it and the fix.
         TypeError: ``graph`` is not a :class:`~asyncnn.Graph`.
         UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
     """
@@ -402,9 +459,14 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     kwargs.update(overrides)
     fits = "its graph" if given_graph is None else "the graph given"
     _same_layers(graph, spec["layout"], f"{path}: the checkpoint does not fit {fits}")
+    position = _position(path, spec, spec_path)
     trainer = cls(graph, **kwargs)
     fresh = trainer.state
     same_dtype = "dtype" not in overrides
+    # gradients the saved policy accumulated and had not yet applied were summed for its update
+    # rule (Async's mean of its last keys): under a policy of another kind they would enter its
+    # first update unscaled, so they are dropped (as another optimizer starts its own state)
+    keep_pending = _accumulates_alike(policy, kwargs["policy"])
     try:
         params, opt_states, versions, pending, actor_states = {}, {}, {}, {}, {}
         for name in graph.layers:
@@ -422,10 +484,12 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                 opt_state = fresh.opt_states[name]  # another optimizer: its own state, fresh
             opt_states[name] = _cast_like(opt_state, fresh.opt_states[name], device)
             versions[name] = _count(entry["version"], f"the version of {name!r}")
-            if "pending" in entry:
+            if "pending" in entry and keep_pending:
                 acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
-                _fits(acc, fresh.params[name], f"the pending gradients of {name!r}", same_dtype)
-                acc = _cast_like(acc, fresh.params[name], device)
+                if acc is not None:  # None: only skipped keys (an expert given no rows) so far
+                    what = f"the pending gradients of {name!r}"
+                    _fits(acc, fresh.params[name], what, same_dtype)
+                    acc = _cast_like(acc, fresh.params[name], device)
                 pending[name] = (acc, _count(entry["pending"]["count"], "a gradient count"))
             if "actor_state" in entry:
                 actor_states[name] = _join(
@@ -443,7 +507,41 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
         trainer.traces = list(traces)
+    trainer.epoch_batches, trainer._epoch_layout = position
     return trainer
+
+
+def _position(path: str, spec: dict[str, Any], spec_path: str) -> tuple[int, Any]:
+    """Where the checkpoint's epoch stands: the spec's ``"fit"``, else (a checkpoint written
+    before the spec kept it) ``fit.json`` beside it, else its start.
+
+    Raises:
+        CheckpointError: the spec's record is malformed (naming the field).
+        ValueError: ``fit.json`` is damaged or another save's (naming the fix).
+    """
+    try:
+        minibatches = _count(spec.get("minibatches"), "minibatches")
+    except ValueError as exc:
+        raise CheckpointError(f"{spec_path} is malformed: {exc}") from exc
+    if "fit" in spec:
+        try:
+            return fit_position(spec["fit"], minibatches)
+        except ValueError as exc:
+            raise CheckpointError(f"{spec_path} is malformed: its 'fit' record: {exc}") from exc
+    fit_file = os.path.join(path, _FIT_FILE)
+    if os.path.exists(fit_file):
+        return _epoch_batches(fit_file, minibatches)
+    return 0, None
+
+
+def _accumulates_alike(saved: Policy, given: Policy) -> bool:
+    """Whether ``given`` accumulates gradients as ``saved`` does: the same kind of policy under
+    any wrappers (staleness remedies), whatever its settings."""
+    while isinstance(saved, WrappedPolicy):
+        saved = saved.wrapped
+    while isinstance(given, WrappedPolicy):
+        given = given.wrapped
+    return type(saved) is type(given)
 
 
 def verify_checkpoint(path: str) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""``fit.json``, the file beside a checkpoint that says where its epoch stands: how many
-minibatches of the current epoch were done, and what those minibatches were (the epoch layout),
-so that the next ``fit`` of a loaded trainer finishes that epoch first.
+"""Where a checkpoint's epoch stands: how many minibatches of the current epoch were done, and
+what those minibatches were (the epoch layout), so that the next ``fit`` of a loaded trainer
+finishes that epoch first.
 
-:meth:`Trainer.save` writes it after the checkpoint; :meth:`Trainer.load` reads it here,
-checked against the checkpoint beside it. Apart from ``_train.py`` (whose job is the trainer
-itself) because reading it is mostly refusing a damaged or mismatched file, one field at a time.
+:meth:`Trainer.save` keeps it in the checkpoint's spec (``spec["fit"]``, renamed into place with
+the weights, so the two never disagree) and, for an asyncnn that predates it, in ``fit.json``
+beside the checkpoint. Loading reads the spec's, and ``fit.json`` only for a checkpoint whose
+spec has none (written by an older asyncnn), checked against the checkpoint's own minibatch count
+(a save interrupted between its files leaves another's). Apart from ``_checkpoint.py`` because
+reading it is mostly refusing a damaged or mismatched record, one field at a time.
 """
 
 from __future__ import annotations
@@ -17,25 +20,47 @@ from ._fit import epoch_layout
 _FIT_FILE = "fit.json"
 
 
+def fit_position(fit: Any, minibatches: int) -> tuple[int, dict[str, Any] | None]:
+    """Where the epoch stands, from a position record ``{"epoch_batches", "minibatches",
+    "epoch_layout"}`` (the spec's ``"fit"``, or ``fit.json``'s object), and the epoch layout it
+    was counted in (``None`` in a record of an older save, which kept none).
+
+    Raises:
+        ValueError: a field is damaged (named), or the record was written after another number
+            of minibatches than ``minibatches`` (the message says both).
+    """
+    if not isinstance(fit, dict):
+        raise ValueError(f"it is {type(fit).__name__}, not an object")
+    done = fit.get("epoch_batches", 0)
+    if type(done) is not int or done < 0:
+        raise ValueError(f"epoch_batches is {done!r:.80}, not an int >= 0")
+    layout = _layout(fit.get("epoch_layout"))
+    saved = fit.get("minibatches")
+    if saved is not None and saved != minibatches:
+        raise _Foreign(
+            f"it was written after {saved!r:.80} minibatches, the checkpoint after {minibatches}"
+        )
+    return done, layout
+
+
+class _Foreign(ValueError):
+    """A position record of another save than the checkpoint's."""
+
+
 def _epoch_batches(fit_file: str, minibatches: int) -> tuple[int, dict[str, Any] | None]:
-    """Where the checkpoint's epoch stands, from its ``fit.json``, checked against the
-    checkpoint's own minibatch count (a save interrupted between its files leaves another's),
-    and the epoch layout it was counted in (``None`` in a ``fit.json`` of an older save)."""
+    """Where the checkpoint's epoch stands, from its ``fit.json`` (see :func:`fit_position`)."""
     fix = f"delete {fit_file} to start the interrupted epoch over"
     try:
         with open(fit_file, encoding="utf-8") as f:
             fit = json.load(f)
-        done = int(fit.get("epoch_batches", 0))
-        saved = fit.get("minibatches")
-        layout = _layout(fit.get("epoch_layout"))
+        return fit_position(fit, minibatches)
+    except _Foreign:
+        raise ValueError(
+            f"{fit_file} was written after {fit.get('minibatches')} minibatches, the checkpoint "
+            f"beside it after {minibatches} (a save interrupted between its files?); {fix}"
+        ) from None
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{fit_file} is damaged ({exc}); {fix}") from exc
-    if saved is not None and saved != minibatches:
-        raise ValueError(
-            f"{fit_file} was written after {saved} minibatches, the checkpoint beside it after "
-            f"{minibatches} (a save interrupted between its files?); {fix}"
-        )
-    return done, layout
 
 
 def _layout(value: Any) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import numpy as np
 from ._callbacks import Callback
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._fit import _end_all, _FitPlan, _FitState, _Progress, check_checkpoint_dir
-from ._fit_file import _FIT_FILE, _epoch_batches
+from ._fit_file import _FIT_FILE
 from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
@@ -507,22 +507,29 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes a checkpoint folder: weights and optimizer state in safetensors, the rest (graph,
-        policy, optimizer, counters) as a msgpack spec, and where the current epoch stands in
-        ``fit.json`` (with what its minibatches were: rows, ``batch_size``, ``shuffle``, seed,
-        ``drop_last``). :meth:`load` resumes from it."""
+        policy, optimizer, counters, and where the current epoch stands, with what its
+        minibatches were: rows, ``batch_size``, ``shuffle``, seed, ``drop_last``) as a msgpack
+        spec, renamed into place together; the epoch's position also in ``fit.json``, for an
+        asyncnn older than the spec's record. :meth:`load` resumes from it.
+
+        Raises:
+            FileExistsError: ``path`` is a file, or a folder holding files of the names a
+                checkpoint writes without being a checkpoint (nothing is written).
+            TypeError: a custom actor's state holds what a checkpoint cannot (named, with its
+                layer; nothing is written).
+            OSError: the disk refused a file (the folder's previous checkpoint stays whole).
+        """
         from ._checkpoint import save_checkpoint
 
         path = os.fspath(path)
-        # the minibatch count ties it to the checkpoint it sits beside (written after it);
+        position = {
+            "epoch_batches": self.epoch_batches,
+            "minibatches": self.state.minibatches,
+            "epoch_layout": self._epoch_layout if self.epoch_batches else None,
+        }
         # serialised first: a value JSON cannot hold fails the save before anything is written
-        fit = json.dumps(
-            {
-                "epoch_batches": self.epoch_batches,
-                "minibatches": self.state.minibatches,
-                "epoch_layout": self._epoch_layout if self.epoch_batches else None,
-            }
-        )
-        save_checkpoint(self, path)
+        fit = json.dumps(position)
+        save_checkpoint(self, path, position)
         tmp = os.path.join(path, _FIT_FILE + ".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -539,17 +546,12 @@ class Trainer:
         bit-identically (also from a fit that was interrupted mid-epoch). The graph, policy,
         optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
-        constructor arguments (e.g. ``progress=True``, ``check_finite=False``)."""
+        constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a
+        ``policy`` of another kind than the checkpoint's (``Sync`` after ``Async``), gradients
+        the saved policy had accumulated and not yet applied are dropped."""
         from ._checkpoint import load_checkpoint
 
-        path = os.fspath(path)
-        trainer = load_checkpoint(cls, path, **overrides)
-        fit_file = os.path.join(path, _FIT_FILE)
-        if os.path.exists(fit_file):
-            trainer.epoch_batches, trainer._epoch_layout = _epoch_batches(
-                fit_file, trainer.state.minibatches
-            )
-        return trainer
+        return load_checkpoint(cls, os.fspath(path), **overrides)
 
 
 def _classifiers(graph: Graph) -> list[str]:

@@ -140,6 +140,8 @@ def _rewrite_spec(path: str, change: Any) -> None:
         lambda s: s["options"].update(stall_timeout="soon"),
         lambda s: s["options"].update(trace_payloads="most"),
         lambda s: s.update(options=[]),
+        lambda s: s["fit"].update(epoch_batches=-1),
+        lambda s: s["fit"].update(minibatches=99),
     ],
     ids=[
         "no-layout",
@@ -153,6 +155,8 @@ def _rewrite_spec(path: str, change: Any) -> None:
         "stall_timeout",
         "trace_payloads",
         "options",
+        "fit-epoch_batches",
+        "fit-minibatches",
     ],  # fmt: skip
 )
 def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
@@ -160,7 +164,7 @@ def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
 ) -> None:
     bad = _copy(saved[0], str(tmp_path / "c"))
     _rewrite_spec(bad, change)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="spec.msgpack|does not fit"):
         ann.Trainer.load(bad)
 
 
@@ -231,8 +235,12 @@ def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved
 
 def test_a_damaged_or_foreign_fit_json_is_named_with_the_fix(saved: Any, tmp_path: Any) -> None:
     # (a damaged one gave json's message without the file; one left by an interrupted save,
-    # beside another checkpoint, resumed the epoch at the wrong minibatch silently)
+    # beside another checkpoint, resumed the epoch at the wrong minibatch silently). fit.json
+    # is read for a checkpoint whose spec has no position of its own (an older asyncnn's).
     path, tr = saved
+    older = _copy(path, str(tmp_path / "older"))
+    _rewrite_spec(older, lambda s: s.pop("fit"))
+    path = older
     damaged = _copy(path, str(tmp_path / "damaged"))
     Path(damaged, "fit.json").write_text("{epoch_batches: 3")
     with pytest.raises(ValueError, match=r"fit.json is damaged .*delete .*fit.json to start"):
@@ -389,3 +397,202 @@ def test_the_run_options_come_back_with_the_checkpoint(tmp_path: Any) -> None:
     _rewrite_spec(older, lambda s: s.pop("options"))
     old = ann.Trainer.load(older)
     assert (old.check_finite, old.stall_timeout, old.trace_payloads) == (False, 60.0, "inputs")
+
+
+# -- saves interrupted or failing; the epoch's position; another policy --------------------------
+
+
+class _StopAt(ann.callbacks.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any, step: int, logs: Any) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def _sync_trainer() -> ann.Trainer:
+    g = ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                             loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 6))  # fmt: skip
+    return ann.Trainer(g, optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policies.Sync(), seed=2)
+
+
+def _data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {"x": rng.normal(size=(32, 6)), "y": rng.integers(0, 3, 32)}
+
+
+def _interrupt_renames(monkeypatch: pytest.MonkeyPatch, after: int) -> list[str]:
+    """``os.replace`` raising KeyboardInterrupt after ``after`` renames (until undone)."""
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_a_save_interrupted_mid_epoch_between_its_renames_resumes_where_it_stood(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the load finished the renames, then refused the older save's fit.json beside them: "delete
+    # fit.json to start the interrupted epoch over", and the epoch's position was lost)
+    data = _data()
+    straight = _sync_trainer()
+    straight.fit(data, epochs=2, batch_size=8, shuffle=True)
+    tr = _sync_trainer()
+    folder = str(tmp_path / "c")
+    tr.save(folder)  # an earlier checkpoint in the folder, at minibatch 0
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=2, batch_size=8, shuffle=True, callbacks=[_StopAt(5)])
+    assert (tr.epochs_done, tr.epoch_batches) == (1, 2)
+    _interrupt_renames(monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(folder)
+    monkeypatch.undo()
+    back = ann.Trainer.load(folder)
+    assert (back.state.minibatches, back.epochs_done, back.epoch_batches) == (6, 1, 2)
+    back.fit(data, epochs=1, batch_size=8, shuffle=True)  # finishes epoch 1 from minibatch 2
+    assert_params_equal(back.params, straight.params)
+
+
+def test_a_save_over_one_interrupted_between_its_renames_keeps_a_whole_checkpoint(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the second save wrote its spec over the first's, which was still to be renamed; interrupted
+    # in its turn, it left neither checkpoint loadable: "arrays.safetensors is damaged")
+    import asyncnn._checkpoint as checkpoint
+
+    data = _data()
+    folder = str(tmp_path / "c")
+    first = _sync_trainer()
+    first.save(folder)
+    first.fit(data, epochs=1, batch_size=8)
+    _interrupt_renames(monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        first.save(folder)
+    monkeypatch.undo()
+    second = _sync_trainer()
+    second.fit(data, epochs=2, batch_size=8)
+    real_sync = checkpoint._sync
+
+    def interrupted(path: str) -> None:
+        if path.endswith("spec.msgpack.tmp"):
+            raise KeyboardInterrupt  # its spec written, not yet its manifest
+        real_sync(path)
+
+    monkeypatch.setattr(checkpoint, "_sync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(folder)
+    monkeypatch.undo()
+    back = ann.Trainer.load(folder)
+    assert back.state.minibatches == first.state.minibatches == 4
+    assert_params_equal(back.params, first.params)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_a_save_failing_before_its_renames_removes_what_it_wrote(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a full disk left arrays.safetensors.tmp, as large as the weights, in the folder)
+    import safetensors.numpy
+
+    tr = _sync_trainer()
+    folder = str(tmp_path / "c")
+    tr.save(folder)
+    before = sorted(os.listdir(folder))
+    tr.fit(_data(), epochs=1, batch_size=8)
+
+    def full_disk(arrays: Any, file: str) -> None:
+        Path(file).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tr.save(folder)
+    assert sorted(os.listdir(folder)) == before
+    assert ann.Trainer.load(folder).state.minibatches == 0  # the old checkpoint, whole
+
+
+def test_another_kind_of_policy_drops_the_gradients_the_saved_one_had_pending(
+    tmp_path: Any,
+) -> None:
+    # (Async's summed gradients of its last keys went unscaled into Sync's first update)
+    import dataclasses
+
+    data = _data()
+    tr = _sync_trainer()
+    tr.policy = policies.Async(max_active_keys=1, min_update_frequency=3)  # one key at a time
+    tr.fit(data, epochs=1, batch_size=8)
+    assert {n: c for n, (_, c) in tr.state.pending_grads.items()} == {"stage0": 1, "stage1": 1}
+    tr.save(str(tmp_path / "c"))
+    same_kind = ann.Trainer.load(str(tmp_path / "c"), policy=policies.Async(2, 2))
+    assert {n: c for n, (_, c) in same_kind.state.pending_grads.items()} == {
+        "stage0": 1, "stage1": 1,
+    }  # fmt: skip
+    sync = ann.Trainer.load(str(tmp_path / "c"), policy=policies.Sync())
+    assert sync.state.pending_grads == {} and sync.versions == tr.versions
+    reference = _sync_trainer()
+    reference.state = dataclasses.replace(tr.state, pending_grads={})
+    for trainer in (sync, reference):
+        trainer.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(sync.params, reference.params)
+
+
+def test_gradients_pending_of_skipped_keys_alone_load(tmp_path: Any) -> None:
+    # (an expert given no rows by the keys since its last update, under Async with
+    # min_update_frequency > 1, holds (None, count); its checkpoint was refused: "the pending
+    # gradients of 'e0' hold NoneType in the checkpoint")
+    tr = _sync_trainer()
+    tr.policy = policies.Async(max_active_keys=1, min_update_frequency=3)
+    tr.state.pending_grads["stage0"] = (None, 2)
+    tr.save(str(tmp_path / "c"))
+    back = ann.Trainer.load(str(tmp_path / "c"))
+    assert back.state.pending_grads == {"stage0": (None, 2)}
+
+
+class _Stateful(ann.LayerActor):
+    """An actor whose own state is what ``setup(kind=...)`` says."""
+
+    def setup(self, kind: str = "dict") -> None:
+        self.kind = kind
+
+    def actor_state(self) -> Any:
+        import collections
+        import dataclasses
+
+        seen = np.asarray(3)
+        if self.kind == "ordered":
+            return collections.OrderedDict(seen=seen)
+        if self.kind == "dataclass":
+            return dataclasses.make_dataclass("Seen", ["seen"])(seen)
+        return {"nested": [{"seen": seen}, {1: object()}]}
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("ordered", r"at its top it holds an object of type OrderedDict"),
+        ("dataclass", r"at its top it holds an object of type Seen; .*give its fields as a dict"),
+        ("plain", r"at \['nested'\]\[1\]\[1\] it holds an object of type object"),
+    ],
+)
+def test_an_actor_state_a_checkpoint_cannot_hold_is_refused_by_the_save(
+    tmp_path: Any, kind: str, says: str
+) -> None:
+    # (an OrderedDict or named tuple saved without a word, and the load then failed: "the array
+    # 'actor/a/0' is missing"; a dataclass failed with msgpack's "can not serialize 'Seen'")
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(6, 3), x, actor=_Stateful, actor_args={"kind": kind})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    tr.fit(_data(), batch_size=16)
+    with pytest.raises(TypeError, match=r"cannot save the actor state of 'a' .*" + says):
+        tr.save(str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # refused before anything was written

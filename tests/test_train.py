@@ -670,6 +670,7 @@ def test_resuming_with_the_same_layout_finishes_the_epoch_and_old_fit_json_loads
     tr.fit(data, epochs=1, batch_size=8)
     assert tr.state.minibatches == 5 and (tr.epochs_done, tr.epoch_batches) == (1, 0)
     # a fit.json of an older save (no layout): the position is taken as it comes, as before
+    _as_an_older_save(tmp_path / "ckpt")
     del fit["epoch_layout"]
     with open(tmp_path / "ckpt" / "fit.json", "w") as f:
         json.dump(fit, f)
@@ -680,9 +681,28 @@ def test_resuming_with_the_same_layout_finishes_the_epoch_and_old_fit_json_loads
     assert_params_equal(old.params, tr.params)
 
 
+def _as_an_older_save(folder):
+    """The checkpoint ``folder`` as an asyncnn before the spec kept the epoch's position wrote
+    it: the position in fit.json alone."""
+    import hashlib
+
+    import msgpack
+
+    file = folder / "spec.msgpack"
+    spec = msgpack.unpackb(file.read_bytes(), raw=False, strict_map_key=False)
+    del spec["fit"]
+    raw = msgpack.packb(spec, use_bin_type=True)
+    file.write_bytes(raw)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    digest = hashlib.sha256(raw).hexdigest()
+    manifest["files"]["spec.msgpack"] = {"bytes": len(raw), "sha256": digest}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_damaged_epoch_layout_in_fit_json_is_named(tmp_path):
     tr, _ = _interrupted_at_3()
     tr.save(tmp_path / "ckpt")
+    _as_an_older_save(tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "fit.json"
     fit = json.loads(path.read_text())
     fit["epoch_layout"]["batch_size"] = "8"
