@@ -17,6 +17,8 @@ import platform
 import threading
 from typing import Any
 
+from ._checks import check_number
+
 __all__ = ["allocator_tuning", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
@@ -58,9 +60,16 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30)
     Returns:
         True when both settings were applied; False on a platform without glibc's ``mallopt``
         (macOS, Windows, musl) or when glibc refused them. Never raises for those.
+
+    Raises:
+        TypeError, ValueError: a threshold that is not a whole number of bytes, 0 or more (a
+            negative one was taken as 0: every allocation its own ``mmap``). Thresholds above
+            ``2**31 - 1`` (glibc's ``int``) are applied as ``2**31 - 1``.
     """
-    mmap_threshold = max(0, min(int(mmap_threshold), 2**31 - 1))
-    trim_threshold = max(0, min(int(trim_threshold), 2**31 - 1))
+    check_number("mmap_threshold", mmap_threshold, integer=True, least=0)
+    check_number("trim_threshold", trim_threshold, integer=True, least=0)
+    mmap_threshold = min(int(mmap_threshold), 2**31 - 1)
+    trim_threshold = min(int(trim_threshold), 2**31 - 1)
     wanted = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold}
     with _lock:
         if _applied == wanted:

@@ -8,6 +8,7 @@ that each of those files keeps to its own job.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -17,10 +18,17 @@ __all__ = ["check_flag", "check_number"]
 
 
 def check_number(
-    name: str, value: Any, *, integer: bool, least: float, none_ok: bool = False
+    name: str,
+    value: Any,
+    *,
+    integer: bool,
+    least: float,
+    none_ok: bool = False,
+    finite: bool = False,
 ) -> None:
     """Raises an error naming the argument ``name`` unless ``value`` is a number (a whole one
-    when ``integer``; never a bool) of at least ``least``, or None where ``none_ok``."""
+    when ``integer``; never a bool, never NaN; finite where ``finite``) of at least ``least``,
+    or None where ``none_ok``."""
     if value is None and none_ok:
         return
     or_none = " or None" if none_ok else ""
@@ -30,6 +38,11 @@ def check_number(
         raise TypeError(
             f"{name} must be {'an int' if integer else 'a number'}{or_none}, got {value!r}"
         )
+    # (ints are finite: math.isinf would overflow on a huge one)
+    nan = value != value
+    if nan or (finite and not isinstance(value, numbers.Integral) and math.isinf(value)):
+        kind = "a finite number" if finite else "a number, not NaN"
+        raise ValueError(f"{name} must be {kind}{or_none}, got {value!r}")
     if value < least:
         raise ValueError(f"{name} must be at least {least}{or_none}, got {value!r}")
 

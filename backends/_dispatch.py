@@ -102,8 +102,13 @@ def narrowed(out: Any, a: Any, b: Any) -> Any:
     dtype = a.dtype
     if out.dtype is dtype:  # the common case first: one comparison
         return out
-    # (a vector times a vector is a numpy scalar; a cupy array is neither: cuBLAS rounded it)
-    if isinstance(out, np.ndarray | np.generic) and b.dtype == dtype != out.dtype:
+    # (a vector times a vector is a numpy scalar; a cupy array is neither: cuBLAS rounded it;
+    # a byte-swapped dtype came back native, as numpy's own product does, not wider)
+    if (
+        isinstance(out, np.ndarray | np.generic)
+        and b.dtype == dtype != out.dtype
+        and dtype.itemsize < out.dtype.itemsize
+    ):
         return out.astype(dtype)
     return out
 
@@ -111,7 +116,8 @@ def narrowed(out: Any, a: Any, b: Any) -> Any:
 def elementwise(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` for an elementwise ``fn`` (each output row depends only on the same rows of
     the inputs, numpy broadcasting); on a thread with a :class:`ComputeTeam`, large numpy work is
-    split by rows of the result (see :meth:`ComputeTeam.elementwise`). Bit-identical either way.
+    split by rows of the result (see :meth:`ComputeTeam.elementwise`): bit-identical either way
+    for correctly rounded operations (``+ - * /``, ``maximum``).
     """
     team = _state.team
     if team is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import functools
+import math
 import operator
 import threading
 import time
@@ -52,8 +53,9 @@ __all__ = [
     "using_team",
 ]
 
-#: A part of a split product does at least this many flops: ~40 µs on one core, far above the
-#: ~10-20 µs it costs to wake a worker and hand it the part.
+#: The parts of a split product do at least this many flops on average: ~40 µs on one core, far
+#: above the ~10-20 µs it costs to wake a worker and hand it the part. (Parts are whole blocks
+#: of 16 rows or columns, so the one before a short last block may do less.)
 DEFAULT_PART_FLOPS = 4_000_000
 #: A part of a split elementwise pass touches at least this many elements (~50 µs of a ufunc).
 DEFAULT_PART_ELEMENTS = 131_072
@@ -61,6 +63,8 @@ DEFAULT_PART_ELEMENTS = 131_072
 #: blocks of 4 to 16 rows; a part of whole blocks keeps every kernel call on its fast path).
 ALIGN = 16
 _BLAS_KINDS = frozenset("fc")  # float32/64, complex64/128: the dtypes numpy hands to BLAS
+#: arguments of an elementwise pass that go whole to every part besides numpy arrays
+_SCALARS = (int, float, complex, np.generic)
 #: operators whose numpy ufunc writes a part in place (no temporary)
 _UFUNCS: dict[Any, np.ufunc] = {
     operator.add: np.add,
@@ -102,13 +106,26 @@ def _product_plan(
     return axis, _no_one_wide_tail(split_bounds(m if axis == 0 else n, parts, ALIGN))
 
 
-def _is_own_transpose(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
-    """Whether ``b`` is ``a.T`` (the same memory): numpy then computes ``a @ b`` with BLAS's
-    symmetric product (syrk), which no part of a cut product would use."""
-    return (
-        a.shape == b.shape[::-1]
-        and a.strides == b.strides[::-1]
-        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+def _has_own_transpose(
+    a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], axis: int, bounds: tuple[int, ...]
+) -> bool:
+    """Whether the whole product, or one of its parts, multiplies an array by its own transpose
+    (the same memory): numpy computes that with BLAS's symmetric product (syrk), which rounds
+    otherwise than the general product the other side of the cut uses. ``a @ a[:32].T`` is
+    general whole, but its first part of 32 rows is ``a[:32] @ a[:32].T``."""
+    if a.strides != b.strides[::-1]:  # the common case: one comparison
+        return False
+    pa = a.__array_interface__["data"][0]
+    pb = b.__array_interface__["data"][0]
+    m, n = a.shape[0], b.shape[1]
+    if m == n and pa == pb:
+        return True
+    # part [lo, hi) of the cut axis against the whole other operand
+    step, start, other = (a.strides[0], pa, pb) if axis == 0 else (b.strides[1], pb, pa)
+    width = n if axis == 0 else m
+    return any(
+        hi - lo == width and start + lo * step == other
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
     )
 
 
@@ -117,6 +134,50 @@ def _report(exc: BaseException) -> None:
     thread's uncaught error is, while the worker carries on."""
     args = [type(exc), exc, exc.__traceback__, threading.current_thread()]
     threading.excepthook(threading.ExceptHookArgs(args))
+
+
+class _BlasLimits:
+    """The BLAS thread counts that the open teams hold.
+
+    OpenBLAS keeps one count for the whole process, so teams open at the same time share it:
+    the count of the team opened last applies, and the count from before the first team returns
+    once the last one closes, in whatever order the teams close (a team that restored the count
+    it found would hand a team still open a multi-threaded BLAS, and leave the process at one
+    thread after both had closed).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[tuple[object, int]] = []  # (team, its count), oldest first
+        self._original: Any = None  # the limiter that restores the count before the first
+
+    def hold(self, owner: object, limit: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with self._lock:
+            limiter = threadpool_limits(limits=limit, user_api="blas")
+            if not self._held:
+                self._original = limiter
+            self._held.append((owner, limit))
+
+    def release(self, owner: object) -> None:
+        """Gives ``owner``'s count back (nothing when it holds none)."""
+        with self._lock:
+            index = next((i for i, (o, _) in enumerate(self._held) if o is owner), None)
+            if index is None:
+                return
+            newest = index == len(self._held) - 1
+            del self._held[index]
+            if not self._held:
+                original, self._original = self._original, None
+                original.restore_original_limits()
+            elif newest:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(limits=self._held[-1][1], user_api="blas")
+
+
+_BLAS_LIMITS = _BlasLimits()
 
 
 @dataclass(frozen=True)
@@ -165,10 +226,13 @@ class ComputeTeam:
 
     Args:
         workers: worker threads (usually one per core this process may use).
-        blas_threads: BLAS threads per call while the team is open, set through threadpoolctl and
-            restored on :meth:`close` (OpenBLAS keeps one count for the whole process); ``None``
-            leaves BLAS as it is. Splitting only pays with ``1``.
-        part_flops: the least work, in flops, of one part of a split product.
+        blas_threads: BLAS threads per call while the team is open, set through threadpoolctl
+            (OpenBLAS keeps one count for the whole process: of the teams open at once, the
+            last opened sets it, and the count from before the first returns when the last
+            one closes, in any order); ``None`` leaves BLAS as it is. Splitting only pays with
+            ``1``.
+        part_flops: the least work, in flops, of a part of a split product on average (parts
+            are whole blocks of 16 rows or columns, so one can do less).
         part_elements: the least number of elements one part of a split elementwise pass
             touches (twice that when the pass is cut in only two parts).
         split: whether work is split at all; with ``False`` the team only runs whole tasks (and
@@ -189,11 +253,15 @@ class ComputeTeam:
         name: str = "asyncnn-team",
         on_exit: Callable[[], object] | None = None,
     ) -> None:
-        if int(workers) < 1:
-            raise ValueError(f"a compute team needs at least 1 worker, got {workers}")
+        check_number("workers", workers, integer=True, least=-math.inf)
+        if workers < 1:
+            raise ValueError(
+                f"a compute team needs at least 1 worker, got workers={workers}: pass one per "
+                "core this process may use (len(os.sched_getaffinity(0)))"
+            )
         check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
-        check_number("part_flops", part_flops, integer=False, least=1)
-        check_number("part_elements", part_elements, integer=False, least=1)
+        check_number("part_flops", part_flops, integer=False, least=1, finite=True)
+        check_number("part_elements", part_elements, integer=False, least=1, finite=True)
         check_flag("split", split)
         self._n = int(workers)
         self._blas_threads = blas_threads
@@ -214,7 +282,6 @@ class ComputeTeam:
         self._split_count = 0
         self._part_count = 0
         self._state = "new"  # new -> open -> closing -> closed
-        self._limiter: Any = None
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -223,16 +290,20 @@ class ComputeTeam:
         if self._state != "new":
             raise RuntimeError(f"this compute team was started already ({self._state})")
         if self._blas_threads is not None:
-            from threadpoolctl import threadpool_limits
-
-            self._limiter = threadpool_limits(limits=self._blas_threads, user_api="blas")
+            _BLAS_LIMITS.hold(self, self._blas_threads)
         self._state = "open"
-        for i in range(self._n):
-            t = threading.Thread(
-                target=self._worker, args=(i,), name=f"{self._name}-{i}", daemon=True
-            )
-            t.start()
-            self._threads.append(t)
+        try:
+            for i in range(self._n):
+                t = threading.Thread(
+                    target=self._worker, args=(i,), name=f"{self._name}-{i}", daemon=True
+                )
+                t.start()
+                self._threads.append(t)
+        except BaseException:
+            # (the OS refused a thread) the workers started so far must not outlive the team,
+            # nor BLAS's count stay limited
+            self.close()
+            raise
         return self
 
     def shutdown(self) -> None:
@@ -260,9 +331,7 @@ class ComputeTeam:
             if t is not current and (wait or not t.is_alive()):
                 t.join()
         self._state = "closed"
-        if self._limiter is not None:
-            self._limiter.restore_original_limits()
-            self._limiter = None
+        _BLAS_LIMITS.release(self)
 
     def __enter__(self) -> ComputeTeam:
         return self.start()
@@ -378,6 +447,11 @@ class ComputeTeam:
         """
         with self._cond:
             if self._state != "open":
+                if self._state == "new":
+                    raise RuntimeError(
+                        "this compute team has not started: open it with 'with "
+                        "ComputeTeam(...) as team:' or call team.start() first"
+                    )
                 raise RuntimeError(f"this compute team is {self._state}: it takes no new tasks")
             self._tasks.append((task, then))
             if self._idle:
@@ -430,10 +504,13 @@ class ComputeTeam:
         to one part per worker, in whole blocks of 16 rows or columns (bfloat16: the float32
         product of the two, as numpy computes it).
 
-        The cut depends only on the shapes and the team's size. Every output element is the same
-        dot product as in an uncut single-threaded call (never a cut contraction); with a BLAS
-        whose kernel for a block does not depend on the other blocks (OpenBLAS), the result is
-        bit-identical to ``a @ b`` with one BLAS thread.
+        The cut depends only on the shapes and the team's size, so the result repeats bit for
+        bit. Every output element is the same dot product as in an uncut single-threaded call
+        (never a cut contraction), and equals ``a @ b`` with one BLAS thread bit for bit where
+        BLAS computes each part with the kernel it uses for the whole. OpenBLAS takes other
+        kernels for small products: parts of well under a megaflop (a ``part_flops`` far below
+        the default) can differ from the uncut product in the last bits (float64: about 1e-15
+        relative), the same in every run.
         """
         if (
             a.ndim != 2
@@ -444,7 +521,7 @@ class ComputeTeam:
             or not self._split
         ):
             return a @ b
-        if a.dtype.kind not in _BLAS_KINDS:
+        if a.dtype.kind not in _BLAS_KINDS or not a.dtype.isnative:
             if a.dtype.name == "bfloat16":
                 # (ml_dtypes) numpy multiplies it in float32, as this split does; the result is
                 # float32, which matmul() rounds back
@@ -453,7 +530,7 @@ class ComputeTeam:
         m, k = a.shape
         n = b.shape[1]
         axis, bounds = _product_plan(m, n, k, self._n, self._part_flops)
-        if len(bounds) <= 2 or _is_own_transpose(a, b):
+        if len(bounds) <= 2 or _has_own_transpose(a, b, axis, bounds):
             return a @ b
         out = np.empty((m, n), dtype=a.dtype)
         mm = np.matmul
@@ -499,7 +576,12 @@ class ComputeTeam:
         ``fn`` must be elementwise along the first axis: row ``i`` of its result depends only on
         row ``i`` of the arguments that have the result's full first axis (others, broadcast or
         scalar, go whole to every part). A ufunc writes each part in place; any other ``fn``
-        computes a part and copies it in. Results equal the uncut call bit for bit.
+        computes a part and copies it in. Results equal the uncut call bit for bit for correctly
+        rounded operations (``+ - * /``, ``sqrt``, ``maximum``, comparisons: what the math rules
+        pass); a transcendental ufunc (``exp``, ``log1p``) may take another vector loop for a
+        part of an array with negative strides, and differ from the uncut call in the last bit.
+        Arguments other than numpy arrays and scalars (lists, other libraries' arrays, ndarray
+        subclasses) leave the call whole.
         """
         ndim = 0
         touched = 0
@@ -507,8 +589,10 @@ class ComputeTeam:
             if type(x) is np.ndarray:
                 ndim = max(ndim, x.ndim)
                 touched += x.size
-            elif hasattr(x, "__array_namespace__") or hasattr(x, "__cuda_array_interface__"):
-                return fn(*args)  # another library's array: not this team's work
+            elif not isinstance(x, _SCALARS):
+                # another library's array, an ndarray subclass, or a nested list: its rows are
+                # not this team's to cut (a list given whole to every part would not broadcast)
+                return fn(*args)
         if ndim == 0 or touched < 2 * self._part_elements:
             return fn(*args)
         rows = 0
@@ -548,7 +632,8 @@ class ComputeTeam:
         is the same bit for bit.
         """
         cols = x.shape[1]
-        if x.dtype.kind not in _BLAS_KINDS:  # integers and bools sum into a wider dtype
+        # integers and bools sum into a wider dtype; a byte-swapped array into a native one
+        if x.dtype.kind not in _BLAS_KINDS or not x.dtype.isnative:
             return x.sum(axis=0)
         parts = len(self.row_bounds(cols, x.size)) - 1
         bounds = _no_one_wide_tail(split_bounds(cols, parts, ALIGN))

@@ -22,6 +22,7 @@ import functools
 import itertools
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -133,11 +134,13 @@ class DevicePool:
         self._abandoned = 0
         self._closed = True
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
+        self._loop_thread: int | None = None  # the thread of the loop that opened the pool
 
     # -- lifetime -------------------------------------------------------------------------------
 
     def _start(self) -> None:
         self._call_soon = _call_soon_threadsafe(anyio.lowlevel.current_token().native_token)
+        self._loop_thread = threading.get_ident()
         self._all_exited = anyio.Event()
         self._team.start()
         self._closed = False
@@ -198,6 +201,16 @@ class DevicePool:
                 "this device pool is closed: use it inside its 'async with open_device_pool()'"
             )
 
+    def _caller_call_soon(self) -> Callable[[Callable[[], object]], None]:
+        """'Run this on the loop thread' for the loop that awaits: the pool's own, or another
+        thread's loop that shares it (a worker must wake the loop its caller sleeps in: waking
+        the pool's loop instead would set the caller's event from a foreign thread)."""
+        call_soon = self._call_soon
+        assert call_soon is not None
+        if threading.get_ident() == self._loop_thread:  # the common case: one comparison
+            return call_soon
+        return _call_soon_threadsafe(anyio.lowlevel.current_token().native_token)
+
     # -- running work ---------------------------------------------------------------------------
 
     async def run(
@@ -216,7 +229,8 @@ class DevicePool:
         unknown, and goes to a worker. On a CUDA device, ``fn`` is launched on ``stream`` (see
         :meth:`enqueue`) and its result returned without waiting for the kernels to finish.
 
-        Pass keyword arguments to ``fn`` with :func:`functools.partial`.
+        Pass keyword arguments to ``fn`` with :func:`functools.partial`. Tasks of another
+        thread's event loop may call this too (the worker wakes the caller's own loop).
 
         Raises:
             Exception: whatever ``fn`` raised, with its traceback.
@@ -232,8 +246,7 @@ class DevicePool:
             self._inline += 1
             return fn(*args)
         job = _Job(fn, args)
-        call_soon = self._call_soon
-        assert call_soon is not None
+        call_soon = self._caller_call_soon()
         self._team.submit(
             functools.partial(self._run_job, job),
             functools.partial(self._notify, call_soon, job.done.set),
@@ -298,7 +311,7 @@ class DevicePool:
             return
         if device is not None and not event.done and self._call_soon is not None:
             woken = anyio.Event()
-            call_soon = self._call_soon
+            call_soon = self._caller_call_soon()
             if get_backend(device).notify(event, lambda: self._notify(call_soon, woken.set)):
                 await woken.wait()
         interval = 1e-5
@@ -369,14 +382,15 @@ async def open_device_pool(
         blas_threads: BLAS threads per call while the pool is open (threadpoolctl), so that
             workers computing side by side don't oversubscribe the cores; ``None`` leaves BLAS as
             it is. numpy's OpenBLAS (and MKL) take this limit process-wide, not per thread, so it
-            is set once when the pool opens and restored when it closes.
+            is set once when the pool opens, and the count from before returns once the last
+            pool (or :class:`ComputeTeam`) open at the same time closes.
         inline_flops: CPU work whose ``cost`` is below this runs on the event-loop thread.
         split: whether a task's large products (:func:`asyncnn.backends.matmul`) are cut into
             parts that free workers run side by side (see :class:`ComputeTeam`); default: when
             ``blas_threads`` is 1. With one worker per core and ``blas_threads=1`` one task alone
             can use every core, and several tasks share them.
-        part_flops: the fewest flops a part of a split product does (smaller products stay
-            whole; see :class:`ComputeTeam`).
+        part_flops: the fewest flops a part of a split product does on average (smaller
+            products stay whole; see :class:`ComputeTeam`).
 
     Example::
 
@@ -384,11 +398,11 @@ async def open_device_pool(
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
             y = await pool.run("cpu", np.matmul, a, b, cost=flops)
     """
+    check_number("cpu_workers", cpu_workers, integer=True, least=1, none_ok=True)
     n = _default_workers() if cpu_workers is None else int(cpu_workers)
-    if n < 1:
-        raise ValueError(f"cpu_workers must be at least 1, got {cpu_workers}")
     check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
     check_number("inline_flops", inline_flops, integer=False, least=-math.inf)
+    check_number("part_flops", part_flops, integer=False, least=1, finite=True)
     check_flag("split", split, none_ok=True)
     pool = DevicePool(
         n,

@@ -222,3 +222,20 @@ def test_cupy_bfloat16_supported_or_clear_error() -> None:
         assert "bfloat16" in str(exc) and "float16" in str(exc)
     else:
         assert dt.itemsize == 2
+
+
+def test_tune_allocator_refuses_negative_or_fractional_thresholds(monkeypatch: Any) -> None:
+    # -1 was taken as 0 (every allocation its own mmap: each step page-faults afresh)
+    import asyncnn.backends._alloc as alloc
+
+    called: list[Any] = []
+    monkeypatch.setattr(alloc, "_mallopt", lambda: lambda *args: called.append(args) or 1)
+    monkeypatch.setattr(alloc, "_applied", {})
+    with pytest.raises(ValueError, match="mmap_threshold must be at least 0"):
+        alloc.tune_allocator(mmap_threshold=-1)
+    for bad in (1.5, "1", True):
+        with pytest.raises(TypeError, match="trim_threshold must be an int"):
+            alloc.tune_allocator(trim_threshold=bad)
+    assert called == []  # nothing reached glibc
+    assert alloc.tune_allocator(mmap_threshold=2**40) is True  # glibc's int: clamped
+    assert alloc.allocator_tuning()["mmap_threshold"] == 2**31 - 1

@@ -401,3 +401,92 @@ def test_parts_run_by_workers_see_the_callers_numpy_error_state(team: ComputeTea
     y[300] = 0  # a division by zero in the second half only
     with np.errstate(divide="raise"), pytest.raises(FloatingPointError):
         team.elementwise(np.divide, x, y)
+
+
+def test_blas_threads_return_when_the_last_team_closes_in_any_order() -> None:
+    # OpenBLAS keeps one count per process: a team that restored the count it found on opening
+    # gave the other team, still open, a multi-threaded BLAS, and left one thread behind
+    before = _blas_threads()
+    first = ComputeTeam(1, name="test-team").start()
+    second = ComputeTeam(1, name="test-team").start()
+    first.close()
+    assert _blas_threads() == 1  # the second team is still open
+    second.close()
+    assert _blas_threads() == before
+    first.close()  # closing again changes nothing
+    assert _blas_threads() == before
+
+
+def test_a_team_whose_threads_cannot_all_start_leaves_nothing_behind(monkeypatch: Any) -> None:
+    before = _blas_threads()
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start_two(thread: threading.Thread) -> None:
+        if len(started) == 2:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_two)
+    team = ComputeTeam(3, name="test-team")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        team.start()
+    monkeypatch.undo()
+    assert _team_threads() == [] and _blas_threads() == before and not team.is_open
+
+
+def test_worker_counts_and_part_sizes_must_be_whole_finite_numbers() -> None:
+    for workers in (2.5, "2", True, None, [2]):  # int() took the first three, silently
+        with pytest.raises(TypeError, match="workers must be an int"):
+            ComputeTeam(workers)
+    with pytest.raises(ValueError, match="workers=-1"):
+        ComputeTeam(-1)
+    assert ComputeTeam(np.int64(2)).workers == 2
+    with pytest.raises(RuntimeError, match=r"not started: .* team.start\(\)"):
+        ComputeTeam(2).submit(print)  # was "this compute team is new: it takes no new tasks"
+    for field in ("part_flops", "part_elements"):
+        for value in (float("inf"), float("nan")):  # int() raised OverflowError or a bare one
+            with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+                ComputeTeam(2, **{field: value})
+
+
+def test_elementwise_leaves_lists_and_other_arrays_whole(team: ComputeTeam) -> None:
+    # a nested list went whole to every part, where its rows did not broadcast
+    x = np.arange(3000.0).reshape(100, 30)
+    for other in (x.tolist(), [x.tolist(), x.tolist()], np.ma.masked_array(x)):
+        before = team.statistics().splits
+        out = team.elementwise(np.add, x, other)
+        ref = np.add(x, other)
+        assert type(out) is type(ref) and np.array_equal(out, ref)
+        assert team.statistics().splits == before
+    assert np.array_equal(team.elementwise(np.add, x, np.float32(2)), x + np.float32(2))
+
+
+def test_a_part_that_multiplies_an_array_by_its_own_transpose_stays_whole(
+    team: ComputeTeam,
+) -> None:
+    # x @ x[:32].T is a general product, but its first part of 32 rows would be
+    # x[:32] @ x[:32].T, which numpy computes with BLAS's symmetric product (other rounding)
+    for dtype in (np.float32, np.float64):
+        x: Any = np.random.default_rng(14).standard_normal((64, 50)).astype(dtype)
+        assert team.product_plan(64, 32, 50) == (0, (0, 32, 64))
+        assert np.array_equal(team.matmul(x, x[:32].T), x @ x[:32].T)
+        assert np.array_equal(team.matmul(x[:32], x.T), x[:32] @ x.T)  # columns: the same
+    assert team.statistics().splits == 0
+
+
+def test_byte_swapped_arrays_come_back_in_numpys_native_dtype(team: ComputeTeam) -> None:
+    x = np.random.default_rng(15).standard_normal((64, 48)).astype(">f8")
+    y = np.ascontiguousarray(x.T)
+    cases = [
+        (team.matmul(x, y), x @ y),
+        (team.sum_rows(x), x.sum(axis=0)),
+        (team.elementwise(np.add, x, x), x + x),
+    ]
+    with using_team(team):
+        cases.append((matmul(x, y), x @ y))
+    cases.append((matmul(x, y), x @ y))  # no team: the dispatch alone
+    for out, ref in cases:
+        assert out.dtype == ref.dtype and out.dtype.isnative
+        np.testing.assert_allclose(out, ref, rtol=1e-12)

@@ -369,3 +369,40 @@ async def test_runs_on_a_shared_pool_equal_the_plain_loop_bit_for_bit_run_to_run
         results.append(run.params)
     assert_params_close(results[0], ref, rtol=1e-10, atol=1e-12)
     assert_params_equal(results[0], results[1])
+
+
+async def test_tasks_of_another_threads_event_loop_share_the_pool(anyio_backend: str) -> None:
+    # The worker woke the pool's own loop, which set the other loop's event from the wrong
+    # thread: a TrioInternalError in the pool's trio loop, or a caller that never woke.
+    results: list[Any] = []
+
+    def other_loop(pool: Any, backend: str) -> None:
+        async def use() -> None:
+            with anyio.fail_after(10):
+                results.append(await pool.run("cpu", sum, [1, 2, 3]))
+                with pytest.raises(KeyError, match="from the other loop"):
+                    await pool.run("cpu", {}.__getitem__, "from the other loop")
+
+        anyio.run(use, backend=backend)
+
+    async with open_device_pool(cpu_workers=2) as pool:
+        for backend in ("trio", "asyncio"):
+            await anyio.to_thread.run_sync(other_loop, pool, backend)
+        assert await pool.run("cpu", abs, -1) == 1  # and the pool's own loop still works
+    assert results == [6, 6] and _pool_threads() == []
+
+
+async def test_worker_counts_must_be_whole_numbers() -> None:
+    for workers in (2.5, "2", True):  # int() took them, silently
+        with pytest.raises(TypeError, match="cpu_workers must be an int or None"):
+            async with open_device_pool(cpu_workers=workers):
+                pass
+    with pytest.raises(ValueError, match="inline_flops must be a number, not NaN"):
+        async with open_device_pool(cpu_workers=1, inline_flops=float("nan")):
+            pass
+    with pytest.raises(ValueError, match="part_flops must be a finite number"):
+        async with open_device_pool(cpu_workers=1, part_flops=float("inf")):
+            pass
+    async with open_device_pool(cpu_workers=np.int64(1)) as pool:
+        assert pool.workers == 1
+    assert _pool_threads() == []
