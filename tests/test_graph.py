@@ -548,6 +548,34 @@ def test_a_spec_round_trip_keeps_every_node_option():
     assert [again.nodes[n].worker for n in again.layers] == [0, 1]
 
 
+def _loop_graph() -> ann.Graph:
+    g = ann.Graph()
+    h0 = g.input("h0", shape=(None, 3))
+    xs = g.input("xs", shape=(None, 4, 3))
+    n = g.input("n", shape=(None,), dtype="int64")
+    h = g.loop("cell", Add(), h0, xs, n)  # h <- h + x_t
+    g.output("h", g.layer("head", nn.Linear(3, 2), h))
+    return g
+
+
+@pytest.mark.parametrize("mark", ["written", "absent", "false"])
+def test_a_loop_is_recurrent_after_a_spec_round_trip_with_or_without_the_mark(mark):
+    # (a spec without "recurrent", as older ones, rebuilt the loop unmarked: its next spec
+    # differed from the one it was read from)
+    import msgpack
+
+    spec = msgpack.unpackb(msgpack.packb(_loop_graph().to_spec()))
+    assert _entry(spec, "cell")["recurrent"] is True
+    if mark == "absent":
+        del _entry(spec, "cell")["recurrent"]
+    elif mark == "false":
+        _entry(spec, "cell")["recurrent"] = False
+    again = ann.Graph.from_spec(spec)
+    assert again.nodes["cell"].recurrent and not again.nodes["head"].recurrent
+    assert again.to_spec() == _loop_graph().to_spec()
+    assert ann.Graph.from_spec(again.to_spec()).nodes["cell"].recurrent
+
+
 def _entry(spec: dict[str, Any], name: str) -> dict[str, Any]:
     return next(e for e in spec["nodes"] if e.get("name") == name)
 

@@ -382,29 +382,30 @@ def _stream_reference(g, start, keys, fwd_version, per_update, lr, stash=True, c
     """``rnn_graph()`` trained on a stream of keys with stale weights, re-enacted key by key.
 
     Key ``i`` runs forward at stage ``s`` with version ``fwd_version(s, i)`` of that stage (or,
-    with ``predict``, its linear prediction ``w + D * (w - w_before)``, D the delay of the last
-    gradient applied). Stashed, its backward is at the forward's weights; else at the latest
-    (with ``decay``, DiscrepancyCorrection's estimate ``w - d * delta`` of the forward's, delta
-    the average weight change). Each stage applies ``per_update`` consecutive keys' gradients
-    (``correct(g, d, w_now, w_fwd)`` first, ``d`` the delay) in one plain SGD update. ``keys``
-    are (data, weight of the key's mean loss)."""
+    with ``predict``, its linear prediction ``w + D * (w - w_before)``, D the keys in flight at
+    the stage after the update that made ``w``). Stashed, its backward is at the forward's
+    weights; else at the latest (with ``decay``, DiscrepancyCorrection's estimate ``w - d *
+    delta`` of the forward's, delta the average weight change). Each stage applies
+    ``per_update`` consecutive keys' gradients (``correct(g, d, w_now, w_fwd)`` first, ``d`` the
+    delay) in one plain SGD update. ``keys`` are (data, weight of the key's mean loss)."""
     names = g.layers
     hist = {n: [start[n]] for n in names}  # every version of every stage
-    delays_at = {n: [0] for n in names}  # the delay of the gradient each update applied
     delta: dict[str, Any] = {}
     acc: dict[str, Any] = {}
 
-    def weights(name, v):
+    def weights(s, name, v):
         w = hist[name][v]
         if predict and v > 0:
-            dd = delays_at[name][v]
+            # WeightPrediction's horizon: the keys in flight at the stage right after its
+            # update v (forwarded before it, their gradient applied by a later update)
+            dd = sum(1 for i in range(len(keys)) if fwd_version(s, i) < v <= i // per_update)
             w = _tmap(lambda a, b: a + dd * (a - b), w, hist[name][v - 1])
         return w
 
     for i, (d, scale) in enumerate(keys):
         update = i // per_update  # the update that applies key i's gradient
         used = {n: fwd_version(s, i) for s, n in enumerate(names)}
-        wf = {n: weights(n, used[n]) for n in names}
+        wf = {n: weights(s, n, used[n]) for s, n in enumerate(names)}
         wb = dict(wf)
         if not stash:
             for n in names:
@@ -420,7 +421,6 @@ def _stream_reference(g, start, keys, fwd_version, per_update, lr, stash=True, c
         if (i + 1) % per_update == 0:
             for n in names:
                 hist[n].append(_tmap(lambda a, b: a - lr * b, hist[n][-1], acc.pop(n)))
-                delays_at[n].append(update - used[n])
                 if decay is not None:
                     ch = _tmap(lambda a, b: (1 - decay) * (a - b), hist[n][-1], hist[n][-2])
                     old = delta.get(n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -715,3 +716,59 @@ def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
         cut = opt.update(cut[0], grads, cut[1])
     for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+NON_FINITE_CASES = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    ("Adam", {"lr": 0.1, "weight_decay": 0.1, "amsgrad": True}),
+    ("Adam", {"lr": 0.1, "eps": 0.0}),  # a zero gradient divides 0 by 0
+    ("AdamW", {"lr": 0.1, "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize(("kind", "kw"), NON_FINITE_CASES, ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_gradients_go_through_as_in_torch_without_a_warning(
+    backend: Backend, kind: str, kw: dict[str, Any], dtype: str
+) -> None:
+    """inf and NaN gradients give torch's inf and NaN (inf - inf, inf / inf, a square that
+    overflows), and numpy warns of none of it: with warnings as errors the update runs."""
+    inf, nan = math.inf, math.nan
+    # a gradient whose square overflows (in float16: its second moment)
+    big = {"float64": 1e200, "float32": 1e30, "float16": 6e4}[dtype]
+    params = {"w": np.array([1.0, 2.0, 3.0, 4.0, -1.0, 0.5])}
+    grads = [
+        {"w": np.array([inf, -inf, nan, 1.0, big, 0.0])},
+        {"w": np.array([1.0, 1.0, 1.0, -inf, 1.0, 0.0])},  # meets the inf buffers
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (got,) = _host(backend, _run(getattr(optim, kind)(**kw), backend, params, grads, dtype))
+    assert not np.isfinite(got[:4]).all()  # the case is not vacuous
+    if dtype == "float16":  # (its state is rounded to 16 bits: torch's float32 run differs)
+        (want,) = _host(backend, _run(getattr(optim, kind)(**kw), backend, params, grads, "f4"))
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        return
+    (want,) = _torch_run(backend, _torch_opt(kind, kw), params, grads, dtype)
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)  # the same inf and NaN too
+
+
+def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing() -> None:
+    # numpy's error state is per thread: the team's threads must set it too
+    from asyncnn.backends import ComputeTeam, using_team
+
+    opt = optim.Adam(lr=1e-2)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(512, 300))}
+    g = rng.normal(size=(512, 300))
+    g[0, 0], g[400, 5], g[300, 7] = math.inf, -math.inf, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole, _ = opt.update(params, {"w": g}, opt.init(params))
+        with ComputeTeam(2, part_elements=1024) as team, using_team(team):
+            assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+            cut, _ = opt.update(params, {"w": g}, opt.init(params))
+    np.testing.assert_array_equal(cut["w"], whole["w"])
+    assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()

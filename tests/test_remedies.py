@@ -39,16 +39,20 @@ def _tmap(fn, *trees):
 
 def pipedream_with_correction(
     graph, params, lr, micro, stash, correct, predict=False, gamma=None, sgd_step=None,
-    orders=None,
+    orders=None, every=1,
 ):  # fmt: skip
     """PipeDream re-enacted in sequence (1F1B over the stream, plain SGD after each backward),
     with ``correct(g, delay, version, w_now, w_forward) -> g`` applied to each gradient; with
-    ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the delay of the
-    gradient just applied (linear weight prediction); with ``gamma`` (and no stashing), a
-    backward recomputes at ``w - delay * delta``, delta the stage's average weight change
-    (PipeMare's discrepancy correction). ``sgd_step(s, w, g, delay) -> w``, where given, replaces
-    the plain SGD step of stage ``s``. ``orders``, where given, replaces 1F1B: each stage's
-    operations ``("F" | "B", key)`` in order (an ``Async`` run's, read from its trace).
+    ``predict``, forwards use ``w + D * (w - w_before)`` after each update, D the stage's keys
+    in flight (forwarded, backward to come) over ``every``: the mean of the updates the
+    gradients of the forwards before the next update will wait for (linear weight prediction at
+    the stage's delay, K - s - 1 under PipeDream); with ``gamma`` (and no stashing), a backward
+    recomputes at ``w - delay * delta``, delta the stage's average weight change (PipeMare's
+    discrepancy correction).
+    ``sgd_step(s, w, g, delay) -> w``, where given, replaces the plain SGD step of stage ``s``.
+    ``orders``, where given, replaces 1F1B: each stage's operations ``("F" | "B", key)`` in
+    order (an ``Async`` run's, read from its trace). ``every``: a stage updates with the mean of
+    each ``every`` gradients (``Async(min_update_frequency=every)``), ``delay`` their mean.
 
     Returns the final parameters and each stage's list of delays."""
     names = graph.layers
@@ -64,7 +68,30 @@ def pipedream_with_correction(
     delays: list[list[int]] = [[] for _ in range(k)]
     predicted: list[Any] = [None] * k
     delta: list[Any] = [None] * k
+    summed: list[list[Any]] = [[] for _ in range(k)]  # (gradient, delay) since the last update
     loss = nn.CrossEntropyLoss()
+
+    def _update(s, parts):
+        """Stage ``s``'s update with the mean of ``parts``' gradients (``(g, delay)`` each)."""
+        gp, delay = parts[0] if every == 1 else (
+            _tmap(lambda *gs: sum(gs) / every, *[g for g, _ in parts]),
+            sum(d for _, d in parts) / every,
+        )  # fmt: skip
+        before = p[s]
+        if sgd_step is None:
+            p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
+        else:
+            p[s] = sgd_step(s, p[s], gp, delay)
+        version[s] += 1
+        if predict:
+            d = sum(1 for stage, _ in stored if stage == s) / every  # keys in flight / every
+            predicted[s] = _tmap(lambda w, w0, d=d: w + d * (w - w0), p[s], before)
+        if gamma is not None:
+            change = _tmap(lambda w, w0: (1 - gamma) * (w - w0), p[s], before)
+            delta[s] = (
+                change if delta[s] is None else _tmap(lambda v, c: gamma * v + c, delta[s], change)
+            )
+
     progressed = True
     while progressed:
         progressed = False
@@ -96,22 +123,10 @@ def pipedream_with_correction(
                     grads[(s - 1, i)] = gx
                 delay = version[s] - v_fwd
                 delays[s].append(delay)
-                gp = correct(gp, delay, version[s], p[s], w_fwd)
-                before = p[s]
-                if sgd_step is None:
-                    p[s] = _tmap(lambda w, g: w - lr * g, p[s], gp)
-                else:
-                    p[s] = sgd_step(s, p[s], gp, delay)
-                version[s] += 1
-                if predict:
-                    predicted[s] = _tmap(lambda w, w0, d=delay: w + d * (w - w0), p[s], before)
-                if gamma is not None:
-                    change = _tmap(lambda w, w0: (1 - gamma) * (w - w0), p[s], before)
-                    delta[s] = (
-                        change
-                        if delta[s] is None
-                        else _tmap(lambda v, c: gamma * v + c, delta[s], change)
-                    )
+                summed[s].append((correct(gp, delay, version[s], p[s], w_fwd), delay))
+                if len(summed[s]) == every:
+                    _update(s, summed[s])
+                    summed[s] = []
             else:
                 continue
             pos[s] += 1
@@ -319,6 +334,94 @@ def test_weight_prediction_equals_its_formula_on_pipedream(k, m, stash):
     assert policy.predicts_weights() and not policy.corrects_gradients()
 
 
+def test_weight_prediction_extrapolates_by_the_stage_delay_from_the_first_update(monkeypatch):
+    """The horizon is the delay the gradient of the stage's next forward will have: under
+    PipeDream K - s - 1 from the stage's first update of a fit (the delay of the last gradient
+    applied, which it used to be, is 0, 1, ... over the warm-up), then less as the stream ends
+    (no forward follows)."""
+    from asyncnn._runtime._weight_versions import WeightVersions
+
+    seen: dict[str, list[int]] = {}
+    horizon = WeightVersions._prediction_horizon
+
+    def recorded(self):
+        seen.setdefault(self.name, []).append(horizon(self))
+        return seen[self.name][-1]
+
+    monkeypatch.setattr(WeightVersions, "_prediction_horizon", recorded)
+    k, keys = 4, 9  # 3 minibatches of 3 keys, one stream
+    tr, _, _ = _run(policies.WeightPrediction(policies.PipeDream(3)), k, classification_data(30))
+    for s, name in enumerate(tr.graph.layers):
+        w = k - s - 1
+        assert seen[name] == [min(w, keys - u) for u in range(1, keys + 1)], name
+    assert seen["stage0"][:4] == [3, 3, 3, 3]  # was [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("policy", "in_flight", "want"),
+    [
+        (policies.PipeDream(4), [0, 1, 2, 3], [0, 1, 2, 3]),
+        (policies.Async(8, min_update_frequency=1), [0, 1, 5], [0, 1, 5]),
+        (policies.Async(8, min_update_frequency=2), [0, 1, 2, 3], [0, 0.5, 1, 1.5]),
+        (policies.Async(8, min_update_frequency=3), [1, 3, 7], [1 / 3, 1, 7 / 3]),
+        (policies.OneFOneB(4), [0], [0]),  # a flush: nothing in flight at an update
+        (policies.PipeDream2BW(4), [0, 2], [0, 0]),  # updates only when a minibatch is done
+    ],
+    ids=["PipeDream", "Async-F1", "Async-F2", "Async-F3", "OneFOneB", "PipeDream2BW"],
+)
+def test_the_prediction_horizon_is_the_keys_in_flight_over_the_gradients_per_update(
+    policy, in_flight, want
+):
+    """Right after an update with ``n`` keys in flight at the stage, the ``j``-th forward that
+    follows (one per backward) waits for ``(n + j) // F`` updates under
+    Async(min_update_frequency=F): ``n / F`` on average over the ``F`` forwards before the next
+    update, which all use the prediction; ``n`` under PipeDream (an update per gradient)."""
+    from types import SimpleNamespace
+
+    from asyncnn._runtime._weight_versions import WeightVersions
+
+    f = 1 if isinstance(policy, policies.PipeDream) else getattr(policy, "min_update_frequency", 0)
+    for n, horizon in zip(in_flight, want, strict=True):
+        if f:  # the hand count: the mean over the F forwards of their updates to wait for
+            assert sum((n + j) // f for j in range(f)) / f == pytest.approx(horizon)
+        actor = WeightVersions.__new__(WeightVersions)
+        actor.ctx = SimpleNamespace(policy=policy)  # (only update_due is asked)
+        actor.store = {key: (None, 0, None) for key in range(10, 10 + n)}
+        actor.skipped = set()
+        assert actor._prediction_horizon() == pytest.approx(horizon), (policy, n)
+
+
+@pytest.mark.anyio
+async def test_weight_prediction_under_async_every_f_gradients_equals_its_formula(
+    anyio_backend, tmp_path
+):
+    """Async(min_update_frequency=2): each update applies the mean of 2 gradients, and the
+    forwards after it use the weights extrapolated by n / 2 updates, n the keys in flight at
+    the stage; re-enacted on the order the trace recorded."""
+    k = 3
+    graph = chain_graph(k)
+    batches = minibatches(classification_data(36), 4)  # 9 keys: 4 updates a stage, 1 left
+    path = str(tmp_path / "run.trace")
+    policy = policies.WeightPrediction(policies.Async(max_active_keys=3, min_update_frequency=2))
+    opt = optim.SGD(lr=0.1)
+    async with ann.open_run(graph, opt, policy, dtype="float64", trace=path) as run:
+        start = run.state().params
+        for b in batches:
+            await run.step(b)
+        await run.drain()
+    orders = _trace_orders(path, graph.layers)
+    ident = lambda g, *a: g  # noqa: E731
+    ref, _ = pipedream_with_correction(
+        graph, start, 0.1, batches, False, ident, predict=True, orders=orders, every=2
+    )
+    assert_params_close(run.state().params, ref, rtol=1e-10, atol=1e-12)
+    plain, _ = pipedream_with_correction(graph, start, 0.1, batches, False, ident, orders=orders,
+                                         every=2)  # fmt: skip
+    first = graph.layers[0]
+    leaves = ann._math._pytree.tree_leaves
+    assert not np.allclose(leaves(plain[first])[0], leaves(ref[first])[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "policy",
     [policies.PipeDream2BW(3), policies.WeightPrediction(policies.PipeDream(3))],
@@ -509,6 +612,9 @@ def test_combinations_that_would_correct_with_the_wrong_weights_are_refused():
     spec = {"type": "DelayCompensation", "args": {"policy": wp(inner).to_spec(), "strength": 1.0}}
     with pytest.raises(ValueError, match=r"DelayCompensation\(WeightPrediction\(PipeDream\)\)"):
         policies.policy_from_spec(spec)
+    # a prediction would replace PipeDream2BW's pinned version after the first update
+    with pytest.raises(ValueError, match=r"WeightPrediction\(PipeDream2BW\): .*pins them"):
+        wp(policies.PipeDream2BW(3))
     # each alone, and every other nesting, is fine
     policies.PipeMareLR(policies.SpikeCompensation(dc(inner)))
     policies.DiscrepancyCorrection(wp(policies.PipeDream(3, stash=False)))

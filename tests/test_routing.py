@@ -387,26 +387,28 @@ def _stream_reference(graph, start, keys, fwd_version, per_update, lr, correct=N
     """A routed graph trained on a stream of keys with stale weights, re-enacted key by key.
 
     Key ``i`` runs forward at stage ``s`` with version ``fwd_version(s, i)`` of that stage (or,
-    with ``predict``, its linear prediction ``w + D * (w - w_before)``, D the delay of the last
-    gradient applied), and, stashed, its whole gradient is taken at those weights. Each stage
-    applies ``per_update`` consecutive keys' gradients (``correct(g, d, w_now, w_fwd)`` first,
-    ``d`` the delay) in one plain SGD update. ``keys`` are (x, y, weight of the key's mean loss).
+    with ``predict``, its linear prediction ``w + D * (w - w_before)``, D the keys in flight at
+    the stage after the update that made ``w``), and, stashed, its whole gradient is taken at
+    those weights. Each stage applies ``per_update`` consecutive keys' gradients (``correct(g,
+    d, w_now, w_fwd)`` first, ``d`` the delay) in one plain SGD update. ``keys`` are (x, y,
+    weight of the key's mean loss).
     """
     names = graph.layers
     hist = {n: [start[n]] for n in names}  # every version of every stage
-    delays_at = {n: [0] for n in names}  # the delay of the gradient each update applied
     acc: dict[str, Any] = {}
 
-    def weights(name, v):
+    def weights(s, name, v):
         w = hist[name][v]
         if predict and v > 0:
-            d = delays_at[name][v]
+            # WeightPrediction's horizon: the keys in flight at the stage right after its
+            # update v (forwarded before it, their gradient applied by a later update)
+            d = sum(1 for i in range(len(keys)) if fwd_version(s, i) < v <= i // per_update)
             w = _tmap(lambda a, b, d=d: a + d * (a - b), w, hist[name][v - 1])
         return w
 
     for i, (x, y, scale) in enumerate(keys):
         used = {n: fwd_version(s, i) for s, n in enumerate(names)}
-        w = {n: weights(n, used[n]) for n in names}
+        w = {n: weights(s, n, used[n]) for s, n in enumerate(names)}
         g = ann.grad(lambda q, x=x, y=y: reference_loss(graph, q, x, y, 1, "softmax", None))(w)
         update = i // per_update  # the update that applies key i's gradient
         for n in names:
@@ -418,7 +420,6 @@ def _stream_reference(graph, start, keys, fwd_version, per_update, lr, correct=N
         if (i + 1) % per_update == 0:
             for n in names:
                 hist[n].append(_tmap(lambda a, b: a - lr * b, hist[n][-1], acc.pop(n)))
-                delays_at[n].append(update - used[n])
     return {n: hist[n][-1] for n in names}
 
 

@@ -570,3 +570,56 @@ async def test_a_minibatchs_loss_is_the_same_whatever_order_its_shares_arrive_in
                 run.loss_reported(key, share, {"minibatch": mb, "mb_rows": 4})
             got.append(run.losses.pop(mb))
     assert got == [2.0, 2.0]
+
+
+@dataclass(frozen=True)
+class _RowsOut(nn.Module):
+    """A layer that breaks the batch dimension: ``how`` drops a row, sums the rows, or sums
+    everything."""
+
+    how: str
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if self.how == "drop":
+            return x[:-1]
+        if self.how == "sum0":
+            return ops.sum(x, axis=0, keepdims=True)
+        return ops.sum(x)
+
+
+@dataclass(frozen=True)
+class _Add(nn.Module):
+    def __call__(self, params: Any, a: Any, b: Any, *, rng: Any = None) -> Any:
+        return ops.add(a, b)
+
+
+def _rows_graph(how: str) -> ann.Graph:
+    # the pooled rows broadcast back onto x: without the check this trains, and Sync and
+    # GPipe(4), which must agree, gave different losses (10.44 and 3.05)
+    g = ann.Graph()
+    x = g.input("x", (None, 4))
+    y = g.input("y", (None, 4))
+    pooled = g.layer("pool", _RowsOut(how), g.layer("a", nn.Linear(4, 4), x))
+    out = g.layer("out", _Add(), pooled, x)
+    g.loss("loss", nn.MSELoss(), out, y)
+    return g
+
+
+_ROWS_SAID = {
+    "drop": r"shape \(1, 4\) for inputs of shape \(2, 4\): 1 row where its inputs have 2 rows",
+    "sum0": r"shape \(1, 4\) for inputs of shape \(2, 4\): 1 row where its inputs have 2 rows",
+    "all": r"shape \(\) for inputs of shape \(2, 4\): no batch dimension where its inputs",
+}
+
+
+@pytest.mark.parametrize("how", sorted(_ROWS_SAID))
+def test_a_layer_that_drops_or_mixes_rows_is_refused_naming_it(how):
+    with pytest.raises(ann.GraphError, match=rf"layer 'pool' \(_RowsOut.*{_ROWS_SAID[how]}"):
+        ann.Trainer(_rows_graph(how), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4))
+
+
+@pytest.mark.anyio
+async def test_open_run_refuses_a_layer_that_drops_rows():
+    with pytest.raises(ann.GraphError, match=r"layer 'pool' .*keep the batch dimension"):
+        async with ann.open_run(_rows_graph("drop"), optim.SGD(lr=0.1), policies.Sync()):
+            pass  # pragma: no cover

@@ -19,7 +19,9 @@ Against torch.optim (CPU, float64 or float32) the updates agree to rounding, not
 torch's kernels fuse multiply-adds (``add(alpha=)``, ``lerp``, which Adam uses for its first
 moment) and compute ``addcdiv`` as ``p + (value * m) / d``; here each operation rounds (numpy
 has no fused multiply-add) in the order of the formulas in each docstring, which the GPU kernels
-repeat exactly. One step differs by a few units in the last place of its largest term.
+repeat exactly. One step differs by a few units in the last place of its largest term. An inf or
+NaN gradient goes through as in torch (``inf - inf`` and ``inf / inf`` are NaN), silently: no
+numpy RuntimeWarning comes from an update.
 """
 
 from __future__ import annotations
@@ -303,6 +305,15 @@ def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
     return ns(p, g), backend_of(p, g).fused_kernels()
 
 
+def _silent_non_finite() -> Any:
+    """numpy's error state for an update's arithmetic: an inf or NaN gradient (or a square
+    that overflows) goes through as in torch, ``inf - inf`` and ``inf / inf`` giving NaN, with
+    no RuntimeWarning per leaf and update (a run that must stop on it checks the gradients,
+    ``check_finite``). numpy's error state is per thread, so each leaf's update sets it where it
+    runs (a team's thread included)."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def _in_float32(
     update: Callable[..., tuple[Any, tuple[Any, ...]]],
     opt: Optimizer,
@@ -387,8 +398,15 @@ class SGD(Optimizer):
                 p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay,
                 self.nesterov,
             )  # fmt: skip
-        if p.dtype.itemsize == 2 and is_half(p.dtype):
-            return _in_float32(SGD.update_leaf, self, p, g, buffers, step, lr)
+        with _silent_non_finite():
+            if p.dtype.itemsize == 2 and is_half(p.dtype):
+                return _in_float32(SGD.update_leaf, self, p, g, buffers, step, lr)
+            return self._update_array(xp, p, g, buffers, step, lr)
+
+    def _update_array(
+        self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`update_leaf`'s arithmetic on one float32 or float64 leaf of ``xp``."""
         d, d_is_ours = g, False
         if self.weight_decay != 0.0:
             d = _fresh(xp, xp.multiply, p, self.weight_decay)
@@ -500,8 +518,15 @@ class Adam(Optimizer):
                 p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
                 self._decoupled,
             )  # fmt: skip
-        if p.dtype.itemsize == 2 and is_half(p.dtype):
-            return _in_float32(Adam.update_leaf, self, p, g, buffers, step, lr)
+        with _silent_non_finite():
+            if p.dtype.itemsize == 2 and is_half(p.dtype):
+                return _in_float32(Adam.update_leaf, self, p, g, buffers, step, lr)
+            return self._update_array(xp, p, g, buffers, step, lr)
+
+    def _update_array(
+        self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`update_leaf`'s arithmetic on one float32 or float64 leaf of ``xp``."""
         beta1, beta2 = self.betas
         t = step + 1
         decay = 1.0

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ._graph import Graph
     from ._node import Node
 
-__all__ = ["check_batch", "check_cuda_graphs", "check_input", "validate"]
+__all__ = ["check_batch", "check_cuda_graphs", "check_input", "check_layer_rows", "validate"]
 
 
 def _checkable(dtype: Any) -> bool:
@@ -200,6 +200,7 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
         if node.kind == "layer":
             if not hasattr(out, "shape"):
                 raise GraphError(f"layer {name!r} returned {type(out).__name__}, not one array")
+            check_layer_rows(node, [a.shape for a in args], out.shape)
             values[name] = out
             shapes[name] = tuple(out.shape)
         elif getattr(out, "size", 0) != 1:
@@ -212,6 +213,39 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
             raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}{hint}")
     graph.shapes = shapes
     return shapes
+
+
+def check_layer_rows(node: Node, input_shapes: list[Any], output_shape: Any) -> None:
+    """Refuses a layer whose output has another number of rows than its inputs.
+
+    The first dimension is the batch everywhere between the inputs and the losses: a minibatch
+    is cut into keys along it, routers and merges move rows by index, and a key's loss is scaled
+    by its rows. A layer that drops rows (``x[:-1]``) or pools them (``x.sum(0, keepdims=True)``)
+    fails later under another node's name, or, broadcast back onto the rows by a later layer,
+    trains silently a model that changes with how the minibatch is cut (``Sync`` and ``GPipe``
+    no longer agree). A reduction over the rows belongs in a loss node. The check is one
+    comparison of two ints.
+
+    Raises:
+        GraphError: naming the layer, its module, its input shapes and its output shape.
+    """
+    rows = input_shapes[0][0]
+    if len(output_shape) and output_shape[0] == rows:
+        return
+    got = "no batch dimension" if not len(output_shape) else _rows(output_shape[0])
+    ins = ", ".join(str(tuple(s)) for s in input_shapes)
+    raise GraphError(
+        f"layer {node.name!r} ({node.module!r}) gives an output of shape "
+        f"{tuple(output_shape)} for inputs of shape {ins}: {got} where its inputs have "
+        f"{_rows(rows)}. A layer must keep the batch dimension (the first), one output row per "
+        "input row: a minibatch is cut into microbatches along it and routers move rows by "
+        "index. Reduce over the rows (a sum or mean over the batch) in a loss node, "
+        "g.loss(...), instead"
+    )
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:

@@ -53,13 +53,27 @@ class Node:
     #: the keyword arguments of the custom actor's ``setup`` (plain, msgpack-able values)
     actor_args: dict[str, Any] = field(default_factory=dict)
     stop_gradient: bool = False  # a layer that sends no gradient to its inputs
-    recurrent: bool = False  # a loop cell: its output feeds itself (the one cycle allowed)
     #: a stage of ``Graph.sequential``: its ``Sequential`` holds the chain's modules from this
     #: place on, seeded (and drawing their dropout masks) by their place in the whole chain (at
     #: the first stage's seed), so neither depends on where the chain is cut; None: seeded by
     #: the node's position
     init_offset: int | None = None
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node, input slot)
+    #: the mark of a recurrent edge as set (by ``g.loop``, or read from a spec's
+    #: ``"recurrent"``); :attr:`recurrent` reads it
+    _recurrent_mark: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the node's output feeds itself, the one cycle a graph may have: always for a
+        loop (its ``Loop`` module makes it one, whatever the mark says, so a spec written
+        without ``"recurrent"`` rebuilds the same graph), and for any other node where it was
+        marked so, which ``Graph.from_spec`` refuses."""
+        return self._recurrent_mark or self.role == "loop"
+
+    @recurrent.setter
+    def recurrent(self, value: bool) -> None:
+        self._recurrent_mark = bool(value)
 
     @property
     def role(self) -> str:

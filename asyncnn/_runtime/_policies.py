@@ -375,14 +375,15 @@ class Policy(abc.ABC):
         instead of the latest weights (``asyncnn.policies.WeightPrediction``)."""
         return False
 
-    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+    def predict_weights(self, weights: Any, previous: Any, horizon: float) -> Any:
         """The weights forwards use after an update (with :meth:`predicts_weights`).
 
         Args:
             weights: the stage's parameters after the update.
             previous: its parameters before the update.
-            horizon: the delay of the last gradient the update applied (how many updates a
-                gradient of the coming forwards will likely lag).
+            horizon: how many updates the gradients of the coming forwards will lag, on
+                average: the keys in flight at the stage over the gradients per update (0
+                under a policy that updates only when a minibatch is done).
         """
         return weights
 

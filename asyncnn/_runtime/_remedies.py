@@ -81,6 +81,14 @@ class Remedy(WrappedPolicy):
                 "(DelayCompensation) cannot be combined with WeightPrediction, whose forwards "
                 "use predicted weights that a stage does not keep; use one or the other"
             )
+        if self.predicts_weights() and self.versions_kept():
+            # a forward takes the prediction where there is one, so the pinned version (the
+            # wrapped policy's whole rule) would be dropped without a word after the first update
+            raise ValueError(
+                f"{self._chain()}: WeightPrediction gives forwards predicted weights, but the "
+                "wrapped policy pins them to an earlier version (PipeDream2BW); the two cannot "
+                "both hold: use one or the other"
+            )
 
     def _chain(self) -> str:
         """This remedy and the remedies it wraps, for messages: ``A(B(PipeDream))``."""
@@ -105,12 +113,12 @@ class Remedy(WrappedPolicy):
     def predicts_weights(self) -> bool:
         return self.predicts or self.policy.predicts_weights()
 
-    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+    def predict_weights(self, weights: Any, previous: Any, horizon: float) -> Any:
         if self.predicts:
             return self.predict(weights, previous, horizon)
         return self.policy.predict_weights(weights, previous, horizon)
 
-    def predict(self, weights: Any, previous: Any, horizon: int) -> Any:
+    def predict(self, weights: Any, previous: Any, horizon: float) -> Any:
         """This remedy's prediction of the weights forwards use (with :attr:`predicts`)."""
         raise NotImplementedError
 
@@ -289,9 +297,8 @@ class PipeMareLR(Remedy):
 @dataclass(frozen=True)
 class WeightPrediction(Remedy):
     """Linear weight prediction (Kosson et al. 2020): forwards use the weights extrapolated
-    along the last update step, ``w + D * (w - w_before)``, where ``D`` is the delay of the
-    last gradient the stage applied, so that a gradient is computed near the weights it will
-    be applied to.
+    along the last update step, ``w + D * (w - w_before)``, where ``D`` is the delay their
+    gradients will have, so that a gradient is computed near the weights it will be applied to.
 
     For SGD with momentum the last step is ``-lr * v``, and this is Kosson et al.'s
     ``w - lr * D * v`` (and SpecTrain's ``w - s * lr * v``, Chen et al. 2018, whose ``v`` is the
@@ -302,11 +309,14 @@ class WeightPrediction(Remedy):
     weights, which are what a run returns. Before a stage's first update of a run (of a ``fit``
     call) forwards use the latest weights.
 
-    ``D`` is measured, not derived from the pipeline: the papers use the stage's delay (under
-    ``PipeDream``, ``K - s - 1``), which PipeDream's gradients reach from the stage's
-    ``(K - s)``-th update of a run on; the first ``K - s - 1`` predictions use the smaller delays
-    of the warm-up's gradients (0, 1, ...) and extrapolate less than the papers' would. Under
-    ``Async`` the last delay is the stage's estimate of the next.
+    ``D`` is ``n / F``: ``n`` the keys in flight at the stage after the update (forwarded,
+    backward to come), whose gradients come back first, and ``F`` the gradients the policy sums
+    into one update. Under ``PipeDream`` that is the papers' stage delay, ``K - s - 1`` for
+    stage ``s`` of ``K``, from the stage's first update of a run on (the warm-up's keys are in
+    flight); under ``Async(min_update_frequency=F)`` the ``j``-th forward after an update waits
+    for ``(n + j) // F`` updates, ``n / F`` on average over the ``F`` forwards that use the
+    prediction. Under a flush nothing is in flight at an update: ``D = 0``. It cannot wrap a
+    policy that pins forwards to an earlier version (``PipeDream2BW``; a ``ValueError``).
 
     Attributes:
         policy: the wrapped policy.
@@ -316,7 +326,7 @@ class WeightPrediction(Remedy):
     corrects: ClassVar[bool] = False
     predicts: ClassVar[bool] = True
 
-    def predict(self, weights: Any, previous: Any, horizon: int) -> Any:
+    def predict(self, weights: Any, previous: Any, horizon: float) -> Any:
         d = float(horizon)
         return tree_map(lambda w, w0: w + d * (w - w0), weights, previous)
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["WeightVersions"]
 
+_UNKNOWN: Any = object()  # (a value not asked yet)
+
 
 class WeightVersions(_Actor):
     """What a layer actor does with its weights' versions (see the module's docstring)."""
@@ -47,11 +49,16 @@ class WeightVersions(_Actor):
     acc_count: int
     #: minibatch -> its keys whose backward this actor has done (until the minibatch is)
     mb_backwards: dict[int, int]
+    #: the keys whose forward was skipped (no rows came), their backward still to come
+    skipped: set[int]
     run_start: tuple[int, int] | None
     forward_weights_asked: bool
     corrects_gradients: bool
     corrects_updates: bool
     predicts_weights: bool
+    #: the gradients the policy sums into one update (see :func:`_gradients_per_update`),
+    #: asked at the first prediction
+    _per_update: Any = _UNKNOWN
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
         self.store[key] = entry
@@ -117,9 +124,12 @@ class WeightVersions(_Actor):
                 _average_change, self.weight_change, self.params, old, self.change_decay, cost=0
             )
         if self.predicts_weights:
-            horizon = delays[-1] if delays else 0
             self.predicted = await self.compute(
-                policy.predict_weights, self.params, old, horizon, cost=2.0 * self.param_size
+                policy.predict_weights,
+                self.params,
+                old,
+                self._prediction_horizon(),
+                cost=2.0 * self.param_size,
             )
         if self.ctx.recorder is not None:
             meta = {"delays": delays} if delays else None
@@ -185,6 +195,30 @@ class WeightVersions(_Actor):
         ):
             # a graph's buffers, which a later backward writes over before the next sum
             self.acc = await self.compute(tree_copy, param_grads, cost=0)
+
+    def _prediction_horizon(self) -> float:
+        """How many updates the gradients of this stage's coming forwards will lag, on average:
+        ``n / F``, ``n`` the gradients still due here (the keys forwarded whose backward is to
+        come, which come back before the next key's) and ``F`` the gradients the policy sums
+        into one update. The ``j``-th forward after an update (``j < F``, one forward per
+        backward as in a full pipeline) waits for ``(n + j) // F`` updates, whose mean over the
+        ``F`` forwards that use the prediction is ``n / F``.
+
+        So the papers' stage delay from a stage's first update of a run on: ``K - s - 1`` for
+        stage ``s`` of ``K`` under ``PipeDream`` (its warm-up's keys are in flight), and
+        ``n / F`` under ``Async(min_update_frequency=F)``; the delay of the last gradient
+        applied lags behind (0, 1, ... over a warm-up). 0 under a policy that updates only
+        when a minibatch is done (a flush, after which nothing is in flight).
+        """
+        in_flight = len(self.store) + len(self.skipped)
+        if not in_flight:
+            return 0
+        per_update = self._per_update
+        if per_update is _UNKNOWN:
+            per_update = self._per_update = _gradients_per_update(self.ctx.policy)
+        if per_update is None:
+            return 0
+        return in_flight if per_update == 1 else in_flight / per_update
 
     def _prune_versions(self) -> None:
         """Drops the kept weights of versions no stored key references and the policy does not
@@ -254,6 +288,21 @@ class WeightVersions(_Actor):
             forward_weights,
             cost=0,
         )
+
+
+#: the most gradients per update :func:`_gradients_per_update` asks a policy about
+_MAX_PER_UPDATE = 1 << 12
+
+
+def _gradients_per_update(policy: Any) -> int | None:
+    """How many gradients ``policy`` sums into one update by their count alone
+    (:meth:`Policy.update_due` with no minibatch done): 1 for ``PipeDream``, ``F`` for
+    ``Async(min_update_frequency=F)``; None for a policy that updates only when a minibatch is
+    done (the flushes, ``PipeDream2BW``)."""
+    for count in range(1, _MAX_PER_UPDATE + 1):
+        if policy.update_due(count, False):
+            return count
+    return None
 
 
 def _average_change(average: Any, new: Any, old: Any, decay: float) -> Any:

@@ -106,7 +106,7 @@ class WrappedPolicy(Policy):
     def predicts_weights(self) -> bool:
         return self.wrapped.predicts_weights()
 
-    def predict_weights(self, weights: Any, previous: Any, horizon: int) -> Any:
+    def predict_weights(self, weights: Any, previous: Any, horizon: float) -> Any:
         return self.wrapped.predict_weights(weights, previous, horizon)
 
     def weight_change_decay(self) -> float | None:
