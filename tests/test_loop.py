@@ -200,6 +200,16 @@ def test_predict_keeps_row_order_across_batches():
     assert rng_seen == [None, None]  # no dropout at inference
 
 
+def test_predict_and_evaluate_refuse_data_without_rows():
+    # predict failed with numpy's "need at least one array to concatenate" (Trainer.predict
+    # refuses such data too, by name)
+    empty = {"x": np.zeros((0, 2)), "y": np.zeros(0, dtype=np.int64)}
+    with pytest.raises(ValueError, match=r"predict needs at least one row of data"):
+        predict(identity, {}, empty)
+    with pytest.raises(ValueError, match=r"evaluate needs at least one row of data"):
+        evaluate(identity, {}, empty)
+
+
 # -- real learning (slow) -------------------------------------------------------------------------
 # Settings found by a sweep over seeds 0-2 (accuracy at seeds 0 / 1 / 2 in the comments); the run
 # below uses seed 0, so its result is deterministic on a given machine and BLAS.

@@ -603,3 +603,209 @@ def test_a_recomputed_backward_unwinds_the_steps_its_forward_took():
     assert_params_close(tr.params, {n: hist_w[n][-1] for n in g.layers}, rtol=1e-10)
     assert hist.statistics["loop"].delays == {0: 1, 1: 7}
     _assert_nothing_left(hist, g)
+
+
+@dataclass(frozen=True)
+class Blowup(nn.Module):
+    """A cell whose ``kind`` goes wrong: ``"forward"`` gives Inf states; ``"backward"`` gives
+    zero states (finite) but a NaN gradient (the square root of zero)."""
+
+    kind: str
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, *, rng=None):
+        if self.kind == "forward":
+            return ops.add(h, np.inf)
+        return ops.sqrt(ops.multiply(ops.multiply(h, h), 0.0))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the NaN's making, on purpose
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.ZeroBubbleH1(2)], ids=["Sync", "ZB"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_check_finite_names_the_loop_that_produced_nan_or_inf(kind, policy):
+    # the loop's forward and backward went unchecked: the head (forward) or the encoder
+    # (backward) was named instead
+    g = ann.Graph()
+    c = g.input("c", (None, DC))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.loop("loop", Blowup(kind), g.layer("enc", nn.Linear(DC, H), c), max_steps=2)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+    rng = np.random.default_rng(0)
+    data = {"c": rng.standard_normal((4, DC)), "y": rng.integers(0, C, 4)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
+                     check_finite=True)  # fmt: skip
+    with pytest.raises(ann.ActorError, match=rf"actor 'loop' produced NaN or Inf in its {kind}"):
+        tr.fit(data, batch_size=4)
+
+
+@dataclass(frozen=True)
+class SqrtGain(nn.Module):
+    """``h * (1 + sqrt(g))`` with ``g = 0``: finite states and input gradients, but an Inf
+    gradient for ``g`` (the square root's slope at zero)."""
+
+    size: int
+
+    def init_params(self, init):
+        return {"g": init.zeros((self.size,))}
+
+    def __call__(self, params, h, *, rng=None):
+        return ops.add(h, ops.multiply(h, ops.sqrt(params["g"])))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Inf's making, on purpose
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.ZeroBubbleH1(2)], ids=["Sync", "ZB"])
+@pytest.mark.parametrize("first", ["layer", "loop"])
+def test_check_finite_names_the_actor_and_parameter_whose_gradient_is_not_finite(first, policy):
+    # parameter gradients went unchecked: a first layer (no input gradient formed) was named
+    # only a step later, for the NaN forward its updated weights made
+    g = ann.Graph()
+    c = g.input("c", (None, DC))
+    y = g.input("y", (None,), dtype="int64")
+    if first == "layer":
+        h = g.layer("first", SqrtGain(DC), c)
+    else:
+        h = g.loop("first", SqrtGain(DC), c, max_steps=2)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(DC, C), h), y)
+    rng = np.random.default_rng(0)
+    data = {"c": rng.standard_normal((8, DC)), "y": rng.integers(0, C, 8)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
+                     check_finite=True)  # fmt: skip
+    msg = r"actor 'first' produced NaN or Inf in the gradient of its parameter params\['g'\]"
+    with pytest.raises(ann.ActorError, match=msg) as info:
+        tr.fit(data, batch_size=4)
+    assert (info.value.actor, info.value.kind, info.value.key) == ("first", "backward", 0)
+
+
+@dataclass(frozen=True)
+class FloatHalt(nn.Module):
+    """A probability of stopping (a sigmoid), not a decision."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, *, rng=None):
+        return 1 / (1 + np.exp(-ops.raw(h)[:, 0]))
+
+
+@dataclass(frozen=True)
+class LearnedHalt(nn.Module):
+    """A stop condition with a parameter (a threshold): until trains none."""
+
+    def init_params(self, init):
+        return {"t": init.zeros((1,))}
+
+    def __call__(self, params, h, *, rng=None):
+        return ops.raw(h)[:, 0] > params["t"][0]
+
+
+@pytest.mark.parametrize(
+    ("until", "said"),
+    [
+        # floats were cast to bools: a sigmoid's every value is true, so each row stopped after
+        # one step, silently
+        (
+            FloatHalt(),
+            r"layer 'loop' .*until FloatHalt\(\) gave a stop condition of dtype "
+            r"float32; it must give bools .*compare, e\.g\. p > 0\.5",
+        ),
+        # the loop failed at the build with a bare KeyError: 't'
+        (
+            LearnedHalt(),
+            r"loop 'loop': Loop: until LearnedHalt\(\) has parameters, but until is "
+            r"called with none",
+        ),
+    ],
+    ids=["floats", "parameters"],
+)
+def test_an_until_of_floats_or_with_parameters_is_refused_when_the_graph_is_built(until, said):
+    with pytest.raises(ann.GraphError, match=said):
+        ann.Trainer(loop_graph(until), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+@dataclass(frozen=True)
+class Climb(nn.Module):
+    """``h <- h + 0.1 tanh(h @ w) + 0.25 e0``: the first component climbs by at least 0.15 a
+    step, so every row reaches :class:`Over` soon. Refuses a state that is over already (a
+    finished row): only the rows still active may reach the cell."""
+
+    size: int
+
+    def init_params(self, init):
+        return {"w": init.normal((self.size, self.size), 0.5)}
+
+    def __call__(self, params, h, *, rng=None):
+        if (np.asarray(ops.raw(h))[:, 0] > 1.0).any():
+            raise ValueError("Climb: stepped a row that had finished")
+        e0 = np.zeros(self.size)
+        e0[0] = 0.25
+        return ops.add(ops.add(h, ops.multiply(ops.tanh(ops.matmul(h, params["w"])), 0.1)), e0)
+
+
+@dataclass(frozen=True)
+class Over(nn.Module):
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, *, rng=None):
+        return ops.raw(h)[:, :1] > 1.0
+
+
+def _sent_forward(path, actor, like):
+    """What ``actor`` sent on its forward of key 0, as recorded with ``trace_payloads="all"``."""
+    (send,) = [e for e in ann.trace.read(path).events
+               if e.actor == actor and e.what == "send" and e.kind == "forward" and e.key == 0]  # fmt: skip
+    return np.frombuffer(send.payloads[0], dtype=like.dtype).reshape(like.shape)
+
+
+@pytest.mark.parametrize("output", ["last", "all"])
+@pytest.mark.parametrize("stop", ["until", "lengths"])
+def test_predict_and_evaluate_step_the_active_rows_only_as_training_does(tmp_path, stop, output):
+    # the plain evaluation (graph check, predict, evaluate) stepped every row to max_steps:
+    # the cell ran on finished rows (Climb refuses them: the Trainer failed to build), and a
+    # loop whose rows had all stopped went on (max_steps=10**6: 7 s to build a Trainer)
+    rows = 8
+    steps = T if stop == "lengths" else 10**6 if output == "last" else 40
+    g = ann.Graph()
+    c = g.input("c", (None, DC))
+    y = g.input("y", (None,), dtype="int64")
+    h0 = g.layer("enc", nn.Linear(DC, H), c)
+    if stop == "until":
+        h = g.loop("loop", Climb(H), h0, until=Over(), max_steps=steps, output=output)
+    else:
+        xs = g.input("xs", (None, T, DX))
+        lens = g.input("len", (None,), dtype="int64")
+        h = g.loop("loop", RNNCell(DX, H), h0, xs, lens, output=output)
+    g.output("states", h)
+    if output == "all":
+        h = g.layer("flat", nn.Flatten(), h)
+    width = H * (steps if output == "all" else 1)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(width, C), h), y)
+    rng = np.random.default_rng(4)
+    data = {"c": rng.standard_normal((rows, DC)), "y": rng.integers(0, C, rows)}
+    if stop == "lengths":
+        data["xs"] = rng.standard_normal((rows, T, DX))
+        data["len"] = np.array([0, T, 2, 1, 3, T, 0, 4])
+    path = str(tmp_path / "loop.trace")
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64",
+                     trace=path, trace_payloads="all")  # fmt: skip
+    states = tr.predict({k: v for k, v in data.items() if k != "y"}, batch_size=rows)["states"]
+    evaluated = tr.evaluate(data, batch_size=rows)["loss"]
+    hist = tr.fit(data, batch_size=rows)  # one key, at the weights predict and evaluate used
+    np.testing.assert_array_equal(states, _sent_forward(path, "loop", states))
+    assert evaluated == hist.losses[0]  # (8 rows: the mean's scaling is exact)
+    (loop,) = [e for e in ann.trace.read(path).events if e["ev"] == "loop"]
+    taken = loop["m"]["steps"]
+    assert len(set(taken)) > 2 and max(taken) <= min(steps, 40)  # rows left at different steps
+    m = {n: g.nodes[n].module for n in g.layers}
+
+    def loss(p):  # the plain evaluation is differentiable: its gradient is training's
+        extra = [data["xs"], data["len"]] if stop == "lengths" else []
+        h = m["loop"](p["loop"], m["enc"](p["enc"], data["c"]), *extra)
+        h = m["flat"](p["flat"], h) if output == "all" else h
+        return nn.CrossEntropyLoss()({}, m["head"](p["head"], h), data["y"])
+
+    start = fresh_params(g)
+    ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
+    assert_params_close(tr.params, ref, rtol=1e-10)

@@ -588,3 +588,176 @@ def test_a_gate_that_gives_bools_is_refused_when_the_graph_is_built():
     g.loss("loss", nn.CrossEntropyLoss(), g.merge("m", r, *outs), y)
     with pytest.raises(ann.GraphError, match=r"'side'.*scores of dtype bool.*astype"):
         ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+@dataclass(frozen=True)
+class NanGate(nn.Module):
+    """Scores from the first two features, NaN from the third row on (the graph's check runs
+    two rows, so only a key of more rows meets it)."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, x, *, rng=None):
+        s = np.array(ops.raw(x)[:, :2])
+        s[2:, 1] = np.nan
+        return s
+
+
+def _two_expert_graph(gate: Any, **kw: Any) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", gate, x, experts=2, k=1, **kw)
+    outs = [g.layer(f"e{i}", nn.Linear(D, C), r) for i in range(2)]
+    o = g.merge("merge", r, *outs)
+    g.loss("loss", nn.CrossEntropyLoss(), o, y)
+    g.output("logits", o)
+    return g
+
+
+@pytest.mark.parametrize("gates", ["softmax", "normalized", "none"])
+def test_a_nan_gate_score_is_an_error_naming_the_router_not_a_silent_route(gates):
+    # a NaN has no rank: argsort put it last, so with "normalized" weights the row went to the
+    # other expert with a finite output, and the NaN went unnoticed
+    tr = ann.Trainer(_two_expert_graph(NanGate(), gates=gates), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.Sync(), dtype="float64")  # fmt: skip
+    data = _data(n=4)
+    msg = r"router 'gate': the gate NanGate\(\) gave a NaN score \(row 2, expert 1\)"
+    with pytest.raises(ann.ActorError, match=msg) as info:
+        tr.fit(data, batch_size=4)
+    assert info.value.actor == "gate"
+    with pytest.raises(ValueError, match=msg):
+        tr.predict({"x": data["x"]})
+
+
+@dataclass(frozen=True)
+class InfGate(nn.Module):
+    """Scores from the first two features, +inf in the third row's second: a softmax of it is
+    NaN (the router's own output)."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, x, *, rng=None):
+        s = np.array(ops.raw(x)[:, :2])
+        s[2:, 1] = np.inf
+        return s
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_check_finite_names_the_router_whose_gate_weights_are_not_finite():
+    # the router's forward went unchecked: the merge or the loss was named instead
+    tr = ann.Trainer(_two_expert_graph(InfGate()), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(2), dtype="float64", check_finite=True)  # fmt: skip
+    with pytest.raises(ann.ActorError, match=r"'gate' produced NaN or Inf in its forward") as info:
+        tr.fit(_data(n=8), batch_size=8)
+    assert (info.value.actor, info.value.kind, info.value.key) == ("gate", "forward", 0)
+
+
+V = 7
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [policies.Sync(), policies.ZeroBubbleH1(2), policies.PipeDream(1, stash=False)],
+    ids=["Sync", "ZeroBubbleH1", "PipeDream-nostash"],
+)
+def test_integer_ids_routed_to_embedding_experts_equal_a_plain_loop_over_rows(policy):
+    # the ids have no gradient: the router's backward built the input's gradient from the
+    # stored input, which a stashing policy does not keep (TypeError on the backward)
+    g = ann.Graph()
+    tok = g.input("tok", (None,), dtype="int64")
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", nn.Embedding(V, 2), tok, experts=2, k=1)
+    outs = [g.layer(f"e{i}", nn.Embedding(V, H), r) for i in range(2)]
+    o = g.layer("head", nn.Linear(H, C), g.merge("m", r, *outs))
+    g.loss("loss", nn.CrossEntropyLoss(), o, y)
+    rng = np.random.default_rng(0)
+    data = {"tok": rng.integers(0, V, 8), "y": rng.integers(0, C, 8)}
+    start = fresh_params(g)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
+    tr.fit(data, batch_size=8)
+    mods = {n: g.nodes[n].module for n in g.layers}
+
+    def loss(p):
+        total = 0.0
+        for i in range(8):
+            t = data["tok"][i : i + 1]
+            s = mods["gate"].gate(p["gate"], t)
+            e = int(np.argmax(ops.raw(s)[0]))
+            w = ops.softmax(s, axis=-1)[:, e : e + 1]
+            o = mods["head"](p["head"], mods[f"e{e}"](p[f"e{e}"], t) * w)
+            total = total + nn.CrossEntropyLoss()({}, o, data["y"][i : i + 1])
+        return total / 8
+
+    ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reads", ["e1", "e1b", "gate"])
+def test_an_output_reading_a_router_or_an_expert_branch_is_refused_naming_the_merge(reads):
+    # predict failed with numpy's "setting an array element with a sequence": such a node
+    # gets only the rows routed to it, a different set per key
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", nn.Linear(D, 2), x, experts=2, k=1)
+    e0 = g.layer("e0", nn.Linear(D, C), r)
+    e1 = g.layer("e1b", nn.Linear(D, C), g.layer("e1", nn.Linear(D, D), r))
+    g.loss("loss", nn.CrossEntropyLoss(), g.merge("merge", r, e0, e1), y)
+    g.output("out", reads)
+    said = "router 'gate', whose value" if reads == "gate" else f"layer '{reads}' of an expert"
+    with pytest.raises(
+        ann.GraphError, match=rf"output 'out' reads {said}.*g\.output\('out', 'merge'\)"
+    ):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+@dataclass(frozen=True)
+class CountGate(nn.Module):
+    """Integer scores: each expert's count of features above its threshold (a condition's
+    counts, no parameters), of ``dtype`` (``"float"``: the same numbers as floats)."""
+
+    dtype: str
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, x, *, rng=None):
+        raw = np.asarray(ops.raw(x))
+        counts = np.stack([(raw > t).sum(axis=1) for t in (-0.5, 0.0, 0.5)], axis=1)
+        return counts.astype(raw.dtype if self.dtype == "float" else self.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "uint8"])
+@pytest.mark.parametrize("gates", ["softmax", "normalized", "none"])
+def test_integer_gate_scores_route_and_weigh_as_their_float_values(gates, dtype):
+    # the gate's scores are "numbers": integers failed at the first key with "softmax: x must
+    # be floating point" (unless gates="none"), though the graph's check had let them pass;
+    # unsigned ones were ranked negated, wrapped round: a count of 0 ranked first
+    def graph(kind):
+        g = ann.Graph()
+        x = g.input("x", (None, D))
+        y = g.input("y", (None,), dtype="int64")
+        r = g.router("gate", CountGate(kind), x, experts=3, k=2, gates=gates)
+        outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(3)]
+        o = g.layer("head", nn.Linear(H, C), g.merge("merge", r, *outs))
+        g.loss("loss", nn.CrossEntropyLoss(), o, y)
+        g.output("logits", o)
+        return g
+
+    data = _data(n=12)
+    runs = []
+    for kind in (dtype, "float"):
+        tr = ann.Trainer(graph(kind), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                         dtype="float64")  # fmt: skip
+        hist = tr.fit(data, batch_size=6)
+        runs.append((tr.params, hist.losses, tr.predict({"x": data["x"]})["logits"]))
+    (p_int, l_int, o_int), (p_float, l_float, o_float) = runs
+    assert_params_equal(p_int, p_float)
+    assert l_int == l_float
+    np.testing.assert_array_equal(o_int, o_float)
+    tr = ann.Trainer(graph(dtype), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    tr.fit(data, batch_size=6)  # float32: the parameters stay float32
+    assert {str(a.dtype) for a in ann._math._pytree.tree_leaves(tr.params)} == {"float32"}

@@ -151,9 +151,15 @@ def predict(
     """The model's outputs on every row of ``data``, in order, as one numpy array.
 
     The model runs with ``rng=None`` (no dropout), ``batch_size`` rows at a time.
+
+    Raises:
+        ValueError: the data has no rows (as ``Trainer.predict``: the outputs' shape is the
+            model's to say, and with no row it is never called).
     """
     inputs = _keys(input_keys)
     dataset = _as_dataset(data, inputs)
+    if len(dataset) == 0:
+        raise ValueError("predict needs at least one row of data (the data has 0 rows)")
     xp, float_dtype = _placement(params)
     outputs = []
     for batch in dataset.batches(batch_size):

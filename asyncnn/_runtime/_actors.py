@@ -34,8 +34,10 @@ from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn import Sequential
 from asyncnn._math._pytree import tree_leaves
+from asyncnn.backends import array_namespace
 
 from ._capture import ActorGraphs
+from ._checks import _checkable
 from ._messages import BACKWARD, FORWARD, Message
 from ._policies import StageOrder
 from ._serving import Serving
@@ -130,6 +132,9 @@ class LayerActor(Serving):
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()
         self.weight_change: Any = None
+        # the key whose backward (or weight half) runs now: ops run one at a time, and
+        # _settle, where every layer actor's parameter gradients arrive, is told no key
+        self.grads_key: int | None = None
         # messages taken in the sender's task (see run_directly): without a trace, under a
         # flush policy (a continuous one would let the run's admissions run ahead of the
         # losses), one whole backward at a time, and no device shared with other stages by
@@ -351,6 +356,7 @@ class LayerActor(Serving):
         # the version the gradients are computed with: the stashed one, else the current one
         used = entry[1] if entry is not None and entry[0] is not None else self.version
         input_grads: list[Any] | None = None
+        self.grads_key = key
         if split:  # the input half: the weight half follows when the order says
             if key not in self.skipped:
                 input_grads = self._checked_grads(
@@ -395,6 +401,7 @@ class LayerActor(Serving):
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)
+        self.grads_key = key
         if key in self.skipped:
             self.skipped.discard(key)
             if self.param_size:
@@ -403,6 +410,24 @@ class LayerActor(Serving):
             await self.on_backward_weight(key, meta)
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
+
+    async def _settle(
+        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
+    ) -> None:
+        # a NaN weight gradient would otherwise be seen only a step later, as a NaN forward
+        # (or, in a first layer, whose input gradient is not formed, not at all before then)
+        if self.ctx.checks_finite and param_grads is not None:
+            await self.wait_for_device()
+            bad = _first_not_finite(param_grads)
+            if bad is not None:
+                key = self.grads_key
+                raise ActorError(
+                    self.name, BACKWARD, key,
+                    f"actor {self.name!r} produced NaN or Inf in the gradient of its parameter "
+                    f"params{bad} in its backward of key {key} (the first actor to do so in "
+                    "this run; check_finite=True found it)",
+                )  # fmt: skip
+        await super()._settle(param_grads, meta, forward_version)
 
     async def recompute_weights(self, forward_version: int) -> Any:
         """The weights a backward without its forward's stashed pullback differentiates at: the
@@ -480,6 +505,26 @@ _PLACE_TAG = 0xC4A1
 
 #: the hooks the runtime awaits: a custom actor must define them with ``async def``
 _ASYNC_HOOKS = ("on_forward", "on_backward", "on_backward_input", "on_backward_weight")
+
+
+def _first_not_finite(tree: Any, path: str = "") -> str | None:
+    """The path (``[0]['weight']``) of the first floating leaf of ``tree`` holding a NaN or
+    an Inf, in the order of ``tree_leaves``; None if there is none."""
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            found = _first_not_finite(tree[k], f"{path}[{k!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            found = _first_not_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if tree is None or not hasattr(tree, "dtype") or not _checkable(tree.dtype):
+        return None
+    return None if bool(array_namespace(tree).isfinite(tree).all()) else path
 
 
 def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:

@@ -28,7 +28,7 @@ from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn._loops import Loop, check_lengths, planned_row_steps, stop_rows
 
 from ._actors import LayerActor
-from ._messages import FORWARD
+from ._messages import BACKWARD, FORWARD
 from ._statistics import ActorStatistics
 from ._weight_versions import _tree_add
 
@@ -129,6 +129,8 @@ class LoopActor(LayerActor):
         if not keep:
             self.schedules[key] = [r for r, _ in records]
         self._hold(key, (records if keep else None, version, inputs), inputs, out)
+        if self.ctx.checks_finite:
+            await self._check_finite(FORWARD, key, out)
         st = self.stats
         assert isinstance(st, LoopStatistics)
         taken = int(steps.max()) if len(steps) else 0
@@ -183,6 +185,8 @@ class LoopActor(LayerActor):
         param_grads, input_grads = await self.compute(
             self._unwind, records, grad, inputs, cost=self._unwind_cost(records)
         )
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, input_grads)
         # param_grads is None when no row took a step: accumulate counts it as a zero gradient;
         # with the forward's version: the gradient's delay is recorded, and corrected by a
         # policy that corrects stale gradients
@@ -202,6 +206,8 @@ class LoopActor(LayerActor):
             self._unwind, records, grad, inputs, True, cost=cost
         )
         self.store[key] = ((halves, cost), forward_version, inputs)
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, input_grads)
         return list(input_grads)
 
     async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:

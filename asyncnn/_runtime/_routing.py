@@ -32,7 +32,7 @@ from asyncnn._math._nn._routing import (
 from asyncnn._math._ops import raw as ops_raw
 
 from ._actors import LayerActor
-from ._messages import FORWARD
+from ._messages import BACKWARD, FORWARD
 from ._statistics import ActorStatistics
 from ._structure import expert_starts
 
@@ -44,6 +44,7 @@ __all__ = [
     "MergeActor",
     "RouterActor",
     "RouterStatistics",
+    "check_scores",
     "plain_route",
     "plain_values",
 ]
@@ -91,6 +92,7 @@ class RouterActor(LayerActor):
         scores = self.router.scores(params, *inputs)
         if not chosen:
             raw = np.asarray(self.backend.to_numpy(ops_raw(scores)))
+            check_scores(f"router {self.name!r}", self.router.gate, raw)
             chosen.append(topk_experts(raw, self.router.k))
         return gate_weights(scores, chosen[0], self.router.gates)
 
@@ -110,6 +112,8 @@ class RouterActor(LayerActor):
         # version), like any layer's: their version gives the gradient's delay
         params, version = self.forward_weights(key, meta)
         weights, pullback = await self.compute(run, params, inputs, cost=self._cost(rows))
+        if self.ctx.checks_finite:  # the gate's weights are this actor's own output
+            await self._check_finite(FORWARD, key, weights)
         choice = chosen[0]
         capacity = self.router.limit(rows)
         route, dropped = assign_rows(choice, self.router.experts, capacity)
@@ -218,13 +222,23 @@ class RouterActor(LayerActor):
             param_grads, input_grads = pullback(g_weights)
             input_grads = list(input_grads)
             gx = input_grads[0]
-            gx = xp.zeros_like(inputs[0]) if gx is None else gx.copy()
-            for rows, part in scattered:  # ascending expert order: the same sum every time
-                gx[rows] += part
+            if scattered:
+                # None from the gate: x has no gradient (integer ids routed to embedding
+                # experts) or the gate ignores it; the experts' parts still give x's shape
+                first = scattered[0][1]
+                gx = (
+                    xp.zeros((route.shape[0], *first.shape[1:]), dtype=first.dtype)
+                    if gx is None
+                    else gx.copy()
+                )
+                for rows, part in scattered:  # ascending expert order: the same sum every time
+                    gx[rows] += part
             input_grads[0] = gx
             return param_grads, input_grads
 
         param_grads, input_grads = await self.compute(backward, pullback, grad)
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, input_grads)
         return param_grads, input_grads
 
 
@@ -253,6 +267,8 @@ class MergeActor(LayerActor):
             self._combine, key, inputs, self.routes.pop(key), cost=0
         )
         self.saved[key] = (weights, picks, branches)
+        if self.ctx.checks_finite:
+            await self._check_finite(FORWARD, key, out)
         return out
 
     def _combine(
@@ -291,6 +307,8 @@ class MergeActor(LayerActor):
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         weights, picks, branches = self.saved.pop(key)
         result: list[Any] = await self.compute(self._split, grad, weights, picks, branches, cost=0)
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, result)
         return result
 
     async def on_backward_input(
@@ -317,12 +335,29 @@ class MergeActor(LayerActor):
         return grads
 
 
+def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
+    """Raises ValueError where the gate gave a NaN score: NaN has no rank, so the experts a row
+    would go to (and, with ``gates="normalized"``, whether the NaN reaches its weights at all)
+    would depend on where the sort puts it. One pass over the ``(rows, experts)`` scores already
+    on the host for the top-k."""
+    if raw.dtype.kind != "f" or not np.isnan(raw).any():
+        return
+    row, expert = (int(i) for i in np.argwhere(np.isnan(raw))[0])
+    raise ValueError(
+        f"{who}: the gate {gate!r} gave a NaN score (row {row}, expert {expert}); a router "
+        "cannot rank NaN. Find where the gate's input or weights went NaN (check_finite=True "
+        "names the first actor that produced one), or lower the learning rate"
+    )
+
+
 def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any) -> Any:
     """Plain (non-actor) evaluation of a router: ``(x, weights, route)``."""
     router: Router = node.module
     inputs = [backend.asarray(values[s]) for s in node.inputs]
     scores = router.scores(params, *inputs)
-    choice = topk_experts(np.asarray(backend.to_numpy(scores)), router.k)
+    raw = np.asarray(backend.to_numpy(ops_raw(scores)))
+    check_scores(f"router {node.name!r}", router.gate, raw)
+    choice = topk_experts(raw, router.k)
     route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
     return ("routed", inputs[0], gate_weights(scores, choice, router.gates), route)
 

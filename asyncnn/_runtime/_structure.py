@@ -36,7 +36,11 @@ def expert_starts(graph: Graph, router: Node) -> list[str]:
 
 def check_routing(graph: Graph) -> None:
     """Checks the wiring of routers and merges: one merge per router, one branch per expert,
-    each a chain of one-input layers coming back into the merge in expert order."""
+    each a chain of one-input layers coming back into the merge in expert order; and that no
+    graph output reads a router or a branch layer."""
+    # node -> (router, merge) for the routers and their branch layers, whose values outside the
+    # actors are a key's routed rows, not one array a row per input row
+    inside: dict[str, tuple[str, str]] = {}
     for node in graph.nodes.values():
         if node.role != "router":
             continue
@@ -60,14 +64,32 @@ def check_routing(graph: Graph) -> None:
                 f"merge {merge.name!r} must read router {node.name!r} first, then the "
                 f"{experts} expert branches; it reads {list(merge.inputs)}"
             )
+        inside[node.name] = (node.name, merge.name)
         for e, start in enumerate(starts):
-            _check_branch(graph, node, merge, e, start)
+            for name in _check_branch(graph, node, merge, e, start):
+                inside[name] = (node.name, merge.name)
+    for out, src in graph.outputs.items():
+        if src in inside:
+            router_name, merge_name = inside[src]
+            what = (
+                f"router {router_name!r}, whose value is a routing of rows to experts"
+                if src == router_name
+                else f"layer {src!r} of an expert branch of router {router_name!r}, which gets "
+                "only the rows routed to it (a different set per key)"
+            )
+            raise GraphError(
+                f"output {out!r} reads {what}, not one row per input row; read the merge "
+                f"instead: g.output({out!r}, {merge_name!r}), or a layer after it"
+            )
 
 
-def _check_branch(graph: Graph, router: Node, merge: Node, e: int, start: str) -> None:
+def _check_branch(graph: Graph, router: Node, merge: Node, e: int, start: str) -> list[str]:
+    """The layers of expert branch ``e`` (from ``start`` to the merge), checked."""
     name = start
+    layers: list[str] = []
     while True:
         n = graph.nodes[name]
+        layers.append(name)
         if len(n.inputs) != 1 or n.kind != "layer":
             raise GraphError(
                 f"expert branch {e} of router {router.name!r}: {n.kind} {name!r} reads "
@@ -86,5 +108,5 @@ def _check_branch(graph: Graph, router: Node, merge: Node, e: int, start: str) -
                     f"merge {merge.name!r}: expert branch {e} (from {start!r}) comes in "
                     f"at input {slot}; pass the branches in expert order"
                 )
-            return
+            return layers
         name = nxt

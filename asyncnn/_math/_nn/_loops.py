@@ -1,10 +1,10 @@
 """The modules of recurrent loops: :class:`Loop` (a cell run over each row's steps) and
 :class:`RNNCell`, an Elman cell for it.
 
-Called directly, a loop evaluates densely (every row steps, finished rows keep their state), for
-shapes and as a plain reference. The runtime runs a loop node with an actor that steps only the
-rows still active and unwinds them in reverse (``asyncnn/_runtime/_loops.py``; see
-``docs/dynamic.md``).
+Called directly (the graph's check, ``predict``, ``evaluate``, a plain reference), a loop steps
+as its actor does: at each step only the rows still active, until none is, with the same result
+bit for bit, and differentiably. The runtime runs a loop node with an actor that also unwinds the
+steps in reverse (``asyncnn/_runtime/_loops.py``; see ``docs/dynamic.md``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
+from .._pytree import tree_leaves
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps", "stop_rows"]
@@ -39,7 +40,8 @@ class Loop(Module):
         until: a parameterless module, ``until({}, h)``: one bool per row of ``h``, shape
             ``(rows,)`` or ``(rows, 1)``, true where a row stops after the step that produced
             ``h`` (a stop condition carried in the state); any other shape (one value for the
-            whole batch included) is an error (:func:`stop_rows`).
+            whole batch included) or dtype (floats, ints: compare them, ``p > 0.5``) is an
+            error (:func:`stop_rows`), and so is an ``until`` with parameters.
         max_steps: the most steps (default: the length of ``xs``).
         output: ``"last"`` (each row's state after its last step, ``(rows, ...)``) or ``"all"``
             (``(rows, max_steps, ...)``, each row's states, zeros after its end).
@@ -65,6 +67,12 @@ class Loop(Module):
             raise ValueError("Loop: without xs, give max_steps (the most steps a row may take)")
         if self.has_lengths and self.until is not None:
             raise ValueError("Loop: give lengths or until, not both")
+        if _has_params(self.until):
+            raise ValueError(
+                f"Loop: until {self.until!r} has parameters, but until is called with none "
+                "(until({}, h)) and trains none; compute the stop condition from the state "
+                "alone, e.g. with a halting unit in the cell that writes it into the state"
+            )
 
     def init_params(self, init: Initializer) -> Any:
         return self.cell.init_params(init)
@@ -94,30 +102,57 @@ class Loop(Module):
         return new
 
     def __call__(self, params: Any, *inputs: Any, rng: Any = None) -> Any:
-        # A plain (dense, masked) evaluation: every row steps, finished rows keep their state.
+        # A plain evaluation (the graph's check, predict, evaluate, references) that steps as
+        # the loop actor does: at each step the cell (and until) runs on the rows still active
+        # only, so a finished row's state never reaches the cell, the loop ends once no row is
+        # active, and the output equals the actor's bit for bit. It stays differentiable: the
+        # active rows are gathered (take) and put back (where) by traced ops.
         h, xs, lengths = self.split(list(inputs))
         n = int(h.shape[0])
         total = self.steps(xs)
-        active = np.ones(n, dtype=bool)
+        xp = ops.namespace_of(h)
         if lengths is not None:
             # (a device's array reaches the host only explicitly: cupy refuses np.asarray)
             lengths = np.asarray(to_numpy(ops.raw(lengths)))
             check_lengths(lengths, total, "loop")
-        outs = []
-        tail = (1,) * (len(h.shape) - 1)
+            active = lengths > 0
+        else:
+            active = np.ones(n, dtype=bool)
+        tail = tuple(int(d) for d in h.shape[1:])
+        outs: list[Any] = []
         for t in range(total):
-            if lengths is not None:
-                active = lengths > t
-            new = self.step(params, h, None if xs is None else xs[:, t])
-            h = ops.where(active.reshape((n, *tail)), new, h)
+            rows = np.nonzero(active)[0]
+            if not len(rows):
+                break
+            r = xp.asarray(rows)
+            x = None if xs is None else ops.getitem(xs, (r, t))
+            new = self.step(params, h if len(rows) == n else ops.take(h, r, axis=0), x)
+            if len(rows) == n:
+                h = new
+            else:
+                # each row's place among the active ones (0 for the others, masked out)
+                place = np.zeros(n, dtype=np.int64)
+                place[rows] = np.arange(len(rows))
+                mask = active.reshape((n, *(1,) * len(tail)))
+                h = ops.where(mask, ops.take(new, xp.asarray(place), axis=0), h)
             if self.output == "all":
-                outs.append(ops.where(active.reshape((n, *tail)), h, h * 0))
+                outs.append(h if len(rows) == n else ops.where(mask, h, xp.zeros_like(ops.raw(h))))
+            if lengths is not None:
+                active = lengths > t + 1
             if self.until is not None:
-                stop = to_numpy(ops.raw(self.until({}, h)))
-                active = active & ~stop_rows(stop, n, tuple(h.shape), self.until, "loop")
-        if self.output == "all":
-            return ops.stack(outs, axis=1) if outs else ops.expand_dims(h, 1)[:, :0]
-        return h
+                stop = to_numpy(ops.raw(self.until({}, new)))
+                stopped = np.zeros(n, dtype=bool)
+                stopped[rows] = stop_rows(stop, len(rows), tuple(new.shape), self.until, "loop")
+                # a new array: the masks taken so far are the traced wheres' conditions
+                active = active & ~stopped
+        if self.output == "last":
+            return h
+        # the steps no row took are zeros, as the actor's (rows, steps, ...) output
+        rest = xp.zeros((n, total - len(outs), *tail), dtype=ops.raw(h).dtype)
+        if not outs:
+            return rest
+        taken = ops.stack(outs, axis=1)
+        return taken if len(outs) == total else ops.concatenate([taken, rest], axis=1)
 
 
 def planned_row_steps(loop: Loop, inputs: list[Any]) -> int:
@@ -130,16 +165,34 @@ def planned_row_steps(loop: Loop, inputs: list[Any]) -> int:
     return int(np.clip(np.asarray(to_numpy(lengths)), 0, total).sum())
 
 
+def _has_params(module: Any) -> bool:
+    """Whether ``module`` draws parameters (False where it cannot say: calling it will tell)."""
+    init = getattr(module, "init", None)
+    if init is None:
+        return False
+    try:
+        return bool(tree_leaves(init(0, dtype="float64")))
+    except Exception:
+        return False
+
+
 def stop_rows(stop: Any, rows: int, state: tuple[int, ...], until: Any, who: str) -> np.ndarray:
     """``until``'s stop condition for a state of ``rows`` rows as one bool per row, shape
-    ``(rows,)``: the one rule for its shape, at the graph's build (the dense evaluation) and in
-    the loop actor alike. It must be ``(rows,)`` or ``(rows, 1)``.
+    ``(rows,)``: the one rule for its dtype and shape, at the graph's build (the dense
+    evaluation) and in the loop actor alike. It must be bools, ``(rows,)`` or ``(rows, 1)``.
 
     Raises:
-        ValueError: for any other shape (one value for the whole batch, ``(rows, 2)``, the wrong
-            number of rows), naming ``who``, the shape found and the shapes accepted.
+        ValueError: for another dtype (floats, whose cast to bool is true for every nonzero
+            value, or ints), or any other shape (one value for the whole batch, ``(rows, 2)``,
+            the wrong number of rows), naming ``who``, what was found and what is accepted.
     """
-    stop = np.asarray(stop, dtype=bool)
+    stop = np.asarray(stop)
+    if stop.dtype != np.bool_:
+        raise ValueError(
+            f"{who}: until {until!r} gave a stop condition of dtype {stop.dtype}; it must give "
+            "bools (true: the row stops): compare, e.g. p > 0.5 for a probability, n != 0 for "
+            "a count"
+        )
     if stop.shape not in ((rows,), (rows, 1)):
         raise ValueError(
             f"{who}: until {until!r} gave a stop condition of shape {stop.shape} for a state of "

@@ -128,6 +128,12 @@ class Merge(Module):
 
 def topk_experts(scores: np.ndarray[Any, Any], k: int) -> np.ndarray[Any, Any]:
     """Each row's ``k`` best experts, best first (ties go to the lower index)."""
+    if scores.dtype.kind == "u":
+        # a negated unsigned score wraps round (0 would rank first): sort ascending instead, the
+        # columns reversed so that, read from the end, ties come out lower index first
+        e = scores.shape[1]
+        up = np.argsort(scores[:, ::-1], axis=1, kind="stable")[:, ::-1]
+        return (e - 1 - up[:, :k]).astype(np.int64)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
@@ -160,8 +166,15 @@ def assign_rows(
 
 
 def gate_weights(scores: Any, choice: np.ndarray[Any, Any], gates: str) -> Any:
-    """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``)."""
+    """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``).
+
+    Integer scores (counts, a condition as 0/1) are ranked as they are and weighted as float64,
+    numpy's float for integers: an integer has no gradient, so the gate gets none through them.
+    """
     idx = choice
+    if getattr(ops.raw(scores), "dtype", np.dtype(np.float64)).kind in "iu":
+        # (ops.softmax takes floats only; float64 holds every int32 exactly)
+        scores = ops.astype(ops.raw(scores), np.float64)
     if gates == "none":  # weight 1, still a function of the scores (its gradient is zero)
         return _take_rows(ops.add(ops.multiply(scores, 0.0), 1.0), idx)
     if gates == "softmax":
