@@ -62,6 +62,9 @@ def _train(args: argparse.Namespace) -> int:
     sizes = [features] + [args.hidden] * args.layers + [classes]
     workers = None
     cluster = None
+    if args.trace:  # its folder made, as those of --save, --metrics and --out are (before the
+        # Trainer, which refuses a trace path in a missing folder)
+        os.makedirs(os.path.dirname(args.trace) or ".", exist_ok=True)
     if args.workers:
         from .cluster import LocalCluster
 
@@ -170,8 +173,6 @@ def _fit(
             f"(--epochs counts them too); give --epochs {trainer.epochs_done + 1} or more to "
             "train on"
         )
-    if args.trace:  # its folder made, as those of --save, --metrics and --out are
-        os.makedirs(os.path.dirname(args.trace) or ".", exist_ok=True)
     callbacks = [JSONLLogger(args.metrics)] if args.metrics else []
     start = time.perf_counter()
     try:

@@ -18,9 +18,10 @@ import trio
 from ._callbacks import Callback, wants_epoch_end
 from ._history import History
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_copy
+from ._math._pytree import tree_copy, tree_leaves
 from ._runtime._graph import Graph
 from ._runtime._open_run import open_run
+from ._runtime._policies import Policy
 from ._runtime._run import Run, RunState
 
 if TYPE_CHECKING:
@@ -89,6 +90,13 @@ class _FitState:
         )
         self.position = (trainer.epochs_done, trainer.epoch_batches)  # the next batch to run
         self.stepped = self.first_mb  # minibatches whose keys were all admitted
+        self.known = self.first_mb  # minibatches whose losses, and all before, are known
+        # {minibatch: keys admitted before it}: a state kept after `mb` minibatches goes on
+        # numbering keys from there, as a run that stopped there would
+        self.keys_before: dict[int, int] = {self.first_mb: trainer.state.keys}
+        # under a streaming policy that updates once per minibatch: each layer's recent states
+        # (set when the run starts, where it applies)
+        self.layer_states: _LayerStates | None = None
         self.per_epoch = plan.dataset.num_batches(plan.batch_size, plan.drop_last)
         self.layout = plan.epoch_layout(trainer.seed)
         # the history's losses as last handed over (see _history_losses)
@@ -101,6 +109,10 @@ class _FitState:
         self.losses[minibatch] = loss
         self.rows += rows
         self.reported.append(minibatch)
+        while self.known in self.losses:
+            self.known += 1
+        if self.layer_states is not None and self.run is not None:
+            self.layer_states.see(self.run.state(), self.known - self.first_mb)
         if self.bar is not None and self.bar.on_loss is not None:
             self.bar.on_loss(minibatch, loss, rows)
 
@@ -117,6 +129,13 @@ class _FitState:
             config=tr.config.replace(trace=trace_path),
         ) as run:
             self.run = run
+            if (
+                self.in_process
+                and not self.flush
+                and not run.cuda_graphs_active  # (captured updates write in place)
+                and updates_once_per_minibatch(tr.policy)
+            ):
+                self.layer_states = _LayerStates(tr.state)
             if self.bar is not None:
                 self.bar.run = run
             epoch, skip = self.position
@@ -133,6 +152,7 @@ class _FitState:
                         break
                     mb = await run.step(batch)
                     self.stepped = run.minibatches  # every key of `mb` admitted
+                    self.keys_before[mb + 1] = run.next_key
                     self.mb_epoch[mb] = epoch
                     self.position = (epoch, i + 1)
                 skip = 0
@@ -179,6 +199,8 @@ class _FitState:
         ):
             await run.wait_idle()
             self._snapshot(run)
+        if self.layer_states is not None:
+            self.layer_states.see(run.state(), self.known - self.first_mb)
         self._deliver_steps()
 
     async def _settle(self, run: Run) -> None:
@@ -290,14 +312,108 @@ class _FitState:
             return
         if self.flush:
             return  # the last snapshot: every layer after the same last completed minibatch
-        # continuous policies: each layer's own last update; the counters stop at the first
-        # minibatch whose loss is not known
+        if updates_once_per_minibatch(self.tr.policy):
+            # (PipeDream2BW) each layer's own last state would hold part of the gradient sum of
+            # an unfinished minibatch, which the next fit would add into another minibatch's
+            # update, and the layers would stand after different minibatches: every layer
+            # after the same minibatches, the latest seen everywhere, with no partial sum; the
+            # next fit redoes the rest
+            states = self.layer_states
+            if states is None:  # (captured CUDA graphs): the last state committed
+                return
+            states.see(run.state(), self.known - self.first_mb)
+            done = self.first_mb + states.common
+            if done <= self.tr.state.minibatches:
+                return  # no later than what is kept already (the state before, an epoch end)
+            self._commit(
+                RunState(
+                    params={n: p for n, (p, _, _) in states.kept.items()},
+                    opt_states={n: o for n, (_, o, _) in states.kept.items()},
+                    versions={
+                        n: states.start[n] + (states.common if n in states.seen else 0)
+                        for n in states.kept
+                    },
+                    minibatches=done,
+                    keys=self.keys_before.get(done, run.next_key),
+                    actor_states={n: a for n, (_, _, a) in states.kept.items() if a is not None},
+                )
+            )
+            return
+        # other continuous policies: each layer's own last update; the counters stop at the
+        # first minibatch whose loss is not known
         state = run.state()
-        done = self.first_mb
-        while done in self.losses:
-            done += 1
-        state.minibatches = done
+        state.minibatches = self.known
+        state.keys = self.keys_before.get(self.known, state.keys)
         self._commit(state)
+
+
+def updates_once_per_minibatch(policy: Policy) -> bool:
+    """Whether ``policy`` streams keys (no flush between minibatches) and has each layer apply
+    one update per minibatch, once its part of the minibatch is done (``PipeDream2BW``), so that
+    a layer's version counts the minibatches it has applied. Not with a policy that corrects
+    updates: it changes a layer's weights again after the version went up."""
+    if policy.waits_between_minibatches() or policy.corrects_updates():
+        return False
+    # (asked about as many keys as a minibatch may have: a policy that updates after some
+    # keys, or not at each minibatch's end, says so within them)
+    counts = range(1, max(int(policy.microbatches), 64) + 1)
+    return not any(policy.update_due(n, False) for n in counts) and all(
+        policy.update_due(n, True) for n in counts
+    )
+
+
+class _LayerStates:
+    """The recent states of each layer of a run under a policy that streams keys and updates
+    once per minibatch (:func:`updates_once_per_minibatch`). There the layers of a running
+    pipeline stand a minibatch or two apart, each holding part of a minibatch's gradient sum:
+    no moment has them all after the same minibatches. Each layer's state is seen as the fit
+    goes (at each loss and each step: references, as an update makes new arrays), and
+    :attr:`kept` is the latest state seen at every layer after the same minibatches.
+
+    Layers without parameters never update (their one state is that of any minibatch)."""
+
+    def __init__(self, start: RunState) -> None:
+        self.start = dict(start.versions)
+        self.layers = [n for n, p in start.params.items() if tree_leaves(p)]
+        #: layer -> {minibatches of this fit applied: (params, optimizer state, actor state)}
+        self.seen: dict[str, dict[int, tuple[Any, Any, Any]]] = {n: {} for n in self.layers}
+        #: the minibatches of this fit that every layer of :attr:`kept` has applied
+        self.common = 0
+        #: layer -> its state after :attr:`common` minibatches (the fit's start: none kept)
+        self.kept: dict[str, tuple[Any, Any, Any]] = {}
+        self._others = [n for n in start.params if n not in self.seen]
+
+    def see(self, state: RunState, known: int) -> None:
+        """Notes each layer's state now; ``known``: the minibatches of this fit whose losses
+        (and all before) are known, the most a kept state may count."""
+        seen = self.seen
+        if not seen:  # no layer updates: every state is that of the minibatches known
+            if known > self.common:
+                self.common = known
+                self.kept = self._entries(state)
+            return
+        for n in self.layers:
+            entries = seen[n]
+            done = state.versions[n] - self.start[n]
+            if done not in entries:
+                entries[done] = (state.params[n], state.opt_states[n], state.actor_states.get(n))
+        lowest = min(state.versions[n] - self.start[n] for n in self.layers)
+        common = set.intersection(*(set(e) for e in seen.values()))
+        best = max((d for d in common if d <= known), default=0)
+        if best > self.common:
+            self.common = best
+            self.kept = {n: seen[n][best] for n in self.layers}
+            self.kept.update((n, e) for n, e in self._entries(state).items() if n in self._others)
+        # no layer is seen again below `lowest`: what is not common there never will be
+        for entries in seen.values():
+            for d in [d for d in entries if d <= self.common or (d < lowest and d not in common)]:
+                del entries[d]
+
+    def _entries(self, state: RunState) -> dict[str, tuple[Any, Any, Any]]:
+        return {
+            n: (state.params[n], state.opt_states[n], state.actor_states.get(n))
+            for n in state.params
+        }
 
 
 def _end_all(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
@@ -49,6 +50,53 @@ class _Option:
         obj.config = obj.config.replace(**{self.name: value})
 
 
+class _TraceOption(_Option):
+    """:attr:`Trainer.trace`: a path checked before it is set (see :func:`_check_trace_path`)."""
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        config = obj.config.replace(trace=value)
+        _check_trace_path(config.trace)
+        obj.config = config
+
+
+def _check_trace_path(path: str | None) -> None:
+    """Refuses a trace path that the recorder could not open when a ``fit`` starts, with the
+    recorder's words and exception classes (``_recorder._open_alone``), so that the mistake
+    shows where it was made rather than at the first fit. The file itself is left alone: the
+    recorder creates or empties it at the fit. Later fits' traces (``NAME.1.EXT``...) go in the
+    same folder.
+
+    Raises:
+        ValueError: the path is empty.
+        FileNotFoundError: its folder does not exist.
+        NotADirectoryError: its folder is a file.
+        IsADirectoryError: the path is a folder (or ends with a separator).
+    """
+    if path is None:
+        return
+    if not path:
+        raise ValueError("trace='' names no file: pass trace= a file path, or None for no trace")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        error: type[OSError] = IsADirectoryError
+        code = errno.EISDIR
+        why = (
+            "it is a folder" if os.path.isdir(path) else "it names a folder (a trailing separator)"
+        )
+    elif os.path.isdir(folder):
+        return
+    elif os.path.exists(folder):
+        error, code, why = NotADirectoryError, errno.ENOTDIR, f"its folder {folder!r} is a file"
+    else:
+        error, code = FileNotFoundError, errno.ENOENT
+        why = f"its folder {folder!r} does not exist"
+    raise error(
+        code,
+        f"cannot write the trace {path!r}: {why}. Pass trace= a file path in an existing folder "
+        "this process may write to",
+    )
+
+
 class Trainer:
     """Trains a graph of actors under a policy.
 
@@ -68,8 +116,8 @@ class Trainer:
             shuffling and dropout.
         dtype: floating dtype of weights and float inputs.
         trace: write a message trace of each ``fit`` to this path (the first ``fit``; later ones
-            to ``NAME.1.EXT``, ``NAME.2.EXT``, ...). Read it with ``asyncnn.trace.read``, replay
-            it with ``asyncnn.replay``.
+            to ``NAME.1.EXT``, ``NAME.2.EXT``, ...), in a folder that exists (checked here).
+            Read it with ``asyncnn.trace.read``, replay it with ``asyncnn.replay``.
         trace_payloads: which tensors a trace keeps besides their digests: ``"inputs"`` (enough
             to replay), ``"all"`` (enough to replay one actor alone), ``"none"``.
         cluster: run on worker processes (``ann.cluster.LocalCluster(workers=N)`` or
@@ -93,7 +141,13 @@ class Trainer:
 
     Raises:
         TypeError: ``cuda_graphs`` is not a bool or None.
-        ValueError: ``cuda_graphs=True`` with a ``cluster``.
+        ValueError: ``cuda_graphs=True`` with a ``cluster``; ``trace=""``.
+        FileNotFoundError: ``trace``'s folder does not exist (it is not made; the file is
+            created, or emptied, when a ``fit`` starts). The same classes as the trace writer
+            raises at the fit, so that one ``except`` catches either; also when
+            :attr:`trace` is set later.
+        NotADirectoryError: ``trace``'s folder is a file.
+        IsADirectoryError: ``trace`` is a folder.
 
     Attributes:
         history: the :class:`History` of the latest ``fit``, also of one that was interrupted
@@ -109,7 +163,7 @@ class Trainer:
 
     seed = _Option()
     dtype = _Option()
-    trace = _Option()
+    trace = _TraceOption()
     trace_payloads = _Option()
     stall_timeout = _Option()
     check_finite = _Option()
@@ -137,6 +191,7 @@ class Trainer:
             seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
             trace=trace, trace_payloads=trace_payloads, cuda_graphs=cuda_graphs,
         )  # fmt: skip
+        _check_trace_path(self.config.trace)
         self.traces: list[str] = []  # the trace files written so far, one per fit
         if cluster is not None and not callable(getattr(cluster, "open_run", None)):
             raise TypeError(

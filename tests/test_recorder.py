@@ -101,7 +101,10 @@ def test_a_trace_path_that_cannot_be_written_is_named_before_the_run_trains(
 ) -> None:
     # (a bare "[Errno 2] No such file or directory", which did not say it was the trace)
     graph, batch = _two_stages()
-    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.Sync(), trace=str(tmp_path / "no" / "t"))
+    folder = tmp_path / "no"
+    folder.mkdir()  # (the Trainer refuses a missing folder itself: this one goes before the fit)
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.Sync(), trace=str(folder / "t"))
+    folder.rmdir()
     before = tr.params
     with pytest.raises(FileNotFoundError, match=r"the trace '.*t': its folder '.*no' does not"):
         tr.fit(batch, batch_size=8)

@@ -173,6 +173,35 @@ def test_a_resumed_trainer_numbers_its_traces_on(tmp_path):
     assert ann.trace.read(resumed.traces[1]).header["start"]["minibatches"] == 5
 
 
+def test_a_trace_path_that_cannot_be_written_is_refused_when_the_trainer_is_made(tmp_path):
+    # (it was taken, and refused only when the first fit started)
+    (tmp_path / "a-file").write_text("not a folder")
+
+    def trainer(trace):
+        return ann.Trainer(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=trace
+        )
+
+    for path, error, why in [
+        (tmp_path / "missing" / "run.trace", FileNotFoundError, "' does not exist"),
+        (tmp_path / "a-file" / "run.trace", NotADirectoryError, "a-file' is a file"),
+        (tmp_path, IsADirectoryError, "it is a folder"),
+    ]:
+        with pytest.raises(error, match=re.escape(f"cannot write the trace {str(path)!r}: ")) as e:
+            trainer(path)
+        assert why in str(e.value) and "Pass trace= a file path in an existing folder" in str(
+            e.value
+        )
+    with pytest.raises(ValueError, match="trace='' names no file"):
+        trainer("")
+    good = str(tmp_path / "run.trace")
+    tr = trainer(good)
+    assert not os.path.exists(good)  # created (or emptied) by the fit, not here
+    with pytest.raises(FileNotFoundError, match="trace="):
+        tr.trace = str(tmp_path / "missing" / "run.trace")
+    assert tr.trace == good  # the refused path is not taken
+
+
 # -- what fit keeps when it stops early ----------------------------------------------------------
 
 
@@ -243,6 +272,53 @@ def test_an_interrupted_pipedream_fit_keeps_each_layers_last_update():
     assert before in (0, 1) and tr.epoch_batches == tr.state.minibatches - 5 * before
     tr.fit(_data(), epochs=1, batch_size=8)  # and it goes on from there
     assert tr.epochs_done == before + 1 and tr.epoch_batches == 0
+
+
+@dataclass(frozen=True)
+class _CtrlCAtLabel7(nn.CrossEntropyLoss):
+    """Ctrl-C as it lands mid-minibatch: in the loss of the key holding the label 7."""
+
+    def __call__(self, params, logits, labels):
+        if (np.asarray(labels) == 7).any():
+            raise KeyboardInterrupt
+        return super().__call__(params, logits, labels)
+
+
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
+@pytest.mark.parametrize(
+    "policy", [policies.PipeDream2BW(2), policies.GPipe(2)], ids=["pipedream2bw", "gpipe"]
+)
+def test_a_fit_stopped_mid_minibatch_keeps_no_part_of_it_and_resumes_bit_identically(policy, stop):
+    # (PipeDream2BW kept each layer's half-summed gradient of the unfinished minibatch 3 and
+    # its layers after different minibatches; the next fit added the half-sum into another
+    # minibatch's update)
+    data = _data()
+    bad = {"x": data["x"], "y": data["y"].copy()}
+    bad["y"][29] = 7  # the second key (rows 28..31) of minibatch 3 stops the fit
+
+    def trainer():
+        loss = _CtrlCAtLabel7() if stop == "ctrl-c" else None
+        return ann.Trainer(
+            chain_graph(3, loss=loss), optimizer=optim.Adam(lr=0.01), policy=policy, seed=3
+        )
+
+    tr = trainer()
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else ann.ActorError):
+        tr.fit(bad, epochs=1, batch_size=8, check_data=False)
+    # every layer after the same minibatches, those the position counts, and no partial sum
+    # (under PipeDream2BW 2 or 3 of them: whether stage 0 had applied minibatch 2 by then)
+    done = tr.state.minibatches
+    assert done in (2, 3) and set(tr.versions.values()) == {done}
+    assert tr.state.pending_grads == {} and tr.state.keys == 2 * done
+    assert (tr.epochs_done, tr.epoch_batches, len(tr.history.losses)) == (0, done, done)
+    tr.fit(data, epochs=1, batch_size=8)  # minibatches `done`.. 4
+    reference = trainer()
+    if policy.flush:  # as if never stopped
+        reference.fit(data, epochs=1, batch_size=8)
+    else:  # a stream restarts with each fit: as a fit that ended after `done` minibatches
+        reference.fit({k: v[: 8 * done] for k, v in data.items()}, epochs=1, batch_size=8)
+        reference.fit({k: v[8 * done :] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, reference.params)
 
 
 def test_fit_checks_the_data_first():
