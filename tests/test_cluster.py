@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -204,6 +206,28 @@ def test_a_node_on_a_worker_the_cluster_lacks_is_a_graph_error(three: Any) -> No
 def test_cluster_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="workers >= 1"):
         ann.cluster.LocalCluster(workers=0)
+    with pytest.raises(ValueError, match="workers >= 1, got -3"):
+        ann.cluster.LocalCluster(workers=-3)
+    # a bool is no count (True was taken as one worker); a string names its type
+    for wrong in (True, "2", 2.0):
+        with pytest.raises(
+            TypeError, match=rf"takes an int >= 1, got .* \(of type {type(wrong).__name__}"
+        ):
+            ann.cluster.LocalCluster(workers=wrong)  # type: ignore[arg-type]
+    # a numpy integer is taken, as worker= takes it (it was refused as "workers >= 1, got 2")
+    numpy_count = ann.cluster.LocalCluster(workers=np.int64(2))  # type: ignore[arg-type]
+    assert numpy_count.workers == 2 and type(numpy_count.workers) is int
+    # options failed deep in the first run ("'>=' not supported"), declared every worker hung
+    # (a timeout of 0), or turned NCCL on (nccl="no")
+    for option, value, error in [
+        ("heartbeat_timeout", "5", TypeError), ("heartbeat_timeout", 0, ValueError),
+        ("heartbeat_timeout", None, TypeError), ("start_timeout", -1.0, ValueError),
+        ("max_message_bytes", 1.5, TypeError), ("threads_per_worker", 0, ValueError),
+        ("nccl", "no", TypeError),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=rf"LocalCluster\({option}=\.\.\.\)"):
+            ann.cluster.LocalCluster(workers=2, **{option: value})
+    ann.cluster.LocalCluster(workers=2, start_timeout=None, heartbeat_timeout=np.float32(2))
     with pytest.raises(TypeError, match="asyncnn.cluster"):
         ann.Trainer(chain([0]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=2)
 
@@ -262,6 +286,8 @@ def test_a_worker_that_dies_or_hangs_fails_the_run_in_seconds(how: str) -> None:
     assert err.worker == 1
     assert "slow" in err.actors and "worker 1" in str(err) and str(victim) in str(err)
     assert ("SIGKILL" in str(err)) if how == "kill" else ("sent nothing" in str(err))
+    # the usual sender of a SIGKILL nobody sent is named (a worker out of memory)
+    assert ("out-of-memory killer" in str(err)) == (how == "kill")
     assert took < 10
     # no orphans: every worker is gone (the stopped one killed)
     deadline = time.perf_counter() + 5
@@ -927,3 +953,170 @@ async def test_a_start_cancelled_before_workers_connect_ends_at_once(anyio_backe
         assert sorted(run.losses) == [0]
     finally:
         cluster.close()
+
+
+def test_closing_a_cluster_while_its_run_is_open_is_refused_by_name() -> None:
+    # close() inside a run closed the connections under the run's readers: the run then failed
+    # with a KeyError, or 10 s later with "worker 1 ... sent nothing (hung, or stopped)"
+    cluster = ann.cluster.LocalCluster(workers=2)
+    cluster.running = True  # as open_run sets it, for the length of the run
+    with pytest.raises(
+        RuntimeError, match=r"LocalCluster.close\(\) was called while a run is open"
+    ):
+        cluster.close()
+    cluster.broken()  # a failed run still takes its workers down
+    cluster.running = False
+    cluster.close()
+    cluster.close()  # twice: nothing to do
+
+
+def test_a_module_that_cannot_be_sent_fails_before_the_workers_are_touched(three: Any) -> None:
+    # the specs were built after the start: a module holding a lambda tore down a warm
+    # cluster's workers (and started a cold one's) before its error came
+    fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)
+    pids = three.pids
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer("odd", nn.Sequential(_Holding(fn=lambda v: v), nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with pytest.raises(TypeError, match=r"layer 'odd'.*_Holding.fn holds a function"):
+        fit(g, policies.Sync(), cluster=three, epochs=1)
+    assert three.started and three.pids == pids
+
+
+@dataclasses.dataclass(frozen=True)
+class _Holding(nn.Module):
+    """An identity holding a field no spec can carry."""
+
+    fn: Any = None
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return x
+
+
+class _Silent(ann.cluster.Cluster):
+    """A cluster whose workers never come (nothing is launched)."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+async def test_a_lone_failure_while_workers_connect_is_raised_as_itself(
+    anyio_backend: str, error: type[BaseException], monkeypatch: Any
+) -> None:
+    # Ctrl-C while the driver waited for its workers came out as a BaseExceptionGroup holding
+    # the KeyboardInterrupt (so `except KeyboardInterrupt` missed it)
+    if error is KeyboardInterrupt and anyio_backend == "asyncio":
+        pytest.skip("asyncio re-raises a task's KeyboardInterrupt out of its event loop")
+
+    async def fail(*args: Any) -> None:
+        raise error("while the workers connect")
+
+    monkeypatch.setattr("asyncnn._cluster._base.serve_listener", fail)
+    cluster = _Silent(workers=2)
+    with pytest.raises(error, match="while the workers connect"):
+        await cluster.start()
+    assert not cluster.started
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_cannot_be_spawned_is_named_and_those_started_are_stopped(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # the processes were kept in a list made in one expression: a failed spawn (or Ctrl-C)
+    # lost the workers already started, never stopped or waited for
+    real = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real([argv[0], "-c", "import signal; signal.pause()"], **kw))
+        return started[0]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    cluster = ann.cluster.LocalCluster(workers=3)
+    with pytest.raises(
+        ann.WorkerError, match=r"could not start worker 1 of 3 \(\[Errno 11\]"
+    ) as info:
+        await cluster.start()
+    assert info.value.worker == 1
+    assert started[0].poll() is not None  # stopped and waited for
+
+
+def test_a_module_put_on_the_path_after_the_workers_started_imports_there(
+    tmp_path: Any, three: Any, monkeypatch: Any
+) -> None:
+    # the workers had the driver's import path of when they started: a notebook that then
+    # appended a folder failed the run with "No module named ..." from the worker
+    fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)
+    (tmp_path / "late_layers_for_the_cluster.py").write_text(
+        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
+        "class Late(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
+        "        return x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    late = importlib.import_module("late_layers_for_the_cluster")
+    monkeypatch.setitem(sys.modules, "late_layers_for_the_cluster", late)  # gone at the end
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer("late", nn.Sequential(late.Late(), nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
+    one, _ = fit(g, policies.Sync(), epochs=1)
+    assert_params_equal(one.params, many.params)
+
+
+@pytest.mark.anyio
+async def test_a_worker_reports_an_error_with_a_huge_message_within_the_header_limit(
+    anyio_backend: str,
+) -> None:
+    # a 3 MB message went out whole (four times: message, cause, traceback...), the driver
+    # refused the frame ("broke the protocol: ... header"), and the actual error was lost
+    import msgpack
+
+    from asyncnn._cluster._wire import MAX_HEADER_BYTES
+    from asyncnn._cluster._worker import Worker
+
+    sent: list[dict[str, Any]] = []
+
+    class Driver:
+        async def send(self, frame: dict[str, Any], buffers: Any = ()) -> None:
+            sent.append(frame)
+
+    try:
+        raise ValueError("x" * 3_000_000 + " the end")
+    except ValueError as exc:
+        error = ann.ActorError("s1", "forward", 4, f"ValueError: {exc}")
+        error.__cause__ = exc
+    worker = Worker(1, Driver(), None, 1 << 30, b"")  # type: ignore[arg-type]
+    await worker._report_error(error)
+    (frame,) = sent
+    assert len(msgpack.packb(frame)) < MAX_HEADER_BYTES
+    assert frame["actor"] == "s1" and frame["key"] == 4
+    for field in ("message", "cause", "traceback"):
+        assert "characters cut" in frame[field] and frame[field].endswith(
+            ("the end", "the end\n")
+        ), field
+
+
+def test_workers_started_from_a_thread_that_ends_stay_up_for_the_next_fit() -> None:
+    # Linux kills a child whose parent *thread* ends (PR_SET_PDEATHSIG): a fit inside a notebook
+    # runs on a thread of its own, so its workers were SIGKILLed when it returned, and each
+    # later fit restarted the cluster ("worker 0 killed by SIGKILL since the last run")
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1),
+                         policy=policies.Sync(), cluster=cluster)  # fmt: skip
+        call = threading.Thread(target=tr.fit, args=(data(32),), kwargs={"batch_size": 32})
+        call.start()
+        call.join()
+        pids = cluster.pids
+        assert len(pids) == 2
+        tr.fit(data(32), batch_size=32)
+        assert cluster.pids == pids and all(_alive(p) for p in pids)

@@ -91,6 +91,48 @@ def test_decoding_a_message_whose_tensors_do_not_match_fails_clearly() -> None:
         decode_message({"x": []}, [])
 
 
+def _through_a_header(msg: Message) -> Message:
+    header, buffers = encode_message(msg)
+    header = msgpack.unpackb(msgpack.packb(header), strict_map_key=False)
+    return decode_message(header, [np.frombuffer(b.tobytes(), np.uint8) for b in buffers])
+
+
+def test_every_dtype_arrives_as_itself_bit_for_bit_and_one_that_cannot_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(6, 8))
+    sent = (
+        grid.astype(np.float16), rng.integers(-(2**62), 2**62, 5), np.array([True, False]),
+        np.array(3.5), grid[::2, ::-3], grid.astype(">f8"), np.zeros((0, 3), np.int8),
+        np.array([np.nan, -0.0], np.float32),
+    )  # fmt: skip
+    back = _through_a_header(Message("forward", 1, 0, "s1", "s2", 0, sent))
+    for x, y in zip(sent, back.tensors, strict=True):
+        assert (y.dtype, y.shape) == (x.dtype, x.shape)
+        assert y.tobytes() == np.ascontiguousarray(x).tobytes()
+    # a structured dtype's str is raw bytes ("|V12"): it arrived as void, its fields lost
+    fields = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i8")])
+    with pytest.raises(TypeError, match=r"from 's1' to 's2': tensor 1 \(shape \(3,\)\) has dtype"):
+        encode_message(Message("forward", 1, 0, "s1", "s2", 0, (np.ones(2), fields)))
+    with pytest.raises(TypeError, match="has no name another process could rebuild it from"):
+        encode_tree({"w": fields}, [])
+    header, buffers = encode_message(Message("forward", 0, 0, "a", "b", 0, (np.ones(2),)))
+    header["x"][0][0] = "bfloat17"
+    with pytest.raises(ValueError, match="dtype 'bfloat17' is unknown in this process"):
+        decode_message(header, [np.frombuffer(buffers[0].tobytes(), np.uint8)])
+
+
+def test_bfloat16_arrives_as_bfloat16() -> None:
+    # its dtype's str is "<V2": workers received raw void and failed on their first matmul
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
+    back = _through_a_header(Message("forward", 1, 0, "s1", "s2", 0, (x,)))
+    assert back.tensors[0].dtype == x.dtype and back.tensors[0].tobytes() == x.tobytes()
+    bufs: list[Any] = []
+    spec = encode_tree({"w": x}, bufs)
+    got = decode_tree(spec, [np.frombuffer(b.tobytes(), np.uint8) for b in bufs])
+    assert got["w"].dtype == x.dtype
+
+
 async def _refused(raw: bytes, limit: int = 1 << 30) -> ProtocolError:
     a, b = pair(limit)
     await a._send_all(raw)

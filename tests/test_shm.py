@@ -21,6 +21,7 @@ from test_cluster import run_with_a_broken_frame
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster import _shm
+from asyncnn._cluster._codec import decode_message, encode_message
 from asyncnn._cluster._handshake import (
     accept,
     accept_socket,
@@ -33,6 +34,7 @@ from asyncnn._cluster._wire import (
     Connection,
     ProtocolError,
 )
+from asyncnn._runtime._messages import Message
 
 from _reference import assert_params_equal
 
@@ -92,6 +94,28 @@ async def test_tiny_large_and_oversized_frames_round_trip(anyio_backend: str) ->
     assert a.counts == {"inline": 2, "slab": 1, "socket": 2}
     # the slab's bytes are read in place, writable like a fresh array
     assert got[1][1][2].flags.writeable
+    a.close()
+    b.close()
+
+
+@pytest.mark.anyio
+async def test_messages_of_every_dtype_and_layout_arrive_bit_for_bit(anyio_backend: str) -> None:
+    a, b = pair(slab_bytes=1 << 20)
+    rng = np.random.default_rng(1)
+    big = rng.normal(size=(300, 600))  # 1.4 MB: views of it in a slab, itself over the socket
+    sent = [
+        rng.normal(size=(5, 7)).astype(np.float16), rng.integers(-(2**62), 2**62, 9),
+        rng.integers(0, 2, (4, 4)).astype(bool), np.array(3.5), np.zeros((0, 5, 3)),
+        big[::2, ::3], big[::-1].T[:, :200], big.astype(">f8")[:100], big,
+    ]  # fmt: skip
+    for i, x in enumerate(sent):
+        header, buffers = encode_message(Message("forward", i, 0, "s0", "s1", 0, (x,), {}))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.send, header, buffers)  # over the socket: sent while it is read
+            got = decode_message(*(await b.receive())).tensors[0]
+        assert (got.dtype, got.shape) == (x.dtype, x.shape)
+        assert got.tobytes() == np.ascontiguousarray(x).tobytes()
+    assert a.counts["inline"] and a.counts["slab"] and a.counts["socket"]
     a.close()
     b.close()
 

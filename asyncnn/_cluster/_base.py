@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 
 from asyncnn._errors import WorkerError
 from asyncnn._runtime._lifecycle import error_leaves
@@ -81,9 +82,28 @@ class Cluster:
         threads_per_worker: int | None = None,
         nccl: bool = False,
     ) -> None:
-        if not isinstance(workers, int) or workers < 1:
+        # a numpy integer is taken, as worker= takes it; a bool is not a count
+        if not isinstance(workers, int | np.integer) or isinstance(workers, bool | np.bool_):
+            raise TypeError(
+                f"{type(self).__name__}(workers=...) takes an int >= 1, got {workers!r:.40} "
+                f"(of type {type(workers).__name__})"
+            )
+        if workers < 1:
             raise ValueError(f"a cluster needs workers >= 1, got {workers!r}")
-        self.workers = workers
+        # checked here, not where first used: a string timeout failed deep inside the first
+        # run, a zero one declared every worker hung, nccl="no" turned NCCL on
+        who = type(self).__name__
+        _check_positive(who, "heartbeat_timeout", heartbeat_timeout, integer=False)
+        if start_timeout is not None:  # None: wait for ever
+            _check_positive(who, "start_timeout", start_timeout, integer=False)
+        _check_positive(who, "max_message_bytes", max_message_bytes, integer=True)
+        if threads_per_worker is not None:
+            _check_positive(who, "threads_per_worker", threads_per_worker, integer=True)
+        if not isinstance(nccl, bool):
+            raise TypeError(f"{who}(nccl=...) takes True or False, got {nccl!r:.40}")
+        if not isinstance(host, str):
+            raise TypeError(f"{who}(host=...) takes an address as a str, got {host!r:.40}")
+        self.workers = int(workers)
         self.host = host
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
@@ -132,7 +152,7 @@ class Cluster:
                 "restarting the cluster: %s",
                 "; ".join(f"worker {i} {fate} since the last run" for i, fate in gone.items()),
             )
-            self.close()
+            self._stop()
         self.token = os.urandom(32)
         listener = listen(self.host, 0)
         port = listener.getsockname()[1]
@@ -174,27 +194,27 @@ class Cluster:
                     f"worker {i} connected but did not {what} within {self.start_timeout:g} s "
                     f"({self._fate(i) or 'hung, or stopped'})"
                 )
-            self.close()
+            self._stop()
             raise WorkerError(
                 missing[0] if missing else -1, [], f"{type(self).__name__}: {message}"
             ) from None
         except (EOFError, ConnectionError) as exc:
             if awaited is None:
-                self.close()
+                self._stop()
                 raise
             i, what = awaited
             fate = self._fate(i) or "closed its connection"
-            self.close()
+            self._stop()
             raise WorkerError(
                 i, [], f"{type(self).__name__}: worker {i} {fate} before it could {what} ({exc})"
             ) from exc
         except BaseException:
-            self.close()
+            self._stop()
             raise
         finally:
             listener.close()
         self.started = True
-        atexit.register(self.close)  # no worker outlives the program
+        atexit.register(self._stop)  # no worker outlives the program
 
     async def _admit_all(self, listener: Any) -> None:
         """Accepts the workers' connections, handshaking with every comer at once (so that idle
@@ -225,11 +245,18 @@ class Cluster:
                 await all_in.wait()
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # a worker that announced an impossible index: that, not the group, is the error
-            wrong = next((e for e in error_leaves(group) if isinstance(e, WorkerError)), None)
-            if wrong is None:
+            # a worker that announced an impossible index: that, not the group, is the error;
+            # so is a lone failure (Ctrl-C lands in the task waiting here: the caller must get
+            # its KeyboardInterrupt, not a group holding it)
+            leaves = error_leaves(group)
+            wrong = next((e for e in leaves if isinstance(e, WorkerError)), None)
+            if wrong is not None:
+                raise wrong from None
+            cancelled = anyio.get_cancelled_exc_class()
+            real = [e for e in leaves if not isinstance(e, cancelled)]
+            if len(real) != 1:
                 raise
-            raise wrong from None
+            raise real[0] from None
 
     async def _admit(self, sock: Any) -> None:
         try:
@@ -294,7 +321,24 @@ class Cluster:
             self._log_window = (start, unlogged)
 
     def close(self) -> None:
-        """Stops the workers (asks them; kills those that do not go within seconds)."""
+        """Stops the workers (asks them; kills those that do not go within seconds). Closing a
+        closed cluster does nothing; a later run starts fresh workers.
+
+        Raises:
+            RuntimeError: a run is open on this cluster (leave its ``open_run`` block, or let
+                its ``fit`` end, first): its readers would otherwise wait on closed connections
+                and the run fail later with a misleading "died" or "hung".
+        """
+        if self.running:
+            raise RuntimeError(
+                f"{type(self).__name__}.close() was called while a run is open on it; end the "
+                "run first (leave its open_run block, or let its fit return or fail): a run "
+                "that fails takes its workers down by itself"
+            )
+        self._stop()
+
+    def _stop(self) -> None:
+        """Stops the workers, whatever runs on them (a failed run, the end of the program)."""
         for conn in self.connections.values():
             try:
                 # best effort, without an event loop: a tiny frame fits any socket buffer
@@ -306,11 +350,11 @@ class Cluster:
             conn.close()
         self.connections.clear()
         self.started = False
-        atexit.unregister(self.close)
+        atexit.unregister(self._stop)
 
     def broken(self) -> None:
         """Called after a failed run: its workers may be mid-message, so they are replaced."""
-        self.close()
+        self._stop()
 
     def __enter__(self) -> Cluster:
         return self
@@ -320,12 +364,23 @@ class Cluster:
 
     def __del__(self) -> None:
         if getattr(self, "started", False):
-            self.close()
+            self._stop()
 
     def describe_worker(self, index: int, hosted: list[str]) -> str:
         """``"worker 1 (pid 123, hosting stage1, loss)"``."""
         pid = self.info.get(index, {}).get("pid")
         return f"worker {index} (pid {pid}, hosting {', '.join(hosted) or 'nothing'})"
+
+
+def _check_positive(who: str, name: str, value: Any, *, integer: bool) -> None:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool | np.bool_) or not isinstance(value, kinds):
+        raise TypeError(
+            f"{who}({name}=...) takes {'an int' if integer else 'a number of seconds'} > 0, got "
+            f"{value!r:.40} (of type {type(value).__name__})"
+        )
+    if not value > 0:  # NaN too
+        raise ValueError(f"{who}({name}=...) must be > 0, got {value!r}")
 
 
 def _send_shutdown(conn: Connection) -> None:

@@ -23,10 +23,38 @@ __all__ = [
     "decode_message",
     "decode_state",
     "decode_tree",
+    "dtype_code",
     "encode_message",
     "encode_state",
     "encode_tree",
 ]
+
+
+# dtype -> how a header names it, filled as dtypes are first met (a dict lookup per tensor)
+_CODES: dict[np.dtype[Any], str] = {}
+
+
+def dtype_code(dtype: np.dtype[Any]) -> str:
+    """How a header names ``dtype`` so that the receiver rebuilds the same one: its ``str``
+    (``"<f4"``: byte order included), or for a dtype that ``str`` does not describe, an
+    extension's name (ml_dtypes' bfloat16 has the ``str`` ``"<V2"``, raw bytes: the receiver
+    would compute on void).
+
+    Raises:
+        TypeError: the dtype has no name another process can rebuild it from (a structured
+            dtype, one with objects).
+    """
+    code = _CODES.get(dtype)
+    if code is not None:
+        return code
+    for code in (dtype.str, dtype.name):
+        try:
+            if not dtype.hasobject and np.dtype(code) == dtype:
+                _CODES[dtype] = code
+                return code
+        except TypeError:
+            pass
+    raise TypeError(f"dtype {dtype} has no name another process could rebuild it from")
 
 
 def _host(array: Any) -> np.ndarray:
@@ -44,13 +72,7 @@ def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
             descs.append(None)
             continue
         host = _host(t)
-        if host.dtype.hasobject:  # its bytes are pointers: the receiver would refuse the frame
-            raise TypeError(
-                f"a {msg.kind} message from {msg.src!r} to {msg.dst!r}: tensor {i} (shape "
-                f"{host.shape}) has dtype object, which cannot travel between processes; give "
-                "the layer numeric arrays"
-            )
-        descs.append([host.dtype.str, list(host.shape)])
+        descs.append([_code_of(host.dtype, msg, i, host.shape), list(host.shape)])
         buffers.append(host)
     header = {
         "t": "m",
@@ -66,12 +88,27 @@ def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
     return header, buffers
 
 
+def _code_of(dtype: np.dtype[Any], msg: Message, i: int, shape: Any) -> str:
+    try:
+        return dtype_code(dtype)
+    except TypeError:
+        # objects' bytes are pointers, a structured dtype's fields would arrive as raw bytes
+        raise TypeError(
+            f"a {msg.kind} message from {msg.src!r} to {msg.dst!r}: tensor {i} (shape "
+            f"{tuple(shape)}) has dtype {dtype}, which cannot travel between processes; give "
+            "the layer plain numeric arrays"
+        ) from None
+
+
 def announce_message(msg: Message) -> dict[str, Any]:
     """A message's header announcing its tensors (dtype, shape under ``"g"``) without carrying
     them: they follow over NCCL (see ``_nccl``)."""
     header, _ = encode_message(Message(msg.kind, msg.key, msg.version, msg.src, msg.dst,
                                        msg.slot, (), msg.meta))  # fmt: skip
-    header["g"] = [None if t is None else [t.dtype.str, list(t.shape)] for t in msg.tensors]
+    header["g"] = [
+        None if t is None else [_code_of(np.dtype(t.dtype), msg, i, t.shape), list(t.shape)]
+        for i, t in enumerate(msg.tensors)
+    ]
     return header
 
 
@@ -109,7 +146,13 @@ def decode_message(header: dict[str, Any], buffers: list[np.ndarray]) -> Message
 
 
 def _view(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(
+            f"a tensor's dtype {dtype!r:.40} is unknown in this process (bfloat16 needs the "
+            "ml_dtypes package installed in every process of the cluster)"
+        ) from None
     if dt.hasobject:
         raise ValueError(f"object dtype {dtype!r} cannot travel")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -133,7 +176,7 @@ def encode_tree(tree: Any, buffers: list[np.ndarray]) -> Any:
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         host = _host(tree)
         buffers.append(host)
-        return {"a": len(buffers) - 1, "d": host.dtype.str, "s": list(host.shape)}
+        return {"a": len(buffers) - 1, "d": dtype_code(host.dtype), "s": list(host.shape)}
     if tree is None or isinstance(tree, bool | int | float | str):
         return {"value": tree}
     raise TypeError(f"cannot send a {type(tree).__name__} in a parameter tree")

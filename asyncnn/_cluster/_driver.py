@@ -44,6 +44,7 @@ from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._remote import ClusterRun, MalformedReport, RemoteActor, apply_report, deliver, is_reports
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
+from ._worker import driver_paths
 
 if TYPE_CHECKING:
     from ._base import Cluster
@@ -178,13 +179,16 @@ async def open_cluster_run(
         validate(graph, config.dtype)
     where = placement(graph, cluster)
     _check_turns(graph, policy, where)
+    # what cannot be sent to a worker (a module holding a function, a class defined inside a
+    # function) is refused before any worker starts, leaving a warm cluster's workers be
+    specs = {"graph": graph.to_spec(), "optimizer": optimizer.to_spec(), "policy": policy.to_spec()}
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
     cluster.running = True
     try:
         await cluster.start()
         async with _driver_run(
-            cluster, where, graph, optimizer, policy, config, state, pool, on_loss
+            cluster, where, graph, optimizer, policy, config, state, pool, on_loss, specs
         ) as run:
             yield run
     except BaseException:
@@ -205,6 +209,7 @@ async def _driver_run(
     state: RunState,
     pool: DevicePool | None,
     on_loss: Any,
+    specs: dict[str, Any],
 ) -> AsyncIterator[Run]:
     hosted_by: dict[int | None, list[str]] = {}
     for name, w in where.items():
@@ -220,7 +225,7 @@ async def _driver_run(
     cpu_hosts = {where[n] for n in cpu_layers(graph)} or {None}
     threads = cluster.threads_per_worker or max(1, host_cores() // len(cpu_hosts))
     share = _DriverShare(
-        cluster, where, hosted_by, recorder, config.trace, state, threads, plan, ids
+        cluster, where, hosted_by, recorder, config.trace, state, threads, plan, ids, specs
     )
     with recording(recorder, share):
         async with maybe_pool(pool, threads) as the_pool:
@@ -257,8 +262,10 @@ class _DriverShare(LinkedShare):
         threads: int,
         plan: list[Any],
         ids: list[Any],
+        specs: dict[str, Any],
     ) -> None:
         super().__init__(-1, plan, ids, cluster.start_timeout)
+        self.specs = specs
         self.cluster = cluster
         self.where = where
         self.state = state
@@ -273,8 +280,9 @@ class _DriverShare(LinkedShare):
     async def begin(self, run: Run) -> None:
         assert isinstance(run, DriverRun)
         await _start_workers(
-            self.cluster, run, self.state, self.where, self.threads, self.plan, self.ids
-        )
+            self.cluster, run, self.state, self.where, self.threads, self.plan, self.ids,
+            self.specs,
+        )  # fmt: skip
         await super().begin(run)
 
     def start(self, tg: Any, run: Run) -> None:
@@ -347,24 +355,29 @@ async def _start_workers(
     threads: int,
     plan: list[Any],
     ids: list[Any],
+    specs: dict[str, Any],
 ) -> None:
-    """Sends each worker its share of the run: the specs, the run's options and the state of
-    the layers it hosts."""
+    """Sends each worker its share of the run: the specs (the graph's, the optimizer's and the
+    policy's, built before the workers started), the run's options and the state of the layers
+    it hosts."""
     graph, recorder = run.graph, run.recorder
     # what every worker is told alike (the specs are built once)
     common = {
         "t": "run",
-        "graph": graph.to_spec(),
+        "graph": specs["graph"],
         "shapes": {k: list(v) for k, v in (graph.shapes or {}).items()},
         "placement": where,
-        "optimizer": run.optimizer.to_spec(),
-        "policy": run.policy.to_spec(),
+        "optimizer": specs["optimizer"],
+        "policy": specs["policy"],
         # the run's options, whole; a worker writes no trace file of its own name
         "config": run.config.replace(trace=None).to_spec(),
         "max_in_flight": run.max_in_flight,
         "threads": threads,
         "trace": run.config.trace_payloads if recorder is not None else None,
         "nccl": {"plan": [list(k) for k in plan], "ids": ids},
+        # the import path as it is now: a module put on it after the workers started
+        # (a notebook's sys.path.append) imports there too
+        "paths": driver_paths(),
     }
     for w in range(cluster.workers):
         buffers: list[Any] = []
@@ -540,6 +553,8 @@ def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str)
 
 async def _died(cluster: Cluster, w: int, hosted: list[str], exc: BaseException) -> WorkerError:
     fate = await _fate(cluster, w)
+    if "SIGKILL" in fate:
+        fate += "; a SIGKILL nobody sent usually comes from the kernel's out-of-memory killer"
     err = WorkerError(
         w, hosted,
         f"{cluster.describe_worker(w, hosted)} died during the run ({fate or exc}); its "

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from typing import Any
+
+from asyncnn._errors import WorkerError
 
 from . import _shm
 from ._base import Cluster
@@ -56,26 +61,21 @@ class LocalCluster(Cluster):
         env[_shm.ENV] = "1" if self.shm else "0"  # the workers' connections, to all peers
         # the workers' BLAS threads are set by the pool; keep OpenMP from spawning its own
         env.setdefault("OMP_NUM_THREADS", "1")
-        self.processes = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "asyncnn._cluster",
-                    "--driver",
-                    f"{host}:{port}",
-                    "--index",
-                    str(i),
-                    "--bind",
-                    host,
-                    "--max-message-bytes",
-                    str(self.max_message_bytes),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-            for i in range(self.workers)
-        ]
+        # kept one by one: a start cut short (Ctrl-C, a failed spawn) kills those already up
+        self.processes = []
+        for i in range(self.workers):
+            argv = [
+                sys.executable, "-m", "asyncnn._cluster", "--driver", f"{host}:{port}",
+                "--index", str(i), "--bind", host,
+                "--max-message-bytes", str(self.max_message_bytes),
+            ]  # fmt: skip
+            try:
+                _spawn(argv, env, self.processes)
+            except OSError as exc:
+                raise WorkerError(
+                    i, [], f"LocalCluster: could not start worker {i} of {self.workers} "
+                    f"({exc}); this host may be out of processes or memory: use fewer workers",
+                ) from exc  # fmt: skip
 
     def _fate(self, index: int) -> str:
         if index >= len(self.processes):
@@ -109,3 +109,39 @@ class LocalCluster(Cluster):
     def pids(self) -> list[int]:
         """The worker processes' ids (empty before the cluster starts)."""
         return [p.pid for p in self.processes]
+
+
+# Linux's PR_SET_PDEATHSIG, which kills a worker whose driver died (_worker._die_with_parent),
+# fires when the *thread* that started the worker ends, not its process: workers started from
+# a short-lived thread (a fit called inside a notebook runs on one) were SIGKILLed as soon as
+# that call returned, and every later fit restarted the cluster. So every worker is started
+# from one thread that lives as long as this process.
+_spawner: tuple[int, queue.SimpleQueue[Any]] | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(argv: list[str], env: dict[str, str], into: list[subprocess.Popen[bytes]]) -> None:
+    """``subprocess.Popen(argv)``, run on this process's spawning thread, which appends the
+    process to ``into`` (so that a caller interrupted while it waits still has it to stop)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # none yet, or lost to a fork
+            jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            threading.Thread(
+                target=_serve_spawns, args=(jobs,), name="asyncnn-spawner", daemon=True
+            ).start()
+            _spawner = (os.getpid(), jobs)
+        jobs = _spawner[1]
+    done: Future[None] = Future()
+    jobs.put((argv, env, into, done))
+    done.result()
+
+
+def _serve_spawns(jobs: queue.SimpleQueue[Any]) -> None:
+    while True:
+        argv, env, into, done = jobs.get()
+        try:
+            into.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
+            done.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            done.set_exception(exc)

@@ -67,6 +67,10 @@ __all__ = ["driver_paths", "run_worker", "worker_main"]
 
 TOKEN_ENV = "ASYNCNN_CLUSTER_TOKEN"
 PATH_ENV = "ASYNCNN_CLUSTER_PATH"
+#: the most characters of an error's message (and of its cause) a worker's report carries, and
+#: of its traceback: with 4 bytes a character at worst, well under the 1 MiB header limit
+MESSAGE_CHARS = 16_000
+TRACEBACK_CHARS = 100_000
 
 
 class Reports:
@@ -244,6 +248,7 @@ class Worker:
     async def run_share(self, cmd: dict[str, Any], buffers: list[Any]) -> None:
         """Runs this worker's actors for one run and sends the driver their final state."""
         received = time.perf_counter()
+        _add_paths(cmd.get("paths") or [])
         graph = Graph.from_spec(cmd["graph"])
         graph.shapes = {k: tuple(v) for k, v in cmd["shapes"].items()}
         placement: dict[str, int | None] = cmd["placement"]
@@ -329,8 +334,8 @@ class Worker:
         frame: dict[str, Any] = {
             "t": "error",
             "type": type(err).__name__,
-            "message": str(err),
-            "traceback": "".join(traceback.format_exception(err)),
+            "message": _clip(str(err), MESSAGE_CHARS),
+            "traceback": _clip("".join(traceback.format_exception(err)), TRACEBACK_CHARS),
         }
         lost = lost_peer(err)
         if lost is not None:
@@ -339,7 +344,7 @@ class Worker:
             frame.update(actor=err.actor, kind=err.kind, key=err.key)
             cause = err.__cause__
             if cause is not None:
-                frame["cause"] = f"{type(cause).__name__}: {cause}"
+                frame["cause"] = _clip(f"{type(cause).__name__}: {cause}", MESSAGE_CHARS)
         buffers: list[Any] = []
         if self.failed_trace is not None:  # the events this worker recorded, up to the failure
             frame["trace"] = 0
@@ -350,6 +355,16 @@ class Worker:
                 await self.driver.send(frame, buffers)
         except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
             pass
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` with its middle cut out past ``limit`` characters: an error report's header
+    must stay under the header limit (a message several megabytes long came to the driver as a
+    frame that "broke the protocol", the actual error lost)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
 class _WorkerShare(LinkedShare):
@@ -482,6 +497,14 @@ async def worker_main(
             listener.close()
 
 
+def _add_paths(paths: list[str]) -> None:
+    """Puts the driver's import ``paths`` that this process lacks (and that exist here) first
+    on its import path, so that user modules (custom layers, actors) import here as there."""
+    sys.path[:0] = [
+        p for p in paths if isinstance(p, str) and p and p not in sys.path and os.path.isdir(p)
+    ]
+
+
 def driver_paths() -> list[str]:
     """The driver's import path, as it tells its workers (the directories on it)."""
     return [p for p in sys.path if p and os.path.isdir(p)]
@@ -500,7 +523,7 @@ def run_worker(
     """Runs :func:`worker_main` (under trio) in this process, after putting the driver's import
     ``paths`` (those that exist here) first on the import path, so that user modules (custom
     layers, actors) import here as there."""
-    sys.path[:0] = [p for p in paths if p and p not in sys.path and os.path.isdir(p)]
+    _add_paths(paths)
     from asyncnn.backends import tune_allocator
 
     tune_allocator()
