@@ -188,3 +188,70 @@ def test_an_error_without_a_message_is_recorded_by_its_kind(tmp_path: Path) -> N
     record_error(rec, KeyboardInterrupt())
     rec.close()
     assert [e.meta["error"] for e in ann.trace.read(path).events] == ["KeyboardInterrupt"]
+
+
+def test_a_pinned_forward_records_the_version_it_computed_with(tmp_path: Path) -> None:
+    # the start of a forward said the stage's latest version, not the one PipeDream2BW pins
+    graph = ann.Graph.sequential(
+        [nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)],
+        loss=nn.CrossEntropyLoss(),
+        stages=[2, 2, 1],
+        input_shape=(None, 4),
+    )
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((48, 4)), "y": rng.integers(0, 3, 48)}
+    path = tmp_path / "run.trace"
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.PipeDream2BW(2), trace=str(path))
+    tr.fit(data, batch_size=8)
+    events = _events(path)
+    minibatch = {e.key: e.meta["minibatch"] for e in events if e.what == "admit"}
+    starts = [e for e in events if e.what == "start" and e.kind == "forward" and e.actor != "loss"]
+    assert len(starts) == 3 * 12
+    # every forward of minibatch b uses the version from before minibatch b - 1's update
+    assert [e.version for e in starts] == [max(minibatch[e.key] - 1, 0) for e in starts]
+    assert ann.replay(path).identical
+
+
+def test_a_flushing_run_records_one_flush_per_minibatch(tmp_path: Path) -> None:
+    # the drain that ends a fit and the one on leaving the run both recorded the last flush,
+    # and a step after a drain recorded the drained minibatch's flush again
+    graph, batch = _two_stages()
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.GPipe(2), trace=str(tmp_path / "f"))
+    data = {k: np.concatenate([v] * 3) for k, v in batch.items()}
+    tr.fit(data, batch_size=8)
+    tr.fit(data, batch_size=8)  # resumed: minibatches 3..5, in its own trace
+
+    def flushes(path: Path) -> list[int]:
+        return [e.meta["minibatch"] for e in _events(path) if e.what == "flush"]
+
+    assert flushes(tmp_path / "f") == [0, 1, 2]
+    assert flushes(tmp_path / "f.1") == [3, 4, 5]
+
+    async def main() -> None:
+        path = str(tmp_path / "run.trace")
+        async with ann.open_run(graph, optim.SGD(lr=0.1), policies.GPipe(2), trace=path) as run:
+            await run.step(batch)
+            await run.drain()
+            await run.step(batch)
+
+    anyio.run(main)
+    assert flushes(tmp_path / "run.trace") == [0, 1]
+
+
+def test_a_deferred_header_takes_the_fields_the_run_knows_later(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    rec = Recorder(str(path), {"graph": {}}, defer_header=True)
+    rec.event("stage0", "start", "forward", 0, 0, "", 0)  # queued behind the header
+    assert rec.header_pending
+    rec.complete_header(pool={"cpu_workers": 3})
+    assert not rec.header_pending
+    with pytest.raises(RuntimeError, match=r"complete already: fields \['seed'\]"):
+        rec.complete_header(seed=1)
+    rec.close()
+    trace = ann.trace.read(path)
+    assert trace.header["pool"] == {"cpu_workers": 3} and "seed" not in trace.header
+    assert [e.what for e in trace.events] == ["start"]
+    # one that nothing completed is written as it stands when the recorder closes
+    rec = Recorder(str(path), {"graph": {}}, defer_header=True)
+    rec.close()
+    assert ann.trace.read(path).header["graph"] == {}

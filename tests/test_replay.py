@@ -8,12 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgpack
 import numpy as np
 import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._traceformat import encode_record, iter_frames
 
 from _reference import assert_params_equal
@@ -86,8 +88,8 @@ def test_async_runs_that_differ_each_replay_bit_identically(tmp_path):
     assert ann.trace.diff(a, a) is None
 
 
-def test_changed_learning_rate_shows_at_first_actor_using_new_weights(tmp_path):
-    path = tmp_path / "r.trace"
+def test_changed_learning_rate_shows_at_the_first_update(tmp_path):
+    path, old = tmp_path / "r.trace", tmp_path / "old.trace"
     tr = ann.Trainer(
         _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), trace=str(path)
     )
@@ -95,9 +97,42 @@ def test_changed_learning_rate_shows_at_first_actor_using_new_weights(tmp_path):
     rep = ann.replay(path, optimizer=optim.SGD(lr=0.2))
     assert not rep.identical
     d = rep.first_divergence
+    # the last stage ends minibatch 0 first: its update, in its backward of key 1
+    assert (d.actor, d.kind, d.key, d.seq) == ("stage2", "update", 1, 3)
+    assert "the weights of version 1 differ: parameter array 0 of 2" in str(d)
+
+    # a trace written before updates carried digests: found where a forward uses the weights
+    _rewrite(path, old, lambda r: {k: v for k, v in r.items() if r.get("ev") != "update" or k
+                                   not in ("x", "key", "seq")})  # fmt: skip
+    rep = ann.replay(old, optimizer=optim.SGD(lr=0.2))
+    d = rep.first_divergence
     # the first update is applied after minibatch 0; the first forward after it is stage0's F(2)
     assert (d.actor, d.kind, d.key, d.seq) == ("stage0", "forward", 2, 4)
     assert "digest differs" in str(d)
+    same, same_old = ann.replay(path), ann.replay(old)
+    assert same.identical and same_old.identical
+    updates = sum(1 for e in ann.trace.read(path).events if e.what == "update")
+    assert updates == 6 and same.events_checked == same_old.events_checked + updates
+
+
+def test_a_change_of_the_last_update_alone_is_a_divergence(tmp_path):
+    # a run's last update is used by no later send: replay said identical, with other weights
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     trace=str(path))  # fmt: skip
+    tr.fit(_data(8), batch_size=8)
+    rep = ann.replay(path, optimizer=optim.SGD(lr=0.5))
+    assert not _equal(rep.params, tr.params)
+    assert not rep.identical
+    d = rep.first_divergence
+    assert (d.actor, d.kind, d.key, d.seq) == ("stage1", "update", 0, 1)
+    assert d.peer == "" and d.expected != d.got and len(d.expected) == 2
+    t = ann.trace.read(path)
+    for e in (e for e in t.events if e.what == "update"):  # digests only, never the bytes
+        assert "pl" not in e and [x["s"] for x in e.tensors] in ([[3], [8, 3]], [[8], [5, 8]])
+    rep = ann.replay(path)
+    assert rep.identical and rep.first_divergence is None
+    assert_params_equal(rep.params, tr.params)
 
 
 def _rewrite(path, out, change):
@@ -145,7 +180,8 @@ def test_replay_one_actor_alone_and_stop_at_a_key(tmp_path):
     )
     tr.fit(_data(24), epochs=1, batch_size=4)
     rep = ann.replay(path, actor="stage1")
-    assert rep.identical and rep.events_checked == 12  # 6 keys: a forward and a backward each
+    # 6 keys: a forward and a backward each, and an update after each backward
+    assert rep.identical and rep.events_checked == 18
     assert_params_equal({"stage1": rep.params["stage1"]}, {"stage1": tr.params["stage1"]})
     seen = []
     rep = ann.replay(
@@ -239,7 +275,8 @@ def test_replay_alone_of_a_one_layer_graph_and_a_second_reader_of_the_data(tmp_p
     ).fit(_data(16), batch_size=4)
     for name in ("a", "b"):
         rep = ann.replay(path, actor=name)
-        assert rep.identical and rep.events_checked == 4  # 4 forwards; backwards send nothing
+        # 4 forwards and 4 updates; backwards send nothing
+        assert rep.identical and rep.events_checked == 8
     one = ann.Graph.sequential([nn.Linear(5, 3)], loss=nn.CrossEntropyLoss(), input_shape=(None, 5))
     path1 = tmp_path / "one.trace"
     ann.Trainer(
@@ -432,3 +469,83 @@ def _plain_graph() -> ann.Graph:
         stages=2,
         input_shape=(None, 5),
     )
+
+
+def _update_digests(path) -> dict[str, list[list[int]]]:
+    out: dict[str, list[list[int]]] = {}
+    for e in ann.trace.read(path).events:
+        if e.what == "update":
+            out.setdefault(e.actor, []).append([x["h"] for x in e.tensors])
+    return out
+
+
+def test_a_captured_device_run_records_the_digests_of_its_updates_as_the_cpu_run(
+    fake_cuda, emulated, tmp_path, monkeypatch
+):
+    # the graphs write their weights again at the next update: the digests must be those of
+    # the weights each update made, copied behind it on the actor's stream, read by the
+    # trace's writer once there (a Later: the actor never waits)
+    handed: list[str] = []
+    event = Recorder.event
+
+    def spy(self, actor, ev, *args, **kwargs):
+        if ev == "update":
+            handed.append(type(args[5]).__name__)
+        return event(self, actor, ev, *args, **kwargs)
+
+    monkeypatch.setattr(Recorder, "event", spy)
+    data = _data(32)
+    for where, graphs in (("cpu", False), ("cuda:0", True)):
+
+        async def main(where=where, graphs=graphs):
+            graph = ann.Graph.sequential(
+                [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)], loss=nn.CrossEntropyLoss(),
+                stages=2, input_shape=(None, 5), devices=[where] * 2,
+            )  # fmt: skip
+            async with ann.open_run(
+                graph, optim.SGD(lr=0.1), policies.Sync(), dtype="float64", seed=1,
+                cuda_graphs=graphs, trace=str(tmp_path / f"{where}.trace"),
+            ) as run:  # fmt: skip
+                for i in range(4):
+                    await run.step({k: v[i * 8 : (i + 1) * 8] for k, v in data.items()})
+
+        anyio.run(main)
+    cpu, dev = _update_digests(tmp_path / "cpu.trace"), _update_digests(tmp_path / "cuda:0.trace")
+    assert cpu == dev and [len(v) for v in cpu.values()] == [4, 4]
+    assert handed == ["tuple"] * 8 + ["Later"] * 8
+    assert ann.replay(tmp_path / "cuda:0.trace").identical
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
+    # replay opened a pool of this host's cores, whose products may be cut otherwise
+    from asyncnn._runtime import _lifecycle
+    from asyncnn.backends import open_device_pool
+
+    path, old = tmp_path / "r.trace", tmp_path / "old.trace"
+    data = _data(16)
+
+    async def record():
+        async with open_device_pool(cpu_workers=3, blas_threads=1, part_flops=5000) as pool:
+            async with ann.open_run(
+                _plain_graph(), optim.SGD(lr=0.1), policies.GPipe(2), trace=str(path), pool=pool
+            ) as run:
+                await run.step(data)
+
+    anyio.run(record, backend=backend)
+    header = ann.trace.read(path).header
+    assert header["pool"] == {"cpu_workers": 3, "part_flops": 5000, "split": True}
+    opened: list[dict] = []
+
+    def spy(**kwargs):
+        opened.append(kwargs)
+        return open_device_pool(**kwargs)
+
+    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    assert ann.replay(path).identical
+    assert [(o["cpu_workers"], o["part_flops"], o["split"]) for o in opened] == [(3, 5000, True)]
+    # a trace written before pools were recorded: this host's, as before
+    _rewrite(path, old, lambda r: {k: v for k, v in r.items() if k != "pool"})
+    assert ann.replay(old).identical
+    assert opened[1]["cpu_workers"] == _lifecycle.host_cores()
+    assert opened[1]["part_flops"] == _lifecycle.RUN_PART_FLOPS

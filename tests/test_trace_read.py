@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import threading
 from collections import Counter
@@ -23,6 +24,7 @@ import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._math._pytree import tree_leaves
 from asyncnn._runtime import _recorder
+from asyncnn._runtime._lifecycle import RUN_PART_FLOPS, host_cores
 from asyncnn._runtime._recorder import Recorder, decode_tree, digest
 
 PREFIX = 12  # u32 length, u32 ~length, u32 crc32
@@ -89,6 +91,8 @@ def test_round_trip_header_state_and_events(tmp_path: Path) -> None:
     assert h["seed"] == 3 and h["dtype"] == "float32"
     assert h["packages"]["asyncnn"] == ann.__version__
     assert h["packages"]["numpy"] == np.__version__
+    # the pool the run's products were cut over (a replay opens the same)
+    assert h["pool"] == {"cpu_workers": host_cores(), "part_flops": RUN_PART_FLOPS, "split": True}
 
     # the state record holds the weights the run started from, bit for bit
     assert t.state is not None
@@ -113,7 +117,16 @@ def test_round_trip_header_state_and_events(tmp_path: Path) -> None:
         assert starts == ends and [s[0] for s in starts] == list(range(len(starts)))
         assert len(starts) == (2 if actor == "loss" else 4)  # 2 keys: F, B each (loss: F only)
     for actor in ("stage0", "stage1"):  # Sync: one update per minibatch and layer
-        assert [e["v"] for e in ev if e["a"] == actor and e["ev"] == "update"] == [1, 2]
+        updates = [e for e in ev if e["a"] == actor and e["ev"] == "update"]
+        assert [e["v"] for e in updates] == [1, 2]
+        # made in the backward of each minibatch's last key (its seq, its key), with the
+        # digests of the weights it made: the leaves of the tree, dict keys sorted
+        assert [(e["seq"], e["key"]) for e in updates] == [(1, 0), (3, 1)]
+        leaves = tree_leaves(tr.params[actor])
+        assert updates[-1]["x"] == [
+            {"s": list(a.shape), "d": "<f4", "n": a.nbytes, "h": digest(a)} for a in leaves
+        ]
+        assert "pl" not in updates[-1]
     # every receive is the arrival of a recorded send
     sends = Counter((e["a"], e["p"], e["k"], e["key"]) for e in ev if e["ev"] == "send")
     receives = Counter((e["p"], e["a"], e["k"], e["key"]) for e in ev if e["ev"] == "receive")
@@ -607,6 +620,23 @@ def test_a_truncated_trace_is_refused_by_replay_at_once(
         assert "trace_payloads" not in str(info.value)
         assert time.perf_counter() - start < 10  # refused before anything runs, never a stall
         assert ann.trace.summary(path)["truncated"]
+
+
+@pytest.mark.parametrize(
+    ("pool", "said"),
+    [([3], "'pool' is list"), ({"cpu_workers": "3"}, "pool['cpu_workers'] is '3'"),
+     ({"part_flops": 0}, "pool['part_flops'] is 0"), ({"split": 1}, "pool['split'] is 1")],
+)  # fmt: skip
+def test_a_header_whose_pool_a_replay_cannot_open_is_refused_naming_it(
+    small_trace: tuple[bytes, Any], tmp_path: Path, pool: Any, said: str
+) -> None:
+    from asyncnn._runtime._traceformat import encode_record
+
+    raw, whole = small_trace
+    path = tmp_path / "pool.trace"
+    path.write_bytes(encode_record({**whole.header, "pool": pool}) + raw[_boundaries(raw)[1] :])
+    with pytest.raises(ann.TraceFormatError, match=rf"the header's {re.escape(said)}"):
+        ann.trace.read(path)
 
 
 def test_a_class_path_in_a_trace_header_imports_nothing(

@@ -43,6 +43,7 @@ __all__ = [
     "finish_run",
     "maybe_pool",
     "open_recorder",
+    "pool_spec",
     "record_error",
     "recording",
     "serve_actors",
@@ -101,8 +102,10 @@ def open_recorder(
     state: RunState,
     **header: Any,
 ) -> Recorder | None:
-    """The recorder of a run's trace (None without one), its header and initial state written;
-    ``header`` adds fields to the header."""
+    """The recorder of a run's trace (None without one), its header and initial state queued;
+    ``header`` adds fields to the header. The header is written once the run completes it with
+    its device pool (:func:`pool_spec`, in :class:`~asyncnn._runtime._run.Run`), which opens
+    after the trace: a trace path that cannot be written fails before a pool starts."""
     trace = config.trace
     if trace is None:
         return None
@@ -115,7 +118,7 @@ def open_recorder(
             stacklevel=3,
         )
     head = {**_trace_header(config, graph, optimizer, policy, state), **header}
-    recorder = Recorder(trace, head, config.trace_payloads)
+    recorder = Recorder(trace, head, config.trace_payloads, defer_header=True)
     recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
     return recorder
 
@@ -340,9 +343,16 @@ def single_error(group: BaseException) -> BaseException:
 
 @asynccontextmanager
 async def maybe_pool(
-    pool: DevicePool | None, cores: int | None = None
+    pool: DevicePool | None,
+    cores: int | None = None,
+    *,
+    part_flops: int = 0,
+    split: bool | None = None,
 ) -> AsyncIterator[DevicePool]:
-    """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's)."""
+    """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's),
+    that cuts products into parts of at least ``part_flops`` (default :data:`RUN_PART_FLOPS`)
+    where ``split`` (default: it does). A replay passes the recorded run's (:func:`pool_spec`),
+    so that its products are cut as the run's were, whatever this host's cores."""
     if pool is not None:
         yield pool
         return
@@ -357,13 +367,27 @@ async def maybe_pool(
     # smaller parts only add hand-offs (on 2 cores, the main job's 25-row keys ran 7% slower cut
     # at 4 MFLOP than whole, and as fast at 16); the 16-core runs' products are far larger.
     async with open_device_pool(
-        cpu_workers=cores, blas_threads=1, part_flops=RUN_PART_FLOPS
+        cpu_workers=cores, blas_threads=1, part_flops=part_flops or RUN_PART_FLOPS, split=split
     ) as fresh:
         yield fresh
 
 
 #: the fewest flops in a part of a product cut over a run's pool
 RUN_PART_FLOPS = 16_000_000
+
+
+def pool_spec(pool: DevicePool) -> dict[str, Any]:
+    """What of a run's CPU pool decides how its products are cut into parts (and so the last
+    bits of their sums), for the trace's header: ``cpu_workers``, ``part_flops``, ``split``."""
+    spec: dict[str, Any] = {"cpu_workers": pool.workers}
+    team = getattr(pool, "team", None)
+    if team is not None:
+        spec["split"] = team.splits_work
+        # (the team does not show its part size publicly)
+        part_flops = getattr(team, "_part_flops", None)
+        if isinstance(part_flops, int):
+            spec["part_flops"] = part_flops
+    return spec
 
 
 def host_cores() -> int:

@@ -180,9 +180,20 @@ class Recorder:
         header: the first record (format, version and package versions are added).
         payloads: ``"inputs"`` (the data fed in: enough to replay), ``"all"`` (every message's
             tensors: enough to replay one actor alone) or ``"none"`` (digests only).
+        defer_header: write the header only once :meth:`complete_header` has added the fields
+            known later (the run's device pool, opened after the trace so that a trace path
+            that cannot be written fails first), or at :meth:`close`. Events and the state
+            queued meanwhile are written after it.
     """
 
-    def __init__(self, path: str, header: dict[str, Any], payloads: str = "inputs") -> None:
+    def __init__(
+        self,
+        path: str,
+        header: dict[str, Any],
+        payloads: str = "inputs",
+        *,
+        defer_header: bool = False,
+    ) -> None:
         if payloads not in PAYLOAD_MODES:
             raise ValueError(f"trace payloads must be one of {PAYLOAD_MODES}, got {payloads!r}")
         self.path = path
@@ -194,16 +205,39 @@ class Recorder:
         self.events = 0
         self.bytes = 0
         self._clocks: dict[str, tuple[Any, float]] = {}
-        head = {
+        self._head: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "packages": package_versions(),
             "payloads": payloads,
             **header,
         }
-        self._write(encode_record(head))
+        # set once the header may be written (the writer thread writes it before anything)
+        self._head_ready = threading.Event()
+        if not defer_header:
+            self._head_ready.set()
         self._thread = threading.Thread(target=self._run, name="asyncnn-trace-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def header_pending(self) -> bool:
+        """Whether the header still takes fields (:meth:`complete_header`)."""
+        return not self._head_ready.is_set()
+
+    def complete_header(self, **fields: Any) -> None:
+        """Adds ``fields`` to a deferred header and lets the writer write it.
+
+        Raises:
+            RuntimeError: the header was not deferred, or is complete already.
+        """
+        if self._head_ready.is_set():
+            raise RuntimeError(
+                f"the header of the trace {self.path!r} is complete already: fields "
+                f"{sorted(fields)} can only be added to a header deferred with "
+                "Recorder(..., defer_header=True), before complete_header is first called"
+            )
+        self._head.update(fields)
+        self._head_ready.set()
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -261,6 +295,8 @@ class Recorder:
 
     def _run(self) -> None:
         try:
+            self._head_ready.wait()
+            self._write(encode_record(self._head))
             while True:
                 item = self._queue.get()
                 if item is None:
@@ -307,6 +343,7 @@ class Recorder:
 
     def close(self) -> None:
         """Writes what is queued and closes the file; raises what went wrong in the writer."""
+        self._head_ready.set()  # a deferred header that nothing completed: as it stands
         self._queue.put(None)
         self._thread.join()
         self._file.close()

@@ -31,7 +31,7 @@ from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
-from ._lifecycle import close_channels
+from ._lifecycle import close_channels, pool_spec
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import Policy
@@ -86,6 +86,9 @@ class Run:
         self.checks_finite = config.check_finite  # actors check their outputs for NaN/Inf
         self._on_loss = on_loss
         self.recorder = recorder
+        if recorder is not None and recorder.header_pending:
+            # how the pool cuts products, so that a replay elsewhere cuts them the same way
+            recorder.complete_header(pool=pool_spec(pool))
         self.layers = graph.layers
         self.num_stages = len(self.layers)
         self.edge_index: dict[tuple[str, str, int], int] = {}
@@ -104,6 +107,9 @@ class Run:
             self.num_stages, recorder is not None
         )
         self.minibatches = state.minibatches
+        #: the last minibatch whose flush the trace holds (those of an earlier run included):
+        #: a drain, then the next step, must not record the same flush twice
+        self._flushed_through = state.minibatches - 1
         self.next_key = state.keys
         self.stream_start = state.keys
         channels: dict[str, Any] = {}  # every node's inbox, once every actor exists
@@ -379,8 +385,8 @@ class Run:
         m = len(parts)
         mb = self.minibatches
         self.minibatches += 1
-        if self._flushes and self.recorder is not None and mb > 0:
-            self.recorder.event("scheduler", "flush", meta={"minibatch": mb - 1})
+        if self._flushes and self.recorder is not None and mb - 1 > self._flushed_through:
+            self._record_flush(mb - 1)
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * self._num_losses)
         first_key = self.next_key
@@ -473,8 +479,14 @@ class Run:
         # a loss actor on a GPU reads its value after sending the gradients back: wait for the
         # losses too
         await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
-        if self.recorder is not None and flushes and self.minibatches > 0:
-            self.recorder.event("scheduler", "flush", meta={"minibatch": self.minibatches - 1})
+        if flushes and self.recorder is not None and self.minibatches - 1 > self._flushed_through:
+            self._record_flush(self.minibatches - 1)
+
+    def _record_flush(self, minibatch: int) -> None:
+        """Records that every key of ``minibatch`` finished before the run went on (once)."""
+        if self.recorder is not None:
+            self.recorder.event("scheduler", "flush", meta={"minibatch": minibatch})
+        self._flushed_through = minibatch
 
     def _watch_loop(self) -> BlockedLoopMonitor:
         """Starts the thread that watches this loop itself (an inline compute that never

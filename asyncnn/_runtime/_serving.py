@@ -195,7 +195,13 @@ class Serving(WeightVersions):
         rec = self.ctx.recorder
         if rec is not None:
             rec_kind, rec_meta = _recorded_kind(kind)
-            rec.event(self.name, "start", rec_kind, key, self.version, "", self.seq, meta=rec_meta)
+            # the version the compute sees: a forward's may be pinned earlier than the latest
+            # (PipeDream2BW); one more O(1) question per forward where a policy keeps earlier
+            # versions, in traced runs only
+            seen = self.version
+            if kind == FORWARD and self.versions_back:
+                seen = self._forward_version(self.meta[key])
+            rec.event(self.name, "start", rec_kind, key, seen, "", self.seq, meta=rec_meta)
         try:
             if kind == FORWARD:
                 await self._forward(key)

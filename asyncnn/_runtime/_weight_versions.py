@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._pytree import tree_copy, tree_map
+from asyncnn._math._pytree import tree_copy, tree_flatten, tree_map
 
 from ._actor_base import _Actor, _nbytes
 
@@ -131,9 +131,18 @@ class WeightVersions(_Actor):
                 self._prediction_horizon(),
                 cost=2.0 * self.param_size,
             )
-        if self.ctx.recorder is not None:
+        rec = self.ctx.recorder
+        if rec is not None:
             meta = {"delays": delays} if delays else None
-            self.ctx.recorder.event(self.name, "update", version=self.version, meta=meta)
+            # the new weights' digests (never their bytes), so that a replay checks the last
+            # update too, whose weights no later send shows; on a GPU, host copies queued
+            # behind the update, read by the trace's writer (the actor does not wait)
+            computing = self.computing
+            rec.event(
+                self.name, "update", "", -1 if computing is None else computing[1],
+                self.version, "", self.seq, self._for_trace(tuple(tree_flatten(self.params)[0])),
+                meta=meta,
+            )  # fmt: skip
         self.ctx.touch()
 
     async def _settle(
@@ -241,21 +250,32 @@ class WeightVersions(_Actor):
         if not self.versions_back or not self.param_size:
             # (a layer without parameters never updates: its one version serves every forward)
             return self.params, self.version
-        minibatch = int(meta.get("minibatch", 0))
         if self.run_start is None:
-            self.run_start = (minibatch, self.version)
-        first, start_version = self.run_start
-        v = self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
+            self.run_start = (int(meta.get("minibatch", 0)), self.version)
+        v = self._forward_version(meta)
         if v == self.version:
             return self.params, v
         weights = self.weights_by_version.get(v)
         if weights is None:
+            minibatch = int(meta.get("minibatch", 0))
             raise RuntimeError(
                 f"layer {self.name!r}: the policy pins key {key} (minibatch {minibatch}) to "
                 f"version {v}, but the layer holds versions {sorted(self.weights_by_version)} and "
                 f"{self.version} (raise Policy.versions_kept, or split minibatches into more keys)"
             )
         return weights, v
+
+    def _forward_version(self, meta: dict[str, Any]) -> int:
+        """The parameter version a forward of a key with ``meta`` computes with (what
+        :meth:`forward_weights` returns with the weights): the latest, unless the policy pins
+        an earlier one. O(1), and changes nothing (a trace asks it of a forward that may never
+        ask :meth:`forward_weights`: a skipped key's)."""
+        if not self.versions_back or not self.param_size or self.predicted is not None:
+            # (a layer without parameters never updates: its one version serves every forward)
+            return self.version
+        minibatch = int(meta.get("minibatch", 0))
+        first, start_version = self.run_start or (minibatch, self.version)
+        return self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
 
     def _record_delay(self, forward_version: int) -> int:
         """Records (in the statistics, and for the update's trace event) and returns the delay

@@ -194,6 +194,15 @@ def check_header(header: dict[str, Any], path: str) -> None:
         value = header.get("start", {}).get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad(f"start[{name!r}] is {value!r:.60}, expected an int")
+    pool = header.get("pool", {})
+    if not isinstance(pool, dict):
+        raise bad(f"'pool' is {type(pool).__name__}, expected dict")
+    for name in ("cpu_workers", "part_flops"):
+        value = pool.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad(f"pool[{name!r}] is {value!r:.60}, expected an int of at least 1")
+    if not isinstance(pool.get("split", False), bool):
+        raise bad(f"pool['split'] is {pool['split']!r:.60}, expected true or false")
 
 
 class _Bounded:

@@ -3,7 +3,7 @@
 Actors are deterministic functions of the messages they process and of the order they process
 them in, so forcing each actor's recorded order (and feeding the recorded inputs) reproduces the
 run bit for bit, whatever its policy. Every tensor an actor sends is checked against the recorded
-digest; the first difference is reported.
+digest, and so are the weights each update made; the first difference is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from asyncnn._errors import TraceFormatError
 from asyncnn._math._imports import trusted_modules as trusting
 from asyncnn._math._pytree import tree_flatten, tree_map
 from asyncnn._runtime._graph import Graph
+from asyncnn._runtime._lifecycle import maybe_pool
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._policies import policy_from_spec
@@ -42,8 +43,9 @@ class Divergence:
     Attributes:
         actor: the actor whose output differed first (by recorded time).
         seq: that actor's processing sequence number (its ``seq``-th piece of work).
-        key: the key it was working on; ``kind``: forward or backward.
-        peer: where the differing message went.
+        key: the key it was working on; ``kind``: forward or backward, or ``"update"`` where
+            the weights an update made differ (``key``: the backward that made it).
+        peer: where the differing message went (empty for an update).
         expected / got: the digests (or, for a reordering, the operations) that differ.
         max_abs_diff: the size of the difference where both payloads were kept, else None.
         reason: one line saying what differed.
@@ -75,10 +77,10 @@ class ReplayResult:
     """The outcome of :func:`replay`.
 
     Attributes:
-        identical: every checked tensor matched its recorded digest. Updates are checked
-            where a later forward uses their weights: those of a layer's last update, which
-            nothing in the run used, are not (compare ``params`` with the run's).
-        events_checked: how many sent tensors were compared.
+        identical: every sent tensor, and the weights every update made, matched their
+            recorded digests (so the final weights are the run's too). A trace written before
+            updates carried digests checks an update only where a later send uses its weights.
+        events_checked: how many sends and updates were compared.
         first_divergence: the first difference, or None.
         params: the parameters at the end of the replay (``{layer: params}``, numpy).
         stopped_at: ``(actor, seq, kind, key)`` where a hook stopped the replay, or None.
@@ -148,6 +150,19 @@ def compare_sends(
 
     With ``prefix``, a replay that sent less (it was stopped) is compared as far as it went.
     """
+    checked, found = _send_divergences(recorded, replayed, actors, prefix)
+    return checked, _earliest(found)
+
+
+def _earliest(found: list[tuple[float, Divergence]]) -> Divergence | None:
+    """The divergence of the earliest recorded time (each actor's first), or None."""
+    return min(found, key=lambda f: f[0])[1] if found else None
+
+
+def _send_divergences(
+    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool
+) -> tuple[int, list[tuple[float, Divergence]]]:
+    """The sends compared, and each actor's first differing send with its recorded time."""
     a = _sends_by_actor(recorded, actors)
     b = _sends_by_actor(replayed, actors)
     checked = 0
@@ -185,8 +200,94 @@ def compare_sends(
                 eb = b[actor][len(a[actor])]
                 found.append((float("inf"), Divergence(actor, eb.seq, eb.key, eb.kind,
                               eb.peer, reason="the replay sent more than the run")))  # fmt: skip
-    first = min(found, key=lambda f: f[0])[1] if found else None
-    return checked, first
+    return checked, found
+
+
+def _updates_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = {a: [] for a in actors}
+    for e in trace.events:
+        if e.what == "update" and e.actor in out:
+            out[e.actor].append(e)  # (an actor's updates are written in the order it made them)
+    return out
+
+
+def compare_updates(
+    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool = False
+) -> tuple[int, Divergence | None]:
+    """Compares the weights each actor's updates made (their digests), in order; returns
+    (checked, first). A trace written before updates carried digests has none to compare: its
+    updates are checked only where a later send uses their weights.
+
+    With ``prefix``, a replay that updated less (it was stopped) is compared as far as it went.
+    """
+    checked, found = _update_divergences(recorded, replayed, actors, prefix)
+    return checked, _earliest(found)
+
+
+def _update_divergences(
+    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool
+) -> tuple[int, list[tuple[float, Divergence]]]:
+    """The updates compared, and each actor's first differing update with its recorded time."""
+    a = _updates_by_actor(recorded, actors)
+    b = _updates_by_actor(replayed, actors)
+    checked = 0
+    found: list[tuple[float, Divergence]] = []
+    for actor in sorted(actors):
+        ups_a, ups_b = a[actor], b[actor]
+        if not any("x" in e for e in ups_a):
+            continue  # an older trace: no digests of the weights
+        for i, ea in enumerate(ups_a):
+            if i >= len(ups_b):
+                if not prefix:
+                    found.append((ea.time, _update_divergence(
+                        ea, ea, None, f"the replay made no update to version {ea.version}")))  # fmt: skip
+                break
+            eb = ups_b[i]
+            checked += 1
+            da = [x and x["h"] for x in ea.tensors]
+            db = [x and x["h"] for x in eb.tensors]
+            if da == db and ea.version == eb.version:
+                continue
+            if ea.version != eb.version:
+                reason = f"the replay's update made version {eb.version}, the run's {ea.version}"
+            else:
+                reason = f"the weights of version {ea.version} differ: " + _which_leaf(ea, eb)
+            found.append((ea.time, _update_divergence(ea, ea, eb, reason)))
+            break
+        else:
+            if len(ups_b) > len(ups_a):
+                eb = ups_b[len(ups_a)]
+                found.append((float("inf"), _update_divergence(
+                    eb, None, eb, f"the replay made more updates than the run (to version "
+                    f"{eb.version})")))  # fmt: skip
+    return checked, found
+
+
+def _which_leaf(ea: Event, eb: Event) -> str:
+    """The first parameter array whose digest (or count) differs between two updates."""
+    xa, xb = ea.tensors, eb.tensors
+    for i, (a, b) in enumerate(zip(xa, xb, strict=False)):
+        if (a and a["h"]) != (b and b["h"]):
+            shape = tuple(a["s"]) if a else None
+            return (
+                f"parameter array {i} of {len(xa)} (shape {shape}; the leaves of the layer's "
+                "parameter tree, dict keys sorted) has another digest"
+            )
+    return f"the run's update holds {len(xa)} parameter arrays, the replay's {len(xb)}"
+
+
+def _update_divergence(
+    at: Event, recorded: Event | None, replayed: Event | None, reason: str
+) -> Divergence:
+    """A divergence at the update ``at`` (kind ``"update"``; the key and ``seq`` of the backward
+    that made it), with the digests of the recorded and the replayed update where there are."""
+
+    def digests(e: Event | None) -> list[Any] | None:
+        return None if e is None else [x and x["h"] for x in e.tensors]
+
+    return Divergence(
+        at.actor, at.seq, at.key, "update", "", digests(recorded), digests(replayed), None, reason
+    )
 
 
 def _what_differs(ea: Event, eb: Event) -> str:
@@ -286,13 +387,20 @@ def replay(
 
         config = h.get("config", {})
 
+        recorded_pool = h.get("pool", {})
+
         async def main() -> None:
-            async with open_run(
+            # the run's pool, whatever this host's cores: its products are cut the same way
+            # (a trace without one, written before pools were recorded: this host's)
+            async with maybe_pool(
+                None, recorded_pool.get("cpu_workers"),
+                part_flops=recorded_pool.get("part_flops", 0), split=recorded_pool.get("split"),
+            ) as pool, open_run(
                 graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
                 stall_timeout=30.0, cuda_graphs=config.get("cuda_graphs", False),
                 # a run that check_finite stopped fails at the same actor again
-                check_finite=config.get("check_finite", False) is True,
+                check_finite=config.get("check_finite", False) is True, pool=pool,
             ) as run:  # fmt: skip
                 running.append(run)
                 try:
@@ -314,8 +422,12 @@ def replay(
         replayed = read(out)
     actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
     # a replay stopped by a hook is checked as far as it went
-    checked, first = compare_sends(trace, replayed, actors, prefix=bool(stopped))
-    return ReplayResult(first is None, checked, first, params, stopped[0] if stopped else None)
+    sends, found = _send_divergences(trace, replayed, actors, bool(stopped))
+    updates, found_at_updates = _update_divergences(trace, replayed, actors, bool(stopped))
+    first = _earliest(found + found_at_updates)
+    return ReplayResult(
+        first is None, sends + updates, first, params, stopped[0] if stopped else None
+    )
 
 
 def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) -> None:
