@@ -595,3 +595,267 @@ def test_conv_and_pool_shapes_of_another_rank_are_named(module: Any, shape: Any)
     # (the shape walk of Graph.sequential's balance and flops: an IndexError before)
     with pytest.raises(ValueError, match=r"takes \(N, C, .*\) input, \d dimensions; got the shape"):
         shape_of(module, shape)
+
+
+# -- Embedding, Linear, Flatten, Residual, Sequential against torch (float64) ---------------------
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+def test_embedding_forward_and_gradient_match_torch_with_repeated_ids(dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    emb = nn.Embedding(6, 4)
+    params = emb.init(2, dtype="float64")
+    ids = np.array([[5, 0, 5], [5, 2, 0]], dtype=dtype)  # row 5 three times, row 0 twice
+    out, pullback = vjp(lambda p, i: emb(p, i), params, ids)
+    ct = np.random.default_rng(9).standard_normal(out.shape)
+    grads, gids = pullback(ct)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    ref = torch.nn.functional.embedding(torch.tensor(ids.astype(np.int64)), tw)
+    ref.backward(torch.tensor(ct))
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads["weight"], tw.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert gids is None  # integer ids get no gradient
+    # a batch of no rows: an empty lookup, a zero gradient
+    empty = np.zeros((0, 3), dtype=dtype)
+    out0, pullback0 = vjp(lambda p: emb(p, empty), params)
+    assert out0.shape == (0, 3, 4)
+    assert not pullback0(np.zeros((0, 3, 4)))[0]["weight"].any()
+
+
+@pytest.mark.parametrize(
+    ("ids", "bad", "at"),
+    [(np.array([[0, 1], [6, 2]]), 6, "ids[1, 0]"), (np.array([3, -1, 0]), -1, "ids[1]"),
+     (np.array([9], dtype=np.uint8), 9, "ids[0]"),
+     (np.int64(-1), -1, "ids (ids of shape ())")],  # numpy's take would read the last row
+)  # fmt: skip
+def test_embedding_names_itself_and_the_id_outside_its_table(ids: Any, bad: int, at: str) -> None:
+    emb = nn.Embedding(6, 4)
+    with pytest.raises(IndexError) as info:
+        emb(emb.init(0), ids)
+    msg = str(info.value)
+    assert msg.startswith(f"Embedding(num_embeddings=6, embedding_dim=4) got id {bad} at {at}")
+    assert "outside [0, 6)" in msg and "num_embeddings" in msg
+    assert ("not counted from the end" in msg) == (bad < 0)
+
+
+@pytest.mark.parametrize(
+    ("ids", "got"),
+    [(np.array([0.0, 1.0]), "dtype float64 and shape (2,)"), (np.array([True]), "dtype bool"),
+     ([0, 1], "a value of type list")],
+)  # fmt: skip
+def test_embedding_refuses_ids_that_are_not_an_integer_array(ids: Any, got: str) -> None:
+    emb = nn.Embedding(6, 4)
+    with pytest.raises(TypeError, match=r"Embedding\(num_embeddings=6.* takes integer ids") as info:
+        emb(emb.init(0), ids)
+    assert got in str(info.value) and "np.int64" in str(info.value)
+
+
+def test_dense_and_container_gradients_match_torch() -> None:
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(10)
+
+    def linear(p: Any, x: Any) -> Any:
+        return f.linear(x, p["weight"].T, p.get("bias"))
+
+    cases = [
+        (nn.Linear(4, 5), linear, (3, 4)),
+        (nn.Linear(4, 5), linear, (2, 3, 4)),
+        (nn.Linear(4, 5, bias=False), linear, (3, 4)),
+        (nn.Linear(4, 5), linear, (0, 4)),
+        (nn.Flatten(), lambda p, x: torch.flatten(x, 1), (2, 3, 4)),
+        (nn.Flatten(0, -2), lambda p, x: torch.flatten(x, 0, -2), (2, 3, 4)),
+        (nn.Residual(nn.Linear(4, 4)), lambda p, x: x + linear(p, x), (3, 4)),
+        (nn.Residual(nn.Linear(4, 4)), lambda p, x: x + linear(p, x), (0, 4)),
+        (
+            nn.Sequential(
+                nn.Linear(4, 6), nn.Tanh(), nn.Sequential(nn.Identity(), nn.Linear(6, 2))
+            ),
+            lambda p, x: linear(p[2][1], torch.tanh(linear(p[0], x))),
+            (3, 4),
+        ),
+    ]
+    for module, ref_fn, shape in cases:
+        params = module.init(1, dtype="float64")
+        x = rng.standard_normal(shape)
+        out, pullback = vjp(lambda p, x: module(p, x), params, x)  # noqa: B023
+        ct = rng.standard_normal(out.shape)
+        grads, gx = pullback(ct)
+        tp = _torch_tree(torch, params)
+        tx = torch.tensor(x, requires_grad=True)
+        ref = ref_fn(tp, tx)
+        ref.backward(torch.tensor(ct))
+        np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+        for ours, theirs in zip(_np_leaves(grads), _np_leaves(tp), strict=True):
+            np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _torch_tree(torch: Any, tree: Any) -> Any:
+    # dicts rebuilt in sorted key order, the order a pullback returns them in
+    if isinstance(tree, dict):
+        return {k: _torch_tree(torch, tree[k]) for k in sorted(tree)}
+    if isinstance(tree, list):
+        return [_torch_tree(torch, v) for v in tree]
+    return torch.tensor(tree, requires_grad=True)
+
+
+def test_init_bounds_are_torchs_own() -> None:
+    # the bounds torch computes for its own layers, against ours: kaiming_uniform(a=sqrt(5))
+    # is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the bias too; attention's in_proj Xavier-uniform
+    torch = pytest.importorskip("torch")
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out
+    cases = [
+        (nn.Linear(30, 20), torch.nn.Linear(30, 20), {"weight": "weight", "bias": "bias"}),
+        (nn.Conv1d(3, 8, 5), torch.nn.Conv1d(3, 8, 5), {"weight": "weight", "bias": "bias"}),
+        (nn.Conv2d(3, 8, (3, 2)), torch.nn.Conv2d(3, 8, (3, 2)),
+         {"weight": "weight", "bias": "bias"}),
+        (nn.MultiHeadAttention(12, 3), torch.nn.MultiheadAttention(12, 3, batch_first=True),
+         {"in_proj_weight": "in_proj_weight", "out_proj_weight": "out_proj.weight"}),
+    ]  # fmt: skip
+    for ours, theirs, names in cases:
+        tp = dict(theirs.named_parameters())
+        for key, tkey in names.items():
+            w = tp[tkey].detach()
+            fi, fo = fan_in(w if w.ndim > 1 else tp["weight"].detach())
+            if key == "in_proj_weight":
+                bound = math.sqrt(6 / (fi + fo))
+            else:
+                bound = 1 / math.sqrt(fi)
+            drawn = np.concatenate(
+                [np.ravel(ours.init(s, dtype="float64")[key]) for s in range(20)]
+            )
+            assert np.abs(drawn).max() <= bound and np.abs(drawn).max() > 0.97 * bound, key
+            assert abs(drawn.std() - bound / math.sqrt(3)) < 0.1 * bound, key
+    emb = np.concatenate([np.ravel(nn.Embedding(50, 8).init(s)["weight"]) for s in range(10)])
+    assert abs(emb.mean()) < 0.05 and abs(emb.std() - 1) < 0.05  # torch's N(0, 1)
+
+
+# -- Dropout: train and eval, the mask the backward uses --------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.9])
+def test_dropout_backward_uses_the_forwards_mask(backend: Backend, p: float) -> None:
+    x = backend.asarray(np.random.default_rng(4).standard_normal((400, 30)) + 5.0)  # no zeros
+    drop = nn.Dropout(p)
+    out, pullback = vjp(lambda x: drop({}, x, rng=backend.rng(6)), x)
+    mask = to_numpy(out) / to_numpy(x)
+    kept = 1 / (1 - p)
+    assert set(np.round(np.unique(mask), 12)) <= {0.0, round(kept, 12)}
+    assert abs((mask == 0).mean() - p) < 0.02
+    ct = backend.asarray(np.random.default_rng(5).standard_normal((400, 30)))
+    (gx,) = pullback(ct)
+    np.testing.assert_allclose(to_numpy(gx), to_numpy(ct) * mask, rtol=1e-13)
+    # the expectation is kept, E[out] = x, to 4 standard deviations of the mask's mean
+    assert abs(mask.mean() - 1) <= 4 * math.sqrt(p / (1 - p) / mask.size)
+    # evaluation: the identity, itself
+    assert drop({}, x) is x
+
+
+@pytest.mark.parametrize("rng", [0, [np.random.default_rng(0)], "seed"])
+def test_dropout_refuses_an_rng_that_is_not_a_generator(rng: Any) -> None:
+    with pytest.raises(TypeError, match=r"Dropout\(p=0.5\) got rng=\w+, not a Generator"):
+        nn.Dropout(0.5)({}, np.ones((2, 3)), rng=rng)
+    # a list given to a Residual around a Dropout, rather than to a Sequential
+    with pytest.raises(TypeError, match="is for nn.Sequential only"):
+        nn.Residual(nn.Dropout(0.5))({}, np.ones((2, 3)), rng=[np.random.default_rng(0)])
+
+
+def test_dropout_p_of_another_type_is_named() -> None:
+    with pytest.raises(ValueError, match=r"Python float in \[0, 1\), got np.float32\(0.5\)"):
+        nn.Dropout(np.float32(0.5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\), got 1"):
+        nn.Dropout(1)
+
+
+# -- Flatten, Residual, init: checks that name what is wrong -------------------------------------
+@pytest.mark.parametrize("dims", [(None, -1), (1, 2.0), ("1", -1), (True, -1)])
+def test_flatten_refuses_dims_that_are_not_ints(dims: Any) -> None:
+    with pytest.raises(ValueError, match=r"Flatten: (start|end)_dim must be an int"):
+        nn.Flatten(*dims)
+
+
+def test_residual_shape_rule_refuses_a_module_that_changes_the_shape() -> None:
+    model = nn.Sequential(nn.Residual(nn.Linear(3, 4)), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Residual: Linear\(.*maps shape \(1, 3\) to \(1, 4\)"):
+        model.flops((None, 3))
+    assert nn.Sequential(nn.Residual(nn.Linear(3, 3)), nn.Linear(3, 2)).flops((None, 3)) == 30
+
+
+def test_init_names_the_module_for_a_dtype_it_cannot_make() -> None:
+    with pytest.raises(ValueError, match=r"Linear.init: unknown dtype 'float17'; use dtype="):
+        nn.Linear(2, 2).init(0, dtype="float17")
+    try:
+        np.dtype("bfloat16")
+    except TypeError:  # without ml_dtypes: say where bfloat16 comes from
+        with pytest.raises(ValueError, match=r"Sequential.init: .*ml_dtypes"):
+            nn.Sequential(nn.Linear(2, 2)).init(0, dtype="bfloat16")
+
+
+# -- specs: more non-default options, malformed specs --------------------------------------------
+MORE_SPEC_MODULES = [
+    nn.Flatten(0, 2), nn.Flatten(-3, -2), nn.Dropout(0), nn.Dropout(0.999), nn.Sequential(),
+    nn.Sequential(nn.Sequential()), nn.LayerNorm((2, 3), eps=1e-3, elementwise_affine=False),
+    nn.LayerNorm(4, bias=False), nn.Conv2d(2, 3, (1, 2), stride=(2, 1), padding=(0, 1),
+                                           dilation=(1, 3), bias=False),
+    nn.Sequential(
+        nn.Residual(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Residual(nn.Identity()))),
+        nn.Sequential(nn.Flatten(0), nn.Sequential(nn.Embedding(3, 2))),
+    ),
+    nn.Residual(nn.Residual(nn.Sequential(nn.LayerNorm(3), nn.MultiHeadAttention(3, 1)))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", MORE_SPEC_MODULES, ids=repr)
+def test_spec_round_trip_keeps_every_field_of_nested_modules(module: nn.Module) -> None:
+    spec = nn.to_spec(module)
+    rebuilt = nn.from_spec(msgpack.unpackb(msgpack.packb(spec)))
+    assert rebuilt == module and repr(rebuilt) == repr(module)
+    assert nn.to_spec(rebuilt) == spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Doubled(nn.Module):
+    """A user module with a field its constructor does not take, derived from another."""
+
+    n: int
+    twice: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "twice", 2 * self.n)
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.multiply(x, float(self.twice))
+
+
+def test_spec_leaves_out_fields_the_constructor_does_not_take() -> None:
+    spec = nn.to_spec(Doubled(3))
+    assert spec["args"] == {"n": 3}
+    assert nn.from_spec(msgpack.unpackb(msgpack.packb(spec))) == Doubled(3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"type": "Linear", "args": {"in_features": 3}},
+         r"args of 'Linear' lack \['out_features'\]; it takes \['in_features', 'out_features', "
+         r"'bias'\]"),
+        ({"type": "Linear", "args": {"in_features": 3, "out_features": 2, "bogus": 1}},
+         r"args of 'Linear' have unknown \['bogus'\]"),
+        ({"type": "Sequential", "args": {}}, r"args of 'Sequential' lack \['modules'\]"),
+        ({"type": "Sequential", "args": {"modules": [{"type": "Flatten", "args": {"dim": 1}}]}},
+         r"args of 'Flatten' have unknown \['dim'\]"),
+        ({"type": "Linear", "args": [3, 2]}, r"a module spec is \{'type': str, 'args'"),
+        ({"type": 3, "args": {}}, r"a module spec is \{'type': str, 'args'"),
+    ],
+)  # fmt: skip
+def test_from_spec_names_what_is_wrong_with_a_spec(spec: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        nn.from_spec(spec)
+
+
+def test_sequential_takes_its_field_by_name_so_dataclasses_replace_works() -> None:
+    seq = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.1))
+    swapped = dataclasses.replace(seq, modules=(nn.Linear(2, 3), nn.ReLU()))
+    assert swapped == nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    assert nn.Sequential(modules=[nn.ReLU()]) == nn.Sequential(nn.ReLU())
+    with pytest.raises(TypeError, match="not both"):
+        nn.Sequential(nn.ReLU(), modules=[nn.Tanh()])
+    with pytest.raises(TypeError, match="argument 1 is str, not an nn.Module"):
+        nn.Sequential(modules=[nn.ReLU(), "relu"])  # type: ignore[list-item]

@@ -400,3 +400,26 @@ def test_a_graph_that_feeds_integers_to_a_float_layer_fails_when_checked() -> No
     hist = tr.fit({"x": rng.integers(0, 10, (16, 4)), "y": rng.integers(0, 2, 16)}, epochs=1,
                   batch_size=8)  # fmt: skip
     assert np.isfinite(hist.losses[-1])
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_input_to_float32_parameters_follows_numpys_promotion(half: str) -> None:
+    if half == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    model = nn.Sequential(
+        nn.Residual(nn.Linear(4, 4)), nn.Dropout(0.2), nn.Flatten(), nn.Identity()
+    )
+    params = model.init(0)  # float32, and stays so
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(half)
+    out, pullback = ann.vjp(lambda p, x: model(p, x, rng=np.random.default_rng(1)), params, x)
+    assert out.dtype == np.float32  # x + Linear(x): the half input joins float32 values
+    grads, gx = pullback(np.ones_like(out))
+    assert grads[0]["weight"].dtype == grads[0]["bias"].dtype == np.float32
+    assert gx.dtype == np.dtype(half)  # a gradient comes back in its argument's dtype
+    # parameterless modules keep the half dtype
+    for module in (nn.Dropout(0.2), nn.Flatten(), nn.Identity()):
+        assert module({}, x, rng=np.random.default_rng(1)).dtype == np.dtype(half)
+    # an Embedding's rows come out in its table's dtype, whatever the ids' width
+    emb = nn.Embedding(5, 2)
+    table = emb.init(0, dtype="float16")
+    assert emb(table, np.array([[4, 0]], dtype=np.uint8)).dtype == np.float16

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ __all__ = ["Residual", "Sequential"]
 
 @dataclass(frozen=True, init=False)
 class Sequential(Module):
-    """Applies modules one after another.
+    """Applies modules one after another: ``Sequential(m1, m2, ...)`` (or ``modules=[...]``).
 
     Params: a list with one entry per module (``{}`` for modules without parameters). An ``rng``
     passed to the call is passed on to every module in turn, or given per module as a list (how
@@ -26,14 +26,27 @@ class Sequential(Module):
 
     modules: tuple[Module, ...]
 
-    def __init__(self, *modules: Module) -> None:
-        for i, m in enumerate(modules):
+    def __init__(self, *args: Module, modules: Sequence[Module] | None = None) -> None:
+        # ``modules=`` is the dataclass field's own name: what dataclasses.replace passes
+        if modules is not None:
+            if args:
+                raise TypeError(
+                    "Sequential: pass the modules as separate arguments or as modules=[...], "
+                    "not both"
+                )
+            if not isinstance(modules, list | tuple):
+                raise TypeError(
+                    f"Sequential: modules= takes a list or tuple of nn.Module, got "
+                    f"{type(modules).__name__}"
+                )
+            args = tuple(modules)
+        for i, m in enumerate(args):
             if not isinstance(m, Module):
                 raise TypeError(
                     f"Sequential: argument {i} is {type(m).__name__}, not an nn.Module; pass "
                     "modules as separate arguments: Sequential(nn.Linear(4, 8), nn.ReLU())"
                 )
-        object.__setattr__(self, "modules", tuple(modules))
+        object.__setattr__(self, "modules", tuple(args))
 
     @classmethod
     def _from_args(cls, args: dict[str, Any]) -> Sequential:
@@ -166,4 +179,11 @@ class Residual(Module):
         return self.module.flops(*input_shapes)
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
-        return input_shapes[0]
+        shape = tuple(input_shapes[0])
+        inner = shape_of(self.module, shape)
+        if inner != shape:  # (a Sequential's flops would otherwise go on with a wrong shape)
+            raise ValueError(
+                f"Residual: {self.module!r} maps shape {shape} to {inner}; x + module(x) needs "
+                "it to keep the shape"
+            )
+        return shape

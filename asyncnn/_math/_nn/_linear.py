@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
@@ -74,6 +76,15 @@ class Embedding(Module):
     """Looks up rows of a table: integer ids of any shape -> ``ids.shape + (embedding_dim,)``.
 
     Params: ``{"weight": (num_embeddings, embedding_dim)}``, initialized ``N(0, 1)`` as in torch.
+    Ids are an integer array (any signed or unsigned width) with every entry in
+    ``[0, num_embeddings)``; as in torch, a negative id is an error, not counted from the end.
+    Rows looked up more than once get the sum of their gradients.
+
+    Raises:
+        TypeError: ids that are not an integer array (floats, bools, Python lists), naming the
+            module and the ids' dtype.
+        IndexError: an id outside ``[0, num_embeddings)`` (numpy ids; a GPU array is not read
+            back to check), naming the module, the id and its position in ``ids``.
     """
 
     num_embeddings: int
@@ -88,7 +99,37 @@ class Embedding(Module):
 
     def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
         check_params(self, params, {"weight": (self.num_embeddings, self.embedding_dim)})
+        value = ops.raw(ids)
+        kind = getattr(getattr(value, "dtype", None), "kind", None)
+        if kind not in ("i", "u"):
+            raise self._ids_type_error(value)
+        if isinstance(value, np.ndarray | np.generic) and value.size:
+            # (the op checks arrays too, but cannot name the module or the position, and lets
+            # a numpy scalar -1 through to take, which reads it as the last row)
+            lo, hi = int(value.min()), int(value.max())
+            if lo < 0 or hi >= self.num_embeddings:
+                raise self._ids_range_error(np.asarray(value), lo if lo < 0 else hi)
         return ops_nn.embedding(params["weight"], ids)
+
+    def _ids_type_error(self, ids: Any) -> TypeError:
+        dtype = getattr(ids, "dtype", None)
+        if dtype is None:
+            got = f"a value of type {type(ids).__name__}"
+            fix = "pass them as an array: np.asarray(ids, dtype=np.int64)"
+        else:
+            got = f"an array of dtype {dtype} and shape {tuple(ids.shape)}"
+            fix = "cast them if they hold whole numbers: ids.astype(np.int64)"
+        return TypeError(f"{self!r} takes integer ids, got {got}; {fix}")
+
+    def _ids_range_error(self, ids: np.ndarray[Any, Any], bad: int) -> IndexError:
+        where = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+        at = f"ids[{', '.join(map(str, where))}]" if where else "ids"
+        negative = " (a negative id is not counted from the end, as in torch)" if bad < 0 else ""
+        return IndexError(
+            f"{self!r} got id {bad} at {at} (ids of shape {tuple(ids.shape)}), outside "
+            f"[0, {self.num_embeddings}){negative}; every id must index a row of the table: "
+            "map the ids into that range, or make num_embeddings as large as the vocabulary"
+        )
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         return (*input_shapes[0], self.embedding_dim)

@@ -126,7 +126,18 @@ class Module:
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"{type(self).__name__}.init: seed must be an int >= 0, got {seed!r}")
         be = backend if isinstance(backend, Backend) else get_backend(backend)
-        dt = be.dtype(dtype)
+        try:
+            dt = be.dtype(dtype)
+        except ValueError as exc:  # the backend's message names neither the module nor a fix
+            extra = (
+                " (numpy knows bfloat16 only through the ml_dtypes package: pip install ml_dtypes)"
+                if str(dtype) == "bfloat16"
+                else ""
+            )
+            raise ValueError(
+                f"{type(self).__name__}.init: {exc}{extra}; use dtype='float32' or 'float64' "
+                "(or 'float16'/'bfloat16')"
+            ) from exc
         if not is_floating(dt):
             raise ValueError(
                 f"{type(self).__name__}.init: parameters must be floating point, got dtype {dt}; "

@@ -20,6 +20,15 @@ class Flatten(Module):
     start_dim: int = 1
     end_dim: int = -1
 
+    def __post_init__(self) -> None:
+        for name in ("start_dim", "end_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"Flatten: {name} must be an int (an axis; negative counts from the end), "
+                    f"got {value!r}"
+                )
+
     def _span(self, ndim: int) -> tuple[int, int]:
         start = self.start_dim + ndim if self.start_dim < 0 else self.start_dim
         end = self.end_dim + ndim if self.end_dim < 0 else self.end_dim
@@ -56,7 +65,12 @@ class Dropout(Module):
     p: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.p, bool) or not isinstance(self.p, int | float) or not 0 <= self.p < 1:
+        if isinstance(self.p, bool) or not isinstance(self.p, int | float):
+            raise ValueError(
+                f"Dropout: p must be a Python float in [0, 1), got {self.p!r} of type "
+                f"{type(self.p).__name__}; pass float(p)"
+            )
+        if not 0 <= self.p < 1:
             raise ValueError(f"Dropout: p must be a probability in [0, 1), got {self.p!r}")
 
     @property
@@ -66,6 +80,13 @@ class Dropout(Module):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # scaled ints would be wrong values
             raise float_input_error(self, x)
+        if rng is not None and not hasattr(rng, "random"):
+            # (a list of generators is Sequential's form; anything else fails later, unnamed)
+            raise TypeError(
+                f"{self!r} got rng={type(rng).__name__}, not a Generator: pass one numpy or "
+                "cupy Generator (backend.rng(seed)) to train, None to evaluate; a list of them, "
+                "one per module, is for nn.Sequential only"
+            )
         return ops_nn.dropout(x, float(self.p), rng)
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:

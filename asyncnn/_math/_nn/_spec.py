@@ -7,6 +7,7 @@ Built-in modules are named by class name; any other ``Module`` subclass by its i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from .._imports import class_path, import_by_path
@@ -69,9 +70,12 @@ def to_spec(module: Module) -> dict[str, Any]:
     cls = type(module)
     _check_dataclass(cls)
     name = _type_name(cls)
+    # A field the constructor does not take (``field(init=False)``, derived in __post_init__)
+    # is left out: from_spec could not pass it back, and the rebuilt module derives it again.
     args = {
         f.name: _encode(getattr(module, f.name), f"{cls.__name__}.{f.name}")
         for f in dataclasses.fields(module)
+        if f.init
     }
     return {"type": name, "args": args}
 
@@ -100,17 +104,50 @@ def _resolve(name: str) -> type[Module]:
     return imported
 
 
+def _check_args(name: str, cls: type[Module], args: Mapping[str, Any]) -> None:
+    """Refuses args the class's constructor would not take, before calling it (which would
+    raise a bare TypeError, or a KeyError for Sequential)."""
+    _check_dataclass(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(str(k) for k in args if k not in names)
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in args
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if unknown or missing:
+        problems = []
+        if missing:
+            problems.append(f"lack {missing}")
+        if unknown:
+            problems.append(f"have unknown {unknown}")
+        raise ValueError(
+            f"from_spec: the args of {name!r} {' and '.join(problems)}; it takes "
+            f"{[f.name for f in fields]} (was the spec written for another version of it?)"
+        )
+
+
 def from_spec(spec: dict[str, Any]) -> Module:
     """Rebuilds a module from :func:`to_spec`'s output (lists become tuples).
 
     Raises:
-        ValueError: on a malformed spec or a type that cannot be found.
+        ValueError: on a malformed spec, a type that cannot be found, or args its class does
+            not take (missing or unknown names), naming them.
     """
-    if not isinstance(spec, dict) or set(spec) != {"type", "args"}:
+    if (
+        not isinstance(spec, dict)
+        or set(spec) != {"type", "args"}
+        or not isinstance(spec["type"], str)
+        or not isinstance(spec["args"], Mapping)
+    ):
         raise ValueError(
-            f"from_spec: a module spec is {{'type': ..., 'args': {{...}}}}, got {spec!r}"
+            f"from_spec: a module spec is {{'type': str, 'args': {{...}}}}, got {spec!r:.200}"
         )
     cls = _resolve(spec["type"])
-    args = {k: _decode(v) for k, v in dict(spec["args"]).items()}
+    _check_args(spec["type"], cls, spec["args"])
+    args = {k: _decode(v) for k, v in spec["args"].items()}
     from_args = getattr(cls, "_from_args", None)
     return from_args(args) if from_args is not None else cls(**args)
