@@ -476,7 +476,8 @@ def test_max_pool_propagates_nan(backend: Any, row: list[float], grad: list[floa
     x = np.array([[row]])
     y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=1), backend.asarray(x))
     np.testing.assert_array_equal(to_numpy(y), ref_pool(x, (3,), (1,), (0,), "max"))
-    np.testing.assert_array_equal(to_numpy(pullback(np.ones((1, 1, 4)))[0]), [[grad]])
+    g = backend.asarray(np.ones((1, 1, 4)))  # (the cotangent on the primal's device)
+    np.testing.assert_array_equal(to_numpy(pullback(g)[0]), [[grad]])
     x2 = np.stack([x, x], axis=3)  # (1, 1, 6, 2): the same windows in two dimensions
     got = to_numpy(ops.max_pool2d(backend.asarray(x2), (3, 2), stride=1))
     np.testing.assert_array_equal(got, ref_pool(x2, (3, 2), (1, 1), (0, 0), "max"))
@@ -831,3 +832,12 @@ def test_embedding_ids_out_of_range_are_refused() -> None:
         ops.embedding(weight, np.array([[-1, 2]]))
     with pytest.raises(ValueError, match=r"weight must have shape \(n, d\), got \(5,\)"):
         ops.embedding(np.zeros(5), np.array([1]))
+
+
+@pytest.mark.parametrize(("bad", "said"), [(-1, "-1"), (5, "5")])
+def test_a_numpy_scalar_embedding_id_out_of_range_is_refused(bad: int, said: str) -> None:
+    # (np.int64(-1) read the last row without a word, as an array of ids does not)
+    weight = np.arange(10.0).reshape(5, 2)
+    with pytest.raises(IndexError, match=rf"embedding: id {said} is outside \[0, 5\)"):
+        ops.embedding(weight, np.int64(bad))
+    np.testing.assert_array_equal(ops.embedding(weight, np.int64(4)), weight[4])

@@ -385,8 +385,8 @@ def embedding(weight: Any, ids: Any) -> Any:
     Raises:
         TypeError: when ids are not integers.
         ValueError: when weight is not 2-D.
-        IndexError: when an id is outside [0, n) (numpy ids; as torch, a negative id is not
-            counted from the end).
+        IndexError: when an id is outside [0, n) (numpy ids, arrays or scalars; as torch, a
+            negative id is not counted from the end).
     """
     ids = raw(ids)
     kind = getattr(getattr(ids, "dtype", None), "kind", None)
@@ -398,7 +398,8 @@ def embedding(weight: Any, ids: Any) -> Any:
     ws = _shape(weight)
     if len(ws) != 2:
         raise ValueError(f"embedding: weight must have shape (n, d), got {ws}")
-    if isinstance(ids, np.ndarray) and ids.size:
+    # (a numpy scalar id too: np.int64(-1) read the last row without a word)
+    if isinstance(ids, np.ndarray | np.generic) and ids.size:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= ws[0]:
             raise IndexError(
