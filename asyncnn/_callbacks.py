@@ -23,6 +23,11 @@ class Callback:
     ``trainer.versions`` are those of the last completed update (see ``docs/workflow.md``);
     set ``trainer.stop_training = True`` to end the fit after the current step.
 
+    The order: ``on_fit_start``; then for each epoch, ``on_step_end`` of each of its
+    minibatches, in step order (under ``Async``, the order their losses come in), each once
+    its loss is known (under a streaming policy a few steps after it was admitted), then
+    that epoch's ``on_epoch_end``; ``on_fit_end`` last.
+
     Example:
         ```python
         class PrintEvery(ann.callbacks.Callback):
@@ -142,8 +147,11 @@ class JSONLLogger(Callback):
 
     Each step's line is ``{"event": "step", "step": ..., "epoch": ..., "loss": ..., "time": ...}``
     (every ``every`` steps); each epoch's is ``{"event": "epoch", "epoch": ..., "loss": ...,
-    "val_loss": ..., "time": ...}``. ``time`` is seconds since the fit started. The file is
-    appended to, so a resumed run continues it.
+    "val_loss": ..., "time": ...}``. ``time`` is seconds since the fit started. A NaN or
+    infinite value is written as ``null`` (JSON has neither), so every line reads back with
+    ``json.loads`` and any JSON tool. The file is appended to, so a resumed run continues it;
+    a last line left unfinished (a process killed while writing it) is ended first, so that
+    the new lines stay whole.
 
     Args:
         path: the file to write.
@@ -163,17 +171,18 @@ class JSONLLogger(Callback):
         if folder:
             os.makedirs(folder, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed at fit end
+        # (a pipe or a terminal, such as /dev/stdout, has no end to look at: tell() raises)
+        if self._file.seekable() and self._file.tell() and not _ends_line(self.path):
+            # (the first record would have been glued to that fragment: both lines unreadable)
+            self._file.write("\n")
         self._start = time.perf_counter()
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         record["time"] = round(time.perf_counter() - self._start, 6)
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()
-        }
-        self._file.write(json.dumps(clean) + "\n")
+        clean = {k: _json_value(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
 
     def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
@@ -187,6 +196,24 @@ class JSONLLogger(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _ends_line(path: str) -> bool:
+    """Whether the (non-empty) file at ``path`` ends with a newline."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON writes it: numpy scalars as Python numbers (json refuses them), a NaN or
+    an infinity as None (json would write the bare ``NaN``/``Infinity``, which JSON lacks)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return value
+    if isinstance(value, Integral):
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 class TensorBoardLogger(Callback):

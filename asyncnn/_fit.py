@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -162,9 +163,7 @@ class _FitState:
                 self.position = (epoch, 0)
                 if self.epoch_hooks:
                     await self._settle(run)
-                    self._snapshot(run)
-                    self._deliver_steps()
-                    self._epoch_end(epoch - 1)
+                    self._end_epoch(run, epoch - 1)
                 if tr.stop_training:
                     break
             self.history.stopped_early = tr.stop_training
@@ -267,8 +266,12 @@ class _FitState:
     def _deliver_steps(self) -> None:
         if not self.reported:
             return
-        due, self.reported = sorted(self.reported), []
-        for mb in due:
+        due = self.reported
+        due.sort()
+        while due:
+            # one at a time: where a callback raises, the later steps stay due (a fit stopping
+            # delivers them still, see keep); this one is not delivered again
+            mb = due.pop(0)
             logs = {"loss": self.losses[mb], "epoch": self.mb_epoch.get(mb, self.position[0])}
             for cb in self.plan.callbacks:
                 cb.on_step_end(self.tr, mb, logs)
@@ -276,6 +279,18 @@ class _FitState:
     def _epoch_loss(self, epoch: int) -> float:
         values = [v for mb, v in self.losses.items() if self.mb_epoch.get(mb) == epoch]
         return float(np.mean(values)) if values else float("nan")
+
+    @trio.lowlevel.enable_ki_protection
+    def _end_epoch(self, run: Run, epoch: int) -> None:
+        """Keeps the state after ``epoch``, then runs its end: step-end callbacks still due,
+        validation, ``on_epoch_end`` and the checkpoint.
+
+        Ctrl-C waits for the end (it stops the fit at the next step, as it does in a notebook):
+        the kept state counts the epoch as done, so an epoch end cut short would never run,
+        leaving a gap in the callbacks' logs, no checkpoint of that epoch, or half of one."""
+        self._snapshot(run)
+        self._deliver_steps()
+        self._epoch_end(epoch)
 
     def _epoch_end(self, epoch: int) -> None:
         tr, plan = self.tr, self.plan
@@ -301,6 +316,25 @@ class _FitState:
             self._keep(run)
         finally:  # the epochs the kept state finished, as a fit that ends well records them
             self._record_epochs(self.tr.epochs_done)
+            self._deliver_kept_steps()
+
+    def _deliver_kept_steps(self) -> None:
+        """The step-end callbacks still due of the minibatches the kept state has applied
+        (their losses are in the history, and a resumed fit starts after them): a fit stopped
+        between two steps has not delivered them yet. A callback's error here is added to the
+        error that stops the fit, as a note (as ``on_fit_end``'s are)."""
+        kept = self.tr.state.minibatches
+        self.reported = [mb for mb in self.reported if mb < kept]
+        propagating = sys.exception()  # what stops the fit (keep runs in its handler)
+        try:
+            self._deliver_steps()
+        except BaseException as exc:  # noqa: BLE001 - the fit's own error goes on
+            if propagating is None:
+                raise
+            propagating.add_note(
+                "a callback's on_step_end raised too, while this was raised:\n"
+                + "".join(traceback.format_exception(exc, chain=False)).rstrip()
+            )
 
     def _keep(self, run: Run) -> None:
         with contextlib.suppress(Exception):  # a broken device must not hide the first error

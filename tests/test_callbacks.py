@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -47,12 +49,17 @@ class _Record(Callback):
 
 
 @pytest.mark.parametrize(
-    "policy", [policies.GPipe(2), policies.PipeDream(2)], ids=["gpipe", "pipedream"]
+    "policy",
+    [policies.Sync(), policies.GPipe(2), policies.PipeDream(2)],
+    ids=["sync", "gpipe", "pipedream"],
 )
 def test_step_and_epoch_hooks_in_order(policy):
     rec = _Record()
     tr = _trainer(policy)
     hist = tr.fit(_data(), epochs=2, batch_size=8, callbacks=[rec])
+    # the order the Callback docstring gives: each epoch's steps, then that epoch's end
+    kinds = [c[0] for c in rec.calls]
+    assert kinds == ["start"] + (["step"] * 5 + ["epoch"]) * 2 + ["end"]
     steps = [c for c in rec.calls if c[0] == "step"]
     assert [c[1] for c in steps] == list(range(10))
     assert [c[2] for c in steps] == [0] * 5 + [1] * 5
@@ -141,6 +148,55 @@ def test_jsonl_logger(tmp_path):
     assert len(path.read_text().splitlines()) == len(records) + 1  # appended: one epoch line
 
 
+def test_jsonl_logger_writes_nan_inf_and_numpy_numbers_as_json(tmp_path):
+    # (a numpy float32 made json.dumps raise inside the fit; a NaN had to stay valid JSON)
+    path = tmp_path / "m.jsonl"
+    logger = JSONLLogger(path)
+    logger.on_fit_start(None)
+    logger.on_step_end(None, 0, {"loss": float("nan"), "epoch": 0})
+    logger.on_step_end(None, 1, {"loss": np.float32(1.5), "epoch": np.int64(0)})
+    logger.on_epoch_end(None, 0, {"epoch": 0, "loss": np.float32("inf"), "val_loss": -np.inf})
+    logger.on_fit_end(None, None)
+    lines = path.read_text().splitlines()
+    records = [json.loads(line, parse_constant=pytest.fail) for line in lines]  # no bare NaN
+    assert [r["loss"] for r in records] == [None, 1.5, None]
+    assert records[1]["epoch"] == 0 and type(records[1]["epoch"]) is int
+    assert records[2]["val_loss"] is None
+
+
+def test_jsonl_logger_ends_an_unfinished_last_line_before_appending(tmp_path):
+    # (a process killed while writing a line left it without its newline: the next fit's first
+    # record was glued to it, and a reader lost both)
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"event": "step", "step": 0}\n{"event": "st')
+    _trainer().fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(path)])
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ['{"event": "step", "step": 0}', '{"event": "st']
+    records = [json.loads(line) for line in lines[2:]]
+    assert [r["event"] for r in records] == ["step"] * 5 + ["epoch"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_jsonl_logger_writes_to_a_pipe():
+    # (as to /dev/stdout under `| tee`: a stream with no position to look back from)
+    read_end, write_end = os.pipe()
+    try:
+        logger = JSONLLogger(f"/dev/fd/{write_end}")
+        logger.on_fit_start(None)
+        logger.on_step_end(None, 3, {"loss": 0.5, "epoch": 0})
+        logger.on_fit_end(None, None)
+        os.close(write_end)
+        write_end = None
+        with os.fdopen(read_end, "rb") as f:
+            read_end = None
+            (record,) = [json.loads(line) for line in f.read().splitlines()]
+    finally:
+        for fd in (read_end, write_end):
+            if fd is not None:
+                os.close(fd)
+    assert record["step"] == 3 and record["loss"] == 0.5
+
+
 def test_a_callback_failing_at_fit_start_ends_those_already_started(tmp_path):
     class Fails(Callback):
         def on_fit_start(self, trainer):
@@ -183,6 +239,13 @@ def test_tensorboard_logger(tmp_path):
     np.testing.assert_allclose([v for _, v in losses], hist.losses, rtol=1e-6)
     epochs = [(s, v) for t, s, v in scalars if t == "epoch/loss"]
     assert [s for s, _ in epochs] == [0, 1]
+
+
+def test_tensorboard_logger_without_tensorboardx_fails_when_made(monkeypatch, tmp_path):
+    # at construction, saying how to install it: not at the first epoch of a long fit
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # (import raises ImportError)
+    with pytest.raises(ImportError, match=r"pip install 'asyncnn\[tensorboard\]'"):
+        TensorBoardLogger(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -309,3 +372,78 @@ def test_a_fit_stopped_by_an_error_keeps_its_finished_epochs_in_the_history(poli
         [e["loss"] for e in epochs],
         [np.mean(tr.history.losses[0:5]), np.mean(tr.history.losses[5:10])],
     )
+
+
+class _CtrlCInANotebook(Callback):
+    """Ctrl-C in a notebook after a given step: the waiting thread sets the trainer's flag,
+    which fit sees before its next step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            trainer._interrupt.set()
+
+
+def _steps(rec):
+    return [c[1] for c in rec.calls if c[0] == "step"]
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.Sync(), policies.GPipe(2), policies.PipeDream(2)], ids=str
+)
+def test_a_fit_interrupted_between_steps_delivers_the_step_hooks_of_the_state_it_keeps(policy):
+    # (the interrupt was raised before the step hooks due: callbacks saw steps 0..2 where the
+    # trainer kept 4 minibatches and their 4 losses, and a resumed fit started at step 4)
+    rec = _Record()
+    tr = _trainer(policy)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_CtrlCInANotebook(2), rec])
+    kept = tr.state.minibatches
+    assert _steps(rec) == list(range(kept)) and len(tr.history.losses) == kept
+    assert rec.calls[-1] == ("end", kept)
+    again = _Record()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[again])
+    assert _steps(again)[0] == kept
+
+
+def test_a_step_hook_failing_while_a_fit_stops_is_a_note_on_what_stops_it():
+    class FailsAt3(Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 3:
+                raise RuntimeError("no step 3")
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        _trainer(policies.Sync()).fit(
+            _data(), batch_size=8, callbacks=[_CtrlCInANotebook(2), FailsAt3()]
+        )
+    (note,) = info.value.__notes__
+    assert note.startswith("a callback's on_step_end raised too") and "no step 3" in note
+
+
+class _CtrlCAtEpochEnd(Callback):
+    """Ctrl-C (a real SIGINT) landing in the end of a given epoch."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == self.epoch:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.PipeDream(2)], ids=str)
+def test_ctrl_c_in_an_epoch_end_stops_the_fit_once_that_end_is_done(tmp_path, policy):
+    # (the interrupt cut the epoch's end short, which the kept state counted as done: the
+    # callbacks after the one it landed in never saw epoch 1 end, its checkpoint was never
+    # saved, and a resumed fit went on with epoch 2)
+    rec = _Record()
+    tr = _trainer(policy)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=3, batch_size=8, callbacks=[_CtrlCAtEpochEnd(1), rec],
+               checkpoint_dir=tmp_path, checkpoint_every=1)  # fmt: skip
+    assert [c[1] for c in rec.calls if c[0] == "epoch"] == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0001", "epoch-0002"]
+    assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (2, 0, 10)
+    assert ann.Trainer.load(tmp_path / "epoch-0002").state.minibatches == 10

@@ -39,11 +39,30 @@ def test_defaults_round_trip_and_freeze():
         ({"trace_payloads": "some"}, ValueError, "trace_payloads must be one of"),
         ({"check_finite": 1}, TypeError, "check_finite must be True or False"),
         ({"cuda_graphs": "yes"}, TypeError, "cuda_graphs must be True, False or None"),
+        # (str() made these a trace written to a file named "True", or "b'run.trace'")
+        ({"trace": True}, TypeError, r"trace must be a file path .* got True"),
+        ({"trace": 3}, TypeError, r"trace must be a file path .* got 3"),
+        ({"trace": ""}, ValueError, "trace='' names no file"),
+        ({"trace_payloads": ["all"]}, ValueError, "trace_payloads must be one of"),
     ],
 )
 def test_bad_options_are_named(kw, error, match):
     with pytest.raises(error, match=match):
         RunConfig(**kw)
+
+
+def test_numpy_scalars_and_path_objects_are_taken_as_what_they_are(tmp_path):
+    # a stall timeout of np.float32(5) (read from a config file) was refused as not a number
+    cfg = RunConfig(
+        stall_timeout=np.float32(5), check_finite=np.True_, cuda_graphs=np.False_,
+        trace=tmp_path / "run.trace",
+    )  # fmt: skip
+    assert cfg.stall_timeout == 5.0 and type(cfg.stall_timeout) is float
+    assert cfg.check_finite is True and cfg.cuda_graphs is False
+    assert cfg.trace == str(tmp_path / "run.trace")
+    assert RunConfig(stall_timeout=np.int64(2)).stall_timeout == 2.0
+    assert RunConfig(trace=b"run.trace").trace == "run.trace"
+    assert RunConfig.from_spec(msgpack.unpackb(msgpack.packb(cfg.to_spec()))) == cfg
 
 
 def test_unknown_options_from_a_newer_writer_are_refused():
@@ -95,3 +114,42 @@ def test_the_largest_seed_a_checkpoint_and_a_trace_hold_is_taken(tmp_path):
     tr.save(str(tmp_path / "ckpt"))
     assert ann.Trainer.load(str(tmp_path / "ckpt")).seed == 2**64 - 1
     assert ann.trace.read(path).header["seed"] == 2**64 - 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        # (each failed inside the run under another name: the loss actor's error for on_loss,
+        # a bare KeyError 'stage2' for the state of another graph, AttributeErrors)
+        ({"on_loss": 5}, TypeError, r"on_loss must be a function on_loss\(minibatch, loss, rows"),
+        ({"policy": policies.Sync}, TypeError, r"policy must be an instance, got the class Sync"),
+        ({"optimizer": optim.SGD}, TypeError, r"optimizer=SGD\(\.\.\.\)"),
+        ({"optimizer": "sgd"}, TypeError, "optimizer must be an asyncnn.optim optimizer"),
+        ({"policy": "gpipe"}, TypeError, "policy must be an asyncnn.policies policy"),
+        ({"graph": None}, TypeError, "graph must be an asyncnn.Graph, got None"),
+        ({"state": {"params": {}}}, TypeError, "state must be an asyncnn.RunState .* got dict"),
+        (
+            {"graph": chain_graph(3)},
+            ValueError,
+            r"state.params has nothing for the graph's layers \['stage2'\] .*state=None",
+        ),
+    ],
+    ids=[
+        "on_loss",
+        "policy-class",
+        "optimizer-class",
+        "optimizer",
+        "policy",
+        "graph",
+        "state",
+        "state-of-another-graph",
+    ],  # fmt: skip
+)
+async def test_open_run_refuses_wrong_arguments_before_it_starts(kw, error, match):
+    two = chain_graph(2)
+    state = ann.Trainer(two, optim.SGD(lr=0.1), policies.Sync()).state
+    args = {"graph": two, "optimizer": optim.SGD(lr=0.1), "policy": policies.Sync(), "state": state}
+    with pytest.raises(error, match=match):
+        async with ann.open_run(**{**args, **kw}):
+            pass

@@ -190,6 +190,18 @@ class ReturnsNoGrads(ann.LayerActor):
         return []
 
 
+class ReturnsScalarGrads(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        await super().on_backward(key, grad, meta)
+        return [1.0]
+
+
+class ReturnsSummedGrads(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward(key, grad, meta) or [None]
+        return [g.sum()]
+
+
 class SyncForward(ann.LayerActor):
     def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:  # type: ignore[override]
         return inputs[0][:, :3]
@@ -214,6 +226,19 @@ def _actor_on_b(actor: type[ann.LayerActor]) -> ann.Graph:
         (ReturnsTwoGrads, "backward", ValueError, r"returned 2 gradients for 1 input slot"),
         (ReturnsNoGrads, "backward", ValueError, r"returned 0 gradients for 1 input slot"),
         (SyncForward, "forward", TypeError, r"SyncForward.on_forward must be defined with async"),
+        # (both were broadcast over the layer upstream's output: it trained on a wrong gradient)
+        (
+            ReturnsScalarGrads,
+            "backward",
+            TypeError,
+            r"slot 0 \(from 'a'\) a gradient that is a float",
+        ),
+        (
+            ReturnsSummedGrads,
+            "backward",
+            TypeError,
+            r"that is a float64 of shape \(\), not an array",
+        ),
     ],
     ids=[
         "forward-none",
@@ -222,6 +247,8 @@ def _actor_on_b(actor: type[ann.LayerActor]) -> ann.Graph:
         "backward-long",
         "backward-short",
         "sync-hook",
+        "backward-scalar",
+        "backward-0-d",
     ],  # fmt: skip
 )
 def test_a_hook_returning_the_wrong_thing_is_an_error_of_its_own_actor(actor, kind, cause, match):
@@ -236,3 +263,197 @@ def test_a_hook_returning_the_wrong_thing_is_an_error_of_its_own_actor(actor, ki
     assert (err.actor, err.kind, err.key) == ("b", kind, 0)
     assert f"actor 'b' failed on {kind} of key 0" in str(err)
     assert isinstance(err.__cause__, cause)
+
+
+class SpinsInItsHandler(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        while True:  # a long computation written in the handler, not through self.compute
+            pass
+
+
+@pytest.mark.anyio
+async def test_a_handler_that_blocks_the_loop_is_a_stall_error_that_says_how_not_to():
+    # (it said only "(small work runs inline)", which a handler that blocks by itself is not)
+    with pytest.raises(
+        ann.StallError,
+        match=r"actor 'b' has been computing its forward of key 0 .* it was interrupted\. A "
+        r"handler must not block the loop: wait with await anyio\.sleep\(\), not time\.sleep\(\)",
+    ):
+        async with ann.open_run(
+            _actor_on_b(SpinsInItsHandler), optim.SGD(lr=0.1), policies.GPipe(2),
+            dtype="float64", stall_timeout=0.2,
+        ) as run:  # fmt: skip
+            await run.step(_data(16))
+
+
+class DropsRows(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return (await super().on_forward(key, inputs, meta))[:1]
+
+
+class WidensOutput(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        out = await super().on_forward(key, inputs, meta)
+        return np.concatenate([out, out[:, :1]], axis=1)
+
+
+class Float32Output(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return (await super().on_forward(key, inputs, meta)).astype(np.float32)
+
+
+class DropsGradientRows(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward(key, grad, meta) or [None]
+        return [g[:1]]
+
+
+class Float32Gradient(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward(key, grad, meta) or [None]
+        return [g.astype(np.float32)]
+
+
+class ForwardWithoutSuper(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return self.module(self.params, *inputs)
+
+
+class BackwardTwice(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        await super().on_backward(key, grad, meta)
+        return await super().on_backward(key, grad, meta)
+
+
+@pytest.mark.parametrize(
+    ("actor", "kind", "cause", "match"),
+    [
+        (DropsRows, "forward", ValueError,
+         r"DropsRows.on_forward returned an output of shape \(1, 3\) for inputs of shape "
+         r"\(8, 8\): 1 row where its inputs have 8 rows"),
+        (WidensOutput, "forward", ValueError,
+         r"WidensOutput.on_forward returned an output of shape \(8, 4\) .* the graph expects "
+         r"\(8, 3\)"),
+        (Float32Output, "forward", TypeError,
+         r"Float32Output.on_forward returned a float32 output in a float64 run"),
+        (DropsGradientRows, "backward", ValueError,
+         r"DropsGradientRows.on_backward gave input slot 0 \(from 'a'\) a gradient of shape "
+         r"\(1, 8\) for an input of shape \(8, 8\)"),
+        (Float32Gradient, "backward", TypeError,
+         r"Float32Gradient.on_backward gave input slot 0 \(from 'a'\) a float32 gradient for a "
+         r"float64 input"),
+        (ForwardWithoutSuper, "backward", RuntimeError,
+         r"default on_backward found no forward state for key 0 in self.store: "
+         r"ForwardWithoutSuper.on_forward was overridden without storing it .* super\(\)"),
+        (BackwardTwice, "backward", RuntimeError,
+         r"no forward state for key 0 .* at most once per key"),
+    ],
+    ids=["rows", "width", "output-dtype", "grad-rows", "grad-dtype", "no-super", "twice"],
+)  # fmt: skip
+def test_a_custom_hooks_wrong_shape_or_dtype_is_an_error_of_its_own_actor(
+    actor, kind, cause, match
+):
+    # (before: the loss failed on the output under its own name, the layer upstream on the
+    # gradient under its, a float32 output or gradient trained on without a word, and a forward
+    # that kept nothing made the default backward fail with a bare KeyError: 0)
+    tr = ann.Trainer(
+        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    )
+    with pytest.raises(ann.ActorError, match=match) as info:
+        tr.fit(_data(), batch_size=16)
+    err = info.value
+    assert (err.actor, err.kind, err.key) == ("b", kind, 0)
+    assert isinstance(err.__cause__, cause)
+
+
+class Float32InputHalf(ann.LayerActor):
+    async def on_backward_input(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward_input(key, grad, meta) or [None]
+        return [g.astype(np.float32)]
+
+
+class WeightHalfReturnsGradients(ann.LayerActor):
+    async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> Any:
+        await super().on_backward_weight(key, meta)
+        return [np.zeros((8, 8))]
+
+
+@pytest.mark.parametrize(
+    ("actor", "kind", "match"),
+    [
+        (Float32InputHalf, "backward_input",
+         r"on_backward_input gave input slot 0 \(from 'a'\) a float32 gradient"),
+        (WeightHalfReturnsGradients, "backward_weight",
+         r"WeightHalfReturnsGradients.on_backward_weight returned list; it must return None"),
+    ],
+    ids=["input-half-dtype", "weight-half-returns"],
+)  # fmt: skip
+def test_the_halves_of_a_split_backward_are_checked_too(actor, kind, match):
+    # (a value returned by on_backward_weight was dropped without a word)
+    tr = ann.Trainer(
+        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2),
+        dtype="float64",
+    )  # fmt: skip
+    with pytest.raises(ann.ActorError, match=match) as info:
+        tr.fit(_data(), batch_size=16)
+    assert (info.value.actor, info.value.kind) == ("b", kind)
+
+
+class CountsInPlace(ann.LayerActor):
+    """Keeps the state it is given as it is and counts its backwards in place."""
+
+    def setup(self) -> None:
+        self.seen = np.zeros((), dtype=np.int64)
+
+    def actor_state(self) -> Any:
+        return {"seen": self.seen}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.seen = state["seen"]
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        self.seen += 1
+        return await super().on_backward(key, grad, meta)
+
+
+def test_a_run_never_changes_the_actor_state_it_was_given():
+    # load_actor_state got the RunState's own object: the next fit counted on in the earlier
+    # tr.state (4, then 8)
+    tr = ann.Trainer(
+        _actor_on_b(CountsInPlace), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64",
+    )  # fmt: skip
+    tr.fit(_data(), batch_size=16)
+    after_first = tr.state
+    assert int(after_first.actor_states["b"]["seen"]) == 4
+    tr.fit(_data(), batch_size=16)
+    assert int(after_first.actor_states["b"]["seen"]) == 4
+    assert int(tr.state.actor_states["b"]["seen"]) == 8
+
+
+class AsyncSetup(ann.LayerActor):
+    async def setup(self, factor: float = 1.0) -> None:  # type: ignore[override]
+        self.factor = factor
+
+
+class AsyncLoad(ann.LayerActor):
+    def actor_state(self) -> Any:
+        return {"n": 1}
+
+    async def load_actor_state(self, state: Any) -> None:  # type: ignore[override]
+        self.n = state["n"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("actor", "hook"), [(AsyncSetup, "setup"), (AsyncLoad, "load_actor_state")]
+)
+async def test_an_async_setup_is_refused_when_the_run_starts(actor, hook):
+    # the coroutine was dropped unawaited: the actor ran unconfigured and failed later on an
+    # attribute setup never set (or its state was never loaded)
+    with pytest.raises(
+        ann.GraphError, match=rf"layer 'b': {actor.__name__}.{hook} is an async def; it must "
+        rf"be a plain def .* `def {hook}\(self, ...\)`",
+    ):  # fmt: skip
+        async with ann.open_run(_actor_on_b(actor), optim.SGD(lr=0.1), policies.Sync()) as run:
+            await run.step(_data(16))  # pragma: no cover

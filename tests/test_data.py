@@ -111,6 +111,28 @@ def test_shuffle_is_a_permutation_that_depends_only_on_seed_and_epoch():
         np.testing.assert_array_equal(b["x"][:, 0], 2.0 * b["y"])
 
 
+def test_epoch_permutation_is_pinned():
+    # The shuffled order of every run rests on it: a numpy (or code) change that alters it
+    # breaks the docstring's promise that a resumed run sees the batches the first one would
+    # have seen, and must be seen here first.
+    assert data.epoch_permutation(10, 0, 0).tolist() == [4, 6, 2, 7, 3, 5, 9, 0, 8, 1]
+    assert data.epoch_permutation(12, 7, 3).tolist() == [4, 2, 5, 8, 7, 3, 11, 10, 0, 1, 9, 6]
+    assert data.epoch_permutation(0, 0, 0).tolist() == []
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "error", "match"),
+    [
+        (-1, ValueError, "num_rows must be >= 0, got -1"),  # (was an empty order)
+        (10.0, TypeError, "num_rows must be an int, got float 10.0"),  # (was numpy's AxisError)
+        (True, TypeError, "num_rows must be an int, got bool True"),
+    ],
+)
+def test_epoch_permutation_checks_num_rows(num_rows, error, match):
+    with pytest.raises(error, match=match):
+        data.epoch_permutation(num_rows, 0, 0)
+
+
 def test_shuffle_does_not_touch_the_global_rng():
     state = np.random.get_state()[1].copy()
     list(_dataset(20).batches(4, shuffle=True, seed=1))
@@ -213,6 +235,33 @@ def test_lazily_read_arrays_are_shuffled_row_by_row_like_numpy():
     np.testing.assert_array_equal(lazy.take(np.array([3, -1, 3]))["x"], plain["x"][[3, 22, 3]])
 
 
+class _ArrayLike:
+    """What slicing an xarray DataArray or a dask array gives: not an ndarray, readable as one."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array if dtype is None else self._array.astype(dtype)
+
+
+class _LazyOwnType(_LazyRows):
+    def __getitem__(self, rows):
+        return _ArrayLike(super().__getitem__(rows))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_lazily_read_arrays_come_back_as_numpy_in_order_too(shuffle):
+    # (only shuffled batches were made numpy: in storage order a batch was the array type's own
+    # slice, a lazy dask array or a named-axis DataArray, handed to the actors as it was)
+    plain = _dataset(11)
+    lazy = data.ArrayDataset({"x": _LazyOwnType(plain["x"]), "y": plain["y"]})
+    got = list(lazy.batches(4, shuffle=shuffle, seed=1))
+    for w, g in zip(plain.batches(4, shuffle=shuffle, seed=1), got, strict=True):
+        assert type(g["x"]) is np.ndarray
+        np.testing.assert_array_equal(g["x"], w["x"])
+
+
 def test_a_label_indexed_series_is_read_by_position():
     # (a pandas Series was kept as it came: a shuffled batch took its rows by index label,
     # other rows than the x of the same batch, silently)
@@ -304,6 +353,9 @@ def test_microbatch_errors():
         data.split_microbatches(batch, 0)
     with pytest.raises(ValueError, match="field 'y' has 3 rows"):
         data.split_microbatches({"x": np.zeros((4, 2)), "y": np.zeros(3)}, 2)
+    # (the advice was "use at most 0 microbatches")
+    with pytest.raises(ValueError, match=r"batch of 0 rows \(fields 'x', 'y'\) into microbatches"):
+        data.split_microbatches({"x": np.zeros((0, 2)), "y": np.zeros(0)}, 1)
 
 
 def test_batch_length():
@@ -389,12 +441,49 @@ def test_mnist1d_damaged_cache_file_is_regenerated(tmp_path):
     np.testing.assert_array_equal(a["x_test"], b["x_test"])
 
 
+def _write_npy(path):
+    with path.open("wb") as f:  # (np.save would add ".npy" to the name)
+        np.save(f, np.zeros(3))
+
+
+def _write_foreign_npz(path):
+    # a whole, readable file under the cache's name holding other arrays than load_mnist1d's
+    np.savez(path, x_train=np.zeros((3, 40), np.float32), y_train=np.zeros(3, np.int64),
+             x_test=np.zeros((1, 40), np.float32), y_test=np.array([55]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(b""),  # (EOFError from np.load)
+        _write_npy,  # (TypeError: np.load gave an ndarray, not an npz file)
+        _write_foreign_npz,  # (was handed out as the dataset: 3 rows, a label 55)
+    ],
+    ids=["empty", "npy", "other-arrays"],
+)
+def test_mnist1d_unreadable_or_foreign_cache_file_is_regenerated(tmp_path, damage):
+    a = data.load_mnist1d(num_samples=100, seed=2, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    damage(path)
+    _datasets._mnist1d_cached.cache_clear()
+    b = data.load_mnist1d(num_samples=100, seed=2, cache_dir=tmp_path)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    _datasets._mnist1d_cached.cache_clear()  # the file was written over with the right arrays
+    assert _datasets._read_npz(path, 80, 20) is not None
+
+
 def test_mnist1d_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ASYNCNN_CACHE_DIR", str(tmp_path / "c"))
     assert data.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("ASYNCNN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert data.default_cache_dir() == tmp_path / "xdg" / "asyncnn"
+    # a relative XDG_CACHE_HOME is ignored, as the XDG specification says (it was used: the
+    # cache went under the current folder)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "asyncnn"
 
 
 def test_mnist1d_argument_errors():
@@ -403,8 +492,27 @@ def test_mnist1d_argument_errors():
     for split in (1.0, float("nan"), float("inf"), float("-inf")):  # (nan, inf: int() failed)
         with pytest.raises(ValueError, match=f"train_split={split} leaves an empty split"):
             data.load_mnist1d(train_split=split, cache=False)
-    with pytest.raises(ValueError, match="seed must be in"):
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         data.load_mnist1d(seed=-1, cache=False)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        data.load_mnist1d(seed=2**32, cache=False)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: data.load_mnist1d(seed=True, cache=False), "seed must be an int, got bool True"),
+        (lambda: data.load_mnist1d(num_samples=100, cache="no"), "cache must be True or False"),
+        (lambda: data.load_mnist1d(num_samples=10.0), "num_samples must be an int, got float"),
+        (lambda: data.load_digits(stratify="no"), "stratify must be True or False, got str"),
+        (lambda: data.load_digits(seed=False), "seed must be an int, got bool False"),
+    ],
+    ids=["mnist1d-seed", "mnist1d-cache", "mnist1d-num_samples", "digits-stratify", "digits-seed"],
+)
+def test_dataset_loaders_take_no_bool_for_a_count_nor_a_string_for_a_flag(call, match):
+    # (seed=True loaded seed 1's data; stratify="no" and cache="no" did as True)
+    with pytest.raises(TypeError, match=match):
+        call()
 
 
 # -- digits ---------------------------------------------------------------------------------------

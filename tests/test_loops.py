@@ -809,3 +809,18 @@ def test_predict_and_evaluate_step_the_active_rows_only_as_training_does(tmp_pat
     start = fresh_params(g)
     ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
     assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+def test_a_traced_loop_event_records_the_version_its_steps_computed_with(tmp_path):
+    # (it recorded the latest version, where PipeDream2BW pins the one before the last update)
+    path = str(tmp_path / "rnn.trace")
+    tr = ann.Trainer(rnn_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream2BW(4),
+                     dtype="float64", trace=path)  # fmt: skip
+    tr.fit(_data(n=32), batch_size=8)  # 4 minibatches of 4 keys
+    events = ann.trace.read(path).events
+    starts = {e["key"]: e["v"] for e in events
+              if e["ev"] == "start" and e["a"] == "rnn" and e["k"] == "forward"}  # fmt: skip
+    loops = {e["key"]: e["v"] for e in events if e["ev"] == "loop"}
+    assert loops == starts
+    # minibatch m computes with version m - 1 (the first two with the starting version 0)
+    assert [loops[k] for k in sorted(loops)] == [0] * 8 + [1] * 4 + [2] * 4

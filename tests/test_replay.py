@@ -135,6 +135,19 @@ def test_a_change_of_the_last_update_alone_is_a_divergence(tmp_path):
     assert_params_equal(rep.params, tr.params)
 
 
+def test_diff_of_two_runs_that_differ_in_the_last_update_alone_is_a_divergence(tmp_path):
+    # (diff compared sends only: two runs whose last updates differed read as agreeing)
+    paths = [tmp_path / "a.trace", tmp_path / "b.trace"]
+    for path, lr in zip(paths, (0.1, 0.5), strict=True):
+        tr = ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=lr), policy=policies.Sync(),
+                         trace=str(path))  # fmt: skip
+        tr.fit(_data(8), batch_size=8)
+    d = ann.trace.diff(*paths)
+    assert d is not None and (d.actor, d.kind, d.key, d.seq) == ("stage1", "update", 0, 1)
+    assert "differ" in d.reason and "replay" not in d.reason
+    assert ann.trace.diff(paths[0], paths[0]) is None
+
+
 def _rewrite(path, out, change):
     """Copies a trace, letting ``change(record)`` edit records (re-framed with valid checksums)."""
     with open(path, "rb") as f:
@@ -549,3 +562,70 @@ def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
     assert ann.replay(old).identical
     assert opened[1]["cpu_workers"] == _lifecycle.host_cores()
     assert opened[1]["part_flops"] == _lifecycle.RUN_PART_FLOPS
+
+
+class HalvingGradient(ann.LayerActor):
+    """Scales its input gradient by a factor that halves after each backward (its own state,
+    a 0-d array)."""
+
+    def setup(self) -> None:
+        self.factor = 1.0
+
+    def actor_state(self) -> Any:
+        return {"factor": np.asarray(self.factor)}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.factor = float(state["factor"])
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        grads = await super().on_backward(key, grad, meta)
+        self.factor *= 0.5
+        return [None if g is None else g * self.factor for g in grads or []]
+
+
+def _stateful_graph(actor: type[ann.LayerActor] = HalvingGradient) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(5, 8), x)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(8, 3), h, actor=actor), y)
+    return g
+
+
+def test_replay_of_a_second_fit_starts_from_the_actors_own_state(tmp_path):
+    # the trace's initial state lacked actor_states: the replay's actor started from setup's
+    # factor 1.0 and diverged at 'b' ("the backward of key 4 to 'a'")
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _stateful_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", trace=str(path),
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=8)
+    tr.fit(_data(16), batch_size=8)
+    first, second = (ann.trace.read(p).state for p in tr.traces)
+    assert "actor_states" not in first  # no actor kept a state yet: the record as before
+    assert second["actor_states"]["dict"]["b"]["dict"]["factor"]["s"] == []  # 0-d stays 0-d
+    for p in tr.traces:  # a trace without actor states replays as before
+        assert ann.replay(p).identical
+    rep = ann.replay(tr.traces[1])
+    assert rep.first_divergence is None
+    assert_params_equal(rep.params, tr.params)
+
+
+class UnrecordableState(ann.LayerActor):
+    def actor_state(self) -> Any:
+        return {"seen": {1, 2}}
+
+    def load_actor_state(self, state: Any) -> None:
+        pass
+
+
+def test_an_actor_state_a_trace_cannot_hold_is_refused_before_the_run(tmp_path):
+    tr = ann.Trainer(
+        _stateful_graph(UnrecordableState), optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(), dtype="float64",
+    )  # fmt: skip
+    tr.fit(_data(8), batch_size=8)
+    tr.trace = str(tmp_path / "r.trace")
+    with pytest.raises(TypeError, match=r"cannot hold the actor state of layer 'b'.*dict"):
+        tr.fit(_data(8), batch_size=8)

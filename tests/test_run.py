@@ -623,3 +623,105 @@ async def test_open_run_refuses_a_layer_that_drops_rows():
     with pytest.raises(ann.GraphError, match=r"layer 'pool' .*keep the batch dimension"):
         async with ann.open_run(_rows_graph("drop"), optim.SGD(lr=0.1), policies.Sync()):
             pass  # pragma: no cover
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_drain_waits_for_a_step_part_way_in_under_pipedream():
+    # drain told the stages the stream's length while the step's other keys were still to go
+    # in: "stage0: waiting for forward of key 8", a StallError after stall_timeout
+    d = _data(n=16)
+
+    def run_args():
+        return dict(optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(8), dtype="float64")
+
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(3), stall_timeout=5, **run_args()) as run:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run.step, d)  # 8 keys, 3 in flight at most
+                while run.next_key < 1:
+                    await anyio.lowlevel.checkpoint()
+                assert run.next_key < 8  # the step is part-way in
+                await run.drain()
+                assert run.next_key == 8 and run.in_flight == 0 and sorted(run.losses) == [0]
+        async with ann.open_run(chain_graph(3), **run_args()) as alone:
+            await alone.step(d)
+    assert run.losses == alone.losses
+    assert_params_close(run.params, alone.params, rtol=0)
+
+
+@pytest.mark.anyio
+async def test_a_step_or_drain_from_another_thread_is_refused_naming_the_way():
+    # run from a thread, its work ran there and the run broke ("must be called from async
+    # context"), or it hung
+    d = _data()
+    got: list[BaseException] = []
+
+    def elsewhere(call):
+        coro = call()
+        try:
+            coro.send(None)
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertions
+            got.append(exc)
+        finally:
+            coro.close()
+
+    async with _sync_run() as run:
+        await run.step(d)
+        for call in (lambda: run.step(d), run.drain, run.wait_idle):
+            await anyio.to_thread.run_sync(elsewhere, call)
+        await run.step(d)  # the run is untouched
+        await run.drain()
+    assert [type(e) for e in got] == [RuntimeError] * 3
+    for what, e in zip(("step", "drain", "wait_idle"), got, strict=True):
+        assert f"run.{what}() was called from another thread" in str(e)
+        assert f"trio.from_thread.run(run.{what}, ...) or anyio.from_thread.run" in str(e)
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_wait_idle_under_pipedream_is_refused_at_once_naming_drain():
+    # its stages keep the stream's last keys until the stream ends: it waited for a forward
+    # that never came, a StallError after stall_timeout (60 s by default)
+    d = _data()
+    with anyio.fail_after(20):
+        async with ann.open_run(
+            chain_graph(3), optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(4),
+            dtype="float64", stall_timeout=10,
+        ) as run:  # fmt: skip
+            await run.wait_idle()  # nothing admitted: nothing to wait for
+            await run.step(d)
+            with pytest.raises(
+                RuntimeError, match=r"run.wait_idle\(\) cannot finish under PipeDream.*drain\(\)"
+            ):
+                await run.wait_idle()
+            await run.drain()
+            await run.wait_idle(losses=True)  # the stream ended: nothing in flight
+            await run.step(d)
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+async def test_idle_seconds_stop_growing_once_the_run_ended():
+    async with _sync_run() as run:
+        await run.step(_data())
+    first = run.statistics()
+    second = run.statistics()
+    for name in first:
+        assert first[name].idle_seconds == second[name].idle_seconds  # grew with the clock
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_is_not_a_dict_names_the_inputs():
+    d = _data()
+    async with _sync_run() as run:
+        for batch, what in (((d["x"], d["y"]), "tuple of 2"), ([d["x"]], "list of 1")):
+            with pytest.raises(
+                TypeError,
+                match=rf"a batch must be a dict of input name to array, got a {what}; the "
+                r"graph's inputs are \['x', 'y'\]: pass \{'x': ..., 'y': ...\}",
+            ):
+                await run.step(batch)  # was AttributeError: 'tuple' object has no 'items'
+        await run.step(d)
+    assert sorted(run.losses) == [0]

@@ -69,11 +69,21 @@ def batch_length(batch: Mapping[str, Any]) -> int:
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray[Any, Any]:
-    """The shuffled row order of one epoch: a function of ``(seed, epoch)`` only.
+    """The shuffled row order of one epoch: a function of ``(num_rows, seed, epoch)`` only.
 
     Each epoch draws from its own stream ``SeedSequence([seed, epoch])``, so the order of epoch
     ``e`` does not depend on how many epochs were drawn before it (a resumed run reproduces it).
+    The order is the same in every process and on every machine with the same numpy version
+    (it draws integers only, no floating point); numpy promises its ``Generator`` streams only
+    within one version, so a run resumed under another numpy may shuffle differently (the
+    tests pin the order, so a numpy that changes it is noticed).
+
+    Raises:
+        TypeError: an argument is not an int (a bool is not one).
+        ValueError: an argument is negative.
     """
+    # (a negative num_rows gave an empty order, a float one a numpy AxisError)
+    num_rows = _check_index(num_rows, "num_rows", 0)
     seed = _check_index(seed, "seed", 0)
     epoch = _check_index(epoch, "epoch", 0)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
@@ -196,10 +206,18 @@ class ArrayDataset:
         """The rows ``rows`` (a slice or an index array) of every field, as a dict.
 
         A field read lazily (h5py, zarr) is read at the rows in increasing order, each once
-        (h5py refuses other index arrays), and comes back as numpy in the order asked for.
+        (h5py refuses other index arrays), and comes back as numpy in the order asked for (also
+        for a slice, which an xarray or a dask array would answer with its own type).
         """
         if isinstance(rows, slice):
-            return {name: array[rows] for name, array in self._arrays.items()}
+            return {
+                name: (
+                    array[rows]
+                    if isinstance(array, np.ndarray) or is_cupy_array(array)
+                    else np.asarray(array[rows])
+                )
+                for name, array in self._arrays.items()
+            }
         out: dict[str, Any] = {}
         increasing: Any = None
         for name, array in self._arrays.items():
@@ -261,10 +279,14 @@ def split_microbatches(batch: Mapping[str, Any], m: int) -> list[dict[str, Any]]
         m: the number of microbatches, ``1 <= m <= n``.
 
     Raises:
-        ValueError: ``m < 1``, or ``m`` exceeds the number of rows (a microbatch would be empty).
+        ValueError: ``m < 1``, the batch has no rows, or ``m`` exceeds the number of rows (a
+            microbatch would be empty).
     """
     m = _check_index(m, "m (the number of microbatches)", 1)
     n = batch_length(batch)
+    if n == 0:  # ("use at most 0 microbatches", the advice below, cannot be followed)
+        fields = ", ".join(f"{name!r}" for name in batch)
+        raise ValueError(f"cannot split a batch of 0 rows (fields {fields}) into microbatches")
     if m > n:
         raise ValueError(
             f"cannot split a batch of {n} rows into {m} microbatches: each needs at least one "

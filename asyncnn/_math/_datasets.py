@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import operator
 import os
 import random
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._data import _check_flag, _check_index
 
 __all__ = ["default_cache_dir", "load_digits", "load_mnist1d"]
 
@@ -27,18 +29,21 @@ _global_rng_lock = threading.Lock()
 # Bump when the cached file layout or the dtype conversion changes, so stale files are ignored.
 _CACHE_FORMAT = 1
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
+_SEQ_LENGTH = 40  # make_dataset's default final_seq_length, which load_mnist1d always uses
 
 
 def default_cache_dir() -> Path:
     """Where generated datasets are cached on disk.
 
-    ``$ASYNCNN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/asyncnn``, else ``~/.cache/asyncnn``.
+    ``$ASYNCNN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/asyncnn`` where that is an absolute
+    path (the XDG specification says to ignore a relative one), else ``~/.cache/asyncnn``.
     """
     env = os.environ.get("ASYNCNN_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or ".").expanduser()
+    # (a relative one would put the cache under whatever folder the process started in)
+    base = xdg if xdg.is_absolute() else Path.home() / ".cache"
     return base / "asyncnn"
 
 
@@ -77,14 +82,34 @@ def _mnist1d_cache_file(cache_dir: Path, num_samples: int, train_split: float, s
     return cache_dir / name
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray[Any, Any]] | None:
+def _read_npz(path: Path, n_train: int, n_test: int) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The cached splits at ``path``, or None where the file is missing, damaged or not what
+    this call would generate (the caller then regenerates and overwrites it)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in _SPLITS}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        # Missing, truncated or from another layout: regenerate (and overwrite) instead.
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        # (an empty file, which a crash soon after the rename can leave, raised EOFError here)
         return None
-    return arrays
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return None  # a lone .npy array (np.load has no file left open for it)
+    try:
+        with loaded as f:
+            arrays = {k: f[k] for k in _SPLITS}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error):
+        return None
+    return arrays if _is_mnist1d(arrays, n_train, n_test) else None
+
+
+def _is_mnist1d(arrays: dict[str, np.ndarray[Any, Any]], n_train: int, n_test: int) -> bool:
+    """Whether ``arrays`` have the shapes, dtypes and label range :func:`load_mnist1d` returns
+    (a whole file of other content, copied or written over the name, is never handed out)."""
+    for split, rows in (("train", n_train), ("test", n_test)):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.shape != (rows, _SEQ_LENGTH) or x.dtype != np.float32 or not np.isfinite(x).all():
+            return False
+        if y.shape != (rows,) or y.dtype != np.int64 or y.min() < 0 or y.max() > 9:
+            return False
+    return True
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
@@ -108,7 +133,8 @@ def _mnist1d_cached(
     path = None
     if cache_dir is not None:
         path = _mnist1d_cache_file(Path(cache_dir), num_samples, train_split, seed)
-        arrays = _read_npz(path)
+        n_train = int(num_samples * train_split)  # (as make_dataset splits)
+        arrays = _read_npz(path, n_train, num_samples - n_train)
         if arrays is not None:
             return arrays
     arrays = _generate_mnist1d(num_samples, train_split, seed)
@@ -132,6 +158,8 @@ def load_mnist1d(
     default arguments and leaves numpy's and python's global random state as it found them.
     Results are cached in memory, and on disk as ``.npz`` unless ``cache=False`` (generating
     takes about two seconds including the import of ``mnist1d``; reading the cache, milliseconds).
+    A cache file that cannot be read, or whose arrays are not those this call returns (shapes,
+    dtypes, finite values, labels ``0..9``), is regenerated and written over.
 
     Args:
         num_samples: total number of examples, a positive multiple of 10 (one tenth per class).
@@ -143,8 +171,15 @@ def load_mnist1d(
     Returns:
         ``{"x_train": float32 (n_train, 40), "y_train": int64 (n_train,), "x_test": float32
         (n_test, 40), "y_test": int64 (n_test,)}``, labels in ``0..9``; fresh copies each call.
+
+    Raises:
+        TypeError: ``num_samples`` or ``seed`` is not an int (a bool is not one either), or
+            ``cache`` is not a bool.
+        ValueError: an argument is out of its range (named, with the value).
     """
-    num_samples = operator.index(num_samples)
+    # (a bool was read as 0 or 1: seed=True gave seed 1's data; cache="no" cached)
+    num_samples = _check_index(num_samples, "num_samples", 0)
+    cache = _check_flag(cache, "cache")
     if num_samples < 10 or num_samples % 10:
         raise ValueError(
             f"num_samples must be a positive multiple of 10 (one tenth per digit), got {num_samples}"
@@ -157,8 +192,8 @@ def load_mnist1d(
             f"train_split={train_split} leaves an empty split of {num_samples} samples; "
             "choose a fraction strictly between 0 and 1"
         )
-    seed = operator.index(seed)
-    if not 0 <= seed < 2**32:
+    seed = _check_index(seed, "seed", 0)
+    if seed >= 2**32:
         raise ValueError(f"seed must be in [0, 2**32) (numpy's legacy seeding), got {seed}")
     folder = None
     if cache:
@@ -191,11 +226,17 @@ def load_digits(
     Returns:
         ``{"x_train": float32 (n_train, 64) in [0, 1], "y_train": int64 (n_train,), "x_test",
         "y_test"}``, labels in ``0..9``; rows in shuffled order.
+
+    Raises:
+        TypeError: ``seed`` is not an int (a bool is not one either), or ``stratify`` is not a
+            bool.
+        ValueError: ``test_fraction`` is not strictly between 0 and 1, or leaves a split empty.
     """
     test_fraction = float(test_fraction)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
-    seed = operator.index(seed)
+    seed = _check_index(seed, "seed", 0)
+    stratify = _check_flag(stratify, "stratify")  # ("no" stratified)
     x, y = _digits_raw()
     rng = np.random.default_rng(seed)
     if stratify:

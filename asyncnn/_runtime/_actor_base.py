@@ -374,9 +374,24 @@ class _Actor:
     async def _send_grads(
         self, key: int, version: int, grads: Sequence[Any] | None, meta: dict[str, Any]
     ) -> None:
-        """Sends each input from a layer its gradient (``None`` for all: a skipped key)."""
+        """Sends each input from a layer its gradient (``None`` for all: a skipped key).
+
+        Raises:
+            TypeError: a gradient that is not an array with a batch dimension (a custom
+                actor's ``[1.0]``, or a 0-d sum): the layer upstream would broadcast it over
+                its output and train on it without a word.
+        """
         for slot, src, edge in self.grad_targets:
             grad = None if grads is None else grads[slot]
+            # one getattr per gradient sent: a layer's output keeps the batch dimension (the
+            # graph checks it), so its gradient has at least one; autodiff broadcasts a size-1
+            # cotangent, which would turn a scalar here into a wrong gradient, not an error
+            if grad is not None and getattr(grad, "ndim", 0) == 0:
+                raise TypeError(
+                    f"{type(self).__name__} gave input slot {slot} (from {src!r}) a gradient "
+                    f"that is {_describe_grad(grad)}, not an array with the batch dimension of "
+                    f"that input; return one array shaped like the input (None for no gradient)"
+                )
             msg = Message(BACKWARD, key, version, self.name, src, edge, (grad,), meta)
             msg.event = self.last_event  # None on the CPU
             await self._send(msg)
@@ -485,6 +500,13 @@ class _Actor:
         w = self.waiting_for
         what = f"{w[0]} of key {w[1]}" if isinstance(w, tuple) else w
         return f"waiting for {what}{held}{extra}"
+
+
+def _describe_grad(grad: Any) -> str:
+    shape = getattr(grad, "shape", None)
+    if shape is not None:
+        return f"a {type(grad).__name__} of shape {tuple(shape)}"
+    return f"a {type(grad).__name__} ({grad!r:.40})"
 
 
 def _timed(backend: Any, spans: list[tuple[Any, Any]], fn: Callable[..., Any], *args: Any) -> Any:

@@ -34,10 +34,10 @@ from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn import Sequential
 from asyncnn._math._pytree import tree_leaves
-from asyncnn.backends import array_namespace
+from asyncnn.backends import array_namespace, is_floating
 
 from ._capture import ActorGraphs
-from ._checks import _checkable
+from ._checks import _checkable, _rows
 from ._messages import BACKWARD, FORWARD, Message
 from ._policies import StageOrder
 from ._serving import Serving
@@ -105,6 +105,20 @@ class LayerActor(Serving):
         # keep each key's pullback, else its inputs, to recompute at the latest version
         self.keep_pullback = ctx.policy.keeps_pullback()
         self.param_size = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
+        # What a custom hook returns is checked against what the graph expects (asyncnn's own
+        # hooks give it by construction, and pay nothing): an output's rows, trailing shape and
+        # dtype; each gradient's shape and dtype against the input it is of (kept per key from
+        # the forward on). Else the error surfaced at the node that read it, under its name.
+        cls = type(self)
+        self.checks_output = _custom_hook(cls, "on_forward")
+        self.checks_grads = _custom_hook(cls, "on_backward") or _custom_hook(
+            cls, "on_backward_input"
+        )
+        self.input_sigs: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
+        self.float_dtype = next(
+            (p.dtype for p in tree_leaves(params) if is_floating(getattr(p, "dtype", None))), None
+        )
+        self.checked_shapes = _checked_shapes(ctx.graph, node)
         self.stochastic = _is_stochastic(self.module)
         self.draw_places = _draw_places(node) if self.stochastic else None
         self.flops_per_sample = _flops_per_sample(self.module, ctx.graph, node)
@@ -252,7 +266,12 @@ class LayerActor(Serving):
             self.stats.skipped += 1
             tensors: list[tuple[Any, ...]] = [(None,)] * len(self.consumers)
         else:
-            tensors = self._outputs(key, await self.on_forward(key, inputs, meta))
+            if self.checks_grads:
+                self.input_sigs[key] = [(tuple(x.shape), x.dtype) for x in inputs]
+            out = await self.on_forward(key, inputs, meta)
+            if self.checks_output:
+                self._check_output(out, inputs)
+            tensors = self._outputs(key, out)
         for (c_name, slot), out in zip(self.consumers, tensors, strict=True):
             msg = Message(FORWARD, key, self.version, self.name, c_name, slot, out, meta)
             msg.event = self.last_event  # None on the CPU
@@ -272,6 +291,71 @@ class LayerActor(Serving):
                 "others; a layer behind a router must read only its own branch"
             )
         return False
+
+    def _check_output(self, out: Any, inputs: list[Any]) -> None:
+        """Refuses a custom ``on_forward``'s output whose rows, trailing shape (where the inputs
+        have the shapes the graph was checked with) or floating dtype are not those the graph
+        expects: its consumers would fail on it under their own names, or train on it."""
+        shape = getattr(out, "shape", None)
+        if shape is None or out is None or type(out) is tuple or type(out) is list:
+            return  # (_outputs says what is wrong with it)
+        hook = f"{type(self).__name__}.on_forward"
+        ins = ", ".join(str(tuple(x.shape)) for x in inputs)
+        rows = inputs[0].shape[0]
+        if not len(shape) or shape[0] != rows:
+            got = "no batch dimension" if not len(shape) else _rows(shape[0])
+            raise ValueError(
+                f"{hook} returned an output of shape {tuple(shape)} for inputs of shape {ins}: "
+                f"{got} where its inputs have {_rows(rows)}; return one output row per input "
+                "row (the first dimension is the batch, which its consumers read by row)"
+            )
+        checked = self.checked_shapes
+        if checked is not None and tuple(shape[1:]) != checked[0]:
+            want, in_trailing = checked
+            if all(tuple(x.shape[1:]) == s for x, s in zip(inputs, in_trailing, strict=True)):
+                raise ValueError(
+                    f"{hook} returned an output of shape {tuple(shape)} for inputs of shape "
+                    f"{ins}, where the graph expects {(rows, *want)} (its module's output, "
+                    "which the graph checked its consumers against); return an output of that "
+                    "shape"
+                )
+        dtype = getattr(out, "dtype", None)
+        if dtype is not None and is_floating(dtype):
+            want_dtype = self.float_dtype
+            if want_dtype is None:  # no floating parameter: the run's dtype is its inputs'
+                want_dtype = next((x.dtype for x in inputs if is_floating(x.dtype)), None)
+            if want_dtype is not None and dtype != want_dtype:
+                raise TypeError(
+                    f"{hook} returned a {dtype} output in a {want_dtype} run; return it in the "
+                    f"run's dtype (out.astype({str(want_dtype)!r})): its consumers would compute "
+                    f"in {dtype} without a word"
+                )
+
+    def _check_grad_shapes(self, hook: str, key: int, grads: list[Any] | None) -> None:
+        """Refuses a custom backward hook's gradient whose shape or floating dtype is not that
+        of the input it is the gradient of (what the key's forward was given): the layer
+        upstream would fail on it under its own name, or train on it."""
+        sigs = self.input_sigs.pop(key, None)
+        if grads is None or sigs is None:
+            return
+        for slot, src, _ in self.grad_targets:
+            grad = grads[slot]
+            shape = getattr(grad, "shape", None)
+            if grad is None or shape is None or not len(shape):
+                continue  # (_send_grads says what is wrong with a 0-d or shapeless one)
+            want, want_dtype = sigs[slot]
+            where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
+            if tuple(shape) != want:
+                raise ValueError(
+                    f"{where} a gradient of shape {tuple(shape)} for an input of shape {want}; "
+                    "return one gradient shaped like its input (None for no gradient)"
+                )
+            dtype = getattr(grad, "dtype", None)
+            if dtype is not None and dtype != want_dtype and is_floating(dtype):
+                raise TypeError(
+                    f"{where} a {dtype} gradient for a {want_dtype} input; return it in its "
+                    f"input's dtype (g.astype({str(want_dtype)!r}))"
+                )
 
     def _outputs(self, key: int, out: Any) -> list[tuple[Any, ...]]:
         """The tensors sent to each consumer (the same output to all, unless a router)."""
@@ -363,6 +447,8 @@ class LayerActor(Serving):
                     "on_backward_input",
                     await self.on_backward_input(key, await self._output_grad(parts), meta),
                 )
+                if self.checks_grads:
+                    self._check_grad_shapes("on_backward_input", key, input_grads)
             self.weight_due[key] = meta
             await self._send_grads(key, used, input_grads, meta)
             return
@@ -374,6 +460,8 @@ class LayerActor(Serving):
             input_grads = self._checked_grads(
                 "on_backward", await self.on_backward(key, await self._output_grad(parts), meta)
             )
+            if self.checks_grads:
+                self._check_grad_shapes("on_backward", key, input_grads)
         # done before the gradients leave (the update, if due, is applied already): a cluster
         # worker's report then rides with them instead of waking the driver on its own
         self.stats.backwards += 1
@@ -407,7 +495,16 @@ class LayerActor(Serving):
             if self.param_size:
                 await self.accumulate(None, meta)
         else:
-            await self.on_backward_weight(key, meta)
+            # (typed None, but a subclass may return the gradients it meant for the inputs)
+            hook: Any = self.on_backward_weight
+            returned = await hook(key, meta)
+            if returned is not None:
+                raise TypeError(
+                    f"{type(self).__name__}.on_backward_weight returned "
+                    f"{type(returned).__name__}; it must return None: the inputs' gradients "
+                    "are on_backward_input's to return, and the parameters' go to "
+                    "self.accumulate(param_grads, meta)"
+                )
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
 
@@ -445,7 +542,7 @@ class LayerActor(Serving):
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         """Turns the gradient of a key's output into gradients of its inputs (one per input
         slot) and accumulates the parameter gradients; updates when the policy says so."""
-        pullback, forward_version, inputs = self._unhold(key)
+        pullback, forward_version, inputs = self._stored(key, "on_backward", take=True)
         self._check_forward_weights_asked(key)
         rows = int(meta.get("rows", 1))
         if pullback is None and self.graphs is not None and self.change_decay is None:
@@ -472,7 +569,7 @@ class LayerActor(Serving):
         is true): turns the gradient of a key's output into gradients of its inputs (one per
         input slot), sent upstream at once, and keeps the key's residuals for
         :meth:`on_backward_weight`."""
-        pullback, forward_version, inputs = self.store[key]
+        pullback, forward_version, inputs = self._stored(key, "on_backward_input")
         self._check_forward_weights_asked(key)
         rows = int(meta.get("rows", 1))
         input_grads, weight_pullback = await self.compute(pullback, grad, cost=self._cost(rows))
@@ -483,11 +580,37 @@ class LayerActor(Serving):
 
     async def on_backward_weight(self, key: int, meta: dict[str, Any]) -> None:
         """The weight half of a split backward: the key's parameter gradients from the residuals
-        :meth:`on_backward_input` kept, accumulated; updates when the policy says so."""
-        weight_pullback, forward_version, _ = self._unhold(key)
+        :meth:`on_backward_input` kept, accumulated; updates when the policy says so. It sends
+        nothing: an override must return None (the runtime refuses anything else)."""
+        weight_pullback, forward_version, _ = self._stored(key, "on_backward_weight", take=True)
         rows = int(meta.get("rows", 1))
         param_grads = await self.compute(weight_pullback, cost=self._cost(rows))
         await self._settle(param_grads, meta, forward_version)
+
+    def _stored(self, key: int, hook: str, take: bool = False) -> tuple[Any, int, Any]:
+        """A key's entry in :attr:`store` (taken out of it with ``take``), which the default
+        ``on_forward`` put there; a clear error where there is none (a bare ``KeyError`` from
+        the dict otherwise; one dict lookup per backward)."""
+        if key in self.store:
+            return self._unhold(key) if take else self.store[key]
+        cls = type(self)
+        if _custom_hook(cls, "on_forward"):
+            why = (
+                f"{cls.__name__}.on_forward was overridden without storing it (the default "
+                "on_forward keeps the key's pullback there for the default backward); call "
+                "`await super().on_forward(key, inputs, meta)` in it, or override "
+                f"{hook} too (and on_backward_input and on_backward_weight under a policy that "
+                "splits backwards) and keep what it needs yourself"
+            )
+        else:
+            why = (
+                "its backward already took it: a backward hook must call the default "
+                f"{hook} at most once per key"
+            )
+        raise RuntimeError(
+            f"layer {self.name!r}: the default {hook} found no forward state for key {key} in "
+            f"self.store: {why}"
+        ) from None
 
     def _check_forward_weights_asked(self, key: int) -> None:
         if self.pins_weights and not self.forward_weights_asked:
@@ -525,6 +648,24 @@ def _first_not_finite(tree: Any, path: str = "") -> str | None:
     if tree is None or not hasattr(tree, "dtype") or not _checkable(tree.dtype):
         return None
     return None if bool(array_namespace(tree).isfinite(tree).all()) else path
+
+
+def _custom_hook(cls: type, name: str) -> bool:
+    """Whether ``cls``'s hook ``name`` is a user's, not one of asyncnn's own actors' (whose
+    results are right by construction and go unchecked)."""
+    module = getattr(getattr(cls, name, None), "__module__", None) or ""
+    return not module.startswith("asyncnn._runtime.")
+
+
+def _checked_shapes(graph: Any, node: Node) -> tuple[tuple[int, ...], list[tuple[int, ...]]] | None:
+    """The trailing shape (past the batch) of ``node``'s output and of each of its inputs, as
+    the graph's check found them; None where it did not record them."""
+    shapes = graph.shapes
+    out = shapes.get(node.name)
+    ins = [shapes.get(src) for src in node.inputs]
+    if out is None or any(s is None for s in ins):
+        return None
+    return tuple(out[1:]), [tuple(s[1:]) for s in ins if s is not None]
 
 
 def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:

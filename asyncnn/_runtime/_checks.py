@@ -81,9 +81,18 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
 
     Raises:
         ValueError: naming the input and what was wrong with it.
-        TypeError: naming an input that is not an array (a list, say).
+        TypeError: a batch that is not a dict of input name to array (a tuple ``(X, Y)``, say),
+            or naming an input that is not an array (a list, say).
     """
     names = graph.inputs
+    if not callable(getattr(batch, "items", None)):
+        # a tuple read as a dict failed with "'tuple' object has no attribute 'items'"
+        example = ", ".join(f"{n!r}: ..." for n in names)
+        count = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
+        raise TypeError(
+            f"a batch must be a dict of input name to array, got a {type(batch).__name__}"
+            f"{count}; the graph's inputs are {names}: pass {{{example}}}"
+        )
     missing = [n for n in names if n not in batch]
     if missing:
         raise ValueError(

@@ -7,6 +7,8 @@ all carry a :class:`RunConfig` whole, so an option added here travels everywhere
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +29,10 @@ class RunConfig:
             node) and dropout; from 0 to 2**64 - 1.
         dtype: the floating dtype of parameters and float inputs.
         stall_timeout: seconds without progress, while keys are in flight, before a
-            :class:`~asyncnn.StallError`.
+            :class:`~asyncnn.StallError` (any real number > 0, ``math.inf`` for never).
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
-        trace: write a message trace of the run to this file (None: no trace).
+        trace: write a message trace of the run to this file, a path (``str``, ``bytes`` or
+            ``os.PathLike``, kept as ``str``); None: no trace.
         trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"``,
             ``"all"`` or ``"none"``.
         cuda_graphs: let GPU actors capture and replay CUDA graphs where the policy allows;
@@ -63,25 +66,31 @@ class RunConfig:
             raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows") from exc
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "dtype", str(dt))
+        # numpy's scalars are numbers.Real too (np.float32(5) read from a config file);
+        # a bool is a Real, but True seconds is a mistake
         if (
-            isinstance(self.stall_timeout, bool)
-            or not isinstance(self.stall_timeout, int | float)
+            isinstance(self.stall_timeout, bool | np.bool_)
+            or not isinstance(self.stall_timeout, numbers.Real)
             or not self.stall_timeout > 0
         ):
             raise ValueError(f"stall_timeout must be a number > 0, got {self.stall_timeout!r}")
         object.__setattr__(self, "stall_timeout", float(self.stall_timeout))
-        if self.trace_payloads not in PAYLOAD_MODES:
+        if not isinstance(self.trace_payloads, str) or self.trace_payloads not in PAYLOAD_MODES:
             raise ValueError(
                 f"trace_payloads must be one of {PAYLOAD_MODES}, got {self.trace_payloads!r}"
             )
-        if not isinstance(self.check_finite, bool):
+        if not isinstance(self.check_finite, bool | np.bool_):
             raise TypeError(f"check_finite must be True or False, got {self.check_finite!r}")
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise TypeError(
-                f"cuda_graphs must be True, False or None (on where safe), got {self.cuda_graphs!r}"
-            )
+        object.__setattr__(self, "check_finite", bool(self.check_finite))
+        if self.cuda_graphs is not None:
+            if not isinstance(self.cuda_graphs, bool | np.bool_):
+                raise TypeError(
+                    "cuda_graphs must be True, False or None (on where safe), got "
+                    f"{self.cuda_graphs!r}"
+                )
+            object.__setattr__(self, "cuda_graphs", bool(self.cuda_graphs))
         if self.trace is not None:
-            object.__setattr__(self, "trace", str(self.trace))
+            object.__setattr__(self, "trace", _trace_path(self.trace))
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (checked as a new one is)."""
@@ -105,3 +114,23 @@ class RunConfig:
             raise ValueError(f"run options {unknown} are unknown to this asyncnn; known: "
                              f"{sorted(known)}")  # fmt: skip
         return cls(**spec)
+
+
+def _trace_path(trace: Any) -> str:
+    """``trace`` as the ``str`` path a recorder opens (``str(x)`` would turn ``True`` into a
+    file named "True" and ``b"run.trace"`` into one named "b'run.trace'").
+
+    Raises:
+        TypeError: not a path.
+        ValueError: an empty path.
+    """
+    if isinstance(trace, str | bytes | os.PathLike):
+        path = os.fsdecode(os.fspath(trace))
+        if not path:
+            raise ValueError(
+                "trace='' names no file: pass trace= a file path, or None for no trace"
+            )
+        return path
+    raise TypeError(
+        f"trace must be a file path (a str or os.PathLike) or None for no trace, got {trace!r}"
+    )

@@ -65,7 +65,11 @@ def serve_actors(tg: Any, run: Run) -> anyio.Event:
     serving = set(run.local)
 
     async def serve(name: str, actor: Any) -> None:
-        await actor.serve()
+        try:
+            await actor.serve()
+        finally:
+            # its idle time ends here, not when its statistics are read after the run
+            run._stopped_at[name] = time.perf_counter()
         serving.discard(name)
         if not serving:
             stopped.set()
@@ -119,7 +123,14 @@ def open_recorder(
         )
     head = {**_trace_header(config, graph, optimizer, policy, state), **header}
     recorder = Recorder(trace, head, config.trace_payloads, defer_header=True)
-    recorder.state(state.params, state.opt_states, state.versions, state.pending_grads)
+    try:
+        recorder.state(
+            state.params, state.opt_states, state.versions, state.pending_grads,
+            state.actor_states,
+        )  # fmt: skip
+    except BaseException:
+        close_recorder(recorder, failed=True)
+        raise
     return recorder
 
 

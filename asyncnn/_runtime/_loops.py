@@ -139,7 +139,8 @@ class LoopActor(LayerActor):
         st.max_steps_seen = max(st.max_steps_seen, taken)
         rec = self.ctx.recorder
         if rec is not None:
-            rec.event(self.name, "loop", FORWARD, key, self.version, "", self.seq,
+            # the version the steps computed with (PipeDream2BW pins one before the latest)
+            rec.event(self.name, "loop", FORWARD, key, version, "", self.seq,
                       meta={"steps": [int(s) for s in steps]})  # fmt: skip
         return out
 

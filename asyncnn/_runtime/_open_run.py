@@ -94,10 +94,14 @@ async def open_run(
             own); the separate options must then keep their defaults.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool or None.
+        TypeError: ``graph``, ``optimizer``, ``policy``, ``state`` or ``on_loss`` is not what
+            it must be (a class where an instance is due, say); ``cuda_graphs`` is not a bool or
+            None.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
-            option, or options given both separately and in ``config``.
+            option, options given both separately and in ``config``, or a ``state`` that lacks
+            some of the graph's layers.
     """
+    _check_arguments(graph, optimizer, policy, state, on_loss)
     given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
     if config is None:
         config = given
@@ -137,3 +141,46 @@ async def open_run(
             )  # fmt: skip
             async with hosting(run, Share()):
                 yield run
+
+
+def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_loss: Any) -> None:
+    """Refuses, before anything starts, what would otherwise fail inside the run under another
+    name (an ``on_loss`` that is not callable failed as the loss actor's error; a state of
+    another graph as a bare ``KeyError``)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"open_run: graph must be an asyncnn.Graph, got {graph!r}")
+    for what, value in (("optimizer", optimizer), ("policy", policy)):
+        if isinstance(value, type):
+            raise TypeError(
+                f"open_run: {what} must be an instance, got the class {value.__name__}; call it "
+                f"with its options: {what}={value.__name__}(...)"
+            )
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"open_run: optimizer must be an asyncnn.optim optimizer (with init and update), got "
+            f"{optimizer!r}"
+        )
+    if not isinstance(policy, Policy):
+        raise TypeError(f"open_run: policy must be an asyncnn.policies policy, got {policy!r}")
+    if on_loss is not None and not callable(on_loss):
+        raise TypeError(
+            f"open_run: on_loss must be a function on_loss(minibatch, loss, rows) or None, got "
+            f"{on_loss!r}"
+        )
+    if state is None:
+        return
+    if not isinstance(state, RunState):
+        raise TypeError(
+            f"open_run: state must be an asyncnn.RunState (run.state(), Trainer.state) or None, "
+            f"got {type(state).__name__}"
+        )
+    for field in ("params", "opt_states", "versions"):
+        missing = [n for n in graph.layers if n not in getattr(state, field)]
+        if missing:
+            raise ValueError(
+                f"open_run: state.{field} has nothing for the graph's layers {missing} (it has "
+                f"{sorted(getattr(state, field))}); pass the state of a run of this graph, or "
+                "state=None for fresh weights"
+            )

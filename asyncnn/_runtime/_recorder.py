@@ -102,7 +102,9 @@ def encode_tree(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return {"list" if isinstance(tree, list) else "tuple": [encode_tree(v) for v in tree]}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        host = np.ascontiguousarray(to_numpy(tree))
+        # np.asarray, not ascontiguousarray, which makes a 0-d array 1-d (a custom actor's
+        # scalar state came back of shape (1,)); tobytes is in C order either way
+        host = np.asarray(to_numpy(tree))
         return {"s": list(host.shape), "d": host.dtype.str, "b": host.tobytes()}
     return {"value": tree}
 
@@ -118,6 +120,20 @@ def decode_tree(spec: Any) -> Any:
     if "b" in spec:
         return np.frombuffer(spec["b"], dtype=np.dtype(spec["d"])).reshape(spec["s"]).copy()
     return spec["value"]
+
+
+def _encoded_actor_state(layer: str, state: Any) -> Any:
+    """A custom actor's state as :func:`encode_tree` encodes it, checked to fit a record."""
+    encoded = encode_tree(state)
+    try:
+        encode_record({"s": encoded})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"the trace cannot hold the actor state of layer {layer!r} (what its actor_state() "
+            f"returned: {type(state).__name__}): {exc}. Return a tree of dicts, lists and "
+            "tuples of arrays, numbers, strings and None"
+        ) from exc
+    return encoded
 
 
 def package_versions() -> dict[str, str]:
@@ -269,10 +285,26 @@ class Recorder:
             clock = self._clocks[name] = (event, time.perf_counter() - self.t0)
         return clock
 
-    def state(self, params: Any, opt_states: Any, versions: Any, pending: Any = None) -> None:
-        """Records the weights, optimizer states and not yet applied gradients the run starts
-        from (so replay can start there too)."""
-        self._queue.put(("state", params, opt_states, versions, pending or {}))
+    def state(
+        self,
+        params: Any,
+        opt_states: Any,
+        versions: Any,
+        pending: Any = None,
+        actor_states: Any = None,
+    ) -> None:
+        """Records the weights, optimizer states, not yet applied gradients and custom actors'
+        own states (``{layer: state}``) the run starts from (so replay can start there too).
+
+        Raises:
+            TypeError: an actor state that a trace cannot hold (naming its layer).
+        """
+        # The actors' states are encoded now, on the caller's thread: an actor may change its
+        # state in place once the run starts (the arrays the runtime hands over are never
+        # changed, but these are the actor's own), and one a trace cannot hold is refused
+        # before the run starts rather than failing the trace at its end.
+        actors = {name: _encoded_actor_state(name, st) for name, st in (actor_states or {}).items()}
+        self._queue.put(("state", params, opt_states, versions, pending or {}, actors))
 
     def event(
         self,
@@ -302,7 +334,7 @@ class Recorder:
                 if item is None:
                     break
                 if item[0] == "state":
-                    _, params, opt_states, versions, pending = item
+                    _, params, opt_states, versions, pending, actors = item
                     state_rec = {
                         "state": {
                             "params": encode_tree(params),
@@ -311,6 +343,8 @@ class Recorder:
                             "pending": encode_tree(pending),
                         }
                     }
+                    if actors:  # (absent where no actor keeps a state: as before it existed)
+                        state_rec["state"]["actor_states"] = {"dict": actors}
                     self._write(encode_record(state_rec))
                     continue
                 t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item

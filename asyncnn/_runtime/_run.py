@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import math
 import threading
 import time
@@ -34,7 +35,7 @@ from ._graph import Graph
 from ._lifecycle import close_channels, pool_spec
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
-from ._policies import Policy
+from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
@@ -173,6 +174,18 @@ class Run:
         self._broken: str | None = None
         #: the ``open_run`` block was left: the actors have stopped
         self._ended = False
+        # when each local actor stopped serving (its idle time ends there)
+        self._stopped_at: dict[str, float] = {}
+        # the thread of the loop the actors run on: a step from another thread (or another
+        # loop) would run actor work there, on channels bound to this loop
+        self._loop_thread = threading.get_ident()
+        # stages whose order keeps the last keys of a stream (its warm-up) until the stream
+        # ends or more keys come: wait_idle cannot finish there (PipeDream, PipeDream2BW)
+        self._holds_stream_tail = [
+            name
+            for name, order in self.context.orders.items()
+            if isinstance(order, OneFOneBOrder) and not order.flush and (order.warmup or 0) > 0
+        ]
         self.last_event = time.perf_counter()
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
@@ -262,8 +275,25 @@ class Run:
         """Waits until no admitted key is in flight (every stage has done its backward of
         every key, so a flush policy's updates are applied); with ``losses``, also until the
         loss of every admitted minibatch is known. Unlike :meth:`drain` it does not end a
-        continuous policy's stream."""
+        continuous policy's stream.
+
+        Raises:
+            RuntimeError: keys went in since the stream last ended under a continuous 1F1B
+                policy (``PipeDream``, ``PipeDream2BW``), whose stages keep the stream's last
+                keys until it ends (call :meth:`drain`); a step was cut off (see
+                :meth:`step`); or the call came from another thread than the run's loop.
+        """
+        if threading.get_ident() != self._loop_thread:
+            self._wrong_thread("wait_idle")
         self._check_usable("wait_idle")
+        if self._holds_stream_tail and not self._flushes and self.next_key > self.stream_start:
+            raise RuntimeError(
+                f"run.wait_idle() cannot finish under {self.policy.name}: its stages "
+                f"{self._holds_stream_tail} keep the last keys of the stream (their 1F1B "
+                "warm-up) until the stream ends, so those keys stay in flight until more keys "
+                "come. Call run.drain() to end the stream and wait for every key (the next "
+                "step starts a new stream)"
+            )
         if losses:
             if self.in_flight or self._pending:
                 await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
@@ -289,6 +319,15 @@ class Run:
         if self._broken is not None:
             raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
 
+    def _wrong_thread(self, what: str) -> None:
+        raise RuntimeError(
+            f"run.{what}() was called from another thread (or event loop) than the one the run "
+            "was opened on; its actors and channels belong to that loop. From a worker thread, "
+            f"call it through the run's loop: trio.from_thread.run(run.{what}, ...) or "
+            f"anyio.from_thread.run(run.{what}, ...), in a thread started with "
+            "trio.to_thread.run_sync or anyio.to_thread.run_sync"
+        )
+
     def _cut_off(self, what: str) -> None:
         """Marks the run as one that cannot go on (the first cause is the one kept)."""
         if self._broken is None:
@@ -311,14 +350,24 @@ class Run:
 
         Raises:
             ValueError: a missing or unknown input, a wrong shape or dtype.
-            TypeError: an input that is not an array (a list, say).
-            RuntimeError: the ``open_run`` block was left, or an earlier step was cut off.
+            TypeError: a batch that is not a dict of input name to array, or an input that is
+                not an array (a list, say).
+            RuntimeError: the ``open_run`` block was left, an earlier step was cut off, or the
+                call came from another thread than the run's loop (use
+                ``trio.from_thread.run`` or ``anyio.from_thread.run`` there).
         """
+        if threading.get_ident() != self._loop_thread:
+            self._wrong_thread("step")
         self._check_usable("step")
         # a batch like the last one (names, shapes, dtypes) passes the same checks: they are
         # skipped, unless each batch's values are checked for NaN
+        try:
+            items = batch.items()
+        except AttributeError:
+            check_batch(self.graph, batch)  # not a mapping: says so, naming the inputs
+            raise
         signature = tuple(
-            [(k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in batch.items()]
+            [(k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in items]
         )
         if signature == self._last_batch[0] and not self.checks_finite:
             rows = self._last_batch[1]
@@ -464,23 +513,44 @@ class Run:
         """Waits until every admitted key has finished its backward wave and reported its loss
         (and, under a continuous policy, the pipeline has cooled down).
 
+        A drain takes its turn among the steps: it waits for the steps called before it to go
+        in (the stream's end must count all their keys), and steps called while it waits go in
+        after it.
+
         Raises:
-            RuntimeError: a step was cut off after some of its keys went in (see :meth:`step`).
+            RuntimeError: a step was cut off after some of its keys went in (see :meth:`step`),
+                or the call came from another thread than the run's loop.
         """
+        if threading.get_ident() != self._loop_thread:
+            self._wrong_thread("drain")
         self._check_usable("drain")
-        flushes = self._flushes
-        if not flushes and self.next_key > self.stream_start:
-            for name in self.layers:
-                meta = {"total": self.next_key - self.stream_start}
-                await self.actors[name].send_channel.send(
-                    Message(END, -1, 0, "", name, 0, (), meta)
-                )
-            self.stream_start = self.next_key
-        # a loss actor on a GPU reads its value after sending the gradients back: wait for the
-        # losses too
-        await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
-        if flushes and self.recorder is not None and self.minibatches - 1 > self._flushed_through:
-            self._record_flush(self.minibatches - 1)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._stepping:
+            await self._wait_turn()
+        else:
+            self._stepping = True
+        try:
+            self._check_usable("drain")  # a step before this one may have been cut off
+            flushes = self._flushes
+            if not flushes and self.next_key > self.stream_start:
+                for name in self.layers:
+                    meta = {"total": self.next_key - self.stream_start}
+                    await self.actors[name].send_channel.send(
+                        Message(END, -1, 0, "", name, 0, (), meta)
+                    )
+                self.stream_start = self.next_key
+            # a loss actor on a GPU reads its value after sending the gradients back: wait for
+            # the losses too (holding the turn: a later step's keys, under a continuous policy,
+            # would wait for a stream end this drain does not send)
+            await self._wait_until(lambda: self.in_flight == 0 and not self._pending)
+            if (
+                flushes
+                and self.recorder is not None
+                and self.minibatches - 1 > self._flushed_through
+            ):
+                self._record_flush(self.minibatches - 1)
+        finally:
+            self._pass_turn()
 
     def _record_flush(self, minibatch: int) -> None:
         """Records that every key of ``minibatch`` finished before the run went on (once)."""
@@ -581,24 +651,45 @@ class Run:
     def statistics(self) -> dict[str, ActorStatistics]:
         """Per-actor counters: busy/idle time, messages, stored activations and versions.
 
-        Each is a snapshot, taken now: later work does not change it."""
+        Each is a snapshot, taken now: later work does not change it. An actor's idle time
+        counts up to when it stopped (the end of the run), not to the time of reading."""
         now = time.perf_counter()
+        stopped = self._stopped_at
         out = {}
         for name, actor in self.local.items():
             snap = copy.deepcopy(actor.stats)
-            snap.idle_seconds = max(0.0, (now - actor.born) - snap.busy_seconds)
+            end = stopped.get(name, now)
+            snap.idle_seconds = max(0.0, (end - actor.born) - snap.busy_seconds)
             out[name] = snap
         return out
 
 
 def _set_up(actor: Any, node: Any, state: Any) -> None:
-    """Runs a new actor's ``setup`` with its node's arguments, then restores its own state."""
+    """Runs a new actor's ``setup`` with its node's arguments, then restores its own state
+    (a copy: an actor that changes it in place must not change the caller's ``RunState``)."""
+    cls = type(actor)
+    for hook in ("setup", "actor_state", "load_actor_state"):
+        # an async def would only make a coroutine, dropped unawaited: the actor would run
+        # unconfigured (and fail later on an attribute setup never set) or lose its state
+        if inspect.iscoroutinefunction(getattr(cls, hook, None)):
+            raise GraphError(
+                f"layer {node.name!r}: {cls.__name__}.{hook} is an async def; it must be a "
+                "plain def (the run calls it synchronously and never awaits it): write "
+                f"`def {hook}(self, ...)`, and do awaited work in on_forward or on_backward"
+            )
     try:
-        actor.setup(**node.actor_args)
+        done = actor.setup(**node.actor_args)
     except TypeError as exc:
-        raise GraphError(f"layer {node.name!r}: {type(actor).__name__}.setup: {exc}") from exc
+        raise GraphError(f"layer {node.name!r}: {cls.__name__}.setup: {exc}") from exc
+    if inspect.isawaitable(done):  # an awaitable made another way than by an async def
+        getattr(done, "close", lambda: None)()
+        raise GraphError(
+            f"layer {node.name!r}: {cls.__name__}.setup returned an awaitable, which the run "
+            "does not await; setup must be a plain def that configures the actor and returns "
+            "None"
+        )
     if state is not None:
-        actor.load_actor_state(state)
+        actor.load_actor_state(copy.deepcopy(state))
 
 
 def _ready_events(parts: Collection[Any]) -> dict[int, Any]:

@@ -74,8 +74,11 @@ class BlockedLoopMonitor:
                 continue
             _messages[self.loop_thread] = (
                 f"no progress for {blocked:.1f} s (stall_timeout {self.timeout:g} s): {what}, on "
-                "the event loop's thread, which it blocked (small work runs inline); the "
-                "compute was interrupted"
+                "the event loop's thread, which it blocked (every actor stood still); it was "
+                "interrupted. A handler must not block the loop: wait with await anyio.sleep(), "
+                "not time.sleep() or a blocking lock, and run long work through await "
+                "self.compute(fn, *args, cost=flops), which runs large work on a pool thread "
+                "(work below the pool's inline threshold runs on the loop's thread)"
             )
             self.fired_at = now
             ctypes.pythonapi.PyThreadState_SetAsyncExc(

@@ -16,17 +16,32 @@ __all__ = ["RunState", "init_state", "node_seed"]
 
 @dataclass
 class RunState:
-    """What a run leaves behind and a later run starts from: weights, optimizer state, versions."""
+    """What a run leaves behind and a later run starts from: weights, optimizer state, versions.
+
+    Read it with ``run.state()`` or ``Trainer.state``; start a run from it with
+    ``open_run(..., state=...)``, which needs ``params``, ``opt_states`` and ``versions`` for
+    every layer of the graph. Its values are the run's own objects (device arrays, a custom
+    actor's state as its ``actor_state`` returned it), not copies.
+
+    Attributes:
+        params: ``{layer: parameters}``, a pytree of backend arrays per layer.
+        opt_states: ``{layer: optimizer state}``.
+        versions: ``{layer: parameter version}``, the updates applied so far.
+        minibatches: minibatches admitted so far (the next one's index).
+        keys: keys admitted so far (the next key).
+        pending_grads: gradients a layer has summed but not applied yet (``Async`` with
+            ``min_update_frequency > 1``, custom update rules): ``{layer: (sum, count)}``;
+            carried from one ``fit`` to the next.
+        actor_states: custom actors' own state (``LayerActor.actor_state``): ``{layer: state}``,
+            given to each one's ``load_actor_state`` when a run starts.
+    """
 
     params: dict[str, Any]
     opt_states: dict[str, Any]
     versions: dict[str, int]
-    minibatches: int = 0  # minibatches trained so far
-    keys: int = 0  # keys admitted so far
-    # gradients a layer has accumulated but not applied yet (Async with min_update_frequency > 1,
-    # custom update rules): {layer: (sum of gradients, how many)}; carried from one fit to the next
+    minibatches: int = 0
+    keys: int = 0
     pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
-    # custom actors' own state (LayerActor.actor_state): {layer: state}
     actor_states: dict[str, Any] = field(default_factory=dict)
 
 

@@ -13,10 +13,17 @@ class ActorStatistics:
     """Counters of one actor, read with ``run.statistics()`` or ``History.statistics``.
 
     Attributes:
-        busy_seconds: time spent computing (forward, backward, update).
-        idle_seconds: time alive and not computing.
-        messages_in / messages_out: messages received and sent.
-        forwards / backwards / updates: work done.
+        busy_seconds: time spent in this actor's operations (forward, backward, update, and a
+            custom actor's handlers whole, their awaits included); the work of another actor
+            run inside one of them (handed over in its task) counts as that actor's.
+        idle_seconds: time alive and not busy: from the actor's start to the moment the
+            statistics are read, less :attr:`busy_seconds` (read after the run, it includes
+            the time since the run ended).
+        messages_in / messages_out: messages received and sent (forwards and gradients, one
+            per input slot or consumer edge, and the run's control messages received).
+        forwards / backwards / updates: keys forwarded, keys backwarded (a split backward's
+            two halves count once), optimizer updates applied. A loss actor computes a key's
+            loss and gradients in one operation, counted in ``forwards``.
         stored: keys whose activations are held now; ``peak_stored``: the most held at once.
         versions_held: distinct parameter versions referenced now (stashing holds several);
             ``peak_versions_held``: the most at once.

@@ -10,7 +10,7 @@ from asyncnn._errors import TraceFormatError
 
 from ._event import Event
 from ._read import Trace, read
-from ._replay import Divergence, compare_sends
+from ._replay import Divergence, _update_divergences, compare_sends
 
 __all__ = ["diff"]
 
@@ -42,7 +42,8 @@ def _check_comparable(trace: Trace) -> None:
 def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -> Divergence | None:
     """Compares two traces of the same graph; returns None if every actor processed the same
     messages in the same order with the same results, else the first :class:`Divergence`
-    (earliest in ``a``'s time): a reordered message, or a tensor that differs.
+    (earliest in ``a``'s time): a reordered message, a tensor that differs, or an update that
+    made other weights (``kind="update"``; traces whose updates carry the weights' digests).
 
     A trace cut off mid-record (:attr:`Trace.truncated`: its run did not finish writing) lacks
     the rest of its run, which then looks like a divergence where it ends: the divergence's
@@ -91,6 +92,10 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     if first_value is not None:
         t = _time_of(ta, first_value)
         found.append((t, _of_two_runs(first_value)))
+    # the weights each update made: a run that differs only in a layer's last update (which no
+    # later send shows) does not agree (traces written before updates carried digests: skipped)
+    _, updates = _update_divergences(ta, tb, actors, prefix=False)
+    found.extend((t, _of_two_runs(d)) for t, d in updates)
     cut = [t for t in (ta, tb) if t.truncated]
     if not found:
         if not cut:
@@ -119,6 +124,13 @@ def _of_two_runs(d: Divergence) -> Divergence:
         "the replay sent nothing here": "the second run sent nothing here",
         "the replay sent more than the run": "the second run sent more than the first",
     }.get(d.reason, d.reason)
+    if d.kind == "update":  # (the update comparison's words, said of two runs)
+        reason = (
+            reason.replace("the replay's update", "the second run's update")
+            .replace("the run's", "the first run's")
+            .replace("the replay made", "the second run made")
+            .replace("than the run", "than the first")
+        )
     return dataclasses.replace(d, reason=reason)
 
 

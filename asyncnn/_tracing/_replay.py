@@ -130,7 +130,34 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
         start.get("minibatches", 0),
         start.get("keys", 0),
         pending,
+        _actor_states(trace, graph),
     )
+
+
+def _actor_states(trace: Trace, graph: Graph) -> dict[str, Any]:
+    """The custom actors' own states the run started from (``{}`` for a trace written before
+    they were recorded, or where no actor keeps one), on each layer's device."""
+    encoded = trace.state.get("actor_states") if trace.state is not None else None
+    if encoded is None:
+        return {}
+    try:
+        decoded = decode_tree(encoded)
+        if not isinstance(decoded, dict):
+            raise TypeError(f"a {type(decoded).__name__}, not a map of layers")
+        unknown = sorted(set(decoded) - set(graph.layers))
+        if unknown:
+            raise KeyError(f"no layers {unknown} in the graph")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise TraceFormatError(
+            f"{trace.path}: the initial state record's actor_states are malformed: {exc}"
+        ) from exc
+    states: dict[str, Any] = {}
+    for name, st in decoded.items():
+        backend = get_backend(graph.nodes[name].device)
+        states[name] = tree_map(
+            lambda x, b=backend: b.asarray(x) if isinstance(x, np.ndarray) else x, st
+        )
+    return states
 
 
 def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
