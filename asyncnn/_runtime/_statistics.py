@@ -16,9 +16,8 @@ class ActorStatistics:
         busy_seconds: time spent in this actor's operations (forward, backward, update, and a
             custom actor's handlers whole, their awaits included); the work of another actor
             run inside one of them (handed over in its task) counts as that actor's.
-        idle_seconds: time alive and not busy: from the actor's start to the moment the
-            statistics are read, less :attr:`busy_seconds` (read after the run, it includes
-            the time since the run ended).
+        idle_seconds: time alive and not busy: from the actor's start to when it stopped (to
+            the reading, while the run goes on), less :attr:`busy_seconds`.
         messages_in / messages_out: messages received and sent (forwards and gradients, one
             per input slot or consumer edge, and the run's control messages received).
         forwards / backwards / updates: keys forwarded, keys backwarded (a split backward's
