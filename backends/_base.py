@@ -63,11 +63,23 @@ class Backend(abc.ABC):
     device: Device
 
     def dtype(self, dtype: Any) -> np.dtype[Any]:
-        """The numpy dtype for a name such as ``"float32"``, checked to be supported."""
+        """The numpy dtype for a name such as ``"float32"``, checked to be supported.
+
+        Raises:
+            ValueError: a name numpy does not know (for ``"bfloat16"``, saying that numpy
+                learns it from the ml_dtypes package, which is not installed).
+        """
         try:
             dt = np.dtype(dtype)
         except TypeError as exc:
-            raise ValueError(f"unknown dtype {dtype!r}") from exc
+            # numpy knows the name once ml_dtypes is imported (backends/_dtypes.py): only a
+            # machine without it gets here, and every caller should read how to fix that
+            hint = (
+                " (numpy knows bfloat16 only through the ml_dtypes package: pip install ml_dtypes)"
+                if str(dtype) == "bfloat16"
+                else ""
+            )
+            raise ValueError(f"unknown dtype {dtype!r}{hint}") from exc
         return dt
 
     @abc.abstractmethod

@@ -350,6 +350,14 @@ class ComputeTeam:
         return self._split
 
     @property
+    def part_flops(self) -> int:
+        """The least work, in flops, of a part of a split product on average (the
+        ``part_flops`` the team was made with, as an int). With the worker count and
+        :attr:`splits_work` it decides where products are cut, and so the last bits of their
+        sums: a trace records the three to replay with the same cuts."""
+        return self._part_flops
+
+    @property
     def queued_tasks(self) -> int:
         """Tasks waiting for a free worker."""
         return len(self._tasks)

@@ -239,3 +239,18 @@ def test_tune_allocator_refuses_negative_or_fractional_thresholds(monkeypatch: A
     assert called == []  # nothing reached glibc
     assert alloc.tune_allocator(mmap_threshold=2**40) is True  # glibc's int: clamped
     assert alloc.allocator_tuning()["mmap_threshold"] == 2**31 - 1
+
+
+def test_bfloat16_without_ml_dtypes_says_to_install_it() -> None:
+    # the name was refused as any unknown one ("unknown dtype 'bfloat16'"), though the fix is a
+    # package to install; only Module.init added the hint, other callers did not
+    from asyncnn.backends._dtypes import BFLOAT16
+
+    be = get_backend("cpu")
+    if BFLOAT16 is not None:  # ml_dtypes installed: numpy knows the name
+        assert be.dtype("bfloat16") == BFLOAT16
+        return
+    with pytest.raises(ValueError, match=r"unknown dtype 'bfloat16' \(.*pip install ml_dtypes\)"):
+        be.dtype("bfloat16")
+    with pytest.raises(ValueError, match=r"^unknown dtype 'float33'$"):  # no hint where none helps
+        be.dtype("float33")

@@ -448,7 +448,7 @@ class AsyncLoad(ann.LayerActor):
 @pytest.mark.parametrize(
     ("actor", "hook"), [(AsyncSetup, "setup"), (AsyncLoad, "load_actor_state")]
 )
-async def test_an_async_setup_is_refused_when_the_run_starts(actor, hook):
+async def test_an_async_setup_is_refused_before_a_run_computes(actor, hook):
     # the coroutine was dropped unawaited: the actor ran unconfigured and failed later on an
     # attribute setup never set (or its state was never loaded)
     with pytest.raises(
@@ -457,3 +457,25 @@ async def test_an_async_setup_is_refused_when_the_run_starts(actor, hook):
     ):  # fmt: skip
         async with ann.open_run(_actor_on_b(actor), optim.SGD(lr=0.1), policies.Sync()) as run:
             await run.step(_data(16))  # pragma: no cover
+
+
+class AsyncState(ann.LayerActor):
+    async def actor_state(self) -> Any:  # type: ignore[override]
+        return {"n": 1}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.n = state["n"]
+
+
+@pytest.mark.parametrize(
+    ("actor", "hook"),
+    [(AsyncSetup, "setup"), (AsyncState, "actor_state"), (AsyncLoad, "load_actor_state")],
+)
+def test_an_async_setup_is_refused_when_the_layer_is_added(actor, hook):
+    # only the run refused it, at its start: a graph with it was built, saved and sent to
+    # workers before anything said the actor could never be set up
+    with pytest.raises(
+        ann.GraphError, match=rf"layer 'b': {actor.__name__}.{hook} is an async def; it must "
+        rf"be a plain def .* `def {hook}\(self, ...\)`",
+    ):  # fmt: skip
+        _actor_on_b(actor)

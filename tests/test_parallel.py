@@ -490,3 +490,14 @@ def test_byte_swapped_arrays_come_back_in_numpys_native_dtype(team: ComputeTeam)
     for out, ref in cases:
         assert out.dtype == ref.dtype and out.dtype.isnative
         np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_part_flops_is_a_read_only_property() -> None:
+    # the part size was private: a run's trace header read team._part_flops to record it
+    assert ComputeTeam(2, part_flops=1_500.7).part_flops == 1_500
+    from asyncnn.backends._parallel import DEFAULT_PART_FLOPS
+
+    assert ComputeTeam(2).part_flops == DEFAULT_PART_FLOPS
+    team = ComputeTeam(2, part_flops=1_000)
+    with pytest.raises(AttributeError):
+        team.part_flops = 5  # type: ignore[misc]

@@ -761,3 +761,36 @@ def test_integer_gate_scores_route_and_weigh_as_their_float_values(gates, dtype)
     tr = ann.Trainer(graph(dtype), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
     tr.fit(data, batch_size=6)  # float32: the parameters stay float32
     assert {str(a.dtype) for a in ann._math._pytree.tree_leaves(tr.params)} == {"float32"}
+
+
+@pytest.mark.parametrize("gates", ["softmax", "normalized", "none"])
+def test_integer_gate_scores_in_a_float32_run_keep_every_message_float32(tmp_path, gates):
+    # integer scores were weighed as float64: the merge sent its experts float64 gradients,
+    # whose backward then ran in float64 (the parameters stayed float32 only through the cast
+    # of the optimizer's update), and the results differed from the float scores' run
+    def graph(kind):
+        g = ann.Graph()
+        x = g.input("x", (None, D))
+        y = g.input("y", (None,), dtype="int64")
+        r = g.router("gate", CountGate(kind), x, experts=3, k=2, gates=gates)
+        outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(3)]
+        o = g.layer("head", nn.Linear(H, C), g.merge("merge", r, *outs))
+        g.loss("loss", nn.CrossEntropyLoss(), o, y)
+        g.output("logits", o)
+        return g
+
+    data = _data(n=12)
+    runs = []
+    for kind in ("int64", "float"):
+        path = str(tmp_path / f"{kind}.trace")
+        tr = ann.Trainer(graph(kind), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                         trace=path)  # fmt: skip
+        hist = tr.fit(data, batch_size=6)
+        sent = {(e.actor, e.kind, t["d"]) for e in ann.trace.read(path).events
+                if e.what == "send" for t in e.tensors if t is not None}  # fmt: skip
+        assert {s for s in sent if np.dtype(s[2]).kind == "f" and s[2] != "<f4"} == set()
+        runs.append((tr.params, hist.losses, tr.predict({"x": data["x"]})["logits"]))
+    (p_int, l_int, o_int), (p_float, l_float, o_float) = runs
+    assert_params_equal(p_int, p_float)
+    assert l_int == l_float
+    np.testing.assert_array_equal(o_int, o_float)

@@ -821,3 +821,55 @@ def test_random_crc_valid_records_only_ever_raise_trace_format_error(
             pass
         else:
             assert isinstance(result.identical, bool)
+
+
+_BAD_STATE_FIELDS = [
+    ("actor_states", {"list": []}, "a list, not a map of layers"),
+    ("actor_states", {"dict": {"nope": {"value": 1}}}, r"no layer 'nope' in the graph"),
+    ("actor_states", {"dict": {"stage0": {"value": 1}}}, r"'stage0' has a state, but its actor"),
+    ("actor_states", {"zzz": 1}, r"not a tree as the trace encodes one"),
+    ("pending", {"dict": {"nope": {"tuple": [{"value": 0}, {"value": 1}]}}}, r"no layer 'nope'"),
+    ("pending", {"dict": {"stage0": {"value": 3}}}, r"'stage0' has 3, not a \(sum, count\) pair"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    _BAD_STATE_FIELDS,
+    ids=["states-list", "states-unknown", "states-unkept", "states-no-tree", "pending-unknown",
+         "pending-no-pair"],
+)  # fmt: skip
+def test_a_malformed_optional_state_field_is_refused_before_replay_naming_it(
+    small_trace: tuple[bytes, Any], tmp_path: Path, field: str, value: Any, said: str
+) -> None:
+    # check_replayable passed these: the replay then failed at its start with a bare KeyError
+    # or TypeError (pending), or, for actor_states, once the run had started (LayerActor was
+    # given actor state but keeps none)
+    from asyncnn._runtime._traceformat import encode_record
+    from asyncnn._tracing._read import check_replayable
+
+    raw, whole = small_trace
+    bounds = _boundaries(raw)
+    path = tmp_path / "state.trace"
+    state = {**whole.state, field: value}
+    path.write_bytes(raw[: bounds[1]] + encode_record({"state": state}) + raw[bounds[2] :])
+    match = rf"state\.trace: the initial state record's '{field}' is malformed: .*{said}"
+    with pytest.raises(ann.TraceFormatError, match=match):
+        check_replayable(ann.trace.read(path))
+    with pytest.raises(ann.TraceFormatError, match=match):
+        ann.replay(path)
+
+
+def test_the_header_records_the_pools_part_flops_through_the_teams_property() -> None:
+    # pool_spec read the team's private _part_flops, and dropped it silently where that failed
+    from asyncnn._runtime._lifecycle import pool_spec
+
+    class Team:
+        splits_work = True
+        part_flops = 123_456
+
+    class Pool:
+        workers = 3
+        team = Team()
+
+    assert pool_spec(Pool()) == {"cpu_workers": 3, "split": True, "part_flops": 123_456}  # type: ignore[arg-type]

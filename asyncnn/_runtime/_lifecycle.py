@@ -394,10 +394,7 @@ def pool_spec(pool: DevicePool) -> dict[str, Any]:
     team = getattr(pool, "team", None)
     if team is not None:
         spec["split"] = team.splits_work
-        # (the team does not show its part size publicly)
-        part_flops = getattr(team, "_part_flops", None)
-        if isinstance(part_flops, int):
-            spec["part_flops"] = part_flops
+        spec["part_flops"] = team.part_flops
     return spec
 
 

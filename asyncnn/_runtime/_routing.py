@@ -30,6 +30,8 @@ from asyncnn._math._nn._routing import (
     topk_experts,
 )
 from asyncnn._math._ops import raw as ops_raw
+from asyncnn._math._pytree import tree_leaves
+from asyncnn.backends import is_floating
 
 from ._actors import LayerActor
 from ._messages import BACKWARD, FORWARD
@@ -94,7 +96,9 @@ class RouterActor(LayerActor):
             raw = np.asarray(self.backend.to_numpy(ops_raw(scores)))
             check_scores(f"router {self.name!r}", self.router.gate, raw)
             chosen.append(topk_experts(raw, self.router.k))
-        return gate_weights(scores, chosen[0], self.router.gates)
+        return gate_weights(
+            scores, chosen[0], self.router.gates, weights_dtype(inputs, self.float_dtype)
+        )
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         x = inputs[0]
@@ -350,6 +354,23 @@ def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
     )
 
 
+def weights_dtype(inputs: list[Any], params_dtype: Any) -> Any:
+    """The floating dtype a router weighs integer gate scores in: that of its input ``x`` (the
+    experts compute on its rows), else of the gate's parameters (the run's), else of another
+    input; float64 where none is floating (integer ids and a gate without parameters)."""
+    x = ops_raw(inputs[0])
+    if _floating(x):
+        return x.dtype
+    if params_dtype is not None:
+        return params_dtype
+    return next((ops_raw(a).dtype for a in inputs[1:] if _floating(ops_raw(a))), np.float64)
+
+
+def _floating(a: Any) -> bool:
+    dtype = getattr(a, "dtype", None)  # (np.dtype(None) is float64)
+    return dtype is not None and is_floating(dtype)
+
+
 def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any) -> Any:
     """Plain (non-actor) evaluation of a router: ``(x, weights, route)``."""
     router: Router = node.module
@@ -359,7 +380,9 @@ def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any) -
     check_scores(f"router {node.name!r}", router.gate, raw)
     choice = topk_experts(raw, router.k)
     route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
-    return ("routed", inputs[0], gate_weights(scores, choice, router.gates), route)
+    params_dtype = next((p.dtype for p in tree_leaves(params) if _floating(p)), None)
+    weights = gate_weights(scores, choice, router.gates, weights_dtype(inputs, params_dtype))
+    return ("routed", inputs[0], weights, route)
 
 
 def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -> bool:

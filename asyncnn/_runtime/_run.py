@@ -37,6 +37,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
+from ._specs import check_sync_hooks
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
 from ._state import init_state as init_state  # a cluster driver and tests import it here
@@ -668,15 +669,7 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
     """Runs a new actor's ``setup`` with its node's arguments, then restores its own state
     (a copy: an actor that changes it in place must not change the caller's ``RunState``)."""
     cls = type(actor)
-    for hook in ("setup", "actor_state", "load_actor_state"):
-        # an async def would only make a coroutine, dropped unawaited: the actor would run
-        # unconfigured (and fail later on an attribute setup never set) or lose its state
-        if inspect.iscoroutinefunction(getattr(cls, hook, None)):
-            raise GraphError(
-                f"layer {node.name!r}: {cls.__name__}.{hook} is an async def; it must be a "
-                "plain def (the run calls it synchronously and never awaits it): write "
-                f"`def {hook}(self, ...)`, and do awaited work in on_forward or on_backward"
-            )
+    check_sync_hooks(node.name, cls)  # (a graph whose node was given its actor later)
     try:
         done = actor.setup(**node.actor_args)
     except TypeError as exc:

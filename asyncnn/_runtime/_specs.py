@@ -14,7 +14,17 @@ from asyncnn._math._nn import from_spec as module_from_spec
 
 from ._node import Node
 
-__all__ = ["actor_from_spec", "check_actor_args", "check_cycles", "check_spec_layout"]
+__all__ = [
+    "SYNC_HOOKS",
+    "actor_from_spec",
+    "check_actor_args",
+    "check_cycles",
+    "check_spec_layout",
+    "check_sync_hooks",
+]
+
+#: the hooks of a custom actor the run calls synchronously (never awaits)
+SYNC_HOOKS = ("setup", "actor_state", "load_actor_state")
 
 # (also, for Graph: _init_offset, _spec_of, _module_from_spec and _actor_from_spec, which read
 # and write one node's spec, their errors naming the node)
@@ -179,9 +189,24 @@ def _plain(value: Any) -> bool:
     return False
 
 
+def check_sync_hooks(name: str, actor: type) -> None:
+    """Raises GraphError where the custom actor class of layer ``name`` defines ``setup``,
+    ``actor_state`` or ``load_actor_state`` with ``async def``; ``Graph.layer`` checks it when
+    the layer is added, the run again when it starts (the same rule, the same message)."""
+    for hook in SYNC_HOOKS:
+        # an async def would only make a coroutine, dropped unawaited: the actor would run
+        # unconfigured (and fail later on an attribute setup never set) or lose its state
+        if inspect.iscoroutinefunction(getattr(actor, hook, None)):
+            raise GraphError(
+                f"layer {name!r}: {actor.__name__}.{hook} is an async def; it must be a "
+                "plain def (the run calls it synchronously and never awaits it): write "
+                f"`def {hook}(self, ...)`, and do awaited work in on_forward or on_backward"
+            )
+
+
 def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
     """The custom actor's ``setup`` arguments, checked to be plain values it accepts (and the
-    actor, to be a ``LayerActor`` subclass)."""
+    actor, to be a ``LayerActor`` subclass whose synchronous hooks are plain defs)."""
     from ._actors import LayerActor  # the actors run; a graph only names one
 
     if actor is not None and not (isinstance(actor, type) and issubclass(actor, LayerActor)):
@@ -190,6 +215,8 @@ def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> d
             f"layer {name!r}: actor={what:.80} is not a LayerActor subclass; pass a class such "
             "as `class MyActor(ann.LayerActor): ...` (not an instance, nor its name)"
         )
+    if actor is not None:
+        check_sync_hooks(name, actor)
     if not args:
         return {}
     if actor is None:

@@ -448,14 +448,61 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
     try:
         st = trace.state
         params, opt_states = decode_tree(st["params"]), decode_tree(st["opt_states"])
-        decode_tree(st.get("pending", {"dict": {}}))
         for name in graph.layers:
             params[name], opt_states[name]  # noqa: B018 - present for every layer
             if not isinstance(st["versions"][name], int):
                 raise ValueError(f"the version of {name!r} is {st['versions'][name]!r:.40}")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise TraceFormatError(f"{path}: the initial state record is malformed: {exc}") from exc
+    # the optional fields, each named: a malformed one failed the replay's start with a bare
+    # KeyError or TypeError (or, for actor_states, only once the replay had begun)
+    for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
+        if trace.state.get(field_name) is None:
+            continue  # (a trace written before the field existed, or nothing to hold)
+        try:
+            try:
+                decoded = decode_tree(trace.state[field_name])
+            except (TypeError, KeyError, AttributeError) as exc:  # (a bare KeyError: 'value')
+                raise ValueError(
+                    f"not a tree as the trace encodes one ({type(exc).__name__}: {exc})"
+                ) from exc
+            check(decoded, graph)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise TraceFormatError(
+                f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
+            ) from exc
     _check_events(trace, graph)
+
+
+def _check_pending(pending: Any, graph: Any) -> None:
+    """``pending`` (the gradients accumulated but not yet applied, ``{layer: (sum, count)}``)."""
+    if not isinstance(pending, dict):
+        raise TypeError(f"a {type(pending).__name__}, not a map of layers")
+    for name, entry in pending.items():
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValueError(f"layer {name!r} has {entry!r:.40}, not a (sum, count) pair")
+        count = entry[1]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"layer {name!r} has a count of {count!r:.40}, not an int >= 0")
+
+
+def _check_actor_states(states: Any, graph: Any) -> None:
+    """``actor_states`` (``{layer: state}`` of the custom actors that keep one)."""
+    from asyncnn._runtime._actors import LayerActor
+
+    if not isinstance(states, dict):
+        raise TypeError(f"a {type(states).__name__}, not a map of layers")
+    for name in states:
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        cls = graph.nodes[name].custom_actor or LayerActor
+        if cls.load_actor_state is LayerActor.load_actor_state:
+            raise ValueError(
+                f"layer {name!r} has a state, but its actor {cls.__name__} keeps none (it does "
+                "not override load_actor_state)"
+            )
 
 
 def _check_events(trace: Trace, graph: Any) -> None:

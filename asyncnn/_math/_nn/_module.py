@@ -129,13 +129,8 @@ class Module:
         try:
             dt = be.dtype(dtype)
         except ValueError as exc:  # the backend's message names neither the module nor a fix
-            extra = (
-                " (numpy knows bfloat16 only through the ml_dtypes package: pip install ml_dtypes)"
-                if str(dtype) == "bfloat16"
-                else ""
-            )
             raise ValueError(
-                f"{type(self).__name__}.init: {exc}{extra}; use dtype='float32' or 'float64' "
+                f"{type(self).__name__}.init: {exc}; use dtype='float32' or 'float64' "
                 "(or 'float16'/'bfloat16')"
             ) from exc
         if not is_floating(dt):

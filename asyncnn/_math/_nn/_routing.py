@@ -165,16 +165,21 @@ def assign_rows(
     return route, dropped
 
 
-def gate_weights(scores: Any, choice: np.ndarray[Any, Any], gates: str) -> Any:
+def gate_weights(
+    scores: Any, choice: np.ndarray[Any, Any], gates: str, float_dtype: Any = np.float64
+) -> Any:
     """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``).
 
-    Integer scores (counts, a condition as 0/1) are ranked as they are and weighted as float64,
-    numpy's float for integers: an integer has no gradient, so the gate gets none through them.
+    Integer scores (counts, a condition as 0/1) are ranked as they are and weighted as
+    ``float_dtype``, the floating dtype the experts compute in (the caller knows it: the run's):
+    an integer has no gradient, so the gate gets none through them.
     """
     idx = choice
     if getattr(ops.raw(scores), "dtype", np.dtype(np.float64)).kind in "iu":
-        # (ops.softmax takes floats only; float64 holds every int32 exactly)
-        scores = ops.astype(ops.raw(scores), np.float64)
+        # ops.softmax takes floats only; in the experts' dtype, so that the merge's weighted
+        # sum and the gradients it sends back stay in it (float64 weights made a float32 run's
+        # experts compute their backward in float64)
+        scores = ops.astype(ops.raw(scores), float_dtype)
     if gates == "none":  # weight 1, still a function of the scores (its gradient is zero)
         return _take_rows(ops.add(ops.multiply(scores, 0.0), 1.0), idx)
     if gates == "softmax":
