@@ -266,3 +266,27 @@ def test_trainer_in_16_bits_on_the_cpu(policy: str, dtype: str) -> None:
     assert all(np.isfinite(h16))
     np.testing.assert_allclose(h16[:4], h32[:4], rtol=5e-2)
     assert np.mean(h16[-4:]) < 0.8 * np.mean(h16[:4])
+
+
+@pytest.mark.parametrize("name", ["add", "subtract", "multiply", "divide", "tanh_of_sum"])
+def test_bfloat16_mixed_with_float32_arrays_promotes_as_numpy(name: str) -> None:
+    # (the rule computed bfloat16 in float32 and rounded every result back to bfloat16, the
+    # float32 operand's precision lost; numpy, cupy and torch promote to float32)
+    bf16 = _dtype("bfloat16")
+    a = _rand((3, 4), 0, positive=True).astype(bf16)
+    b = _rand((3, 4), 1, positive=True)
+    fn: Callable[[Any, Any], Any] = {
+        "add": ops.add,
+        "subtract": ops.subtract,
+        "multiply": ops.multiply,
+        "divide": ops.divide,
+        "tanh_of_sum": lambda x, y: ops.tanh(ops.add(x, y)),
+    }[name]
+    out, pullback = ann.vjp(fn, a, b)
+    assert out.dtype == np.float32
+    want = fn(a.astype(np.float32), b)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)
+    ga, gb = pullback(np.ones_like(out))
+    assert ga.dtype == bf16 and gb.dtype == np.float32  # each gradient in its input's dtype
+    # with a scalar, bfloat16 stays bfloat16 (its rules compute in float32 and round back)
+    assert ops.multiply(a, 0.5).dtype == bf16 and ops.add(a, a).dtype == bf16

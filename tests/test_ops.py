@@ -293,6 +293,10 @@ def test_dropout(backend: Any) -> None:
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
             ops.dropout(x, p, backend.rng(0))
+    ints = backend.asarray(np.arange(8).reshape(2, 4))  # 1 / 0.7 would be truncated to 1
+    for rng in (backend.rng(0), None):
+        with pytest.raises(TypeError, match="dropout: x must be floating point, got dtype int64"):
+            ops.dropout(ints, 0.3, rng)
 
 
 def test_integer_inputs_get_no_gradient(backend: Any) -> None:
@@ -585,6 +589,141 @@ def test_matches_torch(
         np.testing.assert_allclose(to_numpy(g), tg.numpy(), rtol=1e-10, atol=1e-12)
 
 
+# Values a user hits at the edges (ties, zeros, infinities, NaN, empty axes), forward and gradient
+# against torch in float64, NaN where torch gives NaN. Each input is given as its values.
+def edge(name: str, op: Any, torch_op: Any, *inputs: Any) -> Any:
+    return pytest.param(op, torch_op, [np.asarray(x, dtype=float) for x in inputs], id=name)
+
+
+NAN, INF = math.nan, math.inf
+TIES = [[1.0, 3.0, 3.0], [3.0, 0.0, 2.0]]
+GRID = np.arange(24.0).reshape(2, 3, 4) % 5  # repeated values: ties in every reduction
+MASK = np.array([True, False, True, True])
+EDGE_CASES = [
+    edge("abs-at-0", ops.abs, lambda t, x: x.abs(), [0.0, -1.5, 2.0]),
+    edge("sqrt-at-0", ops.sqrt, lambda t, x: x.sqrt(), [0.0, 4.0]),
+    edge("log-at-0", ops.log, lambda t, x: x.log(), [0.0, 4.0, -1.0]),
+    edge("exp-overflow", ops.exp, lambda t, x: x.exp(), [800.0, -800.0, 0.0]),
+    edge("power-negative-base-int", lambda a: a**3, lambda t, a: a**3, [-2.0, -0.5, 0.0, 1.5]),
+    edge("power-negative-int", lambda a: ops.power(a, -2), lambda t, a: a**-2, [-2.0, -0.5, 1.5]),
+    edge("power-negative-base-array", ops.power, lambda t, a, b: a**b,
+         [-2.0, -0.5, 0.0, 0.0, 0.0], [2.0, 3.0, 2.0, 0.0, 0.5]),
+    edge("divide-by-0", ops.divide, lambda t, a, b: a / b, [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]),
+    edge("maximum-ties-and-nan", ops.maximum, lambda t, a, b: a.maximum(b),
+         [1.0, 2.0, 3.0, NAN, 2.0], [1.0, 1.0, 4.0, 1.0, NAN]),
+    edge("minimum-ties-and-nan", ops.minimum, lambda t, a, b: a.minimum(b),
+         [1.0, 2.0, 3.0, NAN, 2.0], [1.0, 1.0, 4.0, 1.0, NAN]),
+    edge("maximum-ties-broadcast", ops.maximum, lambda t, a, b: a.maximum(b), [[1.0], [2.0]],
+         [1.0, 2.0, 3.0]),
+    edge("max-all-ties", ops.max, lambda t, x: x.max(), TIES),
+    edge("max-axis-ties", lambda x: ops.max(x, axis=1), lambda t, x: x.amax(1), TIES),
+    edge("max-neg-axis-ties", lambda x: ops.max(x, -2), lambda t, x: x.amax(-2), GRID),
+    edge("min-tuple-keepdims-ties", lambda x: ops.min(x, (0, -1), keepdims=True),
+         lambda t, x: x.amin((0, -1), keepdim=True), GRID),
+    edge("max-nan-inf", lambda x: ops.max(x, 1), lambda t, x: x.amax(1),
+         [[1.0, NAN, 3.0], [-INF, -INF, -INF], [1.0, INF, INF]]),
+    edge("max-0d", ops.max, lambda t, x: x.amax(), 2.0),
+    edge("logsumexp-inf", lambda x: ops.logsumexp(x, 1), lambda t, x: x.logsumexp(1),
+         [[0.0, -INF, 1.0], [-INF, -INF, -INF], [0.0, INF, 1.0], [1000.0, 1000.0, -1000.0]]),
+    edge("logsumexp-nan", ops.logsumexp, lambda t, x: x.logsumexp(-1), [[0.0, NAN], [1.0, 2.0]]),
+    edge("logsumexp-empty-axis", lambda x: ops.logsumexp(x, 1), lambda t, x: x.logsumexp(1),
+         np.zeros((3, 0))),
+    edge("logsumexp-empty-axis-keepdims", lambda x: ops.logsumexp(x, 0, keepdims=True),
+         lambda t, x: x.logsumexp(0, keepdim=True), np.zeros((0, 2))),
+    edge("logsumexp-no-rows", ops.logsumexp, lambda t, x: x.logsumexp(-1), np.zeros((0, 3))),
+    edge("softmax-empty-axis", ops.softmax, lambda t, x: x.softmax(-1), np.zeros((2, 0))),
+    edge("log_softmax-empty-axis", ops.log_softmax, lambda t, x: x.log_softmax(-1),
+         np.zeros((2, 0))),
+    edge("sum-none", ops.sum, lambda t, x: x.sum(), GRID),
+    edge("sum-none-keepdims", lambda x: ops.sum(x, keepdims=True),
+         lambda t, x: x.sum((0, 1, 2), keepdim=True), GRID),
+    edge("sum-negative-tuple-keepdims", lambda x: ops.sum(x, (-1, 0), keepdims=True),
+         lambda t, x: x.sum((-1, 0), keepdim=True), GRID),
+    edge("mean-negative-tuple", lambda x: ops.mean(x, (-1, 1)), lambda t, x: x.mean((-1, 1)),
+         GRID),
+    edge("mean-none-keepdims", lambda x: ops.mean(x, None, True),
+         lambda t, x: x.mean((0, 1, 2), keepdim=True), GRID),
+    edge("sum-no-rows", lambda x: ops.sum(x, 0), lambda t, x: x.sum(0), np.zeros((0, 3))),
+    edge("mean-over-rows-of-none", lambda x: ops.mean(x, 1), lambda t, x: x.mean(1),
+         np.zeros((0, 3))),
+    edge("sum-0d", ops.sum, lambda t, x: x.sum(), 3.0),
+    edge("mean-0d", ops.mean, lambda t, x: x.mean(), 3.0),
+    edge("matmul-vec-vec", ops.matmul, lambda t, a, b: a @ b, [1.0, 2.0, 3.0], [0.5, -1.0, 2.0]),
+    edge("matmul-vec-batch", ops.matmul, lambda t, a, b: a @ b, GRID[0, :, 0], GRID[:, :, :2]),
+    edge("matmul-batch-vec", ops.matmul, lambda t, a, b: a @ b, GRID, GRID[0, 0]),
+    edge("matmul-broadcast-batch", ops.matmul, lambda t, a, b: a @ b, GRID[:, None],
+         np.repeat(GRID[0].T[None] - 2, 3, 0)),
+    edge("matmul-no-rows", ops.matmul, lambda t, a, b: a @ b, np.zeros((0, 4)), GRID[0].T),
+    edge("matmul-empty-inner", ops.matmul, lambda t, a, b: a @ b, np.zeros((3, 0)),
+         np.zeros((0, 2))),
+    edge("getitem-negative-steps", lambda x: x[::-1, ::-2], lambda t, x: x.flip(0)[:, [3, 1]],
+         GRID[0]),
+    edge("getitem-repeats", lambda x: x[np.array([0, 0, 2, -1])], lambda t, x: x[[0, 0, 2, -1]],
+         GRID[0]),
+    edge("getitem-mixed", lambda x: x[1:, np.array([1, 1, 0])], lambda t, x: x[1:, [1, 1, 0]],
+         GRID[0]),
+    edge("getitem-split-arrays", lambda x: x[np.array([0, 0]), :, np.array([1, 1])],
+         lambda t, x: x[[0, 0], :, [1, 1]], GRID),
+    edge("getitem-mask", lambda x: x[MASK[:3], 1], lambda t, x: x[t.tensor(MASK[:3]), 1],
+         GRID[0]),
+    edge("getitem-mask-columns", lambda x: x[:, MASK], lambda t, x: x[:, t.tensor(MASK)], GRID[0]),
+    edge("getitem-mask-2d", lambda x: x[GRID[0] > 2], lambda t, x: x[x > 2], GRID[0]),
+    edge("take-repeats-negative", lambda x: ops.take(x, np.array([[3, 3], [-1, 0]]), axis=-1),
+         lambda t, x: x[:, :, [[3, 3], [3, 0]]], GRID),
+    edge("where-scalar-broadcast", lambda x: ops.where(MASK[:3, None], x, 0.0),
+         lambda t, x: t.where(t.tensor(MASK[:3, None]), x, 0.0), GRID[0]),
+    edge("divide-broadcast", ops.divide, lambda t, a, b: a / b, GRID[:, None, :1, :3] - 2.5,
+         GRID[0, :, :1] + 1),
+    edge("multiply-to-no-rows", ops.multiply, lambda t, a, b: a * b, [[1.0, 2.0, 3.0]],
+         np.zeros((0, 3))),
+    edge("concatenate-no-rows", lambda a, b: ops.concatenate([a, b]), lambda t, a, b: t.cat([a, b]),
+         np.zeros((0, 3)), GRID[0, :, :3]),
+    edge("stack-negative-axis", lambda a, b: ops.stack([a, b], -2),
+         lambda t, a, b: t.stack([a, b], -2), GRID[0], GRID[1]),
+    edge("broadcast_to-no-rows", lambda x: ops.broadcast_to(x, (0, 3)),
+         lambda t, x: x.broadcast_to((0, 3)), [[1.0, 2.0, 3.0]]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("op", "torch_op", "inputs"), EDGE_CASES)
+def test_edge_values_match_torch(
+    backend: Any, op: Callable[..., Any], torch_op: Callable[..., Any], inputs: list[np.ndarray]
+) -> None:
+    torch = pytest.importorskip("torch")
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # numpy's words on log(0) and the mean of nothing
+        ours, pullback = ann.vjp(op, *(backend.asarray(h) for h in inputs))
+        ct = np.random.default_rng(5).standard_normal(np.shape(ours))
+        grads = pullback(backend.asarray(ct))
+    tins = [torch.tensor(h, requires_grad=True) for h in inputs]
+    tout = torch_op(torch, *tins)
+    assert ours.shape == tuple(tout.shape)
+    np.testing.assert_allclose(to_numpy(ours), tout.detach().numpy(), rtol=1e-10, atol=1e-12)
+    tgrads = torch.autograd.grad(tout, tins, torch.tensor(ct), allow_unused=True)
+    for i, (g, tg) in enumerate(zip(grads, tgrads, strict=True)):
+        want = np.zeros(inputs[i].shape) if tg is None else tg.numpy()
+        assert g.shape == want.shape, f"input {i}"
+        np.testing.assert_allclose(to_numpy(g), want, rtol=1e-10, atol=1e-12, err_msg=f"input {i}")
+
+
+def test_a_mean_over_nothing_has_a_quiet_gradient(backend: Any) -> None:
+    x = backend.asarray(np.zeros((0, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's "Mean of empty slice", in the forward only
+        out, pullback = ann.vjp(lambda x: ops.mean(x, axis=0), x)
+    assert np.isnan(to_numpy(out)).all()
+    (g,) = pullback(backend.xp.ones(3))  # warnings are errors here: no 0/0 warning for nothing
+    assert g.shape == (0, 3)
+
+
+def test_a_nan_extremum_gives_nan_gradients_quietly(backend: Any) -> None:
+    x = backend.asarray(np.array([[1.0, np.nan, 3.0], [3.0, 0.0, 2.0]]))
+    for op in (ops.max, ops.min):  # warnings are errors here, as in a user's strict test suite
+        g = to_numpy(ann.grad(lambda x, op=op: ops.sum(op(x, axis=1)))(x))
+        assert np.isnan(g[0]).all()  # as torch.amax: the NaN group's gradient is NaN
+        np.testing.assert_array_equal(g[1], [1.0, 0.0, 0.0] if op is ops.max else [0.0, 1.0, 0.0])
+
+
 # -- properties over random shapes ----------------------------------------------------------------
 PROPS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -813,6 +952,35 @@ def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
         ops.where(np.array([True, False]), a, a)
     with pytest.raises(ValueError, match=r"matmul: .* batch dimensions \(2,\) and \(3,\)"):
         ops.matmul(np.zeros((2, 3, 4)), np.zeros((3, 4, 2)))
+
+
+def test_shape_errors_name_the_op_and_the_shapes() -> None:
+    x = np.zeros((2, 3))
+    for call, said in [
+        (lambda: ops.reshape(x, (4, 2)),
+         r"reshape: x of shape \(2, 3\) \(size 6\) cannot take shape \(4, 2\)"),
+        (lambda: ops.reshape(x, (-1, -1)), r"reshape: .* one entry may be -1"),
+        (lambda: ops.transpose(x, (0, 0)),
+         r"transpose: axes \(0, 0\) are not a permutation .* \(2, 3\)"),
+        (lambda: ops.transpose(x, (0, 1, 2)), r"transpose: axes \(0, 1, 2\) are not"),
+        (lambda: ops.broadcast_to(x, (4, 3)),
+         r"broadcast_to: x of shape \(2, 3\) cannot be broadcast to \(4, 3\)"),
+        (lambda: ops.broadcast_to(x, (3,)), r"broadcast_to: x of shape \(2, 3\) cannot"),
+        (lambda: ops.concatenate([x, np.zeros((2, 2))]),
+         r"concatenate: shapes \(2, 3\), \(2, 2\) differ outside axis 0"),
+        (lambda: ops.concatenate([x, np.zeros(3)]), r"concatenate: shapes \(2, 3\), \(3,\) differ"),
+        (lambda: ops.stack([x, x, np.zeros((3, 2))]),
+         r"stack: shapes \(2, 3\), \(2, 3\), \(3, 2\) differ"),
+        (lambda: ops.max(np.zeros((0, 3)), axis=0),
+         r"max: axis 0 of x \(shape \(0, 3\)\) has length 0"),
+        (lambda: ops.min(np.zeros((2, 0))), r"min: axis 1 of x \(shape \(2, 0\)\) has length 0"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            call()
+    with pytest.raises(ValueError, match=r"concatenate: shapes \(2, 3\), \(2, 2\) differ"):
+        ann.vjp(lambda a: ops.concatenate([a, np.zeros((2, 2))]), x)  # traced, too
+    assert ops.max(np.zeros((0, 3)), axis=1).shape == (0,)  # no rows: nothing to refuse
+    assert ops.transpose(np.zeros((2, 3, 4)), (-1, 0, 1)).shape == (4, 2, 3)  # as numpy
 
 
 def test_integer_input_to_a_float_op_says_to_convert() -> None:

@@ -6,6 +6,7 @@ a raw array; inside ``vjp`` it also records how to differentiate itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,7 +98,13 @@ def negative(x: Any) -> Any:
 
 
 def power(a: Any, b: Any) -> Any:
-    """``a ** b``."""
+    """``a ** b``.
+
+    The gradients are torch's: ``b * a**(b - 1)`` (0 where ``b == 0``) for ``a`` and
+    ``out * log(a)`` (0 where ``a == 0`` and ``b >= 0``, NaN where ``a < 0``) for ``b``, except
+    where ``a == 0`` and ``b < 0``: there ``out`` is infinite for every such ``b``, and the
+    gradient for ``b`` is NaN, where torch gives -inf.
+    """
     return _broadcasting("power", a, b)
 
 
@@ -149,12 +156,14 @@ def abs(x: Any) -> Any:  # noqa: A001 - numpy's name
 
 
 def maximum(a: Any, b: Any) -> Any:
-    """Elementwise maximum; at ties each side gets half the gradient."""
+    """Elementwise maximum; at ties each side gets half the gradient. Where one side is NaN (the
+    output too), both get the whole gradient, as in torch."""
     return _broadcasting("maximum", a, b)
 
 
 def minimum(a: Any, b: Any) -> Any:
-    """Elementwise minimum; at ties each side gets half the gradient."""
+    """Elementwise minimum; at ties each side gets half the gradient. Where one side is NaN (the
+    output too), both get the whole gradient, as in torch."""
     return _broadcasting("minimum", a, b)
 
 
@@ -175,34 +184,75 @@ def astype(x: Any, dtype: Any) -> Any:
 
 # -- reductions ------------------------------------------------------------------------------------
 def sum(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
-    """Sum over ``axis`` (all axes by default)."""
+    """Sum over ``axis`` (all axes by default; ``axis=()`` sums over none, as in numpy, where
+    torch's ``dim=()`` reduces all)."""
     return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x)), "sum"), keepdims=keepdims)
 
 
 def mean(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
-    """Mean over ``axis`` (all axes by default)."""
+    """Mean over ``axis`` (all axes by default; ``axis=()`` over none, as in numpy). The mean of
+    an empty axis is NaN, with numpy's warning."""
     return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x)), "mean"), keepdims=keepdims)
 
 
 def max(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
-    """Maximum over ``axis``; tied maxima share the gradient equally."""
-    return _P["max"](x, axis=normalize_axis(axis, len(_shape(x)), "max"), keepdims=keepdims)
+    """Maximum over ``axis`` (all axes by default).
+
+    Tied maxima share the gradient equally, as in ``torch.amax`` and ``torch.max(x)`` (while
+    ``torch.max(x, dim)`` gives it all to the index it returns).
+
+    Raises:
+        ValueError: when a reduced axis has length 0 (an empty maximum has no value).
+    """
+    return _P["max"](x, axis=_nonempty_axes(x, axis, "max"), keepdims=keepdims)
 
 
 def min(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
-    """Minimum over ``axis``; tied minima share the gradient equally."""
-    return _P["min"](x, axis=normalize_axis(axis, len(_shape(x)), "min"), keepdims=keepdims)
+    """Minimum over ``axis`` (all axes by default); ties share the gradient as in ``max``.
+
+    Raises:
+        ValueError: when a reduced axis has length 0 (an empty minimum has no value).
+    """
+    return _P["min"](x, axis=_nonempty_axes(x, axis, "min"), keepdims=keepdims)
+
+
+def _nonempty_axes(x: Any, axis: Any, op: str) -> tuple[int, ...]:
+    shape = _shape(x)
+    axes = normalize_axis(axis, len(shape), op)
+    for a in axes:
+        if shape[a] == 0:
+            raise ValueError(
+                f"{op}: axis {a} of x (shape {shape}) has length 0, and the {op}imum of nothing "
+                "has no value (numpy and torch refuse it too); leave out empty inputs, or "
+                "reduce over other axes"
+            )
+    return axes
 
 
 # -- shapes ----------------------------------------------------------------------------------------
 def reshape(x: Any, shape: Sequence[int]) -> Any:
     """``x`` with a new shape of the same size (one entry may be -1)."""
-    return _P["reshape"](x, shape=tuple(shape))
+    shape = tuple(shape)
+    try:
+        return _P["reshape"](x, shape=shape)
+    except ValueError as e:  # one input: the only ValueError is numpy's about the shape
+        raise ValueError(
+            f"reshape: x of shape {_shape(x)} (size {math.prod(_shape(x))}) cannot take shape "
+            f"{shape} ({e}); the sizes must be equal, one entry may be -1"
+        ) from None
 
 
 def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
     """Permutes the axes (reverses them by default)."""
-    return _P["transpose"](x, axes=None if axes is None else tuple(axes))
+    axes = None if axes is None else tuple(axes)
+    try:
+        return _P["transpose"](x, axes=axes)
+    except ValueError:  # one input: the only ValueError is numpy's about the axes
+        ndim = len(_shape(x))
+        raise ValueError(
+            f"transpose: axes {axes} are not a permutation of the {ndim} axes of x (shape "
+            f"{_shape(x)}): name each axis once, e.g. {tuple(reversed(range(ndim)))}"
+        ) from None
 
 
 def expand_dims(x: Any, axis: int) -> Any:
@@ -228,7 +278,15 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
 
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
     """``x`` broadcast to ``shape``."""
-    return _P["broadcast_to"](x, shape=tuple(shape))
+    shape = tuple(shape)
+    try:
+        return _P["broadcast_to"](x, shape=shape)
+    except ValueError:  # one input: the only ValueError is numpy's about the shapes
+        raise ValueError(
+            f"broadcast_to: x of shape {_shape(x)} cannot be broadcast to {shape} (aligned from "
+            "the right, each dimension of x must equal the target's or be 1, and the target has "
+            "at least as many dimensions)"
+        ) from None
 
 
 def getitem(x: Any, index: Any) -> Any:
@@ -249,14 +307,36 @@ def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays along an existing axis."""
     if not arrays:
         raise ValueError("concatenate needs at least one array")
-    return _P["concatenate"](*arrays, axis=check_axis(axis, len(_shape(arrays[0])), "concatenate"))
+    axis = check_axis(axis, len(_shape(arrays[0])), "concatenate")
+    try:
+        return _P["concatenate"](*arrays, axis=axis)
+    except ValueError:
+        shapes = [_shape(a) for a in arrays]
+        rest = {(len(s), s[:axis] + s[axis + 1 :]) for s in shapes}
+        if len(rest) == 1:
+            raise  # not the shapes: say what numpy (or the trace) said
+        raise ValueError(
+            f"concatenate: shapes {', '.join(map(str, shapes))} differ outside axis {axis}: "
+            "the arrays must have the same number of dimensions and the same lengths on every "
+            "axis but the one they are joined along"
+        ) from None
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays of one shape along a new axis."""
     if not arrays:
         raise ValueError("stack needs at least one array")
-    return _P["stack"](*arrays, axis=check_axis(axis, len(_shape(arrays[0])) + 1, "stack"))
+    axis = check_axis(axis, len(_shape(arrays[0])) + 1, "stack")
+    try:
+        return _P["stack"](*arrays, axis=axis)
+    except ValueError:
+        shapes = [_shape(a) for a in arrays]
+        if len(set(shapes)) == 1:
+            raise  # not the shapes: say what numpy (or the trace) said
+        raise ValueError(
+            f"stack: shapes {', '.join(map(str, shapes))} differ: stacked arrays must all have "
+            "one shape (ops.concatenate joins arrays along an existing axis)"
+        ) from None
 
 
 def matmul(a: Any, b: Any) -> Any:

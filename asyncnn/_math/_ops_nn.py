@@ -65,7 +65,10 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
 
 
 def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
-    """``log(sum(exp(x)))`` along ``axis``, computed as ``max + log(sum(exp(x - max)))``."""
+    """``log(sum(exp(x)))`` along ``axis``, computed as ``max + log(sum(exp(x - max)))``.
+
+    A row of -inf gives -inf (its gradient is NaN, as in torch), and so does an empty axis.
+    """
     return _P["logsumexp"](x, axis=_softmax_axis(x, axis, "logsumexp"), keepdims=keepdims)
 
 
@@ -277,9 +280,12 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
 
     Raises:
         ValueError: when ``p`` is outside [0, 1).
+        TypeError: when ``x`` is not floating point (its dtype could not hold the scale
+            ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``.
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+    _check_floating(x, "dropout")
     if rng is None or p == 0:
         return x
     value = raw(x)

@@ -69,7 +69,8 @@ def _mean_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     count = 1
     for a in axes:
         count *= shape[a]
-    g = g / count
+    if count:  # else x is empty, and so is its gradient: no 0/0 warning for nothing
+        g = g / count
     return (ns(g).broadcast_to(g.reshape(_keepdims_shape(shape, axes)), shape),)
 
 
@@ -95,7 +96,8 @@ def _extreme_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     # Ties share the gradient equally (like torch.amax), so the rule is symmetric and exact.
     x, out, axes = res
     mask = (x == out).astype(g.dtype)
-    mask /= mask.sum(axis=axes, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a NaN's group has no match: 0/0, NaN as in torch
+        mask /= mask.sum(axis=axes, keepdims=True)
     return (mask * g.reshape(out.shape),)
 
 

@@ -7,6 +7,8 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from asyncnn.backends import acc_sum, elementwise, fused_nn_kernels_of, is_floating
 from asyncnn.backends import array_namespace as ns
 
@@ -253,24 +255,30 @@ def _abs_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 def _extremum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
-    # Ties share the gradient equally, as torch.maximum and jax.numpy.maximum do.
-    a, b, a_wins, tie = res
-    xp = ns(a, b)
-    wa = xp.where(a_wins, 1.0, 0.0) + 0.5 * tie
+    # torch's rule: each side gets g unless it lost, halved at ties. Ties share the gradient
+    # equally (torch.maximum and jax.numpy.maximum do too); where a NaN is compared neither
+    # side lost, and both get g, as in torch (the NaN is the output, and may come from either).
+    sa, sb, a_lost, b_lost, tie = res
+    xp = ns(g)
+    share = 1 - 0.5 * tie
     return (
-        grad_like(g * wa.astype(g.dtype, copy=False), like(a)) if needs[0] else None,
-        grad_like(g * (1 - wa).astype(g.dtype, copy=False), like(b)) if needs[1] else None,
+        grad_like(g * xp.where(a_lost, 0, share).astype(g.dtype, copy=False), sa)
+        if needs[0]
+        else None,
+        grad_like(g * xp.where(b_lost, 0, share).astype(g.dtype, copy=False), sb)
+        if needs[1]
+        else None,
     )
 
 
 def _maximum(a: Any, b: Any) -> tuple[Any, Any]:
     xp = ns(a, b)
-    return xp.maximum(a, b), (a, b, a > b, a == b)
+    return xp.maximum(a, b), (like(a), like(b), a < b, a > b, a == b)
 
 
 def _minimum(a: Any, b: Any) -> tuple[Any, Any]:
     xp = ns(a, b)
-    return xp.minimum(a, b), (a, b, a < b, a == b)
+    return xp.minimum(a, b), (like(a), like(b), a > b, a < b, a == b)
 
 
 def _where(cond: Any, a: Any, b: Any) -> tuple[Any, Any]:
@@ -322,13 +330,14 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
 
 
 class _Widened:
-    """Residuals of a rule computed in float32 for bfloat16 inputs, with the dtype to return."""
+    """Residuals of a rule computed in float32 for bfloat16 inputs, with each input's dtype (its
+    gradient's)."""
 
-    __slots__ = ("res", "dtype")
+    __slots__ = ("res", "dtypes")
 
-    def __init__(self, res: Any, dtype: Any) -> None:
+    def __init__(self, res: Any, dtypes: list[Any]) -> None:
         self.res = res
-        self.dtype = dtype
+        self.dtypes = dtypes
 
 
 def _bf16_in_float32(
@@ -340,6 +349,9 @@ def _bf16_in_float32(
     scalars would change the dtype; this runs them in float32 and rounds the results back.
     Other dtypes go straight through; with ``arrays_pass``, so do calls whose arguments are all
     bfloat16 arrays (``x + b`` of two bfloat16 arrays stays in bfloat16, with no extra pass).
+    The result is rounded to bfloat16 unless a wider floating array takes part, whose dtype it
+    then has, as numpy's and cupy's promotion gives (a bfloat16 input added to float32 values
+    is float32); each gradient comes back in its input's dtype.
     """
 
     def forward(*args: Any, **params: Any) -> tuple[Any, Any]:
@@ -351,15 +363,25 @@ def _bf16_in_float32(
                 break
         if dtype is None or (arrays_pass and all(getattr(a, "dtype", None) == dtype for a in args)):
             return fwd(*args, **params)
+        target = dtype
+        for a in args:  # (arrays only: a scalar, numpy's included, keeps bfloat16 as on cupy)
+            dt = getattr(a, "dtype", None)
+            if dt is not None and dt.kind == "f" and getattr(a, "ndim", 0) and dt != dtype:
+                target = np.result_type(target, dt)
         wide = [a.astype("float32") if getattr(a, "dtype", None) == dtype else a for a in args]
         out, res = fwd(*wide, **params)
-        return out.astype(dtype), _Widened(res, dtype)
+        return out.astype(target, copy=False), _Widened(
+            res, [getattr(a, "dtype", None) for a in args]
+        )
 
     def vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> Sequence[Any]:
         if type(res) is not _Widened:
             return rule(g, res, needs)
         grads = rule(g.astype("float32"), res.res, needs)
-        return [None if x is None else x.astype(res.dtype) for x in grads]
+        return [
+            None if x is None else x.astype(d, copy=False) if is_floating(d) else x
+            for x, d in zip(grads, res.dtypes, strict=False)
+        ]
 
     return forward, vjp
 

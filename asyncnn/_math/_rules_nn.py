@@ -35,8 +35,12 @@ def _quiet(xp: Any) -> Any:
 
 
 def _shifted(x: Any, axis: int) -> tuple[Any, Any]:
-    """``(x - max, max)`` along ``axis``; rows that are all -inf shift by 0 instead of NaN."""
+    """``(x - max, max)`` along ``axis``; rows that are all -inf shift by 0 instead of NaN, and
+    so does an empty axis (whose logsumexp is -inf and softmax empty, as in torch), where numpy's
+    max has no value."""
     xp = ns(x)
+    if x.shape[axis] == 0:
+        return x.copy(), xp.zeros(x.shape[:axis] + (1,) + x.shape[axis + 1 :], x.dtype)
     m = x.max(axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0).astype(x.dtype, copy=False)
     return x - m, m
