@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -35,19 +35,24 @@ def parse_config(
     doc: str | None = None,
     choices: Mapping[str, Sequence[str]] | None = None,
     check: Callable[[C], str | None] | None = None,
+    positive: Collection[str] = (),
 ) -> C:
     """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept).
 
-    ``choices`` names the values a field (each element, for a tuple) may take; ``check(config)``
-    returns what is wrong with the parsed config, or None. Either failing is argparse's one-line
-    usage error (exit status 2), not a traceback from deep in the run."""
+    ``choices`` names the values a field (each element, for a tuple) may take. No number (nor
+    element of a tuple of numbers) may be negative: no experiment has a use for one, and a
+    negative size or count would otherwise slice, loop or divide silently wrong. ``positive``
+    names the numeric fields that must also be above 0 (sizes, counts, epochs). ``check(config)``
+    returns what else is wrong with the parsed config, or None. Any of these failing is
+    argparse's one-line usage error (exit status 2), not a traceback from deep in the run."""
     ap = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     choices = choices or {}
-    unknown = set(choices) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = (set(choices) | set(positive)) - names
     if unknown:
-        raise ValueError(f"choices name fields {cls.__name__} lacks: {sorted(unknown)}")
+        raise ValueError(f"choices or positive name fields {cls.__name__} lacks: {sorted(unknown)}")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -66,10 +71,33 @@ def parse_config(
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         v = getattr(args, f.name)
         values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
+    for name, v in values.items():
+        numbers = v if isinstance(v, tuple | list) else (v,)
+        for x in numbers:
+            if isinstance(x, bool) or not isinstance(x, int | float):
+                continue
+            flag = "--" + name.replace("_", "-")
+            if x < 0 or x != x:  # x != x: a NaN passes every other comparison
+                ap.error(f"argument {flag}: must be >= 0, got {x}")
+            if x == 0 and name in positive:
+                ap.error(f"argument {flag}: must be > 0, got {x}")
     config = cls(**values)
     if check is not None and (problem := check(config)):
         ap.error(problem)
     return config
+
+
+def fraction_problem(
+    flag: str, value: float, *, one: bool = False, zero: bool = True
+) -> str | None:
+    """What is wrong with ``value`` as the fraction ``flag`` (``0 <= value < 1``; ``one``: 1
+    allowed; ``zero=False``: 0 refused), or None."""
+    low_ok = value >= 0 if zero else value > 0
+    high_ok = value <= 1 if one else value < 1
+    if low_ok and high_ok:
+        return None
+    low, high = ("[" if zero else "("), ("]" if one else ")")
+    return f"argument {flag}: must be in {low}0, 1{high}, got {value}"
 
 
 def machine() -> dict[str, Any]:

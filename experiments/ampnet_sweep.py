@@ -240,8 +240,21 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     return paths
 
 
+POSITIVE = ("max_active_keys", "min_update_frequency", "max_epochs", "stages", "width",
+            "batch_size")  # fmt: skip
+
+
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` that argparse cannot see, or None."""
+    if cfg.stages > 7:
+        return f"argument --stages: the MLP has 7 modules, got {cfg.stages} stages"
+    return _common.fraction_problem("--dropout", cfg.dropout) or _common.fraction_problem(
+        "--target", cfg.target, one=True
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    cfg = _common.parse_config(Config, argv, __doc__, check=check, positive=POSITIVE)
     if cfg.quick:
         cfg = dataclasses.replace(
             cfg, seeds=cfg.seeds[:1], max_active_keys=(1, 4), min_update_frequency=(1,),

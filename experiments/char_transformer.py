@@ -347,16 +347,40 @@ def plot(cfg: Config, results: dict[str, Any]) -> None:
     _common.save_figure(fig, cfg.out, "char_transformer.png")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    def check(c: Config) -> str | None:
-        if not 1 <= c.stages <= c.blocks:
-            return (
-                f"need 1 <= --stages <= --blocks (a block per stage), got {c.stages} and {c.blocks}"
-            )
-        return None
+POSITIVE = ("context", "dim", "heads", "blocks", "stages", "microbatches", "batch_size", "steps",
+            "eval_every", "val_windows", "temperature")  # fmt: skip
 
+
+def check(c: Config) -> str | None:
+    """What is wrong with ``c`` that argparse cannot see, or None."""
+    if not 1 <= c.stages <= c.blocks:
+        return f"need 1 <= --stages <= --blocks (a block per stage), got {c.stages} and {c.blocks}"
+    if c.dim % c.heads:
+        return f"--dim {c.dim} is not a multiple of --heads {c.heads}: each head gets dim // heads"
+    if c.microbatches > c.batch_size:
+        return (
+            f"--microbatches {c.microbatches} is more than the rows of a minibatch "
+            f"(--batch-size {c.batch_size})"
+        )
+    if problem := _common.fraction_problem("--val-fraction", c.val_fraction, zero=False):
+        return problem
+    # both parts of the text must hold a window (and the first position after it): the
+    # validation part is the last val_fraction of the text
+    chars = len(load_text())
+    val = chars - int(chars * (1 - c.val_fraction))
+    if min(val, chars - val) < c.context + 2:
+        return (
+            f"--val-fraction {c.val_fraction} leaves {val} of {chars} characters for validation "
+            f"and {chars - val} for training; each needs more than --context {c.context} + 1"
+        )
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"policy": ("OneFOneB", "PipeDream")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, check=check)
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, check=check, positive=POSITIVE
+    )
     start = time.perf_counter()
     results = run(cfg)
     print(f"done in {time.perf_counter() - start:.0f} s; wrote {cfg.out}/results.json")

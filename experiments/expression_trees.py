@@ -394,14 +394,28 @@ def plot(cfg: Config, runs: list[dict[str, Any]], majority: float) -> list[str]:
     return [_common.save_figure(fig, cfg.out, "expression_trees.png")]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    def check(c: Config) -> str | None:
-        if any(w < 0 for w in c.workers):
-            return f"--workers must be >= 0 (0: one process), got {list(c.workers)}"
-        return None
+POSITIVE = ("train_trees", "test_trees", "min_leaves", "max_leaves", "width", "hidden", "epochs",
+            "batch_size", "max_active_keys", "update_every", "repeats", "mlp_width")  # fmt: skip
 
-    choices = {"models": MODELS, "policies": ("Sync", "Async")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, check=check)
+
+def check(c: Config) -> str | None:
+    """What is wrong with ``c`` that argparse cannot see, or None."""
+    if not 2 <= c.min_leaves <= c.max_leaves:
+        # a lone digit has no operator: the levels network would have no root to classify
+        return (
+            f"need 2 <= --min-leaves <= --max-leaves (a tree has an operator), got "
+            f"{c.min_leaves} and {c.max_leaves}"
+        )
+    return _common.fraction_problem("--beta1", c.beta1) or _common.fraction_problem(
+        "--target", c.target, one=True
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    choices = {"models": MODELS, "policies": ("Sync", "Async"), "levels_align": ("root", "height")}
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, check=check, positive=POSITIVE
+    )
     if cfg.quick:
         cfg = dataclasses.replace(cfg, train_trees=200, test_trees=100, width=16, hidden=32,
                                   mlp_width=32, epochs=2)  # fmt: skip

@@ -249,8 +249,21 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     return [_common.save_figure(fig, cfg.out, "list_reduction.png")]
 
 
+POSITIVE = ("repeats", "train_lists", "test_lists", "min_len", "max_len", "width", "batch_size",
+            "max_epochs", "eval_every", "max_active_keys", "update_every")  # fmt: skip
+
+
+def check(c: Config) -> str | None:
+    """What is wrong with ``c`` that argparse cannot see, or None."""
+    if c.min_len > c.max_len:
+        return f"need --min-len <= --max-len, got {c.min_len} and {c.max_len}"
+    return _common.fraction_problem("--beta1", c.beta1) or _common.fraction_problem(
+        "--target", c.target, one=True
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    cfg = _common.parse_config(Config, argv, __doc__, check=check, positive=POSITIVE)
     if cfg.quick:
         cfg = dataclasses.replace(
             cfg, repeats=1, train_lists=300, test_lists=100, width=32, max_epochs=2, eval_every=3

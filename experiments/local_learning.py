@@ -172,7 +172,8 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"policies": ("Sync", "PipeDream", "Async")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
+    positive = ("width", "stages", "epochs", "batch_size", "async_keys", "num_samples")
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=positive)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     runs = [train_one(cfg, data, local, p) for p in cfg.policies for local in (False, True)]
     figures = plot(cfg, runs, cfg.out)

@@ -193,10 +193,27 @@ def plot(cfg: Config, cells: list[dict[str, Any]]) -> list[str]:
     return [_common.save_figure(fig, cfg.out, "mnist1d_table.png")]
 
 
+POSITIVE = (
+    "microbatches", "async_max_active_keys", "async_min_update_frequency",
+    "logreg_epochs", "logreg_batch_size", "mlp_stages", "mlp_width", "mlp_epochs",
+    "mlp_batch_size", "cnn_stages", "cnn_channels", "cnn_epochs", "cnn_batch_size",
+)  # fmt: skip
+
+
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` that argparse cannot see, or None."""
+    if not cfg.mlp_stages <= 7:
+        return f"argument --mlp-stages: the MLP has 7 modules, got {cfg.mlp_stages} stages"
+    if not cfg.cnn_stages <= 8:
+        return f"argument --cnn-stages: the CNN has 8 modules, got {cfg.cnn_stages} stages"
+    return _common.fraction_problem("--mlp-dropout", cfg.mlp_dropout)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = _common.parse_config(
         Config, argv, __doc__,
         choices={"policies": ("Sync", "GPipe", "PipeDream", "Async"), "models": tuple(PAPER)},
+        check=check, positive=POSITIVE,
     )  # fmt: skip
     ds = data.load_mnist1d()
     rows = 400 if cfg.quick else len(ds["y_train"])

@@ -219,7 +219,17 @@ def plot(cfg: Config, runs: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__, choices={"policies": ("Sync", "Async")})
+    def check(c: Config) -> str | None:
+        if max(c.top_k) > c.experts:
+            return f"argument --top-k: each row goes to k of --experts {c.experts}, got {list(c.top_k)}"
+        return _common.fraction_problem("--dropout", c.dropout)
+
+    positive = ("experts", "top_k", "expert_width", "trunk_width", "epochs", "batch_size",
+                "async_max_active_keys")  # fmt: skip
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices={"policies": ("Sync", "Async")}, check=check,
+        positive=positive,
+    )  # fmt: skip
     if cfg.quick:
         cfg = dataclasses.replace(cfg, seeds=cfg.seeds[:1], epochs=1)
     ds = data.load_mnist1d()

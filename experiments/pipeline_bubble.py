@@ -342,13 +342,27 @@ def plot(cfg: Config, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"policies": ("GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
+
+    def check(c: Config) -> str | None:
+        if c.forward_ms + c.backward_ms == 0:
+            return "--forward-ms and --backward-ms are both 0: a stage must cost some time"
+        return None
+
+    positive = ("stages", "microbatches", "virtual", "zero_bubble_virtual", "minibatches", "width")
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, check=check, positive=positive
+    )
     os.makedirs(cfg.out, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for name in cfg.policies:
         for k in cfg.stages:
             for m in cfg.microbatches:
                 if not runnable(cfg, name, k, m):
+                    # said and kept, so that a setting asked for is not just missing
+                    skipped.append({"policy": name, "K": k, "M": m})
+                    print(f"{name:<15} K={k} M={m}: skipped, M is not a multiple of the "
+                          f"rounds max(1, M // K) = {max(1, m // k)}")  # fmt: skip
                     continue
                 r = measure(cfg, name, k, m)
                 rows.append(r)
@@ -374,8 +388,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "png": final,
                 "busy_fraction": {a: v["busy_fraction"] for a, v in s["actors"].items()},
             }
-    return _common.finish(cfg.out, cfg, {"rows": rows, "timelines": timelines})
+    return _common.finish(cfg.out, cfg, {"rows": rows, "skipped": skipped, "timelines": timelines})
 
 
 if __name__ == "__main__":
-    main()
+    # A trace names the graph's modules and actors by import path, and one defined in __main__
+    # can be rebuilt (asyncnn.replay) only by this script: run the importable copy of this file.
+    import pipeline_bubble
+
+    pipeline_bubble.main()

@@ -19,6 +19,7 @@ run ``async_repeats`` times (mean and spread). Run ``python experiments/policy_z
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -53,7 +54,9 @@ class Config:
     pipemare_warmup: int = 400  # PipeMare's T, in updates of a stage (~1/2 of the run's updates)
     num_samples: int = 5000  # the published MNIST-1D: 4,000 train / 1,000 test
     train_samples: int = 0  # 0: all; fewer for a quick smoke run
-    only: str = ""  # comma-separated setting names to run (empty: all)
+    # comma-separated setting names to run (empty: all); {M} and {A} stand for --microbatches
+    # and --max-active-keys, so "Async A={A}" names the Async setting whatever its depth
+    only: str = ""
     # -- the character transformer (Adam; "" in tasks skips it)
     tasks: tuple[str, ...] = ("mnist1d", "chars")
     char_dim: int = 32  # a quarter of char_transformer's width: ~10 s per setting on 2 cores
@@ -65,9 +68,9 @@ class Config:
     char_lr: float = 2e-3  # Adam, constant: a schedule would differ with each policy's updates
     char_val_windows: int = 64  # held-out windows scored at each epoch end
     char_only: str = (
-        "Sync,OneFOneB M=4,Interleaved1F1B M=4 V=2,ZeroBubbleH1 M=4,PipeDream,"
-        "PipeDream2BW M=4,PipeDream + WeightPrediction,Async A=16,"
-        "Async A=16 + ConstantScale 1/A,Async A=16 + WeightPrediction"
+        "Sync,OneFOneB M={M},Interleaved1F1B M={M} V=2,ZeroBubbleH1 M={M},PipeDream,"
+        "PipeDream2BW M={M},PipeDream + WeightPrediction,Async A={A},"
+        "Async A={A} + ConstantScale 1/A,Async A={A} + WeightPrediction"
     )  # the settings run on the transformer: each schedule, and the remedies that helped
     seed: int = 0  # weights, shuffling: the same start for every setting
     out: str = "runs/policy_zoo"  # results.json and PNGs
@@ -129,9 +132,42 @@ def settings(cfg: Config, optimizer: str) -> list[tuple[str, Any]]:
             ("PipeDream + SpikeCompensation", policies.SpikeCompensation(pipe)),
         ]
     if cfg.only:
-        wanted = {s.strip() for s in cfg.only.split(",")}
+        wanted = setting_names(cfg, cfg.only)
         out = [(n, p) for n, p in out if n in wanted]
     return out
+
+
+def setting_names(cfg: Config, names: str) -> set[str]:
+    """The setting names of the comma-separated ``names`` (``--only``, ``--char-only``), with
+    ``{M}`` and ``{A}`` replaced by this config's microbatches and keys in flight."""
+    m, a = str(cfg.microbatches), str(cfg.max_active_keys)
+    names = names.replace("{M}", m).replace("{A}", a)
+    return {n.strip() for n in names.split(",") if n.strip()}
+
+
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` that argparse cannot see, or None: above all a setting name
+    that matches none (a misspelt ``--only`` would otherwise run nothing, silently)."""
+    # the equal-epochs score is taken after --epochs: a run capped below that would report an
+    # earlier epoch's score in that column
+    for most, least in (("max_epochs", "epochs"), ("char_max_epochs", "char_epochs")):
+        if getattr(cfg, most) < getattr(cfg, least):
+            flags = [f"--{n.replace('_', '-')}" for n in (most, least)]
+            return f"{flags[0]} {getattr(cfg, most)} is below {flags[1]} {getattr(cfg, least)}"
+    if cfg.char_dim % 2:
+        return f"--char-dim must be even (2 attention heads), got {cfg.char_dim}"
+    every = dataclasses.replace(cfg, only="")
+    known = {n for opt in ("sgd", "adam") for n, _ in settings(every, opt)}
+    chars = {n for n, _ in settings(every, "adam")}
+    for flag, names, have in (("--only", cfg.only, known), ("--char-only", cfg.char_only, chars)):
+        if unknown := sorted(setting_names(cfg, names) - have):
+            return f"{flag} names no setting: {unknown}; the settings: {', '.join(sorted(have))}"
+    picked = setting_names(cfg, cfg.char_only) or chars
+    if cfg.only:
+        picked &= setting_names(cfg, cfg.only)
+    if "chars" in cfg.tasks and not picked:
+        return "--only and --char-only leave no setting to run on chars; or pass --tasks mnist1d"
+    return None
 
 
 def make_optimizer(cfg: Config, name: str, task: str) -> Any:
@@ -427,7 +463,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"optimizers": ("sgd", "adam"), "tasks": ("mnist1d", "chars")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
+    positive = (
+        "width", "epochs", "max_epochs", "batch_size", "microbatches", "max_active_keys",
+        "async_repeats", "pipemare_warmup", "num_samples", "char_dim", "char_context",
+        "char_batch", "char_train_windows", "char_epochs", "char_max_epochs", "char_val_windows",
+    )  # fmt: skip
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, check=check, positive=positive
+    )
     os.makedirs(cfg.out, exist_ok=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -437,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "mnist1d" in cfg.tasks:
             rows += run_task(cfg, mnist1d_task(cfg), list(cfg.optimizers), None)
         if "chars" in cfg.tasks:
-            only = {s.strip() for s in cfg.char_only.split(",") if s.strip()} or None
+            only = setting_names(cfg, cfg.char_only) or None
             rows += run_task(cfg, chars_task(cfg), ["adam"], only)
     plots = plot(cfg, rows)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:

@@ -144,7 +144,9 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__)
+    positive = ("width", "epochs", "batch_size", "pipedream_microbatches", "max_active_keys",
+                "num_samples")  # fmt: skip
+    cfg = _common.parse_config(Config, argv, __doc__, positive=positive)
     os.makedirs(cfg.out, exist_ok=True)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     if cfg.train_samples:

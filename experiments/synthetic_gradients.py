@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "policies": ("Sync", "PipeDream"),
         "upstream": ("synthetic", "none"),
     }
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
+    positive = ("width", "hidden_stages", "epochs", "batch_size", "num_samples")
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=positive)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     start = time.perf_counter()
     runs = [

@@ -150,7 +150,31 @@ def parse_args(argv: list[str] | None = None) -> Config:
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
             parser.add_argument(flag, type=kind, default=field.default, help=f"({field.default})")
-    return Config(**vars(parser.parse_args(argv)))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if problem := check(cfg):
+        parser.error(problem)
+    return cfg
+
+
+# Fields that count or size something; seeds may be 0, and no number may be negative.
+POSITIVE = ("num_samples", "mlp_width", "mlp_epochs", "mlp_batch_size", "cnn_channels",
+            "cnn_epochs", "cnn_batch_size")  # fmt: skip
+
+
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` (a usage error, before any training), or None."""
+    for field in dataclasses.fields(Config):
+        value = getattr(cfg, field.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if value < 0 or value != value:  # value != value: NaN
+            return f"argument {flag}: must be >= 0, got {value}"
+        if value == 0 and field.name in POSITIVE:
+            return f"argument {flag}: must be > 0, got {value}"
+    if not cfg.mlp_dropout < 1:
+        return f"argument --mlp-dropout: must be in [0, 1), got {cfg.mlp_dropout}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

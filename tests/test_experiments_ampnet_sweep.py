@@ -24,6 +24,10 @@ def test_quick_run_writes_curves_table_and_figures(tmp_path):
     ("argv", "message"),
     [
         (["--quick", "yes please"], "argument --quick: expected true or false"),
+        # a target above 1 was never reached, silently; a 0 batch a traceback
+        (["--quick", "true", "--target", "1.5"], "argument --target: must be in [0, 1]"),
+        (["--quick", "true", "--batch-size", "0"], "argument --batch-size: must be > 0"),
+        (["--quick", "true", "--stages", "8"], "the MLP has 7 modules, got 8 stages"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):

@@ -71,7 +71,15 @@ def test_too_few_blocks_is_an_error() -> None:
     [
         (["--policy", "GPipe"], "argument --policy: invalid choice: 'GPipe'"),
         (["--blocks", "2"], "need 1 <= --stages <= --blocks"),
-        (["--stages", "0"], "need 1 <= --stages <= --blocks"),
+        (["--stages", "0"], "argument --stages: must be > 0, got 0"),
+        # --val-fraction 1.5 trained silently on a negative split; the others were tracebacks
+        (["--steps", "1", "--val-fraction", "1.5"], "argument --val-fraction: must be in (0, 1)"),
+        (["--steps", "1", "--val-fraction", "1e-5"], "leaves 5 of"),
+        (["--steps", "1", "--temperature", "0"], "argument --temperature: must be > 0"),
+        (["--steps", "0"], "argument --steps: must be > 0"),
+        (["--steps", "1", "--eval-every", "0"], "argument --eval-every: must be > 0"),
+        (["--steps", "1", "--heads", "3"], "--dim 64 is not a multiple of --heads 3"),
+        (["--steps", "1", "--microbatches", "64"], "--microbatches 64 is more than the rows"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type: ignore[no-untyped-def]

@@ -121,7 +121,14 @@ def test_unknown_model_is_named(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--workers", "-1"], "--workers must be >= 0"),
+        (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+        # a misspelt alignment built a model half "root", half "height", silently
+        (["--quick", "true", "--levels-align", "Height"], "argument --levels-align: invalid"),
+        # lone digits: the levels network had no root for them and read zeros, silently
+        (["--quick", "true", "--min-leaves", "1"], "need 2 <= --min-leaves <= --max-leaves"),
+        (["--quick", "true", "--min-leaves", "6"], "need 2 <= --min-leaves <= --max-leaves"),
+        (["--quick", "true", "--target", "1.5"], "argument --target: must be in [0, 1]"),
+        (["--quick", "true", "--repeats", "0"], "argument --repeats: must be > 0"),
         (["--policies", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
         (["--quick", "ture"], "argument --quick: expected true or false, got 'ture'"),
     ],

@@ -2,6 +2,7 @@ import json
 
 import list_reduction
 import numpy as np
+import pytest
 
 
 def test_lists_are_labelled_with_their_sum_mod_10():
@@ -32,3 +33,18 @@ def test_quick_run_writes_curves_table_and_figure(tmp_path):
         assert run["epochs_to_target"] == 1.0
         assert run["row_steps"] > 0
     assert (tmp_path / "list_reduction.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quick", "true", "--eval-every", "0"], "argument --eval-every: must be > 0, got 0"),
+        (["--quick", "true", "--min-len", "5", "--max-len", "3"], "need --min-len <= --max-len"),
+        (["--quick", "true", "--target", "1.5"], "argument --target: must be in [0, 1]"),
+        (["--quick", "true", "--beta1", "1"], "argument --beta1: must be in [0, 1)"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, usage_error):
+    # argparse's one-line error and exit status 2, before any training (was a traceback, or
+    # for a target above 1 a run that never reached it, silently)
+    assert message in usage_error(list_reduction.main, argv)

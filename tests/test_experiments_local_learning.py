@@ -69,6 +69,8 @@ def test_no_backward_message_crosses_a_stage(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--policies", "Sync", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
+        (["--epochs", "1", "--stages", "0"], "argument --stages: must be > 0, got 0"),
+        (["--epochs", "1", "--lr", "-0.001"], "argument --lr: must be >= 0, got -0.001"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type: ignore[no-untyped-def]

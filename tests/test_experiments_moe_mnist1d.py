@@ -48,6 +48,9 @@ def test_the_centred_gate_gives_every_expert_its_share_of_a_key():
             ["--quick", "true", "--policies", "GPipe"],
             "argument --policies: invalid choice: 'GPipe'",
         ),
+        (["--quick", "true", "--top-k", "1", "5"], "each row goes to k of --experts 4, got [1, 5]"),
+        (["--quick", "true", "--dropout", "1"], "argument --dropout: must be in [0, 1)"),
+        (["--quick", "true", "--capacity-factor", "-1"], "--capacity-factor: must be >= 0"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):

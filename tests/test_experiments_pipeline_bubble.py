@@ -4,6 +4,8 @@ measured bubble of each flush schedule is its formula's."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pipeline_bubble
 import pytest
@@ -113,9 +115,38 @@ def test_overhead_per_operation_counts_each_schedules_operations(name, ops):
     ("argv", "message"),
     [
         (["--policies", "PipeDream"], "argument --policies: invalid choice: 'PipeDream'"),
+        (["--minibatches", "0"], "argument --minibatches: must be > 0, got 0"),
+        (["--forward-ms", "0", "--backward-ms", "0"], "a stage must cost some time"),
+        (["--backward-ms", "-2"], "argument --backward-ms: must be >= 0, got -2.0"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(pipeline_bubble.main, argv)
+
+
+def test_the_documented_command_traces_importable_classes(tmp_path):
+    """``python experiments/pipeline_bubble.py`` runs the importable module, so its traces name
+    ``pipeline_bubble:SleepStage``, not ``__main__:SleepStage`` (which only this script could
+    rebuild, and which warned once per policy)."""
+    script = os.path.join(os.path.dirname(pipeline_bubble.__file__), "pipeline_bubble.py")
+    done = subprocess.run(
+        [sys.executable, script, "--policies", "GPipe", "--stages", "2", "--microbatches", "2",
+         "--minibatches", "1", "--forward-ms", "1", "--backward-ms", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "__main__" not in done.stderr
+    header = (tmp_path / "GPipe.trace").read_bytes()
+    assert b"pipeline_bubble:SleepStage" in header and b"__main__" not in header
+
+
+def test_settings_the_schedule_cannot_run_are_reported(tmp_path):
+    # 5 microbatches do not fill rounds of 2 on 2 devices: the setting was left out, silently
+    res = pipeline_bubble.main(
+        ["--policies", "Interleaved1F1B", "--stages", "2", "--microbatches", "4", "5",
+         "--minibatches", "1", "--forward-ms", "1", "--backward-ms", "2",
+         "--trace-example", "false", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert [(r["K"], r["M"]) for r in res["rows"]] == [(2, 4)]
+    assert res["skipped"] == [{"policy": "Interleaved1F1B", "K": 2, "M": 5}]

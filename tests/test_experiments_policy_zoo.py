@@ -49,9 +49,59 @@ def test_policy_zoo_smoke(tmp_path):
     [
         (["--optimizers", "rmsprop"], "argument --optimizers: invalid choice: 'rmsprop'"),
         (["--tasks", "cifar"], "argument --tasks: invalid choice: 'cifar'"),
+        # a misspelt setting ran nothing and wrote an empty table, silently
+        (["--tasks", "mnist1d", "--only", "Snyc"], "--only names no setting: ['Snyc']"),
+        (
+            [
+                "--tasks",
+                "chars",
+                "--microbatches",
+                "2",
+                "--char-only",
+                "Sync,OneFOneB M=4",
+                "--char-epochs",
+                "1",
+                "--char-max-epochs",
+                "1",
+            ],  # fmt: skip
+            "--char-only names no setting: ['OneFOneB M=4']",
+        ),
+        # the equal-epochs column would have been the score of an earlier epoch
+        (["--tasks", "mnist1d", "--only", "Sync", "--max-epochs", "5"], "--max-epochs 5 is below"),
+        (
+            [
+                "--only",
+                "Async A=16 + PipeMareLR",
+                "--epochs",
+                "1",
+                "--max-epochs",
+                "1",
+                "--train-samples",
+                "100",
+                "--async-repeats",
+                "1",
+                "--optimizers",
+                "sgd",
+            ],
+            "leave no setting to run on chars",
+        ),  # fmt: skip
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(policy_zoo.main, argv)
+
+
+def test_default_char_settings_follow_the_depth_and_microbatches(tmp_path):
+    """The transformer's default settings are named with ``{A}`` and ``{M}``: with another depth
+    they still include the Async settings (they named A=16 and were dropped, silently)."""
+    results = policy_zoo.main(
+        ["--tasks", "chars", "--max-active-keys", "2", "--microbatches", "2",
+         "--only", "Async A={A},OneFOneB M={M}", "--async-repeats", "1",
+         "--char-dim", "8", "--char-context", "8", "--char-batch", "4",
+         "--char-train-windows", "8", "--char-epochs", "1", "--char-max-epochs", "1",
+         "--char-val-windows", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert [r["setting"] for r in results["rows"]] == ["OneFOneB M=2", "Async A=2"]
+    assert all("error" not in r for r in results["rows"])

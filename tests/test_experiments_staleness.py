@@ -48,3 +48,19 @@ def test_reported_staleness_is_the_policys_delays(tmp_path):
         stats = tr.fit(train, epochs=1, batch_size=cfg.batch_size, shuffle=True).statistics
         got = {n: stats[n].mean_delay for n in tr.graph.layers}
         assert got == pytest.approx(rows[name]["staleness_mean_per_stage"]), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # dropped the last 5 training rows, silently
+        (["--epochs", "1", "--train-samples", "-5"], "argument --train-samples: must be >= 0"),
+        (["--epochs", "0"], "argument --epochs: must be > 0, got 0"),
+        (
+            ["--epochs", "1", "--max-active-keys", "2", "0"],
+            "argument --max-active-keys: must be > 0",
+        ),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, message, usage_error):
+    assert message in usage_error(staleness.main, argv)

@@ -74,6 +74,7 @@ def test_stages_update_from_their_synthesizers_not_the_true_gradient(method) -> 
         (["--policies", "Async"], "argument --policies: invalid choice: 'Async'"),
         (["--methods", "dfa"], "argument --methods: invalid choice: 'dfa'"),
         (["--upstream", "zero"], "argument --upstream: invalid choice: 'zero'"),
+        (["--epochs", "1", "--hidden-stages", "0"], "argument --hidden-stages: must be > 0"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type: ignore[no-untyped-def]
