@@ -217,6 +217,20 @@ def _actor_on_b(actor: type[ann.LayerActor]) -> ann.Graph:
     return g
 
 
+def _assert_fails_at_b(actor: type, kind: str, cause: type, match: str) -> None:
+    """A GPipe(2) float64 fit with ``actor`` on layer b fails in b's ``kind`` of key 0, with
+    ``cause`` and a message matching ``match``."""
+    tr = ann.Trainer(
+        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    )
+    with pytest.raises(ann.ActorError, match=match) as info:
+        tr.fit(_data(), batch_size=16)
+    err = info.value
+    assert (err.actor, err.kind, err.key) == ("b", kind, 0)
+    assert f"actor 'b' failed on {kind} of key 0" in str(err)
+    assert isinstance(err.__cause__, cause)
+
+
 @pytest.mark.parametrize(
     ("actor", "kind", "cause", "match"),
     [
@@ -254,15 +268,7 @@ def _actor_on_b(actor: type[ann.LayerActor]) -> ann.Graph:
 def test_a_hook_returning_the_wrong_thing_is_an_error_of_its_own_actor(actor, kind, cause, match):
     # (before, the consumer failed under its own name, or the layer upstream took a row of
     # the tensor, or the extra gradients were dropped without a word)
-    tr = ann.Trainer(
-        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
-    )
-    with pytest.raises(ann.ActorError, match=match) as info:
-        tr.fit(_data(), batch_size=16)
-    err = info.value
-    assert (err.actor, err.kind, err.key) == ("b", kind, 0)
-    assert f"actor 'b' failed on {kind} of key 0" in str(err)
-    assert isinstance(err.__cause__, cause)
+    _assert_fails_at_b(actor, kind, cause, match)
 
 
 class SpinsInItsHandler(ann.LayerActor):
@@ -356,14 +362,7 @@ def test_a_custom_hooks_wrong_shape_or_dtype_is_an_error_of_its_own_actor(
     # (before: the loss failed on the output under its own name, the layer upstream on the
     # gradient under its, a float32 output or gradient trained on without a word, and a forward
     # that kept nothing made the default backward fail with a bare KeyError: 0)
-    tr = ann.Trainer(
-        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
-    )
-    with pytest.raises(ann.ActorError, match=match) as info:
-        tr.fit(_data(), batch_size=16)
-    err = info.value
-    assert (err.actor, err.kind, err.key) == ("b", kind, 0)
-    assert isinstance(err.__cause__, cause)
+    _assert_fails_at_b(actor, kind, cause, match)
 
 
 class Float32InputHalf(ann.LayerActor):

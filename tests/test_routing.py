@@ -730,27 +730,30 @@ class CountGate(nn.Module):
         return counts.astype(raw.dtype if self.dtype == "float" else self.dtype)
 
 
+def _count_graph(kind: str, gates: str) -> ann.Graph:
+    """A routed graph whose gate scores rows by counts of ``kind`` (an integer dtype, or
+    "float": the same numbers as floats)."""
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", CountGate(kind), x, experts=3, k=2, gates=gates)
+    outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(3)]
+    o = g.layer("head", nn.Linear(H, C), g.merge("merge", r, *outs))
+    g.loss("loss", nn.CrossEntropyLoss(), o, y)
+    g.output("logits", o)
+    return g
+
+
 @pytest.mark.parametrize("dtype", ["int64", "uint8"])
 @pytest.mark.parametrize("gates", ["softmax", "normalized", "none"])
 def test_integer_gate_scores_route_and_weigh_as_their_float_values(gates, dtype):
     # the gate's scores are "numbers": integers failed at the first key with "softmax: x must
     # be floating point" (unless gates="none"), though the graph's check had let them pass;
     # unsigned ones were ranked negated, wrapped round: a count of 0 ranked first
-    def graph(kind):
-        g = ann.Graph()
-        x = g.input("x", (None, D))
-        y = g.input("y", (None,), dtype="int64")
-        r = g.router("gate", CountGate(kind), x, experts=3, k=2, gates=gates)
-        outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(3)]
-        o = g.layer("head", nn.Linear(H, C), g.merge("merge", r, *outs))
-        g.loss("loss", nn.CrossEntropyLoss(), o, y)
-        g.output("logits", o)
-        return g
-
     data = _data(n=12)
     runs = []
     for kind in (dtype, "float"):
-        tr = ann.Trainer(graph(kind), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        tr = ann.Trainer(_count_graph(kind, gates), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
                          dtype="float64")  # fmt: skip
         hist = tr.fit(data, batch_size=6)
         runs.append((tr.params, hist.losses, tr.predict({"x": data["x"]})["logits"]))
@@ -758,7 +761,9 @@ def test_integer_gate_scores_route_and_weigh_as_their_float_values(gates, dtype)
     assert_params_equal(p_int, p_float)
     assert l_int == l_float
     np.testing.assert_array_equal(o_int, o_float)
-    tr = ann.Trainer(graph(dtype), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    tr = ann.Trainer(
+        _count_graph(dtype, gates), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+    )
     tr.fit(data, batch_size=6)  # float32: the parameters stay float32
     assert {str(a.dtype) for a in ann._math._pytree.tree_leaves(tr.params)} == {"float32"}
 
@@ -768,22 +773,11 @@ def test_integer_gate_scores_in_a_float32_run_keep_every_message_float32(tmp_pat
     # integer scores were weighed as float64: the merge sent its experts float64 gradients,
     # whose backward then ran in float64 (the parameters stayed float32 only through the cast
     # of the optimizer's update), and the results differed from the float scores' run
-    def graph(kind):
-        g = ann.Graph()
-        x = g.input("x", (None, D))
-        y = g.input("y", (None,), dtype="int64")
-        r = g.router("gate", CountGate(kind), x, experts=3, k=2, gates=gates)
-        outs = [g.layer(f"e{i}", nn.Sequential(nn.Linear(D, H), nn.Tanh()), r) for i in range(3)]
-        o = g.layer("head", nn.Linear(H, C), g.merge("merge", r, *outs))
-        g.loss("loss", nn.CrossEntropyLoss(), o, y)
-        g.output("logits", o)
-        return g
-
     data = _data(n=12)
     runs = []
     for kind in ("int64", "float"):
         path = str(tmp_path / f"{kind}.trace")
-        tr = ann.Trainer(graph(kind), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        tr = ann.Trainer(_count_graph(kind, gates), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
                          trace=path)  # fmt: skip
         hist = tr.fit(data, batch_size=6)
         sent = {(e.actor, e.kind, t["d"]) for e in ann.trace.read(path).events

@@ -378,12 +378,7 @@ class Run:
         parts = self._splits.get(rows)
         if parts is None:
             parts = self._splits[rows] = self.policy.split(rows)
-        # a cancellation point (a step cancelled already goes nowhere), not a yield
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self._stepping:
-            await self._wait_turn()
-        else:
-            self._stepping = True
+        await self._take_turn()
         try:
             self._check_usable("step")  # a step before this one may have been cut off
             mb = await self._admit_minibatch(batch, rows, parts)
@@ -391,6 +386,17 @@ class Run:
             self._pass_turn()
         self.samples += rows
         return mb
+
+    async def _take_turn(self) -> None:
+        """Takes the turn among steps and drains (each in the order called): at once when none
+        holds it, else once those called before have gone in; release it with
+        :meth:`_pass_turn`. A cancellation point (a step cancelled already goes nowhere), not a
+        yield."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._stepping:
+            await self._wait_turn()
+        else:
+            self._stepping = True
 
     async def _wait_turn(self) -> None:
         """Waits until the steps called before this one have gone in."""
@@ -525,11 +531,7 @@ class Run:
         if threading.get_ident() != self._loop_thread:
             self._wrong_thread("drain")
         self._check_usable("drain")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self._stepping:
-            await self._wait_turn()
-        else:
-            self._stepping = True
+        await self._take_turn()
         try:
             self._check_usable("drain")  # a step before this one may have been cut off
             flushes = self._flushes
