@@ -27,7 +27,11 @@ BFLOAT16: np.dtype[Any] | None = None if _ml_dtypes is None else np.dtype(_ml_dt
 
 
 def is_floating(dtype: Any) -> bool:
-    """Whether ``dtype`` is a real floating dtype (float16/32/64 or bfloat16)."""
+    """Whether ``dtype`` is a real floating dtype (float16/32/64 or bfloat16); False for None
+    (no dtype, as ``getattr(x, "dtype", None)`` gives), which ``np.dtype`` would read as
+    float64."""
+    if dtype is None:
+        return False
     try:
         dt = np.dtype(dtype)
     except TypeError:

@@ -254,3 +254,12 @@ def test_bfloat16_without_ml_dtypes_says_to_install_it() -> None:
         be.dtype("bfloat16")
     with pytest.raises(ValueError, match=r"^unknown dtype 'float33'$"):  # no hint where none helps
         be.dtype("float33")
+
+
+def test_is_floating_says_no_for_none() -> None:
+    # (np.dtype(None) is float64: a leaf without a dtype, getattr(x, "dtype", None), read as
+    # floating)
+    from asyncnn.backends import is_floating
+
+    assert not is_floating(None)
+    assert is_floating(np.float32) and is_floating("float16") and not is_floating(np.int64)
