@@ -1,5 +1,6 @@
 """A run: the actors of a graph and the scheduler that feeds them keys (``_open_run.py`` holds
-the async face :func:`open_run`, which makes one)."""
+the async face :func:`open_run`, which makes one; ``_run_guards.py`` the checks, the turn among
+steps and the watchdog that guard the scheduler)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError, GraphError, StallError
+from asyncnn._errors import ActorError, GraphError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import (
     DevicePool,
@@ -37,6 +38,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
+from ._run_guards import RunGuards
 from ._specs import check_sync_hooks
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
@@ -54,7 +56,7 @@ class _Pending:
     values: list[float] = field(default_factory=list)  # the shares reported so far
 
 
-class Run:
+class Run(RunGuards):
     """The actors of one graph, running. Obtain one with :func:`open_run`."""
 
     def __init__(
@@ -308,35 +310,6 @@ class Run:
         for actor in self.local.values():
             await actor.wait_for_device()
 
-    def _check_usable(self, what: str) -> None:
-        """Raises where the run cannot take ``what`` (a step after the block, or any wait once a
-        step was cut off part-way, which would wait forever)."""
-        if self._ended and what == "step":
-            raise RuntimeError(
-                "run.step() after the open_run block was left: its actors have stopped. Step "
-                "inside the block, or open a new run (open_run(..., state=run.state()) goes on "
-                "from this one's weights)"
-            )
-        if self._broken is not None:
-            raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
-
-    def _wrong_thread(self, what: str) -> None:
-        raise RuntimeError(
-            f"run.{what}() was called from another thread (or event loop) than the one the run "
-            "was opened on; its actors and channels belong to that loop. From a worker thread, "
-            f"call it through the run's loop: trio.from_thread.run(run.{what}, ...) or "
-            f"anyio.from_thread.run(run.{what}, ...), in a thread started with "
-            "trio.to_thread.run_sync or anyio.to_thread.run_sync"
-        )
-
-    def _cut_off(self, what: str) -> None:
-        """Marks the run as one that cannot go on (the first cause is the one kept)."""
-        if self._broken is None:
-            self._broken = (
-                f"{what}, so the run cannot finish it; leave the open_run block and open a new "
-                "run (open_run(..., state=run.state()) goes on from its weights)"
-            )
-
     async def step(self, batch: Mapping[str, Any]) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
@@ -386,36 +359,6 @@ class Run:
             self._pass_turn()
         self.samples += rows
         return mb
-
-    async def _take_turn(self) -> None:
-        """Takes the turn among steps and drains (each in the order called): at once when none
-        holds it, else once those called before have gone in; release it with
-        :meth:`_pass_turn`. A cancellation point (a step cancelled already goes nowhere), not a
-        yield."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self._stepping:
-            await self._wait_turn()
-        else:
-            self._stepping = True
-
-    async def _wait_turn(self) -> None:
-        """Waits until the steps called before this one have gone in."""
-        turn = anyio.Event()
-        self._step_turns.append(turn)
-        try:
-            await turn.wait()
-        except BaseException:
-            if turn.is_set():  # the turn came as this step was cancelled: hand it on
-                self._pass_turn()
-            else:
-                self._step_turns.remove(turn)
-            raise
-
-    def _pass_turn(self) -> None:
-        if self._step_turns:
-            self._step_turns.popleft().set()  # still stepping: the next step's turn
-        else:
-            self._stepping = False
 
     async def _admit_minibatch(
         self, batch: Mapping[str, Any], rows: int, parts: list[tuple[int, int]]
@@ -560,47 +503,6 @@ class Run:
         if self.recorder is not None:
             self.recorder.event("scheduler", "flush", meta={"minibatch": minibatch})
         self._flushed_through = minibatch
-
-    def _watch_loop(self) -> BlockedLoopMonitor:
-        """Starts the thread that watches this loop itself (an inline compute that never
-        returns stops the loop, and the watchdog with it); called on the loop's thread before
-        any actor runs, since the first actor may block the loop before the watchdog starts."""
-        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        self._monitor = BlockedLoopMonitor(
-            threading.get_ident(), self.stall_timeout, interval, self._inline_compute
-        )
-        return self._monitor
-
-    async def _watchdog(self) -> None:
-        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
-        monitor = self._monitor or self._watch_loop()
-        try:
-            while True:
-                await anyio.sleep(interval)
-                monitor.tick()
-                if (
-                    self.in_flight > 0
-                    and time.perf_counter() - self.last_event > self.stall_timeout
-                ):
-                    lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
-                    raise StallError(
-                        f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
-                        "flight; what each actor was doing:\n" + "\n".join(lines)
-                    )
-        finally:
-            monitor.stop()
-
-    def _inline_compute(self) -> str | None:
-        """What is computing on the loop's thread (read by the monitor thread), or None."""
-        for name, actor in self.local.items():
-            computing = getattr(actor, "computing", None)
-            if computing is not None and getattr(actor, "on_cpu", False):
-                kind, key, since = computing
-                return (
-                    f"actor {name!r} has been computing its {kind} of key {key} for "
-                    f"{time.perf_counter() - since:.1f} s"
-                )
-        return None
 
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:

@@ -1,0 +1,146 @@
+"""What keeps a run from hanging or going wrong without a word: the checks that refuse a call
+from another thread than the run's loop, or one the run can no longer serve (after its block was
+left, or once a step was cut off part-way); the turn that lets steps and drains from several
+tasks go in one at a time, in the order they were called; and the watchdog that raises a
+:class:`StallError` when no progress is made. Apart from ``_run.py``, the scheduler, because
+none of it decides what runs: each guards the scheduler's calls and its loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+import anyio
+
+from asyncnn._errors import StallError
+
+from ._stall import BlockedLoopMonitor
+
+
+class RunGuards:
+    """The guards of a run, a base of :class:`~._run.Run` (whose set-up gives the attributes
+    below)."""
+
+    #: seconds without progress, while keys are in flight, before a StallError
+    stall_timeout: float
+    #: keys admitted whose backward wave has not finished
+    in_flight: int
+    #: when an actor last made progress (``time.perf_counter``)
+    last_event: float
+    #: every node's actor (stand-ins for those other processes host)
+    actors: dict[str, Any]
+    #: the actors of this process
+    local: dict[str, Any]
+    #: the ``open_run`` block was left: the actors have stopped
+    _ended: bool
+    #: why this run cannot go on, or None
+    _broken: str | None
+    #: a step or drain holds the turn
+    _stepping: bool
+    #: the turns of the steps and drains waiting, in the order they were called
+    _step_turns: collections.deque[anyio.Event]
+    #: the thread that watches the loop itself (:meth:`_watch_loop`)
+    _monitor: BlockedLoopMonitor | None
+
+    def _check_usable(self, what: str) -> None:
+        """Raises where the run cannot take ``what`` (a step after the block, or any wait once a
+        step was cut off part-way, which would wait forever)."""
+        if self._ended and what == "step":
+            raise RuntimeError(
+                "run.step() after the open_run block was left: its actors have stopped. Step "
+                "inside the block, or open a new run (open_run(..., state=run.state()) goes on "
+                "from this one's weights)"
+            )
+        if self._broken is not None:
+            raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
+
+    def _wrong_thread(self, what: str) -> None:
+        raise RuntimeError(
+            f"run.{what}() was called from another thread (or event loop) than the one the run "
+            "was opened on; its actors and channels belong to that loop. From a worker thread, "
+            f"call it through the run's loop: trio.from_thread.run(run.{what}, ...) or "
+            f"anyio.from_thread.run(run.{what}, ...), in a thread started with "
+            "trio.to_thread.run_sync or anyio.to_thread.run_sync"
+        )
+
+    def _cut_off(self, what: str) -> None:
+        """Marks the run as one that cannot go on (the first cause is the one kept)."""
+        if self._broken is None:
+            self._broken = (
+                f"{what}, so the run cannot finish it; leave the open_run block and open a new "
+                "run (open_run(..., state=run.state()) goes on from its weights)"
+            )
+
+    async def _take_turn(self) -> None:
+        """Takes the turn among steps and drains (each in the order called): at once when none
+        holds it, else once those called before have gone in; release it with
+        :meth:`_pass_turn`. A cancellation point (a step cancelled already goes nowhere), not a
+        yield."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._stepping:
+            await self._wait_turn()
+        else:
+            self._stepping = True
+
+    async def _wait_turn(self) -> None:
+        """Waits until the steps called before this one have gone in."""
+        turn = anyio.Event()
+        self._step_turns.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # the turn came as this step was cancelled: hand it on
+                self._pass_turn()
+            else:
+                self._step_turns.remove(turn)
+            raise
+
+    def _pass_turn(self) -> None:
+        if self._step_turns:
+            self._step_turns.popleft().set()  # still stepping: the next step's turn
+        else:
+            self._stepping = False
+
+    def _watch_loop(self) -> BlockedLoopMonitor:
+        """Starts the thread that watches this loop itself (an inline compute that never
+        returns stops the loop, and the watchdog with it); called on the loop's thread before
+        any actor runs, since the first actor may block the loop before the watchdog starts."""
+        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
+        self._monitor = BlockedLoopMonitor(
+            threading.get_ident(), self.stall_timeout, interval, self._inline_compute
+        )
+        return self._monitor
+
+    async def _watchdog(self) -> None:
+        interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
+        monitor = self._monitor or self._watch_loop()
+        try:
+            while True:
+                await anyio.sleep(interval)
+                monitor.tick()
+                if (
+                    self.in_flight > 0
+                    and time.perf_counter() - self.last_event > self.stall_timeout
+                ):
+                    lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
+                    raise StallError(
+                        f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
+                        "flight; what each actor was doing:\n" + "\n".join(lines)
+                    )
+        finally:
+            monitor.stop()
+
+    def _inline_compute(self) -> str | None:
+        """What is computing on the loop's thread (read by the monitor thread), or None."""
+        for name, actor in self.local.items():
+            computing = getattr(actor, "computing", None)
+            if computing is not None and getattr(actor, "on_cpu", False):
+                kind, key, since = computing
+                return (
+                    f"actor {name!r} has been computing its {kind} of key {key} for "
+                    f"{time.perf_counter() - since:.1f} s"
+                )
+        return None

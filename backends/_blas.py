@@ -1,0 +1,119 @@
+"""What the compute team must respect of BLAS. OpenBLAS keeps one thread count for the whole
+process, which every open team sets to one while it is open (:data:`_BLAS_LIMITS`); and a
+product cut into parts must have each part take the same BLAS path as the uncut product, or its
+rounding differs: parts of whole kernel blocks (:data:`ALIGN`), no one-row or one-column piece
+(a matrix-vector product), no part that multiplies an array by its own transpose (``syrk``).
+Apart from ``_parallel.py``, the team and its workers, because these depend only on BLAS and on
+the shapes: where a product is cut is a function of its shape and the team's size alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+#: Parts of a product start on multiples of this many rows or columns (BLAS kernels work in
+#: blocks of 4 to 16 rows; a part of whole blocks keeps every kernel call on its fast path).
+ALIGN = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
+    """Cut points of ``range(length)`` into at most ``parts`` nearly equal pieces of whole
+    ``align``-sized blocks: ``(0, ..., length)``; a function of its arguments alone."""
+    blocks = -(-length // align)
+    parts = max(1, min(parts, blocks))
+    return tuple(min(length, (i * blocks // parts) * align) for i in range(parts + 1))
+
+
+def _no_one_wide_tail(bounds: tuple[int, ...]) -> tuple[int, ...]:
+    """``bounds`` with a last piece one row (or column) wide merged into the piece before it:
+    numpy computes a one-row product as a matrix-vector product and sums one column pairwise,
+    whose rounding differs from the uncut call's."""
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        return bounds[:-2] + bounds[-1:]
+    return bounds
+
+
+@functools.lru_cache(maxsize=4096)
+def _product_plan(
+    m: int, n: int, k: int, workers: int, part_flops: int
+) -> tuple[int, tuple[int, ...]]:
+    """``(axis, bounds)`` of a split ``(m, k) @ (k, n)`` product: axis 0 cuts rows of the output,
+    1 columns; ``bounds`` has one piece when the product stays whole."""
+    flops = 2 * m * n * k
+    parts = min(workers, flops // max(1, part_flops))
+    axis = 0 if m >= n else 1
+    if parts < 2 or min(m, n) == 1:  # a matrix-vector product: its parts would round otherwise
+        return axis, (0, m if axis == 0 else n)
+    return axis, _no_one_wide_tail(split_bounds(m if axis == 0 else n, parts, ALIGN))
+
+
+def _has_own_transpose(
+    a: np.ndarray[Any, Any], b: np.ndarray[Any, Any], axis: int, bounds: tuple[int, ...]
+) -> bool:
+    """Whether the whole product, or one of its parts, multiplies an array by its own transpose
+    (the same memory): numpy computes that with BLAS's symmetric product (syrk), which rounds
+    otherwise than the general product the other side of the cut uses. ``a @ a[:32].T`` is
+    general whole, but its first part of 32 rows is ``a[:32] @ a[:32].T``."""
+    if a.strides != b.strides[::-1]:  # the common case: one comparison
+        return False
+    pa = a.__array_interface__["data"][0]
+    pb = b.__array_interface__["data"][0]
+    m, n = a.shape[0], b.shape[1]
+    if m == n and pa == pb:
+        return True
+    # part [lo, hi) of the cut axis against the whole other operand
+    step, start, other = (a.strides[0], pa, pb) if axis == 0 else (b.strides[1], pb, pa)
+    width = n if axis == 0 else m
+    return any(
+        hi - lo == width and start + lo * step == other
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+    )
+
+
+class _BlasLimits:
+    """The BLAS thread counts that the open teams hold.
+
+    OpenBLAS keeps one count for the whole process, so teams open at the same time share it:
+    the count of the team opened last applies, and the count from before the first team returns
+    once the last one closes, in whatever order the teams close (a team that restored the count
+    it found would hand a team still open a multi-threaded BLAS, and leave the process at one
+    thread after both had closed).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[tuple[object, int]] = []  # (team, its count), oldest first
+        self._original: Any = None  # the limiter that restores the count before the first
+
+    def hold(self, owner: object, limit: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with self._lock:
+            limiter = threadpool_limits(limits=limit, user_api="blas")
+            if not self._held:
+                self._original = limiter
+            self._held.append((owner, limit))
+
+    def release(self, owner: object) -> None:
+        """Gives ``owner``'s count back (nothing when it holds none)."""
+        with self._lock:
+            index = next((i for i, (o, _) in enumerate(self._held) if o is owner), None)
+            if index is None:
+                return
+            newest = index == len(self._held) - 1
+            del self._held[index]
+            if not self._held:
+                original, self._original = self._original, None
+                original.restore_original_limits()
+            elif newest:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(limits=self._held[-1][1], user_api="blas")
+
+
+_BLAS_LIMITS = _BlasLimits()
