@@ -211,3 +211,15 @@ def test_iterating_a_traced_array_yields_its_rows_and_refuses_0d():
     np.testing.assert_array_equal(g, [[0, 0], [1, 0], [2, 0]])
     with pytest.raises(TypeError, match="iteration over a 0-d"):  # before: nothing, silently
         ann.grad(lambda x: sum(iter(x), x))(np.array(1.0))
+
+
+def test_each_gradient_is_its_own_writable_array() -> None:
+    # add handed one array to both inputs (an in-place change of one changed the other), and
+    # sum's gradient was a read-only broadcast view ("output array is read-only" on g *= c)
+    a, b = np.ones((2, 3)), np.zeros((2, 3))
+    _, pullback = ann.vjp(lambda a, b: ops.sum(ops.add(a, b)), a, b)
+    ga, gb = pullback(1.0)
+    assert ga is not gb and ga.flags.writeable and gb.flags.writeable
+    ga *= 2.0
+    np.testing.assert_array_equal(gb, np.ones((2, 3)))
+    np.testing.assert_array_equal(ga, 2 * np.ones((2, 3)))

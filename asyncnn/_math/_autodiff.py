@@ -470,6 +470,7 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
         grads = trace.backward(seeds, wanted) if wanted else []
         it = iter(grads)
         flat: list[Any] = []
+        given: set[int] = set()
         for leaf, i in zip(leaves, leaf_index, strict=True):
             if i < 0:
                 flat.append(None)
@@ -477,6 +478,11 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
             g = next(it)
             if g is None:
                 g = _zeros_like(leaf)
+            elif id(g) in given or not getattr(getattr(g, "flags", None), "writeable", True):
+                # a rule may hand one array to two inputs (add's) or a read-only broadcast view
+                # (sum's): each gradient is the caller's own, writable array, as torch's are
+                g = g.copy()
+            given.add(id(g))
             flat.append(g)
         return tuple(tree_unflatten(treedef, flat)) if num_primals else ()
 
