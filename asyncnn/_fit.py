@@ -24,6 +24,7 @@ from ._runtime._graph import Graph
 from ._runtime._open_run import open_run
 from ._runtime._policies import Policy
 from ._runtime._run import Run, RunState
+from ._runtime._weight_versions import gradients_per_update
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -390,9 +391,9 @@ def updates_once_per_minibatch(policy: Policy) -> bool:
         return False
     # (asked about as many keys as a minibatch may have: a policy that updates after some
     # keys, or not at each minibatch's end, says so within them)
-    counts = range(1, max(int(policy.microbatches), 64) + 1)
-    return not any(policy.update_due(n, False) for n in counts) and all(
-        policy.update_due(n, True) for n in counts
+    most = max(int(policy.microbatches), 64)
+    return gradients_per_update(policy, most) is None and all(
+        policy.update_due(n, True) for n in range(1, most + 1)
     )
 
 

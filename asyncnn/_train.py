@@ -29,6 +29,7 @@ from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
+from ._runtime._recorder import trace_path_error
 from ._runtime._run import RunState, check_batch, validate
 from ._runtime._state import init_state
 from .backends import to_numpy, tune_allocator
@@ -61,21 +62,19 @@ class _TraceOption(_Option):
 
 def _check_trace_path(path: str | None) -> None:
     """Refuses a trace path that the recorder could not open when a ``fit`` starts, with the
-    recorder's words and exception classes (``_recorder._open_alone``), so that the mistake
-    shows where it was made rather than at the first fit. The file itself is left alone: the
+    recorder's words and exception classes (``_recorder.trace_path_error``; an empty path
+    ``RunConfig`` refuses before), so that the mistake shows where it was made rather than at
+    the first fit. The file itself is left alone: the
     recorder creates or empties it at the fit. Later fits' traces (``NAME.1.EXT``...) go in the
     same folder.
 
     Raises:
-        ValueError: the path is empty.
         FileNotFoundError: its folder does not exist.
         NotADirectoryError: its folder is a file.
         IsADirectoryError: the path is a folder (or ends with a separator).
     """
     if path is None:
         return
-    if not path:
-        raise ValueError("trace='' names no file: pass trace= a file path, or None for no trace")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or path.endswith((os.sep, "/")):
         error: type[OSError] = IsADirectoryError
@@ -90,11 +89,7 @@ def _check_trace_path(path: str | None) -> None:
     else:
         error, code = FileNotFoundError, errno.ENOENT
         why = f"its folder {folder!r} does not exist"
-    raise error(
-        code,
-        f"cannot write the trace {path!r}: {why}. Pass trace= a file path in an existing folder "
-        "this process may write to",
-    )
+    raise trace_path_error(error, code, path, why)
 
 
 class Trainer:

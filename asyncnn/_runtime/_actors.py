@@ -38,7 +38,7 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 
 from ._capture import ActorGraphs
-from ._hook_checks import HookChecks, _checked_shapes, _custom_hook, _first_not_finite
+from ._hook_checks import HookChecks, _checked_shapes, _custom_hook
 from ._messages import BACKWARD, FORWARD, Message
 from ._policies import StageOrder
 from ._serving import Serving
@@ -147,9 +147,6 @@ class LayerActor(Serving, HookChecks):
         # the average weight change of a policy that recomputes at estimated weights
         self.change_decay = ctx.policy.weight_change_decay()
         self.weight_change: Any = None
-        # the key whose backward (or weight half) runs now: ops run one at a time, and
-        # _settle, where every layer actor's parameter gradients arrive, is told no key
-        self.grads_key: int | None = None
         # messages taken in the sender's task (see run_directly): without a trace, under a
         # flush policy (a continuous one would let the run's admissions run ahead of the
         # losses), one whole backward at a time, and no device shared with other stages by
@@ -376,7 +373,6 @@ class LayerActor(Serving, HookChecks):
         # the version the gradients are computed with: the stashed one, else the current one
         used = entry[1] if entry is not None and entry[0] is not None else self.version
         input_grads: list[Any] | None = None
-        self.grads_key = key
         if split:  # the input half: the weight half follows when the order says
             if key not in self.skipped:
                 input_grads = self._checked_grads(
@@ -406,7 +402,6 @@ class LayerActor(Serving, HookChecks):
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)
-        self.grads_key = key
         if key in self.skipped:
             self.skipped.discard(key)
             if self.param_size:
@@ -424,24 +419,6 @@ class LayerActor(Serving, HookChecks):
                 )
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
-
-    async def _settle(
-        self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
-    ) -> None:
-        # a NaN weight gradient would otherwise be seen only a step later, as a NaN forward
-        # (or, in a first layer, whose input gradient is not formed, not at all before then)
-        if self.ctx.checks_finite and param_grads is not None:
-            await self.wait_for_device()
-            bad = _first_not_finite(param_grads)
-            if bad is not None:
-                key = self.grads_key
-                raise ActorError(
-                    self.name, BACKWARD, key,
-                    f"actor {self.name!r} produced NaN or Inf in the gradient of its parameter "
-                    f"params{bad} in its backward of key {key} (the first actor to do so in "
-                    "this run; check_finite=True found it)",
-                )  # fmt: skip
-        await super()._settle(param_grads, meta, forward_version)
 
     async def recompute_weights(self, forward_version: int) -> Any:
         """The weights a backward without its forward's stashed pullback differentiates at: the

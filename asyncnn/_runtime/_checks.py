@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from ._graph import Graph
     from ._node import Node
 
-__all__ = ["check_batch", "check_cuda_graphs", "check_input", "check_layer_rows", "validate"]
+__all__ = [
+    "check_batch",
+    "check_cuda_graphs",
+    "check_input",
+    "check_layer_rows",
+    "first_not_finite",
+    "validate",
+]
 
 
 def _checkable(dtype: Any) -> bool:
@@ -255,6 +262,26 @@ def check_layer_rows(node: Node, input_shapes: list[Any], output_shape: Any) -> 
 
 def _rows(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def first_not_finite(tree: Any, path: str = "") -> str | None:
+    """The path (``[0]['weight']``) of the first floating leaf of ``tree`` holding a NaN or
+    an Inf, in the order of ``tree_leaves``; None if there is none."""
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            found = first_not_finite(tree[k], f"{path}[{k!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            found = first_not_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if tree is None or not hasattr(tree, "dtype") or not _checkable(tree.dtype):
+        return None
+    return None if bool(array_namespace(tree).isfinite(tree).all()) else path
 
 
 def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from asyncnn.backends import array_namespace, is_floating
+from asyncnn.backends import is_floating
 
-from ._checks import _checkable, _rows
+from ._checks import _rows
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -117,26 +117,6 @@ class HookChecks:
                 f"{self.n_inputs} input slot(s); return one per slot (None for no gradient)"
             )
         return grads if type(grads) is list else list(grads)
-
-
-def _first_not_finite(tree: Any, path: str = "") -> str | None:
-    """The path (``[0]['weight']``) of the first floating leaf of ``tree`` holding a NaN or
-    an Inf, in the order of ``tree_leaves``; None if there is none."""
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            found = _first_not_finite(tree[k], f"{path}[{k!r}]")
-            if found is not None:
-                return found
-        return None
-    if isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            found = _first_not_finite(v, f"{path}[{i}]")
-            if found is not None:
-                return found
-        return None
-    if tree is None or not hasattr(tree, "dtype") or not _checkable(tree.dtype):
-        return None
-    return None if bool(array_namespace(tree).isfinite(tree).all()) else path
 
 
 def _custom_hook(cls: type, name: str) -> bool:

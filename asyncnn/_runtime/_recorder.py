@@ -148,6 +148,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def trace_path_error(error: type[OSError], code: int | None, path: str, why: str) -> OSError:
+    """The error for a trace path that cannot be written, of the class ``error`` (the one
+    ``os.open`` raises for it, so that callers catching that still do), saying ``why``: the
+    recorder's at a fit, and the trainer's when the path is given."""
+    return error(
+        code,
+        f"cannot write the trace {path!r}: {why}. Pass trace= a file path in an existing folder "
+        "this process may write to",
+    )
+
+
 def _open_alone(path: str) -> Any:
     """``path`` opened for writing, emptied, and locked for this recorder alone: a second run
     recording to the same path while this one writes is refused, instead of the two runs
@@ -163,11 +174,7 @@ def _open_alone(path: str) -> Any:
             why = f"its folder {folder!r} does not exist"
         elif isinstance(exc, IsADirectoryError):
             why = "it is a folder"
-        raise type(exc)(
-            exc.errno,
-            f"cannot write the trace {path!r}: {why}. Pass trace= a file path in an existing "
-            "folder this process may write to",
-        ) from exc
+        raise trace_path_error(type(exc), exc.errno, path, why) from exc
     try:
         # only a regular file: /dev/null or a pipe takes any number of writers and cannot be
         # emptied

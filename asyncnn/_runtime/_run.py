@@ -18,7 +18,7 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError, GraphError
-from asyncnn._math._pytree import tree_leaves, tree_map
+from asyncnn._math._pytree import tree_map
 from asyncnn.backends import (
     DevicePool,
     array_namespace,
@@ -28,7 +28,7 @@ from asyncnn.backends import (
 )
 
 from ._actor_table import actor_class
-from ._checks import _checkable, check_batch
+from ._checks import check_batch, first_not_finite
 from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
@@ -254,18 +254,12 @@ class Run(RunGuards):
             self._notify()  # drain waits for the losses too
 
     def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
-        if not self.checks_finite:
-            return
-        for leaf in tree_leaves(value):
-            if leaf is None or not hasattr(leaf, "dtype") or not _checkable(leaf.dtype):
-                continue
-            ok = bool(array_namespace(leaf).isfinite(leaf).all())
-            if not ok:
-                raise ActorError(
-                    actor, kind, key,
-                    f"actor {actor!r} produced NaN or Inf in its {kind} of key {key} (the first "
-                    "actor to do so in this run; check_finite=True found it)",
-                )  # fmt: skip
+        if self.checks_finite and first_not_finite(value) is not None:
+            raise ActorError(
+                actor, kind, key,
+                f"actor {actor!r} produced NaN or Inf in its {kind} of key {key} (the first "
+                "actor to do so in this run; check_finite=True found it)",
+            )  # fmt: skip
 
     # -- the scheduler ---------------------------------------------------------------------------
     async def _wait_until(self, condition: Any) -> None:

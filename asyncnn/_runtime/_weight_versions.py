@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from asyncnn._errors import ActorError
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_map
 
 from ._actor_base import _Actor, _nbytes
+from ._checks import first_not_finite
+from ._messages import BACKWARD
 
 if TYPE_CHECKING:
     from ._capture import ActorGraphs
@@ -56,7 +59,7 @@ class WeightVersions(_Actor):
     corrects_gradients: bool
     corrects_updates: bool
     predicts_weights: bool
-    #: the gradients the policy sums into one update (see :func:`_gradients_per_update`),
+    #: the gradients the policy sums into one update (see :func:`gradients_per_update`),
     #: asked at the first prediction
     _per_update: Any = _UNKNOWN
 
@@ -153,9 +156,27 @@ class WeightVersions(_Actor):
 
         ``forward_version`` is the parameter version of the key's forward (where known: it
         gives the gradient's delay, see :meth:`accumulate`)."""
+        if param_grads is not None and self.ctx.checks_finite:
+            await self._check_param_grads(param_grads)
         if self.param_size:
             await self.accumulate(param_grads, meta, forward_version)
         self._count_versions()
+
+    async def _check_param_grads(self, param_grads: Any) -> None:
+        """With ``check_finite``: fails on a NaN or Inf parameter gradient, naming the parameter
+        (it would otherwise be seen only a step later, as a NaN forward; in a first layer, whose
+        input gradient is not formed, not at all before then)."""
+        await self.wait_for_device()
+        bad = first_not_finite(param_grads)
+        if bad is not None:
+            computing = self.computing  # (the backward, or its weight half, running now)
+            key = -1 if computing is None else computing[1]
+            raise ActorError(
+                self.name, BACKWARD, key,
+                f"actor {self.name!r} produced NaN or Inf in the gradient of its parameter "
+                f"params{bad} in its backward of key {key} (the first actor to do so in "
+                "this run; check_finite=True found it)",
+            )  # fmt: skip
 
     async def accumulate(
         self, param_grads: Any, meta: dict[str, Any], forward_version: int | None = None
@@ -224,7 +245,7 @@ class WeightVersions(_Actor):
             return 0
         per_update = self._per_update
         if per_update is _UNKNOWN:
-            per_update = self._per_update = _gradients_per_update(self.ctx.policy)
+            per_update = self._per_update = gradients_per_update(self.ctx.policy)
         if per_update is None:
             return 0
         return in_flight if per_update == 1 else in_flight / per_update
@@ -310,16 +331,16 @@ class WeightVersions(_Actor):
         )
 
 
-#: the most gradients per update :func:`_gradients_per_update` asks a policy about
+#: the most gradients per update :func:`gradients_per_update` asks a policy about
 _MAX_PER_UPDATE = 1 << 12
 
 
-def _gradients_per_update(policy: Any) -> int | None:
+def gradients_per_update(policy: Any, most: int = _MAX_PER_UPDATE) -> int | None:
     """How many gradients ``policy`` sums into one update by their count alone
-    (:meth:`Policy.update_due` with no minibatch done): 1 for ``PipeDream``, ``F`` for
-    ``Async(min_update_frequency=F)``; None for a policy that updates only when a minibatch is
-    done (the flushes, ``PipeDream2BW``)."""
-    for count in range(1, _MAX_PER_UPDATE + 1):
+    (:meth:`Policy.update_due` with no minibatch done, asked up to ``most``): 1 for
+    ``PipeDream``, ``F`` for ``Async(min_update_frequency=F)``; None for a policy that updates
+    only when a minibatch is done (the flushes, ``PipeDream2BW``)."""
+    for count in range(1, most + 1):
         if policy.update_due(count, False):
             return count
     return None
