@@ -30,14 +30,13 @@ import abc
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backends import array_namespace as ns
-from ..backends import backend_of, current_team, is_half
+from ..backends import current_team, is_half
 from ._optim_checks import (
     _check_buffer,
     _check_clip_norm,
@@ -46,17 +45,13 @@ from ._optim_checks import (
     _not_a_float_array,
     _real,
 )
+from ._optim_leaf import _fresh, _in_float32, _leaf_ops, _many_kernels, _silent_non_finite
 from ._pytree import tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "from_spec"]
 
 State = dict[str, Any]
-
-
-def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
-    # out= keeps 0-d results arrays: numpy ufuncs otherwise return scalars for 0-d inputs
-    return ufunc(a, b, out=xp.empty_like(a))
 
 
 def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, Any]:
@@ -286,52 +281,6 @@ class Optimizer(abc.ABC):
                 value = list(value)
             spec[field.name] = value
         return spec
-
-
-def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
-    """The fused kernels' module for updating the leaves ``ps`` at once, or None: numpy leaves
-    (no fused kernels), or a subclass with its own :meth:`~Optimizer.update_leaf`, which the
-    built-in kernels would skip."""
-    if not ps or type(ps[0]) is np.ndarray or type(opt).update_leaf is not cls.update_leaf:
-        return None
-    return backend_of(ps[0]).fused_kernels()
-
-
-def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
-    """The array namespace of a leaf and its gradient, and their backend's fused kernels (None
-    where it has none)."""
-    if type(p) is np.ndarray and type(g) is np.ndarray:
-        return np, None  # numpy has no fused kernels: the array code is its fast path
-    return ns(p, g), backend_of(p, g).fused_kernels()
-
-
-def _silent_non_finite() -> Any:
-    """numpy's error state for an update's arithmetic: an inf or NaN gradient (or a square
-    that overflows) goes through as in torch, ``inf - inf`` and ``inf / inf`` giving NaN, with
-    no RuntimeWarning per leaf and update (a run that must stop on it checks the gradients,
-    ``check_finite``). numpy's error state is per thread, so each leaf's update sets it where it
-    runs (a team's thread included)."""
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
-
-
-def _in_float32(
-    update: Callable[..., tuple[Any, tuple[Any, ...]]],
-    opt: Optimizer,
-    p: Any,
-    g: Any,
-    buffers: tuple[Any, ...],
-    step: int,
-    lr: float,
-) -> tuple[Any, tuple[Any, ...]]:
-    """A 16-bit leaf's ``update`` (a class's own ``update_leaf``) as the GPU kernels compute it:
-    in float32 from the leaf's values, each result rounded once to its dtype. (In 16 bits numpy
-    rounds every intermediate, and every hyperparameter: Adam's eps=1e-8 is 0 in float16, so a
-    second moment that underflows to 0 divides by 0; its beta2=0.999 is 1 in bfloat16.)"""
-    f32 = np.float32
-    new_p, new_buffers = update(
-        opt, p.astype(f32), g.astype(f32), tuple(b.astype(f32) for b in buffers), step, lr
-    )
-    return new_p.astype(p.dtype), tuple(b.astype(p.dtype) for b in new_buffers)
 
 
 @dataclass(frozen=True)

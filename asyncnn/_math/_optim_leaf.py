@@ -1,0 +1,68 @@
+"""How one leaf's update runs, beside its arithmetic (see ``_optim``): on fresh output arrays,
+through the backend's fused kernels where it has them (several leaves at once, or one), with
+numpy's warnings on non-finite values silenced as torch has none, and a 16-bit leaf in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backends import array_namespace as ns
+from ..backends import backend_of
+
+if TYPE_CHECKING:
+    from ._optim import Optimizer
+
+
+def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
+    # out= keeps 0-d results arrays: numpy ufuncs otherwise return scalars for 0-d inputs
+    return ufunc(a, b, out=xp.empty_like(a))
+
+
+def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
+    """The fused kernels' module for updating the leaves ``ps`` at once, or None: numpy leaves
+    (no fused kernels), or a subclass with its own :meth:`~Optimizer.update_leaf`, which the
+    built-in kernels would skip."""
+    if not ps or type(ps[0]) is np.ndarray or type(opt).update_leaf is not cls.update_leaf:
+        return None
+    return backend_of(ps[0]).fused_kernels()
+
+
+def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
+    """The array namespace of a leaf and its gradient, and their backend's fused kernels (None
+    where it has none)."""
+    if type(p) is np.ndarray and type(g) is np.ndarray:
+        return np, None  # numpy has no fused kernels: the array code is its fast path
+    return ns(p, g), backend_of(p, g).fused_kernels()
+
+
+def _silent_non_finite() -> Any:
+    """numpy's error state for an update's arithmetic: an inf or NaN gradient (or a square
+    that overflows) goes through as in torch, ``inf - inf`` and ``inf / inf`` giving NaN, with
+    no RuntimeWarning per leaf and update (a run that must stop on it checks the gradients,
+    ``check_finite``). numpy's error state is per thread, so each leaf's update sets it where it
+    runs (a team's thread included)."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
+def _in_float32(
+    update: Callable[..., tuple[Any, tuple[Any, ...]]],
+    opt: Optimizer,
+    p: Any,
+    g: Any,
+    buffers: tuple[Any, ...],
+    step: int,
+    lr: float,
+) -> tuple[Any, tuple[Any, ...]]:
+    """A 16-bit leaf's ``update`` (a class's own ``update_leaf``) as the GPU kernels compute it:
+    in float32 from the leaf's values, each result rounded once to its dtype. (In 16 bits numpy
+    rounds every intermediate, and every hyperparameter: Adam's eps=1e-8 is 0 in float16, so a
+    second moment that underflows to 0 divides by 0; its beta2=0.999 is 1 in bfloat16.)"""
+    f32 = np.float32
+    new_p, new_buffers = update(
+        opt, p.astype(f32), g.astype(f32), tuple(b.astype(f32) for b in buffers), step, lr
+    )
+    return new_p.astype(p.dtype), tuple(b.astype(p.dtype) for b in new_buffers)
