@@ -72,14 +72,9 @@ class Backend(abc.ABC):
         try:
             dt = np.dtype(dtype)
         except TypeError as exc:
-            # numpy knows the name once ml_dtypes is imported (backends/_dtypes.py): only a
-            # machine without it gets here, and every caller should read how to fix that
-            hint = (
-                " (numpy knows bfloat16 only through the ml_dtypes package: pip install ml_dtypes)"
-                if str(dtype) == "bfloat16"
-                else ""
-            )
-            raise ValueError(f"unknown dtype {dtype!r}{hint}") from exc
+            from ._dtypes import unknown_dtype_hint  # (it imports this module)
+
+            raise ValueError(f"unknown dtype {dtype!r}{unknown_dtype_hint(dtype)}") from exc
         return dt
 
     @abc.abstractmethod
@@ -88,7 +83,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def asarray(self, x: Any, dtype: Any = None) -> Any:
-        """``x`` (numpy, host data or an array of this backend) as an array on this device."""
+        """``x`` (numpy, host data or an array of this backend) as an array on this device.
+
+        Raises:
+            ValueError: ``dtype`` is a name numpy does not know (as :meth:`dtype` says).
+        """
 
     def is_local(self, x: Any) -> bool:
         """Whether ``x`` is an array of this device already (``asarray`` would return it)."""

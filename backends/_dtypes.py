@@ -20,10 +20,21 @@ try:  # optional: only the 16-bit brain float needs it
 except ImportError:  # pragma: no cover - depends on the machine
     _ml_dtypes = None
 
-__all__ = ["BFLOAT16", "acc_sum", "is_floating", "is_half"]
+__all__ = ["BFLOAT16", "acc_sum", "is_floating", "is_half", "unknown_dtype_hint"]
 
 #: numpy's bfloat16 dtype (from ml_dtypes), or None where ml_dtypes is not installed
 BFLOAT16: np.dtype[Any] | None = None if _ml_dtypes is None else np.dtype(_ml_dtypes.bfloat16)
+
+
+def unknown_dtype_hint(dtype: Any) -> str:
+    """How to fix a dtype that numpy refused, as ``" (...)"`` to end the error with, or ``""``.
+
+    numpy knows the name ``"bfloat16"`` once ml_dtypes is imported (this module does it), so
+    only a machine without the package refuses it: every such error should say to install it.
+    """
+    if BFLOAT16 is None and isinstance(dtype, str) and dtype == "bfloat16":
+        return " (numpy knows bfloat16 only through the ml_dtypes package: pip install ml_dtypes)"
+    return ""
 
 
 def is_floating(dtype: Any) -> bool:

@@ -22,7 +22,13 @@ class NumpyBackend(Backend):
     def asarray(self, x: Any, dtype: Any = None) -> np.ndarray[Any, Any]:
         if hasattr(x, "__cuda_array_interface__"):
             x = x.get()  # a cupy array: copy it to the host
-        return np.asarray(x, dtype=dtype)
+        try:
+            return np.asarray(x, dtype=dtype)
+        except TypeError:
+            if dtype is None:
+                raise
+            self.dtype(dtype)  # a dtype numpy does not know: say so, and how to fix it
+            raise
 
     def is_local(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)

@@ -35,24 +35,33 @@ def parse_config(
     doc: str | None = None,
     choices: Mapping[str, Sequence[str]] | None = None,
     check: Callable[[C], str | None] | None = None,
-    positive: Collection[str] = (),
+    *,
+    positive: Collection[str],
 ) -> C:
     """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept).
 
     ``choices`` names the values a field (each element, for a tuple) may take. No number (nor
     element of a tuple of numbers) may be negative: no experiment has a use for one, and a
     negative size or count would otherwise slice, loop or divide silently wrong. ``positive``
-    names the numeric fields that must also be above 0 (sizes, counts, epochs). ``check(config)``
-    returns what else is wrong with the parsed config, or None. Any of these failing is
-    argparse's one-line usage error (exit status 2), not a traceback from deep in the run."""
+    (required, so that each script says it: ``()`` where 0 fits every field) names the numeric
+    fields that must also be above 0 (sizes, counts, epochs, learning rates); the others may be
+    0. ``check(config)`` returns what else is wrong with the parsed config, or None. Any of
+    these failing is argparse's one-line usage error (exit status 2), not a traceback from deep
+    in the run."""
     ap = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     choices = choices or {}
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = (set(choices) | set(positive)) - names
+    if isinstance(positive, str):  # ("epochs") is a str: each letter would be a field name
+        raise TypeError(f"positive must be a collection of field names, got {positive!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = (set(choices) | set(positive)) - set(fields)
     if unknown:
         raise ValueError(f"choices or positive name fields {cls.__name__} lacks: {sorted(unknown)}")
+    not_numbers = sorted(n for n in positive if not _is_numeric(fields[n].default))
+    if not_numbers:
+        raise ValueError(f"positive names fields of {cls.__name__} that are not numbers: "
+                         f"{not_numbers}")  # fmt: skip
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -85,6 +94,14 @@ def parse_config(
     if check is not None and (problem := check(config)):
         ap.error(problem)
     return config
+
+
+def _is_numeric(default: Any) -> bool:
+    """Whether a field with this default holds a number (or a tuple of numbers)."""
+    values = default if isinstance(default, tuple | list) else (default,)
+    return bool(values) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    )
 
 
 def fraction_problem(

@@ -241,7 +241,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
 
 
 POSITIVE = ("max_active_keys", "min_update_frequency", "max_epochs", "stages", "width",
-            "batch_size")  # fmt: skip
+            "batch_size", "lr")  # fmt: skip
 
 
 def check(cfg: Config) -> str | None:

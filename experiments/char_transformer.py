@@ -348,7 +348,7 @@ def plot(cfg: Config, results: dict[str, Any]) -> None:
 
 
 POSITIVE = ("context", "dim", "heads", "blocks", "stages", "microbatches", "batch_size", "steps",
-            "eval_every", "val_windows", "temperature")  # fmt: skip
+            "eval_every", "val_windows", "temperature", "lr")  # fmt: skip
 
 
 def check(c: Config) -> str | None:

@@ -319,6 +319,7 @@ def run_one(cfg: Config, model: str, setting: tuple[str, Any, int], workers: int
     }  # fmt: skip
     if model == "loop":
         st = hist.statistics["tree"]
+        assert isinstance(st, ann.dynamic.LoopStatistics)  # a loop's: its own counters
         res["row_steps_last_epoch"] = st.row_steps
         res["batched_steps_last_epoch"] = st.steps
     ttt = f"{first['seconds']:5.1f} s (epoch {first['epoch']})" if first else "not reached"
@@ -395,7 +396,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], majority: float) -> list[str]:
 
 
 POSITIVE = ("train_trees", "test_trees", "min_leaves", "max_leaves", "width", "hidden", "epochs",
-            "batch_size", "max_active_keys", "update_every", "repeats", "mlp_width")  # fmt: skip
+            "batch_size", "max_active_keys", "update_every", "repeats", "mlp_width", "lr")  # fmt: skip
 
 
 def check(c: Config) -> str | None:

@@ -176,7 +176,9 @@ def train_curve(
             out["busy_seconds"] = busy
             # Sum of the actors' busy time over wall time: >1 only if actors overlapped.
             out["actor_concurrency"] = sum(busy.values()) / wall
-            out["row_steps"] = stats["cell"].row_steps
+            cell = stats["cell"]
+            assert isinstance(cell, ann.dynamic.LoopStatistics)  # a loop's: its own counters
+            out["row_steps"] = cell.row_steps
 
     anyio.run(main, backend="trio")
     first, summary = _common.target_summary(curve, cfg.target)
@@ -250,7 +252,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
 
 
 POSITIVE = ("repeats", "train_lists", "test_lists", "min_len", "max_len", "width", "batch_size",
-            "max_epochs", "eval_every", "max_active_keys", "update_every")  # fmt: skip
+            "max_epochs", "eval_every", "max_active_keys", "update_every", "lr")  # fmt: skip
 
 
 def check(c: Config) -> str | None:

@@ -7,7 +7,8 @@ no stage waits for a backward message from the stages above it: each learns from
 under ``Sync``, ``PipeDream`` and ``Async``; we measure test accuracy (final head and every
 stage's head) and wall time.
 
-Run ``python experiments/local_learning.py --help``; results go to ``runs/local_learning``.
+Run ``python experiments/local_learning.py --help``; results go to ``runs/local_learning``
+(``results.json``, the PNGs, and ``local_learning.md``: the docs page's table).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def train_one(cfg: Config, data: dict[str, np.ndarray], local: bool, policy: str
         "label": label,
         "test_accuracy": acc[final][-1],
         "best_test_accuracy": max(acc[final]),
+        # counted from 1, as the curves' x axis: the epoch after which the best was measured
+        "best_epoch": int(np.argmax(acc[final])) + 1,
         "head_test_accuracy": {h: v[-1] for h, v in acc.items()},
         "seconds": round(seconds, 2),
         "samples_per_second": round(cfg.epochs * len(train["y"]) / seconds, 1),
@@ -121,6 +124,34 @@ def train_one(cfg: Config, data: dict[str, np.ndarray], local: bool, policy: str
         "head_test_accuracy_per_epoch": acc,
         "test_loss_per_epoch": test_loss,
     }
+
+
+def markdown_table(cfg: Config, runs: list[dict[str, Any]]) -> str:
+    """The results as the docs page's table: one row per run, the better final-head accuracy of
+    each policy's two methods in bold, "best (epoch)" the final head's best test accuracy and
+    the epoch (from 1) it was measured after, "–" for a head that backprop's graph lacks."""
+    heads = [f"head{i}" for i in range(cfg.stages)]
+    lines = [
+        "| method / policy | final head test acc. | best (epoch) | " + " | ".join(heads)
+        + " | wall time (s) | samples/s | actors busy (mean) |",
+        "| --- |" + " --- |" * (len(heads) + 5),
+    ]  # fmt: skip
+    for r in runs:
+        rivals = [o["test_accuracy"] for o in runs if o["policy"] == r["policy"]]
+        acc = f"{r['test_accuracy']:.3f}"
+        if len(rivals) > 1 and r["test_accuracy"] == max(rivals):
+            acc = f"**{acc}**"
+        per_head = [
+            f"{r['head_test_accuracy'][h]:.3f}" if h in r["head_test_accuracy"] else "–"
+            for h in heads
+        ]
+        lines.append(
+            f"| {r['label']} | {acc} | {r['best_test_accuracy']:.3f} ({r['best_epoch']}) | "
+            + " | ".join(per_head)
+            + f" | {r['seconds']:.2f} | {r['samples_per_second']:,.0f} | "
+            f"{r['mean_busy_actors']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
@@ -172,12 +203,16 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"policies": ("Sync", "PipeDream", "Async")}
-    positive = ("width", "stages", "epochs", "batch_size", "async_keys", "num_samples")
+    positive = ("width", "stages", "epochs", "batch_size", "async_keys", "num_samples", "lr")
     cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=positive)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     runs = [train_one(cfg, data, local, p) for p in cfg.policies for local in (False, True)]
     figures = plot(cfg, runs, cfg.out)
-    return _common.finish(cfg.out, cfg, {"runs": runs, "figures": figures})
+    table = markdown_table(cfg, runs)
+    print(table)
+    with open(os.path.join(cfg.out, "local_learning.md"), "w") as f:
+        f.write(table)
+    return _common.finish(cfg.out, cfg, {"runs": runs, "figures": figures, "table": table})
 
 
 if __name__ == "__main__":

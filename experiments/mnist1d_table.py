@@ -197,6 +197,7 @@ POSITIVE = (
     "microbatches", "async_max_active_keys", "async_min_update_frequency",
     "logreg_epochs", "logreg_batch_size", "mlp_stages", "mlp_width", "mlp_epochs",
     "mlp_batch_size", "cnn_stages", "cnn_channels", "cnn_epochs", "cnn_batch_size",
+    "logreg_lr", "mlp_lr", "cnn_lr",
 )  # fmt: skip
 
 

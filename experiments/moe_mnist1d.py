@@ -117,6 +117,7 @@ def run_one(
     }  # fmt: skip
     if model != "dense":
         gate = hist.statistics["gate"]
+        assert isinstance(gate, ann.dynamic.RouterStatistics)  # a router's: its own counters
         rows = np.array([gate.expert_rows.get(f"expert{e}", 0) for e in range(cfg.experts)])
         share = rows / max(rows.sum(), 1)
         res["expert_share"] = share.tolist()
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _common.fraction_problem("--dropout", c.dropout)
 
     positive = ("experts", "top_k", "expert_width", "trunk_width", "epochs", "batch_size",
-                "async_max_active_keys")  # fmt: skip
+                "async_max_active_keys", "lr")  # fmt: skip
     cfg = _common.parse_config(
         Config, argv, __doc__, choices={"policies": ("Sync", "Async")}, check=check,
         positive=positive,

@@ -68,6 +68,10 @@ class Config:
     out: str = "runs/multi_gpu"
 
 
+# what 0 makes meaningless (an empty table, an empty batch, a copy never timed); --warmup 0 is fine
+POSITIVE = ("max_k", "width", "layers_per_stage", "microbatch", "steps", "copy_mib", "copy_reps",
+            "time_budget_s")  # fmt: skip
+
 POLICIES = {"gpipe": policies.GPipe, "1f1b": policies.OneFOneB, "pipedream": policies.PipeDream}
 
 
@@ -384,7 +388,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     choices = {"policies": tuple(POLICIES), "modes": ("process", "workers")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices)
+    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=POSITIVE)
+    info: dict[str, Any]  # gpu_info()'s
     if cfg.cpu_smoke:
         n_gpus, info = 0, {"count": 0, "names": [], "peer_access": [], "cupy": None}
         card = "CPU (smoke run: sizes and numbers mean nothing)"

@@ -271,7 +271,7 @@ def train_one(
     st = {n: hist.statistics[n] for n in layers}
     equal_epochs = scores.at_epochs(task.epochs)
     equal_time = scores.within(budget) if budget else equal_epochs
-    result = {
+    result: dict[str, Any] = {
         "task": task.name,
         "setting": name,
         "optimizer": opt,
@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "width", "epochs", "max_epochs", "batch_size", "microbatches", "max_active_keys",
         "async_repeats", "pipemare_warmup", "num_samples", "char_dim", "char_context",
         "char_batch", "char_train_windows", "char_epochs", "char_max_epochs", "char_val_windows",
+        "sgd_lr", "adam_lr", "char_lr",
     )  # fmt: skip
     cfg = _common.parse_config(
         Config, argv, __doc__, choices=choices, check=check, positive=positive

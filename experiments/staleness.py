@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,7 +38,14 @@ class Config:
     out: str = "runs/staleness"  # results.json, traces and PNGs
 
 
-def make_graph(cfg: Config) -> ann.Graph:
+class Widths(Protocol):
+    """What :func:`make_graph` reads of a config (policy_zoo.py passes its own Config)."""
+
+    @property
+    def width(self) -> int: ...
+
+
+def make_graph(cfg: Widths) -> ann.Graph:
     """One Linear (+ ReLU) per stage: 40-w, w-w, w-w, w-10."""
     w = cfg.width
     return ann.Graph.sequential(
@@ -145,7 +152,7 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     positive = ("width", "epochs", "batch_size", "pipedream_microbatches", "max_active_keys",
-                "num_samples")  # fmt: skip
+                "num_samples", "lr")  # fmt: skip
     cfg = _common.parse_config(Config, argv, __doc__, positive=positive)
     os.makedirs(cfg.out, exist_ok=True)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)

@@ -61,7 +61,13 @@ class SyntheticGradientLayer(ann.LayerActor):
     #: node name -> relative squared error of each key's synthetic gradient (a report only)
     synth_losses: ClassVar[dict[str, list[float]]] = {}
 
-    def setup(self, synth_lr: float = 1e-3, upstream: str = "synthetic") -> None:
+    def setup(self, synth_lr: float = 1e-3, upstream: str = "synthetic", **others: Any) -> None:
+        # ``**others`` keeps LayerActor.setup's signature (it takes any actor_args), for mypy
+        if others:
+            raise TypeError(
+                f"layer {self.name!r}: {type(self).__name__} takes the actor_args synth_lr and "
+                f"upstream, not {sorted(others)}"
+            )
         if upstream not in ("synthetic", "none"):
             raise ValueError(f"upstream must be 'synthetic' or 'none', got {upstream!r}")
         self.synth_lr, self.upstream = float(synth_lr), upstream
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "policies": ("Sync", "PipeDream"),
         "upstream": ("synthetic", "none"),
     }
-    positive = ("width", "hidden_stages", "epochs", "batch_size", "num_samples")
+    positive = ("width", "hidden_stages", "epochs", "batch_size", "num_samples", "lr", "synth_lr")
     cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=positive)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     start = time.perf_counter()

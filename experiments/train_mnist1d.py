@@ -88,7 +88,7 @@ def train_one(
         rng_seed=cfg.seed if stochastic else None,
     )  # fmt: skip
     train_s = time.perf_counter() - start
-    result = {
+    result: dict[str, Any] = {
         "model": name,
         "steps": len(losses),
         "train_seconds": round(train_s, 3),
@@ -156,9 +156,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-# Fields that count or size something; seeds may be 0, and no number may be negative.
+# Fields that count or size something, and the learning rates (0 trains nothing); seeds may be
+# 0, and no number may be negative.
 POSITIVE = ("num_samples", "mlp_width", "mlp_epochs", "mlp_batch_size", "cnn_channels",
-            "cnn_epochs", "cnn_batch_size")  # fmt: skip
+            "cnn_epochs", "cnn_batch_size", "mlp_lr", "cnn_lr")  # fmt: skip
 
 
 def check(cfg: Config) -> str | None:

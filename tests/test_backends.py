@@ -229,7 +229,12 @@ def test_tune_allocator_refuses_negative_or_fractional_thresholds(monkeypatch: A
     import asyncnn.backends._alloc as alloc
 
     called: list[Any] = []
-    monkeypatch.setattr(alloc, "_mallopt", lambda: lambda *args: called.append(args) or 1)
+
+    def mallopt(*args: Any) -> int:
+        called.append(args)
+        return 1
+
+    monkeypatch.setattr(alloc, "_mallopt", lambda: mallopt)
     monkeypatch.setattr(alloc, "_applied", {})
     with pytest.raises(ValueError, match="mmap_threshold must be at least 0"):
         alloc.tune_allocator(mmap_threshold=-1)
@@ -254,6 +259,23 @@ def test_bfloat16_without_ml_dtypes_says_to_install_it() -> None:
         be.dtype("bfloat16")
     with pytest.raises(ValueError, match=r"^unknown dtype 'float33'$"):  # no hint where none helps
         be.dtype("float33")
+
+
+def test_asarray_of_bfloat16_without_ml_dtypes_says_to_install_it() -> None:
+    # asarray handed the name to numpy, whose TypeError ("data type 'bfloat16' not
+    # understood") did not say that a package was missing
+    from asyncnn.backends._dtypes import BFLOAT16
+
+    be = get_backend("cpu")
+    if BFLOAT16 is not None:  # ml_dtypes installed: numpy knows the name
+        assert be.asarray([1.5], dtype="bfloat16").dtype == BFLOAT16
+        return
+    with pytest.raises(ValueError, match=r"unknown dtype 'bfloat16' \(.*pip install ml_dtypes\)"):
+        be.asarray([1.5], dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"^unknown dtype 'float33'$"):
+        be.asarray([1.5], dtype="float33")
+    with pytest.raises(TypeError, match="float"):  # a bad value, not the dtype: numpy's own error
+        be.asarray([object()], dtype="float32")
 
 
 def test_is_floating_says_no_for_none() -> None:

@@ -51,6 +51,30 @@ def test_bad_options_are_named(kw, error, match):
         RunConfig(**kw)
 
 
+def test_bfloat16_without_ml_dtypes_says_to_install_it():
+    # (it said only "dtype 'bfloat16' is not a dtype numpy knows", not how to get it)
+    from asyncnn.backends._dtypes import BFLOAT16
+
+    if BFLOAT16 is not None:  # ml_dtypes installed: numpy knows the name
+        assert RunConfig(dtype="bfloat16").dtype == "bfloat16"
+        return
+    with pytest.raises(ValueError, match=r"dtype 'bfloat16' .*\(.*pip install ml_dtypes\)"):
+        RunConfig(dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"^dtype 'float33' is not a dtype numpy knows$"):
+        RunConfig(dtype="float33")
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool", "complex64", "U5"])
+def test_a_dtype_that_is_not_floating_is_refused_by_name(dtype):
+    # it was taken, and failed later at the first layer's init as that layer's error
+    with pytest.raises(ValueError, match=rf"dtype must name a floating dtype.*got '{dtype}'"):
+        RunConfig(dtype=dtype)
+    with pytest.raises(ValueError, match="floating dtype"):
+        ann.Trainer(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype=dtype
+        )
+
+
 def test_numpy_scalars_and_path_objects_are_taken_as_what_they_are(tmp_path):
     # a stall timeout of np.float32(5) (read from a config file) was refused as not a number
     cfg = RunConfig(

@@ -56,6 +56,18 @@ def test_positive_must_name_fields():
         _common.parse_config(Config, [], positive=("epoch",))
 
 
+def test_positive_is_required_and_names_only_numbers() -> None:
+    # it defaulted to (): a script that forgot it (multi_gpu.py) took --steps 0 and --max-k 0,
+    # and failed deep in the run or wrote an empty table
+    with pytest.raises(TypeError, match="positive"):
+        _common.parse_config(Config, [])
+    with pytest.raises(ValueError, match=r"not numbers: \['quick'\]"):
+        _common.parse_config(Config, [], positive=("epochs", "quick"))
+    with pytest.raises(TypeError, match="collection of field names"):
+        _common.parse_config(Config, [], positive="epochs")
+    assert _common.parse_config(Config, ["--epochs", "0"], positive=()).epochs == 0
+
+
 @pytest.mark.parametrize(
     ("value", "kwargs", "problem"),
     [

@@ -19,6 +19,37 @@ def test_tiny_run_writes_results_and_figures(tmp_path: Path) -> None:
     assert set(runs["backprop", "Sync"]["head_test_accuracy"]) == {"head2"}
     for name in ("local_learning_curves.png", "local_learning_heads_time.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    # the table's "best (epoch)" column showed the accuracy alone (and no table was written)
+    for r in results["runs"]:
+        best = r["test_accuracy_per_epoch"][r["best_epoch"] - 1]
+        assert best == r["best_test_accuracy"] == max(r["test_accuracy_per_epoch"])
+    table = (tmp_path / "local_learning.md").read_text()
+    assert table == results["table"] and len(table.splitlines()) == 2 + 4
+    r = runs["local", "Sync"]
+    assert f"| local / Sync | {r['test_accuracy']:.3f}" in table.replace("**", "")
+    assert f"| {r['best_test_accuracy']:.3f} ({r['best_epoch']}) |" in table
+
+
+def test_the_table_gives_the_best_epoch_and_marks_the_better_method() -> None:
+    cfg = local_learning.Config(stages=2)
+
+    def run(method: str, final: float, heads: dict[str, float]) -> dict[str, object]:
+        return {"method": method, "policy": "Sync", "label": f"{method} / Sync",
+                "test_accuracy": final, "best_test_accuracy": 0.7, "best_epoch": 12,
+                "head_test_accuracy": heads, "seconds": 3.981, "samples_per_second": 30145.2,
+                "mean_busy_actors": 0.84}  # fmt: skip
+
+    table = local_learning.markdown_table(
+        cfg, [run("backprop", 0.669, {"head1": 0.669}), run("local", 0.6214, {"head0": 0.5,
+                                                                               "head1": 0.6214})]
+    )  # fmt: skip
+    assert table.splitlines() == [
+        "| method / policy | final head test acc. | best (epoch) | head0 | head1 | wall time (s) "
+        "| samples/s | actors busy (mean) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| backprop / Sync | **0.669** | 0.700 (12) | – | 0.669 | 3.98 | 30,145 | 0.84 |",
+        "| local / Sync | 0.621 | 0.700 (12) | 0.500 | 0.621 | 3.98 | 30,145 | 0.84 |",
+    ]
 
 
 def test_stop_gradient_cuts_the_stages() -> None:
@@ -71,6 +102,8 @@ def test_no_backward_message_crosses_a_stage(tmp_path: Path) -> None:
         (["--policies", "Sync", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
         (["--epochs", "1", "--stages", "0"], "argument --stages: must be > 0, got 0"),
         (["--epochs", "1", "--lr", "-0.001"], "argument --lr: must be >= 0, got -0.001"),
+        # a rate of 0 trains nothing: both methods sat at their initial accuracy
+        (["--epochs", "1", "--lr", "0"], "argument --lr: must be > 0, got 0.0"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type: ignore[no-untyped-def]

@@ -58,6 +58,12 @@ def test_gpipe_bubble_bound() -> None:
     ("argv", "message"),
     [
         (["--cpu-smoke", "true", "--policies", "zb"], "argument --policies: invalid choice: 'zb'"),
+        # 0 made an empty batch (a traceback), an empty table or a copy never timed
+        (["--cpu-smoke", "true", "--steps", "0"], "argument --steps: must be > 0, got 0"),
+        (["--cpu-smoke", "true", "--max-k", "0"], "argument --max-k: must be > 0, got 0"),
+        (["--cpu-smoke", "true", "--copy-mib", "4", "0"], "argument --copy-mib: must be > 0"),
+        (["--cpu-smoke", "true", "--time-budget-s", "0"], "--time-budget-s: must be > 0"),
+        (["--cpu-smoke", "true", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type: ignore[no-untyped-def]

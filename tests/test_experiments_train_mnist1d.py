@@ -24,6 +24,7 @@ def test_tiny_run_writes_both_models(tmp_path):
         (["--skip-cnn", "--mlp-epochs", "-1"], "argument --mlp-epochs: must be >= 0, got -1"),
         (["--skip-cnn", "--mlp-batch-size", "0"], "argument --mlp-batch-size: must be > 0"),
         (["--skip-mlp", "--cnn-lr", "-0.1"], "argument --cnn-lr: must be >= 0, got -0.1"),
+        (["--skip-mlp", "--cnn-lr", "0"], "argument --cnn-lr: must be > 0, got 0.0"),
         (["--skip-cnn", "--mlp-dropout", "1"], "argument --mlp-dropout: must be in [0, 1)"),
     ],
 )

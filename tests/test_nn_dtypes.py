@@ -297,7 +297,9 @@ def test_an_integer_mse_target_is_taken_in_the_predictions_dtype(
     assert value.dtype == np.dtype(pred_dtype)
     np.testing.assert_array_equal(to_numpy(value), want)  # the same as a float target's
     # the same as one primitive (the loss actor's path) and under vjp
-    prim, args, kwargs = loss.primitive_call(backend.asarray(pred), backend.asarray(target))
+    call = loss.primitive_call(backend.asarray(pred), backend.asarray(target))
+    assert call is not None  # MSELoss itself is one primitive
+    prim, args, kwargs = call
     out, direct = primitive_vjp(prim, args, kwargs, [0])
     assert out.dtype == np.dtype(pred_dtype)
     np.testing.assert_array_equal(to_numpy(out), want)
@@ -324,7 +326,12 @@ REFUSED_PREDICTIONS = [
 @pytest.mark.parametrize("dtype", ALL_INTEGRAL)
 @pytest.mark.parametrize(("loss", "named", "what", "second"), REFUSED_PREDICTIONS)
 def test_losses_refuse_an_integer_prediction(
-    backend: Backend, loss: nn.Module, named: str, what: str, second: Any, dtype: str
+    backend: Backend,
+    loss: nn.MSELoss | nn.CrossEntropyLoss,
+    named: str,
+    what: str,
+    second: Any,
+    dtype: str,
 ) -> None:
     # an integer prediction comes from no parameter (they are floats, and integers are not
     # traced), so no gradient would reach the model; torch refuses it too (or promotes it)

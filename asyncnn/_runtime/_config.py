@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import is_floating
+from asyncnn.backends._dtypes import unknown_dtype_hint
+
 __all__ = ["PAYLOAD_MODES", "RunConfig"]
 
 #: what a trace keeps besides digests: the data fed in, every message, or nothing
@@ -63,7 +66,13 @@ class RunConfig:
         try:
             dt = np.dtype(self.dtype)
         except TypeError as exc:
-            raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows") from exc
+            hint = unknown_dtype_hint(self.dtype)
+            raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows{hint}") from exc
+        if not is_floating(dt):  # parameters in it would fail later, at a layer, not here
+            raise ValueError(
+                f"dtype must name a floating dtype, such as 'float32' or 'float64'; got "
+                f"{self.dtype!r} ({dt})"
+            )
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "dtype", str(dt))
         # numpy's scalars are numbers.Real too (np.float32(5) read from a config file);
