@@ -20,12 +20,16 @@ __all__ = ["check_inputs", "check_labels", "check_params", "needed_inputs", "req
 def check_labels(
     graph: Graph, shapes: Mapping[str, tuple[int, ...]], data: Mapping[str, Any]
 ) -> None:
-    """Checks the integer labels of each cross-entropy loss against its class count.
+    """Checks the integer labels of each cross-entropy loss against its class count, and the
+    ids that each layer starting with an Embedding reads from an input against its table (on a
+    GPU an id out of range is not an error there: its row is NaN).
 
     Raises:
         ValueError: naming the input, the first bad row, its value and the valid range.
     """
     from ._math._nn import CrossEntropyLoss
+
+    _check_ids(graph, data)
 
     for name in graph.losses:
         node = graph.nodes[name]
@@ -53,6 +57,33 @@ def check_labels(
                 f"input {labels!r}: label {int(part[index])} at {where} is out of range for loss "
                 f"{name!r} ({type(node.module).__name__} over the {classes} classes of "
                 f"{logits!r}): labels must be in 0..{classes - 1}"
+            )
+
+
+def _check_ids(graph: Graph, data: Mapping[str, Any]) -> None:
+    """The ids of each input read by an Embedding against its table (see :func:`check_labels`)."""
+    from ._math._nn._linear import first_embedding
+
+    for name, node in graph.nodes.items():
+        embedding = first_embedding(node.module) if node.kind == "layer" else None
+        if embedding is None or not node.inputs or node.inputs[0] not in data:
+            continue
+        ids = data[node.inputs[0]]
+        if graph.nodes[node.inputs[0]].kind != "input" or np.dtype(ids.dtype).kind not in "iu":
+            continue  # (float ids: the graph's check has refused them)
+        n = embedding.num_embeddings
+        for start, chunk in row_chunks(ids):
+            part = np.asarray(to_numpy(chunk))
+            bad = (part < 0) | (part >= n)
+            if not bad.any():
+                continue
+            index = np.unravel_index(int(np.argmax(bad)), part.shape)
+            at = (start + int(index[0]), *(int(i) for i in index[1:]))
+            where = f"row {at[0]}" if len(at) == 1 else f"index {at}"
+            raise ValueError(
+                f"input {node.inputs[0]!r}: id {int(part[index])} at {where} is out of range for "
+                f"layer {name!r} ({embedding!r}): ids must be in 0..{n - 1}; map them into that "
+                "range, or make num_embeddings as large as the vocabulary"
             )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_CLASSES",
     "cross_entropy_grad",
     "cross_entropy_rows",
+    "embedding_rows",
     "fits",
     "half_sum",
     "reduce_losses",
@@ -86,6 +87,14 @@ _RELU = "const A v = (A)x; y = (v > (A)0 || v != v) ? x : (T)(A)0;"
 _RELU_GRAD = "grad = (T)((A)g * (((A)out > (A)0) ? (A)1 : (A)0));"
 
 
+# out[..., j] = w[id, j] for an id in [0, n), else NaN (A: float, or double for float64, as for
+# the ReLU: a 16-bit T is built from a float); ids of an unsigned type past 2**63 turn negative
+_EMBEDDING = r"""
+const long long id = (long long)ids[i / d];
+out = (id >= 0 && id < n) ? w[id * d + i % d] : (T)(A)nan("");
+"""
+
+
 @functools.cache
 def _forward() -> Any:
     return cupy.ElementwiseKernel(
@@ -114,6 +123,28 @@ def _relu_forward(ctype: str) -> Any:
     return cupy.ElementwiseKernel(
         "T x", "T y", _RELU, f"asyncnn_relu_{ctype}", preamble=f"typedef {ctype} A;"
     )
+
+
+@functools.cache
+def _embedding(ctype: str) -> Any:
+    return cupy.ElementwiseKernel(
+        "raw T w, raw I ids, int64 n, int64 d", "T out", _EMBEDDING,
+        f"asyncnn_embedding_rows_{ctype}", preamble=f"typedef {ctype} A;",
+    )  # fmt: skip
+
+
+def embedding_rows(weight: Any, ids: Any) -> Any:
+    """``weight[ids]`` for a float (n, d) ``weight`` and integer ``ids`` of any shape, in one
+    kernel: ``ids.shape + (d,)``, with NaN rows where an id is outside ``[0, n)`` (negative
+    ones included: they are not counted from the end)."""
+    n, d = weight.shape
+    out = cupy.empty((*ids.shape, d), dtype=weight.dtype)
+    # raw arrays are read by flat index: both C-contiguous and flat (a copy only for views)
+    w = cupy.ascontiguousarray(weight).reshape(-1)
+    flat = cupy.ascontiguousarray(ids).reshape(-1)
+    ctype = "double" if weight.dtype == np.float64 else "float"
+    _embedding(ctype)(w, flat, np.int64(n), np.int64(d), out)
+    return out
 
 
 def relu(x: Any) -> Any:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import ops
+from asyncnn import nn, ops
 from asyncnn.backends import BFLOAT16
 
 from conftest import HAS_CUDA
@@ -345,3 +345,90 @@ def test_the_loss_primitive_on_gpu_labels_equals_its_trace(
             (ref_grad,) = ref_pullback(seed)
         _same_bits_but_nan_payloads(value, ref_value)
         _same_bits_but_nan_payloads(grad, ref_grad)
+
+
+# -- embedding rows of GPU ids ----------------------------------------------------------------------
+def _embedding_value_and_grad(weight: Any, ids: Any) -> tuple[Any, Any]:
+    import cupy
+
+    out, pullback = ann.vjp(lambda w: ops.embedding(w, ids), weight)
+    (grad,) = pullback(cupy.ones_like(out))  # (a bad id's row too: its gradient is dropped)
+    return out, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_dtype", ["int64", "int32", "uint8"])
+def test_fused_embedding_rows_equal_the_array_code_nan_for_ids_outside_the_table(
+    dtype: str, id_dtype: str, monkeypatch: Any
+) -> None:
+    # cupy's take wraps an id (5 read row 0 of five, -1 row 4): a bad id trained another row
+    import cupy
+
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    table = np.random.default_rng(3).standard_normal((5, 6)).astype(np.float32).astype(dt)
+    weight = cupy.asarray(table)
+    neg = 3 if id_dtype == "uint8" else -1
+    host = np.array([[0, 5, 4, 200], [neg, 4, 2, 1]], dtype=id_dtype)
+    ids = cupy.asarray(np.concatenate([host, host], axis=1))[:, ::2]  # a view: read via a copy
+    (out, grad), (want_out, want_grad) = _fused_and_array(
+        monkeypatch, "embedding_rows", lambda: _embedding_value_and_grad(weight, ids)
+    )
+    good = (host >= 0) & (host < 5)
+    assert out.shape == (2, 4, 6) and out.dtype == weight.dtype
+    assert _same_bits_but_nan_payloads(out, want_out) == 6 * int((~good).sum())
+    got = cupy.asnumpy(out)
+    assert np.isnan(got[~good].astype(np.float64)).all()
+    np.testing.assert_array_equal(got[good], table[host[good]])
+    assert _same_bits_but_nan_payloads(grad, want_grad) == 0
+    counts = np.zeros(5)
+    np.add.at(counts, host[good], 1.0)  # no gradient for a bad id, wrapped or not
+    want = np.broadcast_to(counts[:, None], table.shape)
+    np.testing.assert_array_equal(cupy.asnumpy(grad).astype(np.float64), want)
+
+
+def test_an_embedding_of_gpu_ids_reads_nothing_back_to_the_host(monkeypatch: Any) -> None:
+    import cupy
+
+    from asyncnn._math import _ops_nn
+
+    def no_read(ids: Any) -> Any:
+        raise AssertionError("a GPU id was read back to the host")
+
+    emb = nn.Embedding(4, 3)
+    params = emb.init(0, backend="cupy")
+    monkeypatch.setattr(_ops_nn, "id_range", no_read)
+    out = cupy.asnumpy(emb(params, cupy.asarray([[1, 4], [-1, 0]])))
+    assert np.isnan(out[[0, 1], [1, 0]]).all() and np.isfinite(out[[0, 1], [0, 1]]).all()
+    with pytest.raises(AssertionError, match="read back"):  # but a numpy id is checked
+        emb(params, np.array([5]))
+
+
+def test_gpu_ids_into_an_integer_table_are_checked_on_the_host() -> None:
+    import cupy
+
+    table = cupy.arange(10).reshape(5, 2)  # no NaN for a bad id's row: checked instead
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match=rf"embedding: id {bad} is outside \[0, 5\)"):
+            ops.embedding(table, cupy.asarray([0, bad]))
+    assert cupy.asnumpy(ops.embedding(table, cupy.asarray([4]))).tolist() == [[8, 9]]
+
+
+def test_a_gpu_run_names_the_embedding_id_outside_its_table() -> None:
+    from asyncnn import optim, policies
+
+    def model() -> Any:
+        return ann.Graph.sequential(
+            [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=nn.CrossEntropyLoss(),
+            input_shape=(None, 4), input_dtype="int64", devices=["cuda:0"],
+        )  # fmt: skip
+
+    x = np.arange(32).reshape(8, 4) % 10
+    x[5, 2] = 10
+    data = {"x": x, "y": np.zeros(8, dtype=np.int64)}
+    kw: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync(), "seed": 0}
+    with pytest.raises(ValueError, match=r"input 'x': id 10 at index \(5, 2\) .* 'stage0'"):
+        ann.Trainer(model(), **kw).fit(data, batch_size=4)  # the host's check of the data
+    losses = ann.Trainer(model(), **kw).fit(data, batch_size=4, check_data=False).losses
+    assert np.isfinite(losses[0]) and np.isnan(losses[1])  # the row's NaN, not another row
+    with pytest.raises(ann.ActorError, match=r"'stage0' produced NaN.*got id 10 at ids\[1, 2\]"):
+        ann.Trainer(model(), check_finite=True, **kw).fit(data, batch_size=4, check_data=False)

@@ -859,3 +859,59 @@ def test_sequential_takes_its_field_by_name_so_dataclasses_replace_works() -> No
         nn.Sequential(nn.ReLU(), modules=[nn.Tanh()])
     with pytest.raises(TypeError, match="argument 1 is str, not an nn.Module"):
         nn.Sequential(modules=[nn.ReLU(), "relu"])  # type: ignore[list-item]
+
+
+# -- Embedding ids outside the table in a run ----------------------------------------------------
+def _token_model() -> Any:
+    import asyncnn as ann
+
+    return ann.Graph.sequential(
+        [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+
+
+def _token_data(bad: int) -> dict[str, Any]:
+    x = np.arange(32).reshape(8, 4) % 10
+    x[5, 2] = bad  # row 1 of the second minibatch of 4
+    return {"x": x, "y": np.zeros(8, dtype=np.int64)}
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_the_trainer_checks_embedding_ids_before_any_compute(bad: int) -> None:
+    # (on a GPU a bad id is no error in the layer: its row is NaN, and the loss with it)
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    tr = ann.Trainer(_token_model(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=0)
+    before = _np(tr.params)
+    want = (
+        rf"input 'x': id {bad} at index \(5, 2\) is out of range for layer 'stage0' "
+        r"\(Embedding\(num_embeddings=10, embedding_dim=3\)\): ids must be in 0\.\.9"
+    )
+    with pytest.raises(ValueError, match=want):
+        tr.fit(_token_data(bad), batch_size=4)
+    with pytest.raises(ValueError, match=want):
+        tr.evaluate(_token_data(bad), batch_size=4)
+    np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], before["stage0"][0]["weight"])
+
+
+def test_check_finite_names_the_embedding_ids_that_made_gpu_rows_nan(monkeypatch: Any) -> None:
+    import asyncnn as ann
+    from asyncnn import optim, policies
+    from asyncnn._math import _ops_nn
+
+    # ids as on a GPU, not read back by the layer: the row of a bad id comes out NaN
+    monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+    kw: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync(), "seed": 0}
+    hist = ann.Trainer(_token_model(), **kw).fit(_token_data(-1), batch_size=4, check_data=False)
+    losses = hist.losses
+    assert np.isfinite(losses[0]) and np.isnan(losses[1])
+    tr = ann.Trainer(_token_model(), check_finite=True, **kw)
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(_token_data(-1), batch_size=4, check_data=False)
+    err = info.value
+    assert (err.actor, err.kind, err.key) == ("stage0", "forward", 1)
+    assert isinstance(err.__cause__, IndexError)
+    assert str(err).startswith("actor 'stage0' produced NaN or Inf in its forward of key 1")
+    assert "Embedding(num_embeddings=10, embedding_dim=3) got id -1 at ids[1, 2]" in str(err)

@@ -1009,3 +1009,45 @@ def test_a_numpy_scalar_embedding_id_out_of_range_is_refused(bad: int, said: str
     with pytest.raises(IndexError, match=rf"embedding: id {said} is outside \[0, 5\)"):
         ops.embedding(weight, np.int64(bad))
     np.testing.assert_array_equal(ops.embedding(weight, np.int64(4)), weight[4])
+
+
+def _ids_as_on_a_gpu(monkeypatch: Any) -> None:
+    """In ``monkeypatch``'s context numpy ids take the path of GPU ids, not read back to the
+    host: the array code that cupy runs without its fused kernels."""
+    from asyncnn._math import _ops_nn
+
+    monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "big"), [("int64", 5), ("int32", 7), ("uint8", 255), ("uint64", 2**63 + 4)]
+)
+def test_embedding_gives_gpu_ids_outside_the_table_nan_rows_and_no_gradient(
+    dtype: str, big: int, monkeypatch: Any
+) -> None:
+    # cupy's take wraps an id: 5 read row 0 and -1 row 4 of five, and the gradient went there
+    _ids_as_on_a_gpu(monkeypatch)
+    weight = np.arange(10.0).reshape(5, 2)
+    neg = 0 if dtype.startswith("u") else -1  # (no negative unsigned id)
+    ids = np.array([[0, big, 4], [neg, 4, 2]], dtype=dtype)
+    out, pullback = ann.vjp(lambda w: ops.embedding(w, ids), weight)
+    good = (ids >= 0) & (ids < 5)
+    assert np.isnan(out[~good]).all() and out.shape == (2, 3, 2)
+    np.testing.assert_array_equal(out[good], weight[ids[good]])
+    (grad,) = pullback(np.ones_like(out))
+    want = np.zeros_like(weight)
+    np.add.at(want, ids[good], 1.0)  # each good id's row once per use; the bad ones nowhere
+    np.testing.assert_array_equal(grad, want)
+    assert ann.vjp(lambda w: ops.embedding(w, ids[:0]), weight)[0].shape == (0, 3, 2)
+
+
+def test_embedding_of_gpu_ids_into_an_integer_table_checks_them_on_the_host(
+    monkeypatch: Any,
+) -> None:
+    # an integer row has no NaN to mark a bad id with: it would come out as another row's ints
+    _ids_as_on_a_gpu(monkeypatch)
+    table = np.arange(10).reshape(5, 2)
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match=rf"embedding: id {bad} is outside \[0, 5\)"):
+            ops.embedding(table, np.array([0, bad, 2]))
+    np.testing.assert_array_equal(ops.embedding(table, np.array([4, 0])), table[[4, 0]])

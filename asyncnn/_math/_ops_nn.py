@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import is_floating
+from asyncnn.backends import array_namespace, is_floating, to_numpy
 
 from ._autodiff import Primitive
-from ._ops import PRIMITIVES, raw, take
+from ._ops import PRIMITIVES, raw
 from ._rules_array import check_axis
 from ._rules_nn import RULES, out_size
 
@@ -385,14 +385,27 @@ def _check_mse(pred: Any, target: Any, reduction: str) -> None:
         )
 
 
+def ids_on_host(ids: Any) -> bool:
+    """Whether integer ``ids`` are read on the host (numpy arrays and scalars), where a range
+    check costs no device round trip; GPU ids are guarded on the device instead."""
+    return isinstance(ids, np.ndarray | np.generic)
+
+
 def embedding(weight: Any, ids: Any) -> Any:
     """Rows of ``weight`` (n, d) at integer ``ids`` of any shape: the result is ids.shape + (d,).
+
+    As in torch, a negative id is not counted from the end: every id must be in ``[0, n)``.
+    numpy ids are checked on the host. GPU ids are not read back (a round trip to the host on
+    every step, which a CUDA graph cannot capture): the row of an id outside ``[0, n)`` comes
+    out NaN, so the loss does too (``check_finite=True`` names the layer and the ids), and its
+    gradient reaches no row of ``weight``; an integer ``weight`` has no NaN, so its GPU ids are
+    checked on the host.
 
     Raises:
         TypeError: when ids are not integers.
         ValueError: when weight is not 2-D.
-        IndexError: when an id is outside [0, n) (numpy ids, arrays or scalars; as torch, a
-            negative id is not counted from the end).
+        IndexError: when an id is outside [0, n) (numpy ids, arrays or scalars, or GPU ids of
+            an integer ``weight``).
     """
     ids = raw(ids)
     kind = getattr(getattr(ids, "dtype", None), "kind", None)
@@ -404,12 +417,22 @@ def embedding(weight: Any, ids: Any) -> Any:
     ws = _shape(weight)
     if len(ws) != 2:
         raise ValueError(f"embedding: weight must have shape (n, d), got {ws}")
-    # (a numpy scalar id too: np.int64(-1) read the last row without a word)
-    if isinstance(ids, np.ndarray | np.generic) and ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
+    guard = not ids_on_host(ids) and is_floating(getattr(raw(weight), "dtype", None))
+    if not guard and ids.size:
+        # (a numpy scalar id too: np.int64(-1) read the last row without a word)
+        lo, hi = id_range(ids)
         if lo < 0 or hi >= ws[0]:
             raise IndexError(
                 f"embedding: id {lo if lo < 0 else hi} is outside [0, {ws[0]}) for a weight of "
                 f"shape {ws}"
             )
-    return take(weight, ids, axis=0)
+    return _P["embedding"](weight, ids, guard=guard)
+
+
+def id_range(ids: Any) -> tuple[int, int]:
+    """``(min, max)`` of non-empty integer ``ids`` as Python ints, read in one copy to the host
+    for GPU ids."""
+    if ids_on_host(ids):
+        return int(ids.min()), int(ids.max())
+    lo, hi = (int(v) for v in to_numpy(array_namespace(ids).stack([ids.min(), ids.max()])))
+    return lo, hi

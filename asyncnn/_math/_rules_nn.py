@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_mean, acc_sum, fused_nn_kernels_of, is_half
+from asyncnn.backends import acc_mean, acc_sum, fused_nn_kernels_of, is_half, scatter_add
 from asyncnn.backends import array_namespace as ns
 from asyncnn.backends._parallel import narrowed
 
@@ -406,6 +406,46 @@ def _mse_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     )
 
 
+# -- embedding ------------------------------------------------------------------------------------
+def _embedding(weight: Any, ids: Any, guard: bool) -> tuple[Any, Any]:
+    """Rows of ``weight`` at ``ids``; with ``guard`` (ids on a GPU, not checked on the host), the
+    row of an id outside ``[0, n)`` is NaN instead of the row cupy's take would wrap it to."""
+    xp = ns(weight)
+    if not guard:  # (ids checked on the host)
+        return xp.take(weight, ids, axis=0), (weight.shape, ids, guard)
+    fused = fused_nn_kernels_of(weight)
+    if fused is not None:
+        out = fused.embedding_rows(weight, ids)  # one kernel instead of the six below
+    else:
+        bad = (ids < 0) | (ids >= weight.shape[0])
+        if weight.shape[0] == 0:  # (no row to read: every row is NaN)
+            out = xp.full((*ids.shape, *weight.shape[1:]), np.nan, dtype=weight.dtype)
+        else:
+            out = xp.take(weight, xp.where(bad, 0, ids), axis=0)
+            nan = xp.asarray(np.nan, dtype=out.dtype)  # (a Python NaN could widen a bfloat16)
+            out = xp.where(bad[..., None], nan, out)
+    return out, (weight.shape, ids, guard)
+
+
+def _embedding_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
+    shape, ids, guard = res
+    if not needs[0]:
+        return None, None
+    xp = ns(g)
+    n = shape[0]
+    ids = xp.asarray(ids)  # (a numpy scalar id takes as an array does)
+    if not guard:
+        out = xp.zeros(shape, dtype=g.dtype)
+        scatter_add(out, ids, g)  # an id may repeat: its gradients add up
+        return out, None
+    # an id outside the table sends its gradient to a spare row past the end, then dropped:
+    # cupy's add.at would wrap it into a row the forward never read
+    spare = xp.where((ids >= 0) & (ids < n), ids.astype(xp.int64), n)
+    out = xp.zeros((n + 1, *shape[1:]), dtype=g.dtype)
+    scatter_add(out, spare, g)
+    return out[:n], None
+
+
 RULES: dict[str, tuple[Forward, VjpRule]] = {
     "softmax": (_softmax, _softmax_vjp),
     "log_softmax": (_log_softmax, _log_softmax_vjp),
@@ -417,6 +457,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "dropout": (_dropout, _dropout_vjp),
     "cross_entropy": (_cross_entropy, _cross_entropy_vjp),
     "mse_loss": (_mse, _mse_vjp),
+    "embedding": (_embedding, _embedding_vjp),
 }
 
 

@@ -34,6 +34,7 @@ from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn import Sequential
+from asyncnn._math._nn._linear import first_embedding
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 
@@ -333,14 +334,27 @@ class LayerActor(Serving, HookChecks):
             out = await self.compute(apply, params, inputs, self._rng(key), cost=self._cost(rows))
             self._hold(key, (None, version, inputs), inputs, out)
         if self.ctx.checks_finite:
-            await self._check_finite(FORWARD, key, out)
+            await self._check_finite(FORWARD, key, out, inputs)
         return out
 
-    async def _check_finite(self, kind: str, key: int, value: Any) -> None:
-        """With ``check_finite``: waits for the device, then fails on NaN or Inf in ``value``."""
+    async def _check_finite(
+        self, kind: str, key: int, value: Any, inputs: list[Any] | None = None
+    ) -> None:
+        """With ``check_finite``: waits for the device, then fails on NaN or Inf in ``value``
+        (given the forward's ``inputs``, with the error of an Embedding's id out of range)."""
         if self.ctx.checks_finite:
             await self.wait_for_device()
-            self.ctx.check_finite(self.name, kind, key, value)
+            try:
+                self.ctx.check_finite(self.name, kind, key, value)
+            except ActorError as exc:
+                embedding = first_embedding(self.module)
+                if embedding is None or not inputs:
+                    raise
+                try:  # GPU ids make NaN rows, not an error: read them back, on this path only
+                    embedding.check_ids(inputs[0])
+                except IndexError as bad:
+                    raise ActorError(self.name, kind, key, f"{exc}: {bad}") from bad
+                raise
 
     def _apply(self, params: Any, inputs: list[Any], rng: Any) -> Any:
         return self.module(params, *self._to_device(inputs), rng=rng)

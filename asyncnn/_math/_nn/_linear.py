@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import to_numpy
+
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
@@ -80,11 +82,17 @@ class Embedding(Module):
     ``[0, num_embeddings)``; as in torch, a negative id is an error, not counted from the end.
     Rows looked up more than once get the sum of their gradients.
 
+    numpy ids are checked here. GPU ids are not read back, which would stop the host on every
+    step: the row of an id outside the table comes out NaN instead (so the loss is NaN) and its
+    gradient reaches no row of the table. ``Trainer.fit`` and ``evaluate`` check the ids of an
+    input read by an Embedding before any compute (``check_data``), and with
+    ``check_finite=True`` the run fails on the NaN with this module's ``IndexError``.
+
     Raises:
         TypeError: ids that are not an integer array (floats, bools, Python lists), naming the
             module and the ids' dtype.
-        IndexError: an id outside ``[0, num_embeddings)`` (numpy ids; a GPU array is not read
-            back to check), naming the module, the id and its position in ``ids``.
+        IndexError: an id outside ``[0, num_embeddings)`` (numpy ids), naming the module, the
+            id and its position in ``ids``.
     """
 
     num_embeddings: int
@@ -103,13 +111,25 @@ class Embedding(Module):
         kind = getattr(getattr(value, "dtype", None), "kind", None)
         if kind not in ("i", "u"):
             raise self._ids_type_error(value)
-        if isinstance(value, np.ndarray | np.generic) and value.size:
-            # (the op checks arrays too, but cannot name the module or the position, and lets
-            # a numpy scalar -1 through to take, which reads it as the last row)
-            lo, hi = int(value.min()), int(value.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise self._ids_range_error(np.asarray(value), lo if lo < 0 else hi)
+        if ops_nn.ids_on_host(value):
+            # (the op checks them too, but cannot name the module or the position)
+            self.check_ids(value)
         return ops_nn.embedding(params["weight"], ids)
+
+    def check_ids(self, ids: Any) -> None:
+        """Checks integer ``ids`` (numpy or GPU: read on the host, one copy) against the table.
+
+        Raises:
+            IndexError: an id outside ``[0, num_embeddings)``, naming the module, the id and its
+                position in ``ids``.
+        """
+        value = ops.raw(ids)
+        if not value.size:
+            return
+        lo, hi = ops_nn.id_range(value)
+        if lo < 0 or hi >= self.num_embeddings:
+            host = np.asarray(to_numpy(value))
+            raise self._ids_range_error(host, lo if lo < 0 else hi)
 
     def _ids_type_error(self, ids: Any) -> TypeError:
         dtype = getattr(ids, "dtype", None)
@@ -133,3 +153,13 @@ class Embedding(Module):
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         return (*input_shapes[0], self.embedding_dim)
+
+
+def first_embedding(module: Any) -> Embedding | None:
+    """The Embedding that reads ``module``'s first input: ``module`` itself, or the first module
+    of a Sequential (nested ones too); None if there is none."""
+    from ._containers import Sequential
+
+    while isinstance(module, Sequential) and module.modules:
+        module = module.modules[0]
+    return module if isinstance(module, Embedding) else None
