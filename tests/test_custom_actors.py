@@ -478,3 +478,22 @@ def test_an_async_setup_is_refused_when_the_layer_is_added(actor, hook):
         rf"be a plain def .* `def {hook}\(self, ...\)`",
     ):  # fmt: skip
         _actor_on_b(actor)
+
+
+class RunDtype(ann.LayerActor):
+    """Keeps the size of the run's dtype, as its context gives it, in its state."""
+
+    def actor_state(self) -> Any:
+        return {"itemsize": self.ctx.dtype.itemsize}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_context_gives_actors_the_runs_dtype(dtype):
+    # an actor with no floating parameter and integer inputs could not tell the run's dtype
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(6, 3), x, actor=RunDtype), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype=dtype)
+    tr.fit(_data(), batch_size=16)
+    assert tr.state.actor_states["b"]["itemsize"] == np.dtype(dtype).itemsize

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from asyncnn.backends import DevicePool
 
     from ._graph import Graph
@@ -46,6 +48,11 @@ class ActorContext:
         loss_reported: ``loss_reported(key, share, meta)``: a loss actor's key's share of its
             minibatch's loss (its value weighted by its rows, or whole for a summed loss).
         check_finite: ``check_finite(actor, kind, key, value)``: raises on NaN or Inf.
+        dtype: the run's floating dtype (``Trainer(dtype=...)``, as a numpy dtype): that of the
+            parameters, the floating inputs and the floating tensors actors send. An actor
+            whose own arrays do not tell it (a layer without parameters on integer inputs)
+            makes its floating results in it. None where whoever built the context gave none
+            (an actor then goes by the dtypes of its parameters and inputs).
     """
 
     graph: Graph
@@ -65,6 +72,7 @@ class ActorContext:
     backward_done: Callable[[str, int], None]
     loss_reported: Callable[[int, float, Mapping[str, Any]], None]
     check_finite: Callable[[str, str, int, Any], None]
+    dtype: np.dtype[Any] | None = None
 
     @property
     def inline_flops(self) -> float:

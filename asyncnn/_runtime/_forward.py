@@ -44,7 +44,7 @@ def forward_pass(
             continue
         if any(src not in values for src in node.inputs):
             continue
-        if node.kind == "layer" and plain_values(graph, name, params.get(name), values):
+        if node.kind == "layer" and plain_values(graph, name, params.get(name), values, dtype):
             continue  # a router, a merge, or a layer of an expert branch
         backend = get_backend(node.device)
         # cupy computes on the thread's current device: with stages on several GPUs, each node

@@ -29,6 +29,7 @@ from asyncnn._math._nn._routing import (
     gate_weights,
     topk_experts,
 )
+from asyncnn._math._ops import astype as ops_astype
 from asyncnn._math._ops import raw as ops_raw
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
@@ -96,9 +97,11 @@ class RouterActor(LayerActor):
             raw = np.asarray(self.backend.to_numpy(ops_raw(scores)))
             check_scores(f"router {self.name!r}", self.router.gate, raw)
             chosen.append(topk_experts(raw, self.router.k))
-        return gate_weights(
-            scores, chosen[0], self.router.gates, weights_dtype(inputs, self.float_dtype)
+        run_dtype = self.ctx.dtype
+        weights = gate_weights(
+            scores, chosen[0], self.router.gates, weights_dtype(inputs, self.float_dtype, run_dtype)
         )
+        return in_run_dtype(weights, run_dtype)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         x = inputs[0]
@@ -255,6 +258,12 @@ class MergeActor(LayerActor):
         self.routes: dict[int, Any] = {}
         # key -> (weights, each expert's (rows, route columns) on the device, branch outputs)
         self.saved: dict[int, tuple[Any, list[Any], list[Any]]] = {}
+        router = self.ctx.graph.nodes[self.node.inputs[0]]
+        self.router_name = router.name
+        self.router_k = int(router.module.k)
+        # asyncnn's router makes its routes right by construction; a custom one's values are
+        # checked (a pass over the (rows, k) route, already on the host for the gathers)
+        self.checks_route_values = router.custom_actor is not None
 
     def _file(self, msg: Any) -> None:
         if msg.kind == FORWARD and msg.slot == 0 and len(msg.tensors) > 1:
@@ -267,8 +276,10 @@ class MergeActor(LayerActor):
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         # the route's read and the gathers and sums run on this actor's stream (compute), after
         # the events of the messages that brought them
+        route_t = self.routes.pop(key, None)
+        self._check_route(key, inputs[0], route_t, meta.get("rows"))
         out, weights, picks, branches = await self.compute(
-            self._combine, key, inputs, self.routes.pop(key), cost=0
+            self._combine, key, inputs, route_t, cost=0
         )
         self.saved[key] = (weights, picks, branches)
         if self.ctx.checks_finite:
@@ -279,6 +290,8 @@ class MergeActor(LayerActor):
         self, key: int, inputs: list[Any], route_t: Any
     ) -> tuple[Any, Any, list[Any], list[Any]]:
         route = np.asarray(self.backend.to_numpy(route_t))
+        if self.checks_route_values:
+            self._check_route_values(key, route)
         inputs = self._to_device(inputs)
         weights, branches = inputs[0], inputs[1:]
         out = None
@@ -307,6 +320,75 @@ class MergeActor(LayerActor):
         if out is None:
             out = _all_dropped(self.ctx.graph, self.name, weights, xp)
         return out, weights, picks, list(branches)
+
+    def _route_error(self, key: int, what: str) -> ActorError:
+        return ActorError(
+            self.name, FORWARD, key,
+            f"merge {self.name!r}: for key {key}, router {self.router_name!r} sent {what}; the "
+            f"merge needs (weights, route): a route of shape (rows, k={self.router_k}) of int64 "
+            f"expert indices in [0, {len(self.node.inputs) - 1}) (-1 for a dropped choice; no "
+            "expert twice in a row) and floating weights of that shape, one row per row the "
+            "router was given (see docs/dynamic.md); fix what the router's on_forward returns "
+            "for its merge",
+        )  # fmt: skip
+
+    def _check_route(self, key: int, weights: Any, route: Any, rows: Any) -> None:
+        """Refuses a route (from a custom router) whose presence, shape or dtype breaks the
+        contract: it would fail deep in the gathers, or mix rows without a word. O(1): shapes
+        and dtypes only, no read of the values (which may be on a device)."""
+        if route is None:
+            raise self._route_error(key, "no route (only the weights)")
+        r_shape = getattr(route, "shape", None)
+        w_shape = getattr(weights, "shape", None)
+        r_dtype = getattr(route, "dtype", None)
+        w_dtype = getattr(weights, "dtype", None)
+        run_dtype = self.ctx.dtype
+        if (
+            r_shape is None
+            or len(r_shape) != 2
+            or r_shape[1] != self.router_k
+            or w_shape != r_shape
+            or (rows is not None and r_shape[0] != rows)
+            or r_dtype is None
+            or r_dtype.kind not in "iu"
+            # (weights in the run's dtype, the common case, are floating: no call)
+            or (w_dtype != run_dtype and (w_dtype is None or not is_floating(w_dtype)))
+        ):
+            what = (
+                f"a route of shape {r_shape} and dtype {r_dtype} with weights of shape "
+                f"{w_shape} and dtype {w_dtype}"
+            )
+            if rows is not None:
+                what += f" (the key has {rows} rows)"
+            raise self._route_error(key, what)
+        if run_dtype is not None and w_dtype != run_dtype:
+            raise self._route_error(
+                key, f"gate weights of dtype {w_dtype} in a {run_dtype} run (cast them: "
+                f"weights.astype({str(run_dtype)!r}))"
+            )  # fmt: skip
+
+    def _check_route_values(self, key: int, route: np.ndarray[Any, Any]) -> None:
+        """Refuses a custom router's route with an expert index out of range, or an expert
+        twice in one row (its rows would be lost, or summed once where they count twice)."""
+        experts = len(self.node.inputs) - 1
+        if not route.size:
+            return
+        bad = (route < -1) | (route >= experts)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise self._route_error(
+                key, f"a route with expert index {int(route[row, col])} (row {row}, column "
+                f"{col}) for its {experts} experts"
+            )  # fmt: skip
+        if route.shape[1] > 1:
+            ordered = np.sort(route, axis=1)
+            twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+            if twice.any():
+                row = int(np.argwhere(twice)[0][0])
+                raise self._route_error(
+                    key, f"a route that sends row {row} to the same expert twice "
+                    f"({route[row].tolist()})"
+                )  # fmt: skip
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
         weights, picks, branches = self.saved.pop(key)
@@ -344,7 +426,7 @@ def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
     would go to (and, with ``gates="normalized"``, whether the NaN reaches its weights at all)
     would depend on where the sort puts it. One pass over the ``(rows, experts)`` scores already
     on the host for the top-k."""
-    if raw.dtype.kind != "f" or not np.isnan(raw).any():
+    if not is_floating(raw.dtype) or not np.isnan(raw).any():  # (bfloat16 is kind "V")
         return
     row, expert = (int(i) for i in np.argwhere(np.isnan(raw))[0])
     raise ValueError(
@@ -354,10 +436,13 @@ def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
     )
 
 
-def weights_dtype(inputs: list[Any], params_dtype: Any) -> Any:
-    """The floating dtype a router weighs integer gate scores in: that of its input ``x`` (the
-    experts compute on its rows), else of the gate's parameters (the run's), else of another
-    input; float64 where none is floating (integer ids and a gate without parameters)."""
+def weights_dtype(inputs: list[Any], params_dtype: Any, run_dtype: Any = None) -> Any:
+    """The floating dtype a router weighs integer gate scores in: the run's where known (the
+    experts compute in it), else that of its input ``x``, else of the gate's parameters, else
+    of another input; float64 where none is floating (integer ids and a gate without
+    parameters, evaluated without a run's dtype)."""
+    if run_dtype is not None:
+        return run_dtype
     x = ops_raw(inputs[0])
     if _floating(x):
         return x.dtype
@@ -366,13 +451,27 @@ def weights_dtype(inputs: list[Any], params_dtype: Any) -> Any:
     return next((ops_raw(a).dtype for a in inputs[1:] if _floating(ops_raw(a))), np.float64)
 
 
+def in_run_dtype(weights: Any, run_dtype: Any) -> Any:
+    """The gate weights in the run's dtype (differentiably): a gate without parameters on
+    integer ids may score in float64 whatever the run, and float64 weights would make the
+    merge send its experts float64 gradients in a float32 run. As they are where the run's
+    dtype is unknown (None), or they are not floating."""
+    raw = ops_raw(weights)
+    if run_dtype is None or raw.dtype == run_dtype or not _floating(raw):
+        return weights
+    return ops_astype(weights, run_dtype)
+
+
 def _floating(a: Any) -> bool:
     dtype = getattr(a, "dtype", None)  # (np.dtype(None) is float64)
     return dtype is not None and is_floating(dtype)
 
 
-def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any) -> Any:
-    """Plain (non-actor) evaluation of a router: ``(x, weights, route)``."""
+def plain_route(
+    node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any = None
+) -> Any:
+    """Plain (non-actor) evaluation of a router: ``("routed", x, weights, route)``, the weights
+    in ``dtype`` (the run's) where given, as the router actor makes them."""
     router: Router = node.module
     inputs = [backend.asarray(values[s]) for s in node.inputs]
     scores = router.scores(params, *inputs)
@@ -381,19 +480,25 @@ def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any) -
     choice = topk_experts(raw, router.k)
     route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
     params_dtype = next((p.dtype for p in tree_leaves(params) if _floating(p)), None)
-    weights = gate_weights(scores, choice, router.gates, weights_dtype(inputs, params_dtype))
-    return ("routed", inputs[0], weights, route)
+    run_dtype = None if dtype is None else np.dtype(dtype)
+    weights = gate_weights(
+        scores, choice, router.gates, weights_dtype(inputs, params_dtype, run_dtype)
+    )
+    return ("routed", inputs[0], in_run_dtype(weights, run_dtype), route)
 
 
-def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any]) -> bool:
+def plain_values(
+    graph: Graph, name: str, params: Any, values: dict[str, Any], dtype: Any = None
+) -> bool:
     """Evaluates a routing node (or a layer of an expert branch) outside the actors, into
-    ``values``; returns False for other nodes. A branch value is ``("branch", rows, array)``."""
+    ``values``; returns False for other nodes. A branch value is ``("branch", rows, array)``.
+    ``dtype`` is the run's floating dtype (a router's weights are made in it)."""
     from asyncnn.backends import get_backend
 
     node = graph.nodes[name]
     backend = get_backend(node.device)
     if node.role == "router":
-        values[name] = plain_route(node, params, values, backend)
+        values[name] = plain_route(node, params, values, backend, dtype)
         return True
     if node.kind != "layer" or not node.inputs:
         return False

@@ -123,6 +123,7 @@ class Run(RunGuards):
             policy=policy,
             optimizer=optimizer,
             seed=config.seed,
+            dtype=self.dtype,
             pool=pool,
             recorder=recorder,
             checks_finite=config.check_finite,

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from asyncnn.backends import array_namespace, is_floating
+
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from ._module import Initializer, Module
@@ -94,7 +96,8 @@ class Router(Module):
                 f"a router over {self.experts} experts needs ({x.shape[0]}, {self.experts})"
             )
         dtype = getattr(ops.raw(s), "dtype", None)
-        if dtype is not None and dtype.kind not in "fiu":  # bools have no order to rank by
+        # bools have no order to rank by; bfloat16 (an extension dtype of kind "V") does
+        if dtype is not None and dtype.kind not in "iu" and not is_floating(dtype):
             raise ValueError(
                 f"the gate {self.gate!r} gave scores of dtype {dtype}; a router ranks numbers "
                 "(one score per expert): cast a condition to numbers, e.g. cond.astype(x.dtype)"
@@ -180,8 +183,13 @@ def gate_weights(
         # sum and the gradients it sends back stay in it (float64 weights made a float32 run's
         # experts compute their backward in float64)
         scores = ops.astype(ops.raw(scores), float_dtype)
-    if gates == "none":  # weight 1, still a function of the scores (its gradient is zero)
-        return _take_rows(ops.add(ops.multiply(scores, 0.0), 1.0), idx)
+    if gates == "none":
+        # weight 1, still a function of the scores (its gradient is zero); picked by where, not
+        # as scores * 0 + 1, which is NaN at an infinite score (a gate masking experts out)
+        picked = _take_rows(scores, idx)
+        xp = array_namespace(ops.raw(picked))  # (a cupy where takes no numpy condition)
+        ones = xp.ones_like(ops.raw(picked))
+        return ops.where(xp.ones(ones.shape, dtype=bool), ones, picked)
     if gates == "softmax":
         probs = ops_nn.softmax(scores, axis=-1)
         return _take_rows(probs, idx)
