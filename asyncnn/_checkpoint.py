@@ -21,7 +21,6 @@ fails before its renames removes what it wrote and leaves the folder as it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -30,6 +29,21 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
+from ._checkpoint_files import (
+    _MAX_MANIFEST_BYTES,
+    _MAX_SPEC_BYTES,
+    FORMAT,
+    MANIFEST,
+    SPEC,
+    VERSION,
+    CheckpointError,
+    _finish_save,
+    _interrupted_first_save,
+    _read_manifest,
+    _read_spec,
+    _sha256,
+    verify_checkpoint,
+)
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join, _split
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
@@ -49,26 +63,6 @@ __all__ = [
     "read_graph",
     "save_checkpoint",
 ]
-
-FORMAT = "asyncnn-checkpoint"
-VERSION = 2
-MANIFEST = "manifest.json"
-SPEC = "spec.msgpack"
-_MAX_MANIFEST_BYTES = 1 << 16
-_MAX_SPEC_BYTES = 1 << 30
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is damaged, incomplete, of another format version, or does not fit
-    its graph; the message names the file and what is wrong."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
@@ -196,53 +190,6 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
-def _read_manifest(file: str) -> dict[str, Any]:
-    """A manifest file's JSON object (format and version unchecked).
-
-    Raises:
-        ValueError: it is too large, not JSON (UnicodeDecodeError too) or not an object.
-        OSError: it cannot be read.
-    """
-    if os.path.getsize(file) > _MAX_MANIFEST_BYTES:
-        raise ValueError(f"it is larger than {_MAX_MANIFEST_BYTES} bytes")
-    with open(file, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if not isinstance(manifest, dict):
-        raise ValueError("it is not a JSON object")
-    return manifest
-
-
-def _finish_save(path: str) -> bool:
-    """Finishes a save interrupted between its renames, whose new files are all there (each
-    renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
-    returns whether it did."""
-    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
-    try:
-        manifest = _read_manifest(tmp_manifest)
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or set(files) != {SPEC, ARRAYS}:
-            return False
-        sources = {}
-        for name, entry in files.items():
-            for file in (os.path.join(path, name + ".tmp"), os.path.join(path, name)):
-                if (
-                    os.path.exists(file)
-                    and os.path.getsize(file) == entry["bytes"]
-                    and _sha256(file) == entry["sha256"]
-                ):
-                    sources[name] = file
-                    break
-            else:
-                return False
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return False
-    for name, file in sources.items():
-        if file != os.path.join(path, name):
-            os.replace(file, os.path.join(path, name))
-    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
-    return True
-
-
 #: the files a checkpoint folder holds (``fit.json``: where the epoch stands, by Trainer.save)
 _FILES = (MANIFEST, SPEC, ARRAYS, "fit.json")
 
@@ -297,6 +244,9 @@ def _spec_path(path: str) -> str:
     if not os.path.isdir(path) or not any(
         os.path.exists(os.path.join(path, name)) for name in (SPEC, MANIFEST, MANIFEST + ".tmp")
     ):
+        interrupted = _interrupted_first_save(path)
+        if interrupted is not None:
+            raise FileNotFoundError(interrupted)
         raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
     return os.path.join(path, SPEC)
 
@@ -327,8 +277,11 @@ def read_graph(path: str, trusted: Any = None) -> Graph:
         UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
     """
     spec_path = _spec_path(path)
-    if not os.path.exists(spec_path):
-        _finish_save(path)  # a save interrupted between its renames: the new spec, if whole
+    if not os.path.exists(spec_path) and not _finish_save(path):
+        # (not a save interrupted between its renames, whose new spec would be whole)
+        interrupted = _interrupted_first_save(path)
+        if interrupted is not None:
+            raise CheckpointError(interrupted)
     spec = _read_spec(spec_path)
     with _rebuilding(spec_path, trusted):
         return Graph.from_spec(spec["graph"])
@@ -350,10 +303,12 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     :func:`~asyncnn._math._imports.import_by_path`).
 
     Raises:
-        FileNotFoundError: ``path`` is not a checkpoint folder.
+        FileNotFoundError: ``path`` is not a checkpoint folder (also one where a first save
+            was cut off before it wrote its manifest: the message says so).
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
-            version, malformed, or does not fit the graph it describes (or the ``graph``
-            given): the message names the layer, the place in its parameters and the shapes.
+            version, malformed, left by a first save cut off there (said so), or does not fit
+            the graph it describes (or the ``graph`` given): the message names the layer, the
+            place in its parameters and the shapes.
         ValueError: ``fit.json`` (read for an older checkpoint) is damaged or another save's:
             the message names it and the fix.
         TypeError: ``graph`` is not a :class:`~asyncnn.Graph`.
@@ -435,7 +390,30 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
         trainer.traces = list(traces)
     trainer.epoch_batches, trainer._epoch_layout = position
+    trainer._epoch_losses = _epoch_losses(spec, spec_path, trainer.epoch_batches)
     return trainer
+
+
+def _epoch_losses(spec: dict[str, Any], spec_path: str, epoch_batches: int) -> list[float]:
+    """The known losses of the unfinished epoch's minibatches done (the spec's
+    ``fit["epoch_losses"]``; none in a checkpoint of an older asyncnn).
+
+    Raises:
+        CheckpointError: the list is malformed, or longer than the minibatches done.
+    """
+    fit = spec.get("fit")
+    losses = fit.get("epoch_losses", []) if isinstance(fit, dict) and epoch_batches else []
+    if (
+        not isinstance(losses, list)
+        or len(losses) > epoch_batches
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in losses)
+    ):
+        raise CheckpointError(
+            f"{spec_path} is malformed: its 'fit' record's epoch_losses must be a list of at "
+            f"most {epoch_batches} numbers (the losses of the epoch's minibatches done), got "
+            f"{losses!r:.80}"
+        )
+    return [float(v) for v in losses]
 
 
 def _position(path: str, spec: dict[str, Any], spec_path: str) -> tuple[int, Any]:
@@ -469,85 +447,6 @@ def _accumulates_alike(saved: Policy, given: Policy) -> bool:
     while isinstance(given, WrappedPolicy):
         given = given.wrapped
     return type(saved) is type(given)
-
-
-def verify_checkpoint(path: str) -> dict[str, Any]:
-    """Checks a checkpoint folder's manifest (format, version) and the checksum of every file it
-    lists; returns the manifest.
-
-    Raises:
-        CheckpointError: naming the file and what is wrong.
-    """
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest_path):
-        raise CheckpointError(
-            f"{path}: the checkpoint has no {MANIFEST} (it was written by an asyncnn older than "
-            f"checkpoint format version {VERSION}, which kept no checksums, or the file was "
-            "deleted); load it with the asyncnn that wrote it"
-        )
-    try:
-        manifest = _read_manifest(manifest_path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is damaged: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{manifest_path} is not an asyncnn checkpoint manifest (format "
-            f"{manifest.get('format')!r:.80}, expected {FORMAT!r})"
-        )
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(
-            f"{manifest_path}: checkpoint format version {manifest.get('version')!r:.80}; this "
-            f"asyncnn reads version {VERSION} (load it with the asyncnn that wrote it)"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {SPEC, ARRAYS}:
-        raise CheckpointError(
-            f"{manifest_path} is damaged: it must list exactly {SPEC} and {ARRAYS}, not "
-            f"{sorted(files) if isinstance(files, dict) else files!r:.80}"
-        )
-    for name, entry in files.items():
-        file = os.path.join(path, name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
-            raise CheckpointError(
-                f"{manifest_path} is damaged: its entry for {name} is {entry!r:.80}"
-            )
-        if not os.path.exists(file):
-            raise CheckpointError(f"{file} is missing (the manifest lists it)")
-        size = os.path.getsize(file)
-        if size != entry["bytes"]:
-            raise CheckpointError(
-                f"{file} is damaged: it has {size} bytes, {manifest_path} says {entry['bytes']}"
-            )
-        if _sha256(file) != entry.get("sha256"):
-            raise CheckpointError(
-                f"{file} is damaged: its SHA-256 differs from the one in {manifest_path} (one of "
-                "the two changed after the checkpoint was saved)"
-            )
-    return manifest
-
-
-def _read_spec(spec_path: str) -> dict[str, Any]:
-    try:
-        with open(spec_path, "rb") as f:
-            spec = msgpack.unpackb(f.read(_MAX_SPEC_BYTES + 1), raw=False, strict_map_key=False)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is damage
-        raise CheckpointError(f"{spec_path} is damaged: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
-        raise CheckpointError(f"{spec_path} is not an asyncnn checkpoint (format {got!r:.80})")
-    if spec.get("version") != VERSION:
-        raise CheckpointError(
-            f"{spec_path}: checkpoint format version {spec.get('version')!r:.80}; this asyncnn "
-            f"reads version {VERSION}"
-        )
-    for key, kind in (("graph", dict), ("optimizer", dict), ("policy", dict), ("layout", dict),
-                      ("seed", int), ("dtype", str)):  # fmt: skip
-        if not isinstance(spec.get(key), kind):
-            raise CheckpointError(
-                f"{spec_path} is malformed: {key!r} must be a {kind.__name__}, got "
-                f"{spec.get(key)!r:.80}"
-            )
-    return spec
 
 
 def _read_arrays(arrays_path: str) -> dict[str, np.ndarray]:

@@ -17,14 +17,13 @@ import numpy as np
 import trio
 
 from ._callbacks import Callback, wants_epoch_end
+from ._fit_kept import LayerStates, updates_once_per_minibatch, updating_layers
 from ._history import History
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_copy, tree_leaves
+from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._open_run import open_run
-from ._runtime._policies import Policy
 from ._runtime._run import Run, RunState
-from ._runtime._weight_versions import gradients_per_update
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -98,9 +97,19 @@ class _FitState:
         self.keys_before: dict[int, int] = {self.first_mb: trainer.state.keys}
         # under a streaming policy that updates once per minibatch: each layer's recent states
         # (set when the run starts, where it applies)
-        self.layer_states: _LayerStates | None = None
+        self.layer_states: LayerStates | None = None
+        # (where updates are corrected after the version goes up, a layer mid-backward is not
+        # noted: see updating_layers)
+        self.corrects = trainer.policy.corrects_updates()
+        # the epochs whose end has begun in this fit: with epoch-end hooks, an epoch whose
+        # minibatches are all done counts as done only then (see _commit)
+        self.ended: set[int] = set()
         self.per_epoch = plan.dataset.num_batches(plan.batch_size, plan.drop_last)
         self.layout = plan.epoch_layout(trainer.seed)
+        # the known losses of the minibatches that an earlier fit ran of the epoch this one
+        # goes on with (see _epoch_loss)
+        carried = list(trainer._epoch_losses) if trainer.epoch_batches else []
+        self.carried = (trainer.epochs_done, carried)
         # the history's losses as last handed over (see _history_losses)
         self._losses_list: list[float] = []
         self._losses_upto = self.first_mb
@@ -113,8 +122,8 @@ class _FitState:
         self.reported.append(minibatch)
         while self.known in self.losses:
             self.known += 1
-        if self.layer_states is not None and self.run is not None:
-            self.layer_states.see(self.run.state(), self.known - self.first_mb)
+        if self.run is not None:
+            self._see_layers(self.run)
         if self.bar is not None and self.bar.on_loss is not None:
             self.bar.on_loss(minibatch, loss, rows)
 
@@ -137,7 +146,7 @@ class _FitState:
                 and not run.cuda_graphs_active  # (captured updates write in place)
                 and updates_once_per_minibatch(tr.policy)
             ):
-                self.layer_states = _LayerStates(tr.state)
+                self.layer_states = LayerStates(tr.state)
             if self.bar is not None:
                 self.bar.run = run
             epoch, skip = self.position
@@ -146,7 +155,7 @@ class _FitState:
                 batches = plan.dataset.batches(
                     plan.batch_size, plan.shuffle, tr.seed, epoch, plan.drop_last
                 )
-                for i, batch in enumerate(batches):
+                for i, batch in enumerate(batches if skip < self.per_epoch else ()):
                     if i < skip:
                         continue
                     await self._step_point(run, (epoch, i))
@@ -179,7 +188,8 @@ class _FitState:
         """Gives :attr:`History.epochs` an entry for each epoch of this fit before ``before``
         that has none (epoch-end hooks record theirs as they go)."""
         recorded = {int(e["epoch"]) for e in self.history.epochs}
-        for e in sorted(set(self.mb_epoch.values())):
+        # (an epoch whose end was pending has no minibatch in this fit)
+        for e in sorted(set(self.mb_epoch.values()) | set(self.epoch_start)):
             if e < before and e not in recorded:
                 self.history.epochs.append({"epoch": e, "loss": self._epoch_loss(e)})
 
@@ -199,9 +209,15 @@ class _FitState:
         ):
             await run.wait_idle()
             self._snapshot(run)
-        if self.layer_states is not None:
-            self.layer_states.see(run.state(), self.known - self.first_mb)
+        self._see_layers(run)
         self._deliver_steps()
+
+    def _see_layers(self, run: Run) -> None:
+        """Notes each layer's state now, where the fit keeps :class:`LayerStates`."""
+        states = self.layer_states
+        if states is not None:
+            busy = updating_layers(run) if self.corrects else ()
+            states.see(run.state(), self.known - self.first_mb, busy)
 
     async def _settle(self, run: Run) -> None:
         """Every admitted minibatch done and its loss known (a continuous policy's pipeline
@@ -240,9 +256,16 @@ class _FitState:
             if first <= done:
                 # counted in this fit's minibatches (a position counted in others was reset)
                 epoch, skip, layout = e, before + done - first, self.layout
+                # an epoch with all its minibatches done is done once its end has begun;
+                # until then its end is pending (epoch_batches is the epoch's minibatches),
+                # and the next fit runs it first
+                if skip >= self.per_epoch and (e in self.ended or not self.epoch_hooks):
+                    epoch, skip = epoch + 1, 0
                 break
-        if skip >= self.per_epoch:
-            epoch, skip = epoch + 1, 0
+        if not skip:
+            tr._epoch_losses = []
+        elif epoch in self.epoch_start:  # (else the position as it was, and its losses)
+            tr._epoch_losses = self._epoch_losses(epoch, done)
         tr.epochs_done, tr.epoch_batches = epoch, skip
         tr._epoch_layout = layout if skip else None
         self._history_losses(done)
@@ -277,18 +300,36 @@ class _FitState:
             for cb in self.plan.callbacks:
                 cb.on_step_end(self.tr, mb, logs)
 
+    def _epoch_losses(self, epoch: int, before: int | None = None) -> list[float]:
+        """The known losses of ``epoch``'s minibatches (before minibatch ``before``), in order:
+        those an earlier fit ran of it, then this fit's."""
+        first, _ = self.epoch_start.get(epoch, (self.first_mb, 0))
+        mbs = range(first, self.stepped if before is None else before)
+        carried_epoch, carried = self.carried
+        values = list(carried) if epoch == carried_epoch else []
+        values += [
+            self.losses[mb] for mb in mbs if self.mb_epoch.get(mb) == epoch and mb in self.losses
+        ]
+        return values
+
     def _epoch_loss(self, epoch: int) -> float:
-        values = [v for mb, v in self.losses.items() if self.mb_epoch.get(mb) == epoch]
+        """The mean loss of ``epoch``'s minibatches, also of those an interrupted fit ran."""
+        values = self._epoch_losses(epoch)
         return float(np.mean(values)) if values else float("nan")
 
     @trio.lowlevel.enable_ki_protection
     def _end_epoch(self, run: Run, epoch: int) -> None:
         """Keeps the state after ``epoch``, then runs its end: step-end callbacks still due,
-        validation, ``on_epoch_end`` and the checkpoint.
+        validation, the history's row, ``on_epoch_end`` and the checkpoint.
 
         Ctrl-C waits for the end (it stops the fit at the next step, as it does in a notebook):
         the kept state counts the epoch as done, so an epoch end cut short would never run,
-        leaving a gap in the callbacks' logs, no checkpoint of that epoch, or half of one."""
+        leaving a gap in the callbacks' logs, no checkpoint of that epoch, or half of one.
+        A Ctrl-C before the end begins (while the last minibatches are settling) keeps the
+        epoch not done, as one mid-epoch does: its minibatches all done, its end pending
+        (:attr:`Trainer.epoch_batches` is the epoch's minibatches), which the next ``fit``
+        runs first, as the one epoch of its ``epochs`` it finishes."""
+        self.ended.add(epoch)
         self._snapshot(run)
         self._deliver_steps()
         self._epoch_end(epoch)
@@ -348,15 +389,16 @@ class _FitState:
         if self.flush:
             return  # the last snapshot: every layer after the same last completed minibatch
         if updates_once_per_minibatch(self.tr.policy):
-            # (PipeDream2BW) each layer's own last state would hold part of the gradient sum of
-            # an unfinished minibatch, which the next fit would add into another minibatch's
-            # update, and the layers would stand after different minibatches: every layer
-            # after the same minibatches, the latest seen everywhere, with no partial sum; the
-            # next fit redoes the rest
+            # (PipeDream2BW, also under a remedy) each layer's own last state would hold part of
+            # the gradient sum of an unfinished minibatch, which the next fit would add into
+            # another minibatch's update, and the layers would stand after different
+            # minibatches (under a remedy that corrects updates, one of them half-updated):
+            # every layer after the same minibatches, the latest seen everywhere, with no
+            # partial sum; the next fit redoes the rest
             states = self.layer_states
             if states is None:  # (captured CUDA graphs): the last state committed
                 return
-            states.see(run.state(), self.known - self.first_mb)
+            self._see_layers(run)
             done = self.first_mb + states.common
             if done <= self.tr.state.minibatches:
                 return  # no later than what is kept already (the state before, an epoch end)
@@ -380,75 +422,6 @@ class _FitState:
         state.minibatches = self.known
         state.keys = self.keys_before.get(self.known, state.keys)
         self._commit(state)
-
-
-def updates_once_per_minibatch(policy: Policy) -> bool:
-    """Whether ``policy`` streams keys (no flush between minibatches) and has each layer apply
-    one update per minibatch, once its part of the minibatch is done (``PipeDream2BW``), so that
-    a layer's version counts the minibatches it has applied. Not with a policy that corrects
-    updates: it changes a layer's weights again after the version went up."""
-    if policy.waits_between_minibatches() or policy.corrects_updates():
-        return False
-    # (asked about as many keys as a minibatch may have: a policy that updates after some
-    # keys, or not at each minibatch's end, says so within them)
-    most = max(int(policy.microbatches), 64)
-    return gradients_per_update(policy, most) is None and all(
-        policy.update_due(n, True) for n in range(1, most + 1)
-    )
-
-
-class _LayerStates:
-    """The recent states of each layer of a run under a policy that streams keys and updates
-    once per minibatch (:func:`updates_once_per_minibatch`). There the layers of a running
-    pipeline stand a minibatch or two apart, each holding part of a minibatch's gradient sum:
-    no moment has them all after the same minibatches. Each layer's state is seen as the fit
-    goes (at each loss and each step: references, as an update makes new arrays), and
-    :attr:`kept` is the latest state seen at every layer after the same minibatches.
-
-    Layers without parameters never update (their one state is that of any minibatch)."""
-
-    def __init__(self, start: RunState) -> None:
-        self.start = dict(start.versions)
-        self.layers = [n for n, p in start.params.items() if tree_leaves(p)]
-        #: layer -> {minibatches of this fit applied: (params, optimizer state, actor state)}
-        self.seen: dict[str, dict[int, tuple[Any, Any, Any]]] = {n: {} for n in self.layers}
-        #: the minibatches of this fit that every layer of :attr:`kept` has applied
-        self.common = 0
-        #: layer -> its state after :attr:`common` minibatches (the fit's start: none kept)
-        self.kept: dict[str, tuple[Any, Any, Any]] = {}
-        self._others = [n for n in start.params if n not in self.seen]
-
-    def see(self, state: RunState, known: int) -> None:
-        """Notes each layer's state now; ``known``: the minibatches of this fit whose losses
-        (and all before) are known, the most a kept state may count."""
-        seen = self.seen
-        if not seen:  # no layer updates: every state is that of the minibatches known
-            if known > self.common:
-                self.common = known
-                self.kept = self._entries(state)
-            return
-        for n in self.layers:
-            entries = seen[n]
-            done = state.versions[n] - self.start[n]
-            if done not in entries:
-                entries[done] = (state.params[n], state.opt_states[n], state.actor_states.get(n))
-        lowest = min(state.versions[n] - self.start[n] for n in self.layers)
-        common = set.intersection(*(set(e) for e in seen.values()))
-        best = max((d for d in common if d <= known), default=0)
-        if best > self.common:
-            self.common = best
-            self.kept = {n: seen[n][best] for n in self.layers}
-            self.kept.update((n, e) for n, e in self._entries(state).items() if n in self._others)
-        # no layer is seen again below `lowest`: what is not common there never will be
-        for entries in seen.values():
-            for d in [d for d in entries if d <= self.common or (d < lowest and d not in common)]:
-                del entries[d]
-
-    def _entries(self, state: RunState) -> dict[str, tuple[Any, Any, Any]]:
-        return {
-            n: (state.params[n], state.opt_states[n], state.actor_states.get(n))
-            for n in state.params
-        }
 
 
 def _end_all(

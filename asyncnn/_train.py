@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import threading
@@ -29,67 +28,12 @@ from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
-from ._runtime._recorder import trace_path_error
 from ._runtime._run import RunState, check_batch, validate
 from ._runtime._state import init_state
-from .backends import to_numpy, tune_allocator
+from ._train_options import _check_trace_path, _Option, _TraceOption, _tune_allocator
+from .backends import to_numpy
 
 __all__ = ["History", "Trainer"]
-
-
-class _Option:
-    """A :class:`Trainer` attribute kept in its :class:`RunConfig` (reads and writes go there,
-    checked as a new config is)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.config, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.config = obj.config.replace(**{self.name: value})
-
-
-class _TraceOption(_Option):
-    """:attr:`Trainer.trace`: a path checked before it is set (see :func:`_check_trace_path`)."""
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        config = obj.config.replace(trace=value)
-        _check_trace_path(config.trace)
-        obj.config = config
-
-
-def _check_trace_path(path: str | None) -> None:
-    """Refuses a trace path that the recorder could not open when a ``fit`` starts, with the
-    recorder's words and exception classes (``_recorder.trace_path_error``; an empty path
-    ``RunConfig`` refuses before), so that the mistake shows where it was made rather than at
-    the first fit. The file itself is left alone: the
-    recorder creates or empties it at the fit. Later fits' traces (``NAME.1.EXT``...) go in the
-    same folder.
-
-    Raises:
-        FileNotFoundError: its folder does not exist.
-        NotADirectoryError: its folder is a file.
-        IsADirectoryError: the path is a folder (or ends with a separator).
-    """
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith((os.sep, "/")):
-        error: type[OSError] = IsADirectoryError
-        code = errno.EISDIR
-        why = (
-            "it is a folder" if os.path.isdir(path) else "it names a folder (a trailing separator)"
-        )
-    elif os.path.isdir(folder):
-        return
-    elif os.path.exists(folder):
-        error, code, why = NotADirectoryError, errno.ENOTDIR, f"its folder {folder!r} is a file"
-    else:
-        error, code = FileNotFoundError, errno.ENOENT
-        why = f"its folder {folder!r} does not exist"
-    raise trace_path_error(error, code, path, why)
 
 
 class Trainer:
@@ -151,7 +95,9 @@ class Trainer:
         epoch_batches: minibatches done of an epoch that an interrupted ``fit`` left
             unfinished (the next ``fit`` finishes it first, if it has the same rows,
             ``batch_size``, ``shuffle``, ``drop_last`` and seed; else it starts that epoch
-            over); 0 otherwise.
+            over); 0 otherwise. All of the epoch's minibatches where the fit stopped before
+            that epoch's end (epoch-end callbacks, validation, checkpoint) began: the epoch is
+            not done, and the next ``fit`` runs its end first.
         stop_training: set to True (by a callback) to end the current ``fit`` after its step.
         traces: the trace files written so far, one per ``fit``.
     """
@@ -217,6 +163,9 @@ class Trainer:
         # with another layout starts the epoch over; None where unknown (a checkpoint's fit.json
         # written before it was kept): the position is taken as it comes
         self._epoch_layout: dict[str, Any] | None = None
+        # the known losses of those minibatches, in order: the epoch's loss, at its end, is
+        # theirs and the next fit's
+        self._epoch_losses: list[float] = []
         #: the History of the latest fit, kept also when it was interrupted or failed
         self.history = History()
         #: set to True (by a callback) to end the current fit after its current step
@@ -282,7 +231,11 @@ class Trainer:
         What is kept when the fit stops early: on ``KeyboardInterrupt`` or an error, the trainer
         keeps the state of the last update that completed everywhere (weights, optimizer state,
         versions, counters, :attr:`history`) and the exception is raised; the next ``fit``
-        finishes the interrupted epoch first. See ``docs/workflow.md`` for each policy.
+        finishes the interrupted epoch first. An epoch counts as done once its end has begun
+        (with epoch-end hooks: validation, ``on_epoch_end``, ``checkpoint_every``; Ctrl-C
+        then waits for the end); a stop after its last minibatch and before its end leaves
+        that end to the next ``fit``, which runs it first, as the one epoch of its
+        ``epochs`` that it finishes. See ``docs/workflow.md`` for each policy.
 
         Inside a running event loop (a notebook) the fit runs on a worker thread and this call
         waits for it.
@@ -396,20 +349,17 @@ class Trainer:
     def _fit(self, plan: _FitPlan) -> History:
         dataset = plan.dataset
         per_epoch = dataset.num_batches(plan.batch_size, plan.drop_last)
-        if (
-            plan.epochs
-            and self.epoch_batches
-            and (
-                self.epoch_batches >= per_epoch
-                or (
-                    self._epoch_layout is not None
-                    and self._epoch_layout != plan.epoch_layout(self.seed)
-                )
-            )
-        ):
+        counted = self._epoch_layout  # (None: a position of an older save, taken as it comes)
+        same = counted is not None and counted == plan.epoch_layout(self.seed)
+        # (all of the epoch's minibatches: its end is pending, which the position says only
+        # with its layout; an older save's never reached its epoch's end)
+        going_on = self.epoch_batches < per_epoch and counted is None
+        going_on |= self.epoch_batches <= per_epoch and same
+        if plan.epochs and self.epoch_batches and not going_on:
             # counted in other minibatches (other data, sizes, order): that epoch starts over
             self.epoch_batches = 0
             self._epoch_layout = None
+            self._epoch_losses = []
         total = plan.epochs * per_epoch - (self.epoch_batches if plan.epochs else 0)
         history = History()
         self.history = history
@@ -579,7 +529,9 @@ class Trainer:
         }
         # serialised first: a value JSON cannot hold fails the save before anything is written
         fit = json.dumps(position)
-        save_checkpoint(self, path, position)
+        # (the spec's record only: fit.json is for an asyncnn that reads no more than above)
+        losses = list(self._epoch_losses) if self.epoch_batches else []
+        save_checkpoint(self, path, {**position, "epoch_losses": losses})
         tmp = os.path.join(path, _FIT_FILE + ".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -618,13 +570,3 @@ def _classifiers(graph: Graph) -> list[str]:
             if labels.kind == "input" and np.dtype(labels.dtype).kind in "iu":
                 found.append(name)
     return found
-
-
-_allocator_tuned = False
-
-
-def _tune_allocator() -> None:
-    global _allocator_tuned
-    if not _allocator_tuned:
-        tune_allocator()
-        _allocator_tuned = True

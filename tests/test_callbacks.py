@@ -447,3 +447,65 @@ def test_ctrl_c_in_an_epoch_end_stops_the_fit_once_that_end_is_done(tmp_path, po
     assert sorted(os.listdir(tmp_path)) == ["epoch-0001", "epoch-0002"]
     assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (2, 0, 10)
     assert ann.Trainer.load(tmp_path / "epoch-0002").state.minibatches == 10
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.PipeDream(2)], ids=str)
+def test_ctrl_c_before_an_epoch_end_leaves_that_end_pending_for_the_next_fit(
+    tmp_path, monkeypatch, policy
+):
+    # (Ctrl-C while the epoch's last minibatches settled counted the epoch as done, and its end
+    # never ran: no on_epoch_end, no checkpoint, no validation in the history's row; a resumed
+    # fit went on with the next epoch)
+    from asyncnn import _fit
+
+    def fit(tr, epochs, rec, folder):
+        return tr.fit(_data(), epochs=epochs, batch_size=8, validation_data=_data(seed=1),
+                      callbacks=[rec], checkpoint_dir=folder, checkpoint_every=1)  # fmt: skip
+
+    straight = _Record()
+    fit(_trainer(policy), 3, straight, tmp_path / "straight")
+    settle = _fit._FitState._settle
+
+    async def ctrl_c_once_settled_in_epoch_1(self, run):
+        await settle(self, run)
+        if self.position[0] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_fit._FitState, "_settle", ctrl_c_once_settled_in_epoch_1)
+    rec, tr = _Record(), _trainer(policy)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tr, 3, rec, tmp_path / "ckpt")
+    monkeypatch.undo()
+    # epoch 1 not done: its minibatches all are, its end is pending
+    assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (1, 5, 10)
+    assert [c[1] for c in rec.calls if c[0] == "epoch"] == [0]
+    assert [e["epoch"] for e in tr.history.epochs] == [0]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-0001"]
+    tr.save(tmp_path / "stopped")
+    back = ann.Trainer.load(tmp_path / "stopped")
+    assert (back.epochs_done, back.epoch_batches) == (1, 5)
+    again = _Record()
+    hist = fit(back, 2, again, tmp_path / "ckpt")  # epoch 1's end, then epoch 2
+    assert [c[0] for c in again.calls] == ["start", "epoch"] + ["step"] * 5 + ["epoch", "end"]
+    ends = [c for c in straight.calls if c[0] == "epoch"]
+    assert [c for c in again.calls if c[0] == "epoch"] == ends[1:]  # the same logs, loss too
+    assert hist.epochs == [c[3] for c in ends[1:]]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert (back.epochs_done, back.epoch_batches, back.state.minibatches) == (3, 0, 15)
+    assert_params_equal(back.params, _trainer_params(tmp_path / "straight" / "epoch-0003"))
+
+
+def _trainer_params(path):
+    return ann.Trainer.load(path).params
+
+
+def test_the_loss_of_an_epoch_resumed_mid_way_is_over_all_its_minibatches():
+    # (it was the mean of the minibatches the resumed fit ran alone)
+    straight = _trainer(policies.Sync()).fit(_data(), epochs=1, batch_size=8)
+    tr = _trainer(policies.Sync())
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_CtrlCInANotebook(2)])
+    kept = tr.epoch_batches
+    assert 0 < kept < 5
+    hist = tr.fit(_data(), epochs=1, batch_size=8)
+    assert len(hist.losses) == 5 - kept and hist.epochs == straight.epochs

@@ -142,6 +142,7 @@ def _rewrite_spec(path: str, change: Any) -> None:
         lambda s: s.update(options=[]),
         lambda s: s["fit"].update(epoch_batches=-1),
         lambda s: s["fit"].update(minibatches=99),
+        lambda s: s["fit"].update(epoch_batches=1, epoch_losses=[0.5, 0.4]),
     ],
     ids=[
         "no-layout",
@@ -157,6 +158,7 @@ def _rewrite_spec(path: str, change: Any) -> None:
         "options",
         "fit-epoch_batches",
         "fit-minibatches",
+        "fit-epoch_losses",
     ],  # fmt: skip
 )
 def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
@@ -596,3 +598,35 @@ def test_an_actor_state_a_checkpoint_cannot_hold_is_refused_by_the_save(
     with pytest.raises(TypeError, match=r"cannot save the actor state of 'a' .*" + says):
         tr.save(str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("left", ["manifest", "spec"], ids=["in-manifest", "before-manifest"])
+def test_a_first_save_cut_off_before_its_renames_says_so(
+    saved: Any, tmp_path: Any, left: str
+) -> None:
+    # (a first save killed while it wrote manifest.json.tmp was reported as "written by an
+    # asyncnn older than checkpoint format version 2": load it with the asyncnn that wrote it)
+    path, tr = saved
+    folder = str(tmp_path / "new")
+    os.makedirs(folder)
+    for name in ("arrays.safetensors", "spec.msgpack"):  # written, synced, not yet renamed
+        with (
+            open(os.path.join(path, name), "rb") as src,
+            open(os.path.join(folder, name + ".tmp"), "wb") as dst,
+        ):
+            dst.write(src.read())
+    if left == "manifest":  # cut off half-way through the manifest
+        with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+            f.write('{"files": {"arrays.safe')
+    error = CheckpointError if left == "manifest" else FileNotFoundError
+    with pytest.raises(error, match=r"a save into this folder was interrupted before it "
+                       r"finished .*spec\.msgpack\.tmp.*save the trainer here again"):  # fmt: skip
+        ann.Trainer.load(folder)
+    if left == "manifest":
+        with pytest.raises(CheckpointError, match="was interrupted"):
+            read_graph(folder)
+    tr.save(folder)  # a save there replaces the files the interrupted one left
+    assert sorted(os.listdir(folder)) == [
+        "arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack",
+    ]  # fmt: skip
+    assert_params_equal(ann.Trainer.load(folder).params, tr.params)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -689,3 +689,47 @@ def test_pipemare_takes_a_numpy_int_as_a_plain_one() -> None:
     assert p.warmup_updates == 3 and type(p.warmup_updates) is int
     with pytest.raises(ValueError, match="must be an int >= 1"):
         policies.PipeMareLR(policies.PipeDream(2), warmup_updates=np.True_)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StopInStage0Correction(policies.PipeMareLR):
+    """Ctrl-C as it lands in stage 0's third update, between its version going up and the
+    correction of its weights (a PipeMareLR of warmup 1 that changes no update otherwise)."""
+
+    warmup_updates: int = 1
+    name: ClassVar[str] = "_StopInStage0Correction"
+
+    def adjust(self, new, old, grads, delay, optimizer, step):
+        if step == 2 and any(w.shape == (5, 6) for w in ann._math._pytree.tree_leaves(new)):
+            raise KeyboardInterrupt
+        return super().adjust(new, old, grads, delay, optimizer, step)
+
+
+@pytest.mark.parametrize(
+    "remedy",
+    [lambda p: policies.PipeMareLR(p, warmup_updates=4), policies.SpikeCompensation],
+    ids=["pipemare", "spike"],
+)
+def test_a_remedied_pipedream2bw_fit_stopped_mid_update_keeps_whole_minibatches(remedy):
+    # (kept: stage 0's weights without the correction of its third update, the other layers
+    # after another minibatch, and half-summed gradients that the next fit added into another
+    # minibatch's update)
+    data = classification_data(40)
+    inner = remedy(policies.PipeDream2BW(2))
+
+    def trainer(policy):
+        opt = optim.SGD(lr=0.1, momentum=0.9)
+        return ann.Trainer(chain_graph(3), optimizer=opt, policy=policy, seed=3)
+
+    tr = trainer(_StopInStage0Correction(inner))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=1, batch_size=8)
+    done = tr.state.minibatches
+    assert done == 2 and set(tr.versions.values()) == {done} and tr.state.pending_grads == {}
+    reference = trainer(inner)
+    reference.fit({k: v[: 8 * done] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_close(tr.params, reference.params, rtol=0, atol=0)
+    tr.policy = inner  # and it goes on as a fit that ended there
+    tr.fit(data, epochs=1, batch_size=8)
+    reference.fit({k: v[8 * done :] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_close(tr.params, reference.params, rtol=0, atol=0)

@@ -1,0 +1,187 @@
+"""A checkpoint folder's files as files: the format's names and version, the manifest with the
+SHA-256 of each file, their verification, finishing a save interrupted between its renames, and
+naming a first save cut off before them. Apart from ``_checkpoint.py``, which writes and reads
+what the files hold (see its docstring for the layout), because this part trusts nothing in
+them and only checks and names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import msgpack
+
+from ._checkpoint_tree import ARRAYS
+
+FORMAT = "asyncnn-checkpoint"
+VERSION = 2
+MANIFEST = "manifest.json"
+SPEC = "spec.msgpack"
+_MAX_MANIFEST_BYTES = 1 << 16
+_MAX_SPEC_BYTES = 1 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged, incomplete, of another format version, or does not fit
+    its graph; the message names the file and what is wrong."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(file: str) -> dict[str, Any]:
+    """A manifest file's JSON object (format and version unchecked).
+
+    Raises:
+        ValueError: it is too large, not JSON (UnicodeDecodeError too) or not an object.
+        OSError: it cannot be read.
+    """
+    if os.path.getsize(file) > _MAX_MANIFEST_BYTES:
+        raise ValueError(f"it is larger than {_MAX_MANIFEST_BYTES} bytes")
+    with open(file, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict):
+        raise ValueError("it is not a JSON object")
+    return manifest
+
+
+def _finish_save(path: str) -> bool:
+    """Finishes a save interrupted between its renames, whose new files are all there (each
+    renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
+    returns whether it did."""
+    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
+    try:
+        manifest = _read_manifest(tmp_manifest)
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or set(files) != {SPEC, ARRAYS}:
+            return False
+        sources = {}
+        for name, entry in files.items():
+            for file in (os.path.join(path, name + ".tmp"), os.path.join(path, name)):
+                if (
+                    os.path.exists(file)
+                    and os.path.getsize(file) == entry["bytes"]
+                    and _sha256(file) == entry["sha256"]
+                ):
+                    sources[name] = file
+                    break
+            else:
+                return False
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    for name, file in sources.items():
+        if file != os.path.join(path, name):
+            os.replace(file, os.path.join(path, name))
+    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
+    return True
+
+
+def _interrupted_first_save(path: str) -> str | None:
+    """What to say of a folder that holds no checkpoint but the files a save writes before
+    renaming them into place (``*.tmp``): its first save was cut off (the process killed, the
+    machine down) before it finished; ``None`` for any other folder."""
+    if not os.path.isdir(path) or any(
+        os.path.exists(os.path.join(path, name)) for name in (SPEC, MANIFEST)
+    ):
+        return None
+    left = [
+        n + ".tmp"
+        for n in (MANIFEST, SPEC, ARRAYS)
+        if os.path.exists(os.path.join(path, n + ".tmp"))
+    ]
+    if not left:
+        return None
+    return (
+        f"{path}: no checkpoint was saved here: a save into this folder was interrupted before "
+        f"it finished (it left {', '.join(left)}, and no {MANIFEST} or {SPEC}); load an "
+        "earlier checkpoint, or save the trainer here again (the save replaces those files)"
+    )
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Checks a checkpoint folder's manifest (format, version) and the checksum of every file it
+    lists; returns the manifest.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    interrupted = None if os.path.exists(manifest_path) else _interrupted_first_save(path)
+    if interrupted is not None:
+        raise CheckpointError(interrupted)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(
+            f"{path}: the checkpoint has no {MANIFEST} (it was written by an asyncnn older than "
+            f"checkpoint format version {VERSION}, which kept no checksums, or the file was "
+            "deleted); load it with the asyncnn that wrote it"
+        )
+    try:
+        manifest = _read_manifest(manifest_path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path} is damaged: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{manifest_path} is not an asyncnn checkpoint manifest (format "
+            f"{manifest.get('format')!r:.80}, expected {FORMAT!r})"
+        )
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: checkpoint format version {manifest.get('version')!r:.80}; this "
+            f"asyncnn reads version {VERSION} (load it with the asyncnn that wrote it)"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {SPEC, ARRAYS}:
+        raise CheckpointError(
+            f"{manifest_path} is damaged: it must list exactly {SPEC} and {ARRAYS}, not "
+            f"{sorted(files) if isinstance(files, dict) else files!r:.80}"
+        )
+    for name, entry in files.items():
+        file = os.path.join(path, name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(
+                f"{manifest_path} is damaged: its entry for {name} is {entry!r:.80}"
+            )
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file} is missing (the manifest lists it)")
+        size = os.path.getsize(file)
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{file} is damaged: it has {size} bytes, {manifest_path} says {entry['bytes']}"
+            )
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(
+                f"{file} is damaged: its SHA-256 differs from the one in {manifest_path} (one of "
+                "the two changed after the checkpoint was saved)"
+            )
+    return manifest
+
+
+def _read_spec(spec_path: str) -> dict[str, Any]:
+    try:
+        with open(spec_path, "rb") as f:
+            spec = msgpack.unpackb(f.read(_MAX_SPEC_BYTES + 1), raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is damage
+        raise CheckpointError(f"{spec_path} is damaged: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise CheckpointError(f"{spec_path} is not an asyncnn checkpoint (format {got!r:.80})")
+    if spec.get("version") != VERSION:
+        raise CheckpointError(
+            f"{spec_path}: checkpoint format version {spec.get('version')!r:.80}; this asyncnn "
+            f"reads version {VERSION}"
+        )
+    for key, kind in (("graph", dict), ("optimizer", dict), ("policy", dict), ("layout", dict),
+                      ("seed", int), ("dtype", str)):  # fmt: skip
+        if not isinstance(spec.get(key), kind):
+            raise CheckpointError(
+                f"{spec_path} is malformed: {key!r} must be a {kind.__name__}, got "
+                f"{spec.get(key)!r:.80}"
+            )
+    return spec
