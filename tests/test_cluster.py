@@ -19,7 +19,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
-from asyncnn._cluster._driver import _worker_of
+from asyncnn._cluster._placement import _worker_of
 
 from _reference import assert_params_equal
 

@@ -411,9 +411,10 @@ def test_a_ring_description_is_checked_field_by_field() -> None:
 
 
 # -- LocalCluster ----------------------------------------------------------------------------------
-def chain(workers: list[int | None]) -> ann.Graph:
+def chain(workers: list[int | None], width: int = 16) -> ann.Graph:
+    w = width
     return ann.Graph.sequential(
-        [nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)],
+        [nn.Linear(12, w), nn.Tanh(), nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 4)],
         loss=nn.CrossEntropyLoss(), stages=[2, 2, 1], input_shape=(None, 12), workers=workers,
     )  # fmt: skip
 
@@ -423,10 +424,11 @@ def data(n: int = 256) -> dict[str, np.ndarray]:
     return {"x": rng.normal(size=(n, 12)).astype(np.float32), "y": rng.integers(0, 4, size=n)}
 
 
-def memfds() -> set[str]:
+def memfds(collect: bool = True) -> set[str]:
     """This process's open asyncnn memfds (as /proc names them), once unreachable objects are
-    collected (a mapping holds its memfd until it goes)."""
-    gc.collect()
+    collected unless told not to (a mapping holds its memfd until it goes)."""
+    if collect:
+        gc.collect()
     out = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -438,22 +440,71 @@ def memfds() -> set[str]:
     return out
 
 
+def mapped() -> set[str]:
+    """This process's mappings of asyncnn memfds (address range and name, as /proc says)."""
+    with open("/proc/self/maps") as f:
+        return {f"{line.split()[0]} {line.split()[5]}" for line in f if "/memfd:asyncnn" in line}
+
+
+@pytest.mark.anyio
+async def test_closing_a_connection_unmaps_its_memory_and_closes_its_fds_at_once(
+    anyio_backend: str,
+) -> None:
+    fds_before = memfds()
+    maps_before = mapped()
+    gc.disable()  # what close releases must not wait for a collection
+    try:
+        a, b = pair()
+        x = np.arange(1 << 18, dtype=np.float32)
+        await a.send({"t": "slab"}, [x])
+        await a.send({"t": "inline"}, [x[:4]])
+        _, kept = await b.receive()  # read in place from a's slab
+        _, small = await b.receive()
+        assert len(mapped() - maps_before) == 6  # both rings on both sides, the slab on both
+        a.close()
+        b.close()
+        # what is left: the mapping of the slab that the kept array views (with the fd that
+        # Python's mmap holds), until that array goes
+        assert [m.split()[1] for m in mapped() - maps_before] == ["/memfd:asyncnn-slab0"]
+        assert [f.split()[1] for f in memfds(collect=False) - fds_before] == [
+            "/memfd:asyncnn-slab0"
+        ]
+        np.testing.assert_array_equal(kept[0].view(np.float32), x)
+        del kept
+        assert mapped() == maps_before
+        assert memfds(collect=False) == fds_before
+        np.testing.assert_array_equal(small[0].view(np.float32), x[:4])  # copied out: no mapping
+        with pytest.raises(ConnectionError, match="closed"):
+            await b.receive()
+        with pytest.raises(ConnectionError, match="closed"):
+            await a.send({"t": "late"}, [x])
+        a.close()  # idempotent
+    finally:
+        gc.enable()
+
+
 def test_a_local_cluster_runs_through_shared_memory_bit_identical_and_leaves_nothing() -> None:
     shm_before = set(os.listdir("/dev/shm"))
     fds_before = memfds()
-    one = ann.Trainer(chain([None] * 3), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4))
+    maps_before = mapped()
+    # stage1's weights (160 x 160) come back in a slab, not inline
+    one = ann.Trainer(chain([None] * 3, width=160), optimizer=optim.SGD(lr=0.1),
+                      policy=policies.GPipe(4))  # fmt: skip
     one.fit(data(), epochs=2, batch_size=32)
     with ann.cluster.LocalCluster(workers=2) as cluster:
-        tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1),
+        tr = ann.Trainer(chain([0, 1, None], width=160), optimizer=optim.SGD(lr=0.1),
                          policy=policies.GPipe(4), cluster=cluster)  # fmt: skip
         tr.fit(data(), epochs=2, batch_size=32)
         assert all(type(c) is ShmConnection for c in cluster.connections.values())
         assert sum(c.counts["inline"] for c in cluster.connections.values()) > 0
+        shm = [c for c in cluster.connections.values() if isinstance(c, ShmConnection)]
+        assert sum(c.counts["slab"] for c in shm) > 0
     assert_params_equal(one.params, tr.params)
-    del tr, cluster  # the parameters came back in shared memory: drop them too
-    gc.collect()
+    # closed means released, with the trainer (the weights that came back) still alive and no
+    # collection: the driver keeps its own copy of what the workers sent back
+    assert mapped() <= maps_before
+    assert memfds(collect=False) <= fds_before
     assert set(os.listdir("/dev/shm")) == shm_before
-    assert memfds() <= fds_before
 
 
 def test_shm_false_keeps_a_local_cluster_on_tcp() -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError, GraphError, RemoteError, WorkerError
+from asyncnn._errors import ActorError, RemoteError, WorkerError
 from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._checks import validate
@@ -41,6 +41,7 @@ from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import decode_state, encode_state
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
+from ._placement import check_turns, placement
 from ._remote import ClusterRun, MalformedReport, RemoteActor, apply_report, deliver, is_reports
 from ._traces import merge_traces
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
@@ -49,67 +50,7 @@ from ._worker import driver_paths
 if TYPE_CHECKING:
     from ._base import Cluster
 
-__all__ = ["open_cluster_run", "placement"]
-
-
-def placement(graph: Graph, cluster: Cluster) -> dict[str, int | None]:
-    """Where each layer and loss runs: its ``worker``, or ``None`` for the driver. A loss without
-    one runs beside the layer it reads first (no extra hop for the logits).
-
-    Raises:
-        GraphError: a node names a worker the cluster does not have.
-    """
-    where: dict[str, int | None] = {}
-    for name in graph.layers:
-        where[name] = _worker_of("layer", name, graph.nodes[name].worker, cluster)
-    for name in graph.losses:
-        node = graph.nodes[name]
-        w = _worker_of("loss", name, node.worker, cluster)
-        if w is None:
-            w = next((where[s] for s in node.inputs if s in where), None)
-        where[name] = w
-    return where
-
-
-def _worker_of(kind: str, name: str, w: Any, cluster: Cluster) -> int | None:
-    """A node's worker as a Python int (None: the driver), or the error naming the node. A
-    numpy integer is taken, as the graph takes it; a bool, a string... is not."""
-    if w is None:
-        return None
-    if not isinstance(w, int | np.integer) or isinstance(w, bool | np.bool_):
-        raise GraphError(
-            f"{kind} {name!r} is placed on worker={w!r:.40} (of type {type(w).__name__}): "
-            f"worker= takes an int (0..{cluster.workers - 1}), or None for the driver"
-        )
-    if 0 <= w < cluster.workers:
-        return int(w)
-    raise GraphError(
-        f"{kind} {name!r} is placed on worker={w!r}, but the cluster has {cluster.workers} "
-        f"workers (0..{cluster.workers - 1}); nodes without worker= run in the driver"
-    )
-
-
-def _check_turns(graph: Graph, policy: Policy, where: dict[str, int | None]) -> None:
-    """Refuses, before any worker starts, a placement that puts layers of one device (stages
-    that take turns in the device's order, as under ``Interleaved1F1B``) in different
-    processes: turns are passed within a process.
-
-    Raises:
-        GraphError: naming the layers and where each is placed.
-    """
-    mates: dict[int, list[str]] = {}
-    for name, order in policy.orders(graph.layers).items():
-        turns = order.device_turns()
-        if turns is not None:
-            mates.setdefault(id(turns), []).append(name)
-    for names in mates.values():
-        places = {n: where[n] for n in names}
-        if len(set(places.values())) > 1:
-            raise GraphError(
-                f"the policy {policy.name} runs layers {names} on one device, taking turns, but "
-                f"they are placed on different workers {places} (None: the driver); place them "
-                "on one worker (see docs/policies.md)"
-            )
+__all__ = ["open_cluster_run"]
 
 
 class DriverRun(ClusterRun):
@@ -178,7 +119,7 @@ async def open_cluster_run(
     if not validated:
         validate(graph, config.dtype)
     where = placement(graph, cluster)
-    _check_turns(graph, policy, where)
+    check_turns(graph, policy, where)
     # what cannot be sent to a worker (a module holding a function, a class defined inside a
     # function) is refused before any worker starts, leaving a warm cluster's workers be
     specs = {"graph": graph.to_spec(), "optimizer": optimizer.to_spec(), "policy": policy.to_spec()}
@@ -484,6 +425,7 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
             raise _remote_failure(header, w, hosted, who)
         elif t == "result":
             _note_rejections(cluster, header.get("rejected"))
+            buffers = _own(buffers)
             run.results[w] = {**decode_state(header, buffers), "stats": header["stats"]}
             _keep_trace(run.worker_traces, w, header, buffers)
             return
@@ -492,10 +434,18 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
 
 
+def _own(buffers: list[Any]) -> list[Any]:
+    """``buffers``, those read in place from shared memory copied: the weights (and trace) a
+    worker sends back outlive the run, and views would keep its slab mapped in this process
+    after the cluster's ``close()``, for as long as the trainer keeps them (one copy of the
+    worker's weights per run)."""
+    return [b if b.base is None else b.copy() for b in buffers]
+
+
 def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers: list[Any]) -> None:
     i = header.get("trace")
     if isinstance(i, int) and 0 <= i < len(buffers):
-        traces[w] = buffers[i]
+        traces[w] = _own([buffers[i]])[0]
 
 
 async def _gather_traces(

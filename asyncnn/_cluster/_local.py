@@ -13,12 +13,16 @@ from concurrent.futures import Future
 from typing import Any
 
 from asyncnn._errors import WorkerError
+from asyncnn._runtime._lifecycle import host_cores
 
 from . import _shm
 from ._base import Cluster
 from ._worker import PATH_ENV, TOKEN_ENV, driver_paths
 
 __all__ = ["LocalCluster"]
+
+# the fewest workers allowed whatever the cores (a small container may still host a few)
+_MIN_LIMIT = 8
 
 
 class LocalCluster(Cluster):
@@ -41,18 +45,46 @@ class LocalCluster(Cluster):
     on TCP (as between hosts).
 
     Args:
-        workers: how many worker processes.
+        workers: how many worker processes: at most :meth:`max_workers` (4 per core this
+            process may run on, 8 at least) unless ``oversubscribe`` is set.
         shm: move messages through shared memory (Linux on x86-64; elsewhere TCP regardless).
+        oversubscribe: allow more workers than :meth:`max_workers` (each is a Python process
+            of its own, tens of MB before any actor runs).
         **options: see :class:`~asyncnn.cluster.Cluster` (``host``, ``heartbeat_timeout``,
             ``start_timeout``, ``max_message_bytes``, ``threads_per_worker``).
     """
 
-    def __init__(self, workers: int, *, shm: bool = True, **options: Any) -> None:
+    #: workers allowed per core of this host without ``oversubscribe=True``
+    MAX_WORKERS_PER_CORE = 4
+
+    def __init__(
+        self, workers: int, *, shm: bool = True, oversubscribe: bool = False, **options: Any
+    ) -> None:
         super().__init__(workers, **options)
         if not isinstance(shm, bool):
             raise TypeError(f"LocalCluster(shm=...) takes True or False, got {shm!r}")
+        if not isinstance(oversubscribe, bool):
+            raise TypeError(
+                f"LocalCluster(oversubscribe=...) takes True or False, got {oversubscribe!r:.40}"
+            )
+        # refused before anything starts: a typo (workers=1000) would otherwise spawn a
+        # thousand interpreters, each with its own memory, on a host that cannot run them
+        limit = self.max_workers()
+        if self.workers > limit and not oversubscribe:
+            raise ValueError(
+                f"LocalCluster(workers={self.workers}) would start {self.workers} processes on "
+                f"a host with {host_cores()} cores; the limit is {limit} "
+                f"({self.MAX_WORKERS_PER_CORE} per core, {_MIN_LIMIT} at least): pass "
+                "oversubscribe=True to start that many anyway"
+            )
         self.shm = shm
         self.processes: list[subprocess.Popen[bytes]] = []
+
+    @classmethod
+    def max_workers(cls) -> int:
+        """The most workers allowed without ``oversubscribe=True``:
+        :attr:`MAX_WORKERS_PER_CORE` per core this process may run on, and at least 8."""
+        return max(_MIN_LIMIT, cls.MAX_WORKERS_PER_CORE * host_cores())
 
     def _launch(self, host: str, port: int, token: bytes) -> None:
         env = dict(os.environ)
@@ -133,13 +165,34 @@ def _spawn(argv: list[str], env: dict[str, str], into: list[subprocess.Popen[byt
             _spawner = (os.getpid(), jobs)
         jobs = _spawner[1]
     done: Future[None] = Future()
-    jobs.put((argv, env, into, done))
-    done.result()
+    try:
+        jobs.put((argv, env, into, done))
+        done.result()
+    except BaseException:
+        # interrupted while waiting (Ctrl-C): a job not taken up yet is cancelled; one taken
+        # up may be inside Popen now, and a process started after the caller stopped those in
+        # ``into`` would be lost to it (it exits only once it fails to reach the driver). Popen
+        # takes milliseconds: let it finish, so that the process is in ``into`` to be stopped
+        if not done.cancel():
+            _wait_out(done)
+        raise
+
+
+def _wait_out(done: Future[None]) -> None:
+    """Waits until ``done`` is done, through further interrupts (a second Ctrl-C)."""
+    while True:
+        try:
+            done.exception()  # waits, and raises nothing of the job's
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _serve_spawns(jobs: queue.SimpleQueue[Any]) -> None:
     while True:
         argv, env, into, done = jobs.get()
+        if not done.set_running_or_notify_cancel():
+            continue  # its caller was interrupted before this thread took it up
         try:
             into.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
             done.set_result(None)

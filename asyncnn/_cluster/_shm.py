@@ -84,7 +84,7 @@ from ._shm_memory import (
     enabled,
     supported,
 )
-from ._shm_read import ShmReading
+from ._shm_read import ShmReading, _sleeping
 from ._wire import _byte_view
 
 __all__ = [
@@ -178,7 +178,8 @@ class ShmConnection(ShmReading):
 
     async def _wait_room(self, length: int) -> None:
         delay = 50e-6
-        while not self._room(length):
+        # closed while a send awaited (its ring is unmapped): _check_alive says so
+        while self.closed or not self._room(length):
             self._check_alive()
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.005)
@@ -297,6 +298,8 @@ class ShmConnection(ShmReading):
             deadline = clock() + max(300e-6, span / 20e9)
             while clock() < deadline:
                 await anyio.lowlevel.checkpoint()
+                if self.closed:  # meanwhile: its slabs are unmapped
+                    raise ConnectionError(f"the connection to {self.peer} is closed")
                 for i in busy:
                     s = out.slabs.get(i)
                     if s is not None and out.words[_REL + i] == s[4]:
@@ -379,8 +382,10 @@ class ShmConnection(ShmReading):
         self._wake()
 
     def close(self) -> None:
-        """Closes the socket and this side's memfds (idempotent; the memory goes when the last
-        array viewing it is gone).
+        """Closes the socket, closes and unmaps this side's memfds and unmaps the peer's
+        (idempotent): the memory and descriptors go now, not when the connection object is
+        collected, except the peer's slabs that received arrays still view (they go with the
+        last of those arrays).
 
         A slab announced but not yet opened by the peer (its last message, say an error
         report, sent just before this process exits) can only be opened while this process
@@ -395,4 +400,6 @@ class ShmConnection(ShmReading):
                     break
                 time.sleep(0.002)
             super().close()
+            _sleeping.discard(self)  # other readers' spins must not look at its ring any more
             self.out.close()
+            self.inc.close()

@@ -199,15 +199,21 @@ class Channel:
         return {"pid": os.getpid(), "fd": self.fd, "ring": self.ring_bytes}
 
     def close(self) -> None:
-        """Closes the memfds (mappings go with the last reference: views may still be out)."""
+        """Closes the memfds and unmaps them now (idempotent): this side's memory is gone
+        unless the peer still maps it. Only a slab whose bytes a send copies in at this moment
+        (a send cut short by a cancel) stays mapped, until that copy lets go of it."""
         fds = [self.fd, *(s[0] for s in self.slabs.values()), *(fd for _, fd in self.graves)]
         self.graves = []
         for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.fd = -1
+        _unmap(self.mm, [self.words, self.stamps, self.data])
+        for slab in self.slabs.values():
+            _unmap(slab[1], [slab[2]])
         self.slabs.clear()
 
 
@@ -222,8 +228,29 @@ class _Incoming:
         self.stamps = memoryview(mm).cast("B")[:_CTRL].cast("d")
         self.data = memoryview(mm).cast("B")[_CTRL:]
         self.pos = 0  # what this side has read (a copy of words[_R])
-        #: slab number -> (byte view of the mapping, size)
-        self.slabs: dict[int, tuple[memoryview, int]] = {}
+        self.mm = mm
+        #: slab number -> (byte view of the mapping, size, mapping)
+        self.slabs: dict[int, tuple[memoryview, int, mmap.mmap]] = {}
+
+    def close(self) -> None:
+        """Unmaps the peer's ring now, and each of its slabs that no received array views (the
+        others go with the last array viewing them). Idempotent."""
+        _unmap(self.mm, [self.words, self.stamps, self.data])
+        for view, _, mm in self.slabs.values():
+            _unmap(mm, [view])
+        self.slabs.clear()
+
+
+def _unmap(mm: mmap.mmap, views: list[memoryview[Any]]) -> None:
+    """Releases ``views`` of ``mm`` and unmaps it (closing the descriptor the mapping holds),
+    unless arrays still view it: then it goes with the last of them (unmapping memory that an
+    array reads would crash the process; Python refuses it)."""
+    try:
+        for v in views:
+            v.release()
+        mm.close()
+    except BufferError:
+        pass
 
 
 def _release(words: memoryview, index: int, generation: int) -> None:

@@ -76,6 +76,8 @@ class ShmReading(Connection):
             raise ProtocolError(self._broken)
         inc = self.inc
         while True:
+            if self.closed:  # its mappings are gone (close unmaps them)
+                raise ConnectionError(f"the connection to {self.peer} is closed")
             if inc.words[_W] != inc.pos:
                 got = await self._take()
                 if got is not None:
@@ -149,7 +151,7 @@ class ShmReading(Connection):
         mapped = inc.slabs.get(slab)
         if mapped is None:
             raise self._bad(f"field 'slab' = {slab} names no slab it announced")
-        view, size = mapped
+        view, size, _ = mapped
         offsets, span = _layout(sizes)
         if span > size:
             raise self._bad(f"field 'n' = {sizes!r} needs {span:,} bytes; slab {slab} has {size:,}")
@@ -200,7 +202,7 @@ class ShmReading(Connection):
                     "of its last message"
                 ) from None
             raise self._bad(str(exc)) from None
-        inc.slabs[slab] = (memoryview(mm).cast("B"), size)
+        inc.slabs[slab] = (memoryview(mm).cast("B"), size, mm)
 
     def slab_limit(self) -> int:
         """The largest slab a peer may announce: its largest allowed message rounded up to a
@@ -313,8 +315,11 @@ class ShmReading(Connection):
                 return
             await anyio.wait_readable(self.sock)
         finally:
-            inc.words[_S] = 0
+            if not self.closed:  # closed meanwhile: its ring is unmapped
+                inc.words[_S] = 0
             _sleeping.discard(self)
+        if self.closed:
+            raise ConnectionError(f"the connection to {self.peer} is closed")
         self._drain()
         # would spinning have caught it? the sender stamps each record with the time it
         # published it (one clock for every process of a host). A spin that failed is a miss;
