@@ -261,7 +261,9 @@ class Trainer:
             keep_checkpoints: how many of the latest checkpoints of ``checkpoint_dir`` to keep,
                 by epoch number, counting the one just written (0: all).
             check_data: check the data before any compute: NaN/Inf in float inputs, integer
-                labels against the loss's class count. False skips these passes over the data.
+                labels against the loss's class count, and the ids a layer starting with an
+                Embedding reads from an input against its table. False skips these passes over
+                the data.
 
         Raises:
             ValueError: bad data (naming the input and the row) or arguments (also a

@@ -203,7 +203,8 @@ class Backend(abc.ABC):
         ``cross_entropy_rows``, ``reduce_losses`` and ``cross_entropy_grad`` (three kernels
         instead of about eighteen array operations); and ``relu``, ``relu_grad`` and
         ``half_sum`` (a 16-bit sum over axes, accumulated in float32) on this backend's float
-        arrays."""
+        arrays; ``embedding_rows`` (a table's rows at integer ids, NaN for an id outside the
+        table) for an Embedding whose ids are not checked on the host."""
         return None
 
     def memory_pool(self) -> tuple[int, int]:
