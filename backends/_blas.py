@@ -9,8 +9,10 @@ the shapes: where a product is cut is a function of its shape and the team's siz
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,37 @@ def _has_own_transpose(
     )
 
 
+@contextlib.contextmanager
+def _from_any_thread() -> Iterator[None]:
+    """Within the block, threadpoolctl sets BLAS's thread count from this thread.
+
+    Recent threadpoolctl (3.8 here) lets only one thread set a pthreads OpenBLAS's count: the
+    first that set it, while it lives; it silently ignores the others. But a team opens,
+    closes and starts its workers on whichever threads its user has. So each change clears
+    that thread first, and again after (leaving no thread in control, as before the first).
+    """
+    import threadpoolctl
+
+    controller: Any = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)  # older: any thread sets it
+    if clear is not None:
+        clear(force=True)
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear(force=True)
+
+
+def _limit(limit: int) -> Any:
+    """Sets BLAS's thread count to ``limit``; returns threadpoolctl's limiter, which restores
+    the count found before it."""
+    from threadpoolctl import threadpool_limits
+
+    with _from_any_thread():
+        return threadpool_limits(limits=limit, user_api="blas")
+
+
 class _BlasLimits:
     """The BLAS thread counts that the open teams hold.
 
@@ -82,7 +115,8 @@ class _BlasLimits:
     the count of the team opened last applies, and the count from before the first team returns
     once the last one closes, in whatever order the teams close (a team that restored the count
     it found would hand a team still open a multi-threaded BLAS, and leave the process at one
-    thread after both had closed).
+    thread after both had closed). Every change is made here, under one lock, from whichever
+    thread opens or closes a team or starts its worker.
     """
 
     def __init__(self) -> None:
@@ -91,13 +125,24 @@ class _BlasLimits:
         self._original: Any = None  # the limiter that restores the count before the first
 
     def hold(self, owner: object, limit: int) -> None:
-        from threadpoolctl import threadpool_limits
-
         with self._lock:
-            limiter = threadpool_limits(limits=limit, user_api="blas")
+            limiter = _limit(limit)
             if not self._held:
                 self._original = limiter
             self._held.append((owner, limit))
+
+    def apply(self, owner: object) -> None:
+        """Sets the count that applies now on the calling thread (a worker of ``owner`` as it
+        starts: an OpenMP-threaded BLAS keeps its count per thread); nothing once ``owner``
+        holds none.
+
+        The newest team's count, not ``owner``'s: a worker of an older team that starts late
+        must not override the count of a team opened since, nor set any once its own team
+        has given its count back.
+        """
+        with self._lock:
+            if any(o is owner for o, _ in self._held):
+                _limit(self._held[-1][1])
 
     def release(self, owner: object) -> None:
         """Gives ``owner``'s count back (nothing when it holds none)."""
@@ -109,11 +154,10 @@ class _BlasLimits:
             del self._held[index]
             if not self._held:
                 original, self._original = self._original, None
-                original.restore_original_limits()
+                with _from_any_thread():
+                    original.restore_original_limits()
             elif newest:
-                from threadpoolctl import threadpool_limits
-
-                threadpool_limits(limits=self._held[-1][1], user_api="blas")
+                _limit(self._held[-1][1])
 
 
 _BLAS_LIMITS = _BlasLimits()

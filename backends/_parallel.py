@@ -29,6 +29,7 @@ import collections
 import contextvars
 import math
 import operator
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -83,7 +84,16 @@ def _report(exc: BaseException) -> None:
     """An error that a worker's task raised: handed to :func:`threading.excepthook`, as a
     thread's uncaught error is, while the worker carries on."""
     args = [type(exc), exc, exc.__traceback__, threading.current_thread()]
-    threading.excepthook(threading.ExceptHookArgs(args))
+    try:
+        threading.excepthook(threading.ExceptHookArgs(args))
+    except BaseException as hook_error:
+        # A hook that fails must not end the worker: the team would take tasks that no thread
+        # runs, and their callers would wait forever. Its error goes to sys.excepthook, as
+        # threading does with a failing hook.
+        try:
+            sys.excepthook(type(hook_error), hook_error, hook_error.__traceback__)
+        except BaseException:  # nowhere left to report it; the worker goes on
+            pass
 
 
 @dataclass(frozen=True)
@@ -285,10 +295,9 @@ class ComputeTeam:
     def _serve(self, index: int) -> None:
         if self._blas_threads is not None:
             # An OpenMP-threaded BLAS keeps its thread count per calling thread (a pthreads
-            # OpenBLAS keeps it per process, set in start()): set it here too.
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(limits=self._blas_threads, user_api="blas")
+            # OpenBLAS keeps it per process, set in start()): set it here too, as the teams
+            # open now share it (this team's own count could undo a newer team's).
+            _BLAS_LIMITS.apply(self)
         if self._split:
             _state.team = self
         cond = self._cond

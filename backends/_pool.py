@@ -40,6 +40,8 @@ __all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_
 
 T = TypeVar("T")
 
+_get_ident = threading.get_ident
+
 #: Work estimated below this many flops runs inline. A hand-off to a worker costs ~50 µs of
 #: latency, which one BLAS thread (~100 GFLOP/s) spends on ~5 MFLOP: below that, inline is faster.
 DEFAULT_INLINE_FLOPS = 5_000_000
@@ -58,7 +60,8 @@ class PoolStatistics:
     Attributes:
         workers: number of CPU worker threads.
         tasks_inline: CPU tasks run on the event-loop thread (cost below the threshold).
-        tasks_threaded: CPU tasks finished by worker threads (failed ones included).
+        tasks_threaded: CPU tasks finished by worker threads (failed ones included; a
+            cancelled caller's task that no worker had started is skipped, not counted).
         tasks_gpu: GPU launches.
         tasks_abandoned: threaded tasks whose caller was cancelled (result discarded or never run).
         busy_seconds: seconds each worker spent running tasks (and parts of split work), one
@@ -81,7 +84,7 @@ class PoolStatistics:
 
 
 class _Job:
-    __slots__ = ("fn", "args", "done", "result", "error", "abandoned")
+    __slots__ = ("fn", "args", "done", "result", "error", "abandoned", "skipped")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
@@ -90,6 +93,7 @@ class _Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
+        self.skipped = False  # abandoned before it started: never run
 
 
 def _call_soon_threadsafe(native_token: Any) -> Callable[[Callable[[], object]], None]:
@@ -129,9 +133,17 @@ class DevicePool:
         )
         self._exited = 0
         self._all_exited: anyio.Event | None = None
+        # Counters. Tasks of other threads' event loops may call this pool too, and an
+        # unlocked ``+= 1`` from two threads can lose one (free-threaded Python; a tracer):
+        # ``_inline`` and ``_gpu`` are written only by the pool's loop thread, without a lock
+        # (the common case pays one thread-id comparison), the rest under ``_count_lock``.
+        self._count_lock = threading.Lock()
         self._inline = 0
         self._gpu = 0
+        self._inline_elsewhere = 0  # by other threads' loops
+        self._gpu_elsewhere = 0
         self._abandoned = 0
+        self._skipped = 0  # abandoned jobs that a worker then skipped
         self._closed = True
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
         self._loop_thread: int | None = None  # the thread of the loop that opened the pool
@@ -179,11 +191,23 @@ class DevicePool:
     @staticmethod
     def _run_job(job: _Job) -> None:
         """A job on a worker: its result or error is kept for the awaiting task."""
-        if not job.abandoned:  # a cancelled caller's job that has not started is skipped
-            try:
-                job.result = job.fn(*job.args)
-            except BaseException as exc:  # handed to the awaiting task, with its traceback
-                job.error = exc
+        if job.abandoned:  # a cancelled caller's job that has not started is skipped
+            job.skipped = True
+            return
+        try:
+            job.result = job.fn(*job.args)
+        except BaseException as exc:  # handed to the awaiting task, with its traceback
+            job.error = exc
+
+    def _job_done(self, call_soon: Callable[[Callable[[], object]], None], job: _Job) -> None:
+        """After a job, on its worker, once the team counts it: wakes the awaiting task."""
+        if job.skipped:
+            # counted here, after the team's count of tasks, so that statistics() never
+            # takes away a skipped job that the team's count does not hold yet
+            with self._count_lock:
+                self._skipped += 1
+            return  # nobody waits
+        self._notify(call_soon, job.done.set)
 
     @staticmethod
     def _notify(
@@ -243,20 +267,24 @@ class DevicePool:
         self._check_open()
         if cost is not None and cost < self._inline_flops:
             await anyio.lowlevel.checkpoint()
-            self._inline += 1
+            if _get_ident() == self._loop_thread:
+                self._inline += 1
+            else:
+                with self._count_lock:
+                    self._inline_elsewhere += 1
             return fn(*args)
         job = _Job(fn, args)
         call_soon = self._caller_call_soon()
         self._team.submit(
-            functools.partial(self._run_job, job),
-            functools.partial(self._notify, call_soon, job.done.set),
+            functools.partial(self._run_job, job), functools.partial(self._job_done, call_soon, job)
         )
         try:
             await job.done.wait()
         except BaseException:
             # Cancelled: the worker finishes (or skips) the job and its result is dropped.
             job.abandoned = True
-            self._abandoned += 1
+            with self._count_lock:
+                self._abandoned += 1
             raise
         error = job.error
         if error is not None:
@@ -292,7 +320,11 @@ class DevicePool:
         # operations yield anyway
         await anyio.lowlevel.checkpoint_if_cancelled()
         launched = backend.launch(fn, args, stream, after)
-        self._gpu += 1
+        if _get_ident() == self._loop_thread:
+            self._gpu += 1
+        else:
+            with self._count_lock:
+                self._gpu_elsewhere += 1
         return launched
 
     async def wait(
@@ -322,13 +354,18 @@ class DevicePool:
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's counters."""
-        team = self._team.statistics()
+        with self._count_lock:
+            inline = self._inline + self._inline_elsewhere
+            gpu = self._gpu + self._gpu_elsewhere
+            abandoned = self._abandoned
+            skipped = self._skipped
+        team = self._team.statistics()  # after: it holds every skipped job counted above
         return PoolStatistics(
             workers=self._n,
-            tasks_inline=self._inline,
-            tasks_threaded=team.tasks,
-            tasks_gpu=self._gpu,
-            tasks_abandoned=self._abandoned,
+            tasks_inline=inline,
+            tasks_threaded=team.tasks - skipped,
+            tasks_gpu=gpu,
+            tasks_abandoned=abandoned,
             busy_seconds=team.busy_seconds,
             queue_length=self._team.queued_tasks,
             splits=team.splits,

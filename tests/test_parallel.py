@@ -7,6 +7,7 @@ timing is asserted.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -501,3 +502,19 @@ def test_part_flops_is_a_read_only_property() -> None:
     team = ComputeTeam(2, part_flops=1_000)
     with pytest.raises(AttributeError):
         team.part_flops = 5  # type: ignore[misc]
+
+
+def test_a_failing_excepthook_does_not_end_the_worker(monkeypatch: Any) -> None:
+    # The hook's error ended the worker: the team, still open, took tasks that no thread ran
+    def failing_hook(args: Any) -> None:
+        raise RuntimeError("the hook failed")
+
+    reported: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", failing_hook)
+    monkeypatch.setattr(sys, "excepthook", lambda kind, exc, tb: reported.append(exc))
+    ran = threading.Event()
+    with ComputeTeam(1, name="test-team") as one:
+        one.submit(lambda: 1 / 0)
+        one.submit(ran.set)
+        assert ran.wait(5)
+    assert [str(e) for e in reported] == ["the hook failed"]

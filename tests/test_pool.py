@@ -7,6 +7,8 @@ only takes tests marked ``@pytest.mark.trio``, so the two plugins never claim th
 
 from __future__ import annotations
 
+import dis
+import sys
 import threading
 import time
 import traceback
@@ -406,3 +408,77 @@ async def test_worker_counts_must_be_whole_numbers() -> None:
     async with open_device_pool(cpu_workers=np.int64(1)) as pool:
         assert pool.workers == 1
     assert _pool_threads() == []
+
+
+async def test_a_cancelled_callers_skipped_task_is_not_counted_as_threaded() -> None:
+    # tasks_threaded counted the queued job of a cancelled caller that the worker then skipped:
+    # two "finished" tasks for one that ran
+    started = threading.Event()
+    release = threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(5)
+
+    async with open_device_pool(cpu_workers=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, "cpu", blocker)
+            await anyio.to_thread.run_sync(started.wait, 5)
+            tg.start_soon(pool.run, "cpu", print, "never printed")  # queued behind blocker
+            while pool.statistics().queue_length != 1:  # noqa: ASYNC110 - a counter, no event
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        release.set()
+    stats = pool.statistics()
+    assert (stats.tasks_threaded, stats.tasks_abandoned) == (1, 2)
+
+
+async def test_inline_counts_of_callers_on_two_threads_add_up(anyio_backend: str) -> None:
+    # Tasks of another thread's loop may share the pool, and an unlocked "self._inline += 1"
+    # from two threads can lose one (free-threaded Python, or a tracer that switches threads
+    # between opcodes). A tracer here holds this loop's count between reading the counter and
+    # writing it back while another thread's loop runs an inline task.
+    from asyncnn.backends import _pool
+
+    def other_loop(pool: Any) -> None:
+        async def use() -> None:
+            await pool.run("cpu", int, cost=0)
+
+        anyio.run(use, backend=anyio_backend)
+
+    held: list[int] = []
+    stores: dict[Any, set[int]] = {}
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if code.co_filename != _pool.__file__:
+            return None
+        if code not in stores:
+            stores[code] = {
+                i.offset
+                for i in dis.get_instructions(code)
+                if i.opname == "STORE_ATTR" and i.argval == "_inline"
+            }
+        if not stores[code]:
+            return None
+        frame.f_trace_opcodes = True
+
+        def opcodes(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode" and frame.f_lasti in stores[code] and not held:
+                held.append(frame.f_lasti)
+                other = threading.Thread(target=other_loop, args=(pool,))
+                other.start()
+                other.join(10)
+            return opcodes
+
+        return opcodes
+
+    async with open_device_pool(cpu_workers=1, inline_flops=1000) as pool:
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            await pool.run("cpu", int, cost=0)
+        finally:
+            sys.settrace(previous)
+        assert held  # the tracer found the count
+        assert pool.statistics().tasks_inline == 2

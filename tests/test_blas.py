@@ -1,0 +1,129 @@
+"""The BLAS thread count that open compute teams share (``backends/_blas.py``): whichever
+threads open and close the teams and start their workers, the count of the newest open team
+applies, and the count from before returns once the last one closes.
+
+The tests hold a team's worker threads before they start, so that each order of events is
+played out exactly; none takes more than a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from threadpoolctl import threadpool_info
+
+from asyncnn.backends import ComputeTeam
+
+
+def _blas_threads() -> int:
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return int(blas[0]["num_threads"])
+
+
+def _team_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("test-team")]
+
+
+def _clear_blas_controller() -> None:
+    # threadpoolctl (3.8) lets only one "controlling" thread set a pthreads OpenBLAS's count
+    import threadpoolctl
+
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
+@pytest.fixture
+def hold_threads(monkeypatch: Any) -> Any:
+    """``hold_threads(prefix)``: an event that threads named ``prefix...`` wait for before they
+    run (then the test decides when a team's workers start)."""
+    events: dict[str, threading.Event] = {}
+    real_run = threading.Thread.run
+
+    def run(thread: threading.Thread) -> None:
+        for prefix, event in events.items():
+            if thread.name.startswith(prefix):
+                event.wait(10)
+        real_run(thread)
+
+    monkeypatch.setattr(threading.Thread, "run", run)
+    yield lambda prefix: events.setdefault(prefix, threading.Event())
+    for event in events.values():
+        event.set()
+
+
+def _on_a_thread_that_ends(fn: Any) -> None:
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join()
+
+
+def test_a_worker_that_starts_late_keeps_the_newest_teams_blas_count(hold_threads: Any) -> None:
+    # The older team's worker set its own team's count as it started: after the newer team's,
+    # overriding it (and, taking threadpoolctl's control, turned the newer team's release into
+    # a no-op)
+    before = _blas_threads()
+    if before < 2:
+        pytest.skip("needs a BLAS that may take 2 threads")
+    _clear_blas_controller()
+    old_go, new_go = hold_threads("test-team-old"), hold_threads("test-team-new")
+    teams: list[ComputeTeam] = []
+    for count, name in [(2, "test-team-old"), (1, "test-team-new")]:
+        team = ComputeTeam(1, blas_threads=count, name=name)
+        teams.append(team)
+        _on_a_thread_that_ends(team.start)  # as from a run's own thread (its control lapses)
+    old, new = teams
+    assert _blas_threads() == 1
+    old_go.set()
+    started = threading.Event()
+    old.submit(started.set)  # runs once the old team's worker has started
+    assert started.wait(10)
+    assert _blas_threads() == 1  # the newer team's count
+    new_go.set()
+    new.close()
+    assert _blas_threads() == 2  # the older team's, which is still open
+    old.close()
+    assert _blas_threads() == before and _team_threads() == []
+
+
+def test_a_worker_left_behind_sets_no_blas_count_once_its_team_closed(hold_threads: Any) -> None:
+    # (a pool's close leaves a hung task's thread behind) the worker set its count as it
+    # started, after its team had given the count back: the process stayed at one thread
+    before = _blas_threads()
+    if before < 2:
+        pytest.skip("needs a BLAS that may take 2 threads")
+    _clear_blas_controller()
+    go = hold_threads("test-team-old")
+    stale = ComputeTeam(1, name="test-team-old")
+    _on_a_thread_that_ends(lambda: stale.start().close(wait=False))
+    assert _blas_threads() == before
+    go.set()
+    for t in _team_threads():
+        t.join(10)
+    assert _blas_threads() == before
+
+
+def test_a_team_opened_on_any_thread_limits_blas() -> None:
+    # threadpoolctl (3.8) silently ignored the count a team set from a thread other than the
+    # one that set BLAS's count first: the team's workers ran with multi-threaded BLAS
+    from threadpoolctl import threadpool_limits
+
+    before = _blas_threads()
+    if before < 2:
+        pytest.skip("needs a BLAS that may take 2 threads")
+    seen: list[int] = []
+
+    def use_a_team() -> None:
+        with ComputeTeam(1, name="test-team"):
+            seen.append(_blas_threads())
+        seen.append(_blas_threads())
+
+    threadpool_limits(limits=before, user_api="blas")  # this thread sets the count first
+    try:
+        _on_a_thread_that_ends(use_a_team)
+    finally:
+        _clear_blas_controller()
+    assert seen == [1, before]
