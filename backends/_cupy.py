@@ -188,8 +188,8 @@ class CupyBackend(Backend):
             # numpy learns the name only from ml_dtypes; cupy may still refuse the arrays
             if BFLOAT16 is None:
                 raise ValueError(
-                    "dtype 'bfloat16' needs the ml_dtypes package and a cupy that supports it; "
-                    "use 'float16' or 'float32' on cupy"
+                    "dtype 'bfloat16' needs the ml_dtypes package (pip install ml_dtypes) and a "
+                    "cupy that supports it (14 or later); or use 'float16' or 'float32' on cupy"
                 )
             dtype = BFLOAT16
         dt = super().dtype(dtype)
@@ -217,7 +217,13 @@ class CupyBackend(Backend):
         if isinstance(x, cupy.ndarray) and x.device.id != self.device.index:
             x = self.copy_to(x, self.device)
         with self._cuda_device:
-            return cupy.asarray(x, dtype=dtype)
+            try:
+                return cupy.asarray(x, dtype=dtype)
+            except (TypeError, ValueError):  # (numpy's TypeError for a name, cupy's ValueError)
+                if dtype is None:
+                    raise
+                self.dtype(dtype)  # a dtype numpy or cupy does not know: say so, and how to fix it
+                raise
 
     def is_local(self, x: Any) -> bool:
         return isinstance(x, cupy.ndarray) and x.device.id == self.device.index

@@ -432,3 +432,72 @@ def test_a_gpu_run_names_the_embedding_id_outside_its_table() -> None:
     assert np.isfinite(losses[0]) and np.isnan(losses[1])  # the row's NaN, not another row
     with pytest.raises(ann.ActorError, match=r"'stage0' produced NaN.*got id 10 at ids\[1, 2\]"):
         ann.Trainer(model(), check_finite=True, **kw).fit(data, batch_size=4, check_data=False)
+
+
+# -- take and integer indexing with GPU indices (array code) ---------------------------------------
+def _nan_equal(got: Any, want: np.ndarray) -> None:
+    import cupy
+
+    got = cupy.asnumpy(got)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("id_dtype", ["int64", "int32", "uint8"])
+def test_take_and_getitem_of_gpu_indices_outside_the_axis_give_nan_and_no_gradient(
+    dtype: str, id_dtype: str, monkeypatch: Any
+) -> None:
+    # cupy wraps an index (4 of four read entry 0, -5 entry 3) where numpy raises: it trained
+    # another entry. The reference: the same ops on numpy, through the path of GPU indices
+    # (tests/test_ops_index.py checks that path against numpy)
+    import cupy
+
+    from asyncnn._math import _ops_nn
+
+    host = np.arange(48.0).reshape(4, 3, 4).astype(dtype)
+    ids = np.array([[0, 4, 255], [2, 1, 3]] if id_dtype == "uint8" else [[0, 4, -1], [-5, -4, 3]])
+    ids = ids.astype(id_dtype)
+    cases = [
+        lambda a, i: ops.take(a, i, axis=0),
+        lambda a, i: ops.take(a, i, axis=-1),
+        lambda a, i: a[i],
+        lambda a, i: a[1, :, i],  # (the advanced axes go first, as in numpy)
+        lambda a, i: a[i, 1:, i[::-1]],
+    ]
+    for fn in cases:
+        with monkeypatch.context() as m:
+            m.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+            want, pullback = ann.vjp(lambda a: fn(a, ids), host)  # noqa: B023
+            (want_grad,) = pullback(np.ones_like(want))
+        with monkeypatch.context() as m:
+            m.setattr(_ops_nn, "id_range", lambda ids: pytest.fail("a GPU index was read back"))
+            out, pullback = ann.vjp(lambda a: fn(a, cupy.asarray(ids)), cupy.asarray(host))  # noqa: B023
+            (grad,) = pullback(cupy.ones_like(out))
+        assert np.isnan(want).any()
+        _nan_equal(out, want)
+        _nan_equal(grad, want_grad)
+
+
+def test_gpu_indices_into_an_integer_array_are_checked_on_the_host_too() -> None:
+    import cupy
+
+    table = cupy.arange(12).reshape(3, 4)  # no NaN for a bad index's entry: checked instead
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=rf"take: index {bad} is out of bounds for axis 0"):
+            ops.take(table, cupy.asarray([0, bad]))
+        with pytest.raises(IndexError, match=rf"getitem: index {bad} is out of bounds for axis 0"):
+            ops.getitem(table, cupy.asarray([[bad]]))
+    assert cupy.asnumpy(ops.take(table, cupy.asarray([-1]), axis=1)).tolist() == [[3], [7], [11]]
+
+
+def test_cupy_asarray_of_an_unknown_dtype_names_it() -> None:
+    from asyncnn.backends import get_backend
+
+    backend = get_backend("cupy")
+    with pytest.raises(ValueError, match=r"unknown dtype 'float33'"):
+        backend.asarray([1.0], dtype="float33")
+    if BFLOAT16 is None:
+        with pytest.raises(ValueError, match=r"'bfloat16' needs .*pip install ml_dtypes"):
+            backend.asarray([1.0], dtype="bfloat16")

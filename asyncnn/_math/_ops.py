@@ -6,6 +6,7 @@ a raw array; inside ``vjp`` it also records how to differentiate itself.
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -290,17 +291,125 @@ def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
 
 
 def getitem(x: Any, index: Any) -> Any:
-    """``x[index]``: slices, integers, integer arrays (repeats accumulate) or boolean masks."""
+    """``x[index]``: slices, integers, integer arrays (repeats accumulate) or boolean masks.
+
+    An index counts from the end when negative, as in numpy: each must be in ``[-n, n)`` for an
+    axis of length ``n``. Host indices (Python ints, lists, numpy arrays) are checked on the host.
+    Integer arrays on a GPU are not read back (a round trip to the host on every call, which a
+    CUDA graph cannot capture): where one is out of range the result is NaN (cupy alone would
+    wrap it around to another entry) and its gradient reaches no entry of ``x``; into an integer
+    ``x``, which has no NaN, they are checked on the host.
+
+    Raises:
+        IndexError: when an index is out of range (host indices, or GPU ones into a non-float
+            ``x``).
+    """
     if isinstance(index, tuple):
         index = tuple(raw(i) for i in index)
     else:
         index = raw(index)
+    guard = _index_guard(raw(x), index)
+    if guard:
+        return _P["getitem"](x, idx=index if isinstance(index, tuple) else (index,), guard=guard)
     return _P["getitem"](x, idx=index)
 
 
 def take(x: Any, indices: Any, axis: int = 0) -> Any:
-    """Gathers entries of ``x`` along ``axis`` at integer ``indices`` (as ``numpy.take``)."""
+    """Gathers entries of ``x`` along ``axis`` at integer ``indices`` (as ``numpy.take``).
+
+    Out-of-range indices are treated as in :func:`getitem`: refused on the host, NaN for GPU
+    indices into a float ``x``.
+
+    Raises:
+        IndexError: when an index is outside ``[-n, n)`` (host indices, or GPU ones into a
+            non-float ``x``).
+    """
+    axis = check_axis(axis, len(_shape(x)), "take")
+    indices = raw(indices)
+    if isinstance(indices, list | tuple):
+        indices = np.asarray(indices)  # checked as a numpy array is
+    guard = bool(_index_guard(raw(x), (slice(None),) * axis + (indices,), "take"))
+    return _P["take"](x, indices, axis=axis, guard=guard)
+
+
+def take_trusted(x: Any, indices: Any, axis: int = 0) -> Any:
+    """:func:`take` of indices valid by construction (the library's own row numbers): no check
+    on the host and no guard on a GPU, whose kernels over the indices would cost each call about
+    as much as the gather itself."""
     return _P["take"](x, raw(indices), axis=check_axis(axis, len(_shape(x)), "take"))
+
+
+def getitem_trusted(x: Any, index: tuple[Any, ...]) -> Any:
+    """:func:`getitem` of an index valid by construction (see :func:`take_trusted`)."""
+    return _P["getitem"](x, idx=tuple(raw(i) for i in index))
+
+
+def _index_guard(x: Any, index: Any, op: str = "getitem") -> tuple[tuple[int, int], ...]:
+    """Checks the integer parts of ``index`` into ``x`` that can be checked without a round trip
+    to the GPU, and returns the (place in the index, axis) of the GPU integer arrays to guard
+    instead (empty when none: an index of another kind is left to the array library).
+
+    Raises:
+        IndexError: an index outside ``[-n, n)`` for its axis of length ``n``.
+    """
+    items = index if isinstance(index, tuple) else (index,)
+    if all(i is None or i is Ellipsis or isinstance(i, slice) for i in items):
+        return ()  # (slices: nothing to check, and the common case)
+    from . import _ops_nn  # (it imports this module; looked up per call, as tests patch it)
+
+    shape = _shape(x)
+    widths = [_index_width(i) for i in items]
+    used = builtins.sum(widths)  # (this module's sum is the op)
+    if used > len(shape) or [i is Ellipsis for i in items].count(True) > 1:
+        return ()  # the array library says what is wrong
+    floating = is_floating(getattr(x, "dtype", None))
+    guard = []
+    axis = 0
+    for place, (item, width) in enumerate(zip(items, widths, strict=True)):
+        if item is Ellipsis:
+            axis += len(shape) - used
+            continue
+        if width == 1 and _is_integer(item):
+            n = shape[axis]
+            if isinstance(item, list):
+                item = np.asarray(item)  # (only to check it: the index keeps the list)
+            if isinstance(item, int):
+                bounds: tuple[int, ...] = (item,)
+            elif not _ops_nn.ids_on_host(item) and floating:
+                guard.append((place, axis))
+                bounds = ()
+            else:  # host indices, or GPU ones into a non-float x (read in one copy)
+                bounds = _ops_nn.id_range(item) if item.size else ()
+            for v in bounds:
+                if not -n <= v < n:
+                    raise IndexError(
+                        f"{op}: index {v} is out of bounds for axis {axis} with size {n} (x of "
+                        f"shape {shape}); valid indices are {-n} to {n - 1} (negative ones count "
+                        "from the end)"
+                    )
+        axis += width
+    return tuple(guard)
+
+
+def _index_width(item: Any) -> int:
+    """How many axes of the indexed array ``item`` of an index uses."""
+    if item is None or item is Ellipsis or isinstance(item, bool):
+        return 0
+    if isinstance(item, list):
+        item = np.asarray(item)
+    kind = getattr(getattr(item, "dtype", None), "kind", None)
+    return item.ndim if kind == "b" else 1
+
+
+def _is_integer(item: Any) -> bool:
+    """Whether ``item`` of an index is an integer or an array (or list) of integers."""
+    if isinstance(item, bool):
+        return False
+    if isinstance(item, int):
+        return True
+    if isinstance(item, list):
+        item = np.asarray(item)
+    return getattr(getattr(item, "dtype", None), "kind", None) in ("i", "u")
 
 
 def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:

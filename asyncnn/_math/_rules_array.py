@@ -137,13 +137,77 @@ def _is_basic_index(idx: Any) -> bool:
     return all(i is None or i is Ellipsis or isinstance(i, int | slice) for i in items)
 
 
-def _getitem(x: Any, idx: Any) -> tuple[Any, Any]:
-    return x[idx], (x.shape, x.dtype, idx)
+# -- guarded indices: integer arrays on a GPU, not read back to the host ---------------------------
+# cupy wraps an index outside [-n, n) around (5 of five reads entry 0) where numpy raises, and
+# reading the indices back for a check costs a round trip per call. A guarded index reads entry
+# 0 instead and its result is NaN; its gradient goes to a spare entry past the end, then dropped.
+def _bad_and_wide(indices: Any, n: int) -> tuple[Any, Any]:
+    """Where integer ``indices`` are outside ``[-n, n)``, and the indices as int64 (a uint64 past
+    2**63 turns negative, so it is bad, as numpy reads it too)."""
+    wide = indices.astype(np.int64, copy=False)
+    return (wide < -n) | (wide >= n), wide
+
+
+def _spare(wide: Any, bad: Any, n: int) -> Any:
+    """Indices counted from 0, bad ones sent to the spare entry ``n`` (``% n`` because a
+    negative index would reach the spare of an axis of ``n + 1``; every index is bad for
+    ``n == 0``)."""
+    return ns(wide).where(bad, n, wide % max(n, 1))
+
+
+def _nan_where(bad: Any, out: Any) -> Any:
+    # a NaN of out's dtype (a Python one would widen a 16-bit out), filled by a kernel: no copy
+    # from the host, which a CUDA-graph capture would refuse
+    xp = ns(out)
+    return xp.where(bad, xp.full((), np.nan, dtype=out.dtype), out)
+
+
+def _padded(shape: tuple[int, ...], axes: Any) -> tuple[int, ...]:
+    return tuple(s + 1 if i in axes else s for i, s in enumerate(shape))
+
+
+def _unpadded(out: Any, shape: tuple[int, ...]) -> Any:
+    return out[tuple(slice(0, s) for s in shape)]
+
+
+def _getitem(x: Any, idx: Any, guard: tuple[tuple[int, int], ...] = ()) -> tuple[Any, Any]:
+    """``x[idx]``; ``guard`` names the (place in ``idx``, axis of ``x``) of each integer array to
+    guard (``idx`` is then a tuple): where one of them is outside its axis, the result is NaN."""
+    if not guard:
+        return x[idx], (x.shape, x.dtype, idx, ())
+    xp = ns(x)
+    safe, spare = list(idx), list(idx)
+    bad: Any = False
+    for place, axis in guard:
+        bad_here, wide = _bad_and_wide(idx[place], x.shape[axis])
+        bad = bad | bad_here  # (the arrays broadcast together)
+        safe[place] = wide
+    for place, axis in guard:  # every guarded array to its spare where any of them is bad
+        n = x.shape[axis]
+        safe[place] = xp.where(bad, 0, safe[place])
+        spare[place] = _spare(safe[place], bad, n)
+    # the mask in the result's layout, by the same index into an array that is True only at
+    # the spare of the first guarded axis (zero strides: no memory of x's size)
+    axis = guard[0][1]
+    at_spare = xp.arange(x.shape[axis] + 1) == x.shape[axis]
+    view = [1] * x.ndim
+    view[axis] = x.shape[axis] + 1
+    padded = _padded(x.shape, {a for _, a in guard})
+    mask = xp.broadcast_to(at_spare.reshape(view), padded)[tuple(spare)]
+    if 0 in (x.shape[a] for _, a in guard):  # (no entry to read: all NaN)
+        out = xp.full(mask.shape, np.nan, dtype=x.dtype)
+    else:
+        out = _nan_where(mask, x[tuple(safe)])
+    return out, (x.shape, x.dtype, tuple(spare), padded)
 
 
 def _getitem_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    shape, dtype, idx = res
+    shape, dtype, idx, padded = res
     xp = ns(g)
+    if padded:  # guarded: the gradient of a bad index goes to the spare, then dropped
+        out = xp.zeros(padded, dtype=g.dtype)
+        scatter_add(out, idx, g)
+        return (_unpadded(out, shape),)
     out = xp.zeros(shape, dtype=g.dtype)
     if _is_basic_index(idx) or getattr(getattr(idx, "dtype", None), "kind", "") == "b":
         out[idx] = g  # each position is picked at most once
@@ -152,19 +216,35 @@ def _getitem_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     return (out,)
 
 
-def _take(x: Any, indices: Any, axis: int) -> tuple[Any, Any]:
-    return ns(x).take(x, indices, axis=axis), (x.shape, indices, axis)
+def _take(x: Any, indices: Any, axis: int, guard: bool = False) -> tuple[Any, Any]:
+    """``take(x, indices, axis)``; with ``guard`` (integer indices on a GPU, not checked on the
+    host) the result is NaN where an index is outside ``[-n, n)``, as numpy would refuse."""
+    xp = ns(x)
+    if not guard:
+        return xp.take(x, indices, axis=axis), (x.shape, indices, axis, None)
+    n = x.shape[axis]
+    bad, wide = _bad_and_wide(indices, n)
+    if n == 0:  # (no entry to read: all NaN)
+        out = xp.full((*x.shape[:axis], *wide.shape, *x.shape[axis + 1 :]), np.nan, x.dtype)
+    else:
+        out = xp.take(x, xp.where(bad, 0, wide), axis=axis)
+        out = _nan_where(bad.reshape((1,) * axis + bad.shape + (1,) * (x.ndim - axis - 1)), out)
+    return out, (x.shape, wide, axis, bad)
 
 
 def _take_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
-    shape, indices, axis = res
+    shape, indices, axis, bad = res
     xp = ns(g)
+    padded = None
+    if bad is not None:  # guarded: a bad index's gradient goes to the spare, then dropped
+        indices = _spare(indices, bad, shape[axis])
+        padded = _padded(shape, (axis,))
     indices = xp.asarray(indices)  # a list or an int takes as an array does
-    out = xp.zeros(shape, dtype=g.dtype)
+    out = xp.zeros(padded or shape, dtype=g.dtype)
     moved = xp.moveaxis(out, axis, 0)  # a view: scattering into it fills `out`
     gi = xp.moveaxis(g, tuple(range(axis, axis + indices.ndim)), tuple(range(indices.ndim)))
     scatter_add(moved, indices, gi)
-    return out, None
+    return (_unpadded(out, shape) if padded else out), None
 
 
 def _in_dtype(g: Any, dtype: Any) -> Any:

@@ -125,8 +125,8 @@ class Loop(Module):
             if not len(rows):
                 break
             r = xp.asarray(rows)
-            x = None if xs is None else ops.getitem(xs, (r, t))
-            new = self.step(params, h if len(rows) == n else ops.take(h, r, axis=0), x)
+            x = None if xs is None else ops.getitem_trusted(xs, (r, t))
+            new = self.step(params, h if len(rows) == n else ops.take_trusted(h, r, axis=0), x)
             if len(rows) == n:
                 h = new
             else:
@@ -134,7 +134,7 @@ class Loop(Module):
                 place = np.zeros(n, dtype=np.int64)
                 place[rows] = np.arange(len(rows))
                 mask = active.reshape((n, *(1,) * len(tail)))
-                h = ops.where(mask, ops.take(new, xp.asarray(place), axis=0), h)
+                h = ops.where(mask, ops.take_trusted(new, xp.asarray(place), axis=0), h)
             if self.output == "all":
                 outs.append(h if len(rows) == n else ops.where(mask, h, xp.zeros_like(ops.raw(h))))
             if lengths is not None:
