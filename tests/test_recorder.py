@@ -15,7 +15,16 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
-from asyncnn._runtime._recorder import Later, Recorder, digest, when_done
+from asyncnn._runtime._recorder import (
+    Later,
+    Recorder,
+    decode_tree,
+    describe_arrays,
+    digest,
+    when_done,
+)
+
+from _reference import assert_params_equal
 
 
 def _events(path: Path) -> list[Any]:
@@ -255,3 +264,71 @@ def test_a_deferred_header_takes_the_fields_the_run_knows_later(tmp_path: Path) 
     rec = Recorder(str(path), {"graph": {}}, defer_header=True)
     rec.close()
     assert ann.trace.read(path).header["graph"] == {}
+
+
+def test_bfloat16_tensors_and_state_read_back_bit_for_bit(tmp_path: Path) -> None:
+    # the writer failed on them ("cannot include dtype 'E' in a buffer"), and the state record
+    # named bfloat16 by its str "<V2": it read back as raw bytes
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.array([0x3F80, 0x7FC1, 0xFF81, 0x0001, 0x8000, 0x7F80], dtype=np.uint16)
+    bf16 = bits.view(ml_dtypes.bfloat16).reshape(2, 3)  # NaNs of two payloads, a subnormal, -0
+    e5m2 = np.arange(4, dtype=np.uint8).view(ml_dtypes.float8_e5m2)  # its str "<f1" is unknown
+    path = tmp_path / "t.trace"
+    rec = Recorder(str(path), {"graph": {}})
+    rec.state({"a": {"w": bf16}}, {"a": {}}, {"a": 0})
+    rec.event("a", "send", "forward", 0, 0, "b", 0, (bf16, e5m2, bf16[0, 0]), True)
+    rec.close()
+    t = ann.trace.read(path)
+    (send,) = t.events
+    assert [x["d"] for x in send.tensors] == ["bfloat16", "float8_e5m2", "bfloat16"]
+    assert [x["s"] for x in send.tensors] == [[2, 3], [4], []]
+    # the digest is still of the bytes: the same as of their 16-bit integers
+    assert send.tensors[0]["h"] == digest(bits) == digest(bf16)
+    for i, want in enumerate((bf16, e5m2, bf16[0, 0])):
+        got = ann.trace.payload_array(send, i)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == np.asarray(want).tobytes()
+    assert t.header["packages"]["ml_dtypes"] == ml_dtypes.__version__
+    w = decode_tree(t.state["params"])["a"]["w"]
+    assert w.dtype == bf16.dtype and w.view(np.uint16).tolist() == bits.reshape(2, 3).tolist()
+
+
+def test_a_bfloat16_run_records_its_trace_and_replays_identically(tmp_path: Path) -> None:
+    pytest.importorskip("ml_dtypes")
+    graph, batch = _two_stages()
+    path = tmp_path / "run.trace"
+    tr = ann.Trainer(
+        graph, optim.SGD(lr=0.1), policies.GPipe(2), dtype="bfloat16", trace=str(path),
+        trace_payloads="all",
+    )  # fmt: skip
+    tr.fit(batch, batch_size=8)
+    sent = {x["d"] for e in _events(path) if e.what == "send" for x in e.tensors if x}
+    assert "bfloat16" in sent
+    for actor in (None, "stage1"):
+        rep = ann.replay(path, actor=actor)
+        assert rep.identical and rep.events_checked > 0
+        for name, params in rep.params.items():
+            if actor in (None, name):
+                assert_params_equal({name: params}, {name: tr.params[name]})
+
+
+def test_a_0d_tensor_is_recorded_of_shape_empty(tmp_path: Path) -> None:
+    # np.ascontiguousarray made it 1-d: the trace said shape [1] (the digest was right)
+    scalar = np.asarray(np.float32(2.5))
+    info, payloads = describe_arrays([scalar], True)
+    assert info[0] is not None and info[0]["s"] == [] and info[0]["n"] == 4
+    assert info[0]["h"] == digest(scalar) == digest(scalar.reshape(1))
+    paths = [tmp_path / "a.trace", tmp_path / "b.trace"]
+    for path, value in zip(paths, (2.5, 3.5), strict=True):
+        rec = Recorder(str(path), {"graph": {}})
+        rec.event("a", "start", "forward", 0, 0, "", 0)
+        rec.event("a", "send", "forward", 0, 0, "b", 0, (np.asarray(np.float32(value)),), True)
+        rec.event("a", "end", "forward", 0, 0, "", 0)
+        rec.close()
+    (send,) = [e for e in _events(paths[0]) if e.what == "send"]
+    assert send.tensors[0]["s"] == [] and ann.trace.payload_array(send).shape == ()
+    assert ann.trace.diff(paths[0], paths[0]) is None
+    d = ann.trace.diff(paths[0], paths[1])
+    assert d is not None and d.actor == "a" and d.max_abs_diff == 1.0
+    assert ann.trace.summary(paths[0])["events"] == 3
+    ann.trace.to_chrome(paths[0], tmp_path / "a.json")

@@ -214,6 +214,45 @@ def test_replay_one_actor_alone_and_stop_at_a_key(tmp_path):
         ann.replay(tmp_path / "i.trace", actor="stage1")
 
 
+def test_replay_the_loss_actor_alone_and_stop_at_a_key(tmp_path):
+    # refused as "no layer named 'loss'"; let through, its loss reports found no minibatch
+    # (KeyError: 0), and its hook was never called
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Async(3), trace=str(path),
+        trace_payloads="all",
+    ).fit(_data(24), epochs=1, batch_size=4)  # fmt: skip
+    seen = []
+    rep = ann.replay(path, actor="loss", hook=lambda *op: seen.append(op) and False)
+    # 6 keys: one backward sent to stage2 each
+    assert rep.identical and rep.events_checked == 6
+    assert seen == [("loss", key, "forward", key, {}) for key in range(6)]
+    rep = ann.replay(path, actor="loss", stop_at_key=2)
+    assert rep.identical and rep.stopped_at == ("loss", 2, "forward", 2)
+    with pytest.raises(ValueError, match=r"no actor named 'lost'.*losses: \['loss'\]"):
+        ann.replay(path, actor="lost")
+
+
+def test_the_size_of_a_difference_is_that_of_the_tensor_that_differs(tmp_path):
+    # it was always the first tensor's: 0.0 where the second differed, a ValueError where the
+    # first was empty, and a ComplexWarning (an error here; else the real parts' difference)
+    paths = [tmp_path / "a.trace", tmp_path / "b.trace"]
+    empty = np.zeros((0, 3), np.float32)
+    for first, second, size in [
+        (np.ones(2, np.float32), (np.zeros(2), np.full(2, 4.0)), 4.0),
+        (empty, (np.zeros(2), np.full(2, 4.0)), 4.0),
+        (None, (np.array([1 + 1j], np.complex64), np.array([1 + 4j], np.complex64)), 3.0),
+    ]:
+        for path, tensor in zip(paths, second, strict=True):
+            rec = Recorder(str(path), {"graph": {}})
+            rec.event("a", "start", "forward", 0, 0, "", 0)
+            rec.event("a", "send", "forward", 0, 0, "b", 0, (first, tensor), True)
+            rec.event("a", "end", "forward", 0, 0, "", 0)
+            rec.close()
+        d = ann.trace.diff(*paths)
+        assert d is not None and d.max_abs_diff == size
+
+
 def test_replay_of_a_trace_without_state_or_inputs_says_why(tmp_path):
     path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
     ann.Trainer(

@@ -167,6 +167,46 @@ def test_digest_is_of_the_bytes_in_c_order() -> None:
     assert digest(a) != digest(b)
 
 
+def test_a_bfloat16_trace_reads_without_ml_dtypes_and_its_payload_says_what_it_needs(
+    tmp_path: Path,
+) -> None:
+    # a trace of bfloat16 tensors was refused whole ("its dtype 'd' is 'bfloat16', not a
+    # numeric numpy dtype"), with ml_dtypes installed or not
+    from asyncnn._runtime._traceformat import FORMAT, VERSION, encode_record
+    from asyncnn.backends import BFLOAT16
+
+    bits = np.array([0x3F80, 0x7FC1, 0xFF81, 0x0001, 0x8000, 0x7F80], dtype=np.uint16)
+    tensor = {"s": [2, 3], "d": "bfloat16", "n": 12, "h": digest(bits)}
+    send = {"t": 0.5, "a": "x", "ev": "send", "key": 0, "x": [tensor], "pl": [bits.tobytes()]}
+    path = tmp_path / "t.trace"
+    path.write_bytes(encode_record({"format": FORMAT, "version": VERSION}) + encode_record(send))
+    (event,) = ann.trace.read(path).events
+    assert ann.trace.summary(path)["events"] == 1
+    if BFLOAT16 is not None:  # ml_dtypes installed: the payload reads back bit for bit
+        got = ann.trace.payload_array(event)
+        assert got.dtype == BFLOAT16 and got.view(np.uint16).tolist() == bits.reshape(2, 3).tolist()
+        return
+    with pytest.raises(ann.TraceFormatError, match=r"'bfloat16'.*pip install ml_dtypes"):
+        ann.trace.payload_array(event)
+
+
+def test_replay_of_a_bfloat16_run_without_ml_dtypes_says_to_install_it(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    # it said only "the header's specs cannot be rebuilt: data type 'bfloat16' not understood"
+    from asyncnn._runtime._traceformat import encode_record
+    from asyncnn.backends import BFLOAT16
+
+    if BFLOAT16 is not None:
+        pytest.skip("ml_dtypes is installed: numpy knows bfloat16")
+    raw, whole = small_trace
+    path = tmp_path / "bf16.trace"
+    header = {**whole.header, "dtype": "bfloat16"}
+    path.write_bytes(encode_record(header) + raw[_boundaries(raw)[1] :])
+    with pytest.raises(ann.TraceFormatError, match=r"dtype 'bfloat16'.*pip install ml_dtypes"):
+        ann.replay(path)
+
+
 def test_streaming_reader_gives_the_same_trace(tmp_path: Path) -> None:
     path = tmp_path / "run.trace"
     _record(path)
@@ -547,6 +587,14 @@ _BAD_RECORDS = [
     {"t": 1.0, "a": "scheduler", "ev": "admit", "key": 0, "m": ["minibatch", 0]},
     {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": [{"s": [2, 4], "d": "<f4"}]},
     {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": [{"s": [2], "d": "O", "n": 16, "h": 1}]},
+    {"t": 1.0, "a": "x", "ev": "send", "key": 0, "x": [{"s": [2], "d": "<V2", "n": 4, "h": 1}]},
+    {
+        "t": 1.0,
+        "a": "x",
+        "ev": "send",
+        "key": 0,
+        "x": [{"s": [2], "d": "bfloat16", "n": 2, "h": 1}],
+    },
     {
         "t": 1.0,
         "a": "x",
@@ -846,7 +894,7 @@ def test_a_malformed_optional_state_field_is_refused_before_replay_naming_it(
     # or TypeError (pending), or, for actor_states, once the run had started (LayerActor was
     # given actor state but keeps none)
     from asyncnn._runtime._traceformat import encode_record
-    from asyncnn._tracing._read import check_replayable
+    from asyncnn._tracing._replayable import check_replayable
 
     raw, whole = small_trace
     bounds = _boundaries(raw)

@@ -36,7 +36,15 @@ try:
 except ImportError:  # Windows: no advisory locks, a second writer goes unnoticed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PAYLOAD_MODES", "Later", "Recorder", "describe_arrays", "digest", "when_done"]
+__all__ = [
+    "PAYLOAD_MODES",
+    "Later",
+    "Recorder",
+    "describe_arrays",
+    "digest",
+    "dtype_code",
+    "when_done",
+]
 
 
 class Later:
@@ -61,10 +69,47 @@ def when_done(event: Any, read: Callable[[], Any]) -> Later:
     return Later(resolve)
 
 
+# dtype -> how a trace names it, filled as dtypes are first met
+_CODES: dict[np.dtype[Any], str] = {}
+
+
+def dtype_code(dtype: np.dtype[Any]) -> str:
+    """How a trace names ``dtype`` so that a reader rebuilds the same one: its ``str``
+    (``"<f4"``: byte order included) or, where that names another dtype, its name: the
+    extension floats of ml_dtypes have ``str`` ``"<V2"`` (bfloat16: raw bytes, read back as
+    void) or ``"<f1"`` (float8_e5m2: unknown to numpy), but numpy knows their names once
+    ml_dtypes is imported. A dtype neither names (a structured one) keeps its ``str``."""
+    code = _CODES.get(dtype)
+    if code is None:
+        code = dtype.str
+        for name in (dtype.str, dtype.name):
+            try:
+                if np.dtype(name) == dtype:
+                    code = name
+                    break
+            except TypeError:
+                pass
+        _CODES[dtype] = code
+    return code
+
+
+def _host(array: Any) -> np.ndarray[Any, Any]:
+    """``array`` on the host in C order, of its own shape (``np.ascontiguousarray`` makes a
+    0-d array 1-d, whose shape the trace then recorded as ``[1]``)."""
+    host = np.asarray(to_numpy(array))
+    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
+
+
+def _bytes_of(host: np.ndarray[Any, Any]) -> memoryview:
+    """The bytes of a C-ordered array, as a flat uint8 view: ``memoryview.cast`` refuses the
+    extension dtypes (bfloat16's buffer format ``"E"``), and a 0-d array cannot be viewed as
+    bytes until flattened (a view either way: nothing is copied)."""
+    return host.reshape(-1).view(np.uint8).data
+
+
 def digest(array: Any) -> int:
     """A 64-bit hash (xxh3) of an array's bytes in C order."""
-    host = np.ascontiguousarray(to_numpy(array))
-    return int(xxhash.xxh3_64_intdigest(host.data.cast("B")))
+    return int(xxhash.xxh3_64_intdigest(_bytes_of(_host(array))))
 
 
 def describe_arrays(
@@ -80,18 +125,18 @@ def describe_arrays(
             if with_payload:
                 payloads.append(None)
             continue
-        host = np.ascontiguousarray(to_numpy(a))
-        raw = host.data.cast("B")
+        host = _host(a)
+        raw = _bytes_of(host)
         info.append(
             {
                 "s": list(host.shape),
-                "d": host.dtype.str,
+                "d": dtype_code(host.dtype),
                 "n": host.nbytes,
                 "h": int(xxhash.xxh3_64_intdigest(raw)),
             }
         )
         if with_payload:
-            payloads.append(bytes(raw))
+            payloads.append(raw.tobytes())
     return info, payloads
 
 
@@ -105,7 +150,7 @@ def encode_tree(tree: Any) -> Any:
         # np.asarray, not ascontiguousarray, which makes a 0-d array 1-d (a custom actor's
         # scalar state came back of shape (1,)); tobytes is in C order either way
         host = np.asarray(to_numpy(tree))
-        return {"s": list(host.shape), "d": host.dtype.str, "b": host.tobytes()}
+        return {"s": list(host.shape), "d": dtype_code(host.dtype), "b": host.tobytes()}
     return {"value": tree}
 
 
@@ -143,8 +188,10 @@ def package_versions() -> dict[str, str]:
     versions["python"] = platform.python_version()
     import sys
 
-    if "cupy" in sys.modules:
-        versions["cupy"] = str(sys.modules["cupy"].__version__)
+    # (ml_dtypes rounds bfloat16 on numpy: a replay elsewhere may need its version)
+    for name in ("cupy", "ml_dtypes"):
+        if name in sys.modules:
+            versions[name] = str(getattr(sys.modules[name], "__version__", "unknown"))
     return versions
 
 

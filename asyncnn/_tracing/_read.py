@@ -54,6 +54,21 @@ _META: dict[str, type | tuple[type, ...]] = {
     "spans": list,
 }
 _DTYPES: dict[str, int] = {}  # dtype strings seen valid -> item size
+#: the item sizes of the extension dtypes of ml_dtypes that a trace names (bfloat16, the 8-,
+#: 6- and 4-bit floats, the small ints: numpy keeps each in whole bytes; the 16-bit complex
+#: numbers), so that a trace of them reads where ml_dtypes is not installed: only their
+#: payloads need it
+_EXTENSION_SIZES: dict[str, int] = {
+    "bfloat16": 2,
+    "complex32": 4,
+    "bcomplex32": 4,
+    **dict.fromkeys(
+        "float8_e3m4 float8_e4m3 float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
+        "float8_e5m2fnuz float8_e5m3fnu float8_e8m0fnu float6_e2m3fn float6_e3m2fn "
+        "float4_e2m1fn int1 int2 int4 uint1 uint2 uint4".split(),
+        1,
+    ),
+}
 
 
 def _is_span(s: Any) -> bool:
@@ -67,14 +82,25 @@ def _is_span(s: Any) -> bool:
     )
 
 
+def _is_number(dt: np.dtype[Any]) -> bool:
+    """A numeric dtype: numpy's own, or an extension's scalar type (ml_dtypes' bfloat16 is of
+    kind ``"V"`` like raw bytes, but its type is its own, not ``numpy.void``)."""
+    if dt.kind in "biufc":
+        return True
+    return dt.kind == "V" and dt.names is None and dt.subdtype is None and dt.type is not np.void
+
+
 def _dtype_size(d: str) -> int | None:
     size = _DTYPES.get(d)
     if size is None:
         try:
             dt = np.dtype(d)
         except (TypeError, ValueError):
-            return None
-        if dt.kind not in "biufc":
+            size = _EXTENSION_SIZES.get(d)  # (ml_dtypes is not installed here)
+            if size is not None:
+                _DTYPES[d] = size
+            return size
+        if not _is_number(dt):
             return None
         size = _DTYPES[d] = dt.itemsize
     return size
@@ -158,7 +184,10 @@ def _check_tensor(info: Any, where: str) -> None:
         raise TraceFormatError(f"{where}: its shape 's' is {shape!r:.60}")
     size = _dtype_size(d) if isinstance(d, str) else None
     if size is None:
-        raise TraceFormatError(f"{where}: its dtype 'd' is {d!r:.60}, not a numeric numpy dtype")
+        raise TraceFormatError(
+            f"{where}: its dtype 'd' is {d!r:.60}, not a numeric numpy dtype (nor one of "
+            "ml_dtypes' extension types)"
+        )
     if not isinstance(n, int) or isinstance(n, bool) or n != math.prod(shape) * size:
         raise TraceFormatError(f"{where}: its byte count 'n' is {n!r:.60}, not shape x item size")
     if not isinstance(h, int) or isinstance(h, bool):
@@ -372,7 +401,25 @@ def payload_array(event: dict[str, Any], i: int = 0) -> np.ndarray[Any, Any] | N
         return None
     meta = info[i]
     try:
-        return np.frombuffer(payloads[i], dtype=np.dtype(meta["d"])).reshape(meta["s"])
+        dtype = np.dtype(meta["d"])
+    except TypeError as exc:
+        if meta.get("d") in _EXTENSION_SIZES:
+            raise TraceFormatError(
+                f"the payload of a {event.get('ev')} event of {event.get('a')!r} is of dtype "
+                f"{meta['d']!r}, which numpy knows only through the ml_dtypes package: pip "
+                "install ml_dtypes to read it"
+            ) from exc
+        raise TraceFormatError(
+            f"the payload of a {event.get('ev')} event of {event.get('a')!r} has the dtype "
+            f"{meta.get('d')!r:.40}, unknown to numpy: {exc}"
+        ) from exc
+    except KeyError as exc:
+        raise TraceFormatError(
+            f"the payload of a {event.get('ev')} event of {event.get('a')!r} does not fit its "
+            f"description {meta!r:.80}: {exc}"
+        ) from exc
+    try:
+        return np.frombuffer(payloads[i], dtype=dtype).reshape(meta["s"])
     except (TypeError, ValueError, KeyError) as exc:
         raise TraceFormatError(
             f"the payload of a {event.get('ev')} event of {event.get('a')!r} does not fit its "
@@ -388,193 +435,3 @@ def missing_workers(trace: Trace) -> list[int]:
         if e.what == "missing":
             out.extend(w for w in e.meta.get("workers", []) if isinstance(w, int))
     return sorted(set(out))
-
-
-def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
-    """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
-    (not truncated, no worker's events missing), its header's specs rebuild, its initial state
-    decodes, and its events are consistent (keys admitted in sequence with their data, each
-    actor's computes numbered in order). A trace that fails is refused at once with the reason,
-    instead of stalling or blaming the wrong setting halfway through a replay.
-
-    Args:
-        trace: a trace from :func:`read`.
-        trusted_modules: modules whose classes the header may name (see
-            :func:`~asyncnn._math._imports.trusted_modules`).
-
-    Raises:
-        TraceFormatError: naming the trace and what makes it unusable.
-        UntrustedModuleError: the header names a class of a module neither imported nor trusted.
-    """
-    from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
-    from asyncnn._math._imports import trusted_modules as trusting
-    from asyncnn._math._optim import from_spec as optimizer_from_spec
-    from asyncnn._runtime._graph import Graph
-    from asyncnn._runtime._policies import policy_from_spec
-    from asyncnn._runtime._recorder import decode_tree
-
-    path = trace.path
-    if trace.truncated:
-        raise TraceFormatError(
-            f"{path} is truncated: the file ends inside a record, after {len(trace.events)} "
-            "whole events (the run crashed or was killed while writing, or the file was copied "
-            "before it was closed). Replay needs a whole trace; summary and to_chrome show what "
-            "it holds"
-        )
-    missing = missing_workers(trace)
-    if missing:
-        raise TraceFormatError(
-            f"{path} lacks the events of workers {missing}: the cluster run failed or was "
-            "interrupted before they could be collected. Replay needs every actor's events; "
-            "summary and to_chrome show what it holds"
-        )
-    h = trace.header
-    for name in ("graph", "policy", "optimizer", "seed", "dtype"):
-        if name not in h:
-            raise TraceFormatError(f"{path}: the header has no {name!r}; cannot replay")
-    try:
-        np.dtype(h["dtype"])
-        with trusting(trusted_modules):
-            graph = Graph.from_spec(h["graph"])
-            policy_from_spec(h["policy"])
-            optimizer_from_spec(h["optimizer"])
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        untrusted = untrusted_cause(exc)
-        if untrusted is not None:
-            raise UntrustedModuleError(f"{path}: {untrusted}") from None
-        raise TraceFormatError(f"{path}: the header's specs cannot be rebuilt: {exc}") from exc
-    if trace.state is None:
-        raise TraceFormatError(f"{path}: the trace holds no initial state record; cannot replay")
-    try:
-        st = trace.state
-        params, opt_states = decode_tree(st["params"]), decode_tree(st["opt_states"])
-        for name in graph.layers:
-            params[name], opt_states[name]  # noqa: B018 - present for every layer
-            if not isinstance(st["versions"][name], int):
-                raise ValueError(f"the version of {name!r} is {st['versions'][name]!r:.40}")
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise TraceFormatError(f"{path}: the initial state record is malformed: {exc}") from exc
-    # the optional fields, each named: a malformed one failed the replay's start with a bare
-    # KeyError or TypeError (or, for actor_states, only once the replay had begun)
-    for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
-        if trace.state.get(field_name) is None:
-            continue  # (a trace written before the field existed, or nothing to hold)
-        try:
-            try:
-                decoded = decode_tree(trace.state[field_name])
-            except (TypeError, KeyError, AttributeError) as exc:  # (a bare KeyError: 'value')
-                raise ValueError(
-                    f"not a tree as the trace encodes one ({type(exc).__name__}: {exc})"
-                ) from exc
-            check(decoded, graph)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            raise TraceFormatError(
-                f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
-            ) from exc
-    _check_events(trace, graph)
-
-
-def _check_pending(pending: Any, graph: Any) -> None:
-    """``pending`` (the gradients accumulated but not yet applied, ``{layer: (sum, count)}``)."""
-    if not isinstance(pending, dict):
-        raise TypeError(f"a {type(pending).__name__}, not a map of layers")
-    for name, entry in pending.items():
-        if name not in graph.layers:
-            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
-        if not isinstance(entry, tuple | list) or len(entry) != 2:
-            raise ValueError(f"layer {name!r} has {entry!r:.40}, not a (sum, count) pair")
-        count = entry[1]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"layer {name!r} has a count of {count!r:.40}, not an int >= 0")
-
-
-def _check_actor_states(states: Any, graph: Any) -> None:
-    """``actor_states`` (``{layer: state}`` of the custom actors that keep one)."""
-    from asyncnn._runtime._actors import LayerActor
-
-    if not isinstance(states, dict):
-        raise TypeError(f"a {type(states).__name__}, not a map of layers")
-    for name in states:
-        if name not in graph.layers:
-            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
-        cls = graph.nodes[name].custom_actor or LayerActor
-        if cls.load_actor_state is LayerActor.load_actor_state:
-            raise ValueError(
-                f"layer {name!r} has a state, but its actor {cls.__name__} keeps none (it does "
-                "not override load_actor_state)"
-            )
-
-
-def _check_events(trace: Trace, graph: Any) -> None:
-    path = trace.path
-    inputs = set(graph.inputs)
-    actors = set(graph.layers) | set(graph.losses)
-    next_key = trace.header.get("start", {}).get("keys", 0)
-    admitted: set[int] = set()
-    minibatches: dict[int, list[int]] = {}  # minibatch -> [keys announced, keys seen]
-    fed: dict[int, set[str]] = {}
-    seqs: dict[str, int] = {}
-    open_: dict[str, int] = {}
-    # a cluster run's events are merged by time across processes: a worker's event may come
-    # before the driver's admit of its key, so the keys are gathered first
-    for e in trace.events:
-        if e.what == "admit" and isinstance(e.get("key"), int):
-            admitted.add(e.key)
-    for i, e in enumerate(trace.events):
-        ev, a = e.what, e.actor
-
-        def bad(what: str, e: dict[str, Any] = e, i: int = i) -> TraceFormatError:
-            return TraceFormatError(f"{path}: event {i} ({e['ev']} of {e['a']!r}) {what}")
-
-        if ev == "admit":
-            m = e.meta
-            if e.get("key") != next_key:
-                raise bad(f"admits key {e.get('key')!r}, expected {next_key} (keys in sequence)")
-            if not isinstance(m.get("minibatch"), int) or not isinstance(m.get("mb_keys"), int):
-                raise bad("lacks its minibatch and its count of keys ('m')")
-            if m["mb_keys"] < 1:
-                raise bad(f"says its minibatch has {m['mb_keys']} keys")
-            count = minibatches.setdefault(m["minibatch"], [m["mb_keys"], 0])
-            count[1] += 1
-            if count[0] != m["mb_keys"] or count[1] > count[0]:
-                raise bad(f"disagrees with the {count[0]} keys announced for its minibatch")
-            next_key += 1
-        elif ev in ("send", "start", "end"):
-            if e.get("key") not in admitted:
-                raise bad(f"names key {e.get('key')!r}, which was never admitted")
-            if e.get("k") not in ("forward", "backward"):
-                raise bad(f"has the message kind {e.get('k')!r}")
-            if ev == "send" and a in inputs and e.get("pl"):
-                node = graph.nodes[a]
-                info = e["x"][0] if e.get("x") else None
-                shape = tuple(info["s"]) if info else ()
-                if len(shape) != len(node.shape) or any(
-                    want is not None and got != want
-                    for got, want in zip(shape, node.shape, strict=True)
-                ):
-                    raise bad(f"carries data of shape {shape}; input {a!r} is {node.shape}")
-                fed.setdefault(e.key, set()).add(a)
-            elif ev == "start" and a in actors:
-                if e.get("seq") != seqs.get(a, 0) or a in open_:
-                    raise bad(f"has sequence number {e.get('seq')!r}, expected {seqs.get(a, 0)}")
-                open_[a] = e.seq
-                seqs[a] = e.seq + 1
-            elif ev == "end" and a in actors:
-                if open_.pop(a, None) != e.get("seq"):
-                    raise bad(f"ends compute {e.get('seq')!r}, which did not start")
-    failed = any(e.what == "error" for e in trace.events)
-    if open_ and not failed:
-        raise TraceFormatError(f"{path}: the computes {sorted(open_.items())} never end")
-    for mb, (announced, seen) in minibatches.items():
-        if seen != announced and not failed:
-            raise TraceFormatError(
-                f"{path}: minibatch {mb} announced {announced} keys, {seen} were admitted"
-            )
-    if trace.header.get("payloads", "inputs") != "none":
-        for key in sorted(admitted):
-            if fed.get(key, set()) != inputs and not failed:
-                lacking = sorted(inputs - fed.get(key, set()))
-                raise TraceFormatError(
-                    f"{path}: key {key} has no recorded data for {lacking}, though the trace "
-                    "keeps its inputs' payloads; the file was altered"
-                )

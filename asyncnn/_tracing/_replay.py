@@ -8,6 +8,7 @@ digest, and so are the weights each update made; the first difference is reporte
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -31,7 +32,8 @@ from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 
 from ._event import Event
-from ._read import Trace, check_replayable, payload_array, read
+from ._read import Trace, payload_array, read
+from ._replayable import check_replayable
 
 __all__ = ["Divergence", "ReplayResult", "replay"]
 
@@ -214,12 +216,8 @@ def _send_divergences(
                 div = Divergence(actor, ea.seq, ea.key, ea.kind, ea.peer,
                                  (ea.kind, ea.key), (eb.kind, eb.key), None, reason)  # fmt: skip
             else:
-                size = None
-                pa, pb = payload_array(ea), payload_array(eb)
-                if pa is not None and pb is not None and pa.shape == pb.shape:
-                    size = float(np.max(np.abs(pa.astype(np.float64) - pb.astype(np.float64))))
                 div = Divergence(actor, ea.seq, ea.key, ea.kind, ea.peer,
-                                 da, db, size, _what_differs(ea, eb))  # fmt: skip
+                                 da, db, _max_abs_diff(ea, eb), _what_differs(ea, eb))  # fmt: skip
             found.append((ea.time, div))
             break
         else:
@@ -228,6 +226,24 @@ def _send_divergences(
                 found.append((float("inf"), Divergence(actor, eb.seq, eb.key, eb.kind,
                               eb.peer, reason="the replay sent more than the run")))  # fmt: skip
     return checked, found
+
+
+def _max_abs_diff(ea: Event, eb: Event) -> float | None:
+    """The largest difference between the first tensors of two sends whose digests differ
+    (complex numbers by modulus), where both payloads were kept, have one shape and can be read
+    here (an extension dtype needs ml_dtypes); else None."""
+    for i, (xa, xb) in enumerate(zip(ea.tensors, eb.tensors, strict=False)):
+        if (xa and xa["h"]) == (xb and xb["h"]):
+            continue
+        try:
+            pa, pb = payload_array(ea, i), payload_array(eb, i)
+        except TraceFormatError:  # (a dtype numpy does not know here: ml_dtypes missing)
+            return None
+        if pa is None or pb is None or pa.shape != pb.shape or pa.size == 0:
+            return None  # (no bytes, no digest to differ: a damaged digest)
+        wide = np.complex128 if "complex" in pa.dtype.name + pb.dtype.name else np.float64
+        return float(np.max(np.abs(pa.astype(wide) - pb.astype(wide))))
+    return None
 
 
 def _updates_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
@@ -346,9 +362,9 @@ def replay(
 
     Args:
         path: a trace written with ``Trainer(..., trace=path)`` or ``open_run(..., trace=path)``.
-        actor: replay this actor alone, from the messages it received (the trace needs
-            ``trace_payloads="all"``); by default the whole graph is replayed from the recorded
-            inputs.
+        actor: replay this actor (a layer or a loss) alone, from the messages it received (the
+            trace needs ``trace_payloads="all"``); by default the whole graph is replayed from
+            the recorded inputs.
         optimizer: use this optimizer instead of the recorded one (to see where a change shows).
         hook: called as ``hook(actor, seq, kind, key, params)`` after each piece of work; a true
             return value stops the replay there (for stepping through a layer's history).
@@ -383,8 +399,10 @@ def replay(
             stop = user_hook(a, seq, kind, key, params) if user_hook is not None else False
             return bool(stop) or key == stop_at_key
 
-    if actor is not None and actor not in graph.layers:
-        raise ValueError(f"replay: no layer named {actor!r}; layers: {graph.layers}")
+    if actor is not None and actor not in graph.layers and actor not in graph.losses:
+        raise ValueError(
+            f"replay: no actor named {actor!r}; layers: {graph.layers}, losses: {graph.losses}"
+        )
     if actor is None and stop_at_key is None:
         _check_finished(trace, set(graph.layers) | set(graph.losses))
     payloads = h.get("payloads", "inputs")
@@ -399,12 +417,17 @@ def replay(
         params: dict[str, Any] = {}
         running: list[Run] = []  # the run, once open (the hook reads its weights)
         finished = anyio.Event()  # the actor replayed alone has done all its recorded work
-        alone = len(orders.get(actor, [])) if actor is not None else 0
+        # (a loss actor follows no order of the policy's: its recorded work is counted here)
+        loss_ops = _orders(trace, [actor])[actor] if actor in graph.losses else None
+        alone = 0 if actor is None else len(orders.get(actor, []) if loss_ops is None else loss_ops)
 
         def on_op(name: str, seq: int, kind: str, key: int) -> None:
             if name == actor and seq + 1 >= alone:
                 finished.set()
-            if hook is not None and hook(name, seq, kind, key, running[0].actors[name].params):
+            # (a loss actor has no parameters)
+            if hook is not None and hook(
+                name, seq, kind, key, getattr(running[0].actors[name], "params", {})
+            ):
                 # the weights where it stopped, before the stop cancels the run
                 params.update(running[0].params)
                 raise _Stop((name, seq, kind, key))
@@ -430,6 +453,8 @@ def replay(
                 check_finite=config.get("check_finite", False) is True, pool=pool,
             ) as run:  # fmt: skip
                 running.append(run)
+                if actor is not None and loss_ops is not None:
+                    _follow_loss(run, actor, loss_ops, on_op)
                 try:
                     if actor is None:
                         await _feed_inputs(run, trace)
@@ -455,6 +480,32 @@ def replay(
     return ReplayResult(
         first is None, sends + updates, first, params, stopped[0] if stopped else None
     )
+
+
+def _follow_loss(
+    run: Run, name: str, ops: list[tuple[str, int]], on_op: Callable[[str, int, str, int], None]
+) -> None:
+    """Has the loss actor ``name``, replayed alone, report each piece of work it finishes to
+    ``on_op`` (as a layer's recorded order does), through the callbacks of its context: the
+    progress it reports after each (``touch``, outside the compute, so that a hook's stop is
+    not taken for the loss failing) and its losses, which a replay of one actor drops (it
+    admits no minibatch for them to add up to)."""
+    target = run.actors[name]
+    touch = target.ctx.touch
+    done = [0]
+
+    def progress() -> None:
+        touch()
+        while done[0] < target.seq:
+            seq = done[0]
+            done[0] += 1
+            kind, key = ops[seq] if seq < len(ops) else ("forward", -1)
+            on_op(name, seq, kind, key)
+
+    def dropped(key: int, share: float, meta: Any) -> None:
+        pass
+
+    target.ctx = dataclasses.replace(target.ctx, touch=progress, loss_reported=dropped)
 
 
 def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) -> None:

@@ -1,0 +1,211 @@
+"""Whether a trace can be replayed: checked before anything runs, so that a trace that cannot
+is refused at once with the reason, instead of stalling or failing halfway through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from asyncnn._errors import TraceFormatError
+
+from ._read import Trace, missing_workers
+
+__all__ = ["check_replayable"]
+
+
+def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
+    """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
+    (not truncated, no worker's events missing), its header's specs rebuild, its initial state
+    decodes, and its events are consistent (keys admitted in sequence with their data, each
+    actor's computes numbered in order). A trace that fails is refused at once with the reason,
+    instead of stalling or blaming the wrong setting halfway through a replay.
+
+    Args:
+        trace: a trace from :func:`read`.
+        trusted_modules: modules whose classes the header may name (see
+            :func:`~asyncnn._math._imports.trusted_modules`).
+
+    Raises:
+        TraceFormatError: naming the trace and what makes it unusable.
+        UntrustedModuleError: the header names a class of a module neither imported nor trusted.
+    """
+    from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
+    from asyncnn._math._imports import trusted_modules as trusting
+    from asyncnn._math._optim import from_spec as optimizer_from_spec
+    from asyncnn._runtime._graph import Graph
+    from asyncnn._runtime._policies import policy_from_spec
+    from asyncnn._runtime._recorder import decode_tree
+    from asyncnn.backends._dtypes import unknown_dtype_hint
+
+    path = trace.path
+    if trace.truncated:
+        raise TraceFormatError(
+            f"{path} is truncated: the file ends inside a record, after {len(trace.events)} "
+            "whole events (the run crashed or was killed while writing, or the file was copied "
+            "before it was closed). Replay needs a whole trace; summary and to_chrome show what "
+            "it holds"
+        )
+    missing = missing_workers(trace)
+    if missing:
+        raise TraceFormatError(
+            f"{path} lacks the events of workers {missing}: the cluster run failed or was "
+            "interrupted before they could be collected. Replay needs every actor's events; "
+            "summary and to_chrome show what it holds"
+        )
+    h = trace.header
+    for name in ("graph", "policy", "optimizer", "seed", "dtype"):
+        if name not in h:
+            raise TraceFormatError(f"{path}: the header has no {name!r}; cannot replay")
+    try:
+        np.dtype(h["dtype"])
+    except TypeError as exc:
+        raise TraceFormatError(
+            f"{path}: the run's dtype {h['dtype']!r:.40} is unknown to numpy here: {exc}"
+            f"{unknown_dtype_hint(h['dtype'])}"
+        ) from exc
+    try:
+        with trusting(trusted_modules):
+            graph = Graph.from_spec(h["graph"])
+            policy_from_spec(h["policy"])
+            optimizer_from_spec(h["optimizer"])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        untrusted = untrusted_cause(exc)
+        if untrusted is not None:
+            raise UntrustedModuleError(f"{path}: {untrusted}") from None
+        raise TraceFormatError(f"{path}: the header's specs cannot be rebuilt: {exc}") from exc
+    if trace.state is None:
+        raise TraceFormatError(f"{path}: the trace holds no initial state record; cannot replay")
+    try:
+        st = trace.state
+        params, opt_states = decode_tree(st["params"]), decode_tree(st["opt_states"])
+        for name in graph.layers:
+            params[name], opt_states[name]  # noqa: B018 - present for every layer
+            if not isinstance(st["versions"][name], int):
+                raise ValueError(f"the version of {name!r} is {st['versions'][name]!r:.40}")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise TraceFormatError(f"{path}: the initial state record is malformed: {exc}") from exc
+    # the optional fields, each named: a malformed one failed the replay's start with a bare
+    # KeyError or TypeError (or, for actor_states, only once the replay had begun)
+    for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
+        if trace.state.get(field_name) is None:
+            continue  # (a trace written before the field existed, or nothing to hold)
+        try:
+            try:
+                decoded = decode_tree(trace.state[field_name])
+            except (TypeError, KeyError, AttributeError) as exc:  # (a bare KeyError: 'value')
+                raise ValueError(
+                    f"not a tree as the trace encodes one ({type(exc).__name__}: {exc})"
+                ) from exc
+            check(decoded, graph)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise TraceFormatError(
+                f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
+            ) from exc
+    _check_events(trace, graph)
+
+
+def _check_pending(pending: Any, graph: Any) -> None:
+    """``pending`` (the gradients accumulated but not yet applied, ``{layer: (sum, count)}``)."""
+    if not isinstance(pending, dict):
+        raise TypeError(f"a {type(pending).__name__}, not a map of layers")
+    for name, entry in pending.items():
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValueError(f"layer {name!r} has {entry!r:.40}, not a (sum, count) pair")
+        count = entry[1]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"layer {name!r} has a count of {count!r:.40}, not an int >= 0")
+
+
+def _check_actor_states(states: Any, graph: Any) -> None:
+    """``actor_states`` (``{layer: state}`` of the custom actors that keep one)."""
+    from asyncnn._runtime._actors import LayerActor
+
+    if not isinstance(states, dict):
+        raise TypeError(f"a {type(states).__name__}, not a map of layers")
+    for name in states:
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        cls = graph.nodes[name].custom_actor or LayerActor
+        if cls.load_actor_state is LayerActor.load_actor_state:
+            raise ValueError(
+                f"layer {name!r} has a state, but its actor {cls.__name__} keeps none (it does "
+                "not override load_actor_state)"
+            )
+
+
+def _check_events(trace: Trace, graph: Any) -> None:
+    path = trace.path
+    inputs = set(graph.inputs)
+    actors = set(graph.layers) | set(graph.losses)
+    next_key = trace.header.get("start", {}).get("keys", 0)
+    admitted: set[int] = set()
+    minibatches: dict[int, list[int]] = {}  # minibatch -> [keys announced, keys seen]
+    fed: dict[int, set[str]] = {}
+    seqs: dict[str, int] = {}
+    open_: dict[str, int] = {}
+    # a cluster run's events are merged by time across processes: a worker's event may come
+    # before the driver's admit of its key, so the keys are gathered first
+    for e in trace.events:
+        if e.what == "admit" and isinstance(e.get("key"), int):
+            admitted.add(e.key)
+    for i, e in enumerate(trace.events):
+        ev, a = e.what, e.actor
+
+        def bad(what: str, e: dict[str, Any] = e, i: int = i) -> TraceFormatError:
+            return TraceFormatError(f"{path}: event {i} ({e['ev']} of {e['a']!r}) {what}")
+
+        if ev == "admit":
+            m = e.meta
+            if e.get("key") != next_key:
+                raise bad(f"admits key {e.get('key')!r}, expected {next_key} (keys in sequence)")
+            if not isinstance(m.get("minibatch"), int) or not isinstance(m.get("mb_keys"), int):
+                raise bad("lacks its minibatch and its count of keys ('m')")
+            if m["mb_keys"] < 1:
+                raise bad(f"says its minibatch has {m['mb_keys']} keys")
+            count = minibatches.setdefault(m["minibatch"], [m["mb_keys"], 0])
+            count[1] += 1
+            if count[0] != m["mb_keys"] or count[1] > count[0]:
+                raise bad(f"disagrees with the {count[0]} keys announced for its minibatch")
+            next_key += 1
+        elif ev in ("send", "start", "end"):
+            if e.get("key") not in admitted:
+                raise bad(f"names key {e.get('key')!r}, which was never admitted")
+            if e.get("k") not in ("forward", "backward"):
+                raise bad(f"has the message kind {e.get('k')!r}")
+            if ev == "send" and a in inputs and e.get("pl"):
+                node = graph.nodes[a]
+                info = e["x"][0] if e.get("x") else None
+                shape = tuple(info["s"]) if info else ()
+                if len(shape) != len(node.shape) or any(
+                    want is not None and got != want
+                    for got, want in zip(shape, node.shape, strict=True)
+                ):
+                    raise bad(f"carries data of shape {shape}; input {a!r} is {node.shape}")
+                fed.setdefault(e.key, set()).add(a)
+            elif ev == "start" and a in actors:
+                if e.get("seq") != seqs.get(a, 0) or a in open_:
+                    raise bad(f"has sequence number {e.get('seq')!r}, expected {seqs.get(a, 0)}")
+                open_[a] = e.seq
+                seqs[a] = e.seq + 1
+            elif ev == "end" and a in actors:
+                if open_.pop(a, None) != e.get("seq"):
+                    raise bad(f"ends compute {e.get('seq')!r}, which did not start")
+    failed = any(e.what == "error" for e in trace.events)
+    if open_ and not failed:
+        raise TraceFormatError(f"{path}: the computes {sorted(open_.items())} never end")
+    for mb, (announced, seen) in minibatches.items():
+        if seen != announced and not failed:
+            raise TraceFormatError(
+                f"{path}: minibatch {mb} announced {announced} keys, {seen} were admitted"
+            )
+    if trace.header.get("payloads", "inputs") != "none":
+        for key in sorted(admitted):
+            if fed.get(key, set()) != inputs and not failed:
+                lacking = sorted(inputs - fed.get(key, set()))
+                raise TraceFormatError(
+                    f"{path}: key {key} has no recorded data for {lacking}, though the trace "
+                    "keeps its inputs' payloads; the file was altered"
+                )
