@@ -17,7 +17,7 @@ import numpy as np
 import trio
 
 from ._callbacks import Callback, wants_epoch_end
-from ._fit_kept import LayerStates, updates_once_per_minibatch, updating_layers
+from ._fit_kept import LayerStates, updates_once_per_minibatch
 from ._history import History
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_copy
@@ -98,9 +98,6 @@ class _FitState:
         # under a streaming policy that updates once per minibatch: each layer's recent states
         # (set when the run starts, where it applies)
         self.layer_states: LayerStates | None = None
-        # (where updates are corrected after the version goes up, a layer mid-backward is not
-        # noted: see updating_layers)
-        self.corrects = trainer.policy.corrects_updates()
         # the epochs whose end has begun in this fit: with epoch-end hooks, an epoch whose
         # minibatches are all done counts as done only then (see _commit)
         self.ended: set[int] = set()
@@ -216,8 +213,7 @@ class _FitState:
         """Notes each layer's state now, where the fit keeps :class:`LayerStates`."""
         states = self.layer_states
         if states is not None:
-            busy = updating_layers(run) if self.corrects else ()
-            states.see(run.state(), self.known - self.first_mb, busy)
+            states.see(run.state(), self.known - self.first_mb)
 
     async def _settle(self, run: Run) -> None:
         """Every admitted minibatch done and its loss known (a continuous policy's pipeline

@@ -5,13 +5,11 @@ with its own bookkeeping, seen at each loss and each step."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 from ._math._pytree import tree_leaves
-from ._runtime._messages import FORWARD
 from ._runtime._policies import Policy
-from ._runtime._run import Run, RunState
+from ._runtime._run import RunState
 from ._runtime._weight_versions import gradients_per_update
 
 
@@ -27,20 +25,6 @@ def updates_once_per_minibatch(policy: Policy) -> bool:
     return gradients_per_update(policy, most) is None and all(
         policy.update_due(n, True) for n in range(1, most + 1)
     )
-
-
-def updating_layers(run: Run) -> set[str]:
-    """The layers of ``run`` (in this process) in the middle of a backward, where an update may
-    be under way: a policy that corrects updates (``PipeMareLR``, ``SpikeCompensation``) has
-    the layer's version count the update before the corrected weights are in place, so their
-    state is not one to keep until the backward has ended. O(layers), asked only under such a
-    policy."""
-    busy = set()
-    for name, actor in run.local.items():
-        computing = getattr(actor, "computing", None)
-        if computing is not None and computing[0] != FORWARD:
-            busy.add(name)
-    return busy
 
 
 class LayerStates:
@@ -64,10 +48,11 @@ class LayerStates:
         self.kept: dict[str, tuple[Any, Any, Any]] = {}
         self._others = [n for n in start.params if n not in self.seen]
 
-    def see(self, state: RunState, known: int, busy: Collection[str] = ()) -> None:
+    def see(self, state: RunState, known: int) -> None:
         """Notes each layer's state now; ``known``: the minibatches of this fit whose losses
-        (and all before) are known, the most a kept state may count; ``busy``: layers whose
-        state now may be half an update (:func:`updating_layers`), not noted this time."""
+        (and all before) are known, the most a kept state may count. (A corrected update's
+        weights and version are published together, once corrected: no state seen is half an
+        update.)"""
         seen = self.seen
         if not seen:  # no layer updates: every state is that of the minibatches known
             if known > self.common:
@@ -77,7 +62,7 @@ class LayerStates:
         for n in self.layers:
             entries = seen[n]
             done = state.versions[n] - self.start[n]
-            if done not in entries and n not in busy:
+            if done not in entries:
                 entries[done] = (state.params[n], state.opt_states[n], state.actor_states.get(n))
         lowest = min(state.versions[n] - self.start[n] for n in self.layers)
         common = set.intersection(*(set(e) for e in seen.values()))
@@ -86,8 +71,7 @@ class LayerStates:
             self.common = best
             self.kept = {n: seen[n][best] for n in self.layers}
             self.kept.update((n, e) for n, e in self._entries(state).items() if n in self._others)
-        # no layer is seen again below `lowest`: what is not common there never will be (a busy
-        # layer may be noted later at its version now, which is not below it)
+        # no layer is seen again below `lowest`: what is not common there never will be
         for entries in seen.values():
             for d in [d for d in entries if d <= self.common or (d < lowest and d not in common)]:
                 del entries[d]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import nn, ops, optim, policies
 from asyncnn._math._pytree import tree_leaves
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,6 +100,33 @@ def test_bad_actor_args_are_refused_when_the_graph_is_built():
         g.layer("d", nn.Linear(6, 3), x, actor=ScaledGradient, actor_args={"fcator": 0.5})
     with pytest.raises(ann.GraphError, match=r"layer 'e': LayerActor.setup does not take"):
         g.layer("e", nn.Linear(6, 3), x, actor=ann.LayerActor, actor_args={"k": 1})
+
+
+class PassesFactorOn(ann.LayerActor):
+    def setup(self, factor: float = 1.0) -> None:
+        super().setup(factor)  # (a leftover the base cannot take)
+
+
+def test_the_base_setup_accepts_any_override_and_refuses_leftover_positionals():
+    # `*args: Any, **kwargs: Any` is what mypy accepts any override of (`def setup(self,
+    # factor=1.0)`, as docs/custom_actors.md shows); `**args` alone made that an [override] error
+    params = inspect.signature(ann.LayerActor.setup).parameters.values()
+    assert [(p.kind, p.annotation) for p in params if p.name != "self"] == [
+        (inspect.Parameter.VAR_POSITIONAL, "Any"),
+        (inspect.Parameter.VAR_KEYWORD, "Any"),
+    ]
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("b", nn.Linear(6, 3), x, actor=PassesFactorOn, actor_args={"factor": 2.0})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(
+        ann.GraphError,
+        match=r"layer 'b': PassesFactorOn.setup passed 1 positional argument\(s\) \(2.0,\) to "
+        r"LayerActor.setup, which takes none; .* call super\(\).setup\(\) without them",
+    ):  # fmt: skip
+        tr.fit(_data(), batch_size=16)
 
 
 def test_a_stateless_actor_given_state_says_so():
@@ -497,3 +526,36 @@ def test_the_context_gives_actors_the_runs_dtype(dtype):
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype=dtype)
     tr.fit(_data(), batch_size=16)
     assert tr.state.actor_states["b"]["itemsize"] == np.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class IdsAsFloat32(nn.Module):
+    """Integer ids as float32 values (no parameters)."""
+
+    def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
+        return ops.astype(ids, "float32")
+
+
+class Float64OnIntegers(ann.LayerActor):
+    """A layer without parameters on integer ids, whose output is float64 whatever the run."""
+
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return (await super().on_forward(key, inputs, meta)).astype(np.float64)
+
+
+def test_an_output_not_in_the_runs_dtype_is_refused_where_nothing_else_tells_it():
+    # (before: no floating parameter or input to guess the run's dtype from, so the float64
+    # output passed, and the float32 layer after it computed in float64 without a word)
+    g = ann.Graph()
+    ids = g.input("ids", (None, 6), dtype="int64")
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("b", IdsAsFloat32(), ids, actor=Float64OnIntegers)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("c", nn.Linear(6, 3), h), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float32")
+    data = {"ids": np.arange(96).reshape(16, 6) % 5, "y": np.arange(16) % 3}
+    with pytest.raises(
+        ann.ActorError, match=r"Float64OnIntegers.on_forward returned a float64 output in a "
+        r"float32 run; return it in the run's dtype \(out.astype\('float32'\)\)",
+    ) as info:  # fmt: skip
+        tr.fit(data, batch_size=16)
+    assert (info.value.actor, info.value.kind) == ("b", "forward")

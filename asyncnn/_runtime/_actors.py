@@ -120,6 +120,7 @@ class LayerActor(Serving, HookChecks):
         self.float_dtype = next(
             (p.dtype for p in tree_leaves(params) if is_floating(getattr(p, "dtype", None))), None
         )
+        self.run_dtype = ctx.dtype
         self.checked_shapes = _checked_shapes(ctx.graph, node)
         self.stochastic = _is_stochastic(self.module)
         self.draw_places = _draw_places(node) if self.stochastic else None
@@ -193,18 +194,28 @@ class LayerActor(Serving, HookChecks):
             )
 
     # -- set-up and extra state -----------------------------------------------------------------
-    def setup(self, **args: Any) -> None:
-        """Called once, before any message, with the node's ``actor_args`` (from
-        ``g.layer(..., actor=Cls, actor_args={...})``): override it to configure the actor and
-        create per-actor state. The default takes no arguments.
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Called once, before any message, with the node's ``actor_args`` as keyword
+        arguments (from ``g.layer(..., actor=Cls, actor_args={...})``): override it to
+        configure the actor and create per-actor state, with the arguments it takes
+        (``def setup(self, factor=1.0)``). The default takes no arguments.
 
         Raises:
             TypeError: arguments this actor does not take.
         """
+        # (``*args, **kwargs``: a type checker then accepts any override's own arguments)
+        cls = type(self).__name__
         if args:
             raise TypeError(
-                f"layer {self.name!r}: {type(self).__name__} takes no actor_args (got "
-                f"{sorted(args)}); override setup(self, ...) to accept them"
+                f"layer {self.name!r}: {cls}.setup passed {len(args)} positional argument(s) "
+                f"{args!r:.80} to LayerActor.setup, which takes none; the run calls setup with "
+                "the node's actor_args as keywords: take them in your setup's own parameters "
+                "and call super().setup() without them"
+            )
+        if kwargs:
+            raise TypeError(
+                f"layer {self.name!r}: {cls} takes no actor_args (got {sorted(kwargs)}); "
+                "override setup(self, ...) to accept them"
             )
 
     def actor_state(self) -> Any:

@@ -27,6 +27,9 @@ class HookChecks:
     checked_shapes: tuple[tuple[int, ...], list[tuple[int, ...]]] | None
     #: the dtype of the floating parameters (None: none)
     float_dtype: Any
+    #: the run's floating dtype, as the actor's context gives it (None: a context built
+    #: without one)
+    run_dtype: Any
     #: key -> each input's (shape, dtype), kept from the forward for its backward's check
     input_sigs: dict[int, list[tuple[tuple[int, ...], Any]]]
     #: (input slot, source node, the source's consumer edge) of each input that gets a gradient
@@ -63,7 +66,11 @@ class HookChecks:
                 )
         dtype = getattr(out, "dtype", None)
         if dtype is not None and is_floating(dtype):
-            want_dtype = self.float_dtype
+            # the run's where known: a layer without floating parameters on integer inputs
+            # has nothing else to tell it by
+            want_dtype = self.run_dtype
+            if want_dtype is None:
+                want_dtype = self.float_dtype
             if want_dtype is None:  # no floating parameter: the run's dtype is its inputs'
                 want_dtype = next((x.dtype for x in inputs if is_floating(x.dtype)), None)
             if want_dtype is not None and dtype != want_dtype:

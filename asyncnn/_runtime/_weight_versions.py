@@ -96,23 +96,25 @@ class WeightVersions(_Actor):
             self.stats.peak_versions_held = held
 
     async def apply_gradients(self, grads: Any) -> None:
-        """One optimizer update of this actor's parameters; the version goes up by one."""
+        """One optimizer update of this actor's parameters; the version goes up by one.
+
+        The new parameters, optimizer state and version are published together, once the
+        policy's correction of the update (:meth:`Policy.correct_update`) is made: a run
+        stopped or cancelled while the update or its correction computes keeps the version
+        before, whole, and nothing reads the optimizer's uncorrected result under the new
+        version (a run's state, a trace event)."""
         update = self.ctx.optimizer.update if self.graphs is None else self.graphs.update
         old = self.params
-        if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
-            self.weights_by_version[self.version] = old  # forwards still use it
         step = self.opt_state.get("step", 0) if isinstance(self.opt_state, dict) else 0
-        self.params, self.opt_state = await self.compute(
-            update, self.params, grads, self.opt_state, cost=4.0 * self.param_size
+        params, opt_state = await self.compute(
+            update, old, grads, self.opt_state, cost=4.0 * self.param_size
         )
-        self.version += 1
-        self.stats.updates += 1
-        delays, self.pending_delays = self.pending_delays, []
+        delays = list(self.pending_delays)  # (cleared once the update is published)
         policy = self.ctx.policy
         if delays and self.corrects_updates:
-            self.params = await self.compute(
+            params = await self.compute(
                 policy.correct_update,
-                self.params,
+                params,
                 old,
                 grads,
                 sum(delays) / len(delays),
@@ -120,6 +122,13 @@ class WeightVersions(_Actor):
                 int(step),
                 cost=4.0 * self.param_size,
             )
+        # (from here to the version's increment nothing awaits: the update is published whole)
+        if self.versions_back or (self.keeps_forward_weights and self.version in self.version_refs):
+            self.weights_by_version[self.version] = old  # forwards still use it
+        self.params, self.opt_state = params, opt_state
+        self.version += 1
+        self.stats.updates += 1
+        del self.pending_delays[: len(delays)]  # (any noted meanwhile go to the next update)
         if self.versions_back:
             self._prune_versions()
         if self.change_decay is not None:

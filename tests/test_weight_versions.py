@@ -1,0 +1,103 @@
+"""A layer's updates (asyncnn/_runtime/_weight_versions.py): the new weights, optimizer state
+and version of an update are published together, after the policy's correction of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn._math._pytree import tree_leaves
+
+from _reference import chain_graph, classification_data, minibatches
+
+pytestmark = pytest.mark.timeout(60)
+
+#: stage 0's weights after each of its corrected updates: {the update's step: weights}
+_CORRECTED: dict[int, Any] = {}
+
+
+class _Stop(Exception):
+    """An error raised inside a correction."""
+
+
+def _is_stage0(weights: Any) -> bool:
+    return any(w.shape == (5, 6) for w in tree_leaves(weights))  # chain_graph(3)'s first Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class _StopInStage0Correction(policies.Remedy):
+    """The wrapped policy, whose correction of stage 0's third update (step 2) stops the run
+    (Ctrl-C with ``interrupt``, else an error); notes stage 0's weights after each correction
+    before it."""
+
+    interrupt: bool = True
+    name: ClassVar[str] = "_StopInStage0Correction"
+    corrects: ClassVar[bool] = False
+    adjusts: ClassVar[bool] = True
+
+    def correct_update(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        new = super().correct_update(new, old, grads, delay, optimizer, step)
+        if _is_stage0(new):
+            if step == 2:
+                raise KeyboardInterrupt if self.interrupt else _Stop("stopped in a correction")
+            _CORRECTED[step] = [np.array(w) for w in tree_leaves(new)]
+        return new
+
+    def adjust(
+        self, new: Any, old: Any, grads: Any, delay: float, optimizer: Any, step: int
+    ) -> Any:
+        return new
+
+
+def _assert_stage0_kept_whole(params: Any, opt_state: Any, version: int) -> None:
+    # two updates done, the third stopped in its correction: the version, the optimizer's
+    # count and the weights are those of the second, as corrected
+    assert version == 2 and opt_state["step"] == 2
+    for got, want in zip(tree_leaves(params), _CORRECTED[1], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize(
+    "remedy",
+    [lambda p: policies.PipeMareLR(p, warmup_updates=100), policies.SpikeCompensation],
+    ids=["pipemare", "spike"],
+)
+def test_a_pipedream_fit_stopped_in_a_correction_keeps_the_update_before(remedy):
+    # (before: stage 0 kept version 3 and the optimizer's step 3 with the weights of the
+    # optimizer's uncorrected update; the next fit went on from them)
+    _CORRECTED.clear()
+    policy = _StopInStage0Correction(remedy(policies.PipeDream(2)))
+    tr = ann.Trainer(
+        chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policy, seed=3
+    )
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(classification_data(40), epochs=1, batch_size=8)
+    state = tr.state
+    _assert_stage0_kept_whole(
+        state.params["stage0"], state.opt_states["stage0"], state.versions["stage0"]
+    )
+
+
+@pytest.mark.anyio
+async def test_an_async_run_failing_in_a_correction_holds_the_update_before(anyio_backend):
+    _CORRECTED.clear()
+    inner = policies.PipeMareLR(policies.Async(max_active_keys=3), warmup_updates=100)
+    policy = _StopInStage0Correction(inner, interrupt=False)
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    with pytest.raises(ann.ActorError, match="stage0") as info:
+        async with ann.open_run(chain_graph(3), opt, policy, seed=3) as run:
+            for batch in minibatches(classification_data(48), 8):
+                await run.step(batch)
+            await run.drain()
+    assert isinstance(info.value.__cause__, _Stop)
+    state = run.state()
+    _assert_stage0_kept_whole(
+        state.params["stage0"], state.opt_states["stage0"], state.versions["stage0"]
+    )
