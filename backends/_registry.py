@@ -99,5 +99,15 @@ def to_numpy(x: Any) -> Any:
 
 
 def scatter_add(out: Any, index: Any, values: Any) -> None:
-    """``out[index] += values`` where repeated indices accumulate (numpy's ``add.at``)."""
-    array_namespace(out).add.at(out, index, values)  # cupy implements ufunc.at as numpy does
+    """``out[index] += values`` where repeated indices accumulate (numpy's ``add.at``).
+
+    cupy's ``add.at`` takes no bfloat16: there the sums accumulate in float32 and are rounded
+    to bfloat16 once (numpy's, through ml_dtypes, rounds after every addition).
+    """
+    xp = array_namespace(out)
+    if xp is not np and out.dtype.name == "bfloat16":
+        wide = out.astype(np.float32)
+        xp.add.at(wide, index, values.astype(np.float32))
+        out[...] = wide.astype(out.dtype)
+        return
+    xp.add.at(out, index, values)  # cupy implements ufunc.at as numpy does
