@@ -374,7 +374,7 @@ def test_fused_embedding_rows_equal_the_array_code_nan_for_ids_outside_the_table
         monkeypatch, "embedding_rows", lambda: _embedding_value_and_grad(weight, ids)
     )
     good = (host >= 0) & (host < 5)
-    assert out.shape == (2, 4, 6) and out.dtype == weight.dtype
+    assert out.shape == (2, 4, 6) and out.dtype == weight.dtype == want_out.dtype
     assert _same_bits_but_nan_payloads(out, want_out) == 6 * int((~good).sum())
     got = cupy.asnumpy(out)
     assert np.isnan(got[~good].astype(np.float64)).all()

@@ -159,7 +159,8 @@ def _nan_where(bad: Any, out: Any) -> Any:
     # a NaN of out's dtype (a Python one would widen a 16-bit out), filled by a kernel: no copy
     # from the host, which a CUDA-graph capture would refuse
     xp = ns(out)
-    return xp.where(bad, xp.full((), np.nan, dtype=out.dtype), out)
+    # (cupy's where computes bfloat16 in float32: back to out's dtype)
+    return xp.where(bad, xp.full((), np.nan, dtype=out.dtype), out).astype(out.dtype, copy=False)
 
 
 def _padded(shape: tuple[int, ...], axes: Any) -> tuple[int, ...]:

@@ -423,7 +423,8 @@ def _embedding(weight: Any, ids: Any, guard: bool) -> tuple[Any, Any]:
         else:
             out = xp.take(weight, xp.where(bad, 0, ids), axis=0)
             nan = xp.asarray(np.nan, dtype=out.dtype)  # (a Python NaN could widen a bfloat16)
-            out = xp.where(bad[..., None], nan, out)
+            # (cupy's where computes bfloat16 in float32: back to the table's dtype)
+            out = xp.where(bad[..., None], nan, out).astype(out.dtype, copy=False)
     return out, (weight.shape, ids, guard)
 
 
