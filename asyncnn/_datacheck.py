@@ -45,16 +45,11 @@ def check_labels(
         y = data[labels]  # (with a batch axis: a dataset's array)
         if np.dtype(y.dtype).kind not in "iu":
             continue
-        for start, chunk in row_chunks(y):  # bounded memory, whatever the size of y
-            part = np.asarray(to_numpy(chunk))
-            bad = (part < 0) | (part >= classes)
-            if not bad.any():
-                continue
-            index = np.unravel_index(int(np.argmax(bad)), part.shape)
-            at = (start + int(index[0]), *(int(i) for i in index[1:]))
-            where = f"row {at[0]}" if len(at) == 1 else f"index {at}"
+        found = _first_outside(y, classes)
+        if found is not None:
+            value, where = found
             raise ValueError(
-                f"input {labels!r}: label {int(part[index])} at {where} is out of range for loss "
+                f"input {labels!r}: label {value} at {where} is out of range for loss "
                 f"{name!r} ({type(node.module).__name__} over the {classes} classes of "
                 f"{logits!r}): labels must be in 0..{classes - 1}"
             )
@@ -72,19 +67,29 @@ def _check_ids(graph: Graph, data: Mapping[str, Any]) -> None:
         if graph.nodes[node.inputs[0]].kind != "input" or np.dtype(ids.dtype).kind not in "iu":
             continue  # (float ids: the graph's check has refused them)
         n = embedding.num_embeddings
-        for start, chunk in row_chunks(ids):
-            part = np.asarray(to_numpy(chunk))
-            bad = (part < 0) | (part >= n)
-            if not bad.any():
-                continue
-            index = np.unravel_index(int(np.argmax(bad)), part.shape)
-            at = (start + int(index[0]), *(int(i) for i in index[1:]))
-            where = f"row {at[0]}" if len(at) == 1 else f"index {at}"
+        found = _first_outside(ids, n)
+        if found is not None:
+            value, where = found
             raise ValueError(
-                f"input {node.inputs[0]!r}: id {int(part[index])} at {where} is out of range for "
-                f"layer {name!r} ({embedding!r}): ids must be in 0..{n - 1}; map them into that "
+                f"input {node.inputs[0]!r}: id {value} at {where} is out of range for layer "
+                f"{name!r} ({embedding!r}): ids must be in 0..{n - 1}; map them into that "
                 "range, or make num_embeddings as large as the vocabulary"
             )
+
+
+def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
+    """The first integer of ``values`` (a dataset's array, rows first) outside ``[0, n)`` and
+    where it is (``"row 5"``, or ``"index (5, 2)"``), or None; read in chunks of rows, so the
+    memory it takes is bounded whatever the size of ``values``."""
+    for start, chunk in row_chunks(values):
+        part = np.asarray(to_numpy(chunk))
+        bad = (part < 0) | (part >= n)
+        if not bad.any():
+            continue
+        index = np.unravel_index(int(np.argmax(bad)), part.shape)
+        at = (start + int(index[0]), *(int(i) for i in index[1:]))
+        return int(part[index]), (f"row {at[0]}" if len(at) == 1 else f"index {at}")
+    return None
 
 
 def needed_inputs(graph: Graph, targets: list[str]) -> list[str]:
