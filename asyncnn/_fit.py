@@ -5,6 +5,7 @@ and its progress display."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -261,7 +262,9 @@ class _FitState:
         if not skip:
             tr._epoch_losses = []
         elif epoch in self.epoch_start:  # (else the position as it was, and its losses)
-            tr._epoch_losses = self._epoch_losses(epoch, done)
+            # listed when read: here, at every step, it would be quadratic in the epoch's length
+            # (the losses of minibatches before `done` are known and never change)
+            tr._epoch_losses_later = functools.partial(self._epoch_losses, epoch, done)
         tr.epochs_done, tr.epoch_batches = epoch, skip
         tr._epoch_layout = layout if skip else None
         self._history_losses(done)

@@ -8,7 +8,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -164,8 +164,9 @@ class Trainer:
         # written before it was kept): the position is taken as it comes
         self._epoch_layout: dict[str, Any] | None = None
         # the known losses of those minibatches, in order: the epoch's loss, at its end, is
-        # theirs and the next fit's
-        self._epoch_losses: list[float] = []
+        # theirs and the next fit's (see the property _epoch_losses)
+        self._epoch_losses_list: list[float] = []
+        self._epoch_losses_later: Callable[[], list[float]] | None = None
         #: the History of the latest fit, kept also when it was interrupted or failed
         self.history = History()
         #: set to True (by a callback) to end the current fit after its current step
@@ -173,6 +174,22 @@ class Trainer:
         self._interrupt = threading.Event()
 
     # -- reading -----------------------------------------------------------------------------------
+    @property
+    def _epoch_losses(self) -> list[float]:
+        """The known losses of the unfinished epoch's minibatches, in order. A fit hands them
+        over as a function, called here when they are read (at a save, or by the next fit):
+        listing them at every step's snapshot would cost time quadratic in the epoch's length."""
+        later = self._epoch_losses_later
+        if later is not None:
+            self._epoch_losses_list = later()
+            self._epoch_losses_later = None
+        return self._epoch_losses_list
+
+    @_epoch_losses.setter
+    def _epoch_losses(self, values: list[float]) -> None:
+        self._epoch_losses_list = list(values)
+        self._epoch_losses_later = None
+
     @property
     def params(self) -> dict[str, Any]:
         """``{node name: params}`` as numpy arrays, at the current version."""
@@ -386,6 +403,8 @@ class Trainer:
                 fit.keep()
                 raise
             finally:
+                # (listed now: the function a fit handed over holds the fit)
+                self._epoch_losses_list = self._epoch_losses
                 if trace_path is not None:
                     self.traces.append(trace_path)
                 history.seconds = time.perf_counter() - start
