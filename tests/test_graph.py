@@ -384,6 +384,57 @@ def test_sequential_balances_stages_by_measured_time():
                              input_shape=(None, 32), balance="speed")  # fmt: skip
 
 
+def test_sequential_measures_time_with_one_blas_thread_whichever_thread_set_blas(
+    monkeypatch: Any,
+) -> None:
+    # threadpoolctl (3.8) lets only the thread that first set a pthreads OpenBLAS's count set
+    # it while that thread lives: the measurement's threadpool_limits(1) then did nothing, and
+    # the modules were timed with that thread's count (2 here)
+    import threading
+
+    import threadpoolctl
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from asyncnn._runtime import _balance
+
+    def blas_threads() -> int:
+        return int(
+            next(lib for lib in threadpool_info() if lib["user_api"] == "blas")["num_threads"]
+        )
+
+    if blas_threads() < 2:
+        pytest.skip("needs a BLAS that may take 2 threads")
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:  # sets BLAS's count, so holds threadpoolctl's control while it lives
+        controller = getattr(threadpoolctl, "OpenBLASController", None)
+        getattr(controller, "clear_controlling_thread", lambda force: None)(force=True)
+        limiter = threadpool_limits(2, user_api="blas")
+        holding.set()
+        done.wait(10)
+        limiter.restore_original_limits()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    seen: list[int] = []
+    real_vjp = _balance.vjp
+
+    def vjp(*args: Any) -> Any:
+        seen.append(blas_threads())
+        return real_vjp(*args)
+
+    monkeypatch.setattr(_balance, "vjp", vjp)
+    try:
+        assert holding.wait(10)
+        _balance.module_times([nn.Linear(8, 8), nn.ReLU()], (None, 8), "float32", 4)
+        after = blas_threads()
+    finally:
+        done.set()
+        holder.join(10)
+    assert seen and set(seen) == {1}
+    assert after == 2  # the count from before the measurement
+
+
 def test_sequential_infers_a_linear_input_and_says_how_to_declare_others():
     g = ann.Graph.sequential([nn.Linear(64, 10)], loss=nn.CrossEntropyLoss())
     assert g.nodes["x"].shape == (None, 64)

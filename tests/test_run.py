@@ -572,6 +572,20 @@ async def test_a_minibatchs_loss_is_the_same_whatever_order_its_shares_arrive_in
     assert got == [2.0, 2.0]
 
 
+@pytest.mark.anyio
+async def test_work_of_a_minibatch_the_run_never_admitted_is_dropped_quietly() -> None:
+    # (a replay of one actor alone admits no minibatch) a backward was dropped, but the loss
+    # of such a minibatch failed with KeyError: 7
+    async with _sync_run() as run:
+        run.backward_done("stage0", 99)
+        run.loss_reported(99, 1.5, {"minibatch": 7, "mb_rows": 4})
+        assert run.losses == {} and run.in_flight == 0
+        data = _data(8)
+        assert await run.step(data) == 0
+        await run.drain()
+    assert sorted(run.losses) == [0]
+
+
 @dataclass(frozen=True)
 class _RowsOut(nn.Module):
     """A layer that breaks the batch dimension: ``how`` drops a row, sums the rows, or sums

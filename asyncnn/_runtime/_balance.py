@@ -8,17 +8,18 @@ weights are seeded, and its masks drawn, by its place in the whole chain (see ``
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
+from asyncnn.backends._blas import _from_any_thread, _limit
 
 __all__ = ["balanced_partition", "module_costs", "module_times", "split_sizes"]
 
@@ -148,7 +149,7 @@ def module_times(
 
         samples = []
         try:
-            with np.errstate(all="ignore"), threadpool_limits(1):
+            with np.errstate(all="ignore"), _one_blas_thread():
                 out = step()
                 for _ in range(5):
                     start = time.perf_counter()
@@ -159,6 +160,22 @@ def module_times(
         times.append(min(samples))
         x = np.asarray(out)
     return times
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS at one thread within the block, and at the count it had before after it.
+
+    Set from whichever thread measures: threadpoolctl's own ``threadpool_limits(1)`` silently
+    does nothing while another live thread holds its control of a pthreads OpenBLAS, and the
+    modules were then timed with several BLAS threads.
+    """
+    limiter = _limit(1)
+    try:
+        yield
+    finally:
+        with _from_any_thread():
+            limiter.restore_original_limits()
 
 
 def _check_rows(rows: Any) -> None:

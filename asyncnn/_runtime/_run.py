@@ -242,7 +242,9 @@ class Run(RunGuards):
 
     def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
         mb = int(meta["minibatch"])
-        pending = self._pending[mb]
+        pending = self._pending.get(mb)
+        if pending is None:
+            return  # a minibatch this run never admitted (a loss actor replayed alone)
         pending.values.append(value)  # the key's share of its minibatch's loss (sums_over_rows)
         if len(pending.values) == pending.keys:
             del self._pending[mb]
@@ -572,7 +574,11 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
     try:
         done = actor.setup(**node.actor_args)
     except TypeError as exc:
-        raise GraphError(f"layer {node.name!r}: {cls.__name__}.setup: {exc}") from exc
+        said, where = str(exc), f"layer {node.name!r}: "
+        # the base's own refusal already names the layer and the class: not a second time
+        raise GraphError(
+            said if said.startswith(where) else f"{where}{cls.__name__}.setup: {said}"
+        ) from exc
     if inspect.isawaitable(done):  # an awaitable made another way than by an async def
         getattr(done, "close", lambda: None)()
         raise GraphError(

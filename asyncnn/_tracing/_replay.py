@@ -486,10 +486,10 @@ def _follow_loss(
     run: Run, name: str, ops: list[tuple[str, int]], on_op: Callable[[str, int, str, int], None]
 ) -> None:
     """Has the loss actor ``name``, replayed alone, report each piece of work it finishes to
-    ``on_op`` (as a layer's recorded order does), through the callbacks of its context: the
-    progress it reports after each (``touch``, outside the compute, so that a hook's stop is
-    not taken for the loss failing) and its losses, which a replay of one actor drops (it
-    admits no minibatch for them to add up to)."""
+    ``on_op`` (as a layer's recorded order does), through the progress it reports after each
+    (its context's ``touch``, outside the compute, so that a hook's stop is not taken for the
+    loss failing). Its losses need nothing: the run drops those of minibatches it never
+    admitted, as a replay of one actor admits none."""
     target = run.actors[name]
     touch = target.ctx.touch
     done = [0]
@@ -502,10 +502,7 @@ def _follow_loss(
             kind, key = ops[seq] if seq < len(ops) else ("forward", -1)
             on_op(name, seq, kind, key)
 
-    def dropped(key: int, share: float, meta: Any) -> None:
-        pass
-
-    target.ctx = dataclasses.replace(target.ctx, touch=progress, loss_reported=dropped)
+    target.ctx = dataclasses.replace(target.ctx, touch=progress)
 
 
 def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) -> None:
