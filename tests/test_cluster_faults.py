@@ -1,0 +1,273 @@
+"""Faults of graphs across worker processes (LocalCluster): workers that die, hang or stall in
+a run, a killed driver, a wrong token, and the traces of runs that fail or are cancelled."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _cluster_cases import _alive, chain, data, fit, slow_chain
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def three() -> Any:
+    with ann.cluster.LocalCluster(workers=3) as cluster:
+        yield cluster
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_worker_that_dies_or_hangs_fails_the_run_in_seconds(how: str) -> None:
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+    pids = cluster.pids
+    victim = pids[1]
+
+    strike = threading.Timer(
+        0.3, os.kill, (victim, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    )
+    start = time.perf_counter()
+    strike.start()
+    with pytest.raises(ann.WorkerError) as info:
+        tr.fit(data(4000), epochs=1, batch_size=32)
+    took = time.perf_counter() - start
+    err = info.value
+    assert err.worker == 1
+    assert "slow" in err.actors and "worker 1" in str(err) and str(victim) in str(err)
+    assert ("SIGKILL" in str(err)) if how == "kill" else ("sent nothing" in str(err))
+    # the usual sender of a SIGKILL nobody sent is named (a worker out of memory)
+    assert ("out-of-memory killer" in str(err)) == (how == "kill")
+    assert took < 10
+    # no orphans: every worker is gone (the stopped one killed)
+    deadline = time.perf_counter() + 5
+    while any(_alive(p) for p in pids) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+    cluster.close()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_worker_that_hangs_or_dies_while_it_is_sent_its_share_fails_the_run(how: str) -> None:
+    # over TCP the driver's send of a large share waits for the worker to read: a stopped
+    # worker must fail the run (it sends no heartbeat yet), a killed one name itself
+    # (the kill comes 1 s in, well inside the kill case's longer silence allowed)
+    timeout = 2.0 if how == "stop" else 6.0
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=timeout, shm=False)
+    tr = ann.Trainer(chain([0, 1, None], width=4000), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.Sync(), cluster=cluster)  # fmt: skip
+    tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+    victim = cluster.pids[1]
+    strike = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    try:
+        os.kill(victim, signal.SIGSTOP)  # s1's 64 MB of weights: more than socket buffers hold
+        if how == "kill":
+            strike.start()
+        with pytest.raises(ann.WorkerError) as info:
+            tr.fit(data(32), epochs=1, batch_size=32)
+    finally:
+        strike.cancel()
+        cluster.close()
+    err = info.value
+    assert err.worker == 1 and err.actors == ["s1"] and str(victim) in str(err)
+    assert ("took none of its share" in str(err)) if how == "stop" else ("SIGKILL" in str(err))
+
+
+def test_killing_the_driver_leaves_no_orphans(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import asyncnn as ann, sys, time\n"
+        "c = ann.cluster.LocalCluster(workers=2)\n"
+        "import anyio; anyio.run(c.start)\n"
+        "print(*c.pids, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    deadline = time.perf_counter() + 5
+    while any(_alive(p) for p in pids) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_a_wrong_token_is_refused_and_reported(three: Any) -> None:
+    from asyncnn._cluster._handshake import connect
+
+    fit(chain([0, 1, 2]), policies.Sync(), cluster=three)  # the cluster is up
+    host, port = three.info[0]["host"], three.info[0]["port"]
+
+    async def intrude() -> None:
+        await connect(host, port, b"not the token", {"role": "peer", "index": 2}, "worker 0")
+
+    with pytest.raises(ann.cluster.AuthenticationError, match="rejected"):
+        anyio.run(intrude)
+    before = len(three.rejected)
+    tr, _ = fit(chain([0, 1, 2]), policies.Sync(), cluster=three)  # the run goes on, unharmed
+    assert len(three.rejected) == before + 1
+    assert "wrong token" in three.rejected[-1] and "worker 0" in three.rejected[-1]
+    one, _ = fit(chain([None] * 3), policies.Sync())
+    assert_params_equal(one.params, tr.params)
+
+
+# -- traces of failed runs -------------------------------------------------------------------------
+def test_a_failed_cluster_runs_trace_holds_every_workers_events(tmp_path: Any, three: Any) -> None:
+    # s1 (worker 1) fails at the first key; s0 (worker 0) and s2 (worker 2) are aborted: each
+    # sends the events it recorded, and the trace holds them all
+    path = str(tmp_path / "failed.trace")
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     cluster=three, check_finite=True, trace=path)  # fmt: skip
+    tr.state.params["s1"][0]["weight"][:] = np.nan
+    with pytest.raises(ann.ActorError, match="NaN or Inf"):
+        tr.fit(data(), epochs=1, batch_size=32)
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["s1"]["forwards"] == 0
+    t = ann.trace.read(path)
+    assert any(e["ev"] == "start" and e["a"] == "s1" for e in t.events)  # from its error report
+    assert any(e["ev"] == "error" for e in t.events)
+
+
+def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_path: Any) -> None:
+    from asyncnn._tracing._summary import format_summary
+
+    path = str(tmp_path / "killed.trace")
+    cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
+    tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
+    try:
+        tr.fit(data(32), epochs=1, batch_size=32)  # starts the workers
+        tr.trace = path
+        victim = cluster.pids[1]
+        strike = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))
+        strike.start()
+        with pytest.raises(ann.WorkerError):
+            tr.fit(data(4000), epochs=1, batch_size=32)
+        strike.join()
+    finally:
+        cluster.close()
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == [1]  # worker 0's events came with its abort report
+    assert s["actors"]["s0"]["forwards"] >= 1
+    assert "events of workers [1] are missing" in format_summary(s)
+    with pytest.raises(ann.TraceFormatError, match=r"lacks the events of workers \[1\]"):
+        ann.replay(path)
+
+
+_STUCK_CALLS = [0]  # per process: the worker that hosts the layer counts its own calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stuck(nn.Module):
+    """An identity that hangs for a while on its third call."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        _STUCK_CALLS[0] += 1
+        if _STUCK_CALLS[0] == 3:
+            time.sleep(4)
+        return x
+
+
+def test_a_stall_on_a_worker_reports_each_remote_actor_with_the_age_of_its_report() -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
+    h = g.layer("stuck", nn.Sequential(_Stuck(), nn.Linear(16, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=30.0) as cluster:
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster,
+                         stall_timeout=1.5)  # fmt: skip
+        with pytest.raises(ann.StallError) as info:
+            tr.fit(data(160), epochs=1, batch_size=32)
+    assert re.search(r"on worker 0, as reported \d+\.\d s ago", str(info.value)), str(info.value)
+
+
+def test_an_interrupted_cluster_runs_trace_holds_the_workers_events(tmp_path: Any) -> None:
+    # Ctrl-C during a fit on a cluster: the workers are asked to abort and send their events
+    import subprocess
+    import sys
+
+    trace = tmp_path / "interrupted.trace"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, numpy as np, asyncnn as ann\n"
+        "from asyncnn import nn, optim, policies\n"
+        "g = ann.Graph.sequential([nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)],\n"
+        "    loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 12), workers=[0, 1])\n"
+        "rng = np.random.default_rng(0)\n"
+        "d = {'x': rng.normal(size=(20000, 12)).astype('float32'), 'y': rng.integers(0, 4, 20000)}\n"
+        "with ann.cluster.LocalCluster(workers=2) as c:\n"
+        "    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=c)\n"
+        "    tr.fit({k: v[:32] for k, v in d.items()}, epochs=1, batch_size=32)  # workers up\n"
+        f"    tr.trace = {str(trace)!r}\n"
+        "    print('fitting', flush=True)\n"
+        "    try:\n"
+        "        tr.fit(d, epochs=20, batch_size=32)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "fitting"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    s = ann.trace.summary(trace)
+    assert s["missing_workers"] == []
+    assert s["actors"]["stage0"]["forwards"] >= 1 and s["actors"]["stage1"]["forwards"] >= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_cluster_run_cancelled_from_outside_keeps_the_workers_events_and_runs_again(
+    anyio_backend: str, tmp_path: Any
+) -> None:
+    # a cancel scope around the run is no failure of its tasks: the workers were never asked for
+    # their events, and the trace lacked them all (replay refused even stop_at_key)
+    path = str(tmp_path / "cancelled.trace")
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.GPipe(2)}
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
+            await run.step(data(8))  # the workers are up
+        with anyio.CancelScope() as scope:
+            async with ann.open_run(slow_chain(), cluster=cluster, trace=path, **opts) as run:
+                for i in range(100):
+                    await run.step(data(32))
+                    if i == 3:  # minibatches done on both workers (GPipe admits after a flush)
+                        scope.cancel()
+        assert scope.cancelled_caught
+        async with ann.open_run(slow_chain(), cluster=cluster, **opts) as run:
+            await run.step(data(32))  # the cluster runs again
+        assert sorted(run.losses) == [0]
+    s = ann.trace.summary(path)
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["slow"]["forwards"] >= 1
+    assert ann.replay(path, stop_at_key=0).stopped_at is not None

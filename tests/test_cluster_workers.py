@@ -1,0 +1,336 @@
+"""Starting and keeping the workers of a LocalCluster: workers that lie, die or are held before
+the run, cancelled starts, failures while they connect or spawn, modules that cannot be sent or
+are put on the path late, huge error reports, and workers started from a thread that ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _cluster_cases import _alive, chain, data, fit
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def three() -> Any:
+    with ann.cluster.LocalCluster(workers=3) as cluster:
+        yield cluster
+
+
+class _Impostor(ann.cluster.LocalCluster):
+    """A local cluster joined, before its workers, by a token holder claiming index 7."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        import hashlib
+        import hmac
+        import socket
+        import struct
+
+        import msgpack
+
+        # connected now, before any worker process exists: first in the driver's queue
+        sock = socket.create_connection((host, port), timeout=10)
+
+        def claim() -> None:
+            with sock:
+                nonce = sock.recv(32, socket.MSG_WAITALL)
+                hello = msgpack.packb({"role": "worker", "index": 7})
+                mac = hmac.new(token, nonce + hello, hashlib.sha256).digest()
+                sock.sendall(struct.pack("<I", len(hello)) + hello + mac)
+                sock.recv(1)
+
+        threading.Thread(target=claim, daemon=True).start()
+        super()._launch(host, port, token)
+
+
+def test_a_worker_claiming_an_impossible_index_fails_the_start_naming_it() -> None:
+    cluster = _Impostor(workers=2)
+    try:
+        with pytest.raises(ann.WorkerError, match="said it was number 7 of 2"):
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+    finally:
+        cluster.close()
+
+
+class _Stillborn(ann.cluster.LocalCluster):
+    """A local cluster whose worker 1 dies before it can connect."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        super()._launch(host, port, token)
+        self.processes[1].kill()
+
+
+@pytest.mark.timeout(30)  # well under the default start_timeout of 60 s
+def test_a_worker_that_dies_before_connecting_fails_the_start_at_once_naming_it() -> None:
+    cluster = _Stillborn(workers=2)
+    try:
+        with pytest.raises(ann.WorkerError, match="worker 1 killed by SIGKILL before it conn"):
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+        assert not cluster.started and cluster.processes == []
+    finally:
+        cluster.close()
+
+
+class _StruckAfterConnecting(ann.cluster.LocalCluster):
+    """A local cluster whose worker 1 is stopped or killed once every worker has connected."""
+
+    def __init__(self, how: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.how = how
+
+    async def _admit_all(self, listener: Any) -> None:
+        await super()._admit_all(listener)
+        victim = self.processes[1]
+        os.kill(victim.pid, signal.SIGSTOP if self.how == "stop" else signal.SIGKILL)
+        if self.how == "kill":
+            victim.wait()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_worker_struck_after_connecting_fails_the_start_naming_it(how: str) -> None:
+    # (the ping after the workers connect had no timeout: a stopped worker hung the start; a
+    # killed one surfaced as a bare EOFError)
+    cluster = _StruckAfterConnecting(how, workers=2, start_timeout=3.0)
+    try:
+        with pytest.raises(ann.WorkerError) as info:
+            fit(chain([0, 1, None]), policies.Sync(), cluster=cluster, epochs=1)
+        assert info.value.worker == 1
+        said = str(info.value)
+        if how == "stop":
+            assert "worker 1 connected but did not answer the driver's ping within 3 s" in said
+        else:
+            assert "worker 1" in said and "before it could answer the driver's ping" in said
+        assert not cluster.started
+    finally:
+        cluster.close()
+
+
+class _HeldAtTheDoor(ann.cluster.LocalCluster):
+    """Launches its workers but lets none in while ``hold``: a start to cancel midway."""
+
+    hold = True
+    launched: list[int] = []
+    waited_in_vain = 0  # waits for a worker's exit that ran out (it had been told nothing)
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        super()._launch(host, port, token)
+        self.launched = list(self.pids)
+        for p in self.processes:
+
+            def wait(timeout: float | None = None, _wait: Any = p.wait) -> int:
+                try:
+                    return int(_wait(timeout=timeout))
+                except subprocess.TimeoutExpired:
+                    self.waited_in_vain += 1
+                    raise
+
+            p.wait = wait  # type: ignore[method-assign]
+
+    async def _admit_all(self, listener: Any) -> None:
+        if self.hold:
+            await anyio.sleep_forever()
+        await super()._admit_all(listener)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_start_cancelled_before_workers_connect_ends_at_once(anyio_backend: str) -> None:
+    # the workers not yet connected were never told to stop, and were waited on 2 s each
+    # before being killed: a cancel took 4 s more with two workers
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    cluster = _HeldAtTheDoor(workers=2)
+    try:
+        with anyio.move_on_after(0.3) as scope:
+            async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
+                await run.step(data(32))
+        assert scope.cancelled_caught
+        assert cluster.waited_in_vain == 0  # killed at once, not waited on
+        assert len(cluster.launched) == 2 and not any(_alive(p) for p in cluster.launched)
+        cluster.hold = False
+        async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
+            await run.step(data(32))  # the cluster starts again
+        assert sorted(run.losses) == [0]
+    finally:
+        cluster.close()
+
+
+def test_closing_a_cluster_while_its_run_is_open_is_refused_by_name() -> None:
+    # close() inside a run closed the connections under the run's readers: the run then failed
+    # with a KeyError, or 10 s later with "worker 1 ... sent nothing (hung, or stopped)"
+    cluster = ann.cluster.LocalCluster(workers=2)
+    cluster.running = True  # as open_run sets it, for the length of the run
+    with pytest.raises(
+        RuntimeError, match=r"LocalCluster.close\(\) was called while a run is open"
+    ):
+        cluster.close()
+    cluster.broken()  # a failed run still takes its workers down
+    cluster.running = False
+    cluster.close()
+    cluster.close()  # twice: nothing to do
+
+
+def test_a_module_that_cannot_be_sent_fails_before_the_workers_are_touched(three: Any) -> None:
+    # the specs were built after the start: a module holding a lambda tore down a warm
+    # cluster's workers (and started a cold one's) before its error came
+    fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)
+    pids = three.pids
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer("odd", nn.Sequential(_Holding(fn=lambda v: v), nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with pytest.raises(TypeError, match=r"layer 'odd'.*_Holding.fn holds a function"):
+        fit(g, policies.Sync(), cluster=three, epochs=1)
+    assert three.started and three.pids == pids
+
+
+@dataclasses.dataclass(frozen=True)
+class _Holding(nn.Module):
+    """An identity holding a field no spec can carry."""
+
+    fn: Any = None
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return x
+
+
+class _Silent(ann.cluster.Cluster):
+    """A cluster whose workers never come (nothing is launched)."""
+
+    def _launch(self, host: str, port: int, token: bytes) -> None:
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+async def test_a_lone_failure_while_workers_connect_is_raised_as_itself(
+    anyio_backend: str, error: type[BaseException], monkeypatch: Any
+) -> None:
+    # Ctrl-C while the driver waited for its workers came out as a BaseExceptionGroup holding
+    # the KeyboardInterrupt (so `except KeyboardInterrupt` missed it)
+    if error is KeyboardInterrupt and anyio_backend == "asyncio":
+        pytest.skip("asyncio re-raises a task's KeyboardInterrupt out of its event loop")
+
+    async def fail(*args: Any) -> None:
+        raise error("while the workers connect")
+
+    monkeypatch.setattr("asyncnn._cluster._base.serve_listener", fail)
+    cluster = _Silent(workers=2)
+    with pytest.raises(error, match="while the workers connect"):
+        await cluster.start()
+    assert not cluster.started
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_cannot_be_spawned_is_named_and_those_started_are_stopped(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # the processes were kept in a list made in one expression: a failed spawn (or Ctrl-C)
+    # lost the workers already started, never stopped or waited for
+    real = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real([argv[0], "-c", "import signal; signal.pause()"], **kw))
+        return started[0]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    cluster = ann.cluster.LocalCluster(workers=3)
+    with pytest.raises(
+        ann.WorkerError, match=r"could not start worker 1 of 3 \(\[Errno 11\]"
+    ) as info:
+        await cluster.start()
+    assert info.value.worker == 1
+    assert started[0].poll() is not None  # stopped and waited for
+
+
+def test_a_module_put_on_the_path_after_the_workers_started_imports_there(
+    tmp_path: Any, three: Any, monkeypatch: Any
+) -> None:
+    # the workers had the driver's import path of when they started: a notebook that then
+    # appended a folder failed the run with "No module named ..." from the worker
+    fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)
+    (tmp_path / "late_layers_for_the_cluster.py").write_text(
+        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
+        "class Late(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
+        "        return x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    late = importlib.import_module("late_layers_for_the_cluster")
+    monkeypatch.setitem(sys.modules, "late_layers_for_the_cluster", late)  # gone at the end
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer("late", nn.Sequential(late.Late(), nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
+    one, _ = fit(g, policies.Sync(), epochs=1)
+    assert_params_equal(one.params, many.params)
+
+
+@pytest.mark.anyio
+async def test_a_worker_reports_an_error_with_a_huge_message_within_the_header_limit(
+    anyio_backend: str,
+) -> None:
+    # a 3 MB message went out whole (four times: message, cause, traceback...), the driver
+    # refused the frame ("broke the protocol: ... header"), and the actual error was lost
+    import msgpack
+
+    from asyncnn._cluster._wire import MAX_HEADER_BYTES
+    from asyncnn._cluster._worker import Worker
+
+    sent: list[dict[str, Any]] = []
+
+    class Driver:
+        async def send(self, frame: dict[str, Any], buffers: Any = ()) -> None:
+            sent.append(frame)
+
+    try:
+        raise ValueError("x" * 3_000_000 + " the end")
+    except ValueError as exc:
+        error = ann.ActorError("s1", "forward", 4, f"ValueError: {exc}")
+        error.__cause__ = exc
+    worker = Worker(1, Driver(), None, 1 << 30, b"")  # type: ignore[arg-type]
+    await worker._report_error(error)
+    (frame,) = sent
+    assert len(msgpack.packb(frame)) < MAX_HEADER_BYTES
+    assert frame["actor"] == "s1" and frame["key"] == 4
+    for field in ("message", "cause", "traceback"):
+        assert "characters cut" in frame[field] and frame[field].endswith(
+            ("the end", "the end\n")
+        ), field
+
+
+def test_workers_started_from_a_thread_that_ends_stay_up_for_the_next_fit() -> None:
+    # Linux kills a child whose parent *thread* ends (PR_SET_PDEATHSIG): a fit inside a notebook
+    # runs on a thread of its own, so its workers were SIGKILLed when it returned, and each
+    # later fit restarted the cluster ("worker 0 killed by SIGKILL since the last run")
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1),
+                         policy=policies.Sync(), cluster=cluster)  # fmt: skip
+        call = threading.Thread(target=tr.fit, args=(data(32),), kwargs={"batch_size": 32})
+        call.start()
+        call.join()
+        pids = cluster.pids
+        assert len(pids) == 2
+        tr.fit(data(32), batch_size=32)
+        assert cluster.pids == pids and all(_alive(p) for p in pids)

@@ -1,0 +1,178 @@
+"""Errors of asyncnn.nn that name what is wrong: shapes, sizes, dims, rngs, dtypes and embedding
+ids, in a module and in a run."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asyncnn import dynamic, nn
+from asyncnn._math._nn._module import shape_of
+
+from _nn_cases import Scale, _np
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_error_messages() -> None:
+    lin = nn.Linear(40, 64)
+    p = lin.init(0)
+    with pytest.raises(ValueError) as info:
+        lin(p, np.zeros((32, 30), np.float32))
+    assert str(info.value) == (
+        "Linear(40 -> 64) got input of shape (32, 30): the last dimension must be 40"
+    )
+    with pytest.raises(ValueError, match=r"Linear\(in_features=40.*expects params.*'bias'"):
+        lin({"weight": p["weight"]}, np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match=r"params\['weight'\] has shape \(64, 40\)"):
+        lin({"weight": p["weight"].T, "bias": p["bias"]}, np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="list of 2 entries"):
+        nn.Sequential(nn.Linear(2, 2), nn.ReLU())([{}], np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="integer"):
+        nn.CrossEntropyLoss()({}, np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="channels"):
+        nn.Conv2d(3, 4, 3)(nn.Conv2d(3, 4, 3).init(0), np.zeros((1, 2, 5, 5)))
+    bad = [
+        lambda: nn.Linear(-1, 3), lambda: nn.Dropout(1.5), lambda: nn.MultiHeadAttention(10, 3),
+        lambda: nn.Conv2d(1, 2, 0), lambda: nn.Embedding(0, 2), lambda: nn.GELU("fast"),
+        lambda: nn.MSELoss("avg"), lambda: nn.LayerNorm(0),
+    ]  # fmt: skip
+    for make in bad:
+        with pytest.raises(ValueError):
+            make()
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        nn.MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="seed"):
+        nn.Linear(2, 2).init(-1)
+    with pytest.raises(ValueError, match="floating point"):
+        nn.Linear(2, 2).init(0, dtype="int32")
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        nn.Sequential(nn.ReLU(), lambda x: x)  # type: ignore[arg-type]
+
+    class NotDataclass(nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="dataclass"):
+        NotDataclass().init(0)
+
+
+@pytest.mark.parametrize(
+    ("h", "x"),
+    [((4,), (2, 3)), ((1, 4), (2, 3)), ((2, 4), (1, 3)), ((2, 5), (2, 3)), ((2, 4), (2, 2))],
+)
+def test_rnn_cell_refuses_shapes_numpy_would_broadcast(
+    h: tuple[int, ...], x: tuple[int, ...]
+) -> None:
+    cell = dynamic.RNNCell(3, 4)
+    with pytest.raises(ValueError, match=rf"RNNCell\(.* got state h of shape {re.escape(str(h))}"):
+        cell(cell.init(0), np.zeros(h, np.float32), np.zeros(x, np.float32))
+
+
+def test_rnn_cell_checks_its_sizes_and_params() -> None:
+    with pytest.raises(ValueError, match="RNNCell: input_size must be an int >= 1, got 0"):
+        dynamic.RNNCell(0, 4)
+    with pytest.raises(ValueError, match=r"RNNCell\(.*expects params .*'w_h'"):
+        dynamic.RNNCell(3, 4)({"w_x": np.zeros((3, 4))}, np.zeros((2, 4)), np.zeros((2, 3)))
+
+
+def test_modules_say_whether_they_draw_random_numbers() -> None:
+    assert nn.Dropout(0.1).stochastic and nn.Dropout(0.0).stochastic
+    assert not nn.Linear(2, 3).stochastic and not nn.ReLU().stochastic
+    assert nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5)).stochastic
+    assert nn.Residual(nn.Sequential(nn.Dropout(0.5))).stochastic
+    assert not nn.Sequential(nn.Linear(2, 3), nn.Tanh()).stochastic
+    assert nn.MultiHeadAttention(8, 2, dropout=0.1).stochastic
+    assert not nn.MultiHeadAttention(8, 2).stochastic
+    assert not Scale(2, inner=nn.Tanh()).stochastic and Scale(2, inner=nn.Dropout(0.2)).stochastic
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [(nn.Conv1d(1, 4, 3), (1,)), (nn.Conv2d(1, 4, 3), (2, 1, 5)), (nn.MaxPool1d(2), (2, 3))],
+)
+def test_conv_and_pool_shapes_of_another_rank_are_named(module: Any, shape: Any) -> None:
+    # (the shape walk of Graph.sequential's balance and flops: an IndexError before)
+    with pytest.raises(ValueError, match=r"takes \(N, C, .*\) input, \d dimensions; got the shape"):
+        shape_of(module, shape)
+
+
+# -- Flatten, Residual, init: checks that name what is wrong -------------------------------------
+@pytest.mark.parametrize("dims", [(None, -1), (1, 2.0), ("1", -1), (True, -1)])
+def test_flatten_refuses_dims_that_are_not_ints(dims: Any) -> None:
+    with pytest.raises(ValueError, match=r"Flatten: (start|end)_dim must be an int"):
+        nn.Flatten(*dims)
+
+
+def test_residual_shape_rule_refuses_a_module_that_changes_the_shape() -> None:
+    model = nn.Sequential(nn.Residual(nn.Linear(3, 4)), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Residual: Linear\(.*maps shape \(1, 3\) to \(1, 4\)"):
+        model.flops((None, 3))
+    assert nn.Sequential(nn.Residual(nn.Linear(3, 3)), nn.Linear(3, 2)).flops((None, 3)) == 30
+
+
+def test_init_names_the_module_for_a_dtype_it_cannot_make() -> None:
+    with pytest.raises(ValueError, match=r"Linear.init: unknown dtype 'float17'; use dtype="):
+        nn.Linear(2, 2).init(0, dtype="float17")
+    try:
+        np.dtype("bfloat16")
+    except TypeError:  # without ml_dtypes: say where bfloat16 comes from
+        with pytest.raises(ValueError, match=r"Sequential.init: .*ml_dtypes"):
+            nn.Sequential(nn.Linear(2, 2)).init(0, dtype="bfloat16")
+
+
+# -- Embedding ids outside the table in a run ----------------------------------------------------
+def _token_model() -> Any:
+    import asyncnn as ann
+
+    return ann.Graph.sequential(
+        [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+
+
+def _token_data(bad: int) -> dict[str, Any]:
+    x = np.arange(32).reshape(8, 4) % 10
+    x[5, 2] = bad  # row 1 of the second minibatch of 4
+    return {"x": x, "y": np.zeros(8, dtype=np.int64)}
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_the_trainer_checks_embedding_ids_before_any_compute(bad: int) -> None:
+    # (on a GPU a bad id is no error in the layer: its row is NaN, and the loss with it)
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    tr = ann.Trainer(_token_model(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=0)
+    before = _np(tr.params)
+    want = (
+        rf"input 'x': id {bad} at index \(5, 2\) is out of range for layer 'stage0' "
+        r"\(Embedding\(num_embeddings=10, embedding_dim=3\)\): ids must be in 0\.\.9"
+    )
+    with pytest.raises(ValueError, match=want):
+        tr.fit(_token_data(bad), batch_size=4)
+    with pytest.raises(ValueError, match=want):
+        tr.evaluate(_token_data(bad), batch_size=4)
+    np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], before["stage0"][0]["weight"])
+
+
+def test_check_finite_names_the_embedding_ids_that_made_gpu_rows_nan(monkeypatch: Any) -> None:
+    import asyncnn as ann
+    from asyncnn import optim, policies
+    from asyncnn._math import _ops_nn
+
+    # ids as on a GPU, not read back by the layer: the row of a bad id comes out NaN
+    monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+    kw: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync(), "seed": 0}
+    hist = ann.Trainer(_token_model(), **kw).fit(_token_data(-1), batch_size=4, check_data=False)
+    losses = hist.losses
+    assert np.isfinite(losses[0]) and np.isnan(losses[1])
+    tr = ann.Trainer(_token_model(), check_finite=True, **kw)
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(_token_data(-1), batch_size=4, check_data=False)
+    err = info.value
+    assert (err.actor, err.kind, err.key) == ("stage0", "forward", 1)
+    assert isinstance(err.__cause__, IndexError)
+    assert str(err).startswith("actor 'stage0' produced NaN or Inf in its forward of key 1")
+    assert "Embedding(num_embeddings=10, embedding_dim=3) got id -1 at ids[1, 2]" in str(err)

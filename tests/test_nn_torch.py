@@ -1,0 +1,235 @@
+"""asyncnn.nn against torch with the same weights: forward passes, gradients and init bounds of
+the layers, attention, embeddings and containers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asyncnn import nn, vjp
+
+from _nn_cases import _np_leaves
+
+
+# -- torch cross-checks (same weights) ------------------------------------------------------------
+def test_against_torch() -> None:
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(7)
+    t = torch.from_numpy
+
+    x = rng.standard_normal((2, 3, 8, 7))
+    c = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2))
+    pc = c.init(0, dtype="float64")
+    ref = f.conv2d(t(x), t(pc["weight"]), t(pc["bias"]), (2, 1), 1, (1, 2)).numpy()
+    np.testing.assert_allclose(c(pc, x), ref, rtol=1e-10, atol=1e-12)
+    c1 = nn.Conv1d(3, 2, 4, stride=2, padding=1)
+    p1 = c1.init(0, dtype="float64")
+    x1 = x[:, :, 0, :]
+    ref1 = f.conv1d(t(x1), t(p1["weight"]), t(p1["bias"]), 2, 1).numpy()
+    np.testing.assert_allclose(c1(p1, x1), ref1, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        nn.MaxPool2d(3, stride=2, padding=1)({}, x), f.max_pool2d(t(x), 3, 2, 1).numpy()
+    )
+    np.testing.assert_allclose(
+        nn.AvgPool1d(3, stride=2, padding=1)({}, x1), f.avg_pool1d(t(x1), 3, 2, 1).numpy(),
+        rtol=1e-12,
+    )  # fmt: skip
+    lin = nn.Linear(7, 3)
+    pl = lin.init(0, dtype="float64")
+    np.testing.assert_allclose(
+        lin(pl, x), f.linear(t(x), t(pl["weight"].T), t(pl["bias"])).numpy(), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        nn.LayerNorm(7)(nn.LayerNorm(7).init(0, dtype="float64"), x),
+        f.layer_norm(t(x), (7,)).numpy(),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(nn.GELU()({}, x), f.gelu(t(x)).numpy(), rtol=1e-10, atol=1e-14)
+    logits, labels = rng.standard_normal((5, 4)), np.array([0, 3, 1, 1, 2])
+    assert float(nn.CrossEntropyLoss()({}, logits, labels)) == pytest.approx(
+        float(f.cross_entropy(t(logits), t(labels))), rel=1e-12
+    )
+
+    for causal in (False, True):
+        m = nn.MultiHeadAttention(8, 2, causal=causal)
+        p0 = m.init(1, "numpy", "float64")
+        p = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in p0.items()}
+        tm = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        with torch.no_grad():
+            tm.in_proj_weight.copy_(t(p["in_proj_weight"].T))
+            tm.in_proj_bias.copy_(t(p["in_proj_bias"]))
+            tm.out_proj.weight.copy_(t(p["out_proj_weight"].T))
+            tm.out_proj.bias.copy_(t(p["out_proj_bias"]))
+        xa = rng.standard_normal((2, 5, 8))
+        mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1) if causal else None
+        ref_a = tm(t(xa), t(xa), t(xa), attn_mask=mask, need_weights=False)[0].detach().numpy()
+        np.testing.assert_allclose(m(p, xa), ref_a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kv_len", "causal", "bias"), [(None, False, True), (None, True, False), (3, True, True)]
+)
+def test_attention_gradients_against_torch(kv_len: int | None, causal: bool, bias: bool) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    m = nn.MultiHeadAttention(6, 3, bias=bias, causal=causal)
+    p = {k: rng.standard_normal(v.shape) for k, v in m.init(0, dtype="float64").items()}
+    x = rng.standard_normal((2, 4, 6))
+    kv = () if kv_len is None else (rng.standard_normal((2, kv_len, 6)),) * 2
+    out, pullback = vjp(lambda p, *xs: m(p, *xs), p, x, *kv)
+    ct = rng.standard_normal(out.shape)
+    grads = pullback(ct)
+
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+    tx = [torch.tensor(a, requires_grad=True) for a in (x, *kv)]
+    q, k, v = (tx * 3)[:3] if kv_len is None else tx
+    lk = k.shape[1]
+    mask = torch.triu(torch.ones(4, lk, dtype=torch.bool), 1) if causal else None
+    w, b = tp["in_proj_weight"].T, tp.get("in_proj_bias")
+    ref = torch.nn.functional.multi_head_attention_forward(
+        *(t.transpose(0, 1) for t in (q, k, v)), 6, 3, w, b, None, None, False, 0.0,
+        tp["out_proj_weight"].T, tp.get("out_proj_bias"), attn_mask=mask, need_weights=False,
+    )[0].transpose(0, 1)  # fmt: skip
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    ref.backward(torch.tensor(ct))
+    for key, g in grads[0].items():
+        np.testing.assert_allclose(g, tp[key].grad.numpy(), rtol=1e-9, atol=1e-11, err_msg=key)
+    for g, t in zip(grads[1:], tx, strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-9, atol=1e-11)
+
+
+# -- Embedding, Linear, Flatten, Residual, Sequential against torch (float64) ---------------------
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+def test_embedding_forward_and_gradient_match_torch_with_repeated_ids(dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    emb = nn.Embedding(6, 4)
+    params = emb.init(2, dtype="float64")
+    ids = np.array([[5, 0, 5], [5, 2, 0]], dtype=dtype)  # row 5 three times, row 0 twice
+    out, pullback = vjp(lambda p, i: emb(p, i), params, ids)
+    ct = np.random.default_rng(9).standard_normal(out.shape)
+    grads, gids = pullback(ct)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    ref = torch.nn.functional.embedding(torch.tensor(ids.astype(np.int64)), tw)
+    ref.backward(torch.tensor(ct))
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads["weight"], tw.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert gids is None  # integer ids get no gradient
+    # a batch of no rows: an empty lookup, a zero gradient
+    empty = np.zeros((0, 3), dtype=dtype)
+    out0, pullback0 = vjp(lambda p: emb(p, empty), params)
+    assert out0.shape == (0, 3, 4)
+    assert not pullback0(np.zeros((0, 3, 4)))[0]["weight"].any()
+
+
+@pytest.mark.parametrize(
+    ("ids", "bad", "at"),
+    [(np.array([[0, 1], [6, 2]]), 6, "ids[1, 0]"), (np.array([3, -1, 0]), -1, "ids[1]"),
+     (np.array([9], dtype=np.uint8), 9, "ids[0]"),
+     (np.int64(-1), -1, "ids (ids of shape ())")],  # numpy's take would read the last row
+)  # fmt: skip
+def test_embedding_names_itself_and_the_id_outside_its_table(ids: Any, bad: int, at: str) -> None:
+    emb = nn.Embedding(6, 4)
+    with pytest.raises(IndexError) as info:
+        emb(emb.init(0), ids)
+    msg = str(info.value)
+    assert msg.startswith(f"Embedding(num_embeddings=6, embedding_dim=4) got id {bad} at {at}")
+    assert "outside [0, 6)" in msg and "num_embeddings" in msg
+    assert ("not counted from the end" in msg) == (bad < 0)
+
+
+@pytest.mark.parametrize(
+    ("ids", "got"),
+    [(np.array([0.0, 1.0]), "dtype float64 and shape (2,)"), (np.array([True]), "dtype bool"),
+     ([0, 1], "a value of type list")],
+)  # fmt: skip
+def test_embedding_refuses_ids_that_are_not_an_integer_array(ids: Any, got: str) -> None:
+    emb = nn.Embedding(6, 4)
+    with pytest.raises(TypeError, match=r"Embedding\(num_embeddings=6.* takes integer ids") as info:
+        emb(emb.init(0), ids)
+    assert got in str(info.value) and "np.int64" in str(info.value)
+
+
+def test_dense_and_container_gradients_match_torch() -> None:
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(10)
+
+    def linear(p: Any, x: Any) -> Any:
+        return f.linear(x, p["weight"].T, p.get("bias"))
+
+    cases = [
+        (nn.Linear(4, 5), linear, (3, 4)),
+        (nn.Linear(4, 5), linear, (2, 3, 4)),
+        (nn.Linear(4, 5, bias=False), linear, (3, 4)),
+        (nn.Linear(4, 5), linear, (0, 4)),
+        (nn.Flatten(), lambda p, x: torch.flatten(x, 1), (2, 3, 4)),
+        (nn.Flatten(0, -2), lambda p, x: torch.flatten(x, 0, -2), (2, 3, 4)),
+        (nn.Residual(nn.Linear(4, 4)), lambda p, x: x + linear(p, x), (3, 4)),
+        (nn.Residual(nn.Linear(4, 4)), lambda p, x: x + linear(p, x), (0, 4)),
+        (
+            nn.Sequential(
+                nn.Linear(4, 6), nn.Tanh(), nn.Sequential(nn.Identity(), nn.Linear(6, 2))
+            ),
+            lambda p, x: linear(p[2][1], torch.tanh(linear(p[0], x))),
+            (3, 4),
+        ),
+    ]
+    for module, ref_fn, shape in cases:
+        params = module.init(1, dtype="float64")
+        x = rng.standard_normal(shape)
+        out, pullback = vjp(lambda p, x: module(p, x), params, x)  # noqa: B023
+        ct = rng.standard_normal(out.shape)
+        grads, gx = pullback(ct)
+        tp = _torch_tree(torch, params)
+        tx = torch.tensor(x, requires_grad=True)
+        ref = ref_fn(tp, tx)
+        ref.backward(torch.tensor(ct))
+        np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+        for ours, theirs in zip(_np_leaves(grads), _np_leaves(tp), strict=True):
+            np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def _torch_tree(torch: Any, tree: Any) -> Any:
+    # dicts rebuilt in sorted key order, the order a pullback returns them in
+    if isinstance(tree, dict):
+        return {k: _torch_tree(torch, tree[k]) for k in sorted(tree)}
+    if isinstance(tree, list):
+        return [_torch_tree(torch, v) for v in tree]
+    return torch.tensor(tree, requires_grad=True)
+
+
+def test_init_bounds_are_torchs_own() -> None:
+    # the bounds torch computes for its own layers, against ours: kaiming_uniform(a=sqrt(5))
+    # is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the bias too; attention's in_proj Xavier-uniform
+    torch = pytest.importorskip("torch")
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out
+    cases = [
+        (nn.Linear(30, 20), torch.nn.Linear(30, 20), {"weight": "weight", "bias": "bias"}),
+        (nn.Conv1d(3, 8, 5), torch.nn.Conv1d(3, 8, 5), {"weight": "weight", "bias": "bias"}),
+        (nn.Conv2d(3, 8, (3, 2)), torch.nn.Conv2d(3, 8, (3, 2)),
+         {"weight": "weight", "bias": "bias"}),
+        (nn.MultiHeadAttention(12, 3), torch.nn.MultiheadAttention(12, 3, batch_first=True),
+         {"in_proj_weight": "in_proj_weight", "out_proj_weight": "out_proj.weight"}),
+    ]  # fmt: skip
+    for ours, theirs, names in cases:
+        tp = dict(theirs.named_parameters())
+        for key, tkey in names.items():
+            w = tp[tkey].detach()
+            fi, fo = fan_in(w if w.ndim > 1 else tp["weight"].detach())
+            if key == "in_proj_weight":
+                bound = math.sqrt(6 / (fi + fo))
+            else:
+                bound = 1 / math.sqrt(fi)
+            drawn = np.concatenate(
+                [np.ravel(ours.init(s, dtype="float64")[key]) for s in range(20)]
+            )
+            assert np.abs(drawn).max() <= bound and np.abs(drawn).max() > 0.97 * bound, key
+            assert abs(drawn.std() - bound / math.sqrt(3)) < 0.1 * bound, key
+    emb = np.concatenate([np.ravel(nn.Embedding(50, 8).init(s)["weight"]) for s in range(10)])
+    assert abs(emb.mean()) < 0.05 and abs(emb.std() - 1) < 0.05  # torch's N(0, 1)

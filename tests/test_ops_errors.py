@@ -1,0 +1,227 @@
+"""Errors of the ops in asyncnn.ops that say what to fix: shapes, axes, dtypes, labels and
+embedding ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import ops
+
+
+# -- errors that say what to fix ------------------------------------------------------------------
+def test_conv_errors_name_the_shapes() -> None:
+    x, w = np.zeros((2, 3, 8)), np.zeros((4, 2, 3))
+    with pytest.raises(ValueError, match=r"\(2, 3, 8\) has 3 channels.*\(4, 2, 3\) expects 2"):
+        ops.conv1d(x, w)
+    with pytest.raises(ValueError, match=r"larger than the padded input.*\(2, 3, 8\)"):
+        ops.conv1d(x, np.zeros((4, 3, 9)))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        ops.conv2d(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 3, 3)), dilation=2)
+    with pytest.raises(ValueError, match=r"input must have shape \(N, C, H, W\), got \(3, 4, 4\)"):
+        ops.conv2d(np.zeros((3, 4, 4)), np.zeros((1, 3, 2, 2)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        ops.conv1d(x, np.zeros((4, 3, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ops.conv1d(x, np.zeros((4, 3, 3)), stride=0)
+    with pytest.raises(ValueError, match="tuple of 2 ints"):
+        ops.conv2d(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 2, 2)), padding=(1, 1, 1))
+
+
+def test_pool_errors() -> None:
+    with pytest.raises(ValueError, match="padding .* at most half"):
+        ops.max_pool1d(np.zeros((1, 1, 8)), 2, padding=2)
+    with pytest.raises(ValueError, match="pooling window .* larger than the padded input"):
+        ops.avg_pool2d(np.zeros((1, 1, 2, 8)), 3)
+    with pytest.raises(ValueError, match=r"\(N, C, L\)"):
+        ops.max_pool1d(np.zeros((4, 8)), 2)
+
+
+def test_cross_entropy_errors_say_what_to_pass() -> None:
+    logits = np.zeros((3, 4))
+    with pytest.raises(TypeError, match=r"integer class indices.*astype\(np.int64\)"):
+        ops.cross_entropy(logits, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"label 4 is outside \[0, 4\)"):
+        ops.cross_entropy(logits, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"label -1 is outside"):
+        ops.cross_entropy(logits, np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"\(3, 4\) and labels of shape \(3, 1\)"):
+        ops.cross_entropy(logits, np.zeros((3, 1), dtype=np.int64))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.cross_entropy(logits, np.array([0, 1, 2]), reduction="avg")
+
+
+def test_cross_entropy_takes_labels_of_an_ndarray_subclass(tmp_path: Any) -> None:
+    # a memory-mapped dataset's labels are an np.memmap: checked on the host as numpy labels
+    # are, and never taken for a GPU's (whose range check is a kernel of the cupy backend)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 4))
+    labels = np.array([0, 3, 1, 2, 2, 0])
+    path = tmp_path / "labels.npy"
+    np.save(path, labels)
+    mapped = np.load(path, mmap_mode="r")
+    assert type(mapped) is np.memmap
+    for reduction in ("mean", "sum", "none"):
+        want = ops.cross_entropy(logits, labels, reduction)
+        np.testing.assert_array_equal(ops.cross_entropy(logits, mapped, reduction), want)
+        np.testing.assert_array_equal(
+            ops.cross_entropy(logits[1:], mapped[1:], reduction)[...],
+            ops.cross_entropy(logits[1:], labels[1:], reduction)[...],
+        )
+    value, pullback = ann.vjp(lambda z: ops.cross_entropy(z, mapped), logits)
+    _, want_pullback = ann.vjp(lambda z: ops.cross_entropy(z, labels), logits)
+    np.testing.assert_array_equal(pullback(1.0)[0], want_pullback(1.0)[0])
+    with pytest.raises(ValueError, match=r"label 4 is outside \[0, 4\)"):
+        bad = np.load(path, mmap_mode="r+")
+        bad[1] = 4
+        ops.cross_entropy(logits, bad)
+
+
+def test_other_errors() -> None:
+    with pytest.raises(ValueError, match=r"mse_loss: pred of shape \(3, 1\) and target of shape"):
+        ops.mse_loss(np.zeros((3, 1)), np.zeros(3))
+    with pytest.raises(ValueError, match=r"weight of shape \(3,\) must match .* \(4,\)"):
+        ops.layer_norm(np.zeros((2, 4)), np.ones(3))
+    with pytest.raises(TypeError, match="ids must be an integer array"):
+        ops.embedding(np.zeros((5, 2)), np.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="axis must be one int"):
+        ops.softmax(np.zeros((2, 2)), axis=(0, 1))  # type: ignore[arg-type]
+
+
+def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
+    x = np.arange(6.0).reshape(2, 3)
+    for call, op, axis in [
+        (lambda: ops.take(x, np.array([0]), axis=2), "take", 2),
+        (lambda: ops.concatenate([x, x], axis=2), "concatenate", 2),
+        (lambda: ops.stack([x, x], axis=-4), "stack", -4),
+        (lambda: ops.expand_dims(x, 3), "expand_dims", 3),
+        (lambda: ops.sum(x, axis=(0, 2)), "sum", 2),
+        (lambda: ops.max(x, axis=-3), "max", -3),
+        (lambda: ops.softmax(x, axis=2), "softmax", 2),
+    ]:
+        with pytest.raises(ValueError, match=rf"{op}: axis {axis} is out of range"):
+            call()
+    with pytest.raises(TypeError, match=r"mean: axis must be an int, got 1.0"):
+        ops.mean(x, axis=1.0)  # type: ignore[arg-type]
+    # numpy integers are axes, as in numpy
+    np.testing.assert_array_equal(ops.mean(x, axis=np.int64(1)), x.mean(axis=1))
+    np.testing.assert_array_equal(ops.sum(x, axis=(np.int64(0), -1)), x.sum())
+    np.testing.assert_array_equal(ops.take(x, np.array([2]), axis=np.int64(-1)), x[:, 2:])
+    # an axis named twice is a mistake, as in numpy (it was silently one axis)
+    with pytest.raises(ValueError, match=r"sum: axis \(1, -1\) names an axis twice"):
+        ops.sum(x, axis=(1, -1))
+
+
+def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
+    a, b = np.zeros((3, 4)), np.zeros(3)
+    for name in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum"):
+        with pytest.raises(ValueError, match=rf"{name}: shapes \(3, 4\) and \(3,\) do not broad"):
+            getattr(ops, name)(a, b)
+    with pytest.raises(ValueError, match=r"add: shapes \(3, 4\) and \(3,\) do not broadcast"):
+        ann.vjp(lambda a: a + b, a)  # traced, through the operator
+    with pytest.raises(ValueError, match=r"where: shapes \(2,\) and \(3, 4\) and \(3, 4\)"):
+        ops.where(np.array([True, False]), a, a)
+    with pytest.raises(ValueError, match=r"matmul: .* batch dimensions \(2,\) and \(3,\)"):
+        ops.matmul(np.zeros((2, 3, 4)), np.zeros((3, 4, 2)))
+
+
+def test_shape_errors_name_the_op_and_the_shapes() -> None:
+    x = np.zeros((2, 3))
+    for call, said in [
+        (lambda: ops.reshape(x, (4, 2)),
+         r"reshape: x of shape \(2, 3\) \(size 6\) cannot take shape \(4, 2\)"),
+        (lambda: ops.reshape(x, (-1, -1)), r"reshape: .* one entry may be -1"),
+        (lambda: ops.transpose(x, (0, 0)),
+         r"transpose: axes \(0, 0\) are not a permutation .* \(2, 3\)"),
+        (lambda: ops.transpose(x, (0, 1, 2)), r"transpose: axes \(0, 1, 2\) are not"),
+        (lambda: ops.broadcast_to(x, (4, 3)),
+         r"broadcast_to: x of shape \(2, 3\) cannot be broadcast to \(4, 3\)"),
+        (lambda: ops.broadcast_to(x, (3,)), r"broadcast_to: x of shape \(2, 3\) cannot"),
+        (lambda: ops.concatenate([x, np.zeros((2, 2))]),
+         r"concatenate: shapes \(2, 3\), \(2, 2\) differ outside axis 0"),
+        (lambda: ops.concatenate([x, np.zeros(3)]), r"concatenate: shapes \(2, 3\), \(3,\) differ"),
+        (lambda: ops.stack([x, x, np.zeros((3, 2))]),
+         r"stack: shapes \(2, 3\), \(2, 3\), \(3, 2\) differ"),
+        (lambda: ops.max(np.zeros((0, 3)), axis=0),
+         r"max: axis 0 of x \(shape \(0, 3\)\) has length 0"),
+        (lambda: ops.min(np.zeros((2, 0))), r"min: axis 1 of x \(shape \(2, 0\)\) has length 0"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            call()
+    with pytest.raises(ValueError, match=r"concatenate: shapes \(2, 3\), \(2, 2\) differ"):
+        ann.vjp(lambda a: ops.concatenate([a, np.zeros((2, 2))]), x)  # traced, too
+    assert ops.max(np.zeros((0, 3)), axis=1).shape == (0,)  # no rows: nothing to refuse
+    assert ops.transpose(np.zeros((2, 3, 4)), (-1, 0, 1)).shape == (4, 2, 3)  # as numpy
+
+
+def test_integer_input_to_a_float_op_says_to_convert() -> None:
+    ints = np.arange(6).reshape(2, 3)
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        with pytest.raises(TypeError, match=rf"{name}: x must be floating point, got dtype int64"):
+            getattr(ops, name)(ints)
+    with pytest.raises(TypeError, match="avg_pool1d: x must be floating point"):
+        ops.avg_pool1d(ints[None], 2)
+
+
+def test_embedding_ids_out_of_range_are_refused() -> None:
+    weight = np.arange(10.0).reshape(5, 2)
+    with pytest.raises(IndexError, match=r"embedding: id 5 is outside \[0, 5\) .* \(5, 2\)"):
+        ops.embedding(weight, np.array([0, 5]))
+    with pytest.raises(IndexError, match=r"id -1 is outside"):  # not the last row, as in torch
+        ops.embedding(weight, np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"weight must have shape \(n, d\), got \(5,\)"):
+        ops.embedding(np.zeros(5), np.array([1]))
+
+
+@pytest.mark.parametrize(("bad", "said"), [(-1, "-1"), (5, "5")])
+def test_a_numpy_scalar_embedding_id_out_of_range_is_refused(bad: int, said: str) -> None:
+    # (np.int64(-1) read the last row without a word, as an array of ids does not)
+    weight = np.arange(10.0).reshape(5, 2)
+    with pytest.raises(IndexError, match=rf"embedding: id {said} is outside \[0, 5\)"):
+        ops.embedding(weight, np.int64(bad))
+    np.testing.assert_array_equal(ops.embedding(weight, np.int64(4)), weight[4])
+
+
+def _ids_as_on_a_gpu(monkeypatch: Any) -> None:
+    """In ``monkeypatch``'s context numpy ids take the path of GPU ids, not read back to the
+    host: the array code that cupy runs without its fused kernels."""
+    from asyncnn._math import _ops_nn
+
+    monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "big"), [("int64", 5), ("int32", 7), ("uint8", 255), ("uint64", 2**63 + 4)]
+)
+def test_embedding_gives_gpu_ids_outside_the_table_nan_rows_and_no_gradient(
+    dtype: str, big: int, monkeypatch: Any
+) -> None:
+    # cupy's take wraps an id: 5 read row 0 and -1 row 4 of five, and the gradient went there
+    _ids_as_on_a_gpu(monkeypatch)
+    weight = np.arange(10.0).reshape(5, 2)
+    neg = 0 if dtype.startswith("u") else -1  # (no negative unsigned id)
+    ids = np.array([[0, big, 4], [neg, 4, 2]], dtype=dtype)
+    out, pullback = ann.vjp(lambda w: ops.embedding(w, ids), weight)
+    good = (ids >= 0) & (ids < 5)
+    assert np.isnan(out[~good]).all() and out.shape == (2, 3, 2)
+    np.testing.assert_array_equal(out[good], weight[ids[good]])
+    (grad,) = pullback(np.ones_like(out))
+    want = np.zeros_like(weight)
+    np.add.at(want, ids[good], 1.0)  # each good id's row once per use; the bad ones nowhere
+    np.testing.assert_array_equal(grad, want)
+    assert ann.vjp(lambda w: ops.embedding(w, ids[:0]), weight)[0].shape == (0, 3, 2)
+
+
+def test_embedding_of_gpu_ids_into_an_integer_table_checks_them_on_the_host(
+    monkeypatch: Any,
+) -> None:
+    # an integer row has no NaN to mark a bad id with: it would come out as another row's ints
+    _ids_as_on_a_gpu(monkeypatch)
+    table = np.arange(10).reshape(5, 2)
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match=rf"embedding: id {bad} is outside \[0, 5\)"):
+            ops.embedding(table, np.array([0, bad, 2]))
+    np.testing.assert_array_equal(ops.embedding(table, np.array([4, 0])), table[[4, 0]])

@@ -1,0 +1,386 @@
+"""Forward values of the ops in asyncnn.ops against plain numpy references, and values and
+gradients against torch where installed, edge values (ties, infinities, NaN, empty axes) included."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import ops
+from asyncnn.backends import to_numpy
+
+from _ops_cases import ref_conv, ref_log_softmax, ref_pool
+
+# -- forward values against plain numpy references ------------------------------------------------
+
+
+_SQRT2 = math.sqrt(2)
+_erf = np.vectorize(math.erf)
+_R = np.random.default_rng(7)
+_X = _R.standard_normal((2, 3, 4))
+
+
+def _G(*shape: int) -> np.ndarray:  # noqa: N802
+    return _R.standard_normal(shape)
+
+
+FORWARD_CASES = [
+    # (name, op on the inputs, numpy reference, inputs)
+    ("exp", ops.exp, np.exp, [_X]),
+    ("log", ops.log, np.log, [np.abs(_X) + 0.1]),
+    ("tanh", ops.tanh, np.tanh, [_X]),
+    ("sigmoid", ops.sigmoid, lambda x: 1 / (1 + np.exp(-x)), [_X * 10]),
+    ("relu", ops.relu, lambda x: x * (x > 0), [_X]),
+    ("gelu", ops.gelu, lambda x: 0.5 * x * (1 + _erf(x / _SQRT2)), [_X]),
+    ("gelu-tanh", lambda x: ops.gelu(x, "tanh"),
+     lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))), [_X]),
+    ("sqrt", ops.sqrt, np.sqrt, [np.abs(_X)]),
+    ("abs", ops.abs, np.abs, [_X]),
+    ("power", ops.power, np.power, [np.abs(_X) + 0.5, _X]),
+    ("maximum", ops.maximum, np.maximum, [_X, _X[0]]),
+    ("minimum", ops.minimum, np.minimum, [_X, _X[0]]),
+    ("max", lambda x: ops.max(x, (0, 2)), lambda x: x.max((0, 2)), [_X]),
+    ("min", lambda x: ops.min(x, 1, True), lambda x: x.min(1, keepdims=True), [_X]),
+    ("softmax", ops.softmax, lambda x: np.exp(ref_log_softmax(x)), [_X]),
+    ("softmax-big", ops.softmax, lambda x: np.exp(ref_log_softmax(x - 1000)), [_X + 1000]),
+    ("log_softmax", lambda x: ops.log_softmax(x, 1), lambda x: ref_log_softmax(x, 1), [_X]),
+    ("logsumexp", ops.logsumexp, lambda x: np.log(np.exp(x).sum(-1)), [_X]),
+    ("logsumexp-big", lambda x: ops.logsumexp(x, 0, True),
+     lambda x: 800 + np.log(np.exp(x - 800).sum(0, keepdims=True)), [_X * 5 + 800]),
+    ("conv1d", lambda x, w, b: ops.conv1d(x, w, b, 2, 1, 2),
+     lambda x, w, b: ref_conv(x, w, b, (2,), (1,), (2,)), [_G(2, 3, 9), _G(4, 3, 3), _G(4)]),
+    ("conv2d", lambda x, w: ops.conv2d(x, w, None, (2, 1), (1, 2), (1, 2)),
+     lambda x, w: ref_conv(x, w, None, (2, 1), (1, 2), (1, 2)), [_G(2, 3, 6, 5), _G(2, 3, 3, 2)]),
+    ("max_pool1d", lambda x: ops.max_pool1d(x, 3, 2, 1),
+     lambda x: ref_pool(x, (3,), (2,), (1,), "max"), [_X]),
+    ("max_pool2d", lambda x: ops.max_pool2d(x, (2, 3), 1, (1, 1)),
+     lambda x: ref_pool(x, (2, 3), (1, 1), (1, 1), "max"), [_G(2, 2, 4, 5)]),
+    ("avg_pool1d", lambda x: ops.avg_pool1d(x, 2, 1, 1),
+     lambda x: ref_pool(x, (2,), (1,), (1,), "avg"), [_X]),
+    ("avg_pool2d", lambda x: ops.avg_pool2d(x, 3, 2, 1),
+     lambda x: ref_pool(x, (3, 3), (2, 2), (1, 1), "avg"), [_G(1, 2, 5, 6)]),
+    ("layer_norm", ops.layer_norm,
+     lambda x, w, b: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+     * w + b, [_X, _X[0, 0], _X[1, 1]]),
+    ("layer_norm-2d", lambda x: ops.layer_norm(x, x[0] * 0 + 1),  # ones, on x's backend
+     lambda x: (x - x.mean((1, 2), keepdims=True)) / np.sqrt(x.var((1, 2), keepdims=True) + 1e-5),
+     [_X]),
+    ("cross_entropy", ops.cross_entropy,
+     lambda x, y: -ref_log_softmax(x)[np.arange(2), y].mean(), [_X[:, 0], np.array([2, 0])]),
+    ("cross_entropy-spatial", lambda x, y: ops.cross_entropy(x, y, "none"),
+     lambda x, y: -np.take_along_axis(ref_log_softmax(x, 1), y[:, None], 1)[:, 0],
+     [_X, np.array([[0, 1, 2, 0], [2, 2, 1, 0]])]),
+    ("mse_loss", ops.mse_loss, lambda a, b: ((a - b) ** 2).mean(), [_X, _X[::-1]]),
+    ("mse_loss-sum", lambda a, b: ops.mse_loss(a, b, "sum"), lambda a, b: ((a - b) ** 2).sum(),
+     [_X, _X[::-1]]),
+    ("embedding", ops.embedding, lambda w, i: w[i], [_X[0], np.array([[2, 0], [1, 1]])]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("op", "ref", "inputs"), [pytest.param(*c[1:], id=c[0]) for c in FORWARD_CASES]
+)
+def test_forward_matches_numpy_reference(
+    backend: Any, op: Callable[..., Any], ref: Callable[..., Any], inputs: list[np.ndarray]
+) -> None:
+    got = to_numpy(op(*(backend.asarray(a) for a in inputs)))
+    np.testing.assert_allclose(got, ref(*inputs), rtol=1e-10, atol=1e-12)
+
+
+_TAILS = np.array([-745.0, -700.0, -100.0, -40.0, -37.0, -30.0, -20.0, -10.0, -1e-3, 0.0, 1e-3,
+                   10.0, 20.0, 40.0, 700.0, 1000.0])  # fmt: skip
+
+
+def _logistic(x: float) -> float:
+    # in double precision, each side in the form that does not cancel
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float64, 1e-15), (np.float32, 1e-6)])
+def test_sigmoid_keeps_its_relative_precision_in_both_tails(
+    backend: Any, dtype: Any, rtol: float
+) -> None:
+    x = _TAILS.astype(dtype)
+    want = np.array([_logistic(float(v)) for v in x])
+    got = to_numpy(ops.sigmoid(backend.asarray(x))).astype(np.float64)
+    tiny = np.finfo(dtype).tiny  # below it a float32 result is subnormal or 0, as in torch
+    np.testing.assert_allclose(got, np.where(want < tiny, got, want), rtol=rtol, atol=0)
+    assert np.all(got[want < tiny] <= tiny)
+    g = to_numpy(ann.grad(lambda x: ops.sum(ops.sigmoid(x)))(backend.asarray(x))).astype(float)
+    # the derivative out * (1 - out), checked where it does not cancel (as in torch, 1 - out
+    # loses digits for large positive x)
+    dwant = want * (1 - want)
+    keep = (x <= 0) & (dwant > tiny)
+    np.testing.assert_allclose(g[keep], dwant[keep], rtol=10 * rtol, atol=0)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum(backend: Any) -> None:
+    x = backend.asarray(np.array([[[1.0, 3.0, 3.0, 0.0, 2.0, 2.0]]]))
+    g = ann.grad(lambda x: ops.sum(ops.max_pool1d(x, 3, stride=1)))(x)
+    # windows at 0..3: [1,3,3] [3,3,0] [3,0,2] [0,2,2]; the tied ones pick their first maximum
+    np.testing.assert_array_equal(to_numpy(g), [[[0.0, 2.0, 1.0, 0.0, 1.0, 0.0]]])
+
+
+_NAN = np.nan
+
+
+@pytest.mark.parametrize(
+    ("row", "grad"),
+    [  # windows of 3 at stride 1; a NaN wins its windows, the last NaN of a window as in torch
+        ([1.0, _NAN, 2.0, 0.0, 5.0, 3.0], [0.0, 2.0, 0.0, 0.0, 2.0, 0.0]),
+        ([_NAN, 1.0, 2.0, 0.0, 5.0, 3.0], [1.0, 0.0, 1.0, 0.0, 2.0, 0.0]),
+        ([1.0, _NAN, 2.0, _NAN, 5.0, 3.0], [0.0, 1.0, 0.0, 3.0, 0.0, 0.0]),
+    ],
+)
+def test_max_pool_propagates_nan(backend: Any, row: list[float], grad: list[float]) -> None:
+    x = np.array([[row]])
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=1), backend.asarray(x))
+    np.testing.assert_array_equal(to_numpy(y), ref_pool(x, (3,), (1,), (0,), "max"))
+    g = backend.asarray(np.ones((1, 1, 4)))  # (the cotangent on the primal's device)
+    np.testing.assert_array_equal(to_numpy(pullback(g)[0]), [[grad]])
+    x2 = np.stack([x, x], axis=3)  # (1, 1, 6, 2): the same windows in two dimensions
+    got = to_numpy(ops.max_pool2d(backend.asarray(x2), (3, 2), stride=1))
+    np.testing.assert_array_equal(got, ref_pool(x2, (3, 2), (1, 1), (0, 0), "max"))
+
+
+def test_max_pool_propagates_nan_as_torch() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.array([[[1.0, _NAN, 2.0, _NAN, 5.0, 3.0, 1.0, _NAN]]])
+    ct = np.arange(1.0, 5.0).reshape(1, 1, 4)
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=2, padding=1), x)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.max_pool1d(tx, 3, 2, 1)
+    (ty * torch.tensor(ct)).sum().backward()
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    np.testing.assert_array_equal(pullback(ct)[0], tx.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "bool"])
+def test_max_pool_pads_integers_below_every_value(backend: Any, dtype: str) -> None:
+    # The padding must never win: -inf cast to int8 or int16 is 0 and to bool True.
+    lo = False if dtype == "bool" else np.iinfo(dtype).min
+    x = np.array([[[lo, 1, lo, lo]]] if dtype != "bool" else [[[False, True, False, False]]], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns on the cast of -inf
+        got = to_numpy(ops.max_pool1d(backend.asarray(x), 2, padding=1))
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, np.array([[[lo, 1, lo]]], dtype))
+
+
+def test_softmax_handles_rows_of_minus_infinity(backend: Any) -> None:
+    x = backend.asarray(np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf]]))
+    lse = to_numpy(ops.logsumexp(x))
+    assert lse[1] == -np.inf and np.isclose(lse[0], np.log(1 + np.e))
+    p = to_numpy(ops.softmax(x))
+    np.testing.assert_allclose(p[0], [1 / (1 + np.e), 0, np.e / (1 + np.e)])
+    assert np.isnan(p[1]).all()  # as torch: a row with nothing to normalize has no softmax
+    np.testing.assert_allclose(np.exp(to_numpy(ops.log_softmax(x))[0]), p[0])
+    assert np.isnan(to_numpy(ops.log_softmax(x))[1]).all()
+
+
+# -- torch as the second reference ----------------------------------------------------------------
+def same(name: str, shapes: list[Any], *params: Any, **kw: Any) -> Any:
+    """A case where our op and torch.nn.functional's share name and signature."""
+    return pytest.param(
+        lambda *a: getattr(ops, name)(*a, *params, **kw),
+        lambda F, *a: getattr(F, name)(*a, *params, **kw),  # noqa: N803
+        shapes,
+        id=f"{name}{params or ''}{kw or ''}",
+    )
+
+
+def other(name: str, op: Any, torch_op: Any, shapes: list[Any]) -> Any:
+    return pytest.param(op, torch_op, shapes, id=name)
+
+
+# shapes: float inputs; an int n stands for integer labels/ids in [0, n)
+TORCH_CASES = [
+    other("softmax", lambda x: ops.softmax(x, 1), lambda F, x: F.softmax(x, 1), [(2, 3, 4)]),
+    other("log_softmax", ops.log_softmax, lambda F, x: F.log_softmax(x, -1), [(3, 5)]),
+    other("logsumexp", lambda x: ops.logsumexp(x, 0, True),
+          lambda F, x: x.logsumexp(0, True), [(3, 4)]),
+    other("layer_norm", ops.layer_norm, lambda F, x, w, b: F.layer_norm(x, w.shape, w, b),
+          [(2, 3, 4), (3, 4), (3, 4)]),
+    other("embedding", ops.embedding, lambda F, w, i: F.embedding(i, w), [(6, 3), 6]),
+    same("gelu", [(3, 4)]),
+    same("gelu", [(3, 4)], approximate="tanh"),
+    same("conv1d", [(2, 3, 10), (4, 3, 3), (4,)], 2, 3, 2),
+    same("conv2d", [(2, 3, 7, 6), (5, 3, 3, 2), (5,)], (2, 1), (1, 2), (1, 2)),
+    same("conv2d", [(1, 2, 5, 5), (3, 2, 2, 2)]),
+    same("max_pool1d", [(2, 3, 9)], 3, 2, 1),
+    same("max_pool2d", [(2, 3, 6, 5)], 2),
+    same("max_pool2d", [(1, 2, 7, 5)], (3, 2), (2, 1), (1, 1)),
+    same("avg_pool1d", [(2, 3, 9)], 4, 2, 2),
+    same("avg_pool2d", [(2, 2, 7, 6)], 3, 2, 1),
+    same("cross_entropy", [(5, 4), 4]),
+    same("cross_entropy", [(2, 4, 3, 2), 4], reduction="sum"),
+    same("cross_entropy", [(5, 3), 3], reduction="none"),
+    same("mse_loss", [(3, 4), (3, 4)]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("op", "torch_op", "specs"), TORCH_CASES)
+def test_matches_torch(
+    backend: Any, op: Callable[..., Any], torch_op: Callable[..., Any], specs: list[Any]
+) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    host: list[np.ndarray] = []
+    for s in specs:
+        if isinstance(s, int):  # integer labels/ids below s, shaped like the previous input
+            prev = host[0].shape  # labels (N, d...) for logits (N, C, d...); ids (n,) for (n, d)
+            shape = prev[:1] + prev[2:]
+            host.append(rng.integers(0, s, shape))
+        else:
+            host.append(rng.standard_normal(s))
+    ours, pullback = ann.vjp(op, *(backend.asarray(h) for h in host))
+    tins = [torch.tensor(h, requires_grad=h.dtype.kind == "f") for h in host]
+    tout = torch_op(torch.nn.functional, *tins)
+    np.testing.assert_allclose(to_numpy(ours), tout.detach().numpy(), rtol=1e-10, atol=1e-12)
+    ct = rng.standard_normal(tout.shape)
+    grads = pullback(backend.asarray(ct))
+    tgrads = torch.autograd.grad(tout, [t for t in tins if t.requires_grad], torch.tensor(ct))
+    floats = [g for g, h in zip(grads, host, strict=True) if h.dtype.kind == "f"]
+    for g, tg in zip(floats, tgrads, strict=True):
+        np.testing.assert_allclose(to_numpy(g), tg.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# Values a user hits at the edges (ties, zeros, infinities, NaN, empty axes), forward and gradient
+# against torch in float64, NaN where torch gives NaN. Each input is given as its values.
+def edge(name: str, op: Any, torch_op: Any, *inputs: Any) -> Any:
+    return pytest.param(op, torch_op, [np.asarray(x, dtype=float) for x in inputs], id=name)
+
+
+NAN, INF = math.nan, math.inf
+TIES = [[1.0, 3.0, 3.0], [3.0, 0.0, 2.0]]
+GRID = np.arange(24.0).reshape(2, 3, 4) % 5  # repeated values: ties in every reduction
+MASK = np.array([True, False, True, True])
+EDGE_CASES = [
+    edge("abs-at-0", ops.abs, lambda t, x: x.abs(), [0.0, -1.5, 2.0]),
+    edge("sqrt-at-0", ops.sqrt, lambda t, x: x.sqrt(), [0.0, 4.0]),
+    edge("log-at-0", ops.log, lambda t, x: x.log(), [0.0, 4.0, -1.0]),
+    edge("exp-overflow", ops.exp, lambda t, x: x.exp(), [800.0, -800.0, 0.0]),
+    edge("power-negative-base-int", lambda a: a**3, lambda t, a: a**3, [-2.0, -0.5, 0.0, 1.5]),
+    edge("power-negative-int", lambda a: ops.power(a, -2), lambda t, a: a**-2, [-2.0, -0.5, 1.5]),
+    edge("power-negative-base-array", ops.power, lambda t, a, b: a**b,
+         [-2.0, -0.5, 0.0, 0.0, 0.0], [2.0, 3.0, 2.0, 0.0, 0.5]),
+    edge("divide-by-0", ops.divide, lambda t, a, b: a / b, [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]),
+    edge("maximum-ties-and-nan", ops.maximum, lambda t, a, b: a.maximum(b),
+         [1.0, 2.0, 3.0, NAN, 2.0], [1.0, 1.0, 4.0, 1.0, NAN]),
+    edge("minimum-ties-and-nan", ops.minimum, lambda t, a, b: a.minimum(b),
+         [1.0, 2.0, 3.0, NAN, 2.0], [1.0, 1.0, 4.0, 1.0, NAN]),
+    edge("maximum-ties-broadcast", ops.maximum, lambda t, a, b: a.maximum(b), [[1.0], [2.0]],
+         [1.0, 2.0, 3.0]),
+    edge("max-all-ties", ops.max, lambda t, x: x.max(), TIES),
+    edge("max-axis-ties", lambda x: ops.max(x, axis=1), lambda t, x: x.amax(1), TIES),
+    edge("max-neg-axis-ties", lambda x: ops.max(x, -2), lambda t, x: x.amax(-2), GRID),
+    edge("min-tuple-keepdims-ties", lambda x: ops.min(x, (0, -1), keepdims=True),
+         lambda t, x: x.amin((0, -1), keepdim=True), GRID),
+    edge("max-nan-inf", lambda x: ops.max(x, 1), lambda t, x: x.amax(1),
+         [[1.0, NAN, 3.0], [-INF, -INF, -INF], [1.0, INF, INF]]),
+    edge("max-0d", ops.max, lambda t, x: x.amax(), 2.0),
+    edge("logsumexp-inf", lambda x: ops.logsumexp(x, 1), lambda t, x: x.logsumexp(1),
+         [[0.0, -INF, 1.0], [-INF, -INF, -INF], [0.0, INF, 1.0], [1000.0, 1000.0, -1000.0]]),
+    edge("logsumexp-nan", ops.logsumexp, lambda t, x: x.logsumexp(-1), [[0.0, NAN], [1.0, 2.0]]),
+    edge("logsumexp-empty-axis", lambda x: ops.logsumexp(x, 1), lambda t, x: x.logsumexp(1),
+         np.zeros((3, 0))),
+    edge("logsumexp-empty-axis-keepdims", lambda x: ops.logsumexp(x, 0, keepdims=True),
+         lambda t, x: x.logsumexp(0, keepdim=True), np.zeros((0, 2))),
+    edge("logsumexp-no-rows", ops.logsumexp, lambda t, x: x.logsumexp(-1), np.zeros((0, 3))),
+    edge("softmax-empty-axis", ops.softmax, lambda t, x: x.softmax(-1), np.zeros((2, 0))),
+    edge("log_softmax-empty-axis", ops.log_softmax, lambda t, x: x.log_softmax(-1),
+         np.zeros((2, 0))),
+    edge("sum-none", ops.sum, lambda t, x: x.sum(), GRID),
+    edge("sum-none-keepdims", lambda x: ops.sum(x, keepdims=True),
+         lambda t, x: x.sum((0, 1, 2), keepdim=True), GRID),
+    edge("sum-negative-tuple-keepdims", lambda x: ops.sum(x, (-1, 0), keepdims=True),
+         lambda t, x: x.sum((-1, 0), keepdim=True), GRID),
+    edge("mean-negative-tuple", lambda x: ops.mean(x, (-1, 1)), lambda t, x: x.mean((-1, 1)),
+         GRID),
+    edge("mean-none-keepdims", lambda x: ops.mean(x, None, True),
+         lambda t, x: x.mean((0, 1, 2), keepdim=True), GRID),
+    edge("sum-no-rows", lambda x: ops.sum(x, 0), lambda t, x: x.sum(0), np.zeros((0, 3))),
+    edge("mean-over-rows-of-none", lambda x: ops.mean(x, 1), lambda t, x: x.mean(1),
+         np.zeros((0, 3))),
+    edge("sum-0d", ops.sum, lambda t, x: x.sum(), 3.0),
+    edge("mean-0d", ops.mean, lambda t, x: x.mean(), 3.0),
+    edge("matmul-vec-vec", ops.matmul, lambda t, a, b: a @ b, [1.0, 2.0, 3.0], [0.5, -1.0, 2.0]),
+    edge("matmul-vec-batch", ops.matmul, lambda t, a, b: a @ b, GRID[0, :, 0], GRID[:, :, :2]),
+    edge("matmul-batch-vec", ops.matmul, lambda t, a, b: a @ b, GRID, GRID[0, 0]),
+    edge("matmul-broadcast-batch", ops.matmul, lambda t, a, b: a @ b, GRID[:, None],
+         np.repeat(GRID[0].T[None] - 2, 3, 0)),
+    edge("matmul-no-rows", ops.matmul, lambda t, a, b: a @ b, np.zeros((0, 4)), GRID[0].T),
+    edge("matmul-empty-inner", ops.matmul, lambda t, a, b: a @ b, np.zeros((3, 0)),
+         np.zeros((0, 2))),
+    edge("getitem-negative-steps", lambda x: x[::-1, ::-2], lambda t, x: x.flip(0)[:, [3, 1]],
+         GRID[0]),
+    edge("getitem-repeats", lambda x: x[np.array([0, 0, 2, -1])], lambda t, x: x[[0, 0, 2, -1]],
+         GRID[0]),
+    edge("getitem-mixed", lambda x: x[1:, np.array([1, 1, 0])], lambda t, x: x[1:, [1, 1, 0]],
+         GRID[0]),
+    edge("getitem-split-arrays", lambda x: x[np.array([0, 0]), :, np.array([1, 1])],
+         lambda t, x: x[[0, 0], :, [1, 1]], GRID),
+    edge("getitem-mask", lambda x: x[MASK[:3], 1], lambda t, x: x[t.tensor(MASK[:3]), 1],
+         GRID[0]),
+    edge("getitem-mask-columns", lambda x: x[:, MASK], lambda t, x: x[:, t.tensor(MASK)], GRID[0]),
+    edge("getitem-mask-2d", lambda x: x[GRID[0] > 2], lambda t, x: x[x > 2], GRID[0]),
+    edge("take-repeats-negative", lambda x: ops.take(x, np.array([[3, 3], [-1, 0]]), axis=-1),
+         lambda t, x: x[:, :, [[3, 3], [3, 0]]], GRID),
+    edge("where-scalar-broadcast", lambda x: ops.where(MASK[:3, None], x, 0.0),
+         lambda t, x: t.where(t.tensor(MASK[:3, None]), x, 0.0), GRID[0]),
+    edge("divide-broadcast", ops.divide, lambda t, a, b: a / b, GRID[:, None, :1, :3] - 2.5,
+         GRID[0, :, :1] + 1),
+    edge("multiply-to-no-rows", ops.multiply, lambda t, a, b: a * b, [[1.0, 2.0, 3.0]],
+         np.zeros((0, 3))),
+    edge("concatenate-no-rows", lambda a, b: ops.concatenate([a, b]), lambda t, a, b: t.cat([a, b]),
+         np.zeros((0, 3)), GRID[0, :, :3]),
+    edge("stack-negative-axis", lambda a, b: ops.stack([a, b], -2),
+         lambda t, a, b: t.stack([a, b], -2), GRID[0], GRID[1]),
+    edge("broadcast_to-no-rows", lambda x: ops.broadcast_to(x, (0, 3)),
+         lambda t, x: x.broadcast_to((0, 3)), [[1.0, 2.0, 3.0]]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("op", "torch_op", "inputs"), EDGE_CASES)
+def test_edge_values_match_torch(
+    backend: Any, op: Callable[..., Any], torch_op: Callable[..., Any], inputs: list[np.ndarray]
+) -> None:
+    torch = pytest.importorskip("torch")
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # numpy's words on log(0) and the mean of nothing
+        ours, pullback = ann.vjp(op, *(backend.asarray(h) for h in inputs))
+        ct = np.random.default_rng(5).standard_normal(np.shape(ours))
+        grads = pullback(backend.asarray(ct))
+    tins = [torch.tensor(h, requires_grad=True) for h in inputs]
+    tout = torch_op(torch, *tins)
+    assert ours.shape == tuple(tout.shape)
+    np.testing.assert_allclose(to_numpy(ours), tout.detach().numpy(), rtol=1e-10, atol=1e-12)
+    tgrads = torch.autograd.grad(tout, tins, torch.tensor(ct), allow_unused=True)
+    for i, (g, tg) in enumerate(zip(grads, tgrads, strict=True)):
+        want = np.zeros(inputs[i].shape) if tg is None else tg.numpy()
+        assert g.shape == want.shape, f"input {i}"
+        np.testing.assert_allclose(to_numpy(g), want, rtol=1e-10, atol=1e-12, err_msg=f"input {i}")
+
+
+def test_a_mean_over_nothing_has_a_quiet_gradient(backend: Any) -> None:
+    x = backend.asarray(np.zeros((0, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's "Mean of empty slice", in the forward only
+        out, pullback = ann.vjp(lambda x: ops.mean(x, axis=0), x)
+    assert np.isnan(to_numpy(out)).all()
+    (g,) = pullback(backend.xp.ones(3))  # warnings are errors here: no 0/0 warning for nothing
+    assert g.shape == (0, 3)
+
+
+def test_a_nan_extremum_gives_nan_gradients_quietly(backend: Any) -> None:
+    x = backend.asarray(np.array([[1.0, np.nan, 3.0], [3.0, 0.0, 2.0]]))
+    for op in (ops.max, ops.min):  # warnings are errors here, as in a user's strict test suite
+        g = to_numpy(ann.grad(lambda x, op=op: ops.sum(op(x, axis=1)))(x))
+        assert np.isnan(g[0]).all()  # as torch.amax: the NaN group's gradient is NaN
+        np.testing.assert_array_equal(g[1], [1.0, 0.0, 0.0] if op is ops.max else [0.0, 1.0, 0.0])
