@@ -290,11 +290,11 @@ class _FitState:
         if not self.reported:
             return
         due = self.reported
-        due.sort()
+        due.sort(reverse=True)  # (the earliest last: popped from the end)
         while due:
             # one at a time: where a callback raises, the later steps stay due (a fit stopping
             # delivers them still, see keep); this one is not delivered again
-            mb = due.pop(0)
+            mb = due.pop()
             logs = {"loss": self.losses[mb], "epoch": self.mb_epoch.get(mb, self.position[0])}
             for cb in self.plan.callbacks:
                 cb.on_step_end(self.tr, mb, logs)

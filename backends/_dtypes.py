@@ -20,10 +20,41 @@ try:  # optional: only the 16-bit brain float needs it
 except ImportError:  # pragma: no cover - depends on the machine
     _ml_dtypes = None
 
-__all__ = ["BFLOAT16", "acc_sum", "is_floating", "is_half", "unknown_dtype_hint"]
+__all__ = [
+    "BFLOAT16",
+    "acc_sum",
+    "is_floating",
+    "is_half",
+    "rebuildable_name",
+    "unknown_dtype_hint",
+]
 
 #: numpy's bfloat16 dtype (from ml_dtypes), or None where ml_dtypes is not installed
 BFLOAT16: np.dtype[Any] | None = None if _ml_dtypes is None else np.dtype(_ml_dtypes.bfloat16)
+
+
+# dtype -> its name from rebuildable_name, filled as dtypes are first met (asked per tensor)
+_NAMES: dict[np.dtype[Any], str | None] = {}
+
+
+def rebuildable_name(dtype: np.dtype[Any]) -> str | None:
+    """A name that ``np.dtype`` rebuilds ``dtype`` from (in another process, or reading a file):
+    its ``str`` (``"<f4"``: byte order included) or, where that names another dtype, its name:
+    the extension floats of ml_dtypes have the ``str`` ``"<V2"`` (bfloat16: raw bytes, read back
+    as void) or ``"<f1"`` (float8_e5m2: unknown to numpy), while numpy knows their names once
+    ml_dtypes is imported. None where neither rebuilds it (a structured dtype)."""
+    if dtype in _NAMES:
+        return _NAMES[dtype]
+    found = None
+    for code in (dtype.str, dtype.name):
+        try:
+            if np.dtype(code) == dtype:
+                found = code
+                break
+        except TypeError:
+            pass
+    _NAMES[dtype] = found
+    return found
 
 
 def unknown_dtype_hint(dtype: Any) -> str:

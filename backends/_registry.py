@@ -15,6 +15,7 @@ __all__ = [
     "array_namespace",
     "backend_of",
     "get_backend",
+    "host_array",
     "is_cupy_array",
     "scatter_add",
     "to_numpy",
@@ -96,6 +97,13 @@ def to_numpy(x: Any) -> Any:
     if is_cupy_array(x):
         return x.get()
     return x
+
+
+def host_array(x: Any) -> np.ndarray[Any, Any]:
+    """``x`` as a C-ordered numpy array on the host, of its own shape (``np.ascontiguousarray``
+    would make a 0-d array 1-d); copied only from a GPU or where not C-ordered."""
+    host = np.asarray(to_numpy(x))
+    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
 
 
 def scatter_add(out: Any, index: Any, values: Any) -> None:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asyncnn._runtime._messages import Message
-from asyncnn.backends import to_numpy
+from asyncnn.backends._dtypes import rebuildable_name
+from asyncnn.backends._registry import host_array
 
 if TYPE_CHECKING:
     from asyncnn._runtime._run import RunState
@@ -30,36 +31,19 @@ __all__ = [
 ]
 
 
-# dtype -> how a header names it, filled as dtypes are first met (a dict lookup per tensor)
-_CODES: dict[np.dtype[Any], str] = {}
-
-
 def dtype_code(dtype: np.dtype[Any]) -> str:
-    """How a header names ``dtype`` so that the receiver rebuilds the same one: its ``str``
-    (``"<f4"``: byte order included), or for a dtype that ``str`` does not describe, an
-    extension's name (ml_dtypes' bfloat16 has the ``str`` ``"<V2"``, raw bytes: the receiver
-    would compute on void).
+    """How a header names ``dtype`` so that the receiver rebuilds the same one (see
+    :func:`~asyncnn.backends._dtypes.rebuildable_name`: ml_dtypes' bfloat16 goes by its name,
+    its ``str`` would make the receiver compute on void).
 
     Raises:
         TypeError: the dtype has no name another process can rebuild it from (a structured
-            dtype, one with objects).
+            dtype), or holds objects (whose bytes are pointers).
     """
-    code = _CODES.get(dtype)
-    if code is not None:
-        return code
-    for code in (dtype.str, dtype.name):
-        try:
-            if not dtype.hasobject and np.dtype(code) == dtype:
-                _CODES[dtype] = code
-                return code
-        except TypeError:
-            pass
-    raise TypeError(f"dtype {dtype} has no name another process could rebuild it from")
-
-
-def _host(array: Any) -> np.ndarray:
-    host = np.asarray(to_numpy(array))  # a 0-d array stays 0-d (ascontiguousarray adds an axis)
-    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
+    code = None if dtype.hasobject else rebuildable_name(dtype)
+    if code is None:
+        raise TypeError(f"dtype {dtype} has no name another process could rebuild it from")
+    return code
 
 
 def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -71,7 +55,7 @@ def encode_message(msg: Message) -> tuple[dict[str, Any], list[np.ndarray]]:
         if t is None:
             descs.append(None)
             continue
-        host = _host(t)
+        host = host_array(t)
         descs.append([_code_of(host.dtype, msg, i, host.shape), list(host.shape)])
         buffers.append(host)
     header = {
@@ -174,7 +158,7 @@ def encode_tree(tree: Any, buffers: list[np.ndarray]) -> Any:
         tag = "list" if isinstance(tree, list) else "tuple"
         return {tag: [encode_tree(v, buffers) for v in tree]}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        host = _host(tree)
+        host = host_array(tree)
         buffers.append(host)
         return {"a": len(buffers) - 1, "d": dtype_code(host.dtype), "s": list(host.shape)}
     if tree is None or isinstance(tree, bool | int | float | str):

@@ -20,6 +20,7 @@ from asyncnn.backends import array_namespace as ns
 from asyncnn.backends._parallel import narrowed
 
 from ._autodiff import Forward, VjpRule
+from ._rules_array import _nan_where
 from ._rules_elementwise import grad_like, like
 
 Ints = tuple[int, ...]
@@ -421,10 +422,7 @@ def _embedding(weight: Any, ids: Any, guard: bool) -> tuple[Any, Any]:
         if weight.shape[0] == 0:  # (no row to read: every row is NaN)
             out = xp.full((*ids.shape, *weight.shape[1:]), np.nan, dtype=weight.dtype)
         else:
-            out = xp.take(weight, xp.where(bad, 0, ids), axis=0)
-            nan = xp.asarray(np.nan, dtype=out.dtype)  # (a Python NaN could widen a bfloat16)
-            # (cupy's where computes bfloat16 in float32: back to the table's dtype)
-            out = xp.where(bad[..., None], nan, out).astype(out.dtype, copy=False)
+            out = _nan_where(bad[..., None], xp.take(weight, xp.where(bad, 0, ids), axis=0))
     return out, (weight.shape, ids, guard)
 
 

@@ -120,7 +120,6 @@ class LayerActor(Serving, HookChecks):
         self.float_dtype = next(
             (p.dtype for p in tree_leaves(params) if is_floating(getattr(p, "dtype", None))), None
         )
-        self.run_dtype = ctx.dtype
         self.checked_shapes = _checked_shapes(ctx.graph, node)
         self.stochastic = _is_stochastic(self.module)
         self.draw_places = _draw_places(node) if self.stochastic else None

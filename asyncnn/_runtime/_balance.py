@@ -19,7 +19,7 @@ from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
-from asyncnn.backends._blas import _from_any_thread, _limit
+from asyncnn.backends._blas import _BLAS_LIMITS
 
 __all__ = ["balanced_partition", "module_costs", "module_times", "split_sizes"]
 
@@ -166,16 +166,16 @@ def module_times(
 def _one_blas_thread() -> Iterator[None]:
     """BLAS at one thread within the block, and at the count it had before after it.
 
-    Set from whichever thread measures: threadpoolctl's own ``threadpool_limits(1)`` silently
-    does nothing while another live thread holds its control of a pthreads OpenBLAS, and the
-    modules were then timed with several BLAS threads.
+    Held as the compute teams hold theirs, from whichever thread measures: threadpoolctl's own
+    ``threadpool_limits(1)`` silently does nothing while another live thread holds its control
+    of a pthreads OpenBLAS, and the modules were then timed with several BLAS threads.
     """
-    limiter = _limit(1)
+    owner = object()
+    _BLAS_LIMITS.hold(owner, 1)  # (with any open team's: the newest count applies)
     try:
         yield
     finally:
-        with _from_any_thread():
-            limiter.restore_original_limits()
+        _BLAS_LIMITS.release(owner)
 
 
 def _check_rows(rows: Any) -> None:

@@ -27,9 +27,8 @@ class HookChecks:
     checked_shapes: tuple[tuple[int, ...], list[tuple[int, ...]]] | None
     #: the dtype of the floating parameters (None: none)
     float_dtype: Any
-    #: the run's floating dtype, as the actor's context gives it (None: a context built
-    #: without one)
-    run_dtype: Any
+    #: the actor's context (its ``dtype``: the run's floating dtype, None where not given)
+    ctx: Any
     #: key -> each input's (shape, dtype), kept from the forward for its backward's check
     input_sigs: dict[int, list[tuple[tuple[int, ...], Any]]]
     #: (input slot, source node, the source's consumer edge) of each input that gets a gradient
@@ -44,13 +43,14 @@ class HookChecks:
         shape = getattr(out, "shape", None)
         if shape is None or out is None or type(out) is tuple or type(out) is list:
             return  # (_outputs says what is wrong with it)
+        # (the messages are composed only on the way to an error: this runs every forward)
         hook = f"{type(self).__name__}.on_forward"
-        ins = ", ".join(str(tuple(x.shape)) for x in inputs)
         rows = inputs[0].shape[0]
         if not len(shape) or shape[0] != rows:
             got = "no batch dimension" if not len(shape) else _rows(shape[0])
             raise ValueError(
-                f"{hook} returned an output of shape {tuple(shape)} for inputs of shape {ins}: "
+                f"{hook} returned an output of shape {tuple(shape)} for inputs of shape "
+                f"{_shapes(inputs)}: "
                 f"{got} where its inputs have {_rows(rows)}; return one output row per input "
                 "row (the first dimension is the batch, which its consumers read by row)"
             )
@@ -60,7 +60,7 @@ class HookChecks:
             if all(tuple(x.shape[1:]) == s for x, s in zip(inputs, in_trailing, strict=True)):
                 raise ValueError(
                     f"{hook} returned an output of shape {tuple(shape)} for inputs of shape "
-                    f"{ins}, where the graph expects {(rows, *want)} (its module's output, "
+                    f"{_shapes(inputs)}, where the graph expects {(rows, *want)} (its module's output, "
                     "which the graph checked its consumers against); return an output of that "
                     "shape"
                 )
@@ -68,7 +68,7 @@ class HookChecks:
         if dtype is not None and is_floating(dtype):
             # the run's where known: a layer without floating parameters on integer inputs
             # has nothing else to tell it by
-            want_dtype = self.run_dtype
+            want_dtype = self.ctx.dtype
             if want_dtype is None:
                 want_dtype = self.float_dtype
             if want_dtype is None:  # no floating parameter: the run's dtype is its inputs'
@@ -93,14 +93,15 @@ class HookChecks:
             if grad is None or shape is None or not len(shape):
                 continue  # (_send_grads says what is wrong with a 0-d or shapeless one)
             want, want_dtype = sigs[slot]
-            where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
             if tuple(shape) != want:
+                where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
                 raise ValueError(
                     f"{where} a gradient of shape {tuple(shape)} for an input of shape {want}; "
                     "return one gradient shaped like its input (None for no gradient)"
                 )
             dtype = getattr(grad, "dtype", None)
             if dtype is not None and dtype != want_dtype and is_floating(dtype):
+                where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
                 raise TypeError(
                     f"{where} a {dtype} gradient for a {want_dtype} input; return it in its "
                     f"input's dtype (g.astype({str(want_dtype)!r}))"
@@ -124,6 +125,10 @@ class HookChecks:
                 f"{self.n_inputs} input slot(s); return one per slot (None for no gradient)"
             )
         return grads if type(grads) is list else list(grads)
+
+
+def _shapes(inputs: list[Any]) -> str:
+    return ", ".join(str(tuple(x.shape)) for x in inputs)
 
 
 def _custom_hook(cls: type, name: str) -> bool:

@@ -27,6 +27,8 @@ import numpy as np
 import xxhash
 
 from asyncnn.backends import to_numpy
+from asyncnn.backends._dtypes import rebuildable_name
+from asyncnn.backends._registry import host_array
 
 from ._config import PAYLOAD_MODES
 from ._traceformat import FORMAT, VERSION, encode_record
@@ -69,35 +71,11 @@ def when_done(event: Any, read: Callable[[], Any]) -> Later:
     return Later(resolve)
 
 
-# dtype -> how a trace names it, filled as dtypes are first met
-_CODES: dict[np.dtype[Any], str] = {}
-
-
 def dtype_code(dtype: np.dtype[Any]) -> str:
-    """How a trace names ``dtype`` so that a reader rebuilds the same one: its ``str``
-    (``"<f4"``: byte order included) or, where that names another dtype, its name: the
-    extension floats of ml_dtypes have ``str`` ``"<V2"`` (bfloat16: raw bytes, read back as
-    void) or ``"<f1"`` (float8_e5m2: unknown to numpy), but numpy knows their names once
-    ml_dtypes is imported. A dtype neither names (a structured one) keeps its ``str``."""
-    code = _CODES.get(dtype)
-    if code is None:
-        code = dtype.str
-        for name in (dtype.str, dtype.name):
-            try:
-                if np.dtype(name) == dtype:
-                    code = name
-                    break
-            except TypeError:
-                pass
-        _CODES[dtype] = code
-    return code
-
-
-def _host(array: Any) -> np.ndarray[Any, Any]:
-    """``array`` on the host in C order, of its own shape (``np.ascontiguousarray`` makes a
-    0-d array 1-d, whose shape the trace then recorded as ``[1]``)."""
-    host = np.asarray(to_numpy(array))
-    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
+    """How a trace names ``dtype`` so that a reader rebuilds the same one (see
+    :func:`~asyncnn.backends._dtypes.rebuildable_name`); a dtype no name rebuilds (a structured
+    one) keeps its ``str``."""
+    return rebuildable_name(dtype) or dtype.str
 
 
 def _bytes_of(host: np.ndarray[Any, Any]) -> memoryview:
@@ -109,7 +87,7 @@ def _bytes_of(host: np.ndarray[Any, Any]) -> memoryview:
 
 def digest(array: Any) -> int:
     """A 64-bit hash (xxh3) of an array's bytes in C order."""
-    return int(xxhash.xxh3_64_intdigest(_bytes_of(_host(array))))
+    return int(xxhash.xxh3_64_intdigest(_bytes_of(host_array(array))))
 
 
 def describe_arrays(
@@ -125,7 +103,7 @@ def describe_arrays(
             if with_payload:
                 payloads.append(None)
             continue
-        host = _host(a)
+        host = host_array(a)
         raw = _bytes_of(host)
         info.append(
             {

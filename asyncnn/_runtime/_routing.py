@@ -31,7 +31,6 @@ from asyncnn._math._nn._routing import (
 )
 from asyncnn._math._ops import astype as ops_astype
 from asyncnn._math._ops import raw as ops_raw
-from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 
 from ._actors import LayerActor
@@ -261,9 +260,10 @@ class MergeActor(LayerActor):
         router = self.ctx.graph.nodes[self.node.inputs[0]]
         self.router_name = router.name
         self.router_k = int(router.module.k)
-        # asyncnn's router makes its routes right by construction; a custom one's values are
-        # checked (a pass over the (rows, k) route, already on the host for the gathers)
-        self.checks_route_values = router.custom_actor is not None
+        # asyncnn's router makes its routes right by construction; a custom one's are checked
+        # (shapes and dtypes, and a pass over the (rows, k) route, already on the host for the
+        # gathers)
+        self.checks_routes = router.custom_actor is not None
 
     def _file(self, msg: Any) -> None:
         if msg.kind == FORWARD and msg.slot == 0 and len(msg.tensors) > 1:
@@ -277,7 +277,8 @@ class MergeActor(LayerActor):
         # the route's read and the gathers and sums run on this actor's stream (compute), after
         # the events of the messages that brought them
         route_t = self.routes.pop(key, None)
-        self._check_route(key, inputs[0], route_t, meta.get("rows"))
+        if self.checks_routes:
+            self._check_route(key, inputs[0], route_t, meta.get("rows"))
         out, weights, picks, branches = await self.compute(
             self._combine, key, inputs, route_t, cost=0
         )
@@ -290,7 +291,7 @@ class MergeActor(LayerActor):
         self, key: int, inputs: list[Any], route_t: Any
     ) -> tuple[Any, Any, list[Any], list[Any]]:
         route = np.asarray(self.backend.to_numpy(route_t))
-        if self.checks_route_values:
+        if self.checks_routes:
             self._check_route_values(key, route)
         inputs = self._to_device(inputs)
         weights, branches = inputs[0], inputs[1:]
@@ -467,11 +468,9 @@ def _floating(a: Any) -> bool:
     return dtype is not None and is_floating(dtype)
 
 
-def plain_route(
-    node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any = None
-) -> Any:
+def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any) -> Any:
     """Plain (non-actor) evaluation of a router: ``("routed", x, weights, route)``, the weights
-    in ``dtype`` (the run's) where given, as the router actor makes them."""
+    in ``dtype`` (the run's), as the router actor makes them."""
     router: Router = node.module
     inputs = [backend.asarray(values[s]) for s in node.inputs]
     scores = router.scores(params, *inputs)
@@ -479,17 +478,12 @@ def plain_route(
     check_scores(f"router {node.name!r}", router.gate, raw)
     choice = topk_experts(raw, router.k)
     route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
-    params_dtype = next((p.dtype for p in tree_leaves(params) if _floating(p)), None)
-    run_dtype = None if dtype is None else np.dtype(dtype)
-    weights = gate_weights(
-        scores, choice, router.gates, weights_dtype(inputs, params_dtype, run_dtype)
-    )
+    run_dtype = np.dtype(dtype)
+    weights = gate_weights(scores, choice, router.gates, run_dtype)
     return ("routed", inputs[0], in_run_dtype(weights, run_dtype), route)
 
 
-def plain_values(
-    graph: Graph, name: str, params: Any, values: dict[str, Any], dtype: Any = None
-) -> bool:
+def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any], dtype: Any) -> bool:
     """Evaluates a routing node (or a layer of an expert branch) outside the actors, into
     ``values``; returns False for other nodes. A branch value is ``("branch", rows, array)``.
     ``dtype`` is the run's floating dtype (a router's weights are made in it)."""

@@ -283,8 +283,6 @@ class Run(RunGuards):
                 keys until it ends (call :meth:`drain`); a step was cut off (see
                 :meth:`step`); or the call came from another thread than the run's loop.
         """
-        if threading.get_ident() != self._loop_thread:
-            self._wrong_thread("wait_idle")
         self._check_usable("wait_idle")
         if self._holds_stream_tail and not self._flushes and self.next_key > self.stream_start:
             raise RuntimeError(
@@ -327,8 +325,6 @@ class Run(RunGuards):
                 call came from another thread than the run's loop (use
                 ``trio.from_thread.run`` or ``anyio.from_thread.run`` there).
         """
-        if threading.get_ident() != self._loop_thread:
-            self._wrong_thread("step")
         self._check_usable("step")
         # a batch like the last one (names, shapes, dtypes) passes the same checks: they are
         # skipped, unless each batch's values are checked for NaN
@@ -468,8 +464,6 @@ class Run(RunGuards):
             RuntimeError: a step was cut off after some of its keys went in (see :meth:`step`),
                 or the call came from another thread than the run's loop.
         """
-        if threading.get_ident() != self._loop_thread:
-            self._wrong_thread("drain")
         self._check_usable("drain")
         await self._take_turn()
         try:

@@ -44,10 +44,15 @@ class RunGuards:
     _step_turns: collections.deque[anyio.Event]
     #: the thread that watches the loop itself (:meth:`_watch_loop`)
     _monitor: BlockedLoopMonitor | None
+    #: the thread of the loop the run was opened on
+    _loop_thread: int
 
     def _check_usable(self, what: str) -> None:
-        """Raises where the run cannot take ``what`` (a step after the block, or any wait once a
-        step was cut off part-way, which would wait forever)."""
+        """Raises where the run cannot take ``what`` (a call from another thread than its loop's,
+        a step after the block, or any wait once a step was cut off part-way, which would wait
+        forever)."""
+        if threading.get_ident() != self._loop_thread:
+            self._wrong_thread(what)
         if self._ended and what == "step":
             raise RuntimeError(
                 "run.step() after the open_run block was left: its actors have stopped. Step "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._errors import ActorError
-from asyncnn._math._pytree import tree_copy, tree_flatten, tree_map
+from asyncnn._math._pytree import tree_copy, tree_leaves, tree_map
 
 from ._actor_base import _Actor, _nbytes
 from ._checks import first_not_finite
@@ -152,7 +152,7 @@ class WeightVersions(_Actor):
             computing = self.computing
             rec.event(
                 self.name, "update", "", -1 if computing is None else computing[1],
-                self.version, "", self.seq, self._for_trace(tuple(tree_flatten(self.params)[0])),
+                self.version, "", self.seq, self._for_trace(tuple(tree_leaves(self.params))),
                 meta=meta,
             )  # fmt: skip
         self.ctx.touch()
@@ -282,7 +282,7 @@ class WeightVersions(_Actor):
             return self.params, self.version
         if self.run_start is None:
             self.run_start = (int(meta.get("minibatch", 0)), self.version)
-        v = self._forward_version(meta)
+        v = self._pinned_version(meta)
         if v == self.version:
             return self.params, v
         weights = self.weights_by_version.get(v)
@@ -303,6 +303,11 @@ class WeightVersions(_Actor):
         if not self.versions_back or not self.param_size or self.predicted is not None:
             # (a layer without parameters never updates: its one version serves every forward)
             return self.version
+        return self._pinned_version(meta)
+
+    def _pinned_version(self, meta: dict[str, Any]) -> int:
+        """The version the policy pins a forward with ``meta`` to (under a policy that keeps
+        earlier versions, for a layer with parameters and no prediction)."""
         minibatch = int(meta.get("minibatch", 0))
         first, start_version = self.run_start or (minibatch, self.version)
         return self.ctx.policy.forward_version(minibatch - first, start_version, self.version)

@@ -117,10 +117,7 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
     for name in graph.layers:
         backend = get_backend(graph.nodes[name].device)
         params[name] = tree_map(backend.asarray, params[name])
-        opt_states[name] = tree_map(
-            lambda x, b=backend: b.asarray(x) if isinstance(x, np.ndarray) else x,
-            opt_states[name],
-        )
+        opt_states[name] = _on_device(opt_states[name], graph.nodes[name].device)
     pending: dict[str, tuple[Any, int]] = {}
     for name, (acc, count) in decode_tree(st.get("pending", {"dict": {}})).items():
         backend = get_backend(graph.nodes[name].device)
@@ -132,41 +129,38 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
         start.get("minibatches", 0),
         start.get("keys", 0),
         pending,
-        _actor_states(trace, graph),
+        _actor_states(st, graph),
     )
 
 
-def _actor_states(trace: Trace, graph: Graph) -> dict[str, Any]:
+def _actor_states(st: dict[str, Any], graph: Graph) -> dict[str, Any]:
     """The custom actors' own states the run started from (``{}`` for a trace written before
-    they were recorded, or where no actor keeps one), on each layer's device."""
-    encoded = trace.state.get("actor_states") if trace.state is not None else None
+    they were recorded, or where no actor keeps one), on each layer's device (the record was
+    checked by :func:`check_replayable`)."""
+    encoded = st.get("actor_states")
     if encoded is None:
         return {}
-    try:
-        decoded = decode_tree(encoded)
-        if not isinstance(decoded, dict):
-            raise TypeError(f"a {type(decoded).__name__}, not a map of layers")
-        unknown = sorted(set(decoded) - set(graph.layers))
-        if unknown:
-            raise KeyError(f"no layers {unknown} in the graph")
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise TraceFormatError(
-            f"{trace.path}: the initial state record's actor_states are malformed: {exc}"
-        ) from exc
-    states: dict[str, Any] = {}
-    for name, st in decoded.items():
-        backend = get_backend(graph.nodes[name].device)
-        states[name] = tree_map(
-            lambda x, b=backend: b.asarray(x) if isinstance(x, np.ndarray) else x, st
-        )
-    return states
+    return {n: _on_device(s, graph.nodes[n].device) for n, s in decode_tree(encoded).items()}
+
+
+def _on_device(tree: Any, device: Any) -> Any:
+    """``tree``'s arrays on ``device`` (its other leaves as they are)."""
+    b = get_backend(device)
+    return tree_map(lambda x: b.asarray(x) if isinstance(x, np.ndarray) else x, tree)
+
+
+def _events_by_actor(trace: Trace, actors: set[str], what: str) -> dict[str, list[Event]]:
+    """Each actor's events of kind ``what``, in the order written (an actor's updates are
+    written in the order it made them)."""
+    out: dict[str, list[Event]] = {a: [] for a in actors}
+    for e in trace.events:
+        if e.what == what and e.actor in out:
+            out[e.actor].append(e)
+    return out
 
 
 def _sends_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
-    out: dict[str, list[Event]] = {a: [] for a in actors}
-    for e in trace.events:
-        if e.what == "send" and e.actor in out:
-            out[e.actor].append(e)
+    out = _events_by_actor(trace, actors, "send")
     for sends in out.values():
         sends.sort(key=lambda e: e.seq)  # stable: sends of one op keep their order
     return out
@@ -246,33 +240,12 @@ def _max_abs_diff(ea: Event, eb: Event) -> float | None:
     return None
 
 
-def _updates_by_actor(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
-    out: dict[str, list[Event]] = {a: [] for a in actors}
-    for e in trace.events:
-        if e.what == "update" and e.actor in out:
-            out[e.actor].append(e)  # (an actor's updates are written in the order it made them)
-    return out
-
-
-def compare_updates(
-    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool = False
-) -> tuple[int, Divergence | None]:
-    """Compares the weights each actor's updates made (their digests), in order; returns
-    (checked, first). A trace written before updates carried digests has none to compare: its
-    updates are checked only where a later send uses their weights.
-
-    With ``prefix``, a replay that updated less (it was stopped) is compared as far as it went.
-    """
-    checked, found = _update_divergences(recorded, replayed, actors, prefix)
-    return checked, _earliest(found)
-
-
 def _update_divergences(
     recorded: Trace, replayed: Trace, actors: set[str], prefix: bool
 ) -> tuple[int, list[tuple[float, Divergence]]]:
     """The updates compared, and each actor's first differing update with its recorded time."""
-    a = _updates_by_actor(recorded, actors)
-    b = _updates_by_actor(replayed, actors)
+    a = _events_by_actor(recorded, actors, "update")
+    b = _events_by_actor(replayed, actors, "update")
     checked = 0
     found: list[tuple[float, Divergence]] = []
     for actor in sorted(actors):

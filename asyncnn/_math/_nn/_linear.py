@@ -111,10 +111,14 @@ class Embedding(Module):
         kind = getattr(getattr(value, "dtype", None), "kind", None)
         if kind not in ("i", "u"):
             raise self._ids_type_error(value)
-        if ops_nn.ids_on_host(value):
-            # (the op checks them too, but cannot name the module or the position)
-            self.check_ids(value)
-        return ops_nn.embedding(params["weight"], ids)
+        try:
+            return ops_nn.embedding(params["weight"], ids)
+        except IndexError:
+            # the op checked them but cannot name the module or the position: said again here,
+            # only on the way to the error (a second pass over the ids every forward otherwise)
+            if ops_nn.ids_on_host(value):
+                self.check_ids(value)
+            raise
 
     def check_ids(self, ids: Any) -> None:
         """Checks integer ``ids`` (numpy or GPU: read on the host, one copy) against the table.
