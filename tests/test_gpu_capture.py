@@ -139,10 +139,10 @@ def test_new_shapes_are_captured_anew_and_results_stay_equal():
     np.testing.assert_allclose(graphs["losses"], eager["losses"], rtol=1e-5)
 
 
-_PIPELINES = [policies.GPipe(4), policies.OneFOneB(4)]
+_PIPELINES = [policies.GPipe(4), policies.OneFOneB(4), policies.GPipe(3)]
 
 
-@pytest.mark.parametrize("policy", _PIPELINES, ids=["gpipe4", "1f1b4"])
+@pytest.mark.parametrize("policy", _PIPELINES, ids=["gpipe4", "1f1b4", "gpipe3"])
 @pytest.mark.parametrize(
     "optimizer", [optim.SGD(lr=0.1, momentum=0.9), optim.Adam(lr=0.01)], ids=["momentum", "adam"]
 )

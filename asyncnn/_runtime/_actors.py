@@ -101,7 +101,7 @@ class LayerActor(Serving, HookChecks):
         self.held_bytes: dict[int, int] = {}
         self.version_refs: dict[int, int] = {}  # version -> stored keys that reference it
         self.skipped: set[int] = set()  # keys this actor skipped (no rows were routed to it)
-        self.acc: Any = None
+        self.acc = None
         self.acc_count = 0
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
         # keep each key's pullback, else its inputs, to recompute at the latest version

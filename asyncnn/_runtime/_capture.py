@@ -34,17 +34,19 @@ slot holds a copy of the weights (written just before its forward graph runs) th
 and backward graphs read, besides its residuals; a slot's graphs of every input signature share
 that copy, since a slot serves one key at a time. A run admits at most ``max_in_flight`` keys,
 so an actor never needs more slots than that.
+
+The parameter gradients' sums and the captured optimizer update are ``_capture_update.py``'s.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._optim import SGD, Adam, AdamW
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
+
+from ._capture_update import UpdateGraphs
 
 if TYPE_CHECKING:
     from ._actors import LayerActor
@@ -67,10 +69,12 @@ class _Graphs:
     """What layer and loss graphs share: the backend, the stream and the capture helper."""
 
     def __init__(self, actor: Any) -> None:
-        from asyncnn.backends import _fused, _graphs  # (cupy: imported for GPU actors only)
+        # (cupy: imported for GPU actors only)
+        from asyncnn.backends import _fused, _fused_sum, _graphs
 
         self.g = _graphs
         self.fused = _fused
+        self.sums, self.sum_into = _fused_sum.sums, _fused_sum.sum_into
         self.actor = actor
         self.xp = actor.backend.xp
         self.stats = _Stats()
@@ -218,7 +222,7 @@ class _Entry:
         return self.owner.backward(self, g)
 
 
-class ActorGraphs:
+class ActorGraphs(UpdateGraphs):
     """The CUDA graphs of one GPU layer actor (see the module docstring)."""
 
     def __init__(self, actor: LayerActor) -> None:
@@ -238,6 +242,11 @@ class ActorGraphs:
         # signature -> (graph, static inputs, result, keep)
         self.applies: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self.backwards: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        # where a flush's keys' gradients are summed, which the captured update reads as it is
+        # (:meth:`sum_gradients`): its leaves, their tree and its structure
+        self.grad_sum: list[Any] = []
+        self.grad_sum_tree: Any = None
+        self.grad_sum_def: Any = None
         self.base.memory = self.memory
 
     def memory(self) -> int:
@@ -246,6 +255,7 @@ class ActorGraphs:
         keeps += [e[3] for e in (*self.applies.values(), *self.backwards.values())]
         keeps += [c[2] for c in self.updates.values()]
         copies = sum(int(w.nbytes) for ws in self.slot_weights.values() for w in ws)
+        copies += sum(int(g.nbytes) for g in self.grad_sum)
         return self.base.held(keeps) + copies
 
     @property
@@ -270,10 +280,6 @@ class ActorGraphs:
         tree = tree_unflatten(treedef, self.params)
         actor.params = self.params_tree = tree
         return tree
-
-    def _static_params(self) -> bool:
-        # the actor holds the very tree handed out (an eager update replaces it)
-        return self.params_tree is not None and self.actor.params is self.params_tree
 
     # -- forward and backward -------------------------------------------------------------------
     def vjp(self, params: Any, inputs: list[Any], rng: Any, slot: int = 0) -> tuple[Any, Any]:
@@ -467,114 +473,3 @@ class ActorGraphs:
         entry[0].launch(actor.stream)
         param_grads, input_grads = entry[2]
         return param_grads, tree_copy(list(input_grads))
-
-    def reuses_gradients(self, minibatch_done: bool) -> bool:
-        """Whether the parameter gradients a backward returned may be written over by a later
-        backward before the next one's are added to them: a sum that keeps them must copy."""
-        return self.base.streaming or minibatch_done
-
-    # -- the optimizer update -------------------------------------------------------------------
-    def update(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
-        """``optimizer.update`` through a graph where one is (or can now be) captured."""
-        opt = self.actor.ctx.optimizer
-        token = _update_token(opt, state)
-        base = self.base
-        if token is None or not self._static_params():
-            return opt.update(params, grads, state)
-        captured = self.updates.get(token)
-        if captured is None:
-            if not base._due(("update", token)):
-                return opt.update(params, grads, state)
-            if token[0] == "adam":  # (the warm-up before the capture reads them too)
-                self._write_adam_scalars(opt, state)
-            try:
-                captured = self._capture_update(grads, state, token)
-            except base.g.CaptureError as exc:
-                base._fail(("update", token), exc)
-                return opt.update(params, grads, state)
-            self.updates[token] = captured
-            base.changed()
-        else:
-            graph, g_static, _, g_tree = captured
-            if grads is not g_tree:  # else they are the captured buffers already
-                base._load(g_static, tree_leaves(grads))
-            for name, leaves in self.state.items():
-                base._load(leaves, tree_leaves(state[name]))
-            if token[0] == "adam":
-                self._write_adam_scalars(opt, state)
-            base.stats.replays += 1
-        captured[0].launch(self.actor.stream)
-        return self._state_after(state)
-
-    def _write_adam_scalars(self, opt: Any, state: Any) -> None:
-        """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
-        fused = self.base.fused
-        if self.scalars is None:
-            self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
-        step = int(state["step"])
-        fused.set_scalars(
-            self.scalars,
-            fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas, opt.weight_decay,
-                                    type(opt) is AdamW),
-        )  # fmt: skip
-
-    def _state_after(self, state: Any) -> tuple[Any, Any]:
-        new: dict[str, Any] = {"step": state["step"] + 1}
-        for name, leaves in self.state.items():
-            new[name] = tree_unflatten(self.params_def, leaves)
-        return self.actor.params, new
-
-    def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
-        opt, base = self.actor.ctx.optimizer, self.base
-        fused = base.fused
-        names = [n for n in state if n != "step"]
-        for name in names:
-            leaves = tree_leaves(state[name])
-            if name not in self.state:
-                self.state[name] = [b.copy() for b in leaves]
-            else:
-                base._load(self.state[name], leaves)
-        g_static = tree_leaves(grads)  # the backward graph's outputs, as a rule: no copy then
-        params = tree_unflatten(self.params_def, self.params or [])
-        frozen = {"step": state["step"]}
-        for name in names:
-            frozen[name] = tree_unflatten(self.params_def, self.state[name])
-        g_tree = tree_unflatten(self.params_def, g_static)
-
-        def on_device() -> Any:  # Adam's kernels read the step's scalars from the device
-            if token[0] != "adam":
-                return contextlib.nullcontext()
-            return fused.scalars_on_device(self.scalars)
-
-        def warm() -> None:  # (loads the very kernels the capture will launch)
-            with on_device():
-                opt.update(params, g_tree, frozen)
-
-        def step() -> None:
-            # the fused kernels write over the static buffers: then the loads below copy nothing
-            with fused.in_place(), on_device():
-                new_p, new_s = opt.update(params, g_tree, frozen)
-            base._load(self.params or [], tree_leaves(new_p))
-            for name in names:
-                base._load(self.state[name], tree_leaves(new_s[name]))
-
-        graph, _, keep = base._capture(step, warm)
-        return graph, g_static, keep, grads
-
-
-def _update_token(opt: Any, state: Any) -> Any:
-    """What a captured update depends on besides the arrays, or None (never capture it).
-
-    The built-in SGD's kernels take the learning rate and whether this is the first step
-    (momentum starts its buffer then). The built-in Adam and AdamW read what changes from step
-    to step (bias corrections, the learning rate) from the device, written before each launch:
-    one graph serves every step. Clipping by the global norm is left eager.
-    """
-    if not isinstance(state, dict) or "step" not in state:
-        return None
-    if type(opt) is SGD:
-        step = int(state["step"])
-        return ("sgd", float(opt.learning_rate(step)), step == 0)
-    if type(opt) in (Adam, AdamW) and opt.clip_norm is None:
-        return ("adam",)
-    return None

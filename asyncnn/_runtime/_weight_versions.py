@@ -47,9 +47,12 @@ class WeightVersions(_Actor):
     change_decay: float | None
     weight_change: Any
     predicted: Any
-    #: the parameter gradients summed since the last update, and how many keys they sum
-    acc: Any
+    #: how many keys the parameter gradients summed since the last update (:attr:`acc`) sum
     acc_count: int
+    _acc: Any = None
+    #: parameter gradients still to add to ``_acc``, in order: captured backwards' buffers,
+    #: which stay as they are until the minibatch's end (``ActorGraphs.keeps_gradients``)
+    _owed: tuple[Any, ...] = ()
     #: minibatch -> its keys whose backward this actor has done (until the minibatch is)
     mb_backwards: dict[int, int]
     #: the keys whose forward was skipped (no rows came), their backward still to come
@@ -206,11 +209,19 @@ class WeightVersions(_Actor):
         # the sums and scalings run through compute: on a GPU they must be queued on this
         # actor's stream, after the kernels that made the gradients (the host thread's own
         # stream would race them)
+        graphs = self.graphs
         if param_grads is not None:  # None: a skipped key, whose gradient is zero
-            if self.acc is None:
-                self.acc = param_grads
+            if graphs is not None and graphs.keeps_gradients(param_grads):
+                # summed at the update, all at once (one pass instead of one per key)
+                self._owed += (param_grads,)
+            elif self._owed:  # (an eager key among captured ones: the sum keeps its order)
+                terms = (*self._owed, param_grads)
+                self._acc = await self.compute(_fold, self._acc, terms, cost=0)
+                self._owed = self._owed[len(terms) - 1 :]
+            elif self._acc is None:
+                self._acc = param_grads
             else:
-                self.acc = await self.compute(_tree_add, self.acc, param_grads, cost=0)
+                self._acc = await self.compute(_tree_add, self._acc, param_grads, cost=0)
         self.acc_count += 1
         mb = int(meta.get("minibatch", 0))
         done = self.mb_backwards.get(mb, 0) + 1
@@ -221,19 +232,38 @@ class WeightVersions(_Actor):
             self.mb_backwards[mb] = done
         if policy.update_due(self.acc_count, mb_done):
             scale = policy.gradient_scale(self.acc_count)
-            acc = self.acc
-            if acc is None:
-                acc = await self.compute(tree_map, _zeros_like, self.params, cost=0)
-            grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
-            self.acc, self.acc_count = None, 0
+            acc, owed = self._acc, self._owed
+            if owed and graphs is not None:
+                grads = await self.compute(graphs.sum_gradients, acc, owed, scale, cost=0)
+            else:
+                if acc is None:
+                    acc = await self.compute(tree_map, _zeros_like, self.params, cost=0)
+                grads = acc if scale == 1.0 else await self.compute(_tree_scale, acc, scale, cost=0)
+            self._acc, self._owed, self.acc_count = None, (), 0
             await self.apply_gradients(grads)
-        elif (
-            self.acc is param_grads
-            and self.graphs is not None
-            and self.graphs.reuses_gradients(mb_done)
-        ):
+        elif self._owed and mb_done:
+            # the graphs write those buffers again in the next minibatch: sum them now
+            owed = self._owed
+            self._acc = await self.compute(_fold, self._acc, owed, cost=0)
+            self._owed = self._owed[len(owed) :]
+        elif self._acc is param_grads and graphs is not None and graphs.reuses_gradients(mb_done):
             # a graph's buffers, which a later backward writes over before the next sum
-            self.acc = await self.compute(tree_copy, param_grads, cost=0)
+            self._acc = await self.compute(tree_copy, param_grads, cost=0)
+
+    @property
+    def acc(self) -> Any:
+        """The parameter gradients summed since the last update (None: none yet), as a run's
+        state records them (after its devices are idle: any sum still owed is made here)."""
+        if self._owed:
+            owed = self._owed
+            with self.backend.activate(self.stream):
+                self._acc = _fold(self._acc, owed)
+            self._owed = ()
+        return self._acc
+
+    @acc.setter
+    def acc(self, value: Any) -> None:
+        self._acc, self._owed = value, ()
 
     def _prediction_horizon(self) -> float:
         """How many updates the gradients of this stage's coming forwards will lag, on average:
@@ -377,6 +407,15 @@ def _zeros_like(a: Any) -> Any:
 
 def _tree_add(a: Any, b: Any) -> Any:
     return tree_map(_add, a, b)
+
+
+def _fold(acc: Any, terms: tuple[Any, ...]) -> Any:
+    """``((acc + terms[0]) + terms[1]) ...`` (``acc`` None: from ``terms[0]``), in arrays of
+    its own (never a term's, which a graph writes again)."""
+    total = acc
+    for t in terms:
+        total = tree_copy(t) if total is None else _tree_add(total, t)
+    return total
 
 
 def _tree_scale(tree: Any, scale: float) -> Any:

@@ -1,0 +1,200 @@
+"""The gradients and the optimizer update of a GPU layer actor's CUDA graphs (``_capture.py``).
+
+Under a flush each key of a minibatch leaves its parameter gradients in its own backward graph's
+buffers, which stay as they are until the next minibatch: their sum waits for the update and is
+made in one pass (:meth:`UpdateGraphs.sum_gradients`) into buffers the captured update reads as
+they are. The update is captured per what it depends on besides the arrays
+(:func:`_update_token`): SGD's learning rate and first step; one graph for every step of Adam and
+AdamW, whose step-dependent scalars are written on the device before each launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import TYPE_CHECKING, Any
+
+from asyncnn._math._optim import SGD, Adam, AdamW
+from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+if TYPE_CHECKING:
+    import collections
+
+    from ._actors import LayerActor
+    from ._capture import _Entry, _Graphs
+
+__all__ = ["UpdateGraphs"]
+
+
+class UpdateGraphs:
+    """The gradient sums and the captured update of :class:`~._capture.ActorGraphs`."""
+
+    base: _Graphs
+    actor: LayerActor
+    entries: collections.OrderedDict[Any, _Entry]
+    params: list[Any] | None
+    params_def: Any
+    #: update token -> (graph, gradient leaves, keep, the gradient tree captured)
+    updates: dict[Any, Any]
+    state: dict[str, list[Any]]  # static optimizer buffers, by name
+    scalars: Any  # Adam's step-dependent scalars, on the device (float64 x 3)
+    # where a flush's keys' gradients are summed, which the captured update reads as it is
+    # (:meth:`sum_gradients`): its leaves, their tree and its structure
+    grad_sum: list[Any]
+    grad_sum_tree: Any
+    grad_sum_def: Any
+
+    params_tree: Any  # the tree of the static parameters handed to the actor
+
+    def _static_params(self) -> bool:
+        # the actor holds the very tree handed out (an eager update replaces it)
+        return self.params_tree is not None and self.actor.params is self.params_tree
+
+    # -- the gradients of a minibatch -----------------------------------------------------------
+    def keeps_gradients(self, grads: Any) -> bool:
+        """Whether ``grads`` (a backward's parameter gradients) are a captured backward's
+        buffers that stay as they are until the minibatch's end: under a flush, where a slot's
+        graphs run again only in a later minibatch. Their sum can then wait for the update
+        (:meth:`sum_gradients`)."""
+        if self.base.streaming:
+            return False
+        # (a backward graph's result: the parameters' gradients, then the inputs')
+        return any(e.grads is not None and e.grads[0] is grads for e in self.entries.values())
+
+    def sum_gradients(self, acc: Any, owed: tuple[Any, ...], scale: float) -> Any:
+        """``((acc + owed[0]) + owed[1] ...) * scale`` (``acc`` None: from ``owed[0]``), the
+        gradients an update applies, computed in one pass (adding each key's as it came took a
+        pass per key, the scaling another and the captured update a copy). The result lies in
+        buffers of this actor, the same at every call, which the captured update reads as they
+        are; it is ``owed[0]`` itself where that is the whole sum. Gradients the one-pass sum
+        does not take (16-bit) are added and scaled as they were, into fresh arrays."""
+        if acc is None and len(owed) == 1 and scale == 1.0:
+            return owed[0]
+        terms = [tree_flatten(t) for t in ((acc, *owed) if acc is not None else owed)]
+        if not self.base.sums([t[0] for t in terms]):
+            total = owed[0] if acc is None else tree_map(operator.add, acc, owed[0])
+            for t in owed[1:]:
+                total = tree_map(operator.add, total, t)
+            return total if scale == 1.0 else tree_map(lambda a: a * scale, total)
+        leaves, treedef = terms[0]
+        out = self.grad_sum
+        if treedef != self.grad_sum_def or any(
+            o.shape != x.shape or o.dtype != x.dtype for o, x in zip(out, leaves, strict=True)
+        ):
+            out = self.grad_sum = [self.base.xp.empty_like(x) for x in leaves]
+            self.grad_sum_def = treedef
+            self.grad_sum_tree = tree_unflatten(treedef, out)
+            self.base.changed()
+        self.base.sum_into(out, [t[0] for t in terms], scale)
+        return self.grad_sum_tree
+
+    def reuses_gradients(self, minibatch_done: bool) -> bool:
+        """Whether the parameter gradients a backward returned may be written over by a later
+        backward before the next one's are added to them: a sum that keeps them must copy."""
+        return self.base.streaming or minibatch_done
+
+    # -- the optimizer update -------------------------------------------------------------------
+    def update(self, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+        """``optimizer.update`` through a graph where one is (or can now be) captured."""
+        opt = self.actor.ctx.optimizer
+        token = _update_token(opt, state)
+        base = self.base
+        if token is None or not self._static_params():
+            return opt.update(params, grads, state)
+        captured = self.updates.get(token)
+        if captured is None:
+            if not base._due(("update", token)):
+                return opt.update(params, grads, state)
+            if token[0] == "adam":  # (the warm-up before the capture reads them too)
+                self._write_adam_scalars(opt, state)
+            try:
+                captured = self._capture_update(grads, state, token)
+            except base.g.CaptureError as exc:
+                base._fail(("update", token), exc)
+                return opt.update(params, grads, state)
+            self.updates[token] = captured
+            base.changed()
+        else:
+            graph, g_static, _, g_tree = captured
+            if grads is not g_tree:  # else they are the captured buffers already
+                base._load(g_static, tree_leaves(grads))
+            for name, leaves in self.state.items():
+                base._load(leaves, tree_leaves(state[name]))
+            if token[0] == "adam":
+                self._write_adam_scalars(opt, state)
+            base.stats.replays += 1
+        captured[0].launch(self.actor.stream)
+        return self._state_after(state)
+
+    def _write_adam_scalars(self, opt: Any, state: Any) -> None:
+        """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
+        fused = self.base.fused
+        if self.scalars is None:
+            self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
+        step = int(state["step"])
+        fused.set_scalars(
+            self.scalars,
+            fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas, opt.weight_decay,
+                                    type(opt) is AdamW),
+        )  # fmt: skip
+
+    def _state_after(self, state: Any) -> tuple[Any, Any]:
+        new: dict[str, Any] = {"step": state["step"] + 1}
+        for name, leaves in self.state.items():
+            new[name] = tree_unflatten(self.params_def, leaves)
+        return self.actor.params, new
+
+    def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
+        opt, base = self.actor.ctx.optimizer, self.base
+        fused = base.fused
+        names = [n for n in state if n != "step"]
+        for name in names:
+            leaves = tree_leaves(state[name])
+            if name not in self.state:
+                self.state[name] = [b.copy() for b in leaves]
+            else:
+                base._load(self.state[name], leaves)
+        g_static = tree_leaves(grads)  # the backward graph's outputs, as a rule: no copy then
+        params = tree_unflatten(self.params_def, self.params or [])
+        frozen = {"step": state["step"]}
+        for name in names:
+            frozen[name] = tree_unflatten(self.params_def, self.state[name])
+        g_tree = tree_unflatten(self.params_def, g_static)
+
+        def on_device() -> Any:  # Adam's kernels read the step's scalars from the device
+            if token[0] != "adam":
+                return contextlib.nullcontext()
+            return fused.scalars_on_device(self.scalars)
+
+        def warm() -> None:  # (loads the very kernels the capture will launch)
+            with on_device():
+                opt.update(params, g_tree, frozen)
+
+        def step() -> None:
+            # the fused kernels write over the static buffers: then the loads below copy nothing
+            with fused.in_place(), on_device():
+                new_p, new_s = opt.update(params, g_tree, frozen)
+            base._load(self.params or [], tree_leaves(new_p))
+            for name in names:
+                base._load(self.state[name], tree_leaves(new_s[name]))
+
+        graph, _, keep = base._capture(step, warm)
+        return graph, g_static, keep, grads
+
+
+def _update_token(opt: Any, state: Any) -> Any:
+    """What a captured update depends on besides the arrays, or None (never capture it).
+
+    The built-in SGD's kernels take the learning rate and whether this is the first step
+    (momentum starts its buffer then). The built-in Adam and AdamW read what changes from step
+    to step (bias corrections, the learning rate) from the device, written before each launch:
+    one graph serves every step. Clipping by the global norm is left eager.
+    """
+    if not isinstance(state, dict) or "step" not in state:
+        return None
+    if type(opt) is SGD:
+        step = int(state["step"])
+        return ("sgd", float(opt.learning_rate(step)), step == 0)
+    if type(opt) in (Adam, AdamW) and opt.clip_norm is None:
+        return ("adam",)
+    return None
