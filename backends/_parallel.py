@@ -278,6 +278,11 @@ class ComputeTeam:
         """Tasks waiting for a free worker."""
         return len(self._tasks)
 
+    def _queued(self) -> list[Callable[[], object]]:
+        """The tasks waiting for a free worker, oldest first (a snapshot)."""
+        with self._cond:
+            return [task for task, _ in self._tasks]
+
     @property
     def is_open(self) -> bool:
         """Whether the workers are running and take new tasks."""

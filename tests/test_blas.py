@@ -127,3 +127,41 @@ def test_a_team_opened_on_any_thread_limits_blas() -> None:
     finally:
         _clear_blas_controller()
     assert seen == [1, before]
+
+
+def _count_in_a_worker(team: ComputeTeam) -> int:
+    seen: list[int] = []
+    done = threading.Event()
+    team.submit(lambda: seen.append(_blas_threads()), done.set)
+    assert done.wait(10)
+    return seen[0]
+
+
+@pytest.mark.parametrize("older", [1, 2])
+@pytest.mark.parametrize("end", ["close", "drop"])
+def test_an_older_team_closed_or_dropped_leaves_the_open_teams_count(end: str, older: int) -> None:
+    # (a test's team saw products differ as if BLAS were multi-threaded: an earlier test's team
+    # or pool, closed late or dropped unclosed and collected, must not change the count of a
+    # team opened after it, in its workers or in its caller)
+    import gc
+    import weakref
+
+    before = _blas_threads()
+    _clear_blas_controller()
+    old = ComputeTeam(1, blas_threads=older, name="test-team-old").start()
+    new = ComputeTeam(1, blas_threads=1, name="test-team-new").start()
+    old_ref = weakref.ref(old)
+    assert (_blas_threads(), _count_in_a_worker(new)) == (1, 1)
+    if end == "close":
+        _on_a_thread_that_ends(old.close)  # from another thread, as a late close may be
+    del old
+    gc.collect()
+    assert (_blas_threads(), _count_in_a_worker(new)) == (1, 1)
+    new.close()
+    if end == "drop":
+        left = old_ref()  # collection does not close a team: its workers keep it alive
+        assert left is not None
+        assert _blas_threads() == older  # still open, it holds its count
+        left.close()
+        del left
+    assert _blas_threads() == before and _team_threads() == []

@@ -486,3 +486,89 @@ async def test_inline_counts_of_callers_on_two_threads_add_up(anyio_backend: str
             pytest.skip("the opcode tracer does not reach the pool's count on this Python")
         assert held  # the tracer found the count
         assert pool.statistics().tasks_inline == 2
+
+
+async def test_a_close_after_an_abandoned_job_still_waits_for_another_loops_job(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # The close's wait was cut at ABANDONED_GRACE whenever any job had ever been abandoned:
+    # another loop's live job was left running after the close, BLAS's count released under
+    # it. Only the hung job of the cancelled caller may be left behind.
+    from asyncnn.backends import _pool
+
+    monkeypatch.setattr(_pool, "ABANDONED_GRACE", 0)
+    hung, hung_started = threading.Event(), threading.Event()
+    live_started, live_release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def hang() -> None:
+        hung_started.set()
+        hung.wait(10)
+
+    def live() -> int:
+        live_started.set()
+        live_release.wait(10)
+        seen.append(_blas_threads())
+        return 7
+
+    results: list[int] = []
+
+    def other_loop(pool: Any) -> None:
+        async def use() -> None:
+            results.append(await pool.run("cpu", live))
+
+        anyio.run(use, backend=anyio_backend)
+
+    async def release_once_the_close_waits() -> None:
+        await anyio.wait_all_tasks_blocked()  # the pool's close is waiting
+        live_release.set()
+
+    threads: list[threading.Thread] = []
+    try:
+        async with anyio.create_task_group() as outer:
+            async with open_device_pool(cpu_workers=2, blas_threads=1) as pool:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pool.run, "cpu", hang)
+                    await anyio.to_thread.run_sync(hung_started.wait, 10)
+                    tg.cancel_scope.cancel()  # the caller leaves; its job hangs on
+                threads.append(threading.Thread(target=other_loop, args=(pool,)))
+                threads[0].start()
+                await anyio.to_thread.run_sync(live_started.wait, 10)
+                outer.start_soon(release_once_the_close_waits)
+            finished_at_close = list(seen)
+    finally:
+        hung.set()
+        live_release.set()
+        for t in threads:
+            t.join(10)
+    assert finished_at_close == [1]  # the live job ended before the close, with one BLAS thread
+    assert results == [7]
+    assert pool.statistics().tasks_abandoned == 1
+
+
+async def test_queue_length_leaves_out_jobs_of_cancelled_callers() -> None:
+    # a queued job whose caller was cancelled will be skipped: it was counted as waiting
+    started, release = threading.Event(), threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    async with open_device_pool(cpu_workers=1) as pool:
+        try:
+            async with anyio.create_task_group() as live:
+                live.start_soon(pool.run, "cpu", blocker)
+                await anyio.to_thread.run_sync(started.wait, 10)
+                async with anyio.create_task_group() as cancelled:
+                    cancelled.start_soon(pool.run, "cpu", print, "never printed")
+                    await anyio.wait_all_tasks_blocked()  # queued behind blocker
+                    assert pool.statistics().queue_length == 1
+                    cancelled.cancel_scope.cancel()
+                assert pool.statistics().queue_length == 0
+                live.start_soon(pool.run, "cpu", abs, -1)
+                await anyio.wait_all_tasks_blocked()
+                assert pool.statistics().queue_length == 1  # a live caller's job still counts
+                release.set()
+        finally:
+            release.set()
+        assert pool.statistics().queue_length == 0
