@@ -1,5 +1,5 @@
 """Checks of what a user hands the Trainer, before any compute: labels against the loss's class
-count, the inputs ``predict`` and ``evaluate`` need (names, shapes, dtypes), and parameters
+count and ids against an Embedding's table, the inputs ``predict`` and ``evaluate`` need (names, shapes, dtypes), and parameters
 assigned to ``tr.params``."""
 
 from __future__ import annotations
@@ -10,98 +10,35 @@ from typing import Any
 import numpy as np
 
 from ._math._data import has_numpy_dtype
-from ._runtime._checks import check_input, row_chunks
+from ._runtime._checks import check_input
 from ._runtime._graph import Graph
+from ._runtime._run_guards import check_ranges, range_checks, upstream
 from .backends import is_floating, to_numpy
 
 __all__ = ["check_inputs", "check_labels", "check_params", "needed_inputs", "require_inputs"]
 
 
 def check_labels(
-    graph: Graph, shapes: Mapping[str, tuple[int, ...]], data: Mapping[str, Any]
+    graph: Graph,
+    shapes: Mapping[str, tuple[int, ...]],
+    data: Mapping[str, Any],
+    targets: list[str] | None = None,
 ) -> None:
     """Checks the integer labels of each cross-entropy loss against its class count, and the
     ids that each layer starting with an Embedding reads from an input against its table (on a
-    GPU an id out of range is not an error there: its row is NaN).
+    GPU an id out of range is not an error there: its row is NaN); only those the nodes
+    ``targets`` need, where given. ``run.step`` checks each batch with the same helper
+    (``check_ranges``), in the same words.
 
     Raises:
         ValueError: naming the input, the first bad row, its value and the valid range.
     """
-    from ._math._nn import CrossEntropyLoss
-
-    _check_ids(graph, data)
-
-    for name in graph.losses:
-        node = graph.nodes[name]
-        if not isinstance(node.module, CrossEntropyLoss) or len(node.inputs) != 2:
-            continue
-        logits, labels = node.inputs
-        if graph.nodes[labels].kind != "input" or labels not in data:
-            continue
-        shape = shapes.get(logits)
-        if shape is None or len(shape) < 2:
-            continue
-        classes = int(shape[1])
-        y = data[labels]  # (with a batch axis: a dataset's array)
-        if np.dtype(y.dtype).kind not in "iu":
-            continue
-        found = _first_outside(y, classes)
-        if found is not None:
-            value, where = found
-            raise ValueError(
-                f"input {labels!r}: label {value} at {where} is out of range for loss "
-                f"{name!r} ({type(node.module).__name__} over the {classes} classes of "
-                f"{logits!r}): labels must be in 0..{classes - 1}"
-            )
-
-
-def _check_ids(graph: Graph, data: Mapping[str, Any]) -> None:
-    """The ids of each input read by an Embedding against its table (see :func:`check_labels`)."""
-    from ._math._nn._linear import first_embedding
-
-    for name, node in graph.nodes.items():
-        embedding = first_embedding(node.module) if node.kind == "layer" else None
-        if embedding is None or not node.inputs or node.inputs[0] not in data:
-            continue
-        ids = data[node.inputs[0]]
-        if graph.nodes[node.inputs[0]].kind != "input" or np.dtype(ids.dtype).kind not in "iu":
-            continue  # (float ids: the graph's check has refused them)
-        n = embedding.num_embeddings
-        found = _first_outside(ids, n)
-        if found is not None:
-            value, where = found
-            raise ValueError(
-                f"input {node.inputs[0]!r}: id {value} at {where} is out of range for layer "
-                f"{name!r} ({embedding!r}): ids must be in 0..{n - 1}; map them into that "
-                "range, or make num_embeddings as large as the vocabulary"
-            )
-
-
-def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
-    """The first integer of ``values`` (a dataset's array, rows first) outside ``[0, n)`` and
-    where it is (``"row 5"``, or ``"index (5, 2)"``), or None; read in chunks of rows, so the
-    memory it takes is bounded whatever the size of ``values``."""
-    for start, chunk in row_chunks(values):
-        part = np.asarray(to_numpy(chunk))
-        bad = (part < 0) | (part >= n)
-        if not bad.any():
-            continue
-        index = np.unravel_index(int(np.argmax(bad)), part.shape)
-        at = (start + int(index[0]), *(int(i) for i in index[1:]))
-        return int(part[index]), (f"row {at[0]}" if len(at) == 1 else f"index {at}")
-    return None
+    check_ranges(range_checks(graph, shapes, targets), data)
 
 
 def needed_inputs(graph: Graph, targets: list[str]) -> list[str]:
     """The graph inputs that ``targets`` (node names) depend on, in the graph's input order."""
-    seen: set[str] = set()
-    stack = list(targets)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        stack.extend(graph.nodes[name].inputs)
+    seen = upstream(graph, targets)
     return [n for n in graph.inputs if n in seen]
 
 

@@ -159,7 +159,8 @@ class _FitState:
                     await self._step_point(run, (epoch, i))
                     if tr.stop_training:
                         break
-                    mb = await run.step(batch)
+                    # fit checked all of its data before the run (check_data), or was told not to
+                    mb = await run.step(batch, check_data=False)
                     self.stepped = run.minibatches  # every key of `mb` admitted
                     self.keys_before[mb + 1] = run.next_key
                     self.mb_epoch[mb] = epoch

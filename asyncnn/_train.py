@@ -22,13 +22,13 @@ from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
-from ._runtime._checks import check_cuda_graphs
+from ._runtime._checks import check_batch, check_cuda_graphs
 from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
 from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
-from ._runtime._run import RunState, check_batch, validate
+from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
 from ._train_options import _check_trace_path, _Option, _TraceOption, _tune_allocator
 from .backends import to_numpy
@@ -448,10 +448,15 @@ class Trainer:
 
         Raises:
             ValueError: an input the outputs need is missing, or has another shape or dtype than
-                the graph declares (named); the data has no rows.
+                the graph declares (named); an id that a layer starting with an Embedding reads
+                is out of its table (named with its row); the data has no rows; the graph
+                has no outputs (``g.output``).
         """
+        if not self.graph.outputs:  # (it returned {}, having computed nothing)
+            raise ValueError("predict: the graph has no outputs; name them: g.output(name, node)")
         outputs = list(self.graph.outputs.values())
         dataset = self._checked_dataset(data, outputs, "predict")
+        check_labels(self.graph, self.shapes, dataset.arrays, outputs)  # (a GPU gives NaN rows)
         params = self._params_on_devices()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
         for batch in dataset.batches(batch_size):
@@ -477,11 +482,12 @@ class Trainer:
 
         Raises:
             ValueError: an input the losses need (the labels too) is missing, or has another
-                shape or dtype than the graph declares (named); a label is out of range (named
-                with its row); the data has no rows.
+                shape or dtype than the graph declares (named); a label, or an id that a layer
+                starting with an Embedding reads, is out of range (named with its row); the
+                data has no rows.
         """
         dataset = self._checked_dataset(data, self.graph.losses, "evaluate")
-        check_labels(self.graph, self.shapes, dataset.arrays)
+        check_labels(self.graph, self.shapes, dataset.arrays, self.graph.losses)
         return self._evaluate(dataset, batch_size)
 
     def _checked_dataset(

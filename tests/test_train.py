@@ -441,6 +441,44 @@ def test_predict_and_evaluate_check_shapes_dtypes_labels_and_rows():
         tr.predict({"x": data["x"][:0]})
 
 
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["host-ids", "gpu-like-ids"])
+def test_predict_checks_embedding_ids_as_fit_and_evaluate_do(monkeypatch, on_gpu):
+    # (the layer's IndexError named the op, not the input; GPU ids gave a NaN row silently)
+    from asyncnn._math import _ops_nn
+
+    if on_gpu:  # ids the layer does not read back, as on a GPU: a bad id's row comes out NaN
+        monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+    g = ann.Graph.sequential(
+        [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    x = np.arange(40).reshape(10, 4) % 10
+    x[7, 3] = 10
+    want = (
+        r"input 'x': id 10 at index \(7, 3\) is out of range for layer 'stage0' "
+        r"\(Embedding\(num_embeddings=10, embedding_dim=3\)\): ids must be in 0\.\.9"
+    )
+    with pytest.raises(ValueError, match=want):
+        tr.predict({"x": x}, batch_size=4)
+    with pytest.raises(ValueError, match=want):
+        tr.evaluate({"x": x, "y": np.zeros(10, np.int64)}, batch_size=4)
+    x[7, 3] = 0
+    # labels predict does not need are not checked (-1: no label yet)
+    logits = tr.predict({"x": x, "y": -np.ones(10, np.int64)})["logits"]
+    assert logits.shape == (10, 2) and np.isfinite(logits).all()
+
+
+def test_predict_refuses_a_graph_without_outputs():
+    # (it returned {}, having computed nothing)
+    g = ann.Graph()
+    x, y = g.input("x", shape=(None, 5)), g.input("y", shape=(None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("l", nn.Linear(5, 3), x), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    with pytest.raises(ValueError, match=r"no outputs; name them: g\.output\(name, node\)"):
+        tr.predict({"x": _data()["x"]})
+
+
 def test_an_array_dataset_goes_wherever_a_dict_of_arrays_does():
     data = _data()
     ds = ann.data.ArrayDataset(data)

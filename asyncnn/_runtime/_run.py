@@ -28,7 +28,7 @@ from asyncnn.backends import (
 )
 
 from ._actor_table import actor_class
-from ._checks import check_batch, first_not_finite
+from ._checks import first_not_finite
 from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
@@ -38,7 +38,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
-from ._run_guards import RunGuards
+from ._run_guards import RunGuards, range_checks
 from ._specs import check_sync_hooks
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
@@ -169,6 +169,7 @@ class Run(RunGuards):
         self._flushes = policy.waits_between_minibatches()  # a policy is frozen
         self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
         self._last_batch: tuple[Any, int] = (None, 0)  # the last batch checked, and its rows
+        self._range_checks = range_checks(graph, graph.shapes)  # ids and labels, per step
         # steps from several tasks go in one at a time, in the order they came: a step going
         # in, and the turns of those waiting (a flag, not a lock: an uncontended step, the
         # common case, must not pay a scheduler round trip)
@@ -305,42 +306,43 @@ class Run(RunGuards):
         for actor in self.local.values():
             await actor.wait_for_device()
 
-    async def step(self, batch: Mapping[str, Any]) -> int:
+    async def step(self, batch: Mapping[str, Any], *, check_data: bool | None = None) -> int:
         """Admits one minibatch: splits it into the policy's microbatches and sends each in as a
         key once the policy allows. Returns the minibatch's index; its loss arrives in
         :attr:`losses` when its keys have run.
 
+        Before any key goes in, the batch is checked against the graph's inputs (names, shapes,
+        dtypes; NaN and Inf with ``check_finite``), and the integer ids a layer starting with an
+        Embedding reads and the labels of a cross-entropy loss against their range, as
+        ``Trainer.fit`` checks its data: one min and max of each such input. GPU arrays are
+        checked only with ``check_data=True``: it reads the two back, which waits for the
+        work queued on the current stream at every step; without it a GPU id or label out of
+        range gives a NaN row, which ``check_finite=True`` names.
+
         Steps called from several tasks at once go in one after another, in the order they
-        were called. A step cancelled before any of its keys went in leaves no trace. One cut
-        off once a key's first message went in (on the CPU a step may run much of its keys'
-        work itself, in the actors it hands them to) leaves a minibatch the run cannot finish:
-        every later ``step``, :meth:`drain`, and leaving the block, raise a ``RuntimeError``
-        that says so.
+        were called. A step cancelled before any of its keys went in, or refused by these
+        checks, leaves no trace. One cut off once a key's first message went in (on the CPU a
+        step may run much of its keys' work itself, in the actors it hands them to) leaves a
+        minibatch the run cannot finish: every later ``step``, :meth:`drain`, and leaving the
+        block, raise a ``RuntimeError`` that says so.
+
+        Args:
+            batch: ``{input name: array}``, one row per example, numpy or cupy arrays.
+            check_data: ids and labels are checked against their range in host arrays
+                (``None``), in GPU arrays too (``True``), or not at all (``False``, for data
+                checked already: ``Trainer.fit`` checks all of its data before the run).
 
         Raises:
-            ValueError: a missing or unknown input, a wrong shape or dtype.
+            ValueError: a missing or unknown input, a wrong shape or dtype, no rows; an id or a
+                label out of range (naming the input, the value, its row and the node).
             TypeError: a batch that is not a dict of input name to array, or an input that is
-                not an array (a list, say).
+                not an array (a list, say) or whose dtype numpy does not know (a torch tensor).
             RuntimeError: the ``open_run`` block was left, an earlier step was cut off, or the
                 call came from another thread than the run's loop (use
                 ``trio.from_thread.run`` or ``anyio.from_thread.run`` there).
         """
         self._check_usable("step")
-        # a batch like the last one (names, shapes, dtypes) passes the same checks: they are
-        # skipped, unless each batch's values are checked for NaN
-        try:
-            items = batch.items()
-        except AttributeError:
-            check_batch(self.graph, batch)  # not a mapping: says so, naming the inputs
-            raise
-        signature = tuple(
-            [(k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in items]
-        )
-        if signature == self._last_batch[0] and not self.checks_finite:
-            rows = self._last_batch[1]
-        else:
-            rows = check_batch(self.graph, batch, self.checks_finite)
-            self._last_batch = (signature, rows)
+        rows = self._checked_rows(batch, check_data)
         parts = self._splits.get(rows)
         if parts is None:
             parts = self._splits[rows] = self.policy.split(rows)

@@ -84,8 +84,9 @@ class Embedding(Module):
 
     numpy ids are checked here. GPU ids are not read back, which would stop the host on every
     step: the row of an id outside the table comes out NaN instead (so the loss is NaN) and its
-    gradient reaches no row of the table. ``Trainer.fit`` and ``evaluate`` check the ids of an
-    input read by an Embedding before any compute (``check_data``), and with
+    gradient reaches no row of the table. ``Trainer.fit``, ``evaluate`` and ``predict`` check
+    the ids of an input read by an Embedding before any compute (``check_data``), ``run.step``
+    those of host arrays at each step (of GPU arrays with ``check_data=True``), and with
     ``check_finite=True`` the run fails on the NaN with this module's ``IndexError``.
 
     Raises:
