@@ -21,6 +21,7 @@ from ._recorder import when_done
 if TYPE_CHECKING:
     from ._context import ActorContext
     from ._node import Node
+    from ._stage_orders import StageOrder
 
 __all__ = ["MAX_UNREAD", "LossActor", "sums_over_rows"]
 
@@ -60,6 +61,16 @@ class LossActor(_Actor):
         # computed and its gradients sent right there (the same work in the same order, with
         # two task wake-ups fewer per key). A trace keeps every actor's events in its own task.
         self.direct = self.on_cpu and self.graphs is None and ctx.recorder is None
+        #: the order of its keys, where one is given (:meth:`follow`); else each key as soon
+        #: as its inputs are in (a policy orders the layers only)
+        self.order: StageOrder | None = None
+
+    def follow(self, order: StageOrder) -> None:
+        """Processes the keys in ``order`` (a replay's :class:`RecordedOrder`: the recorded
+        keys, with its ``on_op`` told of each once it is done) instead of as they complete.
+        Given before the first message."""
+        self.order = order
+        self.direct = False  # (a key taken in a sender's task would skip the order)
 
     def _idle(self) -> bool:
         return not self.ready and self.computing is None and not self.stopping and not self.unread
@@ -89,7 +100,7 @@ class LossActor(_Actor):
         while True:
             if self.handed_over:  # a key's loss runs in a sender's task: take none beside it
                 await self._after_hand_over()
-            elif self.ready:
+            elif self.ready and (self.order is None or self._planned_first(self.order)):
                 _, key = self.ready.popleft()
                 await self._process(key)
             elif self.unread:  # nothing else to do: read the oldest loss (the device is behind)
@@ -98,11 +109,28 @@ class LossActor(_Actor):
             elif self.stopping:
                 return
             else:
-                self.waiting_for = "the inputs of a key"
+                planned = None if self.order is None else self.order.next()
+                # (a planned op: formatted only if a stall report asks)
+                self.waiting_for = "the inputs of a key" if planned is None else planned
                 await self._take_message()
+
+    def _planned_first(self, order: StageOrder) -> bool:
+        """Whether the key ``order`` plans next is complete; if so, it is put first in
+        :attr:`ready` (a search of the keys complete: only where an order is followed)."""
+        planned = order.next()
+        if planned is None or self.ready[0] == planned:
+            return True
+        try:
+            self.ready.remove(planned)
+        except ValueError:
+            return False
+        self.ready.appendleft(planned)
+        return True
 
     async def _process(self, key: int) -> None:
         """The loss of a key whose inputs have all arrived, and its gradients sent back."""
+        order = self.order
+        mb_keys = int(self.meta[key].get("mb_keys", 1)) if order is not None else 1
         start = time.perf_counter()
         self.computing = (FORWARD, key, start)
         rec = self.ctx.recorder
@@ -117,6 +145,10 @@ class LossActor(_Actor):
         self.computing = None
         self.stats.busy_seconds += time.perf_counter() - start
         self.ctx.touch()
+        if order is not None:
+            # outside the compute's error handling: a replay's hook may raise here to stop the
+            # run, which is not the loss failing
+            order.done((FORWARD, key), mb_keys)
 
     async def _loss(self, key: int) -> None:
         inputs = self.fwd_slots.pop(key)

@@ -132,7 +132,8 @@ class Replay(WrappedPolicy):
     Attributes:
         recorded: the policy of the recorded run.
         recorded_ops: each layer actor's recorded operations, ``(kind, key)`` in processing
-            order.
+            order (a loss actor's are given to it by :func:`asyncnn.replay` itself, through
+            ``LossActor.follow``: the run builds the orders of layers only).
         keys: how many keys may be in flight (every recorded one: the orders decide).
         isolated: replay this actor alone: its sends are recorded, not delivered.
         on_op: called as ``on_op(actor, seq, kind, key)`` after each operation.

@@ -8,9 +8,9 @@ import os
 
 from asyncnn._errors import TraceFormatError
 
+from ._compare import Divergence, compare_sends, update_divergences
 from ._event import Event
 from ._read import Trace, read
-from ._replay import Divergence, _update_divergences, compare_sends
 
 __all__ = ["diff"]
 
@@ -94,7 +94,7 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
         found.append((t, _of_two_runs(first_value)))
     # the weights each update made: a run that differs only in a layer's last update (which no
     # later send shows) does not agree (traces written before updates carried digests: skipped)
-    _, updates = _update_divergences(ta, tb, actors, prefix=False)
+    _, updates = update_divergences(ta, tb, actors, prefix=False)
     found.extend((t, _of_two_runs(d)) for t, d in updates)
     cut = [t for t in (ta, tb) if t.truncated]
     if not found:

@@ -79,12 +79,19 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
     try:
         st = trace.state
         params, opt_states = decode_tree(st["params"]), decode_tree(st["opt_states"])
+        lacking = [n for n in graph.layers if n not in params or n not in opt_states]
         for name in graph.layers:
-            params[name], opt_states[name]  # noqa: B018 - present for every layer
-            if not isinstance(st["versions"][name], int):
+            if name not in lacking and not isinstance(st["versions"][name], int):
                 raise ValueError(f"the version of {name!r} is {st['versions'][name]!r:.40}")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise TraceFormatError(f"{path}: the initial state record is malformed: {exc}") from exc
+    if lacking:  # (a bare KeyError named the layer alone)
+        raise TraceFormatError(
+            f"{path}: the initial state holds no parameters or optimizer state for the layers "
+            f"{lacking} of the trace's graph (it holds those of {sorted(params)}), so that "
+            "graph is not the one that ran (the file was altered, or mixes two runs)"
+        )
+    _check_params_fit(path, graph, params)
     # the optional fields, each named: a malformed one failed the replay's start with a bare
     # KeyError or TypeError (or, for actor_states, only once the replay had begun)
     for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
@@ -103,6 +110,55 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
                 f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
             ) from exc
     _check_events(trace, graph)
+
+
+def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
+    """Refuses initial parameters that the modules of the header's graph cannot take: the
+    replay failed at the first forward, inside the actor. Each module makes fresh parameters
+    (once, on the host) to compare with: the cost of one validation of the graph."""
+    for name in graph.layers:
+        module = graph.nodes[name].module
+        try:
+            fresh = module.init(0, backend="numpy", dtype="float32")
+        except Exception:  # noqa: BLE001 - a module that cannot here: its forward tells
+            continue
+        misfit = _misfit(fresh, params[name], f"[{name!r}]")
+        if misfit is not None:
+            raise TraceFormatError(
+                f"{path}: the recorded parameters of layer {name!r} do not fit its module in "
+                f"the trace's graph, {module!r:.160}: {misfit}. The module is rebuilt from the "
+                "header's spec: its class has changed since the run was recorded (its code or "
+                "its defaults), or the file was altered; replay with the code the run used"
+            )
+
+
+def _misfit(want: Any, got: Any, where: str) -> str | None:
+    """How the parameter tree ``got`` differs from ``want`` in structure or array shapes (the
+    first difference, at ``params`` + ``where``), or None."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(want) != set(got):
+            has = sorted(got) if isinstance(got, dict) else f"a {type(got).__name__}"
+            return f"params{where} has {has}, the module's {sorted(want)}"
+        for k in sorted(want):
+            misfit = _misfit(want[k], got[k], f"{where}[{k!r}]")
+            if misfit is not None:
+                return misfit
+        return None
+    if isinstance(want, list | tuple):
+        if not isinstance(got, list | tuple) or len(got) != len(want):
+            has = f"{len(got)} entries" if isinstance(got, list | tuple) else type(got).__name__
+            return f"params{where} has {has}, the module's {len(want)} entries"
+        for i, (w, g) in enumerate(zip(want, got, strict=True)):
+            misfit = _misfit(w, g, f"{where}[{i}]")
+            if misfit is not None:
+                return misfit
+        return None
+    if hasattr(want, "shape") and tuple(getattr(got, "shape", ())) != tuple(want.shape):
+        return (
+            f"params{where} has shape {tuple(getattr(got, 'shape', ()))}, the module's "
+            f"{tuple(want.shape)}"
+        )
+    return None
 
 
 def _check_pending(pending: Any, graph: Any) -> None:
@@ -185,7 +241,13 @@ def _check_events(trace: Trace, graph: Any) -> None:
                 ):
                     raise bad(f"carries data of shape {shape}; input {a!r} is {node.shape}")
                 fed.setdefault(e.key, set()).add(a)
-            elif ev == "start" and a in actors:
+            elif ev == "start":
+                if a not in actors:  # (its work was left out, and the replay waited for it)
+                    raise bad(
+                        f"is the work of an actor the trace's graph lacks (its layers: "
+                        f"{graph.layers}, losses: {graph.losses}), so that graph is not the one "
+                        "that ran (the file was altered, or mixes two runs)"
+                    )
                 if e.get("seq") != seqs.get(a, 0) or a in open_:
                     raise bad(f"has sequence number {e.get('seq')!r}, expected {seqs.get(a, 0)}")
                 open_[a] = e.seq

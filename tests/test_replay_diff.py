@@ -1,0 +1,103 @@
+"""diff names where two recorded runs parted: the first reordered message, the first differing
+tensor or update, with its size and shapes; a trace cut off says so."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._runtime._recorder import Recorder
+from asyncnn._runtime._traceformat import iter_frames
+
+from _replay_cases import _data, _plain_graph
+
+
+def test_diff_of_two_runs_that_differ_in_the_last_update_alone_is_a_divergence(tmp_path):
+    # (diff compared sends only: two runs whose last updates differed read as agreeing)
+    paths = [tmp_path / "a.trace", tmp_path / "b.trace"]
+    for path, lr in zip(paths, (0.1, 0.5), strict=True):
+        tr = ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=lr), policy=policies.Sync(),
+                         trace=str(path))  # fmt: skip
+        tr.fit(_data(8), batch_size=8)
+    d = ann.trace.diff(*paths)
+    assert d is not None and (d.actor, d.kind, d.key, d.seq) == ("stage1", "update", 0, 1)
+    assert "differ" in d.reason and "replay" not in d.reason
+    assert ann.trace.diff(paths[0], paths[0]) is None
+
+
+def test_the_size_of_a_difference_is_that_of_the_tensor_that_differs(tmp_path):
+    # it was always the first tensor's: 0.0 where the second differed, a ValueError where the
+    # first was empty, and a ComplexWarning (an error here; else the real parts' difference)
+    paths = [tmp_path / "a.trace", tmp_path / "b.trace"]
+    empty = np.zeros((0, 3), np.float32)
+    for first, second, size in [
+        (np.ones(2, np.float32), (np.zeros(2), np.full(2, 4.0)), 4.0),
+        (empty, (np.zeros(2), np.full(2, 4.0)), 4.0),
+        (None, (np.array([1 + 1j], np.complex64), np.array([1 + 4j], np.complex64)), 3.0),
+    ]:
+        for path, tensor in zip(paths, second, strict=True):
+            rec = Recorder(str(path), {"graph": {}})
+            rec.event("a", "start", "forward", 0, 0, "", 0)
+            rec.event("a", "send", "forward", 0, 0, "b", 0, (first, tensor), True)
+            rec.event("a", "end", "forward", 0, 0, "", 0)
+            rec.close()
+        d = ann.trace.diff(*paths)
+        assert d is not None and d.max_abs_diff == size
+
+
+def test_a_diff_of_runs_of_other_widths_names_the_shapes(tmp_path):
+    # (it said only that a digest differed)
+    paths = []
+    for width in (8, 6):
+        graph = ann.Graph.sequential(
+            [nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3)],
+            loss=nn.CrossEntropyLoss(),
+            stages=2,
+            input_shape=(None, 5),
+        )
+        paths.append(tmp_path / f"{width}.trace")
+        ann.Trainer(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(paths[-1])
+        ).fit(_data(8), batch_size=8)
+    d = ann.trace.diff(*paths)
+    assert (d.actor, d.kind, d.key) == ("stage0", "forward", 0)
+    assert "tensor 0 has shape (8, 8) <f4 in the first run and (8, 6) <f4 in the second" in d.reason
+
+
+def test_a_diff_with_a_trace_cut_off_says_so(tmp_path):
+    # the cut showed only as "one run did more work here than the other" (the CLI added a
+    # note of its own), and a cut that lost only the last record said the runs agreed
+    whole = tmp_path / "whole.trace"
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(whole)
+    ).fit(_data(16), batch_size=8)
+    data = whole.read_bytes()
+    recorded = ann.trace.read(whole).events
+    assert recorded[-1]["ev"] == "flush"  # compared by neither check
+    # the byte where each event's record starts, and a compute that sends
+    at = [offset for offset, _ in iter_frames(io.BytesIO(data), str(whole))][2:]
+    i = next(i for i, e in enumerate(recorded) if e["ev"] == "start" and e["a"] == "stage0")
+    assert recorded[i + 1]["ev"] == "send"
+    cuts = {"half": len(data) // 2, "start": at[i + 1] + 5, "end": len(data) - 5}
+    for name, size in cuts.items():
+        cut = tmp_path / f"{name}.trace"
+        cut.write_bytes(data[:size])
+        trace = ann.trace.read(cut)
+        assert trace.truncated
+        note = f"{cut} is cut off after {len(trace.events)} events (its run did not finish writing)"
+        for pair in ((whole, cut), (cut, whole)):
+            d = ann.trace.diff(*pair)
+            assert d is not None and note in d.reason and note in str(d)
+        if name == "end":
+            assert len(trace.events) == len(recorded) - 1
+            assert d.reason.startswith("the runs agree as far as the traces go, but ")
+        else:
+            assert d.reason.endswith(", so a divergence where it ends may be only the cut")
+        if name == "start":  # said "the replay sent nothing here", of no replay
+            d = ann.trace.diff(whole, cut)
+            assert (d.actor, d.seq) == ("stage0", recorded[i]["seq"])
+            assert d.reason.startswith("the second run sent nothing here; note: ")
+    assert ann.trace.diff(whole, whole) is None

@@ -1,0 +1,236 @@
+"""Where a replay starts from (pending gradients, actors' own states) and the traces it refuses
+before anything runs, each with the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+from _reference import assert_params_equal
+from _replay_cases import _data, _graph, _plain_graph, _rewrite
+
+
+def test_replay_of_a_trace_without_state_or_inputs_says_why(tmp_path):
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(),
+        trace=str(path),
+        trace_payloads="none",
+    ).fit(_data(8), batch_size=8)
+    with pytest.raises(ValueError, match="no recorded data"):
+        ann.replay(path)
+    _rewrite(path, bad, lambda r: {"ev": "noop", "t": 0, "a": "x"} if "state" in r else r)
+    with pytest.raises(ValueError, match="no initial state"):
+        ann.replay(bad)
+    _ = msgpack
+
+
+def test_replay_of_a_second_fit_with_pending_gradients(tmp_path):
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(3, min_update_frequency=2),
+        trace=str(path),
+    )
+    tr.fit(_data(12), batch_size=4)  # 3 keys: one gradient left pending per layer
+    assert tr.state.pending_grads
+    tr.fit(_data(12), batch_size=4)
+    assert tr.traces == [str(path), str(tmp_path / "r.1.trace")]
+    rep = ann.replay(tr.traces[1])
+    assert rep.identical
+    assert_params_equal(rep.params, tr.params)
+
+
+def test_checkpoint_keeps_pending_gradients(tmp_path):
+    def trainer():
+        return ann.Trainer(
+            _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Async(1, min_update_frequency=2)
+        )
+
+    straight = trainer()
+    straight.fit(_data(12), batch_size=4)
+    straight.fit(_data(12), batch_size=4)
+    first = trainer()
+    first.fit(_data(12), batch_size=4)
+    first.save(str(tmp_path / "c"))
+    resumed = ann.Trainer.load(str(tmp_path / "c"))
+    assert {k: v[1] for k, v in resumed.state.pending_grads.items()} == {
+        "stage0": 1,
+        "stage1": 1,
+        "stage2": 1,
+    }
+    resumed.fit(_data(12), batch_size=4)
+    assert_params_equal(resumed.params, straight.params)
+
+
+# refused at once: before the check, the replay waited out its stall timeout
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("error", [None, "user code broke"])
+def test_replay_of_a_run_stopped_with_work_unprocessed_is_refused_at_once(tmp_path, error):
+    """A run cancelled (no error recorded), or failed outside the actors, leaves messages that
+    no actor processed: a whole replay would wait for that work forever."""
+    path, cut = tmp_path / "r.trace", tmp_path / "cut.trace"
+    ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
+        _data(8), batch_size=8
+    )
+    with open(path, "rb") as f:
+        head, state, *events = [r for _, r in iter_frames(f)]
+
+    def at(ev, actor):
+        return next(
+            i
+            for i, e in enumerate(events)
+            if (e["ev"], e["a"], e.get("k")) == (ev, actor, "backward")
+        )
+
+    # the run stopped once stage1 had sent key 0's backward on, before stage0 received it
+    sent, ended = at("send", "stage1"), at("end", "stage1")
+    kept = events[: sent + 1] + [e for e in events[sent + 1 : ended + 1] if e["a"] == "stage1"]
+    if error is not None:
+        kept.append({"t": kept[-1]["t"], "a": "scheduler", "ev": "error", "m": {"error": error}})
+    with open(cut, "wb") as f:
+        for r in (head, state, *kept):
+            f.write(encode_record(r))
+    with pytest.raises(
+        ann.TraceFormatError, match="stopped before 'stage0' processed the backward of key 0"
+    ) as info:
+        ann.replay(cut)
+    assert ("user code broke" if error else "cancelled or interrupted") in str(info.value)
+    # what it did can still be replayed one actor at a time, or up to a key
+    assert ann.replay(cut, stop_at_key=0).identical
+
+
+def test_replay_with_an_optimizer_that_cannot_continue_the_recorded_state_says_why(tmp_path):
+    path = tmp_path / "r.trace"
+    ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
+        _data(8), batch_size=8
+    )
+    for other in (optim.Adam(lr=0.1), optim.SGD(lr=0.1, momentum=0.9)):
+        with pytest.raises(ValueError, match=r"layer 'stage0' has \[.*'step'\], that of the "):
+            ann.replay(path, optimizer=other)
+    with pytest.raises(TypeError, match="must be an asyncnn.optim optimizer.*'sgd'"):
+        ann.replay(path, optimizer="sgd")
+    assert ann.replay(path, optimizer=optim.SGD(lr=0.1)).identical
+
+
+class HalvingGradient(ann.LayerActor):
+    """Scales its input gradient by a factor that halves after each backward (its own state,
+    a 0-d array)."""
+
+    def setup(self) -> None:
+        self.factor = 1.0
+
+    def actor_state(self) -> Any:
+        return {"factor": np.asarray(self.factor)}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.factor = float(state["factor"])
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        grads = await super().on_backward(key, grad, meta)
+        self.factor *= 0.5
+        return [None if g is None else g * self.factor for g in grads or []]
+
+
+def _stateful_graph(actor: type[ann.LayerActor] = HalvingGradient) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(5, 8), x)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(8, 3), h, actor=actor), y)
+    return g
+
+
+def test_replay_of_a_second_fit_starts_from_the_actors_own_state(tmp_path):
+    # the trace's initial state lacked actor_states: the replay's actor started from setup's
+    # factor 1.0 and diverged at 'b' ("the backward of key 4 to 'a'")
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _stateful_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", trace=str(path),
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=8)
+    tr.fit(_data(16), batch_size=8)
+    first, second = (ann.trace.read(p).state for p in tr.traces)
+    assert "actor_states" not in first  # no actor kept a state yet: the record as before
+    assert second["actor_states"]["dict"]["b"]["dict"]["factor"]["s"] == []  # 0-d stays 0-d
+    for p in tr.traces:  # a trace without actor states replays as before
+        assert ann.replay(p).identical
+    rep = ann.replay(tr.traces[1])
+    assert rep.first_divergence is None
+    assert_params_equal(rep.params, tr.params)
+
+
+class UnrecordableState(ann.LayerActor):
+    def actor_state(self) -> Any:
+        return {"seen": {1, 2}}
+
+    def load_actor_state(self, state: Any) -> None:
+        pass
+
+
+def test_an_actor_state_a_trace_cannot_hold_is_refused_before_the_run(tmp_path):
+    tr = ann.Trainer(
+        _stateful_graph(UnrecordableState), optimizer=optim.SGD(lr=0.1),
+        policy=policies.Sync(), dtype="float64",
+    )  # fmt: skip
+    tr.fit(_data(8), batch_size=8)
+    tr.trace = str(tmp_path / "r.trace")
+    with pytest.raises(TypeError, match=r"cannot hold the actor state of layer 'b'.*dict"):
+        tr.fit(_data(8), batch_size=8)
+
+
+def test_a_trace_whose_graph_is_not_the_one_that_ran_is_refused_saying_what_differs(tmp_path):
+    # a module whose parameters no longer fit (its class changed since the run) failed at its
+    # first forward, as the actor's error; a renamed layer as "the initial state record is
+    # malformed: 's1'"; a renamed loss replayed, and read as a divergence at 'stage1'
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
+    ).fit(_data(8), batch_size=8)
+
+    def node(graph, name):
+        return next(n for n in graph["nodes"] if n["name"] == name)
+
+    def wider(graph):  # stage0 Linear(5, 6) and stage1 Linear(6, 3): the run's were 8 wide
+        node(graph, "stage0")["module"]["args"]["modules"][0]["args"]["out_features"] = 6
+        node(graph, "stage1")["module"]["args"]["modules"][1]["args"]["in_features"] = 6
+
+    def renamed(graph):
+        node(graph, "stage1")["name"] = "s1"
+        node(graph, "loss")["inputs"][0] = graph["outputs"]["logits"] = "s1"
+
+    def loss_renamed(graph):
+        node(graph, "loss")["name"] = "L"
+
+    def in_header(change):
+        def edit(record):
+            if "graph" in record:
+                change(record["graph"])
+            return record
+
+        return edit
+
+    for change, message in [
+        (wider, r"parameters of layer 'stage0' do not fit its module in the trace's graph, "
+                r"Sequential\(Linear\(in_features=5, out_features=6.*: params\['stage0'\]\[0\]"
+                r"\['bias'\] has shape \(8,\), the module's \(6,\)\. .*its class has changed"),
+        (renamed, r"holds no parameters or optimizer state for the layers \['s1'\] of the "
+                  r"trace's graph \(it holds those of \['stage0', 'stage1'\]\)"),
+        (loss_renamed, r"\(start of 'loss'\) is the work of an actor the trace's graph lacks "
+                       r"\(its layers: \['stage0', 'stage1'\], losses: \['L'\]\)"),
+    ]:  # fmt: skip
+        other = tmp_path / f"{change.__name__}.trace"
+        _rewrite(path, other, in_header(change))
+        with pytest.raises(ann.TraceFormatError, match=message):
+            ann.replay(other)
