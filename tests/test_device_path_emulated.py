@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from test_loops import _data as loop_data
 from test_loops import rnn_graph
-from test_routing import _data as routing_data
-from test_routing import moe_graph
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
 from _reference import assert_params_equal
+from _routing_cases import _data as routing_data
+from _routing_cases import moe_graph
 
 
 def _graph(devices: list[str]) -> ann.Graph:

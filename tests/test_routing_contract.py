@@ -1,6 +1,6 @@
 """Routing's contract at its seams: the route tensor a merge accepts (a custom router's too), the
 dtype of the gate weights (the run's, whatever the gate scores in), and gates that score with
-infinities or in bfloat16. (The rest of routing is in ``test_routing.py``.)"""
+infinities or in bfloat16. (The rest of routing is in ``test_routing*.py``.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""The remedies that correct an optimizer's step (asyncnn/_runtime/_remedies.py): spike
+compensation of momentum SGD, and PipeMare's rescheduled learning rate under any optimizer, each
+against its rule re-enacted step by step on PipeDream."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+
+from _reference import assert_params_close, classification_data
+from _remedies_cases import (
+    _microbatches,
+    _rescheduled,
+    _run,
+    _spike_compensated_momentum,
+    pipedream_with_correction,
+)
+
+
+# -- spike compensation ----------------------------------------------------------------------------
+def _assert_follows(tr, hist, ref, delays, plain_policy, k, data, opt):
+    """The run's weights are the reference's, its delays the reference's, and the same run
+    without the remedy (``plain_policy``) ends elsewhere (so the remedy acted)."""
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+    for s, name in enumerate(tr.graph.layers):
+        assert hist.statistics[name].delays == dict(Counter(delays[s]))
+    plain = _run(plain_policy, k, data, epochs=2, optimizer=opt)[0]
+    first = tr.graph.layers[0]
+    leaves = ann._math._pytree.tree_leaves
+    assert not np.allclose(leaves(plain.params[first])[0], leaves(ref[first])[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("k,m", [(3, 2), (4, 3)])
+def test_spike_compensation_equals_its_formula_on_pipedream(k, m, stash):
+    data = classification_data(30)
+    opt = optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01)
+    policy = policies.SpikeCompensation(policies.PipeDream(m, stash=stash))
+    tr, start, hist = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    step = _spike_compensated_momentum(0.05, 0.9, 0.01, k)
+    ref, delays = pipedream_with_correction(
+        tr.graph, start, 0.05, micro, stash, ident, sgd_step=step
+    )
+    # without the compensation (plain momentum) the weights end elsewhere
+    _assert_follows(tr, hist, ref, delays, policies.PipeDream(m, stash=stash), k, data, opt)
+    assert policies.policy_from_spec(policy.to_spec()) == policy
+    assert policy.corrects_updates() and not policy.corrects_gradients()
+    assert policies.Replay(policy, {}).corrects_updates()
+
+
+def test_spike_compensation_changes_nothing_without_delay_and_needs_plain_sgd():
+    data = classification_data(24)
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    want, _, _ = _run(policies.OneFOneB(3), 3, data, batch_size=8, optimizer=opt)
+    got, _, _ = _run(
+        policies.SpikeCompensation(policies.OneFOneB(3)), 3, data, batch_size=8, optimizer=opt
+    )
+    assert_params_close(got.params, want.params, rtol=0, atol=0)
+    with pytest.raises(ann.ActorError, match="SpikeCompensation corrects the step of optim.SGD"):
+        _run(policies.SpikeCompensation(policies.PipeDream(2)), 2, data, optimizer=optim.Adam())
+
+
+# -- PipeMare's learning-rate rescheduling: the step's rate, whatever the optimizer ---------------
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize(
+    "opt",
+    [optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), optim.Adam(lr=0.01, weight_decay=0.01)],
+    ids=["sgd-momentum-decay", "adam"],
+)
+def test_pipemare_reschedules_the_learning_rate_of_any_optimizer(opt, stash):
+    """PipeMare scales the learning rate of a stage's update, so the whole step: the momentum's
+    and the weight decay's part too, and Adam's step (scaling the gradient instead would leave
+    the weight decay alone, let the velocity carry the scale into later steps, and all but
+    vanish in Adam's normalisation)."""
+    data = classification_data(30)
+    k, m, warmup = 4, 3, 5  # 20 updates a stage: the damping fades out over the first 5
+    policy = policies.PipeMareLR(policies.PipeDream(m, stash=stash), warmup_updates=warmup)
+    tr, start, hist = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    ident = lambda g, *a: g  # noqa: E731
+    step = _rescheduled(opt, k, warmup)
+    ref, delays = pipedream_with_correction(
+        tr.graph, start, None, micro, stash, ident, sgd_step=step
+    )
+    _assert_follows(tr, hist, ref, delays, policies.PipeDream(m, stash=stash), k, data, opt)
+    assert policy.corrects_updates() and not policy.corrects_gradients()
+    assert policy.scale(3, 0) == pytest.approx(1 / 3) and policy.scale(3, warmup) == 1.0
+    assert policy.scale(0, 0) == policy.scale(1, 0) == 1.0  # delay 0 or 1: not damped
+
+
+def test_pipemare_around_spike_compensation_rescales_the_compensated_step():
+    data = classification_data(30)
+    k, m, warmup = 4, 3, 5
+    opt = optim.SGD(lr=0.05, momentum=0.9, weight_decay=0.01)
+    policy = policies.PipeMareLR(
+        policies.SpikeCompensation(policies.PipeDream(m)), warmup_updates=warmup
+    )
+    tr, start, _ = _run(policy, k, data, epochs=2, optimizer=opt)
+    micro = _microbatches(data, 10, m) * 2
+    step = _spike_compensated_momentum(0.05, 0.9, 0.01, k, pipemare_warmup=warmup)
+    ref, _ = pipedream_with_correction(
+        tr.graph, start, None, micro, True, lambda g, *a: g, sgd_step=step
+    )
+    assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)

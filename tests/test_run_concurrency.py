@@ -1,0 +1,197 @@
+"""Steps and drains of one run from several tasks and threads: one step at a time, cancellation
+before, during and after a step's keys go in, drain and wait_idle with a step part-way in; each
+ends in the run's losses or a clear error, never a hang."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+
+from _reference import assert_params_close, chain_graph
+from _run_cases import _data, _silent_graph, _sync_run
+
+
+@pytest.mark.anyio
+async def test_a_step_after_the_block_is_a_clear_error():
+    d = _data()
+    async with _sync_run() as run:
+        await run.step(d)
+    with pytest.raises(RuntimeError, match=r"run.step\(\) after the open_run block was left"):
+        await run.step(d)  # was anyio.ClosedResourceError, with no message
+    await run.drain()  # nothing left to wait for: returns at once
+    assert sorted(run.losses) == [0]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_steps_from_several_tasks_go_in_one_at_a_time():
+    # each step's minibatch index must be that of its keys: the loss recorded under it is its
+    # batch's loss in a run that steps the batches one by one in that order
+    d = _data(n=32)
+    batches = [{k: v[i * 8 : (i + 1) * 8] for k, v in d.items()} for i in range(4)]
+    got: dict[int, int] = {}
+
+    def run_args():
+        return dict(optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+
+    async def step(run, i):
+        got[i] = await run.step(batches[i])
+
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(3), **run_args()) as run:
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(step, run, i)
+            await run.drain()
+        order = sorted(range(4), key=lambda i: got[i])
+        assert sorted(got.values()) == [0, 1, 2, 3]
+        async with ann.open_run(chain_graph(3), **run_args()) as one_by_one:
+            for i in order:
+                await one_by_one.step(batches[i])
+    assert run.losses == one_by_one.losses
+    assert_params_close(run.params, one_by_one.params, rtol=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_step_cancelled_before_its_keys_go_in_leaves_the_run_usable():
+    d = _data()
+    policy = policies.Async(max_active_keys=1, min_update_frequency=1)
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policy) as run:
+            await run.step(d)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await run.step(d)  # waits for its admission: cancelled there
+            await run.step(d)
+            await run.drain()  # waited forever for the cancelled step's loss
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_step_cut_off_after_some_keys_went_in_fails_clearly():
+    g = _silent_graph()
+    policy = policies.PipeDream(4)  # 2 keys in flight at most: the 3rd key waits
+    with anyio.fail_after(20), pytest.raises(RuntimeError, match=r"minibatch 0 was cut off"):
+        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy) as run:
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def step():
+                    with scope:
+                        await run.step(_data())
+
+                tg.start_soon(step)
+                while run.in_flight < run.max_in_flight:  # the keys that went in: 2 of 4
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+            with pytest.raises(RuntimeError, match=r"2 of its 4 keys went in"):
+                await run.step(_data())  # would wait forever
+            with pytest.raises(RuntimeError, match=r"run.drain\(\) cannot wait"):
+                await run.drain()
+            # and leaving the block, which drains, raises it too (it hung)
+
+
+class _NeverTakes:
+    """An inbox whose send never returns (a receiver stuck for good)."""
+
+    async def send(self, msg):
+        await anyio.sleep_forever()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_step_cancelled_while_its_key_goes_in_fails_later_calls_clearly():
+    # the key's first message is sent (its receiver stuck), the second never: waiting for that
+    # key, as drain and the block's exit do, would never end
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match=r"drain\(\) cannot wait: key 0"):
+        async with _sync_run() as run:
+            run.actors["stage0"].send_channel = _NeverTakes()
+            with anyio.move_on_after(0.05):
+                await run.step(_data())
+            with pytest.raises(RuntimeError, match=r"key 0 \(minibatch 0\) was cut off \(Canc"):
+                await run.step(_data())
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_drain_waits_for_a_step_part_way_in_under_pipedream():
+    # drain told the stages the stream's length while the step's other keys were still to go
+    # in: "stage0: waiting for forward of key 8", a StallError after stall_timeout
+    d = _data(n=16)
+
+    def run_args():
+        return dict(optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(8), dtype="float64")
+
+    with anyio.fail_after(20):
+        async with ann.open_run(chain_graph(3), stall_timeout=5, **run_args()) as run:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run.step, d)  # 8 keys, 3 in flight at most
+                while run.next_key < 1:
+                    await anyio.lowlevel.checkpoint()
+                assert run.next_key < 8  # the step is part-way in
+                await run.drain()
+                assert run.next_key == 8 and run.in_flight == 0 and sorted(run.losses) == [0]
+        async with ann.open_run(chain_graph(3), **run_args()) as alone:
+            await alone.step(d)
+    assert run.losses == alone.losses
+    assert_params_close(run.params, alone.params, rtol=0)
+
+
+@pytest.mark.anyio
+async def test_a_step_or_drain_from_another_thread_is_refused_naming_the_way():
+    # run from a thread, its work ran there and the run broke ("must be called from async
+    # context"), or it hung
+    d = _data()
+    got: list[BaseException] = []
+
+    def elsewhere(call):
+        coro = call()
+        try:
+            coro.send(None)
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertions
+            got.append(exc)
+        finally:
+            coro.close()
+
+    async with _sync_run() as run:
+        await run.step(d)
+        for call in (lambda: run.step(d), run.drain, run.wait_idle):
+            await anyio.to_thread.run_sync(elsewhere, call)
+        await run.step(d)  # the run is untouched
+        await run.drain()
+    assert [type(e) for e in got] == [RuntimeError] * 3
+    for what, e in zip(("step", "drain", "wait_idle"), got, strict=True):
+        assert f"run.{what}() was called from another thread" in str(e)
+        assert f"trio.from_thread.run(run.{what}, ...) or anyio.from_thread.run" in str(e)
+    assert sorted(run.losses) == [0, 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_wait_idle_under_pipedream_is_refused_at_once_naming_drain():
+    # its stages keep the stream's last keys until the stream ends: it waited for a forward
+    # that never came, a StallError after stall_timeout (60 s by default)
+    d = _data()
+    with anyio.fail_after(20):
+        async with ann.open_run(
+            chain_graph(3), optimizer=optim.SGD(lr=0.1), policy=policies.PipeDream(4),
+            dtype="float64", stall_timeout=10,
+        ) as run:  # fmt: skip
+            await run.wait_idle()  # nothing admitted: nothing to wait for
+            await run.step(d)
+            with pytest.raises(
+                RuntimeError, match=r"run.wait_idle\(\) cannot finish under PipeDream.*drain\(\)"
+            ):
+                await run.wait_idle()
+            await run.drain()
+            await run.wait_idle(losses=True)  # the stream ended: nothing in flight
+            await run.step(d)
+    assert sorted(run.losses) == [0, 1]

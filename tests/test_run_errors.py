@@ -1,0 +1,276 @@
+"""The runtime under failure: every bad batch, bad option, broken layer or stuck actor ends in a
+clear error within seconds, naming the field, the option or the layer, never a hang."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, ops, optim, policies
+
+from _reference import chain_graph
+from _run_cases import _data, _silent_graph, _sync_run, _trainer
+
+
+def test_bad_batches_name_the_field():
+    tr = _trainer()
+    d = _data()
+    with pytest.raises(
+        ValueError, match=r"input 'x': got shape \(16, 4\), the graph declares \(None, 5\)"
+    ):
+        tr.fit({"x": d["x"][:, :4], "y": d["y"]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"the batch has no \['y'\]"):
+        tr.fit({"x": d["x"]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"'y' is declared int64 but got float64 data"):
+        tr.fit({"x": d["x"], "y": d["y"].astype(float)}, batch_size=8)
+    with pytest.raises(ValueError, match=r"'extra'"):
+        tr.fit({**d, "extra": d["x"]}, batch_size=8)
+
+
+def test_nan_in_data_with_checks_on():
+    d = _data()
+    d["x"][3, 1] = np.nan
+    with pytest.raises(ValueError, match="'x' contains NaN"):
+        _trainer(check_finite=True).fit(d, batch_size=8)
+
+
+@dataclass(frozen=True)
+class Exploding(nn.Module):
+    at_call: int = 0
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        raise FloatingPointError("boom in the layer")
+
+
+@dataclass(frozen=True)
+class Log(nn.Module):
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.log(x)
+
+
+def _graph_with(middle: nn.Module) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("first", nn.Linear(5, 3), x)
+    h = g.layer("middle", middle, h)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+def test_exception_in_layer_is_one_actor_error():
+    g = _graph_with(nn.Identity())
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2))
+    # swap the module after validation, so that it fails at run time
+    g.nodes["middle"].module = Exploding()
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(_data(), batch_size=8)
+    err = info.value
+    assert err.actor == "middle" and err.kind == "forward" and err.key == 0
+    assert isinstance(err.__cause__, FloatingPointError)
+    assert "boom in the layer" in str(err)
+
+
+def test_nan_produced_by_a_layer_is_named():
+    g = _graph_with(Log())  # log of negative activations: NaN
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), check_finite=True)
+    with (
+        np.errstate(invalid="ignore"),
+        pytest.raises(ann.ActorError, match="'middle' produced NaN"),
+    ):
+        tr.fit(_data(), batch_size=16)
+
+
+def test_layer_that_never_answers_is_a_stall_error_within_seconds():
+    g = _silent_graph()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), stall_timeout=0.5)
+    start = time.perf_counter()
+    with pytest.raises(ann.StallError) as info:
+        tr.fit(_data(), batch_size=16)
+    assert time.perf_counter() - start < 5
+    assert "silent: computing forward of key 0" in str(info.value)
+    assert "first: waiting for backward of key 0" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_bad_batch_after_good_ones_is_still_checked():
+    # a batch like the last one skips the checks: any change of name, shape or dtype must not
+    d = _data(n=16)
+    good = {k: v[:8] for k, v in d.items()}
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64"
+    ) as run:
+        with pytest.raises(ValueError, match=r"the batch has no \['x', 'y'\]"):
+            await run.step({})  # on a fresh run: nothing was checked before it
+        await run.step(good)
+        await run.step({k: v[8:] for k, v in d.items()})
+        with pytest.raises(ValueError, match=r"input 'x': got shape \(8, 4\)"):
+            await run.step({"x": good["x"][:, :4], "y": good["y"]})
+        with pytest.raises(ValueError, match=r"'y' is declared int64 but got float64 data"):
+            await run.step({"x": good["x"], "y": good["y"].astype(float)})
+        with pytest.raises(ValueError, match=r"the batch has no \['y'\]"):
+            await run.step({"x": good["x"]})
+        with pytest.raises(ValueError, match=r"'extra'"):
+            await run.step({**good, "extra": good["y"]})
+        await run.step(good)  # and a good one after them runs
+        await run.drain()
+    assert sorted(run.losses) == [0, 1, 2]
+    nan = {"x": good["x"].copy(), "y": good["y"]}
+    nan["x"][3, 1] = np.nan
+    async with ann.open_run(
+        chain_graph(2),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.GPipe(2),
+        dtype="float64",
+        check_finite=True,
+    ) as run:
+        await run.step(good)
+        with pytest.raises(ValueError, match="'x' contains NaN"):
+            await run.step(nan)  # the same shapes and dtypes: checked all the same
+
+
+class _SpinForever(ann.LayerActor):
+    """Its forward runs a Python loop that never ends, inline on the event loop's thread."""
+
+    async def on_forward(self, key, inputs, meta):
+        def spin():
+            while True:
+                pass
+
+        return await self.compute(spin, cost=0)
+
+
+@pytest.mark.timeout(60)
+def test_an_inline_compute_that_never_returns_is_a_stall_error():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss(
+        "loss", nn.CrossEntropyLoss(), g.layer("spin", nn.Linear(5, 3), x, actor=_SpinForever), y
+    )
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    with pytest.raises(
+        ann.StallError, match=r"actor 'spin' has been computing its forward of key 0"
+    ):
+        tr.fit(_data(), batch_size=16)
+
+
+_release = threading.Event()
+
+
+class _HangOnAWorker(ann.LayerActor):
+    """Its forward hangs on a pool thread (a cost far above the inline threshold)."""
+
+    async def on_forward(self, key, inputs, meta):
+        return await self.compute(_release.wait, 60.0, cost=1e12)
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_compute_on_a_pool_thread_fails_fit_without_waiting_for_it():
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("hang", nn.Linear(5, 3), x, actor=_HangOnAWorker)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("out", nn.Linear(3, 3), h), y)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", stall_timeout=1.0
+    )
+    try:
+        with pytest.raises(ann.StallError, match=r"hang: computing forward of key 0"):
+            tr.fit(_data(), batch_size=16)  # returns in seconds while the thread still waits
+    finally:
+        _release.set()
+
+
+@pytest.mark.anyio
+async def test_an_input_that_is_not_an_array_is_named():
+    d = _data()
+    async with _sync_run() as run:
+        with pytest.raises(TypeError, match=r"input 'x' is a list, not an array"):
+            await run.step({"x": d["x"].tolist(), "y": d["y"]})  # said "got shape ()"
+        await run.step(d)
+
+
+def test_bad_run_options_name_the_option():
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -1"):
+        _trainer(seed=-1)  # numpy's "expected non-negative integer", naming nothing
+    with pytest.raises(ValueError, match=r"stall_timeout must be a number > 0, got True"):
+        _trainer(stall_timeout=True)  # was a stall timeout of 1 s
+    with pytest.raises(ValueError, match=r"dtype must name a floating dtype.*got None"):
+        ann.Trainer(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(), dtype=None)  # was float64
+
+
+@dataclass(frozen=True)
+class _RowsOut(nn.Module):
+    """A layer that breaks the batch dimension: ``how`` drops a row, sums the rows, or sums
+    everything."""
+
+    how: str
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if self.how == "drop":
+            return x[:-1]
+        if self.how == "sum0":
+            return ops.sum(x, axis=0, keepdims=True)
+        return ops.sum(x)
+
+
+@dataclass(frozen=True)
+class _Add(nn.Module):
+    def __call__(self, params: Any, a: Any, b: Any, *, rng: Any = None) -> Any:
+        return ops.add(a, b)
+
+
+def _rows_graph(how: str) -> ann.Graph:
+    # the pooled rows broadcast back onto x: without the check this trains, and Sync and
+    # GPipe(4), which must agree, gave different losses (10.44 and 3.05)
+    g = ann.Graph()
+    x = g.input("x", (None, 4))
+    y = g.input("y", (None, 4))
+    pooled = g.layer("pool", _RowsOut(how), g.layer("a", nn.Linear(4, 4), x))
+    out = g.layer("out", _Add(), pooled, x)
+    g.loss("loss", nn.MSELoss(), out, y)
+    return g
+
+
+_ROWS_SAID = {
+    "drop": r"shape \(1, 4\) for inputs of shape \(2, 4\): 1 row where its inputs have 2 rows",
+    "sum0": r"shape \(1, 4\) for inputs of shape \(2, 4\): 1 row where its inputs have 2 rows",
+    "all": r"shape \(\) for inputs of shape \(2, 4\): no batch dimension where its inputs",
+}
+
+
+@pytest.mark.parametrize("how", sorted(_ROWS_SAID))
+def test_a_layer_that_drops_or_mixes_rows_is_refused_naming_it(how):
+    with pytest.raises(ann.GraphError, match=rf"layer 'pool' \(_RowsOut.*{_ROWS_SAID[how]}"):
+        ann.Trainer(_rows_graph(how), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(4))
+
+
+@pytest.mark.anyio
+async def test_open_run_refuses_a_layer_that_drops_rows():
+    with pytest.raises(ann.GraphError, match=r"layer 'pool' .*keep the batch dimension"):
+        async with ann.open_run(_rows_graph("drop"), optim.SGD(lr=0.1), policies.Sync()):
+            pass  # pragma: no cover
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_is_not_a_dict_names_the_inputs():
+    d = _data()
+    async with _sync_run() as run:
+        for batch, what in (((d["x"], d["y"]), "tuple of 2"), ([d["x"]], "list of 1")):
+            with pytest.raises(
+                TypeError,
+                match=rf"a batch must be a dict of input name to array, got a {what}; the "
+                r"graph's inputs are \['x', 'y'\]: pass \{'x': ..., 'y': ...\}",
+            ):
+                await run.step(batch)  # was AttributeError: 'tuple' object has no 'items'
+        await run.step(d)
+    assert sorted(run.losses) == [0]

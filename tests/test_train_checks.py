@@ -1,0 +1,230 @@
+"""The Trainer refuses bad data, shapes, params and arguments before any compute, naming them."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _reference import assert_params_equal, chain_graph
+from _train_cases import _data, _trainer
+
+
+def test_a_trace_path_that_cannot_be_written_is_refused_when_the_trainer_is_made(tmp_path):
+    # (it was taken, and refused only when the first fit started)
+    (tmp_path / "a-file").write_text("not a folder")
+
+    def trainer(trace):
+        return ann.Trainer(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=trace
+        )
+
+    for path, error, why in [
+        (tmp_path / "missing" / "run.trace", FileNotFoundError, "' does not exist"),
+        (tmp_path / "a-file" / "run.trace", NotADirectoryError, "a-file' is a file"),
+        (tmp_path, IsADirectoryError, "it is a folder"),
+    ]:
+        with pytest.raises(error, match=re.escape(f"cannot write the trace {str(path)!r}: ")) as e:
+            trainer(path)
+        assert why in str(e.value) and "Pass trace= a file path in an existing folder" in str(
+            e.value
+        )
+    with pytest.raises(ValueError, match="trace='' names no file"):
+        trainer("")
+    good = str(tmp_path / "run.trace")
+    tr = trainer(good)
+    assert not os.path.exists(good)  # created (or emptied) by the fit, not here
+    with pytest.raises(FileNotFoundError, match="trace="):
+        tr.trace = str(tmp_path / "missing" / "run.trace")
+    assert tr.trace == good  # the refused path is not taken
+
+
+def test_fit_checks_the_data_first():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    nan = {"x": data["x"].copy(), "y": data["y"]}
+    nan["x"][5, 2] = np.nan
+    with pytest.raises(ValueError, match="input 'x' contains NaN or Inf, first in row 5: "):
+        tr.fit(nan, batch_size=8)
+    nan["x"][3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"first in row 3: .*check_data=False"):
+        tr.fit(nan, batch_size=8)
+    nan["x"][3, 0] = 0.0
+    labels = {"x": data["x"], "y": data["y"].copy()}
+    labels["y"][13] = 3
+    with pytest.raises(ValueError, match=r"input 'y': label 3 at row 13 .*3 classes.* 0\.\.2"):
+        tr.fit(labels, batch_size=8)
+    with pytest.raises(ValueError, match="label -1 at row 0"):
+        tr.fit({"x": data["x"], "y": -np.ones(40, dtype=np.int64)}, batch_size=8)
+    with pytest.raises(ValueError, match="validation_data needs the input 'y'"):
+        tr.fit(data, batch_size=8, validation_data={"x": data["x"]})
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+    tr.fit(nan, batch_size=40, check_data=False)  # the switch skips the checks
+    assert np.isnan(tr.history.losses[0])
+
+
+def test_predict_and_evaluate_name_a_missing_input():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError, match=r"predict needs the input 'x' \(for 'stage2'\)"):
+        tr.predict({"y": data["y"]})
+    with pytest.raises(ValueError, match=r"evaluate needs the input 'y' \(for 'loss'\)"):
+        tr.evaluate({"x": data["x"]})
+    with pytest.raises(ValueError, match=r"the data has \['z'\]"):
+        tr.predict({"x": data["x"], "z": data["x"]})
+
+
+def test_params_assignment_is_checked_against_the_graph():
+    tr = _trainer(policies.Sync())
+    p = tr.params
+    wrong = [dict(p["stage0"][0], weight=np.zeros((6, 5))), {}]
+    with pytest.raises(ValueError, match=r"tr.params\['stage0'\]\[0\]\['weight'\] has shape"):
+        tr.params = {"stage0": wrong}
+    with pytest.raises(ValueError, match="must be a list of 2 entries"):
+        tr.params = {"stage0": [p["stage0"][0]]}
+    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+        tr.params = {"stage0": [{"weight": p["stage0"][0]["weight"]}, {}]}
+    with pytest.raises(ValueError, match="dtype <U1"):
+        tr.params = {"stage0": [dict(p["stage0"][0], bias=np.full(6, "a")), {}]}
+    assert_params_equal(tr.params, p)  # nothing was assigned
+
+
+def test_a_cluster_fit_refuses_what_needs_weights_during_the_fit():
+    with ann.cluster.LocalCluster(workers=1) as cluster:
+        tr = ann.Trainer(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster
+        )
+        with pytest.raises(ValueError, match="with a cluster, call fit one epoch at a time"):
+            tr.fit(_data(), validation_data=_data())
+
+
+def test_predict_and_evaluate_check_shapes_dtypes_labels_and_rows():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    # one row without its batch dimension: was broadcast into a wrong answer, silently
+    with pytest.raises(ValueError, match=r"predict: input 'x': got shape \(5,\), .* \(None, 5\)"):
+        tr.predict({"x": data["x"][0]})
+    with pytest.raises(ValueError, match=r"evaluate: input 'x': got shape \(40, 4\)"):
+        tr.evaluate({"x": data["x"][:, :4], "y": data["y"]})
+    with pytest.raises(ValueError, match=r"evaluate: input 'y' is declared int64 but got float64"):
+        tr.evaluate({"x": data["x"], "y": data["y"].astype(float)})
+    with pytest.raises(ValueError, match=r"input 'y': label 7 at row 2 .* 0\.\.2"):
+        tr.evaluate({"x": data["x"], "y": np.where(np.arange(40) == 2, 7, data["y"])})
+    with pytest.raises(ValueError, match="evaluate: the data has 0 rows"):  # was ZeroDivisionError
+        tr.evaluate({"x": data["x"][:0], "y": data["y"][:0]})
+    with pytest.raises(ValueError, match="predict: the data has 0 rows"):
+        tr.predict({"x": data["x"][:0]})
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["host-ids", "gpu-like-ids"])
+def test_predict_checks_embedding_ids_as_fit_and_evaluate_do(monkeypatch, on_gpu):
+    # (the layer's IndexError named the op, not the input; GPU ids gave a NaN row silently)
+    from asyncnn._math import _ops_nn
+
+    if on_gpu:  # ids the layer does not read back, as on a GPU: a bad id's row comes out NaN
+        monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+    g = ann.Graph.sequential(
+        [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    x = np.arange(40).reshape(10, 4) % 10
+    x[7, 3] = 10
+    want = (
+        r"input 'x': id 10 at index \(7, 3\) is out of range for layer 'stage0' "
+        r"\(Embedding\(num_embeddings=10, embedding_dim=3\)\): ids must be in 0\.\.9"
+    )
+    with pytest.raises(ValueError, match=want):
+        tr.predict({"x": x}, batch_size=4)
+    with pytest.raises(ValueError, match=want):
+        tr.evaluate({"x": x, "y": np.zeros(10, np.int64)}, batch_size=4)
+    x[7, 3] = 0
+    # labels predict does not need are not checked (-1: no label yet)
+    logits = tr.predict({"x": x, "y": -np.ones(10, np.int64)})["logits"]
+    assert logits.shape == (10, 2) and np.isfinite(logits).all()
+
+
+def test_predict_refuses_a_graph_without_outputs():
+    # (it returned {}, having computed nothing)
+    g = ann.Graph()
+    x, y = g.input("x", shape=(None, 5)), g.input("y", shape=(None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("l", nn.Linear(5, 3), x), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    with pytest.raises(ValueError, match=r"no outputs; name them: g\.output\(name, node\)"):
+        tr.predict({"x": _data()["x"]})
+
+
+def test_fit_refuses_arguments_that_would_train_nothing_or_misread():
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError, match="batch_size=64 with drop_last=True leaves no minibatch"):
+        tr.fit(data, batch_size=64, drop_last=True)
+    with pytest.raises(TypeError, match="epochs must be an int, got float 1.5"):
+        tr.fit(data, epochs=1.5, batch_size=8)
+    with pytest.raises(TypeError, match=r"pass callbacks=\[EarlyStopping\(...\)\]"):
+        tr.fit(data, batch_size=8, callbacks=ann.callbacks.EarlyStopping(monitor="loss"))
+    with pytest.raises(ValueError, match=r"validation_data: input 'x': got shape \(40, 4\)"):
+        tr.fit(data, batch_size=8, validation_data={"x": data["x"][:, :4], "y": data["y"]})
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+
+
+def test_check_batch_reads_a_large_input_in_bounded_chunks(monkeypatch):
+    # (isfinite(arr).all() made a mask of the whole input: 25 GB for a 100 GB memory map)
+    import tracemalloc
+
+    from asyncnn._runtime import _checks
+
+    g = ann.Graph.sequential(
+        [nn.Linear(1000, 3)], loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 1000)
+    )
+    big = {"x": np.broadcast_to(np.float32(1), (25_000, 1000)), "y": np.zeros(25_000, int)}
+    tracemalloc.start()
+    try:
+        assert _checks.check_batch(g, big, check_finite=True) == 25_000  # 100 MB, none held
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MB to check 100 MB"
+    # the first bad row is found across chunks of rows
+    monkeypatch.setattr(_checks, "_FINITE_CHUNK_BYTES", 3 * 1000 * 4)  # 3 rows at a time
+    x = np.ones((10, 1000), np.float32)
+    x[7, 999], x[8, 0] = np.inf, np.nan
+    with pytest.raises(ValueError, match="input 'x' contains NaN or Inf, first in row 7"):
+        _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, check_finite=True)
+
+
+def test_check_labels_reads_large_labels_in_bounded_chunks(monkeypatch):
+    # (the range check made masks of the whole label array: memory the size of the labels)
+    import tracemalloc
+
+    from asyncnn._datacheck import check_labels
+    from asyncnn._runtime import _checks
+
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 3)], loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 4)
+    )
+    shapes = {"stage0": (2, 3)}
+    big = {"y": np.broadcast_to(np.int64(1), (25_000_000,))}  # 200 MB, none held
+    tracemalloc.start()
+    try:
+        check_labels(g, shapes, big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MB to check 200 MB of labels"
+    # the first bad row (and its value) is found across chunks of rows
+    monkeypatch.setattr(_checks, "_FINITE_CHUNK_BYTES", 3 * 8)  # 3 rows at a time
+    y = np.zeros(10, np.int64)
+    y[7], y[8] = 5, -1
+    with pytest.raises(ValueError, match=r"input 'y': label 5 at row 7 .*labels must be in 0\.\.2"):
+        check_labels(g, shapes, {"y": y})
+    y2 = np.zeros((10, 2), np.int64)
+    y2[7, 1] = 3
+    with pytest.raises(ValueError, match=r"label 3 at index \(7, 1\) "):
+        check_labels(g, shapes, {"y": y2})
+    check_labels(g, shapes, {"y": np.zeros(0, np.int64)})  # no rows: nothing to check

@@ -1,0 +1,98 @@
+"""History: its repr, and save/load that round-trips every float and names a damaged field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import policies
+
+from _train_cases import _data, _trainer
+
+
+def test_history_repr_is_short():
+    tr = _trainer(policies.Sync())
+    hist = tr.fit(_data(n=400), epochs=5, batch_size=8, validation_data=_data())
+    assert len(hist.losses) == 250 and len(hist.epochs) == 5
+    text = repr(hist)
+    assert len(text) < 200 and text.startswith("History(250 minibatches, 5 epochs, loss")
+    assert "val_loss" in text and "val_accuracy" in text
+
+
+def test_history_save_and_load_round_trip_every_float_exactly(tmp_path):
+    hist = _trainer(policies.Sync()).fit(_data(), epochs=2, batch_size=8, validation_data=_data())
+    # the values JSON itself has no token for, and numpy scalars a user may put in
+    hist.losses += [float("nan"), float("inf"), -float("inf"), np.float32(0.1), np.float64(1e-300)]
+    hist.epochs.append({"epoch": np.int64(2), "loss": np.float32(2.5), "val_loss": float("nan")})
+    hist.statistics["stage0"].note_delay(3)
+    path = tmp_path / "history.json"
+    hist.save(path)
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    back = ann.History.load(str(path))
+    assert np.array_equal(back.losses, [float(v) for v in hist.losses], equal_nan=True)
+    assert back.losses[-2] == float(np.float32(0.1)) and back.losses[-1] == 1e-300
+    assert back.epochs[:2] == hist.epochs[:2] and type(back.epochs[2]["epoch"]) is int
+    assert back.epochs[2]["loss"] == 2.5 and np.isnan(back.epochs[2]["val_loss"])
+    assert (back.seconds, back.samples_per_second) == (hist.seconds, hist.samples_per_second)
+    assert back.statistics == hist.statistics and back.statistics["stage0"].delays[3] == 1
+    assert back.stopped_early is False and not (tmp_path / "history.json.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[1, 2]", r"a JSON list, not an object"),
+        ('{"format": "asyncnn.History", "version": 1, "losses": [1, "x"]}', r"losses\[1\]"),
+        ('{"format": "asyncnn.History", "version": 1, "epochs": [{"loss": null}]}', "'loss'"),
+        ('{"format": "asyncnn.History", "version": 9}', "version is 9"),
+        ('{"format": "asyncnn.History", "version": 1, "lossess": []}', "'lossess'"),
+        (
+            '{"format": "asyncnn.History", "version": 1, "statistics": {"a": {"forwards": "3"}}}',
+            r"statistics\['a'\]\.forwards",
+        ),
+        (
+            '{"format": "asyncnn.History", "version": 1, "statistics": {"a": {"kind": "os:sep"}}}',
+            r"statistics\['a'\]\.kind is 'os:sep', no statistics class .* import it",
+        ),
+        ("{not json", "not JSON"),
+        ('{"losses": []}', "format is None"),
+    ],
+)
+def test_history_load_names_the_file_and_the_damaged_field(tmp_path, text, named):
+    path = tmp_path / "h.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + named):
+        ann.History.load(path)
+
+
+@dataclass(slots=True)
+class _CountingStatistics(ann.ActorStatistics):
+    seen: dict[str, int] = dataclasses.field(default_factory=dict)
+    last: float | None = None
+
+
+def test_history_keeps_the_counters_of_routers_loops_and_custom_actors(tmp_path):
+    # (a router's expert_rows, a loop's row_steps: the subclasses' own counters)
+    router = ann.dynamic.RouterStatistics(expert_rows={"e0": 3}, capacity=None, forwards=2)
+    loop = ann.dynamic.LoopStatistics(row_steps=7, busy_seconds=0.1)
+    loop.note_delay(2)
+    custom = _CountingStatistics(seen={"a": 1}, last=float("inf"))
+    hist = ann.History(statistics={"gate": router, "cell": loop, "mine": custom})
+    hist.save(tmp_path / "h.json")
+    back = ann.History.load(tmp_path / "h.json").statistics
+    assert back == {"gate": router, "cell": loop, "mine": custom}
+    assert [type(s) for s in back.values()] == [type(s) for s in hist.statistics.values()]
+
+
+def test_history_save_refuses_a_value_that_is_not_a_number_and_writes_nothing(tmp_path):
+    hist = ann.History(losses=[1.0, "2.0"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"History\.losses\[1\] is '2\.0', not a number"):
+        hist.save(tmp_path / "h.json")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,126 @@
+"""What a Trainer keeps when fit stops early (an error, Ctrl-C), and how it resumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+
+from _reference import assert_params_equal, chain_graph
+from _train_cases import _data, _trainer
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(2)], ids=["sync", "gpipe"])
+def test_a_failing_minibatch_keeps_the_earlier_updates(policy):
+    data = _data()
+    bad = {"x": data["x"], "y": data["y"].copy()}
+    bad["y"][27] = 7  # minibatch 3 (rows 24..31) has a label the loss has no class for
+    tr = _trainer(policy)
+    with pytest.raises(ann.ActorError, match="loss"):
+        tr.fit(bad, epochs=1, batch_size=8, check_data=False)
+    assert tr.state.minibatches == 3
+    assert tr.versions == {"stage0": 3, "stage1": 3, "stage2": 3}
+    assert (tr.epochs_done, tr.epoch_batches) == (0, 3)
+    assert len(tr.history.losses) == 3
+    reference = _trainer(policy)
+    reference.fit({k: v[:24] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, reference.params)
+    assert tr.history.losses == reference.history.losses
+
+
+class _Interrupt(ann.callbacks.Callback):
+    """Ctrl-C, as fit sees it, after a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.OneFOneB(3)], ids=["sync", "1f1b"])
+def test_an_interrupted_fit_resumes_bit_identically(tmp_path, policy):
+    data = _data()
+    straight = _trainer(policy)
+    straight.fit(data, epochs=3, batch_size=8, shuffle=True)
+
+    tr = _trainer(policy)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=3, batch_size=8, shuffle=True, callbacks=[_Interrupt(7)])
+    # step 7 reported its loss once step 8 was admitted: the kept state is after 7 or 8
+    assert tr.state.minibatches in (8, 9) and set(tr.versions.values()) == {tr.state.minibatches}
+    assert tr.epochs_done == 1 and tr.epoch_batches == tr.state.minibatches - 5
+    tr.save(str(tmp_path / "ckpt"))
+    resumed = ann.Trainer.load(str(tmp_path / "ckpt"))
+    assert resumed.epoch_batches == tr.epoch_batches
+    resumed.fit(data, epochs=2, batch_size=8, shuffle=True)  # finishes epoch 1, then epoch 2
+    assert resumed.epochs_done == 3 and resumed.epoch_batches == 0
+    assert_params_equal(resumed.params, straight.params)
+
+
+def test_an_interrupted_pipedream_fit_keeps_each_layers_last_update():
+    tr = _trainer(policies.PipeDream(2))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_Interrupt(3)])
+    v = tr.versions
+    # each layer after its own last update (2 per minibatch); the counters stop at the first
+    # minibatch whose loss was not known
+    assert all(n >= 2 * 3 for n in v.values()) and len(tr.history.losses) == tr.state.minibatches
+    # the pipeline streams: whether the epoch's last loss (minibatch 4) was known when the
+    # interrupt came depends on timing, so the first epoch may or may not be complete
+    before = tr.epochs_done
+    assert before in (0, 1) and tr.epoch_batches == tr.state.minibatches - 5 * before
+    tr.fit(_data(), epochs=1, batch_size=8)  # and it goes on from there
+    assert tr.epochs_done == before + 1 and tr.epoch_batches == 0
+
+
+@dataclass(frozen=True)
+class _CtrlCAtLabel7(nn.CrossEntropyLoss):
+    """Ctrl-C as it lands mid-minibatch: in the loss of the key holding the label 7."""
+
+    def __call__(self, params, logits, labels):
+        if (np.asarray(labels) == 7).any():
+            raise KeyboardInterrupt
+        return super().__call__(params, logits, labels)
+
+
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
+@pytest.mark.parametrize(
+    "policy", [policies.PipeDream2BW(2), policies.GPipe(2)], ids=["pipedream2bw", "gpipe"]
+)
+def test_a_fit_stopped_mid_minibatch_keeps_no_part_of_it_and_resumes_bit_identically(policy, stop):
+    # (PipeDream2BW kept each layer's half-summed gradient of the unfinished minibatch 3 and
+    # its layers after different minibatches; the next fit added the half-sum into another
+    # minibatch's update)
+    data = _data()
+    bad = {"x": data["x"], "y": data["y"].copy()}
+    bad["y"][29] = 7  # the second key (rows 28..31) of minibatch 3 stops the fit
+
+    def trainer():
+        loss = _CtrlCAtLabel7() if stop == "ctrl-c" else None
+        return ann.Trainer(
+            chain_graph(3, loss=loss), optimizer=optim.Adam(lr=0.01), policy=policy, seed=3
+        )
+
+    tr = trainer()
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else ann.ActorError):
+        tr.fit(bad, epochs=1, batch_size=8, check_data=False)
+    # every layer after the same minibatches, those the position counts, and no partial sum
+    # (under PipeDream2BW 2 or 3 of them: whether stage 0 had applied minibatch 2 by then)
+    done = tr.state.minibatches
+    assert done in (2, 3) and set(tr.versions.values()) == {done}
+    assert tr.state.pending_grads == {} and tr.state.keys == 2 * done
+    assert (tr.epochs_done, tr.epoch_batches, len(tr.history.losses)) == (0, done, done)
+    tr.fit(data, epochs=1, batch_size=8)  # minibatches `done`.. 4
+    reference = trainer()
+    if policy.flush:  # as if never stopped
+        reference.fit(data, epochs=1, batch_size=8)
+    else:  # a stream restarts with each fit: as a fit that ended after `done` minibatches
+        reference.fit({k: v[: 8 * done] for k, v in data.items()}, epochs=1, batch_size=8)
+        reference.fit({k: v[8 * done :] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, reference.params)
