@@ -6,6 +6,7 @@ fail (traces of captured runs: ``tests/test_device_path_emulated.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import anyio
@@ -18,17 +19,18 @@ from asyncnn import nn, optim, policies
 from _reference import assert_params_equal
 
 
-def _train(policy, batches, graphs, control=None):
+def _train(policy, batches, graphs, control=None, optimizer=None):
     modules = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
                nn.Tanh(), nn.Linear(8, 3)]  # fmt: skip
     g = ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=4, balance="params")
     out: dict[str, Any] = {}
     if control is not None:
         control["actors"].clear()
+    opt = optim.SGD(lr=0.05, momentum=0.5) if optimizer is None else optimizer
 
     async def main():
         async with ann.open_run(
-            g, optim.SGD(lr=0.05, momentum=0.5), policy, dtype="float64", cuda_graphs=graphs
+            g, opt, policy, dtype="float64", cuda_graphs=graphs
         ) as run:  # fmt: skip
             for b in batches:
                 await run.step(b)
@@ -130,3 +132,52 @@ def test_gradients_still_owed_are_summed_when_a_run_state_asks(emulated):
     np.testing.assert_array_equal(actor.acc["w"], [1.5, 0.0])
     actor.acc = None  # (a run's state restored: nothing owed)
     assert actor.acc is None and not actor._owed
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepsLastGradient(optim.Optimizer):
+    """``p -= lr * (g + g_before / 2)``: keeps the gradient it was given, as its state."""
+
+    lr: float = 0.05
+    clip_norm: float | None = None
+
+    def buffer_names(self):
+        return ("before",)
+
+    def update_leaf(self, p, g, buffers, step, lr):
+        return p - lr * (g + 0.5 * buffers[0]), (g,)
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(3)], ids=["sync", "gpipe3"])
+def test_an_optimizer_of_ones_own_may_keep_the_gradients_it_is_given(emulated, policy):
+    # (the gradients handed to an update are the graphs' own buffers, or the sum's: a later
+    # backward or sum wrote over what the optimizer kept)
+    batches = _batches([12] * 6, seed=3)
+    eager = _train(policy, batches, False, optimizer=_KeepsLastGradient())
+    graphs = _train(policy, batches, True, emulated, optimizer=_KeepsLastGradient())
+    assert graphs["active"]
+    assert_params_equal(graphs["params"], eager["params"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _UpdateEveryTwoMinibatches(policies.GPipe):
+    """A flush whose update sums two minibatches, telling no minibatch done."""
+
+    def minibatch_done(self, backwards_done, minibatch_keys):
+        return False
+
+    def update_due(self, backwards_since_update, minibatch_done):
+        return backwards_since_update == 2 * self.microbatches
+
+    def gradient_scale(self, accumulated):
+        return 1.0 / accumulated
+
+
+def test_a_flush_that_updates_across_minibatches_sums_before_the_graphs_run_again(emulated):
+    policy = _UpdateEveryTwoMinibatches(3)
+    batches = _batches([12] * 8, seed=4)
+    eager = _train(policy, batches, False)
+    graphs = _train(policy, batches, True, emulated)
+    assert graphs["active"] and all(st.replays for st in graphs["stats"].values())
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])

@@ -101,6 +101,11 @@ class _Graphs:
             return -1
         if mb != self.minibatch:
             self.minibatch, self.next_slot = mb, 0
+            # a policy that updates across minibatches (none built in does): what the last
+            # one's keys left in their graphs' buffers is summed before they are written again
+            settle = getattr(self.actor, "settle_owed", None)
+            if settle is not None:
+                settle()
         slot = self.next_slot
         self.next_slot += 1
         if slot >= self.slots:
@@ -247,6 +252,7 @@ class ActorGraphs(UpdateGraphs):
         self.grad_sum: list[Any] = []
         self.grad_sum_tree: Any = None
         self.grad_sum_def: Any = None
+        self.last_grads: Any = None
         self.base.memory = self.memory
 
     def memory(self) -> int:
@@ -412,6 +418,8 @@ class ActorGraphs(UpdateGraphs):
         else:
             base._load(entry.g_leaves, leaves)
         entry.backward.launch(self.actor.stream)
+        # (a backward graph's result: the parameters' gradients, then the inputs')
+        self.last_grads = entry.grads[0]
         return entry.grads
 
     # -- a forward and a recomputing backward, at the latest weights -----------------------------

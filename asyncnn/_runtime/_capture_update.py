@@ -15,7 +15,7 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._math._optim import SGD, Adam, AdamW
-from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 if TYPE_CHECKING:
     import collections
@@ -43,6 +43,8 @@ class UpdateGraphs:
     grad_sum: list[Any]
     grad_sum_tree: Any
     grad_sum_def: Any
+    #: the parameters' gradients of the backward graph launched last (:meth:`keeps_gradients`)
+    last_grads: Any
 
     params_tree: Any  # the tree of the static parameters handed to the actor
 
@@ -56,10 +58,7 @@ class UpdateGraphs:
         buffers that stay as they are until the minibatch's end: under a flush, where a slot's
         graphs run again only in a later minibatch. Their sum can then wait for the update
         (:meth:`sum_gradients`)."""
-        if self.base.streaming:
-            return False
-        # (a backward graph's result: the parameters' gradients, then the inputs')
-        return any(e.grads is not None and e.grads[0] is grads for e in self.entries.values())
+        return grads is self.last_grads and not self.base.streaming
 
     def sum_gradients(self, acc: Any, owed: tuple[Any, ...], scale: float) -> Any:
         """``((acc + owed[0]) + owed[1] ...) * scale`` (``acc`` None: from ``owed[0]``), the
@@ -67,9 +66,12 @@ class UpdateGraphs:
         pass per key, the scaling another and the captured update a copy). The result lies in
         buffers of this actor, the same at every call, which the captured update reads as they
         are; it is ``owed[0]`` itself where that is the whole sum. Gradients the one-pass sum
-        does not take (16-bit) are added and scaled as they were, into fresh arrays."""
+        does not take (16-bit) are added and scaled as they were, into fresh arrays. An
+        optimizer of the user's own may keep the gradients it is given: it gets fresh arrays
+        (a copy where ``owed[0]`` is the whole sum), which no later sum or backward writes."""
+        keeps_none = type(self.actor.ctx.optimizer) in (SGD, Adam, AdamW)
         if acc is None and len(owed) == 1 and scale == 1.0:
-            return owed[0]
+            return owed[0] if keeps_none else tree_copy(owed[0])
         terms = [tree_flatten(t) for t in ((acc, *owed) if acc is not None else owed)]
         if not self.base.sums([t[0] for t in terms]):
             total = owed[0] if acc is None else tree_map(operator.add, acc, owed[0])
@@ -77,6 +79,10 @@ class UpdateGraphs:
                 total = tree_map(operator.add, total, t)
             return total if scale == 1.0 else tree_map(lambda a: a * scale, total)
         leaves, treedef = terms[0]
+        if not keeps_none:
+            out = [self.base.xp.empty_like(x) for x in leaves]
+            self.base.sum_into(out, [t[0] for t in terms], scale)
+            return tree_unflatten(treedef, out)
         out = self.grad_sum
         if treedef != self.grad_sum_def or any(
             o.shape != x.shape or o.dtype != x.dtype for o, x in zip(out, leaves, strict=True)

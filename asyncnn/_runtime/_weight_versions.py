@@ -250,15 +250,22 @@ class WeightVersions(_Actor):
             # a graph's buffers, which a later backward writes over before the next sum
             self._acc = await self.compute(tree_copy, param_grads, cost=0)
 
+    def settle_owed(self) -> None:
+        """Adds the gradients still owed to :attr:`acc`'s sum, queued on this actor's stream
+        (before any later work of it)."""
+        if self._owed:
+            with self.backend.activate(self.stream):
+                self._acc, self._owed = _fold(self._acc, self._owed), ()
+
     @property
     def acc(self) -> Any:
         """The parameter gradients summed since the last update (None: none yet), as a run's
-        state records them (after its devices are idle: any sum still owed is made here)."""
+        state records them: any sum still owed is made here, and waited for (a host copy
+        of the result, on another stream, would not wait for this actor's)."""
         if self._owed:
-            owed = self._owed
-            with self.backend.activate(self.stream):
-                self._acc = _fold(self._acc, owed)
-            self._owed = ()
+            self.settle_owed()
+            if self.stream is not None:
+                self.stream.synchronize()
         return self._acc
 
     @acc.setter
