@@ -14,12 +14,12 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from test_loops import _data as loop_data
-from test_loops import rnn_graph
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
+from _loops_cases import _data as loop_data
+from _loops_cases import rnn_graph
 from _reference import assert_params_equal
 from _routing_cases import _data as routing_data
 from _routing_cases import moe_graph

@@ -1,7 +1,7 @@
 """Interleaved 1F1B and zero bubble in the runtime (asyncnn/_runtime/_interleaved.py, _turns.py):
 the stages of one device take turns in the device's order, ZB-H1's backward runs as an input half
 and a deferred weight half, and both give the plain loop's parameters, bit-identical run to run
-under random sleeps. (Their orders against PyTorch's are in test_policies.py; their measured
+under random sleeps. (Their orders against PyTorch's are in test_policies_orders.py; their measured
 bubble in test_experiments_pipeline_bubble.py.)"""
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""Optimizers, schedules, clipping: trajectories against float64 formulas and torch.optim."""
+"""Optimizers and schedules: trajectories against float64 formulas, dtypes, state, and updates
+cut over a team."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -16,40 +15,7 @@ from asyncnn import optim
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from asyncnn.backends import Backend
 
-STEPS = 5
-
-
-def _tree_of(rng: np.random.Generator, scale: float = 1.0) -> Any:
-    return {
-        "w": rng.normal(size=(3, 4)) * scale,
-        "layers": [rng.normal(size=(5,)) * scale, {"b": rng.normal(size=(2, 2)) * scale}],
-        "scalar": np.asarray(rng.normal() * scale),
-    }
-
-
-def _problem(seed: int = 0) -> tuple[Any, list[Any]]:
-    rng = np.random.default_rng(seed)
-    params = _tree_of(rng)
-    grads = [_tree_of(rng, scale=0.5 + t) for t in range(STEPS)]
-    return params, grads
-
-
-def _to(backend: Backend, tree: Any, dtype: str) -> Any:
-    return tree_map(lambda x: backend.asarray(np.asarray(x, dtype=dtype)), tree)
-
-
-def _host(backend: Backend, tree: Any) -> list[np.ndarray]:
-    return [np.asarray(backend.to_numpy(x)) for x in tree_leaves(tree)]
-
-
-def _run(opt: optim.Optimizer, backend: Backend, params: Any, grads: list[Any], dtype: str) -> Any:
-    p = _to(backend, params, dtype)
-    state = opt.init(p)
-    for g in grads:
-        p, state = opt.update(p, _to(backend, g, dtype), state)
-    assert state["step"] == len(grads)
-    return p
-
+from _optim_cases import ALL_OPTIMIZERS, SCHEDULES, _half, _host, _problem, _run, _to
 
 # Independent references: one leaf list, the formulas of the torch docs, float64.
 
@@ -108,12 +74,6 @@ def _ref_adam(params: Any, grads_seq: list[Any], decoupled: bool, **kw: Any) -> 
     return ps
 
 
-SCHEDULES = {
-    "step": optim.StepLR(0.1, step_size=2, gamma=0.5),
-    "cosine": optim.CosineAnnealing(0.1, total_steps=4, min_lr=0.01),
-    "warmup": optim.LinearWarmup(optim.CosineAnnealing(0.1, total_steps=6), warmup_steps=3),
-}
-
 SGD_CASES = [
     {},
     {"momentum": 0.9},
@@ -128,6 +88,7 @@ SGD_CASES = [
     {"lr": SCHEDULES["cosine"], "weight_decay": 0.1},
     {"lr": SCHEDULES["warmup"], "momentum": 0.5, "nesterov": True},
 ]
+
 
 ADAM_CASES = [
     {},
@@ -192,16 +153,6 @@ def test_sgd_first_momentum_step_is_undamped(backend: Backend) -> None:
     np.testing.assert_allclose(backend.to_numpy(s2["momentum_buffer"]["x"]), [0.7, -1.4])
 
 
-ALL_OPTIMIZERS = [
-    optim.SGD(lr=0.1),
-    optim.SGD(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.1, clip_norm=1.0),
-    optim.SGD(lr=SCHEDULES["warmup"], momentum=0.9, nesterov=True, weight_decay=0.1),
-    optim.Adam(lr=0.1, weight_decay=0.1, clip_norm=1.0),
-    optim.Adam(lr=SCHEDULES["step"], amsgrad=True),
-    optim.AdamW(lr=0.1, amsgrad=True, clip_norm=0.5),
-]
-
-
 @pytest.mark.parametrize("opt", ALL_OPTIMIZERS, ids=repr)
 def test_update_never_mutates_inputs(backend: Backend, opt: optim.Optimizer) -> None:
     params, grads = _problem(3)
@@ -234,12 +185,6 @@ def test_float32_stays_float32(backend: Backend, opt: optim.Optimizer) -> None:
     f64 = _host(backend, _run(opt, backend, params, grads, "float64"))
     for a, b in zip(_host(backend, p), f64, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def _half(backend: Backend, name: str) -> Any:
-    if name == "bfloat16":
-        pytest.importorskip("ml_dtypes")
-    return backend.dtype(name)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -300,86 +245,56 @@ def test_state_is_a_pytree_of_arrays_and_ints(backend: Backend) -> None:
     assert rebuilt["step"] == 1 and type(rebuilt["step"]) is int
 
 
-# Clipping
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+        optim.Adam(lr=1e-2, amsgrad=True),
+        optim.AdamW(lr=1e-2, weight_decay=0.1),
+    ],  # fmt: skip
+    ids=lambda o: type(o).__name__,
+)
+def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
+    from asyncnn.backends import ComputeTeam, using_team
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
+    grads = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
+    state = opt.init(params)
+    whole = opt.update(params, grads, state)
+    whole = opt.update(whole[0], grads, whole[1])
+    with ComputeTeam(2, part_elements=1024) as team, using_team(team):
+        assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+        cut = opt.update(params, grads, state)
+        cut = opt.update(cut[0], grads, cut[1])
+    for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_clip_grad_norm_hand_values(backend: Backend) -> None:
-    grads = {"a": backend.asarray(np.array([3.0])), "b": [backend.asarray(np.array([[4.0]]))]}
-    clipped, norm = optim.clip_grad_norm(grads, 1.0)
-    assert float(norm) == pytest.approx(5.0, rel=1e-15)
-    coef = 1.0 / (5.0 + 1e-6)
-    np.testing.assert_allclose(backend.to_numpy(clipped["a"]), [3.0 * coef], rtol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(clipped["b"][0]), [[4.0 * coef]], rtol=1e-15)
-    np.testing.assert_array_equal(backend.to_numpy(grads["a"]), [3.0])  # not modified
-    unclipped, norm = optim.clip_grad_norm(grads, 10.0)
-    assert float(norm) == pytest.approx(5.0, rel=1e-15)
-    np.testing.assert_array_equal(backend.to_numpy(unclipped["b"][0]), [[4.0]])
-    assert unclipped["a"] is not grads["a"]
+def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing() -> None:
+    # numpy's error state is per thread: the team's threads must set it too
+    from asyncnn.backends import ComputeTeam, using_team
+
+    opt = optim.Adam(lr=1e-2)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(512, 300))}
+    g = rng.normal(size=(512, 300))
+    g[0, 0], g[400, 5], g[300, 7] = math.inf, -math.inf, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole, _ = opt.update(params, {"w": g}, opt.init(params))
+        with ComputeTeam(2, part_elements=1024) as team, using_team(team):
+            assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+            cut, _ = opt.update(params, {"w": g}, opt.init(params))
+    np.testing.assert_array_equal(cut["w"], whole["w"])
+    assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()
 
 
-def test_clip_grad_norm_keeps_float32_and_handles_empty(backend: Backend) -> None:
-    grads = [backend.asarray(np.full((4, 4), 2.0, np.float32))]
-    clipped, norm = optim.clip_grad_norm(grads, 1.0)
-    assert clipped[0].dtype == np.float32 and norm.dtype == np.float32
-    np.testing.assert_allclose(backend.to_numpy(clipped[0]), np.full((4, 4), 0.25), rtol=1e-6)
-    empty, norm = optim.clip_grad_norm({}, 1.0)
-    assert empty == {} and float(norm) == 0.0
-    with pytest.raises(ValueError, match="max_norm"):
-        optim.clip_grad_norm(grads, -1.0)
-
-
-def test_clip_grad_norm_many_leaves(backend: Backend) -> None:
-    grads = [backend.asarray(np.full(2, 0.5)) for _ in range(100)]
-    clipped, norm = optim.clip_grad_norm(grads, 1.0)
-    assert float(norm) == pytest.approx(math.sqrt(50.0), rel=1e-14)
-    np.testing.assert_allclose(backend.to_numpy(clipped[99]), 0.5 / (math.sqrt(50.0) + 1e-6))
-
-
-CLIP_CASES = {
-    # name: (gradient leaves, max_norm, expected total norm, expected clipped leaves)
-    "zero": ([[0.0, 0.0], [0.0]], 1.0, 0.0, [[0.0, 0.0], [0.0]]),
-    "max_norm 0": ([[3.0], [4.0]], 0.0, 5.0, [[0.0], [0.0]]),
-    "inf": ([[math.inf, 1.0], [2.0]], 1.0, math.inf, [[math.nan, 0.0], [0.0]]),
-    "-inf": ([[-math.inf], [2.0]], 1.0, math.inf, [[math.nan], [0.0]]),
-    "nan": ([[math.nan, 1.0], [2.0]], 1.0, math.nan, [[math.nan, math.nan], [math.nan]]),
-}
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", CLIP_CASES)
-def test_clip_grad_norm_edge_cases(backend: Backend, case: str, dtype: str) -> None:
-    # as torch's default: nothing raised, and with filterwarnings=error no numpy warning either
-    leaves, max_norm, norm, expected = CLIP_CASES[case]
-    grads = [backend.asarray(np.asarray(g, dtype)) for g in leaves]
-    clipped, total = optim.clip_grad_norm(grads, max_norm)
-    np.testing.assert_array_equal(float(total), norm)
-    for a, e in zip(clipped, expected, strict=True):
-        np.testing.assert_array_equal(backend.to_numpy(a), np.asarray(e, dtype))
-    torch = pytest.importorskip("torch")
-    ts = [torch.zeros(len(g), dtype=getattr(torch, dtype), requires_grad=True) for g in leaves]
-    for t, g in zip(ts, leaves, strict=True):
-        t.grad = torch.tensor(g, dtype=getattr(torch, dtype))
-    np.testing.assert_array_equal(torch.nn.utils.clip_grad_norm_(ts, max_norm).item(), norm)
-    for t, a in zip(ts, clipped, strict=True):
-        np.testing.assert_array_equal(t.grad.numpy(), backend.to_numpy(a))
-
-
-@pytest.mark.parametrize("name", ["float16", "bfloat16"])
-def test_clip_grad_norm_sums_16_bit_squares_in_float32(backend: Backend, name: str) -> None:
-    # 256 * 16**2 = 65536 overflows float16 (max 65504): the norm was inf, the gradients zeroed
-    dt = _half(backend, name)
-    grads = [backend.asarray(np.full(256, 16.0, dt)), backend.asarray(np.ones((), dt))]
-    clipped, norm = optim.clip_grad_norm(grads, 1.0)
-    assert norm.dtype == np.float32 and float(norm) == pytest.approx(math.sqrt(65537.0), 1e-7)
-    coef = 1.0 / (math.sqrt(65537.0) + 1e-6)
-    for a, g in zip(clipped, [16.0, 1.0], strict=True):
-        assert a.dtype == dt
-        np.testing.assert_allclose(np.asarray(backend.to_numpy(a), np.float64), g * coef, 4e-3)
-    if name == "float16":  # torch's norm accumulates in float32 too
-        torch = pytest.importorskip("torch")
-        ts = [torch.zeros(256, dtype=torch.float16, requires_grad=True)]
-        ts[0].grad = torch.full((256,), 16.0, dtype=torch.float16)
-        assert torch.nn.utils.clip_grad_norm_(ts, 1.0).item() == 256.0
+def test_public_namespace() -> None:
+    for name in optim.__all__:
+        assert getattr(optim, name) is not None
+    public = {n for n in vars(optim) if not n.startswith("_") and n[0].isupper()}
+    assert public <= set(optim.__all__)
 
 
 # Schedules
@@ -418,357 +333,3 @@ def test_schedule_drives_the_optimizer_lr(backend: Backend) -> None:
         p = new
     assert moves == [1.0, 1.0, 0.5, 0.5, 0.25]
     assert [opt.learning_rate(t) for t in range(5)] == moves
-
-
-# Specs
-
-
-@pytest.mark.parametrize("opt", ALL_OPTIMIZERS + [optim.AdamW(), optim.Adam()], ids=repr)
-def test_spec_round_trip(opt: optim.Optimizer) -> None:
-    spec = opt.to_spec()
-    assert spec["name"] == type(opt).__name__
-    wire = msgpack.unpackb(msgpack.packb(spec))
-    assert wire == spec
-    again = optim.from_spec(wire)
-    assert again == opt and type(again) is type(opt)
-    assert again.to_spec() == spec
-
-
-def test_schedule_spec_round_trip() -> None:
-    for sched in SCHEDULES.values():
-        spec = msgpack.unpackb(msgpack.packb(sched.to_spec()))
-        assert optim.schedule_from_spec(spec) == sched
-
-
-def test_from_spec_errors() -> None:
-    with pytest.raises(ValueError, match="unknown optimizer 'Lion'.*'SGD'"):
-        optim.from_spec({"name": "Lion", "lr": 1.0})
-    with pytest.raises(ValueError, match="bad SGD spec.*betas"):
-        optim.from_spec({"name": "SGD", "betas": [0.9, 0.99]})
-    with pytest.raises(ValueError, match="dict with a 'name' key"):
-        optim.from_spec({"lr": 0.1})
-    with pytest.raises(ValueError, match="cannot import the optimizer"):
-        optim.from_spec({"name": "no_such_module_xyz:Opt"})
-    with pytest.raises(ValueError, match="not a Optimizer subclass"):
-        optim.from_spec({"name": "asyncnn.optim:StepLR"})
-    with pytest.raises(ValueError, match="unknown schedule 'Exp'"):
-        optim.from_spec({"name": "SGD", "lr": {"name": "Exp"}})
-
-
-# Bad hyperparameters and bad inputs
-
-
-BAD = [
-    (optim.SGD, {"lr": -0.1}, ValueError, "invalid learning rate lr=-0.1"),
-    (optim.SGD, {"lr": float("nan")}, ValueError, "invalid learning rate"),
-    (optim.SGD, {"lr": "0.1"}, TypeError, "lr must be a float or a schedule"),
-    (optim.SGD, {"momentum": -0.5}, ValueError, "invalid momentum value -0.5"),
-    (optim.SGD, {"weight_decay": -1}, ValueError, "invalid weight_decay value -1"),
-    (optim.SGD, {"nesterov": True}, ValueError, "Nesterov momentum requires a momentum"),
-    (optim.SGD, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, "zero damp"),
-    (optim.SGD, {"clip_norm": 0.0}, ValueError, "clip_norm must be > 0"),
-    (optim.Adam, {"lr": -1e-3}, ValueError, "invalid learning rate"),
-    (optim.Adam, {"betas": (1.0, 0.999)}, ValueError, "invalid beta parameter at index 0: 1.0"),
-    (optim.Adam, {"betas": (0.9, -0.1)}, ValueError, "invalid beta parameter at index 1"),
-    (optim.Adam, {"betas": 0.9}, TypeError, "betas must be a pair"),
-    (optim.Adam, {"eps": -1e-8}, ValueError, "invalid eps value"),
-    (optim.AdamW, {"weight_decay": -0.01}, ValueError, "AdamW: invalid weight_decay"),
-    (optim.AdamW, {"amsgrad": 1}, TypeError, "amsgrad must be a bool"),
-    (optim.AdamW, {"clip_norm": "big"}, TypeError, "clip_norm must be a real number"),
-    (optim.StepLR, {"lr": 0.1, "step_size": 0}, ValueError, "step_size must be a positive"),
-    (optim.StepLR, {"lr": 0.1, "step_size": 2, "gamma": -1}, ValueError, "gamma must be >= 0"),
-    (optim.CosineAnnealing, {"lr": 0.1, "total_steps": 1.5}, ValueError, "total_steps"),
-    (optim.CosineAnnealing, {"lr": 0.1, "total_steps": 9, "min_lr": 0.2}, ValueError, "min_lr"),
-    (optim.LinearWarmup, {"schedule": -1.0, "warmup_steps": 3}, ValueError, "learning rate"),
-    (
-        optim.LinearWarmup,
-        {"schedule": 0.1, "warmup_steps": 3, "start_factor": 2},
-        ValueError,
-        "0, 1",
-    ),
-]
-
-
-@pytest.mark.parametrize(("cls", "kw", "exc", "match"), BAD, ids=[b[3][:30] for b in BAD])
-def test_bad_hyperparameters(cls: type, kw: dict[str, Any], exc: type, match: str) -> None:
-    with pytest.raises(exc, match=match):
-        cls(**kw)
-
-
-def test_bad_update_inputs(backend: Backend) -> None:
-    p = {"w": backend.asarray(np.zeros((2, 3), np.float32))}
-    opt = optim.SGD(lr=0.1, momentum=0.9)
-    state = opt.init(p)
-    with pytest.raises(ValueError, match="grads have structure"):
-        opt.update(p, {"v": p["w"]}, state)
-    with pytest.raises(ValueError, match=r"shape \(3, 2\), but its parameter has shape \(2, 3\)"):
-        opt.update(p, {"w": backend.asarray(np.zeros((3, 2), np.float32))}, state)
-    with pytest.raises(TypeError, match=r"is float64, but its parameter is float32.*astype"):
-        opt.update(p, {"w": backend.asarray(np.zeros((2, 3)))}, state)
-    with pytest.raises(ValueError, match="is None"):
-        opt.update(p, {"w": None}, state)
-    with pytest.raises(ValueError, match=r"keys \['momentum_buffer', 'step'\].*got \['step'\]"):
-        opt.update(p, p, optim.SGD().init(p))
-    with pytest.raises(ValueError, match="was the state made for other parameters"):
-        opt.update(p, p, {"step": 1, "momentum_buffer": [p["w"]]})
-    with pytest.raises(ValueError, match="int >= 0"):
-        opt.update(p, p, {"step": -1, "momentum_buffer": p})
-
-
-BAD_LEAVES = [
-    ("int", lambda: np.ones(3, np.int64), "is int64; only float16/32/64 and bfloat16 arrays"),
-    ("bool", lambda: np.ones(3, bool), "is bool; only float"),
-    ("complex", lambda: np.ones(3, np.complex128), "is complex128; only float"),
-    ("python float", lambda: 1.5, "is float, not an array"),
-]
-
-
-@pytest.mark.parametrize(("kind", "make", "match"), BAD_LEAVES, ids=[b[0] for b in BAD_LEAVES])
-@pytest.mark.parametrize("opt", ALL_OPTIMIZERS[:4], ids=repr)
-def test_leaves_that_are_not_float_arrays_are_refused(
-    opt: optim.Optimizer, kind: str, make: Any, match: str
-) -> None:
-    # they failed deep in a ufunc, or (complex) Adam computed g * g for |g|^2 without a word
-    with pytest.raises(TypeError, match=r"update: parameter leaf 0 of \[\*\] " + match):
-        opt.update([make()], [make()], opt.init([np.ones(3)]))
-    # an int gradient was clipped to zeros
-    with pytest.raises(TypeError, match=r"clip_grad_norm: gradient leaf 0 of \[\*\] " + match):
-        optim.clip_grad_norm([make()], 1.0)
-
-
-@pytest.mark.parametrize(
-    "opt",
-    [optim.SGD(momentum=0.9), optim.Adam(), optim.AdamW(amsgrad=True)],
-    ids=lambda o: type(o).__name__,
-)
-def test_state_made_for_other_parameters_is_refused(backend: Backend, opt: optim.Optimizer) -> None:
-    # same structure, other shapes or dtypes: broadcasting used to reshape the parameters or
-    # promote float32 ones to float64 without a word
-    p = {"w": backend.asarray(np.zeros(3, np.float32))}
-    g = {"w": backend.asarray(np.ones(3, np.float32))}
-    name = type(opt).__name__
-    wider = dict(opt.init({"w": backend.asarray(np.zeros((2, 3), np.float32))}), step=1)
-    with pytest.raises(ValueError, match=rf"{name}.update: state\[.*shape \(2, 3\), but its "):
-        opt.update(p, g, wider)
-    f64 = dict(opt.init({"w": backend.asarray(np.zeros(3))}), step=1)
-    with pytest.raises(TypeError, match=rf"{name}.update: state\[.*float64, but its parameter is "):
-        opt.update(p, g, f64)
-    missing = dict(opt.init(p), step=1)
-    missing[opt.buffer_names()[0]] = {"w": None}
-    with pytest.raises(ValueError, match="is None.*other parameters"):
-        opt.update(p, g, missing)
-
-
-@dataclass(frozen=True)
-class _LinearDecay(optim.Schedule):
-    """A user schedule that forgets to stop at zero."""
-
-    lr: float
-    total_steps: int
-
-    def __call__(self, step: int) -> float:
-        return self.lr * (1.0 - step / self.total_steps)
-
-
-def test_a_schedule_giving_a_negative_rate_is_an_error(backend: Backend) -> None:
-    opt = optim.SGD(lr=_LinearDecay(1.0, 2))
-    p = {"w": backend.asarray(np.zeros(2))}
-    state = opt.init(p)
-    for _ in range(3):  # rates 1, 0.5, 0
-        p, state = opt.update(p, p, state)
-    with pytest.raises(ValueError, match=r"_LinearDecay.*-0.5 for step 3.*>= 0"):
-        opt.update(p, p, state)
-
-
-def test_public_namespace() -> None:
-    for name in optim.__all__:
-        assert getattr(optim, name) is not None
-    public = {n for n in vars(optim) if not n.startswith("_") and n[0].isupper()}
-    assert public <= set(optim.__all__)
-
-
-# torch.optim as a second reference
-
-
-def _torch_run(
-    backend: Backend, make: Any, params: Any, grads: list[Any], dtype: str, sched: Any = None
-) -> list[np.ndarray]:
-    torch = pytest.importorskip("torch")
-    leaves = [torch.tensor(np.asarray(x, dtype=dtype)) for x in tree_leaves(params)]
-    for t in leaves:
-        t.requires_grad_(True)
-    opt = make(leaves)
-    scheduler = sched(opt) if sched is not None else None
-    clip = getattr(opt, "_asyncnn_clip", None)
-    for grads_t in grads:
-        for t, g in zip(leaves, tree_leaves(grads_t), strict=True):
-            t.grad = torch.tensor(np.asarray(g, dtype=dtype))
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(leaves, clip)
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
-    return [t.detach().numpy() for t in leaves]
-
-
-def _torch_opt(kind: str, kw: dict[str, Any]) -> Any:
-    torch = pytest.importorskip("torch")
-    kw = dict(kw)
-    clip = kw.pop("clip_norm", None)
-    kw.pop("lr_schedule", None)
-    cls = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[kind]
-
-    def make(leaves: list[Any]) -> Any:
-        opt = cls(leaves, **kw)
-        opt._asyncnn_clip = clip
-        return opt
-
-    return make
-
-
-TORCH_CASES = [
-    ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
-    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.05}),
-    ("SGD", {"lr": 0.2, "clip_norm": 1.0}),
-    ("Adam", {"lr": 0.05, "weight_decay": 0.1}),
-    ("Adam", {"lr": 0.05, "amsgrad": True, "betas": (0.8, 0.95), "eps": 1e-4}),
-    ("AdamW", {"lr": 0.05, "weight_decay": 0.1, "clip_norm": 2.0}),
-    ("AdamW", {"lr": 0.05, "amsgrad": True}),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize(("kind", "kw"), TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
-def test_matches_torch(backend: Backend, kind: str, kw: dict[str, Any], dtype: str) -> None:
-    params, grads = _problem(5)
-    expected = _torch_run(backend, _torch_opt(kind, kw), params, grads, dtype)
-    got = _host(backend, _run(getattr(optim, kind)(**kw), backend, params, grads, dtype))
-    tol = 1e-12 if dtype == "float64" else 2e-6
-    for a, b in zip(got, expected, strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
-
-
-def _torch_schedulers() -> list[tuple[str, Any, Any]]:
-    torch = pytest.importorskip("torch")
-    sch = torch.optim.lr_scheduler
-    return [
-        ("step", optim.StepLR(0.1, step_size=2, gamma=0.3), lambda o: sch.StepLR(o, 2, 0.3)),
-        (
-            "cosine",
-            optim.CosineAnnealing(0.1, total_steps=5, min_lr=0.01),
-            lambda o: sch.CosineAnnealingLR(o, T_max=5, eta_min=0.01),
-        ),
-        (
-            "linear",
-            optim.LinearWarmup(0.1, warmup_steps=3, start_factor=0.25),
-            lambda o: sch.LinearLR(o, start_factor=0.25, total_iters=3),
-        ),
-        (
-            "warmup+step",
-            optim.LinearWarmup(optim.StepLR(0.1, 2, 0.5), warmup_steps=3, start_factor=0.2),
-            lambda o: sch.ChainedScheduler(
-                [sch.LinearLR(o, start_factor=0.2, total_iters=3), sch.StepLR(o, 2, 0.5)]
-            ),
-        ),
-        (
-            "warmup+cosine",
-            optim.LinearWarmup(optim.CosineAnnealing(0.1, 5), warmup_steps=2, start_factor=0.5),
-            lambda o: sch.ChainedScheduler(
-                [sch.LinearLR(o, start_factor=0.5, total_iters=2), sch.CosineAnnealingLR(o, 5)]
-            ),
-        ),
-    ]
-
-
-@pytest.mark.parametrize("index", range(5))
-def test_schedules_match_torch(backend: Backend, index: int) -> None:
-    name, ours, make_sched = _torch_schedulers()[index]
-    params, grads = _problem(6)
-    make = _torch_opt("SGD", {"lr": 0.1, "momentum": 0.9})
-    expected = _torch_run(backend, make, params, grads, "float64", sched=make_sched)
-    got = _host(backend, _run(optim.SGD(lr=ours, momentum=0.9), backend, params, grads, "f8"))
-    for a, b in zip(got, expected, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
-
-
-@pytest.mark.parametrize(
-    "opt",
-    [
-        optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
-        optim.Adam(lr=1e-2, amsgrad=True),
-        optim.AdamW(lr=1e-2, weight_decay=0.1),
-    ],  # fmt: skip
-    ids=lambda o: type(o).__name__,
-)
-def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
-    from asyncnn.backends import ComputeTeam, using_team
-
-    rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
-    grads = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=(300,))}
-    state = opt.init(params)
-    whole = opt.update(params, grads, state)
-    whole = opt.update(whole[0], grads, whole[1])
-    with ComputeTeam(2, part_elements=1024) as team, using_team(team):
-        assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
-        cut = opt.update(params, grads, state)
-        cut = opt.update(cut[0], grads, cut[1])
-    for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-NON_FINITE_CASES = [
-    ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
-    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
-    ("Adam", {"lr": 0.1, "weight_decay": 0.1, "amsgrad": True}),
-    ("Adam", {"lr": 0.1, "eps": 0.0}),  # a zero gradient divides 0 by 0
-    ("AdamW", {"lr": 0.1, "weight_decay": 0.1}),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-@pytest.mark.parametrize(("kind", "kw"), NON_FINITE_CASES, ids=[c[0] for c in NON_FINITE_CASES])
-def test_non_finite_gradients_go_through_as_in_torch_without_a_warning(
-    backend: Backend, kind: str, kw: dict[str, Any], dtype: str
-) -> None:
-    """inf and NaN gradients give torch's inf and NaN (inf - inf, inf / inf, a square that
-    overflows), and numpy warns of none of it: with warnings as errors the update runs."""
-    inf, nan = math.inf, math.nan
-    # a gradient whose square overflows (in float16: its second moment)
-    big = {"float64": 1e200, "float32": 1e30, "float16": 6e4}[dtype]
-    params = {"w": np.array([1.0, 2.0, 3.0, 4.0, -1.0, 0.5])}
-    grads = [
-        {"w": np.array([inf, -inf, nan, 1.0, big, 0.0])},
-        {"w": np.array([1.0, 1.0, 1.0, -inf, 1.0, 0.0])},  # meets the inf buffers
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        (got,) = _host(backend, _run(getattr(optim, kind)(**kw), backend, params, grads, dtype))
-    assert not np.isfinite(got[:4]).all()  # the case is not vacuous
-    if dtype == "float16":  # (its state is rounded to 16 bits: torch's float32 run differs)
-        (want,) = _host(backend, _run(getattr(optim, kind)(**kw), backend, params, grads, "f4"))
-        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
-        return
-    (want,) = _torch_run(backend, _torch_opt(kind, kw), params, grads, dtype)
-    tol = 1e-12 if dtype == "float64" else 2e-6
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)  # the same inf and NaN too
-
-
-def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing() -> None:
-    # numpy's error state is per thread: the team's threads must set it too
-    from asyncnn.backends import ComputeTeam, using_team
-
-    opt = optim.Adam(lr=1e-2)
-    rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(512, 300))}
-    g = rng.normal(size=(512, 300))
-    g[0, 0], g[400, 5], g[300, 7] = math.inf, -math.inf, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        whole, _ = opt.update(params, {"w": g}, opt.init(params))
-        with ComputeTeam(2, part_elements=1024) as team, using_team(team):
-            assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
-            cut, _ = opt.update(params, {"w": g}, opt.init(params))
-    np.testing.assert_array_equal(cut["w"], whole["w"])
-    assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()

@@ -1,0 +1,163 @@
+"""Checkpoints loaded with overrides: another dtype, optimizer, graph, policy or run options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._checkpoint import CheckpointError
+
+from _checkpoint_cases import _copy, _data, _rewrite_spec, _sync_trainer, _trainer
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
+    tr = _trainer()
+    path = str(tmp_path_factory.mktemp("ckpt") / "c")
+    tr.save(path)
+    return path, tr
+
+
+def test_a_dtype_override_casts_the_weights_and_optimizer_state(saved: Any, tmp_path: Any) -> None:
+    path, tr = saved
+    wide = ann.Trainer.load(path, dtype="float64")
+    assert wide.dtype == "float64"
+    for name, params in wide.params.items():
+        for a, b in zip(params[0].values(), tr.params[name][0].values(), strict=True):
+            assert a.dtype == np.float64
+            np.testing.assert_array_equal(a, b.astype(np.float64))
+    adam = wide.state.opt_states["stage0"]
+    assert adam["exp_avg"][0]["weight"].dtype == np.float64
+    wide.save(str(tmp_path / "wide"))  # and back: float64 to float32 is the same numbers again
+    narrow = ann.Trainer.load(str(tmp_path / "wide"), dtype="float32")
+    assert_params_equal(narrow.params, tr.params)
+
+
+def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved: Any) -> None:
+    path, tr = saved
+    rng = np.random.default_rng(1)
+    data = {"x": rng.normal(size=(16, 6)).astype("float32"), "y": rng.integers(0, 3, 16)}
+    sgd = ann.Trainer.load(path, optimizer=optim.SGD(lr=0.1, momentum=0.9))
+    assert sgd.state.opt_states["stage0"]["step"] == 0 and sgd.versions == tr.versions
+    assert_params_equal(sgd.params, tr.params)
+    sgd.fit(data, batch_size=16)  # was an ActorError: SGD.update handed Adam's state
+    assert sgd.versions["stage0"] == tr.versions["stage0"] + 1
+    slower = ann.Trainer.load(path, optimizer=optim.Adam(lr=1e-4))
+    kept, was = slower.state.opt_states["stage1"], tr.state.opt_states["stage1"]
+    assert kept["step"] == was["step"] > 0
+    np.testing.assert_array_equal(kept["exp_avg_sq"][0]["bias"], was["exp_avg_sq"][0]["bias"])
+
+
+def _placed(widths: tuple[int, int] = (8, 3), bias: bool = True) -> ann.Graph:
+    """The graph of ``_trainer`` built by hand (as another placement of its layers would be)."""
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("stage0", nn.Sequential(nn.Linear(6, widths[0], bias=bias), nn.Tanh()), x)
+    out = g.layer("stage1", nn.Sequential(nn.Linear(widths[0], widths[1])), h)
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    g.output("logits", out)
+    return g
+
+
+def test_a_checkpoint_loads_into_another_graph_of_the_same_layers(saved: Any) -> None:
+    # (was a TypeError: "got multiple values for argument 'graph'", though overrides replace
+    # constructor arguments: a checkpoint saved on a GPU could not be put on a CPU)
+    path, tr = saved
+    back = ann.Trainer.load(path, graph=_placed())
+    assert back.versions == tr.versions and back.state.minibatches == tr.state.minibatches
+    assert_params_equal(back.params, tr.params)
+    assert_params_equal(back.state.opt_states, tr.state.opt_states)
+    with pytest.raises(TypeError, match="graph must be an asyncnn Graph, got dict"):
+        ann.Trainer.load(path, graph={})
+
+
+@pytest.mark.parametrize(
+    ("graph", "says"),
+    [
+        (lambda: _placed((9, 3)), r"the parameters of 'stage0', at \[0\]\['bias'\], have shape "
+                                  r"\(8,\) in the checkpoint, \(9,\) in the graph"),
+        (lambda: _placed((8, 4)), r"'stage1', at \[0\]\['bias'\], have shape \(3,\)"),
+        (lambda: _placed(bias=False), r"'stage0', at \[0\], hold the keys \['bias', 'weight'\] "
+                                      r"in the checkpoint, the keys \['weight'\] in the graph"),
+        (lambda: ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                                      loss=nn.CrossEntropyLoss(), stages=[1, 2],
+                                      input_shape=(None, 6)),
+         r"'stage0' hold a list of 2 entries in the checkpoint, a list of 1 entries"),
+        (lambda: ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                                      loss=nn.CrossEntropyLoss(), stages=3,
+                                      input_shape=(None, 6)),
+         r"has no weights for the layers \['stage2'\] \(the checkpoint's layers: \['stage0', "
+         r"'stage1'\]; the graph's: \['stage0', 'stage1', 'stage2'\]\)"),
+    ],
+    ids=["width", "classes", "no-bias", "another-cut", "another-layer"],
+)  # fmt: skip
+def test_loading_into_a_graph_that_differs_names_the_layer_and_the_shapes(
+    saved: Any, graph: Any, says: str
+) -> None:
+    path, _ = saved
+    with pytest.raises(CheckpointError, match=r"does not fit the graph given: .*" + says):
+        ann.Trainer.load(path, graph=graph())
+
+
+def test_the_run_options_come_back_with_the_checkpoint(tmp_path: Any) -> None:
+    # a loaded trainer lost check_finite=True, its stall_timeout and trace payloads: back to
+    # the defaults, silently
+    tr = _trainer()
+    tr.check_finite, tr.stall_timeout, tr.trace_payloads, tr.cuda_graphs = True, 5.0, "all", False
+    path = str(tmp_path / "c")
+    tr.save(path)
+    back = ann.Trainer.load(path)
+    assert (back.check_finite, back.stall_timeout, back.trace_payloads, back.cuda_graphs) == (
+        True, 5.0, "all", False,
+    )  # fmt: skip
+    over = ann.Trainer.load(path, check_finite=False, stall_timeout=9.0)  # overrides still win
+    assert (over.check_finite, over.stall_timeout, over.trace_payloads) == (False, 9.0, "all")
+    older = _copy(path, str(tmp_path / "older"))  # a checkpoint written before options were kept
+    _rewrite_spec(older, lambda s: s.pop("options"))
+    old = ann.Trainer.load(older)
+    assert (old.check_finite, old.stall_timeout, old.trace_payloads) == (False, 60.0, "inputs")
+
+
+def test_another_kind_of_policy_drops_the_gradients_the_saved_one_had_pending(
+    tmp_path: Any,
+) -> None:
+    # (Async's summed gradients of its last keys went unscaled into Sync's first update)
+    import dataclasses
+
+    data = _data()
+    tr = _sync_trainer()
+    tr.policy = policies.Async(max_active_keys=1, min_update_frequency=3)  # one key at a time
+    tr.fit(data, epochs=1, batch_size=8)
+    assert {n: c for n, (_, c) in tr.state.pending_grads.items()} == {"stage0": 1, "stage1": 1}
+    tr.save(str(tmp_path / "c"))
+    same_kind = ann.Trainer.load(str(tmp_path / "c"), policy=policies.Async(2, 2))
+    assert {n: c for n, (_, c) in same_kind.state.pending_grads.items()} == {
+        "stage0": 1, "stage1": 1,
+    }  # fmt: skip
+    sync = ann.Trainer.load(str(tmp_path / "c"), policy=policies.Sync())
+    assert sync.state.pending_grads == {} and sync.versions == tr.versions
+    reference = _sync_trainer()
+    reference.state = dataclasses.replace(tr.state, pending_grads={})
+    for trainer in (sync, reference):
+        trainer.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(sync.params, reference.params)
+
+
+def test_gradients_pending_of_skipped_keys_alone_load(tmp_path: Any) -> None:
+    # (an expert given no rows by the keys since its last update, under Async with
+    # min_update_frequency > 1, holds (None, count); its checkpoint was refused: "the pending
+    # gradients of 'e0' hold NoneType in the checkpoint")
+    tr = _sync_trainer()
+    tr.policy = policies.Async(max_active_keys=1, min_update_frequency=3)
+    tr.state.pending_grads["stage0"] = (None, 2)
+    tr.save(str(tmp_path / "c"))
+    back = ann.Trainer.load(str(tmp_path / "c"))
+    assert back.state.pending_grads == {"stage0": (None, 2)}

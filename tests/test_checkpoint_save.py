@@ -1,0 +1,267 @@
+"""Checkpoints saved: a save interrupted or failing leaves a whole checkpoint (the new one or the
+old one, at the epoch's position), and what a checkpoint cannot hold is refused before writing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
+from asyncnn._checkpoint import CheckpointError, read_graph
+
+from _checkpoint_cases import _copy, _data, _sync_trainer, _trainer
+from _reference import assert_params_equal
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
+    tr = _trainer()
+    path = str(tmp_path_factory.mktemp("ckpt") / "c")
+    tr.save(path)
+    return path, tr
+
+
+def test_a_save_refuses_to_overwrite_files_that_are_not_a_checkpoint(
+    saved: Any, tmp_path: Any
+) -> None:
+    # (a save into a folder of another tool overwrote its manifest.json without a word)
+    _, tr = saved
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app"}')
+    with pytest.raises(FileExistsError, match=r"it holds manifest.json, which saving would "
+                                              r"overwrite, and it is not an asyncnn checkpoint"):  # fmt: skip
+        tr.save(str(app))
+    assert (app / "manifest.json").read_text() == '{"name": "my app"}'
+    assert sorted(os.listdir(app)) == ["manifest.json"]
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(FileExistsError, match="it is a file; a checkpoint is a folder"):
+        tr.save(str(tmp_path / "a-file"))
+    # a checkpoint is replaced, and a folder of other files gets one beside them
+    tr.save(str(tmp_path / "ckpt"))
+    tr.save(str(tmp_path / "ckpt"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("mine")
+    tr.save(str(tmp_path / "notes"))
+    assert_params_equal(ann.Trainer.load(str(tmp_path / "notes")).params, tr.params)
+    assert (tmp_path / "notes" / "README").read_text() == "mine"
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 2])
+@pytest.mark.parametrize("first", [True, False], ids=["first-save", "over-a-checkpoint"])
+def test_a_save_interrupted_between_its_renames_loads_whole(
+    saved: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, renames_done: int, first: bool
+) -> None:
+    # (one interrupted after its first rename left neither checkpoint loadable: the old one's
+    # files half replaced, the new one's refused by the old manifest)
+    path, old = saved
+    folder = str(tmp_path / "c")
+    if not first:
+        _copy(path, folder)
+    new = _trainer()
+    new.params = {"stage1": [{k: v + 1 for k, v in new.params["stage1"][0].items()}]}
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        if len(calls) == renames_done:
+            raise KeyboardInterrupt  # between two renames
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.setattr(os, "replace", real)
+    if renames_done == 0 and not first:  # nothing renamed: the old checkpoint, as it was
+        assert_params_equal(ann.Trainer.load(folder).params, old.params)
+        return
+    back = ann.Trainer.load(folder)  # the new one, its renames finished
+    assert_params_equal(back.params, new.params)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+class _StopAt(ann.callbacks.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any, step: int, logs: Any) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def _interrupt_renames(monkeypatch: pytest.MonkeyPatch, after: int) -> list[str]:
+    """``os.replace`` raising KeyboardInterrupt after ``after`` renames (until undone)."""
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_a_save_interrupted_mid_epoch_between_its_renames_resumes_where_it_stood(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the load finished the renames, then refused the older save's fit.json beside them: "delete
+    # fit.json to start the interrupted epoch over", and the epoch's position was lost)
+    data = _data()
+    straight = _sync_trainer()
+    straight.fit(data, epochs=2, batch_size=8, shuffle=True)
+    tr = _sync_trainer()
+    folder = str(tmp_path / "c")
+    tr.save(folder)  # an earlier checkpoint in the folder, at minibatch 0
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(data, epochs=2, batch_size=8, shuffle=True, callbacks=[_StopAt(5)])
+    assert (tr.epochs_done, tr.epoch_batches) == (1, 2)
+    _interrupt_renames(monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(folder)
+    monkeypatch.undo()
+    back = ann.Trainer.load(folder)
+    assert (back.state.minibatches, back.epochs_done, back.epoch_batches) == (6, 1, 2)
+    back.fit(data, epochs=1, batch_size=8, shuffle=True)  # finishes epoch 1 from minibatch 2
+    assert_params_equal(back.params, straight.params)
+
+
+def test_a_save_over_one_interrupted_between_its_renames_keeps_a_whole_checkpoint(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the second save wrote its spec over the first's, which was still to be renamed; interrupted
+    # in its turn, it left neither checkpoint loadable: "arrays.safetensors is damaged")
+    import asyncnn._checkpoint as checkpoint
+
+    data = _data()
+    folder = str(tmp_path / "c")
+    first = _sync_trainer()
+    first.save(folder)
+    first.fit(data, epochs=1, batch_size=8)
+    _interrupt_renames(monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        first.save(folder)
+    monkeypatch.undo()
+    second = _sync_trainer()
+    second.fit(data, epochs=2, batch_size=8)
+    real_sync = checkpoint._sync
+
+    def interrupted(path: str) -> None:
+        if path.endswith("spec.msgpack.tmp"):
+            raise KeyboardInterrupt  # its spec written, not yet its manifest
+        real_sync(path)
+
+    monkeypatch.setattr(checkpoint, "_sync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(folder)
+    monkeypatch.undo()
+    back = ann.Trainer.load(folder)
+    assert back.state.minibatches == first.state.minibatches == 4
+    assert_params_equal(back.params, first.params)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_a_save_failing_before_its_renames_removes_what_it_wrote(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a full disk left arrays.safetensors.tmp, as large as the weights, in the folder)
+    import safetensors.numpy
+
+    tr = _sync_trainer()
+    folder = str(tmp_path / "c")
+    tr.save(folder)
+    before = sorted(os.listdir(folder))
+    tr.fit(_data(), epochs=1, batch_size=8)
+
+    def full_disk(arrays: Any, file: str) -> None:
+        Path(file).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tr.save(folder)
+    assert sorted(os.listdir(folder)) == before
+    assert ann.Trainer.load(folder).state.minibatches == 0  # the old checkpoint, whole
+
+
+class _Stateful(ann.LayerActor):
+    """An actor whose own state is what ``setup(kind=...)`` says."""
+
+    def setup(self, kind: str = "dict") -> None:
+        self.kind = kind
+
+    def actor_state(self) -> Any:
+        import collections
+        import dataclasses
+
+        seen = np.asarray(3)
+        if self.kind == "ordered":
+            return collections.OrderedDict(seen=seen)
+        if self.kind == "dataclass":
+            return dataclasses.make_dataclass("Seen", ["seen"])(seen)
+        return {"nested": [{"seen": seen}, {1: object()}]}
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("ordered", r"at its top it holds an object of type OrderedDict"),
+        ("dataclass", r"at its top it holds an object of type Seen; .*give its fields as a dict"),
+        ("plain", r"at \['nested'\]\[1\]\[1\] it holds an object of type object"),
+    ],
+)
+def test_an_actor_state_a_checkpoint_cannot_hold_is_refused_by_the_save(
+    tmp_path: Any, kind: str, says: str
+) -> None:
+    # (an OrderedDict or named tuple saved without a word, and the load then failed: "the array
+    # 'actor/a/0' is missing"; a dataclass failed with msgpack's "can not serialize 'Seen'")
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(6, 3), x, actor=_Stateful, actor_args={"kind": kind})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    tr.fit(_data(), batch_size=16)
+    with pytest.raises(TypeError, match=r"cannot save the actor state of 'a' .*" + says):
+        tr.save(str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("left", ["manifest", "spec"], ids=["in-manifest", "before-manifest"])
+def test_a_first_save_cut_off_before_its_renames_says_so(
+    saved: Any, tmp_path: Any, left: str
+) -> None:
+    # (a first save killed while it wrote manifest.json.tmp was reported as "written by an
+    # asyncnn older than checkpoint format version 2": load it with the asyncnn that wrote it)
+    path, tr = saved
+    folder = str(tmp_path / "new")
+    os.makedirs(folder)
+    for name in ("arrays.safetensors", "spec.msgpack"):  # written, synced, not yet renamed
+        with (
+            open(os.path.join(path, name), "rb") as src,
+            open(os.path.join(folder, name + ".tmp"), "wb") as dst,
+        ):
+            dst.write(src.read())
+    if left == "manifest":  # cut off half-way through the manifest
+        with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+            f.write('{"files": {"arrays.safe')
+    error = CheckpointError if left == "manifest" else FileNotFoundError
+    with pytest.raises(error, match=r"a save into this folder was interrupted before it "
+                       r"finished .*spec\.msgpack\.tmp.*save the trainer here again"):  # fmt: skip
+        ann.Trainer.load(folder)
+    if left == "manifest":
+        with pytest.raises(CheckpointError, match="was interrupted"):
+            read_graph(folder)
+    tr.save(folder)  # a save there replaces the files the interrupted one left
+    assert sorted(os.listdir(folder)) == [
+        "arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack",
+    ]  # fmt: skip
+    assert_params_equal(ann.Trainer.load(folder).params, tr.params)

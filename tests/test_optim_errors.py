@@ -1,0 +1,175 @@
+"""Optimizer and schedule specs round trip; bad hyperparameters, inputs, states and specs are
+refused with an error that names them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from asyncnn import optim
+from asyncnn.backends import Backend
+
+from _optim_cases import ALL_OPTIMIZERS, SCHEDULES
+
+# Specs
+
+
+@pytest.mark.parametrize("opt", ALL_OPTIMIZERS + [optim.AdamW(), optim.Adam()], ids=repr)
+def test_spec_round_trip(opt: optim.Optimizer) -> None:
+    spec = opt.to_spec()
+    assert spec["name"] == type(opt).__name__
+    wire = msgpack.unpackb(msgpack.packb(spec))
+    assert wire == spec
+    again = optim.from_spec(wire)
+    assert again == opt and type(again) is type(opt)
+    assert again.to_spec() == spec
+
+
+def test_schedule_spec_round_trip() -> None:
+    for sched in SCHEDULES.values():
+        spec = msgpack.unpackb(msgpack.packb(sched.to_spec()))
+        assert optim.schedule_from_spec(spec) == sched
+
+
+def test_from_spec_errors() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer 'Lion'.*'SGD'"):
+        optim.from_spec({"name": "Lion", "lr": 1.0})
+    with pytest.raises(ValueError, match="bad SGD spec.*betas"):
+        optim.from_spec({"name": "SGD", "betas": [0.9, 0.99]})
+    with pytest.raises(ValueError, match="dict with a 'name' key"):
+        optim.from_spec({"lr": 0.1})
+    with pytest.raises(ValueError, match="cannot import the optimizer"):
+        optim.from_spec({"name": "no_such_module_xyz:Opt"})
+    with pytest.raises(ValueError, match="not a Optimizer subclass"):
+        optim.from_spec({"name": "asyncnn.optim:StepLR"})
+    with pytest.raises(ValueError, match="unknown schedule 'Exp'"):
+        optim.from_spec({"name": "SGD", "lr": {"name": "Exp"}})
+
+
+# Bad hyperparameters and bad inputs
+
+
+BAD = [
+    (optim.SGD, {"lr": -0.1}, ValueError, "invalid learning rate lr=-0.1"),
+    (optim.SGD, {"lr": float("nan")}, ValueError, "invalid learning rate"),
+    (optim.SGD, {"lr": "0.1"}, TypeError, "lr must be a float or a schedule"),
+    (optim.SGD, {"momentum": -0.5}, ValueError, "invalid momentum value -0.5"),
+    (optim.SGD, {"weight_decay": -1}, ValueError, "invalid weight_decay value -1"),
+    (optim.SGD, {"nesterov": True}, ValueError, "Nesterov momentum requires a momentum"),
+    (optim.SGD, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, "zero damp"),
+    (optim.SGD, {"clip_norm": 0.0}, ValueError, "clip_norm must be > 0"),
+    (optim.Adam, {"lr": -1e-3}, ValueError, "invalid learning rate"),
+    (optim.Adam, {"betas": (1.0, 0.999)}, ValueError, "invalid beta parameter at index 0: 1.0"),
+    (optim.Adam, {"betas": (0.9, -0.1)}, ValueError, "invalid beta parameter at index 1"),
+    (optim.Adam, {"betas": 0.9}, TypeError, "betas must be a pair"),
+    (optim.Adam, {"eps": -1e-8}, ValueError, "invalid eps value"),
+    (optim.AdamW, {"weight_decay": -0.01}, ValueError, "AdamW: invalid weight_decay"),
+    (optim.AdamW, {"amsgrad": 1}, TypeError, "amsgrad must be a bool"),
+    (optim.AdamW, {"clip_norm": "big"}, TypeError, "clip_norm must be a real number"),
+    (optim.StepLR, {"lr": 0.1, "step_size": 0}, ValueError, "step_size must be a positive"),
+    (optim.StepLR, {"lr": 0.1, "step_size": 2, "gamma": -1}, ValueError, "gamma must be >= 0"),
+    (optim.CosineAnnealing, {"lr": 0.1, "total_steps": 1.5}, ValueError, "total_steps"),
+    (optim.CosineAnnealing, {"lr": 0.1, "total_steps": 9, "min_lr": 0.2}, ValueError, "min_lr"),
+    (optim.LinearWarmup, {"schedule": -1.0, "warmup_steps": 3}, ValueError, "learning rate"),
+    (
+        optim.LinearWarmup,
+        {"schedule": 0.1, "warmup_steps": 3, "start_factor": 2},
+        ValueError,
+        "0, 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw", "exc", "match"), BAD, ids=[b[3][:30] for b in BAD])
+def test_bad_hyperparameters(cls: type, kw: dict[str, Any], exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        cls(**kw)
+
+
+def test_bad_update_inputs(backend: Backend) -> None:
+    p = {"w": backend.asarray(np.zeros((2, 3), np.float32))}
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    state = opt.init(p)
+    with pytest.raises(ValueError, match="grads have structure"):
+        opt.update(p, {"v": p["w"]}, state)
+    with pytest.raises(ValueError, match=r"shape \(3, 2\), but its parameter has shape \(2, 3\)"):
+        opt.update(p, {"w": backend.asarray(np.zeros((3, 2), np.float32))}, state)
+    with pytest.raises(TypeError, match=r"is float64, but its parameter is float32.*astype"):
+        opt.update(p, {"w": backend.asarray(np.zeros((2, 3)))}, state)
+    with pytest.raises(ValueError, match="is None"):
+        opt.update(p, {"w": None}, state)
+    with pytest.raises(ValueError, match=r"keys \['momentum_buffer', 'step'\].*got \['step'\]"):
+        opt.update(p, p, optim.SGD().init(p))
+    with pytest.raises(ValueError, match="was the state made for other parameters"):
+        opt.update(p, p, {"step": 1, "momentum_buffer": [p["w"]]})
+    with pytest.raises(ValueError, match="int >= 0"):
+        opt.update(p, p, {"step": -1, "momentum_buffer": p})
+
+
+BAD_LEAVES = [
+    ("int", lambda: np.ones(3, np.int64), "is int64; only float16/32/64 and bfloat16 arrays"),
+    ("bool", lambda: np.ones(3, bool), "is bool; only float"),
+    ("complex", lambda: np.ones(3, np.complex128), "is complex128; only float"),
+    ("python float", lambda: 1.5, "is float, not an array"),
+]
+
+
+@pytest.mark.parametrize(("kind", "make", "match"), BAD_LEAVES, ids=[b[0] for b in BAD_LEAVES])
+@pytest.mark.parametrize("opt", ALL_OPTIMIZERS[:4], ids=repr)
+def test_leaves_that_are_not_float_arrays_are_refused(
+    opt: optim.Optimizer, kind: str, make: Any, match: str
+) -> None:
+    # they failed deep in a ufunc, or (complex) Adam computed g * g for |g|^2 without a word
+    with pytest.raises(TypeError, match=r"update: parameter leaf 0 of \[\*\] " + match):
+        opt.update([make()], [make()], opt.init([np.ones(3)]))
+    # an int gradient was clipped to zeros
+    with pytest.raises(TypeError, match=r"clip_grad_norm: gradient leaf 0 of \[\*\] " + match):
+        optim.clip_grad_norm([make()], 1.0)
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [optim.SGD(momentum=0.9), optim.Adam(), optim.AdamW(amsgrad=True)],
+    ids=lambda o: type(o).__name__,
+)
+def test_state_made_for_other_parameters_is_refused(backend: Backend, opt: optim.Optimizer) -> None:
+    # same structure, other shapes or dtypes: broadcasting used to reshape the parameters or
+    # promote float32 ones to float64 without a word
+    p = {"w": backend.asarray(np.zeros(3, np.float32))}
+    g = {"w": backend.asarray(np.ones(3, np.float32))}
+    name = type(opt).__name__
+    wider = dict(opt.init({"w": backend.asarray(np.zeros((2, 3), np.float32))}), step=1)
+    with pytest.raises(ValueError, match=rf"{name}.update: state\[.*shape \(2, 3\), but its "):
+        opt.update(p, g, wider)
+    f64 = dict(opt.init({"w": backend.asarray(np.zeros(3))}), step=1)
+    with pytest.raises(TypeError, match=rf"{name}.update: state\[.*float64, but its parameter is "):
+        opt.update(p, g, f64)
+    missing = dict(opt.init(p), step=1)
+    missing[opt.buffer_names()[0]] = {"w": None}
+    with pytest.raises(ValueError, match="is None.*other parameters"):
+        opt.update(p, g, missing)
+
+
+@dataclass(frozen=True)
+class _LinearDecay(optim.Schedule):
+    """A user schedule that forgets to stop at zero."""
+
+    lr: float
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        return self.lr * (1.0 - step / self.total_steps)
+
+
+def test_a_schedule_giving_a_negative_rate_is_an_error(backend: Backend) -> None:
+    opt = optim.SGD(lr=_LinearDecay(1.0, 2))
+    p = {"w": backend.asarray(np.zeros(2))}
+    state = opt.init(p)
+    for _ in range(3):  # rates 1, 0.5, 0
+        p, state = opt.update(p, p, state)
+    with pytest.raises(ValueError, match=r"_LinearDecay.*-0.5 for step 3.*>= 0"):
+        opt.update(p, p, state)
