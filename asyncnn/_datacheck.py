@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from ._math._data import has_numpy_dtype
-from ._runtime._checks import check_input
+from ._runtime._checks import check_input, check_ranges, range_checks, upstream
 from ._runtime._graph import Graph
-from ._runtime._run_guards import check_ranges, range_checks, upstream
 from .backends import is_floating, to_numpy
 
 __all__ = ["check_inputs", "check_labels", "check_params", "needed_inputs", "require_inputs"]

@@ -163,7 +163,6 @@ class DevicePool:
         # them whose caller was cancelled: a close waits without bound for the others only.
         self._unfinished = 0
         self._unfinished_abandoned = 0
-        self._closing = False  # under the lock: a closing pool's loop wants to hear of changes
         self._closer: anyio.Event | None = None  # set when the closing pool should look again
         self._closed = True
         self._call_soon: Callable[[Callable[[], object]], None] | None = None
@@ -181,9 +180,7 @@ class DevicePool:
     async def _aclose(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        with self._count_lock:
-            self._closing = True
+        self._closed = True  # (before the counts are read: a job's end from now on wakes the close)
         self._team.shutdown()
         assert self._all_exited is not None
         # Shielded: closing after a cancellation must still wait for the threads, or they would
@@ -237,7 +234,7 @@ class DevicePool:
                 self._unfinished_abandoned -= 1
             if job.skipped:
                 self._skipped += 1
-            closing = self._closing
+            closing = self._closed
         if closing:
             self._notify(self._pool_call_soon(), self._wake_closer)
         if not job.skipped:  # (nobody waits for a skipped one)
@@ -268,8 +265,7 @@ class DevicePool:
         """'Run this on the loop thread' for the loop that awaits: the pool's own, or another
         thread's loop that shares it (a worker must wake the loop its caller sleeps in: waking
         the pool's loop instead would set the caller's event from a foreign thread)."""
-        call_soon = self._call_soon
-        assert call_soon is not None
+        call_soon = self._pool_call_soon()
         if threading.get_ident() == self._loop_thread:  # the common case: one comparison
             return call_soon
         return _call_soon_threadsafe(anyio.lowlevel.current_token().native_token)
@@ -331,7 +327,7 @@ class DevicePool:
                 self._abandoned += 1
                 if not job.finished:
                     self._unfinished_abandoned += 1
-                closing = self._closing
+                closing = self._closed
             if closing:  # the close may now wait for this job no longer than the grace
                 self._notify(self._pool_call_soon(), self._wake_closer)
             raise

@@ -84,12 +84,12 @@ async def test_step_checks_gpu_like_ids_that_the_layer_would_turn_into_nan(
 @pytest.mark.anyio
 async def test_step_reads_gpu_ids_back_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from asyncnn._math import _ops_nn
-    from asyncnn._runtime import _run_guards
+    from asyncnn._runtime import _checks
 
     # numpy arrays taken for GPU ones: checking them would read back from the device at every
     # step, so by default their bad ids are left to the layer's NaN guard
     monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
-    monkeypatch.setattr(_run_guards, "is_cupy_array", lambda a: isinstance(a, np.ndarray))
+    monkeypatch.setattr(_checks, "is_cupy_array", lambda a: isinstance(a, np.ndarray))
     batch = _batch()
     batch["x"][2, 0] = 10
     async with _open() as run:
@@ -127,8 +127,7 @@ async def test_step_names_an_input_of_a_dtype_numpy_does_not_know() -> None:
 
 
 def test_range_checks_are_made_once_per_run_and_only_where_there_is_something_to_check() -> None:
-    from asyncnn._runtime._checks import validate
-    from asyncnn._runtime._run_guards import range_checks
+    from asyncnn._runtime._checks import range_checks, validate
 
     g = _token_graph()
     checks = range_checks(g, validate(g))

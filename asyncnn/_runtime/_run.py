@@ -28,7 +28,7 @@ from asyncnn.backends import (
 )
 
 from ._actor_table import actor_class
-from ._checks import first_not_finite
+from ._checks import first_not_finite, range_checks
 from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
@@ -38,7 +38,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
-from ._run_guards import RunGuards, range_checks
+from ._run_guards import RunGuards
 from ._specs import check_sync_hooks
 from ._stall import BlockedLoopMonitor
 from ._state import RunState

@@ -1,8 +1,8 @@
 """What keeps a run from hanging or going wrong without a word: the checks that refuse a call
 from another thread than the run's loop, or one the run can no longer serve (after its block was
-left, or once a step was cut off part-way); the checks of a step's batch (names, shapes, dtypes,
-and the ids and labels it holds against their range, with the helper ``Trainer`` checks its
-data with); the turn that lets steps and drains from several tasks go in one at a time, in the
+left, or once a step was cut off part-way); the checks of a step's batch (``_checks.py``'s:
+names, shapes, dtypes, and the ids and labels it holds against their range, as ``Trainer``
+checks its data); the turn that lets steps and drains from several tasks go in one at a time, in the
 order they were called; and the watchdog that raises a :class:`StallError` when no progress is
 made. Apart from ``_run.py``, the scheduler, because none of it decides what runs: each guards
 the scheduler's calls and its loop.
@@ -13,149 +13,21 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import numpy as np
 
 from asyncnn._errors import StallError
-from asyncnn._math._data import has_numpy_dtype
-from asyncnn._math._ops_nn import id_range
-from asyncnn.backends import is_cupy_array, to_numpy
 
-from ._checks import check_batch, row_chunks
+from ._checks import check_batch, check_ranges
 from ._stall import BlockedLoopMonitor
 
 if TYPE_CHECKING:
+    from ._checks import RangeCheck
     from ._graph import Graph
 
-__all__ = ["RangeCheck", "RunGuards", "check_ranges", "range_checks", "upstream"]
-
-
-@dataclass(frozen=True)
-class RangeCheck:
-    """A graph input of integers that must each index ``[0, size)``: the ids a layer starting
-    with an Embedding reads, or the class labels of a cross-entropy loss (see
-    :func:`range_checks`)."""
-
-    #: the graph input holding them
-    input: str
-    #: how many values are valid (the table's rows, the loss's classes)
-    size: int
-    #: what one is called in the message: ``"id"`` or ``"label"``
-    what: str
-    #: the node that reads them, described (``"layer 'stage0' (Embedding(...))"``)
-    reader: str
-    #: how to mend them
-    fix: str
-
-
-def upstream(graph: Graph, targets: Iterable[str]) -> set[str]:
-    """The nodes that ``targets`` (node names) depend on, themselves included."""
-    seen: set[str] = set()
-    stack = list(targets)
-    while stack:
-        name = stack.pop()
-        if name not in seen:
-            seen.add(name)
-            stack.extend(graph.nodes[name].inputs)
-    return seen
-
-
-def range_checks(
-    graph: Graph, shapes: Mapping[str, tuple[int, ...]], targets: Iterable[str] | None = None
-) -> list[RangeCheck]:
-    """The :class:`RangeCheck` of each input read as ids by a layer starting with an Embedding
-    (on a GPU an id out of range is no error there: its row comes out NaN), and of each input
-    read as labels by a cross-entropy loss whose logits have a class axis in ``shapes`` (the
-    output shapes :func:`validate` found); only of the nodes ``targets`` need, where given.
-    Made once per run or data set: :func:`check_ranges` applies them."""
-    from asyncnn._math._nn import CrossEntropyLoss
-    from asyncnn._math._nn._linear import first_embedding
-
-    needed = None if targets is None else upstream(graph, targets)
-    checks = []
-    for name, node in graph.nodes.items():
-        if (needed is not None and name not in needed) or not node.inputs:
-            continue
-        if node.kind == "layer":
-            embedding = first_embedding(node.module)
-            source = node.inputs[0]
-            if embedding is None or graph.nodes[source].kind != "input":
-                continue
-            n = embedding.num_embeddings
-            fix = (
-                f"ids must be in 0..{n - 1}; map them into that range, or make num_embeddings "
-                "as large as the vocabulary"
-            )
-            checks.append(RangeCheck(source, n, "id", f"layer {name!r} ({embedding!r})", fix))
-        elif (
-            node.kind == "loss"
-            and isinstance(node.module, CrossEntropyLoss)
-            and len(node.inputs) == 2
-        ):
-            logits, labels = node.inputs
-            shape = shapes.get(logits)
-            if graph.nodes[labels].kind != "input" or shape is None or len(shape) < 2:
-                continue
-            classes = int(shape[1])
-            reader = (
-                f"loss {name!r} ({type(node.module).__name__} over the {classes} classes of "
-                f"{logits!r})"
-            )
-            checks.append(
-                RangeCheck(labels, classes, "label", reader, f"labels must be in 0..{classes - 1}")
-            )
-    return checks
-
-
-def check_ranges(
-    checks: Iterable[RangeCheck], data: Mapping[str, Any], device: bool = True
-) -> None:
-    """Applies ``checks`` to ``data`` (a batch, or a data set's arrays, rows first): one
-    vectorised min and max per input and chunk of rows, read on the host (two numbers from a
-    GPU; ``device=False`` leaves GPU arrays alone); the first value out of range is looked for
-    only once there is one. Float data is left alone (the graph's checks refuse it where
-    integers are declared).
-
-    Raises:
-        ValueError: naming the input, the value, where it is (``row 5``, or ``index (5, 2)``),
-            the node reading it and the valid range.
-    """
-    for check in checks:
-        if check.input not in data:
-            continue
-        values = data[check.input]
-        if np.dtype(values.dtype).kind not in "iu" or (not device and is_cupy_array(values)):
-            continue
-        found = _first_outside(values, check.size)
-        if found is not None:
-            value, where = found
-            raise ValueError(
-                f"input {check.input!r}: {check.what} {value} at {where} is out of range for "
-                f"{check.reader}: {check.fix}"
-            )
-
-
-def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
-    """The first integer of ``values`` (rows first) outside ``[0, n)`` and where it is, or None;
-    read in chunks of rows (:func:`row_chunks`), so that the memory it takes is bounded whatever
-    the size of ``values`` (a memory map, an h5py data set)."""
-    for start, chunk in row_chunks(values):
-        if type(chunk) is not np.ndarray and not is_cupy_array(chunk):
-            chunk = np.asarray(chunk)  # (an h5py data set read whole)
-        if not chunk.size:
-            continue
-        lo, hi = id_range(chunk)
-        if lo >= 0 and hi < n:
-            continue
-        part = np.asarray(to_numpy(chunk))  # (only here: a GPU chunk comes to the host)
-        index = np.unravel_index(int(np.argmax((part < 0) | (part >= n))), part.shape)
-        at = (start + int(index[0]), *(int(i) for i in index[1:]))
-        return int(part[index]), (f"row {at[0]}" if len(at) == 1 else f"index {at}")
-    return None
+__all__ = ["RunGuards"]
 
 
 class RunGuards:
@@ -210,16 +82,6 @@ class RunGuards:
         if signature == self._last_batch[0] and not self.checks_finite:
             rows = self._last_batch[1]
         else:
-            for name, value in items:
-                if hasattr(value, "dtype") and not has_numpy_dtype(value):
-                    # (a torch tensor's: check_batch failed with "Cannot interpret
-                    # 'torch.float64' as a data type", naming nothing)
-                    raise TypeError(
-                        f"input {name!r} is a {type(value).__name__} of dtype {value.dtype}, "
-                        "which numpy does not know: pass a numpy array "
-                        f"(numpy.asarray(batch[{name!r}]), or tensor.numpy() for a torch "
-                        "tensor), or a cupy array on a GPU"
-                    )
             rows = check_batch(self.graph, batch, self.checks_finite)
             self._last_batch = (signature, rows)
         if check_data is not False and self._range_checks:
