@@ -24,7 +24,7 @@ from typing import Any
 
 import cupy
 
-from ._fused import _OPS
+from ._fused import _elementwise, _Update
 
 __all__ = ["MAX_TERMS", "sum_into", "sums"]
 
@@ -36,13 +36,12 @@ _CTYPES = {"float32": "float", "float64": "double"}
 
 @functools.cache
 def _kernel(terms: int, ctype: str) -> Any:
-    ins = ", ".join([f"T a{i}" for i in range(terms)] + ["float64 s"])
     body = "C t = (C)a0;\n" + "".join(f"t = ADD(t, (C)a{i});\n" for i in range(1, terms))
     body += "out = (T)MUL(t, (C)s);"
-    pre = _OPS[ctype] + f"typedef {ctype} C;\n"
-    return cupy.ElementwiseKernel(
-        ins, "T out", body, f"asyncnn_sum{terms}_{ctype}", preamble=pre
-    )  # fmt: skip
+    rule = _Update(
+        f"asyncnn_sum{terms}", tuple(f"a{i}" for i in range(terms)), ("out",), ("s",), body
+    )
+    return _elementwise(rule, ctype)
 
 
 def sums(terms: list[list[Any]]) -> bool:

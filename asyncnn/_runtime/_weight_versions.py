@@ -217,7 +217,7 @@ class WeightVersions(_Actor):
             elif self._owed:  # (an eager key among captured ones: the sum keeps its order)
                 terms = (*self._owed, param_grads)
                 self._acc = await self.compute(_fold, self._acc, terms, cost=0)
-                self._owed = self._owed[len(terms) - 1 :]
+                self._owed = ()
             elif self._acc is None:
                 self._acc = param_grads
             else:
@@ -233,7 +233,8 @@ class WeightVersions(_Actor):
         if policy.update_due(self.acc_count, mb_done):
             scale = policy.gradient_scale(self.acc_count)
             acc, owed = self._acc, self._owed
-            if owed and graphs is not None:
+            if owed:  # (only a GPU actor's graphs leave gradients owed)
+                assert graphs is not None
                 grads = await self.compute(graphs.sum_gradients, acc, owed, scale, cost=0)
             else:
                 if acc is None:
@@ -245,7 +246,7 @@ class WeightVersions(_Actor):
             # the graphs write those buffers again in the next minibatch: sum them now
             owed = self._owed
             self._acc = await self.compute(_fold, self._acc, owed, cost=0)
-            self._owed = self._owed[len(owed) :]
+            self._owed = ()
         elif self._acc is param_grads and graphs is not None and graphs.reuses_gradients(mb_done):
             # a graph's buffers, which a later backward writes over before the next sum
             self._acc = await self.compute(tree_copy, param_grads, cost=0)
