@@ -4,6 +4,9 @@ cut."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +18,7 @@ from asyncnn import nn, optim, policies
 from _reference import fresh_params
 
 
-def test_sequential_names_and_stage_sizes():
+def test_sequential_names_and_stage_sizes() -> None:
     mods = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)]
     g = ann.Graph.sequential(
         mods, loss=nn.CrossEntropyLoss(), stages=[2, 2, 1], input_shape=(None, 4)
@@ -25,7 +28,7 @@ def test_sequential_names_and_stage_sizes():
     assert [len(g.nodes[n].module) for n in g.layers] == [2, 2, 1]
 
 
-def test_sequential_balances_by_parameter_count():
+def test_sequential_balances_by_parameter_count() -> None:
     mods = [
         nn.Linear(100, 100),
         nn.ReLU(),
@@ -45,23 +48,23 @@ def test_sequential_balances_by_parameter_count():
         ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=9, input_shape=(None, 100))
 
 
-def test_sequential_checks_its_stages_devices_and_workers_arguments():
+def test_sequential_checks_its_stages_devices_and_workers_arguments() -> None:
     mods = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)]
     loss = nn.CrossEntropyLoss()
-    assert ann.Graph.sequential(mods, loss, stages=np.int64(2)).layers == ["stage0", "stage1"]
-    assert len(ann.Graph.sequential(mods, loss, stages=np.array([1, 2])).layers) == 2
+    assert ann.Graph.sequential(mods, loss, stages=np.int64(2)).layers == ["stage0", "stage1"]  # type: ignore[arg-type]
+    assert len(ann.Graph.sequential(mods, loss, stages=np.array([1, 2])).layers) == 2  # type: ignore[arg-type]
     for stages in (True, [1.5, 1.5], "2", 2.0):
         with pytest.raises(ann.GraphError, match=r"sequential: stages=.*give the number"):
-            ann.Graph.sequential(mods, loss, stages=stages)
+            ann.Graph.sequential(mods, loss, stages=stages)  # type: ignore[arg-type]
     with pytest.raises(ann.GraphError, match=r"devices='cpu'; give a list .* \(2 stages\)"):
         ann.Graph.sequential(mods, loss, stages=2, devices="cpu")
     with pytest.raises(ann.GraphError, match=r"workers=0; give a list .* \(2 stages\)"):
-        ann.Graph.sequential(mods, loss, stages=2, workers=0)
+        ann.Graph.sequential(mods, loss, stages=2, workers=0)  # type: ignore[arg-type]
     with pytest.raises(ann.GraphError, match="2 stages but 1 devices"):
         ann.Graph.sequential(mods, loss, stages=2, devices=["cpu"])
 
 
-def test_sequential_balances_by_flops():
+def test_sequential_balances_by_flops() -> None:
     from asyncnn._runtime._balance import balanced_partition as _balanced_partition
     from asyncnn._runtime._balance import module_costs as _module_costs
 
@@ -81,29 +84,111 @@ def test_sequential_balances_by_flops():
         )
 
 
+def _cut(g: ann.Graph) -> list[list[Any]]:
+    return [list(g.nodes[n].module.modules) for n in g.layers]
+
+
+def _is_balanced(costs: Sequence[float], cut: list[list[Any]], modules: list[Any]) -> bool:
+    """Whether ``cut`` is ``modules`` in order, cut where its largest stage cost is the least of
+    every cut into as many stages (by trying them all, not as the balance computes it)."""
+    if [m for stage in cut for m in stage] != modules or not all(cut):
+        return False
+    sizes = [len(stage) for stage in cut]
+
+    def largest(bounds: tuple[int, ...]) -> float:
+        return max(sum(costs[lo:hi]) for lo, hi in itertools.pairwise(bounds))
+
+    ends = itertools.accumulate(sizes)
+    best = min(
+        largest((0, *inner, len(costs)))
+        for inner in itertools.combinations(range(1, len(costs)), len(cut) - 1)
+    )
+    # (with room for rounding: the balance sums its costs in another order)
+    return largest((0, *ends)) <= best * (1 + 1e-12)
+
+
+def _spy_on_times(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[Any, ...], list[float]]]:
+    """Records each ``module_times`` call of the balance: its arguments and the times."""
+    from asyncnn._runtime import _balance
+
+    calls: list[tuple[tuple[Any, ...], list[float]]] = []
+    real = _balance.module_times
+
+    def module_times(*args: Any) -> list[float]:
+        times = real(*args)
+        calls.append((args, times))
+        return times
+
+    monkeypatch.setattr(_balance, "module_times", module_times)
+    return calls
+
+
 @pytest.mark.parametrize("balance", ["params", "flops", "time"])
-def test_sequential_balances_a_chain_of_token_ids(balance):
+def test_sequential_balances_a_chain_of_token_ids(
+    balance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # an Embedding first reads integer ids: the modules are run on ids of the input's dtype
-    mods = [nn.Embedding(50, 8), nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 4)]
+    seen: list[tuple[Any, tuple[int, ...]]] = []
+
+    @dataclass(frozen=True)
+    class SeenIds(nn.Embedding):
+        def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
+            seen.append((ids.dtype, tuple(ids.shape)))
+            return super().__call__(params, ids, rng=rng)
+
+    times = _spy_on_times(monkeypatch)
+    mods = [SeenIds(50, 8), nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 4)]
     g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 6),
                              input_dtype="int64", balance=balance, balance_rows=8)  # fmt: skip
     assert sum(len(g.nodes[n].module.modules) for n in g.layers) == len(mods) == 5
+    costs: dict[str, Sequence[float]] = {
+        # weights and biases: the Linear(48, 64) outweighs the rest ([1, 4] or [2, 3])
+        "params": [50 * 8, 0, 48 * 64 + 64, 0, 64 * 4 + 4],
+        # multiply-adds of one sample: an Embedding's lookup counts none ([3, 2] or [4, 1])
+        "flops": [0, 0, 2 * 48 * 64, 0, 2 * 64 * 4],
+    }
+    if balance == "time":
+        assert len(times) == 1 and times[0][0][2:] == ("int64", 8)
+        costs["time"] = times[0][1]
+    else:
+        assert not times
+    assert _is_balanced(costs[balance], _cut(g), mods), (costs[balance], _cut(g))
+    # a parameter count runs no module; the others ran the Embedding on the declared ids
+    rows = {"params": None, "flops": 1, "time": 8}[balance]
+    assert set(seen) == (set() if rows is None else {(np.dtype("int64"), (rows, 6))})
 
 
-def test_sequential_checks_balance_and_measures_nothing_when_the_cut_is_given():
+def test_sequential_checks_balance_and_measures_nothing_when_the_cut_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncnn._runtime import _balance
+
+    def measured(*args: Any) -> Any:
+        raise AssertionError(f"measured {args}")
+
+    monkeypatch.setattr(_balance, "module_costs", measured)
+    monkeypatch.setattr(_balance, "module_times", measured)
     conv = [nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(152, 10)]
     for balance in ("flops", "time"):  # one stage, or one module a stage: no input is guessed
         for stages in (1, 3):
             g = ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=stages,
                                      balance=balance)  # fmt: skip
             assert len(g.layers) == stages
+    for balance in ("params", "flops", "time"):  # on an input it could measure too
+        given: list[tuple[int | list[int], list[int]]] = [
+            (1, [3]), (3, [1, 1, 1]), ([1, 2], [1, 2]), ([2, 1], [2, 1]),
+        ]  # fmt: skip
+        for cut, sizes in given:
+            g = ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=cut,
+                                     input_shape=(None, 1, 40), balance=balance)  # fmt: skip
+            assert [len(s) for s in _cut(g)] == sizes
     with pytest.raises(ann.GraphError, match="'params', 'flops' or 'time', got 'speed'"):
         ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=[1, 2], balance="speed")
     with pytest.raises(ann.GraphError, match=r"stages=4 but there are 3 modules.*between 1 and 3"):
         ann.Graph.sequential(conv, loss=nn.CrossEntropyLoss(), stages=4)
 
 
-def test_sequential_weights_do_not_depend_on_the_stage_cut():
+def test_sequential_weights_do_not_depend_on_the_stage_cut() -> None:
     # a chain's modules are seeded by their place in the whole chain: a balance that cuts it
     # elsewhere (by measured time, which varies from run to run) starts from the same weights
     mods = [nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)]
@@ -135,13 +220,13 @@ def _dropout_chain(chain: str, p: float) -> list[Any]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("chain", ["one", "two in a stage"])
-async def test_sequential_dropout_masks_do_not_depend_on_the_stage_cut(chain):
+async def test_sequential_dropout_masks_do_not_depend_on_the_stage_cut(chain: str) -> None:
     # each module draws its masks by its place in the whole chain (as its weights are seeded):
     # a cut elsewhere (balance="time" varies from run to run) trains to the same bits
     rng = np.random.default_rng(0)
     batches = [{"x": rng.standard_normal((8, 5)), "y": rng.integers(0, 3, 8)} for _ in range(3)]
 
-    async def train(p, stages):
+    async def train(p: float, stages: int | list[int]) -> list[Any]:
         g = ann.Graph.sequential(_dropout_chain(chain, p), nn.CrossEntropyLoss(), stages)
         async with ann.open_run(
             g, optimizer=optim.SGD(lr=0.5), policy=policies.Sync(), seed=3, dtype="float64"
@@ -162,18 +247,30 @@ async def test_sequential_dropout_masks_do_not_depend_on_the_stage_cut(chain):
     assert any(not np.array_equal(a, b) for a, b in zip(whole, plain, strict=True))
 
 
-def test_sequential_balances_stages_by_measured_time():
+def test_sequential_balances_stages_by_measured_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncnn._runtime import _balance
     from asyncnn._runtime._balance import module_times as _module_times
 
     heavy, light = nn.Linear(512, 512), nn.ReLU()
     times = _module_times([heavy, light], (None, 512), "float32", 256)
     assert all(t > 0 for t in times) and times[0] > times[1]  # a product against one pass
     modules = [nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)]
+    calls = _spy_on_times(monkeypatch)
     g = ann.Graph.sequential(
         modules, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 32), balance="time"
     )
     stages = [g.nodes[n].module for n in g.layers]
     assert len(stages) == 3 and sum(len(s.modules) for s in stages) == len(modules)
+    # the cut is the best for the times measured (which vary from run to run), on float32
+    # rows of the declared input, as many as balance_rows (64 by default)
+    assert [args[1:] for args, _ in calls] == [((None, 32), "float32", 64)]
+    assert _is_balanced(calls[0][1], _cut(g), modules), (calls[0][1], _cut(g))
+    # and it follows the times: given other times, the cut moves with them
+    monkeypatch.setattr(_balance, "module_times", lambda *args: [4.0, 4.0, 1.0, 1.0, 4.0])
+    g = ann.Graph.sequential(
+        modules, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 32), balance="time"
+    )
+    assert _cut(g) == [modules[:1], modules[1:3], modules[3:]]  # the only cut of largest 5
     with pytest.raises(ann.GraphError, match="balance_rows must be an int >= 1"):
         ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=2,
                              input_shape=(None, 32), balance="time", balance_rows=0)  # fmt: skip
@@ -233,7 +330,7 @@ def test_sequential_measures_time_with_one_blas_thread_whichever_thread_set_blas
     assert after == 2  # the count from before the measurement
 
 
-def test_sequential_infers_a_linear_input_and_says_how_to_declare_others():
+def test_sequential_infers_a_linear_input_and_says_how_to_declare_others() -> None:
     g = ann.Graph.sequential([nn.Linear(64, 10)], loss=nn.CrossEntropyLoss())
     assert g.nodes["x"].shape == (None, 64)
     conv = ann.Graph.sequential(
@@ -246,14 +343,14 @@ def test_sequential_infers_a_linear_input_and_says_how_to_declare_others():
         ann.Trainer(conv, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
 
 
-def test_sequential_names_a_module_that_is_not_one_and_a_shape_it_cannot_measure():
+def test_sequential_names_a_module_that_is_not_one_and_a_shape_it_cannot_measure() -> None:
     loss = nn.CrossEntropyLoss()
     with pytest.raises(ann.GraphError, match=r"modules\[1\] is the class ReLU, not a module"):
         ann.Graph.sequential([nn.Linear(4, 3), nn.ReLU, nn.Linear(3, 2)], loss, stages=2)
     with pytest.raises(ann.GraphError, match=r"modules\[1\] is int \(3\), not an nn.Module"):
         ann.Graph.sequential([nn.Linear(4, 3), 3], loss)
     with pytest.raises(ann.GraphError, match=r"modules=Linear.*; give a list of modules"):
-        ann.Graph.sequential(nn.Linear(4, 3), loss)
+        ann.Graph.sequential(nn.Linear(4, 3), loss)  # type: ignore[arg-type]
     # (flops on a convolution given the default (None,) input: an IndexError from its flops)
     conv = [nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(152, 10)]
     for balance in ("flops", "time"):

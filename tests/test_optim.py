@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def _ref_adam(params: Any, grads_seq: list[Any], decoupled: bool, **kw: Any) -> 
     return ps
 
 
-SGD_CASES = [
+SGD_CASES: list[dict[str, Any]] = [
     {},
     {"momentum": 0.9},
     {"momentum": 0.9, "dampening": 0.3},
@@ -90,7 +91,7 @@ SGD_CASES = [
 ]
 
 
-ADAM_CASES = [
+ADAM_CASES: list[dict[str, Any]] = [
     {},
     {"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3},
     {"weight_decay": 0.1},
@@ -202,7 +203,8 @@ def test_a_16_bit_update_is_the_float32_update_rounded_once(
     params, grads = _problem(7)
     p = q = _to(backend, params, dt)
     state = expected_state = opt.init(p)
-    unclipped = dataclasses.replace(opt, clip_norm=None)  # clipping is of the 16-bit gradients
+    # clipping is of the 16-bit gradients
+    unclipped = dataclasses.replace(cast(Any, opt), clip_norm=None)
     for g_host in grads:
         g = _to(backend, g_host, dt)
         p, state = opt.update(p, g, state)
@@ -245,6 +247,39 @@ def test_state_is_a_pytree_of_arrays_and_ints(backend: Backend) -> None:
     assert rebuilt["step"] == 1 and type(rebuilt["step"]) is int
 
 
+def _spy_on_parts(monkeypatch: pytest.MonkeyPatch, team: Any) -> list[tuple[int, set[int]]]:
+    """Records each ``team.run_parts`` call as ``(parts, ids of the threads that ran them)``.
+
+    The first two parts of a call wait for each other (a barrier, not a sleep): they must run
+    side by side, so one of them runs on a team's worker however fast the caller takes parts.
+    """
+    calls: list[tuple[int, set[int]]] = []
+    real = team.run_parts
+
+    def run_parts(fn: Any, parts: int) -> None:
+        threads: set[int] = set()
+        calls.append((parts, threads))
+        both = threading.Barrier(2, timeout=30)
+
+        def part(i: int) -> None:
+            threads.add(threading.get_ident())
+            if parts > 1 and i < 2:
+                both.wait()
+            fn(i)
+
+        real(part, parts)
+
+    monkeypatch.setattr(team, "run_parts", run_parts)
+    return calls
+
+
+def _assert_cut(calls: list[tuple[int, set[int]]], updates: int) -> None:
+    # one split per update, of the large leaf only (the small one is updated whole), its parts
+    # run on two threads: the update was cut, not just planned to be
+    assert [parts > 1 for parts, _ in calls] == [True] * updates, calls
+    assert all(len(threads) >= 2 for _, threads in calls), calls
+
+
 @pytest.mark.parametrize(
     "opt",
     [
@@ -254,7 +289,9 @@ def test_state_is_a_pytree_of_arrays_and_ints(backend: Backend) -> None:
     ],  # fmt: skip
     ids=lambda o: type(o).__name__,
 )
-def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
+def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(
+    opt: optim.Optimizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from asyncnn.backends import ComputeTeam, using_team
 
     rng = np.random.default_rng(0)
@@ -265,13 +302,17 @@ def test_a_large_leaf_update_cut_over_a_team_is_bit_identical(opt):
     whole = opt.update(whole[0], grads, whole[1])
     with ComputeTeam(2, part_elements=1024) as team, using_team(team):
         assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+        calls = _spy_on_parts(monkeypatch, team)
         cut = opt.update(params, grads, state)
         cut = opt.update(cut[0], grads, cut[1])
+    _assert_cut(calls, 2)
     for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing() -> None:
+def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # numpy's error state is per thread: the team's threads must set it too
     from asyncnn.backends import ComputeTeam, using_team
 
@@ -285,7 +326,9 @@ def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing() -> None:
         whole, _ = opt.update(params, {"w": g}, opt.init(params))
         with ComputeTeam(2, part_elements=1024) as team, using_team(team):
             assert len(team.row_bounds(512, 512 * 300 * 4)) > 2  # the update is cut
+            calls = _spy_on_parts(monkeypatch, team)
             cut, _ = opt.update(params, {"w": g}, opt.init(params))
+    _assert_cut(calls, 1)
     np.testing.assert_array_equal(cut["w"], whole["w"])
     assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,23 +52,51 @@ def test_progress_bar_runs(capsys):
     assert "loss" in capsys.readouterr().out
 
 
+_MASKS: list[np.ndarray] = []  # the masks _SeenDropout applied in training, in call order
+
+
+@dataclass(frozen=True)
+class _SeenDropout(nn.Dropout):
+    """``nn.Dropout`` that notes the mask of each training call: its own draw, from a copy of
+    the generator it was given, applied to ones."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if rng is not None:
+            ones = np.ones(x.shape)
+            _MASKS.append(np.asarray(super().__call__(params, ones, rng=copy.deepcopy(rng))))
+        return super().__call__(params, x, rng=rng)
+
+
 def test_dropout_is_seeded_per_key_and_deterministic():
     def graph(p):
         return ann.Graph.sequential(
-            [nn.Linear(5, 16), nn.ReLU(), nn.Dropout(p), nn.Linear(16, 3)],
+            [nn.Linear(5, 16), nn.ReLU(), _SeenDropout(p), nn.Linear(16, 3)],
             loss=nn.CrossEntropyLoss(),
             stages=[3, 1],
             input_shape=(None, 5),
         )
 
-    def train(p):
-        tr = ann.Trainer(graph(p), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), seed=1)
+    def train(p, seed=1):
+        _MASKS.clear()
+        tr = ann.Trainer(
+            graph(p), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), seed=seed
+        )
         tr.fit(_data(), epochs=1, batch_size=8)
-        return tr.params
+        return tr.params, list(_MASKS)
 
-    first, second, no_dropout = train(0.5), train(0.5), train(0.0)
+    (first, masks), (second, again) = train(0.5), train(0.5)
+    no_dropout, _ = train(0.0)
     assert_params_equal(first, second)
     assert not np.array_equal(first["stage1"][0]["weight"], no_dropout["stage1"][0]["weight"])
+    # 5 minibatches of 2 keys, forwarded by stage0 in key order: a mask of its own per key
+    # (one stream for all would pass the checks above), the same for the same key run to run,
+    # and another for another seed
+    assert len(masks) == 10 and all(m.shape == (4, 16) for m in masks)
+    assert len({m.tobytes() for m in masks}) == 10
+    for key, (m, m_again) in enumerate(zip(masks, again, strict=True)):
+        np.testing.assert_array_equal(m, m_again, err_msg=f"key {key}")
+    _, reseeded = train(0.5, seed=2)
+    assert all(not np.array_equal(m, r) for m, r in zip(masks, reseeded, strict=True))
     # evaluation runs without dropout: deterministic, and equal to the model without it
     tr = ann.Trainer(graph(0.5), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=1)
     tr0 = ann.Trainer(graph(0.0), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=1)

@@ -58,20 +58,41 @@ class _EveryOther(policies.OneFOneB):
 
 
 def test_custom_actor_and_policy_survive_a_checkpoint(tmp_path):
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 5))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("a", nn.Linear(5, 4), x)
-    h = g.layer("b", nn.Linear(4, 3), h, actor=_Halve)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
-    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=_EveryOther(2))
+    def graph(actor: type[ann.LayerActor] | None) -> ann.Graph:
+        g = ann.Graph()
+        x = g.input("x", shape=(None, 5))
+        y = g.input("y", shape=(None,), dtype="int64")
+        h = g.layer("a", nn.Linear(5, 4), x)
+        h = g.layer("b", nn.Linear(4, 3), h, actor=actor)
+        g.loss("loss", nn.CrossEntropyLoss(), h, y)
+        return g
+
+    tr = ann.Trainer(graph(_Halve), optimizer=optim.SGD(lr=0.1), policy=_EveryOther(2))
     tr.save(str(tmp_path / "c"))
     back = ann.Trainer.load(str(tmp_path / "c"))
     assert back.graph.nodes["b"].actor is _Halve
     assert type(back.policy) is _EveryOther and back.policy == _EveryOther(2)
+    # both run them: two minibatches make one update (the policy; OneFOneB makes two), and the
+    # step of "a" is half that of the same model with a plain actor (the actor halves what
+    # "b" sends upstream; "b"'s own gradient is left as it was)
+    plain = ann.Trainer(graph(None), optimizer=optim.SGD(lr=0.1), policy=_EveryOther(2))
+    start = plain.params
+    assert_params_equal(tr.params, start)
+    two = {k: v[:16] for k, v in _data().items()}
+    for trainer in (plain, tr, back):
+        trainer.fit(two, epochs=1, batch_size=8)
+    for trainer in (tr, back):
+        assert trainer.versions == {"a": 1, "b": 1}
+        np.testing.assert_array_equal(trainer.params["b"]["weight"], plain.params["b"]["weight"])
+        for k in ("weight", "bias"):
+            np.testing.assert_allclose(
+                start["a"][k] - trainer.params["a"][k],
+                0.5 * (start["a"][k] - plain.params["a"][k]),
+                rtol=1e-3, atol=1e-7, err_msg=k,
+            )  # fmt: skip
     tr.fit(_data(), epochs=1, batch_size=8)
     back.fit(_data(), epochs=1, batch_size=8)
-    assert tr.versions == back.versions == {"a": 2, "b": 2}  # 5 minibatches: 2 updates
+    assert tr.versions == back.versions == {"a": 3, "b": 3}  # 5 minibatches: 2 updates more
     assert_params_equal(tr.params, back.params)
 
 
@@ -259,10 +280,18 @@ def test_resuming_with_another_epoch_layout_starts_the_epoch_over(tmp_path, chan
     kwargs.update({k: v for k, v in change.items() if k in ("shuffle", "drop_last")})
     tr.save(tmp_path / "ckpt")
     loaded = ann.Trainer.load(tmp_path / "ckpt", seed=tr.seed)
+    # the 3 minibatches of 8 as trained, then a whole epoch of the new layout (epoch 0 still)
+    reference = _trainer(policies.Sync())
+    trained = ann.data.epoch_permutation(40, 3, 0) if "seed" in change else np.arange(40)
+    reference.fit({k: v[trained[:24]] for k, v in _data().items()}, epochs=1, batch_size=8)
+    rows = len(data["y"])
+    order = ann.data.epoch_permutation(rows, tr.seed, 0) if kwargs["shuffle"] else np.arange(rows)
+    reference.fit({k: v[order] for k, v in data.items()}, epochs=1, batch_size=8)
     for trainer in (tr, loaded):
         trainer.fit(data, epochs=1, **kwargs)
         assert trainer.state.minibatches == 3 + len(data["y"]) // 8, change
         assert (trainer.epochs_done, trainer.epoch_batches) == (1, 0)
+        assert_params_equal(trainer.params, reference.params)
 
 
 def test_resuming_with_the_same_layout_finishes_the_epoch_and_old_fit_json_loads(tmp_path):

@@ -64,10 +64,21 @@ def test_an_interrupted_fit_resumes_bit_identically(tmp_path, policy):
 
 
 def test_an_interrupted_pipedream_fit_keeps_each_layers_last_update():
+    data = _data()
     tr = _trainer(policies.PipeDream(2))
     with pytest.raises(KeyboardInterrupt):
-        tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_Interrupt(3)])
+        tr.fit(data, epochs=2, batch_size=8, callbacks=[_Interrupt(3)])
     v = tr.versions
+    # each layer's weights are those of its own last update, whatever the versions at the
+    # interrupt: a layer's n-th update applies microbatch n-1 (of 4 rows) at the versions
+    # 1F1B's order fixes, so they are those of the layer in a fit of just those n microbatches
+    rows = {k: np.concatenate([d, d]) for k, d in data.items()}  # the 2 epochs, in order
+    kept = tr.params
+    for name, n in v.items():
+        reference = _trainer(policies.PipeDream(1))
+        reference.fit({k: d[: 4 * n] for k, d in rows.items()}, epochs=1, batch_size=4)
+        assert reference.versions[name] == n
+        assert_params_equal({name: kept[name]}, {name: reference.params[name]})
     # each layer after its own last update (2 per minibatch); the counters stop at the first
     # minibatch whose loss was not known
     assert all(n >= 2 * 3 for n in v.values()) and len(tr.history.losses) == tr.state.minibatches
