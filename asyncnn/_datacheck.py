@@ -1,6 +1,6 @@
 """Checks of what a user hands the Trainer, before any compute: labels against the loss's class
-count and ids against an Embedding's table, the inputs ``predict`` and ``evaluate`` need (names, shapes, dtypes), and parameters
-assigned to ``tr.params``."""
+count and ids against an Embedding's table, the inputs ``predict`` and ``evaluate`` need (names,
+shapes, dtypes), and parameters assigned to ``tr.params``."""
 
 from __future__ import annotations
 
