@@ -6,6 +6,7 @@ them and only checks and names."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,20 @@ _MAX_SPEC_BYTES = 1 << 30
 class CheckpointError(ValueError):
     """A checkpoint folder is damaged, incomplete, of another format version, or does not fit
     its graph; the message names the file and what is wrong."""
+
+
+def write_whole(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` whole or not at all: through ``path.tmp`` and a rename, the
+    ``.tmp`` removed when the write fails (a full disk, an interrupt)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _sha256(path: str) -> str:
@@ -113,10 +128,10 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
         CheckpointError: naming the file and what is wrong.
     """
     manifest_path = os.path.join(path, MANIFEST)
-    interrupted = None if os.path.exists(manifest_path) else _interrupted_first_save(path)
-    if interrupted is not None:
-        raise CheckpointError(interrupted)
     if not os.path.exists(manifest_path):
+        interrupted = _interrupted_first_save(path)
+        if interrupted is not None:
+            raise CheckpointError(interrupted)
         raise CheckpointError(
             f"{path}: the checkpoint has no {MANIFEST} (it was written by an asyncnn older than "
             f"checkpoint format version {VERSION}, which kept no checksums, or the file was "

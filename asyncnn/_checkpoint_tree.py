@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ._math._pytree import tree_flatten, tree_map
-from .backends import get_backend, is_floating, to_numpy
+from .backends import get_backend, is_floating
+from .backends._registry import host_array
 
 #: the file that holds a checkpoint's arrays, which a tree's spec indexes
 ARRAYS = "arrays.safetensors"
@@ -57,9 +58,7 @@ def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray], what: str) -> 
     spec = _treedef_spec(tree, what)
     for i, leaf in enumerate(leaves):
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            # np.asarray keeps a 0-d array 0-d (ascontiguousarray would make it 1-d)
-            a = np.asarray(to_numpy(leaf))
-            arrays[f"{prefix}/{i}"] = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+            arrays[f"{prefix}/{i}"] = host_array(leaf)
     return spec
 
 

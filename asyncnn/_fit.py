@@ -187,8 +187,8 @@ class _FitState:
         """Gives :attr:`History.epochs` an entry for each epoch of this fit before ``before``
         that has none (epoch-end hooks record theirs as they go)."""
         recorded = {int(e["epoch"]) for e in self.history.epochs}
-        # (an epoch whose end was pending has no minibatch in this fit)
-        for e in sorted(set(self.mb_epoch.values()) | set(self.epoch_start)):
+        # (every epoch this fit touched has a start, one whose end was pending included)
+        for e in sorted(self.epoch_start):
             if e < before and e not in recorded:
                 self.history.epochs.append({"epoch": e, "loss": self._epoch_loss(e)})
 
@@ -303,7 +303,7 @@ class _FitState:
     def _epoch_losses(self, epoch: int, before: int | None = None) -> list[float]:
         """The known losses of ``epoch``'s minibatches (before minibatch ``before``), in order:
         those an earlier fit ran of it, then this fit's."""
-        first, _ = self.epoch_start.get(epoch, (self.first_mb, 0))
+        first, _ = self.epoch_start[epoch]
         mbs = range(first, self.stepped if before is None else before)
         carried_epoch, carried = self.carried
         values = list(carried) if epoch == carried_epoch else []

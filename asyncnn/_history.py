@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
@@ -11,6 +10,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ._checkpoint_files import write_whole
 from ._runtime._statistics import ActorStatistics
 
 __all__ = ["History"]
@@ -97,15 +97,7 @@ class History:
         path = os.fspath(path)
         # serialised first: a value that cannot be written fails before the file is touched
         text = json.dumps(self._to_json(), allow_nan=False, indent=1)
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        write_whole(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> History:
@@ -186,10 +178,7 @@ class History:
 
 _FORMAT = "asyncnn.History"
 _VERSION = 1
-_FIELDS = frozenset(
-    {"format", "version", "losses", "epochs", "samples_per_second", "seconds"}
-    | {"stopped_early", "statistics"}
-)
+_FIELDS = frozenset({"format", "version", *(f.name for f in fields(History))})
 # JSON has no token for these; the strings are Python's own spellings of them
 _NON_FINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _NON_FINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

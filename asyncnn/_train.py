@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -15,6 +14,7 @@ import anyio
 import numpy as np
 
 from ._callbacks import Callback
+from ._checkpoint_files import write_whole
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._fit import _end_all, _FitPlan, _FitState, _Progress, check_checkpoint_dir
 from ._fit_file import _FIT_FILE
@@ -559,15 +559,7 @@ class Trainer:
         # (the spec's record only: fit.json is for an asyncnn that reads no more than above)
         losses = list(self._epoch_losses) if self.epoch_batches else []
         save_checkpoint(self, path, {**position, "epoch_losses": losses})
-        tmp = os.path.join(path, _FIT_FILE + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(fit)
-            os.replace(tmp, os.path.join(path, _FIT_FILE))
-        except BaseException:  # a failed write (a full disk) leaves no fit.json.tmp behind
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        write_whole(os.path.join(path, _FIT_FILE), fit)  # (no fit.json.tmp left on a failure)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:

@@ -83,7 +83,7 @@ def parse_config(
     for name, v in values.items():
         numbers = v if isinstance(v, tuple | list) else (v,)
         for x in numbers:
-            if isinstance(x, bool) or not isinstance(x, int | float):
+            if not _is_number(x):
                 continue
             flag = "--" + name.replace("_", "-")
             if x < 0 or x != x:  # x != x: a NaN passes every other comparison
@@ -96,12 +96,14 @@ def parse_config(
     return config
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _is_numeric(default: Any) -> bool:
     """Whether a field with this default holds a number (or a tuple of numbers)."""
     values = default if isinstance(default, tuple | list) else (default,)
-    return bool(values) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    )
+    return bool(values) and all(_is_number(v) for v in values)
 
 
 def fraction_problem(

@@ -61,13 +61,7 @@ class SyntheticGradientLayer(ann.LayerActor):
     #: node name -> relative squared error of each key's synthetic gradient (a report only)
     synth_losses: ClassVar[dict[str, list[float]]] = {}
 
-    def setup(self, synth_lr: float = 1e-3, upstream: str = "synthetic", **others: Any) -> None:
-        # ``**others`` keeps LayerActor.setup's signature (it takes any actor_args), for mypy
-        if others:
-            raise TypeError(
-                f"layer {self.name!r}: {type(self).__name__} takes the actor_args synth_lr and "
-                f"upstream, not {sorted(others)}"
-            )
+    def setup(self, synth_lr: float = 1e-3, upstream: str = "synthetic") -> None:
         if upstream not in ("synthetic", "none"):
             raise ValueError(f"upstream must be 'synthetic' or 'none', got {upstream!r}")
         self.synth_lr, self.upstream = float(synth_lr), upstream

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
@@ -59,3 +60,13 @@ def _sync_trainer() -> ann.Trainer:
 def _data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     return {"x": rng.normal(size=(32, 6)), "y": rng.integers(0, 3, 32)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
+    """A checkpoint of :func:`_trainer`'s trainer, once per test module: ``(path, trainer)``
+    (the checkpoint tests' fixture; conftest makes it known to every module)."""
+    tr = _trainer()
+    path = str(tmp_path_factory.mktemp("ckpt") / "c")
+    tr.save(path)
+    return path, tr

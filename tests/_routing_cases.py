@@ -3,6 +3,7 @@ that routing is checked against, for tests/test_routing*.py."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,3 +92,17 @@ def reference_fit(graph, params, batches, k, gates, cap, microbatches, lr=0.1):
 def _data(n=12, seed=0):
     rng = np.random.default_rng(seed)
     return {"x": rng.standard_normal((n, D)), "y": rng.integers(0, C, n)}
+
+
+@dataclass(frozen=True)
+class NanFromRow2(nn.Module):
+    """Scores from the first two features, NaN from the third row on (the graph's check runs
+    two rows, so only a key of more rows meets it)."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, x, *, rng=None):
+        s = np.array(ops.raw(x)[:, :2])
+        s[2:, 1] = np.nan
+        return s

@@ -17,9 +17,12 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 )
 
-# fixtures of the stand-ins for a CUDA device and for CUDA graphs, for every test module
+# fixtures of the stand-ins for a CUDA device and for CUDA graphs, and a saved checkpoint, for
+# every test module
 from _device_stand_in import fake_cuda  # noqa: E402, F401
 from _graphs_stand_in import emulated  # noqa: E402, F401
+
+from _checkpoint_cases import saved  # noqa: E402, F401
 
 
 def _cuda_available() -> bool:

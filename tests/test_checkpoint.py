@@ -15,18 +15,10 @@ import asyncnn as ann
 from asyncnn._checkpoint import CheckpointError, read_graph
 from asyncnn._math._imports import UntrustedModuleError
 
-from _checkpoint_cases import _copy, _json, _rewrite_spec, _trainer
+from _checkpoint_cases import _copy, _json, _rewrite_spec
 from _reference import assert_params_equal
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
-    tr = _trainer()
-    path = str(tmp_path_factory.mktemp("ckpt") / "c")
-    tr.save(path)
-    return path, tr
 
 
 def test_a_checkpoint_has_a_manifest_with_the_checksum_of_every_file(saved: Any) -> None:

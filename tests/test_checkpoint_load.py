@@ -17,14 +17,6 @@ from _reference import assert_params_equal
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
-    tr = _trainer()
-    path = str(tmp_path_factory.mktemp("ckpt") / "c")
-    tr.save(path)
-    return path, tr
-
-
 def test_a_dtype_override_casts_the_weights_and_optimizer_state(saved: Any, tmp_path: Any) -> None:
     path, tr = saved
     wide = ann.Trainer.load(path, dtype="float64")

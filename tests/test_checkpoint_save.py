@@ -20,14 +20,6 @@ from _reference import assert_params_equal
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: Any) -> tuple[str, ann.Trainer]:
-    tr = _trainer()
-    path = str(tmp_path_factory.mktemp("ckpt") / "c")
-    tr.save(path)
-    return path, tr
-
-
 def test_a_save_refuses_to_overwrite_files_that_are_not_a_checkpoint(
     saved: Any, tmp_path: Any
 ) -> None:

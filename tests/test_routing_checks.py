@@ -14,7 +14,7 @@ import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
 
 from _reference import assert_params_equal
-from _routing_cases import C, D, H, _data, moe_graph
+from _routing_cases import C, D, H, NanFromRow2, _data, moe_graph
 
 
 def test_capacity_factor_must_be_a_finite_number_when_the_graph_is_built():
@@ -93,20 +93,6 @@ def test_a_gate_that_gives_bools_is_refused_when_the_graph_is_built():
         ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
 
 
-@dataclass(frozen=True)
-class NanGate(nn.Module):
-    """Scores from the first two features, NaN from the third row on (the graph's check runs
-    two rows, so only a key of more rows meets it)."""
-
-    def init_params(self, init):
-        return {}
-
-    def __call__(self, params, x, *, rng=None):
-        s = np.array(ops.raw(x)[:, :2])
-        s[2:, 1] = np.nan
-        return s
-
-
 def _two_expert_graph(gate: Any, **kw: Any) -> ann.Graph:
     g = ann.Graph()
     x = g.input("x", (None, D))
@@ -123,10 +109,10 @@ def _two_expert_graph(gate: Any, **kw: Any) -> ann.Graph:
 def test_a_nan_gate_score_is_an_error_naming_the_router_not_a_silent_route(gates):
     # a NaN has no rank: argsort put it last, so with "normalized" weights the row went to the
     # other expert with a finite output, and the NaN went unnoticed
-    tr = ann.Trainer(_two_expert_graph(NanGate(), gates=gates), optimizer=optim.SGD(lr=0.1),
+    tr = ann.Trainer(_two_expert_graph(NanFromRow2(), gates=gates), optimizer=optim.SGD(lr=0.1),
                      policy=policies.Sync(), dtype="float64")  # fmt: skip
     data = _data(n=4)
-    msg = r"router 'gate': the gate NanGate\(\) gave a NaN score \(row 2, expert 1\)"
+    msg = r"router 'gate': the gate NanFromRow2\(\) gave a NaN score \(row 2, expert 1\)"
     with pytest.raises(ann.ActorError, match=msg) as info:
         tr.fit(data, batch_size=4)
     assert info.value.actor == "gate"

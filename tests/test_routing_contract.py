@@ -17,6 +17,7 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn.dynamic import Router, RouterActor
 
 from _reference import assert_params_equal
+from _routing_cases import NanFromRow2
 
 D, H, C, V = 5, 4, 3, 7
 
@@ -225,20 +226,6 @@ def test_hard_gates_weigh_a_choice_of_infinite_score_one_not_nan():
     assert_params_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     np.testing.assert_array_equal(runs[0][2], runs[1][2])
-
-
-@dataclass(frozen=True)
-class NanFromRow2(nn.Module):
-    """Scores from the first two features, NaN from the third row on (the graph's check runs
-    two rows, so only a key of more rows meets it)."""
-
-    def init_params(self, init):
-        return {}
-
-    def __call__(self, params, x, *, rng=None):
-        s = np.array(ops.raw(x)[:, :2])
-        s[2:, 1] = np.nan
-        return s
 
 
 def _bf16_graph(gate: nn.Module, experts: int) -> ann.Graph:

@@ -342,30 +342,15 @@ _tensor = st.one_of(
     ),
     _values,
 )
+# the events a trace records, by name
+_EVENTS = ["admit", "send", "receive", "start", "end", "update", "flush", "error", "route", "loop",
+           "missing"]  # fmt: skip
 _record_strategy = st.fixed_dictionaries(
     {},
     optional={
         "t": st.one_of(st.floats(0, 100), _values),
         "a": st.one_of(_names, _values),
-        "ev": st.one_of(
-            st.sampled_from(
-                [
-                    "admit",
-                    "send",
-                    "receive",
-                    "start",
-                    "end",
-                    "update",
-                    "flush",
-                    "error",
-                    "route",
-                    "loop",
-                    "missing",
-                    "other",
-                ]
-            ),  # fmt: skip
-            _values,
-        ),
+        "ev": st.one_of(st.sampled_from([*_EVENTS, "other"]), _values),
         "k": st.one_of(st.sampled_from(["forward", "backward"]), _values),
         "key": st.one_of(st.integers(-1, 3), _values),
         "v": st.one_of(st.integers(0, 3), _values),
@@ -402,21 +387,7 @@ _typed_record = st.fixed_dictionaries(
     {
         "t": st.floats(-1, 100, allow_nan=False),
         "a": _names,
-        "ev": st.sampled_from(
-            [
-                "admit",
-                "send",
-                "receive",
-                "start",
-                "end",
-                "update",
-                "flush",
-                "error",
-                "route",
-                "loop",
-                "missing",
-            ]
-        ),  # fmt: skip
+        "ev": st.sampled_from(_EVENTS),
     },
     optional={
         "k": st.sampled_from(["forward", "backward", "end"]),

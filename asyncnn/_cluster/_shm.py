@@ -84,7 +84,7 @@ from ._shm_memory import (
     enabled,
     supported,
 )
-from ._shm_read import ShmReading, _sleeping
+from ._shm_read import ShmReading
 from ._wire import _byte_view
 
 __all__ = [
@@ -399,7 +399,5 @@ class ShmConnection(ShmReading):
                 except ConnectionError:
                     break
                 time.sleep(0.002)
-            super().close()
-            _sleeping.discard(self)  # other readers' spins must not look at its ring any more
+            super().close()  # (the socket, the peer's ring and slabs)
             self.out.close()
-            self.inc.close()

@@ -229,15 +229,15 @@ class _Incoming:
         self.data = memoryview(mm).cast("B")[_CTRL:]
         self.pos = 0  # what this side has read (a copy of words[_R])
         self.mm = mm
-        #: slab number -> (byte view of the mapping, size, mapping)
-        self.slabs: dict[int, tuple[memoryview, int, mmap.mmap]] = {}
+        #: slab number -> (byte view of the mapping, size); the mapping is the view's ``obj``
+        self.slabs: dict[int, tuple[memoryview, int]] = {}
 
     def close(self) -> None:
         """Unmaps the peer's ring now, and each of its slabs that no received array views (the
         others go with the last array viewing them). Idempotent."""
         _unmap(self.mm, [self.words, self.stamps, self.data])
-        for view, _, mm in self.slabs.values():
-            _unmap(mm, [view])
+        for view, _ in self.slabs.values():
+            _unmap(view.obj, [view])  # type: ignore[arg-type]  # (an mmap: see open_slab)
         self.slabs.clear()
 
 

@@ -65,6 +65,13 @@ class ShmReading(Connection):
     _eof: bool
     _broken: str | None
 
+    def close(self) -> None:
+        """Closes the socket and unmaps the peer's ring and slabs (see
+        :meth:`ShmConnection.close`)."""
+        super().close()
+        _sleeping.discard(self)  # other readers' spins must not look at its ring any more
+        self.inc.close()
+
     async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Receives one frame (see :meth:`Connection.receive`).
 
@@ -151,7 +158,7 @@ class ShmReading(Connection):
         mapped = inc.slabs.get(slab)
         if mapped is None:
             raise self._bad(f"field 'slab' = {slab} names no slab it announced")
-        view, size, _ = mapped
+        view, size = mapped
         offsets, span = _layout(sizes)
         if span > size:
             raise self._bad(f"field 'n' = {sizes!r} needs {span:,} bytes; slab {slab} has {size:,}")
@@ -202,7 +209,7 @@ class ShmReading(Connection):
                     "of its last message"
                 ) from None
             raise self._bad(str(exc)) from None
-        inc.slabs[slab] = (memoryview(mm).cast("B"), size, mm)
+        inc.slabs[slab] = (memoryview(mm).cast("B"), size)
 
     def slab_limit(self) -> int:
         """The largest slab a peer may announce: its largest allowed message rounded up to a

@@ -17,7 +17,7 @@ from asyncnn.backends import array_namespace, is_floating
 
 from ._autodiff import Primitive, Tracer
 from ._rules_array import RULES as _ARRAY_RULES
-from ._rules_array import check_axis, normalize_axis
+from ._rules_array import _is_basic_index, check_axis, normalize_axis
 from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
 
 __all__ = [
@@ -308,6 +308,14 @@ def getitem(x: Any, index: Any) -> Any:
         index = tuple(raw(i) for i in index)
     else:
         index = raw(index)
+    if _is_basic_index(index):
+        # ints and slices: the array library refuses an int out of range itself; the named
+        # error is made only on the way out (x[i] in a loop pays nothing for it)
+        try:
+            return _P["getitem"](x, idx=index)
+        except IndexError:
+            _index_guard(raw(x), index)
+            raise
     guard = _index_guard(raw(x), index)
     if guard:
         return _P["getitem"](x, idx=index if isinstance(index, tuple) else (index,), guard=guard)
@@ -353,6 +361,8 @@ def _index_guard(x: Any, index: Any, op: str = "getitem") -> tuple[tuple[int, in
         IndexError: an index outside ``[-n, n)`` for its axis of length ``n``.
     """
     items = index if isinstance(index, tuple) else (index,)
+    # (a list as an array, once: the index itself keeps its list)
+    items = tuple(np.asarray(i) if isinstance(i, list) else i for i in items)
     if all(i is None or i is Ellipsis or isinstance(i, slice) for i in items):
         return ()  # (slices: nothing to check, and the common case)
     from . import _ops_nn  # (it imports this module; looked up per call, as tests patch it)
@@ -371,8 +381,6 @@ def _index_guard(x: Any, index: Any, op: str = "getitem") -> tuple[tuple[int, in
             continue
         if width == 1 and _is_integer(item):
             n = shape[axis]
-            if isinstance(item, list):
-                item = np.asarray(item)  # (only to check it: the index keeps the list)
             if isinstance(item, int):
                 bounds: tuple[int, ...] = (item,)
             elif not _ops_nn.ids_on_host(item) and floating:
@@ -395,8 +403,6 @@ def _index_width(item: Any) -> int:
     """How many axes of the indexed array ``item`` of an index uses."""
     if item is None or item is Ellipsis or isinstance(item, bool):
         return 0
-    if isinstance(item, list):
-        item = np.asarray(item)
     kind = getattr(getattr(item, "dtype", None), "kind", None)
     return item.ndim if kind == "b" else 1
 
@@ -407,8 +413,6 @@ def _is_integer(item: Any) -> bool:
         return False
     if isinstance(item, int):
         return True
-    if isinstance(item, list):
-        item = np.asarray(item)
     return getattr(getattr(item, "dtype", None), "kind", None) in ("i", "u")
 
 

@@ -36,7 +36,6 @@ from asyncnn._math._autodiff_split import vjp_split
 from asyncnn._math._nn import Sequential
 from asyncnn._math._nn._linear import first_embedding
 from asyncnn._math._pytree import tree_leaves
-from asyncnn.backends import is_floating
 
 from ._capture import ActorGraphs
 from ._hook_checks import HookChecks, _checked_shapes, _custom_hook
@@ -101,8 +100,7 @@ class LayerActor(Serving, HookChecks):
         self.held_bytes: dict[int, int] = {}
         self.version_refs: dict[int, int] = {}  # version -> stored keys that reference it
         self.skipped: set[int] = set()  # keys this actor skipped (no rows were routed to it)
-        self.acc = None
-        self.acc_count = 0
+        self.acc_count = 0  # (acc starts as None: the class's default)
         self.mb_backwards: dict[int, int] = {}  # minibatch -> backwards done here
         # keep each key's pullback, else its inputs, to recompute at the latest version
         self.keep_pullback = ctx.policy.keeps_pullback()
@@ -117,9 +115,6 @@ class LayerActor(Serving, HookChecks):
             cls, "on_backward_input"
         )
         self.input_sigs: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
-        self.float_dtype = next(
-            (p.dtype for p in tree_leaves(params) if is_floating(getattr(p, "dtype", None))), None
-        )
         self.checked_shapes = _checked_shapes(ctx.graph, node)
         self.stochastic = _is_stochastic(self.module)
         self.draw_places = _draw_places(node) if self.stochastic else None

@@ -86,6 +86,8 @@ class _Graphs:
         self.stashes = self.streaming and actor.ctx.policy.keeps_pullback()
         self.busy: set[int] = set()  # the slots whose key's backward has not run yet
         self.memory: Callable[[], int] = lambda: 0  # the owner's bytes held, for the stats
+        #: called at the first forward of a minibatch, before its graphs run (the owner's)
+        self.new_minibatch: Callable[[], None] = lambda: None
         self.minibatch: Any = None  # the minibatch whose keys take slots now
         self.next_slot = 0
         self.slots = 1  # the most slots a minibatch has taken
@@ -101,11 +103,7 @@ class _Graphs:
             return -1
         if mb != self.minibatch:
             self.minibatch, self.next_slot = mb, 0
-            # a policy that updates across minibatches (none built in does): what the last
-            # one's keys left in their graphs' buffers is summed before they are written again
-            settle = getattr(self.actor, "settle_owed", None)
-            if settle is not None:
-                settle()
+            self.new_minibatch()
         slot = self.next_slot
         self.next_slot += 1
         if slot >= self.slots:
@@ -254,6 +252,9 @@ class ActorGraphs(UpdateGraphs):
         self.grad_sum_def: Any = None
         self.last_grads: Any = None
         self.base.memory = self.memory
+        # a policy that updates across minibatches (none built in does): what the last one's
+        # keys left in their graphs' buffers is summed before those graphs run again
+        self.base.new_minibatch = actor.settle_owed
 
     def memory(self) -> int:
         """Bytes of device memory this actor's graphs hold."""

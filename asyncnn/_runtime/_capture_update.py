@@ -11,11 +11,12 @@ AdamW, whose step-dependent scalars are written on the device before each launch
 from __future__ import annotations
 
 import contextlib
-import operator
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._math._optim import SGD, Adam, AdamW
-from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
+
+from ._weight_versions import _fold, _tree_scale
 
 if TYPE_CHECKING:
     import collections
@@ -74,10 +75,8 @@ class UpdateGraphs:
             return owed[0] if keeps_none else tree_copy(owed[0])
         terms = [tree_flatten(t) for t in ((acc, *owed) if acc is not None else owed)]
         if not self.base.sums([t[0] for t in terms]):
-            total = owed[0] if acc is None else tree_map(operator.add, acc, owed[0])
-            for t in owed[1:]:
-                total = tree_map(operator.add, total, t)
-            return total if scale == 1.0 else tree_map(lambda a: a * scale, total)
+            total = _fold(owed[0], owed[1:]) if acc is None else _fold(acc, owed)
+            return total if scale == 1.0 else _tree_scale(total, scale)
         leaves, treedef = terms[0]
         if not keeps_none:
             out = [self.base.xp.empty_like(x) for x in leaves]

@@ -51,8 +51,7 @@ class ActorContext:
         dtype: the run's floating dtype (``Trainer(dtype=...)``, as a numpy dtype): that of the
             parameters, the floating inputs and the floating tensors actors send. An actor
             whose own arrays do not tell it (a layer without parameters on integer inputs)
-            makes its floating results in it. None where whoever built the context gave none
-            (an actor then goes by the dtypes of its parameters and inputs).
+            makes its floating results in it.
     """
 
     graph: Graph
@@ -72,7 +71,7 @@ class ActorContext:
     backward_done: Callable[[str, int], None]
     loss_reported: Callable[[int, float, Mapping[str, Any]], None]
     check_finite: Callable[[str, str, int, Any], None]
-    dtype: np.dtype[Any] | None = None
+    dtype: np.dtype[Any]
 
     @property
     def inline_flops(self) -> float:

@@ -26,7 +26,6 @@ class HookChecks:
     #: the trailing shapes of the node's output and inputs the graph checked (None: unknown)
     checked_shapes: tuple[tuple[int, ...], list[tuple[int, ...]]] | None
     #: the dtype of the floating parameters (None: none)
-    float_dtype: Any
     #: the actor's context (its ``dtype``: the run's floating dtype, None where not given)
     ctx: Any
     #: key -> each input's (shape, dtype), kept from the forward for its backward's check
@@ -66,14 +65,10 @@ class HookChecks:
                 )
         dtype = getattr(out, "dtype", None)
         if dtype is not None and is_floating(dtype):
-            # the run's where known: a layer without floating parameters on integer inputs
-            # has nothing else to tell it by
+            # the run's (a layer without floating parameters on integer inputs has nothing
+            # else to tell it by)
             want_dtype = self.ctx.dtype
-            if want_dtype is None:
-                want_dtype = self.float_dtype
-            if want_dtype is None:  # no floating parameter: the run's dtype is its inputs'
-                want_dtype = next((x.dtype for x in inputs if is_floating(x.dtype)), None)
-            if want_dtype is not None and dtype != want_dtype:
+            if dtype != want_dtype:
                 raise TypeError(
                     f"{hook} returned a {dtype} output in a {want_dtype} run; return it in the "
                     f"run's dtype (out.astype({str(want_dtype)!r})): its consumers would compute "

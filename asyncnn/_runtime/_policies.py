@@ -36,7 +36,6 @@ from ._stage_orders import (
     AnyOrder,
     OneFOneBOrder,
     Op,
-    OpCallback,  # noqa: F401 - _wrapped imports it from here
     RecordedOrder,
     StageOrder,
     _check_bool,

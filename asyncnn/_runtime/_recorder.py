@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from asyncnn.backends import to_numpy
 from asyncnn.backends._dtypes import rebuildable_name
 from asyncnn.backends._registry import host_array
 
@@ -125,9 +124,7 @@ def encode_tree(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return {"list" if isinstance(tree, list) else "tuple": [encode_tree(v) for v in tree]}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        # np.asarray, not ascontiguousarray, which makes a 0-d array 1-d (a custom actor's
-        # scalar state came back of shape (1,)); tobytes is in C order either way
-        host = np.asarray(to_numpy(tree))
+        host = host_array(tree)  # (a 0-d array stays 0-d: a custom actor's scalar state)
         return {"s": list(host.shape), "d": dtype_code(host.dtype), "b": host.tobytes()}
     return {"value": tree}
 

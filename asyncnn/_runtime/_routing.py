@@ -29,7 +29,6 @@ from asyncnn._math._nn._routing import (
     gate_weights,
     topk_experts,
 )
-from asyncnn._math._ops import astype as ops_astype
 from asyncnn._math._ops import raw as ops_raw
 from asyncnn.backends import is_floating
 
@@ -96,11 +95,7 @@ class RouterActor(LayerActor):
             raw = np.asarray(self.backend.to_numpy(ops_raw(scores)))
             check_scores(f"router {self.name!r}", self.router.gate, raw)
             chosen.append(topk_experts(raw, self.router.k))
-        run_dtype = self.ctx.dtype
-        weights = gate_weights(
-            scores, chosen[0], self.router.gates, weights_dtype(inputs, self.float_dtype, run_dtype)
-        )
-        return in_run_dtype(weights, run_dtype)
+        return gate_weights(scores, chosen[0], self.router.gates, self.ctx.dtype)
 
     async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
         x = inputs[0]
@@ -362,7 +357,7 @@ class MergeActor(LayerActor):
             if rows is not None:
                 what += f" (the key has {rows} rows)"
             raise self._route_error(key, what)
-        if run_dtype is not None and w_dtype != run_dtype:
+        if w_dtype != run_dtype:
             raise self._route_error(
                 key, f"gate weights of dtype {w_dtype} in a {run_dtype} run (cast them: "
                 f"weights.astype({str(run_dtype)!r}))"
@@ -437,37 +432,6 @@ def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
     )
 
 
-def weights_dtype(inputs: list[Any], params_dtype: Any, run_dtype: Any = None) -> Any:
-    """The floating dtype a router weighs integer gate scores in: the run's where known (the
-    experts compute in it), else that of its input ``x``, else of the gate's parameters, else
-    of another input; float64 where none is floating (integer ids and a gate without
-    parameters, evaluated without a run's dtype)."""
-    if run_dtype is not None:
-        return run_dtype
-    x = ops_raw(inputs[0])
-    if _floating(x):
-        return x.dtype
-    if params_dtype is not None:
-        return params_dtype
-    return next((ops_raw(a).dtype for a in inputs[1:] if _floating(ops_raw(a))), np.float64)
-
-
-def in_run_dtype(weights: Any, run_dtype: Any) -> Any:
-    """The gate weights in the run's dtype (differentiably): a gate without parameters on
-    integer ids may score in float64 whatever the run, and float64 weights would make the
-    merge send its experts float64 gradients in a float32 run. As they are where the run's
-    dtype is unknown (None), or they are not floating."""
-    raw = ops_raw(weights)
-    if run_dtype is None or raw.dtype == run_dtype or not _floating(raw):
-        return weights
-    return ops_astype(weights, run_dtype)
-
-
-def _floating(a: Any) -> bool:
-    dtype = getattr(a, "dtype", None)  # (np.dtype(None) is float64)
-    return dtype is not None and is_floating(dtype)
-
-
 def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any) -> Any:
     """Plain (non-actor) evaluation of a router: ``("routed", x, weights, route)``, the weights
     in ``dtype`` (the run's), as the router actor makes them."""
@@ -478,9 +442,7 @@ def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any, d
     check_scores(f"router {node.name!r}", router.gate, raw)
     choice = topk_experts(raw, router.k)
     route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
-    run_dtype = np.dtype(dtype)
-    weights = gate_weights(scores, choice, router.gates, run_dtype)
-    return ("routed", inputs[0], in_run_dtype(weights, run_dtype), route)
+    return ("routed", inputs[0], gate_weights(scores, choice, router.gates, np.dtype(dtype)), route)
 
 
 def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any], dtype: Any) -> bool:

@@ -215,9 +215,7 @@ class WeightVersions(_Actor):
                 # summed at the update, all at once (one pass instead of one per key)
                 self._owed += (param_grads,)
             elif self._owed:  # (an eager key among captured ones: the sum keeps its order)
-                terms = (*self._owed, param_grads)
-                self._acc = await self.compute(_fold, self._acc, terms, cost=0)
-                self._owed = ()
+                await self._fold_owed(param_grads)
             elif self._acc is None:
                 self._acc = param_grads
             else:
@@ -244,12 +242,15 @@ class WeightVersions(_Actor):
             await self.apply_gradients(grads)
         elif self._owed and mb_done:
             # the graphs write those buffers again in the next minibatch: sum them now
-            owed = self._owed
-            self._acc = await self.compute(_fold, self._acc, owed, cost=0)
-            self._owed = ()
+            await self._fold_owed()
         elif self._acc is param_grads and graphs is not None and graphs.reuses_gradients(mb_done):
             # a graph's buffers, which a later backward writes over before the next sum
             self._acc = await self.compute(tree_copy, param_grads, cost=0)
+
+    async def _fold_owed(self, *extra: Any) -> None:
+        """Adds the gradients still owed, then ``extra``, to :attr:`acc`'s sum, in order."""
+        self._acc = await self.compute(_fold, self._acc, (*self._owed, *extra), cost=0)
+        self._owed = ()
 
     def settle_owed(self) -> None:
         """Adds the gradients still owed to :attr:`acc`'s sum, queued on this actor's stream

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ._policies import Op, OpCallback, Policy, RecordedOrder, StageOrder, Sync
+from ._policies import Op, Policy, RecordedOrder, StageOrder, Sync
+from ._stage_orders import OpCallback
 
 __all__ = ["Replay", "WrappedPolicy"]
 
@@ -131,9 +132,9 @@ class Replay(WrappedPolicy):
 
     Attributes:
         recorded: the policy of the recorded run.
-        recorded_ops: each layer actor's recorded operations, ``(kind, key)`` in processing
-            order (a loss actor's are given to it by :func:`asyncnn.replay` itself, through
-            ``LossActor.follow``: the run builds the orders of layers only).
+        recorded_ops: each actor's recorded operations, ``(kind, key)`` in processing order
+            (the run asks :meth:`orders` for its layers'; :func:`asyncnn.replay` hands a loss
+            actor its :meth:`order_for` through ``LossActor.follow``).
         keys: how many keys may be in flight (every recorded one: the orders decide).
         isolated: replay this actor alone: its sends are recorded, not delivered.
         on_op: called as ``on_op(actor, seq, kind, key)`` after each operation.

@@ -109,8 +109,7 @@ def send_divergences(
             eb = b[actor][i]
             checked += 1
             same_op = (ea.kind, ea.key, ea.get("p")) == (eb.kind, eb.key, eb.get("p"))
-            da = [x and x["h"] for x in ea.tensors]
-            db = [x and x["h"] for x in eb.tensors]
+            da, db = _digests(ea), _digests(eb)
             if same_op and da == db:
                 continue
             if not same_op:
@@ -168,8 +167,7 @@ def update_divergences(
                 break
             eb = ups_b[i]
             checked += 1
-            da = [x and x["h"] for x in ea.tensors]
-            db = [x and x["h"] for x in eb.tensors]
+            da, db = _digests(ea), _digests(eb)
             if da == db and ea.version == eb.version:
                 continue
             if ea.version != eb.version:
@@ -207,7 +205,7 @@ def _update_divergence(
     that made it), with the digests of the recorded and the replayed update where there are."""
 
     def digests(e: Event | None) -> list[Any] | None:
-        return None if e is None else [x and x["h"] for x in e.tensors]
+        return None if e is None else _digests(e)
 
     return Divergence(
         at.actor, at.seq, at.key, "update", "", digests(recorded), digests(replayed), None, reason
@@ -228,3 +226,8 @@ def _what_differs(ea: Event, eb: Event) -> str:
     if len(ea.tensors) != len(eb.tensors):
         return f"the first run sent {len(ea.tensors)} tensors, the second {len(eb.tensors)}"
     return "the tensor's digest differs"
+
+
+def _digests(e: Event) -> list[Any]:
+    """The digest of each tensor ``e`` carries (None where it carried none)."""
+    return [x and x["h"] for x in e.tensors]

@@ -27,7 +27,6 @@ from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._policies import policy_from_spec
 from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import Run, RunState
-from asyncnn._runtime._stage_orders import OpCallback, RecordedOrder
 from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 
@@ -220,7 +219,7 @@ def replay(
                 check_finite=config.get("check_finite", False) is True, pool=pool,
             ) as run:  # fmt: skip
                 running.append(run)
-                _follow_losses(run, graph.losses, orders, on_op)
+                _follow_losses(run, graph.losses, replayed_policy)
                 try:
                     if actor is None:
                         await _feed_inputs(run, trace)
@@ -248,16 +247,14 @@ def replay(
     )
 
 
-def _follow_losses(
-    run: Run, losses: list[str], orders: dict[str, list[tuple[str, int]]], on_op: OpCallback
-) -> None:
+def _follow_losses(run: Run, losses: list[str], policy: Replay) -> None:
     """Has each loss actor process its keys in the recorded order, and report each to
     ``on_op`` (the hook, and the end of an actor replayed alone), as a layer's recorded order
     does. Set before any key is admitted or fed: the actors are still waiting for their first
     message. A loss replayed alone needs nothing more: the run drops the losses of minibatches
     it never admitted, as a replay of one actor admits none."""
     for name in losses:
-        run.actors[name].follow(RecordedOrder(list(orders[name]), name, on_op))
+        run.actors[name].follow(policy.order_for(name, 0, 0))
 
 
 def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) -> None:

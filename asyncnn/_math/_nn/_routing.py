@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import array_namespace, is_floating
+from asyncnn.backends import is_floating
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
@@ -171,11 +171,13 @@ def assign_rows(
 def gate_weights(
     scores: Any, choice: np.ndarray[Any, Any], gates: str, float_dtype: Any = np.float64
 ) -> Any:
-    """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``).
+    """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``), in
+    ``float_dtype``, the floating dtype the experts compute in (the caller knows it: the run's):
+    a gate scoring in float64 in a float32 run (one without parameters on integer ids) would
+    make the merge send its experts float64 gradients.
 
     Integer scores (counts, a condition as 0/1) are ranked as they are and weighted as
-    ``float_dtype``, the floating dtype the experts compute in (the caller knows it: the run's):
-    an integer has no gradient, so the gate gets none through them.
+    ``float_dtype``: an integer has no gradient, so the gate gets none through them.
     """
     idx = choice
     if getattr(ops.raw(scores), "dtype", np.dtype(np.float64)).kind in "iu":
@@ -187,13 +189,14 @@ def gate_weights(
         # weight 1, still a function of the scores (its gradient is zero); picked by where, not
         # as scores * 0 + 1, which is NaN at an infinite score (a gate masking experts out)
         picked = _take_rows(scores, idx)
-        xp = array_namespace(ops.raw(picked))  # (a cupy where takes no numpy condition)
+        xp = ops.namespace_of(picked)  # (a cupy where takes no numpy condition)
         ones = xp.ones_like(ops.raw(picked))
-        return ops.where(xp.ones(ones.shape, dtype=bool), ones, picked)
-    if gates == "softmax":
-        probs = ops_nn.softmax(scores, axis=-1)
-        return _take_rows(probs, idx)
-    return ops_nn.softmax(_take_rows(scores, idx), axis=-1)
+        weights = ops.where(xp.ones_like(ones, dtype=bool), ones, picked)
+    elif gates == "softmax":
+        weights = _take_rows(ops_nn.softmax(scores, axis=-1), idx)
+    else:
+        weights = ops_nn.softmax(_take_rows(scores, idx), axis=-1)
+    return weights if ops.raw(weights).dtype == float_dtype else ops.astype(weights, float_dtype)
 
 
 def _take_rows(a: Any, idx: np.ndarray[Any, Any]) -> Any:
