@@ -26,6 +26,11 @@ value: no host memory the device reads later).
 working on one leaf), the per-leaf kernels' arithmetic exactly: an eager step launched one kernel
 per leaf, each costing tens of microseconds of host time.
 
+Inside :func:`reading_sums`, an update whose gradient leaf is one of the given arrays reads a sum
+of other arrays in its place, summed in the update's own kernel (:func:`sum_lines`' arithmetic,
+that of ``_fused_sum.sum_into``): a flush's update then reads its keys' gradients once, with no
+pass writing their sum and no pass reading it back.
+
 Imported only from the optimizers and the runtime's capture, on cupy arrays.
 """
 
@@ -49,8 +54,10 @@ __all__ = [
     "adam_step_scalars",
     "built",
     "in_place",
+    "reading_sums",
     "scalars_on_device",
     "set_scalars",
+    "sum_lines",
     "sgd_leaf",
     "sgd_many",
     "vectorised_available",
@@ -72,6 +79,58 @@ def in_place() -> Iterator[None]:
 
 def _in_place() -> bool:
     return bool(getattr(_state, "on", False))
+
+
+@contextlib.contextmanager
+def reading_sums(sums: dict[int, tuple[list[Any], float]]) -> Iterator[set[int]]:
+    """Within this block (on this thread) an update given a gradient leaf ``g`` with ``id(g)``
+    in ``sums`` reads ``((t0 + t1) + ...) * scale`` instead, ``(terms, scale) = sums[id(g)]``
+    (``g`` itself is not read). Yields the set of the ids taken so far: a caller checks that
+    every update took its sum (one that computes otherwise, on the host say, read ``g``)."""
+    taken: set[int] = set()
+    _state.sums, _state.taken = sums, taken
+    try:
+        yield taken
+    finally:
+        _state.sums = None
+
+
+def sum_lines(names: tuple[str, ...], scale: str, out: str) -> str:
+    """Kernel lines writing ``((names[0] + names[1]) + ...) * scale`` into ``out`` (declared by
+    the caller, of type ``T``): added left to right in ``C``, each operation rounded, the scale
+    rounded to ``C`` as cupy rounds a Python float multiplying an array of that type."""
+    lines = f"C t_ = (C){names[0]};\n" + "".join(f"t_ = ADD(t_, (C){n});\n" for n in names[1:])
+    return lines + f"{out} = (T)MUL(t_, (C){scale});"
+
+
+@functools.cache
+def _summed_rule(rule: _Update, count: int) -> _Update:
+    """``rule`` reading ``count`` arrays ``g0, g1, ...`` and a scalar ``gscale`` in place of its
+    gradient ``g``, their scaled sum."""
+    at = rule.ins.index("g")
+    terms = tuple(f"g{k}" for k in range(count))
+    ins = rule.ins[:at] + terms + rule.ins[at + 1 :]
+    body = f"T g;\n{{ {sum_lines(terms, 'gscale', 'g')} }}\n{rule.body}"
+    return _Update(f"{rule.name}_sum{count}", ins, rule.outs, (*rule.scalars, "gscale"), body,
+                   rule.device)  # fmt: skip
+
+
+def _with_sum(
+    rule: _Update, arrays: list[Any], scalars: tuple[float, ...]
+) -> tuple[_Update, list[Any], tuple[float, ...], int | None]:
+    """The rule, its arrays and scalars with the gradient's sum in place of the gradient where
+    :func:`reading_sums` names it; the last item is the gradient's id then (else None)."""
+    sums = getattr(_state, "sums", None)
+    if not sums or "g" not in rule.ins:
+        return rule, arrays, scalars, None
+    at = rule.ins.index("g")
+    gid = id(arrays[at])
+    found = sums.get(gid)
+    if found is None:
+        return rule, arrays, scalars, None
+    terms, scale = found
+    arrays = arrays[:at] + list(terms) + arrays[at + 1 :]
+    return _summed_rule(rule, len(terms)), arrays, (*scalars, scale), gid
 
 
 @contextlib.contextmanager
@@ -300,6 +359,9 @@ def _apply(
     """Runs ``rule`` over ``arrays`` (the inputs, in ``rule.ins`` order); ``outs`` are the
     output arrays to write (empty: fresh ones); ``dsc`` the device scalars' array where
     ``rule.device`` names some. Returns the outputs as a tuple."""
+    rule, arrays, scalars, summed = _with_sum(rule, arrays, scalars)
+    if summed is not None:
+        _state.taken.add(summed)
     p = arrays[0]
     on_device = (dsc,) if rule.device else ()
     name = str(p.dtype)
@@ -423,6 +485,9 @@ def adam_many(
 #: the most leaves one launch updates: their pointers, sizes and first blocks travel in the
 #: kernel's arguments (4 KB at most); 24 leaves of Adam with amsgrad take about 2 KB
 MAX_LEAVES = 24
+#: the bytes of a launch's arguments its leaves may take: fewer leaves a launch for rules of many
+#: arrays (an update reading a sum of 8 gradients)
+_ARG_BYTES = 2400
 #: the most blocks one leaf gets (its threads then stride over it)
 _MAX_LEAF_BLOCKS = 4096
 
@@ -488,6 +553,16 @@ def _apply_many(
     kernels build (the per-leaf kernels serve the rest; none for no leaves)."""
     if not leaves:
         return None
+    given, scalars_given = rule, scalars
+    with_sums: list[tuple[list[Any], tuple[Any, ...]]] = []
+    summed: list[int | None] = []
+    for arrays, outs in leaves:
+        rule, arrays, scalars, gid = _with_sum(given, arrays, scalars_given)
+        with_sums.append((arrays, outs))
+        summed.append(gid)
+    if len({gid is None for gid in summed}) > 1 or len({len(a) for a, _ in with_sums}) > 1:
+        return None  # (some leaves read a sum, or sums of other lengths: one by one)
+    leaves = with_sums
     first = leaves[0][0][0]
     dtype, device = first.dtype, first.device.id
     name = str(dtype)
@@ -512,10 +587,13 @@ def _apply_many(
                 return None
             aligned = aligned and a.data.ptr % 16 == 0
     vec = _VEC if name in _HALF and aligned else 1
-    parts = [leaves[lo : lo + MAX_LEAVES] for lo in range(0, len(leaves), MAX_LEAVES)]
+    per = max(1, min(MAX_LEAVES, _ARG_BYTES // (8 * (len(rule.ins) + len(rule.outs) + 2))))
+    parts = [leaves[lo : lo + per] for lo in range(0, len(leaves), per)]
     kernels = [_multi(rule, name, len(part), vec) for part in parts]
     if any(k is None for k in kernels):  # before any launch: in place, none may run twice
         return None
+    if summed[0] is not None:
+        _state.taken.update(gid for gid in summed if gid is not None)
     results: list[tuple[Any, ...]] = []
     for part, kernel in zip(parts, kernels, strict=True):
         args: list[Any] = []

@@ -83,6 +83,10 @@ def _sum_into(out: list[Any], terms: list[list[Any]], scale: float) -> None:
             np.multiply(dst, scale, out=dst)
 
 
+class _NotSummed(RuntimeError):
+    pass
+
+
 class _Pool:
     def total_bytes(self) -> int:
         return 0
@@ -91,8 +95,11 @@ class _Pool:
 @pytest.fixture
 def emulated(monkeypatch):
     """CUDA graphs emulated on numpy, for CPU actors; yields a dict whose ``"fail"`` entry, a
-    callable of (actor name, capture count), makes chosen forward captures fail."""
-    control: dict[str, Any] = {"fail": lambda name, n: False, "actors": [], "count": {}}
+    callable of (actor name, capture count), makes chosen forward captures fail, and whose
+    ``"not_summed"`` makes every capture of an update reading a sum of gradients fail."""
+    control: dict[str, Any] = {
+        "fail": lambda name, n: False, "actors": [], "count": {}, "not_summed": False
+    }  # fmt: skip
     graphs = types.ModuleType("asyncnn.backends._graphs")
     graphs.CaptureError = _CaptureError
     graphs.WORKSPACE_BYTES = 0
@@ -100,9 +107,22 @@ def emulated(monkeypatch):
     fused = types.ModuleType("asyncnn.backends._fused")
     fused.in_place = contextlib.nullcontext
     fused.scalars_on_device = lambda buffer: contextlib.nullcontext()
+    # (numpy's Adam computes its step's scalars itself: none are written for it)
+    fused.adam_step_scalars = lambda *args: (0.0, 0.0, 0.0)
+    fused.set_scalars = lambda buffer, values: None
     fused_sum = types.ModuleType("asyncnn.backends._fused_sum")
     fused_sum.sum_into = _sum_into
     fused_sum.sums = lambda terms: True
+
+    @contextlib.contextmanager
+    def summed(gradients: list[Any], terms: list[list[Any]], scale: float) -> Any:
+        # the update reads the sum in place of the gradients: here they hold it (each launch)
+        _sum_into(gradients, terms, scale)
+        yield
+        if control["not_summed"]:
+            raise _NotSummed("emulated: an update read its gradients as they were")
+
+    fused_sum.summed, fused_sum.NotSummed, fused_sum.MAX_TERMS = summed, _NotSummed, 8
     for name, module in (("_graphs", graphs), ("_fused", fused), ("_fused_sum", fused_sum)):
         monkeypatch.setitem(sys.modules, f"asyncnn.backends.{name}", module)
         monkeypatch.setattr(asyncnn.backends, name, module, raising=False)

@@ -47,6 +47,9 @@ def _train(policy, batches, graphs, control=None, optimizer=None):
                     a.name: [c[3] for c in a.graphs.updates.values()] for a in layers
                 }
                 out["sums"] = {a.name: a.graphs.grad_sum_tree for a in layers}
+                out["summing"] = {
+                    a.name: [k for k in a.graphs.updates if k[0] == "summed"] for a in layers
+                }
         out["params"] = run.state().params
         out["losses"] = [run.losses[i] for i in sorted(run.losses)]
 
@@ -114,6 +117,36 @@ def test_a_flush_sums_its_keys_gradients_at_the_update_into_what_the_update_read
             assert count, name
             # the captured update reads the sum's own buffers: no copy into its inputs
             assert any(g is graphs["sums"][name] for g in graphs["update_grads"][name]), name
+            # and sums the keys' gradients itself, from their graphs' buffers: one graph for
+            # the minibatches of 16 rows, one for those of 14 (at most two are kept)
+            assert len(graphs["summing"][name]) == 2, name
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [optim.SGD(lr=0.05, momentum=0.5, clip_norm=1.0),
+     optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), None],
+    ids=["clipped", "nesterov-sums", "update-does-not-sum"],
+)  # fmt: skip
+def test_an_update_that_cannot_read_the_sum_gets_it_summed_first(emulated, optimizer):
+    # a clip reads the gradients before the update: the sum is made first; an update whose
+    # summing capture fails (None here: the stand-in says it read its gradients) too. (Adam's
+    # captured update reads its step's scalars from the device, which numpy's cannot: the GPU
+    # test covers it)
+    emulated["not_summed"] = optimizer is None
+    batches = _batches([16] * 6, seed=5)
+    eager = _train(policies.OneFOneB(4), batches, False, optimizer=optimizer)
+    graphs = _train(policies.OneFOneB(4), batches, True, emulated, optimizer=optimizer)
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])
+    summing = {n: len(k) for n, k in graphs["summing"].items() if n.startswith("stage")}
+    want = 1 if optimizer is not None and optimizer.clip_norm is None else 0
+    assert summing == dict.fromkeys(summing, want), summing
+    if optimizer is None:
+        assert all(
+            any("summed" in f and "read its gradients" in f for f in st.failures)
+            for n, st in graphs["stats"].items() if n.startswith("stage")
+        ), graphs["stats"]  # fmt: skip
 
 
 def test_gradients_still_owed_are_summed_when_a_run_state_asks(emulated):

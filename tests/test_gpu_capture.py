@@ -66,7 +66,11 @@ def _train(batches, optimizer, policy, cuda_graphs, dtype="float32", device="cud
             }
             out["graph_bytes"] = {n: st.graph_bytes for n, st in run.statistics().items()}
             out["layers"] = {
-                n: {"updates_captured": len(a.graphs.updates)}
+                n: {
+                    "updates_captured": len(a.graphs.updates),
+                    # the graphs that sum a flush's gradients as the update reads them
+                    "summing": [k for k in a.graphs.updates if k[0] == "summed"],
+                }
                 for n, a in run.local.items()
                 if getattr(a, "graphs", None) is not None and hasattr(a.graphs, "updates")
             }
@@ -155,6 +159,9 @@ def test_pipelines_capture_graphs_per_key_and_equal_eager(policy, optimizer):
     for name, st in graphs["stats"].items():
         # a forward graph per key of a minibatch (M slots), replayed in the later minibatches
         assert st.captures >= m and st.replays >= 5 * m and not st.failures, (name, vars(st))
+    for name, layer in graphs["layers"].items():
+        # the update reads its M keys' gradients and sums them itself: one graph
+        assert len(layer["summing"]) == 1, (name, layer)
     assert_params_close(graphs["params"], eager["params"], rtol=1e-5,
                         atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(graphs["losses"], eager["losses"], rtol=1e-5)

@@ -75,6 +75,8 @@ class _Graphs:
         self.g = _graphs
         self.fused = _fused
         self.sums, self.sum_into = _fused_sum.sums, _fused_sum.sum_into
+        self.summed, self.not_summed = _fused_sum.summed, _fused_sum.NotSummed
+        self.max_terms = _fused_sum.MAX_TERMS
         self.actor = actor
         self.xp = actor.backend.xp
         self.stats = _Stats()
@@ -235,7 +237,8 @@ class ActorGraphs(UpdateGraphs):
         self.params: list[Any] | None = None  # the static parameter leaves
         self.params_def: Any = None
         self.params_tree: Any = None  # the tree of them handed to the actor
-        # update token -> (graph, gradient leaves, keep, the gradient tree captured)
+        # update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms
+        # a summing graph reads)
         self.updates: dict[Any, Any] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
         #: stashing: each slot's copy of the weights, which its graphs of every signature read
@@ -251,6 +254,7 @@ class ActorGraphs(UpdateGraphs):
         self.grad_sum_tree: Any = None
         self.grad_sum_def: Any = None
         self.last_grads: Any = None
+        self.pending: Any = None  # a sum left to the update (sum_gradients)
         self.base.memory = self.memory
         # a policy that updates across minibatches (none built in does): what the last one's
         # keys left in their graphs' buffers is summed before those graphs run again

@@ -1,9 +1,11 @@
 """The gradients and the optimizer update of a GPU layer actor's CUDA graphs (``_capture.py``).
 
 Under a flush each key of a minibatch leaves its parameter gradients in its own backward graph's
-buffers, which stay as they are until the next minibatch: their sum waits for the update and is
-made in one pass (:meth:`UpdateGraphs.sum_gradients`) into buffers the captured update reads as
-they are. The update is captured per what it depends on besides the arrays
+buffers, which stay as they are until the next minibatch: their sum waits for the update. Where
+the update is captured, it reads those buffers itself and sums them in its own kernels (one graph
+per set of buffers: the slots' backward graphs, the same at every minibatch); else the sum is made
+in one pass (:meth:`UpdateGraphs.sum_gradients`) into buffers the captured update reads as they
+are. The update is captured per what it depends on besides the arrays
 (:func:`_update_token`): SGD's learning rate and first step; one graph for every step of Adam and
 AdamW, whose step-dependent scalars are written on the device before each launch.
 """
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["UpdateGraphs"]
 
+#: the summing update graphs an actor keeps (each for one set of its backward graphs' buffers)
+_SUMMED_KEPT = 2
+
 
 class UpdateGraphs:
     """The gradient sums and the captured update of :class:`~._capture.ActorGraphs`."""
@@ -35,7 +40,8 @@ class UpdateGraphs:
     entries: collections.OrderedDict[Any, _Entry]
     params: list[Any] | None
     params_def: Any
-    #: update token -> (graph, gradient leaves, keep, the gradient tree captured)
+    #: update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms a
+    #: summing graph reads or None)
     updates: dict[Any, Any]
     state: dict[str, list[Any]]  # static optimizer buffers, by name
     scalars: Any  # Adam's step-dependent scalars, on the device (float64 x 3)
@@ -46,6 +52,8 @@ class UpdateGraphs:
     grad_sum_def: Any
     #: the parameters' gradients of the backward graph launched last (:meth:`keeps_gradients`)
     last_grads: Any
+    #: the sum :meth:`sum_gradients` left to the update: (terms' leaves, scale), or None
+    pending: tuple[list[list[Any]], float] | None
 
     params_tree: Any  # the tree of the static parameters handed to the actor
 
@@ -70,6 +78,7 @@ class UpdateGraphs:
         does not take (16-bit) are added and scaled as they were, into fresh arrays. An
         optimizer of the user's own may keep the gradients it is given: it gets fresh arrays
         (a copy where ``owed[0]`` is the whole sum), which no later sum or backward writes."""
+        self.pending = None
         keeps_none = type(self.actor.ctx.optimizer) in (SGD, Adam, AdamW)
         if acc is None and len(owed) == 1 and scale == 1.0:
             return owed[0] if keeps_none else tree_copy(owed[0])
@@ -90,8 +99,25 @@ class UpdateGraphs:
             self.grad_sum_def = treedef
             self.grad_sum_tree = tree_unflatten(treedef, out)
             self.base.changed()
-        self.base.sum_into(out, [t[0] for t in terms], scale)
+        if acc is None and self._update_sums(len(terms)):
+            # the captured update sums them (or :meth:`update` sums them here first)
+            self.pending = ([t[0] for t in terms], scale)
+        else:
+            self.base.sum_into(out, [t[0] for t in terms], scale)
         return self.grad_sum_tree
+
+    def _update_sums(self, count: int) -> bool:
+        """Whether the update may read a sum of ``count`` graphs' gradients itself: the
+        built-in optimizers without clipping (whose kernels read each gradient once), on the
+        static parameters, with no correction of the update reading the gradients after it."""
+        opt = self.actor.ctx.optimizer
+        return (
+            count <= self.base.max_terms
+            and type(opt) in (SGD, Adam, AdamW)
+            and opt.clip_norm is None
+            and not self.actor.corrects_updates
+            and self._static_params()
+        )
 
     def reuses_gradients(self, minibatch_done: bool) -> bool:
         """Whether the parameter gradients a backward returned may be written over by a later
@@ -104,6 +130,12 @@ class UpdateGraphs:
         opt = self.actor.ctx.optimizer
         token = _update_token(opt, state)
         base = self.base
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            if grads is self.grad_sum_tree and token is not None and self._static_params():
+                if self._update_summed(pending, state, token):
+                    return self._state_after(state)
+            base.sum_into(self.grad_sum, *pending)  # (as sum_gradients would have)
         if token is None or not self._static_params():
             return opt.update(params, grads, state)
         captured = self.updates.get(token)
@@ -120,7 +152,7 @@ class UpdateGraphs:
             self.updates[token] = captured
             base.changed()
         else:
-            graph, g_static, _, g_tree = captured
+            graph, g_static, _, g_tree, _ = captured
             if grads is not g_tree:  # else they are the captured buffers already
                 base._load(g_static, tree_leaves(grads))
             for name, leaves in self.state.items():
@@ -130,6 +162,39 @@ class UpdateGraphs:
             base.stats.replays += 1
         captured[0].launch(self.actor.stream)
         return self._state_after(state)
+
+    def _update_summed(
+        self, pending: tuple[list[list[Any]], float], state: Any, token: Any
+    ) -> bool:
+        """The update through a graph that sums the gradients ``pending`` names as it reads
+        them (see the module docstring); False where none is (or can now be) captured."""
+        terms, scale = pending
+        base = self.base
+        sig = ("summed", token, scale, tuple(id(x) for leaves in terms for x in leaves))
+        captured = self.updates.get(sig)
+        if captured is None:
+            if not base._due(sig):
+                return False
+            if token[0] == "adam":
+                self._write_adam_scalars(self.actor.ctx.optimizer, state)
+            try:
+                captured = self._capture_update(self.grad_sum_tree, state, token, pending)
+            except (base.g.CaptureError, base.not_summed) as exc:
+                base._fail(sig, exc)
+                return False
+            # (a graph keeps its terms' arrays alive: one set of them at a time, as a rule)
+            for old in [k for k in self.updates if k[0] == "summed"][: -_SUMMED_KEPT + 1]:
+                del self.updates[old]
+            self.updates[sig] = captured
+            base.changed()
+        else:
+            for name, leaves in self.state.items():
+                base._load(leaves, tree_leaves(state[name]))
+            if token[0] == "adam":
+                self._write_adam_scalars(self.actor.ctx.optimizer, state)
+            base.stats.replays += 1
+        captured[0].launch(self.actor.stream)
+        return True
 
     def _write_adam_scalars(self, opt: Any, state: Any) -> None:
         """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
@@ -149,7 +214,11 @@ class UpdateGraphs:
             new[name] = tree_unflatten(self.params_def, leaves)
         return self.actor.params, new
 
-    def _capture_update(self, grads: Any, state: Any, token: Any) -> Any:
+    def _capture_update(
+        self, grads: Any, state: Any, token: Any, pending: Any = None
+    ) -> tuple[Any, list[Any], Any, Any, Any]:
+        """``(graph, gradient leaves, keep, gradient tree, terms read)`` of the update of
+        ``grads`` (with ``pending``: of the sum it names, read in place of ``grads``)."""
         opt, base = self.actor.ctx.optimizer, self.base
         fused = base.fused
         names = [n for n in state if n != "step"]
@@ -171,20 +240,26 @@ class UpdateGraphs:
                 return contextlib.nullcontext()
             return fused.scalars_on_device(self.scalars)
 
+        def summing() -> Any:
+            if pending is None:
+                return contextlib.nullcontext()
+            return base.summed(g_static, *pending)
+
         def warm() -> None:  # (loads the very kernels the capture will launch)
-            with on_device():
+            with on_device(), summing():
                 opt.update(params, g_tree, frozen)
 
         def step() -> None:
             # the fused kernels write over the static buffers: then the loads below copy nothing
-            with fused.in_place(), on_device():
+            with fused.in_place(), on_device(), summing():
                 new_p, new_s = opt.update(params, g_tree, frozen)
             base._load(self.params or [], tree_leaves(new_p))
             for name in names:
                 base._load(self.state[name], tree_leaves(new_s[name]))
 
         graph, _, keep = base._capture(step, warm)
-        return graph, g_static, keep, grads
+        # (a graph summing gradients reads their arrays: they live as long as it)
+        return graph, g_static, keep, grads, None if pending is None else pending[0]
 
 
 def _update_token(opt: Any, state: Any) -> Any:
