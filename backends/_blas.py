@@ -99,13 +99,24 @@ def _from_any_thread() -> Iterator[None]:
             clear(force=True)
 
 
-def _limit(limit: int) -> Any:
+#: threadpoolctl's controller of the libraries loaded when the first team of the moment opened
+_controller: list[Any] = []
+
+
+def _limit(limit: int, rescan: bool = False) -> Any:
     """Sets BLAS's thread count to ``limit``; returns threadpoolctl's limiter, which restores
-    the count found before it."""
-    from threadpoolctl import threadpool_limits
+    the count found before it.
+
+    The libraries are looked up again only with ``rescan`` (as the first team opens): a look-up
+    reads every loaded library's path and symbols, 25 ms with cupy and torch loaded, and each of
+    a 16-worker team's threads set its count as it started, in the first steps of a run.
+    """
+    from threadpoolctl import ThreadpoolController
 
     with _from_any_thread():
-        return threadpool_limits(limits=limit, user_api="blas")
+        if rescan or not _controller:
+            _controller[:] = [ThreadpoolController()]
+        return _controller[0].limit(limits=limit, user_api="blas")
 
 
 class _BlasLimits:
@@ -126,7 +137,8 @@ class _BlasLimits:
 
     def hold(self, owner: object, limit: int) -> None:
         with self._lock:
-            limiter = _limit(limit)
+            # (the libraries loaded since the last team closed are found as the first opens)
+            limiter = _limit(limit, rescan=not self._held)
             if not self._held:
                 self._original = limiter
             self._held.append((owner, limit))
