@@ -96,6 +96,8 @@ def asyncnn_step(
     policy: Any, stages: int, batch: int, dtype: str, steps: int, on_device: bool = True,
     cuda_graphs: bool = False,
 ) -> float:  # fmt: skip
+    import cupy as cp
+
     g = graph(stages)
     tr = ann.Trainer(
         g, optimizer=optim.SGD(lr=1e-3), policy=policy, dtype=dtype, cuda_graphs=cuda_graphs
@@ -104,13 +106,15 @@ def asyncnn_step(
     data: dict[str, Any] = {"x": rng.standard_normal((batch * steps, WIDTH)).astype(np.float32),
                             "y": rng.integers(0, 10, batch * steps)}  # fmt: skip
     if on_device:  # the dataset lives on the GPU, as torch's tensors do below
-        import cupy as cp
-
         cdt = data_dtype(dtype)
         data = {k: cp.asarray(v).astype(cdt if k == "x" else v.dtype) for k, v in data.items()}
     tr.fit({k: v[: batch * 3] for k, v in data.items()}, batch_size=batch)  # warm-up
+    cp.cuda.Device().synchronize()
     start = time.perf_counter()
     tr.fit(data, batch_size=batch)
+    # (fit returns once its work is queued on the card: the clock stops when the card is done,
+    # as torch_step's does)
+    cp.cuda.Device().synchronize()
     return (time.perf_counter() - start) / steps
 
 
