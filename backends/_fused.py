@@ -553,16 +553,17 @@ def _apply_many(
     kernels build (the per-leaf kernels serve the rest; none for no leaves)."""
     if not leaves:
         return None
-    given, scalars_given = rule, scalars
-    with_sums: list[tuple[list[Any], tuple[Any, ...]]] = []
     summed: list[int | None] = []
-    for arrays, outs in leaves:
-        rule, arrays, scalars, gid = _with_sum(given, arrays, scalars_given)
-        with_sums.append((arrays, outs))
-        summed.append(gid)
-    if len({gid is None for gid in summed}) > 1 or len({len(a) for a, _ in with_sums}) > 1:
-        return None  # (some leaves read a sum, or sums of other lengths: one by one)
-    leaves = with_sums
+    if getattr(_state, "sums", None):  # (only inside reading_sums)
+        given, scalars_given = rule, scalars
+        with_sums: list[tuple[list[Any], tuple[Any, ...]]] = []
+        for arrays, outs in leaves:
+            rule, arrays, scalars, gid = _with_sum(given, arrays, scalars_given)
+            with_sums.append((arrays, outs))
+            summed.append(gid)
+        if len({gid is None for gid in summed}) > 1 or len({len(a) for a, _ in with_sums}) > 1:
+            return None  # (some leaves read a sum, or sums of other lengths: one by one)
+        leaves = with_sums
     first = leaves[0][0][0]
     dtype, device = first.dtype, first.device.id
     name = str(dtype)
@@ -592,7 +593,7 @@ def _apply_many(
     kernels = [_multi(rule, name, len(part), vec) for part in parts]
     if any(k is None for k in kernels):  # before any launch: in place, none may run twice
         return None
-    if summed[0] is not None:
+    if summed and summed[0] is not None:
         _state.taken.update(gid for gid in summed if gid is not None)
     results: list[tuple[Any, ...]] = []
     for part, kernel in zip(parts, kernels, strict=True):

@@ -116,9 +116,12 @@ def emulated(monkeypatch):
 
     @contextlib.contextmanager
     def summed(gradients: list[Any], terms: list[list[Any]], scale: float) -> Any:
-        # the update reads the sum in place of the gradients: here they hold it (each launch)
+        # the update reads the sum in place of the gradients: here they hold it (each launch),
+        # then NaN, as unwritten as a real graph leaves them (nothing may read them after)
         _sum_into(gradients, terms, scale)
         yield
+        for g in gradients:
+            g.fill(np.nan)
         if control["not_summed"]:
             raise _NotSummed("emulated: an update read its gradients as they were")
 

@@ -214,3 +214,23 @@ def test_a_flush_that_updates_across_minibatches_sums_before_the_graphs_run_agai
     assert graphs["active"] and all(st.replays for st in graphs["stats"].values())
     assert graphs["losses"] == eager["losses"]
     assert_params_equal(graphs["params"], eager["params"])
+
+
+def test_summing_graphs_of_rotating_shapes_are_kept_not_captured_again(emulated):
+    # minibatches of three sizes in turn: three sets of backward graphs, each summed by its own
+    # update graph; the least recently used is evicted only past MAX_SIGNATURES (kept in the
+    # order they were made, the three were captured again at every minibatch once past two)
+    policy = policies.OneFOneB(4)
+    counts = []
+    for rounds in (4, 8):
+        emulated["count"].clear()
+        batches = _batches([16, 12, 8] * rounds, seed=6)
+        eager = _train(policy, batches, False)
+        graphs = _train(policy, batches, True, emulated)
+        assert graphs["losses"] == eager["losses"]
+        assert_params_equal(graphs["params"], eager["params"])
+        assert {n: len(k) for n, k in graphs["summing"].items()} == dict.fromkeys(
+            graphs["summing"], 3
+        )
+        counts.append(dict(emulated["count"]))
+    assert counts[0] == counts[1]  # twice the minibatches, no capture more

@@ -46,15 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
 
-from ._capture_update import UpdateGraphs
+from ._capture_update import MAX_SIGNATURES, UpdateGraphs
 
 if TYPE_CHECKING:
     from ._actors import LayerActor
 
 __all__ = ["ActorGraphs"]
-
-#: input signatures captured per actor (each holds its graphs' memory, once per slot)
-MAX_SIGNATURES = 4
 
 
 class _Stats:

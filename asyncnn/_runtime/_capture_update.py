@@ -26,10 +26,11 @@ if TYPE_CHECKING:
     from ._actors import LayerActor
     from ._capture import _Entry, _Graphs
 
-__all__ = ["UpdateGraphs"]
+__all__ = ["MAX_SIGNATURES", "UpdateGraphs"]
 
-#: the summing update graphs an actor keeps (each for one set of its backward graphs' buffers)
-_SUMMED_KEPT = 2
+#: input signatures captured per actor (each holds its graphs' memory, once per slot), and the
+#: update graphs summing gradients kept (one per set of backward graphs whose gradients it reads)
+MAX_SIGNATURES = 4
 
 
 class UpdateGraphs:
@@ -74,7 +75,9 @@ class UpdateGraphs:
         gradients an update applies, computed in one pass (adding each key's as it came took a
         pass per key, the scaling another and the captured update a copy). The result lies in
         buffers of this actor, the same at every call, which the captured update reads as they
-        are; it is ``owed[0]`` itself where that is the whole sum. Gradients the one-pass sum
+        are (where the captured update sums them itself, :attr:`pending`, those buffers are
+        not written: the result is then only for the next :meth:`update` to be given); it is
+        ``owed[0]`` itself where that is the whole sum. Gradients the one-pass sum
         does not take (16-bit) are added and scaled as they were, into fresh arrays. An
         optimizer of the user's own may keep the gradients it is given: it gets fresh arrays
         (a copy where ``owed[0]`` is the whole sum), which no later sum or backward writes."""
@@ -131,67 +134,59 @@ class UpdateGraphs:
         token = _update_token(opt, state)
         base = self.base
         pending, self.pending = self.pending, None
-        if pending is not None:
-            if grads is self.grad_sum_tree and token is not None and self._static_params():
-                if self._update_summed(pending, state, token):
+        if pending is not None and grads is self.grad_sum_tree:
+            if token is not None and self._static_params():
+                terms, scale = pending
+                sig = ("summed", token, scale, tuple(id(x) for leaves in terms for x in leaves))
+                if self._run_graph(
+                    sig, state, lambda: self._capture_update(grads, state, token, pending)
+                ):
                     return self._state_after(state)
             base.sum_into(self.grad_sum, *pending)  # (as sum_gradients would have)
         if token is None or not self._static_params():
             return opt.update(params, grads, state)
-        captured = self.updates.get(token)
-        if captured is None:
-            if not base._due(("update", token)):
-                return opt.update(params, grads, state)
-            if token[0] == "adam":  # (the warm-up before the capture reads them too)
-                self._write_adam_scalars(opt, state)
-            try:
-                captured = self._capture_update(grads, state, token)
-            except base.g.CaptureError as exc:
-                base._fail(("update", token), exc)
-                return opt.update(params, grads, state)
-            self.updates[token] = captured
-            base.changed()
-        else:
-            graph, g_static, _, g_tree, _ = captured
-            if grads is not g_tree:  # else they are the captured buffers already
-                base._load(g_static, tree_leaves(grads))
-            for name, leaves in self.state.items():
-                base._load(leaves, tree_leaves(state[name]))
-            if token[0] == "adam":
-                self._write_adam_scalars(opt, state)
-            base.stats.replays += 1
-        captured[0].launch(self.actor.stream)
+
+        def reload(captured: Any) -> None:
+            if grads is not captured[3]:  # else they are the captured buffers already
+                base._load(captured[1], tree_leaves(grads))
+
+        if not self._run_graph(
+            ("update", token), state, lambda: self._capture_update(grads, state, token), reload
+        ):
+            return opt.update(params, grads, state)
         return self._state_after(state)
 
-    def _update_summed(
-        self, pending: tuple[list[list[Any]], float], state: Any, token: Any
-    ) -> bool:
-        """The update through a graph that sums the gradients ``pending`` names as it reads
-        them (see the module docstring); False where none is (or can now be) captured."""
-        terms, scale = pending
-        base = self.base
-        sig = ("summed", token, scale, tuple(id(x) for leaves in terms for x in leaves))
+    def _run_graph(self, sig: Any, state: Any, capture: Any, reload: Any = None) -> bool:
+        """Launches the update graph of ``sig``, captured by ``capture()`` on its second
+        sighting (``reload(captured)`` loads a replay's gradients); False where there is none
+        (yet, or for good: its capture failed), launching nothing. The graphs summing
+        gradients are kept least recently used first, at most :data:`MAX_SIGNATURES`."""
+        base, opt = self.base, self.actor.ctx.optimizer
+        adam = sig[1][0] == "adam"
         captured = self.updates.get(sig)
         if captured is None:
             if not base._due(sig):
                 return False
-            if token[0] == "adam":
-                self._write_adam_scalars(self.actor.ctx.optimizer, state)
+            if adam:  # (the warm-up before the capture reads them too)
+                self._write_adam_scalars(opt, state)
             try:
-                captured = self._capture_update(self.grad_sum_tree, state, token, pending)
+                captured = capture()
             except (base.g.CaptureError, base.not_summed) as exc:
                 base._fail(sig, exc)
                 return False
-            # (a graph keeps its terms' arrays alive: one set of them at a time, as a rule)
-            for old in [k for k in self.updates if k[0] == "summed"][: -_SUMMED_KEPT + 1]:
-                del self.updates[old]
             self.updates[sig] = captured
+            summing = [k for k in self.updates if k[0] == "summed"]
+            for old in summing[: max(0, len(summing) - MAX_SIGNATURES)]:
+                del self.updates[old]
             base.changed()
         else:
+            self.updates[sig] = self.updates.pop(sig)  # (the most recently used last)
+            if reload is not None:
+                reload(captured)
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
-            if token[0] == "adam":
-                self._write_adam_scalars(self.actor.ctx.optimizer, state)
+            if adam:
+                self._write_adam_scalars(opt, state)
             base.stats.replays += 1
         captured[0].launch(self.actor.stream)
         return True
@@ -258,7 +253,8 @@ class UpdateGraphs:
                 base._load(self.state[name], tree_leaves(new_s[name]))
 
         graph, _, keep = base._capture(step, warm)
-        # (a graph summing gradients reads their arrays: they live as long as it)
+        # (a summing graph's key holds its terms' ids: the arrays stay as long as the graph, so
+        # that no other array takes an id of them; the memory is their backward graphs')
         return graph, g_static, keep, grads, None if pending is None else pending[0]
 
 
