@@ -234,3 +234,41 @@ def test_a_trace_whose_graph_is_not_the_one_that_ran_is_refused_saying_what_diff
         _rewrite(path, other, in_header(change))
         with pytest.raises(ann.TraceFormatError, match=message):
             ann.replay(other)
+
+
+def test_a_replay_copies_each_array_of_the_initial_state_out_of_the_trace_once(
+    tmp_path, monkeypatch
+):
+    # check_replayable decoded params, opt_states and pending, then the replay's start decoded
+    # them all again: every parameter and optimizer buffer copied twice on the host
+    from asyncnn._runtime import _recorder
+    from asyncnn._tracing import _replay
+
+    tr = ann.Trainer(
+        _plain_graph(), optimizer=optim.Adam(lr=0.01),
+        policy=policies.Async(3, min_update_frequency=2), trace=str(tmp_path / "r.trace"),
+    )  # fmt: skip
+    tr.fit(_data(12), batch_size=4)  # 3 keys: one gradient left pending per layer
+    tr.fit(_data(12), batch_size=4)
+    state = ann.trace.read(tr.traces[1]).state
+
+    def arrays(spec: Any) -> int:
+        if isinstance(spec, dict):
+            return int("b" in spec) + sum(arrays(v) for v in spec.values())
+        return sum(arrays(v) for v in spec) if isinstance(spec, list | tuple) else 0
+
+    assert all(arrays(state[f]) for f in ("params", "opt_states", "pending"))
+    decoded: list[Any] = []
+    real = _recorder.decode_tree
+
+    def counting(spec: Any) -> Any:
+        if "b" in spec:
+            decoded.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(_recorder, "decode_tree", counting)
+    monkeypatch.setattr(_replay, "decode_tree", counting, raising=False)
+    rep = ann.replay(tr.traces[1])
+    assert rep.identical
+    assert_params_equal(rep.params, tr.params)
+    assert len({id(s) for s in decoded}) == len(decoded) == arrays(state)

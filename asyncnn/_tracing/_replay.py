@@ -18,21 +18,17 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import TraceFormatError
-from asyncnn._math._imports import trusted_modules as trusting
 from asyncnn._math._pytree import tree_flatten, tree_map
-from asyncnn._runtime._graph import Graph
 from asyncnn._runtime._lifecycle import maybe_pool
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
-from asyncnn._runtime._policies import policy_from_spec
-from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._run import Run, RunState
 from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 
 from ._compare import Divergence, earliest, send_divergences, update_divergences
 from ._read import Trace, payload_array, read
-from ._replayable import check_replayable
+from ._replayable import Checked, check_replayable
 
 __all__ = ["Divergence", "ReplayResult", "replay"]
 
@@ -71,21 +67,24 @@ def _orders(trace: Trace, actors: list[str]) -> dict[str, list[tuple[str, int]]]
     return {name: [(k, key) for _, k, key in sorted(ops)] for name, ops in starts.items()}
 
 
-def _initial_state(trace: Trace, graph: Graph) -> RunState:
-    if trace.state is None:
-        raise ValueError(f"{trace.path}: the trace holds no initial state record; cannot replay")
-    st = trace.state
-    params = decode_tree(st["params"])
-    opt_states = decode_tree(st["opt_states"])
+def _initial_state(trace: Trace, checked: Checked) -> RunState:
+    """The state the run started from, on each layer's device: the arrays that
+    :func:`check_replayable` decoded (checked there), not copied out of the record again."""
+    graph, st = checked.graph, trace.state
+    assert st is not None  # (check_replayable refused a trace without one)
+    params, opt_states = checked.params, checked.opt_states
     start = trace.header.get("start", {})
     for name in graph.layers:
         backend = get_backend(graph.nodes[name].device)
         params[name] = tree_map(backend.asarray, params[name])
         opt_states[name] = _on_device(opt_states[name], graph.nodes[name].device)
     pending: dict[str, tuple[Any, int]] = {}
-    for name, (acc, count) in decode_tree(st.get("pending", {"dict": {}})).items():
+    for name, (acc, count) in checked.pending.items():
         backend = get_backend(graph.nodes[name].device)
         pending[name] = (tree_map(backend.asarray, acc), int(count))
+    actor_states = {
+        n: _on_device(s, graph.nodes[n].device) for n, s in checked.actor_states.items()
+    }
     return RunState(
         params,
         opt_states,
@@ -93,18 +92,8 @@ def _initial_state(trace: Trace, graph: Graph) -> RunState:
         start.get("minibatches", 0),
         start.get("keys", 0),
         pending,
-        _actor_states(st, graph),
+        actor_states,
     )
-
-
-def _actor_states(st: dict[str, Any], graph: Graph) -> dict[str, Any]:
-    """The custom actors' own states the run started from (``{}`` for a trace written before
-    they were recorded, or where no actor keeps one), on each layer's device (the record was
-    checked by :func:`check_replayable`)."""
-    encoded = st.get("actor_states")
-    if encoded is None:
-        return {}
-    return {n: _on_device(s, graph.nodes[n].device) for n, s in decode_tree(encoded).items()}
 
 
 def _on_device(tree: Any, device: Any) -> Any:
@@ -143,18 +132,15 @@ def replay(
         A :class:`ReplayResult`: ``identical``, ``events_checked``, ``first_divergence``,
         the final ``params``.
     """
-    from asyncnn.optim import from_spec as optimizer_from_spec
-
     trace = read(path)
     # a truncated, incomplete or malformed trace is refused here, before anything runs
-    check_replayable(trace, trusted_modules)
+    # (which rebuilds the header's specs and decodes the initial state: the replay starts from
+    # those, so that each buffer is copied out of the record once)
+    checked = check_replayable(trace, trusted_modules)
     h = trace.header
-    with trusting(trusted_modules):
-        graph = Graph.from_spec(h["graph"])
-        policy = policy_from_spec(h["policy"])
-        recorded_opt = optimizer_from_spec(h["optimizer"])
+    graph, policy, recorded_opt = checked.graph, checked.policy, checked.optimizer
     opt = optimizer if optimizer is not None else recorded_opt
-    state = _initial_state(trace, graph)
+    state = _initial_state(trace, checked)
     if optimizer is not None:
         _check_optimizer(optimizer, recorded_opt, state, trace.path)
     # (a loss's order too: a policy orders the layers only, so the replay gives the losses

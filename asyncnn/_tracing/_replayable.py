@@ -3,7 +3,7 @@ is refused at once with the reason, instead of stalling or failing halfway throu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -11,10 +11,37 @@ from asyncnn._errors import TraceFormatError
 
 from ._read import Trace, missing_workers
 
-__all__ = ["check_replayable"]
+if TYPE_CHECKING:
+    from asyncnn._runtime._graph import Graph
+
+__all__ = ["Checked", "check_replayable"]
 
 
-def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
+class Checked(NamedTuple):
+    """What :func:`check_replayable` rebuilt and decoded, for the replay to start from as they
+    are: decoding the initial state again copied every parameter and optimizer buffer twice.
+    The replay takes them over (its start moves the arrays to each layer's device, in place).
+
+    Attributes:
+        graph: the header's graph.
+        policy: the header's policy.
+        optimizer: the header's optimizer.
+        params: ``{layer: params}`` (numpy, host).
+        opt_states: ``{layer: optimizer state}`` (numpy, host).
+        pending: ``{layer: (gradient sum, count)}`` (``{}`` where the record holds none).
+        actor_states: ``{layer: state}`` of the custom actors that keep one (``{}`` where none).
+    """
+
+    graph: Graph
+    policy: Any
+    optimizer: Any
+    params: dict[str, Any]
+    opt_states: dict[str, Any]
+    pending: dict[str, Any]
+    actor_states: dict[str, Any]
+
+
+def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
     (not truncated, no worker's events missing), its header's specs rebuild, its initial state
     decodes, and its events are consistent (keys admitted in sequence with their data, each
@@ -25,6 +52,9 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
         trace: a trace from :func:`read`.
         trusted_modules: modules whose classes the header may name (see
             :func:`~asyncnn._math._imports.trusted_modules`).
+
+    Returns:
+        The specs it rebuilt and the initial state it decoded, for the replay to use.
 
     Raises:
         TraceFormatError: naming the trace and what makes it unusable.
@@ -67,8 +97,8 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
     try:
         with trusting(trusted_modules):
             graph = Graph.from_spec(h["graph"])
-            policy_from_spec(h["policy"])
-            optimizer_from_spec(h["optimizer"])
+            policy = policy_from_spec(h["policy"])
+            optimizer = optimizer_from_spec(h["optimizer"])
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         untrusted = untrusted_cause(exc)
         if untrusted is not None:
@@ -94,12 +124,13 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
     _check_params_fit(path, graph, params)
     # the optional fields, each named: a malformed one failed the replay's start with a bare
     # KeyError or TypeError (or, for actor_states, only once the replay had begun)
+    optional: dict[str, dict[str, Any]] = {"pending": {}, "actor_states": {}}
     for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
         if trace.state.get(field_name) is None:
             continue  # (a trace written before the field existed, or nothing to hold)
         try:
             try:
-                decoded = decode_tree(trace.state[field_name])
+                decoded = optional[field_name] = decode_tree(trace.state[field_name])
             except (TypeError, KeyError, AttributeError) as exc:  # (a bare KeyError: 'value')
                 raise ValueError(
                     f"not a tree as the trace encodes one ({type(exc).__name__}: {exc})"
@@ -110,6 +141,9 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> None:
                 f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
             ) from exc
     _check_events(trace, graph)
+    return Checked(
+        graph, policy, optimizer, params, opt_states, optional["pending"], optional["actor_states"]
+    )
 
 
 def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
