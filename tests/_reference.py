@@ -9,6 +9,8 @@ import numpy as np
 
 import asyncnn as ann
 from asyncnn import nn, optim
+from asyncnn._math._pytree import tree_leaves
+from asyncnn._runtime._run import init_state
 
 #: the optimizers the equivalence tests run under, by name
 OPTIMIZERS = {
@@ -40,7 +42,7 @@ def chain_graph(
     sizes = []
     for s in range(k):
         out = classes if s == k - 1 else width
-        stage = [nn.Linear(features if s == 0 else width, out)]
+        stage: list[nn.Module] = [nn.Linear(features if s == 0 else width, out)]
         if s < k - 1:
             stage.append(nn.Tanh())
         modules += stage
@@ -58,8 +60,13 @@ def composed_loss(graph: ann.Graph, params_list: list[Any], x: Any, y: Any) -> A
     return graph.nodes[graph.losses[0]].module({}, h, y)
 
 
-def plain_sgd(graph: ann.Graph, params: dict[str, Any], opt: Any, batches: list[dict[str, Any]]):
-    """Minibatch training of the composed model with one optimizer over all parameters."""
+def plain_sgd(
+    graph: ann.Graph, params: dict[str, Any], opt: Any, batches: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[float]]:
+    """Minibatch training of the composed model with one optimizer over all parameters.
+
+    Returns the final parameters by layer name and the loss of each minibatch before its step.
+    """
     plist = [params[n] for n in graph.layers]
     state = opt.init(plist)
     losses = []
@@ -187,8 +194,8 @@ def pipedream_reference(
 
 def assert_params_close(a: dict[str, Any], b: dict[str, Any], rtol: float, atol: float = 0) -> None:
     for name in a:
-        la = ann._math._pytree.tree_leaves(a[name])
-        lb = ann._math._pytree.tree_leaves(b[name])
+        la = tree_leaves(a[name])
+        lb = tree_leaves(b[name])
         for x, y in zip(la, lb, strict=True):
             np.testing.assert_allclose(
                 np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=name
@@ -197,12 +204,12 @@ def assert_params_close(a: dict[str, Any], b: dict[str, Any], rtol: float, atol:
 
 def assert_params_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
     for name in a:
-        la = ann._math._pytree.tree_leaves(a[name])
-        lb = ann._math._pytree.tree_leaves(b[name])
+        la = tree_leaves(a[name])
+        lb = tree_leaves(b[name])
         for x, y in zip(la, lb, strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
 
 def fresh_params(graph: ann.Graph, dtype: str = "float64") -> dict[str, Any]:
     """The parameters a run of ``graph`` with seed 0 starts from."""
-    return ann._runtime._run.init_state(graph, ann.optim.SGD(lr=0.1), 0, dtype).params
+    return init_state(graph, optim.SGD(lr=0.1), 0, dtype).params

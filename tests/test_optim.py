@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
 import warnings
+from inspect import ismodule
 from typing import Any, cast
 
 import numpy as np
@@ -334,10 +336,20 @@ def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing(
 
 
 def test_public_namespace() -> None:
+    # __all__ is the documented surface (docs/api/optim.md renders it): exactly the module's
+    # public names, functions included, each once
+    public = {n for n, v in vars(optim).items() if not n.startswith("_") and not ismodule(v)}
+    assert len(set(optim.__all__)) == len(optim.__all__), optim.__all__
+    assert public - set(optim.__all__) == set(), "public, but not in __all__"
+    assert set(optim.__all__) - public == set(), "in __all__, but not defined"
     for name in optim.__all__:
-        assert getattr(optim, name) is not None
-    public = {n for n in vars(optim) if not n.startswith("_") and n[0].isupper()}
-    assert public <= set(optim.__all__)
+        obj = getattr(optim, name)
+        # the object defined under that name (not a stand-in or an alias), with a docstring of
+        # its own rather than the signature a dataclass writes when there is none
+        assert obj.__name__ == name and obj.__module__.startswith("asyncnn."), name
+        assert getattr(sys.modules[obj.__module__], obj.__qualname__) is obj, name
+        doc = obj.__doc__ or ""
+        assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
 
 
 # Schedules

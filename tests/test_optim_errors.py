@@ -126,6 +126,12 @@ def test_leaves_that_are_not_float_arrays_are_refused(
     # they failed deep in a ufunc, or (complex) Adam computed g * g for |g|^2 without a word
     with pytest.raises(TypeError, match=r"update: parameter leaf 0 of \[\*\] " + match):
         opt.update([make()], [make()], opt.init([np.ones(3)]))
+
+
+@pytest.mark.parametrize(("kind", "make", "match"), BAD_LEAVES, ids=[b[0] for b in BAD_LEAVES])
+def test_clip_grad_norm_refuses_leaves_that_are_not_float_arrays(
+    kind: str, make: Any, match: str
+) -> None:
     # an int gradient was clipped to zeros
     with pytest.raises(TypeError, match=r"clip_grad_norm: gradient leaf 0 of \[\*\] " + match):
         optim.clip_grad_norm([make()], 1.0)

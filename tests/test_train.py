@@ -16,23 +16,44 @@ from _reference import assert_params_equal, chain_graph
 from _train_cases import _data, _trainer
 
 
-def test_evaluate_and_predict():
-    data = _data(n=50)
+def _chain2_logits(params: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """``chain_graph(2)``'s logits in plain numpy: Linear, Tanh, then Linear."""
+    first, last = params["stage0"][0], params["stage1"][0]
+    return np.tanh(x @ first["weight"] + first["bias"]) @ last["weight"] + last["bias"]
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def test_evaluate_and_predict() -> None:
+    data = _data(n=50)  # batches of 16, 16, 16 and 2: a mean over batches is not one over rows
     tr = ann.Trainer(
         chain_graph(2), optimizer=optim.Adam(lr=0.05), policy=policies.GPipe(2), dtype="float64"
     )
+    start = _chain2_logits(tr.params, data["x"])
     before = tr.evaluate(data, batch_size=16)
-    hist = tr.fit(data, epochs=30, batch_size=25)
+    np.testing.assert_allclose(before["loss"], _cross_entropy(start, data["y"]), rtol=1e-12)
+    tr.fit(data, epochs=30, batch_size=25)
     after = tr.evaluate(data, batch_size=16)
+    assert set(before) == set(after) == {"loss", "accuracy"}
     assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"]
+    # predict gives every row's logits, in the data's order, at the current weights
     logits = tr.predict({"x": data["x"]}, batch_size=16)["logits"]
-    assert logits.shape == (50, 3)
-    assert after["accuracy"] == pytest.approx(float((logits.argmax(1) == data["y"]).mean()))
-    # the last training loss, measured on the (updated) weights, is close to the evaluation
-    assert abs(hist.losses[-1] - after["loss"]) < 0.2
+    assert logits.shape == (50, 3) and logits.dtype == np.float64
+    np.testing.assert_allclose(logits, _chain2_logits(tr.params, data["x"]), rtol=1e-12)
+    # evaluate is the loss and accuracy of those logits over the whole data at once
+    np.testing.assert_allclose(after["loss"], _cross_entropy(logits, data["y"]), rtol=1e-12)
+    assert after["accuracy"] == float((logits.argmax(1) == data["y"]).mean())
+    # and the loss fit reports for a minibatch is evaluate's at the weights it trained from
+    batch = {k: v[:25] for k, v in data.items()}
+    expected = tr.evaluate(batch, batch_size=7)["loss"]
+    np.testing.assert_allclose(tr.fit(batch, batch_size=25).losses, [expected], rtol=1e-12)
 
 
-def test_params_setter_and_errors():
+def test_params_setter_and_errors() -> None:
     tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
     p = tr.params
     p["stage0"][0]["bias"] = np.ones_like(p["stage0"][0]["bias"])
@@ -41,10 +62,11 @@ def test_params_setter_and_errors():
     with pytest.raises(KeyError, match="no layer named 'nope'"):
         tr.params = {"nope": {}}
     with pytest.raises(TypeError, match="policies.Sync"):
-        ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy="sync")
+        bad: Any = "sync"
+        ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=bad)
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
     tr = ann.Trainer(
         chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), progress=True
     )
@@ -67,8 +89,8 @@ class _SeenDropout(nn.Dropout):
         return super().__call__(params, x, rng=rng)
 
 
-def test_dropout_is_seeded_per_key_and_deterministic():
-    def graph(p):
+def test_dropout_is_seeded_per_key_and_deterministic() -> None:
+    def graph(p: float) -> ann.Graph:
         return ann.Graph.sequential(
             [nn.Linear(5, 16), nn.ReLU(), _SeenDropout(p), nn.Linear(16, 3)],
             loss=nn.CrossEntropyLoss(),
@@ -76,7 +98,7 @@ def test_dropout_is_seeded_per_key_and_deterministic():
             input_shape=(None, 5),
         )
 
-    def train(p, seed=1):
+    def train(p: float, seed: int = 1) -> tuple[dict[str, Any], list[np.ndarray]]:
         _MASKS.clear()
         tr = ann.Trainer(
             graph(p), optimizer=optim.SGD(lr=0.1), policy=policies.OneFOneB(2), seed=seed
@@ -103,14 +125,14 @@ def test_dropout_is_seeded_per_key_and_deterministic():
     assert tr.evaluate(_data()) == tr0.evaluate(_data())
 
 
-def test_evaluate_accuracy_counts_positions_of_sequence_labels():
+def test_evaluate_accuracy_counts_positions_of_sequence_labels() -> None:
     from asyncnn import ops
 
     @dataclass(frozen=True)
     class PerPosition(nn.Module):
         """(N, T) ids -> (N, C, T) logits: a one-hot of the id (a perfect copy model)."""
 
-        def __call__(self, params, x, *, rng=None):
+        def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
             onehot = (x[:, None, :] == np.arange(3)[None, :, None]).astype(np.float64)
             return ops.multiply(onehot, 10.0)
 
@@ -125,7 +147,7 @@ def test_evaluate_accuracy_counts_positions_of_sequence_labels():
     assert tr.evaluate({"x": ids, "y": labels})["accuracy"] == pytest.approx(7 / 8)
 
 
-def test_params_and_data_may_be_torch_tensors():
+def test_params_and_data_may_be_torch_tensors() -> None:
     # (each failed with "Cannot interpret 'torch.float64' as a data type", naming nothing)
     torch = pytest.importorskip("torch")
     data = _data()
@@ -146,7 +168,9 @@ def test_params_and_data_may_be_torch_tensors():
     )
 
 
-def test_plain_text_progress_where_rich_cannot_draw(monkeypatch, capsys):
+def test_plain_text_progress_where_rich_cannot_draw(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from asyncnn import _fit
 
     monkeypatch.setattr(_fit, "_plain_progress", lambda: True)
@@ -158,7 +182,7 @@ def test_plain_text_progress_where_rich_cannot_draw(monkeypatch, capsys):
     assert lines[-1].startswith("train 5/5  loss ") and lines[-1].endswith("samples/s")
 
 
-def test_an_array_dataset_goes_wherever_a_dict_of_arrays_does():
+def test_an_array_dataset_goes_wherever_a_dict_of_arrays_does() -> None:
     data = _data()
     ds = ann.data.ArrayDataset(data)
     tr = _trainer(policies.Sync())
@@ -172,7 +196,7 @@ def test_an_array_dataset_goes_wherever_a_dict_of_arrays_does():
         tr.evaluate(ann.data.ArrayDataset({"x": data["x"]}))
 
 
-def test_evaluate_reports_accuracy_only_for_class_index_labels():
+def test_evaluate_reports_accuracy_only_for_class_index_labels() -> None:
     # (it reported accuracy whenever the labels given were integers: argmax of (N,) against
     # (N, 1) labels broadcast to an "accuracy" of 9.0 for a regression, into val_accuracy)
     rng = np.random.default_rng(0)
@@ -191,7 +215,7 @@ def test_evaluate_reports_accuracy_only_for_class_index_labels():
     class ColumnOfLabels(nn.CrossEntropyLoss):
         """Labels (N, 1): the argmax (N,) has another shape, so there is no accuracy."""
 
-        def __call__(self, params, logits, labels, *, rng=None):
+        def __call__(self, params: Any, logits: Any, labels: Any, *, rng: Any = None) -> Any:
             return super().__call__(params, logits, labels[:, 0])
 
     column = ann.Graph.sequential(
