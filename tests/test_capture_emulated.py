@@ -234,3 +234,20 @@ def test_summing_graphs_of_rotating_shapes_are_kept_not_captured_again(emulated)
         )
         counts.append(dict(emulated["count"]))
     assert counts[0] == counts[1]  # twice the minibatches, no capture more
+
+
+def test_the_sightings_of_an_update_under_a_schedule_stay_bounded(emulated, monkeypatch):
+    # SGD's update token holds its learning rate: under a schedule each step's is new, and
+    # every actor's sightings grew by one entry a step, for as long as the run lasted
+    from asyncnn._runtime import _capture
+
+    monkeypatch.setattr(_capture, "_SEEN_KEPT", 6, raising=False)
+    opt = optim.SGD(lr=optim.CosineAnnealing(0.05, total_steps=40), momentum=0.5)
+    batches = _batches([16] * 14, seed=7)
+    eager = _train(policies.Sync(), batches, False, optimizer=opt)
+    graphs = _train(policies.Sync(), batches, True, emulated, optimizer=opt)
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])
+    assert all(st.replays for st in graphs["stats"].values())  # the forwards stay captured
+    seen = {a.name: len(a.graphs.base.seen) for a in emulated["actors"]}
+    assert max(seen.values()) <= 6, seen

@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 __all__ = ["ActorGraphs"]
 
 
+#: the sightings an actor's graphs remember (see ``_Graphs._due``)
+_SEEN_KEPT = 4096
+
+
 class _Stats:
     def __init__(self) -> None:
         self.captures = 0
@@ -132,6 +136,11 @@ class _Graphs:
         if sig in self.failed:
             return False
         n = self.seen.get(sig, 0) + 1
+        if n == 1 and len(self.seen) >= _SEEN_KEPT:
+            # an SGD update's token holds its learning rate: under a schedule each step's is
+            # new, and the sightings grew by one a step for good (what a clear costs: the
+            # signatures seen once wait for two more sightings)
+            self.seen.clear()
         self.seen[sig] = n
         return n >= 2
 
