@@ -99,24 +99,11 @@ def _from_any_thread() -> Iterator[None]:
             clear(force=True)
 
 
-#: threadpoolctl's controller of the libraries loaded when the first team of the moment opened
-_controller: list[Any] = []
-
-
-def _limit(limit: int, rescan: bool = False) -> Any:
-    """Sets BLAS's thread count to ``limit``; returns threadpoolctl's limiter, which restores
-    the count found before it.
-
-    The libraries are looked up again only with ``rescan`` (as the first team opens): a look-up
-    reads every loaded library's path and symbols, 25 ms with cupy and torch loaded, and each of
-    a 16-worker team's threads set its count as it started, in the first steps of a run.
-    """
-    from threadpoolctl import ThreadpoolController
-
+def _limit(controller: Any, limit: int) -> Any:
+    """Sets BLAS's thread count to ``limit`` through threadpoolctl's ``controller``; returns
+    its limiter, which restores the count found before it."""
     with _from_any_thread():
-        if rescan or not _controller:
-            _controller[:] = [ThreadpoolController()]
-        return _controller[0].limit(limits=limit, user_api="blas")
+        return controller.limit(limits=limit, user_api="blas")
 
 
 class _BlasLimits:
@@ -134,11 +121,19 @@ class _BlasLimits:
         self._lock = threading.Lock()
         self._held: list[tuple[object, int]] = []  # (team, its count), oldest first
         self._original: Any = None  # the limiter that restores the count before the first
+        # threadpoolctl's controller of the libraries loaded as the first team of the moment
+        # opened: a look-up reads every loaded library's path and symbols (25 ms with cupy and
+        # torch loaded), and each of a 16-worker team's threads set its count as it started
+        self._controller: Any = None
 
     def hold(self, owner: object, limit: int) -> None:
         with self._lock:
-            # (the libraries loaded since the last team closed are found as the first opens)
-            limiter = _limit(limit, rescan=not self._held)
+            if not self._held:  # (the libraries loaded since the last team closed are found)
+                from threadpoolctl import ThreadpoolController
+
+                with _from_any_thread():
+                    self._controller = ThreadpoolController()
+            limiter = _limit(self._controller, limit)
             if not self._held:
                 self._original = limiter
             self._held.append((owner, limit))
@@ -154,7 +149,7 @@ class _BlasLimits:
         """
         with self._lock:
             if any(o is owner for o, _ in self._held):
-                _limit(self._held[-1][1])
+                _limit(self._controller, self._held[-1][1])
 
     def release(self, owner: object) -> None:
         """Gives ``owner``'s count back (nothing when it holds none)."""
@@ -169,7 +164,7 @@ class _BlasLimits:
                 with _from_any_thread():
                     original.restore_original_limits()
             elif newest:
-                _limit(self._held[-1][1])
+                _limit(self._controller, self._held[-1][1])
 
 
 _BLAS_LIMITS = _BlasLimits()

@@ -63,11 +63,14 @@ class _Slow(nn.Module):
         return x
 
 
-def slow_chain() -> ann.Graph:
+def slow_chain(name: str = "slow", wait: nn.Module | None = None) -> ann.Graph:
+    """Two layers on workers 0 and 1, the second, ``name``, starting with ``wait`` (default
+    :class:`_Slow`), an identity that takes its time."""
     g = ann.Graph()
     x = g.input("x", shape=(None, 12))
     y = g.input("y", shape=(None,), dtype="int64")
     h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
-    h = g.layer("slow", nn.Sequential(_Slow(), nn.Linear(16, 4)), h, worker=1)
+    wait = _Slow() if wait is None else wait
+    h = g.layer(name, nn.Sequential(wait, nn.Linear(16, 4)), h, worker=1)
     g.loss("loss", nn.CrossEntropyLoss(), h, y)
     return g

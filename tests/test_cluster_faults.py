@@ -195,12 +195,7 @@ class _Stuck(nn.Module):
 
 
 def test_a_stall_on_a_worker_reports_each_remote_actor_with_the_age_of_its_report() -> None:
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 12))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("s0", nn.Sequential(nn.Linear(12, 16), nn.Tanh()), x, worker=0)
-    h = g.layer("stuck", nn.Sequential(_Stuck(), nn.Linear(16, 4)), h, worker=1)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g = slow_chain("stuck", _Stuck())
     with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=30.0) as cluster:
         tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster,
                          stall_timeout=1.5)  # fmt: skip

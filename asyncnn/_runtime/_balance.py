@@ -130,35 +130,37 @@ def module_times(
         else np.zeros((rows, *dims), dtype=input_dtype)
     )
     times = []
-    for i, m in enumerate(modules):
-        try:
-            params = m.init(0, dtype="float32")
-        except Exception as exc:
-            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
-        inputs_differentiable = np.asarray(x).dtype.kind == "f"
+    # (one hold for every module: each first hold looks the loaded libraries up again)
+    with _one_blas_thread():
+        for i, m in enumerate(modules):
+            try:
+                params = m.init(0, dtype="float32")
+            except Exception as exc:
+                raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+            inputs_differentiable = np.asarray(x).dtype.kind == "f"
 
-        def step(
-            m: Any = m, params: Any = params, x: Any = x, d: bool = inputs_differentiable
-        ) -> Any:
-            if d:
-                out, pullback = vjp(lambda p, xs: m(p, xs), params, x)
-            else:
-                out, pullback = vjp(lambda p: m(p, x), params)
-            pullback(np.ones_like(out))
-            return out
+            def step(
+                m: Any = m, params: Any = params, x: Any = x, d: bool = inputs_differentiable
+            ) -> Any:
+                if d:
+                    out, pullback = vjp(lambda p, xs: m(p, xs), params, x)
+                else:
+                    out, pullback = vjp(lambda p: m(p, x), params)
+                pullback(np.ones_like(out))
+                return out
 
-        samples = []
-        try:
-            with np.errstate(all="ignore"), _one_blas_thread():
-                out = step()
-                for _ in range(5):
-                    start = time.perf_counter()
-                    step()
-                    samples.append(time.perf_counter() - start)
-        except Exception as exc:
-            raise _fails(i, m, x, input_shape, exc) from exc
-        times.append(min(samples))
-        x = np.asarray(out)
+            samples = []
+            try:
+                with np.errstate(all="ignore"):
+                    out = step()
+                    for _ in range(5):
+                        start = time.perf_counter()
+                        step()
+                        samples.append(time.perf_counter() - start)
+            except Exception as exc:
+                raise _fails(i, m, x, input_shape, exc) from exc
+            times.append(min(samples))
+            x = np.asarray(out)
     return times
 
 

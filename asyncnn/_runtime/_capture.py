@@ -71,13 +71,10 @@ class _Graphs:
 
     def __init__(self, actor: Any) -> None:
         # (cupy: imported for GPU actors only)
-        from asyncnn.backends import _fused, _fused_sum, _graphs
+        from asyncnn.backends import _fused, _graphs
 
         self.g = _graphs
         self.fused = _fused
-        self.sums, self.sum_into = _fused_sum.sums, _fused_sum.sum_into
-        self.summed, self.not_summed = _fused_sum.summed, _fused_sum.NotSummed
-        self.max_terms = _fused_sum.MAX_TERMS
         self.actor = actor
         self.xp = actor.backend.xp
         self.stats = _Stats()
@@ -243,24 +240,13 @@ class ActorGraphs(UpdateGraphs):
         self.params: list[Any] | None = None  # the static parameter leaves
         self.params_def: Any = None
         self.params_tree: Any = None  # the tree of them handed to the actor
-        # update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms
-        # a summing graph reads)
-        self.updates: dict[Any, Any] = {}
-        self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
         #: stashing: each slot's copy of the weights, which its graphs of every signature read
         self.slot_weights: dict[int, list[Any]] = {}
-        self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
         # graphs of forwards that keep no pullback and of backwards that recompute (streaming):
         # signature -> (graph, static inputs, result, keep)
         self.applies: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self.backwards: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        # where a flush's keys' gradients are summed, which the captured update reads as it is
-        # (:meth:`sum_gradients`): its leaves, their tree and its structure
-        self.grad_sum: list[Any] = []
-        self.grad_sum_tree: Any = None
-        self.grad_sum_def: Any = None
-        self.last_grads: Any = None
-        self.pending: Any = None  # a sum left to the update (sum_gradients)
+        self._init_update()
         self.base.memory = self.memory
         # a policy that updates across minibatches (none built in does): what the last one's
         # keys left in their graphs' buffers is summed before those graphs run again

@@ -36,27 +36,33 @@ MAX_SIGNATURES = 4
 class UpdateGraphs:
     """The gradient sums and the captured update of :class:`~._capture.ActorGraphs`."""
 
+    # (ActorGraphs' own)
     base: _Graphs
     actor: LayerActor
     entries: collections.OrderedDict[Any, _Entry]
     params: list[Any] | None
     params_def: Any
-    #: update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms a
-    #: summing graph reads or None)
-    updates: dict[Any, Any]
-    state: dict[str, list[Any]]  # static optimizer buffers, by name
-    scalars: Any  # Adam's step-dependent scalars, on the device (float64 x 3)
-    # where a flush's keys' gradients are summed, which the captured update reads as it is
-    # (:meth:`sum_gradients`): its leaves, their tree and its structure
-    grad_sum: list[Any]
-    grad_sum_tree: Any
-    grad_sum_def: Any
-    #: the parameters' gradients of the backward graph launched last (:meth:`keeps_gradients`)
-    last_grads: Any
-    #: the sum :meth:`sum_gradients` left to the update: (terms' leaves, scale), or None
-    pending: tuple[list[list[Any]], float] | None
-
     params_tree: Any  # the tree of the static parameters handed to the actor
+
+    def _init_update(self) -> None:
+        # (cupy: imported for GPU actors only)
+        from asyncnn.backends import _fused_sum
+
+        self.fused_sum = _fused_sum
+        #: update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms
+        #: a summing graph reads or None)
+        self.updates: dict[Any, Any] = {}
+        self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
+        self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
+        # where a flush's keys' gradients are summed, which the captured update reads as it is
+        # (:meth:`sum_gradients`): its leaves, their tree and its structure
+        self.grad_sum: list[Any] = []
+        self.grad_sum_tree: Any = None
+        self.grad_sum_def: Any = None
+        #: the parameters' gradients of the backward graph launched last (:meth:`keeps_gradients`)
+        self.last_grads: Any = None
+        #: the sum :meth:`sum_gradients` left to the update: (terms' leaves, scale), or None
+        self.pending: tuple[list[list[Any]], float] | None = None
 
     def _static_params(self) -> bool:
         # the actor holds the very tree handed out (an eager update replaces it)
@@ -86,13 +92,14 @@ class UpdateGraphs:
         if acc is None and len(owed) == 1 and scale == 1.0:
             return owed[0] if keeps_none else tree_copy(owed[0])
         terms = [tree_flatten(t) for t in ((acc, *owed) if acc is not None else owed)]
-        if not self.base.sums([t[0] for t in terms]):
+        flat = [t[0] for t in terms]
+        if not self.fused_sum.sums(flat):
             total = _fold(owed[0], owed[1:]) if acc is None else _fold(acc, owed)
             return total if scale == 1.0 else _tree_scale(total, scale)
         leaves, treedef = terms[0]
         if not keeps_none:
             out = [self.base.xp.empty_like(x) for x in leaves]
-            self.base.sum_into(out, [t[0] for t in terms], scale)
+            self.fused_sum.sum_into(out, flat, scale)
             return tree_unflatten(treedef, out)
         out = self.grad_sum
         if treedef != self.grad_sum_def or any(
@@ -104,20 +111,18 @@ class UpdateGraphs:
             self.base.changed()
         if acc is None and self._update_sums(len(terms)):
             # the captured update sums them (or :meth:`update` sums them here first)
-            self.pending = ([t[0] for t in terms], scale)
+            self.pending = (flat, scale)
         else:
-            self.base.sum_into(out, [t[0] for t in terms], scale)
+            self.fused_sum.sum_into(out, flat, scale)
         return self.grad_sum_tree
 
     def _update_sums(self, count: int) -> bool:
-        """Whether the update may read a sum of ``count`` graphs' gradients itself: the
-        built-in optimizers without clipping (whose kernels read each gradient once), on the
+        """Whether the (built-in) optimizer's update may read a sum of ``count`` graphs'
+        gradients itself: without clipping (its kernels then read each gradient once), on the
         static parameters, with no correction of the update reading the gradients after it."""
-        opt = self.actor.ctx.optimizer
         return (
-            count <= self.base.max_terms
-            and type(opt) in (SGD, Adam, AdamW)
-            and opt.clip_norm is None
+            count <= self.fused_sum.MAX_TERMS
+            and self.actor.ctx.optimizer.clip_norm is None
             and not self.actor.corrects_updates
             and self._static_params()
         )
@@ -142,7 +147,7 @@ class UpdateGraphs:
                     sig, state, lambda: self._capture_update(grads, state, token, pending)
                 ):
                     return self._state_after(state)
-            base.sum_into(self.grad_sum, *pending)  # (as sum_gradients would have)
+            self.fused_sum.sum_into(self.grad_sum, *pending)  # (as sum_gradients would have)
         if token is None or not self._static_params():
             return opt.update(params, grads, state)
 
@@ -171,7 +176,7 @@ class UpdateGraphs:
                 self._write_adam_scalars(opt, state)
             try:
                 captured = capture()
-            except (base.g.CaptureError, base.not_summed) as exc:
+            except (base.g.CaptureError, self.fused_sum.NotSummed) as exc:
                 base._fail(sig, exc)
                 return False
             self.updates[sig] = captured
@@ -238,7 +243,7 @@ class UpdateGraphs:
         def summing() -> Any:
             if pending is None:
                 return contextlib.nullcontext()
-            return base.summed(g_static, *pending)
+            return self.fused_sum.summed(g_static, *pending)
 
         def warm() -> None:  # (loads the very kernels the capture will launch)
             with on_device(), summing():

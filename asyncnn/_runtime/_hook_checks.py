@@ -25,7 +25,6 @@ class HookChecks:
 
     #: the trailing shapes of the node's output and inputs the graph checked (None: unknown)
     checked_shapes: tuple[tuple[int, ...], list[tuple[int, ...]]] | None
-    #: the dtype of the floating parameters (None: none)
     #: the actor's context (its ``dtype``: the run's floating dtype, None where not given)
     ctx: Any
     #: key -> each input's (shape, dtype), kept from the forward for its backward's check
@@ -89,18 +88,20 @@ class HookChecks:
                 continue  # (_send_grads says what is wrong with a 0-d or shapeless one)
             want, want_dtype = sigs[slot]
             if tuple(shape) != want:
-                where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
                 raise ValueError(
-                    f"{where} a gradient of shape {tuple(shape)} for an input of shape {want}; "
+                    f"{self._gave(hook, slot, src)} a gradient of shape {tuple(shape)} for an input of shape {want}; "
                     "return one gradient shaped like its input (None for no gradient)"
                 )
             dtype = getattr(grad, "dtype", None)
             if dtype is not None and dtype != want_dtype and is_floating(dtype):
-                where = f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
                 raise TypeError(
-                    f"{where} a {dtype} gradient for a {want_dtype} input; return it in its "
+                    f"{self._gave(hook, slot, src)} a {dtype} gradient for a {want_dtype} input; return it in its "
                     f"input's dtype (g.astype({str(want_dtype)!r}))"
                 )
+
+    def _gave(self, hook: str, slot: int, src: str) -> str:
+        """The start of an error about what ``hook`` gave for input ``slot``."""
+        return f"{type(self).__name__}.{hook} gave input slot {slot} (from {src!r})"
 
     def _checked_grads(self, hook: str, grads: Any) -> list[Any] | None:
         """What a backward hook returned, if it is None or one gradient per input slot (a

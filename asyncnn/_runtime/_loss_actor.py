@@ -100,8 +100,7 @@ class LossActor(_Actor):
         while True:
             if self.handed_over:  # a key's loss runs in a sender's task: take none beside it
                 await self._after_hand_over()
-            elif self.ready and (self.order is None or self._planned_first(self.order)):
-                _, key = self.ready.popleft()
+            elif self.ready and (key := self._next_ready()) is not None:
                 await self._process(key)
             elif self.unread:  # nothing else to do: read the oldest loss (the device is behind)
                 self.waiting_for = f"the device, to read the loss of key {self.unread[0][0]}"
@@ -114,18 +113,17 @@ class LossActor(_Actor):
                 self.waiting_for = "the inputs of a key" if planned is None else planned
                 await self._take_message()
 
-    def _planned_first(self, order: StageOrder) -> bool:
-        """Whether the key ``order`` plans next is complete; if so, it is put first in
-        :attr:`ready` (a search of the keys complete: only where an order is followed)."""
-        planned = order.next()
-        if planned is None or self.ready[0] == planned:
-            return True
+    def _next_ready(self) -> int | None:
+        """The complete key to process now, taken out of :attr:`ready`: the one the order plans
+        next (None while it is not complete), or the oldest where no order is followed."""
+        planned = None if self.order is None else self.order.next()
+        if planned is None:
+            return int(self.ready.popleft()[1])
         try:
             self.ready.remove(planned)
         except ValueError:
-            return False
-        self.ready.appendleft(planned)
-        return True
+            return None
+        return int(planned[1])
 
     async def _process(self, key: int) -> None:
         """The loss of a key whose inputs have all arrived, and its gradients sent back."""

@@ -203,13 +203,12 @@ def _update_divergence(
 ) -> Divergence:
     """A divergence at the update ``at`` (kind ``"update"``; the key and ``seq`` of the backward
     that made it), with the digests of the recorded and the replayed update where there are."""
-
-    def digests(e: Event | None) -> list[Any] | None:
-        return None if e is None else _digests(e)
-
     return Divergence(
-        at.actor, at.seq, at.key, "update", "", digests(recorded), digests(replayed), None, reason
-    )
+        at.actor, at.seq, at.key, "update", "",
+        None if recorded is None else _digests(recorded),
+        None if replayed is None else _digests(replayed),
+        None, reason,
+    )  # fmt: skip
 
 
 def _what_differs(ea: Event, eb: Event) -> str:

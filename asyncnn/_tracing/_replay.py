@@ -59,12 +59,13 @@ class _Stop(Exception):
 
 
 def _orders(trace: Trace, actors: list[str]) -> dict[str, list[tuple[str, int]]]:
-    """Each actor's recorded operations, ``(kind, key)`` in processing order."""
-    starts: dict[str, list[tuple[int, str, int]]] = {name: [] for name in actors}
+    """Each actor's recorded operations, ``(kind, key)`` in processing order: the order of its
+    ``start`` events, numbered 0, 1, ... (:func:`check_replayable` checked it)."""
+    starts: dict[str, list[tuple[str, int]]] = {name: [] for name in actors}
     for e in trace.events:
         if e.what == "start" and e.actor in starts:
-            starts[e.actor].append((e.seq, e.kind, e.key))
-    return {name: [(k, key) for _, k, key in sorted(ops)] for name, ops in starts.items()}
+            starts[e.actor].append((e.kind, e.key))
+    return starts
 
 
 def _initial_state(trace: Trace, checked: Checked) -> RunState:

@@ -168,9 +168,7 @@ def assign_rows(
     return route, dropped
 
 
-def gate_weights(
-    scores: Any, choice: np.ndarray[Any, Any], gates: str, float_dtype: Any = np.float64
-) -> Any:
+def gate_weights(scores: Any, choice: np.ndarray[Any, Any], gates: str, float_dtype: Any) -> Any:
     """The ``(rows, k)`` weights of the chosen experts (differentiable in ``scores``), in
     ``float_dtype``, the floating dtype the experts compute in (the caller knows it: the run's):
     a gate scoring in float64 in a float32 run (one without parameters on integer ids) would
