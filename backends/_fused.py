@@ -15,11 +15,12 @@ load and store (an elementwise kernel moving one 2-byte value at a time reaches 
 memory bandwidth), one value at a time for unaligned views, and the elementwise kernel as the
 fallback where the CUDA headers are missing.
 
-Inside :func:`scalars_on_device`, Adam's step-dependent scalars (the bias corrections, and
-AdamW's decay, which follows the learning rate) are read from a small array on the device
-instead of the kernel's arguments: a captured update then replays right at every step once
-:func:`set_scalars` has written that step's values there (one tiny kernel, its values passed by
-value: no host memory the device reads later).
+Inside :func:`scalars_on_device`, the scalars that change from step to step are read from a
+small array on the device instead of the kernel's arguments: Adam's bias corrections and AdamW's
+decay, which follows the learning rate (:func:`adam_step_scalars`), and SGD's learning rate
+(:func:`sgd_step_scalars`). A captured update then replays right at every step, under a
+learning-rate schedule too, once :func:`set_scalars` has written that step's values there (one
+tiny kernel, its values passed by value: no host memory the device reads later).
 
 :func:`sgd_many` and :func:`adam_many` update a whole parameter tree in one launch for up to
 :data:`MAX_LEAVES` leaves (the leaves' pointers and sizes in the kernel's arguments, each block
@@ -41,25 +42,36 @@ import functools
 import math
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import cupy
 import numpy as np
+
+from ._fused_source import (
+    _HALF,
+    _THREADS,
+    _VEC,
+    _adam_rule,
+    _elementwise,
+    _multi,
+    _sgd_rule,
+    _summed_rule,
+    _Update,
+    _vectorised,
+)
 
 __all__ = [
     "MAX_LEAVES",
     "adam_leaf",
     "adam_many",
     "adam_step_scalars",
-    "built",
     "in_place",
     "reading_sums",
     "scalars_on_device",
     "set_scalars",
-    "sum_lines",
     "sgd_leaf",
     "sgd_many",
+    "sgd_step_scalars",
     "vectorised_available",
 ]
 
@@ -95,26 +107,6 @@ def reading_sums(sums: dict[int, tuple[list[Any], float]]) -> Iterator[set[int]]
         _state.sums = None
 
 
-def sum_lines(names: tuple[str, ...], scale: str, out: str) -> str:
-    """Kernel lines writing ``((names[0] + names[1]) + ...) * scale`` into ``out`` (declared by
-    the caller, of type ``T``): added left to right in ``C``, each operation rounded, the scale
-    rounded to ``C`` as cupy rounds a Python float multiplying an array of that type."""
-    lines = f"C t_ = (C){names[0]};\n" + "".join(f"t_ = ADD(t_, (C){n});\n" for n in names[1:])
-    return lines + f"{out} = (T)MUL(t_, (C){scale});"
-
-
-@functools.cache
-def _summed_rule(rule: _Update, count: int) -> _Update:
-    """``rule`` reading ``count`` arrays ``g0, g1, ...`` and a scalar ``gscale`` in place of its
-    gradient ``g``, their scaled sum."""
-    at = rule.ins.index("g")
-    terms = tuple(f"g{k}" for k in range(count))
-    ins = rule.ins[:at] + terms + rule.ins[at + 1 :]
-    body = f"T g;\n{{ {sum_lines(terms, 'gscale', 'g')} }}\n{rule.body}"
-    return _Update(f"{rule.name}_sum{count}", ins, rule.outs, (*rule.scalars, "gscale"), body,
-                   rule.device)  # fmt: skip
-
-
 def _with_sum(
     rule: _Update, arrays: list[Any], scalars: tuple[float, ...]
 ) -> tuple[_Update, list[Any], tuple[float, ...], int | None]:
@@ -135,8 +127,9 @@ def _with_sum(
 
 @contextlib.contextmanager
 def scalars_on_device(buffer: Any) -> Iterator[None]:
-    """Within this block (on this thread) Adam's kernels read their step-dependent scalars
-    (:func:`adam_step_scalars`) from ``buffer``, a float64 array of 3 on the device."""
+    """Within this block (on this thread) Adam's and SGD's kernels read their step-dependent
+    scalars (:func:`adam_step_scalars`, :func:`sgd_step_scalars`) from ``buffer``, a float64
+    array of 3 on the device."""
     _state.scalars = buffer
     try:
         yield
@@ -156,6 +149,12 @@ def adam_step_scalars(
     return math.sqrt(1.0 - beta2**t), -(lr / (1.0 - beta1**t)), decay
 
 
+def sgd_step_scalars(lr: float) -> tuple[float, float, float]:
+    """What SGD's update multiplies by besides its constants, as :func:`set_scalars` takes it:
+    ``(-lr, 0, 0)`` (the two zeros unread)."""
+    return -lr, 0.0, 0.0
+
+
 @functools.cache
 def _setter() -> Any:
     return cupy.ElementwiseKernel(
@@ -168,171 +167,6 @@ def set_scalars(buffer: Any, values: tuple[float, float, float]) -> None:
     """Writes ``values`` into ``buffer`` (a float64 array of 3) on the current stream, by one
     kernel whose arguments carry them (nothing read from host memory later)."""
     _setter()(*values, buffer)
-
-
-_OPS = {
-    "float": "#define MUL __fmul_rn\n#define ADD __fadd_rn\n#define DIV __fdiv_rn\n"
-    "#define SQRT __fsqrt_rn\n",
-    "double": "#define MUL __dmul_rn\n#define ADD __dadd_rn\n#define DIV __ddiv_rn\n"
-    "#define SQRT __dsqrt_rn\n",
-}
-
-# the CUDA type and header of each 16-bit dtype
-_HALF = {"float16": ("__half", "cuda_fp16.h"), "bfloat16": ("__nv_bfloat16", "cuda_bf16.h")}
-_VEC = 8  # values of 2 bytes per 16-byte load
-_THREADS = 256
-
-
-@dataclass(frozen=True)
-class _Update:
-    """One update rule as a kernel body: its array inputs and outputs, its float64 scalars."""
-
-    name: str
-    ins: tuple[str, ...]
-    outs: tuple[str, ...]
-    scalars: tuple[str, ...]
-    body: str
-    #: scalars read from a float64 array on the device (``dsc``), in this order
-    device: tuple[str, ...] = ()
-
-    def prologue(self) -> str:
-        """The declarations of the device-read scalars, for the kernel's body."""
-        return " ".join(f"const double {n} = dsc[{i}];" for i, n in enumerate(self.device))
-
-
-@functools.cache
-def _sgd_rule(weight_decay: bool, momentum: int, nesterov: bool, damp: bool) -> _Update:
-    # momentum: 0 none, 1 first step (the buffer starts as d), 2 later steps
-    body = ["C p_ = (C)p; C d = (C)g;"]
-    if weight_decay:
-        body.append("d = ADD(MUL(p_, (C)wd), d);")
-    if momentum == 0:
-        body.append("out = (T)ADD(MUL(d, (C)nlr), p_);")
-        outs: tuple[str, ...] = ("out",)
-    else:
-        if momentum == 1:
-            body.append("C b = d;")
-        elif damp:
-            body.append("C b = ADD(MUL((C)buf, (C)mom), MUL(d, (C)omd));")
-        else:
-            body.append("C b = ADD(MUL((C)buf, (C)mom), d);")
-        if nesterov:
-            body.append("out = (T)ADD(MUL(ADD(MUL(b, (C)mom), d), (C)nlr), p_);")
-        else:
-            body.append("out = (T)ADD(MUL(b, (C)nlr), p_);")
-        body.append("buf_out = (T)b;")
-        outs = ("out", "buf_out")
-    ins = ("p", "g") + (("buf",) if momentum == 2 else ())
-    name = f"asyncnn_sgd_{int(weight_decay)}{momentum}{int(nesterov)}{int(damp)}"
-    return _Update(name, ins, outs, ("nlr", "wd", "mom", "omd"), "\n".join(body))
-
-
-@functools.cache
-def _adam_rule(coupled: bool, decoupled: bool, amsgrad: bool, on_device: bool) -> _Update:
-    body = ["C p_ = (C)p; C g_ = (C)g;"]
-    if coupled:
-        body.append("g_ = ADD(MUL(p_, (C)wd), g_);")
-    body += [
-        "C m = ADD(MUL((C)ea, (C)b1), MUL(g_, (C)omb1));",
-        "C v = ADD(MUL((C)eas, (C)b2), MUL(MUL(g_, g_), (C)omb2));",
-    ]
-    second = "v"
-    if amsgrad:
-        body.append("C vmax = (C)mx > v ? (C)mx : v; max_out = (T)vmax;")
-        second = "vmax"
-    body += [
-        f"C denom = ADD(DIV(SQRT({second}), (C)bc2), (C)eps);",
-        "C delta = MUL(DIV(m, denom), (C)nss);",
-        "out = (T)ADD(MUL(p_, (C)decay), delta);" if decoupled else "out = (T)ADD(delta, p_);",
-        "ea_out = (T)m; eas_out = (T)v;",
-    ]
-    ins = ("p", "g", "ea", "eas") + (("mx",) if amsgrad else ())
-    outs = ("out", "ea_out", "eas_out") + (("max_out",) if amsgrad else ())
-    stepwise = ("bc2", "nss", "decay")  # what adam_step_scalars gives
-    scalars = ("wd", "b1", "omb1", "b2", "omb2", "eps")
-    name = f"asyncnn_adam_{int(coupled)}{int(decoupled)}{int(amsgrad)}{int(on_device)}"
-    if on_device:
-        return _Update(name, ins, outs, scalars, "\n".join(body), stepwise)
-    return _Update(name, ins, outs, scalars + stepwise, "\n".join(body))
-
-
-@functools.cache
-def _elementwise(rule: _Update, ctype: str) -> Any:
-    dsc = ["raw float64 dsc"] if rule.device else []
-    ins = ", ".join([f"T {n}" for n in rule.ins] + dsc + [f"float64 {s}" for s in rule.scalars])
-    outs = ", ".join(f"T {n}" for n in rule.outs)
-    pre = _OPS[ctype] + f"typedef {ctype} C;\n"
-    body = rule.prologue() + "\n" + rule.body
-    return cupy.ElementwiseKernel(ins, outs, body, f"{rule.name}_{ctype}", preamble=pre)
-
-
-def _lanes(rule: _Update, load: str, store: str) -> str:
-    """The rule on one value: its inputs loaded (``load``, a format of the array's name ``n``),
-    its outputs stored (``store``)."""
-    ins = " ".join(f"T {n} = {load.format(n=n)};" for n in rule.ins)
-    outs = " ".join(f"T {n};" for n in rule.outs)
-    back = " ".join(store.format(n=n) for n in rule.outs)
-    return f"{{ {ins} {outs}\n{rule.body}\n{back} }}"
-
-
-def _values_at_i(rule: _Update, vec: int) -> str:
-    """A kernel loop's body for the ``vec`` values from ``i`` of arrays ``{name}_a`` of ``n``
-    values: one 16-byte load and store of each array for 8 16-bit values (the tail one value
-    at a time), or the one value at ``i``."""
-    if vec == 1:
-        return _lanes(rule, "{n}_a[i]", "{n}_a[i] = {n};")
-    vec_in = " ".join(
-        f"uint4 {n}_v = *reinterpret_cast<const uint4*>({n}_a + i); "
-        f"const T* {n}_l = reinterpret_cast<const T*>(&{n}_v);"
-        for n in rule.ins
-    )
-    vec_out = " ".join(f"uint4 {n}_v; T* {n}_l = reinterpret_cast<T*>(&{n}_v);" for n in rule.outs)
-    vec_store = " ".join(f"*reinterpret_cast<uint4*>({n}_a + i) = {n}_v;" for n in rule.outs)
-    return f"""if (i + {vec} <= n) {{
-      {vec_in} {vec_out}
-      #pragma unroll
-      for (int l = 0; l < {vec}; ++l)
-        {_lanes(rule, "{n}_l[l]", "{n}_l[l] = {n};")}
-      {vec_store}
-    }} else {{
-      for (long long k = i; k < n; ++k)
-        {_lanes(rule, "{n}_a[k]", "{n}_a[k] = {n};")}
-    }}"""
-
-
-def built(kernel: Any) -> Any:
-    """``kernel`` (a raw kernel) compiled, or None where it does not build here (no CUDA
-    headers, say): the caller's array or elementwise path then serves."""
-    try:
-        kernel.compile()
-    except Exception:  # noqa: BLE001 - whatever stops the build, the other path serves
-        return None
-    return kernel
-
-
-@functools.cache
-def _vectorised(rule: _Update, dtype_name: str) -> Any:
-    """The rule for a 16-bit dtype, eight values per thread and load; None where it won't build."""
-    ctype, header = _HALF[dtype_name]
-    arrays = [f"const T* {n}_a" for n in rule.ins]
-    arrays += [f"T* {n}_a" for n in rule.outs]  # may alias an input (in place)
-    arrays += ["const double* dsc"] if rule.device else []
-    params = ", ".join(arrays + [f"double {s}" for s in rule.scalars] + ["long long n"])
-    source = f"""#include <{header}>
-typedef {ctype} T;
-typedef float C;
-{_OPS["float"]}
-extern "C" __global__ void {rule.name}_{dtype_name}_x8({params}) {{
-  {rule.prologue()}
-  long long stride = (long long)gridDim.x * blockDim.x * {_VEC};
-  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * {_VEC}; i < n;
-       i += stride) {{
-    {_values_at_i(rule, _VEC)}
-  }}
-}}
-"""
-    # None: the elementwise kernel serves
-    return built(cupy.RawKernel(source, f"{rule.name}_{dtype_name}_x8"))
 
 
 def vectorised_available(dtype_name: str) -> bool:
@@ -390,11 +224,14 @@ def _in_place_outs(outs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _sgd_setup(
     step: int, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
-) -> tuple[_Update, int, tuple[float, ...]]:
-    """The SGD rule of this step, its momentum mode (0 none, 1 first step, 2 later) and scalars."""
+) -> tuple[_Update, int, tuple[float, ...], Any]:
+    """The SGD rule of this step, its momentum mode (0 none, 1 first step, 2 later), its scalars
+    and the device scalars' array (or None: the learning rate is an argument)."""
     mode = 0 if momentum == 0.0 else (1 if step == 0 else 2)
-    rule = _sgd_rule(weight_decay != 0.0, mode, nesterov, dampening != 0.0)
-    return rule, mode, (-lr, weight_decay, momentum, 1.0 - dampening)
+    dsc = getattr(_state, "scalars", None)
+    rule = _sgd_rule(weight_decay != 0.0, mode, nesterov, dampening != 0.0, dsc is not None)
+    scalars = (weight_decay, momentum, 1.0 - dampening)
+    return rule, mode, scalars if dsc is not None else (-lr, *scalars), dsc
 
 
 def _sgd_arrays(p: Any, g: Any, buf: Any, mode: int) -> tuple[list[Any], tuple[Any, ...]]:
@@ -407,10 +244,11 @@ def sgd_leaf(
     p: Any, g: Any, buf: Any, step: int, lr: float, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool,
 ) -> tuple[Any, tuple[Any, ...]]:  # fmt: skip
-    """One leaf of torch's SGD update in one kernel: ``(new_p, (new_buffer,) or ())``."""
-    rule, mode, scalars = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
+    """One leaf of torch's SGD update in one kernel: ``(new_p, (new_buffer,) or ())``. Inside
+    :func:`scalars_on_device` the learning rate comes from the device (``lr`` is unread)."""
+    rule, mode, scalars, dsc = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
     arrays, outs = _sgd_arrays(p, g, buf, mode)
-    result = _apply(rule, arrays, scalars, outs)
+    result = _apply(rule, arrays, scalars, outs, dsc)
     return result[0], tuple(result[1:])
 
 
@@ -421,12 +259,12 @@ def sgd_many(
     """:func:`sgd_leaf` over every leaf, in one launch per :data:`MAX_LEAVES` leaves:
     ``(new_ps, [new_buffers])`` (no buffer list without momentum), or None where the leaves
     do not suit one kernel (see :func:`_apply_many`; then update them one by one)."""
-    rule, mode, scalars = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
+    rule, mode, scalars, dsc = _sgd_setup(step, lr, momentum, dampening, weight_decay, nesterov)
     leaves = [
         _sgd_arrays(p, g, None if bufs is None else bufs[i], mode)
         for i, (p, g) in enumerate(zip(ps, gs, strict=True))
     ]
-    return _apply_many(rule, leaves, scalars, None)
+    return _apply_many(rule, leaves, scalars, dsc)
 
 
 def _adam_setup(
@@ -490,56 +328,6 @@ MAX_LEAVES = 24
 _ARG_BYTES = 2400
 #: the most blocks one leaf gets (its threads then stride over it)
 _MAX_LEAF_BLOCKS = 4096
-
-
-@functools.cache
-def _multi(rule: _Update, dtype_name: str, count: int, vec: int) -> Any:
-    """The rule over ``count`` leaves of ``dtype_name`` in one kernel, ``vec`` values per thread
-    and load (8 for aligned 16-bit floats, else 1); None where it won't build."""
-    if dtype_name in _HALF:
-        ctype, header = _HALF[dtype_name]
-        head, compute = f"#include <{header}>", "float"
-    else:
-        ctype = compute = "double" if dtype_name == "float64" else "float"
-        head = ""
-    arrays = rule.ins + rule.outs
-    params: list[str] = []
-    for k in range(count):
-        params += [f"const T* {n}_{k}" for n in rule.ins] + [f"T* {n}_{k}" for n in rule.outs]
-        params += [f"long long n_{k}", f"int b_{k}"]
-    params += [f"int b_{count}"] + (["const double* dsc"] if rule.device else [])
-    params += [f"double {s}" for s in rule.scalars]
-    # each block works on one leaf: the last whose first block it is at or past
-    find = " ".join(f"if (blk >= b_{k}) j = {k};" for k in range(1, count))
-    cases = " ".join(
-        f"case {k}: "
-        + " ".join(f"{n}_a = {n}_{k};" for n in arrays)
-        + f" n = n_{k}; first = b_{k}; next = b_{k + 1}; break;"
-        for k in range(count)
-    )
-    decl = " ".join(f"const T* {n}_a;" for n in rule.ins) + " "
-    decl += " ".join(f"T* {n}_a;" for n in rule.outs)
-    name = f"{rule.name}_{dtype_name}_many{count}_x{vec}"
-    source = f"""{head}
-typedef {ctype} T;
-typedef {compute} C;
-{_OPS[compute]}
-extern "C" __global__ void {name}({", ".join(params)}) {{
-  {rule.prologue()}
-  const int blk = blockIdx.x;
-  int j = 0;
-  {find}
-  {decl}
-  long long n = 0; int first = 0, next = 0;
-  switch (j) {{ {cases} }}
-  long long stride = (long long)(next - first) * blockDim.x * {vec};
-  for (long long i = ((long long)(blk - first) * blockDim.x + threadIdx.x) * {vec}; i < n;
-       i += stride) {{
-    {_values_at_i(rule, vec)}
-  }}
-}}
-"""
-    return built(cupy.RawKernel(source, name))  # None: the leaves go one by one
 
 
 def _apply_many(

@@ -32,7 +32,7 @@ import cupy
 import numpy as np
 
 from ._dtypes import is_floating
-from ._fused import built
+from ._fused_source import built
 
 __all__ = [
     "COLUMN_SUM_ROWS",

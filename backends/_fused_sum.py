@@ -28,7 +28,8 @@ from typing import Any
 
 import cupy
 
-from ._fused import _elementwise, _Update, reading_sums, sum_lines
+from ._fused import reading_sums
+from ._fused_source import _elementwise, _Update, sum_lines
 
 __all__ = ["MAX_TERMS", "NotSummed", "sum_into", "summed", "sums"]
 

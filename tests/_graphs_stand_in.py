@@ -107,8 +107,10 @@ def emulated(monkeypatch):
     fused = types.ModuleType("asyncnn.backends._fused")
     fused.in_place = contextlib.nullcontext
     fused.scalars_on_device = lambda buffer: contextlib.nullcontext()
-    # (numpy's Adam computes its step's scalars itself: none are written for it)
+    # (numpy's optimizers compute their step's scalars themselves, from the step the capture
+    # keeps current in its frozen state: none are written for them)
     fused.adam_step_scalars = lambda *args: (0.0, 0.0, 0.0)
+    fused.sgd_step_scalars = lambda lr: (0.0, 0.0, 0.0)
     fused.set_scalars = lambda buffer, values: None
     fused_sum = types.ModuleType("asyncnn.backends._fused_sum")
     fused_sum.sum_into = _sum_into

@@ -44,11 +44,16 @@ def _train(policy, batches, graphs, control=None, optimizer=None):
                 layers = [a for a in actors if hasattr(a.graphs, "grad_sum")]
                 out["summed"] = {a.name: len(a.graphs.grad_sum) for a in layers}
                 out["update_grads"] = {
-                    a.name: [c[3] for c in a.graphs.updates.values()] for a in layers
+                    a.name: [c.tree for c in a.graphs.updates.values()] for a in layers
                 }
                 out["sums"] = {a.name: a.graphs.grad_sum_tree for a in layers}
                 out["summing"] = {
                     a.name: [k for k in a.graphs.updates if k[0] == "summed"] for a in layers
+                }
+                out["update_keys"] = {a.name: list(a.graphs.updates) for a in layers}
+                out["update_steps"] = {
+                    a.name: [int(c.frozen["step"]) for c in a.graphs.updates.values()]
+                    for a in layers
                 }
         out["params"] = run.state().params
         out["losses"] = [run.losses[i] for i in sorted(run.losses)]
@@ -99,6 +104,26 @@ def test_a_forward_whose_capture_fails_keeps_its_own_weights(emulated):
     graphs = _train(policies.PipeDream(4), batches, True, emulated)
     assert any(st.failures for st in graphs["stats"].values())
     assert_params_equal(graphs["params"], eager["params"])
+
+
+def test_the_failed_signatures_and_their_messages_stay_bounded(emulated, monkeypatch):
+    # every forward capture fails and every shape comes twice: the failed signatures and the
+    # statistics' messages grew by one a shape, for as long as the run lasted
+    from asyncnn._runtime import _capture
+
+    monkeypatch.setattr(_capture, "_SEEN_KEPT", 4)
+    monkeypatch.setattr(_capture, "_FAILURES_KEPT", 3)
+    emulated["fail"] = lambda name, n: True
+    batches = _batches([n for n in range(3, 13) for _ in range(2)], seed=4)
+    eager = _train(policies.Sync(), batches, False)
+    graphs = _train(policies.Sync(), batches, True, emulated)
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])
+    stages = [a for a in emulated["actors"] if a.name.startswith("stage")]
+    assert all(len(a.graphs.base.failed) <= 4 for a in stages)
+    failures = [st.failures for name, st in graphs["stats"].items() if name.startswith("stage")]
+    # the latest kept: the last three shapes' (10, 11 and 12 rows)
+    assert all([m.split(",")[0] for m in f] == ["((((10", "((((11", "((((12"] for f in failures)
 
 
 @pytest.mark.parametrize(
@@ -236,18 +261,41 @@ def test_summing_graphs_of_rotating_shapes_are_kept_not_captured_again(emulated)
     assert counts[0] == counts[1]  # twice the minibatches, no capture more
 
 
-def test_the_sightings_of_an_update_under_a_schedule_stay_bounded(emulated, monkeypatch):
-    # SGD's update token holds its learning rate: under a schedule each step's is new, and
-    # every actor's sightings grew by one entry a step, for as long as the run lasted
+@pytest.mark.parametrize(
+    "optimizer",
+    [optim.SGD(lr=optim.CosineAnnealing(0.05, total_steps=12), momentum=0.5),
+     optim.SGD(lr=optim.StepLR(0.05, step_size=3, gamma=0.5)),
+     optim.Adam(lr=optim.CosineAnnealing(0.01, total_steps=12))],
+    ids=["sgd-cosine-momentum", "sgd-step", "adam-cosine"],
+)  # fmt: skip
+def test_an_update_under_a_schedule_is_captured_once_for_every_step(emulated, optimizer):
+    # SGD's update token held its learning rate: under a schedule changing it every step no
+    # update was ever captured. It reads the rate from the device now, as Adam's reads its
+    # scalars: one graph from the second step on (the first, with momentum's first buffer, its
+    # own), and the run equal to the eager one
+    batches = _batches([16] * 12, seed=7)
+    eager = _train(policies.Sync(), batches, False, optimizer=optimizer)
+    graphs = _train(policies.Sync(), batches, True, emulated, optimizer=optimizer)
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])
+    token = ("adam",) if isinstance(optimizer, optim.Adam) else ("sgd", None, False)
+    assert graphs["update_keys"] == dict.fromkeys(graphs["update_keys"], [("update", token)])
+    # ... and launched up to the last step (a replay keeps the step its Python sees current)
+    assert graphs["update_steps"] == dict.fromkeys(graphs["update_steps"], [11])
+    assert all(st.replays and not st.failures for st in graphs["stats"].values())
+
+
+def test_the_sightings_of_new_signatures_stay_bounded(emulated, monkeypatch):
+    # every step's batch a new size: every actor's sightings grew by one entry a step, for as
+    # long as the run lasted
     from asyncnn._runtime import _capture
 
     monkeypatch.setattr(_capture, "_SEEN_KEPT", 6, raising=False)
-    opt = optim.SGD(lr=optim.CosineAnnealing(0.05, total_steps=40), momentum=0.5)
-    batches = _batches([16] * 14, seed=7)
-    eager = _train(policies.Sync(), batches, False, optimizer=opt)
-    graphs = _train(policies.Sync(), batches, True, emulated, optimizer=opt)
+    batches = _batches(list(range(3, 17)), seed=7)
+    eager = _train(policies.Sync(), batches, False)
+    graphs = _train(policies.Sync(), batches, True, emulated)
     assert graphs["losses"] == eager["losses"]
     assert_params_equal(graphs["params"], eager["params"])
-    assert all(st.replays for st in graphs["stats"].values())  # the forwards stay captured
     seen = {a.name: len(a.graphs.base.seen) for a in emulated["actors"]}
     assert max(seen.values()) <= 6, seen
+    assert all(not st.replays and st.eager for st in graphs["stats"].values())

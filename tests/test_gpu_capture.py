@@ -104,8 +104,9 @@ def _max_diff(a, b):
     "optimizer",
     [optim.SGD(lr=0.1), optim.SGD(lr=0.1, momentum=0.9), optim.Adam(lr=0.01),
      optim.AdamW(lr=optim.CosineAnnealing(0.01, total_steps=8), weight_decay=0.1,
-                 amsgrad=True)],
-    ids=["sgd", "momentum", "adam", "adamw-cosine-amsgrad"],
+                 amsgrad=True),
+     optim.SGD(lr=optim.CosineAnnealing(0.1, total_steps=8), momentum=0.9, weight_decay=0.01)],
+    ids=["sgd", "momentum", "adam", "adamw-cosine-amsgrad", "sgd-cosine-momentum"],
 )  # fmt: skip
 def test_captured_run_equals_eager_run_float32(optimizer):
     batches = _batches([16] * 8)
@@ -113,7 +114,8 @@ def test_captured_run_equals_eager_run_float32(optimizer):
     graphs = _train(batches, optimizer, policies.Sync(), True)
     assert graphs["active"] and not eager["stats"]
     # every actor captured once and replayed the later steps (forward, backward, update: Adam's
-    # too, one graph for every step, its step's scalars written on the device before each)
+    # too, one graph for every step, its step's scalars written on the device before each, and
+    # SGD's under a schedule, its learning rate so written)
     for name, st in graphs["stats"].items():
         assert st.captures >= 1 and st.replays >= 5 and not st.failures, (name, vars(st))
     for name, layer in graphs["layers"].items():

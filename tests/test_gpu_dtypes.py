@@ -128,13 +128,14 @@ def test_16_bit_updates_eight_at_a_time_equal_the_elementwise_kernel(
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("opt", [o for o in _opt_cases() if isinstance(o, optim.Adam)], ids=repr)
+@pytest.mark.parametrize("opt", _opt_cases(), ids=repr)
 @pytest.mark.parametrize("launch", ["for all leaves", "per leaf"])
-def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(
+def test_an_update_with_its_step_scalars_on_the_device_equals_the_host_scalars(
     opt, dtype, launch, monkeypatch
 ):
     # what a captured Adam update runs: the bias corrections read from a device array, written
-    # before each step; bit for bit the kernel that takes them as arguments
+    # before each step (SGD's learning rate, under a schedule); bit for bit the kernel that
+    # takes them as arguments
     import cupy
 
     from asyncnn.backends import _fused
@@ -152,17 +153,21 @@ def test_adam_with_its_step_scalars_on_the_device_equals_the_host_scalars(
     for step in range(4):
         g = {k: cupy.asarray(rng.standard_normal(v.shape)).astype(dt) for k, v in p.items()}
         host = opt.update(host[0], g, host[1])
-        _fused.set_scalars(
-            scalars,
-            _fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
-                                     opt.weight_decay, decoupled),
-        )  # fmt: skip
+        _fused.set_scalars(scalars, _step_scalars(_fused, opt, step, decoupled))
         with _fused.scalars_on_device(scalars):
             dev = opt.update(dev[0], g, dev[1])
         assert dev[1]["step"] == host[1]["step"] == step + 1
     for k in p:
         a, b = (cupy.asnumpy(x[0][k]).view(np.uint8) for x in (host, dev))
         np.testing.assert_array_equal(a, b)
+
+
+def _step_scalars(fused, opt, step, decoupled):
+    """What a captured update of ``opt`` writes on the device before launching ``step``'s."""
+    lr = opt.learning_rate(step)
+    if isinstance(opt, optim.Adam):
+        return fused.adam_step_scalars(step, lr, opt.betas, opt.weight_decay, decoupled)
+    return fused.sgd_step_scalars(lr)
 
 
 # 30 leaves: two launches (MAX_LEAVES is 24); empty, tiny, odd and 2-D leaves; sizes that end
@@ -228,8 +233,18 @@ def test_one_launch_for_many_leaves_equals_a_launch_per_leaf(opt, dtype, offset,
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("opt", "on_device"),
-    [(_opt_cases()[2], False), (_opt_cases()[6], False), (_opt_cases()[6], True)],
-    ids=["SGD momentum", "Adam amsgrad", "Adam amsgrad, scalars on the device"],
+    [
+        (_opt_cases()[2], False),
+        (_opt_cases()[3], True),
+        (_opt_cases()[6], False),
+        (_opt_cases()[6], True),
+    ],
+    ids=[
+        "SGD momentum",
+        "SGD momentum, lr on the device",
+        "Adam amsgrad",
+        "Adam amsgrad, scalars on the device",
+    ],
 )
 @pytest.mark.parametrize("step", [0, 1])
 def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(
@@ -253,11 +268,7 @@ def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(
             b[...] = v * v
         scalars = cupy.zeros(3, dtype=cupy.float64)
         if on_device:
-            _fused.set_scalars(
-                scalars,
-                _fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas,
-                                         opt.weight_decay, False),
-            )  # fmt: skip
+            _fused.set_scalars(scalars, _step_scalars(_fused, opt, step, False))
         with monkeypatch.context() as m:
             if one_by_one:
                 m.setattr(_fused, "_apply_many", lambda *a: None)

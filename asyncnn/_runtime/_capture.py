@@ -54,8 +54,11 @@ if TYPE_CHECKING:
 __all__ = ["ActorGraphs"]
 
 
-#: the sightings an actor's graphs remember (see ``_Graphs._due``)
+#: the sightings an actor's graphs remember, and the signatures whose capture failed (see
+#: ``_Graphs._due``)
 _SEEN_KEPT = 4096
+#: the failures' messages kept in the statistics (the latest)
+_FAILURES_KEPT = 64
 
 
 class _Stats:
@@ -199,8 +202,14 @@ class _Graphs:
         return sum(int(pool.total_bytes()) + int(workspace.nbytes) for pool, workspace in keeps)
 
     def _fail(self, sig: Any, exc: BaseException) -> None:
+        if len(self.failed) >= _SEEN_KEPT:
+            # as the sightings: a run whose shapes never repeat the same way (what a clear
+            # costs: each signature failed before fails once more, an eager run and a capture)
+            self.failed.clear()
         self.failed.add(sig)
-        self.stats.failures.append(f"{sig}: {exc}")
+        failures = self.stats.failures
+        failures.append(f"{sig}: {exc}")
+        del failures[:-_FAILURES_KEPT]
 
     def _load(self, dst: list[Any], src: list[Any]) -> None:
         copy = self.g.copy_into

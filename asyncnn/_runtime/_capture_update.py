@@ -6,17 +6,19 @@ the update is captured, it reads those buffers itself and sums them in its own k
 per set of buffers: the slots' backward graphs, the same at every minibatch); else the sum is made
 in one pass (:meth:`UpdateGraphs.sum_gradients`) into buffers the captured update reads as they
 are. The update is captured per what it depends on besides the arrays
-(:func:`_update_token`): SGD's learning rate and first step; one graph for every step of Adam and
+(:func:`_update_token`): SGD's first step, and its learning rate where that is a constant; one
+graph for every later step of SGD under a learning-rate schedule, and for every step of Adam and
 AdamW, whose step-dependent scalars are written on the device before each launch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asyncnn._math._optim import SGD, Adam, AdamW
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
+from asyncnn._math._schedules import Schedule
 
 from ._weight_versions import _fold, _tree_scale
 
@@ -26,11 +28,25 @@ if TYPE_CHECKING:
     from ._actors import LayerActor
     from ._capture import _Entry, _Graphs
 
-__all__ = ["MAX_SIGNATURES", "UpdateGraphs"]
+__all__ = ["MAX_SIGNATURES", "CapturedUpdate", "UpdateGraphs"]
 
 #: input signatures captured per actor (each holds its graphs' memory, once per slot), and the
 #: update graphs summing gradients kept (one per set of backward graphs whose gradients it reads)
 MAX_SIGNATURES = 4
+
+
+class CapturedUpdate(NamedTuple):
+    """One captured optimizer update."""
+
+    graph: Any
+    grads: list[Any]  # the gradient leaves it reads (a backward graph's outputs, as a rule)
+    keep: Any  # what must live as long as the graph (its memory pool, its workspace)
+    tree: Any  # the gradient tree it was captured with
+    terms: list[list[Any]] | None  # the backward graphs' gradients a summing update reads
+    #: the state the update's Python saw at the capture, its step kept current at each launch
+    #: (a CUDA graph reads none of it: what reruns the Python, the CPU stand-in of the tests,
+    #: computes that step's learning rate from it)
+    frozen: dict[str, Any]
 
 
 class UpdateGraphs:
@@ -49,11 +65,12 @@ class UpdateGraphs:
         from asyncnn.backends import _fused_sum
 
         self.fused_sum = _fused_sum
-        #: update token -> (graph, gradient leaves, keep, the gradient tree captured, the terms
-        #: a summing graph reads or None)
-        self.updates: dict[Any, Any] = {}
+        #: update token (or, for a summing update, its token and terms) -> its captured update
+        self.updates: dict[Any, CapturedUpdate] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
-        self.scalars: Any = None  # Adam's step-dependent scalars, on the device (float64 x 3)
+        #: the step-dependent scalars of Adam (and of SGD under a schedule), on the device
+        #: (float64 x 3)
+        self.scalars: Any = None
         # where a flush's keys' gradients are summed, which the captured update reads as it is
         # (:meth:`sum_gradients`): its leaves, their tree and its structure
         self.grad_sum: list[Any] = []
@@ -151,9 +168,9 @@ class UpdateGraphs:
         if token is None or not self._static_params():
             return opt.update(params, grads, state)
 
-        def reload(captured: Any) -> None:
-            if grads is not captured[3]:  # else they are the captured buffers already
-                base._load(captured[1], tree_leaves(grads))
+        def reload(captured: CapturedUpdate) -> None:
+            if grads is not captured.tree:  # else they are the captured buffers already
+                base._load(captured.grads, tree_leaves(grads))
 
         if not self._run_graph(
             ("update", token), state, lambda: self._capture_update(grads, state, token), reload
@@ -167,13 +184,14 @@ class UpdateGraphs:
         (yet, or for good: its capture failed), launching nothing. The graphs summing
         gradients are kept least recently used first, at most :data:`MAX_SIGNATURES`."""
         base, opt = self.base, self.actor.ctx.optimizer
-        adam = sig[1][0] == "adam"
+        token = sig[1]
+        on_device = _reads_scalars(token)
         captured = self.updates.get(sig)
         if captured is None:
             if not base._due(sig):
                 return False
-            if adam:  # (the warm-up before the capture reads them too)
-                self._write_adam_scalars(opt, state)
+            if on_device:  # (the warm-up before the capture reads them too)
+                self._write_scalars(opt, state, token)
             try:
                 captured = capture()
             except (base.g.CaptureError, self.fused_sum.NotSummed) as exc:
@@ -190,23 +208,27 @@ class UpdateGraphs:
                 reload(captured)
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
-            if adam:
-                self._write_adam_scalars(opt, state)
+            if on_device:
+                self._write_scalars(opt, state, token)
+            captured.frozen["step"] = state["step"]
             base.stats.replays += 1
-        captured[0].launch(self.actor.stream)
+        captured.graph.launch(self.actor.stream)
         return True
 
-    def _write_adam_scalars(self, opt: Any, state: Any) -> None:
-        """This step's bias corrections (and AdamW's decay), where Adam's graph reads them."""
+    def _write_scalars(self, opt: Any, state: Any, token: Any) -> None:
+        """This step's scalars where the update's graph reads them: Adam's bias corrections
+        (and AdamW's decay), SGD's learning rate."""
         fused = self.base.fused
         if self.scalars is None:
             self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
         step = int(state["step"])
-        fused.set_scalars(
-            self.scalars,
-            fused.adam_step_scalars(step, opt.learning_rate(step), opt.betas, opt.weight_decay,
-                                    type(opt) is AdamW),
-        )  # fmt: skip
+        lr = opt.learning_rate(step)
+        if token[0] == "sgd":
+            values = fused.sgd_step_scalars(lr)
+        else:
+            values = fused.adam_step_scalars(step, lr, opt.betas, opt.weight_decay,
+                                             type(opt) is AdamW)  # fmt: skip
+        fused.set_scalars(self.scalars, values)
 
     def _state_after(self, state: Any) -> tuple[Any, Any]:
         new: dict[str, Any] = {"step": state["step"] + 1}
@@ -216,9 +238,9 @@ class UpdateGraphs:
 
     def _capture_update(
         self, grads: Any, state: Any, token: Any, pending: Any = None
-    ) -> tuple[Any, list[Any], Any, Any, Any]:
-        """``(graph, gradient leaves, keep, gradient tree, terms read)`` of the update of
-        ``grads`` (with ``pending``: of the sum it names, read in place of ``grads``)."""
+    ) -> CapturedUpdate:
+        """The update of ``grads`` captured (with ``pending``: of the sum it names, read in
+        place of ``grads``)."""
         opt, base = self.actor.ctx.optimizer, self.base
         fused = base.fused
         names = [n for n in state if n != "step"]
@@ -235,8 +257,8 @@ class UpdateGraphs:
             frozen[name] = tree_unflatten(self.params_def, self.state[name])
         g_tree = tree_unflatten(self.params_def, g_static)
 
-        def on_device() -> Any:  # Adam's kernels read the step's scalars from the device
-            if token[0] != "adam":
+        def on_device() -> Any:  # the kernels read the step's scalars from the device
+            if not _reads_scalars(token):
                 return contextlib.nullcontext()
             return fused.scalars_on_device(self.scalars)
 
@@ -260,22 +282,31 @@ class UpdateGraphs:
         graph, _, keep = base._capture(step, warm)
         # (a summing graph's key holds its terms' ids: the arrays stay as long as the graph, so
         # that no other array takes an id of them; the memory is their backward graphs')
-        return graph, g_static, keep, grads, None if pending is None else pending[0]
+        terms = None if pending is None else pending[0]
+        return CapturedUpdate(graph, g_static, keep, grads, terms, frozen)
 
 
 def _update_token(opt: Any, state: Any) -> Any:
     """What a captured update depends on besides the arrays, or None (never capture it).
 
-    The built-in SGD's kernels take the learning rate and whether this is the first step
-    (momentum starts its buffer then). The built-in Adam and AdamW read what changes from step
-    to step (bias corrections, the learning rate) from the device, written before each launch:
-    one graph serves every step. Clipping by the global norm is left eager.
+    The built-in SGD's kernels depend on whether this is the first step (momentum starts its
+    buffer then) and take a constant learning rate as an argument; under a schedule they read
+    it from the device (the token's learning rate None), written before each launch, as the
+    built-in Adam and AdamW read what changes from step to step (bias corrections, the
+    learning rate): one graph serves every step. Clipping by the global norm is left eager.
     """
     if not isinstance(state, dict) or "step" not in state:
         return None
     if type(opt) is SGD:
         step = int(state["step"])
+        if isinstance(opt.lr, Schedule):
+            return ("sgd", None, step == 0)
         return ("sgd", float(opt.learning_rate(step)), step == 0)
     if type(opt) in (Adam, AdamW) and opt.clip_norm is None:
         return ("adam",)
     return None
+
+
+def _reads_scalars(token: Any) -> bool:
+    """Whether the update of ``token`` reads its step's scalars from the device."""
+    return token[0] == "adam" or (token[0] == "sgd" and token[1] is None)
