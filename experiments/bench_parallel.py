@@ -5,13 +5,14 @@
   one BLAS thread each);
 - PyTorch eager on all cores, when torch is installed;
 - asyncnn's plain ``value_and_grad`` loop, without and with the team (``using_team``);
-- ``Sync`` with 1 and 4 stages, ``PipeDream(8)`` and ``Async(4)`` with 4 stages, through the public
-  API: once as the runtime sizes its pool today (``Trainer.fit``), once on a shared pool passed to
-  ``open_run`` (``open_device_pool(cpu_workers=cores, blas_threads=1)``: every core a worker, large
-  products and elementwise passes split across the free ones), with each worker's utilisation.
+- ``Sync`` with 1 and 4 stages, ``PipeDream(8)``, ``Async(4)`` and ``Async(4, stash=True)`` with 4
+  stages, through the public API: once as the runtime sizes its pool today (``Trainer.fit``),
+  once on a shared pool passed to ``open_run`` (``open_device_pool(cpu_workers=cores,
+  blas_threads=1)``: every core a worker, large products and elementwise passes split across the
+  free ones), with each worker's utilisation.
 
 The main table is the MLP 784-2048x4-10 (float32) at batch 1024 and 64 on every core of this
-process; ``--two-core`` adds the CI machine's case (784-1024x3-10, batch 256) in a child process
+process (``--batches`` picks them); ``--two-core`` adds the CI machine's case (784-1024x3-10, batch 256) in a child process
 pinned to 2 cores. Ratios are against references measured in the same run; each figure is the
 median of ``--repeats`` interleaved repeats.
 
@@ -24,7 +25,7 @@ PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` print
 of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
 
 Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N]
-[--tiny]
+[--tiny] [--batches 1024,64]
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ RUNS = [
     ("Sync, 4 stages", 4, lambda: policies.Sync()),
     ("PipeDream(8), 4 stages", 4, lambda: policies.PipeDream(8)),
     ("Async(4), 4 stages", 4, lambda: policies.Async(4)),
+    # the weights of each key's forward kept for its backward: no forward computed twice
+    ("Async(4, stash), 4 stages", 4, lambda: policies.Async(4, stash=True)),
 ]
 
 
@@ -285,6 +288,8 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
 def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
     """Whether the team's split products equal the uncut single-threaded ones bit for bit, for
     the three products of each layer (forward, input gradient, weight gradient)."""
+    from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(1)
     out = {}
     with ComputeTeam(cores()) as team:
@@ -296,7 +301,9 @@ def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
                 split = team.matmul(a, b)
                 parts = len(team.product_plan(a.shape[0], b.shape[1], a.shape[1])[1]) - 1
                 key = f"{name} {a.shape}x{b.shape} in {parts} parts"
-                out[key] = bool(np.array_equal(split, a @ b))
+                with threadpool_limits(1, user_api="blas"):  # (OpenBLAS's threads cut it too)
+                    whole = a @ b
+                out[key] = bool(np.array_equal(split, whole))
     return out
 
 
@@ -412,6 +419,9 @@ def main() -> None:
     )
     ap.add_argument("--cores", type=int, default=None, help="pin to the first N cores")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--batches", default="1024,64", help="the main table's batch sizes (comma-separated)"
+    )
     ap.add_argument("--tiny", action="store_true", help="add the tiny chain (runtime's cost)")
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny chain")
     ap.add_argument("--profile-tiny", action="store_true", help="profile the tiny chain")
@@ -437,10 +447,11 @@ def main() -> None:
         [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 30)]
         if args.only_two_core
         else [
-            ("MLP 784-2048x4-10, float32, batch 1024", BIG, 1024, 2 if args.quick else 8),
-            ("MLP 784-2048x4-10, float32, batch 64", BIG, 64, 5 if args.quick else 40),
+            (f"MLP 784-2048x4-10, float32, batch {b}", BIG, b,
+             (2 if args.quick else 8) if b >= 512 else (5 if args.quick else 40))
+            for b in (int(x) for x in args.batches.split(","))
         ]
-    )
+    )  # fmt: skip
     for title, sizes, batch, steps in cases:
         ident = bit_identity(sizes, batch)
         print(f"split products bit-identical to uncut 1-thread ones, batch {batch}:")
