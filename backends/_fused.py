@@ -49,7 +49,6 @@ import numpy as np
 
 from ._fused_source import (
     _HALF,
-    _THREADS,
     _VEC,
     _adam_rule,
     _elementwise,
@@ -76,6 +75,7 @@ __all__ = [
 ]
 
 _state = threading.local()
+_THREADS = 256  # threads a block
 
 
 @contextlib.contextmanager

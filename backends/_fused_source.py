@@ -29,7 +29,6 @@ _OPS = {
 # the CUDA type and header of each 16-bit dtype
 _HALF = {"float16": ("__half", "cuda_fp16.h"), "bfloat16": ("__nv_bfloat16", "cuda_bf16.h")}
 _VEC = 8  # values of 2 bytes per 16-byte load
-_THREADS = 256
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
+from asyncnn._runtime._capture_update import step_scalars
 from asyncnn.backends import BFLOAT16, acc_sum, get_backend, is_floating, is_half
 
 from conftest import HAS_CUDA
@@ -149,25 +150,16 @@ def test_an_update_with_its_step_scalars_on_the_device_equals_the_host_scalars(
          "b": cupy.asarray(rng.standard_normal(6)).astype(dt)}  # fmt: skip
     host, dev = (p, opt.init(p)), (p, opt.init(p))
     scalars = cupy.zeros(3, dtype=cupy.float64)
-    decoupled = isinstance(opt, optim.AdamW)
     for step in range(4):
         g = {k: cupy.asarray(rng.standard_normal(v.shape)).astype(dt) for k, v in p.items()}
         host = opt.update(host[0], g, host[1])
-        _fused.set_scalars(scalars, _step_scalars(_fused, opt, step, decoupled))
+        _fused.set_scalars(scalars, step_scalars(_fused, opt, step))
         with _fused.scalars_on_device(scalars):
             dev = opt.update(dev[0], g, dev[1])
         assert dev[1]["step"] == host[1]["step"] == step + 1
     for k in p:
         a, b = (cupy.asnumpy(x[0][k]).view(np.uint8) for x in (host, dev))
         np.testing.assert_array_equal(a, b)
-
-
-def _step_scalars(fused, opt, step, decoupled):
-    """What a captured update of ``opt`` writes on the device before launching ``step``'s."""
-    lr = opt.learning_rate(step)
-    if isinstance(opt, optim.Adam):
-        return fused.adam_step_scalars(step, lr, opt.betas, opt.weight_decay, decoupled)
-    return fused.sgd_step_scalars(lr)
 
 
 # 30 leaves: two launches (MAX_LEAVES is 24); empty, tiny, odd and 2-D leaves; sizes that end
@@ -268,7 +260,7 @@ def test_many_leaves_in_place_write_over_their_inputs_as_one_by_one(
             b[...] = v * v
         scalars = cupy.zeros(3, dtype=cupy.float64)
         if on_device:
-            _fused.set_scalars(scalars, _step_scalars(_fused, opt, step, False))
+            _fused.set_scalars(scalars, step_scalars(_fused, opt, step))
         with monkeypatch.context() as m:
             if one_by_one:
                 m.setattr(_fused, "_apply_many", lambda *a: None)

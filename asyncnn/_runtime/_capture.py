@@ -137,9 +137,9 @@ class _Graphs:
             return False
         n = self.seen.get(sig, 0) + 1
         if n == 1 and len(self.seen) >= _SEEN_KEPT:
-            # an SGD update's token holds its learning rate: under a schedule each step's is
-            # new, and the sightings grew by one a step for good (what a clear costs: the
-            # signatures seen once wait for two more sightings)
+            # a run whose input shapes never repeat the same way: the sightings grew by one a
+            # step for good (what a clear costs: the signatures seen once wait for two more
+            # sightings)
             self.seen.clear()
         self.seen[sig] = n
         return n >= 2
@@ -265,7 +265,7 @@ class ActorGraphs(UpdateGraphs):
         """Bytes of device memory this actor's graphs hold."""
         keeps = [k for e in self.entries.values() for k in e.keep]
         keeps += [e[3] for e in (*self.applies.values(), *self.backwards.values())]
-        keeps += [c[2] for c in self.updates.values()]
+        keeps += [c.keep for c in self.updates.values()]
         copies = sum(int(w.nbytes) for ws in self.slot_weights.values() for w in ws)
         copies += sum(int(g.nbytes) for g in self.grad_sum)
         return self.base.held(keeps) + copies

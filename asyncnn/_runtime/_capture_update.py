@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._actors import LayerActor
     from ._capture import _Entry, _Graphs
 
-__all__ = ["MAX_SIGNATURES", "CapturedUpdate", "UpdateGraphs"]
+__all__ = ["MAX_SIGNATURES", "CapturedUpdate", "UpdateGraphs", "step_scalars"]
 
 #: input signatures captured per actor (each holds its graphs' memory, once per slot), and the
 #: update graphs summing gradients kept (one per set of backward graphs whose gradients it reads)
@@ -69,8 +69,9 @@ class UpdateGraphs:
         self.updates: dict[Any, CapturedUpdate] = {}
         self.state: dict[str, list[Any]] = {}  # static optimizer buffers, by name
         #: the step-dependent scalars of Adam (and of SGD under a schedule), on the device
-        #: (float64 x 3)
+        #: (float64 x 3), and the values last written there
         self.scalars: Any = None
+        self.scalars_written: tuple[float, float, float] | None = None
         # where a flush's keys' gradients are summed, which the captured update reads as it is
         # (:meth:`sum_gradients`): its leaves, their tree and its structure
         self.grad_sum: list[Any] = []
@@ -191,7 +192,7 @@ class UpdateGraphs:
             if not base._due(sig):
                 return False
             if on_device:  # (the warm-up before the capture reads them too)
-                self._write_scalars(opt, state, token)
+                self._write_scalars(opt, state)
             try:
                 captured = capture()
             except (base.g.CaptureError, self.fused_sum.NotSummed) as exc:
@@ -209,26 +210,22 @@ class UpdateGraphs:
             for name, leaves in self.state.items():
                 base._load(leaves, tree_leaves(state[name]))
             if on_device:
-                self._write_scalars(opt, state, token)
+                self._write_scalars(opt, state)
             captured.frozen["step"] = state["step"]
             base.stats.replays += 1
         captured.graph.launch(self.actor.stream)
         return True
 
-    def _write_scalars(self, opt: Any, state: Any, token: Any) -> None:
-        """This step's scalars where the update's graph reads them: Adam's bias corrections
-        (and AdamW's decay), SGD's learning rate."""
+    def _write_scalars(self, opt: Any, state: Any) -> None:
+        """This step's scalars where the update's graph reads them (:func:`step_scalars`),
+        unless the buffer holds them already (a schedule's rate held for many steps)."""
         fused = self.base.fused
         if self.scalars is None:
             self.scalars = self.base.xp.zeros(3, dtype=self.base.xp.float64)
-        step = int(state["step"])
-        lr = opt.learning_rate(step)
-        if token[0] == "sgd":
-            values = fused.sgd_step_scalars(lr)
-        else:
-            values = fused.adam_step_scalars(step, lr, opt.betas, opt.weight_decay,
-                                             type(opt) is AdamW)  # fmt: skip
-        fused.set_scalars(self.scalars, values)
+        values = step_scalars(fused, opt, int(state["step"]))
+        if values != self.scalars_written:
+            fused.set_scalars(self.scalars, values)
+            self.scalars_written = values
 
     def _state_after(self, state: Any) -> tuple[Any, Any]:
         new: dict[str, Any] = {"step": state["step"] + 1}
@@ -299,12 +296,19 @@ def _update_token(opt: Any, state: Any) -> Any:
         return None
     if type(opt) is SGD:
         step = int(state["step"])
-        if isinstance(opt.lr, Schedule):
-            return ("sgd", None, step == 0)
-        return ("sgd", float(opt.learning_rate(step)), step == 0)
+        return ("sgd", None if isinstance(opt.lr, Schedule) else float(opt.lr), step == 0)
     if type(opt) in (Adam, AdamW) and opt.clip_norm is None:
         return ("adam",)
     return None
+
+
+def step_scalars(fused: Any, opt: Any, step: int) -> tuple[float, float, float]:
+    """What the captured update of the built-in ``opt`` (SGD under a schedule, Adam, AdamW)
+    reads from the device at ``step``, as ``fused.set_scalars`` takes it."""
+    lr = opt.learning_rate(step)
+    if type(opt) is SGD:
+        return fused.sgd_step_scalars(lr)
+    return fused.adam_step_scalars(step, lr, opt.betas, opt.weight_decay, type(opt) is AdamW)
 
 
 def _reads_scalars(token: Any) -> bool:
