@@ -285,6 +285,23 @@ def test_an_update_under_a_schedule_is_captured_once_for_every_step(emulated, op
     assert all(st.replays and not st.failures for st in graphs["stats"].values())
 
 
+@pytest.mark.parametrize(
+    "policy", [policies.GPipe(4), policies.OneFOneB(4)], ids=["gpipe4", "1f1b4"]
+)
+def test_a_summing_update_under_a_schedule_is_captured_once(emulated, policy):
+    # under a flush the update reads its keys' gradients itself: one summing graph for every
+    # step after the first, the schedule's rate read from the device as Sync's update reads it
+    opt = optim.SGD(lr=optim.CosineAnnealing(0.05, total_steps=10), momentum=0.5)
+    batches = _batches([16] * 10, seed=8)
+    eager = _train(policy, batches, False, optimizer=opt)
+    graphs = _train(policy, batches, True, emulated, optimizer=opt)
+    assert graphs["losses"] == eager["losses"]
+    assert_params_equal(graphs["params"], eager["params"])
+    for name, keys in graphs["summing"].items():
+        assert [k[1] for k in keys] == [("sgd", None, False)], (name, keys)
+    assert graphs["update_steps"] == dict.fromkeys(graphs["update_steps"], [9])
+
+
 def test_the_sightings_of_new_signatures_stay_bounded(emulated, monkeypatch):
     # every step's batch a new size: every actor's sightings grew by one entry a step, for as
     # long as the run lasted
