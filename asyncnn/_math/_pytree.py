@@ -102,7 +102,24 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
         kids: list[TreeDef] = []
         flat = True
         for v in tree:
-            if type(v) in _CONTAINERS:
+            tv = type(v)
+            if tv is dict:
+                # a module's parameters (a dict of leaves) inline: a stage's tree is a list of
+                # them, flattened at every vjp and optimizer update
+                flat = False
+                keys = sorted(v)
+                mark = len(out)
+                for k in keys:
+                    x = v[k]
+                    if type(x) in _CONTAINERS:
+                        break
+                    append(x)
+                else:
+                    kids.append(_flat_dict(tuple(keys)))
+                    continue
+                del out[mark:]
+                kids.append(_flatten(v, out))
+            elif tv is list or tv is tuple:
                 kids.append(_flatten(v, out))
                 flat = False
             else:
@@ -140,7 +157,16 @@ def _unflatten(treedef: TreeDef, leaves: Iterator[Any]) -> Any:
             items.append(next(leaves))
     else:
         for c in treedef.children:
-            items.append(next(leaves) if c.kind == "leaf" else _unflatten(c, leaves))
+            ck = c.kind
+            if ck == "leaf":
+                items.append(next(leaves))
+            elif ck == "dict" and c.flat:  # a module's parameters, inline (see _flatten)
+                d: dict[Any, Any] = {}
+                for k in c.meta:
+                    d[k] = next(leaves)
+                items.append(d)
+            else:
+                items.append(_unflatten(c, leaves))
     return items if kind == "list" else tuple(items)
 
 

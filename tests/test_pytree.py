@@ -1,0 +1,79 @@
+"""Pytrees (``asyncnn/_math/_pytree.py``): flattening order, structure and round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asyncnn._math._pytree import TreeDef, tree_flatten, tree_map, tree_unflatten
+
+_A = np.arange(3.0)
+
+# every kind of node, and each container holding each kind: a list of modules' parameter
+# dicts (a stage's tree), a dict that holds a container (not a dict of leaves), empty ones
+_TREES = {
+    "stage": [{"weight": _A, "bias": _A + 1}, {}, {"weight": _A + 2, "bias": _A + 3}, {}],
+    "tuple of dicts": ({"b": 1, "a": 2}, {"c": 3}),
+    "dict holding a list": [{"w": _A, "inner": [4, {"x": 5}]}, 6],
+    "nested lists": [[1, [2, (3,)]], (), []],
+    "dict of dicts": {"b": {"y": 1, "x": 2}, "a": [{"k": 3}]},
+    "leaf": _A,
+    "None leaves": [None, {"a": None}],
+}
+
+
+@pytest.mark.parametrize("tree", list(_TREES.values()), ids=list(_TREES))
+def test_a_tree_flattens_in_sorted_key_order_and_rebuilds_itself(tree):
+    leaves, treedef = tree_flatten(tree)
+    reference = _reference_leaves(tree)
+    assert len(leaves) == len(reference)
+    assert all(a is b for a, b in zip(leaves, reference, strict=True))
+    rebuilt = tree_unflatten(treedef, leaves)
+    assert _same(rebuilt, tree)
+    assert treedef.num_leaves == len(leaves)
+    # the structure is the one the same tree built anew gives, and a copy's
+    assert tree_flatten(tree_map(lambda x: x, tree))[1] == treedef
+
+
+def test_a_dict_of_leaves_has_one_structure_wherever_it_sits():
+    # inside a list the flattening takes a dict of leaves inline; its structure must equal
+    # the dict's own, flattened alone or inside a dict
+    inline = tree_flatten([{"b": 1, "a": 2}])[1].children[0]
+    alone = tree_flatten({"a": 0, "b": 0})[1]
+    nested = tree_flatten({"k": {"b": 1, "a": 2}})[1].children[0]
+    assert inline == alone == nested
+    assert inline.flat and inline.meta == ("a", "b")
+
+
+def test_a_list_holding_a_dict_is_not_flat_and_a_dict_holding_a_list_is_not_either():
+    tree = [{"w": [1, 2]}, 3]
+    leaves, treedef = tree_flatten(tree)
+    assert leaves == [1, 2, 3]
+    assert not treedef.flat and not treedef.children[0].flat
+    assert tree_unflatten(treedef, leaves) == tree
+
+
+def test_unflatten_refuses_the_wrong_number_of_leaves():
+    treedef = tree_flatten(_TREES["stage"])[1]
+    with pytest.raises(ValueError, match="has 4 leaves, got 3"):
+        tree_unflatten(treedef, [1, 2, 3])
+    assert isinstance(treedef, TreeDef)
+
+
+def _reference_leaves(tree):
+    # the order written out: dict keys sorted, containers depth first
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _reference_leaves(tree[k])]
+    if isinstance(tree, list | tuple):
+        return [x for v in tree for x in _reference_leaves(v)]
+    return [tree]
+
+
+def _same(a, b):
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b
