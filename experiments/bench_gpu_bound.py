@@ -517,7 +517,8 @@ def main() -> None:
     steady = {n: (med[n, 2 * K] - med[n, K]) / K for n in names}
     steady = {n: t if t > 0 else float("nan") for n, t in steady.items()}
     print(f"{'configuration':<28} {'ms/key K':>9} {'ms/key 2K':>10} {'steady ms':>10} "
-          f"{'samples/s':>10} {'x A':>6}   (median of {args.repeats}; steady: (t(2K)-t(K))/K)")  # fmt: skip
+          f"{'samples/s':>10} {'x A':>6}   (median of {args.repeats}; "
+          "steady: (t(2K)-t(K))/K)")  # fmt: skip
     rows = []
     for n in names:
         row = {"config": labels[n], "ms_per_key_K": med[n, K] / K * 1e3,
@@ -527,14 +528,16 @@ def main() -> None:
                "runs_ms_2K": [t * 1e3 for t in times[n, 2 * K]]}  # fmt: skip
         rows.append(row)
         print(f"{labels[n]:<28} {row['ms_per_key_K']:9.3f} {row['ms_per_key_2K']:10.3f} "
-              f"{row['steady_ms']:10.3f} {row['samples_per_s']:10.0f} {row['x_sync']:6.2f}")  # fmt: skip
+              f"{row['steady_ms']:10.3f} {row['samples_per_s']:10.0f} "
+              f"{row['x_sync']:6.2f}")  # fmt: skip
     W, item = args.width, np.dtype(dtype).itemsize
     flops = 2.0 * B * (LAYERS * 3 * W * W - W * W + 3 * W * CLASSES + LAYERS * W + CLASSES)
     params = LAYERS * (W * W + W) + W * CLASSES + CLASSES
     update_bytes = 3 * item * params  # read p, g; write p
     tflops, gbps = flops / steady["products"] / 1e12, update_bytes / steady["updates"] / 1e9
     print(f"products: {tflops:.1f} TFLOP/s, {steady['products'] / steady['A']:.0%} of A's step; "
-          f"updates: {gbps:.0f} GB/s, {steady['updates'] / steady['A']:.0%} of A's step")  # fmt: skip
+          f"updates: {gbps:.0f} GB/s, "
+          f"{steady['updates'] / steady['A']:.0%} of A's step")  # fmt: skip
     # the memory traffic of a key under any schedule that updates at every key: the forward's
     # products read every weight, the input gradients' every weight matrix but the first;
     # then either the weight gradients go through memory (written, read back by the update

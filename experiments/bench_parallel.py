@@ -12,9 +12,9 @@
   free ones), with each worker's utilisation.
 
 The main table is the MLP 784-2048x4-10 (float32) at batch 1024 and 64 on every core of this
-process (``--batches`` picks them); ``--two-core`` adds the CI machine's case (784-1024x3-10, batch 256) in a child process
-pinned to 2 cores. Ratios are against references measured in the same run; each figure is the
-median of ``--repeats`` interleaved repeats.
+process (``--batches`` picks them); ``--two-core`` adds the CI machine's case (784-1024x3-10,
+batch 256) in a child process pinned to 2 cores. Ratios are against references measured in the
+same run; each figure is the median of ``--repeats`` interleaved repeats.
 
 ``--tiny`` adds (``--only-tiny`` runs alone) the runtime's own cost where every op is tiny
 (AMPNet's regime): a chain of 8 ``Linear(8, 8)``/``Tanh`` pairs, batch 4, float32, MSE loss, SGD,
