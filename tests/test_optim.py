@@ -335,6 +335,53 @@ def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing(
     assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()
 
 
+@pytest.mark.parametrize("opt", ALL_OPTIMIZERS, ids=repr)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
+    opt: optim.Optimizer, dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # numpy leaves take one pass over every leaf under one error state (_numpy_many); the
+    # leaf-by-leaf path is the reference, bit for bit, non-finite gradients included and
+    # warning of nothing in either
+    from asyncnn._math import _optim
+
+    rng = np.random.default_rng(5)
+    params = [{"w": rng.normal(size=(6, 4)).astype(dtype), "b": rng.normal(size=4).astype(dtype)},
+              {}, {"w": rng.normal(size=(4, 3)).astype(dtype)}]  # fmt: skip
+    grads = [tree_map(lambda x: rng.normal(size=x.shape).astype(dtype), p) for p in params]
+    grads[0]["w"][1, 2], grads[2]["w"][0, 0] = math.inf, math.nan
+
+    def three_steps() -> Any:
+        p, s = params, opt.init(params)
+        for _ in range(3):
+            p, s = opt.update(p, grads, s)
+        return p, s
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        at_once = three_steps()
+        monkeypatch.setattr(_optim, "_numpy_many", lambda *args: None)
+        one_by_one = three_steps()
+    for a, b in zip(tree_leaves(at_once), tree_leaves(one_by_one), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_an_optimizer_with_its_own_leaf_update_keeps_it_on_numpy_leaves() -> None:
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Halved(optim.SGD):
+        def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+            calls.append(p.shape)
+            return super().update_leaf(p, g * 0.5, buffers, step, lr)
+
+    params = {"w": np.ones((2, 3)), "b": np.ones(3)}
+    new, _ = Halved(lr=1.0).update(params, params, Halved(lr=1.0).init(params))
+    assert calls == [(3,), (2, 3)]
+    np.testing.assert_array_equal(new["w"], np.full((2, 3), 0.5))
+
+
 def test_public_namespace() -> None:
     # __all__ is the documented surface (docs/api/optim.md renders it): exactly the module's
     # public names, functions included, each once

@@ -45,7 +45,14 @@ from ._optim_checks import (
     _not_a_float_array,
     _real,
 )
-from ._optim_leaf import _fresh, _in_float32, _leaf_ops, _many_kernels, _silent_non_finite
+from ._optim_leaf import (
+    _fresh,
+    _in_float32,
+    _leaf_ops,
+    _many_kernels,
+    _numpy_many,
+    _silent_non_finite,
+)
 from ._pytree import tree_flatten, tree_unflatten
 from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
 
@@ -331,7 +338,7 @@ class SGD(Optimizer):
     ) -> tuple[list[Any], list[list[Any]]] | None:
         fused = _many_kernels(self, SGD, ps)
         if fused is None:
-            return None
+            return _numpy_many(self, SGD, ps, gs, buffers, step, lr)
         return fused.sgd_many(
             ps, gs, buffers[0] if buffers else None, step, lr, self.momentum, self.dampening,
             self.weight_decay, self.nesterov,
@@ -452,7 +459,7 @@ class Adam(Optimizer):
     ) -> tuple[list[Any], list[list[Any]]] | None:
         fused = _many_kernels(self, Adam, ps)
         if fused is None:
-            return None
+            return _numpy_many(self, Adam, ps, gs, buffers, step, lr)
         return fused.adam_many(
             ps, gs, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
             self._decoupled,

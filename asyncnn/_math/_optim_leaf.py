@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends import array_namespace as ns
-from ..backends import backend_of
+from ..backends import backend_of, current_team, is_half
 
 if TYPE_CHECKING:
     from ._optim import Optimizer
@@ -29,6 +29,39 @@ def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
     if not ps or type(ps[0]) is np.ndarray or type(opt).update_leaf is not cls.update_leaf:
         return None
     return backend_of(ps[0]).fused_kernels()
+
+
+def _numpy_many(
+    opt: Optimizer,
+    cls: type[Optimizer],
+    ps: list[Any],
+    gs: list[Any],
+    buffers: list[list[Any]],
+    step: int,
+    lr: float,
+) -> tuple[list[Any], list[list[Any]]] | None:
+    """Every leaf's update where each leaf and gradient is a numpy array of 32 or 64 bits and
+    no compute team is current on this thread (it would cut large leaves by rows): the array
+    code of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None
+    (one leaf at a time then). The same arithmetic as :meth:`~Optimizer.update_leaf`; the
+    leaf-by-leaf path looks for a team and sets the error state at every leaf."""
+    if type(opt).update_leaf is not cls.update_leaf or current_team() is not None:
+        return None
+    for p, g in zip(ps, gs, strict=True):
+        if type(p) is not np.ndarray or type(g) is not np.ndarray:
+            return None
+        if p.dtype.itemsize == 2 and is_half(p.dtype):  # (computed in float32, per leaf)
+            return None
+    update = opt._update_array  # type: ignore[attr-defined]
+    new_ps: list[Any] = []
+    new_bufs: list[list[Any]] = [[] for _ in buffers]
+    with _silent_non_finite():
+        for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+            new_p, bufs = update(np, p, g, tuple(b[i] for b in buffers), step, lr)
+            new_ps.append(new_p)
+            for out, b in zip(new_bufs, bufs, strict=True):
+                out.append(b)
+    return new_ps, new_bufs
 
 
 def _leaf_ops(p: Any, g: Any) -> tuple[Any, Any]:
