@@ -357,14 +357,53 @@ def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
             p, s = opt.update(p, grads, s)
         return p, s
 
+    taken = []
+    real = _optim._numpy_many
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        monkeypatch.setattr(_optim, "_numpy_many", spy)
         at_once = three_steps()
         monkeypatch.setattr(_optim, "_numpy_many", lambda *args: None)
         one_by_one = three_steps()
+    assert taken == [True] * 3  # every update went through it
     for a, b in zip(tree_leaves(at_once), tree_leaves(one_by_one), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_small_numpy_leaves_are_updated_at_once_under_a_team_and_large_ones_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a team current on the thread (an actor's update on a shared pool) cuts large leaves by
+    # rows; where it would cut none, the leaves are updated at once there too
+    from asyncnn._math import _optim
+    from asyncnn.backends import ComputeTeam, using_team
+
+    taken = []
+    real = _optim._numpy_many
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_optim, "_numpy_many", spy)
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    small = {"w": rng.normal(size=(8, 8)), "b": rng.normal(size=8)}
+    large = {"w": rng.normal(size=(512, 300)), "b": rng.normal(size=300)}
+    whole = [opt.update(t, t, opt.init(t))[0] for t in (small, large)]
+    with ComputeTeam(2, part_elements=1024) as team, using_team(team):
+        cut = [opt.update(t, t, opt.init(t))[0] for t in (small, large)]
+    assert taken == [True, True, True, False]
+    for a, b in zip(tree_leaves(whole), tree_leaves(cut), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_an_optimizer_with_its_own_leaf_update_keeps_it_on_numpy_leaves() -> None:
@@ -380,6 +419,16 @@ def test_an_optimizer_with_its_own_leaf_update_keeps_it_on_numpy_leaves() -> Non
     new, _ = Halved(lr=1.0).update(params, params, Halved(lr=1.0).init(params))
     assert calls == [(3,), (2, 3)]
     np.testing.assert_array_equal(new["w"], np.full((2, 3), 0.5))
+
+    @dataclasses.dataclass(frozen=True)
+    class Logged(optim.Adam):  # (the private per-leaf step, overridden: kept too)
+        def _update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+            calls.append("leaf")
+            return super()._update_leaf(p, g, buffers, step, lr)
+
+    calls.clear()
+    Logged(lr=1.0).update(params, params, Logged(lr=1.0).init(params))
+    assert calls == ["leaf", "leaf"]
 
 
 def test_public_namespace() -> None:

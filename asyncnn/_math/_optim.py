@@ -245,18 +245,8 @@ class Optimizer(abc.ABC):
         """:meth:`update_leaf`, cut by rows over this thread's compute team where the update is
         elementwise and the leaf large (numpy float32/float64 arrays only)."""
         team = current_team()
-        if team is None:
-            return self.update_leaf(p, g, buffers, step, lr)
-        arrays = (p, g, *buffers)
-        if (
-            not self.elementwise_update
-            or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
-            or p.ndim == 0
-            or p.dtype not in (np.float32, np.float64)
-        ):
-            return self.update_leaf(p, g, buffers, step, lr)
-        bounds = team.row_bounds(p.shape[0], p.size * len(arrays))
-        if len(bounds) <= 2:
+        bounds = None if team is None else self._team_cut(team, p, g, buffers)
+        if team is None or bounds is None:
             return self.update_leaf(p, g, buffers, step, lr)
         new_p = np.empty_like(p)
         new_bufs = tuple(np.empty_like(b) for b in buffers)
@@ -271,6 +261,23 @@ class Optimizer(abc.ABC):
 
         team.run_parts(lambda i: rows(bounds[i], bounds[i + 1]), len(bounds) - 1)
         return new_p, new_bufs
+
+    def _team_cut(
+        self, team: Any, p: Any, g: Any, buffers: tuple[Any, ...]
+    ) -> tuple[int, ...] | None:
+        """The rows ``team`` cuts this leaf's update at (:meth:`_update_leaf`), or None where
+        it runs whole: not elementwise, not numpy float32/float64 arrays of one shape, or
+        small."""
+        arrays = (p, g, *buffers)
+        if (
+            not self.elementwise_update
+            or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
+            or p.ndim == 0
+            or p.dtype not in (np.float32, np.float64)
+        ):
+            return None
+        bounds = team.row_bounds(p.shape[0], p.size * len(arrays))
+        return bounds if len(bounds) > 2 else None
 
     def to_spec(self) -> dict[str, Any]:
         """A plain dict (msgpack-able) of the name and hyperparameters; see :func:`from_spec`."""

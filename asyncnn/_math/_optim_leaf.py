@@ -41,25 +41,29 @@ def _numpy_many(
     lr: float,
 ) -> tuple[list[Any], list[list[Any]]] | None:
     """Every leaf's update where each leaf and gradient is a numpy array of 32 or 64 bits and
-    no compute team is current on this thread (it would cut large leaves by rows): the array
-    code of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None
-    (one leaf at a time then). The same arithmetic as :meth:`~Optimizer.update_leaf`; the
+    the compute team current on this thread (if any) cuts none of them by rows: the array code
+    of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None (one
+    leaf at a time then). The same arithmetic as :meth:`~Optimizer.update_leaf`; the
     leaf-by-leaf path looks for a team and sets the error state at every leaf."""
-    if type(opt).update_leaf is not cls.update_leaf or current_team() is not None:
-        return None
-    for p, g in zip(ps, gs, strict=True):
+    kind = type(opt)
+    if kind.update_leaf is not cls.update_leaf or kind._update_leaf is not cls._update_leaf:
+        return None  # (a subclass's own step, which the leaf-by-leaf path calls)
+    team = current_team()
+    for p, g, *bs in zip(ps, gs, *buffers, strict=True):
         if type(p) is not np.ndarray or type(g) is not np.ndarray:
             return None
         if p.dtype.itemsize == 2 and is_half(p.dtype):  # (computed in float32, per leaf)
+            return None
+        if team is not None and opt._team_cut(team, p, g, tuple(bs)) is not None:
             return None
     update = opt._update_array  # type: ignore[attr-defined]
     new_ps: list[Any] = []
     new_bufs: list[list[Any]] = [[] for _ in buffers]
     with _silent_non_finite():
-        for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
-            new_p, bufs = update(np, p, g, tuple(b[i] for b in buffers), step, lr)
+        for p, g, *bs in zip(ps, gs, *buffers, strict=True):
+            new_p, new_bs = update(np, p, g, tuple(bs), step, lr)
             new_ps.append(new_p)
-            for out, b in zip(new_bufs, bufs, strict=True):
+            for out, b in zip(new_bufs, new_bs, strict=True):
                 out.append(b)
     return new_ps, new_bufs
 
