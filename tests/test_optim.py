@@ -335,6 +335,22 @@ def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing(
     assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()
 
 
+def _spy_on_numpy_many(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each update from now on, whether the one-pass path took its leaves."""
+    from asyncnn._math import _optim
+
+    taken: list[bool] = []
+    real = _optim._numpy_many
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_optim, "_numpy_many", spy)
+    return taken
+
+
 @pytest.mark.parametrize("opt", ALL_OPTIMIZERS, ids=repr)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
@@ -357,17 +373,9 @@ def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
             p, s = opt.update(p, grads, s)
         return p, s
 
-    taken = []
-    real = _optim._numpy_many
-
-    def spy(*args: Any) -> Any:
-        out = real(*args)
-        taken.append(out is not None)
-        return out
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monkeypatch.setattr(_optim, "_numpy_many", spy)
+        taken = _spy_on_numpy_many(monkeypatch)
         at_once = three_steps()
         monkeypatch.setattr(_optim, "_numpy_many", lambda *args: None)
         one_by_one = three_steps()
@@ -382,18 +390,9 @@ def test_small_numpy_leaves_are_updated_at_once_under_a_team_and_large_ones_cut(
 ) -> None:
     # a team current on the thread (an actor's update on a shared pool) cuts large leaves by
     # rows; where it would cut none, the leaves are updated at once there too
-    from asyncnn._math import _optim
     from asyncnn.backends import ComputeTeam, using_team
 
-    taken = []
-    real = _optim._numpy_many
-
-    def spy(*args: Any) -> Any:
-        out = real(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_optim, "_numpy_many", spy)
+    taken = _spy_on_numpy_many(monkeypatch)
     opt = optim.SGD(lr=0.1, momentum=0.9)
     rng = np.random.default_rng(0)
     small = {"w": rng.normal(size=(8, 8)), "b": rng.normal(size=8)}

@@ -40,9 +40,9 @@ def _numpy_many(
     step: int,
     lr: float,
 ) -> tuple[list[Any], list[list[Any]]] | None:
-    """Every leaf's update where each leaf and gradient is a numpy array of 32 or 64 bits and
-    the compute team current on this thread (if any) cuts none of them by rows: the array code
-    of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None (one
+    """Every leaf's update where each leaf and gradient is a numpy array, no leaf a 16-bit float
+    (computed in float32 leaf by leaf), and the compute team current on this thread (if any)
+    cuts none of them by rows: the array code of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None (one
     leaf at a time then). The same arithmetic as :meth:`~Optimizer.update_leaf`; the
     leaf-by-leaf path looks for a team and sets the error state at every leaf."""
     kind = type(opt)
@@ -52,7 +52,7 @@ def _numpy_many(
     for p, g, *bs in zip(ps, gs, *buffers, strict=True):
         if type(p) is not np.ndarray or type(g) is not np.ndarray:
             return None
-        if p.dtype.itemsize == 2 and is_half(p.dtype):  # (computed in float32, per leaf)
+        if p.dtype.itemsize == 2 and is_half(p.dtype):
             return None
         if team is not None and opt._team_cut(team, p, g, tuple(bs)) is not None:
             return None
