@@ -29,7 +29,7 @@ import numpy as np
 
 from ._dispatch import capturing
 
-__all__ = ["CaptureError", "active", "capture", "copy_into", "label_poison", "matmul"]
+__all__ = ["CaptureError", "active", "capture", "copy_into", "copy_of", "label_poison", "matmul"]
 
 #: workspace given to cuBLAS for the products of one capture
 WORKSPACE_BYTES = 32 << 20
@@ -170,6 +170,26 @@ def copy_into(dst: Any, src: Any) -> None:
             )  # fmt: skip
         return
     cupy.copyto(dst, src)
+
+
+def copy_of(src: Any) -> Any:
+    """A new array equal to ``src``, made on the current stream: ``empty_like`` and one
+    asynchronous memcpy where ``src`` is a contiguous cupy array on the current device (a replayed
+    step copies its outputs out of the graph's buffers several times, and ``ndarray.copy`` costs
+    about 21 µs of host time a call on the lent H100's host), else ``src.copy()``."""
+    if (
+        isinstance(src, cupy.ndarray)
+        and src.flags.c_contiguous
+        and src.device.id == cupy.cuda.runtime.getDevice()
+    ):
+        out = cupy.empty_like(src)
+        if src.nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                out.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
+                cupy.cuda.get_current_stream().ptr,
+            )  # fmt: skip
+        return out
+    return src.copy()
 
 
 def _relaxed() -> int:

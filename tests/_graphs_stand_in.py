@@ -104,6 +104,7 @@ def emulated(monkeypatch):
     graphs.CaptureError = _CaptureError
     graphs.WORKSPACE_BYTES = 0
     graphs.copy_into = _copy_into
+    graphs.copy_of = lambda a: a.copy()
     fused = types.ModuleType("asyncnn.backends._fused")
     fused.in_place = contextlib.nullcontext
     fused.scalars_on_device = lambda buffer: contextlib.nullcontext()

@@ -322,3 +322,25 @@ def test_a_captured_run_with_a_trace_records_every_message_and_replays_identical
     assert counts["device_slices"] == sum(len(e.meta["spans"]) for e in device)
     use = ann.trace.summary(tmp_path / "0.t")["devices"]["cuda:0"]
     assert use["active_seconds"] > 0 and use["overlap"] >= 1.0
+
+
+def test_copy_of_gives_an_equal_array_of_its_own_on_the_current_stream():
+    # how a replay's outputs leave the graph's buffers (one memcpy where contiguous)
+    import cupy as cp
+
+    from asyncnn.backends import _graphs
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        base = cp.arange(24, dtype=cp.float32).reshape(4, 6)
+        cases = [base, base.astype(cp.float16), base.T, base[:, ::2], cp.zeros((0, 6)), base[1, 2]]
+        copies = [_graphs.copy_of(a) for a in cases]
+        base += 100  # queued after the copies on this stream: they keep the values before
+    stream.synchronize()
+    for a, c in zip(cases, copies, strict=True):
+        assert c.shape == a.shape and c.dtype == a.dtype
+        assert c.size == 0 or c.data.ptr != a.data.ptr
+    assert cp.array_equal(copies[0], cp.arange(24, dtype=cp.float32).reshape(4, 6))
+    assert cp.array_equal(copies[2], cp.arange(24, dtype=cp.float32).reshape(4, 6).T)
+    assert cp.array_equal(copies[3], cp.arange(24, dtype=cp.float32).reshape(4, 6)[:, ::2])
+    assert float(copies[5]) == 8.0

@@ -44,7 +44,7 @@ import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
+from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from ._capture_update import MAX_SIGNATURES, UpdateGraphs
 
@@ -211,6 +211,13 @@ class _Graphs:
         failures.append(f"{sig}: {exc}")
         del failures[:-_FAILURES_KEPT]
 
+    def copied(self, tree: Any) -> Any:
+        """``tree`` with a fresh copy of each array leaf, made on the current stream (a
+        replay's outputs leave the graph's buffers this way: :func:`_graphs.copy_of` is
+        cheaper on the host than ``ndarray.copy``)."""
+        copy = self.g.copy_of
+        return tree_map(lambda a: copy(a) if hasattr(a, "copy") else a, tree)
+
     def _load(self, dst: list[Any], src: list[Any]) -> None:
         copy = self.g.copy_into
         for d, s in zip(dst, src, strict=True):
@@ -342,7 +349,7 @@ class ActorGraphs(UpdateGraphs):
             )
             if entry is not None:
                 entry.forward.launch(actor.stream)
-                return tree_copy(entry.out), entry.pull
+                return base.copied(entry.out), entry.pull
         except BaseException:
             base.busy.discard(slot)
             raise
@@ -391,7 +398,7 @@ class ActorGraphs(UpdateGraphs):
             base.busy.discard(entry.key[1])  # later launches on this stream come after this one
         # the graph writes the inputs' gradients again at the slot's next backward, which
         # nothing orders after the producer's use of them: they leave as copies
-        return param_grads, tree_copy(list(input_grads))
+        return param_grads, base.copied(list(input_grads))
 
     def _backward(self, entry: _Entry, g: Any) -> Any:
         base = self.base
@@ -455,7 +462,7 @@ class ActorGraphs(UpdateGraphs):
         if entry is None:
             return actor._apply(params, xs, rng)
         entry[0].launch(actor.stream)
-        return tree_copy(entry[2])
+        return base.copied(entry[2])
 
     def backward_latest(self, inputs: list[Any], g: Any) -> tuple[Any, Any]:
         """``(parameter gradients, input gradients)`` of the vjp at the latest weights, from
@@ -486,4 +493,4 @@ class ActorGraphs(UpdateGraphs):
             return actor._vjp(actor.params, xs, None)[1](g)
         entry[0].launch(actor.stream)
         param_grads, input_grads = entry[2]
-        return param_grads, tree_copy(list(input_grads))
+        return param_grads, base.copied(list(input_grads))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
-from asyncnn._math._pytree import tree_copy
-
 from ._capture import _Graphs, _Stats
 
 if TYPE_CHECKING:
@@ -55,5 +53,5 @@ class LossGraphs:
         entry[0].launch(actor.stream)
         if base.streaming:  # the value is copied to the host right behind, on this stream
             value, grads = entry[2]
-            return value, tree_copy(list(grads))
+            return value, base.copied(list(grads))
         return entry[2]
