@@ -92,7 +92,8 @@ def acc_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
 
     A bfloat16 accumulator has 8 significant bits: summing 10^5 ones in it gives 99,840 on cupy.
     """
-    if is_half(x.dtype):
+    dtype = x.dtype
+    if dtype.itemsize == 2 and is_floating(dtype):  # is_half, without its np.dtype(...) call
         fused = None if axis is None else fused_nn_kernels_of(x)
         if fused is not None:  # one kernel on a GPU (a bias gradient): no cast after it
             return fused.half_sum(x, axis, keepdims)

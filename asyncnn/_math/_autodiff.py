@@ -22,7 +22,7 @@ from ._autodiff_args import (
     _select,
     _unopened,
 )
-from ._pytree import tree_flatten, tree_unflatten
+from ._pytree import _LEAF, tree_flatten, tree_unflatten
 
 __all__ = ["Primitive", "Trace", "Tracer", "grad", "primitive_vjp", "value_and_grad", "vjp"]
 
@@ -74,7 +74,8 @@ class Trace:
         return Tracer(out, self, len(self.nodes) - 1)
 
     def backward(self, seeds: dict[int, Any], wanted: Sequence[int]) -> list[Any]:
-        """Propagates cotangents ``seeds`` (node -> cotangent) back to the ``wanted`` nodes."""
+        """Propagates cotangents ``seeds`` (node -> cotangent) back to the ``wanted`` nodes,
+        which are input leaves (a node with a rule drops its cotangent once its rule has run)."""
         if self.done:
             raise RuntimeError(
                 "this pullback has already been called: a pullback is usable once and frees its "
@@ -84,18 +85,22 @@ class Trace:
         nodes = self.nodes
         grads: list[Any] = [None] * len(nodes)
         for i, ct in seeds.items():
-            grads[i] = ct if grads[i] is None else grads[i] + ct
-        keep = set(wanted)
+            grads[i] = ct
+        # Only leaves are wanted, and a leaf has no rule: each node with a rule drops its own
+        # cotangent once it has run (and its residuals), so memory falls as the walk goes.
         for i in range(len(nodes) - 1, -1, -1):
             node = nodes[i]
-            nodes[i] = None  # frees the residuals as soon as they have been used
-            g = grads[i]
-            if node is None or node.rule is None or g is None:
+            if node is None:
                 continue
-            if i not in keep:
-                grads[i] = None
-            in_grads = node.rule(g, node.res, node.needs)
-            for p, ig in zip(node.parents, in_grads, strict=True):
+            rule = node.rule
+            if rule is None:
+                continue
+            nodes[i] = None
+            g = grads[i]
+            if g is None:
+                continue
+            grads[i] = None
+            for p, ig in zip(node.parents, rule(g, node.res, node.needs), strict=True):
                 if p >= 0 and ig is not None:
                     prev = grads[p]
                     grads[p] = ig if prev is None else prev + ig
@@ -120,6 +125,30 @@ class Primitive:
         return f"Primitive({self.name!r})"
 
     def __call__(self, *args: Any, **params: Any) -> Any:
+        # Every op of every traced layer comes through here: one and two arguments (tanh, add,
+        # matmul) take a short path, the general loop below is for the others.
+        n = len(args)
+        if n == 1:
+            a = args[0]
+            if type(a) is not Tracer:
+                return self.forward(a, **params)[0]
+            out, res = self.forward(a.value, **params)
+            return a.trace.record(self.vjp_rule, res, (a.index,), _TRACED, out)
+        if n == 2:
+            a, b = args
+            if type(a) is Tracer:
+                if type(b) is Tracer:
+                    if b.trace is not a.trace:
+                        raise self._two_traces()
+                    out, res = self.forward(a.value, b.value, **params)
+                    parents: tuple[int, ...] = (a.index, b.index)
+                    return a.trace.record(self.vjp_rule, res, parents, _BOTH_TRACED, out)
+                out, res = self.forward(a.value, b, **params)
+                return a.trace.record(self.vjp_rule, res, (a.index, -1), _FIRST_TRACED, out)
+            if type(b) is Tracer:
+                out, res = self.forward(a, b.value, **params)
+                return b.trace.record(self.vjp_rule, res, (-1, b.index), _SECOND_TRACED, out)
+            return self.forward(a, b, **params)[0]
         trace: Trace | None = None
         for a in args:
             if type(a) is Tracer:
@@ -128,25 +157,35 @@ class Primitive:
         if trace is None:
             return self.forward(*args, **params)[0]
         values = []
-        parents = []
+        indices = []
         needs = []
         for a in args:
             if type(a) is Tracer:
                 if a.trace is not trace:
-                    raise ValueError(
-                        f"{self.name}: its inputs come from two different vjp calls; nested "
-                        "differentiation is not supported, pass every array you differentiate "
-                        "as an argument of the outermost vjp"
-                    )
+                    raise self._two_traces()
                 values.append(a.value)
-                parents.append(a.index)
+                indices.append(a.index)
                 needs.append(True)
             else:
                 values.append(a)
-                parents.append(-1)
+                indices.append(-1)
                 needs.append(False)
         out, res = self.forward(*values, **params)
-        return trace.record(self.vjp_rule, res, tuple(parents), tuple(needs), out)
+        return trace.record(self.vjp_rule, res, tuple(indices), tuple(needs), out)
+
+    def _two_traces(self) -> ValueError:
+        return ValueError(
+            f"{self.name}: its inputs come from two different vjp calls; nested "
+            "differentiation is not supported, pass every array you differentiate "
+            "as an argument of the outermost vjp"
+        )
+
+
+# the ``needs`` of the short paths of Primitive.__call__ (tuples: shared, never changed)
+_TRACED = (True,)
+_BOTH_TRACED = (True, True)
+_FIRST_TRACED = (True, False)
+_SECOND_TRACED = (False, True)
 
 
 class Tracer:
@@ -357,10 +396,17 @@ def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> t
     arrays.
     """
     trace = Trace()
+    nodes = trace.nodes
     leaves, treedef = tree_flatten(primals)
     traced: list[Any] = []
     leaf_index: list[int] = []
     for leaf in leaves:
+        if type(leaf) is np.ndarray and leaf.dtype.kind == "f":  # the common leaf, traced
+            index = len(nodes)
+            nodes.append(_LEAF_NODE)
+            traced.append(Tracer(leaf, trace, index))
+            leaf_index.append(index)
+            continue
         if type(leaf) is Tracer:
             raise ValueError(
                 f"{who} got a traced array as an argument: nested differentiation (grad of "
@@ -378,6 +424,8 @@ def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> t
             traced.append(leaf)
             leaf_index.append(-1)
     out = fn(*tree_unflatten(treedef, traced))
+    if type(out) is Tracer and out.trace is trace:  # one array out, as a layer's: no tree
+        return trace, leaves, treedef, leaf_index, [out], _LEAF, [out.index], out.value
     out_leaves, out_def = tree_flatten(out)
     out_index = [o.index if type(o) is Tracer and o.trace is trace else -1 for o in out_leaves]
     for o in out_leaves:
@@ -415,33 +463,34 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
         fn, primals, "vjp"
     )
     wanted = [i for i in leaf_index if i >= 0]
+    at = [k for k, i in enumerate(leaf_index) if i >= 0]  # where each wanted leaf's grad goes
     num_primals = len(primals)
+    one_out = out_def.kind == "leaf"
 
     def pullback(cotangent: Any) -> tuple[Any, ...]:
-        ct_leaves = _cotangent_leaves(cotangent, out_def)
-        seeds: dict[int, Any] = {}
-        for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
-            if i < 0 or ct is None:
-                continue
-            ct = _as_cotangent(ct, _raw(o))
-            seeds[i] = ct if i not in seeds else seeds[i] + ct
+        if one_out and type(cotangent) not in _CONTAINERS:  # (what _cotangent_leaves accepts)
+            i = out_index[0]
+            seeds = {} if i < 0 or cotangent is None else {i: _as_cotangent(cotangent, out_raw)}
+        else:
+            seeds = {}
+            ct_leaves = _cotangent_leaves(cotangent, out_def)
+            for i, ct, o in zip(out_index, ct_leaves, out_leaves, strict=True):
+                if i < 0 or ct is None:
+                    continue
+                ct = _as_cotangent(ct, _raw(o))
+                seeds[i] = ct if i not in seeds else seeds[i] + ct
         grads = trace.backward(seeds, wanted) if wanted else []
-        it = iter(grads)
-        flat: list[Any] = []
+        flat: list[Any] = [None] * len(leaves)
         given: set[int] = set()
-        for leaf, i in zip(leaves, leaf_index, strict=True):
-            if i < 0:
-                flat.append(None)
-                continue
-            g = next(it)
+        for k, g in zip(at, grads, strict=True):
             if g is None:
-                g = _zeros_like(leaf)
+                g = _zeros_like(leaves[k])
             elif id(g) in given or not getattr(getattr(g, "flags", None), "writeable", True):
                 # a rule may hand one array to two inputs (add's) or a read-only broadcast view
                 # (sum's): each gradient is the caller's own, writable array, as torch's are
                 g = g.copy()
             given.add(id(g))
-            flat.append(g)
+            flat[k] = g
         return tuple(tree_unflatten(treedef, flat)) if num_primals else ()
 
     return out_raw, pullback

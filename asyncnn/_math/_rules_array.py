@@ -11,6 +11,7 @@ from asyncnn.backends import array_namespace as ns
 from asyncnn.backends import matmul as backend_matmul
 
 from ._autodiff import Forward, VjpRule
+from ._rules_elementwise import unbroadcast
 
 
 def normalize_axis(axis: Any, ndim: int, op: str = "") -> tuple[int, ...]:
@@ -127,8 +128,6 @@ def _broadcast_to(x: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
 
 
 def _broadcast_to_vjp(g: Any, shape: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    from ._rules_elementwise import unbroadcast
-
     return (unbroadcast(g, shape),)
 
 
@@ -297,12 +296,10 @@ def _matmul(a: Any, b: Any) -> tuple[Any, Any]:
 
 
 def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
-    from ._rules_elementwise import unbroadcast
-
     a, b = res
-    xp = ns(a, b)
     if a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:  # the hot path: dense layers
         return (_mm(g, b.T) if needs[0] else None, _mm(a.T, g) if needs[1] else None)
+    xp = ns(a, b)
     # Promote vectors to matrices as matmul does, then drop the added axes again.
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b

@@ -34,6 +34,8 @@ def unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
 
 def like(x: Any) -> tuple[tuple[int, ...], Any]:
     """What a gradient for ``x`` must look like: its shape and dtype (None for Python scalars)."""
+    if type(x) is np.ndarray:  # (every traced op of a CPU layer asks: the common case first)
+        return x.shape, x.dtype
     return shape_of(x), getattr(x, "dtype", None)
 
 
@@ -41,8 +43,9 @@ def grad_like(g: Any, target: tuple[tuple[int, ...], Any]) -> Any:
     """``g`` unbroadcast to ``target``'s shape, in its dtype: a float32 input mixed with float64
     gets a float32 gradient, as in torch."""
     shape, dtype = target
-    g = unbroadcast(g, shape)
-    if dtype is not None and g.dtype != dtype:
+    if g.shape != shape:
+        g = unbroadcast(g, shape)
+    if g.dtype is not dtype and dtype is not None and g.dtype != dtype:
         g = g.astype(dtype)
     return g
 

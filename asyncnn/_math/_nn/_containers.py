@@ -115,7 +115,8 @@ class Sequential(Module):
         Raises:
             ValueError: ``params``, or a list of ``rng``, not one entry per module.
         """
-        if not isinstance(params, list | tuple) or len(params) != len(self.modules):
+        modules = self.modules
+        if not isinstance(params, list | tuple) or len(params) != len(modules):
             got = f"a {type(params).__name__}"
             if isinstance(params, list | tuple):
                 got += f" of length {len(params)}"
@@ -124,7 +125,7 @@ class Sequential(Module):
                 f"{len(self.modules)} entries (one per module, {{}} where a module has none), "
                 f"got {got}; create them with Sequential.init(seed)"
             )
-        if isinstance(rng, list | tuple):
+        if rng is not None and isinstance(rng, list | tuple):
             if len(rng) != len(self.modules):
                 raise ValueError(
                     f"Sequential of {len(self.modules)} modules expects rng as one Generator or "
@@ -134,7 +135,7 @@ class Sequential(Module):
             for m, p, r in zip(self.modules, params, rng, strict=True):
                 x = m(p, x, rng=r)
             return x
-        for m, p in zip(self.modules, params, strict=True):
+        for m, p in zip(modules, params, strict=True):
             x = m(p, x, rng=rng)
         return x
 

@@ -16,6 +16,9 @@ from ._module import Initializer, Module, Shape, check_params, fan_in_bound, flo
 
 __all__ = ["Embedding", "Linear"]
 
+_MATMUL = ops.PRIMITIVES["matmul"]
+_ADD = ops.PRIMITIVES["add"]
+
 
 def _check_size(owner: str, name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -62,8 +65,10 @@ class Linear(Module):
             )
         if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
             raise float_input_error(self, x, params["weight"])
-        y = ops.matmul(x, params["weight"])
-        return ops.add(y, params["bias"]) if self.bias else y
+        # the primitives themselves: the checks above leave ops.matmul's and ops.add's nothing
+        # to find (a 2-D weight of in_features rows, a bias of the output's last axis)
+        y = _MATMUL(x, params["weight"])
+        return _ADD(y, params["bias"]) if self.bias else y
 
     def flops(self, *input_shapes: Any) -> int:
         rows = math.prod(int(d) for d in input_shapes[0][1:-1]) if input_shapes else 1
