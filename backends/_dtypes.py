@@ -74,16 +74,19 @@ def is_floating(dtype: Any) -> bool:
     float64."""
     if dtype is None:
         return False
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        return False
+    if isinstance(dtype, np.dtype):  # an array's dtype: asked on every 16-bit check of a step
+        dt = dtype
+    else:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            return False
     return dt.kind == "f" or (BFLOAT16 is not None and dt == BFLOAT16)
 
 
 def is_half(dtype: Any) -> bool:
     """Whether ``dtype`` is a 16-bit float (float16 or bfloat16): sums of it run in float32."""
-    dt = np.dtype(dtype)
+    dt = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
     return dt.itemsize == 2 and is_floating(dt)
 
 
@@ -92,8 +95,7 @@ def acc_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
 
     A bfloat16 accumulator has 8 significant bits: summing 10^5 ones in it gives 99,840 on cupy.
     """
-    dtype = x.dtype
-    if dtype.itemsize == 2 and is_floating(dtype):  # is_half, without its np.dtype(...) call
+    if is_half(x.dtype):
         fused = None if axis is None else fused_nn_kernels_of(x)
         if fused is not None:  # one kernel on a GPU (a bias gradient): no cast after it
             return fused.half_sum(x, axis, keepdims)

@@ -51,7 +51,6 @@ def vjp_split(
     for i, node in enumerate(nodes):
         if node is not None and node.rule is not None:
             on_input[i] = any(p >= 0 and on_input[p] for p in node.parents)
-    input_wanted = [i for i in leaf_index[param_leaves:] if i >= 0]
 
     def input_pullback(cotangent: Any) -> tuple[tuple[Any, ...], Callable[[], Any]]:
         if trace.done:
@@ -66,7 +65,6 @@ def vjp_split(
         trace.done = True
         # the seeds of parameter-only outputs wait for the weight half, like any other cotangent
         deferred: dict[int, Any] = {}  # node -> its cotangent, for its parameter-only parents
-        keep = set(input_wanted)
         for i in range(len(nodes) - 1, -1, -1):
             node = nodes[i]
             if node is None or node.rule is None or not on_input[i]:
@@ -75,8 +73,7 @@ def vjp_split(
             if g is None:  # no cotangent reaches it: neither half needs its residuals
                 nodes[i] = None
                 continue
-            if i not in keep:
-                grads[i] = None
+            grads[i] = None  # (the wanted nodes are input leaves, which have no rule)
             reads_params = any(
                 p >= 0 and need and not on_input[p]
                 for p, need in zip(node.parents, node.needs, strict=True)

@@ -125,14 +125,14 @@ class Sequential(Module):
                 f"{len(self.modules)} entries (one per module, {{}} where a module has none), "
                 f"got {got}; create them with Sequential.init(seed)"
             )
-        if rng is not None and isinstance(rng, list | tuple):
+        if isinstance(rng, list | tuple):
             if len(rng) != len(self.modules):
                 raise ValueError(
                     f"Sequential of {len(self.modules)} modules expects rng as one Generator or "
                     f"a list of {len(self.modules)} entries (one per module, None where a "
                     f"module draws nothing), got a {type(rng).__name__} of length {len(rng)}"
                 )
-            for m, p, r in zip(self.modules, params, rng, strict=True):
+            for m, p, r in zip(modules, params, rng, strict=True):
                 x = m(p, x, rng=r)
             return x
         for m, p in zip(modules, params, strict=True):
