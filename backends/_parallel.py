@@ -274,6 +274,13 @@ class ComputeTeam:
         return self._part_flops
 
     @property
+    def part_elements(self) -> int:
+        """The least number of elements one part of a split elementwise pass touches (the
+        ``part_elements`` the team was made with, as an int): a pass touching fewer than twice
+        this runs whole (:meth:`row_bounds`, :meth:`elementwise`)."""
+        return self._part_elements
+
+    @property
     def queued_tasks(self) -> int:
         """Tasks waiting for a free worker."""
         return len(self._tasks)

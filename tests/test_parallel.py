@@ -231,6 +231,15 @@ def test_map_rows_splits_elementwise_work(team: ComputeTeam) -> None:
         assert three.row_bounds(300, 3 * 64 - 1) == (0, 300)
 
 
+def test_a_pass_under_twice_part_elements_is_never_cut() -> None:
+    # the optimizer's one-pass update relies on it to skip the team's question for small leaves
+    for workers in (2, 3, 8):
+        with ComputeTeam(workers, part_elements=64) as t:
+            assert t.part_elements == 64
+            assert all(len(t.row_bounds(300, n)) == 2 for n in range(2 * 64))
+            assert len(t.row_bounds(300, 10**6)) > 2
+
+
 def test_matmul_dispatch_follows_the_thread(team: ComputeTeam) -> None:
     a, b = _operands(64, 8, 64, np.float64, seed=6)
     assert current_team() is None
