@@ -23,9 +23,11 @@ same optimizer update, ``Sync`` with 1 and 4 stages in this process (``open_run`
 ``Trainer.fit`` for 1 stage), the 4 stages on ``LocalCluster(4)`` (one stage a worker), and
 PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` prints where the time
 of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
+``--blas-kernels ,Haswell,SkylakeX`` only compares OpenBLAS's kernels on this host (a 2048^2
+product under each ``OPENBLAS_CORETYPE``; a host may force an older kernel than its CPU runs).
 
 Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N]
-[--tiny] [--batches 1024,64]
+[--tiny] [--batches 1024,64] [--blas-kernels NAMES]
 """
 
 from __future__ import annotations
@@ -77,6 +79,45 @@ def blas_info() -> list[dict[str, Any]]:
 
     keep = ("user_api", "internal_api", "version", "architecture", "num_threads", "threading_layer")
     return [{k: lib.get(k) for k in keep} for lib in threadpool_info()]
+
+
+#: a child's 2048^2 float32 product on every core: its best of 5 in GFLOP/s, and the kernel
+#: threadpoolctl reports for OpenBLAS
+_GEMM_PROBE = """
+import json, time
+import numpy as np
+from threadpoolctl import threadpool_info
+a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+a @ a
+best = 1e9
+for _ in range(5):
+    t = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t)
+kernels = [i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"]
+print(json.dumps({"gflops": 2 * 2048**3 / best / 1e9, "kernel": kernels}))
+"""
+
+
+def blas_kernels(names: list[str]) -> dict[str, Any]:
+    """The product rate under each ``OPENBLAS_CORETYPE`` in ``names`` ("" for the environment's
+    own setting), each in a child process (OpenBLAS reads it once, as it loads): whether the
+    host's BLAS runs the fastest kernel its CPU has (a host may force an older one)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        env = dict(os.environ)
+        if name:
+            env["OPENBLAS_CORETYPE"] = name
+        proc = subprocess.run(
+            [sys.executable, "-c", _GEMM_PROBE], env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        label = name or f"(environment: {os.environ.get('OPENBLAS_CORETYPE')})"
+        if proc.returncode == 0:
+            out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            out[label] = {"error": proc.stderr.strip()[-300:]}
+    return out
 
 
 def data(sizes: list[int], n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -421,8 +462,21 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="add the tiny chain (runtime's cost)")
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny chain")
     ap.add_argument("--profile-tiny", action="store_true", help="profile the tiny chain")
+    ap.add_argument(
+        "--blas-kernels", default=None, metavar="NAMES",
+        help="only compare OpenBLAS kernels: a 2048^2 product's GFLOP/s under each "
+             "OPENBLAS_CORETYPE named (comma-separated, e.g. ,Haswell,SkylakeX; empty: the "
+             "environment's own)",
+    )  # fmt: skip
     ap.add_argument("--out", default="runs/bench_parallel.json")
     args = ap.parse_args()
+    if args.blas_kernels is not None:
+        kernels = blas_kernels(args.blas_kernels.split(","))
+        for name, r in kernels.items():
+            rate = f"{r['gflops']:8.0f} GFLOP/s, kernel {r['kernel']}" if "gflops" in r else r
+            print(f"OPENBLAS_CORETYPE={name}: {rate}")
+        _common.write_json(args.out, {"machine": _common.machine(), "blas kernels": kernels})
+        return
     tune_allocator()
     repeats = 1 if args.quick else args.repeats
     report: dict[str, Any] = {"machine": _common.machine(), "cores": cores(), "blas": blas_info()}
