@@ -10,7 +10,8 @@
 # 16-core host the suite took about 310 s in 2 processes, 160-210 s in 4 and 150 s in 8 (H100,
 # 2026-12-05), where the GPU's launches, not its compute, are the bound. --bench also runs
 # experiments/bench_gpu.py after the tests (--bench-only: the benchmark alone); its JSON and
-# the logs go to $OUT when that is set (the lent device), else to runs/.
+# the tests' log (device_tests.log: one file, every process's part in turn) go to $OUT when
+# that is set (the lent device), else to runs/.
 set -euo pipefail
 bench=0
 tests=1
@@ -42,18 +43,26 @@ if [ "$tests" = 1 ] && [ "$jobs" -gt 1 ]; then
     fi
   done
   set +e
+  # each process writes its own log; they are joined into one file at the end (the lent
+  # device returns at most 8 files from $OUT: one log leaves room for a benchmark's outputs)
+  parts=$(mktemp -d)
   pids=()
   for ((j = 0; j < jobs; j++)); do
     mapfile -t files < <(ls tests/test_*.py | awk -v j="$j" -v n="$jobs" 'NR % n == j')
     python3 -m pytest -q -p no:cacheprovider -m "not slow" "$@" "${files[@]}" \
-      > "$out/device_tests_$j.log" 2>&1 &
+      > "$parts/$j.log" 2>&1 &
     pids+=($!)
   done
   for ((j = 0; j < jobs; j++)); do
     wait "${pids[$j]}" || status=1
-    echo "== process $j: $(tail -n 1 "$out/device_tests_$j.log")"
+    echo "== process $j: $(tail -n 1 "$parts/$j.log")"
   done
-  grep -hE "^(FAILED|ERROR)" "$out"/device_tests_*.log || true
+  for ((j = 0; j < jobs; j++)); do
+    echo "== process $j of $jobs"
+    cat "$parts/$j.log"
+  done > "$out/device_tests.log"
+  rm -rf "$parts"
+  grep -hE "^(FAILED|ERROR)" "$out/device_tests.log" || true
   set -e
 elif [ "$tests" = 1 ]; then
   if [ $# -eq 0 ]; then set -- tests; fi
