@@ -1,9 +1,12 @@
 """``bench_parallel.py``'s tiny chain: the runtime's own cost where every op is tiny (AMPNet's
 regime), against the plain ``value_and_grad`` loop, PyTorch eager and 4 local workers
-(``python experiments/bench_parallel.py --only-tiny``; ``--profile-tiny`` profiles it)."""
+(``python experiments/bench_parallel.py --only-tiny``; ``--profile-tiny`` profiles it,
+``--stage-costs`` times what a stage adds, hook by hook)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import statistics
 import time
@@ -209,3 +212,77 @@ def profile_tiny(steps: int) -> None:
         prof.disable()
         print(f"--- profile of {name} ({steps} steps), by own time:")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+#: the hooks ``stage_costs`` times, each inclusive of those indented under it
+_TIMED_HOOKS = [
+    ("on_forward", "asyncnn._runtime._actors", "LayerActor", "on_forward", 0),
+    ("forward trace (_vjp)", "asyncnn._runtime._actors", "LayerActor", "_vjp", 1),
+    ("on_backward", "asyncnn._runtime._actors", "LayerActor", "on_backward", 0),
+    ("accumulate", "asyncnn._runtime._weight_versions", "WeightVersions", "accumulate", 1),
+    ("apply_gradients", "asyncnn._runtime._weight_versions", "WeightVersions",
+     "apply_gradients", 2),
+    ("optimizer update", "asyncnn._math._optim", "Optimizer", "update", 3),
+]  # fmt: skip
+
+
+def _timed(fn: Any, totals: dict[str, float], label: str) -> Any:
+    if inspect.iscoroutinefunction(fn):
+
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+
+        return timed_async
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - start
+
+    return timed
+
+
+def stage_costs(steps: int, repeats: int) -> None:
+    """Where a stage's time goes: ``Sync`` on 1 and on 4 stages with a timer around each hook
+    of :data:`_TIMED_HOOKS` (inclusive times, µs per step; the timers add about a microsecond a
+    call), and what the 3 stages more than one add to each. The rest of a step is the messages,
+    hand-overs, the loss actor and the run's admission."""
+    batches = tiny_batches(steps)
+    totals = {label: 0.0 for label, *_ in _TIMED_HOOKS}
+    saved = []
+    for label, module, cls_name, attr, _ in _TIMED_HOOKS:
+        cls = getattr(importlib.import_module(module), cls_name)
+        saved.append((cls, attr, cls.__dict__[attr]))
+        setattr(cls, attr, _timed(cls.__dict__[attr], totals, label))
+    try:
+        rows: dict[int, list[dict[str, float]]] = {1: [], 4: []}
+        for _ in range(repeats):
+            for stages in (1, 4):
+                g = tiny_graph(stages)
+                tiny_run(batches[:20], g)
+                for label in totals:
+                    totals[label] = 0.0
+                wall, _cpu = tiny_run(batches, g)
+                row = {label: v / steps * 1e6 for label, v in totals.items()}
+                row["whole step"] = wall * 1e6
+                rows[stages].append(row)
+    finally:
+        for cls, attr, fn in saved:
+            setattr(cls, attr, fn)
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in rows.items()}
+    print(f"where a stage's time goes: tiny chain, Sync, {steps} steps, median of {repeats} "
+          "(µs per step, inclusive)")  # fmt: skip
+    print(f"   {'':<34} {'1 stage':>8} {'4 stages':>9} {'added':>8}")
+    lines = [("whole step", 0)] + [(label, depth) for label, *_, depth in _TIMED_HOOKS]
+    for label, depth in lines:
+        one, four = med[1][label], med[4][label]
+        print(f"   {'  ' * depth + label:<34} {one:8.1f} {four:9.1f} {four - one:8.1f}")
+    rest = {s: m["whole step"] - m["on_forward"] - m["on_backward"] for s, m in med.items()}
+    print(f"   {'the rest (messages, loss, admission)':<34} {rest[1]:8.1f} {rest[4]:9.1f} "
+          f"{rest[4] - rest[1]:8.1f}")  # fmt: skip

@@ -22,12 +22,13 @@ in ms per step (wall, and this process's CPU time): the plain ``value_and_grad``
 same optimizer update, ``Sync`` with 1 and 4 stages in this process (``open_run``, and
 ``Trainer.fit`` for 1 stage), the 4 stages on ``LocalCluster(4)`` (one stage a worker), and
 PyTorch eager (one thread) when installed, with ratios. ``--profile-tiny`` prints where the time
-of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time).
+of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time), and
+``--stage-costs`` what 3 more stages add to each hook's time (timers around them).
 ``--blas-kernels ,Haswell,SkylakeX`` only compares OpenBLAS's kernels on this host (a 2048^2
 product under each ``OPENBLAS_CORETYPE``; a host may force an older kernel than its CPU runs).
 
 Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N]
-[--tiny] [--batches 1024,64] [--blas-kernels NAMES]
+[--tiny] [--batches 1024,64] [--blas-kernels NAMES] [--stage-costs]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 import _numpy_mlp  # noqa: E402
-from _tiny_chain import profile_tiny, show_tiny, tiny_table  # noqa: E402
+from _tiny_chain import profile_tiny, show_tiny, stage_costs, tiny_table  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
 from asyncnn import nn, optim, policies  # noqa: E402
@@ -463,6 +464,10 @@ def main() -> None:
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny chain")
     ap.add_argument("--profile-tiny", action="store_true", help="profile the tiny chain")
     ap.add_argument(
+        "--stage-costs", action="store_true",
+        help="time the tiny chain's hooks on 1 and 4 stages: what a stage adds, hook by hook",
+    )  # fmt: skip
+    ap.add_argument(
         "--blas-kernels", default=None, metavar="NAMES",
         help="only compare OpenBLAS kernels: a 2048^2 product's GFLOP/s under each "
              "OPENBLAS_CORETYPE named (comma-separated, e.g. ,Haswell,SkylakeX; empty: the "
@@ -480,6 +485,9 @@ def main() -> None:
     tune_allocator()
     repeats = 1 if args.quick else args.repeats
     report: dict[str, Any] = {"machine": _common.machine(), "cores": cores(), "blas": blas_info()}
+    if args.stage_costs:
+        stage_costs(200 if args.quick else 2000, repeats)
+        return
     if args.profile_tiny:
         profile_tiny(200 if args.quick else 1000)
         return
