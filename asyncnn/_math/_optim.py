@@ -266,11 +266,14 @@ class Optimizer(abc.ABC):
         self, team: Any, p: Any, g: Any, buffers: tuple[Any, ...]
     ) -> tuple[int, ...] | None:
         """The rows ``team`` cuts this leaf's update at (:meth:`_update_leaf`), or None where
-        it runs whole: not elementwise, not numpy float32/float64 arrays of one shape, or
-        small."""
+        it runs whole: small, not elementwise, or not numpy float32/float64 arrays of one
+        shape."""
         arrays = (p, g, *buffers)
         if (
-            not self.elementwise_update
+            # a pass touching fewer elements is never cut (ComputeTeam.row_bounds), and most
+            # leaves of small layers are that small: asked first, it spares them the rest
+            getattr(p, "size", 0) * len(arrays) < 2 * team.part_elements
+            or not self.elementwise_update
             or not all(type(a) is np.ndarray and a.shape == p.shape for a in arrays)
             or p.ndim == 0
             or p.dtype not in (np.float32, np.float64)

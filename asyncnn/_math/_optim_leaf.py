@@ -42,27 +42,20 @@ def _numpy_many(
 ) -> tuple[list[Any], list[list[Any]]] | None:
     """Every leaf's update where each leaf and gradient is a numpy array, no leaf a 16-bit float
     (computed in float32 leaf by leaf), and the compute team current on this thread (if any)
-    cuts none of them by rows: the array code of ``cls`` leaf by leaf, under one error state. ``(new_ps, new_buffers)``, else None (one
-    leaf at a time then). The same arithmetic as :meth:`~Optimizer.update_leaf`; the
-    leaf-by-leaf path looks for a team and sets the error state at every leaf."""
+    cuts none of them by rows: the array code of ``cls`` leaf by leaf, under one error state.
+    ``(new_ps, new_buffers)``, else None (one leaf at a time then). The same arithmetic as
+    :meth:`~Optimizer.update_leaf`; the leaf-by-leaf path looks for a team and sets the error
+    state at every leaf."""
     kind = type(opt)
     if kind.update_leaf is not cls.update_leaf or kind._update_leaf is not cls._update_leaf:
         return None  # (a subclass's own step, which the leaf-by-leaf path calls)
     team = current_team()
-    # a leaf's pass touching fewer elements than this is never cut (ComputeTeam.row_bounds):
-    # most leaves of small layers, which then skip the team's question
-    least = 0 if team is None else 2 * team.part_elements
-    arrays = 2 + len(buffers)
     for p, g, *bs in zip(ps, gs, *buffers, strict=True):
         if type(p) is not np.ndarray or type(g) is not np.ndarray:
             return None
         if p.dtype.itemsize == 2 and is_half(p.dtype):
             return None
-        if (
-            team is not None
-            and p.size * arrays >= least
-            and opt._team_cut(team, p, g, tuple(bs)) is not None
-        ):
+        if team is not None and opt._team_cut(team, p, g, tuple(bs)) is not None:
             return None
     update = opt._update_array  # type: ignore[attr-defined]
     new_ps: list[Any] = []
