@@ -50,6 +50,19 @@ def _not_a_float_array(x: Any) -> str | None:
 
 
 def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
+    for p, g in zip(params, grads, strict=True):
+        # the common leaf, asked first (every update asks it of every leaf): a real float
+        # array and a gradient of its very dtype and shape; any other pair (bfloat16, an equal
+        # but distinct dtype object, an error) goes through the checks that name it
+        try:
+            p_dtype = p.dtype
+            if g.dtype is p_dtype and g.shape == p.shape and p_dtype.kind == "f":
+                continue
+        except AttributeError:
+            pass
+        break
+    else:
+        return
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         try:
             p_shape, p_dtype, g_shape, g_dtype = p.shape, p.dtype, g.shape, g.dtype

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 
 
 def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
+    if type(a) is np.ndarray and a.ndim:
+        # out= costs an allocation call more on every small leaf, and the result is a fresh
+        # array of a's dtype already: b is a Python float or an array of a's dtype (numpy 1's
+        # value-based casting may widen a float too large for a's dtype: then as below)
+        out = ufunc(a, b)
+        if out.dtype is a.dtype:
+            return out
     # out= keeps 0-d results arrays: numpy ufuncs otherwise return scalars for 0-d inputs
     return ufunc(a, b, out=xp.empty_like(a))
 
@@ -50,19 +57,26 @@ def _numpy_many(
     if kind.update_leaf is not cls.update_leaf or kind._update_leaf is not cls._update_leaf:
         return None  # (a subclass's own step, which the leaf-by-leaf path calls)
     team = current_team()
-    for p, g, *bs in zip(ps, gs, *buffers, strict=True):
+    for i, p in enumerate(ps):  # (ps, gs and each buffer: leaves of one tree, as long)
+        g = gs[i]
         if type(p) is not np.ndarray or type(g) is not np.ndarray:
             return None
         if p.dtype.itemsize == 2 and is_half(p.dtype):
             return None
-        if team is not None and opt._team_cut(team, p, g, tuple(bs)) is not None:
-            return None
+        if team is not None:
+            bs = tuple([b[i] for b in buffers])
+            if opt._team_cut(team, p, g, bs) is not None:
+                return None
     update = opt._update_array  # type: ignore[attr-defined]
     new_ps: list[Any] = []
-    new_bufs: list[list[Any]] = [[] for _ in buffers]
     with _silent_non_finite():
-        for p, g, *bs in zip(ps, gs, *buffers, strict=True):
-            new_p, new_bs = update(np, p, g, tuple(bs), step, lr)
+        if not buffers:  # (plain SGD: no state but the step count)
+            for p, g in zip(ps, gs):
+                new_ps.append(update(np, p, g, (), step, lr)[0])
+            return new_ps, []
+        new_bufs: list[list[Any]] = [[] for _ in buffers]
+        for i, p in enumerate(ps):
+            new_p, new_bs = update(np, p, gs[i], tuple([b[i] for b in buffers]), step, lr)
             new_ps.append(new_p)
             for out, b in zip(new_bufs, new_bs, strict=True):
                 out.append(b)

@@ -78,12 +78,26 @@ def _flat_dict(keys: tuple[Any, ...]) -> TreeDef:
     return treedef
 
 
+#: a dict's keys in the order it holds them -> (its keys sorted, the TreeDef of a dict of those
+#: keys whose values are all leaves): a layer's parameter dicts are built the same way every
+#: time, so this spares each flatten the sort of their keys
+_KEY_ORDERS: dict[tuple[Any, ...], tuple[tuple[Any, ...], TreeDef]] = {}
+
+
+def _sorted_keys(tree: dict[Any, Any]) -> tuple[tuple[Any, ...], TreeDef]:
+    keys = tuple(sorted(tree))
+    found = (keys, _flat_dict(keys))
+    if len(_KEY_ORDERS) < 4096:
+        _KEY_ORDERS[tuple(tree)] = found
+    return found
+
+
 def _flatten(tree: Any, out: list[Any]) -> TreeDef:
     # Called for every leaf of every vjp and optimizer update: keep the common paths short
     # (plain loops, no comprehensions: each would be a call of its own).
     t = type(tree)
     if t is dict:
-        keys = sorted(tree)
+        keys, flat_def = _KEY_ORDERS.get(tuple(tree)) or _sorted_keys(tree)
         start = len(out)
         append = out.append
         for k in keys:
@@ -92,10 +106,10 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
                 break
             append(v)
         else:  # every value a leaf
-            return _flat_dict(tuple(keys))
+            return flat_def
         del out[start:]
         children = tuple([_flatten(tree[k], out) for k in keys])
-        return TreeDef("dict", tuple(keys), children, len(out) - start, False)
+        return TreeDef("dict", keys, children, len(out) - start, False)
     if t is list or t is tuple:
         start = len(out)
         append = out.append
@@ -107,7 +121,7 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
                 # a module's parameters (a dict of leaves) inline: a stage's tree is a list of
                 # them, flattened at every vjp and optimizer update
                 flat = False
-                keys = sorted(v)
+                keys, flat_def = _KEY_ORDERS.get(tuple(v)) or _sorted_keys(v)
                 mark = len(out)
                 for k in keys:
                     x = v[k]
@@ -115,7 +129,7 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
                         break
                     append(x)
                 else:
-                    kids.append(_flat_dict(tuple(keys)))
+                    kids.append(flat_def)
                     continue
                 del out[mark:]
                 kids.append(_flatten(v, out))
