@@ -26,9 +26,12 @@ of ``Sync`` with 1 stage and of the plain loop goes (cProfile, by own time), and
 ``--stage-costs`` what 3 more stages add to each hook's time (timers around them).
 ``--blas-kernels ,Haswell,SkylakeX`` only compares OpenBLAS's kernels on this host (a 2048^2
 product under each ``OPENBLAS_CORETYPE``; a host may force an older kernel than its CPU runs).
+``--async-configs`` only compares asynchronous runs of the MLP across stage counts and keys in
+flight (``ASYNC_CONFIGS``, each key's weights stashed, and ``PipeDream(4)``) with ``Sync`` on
+one stage, at each of ``--batches``.
 
 Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-core] [--cores N]
-[--tiny] [--batches 1024,64] [--blas-kernels NAMES] [--stage-costs]
+[--tiny] [--batches 1024,64] [--blas-kernels NAMES] [--stage-costs] [--async-configs]
 """
 
 from __future__ import annotations
@@ -221,6 +224,42 @@ RUNS = [
     # the weights of each key's forward kept for its backward: no forward computed twice
     ("Async(4, stash), 4 stages", 4, lambda: policies.Async(4, stash=True)),
 ]
+
+
+#: ``--async-configs``: the asynchronous runs tried against ``Sync`` on one stage, each key's
+#: weights stashed (no forward computed twice), across stage counts and keys in flight
+ASYNC_CONFIGS = [
+    (f"Async({k}, stash), {s} stages", s, lambda k=k: policies.Async(k, stash=True))
+    for s, k in [(2, 2), (2, 4), (3, 3), (3, 6), (4, 4), (4, 8), (5, 5)]
+] + [("PipeDream(4), 4 stages", 4, lambda: policies.PipeDream(4))]
+
+
+def async_configs(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """samples/s of ``Sync`` on one stage and of each of :data:`ASYNC_CONFIGS`, through
+    ``Trainer.fit`` and on a shared pool, interleaved over ``repeats`` rounds (medians)."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, stages, policy in [("Sync, 1 stage", 1, lambda: policies.Sync())] + ASYNC_CONFIGS:
+            samples.setdefault(f"{name}, Trainer.fit", []).append(
+                runtime_today(sizes, batch, steps, stages, policy())
+            )
+            time.sleep(SETTLE_SECONDS)
+            samples.setdefault(f"{name}, shared pool", []).append(
+                runtime_shared(sizes, batch, steps, stages, policy())[0]
+            )
+            time.sleep(SETTLE_SECONDS)
+    return {"samples_per_second": {k: statistics.median(v) for k, v in samples.items()},
+            "all_repeats": samples}  # fmt: skip
+
+
+def show_async_configs(title: str, result: dict[str, Any]) -> None:
+    sps = result["samples_per_second"]
+    print(title)
+    print(f"   {'run':<46} {'samples/s':>10} {'x Sync 1':>9}   (each repeat)")
+    for k, v in sps.items():
+        ref = sps[f"Sync, 1 stage, {'shared pool' if k.endswith('shared pool') else 'Trainer.fit'}"]
+        each = " ".join(f"{x:.0f}" for x in result["all_repeats"][k])
+        print(f"   {k:<46} {v:10.0f} {v / ref:9.2f}   {each}")
 
 
 def graph(sizes: list[int], stages: int) -> Any:
@@ -473,6 +512,11 @@ def main() -> None:
              "OPENBLAS_CORETYPE named (comma-separated, e.g. ,Haswell,SkylakeX; empty: the "
              "environment's own)",
     )  # fmt: skip
+    ap.add_argument(
+        "--async-configs", action="store_true",
+        help="only compare asynchronous configurations (stages, keys in flight; stashed "
+             "weights) with Sync on one stage, at each of --batches",
+    )  # fmt: skip
     ap.add_argument("--out", default="runs/bench_parallel.json")
     args = ap.parse_args()
     if args.blas_kernels is not None:
@@ -501,6 +545,15 @@ def main() -> None:
             return
     print(f"{cores()} cores; BLAS: {json.dumps(report['blas'])}")
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    if args.async_configs:
+        for b in (int(x) for x in args.batches.split(",")):
+            steps = (2 if args.quick else 8) if b >= 512 else (5 if args.quick else 40)
+            title = f"MLP 784-2048x4-10, float32, batch {b}: asynchronous configurations"
+            result = async_configs(BIG, b, steps, repeats)
+            report[title] = result
+            show_async_configs(f"{title} ({cores()} cores, median of {repeats}):", result)
+        _common.write_json(args.out, report)
+        return
     cases = (
         [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 30)]
         if args.only_two_core
