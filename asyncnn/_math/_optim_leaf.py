@@ -71,7 +71,7 @@ def _numpy_many(
     new_ps: list[Any] = []
     with _silent_non_finite():
         if not buffers:  # (plain SGD: no state but the step count)
-            for p, g in zip(ps, gs):
+            for p, g in zip(ps, gs, strict=True):
                 new_ps.append(update(np, p, g, (), step, lr)[0])
             return new_ps, []
         new_bufs: list[list[Any]] = [[] for _ in buffers]
