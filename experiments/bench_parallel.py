@@ -230,7 +230,7 @@ RUNS = [
 #: weights stashed (no forward computed twice), across stage counts and keys in flight
 ASYNC_CONFIGS = [
     (f"Async({k}, stash), {s} stages", s, lambda k=k: policies.Async(k, stash=True))
-    for s, k in [(2, 2), (2, 4), (3, 3), (3, 6), (4, 4), (4, 8), (5, 5)]
+    for s, k in [(2, 2), (2, 4), (3, 3), (3, 6), (4, 4), (4, 8), (5, 5), (5, 10), (7, 7), (9, 9)]
 ] + [("PipeDream(4), 4 stages", 4, lambda: policies.PipeDream(4))]
 
 
