@@ -385,6 +385,39 @@ def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
         assert np.asarray(a).dtype == np.asarray(b).dtype
 
 
+@pytest.mark.parametrize(
+    "a",
+    [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(6.0).reshape(3, 2).T,
+     np.ones(3, np.float16), np.array(2.5, np.float32), np.ones(4, ">f4"),
+     np.ones((0, 3), np.float32)],
+    ids=["float32", "transposed-float64", "float16", "0-d", "big-endian", "empty"],
+)  # fmt: skip
+@pytest.mark.parametrize("b", [0.1, -3.0, 1e300, math.inf], ids=str)
+def test_a_fresh_result_is_the_out_form_bit_for_bit(a: np.ndarray, b: float) -> None:
+    # _fresh skips out= on numpy arrays where the ufunc gives a's dtype itself; its result must
+    # be what out=empty_like(a) gives: the same dtype, bytes and (0-d) an array, not a scalar
+    from asyncnn._math._optim_leaf import _fresh
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = _fresh(np, np.multiply, a, b)
+        want = np.multiply(a, b, out=np.empty_like(a))
+    assert type(got) is np.ndarray and got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+def test_a_gradient_of_an_equal_but_other_dtype_object_is_accepted() -> None:
+    # the gradient check's fast path asks for the very dtype object; an equal dtype made apart
+    # (a byte order spelled out, a dtype with metadata) must still pass through its full check
+    p = {"w": np.ones(3, np.float32)}
+    g = {"w": np.ones(3, dtype=np.dtype("float32", metadata={"made": "apart"}))}
+    assert g["w"].dtype is not p["w"].dtype and g["w"].dtype == p["w"].dtype
+    opt = optim.SGD(lr=0.5)
+    new, _ = opt.update(p, g, opt.init(p))
+    np.testing.assert_array_equal(new["w"], np.full(3, 0.5, np.float32))
+    with pytest.raises(TypeError, match="gradient leaf 0 .* is float64"):
+        opt.update(p, {"w": np.ones(3)}, opt.init(p))
+
+
 def test_small_numpy_leaves_are_updated_at_once_under_a_team_and_large_ones_cut(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
