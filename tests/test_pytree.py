@@ -77,3 +77,32 @@ def _same(a, b):
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a is b
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda d: d, lambda d: [d, 0], lambda d: {"k": d}],
+    ids=["alone", "in a list", "in a dict"],
+)
+def test_a_dicts_keys_sort_the_same_whichever_order_it_was_built_in(wrap):
+    # the flattening remembers each insertion order's sorted keys: the first order seen must
+    # not decide the leaf order of a dict built in another, nor a dict of leaves that of the
+    # same keys holding a container
+    first, second = {"b": 1, "a": 2, "c": 3}, {"c": 30, "a": 10, "b": 20}
+    for _ in range(2):  # the second pass is answered by what the first remembered
+        leaves1, def1 = tree_flatten(wrap(first))
+        leaves2, def2 = tree_flatten(wrap(second))
+        assert def1 == def2
+        assert leaves1[:3] == [2, 1, 3] and leaves2[:3] == [10, 20, 30]
+    nested = {"b": [4], "a": 5, "c": 6}
+    leaves, treedef = tree_flatten(wrap(nested))
+    assert leaves[:3] == [5, 4, 6] and not tree_flatten(nested)[1].flat
+    assert tree_unflatten(treedef, leaves) == wrap(nested)
+
+
+def test_a_dict_whose_keys_do_not_sort_is_refused_as_before():
+    for _ in range(2):  # nothing remembered from the first refusal answers the second
+        with pytest.raises(TypeError, match="not supported between"):
+            tree_flatten({1: 0, "a": 1})
+        with pytest.raises(TypeError, match="not supported between"):
+            tree_flatten([{1: 0, "a": 1}])
