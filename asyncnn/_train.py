@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 import numpy as np
 
 from ._callbacks import Callback
@@ -21,7 +20,7 @@ from ._fit_file import _FIT_FILE
 from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
-from ._notebook import run_outside_loop
+from ._notebook import run_outside_loop, run_trio
 from ._runtime._checks import check_batch, check_cuda_graphs
 from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
@@ -398,7 +397,7 @@ class Trainer:
             try:
                 with _Progress(self.progress, total) as bar:
                     fit.bar = bar
-                    anyio.run(fit.main, trace_path, backend="trio")
+                    run_trio(fit.main, trace_path)
             except BaseException:
                 fit.keep()
                 raise

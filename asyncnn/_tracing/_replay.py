@@ -220,7 +220,9 @@ def replay(
                 params.update(run.params)
 
         try:
-            anyio.run(main, backend="trio")
+            from asyncnn._notebook import run_trio  # (here: _notebook wraps this module)
+
+            run_trio(main)
         except _Stop as stop:
             stopped.append(stop.args[0])
         replayed = read(out)
