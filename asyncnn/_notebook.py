@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ._math._imports import trusted_modules, trusted_now
 
-__all__ = ["in_event_loop", "replay", "run_outside_loop", "run_trio"]
+__all__ = ["in_event_loop", "replay", "run_outside_loop"]
 
 T = TypeVar("T")
 
@@ -39,22 +39,6 @@ def in_event_loop() -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``fn(*args)`` on a new trio loop, a Ctrl-C raised at a checkpoint of its main task.
-
-    By default trio raises ``KeyboardInterrupt`` in whatever code runs when the signal comes,
-    anyio's cancel scopes included (a cluster driver enters one per message it reads): landing
-    inside one's exit, it leaves the scope open and trio fails with "Cancel scope stack
-    corrupted" instead of stopping the call. At a checkpoint of the main task (which a blocked
-    main task is woken for) it stops the call as any error there does."""
-    import anyio
-
-    return anyio.run(
-        fn, *args, backend="trio",
-        backend_options={"restrict_keyboard_interrupt_to_checkpoints": True},
-    )  # fmt: skip
 
 
 def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:

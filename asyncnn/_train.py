@@ -20,11 +20,12 @@ from ._fit_file import _FIT_FILE
 from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
-from ._notebook import run_outside_loop, run_trio
+from ._notebook import run_outside_loop
 from ._runtime._checks import check_batch, check_cuda_graphs
 from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
+from ._runtime._lifecycle import run_trio
 from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate

@@ -163,11 +163,7 @@ def copy_into(dst: Any, src: Any) -> None:
         and dst.flags.c_contiguous
         and src.device.id == dst.device.id
     ):
-        if src.nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                dst.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
-                cupy.cuda.get_current_stream().ptr,
-            )  # fmt: skip
+        _memcpy(dst, src)
         return
     cupy.copyto(dst, src)
 
@@ -183,13 +179,19 @@ def copy_of(src: Any) -> Any:
         and src.device.id == cupy.cuda.runtime.getDevice()
     ):
         out = cupy.empty_like(src)
-        if src.nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                out.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
-                cupy.cuda.get_current_stream().ptr,
-            )  # fmt: skip
+        _memcpy(out, src)
         return out
     return src.copy()
+
+
+def _memcpy(dst: Any, src: Any) -> None:
+    # contiguous arrays of one size on one device (the callers check): one asynchronous copy
+    # on the current stream
+    if src.nbytes:
+        cupy.cuda.runtime.memcpyAsync(
+            dst.data.ptr, src.data.ptr, src.nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
+            cupy.cuda.get_current_stream().ptr,
+        )  # fmt: skip
 
 
 def _relaxed() -> int:

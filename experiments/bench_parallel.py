@@ -463,6 +463,13 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
     return out
 
 
+def _mlp_steps(batch: int, quick: bool) -> int:
+    """Steps timed per run of the 16-core MLP at ``batch`` (a large batch's step is long)."""
+    if batch >= 512:
+        return 2 if quick else 8
+    return 5 if quick else 40
+
+
 def show(title: str, result: dict[str, Any]) -> None:
     sps = result["samples_per_second"]
     hand = sps["numpy by hand"]
@@ -547,7 +554,7 @@ def main() -> None:
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     if args.async_configs:
         for b in (int(x) for x in args.batches.split(",")):
-            steps = (2 if args.quick else 8) if b >= 512 else (5 if args.quick else 40)
+            steps = _mlp_steps(b, args.quick)
             title = f"MLP 784-2048x4-10, float32, batch {b}: asynchronous configurations"
             result = async_configs(BIG, b, steps, repeats)
             report[title] = result
@@ -558,8 +565,7 @@ def main() -> None:
         [("2-core case: MLP 784-1024x3-10, batch 256", SMALL, 256, 3 if args.quick else 30)]
         if args.only_two_core
         else [
-            (f"MLP 784-2048x4-10, float32, batch {b}", BIG, b,
-             (2 if args.quick else 8) if b >= 512 else (5 if args.quick else 40))
+            (f"MLP 784-2048x4-10, float32, batch {b}", BIG, b, _mlp_steps(b, args.quick))
             for b in (int(x) for x in args.batches.split(","))
         ]
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """The life of a run, shared by a run in one process, a cluster's driver and its workers: the
 trace recorder opened and closed, the actors served and stopped, the stall watchdog, the device
-pool sized for the CPU actors, and the one error a failed run reports.
+pool sized for the CPU actors, the one error a failed run reports, and the trio loop a
+synchronous call (``Trainer.fit``, ``replay``) runs it on.
 
 Each process hosts a share of the run's actors. :func:`hosting` is the one sequence every process
 goes through (serve the actors beside the process's own tasks, watch for stalls, end the run,
@@ -15,7 +16,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -46,11 +47,29 @@ __all__ = [
     "pool_spec",
     "record_error",
     "recording",
+    "run_trio",
     "serve_actors",
     "single_error",
     "start_cancellable",
     "start_watchdog",
 ]
+
+
+T = TypeVar("T")
+
+
+def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``fn(*args)`` on a new trio loop, a Ctrl-C raised at a checkpoint of its main task.
+
+    By default trio raises ``KeyboardInterrupt`` in whatever code runs when the signal comes,
+    anyio's cancel scopes included (a cluster driver enters one per message it reads): landing
+    inside one's exit, it leaves the scope open and trio fails with "Cancel scope stack
+    corrupted" instead of stopping the call. At a checkpoint of the main task (which a blocked
+    main task is woken for) it stops the call as any error there does."""
+    return anyio.run(
+        fn, *args, backend="trio",
+        backend_options={"restrict_keyboard_interrupt_to_checkpoints": True},
+    )  # fmt: skip
 
 
 async def _stop_all(run: Run) -> None:

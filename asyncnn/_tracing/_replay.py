@@ -19,7 +19,7 @@ import numpy as np
 
 from asyncnn._errors import TraceFormatError
 from asyncnn._math._pytree import tree_flatten, tree_map
-from asyncnn._runtime._lifecycle import maybe_pool
+from asyncnn._runtime._lifecycle import maybe_pool, run_trio
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._run import Run, RunState
@@ -220,8 +220,6 @@ def replay(
                 params.update(run.params)
 
         try:
-            from asyncnn._notebook import run_trio  # (here: _notebook wraps this module)
-
             run_trio(main)
         except _Stop as stop:
             stopped.append(stop.args[0])
