@@ -20,8 +20,10 @@ class Callback:
     """Base class of ``fit``'s callbacks: override the hooks you need.
 
     Hooks run in ``fit``'s own thread, between steps. ``trainer.params`` and
-    ``trainer.versions`` are those of the last completed update (see ``docs/workflow.md``);
-    set ``trainer.stop_training = True`` to end the fit after the current step.
+    ``trainer.versions`` are those of the last completed update; under a streaming policy
+    (``PipeDream``, ``PipeDream2BW``, ``Async``) what the fit would keep if it stopped there
+    (see ``docs/workflow.md``), so ``trainer.save`` from a hook writes a resumable state. Set
+    ``trainer.stop_training = True`` to end the fit after the current step.
 
     The order: ``on_fit_start``; then for each epoch, ``on_step_end`` of each of its
     minibatches, in step order (under ``Async``, the order their losses come in), each once

@@ -85,6 +85,9 @@ class _FitState:
         self.reported: list[int] = []  # minibatches whose step-end callbacks are due
         self.in_process = trainer.cluster is None
         self.flush = trainer.policy.flush
+        # (streaming policies only) whether each layer applies one update per minibatch: then
+        # what a stopped fit keeps is the latest state every layer was seen to hold (_keep)
+        self.once_per_minibatch = not self.flush and updates_once_per_minibatch(trainer.policy)
         self.epoch_hooks = bool(
             plan.validation_data is not None
             or plan.checkpoint_every
@@ -142,7 +145,7 @@ class _FitState:
                 self.in_process
                 and not self.flush
                 and not run.cuda_graphs_active  # (captured updates write in place)
-                and updates_once_per_minibatch(tr.policy)
+                and self.once_per_minibatch
             ):
                 self.layer_states = LayerStates(tr.state)
             if self.bar is not None:
@@ -195,20 +198,20 @@ class _FitState:
     async def _step_point(self, run: Run, position: tuple[int, int]) -> None:
         """Before each step: under a flush policy in this process, waits for the previous
         minibatch's updates (as the step itself would) and keeps that state; then delivers the
-        step-end callbacks whose losses have come."""
+        step-end callbacks whose losses have come. Under a streaming policy the pipeline runs
+        on: before the callbacks, the trainer holds what a fit stopped here would keep (so a
+        hook's ``trainer.save`` writes what ``_keep`` would)."""
         if self.tr._interrupt.is_set():  # Ctrl-C in a notebook, seen by the waiting thread
             raise KeyboardInterrupt
         # (captured CUDA graphs update in place: a snapshot would be a copy each step, so
         # there the state is kept at epoch ends and when the run stops between minibatches)
-        if (
-            self.flush
-            and self.in_process
-            and not run.cuda_graphs_active
-            and run.minibatches > self.first_mb
-        ):
+        keeps_now = self.in_process and not run.cuda_graphs_active
+        if self.flush and keeps_now and run.minibatches > self.first_mb:
             await run.wait_idle()
             self._snapshot(run)
         self._see_layers(run)
+        if not self.flush and keeps_now and self.reported and self.plan.callbacks:
+            self._commit_streaming(run)
         self._deliver_steps()
 
     def _see_layers(self, run: Run) -> None:
@@ -388,7 +391,13 @@ class _FitState:
             return
         if self.flush:
             return  # the last snapshot: every layer after the same last completed minibatch
-        if updates_once_per_minibatch(self.tr.policy):
+        self._commit_streaming(run)
+
+    @trio.lowlevel.enable_ki_protection
+    def _commit_streaming(self, run: Run) -> None:
+        """Under a policy that streams keys (no flush between minibatches), in this process:
+        hands the trainer what a fit stopped now keeps (``docs/workflow.md``'s table)."""
+        if self.once_per_minibatch:
             # (PipeDream2BW, also under a remedy) each layer's own last state would hold part of
             # the gradient sum of an unfinished minibatch, which the next fit would add into
             # another minibatch's update, and the layers would stand after different

@@ -71,6 +71,48 @@ def test_step_and_epoch_hooks_in_order(policy):
     assert hist.epochs == [c[3] for c in epochs]
 
 
+class _SaveInStepHooks(Callback):
+    """Saves the trainer from each step hook, and notes what the hook saw."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.seen = []
+
+    def on_step_end(self, trainer, step, logs):
+        path = self.folder / f"step-{step}"
+        trainer.save(path)
+        self.seen.append((step, path, trainer.state.minibatches, dict(trainer.versions),
+                          trainer.params))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [policies.PipeDream(2), policies.PipeDream2BW(2), policies.Async(2)],
+    ids=["pipedream", "pipedream2bw", "async"],
+)
+def test_under_a_streaming_policy_a_step_hook_sees_and_saves_what_a_stop_there_keeps(
+    tmp_path, policy
+):
+    # (the trainer held the state from before the fit in every step hook: a checkpoint saved
+    # from one had versions 0 and none of the fit's training)
+    hook = _SaveInStepHooks(tmp_path)
+    tr = _trainer(policy)
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[hook])
+    assert [s[0] for s in hook.seen] == list(range(10))
+    kept = [s[2] for s in hook.seen]
+    assert kept == sorted(kept) and kept[-1] <= 10
+    if not isinstance(policy, policies.PipeDream2BW):
+        # the step's own loss is known when its hook runs: a stop there keeps that minibatch
+        # (PipeDream2BW keeps the minibatches every layer was seen to have applied: fewer)
+        assert all(s[0] + 1 <= s[2] for s in hook.seen), kept
+    for _, path, minibatches, versions, params in hook.seen:
+        back = ann.Trainer.load(path)
+        assert back.state.minibatches == minibatches and back.versions == versions
+        assert_params_equal(back.params, params)
+    versions = hook.seen[-1][3]
+    assert all(v > 0 for v in versions.values()), versions  # the fit's updates, not its start
+
+
 def test_a_callback_stops_the_fit_after_the_current_step():
     class StopAt(Callback):
         def on_step_end(self, trainer, step, logs):
