@@ -27,6 +27,38 @@ async def test_a_step_after_the_block_is_a_clear_error():
 
 @pytest.mark.anyio
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("policy", [policies.GPipe(2), policies.PipeDream(2)], ids=str)
+@pytest.mark.parametrize("late", [1, 2])
+async def test_a_step_called_while_the_block_is_left_is_refused_not_lost(policy, late):
+    # (the block's final drain handed its turn to such a step, whose keys went in after the
+    # drain to actors about to stop: its minibatch index came back, its loss never did, and a
+    # second such step waited forever for a flush, the watchdog cancelled with the block)
+    d = _data()
+    errors: list[BaseException] = []
+
+    async def late_step(run):
+        try:
+            await run.step(d)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as outside:
+            async with ann.open_run(
+                chain_graph(3), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64"
+            ) as run:
+                await run.step(d)  # in flight as the block ends
+                for _ in range(late):
+                    outside.start_soon(late_step, run)
+    assert sorted(run.losses) == [0] and run.in_flight == 0
+    assert len(errors) == late
+    for exc in errors:
+        assert "run.step() while the open_run block was left" in str(exc)
+        assert "would never run" in str(exc)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
 async def test_steps_from_several_tasks_go_in_one_at_a_time():
     # each step's minibatch index must be that of its keys: the loss recorded under it is its
     # batch's loss in a run that steps the batches one by one in that order

@@ -287,6 +287,9 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             share.start(tg, run)
             watchdog = start_watchdog(tg, run) if share.watches else None
             yield
+            # the block's end drains the run, then stops its actors: a step called from
+            # another task meanwhile would admit keys that nothing computes
+            run._closing = True
             await share.end(run)
             await stopped.wait()
             await run.wait_for_devices()

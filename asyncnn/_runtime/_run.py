@@ -179,6 +179,8 @@ class Run(RunGuards):
         self._broken: str | None = None
         #: the ``open_run`` block was left: the actors have stopped
         self._ended = False
+        #: the block's body has ended: its final drain runs, then the actors stop
+        self._closing = False
         # when each local actor stopped serving (its idle time ends there)
         self._stopped_at: dict[str, float] = {}
         # the thread of the loop the actors run on: a step from another thread (or another

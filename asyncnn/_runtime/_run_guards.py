@@ -46,6 +46,8 @@ class RunGuards:
     local: dict[str, Any]
     #: the ``open_run`` block was left: the actors have stopped
     _ended: bool
+    #: the block's body has ended (its final drain runs, then the actors stop)
+    _closing: bool
     #: why this run cannot go on, or None
     _broken: str | None
     #: a step or drain holds the turn
@@ -94,12 +96,16 @@ class RunGuards:
         forever)."""
         if threading.get_ident() != self._loop_thread:
             self._wrong_thread(what)
-        if self._ended and what == "step":
+        if (self._ended or self._closing) and what == "step":
+            when = "after" if self._ended else "while"
             raise RuntimeError(
-                "run.step() after the open_run block was left: its actors have stopped. Step "
-                "inside the block, or open a new run (open_run(..., state=run.state()) goes on "
-                "from this one's weights)"
-            )
+                f"run.step() {when} the open_run block was left: "
+                + ("its actors have stopped" if self._ended else "its final drain had begun, "
+                   "and its actors stop after it, so this step's keys would never run")
+                + ". Step inside the block (a task that steps must end before the block does: "
+                "start it in a task group inside the block), or open a new run "
+                "(open_run(..., state=run.state()) goes on from this one's weights)"
+            )  # fmt: skip
         if self._broken is not None:
             raise RuntimeError(f"run.{what}() cannot wait: {self._broken}")
 
