@@ -274,3 +274,57 @@ async def test_a_batch_that_is_not_a_dict_names_the_inputs():
                 await run.step(batch)  # was AttributeError: 'tuple' object has no 'items'
         await run.step(d)
     assert sorted(run.losses) == [0]
+
+
+class _SplitAs(policies.GPipe):
+    """A custom policy whose split is given (a user's mistake, in most of the cases below)."""
+
+    def __init__(self, parts):
+        super().__init__(2)
+        object.__setattr__(self, "_parts", parts)
+
+    def split(self, rows):
+        return self._parts(rows)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "parts",
+    [
+        lambda r: [(0, r // 2)],  # half the rows dropped (the loss was half)
+        lambda r: [(0, r), (0, r)],  # every row twice
+        lambda r: [(0, 0), (0, r)],  # an empty key (a NaN loss)
+        lambda r: [(0, r + 5)],  # past the rows (that key weighted 13/8)
+        lambda r: [],  # no key at all (waited forever)
+        lambda r: [(r // 2, r), (0, r // 2)],  # out of order
+        lambda r: [(0, 2.0), (2.0, r)],  # not ints
+        lambda r: None,
+    ],
+    ids=["half", "twice", "empty", "past", "none", "unordered", "floats", "None"],
+)
+async def test_a_custom_split_that_does_not_cover_the_rows_once_is_refused(parts):
+    d = _data(n=8)
+    async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), _SplitAs(parts)) as run:
+        with pytest.raises(ValueError, match=r"_SplitAs.split\(8\) returned .*cover its rows"):
+            await run.step(d)
+        assert run.in_flight == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_custom_split_and_a_bad_max_in_flight_are_checked():
+    d = _data(n=8)
+    async with ann.open_run(
+        chain_graph(3), optim.SGD(lr=0.1), _SplitAs(lambda r: [(0, 3), (3, r)])
+    ) as run:
+        await run.step(d)  # a split of uneven parts that covers the rows is fine
+    assert sorted(run.losses) == [0]
+
+    class NoneInFlight(policies.GPipe):
+        def max_in_flight(self, num_stages):
+            return 0  # (the first step waited forever)
+
+    with pytest.raises(ValueError, match=r"NoneInFlight.max_in_flight\(3\) returned 0"):
+        async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), NoneInFlight(2)):
+            pass

@@ -38,7 +38,7 @@ from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
-from ._run_guards import RunGuards
+from ._run_guards import RunGuards, checked_max_in_flight, checked_split
 from ._specs import check_sync_hooks
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
@@ -99,7 +99,7 @@ class Run(RunGuards):
         for name, node in graph.nodes.items():
             for e, (c, slot) in enumerate(node.consumers):
                 self.edge_index[(name, c, slot)] = e
-        self.max_in_flight = max_in_flight or policy.max_in_flight(self.num_stages)
+        self.max_in_flight = max_in_flight or checked_max_in_flight(policy, self.num_stages)
         #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
         asked = config.cuda_graphs
         if asked is None:
@@ -347,7 +347,7 @@ class Run(RunGuards):
         rows = self._checked_rows(batch, check_data)
         parts = self._splits.get(rows)
         if parts is None:
-            parts = self._splits[rows] = self.policy.split(rows)
+            parts = self._splits[rows] = checked_split(self.policy, rows)
         await self._take_turn()
         try:
             self._check_usable("step")  # a step before this one may have been cut off

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 
 from asyncnn._errors import StallError
 
@@ -27,7 +28,51 @@ if TYPE_CHECKING:
     from ._checks import RangeCheck
     from ._graph import Graph
 
-__all__ = ["RunGuards"]
+__all__ = ["RunGuards", "checked_max_in_flight", "checked_split"]
+
+
+def checked_split(policy: Any, rows: int) -> list[tuple[int, int]]:
+    """``policy.split(rows)``, checked: ``(start, stop)`` pairs of ints that cover the rows
+    ``0 .. rows`` in order, each part at least one row. A custom policy's split that drops,
+    repeats or overruns rows would otherwise train on the wrong rows without a word (or, with
+    no part at all, wait forever for a key that never comes)."""
+    parts = policy.split(rows)
+    expected = 0
+    ok = isinstance(parts, list | tuple) and len(parts) > 0
+    if ok:
+        for part in parts:
+            if (
+                not isinstance(part, tuple | list)
+                or len(part) != 2
+                or not all(isinstance(b, int | np.integer) and not isinstance(b, bool)
+                           for b in part)
+                or int(part[0]) != expected
+                or not int(part[0]) < int(part[1]) <= rows
+            ):  # fmt: skip
+                ok = False
+                break
+            expected = int(part[1])
+        ok = ok and expected == rows
+    if not ok:
+        raise ValueError(
+            f"{type(policy).__name__}.split({rows}) returned {parts!r}: a minibatch's split "
+            f"must be a list of (start, stop) int pairs that cover its rows 0..{rows} in "
+            "order, each part one row or more (e.g. [(0, 4), (4, 8)] for 8 rows): every row "
+            "goes into exactly one key"
+        )
+    return [(int(lo), int(hi)) for lo, hi in parts]
+
+
+def checked_max_in_flight(policy: Any, num_stages: int) -> int:
+    """``policy.max_in_flight(num_stages)``, checked: an int of at least 1 (with none, the first
+    step would wait forever for room that never comes)."""
+    n = policy.max_in_flight(num_stages)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(
+            f"{type(policy).__name__}.max_in_flight({num_stages}) returned {n!r}: it must be "
+            "an int >= 1, the keys that may be admitted and not yet finished"
+        )
+    return int(n)
 
 
 class RunGuards:
