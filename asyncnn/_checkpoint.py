@@ -114,7 +114,11 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     }
     if fit is not None:
         spec["fit"] = fit
-    os.makedirs(path, exist_ok=True)  # (a state that cannot be saved is refused before)
+    # packed before the folder is made, as the trees were checked: what a checkpoint cannot hold
+    # fails the save with nothing written
+    packed = msgpack.packb(spec, use_bin_type=True)
+    made = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
     if os.path.exists(os.path.join(path, MANIFEST + ".tmp")):
         # an earlier save interrupted between its renames: this one would write over the files
         # it still has to rename, and an interruption of this one would then leave neither
@@ -129,7 +133,6 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     try:
         save_file(arrays, tmp_arrays)
         _sync(tmp_arrays)
-        packed = msgpack.packb(spec, use_bin_type=True)
         with open(tmp_spec, "wb") as f:
             f.write(packed)
         _sync(tmp_spec)
@@ -148,6 +151,9 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
         for tmp in (tmp_manifest, tmp_spec, tmp_arrays):  # (a large one on a full disk)
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+        if made:  # the folder as it was: none (a first save there that failed is no checkpoint)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise
     os.replace(tmp_arrays, os.path.join(path, ARRAYS))
     os.replace(tmp_spec, os.path.join(path, SPEC))
@@ -382,13 +388,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             _count(spec["keys"], "keys"), pending, actor_states,
         )  # fmt: skip
         trainer.epochs_done = _count(spec["epochs_done"], "epochs_done")
-        traces = spec.get("traces", [])
-        if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):
-            raise ValueError(f"'traces' must be a list of paths, got {traces!r:.80}")
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
-        trainer.traces = list(traces)
+        trainer.traces = list(spec.get("traces", []))  # (none in an older asyncnn's checkpoint)
     trainer.epoch_batches, trainer._epoch_layout = position
     trainer._epoch_losses = _epoch_losses(spec, spec_path, trainer.epoch_batches)
     return trainer

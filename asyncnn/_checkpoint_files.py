@@ -15,6 +15,8 @@ from typing import Any
 import msgpack
 
 from ._checkpoint_tree import ARRAYS
+from ._runtime._config import RunConfig
+from .backends._dtypes import unknown_dtype_hint
 
 FORMAT = "asyncnn-checkpoint"
 VERSION = 2
@@ -179,6 +181,13 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _read_spec(spec_path: str) -> dict[str, Any]:
+    """The spec file's map, its fields checked (the trees in its layout are checked as they are
+    read back).
+
+    Raises:
+        CheckpointError: it is damaged, of another format or version, or malformed: naming the
+            file, the field and what it must be.
+    """
     try:
         with open(spec_path, "rb") as f:
             spec = msgpack.unpackb(f.read(_MAX_SPEC_BYTES + 1), raw=False, strict_map_key=False)
@@ -199,4 +208,61 @@ def _read_spec(spec_path: str) -> dict[str, Any]:
                 f"{spec_path} is malformed: {key!r} must be a {kind.__name__}, got "
                 f"{spec.get(key)!r:.80}"
             )
+    why = _malformed(spec)
+    if why is not None:
+        raise CheckpointError(f"{spec_path} is malformed: {why}")
     return spec
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+#: the fields of each layer's entry in a spec's layout (besides "pending" and "actor_state")
+_ENTRY = ("params", "opt_state", "version")
+
+
+def _malformed(spec: dict[str, Any]) -> str | None:
+    """What is wrong with ``spec``'s fields besides those :func:`_read_spec` checks first (the
+    field and what it must be), or None. Checked all here, so that a damaged field is named as
+    such rather than met half-way through rebuilding the trainer as a KeyError's bare text."""
+    for key in ("minibatches", "keys", "epochs_done"):
+        if not _is_count(spec.get(key)):
+            got = f"got {spec[key]!r:.80}" if key in spec else "but the spec has none"
+            return f"{key!r} must be a count (an int >= 0), {got}"
+    seed = spec["seed"]
+    if isinstance(seed, bool) or not 0 <= seed < 2**64:
+        return f"'seed' must be an int from 0 to 2**64 - 1, got {seed!r:.80}"
+    dtype = spec["dtype"]
+    try:
+        RunConfig(dtype=dtype)
+    except ValueError:
+        return (
+            "'dtype' must name a floating dtype (the trainer's), such as 'float32' or "
+            f"'float64', got {dtype!r:.80}{unknown_dtype_hint(dtype)}"
+        )
+    traces = spec.get("traces", [])  # (none in a checkpoint of an older asyncnn)
+    if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):
+        return f"'traces' must be a list of the trace paths (str) written, got {traces!r:.80}"
+    for name, entry in spec["layout"].items():
+        where = f"'layout' of {name!r}"
+        must = f"{where} must be a map with 'params', 'opt_state' and 'version'"
+        if not isinstance(entry, dict):
+            return f"{must}, got {entry!r:.80}"
+        lacks = [key for key in _ENTRY if key not in entry]
+        if lacks:
+            return f"{must}; it lacks {', '.join(map(repr, lacks))}"
+        if not _is_count(entry["version"]):
+            return (
+                f"{where}: its 'version' must be a count (an int >= 0), got "
+                f"{entry['version']!r:.80}"
+            )
+        pending = entry.get("pending")  # (gradients accumulated and not yet applied)
+        if "pending" in entry and not (
+            isinstance(pending, dict) and "grads" in pending and _is_count(pending.get("count"))
+        ):
+            return (
+                f"{where}: its 'pending' must be a map with 'grads' and 'count' (an int >= 0), "
+                f"got {pending!r:.80}"
+            )
+    return None

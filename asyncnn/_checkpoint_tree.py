@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._math._pytree import tree_flatten, tree_map
+from ._math._pytree import tree_map
 from .backends import get_backend, is_floating
 from .backends._registry import host_array
 
@@ -20,33 +20,102 @@ from .backends._registry import host_array
 ARRAYS = "arrays.safetensors"
 
 
-def _treedef_spec(tree: Any, what: str, path: str = "") -> Any:
-    """The structure of a pytree with its non-array leaves (ints, floats) kept inline.
+#: the dtypes a checkpoint's arrays may have: those safetensors stores and reads back as numpy
+#: arrays of the same dtype (bfloat16 as ml_dtypes gives it to numpy, asyncnn's own)
+_ARRAY_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                "float16", "bfloat16", "float32", "float64", "complex64")  # fmt: skip
+#: the ints a spec holds (msgpack's: a signed or an unsigned 64-bit integer)
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _key_order(key: Any) -> tuple[bool, Any]:
+    """Where a dict key stands in a checkpoint: ints ascending, then strs ascending. Keys of one
+    type sort as ``sorted`` (and ``tree_flatten``) sort them, so that a checkpoint written
+    before a dict could mix them numbers its leaves the same way."""
+    return (isinstance(key, str), key)
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why the spec (msgpack) cannot hold the int or str ``value`` (a leaf or a dict key), or
+    None where it can."""
+    if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+        return (
+            "beyond 64 bits; a checkpoint keeps ints from -2**63 to 2**64 - 1 (keep a larger "
+            "one as a str)"
+        )
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"which UTF-8 cannot encode ({exc.reason} at index {exc.start}); a checkpoint "
+                "keeps its strings in UTF-8"
+            )
+    return None
+
+
+def _treedef_spec(
+    tree: Any,
+    what: str,
+    prefix: str,
+    arrays: dict[str, np.ndarray],
+    counter: list[int],
+    path: str = "",
+) -> Any:
+    """The structure of a pytree with its non-array leaves (ints, floats) kept inline; its
+    arrays go to ``arrays`` (on the host) under ``<prefix>/<leaf index>``, its leaves numbered
+    from ``counter[0]`` on as :func:`_join` counts them (a dict's in :func:`_key_order`).
 
     Containers are dicts, lists and tuples of exactly these types, as :func:`tree_flatten`
     sees them (it takes an ``OrderedDict`` or a named tuple for one leaf).
 
     Raises:
-        TypeError: a leaf the spec cannot hold, naming ``what`` and the place in it.
+        TypeError: a leaf or a dict key the checkpoint cannot hold (an object of another type,
+            an array of a dtype safetensors does not store, an int beyond 64 bits), naming
+            ``what`` and the place in it.
     """
+    where = f"cannot save {what}: at {path or 'its top'}"
     kind = type(tree)
     if kind is dict:
         for k in tree:
             if type(k) not in (str, int):
                 raise TypeError(
-                    f"cannot save {what}: at {path or 'its top'} a dict has the key {k!r:.80}; "
-                    "a checkpoint keeps str and int keys"
+                    f"{where} a dict has the key {k!r:.80}; a checkpoint keeps str and int keys"
                 )
-        return {"dict": {k: _treedef_spec(v, what, f"{path}[{k!r}]") for k, v in tree.items()}}
+            why = _unstorable(k)
+            if why is not None:
+                raise TypeError(f"{where} a dict has the key {k!r:.80}, {why}")
+        return {
+            "dict": {
+                k: _treedef_spec(tree[k], what, prefix, arrays, counter, f"{path}[{k!r}]")
+                for k in sorted(tree, key=_key_order)
+            }
+        }
     if kind is list or kind is tuple:
-        entries = [_treedef_spec(v, what, f"{path}[{i}]") for i, v in enumerate(tree)]
+        entries = [
+            _treedef_spec(v, what, prefix, arrays, counter, f"{path}[{i}]")
+            for i, v in enumerate(tree)
+        ]
         return {"list" if kind is list else "tuple": entries}
+    index = counter[0]
+    counter[0] += 1
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        host = host_array(tree)
+        if host.dtype.name not in _ARRAY_DTYPES:
+            raise TypeError(
+                f"{where} it holds an array of dtype {host.dtype}; a checkpoint keeps arrays of "
+                f"the dtypes {', '.join(_ARRAY_DTYPES)} (cast it to one, or give strings as a "
+                "list of str)"
+            )
+        arrays[f"{prefix}/{index}"] = host
         return {"array": True}
     if tree is None or isinstance(tree, bool | int | float | str):
+        why = _unstorable(tree)
+        if why is not None:
+            raise TypeError(f"{where} it holds the {type(tree).__name__} {tree!r:.80}, {why}")
         return {"value": tree}
     raise TypeError(
-        f"cannot save {what}: at {path or 'its top'} it holds an object of type "
+        f"{where} it holds an object of type "
         f"{kind.__qualname__}; a checkpoint keeps dicts, lists and tuples (of exactly these "
         "types), arrays, numbers, strings and None (a dataclass or named tuple: give its "
         "fields as a dict)"
@@ -54,11 +123,15 @@ def _treedef_spec(tree: Any, what: str, path: str = "") -> Any:
 
 
 def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray], what: str) -> Any:
-    leaves, _ = tree_flatten(tree)
-    spec = _treedef_spec(tree, what)
-    for i, leaf in enumerate(leaves):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            arrays[f"{prefix}/{i}"] = host_array(leaf)
+    """The spec of ``tree`` (:func:`_treedef_spec`), its arrays added to ``arrays``.
+
+    Raises:
+        TypeError: ``tree`` holds what a checkpoint cannot (naming ``what`` and the place);
+            ``arrays`` is then as it was.
+    """
+    own: dict[str, np.ndarray] = {}
+    spec = _treedef_spec(tree, what, prefix, own, [0])
+    arrays.update(own)
     return spec
 
 
@@ -68,8 +141,12 @@ def _join(spec: Any, prefix: str, arrays: dict[str, Any], device: str, counter: 
     if "dict" in spec:
         if not isinstance(spec["dict"], dict):
             raise ValueError(f"{prefix}: 'dict' holds {type(spec['dict']).__name__}, not a map")
+        for k in spec["dict"]:
+            if type(k) not in (str, int):  # (a save writes no other; sorting them would fail)
+                raise ValueError(f"{prefix}: a dict has the key {k!r:.80}, not a str or an int")
         return {
-            k: _join(v, prefix, arrays, device, counter) for k, v in sorted(spec["dict"].items())
+            k: _join(spec["dict"][k], prefix, arrays, device, counter)
+            for k in sorted(spec["dict"], key=_key_order)
         }
     if "list" in spec or "tuple" in spec:
         entries = spec.get("list", spec.get("tuple"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,41 @@ def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(
     bad = _copy(saved[0], str(tmp_path / "c"))
     _rewrite_spec(bad, change)
     with pytest.raises(CheckpointError, match="spec.msgpack|does not fit"):
+        ann.Trainer.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda s: s.pop("epochs_done"), r"'epochs_done' must be a count \(an int >= 0\), "
+         r"but the spec has none"),
+        (lambda s: s.update(keys=True), r"'keys' must be a count \(an int >= 0\), got True"),
+        (lambda s: s.update(seed=-1), r"'seed' must be an int from 0 to 2\*\*64 - 1, got -1"),
+        (lambda s: s.update(dtype="int8"), r"'dtype' must name a floating dtype .*got 'int8'"),
+        (lambda s: s.update(traces="t.trace"), r"'traces' must be a list of the trace paths"),
+        (lambda s: s["layout"]["stage0"].pop("params"),
+         r"'layout' of 'stage0' must be a map with 'params', 'opt_state' and 'version'.*"
+         r"lacks 'params'"),
+        (lambda s: s["layout"].update(stage0=[1]),
+         r"'layout' of 'stage0' must be a map with 'params', .*got \[1\]"),
+        (lambda s: s["layout"]["stage1"].update(version=-2),
+         r"'layout' of 'stage1': its 'version' must be a count \(an int >= 0\), got -2"),
+        (lambda s: s["layout"]["stage1"].update(pending={"grads": {"value": None}}),
+         r"'layout' of 'stage1': its 'pending' must be a map with 'grads' and 'count'"),
+    ],
+    ids=["no-epochs_done", "keys", "seed", "dtype", "traces", "no-params", "entry-list",
+         "version", "pending"],
+)  # fmt: skip
+def test_a_malformed_field_of_the_spec_is_named_with_what_it_must_be(
+    saved: Any, tmp_path: Any, change: Any, says: str
+) -> None:
+    # (a missing field said only "does not fit its graph: 'epochs_done'", a KeyError's text; a
+    # layer entry that is a list "list indices must be integers or slices, not str"; seed=-1 or
+    # dtype='int8' raised the constructor's ValueError, naming neither the file nor the field)
+    bad = _copy(saved[0], str(tmp_path / "c"))
+    _rewrite_spec(bad, change)
+    spec = os.path.join(bad, "spec.msgpack")
+    with pytest.raises(CheckpointError, match=re.escape(spec) + " is malformed: " + says):
         ann.Trainer.load(bad)
 
 
