@@ -290,3 +290,107 @@ def test_bfloat16_mixed_with_float32_arrays_promotes_as_numpy(name: str) -> None
     assert ga.dtype == bf16 and gb.dtype == np.float32  # each gradient in its input's dtype
     # with a scalar, bfloat16 stays bfloat16 (its rules compute in float32 and round back)
     assert ops.multiply(a, 0.5).dtype == bf16 and ops.add(a, a).dtype == bf16
+
+
+# -- sums and squares in float32 ------------------------------------------------------------------
+def _in_float32_rounded(
+    fn: Callable[..., Any], args: list[Any], dt: np.dtype[Any]
+) -> tuple[Any, list[Any]]:
+    """``fn``'s output and gradients (cotangent ones) computed in float32 and rounded once to
+    ``dt``: what an op that accumulates in float32 gives for 16-bit input."""
+    out, pullback = ann.vjp(fn, *[a.astype(np.float32) for a in args])
+    grads = pullback(np.ones_like(out))
+    return out.astype(dt), [g.astype(dt) for g in grads]
+
+
+def _assert_same(got: Any, want: Any, name: str) -> None:
+    assert got.dtype == want.dtype, f"{name}: {got.dtype}, not {want.dtype}"
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=name
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_average_pools_sum_their_windows_in_float32(dtype: str) -> None:
+    # a window summed in bfloat16 stalled at 2048 (the 32x32 mean of 5.0 was 2.0) and in float16
+    # overflowed past 65504 (the 4000-wide mean of 100.0 was inf); torch gives 5.0 and 100.0
+    dt = _dtype(dtype)
+    mean = ops.avg_pool2d(np.full((1, 1, 32, 32), 5.0, dt), 32)
+    _assert_same(mean, np.full((1, 1, 1, 1), 5.0, dt), "avg_pool2d(32) of 5.0")
+    mean = ops.avg_pool1d(np.full((1, 1, 4000), 100.0, dt), 4000)
+    _assert_same(mean, np.full((1, 1, 1), 100.0, dt), "avg_pool1d(4000) of 100.0")
+    # overlapping windows: each entry's gradient adds up to 300 shares, also in float32
+    x = (_rand((2, 2, 600), 0) + 2).astype(dt)
+
+    def pool(x: Any) -> Any:
+        return ops.avg_pool1d(x, 300, 1, 1)
+
+    out, pullback = ann.vjp(pool, x)
+    (gx,) = pullback(np.ones_like(out))
+    want, (want_gx,) = _in_float32_rounded(pool, [x], dt)
+    _assert_same(out, want, "avg_pool1d forward")
+    _assert_same(gx, want_gx, "avg_pool1d gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_convolution_gradients_sum_in_float32(dtype: str) -> None:
+    # the bias gradient was summed in the 16-bit dtype (in bfloat16 8192 ones gave 256, torch
+    # 8192), and the input gradient added its 64 kernel taps in it
+    dt = _dtype(dtype)
+    args = [_rand((2, 1, 4159), 0).astype(dt), _rand((1, 1, 64), 1).astype(dt), np.zeros(1, dt)]
+    out, pullback = ann.vjp(ops.conv1d, *args)
+    assert out.shape == (2, 1, 4096)
+    gx, gw, gb = pullback(np.ones_like(out))
+    want, (want_gx, want_gw, want_gb) = _in_float32_rounded(ops.conv1d, args, dt)
+    _assert_same(gb, np.full(1, 8192.0, dt), "bias gradient")
+    _assert_same(gx, want_gx, "input gradient")
+    assert gw.dtype == dt
+    _close(gw, want_gw, "weight gradient")  # (a product, in float32 whichever way it is split)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["layer_norm", "softmax", "log_softmax", "logsumexp"])
+def test_normalizations_compute_in_float32(name: str, dtype: str) -> None:
+    # float16 squared a deviation over 256 to inf (layer_norm of [300, -300, 10, 0] was all
+    # zeros; torch: 1.402, -1.426, 0.0353, -0.0118), and summed a strided axis in float16,
+    # which stalls at 2048 (a softmax over 3000 values near 0 came out about 1/2048 each)
+    dt = _dtype(dtype)
+    fn: Callable[..., Any]
+    if name == "layer_norm":
+        x = np.array([[300.0, -300.0, 10.0, 0.0], [1.0, 2.0, 3.0, 5.0]], dtype=dt)
+        args = [x, _rand((4,), 1).astype(dt), _rand((4,), 2).astype(dt)]
+        fn = ops.layer_norm
+    else:
+        args = [(0.1 * _rand((3000, 2), 0)).astype(dt)]
+        fn = {
+            "softmax": lambda x: ops.softmax(x, axis=0),
+            "log_softmax": lambda x: ops.log_softmax(x, axis=0),
+            "logsumexp": lambda x: ops.logsumexp(x, axis=0),
+        }[name]
+    out, pullback = ann.vjp(fn, *args)
+    grads = pullback(np.ones_like(out))
+    want, want_grads = _in_float32_rounded(fn, args, dt)
+    _assert_same(out, want, name)
+    for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
+        _assert_same(g, w, f"{name}: gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_of_large_16_bit_values_is_finite(approximate: str, dtype: str) -> None:
+    # float16 took x**3 (and the erf form's x * x) in float16: an overflow warning from |x| ~ 40
+    # and NaN gradients from |x| ~ 700 (torch: gradients 1 above, 0 below)
+    dt = _dtype(dtype)
+    big = [50.0, 255.0, 700.0, 1000.0, 6e4]
+    x = np.array([*big, -0.5, 0.0, 0.5, 3.0, *(-v for v in big)], dtype=dt)
+
+    def gelu(x: Any) -> Any:
+        return ops.gelu(x, approximate)
+
+    out, pullback = ann.vjp(gelu, x)
+    (g,) = pullback(np.ones_like(out))
+    want, (want_g,) = _in_float32_rounded(gelu, [x], dt)
+    _assert_same(out, want, "gelu")
+    _assert_same(g, want_g, "gelu gradient")
+    np.testing.assert_array_equal(np.asarray(g[:5], np.float32), 1.0)
+    np.testing.assert_array_equal(np.asarray(g[-5:], np.float32), 0.0)

@@ -391,6 +391,33 @@ def test_other_float_dtypes_follow_numpy_in_a_call_and_are_cast_in_a_run() -> No
     assert pred.dtype == np.float32
 
 
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [(nn.Conv1d(2, 3, 3), (2, 2, 6)), (nn.Conv2d(2, 3, 3), (2, 2, 5, 4))],
+    ids=_case_id,
+)
+def test_conv_gradients_come_back_in_each_parameters_dtype(
+    module: nn.Module, shape: tuple[int, ...]
+) -> None:
+    # float64 input to float32 parameters: the bias gradient came back float64 (the weight's
+    # float32, as Linear's both), and the optimizer's update refused it
+    params = module.init(0)  # float32
+    x64 = np.random.default_rng(0).standard_normal(shape)
+    out, pullback = ann.vjp(lambda p: module(p, x64), params)
+    assert out.dtype == np.float64
+    (grads,) = pullback(np.ones_like(out))
+    assert grads["weight"].dtype == grads["bias"].dtype == np.float32
+    # the values: the float64 parameters' gradients, rounded
+    wide = {k: v.astype(np.float64) for k, v in params.items()}
+    out64, pullback64 = ann.vjp(lambda p: module(p, x64), wide)
+    (want,) = pullback64(np.ones_like(out64))
+    for k in ("weight", "bias"):
+        np.testing.assert_array_equal(grads[k], want[k].astype(np.float32), err_msg=k)
+    opt = optim.SGD(lr=0.1)
+    new, _ = opt.update(params, grads, opt.init(params))
+    assert {str(v.dtype) for v in new.values()} == {"float32"}
+
+
 def test_a_graph_that_feeds_integers_to_a_float_layer_fails_when_checked() -> None:
     # an input declared int64 (ids) wired to a Linear instead of an Embedding: the graph's check
     # on a batch of zeros names the layer, its module and the fix

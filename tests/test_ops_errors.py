@@ -40,6 +40,29 @@ def test_pool_errors() -> None:
         ops.max_pool1d(np.zeros((4, 8)), 2)
 
 
+_X1, _W1 = np.zeros((1, 1, 6)), np.zeros((1, 1, 3))
+_X2, _W2 = np.zeros((1, 1, 6, 6)), np.zeros((1, 1, 3, 3))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ops.conv2d(_X2, _W2, stride=1.5), "conv2d: stride must be an int or a tuple of 2 ints, got 1.5"),
+        (lambda: ops.conv2d(_X2, _W2, stride=None), "conv2d: stride must be an int or a tuple of 2 ints, got None"),
+        (lambda: ops.conv1d(_X1, _W1, dilation=1.0), "conv1d: dilation must be an int or a tuple of 1 ints, got 1.0"),
+        (lambda: ops.max_pool2d(_X2, 2.0), "max_pool2d: kernel_size must be an int or a tuple of 2 ints, got 2.0"),
+        (lambda: ops.max_pool2d(_X2, 2, stride=1.5), "max_pool2d: stride must be an int or a tuple of 2 ints, got 1.5"),
+        (lambda: ops.avg_pool1d(_X1, 2, padding=0.0), "avg_pool1d: padding must be an int or a tuple of 1 ints, got 0.0"),
+        (lambda: ops.avg_pool2d(_X2, (2, 2.0)), r"avg_pool2d: kernel_size must be an int or a tuple of 2 ints, got \(2, 2.0\)"),
+    ],
+)  # fmt: skip
+def test_a_size_that_is_not_an_int_names_the_op_and_the_argument(call: Any, message: str) -> None:
+    # a float or None (not iterable) failed inside the check with "'float' object is not
+    # iterable", naming neither; a tuple of the wrong length got this message already
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def test_cross_entropy_errors_say_what_to_pass() -> None:
     logits = np.zeros((3, 4))
     with pytest.raises(TypeError, match=r"integer class indices.*astype\(np.int64\)"):

@@ -270,6 +270,12 @@ EDGE_CASES = [
     edge("power-negative-int", lambda a: ops.power(a, -2), lambda t, a: a**-2, [-2.0, -0.5, 1.5]),
     edge("power-negative-base-array", ops.power, lambda t, a, b: a**b,
          [-2.0, -0.5, 0.0, 0.0, 0.0], [2.0, 3.0, 2.0, 0.0, 0.5]),
+    # d/da a**0 is 0 at an infinite or NaN base too (it was 0 * inf = NaN)
+    edge("power-0-exponent-nonfinite-base", ops.power, lambda t, a, b: a**b,
+         [INF, -INF, NAN, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]),
+    edge("power-int-0-nonfinite-base", lambda a: a**0, lambda t, a: a**0, [INF, -INF, NAN, 2.0]),
+    edge("power-0-exponent-broadcast", ops.power, lambda t, a, b: a**b, [[INF], [NAN]],
+         [0.0, 2.0, 0.0]),
     edge("divide-by-0", ops.divide, lambda t, a, b: a / b, [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]),
     edge("maximum-ties-and-nan", ops.maximum, lambda t, a, b: a.maximum(b),
          [1.0, 2.0, 3.0, NAN, 2.0], [1.0, 1.0, 4.0, 1.0, NAN]),

@@ -237,3 +237,18 @@ def test_integer_gate_scores_in_a_float32_run_keep_every_message_float32(tmp_pat
     assert_params_equal(p_int, p_float)
     assert l_int == l_float
     np.testing.assert_array_equal(o_int, o_float)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int64", "uint8", "float32"])
+def test_top_k_ranks_the_extremes_of_the_score_dtype(dtype):
+    # a signed score was ranked by its negation, and the dtype's minimum negates to itself:
+    # int8 scores [-128, 5, 3] picked expert 0, the worst, for k=1
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    lo, hi = info.min, info.max
+    scores = np.array(
+        [[lo, 5, 3], [3, lo, 3], [hi, lo, hi], [0, 0, 0], [lo, lo, 1], [1, hi, lo]], dtype=dtype
+    )
+    # the order of the exact values, best first, ties to the lower index
+    want = np.argsort([[-int(v) for v in row] for row in scores.tolist()], axis=1, kind="stable")
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(ann.dynamic.topk_experts(scores, k), want[:, :k])

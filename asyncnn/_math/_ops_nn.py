@@ -7,6 +7,7 @@ message that names the shapes and says what to pass instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,7 +75,14 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
 
 # -- convolution and pooling ----------------------------------------------------------------------
 def _tuple(value: IntOrTuple, n: int, what: str, op: str, minimum: int) -> tuple[int, ...]:
-    items = (value,) * n if isinstance(value, int | np.integer) else tuple(value)
+    items: tuple[Any, ...] = ()
+    if isinstance(value, int | np.integer):
+        items = (value,) * n
+    else:
+        # a float such as 2.0, None or a 0-d array is not iterable: it gets the message below,
+        # not tuple()'s, which names neither the op nor the argument
+        with contextlib.suppress(TypeError):
+            items = tuple(value)
     if len(items) != n or not all(isinstance(v, int | np.integer) for v in items):
         raise ValueError(f"{op}: {what} must be an int or a tuple of {n} ints, got {value!r}")
     if any(v < minimum for v in items):

@@ -124,7 +124,15 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
             lowered = 1 if b == 0 else b - 1
         else:
             lowered = ns(b).where(b == 0, 1, b - 1)
-        ga = grad_like(g * b * a**lowered, like(a))
+        da = g * b * a**lowered
+        # and 0 at an infinite or NaN base too, where 0 * a is NaN (torch masks b == 0 as well)
+        if isinstance(b, int | float):
+            if b == 0:
+                da = ns(da).zeros_like(da)
+        else:
+            xp = ns(da, b)
+            da = xp.where(b == 0, xp.zeros((), da.dtype), da)
+        ga = grad_like(da, like(a))
     gb = None
     if needs[1]:
         xp = ns(a, b)
@@ -344,7 +352,7 @@ class _Widened:
 
 
 def _bf16_in_float32(
-    fwd: Forward, rule: VjpRule, arrays_pass: bool = False
+    fwd: Forward, rule: VjpRule, arrays_pass: bool = False, float16: bool = False
 ) -> tuple[Forward, VjpRule]:
     """The rule pair, computing in float32 when an input is bfloat16 (numpy's extension type).
 
@@ -355,13 +363,20 @@ def _bf16_in_float32(
     The result is rounded to bfloat16 unless a wider floating array takes part, whose dtype it
     then has, as numpy's and cupy's promotion gives (a bfloat16 input added to float32 values
     is float32); each gradient comes back in its input's dtype.
+
+    Args:
+        fwd: the forward rule.
+        rule: its VJP rule.
+        arrays_pass: whether a call on bfloat16 arrays alone runs in bfloat16.
+        float16: whether float16 inputs compute in float32 too: for rules whose intermediates
+            overflow float16 (a square from 256, a cube from 40) or that sum in it.
     """
 
     def forward(*args: Any, **params: Any) -> tuple[Any, Any]:
         dtype = None
         for a in args:
             dt = getattr(a, "dtype", None)
-            if dt is not None and dt.kind == "V":
+            if dt is not None and (dt.kind == "V" or (float16 and dt == np.float16)):
                 dtype = dt
                 break
         if dtype is None or (arrays_pass and all(getattr(a, "dtype", None) == dtype for a in args)):
@@ -393,7 +408,12 @@ def _bf16_in_float32(
 # arithmetic widens only when mixed with a scalar or another dtype; the rest always widen.
 _AS_IS = {"relu", "maximum", "minimum", "where", "astype"}
 _ARITHMETIC = {"add", "subtract", "multiply", "divide"}
+# GELU cubes x (the tanh form) and squares it (both forms' gradients): float16 overflowed from
+# |x| ~ 40, and its gradients were NaN from |x| ~ 700, where torch's are 1 and 0
+_FLOAT16_TOO = {"gelu"}
 RULES = {
-    name: pair if name in _AS_IS else _bf16_in_float32(*pair, arrays_pass=name in _ARITHMETIC)
+    name: pair
+    if name in _AS_IS
+    else _bf16_in_float32(*pair, arrays_pass=name in _ARITHMETIC, float16=name in _FLOAT16_TOO)
     for name, pair in RULES.items()
 }

@@ -167,11 +167,17 @@ def _conv(x: Any, w: Any, b: Any, stride: Ints, padding: Ints, dilation: Ints) -
     if b is not None:
         out += b.reshape((o,) + (1,) * len(out_shape))
     geometry = (tuple(x.shape), kernel, stride, padding, dilation, out_shape)
-    return out, (cols2, w, b is not None, geometry)
+    return out, (cols2, w, None if b is None else b.dtype, geometry)
+
+
+def _acc_dtype(dtype: Any) -> Any:
+    """The dtype that sums of ``dtype`` run in: float32 for 16-bit floats, whose own sums stall
+    (a bfloat16 sum of ones at 256, a float16 one at 2048) or overflow past 65504."""
+    return np.float32 if is_half(dtype) else dtype
 
 
 def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
-    cols2, w, has_bias, geometry = res
+    cols2, w, bias_dtype, geometry = res
     x_shape, kernel, stride, padding, dilation, out_shape = geometry
     xp = ns(g)
     n, o = g.shape[:2]
@@ -182,13 +188,15 @@ def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]
     gx = gw = gb = None
     if needs[1]:
         gw = (g2 @ cols2.T).reshape(w.shape).astype(w.dtype, copy=False)
-    if has_bias and needs[2]:
-        gb = g.sum(axis=(0, *range(2, g.ndim)))
+    if bias_dtype is not None and needs[2]:
+        # in the bias's dtype, as the weight's: float64 input to float32 parameters gave a
+        # float64 bias gradient, which an optimizer's update refuses
+        gb = acc_sum(g, (0, *range(2, g.ndim))).astype(bias_dtype, copy=False)
     if needs[0]:
         c = x_shape[1]
         dcols = narrowed(w.reshape(o, -1).T @ g2, w, g2).reshape(c, *kernel, n, *out_shape)
         padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
-        gpad = xp.zeros((n, c, *padded), dtype=g.dtype)
+        gpad = xp.zeros((n, c, *padded), dtype=_acc_dtype(g.dtype))
         for offset, index in _windows(kernel, stride, dilation, out_shape):
             gpad[index] += xp.swapaxes(dcols[(slice(None), *offset)], 0, 1)
         gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
@@ -245,12 +253,12 @@ def _avg_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
     ones = (1,) * len(kernel)
     out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
     xpad = _pad(x, padding)
-    out = xp.zeros((*x.shape[:2], *out_shape), dtype=x.dtype)
+    out = xp.zeros((*x.shape[:2], *out_shape), dtype=_acc_dtype(x.dtype))
     for _, index in _windows(kernel, stride, ones, out_shape):
         out += xpad[index]
     # Padding zeros count in the divisor (torch's count_include_pad=True).
     out /= int(np.prod(kernel))
-    return out, (tuple(x.shape), kernel, stride, padding, out_shape)
+    return out.astype(x.dtype, copy=False), (tuple(x.shape), kernel, stride, padding, out_shape)
 
 
 def _avg_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
@@ -258,11 +266,13 @@ def _avg_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     xp = ns(g)
     ones = (1,) * len(kernel)
     padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
-    gpad = xp.zeros((*x_shape[:2], *padded), dtype=g.dtype)
-    share = g / int(np.prod(kernel))
+    acc = _acc_dtype(g.dtype)
+    gpad = xp.zeros((*x_shape[:2], *padded), dtype=acc)
+    share = g.astype(acc, copy=False) / int(np.prod(kernel))
     for _, index in _windows(kernel, stride, ones, out_shape):
         gpad[index] += share
-    return (gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad,)
+    gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
+    return (gx.astype(g.dtype, copy=False),)
 
 
 # -- normalization, dropout, losses ---------------------------------------------------------------
@@ -461,11 +471,14 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
 
 
 def _widen_16_bit_rules() -> None:
-    # normalisations and softmaxes use Python scalars, which cupy would promote bfloat16 with
+    # normalisations and softmaxes use Python scalars, which cupy would promote bfloat16 with;
+    # float16 too computes their statistics in float32, as torch does: its squares overflow
+    # from 256 (a layer norm of [300, -300, 10, 0] was all zeros) and its sums along a strided
+    # axis stall at 2048. (The MSE loss keeps its float16 steps: they equal the ops' own.)
     from ._rules_elementwise import _bf16_in_float32
 
     for name in ("softmax", "log_softmax", "logsumexp", "layer_norm", "mse_loss"):
-        RULES[name] = _bf16_in_float32(*RULES[name])
+        RULES[name] = _bf16_in_float32(*RULES[name], float16=name != "mse_loss")
 
 
 _widen_16_bit_rules()

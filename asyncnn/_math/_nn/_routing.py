@@ -131,9 +131,10 @@ class Merge(Module):
 
 def topk_experts(scores: np.ndarray[Any, Any], k: int) -> np.ndarray[Any, Any]:
     """Each row's ``k`` best experts, best first (ties go to the lower index)."""
-    if scores.dtype.kind == "u":
-        # a negated unsigned score wraps round (0 would rank first): sort ascending instead, the
-        # columns reversed so that, read from the end, ties come out lower index first
+    if scores.dtype.kind in "iu":
+        # a negated integer score can wrap round (an unsigned 0 would rank first, and a signed
+        # minimum, which negates to itself, too): sort ascending instead, the columns reversed
+        # so that, read from the end, ties come out lower index first
         e = scores.shape[1]
         up = np.argsort(scores[:, ::-1], axis=1, kind="stable")[:, ::-1]
         return (e - 1 - up[:, :k]).astype(np.int64)
