@@ -288,7 +288,12 @@ def _replay(args: argparse.Namespace) -> int:
             f"replay of {what} from {args.path}: identical ({result.events_checked} events checked)"
         )
         return 0
-    print(f"replay of {what} from {args.path} diverged after {result.events_checked} events:")
+    # (events_checked counts every send and update compared, not where the replay diverged:
+    # the divergence says where)
+    print(
+        f"replay of {what} from {args.path} diverged ({result.events_checked} sends and updates "
+        "checked):"
+    )
     print(result.first_divergence)
     return 1
 

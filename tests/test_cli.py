@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,6 +269,65 @@ def test_replay_of_a_truncated_trace_or_one_without_payloads_is_one_line(
     ).fit({"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, 8)}, batch_size=8)  # fmt: skip
     assert main(["replay", bare]) == 2
     assert "replay needs traces recorded with trace_payloads=" in _one_error_line(capsys)
+
+
+def _edited_trace(path: str, out: Path, edit: Any) -> str:
+    """A copy of the trace at ``path`` with ``edit(record)`` applied to each record (re-framed
+    with valid checksums)."""
+    from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+    with open(path, "rb") as f:
+        records = [r for _, r in iter_frames(f)]
+    out.write_bytes(b"".join(encode_record(edit(r)) for r in records))
+    return str(out)
+
+
+def test_replay_of_a_damaged_trace_is_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a traceback and status 1, the status of a divergence: an AttributeError of the header's
+    # config, an IndexError of a message's slot
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "all.trace")
+    ann.Trainer(
+        chain_graph(3), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=path,
+        trace_payloads="all",
+    ).fit({"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, 8)}, batch_size=8)  # fmt: skip
+    no_config = _edited_trace(
+        path, tmp_path / "config.trace", lambda r: {**r, "config": None} if "format" in r else r
+    )
+    assert main(["replay", no_config]) == 2
+    line = _one_error_line(capsys)
+    assert (
+        line.startswith("asyncnn replay: error: ") and "the header's 'config' is NoneType" in line
+    )
+
+    def slot_5(r: dict[str, Any]) -> dict[str, Any]:
+        if (r.get("ev"), r.get("p"), r.get("k")) == ("send", "stage1", "forward"):
+            return {**r, "m": {**r["m"], "slot": 5}}
+        return r
+
+    bad_slot = _edited_trace(path, tmp_path / "slot.trace", slot_5)
+    assert main(["replay", bad_slot, "--actor", "stage1"]) == 2
+    assert "to slot 5 of 'stage1'" in _one_error_line(capsys)
+
+
+def test_replay_that_diverges_says_how_much_it_checked_and_where_it_diverged(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it said "diverged after N events", N being every send and update compared, not where
+    def flip_first_forward(r: dict[str, Any]) -> dict[str, Any]:
+        if (r.get("ev"), r.get("a"), r.get("k"), r.get("key")) == ("send", "stage0", "forward", 0):
+            return {**r, "x": [{**r["x"][0], "h": r["x"][0]["h"] ^ 1}]}
+        return r
+
+    changed = _edited_trace(traces[0], tmp_path / "changed.trace", flip_first_forward)
+    assert main(["replay", changed]) == 1
+    out = capsys.readouterr().out
+    checked = ann.replay(changed).events_checked
+    assert f"diverged ({checked} sends and updates checked):\nfirst divergence at" in out
+    assert "after" not in out
+    assert "first divergence at actor 'stage0', sequence 0: the forward of key 0" in out
 
 
 # --balance params: a cut by measured time can fall elsewhere under load, and the run that never

@@ -119,3 +119,46 @@ def test_a_merge_replays_alone_from_the_weights_and_route_its_router_sent(tmp_pa
         rep = ann.replay(path, actor=actor)
         assert rep.identical and rep.events_checked > 0, (actor, rep.first_divergence)
         assert_params_equal({actor: rep.params[actor]}, {actor: tr.params[actor]})
+
+
+def _drop_payloads(r):
+    return {k: v for k, v in r.items() if k != "pl"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("kind", "edit", "said"),
+    [("forward", lambda r: {**r, "m": {**r["m"], "slot": 5}},
+      r"\(send of 'stage0'\) sends the forward of key 0 to slot 5 of 'stage1', whose forward "
+      r"takes 1 input\(s\), in slots 0 to 0 \(from \['stage0'\]\)"),
+     # (taken as a Python index from the end: the replay said identical)
+     ("forward", lambda r: {**r, "m": {**r["m"], "slot": -1}}, r".* to slot -1 of 'stage1'"),
+     ("backward", lambda r: {**r, "m": {**r["m"], "slot": 1}},
+      r"\(send of 'stage2'\) sends the backward of key 0 to slot 1 of 'stage1', whose backward "
+      r"takes 1 gradient\(s\)"),
+     # (fed to the actor as None)
+     ("forward", _drop_payloads,
+      r"\(send of 'stage0'\) carries no payload for its tensor 0, which 'stage1' replayed alone "
+      r"is fed")],
+    ids=["slot-past", "slot-negative", "backward-slot", "no-payload"],
+)  # fmt: skip
+def test_a_message_an_actor_alone_cannot_take_is_refused_before_the_replay(
+    tmp_path, kind, edit, said
+):
+    from _replay_cases import _rewrite
+
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path),
+        trace_payloads="all",
+    ).fit(_data(8), batch_size=8)  # fmt: skip
+    _rewrite(
+        path,
+        bad,
+        lambda r: (
+            edit(r) if (r.get("ev"), r.get("p"), r.get("k")) == ("send", "stage1", kind) else r
+        ),
+    )
+    with pytest.raises(ann.TraceFormatError, match=rf"bad\.trace: event \d+ {said}"):
+        ann.replay(bad, actor="stage1")
+    assert ann.replay(path, actor="stage1").identical

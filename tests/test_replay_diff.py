@@ -101,3 +101,22 @@ def test_a_diff_with_a_trace_cut_off_says_so(tmp_path):
             assert (d.actor, d.seq) == ("stage0", recorded[i]["seq"])
             assert d.reason.startswith("the second run sent nothing here; note: ")
     assert ann.trace.diff(whole, whole) is None
+
+
+def test_a_diff_of_runs_that_sent_a_message_elsewhere_speaks_of_two_runs(tmp_path):
+    # it said "the replay sent the forward of key 0 to 'stage9' instead", of no replay
+    from _replay_cases import _rewrite
+
+    path, other = tmp_path / "a.trace", tmp_path / "b.trace"
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
+    ).fit(_data(8), batch_size=8)
+    _rewrite(
+        path,
+        other,
+        lambda r: {**r, "p": "stage9"} if (r.get("ev"), r.get("a")) == ("send", "stage0") else r,
+    )
+    d = ann.trace.diff(path, other)
+    assert d is not None and (d.actor, d.kind, d.key, d.peer) == ("stage0", "forward", 0, "stage1")
+    assert d.reason == "the second run sent the forward of key 0 to 'stage9' instead"
+    assert "replay" not in str(d)

@@ -79,6 +79,35 @@ def test_checkpoint_keeps_pending_gradients(tmp_path):
 def test_replay_of_a_run_stopped_with_work_unprocessed_is_refused_at_once(tmp_path, error):
     """A run cancelled (no error recorded), or failed outside the actors, leaves messages that
     no actor processed: a whole replay would wait for that work forever."""
+    cut = _stopped_run(tmp_path, error)
+    with pytest.raises(
+        ann.TraceFormatError, match="stopped before 'stage0' processed the backward of key 0"
+    ) as info:
+        ann.replay(cut)
+    assert ("user code broke" if error else "cancelled or interrupted") in str(info.value)
+    # what it did can still be replayed one actor at a time, or up to a key
+    assert ann.replay(cut, stop_at_key=0).identical
+
+
+# refused at once: the replay waited out its 30 s stall timeout, then blamed "key -1"
+@pytest.mark.timeout(60)
+def test_replay_of_a_stopped_run_to_a_key_it_never_reached_is_refused_at_once(tmp_path):
+    import time
+
+    cut = _stopped_run(tmp_path, None)
+    start = time.perf_counter()
+    with pytest.raises(
+        ann.TraceFormatError,
+        match=r"stop_at_key=5, but no actor of this run processed any work of key 5.*"
+        r"processed work of keys 0 to 0.*stopped before 'stage0' processed the backward of key 0",
+    ):
+        ann.replay(cut, stop_at_key=5)
+    assert time.perf_counter() - start < 10  # before anything runs, never a stall
+
+
+def _stopped_run(tmp_path, error):
+    """A Sync run of one key whose trace stops once stage1 had sent key 0's backward on, before
+    stage0 received it (with the ``error`` event of a failure outside the actors, if given)."""
     path, cut = tmp_path / "r.trace", tmp_path / "cut.trace"
     ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
         _data(8), batch_size=8
@@ -101,13 +130,7 @@ def test_replay_of_a_run_stopped_with_work_unprocessed_is_refused_at_once(tmp_pa
     with open(cut, "wb") as f:
         for r in (head, state, *kept):
             f.write(encode_record(r))
-    with pytest.raises(
-        ann.TraceFormatError, match="stopped before 'stage0' processed the backward of key 0"
-    ) as info:
-        ann.replay(cut)
-    assert ("user code broke" if error else "cancelled or interrupted") in str(info.value)
-    # what it did can still be replayed one actor at a time, or up to a key
-    assert ann.replay(cut, stop_at_key=0).identical
+    return cut
 
 
 def test_replay_with_an_optimizer_that_cannot_continue_the_recorded_state_says_why(tmp_path):
@@ -121,6 +144,44 @@ def test_replay_with_an_optimizer_that_cannot_continue_the_recorded_state_says_w
     with pytest.raises(TypeError, match="must be an asyncnn.optim optimizer.*'sgd'"):
         ann.replay(path, optimizer="sgd")
     assert ann.replay(path, optimizer=optim.SGD(lr=0.1)).identical
+
+
+def _optimizer_momentum(r: dict) -> dict:
+    return {**r, "optimizer": {**r["optimizer"], "momentum": 0.9}} if "format" in r else r
+
+
+def _no_opt_state(r: dict) -> dict:
+    if "state" not in r:
+        return r
+    opt_states = r["state"]["opt_states"]
+    return {**r, "state": {**r["state"], "opt_states": {"dict": {
+        **opt_states["dict"], "stage0": {"dict": {}}}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [(_no_opt_state, r"layer 'stage0' is \[\], the header's optimizer .*SGD.* keeps \['step'\]"),
+     (_optimizer_momentum,
+      r"layer 'stage0' is \['step'\], the header's optimizer .*SGD.* keeps "
+      r"\['momentum_buffer', 'step'\]")],
+    ids=["opt-state-emptied", "header-optimizer-changed"],
+)  # fmt: skip
+def test_optimizer_states_the_headers_optimizer_cannot_continue_are_refused_before_the_run(
+    tmp_path, edit, said
+):
+    # the replay failed mid-run, in the backward of key 1 (an ActorError of SGD.update)
+    from asyncnn._tracing._replayable import check_replayable
+
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)).fit(
+        _data(8), batch_size=4
+    )
+    _rewrite(path, bad, edit)
+    match = rf"bad\.trace: the initial state record's 'opt_states' does not fit .*{said}"
+    with pytest.raises(ann.TraceFormatError, match=match):
+        check_replayable(ann.trace.read(bad))
+    with pytest.raises(ann.TraceFormatError, match=match):
+        ann.replay(bad)
 
 
 class HalvingGradient(ann.LayerActor):

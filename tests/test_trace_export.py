@@ -359,3 +359,26 @@ def test_overlap_is_never_below_one_when_spans_meet_end_to_end(
     crafted.write_bytes(path.read_bytes() + b"".join(encode_record(r) for r in extra))
     ((_, use),) = ann.trace.summary(crafted)["devices"].items()
     assert use["busy_seconds"] == busy and use["overlap"] == 1.0
+
+
+def test_chrome_export_of_a_run_whose_loss_went_nan_is_strict_json(tmp_path: Path) -> None:
+    # json.dumps wrote bare NaN tokens ("loss":NaN), which JSON.parse (Perfetto,
+    # chrome://tracing) rejects
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(16, 5)).astype(np.float32), "y": rng.integers(0, 3, 16)}
+    data["x"][12, 0] = np.nan  # the last minibatch's loss is NaN (check_data=False lets it in)
+    path, out = tmp_path / "nan.trace", tmp_path / "nan.json"
+    trainer = ann.Trainer(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(path)
+    )
+    trainer.fit(data, epochs=1, batch_size=8, check_data=False)
+    recorded = [e.meta["loss"] for e in ann.trace.read(path).events if "loss" in e.meta]
+    assert any(np.isnan(loss) for loss in recorded)
+
+    def strict(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    ann.trace.to_chrome(path, out)
+    doc = json.loads(out.read_text(), parse_constant=strict)
+    losses = [e["args"]["loss"] for e in doc["traceEvents"] if "loss" in e.get("args", {})]
+    assert None in losses and all(x is None or np.isfinite(x) for x in losses)

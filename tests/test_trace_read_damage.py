@@ -285,7 +285,10 @@ def test_a_truncated_trace_is_refused_by_replay_at_once(
 @pytest.mark.parametrize(
     ("pool", "said"),
     [([3], "'pool' is list"), ({"cpu_workers": "3"}, "pool['cpu_workers'] is '3'"),
-     ({"part_flops": 0}, "pool['part_flops'] is 0"), ({"split": 1}, "pool['split'] is 1")],
+     ({"part_flops": 0}, "pool['part_flops'] is 0"), ({"split": 1}, "pool['split'] is 1"),
+     # (an OverflowError where the pool opened; 5000 quietly started 5000 threads)
+     ({"cpu_workers": 2**64 - 1}, "pool['cpu_workers'] is 18446744073709551615"),
+     ({"cpu_workers": 5000}, "pool['cpu_workers'] is 5000, expected an int from 1 to 4096")],
 )  # fmt: skip
 def test_a_header_whose_pool_a_replay_cannot_open_is_refused_naming_it(
     small_trace: tuple[bytes, Any], tmp_path: Path, pool: Any, said: str
@@ -297,6 +300,36 @@ def test_a_header_whose_pool_a_replay_cannot_open_is_refused_naming_it(
     path.write_bytes(encode_record({**whole.header, "pool": pool}) + raw[_boundaries(raw)[1] :])
     with pytest.raises(ann.TraceFormatError, match=rf"the header's {re.escape(said)}"):
         ann.trace.read(path)
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [(None, "'config' is NoneType, expected dict"), ("fast", "'config' is str, expected dict"),
+     ({"cuda_graphs": 1}, "config['cuda_graphs'] is 1, expected true, false or nil"),
+     ({"check_finite": "yes"}, "config['check_finite'] is 'yes', expected true or false"),
+     ({"stall_timeout": 0}, "config['stall_timeout'] is 0, expected a number > 0"),
+     ({"seed": -1}, "config['seed'] is -1, expected an int >= 0"),
+     ({"dtype": 32}, "config['dtype'] is 32, expected text"),
+     ({"trace": 1}, "config['trace'] is 1, expected text or nil"),
+     ({"trace_payloads": "some"}, "config['trace_payloads'] is 'some', expected one of")],
+)  # fmt: skip
+def test_a_header_whose_config_is_malformed_is_refused_naming_the_field(
+    small_trace: tuple[bytes, Any], tmp_path: Path, config: Any, said: str
+) -> None:
+    # replay read it with .get(): a bare AttributeError (nil, text) or a TypeError from the run's
+    # options that did not name the trace
+    from asyncnn._runtime._traceformat import encode_record
+
+    raw, whole = small_trace
+    if isinstance(config, dict):
+        config = {**whole.header["config"], **config}
+    path = tmp_path / "config.trace"
+    path.write_bytes(encode_record({**whole.header, "config": config}) + raw[_boundaries(raw)[1] :])
+    match = rf"config\.trace: the header's {re.escape(said)}"
+    with pytest.raises(ann.TraceFormatError, match=match):
+        ann.trace.read(path)
+    with pytest.raises(ann.TraceFormatError, match=match):
+        ann.replay(path)
 
 
 def test_a_class_path_in_a_trace_header_imports_nothing(
@@ -488,4 +521,44 @@ def test_a_malformed_optional_state_field_is_refused_before_replay_naming_it(
     with pytest.raises(ann.TraceFormatError, match=match):
         check_replayable(ann.trace.read(path))
     with pytest.raises(ann.TraceFormatError, match=match):
+        ann.replay(path)
+
+
+def _edited(raw: bytes, path: Path, edit: Any) -> Path:
+    """``raw`` re-framed (valid checksums) with ``edit(record)`` applied to every record."""
+    import io
+
+    from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+    records = [r for _, r in iter_frames(io.BytesIO(raw))]
+    path.write_bytes(b"".join(encode_record(edit(r)) for r in records))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [({"rows": None}, "lacks its count of rows ('m': 'rows', 'mb_rows')"),
+     ({"mb_rows": None}, "lacks its count of rows ('m': 'rows', 'mb_rows')"),
+     ({"rows": 0}, "says it holds 0 of its minibatch's 4 rows"),
+     ({"rows": 5}, "says it holds 5 of its minibatch's 4 rows")],
+    ids=["no-rows", "no-mb-rows", "no-row", "more-rows"],
+)  # fmt: skip
+def test_an_admit_without_its_rows_is_refused_before_replay_naming_the_event(
+    small_trace: tuple[bytes, Any], tmp_path: Path, change: dict[str, Any], said: str
+) -> None:
+    # the replay failed inside the loss actor, with a bare KeyError: 'rows'
+    raw, _ = small_trace
+
+    def edit(r: dict[str, Any]) -> dict[str, Any]:
+        if r.get("ev") == "admit" and r.get("key") == 0:
+            m = {**r["m"], **change}
+            r = {**r, "m": {k: v for k, v in m.items() if v is not None}}
+        return r
+
+    path = _edited(raw, tmp_path / "rows.trace", edit)
+    ann.trace.read(path)  # the reader's checks pass it: the fields it has are ints
+    with pytest.raises(
+        ann.TraceFormatError,
+        match=rf"rows\.trace: event \d+ \(admit of 'scheduler'\) {re.escape(said)}",
+    ):
         ann.replay(path)

@@ -12,6 +12,7 @@ in Perfetto" in docs/trace_format.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import deque
 from typing import IO, Any
@@ -44,11 +45,13 @@ class _Writer:
 
 
 def _json(value: Any) -> str:
-    # what msgpack can hold and JSON cannot (bytes, non-text keys) is written as text
+    # what msgpack can hold and JSON cannot is made JSON: bytes and non-text keys as text, a
+    # NaN or infinite number (a loss that went NaN) as null; json.dumps would write bare NaN
+    # and Infinity tokens, which JSON.parse in Perfetto and chrome://tracing rejects
     try:
-        return json.dumps(value, separators=(",", ":"), default=_plain)
-    except TypeError:
-        return json.dumps(_text_keys(value), separators=(",", ":"), default=_plain)
+        return json.dumps(value, separators=(",", ":"), default=_plain, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_as_json(value), separators=(",", ":"), default=_plain, allow_nan=False)
 
 
 def _plain(value: Any) -> Any:
@@ -57,11 +60,14 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _text_keys(value: Any) -> Any:
+def _as_json(value: Any) -> Any:
+    """``value`` with text keys and its non-finite floats as None (JSON's null)."""
     if isinstance(value, dict):
-        return {str(k): _text_keys(v) for k, v in value.items()}
+        return {str(k): _as_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_text_keys(v) for v in value]
+        return [_as_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 

@@ -124,6 +124,8 @@ def _of_two_runs(d: Divergence) -> Divergence:
         "the replay sent nothing here": "the second run sent nothing here",
         "the replay sent more than the run": "the second run sent more than the first",
     }.get(d.reason, d.reason)
+    if reason.startswith("the replay sent the "):  # (a message sent to another actor)
+        reason = "the second run sent the " + reason.removeprefix("the replay sent the ")
     if d.kind == "update":  # (the update comparison's words, said of two runs)
         reason = (
             reason.replace("the replay's update", "the second run's update")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -53,6 +53,10 @@ _META: dict[str, type | tuple[type, ...]] = {
     "workers": list,
     "spans": list,
 }
+#: the most worker threads a trace's pool may name. A replay opens the recorded pool whatever
+#: the host (its products must be cut as the run's were), so a crafted header could otherwise
+#: start any number of threads; no machine a run is recorded on has more cores than this
+MAX_POOL_WORKERS = 4096
 _DTYPES: dict[str, int] = {}  # dtype strings seen valid -> item size
 #: the item sizes of the extension dtypes of ml_dtypes that a trace names (bfloat16, the 8-,
 #: 6- and 4-bit floats, the small ints: numpy keeps each in whole bytes; the 16-bit complex
@@ -223,15 +227,51 @@ def check_header(header: dict[str, Any], path: str) -> None:
         value = header.get("start", {}).get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad(f"start[{name!r}] is {value!r:.60}, expected an int")
+    _check_config(header, bad)
     pool = header.get("pool", {})
     if not isinstance(pool, dict):
         raise bad(f"'pool' is {type(pool).__name__}, expected dict")
     for name in ("cpu_workers", "part_flops"):
         value = pool.get(name, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise bad(f"pool[{name!r}] is {value!r:.60}, expected an int of at least 1")
+    if pool.get("cpu_workers", 1) > MAX_POOL_WORKERS:
+        raise bad(
+            f"pool['cpu_workers'] is {pool['cpu_workers']!r:.60}, expected an int from 1 to "
+            f"{MAX_POOL_WORKERS} (a replay starts that many threads: no run records more)"
+        )
     if not isinstance(pool.get("split", False), bool):
         raise bad(f"pool['split'] is {pool['split']!r:.60}, expected true or false")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config(header: dict[str, Any], bad: Callable[[str], TraceFormatError]) -> None:
+    """The header's ``config`` (``RunConfig.to_spec()``): a map whose known fields have the
+    types of the run's options (a replay reads ``cuda_graphs`` and ``check_finite`` from it;
+    fields this version does not know are left to the reader)."""
+    if "config" not in header:
+        return  # (a trace written before the run's options were one record)
+    config = header["config"]
+    if not isinstance(config, dict):
+        raise bad(f"'config' is {type(config).__name__}, expected dict")
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "seed": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+        "dtype": (lambda v: isinstance(v, str), "text"),
+        "stall_timeout": (
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+            "a number > 0",
+        ),
+        "check_finite": (lambda v: isinstance(v, bool), "true or false"),
+        "trace": (lambda v: v is None or isinstance(v, str), "text or nil"),
+        "trace_payloads": (lambda v: v in _PAYLOAD_MODES, f"one of {_PAYLOAD_MODES}"),
+        "cuda_graphs": (lambda v: v is None or isinstance(v, bool), "true, false or nil"),
+    }
+    for name, (fits, expected) in checks.items():
+        if name in config and not fits(config[name]):
+            raise bad(f"config[{name!r}] is {config[name]!r:.60}, expected {expected}")
 
 
 class _Bounded:

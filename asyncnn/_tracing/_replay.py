@@ -158,14 +158,16 @@ def replay(
         raise ValueError(
             f"replay: no actor named {actor!r}; layers: {graph.layers}, losses: {graph.losses}"
         )
-    if actor is None and stop_at_key is None:
-        _check_finished(trace, set(graph.layers) | set(graph.losses))
+    if actor is None:
+        _check_finished(trace, set(graph.layers) | set(graph.losses), stop_at_key)
     payloads = h.get("payloads", "inputs")
     if actor is not None and payloads != "all":
         raise ValueError(
             f"replaying actor {actor!r} alone needs the payload of every message it received; "
             f"this trace kept {payloads!r}: record with trace_payloads='all'"
         )
+    if actor is not None:
+        _check_fed(trace, graph, actor)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "replay.trace")
         stopped: list[Any] = []
@@ -267,15 +269,17 @@ def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) 
             )
 
 
-def _check_finished(trace: Trace, actors: set[str]) -> None:
+def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = None) -> None:
     """Refuses, before anything runs, a trace whose run stopped with a message that an actor
     never processed (the run was cancelled, or failed outside the actors): a replay of the
     whole run would wait for that work forever. A failure in an actor is not refused: the
-    replay reproduces it there."""
+    replay reproduces it there. Nor is a ``stop_at_key`` that some actor of the run processed
+    work of: everything recorded before that work ran, so the replay gets there and stops."""
     errors = [e for e in trace.events if e.what == "error"]
     if any(e.actor in actors for e in errors):
         return
-    started = {(e.actor, e.kind, e.key) for e in trace.events if e.what == "start"}
+    starts = [e for e in trace.events if e.what == "start" and e.actor in actors]
+    started = {(e.actor, e.kind, e.key) for e in starts}
     for e in trace.events:
         if e.what == "send" and e.peer in actors and (e.peer, e.kind, e.key) not in started:
             how = (
@@ -283,14 +287,72 @@ def _check_finished(trace: Trace, actors: set[str]) -> None:
                 if errors
                 else "it was cancelled or interrupted: it recorded no error"
             )
-            raise TraceFormatError(
-                f"{trace.path}: the run stopped before {e.peer!r} processed the {e.kind} of key "
-                f"{e.key} that {e.actor!r} sent it ({how}), so a replay of the whole run would "
-                "wait for that work forever. Replay needs a run that finished, or one that "
-                "failed in an actor (the replay reproduces the failure); replay one actor "
-                "alone, or stop earlier with stop_at_key; summary and to_chrome show what it "
-                "holds"
+            stopped = (
+                f"the run stopped before {e.peer!r} processed the {e.kind} of key {e.key} that "
+                f"{e.actor!r} sent it ({how})"
             )
+            if stop_at_key is None:
+                raise TraceFormatError(
+                    f"{trace.path}: {stopped}, so a replay of the whole run would wait for that "
+                    "work forever. Replay needs a run that finished, or one that failed in an "
+                    "actor (the replay reproduces the failure); replay one actor alone, or stop "
+                    "earlier with stop_at_key; summary and to_chrome show what it holds"
+                )
+            keys = sorted({s.key for s in starts})
+            if stop_at_key in keys:
+                return
+            held = f"processed work of keys {keys[0]} to {keys[-1]}" if keys else "did no work"
+            raise TraceFormatError(
+                f"{trace.path}: stop_at_key={stop_at_key}, but no actor of this run processed "
+                f"any work of key {stop_at_key} (its actors {held}): {stopped}, so a "
+                f"replay would wait for that work forever and never reach key {stop_at_key}. "
+                "Pass a stop_at_key of a key the run processed, or replay one actor alone; "
+                "summary and to_chrome show what it holds"
+            )
+
+
+def _check_fed(trace: Trace, graph: Any, name: str) -> None:
+    """Refuses, before anything runs, a recorded message that actor ``name`` replayed alone
+    could not take as it was sent: a slot that its forward's inputs (or its backward's
+    gradients) do not have, which failed in its mailbox with a bare IndexError, or was taken
+    as a Python index from the end; or a tensor without its payload, which was fed as None."""
+    node = graph.nodes[name]
+    inputs = set(graph.inputs)
+    data = _input_data(trace, inputs)
+    slots = {
+        "forward": ("input", list(node.inputs)),
+        "backward": ("gradient", [c for c, _ in node.consumers]),
+    }
+    for i, e in enumerate(trace.events):
+        if e.what != "send" or e.get("p") != name:
+            continue
+
+        def bad(what: str, e: Any = e, i: int = i) -> TraceFormatError:
+            return TraceFormatError(
+                f"{trace.path}: event {i} (send of {e.actor!r}) {what}; the file was altered"
+            )
+
+        slot = e.meta.get("slot", 0)
+        what, senders = slots[e.kind]  # (check_replayable refused any other kind)
+        if not 0 <= slot < len(senders):
+            raise bad(
+                f"sends the {e.kind} of key {e.key} to slot {slot} of {name!r}, whose {e.kind} "
+                f"takes {len(senders)} {what}(s), in slots 0 to {len(senders) - 1} (from "
+                f"{senders})"
+            )
+        if e.actor in inputs:  # (an input's data is kept with its first send)
+            if data.get(e.key, {}).get(e.actor) is None:
+                raise bad(f"sends key {e.key} of input {e.actor!r}, whose data was not recorded")
+            continue
+        tensors, payloads = e.tensors, e.payloads
+        if not tensors:
+            raise bad(f"describes no tensor, though {name!r} replayed alone is fed its tensors")
+        for j, info in enumerate(tensors):
+            # (a tensor recorded as None, a gradient not sent, has no payload to feed)
+            if info is not None and (j >= len(payloads) or payloads[j] is None):
+                raise bad(
+                    f"carries no payload for its tensor {j}, which {name!r} replayed alone is fed"
+                )
 
 
 def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:

@@ -14,7 +14,7 @@ from ._read import Trace, missing_workers
 if TYPE_CHECKING:
     from asyncnn._runtime._graph import Graph
 
-__all__ = ["Checked", "check_replayable"]
+__all__ = ["Checked", "check_replayable", "optimizer_misfit"]
 
 
 class Checked(NamedTuple):
@@ -122,6 +122,14 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
             "graph is not the one that ran (the file was altered, or mixes two runs)"
         )
     _check_params_fit(path, graph, params)
+    misfit = optimizer_misfit(optimizer, params, opt_states)
+    if misfit is not None:
+        raise TraceFormatError(
+            f"{path}: the initial state record's 'opt_states' does not fit the header's "
+            f"optimizer: {misfit}. The header's optimizer or the recorded state was altered "
+            "(or the optimizer's class changed since the run): replay with the code the run "
+            "used, from an unaltered trace"
+        )
     # the optional fields, each named: a malformed one failed the replay's start with a bare
     # KeyError or TypeError (or, for actor_states, only once the replay had begun)
     optional: dict[str, dict[str, Any]] = {"pending": {}, "actor_states": {}}
@@ -164,6 +172,40 @@ def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
                 "header's spec: its class has changed since the run was recorded (its code or "
                 "its defaults), or the file was altered; replay with the code the run used"
             )
+
+
+def optimizer_misfit(
+    optimizer: Any, params: dict[str, Any], opt_states: dict[str, Any]
+) -> str | None:
+    """How the optimizer states ``opt_states`` (``{layer: state}``) differ from those
+    ``optimizer.init`` makes for ``params`` (another structure, or a buffer of another shape:
+    what ``optimizer.update`` refuses, halfway through a replay), or None where they fit."""
+    from asyncnn._math._pytree import tree_flatten
+
+    def keys(tree: Any) -> Any:
+        return sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+
+    for name, layer_params in params.items():
+        try:
+            fresh = optimizer.init(layer_params)
+        except Exception:  # noqa: BLE001 - an optimizer that cannot here: its update tells
+            continue
+        kept = opt_states.get(name)
+        (want, want_def), (got, got_def) = tree_flatten(fresh), tree_flatten(kept)
+        if want_def != got_def:
+            return (
+                f"the optimizer state of layer {name!r} is {keys(kept)}, the header's optimizer "
+                f"{optimizer!r:.120} keeps {keys(fresh)} for it"
+            )
+        for i, (w, g) in enumerate(zip(want, got, strict=True)):
+            if hasattr(w, "shape") and tuple(getattr(g, "shape", ())) != tuple(w.shape):
+                return (
+                    f"buffer {i} of the optimizer state of layer {name!r} has shape "
+                    f"{tuple(getattr(g, 'shape', ()))}, the header's optimizer {optimizer!r:.120} "
+                    f"keeps one of shape {tuple(w.shape)} (the leaves of the state's tree, dict "
+                    "keys sorted)"
+                )
+    return None
 
 
 def _misfit(want: Any, got: Any, where: str) -> str | None:
@@ -255,6 +297,17 @@ def _check_events(trace: Trace, graph: Any) -> None:
                 raise bad("lacks its minibatch and its count of keys ('m')")
             if m["mb_keys"] < 1:
                 raise bad(f"says its minibatch has {m['mb_keys']} keys")
+            # the loss actor scales each key's loss by its share of the minibatch's rows
+            if not isinstance(m.get("rows"), int) or not isinstance(m.get("mb_rows"), int):
+                raise bad(
+                    "lacks its count of rows ('m': 'rows', 'mb_rows'), which the loss actor "
+                    "reads; the file was altered"
+                )
+            if not 1 <= m["rows"] <= m["mb_rows"]:
+                raise bad(
+                    f"says it holds {m['rows']} of its minibatch's {m['mb_rows']} rows; a key "
+                    "holds at least 1 row and at most its minibatch's"
+                )
             count = minibatches.setdefault(m["minibatch"], [m["mb_keys"], 0])
             count[1] += 1
             if count[0] != m["mb_keys"] or count[1] > count[0]:
