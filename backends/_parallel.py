@@ -48,6 +48,7 @@ from ._blas import (
 )
 from ._checks import check_flag, check_number
 from ._dispatch import _state, current_team, elementwise, matmul, narrowed, using_team
+from ._gil import DEFAULT_SWITCH_INTERVAL, SWITCH_INTERVALS
 
 __all__ = [
     "DEFAULT_PART_ELEMENTS",
@@ -153,6 +154,12 @@ class ComputeTeam:
             touches (twice that when the pass is cut in only two parts).
         split: whether work is split at all; with ``False`` the team only runs whole tasks (and
             its workers' products run uncut), as a pool whose BLAS calls are multi-threaded wants.
+        switch_interval: the interpreter's switch interval (``sys.setswitchinterval``, seconds)
+            while the team is open: the longest a worker back from BLAS may wait for the GIL
+            that a thread running Python holds (Python's own is 5 ms, ten to a hundred of the
+            team's parts). Process-wide, as BLAS's thread count: the team opened last sets it,
+            and the interval from before the first returns when the last closes. ``None``
+            leaves it as it is.
         name: prefix of the worker threads' names.
         on_exit: called by each worker thread as it stops (after :meth:`shutdown` or
             :meth:`close`), so that an event loop can wait for the workers without blocking.
@@ -166,6 +173,7 @@ class ComputeTeam:
         part_flops: int = DEFAULT_PART_FLOPS,
         part_elements: int = DEFAULT_PART_ELEMENTS,
         split: bool = True,
+        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
         name: str = "asyncnn-team",
         on_exit: Callable[[], object] | None = None,
     ) -> None:
@@ -179,7 +187,10 @@ class ComputeTeam:
         check_number("part_flops", part_flops, integer=False, least=1, finite=True)
         check_number("part_elements", part_elements, integer=False, least=1, finite=True)
         check_flag("split", split)
+        check_number("switch_interval", switch_interval, integer=False, least=1e-6,
+                     finite=True, none_ok=True)  # fmt: skip
         self._n = int(workers)
+        self._switch_interval = None if switch_interval is None else float(switch_interval)
         self._blas_threads = blas_threads
         self._part_flops = int(part_flops)
         self._part_elements = int(part_elements)
@@ -207,6 +218,8 @@ class ComputeTeam:
             raise RuntimeError(f"this compute team was started already ({self._state})")
         if self._blas_threads is not None:
             _BLAS_LIMITS.hold(self, self._blas_threads)
+        if self._switch_interval is not None:
+            SWITCH_INTERVALS.hold(self, self._switch_interval)
         self._state = "open"
         try:
             for i in range(self._n):
@@ -247,6 +260,7 @@ class ComputeTeam:
             if t is not current and (wait or not t.is_alive()):
                 t.join()
         self._state = "closed"
+        SWITCH_INTERVALS.release(self)
         _BLAS_LIMITS.release(self)
 
     def __enter__(self) -> ComputeTeam:

@@ -33,6 +33,7 @@ import anyio.lowlevel
 
 from ._base import Device, parse_device
 from ._checks import check_flag, check_number
+from ._gil import DEFAULT_SWITCH_INTERVAL
 from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
 from ._registry import get_backend
 
@@ -134,6 +135,7 @@ class DevicePool:
         blas_threads: int | None = None,
         split: bool = False,
         part_flops: int = DEFAULT_PART_FLOPS,
+        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
     ) -> None:
         self._n = cpu_workers
         self._inline_flops = inline_flops
@@ -143,6 +145,7 @@ class DevicePool:
             blas_threads=blas_threads,
             split=split,
             part_flops=part_flops,
+            switch_interval=switch_interval,
             name=f"{name}-cpu",
             on_exit=self._on_worker_exit,
         )
@@ -454,6 +457,7 @@ async def open_device_pool(
     inline_flops: float = DEFAULT_INLINE_FLOPS,
     split: bool | None = None,
     part_flops: int = DEFAULT_PART_FLOPS,
+    switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
@@ -475,6 +479,10 @@ async def open_device_pool(
             can use every core, and several tasks share them.
         part_flops: the fewest flops a part of a split product does on average (smaller
             products stay whole; see :class:`ComputeTeam`).
+        switch_interval: the interpreter's switch interval while the pool is open, so that a
+            worker back from BLAS gets the GIL soon from a thread running Python (process-wide;
+            the interval from before returns when the last pool or team closes; ``None``
+            leaves it as it is; see :class:`ComputeTeam`).
 
     Example::
 
@@ -488,6 +496,8 @@ async def open_device_pool(
     check_number("inline_flops", inline_flops, integer=False, least=-math.inf)
     check_number("part_flops", part_flops, integer=False, least=1, finite=True)
     check_flag("split", split, none_ok=True)
+    check_number("switch_interval", switch_interval, integer=False, least=1e-6, finite=True,
+                 none_ok=True)  # fmt: skip
     pool = DevicePool(
         n,
         inline_flops,
@@ -495,6 +505,7 @@ async def open_device_pool(
         blas_threads=blas_threads,
         split=blas_threads == 1 if split is None else bool(split),
         part_flops=part_flops,
+        switch_interval=switch_interval,
     )
     pool._start()
     try:
