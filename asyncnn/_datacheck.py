@@ -1,18 +1,16 @@
 """Checks of what a user hands the Trainer, before any compute: labels against the loss's class
 count and ids against an Embedding's table, the inputs ``predict`` and ``evaluate`` need (names,
-shapes, dtypes), and parameters assigned to ``tr.params``."""
+shapes, dtypes), and parameters assigned to ``tr.params`` (``check_params``, the runtime's, which
+checks a run's ``state`` too)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from ._math._data import has_numpy_dtype
 from ._runtime._checks import check_input, check_ranges, range_checks, upstream
 from ._runtime._graph import Graph
-from .backends import is_floating, to_numpy
+from ._runtime._param_checks import check_params
 
 __all__ = ["check_inputs", "check_labels", "check_params", "needed_inputs", "require_inputs"]
 
@@ -85,56 +83,3 @@ def check_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what
         rows = check_input(graph.nodes[name], data[name], f"{what}: ")[0]
     if rows == 0:
         raise ValueError(f"{what}: the data has 0 rows")
-
-
-def check_params(name: str, current: Any, given: Any) -> None:
-    """Checks ``given`` against a layer's ``current`` parameters: the same structure, the same
-    array shapes, real numeric dtypes.
-
-    Raises:
-        ValueError: naming the layer, the place in its parameters and what differs.
-    """
-    _compare(name, current, given, "")
-
-
-def _compare(layer: str, want: Any, got: Any, path: str) -> None:
-    where = f"tr.params[{layer!r}]{path}"
-    if isinstance(want, Mapping):
-        if not isinstance(got, Mapping):
-            raise ValueError(
-                f"{where} must be a dict with keys {sorted(want)}, got {type(got).__name__}"
-            )
-        if set(want) != set(got):
-            missing = sorted(set(want) - set(got))
-            extra = sorted(set(got) - set(want))
-            raise ValueError(
-                f"{where} must have the keys {sorted(want)}"
-                + (f"; missing {missing}" if missing else "")
-                + (f"; unexpected {extra}" if extra else "")
-            )
-        for k in want:
-            _compare(layer, want[k], got[k], f"{path}[{k!r}]")
-        return
-    if isinstance(want, list | tuple):
-        if not isinstance(got, list | tuple) or len(got) != len(want):
-            n = len(got) if isinstance(got, list | tuple) else type(got).__name__
-            raise ValueError(
-                f"{where} must be a list of {len(want)} entries (one per module), got {n}"
-            )
-        for i, (w, g) in enumerate(zip(want, got, strict=True)):
-            _compare(layer, w, g, f"{path}[{i}]")
-        return
-    if not (hasattr(want, "shape") and hasattr(want, "dtype")):
-        return  # a scalar setting kept in the tree
-    if not hasattr(got, "shape") or not has_numpy_dtype(got):
-        try:  # a list, or an array of a dtype numpy does not know (a torch tensor's)
-            got = np.asarray(to_numpy(got))
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise ValueError(
-                f"{where} ({type(got).__name__}) cannot be read as an array: {exc}"
-            ) from exc
-    shape = tuple(got.shape)
-    if shape != tuple(want.shape):
-        raise ValueError(f"{where} has shape {shape}; the layer's is {tuple(want.shape)}")
-    if not (np.dtype(got.dtype).kind in "iu" or is_floating(got.dtype)):
-        raise ValueError(f"{where} has dtype {got.dtype}; parameters are real numbers (float)")

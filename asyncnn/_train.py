@@ -172,6 +172,13 @@ class Trainer:
         #: set to True (by a callback) to end the current fit after its current step
         self.stop_training = False
         self._interrupt = threading.Event()
+        # held while a fit runs: a second fit (from another thread, or from a callback of the
+        # running one) would train on the same state, and whichever ended last would replace
+        # the other's updates without a word
+        self._fit_lock = threading.Lock()
+        # the thread running the fit's loop and callbacks (None between fits): a callback may
+        # save, where another thread would read the state half-way through a commit
+        self._fit_thread: int | None = None
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -190,6 +197,19 @@ class Trainer:
         self._epoch_losses_list = list(values)
         self._epoch_losses_later = None
 
+    def _refuse_during_fit(self, what: str, why: str, instead: str, own_thread: bool) -> None:
+        """Refuses ``what`` while a fit runs on this trainer (from any thread, or, where
+        ``own_thread`` allows it, from another thread than the fit's, whose callbacks may).
+
+        Raises:
+            RuntimeError: saying ``why`` and what to do ``instead``.
+        """
+        if not self._fit_lock.locked():
+            return
+        if own_thread and self._fit_thread == threading.get_ident():
+            return
+        raise RuntimeError(f"{what}: a fit is already running on this trainer{why}; {instead}")
+
     @property
     def params(self) -> dict[str, Any]:
         """``{node name: params}`` as numpy arrays, at the current version."""
@@ -203,8 +223,17 @@ class Trainer:
         Raises:
             KeyError: no layer of that name.
             ValueError: naming the layer, the place in its parameters and what differs.
+            RuntimeError: a fit is running on this trainer (also from its callbacks: the run
+                holds its own weights, and the fit's end would replace these).
         """
         from .backends import get_backend
+
+        self._refuse_during_fit(
+            "params", ": its run holds weights of its own, which its end would put back in "
+            "place of these", "set them before the fit, or after it returns (from a "
+            "callback: stop the fit with trainer.stop_training = True, then set them)",
+            own_thread=False,
+        )  # fmt: skip
 
         for name, p in value.items():
             node = self.graph.nodes.get(name)
@@ -290,6 +319,9 @@ class Trainer:
                 is not an int (a bool is not one either); ``shuffle`` or ``drop_last`` is not a
                 bool; ``callbacks`` is not a list of callbacks. All of these are checked before
                 any callback starts.
+            RuntimeError: a fit is already running on this trainer (called from another
+                thread, or from a callback of that fit): one fit at a time, the second would
+                lose its updates to the first's.
 
         Errors of the callbacks' ``on_fit_end``: every callback that started ends, even where
         one raises; then the first such error is raised (any later ones added to it as notes).
@@ -298,6 +330,39 @@ class Trainer:
         callback's error is added to it as a note, with its traceback, so that the traceback
         shows both.
         """
+        if not self._fit_lock.acquire(blocking=False):
+            # (raised here, not after another look at the lock: the other fit may end between
+            # the two, and this one would then run, and release, without holding it)
+            raise RuntimeError(
+                "fit: a fit is already running on this trainer (called from another thread, or "
+                "from one of its callbacks): a second fit would train the same weights, and "
+                "whichever ended last would replace the other's updates; wait for it to return "
+                "(from another thread: join that thread first) and call fit again, or train "
+                "another model with another Trainer"
+            )
+        try:
+            return self._checked_fit(
+                data, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
+                checkpoint_dir, checkpoint_every, keep_checkpoints, check_data,
+            )  # fmt: skip
+        finally:
+            self._fit_lock.release()
+
+    def _checked_fit(
+        self,
+        data: Mapping[str, Any] | ArrayDataset,
+        epochs: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        validation_data: Mapping[str, Any] | ArrayDataset | None,
+        callbacks: Sequence[Callback] | None,
+        checkpoint_dir: str | os.PathLike[str] | None,
+        checkpoint_every: int | None,
+        keep_checkpoints: int,
+        check_data: bool,
+    ) -> History:
+        """:meth:`fit`, holding the trainer's fit lock: checks the arguments, then runs."""
         dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
         # as Python ints and bools: the plan's epoch layout goes into fit.json (numpy scalars
         # would fail its save), and a bad value is refused before any callback starts
@@ -354,9 +419,12 @@ class Trainer:
             validation = self._checked_dataset(
                 validation_data, self.graph.losses, "validation_data"
             )
-            check_batch(self.graph, validation.arrays, check_data)
-            if check_data:
-                check_labels(self.graph, self.shapes, validation.arrays)
+            try:
+                check_batch(self.graph, validation.arrays, check_data)
+                if check_data:
+                    check_labels(self.graph, self.shapes, validation.arrays)
+            except ValueError as exc:  # (as the shape errors of validation_data say)
+                raise ValueError(f"validation_data: {exc}") from None
         plan = _FitPlan(
             dataset, epochs, batch_size, shuffle, drop_last, validation, callbacks,
             None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,
@@ -366,6 +434,13 @@ class Trainer:
         return run_outside_loop(lambda: self._fit(plan), on_interrupt=self._interrupt.set)
 
     def _fit(self, plan: _FitPlan) -> History:
+        self._fit_thread = threading.get_ident()  # (a notebook's fit runs on a worker thread)
+        try:
+            return self._fit_here(plan)
+        finally:
+            self._fit_thread = None
+
+    def _fit_here(self, plan: _FitPlan) -> History:
         dataset = plan.dataset
         per_epoch = dataset.num_batches(plan.batch_size, plan.drop_last)
         counted = self._epoch_layout  # (None: a position of an older save, taken as it comes)
@@ -545,8 +620,16 @@ class Trainer:
             TypeError: a custom actor's state holds what a checkpoint cannot (named, with its
                 layer; nothing is written).
             OSError: the disk refused a file (the folder's previous checkpoint stays whole).
+            RuntimeError: a fit is running on this trainer and this call comes from another
+                thread than the fit's (its callbacks may save: they run between its steps).
         """
         from ._checkpoint import save_checkpoint
+
+        self._refuse_during_fit(
+            "save", " on another thread: its weights and counters would be read in the middle "
+            "of an update", "save from the fit's callbacks (on_epoch_end; or pass fit "
+            "checkpoint_every), or after the fit returns", own_thread=True,
+        )  # fmt: skip
 
         path = os.fspath(path)
         position = {

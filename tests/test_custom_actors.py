@@ -362,6 +362,17 @@ class BackwardTwice(ann.LayerActor):
         return await super().on_backward(key, grad, meta)
 
 
+class IntOutput(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return (await super().on_forward(key, inputs, meta)).astype(np.int64)
+
+
+class IntGradient(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        (g,) = await super().on_backward(key, grad, meta) or [None]
+        return [(g * 100).astype(np.int64)]  # a quantisation gone wrong
+
+
 @pytest.mark.parametrize(
     ("actor", "kind", "cause", "match"),
     [
@@ -384,15 +395,26 @@ class BackwardTwice(ann.LayerActor):
          r"ForwardWithoutSuper.on_forward was overridden without storing it .* super\(\)"),
         (BackwardTwice, "backward", RuntimeError,
          r"no forward state for key 0 .* at most once per key"),
+        (IntOutput, "forward", TypeError,
+         r"IntOutput.on_forward returned an output of dtype int64 where the layer's module gives a "
+         r"floating one .* return it in the run's dtype \(out.astype\('float64'\)\)"),
+        (IntGradient, "backward", TypeError,
+         r"IntGradient.on_backward gave input slot 0 \(from 'a'\) a gradient of dtype int64 for a "
+         r"float64 input; .* \(g.astype\('float64'\)\)"),
     ],
-    ids=["rows", "width", "output-dtype", "grad-rows", "grad-dtype", "no-super", "twice"],
+    ids=[
+        "rows", "width", "output-dtype", "grad-rows", "grad-dtype", "no-super", "twice",
+        "output-int", "grad-int",
+    ],
 )  # fmt: skip
 def test_a_custom_hooks_wrong_shape_or_dtype_is_an_error_of_its_own_actor(
     actor, kind, cause, match
 ):
     # (before: the loss failed on the output under its own name, the layer upstream on the
     # gradient under its, a float32 output or gradient trained on without a word, and a forward
-    # that kept nothing made the default backward fail with a bare KeyError: 0)
+    # that kept nothing made the default backward fail with a bare KeyError: 0; an integer
+    # output failed at the loss, under its name, and an integer gradient was trained on,
+    # truncated, without a word)
     _assert_fails_at_b(actor, kind, cause, match)
 
 
@@ -561,3 +583,118 @@ def test_an_output_not_in_the_runs_dtype_is_refused_where_nothing_else_tells_it(
     ) as info:  # fmt: skip
         tr.fit(data, batch_size=16)
     assert (info.value.actor, info.value.kind) == ("b", "forward")
+
+
+class NaNOutput(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return (await super().on_forward(key, inputs, meta)) * np.nan
+
+
+class NaNGradient(ann.LayerActor):
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        return [g * np.nan for g in await super().on_backward(key, grad, meta) or []]
+
+
+class NaNForwardWithoutSuper(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        out = await super().on_forward(key, inputs, meta)
+        return np.full_like(out, np.inf)
+
+
+@pytest.mark.parametrize(
+    ("actor", "kind"),
+    [(NaNOutput, "forward"), (NaNGradient, "backward"), (NaNForwardWithoutSuper, "forward")],
+    ids=["output", "gradient", "inf-output"],
+)
+def test_check_finite_blames_the_custom_hook_that_made_the_nan(actor, kind):
+    # (the checks ran inside the default hooks, before the override changed the result: the
+    # NaN output was blamed on 'loss', the NaN gradient on the parameter gradient of 'a')
+    tr = ann.Trainer(
+        _actor_on_b(actor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", check_finite=True,
+    )  # fmt: skip
+    with pytest.raises(ann.ActorError, match=rf"actor 'b' produced NaN or Inf in its {kind}"):
+        tr.fit(_data(), batch_size=16)
+
+
+class PassesOn(ann.LayerActor):
+    async def on_forward(self, key: int, inputs: list[Any], meta: dict[str, Any]) -> Any:
+        return await super().on_forward(key, inputs, meta)
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        return await super().on_backward(key, grad, meta)
+
+
+@pytest.mark.parametrize("actor", [None, PassesOn], ids=["plain", "custom"])
+def test_check_finite_checks_each_value_once(monkeypatch, actor):
+    # (a check waits for the device: a custom hook's result is checked where it is sent, and
+    # the default hook it called then checks nothing, as a plain layer's checks once)
+    from asyncnn._runtime._run import Run
+
+    seen: list[tuple[str, str]] = []
+    check = Run.check_finite
+
+    def counted(self: Any, name: str, kind: str, key: int, value: Any) -> None:
+        seen.append((name, kind))
+        check(self, name, kind, key, value)
+
+    monkeypatch.setattr(Run, "check_finite", counted)
+    tr = ann.Trainer(
+        _actor_on_b(actor or ann.LayerActor), optimizer=optim.SGD(lr=0.1),
+        policy=policies.GPipe(2), dtype="float64", check_finite=True,
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=16)  # one minibatch of 2 keys
+    for name in ("a", "b"):
+        assert seen.count((name, "forward")) == 2 and seen.count((name, "backward")) == 2
+
+
+def test_an_integer_output_where_the_module_gives_integers_passes():
+    # (the refusal of an integer output is for a module whose own output is floating)
+    g = ann.Graph()
+    ids = g.input("ids", (None, 4), dtype="int64")
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("b", nn.Identity(), ids, actor=PassesOn)
+    h = g.layer("c", nn.Sequential(nn.Embedding(5, 2), nn.Flatten(), nn.Linear(8, 3)), h)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    data = {"ids": np.arange(64).reshape(16, 4) % 5, "y": np.arange(16) % 3}
+    tr.fit(data, batch_size=16)
+    assert tr.versions["c"] == 1
+
+
+class SetupFails(ann.LayerActor):
+    def setup(self, path: str = "") -> None:
+        raise ValueError(f"no such table: {path!r}")
+
+
+class LoadFails(ann.LayerActor):
+    def actor_state(self) -> Any:
+        return {"seen": 0}
+
+    def load_actor_state(self, state: Any) -> None:
+        raise KeyError("count")  # a state of an older version of the class
+
+
+@pytest.mark.parametrize(
+    ("actor", "args", "hook", "match"),
+    [
+        (SetupFails, {"path": "t.npy"}, "setup",
+         r"actor 'b' failed in SetupFails.setup: ValueError: no such table: 't.npy'"),
+        (LoadFails, {}, "load_actor_state",
+         r"actor 'b' failed in LoadFails.load_actor_state: KeyError: 'count'"),
+    ],
+    ids=["setup", "load"],
+)  # fmt: skip
+def test_a_setup_or_state_load_that_raises_names_the_layer(actor, args, hook, match):
+    # (the error came out bare, naming no layer: "ValueError: no such table", "KeyError: 'count'")
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("b", nn.Linear(6, 3), x, actor=actor, actor_args=args)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    tr.state.actor_states["b"] = {"seen": 1}
+    with pytest.raises(ann.ActorError, match=match) as info:
+        tr.fit(_data(), batch_size=16)
+    assert (info.value.actor, info.value.kind, info.value.key) == ("b", hook, None)
+    assert type(info.value.__cause__) is (ValueError if hook == "setup" else KeyError)

@@ -136,3 +136,52 @@ def test_range_checks_are_made_once_per_run_and_only_where_there_is_something_to
         [nn.Linear(4, 2)], loss=nn.MSELoss(), input_shape=(None, 4), label_shape=(None, 2)
     )
     assert range_checks(mse, validate(mse)) == []  # a step there pays nothing for it
+
+
+def _regression_graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Linear(3, 3)], loss=nn.MSELoss(), stages=1, input_shape=(None, 3),
+        label_shape=(None, 3), label_dtype="float32",
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("wrap", [np.asmatrix, lambda a: a.view(np.memmap)], ids=["matrix", "view"])
+async def test_step_takes_a_numpy_subclass_as_the_plain_array_it_holds(wrap: Any) -> None:
+    # (a float64 np.matrix in a float32 run kept its class through the cast, and the loss failed
+    # on it: "actor 'loss' ... shapes (8,3) and (8,3) not aligned"; fit trains on it)
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+    losses = []
+    for given in ({"x": x, "y": t}, {"x": wrap(x), "y": wrap(t)}):
+        async with ann.open_run(
+            _regression_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+        ) as run:
+            await run.step(given)
+            await run.drain()
+        losses.append(run.losses[0])
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+async def test_step_refuses_a_masked_array_as_fit_does(dtype: str) -> None:
+    # (float64: "actor 'stage0' ... could not be broadcast"; float32, the run's dtype: accepted,
+    # and the values under the mask trained on; fit refuses it)
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((8, 3)).astype(dtype), rng.standard_normal((8, 3)).astype("float32")
+    masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
+    masked.mask[0, 0] = True
+    async with ann.open_run(
+        _regression_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+    ) as run:
+        await run.step({"x": x.astype("float32"), "y": t})  # its signature, but a plain array
+        with pytest.raises(
+            TypeError, match=r"input 'x' is a masked array: its masked entries would be read as "
+            r"the values stored under the mask; fill them \(x.filled\(value\)\)",
+        ):  # fmt: skip
+            await run.step({"x": masked, "y": t})
+        assert run.minibatches == 1  # refused before any key went in
+        await run.drain()
+    assert sorted(run.losses) == [0]

@@ -13,6 +13,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
+from asyncnn._math._pytree import tree_leaves
 
 from _reference import chain_graph
 from _run_cases import _data, _silent_graph, _sync_run, _trainer
@@ -328,3 +329,63 @@ async def test_a_custom_split_and_a_bad_max_in_flight_are_checked():
     with pytest.raises(ValueError, match=r"NoneInFlight.max_in_flight\(3\) returned 0"):
         async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), NoneInFlight(2)):
             pass
+
+
+@pytest.mark.anyio
+async def test_open_run_casts_a_state_of_another_dtype_to_the_runs():
+    # (float32 weights and Adam buffers given to a float64 run stayed float32 for the whole
+    # run, where Trainer.params = ... and Trainer.load(dtype=...) convert)
+    g = chain_graph(2)
+    given = ann.Trainer(g, optimizer=optim.Adam(lr=0.1), policy=policies.Sync()).state
+    async with ann.open_run(
+        g, optimizer=optim.Adam(lr=0.1), policy=policies.Sync(), dtype="float64", state=given
+    ) as run:
+        for name in g.layers:
+            for leaf in tree_leaves(run.state().params[name]):
+                assert leaf.dtype == np.float64
+            for leaf in tree_leaves(run.state().opt_states[name]):
+                assert getattr(leaf, "dtype", None) != np.float32  # (a step count is an int)
+        await run.step(_data(n=8))
+        await run.drain()
+    assert {leaf.dtype for leaf in tree_leaves(run.params)} == {np.dtype("float64")}
+    # the caller's state is left as it was
+    assert {leaf.dtype for leaf in tree_leaves(given.params)} == {np.dtype("float32")}
+
+
+@pytest.mark.anyio
+async def test_open_run_refuses_a_state_of_other_shapes_naming_the_place():
+    # (found only at the first forward, as the layer's error)
+    g = chain_graph(2)
+    other = ann.Trainer(
+        chain_graph(2, width=7), optimizer=optim.SGD(lr=0.1), policy=policies.Sync()
+    )
+    with pytest.raises(
+        ValueError, match=r"open_run: state.params\['stage0'\]\[0\]\['bias'\] has shape \(7,\); "
+        r"the layer's is \(6,\)",
+    ):  # fmt: skip
+        async with ann.open_run(
+            g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), state=other.state
+        ):
+            pass
+
+
+@pytest.mark.anyio
+async def test_an_on_loss_callback_that_raises_is_named_as_the_callers_not_the_losss():
+    # (it was "actor 'loss' failed on forward of key 0", or, where the loss ran in the task of
+    # the layer before it, "actor 'stage1' failed": the loss computed well)
+    def on_loss(minibatch: int, loss: float, rows: int) -> None:
+        raise ZeroDivisionError("the logger's own bug")
+
+    with pytest.raises(
+        ann.ActorError, match=r"^the on_loss function given to open_run raised "
+        r"ZeroDivisionError: the logger's own bug \(called as on_loss\(0, .*, 8\)\); the loss "
+        r"was computed: the error is in that function, not in an actor$",
+    ) as info:  # fmt: skip
+        async with ann.open_run(
+            chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+            on_loss=on_loss,
+        ) as run:  # fmt: skip
+            await run.step(_data(n=8))
+            await run.drain()
+    assert (info.value.actor, info.value.kind) == ("on_loss", "callback")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,3 +225,72 @@ def test_evaluate_reports_accuracy_only_for_class_index_labels() -> None:
     )  # fmt: skip
     tr = ann.Trainer(column, optimizer=optim.SGD(lr=0.01), policy=policies.Sync())
     assert set(tr.evaluate({"x": x, "y": rng.integers(0, 3, (40, 1))})) == {"loss"}
+
+
+class _FitsAgain(ann.callbacks.Callback):
+    """Calls ``fit`` on its own trainer from inside the running fit, keeping what it raised."""
+
+    def __init__(self, data: dict[str, np.ndarray]) -> None:
+        self.data = data
+        self.refused: list[BaseException] = []
+
+    def on_step_end(self, trainer: Any, minibatch: int, logs: dict[str, Any]) -> None:
+        if minibatch == 0:
+            try:
+                trainer.fit(self.data, batch_size=8)
+            except RuntimeError as exc:
+                self.refused.append(exc)
+
+
+@pytest.mark.timeout(60)
+def test_a_fit_inside_a_running_fit_is_refused() -> None:
+    # (it ran on a worker thread, and the outer fit's state then replaced the inner one's: its
+    # updates vanished without a word)
+    data = _data(n=32)
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2))
+    again = _FitsAgain(data)
+    tr.fit(data, batch_size=8, callbacks=[again])
+    (refused,) = again.refused
+    assert str(refused).startswith("fit: a fit is already running on this trainer")
+    assert "wait for it to return" in str(refused) and "another Trainer" in str(refused)
+    assert tr.versions == {"stage0": 4, "stage1": 4} and tr.epochs_done == 1
+    tr.fit(data, batch_size=8)  # once it has returned, the next fit runs
+    assert tr.versions == {"stage0": 8, "stage1": 8} and tr.epochs_done == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_fit_from_another_thread_while_one_runs_is_refused(tmp_path: Any) -> None:
+    # (both returned their losses, and the trainer kept one fit's training: versions 4 where
+    # two fits of 4 steps had run)
+    data = _data(n=32)
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2))
+    inside, release = threading.Event(), threading.Event()
+
+    class Holds(ann.callbacks.Callback):
+        def on_step_end(self, trainer: Any, minibatch: int, logs: dict[str, Any]) -> None:
+            if minibatch == 0:
+                trainer.save(tmp_path / "from-its-own-callback")  # the fit's own thread: fine
+                inside.set()
+                release.wait(30)
+
+    done: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: done.append(tr.fit(data, batch_size=8, callbacks=[Holds()]))
+    )
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(RuntimeError, match=r"^fit: a fit is already running on this trainer"):
+            tr.fit(data, batch_size=8)
+        with pytest.raises(RuntimeError, match=r"^params: a fit is already running on this"):
+            tr.params = tr.params
+        with pytest.raises(RuntimeError, match=r"^save: a fit is already running on this"):
+            tr.save(tmp_path / "from-another-thread")
+        assert not (tmp_path / "from-another-thread").exists()
+    finally:
+        release.set()
+        worker.join(30)
+    assert len(done) == 1 and len(done[0].losses) == 4
+    assert tr.versions == {"stage0": 4, "stage1": 4} and tr.epochs_done == 1
+    tr.params = tr.params  # once it has returned, all of them go through
+    tr.save(tmp_path / "after")

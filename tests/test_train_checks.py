@@ -63,6 +63,9 @@ def test_fit_checks_the_data_first():
         tr.fit({"x": data["x"], "y": -np.ones(40, dtype=np.int64)}, batch_size=8)
     with pytest.raises(ValueError, match="validation_data needs the input 'y'"):
         tr.fit(data, batch_size=8, validation_data={"x": data["x"]})
+    # (the shape error said so; the label's did not: "input 'y': label 3 ...")
+    with pytest.raises(ValueError, match=r"^validation_data: input 'y': label 3 at row 13 "):
+        tr.fit(data, batch_size=8, validation_data=labels)
     assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
     tr.fit(nan, batch_size=40, check_data=False)  # the switch skips the checks
     assert np.isnan(tr.history.losses[0])

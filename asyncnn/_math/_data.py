@@ -99,16 +99,28 @@ def has_numpy_dtype(array: Any) -> bool:
     return True
 
 
+def _plain_ndarray(name: str, array: np.ndarray[Any, Any], what: str = "field") -> Any:
+    """A numpy array (of a subclass: ``np.matrix``, ``np.memmap``) as a plain ndarray view of
+    its data, no copy (np.matrix would stay 2-d when indexed, and keep its ``*`` as a matrix
+    product through a cast); a masked array refused, naming it as ``what`` (``"field"`` of a
+    dataset, ``"input"`` of a batch).
+
+    Raises:
+        TypeError: ``array`` is a masked array.
+    """
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"{what} {name!r} is a masked array: its masked entries would be read as the values "
+            f"stored under the mask; fill them ({name}.filled(value)) or drop those rows first"
+        )
+    return np.asarray(array)
+
+
 def _as_array(name: str, array: Any) -> Any:
     """One field of a dataset as an array that rows can be taken from (see
     :class:`ArrayDataset`)."""
-    if isinstance(array, np.ma.MaskedArray):
-        raise TypeError(
-            f"field {name!r} is a masked array: its masked entries would be read as the values "
-            f"stored under the mask; fill them ({name}.filled(value)) or drop those rows first"
-        )
     if isinstance(array, np.ndarray):
-        return np.asarray(array)  # a subclass (np.matrix would stay 2-d when indexed): a view
+        return _plain_ndarray(name, array)
     if hasattr(array, "shape") and is_cupy_array(array):
         return array
     if hasattr(array, "iloc"):  # pandas: an index array selects rows by label, not position

@@ -275,6 +275,10 @@ class LayerActor(Serving, HookChecks):
             out = await self.on_forward(key, inputs, meta)
             if self.checks_output:
                 self._check_output(out, inputs)
+                # what the hook returned, where it is sent: the default on_forward it may have
+                # called left its check to here (its result is not what goes on)
+                if self.ctx.checks_finite:
+                    await self._check_finite(FORWARD, key, out, inputs)
             tensors = self._outputs(key, out)
         for (c_name, slot), out in zip(self.consumers, tensors, strict=True):
             msg = Message(FORWARD, key, self.version, self.name, c_name, slot, out, meta)
@@ -338,7 +342,9 @@ class LayerActor(Serving, HookChecks):
             apply = self._apply if self.graphs is None else self.graphs.apply
             out = await self.compute(apply, params, inputs, self._rng(key), cost=self._cost(rows))
             self._hold(key, (None, version, inputs), inputs, out)
-        if self.ctx.checks_finite:
+        if self.ctx.checks_finite and not self.checks_output:
+            # (a custom on_forward's result is checked where it is sent, see _forward: one
+            # check per value, each a wait for the device)
             await self._check_finite(FORWARD, key, out, inputs)
         return out
 
@@ -399,7 +405,7 @@ class LayerActor(Serving, HookChecks):
                     await self.on_backward_input(key, await self._output_grad(parts), meta),
                 )
                 if self.checks_grads:
-                    self._check_grad_shapes("on_backward_input", key, input_grads)
+                    await self._check_grads("on_backward_input", key, input_grads)
             self.weight_due[key] = meta
             await self._send_grads(key, used, input_grads, meta)
             return
@@ -412,12 +418,20 @@ class LayerActor(Serving, HookChecks):
                 "on_backward", await self.on_backward(key, await self._output_grad(parts), meta)
             )
             if self.checks_grads:
-                self._check_grad_shapes("on_backward", key, input_grads)
+                await self._check_grads("on_backward", key, input_grads)
         # done before the gradients leave (the update, if due, is applied already): a cluster
         # worker's report then rides with them instead of waking the driver on its own
         self.stats.backwards += 1
         self.ctx.backward_done(self.name, key)
         await self._send_grads(key, used, input_grads, meta)
+
+    async def _check_grads(self, hook: str, key: int, input_grads: list[Any] | None) -> None:
+        """A custom backward hook's input gradients, where they are sent: shapes and dtypes,
+        then (``check_finite``) NaN and Inf, which the default hook it may have called left to
+        here (its result is not what goes upstream)."""
+        self._check_grad_shapes(hook, key, input_grads)
+        if self.ctx.checks_finite:
+            await self._check_finite(BACKWARD, key, input_grads)
 
     async def _backward_weight(self, key: int) -> None:
         meta = self.weight_due.pop(key)
@@ -470,7 +484,7 @@ class LayerActor(Serving, HookChecks):
                     lambda: self._vjp(weights, inputs, self._rng(key))[1], cost=self._cost(rows)
                 )
             param_grads, input_grads = await self.compute(pullback, grad, cost=2 * self._cost(rows))
-        if self.ctx.checks_finite:
+        if self.ctx.checks_finite and not self.checks_grads:  # (a custom hook's: _check_grads)
             await self._check_finite(BACKWARD, key, input_grads)
         await self._settle(param_grads, meta, forward_version)
         return list(input_grads)
@@ -487,7 +501,7 @@ class LayerActor(Serving, HookChecks):
         rows = int(meta.get("rows", 1))
         input_grads, weight_pullback = await self.compute(pullback, grad, cost=self._cost(rows))
         self.store[key] = (weight_pullback, forward_version, inputs)
-        if self.ctx.checks_finite:
+        if self.ctx.checks_finite and not self.checks_grads:  # (a custom hook's: _check_grads)
             await self._check_finite(BACKWARD, key, input_grads)
         return list(input_grads)
 

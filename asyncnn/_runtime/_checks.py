@@ -15,7 +15,7 @@ import numpy as np
 from asyncnn._errors import GraphError
 from asyncnn._math._data import has_numpy_dtype
 from asyncnn._math._ops_nn import id_range
-from asyncnn._math._pytree import tree_leaves
+from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import array_namespace, get_backend, is_cupy_array, is_floating, to_numpy
 
 if TYPE_CHECKING:
@@ -178,9 +178,22 @@ def _first_bad_row(arr: Any) -> int:
     return int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
 
 
-def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, tuple[int, ...]]:
+def validate(
+    graph: Graph,
+    dtype: str = "float32",
+    rows: int = 2,
+    param_shapes: dict[str, Any] | None = None,
+) -> dict[str, tuple[int, ...]]:
     """Checks ``graph`` before any training compute: wiring, then shapes and dtypes by evaluating
     every node on ``rows`` rows of zeros. Returns each node's output shape.
+
+    Args:
+        graph: the network.
+        dtype: the run's floating dtype.
+        rows: the rows of the zeros each node is evaluated on.
+        param_shapes: filled, where given, with each layer's parameters as the evaluation made
+            them, each array as a :class:`ParamShape` (its shape and dtype, no data): a state
+            given to a run is checked against them without initialising the layers again.
 
     Raises:
         GraphError: naming the node, its module and the shapes it was given.
@@ -206,7 +219,7 @@ def validate(graph: Graph, dtype: str = "float32", rows: int = 2) -> dict[str, t
             # Zeros may well give log(0) and the like: only shapes and dtypes are checked here.
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out = _evaluate_node(node, args, dtype)
+                out = _evaluate_node(node, args, dtype, param_shapes)
         except Exception as exc:
             # an input declared as one number per row is the usual cause of a shape error: say
             # how to declare it (a TypeError is of a dtype: float labels, float token ids)
@@ -298,11 +311,27 @@ def first_not_finite(tree: Any, path: str = "") -> str | None:
     return None if bool(array_namespace(tree).isfinite(tree).all()) else path
 
 
-def _evaluate_node(node: Any, args: list[Any], dtype: str) -> Any:
+@dataclass(frozen=True)
+class ParamShape:
+    """A parameter array's shape and dtype, without its data (see :func:`validate`)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def _param_shape(leaf: Any) -> Any:
+    return ParamShape(tuple(leaf.shape), leaf.dtype) if hasattr(leaf, "shape") else leaf
+
+
+def _evaluate_node(
+    node: Any, args: list[Any], dtype: str, param_shapes: dict[str, Any] | None = None
+) -> Any:
     if node.kind == "layer":
         # a node placed on a worker is checked on the host: its GPU may be on another machine
         backend = get_backend("cpu" if node.worker is not None else node.device)
         params = node.module.init(0, backend=backend, dtype=dtype)
+        if param_shapes is not None:
+            param_shapes[node.name] = tree_map(_param_shape, params)
         with backend.activate():  # on the node's GPU, whichever device is current
             return node.module(params, *[backend.asarray(a) for a in args])
     return node.module({}, *args)

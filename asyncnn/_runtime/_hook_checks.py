@@ -1,10 +1,11 @@
 """The checks of what a user's hooks return: a custom actor's ``on_forward`` output (its rows,
-trailing shape and floating dtype), its backward hooks' gradients (one per input slot, each
-shaped and typed like its input), and, with ``check_finite``, its parameters' gradients. Each
-refuses, under the custom actor's own name and hook, what would otherwise fail later at another
-node under that node's name, or train on without a word. Apart from ``_actors.py``, which holds
-what each operation computes, because these only judge its results; asyncnn's own hooks give
-them right by construction and skip the checks.
+trailing shape and dtype: floating where the module's is), its backward hooks' gradients (one
+per input slot, each shaped and typed like its input, floating for a floating input), and, with
+``check_finite``, its parameters' gradients. Each refuses, under the custom actor's own name
+and hook, what would otherwise fail later at another node under that node's name, or train on
+without a word. Apart from ``_actors.py``, which holds what each operation computes, because
+these only judge its results; asyncnn's own hooks give them right by construction and skip the
+checks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ class HookChecks:
     grad_targets: list[tuple[int, str, int]]
     #: the number of input slots
     n_inputs: int
+    #: whether the node's module gives a floating output (None: not asked yet, see
+    #: :meth:`_module_output_floating`)
+    _output_floating: bool | None = None
+    #: the node's parameters, the module applied to them, and a key's random stream
+    params: Any
+    _apply: Any
+    _rng: Any
 
     def _check_output(self, out: Any, inputs: list[Any]) -> None:
         """Refuses a custom ``on_forward``'s output whose rows, trailing shape (where the inputs
@@ -63,16 +71,42 @@ class HookChecks:
                     "shape"
                 )
         dtype = getattr(out, "dtype", None)
-        if dtype is not None and is_floating(dtype):
+        if dtype is None:
+            return
+        want_dtype = self.ctx.dtype
+        if is_floating(dtype):
             # the run's (a layer without floating parameters on integer inputs has nothing
             # else to tell it by)
-            want_dtype = self.ctx.dtype
             if dtype != want_dtype:
                 raise TypeError(
                     f"{hook} returned a {dtype} output in a {want_dtype} run; return it in the "
                     f"run's dtype (out.astype({str(want_dtype)!r})): its consumers would compute "
                     f"in {dtype} without a word"
                 )
+        elif self._module_output_floating(inputs):
+            raise TypeError(
+                f"{hook} returned an output of dtype {dtype} where the layer's module gives a "
+                f"floating one"
+                f" ({want_dtype} in this run), which the graph checked its consumers "
+                "against and the backward differentiates; return it in the run's dtype "
+                f"(out.astype({str(want_dtype)!r})): its consumers would fail on it under "
+                "their own names, or compute on truncated values"
+            )
+
+    def _module_output_floating(self, inputs: list[Any]) -> bool:
+        """Whether the node's module gives a floating output for ``inputs`` (their first row);
+        found once, on the first non-floating output a custom ``on_forward`` returns (a module
+        may give integers, ids for an Embedding, which a hook then returns rightly)."""
+        known = self._output_floating
+        if known is None:
+            try:
+                first = [x[:1] for x in inputs]
+                out = self._apply(self.params, first, self._rng(0))
+                known = bool(is_floating(out.dtype))
+            except Exception:  # noqa: BLE001 - no answer: the output is let through, as before
+                known = False
+            self._output_floating = known
+        return known
 
     def _check_grad_shapes(self, hook: str, key: int, grads: list[Any] | None) -> None:
         """Refuses a custom backward hook's gradient whose shape or floating dtype is not that
@@ -93,10 +127,20 @@ class HookChecks:
                     "return one gradient shaped like its input (None for no gradient)"
                 )
             dtype = getattr(grad, "dtype", None)
-            if dtype is not None and dtype != want_dtype and is_floating(dtype):
+            if dtype is None or dtype == want_dtype:
+                continue
+            if is_floating(dtype):
                 raise TypeError(
                     f"{self._gave(hook, slot, src)} a {dtype} gradient for a {want_dtype} input; return it in its "
                     f"input's dtype (g.astype({str(want_dtype)!r}))"
+                )
+            if is_floating(want_dtype):
+                raise TypeError(
+                    f"{self._gave(hook, slot, src)} a gradient of dtype {dtype} for a {want_dtype} "
+                    "input; the gradient "
+                    "of a floating input must be floating, in its input's dtype "
+                    f"(g.astype({str(want_dtype)!r})): the layer upstream would train on "
+                    "truncated values"
                 )
 
     def _gave(self, hook: str, slot: int, src: str) -> str:

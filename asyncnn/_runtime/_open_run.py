@@ -9,17 +9,22 @@ as one job, and the scheduler does not import what only the assembling needs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
+
 from asyncnn._errors import GraphError
-from asyncnn.backends import DevicePool
+from asyncnn._math._pytree import tree_leaves, tree_map
+from asyncnn.backends import DevicePool, is_floating
 
 from ._checks import check_cuda_graphs, validate
 from ._config import RunConfig
 from ._graph import Graph
 from ._lifecycle import Share, hosting, maybe_pool, open_recorder, recording
+from ._param_checks import check_params
 from ._policies import Policy
 from ._run import Run
 from ._state import RunState, init_state
@@ -68,11 +73,15 @@ async def open_run(
         seed: seeds parameter initialisation (per module of a sequential chain, else per
             node) and dropout.
         dtype: the floating dtype of parameters and float inputs.
-        state: start from these weights and optimizer states (default: fresh ones).
+        state: start from these weights and optimizer states (default: fresh ones); their
+            floating arrays are cast to ``dtype`` (as ``Trainer.params = ...`` casts), in a new
+            state: the one given is left as it is.
         pool: a device pool to use (default: one opened for the run).
         stall_timeout: seconds without progress, while keys are in flight, before failing.
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
-        on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known.
+        on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known;
+            an exception it raises ends the run as an :class:`~asyncnn.ActorError` whose
+            ``actor`` is ``"on_loss"`` (kind ``"callback"``), with that exception as its cause.
         validated: skip the checks of :func:`validate` (the caller has run them).
         trace: write a message trace of the run to this file (see ``asyncnn.trace``).
         trace_payloads: which tensors the trace keeps besides their digests: ``"inputs"`` (the
@@ -99,7 +108,8 @@ async def open_run(
             None.
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
-            some of the graph's layers.
+            some of the graph's layers or whose parameters have another structure or shapes
+            than the graph's (checked with the graph, so not where ``validated``).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
     given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
@@ -111,6 +121,8 @@ async def open_run(
             f"(config={config}, and separately {given})"
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
+    if state is not None:
+        state = _in_dtype(state, config.dtype)
     if cluster is not None:
         # the workers' actors stay eager: graphs need every actor in one process
         if config.cuda_graphs is None:
@@ -129,7 +141,12 @@ async def open_run(
             yield remote_run
         return
     if not validated:
-        validate(graph, config.dtype)
+        # (the layers' parameters as validation makes them anyway: a state is checked against
+        # their shapes at no further cost)
+        like: dict[str, Any] | None = None if state is None else {}
+        validate(graph, config.dtype, param_shapes=like)
+        if state is not None and like is not None:
+            _check_state_shapes(graph, state, like)
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
     recorder = open_recorder(config, graph, optimizer, policy, state)
@@ -184,3 +201,47 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
                 f"{sorted(getattr(state, field))}); pass the state of a run of this graph, or "
                 "state=None for fresh weights"
             )
+
+
+def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:
+    """Refuses a ``state`` whose parameters have another structure or shapes than the graph's
+    layers (``like``: :func:`validate`'s), as ``Trainer.params = ...`` does; a layer would
+    otherwise fail on them at its first forward, under its own name, or broadcast them.
+
+    Raises:
+        ValueError: naming the layer, the place in its parameters and what differs.
+    """
+    for name in graph.layers:
+        try:
+            check_params(name, like[name], state.params[name], owner="state.params")
+        except ValueError as exc:
+            raise ValueError(
+                f"open_run: {exc}; pass the state of a run of this graph (run.state(), "
+                "Trainer.state), or state=None for fresh weights"
+            ) from None
+
+
+def _in_dtype(state: RunState, dtype: str) -> RunState:
+    """``state`` with its floating arrays (weights, optimizer buffers, pending gradients) in the
+    run's ``dtype``, as ``Trainer.params = ...`` and ``Trainer.load(dtype=...)`` convert them:
+    a state of another dtype would otherwise keep its weights and updates in that dtype for the
+    whole run, with the inputs in the run's. ``state`` itself where nothing differs (no copy);
+    else a new one (the caller's is left as it was)."""
+    want = np.dtype(dtype)
+
+    def differs(leaf: Any) -> bool:
+        got = getattr(leaf, "dtype", None)
+        return got is not None and got != want and is_floating(got)
+
+    def cast(leaf: Any) -> Any:
+        return leaf.astype(want) if differs(leaf) else leaf
+
+    trees = (state.params, state.opt_states, state.pending_grads)
+    if not any(differs(leaf) for tree in trees for leaf in tree_leaves(tree)):
+        return state
+    return dataclasses.replace(
+        state,
+        params=tree_map(cast, state.params),
+        opt_states=tree_map(cast, state.opt_states),
+        pending_grads=tree_map(cast, state.pending_grads),
+    )

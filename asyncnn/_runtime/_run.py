@@ -18,6 +18,7 @@ import anyio
 import numpy as np
 
 from asyncnn._errors import ActorError, GraphError
+from asyncnn._math._data import _plain_ndarray
 from asyncnn._math._pytree import tree_map
 from asyncnn.backends import (
     DevicePool,
@@ -33,6 +34,7 @@ from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
+from ._hook_checks import _custom_hook
 from ._lifecycle import close_channels, pool_spec
 from ._loss_actor import LossActor
 from ._messages import END, FORWARD, Message
@@ -256,7 +258,18 @@ class Run(RunGuards):
             total = math.fsum(pending.values)
             self.losses[mb] = total
             if self._on_loss is not None:
-                self._on_loss(mb, total, int(meta["mb_rows"]))
+                rows = int(meta["mb_rows"])
+                try:
+                    self._on_loss(mb, total, rows)
+                except Exception as exc:
+                    # the caller's function failed, not the loss actor that reported the loss
+                    # (as an ActorError, which the actors pass on unwrapped, not as their own)
+                    raise ActorError(
+                        "on_loss", "callback", key,
+                        f"the on_loss function given to open_run raised {type(exc).__name__}: "
+                        f"{exc} (called as on_loss({mb}, {total!r}, {rows})); the loss was "
+                        "computed: the error is in that function, not in an actor",
+                    ) from exc  # fmt: skip
             self._notify()  # drain waits for the losses too
 
     def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
@@ -338,7 +351,9 @@ class Run(RunGuards):
             ValueError: a missing or unknown input, a wrong shape or dtype, no rows; an id or a
                 label out of range (naming the input, the value, its row and the node).
             TypeError: a batch that is not a dict of input name to array, or an input that is
-                not an array (a list, say) or whose dtype numpy does not know (a torch tensor).
+                not an array (a list, say), whose dtype numpy does not know (a torch tensor),
+                or that is a masked array (another numpy subclass, ``np.matrix``, is taken as
+                the plain array of its data, as ``Trainer.fit`` takes it).
             RuntimeError: the ``open_run`` block was left, an earlier step was cut off, or the
                 call came from another thread than the run's loop (use
                 ``trio.from_thread.run`` or ``anyio.from_thread.run`` there).
@@ -368,6 +383,11 @@ class Run(RunGuards):
             # buffer for the next batch meanwhile.
             # Data may live on a GPU already (a cupy array): it then stays there.
             src = batch[name]
+            if type(src) is not np.ndarray and isinstance(src, np.ndarray):
+                # a subclass keeps its class through the cast and the copy below (np.matrix
+                # multiplies as matrices in the actors): its plain view, as fit takes it; a
+                # masked array refused (its masked entries would be trained on), as fit does
+                src = _plain_ndarray(name, src, "input")
             if floating and getattr(src, "dtype", self.dtype) != self.dtype:
                 arrays[name] = src.astype(self.dtype)  # a cast copies already
                 continue
@@ -577,6 +597,8 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
         raise GraphError(
             said if said.startswith(where) else f"{where}{cls.__name__}.setup: {said}"
         ) from exc
+    except Exception as exc:  # the user's set-up failed: as its actor's error, by name
+        raise _hook_failed(node.name, cls, "setup", exc) from exc
     if inspect.isawaitable(done):  # an awaitable made another way than by an async def
         getattr(done, "close", lambda: None)()
         raise GraphError(
@@ -585,7 +607,22 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
             "None"
         )
     if state is not None:
-        actor.load_actor_state(copy.deepcopy(state))
+        state = copy.deepcopy(state)
+        if not _custom_hook(cls, "load_actor_state"):
+            actor.load_actor_state(state)  # (asyncnn's own: its refusal names the layer)
+            return
+        try:
+            actor.load_actor_state(state)
+        except Exception as exc:
+            raise _hook_failed(node.name, cls, "load_actor_state", exc) from exc
+
+
+def _hook_failed(name: str, cls: type, hook: str, exc: Exception) -> ActorError:
+    """The error of a custom actor's set-up hook that raised (it names no layer itself)."""
+    return ActorError(
+        name, hook, None,
+        f"actor {name!r} failed in {cls.__name__}.{hook}: {type(exc).__name__}: {exc}",
+    )  # fmt: skip
 
 
 def _ready_events(parts: Collection[Any]) -> dict[int, Any]:
