@@ -14,13 +14,44 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
-__all__ = ["DEFAULT_SWITCH_INTERVAL", "SWITCH_INTERVALS"]
+from ._checks import check_number
 
-#: The switch interval (seconds) a team asks for by default: how long a worker back from a BLAS
-#: call may wait for the GIL at most. On a lent 16-core host at batch 64 (session 26) the MLP
-#: ran 8% faster under ``Sync`` and 13-17% faster under ``Async`` at 5e-5 than at Python's 5e-3.
-DEFAULT_SWITCH_INTERVAL = 5e-5
+__all__ = [
+    "AUTO_SWITCH_INTERVAL",
+    "AUTO_SWITCH_WORKERS",
+    "SWITCH_INTERVALS",
+    "auto_interval",
+    "check_switch_interval",
+]
+
+#: The switch interval (seconds) a team of :data:`AUTO_SWITCH_WORKERS` workers or more asks for
+#: by default (``switch_interval="auto"``). On lent 16-core hosts at batch 64 (session 26,
+#: medians of 3 interleaved runs, the MLP of ``bench_parallel.py``) it beat Python's 5 ms in 14
+#: of 18 pairs of runs: in one probe by 8% under ``Sync`` and 13-17% under ``Async``, in the
+#: other within that host's noise.
+AUTO_SWITCH_INTERVAL = 5e-5
+#: Below this many workers ``"auto"`` leaves Python's interval alone: with 2 workers on 2 cores
+#: the same probe lost in 7 of 9 pairs (more forced switches between three busy threads), and
+#: on the 2-core VM it was within the noise.
+AUTO_SWITCH_WORKERS = 8
+
+
+def check_switch_interval(value: Any) -> None:
+    """Raises an error naming ``switch_interval`` unless ``value`` is ``"auto"``, None or a
+    finite number of seconds of at least 1e-6 (the interpreter counts whole microseconds)."""
+    if isinstance(value, str) and value != "auto":
+        raise TypeError(f"switch_interval must be a number, 'auto' or None, got {value!r}")
+    if value != "auto":
+        check_number("switch_interval", value, integer=False, least=1e-6, finite=True,
+                     none_ok=True)  # fmt: skip
+
+
+def auto_interval(workers: int) -> float | None:
+    """The interval ``switch_interval="auto"`` asks for in a team of ``workers`` (None: leave
+    Python's own)."""
+    return AUTO_SWITCH_INTERVAL if workers >= AUTO_SWITCH_WORKERS else None
 
 
 class _SwitchIntervals:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ._blas import (
 )
 from ._checks import check_flag, check_number
 from ._dispatch import _state, current_team, elementwise, matmul, narrowed, using_team
-from ._gil import DEFAULT_SWITCH_INTERVAL, SWITCH_INTERVALS
+from ._gil import SWITCH_INTERVALS, auto_interval, check_switch_interval
 
 __all__ = [
     "DEFAULT_PART_ELEMENTS",
@@ -159,7 +159,8 @@ class ComputeTeam:
             that a thread running Python holds (Python's own is 5 ms, ten to a hundred of the
             team's parts). Process-wide, as BLAS's thread count: the team opened last sets it,
             and the interval from before the first returns when the last closes. ``None``
-            leaves it as it is.
+            leaves it as it is; ``"auto"`` asks for 5e-5 s in a team of 8 workers or more and
+            leaves it below (see ``docs/cpu.md``).
         name: prefix of the worker threads' names.
         on_exit: called by each worker thread as it stops (after :meth:`shutdown` or
             :meth:`close`), so that an event loop can wait for the workers without blocking.
@@ -173,7 +174,7 @@ class ComputeTeam:
         part_flops: int = DEFAULT_PART_FLOPS,
         part_elements: int = DEFAULT_PART_ELEMENTS,
         split: bool = True,
-        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
+        switch_interval: float | Literal["auto"] | None = "auto",
         name: str = "asyncnn-team",
         on_exit: Callable[[], object] | None = None,
     ) -> None:
@@ -187,10 +188,15 @@ class ComputeTeam:
         check_number("part_flops", part_flops, integer=False, least=1, finite=True)
         check_number("part_elements", part_elements, integer=False, least=1, finite=True)
         check_flag("split", split)
-        check_number("switch_interval", switch_interval, integer=False, least=1e-6,
-                     finite=True, none_ok=True)  # fmt: skip
+        check_switch_interval(switch_interval)
         self._n = int(workers)
-        self._switch_interval = None if switch_interval is None else float(switch_interval)
+        self._switch_interval = (
+            auto_interval(self._n)
+            if switch_interval == "auto"
+            else None
+            if switch_interval is None
+            else float(switch_interval)
+        )
         self._blas_threads = blas_threads
         self._part_flops = int(part_flops)
         self._part_elements = int(part_elements)

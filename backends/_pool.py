@@ -26,14 +26,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
 from ._checks import check_flag, check_number
-from ._gil import DEFAULT_SWITCH_INTERVAL
+from ._gil import check_switch_interval
 from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
 from ._registry import get_backend
 
@@ -135,7 +135,7 @@ class DevicePool:
         blas_threads: int | None = None,
         split: bool = False,
         part_flops: int = DEFAULT_PART_FLOPS,
-        switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
+        switch_interval: float | Literal["auto"] | None = "auto",
     ) -> None:
         self._n = cpu_workers
         self._inline_flops = inline_flops
@@ -457,7 +457,7 @@ async def open_device_pool(
     inline_flops: float = DEFAULT_INLINE_FLOPS,
     split: bool | None = None,
     part_flops: int = DEFAULT_PART_FLOPS,
-    switch_interval: float | None = DEFAULT_SWITCH_INTERVAL,
+    switch_interval: float | Literal["auto"] | None = "auto",
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
@@ -482,7 +482,8 @@ async def open_device_pool(
         switch_interval: the interpreter's switch interval while the pool is open, so that a
             worker back from BLAS gets the GIL soon from a thread running Python (process-wide;
             the interval from before returns when the last pool or team closes; ``None``
-            leaves it as it is; see :class:`ComputeTeam`).
+            leaves it as it is; ``"auto"``: 5e-5 s with 8 workers or more, else as it is; see
+            :class:`ComputeTeam`).
 
     Example::
 
@@ -496,8 +497,7 @@ async def open_device_pool(
     check_number("inline_flops", inline_flops, integer=False, least=-math.inf)
     check_number("part_flops", part_flops, integer=False, least=1, finite=True)
     check_flag("split", split, none_ok=True)
-    check_number("switch_interval", switch_interval, integer=False, least=1e-6, finite=True,
-                 none_ok=True)  # fmt: skip
+    check_switch_interval(switch_interval)
     pool = DevicePool(
         n,
         inline_flops,

@@ -1,6 +1,7 @@
 """The interpreter's switch interval while compute teams and pools are open
 (``backends/_gil.py``): the interval of the newest open team applies, the one from before
-returns once the last one closes, in any order, and ``None`` leaves it alone."""
+returns once the last one closes, in any order; ``None`` leaves it alone, and ``"auto"`` (the
+default) asks for a short one in a team of many workers only."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import anyio
 import pytest
 
 from asyncnn.backends import ComputeTeam, open_device_pool
-from asyncnn.backends._gil import DEFAULT_SWITCH_INTERVAL
+from asyncnn.backends._gil import AUTO_SWITCH_INTERVAL, AUTO_SWITCH_WORKERS
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +32,11 @@ def _close_to(value: float) -> Any:
 
 
 def test_a_team_sets_its_interval_while_open_and_restores_the_one_before() -> None:
-    with ComputeTeam(2, name="test-team"):
-        assert sys.getswitchinterval() == _close_to(DEFAULT_SWITCH_INTERVAL)
+    with ComputeTeam(AUTO_SWITCH_WORKERS, name="test-team", blas_threads=None):
+        assert sys.getswitchinterval() == _close_to(AUTO_SWITCH_INTERVAL)  # "auto", many workers
     assert sys.getswitchinterval() == _close_to(0.005)
+    with ComputeTeam(AUTO_SWITCH_WORKERS - 1, name="test-team", blas_threads=None):
+        assert sys.getswitchinterval() == _close_to(0.005)  # "auto", few: Python's own
     with ComputeTeam(1, name="test-team", switch_interval=2e-4):
         assert sys.getswitchinterval() == _close_to(2e-4)
     assert sys.getswitchinterval() == _close_to(0.005)
@@ -85,10 +88,13 @@ def test_a_team_whose_threads_cannot_all_start_restores_the_interval(monkeypatch
 
 @pytest.mark.anyio
 async def test_a_pool_holds_its_interval_while_open() -> None:
-    async with open_device_pool(cpu_workers=1):
-        assert sys.getswitchinterval() == _close_to(DEFAULT_SWITCH_INTERVAL)
+    async with open_device_pool(cpu_workers=1, switch_interval=1e-4):
+        assert sys.getswitchinterval() == _close_to(1e-4)
         async with open_device_pool(cpu_workers=1, switch_interval=None):
-            assert sys.getswitchinterval() == _close_to(DEFAULT_SWITCH_INTERVAL)
+            assert sys.getswitchinterval() == _close_to(1e-4)
+        async with open_device_pool(cpu_workers=AUTO_SWITCH_WORKERS, blas_threads=None):
+            assert sys.getswitchinterval() == _close_to(AUTO_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == _close_to(1e-4)
     assert sys.getswitchinterval() == _close_to(0.005)
 
 
@@ -99,7 +105,8 @@ async def test_a_pool_holds_its_interval_while_open() -> None:
         (-1e-3, ValueError, "at least"),
         (float("inf"), ValueError, "a finite number"),
         (float("nan"), ValueError, "a finite number"),
-        ("5e-5", TypeError, "a number"),
+        ("5e-5", TypeError, "a number, 'auto' or None"),
+        ("Auto", TypeError, "a number, 'auto' or None"),
         (True, TypeError, "a number"),
     ],
 )
