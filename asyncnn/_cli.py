@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import select
 import sys
@@ -223,7 +224,7 @@ def _fit(
         }
         os.makedirs(args.out, exist_ok=True)
         with open(results, "w") as f:
-            json.dump(report, f, indent=2)
+            f.write(_strict_json(report))
     print(
         f"test accuracy {result['accuracy']:.1%}, test loss {result['loss']:.3f}; "
         f"{seconds:.1f} s, {hist.samples_per_second:.0f} samples/s"
@@ -269,6 +270,23 @@ def _trace_diff(args: argparse.Namespace) -> int:
         return 0
     print(divergence)
     return 1
+
+
+def _strict_json(value: Any) -> str:
+    """``value`` as JSON that any reader parses: a non-finite float (the losses of a run that
+    diverged) as null, as the JSONL logger and the Chrome export write it; ``json.dumps`` would
+    write bare NaN and Infinity tokens, which strict parsers (``JSON.parse``, ``jq``) refuse."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
 def _replay(args: argparse.Namespace) -> int:

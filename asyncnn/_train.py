@@ -647,7 +647,9 @@ class Trainer:
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
-        bit-identically (also from a fit that was interrupted mid-epoch). The graph, policy,
+        bit-identically (also from a fit that was interrupted mid-epoch), except
+        ``PipeDream2BW``, whose first minibatch of a fit computes at the saved weights, not at
+        the version before them, which the state does not keep. The graph, policy,
         optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
         constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a

@@ -626,3 +626,18 @@ def test_bench_without_a_name_asks_for_the_name_only(capsys: pytest.CaptureFixtu
         main(["bench"])
     err = capsys.readouterr().err
     assert "required: name (see asyncnn bench --help)" in err
+
+
+def test_the_train_report_writes_a_diverged_runs_numbers_as_strict_json():
+    # (a NaN loss was written as a bare NaN token, which JSON.parse and jq refuse)
+    from asyncnn._cli import _strict_json
+
+    report = {"losses": [0.5, float("nan"), float("inf")], "test": {"loss": float("-inf")},
+              "seconds": 1.5, "steps": (1, 2)}  # fmt: skip
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    back = json.loads(_strict_json(report), parse_constant=refuse)
+    assert back == {"losses": [0.5, None, None], "test": {"loss": None}, "seconds": 1.5,
+                    "steps": [1, 2]}  # fmt: skip
