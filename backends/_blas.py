@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from ._held import HeldSetting
 
 #: Parts of a product start on multiples of this many rows or columns (BLAS kernels work in
 #: blocks of 4 to 16 rows; a part of whole blocks keeps every kernel call on its fast path).
@@ -106,37 +107,33 @@ def _limit(controller: Any, limit: int) -> Any:
         return controller.limit(limits=limit, user_api="blas")
 
 
-class _BlasLimits:
+class _BlasLimits(HeldSetting[int]):
     """The BLAS thread counts that the open teams hold.
 
-    OpenBLAS keeps one count for the whole process, so teams open at the same time share it:
-    the count of the team opened last applies, and the count from before the first team returns
-    once the last one closes, in whatever order the teams close (a team that restored the count
-    it found would hand a team still open a multi-threaded BLAS, and leave the process at one
-    thread after both had closed). Every change is made here, under one lock, from whichever
-    thread opens or closes a team or starts its worker.
+    OpenBLAS keeps one count for the whole process, so teams open at the same time share it
+    (see :class:`HeldSetting`). Every change is made under one lock, from whichever thread
+    opens or closes a team or starts its worker.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[tuple[object, int]] = []  # (team, its count), oldest first
-        self._original: Any = None  # the limiter that restores the count before the first
+        super().__init__()
         # threadpoolctl's controller of the libraries loaded as the first team of the moment
         # opened: a look-up reads every loaded library's path and symbols (25 ms with cupy and
         # torch loaded), and each of a 16-worker team's threads set its count as it started
         self._controller: Any = None
 
-    def hold(self, owner: object, limit: int) -> None:
-        with self._lock:
-            if not self._held:  # (the libraries loaded since the last team closed are found)
-                from threadpoolctl import ThreadpoolController
+    def _set(self, value: int, first: bool) -> Any:
+        if first:  # (the libraries loaded since the last team closed are found)
+            from threadpoolctl import ThreadpoolController
 
-                with _from_any_thread():
-                    self._controller = ThreadpoolController()
-            limiter = _limit(self._controller, limit)
-            if not self._held:
-                self._original = limiter
-            self._held.append((owner, limit))
+            with _from_any_thread():
+                self._controller = ThreadpoolController()
+        # the first limiter restores the count from before the first team
+        return _limit(self._controller, value)
+
+    def _restore(self, original: Any) -> None:
+        with _from_any_thread():
+            original.restore_original_limits()
 
     def apply(self, owner: object) -> None:
         """Sets the count that applies now on the calling thread (a worker of ``owner`` as it
@@ -149,21 +146,6 @@ class _BlasLimits:
         """
         with self._lock:
             if any(o is owner for o, _ in self._held):
-                _limit(self._controller, self._held[-1][1])
-
-    def release(self, owner: object) -> None:
-        """Gives ``owner``'s count back (nothing when it holds none)."""
-        with self._lock:
-            index = next((i for i, (o, _) in enumerate(self._held) if o is owner), None)
-            if index is None:
-                return
-            newest = index == len(self._held) - 1
-            del self._held[index]
-            if not self._held:
-                original, self._original = self._original, None
-                with _from_any_thread():
-                    original.restore_original_limits()
-            elif newest:
                 _limit(self._controller, self._held[-1][1])
 
 

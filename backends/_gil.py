@@ -5,18 +5,17 @@ need it back for a few microseconds of Python between two calls (to take the nex
 one done). The thread that holds it meanwhile (the event loop running the runtime, an actor's
 autodiff on another worker) keeps it until it blocks or until ``sys.getswitchinterval()`` has
 passed since a waiter asked: 5 ms by default, which is ten to a hundred of the team's parts. So
-each open team asks for a shorter interval, and the interval from before the first team returns
-when the last one closes, in whatever order the teams close (as ``_blas.py`` does with BLAS's
-thread count, which is process-wide too).
+an open team of many workers asks for a shorter interval, held as BLAS's thread count is
+(``_held.py``: the newest team's applies, and the one from before returns when the last closes).
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Any
 
 from ._checks import check_number
+from ._held import HeldSetting
 
 __all__ = [
     "AUTO_SWITCH_INTERVAL",
@@ -54,36 +53,16 @@ def auto_interval(workers: int) -> float | None:
     return AUTO_SWITCH_INTERVAL if workers >= AUTO_SWITCH_WORKERS else None
 
 
-class _SwitchIntervals:
-    """The switch intervals that the open teams hold: the newest holder's applies; the
-    interval found before the first returns once the last has released its own."""
+class _SwitchIntervals(HeldSetting[float]):
+    """The switch intervals that the open teams hold (see :class:`HeldSetting`)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[tuple[object, float]] = []  # (owner, its interval), oldest first
-        self._original: float | None = None
+    def _set(self, value: float, first: bool) -> float:
+        found = sys.getswitchinterval()
+        sys.setswitchinterval(value)
+        return found
 
-    def hold(self, owner: object, interval: float) -> None:
-        with self._lock:
-            if not self._held:
-                self._original = sys.getswitchinterval()
-            self._held.append((owner, interval))
-            sys.setswitchinterval(interval)
-
-    def release(self, owner: object) -> None:
-        """Gives ``owner``'s interval back (nothing when it holds none)."""
-        with self._lock:
-            index = next((i for i, (o, _) in enumerate(self._held) if o is owner), None)
-            if index is None:
-                return
-            newest = index == len(self._held) - 1
-            del self._held[index]
-            if not self._held:
-                original, self._original = self._original, None
-                if original is not None:
-                    sys.setswitchinterval(original)
-            elif newest:
-                sys.setswitchinterval(self._held[-1][1])
+    def _restore(self, original: float) -> None:
+        sys.setswitchinterval(original)
 
 
 SWITCH_INTERVALS = _SwitchIntervals()
