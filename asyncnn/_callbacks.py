@@ -73,6 +73,11 @@ def wants_epoch_end(callbacks: list[Callback]) -> bool:
     return any(_overrides(cb, "on_epoch_end") for cb in callbacks)
 
 
+def wants_step_end(callbacks: list[Callback]) -> bool:
+    """Whether any of ``callbacks`` has a step-end hook."""
+    return any(_overrides(cb, "on_step_end") for cb in callbacks)
+
+
 class EarlyStopping(Callback):
     """Stops ``fit`` when a monitored epoch metric has stopped improving.
 

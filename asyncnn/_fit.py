@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from ._callbacks import Callback, wants_epoch_end
+from ._callbacks import Callback, wants_epoch_end, wants_step_end
 from ._fit_kept import LayerStates, updates_once_per_minibatch
 from ._history import History
 from ._math._data import ArrayDataset
@@ -85,6 +85,7 @@ class _FitState:
         self.reported: list[int] = []  # minibatches whose step-end callbacks are due
         self.in_process = trainer.cluster is None
         self.flush = trainer.policy.flush
+        self.step_hooks = wants_step_end(plan.callbacks)
         # (streaming policies only) whether each layer applies one update per minibatch: then
         # what a stopped fit keeps is the latest state every layer was seen to hold (_keep)
         self.once_per_minibatch = not self.flush and updates_once_per_minibatch(trainer.policy)
@@ -210,7 +211,7 @@ class _FitState:
             await run.wait_idle()
             self._snapshot(run)
         self._see_layers(run)
-        if not self.flush and keeps_now and self.reported and self.plan.callbacks:
+        if not self.flush and keeps_now and self.reported and self.step_hooks:
             self._commit_streaming(run)
         self._deliver_steps()
 

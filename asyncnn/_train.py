@@ -15,7 +15,7 @@ import numpy as np
 from ._callbacks import Callback
 from ._checkpoint_files import write_whole
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
-from ._fit import _end_all, _FitPlan, _FitState, _Progress, check_checkpoint_dir
+from ._fit import _end_all, _FitPlan, _FitState, _Progress, _synchronize, check_checkpoint_dir
 from ._fit_file import _FIT_FILE
 from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
@@ -179,6 +179,9 @@ class Trainer:
         # the thread running the fit's loop and callbacks (None between fits): a callback may
         # save, where another thread would read the state half-way through a commit
         self._fit_thread: int | None = None
+        # a fit's run is open: it holds weights of its own, which its end puts in the trainer
+        # (on_fit_start and on_fit_end run before and after it, and may set weights)
+        self._run_open = False
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -197,22 +200,30 @@ class Trainer:
         self._epoch_losses_list = list(values)
         self._epoch_losses_later = None
 
-    def _refuse_during_fit(self, what: str, why: str, instead: str, own_thread: bool) -> None:
-        """Refuses ``what`` while a fit runs on this trainer (from any thread, or, where
-        ``own_thread`` allows it, from another thread than the fit's, whose callbacks may).
+    def _refuse_during_fit(
+        self, what: str, why: str, instead: str, own_thread: bool, while_run_open: bool = False
+    ) -> None:
+        """Refuses ``what`` while a fit runs on this trainer: from another thread than the
+        fit's; from the fit's own thread (its callbacks) too unless ``own_thread`` allows it,
+        or, with ``while_run_open``, only while its run is open (not in ``on_fit_start`` or
+        ``on_fit_end``).
 
         Raises:
             RuntimeError: saying ``why`` and what to do ``instead``.
         """
         if not self._fit_lock.locked():
             return
-        if own_thread and self._fit_thread == threading.get_ident():
-            return
+        if self._fit_thread == threading.get_ident():
+            if own_thread or (while_run_open and not self._run_open):
+                return
         raise RuntimeError(f"{what}: a fit is already running on this trainer{why}; {instead}")
 
     @property
     def params(self) -> dict[str, Any]:
         """``{node name: params}`` as numpy arrays, at the current version."""
+        # (from a callback, on a GPU: the updates that made them may still be queued on the
+        # actors' streams, which a copy to the host on another stream would not wait for)
+        _synchronize(self.graph)
         return {n: tree_map(to_numpy, p) for n, p in self.state.params.items()}
 
     @params.setter
@@ -223,16 +234,18 @@ class Trainer:
         Raises:
             KeyError: no layer of that name.
             ValueError: naming the layer, the place in its parameters and what differs.
-            RuntimeError: a fit is running on this trainer (also from its callbacks: the run
-                holds its own weights, and the fit's end would replace these).
+            RuntimeError: a fit's run is open on this trainer (from its step and epoch hooks:
+                the run holds its own weights, and its end would replace these), or a fit runs
+                on another thread. ``on_fit_start`` and ``on_fit_end`` may set them.
         """
         from .backends import get_backend
 
         self._refuse_during_fit(
             "params", ": its run holds weights of its own, which its end would put back in "
-            "place of these", "set them before the fit, or after it returns (from a "
-            "callback: stop the fit with trainer.stop_training = True, then set them)",
-            own_thread=False,
+            "place of these", "set them before the fit, in on_fit_start or on_fit_end, or "
+            "after it returns (from a step or epoch hook: stop the fit with "
+            "trainer.stop_training = True, then set them)",
+            own_thread=False, while_run_open=True,
         )  # fmt: skip
 
         for name, p in value.items():
@@ -473,7 +486,11 @@ class Trainer:
             try:
                 with _Progress(self.progress, total) as bar:
                     fit.bar = bar
-                    run_trio(fit.main, trace_path)
+                    self._run_open = True
+                    try:
+                        run_trio(fit.main, trace_path)
+                    finally:
+                        self._run_open = False
             except BaseException:
                 fit.keep()
                 raise
@@ -506,6 +523,8 @@ class Trainer:
         # weights that came back from worker processes are host arrays: each layer's go to its
         # device once per call (a no-op for those already there)
         from .backends import get_backend
+
+        _synchronize(self.graph)  # (from a callback on a GPU: see params)
 
         out = {}
         for name, p in self.state.params.items():
@@ -631,6 +650,7 @@ class Trainer:
             "checkpoint_every), or after the fit returns", own_thread=True,
         )  # fmt: skip
 
+        _synchronize(self.graph)  # (from a callback on a GPU: see params)
         path = os.fspath(path)
         position = {
             "epoch_batches": self.epoch_batches,

@@ -80,10 +80,21 @@ def test_a_team_whose_threads_cannot_all_start_restores_the_interval(monkeypatch
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start_one)
+    team = ComputeTeam(2, name="test-team", switch_interval=1e-4)
+    monkeypatch.setattr(sys, "setswitchinterval", _seen(sys.setswitchinterval, set_to := []))
     with pytest.raises(RuntimeError, match="can't start new thread"):
-        ComputeTeam(2, name="test-team").start()
+        team.start()
     monkeypatch.undo()
+    assert set_to == [1e-4, 0.005]  # held as the team started, given back as it failed
     assert sys.getswitchinterval() == _close_to(0.005)
+
+
+def _seen(real: Any, calls: list[float]) -> Any:
+    def record(interval: float) -> None:
+        calls.append(interval)
+        real(interval)
+
+    return record
 
 
 @pytest.mark.anyio

@@ -12,6 +12,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._math._pytree import tree_map
 
 from _reference import assert_params_equal, chain_graph
 from _train_cases import _data, _trainer
@@ -256,6 +257,47 @@ def test_a_fit_inside_a_running_fit_is_refused() -> None:
     assert tr.versions == {"stage0": 4, "stage1": 4} and tr.epochs_done == 1
     tr.fit(data, batch_size=8)  # once it has returned, the next fit runs
     assert tr.versions == {"stage0": 8, "stage1": 8} and tr.epochs_done == 2
+
+
+def test_weights_set_in_on_fit_start_or_on_fit_end_are_kept_and_in_a_step_hook_refused() -> None:
+    # (the fit's lock refused them in on_fit_start and on_fit_end too, though the run is not
+    # open then: warm starts and "restore the best weights" callbacks broke)
+    data = _data(n=32)
+
+    def trainer() -> ann.Trainer:
+        return ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2))
+
+    start = trainer().params  # other weights than the fits' own (another seed)
+    start = {n: tree_map(lambda a: a * 0.5, p) for n, p in start.items()}
+
+    class Sets(ann.callbacks.Callback):
+        def __init__(self) -> None:
+            self.refused: list[BaseException] = []
+
+        def on_fit_start(self, tr: Any) -> None:
+            tr.params = start
+
+        def on_step_end(self, tr: Any, step: int, logs: dict[str, Any]) -> None:
+            try:
+                tr.params = start
+            except RuntimeError as exc:
+                self.refused.append(exc)
+
+        def on_fit_end(self, tr: Any, history: Any) -> None:
+            self.end = tr.params
+            tr.params = start
+
+    hooks = Sets()
+    tr = trainer()
+    tr.fit(data, batch_size=8, callbacks=[hooks])
+    before = trainer()
+    before.params = start
+    before.fit(data, batch_size=8)
+    assert_params_equal(hooks.end, before.params)  # on_fit_start's weights trained on
+    assert_params_equal(tr.params, start)  # on_fit_end's kept
+    assert len(hooks.refused) == 4
+    assert str(hooks.refused[0]).startswith("params: a fit is already running on this trainer")
+    assert "in on_fit_start or on_fit_end" in str(hooks.refused[0])
 
 
 @pytest.mark.timeout(60)
