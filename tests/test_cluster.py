@@ -197,6 +197,22 @@ def test_cluster_arguments_are_checked() -> None:
         with pytest.raises(error, match=rf"LocalCluster\({option}=\.\.\.\)"):
             ann.cluster.LocalCluster(workers=2, **{option: value})
     ann.cluster.LocalCluster(workers=2, start_timeout=None, heartbeat_timeout=np.float32(2))
+    # numpy numbers are taken and kept as Python ones: a numpy int64 reached msgpack (threads,
+    # "can not serialize 'numpy.int64' object") and the shared-memory reader (max_message_bytes,
+    # "no attribute 'bit_length'") only once the first run was under way
+    numbers = ann.cluster.LocalCluster(
+        workers=2, threads_per_worker=np.int64(1), max_message_bytes=np.int64(2**30),
+        heartbeat_timeout=np.float32(2), start_timeout=np.int32(30),
+    )  # fmt: skip
+    assert type(numbers.threads_per_worker) is int and numbers.threads_per_worker == 1
+    assert type(numbers.max_message_bytes) is int and numbers.max_message_bytes == 2**30
+    assert type(numbers.heartbeat_timeout) is float and type(numbers.start_timeout) is float
+    # an empty address made every worker exit at the start with no reason given
+    for empty in ("", "  "):
+        with pytest.raises(
+            ValueError, match=r"LocalCluster\(host=\.\.\.\) takes an address.* got '\s*'"
+        ):
+            ann.cluster.LocalCluster(workers=2, host=empty)
     with pytest.raises(TypeError, match="asyncnn.cluster"):
         ann.Trainer(chain([0]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=2)
 

@@ -154,10 +154,16 @@ def test_a_failed_cluster_runs_trace_holds_every_workers_events(tmp_path: Any, t
     assert any(e["ev"] == "error" for e in t.events)
 
 
-def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_path: Any) -> None:
+def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
     from asyncnn._tracing._summary import format_summary
 
     path = str(tmp_path / "killed.trace")
+    # the workers' temporary folder: a killed worker left its trace file of the run there
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     cluster = ann.cluster.LocalCluster(workers=2, heartbeat_timeout=2.0)
     tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1),
                      policy=policies.GPipe(microbatches=4), cluster=cluster)  # fmt: skip
@@ -172,6 +178,7 @@ def test_a_killed_workers_missing_events_are_named_by_summary_and_replay(tmp_pat
         strike.join()
     finally:
         cluster.close()
+    assert sorted(os.listdir(scratch)) == []  # whoever made a file there removed it
     s = ann.trace.summary(path)
     assert s["missing_workers"] == [1]  # worker 0's events came with its abort report
     assert s["actors"]["s0"]["forwards"] >= 1

@@ -12,7 +12,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from asyncnn._cluster._codec import decode_message, decode_tree, encode_message, encode_tree
+from asyncnn._cluster._codec import (
+    decode_message,
+    decode_tree,
+    encode_message,
+    encode_tree,
+    unsendable,
+)
 from asyncnn._cluster._wire import (
     _PREFIX,
     MAGIC,
@@ -69,6 +75,28 @@ async def test_messages_and_parameter_trees_round_trip(anyio_backend: str) -> No
     got = decode_tree(spec, [np.frombuffer(b.tobytes(), np.uint8) for b in bufs])
     assert got["step"] == 4 and isinstance(got[0], tuple)
     np.testing.assert_array_equal(got["a"][1]["w"], np.eye(2, dtype=np.float32))
+
+
+def test_numpy_scalars_in_a_tree_arrive_as_numpy_scalars() -> None:
+    # (they arrived as 0-d arrays: a custom actor's np.int64 count came back as array(256))
+    tree = {"n": np.int64(256), "r": np.float32(0.5), "b": np.bool_(True), "z": np.zeros(())}
+    bufs: list[Any] = []
+    spec = msgpack.unpackb(msgpack.packb(encode_tree(tree, bufs)), strict_map_key=False)
+    got = decode_tree(spec, [np.frombuffer(b.tobytes(), np.uint8) for b in bufs])
+    assert {k: type(v) for k, v in got.items()} == {
+        "n": np.int64, "r": np.float32, "b": np.bool_, "z": np.ndarray,
+    }  # fmt: skip
+    assert got["n"] == 256 and got["r"] == 0.5 and got["z"].shape == ()
+
+
+def test_unsendable_names_the_place_of_what_cannot_travel() -> None:
+    assert unsendable({"a": [np.ones(2), np.int64(1), "s", None, 1.5, (True,)]}) is None
+    assert unsendable({"a": [1, {"x": {1, 2}}]}) == ("['a'][1]['x']", "a set")
+    assert unsendable({(1, 2): 0}) == ("[(1, 2)]", "a key of type tuple")
+    place, what = unsendable([2**70])  # type: ignore[misc]
+    assert place == "[0]" and "msgpack cannot encode" in what
+    place, what = unsendable({"o": np.array([object()])})  # type: ignore[misc]
+    assert place == "['o']" and "dtype object" in what
 
 
 def test_a_tensor_of_objects_is_refused_by_its_sender_naming_the_message() -> None:

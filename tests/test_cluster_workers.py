@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 
 import asyncnn as ann
@@ -208,6 +209,63 @@ class _Holding(nn.Module):
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         return x
+
+
+class _KeepsState(ann.LayerActor):
+    """Counts its backwards and keeps, with the count, what ``kind`` says: a set (which no
+    process boundary carries) or numpy scalars."""
+
+    def setup(self, kind: str = "set") -> None:
+        self.kind = kind
+        self.seen = 0
+
+    def actor_state(self) -> Any:
+        if self.kind == "set":
+            return {"seen": self.seen, "tags": [1, {"a", "b"}]}
+        return {"seen": np.int64(self.seen), "rate": np.float32(0.5), "on": np.bool_(True)}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.seen = int(state["seen"])
+
+    async def on_backward(self, key: int, grad: Any, meta: Any) -> Any:
+        self.seen += 1
+        return await super().on_backward(key, grad, meta)
+
+
+def _keeping(kind: str) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(12, 8), nn.Tanh()), x, worker=0)
+    h = g.layer("s1", nn.Linear(8, 4), h, worker=1, actor=_KeepsState, actor_args={"kind": kind})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_state_no_process_boundary_carries_is_refused_before_the_run_trains(
+    tmp_path: Any,
+) -> None:
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        # numpy scalars come back as themselves (they came back as 0-d arrays)
+        tr = ann.Trainer(_keeping("scalars"), cluster=cluster, **opts)
+        tr.fit(data(64), epochs=1, batch_size=32)
+        st = tr.state.actor_states["s1"]
+        assert type(st["seen"]) is np.int64 and st["seen"] == 2
+        assert type(st["rate"]) is np.float32 and type(st["on"]) is np.bool_
+        # a set was refused only by the worker's result: the whole fit trained, then was lost,
+        # with "cannot send a set in a parameter tree" naming no layer
+        path = str(tmp_path / "refused.trace")
+        tr = ann.Trainer(_keeping("set"), cluster=cluster, trace=path, **opts)
+        with pytest.raises(ann.ActorError) as info:
+            tr.fit(data(64), epochs=1, batch_size=32)
+    err = info.value
+    assert err.actor == "s1" and err.kind == "actor_state"
+    for said in ("layer 's1'", "state['tags'][1]", "a set", "worker 1", "_KeepsState"):
+        assert said in str(err), (said, str(err))
+    assert tr.state.versions == {"s0": 0, "s1": 0}
+    assert ann.trace.summary(path)["actors"]["s1"]["forwards"] == 0  # refused before any
 
 
 class _Silent(ann.cluster.Cluster):

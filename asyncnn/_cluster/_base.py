@@ -103,12 +103,21 @@ class Cluster:
             raise TypeError(f"{who}(nccl=...) takes True or False, got {nccl!r:.40}")
         if not isinstance(host, str):
             raise TypeError(f"{who}(host=...) takes an address as a str, got {host!r:.40}")
+        if not host.strip():
+            # (every worker was told to bind to it and exited before it connected, saying
+            # nothing of why)
+            raise ValueError(
+                f"{who}(host=...) takes an address to listen on, got {host!r}: leave it out for "
+                "loopback (127.0.0.1), or give this host's address (0.0.0.0 for every interface)"
+            )
+        # numpy numbers are checked above but stored as Python ones: they go into msgpack
+        # headers (which refuse numpy scalars) and into code that calls int methods on them
         self.workers = int(workers)
         self.host = host
-        self.heartbeat_timeout = heartbeat_timeout
-        self.start_timeout = start_timeout
-        self.max_message_bytes = max_message_bytes
-        self.threads_per_worker = threads_per_worker
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self.start_timeout = None if start_timeout is None else float(start_timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self.threads_per_worker = None if threads_per_worker is None else int(threads_per_worker)
         self.nccl = nccl
         self.connections: dict[int, Connection] = {}
         #: per worker: pid, host and port it listens on for peers, one-way latency estimate

@@ -10,6 +10,7 @@ import math
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import numpy as np
 
 from asyncnn._runtime._messages import Message
@@ -28,6 +29,7 @@ __all__ = [
     "encode_message",
     "encode_state",
     "encode_tree",
+    "unsendable",
 ]
 
 
@@ -160,10 +162,54 @@ def encode_tree(tree: Any, buffers: list[np.ndarray]) -> Any:
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         host = host_array(tree)
         buffers.append(host)
-        return {"a": len(buffers) - 1, "d": dtype_code(host.dtype), "s": list(host.shape)}
+        spec = {"a": len(buffers) - 1, "d": dtype_code(host.dtype), "s": list(host.shape)}
+        if isinstance(tree, np.generic):  # a numpy scalar (a custom actor's count) stays one
+            spec["sc"] = 1
+        return spec
     if tree is None or isinstance(tree, bool | int | float | str):
         return {"value": tree}
     raise TypeError(f"cannot send a {type(tree).__name__} in a parameter tree")
+
+
+def unsendable(tree: Any) -> tuple[str, str] | None:
+    """Where in ``tree`` the first part lies that :func:`encode_tree` (or the msgpack header
+    that carries its description) refuses, as an index path (``"['tags'][1]"``, ``""`` for
+    ``tree`` itself), and what that part is; None when all of it can travel.
+
+    Arrays are judged by their dtype alone, without copying a device's array to the host."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if not (k is None or isinstance(k, bool | int | float | str)) or not _packs(k):
+                return f"[{k!r}]", f"a key of type {type(k).__name__}"
+            found = unsendable(v)
+            if found is not None:
+                return f"[{k!r}]{found[0]}", found[1]
+        return None
+    if isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            found = unsendable(v)
+            if found is not None:
+                return f"[{i}]{found[0]}", found[1]
+        return None
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        try:
+            dtype_code(np.dtype(tree.dtype))
+        except TypeError as exc:
+            return "", f"an array of dtype {tree.dtype} ({exc})"
+        return None
+    if tree is None or isinstance(tree, bool | int | float | str):
+        return None if _packs(tree) else ("", f"{tree!r:.60}, which msgpack cannot encode")
+    return "", f"a {type(tree).__name__}"
+
+
+def _packs(value: Any) -> bool:
+    """Whether msgpack encodes ``value`` (an int past 64 bits, a str with lone surrogates do
+    not)."""
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:
@@ -175,7 +221,8 @@ def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:
     if "tuple" in spec:
         return tuple(decode_tree(v, buffers) for v in spec["tuple"])
     if "a" in spec:
-        return _view(buffers[spec["a"]], spec["d"], spec["s"])
+        array = _view(buffers[spec["a"]], spec["d"], spec["s"])
+        return array[()] if spec.get("sc") and not array.shape else array
     return spec["value"]
 
 
@@ -189,6 +236,14 @@ def encode_state(
         names = list(state.params)
     pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
     actor_states = {n: state.actor_states[n] for n in names if n in state.actor_states}
+    for n, st in actor_states.items():  # (one made in the driver, bound for a worker now)
+        found = unsendable(st)
+        if found is not None:
+            raise TypeError(
+                f"the actor state of layer {n!r} cannot be sent to another process: "
+                f"state{found[0]} is {found[1]}. Return a tree of dicts, lists and tuples of "
+                "arrays, numbers, strings and None from its actor_state()"
+            )
     return {
         "params": encode_tree({n: state.params[n] for n in names}, buffers),
         "opt_states": encode_tree({n: state.opt_states[n] for n in names}, buffers),

@@ -44,7 +44,7 @@ from asyncnn._runtime._run import (
 )
 from asyncnn.backends import get_backend
 
-from ._codec import decode_state, encode_state
+from ._codec import decode_state, encode_state, unsendable
 from ._handshake import (
     Refusals,
     accept,
@@ -273,13 +273,31 @@ class Worker:
             if name in state.actor_states:
                 state.actor_states[name] = tree_map(move, state.actor_states[name])
         recorder = None
-        trace_file = None
-        if cmd["trace"] is not None:
-            fd, trace_file = tempfile.mkstemp(suffix=".trace", prefix=f"asyncnn-w{self.index}-")
-            os.close(fd)
-            recorder = Recorder(trace_file, {"worker": self.index}, cmd["trace"])
-            # one clock for the whole run: the driver's, shifted by the one-way latency
-            recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))
+        trace = None if cmd["trace"] is None else _TraceFile(self.index)
+        try:
+            if trace is not None:
+                recorder = Recorder(trace.path, {"worker": self.index}, cmd["trace"])
+                trace.unlink()
+                # one clock for the whole run: the driver's, shifted by the one-way latency
+                recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))
+            await self._serve_share(cmd, graph, placement, hosted, state, recorder, trace)
+        finally:
+            if trace is not None:
+                trace.close()
+
+    async def _serve_share(
+        self,
+        cmd: dict[str, Any],
+        graph: Graph,
+        placement: dict[str, int | None],
+        hosted: set[str],
+        state: RunState,
+        recorder: Recorder | None,
+        trace: _TraceFile | None,
+    ) -> None:
+        """Serves this worker's actors for the run, ``recorder`` (None: untraced) writing
+        ``trace``; then sends the driver their final state (with the trace's events), or keeps
+        the events for the error report and raises the run's error."""
         error: BaseException | None = None
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
@@ -298,6 +316,7 @@ class Worker:
                         max_in_flight=int(cmd["max_in_flight"]), hosted=hosted, remote=proxies,
                     )  # fmt: skip
                     run.reports = Reports()
+                    _check_actor_states(run)
                     nccl = cmd.get("nccl") or {}
                     part = _WorkerShare(self, nccl.get("plan") or [], nccl.get("ids") or [])
                     async with hosting(run, part):
@@ -305,11 +324,9 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
             error = exc
         if error is not None:
-            if trace_file is not None:  # sent with the error report, for the driver's trace
-                path = anyio.Path(trace_file)
+            if trace is not None:  # sent with the error report, for the driver's trace
                 with contextlib.suppress(OSError):
-                    self.failed_trace = await path.read_bytes()
-                await path.unlink(missing_ok=True)
+                    self.failed_trace = await anyio.to_thread.run_sync(trace.read)
             raise error
         assert run is not None
         out: list[Any] = []
@@ -322,10 +339,9 @@ class Worker:
             },
             "rejected": self.rejected.take(),
         }
-        if trace_file is not None:
-            raw = await anyio.Path(trace_file).read_bytes()
+        if trace is not None:
+            raw = await anyio.to_thread.run_sync(trace.read)
             out.append(np.frombuffer(raw, dtype=np.uint8))
-            os.unlink(trace_file)
             result["trace"] = len(out) - 1
         await self.driver.send(result, out)
 
@@ -355,6 +371,73 @@ class Worker:
                 await self.driver.send(frame, buffers)
         except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
             pass
+
+
+class _TraceFile:
+    """The temporary file a worker's recorder writes a run's events to, read back through a
+    descriptor of its own: the file's name is removed as soon as the recorder has opened it, so
+    the kernel frees it when the last descriptor closes, however the worker ends (SIGKILL, out
+    of memory: a name left behind stayed in the temporary folder for ever).
+
+    Where a file that is open cannot be removed (Windows), the name is removed at
+    :meth:`close`, as a worker that is killed leaves it there."""
+
+    def __init__(self, index: int) -> None:
+        self.fd, self.path = tempfile.mkstemp(suffix=".trace", prefix=f"asyncnn-w{index}-")
+        self.linked = True
+
+    def unlink(self) -> None:
+        """Removes the file's name (its contents live on while a descriptor holds them)."""
+        try:
+            os.unlink(self.path)
+        except OSError:
+            return
+        self.linked = False
+
+    def read(self) -> bytes:
+        """Everything the recorder wrote (call it once the recorder is closed)."""
+        with open(self.fd, "rb", closefd=False) as f:
+            f.seek(0)
+            return f.read()
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.linked:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _check_actor_states(run: WorkerRun) -> None:
+    """Refuses, before the run trains, a state of an actor hosted here that the worker's result
+    could not carry back to the driver (a ``set``, an object): found only when the result was
+    sent, it cost the whole run's work and named no layer.
+
+    Raises:
+        ActorError: naming the layer (kind ``"actor_state"``), where in its state the part
+            lies, and what it is; or the error its ``actor_state`` raised.
+    """
+    for name in run.layers:
+        actor = run.local.get(name)
+        if actor is None:
+            continue
+        cls = type(actor).__name__
+        try:
+            state = actor.actor_state()
+        except Exception as exc:
+            raise ActorError(
+                name, "actor_state", None,
+                f"actor {name!r} failed in {cls}.actor_state: {type(exc).__name__}: {exc}",
+            ) from exc  # fmt: skip
+        found = None if state is None else unsendable(state)
+        if found is not None:
+            place, what = found
+            raise ActorError(
+                name, "actor_state", None,
+                f"layer {name!r}: what {cls}.actor_state() returns cannot be sent from a worker "
+                f"process back to the driver: state{place} is {what}. Return a tree of dicts, "
+                "lists and tuples of arrays, numbers, strings and None (a set as a sorted list, "
+                "say), or host the layer in the driver (no worker=)",
+            )  # fmt: skip
 
 
 def _clip(text: str, limit: int) -> str:
