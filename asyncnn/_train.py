@@ -640,7 +640,9 @@ class Trainer:
                 layer; nothing is written).
             OSError: the disk refused a file (the folder's previous checkpoint stays whole).
             RuntimeError: a fit is running on this trainer and this call comes from another
-                thread than the fit's (its callbacks may save: they run between its steps).
+                thread than the fit's (its callbacks may save: they run between its steps), or
+                from a step or epoch hook of a fit on a cluster (the trainer holds the weights
+                from before the fit until its end).
         """
         from ._checkpoint import save_checkpoint
 
@@ -651,6 +653,16 @@ class Trainer:
         )  # fmt: skip
 
         _synchronize(self.graph)  # (from a callback on a GPU: see params)
+        if self._run_open and self.cluster is not None:
+            # (as checkpoint_every is refused there: the trainer holds the weights from before
+            # the fit, and the checkpoint would silently be of them)
+            raise RuntimeError(
+                "save: a fit on a cluster is running: its workers send their weights back only "
+                "at the end of its run, so inside a step or epoch hook the trainer holds the "
+                "weights from before the fit, and this checkpoint would hold none of its "
+                "training; save in on_fit_end or after the fit returns (call fit one epoch at "
+                "a time to save between epochs)"
+            )
         path = os.fspath(path)
         position = {
             "epoch_batches": self.epoch_batches,

@@ -74,6 +74,33 @@ def test_loss_on_its_own_worker_and_layers_in_the_driver(three: Any) -> None:
     assert_params_equal(one.params, many.params)
 
 
+def test_a_save_from_a_hook_of_a_cluster_fit_is_refused_not_stale(
+    tmp_path: Any, three: Any
+) -> None:
+    # (the workers send their weights back only at the run's end: a checkpoint saved from a
+    # hook silently held the weights from before the fit)
+    outcome: dict[str, Any] = {}
+
+    class Saves(ann.callbacks.Callback):
+        def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, Any]) -> None:
+            try:
+                trainer.save(tmp_path / "in-a-hook")
+            except RuntimeError as exc:
+                outcome["refused"] = exc
+
+        def on_fit_end(self, trainer: Any, history: Any) -> None:
+            trainer.save(tmp_path / "at-the-end")  # the run is over: its weights are back
+
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=2), cluster=three)  # fmt: skip
+    tr.fit(data(), epochs=1, batch_size=32, callbacks=[Saves()])
+    assert str(outcome["refused"]).startswith("save: a fit on a cluster is running")
+    assert not (tmp_path / "in-a-hook").exists()
+    back = ann.Trainer.load(tmp_path / "at-the-end")
+    assert back.versions == tr.versions and min(tr.versions.values()) > 0
+    assert_params_equal(back.params, tr.params)
+
+
 def test_resume_from_a_checkpoint_on_a_cluster(tmp_path: Any, three: Any) -> None:
     policy = policies.PipeDream(microbatches=2)
     straight, _ = fit(chain([0, 1, 2]), policy, cluster=three, epochs=1)
