@@ -23,6 +23,10 @@ def test_bad_lengths_and_cycles_are_clear_errors():
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
     with pytest.raises(ann.ActorError, match=r"loop 'rnn': lengths\[4\] = 7 is outside \[0, 5\]"):
         tr.fit(data, batch_size=8)
+    # (predict and evaluate said "loop: lengths[4] ...", naming no node)
+    for call in (tr.predict, tr.evaluate):
+        with pytest.raises(ValueError, match=r"^layer 'rnn': loop: lengths\[4\] = 7 is outside"):
+            call(data)
     spec = g.to_spec()
     assert ann.Graph.from_spec(spec).to_spec() == spec
     assert [e for e in spec["nodes"] if e["name"] == "rnn"][0]["recurrent"] is True

@@ -92,6 +92,12 @@ def test_capacity_factor_and_overflow_error():
     with pytest.raises(ann.ActorError, match=r"router 'gate': key 0 sends more rows than the "
                        r"capacity 1 allows"):  # fmt: skip
         tr.fit(_data(), batch_size=12)
+    # (predict and evaluate dropped those rows, merged to zeros, without a word)
+    for call in (tr.predict, tr.evaluate):
+        with pytest.raises(ValueError, match=r"router 'gate': a batch of 12 rows sends more rows "
+                           r"than the capacity 1 allows to \{"):  # fmt: skip
+            call(_data())
+    tr.predict({"x": _data()["x"][:1]})  # one row, two experts: within capacity
 
 
 def test_predict_follows_the_routes():

@@ -52,7 +52,14 @@ def forward_pass(
         with backend.activate():
             if node.kind == "layer":
                 args = [backend.asarray(values[src]) for src in node.inputs]
-                values[name] = node.module(params[name], *args)
+                try:
+                    values[name] = node.module(params[name], *args)
+                except (ValueError, TypeError) as exc:
+                    # a module's own message names itself ("loop: lengths[2] = 9 ..."), not
+                    # its node, which the actors' errors in fit do
+                    if f"{name!r}" in str(exc):
+                        raise
+                    raise type(exc)(f"layer {name!r}: {exc}") from exc
             else:
                 args = [values[src] for src in node.inputs]
                 if backend.device.kind == "cuda":

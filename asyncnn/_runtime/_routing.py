@@ -432,16 +432,35 @@ def check_scores(who: str, gate: Any, raw: np.ndarray[Any, Any]) -> None:
     )
 
 
-def plain_route(node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any) -> Any:
+def plain_route(
+    graph: Graph, node: Node, params: Any, values: dict[str, Any], backend: Any, dtype: Any
+) -> Any:
     """Plain (non-actor) evaluation of a router: ``("routed", x, weights, route)``, the weights
-    in ``dtype`` (the run's), as the router actor makes them."""
+    in ``dtype`` (the run's), as the router actor makes them. Capacity applies to the rows at
+    hand (``predict``'s and ``evaluate``'s batch) as to a key's: with ``on_overflow="error"``
+    rows over it fail the call, naming the router, as they fail a run.
+
+    Raises:
+        ValueError: a NaN score, or rows over capacity under ``on_overflow="error"``.
+    """
     router: Router = node.module
     inputs = [backend.asarray(values[s]) for s in node.inputs]
     scores = router.scores(params, *inputs)
     raw = np.asarray(backend.to_numpy(ops_raw(scores)))
     check_scores(f"router {node.name!r}", router.gate, raw)
     choice = topk_experts(raw, router.k)
-    route, _ = assign_rows(choice, router.experts, router.limit(int(inputs[0].shape[0])))
+    rows = int(inputs[0].shape[0])
+    capacity = router.limit(rows)
+    route, dropped = assign_rows(choice, router.experts, capacity)
+    if dropped.any() and router.on_overflow == "error":
+        names = expert_starts(graph, node)
+        over = {n: int(d) for n, d in zip(names, dropped, strict=True) if d}
+        raise ValueError(
+            f"router {node.name!r}: a batch of {rows} rows sends more rows than the capacity "
+            f"{capacity} allows to {over} (rows over capacity); raise capacity (or "
+            "capacity_factor), pass a smaller batch_size to predict or evaluate (a capacity "
+            "holds per batch there, as per key in a run), or on_overflow='drop' to drop them"
+        )
     return ("routed", inputs[0], gate_weights(scores, choice, router.gates, np.dtype(dtype)), route)
 
 
@@ -454,7 +473,7 @@ def plain_values(graph: Graph, name: str, params: Any, values: dict[str, Any], d
     node = graph.nodes[name]
     backend = get_backend(node.device)
     if node.role == "router":
-        values[name] = plain_route(node, params, values, backend, dtype)
+        values[name] = plain_route(graph, node, params, values, backend, dtype)
         return True
     if node.kind != "layer" or not node.inputs:
         return False
