@@ -183,6 +183,8 @@ class _FitState:
             await run.drain()
         # the run has ended well: its state is complete (with a cluster, the workers' too)
         self._commit(run.state())
+        # (the step hooks still due see the trained weights: they may save and set them now)
+        self.tr._run_open = False
         self._deliver_steps()
         self._record_epochs(self.position[0])
         self.history.statistics = run.statistics()
@@ -340,7 +342,7 @@ class _FitState:
 
     def _epoch_end(self, epoch: int) -> None:
         tr, plan = self.tr, self.plan
-        _synchronize(tr.graph)  # GPU updates done before validation or a checkpoint reads them
+        _synchronize(tr.graph, tr.cluster)  # GPU updates done before validation or a checkpoint
         logs: dict[str, float] = {"epoch": epoch, "loss": self._epoch_loss(epoch)}
         if plan.validation_data is not None:
             for name, value in tr._evaluate(plan.validation_data).items():
@@ -384,7 +386,7 @@ class _FitState:
 
     def _keep(self, run: Run) -> None:
         with contextlib.suppress(Exception):  # a broken device must not hide the first error
-            _synchronize(self.tr.graph)
+            _synchronize(self.tr.graph, self.tr.cluster)
         if run.in_flight == 0 and run.minibatches == self.stepped:
             # stopped between minibatches (not inside a step, which counts its minibatch
             # before admitting its keys): everything admitted is applied
@@ -463,11 +465,14 @@ def _end_all(
         raise first
 
 
-def _synchronize(graph: Graph) -> None:
-    """Waits for the work queued on each GPU that holds a layer (nothing to do on the CPU)."""
+def _synchronize(graph: Graph, cluster: object | None = None) -> None:
+    """Waits for the work queued on each GPU that holds a layer of this process (nothing to do
+    on the CPU). With a ``cluster``, layers on workers are skipped: their weights come back as
+    host arrays, and their GPUs may not exist here (a Ray worker's ``cuda:0``)."""
     from .backends import get_backend
 
-    for device in sorted({graph.nodes[n].device for n in graph.layers} - {"cpu"}):
+    here = [n for n in graph.layers if cluster is None or graph.nodes[n].worker is None]
+    for device in sorted({graph.nodes[n].device for n in here} - {"cpu"}):
         get_backend(device).synchronize()
 
 

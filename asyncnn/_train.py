@@ -223,7 +223,7 @@ class Trainer:
         """``{node name: params}`` as numpy arrays, at the current version."""
         # (from a callback, on a GPU: the updates that made them may still be queued on the
         # actors' streams, which a copy to the host on another stream would not wait for)
-        _synchronize(self.graph)
+        _synchronize(self.graph, self.cluster)
         return {n: tree_map(to_numpy, p) for n, p in self.state.params.items()}
 
     @params.setter
@@ -524,7 +524,7 @@ class Trainer:
         # device once per call (a no-op for those already there)
         from .backends import get_backend
 
-        _synchronize(self.graph)  # (from a callback on a GPU: see params)
+        _synchronize(self.graph, self.cluster)  # (from a callback on a GPU: see params)
 
         out = {}
         for name, p in self.state.params.items():
@@ -652,7 +652,6 @@ class Trainer:
             "checkpoint_every), or after the fit returns", own_thread=True,
         )  # fmt: skip
 
-        _synchronize(self.graph)  # (from a callback on a GPU: see params)
         if self._run_open and self.cluster is not None:
             # (as checkpoint_every is refused there: the trainer holds the weights from before
             # the fit, and the checkpoint would silently be of them)
@@ -663,6 +662,7 @@ class Trainer:
                 "training; save in on_fit_end or after the fit returns (call fit one epoch at "
                 "a time to save between epochs)"
             )
+        _synchronize(self.graph, self.cluster)  # (from a callback on a GPU: see params)
         path = os.fspath(path)
         position = {
             "epoch_batches": self.epoch_batches,

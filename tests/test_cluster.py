@@ -101,6 +101,42 @@ def test_a_save_from_a_hook_of_a_cluster_fit_is_refused_not_stale(
     assert_params_equal(back.params, tr.params)
 
 
+def test_a_step_hook_after_a_cluster_runs_end_may_save_its_weights(
+    tmp_path: Any, three: Any
+) -> None:
+    # (the hooks of the last minibatches run once the workers' weights are back: a save there
+    # was refused as if the trainer held the weights from before the fit)
+    saved: dict[int, Any] = {}
+
+    class Saves(ann.callbacks.Callback):
+        def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+            try:
+                trainer.save(tmp_path / f"step-{step}")
+                saved[step] = dict(trainer.versions)
+            except RuntimeError:
+                pass  # (a step hook while the run is open)
+
+    tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1),
+                     policy=policies.GPipe(microbatches=2), cluster=three)  # fmt: skip
+    tr.fit(data(), epochs=1, batch_size=32, callbacks=[Saves()])
+    last = max(saved)  # the last step's hook comes after the run: its save went through
+    assert last == tr.state.minibatches - 1 and saved[last] == tr.versions
+    assert ann.Trainer.load(tmp_path / f"step-{last}").versions == tr.versions
+
+
+def test_reading_the_weights_of_layers_on_a_workers_gpu_needs_no_gpu_here() -> None:
+    # (params and save waited for every layer's GPU, also the workers': a driver without cupy
+    # raised ImportError, one with GPUs made a context on each)
+    g = ann.Graph()
+    x = g.input("x", (None, 12))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0, device="cuda:0")
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    with ann.cluster.LocalCluster(workers=1) as cluster:
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster)
+        assert set(tr.params) == {"s0"}
+
+
 def test_resume_from_a_checkpoint_on_a_cluster(tmp_path: Any, three: Any) -> None:
     policy = policies.PipeDream(microbatches=2)
     straight, _ = fit(chain([0, 1, 2]), policy, cluster=three, epochs=1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from asyncnn._runtime._messages import Message
 from asyncnn.backends._dtypes import rebuildable_name
-from asyncnn.backends._registry import host_array
+from asyncnn.backends._registry import host_array, is_cupy_array
 
 if TYPE_CHECKING:
     from asyncnn._runtime._run import RunState
@@ -179,8 +179,13 @@ def unsendable(tree: Any) -> tuple[str, str] | None:
     Arrays are judged by their dtype alone, without copying a device's array to the host."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            if not (k is None or isinstance(k, bool | int | float | str)) or not _packs(k):
-                return f"[{k!r}]", f"a key of type {type(k).__name__}"
+            if not (k is None or isinstance(k, bool | int | float | str)):
+                return f"[{k!r:.60}]", f"a key of type {type(k).__name__}"
+            if not _packs(k):
+                return (
+                    f"[{k!r:.60}]",
+                    "a key msgpack cannot encode (an int past 64 bits, a str with lone surrogates)",
+                )
             found = unsendable(v)
             if found is not None:
                 return f"[{k!r}]{found[0]}", found[1]
@@ -193,8 +198,15 @@ def unsendable(tree: Any) -> tuple[str, str] | None:
         return None
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         try:
-            dtype_code(np.dtype(tree.dtype))
-        except TypeError as exc:
+            # (another library's array, a torch tensor say, travels as its host copy: judged
+            # by that one's dtype, as encode_tree sends it)
+            dtype = (
+                tree.dtype
+                if isinstance(tree, np.ndarray | np.generic) or is_cupy_array(tree)
+                else host_array(tree).dtype
+            )
+            dtype_code(np.dtype(dtype))
+        except (TypeError, ValueError, RuntimeError) as exc:
             return "", f"an array of dtype {tree.dtype} ({exc})"
         return None
     if tree is None or isinstance(tree, bool | int | float | str):
