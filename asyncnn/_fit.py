@@ -183,8 +183,8 @@ class _FitState:
             await run.drain()
         # the run has ended well: its state is complete (with a cluster, the workers' too)
         self._commit(run.state())
-        # (the step hooks still due see the trained weights: they may save and set them now)
-        self.tr._run_open = False
+        # (a cluster's weights are back: the step hooks still due may save them)
+        self.tr._weights_pending = False
         self._deliver_steps()
         self._record_epochs(self.position[0])
         self.history.statistics = run.statistics()

@@ -182,6 +182,8 @@ class Trainer:
         # a fit's run is open: it holds weights of its own, which its end puts in the trainer
         # (on_fit_start and on_fit_end run before and after it, and may set weights)
         self._run_open = False
+        # a fit on a cluster runs and its workers hold the weights (until its run's end)
+        self._weights_pending = False
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -487,10 +489,11 @@ class Trainer:
                 with _Progress(self.progress, total) as bar:
                     fit.bar = bar
                     self._run_open = True
+                    self._weights_pending = self.cluster is not None
                     try:
                         run_trio(fit.main, trace_path)
                     finally:
-                        self._run_open = False
+                        self._run_open = self._weights_pending = False
             except BaseException:
                 fit.keep()
                 raise
@@ -652,7 +655,7 @@ class Trainer:
             "checkpoint_every), or after the fit returns", own_thread=True,
         )  # fmt: skip
 
-        if self._run_open and self.cluster is not None:
+        if self._weights_pending:
             # (as checkpoint_every is refused there: the trainer holds the weights from before
             # the fit, and the checkpoint would silently be of them)
             raise RuntimeError(

@@ -7,6 +7,7 @@ rescheduled learning rate in test_remedies_updates.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -182,6 +183,15 @@ def test_remedy_specs_round_trip_delegate_and_validate():
             policies.DelayCompensation(inner, strength=bad)
     with pytest.raises(ValueError, match="warmup_updates"):
         policies.PipeMareLR(inner, warmup_updates=0)
+    # numpy floats (a sweep's): float32 was refused as if out of range, float64 kept as numpy
+    for value in (np.float32(0.5), np.float64(0.5)):
+        dc = policies.DelayCompensation(inner, strength=value)
+        disc = policies.DiscrepancyCorrection(policies.Async(2), decay=value)
+        assert type(dc.strength) is float and type(disc.decay) is float and dc.strength == 0.5
+        assert policies.policy_from_spec(json.loads(json.dumps(dc.to_spec()))) == dc
+    for bad in (1.0, -0.1, np.float32(1.5), True, "0.5"):
+        with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
+            policies.DiscrepancyCorrection(policies.Async(2), decay=bad)
     with pytest.raises(TypeError, match="must be a Policy"):
         policies.StalenessScaledLR("PipeDream")  # type: ignore[arg-type]
 

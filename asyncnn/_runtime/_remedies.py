@@ -22,8 +22,11 @@ built-in optimizer (SGD with momentum and weight decay, Adam, AdamW).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 from asyncnn._math._optim import SGD
 from asyncnn._math._pytree import tree_map
@@ -170,10 +173,25 @@ class Remedy(WrappedPolicy):
         return spec
 
 
-def _check_nonnegative(policy: str, name: str, value: float) -> None:
+def _real(value: Any) -> float | None:
+    """``value`` as a Python float where it is a real number (a numpy float32 from a sweep
+    included; never a bool), else None."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _check_nonnegative(remedy: Any, name: str) -> None:
+    """Refuses ``remedy``'s field ``name`` unless it is a finite real number >= 0, and keeps it
+    as a Python float (a numpy float32 was refused as out of range; a float64 kept as numpy)."""
+    value = getattr(remedy, name)
+    real = _real(value)
     # (an infinite one would turn the first corrected gradient, and so the weights, into NaN)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{policy}({name}={value!r}): {name} must be a finite number >= 0")
+    if real is None or not 0 <= real < math.inf:
+        raise ValueError(
+            f"{type(remedy).__name__}({name}={value!r}): {name} must be a finite number >= 0"
+        )
+    object.__setattr__(remedy, name, real)
 
 
 @dataclass(frozen=True)
@@ -204,7 +222,7 @@ class DelayCompensation(Remedy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_nonnegative("DelayCompensation", "strength", self.strength)
+        _check_nonnegative(self, "strength")
 
     def uses_forward_weights(self) -> bool:
         return True
@@ -430,9 +448,12 @@ class DiscrepancyCorrection(Remedy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        d = self.decay
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
-            raise ValueError(f"DiscrepancyCorrection(decay={d!r}): decay must be in [0, 1)")
+        d = _real(self.decay)
+        if d is None or not 0 <= d < 1:
+            raise ValueError(
+                f"DiscrepancyCorrection(decay={self.decay!r}): decay must be a number in [0, 1)"
+            )
+        object.__setattr__(self, "decay", d)  # (a numpy float as a Python one, for its spec)
 
     def weight_change_decay(self) -> float | None:
         return float(self.decay)
