@@ -190,7 +190,7 @@ def test_remedy_specs_round_trip_delegate_and_validate():
         assert type(dc.strength) is float and type(disc.decay) is float and dc.strength == 0.5
         assert policies.policy_from_spec(json.loads(json.dumps(dc.to_spec()))) == dc
     for bad in (1.0, -0.1, np.float32(1.5), True, "0.5"):
-        with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
+        with pytest.raises(ValueError, match=r"decay must be in \[0, 1\) \(a real number\)"):
             policies.DiscrepancyCorrection(policies.Async(2), decay=bad)
     with pytest.raises(TypeError, match="must be a Policy"):
         policies.StalenessScaledLR("PipeDream")  # type: ignore[arg-type]

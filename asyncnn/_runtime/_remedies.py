@@ -451,7 +451,7 @@ class DiscrepancyCorrection(Remedy):
         d = _real(self.decay)
         if d is None or not 0 <= d < 1:
             raise ValueError(
-                f"DiscrepancyCorrection(decay={self.decay!r}): decay must be a number in [0, 1)"
+                f"DiscrepancyCorrection(decay={self.decay!r}): decay must be in [0, 1) (a real number)"
             )
         object.__setattr__(self, "decay", d)  # (a numpy float as a Python one, for its spec)
 
