@@ -248,3 +248,14 @@ def test_embedding_of_gpu_ids_into_an_integer_table_checks_them_on_the_host(
         with pytest.raises(IndexError, match=rf"embedding: id {bad} is outside \[0, 5\)"):
             ops.embedding(table, np.array([0, bad, 2]))
     np.testing.assert_array_equal(ops.embedding(table, np.array([4, 0])), table[[4, 0]])
+
+
+def test_a_0_d_array_has_no_axis_and_dropout_needs_a_number() -> None:
+    # ("axis -1 is out of range for an array of 0 dimensions (valid: 0 to -1)", and a bare
+    # "'<=' not supported between instances of 'int' and 'str'")
+    for op in (ops.softmax, ops.log_softmax, ops.logsumexp):
+        with pytest.raises(ValueError, match=r": axis -1: the array is 0-d \(a scalar\)"):
+            op(np.array(1.0))
+    with pytest.raises(TypeError, match=r"^dropout: p must be a number in \[0, 1\), got '0.5'"):
+        ops.dropout(np.ones(3), "0.5", np.random.default_rng(0))  # type: ignore[arg-type]
+    assert ops.dropout(np.ones(3), np.float32(0.0), None).shape == (3,)  # numpy numbers pass

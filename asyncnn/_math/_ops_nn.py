@@ -8,6 +8,7 @@ message that names the shapes and says what to pass instead.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -288,9 +289,12 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
 
     Raises:
         ValueError: when ``p`` is outside [0, 1).
-        TypeError: when ``x`` is not floating point (its dtype could not hold the scale
+        TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could not hold the scale
             ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``.
     """
+    if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real):
+        # (a string failed in the comparison below with a bare TypeError naming no op)
+        raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
     _check_floating(x, "dropout")
