@@ -41,6 +41,9 @@ class HookChecks:
     params: Any
     _apply: Any
     _rng: Any
+    #: the actor's backend and stream (its device's work is queued there)
+    backend: Any
+    stream: Any
 
     def _check_output(self, out: Any, inputs: list[Any]) -> None:
         """Refuses a custom ``on_forward``'s output whose rows, trailing shape (where the inputs
@@ -101,7 +104,10 @@ class HookChecks:
         if known is None:
             try:
                 first = [x[:1] for x in inputs]
-                out = self._apply(self.params, first, self._rng(0))
+                # (on the actor's device and stream, as its own compute runs: on another GPU
+                # its parameters would not be at hand)
+                with self.backend.activate(self.stream):
+                    out = self._apply(self.params, first, self._rng(0))
                 known = bool(is_floating(out.dtype))
             except Exception:  # noqa: BLE001 - no answer: the output is let through, as before
                 known = False
