@@ -25,6 +25,7 @@ from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._open_run import open_run
 from ._runtime._run import Run, RunState
+from ._runtime._run_guards import checked_split
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -86,6 +87,12 @@ class _FitState:
         self.in_process = trainer.cluster is None
         self.flush = trainer.policy.flush
         self.step_hooks = wants_step_end(plan.callbacks)
+        # validation's batches: a router's capacity holds per batch there, as per key in the
+        # run, so a routed graph is validated in batches of the run's largest key (a batch of
+        # 256 overflowed a capacity its keys never did); others in batches of 256
+        routed = any(n.role == "router" for n in trainer.graph.nodes.values())
+        split = checked_split(trainer.policy, plan.batch_size) if routed else [(0, 256)]
+        self.validation_rows = max(hi - lo for lo, hi in split)
         # (streaming policies only) whether each layer applies one update per minibatch: then
         # what a stopped fit keeps is the latest state every layer was seen to hold (_keep)
         self.once_per_minibatch = not self.flush and updates_once_per_minibatch(trainer.policy)
@@ -345,7 +352,7 @@ class _FitState:
         _synchronize(tr.graph, tr.cluster)  # GPU updates done before validation or a checkpoint
         logs: dict[str, float] = {"epoch": epoch, "loss": self._epoch_loss(epoch)}
         if plan.validation_data is not None:
-            for name, value in tr._evaluate(plan.validation_data).items():
+            for name, value in tr._evaluate(plan.validation_data, self.validation_rows).items():
                 logs[f"val_{name}"] = value
         self.history.epochs.append(dict(logs))
         for cb in plan.callbacks:

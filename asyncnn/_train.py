@@ -644,8 +644,8 @@ class Trainer:
             OSError: the disk refused a file (the folder's previous checkpoint stays whole).
             RuntimeError: a fit is running on this trainer and this call comes from another
                 thread than the fit's (its callbacks may save: they run between its steps), or
-                from a step or epoch hook of a fit on a cluster (the trainer holds the weights
-                from before the fit until its end).
+                from a step or epoch hook of a fit on a cluster while its run goes on (the
+                trainer holds the weights from before the fit until the run's end).
         """
         from ._checkpoint import save_checkpoint
 

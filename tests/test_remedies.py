@@ -189,6 +189,8 @@ def test_remedy_specs_round_trip_delegate_and_validate():
         disc = policies.DiscrepancyCorrection(policies.Async(2), decay=value)
         assert type(dc.strength) is float and type(disc.decay) is float and dc.strength == 0.5
         assert policies.policy_from_spec(json.loads(json.dumps(dc.to_spec()))) == dc
+    with pytest.raises(ValueError, match=r"strength=.* must be a finite number >= 0"):
+        policies.DelayCompensation(inner, strength=10**400)  # (float() of it overflowed)
     for bad in (1.0, -0.1, np.float32(1.5), True, "0.5"):
         with pytest.raises(ValueError, match=r"decay must be in \[0, 1\) \(a real number\)"):
             policies.DiscrepancyCorrection(policies.Async(2), decay=bad)

@@ -100,6 +100,17 @@ def test_capacity_factor_and_overflow_error():
     tr.predict({"x": _data()["x"][:1]})  # one row, two experts: within capacity
 
 
+def test_validation_of_a_routed_graph_routes_batches_of_the_runs_key_size():
+    # (validation evaluated batches of 256 rows, whose capacity a run's 4-row keys never reach:
+    # with on_overflow="error" the fit failed at its first epoch end, advising a batch size
+    # fit has no argument for; with "drop" it scored rows dropped only there)
+    g = moe_graph(experts=3, k=1, capacity=4, on_overflow="error")
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), dtype="float64")
+    data = _data(n=24)
+    hist = tr.fit(data, epochs=1, batch_size=8, validation_data=data)
+    assert hist.epochs[0]["val_loss"] == tr.evaluate(data, batch_size=4)["loss"]
+
+
 def test_predict_follows_the_routes():
     g = moe_graph(k=2, capacity=2)
     data = _data()

@@ -389,3 +389,34 @@ async def test_an_on_loss_callback_that_raises_is_named_as_the_callers_not_the_l
             await run.drain()
     assert (info.value.actor, info.value.kind) == ("on_loss", "callback")
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+class _NeedsArgs(ValueError):
+    """An error whose constructor takes more than a message (json's JSONDecodeError's kind)."""
+
+    def __init__(self, row: int, detail: str) -> None:
+        super().__init__(f"row {row}: {detail}")
+        self.row = row
+
+
+@dataclass(frozen=True)
+class _FailsPastTwoRows(nn.Module):
+    def init_params(self, init: Any) -> Any:
+        return {}
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        if x.shape[0] > 2:  # (the graph's check runs two rows)
+            raise _NeedsArgs(2, "a custom error")
+        return x
+
+
+def test_a_layers_error_in_predict_names_it_and_keeps_its_kind():
+    # (it was rebuilt from its message as type(exc)(...): a subclass needing other arguments
+    # came out as a TypeError about its constructor, its fields lost)
+    g = ann.Graph.sequential([nn.Linear(5, 5), _FailsPastTwoRows()], loss=nn.MSELoss(),
+                             stages=2, input_shape=(None, 5), label_shape=(None, 5),
+                             label_dtype="float64")  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(_NeedsArgs, match=r"^row 2: a custom error") as info:
+        tr.predict({"x": np.ones((4, 5))})
+    assert info.value.row == 2 and info.value.__notes__ == ["in layer 'stage1'"]

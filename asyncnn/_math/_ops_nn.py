@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -292,6 +292,8 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
         TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could not hold the scale
             ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``.
     """
+    if getattr(p, "ndim", None) == 0 and not isinstance(p, np.generic):
+        p = cast(Any, p).item()  # a 0-d array (numpy's or cupy's) as its number
     if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real):
         # (a string failed in the comparison below with a bare TypeError naming no op)
         raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")

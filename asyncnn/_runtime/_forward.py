@@ -59,7 +59,11 @@ def forward_pass(
                     # its node, which the actors' errors in fit do
                     if f"{name!r}" in str(exc):
                         raise
-                    raise type(exc)(f"layer {name!r}: {exc}") from exc
+                    if type(exc) in (ValueError, TypeError):
+                        raise type(exc)(f"layer {name!r}: {exc}") from exc
+                    # (a subclass may need other arguments, or carry fields: kept as it is)
+                    exc.add_note(f"in layer {name!r}")
+                    raise
             else:
                 args = [values[src] for src in node.inputs]
                 if backend.device.kind == "cuda":

@@ -178,7 +178,10 @@ def _real(value: Any) -> float | None:
     included; never a bool), else None."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # (an int past a float's range: not finite)
+        return None
 
 
 def _check_nonnegative(remedy: Any, name: str) -> None:
