@@ -68,6 +68,16 @@ def _is_count(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
+def _path(owner: str, name: str, value: Any) -> str:
+    """``value`` as a path, or a TypeError naming ``owner``'s argument ``name``."""
+    try:
+        return os.fspath(value)
+    except TypeError:
+        raise TypeError(
+            f"{owner}: {name} must be a path (a str or os.PathLike), got {value!r:.80}"
+        ) from None
+
+
 def wants_epoch_end(callbacks: list[Callback]) -> bool:
     """Whether any of ``callbacks`` has an epoch-end hook."""
     return any(_overrides(cb, "on_epoch_end") for cb in callbacks)
@@ -88,11 +98,14 @@ class EarlyStopping(Callback):
             one stops it (``patience=0`` stops at the first epoch that does not improve; Keras
             and Lightning stop one epoch earlier, at the ``patience``-th). A NaN never counts
             as an improvement.
-        min_delta: the least change that counts as an improvement.
+        min_delta: how much a value must beat ``best`` by to count as an improvement (more
+            than this; 0: any improvement).
         mode: ``"min"``, ``"max"``, or ``"auto"`` (``"max"`` for accuracies, else ``"min"``).
 
     Attributes:
-        best: the best value seen. stopped_epoch: the epoch that stopped the fit, or None.
+        best: the last value that counted as an improvement (with ``min_delta``, not always
+            the best seen: smaller gains do not move it, as in Keras and Lightning).
+            stopped_epoch: the epoch that stopped the fit, or None.
             Both, and the count of epochs without improvement, carry over to the next ``fit``
             given this callback (a fit per epoch goes on counting): make a new one to start
             afresh.
@@ -168,7 +181,7 @@ class JSONLLogger(Callback):
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
         if not _is_count(every):
             raise ValueError(f"JSONLLogger: every must be an int >= 0, got {every!r}")
-        self.path = os.fspath(path)
+        self.path = _path("JSONLLogger", "path", path)
         self.every = every
         self._file: Any = None
         self._start = 0.0
@@ -248,14 +261,19 @@ class TensorBoardLogger(Callback):
                 "TensorBoardLogger writes through tensorboardX: pip install 'asyncnn[tensorboard]' "
                 "(or use JSONLLogger, which needs nothing)"
             ) from exc
-        self.logdir = os.fspath(logdir)
+        self.logdir = _path("TensorBoardLogger", "logdir", logdir)
         self.every = every
         self._writer: Any = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir=self.logdir)
+        # a file of its own per fit: tensorboardX names it by the second and the host, and
+        # opens it for writing, so a logger reused by a fit starting in the same second (one
+        # epoch per fit) truncated the earlier fit's events
+        self._writer = SummaryWriter(
+            logdir=self.logdir, filename_suffix=f".{os.getpid()}.{time.time_ns()}"
+        )
 
     def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None:
         if self._writer is not None and self.every and step % self.every == 0:

@@ -283,6 +283,26 @@ def test_tensorboard_logger(tmp_path):
     assert [s for s, _ in epochs] == [0, 1]
 
 
+def test_a_tensorboard_logger_reused_by_fits_keeps_every_fits_events(tmp_path):
+    # (each fit opened a writer whose file was named by the second and the host: a fit
+    # starting in the same second truncated the earlier one's events)
+    pytest.importorskip("tensorboardX")
+    tr = _trainer()
+    logger = TensorBoardLogger(tmp_path)
+    for _ in range(3):  # one epoch per fit, well within a second each
+        tr.fit(_data(), epochs=1, batch_size=8, callbacks=[logger])
+    epochs = sorted(s for t, s, _ in _tensorboard_scalars(tmp_path) if t == "epoch/loss")
+    assert epochs == [0, 1, 2] and len(os.listdir(tmp_path)) == 3
+
+
+def test_loggers_name_a_path_that_is_not_one():
+    with pytest.raises(TypeError, match=r"^JSONLLogger: path must be a path .*, got None"):
+        JSONLLogger(None)
+    pytest.importorskip("tensorboardX")
+    with pytest.raises(TypeError, match=r"^TensorBoardLogger: logdir must be a path .*, got 5"):
+        TensorBoardLogger(5)
+
+
 def test_tensorboard_logger_without_tensorboardx_fails_when_made(monkeypatch, tmp_path):
     # at construction, saying how to install it: not at the first epoch of a long fit
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # (import raises ImportError)
