@@ -125,8 +125,17 @@ class EarlyStopping(Callback):
         if not _is_count(patience):
             raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
         given: object = min_delta  # (any number: mypy takes float for no numbers.Real)
-        if not isinstance(given, Real) or not math.isfinite(float(given)):
-            # (a NaN would make every epoch "not better", stopping a fit that improves)
+        try:
+            # (a NaN would make every epoch "not better", stopping a fit that improves; a bool
+            # is refused as patience's is; an int past a float's range overflowed unnamed)
+            finite = (
+                isinstance(given, Real)
+                and not isinstance(given, bool)
+                and math.isfinite(float(given))
+            )
+        except OverflowError:
+            finite = False
+        if not finite:
             raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
         self.monitor = monitor
         self.patience = patience

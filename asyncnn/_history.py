@@ -285,22 +285,72 @@ def _statistics_class(kind: Any, where: str) -> type[ActorStatistics]:
     )
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` cut at each ``sep`` outside brackets (``"list[float | None] | None"`` at
+    ``"|"``: two parts), each stripped."""
+    parts: list[str] = []
+    depth = start = 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _inside(kind: str, *names: str) -> str | None:
+    """What ``kind`` holds between the brackets of one of ``names`` (``list[float]``:
+    ``"float"``), or None."""
+    for name in names:
+        if kind.startswith(name + "[") and kind.endswith("]"):
+            return kind[len(name) + 1 : -1]
+    return None
+
+
 def _typed_in(value: Any, kind: str, where: str) -> Any:
-    """A JSON value back as the field's annotation ``kind`` says (as written in the class)."""
+    """A JSON value back as the field's annotation ``kind`` says (as written in the class):
+    floats (non-finite ones are written as strings), ints, ``X | None`` (``Optional[X]``),
+    ``list[X]``, ``tuple[X, ...]`` and ``tuple[X, Y]`` (written as lists), ``dict[K, V]``."""
     if kind == "float":
         return _float_in(value, where)
     if kind == "int":
         if type(value) is not int:
             raise ValueError(f"{where} is {value!r:.80}, not an integer")
         return value
-    parts = [p.strip() for p in kind.split("|")]
-    if len(parts) == 2 and "None" in parts:  # ``X | None``
-        parts.remove("None")
-        return None if value is None else _typed_in(value, parts[0], where)
-    if kind.startswith("dict[") and kind.endswith("]"):
+    parts = _split_top(kind, "|")
+    optional = _inside(kind, "Optional", "typing.Optional")
+    if optional is not None or (len(parts) == 2 and "None" in parts):  # ``X | None``
+        if optional is None:
+            parts.remove("None")
+            optional = parts[0]
+        return None if value is None else _typed_in(value, optional, where)
+    items = _inside(kind, "list", "List", "typing.List")
+    if items is not None:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} is {value!r:.80}, not a list")
+        return [_typed_in(v, items, f"{where}[{i}]") for i, v in enumerate(value)]
+    items = _inside(kind, "tuple", "Tuple", "typing.Tuple")
+    if items is not None:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} is {value!r:.80}, not a list (a tuple, written as one)")
+        each = _split_top(items, ",")
+        if len(each) == 2 and each[1] == "...":
+            each = [each[0]] * len(value)
+        elif len(each) != len(value):
+            raise ValueError(
+                f"{where} has {len(value)} entries; its tuple[{items}] has {len(each)}"
+            )
+        pairs = enumerate(zip(value, each, strict=True))
+        return tuple(_typed_in(v, k, f"{where}[{i}]") for i, (v, k) in pairs)
+    inner = _inside(kind, "dict", "Dict", "typing.Dict")
+    if inner is not None:
         if not isinstance(value, dict):
             raise ValueError(f"{where} is {value!r:.80}, not an object")
-        key_kind, _, value_kind = kind[5:-1].partition(", ")
+        key_kind, value_kind = (_split_top(inner, ",") + ["", ""])[:2]
         out = {}
         for k, v in value.items():
             key: Any = k

@@ -318,6 +318,8 @@ def test_tensorboard_logger_without_tensorboardx_fails_when_made(monkeypatch, tm
         ({"patience": -1}, r"patience must be an int >= 0, got -1"),
         ({"min_delta": float("nan")}, r"min_delta must be a finite number, got nan"),
         ({"min_delta": "0.1"}, r"min_delta must be a finite number, got '0.1'"),
+        ({"min_delta": True}, r"min_delta must be a finite number, got True"),  # (was 1)
+        ({"min_delta": 10**400}, r"min_delta must be a finite number, got 1000"),  # (unnamed)
         ({"monitor": ""}, r"monitor must be a metric's name, got ''"),
         ({"monitor": None}, r"monitor must be a metric's name, got None"),
     ],

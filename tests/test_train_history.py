@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -89,6 +90,33 @@ def test_history_keeps_the_counters_of_routers_loops_and_custom_actors(tmp_path)
     back = ann.History.load(tmp_path / "h.json").statistics
     assert back == {"gate": router, "cell": loop, "mine": custom}
     assert [type(s) for s in back.values()] == [type(s) for s in hist.statistics.values()]
+
+
+@dataclass(slots=True)
+class _GenericStatistics(ann.ActorStatistics):
+    norms: list[float] = dataclasses.field(default_factory=list)
+    best: Optional[float] = None  # noqa: UP045 - the older spelling is read too
+    pair: tuple[float, int] = (0.0, 0)
+    spans: tuple[float, ...] = ()
+    maybe: list[float | None] = dataclasses.field(default_factory=list)
+    by_key: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def test_history_load_gives_back_floats_inside_lists_tuples_and_optionals(tmp_path):
+    # (inside a list, an Optional or a tuple a non-finite float came back as the string
+    # "Infinity", and a tuple as a list: only float, int, X | None and dict[...] were read)
+    inf = float("inf")
+    mine = _GenericStatistics(
+        norms=[1.5, inf], best=-inf, pair=(inf, 2), spans=(0.5, inf, -inf), maybe=[None, inf],
+        by_key={3: [inf, 1.0]},
+    )  # fmt: skip
+    hist = ann.History(statistics={"mine": mine})
+    hist.save(tmp_path / "h.json")
+    back = ann.History.load(tmp_path / "h.json").statistics["mine"]
+    assert back == mine and type(back.pair) is tuple and type(back.spans) is tuple
+    nan = _GenericStatistics(norms=[float("nan")])
+    ann.History(statistics={"nan": nan}).save(tmp_path / "n.json")
+    assert np.isnan(ann.History.load(tmp_path / "n.json").statistics["nan"].norms[0])
 
 
 def test_history_save_refuses_a_value_that_is_not_a_number_and_writes_nothing(tmp_path):
