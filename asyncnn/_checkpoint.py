@@ -371,23 +371,23 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                     raise
                 opt_state = fresh.opt_states[name]  # another optimizer: its own state, fresh
             opt_states[name] = _cast_like(opt_state, fresh.opt_states[name], device)
-            versions[name] = _count(entry["version"], f"the version of {name!r}")
+            versions[name] = entry["version"]  # (a count: _read_spec checked it)
             if "pending" in entry and keep_pending:
                 acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
                 if acc is not None:  # None: only skipped keys (an expert given no rows) so far
                     what = f"the pending gradients of {name!r}"
                     _fits(acc, fresh.params[name], what, same_dtype)
                     acc = _cast_like(acc, fresh.params[name], device)
-                pending[name] = (acc, _count(entry["pending"]["count"], "a gradient count"))
+                pending[name] = (acc, entry["pending"]["count"])
             if "actor_state" in entry:
                 actor_states[name] = _join(
                     entry["actor_state"], f"actor/{name}", arrays, device, [0]
                 )
         trainer.state = RunState(
-            params, opt_states, versions, _count(spec["minibatches"], "minibatches"),
-            _count(spec["keys"], "keys"), pending, actor_states,
+            params, opt_states, versions, spec["minibatches"], spec["keys"], pending,
+            actor_states,
         )  # fmt: skip
-        trainer.epochs_done = _count(spec["epochs_done"], "epochs_done")
+        trainer.epochs_done = spec["epochs_done"]
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
@@ -427,10 +427,7 @@ def _position(path: str, spec: dict[str, Any], spec_path: str) -> tuple[int, Any
         CheckpointError: the spec's record is malformed (naming the field).
         ValueError: ``fit.json`` is damaged or another save's (naming the fix).
     """
-    try:
-        minibatches = _count(spec.get("minibatches"), "minibatches")
-    except ValueError as exc:
-        raise CheckpointError(f"{spec_path} is malformed: {exc}") from exc
+    minibatches = spec["minibatches"]  # (a count: _read_spec checked it)
     if "fit" in spec:
         try:
             return fit_position(spec["fit"], minibatches)
@@ -465,12 +462,6 @@ def _optimizer_from_spec(spec: Any) -> Any:
     from .optim import from_spec
 
     return from_spec(spec)
-
-
-def _count(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{what} must be a count (an int >= 0), got {value!r:.80}")
-    return value
 
 
 def _same_layers(graph: Graph, layout: dict[str, Any], prefix: str) -> None:

@@ -126,13 +126,10 @@ def _split(tree: Any, prefix: str, arrays: dict[str, np.ndarray], what: str) -> 
     """The spec of ``tree`` (:func:`_treedef_spec`), its arrays added to ``arrays``.
 
     Raises:
-        TypeError: ``tree`` holds what a checkpoint cannot (naming ``what`` and the place);
-            ``arrays`` is then as it was.
+        TypeError: ``tree`` holds what a checkpoint cannot (naming ``what`` and the place); the
+            save it is part of then writes nothing.
     """
-    own: dict[str, np.ndarray] = {}
-    spec = _treedef_spec(tree, what, prefix, own, [0])
-    arrays.update(own)
-    return spec
+    return _treedef_spec(tree, what, prefix, arrays, [0])
 
 
 def _join(spec: Any, prefix: str, arrays: dict[str, Any], device: str, counter: list[int]) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import select
 import sys
@@ -274,19 +273,12 @@ def _trace_diff(args: argparse.Namespace) -> int:
 
 def _strict_json(value: Any) -> str:
     """``value`` as JSON that any reader parses: a non-finite float (the losses of a run that
-    diverged) as null, as the JSONL logger and the Chrome export write it; ``json.dumps`` would
-    write bare NaN and Infinity tokens, which strict parsers (``JSON.parse``, ``jq``) refuse."""
+    diverged) as null, as the Chrome export (whose conversion this is) and the JSONL logger
+    write it; ``json.dumps`` would write bare NaN and Infinity tokens, which strict parsers
+    (``JSON.parse``, ``jq``) refuse."""
+    from ._tracing._chrome import _as_json
 
-    def finite(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [finite(x) for x in v]
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-
-    return json.dumps(finite(value), indent=2, allow_nan=False)
+    return json.dumps(_as_json(value), indent=2, allow_nan=False)
 
 
 def _replay(args: argparse.Namespace) -> int:

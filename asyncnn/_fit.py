@@ -151,9 +151,8 @@ class _FitState:
             self.run = run
             if (
                 self.in_process
-                and not self.flush
                 and not run.cuda_graphs_active  # (captured updates write in place)
-                and self.once_per_minibatch
+                and self.once_per_minibatch  # (a streaming policy's)
             ):
                 self.layer_states = LayerStates(tr.state)
             if self.bar is not None:
@@ -219,9 +218,10 @@ class _FitState:
         if self.flush and keeps_now and run.minibatches > self.first_mb:
             await run.wait_idle()
             self._snapshot(run)
-        self._see_layers(run)
         if not self.flush and keeps_now and self.reported and self.step_hooks:
-            self._commit_streaming(run)
+            self._commit_streaming(run)  # (which sees the layers first)
+        else:
+            self._see_layers(run)
         self._deliver_steps()
 
     def _see_layers(self, run: Run) -> None:

@@ -202,22 +202,17 @@ class Trainer:
         self._epoch_losses_list = list(values)
         self._epoch_losses_later = None
 
-    def _refuse_during_fit(
-        self, what: str, why: str, instead: str, own_thread: bool, while_run_open: bool = False
-    ) -> None:
+    def _refuse_during_fit(self, what: str, why: str, instead: str, own_thread: bool) -> None:
         """Refuses ``what`` while a fit runs on this trainer: from another thread than the
-        fit's; from the fit's own thread (its callbacks) too unless ``own_thread`` allows it,
-        or, with ``while_run_open``, only while its run is open (not in ``on_fit_start`` or
-        ``on_fit_end``).
+        fit's, and from the fit's own thread (its callbacks) too unless ``own_thread``.
 
         Raises:
             RuntimeError: saying ``why`` and what to do ``instead``.
         """
         if not self._fit_lock.locked():
             return
-        if self._fit_thread == threading.get_ident():
-            if own_thread or (while_run_open and not self._run_open):
-                return
+        if own_thread and self._fit_thread == threading.get_ident():
+            return
         raise RuntimeError(f"{what}: a fit is already running on this trainer{why}; {instead}")
 
     @property
@@ -247,7 +242,7 @@ class Trainer:
             "place of these", "set them before the fit, in on_fit_start or on_fit_end, or "
             "after it returns (from a step or epoch hook: stop the fit with "
             "trainer.stop_training = True, then set them)",
-            own_thread=False, while_run_open=True,
+            own_thread=not self._run_open,  # (on_fit_start and on_fit_end may set them)
         )  # fmt: skip
 
         for name, p in value.items():

@@ -10,9 +10,9 @@ import math
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import numpy as np
 
+from asyncnn._checkpoint_tree import _unstorable  # (what msgpack cannot hold: one rule)
 from asyncnn._runtime._messages import Message
 from asyncnn.backends._dtypes import rebuildable_name
 from asyncnn.backends._registry import host_array, is_cupy_array
@@ -181,7 +181,7 @@ def unsendable(tree: Any) -> tuple[str, str] | None:
         for k, v in tree.items():
             if not (k is None or isinstance(k, bool | int | float | str)):
                 return f"[{k!r:.60}]", f"a key of type {type(k).__name__}"
-            if not _packs(k):
+            if _unstorable(k) is not None:
                 return (
                     f"[{k!r:.60}]",
                     "a key msgpack cannot encode (an int past 64 bits, a str with lone surrogates)",
@@ -210,18 +210,12 @@ def unsendable(tree: Any) -> tuple[str, str] | None:
             return "", f"an array of dtype {tree.dtype} ({exc})"
         return None
     if tree is None or isinstance(tree, bool | int | float | str):
-        return None if _packs(tree) else ("", f"{tree!r:.60}, which msgpack cannot encode")
+        return (
+            None
+            if _unstorable(tree) is None
+            else ("", f"{tree!r:.60}, which msgpack cannot encode")
+        )
     return "", f"a {type(tree).__name__}"
-
-
-def _packs(value: Any) -> bool:
-    """Whether msgpack encodes ``value`` (an int past 64 bits, a str with lone surrogates do
-    not)."""
-    try:
-        msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
 
 
 def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:

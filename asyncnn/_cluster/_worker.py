@@ -41,6 +41,7 @@ from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
     Run,
     RunState,
+    _hook_failed,
 )
 from asyncnn.backends import get_backend
 
@@ -424,10 +425,7 @@ def _check_actor_states(run: WorkerRun) -> None:
         try:
             state = actor.actor_state()
         except Exception as exc:
-            raise ActorError(
-                name, "actor_state", None,
-                f"actor {name!r} failed in {cls}.actor_state: {type(exc).__name__}: {exc}",
-            ) from exc  # fmt: skip
+            raise _hook_failed(name, type(actor), "actor_state", exc) from exc
         found = None if state is None else unsendable(state)
         if found is not None:
             place, what = found

@@ -292,11 +292,12 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
         TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could not hold the scale
             ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``.
     """
-    if getattr(p, "ndim", None) == 0 and not isinstance(p, np.generic):
-        p = cast(Any, p).item()  # a 0-d array (numpy's or cupy's) as its number
-    if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real):
-        # (a string failed in the comparison below with a bare TypeError naming no op)
-        raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")
+    if type(p) is not float:  # (nn.Dropout and attention pass a float, checked when made)
+        if getattr(p, "ndim", None) == 0 and not isinstance(p, np.generic):
+            p = cast(Any, p).item()  # a 0-d array (numpy's or cupy's) as its number
+        if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real):
+            # (a string failed in the comparison below with a bare TypeError naming no op)
+            raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
     _check_floating(x, "dropout")

@@ -40,12 +40,12 @@ def check_axis(axis: Any, ndim: int, op: str = "") -> int:
     prefix = f"{op}: " if op else ""
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"{prefix}axis must be an int, got {axis!r}")
-    if ndim == 0:  # ("valid: 0 to -1" said nothing)
-        raise ValueError(
-            f"{prefix}axis {axis}: the array is 0-d (a scalar), which has no axis; give it one "
-            "first (x.reshape(1) or x[None])"
-        )
     if not -ndim <= axis < ndim:
+        if ndim == 0:  # ("valid: 0 to -1" said nothing)
+            raise ValueError(
+                f"{prefix}axis {axis}: the array is 0-d (a scalar), which has no axis; give it "
+                "one first (x.reshape(1) or x[None])"
+            )
         raise ValueError(
             f"{prefix}axis {axis} is out of range for an array of {ndim} dimensions "
             f"(valid: {-ndim} to {ndim - 1})"

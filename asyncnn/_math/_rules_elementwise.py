@@ -117,21 +117,19 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     a, b, out = res
     ga = None
     if needs[0]:
-        # d(a**b)/da = b * a**(b - 1), and 0 where b == 0 (a**0 is constant, at a == 0 too:
-        # a**(0 - 1) there would make it 0 * inf = NaN). A Python exponent stays a Python number,
-        # so that a float16 or float32 base keeps its dtype.
+        # d(a**b)/da = b * a**(b - 1), and 0 where b == 0 (a**0 is constant), masked as torch
+        # masks it: at an infinite or NaN base 0 * a**(b - 1) is NaN. Where b == 0 the power
+        # takes 1 instead, so that a == 0 raises no 0**-1 warning. A Python exponent stays a
+        # Python number, so that a float16 or float32 base keeps its dtype.
         if isinstance(b, int | float):
-            lowered = 1 if b == 0 else b - 1
-        else:
-            lowered = ns(b).where(b == 0, 1, b - 1)
-        da = g * b * a**lowered
-        # and 0 at an infinite or NaN base too, where 0 * a is NaN (torch masks b == 0 as well)
-        if isinstance(b, int | float):
+            da = g * b * a ** (1 if b == 0 else b - 1)
             if b == 0:
                 da = ns(da).zeros_like(da)
         else:
+            zero = b == 0
+            da = g * b * a ** ns(b).where(zero, 1, b - 1)
             xp = ns(da, b)
-            da = xp.where(b == 0, xp.zeros((), da.dtype), da)
+            da = xp.where(zero, xp.zeros((), da.dtype), da)
         ga = grad_like(da, like(a))
     gb = None
     if needs[1]:

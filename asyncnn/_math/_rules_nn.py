@@ -334,7 +334,7 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
     if fused is not None and fused.fits(z, y):
         # one kernel for the softmax and the row losses (and one for the gradient): an eager
         # GPU step is bound by its launches, and the array code below takes about eighteen
-        compute = xp.float32 if is_half(z.dtype) else z.dtype
+        compute = _acc_dtype(z.dtype)
         p, nll = fused.cross_entropy_rows(z, y, compute)
         rows = None
     else:

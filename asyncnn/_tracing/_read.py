@@ -11,6 +11,7 @@ from typing import IO, Any
 import numpy as np
 
 from asyncnn._errors import TraceFormatError
+from asyncnn._runtime._config import PAYLOAD_MODES as _PAYLOAD_MODES
 from asyncnn._runtime._traceformat import VERSION, iter_frames
 
 from ._event import Event
@@ -26,7 +27,6 @@ __all__ = [
     "read",
 ]
 
-_PAYLOAD_MODES = ("inputs", "all", "none")
 #: fields of an event and their types (docs/trace_format.md); unknown fields are ignored
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "t": (int, float),

@@ -166,8 +166,9 @@ def replay(
             f"replaying actor {actor!r} alone needs the payload of every message it received; "
             f"this trace kept {payloads!r}: record with trace_payloads='all'"
         )
+    fed: dict[int, dict[str, Any]] = {}
     if actor is not None:
-        _check_fed(trace, graph, actor)
+        fed = _check_fed(trace, graph, actor)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "replay.trace")
         stopped: list[Any] = []
@@ -214,7 +215,7 @@ def replay(
                         await _feed_inputs(run, trace)
                         await run.drain()
                     else:
-                        await _feed_actor(run, trace, actor)
+                        await _feed_actor(run, trace, actor, fed)
                         if alone:
                             await finished.wait()
                 except _Stop as stop:
@@ -311,11 +312,12 @@ def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = No
             )
 
 
-def _check_fed(trace: Trace, graph: Any, name: str) -> None:
+def _check_fed(trace: Trace, graph: Any, name: str) -> dict[int, dict[str, Any]]:
     """Refuses, before anything runs, a recorded message that actor ``name`` replayed alone
     could not take as it was sent: a slot that its forward's inputs (or its backward's
     gradients) do not have, which failed in its mailbox with a bare IndexError, or was taken
-    as a Python index from the end; or a tensor without its payload, which was fed as None."""
+    as a Python index from the end; or a tensor without its payload, which was fed as None.
+    Returns the inputs' recorded data (:func:`_input_data`), which the feed then sends."""
     node = graph.nodes[name]
     inputs = set(graph.inputs)
     data = _input_data(trace, inputs)
@@ -353,6 +355,7 @@ def _check_fed(trace: Trace, graph: Any, name: str) -> None:
                 raise bad(
                     f"carries no payload for its tensor {j}, which {name!r} replayed alone is fed"
                 )
+    return data
 
 
 def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:
@@ -386,12 +389,11 @@ async def _feed_inputs(run: Any, trace: Trace) -> None:
             raise ValueError(f"{trace.path}: keys out of sequence (recorded {key}, replayed {got})")
 
 
-async def _feed_actor(run: Any, trace: Trace, name: str) -> None:
+async def _feed_actor(run: Any, trace: Trace, name: str, data: dict[int, dict[str, Any]]) -> None:
     """Replays one actor: sends it the recorded messages (the replay policy keeps its sends from
-    being delivered, so the other actors stay idle)."""
+    being delivered, so the other actors stay idle); ``data``: the inputs' recorded data."""
     metas = {e.key: e.meta for e in trace.events if e.what == "admit"}
     inputs = set(run.graph.inputs)
-    data = _input_data(trace, inputs)
     target = run.actors[name]
     for e in trace.events:
         if e.what == "send" and e.get("p") == name:
