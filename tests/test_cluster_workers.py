@@ -213,14 +213,14 @@ class _Holding(nn.Module):
 
 class _KeepsState(ann.LayerActor):
     """Counts its backwards and keeps, with the count, what ``kind`` says: a set (which no
-    process boundary carries) or numpy scalars."""
+    process boundary carries), a set once it has trained ("late set") or numpy scalars."""
 
     def setup(self, kind: str = "set") -> None:
         self.kind = kind
         self.seen = 0
 
     def actor_state(self) -> Any:
-        if self.kind == "set":
+        if self.kind == "set" or (self.kind == "late set" and self.seen):
             return {"seen": self.seen, "tags": [1, {"a", "b"}]}
         return {"seen": np.int64(self.seen), "rate": np.float32(0.5), "on": np.bool_(True)}
 
@@ -266,6 +266,25 @@ def test_an_actor_state_no_process_boundary_carries_is_refused_before_the_run_tr
         assert said in str(err), (said, str(err))
     assert tr.state.versions == {"s0": 0, "s1": 0}
     assert ann.trace.summary(path)["actors"]["s1"]["forwards"] == 0  # refused before any
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_state_that_becomes_unsendable_mid_run_is_named_and_its_trace_kept(
+    tmp_path: Any,
+) -> None:
+    # the check before the run passes; the worker's result then failed with a TypeError and the
+    # events that worker had recorded were lost from the driver's trace
+    path = str(tmp_path / "late.trace")
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(_keeping("late set"), cluster=cluster, trace=path, **opts)
+        with pytest.raises(ann.ActorError) as info:
+            tr.fit(data(64), epochs=1, batch_size=32)
+    err = info.value
+    assert err.actor == "s1" and err.kind == "actor_state"
+    for said in ("layer 's1'", "state['tags'][1]", "a set", "_KeepsState"):
+        assert said in str(err), (said, str(err))
+    assert ann.trace.summary(path)["actors"]["s1"]["forwards"] == 2  # the worker's events
 
 
 class _Silent(ann.cluster.Cluster):

@@ -324,22 +324,32 @@ class Worker:
                         pass  # the driver drives the run: its actors stop when it says so
         except BaseException as exc:  # noqa: BLE001 - reported to the driver, then re-raised
             error = exc
+        if error is None:
+            assert run is not None
+            out: list[Any] = []
+            try:
+                # an actor's state may have become unsendable since the check before the run
+                # (a set added while it trained): named as that check names it
+                state = run.state()
+                for name, st in state.actor_states.items():
+                    if name in run.local:
+                        _refuse_unsendable(name, type(run.local[name]), st)
+                result = {
+                    "t": "result",
+                    **encode_state(state, out),
+                    "stats": {
+                        n: {"cls": class_path(type(s)), "fields": s.as_dict()}
+                        for n, s in run.statistics().items()
+                    },
+                    "rejected": self.rejected.take(),
+                }
+            except BaseException as exc:  # noqa: BLE001 - reported with the trace, re-raised
+                error = exc
         if error is not None:
             if trace is not None:  # sent with the error report, for the driver's trace
                 with contextlib.suppress(OSError):
                     self.failed_trace = await anyio.to_thread.run_sync(trace.read)
             raise error
-        assert run is not None
-        out: list[Any] = []
-        result = {
-            "t": "result",
-            **encode_state(run.state(), out),
-            "stats": {
-                n: {"cls": class_path(type(s)), "fields": s.as_dict()}
-                for n, s in run.statistics().items()
-            },
-            "rejected": self.rejected.take(),
-        }
         if trace is not None:
             raw = await anyio.to_thread.run_sync(trace.read)
             out.append(np.frombuffer(raw, dtype=np.uint8))
@@ -421,21 +431,27 @@ def _check_actor_states(run: WorkerRun) -> None:
         actor = run.local.get(name)
         if actor is None:
             continue
-        cls = type(actor).__name__
         try:
             state = actor.actor_state()
         except Exception as exc:
             raise _hook_failed(name, type(actor), "actor_state", exc) from exc
-        found = None if state is None else unsendable(state)
-        if found is not None:
-            place, what = found
-            raise ActorError(
-                name, "actor_state", None,
-                f"layer {name!r}: what {cls}.actor_state() returns cannot be sent from a worker "
-                f"process back to the driver: state{place} is {what}. Return a tree of dicts, "
-                "lists and tuples of arrays, numbers, strings and None (a set as a sorted list, "
-                "say), or host the layer in the driver (no worker=)",
-            )  # fmt: skip
+        _refuse_unsendable(name, type(actor), state)
+
+
+def _refuse_unsendable(name: str, cls: type, state: Any) -> None:
+    """Raises an :class:`ActorError` (kind ``"actor_state"``) naming layer ``name``, where in
+    ``state`` (what its ``cls.actor_state()`` returned) the part lies that no process boundary
+    carries, and what it is; nothing when all of it can travel."""
+    found = None if state is None else unsendable(state)
+    if found is not None:
+        place, what = found
+        raise ActorError(
+            name, "actor_state", None,
+            f"layer {name!r}: what {cls.__name__}.actor_state() returns cannot be sent from a "
+            f"worker process back to the driver: state{place} is {what}. Return a tree of "
+            "dicts, lists and tuples of arrays, numbers, strings and None (a set as a sorted "
+            "list, say), or host the layer in the driver (no worker=)",
+        )  # fmt: skip
 
 
 def _clip(text: str, limit: int) -> str:
