@@ -7,6 +7,7 @@ torch is never imported here unless asked for (``tensors=True``, :func:`to_torch
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -248,7 +249,8 @@ def from_torch(
     afterwards leaves them alone) and keep the state dict's dtype (bfloat16 through
     ``ml_dtypes``); assigning them to ``tr.params`` casts them to the trainer's. Only names and
     shapes are checked: settings a state dict does not hold (an Embedding's ``padding_idx``, a
-    conv's ``padding_mode``) must match by construction.
+    conv's ``padding_mode``) must match by construction. Entries that are one tensor in torch
+    (tied weights) become two copies that train apart, with a ``UserWarning`` naming them.
 
     Example:
         ```python no-run
@@ -296,6 +298,7 @@ def from_torch(
                 else ""
             )
         )
+    _warn_tied(state_dict, list(layout))
     out = template
     for key, (node, path, transposed) in layout.items():
         arr = _as_numpy(state_dict[key], f"state dict entry {key!r}")
@@ -310,6 +313,48 @@ def from_torch(
             )
         _set(tree, path, arr)
     return out
+
+
+def _memory_id(value: Any) -> tuple[Any, ...] | None:
+    """What identifies the memory ``value`` reads (one tensor's storage, offset, shape and
+    strides), or None for an object whose memory cannot be told."""
+    if hasattr(value, "untyped_storage") and hasattr(value, "storage_offset"):  # torch
+        return (
+            str(value.device), value.untyped_storage().data_ptr(), value.storage_offset(),
+            tuple(value.shape), tuple(value.stride()), str(value.dtype),
+        )  # fmt: skip
+    for attr in ("__array_interface__", "__cuda_array_interface__"):
+        face = getattr(value, attr, None)
+        if isinstance(face, dict) and face.get("data"):
+            return (
+                attr,
+                face["data"][0],
+                tuple(face["shape"]),
+                face.get("strides"),
+                face["typestr"],
+            )
+    return None
+
+
+def _warn_tied(state_dict: Mapping[str, Any], keys: list[str]) -> None:
+    """Warns of entries that are one tensor in torch (tied weights): asyncnn keeps a copy of
+    each, so they train apart, and a round trip back into the tied model keeps one of them."""
+    first: dict[tuple[Any, ...], str] = {}
+    for key in keys:
+        ident = _memory_id(state_dict[key])
+        if ident is None:
+            continue
+        if ident in first:
+            warnings.warn(
+                f"from_torch: state dict entries {first[ident]!r} and {key!r} are one tensor in "
+                "torch (tied weights); asyncnn takes two copies of it, which train apart, and "
+                "loading to_torch's result back into the tied torch model keeps only the entry "
+                "loaded last. Untie them in torch first (clone one) to silence this",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            first[ident] = key
 
 
 def to_torch(

@@ -5,6 +5,7 @@ here), safetensors files written by torch, and DLPack zero-copy exchange; and, a
 from __future__ import annotations
 
 import collections
+import warnings
 
 import numpy as np
 import pytest
@@ -202,6 +203,27 @@ def test_torch_weights_are_copied_and_torch_modules_are_refused():
         from_torch(theirs.state_dict(), theirs[2])
     with pytest.raises(TypeError, match="target must be an asyncnn Graph or nn.Module"):
         to_torch(params, theirs)
+
+
+def test_tied_torch_weights_are_named_in_a_warning():
+    # an embedding tied to the output layer came out as two copies that train apart without a
+    # word, and loading to_torch's result back into the tied model silently kept one of them
+    torch = pytest.importorskip("torch")
+    theirs = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    theirs[1].weight = theirs[0].weight  # tied
+    ours = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    with pytest.warns(UserWarning, match=r"'0\.weight' and '1\.weight' are one tensor"):
+        params = from_torch(theirs.state_dict(), ours)
+    assert np.array_equal(params[1]["weight"], params[0]["weight"].T)  # two equal copies
+    untied = theirs.state_dict()
+    untied["1.weight"] = untied["1.weight"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_torch(untied, ours)  # equal values in separate memory: no warning
+        from_torch({k: v.numpy() for k, v in untied.items()}, ours)
+    arrays = {k: v.numpy() for k, v in theirs.state_dict().items()}  # numpy views of one tensor
+    with pytest.warns(UserWarning, match="tied weights"):
+        from_torch(arrays, ours)
 
 
 def test_dlpack_shares_memory():
