@@ -10,8 +10,17 @@ The layout of a folder (format version 2)::
     spec.msgpack        {"format", "version", "graph", "policy", "optimizer", "seed", "dtype",
                          "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout",
                          "options", "fit"}
-    arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>"
+    arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>",
+                        "actor/<layer>/<i>", "earlier/<layer>/<version>/<i>"
     fit.json            where the epoch stands (the spec's "fit"), for an asyncnn before it
+
+A layer's entry in the layout holds its "params", "opt_state" and "version"; where there are
+any, its "pending" gradients, its custom actor's "actor_state", and "earlier", the versions
+before the latest that the policy pins forwards to (``RunState.earlier_params``:
+``PipeDream2BW``'s version before the latest), as ``[{"version": v, "params": tree}, ...]``.
+Each of those was added after format version 2 began, as optional fields: a checkpoint without
+one loads as before (without "earlier", the next ``fit`` computes its first minibatch at the
+latest weights), and an asyncnn that predates one loads the checkpoint without it.
 
 A save first finishes one that was interrupted between its renames (its files would otherwise be
 overwritten half-way), writes every file beside its place, then renames them into place; one that
@@ -95,6 +104,17 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
                 state.actor_states[name], f"actor/{name}", arrays,
                 f"the actor state of {name!r} (its actor_state())",
             )  # fmt: skip
+        earlier = state.earlier_params.get(name)
+        if earlier:  # the versions before the latest that forwards are pinned to (PipeDream2BW)
+            layout[name]["earlier"] = [
+                {
+                    "version": int(v),
+                    "params": _split(
+                        p, f"earlier/{name}/{v}", arrays, f"the parameters of {name!r} at {v}"
+                    ),
+                }
+                for v, p in sorted(earlier.items())
+            ]
     spec = {
         "format": FORMAT,
         "version": VERSION,
@@ -357,6 +377,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     keep_pending = _accumulates_alike(policy, kwargs["policy"])
     try:
         params, opt_states, versions, pending, actor_states = {}, {}, {}, {}, {}
+        earlier_params: dict[str, dict[int, Any]] = {}
         for name in graph.layers:
             entry = spec["layout"][name]
             device = graph.nodes[name].device
@@ -383,9 +404,17 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                 actor_states[name] = _join(
                     entry["actor_state"], f"actor/{name}", arrays, device, [0]
                 )
+            # (none in a checkpoint of an older asyncnn: its next fit starts the stream anew)
+            for held in entry.get("earlier", []):
+                v = held["version"]  # (a count below the layer's: _read_spec checked it)
+                what = f"the parameters of {name!r} at version {v}"
+                earlier = _join(held["params"], f"earlier/{name}/{v}", arrays, device, [0])
+                _fits(earlier, fresh.params[name], what, same_dtype)
+                earlier = _cast_like(earlier, fresh.params[name], device)
+                earlier_params.setdefault(name, {})[v] = earlier
         trainer.state = RunState(
             params, opt_states, versions, spec["minibatches"], spec["keys"], pending,
-            actor_states,
+            actor_states, earlier_params,
         )  # fmt: skip
         trainer.epochs_done = spec["epochs_done"]
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

@@ -218,7 +218,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-#: the fields of each layer's entry in a spec's layout (besides "pending" and "actor_state")
+#: the fields of each layer's entry in a spec's layout (besides "pending", "actor_state" and
+#: "earlier", which a checkpoint holds only where there are any)
 _ENTRY = ("params", "opt_state", "version")
 
 
@@ -265,4 +266,28 @@ def _malformed(spec: dict[str, Any]) -> str | None:
                 f"{where}: its 'pending' must be a map with 'grads' and 'count' (an int >= 0), "
                 f"got {pending!r:.80}"
             )
+        if "earlier" in entry:
+            why = _malformed_earlier(entry["earlier"], entry["version"])
+            if why is not None:
+                return f"{where}: its 'earlier' {why}"
+    return None
+
+
+def _malformed_earlier(earlier: Any, version: int) -> str | None:
+    """What is wrong with a layer entry's ``"earlier"`` (the versions before its ``version``
+    that forwards are pinned to, ``[{"version": v, "params": tree}, ...]``), or None."""
+    if not isinstance(earlier, list) or not all(
+        isinstance(e, dict) and "version" in e and "params" in e for e in earlier
+    ):
+        return f"must be a list of maps with 'version' and 'params', got {earlier!r:.80}"
+    seen = set()
+    for e in earlier:
+        v = e["version"]
+        if not _is_count(v):
+            return f"holds version {v!r:.40}, which is not a count (an int >= 0)"
+        if v >= version:
+            return f"holds version {v}, which is not below the layer's {version}"
+        if v in seen:
+            return f"holds version {v} twice"
+        seen.add(v)
     return None

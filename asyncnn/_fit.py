@@ -24,7 +24,7 @@ from ._math._data import ArrayDataset
 from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._open_run import open_run
-from ._runtime._run import Run, RunState
+from ._runtime._run import NamedOnLoss, Run, RunState
 from ._runtime._run_guards import checked_split
 
 if TYPE_CHECKING:
@@ -64,6 +64,14 @@ def epoch_layout(
         "rows": rows, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "drop_last": drop_last,
     }  # fmt: skip
+
+
+#: how the error of :meth:`_FitState.on_loss`, if it raised, names it (the run's default
+#: names a function given to ``open_run``, which the caller of ``fit`` never gave)
+_OWN_ON_LOSS = (
+    "Trainer.fit's own on_loss function (its record of each minibatch's loss for the history, "
+    "the step hooks and the progress bar)"
+)
 
 
 class _FitState:
@@ -143,7 +151,7 @@ class _FitState:
             tr.optimizer,
             tr.policy,
             state=tr.state,
-            on_loss=self.on_loss,
+            on_loss=NamedOnLoss(self.on_loss, _OWN_ON_LOSS),
             validated=True,
             cluster=tr.cluster,
             config=tr.config.replace(trace=trace_path),
@@ -381,6 +389,9 @@ class _FitState:
         kept = self.tr.state.minibatches
         self.reported = [mb for mb in self.reported if mb < kept]
         propagating = sys.exception()  # what stops the fit (keep runs in its handler)
+        # step hooks may not set the weights here either (the run has closed, but a hook's
+        # trainer.params = ... must not hold only where the fit happened to stop)
+        self.tr._stopping_step_hooks = True
         try:
             self._deliver_steps()
         except BaseException as exc:  # noqa: BLE001 - the fit's own error goes on
@@ -390,6 +401,8 @@ class _FitState:
                 "a callback's on_step_end raised too, while this was raised:\n"
                 + "".join(traceback.format_exception(exc, chain=False)).rstrip()
             )
+        finally:
+            self.tr._stopping_step_hooks = False
 
     def _keep(self, run: Run) -> None:
         with contextlib.suppress(Exception):  # a broken device must not hide the first error
@@ -421,17 +434,21 @@ class _FitState:
             done = self.first_mb + states.common
             if done <= self.tr.state.minibatches:
                 return  # no later than what is kept already (the state before, an epoch end)
+            kept = states.kept
             self._commit(
                 RunState(
-                    params={n: p for n, (p, _, _) in states.kept.items()},
-                    opt_states={n: o for n, (_, o, _) in states.kept.items()},
+                    params={n: p for n, (p, _, _, _) in kept.items()},
+                    opt_states={n: o for n, (_, o, _, _) in kept.items()},
                     versions={
                         n: states.start[n] + (states.common if n in states.seen else 0)
-                        for n in states.kept
+                        for n in kept
                     },
                     minibatches=done,
                     keys=self.keys_before.get(done, run.next_key),
-                    actor_states={n: a for n, (_, _, a) in states.kept.items() if a is not None},
+                    actor_states={n: a for n, (_, _, a, _) in kept.items() if a is not None},
+                    # (each layer's version before the latest, seen with the weights kept: the
+                    # next fit's first forwards use it, as the unbroken fit's would)
+                    earlier_params={n: e for n, (_, _, _, e) in kept.items() if e},
                 )
             )
             return

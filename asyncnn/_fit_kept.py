@@ -27,6 +27,11 @@ def updates_once_per_minibatch(policy: Policy) -> bool:
     )
 
 
+#: a layer's state as :class:`LayerStates` keeps it: its parameters, optimizer state, actor
+#: state (None: none) and earlier versions (``RunState.earlier_params``'s, ``{}``: none)
+LayerState = tuple[Any, Any, Any, dict[int, Any]]
+
+
 class LayerStates:
     """The recent states of each layer of a run under a policy that streams keys and updates
     once per minibatch (:func:`updates_once_per_minibatch`). There the layers of a running
@@ -40,12 +45,12 @@ class LayerStates:
     def __init__(self, start: RunState) -> None:
         self.start = dict(start.versions)
         self.layers = [n for n, p in start.params.items() if tree_leaves(p)]
-        #: layer -> {minibatches of this fit applied: (params, optimizer state, actor state)}
-        self.seen: dict[str, dict[int, tuple[Any, Any, Any]]] = {n: {} for n in self.layers}
+        #: layer -> {minibatches of this fit applied: its state then}
+        self.seen: dict[str, dict[int, LayerState]] = {n: {} for n in self.layers}
         #: the minibatches of this fit that every layer of :attr:`kept` has applied
         self.common = 0
         #: layer -> its state after :attr:`common` minibatches (the fit's start: none kept)
-        self.kept: dict[str, tuple[Any, Any, Any]] = {}
+        self.kept: dict[str, LayerState] = {}
         self._others = [n for n in start.params if n not in self.seen]
 
     def see(self, state: RunState, known: int) -> None:
@@ -63,7 +68,7 @@ class LayerStates:
             entries = seen[n]
             done = state.versions[n] - self.start[n]
             if done not in entries:
-                entries[done] = (state.params[n], state.opt_states[n], state.actor_states.get(n))
+                entries[done] = _entry(state, n)
         lowest = min(state.versions[n] - self.start[n] for n in self.layers)
         common = set.intersection(*(set(e) for e in seen.values()))
         best = max((d for d in common if d <= known), default=0)
@@ -76,8 +81,12 @@ class LayerStates:
             for d in [d for d in entries if d <= self.common or (d < lowest and d not in common)]:
                 del entries[d]
 
-    def _entries(self, state: RunState) -> dict[str, tuple[Any, Any, Any]]:
-        return {
-            n: (state.params[n], state.opt_states[n], state.actor_states.get(n))
-            for n in state.params
-        }
+    def _entries(self, state: RunState) -> dict[str, LayerState]:
+        return {n: _entry(state, n) for n in state.params}
+
+
+def _entry(state: RunState, name: str) -> LayerState:
+    return (
+        state.params[name], state.opt_states[name], state.actor_states.get(name),
+        state.earlier_params.get(name, {}),
+    )  # fmt: skip

@@ -184,6 +184,9 @@ class Trainer:
         self._run_open = False
         # a fit on a cluster runs and its workers hold the weights (until its run's end)
         self._weights_pending = False
+        # a fit that stops delivers the step hooks of the state it keeps (its run closed):
+        # they may not set the weights there either, as during the run
+        self._stopping_step_hooks = False
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -228,15 +231,26 @@ class Trainer:
         """Replaces the weights of the layers named in ``value`` (others keep theirs), checked
         against the graph first: each layer's structure, array shapes and real dtypes.
 
+        Under a policy that keeps earlier versions for forwards pinned to them
+        (``PipeDream2BW``), those of the layers set are dropped: the next fit's first minibatch
+        computes at the weights set there.
+
         Raises:
             KeyError: no layer of that name.
             ValueError: naming the layer, the place in its parameters and what differs.
-            RuntimeError: a fit's run is open on this trainer (from its step and epoch hooks:
-                the run holds its own weights, and its end would replace these), or a fit runs
+            RuntimeError: from a step or epoch hook (while a fit's run is open the run holds
+                its own weights, and its end would replace these; a fit that stops delivers the
+                step hooks of the state it keeps, which are refused alike), or while a fit runs
                 on another thread. ``on_fit_start`` and ``on_fit_end`` may set them.
         """
         from .backends import get_backend
 
+        if self._stopping_step_hooks and self._fit_thread == threading.get_ident():
+            raise RuntimeError(
+                "params: a step hook may not set the weights, also where the fit delivers it as "
+                "it stops (here after an error or an interrupt, with the state it keeps), as "
+                "during its run; set them in on_fit_end, or after fit returns"
+            )
         self._refuse_during_fit(
             "params", ": its run holds weights of its own, which its end would put back in "
             "place of these", "set them before the fit, in on_fit_start or on_fit_end, or "
@@ -252,6 +266,9 @@ class Trainer:
             check_params(name, self.state.params[name], p)
         for name, p in value.items():
             backend = get_backend(self.graph.nodes[name].device)
+            # (the version before the latest is of the weights replaced: the next fit's
+            # forwards must not be pinned to it)
+            self.state.earlier_params.pop(name, None)
             self.state.params[name] = tree_map(
                 lambda a, backend=backend: backend.asarray(
                     np.asarray(to_numpy(a)), dtype=self.dtype
@@ -677,9 +694,10 @@ class Trainer:
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
-        bit-identically (also from a fit that was interrupted mid-epoch), except
-        ``PipeDream2BW``, whose first minibatch of a fit computes at the saved weights, not at
-        the version before them, which the state does not keep. The graph, policy,
+        bit-identically (also from a fit that was interrupted mid-epoch; ``PipeDream2BW`` with
+        the version before the latest that the checkpoint keeps, except in a traced fit or on
+        a cluster, or from a checkpoint of an asyncnn that did not keep it: there the next
+        fit's first minibatch computes at the saved weights). The graph, policy,
         optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
         constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a

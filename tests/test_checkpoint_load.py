@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -153,3 +154,71 @@ def test_gradients_pending_of_skipped_keys_alone_load(tmp_path: Any) -> None:
     tr.save(str(tmp_path / "c"))
     back = ann.Trainer.load(str(tmp_path / "c"))
     assert back.state.pending_grads == {"stage0": (None, 2)}
+
+
+# -- PipeDream2BW's version before the latest ------------------------------------------------------
+def _two_bw() -> ann.Trainer:
+    g = ann.Graph.sequential([nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)],
+                             loss=nn.CrossEntropyLoss(), stages=[2, 1], input_shape=(None, 6))  # fmt: skip
+    return ann.Trainer(g, optimizer=optim.Adam(lr=1e-2), policy=policies.PipeDream2BW(2), seed=1)
+
+
+def test_a_checkpoint_keeps_the_version_before_the_latest_in_its_dtype(tmp_path: Any) -> None:
+    tr = _two_bw()
+    tr.fit(_data(), epochs=1, batch_size=8)
+    tr.save(tmp_path / "c")
+    back = ann.Trainer.load(tmp_path / "c")
+    earlier = back.state.earlier_params
+    assert {n: sorted(e) for n, e in earlier.items()} == {"stage0": [3], "stage1": [3]}
+    assert_params_equal({n: e[3] for n, e in earlier.items()},
+                        {n: e[3] for n, e in tr.state.earlier_params.items()})  # fmt: skip
+    wide = ann.Trainer.load(tmp_path / "c", dtype="float64")
+    assert wide.state.earlier_params["stage0"][3][0]["weight"].dtype == np.float64
+    # the next fit goes on with it: its first minibatch is a version behind, as in one fit
+    hist = back.fit(_data(), epochs=1, batch_size=8)
+    assert hist.statistics["stage0"].delays == {1: 4 * 2}
+
+
+def test_a_checkpoint_without_the_version_before_the_latest_starts_the_stream_anew(
+    tmp_path: Any,
+) -> None:
+    # (as an asyncnn before the layout kept it wrote it: it loads, and its next fit computes
+    # its first minibatch at the saved weights, as every fit did then)
+    tr = _two_bw()
+    tr.fit(_data(), epochs=1, batch_size=8)
+    tr.save(tmp_path / "c")
+    _rewrite_spec(str(tmp_path / "c"),
+                  lambda spec: [e.pop("earlier") for e in spec["layout"].values()])  # fmt: skip
+    old = ann.Trainer.load(tmp_path / "c")
+    assert old.state.earlier_params == {} and old.versions == tr.versions
+    hist = old.fit(_data(), epochs=1, batch_size=8)
+    assert hist.statistics["stage0"].delays == {0: 2, 1: 3 * 2}
+    tr.state = dataclasses.replace(tr.state, earlier_params={})
+    tr.fit(_data(), epochs=1, batch_size=8)
+    assert_params_equal(old.params, tr.params)
+
+
+@pytest.mark.parametrize(
+    "earlier,said",
+    [
+        ("v3", r"must be a list of maps with 'version' and 'params', got 'v3'"),
+        ([{"version": 3}], r"must be a list of maps with 'version' and 'params', got \[\{"),
+        ([{"version": 4, "params": {}}], r"holds version 4, which is not below the layer's 4"),
+        ([{"version": True, "params": {}}], r"holds version True, which is not a count"),
+    ],
+    ids=["not-a-list", "no-params", "not-below", "a-bool"],
+)
+def test_a_damaged_earlier_version_is_named(tmp_path: Any, earlier: Any, said: str) -> None:
+    tr = _two_bw()
+    tr.fit(_data(), epochs=1, batch_size=8)  # 4 minibatches: version 4, the one before 3
+    tr.save(tmp_path / "c")
+
+    def damage(spec: dict[str, Any]) -> None:
+        spec["layout"]["stage1"]["earlier"] = earlier
+
+    _rewrite_spec(str(tmp_path / "c"), damage)
+    with pytest.raises(
+        CheckpointError,
+        match=r"spec.msgpack is malformed: 'layout' of 'stage1': its 'earlier' " + said,
+    ):
+        ann.Trainer.load(tmp_path / "c")

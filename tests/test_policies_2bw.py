@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import anyio
 import numpy as np
 import pytest
@@ -10,7 +12,13 @@ import asyncnn as ann
 from asyncnn import optim, policies
 from asyncnn.policies import OneFOneBOrder
 
-from _reference import assert_params_close, chain_graph, classification_data, minibatches
+from _reference import (
+    assert_params_close,
+    assert_params_equal,
+    chain_graph,
+    classification_data,
+    minibatches,
+)
 
 
 # -- PipeDream-2BW -------------------------------------------------------------------------------
@@ -161,3 +169,147 @@ def test_pipedream_2bw_runs_a_layer_without_parameters_at_its_only_version():
     ref = two_bw_reference(g, start, opt(), minibatches(data, 8) * 2)
     assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
     assert tr.versions == {"stage0": 10, "stage1": 0, "stage2": 10, "stage3": 10}
+
+
+# -- one stream across fits and runs --------------------------------------------------------------
+# Each fit started its stream anew: its first minibatch's forwards computed at the latest weights,
+# where one unbroken run used the version before them (the state kept no earlier version), so two
+# fits of N minibatches differed from one fit of 2N.
+def _two_bw_trainer(k: int = 3) -> ann.Trainer:
+    return ann.Trainer(
+        chain_graph(k), optimizer=optim.SGD(lr=0.1, momentum=0.5),
+        policy=policies.PipeDream2BW(2), dtype="float64",
+    )  # fmt: skip
+
+
+def test_pipedream_2bw_continues_bit_identically_across_fits():
+    data = classification_data(40)
+    straight = _two_bw_trainer()
+    start = straight.params
+    straight.fit(data, epochs=2, batch_size=8)
+    split = _two_bw_trainer()
+    split.fit(data, epochs=1, batch_size=8)
+    # the state holds each layer's version before the latest: that after 4 minibatches
+    earlier = split.state.earlier_params
+    assert {n: sorted(e) for n, e in earlier.items()} == {n: [4] for n in split.graph.layers}
+    four = _two_bw_trainer()
+    four.fit({k: v[:32] for k, v in data.items()}, epochs=1, batch_size=8)
+    assert_params_equal({n: e[4] for n, e in earlier.items()}, four.params)
+    hist = split.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(split.params, straight.params)
+    for name in split.graph.layers:  # the second fit's first minibatch is a version behind too
+        assert hist.statistics[name].delays == {1: 5 * 2}
+    ref = two_bw_reference(chain_graph(3), start, optim.SGD(lr=0.1, momentum=0.5),
+                           minibatches(data, 8) * 2)  # fmt: skip
+    assert_params_close(split.params, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "remedy",
+    [
+        lambda p: policies.DelayCompensation(p, strength=0.5),  # reads the forward's weights
+        lambda p: policies.PipeMareLR(p),  # corrects each update
+    ],
+    ids=["delay-compensation", "pipemare"],
+)
+def test_a_remedy_over_pipedream_2bw_continues_bit_identically_across_fits(remedy):
+    data = classification_data(24)
+
+    def trainer():
+        return ann.Trainer(chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.5),
+                           policy=remedy(policies.PipeDream2BW(2)), dtype="float64")  # fmt: skip
+
+    straight = trainer()
+    straight.fit(data, epochs=2, batch_size=8)
+    split = trainer()
+    split.fit(data, epochs=1, batch_size=8)
+    split.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(split.params, straight.params)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_pipedream_2bw_run_state_carries_the_version_before_the_latest():
+    batches = minibatches(classification_data(40), 8)
+    opt = lambda: optim.Adam(lr=0.01)  # noqa: E731
+
+    def run(state=None):
+        return ann.open_run(
+            chain_graph(3), optimizer=opt(), policy=policies.PipeDream2BW(2), dtype="float64",
+            state=state,
+        )  # fmt: skip
+
+    async with run() as whole:
+        for b in batches:
+            await whole.step(b)
+        await whole.drain()
+    async with run() as first:
+        for b in batches[:2]:
+            await first.step(b)
+        await first.drain()
+    state = first.state()
+    layers = ("stage0", "stage1", "stage2")
+    assert {n: sorted(e) for n, e in state.earlier_params.items()} == {n: [1] for n in layers}
+    async with run(state) as second:
+        for b in batches[2:]:
+            await second.step(b)
+        await second.drain()
+    assert_params_equal(second.params, whole.params)
+    assert all(second.statistics()[n].delays == {1: 3 * 2} for n in layers)
+    # a state without it (one built by hand, or of a checkpoint of an older asyncnn) starts the
+    # stream anew: its first minibatch computes at the latest weights, as before
+    async with run(dataclasses.replace(state, earlier_params={})) as anew:
+        for b in batches[2:]:
+            await anew.step(b)
+        await anew.drain()
+    assert all(anew.statistics()[n].delays == {0: 2, 1: 2 * 2} for n in layers)
+
+
+@pytest.mark.anyio
+async def test_open_run_refuses_earlier_params_that_do_not_fit_the_state():
+    tr = _two_bw_trainer(2)
+    tr.fit(classification_data(16), epochs=1, batch_size=8)
+    state = tr.state
+    p = state.params["stage0"]
+    wrong = [{"weight": np.zeros((5, 7)), "bias": np.zeros(7)}, {}]
+    cases = [
+        ({"nope": {1: p}}, r"state.earlier_params names 'nope', which is no layer of the graph"),
+        ({"stage0": {2: p}}, r"state.earlier_params\['stage0'\] holds version 2, which is not "
+                             r"below the layer's version 2"),
+        ({"stage0": {-1: p}}, r"state.earlier_params\['stage0'\] holds version -1"),
+        ({"stage0": {1: wrong}}, r"state.earlier_params\['stage0'\]\[1\]\[0\]\['bias'\] "
+                                 r"has shape \(7,\); the layer's is \(6,\)"),
+    ]  # fmt: skip
+    for earlier, match in cases:
+        bad = dataclasses.replace(state, earlier_params=earlier)
+        with pytest.raises(ValueError, match=f"^open_run: {match}"):
+            async with ann.open_run(tr.graph, optimizer=tr.optimizer, policy=tr.policy, state=bad):
+                pass
+
+
+def test_weights_set_between_fits_start_the_stream_anew_for_those_layers():
+    # the version before the latest is of the weights the setter replaced: the next fit's first
+    # minibatch computes at the weights set, as a fit from them always did
+    data = classification_data(40)
+    tr = _two_bw_trainer()
+    tr.fit(data, epochs=1, batch_size=8)
+    tr.params = {"stage1": tr.params["stage1"]}
+    assert sorted(tr.state.earlier_params) == ["stage0", "stage2"]
+    hist = tr.fit(data, epochs=1, batch_size=8)
+    assert hist.statistics["stage1"].delays == {0: 2, 1: 4 * 2}
+    assert hist.statistics["stage0"].delays == {1: 5 * 2}
+
+
+@pytest.mark.timeout(60)
+def test_a_traced_pipedream_2bw_fit_starts_its_stream_anew_and_replays(tmp_path):
+    # a trace's initial state holds the latest weights only, so a traced fit computes its first
+    # minibatch at them (as before): its replay then computes what it did
+    data = classification_data(24)
+    tr = _two_bw_trainer()
+    tr.trace = str(tmp_path / "run.trace")
+    tr.fit(data, epochs=1, batch_size=8)
+    hist = tr.fit(data, epochs=1, batch_size=8)
+    assert hist.statistics["stage0"].delays == {0: 2, 1: 2 * 2}
+    assert tr.state.earlier_params  # (the next untraced fit goes on from it)
+    for path in tr.traces:
+        assert ann.replay(path).identical

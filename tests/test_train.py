@@ -300,6 +300,65 @@ def test_weights_set_in_on_fit_start_or_on_fit_end_are_kept_and_in_a_step_hook_r
     assert "in on_fit_start or on_fit_end" in str(hooks.refused[0])
 
 
+def test_a_step_hook_delivered_as_a_stopped_fit_keeps_its_state_may_not_set_the_weights() -> None:
+    # (the step hooks that a fit stopping delivers with the state it keeps ran once its run had
+    # closed, and their trainer.params = ... went through, where the same hook during the run
+    # was refused: whether a step hook set the weights depended on how the fit ended)
+    start = {n: tree_map(lambda a: a * 0.5, p) for n, p in _trainer(policies.Sync()).params.items()}
+
+    class SetsThenStops(ann.callbacks.Callback):
+        def __init__(self) -> None:
+            self.refused: list[tuple[int, str]] = []
+            self.set_at: list[int] = []
+
+        def on_step_end(self, tr: Any, step: int, logs: dict[str, Any]) -> None:
+            if step == 2:
+                tr._interrupt.set()  # Ctrl-C in a notebook: the fit stops before its next step
+            try:
+                tr.params = start
+                self.set_at.append(step)
+            except RuntimeError as exc:
+                self.refused.append((step, str(exc)))
+
+    hooks = SetsThenStops()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_data(), epochs=1, batch_size=8, callbacks=[hooks])
+    kept = tr.state.minibatches
+    assert kept == 4  # minibatch 3 computed in its step; its hook came as the fit stopped
+    assert hooks.set_at == [] and [s for s, _ in hooks.refused] == list(range(kept))
+    during, stopping = hooks.refused[0][1], hooks.refused[-1][1]
+    assert during.startswith("params: a fit is already running on this trainer")
+    assert stopping.startswith(
+        "params: a step hook may not set the weights, also where the fit delivers it as it "
+        "stops (here after an error or an interrupt, with the state it keeps)"
+    )
+    assert "in on_fit_end, or after fit returns" in stopping
+    reference = _trainer(policies.Sync())
+    reference.fit({k: v[: 8 * kept] for k, v in _data().items()}, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, reference.params)  # the kept state's, not the hook's
+
+
+def test_an_error_in_fits_own_loss_function_is_named_as_the_trainers(monkeypatch: Any) -> None:
+    # (it said "the on_loss function given to open_run raised ...", a function the caller of
+    # fit never gave)
+    from asyncnn._fit import _FitState
+
+    def broken(self: Any, minibatch: int, loss: float, rows: int) -> None:
+        raise ZeroDivisionError("a bookkeeping bug")
+
+    monkeypatch.setattr(_FitState, "on_loss", broken)
+    with pytest.raises(
+        ann.ActorError, match=r"^Trainer.fit's own on_loss function \(its record of each "
+        r"minibatch's loss for the history, the step hooks and the progress bar\) raised "
+        r"ZeroDivisionError: a bookkeeping bug \(called as on_loss\(0, .*, 8\)\); the loss was "
+        r"computed: the error is in that function, not in an actor$",
+    ) as info:  # fmt: skip
+        _trainer(policies.Sync()).fit(_data(), epochs=1, batch_size=8)
+    assert (info.value.actor, info.value.kind) == ("on_loss", "callback")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 @pytest.mark.timeout(60)
 def test_a_fit_from_another_thread_while_one_runs_is_refused(tmp_path: Any) -> None:
     # (both returned their losses, and the trainer kept one fit's training: versions 4 where

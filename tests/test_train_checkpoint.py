@@ -39,6 +39,23 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, policy):
     assert_params_equal(resumed.params, straight.params)
 
 
+def test_pipedream_2bw_resumes_from_a_checkpoint_as_one_unbroken_fit(tmp_path):
+    # (the checkpoint kept the latest weights alone: the resumed fit's first minibatch computed
+    # its gradients at them, where the unbroken fit used the version before them)
+    data = _data()
+    straight = _trainer(policies.PipeDream2BW(2))
+    straight.fit(data, epochs=3, batch_size=8, shuffle=True)
+    first = _trainer(policies.PipeDream2BW(2))
+    first.fit(data, epochs=1, batch_size=8, shuffle=True)
+    first.save(str(tmp_path / "ckpt"))
+    resumed = ann.Trainer.load(str(tmp_path / "ckpt"))
+    assert {n: sorted(e) for n, e in resumed.state.earlier_params.items()} == {
+        n: [4] for n in resumed.graph.layers
+    }
+    resumed.fit(data, epochs=2, batch_size=8, shuffle=True)
+    assert_params_equal(resumed.params, straight.params)
+
+
 def test_load_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         ann.Trainer.load(str(tmp_path))

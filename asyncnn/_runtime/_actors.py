@@ -130,9 +130,11 @@ class LayerActor(Serving, HookChecks):
         self.keeps_forward_weights = ctx.policy.needs_forward_weights()
         self.weights_by_version: dict[int, Any] = {}
         # earlier versions kept besides those stored keys reference (PipeDream2BW's double
-        # buffer); the (minibatch, version) of this run's first forward; predicted weights
+        # buffer); the (minibatch, version) this run's pinning counts from (its first forward's,
+        # or earlier by the versions held from its state, see load_earlier); predicted weights
         self.versions_back = ctx.policy.versions_kept()
         self.run_start: tuple[int, int] | None = None
+        self.held_back = 0
         self.predicted: Any = None
         # what the (frozen) policy does to stale gradients and updates, asked once
         self.corrects_gradients = ctx.policy.corrects_gradients()

@@ -75,7 +75,11 @@ async def open_run(
         dtype: the floating dtype of parameters and float inputs.
         state: start from these weights and optimizer states (default: fresh ones); their
             floating arrays are cast to ``dtype`` (as ``Trainer.params = ...`` casts), in a new
-            state: the one given is left as it is.
+            state: the one given is left as it is. Its ``earlier_params`` (the versions before
+            the latest that ``PipeDream2BW`` pins forwards to, from ``run.state()``) let the
+            run go on pinning as one unbroken run; a run with a ``trace`` or a ``cluster``
+            starts without them (a trace's initial state, which a replay starts from, and
+            what a worker is sent hold the latest weights only).
         pool: a device pool to use (default: one opened for the run).
         stall_timeout: seconds without progress, while keys are in flight, before failing.
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
@@ -109,7 +113,9 @@ async def open_run(
         ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
             some of the graph's layers or whose parameters have another structure or shapes
-            than the graph's (checked with the graph, so not where ``validated``).
+            than the graph's (checked with the graph, so not where ``validated``), or whose
+            ``earlier_params`` name another layer, a version that is not below the layer's, or
+            parameters of another structure or shapes (those also where ``validated``).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
     given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
@@ -121,6 +127,12 @@ async def open_run(
             f"(config={config}, and separately {given})"
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
+    if state is not None and state.earlier_params and (config.trace or cluster is not None):
+        # a trace's initial state record (a replay starts from it) and a worker's share of the
+        # state hold each layer's latest weights only: such a run starts its stream anew, as
+        # from a state without them, so that its replay computes what it did and the layers
+        # of the driver and of the workers start alike
+        state = dataclasses.replace(state, earlier_params={})
     if state is not None:
         state = _in_dtype(state, config.dtype)
     if cluster is not None:
@@ -201,6 +213,44 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
                 f"{sorted(getattr(state, field))}); pass the state of a run of this graph, or "
                 "state=None for fresh weights"
             )
+    _check_earlier_versions(graph, state)
+
+
+def _check_earlier_versions(graph: Graph, state: RunState) -> None:
+    """Refuses ``state.earlier_params`` that name another layer, or a version that is not an
+    earlier one of the layer's (a run would pin forwards to weights that never were).
+
+    Raises:
+        TypeError: it is not ``{layer: {version: parameters}}``.
+        ValueError: naming the layer and the version.
+    """
+    earlier = state.earlier_params
+    if not isinstance(earlier, dict) or not all(isinstance(e, dict) for e in earlier.values()):
+        raise TypeError(
+            "open_run: state.earlier_params must be {layer: {version: parameters}} (as "
+            f"run.state() gives it), got {earlier!r:.80}"
+        )
+    for name, versions in earlier.items():
+        if name not in graph.layers:
+            raise ValueError(
+                f"open_run: state.earlier_params names {name!r}, which is no layer of the graph "
+                f"(its layers: {graph.layers}); pass the state of a run of this graph"
+            )
+        latest = state.versions[name]
+        for v in versions:
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+                raise ValueError(
+                    f"open_run: state.earlier_params[{name!r}] holds version {v!r:.40}, which "
+                    "is not a version (an int >= 0); its keys are the versions of the earlier "
+                    "parameters it holds"
+                )
+            if v >= latest:
+                raise ValueError(
+                    f"open_run: state.earlier_params[{name!r}] holds version {v}, which is not "
+                    f"below the layer's version {latest} (state.versions[{name!r}]): it holds "
+                    "the parameters of earlier versions only; pass the state of a run "
+                    "(run.state(), Trainer.state) as it was given"
+                )
 
 
 def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:
@@ -214,6 +264,9 @@ def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> 
     for name in graph.layers:
         try:
             check_params(name, like[name], state.params[name], owner="state.params")
+            for v, earlier in state.earlier_params.get(name, {}).items():
+                place = f"state.earlier_params[{name!r}][{v}]"
+                check_params(name, like[name], earlier, place=place)
         except ValueError as exc:
             raise ValueError(
                 f"open_run: {exc}; pass the state of a run of this graph (run.state(), "
@@ -222,7 +275,8 @@ def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> 
 
 
 def _in_dtype(state: RunState, dtype: str) -> RunState:
-    """``state`` with its floating arrays (weights, optimizer buffers, pending gradients) in the
+    """``state`` with its floating arrays (weights, earlier ones, optimizer buffers, pending
+    gradients) in the
     run's ``dtype``, as ``Trainer.params = ...`` and ``Trainer.load(dtype=...)`` convert them:
     a state of another dtype would otherwise keep its weights and updates in that dtype for the
     whole run, with the inputs in the run's. ``state`` itself where nothing differs (no copy);
@@ -236,7 +290,7 @@ def _in_dtype(state: RunState, dtype: str) -> RunState:
     def cast(leaf: Any) -> Any:
         return leaf.astype(want) if differs(leaf) else leaf
 
-    trees = (state.params, state.opt_states, state.pending_grads)
+    trees = (state.params, state.opt_states, state.pending_grads, state.earlier_params)
     if not any(differs(leaf) for tree in trees for leaf in tree_leaves(tree)):
         return state
     return dataclasses.replace(
@@ -244,4 +298,5 @@ def _in_dtype(state: RunState, dtype: str) -> RunState:
         params=tree_map(cast, state.params),
         opt_states=tree_map(cast, state.opt_states),
         pending_grads=tree_map(cast, state.pending_grads),
+        earlier_params=tree_map(cast, state.earlier_params),
     )

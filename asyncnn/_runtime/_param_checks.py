@@ -16,19 +16,22 @@ from asyncnn.backends import is_floating, to_numpy
 __all__ = ["check_params"]
 
 
-def check_params(name: str, current: Any, given: Any, owner: str = "tr.params") -> None:
+def check_params(
+    name: str, current: Any, given: Any, owner: str = "tr.params", *, place: str | None = None
+) -> None:
     """Checks ``given`` against a layer's ``current`` parameters: the same structure, the same
     array shapes, real numeric dtypes; ``owner`` names where they were given (``tr.params``,
-    ``state.params``).
+    ``state.params``: ``owner[name]``), or ``place`` names them whole
+    (``state.earlier_params['stage0'][3]``).
 
     Raises:
         ValueError: naming the layer, the place in its parameters and what differs.
     """
-    _compare(owner, name, current, given, "")
+    _compare(f"{owner}[{name!r}]" if place is None else place, current, given, "")
 
 
-def _compare(owner: str, layer: str, want: Any, got: Any, path: str) -> None:
-    where = f"{owner}[{layer!r}]{path}"
+def _compare(tree: str, want: Any, got: Any, path: str) -> None:
+    where = f"{tree}{path}"
     if isinstance(want, Mapping):
         if not isinstance(got, Mapping):
             raise ValueError(
@@ -43,7 +46,7 @@ def _compare(owner: str, layer: str, want: Any, got: Any, path: str) -> None:
                 + (f"; unexpected {extra}" if extra else "")
             )
         for k in want:
-            _compare(owner, layer, want[k], got[k], f"{path}[{k!r}]")
+            _compare(tree, want[k], got[k], f"{path}[{k!r}]")
         return
     if isinstance(want, list | tuple):
         if not isinstance(got, list | tuple) or len(got) != len(want):
@@ -52,7 +55,7 @@ def _compare(owner: str, layer: str, want: Any, got: Any, path: str) -> None:
                 f"{where} must be a list of {len(want)} entries (one per module), got {n}"
             )
         for i, (w, g) in enumerate(zip(want, got, strict=True)):
-            _compare(owner, layer, w, g, f"{path}[{i}]")
+            _compare(tree, w, g, f"{path}[{i}]")
         return
     if not (hasattr(want, "shape") and hasattr(want, "dtype")):
         return  # a scalar setting kept in the tree

@@ -241,13 +241,21 @@ class Policy(abc.ABC):
     # -- the weights a forward uses --------------------------------------------------------------
     def versions_kept(self) -> int:
         """How many versions before the latest a stage keeps (besides those its stored keys
-        reference), for :meth:`forward_version` to pin forwards to (``PipeDream2BW``: 1)."""
+        reference), for :meth:`forward_version` to pin forwards to (``PipeDream2BW``: 1). A
+        run's state carries them on to the next run (``RunState.earlier_params``)."""
         return 0
 
     def forward_version(self, minibatch: int, start_version: int, version: int) -> int:
         """The parameter version a forward of a run's ``minibatch``-th minibatch (0-based)
         uses: by default the latest, ``version``; ``start_version`` is the stage's version at
-        the run's first forward. Read only when :meth:`versions_kept` is above 0."""
+        the run's first forward. Read only when :meth:`versions_kept` is above 0.
+
+        A run whose state holds the ``j`` versions directly below a stage's latest
+        (``RunState.earlier_params``, left by the run before it: a later ``fit``, a resumed
+        checkpoint) counts as begun ``j`` minibatches before its first, at the version ``j``
+        below the stage's: ``minibatch`` then counts from there and ``start_version`` is that
+        version. So its forwards are pinned as in one unbroken run, where each stage made one
+        update per minibatch (``PipeDream2BW``)."""
         return version
 
     def predicts_weights(self) -> bool:
@@ -418,6 +426,11 @@ class PipeDream2BW(Policy):
     minibatch after it wait at the upstream stages until the update they are pinned to is made
     (those stages do their backwards first), a bubble in the pipeline, not a change of the
     versions.
+
+    The version before the latest is part of a run's state (``RunState.earlier_params``) and
+    of a checkpoint, so a later ``fit`` (or one resumed from a checkpoint, or a run opened
+    with ``state=``) goes on as one unbroken run. A run with a trace or on a cluster starts
+    its stream anew: its first minibatch computes at the latest weights.
     """
 
     microbatches: int = 1

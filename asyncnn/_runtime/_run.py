@@ -10,7 +10,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,27 @@ from ._state import RunState
 from ._state import init_state as init_state  # a cluster driver and tests import it here
 from ._statistics import ActorStatistics
 
-__all__ = ["Run", "RunState"]
+__all__ = ["NamedOnLoss", "Run", "RunState"]
+
+#: how the error of a run's ``on_loss`` that raised names the function, unless it names itself
+_GIVEN_ON_LOSS = "the on_loss function given to open_run"
+
+
+@dataclass(frozen=True)
+class NamedOnLoss:
+    """A run's ``on_loss`` with the words that name it in the error it may raise: ``Trainer.fit``
+    passes its own so (an error there is not in a function its caller gave ``open_run``).
+
+    Attributes:
+        fn: called as ``fn(minibatch, loss, rows)``.
+        name: the function as the error names it (where it raised).
+    """
+
+    fn: Callable[[int, float, int], None]
+    name: str
+
+    def __call__(self, minibatch: int, loss: float, rows: int) -> None:
+        self.fn(minibatch, loss, rows)
 
 
 @dataclass
@@ -217,6 +237,7 @@ class Run(RunGuards):
                 state.versions[name],
             )
             actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
+            actor.load_earlier(state.earlier_params.get(name))
             self.local[name] = actor  # before its set-up, so a failure closes its inbox too
             _set_up(actor, node, state.actor_states.get(name))
         for name in graph.losses:
@@ -264,11 +285,13 @@ class Run(RunGuards):
                 except Exception as exc:
                     # the caller's function failed, not the loss actor that reported the loss
                     # (as an ActorError, which the actors pass on unwrapped, not as their own)
+                    named = self._on_loss
+                    what = named.name if isinstance(named, NamedOnLoss) else _GIVEN_ON_LOSS
                     raise ActorError(
                         "on_loss", "callback", key,
-                        f"the on_loss function given to open_run raised {type(exc).__name__}: "
-                        f"{exc} (called as on_loss({mb}, {total!r}, {rows})); the loss was "
-                        "computed: the error is in that function, not in an actor",
+                        f"{what} raised {type(exc).__name__}: {exc} (called as on_loss({mb}, "
+                        f"{total!r}, {rows})); the loss was computed: the error is in that "
+                        "function, not in an actor",
                     ) from exc  # fmt: skip
             self._notify()  # drain waits for the losses too
 
@@ -521,7 +544,9 @@ class Run(RunGuards):
 
     # -- reading ---------------------------------------------------------------------------------
     def state(self) -> RunState:
-        """The current weights, optimizer states and versions (device arrays, not copies).
+        """The current weights, optimizer states and versions (device arrays, not copies), and
+        the earlier versions a policy that pins forwards to them keeps
+        (:attr:`RunState.earlier_params`: a run started from this state goes on pinning them).
 
         With CUDA graphs active (:attr:`cuda_graphs_active`) the weights are the captures' own
         buffers, which later updates write in place on the actors' streams, and a key counts
@@ -534,6 +559,7 @@ class Run(RunGuards):
         versions: dict[str, int] = {}
         pending: dict[str, tuple[Any, int]] = {}
         actor_states: dict[str, Any] = {}
+        earlier_params: dict[str, dict[int, Any]] = {}
         local = self.local
         for n in self.layers:  # one pass: a fit takes this snapshot at every step
             a = local.get(n)
@@ -545,6 +571,10 @@ class Run(RunGuards):
             st = a.actor_state()
             if st is not None:
                 actor_states[n] = st
+            if a.versions_back:
+                earlier = a.earlier_weights()
+                if earlier:
+                    earlier_params[n] = earlier
         return RunState(
             params=params,
             opt_states=opt_states,
@@ -553,6 +583,7 @@ class Run(RunGuards):
             keys=self.next_key,
             pending_grads=pending,
             actor_states=actor_states,
+            earlier_params=earlier_params,
         )
 
     @property

@@ -34,6 +34,15 @@ class RunState:
             carried from one ``fit`` to the next.
         actor_states: custom actors' own state (``LayerActor.actor_state``): ``{layer: state}``,
             given to each one's ``load_actor_state`` when a run starts.
+        earlier_params: earlier versions of a layer's parameters that the policy keeps for
+            forwards pinned to them (``Policy.versions_kept``; ``PipeDream2BW``: the version
+            before the latest): ``{layer: {version: parameters}}``. A run that starts from
+            them goes on pinning as one unbroken run would (the first minibatch of the next
+            ``fit`` computes at the version before the latest); a layer without them starts
+            anew, its first minibatch at its latest weights. Carried from one ``fit`` to the
+            next and kept by checkpoints; ``Trainer.params = ...`` drops those of the layers
+            it sets. A traced run and a cluster run start without them (a trace's initial
+            state, and what a worker is sent, hold the latest weights only).
     """
 
     params: dict[str, Any]
@@ -43,6 +52,7 @@ class RunState:
     keys: int = 0
     pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
     actor_states: dict[str, Any] = field(default_factory=dict)
+    earlier_params: dict[str, dict[int, Any]] = field(default_factory=dict)
 
 
 def node_seed(seed: int, index: int) -> int:

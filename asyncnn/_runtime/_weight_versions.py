@@ -10,6 +10,7 @@ version (with the policy's corrections and predictions).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from asyncnn._errors import ActorError
@@ -58,6 +59,9 @@ class WeightVersions(_Actor):
     #: the keys whose forward was skipped (no rows came), their backward still to come
     skipped: set[int]
     run_start: tuple[int, int] | None
+    #: the versions directly below the latest that the run's state held for this layer
+    #: (``RunState.earlier_params``): the run counts as begun that many minibatches earlier
+    held_back: int
     forward_weights_asked: bool
     corrects_gradients: bool
     corrects_updates: bool
@@ -305,6 +309,39 @@ class WeightVersions(_Actor):
         for v in [v for v in self.weights_by_version if v < oldest and v not in self.version_refs]:
             del self.weights_by_version[v]
 
+    def load_earlier(self, earlier: Mapping[int, Any] | None) -> None:
+        """Holds the earlier versions of this layer's parameters that a run starts from
+        (``RunState.earlier_params``), those the policy keeps below the latest
+        (:meth:`Policy.versions_kept`; others are left out), so that the run's forwards are
+        pinned as in one unbroken run: with the ``j`` versions directly below the latest held,
+        :meth:`Policy.forward_version` is asked as if the run had begun ``j`` minibatches
+        earlier, at the version ``j`` below (the run that left them, which made one update per
+        minibatch, did). Nothing where the policy pins no forwards or this layer has no
+        parameters."""
+        if not earlier or not self.versions_back or not self.param_size or self.predicts_weights:
+            return
+        oldest = self.version - self.versions_back
+        kept = {int(v): w for v, w in earlier.items() if oldest <= v < self.version}
+        self.weights_by_version.update(kept)
+        held = 0
+        while self.version - held - 1 in kept:
+            held += 1
+        self.held_back = held
+
+    def earlier_weights(self) -> dict[int, Any]:
+        """``{version: parameters}`` of the earlier versions this layer keeps for forwards
+        pinned to them (:meth:`Policy.versions_kept` below the latest; not those kept only
+        while stored keys reference them), for a run's state: what :meth:`load_earlier` takes
+        back. Empty where the policy pins no forwards."""
+        if not self.versions_back or not self.param_size or self.predicts_weights:
+            return {}
+        oldest = self.version - self.versions_back
+        return {
+            v: self.weights_by_version[v]
+            for v in sorted(self.weights_by_version)
+            if oldest <= v < self.version
+        }
+
     def forward_weights(self, key: int, meta: dict[str, Any]) -> tuple[Any, int]:
         """The parameters a key's forward computes with, and their version.
 
@@ -320,7 +357,8 @@ class WeightVersions(_Actor):
             # (a layer without parameters never updates: its one version serves every forward)
             return self.params, self.version
         if self.run_start is None:
-            self.run_start = (int(meta.get("minibatch", 0)), self.version)
+            back = self.held_back  # (versions held from the state: begun that much earlier)
+            self.run_start = (int(meta.get("minibatch", 0)) - back, self.version - back)
         v = self._pinned_version(meta)
         if v == self.version:
             return self.params, v
@@ -348,7 +386,8 @@ class WeightVersions(_Actor):
         """The version the policy pins a forward with ``meta`` to (under a policy that keeps
         earlier versions, for a layer with parameters and no prediction)."""
         minibatch = int(meta.get("minibatch", 0))
-        first, start_version = self.run_start or (minibatch, self.version)
+        back = self.held_back
+        first, start_version = self.run_start or (minibatch - back, self.version - back)
         return self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
 
     def _record_delay(self, forward_version: int) -> int:
