@@ -12,6 +12,8 @@ import argparse
 import os
 import tempfile
 
+from ._tracing._chrome import folder_end
+
 # the policies that cut each minibatch into --microbatches keys
 _MICROBATCHED = ("PipeDream", "OneFOneB", "GPipe")
 
@@ -27,6 +29,10 @@ class UsageError(Exception):
     """A command line that cannot work: printed as one line, exit status 2."""
 
 
+#: a file name to suggest in a folder given to a flag that takes a file
+_EXAMPLE_FILES = {"--trace": "run.trace", "--metrics": "metrics.jsonl"}
+
+
 def _check_writable(flag: str, path: str, folder: bool) -> None:
     """Refuses, before the run, a path that its end (or its first step) could not write: a
     folder given for a file or a file for a folder, a path under a file, a folder it may not
@@ -36,7 +42,14 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
     if not folder and os.path.isdir(path):
         raise UsageError(
             f"{flag} {path}: that is a folder; {flag} takes a file name (e.g. "
-            f"{os.path.join(path, 'run.trace' if flag == '--trace' else 'metrics.jsonl')})"
+            f"{os.path.join(path, _EXAMPLE_FILES.get(flag, 'out.txt'))})"
+        )
+    end = folder_end(path)
+    if not folder and end is not None:  # (a folder not made yet: one that is, said above)
+        example = os.path.normpath(os.path.join(path, _EXAMPLE_FILES.get(flag, "out.txt")))
+        raise UsageError(
+            f"{flag} {path}: it ends in {end!r}, so it names a folder; {flag} takes a file "
+            f"name (e.g. {example})"
         )
     if not folder and os.path.exists(path):
         if not os.access(path, os.W_OK):
@@ -63,6 +76,22 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
         ) from exc
 
 
+def _check_resume(path: str) -> None:
+    """Refuses, before the data is loaded, a ``--resume`` that is no checkpoint folder, naming
+    the flag (the Python API's words name only the path)."""
+    from ._checkpoint import _spec_path
+
+    fix = "--resume takes a folder that --save wrote"
+    if not os.path.exists(path):
+        raise UsageError(f"--resume {path}: no such folder; {fix}")
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume {path}: that is a file; {fix}")
+    try:  # (its words say why: no spec, or a first save cut off before its manifest)
+        _spec_path(path)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--resume {path}: {exc}; {fix}") from exc
+
+
 def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
     """Refuses contradictory train options (one line each)."""
     # found before the run, not when its end is saved (or its first step traced)
@@ -86,6 +115,7 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
                 f"--resume takes the model, policy, optimizer and seed from the checkpoint; "
                 f"drop {' '.join(clash)}"
             )
+        _check_resume(args.resume)
         return
     if args.no_stash and args.policy != "PipeDream":
         raise UsageError(

@@ -73,3 +73,30 @@ def _plain_graph() -> ann.Graph:
         stages=2,
         input_shape=(None, 5),
     )
+
+
+def assert_same_tree(got: Any, want: Any, where: str = "tree") -> None:
+    """``got`` is ``want`` exactly: the same container types, dict keys of the same types in
+    the same order, numpy scalars as numpy scalars of the same dtype, arrays of the same dtype,
+    shape and bytes (what a replay must hand an actor that the run handed it)."""
+    assert type(got) is type(want), (
+        f"{where}: a {type(got).__name__}, expected {type(want).__name__}"
+    )
+    if isinstance(want, dict):
+        got_keys, want_keys = list(got), list(want)
+        assert [(type(k), k) for k in got_keys] == [(type(k), k) for k in want_keys], (
+            f"{where}: keys {got_keys!r}, expected {want_keys!r}"
+        )
+        for k in want_keys:
+            assert_same_tree(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want), f"{where}: {len(got)} entries, expected {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_tree(g, w, f"{where}[{i}]")
+    elif isinstance(want, np.ndarray | np.generic):
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), (
+            f"{where}: {got.dtype} {got.shape}, expected {want.dtype} {want.shape}"
+        )
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), f"{where}: other bytes"
+    else:
+        assert got == want, f"{where}: {got!r}, expected {want!r}"

@@ -172,7 +172,12 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--policy", "Sync", "--microbatches", "2"], "--microbatches applies to GPipe"),
         (["--stages", "9", "--layers", "1"], "more than the MLP's 3 modules"),
         (["--resume", "ckpt", "--lr", "0.1"], "drop --lr"),
-        (["--resume", "no-such-folder"], "'no-such-folder' is not a checkpoint folder"),
+        # said without the flag ("'no-such-folder' is not a checkpoint folder: it has no
+        # spec.msgpack"), as the Python API says it
+        (
+            ["--resume", "no-such-folder"],
+            "--resume no-such-folder: no such folder; --resume takes a folder that --save wrote",
+        ),
         # the cut comes from the checkpoint too: --balance was ignored without a word
         (["--resume", "ckpt", "--balance", "params"], "drop --balance"),
         # named the top command, whose --help does not list train's options
@@ -433,6 +438,43 @@ def test_train_refuses_paths_it_could_not_write_before_training(
     assert out == ""  # refused before the data, the graph and the run
     assert err.startswith(f"asyncnn train: error: {flag} {path}: ") and says in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--trace", "--metrics"])
+@pytest.mark.parametrize("end", ["/", "/."])
+def test_train_refuses_a_file_path_that_names_a_folder_by_its_end_before_training(
+    flag: str, end: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a folder not made yet: --trace made it, then the trainer refused with the Python API's
+    # words ("cannot write the trace '.../new/': it is a folder. Pass trace= a file path");
+    # --metrics made it, trained to the end and failed with "[Errno 21] Is a directory"
+    path = f"{tmp_path}/new{end}"
+    assert main([*_TRAIN, "--epochs", "1", flag, path]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the data, the graph and the run
+    example = tmp_path / "new" / ("run.trace" if flag == "--trace" else "metrics.jsonl")
+    assert err.strip() == (
+        f"asyncnn train: error: {flag} {path}: it ends in {end!r}, so it names a folder; "
+        f"{flag} takes a file name (e.g. {example})"
+    )
+    assert not (tmp_path / "new").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("what", ["a file", "a folder that no save wrote"])
+def test_resume_from_a_path_that_is_not_a_checkpoint_names_the_flag(
+    what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # said as the Python API says it: "'...' is not a checkpoint folder: it has no spec.msgpack"
+    path = tmp_path / "ckpt"
+    if what == "a file":
+        path.write_text("")
+        says = "that is a file; --resume takes a folder that --save wrote"
+    else:
+        path.mkdir()
+        says = f"{str(path)!r} is not a checkpoint folder: it has no spec.msgpack; --resume takes"
+    assert main(["train", "--resume", str(path), "--out", ""]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"asyncnn train: error: --resume {path}: ") and says in line
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/sys: Linux")

@@ -25,6 +25,7 @@ from asyncnn._runtime._recorder import (
 )
 
 from _reference import assert_params_equal
+from _replay_cases import assert_same_tree
 
 
 def _events(path: Path) -> list[Any]:
@@ -332,3 +333,70 @@ def test_a_0d_tensor_is_recorded_of_shape_empty(tmp_path: Path) -> None:
     assert d is not None and d.actor == "a" and d.max_abs_diff == 1.0
     assert ann.trace.summary(paths[0])["events"] == 3
     ann.trace.to_chrome(paths[0], tmp_path / "a.json")
+
+
+def _state_tree() -> dict[Any, Any]:
+    """A custom actor's state of every kind of leaf and key the trace keeps as it is."""
+    return {
+        "count": np.int64(3),
+        "lr": np.float32(1.5),
+        "half": np.float16(0.5),
+        "flag": np.bool_(True),
+        "zero_d": np.asarray(2.0),  # a 0-d array stays one
+        "plain": [1, 2.5, "text", None, True, b"raw", (np.uint8(7), np.zeros((2, 0)))],
+        # keys of each type msgpack keeps, mixed, in an order that is not sorted
+        "by_step": {7: np.float64(0.25), "7": "seven as text", 0: 1, 2.5: None, None: 1, True: 2},
+    }
+
+
+def test_a_state_tree_reads_back_with_its_numpy_scalars_and_key_types(tmp_path: Path) -> None:
+    # the trace kept every dict key as its str and a numpy scalar as a 0-d array: a replay
+    # gave an actor {'7': array(0.25), ...} where the run had {7: np.float64(0.25), ...} (and
+    # the keys 7 and "7" were one), which the cluster's wire keeps
+    path = tmp_path / "t.trace"
+    state = _state_tree()
+    opt_state = {"step": 2, "by_group": {0: np.float32(0.1), 1: np.ones(2, np.float32)}}
+    rec = Recorder(str(path), {"graph": {}})
+    rec.state({"a": {"w": np.ones(2, np.float32)}}, {"a": opt_state}, {"a": 0},
+              actor_states={"a": state})  # fmt: skip
+    rec.close()
+    t = ann.trace.read(path)
+    assert_same_tree(decode_tree(t.state["actor_states"])["a"], state, "actor_states['a']")
+    assert_same_tree(decode_tree(t.state["opt_states"])["a"], opt_state, "opt_states['a']")
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ((1, 2), r"the dict at \['seen'\] has the key \(1, 2\) of type tuple"),
+        (
+            np.int64(3),
+            r"the dict at \['seen'\] has the key np\.int64\(3\) of type int64.*int\(key\)",
+        ),
+    ],
+    ids=["tuple", "numpy int"],
+)
+def test_a_state_key_the_trace_cannot_keep_as_it_is_is_refused_naming_it(
+    tmp_path: Path, key: Any, said: str
+) -> None:
+    # it was written as its str ("(1, 2)", "3"), and read back as that
+    rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
+    try:
+        with pytest.raises(TypeError, match=r"cannot hold the actor state of layer 'a'.*" + said):
+            rec.state({}, {}, {}, actor_states={"a": {"seen": {key: 1}}})
+    finally:
+        rec.close()
+
+
+def test_a_state_tree_of_the_earlier_encoding_reads_as_it_was_written() -> None:
+    # a tree written before numpy scalars and dict keys were kept as they are (keys as their
+    # str, numpy scalars as 0-d arrays) reads as it did (test_replay_state replays a trace)
+    earlier = {
+        "dict": {
+            "3": {"s": [], "d": "<i8", "b": np.int64(3).tobytes()},
+            "w": {"s": [2], "d": "<f4", "b": np.ones(2, np.float32).tobytes()},
+            "n": {"value": 1},
+        }
+    }
+    got = decode_tree(earlier)
+    assert_same_tree(got, {"3": np.asarray(np.int64(3)), "w": np.ones(2, np.float32), "n": 1})

@@ -14,7 +14,7 @@ from asyncnn import nn, optim, policies
 from asyncnn._runtime._traceformat import encode_record, iter_frames
 
 from _reference import assert_params_equal
-from _replay_cases import _data, _graph, _plain_graph, _rewrite
+from _replay_cases import _data, _graph, _plain_graph, _rewrite, assert_same_tree
 
 
 def test_replay_of_a_trace_without_state_or_inputs_says_why(tmp_path):
@@ -229,6 +229,137 @@ def test_replay_of_a_second_fit_starts_from_the_actors_own_state(tmp_path):
         assert ann.replay(p).identical
     rep = ann.replay(tr.traces[1])
     assert rep.first_divergence is None
+    assert_params_equal(rep.params, tr.params)
+
+
+class KeepsOrder(HalvingGradient):
+    """HalvingGradient whose state's dicts hold their keys in an order that is not sorted;
+    what ``load_actor_state`` was given is kept in ``loaded``."""
+
+    loaded: list[Any] = []
+
+    def actor_state(self) -> Any:
+        return {"factor": np.asarray(self.factor), "by_name": {"zeta": [1.0], "alpha": (2,)}}
+
+    def load_actor_state(self, state: Any) -> None:
+        KeepsOrder.loaded.append(state)
+        super().load_actor_state(state)
+
+
+def test_replay_gives_an_actor_its_state_with_its_keys_in_their_order(tmp_path):
+    # the replay moved the state to the layer's device with tree_map, which sorts a dict's
+    # keys: its actor was given {'by_name': {'alpha': ..., 'zeta': ...}, 'factor': ...}
+    KeepsOrder.loaded.clear()
+    tr = ann.Trainer(
+        _stateful_graph(KeepsOrder), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", trace=str(tmp_path / "r.trace"),
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=8)
+    tr.fit(_data(16), batch_size=8)
+    (live,) = KeepsOrder.loaded  # the second fit's actor, from the first one's state
+    assert ann.replay(tr.traces[1]).identical
+    assert_same_tree(KeepsOrder.loaded[-1], live, "the replay's actor state")
+
+
+class CountsByParity(ann.LayerActor):
+    """Scales its input gradient by a numpy scalar factor over one plus the backwards it has
+    done of minibatches of the same parity, counted under int keys (its own state). What
+    ``load_actor_state`` was given is kept in ``loaded``."""
+
+    loaded: list[Any] = []
+
+    def setup(self) -> None:
+        self.factor = np.float32(1.0)
+        self.counts: dict[Any, Any] = {"total": np.int64(0)}
+
+    def actor_state(self) -> Any:
+        return {"factor": self.factor, "counts": dict(self.counts)}
+
+    def load_actor_state(self, state: Any) -> None:
+        CountsByParity.loaded.append(state)
+        self.factor, self.counts = state["factor"], dict(state["counts"])
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        grads = await super().on_backward(key, grad, meta)
+        parity = int(meta["minibatch"]) % 2
+        self.counts[parity] = self.counts.get(parity, 0) + 1
+        self.counts["total"] += np.int64(1)
+        self.factor = self.factor * np.float32(0.75)
+        scale = float(self.factor) / (1 + self.counts[parity])
+        return [None if g is None else g * scale for g in grads or []]
+
+
+def test_replay_gives_an_actor_its_state_with_its_numpy_scalars_and_int_keys(tmp_path):
+    # the trace kept the counts' int keys as str and the numpy scalars as 0-d arrays: the
+    # replay's actor started from {'counts': {'total': array(4), '0': 2, '1': 2}, ...}, found
+    # no count under the int parity, and diverged at 'b'
+    CountsByParity.loaded.clear()
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _stateful_graph(CountsByParity), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", trace=str(path),
+    )  # fmt: skip
+    tr.fit(_data(32), batch_size=8)  # 4 minibatches: both parities counted
+    tr.fit(_data(16), batch_size=8)
+    (live,) = CountsByParity.loaded  # the second fit's actor, from the first one's state
+    assert set(live["counts"]) == {"total", 0, 1}  # mixed int and str keys
+    rep = ann.replay(tr.traces[1])
+    assert rep.first_divergence is None and rep.identical
+    assert_params_equal(rep.params, tr.params)
+    replayed = CountsByParity.loaded[-1]
+    assert_same_tree(replayed, live, "the replay's actor state")
+
+
+class ScalarFactor(HalvingGradient):
+    """HalvingGradient whose state's factor is a numpy scalar."""
+
+    def actor_state(self) -> Any:
+        return {"factor": np.float64(self.factor)}
+
+
+def _as_written_before(spec: Any) -> Any:
+    """An encoded tree as traces were written before numpy scalars and dict keys were kept as
+    they are: every key its str, no ``"sc"`` mark (a numpy scalar read as a 0-d array)."""
+    if isinstance(spec, dict):
+        return {str(k): _as_written_before(v) for k, v in spec.items() if k != "sc"}
+    if isinstance(spec, list):
+        return [_as_written_before(v) for v in spec]
+    return spec
+
+
+def test_a_trace_written_before_numpy_scalars_were_kept_still_replays(tmp_path):
+    path, earlier = tmp_path / "r.trace", tmp_path / "earlier.trace"
+    tr = ann.Trainer(
+        _stateful_graph(ScalarFactor), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+        dtype="float64", trace=str(path),
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=8)
+    tr.fit(_data(16), batch_size=8)
+    factor = ann.trace.read(tr.traces[1]).state["actor_states"]["dict"]["b"]["dict"]["factor"]
+    assert factor["s"] == [] and factor["sc"] is True
+    _rewrite(
+        tr.traces[1], earlier,
+        lambda r: {"state": _as_written_before(r["state"])} if "state" in r else r,
+    )  # fmt: skip
+    assert ann.trace.read(earlier).header["version"] == ann.trace.read(path).header["version"]
+    rep = ann.replay(earlier)  # its factor a 0-d array, which float() takes as the run did
+    assert rep.identical
+    assert_params_equal(rep.params, tr.params)
+
+
+def test_replay_continues_optimizer_states_whose_step_is_a_numpy_integer(tmp_path):
+    # Adam takes any integer step; the trace wrote np.int64(2) as a 0-d array, which the
+    # replay's Adam.update refused ("state['step'] must be an int >= 0, got array(2)")
+    tr = ann.Trainer(
+        _plain_graph(), optimizer=optim.Adam(lr=0.01), policy=policies.Sync(),
+        trace=str(tmp_path / "r.trace"),
+    )  # fmt: skip
+    tr.fit(_data(16), batch_size=8)
+    for state in tr.state.opt_states.values():  # (as a state kept by other code may hold it)
+        state["step"] = np.int64(state["step"])
+    tr.fit(_data(16), batch_size=8)
+    rep = ann.replay(tr.traces[1])
+    assert rep.identical
     assert_params_equal(rep.params, tr.params)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,23 @@ def test_chrome_export_to_a_folder_or_a_missing_folder_names_the_path_given(
     with pytest.raises(FileNotFoundError, match=r"the folder of '.*out\.json' \(.*no\) does not"):
         ann.trace.to_chrome(path, missing)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
+@pytest.mark.parametrize("end", ["/", "/."])
+def test_chrome_export_to_a_folders_name_not_made_yet_says_it_names_a_folder(
+    async_run: Any, tmp_path: Path, end: str
+) -> None:
+    # "[Errno 2] No such file or directory: '.../new/.1234.tmp'": the temporary file beside it,
+    # as the folder of ".../new/" was taken to be its parent
+    path, _ = async_run
+    out = f"{tmp_path}/new{end}"
+    with pytest.raises(
+        IsADirectoryError,
+        match=rf"to_chrome: '{re.escape(out)}' ends in '{re.escape(end)}', so it names a folder; "
+        "name the JSON file to write",
+    ):
+        ann.trace.to_chrome(path, out)
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_chrome_export_refuses_to_write_over_its_trace(async_run: Any, tmp_path: Path) -> None:

@@ -117,20 +117,74 @@ def describe_arrays(
     return info, payloads
 
 
+class _UnkeptKey(TypeError):
+    """A dict key :func:`encode_tree` cannot keep as it is; ``where`` gathers its index path
+    on the way out (built only when one is refused: a tree is encoded at every traced fit)."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__()
+        self.key = key
+        self.where = ""
+
+    def __str__(self) -> str:
+        k = self.key
+        # a numpy scalar key (a label read from an array) has a plain twin that the trace keeps
+        plain = type(k.item()).__name__ if isinstance(k, np.generic) else None
+        fix = f" (give it as {plain}(key))" if plain in ("int", "float", "bool") else ""
+        return (
+            f"the dict at {self.where or 'its top'} has the key {k!r:.60} of type "
+            f"{type(k).__name__}, which a trace cannot keep as it is{fix}; key dicts by str, "
+            "int, float, bool or None"
+        )
+
+
 def encode_tree(tree: Any) -> Any:
-    """A pytree with arrays replaced by ``{"s", "d", "b"}`` maps (for the initial state)."""
+    """A pytree with arrays replaced by ``{"s", "d", "b"}`` maps (for the initial state).
+
+    A dict keeps its keys as they are, in their order (str, int, float, bool and None: what
+    msgpack holds as a map's key), and a numpy scalar is marked ``"sc"`` (a 0-d array is
+    not): a replay hands an actor the tree its run had, as the cluster's wire does.
+
+    Raises:
+        TypeError: a dict key of another type (a tuple, a numpy integer), naming where it is.
+    """
     if isinstance(tree, dict):
-        return {"dict": {str(k): encode_tree(v) for k, v in tree.items()}}
+        out: dict[Any, Any] = {}
+        for k, v in tree.items():
+            # (a subclass is written as its base, as the wire sends it: an IntEnum as its int)
+            if not (k is None or isinstance(k, bool | int | float | str)):
+                raise _UnkeptKey(k)
+            try:
+                out[k] = encode_tree(v)
+            except _UnkeptKey as exc:
+                exc.where = f"[{k!r}]{exc.where}"
+                raise
+        return {"dict": out}
     if isinstance(tree, list | tuple):
-        return {"list" if isinstance(tree, list) else "tuple": [encode_tree(v) for v in tree]}
+        items: list[Any] = []
+        for i, v in enumerate(tree):
+            try:
+                items.append(encode_tree(v))
+            except _UnkeptKey as exc:
+                exc.where = f"[{i}]{exc.where}"
+                raise
+        return {"list" if isinstance(tree, list) else "tuple": items}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         host = host_array(tree)  # (a 0-d array stays 0-d: a custom actor's scalar state)
-        return {"s": list(host.shape), "d": dtype_code(host.dtype), "b": host.tobytes()}
+        spec: dict[str, Any] = {
+            "s": list(host.shape),
+            "d": dtype_code(host.dtype),
+            "b": host.tobytes(),
+        }
+        if isinstance(tree, np.generic):  # a numpy scalar reads back as one, not as 0-d
+            spec["sc"] = True
+        return spec
     return {"value": tree}
 
 
 def decode_tree(spec: Any) -> Any:
-    """The inverse of :func:`encode_tree` (numpy arrays)."""
+    """The inverse of :func:`encode_tree` (numpy arrays). A tree written before keys and numpy
+    scalars were kept (its keys all str, its numpy scalars 0-d arrays) reads as written."""
     if "dict" in spec:
         return {k: decode_tree(v) for k, v in spec["dict"].items()}
     if "list" in spec:
@@ -138,14 +192,17 @@ def decode_tree(spec: Any) -> Any:
     if "tuple" in spec:
         return tuple(decode_tree(v) for v in spec["tuple"])
     if "b" in spec:
-        return np.frombuffer(spec["b"], dtype=np.dtype(spec["d"])).reshape(spec["s"]).copy()
+        array = np.frombuffer(spec["b"], dtype=np.dtype(spec["d"])).reshape(spec["s"])
+        if spec.get("sc") is True and array.ndim == 0:
+            return array[()]  # (a scalar of its dtype: a copy of the record's bytes)
+        return array.copy()
     return spec["value"]
 
 
 def _encoded_actor_state(layer: str, state: Any) -> Any:
     """A custom actor's state as :func:`encode_tree` encodes it, checked to fit a record."""
-    encoded = encode_tree(state)
     try:
+        encoded = encode_tree(state)
         encode_record({"s": encoded})
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(

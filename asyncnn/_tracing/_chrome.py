@@ -71,6 +71,17 @@ def _as_json(value: Any) -> Any:
     return value
 
 
+def folder_end(path: str) -> str | None:
+    """What ``path`` ends in that makes it name a folder whether or not that folder exists (a
+    separator, or a separator and ``.`` or ``..``), or None. Such a path cannot be written as
+    a file, yet its "folder" (``os.path.dirname``) is the folder itself, not its parent."""
+    for sep in filter(None, (os.sep, os.altsep)):
+        for end in (sep, sep + ".", sep + ".."):
+            if path.endswith(end):
+                return end
+    return None
+
+
 def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, int]:
     """Writes the trace at ``path`` as Chrome trace event JSON to ``out``.
 
@@ -87,13 +98,18 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
         TraceFormatError: the trace is damaged (``out`` is then left as it was: the JSON is
             written beside it and renamed into place only when whole).
         ValueError: ``out`` is the trace itself (the export would replace it).
-        OSError: ``out`` is a folder, or its folder does not exist or is a file (said of
-            ``out``).
+        OSError: ``out`` is a folder (or names one: it ends in ``/``), or its folder does not
+            exist or is a file (said of ``out``).
     """
     out = os.fspath(out)
     # said of the path given, not of the temporary file beside it that the write goes through
     if os.path.isdir(out):
         raise IsADirectoryError(f"to_chrome: {out!r} is a folder; name the JSON file to write")
+    end = folder_end(out)
+    if end is not None:  # (its folder is not its parent: the parent may well exist)
+        raise IsADirectoryError(
+            f"to_chrome: {out!r} ends in {end!r}, so it names a folder; name the JSON file to write"
+        )
     if os.path.exists(out) and os.path.exists(path) and os.path.samefile(path, out):
         raise ValueError(
             f"to_chrome: {out!r} is the trace itself: name another file for the JSON (e.g. "

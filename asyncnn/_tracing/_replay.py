@@ -98,9 +98,22 @@ def _initial_state(trace: Trace, checked: Checked) -> RunState:
 
 
 def _on_device(tree: Any, device: Any) -> Any:
-    """``tree``'s arrays on ``device`` (its other leaves as they are)."""
+    """``tree``'s arrays on ``device``, its other leaves as they are (numpy scalars too), its
+    dicts with their keys in their order: the tree the run's actor had (``tree_map`` sorted
+    a dict's keys, and refused int keys among str ones)."""
     b = get_backend(device)
-    return tree_map(lambda x: b.asarray(x) if isinstance(x, np.ndarray) else x, tree)
+
+    def move(x: Any) -> Any:
+        kind = type(x)  # (a decoded tree holds these exact types, as the trace writes them)
+        if kind is dict:
+            return {k: move(v) for k, v in x.items()}
+        if kind is list:
+            return [move(v) for v in x]
+        if kind is tuple:
+            return tuple(move(v) for v in x)
+        return b.asarray(x) if isinstance(x, np.ndarray) else x
+
+    return move(tree)
 
 
 def replay(
