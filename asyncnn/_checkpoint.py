@@ -61,6 +61,7 @@ from ._runtime._graph import Graph
 from ._runtime._policies import Policy, policy_from_spec
 from ._runtime._run import RunState
 from ._runtime._wrapped import WrappedPolicy
+from .backends import get_backend
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -313,6 +314,24 @@ def read_graph(path: str, trusted: Any = None) -> Graph:
         return Graph.from_spec(spec["graph"])
 
 
+def _check_devices_here(graph: Graph, path: str) -> None:
+    """Refuses, saying how to load it, a checkpoint whose layers sit on GPUs where this machine
+    has no cupy (the graph's check failed on the first such layer's inputs, and said to place
+    the work on the CPU, which the saved graph's devices decide)."""
+    on_gpu = {n: graph.nodes[n].device for n in graph.layers if graph.nodes[n].device != "cpu"}
+    if not on_gpu:
+        return
+    try:
+        get_backend(next(iter(on_gpu.values())))
+    except ImportError as exc:
+        raise ImportError(
+            f"{path}: the checkpoint's layers {on_gpu} are on GPUs, which need cupy (not "
+            "installed here: pip install 'asyncnn[gpu]'). To load it on the CPU, build the same "
+            "graph with device='cpu' for those layers and pass it: "
+            f"ann.Trainer.load({path!r}, graph=graph) (the weights go into that graph)"
+        ) from exc
+
+
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
@@ -338,6 +357,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         ValueError: ``fit.json`` (read for an older checkpoint) is damaged or another save's:
             the message names it and the fix.
         TypeError: ``graph`` is not a :class:`~asyncnn.Graph`.
+        ImportError: the checkpoint's layers are on GPUs and cupy is not installed (the message
+            says how to load it on the CPU: with ``graph=``).
         UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
     """
     trusted = overrides.pop("trusted_modules", None)
@@ -367,6 +388,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     kwargs.update(overrides)
     fits = "its graph" if given_graph is None else "the graph given"
     _same_layers(graph, spec["layout"], f"{path}: the checkpoint does not fit {fits}")
+    if given_graph is None:
+        _check_devices_here(graph, path)
     position = _position(path, spec, spec_path)
     trainer = cls(graph, **kwargs)
     fresh = trainer.state

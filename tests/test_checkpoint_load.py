@@ -72,6 +72,34 @@ def test_a_checkpoint_loads_into_another_graph_of_the_same_layers(saved: Any) ->
         ann.Trainer.load(path, graph={})
 
 
+def test_a_gpu_checkpoint_without_cupy_says_how_to_load_it_on_the_cpu(
+    saved: Any, tmp_path: Any
+) -> None:
+    # the error named a layer failing on its inputs and said "place the work on device='cpu'",
+    # which a load cannot do: the saved graph's devices come from the checkpoint
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("cupy is installed: the checkpoint would load on the GPU")
+    path, tr = _copy(saved[0], str(tmp_path / "gpu")), saved[1]
+
+    def on_gpu(spec: Any) -> None:
+        for node in spec["graph"]["nodes"]:
+            if node["kind"] == "layer":
+                node["device"] = "cuda:0"
+
+    _rewrite_spec(path, on_gpu)
+    with pytest.raises(ImportError) as info:
+        ann.Trainer.load(path)
+    said = str(info.value)
+    for part in ("'stage0'", "cuda:0", "cupy", "graph=", "device='cpu'"):
+        assert part in said, (part, said)
+    back = ann.Trainer.load(path, graph=_placed())  # the way it names: the weights come
+    assert_params_equal(back.params, tr.params)
+
+
 @pytest.mark.parametrize(
     ("graph", "says"),
     [
