@@ -6,6 +6,7 @@ This package is the seam between asyncnn and its compute engines. It is imported
 
 from ._alloc import allocator_tuning, tune_allocator
 from ._base import Backend, Device, parse_device
+from ._checks import MAX_POOL_WORKERS
 from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_floating, is_half
 from ._parallel import (
     ComputeTeam,
@@ -16,7 +17,13 @@ from ._parallel import (
     split_bounds,
     using_team,
 )
-from ._pool import DEFAULT_INLINE_FLOPS, DevicePool, PoolStatistics, open_device_pool
+from ._pool import (
+    DEFAULT_INLINE_FLOPS,
+    DevicePool,
+    InlineCounter,
+    PoolStatistics,
+    open_device_pool,
+)
 from ._registry import (
     array_namespace,
     backend_of,
@@ -30,10 +37,12 @@ from ._registry import (
 __all__ = [
     "BFLOAT16",
     "DEFAULT_INLINE_FLOPS",
+    "MAX_POOL_WORKERS",
     "Backend",
     "ComputeTeam",
     "Device",
     "DevicePool",
+    "InlineCounter",
     "PoolStatistics",
     "TeamStatistics",
     "acc_mean",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +19,39 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
 @dataclass(frozen=True)
 class Device:
-    """Where arrays live and work runs: ``Device("cpu")`` or ``Device("cuda", 1)``."""
+    """Where arrays live and work runs: ``Device("cpu")`` or ``Device("cuda", 1)``.
+
+    Checked when made, as :func:`parse_device` checks the strings: ``kind`` is ``"cpu"`` or
+    ``"cuda"``; ``index`` an int >= 0 (None: 0, as ``"cuda"`` means ``"cuda:0"``), and 0 on
+    the CPU, which is one device.
+
+    Raises:
+        ValueError: another kind (``Device("CPU")`` meant ``cuda:0``), a negative index, or
+            a CPU index other than 0.
+        TypeError: an index that is not an int.
+    """
 
     kind: str
     index: int = 0
+
+    def __post_init__(self) -> None:
+        # (devices are made once per actor or name, never per compute: the checks cost nothing)
+        if self.kind not in ("cpu", "cuda"):
+            raise ValueError(
+                f"unknown device kind {self.kind!r}: use Device('cpu') or Device('cuda', N) "
+                "(or the names 'cpu', 'cuda', 'cuda:N')"
+            )
+        index = 0 if self.index is None else self.index
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"Device: index must be an int >= 0, got {self.index!r}")
+        if index < 0:
+            raise ValueError(f"Device: index must be an int >= 0, got {self.index!r}")
+        if self.kind == "cpu" and index != 0:
+            raise ValueError(
+                f"unknown device Device('cpu', {self.index!r}): there is one CPU device, "
+                "Device('cpu') (the name 'cpu')"
+            )
+        object.__setattr__(self, "index", int(index))
 
     def __str__(self) -> str:
         return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
@@ -108,7 +138,9 @@ class Backend(abc.ABC):
     def to_bytes(self, x: Any) -> memoryview:
         """The raw bytes of ``x`` in C order (through the host)."""
         host = np.ascontiguousarray(self.to_numpy(x))
-        return host.data.cast("B")
+        # viewed as bytes by numpy: a memoryview's own cast refuses the formats numpy cannot
+        # export (bfloat16's "E" from ml_dtypes, datetime64's "M")
+        return host.reshape(-1).view(np.uint8).data
 
     def from_bytes(self, buf: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
         """An array on this device made from raw bytes written by :meth:`to_bytes`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,19 @@ ALIGN = 16
 @functools.lru_cache(maxsize=4096)
 def split_bounds(length: int, parts: int, align: int = 1) -> tuple[int, ...]:
     """Cut points of ``range(length)`` into at most ``parts`` nearly equal pieces of whole
-    ``align``-sized blocks: ``(0, ..., length)``; a function of its arguments alone."""
+    ``align``-sized blocks: ``(0, ..., length)``; a function of its arguments alone.
+
+    Raises:
+        TypeError: an argument is not an int.
+        ValueError: ``length`` below 0, or ``parts`` or ``align`` below 1 (a negative
+            ``align`` cut short of ``length``, silently dropping its last rows).
+    """
+    # (checked on a cache miss only: the team asks for the same few shapes on every step)
+    for name, value, least in (("length", length, 0), ("parts", parts, 1), ("align", align, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"split_bounds: {name} must be an int, got {value!r}")
+        if value < least:
+            raise ValueError(f"split_bounds: {name} must be at least {least}, got {value!r}")
     blocks = -(-length // align)
     parts = max(1, min(parts, blocks))
     return tuple(min(length, (i * blocks // parts) * align) for i in range(parts + 1))

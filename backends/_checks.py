@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_flag", "check_number"]
+__all__ = ["MAX_POOL_WORKERS", "check_flag", "check_number", "check_workers"]
+
+#: The most worker threads a compute team or device pool may have. A trace records its run's
+#: pool, and a replay opens the same number of threads whatever its host, so the trace reader
+#: refuses more than this (a crafted header must not start any number of threads); a pool of
+#: more could write a trace that nothing reads back. No machine a run is recorded on has more
+#: cores.
+MAX_POOL_WORKERS = 4096
 
 
 def check_number(
@@ -53,3 +60,16 @@ def check_flag(name: str, value: Any, *, none_ok: bool = False) -> None:
     if not (isinstance(value, bool | np.bool_) or (value is None and none_ok)):
         choices = "True, False or None" if none_ok else "True or False"
         raise TypeError(f"{name} must be {choices}, got {value!r}")
+
+
+def check_workers(name: str, value: Any, *, none_ok: bool = False) -> None:
+    """Raises an error naming ``name`` unless ``value`` is a whole number of worker threads
+    from 1 to :data:`MAX_POOL_WORKERS` (checked before anything is sized by it: a count of
+    ``10**9`` would fail as an empty ``MemoryError``), or None where ``none_ok``."""
+    check_number(name, value, integer=True, least=1, none_ok=none_ok)
+    if value is not None and value > MAX_POOL_WORKERS:
+        raise ValueError(
+            f"{name} must be at most {MAX_POOL_WORKERS}, got {value!r}: pass one worker per "
+            "core this process may use (len(os.sched_getaffinity(0))); a trace of a run on "
+            f"more than {MAX_POOL_WORKERS} workers could not be read back or replayed"
+        )

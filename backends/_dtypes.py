@@ -69,9 +69,13 @@ def unknown_dtype_hint(dtype: Any) -> str:
 
 
 def is_floating(dtype: Any) -> bool:
-    """Whether ``dtype`` is a real floating dtype (float16/32/64 or bfloat16); False for None
-    (no dtype, as ``getattr(x, "dtype", None)`` gives), which ``np.dtype`` would read as
-    float64."""
+    """Whether ``dtype`` is a real floating dtype that asyncnn computes in (float16/32/64 or
+    bfloat16); False for None (no dtype, as ``getattr(x, "dtype", None)`` gives), which
+    ``np.dtype`` would read as float64.
+
+    False for the other floats too: ml_dtypes' float8 types (``float8_e5m2`` is of kind
+    ``"f"``, but its sums are not widened as 16-bit ones are, and it would train on 1-byte
+    sums) and numpy's long double where it is wider than float64 (no GPU computes in it)."""
     if dtype is None:
         return False
     if isinstance(dtype, np.dtype):  # an array's dtype: asked on every 16-bit check of a step
@@ -81,7 +85,14 @@ def is_floating(dtype: Any) -> bool:
             dt = np.dtype(dtype)
         except TypeError:
             return False
-    return dt.kind == "f" or (BFLOAT16 is not None and dt == BFLOAT16)
+    # (the item size tells float16/32/64 from the float8s and the long double, whatever the
+    # byte order; bfloat16 is of kind "V")
+    return (dt.kind == "f" and dt.itemsize in _FLOAT_SIZES) or (
+        BFLOAT16 is not None and dt == BFLOAT16
+    )
+
+
+_FLOAT_SIZES = (2, 4, 8)  # float16, float32, float64
 
 
 def is_half(dtype: Any) -> bool:

@@ -20,6 +20,7 @@ from ._held import HeldSetting
 __all__ = [
     "AUTO_SWITCH_INTERVAL",
     "AUTO_SWITCH_WORKERS",
+    "MAX_SWITCH_INTERVAL",
     "SWITCH_INTERVALS",
     "auto_interval",
     "check_switch_interval",
@@ -37,14 +38,28 @@ AUTO_SWITCH_INTERVAL = 5e-5
 AUTO_SWITCH_WORKERS = 8
 
 
+#: The longest switch interval (seconds) a team may ask for: 200 times Python's 5 ms. The
+#: interval bounds how long a thread running Python keeps the GIL from a worker back from BLAS,
+#: so a longer one only stalls the team (and the event loop); far longer ones are not even
+#: kept: CPython counts the interval in microseconds, and 1e300 s became an interval of 0.
+MAX_SWITCH_INTERVAL = 1.0
+
+
 def check_switch_interval(value: Any) -> None:
     """Raises an error naming ``switch_interval`` unless ``value`` is ``"auto"``, None or a
-    finite number of seconds of at least 1e-6 (the interpreter counts whole microseconds)."""
+    finite number of seconds from 1e-6 (the interpreter counts whole microseconds) to
+    :data:`MAX_SWITCH_INTERVAL` (1 s)."""
     if isinstance(value, str) and value != "auto":
         raise TypeError(f"switch_interval must be a number, 'auto' or None, got {value!r}")
     if value != "auto":
         check_number("switch_interval", value, integer=False, least=1e-6, finite=True,
                      none_ok=True)  # fmt: skip
+        if value is not None and value > MAX_SWITCH_INTERVAL:
+            raise ValueError(
+                f"switch_interval must be at most {MAX_SWITCH_INTERVAL} s (seconds a thread "
+                "running Python may keep the GIL from a worker; Python's own is 0.005), got "
+                f"{value!r}; pass None to leave the interpreter's interval as it is"
+            )
 
 
 def auto_interval(workers: int) -> float | None:

@@ -46,7 +46,7 @@ from ._blas import (
     _product_plan,
     split_bounds,
 )
-from ._checks import check_flag, check_number
+from ._checks import check_flag, check_number, check_workers
 from ._dispatch import _state, current_team, elementwise, matmul, narrowed, using_team
 from ._gil import SWITCH_INTERVALS, auto_interval, check_switch_interval
 
@@ -142,7 +142,8 @@ class ComputeTeam:
             y = team.matmul(a, b)  # cut into up to 16 parts, run side by side
 
     Args:
-        workers: worker threads (usually one per core this process may use).
+        workers: worker threads (usually one per core this process may use), at most
+            ``MAX_POOL_WORKERS`` (4096).
         blas_threads: BLAS threads per call while the team is open, set through threadpoolctl
             (OpenBLAS keeps one count for the whole process: of the teams open at once, the
             last opened sets it, and the count from before the first returns when the last
@@ -154,8 +155,8 @@ class ComputeTeam:
             touches (twice that when the pass is cut in only two parts).
         split: whether work is split at all; with ``False`` the team only runs whole tasks (and
             its workers' products run uncut), as a pool whose BLAS calls are multi-threaded wants.
-        switch_interval: the interpreter's switch interval (``sys.setswitchinterval``, seconds)
-            while the team is open: the longest a worker back from BLAS may wait for the GIL
+        switch_interval: the interpreter's switch interval (``sys.setswitchinterval``, seconds,
+            from 1e-6 to 1) while the team is open: the longest a worker back from BLAS may wait for the GIL
             that a thread running Python holds (Python's own is 5 ms, ten to a hundred of the
             team's parts). Process-wide, as BLAS's thread count: the team opened last sets it,
             and the interval from before the first returns when the last closes. ``None``
@@ -184,6 +185,7 @@ class ComputeTeam:
                 f"a compute team needs at least 1 worker, got workers={workers}: pass one per "
                 "core this process may use (len(os.sched_getaffinity(0)))"
             )
+        check_workers("workers", workers)  # (at most MAX_POOL_WORKERS)
         check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
         check_number("part_flops", part_flops, integer=False, least=1, finite=True)
         check_number("part_elements", part_elements, integer=False, least=1, finite=True)

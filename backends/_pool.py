@@ -18,6 +18,7 @@ when it must (:meth:`DevicePool.wait`), polling with back-off so the loop keeps 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import math
@@ -32,12 +33,18 @@ import anyio
 import anyio.lowlevel
 
 from ._base import Device, parse_device
-from ._checks import check_flag, check_number
+from ._checks import MAX_POOL_WORKERS, check_flag, check_number, check_workers
 from ._gil import check_switch_interval
 from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
 from ._registry import get_backend
 
-__all__ = ["DEFAULT_INLINE_FLOPS", "DevicePool", "PoolStatistics", "open_device_pool"]
+__all__ = [
+    "DEFAULT_INLINE_FLOPS",
+    "DevicePool",
+    "InlineCounter",
+    "PoolStatistics",
+    "open_device_pool",
+]
 
 T = TypeVar("T")
 
@@ -60,7 +67,9 @@ class PoolStatistics:
 
     Attributes:
         workers: number of CPU worker threads.
-        tasks_inline: CPU tasks run on the event-loop thread (cost below the threshold).
+        tasks_inline: CPU tasks run on the event-loop thread (cost below the threshold):
+            those of :meth:`DevicePool.run`, and those its callers ran themselves and counted
+            through :meth:`DevicePool.inline_counter` (a run's actors do).
         tasks_threaded: CPU tasks finished by worker threads (failed ones included; a
             cancelled caller's task that no worker had started is skipped, not counted).
         tasks_gpu: GPU launches.
@@ -85,15 +94,34 @@ class PoolStatistics:
     parts_helped: int = 0
 
 
+class InlineCounter:
+    """CPU tasks that one thread's caller ran inline itself, never through
+    :meth:`DevicePool.run` (an actor's work below :attr:`DevicePool.inline_flops`): each
+    ``counter.tasks += 1`` counts in :attr:`PoolStatistics.tasks_inline`. Only the thread that
+    asked :meth:`DevicePool.inline_counter` for it may add to it, so that no count is lost
+    without a lock."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks = 0
+
+
 class _Job:
     """A CPU task of the pool; a worker calls it (the team's queue holds it, so that the pool
     can tell a cancelled caller's queued job from a live one)."""
 
-    __slots__ = ("fn", "args", "done", "result", "error", "abandoned", "skipped", "finished")
+    __slots__ = (
+        "fn", "args", "context", "done", "result", "error", "abandoned", "skipped", "finished"
+    )  # fmt: skip
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
         self.args = args
+        # The caller's context, as inline work and the team's split parts see it (numpy's error
+        # state is a context variable): without it, np.errstate(divide="raise") raised inline
+        # and returned -inf on a worker. A copy (O(1)), so the task's own changes stay its own.
+        self.context = contextvars.copy_context()
         self.done = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -107,7 +135,7 @@ class _Job:
             self.skipped = True
             return
         try:
-            self.result = self.fn(*self.args)
+            self.result = self.context.run(self.fn, *self.args)
         except BaseException as exc:  # handed to the awaiting task, with its traceback
             self.error = exc
 
@@ -159,6 +187,8 @@ class DevicePool:
         self._inline = 0
         self._gpu = 0
         self._inline_elsewhere = 0  # by other threads' loops
+        # tasks run inline by callers that count them themselves (inline_counter), by thread
+        self._inline_counters: dict[int, InlineCounter] = {}
         self._gpu_elsewhere = 0
         self._abandoned = 0
         self._skipped = 0  # abandoned jobs that a worker then skipped
@@ -291,6 +321,13 @@ class DevicePool:
         unknown, and goes to a worker. On a CUDA device, ``fn`` is launched on ``stream`` (see
         :meth:`enqueue`) and its result returned without waiting for the kernels to finish.
 
+        ``after``: events of the work that produced what ``fn`` reads (a GPU actor's
+        messages; ``None`` entries are skipped). On the CPU, ``fn`` starts once each is done
+        (:meth:`wait`, without blocking the loop); on a CUDA device, ``stream`` waits for them.
+
+        On a worker, ``fn`` runs in a copy of the caller's :mod:`contextvars` context (inline,
+        in that context itself): numpy's error state (``np.errstate``) applies either way.
+
         Pass keyword arguments to ``fn`` with :func:`functools.partial`. Tasks of another
         thread's event loop may call this too (the worker wakes the caller's own loop).
 
@@ -303,6 +340,13 @@ class DevicePool:
             result, _ = await self.enqueue(dev, fn, *args, stream=stream, after=after)
             return result
         self._check_open()
+        if after:
+            # The data may still be in flight on a device's stream: a CPU task has no stream
+            # to queue the wait on, so the host waits (an actor does the same before it asks).
+            for event in after:
+                if event is not None and not event.done:
+                    await self.wait(event)
+            self._check_open()  # (it may have closed meanwhile, from another thread's loop)
         if cost is not None and cost < self._inline_flops:
             await anyio.lowlevel.checkpoint()
             if _get_ident() == self._loop_thread:
@@ -358,11 +402,12 @@ class DevicePool:
         first waits for each event in ``after`` (the events of the messages ``fn`` reads). The
         returned event marks the end of ``fn``'s work: pass it on with the result, and
         :meth:`wait` for it only where the host needs the data. On the CPU this is
-        :meth:`run`, and the event is ``None`` (the work is done).
+        :meth:`run` on a worker, after the events in ``after`` are done (the CPU has no
+        streams: ``stream`` is not used), and the event is ``None`` (the work is done).
         """
         backend = get_backend(device)
         if backend.device.kind == "cpu":
-            return await self.run(backend.device, fn, *args), None
+            return await self.run(backend.device, fn, *args, after=after), None
         self._check_open()
         # a cancellation point, not a yield: queuing kernels is quick, and the actors' channel
         # operations yield anyway
@@ -400,10 +445,27 @@ class DevicePool:
             interval = min(2 * interval, max_interval)
         await anyio.lowlevel.checkpoint()
 
+    def inline_counter(self) -> InlineCounter:
+        """The counter of the calling thread's own inline work, for :meth:`statistics`.
+
+        A caller that runs its small CPU work itself, where :meth:`run` would run it inline
+        (``cost`` below :attr:`inline_flops`), skipping the call, adds one to the counter's
+        ``tasks`` for each such task, so that :attr:`PoolStatistics.tasks_inline` counts it:
+        one attribute increment per task, no lock. The counter is the calling thread's (one
+        per thread, made on the first call): add to it from that thread only.
+        """
+        thread = _get_ident()
+        with self._count_lock:
+            counter = self._inline_counters.get(thread)
+            if counter is None:
+                counter = self._inline_counters[thread] = InlineCounter()
+        return counter
+
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's counters."""
         with self._count_lock:
             inline = self._inline + self._inline_elsewhere
+            inline += sum(counter.tasks for counter in self._inline_counters.values())
             gpu = self._gpu + self._gpu_elsewhere
             abandoned = self._abandoned
             skipped = self._skipped
@@ -433,6 +495,11 @@ class DevicePool:
         return self._n
 
     @property
+    def is_open(self) -> bool:
+        """Whether the pool takes work: inside its ``async with open_device_pool()`` block."""
+        return not self._closed
+
+    @property
     def team(self) -> ComputeTeam:
         """The CPU worker threads: the :class:`ComputeTeam` that runs this pool's CPU tasks (and,
         when the pool splits work, the parts of their large products)."""
@@ -444,10 +511,12 @@ class DevicePool:
 
 
 def _default_workers() -> int:
+    """One worker per core this process may use (no more than :data:`MAX_POOL_WORKERS`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return min(cores, MAX_POOL_WORKERS)
 
 
 @asynccontextmanager
@@ -461,12 +530,18 @@ async def open_device_pool(
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
-    Works under trio and asyncio (through anyio). Leaving the block waits for tasks already
-    running on workers to finish (a thread cannot be interrupted), even when leaving because of
-    a cancellation.
+    Works under trio and asyncio (through anyio). Leaving the block waits for the tasks already
+    queued or running on workers to finish (a thread cannot be interrupted), even when leaving
+    because of a cancellation, with one exception: a task whose caller was cancelled (a hung
+    compute that failed a run with a ``StallError``, say) is waited for at most one second
+    once only such tasks are left. A worker still in one is then left to finish it on its own,
+    as a daemon thread, and BLAS's thread count and the switch interval are given back at
+    once: until it ends, it computes beside whatever runs next. (They are not held until it
+    ends: a task that never ends would keep them for the rest of the process.)
 
     Args:
-        cpu_workers: CPU worker threads; default: one per core this process may use.
+        cpu_workers: CPU worker threads, at most :data:`MAX_POOL_WORKERS` (4096); default:
+            one per core this process may use.
         blas_threads: BLAS threads per call while the pool is open (threadpoolctl), so that
             workers computing side by side don't oversubscribe the cores; ``None`` leaves BLAS as
             it is. numpy's OpenBLAS (and MKL) take this limit process-wide, not per thread, so it
@@ -479,11 +554,11 @@ async def open_device_pool(
             can use every core, and several tasks share them.
         part_flops: the fewest flops a part of a split product does on average (smaller
             products stay whole; see :class:`ComputeTeam`).
-        switch_interval: the interpreter's switch interval while the pool is open, so that a
-            worker back from BLAS gets the GIL soon from a thread running Python (process-wide;
-            the interval from before returns when the last pool or team closes; ``None``
-            leaves it as it is; ``"auto"``: 5e-5 s with 8 workers or more, else as it is; see
-            :class:`ComputeTeam`).
+        switch_interval: the interpreter's switch interval while the pool is open (seconds,
+            from 1e-6 to 1), so that a worker back from BLAS gets the GIL soon from a thread
+            running Python (process-wide; the interval from before returns when the last pool
+            or team closes; ``None`` leaves it as it is; ``"auto"``: 5e-5 s with 8 workers or
+            more, else as it is; see :class:`ComputeTeam`).
 
     Example::
 
@@ -491,7 +566,7 @@ async def open_device_pool(
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
             y = await pool.run("cpu", np.matmul, a, b, cost=flops)
     """
-    check_number("cpu_workers", cpu_workers, integer=True, least=1, none_ok=True)
+    check_workers("cpu_workers", cpu_workers, none_ok=True)
     n = _default_workers() if cpu_workers is None else int(cpu_workers)
     check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
     check_number("inline_flops", inline_flops, integer=False, least=-math.inf)

@@ -285,3 +285,61 @@ def test_is_floating_says_no_for_none() -> None:
 
     assert not is_floating(None)
     assert is_floating(np.float32) and is_floating("float16") and not is_floating(np.int64)
+
+
+@pytest.mark.parametrize(
+    ("kind", "index", "error", "said"),
+    [
+        ("CPU", 0, ValueError, r"unknown device kind 'CPU': .*'cpu'"),  # was placed on cuda:0
+        ("tpu", 0, ValueError, r"unknown device kind 'tpu'"),  # was "needs cupy"
+        ("gpu", 1, ValueError, r"unknown device kind 'gpu'"),
+        (None, 0, ValueError, r"unknown device kind None"),
+        ("cpu", 5, ValueError, r"Device\('cpu', 5\): there is one CPU device, Device\('cpu'\)"),
+        ("cuda", -1, ValueError, r"index must be an int >= 0, got -1"),
+        ("cuda", True, TypeError, r"index must be an int >= 0, got True"),
+        ("cuda", 1.0, TypeError, r"index must be an int >= 0, got 1.0"),
+        ("cuda", "1", TypeError, r"index must be an int >= 0, got '1'"),
+    ],
+)
+def test_a_device_is_checked_when_made(
+    kind: Any, index: Any, error: type[Exception], said: str
+) -> None:
+    # the string forms were checked, Device objects never: Device("CPU") meant cuda:0
+    with pytest.raises(error, match=said):
+        Device(kind, index)
+
+
+def test_a_device_takes_numpy_ints_and_none_as_the_strings_do() -> None:
+    assert Device("cuda", np.int64(2)) == Device("cuda", 2) == parse_device("cuda:2")
+    assert type(Device("cuda", np.int64(2)).index) is int
+    assert Device("cuda", None) == parse_device("cuda") and Device("cpu", None) == Device("cpu")
+    assert Device("cpu", 0) == parse_device("cpu:0")
+
+
+def test_bytes_round_trip_of_dtypes_a_memoryview_cannot_cast() -> None:
+    # to_bytes cast the memoryview to "B", which numpy's buffer refuses for some dtypes
+    # ("cannot include dtype 'M' in a buffer"): datetime64 here, bfloat16 below
+    be = get_backend("cpu")
+    x = np.arange(4).astype("datetime64[s]")
+    buf = be.to_bytes(x)
+    assert len(buf) == x.nbytes
+    np.testing.assert_array_equal(be.from_bytes(buf, x.dtype, (4,)), x)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    h = np.arange(4, dtype=np.float32).reshape(2, 2).T.astype(ml_dtypes.bfloat16)
+    buf = be.to_bytes(h)  # (and not contiguous)
+    assert len(buf) == h.nbytes
+    np.testing.assert_array_equal(be.from_bytes(buf, h.dtype, (2, 2)), h)
+
+
+def test_is_floating_only_for_the_dtypes_asyncnn_computes_in() -> None:
+    # float8_e5m2 (kind "f", 1 byte) passed, so a run in it trained on 1-byte sums, while
+    # float8_e4m3fn (kind "V") was refused; numpy's long double is no supported dtype either
+    from asyncnn.backends import is_floating
+
+    assert all(is_floating(d) for d in ("float16", "float32", "float64", ">f4"))
+    assert not is_floating(np.longdouble) or np.dtype(np.longdouble).itemsize == 8
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert is_floating(ml_dtypes.bfloat16)
+    for name in ("float8_e5m2", "float8_e4m3fn", "float4_e2m1fn"):
+        if hasattr(ml_dtypes, name):
+            assert not is_floating(getattr(ml_dtypes, name)), name

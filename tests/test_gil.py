@@ -5,6 +5,7 @@ default) asks for a short one in a team of many workers only."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -133,4 +134,15 @@ def test_a_switch_interval_that_is_not_a_positive_number_is_refused(
 
     with pytest.raises(error, match=rf"switch_interval must be (?:{message})"):
         anyio.run(pool)
+    assert sys.getswitchinterval() == _close_to(0.005)
+
+
+@pytest.mark.parametrize("value", [1.5, 1e300])
+def test_a_switch_interval_above_one_second_is_refused(value: float) -> None:
+    # 1e300 was taken, and the interpreter's microsecond count overflowed to an interval of 0
+    said = rf"switch_interval must be at most 1\.0 s.*got {re.escape(repr(value))};"
+    with pytest.raises(ValueError, match=said):
+        ComputeTeam(1, switch_interval=value)
+    with ComputeTeam(1, name="test-team", switch_interval=1.0):
+        assert sys.getswitchinterval() == _close_to(1.0)
     assert sys.getswitchinterval() == _close_to(0.005)

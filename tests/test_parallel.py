@@ -545,3 +545,32 @@ def test_a_failing_excepthook_does_not_end_the_worker(monkeypatch: Any) -> None:
         one.submit(ran.set)
         assert ran.wait(5)
     assert [str(e) for e in reported] == ["the hook failed"]
+
+
+def test_a_team_of_more_workers_than_the_limit_is_refused_naming_workers() -> None:
+    # ComputeTeam(10**9) failed with an empty MemoryError (its counters, one per worker)
+    from asyncnn.backends import MAX_POOL_WORKERS
+
+    for n in (MAX_POOL_WORKERS + 1, 10**9):
+        with pytest.raises(ValueError, match=rf"workers must be at most {MAX_POOL_WORKERS}"):
+            ComputeTeam(n)
+    assert ComputeTeam(MAX_POOL_WORKERS).workers == MAX_POOL_WORKERS  # made, not started
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "said"),
+    [
+        ((10, 3, -4), ValueError, "align must be at least 1, got -4"),  # was (0, 8): rows lost
+        ((10, 3, 0), ValueError, "align must be at least 1, got 0"),  # was ZeroDivisionError
+        ((10, 3, 1.5), TypeError, "align must be an int, got 1.5"),
+        ((-1, 3), ValueError, "length must be at least 0, got -1"),
+        ((10, 0), ValueError, "parts must be at least 1, got 0"),
+        (("10", 3), TypeError, "length must be an int, got '10'"),
+    ],
+)
+def test_split_bounds_refuses_bad_arguments_naming_them(
+    args: tuple[Any, ...], error: type[Exception], said: str
+) -> None:
+    with pytest.raises(error, match=rf"^split_bounds: {said}"):
+        split_bounds(*args)
+    assert split_bounds(0, 3) == (0, 0)  # an empty range: one empty piece

@@ -572,3 +572,129 @@ async def test_queue_length_leaves_out_jobs_of_cancelled_callers() -> None:
         finally:
             release.set()
         assert pool.statistics().queue_length == 0
+
+
+class _PolledEvent:
+    """An event whose work ends once it has been asked ``polls`` times (no clock involved)."""
+
+    def __init__(self, polls: int) -> None:
+        self.asked = 0
+        self.polls = polls
+
+    @property
+    def done(self) -> bool:
+        self.asked += 1
+        return self.asked > self.polls
+
+
+async def test_cpu_run_and_enqueue_wait_for_the_events_in_after(fake_cuda: Any) -> None:
+    # run("cpu") and enqueue("cpu") dropped after=: a CPU task read what a GPU launch produced
+    # before it had landed (the stand-in's NaN), where run("cuda:0") waited
+    async with open_device_pool(cpu_workers=2) as pool:
+        for cost in (None, 0):  # on a worker, and inline
+            y, event = await pool.enqueue("cuda:0", lambda: np.ones(4) * 2)
+            assert await pool.run("cpu", np.sum, y, cost=cost, after=[event]) == 8.0
+        y, event = await pool.enqueue("cuda:0", lambda: np.ones(4) * 2)
+        assert await pool.enqueue("cpu", np.sum, y, after=[None, event]) == (8.0, None)
+        # an event that is not done yet is waited for (polled), not only looked at
+        later = _PolledEvent(3)
+        assert await pool.run("cpu", lambda: later.asked, cost=0, after=[later]) > 3
+        later = _PolledEvent(3)
+        assert await pool.run("cpu", lambda: later.asked, after=[None, later]) > 3
+
+
+async def test_a_task_runs_in_a_copy_of_its_callers_context() -> None:
+    # a task on a worker ran in the worker's own context: numpy's error state (a context
+    # variable) was lost, so the same call raised inline and returned -inf on a worker
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    def read_and_set() -> str:
+        seen = var.get()
+        var.set("set by the task")  # in the task's copy: the caller's stays
+        return seen
+
+    zeros = np.zeros(2)
+    async with open_device_pool(cpu_workers=1, inline_flops=1000) as pool:
+        with np.errstate(divide="raise"):
+            for cost in (0, None):
+                with pytest.raises(FloatingPointError, match="divide by zero"):
+                    await pool.run("cpu", np.log, zeros, cost=cost)
+        token = var.set("the caller's")
+        try:
+            assert await pool.run("cpu", read_and_set) == "the caller's"
+            assert var.get() == "the caller's"
+        finally:
+            var.reset(token)
+        assert await pool.run("cpu", read_and_set) == "unset"  # a copy taken at each call
+
+
+async def test_the_inline_work_of_a_run_counts_in_the_pools_statistics() -> None:
+    # an actor runs its small work itself, never through pool.run: tasks_inline stayed 0 after
+    # a run whose every compute ran inline
+    import asyncnn as ann
+    from asyncnn import nn, optim, policies
+
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((32, 16)), "y": rng.integers(0, 4, 32)}
+    graph = ann.Graph.sequential(
+        [nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)],
+        loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 16),
+    )  # fmt: skip
+    stats = {}
+    for inline_flops in (0, float("inf")):  # every compute on a worker, then every one inline
+        async with open_device_pool(cpu_workers=2, inline_flops=inline_flops) as pool:
+            async with ann.open_run(graph, optim.SGD(lr=0.1), policies.Sync(), pool=pool) as run:
+                for _ in range(5):
+                    await run.step(batch)
+                await run.drain()
+            stats[inline_flops] = pool.statistics()
+    threaded, inline = stats[0], stats[float("inf")]
+    assert threaded.tasks_inline == 0 and threaded.tasks_threaded >= 25  # 5 steps of 5 ops
+    # the same computes, each counted once, where it ran
+    assert inline.tasks_inline + inline.tasks_threaded == threaded.tasks_threaded
+    assert inline.tasks_inline >= 25
+
+
+async def test_leaving_after_a_cancellation_waits_for_a_cancelled_callers_task_the_grace_only(
+    monkeypatch: Any,
+) -> None:
+    # what open_device_pool's docstring now says (it said the exit always waits): a task whose
+    # caller was cancelled is waited for ABANDONED_GRACE seconds at most, then its thread is
+    # left to finish it on its own (a daemon)
+    from asyncnn.backends import _pool
+
+    monkeypatch.setattr(_pool, "ABANDONED_GRACE", 0)
+    started, release = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        async with open_device_pool(cpu_workers=1) as pool:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.run, "cpu", hang)
+                await anyio.to_thread.run_sync(started.wait, 10)
+                tg.cancel_scope.cancel()
+        left = _pool_threads()
+        assert [t.daemon for t in left] == [True]  # still in the task, left behind
+    finally:
+        release.set()
+        for t in _pool_threads():
+            t.join(10)
+    assert _pool_threads() == []
+
+
+async def test_worker_counts_above_the_limit_are_refused_naming_the_argument() -> None:
+    # 4097 workers ran, and wrote a trace that its own reader refused (no replay starts more
+    # than 4096 threads); 10**9 failed with an empty MemoryError
+    from asyncnn.backends import MAX_POOL_WORKERS
+
+    assert MAX_POOL_WORKERS == 4096
+    for n in (MAX_POOL_WORKERS + 1, 10**9):
+        with pytest.raises(ValueError, match=rf"cpu_workers must be at most 4096, got {n}"):
+            async with open_device_pool(cpu_workers=n):
+                pass
+    assert _pool_threads() == []

@@ -217,7 +217,9 @@ def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
 
     anyio.run(record, backend=backend)
     header = ann.trace.read(path).header
-    assert header["pool"] == {"cpu_workers": 3, "part_flops": 5000, "split": True}
+    assert header["pool"] == {
+        "cpu_workers": 3, "part_flops": 5000, "split": True, "inline_flops": 5_000_000
+    }  # fmt: skip
     opened: list[dict] = []
 
     def spy(**kwargs):
@@ -232,6 +234,51 @@ def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
     assert ann.replay(old).identical
     assert opened[1]["cpu_workers"] == _lifecycle.host_cores()
     assert opened[1]["part_flops"] == _lifecycle.RUN_PART_FLOPS
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_replay_opens_the_pool_with_the_runs_inline_flops(tmp_path, monkeypatch, backend):
+    # inline_flops decides which work runs on the loop's thread, where products stay whole, and
+    # which goes to a worker, where they are cut: the trace did not record it, and a replay of
+    # a run whose pool ran everything inline cut its products and reported a divergence
+    from asyncnn._runtime import _lifecycle
+    from asyncnn.backends import DEFAULT_INLINE_FLOPS, open_device_pool
+
+    path, old = tmp_path / "r.trace", tmp_path / "old.trace"
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((128, 256)).astype(np.float32),
+             "y": rng.integers(0, 10, 128)}  # fmt: skip
+    graph = ann.Graph.sequential(
+        [nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)],
+        loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 256),
+    )  # fmt: skip
+
+    async def record():
+        async with open_device_pool(
+            cpu_workers=2, part_flops=4_000_000, inline_flops=1e12
+        ) as pool, ann.open_run(
+            graph, optim.SGD(lr=0.1), policies.Sync(), pool=pool, trace=str(path)
+        ) as run:  # fmt: skip
+            for _ in range(2):
+                await run.step(batch)
+
+    anyio.run(record, backend=backend)
+    assert ann.trace.read(path).header["pool"]["inline_flops"] == 1e12
+    opened: list[dict] = []
+
+    def spy(**kwargs):
+        opened.append(kwargs)
+        return open_device_pool(**kwargs)
+
+    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    assert ann.replay(path).identical
+    assert opened[0]["inline_flops"] == 1e12
+    # a trace written before inline_flops was recorded: the default, as before
+    _rewrite(path, old, lambda r: {
+        **r, "pool": {k: v for k, v in r["pool"].items() if k != "inline_flops"}
+    } if "pool" in r else r)  # fmt: skip
+    ann.replay(old)
+    assert opened[1]["inline_flops"] == DEFAULT_INLINE_FLOPS
 
 
 def test_a_whole_replay_shows_the_loss_actors_work_to_its_hook_in_the_recorded_order(tmp_path):

@@ -420,3 +420,21 @@ def test_a_layers_error_in_predict_names_it_and_keeps_its_kind():
     with pytest.raises(_NeedsArgs, match=r"^row 2: a custom error") as info:
         tr.predict({"x": np.ones((4, 5))})
     assert info.value.row == 2 and info.value.__notes__ == ["in layer 'stage1'"]
+
+
+@pytest.mark.anyio
+async def test_open_run_refuses_a_pool_that_is_not_an_open_device_pool():
+    # it failed inside the run with "'ComputeTeam' object has no attribute 'inline_flops'",
+    # and a closed pool as the first actor's error (or never, where all work ran inline)
+    from asyncnn.backends import ComputeTeam, open_device_pool
+
+    args = (chain_graph(2), optim.SGD(lr=0.1), policies.Sync())
+    for pool in (ComputeTeam(2), "cpu"):
+        with pytest.raises(TypeError, match=r"open_run: pool must be a DevicePool from "):
+            async with ann.open_run(*args, pool=pool):
+                pass
+    async with open_device_pool(cpu_workers=1) as closed:
+        pass
+    with pytest.raises(ValueError, match=r"open_run: pool .* is closed.*open_device_pool"):
+        async with ann.open_run(*args, pool=closed):
+            pass

@@ -20,6 +20,7 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn._runtime import _recorder
 from asyncnn._runtime._lifecycle import RUN_PART_FLOPS, host_cores
 from asyncnn._runtime._recorder import Recorder, decode_tree, digest
+from asyncnn.backends import DEFAULT_INLINE_FLOPS
 
 from _trace_read_cases import _boundaries, _data, _graph, _record
 
@@ -51,7 +52,10 @@ def test_round_trip_header_state_and_events(tmp_path: Path) -> None:
     assert h["packages"]["asyncnn"] == ann.__version__
     assert h["packages"]["numpy"] == np.__version__
     # the pool the run's products were cut over (a replay opens the same)
-    assert h["pool"] == {"cpu_workers": host_cores(), "part_flops": RUN_PART_FLOPS, "split": True}
+    assert h["pool"] == {
+        "cpu_workers": host_cores(), "part_flops": RUN_PART_FLOPS, "split": True,
+        "inline_flops": DEFAULT_INLINE_FLOPS,
+    }  # fmt: skip
 
     # the state record holds the weights the run started from, bit for bit
     assert t.state is not None
@@ -378,6 +382,9 @@ def test_the_header_records_the_pools_part_flops_through_the_teams_property() ->
 
     class Pool:
         workers = 3
+        inline_flops = 1e12
         team = Team()
 
-    assert pool_spec(Pool()) == {"cpu_workers": 3, "split": True, "part_flops": 123_456}  # type: ignore[arg-type]
+    assert pool_spec(Pool()) == {  # type: ignore[arg-type]
+        "cpu_workers": 3, "inline_flops": 1e12, "split": True, "part_flops": 123_456
+    }  # fmt: skip

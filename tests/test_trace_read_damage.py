@@ -288,7 +288,11 @@ def test_a_truncated_trace_is_refused_by_replay_at_once(
      ({"part_flops": 0}, "pool['part_flops'] is 0"), ({"split": 1}, "pool['split'] is 1"),
      # (an OverflowError where the pool opened; 5000 quietly started 5000 threads)
      ({"cpu_workers": 2**64 - 1}, "pool['cpu_workers'] is 18446744073709551615"),
-     ({"cpu_workers": 5000}, "pool['cpu_workers'] is 5000, expected an int from 1 to 4096")],
+     ({"cpu_workers": 5000}, "pool['cpu_workers'] is 5000, expected an int from 1 to 4096"),
+     # (a replay opens its pool with it: open_device_pool refuses these)
+     ({"inline_flops": "5e6"}, "pool['inline_flops'] is '5e6', expected a number (not NaN)"),
+     ({"inline_flops": True}, "pool['inline_flops'] is True, expected a number (not NaN)"),
+     ({"inline_flops": float("nan")}, "pool['inline_flops'] is nan, expected a number")],
 )  # fmt: skip
 def test_a_header_whose_pool_a_replay_cannot_open_is_refused_naming_it(
     small_trace: tuple[bytes, Any], tmp_path: Path, pool: Any, said: str

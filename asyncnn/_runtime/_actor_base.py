@@ -246,6 +246,9 @@ class _Actor:
         self.delivers = ctx.policy.delivers(self.name)
         #: CPU work estimated below this many flops runs inline (the pool's threshold, fixed)
         self.inline_limit = ctx.inline_flops
+        # counts that inline work in the pool's statistics (this loop thread's counter: one
+        # attribute increment per compute, where pool.run would cost a call and a yield)
+        self.inline_count = ctx.pool.inline_counter()
         # which inputs get a gradient back (those from layers; none when this node stops the
         # gradient), and where each goes: (input slot, source node, the source's consumer edge)
         self.input_is_layer = [
@@ -424,6 +427,7 @@ class _Actor:
                     if not event.done:
                         await self.ctx.pool.wait(event)
             if cost is not None and cost < self.inline_limit:
+                self.inline_count.tasks += 1
                 return fn(*args)
             return await self.ctx.pool.run(self.device, fn, *args, cost=cost)
         after, self.after = self.after, []

@@ -69,9 +69,10 @@ class RunConfig:
             hint = unknown_dtype_hint(self.dtype)
             raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows{hint}") from exc
         if not is_floating(dt):  # parameters in it would fail later, at a layer, not here
+            # (a float8 or a long double too: asyncnn computes in these four only)
             raise ValueError(
-                f"dtype must name a floating dtype, such as 'float32' or 'float64'; got "
-                f"{self.dtype!r} ({dt})"
+                f"dtype must name a floating dtype asyncnn computes in: float16, float32, "
+                f"float64 or bfloat16, such as 'float32'; got {self.dtype!r} ({dt})"
             )
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "dtype", str(dt))

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from asyncnn._errors import ActorError, StallError
-from asyncnn.backends import DevicePool, open_device_pool
+from asyncnn.backends import (
+    DEFAULT_INLINE_FLOPS,
+    MAX_POOL_WORKERS,
+    DevicePool,
+    open_device_pool,
+)
 
 from ._config import RunConfig
 from ._messages import STOP, Message
@@ -381,15 +386,20 @@ async def maybe_pool(
     *,
     part_flops: int = 0,
     split: bool | None = None,
+    inline_flops: float | None = None,
 ) -> AsyncIterator[DevicePool]:
     """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's),
     that cuts products into parts of at least ``part_flops`` (default :data:`RUN_PART_FLOPS`)
-    where ``split`` (default: it does). A replay passes the recorded run's (:func:`pool_spec`),
-    so that its products are cut as the run's were, whatever this host's cores."""
+    where ``split`` (default: it does), and runs work below ``inline_flops`` (default
+    :data:`~asyncnn.backends.DEFAULT_INLINE_FLOPS`) on the loop's thread, uncut. A replay
+    passes the recorded run's (:func:`pool_spec`), so that its products are cut as the run's
+    were, whatever this host's cores."""
     if pool is not None:
         yield pool
         return
-    cores = cores or host_cores()
+    cores = cores or min(host_cores(), MAX_POOL_WORKERS)
+    if inline_flops is None:
+        inline_flops = DEFAULT_INLINE_FLOPS
     # One shared team, every core a worker with one BLAS thread. An actor's large products,
     # elementwise passes and optimizer updates are cut over the free workers, so whichever
     # actor computes gets the cores (under Sync, GPipe, OneFOneB) and actors computing at once
@@ -400,8 +410,9 @@ async def maybe_pool(
     # smaller parts only add hand-offs (on 2 cores, the main job's 25-row keys ran 7% slower cut
     # at 4 MFLOP than whole, and as fast at 16); the 16-core runs' products are far larger.
     async with open_device_pool(
-        cpu_workers=cores, blas_threads=1, part_flops=part_flops or RUN_PART_FLOPS, split=split
-    ) as fresh:
+        cpu_workers=cores, blas_threads=1, part_flops=part_flops or RUN_PART_FLOPS, split=split,
+        inline_flops=inline_flops,
+    ) as fresh:  # fmt: skip
         yield fresh
 
 
@@ -411,8 +422,9 @@ RUN_PART_FLOPS = 16_000_000
 
 def pool_spec(pool: DevicePool) -> dict[str, Any]:
     """What of a run's CPU pool decides how its products are cut into parts (and so the last
-    bits of their sums), for the trace's header: ``cpu_workers``, ``part_flops``, ``split``."""
-    spec: dict[str, Any] = {"cpu_workers": pool.workers}
+    bits of their sums), for the trace's header: ``cpu_workers``, ``inline_flops`` (work
+    below it runs on the loop's thread, where nothing is cut), ``part_flops``, ``split``."""
+    spec: dict[str, Any] = {"cpu_workers": pool.workers, "inline_flops": pool.inline_flops}
     team = getattr(pool, "team", None)
     if team is not None:
         spec["split"] = team.splits_work

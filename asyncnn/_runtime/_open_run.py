@@ -80,7 +80,8 @@ async def open_run(
             run go on pinning as one unbroken run; a run with a ``trace`` or a ``cluster``
             starts without them (a trace's initial state, which a replay starts from, and
             what a worker is sent hold the latest weights only).
-        pool: a device pool to use (default: one opened for the run).
+        pool: an open device pool to use, from ``open_device_pool()`` (default: one opened
+            for the run).
         stall_timeout: seconds without progress, while keys are in flight, before failing.
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
         on_loss: called as ``on_loss(minibatch, loss, rows)`` when a minibatch's loss is known;
@@ -107,10 +108,10 @@ async def open_run(
             own); the separate options must then keep their defaults.
 
     Raises:
-        TypeError: ``graph``, ``optimizer``, ``policy``, ``state`` or ``on_loss`` is not what
-            it must be (a class where an instance is due, say); ``cuda_graphs`` is not a bool or
-            None.
-        ValueError: ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
+        TypeError: ``graph``, ``optimizer``, ``policy``, ``state``, ``pool`` or ``on_loss``
+            is not what it must be (a class where an instance is due, say); ``cuda_graphs``
+            is not a bool or None.
+        ValueError: a closed ``pool``, ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
             some of the graph's layers or whose parameters have another structure or shapes
             than the graph's (checked with the graph, so not where ``validated``), or whose
@@ -118,6 +119,7 @@ async def open_run(
             parameters of another structure or shapes (those also where ``validated``).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
+    _check_pool(pool)
     given = RunConfig(seed, dtype, stall_timeout, check_finite, trace, trace_payloads, cuda_graphs)
     if config is None:
         config = given
@@ -214,6 +216,29 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
                 "state=None for fresh weights"
             )
     _check_earlier_versions(graph, state)
+
+
+def _check_pool(pool: Any) -> None:
+    """Refuses, before anything starts, a ``pool`` the run could not compute on: it failed
+    inside the run with an ``AttributeError`` (a ``ComputeTeam``, a device name), and a closed
+    pool as the first actor's error, or never where all the work ran inline.
+
+    Raises:
+        TypeError: ``pool`` is not a :class:`~asyncnn.backends.DevicePool` (nor None).
+        ValueError: the pool is closed.
+    """
+    if pool is None:
+        return
+    if not isinstance(pool, DevicePool):
+        raise TypeError(
+            "open_run: pool must be a DevicePool from open_device_pool() (async with "
+            f"asyncnn.backends.open_device_pool() as pool: ...) or None, got {pool!r:.80}"
+        )
+    if not pool.is_open:
+        raise ValueError(
+            f"open_run: pool {pool!r} is closed; open the run inside the pool's 'async with "
+            "open_device_pool() as pool:' block, or pass pool=None for one opened for the run"
+        )
 
 
 def _check_earlier_versions(graph: Graph, state: RunState) -> None:

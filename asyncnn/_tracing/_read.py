@@ -13,6 +13,7 @@ import numpy as np
 from asyncnn._errors import TraceFormatError
 from asyncnn._runtime._config import PAYLOAD_MODES as _PAYLOAD_MODES
 from asyncnn._runtime._traceformat import VERSION, iter_frames
+from asyncnn.backends import MAX_POOL_WORKERS
 
 from ._event import Event
 
@@ -53,10 +54,10 @@ _META: dict[str, type | tuple[type, ...]] = {
     "workers": list,
     "spans": list,
 }
-#: the most worker threads a trace's pool may name. A replay opens the recorded pool whatever
-#: the host (its products must be cut as the run's were), so a crafted header could otherwise
-#: start any number of threads; no machine a run is recorded on has more cores than this
-MAX_POOL_WORKERS = 4096
+# MAX_POOL_WORKERS: the most worker threads a trace's pool may name. A replay opens the
+# recorded pool whatever the host (its products must be cut as the run's were), so a crafted
+# header could otherwise start any number of threads; a pool refuses more when it opens, so
+# no run records more (it lives with the pool, in asyncnn.backends)
 _DTYPES: dict[str, int] = {}  # dtype strings seen valid -> item size
 #: the item sizes of the extension dtypes of ml_dtypes that a trace names (bfloat16, the 8-,
 #: 6- and 4-bit floats, the small ints: numpy keeps each in whole bytes; the 16-bit complex
@@ -242,6 +243,10 @@ def check_header(header: dict[str, Any], path: str) -> None:
         )
     if not isinstance(pool.get("split", False), bool):
         raise bad(f"pool['split'] is {pool['split']!r:.60}, expected true or false")
+    # (a replay opens its pool with it; a trace without it ran on the default)
+    inline = pool.get("inline_flops", 0)
+    if isinstance(inline, bool) or not isinstance(inline, int | float) or inline != inline:
+        raise bad(f"pool['inline_flops'] is {inline!r:.60}, expected a number (not NaN)")
 
 
 def _is_int(value: Any) -> bool:

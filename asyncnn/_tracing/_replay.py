@@ -209,11 +209,15 @@ def replay(
         recorded_pool = h.get("pool", {})
 
         async def main() -> None:
-            # the run's pool, whatever this host's cores: its products are cut the same way
-            # (a trace without one, written before pools were recorded: this host's)
+            # the run's pool, whatever this host's cores: its products are cut the same way,
+            # and the same work runs inline (uncut) on the loop's thread (a trace without
+            # one, written before pools were recorded: this host's; without inline_flops,
+            # written before it was recorded: the default, which such runs had unless they
+            # opened their own pool)
             async with maybe_pool(
                 None, recorded_pool.get("cpu_workers"),
                 part_flops=recorded_pool.get("part_flops", 0), split=recorded_pool.get("split"),
+                inline_flops=recorded_pool.get("inline_flops"),
             ) as pool, open_run(
                 graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
