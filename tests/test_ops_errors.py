@@ -77,6 +77,53 @@ def test_cross_entropy_errors_say_what_to_pass() -> None:
         ops.cross_entropy(logits, np.array([0, 1, 2]), reduction="avg")
 
 
+_I4 = np.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4) % 7  # int64 images
+_F4 = _I4.astype(np.float32)
+_K = np.ones((2, 3, 3, 3), np.float32)
+_Y = np.array([0, 1, 2, 3])
+
+
+def _refused(op: str, arg: str, dtype: str, arrays: list[Any], call: Any) -> Any:
+    """A call of ``op`` on host ``arrays`` whose argument ``arg`` (of ``dtype``) is refused."""
+    return pytest.param(op, arg, dtype, arrays, call, id=f"{op}-{arg}-{dtype}")
+
+
+@pytest.mark.parametrize(
+    ("op", "arg", "dtype", "arrays", "call"),
+    [
+        _refused("cross_entropy", "logits", "int64", [_I4[0, 0], _Y], ops.cross_entropy),
+        _refused("cross_entropy", "logits", "bool", [_I4[0, 0] > 2, _Y], ops.cross_entropy),
+        _refused("conv2d", "x", "int64", [_I4, _K], ops.conv2d),
+        _refused("conv2d", "x", "int64", [_I4, _K.astype(np.int64)], ops.conv2d),
+        _refused("conv2d", "weight", "int32", [_F4, _K.astype(np.int32)], ops.conv2d),
+        _refused("conv2d", "bias", "int64", [_F4, _K, np.zeros(2, np.int64)], ops.conv2d),
+        _refused("conv1d", "x", "bool", [_I4[:, :, 0] > 3, _K[:, :, 0]], ops.conv1d),
+        _refused("layer_norm", "x", "int64", [_I4[0]], ops.layer_norm),
+        _refused("layer_norm", "weight", "int64", [_F4[0], np.ones(4, np.int64)], ops.layer_norm),
+        _refused("layer_norm", "bias", "uint8", [_F4[0], _F4[0, 0, 0], _I4[0, 0, 0].astype(np.uint8)],
+                 ops.layer_norm),
+        _refused("mse_loss", "pred", "int64", [_I4, _F4], ops.mse_loss),
+        _refused("gelu", "x", "int8", [_I4.astype(np.int8)], ops.gelu),
+    ],
+)  # fmt: skip
+def test_ops_that_compute_in_floating_point_refuse_integer_and_bool_inputs(
+    backend: Any, op: str, arg: str, dtype: str, arrays: list[Any], call: Any
+) -> None:
+    # as the layers do (nn.Conv2d, nn.LayerNorm, nn.CrossEntropyLoss, nn.MSELoss, nn.GELU): numpy
+    # promoted them, an int64 image into a float32 convolution giving float64 (and two int64
+    # arrays an integer convolution), with no gradient for the integer argument
+    args = [backend.asarray(a) for a in arrays]
+    with pytest.raises(TypeError) as info:
+        call(*args)
+    message = str(info.value)
+    assert message.startswith(f"{op}: {arg} must be floating point, got dtype {dtype} "), message
+    shape = tuple(arrays[[a.dtype == np.dtype(dtype) for a in arrays].index(True)].shape)
+    assert f"(shape {shape})" in message and ".astype(np.float32)" in message, message
+    # (and inside a trace, where the refused argument may be the traced one)
+    with pytest.raises(TypeError, match=f"^{op}: {arg} must be floating point"):
+        ann.vjp(lambda *a: call(*a), *args)
+
+
 def test_cross_entropy_takes_labels_of_an_ndarray_subclass(tmp_path: Any) -> None:
     # a memory-mapped dataset's labels are an np.memmap: checked on the host as numpy labels
     # are, and never taken for a GPU's (whose range check is a kernel of the cupy backend)

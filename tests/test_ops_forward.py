@@ -13,9 +13,10 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import ops
-from asyncnn.backends import to_numpy
+from asyncnn.backends import BFLOAT16, to_numpy
 
 from _ops_cases import ref_conv, ref_log_softmax, ref_pool
+from conftest import HAS_CUDA
 
 # -- forward values against plain numpy references ------------------------------------------------
 
@@ -171,6 +172,102 @@ def test_max_pool_pads_integers_below_every_value(backend: Any, dtype: str) -> N
         got = to_numpy(ops.max_pool1d(backend.asarray(x), 2, padding=1))
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, np.array([[[lo, 1, lo]]], dtype))
+
+
+_FLOATS = ["float64", "float32", "float16", "bfloat16"]
+
+
+def _float_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype ``name``; bfloat16 skips where ml_dtypes (optional) is not installed."""
+    if name == "bfloat16":
+        if BFLOAT16 is None:
+            pytest.skip("bfloat16 needs the optional ml_dtypes package")
+        return BFLOAT16
+    return np.dtype(name)
+
+
+# Inputs at the kinks of relu and abs: NaN, both zeros, the infinities; each exact in 16 bits.
+_KINKS = np.array([_NAN, -1.5, -0.0, 0.0, 2.0, math.inf, -math.inf, _NAN])
+
+
+def _against_torch(backend: Any, op: Any, torch_op: Any, dtype: str) -> None:
+    """``op``'s output and gradient at :data:`_KINKS` (cotangent finite, nonzero) equal torch's
+    in ``dtype`` (NaN where torch's is; a zero's sign is not compared)."""
+    torch = pytest.importorskip("torch")
+    dt = _float_dtype(dtype)
+    x = _KINKS.astype(dt)
+    ct = np.array([0.75, -1.25, 3.0, -2.0, 0.5, 1.5, -0.25, -3.5]).astype(dt)
+    out, pullback = ann.vjp(op, backend.asarray(x))
+    (g,) = pullback(backend.asarray(ct))
+    assert out.dtype == g.dtype == dt
+    tdtype = getattr(torch, dtype)
+    tx = torch.tensor(x.astype(np.float64)).to(tdtype).requires_grad_()
+    tout = torch_op(tx)
+    (tg,) = torch.autograd.grad(tout, tx, torch.tensor(ct.astype(np.float64)).to(tdtype))
+    np.testing.assert_array_equal(
+        to_numpy(out).astype(np.float64), tout.detach().double().numpy(), err_msg="output"
+    )
+    np.testing.assert_array_equal(
+        to_numpy(g).astype(np.float64), tg.double().numpy(), err_msg="gradient"
+    )
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_relu_gradient_at_nan_passes_the_cotangent_as_torch(
+    backend: Any, dtype: str, monkeypatch: Any
+) -> None:
+    # torch's rule is threshold_backward: the cotangent where not (out <= 0), so a NaN input
+    # (a NaN output) passes it; ours masked with out > 0 and gave 0 there. The array code on
+    # both backends (the GPU's fused kernel: test_the_fused_relu_gradient_at_nan_...)
+    monkeypatch.setattr(type(backend), "fused_nn_kernels", lambda self: None)
+    _against_torch(backend, ops.relu, lambda t: t.relu(), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_the_fused_relu_gradient_at_nan_passes_the_cotangent_as_torch(dtype: str) -> None:
+    from asyncnn.backends import get_backend
+
+    _against_torch(get_backend("cupy"), ops.relu, lambda t: t.relu(), dtype)
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_abs_gradient_at_nan_is_zero_as_torch(backend: Any, dtype: str) -> None:
+    # torch's rule is g * sgn(x), and sgn(NaN) is 0; numpy's sign(NaN) is NaN, which made the
+    # gradient NaN there
+    _against_torch(backend, ops.abs, lambda t: t.abs(), dtype)
+    for v, want in ((_NAN, 0.0), (-2.0, -1.0)):  # and of a 0-d array (numpy's sign: a scalar)
+        x = backend.asarray(np.array(v).astype(_float_dtype(dtype)))
+        assert float(to_numpy(ann.grad(ops.abs)(x))) == want
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_max_pool_adds_overlapping_gradients_in_float32(backend: Any, dtype: str) -> None:
+    # overlapping windows (stride < kernel) send an entry the gradients of every window whose
+    # maximum it is; added in 16 bits, 2048 + 1 + 1 stayed 2048 in float16 (256 + 1 + 1 stayed
+    # 256 in bfloat16). They add up in float32 and are rounded once, as the average pool's
+    dt = _float_dtype(dtype)
+    big = 2048.0 if dtype == "float16" else 256.0
+    x = np.array([[[0.0, 1.0, 9.0, 1.0, 0.0]]]).astype(dt)  # 9 is the maximum of all 3 windows
+    ct = np.array([[[1.0, 1.0, big]]]).astype(dt)
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, stride=1), backend.asarray(x))
+    (g,) = pullback(backend.asarray(ct))
+    assert g.dtype == dt
+    np.testing.assert_array_equal(to_numpy(g).astype(np.float32), [[[0, 0, big + 2, 0, 0]]])
+    # and in two dimensions, with padding: each entry's sum of up to 9 window gradients, from
+    # float32 rounded once
+    rng = np.random.default_rng(0)
+    x2 = rng.permutation(64 * 2).reshape(1, 2, 8, 8).astype(dt)  # distinct: one maximum each
+    y2, pullback2 = ann.vjp(lambda x: ops.max_pool2d(x, 3, 1, 1), backend.asarray(x2))
+    ct2 = (rng.standard_normal(y2.shape) * 100).astype(dt)
+    (g2,) = pullback2(backend.asarray(ct2))
+    _, pullback32 = ann.vjp(lambda x: ops.max_pool2d(x, 3, 1, 1), x2.astype(np.float32))
+    (want,) = pullback32(ct2.astype(np.float32))
+    assert g2.dtype == dt
+    np.testing.assert_array_equal(
+        to_numpy(g2).astype(np.float32), want.astype(dt).astype(np.float32)
+    )
 
 
 def test_softmax_handles_rows_of_minus_infinity(backend: Any) -> None:

@@ -54,6 +54,36 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
+def check_floating(x: Any, name: str, arg: str = "x", *others: Any) -> None:
+    """Refuses an integer or bool ``x``, the argument ``arg`` of op ``name``, where the op
+    computes in floating point: numpy would promote it (an int64 image into a float32
+    convolution gives float64, two int64 arrays an integer one), and it gets no gradient. The
+    layers refuse such input too, as torch does.
+
+    Args:
+        x: the argument, raw or traced (a Python number or list has no dtype and passes).
+        name: the op, named in the message.
+        arg: the argument's name in the message.
+        others: the op's other arrays: the first floating one's dtype is the cast suggested
+            (float32 without one).
+
+    Raises:
+        TypeError: naming the op, the argument, its dtype and shape, and the cast to make.
+    """
+    dtype = _dtype(x)
+    if dtype is not None and not is_floating(dtype):
+        like = next((d for d in map(_dtype, others) if d is not None and is_floating(d)), None)
+        cast = "float32" if like is None else str(like)
+        raise TypeError(
+            f"{name}: {arg} must be floating point, got dtype {dtype} (shape {_shape(x)}); "
+            f"convert it first, e.g. {arg}.astype(np.{cast})"
+        )
+
+
+def _dtype(x: Any) -> Any:
+    return getattr(raw(x), "dtype", None)
+
+
 def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
     """``_P[name](*args, **params)``, where a shape mismatch fails naming the op and the shapes
     instead of with numpy's message from inside the rule."""
@@ -135,14 +165,21 @@ def sigmoid(x: Any) -> Any:
 
 
 def relu(x: Any) -> Any:
-    """``max(x, 0)``; the gradient at 0 is 0, as in torch."""
+    """``max(x, 0)``; the gradient at 0 is 0 and at a NaN input the cotangent, as in torch
+    (the GPU's fused kernel still gives 0 at a NaN)."""
     return _P["relu"](x)
 
 
 def gelu(x: Any, approximate: str = "none") -> Any:
-    """GELU, ``x * Phi(x)``; ``approximate="tanh"`` gives the tanh approximation (torch's names)."""
+    """GELU, ``x * Phi(x)``; ``approximate="tanh"`` gives the tanh approximation (torch's names).
+
+    Raises:
+        TypeError: when ``x`` is not floating point (integers or bools), as ``nn.GELU`` and torch.
+        ValueError: when ``approximate`` is neither ``"none"`` nor ``"tanh"``.
+    """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    check_floating(x, "gelu")
     return _P["gelu"](x, approximate=approximate)
 
 
@@ -152,7 +189,7 @@ def sqrt(x: Any) -> Any:
 
 
 def abs(x: Any) -> Any:  # noqa: A001 - numpy's name
-    """Elementwise absolute value (gradient ``sign(x)``, 0 at 0)."""
+    """Elementwise absolute value (gradient ``sign(x)``, 0 at 0 and at NaN, as in torch)."""
     return _P["abs"](x)
 
 

@@ -18,6 +18,7 @@ from asyncnn.backends import array_namespace, is_floating, to_numpy
 
 from ._autodiff import Primitive
 from ._ops import PRIMITIVES, raw
+from ._ops import check_floating as _check_floating
 from ._rules_array import check_axis
 from ._rules_nn import RULES, out_size
 
@@ -36,15 +37,6 @@ PrimitiveCall = tuple[Primitive, tuple[Any, ...], dict[str, Any]]
 
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
-
-
-def _check_floating(x: Any, name: str) -> None:
-    dtype = getattr(raw(x), "dtype", None)
-    if dtype is not None and not is_floating(dtype):
-        raise TypeError(
-            f"{name}: x must be floating point, got dtype {dtype} (shape {_shape(x)}); convert "
-            "it first, e.g. x.astype(np.float32)"
-        )
 
 
 def _softmax_axis(x: Any, axis: int, name: str) -> int:
@@ -131,6 +123,10 @@ def _conv(
     dilation: IntOrTuple,
 ) -> Any:
     xs = _check_input(op, x, spatial)
+    _check_floating(x, op, "x", weight, bias)
+    _check_floating(weight, op, "weight", x, bias)
+    if bias is not None:
+        _check_floating(bias, op, "bias", weight, x)
     ws = _shape(weight)
     if len(ws) != spatial + 2:
         layout = "(O, C, K)" if spatial == 1 else "(O, C, kh, kw)"
@@ -171,6 +167,7 @@ def conv1d(
         Shape (N, O, L_out), ``L_out = (L + 2*padding - dilation*(K-1) - 1) // stride + 1``.
 
     Raises:
+        TypeError: when x, weight or bias is not floating point (integers or bools).
         ValueError: on a channel mismatch, or a kernel larger than the padded input.
     """
     return _conv("conv1d", 1, x, weight, bias, stride, padding, dilation)
@@ -198,6 +195,7 @@ def conv2d(
         Shape (N, O, H_out, W_out).
 
     Raises:
+        TypeError: when x, weight or bias is not floating point (integers or bools).
         ValueError: on a channel mismatch, or a kernel larger than the padded input.
     """
     return _conv("conv2d", 2, x, weight, bias, stride, padding, dilation)
@@ -263,8 +261,13 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
     ``(x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance, as torch.
 
     Raises:
+        TypeError: when x, weight or bias is not floating point (integers or bools).
         ValueError: when weight's or bias's shape is not the trailing part of x's shape.
     """
+    _check_floating(x, "layer_norm", "x", weight, bias)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_floating(p, "layer_norm", name, x)
     xs = _shape(x)
     ndim = len(_shape(weight)) if weight is not None else 1
     if ndim == 0 or ndim > len(xs):
@@ -341,7 +344,7 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
             mean over no positions (an empty batch) is NaN, as in torch.
 
     Raises:
-        TypeError: when labels are not integers.
+        TypeError: when labels are not integers, or logits not floating point.
         ValueError: on a shape mismatch, a label outside [0, C) (numpy labels; on a GPU such
             a label makes the loss NaN instead, as a check would stop the host every step), or
             an unknown reduction.
@@ -355,6 +358,7 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
 def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]:
     """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
     _check_reduction("cross_entropy", reduction)
+    _check_floating(logits, "cross_entropy", "logits")
     labels = raw(labels)
     ls = _shape(labels)
     kind = getattr(getattr(labels, "dtype", None), "kind", None)
@@ -384,7 +388,11 @@ def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]
 def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
     """Mean (or summed, or per-entry) squared error between ``pred`` and ``target``.
 
+    An integer or bool ``target`` (counts, ratings) is promoted with ``pred`` as numpy
+    promotes it (``nn.MSELoss`` casts it to ``pred``'s dtype first).
+
     Raises:
+        TypeError: when ``pred`` is not floating point (integers or bools).
         ValueError: when the shapes differ (no silent broadcasting of (N, 1) against (N,)).
     """
     _check_mse(pred, target, reduction)
@@ -393,6 +401,8 @@ def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
 
 def _check_mse(pred: Any, target: Any, reduction: str) -> None:
     _check_reduction("mse_loss", reduction)
+    # (an integer target, counts or ratings, is numpy's to promote: nn.MSELoss casts it first)
+    _check_floating(pred, "mse_loss", "pred", target)
     if _shape(pred) != _shape(target):
         raise ValueError(
             f"mse_loss: pred of shape {_shape(pred)} and target of shape {_shape(target)} differ; "

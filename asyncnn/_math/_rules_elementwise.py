@@ -198,7 +198,12 @@ def _relu(x: Any) -> tuple[Any, Any]:
 
 
 def _relu_grad(g: Any, out: Any) -> Any:
-    mask = out > 0
+    # torch passes g where not (out <= 0) (threshold_backward), so a NaN input, whose output is
+    # NaN, passes it too; out is 0, positive or NaN, and out != 0 is that test in one compare
+    # (out > 0 gave 0 at a NaN). A product with the mask, not torch's select, as the GPU's fused
+    # kernel computes it, bit for bit: a NaN or infinite g where out is 0 gives NaN (torch's 0),
+    # and a negative g there -0 (torch's +0).
+    mask = out != 0
     return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
 
 
@@ -260,7 +265,11 @@ def _abs(x: Any) -> tuple[Any, Any]:
 
 
 def _abs_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    return (g * ns(x).sign(x),)
+    # g * sgn(x) as torch, whose sgn(NaN) is 0 where numpy's sign gives NaN: a NaN input had a
+    # NaN gradient (g * 0 keeps a NaN or infinite g's NaN, as torch's product does)
+    xp = ns(x)
+    sign = xp.sign(x)
+    return (g * xp.where(x != x, xp.zeros((), sign.dtype), sign),)
 
 
 def _extremum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:

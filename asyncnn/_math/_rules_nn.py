@@ -239,13 +239,20 @@ def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
 def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     arg, x_shape, kernel, stride, padding, out_shape = res
     xp = ns(g)
+    dtype = g.dtype
     ones = (1,) * len(kernel)
     padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
-    gpad = xp.zeros((*x_shape[:2], *padded), dtype=g.dtype)
-    zero = xp.zeros((), dtype=g.dtype)
+    # overlapping windows (stride < kernel) add up at an entry that is the maximum of several:
+    # in float32 for 16-bit floats, rounded once, as the average pool's and conv's gradients
+    # (in bfloat16 256 + 1 + 1 stayed 256)
+    acc = _acc_dtype(g.dtype)
+    gpad = xp.zeros((*x_shape[:2], *padded), dtype=acc)
+    g = g.astype(acc, copy=False)
+    zero = xp.zeros((), dtype=acc)
     for k, (_, index) in enumerate(_windows(kernel, stride, ones, out_shape)):
         gpad[index] += xp.where(arg == k, g, zero)
-    return (gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad,)
+    gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
+    return (gx.astype(dtype, copy=False),)
 
 
 def _avg_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
