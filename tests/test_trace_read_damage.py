@@ -163,6 +163,15 @@ def test_a_file_that_is_not_a_trace(tmp_path: Path, content: bytes) -> None:
         ann.trace.read(path)
 
 
+def test_a_folder_given_as_a_trace_is_named_with_the_traces_in_it(tmp_path: Path) -> None:
+    # the OS's "[Errno 21] Is a directory" said nothing of what to pass instead
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a trace: pass the file"):
+        ann.trace.read(tmp_path)
+    (tmp_path / "run.trace").write_bytes(b"")
+    with pytest.raises(IsADirectoryError, match=r"the traces in it: run\.trace"):
+        ann.trace.summary(str(tmp_path) + "/")
+
+
 def test_a_framed_record_of_another_format_is_not_a_trace(tmp_path: Path) -> None:
     from asyncnn._runtime._traceformat import encode_record
 

@@ -327,6 +327,8 @@ class TraceReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(_folder_given(self.path))
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / iteration
         self._frames = iter_frames(_Bounded(self._file), self.path)  # type: ignore[arg-type]
         self._offset = 0
@@ -418,6 +420,24 @@ class TraceReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _folder_given(path: str) -> str:
+    """What to say of a folder given where a trace file is due (the OS's words only said
+    "Is a directory"), naming the traces in it, if any."""
+    try:
+        found = sorted(n for n in os.listdir(path) if n.endswith(".trace"))
+    except OSError:
+        found = []
+    inside = (
+        f"; the traces in it: {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}"
+        if found
+        else ""
+    )
+    return (
+        f"{path!r} is a folder, not a trace: pass the file a traced run wrote (its trace= or "
+        f"--trace path){inside}"
+    )
 
 
 def open_trace(path: str | os.PathLike[str]) -> TraceReader:
