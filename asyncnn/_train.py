@@ -695,9 +695,9 @@ class Trainer:
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
         bit-identically (also from a fit that was interrupted mid-epoch; ``PipeDream2BW`` with
-        the version before the latest that the checkpoint keeps, except in a traced fit or on
-        a cluster, or from a checkpoint of an asyncnn that did not keep it: there the next
-        fit's first minibatch computes at the saved weights). The graph, policy,
+        the version before the latest that the checkpoint keeps, except from a checkpoint of
+        an asyncnn that did not keep it: there the next fit's first minibatch computes at the
+        saved weights). The graph, policy,
         optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
         constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a

@@ -67,6 +67,22 @@ def test_a_cluster_serves_several_fits_and_continues_the_same_run(three: Any) ->
     assert one.evaluate(data()) == many.evaluate(data())
 
 
+def test_pipedream_2bw_on_a_cluster_goes_on_across_fits_as_in_one_process(three: Any) -> None:
+    # a worker's share of the state held the latest weights only, so each fit on a cluster
+    # started the 2BW stream anew; the version before the latest now travels both ways
+    policy = policies.PipeDream2BW(2)
+    one = ann.Trainer(chain([None] * 3), optimizer=optim.SGD(lr=0.1), policy=policy)
+    many = ann.Trainer(chain([2, 0, None]), optimizer=optim.SGD(lr=0.1), policy=policy,
+                       cluster=three)  # fmt: skip
+    for _ in range(2):
+        one.fit(data(), epochs=1, batch_size=32)
+        h = many.fit(data(), epochs=1, batch_size=32)
+    assert_params_equal(one.params, many.params)
+    assert set(many.state.earlier_params) == {"s0", "s1", "s2"}
+    assert_params_equal(one.state.earlier_params, many.state.earlier_params)
+    assert 0 not in h.statistics["s0"].delays  # the second fit's first minibatch a version behind
+
+
 def test_loss_on_its_own_worker_and_layers_in_the_driver(three: Any) -> None:
     policy = policies.GPipe(microbatches=2)
     one, _ = fit(chain([None] * 3), policy)

@@ -301,15 +301,20 @@ def test_weights_set_between_fits_start_the_stream_anew_for_those_layers():
 
 
 @pytest.mark.timeout(60)
-def test_a_traced_pipedream_2bw_fit_starts_its_stream_anew_and_replays(tmp_path):
-    # a trace's initial state holds the latest weights only, so a traced fit computes its first
-    # minibatch at them (as before): its replay then computes what it did
+def test_a_traced_pipedream_2bw_fit_goes_on_from_the_version_before_and_replays(tmp_path):
+    # a trace's initial state held the latest weights only, so a traced fit started its stream
+    # anew (its first minibatch at the latest weights); it records the earlier version now, and
+    # its replay starts from it too
     data = classification_data(24)
+    straight = _two_bw_trainer()
+    straight.fit(data, epochs=2, batch_size=8)
     tr = _two_bw_trainer()
     tr.trace = str(tmp_path / "run.trace")
     tr.fit(data, epochs=1, batch_size=8)
     hist = tr.fit(data, epochs=1, batch_size=8)
-    assert hist.statistics["stage0"].delays == {0: 2, 1: 2 * 2}
-    assert tr.state.earlier_params  # (the next untraced fit goes on from it)
+    assert hist.statistics["stage0"].delays == {1: 3 * 2}
+    assert_params_equal(tr.params, straight.params)
+    held = ann.trace.read(tr.traces[-1]).state["earlier"]  # (recorded: the replay's start)
+    assert held and "stage0" in held["dict"]
     for path in tr.traces:
         assert ann.replay(path).identical

@@ -507,6 +507,14 @@ _BAD_STATE_FIELDS = [
     ("actor_states", {"zzz": 1}, r"not a tree as the trace encodes one"),
     ("pending", {"dict": {"nope": {"tuple": [{"value": 0}, {"value": 1}]}}}, r"no layer 'nope'"),
     ("pending", {"dict": {"stage0": {"value": 3}}}, r"'stage0' has 3, not a \(sum, count\) pair"),
+    ("earlier", {"list": []}, "a list, not a map of layers"),
+    ("earlier", {"dict": {"nope": {"dict": {}}}}, r"no layer 'nope' in the graph"),
+    ("earlier", {"dict": {"stage0": {"value": 1}}}, r"'stage0' has 1, not a map of versions"),
+    (
+        "earlier",
+        {"dict": {"stage0": {"dict": {0: {"value": 1}}}}},
+        r"'stage0' holds version 0, not an earlier one \(an int below its version, 0\)",
+    ),
 ]
 
 
@@ -514,7 +522,8 @@ _BAD_STATE_FIELDS = [
     ("field", "value", "said"),
     _BAD_STATE_FIELDS,
     ids=["states-list", "states-unknown", "states-unkept", "states-no-tree", "pending-unknown",
-         "pending-no-pair"],
+         "pending-no-pair", "earlier-list", "earlier-unknown", "earlier-no-map",
+         "earlier-not-earlier"],
 )  # fmt: skip
 def test_a_malformed_optional_state_field_is_refused_before_replay_naming_it(
     small_trace: tuple[bytes, Any], tmp_path: Path, field: str, value: Any, said: str

@@ -235,9 +235,10 @@ def decode_tree(spec: Any, buffers: list[np.ndarray]) -> Any:
 def encode_state(
     state: RunState, buffers: list[np.ndarray], names: Collection[str] | None = None
 ) -> dict[str, Any]:
-    """The header fields of ``state``'s weights, optimizer states, versions and pending gradients
-    for the layers ``names`` (default: those ``state`` has); the arrays' bytes go to ``buffers``
-    (weights, then optimizer states, then pending gradients)."""
+    """The header fields of ``state``'s weights, optimizer states, versions, pending gradients,
+    actor states and earlier weight versions (``RunState.earlier_params``) for the layers
+    ``names`` (default: those ``state`` has); the arrays' bytes go to ``buffers`` (weights,
+    then optimizer states, then pending gradients, then the rest)."""
     if names is None:
         names = list(state.params)
     pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
@@ -256,13 +257,16 @@ def encode_state(
         "versions": {n: state.versions[n] for n in names},
         "pending": encode_tree(pending, buffers),
         "actor_states": encode_tree(actor_states, buffers),
+        "earlier": encode_tree(
+            {n: state.earlier_params[n] for n in names if n in state.earlier_params}, buffers
+        ),
     }
 
 
 def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str, Any]:
     """The inverse of :func:`encode_state`: ``{"params", "opt_states", "versions", "pending",
-    "actor_states"}``, pending gradients as ``{layer: (sum, count)}`` (numpy arrays, views of
-    ``buffers``)."""
+    "actor_states", "earlier"}``, pending gradients as ``{layer: (sum, count)}`` (numpy arrays,
+    views of ``buffers``)."""
     return {
         "params": decode_tree(header["params"], buffers),
         "opt_states": decode_tree(header["opt_states"], buffers),
@@ -271,4 +275,8 @@ def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str,
             k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
         },
         "actor_states": decode_tree(header.get("actor_states", encode_tree({}, [])), buffers),
+        "earlier": {
+            n: {int(v): p for v, p in held.items()}
+            for n, held in decode_tree(header.get("earlier", encode_tree({}, [])), buffers).items()
+        },
     }

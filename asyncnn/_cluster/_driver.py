@@ -68,6 +68,7 @@ class DriverRun(ClusterRun):
             own.versions.update(res["versions"])
             own.pending_grads.update(res["pending"])
             own.actor_states.update(res["actor_states"])
+            own.earlier_params.update(res["earlier"])
         order = self.graph.layers
         return RunState(
             params={n: own.params[n] for n in order},
@@ -77,6 +78,7 @@ class DriverRun(ClusterRun):
             keys=own.keys,
             pending_grads=own.pending_grads,
             actor_states=own.actor_states,
+            earlier_params=own.earlier_params,
         )
 
     @property

@@ -263,6 +263,7 @@ class Worker:
             keys=int(cmd["keys"]),
             pending_grads=share["pending"],
             actor_states=share["actor_states"],
+            earlier_params=share["earlier"],
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
             move = _on(get_backend(graph.nodes[name].device))
@@ -273,6 +274,10 @@ class Worker:
                 state.pending_grads[name] = (tree_map(move, acc), count)
             if name in state.actor_states:
                 state.actor_states[name] = tree_map(move, state.actor_states[name])
+            if name in state.earlier_params:
+                state.earlier_params[name] = {
+                    v: tree_map(move, p) for v, p in state.earlier_params[name].items()
+                }
         recorder = None
         trace = None if cmd["trace"] is None else _TraceFile(self.index)
         try:

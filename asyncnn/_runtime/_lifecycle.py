@@ -150,7 +150,7 @@ def open_recorder(
     try:
         recorder.state(
             state.params, state.opt_states, state.versions, state.pending_grads,
-            state.actor_states,
+            state.actor_states, state.earlier_params,
         )  # fmt: skip
     except BaseException:
         close_recorder(recorder, failed=True)

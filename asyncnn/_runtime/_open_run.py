@@ -77,9 +77,8 @@ async def open_run(
             floating arrays are cast to ``dtype`` (as ``Trainer.params = ...`` casts), in a new
             state: the one given is left as it is. Its ``earlier_params`` (the versions before
             the latest that ``PipeDream2BW`` pins forwards to, from ``run.state()``) let the
-            run go on pinning as one unbroken run; a run with a ``trace`` or a ``cluster``
-            starts without them (a trace's initial state, which a replay starts from, and
-            what a worker is sent hold the latest weights only).
+            run go on pinning as one unbroken run (a trace records them, so that its replay
+            starts from them too; a cluster sends each worker its layers' ones).
         pool: an open device pool to use, from ``open_device_pool()`` (default: one opened
             for the run).
         stall_timeout: seconds without progress, while keys are in flight, before failing.
@@ -129,12 +128,6 @@ async def open_run(
             f"(config={config}, and separately {given})"
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
-    if state is not None and state.earlier_params and (config.trace or cluster is not None):
-        # a trace's initial state record (a replay starts from it) and a worker's share of the
-        # state hold each layer's latest weights only: such a run starts its stream anew, as
-        # from a state without them, so that its replay computes what it did and the layers
-        # of the driver and of the workers start alike
-        state = dataclasses.replace(state, earlier_params={})
     if state is not None:
         state = _in_dtype(state, config.dtype)
     if cluster is not None:

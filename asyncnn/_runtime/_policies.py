@@ -429,8 +429,7 @@ class PipeDream2BW(Policy):
 
     The version before the latest is part of a run's state (``RunState.earlier_params``) and
     of a checkpoint, so a later ``fit`` (or one resumed from a checkpoint, or a run opened
-    with ``state=``) goes on as one unbroken run. A run with a trace or on a cluster starts
-    its stream anew: its first minibatch computes at the latest weights.
+    with ``state=``, traced or on a cluster) goes on as one unbroken run.
     """
 
     microbatches: int = 1

@@ -378,9 +378,12 @@ class Recorder:
         versions: Any,
         pending: Any = None,
         actor_states: Any = None,
+        earlier: Any = None,
     ) -> None:
-        """Records the weights, optimizer states, not yet applied gradients and custom actors'
-        own states (``{layer: state}``) the run starts from (so replay can start there too).
+        """Records the weights, optimizer states, not yet applied gradients, custom actors'
+        own states (``{layer: state}``) and earlier weight versions that forwards are pinned to
+        (``{layer: {version: params}}``, ``RunState.earlier_params``) the run starts from (so
+        replay can start there too).
 
         Raises:
             TypeError: an actor state that a trace cannot hold (naming its layer).
@@ -390,7 +393,7 @@ class Recorder:
         # changed, but these are the actor's own), and one a trace cannot hold is refused
         # before the run starts rather than failing the trace at its end.
         actors = {name: _encoded_actor_state(name, st) for name, st in (actor_states or {}).items()}
-        self._queue.put(("state", params, opt_states, versions, pending or {}, actors))
+        self._queue.put(("state", params, opt_states, versions, pending or {}, actors, earlier))
 
     def event(
         self,
@@ -420,7 +423,7 @@ class Recorder:
                 if item is None:
                     break
                 if item[0] == "state":
-                    _, params, opt_states, versions, pending, actors = item
+                    _, params, opt_states, versions, pending, actors, earlier = item
                     state_rec = {
                         "state": {
                             "params": encode_tree(params),
@@ -431,6 +434,8 @@ class Recorder:
                     }
                     if actors:  # (absent where no actor keeps a state: as before it existed)
                         state_rec["state"]["actor_states"] = {"dict": actors}
+                    if earlier:  # (absent where the policy pins no forwards: as before)
+                        state_rec["state"]["earlier"] = encode_tree(earlier)
                     self._write(encode_record(state_rec))
                     continue
                 t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item

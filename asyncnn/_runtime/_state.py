@@ -41,8 +41,8 @@ class RunState:
             ``fit`` computes at the version before the latest); a layer without them starts
             anew, its first minibatch at its latest weights. Carried from one ``fit`` to the
             next and kept by checkpoints; ``Trainer.params = ...`` drops those of the layers
-            it sets. A traced run and a cluster run start without them (a trace's initial
-            state, and what a worker is sent, hold the latest weights only).
+            it sets. A trace's initial state record holds them (a replay starts from them too),
+            and a cluster sends each worker its layers' ones.
     """
 
     params: dict[str, Any]

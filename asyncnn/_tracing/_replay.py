@@ -86,6 +86,10 @@ def _initial_state(trace: Trace, checked: Checked) -> RunState:
     actor_states = {
         n: _on_device(s, graph.nodes[n].device) for n, s in checked.actor_states.items()
     }
+    earlier = {
+        n: {int(v): _on_device(p, graph.nodes[n].device) for v, p in held.items()}
+        for n, held in checked.earlier.items()
+    }
     return RunState(
         params,
         opt_states,
@@ -94,6 +98,7 @@ def _initial_state(trace: Trace, checked: Checked) -> RunState:
         start.get("keys", 0),
         pending,
         actor_states,
+        earlier,
     )
 
 

@@ -3,6 +3,7 @@ is refused at once with the reason, instead of stalling or failing halfway throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -30,6 +31,8 @@ class Checked(NamedTuple):
         opt_states: ``{layer: optimizer state}`` (numpy, host).
         pending: ``{layer: (gradient sum, count)}`` (``{}`` where the record holds none).
         actor_states: ``{layer: state}`` of the custom actors that keep one (``{}`` where none).
+        earlier: ``{layer: {version: params}}``, the earlier versions that forwards are pinned
+            to (``RunState.earlier_params``; ``{}`` where the record holds none).
     """
 
     graph: Graph
@@ -39,6 +42,7 @@ class Checked(NamedTuple):
     opt_states: dict[str, Any]
     pending: dict[str, Any]
     actor_states: dict[str, Any]
+    earlier: dict[str, Any] = {}  # noqa: RUF012 - a NamedTuple's default, never changed
 
 
 def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
@@ -132,8 +136,13 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
         )
     # the optional fields, each named: a malformed one failed the replay's start with a bare
     # KeyError or TypeError (or, for actor_states, only once the replay had begun)
-    optional: dict[str, dict[str, Any]] = {"pending": {}, "actor_states": {}}
-    for field_name, check in (("pending", _check_pending), ("actor_states", _check_actor_states)):
+    optional: dict[str, dict[str, Any]] = {"pending": {}, "actor_states": {}, "earlier": {}}
+    checks: tuple[tuple[str, Callable[[Any, Any], None]], ...] = (
+        ("pending", _check_pending),
+        ("actor_states", _check_actor_states),
+        ("earlier", lambda e, g: _check_earlier(e, g, params, st["versions"])),
+    )
+    for field_name, check in checks:
         if trace.state.get(field_name) is None:
             continue  # (a trace written before the field existed, or nothing to hold)
         try:
@@ -150,8 +159,9 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
             ) from exc
     _check_events(trace, graph)
     return Checked(
-        graph, policy, optimizer, params, opt_states, optional["pending"], optional["actor_states"]
-    )
+        graph, policy, optimizer, params, opt_states, optional["pending"],
+        optional["actor_states"], optional["earlier"],
+    )  # fmt: skip
 
 
 def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
@@ -249,6 +259,27 @@ def _check_pending(pending: Any, graph: Any) -> None:
         count = entry[1]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"layer {name!r} has a count of {count!r:.40}, not an int >= 0")
+
+
+def _check_earlier(earlier: Any, graph: Any, params: dict[str, Any], versions: Any) -> None:
+    """``earlier`` (``{layer: {version: params}}``, the earlier versions forwards are pinned to):
+    layers of the graph, versions below the layer's, parameters shaped as the layer's."""
+    if not isinstance(earlier, dict):
+        raise TypeError(f"a {type(earlier).__name__}, not a map of layers")
+    for name, held in earlier.items():
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        if not isinstance(held, dict):
+            raise ValueError(f"layer {name!r} has {held!r:.40}, not a map of versions")
+        for v, p in held.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < versions[name]:
+                raise ValueError(
+                    f"layer {name!r} holds version {v!r:.40}, not an earlier one (an int below "
+                    f"its version, {versions[name]})"
+                )
+            misfit = _misfit(params[name], p, f"[{name!r}]")
+            if misfit is not None:
+                raise ValueError(f"the parameters of {name!r} at version {v}: {misfit}")
 
 
 def _check_actor_states(states: Any, graph: Any) -> None:
