@@ -515,6 +515,23 @@ def test_dataset_loaders_take_no_bool_for_a_count_nor_a_string_for_a_flag(call, 
         call()
 
 
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: data.load_digits(test_fraction=None), "test_fraction must be a real number, got None"),
+        (lambda: data.load_digits(test_fraction="0.3"), "test_fraction must be a real number, got '0.3'"),
+        (lambda: data.load_digits(test_fraction=True), "test_fraction must be a real number, got True"),
+        (lambda: data.load_mnist1d(train_split=None, cache=False), "train_split must be a real number, got None"),
+        (lambda: data.load_mnist1d(train_split="0.8", cache=False), "train_split must be a real number, got '0.8'"),
+    ],
+    ids=["digits-None", "digits-str", "digits-bool", "mnist1d-None", "mnist1d-str"],
+)  # fmt: skip
+def test_dataset_loaders_take_a_real_number_for_a_fraction(call, match):
+    # (None failed in float() with a message naming no argument; a string was parsed)
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
 # -- digits ---------------------------------------------------------------------------------------
 def test_digits_shapes_scale_and_stratified_split():
     d = data.load_digits()

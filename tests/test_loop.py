@@ -1,4 +1,5 @@
 import math
+import re
 import time
 
 import numpy as np
@@ -161,6 +162,15 @@ def test_errors_name_the_problem():
         train_loop(linear, mse, params, PlainSGD(0.1), data, epochs=1, batch_size=0)
 
 
+@pytest.mark.parametrize("name", ["epochs", "start_epoch"])
+def test_a_bool_count_of_epochs_is_refused(name):
+    # epochs=True trained one epoch (operator.index takes a bool); Trainer.fit refuses it
+    data, params = _regression()
+    kw = {"epochs": 1, name: True}
+    with pytest.raises(TypeError, match=f"{name} must be an int, got bool True"):
+        train_loop(linear, mse, params, PlainSGD(0.1), data, batch_size=4, **kw)
+
+
 # -- evaluate / predict ---------------------------------------------------------------------------
 def identity(params, x, rng=None):
     return x
@@ -189,6 +199,15 @@ def test_evaluate_checks_labels():
         evaluate(identity, {}, {"x": x, "y": np.zeros(2)})
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         evaluate(identity, {}, {"x": x, "y": np.array([0, 3])})
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 3), (2, 1, 1)])
+def test_evaluate_refuses_labels_that_are_not_one_per_row(shape):
+    # labels of shape (N, 1) broadcast against the logits' rows to (N, N): a wrong loss and
+    # accuracy came back without a word (Trainer.evaluate refuses them: "got shape (N, 1)")
+    x = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=rf"labels 'y' .*got shape {re.escape(str(shape))}"):
+        evaluate(identity, {}, {"x": x, "y": np.zeros(shape, np.int64)})
 
 
 def test_predict_keeps_row_order_across_batches():

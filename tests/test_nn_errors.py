@@ -59,6 +59,38 @@ def test_error_messages() -> None:
 
 
 @pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: nn.LayerNorm(4, eps="1e-5"), "LayerNorm: eps must be a real number, got '1e-5'"),
+        (lambda: nn.LayerNorm(4, eps=True), "LayerNorm: eps must be a real number, got True"),
+        (lambda: nn.LayerNorm(4, eps=None), "LayerNorm: eps must be a real number, got None"),
+        (lambda: nn.MultiHeadAttention(4, 2, dropout="0.1"),
+         "MultiHeadAttention: dropout must be a real number, got '0.1'"),
+        (lambda: nn.MultiHeadAttention(4, 2, dropout=True),
+         "MultiHeadAttention: dropout must be a real number, got True"),
+    ],
+    ids=["eps-str", "eps-bool", "eps-None", "dropout-str", "dropout-bool"],
+)  # fmt: skip
+def test_hyperparameters_are_real_numbers_checked_before_compared(make: Any, match: str) -> None:
+    # a string failed comparing with "'>' not supported between instances of 'str' and 'int'",
+    # naming neither the module nor the argument; eps=True was taken
+    with pytest.raises(TypeError, match=re.escape(match)):
+        make()
+
+
+def test_real_hyperparameters_are_kept_as_floats() -> None:
+    # (numpy numbers too, which a spec could not carry)
+    assert nn.LayerNorm(4, eps=np.float32(0.5)).eps == 0.5
+    assert type(nn.LayerNorm(4, eps=np.float64(1e-3)).eps) is float
+    assert type(nn.MultiHeadAttention(4, 2, dropout=np.float64(0.25)).dropout) is float
+    assert nn.MultiHeadAttention(4, 2, dropout=0).dropout == 0.0
+    with pytest.raises(ValueError, match="LayerNorm: eps must be > 0"):
+        nn.LayerNorm(4, eps=float("nan"))
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must be in \[0, 1\)"):
+        nn.MultiHeadAttention(4, 2, dropout=float("nan"))
+
+
+@pytest.mark.parametrize(
     ("h", "x"),
     [((4,), (2, 3)), ((1, 4), (2, 3)), ((2, 4), (1, 3)), ((2, 5), (2, 3)), ((2, 4), (2, 2))],
 )

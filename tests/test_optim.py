@@ -516,3 +516,92 @@ def test_schedule_drives_the_optimizer_lr(backend: Backend) -> None:
         p = new
     assert moves == [1.0, 1.0, 0.5, 0.5, 0.25]
     assert [opt.learning_rate(t) for t in range(5)] == moves
+
+
+@dataclasses.dataclass(frozen=True)
+class _LARS(optim.SGD):
+    """A trust ratio of whole-leaf norms: an update that is not elementwise."""
+
+    def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+        # (norms as numpy's sums, not BLAS's, whose threads inside a team sum in another order)
+        trust = float(np.sqrt((p * p).sum()) / (np.sqrt((g * g).sum()) + 1e-12))
+        return super().update_leaf(p, g, buffers, step, lr * trust)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Elementwise(optim.Adam):
+    """Its own update_leaf, said to be elementwise in its own body."""
+
+    elementwise_update = True
+
+    def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+        return super().update_leaf(p, g * 0.5, buffers, step, lr)
+
+
+def test_a_subclass_with_its_own_update_leaf_is_not_elementwise_unless_it_says_so() -> None:
+    # SGD and Adam say their updates are elementwise; a subclass's own update_leaf (LARS,
+    # LAMB, gradient centralisation) inherited that, and was cut by rows over a team, each
+    # part getting its own trust ratio, without a word
+    assert optim.SGD.elementwise_update and optim.Adam.elementwise_update
+    assert optim.AdamW.elementwise_update  # (no update_leaf of its own: still cut)
+    assert _LARS.elementwise_update is False
+    assert _Elementwise.elementwise_update is True
+
+    @dataclasses.dataclass(frozen=True)
+    class Heavier(_LARS):  # (inherits LARS's update_leaf and its answer)
+        pass
+
+    assert Heavier.elementwise_update is False
+
+
+def test_a_subclass_with_its_own_update_leaf_is_updated_whole_under_a_team(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncnn.backends import ComputeTeam, using_team
+
+    rng = np.random.default_rng(0)
+    p = {"w": rng.standard_normal((512, 512))}
+    g = {"w": rng.standard_normal((512, 512)) * np.linspace(0.1, 10, 512)[:, None]}
+    opt = _LARS(lr=0.1)
+    plain, _ = opt.update(p, g, opt.init(p))
+    with ComputeTeam(4, part_elements=1000) as team, using_team(team):
+        calls = _spy_on_parts(monkeypatch, team)
+        whole, _ = opt.update(p, g, opt.init(p))
+    assert calls == []  # not cut (it was: max |difference| 0.48)
+    np.testing.assert_array_equal(whole["w"], plain["w"])
+    # one that says its own update is elementwise is still cut, bit for bit
+    ew = _Elementwise(lr=1e-2)
+    plain, _ = ew.update(p, g, ew.init(p))
+    with ComputeTeam(4, part_elements=1000) as team, using_team(team):
+        calls = _spy_on_parts(monkeypatch, team)
+        cut, _ = ew.update(p, g, ew.init(p))
+    assert calls and calls[0][0] > 1
+    np.testing.assert_array_equal(cut["w"], plain["w"])
+
+
+def test_a_subclass_with_its_own_update_leaf_trains_in_a_trainer_as_in_the_plain_loop() -> None:
+    # a Trainer's update runs on the shared pool's team whenever it is large: a 2048 x 2048
+    # leaf was updated as row halves, each with its own trust ratio (max |difference| 2e-5
+    # against a step of 8.5e-3)
+    import asyncnn as ann
+    from asyncnn import nn, policies
+
+    rng = np.random.default_rng(0)
+    d = 2048
+    data = {"x": rng.standard_normal((64, d)), "y": rng.integers(0, 10, 64)}
+    layers = [nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10)]
+    graph = ann.Graph.sequential(
+        layers, loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, d)
+    )
+    tr = ann.Trainer(graph, optimizer=_LARS(lr=0.1), policy=policies.Sync(), seed=0,
+                     dtype="float64")  # fmt: skip
+    start = tr.params["stage0"]
+    tr.fit(data, batch_size=64)
+    ref, _, _ = ann.train_loop(
+        nn.Sequential(*layers), nn.CrossEntropyLoss(), start, _LARS(lr=0.1), data, epochs=1,
+        batch_size=64,
+    )  # fmt: skip
+    moved = np.abs(ref[0]["weight"] - start[0]["weight"]).max()
+    assert moved > 1e-3
+    np.testing.assert_allclose(tr.params["stage0"][0]["weight"], ref[0]["weight"], rtol=0,
+                               atol=1e-9 * moved)  # fmt: skip

@@ -3,6 +3,7 @@ refused with an error that names them."""
 
 from __future__ import annotations
 
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,3 +180,91 @@ def test_a_schedule_giving_a_negative_rate_is_an_error(backend: Backend) -> None
         p, state = opt.update(p, p, state)
     with pytest.raises(ValueError, match=r"_LinearDecay.*-0.5 for step 3.*>= 0"):
         opt.update(p, p, state)
+
+
+class _InvDecay(optim.Schedule):
+    """A user schedule that forgets @dataclass(frozen=True)."""
+
+    def __call__(self, step: int) -> float:
+        return 0.1 / (1 + step)
+
+
+class _Undecorated(optim.SGD):
+    """A user optimizer that forgets @dataclass(frozen=True): its fields are SGD's."""
+
+
+class _OwnInit(optim.Optimizer):
+    """A user optimizer that is no dataclass at all."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        self.lr, self.clip_norm = lr, None
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ()
+
+    def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+        return p - lr * g, ()
+
+
+def test_a_schedule_that_is_not_a_dataclass_is_refused_where_an_optimizer_takes_it() -> None:
+    # it trained, then failed at save or trace= with dataclasses' bare "must be called with a
+    # dataclass type or instance", naming neither the schedule nor the fix
+    match = r"_InvDecay subclasses optim.Schedule but is not a dataclass.*dataclass\(frozen=True\)"
+    for make in (
+        lambda: optim.SGD(lr=_InvDecay()),
+        lambda: optim.AdamW(lr=_InvDecay()),
+        lambda: optim.LinearWarmup(_InvDecay(), warmup_steps=2),
+        lambda: _InvDecay().to_spec(),
+    ):
+        with pytest.raises(TypeError, match=match):
+            make()
+
+
+def test_an_optimizer_that_is_not_a_dataclass_is_refused_at_init_and_to_spec() -> None:
+    # (init: a run makes every layer's state when it opens, before any step)
+    p = {"w": np.ones(2)}
+    match = r"_OwnInit subclasses optim.Optimizer but is not a dataclass.*dataclass\(frozen=True\)"
+    with pytest.raises(TypeError, match=match):
+        _OwnInit().init(p)
+    with pytest.raises(TypeError, match=match):
+        _OwnInit().to_spec()
+    # a subclass of a dataclass has its parent's fields: it makes a spec, and is rebuilt from it
+    opt = _Undecorated(lr=0.5, momentum=0.9)
+    assert optim.from_spec(opt.to_spec()) == opt and opt.init(p)["momentum_buffer"]["w"].shape
+
+
+Params = namedtuple("Params", "w b")
+
+BAD_INIT = [
+    ("namedtuple", lambda: Params(np.ones(2), np.ones(1)), TypeError,
+     r"Adam.init: params hold arrays inside Params\(...\).*use x._asdict\(\) or tuple\(x\)"),
+    ("OrderedDict", lambda: OrderedDict(w=np.ones(2)), TypeError,
+     r"Adam.init: params hold arrays inside OrderedDict\(...\).*use dict\(x\)"),
+    ("int", lambda: {"w": np.ones(3, int)}, TypeError,
+     r"Adam.init: parameter leaf 0 of \{'w': \*\} is int64; only float16/32/64 and bfloat16"),
+    ("None", lambda: {"w": np.ones(2), "b": None}, TypeError,
+     r"Adam.init: parameter leaf 0 of \{'b': \*, 'w': \*\} is NoneType, not an array"),
+    ("python float", lambda: [np.ones(2), 1.5], TypeError,
+     r"Adam.init: parameter leaf 1 of \[\*, \*\] is float, not an array"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "make", "exc", "match"), BAD_INIT, ids=[b[0] for b in BAD_INIT])
+def test_init_refuses_what_update_refuses(kind: str, make: Any, exc: type, match: str) -> None:
+    # init checked nothing: a namedtuple failed deep in numpy ("inhomogeneous shape"), an
+    # OrderedDict gave object-array buffers and an int leaf int buffers, without a word
+    with pytest.raises(exc, match=match):
+        optim.Adam().init(make())
+
+
+def test_init_refuses_leaves_of_every_optimizer() -> None:
+    for opt in ALL_OPTIMIZERS:
+        with pytest.raises(TypeError, match=rf"{type(opt).__name__}.init: parameter leaf 0 "):
+            opt.init([np.ones(3, bool)])
+
+
+def test_update_names_the_fix_for_a_container_pytrees_keep_whole() -> None:
+    # (it said "parameter leaf 0 of * is Params, not an array": the fix is vjp's)
+    p = Params(np.ones(2), np.ones(1))
+    with pytest.raises(TypeError, match=r"update: params hold arrays inside Params\(...\)"):
+        optim.SGD().update(p, p, {"step": 0})

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._data import _check_flag, _check_index
+from ._optim_checks import _real
 
 __all__ = ["default_cache_dir", "load_digits", "load_mnist1d"]
 
@@ -173,8 +174,8 @@ def load_mnist1d(
         (n_test, 40), "y_test": int64 (n_test,)}``, labels in ``0..9``; fresh copies each call.
 
     Raises:
-        TypeError: ``num_samples`` or ``seed`` is not an int (a bool is not one either), or
-            ``cache`` is not a bool.
+        TypeError: ``num_samples`` or ``seed`` is not an int (a bool is not one either),
+            ``train_split`` is not a real number, or ``cache`` is not a bool.
         ValueError: an argument is out of its range (named, with the value).
     """
     # (a bool was read as 0 or 1: seed=True gave seed 1's data; cache="no" cached)
@@ -184,7 +185,8 @@ def load_mnist1d(
         raise ValueError(
             f"num_samples must be a positive multiple of 10 (one tenth per digit), got {num_samples}"
         )
-    train_split = float(train_split)
+    # (None failed in float() naming no argument; a string was parsed)
+    train_split = _real("load_mnist1d", "train_split", train_split)
     # (a NaN or an inf failed in int() below with a message naming neither)
     split_ix = int(num_samples * train_split) if 0.0 < train_split < 1.0 else 0
     if not 0 < split_ix < num_samples:
@@ -228,11 +230,12 @@ def load_digits(
         "y_test"}``, labels in ``0..9``; rows in shuffled order.
 
     Raises:
-        TypeError: ``seed`` is not an int (a bool is not one either), or ``stratify`` is not a
-            bool.
+        TypeError: ``test_fraction`` is not a real number, ``seed`` is not an int (a bool is
+            not one either), or ``stratify`` is not a bool.
         ValueError: ``test_fraction`` is not strictly between 0 and 1, or leaves a split empty.
     """
-    test_fraction = float(test_fraction)
+    # (None failed in float() naming no argument; a string was parsed)
+    test_fraction = _real("load_digits", "test_fraction", test_fraction)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
     seed = _check_index(seed, "seed", 0)

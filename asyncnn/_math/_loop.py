@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backends import array_namespace, backend_of, is_floating, to_numpy
 from ._autodiff import value_and_grad
-from ._data import ArrayDataset
+from ._data import ArrayDataset, _check_index
 from ._pytree import tree_leaves
 
 __all__ = ["evaluate", "predict", "train_loop"]
@@ -107,11 +107,13 @@ def train_loop(
     Returns:
         ``(params, opt_state, losses)``: the final parameters and optimizer state, and one float
         loss per step (the batch mean, before that step's update).
+
+    Raises:
+        TypeError: ``epochs`` or ``start_epoch`` not an int (a bool is not one either).
+        ValueError: ``epochs`` or ``start_epoch`` below 0.
     """
-    epochs = operator.index(epochs)
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    start_epoch = operator.index(start_epoch)
+    epochs = _check_index(epochs, "epochs", 0)
+    start_epoch = _check_index(start_epoch, "start_epoch", 0)
     inputs = _keys(input_keys)
     dataset = _as_dataset(data, (*inputs, label_key))
     num_batches = dataset.num_batches(batch_size, drop_last)
@@ -184,18 +186,31 @@ def evaluate(
 
     Returns:
         ``{"loss": mean cross-entropy, "accuracy": fraction of rows whose argmax is the label}``.
+
+    Raises:
+        TypeError: labels that are not integers.
+        ValueError: no rows; labels not of shape ``(rows,)``; logits not ``(rows, classes)``; a
+            label outside ``[0, classes)``.
     """
     inputs = _keys(input_keys)
     dataset = _as_dataset(data, (*inputs, label_key))
     if len(dataset) == 0:
         raise ValueError("evaluate needs at least one row of data")
-    logits = predict(model, params, dataset, batch_size, input_keys=inputs).astype(np.float64)
     labels = np.asarray(to_numpy(dataset[label_key]))
     if labels.dtype.kind not in "iu":
         raise TypeError(
             f"evaluate needs integer class labels in {label_key!r}, got dtype {labels.dtype}; "
             "convert with labels.astype(np.int64)"
         )
+    if labels.ndim != 1:
+        # (N, 1) labels would broadcast against the logits' rows to (N, N): a wrong loss and
+        # accuracy, returned without a word
+        raise ValueError(
+            f"evaluate needs labels {label_key!r} of shape (rows,), one class index per row: "
+            f"got shape {labels.shape}; flatten labels of shape (rows, 1) with "
+            "labels.reshape(-1), turn one-hot labels into indices with labels.argmax(axis=1)"
+        )
+    logits = predict(model, params, dataset, batch_size, input_keys=inputs).astype(np.float64)
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
             f"evaluate needs logits of shape (rows, classes) = ({labels.shape[0]}, C), got "

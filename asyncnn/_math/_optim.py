@@ -41,6 +41,7 @@ from ._optim_checks import (
     _check_buffer,
     _check_clip_norm,
     _check_grads,
+    _check_params,
     _non_negative,
     _not_a_float_array,
     _real,
@@ -54,7 +55,13 @@ from ._optim_leaf import (
     _silent_non_finite,
 )
 from ._pytree import tree_flatten, tree_unflatten
-from ._schedules import Schedule, check_lr, resolve_class, schedule_from_spec
+from ._schedules import (
+    Schedule,
+    check_dataclass,
+    check_lr,
+    resolve_class,
+    schedule_from_spec,
+)
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "from_spec"]
 
@@ -113,7 +120,21 @@ class Optimizer(abc.ABC):
 
     A subclass is a frozen dataclass with fields ``lr`` and ``clip_norm`` among its
     hyperparameters; it names its state buffers in :meth:`buffer_names` and updates one leaf in
-    :meth:`update_leaf`. :meth:`init` and :meth:`update` may also be overridden whole.
+    :meth:`update_leaf`. :meth:`init` and :meth:`update` may also be overridden whole. One
+    that is not a dataclass is refused by :meth:`init` and :meth:`to_spec`.
+
+    A class that defines its own :meth:`update_leaf` is taken as not elementwise
+    (:attr:`elementwise_update` ``False``, whatever it inherits): each of its leaves is updated
+    whole, never cut by rows over a compute team, so an update that looks at the whole leaf (a
+    LARS or LAMB trust ratio, a per-tensor norm) sees all of it. One whose update is elementwise
+    says so in its own class body, ``elementwise_update = True``, to be cut again.
+
+    Example:
+        >>> @dataclass(frozen=True)
+        ... class LARS(optim.SGD):  # elementwise_update is False: leaves updated whole
+        ...     def update_leaf(self, p, g, buffers, step, lr):
+        ...         trust = float(np.linalg.norm(p) / (np.linalg.norm(g) + 1e-12))
+        ...         return super().update_leaf(p, g, buffers, step, lr * trust)
     """
 
     lr: float | Schedule
@@ -121,8 +142,17 @@ class Optimizer(abc.ABC):
 
     #: whether :meth:`update_leaf` is elementwise (each element's new value depends only on that
     #: element of the parameter, gradient and buffers): then a large CPU leaf's update is cut by
-    #: rows over the compute team, each element computed exactly as whole (bit-identical)
+    #: rows over the compute team, each element computed exactly as whole (bit-identical).
+    #: Set to False for a class whose own body defines ``update_leaf`` and not this.
     elementwise_update = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        # an update_leaf of its own is no longer the one its parent said was elementwise: cut
+        # by rows, a whole-leaf quantity (a trust ratio, a norm) would be computed per part
+        if "update_leaf" in own and "elementwise_update" not in own:
+            cls.elementwise_update = False
 
     @abc.abstractmethod
     def buffer_names(self) -> tuple[str, ...]:
@@ -138,8 +168,18 @@ class Optimizer(abc.ABC):
         """
 
     def init(self, params: Any) -> State:
-        """The state before the first update: step 0 and zero buffers shaped like ``params``."""
+        """The state before the first update: step 0 and zero buffers shaped like ``params``.
+
+        Raises:
+            TypeError: a leaf of ``params`` that is not a float array (as :meth:`update`
+                refuses it), or this optimizer, or its schedule, not a dataclass.
+        """
+        # a run makes its states when it opens: refused here, not at save or trace= after a fit
+        check_dataclass(self, "Optimizer")
+        if isinstance(self.lr, Schedule):
+            check_dataclass(self.lr, "Schedule")
         leaves, treedef = tree_flatten(params)
+        _check_params(type(self).__name__, leaves, treedef)
         state: State = {"step": 0}
         for name in self.buffer_names():
             state[name] = tree_unflatten(treedef, [ns(p).zeros_like(p) for p in leaves])
@@ -283,7 +323,12 @@ class Optimizer(abc.ABC):
         return bounds if len(bounds) > 2 else None
 
     def to_spec(self) -> dict[str, Any]:
-        """A plain dict (msgpack-able) of the name and hyperparameters; see :func:`from_spec`."""
+        """A plain dict (msgpack-able) of the name and hyperparameters; see :func:`from_spec`.
+
+        Raises:
+            TypeError: this optimizer is not a dataclass.
+        """
+        check_dataclass(self, "Optimizer")
         cls = type(self)
         spec: dict[str, Any] = {
             "name": cls.__name__

@@ -1,9 +1,12 @@
 """The checks the optimizers share: of a hyperparameter (a real number >= 0; a clipping norm
-above 0, or None) and of the leaves given to ``update`` and ``clip_grad_norm`` (real float arrays;
-gradients and state buffers shaped and typed like their parameters, each wrong leaf named).
+above 0, or None) and of the leaves given to ``init``, ``update`` and ``clip_grad_norm`` (real
+float arrays; gradients and state buffers shaped and typed like their parameters, each wrong
+leaf named).
 
 Apart from ``_optim.py`` so that it reads as the optimizers' arithmetic: these only decide
-which message a wrong argument gets, before any array is computed.
+which message a wrong argument gets, before any array is computed. The real-number check
+(``_real``) serves the modules' and datasets' float hyperparameters too, so that all name the
+argument and refuse a bool or a string alike.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import numbers
 from typing import Any
 
 from ..backends import is_floating
+from ._autodiff_args import _CONTAINERS, _hides, _unopened
 from ._pytree import TreeDef
 
 
@@ -49,6 +53,27 @@ def _not_a_float_array(x: Any) -> str | None:
     return None
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "dtype") and hasattr(x, "shape")
+
+
+def _leaf_error(who: str, i: int, treedef: TreeDef, leaf: Any, wrong: str) -> TypeError:
+    """The error of parameter leaf ``i``, which ``wrong`` says is not a float array; for a
+    container pytrees keep whole (a namedtuple, an OrderedDict) holding arrays, the fix."""
+    if isinstance(leaf, _CONTAINERS) and _hides(leaf, _is_array):
+        return TypeError(_unopened(who, "params hold", leaf, "not be updated"))
+    return TypeError(f"{who}: parameter leaf {i} of {treedef!r} {wrong}")
+
+
+def _check_params(owner: str, params: list[Any], treedef: TreeDef) -> None:
+    """Refuses, at ``init``, a parameter leaf that ``update`` would refuse: else the state came
+    out of object arrays (an OrderedDict, one leaf), int buffers, or numpy's own error."""
+    for i, p in enumerate(params):
+        wrong = _not_a_float_array(p)
+        if wrong is not None:
+            raise _leaf_error(f"{owner}.init", i, treedef, p, wrong)
+
+
 def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
     for p, g in zip(params, grads, strict=True):
         # the common leaf, asked first (every update asks it of every leaf): a real float
@@ -72,9 +97,11 @@ def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
                     f"update: gradient leaf {i} of {treedef!r} is None; every parameter needs a "
                     "gradient (use zeros for a parameter that got none)"
                 ) from None
-            what, x = ("parameter", p) if _not_a_float_array(p) else ("gradient", g)
+            wrong = _not_a_float_array(p)
+            if wrong is not None:
+                raise _leaf_error("update", i, treedef, p, wrong) from None
             raise TypeError(
-                f"update: {what} leaf {i} of {treedef!r} {_not_a_float_array(x)}"
+                f"update: gradient leaf {i} of {treedef!r} {_not_a_float_array(g)}"
             ) from None
         if g_shape != p_shape:
             raise ValueError(

@@ -22,6 +22,7 @@ __all__ = [
     "LinearWarmup",
     "Schedule",
     "StepLR",
+    "check_dataclass",
     "check_lr",
     "schedule_from_spec",
 ]
@@ -40,11 +41,32 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
     return int(value)
 
 
+def check_dataclass(obj: Any, base: str) -> None:
+    """Refuses ``obj`` unless its class is a dataclass: ``to_spec`` lists its fields, which
+    saving a checkpoint and tracing a run need, and ``from_spec`` rebuilds it from them.
+
+    Args:
+        obj: a schedule or an optimizer.
+        base: the public base class it subclasses, named in the message (``"Schedule"``).
+
+    Raises:
+        TypeError: naming the class and saying to decorate it.
+    """
+    cls = type(obj)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(
+            f"{cls.__name__} subclasses optim.{base} but is not a dataclass: decorate it with "
+            "@dataclasses.dataclass(frozen=True) so that it is saved, traced and rebuilt by "
+            "its fields (a checkpoint, a trace and from_spec need them)"
+        )
+
+
 class Schedule(abc.ABC):
     """A learning rate as a function of the number of updates already done.
 
     Subclasses are frozen dataclasses; :meth:`to_spec` lists their fields, so a subclass whose
-    fields are numbers (or nested schedules) serialises with no extra code.
+    fields are numbers (or nested schedules) serialises with no extra code. One that is not a
+    dataclass is refused where an optimizer (or a schedule) takes it.
     """
 
     @abc.abstractmethod
@@ -53,6 +75,7 @@ class Schedule(abc.ABC):
 
     def to_spec(self) -> dict[str, Any]:
         """A plain dict (msgpack-able) that :func:`schedule_from_spec` turns back into this."""
+        check_dataclass(self, "Schedule")
         spec: dict[str, Any] = {"name": _spec_name(type(self))}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
@@ -64,10 +87,12 @@ def check_lr(owner: str, lr: Any) -> float | Schedule:
     """``lr`` checked as a learning rate: a non-negative number (made a float) or a Schedule.
 
     Raises:
-        TypeError: for anything that is neither.
+        TypeError: for anything that is neither, or a schedule that is not a dataclass.
         ValueError: for a negative number.
     """
     if isinstance(lr, Schedule):
+        # here, not at the first save or trace=, after a whole fit
+        check_dataclass(lr, "Schedule")
         return lr
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(

@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from .._optim_checks import _real
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["MultiHeadAttention"]
@@ -53,8 +54,11 @@ class MultiHeadAttention(Module):
                 f"MultiHeadAttention: embed_dim {self.embed_dim} is not divisible by num_heads "
                 f"{self.num_heads}; each head gets embed_dim // num_heads features"
             )
-        if not 0 <= self.dropout < 1:
+        # a type first: a string failed comparing ('<=' not supported), True was taken as 1
+        dropout = _real("MultiHeadAttention", "dropout", self.dropout)
+        if not 0 <= dropout < 1:
             raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", dropout)
 
     def _expected(self) -> dict[str, Shape]:
         e = self.embed_dim

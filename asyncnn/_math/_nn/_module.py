@@ -8,7 +8,10 @@ function of ``(params, *inputs)``, so the same module can run many parameter ver
 from __future__ import annotations
 
 import dataclasses
+import dis
+import inspect
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,6 +86,14 @@ class Module:
     compare equal and hash by value and turn into specs (:func:`asyncnn.nn.to_spec`). A subclass
     implements :meth:`init_params` (when it has parameters) and :meth:`__call__`.
 
+    A module that draws random numbers from the ``rng`` its ``__call__`` is given (dropout, noise)
+    is *stochastic* (:attr:`stochastic`): a run gives it a seeded Generator per key in training
+    (``None`` in ``evaluate`` and ``predict``) and keeps it out of CUDA-graph capture. That is
+    found from the code: a subclass whose own ``__call__`` reads its ``rng`` parameter is
+    stochastic, one that only accepts it is not. A class decides for itself by defining
+    ``stochastic`` (a class attribute or a property), which always wins: a container that only
+    passes ``rng`` on to the modules it holds can answer as they do.
+
     Example:
         >>> @dataclass(frozen=True)
         ... class Scale(nn.Module):
@@ -95,12 +106,16 @@ class Module:
 
     @property
     def stochastic(self) -> bool:
-        """Whether a call draws random numbers when given an ``rng`` (dropout): true when any
-        module among its fields is. The runtime gives a stochastic layer a seeded ``rng`` per
-        key and keeps it out of CUDA-graph capture."""
+        """Whether a call draws random numbers when given an ``rng`` (dropout): true for a user
+        module whose own ``__call__`` reads its ``rng`` parameter, and when any module among its
+        fields (or in a tuple or list field) is. The runtime gives a stochastic layer a seeded
+        ``rng`` per key and keeps it out of CUDA-graph capture; others get ``rng=None``.
+        Override it (a class attribute or a property) to answer otherwise."""
+        if _reads_rng(type(self)):
+            return True
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            for item in value if isinstance(value, tuple) else (value,):
+            for item in value if isinstance(value, tuple | list) else (value,):
                 if isinstance(item, Module) and item.stochastic:
                     return True
         return False
@@ -150,7 +165,9 @@ class Module:
         """Applies the module: ``module(params, *inputs, rng=None)``.
 
         ``rng`` (a numpy or cupy Generator) selects training mode for stochastic layers
-        (Dropout); ``None`` means evaluation. Inputs and outputs are raw or traced arrays.
+        (Dropout); ``None`` means evaluation. A subclass whose ``__call__`` reads ``rng`` is
+        stochastic (:attr:`stochastic`): a run gives it one in training. Inputs and outputs are
+        raw or traced arrays.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
 
@@ -169,6 +186,53 @@ class Module:
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         """The output shape for these input shapes (batch included), or None when unknown."""
         return None
+
+
+#: per module class: whether the ``__call__`` it runs reads its ``rng`` (see :func:`_reads_rng`)
+_READS_RNG: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _reads_rng(cls: type) -> bool:
+    """Whether the ``__call__`` that instances of ``cls`` run reads its ``rng`` parameter: a
+    user module that draws from it. Read from the bytecode once per class.
+
+    False for asyncnn's own modules, which say themselves whether they draw (a container
+    reads its ``rng`` only to pass it on), and where the code cannot be read.
+    """
+    try:
+        return _READS_RNG[cls]
+    except KeyError:
+        pass
+    owner = next((k for k in cls.__mro__ if "__call__" in vars(k)), Module)
+    reads = False
+    if owner is not Module and not owner.__module__.startswith("asyncnn."):
+        reads = _code_reads(vars(owner)["__call__"], "rng")
+    _READS_RNG[cls] = reads
+    return reads
+
+
+def _code_reads(fn: Any, name: str) -> bool:
+    """Whether the function ``fn`` (unwrapped from its decorators) has a parameter ``name`` and
+    reads it: a load of that local, or of the cell a nested function reads it through."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return False
+    params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    if name not in params:
+        return False
+    for ins in dis.get_instructions(code):
+        op = ins.opname
+        # LOAD_FAST and its variants (3.12's LOAD_FAST_CHECK, 3.13's LOAD_FAST_LOAD_FAST of two
+        # names, 3.14's borrowed loads), and the cell loads of a name a closure captures; not
+        # LOAD_FAST_AND_CLEAR, which saves a comprehension's own variable of that name
+        if (op.startswith("LOAD_FAST") and op != "LOAD_FAST_AND_CLEAR") or op in (
+            "LOAD_DEREF",
+            "LOAD_CLOSURE",
+        ):
+            value = ins.argval
+            if value == name or (isinstance(value, tuple) and name in value):
+                return True
+    return False
 
 
 def _check_dataclass(cls: type) -> None:

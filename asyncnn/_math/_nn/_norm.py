@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from .._optim_checks import _real
 from ._module import Initializer, Module, Shape, check_params, float_input_error
 
 __all__ = ["LayerNorm"]
@@ -41,8 +42,11 @@ class LayerNorm(Module):
                 f"{self.normalized_shape!r}"
             )
         object.__setattr__(self, "normalized_shape", tuple(shape))
-        if not self.eps > 0:
+        # a type first: a string failed comparing ('>' not supported), True was taken as 1
+        eps = _real("LayerNorm", "eps", self.eps)
+        if not eps > 0:  # written so that NaN fails too
             raise ValueError(f"LayerNorm: eps must be > 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
 
     def _expected(self) -> dict[str, Shape]:
         shapes: dict[str, Shape] = {}
