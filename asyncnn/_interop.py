@@ -318,6 +318,8 @@ def from_torch(
 def _memory_id(value: Any) -> tuple[Any, ...] | None:
     """What identifies the memory ``value`` reads (one tensor's storage, offset, shape and
     strides), or None for an object whose memory cannot be told."""
+    if getattr(value, "size", None) == 0 or (hasattr(value, "numel") and value.numel() == 0):
+        return None  # (empty tensors share the null pointer: nothing to tie)
     if hasattr(value, "untyped_storage") and hasattr(value, "storage_offset"):  # torch
         return (
             str(value.device), value.untyped_storage().data_ptr(), value.storage_offset(),

@@ -7,7 +7,7 @@ This package is the seam between asyncnn and its compute engines. It is imported
 from ._alloc import allocator_tuning, tune_allocator
 from ._base import Backend, Device, parse_device
 from ._checks import MAX_POOL_WORKERS
-from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_floating, is_half
+from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_compute_float, is_floating, is_half
 from ._parallel import (
     ComputeTeam,
     TeamStatistics,
@@ -55,6 +55,7 @@ __all__ = [
     "fused_nn_kernels_of",
     "get_backend",
     "is_cupy_array",
+    "is_compute_float",
     "is_floating",
     "is_half",
     "matmul",

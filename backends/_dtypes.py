@@ -69,13 +69,11 @@ def unknown_dtype_hint(dtype: Any) -> str:
 
 
 def is_floating(dtype: Any) -> bool:
-    """Whether ``dtype`` is a real floating dtype that asyncnn computes in (float16/32/64 or
+    """Whether ``dtype`` is a real floating dtype (numpy's kind ``"f"``, any width, or
     bfloat16); False for None (no dtype, as ``getattr(x, "dtype", None)`` gives), which
-    ``np.dtype`` would read as float64.
-
-    False for the other floats too: ml_dtypes' float8 types (``float8_e5m2`` is of kind
-    ``"f"``, but its sums are not widened as 16-bit ones are, and it would train on 1-byte
-    sums) and numpy's long double where it is wider than float64 (no GPU computes in it)."""
+    ``np.dtype`` would read as float64. The math treats these as differentiable (a cast to a
+    long double keeps its gradient); a run's own ``dtype`` must also pass
+    :func:`is_compute_float`."""
     if dtype is None:
         return False
     if isinstance(dtype, np.dtype):  # an array's dtype: asked on every 16-bit check of a step
@@ -85,11 +83,20 @@ def is_floating(dtype: Any) -> bool:
             dt = np.dtype(dtype)
         except TypeError:
             return False
+    return dt.kind == "f" or (BFLOAT16 is not None and dt == BFLOAT16)
+
+
+def is_compute_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is one asyncnn computes a run's parameters in: float16, float32,
+    float64 or bfloat16. Not ml_dtypes' float8 types (``float8_e5m2`` is of kind ``"f"``, but
+    its sums are not widened as 16-bit ones are: a run in it trained on 1-byte sums) nor
+    numpy's long double where it is wider than float64 (no GPU computes in it)."""
     # (the item size tells float16/32/64 from the float8s and the long double, whatever the
     # byte order; bfloat16 is of kind "V")
-    return (dt.kind == "f" and dt.itemsize in _FLOAT_SIZES) or (
-        BFLOAT16 is not None and dt == BFLOAT16
-    )
+    if not is_floating(dtype):
+        return False
+    dt = np.dtype(dtype)
+    return dt.kind != "f" or dt.itemsize in _FLOAT_SIZES
 
 
 _FLOAT_SIZES = (2, 4, 8)  # float16, float32, float64

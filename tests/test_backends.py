@@ -331,15 +331,17 @@ def test_bytes_round_trip_of_dtypes_a_memoryview_cannot_cast() -> None:
     np.testing.assert_array_equal(be.from_bytes(buf, h.dtype, (2, 2)), h)
 
 
-def test_is_floating_only_for_the_dtypes_asyncnn_computes_in() -> None:
+def test_is_compute_float_only_for_the_dtypes_asyncnn_computes_in() -> None:
     # float8_e5m2 (kind "f", 1 byte) passed, so a run in it trained on 1-byte sums, while
-    # float8_e4m3fn (kind "V") was refused; numpy's long double is no supported dtype either
-    from asyncnn.backends import is_floating
+    # float8_e4m3fn (kind "V") was refused; numpy's long double is no supported dtype either.
+    # is_floating stays wide: the math differentiates through casts to those (below)
+    from asyncnn.backends import is_compute_float, is_floating
 
-    assert all(is_floating(d) for d in ("float16", "float32", "float64", ">f4"))
-    assert not is_floating(np.longdouble) or np.dtype(np.longdouble).itemsize == 8
+    assert all(is_compute_float(d) for d in ("float16", "float32", "float64", ">f4"))
+    assert not is_compute_float(np.longdouble) or np.dtype(np.longdouble).itemsize == 8
+    assert is_floating(np.longdouble) and not is_compute_float("int32")
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    assert is_floating(ml_dtypes.bfloat16)
+    assert is_compute_float(ml_dtypes.bfloat16)
     for name in ("float8_e5m2", "float8_e4m3fn", "float4_e2m1fn"):
         if hasattr(ml_dtypes, name):
-            assert not is_floating(getattr(ml_dtypes, name)), name
+            assert not is_compute_float(getattr(ml_dtypes, name)), name

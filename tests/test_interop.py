@@ -221,6 +221,9 @@ def test_tied_torch_weights_are_named_in_a_warning():
         warnings.simplefilter("error")
         from_torch(untied, ours)  # equal values in separate memory: no warning
         from_torch({k: v.numpy() for k, v in untied.items()}, ours)
+        # empty tensors all read the null pointer: not tied
+        _interop._warn_tied({"a": torch.empty(0, 3), "b": torch.empty(0, 3)}, ["a", "b"])
+        _interop._warn_tied({"a": np.empty((0, 3)), "b": np.empty((0, 3))}, ["a", "b"])
     arrays = {k: v.numpy() for k, v in theirs.state_dict().items()}  # numpy views of one tensor
     with pytest.warns(UserWarning, match="tied weights"):
         from_torch(arrays, ours)

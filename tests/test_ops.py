@@ -266,6 +266,18 @@ def test_astype_gradient_comes_back_in_the_input_dtype(backend: Any) -> None:
     assert ops.astype(x64, np.float64) is x64  # no-op casts record nothing
 
 
+def test_a_cast_to_a_wider_or_narrower_float_keeps_its_gradient() -> None:
+    # the run's dtype setting refuses a long double or a float8, but the math differentiates
+    # through a cast to one (a quantisation simulated by x.astype(float8).astype(float32)): a
+    # narrowing of what counts as floating cut that gradient to zeros
+    x = np.array([1.0, 2.0])
+    g = ann.grad(lambda x: ops.sum(ops.astype(x * x, np.longdouble)))(x)
+    np.testing.assert_array_equal(g, [2.0, 4.0])
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q = ann.grad(lambda x: ops.sum(ops.astype(ops.astype(x, ml_dtypes.float8_e5m2), np.float64)))
+    np.testing.assert_array_equal(q(x), [1.0, 1.0])
+
+
 @pytest.mark.parametrize("join", [ops.concatenate, ops.stack])
 def test_joined_float32_and_float64_get_gradients_of_their_dtypes(backend: Any, join: Any) -> None:
     a32, a64 = backend.asarray(np.ones((2, 3), np.float32)), backend.asarray(np.ones((2, 3)))

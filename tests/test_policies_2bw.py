@@ -266,6 +266,28 @@ async def test_pipedream_2bw_run_state_carries_the_version_before_the_latest():
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_numpy_int_versions_of_earlier_params_are_taken_as_ints_traced_too(tmp_path):
+    # open_run took np.int64 version keys, which the trace's encoding (and the cluster's wire)
+    # refuse: a traced run computed every step, then failed writing its trace at the end
+    tr = _two_bw_trainer(2)
+    tr.fit(classification_data(16), epochs=1, batch_size=8)
+    earlier = {
+        n: {np.int64(v): p for v, p in e.items()} for n, e in tr.state.earlier_params.items()
+    }
+    state = dataclasses.replace(tr.state, earlier_params=earlier)
+    path = str(tmp_path / "np.trace")
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, state=state, dtype="float64", trace=path
+    ) as run:
+        for b in minibatches(classification_data(16), 8):
+            await run.step(b)
+        await run.drain()
+        assert all(type(v) is int for e in run.state().earlier_params.values() for v in e)
+    assert ann.replay(path).identical
+
+
+@pytest.mark.anyio
 async def test_open_run_refuses_earlier_params_that_do_not_fit_the_state():
     tr = _two_bw_trainer(2)
     tr.fit(classification_data(16), epochs=1, batch_size=8)
@@ -318,3 +340,18 @@ def test_a_traced_pipedream_2bw_fit_goes_on_from_the_version_before_and_replays(
     assert held and "stage0" in held["dict"]
     for path in tr.traces:
         assert ann.replay(path).identical
+
+
+@pytest.mark.timeout(60)
+def test_a_policy_that_pins_no_forwards_drops_the_earlier_versions(tmp_path):
+    # a Sync fit after a PipeDream2BW one recorded the earlier versions in its trace (a second
+    # copy of the weights) though nothing used them
+    data = classification_data(16)
+    tr = _two_bw_trainer(2)
+    tr.fit(data, epochs=1, batch_size=8)
+    assert tr.state.earlier_params
+    tr.policy = policies.Sync()
+    tr.trace = str(tmp_path / "sync.trace")
+    tr.fit(data, epochs=1, batch_size=8)
+    assert "earlier" not in ann.trace.read(tr.traces[-1]).state
+    assert tr.state.earlier_params == {}

@@ -388,6 +388,22 @@ def test_a_state_key_the_trace_cannot_keep_as_it_is_is_refused_naming_it(
         rec.close()
 
 
+@pytest.mark.parametrize("field", ["opt_states", "pending", "earlier"])
+def test_a_key_the_trace_cannot_keep_in_the_runs_state_is_refused_before_it_starts(
+    tmp_path: Path, field: str
+) -> None:
+    # these trees are encoded on the writer's thread after the run began: a custom optimizer's
+    # state keyed by a tuple failed the trace at the run's end ("writing the trace failed")
+    rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
+    trees: dict[str, Any] = {"opt_states": {}, "pending": {}, "earlier": {}}
+    trees[field] = {"a": {(1, 2): np.ones(2)}}
+    try:
+        with pytest.raises(TypeError, match=rf"initial {field}: the dict at \['a'\] has the key"):
+            rec.state({}, trees["opt_states"], {}, trees["pending"], None, trees["earlier"])
+    finally:
+        rec.close()
+
+
 def test_a_state_tree_of_the_earlier_encoding_reads_as_it_was_written() -> None:
     # a tree written before numpy scalars and dict keys were kept as they are (keys as their
     # str, numpy scalars as 0-d arrays) reads as it did (test_replay_state replays a trace)

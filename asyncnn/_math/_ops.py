@@ -166,7 +166,7 @@ def sigmoid(x: Any) -> Any:
 
 def relu(x: Any) -> Any:
     """``max(x, 0)``; the gradient at 0 is 0 and at a NaN input the cotangent, as in torch
-    (the GPU's fused kernel still gives 0 at a NaN)."""
+    (on the CPU and through the GPU's fused kernel alike)."""
     return _P["relu"](x)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import is_floating
+from asyncnn.backends import is_compute_float
 from asyncnn.backends._dtypes import unknown_dtype_hint
 
 __all__ = ["PAYLOAD_MODES", "RunConfig"]
@@ -68,7 +68,7 @@ class RunConfig:
         except TypeError as exc:
             hint = unknown_dtype_hint(self.dtype)
             raise ValueError(f"dtype {self.dtype!r} is not a dtype numpy knows{hint}") from exc
-        if not is_floating(dt):  # parameters in it would fail later, at a layer, not here
+        if not is_compute_float(dt):  # parameters in it would fail later, at a layer
             # (a float8 or a long double too: asyncnn computes in these four only)
             raise ValueError(
                 f"dtype must name a floating dtype asyncnn computes in: float16, float32, "

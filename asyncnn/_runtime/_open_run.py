@@ -115,7 +115,8 @@ async def open_run(
             some of the graph's layers or whose parameters have another structure or shapes
             than the graph's (checked with the graph, so not where ``validated``), or whose
             ``earlier_params`` name another layer, a version that is not below the layer's, or
-            parameters of another structure or shapes (those also where ``validated``).
+            parameters of another structure or shapes than the layer's in the state (those
+            also where ``validated``, and on a cluster).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
     _check_pool(pool)
@@ -130,6 +131,17 @@ async def open_run(
     check_cuda_graphs(config.cuda_graphs, cluster)
     if state is not None:
         state = _in_dtype(state, config.dtype)
+        earlier = state.earlier_params
+        if earlier and not policy.versions_kept():
+            # a policy that pins no forwards uses none (and its run's state drops them): a
+            # trace would hold a second copy of the weights for nothing
+            state = dataclasses.replace(state, earlier_params={})
+        elif any(type(v) is not int for held in earlier.values() for v in held):
+            # numpy ints (checked above) as ints: the trace and the wire keep int keys only
+            state = dataclasses.replace(
+                state,
+                earlier_params={n: {int(v): p for v, p in h.items()} for n, h in earlier.items()},
+            )
     if cluster is not None:
         # the workers' actors stay eager: graphs need every actor in one process
         if config.cuda_graphs is None:
@@ -269,6 +281,18 @@ def _check_earlier_versions(graph: Graph, state: RunState) -> None:
                     "the parameters of earlier versions only; pass the state of a run "
                     "(run.state(), Trainer.state) as it was given"
                 )
+            # against the layer's own weights in the state: checked also where the caller
+            # validated the graph (a fit) and on a cluster, where a misfit failed mid-run
+            try:
+                check_params(
+                    name, state.params[name], versions[v],
+                    place=f"state.earlier_params[{name!r}][{v}]",
+                )  # fmt: skip
+            except ValueError as exc:
+                raise ValueError(
+                    f"open_run: {exc}; pass the state of a run of this graph (run.state(), "
+                    "Trainer.state)"
+                ) from None
 
 
 def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:
@@ -282,9 +306,6 @@ def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> 
     for name in graph.layers:
         try:
             check_params(name, like[name], state.params[name], owner="state.params")
-            for v, earlier in state.earlier_params.get(name, {}).items():
-                place = f"state.earlier_params[{name!r}][{v}]"
-                check_params(name, like[name], earlier, place=place)
         except ValueError as exc:
             raise ValueError(
                 f"open_run: {exc}; pass the state of a run of this graph (run.state(), "

@@ -199,6 +199,27 @@ def decode_tree(spec: Any) -> Any:
     return spec["value"]
 
 
+def _check_keys(tree: Any) -> None:
+    """Raises the :class:`_UnkeptKey` that :func:`encode_tree` would raise for ``tree``, without
+    encoding its arrays (the weights are encoded on the writer's thread, after the run began)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if not (k is None or isinstance(k, bool | int | float | str)):
+                raise _UnkeptKey(k)
+            try:
+                _check_keys(v)
+            except _UnkeptKey as exc:
+                exc.where = f"[{k!r}]{exc.where}"
+                raise
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            try:
+                _check_keys(v)
+            except _UnkeptKey as exc:
+                exc.where = f"[{i}]{exc.where}"
+                raise
+
+
 def _encoded_actor_state(layer: str, state: Any) -> Any:
     """A custom actor's state as :func:`encode_tree` encodes it, checked to fit a record."""
     try:
@@ -393,6 +414,14 @@ class Recorder:
         # changed, but these are the actor's own), and one a trace cannot hold is refused
         # before the run starts rather than failing the trace at its end.
         actors = {name: _encoded_actor_state(name, st) for name, st in (actor_states or {}).items()}
+        # the other trees are encoded on the writer's thread, once the run has begun: a key the
+        # trace cannot keep (a custom optimizer's state keyed by a tuple) would fail the trace at
+        # the run's end, so their keys are checked here, before it starts
+        for field, tree in (("opt_states", opt_states), ("pending", pending), ("earlier", earlier)):
+            try:
+                _check_keys(tree)
+            except _UnkeptKey as exc:
+                raise TypeError(f"the trace cannot hold the run's initial {field}: {exc}") from None
         self._queue.put(("state", params, opt_states, versions, pending or {}, actors, earlier))
 
     def event(
