@@ -60,8 +60,24 @@ class DriverRun(ClusterRun):
     worker_traces: dict[int, Any]
     nccl: NcclLinks | None = None
 
+    #: the state the run started from: a worker's layers are as there until it sends its own
+    start_state: RunState
+
     def state(self) -> RunState:
         own = super().state()
+        start = self.start_state
+        for n in self.graph.layers:
+            if n not in own.params:  # a worker's layer (its own state comes at the run's end)
+                own.params[n] = start.params[n]
+                own.opt_states[n] = start.opt_states[n]
+                own.versions[n] = start.versions[n]
+                for mine, theirs in (
+                    (own.pending_grads, start.pending_grads),
+                    (own.actor_states, start.actor_states),
+                    (own.earlier_params, start.earlier_params),
+                ):
+                    if n in theirs:
+                        mine[n] = theirs[n]
         for res in self.results.values():
             own.params.update(res["params"])
             own.opt_states.update(res["opt_states"])
@@ -182,6 +198,7 @@ async def _driver_run(
                 recorder=recorder, hosted=here, remote=proxies,
             )  # fmt: skip
             run.results = {}
+            run.start_state = state
             run.worker_traces = share.traces
             async with hosting(run, share):
                 yield run
