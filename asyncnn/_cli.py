@@ -30,6 +30,7 @@ from ._cli_args import (
     _positive_int,
     _seed,
 )
+from ._version import __version__
 
 __all__ = ["main"]
 
@@ -79,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
                 placed["graph"] = _on_workers(read_graph(args.resume), args.workers)
             trainer = Trainer.load(
                 args.resume, progress=args.progress, cluster=cluster, trace=args.trace or None,
-                **placed,
+                trace_payloads=args.trace_payloads, **placed,
             )  # fmt: skip
             graph, policy = trainer.graph, trainer.policy
             microbatches = getattr(policy, "microbatches", None)
@@ -88,13 +89,7 @@ def _train(args: argparse.Namespace) -> int:
                     f"--batch-size {args.batch_size}: the checkpoint's {policy} cuts each "
                     f"minibatch into {microbatches} keys; give --batch-size {microbatches} or more"
                 )
-            declared = graph.nodes["x"].shape if "x" in graph.nodes else None
-            if declared is not None and len(declared) == 2 and declared[1] != features:
-                raise UsageError(
-                    f"--resume {args.resume}: its model takes rows of {declared[1]} features, "
-                    f"--dataset {args.dataset} has {features}: give the --dataset it was "
-                    "trained on"
-                )
+            # (its inputs, against the --dataset's rows, were checked before the data was loaded)
         else:
             modules: list[Any] = []
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -158,6 +153,7 @@ def _fit(
             progress=args.progress,
             cluster=cluster,
             trace=args.trace or None,
+            trace_payloads=args.trace_payloads,
         )
         cut = [len(graph.nodes[n].module.modules) for n in graph.layers]
         print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
@@ -166,13 +162,9 @@ def _fit(
     else:
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
               f"({trainer.state.minibatches} minibatches) under {policy}{where}")  # fmt: skip
-    epochs = args.epochs - trainer.epochs_done  # --epochs counts those of the checkpoint too
-    if epochs < 0:
-        raise UsageError(
-            f"--epochs {args.epochs}: the checkpoint has trained {trainer.epochs_done} already "
-            f"(--epochs counts them too); give --epochs {trainer.epochs_done + 1} or more to "
-            "train on"
-        )
+    # --epochs counts those of the checkpoint too (one at or below them was refused before the
+    # data was loaded)
+    epochs = args.epochs - trainer.epochs_done
     callbacks = [JSONLLogger(args.metrics)] if args.metrics else []
     start = time.perf_counter()
     try:
@@ -291,6 +283,7 @@ def _replay(args: argparse.Namespace) -> int:
             f"{args.path} is cut off after {len(recorded.events)} events (the run that wrote it "
             "did not finish writing): replay needs a whole trace"
         )
+    _check_payloads(args, recorded.header)
     result = replay(args.path, actor=args.actor)
     what = f"actor {args.actor}" if args.actor else "the run"
     if result.identical:
@@ -306,6 +299,39 @@ def _replay(args: argparse.Namespace) -> int:
     )
     print(result.first_divergence)
     return 1
+
+
+def _check_payloads(args: argparse.Namespace, header: dict[str, Any]) -> None:
+    """Refuses a replay that the trace's payloads cannot feed, saying how to record one from the
+    command line as well as from Python (``replay`` names only ``trace_payloads=``, which
+    ``asyncnn train`` had no way to set)."""
+    payloads = header.get("payloads", "inputs")
+    if args.actor is None and payloads == "none":
+        raise UsageError(
+            f"{args.path} kept no payloads ('none'), and replay needs traces recorded with "
+            "trace_payloads='inputs' or 'all': record with asyncnn train --trace-payloads inputs "
+            "(the default) or all, or in Python Trainer(..., trace_payloads='inputs')"
+        )
+    if args.actor is not None and payloads != "all" and args.actor in _actors(header):
+        raise UsageError(
+            f"replaying actor {args.actor!r} alone needs the payload of every message it "
+            f"received; this trace kept {payloads!r}: record with asyncnn train --trace-payloads "
+            "all, or in Python Trainer(..., trace_payloads='all')"
+        )
+
+
+def _actors(header: dict[str, Any]) -> set[str]:
+    """The layers and losses of the trace's graph, by its header (none where it is malformed:
+    ``replay`` then says what is wrong, or that there is no such actor)."""
+    graph = header.get("graph")
+    nodes = graph.get("nodes") if isinstance(graph, dict) else None
+    if not isinstance(nodes, list):
+        return set()
+    return {
+        node["name"]
+        for node in nodes
+        if isinstance(node, dict) and node.get("kind") in ("layer", "loss") and "name" in node
+    }
 
 
 _BENCHES = ("math", "runtime", "trace", "gpu", "transport")
@@ -341,6 +367,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="asyncnn", description="asynchronous neural networks")
+    ap.add_argument("-V", "--version", action="version", version=f"asyncnn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser(
         "train",
@@ -378,6 +405,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run the stages in this many local worker processes (stage i on worker i mod N)",
     )  # fmt: skip
     t.add_argument("--trace", metavar="PATH", help="write a message trace of the run here")
+    t.add_argument(
+        "--trace-payloads", choices=("inputs", "all", "none"), default="inputs",
+        help="what the trace keeps besides digests: the inputs fed in (enough for asyncnn "
+        "replay), every message (also enough for asyncnn replay --actor), or none",
+    )  # fmt: skip
     t.add_argument(
         "--save", metavar="DIR",
         help="save the trainer here at the end, and on Ctrl-C or an error",

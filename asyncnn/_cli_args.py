@@ -1,6 +1,7 @@
 """What the ``asyncnn`` command line refuses, one line each (exit status 2), before any run:
-a value argparse cannot take (its types below), and train's options that cannot work together or
-name a path the run could not write at its end (``--save``, ``--out``, ``--trace``, ``--metrics``).
+a value argparse cannot take (its types below), and train's options that cannot work together,
+name a path the run could not write at its end (``--save``, ``--out``, ``--trace``, ``--metrics``)
+or that another of them writes too, or a ``--resume`` checkpoint that train cannot continue.
 
 Apart from ``_cli.py``, which runs the commands: a refused command line costs no training, so
 every check that can be made before a run is made here.
@@ -11,8 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 from ._tracing._chrome import folder_end
+
+if TYPE_CHECKING:
+    from ._runtime._graph import Graph
 
 # the policies that cut each minibatch into --microbatches keys
 _MICROBATCHED = ("PipeDream", "OneFOneB", "GPipe")
@@ -23,6 +28,11 @@ _MODEL_FLAGS = (
     "--policy", "--stages", "--balance", "--microbatches", "--no-stash", "--layers", "--hidden",
     "--lr", "--seed",
 )  # fmt: skip
+
+
+#: the row width of each --dataset, which a --resume checkpoint's model must take (known here so
+#: that a checkpoint of another is refused before the data is loaded; a test checks them)
+_DATASET_FEATURES = {"mnist1d": 40, "digits": 64}
 
 
 class UsageError(Exception):
@@ -76,10 +86,19 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
         ) from exc
 
 
-def _check_resume(path: str) -> None:
-    """Refuses, before the data is loaded, a ``--resume`` that is no checkpoint folder, naming
-    the flag (the Python API's words name only the path)."""
-    from ._checkpoint import _spec_path
+def _check_resume(path: str) -> tuple[Graph, int]:
+    """Refuses, before the data is loaded, a ``--resume`` that is no checkpoint folder or a
+    damaged one, naming the flag (the Python API's words name only the path); returns the
+    checkpoint's graph and its epochs done, read from its spec (its arrays are checksummed, not
+    read: ``Trainer.load`` reads them once)."""
+    from ._checkpoint import _is_checkpoint, _spec_path, read_graph
+    from ._checkpoint_files import (
+        MANIFEST,
+        CheckpointError,
+        _finish_save,
+        _read_spec,
+        verify_checkpoint,
+    )
 
     fix = "--resume takes a folder that --save wrote"
     if not os.path.exists(path):
@@ -87,9 +106,123 @@ def _check_resume(path: str) -> None:
     if not os.path.isdir(path):
         raise UsageError(f"--resume {path}: that is a file; {fix}")
     try:  # (its words say why: no spec, or a first save cut off before its manifest)
-        _spec_path(path)
+        spec_path = _spec_path(path)
     except FileNotFoundError as exc:
         raise UsageError(f"--resume {path}: {exc}; {fix}") from exc
+    try:  # checked as Trainer.load checks it, before it is loaded
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            if not _finish_save(path):  # (a save cut off between its renames: finished, as
+                raise  # loading it would)
+            verify_checkpoint(path)
+        graph = read_graph(path)
+        epochs_done: int = _read_spec(spec_path)["epochs_done"]
+    except (ValueError, OSError) as exc:  # CheckpointError, UntrustedModuleError, unreadable
+        why = str(exc).rstrip(".")
+        if _is_checkpoint(path):  # a checkpoint, damaged: the reader's words say where
+            raise UsageError(f"--resume {path}: {why}") from exc
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            # a spec.msgpack that no save wrote: what is wrong with it, rather than the
+            # manifest's absence, which the reader puts down to an older asyncnn
+            try:
+                _read_spec(spec_path)
+            except CheckpointError as spec_exc:
+                why = str(spec_exc).rstrip(".")
+        raise UsageError(f"--resume {path}: {why}; {fix}") from exc
+    return graph, epochs_done
+
+
+def _check_resumable(args: argparse.Namespace, graph: Graph) -> None:
+    """Refuses a checkpoint whose graph does not read what ``asyncnn train`` feeds it: ``x``,
+    rows of the ``--dataset``'s features, and ``y``, integer labels (a checkpoint saved from
+    Python failed after the data and the weights were loaded, speaking of a batch the user never
+    gave)."""
+    path = args.resume
+    elsewhere = (
+        "it is not a checkpoint asyncnn train can resume; load it in Python with ann.Trainer.load"
+    )
+    x = graph.nodes.get("x")
+    y = graph.nodes.get("y")
+    if sorted(graph.inputs) != ["x", "y"] or x is None or y is None:
+        raise UsageError(
+            f"--resume {path}: its graph's inputs are {sorted(graph.inputs)}, and asyncnn train "
+            f"feeds 'x' (rows of features) and 'y' (integer labels): {elsewhere}"
+        )
+    # (a shape or dtype not declared takes what it is given)
+    rows = x.shape is None or len(x.shape) == 2
+    labels = (y.shape is None or len(y.shape) == 1) and (
+        y.dtype is None or y.dtype.startswith(("int", "uint"))
+    )
+    if not (rows and labels):
+        raise UsageError(
+            f"--resume {path}: its graph's inputs are 'x' of shape {x.shape} and 'y' of shape "
+            f"{y.shape} ({y.dtype}), and asyncnn train feeds rows of features (None, F) and "
+            f"integer labels (None,): {elsewhere}"
+        )
+    features = None if x.shape is None else x.shape[1]
+    have = _DATASET_FEATURES[args.dataset]
+    if features is None or features == have:
+        return
+    fits = [name for name, n in _DATASET_FEATURES.items() if n == features]
+    if fits:
+        raise UsageError(
+            f"--resume {path}: its model takes rows of {features} features, --dataset "
+            f"{args.dataset} has {have}: give the --dataset it was trained on (--dataset "
+            f"{fits[0]})"
+        )
+    widths = " or ".join(f"{n} (--dataset {name})" for name, n in _DATASET_FEATURES.items())
+    raise UsageError(
+        f"--resume {path}: its model takes rows of {features} features, and asyncnn train's "
+        f"datasets have {widths}: {elsewhere}"
+    )
+
+
+def _checkpoint_files() -> tuple[str, ...]:
+    """The files a checkpoint folder holds, and those a save writes beside them first."""
+    from ._checkpoint import _FILES
+
+    return (*_FILES, *(name + ".tmp" for name in _FILES))
+
+
+def _check_outputs_apart(args: argparse.Namespace) -> None:
+    """Refuses outputs that would write over each other (the second to write wins, and the run's
+    end finds the first lost: ``--trace X --metrics X`` kept the trace and no metric), or a file
+    where another output makes a folder. Outputs that only share a folder are fine."""
+    real = os.path.realpath
+    files = [(f"--trace {args.trace}", args.trace), (f"--metrics {args.metrics}", args.metrics)]
+    if args.out:
+        files.append(
+            (f"--out {args.out} (its results.json)", os.path.join(args.out, "results.json"))
+        )
+    files = [(said, path) for said, path in files if path]
+    for i, (said, path) in enumerate(files):
+        for other_said, other in files[i + 1 :]:
+            if real(path) == real(other):
+                raise UsageError(f"{said} and {other_said} name the same file; give each its own")
+    # the folders written in (the checkpoint read by --resume, which --save may replace, too)
+    folders = [("--save", args.save), ("--out", args.out), ("--resume", args.resume)]
+    checkpoint_files = _checkpoint_files()
+    for said, path in files:
+        for flag, folder in folders:
+            if not folder:
+                continue
+            if real(folder) == real(path) or real(folder).startswith(real(path) + os.sep):
+                raise UsageError(
+                    f"{said}: the run writes a file there, and {flag} {folder} needs it as a "
+                    "folder; give another path"
+                )
+            name = os.path.basename(path)
+            if (
+                flag != "--out"
+                and os.path.dirname(real(path)) == real(folder)
+                and (name in checkpoint_files)
+            ):
+                verb = "writes" if flag == "--save" else "reads"
+                raise UsageError(
+                    f"{said}: {flag} {folder} {verb} that file (a checkpoint's {name}); give "
+                    "another name"
+                )
 
 
 def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
@@ -101,6 +234,9 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
     ):  # fmt: skip
         if path:
             _check_writable(flag, path, folder)
+    _check_outputs_apart(args)
+    if "--trace-payloads" in given and not args.trace:
+        raise UsageError("--trace-payloads applies to the trace: give --trace PATH too")
     if args.save:
         from ._checkpoint import check_save_path
 
@@ -115,7 +251,13 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
                 f"--resume takes the model, policy, optimizer and seed from the checkpoint; "
                 f"drop {' '.join(clash)}"
             )
-        _check_resume(args.resume)
+        graph, epochs_done = _check_resume(args.resume)
+        _check_resumable(args, graph)
+        if args.epochs <= epochs_done:  # (an equal count trained nothing, and reported it)
+            raise UsageError(
+                f"--epochs {args.epochs}: the checkpoint has trained {epochs_done} already "
+                f"(--epochs counts them too); give --epochs {epochs_done + 1} or more to train on"
+            )
         return
     if args.no_stash and args.policy != "PipeDream":
         raise UsageError(

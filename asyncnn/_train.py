@@ -30,7 +30,13 @@ from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
-from ._train_options import _check_trace_path, _Option, _TraceOption, _tune_allocator
+from ._train_options import (
+    _check_optimizer,
+    _check_trace_path,
+    _Option,
+    _TraceOption,
+    _tune_allocator,
+)
 from .backends import to_numpy
 
 __all__ = ["History", "Trainer"]
@@ -79,7 +85,8 @@ class Trainer:
             without a trace; elsewhere (and on the CPU) the run stays eager.
 
     Raises:
-        TypeError: ``cuda_graphs`` is not a bool or None.
+        TypeError: ``cuda_graphs`` is not a bool or None; ``optimizer`` is a class (not an
+            instance: ``optim.Adam(lr=1e-3)``) or no optimizer; ``policy`` is no policy.
         ValueError: ``cuda_graphs=True`` with a ``cluster``; ``trace=""``.
         FileNotFoundError: ``trace``'s folder does not exist (it is not made; the file is
             created, or emptied, when a ``fit`` starts). The same classes as the trace writer
@@ -144,6 +151,7 @@ class Trainer:
             raise TypeError(
                 f"policy must be an asyncnn.policies policy (e.g. policies.Sync()), got {policy!r}"
             )
+        _check_optimizer(optimizer)
         self.graph = graph
         self.optimizer = optimizer
         self.policy = policy

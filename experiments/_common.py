@@ -7,13 +7,18 @@ Experiments import only asyncnn's public API, and this file.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import os
 import platform
+import textwrap
 import time
+import tokenize
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 C = TypeVar("C")
 
@@ -27,6 +32,61 @@ def _flag_bool(text: str) -> bool:
     if value in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and each flag's default after its meaning."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text is not None and action.default == "":  # "(default: )" reads as a missing value
+            text = text.replace("%(default)s", "''")
+        return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the ``asyncnn`` command's: the usage block printed
+    before each (18 lines for mnist1d_table.py) hid the error, and ``--help`` gives it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The comment that explains each field of the dataclass ``cls`` in its source, as ``--help``
+    text: the one ending the field's line (its last, for a field written over several lines),
+    else the comment lines right above the field. Fields with neither are left out; so is every
+    field where the source cannot be read (a class made at run time)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        body = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndexError):
+        return {}
+    comments: dict[int, str] = {}
+    code: set[int] = set()  # lines holding code (a comment there belongs to that code)
+    blank = (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in blank:
+            code.update(range(tok.start[0], tok.end[0] + 1))
+    helps: dict[str, str] = {}
+    for stmt in getattr(body, "body", []):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        end = stmt.end_lineno or stmt.lineno
+        if end in comments:
+            helps[stmt.target.id] = comments[end]
+            continue
+        above: list[str] = []
+        line = stmt.lineno - 1
+        while line in comments and line not in code:
+            above.insert(0, comments[line])
+            line -= 1
+        if above:
+            helps[stmt.target.id] = " ".join(above)
+    return helps
 
 
 def parse_config(
@@ -46,11 +106,14 @@ def parse_config(
     (required, so that each script says it: ``()`` where 0 fits every field) names the numeric
     fields that must also be above 0 (sizes, counts, epochs, learning rates); the others may be
     0. ``check(config)`` returns what else is wrong with the parsed config, or None. Any of
-    these failing is argparse's one-line usage error (exit status 2), not a traceback from deep
-    in the run."""
-    ap = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    these failing is a one-line usage error naming the flag (exit status 2), not a traceback
+    from deep in the run; a field that must be above 0 says so also for a negative value (it was
+    refused as ``must be >= 0``, and then the 0 that fixed that as ``must be > 0``).
+
+    ``--help`` gives each flag the comment that explains its field in ``cls``'s source (see
+    :func:`field_help`: where a special value such as 0 means "all" or "unlimited", the comment
+    says so) and its default."""
+    ap = OneLineParser(description=doc, formatter_class=HelpFormatter)
     choices = choices or {}
     if isinstance(positive, str):  # ("epochs") is a str: each letter would be a field name
         raise TypeError(f"positive must be a collection of field names, got {positive!r}")
@@ -62,14 +125,16 @@ def parse_config(
     if not_numbers:
         raise ValueError(f"positive names fields of {cls.__name__} that are not numbers: "
                          f"{not_numbers}")  # fmt: skip
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        extra: dict[str, Any] = {}
+        # (argparse formats help with %: a comment's "10%" would be a format error)
+        extra: dict[str, Any] = {"help": help_text(helps.get(f.name))}
         if f.name in choices:
             extra["choices"] = list(choices[f.name])
         if isinstance(default, bool):
-            ap.add_argument(flag, type=_flag_bool, default=default, metavar="{true,false}")
+            ap.add_argument(flag, type=_flag_bool, default=default, metavar="{true,false}", **extra)
         elif isinstance(default, tuple | list):
             kind = type(default[0]) if default else str
             ap.add_argument(flag, type=kind, nargs="+", default=list(default), **extra)
@@ -86,14 +151,23 @@ def parse_config(
             if not _is_number(x):
                 continue
             flag = "--" + name.replace("_", "-")
-            if x < 0 or x != x:  # x != x: a NaN passes every other comparison
-                ap.error(f"argument {flag}: must be >= 0, got {x}")
-            if x == 0 and name in positive:
+            # (a NaN fails both: it passes no comparison)
+            if name in positive and not x > 0:  # first: a negative count also needs > 0
                 ap.error(f"argument {flag}: must be > 0, got {x}")
+            if not x >= 0:
+                ap.error(f"argument {flag}: must be >= 0, got {x}")
     config = cls(**values)
     if check is not None and (problem := check(config)):
         ap.error(problem)
     return config
+
+
+def help_text(comment: str | None) -> str:
+    """A field's ``--help`` text: its comment (``%`` escaped for argparse), or its default alone
+    where it has none (argparse prints no default for a flag without help)."""
+    if not comment:
+        return "(default: %(default)s)"
+    return comment.replace("%", "%%")
 
 
 def _is_number(v: Any) -> bool:

@@ -10,7 +10,8 @@ followed by ``optim.SGD.update``. It is timed, in the same process and interleav
   compete inside one process (the asyncnn/torch ratio is then a ratio of medians, not per round).
 
 The process calls ``asyncnn.backends.tune_allocator()`` first; glibc's thresholds cannot be undone
-in-process, so the same measurement without tuning runs in a child process (``--no-tune``).
+in-process, so the same measurement without tuning runs, on every call, in a child process that
+this script starts itself (``--child untuned``, for its own use).
 
 Run: python experiments/bench_math.py [--quick] [--out runs/bench_math.json]
 """

@@ -57,15 +57,15 @@ class Config:
     microbatch: int = 256  # rows per microbatch; the minibatch is 4K of them
     steps: int = 8  # timed minibatches per configuration
     warmup: int = 2  # untimed minibatches first (kernel caches, memory pools)
-    dtype: str = "float32"
-    policies: tuple[str, ...] = ("gpipe", "1f1b", "pipedream")
+    dtype: str = "float32"  # of the weights and the messages
+    policies: tuple[str, ...] = ("gpipe", "1f1b", "pipedream")  # the schedules timed
     modes: tuple[str, ...] = ("process", "workers")  # one process; K worker processes
     same_gpu: bool = False  # stand-in: every stage on cuda:0, K up to max_k
     copy_mib: tuple[int, ...] = (4, 64, 256)  # message sizes for the transfer rates
-    copy_reps: int = 20
+    copy_reps: int = 20  # copies timed per message size and GPU pair
     time_budget_s: float = 300.0  # configurations past this are skipped (tests + this < 600 s)
     cpu_smoke: bool = False  # the whole script on the CPU at toy sizes (checks the script)
-    out: str = "runs/multi_gpu"
+    out: str = "runs/multi_gpu"  # multi_gpu.json and multi_gpu.md
 
 
 # what 0 makes meaningless (an empty table, an empty batch, a copy never timed); --warmup 0 is fine

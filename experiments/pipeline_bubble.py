@@ -50,8 +50,9 @@ class Config:
     virtual: int = 2  # V, stages per device of Interleaved1F1B (ZeroBubbleH1 runs V = 1: ZB-H1)
     zero_bubble_virtual: int = 1  # V of ZeroBubbleH1 (above 1: PyTorch's interleaved ZB)
     forward_ms: float = 10.0  # long enough that ~0.1 ms of message handling stays a small error
-    backward_ms: float = 20.0  # twice the forward, as for a dense layer (two products vs one):
-    # half in the input half, half in the weight half, so each of F, B and W costs forward_ms
+    # twice the forward, as for a dense layer (two products vs one): half in the input half,
+    # half in the weight half, so each of F, B and W costs forward_ms
+    backward_ms: float = 20.0
     minibatches: int = 6  # measured minibatches per setting; each is identical under a flush
     warmup: int = 1  # minibatches run before measuring: thread start-up, first allocations
     width: int = 8  # features per row: tiny, the arithmetic must not matter next to the sleeps

@@ -58,13 +58,13 @@ class Config:
     # and --max-active-keys, so "Async A={A}" names the Async setting whatever its depth
     only: str = ""
     # -- the character transformer (Adam; "" in tasks skips it)
-    tasks: tuple[str, ...] = ("mnist1d", "chars")
+    tasks: tuple[str, ...] = ("mnist1d", "chars")  # chars: the character transformer
     char_dim: int = 32  # a quarter of char_transformer's width: ~10 s per setting on 2 cores
     char_context: int = 32  # characters per window
     char_batch: int = 16  # windows per minibatch: 4 per microbatch
     char_train_windows: int = 512  # one epoch: 32 minibatches
     char_epochs: int = 6  # equal epochs: 192 minibatches (bits/char well below the unigram's)
-    char_max_epochs: int = 12
+    char_max_epochs: int = 12  # as max_epochs, for the transformer
     char_lr: float = 2e-3  # Adam, constant: a schedule would differ with each policy's updates
     char_val_windows: int = 64  # held-out windows scored at each epoch end
     char_only: str = (

@@ -8,10 +8,11 @@ Results (test accuracy, wall time) are printed and written to ``<out_dir>/result
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ import numpy as np
 
 import asyncnn as ann
 from asyncnn import data, nn, optim
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +145,20 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """A flag per Config field (``--mlp-epochs 30``; booleans as ``--skip-cnn``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """A flag per Config field (``--mlp-epochs 30``; booleans as ``--skip-cnn``), each with its
+    field's comment and its default in ``--help``; errors are one line."""
+    parser = _common.OneLineParser(
+        description=__doc__.splitlines()[0], formatter_class=_common.HelpFormatter
+    )
+    helps = _common.field_help(Config)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        text = _common.help_text(helps.get(field.name))
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=field.default)
+            parser.add_argument(flag, action="store_true", default=field.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
-            parser.add_argument(flag, type=kind, default=field.default, help=f"({field.default})")
+            parser.add_argument(flag, type=kind, default=field.default, help=text)
     cfg = Config(**vars(parser.parse_args(argv)))
     if problem := check(cfg):
         parser.error(problem)
@@ -169,10 +178,11 @@ def check(cfg: Config) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         flag = "--" + field.name.replace("_", "-")
-        if value < 0 or value != value:  # value != value: NaN
-            return f"argument {flag}: must be >= 0, got {value}"
-        if value == 0 and field.name in POSITIVE:
+        # (a NaN fails both: it passes no comparison)
+        if field.name in POSITIVE and not value > 0:  # first: a negative count also needs > 0
             return f"argument {flag}: must be > 0, got {value}"
+        if not value >= 0:
+            return f"argument {flag}: must be >= 0, got {value}"
     if not cfg.mlp_dropout < 1:
         return f"argument --mlp-dropout: must be in [0, 1), got {cfg.mlp_dropout}"
     return None

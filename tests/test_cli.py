@@ -233,16 +233,17 @@ def test_train_makes_the_folder_of_its_trace(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_resume_with_another_dataset_names_the_flag(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # it failed in the data check: "input 'x': got shape (4000, 40), the graph declares ..."
     ckpt = str(tmp_path / "ckpt")
     assert main([*_TRAIN, "--epochs", "1", "--save", ckpt]) == 0  # on digits: 64 features
     capsys.readouterr()
+    _no_data(monkeypatch)  # (it was said after the data and the checkpoint were loaded)
     assert main(["train", "--resume", ckpt, "--epochs", "2", "--out", ""]) == 2
     assert _one_error_line(capsys) == (
         f"asyncnn train: error: --resume {ckpt}: its model takes rows of 64 features, "
-        "--dataset mnist1d has 40: give the --dataset it was trained on"
+        "--dataset mnist1d has 40: give the --dataset it was trained on (--dataset digits)"
     )
 
 
@@ -265,7 +266,9 @@ def test_replay_of_a_truncated_trace_or_one_without_payloads_is_one_line(
     line = _one_error_line(capsys)
     assert "cut.trace is cut off after" in line and "replay needs a whole trace" in line
     assert main(["replay", traces[0], "--actor", "stage1"]) == 2
-    assert "record with trace_payloads='all'" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "record with asyncnn train --trace-payloads all" in line
+    assert "Trainer(..., trace_payloads='all')" in line
     bare = str(tmp_path / "bare.trace")
     rng = np.random.default_rng(0)
     ann.Trainer(
@@ -576,7 +579,7 @@ def test_the_report_of_a_resumed_run_names_the_checkpoints_model(
     # 0.001) for a model that was none of them
     ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
     assert main([*_TRAIN, "--epochs", "1", "--lr", "0.01", "--save", ckpt]) == 0
-    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "1", "--out",
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--out",
                  str(out)]) == 0  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     for flag in ("policy", "stages", "hidden", "layers", "lr", "seed", "microbatches"):
@@ -585,7 +588,7 @@ def test_the_report_of_a_resumed_run_names_the_checkpoints_model(
     model = report["model"]
     assert model["policy"] == "Sync()" and model["modules_per_stage"] == [1, 2]
     assert model["optimizer"].startswith("Adam(lr=0.01,") and model["seed"] == 0
-    assert model["epochs_done"] == 1
+    assert model["epochs_done"] == 2
     capsys.readouterr()
     # the default --epochs (30) or one given, below the checkpoint's: the message said no more
     assert (
@@ -683,3 +686,257 @@ def test_the_train_report_writes_a_diverged_runs_numbers_as_strict_json():
     back = json.loads(_strict_json(report), parse_constant=refuse)
     assert back == {"losses": [0.5, None, None], "test": {"loss": None}, "seconds": 1.5,
                     "steps": [1, 2]}  # fmt: skip
+
+
+# -- outputs that collide, checkpoints asyncnn train cannot resume, payloads, --version ----------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("paths", "says"),
+    [
+        # trained to the end: the trace was written over the metrics' lines (JSONL), and
+        # `asyncnn replay same.out` said identical while every metric was lost
+        (
+            {"--trace": "same.out", "--metrics": "same.out"},
+            "--trace {d}/same.out and --metrics {d}/same.out name the same file; give each its own",
+        ),
+        (
+            {"--metrics": "out/results.json", "--out": "out"},
+            "--metrics {d}/out/results.json and --out {d}/out (its results.json) name the same "
+            "file; give each its own",
+        ),
+        (
+            {"--trace": "runs/x", "--save": "runs/x/ckpt"},
+            "--trace {d}/runs/x: the run writes a file there, and --save {d}/runs/x/ckpt needs "
+            "it as a folder; give another path",
+        ),
+        (
+            {"--metrics": "ckpt/spec.msgpack", "--save": "ckpt"},
+            "--metrics {d}/ckpt/spec.msgpack: --save {d}/ckpt writes that file (a checkpoint's "
+            "spec.msgpack); give another name",
+        ),
+    ],
+    ids=["trace-metrics", "metrics-results", "trace-above-save", "metrics-in-save"],
+)
+def test_train_refuses_outputs_that_would_write_over_each_other_before_training(
+    paths: dict[str, str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a for flag, path in paths.items() for a in (flag, str(tmp_path / path))]
+    assert main([*_TRAIN[:-2], "--epochs", "1", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the data, the graph and the run
+    assert err.strip() == f"asyncnn train: error: {says.format(d=tmp_path)}"
+    assert not (tmp_path / "same.out").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(60)
+def test_train_takes_outputs_that_share_a_folder_without_colliding(tmp_path: Path) -> None:
+    # a checkpoint, its report, a trace and metrics in one folder: no file written twice
+    run = str(tmp_path / "run")
+    args = ["--save", run, "--out", run, "--trace", f"{run}/run.trace", "--metrics",
+            f"{run}/metrics.jsonl"]  # fmt: skip
+    assert main([*_TRAIN[:-2], "--epochs", "1", *args]) == 0
+    for name in ("manifest.json", "results.json", "run.trace", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        # "notckpt/manifest.json is not an asyncnn checkpoint manifest (format None, ...)",
+        # without the flag, after the data was loaded
+        (
+            {"manifest.json": "{}"},
+            "{p}/manifest.json is not an asyncnn checkpoint manifest (format None, expected "
+            "'asyncnn-checkpoint'); --resume takes a folder that --save wrote",
+        ),
+        # "the checkpoint has no manifest.json (it was written by an asyncnn older than ...)":
+        # no asyncnn wrote it
+        (
+            {"spec.msgpack": "hello\n"},
+            "{p}/spec.msgpack is damaged: ExtraData: unpack(b) received extra data; --resume "
+            "takes a folder that --save wrote",
+        ),
+    ],
+    ids=["stray-manifest", "stray-spec"],
+)
+def test_resume_from_a_folder_with_a_stray_checkpoint_file_names_the_flag(
+    files: dict[str, str],
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "notckpt"
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    _no_data(monkeypatch)
+    assert main(["train", "--resume", str(path), "--out", ""]) == 2
+    assert _one_error_line(capsys) == (
+        f"asyncnn train: error: --resume {path}: {says.format(p=path)}"
+    )
+
+
+def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes loading a dataset fail: what is refused before the data is loaded passes."""
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(ann.data, "load_mnist1d", load)
+    monkeypatch.setattr(ann.data, "load_digits", load)
+
+
+def _saved(path: Path, inputs: tuple[str, str] = ("x", "y"), features: int = 5) -> str:
+    """A checkpoint saved from Python: an MLP on ``features`` columns read from ``inputs``."""
+    from asyncnn import nn
+
+    feat, label = inputs
+    g = ann.Graph()
+    x = g.input(feat, shape=(None, features))
+    y = g.input(label, shape=(None,), dtype="int64")
+    out = g.layer("stage0", nn.Linear(features, 3), x)
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    g.output("logits", out)
+    ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()).save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "features", "says"),
+    [
+        # "resuming otherck after 0 epochs ...", then "the batch has no ['feat', 'label']"
+        (
+            ("feat", "label"),
+            5,
+            "its graph's inputs are ['feat', 'label'], and asyncnn train feeds 'x' (rows of "
+            "features) and 'y' (integer labels): it is not a checkpoint asyncnn train can "
+            "resume; load it in Python with ann.Trainer.load",
+        ),
+        # "its model takes rows of 20 features, --dataset mnist1d has 40: give the --dataset it
+        # was trained on", which no --dataset is
+        (
+            ("x", "y"),
+            20,
+            "its model takes rows of 20 features, and asyncnn train's datasets have 40 "
+            "(--dataset mnist1d) or 64 (--dataset digits): it is not a checkpoint asyncnn train "
+            "can resume; load it in Python with ann.Trainer.load",
+        ),
+    ],
+    ids=["other-inputs", "other-features"],
+)
+def test_resume_of_a_checkpoint_asyncnn_train_did_not_write_says_so_before_the_data(
+    inputs: tuple[str, str],
+    features: int,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ckpt = _saved(tmp_path / "ckpt", inputs, features)
+    _no_data(monkeypatch)
+    assert main(["train", "--resume", ckpt, "--out", ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no "resuming ..." line: refused before the data and the checkpoint
+    assert err.strip() == f"asyncnn train: error: --resume {ckpt}: {says}"
+
+
+def test_train_datasets_have_the_row_widths_resume_checks_against() -> None:
+    from asyncnn._cli_args import _DATASET_FEATURES
+
+    assert _DATASET_FEATURES == {
+        "mnist1d": ann.data.load_mnist1d()["x_train"].shape[1],
+        "digits": ann.data.load_digits()["x_train"].shape[1],
+    }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_with_no_epoch_left_to_train_is_refused_before_the_data(
+    epochs: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it printed "resuming ... after 2 epochs", loaded the data and the checkpoint, then refused
+    # --epochs 1; --epochs 2 (the epochs done) trained nothing and printed a table of zeros
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*_TRAIN, "--epochs", "2", "--save", ckpt]) == 0
+    capsys.readouterr()
+    _no_data(monkeypatch)
+    args = ["train", "--dataset", "digits", "--resume", ckpt, "--out", ""]
+    assert main([*args, "--epochs", str(epochs)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip() == (
+        f"asyncnn train: error: --epochs {epochs}: the checkpoint has trained 2 already "
+        "(--epochs counts them too); give --epochs 3 or more to train on"
+    )
+
+
+@pytest.mark.timeout(90)
+def test_train_records_every_payload_for_replaying_one_actor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no trace of asyncnn train could be replayed with --actor: it kept the inputs only, and
+    # the error's advice (trace_payloads='all') was for Python alone
+    trace = str(tmp_path / "run.trace")
+    assert main([*_TRAIN, "--epochs", "1", "--trace", trace, "--trace-payloads", "all"]) == 0
+    assert ann.trace.read(trace).header["payloads"] == "all"
+    capsys.readouterr()
+    assert main(["replay", trace, "--actor", "stage1"]) == 0
+    assert "replay of actor stage1" in capsys.readouterr().out
+    # without it (the default: inputs), the error names both ways to record one
+    kept = str(tmp_path / "inputs.trace")
+    assert main([*_TRAIN, "--epochs", "1", "--trace", kept]) == 0
+    capsys.readouterr()
+    assert main(["replay", kept, "--actor", "stage1"]) == 2
+    line = _one_error_line(capsys)
+    assert "this trace kept 'inputs'" in line
+    assert "asyncnn train --trace-payloads all" in line and "trace_payloads='all'" in line
+    # an actor the trace does not have is named as such, whatever the payloads
+    assert main(["replay", kept, "--actor", "stage9"]) == 2
+    assert "no actor named 'stage9'" in _one_error_line(capsys)
+
+
+def test_trace_payloads_without_a_trace_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*_TRAIN, "--trace-payloads", "all"]) == 2
+    assert _one_error_line(capsys) == (
+        "asyncnn train: error: --trace-payloads applies to the trace: give --trace PATH too"
+    )
+
+
+def test_replay_of_a_trace_without_payloads_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = str(tmp_path / "none.trace")
+    assert main([*_TRAIN, "--epochs", "1", "--trace", trace, "--trace-payloads", "none"]) == 0
+    capsys.readouterr()
+    assert main(["replay", trace]) == 2
+    line = _one_error_line(capsys)
+    assert "replay needs traces recorded with trace_payloads='inputs' or 'all'" in line
+    assert "asyncnn train --trace-payloads inputs" in line
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # "the following arguments are required: command"
+    with pytest.raises(SystemExit) as exc:
+        main([flag])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"asyncnn {ann.__version__}\n"
+
+
+@pytest.mark.parametrize("name", ["math", "runtime", "trace", "transport"])
+def test_bench_help_names_only_flags_the_benchmark_takes(name: str) -> None:
+    # bench_math's said the untuned run was "--no-tune", which it refused
+    proc = subprocess.run(
+        [sys.executable, f"experiments/bench_{name}.py", "--help"],
+        capture_output=True, text=True, timeout=120, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    import re
+
+    usage, _, _ = proc.stdout.partition("\n\n")
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", proc.stdout))
+    taken = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage)) | {"--help"}
+    assert named <= taken, proc.stdout

@@ -101,7 +101,7 @@ def test_no_backward_message_crosses_a_stage(tmp_path: Path) -> None:
     [
         (["--policies", "Sync", "GPipe"], "argument --policies: invalid choice: 'GPipe'"),
         (["--epochs", "1", "--stages", "0"], "argument --stages: must be > 0, got 0"),
-        (["--epochs", "1", "--lr", "-0.001"], "argument --lr: must be >= 0, got -0.001"),
+        (["--epochs", "1", "--lr", "-0.001"], "argument --lr: must be > 0, got -0.001"),
         # a rate of 0 trains nothing: both methods sat at their initial accuracy
         (["--epochs", "1", "--lr", "0"], "argument --lr: must be > 0, got 0.0"),
     ],

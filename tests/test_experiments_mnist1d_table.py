@@ -31,7 +31,7 @@ def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):
         ),
         (["--quick", "flase"], "argument --quick: expected true or false, got 'flase'"),
         # were accepted (a quick run then trained 1 epoch anyway), or a traceback
-        (["--quick", "true", "--logreg-epochs", "-1"], "argument --logreg-epochs: must be >= 0"),
+        (["--quick", "true", "--logreg-epochs", "-1"], "argument --logreg-epochs: must be > 0"),
         (["--quick", "true", "--microbatches", "0"], "argument --microbatches: must be > 0"),
         (["--quick", "true", "--mlp-stages", "9"], "the MLP has 7 modules, got 9 stages"),
         (["--quick", "true", "--mlp-dropout", "1.5"], "--mlp-dropout: must be in [0, 1)"),

@@ -21,12 +21,24 @@ def test_tiny_run_writes_both_models(tmp_path):
     ("argv", "message"),
     [
         # was a ValueError's traceback from the training loop
-        (["--skip-cnn", "--mlp-epochs", "-1"], "argument --mlp-epochs: must be >= 0, got -1"),
+        (["--skip-cnn", "--mlp-epochs", "-1"], "argument --mlp-epochs: must be > 0, got -1"),
         (["--skip-cnn", "--mlp-batch-size", "0"], "argument --mlp-batch-size: must be > 0"),
-        (["--skip-mlp", "--cnn-lr", "-0.1"], "argument --cnn-lr: must be >= 0, got -0.1"),
+        (["--skip-mlp", "--cnn-lr", "-0.1"], "argument --cnn-lr: must be > 0, got -0.1"),
         (["--skip-mlp", "--cnn-lr", "0"], "argument --cnn-lr: must be > 0, got 0.0"),
         (["--skip-cnn", "--mlp-dropout", "1"], "argument --mlp-dropout: must be in [0, 1)"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):
     assert message in usage_error(train_mnist1d.main, argv)
+
+
+def test_help_gives_each_flags_meaning_and_default(capsys):
+    # it gave the default alone, "(60)"
+    with pytest.raises(SystemExit):
+        train_mnist1d.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--mlp-epochs MLP_EPOCHS test accuracy stops rising after ~60 epochs (2,400 steps) "
+        "(default: 60)" in text
+    )
+    assert "--skip-cnn train only the MLP" in text

@@ -231,3 +231,20 @@ def test_check_labels_reads_large_labels_in_bounded_chunks(monkeypatch):
     with pytest.raises(ValueError, match=r"label 3 at index \(7, 1\) "):
         check_labels(g, shapes, {"y": y2})
     check_labels(g, shapes, {"y": np.zeros(0, np.int64)})  # no rows: nothing to check
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "says"),
+    [
+        # a class failed inside init_state: "Optimizer.init() missing 1 required positional
+        # argument: 'params'"
+        (optim.Adam, r"optimizer must be an instance, got the class Adam; call it with its "
+                     r"options: optimizer=optim\.Adam\(\.\.\.\)"),
+        ("sgd", r"optimizer must be an asyncnn\.optim optimizer \(e\.g\. optim\.Adam\(lr=1e-3\)\), "
+                r"got 'sgd'"),
+    ],
+    ids=["class", "not-an-optimizer"],
+)  # fmt: skip
+def test_the_trainer_refuses_what_is_not_an_optimizer_as_it_refuses_a_policy(optimizer, says):
+    with pytest.raises(TypeError, match=says):
+        ann.Trainer(chain_graph(2), optimizer=optimizer, policy=policies.Sync())

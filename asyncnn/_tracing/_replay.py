@@ -182,7 +182,8 @@ def replay(
     if actor is not None and payloads != "all":
         raise ValueError(
             f"replaying actor {actor!r} alone needs the payload of every message it received; "
-            f"this trace kept {payloads!r}: record with trace_payloads='all'"
+            f"this trace kept {payloads!r}: record with trace_payloads='all' (asyncnn train "
+            "--trace-payloads all on the command line)"
         )
     fed: dict[int, dict[str, Any]] = {}
     if actor is not None:
