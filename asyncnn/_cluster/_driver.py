@@ -71,13 +71,12 @@ class DriverRun(ClusterRun):
                 own.params[n] = start.params[n]
                 own.opt_states[n] = start.opt_states[n]
                 own.versions[n] = start.versions[n]
-                for mine, theirs in (
-                    (own.pending_grads, start.pending_grads),
-                    (own.actor_states, start.actor_states),
-                    (own.earlier_params, start.earlier_params),
-                ):
-                    if n in theirs:
-                        mine[n] = theirs[n]
+                if n in start.pending_grads:
+                    own.pending_grads[n] = start.pending_grads[n]
+                if n in start.actor_states:
+                    own.actor_states[n] = start.actor_states[n]
+                if n in start.earlier_params:
+                    own.earlier_params[n] = start.earlier_params[n]
         for res in self.results.values():
             own.params.update(res["params"])
             own.opt_states.update(res["opt_states"])
