@@ -200,6 +200,13 @@ def _check_outputs_apart(args: argparse.Namespace) -> None:
         for other_said, other in files[i + 1 :]:
             if real(path) == real(other):
                 raise UsageError(f"{said} and {other_said} name the same file; give each its own")
+    for said, path in files:  # a file inside another output's file: that one made a folder
+        for other_said, other in files:
+            if other is not path and real(other).startswith(real(path) + os.sep):
+                raise UsageError(
+                    f"{said}: the run writes a file there, and {other_said} needs it as a "
+                    "folder; give another path"
+                )
     # the folders written in (the checkpoint read by --resume, which --save may replace, too)
     folders = [("--save", args.save), ("--out", args.out), ("--resume", args.resume)]
     checkpoint_files = _checkpoint_files()

@@ -150,6 +150,12 @@ class IgnoreLabels(nn.Module):
     def init_params(self, init: Any) -> Any:
         return self.block.init_params(init)
 
+    @property
+    def stochastic(self) -> bool:
+        # it only passes its rng on: as random as its block (else a Generator per key for
+        # nothing, and no CUDA-graph capture on a GPU)
+        return bool(self.block.stochastic)
+
     def __call__(self, params: Any, x: Any, labels: Any, *, rng: Any = None) -> Any:
         return self.block(params, x, rng=rng)
 

@@ -716,8 +716,25 @@ def test_the_train_report_writes_a_diverged_runs_numbers_as_strict_json():
             "--metrics {d}/ckpt/spec.msgpack: --save {d}/ckpt writes that file (a checkpoint's "
             "spec.msgpack); give another name",
         ),
+        (  # (trained to the end, then failed on the trace's folder: a file already)
+            {"--metrics": "runs/m", "--trace": "runs/m/x.trace"},
+            "--metrics {d}/runs/m: the run writes a file there, and --trace {d}/runs/m/x.trace "
+            "needs it as a folder; give another path",
+        ),
+        (
+            {"--out": "o", "--trace": "o/results.json/run.trace"},
+            "--out {d}/o (its results.json): the run writes a file there, and --trace "
+            "{d}/o/results.json/run.trace needs it as a folder; give another path",
+        ),
     ],
-    ids=["trace-metrics", "metrics-results", "trace-above-save", "metrics-in-save"],
+    ids=[
+        "trace-metrics",
+        "metrics-results",
+        "trace-above-save",
+        "metrics-in-save",
+        "trace-in-metrics",
+        "trace-in-results",
+    ],  # fmt: skip
 )
 def test_train_refuses_outputs_that_would_write_over_each_other_before_training(
     paths: dict[str, str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -553,6 +553,17 @@ def test_a_subclass_with_its_own_update_leaf_is_not_elementwise_unless_it_says_s
 
     assert Heavier.elementwise_update is False
 
+    class TrustRatio:  # a mixin's update_leaf, before SGD's in the MRO: not SGD's answer
+        def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+            trust = float(np.sqrt((p * p).sum()) / (np.sqrt((g * g).sum()) + 1e-12))
+            return super().update_leaf(p, g, buffers, step, lr * trust)  # type: ignore[misc]
+
+    @dataclasses.dataclass(frozen=True)
+    class MixedLARS(TrustRatio, optim.SGD):
+        pass
+
+    assert MixedLARS.elementwise_update is False
+
 
 def test_a_subclass_with_its_own_update_leaf_is_updated_whole_under_a_team(
     monkeypatch: pytest.MonkeyPatch,

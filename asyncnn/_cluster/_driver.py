@@ -60,30 +60,25 @@ class DriverRun(ClusterRun):
     worker_traces: dict[int, Any]
     nccl: NcclLinks | None = None
 
-    #: the state the run started from: a worker's layers are as there until it sends its own
+    #: the state the run started from (the weights of a worker's layers until it sends its own)
     start_state: RunState
 
     def state(self) -> RunState:
-        own = super().state()
-        start = self.start_state
-        for n in self.graph.layers:
-            if n not in own.params:  # a worker's layer (its own state comes at the run's end)
-                own.params[n] = start.params[n]
-                own.opt_states[n] = start.opt_states[n]
-                own.versions[n] = start.versions[n]
-                if n in start.pending_grads:
-                    own.pending_grads[n] = start.pending_grads[n]
-                if n in start.actor_states:
-                    own.actor_states[n] = start.actor_states[n]
-                if n in start.earlier_params:
-                    own.earlier_params[n] = start.earlier_params[n]
-        for res in self.results.values():
-            own.params.update(res["params"])
-            own.opt_states.update(res["opt_states"])
-            own.versions.update(res["versions"])
-            own.pending_grads.update(res["pending"])
-            own.actor_states.update(res["actor_states"])
-            own.earlier_params.update(res["earlier"])
+        """The run's state, the workers' layers as they sent them at the run's end.
+
+        Raises:
+            RuntimeError: before then (their weights are in the workers): a state mixing the
+                workers' starting weights with the driver's current ones would continue with
+                stages out of step (read :attr:`params` for the weights as they are known).
+        """
+        own = self._gathered()
+        waiting = [n for n in self.graph.layers if n not in own.params]
+        if waiting:
+            raise RuntimeError(
+                f"the state of a cluster run is known at its end: the layers {waiting} are on "
+                "worker processes, which send their weights back when the run ends; take "
+                "run.state() after the open_run block (run.params gives the weights known now)"
+            )
         order = self.graph.layers
         return RunState(
             params={n: own.params[n] for n in order},
@@ -96,11 +91,25 @@ class DriverRun(ClusterRun):
             earlier_params=own.earlier_params,
         )
 
+    def _gathered(self) -> RunState:
+        """The driver's own layers' state, with what the workers have sent back."""
+        own = super().state()
+        for res in self.results.values():
+            own.params.update(res["params"])
+            own.opt_states.update(res["opt_states"])
+            own.versions.update(res["versions"])
+            own.pending_grads.update(res["pending"])
+            own.actor_states.update(res["actor_states"])
+            own.earlier_params.update(res["earlier"])
+        return own
+
     @property
     def params(self) -> dict[str, Any]:
         """``{node name: params}`` of every layer, as numpy (those of workers as they sent them
         at the end of the run; before that, as they were at its start)."""
-        return {n: tree_map(to_numpy, p) for n, p in self.state().params.items()}
+        known = self._gathered().params
+        start = self.start_state.params
+        return {n: tree_map(to_numpy, known.get(n, start[n])) for n in self.graph.layers}
 
     def statistics(self) -> dict[str, ActorStatistics]:
         out = super().statistics()

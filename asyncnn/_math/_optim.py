@@ -143,15 +143,19 @@ class Optimizer(abc.ABC):
     #: whether :meth:`update_leaf` is elementwise (each element's new value depends only on that
     #: element of the parameter, gradient and buffers): then a large CPU leaf's update is cut by
     #: rows over the compute team, each element computed exactly as whole (bit-identical).
-    #: Set to False for a class whose own body defines ``update_leaf`` and not this.
+    #: Set to False for a class whose ``update_leaf`` comes from a class (its own body, or a
+    #: mixin before its parents) that does not say so itself.
     elementwise_update = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = vars(cls)
-        # an update_leaf of its own is no longer the one its parent said was elementwise: cut
-        # by rows, a whole-leaf quantity (a trust ratio, a norm) would be computed per part
-        if "update_leaf" in own and "elementwise_update" not in own:
+        # an update_leaf other than the one a class declared elementwise (the class's own, or a
+        # mixin's: class LARS(TrustRatio, optim.SGD)) is not known to be: cut by rows, a
+        # whole-leaf quantity (a trust ratio, a norm) would be computed per part
+        mro = cls.__mro__
+        leaf = next(i for i, k in enumerate(mro) if "update_leaf" in vars(k))
+        said = next((i for i, k in enumerate(mro) if "elementwise_update" in vars(k)), len(mro))
+        if leaf < said:
             cls.elementwise_update = False
 
     @abc.abstractmethod

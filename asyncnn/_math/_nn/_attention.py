@@ -9,7 +9,15 @@ from typing import Any
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
-from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
+from ._module import (
+    Initializer,
+    Module,
+    Shape,
+    _reads_rng,
+    check_params,
+    fan_in_bound,
+    float_input_error,
+)
 
 __all__ = ["MultiHeadAttention"]
 
@@ -42,7 +50,8 @@ class MultiHeadAttention(Module):
 
     @property
     def stochastic(self) -> bool:
-        return bool(self.dropout)
+        # (and a subclass of one's own whose __call__ reads its rng, as Module.stochastic says)
+        return bool(self.dropout) or _reads_rng(type(self))
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "num_heads"):

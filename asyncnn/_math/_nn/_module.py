@@ -232,6 +232,10 @@ def _code_reads(fn: Any, name: str) -> bool:
             value = ins.argval
             if value == name or (isinstance(value, tuple) and name in value):
                 return True
+        # 3.13's fused store-then-load (an inlined comprehension's): the second name is read
+        if op == "STORE_FAST_LOAD_FAST" and isinstance(ins.argval, tuple):
+            if ins.argval[1] == name:
+                return True
     return False
 
 
