@@ -21,7 +21,7 @@ from ._history import History
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
-from ._runtime._checks import check_batch, check_cuda_graphs
+from ._runtime._checks import check_batch, check_cuda_graphs, check_optimizer
 from ._runtime._config import RunConfig
 from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
@@ -30,13 +30,7 @@ from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
-from ._train_options import (
-    _check_optimizer,
-    _check_trace_path,
-    _Option,
-    _TraceOption,
-    _tune_allocator,
-)
+from ._train_options import _check_trace_path, _Option, _TraceOption, _tune_allocator
 from .backends import to_numpy
 
 __all__ = ["History", "Trainer"]
@@ -151,7 +145,7 @@ class Trainer:
             raise TypeError(
                 f"policy must be an asyncnn.policies policy (e.g. policies.Sync()), got {policy!r}"
             )
-        _check_optimizer(optimizer)
+        check_optimizer(optimizer)
         self.graph = graph
         self.optimizer = optimizer
         self.policy = policy

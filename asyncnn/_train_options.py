@@ -69,31 +69,6 @@ def _check_trace_path(path: str | None) -> None:
     raise trace_path_error(error, code, path, why)
 
 
-def _check_optimizer(optimizer: Any) -> None:
-    """Refuses, as the policy is refused, what is not an optimizer: a class given for an
-    instance (``optimizer=optim.Adam``) failed later inside the weights' set-up, as
-    ``Optimizer.init() missing 1 required positional argument: 'params'``. As ``open_run``,
-    anything with ``init`` and ``update`` is taken.
-
-    Raises:
-        TypeError: ``optimizer`` is a class, or has no ``init`` and ``update``.
-    """
-    if isinstance(optimizer, type):
-        name = optimizer.__name__
-        where = "optim." if optimizer.__module__.startswith("asyncnn.") else ""
-        raise TypeError(
-            f"optimizer must be an instance, got the class {name}; call it with its options: "
-            f"optimizer={where}{name}(...)"
-        )
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise TypeError(
-            "optimizer must be an asyncnn.optim optimizer (e.g. optim.Adam(lr=1e-3)), got "
-            f"{optimizer!r}"
-        )
-
-
 _allocator_tuned = False
 
 

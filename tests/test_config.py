@@ -148,7 +148,7 @@ def test_the_largest_seed_a_checkpoint_and_a_trace_hold_is_taken(tmp_path):
         # a bare KeyError 'stage2' for the state of another graph, AttributeErrors)
         ({"on_loss": 5}, TypeError, r"on_loss must be a function on_loss\(minibatch, loss, rows"),
         ({"policy": policies.Sync}, TypeError, r"policy must be an instance, got the class Sync"),
-        ({"optimizer": optim.SGD}, TypeError, r"optimizer=SGD\(\.\.\.\)"),
+        ({"optimizer": optim.SGD}, TypeError, r"optimizer=optim\.SGD\(\.\.\.\)"),
         ({"optimizer": "sgd"}, TypeError, "optimizer must be an asyncnn.optim optimizer"),
         ({"policy": "gpipe"}, TypeError, "policy must be an asyncnn.policies policy"),
         ({"graph": None}, TypeError, "graph must be an asyncnn.Graph, got None"),

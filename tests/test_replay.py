@@ -199,6 +199,21 @@ def test_a_captured_device_run_records_the_digests_of_its_updates_as_the_cpu_run
     assert ann.replay(tmp_path / "cuda:0.trace").identical
 
 
+def _spy_on_pools(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The arguments of every pool the runtime opens from now on (for a replay's, say)."""
+    from asyncnn._runtime import _lifecycle
+    from asyncnn.backends import open_device_pool
+
+    opened: list[dict] = []
+
+    def spy(**kwargs):
+        opened.append(kwargs)
+        return open_device_pool(**kwargs)
+
+    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    return opened
+
+
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
     # replay opened a pool of this host's cores, whose products may be cut otherwise
@@ -220,13 +235,7 @@ def test_replay_opens_the_pool_the_run_recorded(tmp_path, monkeypatch, backend):
     assert header["pool"] == {
         "cpu_workers": 3, "part_flops": 5000, "split": True, "inline_flops": 5_000_000
     }  # fmt: skip
-    opened: list[dict] = []
-
-    def spy(**kwargs):
-        opened.append(kwargs)
-        return open_device_pool(**kwargs)
-
-    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    opened = _spy_on_pools(monkeypatch)
     assert ann.replay(path).identical
     assert [(o["cpu_workers"], o["part_flops"], o["split"]) for o in opened] == [(3, 5000, True)]
     # a trace written before pools were recorded: this host's, as before
@@ -241,7 +250,6 @@ def test_replay_opens_the_pool_with_the_runs_inline_flops(tmp_path, monkeypatch,
     # inline_flops decides which work runs on the loop's thread, where products stay whole, and
     # which goes to a worker, where they are cut: the trace did not record it, and a replay of
     # a run whose pool ran everything inline cut its products and reported a divergence
-    from asyncnn._runtime import _lifecycle
     from asyncnn.backends import DEFAULT_INLINE_FLOPS, open_device_pool
 
     path, old = tmp_path / "r.trace", tmp_path / "old.trace"
@@ -264,13 +272,7 @@ def test_replay_opens_the_pool_with_the_runs_inline_flops(tmp_path, monkeypatch,
 
     anyio.run(record, backend=backend)
     assert ann.trace.read(path).header["pool"]["inline_flops"] == 1e12
-    opened: list[dict] = []
-
-    def spy(**kwargs):
-        opened.append(kwargs)
-        return open_device_pool(**kwargs)
-
-    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    opened = _spy_on_pools(monkeypatch)
     assert ann.replay(path).identical
     assert opened[0]["inline_flops"] == 1e12
     # a trace written before inline_flops was recorded: the default, as before

@@ -491,3 +491,29 @@ def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
         at = (start + int(index[0]), *(int(i) for i in index[1:]))
         return int(part[index]), (f"row {at[0]}" if len(at) == 1 else f"index {at}")
     return None
+
+
+def check_optimizer(optimizer: Any, who: str = "") -> None:
+    """Refuses what is not an optimizer, as the policy is refused (``who``: the caller's name
+    and a colon, ``"open_run: "``, or nothing for the trainer): a class given for an instance
+    (``optimizer=optim.Adam``) failed later inside the weights' set-up, as ``Optimizer.init()
+    missing 1 required positional argument: 'params'``. Anything with ``init`` and ``update``
+    is taken.
+
+    Raises:
+        TypeError: ``optimizer`` is a class, or has no ``init`` and ``update``.
+    """
+    if isinstance(optimizer, type):
+        name = optimizer.__name__
+        where = "optim." if optimizer.__module__.startswith("asyncnn.") else ""
+        raise TypeError(
+            f"{who}optimizer must be an instance, got the class {name}; call it with its "
+            f"options: optimizer={where}{name}(...)"
+        )
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"{who}optimizer must be an asyncnn.optim optimizer (e.g. optim.Adam(lr=1e-3)), got "
+            f"{optimizer!r}"
+        )

@@ -20,7 +20,7 @@ from asyncnn._errors import GraphError
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import DevicePool, is_floating
 
-from ._checks import check_cuda_graphs, validate
+from ._checks import check_cuda_graphs, check_optimizer, validate
 from ._config import RunConfig
 from ._graph import Graph
 from ._lifecycle import Share, hosting, maybe_pool, open_recorder, recording
@@ -185,18 +185,11 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
     another graph as a bare ``KeyError``)."""
     if not isinstance(graph, Graph):
         raise TypeError(f"open_run: graph must be an asyncnn.Graph, got {graph!r}")
-    for what, value in (("optimizer", optimizer), ("policy", policy)):
-        if isinstance(value, type):
-            raise TypeError(
-                f"open_run: {what} must be an instance, got the class {value.__name__}; call it "
-                f"with its options: {what}={value.__name__}(...)"
-            )
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
+    check_optimizer(optimizer, "open_run: ")
+    if isinstance(policy, type):
         raise TypeError(
-            f"open_run: optimizer must be an asyncnn.optim optimizer (with init and update), got "
-            f"{optimizer!r}"
+            f"open_run: policy must be an instance, got the class {policy.__name__}; call it "
+            f"with its options: policy={policy.__name__}(...)"
         )
     if not isinstance(policy, Policy):
         raise TypeError(f"open_run: policy must be an asyncnn.policies policy, got {policy!r}")
