@@ -78,6 +78,31 @@ def test_hyperparameters_are_real_numbers_checked_before_compared(make: Any, mat
         make()
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: nn.Linear(4, 3, bias="no"), r"Linear: bias must be True or False, got str 'no'"),
+        (lambda: nn.Conv1d(2, 3, 3, bias=0), r"Conv1d: bias must be True or False, got int 0"),
+        (lambda: nn.Conv2d(2, 3, 3, bias=None), r"Conv2d: bias must be True or False"),
+        (lambda: nn.LayerNorm(4, elementwise_affine="yes"), r"LayerNorm: elementwise_affine"),
+        (lambda: nn.LayerNorm(4, bias=1.0), r"LayerNorm: bias must be True or False"),
+        (lambda: nn.MultiHeadAttention(4, 2, causal="no"), r"MultiHeadAttention: causal must"),
+        (lambda: nn.MultiHeadAttention(4, 2, bias="False"), r"MultiHeadAttention: bias must"),
+    ],
+    ids=["linear", "conv1d", "conv2d", "ln-affine", "ln-bias", "mha-causal", "mha-bias"],
+)
+def test_flags_must_be_bools(make: Any, match: str) -> None:
+    # a string or a number was taken for its truth: bias="no" made a bias, causal="no" a mask
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_numpy_bool_flags_are_kept_as_bools() -> None:
+    m = nn.Linear(4, 3, bias=np.bool_(False))
+    assert m.bias is False and "bias" not in m.init(0)
+    assert nn.MultiHeadAttention(4, 2, causal=np.True_).causal is True
+
+
 def test_real_hyperparameters_are_kept_as_floats() -> None:
     # (numpy numbers too, which a spec could not carry)
     assert nn.LayerNorm(4, eps=np.float32(0.5)).eps == 0.5

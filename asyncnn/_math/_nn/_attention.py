@@ -14,6 +14,7 @@ from ._module import (
     Module,
     Shape,
     _reads_rng,
+    check_flags,
     check_params,
     fan_in_bound,
     float_input_error,
@@ -68,6 +69,7 @@ class MultiHeadAttention(Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", dropout)
+        check_flags(self, "bias", "causal")
 
     def _expected(self) -> dict[str, Shape]:
         e = self.embed_dim

@@ -11,6 +11,7 @@ from ._module import (
     Initializer,
     Module,
     Shape,
+    check_flags,
     check_ndim,
     check_params,
     fan_in_bound,
@@ -81,6 +82,7 @@ class _ConvNd(Module):
         _ints(type(self).__name__, "in_channels", self.in_channels, 1, 1)
         _ints(type(self).__name__, "out_channels", self.out_channels, 1, 1)
         _normalize(self, self._n, {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1})
+        check_flags(self, "bias")
 
     def _weight_shape(self) -> Shape:
         return (self.out_channels, self.in_channels, *_tup(self.kernel_size, self._n))

@@ -12,7 +12,15 @@ from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
+from ._module import (
+    Initializer,
+    Module,
+    Shape,
+    check_flags,
+    check_params,
+    fan_in_bound,
+    float_input_error,
+)
 
 __all__ = ["Embedding", "Linear"]
 
@@ -41,6 +49,7 @@ class Linear(Module):
     def __post_init__(self) -> None:
         _check_size("Linear", "in_features", self.in_features)
         _check_size("Linear", "out_features", self.out_features)
+        check_flags(self, "bias")
 
     def _expected(self) -> dict[str, Shape]:
         shapes: dict[str, Shape] = {"weight": (self.in_features, self.out_features)}

@@ -239,6 +239,24 @@ def _code_reads(fn: Any, name: str) -> bool:
     return False
 
 
+def check_flags(module: Any, *names: str) -> None:
+    """Refuses a flag field (``bias``, ``causal``) that is not a bool, naming the module and the
+    field (a string or a number was taken for its truth: ``bias="no"`` made a bias), and keeps a
+    numpy bool as a Python one (a spec holds it).
+
+    Raises:
+        TypeError: the field is not a Python or numpy bool.
+    """
+    for name in names:
+        value = getattr(module, name)
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(
+                f"{type(module).__name__}: {name} must be True or False, got "
+                f"{type(value).__name__} {value!r:.40}"
+            )
+        object.__setattr__(module, name, bool(value))
+
+
 def _check_dataclass(cls: type) -> None:
     if "__dataclass_fields__" not in vars(cls):
         raise TypeError(

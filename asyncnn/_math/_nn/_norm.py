@@ -9,7 +9,7 @@ from typing import Any
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
-from ._module import Initializer, Module, Shape, check_params, float_input_error
+from ._module import Initializer, Module, Shape, check_flags, check_params, float_input_error
 
 __all__ = ["LayerNorm"]
 
@@ -42,6 +42,7 @@ class LayerNorm(Module):
                 f"{self.normalized_shape!r}"
             )
         object.__setattr__(self, "normalized_shape", tuple(shape))
+        check_flags(self, "elementwise_affine", "bias")
         # a type first: a string failed comparing ('>' not supported), True was taken as 1
         eps = _real("LayerNorm", "eps", self.eps)
         if not eps > 0:  # written so that NaN fails too
