@@ -275,8 +275,6 @@ def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str,
             k: (v[0], int(v[1])) for k, v in decode_tree(header["pending"], buffers).items()
         },
         "actor_states": decode_tree(header.get("actor_states", encode_tree({}, [])), buffers),
-        "earlier": {
-            n: {int(v): p for v, p in held.items()}
-            for n, held in decode_tree(header.get("earlier", encode_tree({}, [])), buffers).items()
-        },
+        # (the versions come back as the int keys they were sent as)
+        "earlier": decode_tree(header.get("earlier", encode_tree({}, [])), buffers),
     }

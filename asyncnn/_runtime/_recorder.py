@@ -148,26 +148,29 @@ def encode_tree(tree: Any) -> Any:
     Raises:
         TypeError: a dict key of another type (a tuple, a numpy integer), naming where it is.
     """
+    try:
+        return _encode(tree)
+    except _UnkeptKey:
+        _check_keys(tree)  # (walks the tree again, only now, to say where the key lies)
+        raise
+
+
+def _kept_key(key: Any) -> bool:
+    # (a subclass is written as its base, as the wire sends it: an IntEnum as its int)
+    return key is None or isinstance(key, bool | int | float | str)
+
+
+def _encode(tree: Any) -> Any:
+    """:func:`encode_tree`'s walk, which refuses a key without saying where it lies."""
     if isinstance(tree, dict):
         out: dict[Any, Any] = {}
         for k, v in tree.items():
-            # (a subclass is written as its base, as the wire sends it: an IntEnum as its int)
-            if not (k is None or isinstance(k, bool | int | float | str)):
+            if not _kept_key(k):
                 raise _UnkeptKey(k)
-            try:
-                out[k] = encode_tree(v)
-            except _UnkeptKey as exc:
-                exc.where = f"[{k!r}]{exc.where}"
-                raise
+            out[k] = _encode(v)
         return {"dict": out}
     if isinstance(tree, list | tuple):
-        items: list[Any] = []
-        for i, v in enumerate(tree):
-            try:
-                items.append(encode_tree(v))
-            except _UnkeptKey as exc:
-                exc.where = f"[{i}]{exc.where}"
-                raise
+        items = [_encode(v) for v in tree]
         return {"list" if isinstance(tree, list) else "tuple": items}
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         host = host_array(tree)  # (a 0-d array stays 0-d: a custom actor's scalar state)
@@ -204,7 +207,7 @@ def _check_keys(tree: Any) -> None:
     encoding its arrays (the weights are encoded on the writer's thread, after the run began)."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            if not (k is None or isinstance(k, bool | int | float | str)):
+            if not _kept_key(k):
                 raise _UnkeptKey(k)
             try:
                 _check_keys(v)

@@ -86,10 +86,8 @@ def _initial_state(trace: Trace, checked: Checked) -> RunState:
     actor_states = {
         n: _on_device(s, graph.nodes[n].device) for n, s in checked.actor_states.items()
     }
-    earlier = {
-        n: {int(v): _on_device(p, graph.nodes[n].device) for v, p in held.items()}
-        for n, held in checked.earlier.items()
-    }
+    # (check_replayable checked the versions are ints below the layers')
+    earlier = {n: _on_device(held, graph.nodes[n].device) for n, held in checked.earlier.items()}
     return RunState(
         params,
         opt_states,

@@ -19,6 +19,7 @@ import numpy as np
 
 from asyncnn.backends import Backend, get_backend, is_floating
 
+from .._data import _check_flag
 from .._pytree import tree_leaves
 
 __all__ = ["NO_DTYPE", "Initializer", "Module", "check_params", "float_input_error", "shape_of"]
@@ -248,13 +249,8 @@ def check_flags(module: Any, *names: str) -> None:
         TypeError: the field is not a Python or numpy bool.
     """
     for name in names:
-        value = getattr(module, name)
-        if not isinstance(value, bool | np.bool_):
-            raise TypeError(
-                f"{type(module).__name__}: {name} must be True or False, got "
-                f"{type(value).__name__} {value!r:.40}"
-            )
-        object.__setattr__(module, name, bool(value))
+        flag = _check_flag(getattr(module, name), f"{type(module).__name__}: {name}")
+        object.__setattr__(module, name, flag)
 
 
 def _check_dataclass(cls: type) -> None:
