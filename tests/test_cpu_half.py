@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _half_cases import IDS, LABELS, MODULES, OPS, rand
 
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
@@ -28,83 +29,6 @@ def _dtype(name: str) -> np.dtype[Any]:
     return np.dtype(name)
 
 
-def _rand(shape: tuple[int, ...], seed: int, positive: bool = False) -> np.ndarray[Any, Any]:
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    return np.abs(x) + 0.5 if positive else x
-
-
-_LABELS = np.array([0, 2, 1, 3, 2])
-_IDS = np.array([[0, 4], [3, 3], [1, 2]])
-
-# name: (function of the float arguments, their shapes, whether they must be positive). Each
-# op's output is in its inputs' dtype (cross-entropy: float32), each gradient in its argument's.
-OPS: dict[str, tuple[Callable[..., Any], list[tuple[int, ...]], bool]] = {
-    "add": (ops.add, [(4, 5), (5,)], False),
-    "subtract": (ops.subtract, [(4, 5), (4, 1)], False),
-    "multiply": (ops.multiply, [(4, 5), (4, 5)], False),
-    "divide": (ops.divide, [(4, 5), (5,)], True),
-    "scalar arithmetic": (lambda x: 2.0 * x - x / 3.0 + 1.5, [(4, 5)], False),
-    "negative": (ops.negative, [(4, 5)], False),
-    "power": (lambda x: ops.power(x, 3.0), [(4, 5)], True),
-    "square": (ops.square, [(4, 5)], False),
-    "exp": (ops.exp, [(4, 5)], False),
-    "log": (ops.log, [(4, 5)], True),
-    "tanh": (ops.tanh, [(4, 5)], False),
-    "sigmoid": (ops.sigmoid, [(4, 5)], False),
-    "relu": (ops.relu, [(4, 5)], False),
-    "gelu": (ops.gelu, [(4, 5)], False),
-    "gelu tanh": (lambda x: ops.gelu(x, "tanh"), [(4, 5)], False),
-    "sqrt": (ops.sqrt, [(4, 5)], True),
-    "abs": (ops.abs, [(4, 5)], False),
-    "maximum": (ops.maximum, [(4, 5), (4, 5)], False),
-    "minimum": (ops.minimum, [(4, 5), (5,)], False),
-    "where": (lambda a, b: ops.where(ops.raw(a) > 0, a, b), [(4, 5), (4, 5)], False),
-    "astype round trip": (
-        lambda x: ops.astype(ops.astype(x, np.float32), x.dtype),
-        [(4, 5)],
-        False,
-    ),
-    "sum": (lambda x: ops.sum(x, axis=1), [(4, 5)], False),
-    "sum all": (ops.sum, [(4, 5)], False),
-    "mean": (lambda x: ops.mean(x, axis=0, keepdims=True), [(4, 5)], False),
-    "max": (lambda x: ops.max(x, axis=1), [(4, 5)], False),
-    "min": (ops.min, [(4, 5)], False),
-    "reshape": (lambda x: ops.reshape(x, (5, 4)), [(4, 5)], False),
-    "transpose": (ops.transpose, [(4, 5)], False),
-    "expand squeeze": (lambda x: ops.squeeze(ops.expand_dims(x, 1)), [(4, 5)], False),
-    "broadcast_to": (lambda x: ops.broadcast_to(x, (3, 4, 5)), [(4, 5)], False),
-    "getitem": (lambda x: ops.getitem(x, (slice(1, 3), np.array([0, 0, 4]))), [(4, 5)], False),
-    "take": (lambda x: ops.take(x, np.array([1, 1, 3]), axis=1), [(4, 5)], False),
-    "concatenate": (lambda a, b: ops.concatenate([a, b], axis=1), [(4, 5), (4, 2)], False),
-    "stack": (lambda a, b: ops.stack([a, b]), [(4, 5), (4, 5)], False),
-    "matmul": (ops.matmul, [(4, 5), (5, 3)], False),
-    "matmul operator": (lambda a, b: a @ b, [(4, 5), (5, 3)], False),
-    "matmul batched": (ops.matmul, [(2, 4, 5), (5, 3)], False),
-    "matmul vector": (ops.matmul, [(5,), (5, 3)], False),
-    "matmul vectors": (ops.matmul, [(5,), (5,)], False),
-    "softmax": (ops.softmax, [(4, 5)], False),
-    "log_softmax": (lambda x: ops.log_softmax(x, axis=0), [(4, 5)], False),
-    "logsumexp": (ops.logsumexp, [(4, 5)], False),
-    "conv1d": (lambda x, w, b: ops.conv1d(x, w, b, padding=1), [(2, 3, 7), (4, 3, 3), (4,)], False),
-    "conv2d": (
-        lambda x, w: ops.conv2d(x, w, stride=2, padding=1),
-        [(2, 3, 6, 5), (4, 3, 3, 3)],
-        False,
-    ),
-    "max_pool1d": (lambda x: ops.max_pool1d(x, 2), [(2, 3, 6)], False),
-    "max_pool2d": (lambda x: ops.max_pool2d(x, 2, padding=1), [(2, 3, 5, 5)], False),
-    "avg_pool1d": (lambda x: ops.avg_pool1d(x, 3, 1, 1), [(2, 3, 6)], False),
-    "avg_pool2d": (lambda x: ops.avg_pool2d(x, 2), [(2, 3, 4, 4)], False),
-    "layer_norm": (ops.layer_norm, [(4, 5), (5,), (5,)], False),
-    "dropout": (lambda x: ops.dropout(x, 0.5, np.random.default_rng(0)), [(4, 5)], False),
-    "embedding": (lambda w: ops.embedding(w, _IDS), [(5, 3)], False),
-    "mse_loss": (ops.mse_loss, [(4, 5), (4, 5)], False),
-    "mse_loss none": (lambda a, b: ops.mse_loss(a, b, "none"), [(4, 5), (4, 5)], False),
-    "cross_entropy": (lambda z: ops.cross_entropy(z, _LABELS), [(5, 4)], False),
-    "cross_entropy sum": (lambda z: ops.cross_entropy(z, _LABELS, "sum"), [(5, 4)], False),
-}
-
-
 def _close(got: Any, want: Any, name: str) -> None:
     got = np.asarray(got, dtype=np.float32)
     want = np.asarray(want, dtype=np.float32)
@@ -117,7 +41,7 @@ def _close(got: Any, want: Any, name: str) -> None:
 def test_ops_keep_16_bit_dtypes_forward_and_backward(name: str, dtype: str) -> None:
     dt = _dtype(dtype)
     fn, shapes, positive = OPS[name]
-    wide = [_rand(s, i, positive) for i, s in enumerate(shapes)]
+    wide = [rand(s, i, positive) for i, s in enumerate(shapes)]
     args = [w.astype(dt) for w in wide]
     out, pullback = ann.vjp(fn, *args)
     losses = name.startswith("cross_entropy")
@@ -138,7 +62,7 @@ def test_ops_keep_16_bit_dtypes_forward_and_backward(name: str, dtype: str) -> N
 def test_a_bfloat16_product_is_the_float32_product_rounded() -> None:
     # as cuBLAS: accumulated in float32, rounded once to bfloat16
     dt = _dtype("bfloat16")
-    a, b = _rand((16, 300), 0).astype(dt), _rand((300, 8), 1).astype(dt)
+    a, b = rand((16, 300), 0).astype(dt), rand((300, 8), 1).astype(dt)
     want = (a.astype(np.float32) @ b.astype(np.float32)).astype(dt)
     for got in (ops.matmul(a, b), ann.vjp(ops.matmul, a, b)[0]):
         assert got.dtype == dt
@@ -149,7 +73,7 @@ def test_a_bfloat16_product_split_over_a_compute_team_is_rounded_too() -> None:
     from asyncnn.backends import ComputeTeam, using_team
 
     dt = _dtype("bfloat16")
-    a, b = _rand((64, 40), 0).astype(dt), _rand((40, 48), 1).astype(dt)
+    a, b = rand((64, 40), 0).astype(dt), rand((40, 48), 1).astype(dt)
     want = (a.astype(np.float32) @ b.astype(np.float32)).astype(dt)
     with ComputeTeam(2, part_flops=1_000) as team, using_team(team):
         assert len(team.product_plan(64, 48, 40)[1]) > 2  # the product is split
@@ -161,18 +85,6 @@ def test_a_bfloat16_product_split_over_a_compute_team_is_rounded_too() -> None:
 
 
 # -- modules --------------------------------------------------------------------------------------
-MODULES: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
-    "linear": (nn.Linear(8, 6), (5, 8)),
-    "linear 3-d": (nn.Linear(8, 6, bias=False), (2, 5, 8)),
-    "conv1d": (nn.Conv1d(3, 4, 3, padding=1), (2, 3, 7)),
-    "conv2d": (nn.Conv2d(3, 4, 3, stride=2), (2, 3, 7, 7)),
-    "attention": (nn.MultiHeadAttention(8, 2), (2, 3, 8)),
-    "layernorm": (nn.LayerNorm(8), (5, 8)),
-    "mlp": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.GELU(), nn.Linear(16, 3)), (5, 8)),
-    "residual": (nn.Residual(nn.Sequential(nn.Linear(8, 8), nn.Tanh())), (5, 8)),
-    "activations": (nn.Sequential(nn.Sigmoid(), nn.Softmax(), nn.LogSoftmax()), (5, 8)),
-    "pools": (nn.Sequential(nn.MaxPool1d(2), nn.AvgPool1d(2), nn.Flatten()), (2, 3, 8)),
-}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -182,7 +94,7 @@ def test_modules_keep_16_bit_dtypes(name: str, dtype: str) -> None:
     module, shape = MODULES[name]
     p16 = module.init(0, dtype=dtype)
     p32 = module.init(0, dtype="float32")
-    x32 = _rand(shape, 2)
+    x32 = rand(shape, 2)
     x16 = x32.astype(dt)
     out, pullback = ann.vjp(lambda p, x: module(p, x), p16, x16)
     assert out.dtype == dt, f"{name}: out is {out.dtype}"
@@ -196,15 +108,15 @@ def test_embedding_and_losses_in_16_bits() -> None:
     dt = _dtype("bfloat16")
     model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 4))
     params = model.init(1, dtype="bfloat16")
-    logits, pullback = ann.vjp(lambda p: model(p, _IDS), params)
+    logits, pullback = ann.vjp(lambda p: model(p, IDS), params)
     assert logits.dtype == dt
-    loss, pb = ann.vjp(lambda z: nn.CrossEntropyLoss()({}, z, _LABELS[:3]), logits)
+    loss, pb = ann.vjp(lambda z: nn.CrossEntropyLoss()({}, z, LABELS[:3]), logits)
     assert loss.dtype == np.float32
     (gz,) = pb(np.float32(1.0))
     assert gz.dtype == dt
     (grads,) = pullback(gz)
     assert all(leaf.dtype == dt for leaf in tree_leaves(grads))
-    target = _rand((3, 4), 3).astype(dt)
+    target = rand((3, 4), 3).astype(dt)
     mse, pb = ann.vjp(lambda z: nn.MSELoss()({}, z, target), logits)
     assert mse.dtype == dt and pb(np.ones_like(mse))[0].dtype == dt
 
@@ -223,10 +135,10 @@ def test_embedding_and_losses_in_16_bits() -> None:
 )
 def test_optimizers_keep_16_bit_parameters(opt: optim.Optimizer, dtype: str) -> None:
     dt = _dtype(dtype)
-    p = {"w": _rand((7, 5), 0).astype(dt), "b": _rand((5,), 1).astype(dt)}
+    p = {"w": rand((7, 5), 0).astype(dt), "b": rand((5,), 1).astype(dt)}
     state = opt.init(p)
     for step in range(3):
-        g = {k: _rand(v.shape, 10 + step).astype(dt) for k, v in p.items()}
+        g = {k: rand(v.shape, 10 + step).astype(dt) for k, v in p.items()}
         p, state = opt.update(p, g, state)
     for leaf in tree_leaves(p):
         assert leaf.dtype == dt
@@ -273,8 +185,8 @@ def test_bfloat16_mixed_with_float32_arrays_promotes_as_numpy(name: str) -> None
     # (the rule computed bfloat16 in float32 and rounded every result back to bfloat16, the
     # float32 operand's precision lost; numpy, cupy and torch promote to float32)
     bf16 = _dtype("bfloat16")
-    a = _rand((3, 4), 0, positive=True).astype(bf16)
-    b = _rand((3, 4), 1, positive=True)
+    a = rand((3, 4), 0, positive=True).astype(bf16)
+    b = rand((3, 4), 1, positive=True)
     fn: Callable[[Any, Any], Any] = {
         "add": ops.add,
         "subtract": ops.subtract,
@@ -320,7 +232,7 @@ def test_average_pools_sum_their_windows_in_float32(dtype: str) -> None:
     mean = ops.avg_pool1d(np.full((1, 1, 4000), 100.0, dt), 4000)
     _assert_same(mean, np.full((1, 1, 1), 100.0, dt), "avg_pool1d(4000) of 100.0")
     # overlapping windows: each entry's gradient adds up to 300 shares, also in float32
-    x = (_rand((2, 2, 600), 0) + 2).astype(dt)
+    x = (rand((2, 2, 600), 0) + 2).astype(dt)
 
     def pool(x: Any) -> Any:
         return ops.avg_pool1d(x, 300, 1, 1)
@@ -337,7 +249,7 @@ def test_convolution_gradients_sum_in_float32(dtype: str) -> None:
     # the bias gradient was summed in the 16-bit dtype (in bfloat16 8192 ones gave 256, torch
     # 8192), and the input gradient added its 64 kernel taps in it
     dt = _dtype(dtype)
-    args = [_rand((2, 1, 4159), 0).astype(dt), _rand((1, 1, 64), 1).astype(dt), np.zeros(1, dt)]
+    args = [rand((2, 1, 4159), 0).astype(dt), rand((1, 1, 64), 1).astype(dt), np.zeros(1, dt)]
     out, pullback = ann.vjp(ops.conv1d, *args)
     assert out.shape == (2, 1, 4096)
     gx, gw, gb = pullback(np.ones_like(out))
@@ -358,10 +270,10 @@ def test_normalizations_compute_in_float32(name: str, dtype: str) -> None:
     fn: Callable[..., Any]
     if name == "layer_norm":
         x = np.array([[300.0, -300.0, 10.0, 0.0], [1.0, 2.0, 3.0, 5.0]], dtype=dt)
-        args = [x, _rand((4,), 1).astype(dt), _rand((4,), 2).astype(dt)]
+        args = [x, rand((4,), 1).astype(dt), rand((4,), 2).astype(dt)]
         fn = ops.layer_norm
     else:
-        args = [(0.1 * _rand((3000, 2), 0)).astype(dt)]
+        args = [(0.1 * rand((3000, 2), 0)).astype(dt)]
         fn = {
             "softmax": lambda x: ops.softmax(x, axis=0),
             "log_softmax": lambda x: ops.log_softmax(x, axis=0),

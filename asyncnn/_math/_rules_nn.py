@@ -231,7 +231,9 @@ def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
         better = window > out
         if floating:
             better |= window != window
-        out = xp.where(better, window, out)
+        # (cupy's where has no bfloat16 kernel: it returned the maximum in float32; the cast
+        # is exact, and free where the dtype is kept; a copyto in place was 14% slower on numpy)
+        out = xp.where(better, window, out).astype(x.dtype, copy=False)
         arg[better] = k
     return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape)
 
