@@ -9,7 +9,11 @@
   stages, through the public API: once as the runtime sizes its pool today (``Trainer.fit``),
   once on a shared pool passed to ``open_run`` (``open_device_pool(cpu_workers=cores,
   blas_threads=1)``: every core a worker, large products and elementwise passes split across the
-  free ones), with each worker's utilisation.
+  free ones), with each worker's utilisation;
+- on hosts of 8 cores or more, ``Async(4, stash)``, ``Async(8, stash)`` and ``PipeDream(8)`` with
+  the 4 stages on ``LocalCluster(4)`` (one stage a worker process, ``cores // 4`` threads each:
+  past one interpreter's lock), against the faster of the two one-process ``Sync`` runs on 1
+  stage.
 
 The main table is the MLP 784-2048x4-10 (float32) at batch 1024 and 64 on every core of this
 process (``--batches`` picks them); ``--two-core`` adds the CI machine's case (784-1024x3-10,
@@ -37,6 +41,7 @@ Run: python experiments/bench_parallel.py [--quick] [--two-core | --only-two-cor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -225,6 +230,15 @@ RUNS = [
     ("Async(4, stash), 4 stages", 4, lambda: policies.Async(4, stash=True)),
 ]
 
+#: the same on 4 local worker processes (one stage each, ``cores // 4`` threads per worker): past
+#: one interpreter's lock, which bounds the runs above at small batch (on hosts of 8 cores or more)
+CLUSTER_WORKERS = 4
+CLUSTER_RUNS = [
+    ("Async(4, stash), 4 stages", lambda: policies.Async(4, stash=True)),
+    ("Async(8, stash), 4 stages", lambda: policies.Async(8, stash=True)),
+    ("PipeDream(8), 4 stages", lambda: policies.PipeDream(8)),
+]
+
 
 #: ``--async-configs``: the asynchronous runs tried against ``Sync`` on one stage, each key's
 #: weights stashed (no forward computed twice), across stage counts and keys in flight
@@ -275,6 +289,19 @@ def runtime_today(sizes: list[int], batch: int, steps: int, stages: int, policy:
     """samples/s of ``Trainer.fit``: the pool the runtime opens for itself today."""
     d = data(sizes, batch * steps)
     tr = ann.Trainer(graph(sizes, stages), optimizer=optim.SGD(lr=0.01), policy=policy)
+    tr.fit({k: v[: batch * 2] for k, v in d.items()}, epochs=1, batch_size=batch)  # warm-up
+    return float(tr.fit(d, epochs=1, batch_size=batch).samples_per_second)
+
+
+def runtime_cluster(sizes: list[int], batch: int, steps: int, policy: Any, cluster: Any) -> float:
+    """samples/s of ``Trainer.fit`` with stage i of :data:`CLUSTER_WORKERS` on worker i of
+    ``cluster`` (a ``LocalCluster``: tensors between stages through shared memory)."""
+    d = data(sizes, batch * steps)
+    g = ann.Graph.sequential(
+        _common.mlp_modules(sizes), loss=nn.CrossEntropyLoss(), stages=CLUSTER_WORKERS,
+        input_shape=(None, sizes[0]), workers=list(range(CLUSTER_WORKERS)),
+    )  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policy, cluster=cluster)
     tr.fit({k: v[: batch * 2] for k, v in d.items()}, epochs=1, batch_size=batch)  # warm-up
     return float(tr.fit(d, epochs=1, batch_size=batch).samples_per_second)
 
@@ -332,38 +359,65 @@ def table(sizes: list[int], batch: int, steps: int, repeats: int) -> dict[str, A
         # take cores from whatever is measured next: each measurement starts after they sleep
         time.sleep(SETTLE_SECONDS)
 
-    for _ in range(repeats):
-        # the references first, with BLAS on every core; then the same on a team (which holds
-        # BLAS at one thread while it is open); then the runs
-        add("numpy by hand", by_hand(sizes, batch, steps, None))
-        add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
-        with ComputeTeam(n) as team:
-            t0 = time.perf_counter()
-            add("numpy by hand, on the team", by_hand(sizes, batch, steps, team))
-            wall = time.perf_counter() - t0
-            utilisation["numpy by hand, on the team"] = [
-                b / wall for b in team.statistics().busy_seconds
-            ]
-            add("value_and_grad loop, on the team", value_and_grad_loop(sizes, batch, steps, team))
-        # the runs in the same round as the references: a drift of the machine between rounds
-        # (a 2-vCPU VM's BLAS rate moves by 30% between quiet runs) moves both alike
-        add("PyTorch eager", torch_eager(sizes, batch, steps))
-        for name, stages, policy in RUNS:
-            add(
-                f"{name}, runtime's pool today",
-                runtime_today(sizes, batch, steps, stages, policy()),
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if n >= 2 * CLUSTER_WORKERS:
+            from asyncnn.cluster import LocalCluster
+
+            cluster = stack.enter_context(
+                LocalCluster(CLUSTER_WORKERS, threads_per_worker=n // CLUSTER_WORKERS)
             )
-            rate, util = runtime_shared(sizes, batch, steps, stages, policy())
-            add(f"{name}, shared pool", rate)
-            utilisation[f"{name}, shared pool"] = util
-            if name.startswith("Sync"):  # one actor computes at a time
-                rate, _ = runtime_shared(sizes, batch, steps, stages, policy(), one_worker=True)
-                add(f"{name}, one worker, BLAS threads", rate)
+        for _ in range(repeats):
+            _round(sizes, batch, steps, n, add, utilisation, cluster)
     return {
         "samples_per_second": {k: statistics.median(v) for k, v in samples.items()},
         "all_repeats": samples,
         "worker_utilisation_last_repeat": utilisation,
     }
+
+
+def _round(
+    sizes: list[int],
+    batch: int,
+    steps: int,
+    n: int,
+    add: Callable[[str, float | None], None],
+    utilisation: dict[str, list[float]],
+    cluster: Any,
+) -> None:
+    """One round of :func:`table`: the references, then the runs."""
+    # the references first, with BLAS on every core; then the same on a team (which holds
+    # BLAS at one thread while it is open); then the runs
+    add("numpy by hand", by_hand(sizes, batch, steps, None))
+    add("value_and_grad loop", value_and_grad_loop(sizes, batch, steps, None))
+    with ComputeTeam(n) as team:
+        t0 = time.perf_counter()
+        add("numpy by hand, on the team", by_hand(sizes, batch, steps, team))
+        wall = time.perf_counter() - t0
+        utilisation["numpy by hand, on the team"] = [
+            b / wall for b in team.statistics().busy_seconds
+        ]
+        add("value_and_grad loop, on the team", value_and_grad_loop(sizes, batch, steps, team))
+    # the runs in the same round as the references: a drift of the machine between rounds
+    # (a 2-vCPU VM's BLAS rate moves by 30% between quiet runs) moves both alike
+    add("PyTorch eager", torch_eager(sizes, batch, steps))
+    for name, stages, policy in RUNS:
+        add(
+            f"{name}, runtime's pool today",
+            runtime_today(sizes, batch, steps, stages, policy()),
+        )
+        rate, util = runtime_shared(sizes, batch, steps, stages, policy())
+        add(f"{name}, shared pool", rate)
+        utilisation[f"{name}, shared pool"] = util
+        if name.startswith("Sync"):  # one actor computes at a time
+            rate, _ = runtime_shared(sizes, batch, steps, stages, policy(), one_worker=True)
+            add(f"{name}, one worker, BLAS threads", rate)
+    if cluster is not None:
+        for name, policy in CLUSTER_RUNS:
+            add(
+                f"{name}, LocalCluster({CLUSTER_WORKERS})",
+                runtime_cluster(sizes, batch, steps, policy(), cluster),
+            )
 
 
 def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
@@ -482,7 +536,10 @@ def show(title: str, result: dict[str, Any]) -> None:
     head = f"   {'run':<46} {'samples/s':>10} {'x numpy':>8} {'x torch':>8} {'x Sync 1':>9}"
     print(head)
     for k, v in sps.items():
-        ref1 = sync1["shared"] if k.endswith("shared pool") else sync1["today"]
+        if "LocalCluster" in k:  # against the faster of the two one-process Sync runs
+            ref1 = max(sync1.values())
+        else:
+            ref1 = sync1["shared"] if k.endswith("shared pool") else sync1["today"]
         tt = f"{v / torch_sps:8.2f}" if torch_sps else f"{'-':>8}"
         print(f"   {k:<46} {v:10.0f} {v / hand:8.2f} {tt} {v / ref1:9.2f}")
     print("   busy share of each worker (last repeat):")
