@@ -3,6 +3,7 @@ plain loop over the instances one by one (BPTT)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from asyncnn import nn, ops, optim, policies
 from asyncnn.dynamic import RNNCell
 
 from _loops_cases import DC, DX, C, H, Halt, T, _data, loop_graph, reference_fit, rnn_graph
-from _reference import assert_params_close, fresh_params
+from _reference import assert_params_close, assert_params_equal, fresh_params
 
 POLICIES = [
     pytest.param(policies.Sync(), 1, 2, id="Sync"),
@@ -216,3 +217,104 @@ def test_a_traced_loop_event_records_the_version_its_steps_computed_with(tmp_pat
     assert loops == starts
     # minibatch m computes with version m - 1 (the first two with the starting version 0)
     assert [loops[k] for k in sorted(loops)] == [0] * 8 + [1] * 4 + [2] * 4
+
+
+_DRAWN: list[np.random.Generator] = []  # a copy of the rng of each training call of DropCell
+
+
+@dataclass(frozen=True)
+class DropCell(nn.Module):
+    """An :class:`RNNCell` whose new state goes through dropout (recurrent dropout); notes a
+    copy of the generator each training call is given, as it is before the call draws."""
+
+    cell: RNNCell
+    p: float
+
+    def init_params(self, init):
+        return self.cell.init_params(init)
+
+    def __call__(self, params, h, x, *, rng=None):
+        if rng is not None:
+            _DRAWN.append(copy.deepcopy(rng))
+        return nn.Dropout(self.p)({}, self.cell(params, h, x), rng=rng)
+
+
+def _drop_graph(p: float) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, T, DX))
+    c = g.input("c", (None, DC))
+    lens = g.input("len", (None,), dtype="int64")
+    y = g.input("y", (None,), dtype="int64")
+    h = g.loop("rnn", DropCell(RNNCell(DX, H), p), g.layer("enc", nn.Linear(DC, H), c), x, lens)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("head", nn.Linear(H, C), h), y)
+    return g
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(policies.Sync(), id="Sync"),
+        pytest.param(policies.PipeDream(1, stash=False), id="PipeDream-nostash"),
+        pytest.param(policies.Async(max_active_keys=1), id="Async1"),
+    ],
+)
+def test_a_stochastic_cell_draws_the_keys_masks_and_its_recompute_draws_them_again(policy):
+    # the loop gave its cell no rng: dropout in a cell was inert in training, silently
+    g = _drop_graph(0.5)
+    data = _data(n=8)
+    start = fresh_params(g)
+    _DRAWN.clear()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", seed=0)
+    tr.fit(data, batch_size=8)  # one key
+    steps = int(data["len"].max())
+    recomputes = not isinstance(policy, policies.Sync)  # (no pullback kept: steps taped again)
+    assert len(_DRAWN) == steps * (2 if recomputes else 1)
+    if recomputes:  # each step of the recompute starts from the stream its forward step had
+        for forward, again in zip(_DRAWN[:steps], _DRAWN[steps:], strict=True):
+            assert forward.bit_generator.state == again.bit_generator.state
+    stream = copy.deepcopy(_DRAWN[0])  # the key's stream, as the first step got it
+    m = {n: g.nodes[n].module for n in g.layers}
+
+    def loss(p):  # the plain loop, its cell drawing from the same stream step after step
+        h = m["rnn"](p["rnn"], m["enc"](p["enc"], data["c"]), data["x"], data["len"], rng=stream)
+        return nn.CrossEntropyLoss()({}, m["head"](p["head"], h), data["y"])
+
+    ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+def test_dropout_in_a_cell_trains_seeded_repeatably_and_leaves_evaluation_alone():
+    data = _data(n=16)
+
+    def fit(p: float, seed: int = 0) -> tuple[list[float], dict]:
+        tr = ann.Trainer(_drop_graph(p), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                         dtype="float64", seed=seed)  # fmt: skip
+        return list(tr.fit(data, batch_size=8, epochs=2).losses), tr.params
+
+    (dropped, params), (again, params_again) = fit(0.9), fit(0.9)
+    inert, _ = fit(1e-12)
+    assert dropped != inert  # p changes training
+    assert dropped == again
+    assert_params_equal(params, params_again)  # bit for bit, run to run
+    assert fit(0.9, seed=1)[0] != dropped  # the masks follow the run's seed
+    # evaluation draws nothing: the same as without dropout, at the same weights
+    evaluated = [
+        ann.Trainer(
+            _drop_graph(p), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64"
+        ).evaluate(data)  # fmt: skip
+        for p in (0.9, 1e-12)
+    ]
+    assert evaluated[0] == evaluated[1]
+
+
+def test_an_until_that_draws_random_numbers_is_refused():
+    @dataclass(frozen=True)
+    class Coin(nn.Module):
+        def init_params(self, init):
+            return {}
+
+        def __call__(self, params, h, *, rng=None):
+            return rng.random(h.shape[0]) < 0.5
+
+    with pytest.raises(ann.GraphError, match=r"loop .loop.: Loop: until .*Coin\(\) draws random"):
+        loop_graph(Coin())

@@ -11,9 +11,10 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, ops, optim, policies
+from asyncnn.dynamic import RNNCell
 
-from _loops_cases import DC, C, H, Step, T, _data, loop_graph, rnn_graph
-from _reference import assert_params_close
+from _loops_cases import DC, DX, C, H, Step, T, _data, loop_graph, rnn_graph
+from _reference import assert_params_close, assert_params_equal
 
 
 def test_bad_lengths_and_cycles_are_clear_errors():
@@ -21,11 +22,13 @@ def test_bad_lengths_and_cycles_are_clear_errors():
     data = _data()
     data["len"][4] = T + 2
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    # unchecked data: the loop actor's own check still names the loop (a row of the key)
     with pytest.raises(ann.ActorError, match=r"loop 'rnn': lengths\[4\] = 7 is outside \[0, 5\]"):
-        tr.fit(data, batch_size=8)
-    # (predict and evaluate said "loop: lengths[4] ...", naming no node)
+        tr.fit(data, batch_size=8, check_data=False)
+    # (predict and evaluate said "loop: lengths[4] ...", naming no node; now they check the
+    # lengths up front, as fit does)
     for call in (tr.predict, tr.evaluate):
-        with pytest.raises(ValueError, match=r"^layer 'rnn': loop: lengths\[4\] = 7 is outside"):
+        with pytest.raises(ValueError, match=r"^input 'len': length 7 at row 4 is out of range"):
             call(data)
     spec = g.to_spec()
     assert ann.Graph.from_spec(spec).to_spec() == spec
@@ -267,3 +270,93 @@ class LearnedHalt(nn.Module):
 def test_an_until_of_floats_or_with_parameters_is_refused_when_the_graph_is_built(until, said):
     with pytest.raises(ann.GraphError, match=said):
         ann.Trainer(loop_graph(until), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def _lengths_graph(cell: Any, features: int = DX, max_steps: int | None = None) -> ann.Graph:
+    g = ann.Graph()
+    xs = g.input("xs", (None, T, features))
+    h0 = g.input("h0", (None, H))
+    lens = g.input("L", (None,), dtype="int64")
+    y = g.input("y", (None,), dtype="int64")
+    h = g.loop("rnn", cell, h0, xs, lens, max_steps=max_steps)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("f", nn.Linear(H, C), h), y)
+    return g
+
+
+@dataclass(frozen=True)
+class Widen(nn.Module):
+    """A cell that turns a state of H features into one of H + 1 (no recurrent state)."""
+
+    def init_params(self, init):
+        return {}
+
+    def __call__(self, params, h, x, *, rng=None):
+        return ops.concatenate([h, h[:, :1]], axis=1)
+
+
+@pytest.mark.parametrize(
+    ("cell", "features", "said"),
+    [
+        pytest.param(RNNCell(DX + 1, H), DX, r"expected \(batch, 4\) and \(batch, 4\)", id="xs"),
+        pytest.param(Widen(), DX, r"turned a state of shape \(2, 4\) into \(2, 5\)", id="state"),
+    ],
+)
+def test_a_loop_with_lengths_runs_its_cell_when_the_graph_is_checked(cell, features, said):
+    # the check fed zero lengths: the cell ran no step, so a wrong xs or cell passed the build
+    # and failed in fit's first forward, as an ActorError
+    g = _lengths_graph(cell, features)
+    with pytest.raises(ann.GraphError, match=r"layer 'rnn' \(Loop\(.*\) fails on its inputs "
+                       r"\[h0 \(2, 4\) float32, xs \(2, 5, 3\) float32, L \(2,\) int64\].*" + said):  # fmt: skip
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+def test_a_right_loop_with_lengths_keeps_its_shapes_when_checked():
+    g = _lengths_graph(RNNCell(DX, H))
+    ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    assert g.shapes["rnn"] == (2, H)
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "bad", "said"),
+    [
+        pytest.param(
+            None, T + 2, r"at most the 5 steps of its xs 'xs'\): lengths must be in 0..5", id="xs"
+        ),  # fmt: skip
+        pytest.param(3, 4, r"at most its max_steps=3\): lengths must be in 0..3", id="max_steps"),
+        pytest.param(None, -1, r"at most the 5 steps", id="negative"),
+    ],
+)
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.Async(max_active_keys=4)])
+def test_lengths_out_of_range_are_refused_before_any_compute_naming_the_data_row(
+    policy, max_steps, bad, said
+):
+    # they were found by the loop actor once it reached their key (earlier keys had trained),
+    # naming a row of the key: lengths[8] for the data's row 40
+    g = _lengths_graph(RNNCell(DX, H), max_steps=max_steps)
+    rng = np.random.default_rng(0)
+    lens = rng.integers(0, (max_steps or T) + 1, 64)
+    lens[40] = bad
+    data = {"xs": rng.standard_normal((64, T, DX)), "h0": np.zeros((64, H)), "L": lens,
+            "y": rng.integers(0, C, 64)}  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy)
+    start = tr.params
+    with pytest.raises(ValueError, match=rf"^input 'L': length {bad} at row 40 is out of range "
+                       rf"for loop 'rnn' \({said}"):  # fmt: skip
+        tr.fit(data, batch_size=16, shuffle=True)
+    assert_params_equal(tr.params, start)  # nothing trained
+
+
+@pytest.mark.anyio
+async def test_a_runs_step_checks_each_batchs_lengths_and_its_actor_those_left_unchecked():
+    g = _lengths_graph(RNNCell(DX, H))
+    rng = np.random.default_rng(0)
+    lens = np.array([1, 2, T + 1, 0])
+    batch = {"xs": rng.standard_normal((4, T, DX)), "h0": np.zeros((4, H)), "L": lens,
+             "y": rng.integers(0, C, 4)}  # fmt: skip
+    async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()) as run:
+        with pytest.raises(ValueError, match=r"^input 'L': length 6 at row 2 is out of range"):
+            await run.step(batch)
+    with pytest.raises(ann.ActorError, match=r"loop 'rnn': lengths\[2\] = 6 is outside \[0, 5\]"):
+        async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()) as run:
+            await run.step(batch, check_data=False)
+            await run.drain()

@@ -4,6 +4,7 @@ test_routing_checks.py.)"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import anyio
@@ -340,3 +341,100 @@ def test_integer_ids_routed_to_embedding_experts_equal_a_plain_loop_over_rows(po
 
     ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
     assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+_DRAWN: list[np.random.Generator] = []  # a copy of the rng of each training call of DropGate
+
+
+@dataclass(frozen=True)
+class DropGate(nn.Module):
+    """Scores ``Linear(dropout(x))`` (dropout on the gate's input); notes a copy of the
+    generator each training call is given, as it is before the call draws."""
+
+    experts: int
+    p: float
+
+    def init_params(self, init):
+        return nn.Linear(D, self.experts).init_params(init)
+
+    def __call__(self, params, x, *, rng=None):
+        if rng is not None:
+            _DRAWN.append(copy.deepcopy(rng))
+        return nn.Linear(D, self.experts)(params, nn.Dropout(self.p)({}, x, rng=rng))
+
+
+def _drop_gate_graph(p: float, experts: int = 3) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    y = g.input("y", (None,), dtype="int64")
+    r = g.router("gate", DropGate(experts, p), x, experts=experts, k=1)
+    outs = [g.layer(f"e{i}", nn.Linear(D, C), r) for i in range(experts)]
+    g.loss("loss", nn.CrossEntropyLoss(), g.merge("merge", r, *outs), y)
+    return g
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(policies.Sync(), id="Sync"),
+        pytest.param(policies.PipeDream(1, stash=False), id="PipeDream-nostash"),
+        pytest.param(policies.Async(max_active_keys=1), id="Async1"),
+    ],
+)
+def test_a_stochastic_gate_draws_the_keys_masks_and_its_recompute_draws_them_again(policy):
+    # the router gave its gate no rng: dropout (or noise) in a gate was inert in training
+    from asyncnn._math._nn._routing import gate_weights, topk_experts
+
+    g = _drop_gate_graph(0.5)
+    data = _data(n=8)
+    start = fresh_params(g)
+    _DRAWN.clear()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", seed=0)
+    tr.fit(data, batch_size=8)  # one key
+    recomputes = not isinstance(policy, policies.Sync)  # (no pullback kept: the gate again)
+    assert len(_DRAWN) == (2 if recomputes else 1)
+    if recomputes:
+        assert _DRAWN[0].bit_generator.state == _DRAWN[1].bit_generator.state
+    stream = copy.deepcopy(_DRAWN[0])  # the key's stream, as the gate got it
+    m = {n: g.nodes[n].module for n in g.layers}
+    x = data["x"]
+
+    def loss(p):  # the gate on the whole key, drawing from the same stream; dense experts
+        s = m["gate"].gate(p["gate"], x, rng=stream)
+        choice = topk_experts(np.asarray(ops.raw(s)), 1)
+        w = gate_weights(s, choice, "softmax", np.dtype("float64"))
+        out = 0.0
+        for e in range(3):
+            picked = (choice == e).astype(np.float64)  # (rows, 1)
+            out = out + m[f"e{e}"](p[f"e{e}"], x) * (w * picked)
+        return nn.CrossEntropyLoss()({}, out, data["y"])
+
+    ref, _ = optim.SGD(lr=0.1).update(start, ann.grad(loss)(start), optim.SGD(lr=0.1).init(start))
+    assert_params_close(tr.params, ref, rtol=1e-10)
+
+
+def test_dropout_in_a_gate_trains_seeded_repeatably_and_leaves_evaluation_alone():
+    data = _data(n=16)
+
+    def fit(p: float, seed: int = 0) -> tuple[list[float], dict]:
+        tr = ann.Trainer(_drop_gate_graph(p), optimizer=optim.SGD(lr=0.1),
+                         policy=policies.GPipe(2), dtype="float64", seed=seed)  # fmt: skip
+        return list(tr.fit(data, batch_size=8, epochs=2).losses), tr.params
+
+    (dropped, params), (again, params_again) = fit(0.9), fit(0.9)
+    inert, _ = fit(1e-12)
+    assert dropped != inert  # p changes training
+    assert dropped == again
+    assert_params_equal(params, params_again)  # bit for bit, run to run
+    assert fit(0.9, seed=1)[0] != dropped  # the masks follow the run's seed
+    # evaluation draws nothing: the same as without dropout, at the same weights
+    evaluated = [
+        ann.Trainer(
+            _drop_gate_graph(p),
+            optimizer=optim.SGD(lr=0.1),
+            policy=policies.Sync(),
+            dtype="float64",
+        ).evaluate(data)  # fmt: skip
+        for p in (0.9, 1e-12)
+    ]
+    assert evaluated[0] == evaluated[1]

@@ -252,3 +252,54 @@ def test_top_k_ranks_the_extremes_of_the_score_dtype(dtype):
     want = np.argsort([[-int(v) for v in row] for row in scores.tolist()], axis=1, kind="stable")
     for k in (1, 2, 3):
         np.testing.assert_array_equal(ann.dynamic.topk_experts(scores, k), want[:, :k])
+
+
+def _spec_with(edit: Any) -> dict[str, Any]:
+    """The spec of ``moe_graph(experts=2)`` with ``edit(entry)`` applied to the merge's entry."""
+    spec = moe_graph(experts=2, k=1).to_spec()
+    nodes = [dict(e) for e in spec["nodes"]]
+    for e in nodes:
+        if e["name"] == "merge":
+            edit(e)
+    return {**spec, "nodes": nodes}
+
+
+def test_a_merge_given_to_layer_or_read_from_a_spec_gets_the_checks_of_g_merge():
+    # a Merge module through g.layer (as a spec rebuilds it) was never checked: the graph
+    # built, a Trainer took it, and fit died with a bare AttributeError ('Linear' object has no
+    # attribute 'k') in the merge actor's set-up
+    from asyncnn.dynamic import Merge
+
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    h = g.layer("h", nn.Linear(D, D), x)
+    a, b = g.layer("a", nn.Linear(D, C), h), g.layer("b", nn.Linear(D, C), h)
+    with pytest.raises(ann.GraphError, match=r"^merge 'm': 'h' is not a router \(make one with "
+                       r"g.router\).*it reads \['h', 'a', 'b'\]"):  # fmt: skip
+        g.layer("m", Merge(2), h, a, b)
+    r = g.router("r", nn.Linear(D, 2), x, experts=2)
+    outs = [g.layer(f"e{i}", nn.Linear(D, C), r) for i in range(2)]
+    with pytest.raises(ann.GraphError, match=r"^merge 'm': router 'r' has 2 experts but 1 "
+                       "branches were given"):  # fmt: skip
+        g.layer("m", Merge(2), r, outs[0])
+    with pytest.raises(ann.GraphError, match=r"^merge 'm': its module Merge\(experts=3\) is over 3 "
+                       r"experts but router 'r' has 2; make it Merge\(2\)"):  # fmt: skip
+        g.layer("m", Merge(3), r, *outs)
+    g.layer("m", Merge(2), r, *outs)  # right: as g.merge makes it
+    # from a spec: refused when it is read
+    for edit, said in [
+        (lambda e: e.update(inputs=["x", "e0", "e1"]), r"'x' is not a router"),
+        (lambda e: e.update(inputs=["gate", "e0"]), r"router 'gate' has 2 experts but 1 branches"),
+    ]:
+        with pytest.raises(ann.GraphError, match=rf"^merge 'merge': {said}"):
+            ann.Graph.from_spec(_spec_with(edit))
+
+
+def test_check_structure_checks_every_merge_node():
+    # (a graph whose nodes were changed after they were added: what g.layer checked no longer
+    # holds; a Trainer checks the structure before any actor is made)
+    g = moe_graph(experts=2, k=1)
+    merge = g.nodes["merge"]
+    merge.inputs = ("x", *merge.inputs[1:])
+    with pytest.raises(ann.GraphError, match=r"^merge 'merge': 'x' is not a router"):
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())

@@ -1,6 +1,6 @@
-"""Checks before compute: a batch against the graph's inputs (and the ids and labels it holds
-against their range: :func:`range_checks`), and the whole graph by evaluating every node on a
-couple of rows of zeros."""
+"""Checks before compute: a batch against the graph's inputs (and the ids, labels and loop
+lengths it holds against their range: :func:`range_checks`), and the whole graph by evaluating
+every node on a couple of rows of zeros (a loop's lengths made full, so its cell runs)."""
 
 from __future__ import annotations
 
@@ -212,6 +212,8 @@ def validate(
         if node.kind == "loss":
             _check_no_params(node, dtype)
         args = [values[src] for src in node.inputs]
+        if node.role == "loop":
+            args = _loop_check_args(node.module, args)
         arg_desc = ", ".join(
             f"{src} {tuple(a.shape)} {a.dtype}" for src, a in zip(node.inputs, args, strict=True)
         )
@@ -256,6 +258,17 @@ def validate(
             raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}{hint}")
     graph.shapes = shapes
     return shapes
+
+
+def _loop_check_args(loop: Any, args: list[Any]) -> list[Any]:
+    """A loop's inputs for the graph's check: its zero ``lengths`` (zeros from the data) would
+    run the cell no step at all, so neither ``xs`` nor the cell would be checked; every row
+    runs every step instead (the output's shape is the same either way)."""
+    if not loop.has_lengths:
+        return args
+    _, xs, lengths = loop.split(args)
+    full = np.full(lengths.shape, loop.steps(xs), dtype=lengths.dtype)
+    return [*args[:-1], full]
 
 
 def check_layer_rows(node: Node, input_shapes: list[Any], output_shape: Any) -> None:
@@ -371,15 +384,15 @@ def _check_no_params(loss: Node, dtype: str) -> None:
 
 @dataclass(frozen=True)
 class RangeCheck:
-    """A graph input of integers that must each index ``[0, size)``: the ids a layer starting
-    with an Embedding reads, or the class labels of a cross-entropy loss (see
-    :func:`range_checks`)."""
+    """A graph input of integers that must each be in ``[0, size)``: the ids a layer starting
+    with an Embedding reads, the class labels of a cross-entropy loss, or the ``lengths`` of a
+    loop (see :func:`range_checks`)."""
 
     #: the graph input holding them
     input: str
-    #: how many values are valid (the table's rows, the loss's classes)
+    #: how many values are valid (the table's rows, the loss's classes, a loop's steps + 1)
     size: int
-    #: what one is called in the message: ``"id"`` or ``"label"``
+    #: what one is called in the message: ``"id"``, ``"label"`` or ``"length"``
     what: str
     #: the node that reads them, described (``"layer 'stage0' (Embedding(...))"``)
     reader: str
@@ -403,9 +416,10 @@ def range_checks(
     graph: Graph, shapes: Mapping[str, tuple[int, ...]], targets: Iterable[str] | None = None
 ) -> list[RangeCheck]:
     """The :class:`RangeCheck` of each input read as ids by a layer starting with an Embedding
-    (on a GPU an id out of range is no error there: its row comes out NaN), and of each input
+    (on a GPU an id out of range is no error there: its row comes out NaN), of each input
     read as labels by a cross-entropy loss whose logits have a class axis in ``shapes`` (the
-    output shapes :func:`validate` found); only of the nodes ``targets`` need, where given.
+    output shapes :func:`validate` found), and of each input read as a loop's ``lengths``
+    (each in ``[0, steps]``); only of the nodes ``targets`` need, where given.
     Made once per run or data set: :func:`check_ranges` applies them."""
     from asyncnn._math._nn import CrossEntropyLoss
     from asyncnn._math._nn._linear import first_embedding
@@ -415,7 +429,11 @@ def range_checks(
     for name, node in graph.nodes.items():
         if (needed is not None and name not in needed) or not node.inputs:
             continue
-        if node.kind == "layer":
+        if node.role == "loop" and node.module.has_lengths:
+            check = _lengths_check(graph, node, shapes)
+            if check is not None:
+                checks.append(check)
+        elif node.kind == "layer":
             embedding = first_embedding(node.module)
             source = node.inputs[0]
             if embedding is None or graph.nodes[source].kind != "input":
@@ -444,6 +462,32 @@ def range_checks(
                 RangeCheck(labels, classes, "label", reader, f"labels must be in 0..{classes - 1}")
             )
     return checks
+
+
+def _lengths_check(
+    graph: Graph, node: Node, shapes: Mapping[str, tuple[int, ...]]
+) -> RangeCheck | None:
+    """The :class:`RangeCheck` of a loop's ``lengths`` read from a graph input: each in
+    ``[0, steps]`` (the steps of its ``xs`` / ``max_steps``), so that a bad one is refused before
+    any compute, naming the data row (the loop actor's own check, which stays for data that
+    does not come through these checks, names a row of a key, after earlier keys trained)."""
+    loop = node.module
+    source = node.inputs[-1]
+    xs = node.inputs[1] if loop.has_xs else None
+    if graph.nodes[source].kind != "input" or (xs is not None and xs not in shapes):
+        return None
+    steps = loop.steps_of(None if xs is None else tuple(shapes[xs]))
+    bound = (
+        f"its max_steps={steps}"
+        if xs is None or (loop.max_steps is not None and loop.max_steps < shapes[xs][1])
+        else f"the {steps} steps of its xs {xs!r}"
+    )
+    reader = f"loop {node.name!r} (at most {bound})"
+    fix = (
+        f"lengths must be in 0..{steps} (each row's number of steps); fix that row, or give "
+        "the loop more steps (longer xs, or a larger max_steps)"
+    )
+    return RangeCheck(source, steps + 1, "length", reader, fix)
 
 
 def check_ranges(

@@ -29,7 +29,7 @@ from ._specs import (
     check_cycles,
     check_spec_layout,
 )
-from ._structure import check_capacity_factor, check_routing
+from ._structure import check_capacity_factor, check_merge, check_routing
 
 __all__ = ["Graph"]
 
@@ -176,6 +176,9 @@ class Graph:
                 f"layer {name!r}: stop_gradient={stop_gradient!r:.40}; give True or False"
             )
         names = self._resolve(f"layer {name!r}", inputs)
+        if type(module) is Merge:  # (a merge's role, by its module's type, as Node.role)
+            # given here directly, or rebuilt from a spec: the checks g.merge makes
+            check_merge(self, name, names, module)
         args = check_actor_args(name, actor, actor_args)
         self.nodes[name] = Node(
             name,

@@ -63,11 +63,12 @@ class LoopActor(LayerActor):
         self.schedules: dict[int, list[Any]] = {}
 
     def _unroll(
-        self, params: Any, inputs: list[Any], tape: bool, split: bool = False
+        self, params: Any, inputs: list[Any], tape: bool, split: bool = False, rng: Any = None
     ) -> tuple[Any, list[Any], Any]:
         """A key's steps: the output, each step's (active rows, pullback) (with ``split``, a
         pullback in two halves, ``vjp_split``'s; without ``tape``, None), and the steps each
-        row took."""
+        row took. ``rng``: the key's stream (:meth:`_cell_rng`), which a stochastic cell draws
+        from at every step in turn; None in evaluation."""
         loop = self.loop
         xp = self.backend.xp
         who = f"loop {self.name!r}"  # for the errors
@@ -91,10 +92,10 @@ class LoopActor(LayerActor):
             r = xp.asarray(rows)
             x = None if xs is None else xs[r, t]
             if tape:
-                new, pullback = taper(lambda p, a, b: loop.step(p, a, b), params, h[r], x)
+                new, pullback = taper(lambda p, a, b: loop.step(p, a, b, rng), params, h[r], x)
                 records.append((r, pullback))
             else:
-                new = loop.step(params, h[r], x)
+                new = loop.step(params, h[r], x, rng)
                 records.append((r, None))
             h = h.copy()
             h[r] = new
@@ -124,8 +125,9 @@ class LoopActor(LayerActor):
         # version), like any layer's: their version gives the gradient's delay
         params, version = self.forward_weights(key, meta)
         out, records, steps = await self.compute(
-            self._unroll, params, inputs, keep, self.splits_backward, cost=cost
-        )
+            self._unroll, params, inputs, keep, self.splits_backward, self._cell_rng(key),
+            cost=cost,
+        )  # fmt: skip
         if not keep:
             self.schedules[key] = [r for r, _ in records]
         self._hold(key, (records if keep else None, version, inputs), inputs, out)
@@ -227,20 +229,29 @@ class LoopActor(LayerActor):
         params = await self.recompute_weights(forward_version)
         cost = self._cost(1) * sum(len(r) for r in schedule)
         records: list[tuple[Any, Any]] = await self.compute(
-            self._retape, params, inputs, schedule, split, cost=cost
+            self._retape, params, inputs, schedule, split, self._cell_rng(key), cost=cost
         )
         return records
 
+    def _cell_rng(self, key: int) -> Any:
+        """The stream a stochastic cell draws from over a key's steps, each step in turn: the
+        key's own (:meth:`_rng`, seeded by the run's seed, this node's stage and the key, as a
+        plain layer's), made afresh for each use, so that the recompute of the steps draws the
+        same masks as their forward; None where the cell draws nothing."""
+        return self.loop.cell_rng(self._rng(key))
+
     def _retape(
-        self, params: Any, inputs: list[Any], schedule: list[Any], split: bool
+        self, params: Any, inputs: list[Any], schedule: list[Any], split: bool, rng: Any = None
     ) -> list[tuple[Any, Any]]:
+        # the forward's rows at each step, from a fresh copy of its stream (``rng``): each step
+        # draws what it drew in the forward, its masks too
         loop = self.loop
         h, xs, _ = loop.split(self._to_device(inputs))
         taper = vjp_split if split else vjp
         records: list[tuple[Any, Any]] = []
         for t, r in enumerate(schedule):
             x = None if xs is None else xs[r, t]
-            new, pullback = taper(lambda p, a, b: loop.step(p, a, b), params, h[r], x)
+            new, pullback = taper(lambda p, a, b: loop.step(p, a, b, rng), params, h[r], x)
             records.append((r, pullback))
             h = h.copy()
             h[r] = new

@@ -87,10 +87,12 @@ class RouterActor(LayerActor):
         # key -> (route, choice, the rows that go to each expert)
         self.routes: dict[int, tuple[Any, Any, list[Any]]] = {}
 
-    def _gate(self, params: Any, inputs: list[Any], chosen: list[Any]) -> Any:
+    def _gate(self, params: Any, inputs: list[Any], chosen: list[Any], rng: Any = None) -> Any:
         """The gate weights; picks the experts from the scores on the first call (``chosen``
-        empty), reuses the pick afterwards (a recompute at another version keeps the route)."""
-        scores = self.router.scores(params, *inputs)
+        empty), reuses the pick afterwards (a recompute at another version keeps the route).
+        ``rng``: the key's stream (:meth:`_rng`, fresh for each call: a recompute draws the
+        forward's dropout masks again), which a stochastic gate draws from."""
+        scores = self.router.scores(params, *inputs, rng=rng)
         if not chosen:
             raw = np.asarray(self.backend.to_numpy(ops_raw(scores)))
             check_scores(f"router {self.name!r}", self.router.gate, raw)
@@ -103,16 +105,18 @@ class RouterActor(LayerActor):
         chosen: list[Any] = []
         keep = self.keep_pullback
 
-        def run(params: Any, xs: list[Any]) -> Any:
+        def run(params: Any, xs: list[Any], rng: Any) -> Any:
             xs = self._to_device(xs)
             if keep:
-                return vjp(lambda p, a: self._gate(p, a, chosen), params, xs)
-            return self._gate(params, xs, chosen), None
+                return vjp(lambda p, a: self._gate(p, a, chosen, rng), params, xs)
+            return self._gate(params, xs, chosen, rng), None
 
         # the weights the policy gives this forward (the latest, a prediction or a pinned
         # version), like any layer's: their version gives the gradient's delay
         params, version = self.forward_weights(key, meta)
-        weights, pullback = await self.compute(run, params, inputs, cost=self._cost(rows))
+        weights, pullback = await self.compute(
+            run, params, inputs, self._rng(key), cost=self._cost(rows)
+        )
         if self.ctx.checks_finite:  # the gate's weights are this actor's own output
             await self._check_finite(FORWARD, key, weights)
         choice = chosen[0]
@@ -200,10 +204,12 @@ class RouterActor(LayerActor):
         if pullback is None:  # recompute the gate (latest or estimated weights); the route stays
             params = await self.recompute_weights(forward_version)
 
-            def redo(params: Any, xs: list[Any]) -> Any:
-                return vjp(lambda p, a: self._gate(p, a, [choice]), params, self._to_device(xs))[1]
+            def redo(params: Any, xs: list[Any], rng: Any) -> Any:
+                xs = self._to_device(xs)
+                return vjp(lambda p, a: self._gate(p, a, [choice], rng), params, xs)[1]
 
-            pullback = await self.compute(redo, params, inputs)
+            # (the key's stream afresh: the gate's dropout masks are the forward's)
+            pullback = await self.compute(redo, params, inputs, self._rng(key))
         if not any(e is None for e in self.edge_expert):
             raise ActorError(self.name, "backward", key, f"router {self.name!r}: no merge gradient")
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ._graph import Graph
     from ._node import Node
 
-__all__ = ["check_capacity_factor", "check_routing", "expert_starts"]
+__all__ = ["check_capacity_factor", "check_merge", "check_routing", "expert_starts"]
 
 
 def check_capacity_factor(router: str, factor: Any) -> None:
@@ -34,10 +34,43 @@ def expert_starts(graph: Graph, router: Node) -> list[str]:
     return [c for c, _ in router.consumers if graph.nodes[c].role != "merge"]
 
 
+def check_merge(graph: Graph, name: str, inputs: tuple[str, ...], module: Any) -> None:
+    """Checks a merge node's inputs (``g.merge`` checks them as it builds one; a ``Merge``
+    module given to ``g.layer``, or a node of a graph spec, comes here): a router first, then
+    one branch per expert of it, and a ``Merge`` over that many experts.
+
+    Raises:
+        GraphError: naming the merge, what it reads and what it must read.
+    """
+    src = inputs[0] if inputs else None
+    if src is None or graph.nodes[src].role != "router":
+        raise GraphError(
+            f"merge {name!r}: {src!r} is not a router (make one with g.router); a merge reads "
+            "a router first, then the last tensor of each of its expert branches, in order "
+            f"(g.merge(name, router, *branches)); it reads {list(inputs)}"
+        )
+    experts = graph.nodes[src].module.experts
+    branches = len(inputs) - 1
+    if branches != experts:
+        raise GraphError(
+            f"merge {name!r}: router {src!r} has {experts} experts but {branches} branches were "
+            "given; pass the last tensor of each expert branch, in order"
+        )
+    if getattr(module, "experts", experts) != experts:
+        raise GraphError(
+            f"merge {name!r}: its module {module!r} is over {module.experts} experts but router "
+            f"{src!r} has {experts}; make it Merge({experts}) (g.merge makes the right one)"
+        )
+
+
 def check_routing(graph: Graph) -> None:
-    """Checks the wiring of routers and merges: one merge per router, one branch per expert,
-    each a chain of one-input layers coming back into the merge in expert order; and that no
-    graph output reads a router or a branch layer."""
+    """Checks the wiring of routers and merges: each merge reads a router and one branch per
+    expert (:func:`check_merge`); one merge per router, one branch per expert, each a chain of
+    one-input layers coming back into the merge in expert order; and that no graph output reads
+    a router or a branch layer."""
+    for node in graph.nodes.values():
+        if node.role == "merge":
+            check_merge(graph, node.name, node.inputs, node.module)
     # node -> (router, merge) for the routers and their branch layers, whose values outside the
     # actors are a key's routed rows, not one array a row per input row
     inside: dict[str, tuple[str, str]] = {}

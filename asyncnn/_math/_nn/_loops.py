@@ -29,8 +29,11 @@ OUTPUTS = ("last", "all")
 class Loop(Module):
     """The module of a loop node: runs ``cell`` over each row's steps.
 
-    Called as ``loop(params, init, [xs], [lengths])`` (the inputs it was built with, in that
-    order). ``params`` are the cell's.
+    Called as ``loop(params, init, [xs], [lengths], rng=None)`` (the inputs it was built with,
+    in that order). ``params`` are the cell's. Given an ``rng`` (training), a stochastic cell
+    (one with dropout) draws from it at every step in turn; the loop node's actor gives it the
+    key's seeded stream, as a plain layer's, and draws the same masks again when it recomputes
+    the steps for the backward.
 
     Attributes:
         cell: ``cell(params, h, x_t) -> h`` (``cell(params, h)`` when there is no ``xs``); the
@@ -41,7 +44,8 @@ class Loop(Module):
             ``(rows,)`` or ``(rows, 1)``, true where a row stops after the step that produced
             ``h`` (a stop condition carried in the state); any other shape (one value for the
             whole batch included) or dtype (floats, ints: compare them, ``p > 0.5``) is an
-            error (:func:`stop_rows`), and so is an ``until`` with parameters.
+            error (:func:`stop_rows`), and so is an ``until`` with parameters or one that draws
+            random numbers (it is called without ``rng``).
         max_steps: the most steps (default: the length of ``xs``).
         output: ``"last"`` (each row's state after its last step, ``(rows, ...)``) or ``"all"``
             (``(rows, max_steps, ...)``, each row's states, zeros after its end).
@@ -73,6 +77,13 @@ class Loop(Module):
                 "(until({}, h)) and trains none; compute the stop condition from the state "
                 "alone, e.g. with a halting unit in the cell that writes it into the state"
             )
+        if self.until is not None and _draws(self.until):
+            # called without an rng, it would run as in evaluation in training too, silently
+            raise ValueError(
+                f"Loop: until {self.until!r} draws random numbers (it reads its rng), but until "
+                "is called without one (until({}, h)); draw in the cell instead (it gets the "
+                "key's rng in training) and write the stop condition into the state"
+            )
 
     def init_params(self, init: Initializer) -> Any:
         return self.cell.init_params(init)
@@ -86,14 +97,31 @@ class Loop(Module):
 
     def steps(self, xs: Any) -> int:
         """The most steps of a key."""
-        t = int(xs.shape[1]) if xs is not None else 0
+        return self.steps_of(None if xs is None else tuple(xs.shape))
+
+    def steps_of(self, xs_shape: tuple[int, ...] | None) -> int:
+        """The most steps of a key whose ``xs`` has shape ``xs_shape`` (None: no ``xs``)."""
+        t = int(xs_shape[1]) if xs_shape is not None else 0
         if self.max_steps is not None:
-            return min(t, self.max_steps) if xs is not None else self.max_steps
+            return min(t, self.max_steps) if xs_shape is not None else self.max_steps
         return t
 
-    def step(self, params: Any, h: Any, x: Any) -> Any:
-        """One step of the cell, with its output's shape checked."""
-        new = self.cell(params, h) if x is None else self.cell(params, h, x)
+    def cell_rng(self, rng: Any) -> Any:
+        """The generator the cell draws from, ``rng`` (None in evaluation), or None where the
+        cell draws nothing (it is not :attr:`~Module.stochastic`): a cell that only accepts
+        ``rng`` is called without it, as before."""
+        return rng if rng is not None and self.cell.stochastic else None
+
+    def step(self, params: Any, h: Any, x: Any, rng: Any = None) -> Any:
+        """One step of the cell, with its output's shape checked.
+
+        ``rng``: the generator a stochastic cell (dropout) draws this step's masks from, the
+        key's one stream that every step draws from in turn (:meth:`cell_rng`'s), or None
+        (evaluation, or a cell that draws nothing). Its draws depend only on the rows each step
+        runs, so stepping again over the same rows from a fresh copy of the stream draws the
+        same masks (the loop actor's recompute)."""
+        args = (h,) if x is None else (h, x)
+        new = self.cell(params, *args) if rng is None else self.cell(params, *args, rng=rng)
         if tuple(new.shape) != tuple(h.shape):
             raise ValueError(
                 f"the loop's cell {self.cell!r} turned a state of shape {tuple(h.shape)} into "
@@ -111,6 +139,7 @@ class Loop(Module):
         n = int(h.shape[0])
         total = self.steps(xs)
         xp = ops.namespace_of(h)
+        rng = self.cell_rng(rng)
         if lengths is not None:
             # (a device's array reaches the host only explicitly: cupy refuses np.asarray)
             lengths = np.asarray(to_numpy(ops.raw(lengths)))
@@ -126,7 +155,7 @@ class Loop(Module):
                 break
             r = xp.asarray(rows)
             x = None if xs is None else ops.getitem_trusted(xs, (r, t))
-            new = self.step(params, h if len(rows) == n else ops.take_trusted(h, r, axis=0), x)
+            new = self.step(params, h if len(rows) == n else ops.take_trusted(h, r, axis=0), x, rng)
             if len(rows) == n:
                 h = new
             else:
@@ -173,6 +202,14 @@ def _has_params(module: Any) -> bool:
     try:
         return bool(tree_leaves(init(0, dtype="float64")))
     except Exception:
+        return False
+
+
+def _draws(module: Any) -> bool:
+    """Whether ``module`` draws random numbers when given an ``rng`` (its ``stochastic``)."""
+    try:
+        return bool(module.stochastic)
+    except Exception:  # (not an nn.Module: it cannot say, and gets no rng to draw from)
         return False
 
 

@@ -40,7 +40,8 @@ class Router(Module):
     """The module of a router node (made by :meth:`Graph.router`); see ``docs/dynamic.md``.
 
     Attributes:
-        gate: the module scoring the experts: ``gate(params, x, *extra) -> (rows, experts)``.
+        gate: the module scoring the experts: ``gate(params, x, *extra) -> (rows, experts)``
+            (``rng=`` the key's generator too in training, where it draws random numbers).
         experts: how many experts (branches) the router feeds.
         k: how many experts each row goes to (top-k of the scores; ties go to the lower index).
         gates: how a row's outputs are weighted in the merge: ``"softmax"`` (the softmax over all
@@ -86,9 +87,17 @@ class Router(Module):
             return int(math.ceil(self.capacity_factor * rows * self.k / self.experts))
         return self.capacity
 
-    def scores(self, params: Any, x: Any, *extra: Any) -> Any:
-        """The gate's scores, checked to be ``(rows, experts)``."""
-        s = self.gate(params, x, *extra)
+    def scores(self, params: Any, x: Any, *extra: Any, rng: Any = None) -> Any:
+        """The gate's scores, checked to be ``(rows, experts)``.
+
+        ``rng``: the generator a stochastic gate (dropout, noise) draws from in training (the
+        router actor gives it the key's seeded stream, as a plain layer's, and a fresh copy of
+        it when it recomputes the gate for the backward, so the draws are the forward's); None
+        in evaluation. A gate that draws nothing is called without it."""
+        if rng is not None and self.gate.stochastic:
+            s = self.gate(params, x, *extra, rng=rng)
+        else:
+            s = self.gate(params, x, *extra)
         shape = tuple(getattr(s, "shape", ()))
         if len(shape) != 2 or shape[1] != self.experts or shape[0] != x.shape[0]:
             raise ValueError(
@@ -106,7 +115,7 @@ class Router(Module):
 
     def __call__(self, params: Any, x: Any, *extra: Any, rng: Any = None) -> Any:
         # Shape evaluation only (graph validation): the experts read the routed rows of x.
-        self.scores(params, x, *extra)
+        self.scores(params, x, *extra, rng=rng)
         return x
 
 
