@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,9 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
         """Called after each epoch, once its updates are applied everywhere.
 
-        ``logs`` holds ``"loss"`` (the epoch's mean minibatch loss) and, with
+        ``logs`` holds ``"epoch"``, ``"loss"`` (the epoch's loss over its rows: each
+        minibatch's loss weighted by its rows, as ``Trainer.evaluate`` weighs its batches, or
+        summed for a loss of ``reduction="sum"``; see :attr:`History.epochs`) and, with
         ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"`` for a classifier).
         """
 
@@ -93,7 +96,7 @@ class EarlyStopping(Callback):
 
     Args:
         monitor: an epoch metric: ``"loss"``, or ``"val_loss"``/``"val_accuracy"`` with
-            ``validation_data``.
+            ``validation_data`` (``fit`` refuses one it does not log before it starts).
         patience: epochs in a row without improvement that the fit goes on through: the next
             one stops it (``patience=0`` stops at the first epoch that does not improve; Keras
             and Lightning stop one epoch earlier, at the ``patience``-th). A NaN never counts
@@ -147,12 +150,29 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch: int | None = None
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
-        if self.monitor not in logs:
+    def _check_measured(self, metrics: Iterable[str]) -> None:
+        """Refuses a ``monitor`` that is none of ``metrics``, the epoch metrics a fit logs
+        (``fit`` calls it before any callback starts, so that no epoch trains first). A subclass
+        with an ``on_epoch_end`` of its own may monitor a metric it adds to the logs: it is
+        checked at each epoch's end only.
+
+        Raises:
+            ValueError: naming the monitor, the metrics and what gives the ``val_*`` ones.
+        """
+        if type(self).on_epoch_end is EarlyStopping.on_epoch_end:
+            self._check_in(set(metrics))
+
+    def _check_in(self, metrics: set[str]) -> None:
+        metrics.discard("epoch")  # (the epoch's number, not a metric)
+        if self.monitor not in metrics:
             raise ValueError(
                 f"EarlyStopping monitors {self.monitor!r}, which this fit does not measure; it "
-                f"measures {sorted(logs)} (val_* need fit(..., validation_data=...))"
+                f"measures {sorted(metrics)} (val_* need fit(..., validation_data=...), and "
+                "val_accuracy a classifier's loss: see Trainer.evaluate)"
             )
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        self._check_in(set(logs))
         value = float(logs[self.monitor])
         # a NaN is never an improvement (it would become the best, and no value is better than
         # a NaN: a fit diverging at its first epoch, then improving, stopped)

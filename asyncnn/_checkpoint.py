@@ -22,6 +22,11 @@ Each of those was added after format version 2 began, as optional fields: a chec
 one loads as before (without "earlier", the next ``fit`` computes its first minibatch at the
 latest weights), and an asyncnn that predates one loads the checkpoint without it.
 
+The spec's "fit" says where the epoch stands (``Trainer.save``'s record): "epoch_batches",
+"minibatches", "epoch_layout", and of the unfinished epoch's minibatches done, "epoch_losses"
+(their losses) and "epoch_rows" (their rows, which weigh the losses in the epoch's; a later
+optional field as above: without it, each minibatch's rows follow from the epoch layout).
+
 A save first finishes one that was interrupted between its renames (its files would otherwise be
 overwritten half-way), writes every file beside its place, then renames them into place; one that
 fails before its renames removes what it wrote and leaves the folder as it was.
@@ -449,15 +454,20 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     return trainer
 
 
-def _epoch_losses(spec: dict[str, Any], spec_path: str, epoch_batches: int) -> list[float]:
-    """The known losses of the unfinished epoch's minibatches done (the spec's
-    ``fit["epoch_losses"]``; none in a checkpoint of an older asyncnn).
+def _epoch_losses(
+    spec: dict[str, Any], spec_path: str, epoch_batches: int
+) -> list[tuple[float, int | None]]:
+    """The known losses of the unfinished epoch's minibatches done, each with its rows (the
+    spec's ``fit["epoch_losses"]`` and ``fit["epoch_rows"]``; no losses in a checkpoint of an
+    older asyncnn, and no rows, ``None``, in one of an asyncnn that kept only the losses).
 
     Raises:
-        CheckpointError: the list is malformed, or longer than the minibatches done.
+        CheckpointError: a list is malformed, the losses are more than the minibatches done, or
+            the rows are not one per loss.
     """
     fit = spec.get("fit")
-    losses = fit.get("epoch_losses", []) if isinstance(fit, dict) and epoch_batches else []
+    record = fit if isinstance(fit, dict) and epoch_batches else {}
+    losses = record.get("epoch_losses", [])
     if (
         not isinstance(losses, list)
         or len(losses) > epoch_batches
@@ -468,7 +478,20 @@ def _epoch_losses(spec: dict[str, Any], spec_path: str, epoch_batches: int) -> l
             f"most {epoch_batches} numbers (the losses of the epoch's minibatches done), got "
             f"{losses!r:.80}"
         )
-    return [float(v) for v in losses]
+    rows = record.get("epoch_rows")
+    if rows is None:
+        return [(float(v), None) for v in losses]
+    if (
+        not isinstance(rows, list)
+        or len(rows) != len(losses)
+        or not all(type(r) is int and r >= 1 for r in rows)
+    ):
+        raise CheckpointError(
+            f"{spec_path} is malformed: its 'fit' record's epoch_rows must be a list of one "
+            f"int >= 1 per loss of epoch_losses ({len(losses)}: the rows of each of those "
+            f"minibatches), got {rows!r:.80}"
+        )
+    return [(float(v), r) for v, r in zip(losses, rows, strict=True)]
 
 
 def _position(path: str, spec: dict[str, Any], spec_path: str) -> tuple[int, Any]:

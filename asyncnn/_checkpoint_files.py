@@ -73,13 +73,32 @@ def _finish_save(path: str) -> bool:
     """Finishes a save interrupted between its renames, whose new files are all there (each
     renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
     returns whether it did."""
+    sources = _finishing_sources(path)
+    if sources is None:
+        return False
+    for name, file in sources.items():
+        if file != os.path.join(path, name):
+            os.replace(file, os.path.join(path, name))
+    os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
+    return True
+
+
+def _finishable(path: str) -> bool:
+    """Whether ``path`` holds a save interrupted between its renames that :func:`_finish_save`
+    would finish (a checkpoint, once loaded); changes nothing."""
+    return _finishing_sources(path) is not None
+
+
+def _finishing_sources(path: str) -> dict[str, str] | None:
+    """``{name: the file holding its new content}`` of a save interrupted between its renames
+    whose new files are all there (see :func:`_finish_save`); ``None`` for any other folder."""
     tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
     try:
         manifest = _read_manifest(tmp_manifest)
         files = manifest["files"]
         if manifest.get("format") != FORMAT or set(files) != {SPEC, ARRAYS}:
-            return False
-        sources = {}
+            return None
+        sources: dict[str, str] = {}
         for name, entry in files.items():
             for file in (os.path.join(path, name + ".tmp"), os.path.join(path, name)):
                 if (
@@ -90,14 +109,10 @@ def _finish_save(path: str) -> bool:
                     sources[name] = file
                     break
             else:
-                return False
+                return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return False
-    for name, file in sources.items():
-        if file != os.path.join(path, name):
-            os.replace(file, os.path.join(path, name))
-    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
-    return True
+        return None
+    return sources
 
 
 def _interrupted_first_save(path: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
@@ -14,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import trio
 
 from ._callbacks import Callback, wants_epoch_end, wants_step_end
@@ -23,6 +23,7 @@ from ._history import History
 from ._math._data import ArrayDataset
 from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
+from ._runtime._loss_actor import sums_over_rows
 from ._runtime._open_run import open_run
 from ._runtime._run import NamedOnLoss, Run, RunState
 from ._runtime._run_guards import checked_split
@@ -87,6 +88,7 @@ class _FitState:
         self.rows = 0
         self.first_mb = trainer.state.minibatches
         self.losses: dict[int, float] = {}
+        self.loss_rows: dict[int, int] = {}  # minibatch -> its rows (the weight of its loss)
         self.mb_epoch: dict[int, int] = {}
         self.epoch_start: dict[
             int, tuple[int, int]
@@ -124,9 +126,21 @@ class _FitState:
         self.per_epoch = plan.dataset.num_batches(plan.batch_size, plan.drop_last)
         self.layout = plan.epoch_layout(trainer.seed)
         # the known losses of the minibatches that an earlier fit ran of the epoch this one
-        # goes on with (see _epoch_loss)
+        # goes on with, with their rows (see _epoch_loss); a checkpoint of an asyncnn that kept
+        # no rows gives them by the minibatch's place in the epoch, as this fit's layout has it
+        # (it goes on with that epoch only in the layout it was counted in, or one taken as it
+        # comes)
         carried = list(trainer._epoch_losses) if trainer.epoch_batches else []
-        self.carried = (trainer.epochs_done, carried)
+        size, total = plan.batch_size, len(plan.dataset)
+        self.carried = (
+            trainer.epochs_done,
+            [
+                (loss, min(size, total - i * size) if rows is None else rows)
+                for i, (loss, rows) in enumerate(carried)
+            ],
+        )
+        # the epoch's loss is over its rows, as evaluate's: a loss of reduction="sum" sums
+        self.sums = all(sums_over_rows(trainer.graph.nodes[n].module) for n in trainer.graph.losses)
         # the history's losses as last handed over (see _history_losses)
         self._losses_list: list[float] = []
         self._losses_upto = self.first_mb
@@ -135,6 +149,7 @@ class _FitState:
     # -- during the run --------------------------------------------------------------------------
     def on_loss(self, minibatch: int, loss: float, rows: int) -> None:
         self.losses[minibatch] = loss
+        self.loss_rows[minibatch] = rows
         self.rows += rows
         self.reported.append(minibatch)
         while self.known in self.losses:
@@ -321,22 +336,33 @@ class _FitState:
             for cb in self.plan.callbacks:
                 cb.on_step_end(self.tr, mb, logs)
 
-    def _epoch_losses(self, epoch: int, before: int | None = None) -> list[float]:
-        """The known losses of ``epoch``'s minibatches (before minibatch ``before``), in order:
-        those an earlier fit ran of it, then this fit's."""
+    def _epoch_losses(self, epoch: int, before: int | None = None) -> list[tuple[float, int]]:
+        """The known losses of ``epoch``'s minibatches (before minibatch ``before``), in order,
+        each with its rows: those an earlier fit ran of it, then this fit's."""
         first, _ = self.epoch_start[epoch]
         mbs = range(first, self.stepped if before is None else before)
         carried_epoch, carried = self.carried
         values = list(carried) if epoch == carried_epoch else []
         values += [
-            self.losses[mb] for mb in mbs if self.mb_epoch.get(mb) == epoch and mb in self.losses
+            (self.losses[mb], self.loss_rows[mb])
+            for mb in mbs
+            if self.mb_epoch.get(mb) == epoch and mb in self.losses
         ]
         return values
 
     def _epoch_loss(self, epoch: int) -> float:
-        """The mean loss of ``epoch``'s minibatches, also of those an interrupted fit ran."""
+        """``epoch``'s loss, also over the minibatches an interrupted fit ran of it: the mean
+        over its rows (each minibatch's mean loss weighted by its rows, as ``evaluate`` weighs
+        its batches: a short last minibatch counts for its rows only), or for losses of
+        ``reduction="sum"`` the sum over its minibatches, as ``evaluate`` gives. (With loss
+        nodes of both kinds the weighted mean: a minibatch's loss is their sum, which no
+        weight splits.)"""
         values = self._epoch_losses(epoch)
-        return float(np.mean(values)) if values else float("nan")
+        if not values:
+            return float("nan")
+        if self.sums:
+            return math.fsum(loss for loss, _ in values)
+        return math.fsum(loss * rows for loss, rows in values) / sum(r for _, r in values)
 
     @trio.lowlevel.enable_ki_protection
     def _end_epoch(self, run: Run, epoch: int) -> None:
@@ -521,21 +547,47 @@ def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
     latest ones and delete those the fit writes. Checkpoints of fewer or as many epochs are
     those a resumed run continues from: the rotation removes them, oldest first.
 
+    A later entry that is no checkpoint is taken as the fit's save of that epoch will take it:
+    the ``*.tmp`` files of a save killed before it finished (which ``Trainer.load`` refuses,
+    saying to load an earlier checkpoint) are replaced by it; one it would refuse (a file, a
+    folder holding a checkpoint's file names without being one) is refused here, not after
+    the epochs before it have trained.
+
     Raises:
-        ValueError: naming the folder, the checkpoints and what to do instead.
+        ValueError: naming the folder, the entries and what to do instead.
     """
+    from ._checkpoint import _is_checkpoint, check_save_path
+    from ._checkpoint_files import _finishable
+
     names = _checkpoint_epochs(folder)
-    later = sorted(n for n in names if n > epochs_done)
-    if not later:
-        return
-    listed = ", ".join(names[n] for n in later[:5]) + (", ..." if len(later) > 5 else "")
-    raise ValueError(
-        f"checkpoint_dir {folder!r} holds {listed}, saved after more than the {epochs_done} "
-        "epochs this trainer has done: another run's checkpoints, which this fit would save "
-        "over or leave looking newer than its own; give another (new or empty) checkpoint_dir, "
-        f"remove them, or resume the latest (Trainer.load of {names[later[-1]]}) to go on in "
-        "this folder"
-    )
+    later: list[int] = []
+    refused: list[tuple[str, str]] = []  # (entry, why a save there fails)
+    for n in sorted(n for n in names if n > epochs_done):
+        path = os.path.join(folder, names[n])
+        # (a save cut off between its renames, its files all there, is one: load finishes it)
+        if _is_checkpoint(path) or _finishable(path):
+            later.append(n)
+            continue
+        try:
+            check_save_path(path)
+        except FileExistsError as exc:
+            refused.append((names[n], str(exc)))
+    if later:
+        listed = ", ".join(names[n] for n in later[:5]) + (", ..." if len(later) > 5 else "")
+        raise ValueError(
+            f"checkpoint_dir {folder!r} holds {listed}, saved after more than the {epochs_done} "
+            "epochs this trainer has done: another run's checkpoints, which this fit would save "
+            "over or leave looking newer than its own; give another (new or empty) "
+            f"checkpoint_dir, remove them, or resume the latest (Trainer.load of "
+            f"{names[later[-1]]}) to go on in this folder"
+        )
+    if refused:
+        name, why = refused[0]
+        raise ValueError(
+            f"checkpoint_dir {folder!r} holds {name}, which is not a checkpoint, and the fit's "
+            f"save of that epoch could not replace it ({why}); remove or rename it, or give "
+            "another (new or empty) checkpoint_dir"
+        )
 
 
 def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:

@@ -24,11 +24,16 @@ class History:
         losses: one mean loss per minibatch, in minibatch order (per key for ``Async``, whose
             keys are minibatches).
         epochs: one dict per epoch finished: ``"epoch"`` (counted over the trainer's life, so
-            a second ``fit`` starts after the first's), ``"loss"`` (its mean minibatch loss)
-            and, with ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"``). An epoch
-            that an interrupted ``fit`` left unfinished gets its entry from the ``fit`` that
-            finishes it, whose ``"loss"`` is the mean over the minibatches that ``fit`` ran
-            (the interrupted one's losses are in its own history).
+            a second ``fit`` starts after the first's), ``"loss"`` and, with
+            ``validation_data``, ``"val_loss"`` (and ``"val_accuracy"``). ``"loss"`` is over
+            the epoch's rows, as :meth:`Trainer.evaluate` gives ``"val_loss"``: the mean of its
+            minibatch losses each weighted by its rows (a short last minibatch counts for its
+            rows only), or their sum for a loss of ``reduction="sum"`` (with loss nodes of
+            both kinds, the weighted mean). An epoch that an interrupted ``fit`` left
+            unfinished gets its entry from the ``fit`` that finishes it, also after
+            ``Trainer.save`` and ``load``; its ``"loss"`` is over all of the epoch's
+            minibatches, those the interrupted ``fit`` ran included (their losses are in that
+            ``fit``'s :attr:`losses`), as an unbroken ``fit`` gives it.
         samples_per_second: training throughput over the whole call.
         seconds: wall time of the call.
         statistics: per-actor counters at the end of the call.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._callbacks import Callback
+from ._callbacks import Callback, EarlyStopping
 from ._checkpoint_files import write_whole
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._fit import _end_all, _FitPlan, _FitState, _Progress, _synchronize, check_checkpoint_dir
@@ -165,10 +165,11 @@ class Trainer:
         # with another layout starts the epoch over; None where unknown (a checkpoint's fit.json
         # written before it was kept): the position is taken as it comes
         self._epoch_layout: dict[str, Any] | None = None
-        # the known losses of those minibatches, in order: the epoch's loss, at its end, is
-        # theirs and the next fit's (see the property _epoch_losses)
-        self._epoch_losses_list: list[float] = []
-        self._epoch_losses_later: Callable[[], list[float]] | None = None
+        # the known losses of those minibatches, in order, each with its rows (None: not kept,
+        # by a checkpoint of an older asyncnn): the epoch's loss, at its end, is over theirs
+        # and the next fit's (see the property _epoch_losses)
+        self._epoch_losses_list: list[tuple[float, int | None]] = []
+        self._epoch_losses_later: Callable[[], Sequence[tuple[float, int | None]]] | None = None
         #: the History of the latest fit, kept also when it was interrupted or failed
         self.history = History()
         #: set to True (by a callback) to end the current fit after its current step
@@ -192,18 +193,19 @@ class Trainer:
 
     # -- reading -----------------------------------------------------------------------------------
     @property
-    def _epoch_losses(self) -> list[float]:
-        """The known losses of the unfinished epoch's minibatches, in order. A fit hands them
+    def _epoch_losses(self) -> list[tuple[float, int | None]]:
+        """The known losses of the unfinished epoch's minibatches, in order, each with its rows
+        (``None`` where a checkpoint of an older asyncnn kept none). A fit hands them
         over as a function, called here when they are read (at a save, or by the next fit):
         listing them at every step's snapshot would cost time quadratic in the epoch's length."""
         later = self._epoch_losses_later
         if later is not None:
-            self._epoch_losses_list = later()
+            self._epoch_losses_list = list(later())
             self._epoch_losses_later = None
         return self._epoch_losses_list
 
     @_epoch_losses.setter
-    def _epoch_losses(self, values: list[float]) -> None:
+    def _epoch_losses(self, values: Sequence[tuple[float, int | None]]) -> None:
         self._epoch_losses_list = list(values)
         self._epoch_losses_later = None
 
@@ -331,7 +333,9 @@ class Trainer:
             checkpoint_dir: where ``checkpoint_every`` writes checkpoints
                 (``epoch-0001/``... each a :meth:`save` folder, numbered by the epochs done).
                 Refused if it holds a checkpoint of more epochs than the trainer has done
-                (another run's): the fit would save over it.
+                (another run's): the fit would save over it. What a save killed before it
+                finished left there (``*.tmp`` files, no checkpoint) is replaced by the fit's
+                save of that epoch.
             checkpoint_every: save every this many epochs (an int >= 1).
             keep_checkpoints: how many of the latest checkpoints of ``checkpoint_dir`` to keep,
                 by epoch number, counting the one just written (0: all).
@@ -343,7 +347,8 @@ class Trainer:
         Raises:
             ValueError: bad data (naming the input and the row) or arguments (also a
                 ``batch_size`` that ``drop_last`` leaves no minibatch of, a ``checkpoint_dir``
-                holding another run's later checkpoints).
+                holding another run's later checkpoints, an ``EarlyStopping`` monitoring a
+                metric this fit does not log).
             TypeError: ``epochs``, ``batch_size``, ``checkpoint_every`` or ``keep_checkpoints``
                 is not an int (a bool is not one either); ``shuffle`` or ``drop_last`` is not a
                 bool; ``callbacks`` is not a list of callbacks. All of these are checked before
@@ -454,6 +459,14 @@ class Trainer:
                     check_labels(self.graph, self.shapes, validation.arrays)
             except ValueError as exc:  # (as the shape errors of validation_data say)
                 raise ValueError(f"validation_data: {exc}") from None
+        # the epoch metrics this fit logs (val_accuracy where evaluate may give one): a monitor
+        # of another is refused now, not at the end of the first epoch
+        metrics = {"loss"}
+        if validation is not None:
+            metrics |= {"val_loss", "val_accuracy"} if _classifiers(self.graph) else {"val_loss"}
+        for cb in callbacks:
+            if isinstance(cb, EarlyStopping):
+                cb._check_measured(metrics)
         plan = _FitPlan(
             dataset, epochs, batch_size, shuffle, drop_last, validation, callbacks,
             None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,
@@ -690,7 +703,13 @@ class Trainer:
         fit = json.dumps(position)
         # (the spec's record only: fit.json is for an asyncnn that reads no more than above)
         losses = list(self._epoch_losses) if self.epoch_batches else []
-        save_checkpoint(self, path, {**position, "epoch_losses": losses})
+        record: dict[str, Any] = {**position, "epoch_losses": [loss for loss, _ in losses]}
+        rows = [r for _, r in losses]
+        # the weight of each loss in the epoch's; apart, so that an older asyncnn reads the
+        # losses as it did (and none where a checkpoint of one left them unknown)
+        if None not in rows:
+            record["epoch_rows"] = rows
+        save_checkpoint(self, path, record)
         write_whole(os.path.join(path, _FIT_FILE), fit)  # (no fit.json.tmp left on a failure)
 
     @classmethod

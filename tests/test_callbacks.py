@@ -171,6 +171,36 @@ def test_early_stopping():
         _trainer().fit(_data(), callbacks=[print])
 
 
+def test_early_stopping_on_a_metric_the_fit_does_not_log_is_refused_before_any_compute():
+    # (the default monitor, val_loss, without validation_data trained a whole epoch, then failed
+    # listing 'epoch' as a metric)
+    rec = _Record()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(
+        ValueError,
+        match=r"EarlyStopping monitors 'val_loss', which this fit does not measure; it measures "
+        r"\['loss'\] \(val_\* need fit\(..., validation_data=...\)",
+    ):
+        tr.fit(_data(), epochs=3, batch_size=8, callbacks=[rec, EarlyStopping()])
+    assert rec.calls == [] and tr.state.minibatches == 0 and tr.epochs_done == 0
+    with pytest.raises(ValueError, match=r"monitors 'val_los', .* measures \['loss', 'val_acc"):
+        tr.fit(_data(), validation_data=_data(), callbacks=[EarlyStopping("val_los")])
+    assert tr.state.minibatches == 0
+
+
+class _StopOnItsOwnMetric(EarlyStopping):
+    """Monitors a metric it works out itself, as a subclass may."""
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        super().on_epoch_end(trainer, epoch, {**logs, "constant": 1.0})
+
+
+def test_early_stopping_of_a_subclass_adding_its_own_metric_still_monitors_it():
+    stop = _StopOnItsOwnMetric(monitor="constant", patience=0)
+    hist = _trainer(policies.Sync()).fit(_data(), epochs=5, batch_size=8, callbacks=[stop])
+    assert hist.stopped_early and len(hist.epochs) == 2 and stop.stopped_epoch == 1
+
+
 def test_jsonl_logger(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     tr = _trainer()

@@ -99,6 +99,8 @@ def test_a_missing_or_truncated_file_and_another_version_are_named(
         lambda s: s["fit"].update(epoch_batches=-1),
         lambda s: s["fit"].update(minibatches=99),
         lambda s: s["fit"].update(epoch_batches=1, epoch_losses=[0.5, 0.4]),
+        lambda s: s["fit"].update(epoch_batches=1, epoch_losses=[0.5], epoch_rows=[0]),
+        lambda s: s["fit"].update(epoch_batches=2, epoch_losses=[0.5, 0.4], epoch_rows=[8]),
     ],
     ids=[
         "no-layout",
@@ -115,6 +117,8 @@ def test_a_missing_or_truncated_file_and_another_version_are_named(
         "fit-epoch_batches",
         "fit-minibatches",
         "fit-epoch_losses",
+        "fit-epoch_rows",
+        "fit-epoch_rows-length",
     ],  # fmt: skip
 )
 def test_a_well_signed_but_malformed_spec_is_a_checkpoint_error(

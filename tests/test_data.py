@@ -473,6 +473,26 @@ def test_mnist1d_unreadable_or_foreign_cache_file_is_regenerated(tmp_path, damag
     assert _datasets._read_npz(path, 80, 20) is not None
 
 
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt, OSError, ValueError], ids=["ctrl-c", "oserror", "valueerror"]
+)
+def test_mnist1d_cache_write_cut_off_leaves_no_temporary_file(tmp_path, monkeypatch, error):
+    # (Ctrl-C while np.savez wrote left NAME.npz.<pid>.<tid>.tmp in the cache for good: only an
+    # OSError removed it) a disk error stays silent (the next process regenerates); others go on
+    def cut_off(f, **arrays):
+        f.write(b"PK\x03\x04partial")
+        raise error("cut off")
+
+    monkeypatch.setattr(_datasets.np, "savez", cut_off)
+    path = tmp_path / "c" / "x.npz"
+    if error is OSError:
+        _datasets._write_npz(path, {"a": np.zeros(3)})
+    else:
+        with pytest.raises(error, match="cut off"):
+            _datasets._write_npz(path, {"a": np.zeros(3)})
+    assert list(path.parent.iterdir()) == []
+
+
 def test_mnist1d_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ASYNCNN_CACHE_DIR", str(tmp_path / "c"))
     assert data.default_cache_dir() == tmp_path / "c"

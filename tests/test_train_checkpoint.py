@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,6 +234,56 @@ def test_checkpoint_every_refuses_a_folder_holding_another_runs_later_checkpoint
                 keep_checkpoints=2)  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["epoch-0006", "epoch-0007"]
     assert ann.Trainer.load(tmp_path / "epoch-0007").state.minibatches == 35
+
+
+def test_checkpoint_every_goes_on_past_a_save_killed_mid_write(tmp_path):
+    # a process killed while checkpoint_every wrote epoch-0003 left only *.tmp files there: load
+    # said to load an earlier checkpoint, and fit refused to go on from that one in this folder
+    # ("holds epoch-0003 ... resume the latest (Trainer.load of epoch-0003)")
+    data = _data()
+    tr = _trainer(policies.Sync())
+    tr.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+           keep_checkpoints=2)  # fmt: skip
+    debris = tmp_path / "epoch-0003"
+    debris.mkdir()
+    shutil.copy(tmp_path / "epoch-0002" / "arrays.safetensors", debris / "arrays.safetensors.tmp")
+    (debris / "spec.msgpack.tmp").write_bytes(b"\x8f")  # cut off while writing the spec
+    with pytest.raises(FileNotFoundError, match="a save into this folder was interrupted"):
+        ann.Trainer.load(debris)
+    back = ann.Trainer.load(tmp_path / "epoch-0002")
+    back.fit(data, epochs=2, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1,
+             keep_checkpoints=2)  # fmt: skip
+    # its save of epoch 3 replaced the debris, and the rotation went on as usual
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0003", "epoch-0004"]
+    assert sorted(os.listdir(debris)) == [
+        "arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack"
+    ]  # fmt: skip
+    reference = _trainer(policies.Sync())
+    reference.fit(data, epochs=3, batch_size=8)
+    assert_params_equal(ann.Trainer.load(debris).params, reference.params)
+
+
+def test_checkpoint_every_refuses_a_later_entry_that_a_save_could_not_replace(tmp_path):
+    # a save cut off between its renames, whose files are all there, is a checkpoint (load
+    # finishes it): refused as the others; an entry a save would refuse is named up front
+    data = _data()
+    tr = _trainer(policies.Sync())
+    tr.fit(data, epochs=1, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1)
+    cut = tmp_path / "epoch-0002"
+    shutil.copytree(tmp_path / "epoch-0001", cut)
+    os.remove(cut / "fit.json")
+    for name in ("spec.msgpack", "manifest.json"):
+        os.replace(cut / name, cut / (name + ".tmp"))
+    with pytest.raises(ValueError, match=r"holds epoch-0002, saved after more than the 1 epochs"):
+        tr.fit(data, epochs=1, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert ann.Trainer.load(cut).epochs_done == 1  # (finished: a checkpoint)
+    shutil.rmtree(cut)
+    cut.write_text("mine")
+    with pytest.raises(
+        ValueError, match=r"holds epoch-0002, which is not a checkpoint.*it is a file"
+    ):
+        tr.fit(data, epochs=1, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert tr.state.minibatches == 5 and cut.read_text() == "mine"  # refused before training
 
 
 def test_checkpoint_rotation_counts_epochs_as_numbers_and_keeps_what_it_wrote(tmp_path):

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import policies
+from asyncnn import nn, optim, policies
+from asyncnn.callbacks import Callback
 
+from _checkpoint_cases import _rewrite_spec
+from _reference import chain_graph
 from _train_cases import _data, _trainer
 
 
@@ -124,3 +127,49 @@ def test_history_save_refuses_a_value_that_is_not_a_number_and_writes_nothing(tm
     with pytest.raises(TypeError, match=r"History\.losses\[1\] is '2\.0', not a number"):
         hist.save(tmp_path / "h.json")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the epoch's loss ------------------------------------------------------------------------------
+@pytest.mark.parametrize("hooks", [False, True], ids=["no-epoch-hooks", "validation"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_epochs_loss_is_over_its_rows_as_evaluate_gives(reduction, hooks):
+    # (it was the plain mean of the minibatch losses: with 33 rows in batches of 32, the one-row
+    # last batch counted as much as the 32 rows before it, 0.552 where the rows gave 0.751)
+    data = _data(n=33)
+    graph = chain_graph(3, loss=nn.CrossEntropyLoss(reduction=reduction))
+    tr = ann.Trainer(graph, optimizer=optim.SGD(lr=0.0), policy=policies.Sync(), seed=3)
+    hist = tr.fit(data, epochs=1, batch_size=32, validation_data=data if hooks else None)
+    assert len(hist.losses) == 2 and len(hist.epochs) == 1
+    whole = tr.evaluate(data)["loss"]  # (lr=0: the weights the epoch trained with)
+    assert hist.epochs[0]["loss"] == pytest.approx(whole, rel=1e-6)
+    if reduction == "sum":
+        assert hist.epochs[0]["loss"] == pytest.approx(sum(hist.losses), rel=1e-12)
+
+
+class _FailAtStep(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise RuntimeError("stopped here")
+
+
+@pytest.mark.parametrize("through", ["in-memory", "saved", "saved-by-an-older-asyncnn"])
+def test_an_epoch_resumed_mid_way_has_the_loss_of_the_unbroken_one(tmp_path, through):
+    # each minibatch weighs its rows, those the interrupted fit ran too: a checkpoint keeps them
+    # ("epoch_rows"), and one of an older asyncnn (losses alone) takes the epoch layout's
+    data = _data(n=37)  # batches of 8, 8, 8, 8 and 5 rows
+    straight = _trainer(policies.Sync()).fit(data, epochs=2, batch_size=8)
+    tr = _trainer(policies.Sync())
+    with pytest.raises(RuntimeError, match="stopped here"):
+        tr.fit(data, epochs=2, batch_size=8, callbacks=[_FailAtStep(7)])
+    assert tr.epochs_done == 1 and 0 < tr.epoch_batches < 5
+    assert tr.history.epochs == straight.epochs[:1]
+    if through != "in-memory":
+        tr.save(tmp_path / "ckpt")
+        if through == "saved-by-an-older-asyncnn":
+            _rewrite_spec(str(tmp_path / "ckpt"), lambda s: s["fit"].pop("epoch_rows"))
+        tr = ann.Trainer.load(tmp_path / "ckpt")
+    hist = tr.fit(data, epochs=1, batch_size=8)
+    assert len(hist.losses) < 5 and hist.epochs == straight.epochs[1:]

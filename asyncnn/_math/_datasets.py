@@ -6,6 +6,7 @@ Nothing here touches the network. MNIST-1D is generated with the ``mnist1d`` pac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -122,9 +123,14 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
         os.replace(tmp, path)
-    except OSError:
-        # A read-only or full disk only costs the next process a regeneration.
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        # removed whatever stopped the write (Ctrl-C too): no later run would, its name holding
+        # this process's pid
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        # A read-only or full disk only costs the next process a regeneration; the rest goes on.
+        if not isinstance(exc, OSError):
+            raise
 
 
 @functools.lru_cache(maxsize=8)
