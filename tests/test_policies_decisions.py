@@ -178,3 +178,32 @@ def test_replay_delegates_the_stale_gradient_decisions():
     assert rp.predict_weights(w, w0, 2) is w  # no prediction: the latest weights
     wp = policies.Replay(policies.WeightPrediction(policies.PipeDream(2)), {})
     np.testing.assert_array_equal(wp.predict_weights(w, w0, 2)["w"], [7.0, 7.0])
+
+
+@pytest.mark.parametrize("too_many", [2**63, 2**64, np.uint64(2**63)])
+def test_policy_counts_have_an_upper_bound(too_many):
+    # (a count of 2**64 or more was taken, and then failed a traced fit with "writing the trace
+    # failed" and Trainer.save with a bare OverflowError, naming no field)
+    for make, label in [
+        (lambda n: policies.GPipe(n), r"GPipe\(microbatches=.*\): microbatches"),
+        (
+            lambda n: policies.Async(max_active_keys=n),
+            r"Async\(max_active_keys=.*\): max_active_keys",
+        ),
+        (lambda n: policies.Async(4, n), r"Async\(min_update_frequency=.*\): min_update_frequency"),
+        (lambda n: policies.ZeroBubbleH1(4, virtual=n), r"ZeroBubbleH1\(virtual=.*\): virtual"),
+        (
+            lambda n: policies.PipeMareLR(policies.PipeDream(2), warmup_updates=n),
+            r"PipeMareLR\(warmup_updates=.*\): warmup_updates",
+        ),
+        (
+            lambda n: policies.interleaved_1f1b_schedule(2, 2, n),
+            r"interleaved_1f1b_schedule\(microbatches=.*\): microbatches",
+        ),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"^{label} must be an int >= 1 and at most 2\*\*63 - 1"
+        ):
+            make(too_many)
+    assert policies.GPipe(2**63 - 1).microbatches == 2**63 - 1  # the largest: kept
+    assert policies.GPipe(np.int64(2**63 - 1)).to_spec()["args"]["microbatches"] == 2**63 - 1

@@ -101,3 +101,26 @@ async def test_an_async_run_failing_in_a_correction_holds_the_update_before(anyi
     _assert_stage0_kept_whole(
         state.params["stage0"], state.opt_states["stage0"], state.versions["stage0"]
     )
+
+
+@pytest.mark.parametrize(
+    "policy,peaks",
+    [
+        # K - s keys in flight at stage s of K, each holding the weights its pullback saw
+        (policies.PipeDream(3), [4, 3, 2, 1]),
+        # no stash: each key keeps its inputs only, the backward recomputes at the latest
+        (policies.PipeDream(3, stash=False), [1, 1, 1, 1]),
+        (policies.Async(3, 1, stash=False), [1, 1, 1, 1]),
+        # no stash, but the correction keeps the weights each key's forward saw
+        (policies.DelayCompensation(policies.PipeDream(3, stash=False)), [4, 3, 2, 1]),
+    ],
+    ids=str,
+)
+def test_versions_held_counts_the_weights_kept_in_memory(policy, peaks):
+    # (stash=False reported as many versions as stash=True, though only the latest weights
+    # were alive: the stored keys' version numbers, kept for their delays, were counted)
+    tr = ann.Trainer(chain_graph(4), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64")
+    hist = tr.fit(classification_data(48), epochs=1, batch_size=8)
+    got = [hist.statistics[name].peak_versions_held for name in tr.graph.layers]
+    assert got == peaks
+    assert all(hist.statistics[name].versions_held == 1 for name in tr.graph.layers)

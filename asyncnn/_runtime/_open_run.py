@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
+from asyncnn._math._optim import Optimizer
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import DevicePool, is_floating
 
@@ -109,14 +110,20 @@ async def open_run(
     Raises:
         TypeError: ``graph``, ``optimizer``, ``policy``, ``state``, ``pool`` or ``on_loss``
             is not what it must be (a class where an instance is due, say); ``cuda_graphs``
-            is not a bool or None.
+            is not a bool or None; the state's ``earlier_params`` or ``pending_grads`` is not
+            a dict by layer, as ``run.state()`` gives it.
         ValueError: a closed ``pool``, ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
             some of the graph's layers or whose parameters have another structure or shapes
             than the graph's (checked with the graph, so not where ``validated``), or whose
             ``earlier_params`` name another layer, a version that is not below the layer's, or
-            parameters of another structure or shapes than the layer's in the state (those
-            also where ``validated``, and on a cluster).
+            parameters of another structure or shapes than the layer's in the state, whose
+            ``pending_grads`` name another layer, a count that is not an int >= 0 or a sum of
+            another structure or shapes than the layer's parameters in the state, or whose
+            ``opt_states`` the optimizer's update would refuse (for an ``asyncnn.optim``
+            optimizer: other keys than its ``init`` makes, or buffers of another structure or
+            shapes than the layer's parameters in the state) (those also where ``validated``,
+            and on a cluster).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
     _check_pool(pool)
@@ -214,6 +221,8 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
                 "state=None for fresh weights"
             )
     _check_earlier_versions(graph, state)
+    _check_pending_grads(graph, state)
+    _check_opt_states(graph, state, optimizer)
 
 
 def _check_pool(pool: Any) -> None:
@@ -286,6 +295,106 @@ def _check_earlier_versions(graph: Graph, state: RunState) -> None:
                     f"open_run: {exc}; pass the state of a run of this graph (run.state(), "
                     "Trainer.state)"
                 ) from None
+
+
+def _check_pending_grads(graph: Graph, state: RunState) -> None:
+    """Refuses ``state.pending_grads`` that name another layer, whose count is not a count, or
+    whose sum does not fit the layer's parameters in the state: the sum is added into the
+    layer's next gradient, where numpy broadcast a sum of another shape with no error. Checked
+    also where the caller validated the graph (a fit) and on a cluster, as the earlier versions
+    are.
+
+    Raises:
+        TypeError: it is not ``{layer: (sum, count)}``.
+        ValueError: naming the layer, and the place in the sum and what differs.
+    """
+    pending = state.pending_grads
+    if not isinstance(pending, dict):
+        raise TypeError(
+            "open_run: state.pending_grads must be {layer: (sum, count)} (as run.state() gives "
+            f"it), got {pending!r:.80}"
+        )
+    for name, entry in pending.items():
+        if name not in graph.layers:
+            raise ValueError(
+                f"open_run: state.pending_grads names {name!r}, which is no layer of the graph "
+                f"(its layers: {graph.layers}); pass the state of a run of this graph"
+            )
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValueError(
+                f"open_run: state.pending_grads[{name!r}] must be a pair (sum, count): the "
+                "parameter gradients summed and not applied yet (None for none), and how many "
+                f"gradients they sum; got {entry!r:.80}"
+            )
+        acc, count = entry
+        if (
+            isinstance(count, bool | np.bool_)
+            or not isinstance(count, int | np.integer)
+            or count < 0
+        ):
+            raise ValueError(
+                f"open_run: state.pending_grads[{name!r}] counts {count!r:.40} gradients, which "
+                "is not a count (an int >= 0): the second of its pair is how many gradients its "
+                "sum holds"
+            )
+        if acc is None:
+            continue  # (the keys that reached the layer with no rows sum no array)
+        try:
+            check_params(name, state.params[name], acc, place=f"state.pending_grads[{name!r}][0]")
+        except ValueError as exc:
+            raise ValueError(
+                f"open_run: {exc} (in state.params[{name!r}]): the sum is of gradients of the "
+                "layer's parameters; pass the state of a run of this graph (run.state(), "
+                "Trainer.state)"
+            ) from None
+
+
+def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
+    """Refuses ``state.opt_states`` that the optimizer's update would refuse at the layer's
+    first update, inside the run, after the compute before it: for an ``asyncnn.optim``
+    optimizer whose ``init`` and ``update`` are the base's (so its state's layout is known),
+    the keys :meth:`Optimizer.init` makes, a step count, and buffers of the structure and shapes
+    of the layer's parameters in the state. Another optimizer's update checks its own state.
+    Checked also where the caller validated the graph (a fit) and on a cluster.
+
+    Raises:
+        ValueError: naming the layer, and the place in its state and what differs.
+    """
+    cls = type(optimizer)
+    if not isinstance(optimizer, Optimizer) or (cls.init, cls.update) != (
+        Optimizer.init,
+        Optimizer.update,
+    ):
+        return
+    buffers = optimizer.buffer_names()
+    keys = sorted({"step", *buffers})
+    fix = (
+        f"pass the state of a run of this graph under {cls.__name__} with these options "
+        "(run.state(), Trainer.state); Trainer.load(path, optimizer=...) gives another "
+        "optimizer a fresh state"
+    )
+    for name in graph.layers:
+        opt_state = state.opt_states[name]
+        where = f"state.opt_states[{name!r}]"
+        if not isinstance(opt_state, dict) or set(opt_state) != set(keys):
+            found = sorted(opt_state) if isinstance(opt_state, dict) else type(opt_state).__name__
+            raise ValueError(
+                f"open_run: {where} must be a dict with keys {keys}, as {cls.__name__}.init"
+                f"(params) makes it; got {found}; {fix}"
+            )
+        step = opt_state["step"]
+        if isinstance(step, bool | np.bool_) or not isinstance(step, int | np.integer) or step < 0:
+            raise ValueError(
+                f"open_run: {where}['step'] must be an int >= 0 (the updates made), got "
+                f"{step!r:.40}; {fix}"
+            )
+        for buffer in buffers:
+            try:
+                check_params(
+                    name, state.params[name], opt_state[buffer], place=f"{where}[{buffer!r}]"
+                )
+            except ValueError as exc:
+                raise ValueError(f"open_run: {exc} (in state.params[{name!r}]); {fix}") from None
 
 
 def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:

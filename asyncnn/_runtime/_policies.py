@@ -327,11 +327,26 @@ class Policy(abc.ABC):
         return {"type": kind, "args": args}
 
 
+#: The largest count a policy takes (keys per minibatch, keys in flight, gradients per update,
+#: stages per device, warm-up updates): the largest signed 64-bit int (``sys.maxsize`` on a
+#: 64-bit Python). A policy's spec goes into the trace's header and the checkpoint, whose
+#: encoding (msgpack) fails on an int of 2**64 or more, and numpy and other readers hold
+#: counts as int64; no run comes near the bound.
+MAX_COUNT = 2**63 - 1
+
+
 def _check_int(policy: str, field: str, value: Any) -> int:
-    """``value`` as an int >= 1 (a numpy integer too, as ``Graph.sequential``'s ``stages`` and
-    ``fit``'s ``batch_size`` take), else a ``ValueError`` naming ``policy(field=value)``."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{policy}({field}={value!r}): {field} must be an int >= 1")
+    """``value`` as an int from 1 to :data:`MAX_COUNT` (a numpy integer too, as
+    ``Graph.sequential``'s ``stages`` and ``fit``'s ``batch_size`` take), else a ``ValueError``
+    naming ``policy(field=value)``."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, int | np.integer)
+        or not 1 <= value <= MAX_COUNT
+    ):
+        raise ValueError(
+            f"{policy}({field}={value!r}): {field} must be an int >= 1 and at most 2**63 - 1"
+        )
     return int(value)
 
 

@@ -105,6 +105,8 @@ class Serving(WeightVersions):
         return (BACKWARD_WEIGHT if key in self.weight_due else BACKWARD_INPUT, key)
 
     def _minibatch_keys(self, op: tuple[str, int]) -> int:
+        """The key count of the minibatch of ``op``'s key, read before ``op`` runs (a backward
+        takes its key's meta, the weight half its entry in :attr:`weight_due`)."""
         kind, key = op
         meta = self.weight_due[key] if kind == BACKWARD_WEIGHT else self.meta.get(key, {})
         return int(meta.get("mb_keys", 1))
@@ -134,13 +136,14 @@ class Serving(WeightVersions):
                 await self._take_message()
                 continue
             turns = self.turns
-            if turns is not None and not turns.is_turn(self.stage, self._minibatch_keys(op)):
+            mb_keys = self._minibatch_keys(op)
+            if turns is not None and not turns.is_turn(self.stage, mb_keys):
                 self.waiting_for = (
                     f"its turn on device {turns.device} for {op[0]} of key {op[1]} (stage "
                     f"{turns.next_stage()}'s is next)"
                 )
-                await turns.wait(self.stage, self._minibatch_keys(op))
-            await self._run_op(op)
+                await turns.wait(self.stage, mb_keys)
+            await self._run_op(op, mb_keys)
             since_yield += 1
             if since_yield == 16:
                 # Inline work on queued messages never yields by itself: let the other actors
@@ -185,9 +188,16 @@ class Serving(WeightVersions):
             self.waiting_for = "any message" if planned is None else planned
         return True
 
-    async def _run_op(self, op: tuple[str, int]) -> None:
+    async def _run_op(self, op: tuple[str, int], mb_keys: int | None = None) -> None:
         """Runs one planned op (a key's forward, backward or backward half), with its
-        bookkeeping: the trace's events, the busy time, the order and the device's turn."""
+        bookkeeping: the trace's events, the busy time, the order and the device's turn.
+
+        ``mb_keys``: the key count of the op's minibatch (:meth:`_minibatch_keys`, where the
+        caller read it already), which the order is told with the op."""
+        if mb_keys is None:
+            # read now: a backward takes its key's meta (the weight half its entry in
+            # weight_due), after which every backward would be told 1
+            mb_keys = self._minibatch_keys(op)
         turns = self.turns
         start = time.perf_counter()
         kind, key = op
@@ -220,7 +230,7 @@ class Serving(WeightVersions):
         self.seq += 1
         end = time.perf_counter()
         self.stats.busy_seconds += end - start
-        self.order.done(op, int(self.meta.get(key, {}).get("mb_keys", 1)))
+        self.order.done(op, mb_keys)
         if turns is not None:
             turns.passed(self.stage)
         self.ctx.touch()

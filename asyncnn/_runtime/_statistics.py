@@ -24,8 +24,11 @@ class ActorStatistics:
             two halves count once), optimizer updates applied. A loss actor computes a key's
             loss and gradients in one operation, counted in ``forwards``.
         stored: keys whose activations are held now; ``peak_stored``: the most held at once.
-        versions_held: distinct parameter versions referenced now (stashing holds several);
-            ``peak_versions_held``: the most at once.
+        versions_held: distinct parameter versions kept in memory now: the latest, those the
+            stored keys' pullbacks hold (stashing holds several), and earlier ones the policy
+            keeps besides (``PipeDream2BW``'s pinned version, ``DelayCompensation``'s forward
+            weights); 1 without stashing (``stash=False`` keeps each key's inputs and
+            recomputes at the latest). ``peak_versions_held``: the most at once.
         stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
             (an estimate of the residuals' memory).
         pool_used_bytes / pool_held_bytes: on a GPU, the device's memory pool (cupy's) after

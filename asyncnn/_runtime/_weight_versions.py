@@ -39,8 +39,12 @@ class WeightVersions(_Actor):
     #: key -> (pullback, version, inputs) of the keys whose backward is still to come
     store: dict[int, tuple[Any, int, Any]]
     held_bytes: dict[int, int]
-    #: version -> stored keys that reference it
+    #: version -> stored keys that reference it (whether or not their entries keep weights of
+    #: it: a key kept without its pullback notes its forward's version for the gradient's delay)
     version_refs: dict[int, int]
+    #: whether a forward keeps its pullback (which holds the weights it computed with), else
+    #: its inputs only (:meth:`Policy.keeps_pullback`)
+    keep_pullback: bool
     weights_by_version: dict[int, Any]
     versions_back: int
     keeps_forward_weights: bool
@@ -97,7 +101,19 @@ class WeightVersions(_Actor):
             del self.version_refs[version]
 
     def _count_versions(self) -> None:
-        held = len(self.version_refs) + (self.version not in self.version_refs)
+        """Counts the parameter versions alive in memory (``ActorStatistics.versions_held``):
+        the latest, those the stored keys' pullbacks hold (where forwards keep them), and the
+        earlier weights kept besides (:attr:`weights_by_version`: a correction's forward
+        weights, ``PipeDream2BW``'s pinned version). A key stored without its pullback holds
+        its inputs, not weights: its version, noted for the delay, is not counted."""
+        kept = self.weights_by_version  # (every version in it is below the latest)
+        if self.keep_pullback:
+            refs = self.version_refs
+            held = len(refs) + (self.version not in refs)
+            if kept:
+                held += sum(1 for v in kept if v not in refs)
+        else:
+            held = 1 + len(kept)
         self.stats.versions_held = held
         if held > self.stats.peak_versions_held:
             self.stats.peak_versions_held = held

@@ -1,0 +1,118 @@
+"""What ``open_run`` (asyncnn/_runtime/_open_run.py) checks of a run's ``state`` before anything
+starts: the gradients summed and not applied yet, and the optimizer states."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+import asyncnn as ann
+from asyncnn import optim, policies
+from asyncnn._math._pytree import tree_map
+
+from _reference import chain_graph, classification_data, minibatches
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _NoCluster:
+    """A cluster that must never be reached: ``open_run`` refuses the state before it."""
+
+    def open_run(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("open_run sent a state it should have refused to the cluster")
+
+
+def _pending_state() -> tuple[ann.Trainer, ann.RunState]:
+    """An ``Async(1, 2)`` trainer after 3 keys: one gradient pending at each layer."""
+    tr = ann.Trainer(
+        chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.9), policy=policies.Async(1, 2),
+        dtype="float64",
+    )  # fmt: skip
+    tr.fit(classification_data(24), epochs=1, batch_size=8)
+    assert {n: c for n, (_, c) in tr.state.pending_grads.items()} == dict.fromkeys(
+        tr.graph.layers, 1
+    )
+    return tr, tr.state
+
+
+async def _open(tr: ann.Trainer, state: ann.RunState, **options: Any) -> None:
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float64", state=state,
+        **options,
+    ) as run:  # fmt: skip
+        await run.step(minibatches(classification_data(8), 8)[0])
+        await run.drain()
+
+
+_WHERE = [{}, {"validated": True}, {"cluster": _NoCluster()}]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_pending_gradients_that_do_not_fit_the_layer(where):
+    # (a sum of a broadcastable shape was added into the layer's next gradient by numpy, with
+    # no error: the layer trained on a wrong gradient)
+    tr, state = _pending_state()
+    acc, count = state.pending_grads["stage0"]
+    narrow = tree_map(lambda a: np.ones((1, *a.shape[1:])) if a.ndim > 1 else a, acc)
+    at = r"state.pending_grads\['stage0'\]"
+    cases = [
+        ({"stage0": (narrow, count)}, ValueError,
+         rf"{at}\[0\]\[0\]\['weight'\] has shape \(1, 6\); the layer's is \(5, 6\)"),
+        ({"stage0": ([acc[0]], count)}, ValueError, rf"{at}\[0\] must be a list of 2 entries"),
+        ({"stage0": (acc, -1)}, ValueError, rf"{at} counts -1 gradients, which is not a count"),
+        ({"stage0": (acc, True)}, ValueError, rf"{at} counts True gradients"),
+        ({"stage0": (acc, 1.0)}, ValueError, rf"{at} counts 1.0 gradients"),
+        ({"stage0": (acc, 1, 1)}, ValueError, rf"{at} must be a pair \(sum, count\)"),
+        ({"nope": (acc, 1)}, ValueError,
+         r"state.pending_grads names 'nope', which is no layer of the graph"),
+        ([("stage0", (acc, 1))], TypeError, r"state.pending_grads must be \{layer: \(sum, count\)"),
+    ]  # fmt: skip
+    for pending, error, match in cases:
+        bad = dataclasses.replace(state, pending_grads=pending)
+        with pytest.raises(error, match=f"^open_run: {match}"):
+            await _open(tr, bad, **where)
+
+
+@pytest.mark.anyio
+async def test_open_run_takes_pending_gradients_that_fit():
+    tr, state = _pending_state()
+    acc, _ = state.pending_grads["stage0"]
+    fine = {
+        "stage0": [acc, np.int64(1)],  # (a pair as a list, a numpy count: as decoded)
+        "stage1": (None, 2),  # skipped keys sum no array
+        "stage2": (None, 0),
+    }
+    await _open(tr, dataclasses.replace(state, pending_grads=fine))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_optimizer_states_that_do_not_fit_the_layer(where):
+    # (found only at the layer's first update, inside the run, after the compute before it)
+    tr, state = _pending_state()
+    state = dataclasses.replace(state, pending_grads={})
+    sgd = state.opt_states["stage0"]
+    narrow = tree_map(lambda a: np.zeros((1, *a.shape[1:])) if np.ndim(a) > 1 else a, sgd)
+    cases = [
+        (narrow, r"state.opt_states\['stage0'\]\['momentum_buffer'\]\[0\]\['weight'\] has shape "
+                 r"\(1, 6\); the layer's is \(5, 6\)"),
+        ({"step": 3}, r"state.opt_states\['stage0'\] must be a dict with keys \['momentum_buffer', "
+                      r"'step'\], as SGD.init\(params\) makes it; got \['step'\]"),
+        ({**sgd, "step": -1}, r"state.opt_states\['stage0'\]\['step'\] must be an int >= 0"),
+        (None, r"state.opt_states\['stage0'\] must be a dict with keys .* got NoneType"),
+    ]  # fmt: skip
+    for opt_state, match in cases:
+        bad = dataclasses.replace(state, opt_states={**state.opt_states, "stage0": opt_state})
+        with pytest.raises(ValueError, match=f"^open_run: {match}"):
+            await _open(tr, bad, **where)
+    # a state of another optimizer
+    with pytest.raises(ValueError, match=r"state.opt_states\['stage0'\] must be a dict with keys "
+                       r"\['exp_avg', 'exp_avg_sq', 'step'\], as Adam.init"):  # fmt: skip
+        async with ann.open_run(
+            tr.graph, optimizer=optim.Adam(lr=0.1), policy=tr.policy, state=state, **where
+        ):
+            pass
