@@ -13,6 +13,9 @@ thread each, and one large computation is cut into parts that free workers take:
   actors), cannot deadlock: at worst the caller does all its parts itself.
 - How work is cut depends only on the shapes and the team's size, never on timing; a part computes
   the same arithmetic whichever thread runs it. Results are therefore identical run to run. A
+  team may plan its products for another size than its thread count (``plan_workers``: each
+  process of a cluster cuts its products as one process of all the host's cores would), parts
+  beyond its threads then running one after another. A
   matrix product is cut along an output dimension (rows of ``a``, or columns of ``b``), never along
   the contraction, so every output element is summed in the same order as an uncut product with
   the same BLAS kernel.
@@ -165,6 +168,13 @@ class ComputeTeam:
         name: prefix of the worker threads' names.
         on_exit: called by each worker thread as it stops (after :meth:`shutdown` or
             :meth:`close`), so that an event loop can wait for the workers without blocking.
+        plan_workers: the team size its products are planned for, at most
+            ``MAX_POOL_WORKERS``: a large product is cut into up to this many parts, whatever
+            the number of threads (parts beyond them run one after another on whichever
+            thread is free), so that the cuts, and with them the last bits of the sums, are
+            those of a team of ``plan_workers`` threads. Default: ``workers``. Elementwise
+            passes, bias-gradient sums and optimizer updates are cut by the thread count:
+            their parts are bit-identical to the whole whatever the cut.
     """
 
     def __init__(
@@ -178,6 +188,7 @@ class ComputeTeam:
         switch_interval: float | Literal["auto"] | None = "auto",
         name: str = "asyncnn-team",
         on_exit: Callable[[], object] | None = None,
+        plan_workers: int | None = None,
     ) -> None:
         check_number("workers", workers, integer=True, least=-math.inf)
         if workers < 1:
@@ -186,12 +197,14 @@ class ComputeTeam:
                 "core this process may use (len(os.sched_getaffinity(0)))"
             )
         check_workers("workers", workers)  # (at most MAX_POOL_WORKERS)
+        check_workers("plan_workers", plan_workers, none_ok=True)
         check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
         check_number("part_flops", part_flops, integer=False, least=1, finite=True)
         check_number("part_elements", part_elements, integer=False, least=1, finite=True)
         check_flag("split", split)
         check_switch_interval(switch_interval)
         self._n = int(workers)
+        self._plan = self._n if plan_workers is None else int(plan_workers)
         self._switch_interval = (
             auto_interval(self._n)
             if switch_interval == "auto"
@@ -283,6 +296,12 @@ class ComputeTeam:
         return self._n
 
     @property
+    def plan_workers(self) -> int:
+        """The team size products are planned for (``plan_workers``, by default
+        :attr:`workers`): a large product is cut into up to this many parts."""
+        return self._plan
+
+    @property
     def splits_work(self) -> bool:
         """Whether the team splits large work across its workers."""
         return self._split
@@ -290,7 +309,7 @@ class ComputeTeam:
     @property
     def part_flops(self) -> int:
         """The least work, in flops, of a part of a split product on average (the
-        ``part_flops`` the team was made with, as an int). With the worker count and
+        ``part_flops`` the team was made with, as an int). With :attr:`plan_workers` and
         :attr:`splits_work` it decides where products are cut, and so the last bits of their
         sums: a trace records the three to replay with the same cuts."""
         return self._part_flops
@@ -453,16 +472,18 @@ class ComputeTeam:
 
     def product_plan(self, m: int, n: int, k: int) -> tuple[int, tuple[int, ...]]:
         """How :meth:`matmul` cuts an ``(m, k) @ (k, n)`` product: ``(axis, bounds)``, with axis
-        0 for rows and 1 for columns of the output; one piece means the product stays whole."""
-        return _product_plan(m, n, k, self._n, self._part_flops)
+        0 for rows and 1 for columns of the output; one piece means the product stays whole.
+        A function of the shapes, :attr:`plan_workers` and :attr:`part_flops` alone."""
+        return _product_plan(m, n, k, self._plan, self._part_flops)
 
     def matmul(self, a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """``a @ b``; a large 2-D float product is cut along its larger output dimension into up
-        to one part per worker, in whole blocks of 16 rows or columns (bfloat16: the float32
-        product of the two, as numpy computes it).
+        to :attr:`plan_workers` parts (by default one per worker), in whole blocks of 16 rows or
+        columns (bfloat16: the float32 product of the two, as numpy computes it).
 
-        The cut depends only on the shapes and the team's size, so the result repeats bit for
-        bit. Every output element is the same dot product as in an uncut single-threaded call
+        The cut depends only on the shapes and :attr:`plan_workers`, never on how many threads
+        run the parts, so the result repeats bit for bit, and a team planning for ``P`` workers
+        on fewer threads gives the bits of a team of ``P`` threads. Every output element is the same dot product as in an uncut single-threaded call
         (never a cut contraction), and equals ``a @ b`` with one BLAS thread bit for bit where
         BLAS computes each part with the kernel it uses for the whole. OpenBLAS takes other
         kernels for small products: parts of well under a megaflop (a ``part_flops`` far below
@@ -487,7 +508,7 @@ class ComputeTeam:
             return a @ b
         m, k = a.shape
         n = b.shape[1]
-        axis, bounds = _product_plan(m, n, k, self._n, self._part_flops)
+        axis, bounds = _product_plan(m, n, k, self._plan, self._part_flops)
         if len(bounds) <= 2 or _has_own_transpose(a, b, axis, bounds):
             return a @ b
         out = np.empty((m, n), dtype=a.dtype)
@@ -509,7 +530,11 @@ class ComputeTeam:
 
     def row_bounds(self, rows: int, elements: int) -> tuple[int, ...]:
         """Cut points of an elementwise pass over ``rows`` rows touching ``elements`` elements in
-        all: one piece when it is too small to split (see ``part_elements``)."""
+        all: one piece when it is too small to split (see ``part_elements``).
+
+        Up to one piece per worker thread, not per :attr:`plan_workers`: the passes cut here
+        (correctly rounded elementwise operations, column sums, elementwise optimizer updates)
+        give the same bits however they are cut."""
         open_ = self._state == "open" and self._split
         parts = min(self._n, elements // self._part_elements) if open_ else 1
         if parts == 2 and elements < 4 * self._part_elements:
@@ -618,4 +643,5 @@ class ComputeTeam:
         )
 
     def __repr__(self) -> str:
-        return f"<ComputeTeam {self._name} {self._state}, {self._n} workers>"
+        plan = f", products planned for {self._plan}" if self._plan != self._n else ""
+        return f"<ComputeTeam {self._name} {self._state}, {self._n} workers{plan}>"

@@ -164,6 +164,7 @@ class DevicePool:
         split: bool = False,
         part_flops: int = DEFAULT_PART_FLOPS,
         switch_interval: float | Literal["auto"] | None = "auto",
+        plan_workers: int | None = None,
     ) -> None:
         self._n = cpu_workers
         self._inline_flops = inline_flops
@@ -176,6 +177,7 @@ class DevicePool:
             switch_interval=switch_interval,
             name=f"{name}-cpu",
             on_exit=self._on_worker_exit,
+            plan_workers=plan_workers,
         )
         self._exited = 0
         self._all_exited: anyio.Event | None = None
@@ -527,6 +529,7 @@ async def open_device_pool(
     split: bool | None = None,
     part_flops: int = DEFAULT_PART_FLOPS,
     switch_interval: float | Literal["auto"] | None = "auto",
+    plan_workers: int | None = None,
 ) -> AsyncIterator[DevicePool]:
     """Opens a :class:`DevicePool`; its worker threads stop when the block exits.
 
@@ -559,6 +562,10 @@ async def open_device_pool(
             running Python (process-wide; the interval from before returns when the last pool
             or team closes; ``None`` leaves it as it is; ``"auto"``: 5e-5 s with 8 workers or
             more, else as it is; see :class:`ComputeTeam`).
+        plan_workers: the team size large products are planned for, whatever ``cpu_workers``
+            (parts beyond the workers run one after another): their cuts, and so the last bits
+            of their sums, are those of a pool of ``plan_workers`` workers. A cluster's worker
+            processes plan as one process of the host's cores would; default: ``cpu_workers``.
 
     Example::
 
@@ -567,6 +574,7 @@ async def open_device_pool(
             y = await pool.run("cpu", np.matmul, a, b, cost=flops)
     """
     check_workers("cpu_workers", cpu_workers, none_ok=True)
+    check_workers("plan_workers", plan_workers, none_ok=True)
     n = _default_workers() if cpu_workers is None else int(cpu_workers)
     check_number("blas_threads", blas_threads, integer=True, least=1, none_ok=True)
     check_number("inline_flops", inline_flops, integer=False, least=-math.inf)
@@ -581,6 +589,7 @@ async def open_device_pool(
         split=blas_threads == 1 if split is None else bool(split),
         part_flops=part_flops,
         switch_interval=switch_interval,
+        plan_workers=None if plan_workers is None else int(plan_workers),
     )
     pool._start()
     try:

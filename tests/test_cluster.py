@@ -15,6 +15,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._cluster._placement import _worker_of
+from asyncnn._math._pytree import tree_leaves
 
 from _cluster_cases import _alive, chain, data, fit, slow_chain
 from _reference import assert_params_equal
@@ -221,6 +222,58 @@ def test_async_trace_of_a_distributed_run_replays_identically(tmp_path: Any, thr
     ann.trace.to_chrome(path, str(tmp_path / "run.json"))
 
 
+def wide(workers: list[int | None], width: int = 512) -> ann.Graph:
+    """Two Linear+Tanh stages and a head, wide enough that a run's pool cuts their products."""
+    g = ann.Graph()
+    x = g.input("x", shape=(None, width))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(width, width), nn.Tanh()), x, worker=workers[0])
+    h = g.layer("s1", nn.Sequential(nn.Linear(width, width), nn.Tanh()), h, worker=workers[1])
+    h = g.layer("s2", nn.Linear(width, 10), h, worker=workers[2])
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.parametrize(("workers", "threads"), [(2, None), (3, 1)])
+def test_layers_whose_products_are_cut_match_one_process_bit_for_bit(
+    workers: int, threads: int | None, tmp_path: Any
+) -> None:
+    # Each worker's pool had host_cores() // processes threads (or threads_per_worker), and
+    # cut its products into as many parts: other kernels for other parts, so every leaf
+    # differed from one process in the last bits (1e-9) once layers were wide enough to cut.
+    # Every process now cuts as one process on this host would, whatever its threads.
+    from asyncnn._runtime._lifecycle import RUN_PART_FLOPS, one_process_workers
+    from asyncnn.backends import ComputeTeam
+
+    plan = one_process_workers()
+    if plan < 2:
+        pytest.skip("a host of one core: one process cuts no product")
+    # a microbatch's forward product, 256 x 512 @ 512 x 512, is cut in one process
+    assert len(ComputeTeam(plan, part_flops=RUN_PART_FLOPS).product_plan(256, 512, 512)[1]) > 2
+    rng = np.random.default_rng(0)
+    d = {"x": rng.normal(size=(1024, 512)).astype("float32"), "y": rng.integers(0, 10, 1024)}
+    opts: dict[str, Any] = {
+        "optimizer": optim.SGD(lr=0.05, momentum=0.9), "policy": policies.GPipe(microbatches=2)
+    }  # fmt: skip
+    one = ann.Trainer(wide([None] * 3), **opts)
+    one.fit(d, epochs=1, batch_size=512)
+    path = str(tmp_path / "cluster.trace")
+    placed: list[int | None] = [0, 1, None] if workers == 2 else [0, 1, 2]
+    with ann.cluster.LocalCluster(workers=workers, threads_per_worker=threads) as cluster:
+        many = ann.Trainer(wide(placed), cluster=cluster, trace=path, **opts)
+        many.fit(d, epochs=1, batch_size=512)
+    for name in one.params:
+        for a, b in zip(tree_leaves(one.params[name]), tree_leaves(many.params[name]), strict=True):
+            same = np.asarray(a).tobytes() == np.asarray(b).tobytes()
+            assert same, f"{name}: {np.max(np.abs(np.asarray(a) - np.asarray(b)))}"
+    pool = ann.trace.read(path).header["pool"]
+    assert pool.get("plan_workers", pool["cpu_workers"]) == plan
+    # a replay (in one process, on the recorded pool and plan) gives the same bits
+    rep = ann.replay(path)
+    assert rep.identical, rep.first_divergence
+    assert_params_equal(many.params, rep.params)
+
+
 def test_check_finite_on_a_worker_names_the_first_actor(three: Any) -> None:
     tr = ann.Trainer(chain([0, 1, 2]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
                      cluster=three, check_finite=True)  # fmt: skip
@@ -298,6 +351,22 @@ def test_cluster_arguments_are_checked() -> None:
             ann.cluster.LocalCluster(workers=2, host=empty)
     with pytest.raises(TypeError, match="asyncnn.cluster"):
         ann.Trainer(chain([0]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=2)
+
+
+def test_a_heartbeat_timeout_the_heartbeat_cannot_meet_is_refused() -> None:
+    # heartbeat_timeout=0.3 was taken: a worker with nothing to send is silent for the 0.5 s
+    # between two heartbeats, so every run longer than that failed, blaming a healthy worker
+    from asyncnn._cluster._base import HEARTBEAT_INTERVAL, MIN_HEARTBEAT_TIMEOUT
+
+    assert MIN_HEARTBEAT_TIMEOUT == 2 * HEARTBEAT_INTERVAL == 1.0
+    for short in (0.3, 0.999, np.float32(0.5)):
+        with pytest.raises(
+            ValueError,
+            match=r"^LocalCluster\(heartbeat_timeout=\.\.\.\) must be at least 1 s, got "
+            r".*: a worker sends a heartbeat every 0.5 s",
+        ):
+            ann.cluster.LocalCluster(workers=1, heartbeat_timeout=short)
+    assert ann.cluster.LocalCluster(workers=1, heartbeat_timeout=1).heartbeat_timeout == 1.0
 
 
 def run_with_a_broken_frame(cluster: Any, graph: ann.Graph, inject: Any) -> str:

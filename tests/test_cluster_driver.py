@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+import types
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
@@ -44,3 +49,131 @@ def test_each_worker_is_sent_the_weights_of_its_own_layers_only(monkeypatch: Any
         0: (["stage0"], nbytes(["stage0"])),
         1: (["stage1", "stage2", "loss"], nbytes(["stage1", "stage2"])),
     }
+
+
+# -- silence: a worker delivering a large frame is not hung; one that stopped is ----------------
+
+
+def _one_worker(conn: Any, timeout: float) -> tuple[Any, Any]:
+    """A cluster of one worker whose connection is ``conn``, and a run, as ``_read_worker``
+    reads them. ``heartbeat_timeout`` is set below what a cluster takes (1 s), so that a frame
+    delivered in about a second stands for one that takes longer than the timeout."""
+    cluster = types.SimpleNamespace(
+        connections={0: conn}, heartbeat_timeout=timeout, _fate=lambda w: "",
+        describe_worker=lambda w, hosted: f"worker {w} (hosting {', '.join(hosted)})",
+    )  # fmt: skip
+    return cluster, types.SimpleNamespace(results={}, worker_traces={})
+
+
+def _result(nbytes: int) -> tuple[dict[str, Any], list[Any]]:
+    """A worker's end-of-run frame carrying ``nbytes`` of weights of a layer 'big'."""
+    from asyncnn._cluster._codec import encode_state
+    from asyncnn._runtime._state import RunState
+
+    w = np.arange(nbytes // 4, dtype=np.float32)
+    out: list[Any] = []
+    state = RunState(params={"big": {"w": w}}, opt_states={"big": {}}, versions={"big": 3},
+                     minibatches=0, keys=0)  # fmt: skip
+    return {"t": "result", **encode_state(state, out), "stats": {}}, out
+
+
+@pytest.mark.anyio
+async def test_a_frame_whose_bytes_keep_coming_is_no_silence_but_a_stop_mid_frame_is(
+    anyio_backend: str,
+) -> None:
+    # The driver's deadline ran over the receive of a whole frame: a large result taking
+    # longer than heartbeat_timeout to arrive (a slow link) was reported as a hung worker.
+    # Silence is now measured by bytes arriving; a worker that stops mid-frame is still caught.
+    from asyncnn._cluster._driver import _read_worker
+    from asyncnn._cluster._wire import Connection, frame_head
+
+    header, out = _result(4 << 20)
+    wire = frame_head(header, [b.nbytes for b in out]) + b"".join(b.tobytes() for b in out)
+    for stop in (False, True):
+        ours, theirs = socket.socketpair()
+        conn = Connection(ours, "worker 0")
+        cluster, run = _one_worker(conn, 0.3)
+        resume = threading.Event()
+
+        def deliver(
+            theirs: socket.socket = theirs, stop: bool = stop, resume: threading.Event = resume
+        ) -> None:
+            # eight pieces 0.1 s apart: 0.8 s for the frame, the timeout 0.3 s; or the first
+            # half, then nothing (a stopped worker)
+            pieces = np.array_split(np.frombuffer(wire, np.uint8), 8)
+            for i, piece in enumerate(pieces):
+                if stop and i == 4:
+                    resume.wait(5)
+                    return
+                try:
+                    theirs.sendall(piece.tobytes())
+                except OSError:  # (the reader gave up)
+                    return
+                time.sleep(0.1)
+
+        sender = threading.Thread(target=deliver)
+        sender.start()
+        try:
+            start = time.perf_counter()
+            if stop:
+                with pytest.raises(ann.WorkerError, match=r"worker 0 .* sent nothing for 0.3 s"):
+                    await _read_worker(cluster, run, 0, ["big"])
+                assert time.perf_counter() - start < 3
+            else:
+                await _read_worker(cluster, run, 0, ["big"])
+                got = run.results[0]["params"]["big"]["w"]
+                assert got.tobytes() == out[0].tobytes()
+        finally:
+            resume.set()
+            conn.close()
+            sender.join()
+            theirs.close()
+
+
+@pytest.mark.anyio
+async def test_a_worker_making_a_large_slab_pulses_and_is_not_taken_for_hung(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # A fresh 1 GiB slab took 0.8 to 3.8 s to allocate and map on the 2-core VM, in which the
+    # sender sends no byte (and its heartbeats wait behind the send): its end-of-run result
+    # through shared memory was reported as a hung worker. The sender's channels now pulse
+    # during such a step. Here the sender (its own event loop in a thread, as a worker
+    # process) makes its slab in 0.7 s; the driver's watch, with a timeout of 0.3 s, must see
+    # the pulse.
+    from asyncnn._cluster import _shm
+    from asyncnn._cluster._driver import _read_worker
+
+    if not _shm.supported():
+        pytest.skip("shared memory needs Linux on x86-64")
+    make = _shm._create
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.7)  # (releases the GIL, as allocating the pages does)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(_shm, "_create", slow_create)
+    header, out = _result(9 << 20)  # a send that holds the pulse (8 MB or more)
+    sa, sb = socket.socketpair()
+    ca, cb = _shm.Channel(), _shm.Channel()
+    worker = _shm.ShmConnection(sa, "driver", 1 << 30, ca, cb.describe())
+    driver = _shm.ShmConnection(sb, "worker 0", 1 << 30, cb, ca.describe())
+    cluster, run = _one_worker(driver, 0.3)
+
+    async def send() -> None:
+        worker.new_loop()  # (its lock belongs to this thread's loop)
+        await worker.send(header, out)
+
+    sender = threading.Thread(target=anyio.run, args=(send,), kwargs={"backend": anyio_backend})
+    try:
+        sender.start()
+        await _read_worker(cluster, run, 0, ["big"])
+        assert run.results[0]["params"]["big"]["w"].tobytes() == out[0].tobytes()
+    finally:
+        sender.join()
+        run.results.clear()
+        worker.close()
+        driver.close()
+    pulse = _shm.PULSE._thread
+    if pulse is not None:  # (it leaves a tick after the last send let go)
+        await anyio.to_thread.run_sync(pulse.join, 2)
+    assert _shm.PULSE._thread is None  # the pulse's thread left once no send held it

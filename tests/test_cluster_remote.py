@@ -29,6 +29,9 @@ class _FramesFrom:
             await anyio.sleep_forever()
         return self.frames.pop(0), []
 
+    def received_progress(self, peek: bool = True) -> int:
+        return -len(self.frames)  # (grows as frames are taken)
+
     def close(self) -> None:
         self.closed = True
 

@@ -574,3 +574,63 @@ def test_split_bounds_refuses_bad_arguments_naming_them(
     with pytest.raises(error, match=rf"^split_bounds: {said}"):
         split_bounds(*args)
     assert split_bounds(0, 3) == (0, 0)  # an empty range: one empty piece
+
+
+def test_a_team_planning_for_more_workers_than_its_threads_gives_that_teams_bits() -> None:
+    # A product was cut into one part per thread: a cluster's worker with fewer threads than
+    # one process cut it otherwise, and its sums differed in the last bits. A team now plans
+    # for plan_workers, whatever its threads; the parts beyond them run one after another.
+    a, b = _operands(96, 300, 130, np.float32, seed=21)
+    with ComputeTeam(4, part_flops=1_000) as four:
+        want = four.matmul(a, b)
+        assert len(four.product_plan(96, 130, 300)[1]) == 5  # four parts
+    for threads in (1, 2, 3):
+        with ComputeTeam(threads, part_flops=1_000, plan_workers=4) as planned:
+            assert planned.workers == threads and planned.plan_workers == 4
+            assert planned.product_plan(96, 130, 300) == four.product_plan(96, 130, 300)
+            got = planned.matmul(a, b)
+            with using_team(planned):
+                dispatched = matmul(a, b)
+            stats = planned.statistics()
+        assert got.tobytes() == want.tobytes() and dispatched.tobytes() == want.tobytes()
+        assert stats.splits == 2 and stats.parts == 8  # every part ran, on `threads` threads
+        assert "products planned for 4" in repr(planned)
+    # by default a team plans for its threads
+    with ComputeTeam(2, part_flops=1_000) as two:
+        assert two.plan_workers == 2 and len(two.product_plan(96, 130, 300)[1]) == 3
+    for wrong, error in ((0, ValueError), (2.5, TypeError), (10**9, ValueError)):
+        with pytest.raises(error, match="plan_workers must be"):
+            ComputeTeam(2, plan_workers=wrong)  # type: ignore[arg-type]
+
+
+def test_the_passes_cut_by_threads_give_the_same_bits_for_any_team_size() -> None:
+    # Elementwise passes, bias-gradient sums and elementwise optimizer updates are cut by the
+    # team's threads, not by plan_workers: what the runtime cuts this way (adds, a broadcast
+    # bias add, ReLU and its gradient, column sums, SGD/Adam/AdamW updates) must give the
+    # same bits whatever the team's size, or a cluster's worker would round otherwise.
+    from asyncnn import optim
+    from asyncnn._math._rules_elementwise import _relu_grad
+    from asyncnn.backends._dtypes import acc_sum
+
+    rng = np.random.default_rng(22)
+    for dtype in (np.float32, np.float64):
+        x, g = (rng.standard_normal((203, 67)).astype(dtype) for _ in range(2))
+        bias = rng.standard_normal(67).astype(dtype)
+        results = []
+        for n in (1, 2, 3, 5):
+            with ComputeTeam(n, part_elements=500) as t, using_team(t):
+                out = [
+                    elementwise(np.add, x, g), elementwise(np.add, x, bias),
+                    elementwise(np.maximum, x, 0), elementwise(_relu_grad, g, np.maximum(x, 0)),
+                    acc_sum(x, axis=0),
+                ]  # fmt: skip
+                for opt in (
+                    optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                    optim.Adam(lr=1e-3, weight_decay=0.01), optim.AdamW(lr=1e-3),
+                ):  # fmt: skip
+                    buffers = tuple(np.abs(g) + 0.5 for _ in opt.buffer_names())
+                    p, new = opt._update_leaf(x, g, buffers, 3, 1e-3)
+                    out += [p, *new]
+                assert (t.statistics().splits > 0) == (n > 1)
+            results.append([o.tobytes() for o in out])
+        assert all(r == results[0] for r in results[1:]), dtype

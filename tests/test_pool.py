@@ -698,3 +698,16 @@ async def test_worker_counts_above_the_limit_are_refused_naming_the_argument() -
             async with open_device_pool(cpu_workers=n):
                 pass
     assert _pool_threads() == []
+
+
+async def test_a_pool_plans_its_products_for_plan_workers_on_its_own_threads() -> None:
+    # (a cluster's processes: each plans its products for one process's team on the host)
+    async with open_device_pool(cpu_workers=1, part_flops=1_000, plan_workers=4) as pool:
+        assert pool.workers == 1 and pool.team.plan_workers == 4
+        assert len(pool.team.product_plan(96, 130, 300)[1]) == 5  # four parts, one thread
+    async with open_device_pool(cpu_workers=2) as pool:
+        assert pool.team.plan_workers == 2  # by default: its workers
+    for wrong, error in ((0, ValueError), (1.5, TypeError), (10**6, ValueError)):
+        with pytest.raises(error, match="plan_workers must be"):
+            async with open_device_pool(cpu_workers=1, plan_workers=wrong):  # type: ignore[arg-type]
+                pass

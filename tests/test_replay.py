@@ -283,6 +283,45 @@ def test_replay_opens_the_pool_with_the_runs_inline_flops(tmp_path, monkeypatch,
     assert opened[1]["inline_flops"] == DEFAULT_INLINE_FLOPS
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_replay_plans_products_as_the_run_did_on_fewer_threads(tmp_path, monkeypatch, backend):
+    # A cluster's processes plan their products for one process's team on the host, on fewer
+    # threads (plan_workers): the trace records the plan, the replay's pool plans alike
+    from asyncnn._errors import TraceFormatError
+    from asyncnn.backends import open_device_pool
+
+    path, old, bad = tmp_path / "r.trace", tmp_path / "old.trace", tmp_path / "bad.trace"
+    data = _data(16)
+
+    async def record():
+        async with open_device_pool(
+            cpu_workers=1, blas_threads=1, part_flops=5000, plan_workers=3
+        ) as pool, ann.open_run(
+            _plain_graph(), optim.SGD(lr=0.1), policies.GPipe(2), trace=str(path), pool=pool
+        ) as run:  # fmt: skip
+            assert pool.team.plan_workers == 3 and pool.workers == 1
+            await run.step(data)
+
+    anyio.run(record, backend=backend)
+    assert ann.trace.read(path).header["pool"] == {
+        "cpu_workers": 1, "plan_workers": 3, "part_flops": 5000, "split": True,
+        "inline_flops": 5_000_000,
+    }  # fmt: skip
+    opened = _spy_on_pools(monkeypatch)
+    assert ann.replay(path).identical
+    assert [(o["cpu_workers"], o["plan_workers"]) for o in opened] == [(1, 3)]
+    # a trace without it planned for its cpu_workers, as before
+    _rewrite(path, old, lambda r: {
+        **r, "pool": {k: v for k, v in r["pool"].items() if k != "plan_workers"}
+    } if "pool" in r else r)  # fmt: skip
+    ann.replay(old)
+    assert opened[1]["plan_workers"] is None
+    _rewrite(path, bad, lambda r: {**r, "pool": {**r["pool"], "plan_workers": 0}}
+             if "pool" in r else r)  # fmt: skip
+    with pytest.raises(TraceFormatError, match=r"pool\['plan_workers'\] is 0, expected an int"):
+        ann.replay(bad)
+
+
 def test_a_whole_replay_shows_the_loss_actors_work_to_its_hook_in_the_recorded_order(tmp_path):
     # the loss actor followed no recorded order: the hook of a whole replay never saw its work,
     # and a hook's stop there was never taken

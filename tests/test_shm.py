@@ -562,3 +562,50 @@ def test_a_frame_claiming_100_gb_through_shared_memory_is_refused_and_reported()
     text = run_with_a_broken_frame(cluster, chain([0, 1, None]), claim)
     assert "100,000,000,000 bytes" in text and "worker 1" in text
     cluster.close()
+
+
+def test_a_malformed_spin_setting_is_refused_naming_it_where_shared_memory_is_set_up(
+    monkeypatch: Any,
+) -> None:
+    # ASYNCNN_SHM_SPIN_US was parsed at import: '200us' broke `import asyncnn` for every program,
+    # cluster or not, with a bare "could not convert string to float"; '-50' was taken silently
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ASYNCNN_SHM_SPIN_US": "200us"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import asyncnn"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    for raw in ("200us", "abc", "-50", "inf", "nan", "1e9", "10001"):
+        monkeypatch.setenv("ASYNCNN_SHM_SPIN_US", raw)
+        with pytest.raises(
+            ValueError,
+            match=rf"^ASYNCNN_SHM_SPIN_US must be a number of microseconds from 0 to 10000 .*"
+            rf"got '{raw}'",
+        ):
+            _shm.spin_seconds()
+        sa, sb = socket.socketpair()
+        ca, cb = Channel(), Channel()
+        try:
+            with pytest.raises(ValueError, match="ASYNCNN_SHM_SPIN_US"):
+                ShmConnection(sa, "peer a", 1 << 20, ca, cb.describe())  # where it is read
+        finally:
+            for closing in (sa, sb, ca, cb):
+                closing.close()
+        # a cluster refuses it before any worker starts (the workers inherit it)
+        cluster = ann.cluster.LocalCluster(workers=1)
+        with pytest.raises(ValueError, match="ASYNCNN_SHM_SPIN_US"):
+            anyio.run(cluster.start)
+        assert cluster.processes == [] and not cluster.started
+    for raw, seconds in (("0", 0.0), ("350", 350e-6), (" 1e3 ", 1e-3), ("", 200e-6)):
+        monkeypatch.setenv("ASYNCNN_SHM_SPIN_US", raw)
+        assert _shm.spin_seconds() == pytest.approx(seconds)
+    monkeypatch.delenv("ASYNCNN_SHM_SPIN_US")
+    assert _shm.spin_seconds() == pytest.approx(200e-6)
+    a, b = pair()
+    try:
+        assert a._spin == b._spin == pytest.approx(200e-6)
+    finally:
+        a.close()
+        b.close()

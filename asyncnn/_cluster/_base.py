@@ -20,6 +20,7 @@ import numpy as np
 from asyncnn._errors import WorkerError
 from asyncnn._runtime._lifecycle import error_leaves
 
+from . import _shm
 from ._handshake import (
     accept,
     listen,
@@ -34,9 +35,16 @@ from ._wire import (
 if TYPE_CHECKING:
     from asyncnn._runtime._config import RunConfig
 
-__all__ = ["Cluster"]
+__all__ = ["HEARTBEAT_INTERVAL", "MIN_HEARTBEAT_TIMEOUT", "Cluster"]
 
 log = logging.getLogger("asyncnn.cluster")
+
+#: seconds between two heartbeats of a worker during a run (a worker with nothing else to
+#: send is silent this long by design)
+HEARTBEAT_INTERVAL = 0.5
+#: the shortest ``heartbeat_timeout`` a cluster takes: twice the interval, so that a late
+#: heartbeat (a busy event loop, a loaded host) is no hang
+MIN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 
 
 class Cluster:
@@ -51,7 +59,11 @@ class Cluster:
         workers: how many worker processes (nodes say where they run with ``worker=i``,
             ``0 <= i < workers``; nodes without ``worker`` run in the driver).
         host: the address the driver and workers listen on; loopback unless told otherwise.
-        heartbeat_timeout: a worker silent this long during a run is declared hung.
+        heartbeat_timeout: a worker silent this long during a run is declared hung (seconds,
+            at least :data:`MIN_HEARTBEAT_TIMEOUT`, 1 s: a worker sends a heartbeat every
+            :data:`HEARTBEAT_INTERVAL`, 0.5 s). Bytes of a frame arriving, and a worker's
+            pulse while it makes a large shared-memory slab, count as signs of life: only a
+            worker that sends nothing at all is silent.
         start_timeout: seconds for all workers to start and connect.
         max_message_bytes: the largest message a process accepts (a frame that claims more is
             refused without allocating it).
@@ -94,6 +106,15 @@ class Cluster:
         # run, a zero one declared every worker hung, nccl="no" turned NCCL on
         who = type(self).__name__
         _check_positive(who, "heartbeat_timeout", heartbeat_timeout, integer=False)
+        if not heartbeat_timeout >= MIN_HEARTBEAT_TIMEOUT:
+            # (a shorter one declared every idle worker hung: one with nothing to send is
+            # silent between two heartbeats by design)
+            raise ValueError(
+                f"{who}(heartbeat_timeout=...) must be at least {MIN_HEARTBEAT_TIMEOUT:g} s, "
+                f"got {heartbeat_timeout!r}: a worker sends a heartbeat every "
+                f"{HEARTBEAT_INTERVAL:g} s, and one with nothing else to send is silent that "
+                f"long, so a shorter timeout would declare healthy workers hung"
+            )
         if start_timeout is not None:  # None: wait for ever
             _check_positive(who, "start_timeout", start_timeout, integer=False)
         _check_positive(who, "max_message_bytes", max_message_bytes, integer=True)
@@ -162,6 +183,10 @@ class Cluster:
                 "; ".join(f"worker {i} {fate} since the last run" for i, fate in gone.items()),
             )
             self._stop()
+        if _shm.enabled(self.shm):
+            # a malformed ASYNCNN_SHM_SPIN_US (which the workers inherit) is refused here,
+            # named, before any worker starts
+            _shm.spin_seconds()
         self.token = os.urandom(32)
         listener = listen(self.host, 0)
         port = listener.getsockname()[1]

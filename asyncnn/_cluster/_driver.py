@@ -25,7 +25,9 @@ from asyncnn._runtime._lifecycle import (
     host_cores,
     hosting,
     maybe_pool,
+    one_process_workers,
     open_recorder,
+    pool_spec,
     recording,
     single_error,
 )
@@ -195,7 +197,12 @@ async def _driver_run(
         cluster, where, hosted_by, recorder, config.trace, state, threads, plan, ids, specs
     )
     with recording(recorder, share):
-        async with maybe_pool(pool, threads) as the_pool:
+        # Every process plans its products as one process on this host would (a team of all
+        # its cores), whatever its own threads: where a product is cut decides the last bits
+        # of its sums, and a cluster's run must give one process's bits.
+        async with maybe_pool(pool, threads, plan_workers=one_process_workers()) as the_pool:
+            # (the workers' pools cut as this one: a pool given by the caller's too)
+            share.pool = pool_spec(the_pool)
             proxies = {
                 n: RemoteActor(n, cluster.connections[w], None, w)
                 for n, w in where.items()
@@ -238,6 +245,8 @@ class _DriverShare(LinkedShare):
         self.where = where
         self.state = state
         self.threads = threads
+        #: how the driver's pool cuts work (pool_spec), which the workers' pools follow
+        self.pool: dict[str, Any] = {}
         self.hosted_by = hosted_by
         self.recorder = recorder
         self.trace = trace if recorder is not None else None
@@ -248,8 +257,8 @@ class _DriverShare(LinkedShare):
     async def begin(self, run: Run) -> None:
         assert isinstance(run, DriverRun)
         await _start_workers(
-            self.cluster, run, self.state, self.where, self.threads, self.plan, self.ids,
-            self.specs,
+            self.cluster, run, self.state, self.where, self.threads, self.pool, self.plan,
+            self.ids, self.specs,
         )  # fmt: skip
         await super().begin(run)
 
@@ -321,13 +330,15 @@ async def _start_workers(
     state: RunState,
     where: dict[str, int | None],
     threads: int,
+    pool: dict[str, Any],
     plan: list[Any],
     ids: list[Any],
     specs: dict[str, Any],
 ) -> None:
     """Sends each worker its share of the run: the specs (the graph's, the optimizer's and the
-    policy's, built before the workers started), the run's options and the state of the layers
-    it hosts."""
+    policy's, built before the workers started), the run's options, the threads of its pool
+    and how that pool cuts work (``pool``: the driver's, :func:`pool_spec`), and the state of
+    the layers it hosts."""
     graph, recorder = run.graph, run.recorder
     # what every worker is told alike (the specs are built once)
     common = {
@@ -341,6 +352,7 @@ async def _start_workers(
         "config": run.config.replace(trace=None).to_spec(),
         "max_in_flight": run.max_in_flight,
         "threads": threads,
+        "pool": pool,
         "trace": run.config.trace_payloads if recorder is not None else None,
         "nccl": {"plan": [list(k) for k in plan], "ids": ids},
         # the import path as it is now: a module put on it after the workers started
@@ -374,8 +386,9 @@ async def _send_share(
     async def watch() -> None:
         nonlocal stalled
         seen = -1
-        while conn.bytes_sent != seen:
-            seen = conn.bytes_sent
+        # (bytes sent, and the pulse of a long step such as making a large slab)
+        while conn.sent_progress() != seen:
+            seen = conn.sent_progress()
             await anyio.sleep(cluster.heartbeat_timeout)
         stalled = True
         tg.cancel_scope.cancel()
@@ -398,23 +411,97 @@ async def _send_share(
 
 
 async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[str]) -> None:
-    """Handles what worker ``w`` sends during a run until its final result."""
+    """Handles what worker ``w`` sends during a run until its final result; a worker silent
+    for ``heartbeat_timeout`` while it is waited for fails the run (see :class:`_Silence`)."""
     conn: Connection = cluster.connections[w]
     who = cluster.describe_worker(w, hosted)
+    silence = _Silence(conn, cluster.heartbeat_timeout)
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(silence.watch, tg.cancel_scope)
+        try:
+            await _read_frames(cluster, run, w, hosted, conn, who, silence)
+        except Exception as exc:  # raised below as itself, not inside the group's
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if silence.caught:
+        raise WorkerError(
+            w, hosted,
+            f"{who} sent nothing for {cluster.heartbeat_timeout:g} s (hung, or stopped); "
+            "raise heartbeat_timeout if a single step of its actors can take that long",
+        )  # fmt: skip
+
+
+class _Silence:
+    """Watches a worker's connection while the driver waits for its next frame.
+
+    Silence is measured by progress, not by a deadline per frame: bytes of a frame arriving
+    (a large result takes seconds to deliver, over a slow link or through a fresh 1 GiB slab)
+    and a shared-memory peer's pulse (:data:`~asyncnn._cluster._shm_memory.PULSE`) count as
+    signs of life, as whole frames do; a worker stopped mid-frame is caught as one stopped
+    between frames. The time the reader spends handing a frame on (an actor's full inbox)
+    counts for nothing.
+    """
+
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.waiting = False  # the reader waits for the next frame
+        self.since = 0.0  # when the last sign of life came (or the wait began)
+        self.seen = 0  # the connection's progress then
+        self.caught = False
+
+    def begin(self) -> None:
+        """The reader starts waiting for a frame."""
+        self.waiting = True
+        self.since = anyio.current_time()
+        # (no peek at the socket, a system call per frame: bytes waiting there are read next)
+        self.seen = self.conn.received_progress(peek=False)
+
+    def end(self) -> None:
+        """The reader has its frame."""
+        self.waiting = False
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        """Cancels ``scope`` once the worker has been silent for the timeout while waited for
+        (looking four times a timeout, at most every second)."""
+        step = min(1.0, self.timeout / 4)
+        while True:
+            await anyio.sleep(step)
+            if not self.waiting:
+                continue
+            now = anyio.current_time()
+            progress = self.conn.received_progress()
+            if progress != self.seen:
+                self.seen, self.since = progress, now
+            elif now - self.since >= self.timeout:
+                self.caught = True
+                scope.cancel()
+                return
+
+
+async def _read_frames(
+    cluster: Cluster,
+    run: DriverRun,
+    w: int,
+    hosted: list[str],
+    conn: Connection,
+    who: str,
+    silence: _Silence,
+) -> None:
+    """:func:`_read_worker`'s loop: each frame of worker ``w`` until its final result."""
     while True:
-        with anyio.move_on_after(cluster.heartbeat_timeout) as scope:
-            try:
-                header, buffers = await conn.receive()
-            except ProtocolError as exc:
-                raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
-            except (EOFError, ConnectionError) as exc:
-                raise await _died(cluster, w, hosted, exc) from exc
-        if scope.cancelled_caught:
-            raise WorkerError(
-                w, hosted,
-                f"{who} sent nothing for {cluster.heartbeat_timeout:g} s (hung, or stopped); "
-                "raise heartbeat_timeout if a single step of its actors can take that long",
-            )  # fmt: skip
+        silence.begin()
+        try:
+            header, buffers = await conn.receive()
+        except ProtocolError as exc:
+            raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
+        except (EOFError, ConnectionError) as exc:
+            raise await _died(cluster, w, hosted, exc) from exc
+        finally:
+            silence.end()
         t = header.get("t")
         if t == "m":
             try:

@@ -9,8 +9,10 @@ slab budget).
 Each direction of a connection has, made by its sending side:
 
 * a **ring** (one ``memfd``): a control page, then ``RING_BYTES`` of records. The control page
-  holds the sender's write position, the receiver's read position, the receiver's "asleep" flag
-  and one released-generation word per slab, each word written by one side only. A record is a
+  holds the sender's write position, the receiver's read position, the receiver's "asleep" flag,
+  the sender's pulse (ticked while the sending process is in a long step of a send, such as
+  making a large slab: a sign of life for the peer's watchdog) and one released-generation
+  word per slab, each word written by one side only. A record is a
   24-byte prefix (length, kind, header length, slab, generation), the msgpack header (the same
   header as a TCP frame's, with the buffer sizes under ``"n"``) and, for a small message, its
   tensors' bytes, which the receiver copies out at once (so the record is free as soon as it
@@ -26,12 +28,14 @@ is freed by the kernel when the last process holding it exits or unmaps it, howe
 (a SIGKILL included).
 
 How a receiver learns of a record: it reads the write position. When nothing is there it first
-spins briefly (at most ``SPIN_SECONDS``, only while no other task of its event loop is runnable,
-and only while spinning pays off often enough: each record carries the time it was published,
-so a receiver that slept learns whether a spin would likely have caught it), then sets its "asleep" flag and waits for the socket to
-become readable; a sender that finds the flag set sends one zero byte on the socket. A missed
-wake-up (the two sides' flag and position stores crossing) is prevented by a full fence on
-x86-64 (acquiring a lock executes a locked instruction), which is why other machines use TCP.
+spins briefly (at most ``ASYNCNN_SHM_SPIN_US`` µs, read by ``spin_seconds`` as the connection
+is set up; only while no other task of its event loop is runnable, and only while spinning
+pays off often enough: each record carries the time it was published, so a receiver that
+slept learns whether a spin would likely have caught it), then sets its "asleep" flag and
+waits for the socket to become readable; a sender that finds the flag set sends one zero byte
+on the socket. A missed wake-up (the two sides' flag and position stores crossing) is
+prevented by a full fence on x86-64 (acquiring a lock executes a locked instruction), which is
+why other machines use TCP.
 
 Everything a peer writes (positions, lengths, kinds, slab numbers and sizes, headers) is checked
 before it is used; a peer that writes garbage gets a :class:`~asyncnn._cluster._wire.ProtocolError`
@@ -55,6 +59,7 @@ from ._shm_memory import (
     _INLINE,
     _NEWSLAB,
     _NEWSLAB_BODY,
+    _P,
     _PREFIX,
     _R,
     _REL,
@@ -71,7 +76,9 @@ from ._shm_memory import (
     LINGER_SECONDS,
     MAX_RING_BYTES,
     MAX_SLABS,
+    PULSE,
     RING_BYTES,
+    SPIN_ENV,
     THREAD_COPY_BYTES,
     Channel,
     _align,
@@ -82,6 +89,7 @@ from ._shm_memory import (
     _layout,
     boot_id,
     enabled,
+    spin_seconds,
     supported,
 )
 from ._shm_read import ShmReading
@@ -92,10 +100,12 @@ __all__ = [
     "ENV",
     "MAX_RING_BYTES",
     "RING_BYTES",
+    "SPIN_ENV",
     "Channel",
     "ShmConnection",
     "boot_id",
     "enabled",
+    "spin_seconds",
     "supported",
 ]
 
@@ -112,6 +122,9 @@ class ShmConnection(ShmReading):
         out: this side's sending channel.
         peer_ring: the peer's ring: ``{"pid", "fd", "ring"}``.
         slab_bytes: the most slab bytes this side keeps for its messages.
+
+    Raises:
+        ValueError: ``ASYNCNN_SHM_SPIN_US`` is malformed (see :func:`spin_seconds`).
     """
 
     def __init__(
@@ -123,7 +136,9 @@ class ShmConnection(ShmReading):
         peer_ring: dict[str, int],
         slab_bytes: int = DEFAULT_SLAB_BYTES,
     ) -> None:
+        spin = spin_seconds()  # (before anything is held: a malformed setting fails here)
         super().__init__(sock, peer, max_message_bytes)
+        self._spin = spin
         self.out = out
         self.inc = _Incoming(peer_ring["pid"], peer_ring["fd"], peer_ring["ring"])
         self.slab_bytes = slab_bytes
@@ -165,9 +180,25 @@ class ShmConnection(ShmReading):
                     then()
                 return
         async with self._lock:
-            await self._send_slow(header, views, sizes, total)
+            if total >= THREAD_COPY_BYTES:
+                # a long send (a large slab to make, tensors to copy in): this process's
+                # channels pulse meanwhile, so that its peers see it alive
+                with PULSE.held():
+                    await self._send_slow(header, views, sizes, total)
+            else:
+                await self._send_slow(header, views, sizes, total)
             if then is not None:
                 then()
+
+    def sent_progress(self) -> int:
+        """A count that grows while this side delivers a frame: :attr:`bytes_sent`, and the
+        ticks of the pulse while a send is in a long step (a large slab being made)."""
+        if self.closed:
+            return self.bytes_sent
+        try:
+            return self.bytes_sent + int(self.out.words[_P])
+        except (ValueError, IndexError):  # closed meanwhile
+            return self.bytes_sent
 
     def _room(self, length: int) -> bool:
         """Whether a record of ``length`` bytes fits now (counting the skip to the ring's start)."""
@@ -326,7 +357,13 @@ class ShmConnection(ShmReading):
         # from here on no await until the slab is announced: a cancelled send cannot leave a
         # slab the receiver never heard of
         try:
-            fd, mm = _create(f"slab{index}", size)
+            # A large slab's page table is filled as its tensors are copied in, by the
+            # threads that copy them, not by the mapping call: that holds the GIL (Python
+            # 3.11) for 0.4 to 1.3 s for 1 GiB on the 2-core VM, which stopped this process's
+            # pulse (PULSE) and its other threads, and fills pages the message may not use
+            # (a 576 MB message in a fresh 1 GiB slab: 0.36-0.52 s made and copied in lazily,
+            # 0.7-1.7 s populated)
+            fd, mm = _create(f"slab{index}", size, populate=size < THREAD_COPY_BYTES)
         except OSError:
             return None  # out of memory for it: this message goes by TCP
         # a new slab's generation continues from what the receiver last released for the number

@@ -7,6 +7,7 @@ describes the layout and the protocol.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
@@ -14,7 +15,9 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -31,9 +34,11 @@ __all__ = [
     "ENV",
     "MAX_RING_BYTES",
     "RING_BYTES",
+    "SPIN_ENV",
     "boot_id",
     "enabled",
     "open_peer",
+    "spin_seconds",
     "supported",
 ]
 
@@ -50,20 +55,31 @@ INLINE_BYTES = 1 << 16
 DEFAULT_SLAB_BYTES = 1 << 30
 #: slabs per direction at most
 MAX_SLABS = 64
-#: the longest a receiver spins before it sleeps on the socket
-SPIN_SECONDS = float(os.environ.get("ASYNCNN_SHM_SPIN_US", "200")) * 1e-6
-#: the longest a receiver spins when its last send woke the peer (the answer comes after the
-#: peer's wake-up: about 100 µs on a 2-core VM)
-LONG_SPIN_SECONDS = 4 * SPIN_SECONDS
+#: the environment variable that sets the longest a receiver spins before it sleeps on the
+#: socket, in µs (read by :func:`spin_seconds` as each connection is set up, never at import:
+#: a typo in it must not break ``import asyncnn`` for programs that use no cluster)
+SPIN_ENV = "ASYNCNN_SHM_SPIN_US"
+#: the spin without :data:`SPIN_ENV`, in µs
+DEFAULT_SPIN_US = 200.0
+#: the longest spin :data:`SPIN_ENV` may ask for, in µs: a spin holds the event loop, and a
+#: receiver asleep on the socket wakes within about 100 µs (far less than this)
+MAX_SPIN_US = 10_000.0
+#: how much longer a receiver spins when its last send woke the peer (the answer comes after
+#: the peer's wake-up: about 100 µs on a 2-core VM)
+LONG_SPIN_FACTOR = 4
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
-#: copies at least this large run in threads (numpy releases the GIL), keeping the loop free
+#: copies at least this large run in threads (numpy releases the GIL), keeping the loop free;
+#: a send of at least this many bytes of tensors holds the pulse (:data:`PULSE`)
 THREAD_COPY_BYTES = 8 << 20
+#: seconds between two ticks of the pulse
+PULSE_SECONDS = 0.1
 
 _CTRL = 4096  # the control page
 # u64 word indices: write position, read position, receiver asleep, when the last record was
-# published (a float: ``time.perf_counter()``, CLOCK_MONOTONIC, the same in every process)
-_W, _R, _S, _T = 0, 8, 16, 24
+# published (a float: ``time.perf_counter()``, CLOCK_MONOTONIC, the same in every process), and
+# the sender's pulse (ticked while the sending process is in a long step of a send: see _Pulse)
+_W, _R, _S, _T, _P = 0, 8, 16, 24, 32
 _REL = 64  # u64 word index of slab 0's released generation
 _PREFIX = struct.Struct("<IIIIQ")  # record length, kind, header length, slab, generation
 _ALIGN = 64  # tensors in a slab start on cache lines
@@ -74,6 +90,30 @@ _KINDS = {_INLINE, _SLAB, _SOCKET, _NEWSLAB, _WRAP, _DROP}
 _NEWSLAB_BODY = struct.Struct("<QQ")  # fd, size
 _WAKE = b"\x00"
 _MEMFD_PREFIX = "asyncnn"
+
+
+def spin_seconds() -> float:
+    """The longest a receiver spins before it sleeps on the socket, in seconds: :data:`SPIN_ENV`
+    (microseconds; unset or empty: :data:`DEFAULT_SPIN_US`; 0: never spin).
+
+    Raises:
+        ValueError: :data:`SPIN_ENV` is not a number of microseconds from 0 to
+            :data:`MAX_SPIN_US` (``200us``, ``-50``, ``inf`` and ``nan`` are refused).
+    """
+    raw = os.environ.get(SPIN_ENV, "")
+    if not raw.strip():
+        return DEFAULT_SPIN_US * 1e-6
+    try:
+        us = float(raw)
+    except ValueError:
+        us = math.nan
+    if not 0 <= us <= MAX_SPIN_US:  # (NaN fails it too)
+        raise ValueError(
+            f"{SPIN_ENV} must be a number of microseconds from 0 to {MAX_SPIN_US:g} (how long a "
+            f"shared-memory receiver spins before it sleeps; default {DEFAULT_SPIN_US:g}, 0 "
+            f"never spins), got {raw!r}: set it to a plain number such as 200, or unset it"
+        )
+    return us * 1e-6
 
 
 def supported() -> bool:
@@ -114,25 +154,28 @@ def _align(n: int, to: int = 8) -> int:
     return (n + to - 1) // to * to
 
 
-def _map(fd: int, size: int) -> mmap.mmap:
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+def _map(fd: int, size: int, populate: bool = True) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def _create(what: str, size: int) -> tuple[int, mmap.mmap]:
+def _create(what: str, size: int, populate: bool = True) -> tuple[int, mmap.mmap]:
+    """A new memfd of ``size`` bytes, its pages allocated, and its mapping (with its page
+    table filled where ``populate``: see :meth:`ShmConnection._slab_for` for when not)."""
     fd = os.memfd_create(f"{_MEMFD_PREFIX}-{what}", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
         # the pages now, or an error now (ENOSPC, ENOMEM): never a SIGBUS at first touch
         os.posix_fallocate(fd, 0, size)
-        return fd, _map(fd, size)
+        return fd, _map(fd, size, populate)
     except BaseException:
         os.close(fd)
         raise
 
 
-def open_peer(pid: int, fd: int, size: int, what: str) -> mmap.mmap:
-    """Maps ``size`` bytes of the memory another process of this host holds as ``fd``.
+def open_peer(pid: int, fd: int, size: int, what: str, populate: bool = True) -> mmap.mmap:
+    """Maps ``size`` bytes of the memory another process of this host holds as ``fd`` (its page
+    table filled at once where ``populate``; else as its pages are first read).
 
     Raises:
         ProtocolError: ``fd`` of process ``pid`` is not an asyncnn memfd at least ``size``
@@ -153,7 +196,7 @@ def open_peer(pid: int, fd: int, size: int, what: str) -> mmap.mmap:
         have = os.fstat(own).st_size
         if have < size:
             raise ProtocolError(f"the {what} claims 'size' = {size:,} bytes but has only {have:,}")
-        return _map(own, size)
+        return _map(own, size, populate)
     finally:
         os.close(own)  # the mapping keeps the memory
 
@@ -172,6 +215,7 @@ class Channel:
         self.stamps = memoryview(self.mm).cast("B")[:_CTRL].cast("d")
         self.data = memoryview(self.mm).cast("B")[_CTRL:]
         self.pos = 0  # what this side has written (a copy of words[_W])
+        PULSE.channels.add(self)
         #: slab number -> [fd, mapping, byte view, size, generation last sent]
         self.slabs: dict[int, list[Any]] = {}
         self.slab_total = 0
@@ -194,6 +238,13 @@ class Channel:
                     keep.append((pos, fd))
             self.graves = keep
 
+    def tick(self) -> None:
+        """Ticks the pulse word (the pulse's thread; nothing once the channel is closed)."""
+        try:
+            self.words[_P] = (self.words[_P] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        except (ValueError, IndexError):  # its views were released: closed
+            pass
+
     def describe(self) -> dict[str, int]:
         """What the peer needs to map the ring."""
         return {"pid": os.getpid(), "fd": self.fd, "ring": self.ring_bytes}
@@ -202,6 +253,7 @@ class Channel:
         """Closes the memfds and unmaps them now (idempotent): this side's memory is gone
         unless the peer still maps it. Only a slab whose bytes a send copies in at this moment
         (a send cut short by a cancel) stays mapped, until that copy lets go of it."""
+        PULSE.channels.discard(self)
         fds = [self.fd, *(s[0] for s in self.slabs.values()), *(fd for _, fd in self.graves)]
         self.graves = []
         for fd in fds:
@@ -215,6 +267,61 @@ class Channel:
         for slab in self.slabs.values():
             _unmap(slab[1], [slab[2]])
         self.slabs.clear()
+
+
+class _Pulse:
+    """While a send of this process is in a long local step (making a large slab, copying a
+    large tensor in), a thread ticks the pulse word of every channel this process sends on,
+    every :data:`PULSE_SECONDS`.
+
+    Such a step sends no bytes for up to seconds (a fresh 1 GiB slab: 0.8 to 3.8 s to allocate
+    and map on the 2-core VM), the heartbeats wait behind the send (or for the event loop the
+    step holds), and the peer's watchdog (the driver's) would take the process for hung. The
+    pulse says it is alive and delivering; a stopped process (SIGSTOP) stops ticking, as its
+    threads stop. The thread runs only while a send holds the pulse (it leaves one tick after
+    the last lets go).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._thread: threading.Thread | None = None
+        #: the channels whose words are ticked: every open one of this process
+        self.channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Within the block, the channels' pulse words tick."""
+        with self._lock:
+            self._holders += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="asyncnn-shm-pulse", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._holders:
+                    self._thread = None
+                    return
+            try:
+                channels = list(self.channels)
+            except RuntimeError:  # changed by another thread meanwhile: next time
+                channels = []
+            for channel in channels:
+                channel.tick()
+            time.sleep(PULSE_SECONDS)
+
+
+#: the pulse of this process's channels (see :class:`_Pulse`)
+PULSE = _Pulse()
 
 
 class _Incoming:

@@ -21,6 +21,7 @@ from ._shm_memory import (
     _KINDS,
     _NEWSLAB,
     _NEWSLAB_BODY,
+    _P,
     _PREFIX,
     _R,
     _S,
@@ -28,9 +29,9 @@ from ._shm_memory import (
     _T,
     _W,
     _WRAP,
-    LONG_SPIN_SECONDS,
+    LONG_SPIN_FACTOR,
     MAX_SLABS,
-    SPIN_SECONDS,
+    THREAD_COPY_BYTES,
     _cores_free,
     _fence,
     _Incoming,
@@ -64,6 +65,20 @@ class ShmReading(Connection):
     _long: float
     _eof: bool
     _broken: str | None
+    #: the longest a wait spins before it sleeps on the socket, in seconds (``spin_seconds``)
+    _spin: float
+
+    def received_progress(self, peek: bool = True) -> int:
+        """A count that grows while the peer delivers (see :meth:`Connection.received_progress`):
+        bytes on the socket, and the peer's write position and pulse, which its records and
+        its long steps of a send (a large slab being made) move before this side reads them."""
+        n = super().received_progress(peek)
+        if self.closed:
+            return n
+        try:
+            return n + int(self.inc.words[_W]) + int(self.inc.words[_P])
+        except (ValueError, IndexError):  # closed meanwhile
+            return n
 
     def close(self) -> None:
         """Closes the socket and unmaps the peer's ring and slabs (see
@@ -201,7 +216,12 @@ class ShmReading(Connection):
                 f"{self.slab_limit():,} bytes"
             )
         try:
-            mm = open_peer(self.inc.pid, fd, size, f"slab {slab}")
+            # (a large slab's page table is filled as its messages are read, by whoever reads
+            # them: filling 1 GiB at once held this process's GIL, and so its event loop, for
+            # up to seconds, and for pages no message may use)
+            mm = open_peer(
+                self.inc.pid, fd, size, f"slab {slab}", populate=size < THREAD_COPY_BYTES
+            )
         except ProtocolError as exc:
             if not os.path.exists(f"/proc/{self.inc.pid}"):
                 raise EOFError(
@@ -285,17 +305,15 @@ class ShmReading(Connection):
         # as long as such long spins pay off
         woke = self._woke and self._long >= 0.25
         self._woke = False
+        spin = self._spin
         spun = (
-            SPIN_SECONDS > 0
-            and (woke or self._hits >= 0.25)
-            and not _others_runnable()
-            and _cores_free()
+            spin > 0 and (woke or self._hits >= 0.25) and not _others_runnable() and _cores_free()
         )
         if spun:
             # the loop is blocked while this spins: it stops (to sleep) as soon as a task of
             # the loop could run, or a record came on another connection (whose reader sleeps)
             clock = time.perf_counter
-            until = start + (LONG_SPIN_SECONDS if woke else SPIN_SECONDS)
+            until = start + (LONG_SPIN_FACTOR * spin if woke else spin)
             try:
                 others = [c.inc for c in _sleeping if c is not self]
             except RuntimeError:  # changed by another thread's event loop meanwhile
@@ -334,11 +352,11 @@ class ShmReading(Connection):
         # (the peer may itself have slept and woken late: were both spinning, it would come
         # sooner). Spinning goes on while a quarter of the recent waits hit.
         gap = inc.stamps[_T] - start
-        hit = not spun and gap <= 2 * SPIN_SECONDS
+        hit = not spun and gap <= 2 * spin
         self._hits = 0.8 * self._hits + (0.2 if hit else 0.0)
         if woke:  # a long spin for nothing
             self._long *= 0.5
-        elif gap <= LONG_SPIN_SECONDS:
+        elif gap <= LONG_SPIN_FACTOR * spin:
             self._long = 0.8 * self._long + 0.2
         if self._eof and inc.words[_W] == pos:
             raise EOFError(f"{self.peer} closed the connection")

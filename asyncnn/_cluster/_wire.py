@@ -100,6 +100,10 @@ class Connection:
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: bytes read from the socket, counted as each read returns (in the middle of a frame
+        #: too), and how often :meth:`received_progress` found bytes waiting unread
+        self._arrived = 0
+        self._waiting = 0
         self._rbuf = bytearray(_READ_AHEAD)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
@@ -177,7 +181,30 @@ class Connection:
                 raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
             if n == 0:
                 raise EOFError(f"{self.peer} closed the connection")
+            self._arrived += n
             return n
+
+    def received_progress(self, peek: bool = True) -> int:
+        """A count that grows while the peer's bytes come in, in the middle of a frame too, and
+        (with ``peek``: a system call) while bytes wait unread on the socket: a watchdog tells
+        a silent peer from one that is delivering a large frame (or whose frames wait for a
+        reader held up elsewhere) by it."""
+        if peek and self._unread():
+            self._waiting += 1
+        return self._arrived + self._waiting
+
+    def sent_progress(self) -> int:
+        """A count that grows while this side delivers a frame (:attr:`bytes_sent`)."""
+        return self.bytes_sent
+
+    def _unread(self) -> bool:
+        """Whether bytes wait on the socket (a peek, not a read)."""
+        if self.closed:
+            return False
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # (BlockingIOError: nothing there)
+            return False
 
     async def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)

@@ -45,6 +45,7 @@ from asyncnn._runtime._run import (
 )
 from asyncnn.backends import get_backend
 
+from ._base import HEARTBEAT_INTERVAL
 from ._codec import decode_state, encode_state, unsendable
 from ._handshake import (
     Refusals,
@@ -307,9 +308,16 @@ class Worker:
         error: BaseException | None = None
         run: WorkerRun | None = None
         threads = int(cmd["threads"])
+        # how the driver's pool cuts work: this pool cuts as it does, on its own threads (the
+        # products planned for the driver's plan_workers, one process's team on its host)
+        cut = cmd.get("pool") or {}
         try:
             with recording(recorder):  # a worker writes no error event: the driver's trace has it
-                async with maybe_pool(None, threads) as pool:
+                async with maybe_pool(
+                    None, threads, part_flops=int(cut.get("part_flops", 0)),
+                    split=cut.get("split"), inline_flops=cut.get("inline_flops"),
+                    plan_workers=cut.get("plan_workers", cut.get("cpu_workers")),
+                ) as pool:  # fmt: skip
                     proxies: dict[str, RemoteActor] = {}
                     for name, w in placement.items():
                         if w != self.index:
@@ -499,7 +507,7 @@ class _WorkerShare(LinkedShare):
                     beat["rejected"] = worker.rejected.take()
                 with anyio.CancelScope(shield=True):
                     await worker.driver.send(beat)
-                await anyio.sleep(0.5)
+                await anyio.sleep(HEARTBEAT_INTERVAL)
 
         async def read(conn: Connection, peer: int | None) -> None:
             while True:

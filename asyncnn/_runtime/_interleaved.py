@@ -221,7 +221,7 @@ class _InterleavedOrder(StageOrder):
         return (kind, self.base + mb)
 
     def done(self, op: Op, minibatch_keys: int) -> None:
-        if self.ops is None:  # told on the first forward (a backward's count is not reliable)
+        if self.ops is None:  # told on the minibatch's first op, its first forward
             self.ops = self.schedule.part(self.stage, minibatch_keys)
             self.keys = minibatch_keys
         self.i += 1

@@ -48,6 +48,7 @@ __all__ = [
     "error_leaves",
     "finish_run",
     "maybe_pool",
+    "one_process_workers",
     "open_recorder",
     "pool_spec",
     "record_error",
@@ -387,17 +388,20 @@ async def maybe_pool(
     part_flops: int = 0,
     split: bool | None = None,
     inline_flops: float | None = None,
+    plan_workers: int | None = None,
 ) -> AsyncIterator[DevicePool]:
     """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's),
     that cuts products into parts of at least ``part_flops`` (default :data:`RUN_PART_FLOPS`)
-    where ``split`` (default: it does), and runs work below ``inline_flops`` (default
+    where ``split`` (default: it does), planned for ``plan_workers`` workers (default: as many
+    as it has), and runs work below ``inline_flops`` (default
     :data:`~asyncnn.backends.DEFAULT_INLINE_FLOPS`) on the loop's thread, uncut. A replay
     passes the recorded run's (:func:`pool_spec`), so that its products are cut as the run's
-    were, whatever this host's cores."""
+    were, whatever this host's cores; a cluster's processes pass the driver's plan, so that
+    theirs are cut as in one process."""
     if pool is not None:
         yield pool
         return
-    cores = cores or min(host_cores(), MAX_POOL_WORKERS)
+    cores = cores or one_process_workers()
     if inline_flops is None:
         inline_flops = DEFAULT_INLINE_FLOPS
     # One shared team, every core a worker with one BLAS thread. An actor's large products,
@@ -411,7 +415,7 @@ async def maybe_pool(
     # at 4 MFLOP than whole, and as fast at 16); the 16-core runs' products are far larger.
     async with open_device_pool(
         cpu_workers=cores, blas_threads=1, part_flops=part_flops or RUN_PART_FLOPS, split=split,
-        inline_flops=inline_flops,
+        inline_flops=inline_flops, plan_workers=plan_workers,
     ) as fresh:  # fmt: skip
         yield fresh
 
@@ -423,13 +427,27 @@ RUN_PART_FLOPS = 16_000_000
 def pool_spec(pool: DevicePool) -> dict[str, Any]:
     """What of a run's CPU pool decides how its products are cut into parts (and so the last
     bits of their sums), for the trace's header: ``cpu_workers``, ``inline_flops`` (work
-    below it runs on the loop's thread, where nothing is cut), ``part_flops``, ``split``."""
+    below it runs on the loop's thread, where nothing is cut), ``part_flops``, ``split``, and
+    ``plan_workers`` where the team plans its products for another size than its threads (a
+    cluster's driver: the size of one process on its host). A cluster's driver sends it to
+    its workers, whose pools then cut as its pool does."""
     spec: dict[str, Any] = {"cpu_workers": pool.workers, "inline_flops": pool.inline_flops}
     team = getattr(pool, "team", None)
     if team is not None:
         spec["split"] = team.splits_work
         spec["part_flops"] = team.part_flops
+        # (only where it differs: a trace without it planned for its cpu_workers)
+        plan = getattr(team, "plan_workers", pool.workers)
+        if plan != pool.workers:
+            spec["plan_workers"] = plan
     return spec
+
+
+def one_process_workers() -> int:
+    """The workers of a run's own pool in one process on this host: one per core it may use,
+    at most ``MAX_POOL_WORKERS``. A cluster's processes plan their products for as many, so
+    that their cuts are those of one process."""
+    return min(host_cores(), MAX_POOL_WORKERS)
 
 
 def host_cores() -> int:
