@@ -7,6 +7,7 @@ This package is the seam between asyncnn and its compute engines. It is imported
 from ._alloc import allocator_tuning, tune_allocator
 from ._base import Backend, Device, parse_device
 from ._checks import MAX_POOL_WORKERS
+from ._dispatch import batched_product
 from ._dtypes import BFLOAT16, acc_mean, acc_sum, is_compute_float, is_floating, is_half
 from ._parallel import (
     ComputeTeam,
@@ -50,6 +51,7 @@ __all__ = [
     "allocator_tuning",
     "array_namespace",
     "backend_of",
+    "batched_product",
     "current_team",
     "elementwise",
     "fused_nn_kernels_of",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._parallel import ComputeTeam
 
 __all__ = [
+    "batched_product",
     "capturing",
     "current_team",
     "elementwise",
@@ -85,11 +86,40 @@ def matmul(a: Any, b: Any) -> Any:
     team = state.team
     if team is not None and type(a) is np.ndarray and type(b) is np.ndarray:
         out = team.matmul(a, b)
+    elif (a.ndim > 2 or b.ndim > 2) and _no_batched_kernel(a):
+        out = _batched_bfloat16(a, b).astype(a.dtype, copy=False)
     else:
         out = a @ b
     if out.dtype is not a.dtype:  # one comparison: numpy's dtypes of float32, ... are singletons
         return narrowed(out, a, b)
     return out
+
+
+def batched_product(a: Any, b: Any) -> Any:
+    """``a @ b`` as numpy computes it, also where one side has more than two axes and the
+    library has no such product: cupy has no batched bfloat16 kernel ("data type 'E' not
+    understood"), where this gives numpy's bfloat16 product, in float32 (a stack of products
+    against a matrix: one 2-D product of the stacked rows, cuBLAS's, in bfloat16). For the
+    gradients of a batched product, which sum over the batch before they are rounded."""
+    if (a.ndim > 2 or b.ndim > 2) and _no_batched_kernel(a):
+        return _batched_bfloat16(a, b)
+    return a @ b
+
+
+def _no_batched_kernel(a: Any) -> bool:
+    """Whether ``a``'s library has no batched product for its dtype: bfloat16 on cupy."""
+    return a.dtype.kind == "V" and type(a) is not np.ndarray
+
+
+def _batched_bfloat16(a: Any, b: Any) -> Any:
+    """``a @ b`` of bfloat16 arrays, one with more than two axes, without a batched bfloat16
+    product: a stack against a matrix as one 2-D product of its rows (in bfloat16, the 2-D
+    product the library has), anything else as the float32 product of the two (returned in
+    float32, as numpy's bfloat16 product is)."""
+    if b.ndim == 2 and a.ndim > 2 and b.dtype == a.dtype:
+        rows = a.reshape(-1, a.shape[-1])
+        return (rows @ b).reshape(*a.shape[:-1], b.shape[1])
+    return a.astype(np.float32) @ b.astype(np.float32)
 
 
 def narrowed(out: Any, a: Any, b: Any) -> Any:

@@ -306,3 +306,48 @@ def test_gelu_of_large_16_bit_values_is_finite(approximate: str, dtype: str) -> 
     _assert_same(g, want_g, "gelu gradient")
     np.testing.assert_array_equal(np.asarray(g[:5], np.float32), 1.0)
     np.testing.assert_array_equal(np.asarray(g[-5:], np.float32), 0.0)
+
+
+# -- what cupy lacks for bfloat16, emulated on numpy ----------------------------------------------
+def test_a_batched_bfloat16_product_without_a_batched_kernel_gives_numpys(monkeypatch: Any) -> None:
+    # cupy has no batched bfloat16 product ("data type 'E' not understood": a Linear over a
+    # (batch, time, features) input and attention failed on the GPU); the dispatch's way round
+    # it, forced here on numpy, gives numpy's own product and gradients (small integers: exact)
+    from asyncnn.backends import _dispatch
+
+    dt = _dtype("bfloat16")
+    rng = np.random.default_rng(0)
+    a = rng.integers(-3, 4, (2, 4, 5)).astype(dt)
+    w = rng.integers(-3, 4, (5, 3)).astype(dt)
+    b3 = rng.integers(-3, 4, (2, 5, 3)).astype(dt)
+    want = {}
+    for name, rhs in (("matrix", w), ("stack", b3)):
+        out, pullback = ann.vjp(ops.matmul, a, rhs)
+        want[name] = (out, *pullback(np.ones_like(out)))
+    monkeypatch.setattr(_dispatch, "_no_batched_kernel", lambda x: x.dtype == dt)
+    for name, rhs in (("matrix", w), ("stack", b3)):
+        out, pullback = ann.vjp(ops.matmul, a, rhs)
+        got = (out, *pullback(np.ones_like(out)))
+        for g, r in zip(got, want[name], strict=True):
+            assert g.dtype == dt, name
+            np.testing.assert_array_equal(g.astype(np.float32), r.astype(np.float32), name)
+
+
+def test_a_bfloat16_where_stays_bfloat16_where_the_library_computes_it_in_float32(
+    monkeypatch: Any,
+) -> None:
+    # cupy's where has no bfloat16 kernel and returned float32; emulated here on numpy
+    dt = _dtype("bfloat16")
+    real_where = np.where
+
+    def promoting_where(cond: Any, a: Any, b: Any) -> Any:
+        wide = [x.astype(np.float32) if getattr(x, "dtype", None) == dt else x for x in (a, b)]
+        return real_where(cond, *wide)
+
+    a = rand((4, 5), 0).astype(dt)
+    b = rand((4, 5), 1).astype(dt)
+    monkeypatch.setattr(np, "where", promoting_where)
+    assert ops.where(a > 0, a, b).dtype == dt
+    assert ops.where(a > 0, a, 0.5).dtype == dt  # (a Python scalar keeps bfloat16, as numpy)
+    mixed = ops.where(a > 0, a, b.astype(np.float32))  # a float32 array widens, as numpy
+    assert mixed.dtype == np.float32

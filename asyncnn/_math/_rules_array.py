@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_mean, acc_sum, scatter_add
+from asyncnn.backends import acc_mean, acc_sum, batched_product, scatter_add
 from asyncnn.backends import array_namespace as ns
 from asyncnn.backends import matmul as backend_matmul
 
@@ -315,11 +315,13 @@ def _matmul_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     if a.ndim == 1:
         g2 = xp.expand_dims(g2, -2)
     ga = gb = None
+    # (batched_product: numpy's product, also for bfloat16 on cupy, which has no batched kernel
+    # for it; the batch's sum in float32, then rounded, as numpy's float32 product gives)
     if needs[0]:
-        ga = g2 @ xp.swapaxes(b2, -1, -2)
+        ga = batched_product(g2, xp.swapaxes(b2, -1, -2))
         ga = unbroadcast(ga, a2.shape).reshape(a.shape).astype(a.dtype, copy=False)
     if needs[1]:
-        gb = xp.swapaxes(a2, -1, -2) @ g2
+        gb = batched_product(xp.swapaxes(a2, -1, -2), g2)
         gb = unbroadcast(gb, b2.shape).reshape(b.shape).astype(b.dtype, copy=False)
     return ga, gb
 

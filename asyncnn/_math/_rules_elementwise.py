@@ -305,7 +305,24 @@ def _where(cond: Any, a: Any, b: Any) -> tuple[Any, Any]:
     xp = ns(a, b, cond)
     # a host mask (a loop's rows still running) over a device's arrays: cupy takes only its own
     cond = xp.asarray(cond)
-    return xp.where(cond, a, b), (cond, like(a), like(b))
+    out = xp.where(cond, a, b)
+    if out.dtype.kind == "f" and (_is_bf16(a) or _is_bf16(b)):
+        out = _bf16_where(out, a, b)
+    return out, (cond, like(a), like(b))
+
+
+def _is_bf16(x: Any) -> bool:
+    return getattr(getattr(x, "dtype", None), "kind", None) == "V"
+
+
+def _bf16_where(out: Any, a: Any, b: Any) -> Any:
+    """``out``, a ``where`` of ``a`` and ``b`` of which one is bfloat16, back in bfloat16 where
+    numpy gives bfloat16 (the other side bfloat16 too, or a Python scalar): cupy's ``where`` has
+    no bfloat16 kernel and computes in float32 (the cast back is exact)."""
+    dtypes = [x.dtype for x in (a, b) if hasattr(x, "dtype")]
+    if all(d == dtypes[0] for d in dtypes):
+        return out.astype(dtypes[0])
+    return out
 
 
 def _where_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
