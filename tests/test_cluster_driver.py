@@ -177,3 +177,41 @@ async def test_a_worker_making_a_large_slab_pulses_and_is_not_taken_for_hung(
     if pulse is not None:  # (it leaves a tick after the last send let go)
         await anyio.to_thread.run_sync(pulse.join, 2)
     assert _shm.PULSE._thread is None  # the pulse's thread left once no send held it
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_stops_reading_its_share_is_caught_though_the_share_is_large(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # The pulse (a sign of life of a process making a large slab) was held over the whole of a
+    # large send, the wait for the peer to read included: the driver's own pulse then counted
+    # as progress of its share's send, and a worker that stopped reading it was never caught
+    # (a fit hung). The pulse now ticks only during the sender's own work.
+    from asyncnn._cluster import _shm
+    from asyncnn._errors import WorkerError
+
+    if not _shm.supported():
+        pytest.skip("shared memory needs Linux on x86-64")
+    sa, sb = socket.socketpair()
+    ca, cb = _shm.Channel(), _shm.Channel()
+    # a slab budget below the share's size: it goes over the socket, which nobody reads
+    driver = _shm.ShmConnection(sa, "worker 0", 1 << 30, ca, cb.describe(), slab_bytes=1 << 20)
+    worker = _shm.ShmConnection(sb, "driver", 1 << 30, cb, ca.describe())  # (stopped: no reads)
+
+    async def died(cluster: Any, w: int, hosted: Any, exc: BaseException) -> Exception:
+        return WorkerError(w, hosted, f"died: {exc}")
+
+    monkeypatch.setattr(_driver, "_died", died)
+    cluster = types.SimpleNamespace(
+        connections={0: driver}, heartbeat_timeout=1.0,
+        describe_worker=lambda w, hosted: f"worker {w}", _fate=lambda w: "",
+    )  # fmt: skip
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(WorkerError, match="took none of its share"):
+                await _driver._send_share(
+                    cluster, 0, ["s1"], {"t": "run"}, [np.zeros(16 << 20, np.uint8)]
+                )
+    finally:
+        driver.close()
+        worker.close()

@@ -180,13 +180,7 @@ class ShmConnection(ShmReading):
                     then()
                 return
         async with self._lock:
-            if total >= THREAD_COPY_BYTES:
-                # a long send (a large slab to make, tensors to copy in): this process's
-                # channels pulse meanwhile, so that its peers see it alive
-                with PULSE.held():
-                    await self._send_slow(header, views, sizes, total)
-            else:
-                await self._send_slow(header, views, sizes, total)
+            await self._send_slow(header, views, sizes, total)
             if then is not None:
                 then()
 
@@ -363,7 +357,11 @@ class ShmConnection(ShmReading):
             # pulse (PULSE) and its other threads, and fills pages the message may not use
             # (a 576 MB message in a fresh 1 GiB slab: 0.36-0.52 s made and copied in lazily,
             # 0.7-1.7 s populated)
-            fd, mm = _create(f"slab{index}", size, populate=size < THREAD_COPY_BYTES)
+            # (this process's channels pulse meanwhile, so that its peers see it alive: only
+            # during this work of its own, never while it waits for the peer, whose stop the
+            # pulse would hide)
+            with PULSE.held():
+                fd, mm = _create(f"slab{index}", size, populate=size < THREAD_COPY_BYTES)
         except OSError:
             return None  # out of memory for it: this message goes by TCP
         # a new slab's generation continues from what the receiver last released for the number
@@ -395,7 +393,8 @@ class ShmConnection(ShmReading):
         for v, o in zip(views, offsets, strict=True):
             n = v.nbytes
             if n >= THREAD_COPY_BYTES:
-                await _copy(np.frombuffer(view, np.uint8, n, o), np.frombuffer(v, np.uint8))
+                with PULSE.held():  # (a copy of this process's own: a second or more for 1 GB)
+                    await _copy(np.frombuffer(view, np.uint8, n, o), np.frombuffer(v, np.uint8))
             else:
                 view[o : o + n] = v
             self.bytes_sent += n  # progress a long copy shows (the driver watches a share's)

@@ -70,7 +70,7 @@ LONG_SPIN_FACTOR = 4
 #: the longest a closing sender waits for its peer to map the slabs it announced last
 LINGER_SECONDS = 2.0
 #: copies at least this large run in threads (numpy releases the GIL), keeping the loop free;
-#: a send of at least this many bytes of tensors holds the pulse (:data:`PULSE`)
+#: a copy of at least this many bytes of tensors into a slab holds the pulse (:data:`PULSE`)
 THREAD_COPY_BYTES = 8 << 20
 #: seconds between two ticks of the pulse
 PULSE_SECONDS = 0.1
@@ -279,7 +279,9 @@ class _Pulse:
     step holds), and the peer's watchdog (the driver's) would take the process for hung. The
     pulse says it is alive and delivering; a stopped process (SIGSTOP) stops ticking, as its
     threads stop. The thread runs only while a send holds the pulse (it leaves one tick after
-    the last lets go).
+    the last lets go), which it does only around such work of its own, never while it waits
+    for the peer (room in the ring, a socket write): a peer that stops reading must not look
+    alive through the sender's pulse, whose watchdog then caught it never.
     """
 
     def __init__(self) -> None:

@@ -311,6 +311,12 @@ class Worker:
         # how the driver's pool cuts work: this pool cuts as it does, on its own threads (the
         # products planned for the driver's plan_workers, one process's team on its host)
         cut = cmd.get("pool") or {}
+        if cut.get("split") is False:
+            # a driver's pool that leaves products whole (a caller's, with BLAS's own threads):
+            # whole products on a worker's one-thread BLAS would run on one core; its own
+            # default pool cuts them over its threads instead (bit-identity with one process
+            # holds for the runtime's own pools: docs/cluster.md)
+            cut = {}
         try:
             with recording(recorder):  # a worker writes no error event: the driver's trace has it
                 async with maybe_pool(
