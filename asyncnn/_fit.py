@@ -561,17 +561,18 @@ def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
 
     names = _checkpoint_epochs(folder)
     later: list[int] = []
-    refused: list[tuple[str, str]] = []  # (entry, why a save there fails)
+    refused: tuple[str, str] | None = None  # (the first entry a save cannot replace, why)
     for n in sorted(n for n in names if n > epochs_done):
         path = os.path.join(folder, names[n])
         # (a save cut off between its renames, its files all there, is one: load finishes it)
         if _is_checkpoint(path) or _finishable(path):
             later.append(n)
             continue
-        try:
-            check_save_path(path)
-        except FileExistsError as exc:
-            refused.append((names[n], str(exc)))
+        if refused is None:
+            try:
+                check_save_path(path)
+            except FileExistsError as exc:
+                refused = (names[n], str(exc))
     if later:
         listed = ", ".join(names[n] for n in later[:5]) + (", ..." if len(later) > 5 else "")
         raise ValueError(
@@ -581,8 +582,8 @@ def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
             f"checkpoint_dir, remove them, or resume the latest (Trainer.load of "
             f"{names[later[-1]]}) to go on in this folder"
         )
-    if refused:
-        name, why = refused[0]
+    if refused is not None:
+        name, why = refused
         raise ValueError(
             f"checkpoint_dir {folder!r} holds {name}, which is not a checkpoint, and the fit's "
             f"save of that epoch could not replace it ({why}); remove or rename it, or give "

@@ -276,12 +276,13 @@ def show_async_configs(title: str, result: dict[str, Any]) -> None:
         print(f"   {k:<46} {v:10.0f} {v / ref:9.2f}   {each}")
 
 
-def graph(sizes: list[int], stages: int) -> Any:
+def graph(sizes: list[int], stages: int, workers: list[int] | None = None) -> Any:
     return ann.Graph.sequential(
         _common.mlp_modules(sizes),
         loss=nn.CrossEntropyLoss(),
         stages=stages,
         input_shape=(None, sizes[0]),
+        workers=workers,
     )
 
 
@@ -297,10 +298,7 @@ def runtime_cluster(sizes: list[int], batch: int, steps: int, policy: Any, clust
     """samples/s of ``Trainer.fit`` with stage i of :data:`CLUSTER_WORKERS` on worker i of
     ``cluster`` (a ``LocalCluster``: tensors between stages through shared memory)."""
     d = data(sizes, batch * steps)
-    g = ann.Graph.sequential(
-        _common.mlp_modules(sizes), loss=nn.CrossEntropyLoss(), stages=CLUSTER_WORKERS,
-        input_shape=(None, sizes[0]), workers=list(range(CLUSTER_WORKERS)),
-    )  # fmt: skip
+    g = graph(sizes, CLUSTER_WORKERS, workers=list(range(CLUSTER_WORKERS)))
     tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policy, cluster=cluster)
     tr.fit({k: v[: batch * 2] for k, v in d.items()}, epochs=1, batch_size=batch)  # warm-up
     return float(tr.fit(d, epochs=1, batch_size=batch).samples_per_second)

@@ -248,6 +248,25 @@ def _check_pool(pool: Any) -> None:
         )
 
 
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an int >= 0 (a numpy integer too; a bool is not one): a version, a
+    count of gradients, an optimizer's step."""
+    return (
+        isinstance(value, int | np.integer)
+        and not isinstance(value, bool | np.bool_)
+        and bool(value >= 0)
+    )
+
+
+def _check_layer_named(graph: Graph, field: str, name: Any) -> None:
+    """Refuses a ``state.<field>`` entry for ``name`` where the graph has no such layer."""
+    if name not in graph.layers:
+        raise ValueError(
+            f"open_run: state.{field} names {name!r}, which is no layer of the graph "
+            f"(its layers: {graph.layers}); pass the state of a run of this graph"
+        )
+
+
 def _check_earlier_versions(graph: Graph, state: RunState) -> None:
     """Refuses ``state.earlier_params`` that name another layer, or a version that is not an
     earlier one of the layer's (a run would pin forwards to weights that never were).
@@ -263,14 +282,10 @@ def _check_earlier_versions(graph: Graph, state: RunState) -> None:
             f"run.state() gives it), got {earlier!r:.80}"
         )
     for name, versions in earlier.items():
-        if name not in graph.layers:
-            raise ValueError(
-                f"open_run: state.earlier_params names {name!r}, which is no layer of the graph "
-                f"(its layers: {graph.layers}); pass the state of a run of this graph"
-            )
+        _check_layer_named(graph, "earlier_params", name)
         latest = state.versions[name]
         for v in versions:
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+            if not _is_count(v):
                 raise ValueError(
                     f"open_run: state.earlier_params[{name!r}] holds version {v!r:.40}, which "
                     "is not a version (an int >= 0); its keys are the versions of the earlier "
@@ -315,11 +330,7 @@ def _check_pending_grads(graph: Graph, state: RunState) -> None:
             f"it), got {pending!r:.80}"
         )
     for name, entry in pending.items():
-        if name not in graph.layers:
-            raise ValueError(
-                f"open_run: state.pending_grads names {name!r}, which is no layer of the graph "
-                f"(its layers: {graph.layers}); pass the state of a run of this graph"
-            )
+        _check_layer_named(graph, "pending_grads", name)
         if not isinstance(entry, tuple | list) or len(entry) != 2:
             raise ValueError(
                 f"open_run: state.pending_grads[{name!r}] must be a pair (sum, count): the "
@@ -327,11 +338,7 @@ def _check_pending_grads(graph: Graph, state: RunState) -> None:
                 f"gradients they sum; got {entry!r:.80}"
             )
         acc, count = entry
-        if (
-            isinstance(count, bool | np.bool_)
-            or not isinstance(count, int | np.integer)
-            or count < 0
-        ):
+        if not _is_count(count):
             raise ValueError(
                 f"open_run: state.pending_grads[{name!r}] counts {count!r:.40} gradients, which "
                 "is not a count (an int >= 0): the second of its pair is how many gradients its "
@@ -383,7 +390,7 @@ def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
                 f"(params) makes it; got {found}; {fix}"
             )
         step = opt_state["step"]
-        if isinstance(step, bool | np.bool_) or not isinstance(step, int | np.integer) or step < 0:
+        if not _is_count(step):
             raise ValueError(
                 f"open_run: {where}['step'] must be an int >= 0 (the updates made), got "
                 f"{step!r:.40}; {fix}"
