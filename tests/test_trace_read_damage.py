@@ -301,7 +301,12 @@ def test_a_truncated_trace_is_refused_by_replay_at_once(
      # (a replay opens its pool with it: open_device_pool refuses these)
      ({"inline_flops": "5e6"}, "pool['inline_flops'] is '5e6', expected a number (not NaN)"),
      ({"inline_flops": True}, "pool['inline_flops'] is True, expected a number (not NaN)"),
-     ({"inline_flops": float("nan")}, "pool['inline_flops'] is nan, expected a number")],
+     ({"inline_flops": float("nan")}, "pool['inline_flops'] is nan, expected a number"),
+     # (summary and the readers took these; only a replay refused them)
+     ({"plan_workers": "4"}, "pool['plan_workers'] is '4', expected an int from 1 to 4096"),
+     ({"plan_workers": 0}, "pool['plan_workers'] is 0, expected an int from 1 to 4096"),
+     ({"plan_workers": True}, "pool['plan_workers'] is True, expected an int from 1"),
+     ({"plan_workers": 5000}, "pool['plan_workers'] is 5000, expected an int from 1")],
 )  # fmt: skip
 def test_a_header_whose_pool_a_replay_cannot_open_is_refused_naming_it(
     small_trace: tuple[bytes, Any], tmp_path: Path, pool: Any, said: str

@@ -241,6 +241,12 @@ def check_header(header: dict[str, Any], path: str) -> None:
             f"pool['cpu_workers'] is {pool['cpu_workers']!r:.60}, expected an int from 1 to "
             f"{MAX_POOL_WORKERS} (a replay starts that many threads: no run records more)"
         )
+    plan = pool.get("plan_workers")
+    if plan is not None and (not _is_int(plan) or not 1 <= plan <= MAX_POOL_WORKERS):
+        raise bad(
+            f"pool['plan_workers'] is {plan!r:.60}, expected an int from 1 to "
+            f"{MAX_POOL_WORKERS} (the team size the run planned its products for)"
+        )
     if not isinstance(pool.get("split", False), bool):
         raise bad(f"pool['split'] is {pool['split']!r:.60}, expected true or false")
     # (a replay opens its pool with it; a trace without it ran on the default)

@@ -24,7 +24,7 @@ from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._run import Run, RunState
 from asyncnn._runtime._wrapped import Replay
-from asyncnn.backends import MAX_POOL_WORKERS, get_backend
+from asyncnn.backends import get_backend
 
 from ._compare import Divergence, earliest, send_divergences, update_divergences
 from ._read import Trace, payload_array, read
@@ -211,7 +211,7 @@ def replay(
         config = h.get("config", {})
 
         recorded_pool = h.get("pool", {})
-        plan_workers = _recorded_plan(trace.path, recorded_pool)
+        plan_workers = recorded_pool.get("plan_workers")  # (checked by the reader)
 
         async def main() -> None:
             # the run's pool, whatever this host's cores: its products are cut the same way,
@@ -292,24 +292,6 @@ def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) 
                 f"{recorded!r:.120} has {keys(kept)}. Pass an optimizer of the recorded kind "
                 "with options that keep the same state (others, such as lr, may change)"
             )
-
-
-def _recorded_plan(path: str, pool: dict[str, Any]) -> int | None:
-    """The ``plan_workers`` of a trace's ``pool`` (None where it has none: it planned for its
-    ``cpu_workers``).
-
-    Raises:
-        TraceFormatError: it is not an int from 1 to ``MAX_POOL_WORKERS``.
-    """
-    plan = pool.get("plan_workers")
-    if plan is None:
-        return None
-    if not isinstance(plan, int) or isinstance(plan, bool) or not 1 <= plan <= MAX_POOL_WORKERS:
-        raise TraceFormatError(
-            f"{path}: the header's pool['plan_workers'] is {plan!r:.60}, expected an int from 1 "
-            f"to {MAX_POOL_WORKERS} (the team size the run planned its products for)"
-        )
-    return plan
 
 
 def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = None) -> None:
