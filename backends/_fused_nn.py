@@ -80,12 +80,12 @@ grad = (T)((p - onehot) * scale);
 # 16-bit floats, without the zero array the array code makes each call (A: as just below)
 _RELU = "const A v = (A)x; y = (v > (A)0 || v != v) ? x : (T)(A)0;"
 
-# g * (out != 0) as the array code computes it (a product with 1 or 0: exact, so NaN and -0
-# in g come through as there; a NaN input, whose output is NaN, passes g, as torch's rule
-# does), in one pass instead of a comparison, a product and, for 16-bit floats, a cast of the
-# mask (A: the arithmetic's type, double for float64 and float otherwise, as a typedef: cupy
-# infers a kernel's type placeholders from its array arguments only)
-_RELU_GRAD = "grad = (T)((A)g * (((A)out != (A)0) ? (A)1 : (A)0));"
+# g where out != 0, else +0, as the array code selects it (torch's rule: a NaN input, whose
+# output is NaN, passes g; an infinite or NaN g where the output is 0 gives 0), in one pass
+# instead of a comparison, a cast of the mask and a select (A: the arithmetic's type, double
+# for float64 and float otherwise, as a typedef: cupy infers a kernel's type placeholders from
+# its array arguments only)
+_RELU_GRAD = "grad = ((A)out != (A)0) ? g : (T)(A)0;"
 
 
 # out[..., j] = w[id, j] for an id in [0, n), else NaN (A: float, or double for float64, as for

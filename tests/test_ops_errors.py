@@ -11,6 +11,8 @@ import pytest
 import asyncnn as ann
 from asyncnn import ops
 
+from conftest import HAS_CUDA
+
 
 # -- errors that say what to fix ------------------------------------------------------------------
 def test_conv_errors_name_the_shapes() -> None:
@@ -310,3 +312,71 @@ def test_a_0_d_array_has_no_axis_and_dropout_needs_a_number() -> None:
     for bad in (True, np.True_, np.array("0.5")):
         with pytest.raises(TypeError, match=r"^dropout: p must be a number"):
             ops.dropout(np.ones(3), bad, None)  # type: ignore[arg-type]
+
+
+class _GpuArray:
+    """Enough of a cupy array for the device checks (``is_cupy_array`` reads the module)."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, device: int = 0) -> None:
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.device = type("Device", (), {"id": device})()
+
+    def __ge__(self, other: Any) -> _GpuArray:
+        return _GpuArray(self.shape, "bool", self.device.id)
+
+
+def test_an_op_on_arrays_of_two_devices_names_each_and_its_device() -> None:
+    # (cupy refuses a numpy operand with a bare "TypeError: Unsupported type <class
+    # 'numpy.ndarray'>", naming no op: e.g. numpy labels of a cross-entropy of cupy logits)
+    from asyncnn._math._autodiff_args import _mixed_devices
+
+    logits, labels = _GpuArray((8, 5), "float32"), np.zeros(8, np.int64)
+    error = _mixed_devices("cross_entropy", [logits, labels], {"reduction": "mean"})
+    assert isinstance(error, TypeError)
+    assert str(error).startswith(
+        "cross_entropy: its arrays are on different devices: argument 1 (8, 5) float32 on cuda:0 "
+        "(cupy); argument 2 (8,) int64 on the host (numpy). Move them to one device first"
+    )
+    error = _mixed_devices("dropout", [_GpuArray((2,), "float32", 1)], {"scale": np.ones(2)})
+    assert "argument 1 (2,) float32 on cuda:1 (cupy); scale (2,) float64 on the host" in str(error)
+    two_gpus = _mixed_devices(
+        "add", [_GpuArray((2,), "float32"), _GpuArray((2,), "float32", 1)], {}
+    )
+    assert "on cuda:0 (cupy); argument 2 (2,) float32 on cuda:1 (cupy)" in str(two_gpus)
+    # one device, or numbers beside it: the op failed for another reason, whose error stands
+    assert _mixed_devices("add", [np.ones(2), np.ones(3), 2.0, np.float32(1)], {}) is None
+    assert _mixed_devices("add", [_GpuArray((2,), "float32"), 2.0], {"axis": 0}) is None
+
+
+def test_dropout_with_a_generator_of_another_device_says_so() -> None:
+    class GpuGenerator:
+        def random(self, shape: tuple[int, ...]) -> _GpuArray:
+            return _GpuArray(shape, "float64")
+
+    with pytest.raises(
+        TypeError,
+        match=r"^dropout: rng \(GpuGenerator\) draws on another device than x \(2, 3\), which "
+        r"is on the host: pass a generator on x's device \(numpy's\)",
+    ):
+        ops.dropout(np.ones((2, 3)), 0.5, GpuGenerator())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+def test_ops_on_a_gpu_given_host_constants_name_them() -> None:
+    from asyncnn.backends import get_backend
+
+    gpu = get_backend("cupy")
+    logits = gpu.asarray(np.zeros((4, 3), np.float32))
+    with pytest.raises(
+        TypeError, match=r"^cross_entropy: its arrays are on different devices: argument 1 "
+        r"\(4, 3\) float32 on cuda:0 \(cupy\); argument 2 \(4,\) int64 on the host \(numpy\)",
+    ):  # fmt: skip
+        ops.cross_entropy(logits, np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match=r"^add: its arrays are on different devices"):
+        ops.add(logits, np.ones((4, 3), np.float32))
+    with pytest.raises(TypeError, match=r"^dropout: rng \(Generator\) draws on another device"):
+        ops.dropout(logits, 0.5, np.random.default_rng(0))
+    assert ops.dropout(logits, 0.5, gpu.rng(0)).shape == (4, 3)  # the backend's own generator

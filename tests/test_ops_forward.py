@@ -190,13 +190,18 @@ def _float_dtype(name: str) -> np.dtype[Any]:
 _KINKS = np.array([_NAN, -1.5, -0.0, 0.0, 2.0, math.inf, -math.inf, _NAN])
 
 
-def _against_torch(backend: Any, op: Any, torch_op: Any, dtype: str) -> None:
-    """``op``'s output and gradient at :data:`_KINKS` (cotangent finite, nonzero) equal torch's
-    in ``dtype`` (NaN where torch's is; a zero's sign is not compared)."""
+def _against_torch(
+    backend: Any, op: Any, torch_op: Any, dtype: str, cotangent: Any = None, signs: bool = False
+) -> None:
+    """``op``'s output and gradient at :data:`_KINKS` (cotangent: finite and nonzero unless
+    given) equal torch's in ``dtype`` (NaN where torch's is; a zero's sign compared where
+    ``signs``)."""
     torch = pytest.importorskip("torch")
     dt = _float_dtype(dtype)
     x = _KINKS.astype(dt)
-    ct = np.array([0.75, -1.25, 3.0, -2.0, 0.5, 1.5, -0.25, -3.5]).astype(dt)
+    if cotangent is None:
+        cotangent = [0.75, -1.25, 3.0, -2.0, 0.5, 1.5, -0.25, -3.5]
+    ct = np.array(cotangent).astype(dt)
     out, pullback = ann.vjp(op, backend.asarray(x))
     (g,) = pullback(backend.asarray(ct))
     assert out.dtype == g.dtype == dt
@@ -210,6 +215,11 @@ def _against_torch(backend: Any, op: Any, torch_op: Any, dtype: str) -> None:
     np.testing.assert_array_equal(
         to_numpy(g).astype(np.float64), tg.double().numpy(), err_msg="gradient"
     )
+    if signs:
+        np.testing.assert_array_equal(
+            np.signbit(to_numpy(g).astype(np.float64)), np.signbit(tg.double().numpy()),
+            err_msg="the gradient's signs",
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", _FLOATS)
@@ -230,6 +240,35 @@ def test_the_fused_relu_gradient_at_nan_passes_the_cotangent_as_torch(dtype: str
     from asyncnn.backends import get_backend
 
     _against_torch(get_backend("cupy"), ops.relu, lambda t: t.relu(), dtype)
+
+
+# Infinite and NaN cotangents where the output is 0 (negative inputs, both zeros) and where it
+# is not; a negative cotangent at a zero output
+_WILD_COTANGENT = [_NAN, math.inf, -math.inf, -2.0, math.inf, -math.inf, _NAN, 1.0]
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_relu_gradient_drops_an_infinite_or_nan_cotangent_where_the_output_is_zero(
+    backend: Any, dtype: str, monkeypatch: Any
+) -> None:
+    # torch selects the cotangent (threshold_backward): +0 where the output is 0, whatever the
+    # cotangent; a product with the 0/1 mask gave NaN for an infinite or NaN one there (a
+    # single overflowing unit then made NaN every gradient upstream), and -0 for a negative one
+    monkeypatch.setattr(type(backend), "fused_nn_kernels", lambda self: None)
+    _against_torch(backend, ops.relu, lambda t: t.relu(), dtype, _WILD_COTANGENT, signs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs cupy and a GPU")
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_the_fused_relu_gradient_drops_an_infinite_cotangent_where_the_output_is_zero(
+    dtype: str,
+) -> None:
+    from asyncnn.backends import get_backend
+
+    _against_torch(
+        get_backend("cupy"), ops.relu, lambda t: t.relu(), dtype, _WILD_COTANGENT, signs=True
+    )
 
 
 @pytest.mark.parametrize("dtype", _FLOATS)

@@ -19,6 +19,7 @@ from ._autodiff_args import (
     _cotangent_leaves,
     _hides,
     _is_differentiable,
+    _mixed_devices,
     _select,
     _unopened,
 )
@@ -127,51 +128,59 @@ class Primitive:
     def __call__(self, *args: Any, **params: Any) -> Any:
         # Every op of every traced layer comes through here: one and two arguments (tanh, add,
         # matmul) take a short path, the general loop below is for the others.
-        n = len(args)
-        if n == 1:
-            a = args[0]
-            if type(a) is not Tracer:
-                return self.forward(a, **params)[0]
-            out, res = self.forward(a.value, **params)
-            return a.trace.record(self.vjp_rule, res, (a.index,), _TRACED, out)
-        if n == 2:
-            a, b = args
-            if type(a) is Tracer:
+        try:
+            n = len(args)
+            if n == 1:
+                a = args[0]
+                if type(a) is not Tracer:
+                    return self.forward(a, **params)[0]
+                out, res = self.forward(a.value, **params)
+                return a.trace.record(self.vjp_rule, res, (a.index,), _TRACED, out)
+            if n == 2:
+                a, b = args
+                if type(a) is Tracer:
+                    if type(b) is Tracer:
+                        if b.trace is not a.trace:
+                            raise self._two_traces()
+                        out, res = self.forward(a.value, b.value, **params)
+                        parents: tuple[int, ...] = (a.index, b.index)
+                        return a.trace.record(self.vjp_rule, res, parents, _BOTH_TRACED, out)
+                    out, res = self.forward(a.value, b, **params)
+                    return a.trace.record(self.vjp_rule, res, (a.index, -1), _FIRST_TRACED, out)
                 if type(b) is Tracer:
-                    if b.trace is not a.trace:
+                    out, res = self.forward(a, b.value, **params)
+                    return b.trace.record(self.vjp_rule, res, (-1, b.index), _SECOND_TRACED, out)
+                return self.forward(a, b, **params)[0]
+            trace: Trace | None = None
+            for a in args:
+                if type(a) is Tracer:
+                    trace = a.trace
+                    break
+            if trace is None:
+                return self.forward(*args, **params)[0]
+            values = []
+            indices = []
+            needs = []
+            for a in args:
+                if type(a) is Tracer:
+                    if a.trace is not trace:
                         raise self._two_traces()
-                    out, res = self.forward(a.value, b.value, **params)
-                    parents: tuple[int, ...] = (a.index, b.index)
-                    return a.trace.record(self.vjp_rule, res, parents, _BOTH_TRACED, out)
-                out, res = self.forward(a.value, b, **params)
-                return a.trace.record(self.vjp_rule, res, (a.index, -1), _FIRST_TRACED, out)
-            if type(b) is Tracer:
-                out, res = self.forward(a, b.value, **params)
-                return b.trace.record(self.vjp_rule, res, (-1, b.index), _SECOND_TRACED, out)
-            return self.forward(a, b, **params)[0]
-        trace: Trace | None = None
-        for a in args:
-            if type(a) is Tracer:
-                trace = a.trace
-                break
-        if trace is None:
-            return self.forward(*args, **params)[0]
-        values = []
-        indices = []
-        needs = []
-        for a in args:
-            if type(a) is Tracer:
-                if a.trace is not trace:
-                    raise self._two_traces()
-                values.append(a.value)
-                indices.append(a.index)
-                needs.append(True)
-            else:
-                values.append(a)
-                indices.append(-1)
-                needs.append(False)
-        out, res = self.forward(*values, **params)
-        return trace.record(self.vjp_rule, res, tuple(indices), tuple(needs), out)
+                    values.append(a.value)
+                    indices.append(a.index)
+                    needs.append(True)
+                else:
+                    values.append(a)
+                    indices.append(-1)
+                    needs.append(False)
+            out, res = self.forward(*values, **params)
+            return trace.record(self.vjp_rule, res, tuple(indices), tuple(needs), out)
+        except (TypeError, ValueError) as exc:
+            # (only once the op failed: cupy refuses a host operand with a bare TypeError)
+            values = [a.value if type(a) is Tracer else a for a in args]
+            mixed = _mixed_devices(self.name, values, params)
+            if mixed is None:
+                raise
+            raise mixed from exc
 
     def _two_traces(self) -> ValueError:
         return ValueError(

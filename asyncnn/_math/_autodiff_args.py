@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import is_cupy_array
 from ..backends._dtypes import is_floating
 from ._pytree import TreeDef, tree_flatten
 
@@ -73,3 +74,28 @@ def _select(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
     if len(nums) > 1 and len(set(nums)) != len(nums):  # the later would replace the earlier
         raise ValueError(f"argnums={argnums!r} names an argument twice")
     return nums
+
+
+def _mixed_devices(op: str, args: Sequence[Any], params: dict[str, Any]) -> TypeError | None:
+    """The error for an op whose arrays (raw values: its arguments and array parameters) sit on
+    different devices, a GPU's and the host or two GPUs; None where they do not (the op failed
+    for another reason). Asked only once the op has failed: cupy refuses a numpy operand with a
+    bare ``TypeError`` naming no op and no argument."""
+    found: list[tuple[str, str]] = []  # (device, what is there)
+    named = [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(params.items())
+    for what, a in named:
+        if type(a) is np.ndarray:
+            device = "the host (numpy)"
+        elif is_cupy_array(a) and hasattr(a, "device"):
+            device = f"cuda:{a.device.id} (cupy)"
+        else:
+            continue  # (a Python number or a numpy scalar goes anywhere)
+        found.append((device, f"{what} {tuple(a.shape)} {a.dtype} on {device}"))
+    if len({device for device, _ in found}) < 2:
+        return None
+    return TypeError(
+        f"{op}: its arrays are on different devices: {'; '.join(t for _, t in found)}. Move "
+        "them to one device first: asyncnn.backends.get_backend('cuda:0').asarray(x) for a "
+        "host array, asyncnn.backends.to_numpy(x) for a GPU one (a run moves its inputs and "
+        "labels itself; a direct call of an op does not)"
+    )

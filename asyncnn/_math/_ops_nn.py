@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from asyncnn.backends import array_namespace, is_floating, to_numpy
+from asyncnn.backends import array_namespace, is_cupy_array, is_floating, to_numpy
 
 from ._autodiff import Primitive
 from ._ops import PRIMITIVES, raw
@@ -288,12 +288,14 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
     Args:
         x: the input.
         p: drop probability in [0, 1).
-        rng: a numpy or cupy ``Generator`` on x's device; ``None`` means evaluation (identity).
+        rng: a numpy or cupy ``Generator`` on x's device (numpy's for a numpy ``x``, cupy's for
+            a cupy one); ``None`` means evaluation (identity).
 
     Raises:
         ValueError: when ``p`` is outside [0, 1).
         TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could not hold the scale
-            ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``.
+            ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``; or ``rng`` is on another
+            device than ``x``.
     """
     if type(p) is not float:  # (nn.Dropout and attention pass a float, checked when made)
         if getattr(p, "ndim", None) == 0 and not isinstance(p, np.generic):
@@ -308,6 +310,15 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
         return x
     value = raw(x)
     keep = rng.random(value.shape) >= p
+    if is_cupy_array(keep) != is_cupy_array(value):
+        # (the product with the mask would fail with a bare error, or leave x's device)
+        where = f"cuda:{value.device.id}" if is_cupy_array(value) else "the host"
+        made = "cupy.random.default_rng(seed)" if is_cupy_array(value) else "numpy's"
+        raise TypeError(
+            f"dropout: rng ({type(rng).__name__}) draws on another device than x "
+            f"{tuple(value.shape)}, which is on {where}: pass a generator on x's device "
+            f"({made}), as a run gives its modules"
+        )
     scale = (keep * (1 / (1 - p))).astype(value.dtype)
     return _P["dropout"](x, scale=scale)
 

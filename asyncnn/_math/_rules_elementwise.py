@@ -198,13 +198,23 @@ def _relu(x: Any) -> tuple[Any, Any]:
 
 
 def _relu_grad(g: Any, out: Any) -> Any:
-    # torch passes g where not (out <= 0) (threshold_backward), so a NaN input, whose output is
-    # NaN, passes it too; out is 0, positive or NaN, and out != 0 is that test in one compare
-    # (out > 0 gave 0 at a NaN). A product with the mask, not torch's select, as the GPU's fused
-    # kernel computes it, bit for bit: a NaN or infinite g where out is 0 gives NaN (torch's 0),
-    # and a negative g there -0 (torch's +0).
-    mask = out != 0
-    return g * (mask.astype(g.dtype) if g.dtype.kind == "V" else mask)
+    # torch selects g where not (out <= 0) (threshold_backward): out is 0, positive or NaN, so
+    # out != 0 is that test in one compare (a NaN input's NaN output passes g), and elsewhere
+    # the gradient is +0 whatever g, an infinite or NaN one included (a product with the 0/1
+    # mask gave NaN there, and -0 for a negative g). The select is a bitwise and of g's bits
+    # with an all-ones or all-zeros mask: branch-free, within 15% of the product (numpy's
+    # where, which branches per element, took 20x as long on a random mask); the GPU's fused
+    # kernel selects the same bits.
+    keep = out != 0
+    if g.dtype.kind not in "fV" or g.dtype.itemsize not in (2, 4, 8):
+        return g * keep
+    bits = np.dtype(f"i{g.dtype.itemsize}")
+    mask = keep.astype(bits)
+    ns(g).negative(mask, out=mask)  # 1 -> all ones, 0 -> 0
+    if mask.shape == g.shape:
+        mask &= g.view(bits)
+        return mask.view(g.dtype)
+    return (mask & g.view(bits)).view(g.dtype)
 
 
 def _relu_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
