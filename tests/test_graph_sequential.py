@@ -264,6 +264,10 @@ def test_sequential_balances_stages_by_measured_time(monkeypatch: pytest.MonkeyP
     # the cut is the best for the times measured (which vary from run to run), on float32
     # rows of the declared input, as many as balance_rows (64 by default)
     assert [args[1:] for args, _ in calls] == [((None, 32), "float32", 64)]
+    # a numpy int as a plain one (as stages= takes it)
+    ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=np.int64(3),
+                         input_shape=(None, 32), balance="time", balance_rows=np.int64(8))  # fmt: skip
+    assert calls[-1][0][1:] == ((None, 32), "float32", 8) and type(calls[-1][0][3]) is int
     assert _is_balanced(calls[0][1], _cut(g), modules), (calls[0][1], _cut(g))
     # and it follows the times: given other times, the cut moves with them
     monkeypatch.setattr(_balance, "module_times", lambda *args: [4.0, 4.0, 1.0, 1.0, 4.0])
@@ -359,3 +363,5 @@ def test_sequential_names_a_module_that_is_not_one_and_a_shape_it_cannot_measure
             ann.Graph.sequential(conv, loss, stages=2, balance=balance, balance_rows=4)
     with pytest.raises(ann.GraphError, match="balance_rows must be an int >= 1, got 0"):
         ann.Graph.sequential(conv, loss, stages=2, balance="params", balance_rows=0)
+    with pytest.raises(ann.GraphError, match="balance_rows must be an int >= 1, got True"):
+        ann.Graph.sequential(conv, loss, stages=2, balance="params", balance_rows=True)

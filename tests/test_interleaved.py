@@ -454,3 +454,17 @@ def test_without_turns_the_stages_of_a_device_would_overlap(monkeypatch):
     monkeypatch.setattr(_InterleavedOrder, "device_turns", lambda self: None)
     bubbles = _virtual_bubble(policies.Interleaved1F1B(4, virtual=2), 4, 2, 4)
     assert min(bubbles) < 0.125 - 0.05
+
+
+@pytest.mark.parametrize("k,m", [(4, 8), (4, 2), (3, 3)])
+def test_zero_bubble_peaks_at_1f1b_memory_though_every_stage_holds_up_to_k_keys(k, m):
+    # docs/policies.md: ZB-H1's peak over the stages is 1F1B's, min(K, M) keys, while each
+    # stage holds that many (1F1B's stage s: min(K - s, M)); it defers weight halves
+    data = classification_data(4 * m)
+    peaks = {}
+    for policy in (policies.OneFOneB(m), policies.ZeroBubbleH1(m)):
+        tr = ann.Trainer(chain_graph(k), optimizer=optim.SGD(lr=0.1), policy=policy)
+        hist = tr.fit(data, epochs=1, batch_size=2 * m)
+        peaks[policy.name] = [hist.statistics[n].peak_stored for n in tr.graph.layers]
+    assert peaks["OneFOneB"] == [min(k - s, m) for s in range(k)]
+    assert peaks["ZeroBubbleH1"] == [min(k, m)] * k

@@ -360,3 +360,15 @@ async def test_a_runs_step_checks_each_batchs_lengths_and_its_actor_those_left_u
         async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()) as run:
             await run.step(batch, check_data=False)
             await run.drain()
+
+
+def test_max_steps_refuses_a_bool_and_takes_a_numpy_int():
+    g = ann.Graph()
+    c = g.input("c", (None, H))
+    with pytest.raises(ann.GraphError, match=r"loop 'l': Loop: max_steps must be an int, got bool"):
+        g.loop("l", nn.Linear(H, H), c, max_steps=True)
+    with pytest.raises(ann.GraphError, match=r"loop 'l': Loop: max_steps must be >= 0, got -1"):
+        g.loop("l", nn.Linear(H, H), c, max_steps=-1)
+    g.loop("l", nn.Linear(H, H), c, max_steps=np.int64(3))
+    steps = g.nodes["l"].module.max_steps
+    assert steps == 3 and type(steps) is int

@@ -116,3 +116,16 @@ async def test_open_run_refuses_optimizer_states_that_do_not_fit_the_layer(where
             tr.graph, optimizer=optim.Adam(lr=0.1), policy=tr.policy, state=state, **where
         ):
             pass
+
+
+@pytest.mark.anyio
+async def test_open_run_names_a_graph_spec_in_a_short_message():
+    # (a graph's spec, a dict, was printed whole in the message)
+    spec = chain_graph(3).to_spec()
+    with pytest.raises(TypeError, match=r"graph must be an asyncnn.Graph.*Graph.from_spec") as e:
+        async with ann.open_run(spec, optimizer=optim.SGD(), policy=policies.Sync()):
+            pass
+    assert len(str(e.value)) < 300
+    with pytest.raises(TypeError, match=r"^open_run: graph must be an asyncnn.Graph, got None$"):
+        async with ann.open_run(None, optimizer=optim.SGD(), policy=policies.Sync()):
+            pass

@@ -198,3 +198,33 @@ def test_gpipe_and_1f1b_orders_equal_pytorchs(name):
                     got.append(("F" if op[0] == "forward" else "B", op[1]))
                     order.done(op, m)
                 assert got == _torch_single_stage_order(cls, k, s, m), (k, s, m)
+
+
+# -- stage_order's arguments ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "policy",
+    [
+        policies.Sync(),
+        policies.GPipe(3),
+        policies.OneFOneB(3),
+        policies.PipeDream(3),
+        policies.PipeDream2BW(3),
+        policies.Async(),
+        policies.Interleaved1F1B(4, virtual=2),
+        policies.ZeroBubbleH1(4, virtual=2),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+@pytest.mark.parametrize("stage", [4, 7, -1])
+def test_stage_order_refuses_a_stage_outside_the_pipeline(policy, stage):
+    # (OneFOneB(3).stage_order(3, 3) named a warm-up of -1 the user never gave, stage -1 was
+    # taken as a warm-up of 4, and an interleaved order failed later with a bare KeyError)
+    name = type(policy).__name__
+    with pytest.raises(
+        ValueError, match=rf"{name}.stage_order\(stage={stage}, num_stages=4\): stage must be an "
+        r"int in 0\.\.3"
+    ):  # fmt: skip
+        policy.stage_order(stage, 4)
+    with pytest.raises(ValueError, match=r"num_stages=0\): num_stages must be an int >= 1"):
+        policy.stage_order(0, 0)
+    policy.stage_order(3, 4)  # the last stage is one

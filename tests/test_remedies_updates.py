@@ -5,6 +5,7 @@ against its rule re-enacted step by step on PipeDream."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -65,6 +66,45 @@ def test_spike_compensation_changes_nothing_without_delay_and_needs_plain_sgd():
     assert_params_close(got.params, want.params, rtol=0, atol=0)
     with pytest.raises(ann.ActorError, match="SpikeCompensation corrects the step of optim.SGD"):
         _run(policies.SpikeCompensation(policies.PipeDream(2)), 2, data, optimizer=optim.Adam())
+
+
+@dataclass(frozen=True)
+class _TrustScaledSGD(optim.SGD):
+    """An SGD subclass with its own update rule (a LARS-like trust ratio): not plain SGD."""
+
+    def update_leaf(self, p, g, buffers, step, lr):
+        trust = float(np.linalg.norm(p) / (np.linalg.norm(g) + 1e-12))
+        return super().update_leaf(p, g, buffers, step, lr * trust)
+
+
+@dataclass(frozen=True)
+class _SignSGD(optim.SGD):
+    """An SGD subclass that steps by the gradient's sign, through its array arithmetic."""
+
+    def _update_array(self, xp, p, g, buffers, step, lr):
+        return super()._update_array(xp, p, xp.sign(g), buffers, step, lr)
+
+
+@dataclass(frozen=True)
+class _NamedSGD(optim.SGD):
+    """An SGD subclass that changes nothing of the update: still plain SGD."""
+
+
+@pytest.mark.parametrize("cls", [_TrustScaledSGD, _SignSGD])
+def test_spike_compensation_refuses_an_sgd_subclass_with_its_own_update(cls):
+    # its spike assumes the step lr * v of plain SGD, which such a subclass does not take
+    data = classification_data(24)
+    policy = policies.SpikeCompensation(policies.PipeDream(2))
+    with pytest.raises(ann.ActorError, match=f"{cls.__name__}.*its own update rule"):
+        _run(policy, 2, data, optimizer=cls(lr=0.05, momentum=0.9))
+
+
+def test_spike_compensation_takes_an_sgd_subclass_that_keeps_its_update():
+    data = classification_data(24)
+    policy = policies.SpikeCompensation(policies.PipeDream(2))
+    want, _, _ = _run(policy, 2, data, optimizer=optim.SGD(lr=0.05, momentum=0.9))
+    got, _, _ = _run(policy, 2, data, optimizer=_NamedSGD(lr=0.05, momentum=0.9))
+    assert_params_close(got.params, want.params, rtol=0, atol=0)
 
 
 # -- PipeMare's learning-rate rescheduling: the step's rate, whatever the optimizer ---------------

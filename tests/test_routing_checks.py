@@ -303,3 +303,26 @@ def test_check_structure_checks_every_merge_node():
     merge.inputs = ("x", *merge.inputs[1:])
     with pytest.raises(ann.GraphError, match=r"^merge 'merge': 'x' is not a router"):
         ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+
+
+@pytest.mark.parametrize("field", ["experts", "k", "capacity"])
+def test_router_counts_refuse_a_bool(field):
+    # experts=True built a router of one expert, k=True and capacity=True took 1
+    kw = {"experts": 2, field: True}
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    with pytest.raises(
+        ann.GraphError, match=rf"router 'r': Router: {field} must be an int, got bool"
+    ):
+        g.router("r", nn.Linear(D, 2), x, **kw)
+
+
+def test_router_counts_take_numpy_ints_as_ints():
+    g = ann.Graph()
+    x = g.input("x", (None, D))
+    g.router("r", nn.Linear(D, 2), x, experts=np.int64(2), k=np.int32(1), capacity=np.int64(3))
+    m = g.nodes["r"].module
+    assert (m.experts, m.k, m.capacity) == (2, 1, 3)
+    assert type(m.experts) is int and type(m.k) is int and type(m.capacity) is int
+    with pytest.raises(ann.GraphError, match=r"Router: k=3 must be an int in \[1, experts=2\]"):
+        g.router("r2", nn.Linear(D, 2), x, experts=np.int64(2), k=np.int64(3))

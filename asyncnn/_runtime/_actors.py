@@ -124,8 +124,9 @@ class LayerActor(Serving, HookChecks):
         if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
             self.graphs = ActorGraphs(self)
         # -- staleness: the delays of the gradients accumulated since the last update (for the
-        # trace's "update" event), and, for a policy whose gradient correction needs them, the
-        # weights of earlier versions that stored keys still reference
+        # update that applies them: its trace event, statistics and a correction's mean delay),
+        # and, for a policy whose gradient correction needs them, the weights of earlier
+        # versions that stored keys still reference
         self.pending_delays: list[int] = []
         self.keeps_forward_weights = ctx.policy.needs_forward_weights()
         self.weights_by_version: dict[int, Any] = {}

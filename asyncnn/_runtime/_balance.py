@@ -17,6 +17,7 @@ import numpy as np
 
 from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
+from asyncnn._math._data import _check_index
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 from asyncnn.backends._blas import _BLAS_LIMITS
@@ -39,7 +40,7 @@ def split_sizes(
         raise GraphError(
             f"sequential: balance must be 'params', 'flops' or 'time', got {balance!r}"
         )
-    _check_rows(rows)  # (whatever the balance: a wrong value is a mistake all the same)
+    rows = _check_rows(rows)  # (whatever the balance: a wrong value is a mistake all the same)
     if not isinstance(stages, int):
         sizes = [int(s) for s in stages]
         if any(s <= 0 for s in sizes) or sum(sizes) != n:
@@ -120,7 +121,7 @@ def module_times(
     rows, float32, with one BLAS thread (as each worker of the run's pool computes): the fastest
     of five runs after one to warm up (the fastest is what other load on the machine disturbs
     least)."""
-    _check_rows(rows)
+    rows = _check_rows(rows)
     rng = np.random.default_rng(0)
     dims = tuple(int(d or 1) for d in input_shape[1:])
     floating = is_floating(input_dtype)
@@ -180,9 +181,12 @@ def _one_blas_thread() -> Iterator[None]:
         _BLAS_LIMITS.release(owner)
 
 
-def _check_rows(rows: Any) -> None:
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}")
+def _check_rows(rows: Any) -> int:
+    """``rows`` as a plain int >= 1 (a numpy int too, as ``stages=`` takes it; never a bool)."""
+    try:
+        return _check_index(rows, "balance_rows", 1)
+    except (TypeError, ValueError):
+        raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}") from None
 
 
 def balanced_partition(costs: list[float], k: int) -> list[int]:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ._messages import BACKWARD, FORWARD
-from ._policies import _BUILTIN, Op, Policy, StageOrder, _check_fields, _check_int
+from ._policies import (
+    _BUILTIN,
+    Op,
+    Policy,
+    StageOrder,
+    _check_fields,
+    _check_int,
+    check_stage,
+)
 from ._turns import DeviceTurns
 
 __all__ = [
@@ -264,6 +272,7 @@ class _DeviceOrders:
         """The stage's part of its device's order, alone: it takes no turns (its schedule is
         its own, so the device's other stages would never pass it the turn). A run's orders
         come from :meth:`orders`, whose stages of a device share one schedule and its turns."""
+        check_stage(self, stage, num_stages)
         d = self.devices(num_stages)
         schedule = _DeviceSchedule(d, self.virtual, stage % d, self._device_ops())
         return _InterleavedOrder(schedule, stage, takes_turns=False)
@@ -305,7 +314,10 @@ class Interleaved1F1B(_DeviceOrders, Policy):
 class ZeroBubbleH1(_DeviceOrders, Policy):
     """Zero bubble, ZB-H1 (Qi et al., ICLR 2024) with a flush: each backward split into its
     input half (B, sent upstream at once) and its weight half (W, deferred into the slots the
-    order gives), with 1F1B's warm-up and so its memory. With ``virtual = V > 1`` each of ``D``
+    order gives), with 1F1B's warm-up. With ``V = 1`` its peak memory over the stages is
+    1F1B's (the first stage's ``min(K, M)`` keys), but every stage holds up to ``K`` keys
+    (``min(K, M)``, where 1F1B's stage ``s`` holds ``min(K - s, M)``), since stage ``s`` also
+    keeps the residuals of the weight halves it defers. With ``virtual = V > 1`` each of ``D``
     devices hosts the stages ``d, d + D, ...`` and they take turns in one order, PyTorch's
     ``ScheduleInterleavedZeroBubble`` (:func:`interleaved_zero_bubble_schedule`). Computes
     what ``GPipe`` computes (minibatch SGD); with equal forward, input and weight halves and

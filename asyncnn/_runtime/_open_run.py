@@ -191,7 +191,13 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
     name (an ``on_loss`` that is not callable failed as the loss actor's error; a state of
     another graph as a bare ``KeyError``)."""
     if not isinstance(graph, Graph):
-        raise TypeError(f"open_run: graph must be an asyncnn.Graph, got {graph!r}")
+        # (cut: a graph's spec or a module would print whole)
+        hint = (
+            "; build one from a graph's spec with Graph.from_spec"
+            if isinstance(graph, dict)
+            else ""
+        )
+        raise TypeError(f"open_run: graph must be an asyncnn.Graph, got {graph!r:.80}{hint}")
     check_optimizer(optimizer, "open_run: ")
     if isinstance(policy, type):
         raise TypeError(

@@ -135,7 +135,12 @@ class Policy(abc.ABC):
     # -- the order of work -----------------------------------------------------------------------
     @abc.abstractmethod
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
-        """The order of work of layer ``stage`` (its topological position) of ``num_stages``."""
+        """The order of work of layer ``stage`` (its topological position) of ``num_stages``.
+
+        Raises:
+            ValueError: (the built-in policies) ``stage`` not in ``0 .. num_stages - 1``, or
+                ``num_stages`` < 1.
+        """
 
     def order_for(self, actor: str, stage: int, num_stages: int) -> StageOrder:
         """The order of work of the layer actor named ``actor``; by default
@@ -350,6 +355,28 @@ def _check_int(policy: str, field: str, value: Any) -> int:
     return int(value)
 
 
+def check_stage(policy: object, stage: Any, num_stages: Any) -> None:
+    """Refuses a ``stage_order(stage, num_stages)`` whose ``num_stages`` is not an int >= 1 or
+    whose ``stage`` is not one of its stages (``0 .. num_stages - 1``), naming both: an order
+    made for it would take a warm-up of its own (1F1B's ``K - s - 1``) or fail later."""
+    label = f"{type(policy).__name__}.stage_order(stage={stage!r}, num_stages={num_stages!r})"
+    if (
+        isinstance(num_stages, bool | np.bool_)
+        or not isinstance(num_stages, int | np.integer)
+        or num_stages < 1
+    ):
+        raise ValueError(f"{label}: num_stages must be an int >= 1, the pipeline's layers")
+    if (
+        isinstance(stage, bool | np.bool_)
+        or not isinstance(stage, int | np.integer)
+        or not 0 <= stage < num_stages
+    ):
+        raise ValueError(
+            f"{label}: stage must be an int in 0..{num_stages - 1}, the layer's position among "
+            f"the {num_stages} stages"
+        )
+
+
 def _check_fields(policy: Policy, ints: Sequence[str] = (), bools: Sequence[str] = ()) -> None:
     """Checks a frozen policy's int and bool fields, storing each as a plain ``int`` or
     ``bool`` (a numpy one compares equal, but its spec would not be plain JSON)."""
@@ -367,6 +394,7 @@ class Sync(Policy):
     name: ClassVar[str] = "Sync"
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         return OneFOneBOrder(None, flush=True)
 
 
@@ -381,6 +409,7 @@ class GPipe(Policy):
         _check_fields(self, ints=("microbatches",))
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         return OneFOneBOrder(None, flush=True)
 
 
@@ -395,6 +424,7 @@ class OneFOneB(Policy):
         _check_fields(self, ints=("microbatches",))
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         return OneFOneBOrder(num_stages - stage - 1, flush=True)
 
 
@@ -418,6 +448,7 @@ class PipeDream(Policy):
         return num_stages  # stage 0 holds at most K keys: its warm-up plus one
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         return OneFOneBOrder(num_stages - stage - 1, flush=False)
 
     def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
@@ -458,6 +489,7 @@ class PipeDream2BW(Policy):
         return num_stages  # stage 0 holds at most K keys: its warm-up plus one
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         if self.microbatches < num_stages - 1:
             raise ValueError(
                 f"PipeDream2BW(microbatches={self.microbatches}) on {num_stages} stages: needs "
@@ -496,6 +528,7 @@ class Async(Policy):
         return self.max_active_keys
 
     def stage_order(self, stage: int, num_stages: int) -> StageOrder:
+        check_stage(self, stage, num_stages)
         return AnyOrder()
 
     def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:

@@ -366,7 +366,9 @@ class SpikeCompensation(Remedy):
     the rest by ``a = m**D``: the gradient's total effect stays ``1 / (1 - m)``.
 
     The update's ``D`` is the mean delay of the gradients it applies (one gradient under
-    ``PipeDream``). It needs ``optim.SGD`` without Nesterov momentum, dampening or clipping.
+    ``PipeDream``). It needs ``optim.SGD`` without Nesterov momentum, dampening or clipping,
+    and refuses any other optimizer at the first stale update, a subclass of ``optim.SGD``
+    with its own update rule (``update_leaf`` or ``update`` overridden: a LARS) included.
     It cannot wrap a :class:`PipeMareLR` (its spike would use the unscaled learning rate):
     nest them the other way, ``PipeMareLR(SpikeCompensation(...))``.
 
@@ -401,12 +403,27 @@ class SpikeCompensation(Remedy):
         return tree_map(lambda w, w0, g: w0 + a * (w - w0) - (lr * b) * g, new, old, grads)
 
 
+#: the methods of optim.SGD that make its step: a subclass overriding one has its own update rule
+_SGD_UPDATE = ("update", "update_leaf", "_update_leaf", "_update_many", "_update_array")
+
+
 def _sgd_terms(optimizer: Any, step: int) -> tuple[float, float, float]:
     """The momentum, learning rate (at ``step``) and weight decay of a plain SGD optimizer.
 
     Raises:
-        TypeError: any other optimizer, or SGD with Nesterov momentum, dampening or clipping.
+        TypeError: any other optimizer, an SGD subclass with its own update rule, or SGD with
+            Nesterov momentum, dampening or clipping.
     """
+    # the spike assumes the step lr * v of SGD's own rule: a subclass that changes the update (a
+    # LARS trust ratio, a sign step) takes another step, which the correction would not match
+    own = [m for m in _SGD_UPDATE if getattr(type(optimizer), m, None) is not getattr(SGD, m)]
+    if isinstance(optimizer, SGD) and own:
+        raise TypeError(
+            f"SpikeCompensation corrects the step of optim.SGD; the run's optimizer "
+            f"{type(optimizer).__qualname__} subclasses it with its own update rule "
+            f"({', '.join(own)}), whose step the spike would not match: use optim.SGD, or "
+            f"another remedy (PipeMareLR takes any optimizer)"
+        )
     if (
         not isinstance(optimizer, SGD)
         or optimizer.nesterov

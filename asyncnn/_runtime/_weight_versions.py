@@ -152,6 +152,10 @@ class WeightVersions(_Actor):
         self.version += 1
         self.stats.updates += 1
         del self.pending_delays[: len(delays)]  # (any noted meanwhile go to the next update)
+        # counted here, not as accumulated: a gradient still pending when the run ends (carried
+        # into the next fit by RunState.pending_grads) is not applied by this run
+        for delay in delays:
+            self.stats.note_delay(delay)
         if self.versions_back:
             self._prune_versions()
         if self.change_decay is not None:
@@ -217,8 +221,9 @@ class WeightVersions(_Actor):
 
         With ``forward_version`` (the version the key's forward used), the gradient's delay
         (this actor's version now, which is its version at the update, minus the forward's) is
-        recorded in the statistics and the trace, and a policy that corrects stale gradients
-        (:meth:`Policy.corrects_gradients`) corrects it before it is added.
+        noted for the update that applies it (its trace event and statistics), and a policy
+        that corrects stale gradients (:meth:`Policy.corrects_gradients`) corrects it before it
+        is added.
         """
         policy = self.ctx.policy
         if param_grads is not None and forward_version is not None:
@@ -407,10 +412,10 @@ class WeightVersions(_Actor):
         return self.ctx.policy.forward_version(minibatch - first, start_version, self.version)
 
     def _record_delay(self, forward_version: int) -> int:
-        """Records (in the statistics, and for the update's trace event) and returns the delay
-        of a key's gradient computed at ``forward_version``."""
+        """Notes (for the update that applies it: its trace event, the mean delay of a
+        correction, the statistics) and returns the delay of a key's gradient computed at
+        ``forward_version``."""
         delay = self.version - forward_version
-        self.stats.note_delay(delay)
         self.pending_delays.append(delay)
         return delay
 

@@ -17,6 +17,7 @@ import numpy as np
 from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
+from .._data import _check_index
 from .._pytree import tree_leaves
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
@@ -63,10 +64,9 @@ class Loop(Module):
             raise TypeError(f"Loop: cell must be an nn.Module, got {type(self.cell).__name__}")
         if self.output not in OUTPUTS:
             raise ValueError(f"Loop: output={self.output!r} must be one of {OUTPUTS}")
-        if self.max_steps is not None and (
-            not isinstance(self.max_steps, int) or self.max_steps < 0
-        ):
-            raise ValueError(f"Loop: max_steps={self.max_steps!r} must be an int >= 0")
+        if self.max_steps is not None:  # (not a bool; a numpy int kept as a plain int)
+            steps = _check_index(self.max_steps, "Loop: max_steps", 0)
+            object.__setattr__(self, "max_steps", steps)
         if not self.has_xs and self.max_steps is None:
             raise ValueError("Loop: without xs, give max_steps (the most steps a row may take)")
         if self.has_lengths and self.until is not None:

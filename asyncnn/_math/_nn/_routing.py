@@ -18,6 +18,7 @@ from asyncnn.backends import is_floating
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from .._data import _check_index
 from ._module import Initializer, Module
 
 __all__ = [
@@ -63,16 +64,18 @@ class Router(Module):
     def __post_init__(self) -> None:
         if not isinstance(self.gate, Module):
             raise TypeError(f"Router: gate must be an nn.Module, got {type(self.gate).__name__}")
-        if not isinstance(self.experts, int) or self.experts < 1:
-            raise ValueError(f"Router: experts={self.experts!r} must be an int >= 1")
-        if not isinstance(self.k, int) or not 1 <= self.k <= self.experts:
+        # (a bool is refused, experts=True is no count; a numpy int is kept as a plain int)
+        object.__setattr__(self, "experts", _check_index(self.experts, "Router: experts", 1))
+        object.__setattr__(self, "k", _check_index(self.k, "Router: k", 1))
+        if self.k > self.experts:
             raise ValueError(f"Router: k={self.k!r} must be an int in [1, experts={self.experts}]")
         if self.gates not in GATES:
             raise ValueError(f"Router: gates={self.gates!r} must be one of {GATES}")
         if self.capacity is not None and self.capacity_factor is not None:
             raise ValueError("Router: give capacity or capacity_factor, not both")
-        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 0):
-            raise ValueError(f"Router: capacity={self.capacity!r} must be an int >= 0")
+        if self.capacity is not None:
+            capacity = _check_index(self.capacity, "Router: capacity", 0)
+            object.__setattr__(self, "capacity", capacity)
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"Router: capacity_factor={self.capacity_factor!r} must be > 0")
         if self.on_overflow not in OVERFLOW:
