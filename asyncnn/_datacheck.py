@@ -8,7 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._runtime._checks import check_input, check_ranges, range_checks, upstream
+import numpy as np
+
+from ._runtime._checks import (
+    _first_nonfinite_row,
+    _may_overflow,
+    _nonfinite_message,
+    check_input,
+    check_ranges,
+    range_checks,
+    upstream,
+)
 from ._runtime._graph import Graph
 from ._runtime._param_checks import check_params
 
@@ -70,16 +80,34 @@ def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], wh
         )
 
 
-def check_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], what: str) -> None:
+def check_inputs(
+    graph: Graph, data: Mapping[str, Any], targets: list[str], what: str, dtype: Any = None
+) -> None:
     """Checks the shape and dtype of each input that ``targets`` need against the graph's
     declaration, and that there are rows (after :func:`require_inputs`, on arrays sharing their
-    first dimension).
+    first dimension); where ``dtype`` (the run's) is given, that no finite value of a float
+    input overflows it (1e39 in float64 data of a float32 run would be computed on as Inf,
+    its outputs finite-looking; a NaN or Inf in the data itself is left alone: it is computed
+    on as given). Data of the run's dtype, or narrower, is not read for it.
 
     Raises:
-        ValueError: naming the input, the shape or dtype it has and the one declared.
+        ValueError: naming the input, the shape or dtype it has and the one declared; or the
+            input, the row and the value that overflows ``dtype``.
     """
     rows = None
-    for name in needed_inputs(graph, targets):
+    needed = needed_inputs(graph, targets)
+    for name in needed:
         rows = check_input(graph.nodes[name], data[name], f"{what}: ")[0]
     if rows == 0:
         raise ValueError(f"{what}: the data has 0 rows")
+    if dtype is None:
+        return
+    for name in needed:
+        arr = data[name]
+        if np.dtype(graph.nodes[name].dtype).kind != "f" or not _may_overflow(
+            np.dtype(arr.dtype), dtype
+        ):
+            continue  # (only inputs declared float are cast to the run's dtype)
+        bad = _first_nonfinite_row(arr, dtype, overflows_only=True)
+        if bad is not None:
+            raise ValueError(f"{what}: {_nonfinite_message(name, arr, bad, dtype)}")

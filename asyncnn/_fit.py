@@ -183,12 +183,12 @@ class _FitState:
             epoch, skip = self.position
             for _ in range(plan.epochs):
                 self.epoch_start[epoch] = (run.minibatches, skip)
+                # from the first minibatch not done: those before are not read (an h5py file
+                # read again up to the resumed position); the same order, from (seed, epoch)
                 batches = plan.dataset.batches(
-                    plan.batch_size, plan.shuffle, tr.seed, epoch, plan.drop_last
+                    plan.batch_size, plan.shuffle, tr.seed, epoch, plan.drop_last, start=skip
                 )
-                for i, batch in enumerate(batches if skip < self.per_epoch else ()):
-                    if i < skip:
-                        continue
+                for i, batch in enumerate(batches, start=skip):
                     await self._step_point(run, (epoch, i))
                     if tr.stop_training:
                         break

@@ -81,7 +81,16 @@ def _layout(
                     continue
                 prefix = names[name] + "." if names[name] else ""
                 for s, path, t in entries:
-                    out[prefix + s] = (name, path, t)
+                    key = prefix + s
+                    if key in out:
+                        # (the later layer's entry replaced the earlier's: from_torch left that
+                        # layer at the template's random weights, to_torch dropped its own)
+                        raise ValueError(
+                            f"names: layers {out[key][0]!r} and {name!r} both map to the torch "
+                            f"name {key!r} (prefixes {names[out[key][0]]!r} and {names[name]!r}); "
+                            "give each layer a prefix of its own"
+                        )
+                    out[key] = (name, path, t)
                 continue
             # one torch nn.Sequential of every layer's modules in turn
             children = module.modules if _is_sequential(module) else [module]
@@ -126,6 +135,11 @@ def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str
     in turn (as ``Graph.sequential`` splits them): ``"0.weight"``, ``"0.bias"``, ``"2.weight"``...
     ``names`` maps layer names to torch prefixes instead (``{"stage0": "features"}`` reads
     ``"features.0.weight"`` for the first module of ``stage0``'s ``Sequential``).
+
+    Raises:
+        ValueError: ``names`` lacks a layer that has weights, or maps two layers to the same
+            torch name (naming both and the name); the same in :func:`from_torch` and
+            :func:`to_torch`.
     """
     _check_target(target, "torch_names")
     return list(_layout(target, _template(target), names))
@@ -269,7 +283,7 @@ def from_torch(
             tensor of a dtype numpy cannot hold (bfloat16 without ``ml_dtypes``), naming it.
         ValueError: a name missing from ``state_dict`` or left over in it (batch-norm running
             statistics named as such), or a shape that does not fit (naming the torch name and
-            the layer).
+            the layer); ``names`` that map two layers to the same torch name (naming both).
     """
     if not isinstance(state_dict, Mapping):
         kind = type(state_dict).__name__
@@ -376,7 +390,8 @@ def to_torch(
         (bfloat16 included), on the CPU.
 
     Raises:
-        ValueError: ``params`` not of ``target``'s structure and shapes (naming the leaves).
+        ValueError: ``params`` not of ``target``'s structure and shapes (naming the leaves);
+            ``names`` that map two layers to the same torch name (naming both).
     """
     _check_target(target, "to_torch")
     template = _template(target)
@@ -461,7 +476,9 @@ def _from_dlpack(x: Any) -> Any:
 
 def to_torch_tensor(tree: Any) -> Any:
     """asyncnn arrays (numpy or cupy; a pytree of them) as torch tensors sharing their memory,
-    through DLPack (``torch.from_dlpack``). Needs torch.
+    through DLPack (``torch.from_dlpack``). Needs torch. A numpy scalar (``np.float32(3.0)``)
+    becomes a 0-d tensor, as a 0-d array does (a scalar has no memory to share); other leaves
+    that are no arrays (Python numbers, strings) pass through.
 
     Raises:
         ValueError: an array with a negative stride (a reversed view such as ``x[::-1]``),
@@ -471,6 +488,8 @@ def to_torch_tensor(tree: Any) -> Any:
 
 
 def _to_torch_tensor(a: Any) -> Any:
+    if isinstance(a, np.number | np.bool_):  # a numpy scalar has no __dlpack__: its 0-d array
+        a = np.asarray(a)
     if not _has_dlpack(a):
         return a
     strides = getattr(a, "strides", None)  # numpy's and cupy's, in bytes

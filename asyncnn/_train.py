@@ -133,6 +133,7 @@ class Trainer:
             seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
             trace=trace, trace_payloads=trace_payloads, cuda_graphs=cuda_graphs,
         )  # fmt: skip
+        _check_graph(graph)
         _check_trace_path(self.config.trace)
         self.traces: list[str] = []  # the trace files written so far, one per fit
         if cluster is not None and not callable(getattr(cluster, "open_run", None)):
@@ -339,13 +340,16 @@ class Trainer:
             checkpoint_every: save every this many epochs (an int >= 1).
             keep_checkpoints: how many of the latest checkpoints of ``checkpoint_dir`` to keep,
                 by epoch number, counting the one just written (0: all).
-            check_data: check the data before any compute: NaN/Inf in float inputs, integer
+            check_data: check the data before any compute: NaN/Inf in float inputs (also a
+                finite value that overflows the trainer's ``dtype``, which the run would
+                compute on as Inf: 1e39 in float64 data of a float32 trainer), integer
                 labels against the loss's class count, and the ids a layer starting with an
                 Embedding reads from an input against its table. False skips these passes over
                 the data.
 
         Raises:
-            ValueError: bad data (naming the input and the row) or arguments (also a
+            ValueError: bad data (naming the input and the row; no rows: ``fit: the data has 0
+                rows``) or arguments (also a
                 ``batch_size`` that ``drop_last`` leaves no minibatch of, a ``checkpoint_dir``
                 holding another run's later checkpoints, an ``EarlyStopping`` monitoring a
                 metric this fit does not log).
@@ -445,7 +449,9 @@ class Trainer:
                 "processes send back only at its end: with a cluster, call fit one epoch at a "
                 "time and evaluate or save between calls"
             )
-        check_batch(self.graph, dataset.arrays, check_data or self.check_finite)
+        check_batch(
+            self.graph, dataset.arrays, check_data or self.check_finite, self.dtype, what="fit"
+        )
         if check_data:
             check_labels(self.graph, self.shapes, dataset.arrays)
         validation = None
@@ -454,7 +460,7 @@ class Trainer:
                 validation_data, self.graph.losses, "validation_data"
             )
             try:
-                check_batch(self.graph, validation.arrays, check_data)
+                check_batch(self.graph, validation.arrays, check_data, self.dtype)
                 if check_data:
                     check_labels(self.graph, self.shapes, validation.arrays)
             except ValueError as exc:  # (as the shape errors of validation_data say)
@@ -573,8 +579,11 @@ class Trainer:
         Raises:
             ValueError: an input the outputs need is missing, or has another shape or dtype than
                 the graph declares (named); an id that a layer starting with an Embedding reads
-                is out of its table (named with its row); the data has no rows; the graph
-                has no outputs (``g.output``).
+                is out of its table (named with its row); a finite value of a float input
+                overflows the trainer's ``dtype`` (1e39 in float64 data of a float32 trainer:
+                named with its row; its outputs would be of an Inf, finite-looking); the data
+                has no rows; the graph has no outputs (``g.output``). A NaN or Inf in the data
+                itself is no error here: it is computed on as given.
         """
         if not self.graph.outputs:  # (it returned {}, having computed nothing)
             raise ValueError("predict: the graph has no outputs; name them: g.output(name, node)")
@@ -607,8 +616,9 @@ class Trainer:
         Raises:
             ValueError: an input the losses need (the labels too) is missing, or has another
                 shape or dtype than the graph declares (named); a label, or an id that a layer
-                starting with an Embedding reads, is out of range (named with its row); the
-                data has no rows.
+                starting with an Embedding reads, is out of range (named with its row); a
+                finite value of a float input overflows the trainer's ``dtype`` (named with
+                its row, as in :meth:`predict`); the data has no rows.
         """
         dataset = self._checked_dataset(data, self.graph.losses, "evaluate")
         check_labels(self.graph, self.shapes, dataset.arrays, self.graph.losses)
@@ -622,7 +632,7 @@ class Trainer:
         arrays = data.arrays if isinstance(data, ArrayDataset) else data
         require_inputs(self.graph, arrays, targets, what)
         dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(arrays)
-        check_inputs(self.graph, dataset.arrays, targets, what)
+        check_inputs(self.graph, dataset.arrays, targets, what, self.dtype)
         return dataset
 
     def _evaluate(self, dataset: ArrayDataset, batch_size: int = 256) -> dict[str, float]:
@@ -727,6 +737,29 @@ class Trainer:
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
+
+
+def _check_graph(graph: Any) -> None:
+    """Refuses what is not a graph, as ``open_run`` does (it failed later, on its first
+    attribute: "'NoneType' object has no attribute 'layers'").
+
+    Raises:
+        TypeError: naming what was given (its repr cut to about 80 characters), with the way
+            to a graph from a spec dict or a module.
+    """
+    if isinstance(graph, Graph):
+        return
+    from ._math._nn import Module
+
+    hint = ""
+    if isinstance(graph, dict):  # (as open_run words it)
+        hint = "; build one from a graph's spec with Graph.from_spec"
+    elif isinstance(graph, Module):
+        hint = (
+            "; build one from a module with Graph.sequential([module], loss=..., input_shape=...)"
+        )
+    # (cut: a graph's spec or a module would print whole)
+    raise TypeError(f"Trainer: graph must be an asyncnn.Graph, got {graph!r:.80}{hint}")
 
 
 def _classifiers(graph: Graph) -> list[str]:

@@ -235,6 +235,29 @@ def test_lazily_read_arrays_are_shuffled_row_by_row_like_numpy():
     np.testing.assert_array_equal(lazy.take(np.array([3, -1, 3]))["x"], plain["x"][[3, 22, 3]])
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_from_a_later_batch_read_none_of_the_ones_before(shuffle, drop_last):
+    # (a fit resuming near an epoch's end took, and threw away, every batch before: the
+    # whole epoch read again from an h5py file)
+    plain = _dataset(23)
+    every = list(plain.batches(5, shuffle=shuffle, seed=2, epoch=1, drop_last=drop_last))
+    for start in range(len(every) + 2):
+        lazy = data.ArrayDataset({"x": _LazyRows(plain["x"]), "y": plain["y"]})
+        got = list(
+            lazy.batches(5, shuffle=shuffle, seed=2, epoch=1, drop_last=drop_last, start=start)
+        )
+        assert len(got) == max(0, len(every) - start)
+        for w, g in zip(every[start:], got, strict=True):
+            np.testing.assert_array_equal(g["x"], w["x"])
+            np.testing.assert_array_equal(g["y"], w["y"])
+        assert lazy["x"].reads == len(got)  # only the batches yielded were read
+    with pytest.raises(TypeError, match="start must be an int, got bool True"):
+        list(plain.batches(5, start=True))
+    with pytest.raises(ValueError, match="start must be >= 0, got -1"):
+        list(plain.batches(5, start=-1))
+
+
 class _ArrayLike:
     """What slicing an xarray DataArray or a dask array gives: not an ndarray, readable as one."""
 

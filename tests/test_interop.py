@@ -382,3 +382,35 @@ def test_check_grads_takes_python_floats_names_leaves_and_refuses_complex():
         check_grads(lambda a, p: a * wrong(p["w"]), _X, {"w": _X, "n": np.arange(3)})
     with pytest.raises(TypeError, match=r"args\[0\] is complex"):
         check_grads(lambda z: z * z, _X + 1j)
+
+
+def test_names_that_give_two_layers_one_torch_name_are_refused():
+    # (the second layer's entries replaced the first's: from_torch left 'stage0' at the
+    # template's random weights, and to_torch dropped its trained ones, without a word)
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)], loss=nn.MSELoss(), stages=[2, 1],
+        input_shape=(None, 4), label_shape=(None, 4), label_dtype="float32",
+    )  # fmt: skip
+    names = {"stage0": "enc", "stage1": "enc"}
+    says = r"layers 'stage0' and 'stage1' both map to the torch name 'enc\.0\.weight'"
+    with pytest.raises(ValueError, match=says):
+        torch_names(g, names=names)
+    state = {"enc.0.weight": np.ones((4, 4)), "enc.0.bias": np.ones(4)}
+    with pytest.raises(ValueError, match=says):
+        from_torch(state, g, names=names)
+    with pytest.raises(ValueError, match=says):
+        to_torch(_trainer(g).params, g, names=names)
+    distinct = {"stage0": "enc", "stage1": "head"}
+    params = from_torch(to_torch(_trainer(g).params, g, names=distinct), g, names=distinct)
+    assert_params_equal(params, _trainer(g).params)
+
+
+def test_to_torch_tensor_converts_numpy_scalars_as_0d_arrays():
+    # (a numpy scalar, which has no __dlpack__, came back unconverted)
+    torch = pytest.importorskip("torch")
+    out = to_torch_tensor({"a": np.float32(3.0), "b": np.array(2.0), "c": [np.int64(4)], "d": 5})
+    assert isinstance(out["a"], torch.Tensor) and out["a"].dtype == torch.float32
+    assert out["a"].shape == () and float(out["a"]) == 3.0
+    assert isinstance(out["b"], torch.Tensor) and out["b"].shape == ()
+    assert out["c"][0].dtype == torch.int64 and int(out["c"][0]) == 4
+    assert out["d"] == 5  # a Python number is no array: it passes through

@@ -134,6 +134,18 @@ async def test_a_bad_batch_after_good_ones_is_still_checked():
         await run.step(good)
         with pytest.raises(ValueError, match="'x' contains NaN"):
             await run.step(nan)  # the same shapes and dtypes: checked all the same
+    # a finite value the run's cast makes Inf: named as fit names it, not at the first actor
+    # that computes on the Inf ("actor 'stage0' produced NaN or Inf")
+    huge = {"x": good["x"].astype(np.float64), "y": good["y"]}
+    huge["x"][2, 0] = 1e39
+    async with ann.open_run(
+        chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), check_finite=True
+    ) as run:
+        with pytest.raises(
+            ValueError,
+            match=r"input 'x' has 1e\+39 in row 2, which overflows the run's dtype float32",
+        ):
+            await run.step(huge)
 
 
 class _SpinForever(ann.LayerActor):

@@ -248,3 +248,110 @@ def test_check_labels_reads_large_labels_in_bounded_chunks(monkeypatch):
 def test_the_trainer_refuses_what_is_not_an_optimizer_as_it_refuses_a_policy(optimizer, says):
     with pytest.raises(TypeError, match=says):
         ann.Trainer(chain_graph(2), optimizer=optimizer, policy=policies.Sync())
+
+
+def _overflowing(row=3, value=1e39, n=40):
+    """:func:`_data` with one float64 value that is finite, and Inf as float32."""
+    data = _data(n)
+    data["x"][row, 2] = value
+    return data
+
+
+def test_fit_refuses_a_float_input_that_overflows_the_run_dtype():
+    # (1e39 passed the NaN check in float64, became Inf in the float32 run, and every weight
+    # came out NaN with only numpy's "overflow encountered in cast" warning)
+    data = _overflowing()
+    tr = _trainer(policies.Sync())
+    says = r"input 'x' has 1e\+39 in row 3, which overflows the run's dtype float32 to Inf"
+    with pytest.raises(ValueError, match=says):
+        tr.fit(data, batch_size=8)
+    with pytest.raises(ValueError, match=rf"^validation_data: {says}"):
+        tr.fit(_data(), batch_size=8, validation_data=data)
+    nan = _overflowing(row=5)
+    nan["x"][2, 0] = np.nan  # a NaN before it is the first bad row, named as one
+    with pytest.raises(ValueError, match="input 'x' contains NaN or Inf, first in row 2: "):
+        tr.fit(nan, batch_size=8)
+    assert tr.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # nothing ran
+    wide = ann.Trainer(chain_graph(3), optimizer=optim.SGD(lr=1e-80), policy=policies.Sync(),
+                       dtype="float64")  # fmt: skip
+    wide.fit(data, batch_size=8)  # finite in a float64 run
+    assert np.isfinite(wide.history.losses).all()
+
+
+def test_evaluate_and_predict_refuse_a_float_input_that_overflows_the_run_dtype():
+    # (predict gave the overflowing row finite outputs, from an input made Inf without a word)
+    data = _overflowing(row=7)
+    tr = _trainer(policies.Sync())
+    says = r"input 'x' has 1e\+39 in row 7, which overflows the run's dtype float32 to Inf"
+    with pytest.raises(ValueError, match=rf"^predict: {says}"):
+        tr.predict({"x": data["x"]})
+    with pytest.raises(ValueError, match=rf"^evaluate: {says}"):
+        tr.evaluate(data)
+    nan = _data()
+    nan["x"][7, 0] = np.nan  # not refused there: its outputs come out NaN, as the input is
+    assert np.isnan(tr.predict({"x": nan["x"]})["logits"][7]).all()
+
+
+def test_check_batch_refuses_an_overflow_into_the_run_dtype_across_chunks(monkeypatch):
+    from asyncnn._runtime import _checks
+
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 3)], loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 4)
+    )
+    monkeypatch.setattr(_checks, "_FINITE_CHUNK_BYTES", 3 * 4 * 8)  # 3 rows at a time
+    x = np.ones((10, 4))
+    x[7, 3], x[8, 0] = -1e39, np.nan
+    batch = {"x": x, "y": np.zeros(10, int)}
+    with pytest.raises(ValueError, match=r"-1e\+39 in row 7, which overflows .* float32"):
+        _checks.check_batch(g, batch, check_finite=True, dtype="float32")
+    with pytest.raises(ValueError, match="contains NaN or Inf, first in row 8"):
+        _checks.check_batch(g, batch, check_finite=True, dtype="float64")
+    # the largest float32 and what rounds down to it pass; what rounds up to Inf does not
+    top = float(np.finfo(np.float32).max)
+    ulp = 2.0**104  # (the gap below the largest float32)
+    x = np.full((10, 4), top)
+    x[4, 1] = top + ulp / 2 - ulp / 4
+    assert _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, True, dtype="float32") == 10
+    x[6, 2] = top + ulp / 2
+    with pytest.raises(ValueError, match="in row 6, which overflows"):
+        _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, True, dtype="float32")
+    # a float16 run: float32 data and integers beyond its 65504
+    with pytest.raises(ValueError, match=r"100000 in row 0, which overflows .* float16"):
+        _checks.check_batch(
+            g, {"x": np.full((2, 4), 1e5, np.float32), "y": np.zeros(2, int)}, True, "float16"
+        )
+    with pytest.raises(ValueError, match=r"70000 in row 1, which overflows .* float16"):
+        _checks.check_batch(
+            g, {"x": np.array([[1] * 4, [1, 70000, 1, 1]]), "y": np.zeros(2, int)}, True, "float16"
+        )
+    # no NaN check asked for: no overflow check either
+    assert _checks.check_batch(g, {"x": x, "y": np.zeros(10, int)}, dtype="float32") == 10
+
+
+def test_fit_on_empty_data_says_so_as_evaluate_does():
+    # (it said "the batch is empty (0 rows)", a batch the caller never made)
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError, match=r"^fit: the data has 0 rows$"):
+        tr.fit({"x": data["x"][:0], "y": data["y"][:0]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"^validation_data: the data has 0 rows$"):
+        tr.fit(data, batch_size=8, validation_data={"x": data["x"][:0], "y": data["y"][:0]})
+
+
+@pytest.mark.parametrize(
+    ("graph", "says"),
+    [
+        (None, r"got None$"),
+        (
+            {"nodes": {}},
+            r"got \{'nodes': \{\}\}; build one from a graph's spec with Graph\.from_spec$",
+        ),
+        (nn.Linear(3, 2), r"got Linear\(in_features=3, .*\); .*Graph\.sequential\(\[module\]"),
+        ({"k": "v" * 200}, r"got \{'k': 'v{73}; build one"),  # (cut at 80 characters)
+    ],
+    ids=["none", "spec", "module", "long-repr"],
+)
+def test_the_trainer_refuses_what_is_not_a_graph_as_open_run_does(graph, says):
+    # (a bare AttributeError: 'NoneType' object has no attribute 'layers')
+    with pytest.raises(TypeError, match=r"^Trainer: graph must be an asyncnn\.Graph, " + says):
+        ann.Trainer(graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())

@@ -137,3 +137,38 @@ def test_a_fit_stopped_mid_minibatch_keeps_no_part_of_it_and_resumes_bit_identic
     # minibatches, its first minibatch computed at the latest weights)
     reference.fit(data, epochs=1, batch_size=8)
     assert_params_equal(tr.params, reference.params)
+
+
+class _CountedRows:
+    """Stands in for an h5py dataset (a numpy dtype, rows read on indexing), counting the rows
+    read."""
+
+    def __init__(self, array):
+        self._array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.rows_read = 0
+
+    def __getitem__(self, rows):
+        out = self._array[rows]
+        self.rows_read += len(out)
+        return out
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_fit_resuming_mid_epoch_reads_only_the_minibatches_it_trains(shuffle):
+    # (it read, and threw away, every minibatch the earlier fit had done: near an epoch's end,
+    # the whole epoch again from an h5py file)
+    class StopAt(ann.callbacks.Callback):
+        def on_step_end(self, trainer, step, logs):
+            trainer.stop_training = step == 3
+
+    data = _data()
+    tr = _trainer(policies.Sync())
+    tr.fit(data, batch_size=8, shuffle=shuffle, callbacks=[StopAt()])
+    assert (tr.epochs_done, tr.epoch_batches) == (0, 4)
+    lazy = _CountedRows(data["x"])
+    tr.fit({"x": lazy, "y": data["y"]}, batch_size=8, shuffle=shuffle, check_data=False)
+    assert len(tr.history.losses) == 1 and lazy.rows_read == 8
+    reference = _trainer(policies.Sync())
+    reference.fit(data, batch_size=8, shuffle=shuffle)
+    assert_params_equal(tr.params, reference.params)
+    assert tr.history.losses == reference.history.losses[4:]

@@ -253,6 +253,7 @@ class ArrayDataset:
         seed: int = 0,
         epoch: int = 0,
         drop_last: bool = False,
+        start: int = 0,
     ) -> Iterator[dict[str, Any]]:
         """Yields the minibatches of one epoch as dicts of arrays.
 
@@ -264,20 +265,24 @@ class ArrayDataset:
             seed: the shuffling seed (>= 0).
             epoch: the epoch number (>= 0); each epoch has its own order.
             drop_last: skip a final batch smaller than ``batch_size``.
+            start: the first batch to yield (>= 0): the epoch's batches from there, as
+                they come from 0 (the same rows, the same order), the ones before read not
+                at all (a fit resuming mid-epoch on an h5py file). None past the last.
         """
         batch_size = _check_index(batch_size, "batch_size", 1)
+        start = _check_index(start, "start", 0)
         order = (
             epoch_permutation(self._length, seed, epoch)
             if _check_flag(shuffle, "shuffle")
             else None
         )
         stop = self.num_batches(batch_size, drop_last) * batch_size
-        for start in range(0, min(stop, self._length), batch_size):
-            end = min(start + batch_size, self._length)
+        for first in range(start * batch_size, min(stop, self._length), batch_size):
+            end = min(first + batch_size, self._length)
             if order is None:
-                yield self.take(slice(start, end))
+                yield self.take(slice(first, end))
             else:
-                yield self.take(order[start:end])
+                yield self.take(order[first:end])
 
 
 def split_microbatches(batch: Mapping[str, Any], m: int) -> list[dict[str, Any]]:

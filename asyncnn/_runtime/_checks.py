@@ -97,8 +97,25 @@ def check_input(node: Node, arr: Any, prefix: str = "") -> tuple[int, ...]:
     return shape
 
 
-def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = False) -> int:
+def check_batch(
+    graph: Graph,
+    batch: Mapping[str, Any],
+    check_finite: bool = False,
+    dtype: Any = None,
+    what: str | None = None,
+) -> int:
     """Checks a batch against the graph's inputs (names, shapes, dtypes, NaN); returns its rows.
+
+    Args:
+        graph: the network.
+        batch: ``{input name: array}``.
+        check_finite: also check float inputs for NaN and Inf, read in chunks of rows.
+        dtype: the run's floating dtype, which it casts float inputs to: with
+            ``check_finite``, a value that overflows it (1e39 in float64 data of a float32
+            run) is refused as the Inf the run would compute on. None: the values as given.
+            Data of the run's dtype (or narrower) costs nothing more.
+        what: names the data for the error of no rows (``"fit"``: ``fit: the data has 0
+            rows``); None: a batch's (``the batch is empty``).
 
     Raises:
         ValueError: naming the input and what was wrong with it.
@@ -134,14 +151,20 @@ def check_batch(graph: Graph, batch: Mapping[str, Any], check_finite: bool = Fal
             raise ValueError(
                 f"inputs disagree on the batch size: {name!r} has {shape[0]} rows, others {rows}"
             )
-        bad = _first_nonfinite_row(arr) if check_finite and is_floating(got) else None
-        if bad is not None:
-            raise ValueError(
-                f"input {name!r} contains NaN or Inf, first in row {bad}: clean the data "
-                "(check_data=False skips this check, unless check_finite=True)"
-            )
+        if not check_finite:
+            continue
+        # (only inputs declared float are cast to the run's dtype: ids and labels are not)
+        cast = dtype if np.dtype(graph.nodes[name].dtype).kind == "f" else None
+        cast = cast if cast is not None and _may_overflow(got, cast) else None
+        if is_floating(got) or cast is not None:
+            bad = _first_nonfinite_row(arr, cast)
+            if bad is not None:
+                raise ValueError(
+                    f"{_nonfinite_message(name, arr, bad, cast)} (check_data=False skips this "
+                    "check, unless check_finite=True)"
+                )
     if not rows:
-        raise ValueError("the batch is empty (0 rows)")
+        raise ValueError(f"{what}: the data has 0 rows" if what else "the batch is empty (0 rows)")
     return int(rows)
 
 
@@ -162,20 +185,82 @@ def row_chunks(arr: Any) -> Iterator[tuple[int, Any]]:
         yield start, arr if step >= rows else arr[start : start + step]
 
 
-def _first_nonfinite_row(arr: Any) -> int | None:
-    """The first row of ``arr`` (with a batch axis) holding a NaN or an Inf, or None; read in
-    chunks (:func:`row_chunks`)."""
+def _first_nonfinite_row(arr: Any, dtype: Any = None, overflows_only: bool = False) -> int | None:
+    """The first row of ``arr`` (with a batch axis) holding a NaN or an Inf, as cast to
+    ``dtype`` where given (a finite value that overflows it counts), or None; read in chunks
+    (:func:`row_chunks`). With ``overflows_only``: only a finite value that overflows
+    ``dtype`` counts (NaN and Inf in the data do not)."""
     xp = array_namespace(arr)
     for start, chunk in row_chunks(arr):
-        if not bool(xp.isfinite(chunk).all()):
-            return start + _first_bad_row(chunk)
+        if dtype is not None:
+            chunk = xp.asarray(chunk)  # (read once: a lazily read input is the chunk itself)
+        seen = chunk if dtype is None else _cast(chunk, dtype)
+        if overflows_only:
+            bad = ~xp.isfinite(seen) & xp.isfinite(chunk)
+            if bool(bad.any()):
+                return start + _first_true_row(bad)
+        elif not bool(xp.isfinite(seen).all()):
+            return start + _first_bad_row(seen)
     return None
 
 
 def _first_bad_row(arr: Any) -> int:
     """The first row of ``arr`` holding a NaN or an Inf (on the error path only)."""
-    finite = np.isfinite(np.asarray(to_numpy(arr)))  # (check_input gave it a batch axis)
-    return int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
+    return _first_true_row(~np.isfinite(np.asarray(to_numpy(arr))))
+
+
+def _first_true_row(mask: Any) -> int:
+    """The first row of ``mask`` (with a batch axis) holding a True (on the error path only)."""
+    mask = np.asarray(to_numpy(mask))  # (check_input gave it a batch axis)
+    return int(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0])
+
+
+def _cast(chunk: Any, dtype: Any) -> Any:
+    """``chunk`` (rows of an input: numpy, cupy, or read lazily) cast to ``dtype`` as the run
+    casts it, a value beyond ``dtype``'s range becoming Inf without numpy's warning (the check
+    reports it)."""
+    xp = array_namespace(chunk)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return xp.asarray(chunk).astype(dtype)
+
+
+def _may_overflow(got: np.dtype[Any], dtype: Any) -> bool:
+    """Whether data of dtype ``got`` may hold a finite value beyond the range of ``dtype`` (the
+    run's), which the run's cast makes Inf: float64 data in a float32 run, float32 or integers
+    beyond 65504 in a float16 one; never data of ``dtype`` itself, nor narrower."""
+    if got == np.dtype(dtype) or got.kind == "b":
+        return False
+    try:
+        largest = np.iinfo(got).max if got.kind in "iu" else np.finfo(got).max
+    except (TypeError, ValueError):  # (a dtype finfo does not know: checked as cast)
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not bool(np.isfinite(np.asarray(largest, dtype=got).astype(dtype)))
+
+
+def _nonfinite_message(name: str, arr: Any, row: int, dtype: Any = None) -> str:
+    """What :func:`_first_nonfinite_row` found in ``row`` of input ``name``: a NaN or Inf in
+    the data, or a finite value that overflows ``dtype`` (read again, that row alone: on the
+    error path only)."""
+    values = np.asarray(to_numpy(arr[row : row + 1])).reshape(-1)
+    if dtype is not None:
+        bad = ~np.isfinite(_cast(values, dtype)) & np.isfinite(values)
+        if bad.any():
+            value = values[int(np.flatnonzero(bad)[0])]
+            try:
+                largest = f" (its largest value is {float(np.finfo(dtype).max):g})"
+            except (TypeError, ValueError):
+                largest = ""
+            wider = (
+                ", or run in a wider dtype (dtype='float64' on the Trainer or open_run)"
+                if np.dtype(dtype).itemsize < 8
+                else ""
+            )
+            return (
+                f"input {name!r} has {value:g} in row {row}, which overflows the run's dtype "
+                f"{np.dtype(dtype)} to Inf{largest}: scale the data{wider}"
+            )
+    return f"input {name!r} contains NaN or Inf, first in row {row}: clean the data"
 
 
 def validate(

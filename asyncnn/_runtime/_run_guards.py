@@ -129,7 +129,7 @@ class RunGuards:
         if signature == self._last_batch[0] and not self.checks_finite:
             rows = self._last_batch[1]
         else:
-            rows = check_batch(self.graph, batch, self.checks_finite)
+            rows = check_batch(self.graph, batch, self.checks_finite, self.dtype)
             self._last_batch = (signature, rows)
         if check_data is not False and self._range_checks:
             check_ranges(self._range_checks, batch, device=check_data is True)
