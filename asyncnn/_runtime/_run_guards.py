@@ -107,6 +107,8 @@ class RunGuards:
     graph: Graph
     #: every tensor is checked for NaN/Inf
     checks_finite: bool
+    #: the run's float dtype, which float inputs are cast to
+    dtype: np.dtype[Any]
     #: the last batch checked (its names, shapes and dtypes) and its rows
     _last_batch: tuple[Any, int]
     #: the ids and labels of each batch to check against their range
