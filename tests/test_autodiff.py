@@ -223,3 +223,98 @@ def test_each_gradient_is_its_own_writable_array() -> None:
     ga *= 2.0
     np.testing.assert_array_equal(gb, np.ones((2, 3)))
     np.testing.assert_array_equal(ga, 2 * np.ones((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("fn", "said"),
+    [
+        (lambda x: (ops.sum(x), {"acc": 1.0}), r"a tuple of 2; return \(value, aux\) with has_aux"),
+        (lambda x: [ops.sum(x)], r"a list of 1; return \(value, aux\) with has_aux=True, or"),
+        (lambda x: {"loss": ops.sum(x)}, r"a dict of 1; return \(value, aux\) with has_aux=True"),
+    ],
+)
+def test_grad_of_a_fn_returning_a_container_says_has_aux(fn, said):
+    # (the pullback's cotangent then failed: "the cotangent's structure * differs from the
+    # output's (*, {'acc': *})", a cotangent the user never gave)
+    for make in (ann.grad, ann.value_and_grad):
+        with pytest.raises(ValueError, match=rf"^grad needs fn to return a scalar, got {said}"):
+            make(fn)(np.ones(3))
+    with pytest.raises(ValueError, match=r"got a tuple of 2 as the value of \(value, aux\)"):
+        ann.grad(lambda x: ((ops.sum(x), ops.sum(x)), None), has_aux=True)(np.ones(3))
+
+
+def test_keyword_arguments_go_to_fn_undifferentiated():
+    def loss(w, x, *, scale=1.0, shift=None):
+        return ops.sum(w * x) * scale + (0.0 if shift is None else ops.sum(shift * w))
+
+    w, x, shift = np.array([1.0, 2.0]), np.array([3.0, -1.0]), np.array([0.5, 0.5])
+    np.testing.assert_array_equal(ann.grad(loss)(w, x, scale=2.0), 2.0 * x)
+    v, g = ann.value_and_grad(loss, argnums=(0, 1))(w, x, scale=2.0, shift=shift)
+    assert float(v) == 2.0 + 1.5
+    np.testing.assert_array_equal(g[0], 2.0 * x + shift)
+    np.testing.assert_array_equal(g[1], 2.0 * w)
+    (_, aux), g = ann.value_and_grad(
+        lambda w, k: (ops.sum(w) * k, k), has_aux=True
+    )(w, k=3.0)  # fmt: skip
+    assert aux == 3.0 and g.tolist() == [3.0, 3.0]
+
+
+def _double(x):
+    return x * 2.0, x.shape
+
+
+@pytest.mark.parametrize(
+    ("rule", "x", "said"),
+    [
+        # a bare array: zipped with the arguments along its first axis, silently for x (1, 3)
+        (lambda g, res, needs: g * 2.0, np.ones((1, 3)),
+         r"its VJP rule returned an ndarray of shape \(1, 3\), not a tuple of one gradient \(or "
+         r"None\) per positional argument \(it has 1 positional argument\); return \(g,\)"),
+        (lambda g, res, needs: g * 2.0, np.ones(3), r"returned an ndarray of shape \(3,\)"),
+        (lambda g, res, needs: (g, g), np.ones(3),
+         r"its VJP rule returned 2 gradients for 1 positional argument"),
+        # a gradient of another shape was broadcast into the sum: a wrong gradient, no word
+        (lambda g, res, needs: ((g * 2.0).sum(),), np.ones((2, 3)),
+         r"gradient for argument 1 has the wrong shape: gradient shape \(\), argument shape "
+         r"\(2, 3\)"),
+        (lambda g, res, needs: (2.0,), np.ones(3), r"gradient shape \(\), argument shape \(3,\)"),
+    ],
+)  # fmt: skip
+def test_a_primitive_whose_rule_breaks_its_contract_is_named(rule, x, said):
+    from asyncnn._math._autodiff import primitive_vjp
+
+    double = ops.Primitive("double", _double, rule)
+    for pullback in (
+        ann.vjp(lambda x: double(x) + 1.0, x)[1],
+        primitive_vjp(double, (x,), {}, (0,))[1],
+    ):
+        with pytest.raises(ValueError, match=rf"^double: .*{said}"):
+            pullback(np.ones_like(x))
+    # asyncnn.testing.check_grads fails a wrong rule as it fails a wrong gradient
+    with pytest.raises(AssertionError, match="^double: "):
+        check_grads(double, x)
+
+
+def test_a_primitive_s_forward_must_return_a_pair():
+    bad = ops.Primitive("bad", lambda x: x * 2.0, lambda g, res, needs: (g,))
+    with pytest.raises(ValueError, match=r"^bad: its forward rule returned an ndarray of shape "
+                       r"\(3,\); a forward rule returns the pair \(output, residuals\)"):  # fmt: skip
+        bad(np.ones(3))
+
+
+def test_a_primitive_s_rule_may_skip_unwanted_gradients_and_constants():
+    # None for an argument, or any value for one that is not traced (a Python number here)
+    def rule(g, res, needs):
+        return g * res, (g * 7.0 if needs[1] else "ignored")
+
+    scale = ops.Primitive("scale", lambda x, s: (x * s, s), rule)
+    g = ann.grad(lambda x: ops.sum(scale(x, 3.0)))(np.ones((2, 2)))
+    np.testing.assert_array_equal(g, np.full((2, 2), 3.0))
+
+
+def test_the_library_s_own_primitives_are_not_checked_on_each_call():
+    from asyncnn._math._autodiff_args import CheckedRule
+    from asyncnn._math._ops import PRIMITIVES
+
+    assert not any(isinstance(p.vjp_rule, CheckedRule) for p in PRIMITIVES.values())
+    assert isinstance(ops.Primitive("mine", _double, lambda g, r, n: (g,)).vjp_rule, CheckedRule)

@@ -589,3 +589,22 @@ def test_the_input_half_frees_the_residuals_the_weight_half_does_not_need():
     weight_pullback()
     gc.collect()
     assert all(r() is None for r in kept)
+
+
+def test_a_primitive_whose_rule_breaks_its_contract_is_named_in_both_halves():
+    # (the walks zipped a bare array with the arguments, and added a gradient of another shape
+    # into the sum, broadcast: a wrong gradient without a word)
+    bare = ops.Primitive("bare", lambda a, b: (a * b, (a, b)), lambda g, r, n: g * r[1])
+    summed = ops.Primitive(
+        "summed", lambda a, b: (a * b, (a, b)), lambda g, r, n: (g * r[1], (g * r[0]).sum(0))
+    )
+    w, x = _leaves(np.float64, 2, 14)
+    _, input_pullback = vjp_split(lambda p, x: bare(x, p), w, x)
+    with pytest.raises(ValueError, match=r"^bare: its VJP rule returned an ndarray of shape"):
+        input_pullback(np.ones((4, 4)))
+    _, input_pullback = vjp_split(lambda p, x: summed(x, p), w, x)
+    (gx,), weight_pullback = input_pullback(np.ones((4, 4)))  # the input's gradient is right
+    np.testing.assert_array_equal(gx, w)
+    with pytest.raises(ValueError, match=r"^summed: .* argument 2 .* gradient shape \(4,\), "
+                       r"argument shape \(4, 4\)"):  # fmt: skip
+        weight_pullback()

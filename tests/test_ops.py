@@ -435,3 +435,87 @@ def test_conv1d_matches_direct_reference(
     host = [to_numpy(a) for a in (x, w, b)]
     ref = ref_conv(host[0], host[1], host[2], (stride,), (padding,), (dilation,))
     np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-10, atol=1e-12)
+
+
+# -- Python lists and tuples are arrays to every op -----------------------------------------------
+_M = [[1.0, -2.0, 3.0], [0.5, 4.0, -1.5]]  # (2, 3)
+_N = [[2.0, -2.0, 1.0], [0.5, 1.0, -3.0]]
+_V = [0.25, -1.0, 2.0]
+# each op called with its array arguments made by ``a`` (a list, a tuple or a numpy array)
+LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
+    "abs": lambda a: ops.abs(a(_M)),
+    "add": lambda a: ops.add(a(_M), a(_V)),
+    "astype": lambda a: ops.astype(a(_M), np.float32),
+    "avg_pool1d": lambda a: ops.avg_pool1d(a([_M]), 2),
+    "avg_pool2d": lambda a: ops.avg_pool2d(a([[_M]]), 2),
+    "broadcast_to": lambda a: ops.broadcast_to(a(_V), (2, 3)),
+    "concatenate": lambda a: ops.concatenate([a(_M), a(_N)], axis=1),
+    "conv1d": lambda a: ops.conv1d(
+        a([_M]), a([[[1.0, -1.0], [0.5, 2.0]], [[0.0, 1.0], [1.0, 0.0]]]), a([1.0, 0.0])
+    ),
+    "conv2d": lambda a: ops.conv2d(a([[_M]]), a([[[[1.0, 2.0]]]])),
+    "cross_entropy": lambda a: ops.cross_entropy(a(_M), a([2, 0])),
+    "divide": lambda a: ops.divide(a(_M), a(_N)),
+    "dropout": lambda a: ops.dropout(a(_M), 0.5, None),
+    "embedding": lambda a: ops.embedding(a(_M), a([1, 0, 1])),
+    "exp": lambda a: ops.exp(a(_M)),
+    "expand_dims": lambda a: ops.expand_dims(a(_M), 1),
+    "gelu": lambda a: ops.gelu(a(_M)),
+    "getitem": lambda a: ops.getitem(a(_M), (1, slice(1, None))),
+    "layer_norm": lambda a: ops.layer_norm(a(_M), a(_V), a(_V)),
+    "log": lambda a: ops.log(a(_V[::2])),
+    "log_softmax": lambda a: ops.log_softmax(a(_M)),
+    "logsumexp": lambda a: ops.logsumexp(a(_M), 0),
+    "matmul": lambda a: ops.matmul(a(_M), a([_V, _V, _V])),
+    "max": lambda a: ops.max(a(_M), 1),
+    "max_pool1d": lambda a: ops.max_pool1d(a([_M]), 2, padding=1),
+    "max_pool2d": lambda a: ops.max_pool2d(a([[_M]]), 2),
+    "maximum": lambda a: ops.maximum(a(_M), a(_N)),
+    "mean": lambda a: ops.mean(a(_M), 0),
+    "min": lambda a: ops.min(a(_M)),
+    "minimum": lambda a: ops.minimum(a(_M), a(_N)),
+    "mse_loss": lambda a: ops.mse_loss(a(_M), a(_N)),
+    "multiply": lambda a: ops.multiply(a(_M), a(_N)),
+    "negative": lambda a: ops.negative(a(_M)),
+    "power": lambda a: ops.power(a([_V[0], _V[2]]), a([2.0, 0.5])),
+    "relu": lambda a: ops.relu(a(_M)),
+    "reshape": lambda a: ops.reshape(a(_M), (3, 2)),
+    "sigmoid": lambda a: ops.sigmoid(a(_M)),
+    "softmax": lambda a: ops.softmax(a(_M), 0),
+    "sqrt": lambda a: ops.sqrt(a([4.0, 0.25])),
+    "square": lambda a: ops.square(a(_M)),
+    "squeeze": lambda a: ops.squeeze(a([_V])),
+    "stack": lambda a: ops.stack([a(_V), a(_V)], axis=1),
+    "subtract": lambda a: ops.subtract(a(_M), a(_N)),
+    "sum": lambda a: ops.sum(a(_M), -1),
+    "take": lambda a: ops.take(a(_M), a([2, 0, 2]), axis=1),
+    "tanh": lambda a: ops.tanh(a(_M)),
+    "transpose": lambda a: ops.transpose(a(_M)),
+    "where": lambda a: ops.where(a([True, False, True]), a(_M), a(_N)),
+}
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(map(_tuples, x)) if isinstance(x, list) else x
+
+
+def test_the_list_cases_cover_every_op() -> None:
+    assert set(LIST_CALLS) == set(ops.__all__) - {"raw", "Primitive"}
+
+
+@pytest.mark.parametrize("name", sorted(LIST_CALLS))
+def test_lists_and_tuples_are_arrays_to_every_op(name: str) -> None:
+    # as numpy's functions take them, and as ops.maximum and ops.exp did: ops.add of two lists
+    # concatenated them and ops.multiply repeated one, while ops.sum, ops.relu and ops.matmul
+    # failed with errors naming no op (a list's shape was taken to be ())
+    want = LIST_CALLS[name](np.asarray)
+    for made in (lambda x: x, _tuples):
+        got = LIST_CALLS[name](made)
+        assert type(got) is type(want) and np.shape(got) == np.shape(want)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_op_of_a_list_and_a_traced_array_differentiates_the_array() -> None:
+    w = np.array([1.0, -2.0, 3.0])
+    g = ann.grad(lambda w: ops.sum(ops.multiply([2.0, 0.5, -1.0], w)) + ops.sum(_M @ w))(w)
+    np.testing.assert_array_equal(g, np.array([2.0, 0.5, -1.0]) + np.sum(_M, axis=0))

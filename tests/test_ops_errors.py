@@ -3,6 +3,7 @@ embedding ids."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -380,3 +381,44 @@ def test_ops_on_a_gpu_given_host_constants_name_them() -> None:
     with pytest.raises(TypeError, match=r"^dropout: rng \(Generator\) draws on another device"):
         ops.dropout(logits, 0.5, np.random.default_rng(0))
     assert ops.dropout(logits, 0.5, gpu.rng(0)).shape == (4, 3)  # the backend's own generator
+
+
+def test_a_conv_weight_of_no_output_channels_is_refused_naming_its_shape() -> None:
+    # (torch refuses it too; ours ran the forward, and its pullback failed in a reshape)
+    for op, x, w in (
+        (ops.conv1d, np.zeros((2, 3, 5)), np.zeros((0, 3, 2))),
+        (ops.conv2d, np.zeros((1, 2, 4, 4)), np.zeros((0, 2, 3, 3))),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{op.__name__}: weight of shape {re.escape(str(w.shape))} "
+            r"has 0 output channels",
+        ):  # fmt: skip
+            op(x, w)
+
+
+@pytest.mark.parametrize(
+    ("indices", "said"),
+    [(np.array([1.0]), "dtype float64"), (np.array([True, False]), "dtype bool"),
+     ([0.0, 1.0], "dtype float64"), (1.0, "float"), (True, "bool")],
+)  # fmt: skip
+def test_take_of_non_integer_indices_names_the_op(indices: Any, said: str) -> None:
+    # (numpy's "Cannot cast array data from dtype('float64') to dtype('int64')" named neither
+    # the op nor the argument)
+    with pytest.raises(TypeError, match=rf"^take: indices must be integers, got {said}; "):
+        ops.take(np.zeros((3, 2)), indices)
+
+
+def test_take_of_an_empty_list_takes_nothing() -> None:
+    assert ops.take(np.zeros((3, 2)), [], axis=1).shape == (3, 0)  # (numpy makes [] float64)
+
+
+def test_a_list_of_traced_arrays_given_to_an_op_says_to_stack_them() -> None:
+    with pytest.raises(TypeError, match=r"^add: got a list holding traced arrays.*ops\.stack"):
+        ann.grad(lambda x: ops.sum(ops.add([x, x], 1.0)))(np.ones(2))
+    with pytest.raises(TypeError, match=r"^exp: got a tuple holding traced arrays"):
+        ann.grad(lambda x: ops.sum(ops.exp((x, x))))(np.ones(2))
+
+
+def test_a_ragged_list_given_to_an_op_names_the_op() -> None:
+    with pytest.raises(ValueError, match=r"^add: the list given is not an array: .*inhomogeneous"):
+        ops.add([[1.0, 2.0], [3.0]], 1.0)

@@ -435,6 +435,12 @@ EDGE_CASES = [
     edge("logsumexp-empty-axis-keepdims", lambda x: ops.logsumexp(x, 0, keepdims=True),
          lambda t, x: x.logsumexp(0, keepdim=True), np.zeros((0, 2))),
     edge("logsumexp-no-rows", ops.logsumexp, lambda t, x: x.logsumexp(-1), np.zeros((0, 3))),
+    # a row holding +inf: NaN throughout, as torch and as ops.cross_entropy (its max was taken
+    # for a row of -inf and shifted by 0, which gave [nan, 0, 0])
+    edge("softmax-posinf", ops.softmax, lambda t, x: x.softmax(-1),
+         [[INF, 0.0, 1.0], [1.0, 2.0, 3.0], [-INF, INF, -INF]]),
+    edge("log_softmax-posinf", lambda x: ops.log_softmax(x, 0), lambda t, x: x.log_softmax(0),
+         [[INF, 0.0, -INF], [1.0, 2.0, -INF]]),
     edge("softmax-empty-axis", ops.softmax, lambda t, x: x.softmax(-1), np.zeros((2, 0))),
     edge("log_softmax-empty-axis", ops.log_softmax, lambda t, x: x.log_softmax(-1),
          np.zeros((2, 0))),
@@ -526,3 +532,103 @@ def test_a_nan_extremum_gives_nan_gradients_quietly(backend: Any) -> None:
         g = to_numpy(ann.grad(lambda x, op=op: ops.sum(op(x, axis=1)))(x))
         assert np.isnan(g[0]).all()  # as torch.amax: the NaN group's gradient is NaN
         np.testing.assert_array_equal(g[1], [1.0, 0.0, 0.0] if op is ops.max else [0.0, 1.0, 0.0])
+
+
+# -- selects where torch selects: infinite cotangents, windows of -inf, rows holding +inf --------
+def _binary_against_torch(
+    backend: Any, op: Any, torch_op: Any, a: Any, b: Any, ct: Any, dtype: str
+) -> None:
+    """``op(a, b)``'s output and both gradients (zeros' signs too) equal torch's in ``dtype``."""
+    torch = pytest.importorskip("torch")
+    dt = _float_dtype(dtype)
+    a, b, ct = (np.asarray(v, dtype=np.float64).astype(dt) for v in (a, b, ct))
+    out, pullback = ann.vjp(op, backend.asarray(a), backend.asarray(b))
+    grads = pullback(backend.asarray(ct))
+    tdtype = getattr(torch, dtype)
+    ta, tb = (torch.tensor(v.astype(np.float64)).to(tdtype).requires_grad_() for v in (a, b))
+    tout = torch_op(ta, tb)
+    tgrads = torch.autograd.grad(tout, (ta, tb), torch.tensor(ct.astype(np.float64)).to(tdtype))
+    np.testing.assert_array_equal(to_numpy(out).astype(np.float64), tout.detach().double())
+    for i, (g, tg) in enumerate(zip(grads, tgrads, strict=True)):
+        assert g.dtype == dt
+        got, want = to_numpy(g).astype(np.float64), tg.double().numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"gradient {i}")
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want), err_msg=f"signs {i}")
+
+
+# a wins, b wins, a tie, a NaN on either side; each cotangent infinite or NaN somewhere
+_EXTREMUM_A = [3.0, -1.0, 2.0, _NAN, 1.0, 4.0, -2.0, 0.0]
+_EXTREMUM_B = [1.0, 5.0, 2.0, 1.0, _NAN, -4.0, 2.0, 0.0]
+_EXTREMUM_CT = [math.inf, -math.inf, math.inf, _NAN, -math.inf, _NAN, _NAN, -2.0]
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+@pytest.mark.parametrize("name", ["maximum", "minimum"])
+def test_the_losing_side_of_maximum_and_minimum_gets_zero_whatever_the_cotangent(
+    backend: Any, name: str, dtype: str
+) -> None:
+    # torch selects (masked_fill of the loser): g times the loser's 0 gave NaN for an infinite
+    # cotangent, e.g. in maximum(x, 0), a hand-written clamp, after a loss overflowed
+    op, torch_op = getattr(ops, name), lambda a, b: getattr(a, name)(b)
+    _binary_against_torch(backend, op, torch_op, _EXTREMUM_A, _EXTREMUM_B, _EXTREMUM_CT, dtype)
+    # broadcast against a row and a 0-d array: the loser's zeros, then summed
+    a2 = np.array(_EXTREMUM_A).reshape(2, 4)
+    ct2 = [[math.inf, -math.inf, math.inf, 1.0], [math.inf, 1.0, math.inf, -2.0]]
+    _binary_against_torch(backend, op, torch_op, a2, [0.0, 1.0, -3.0, 0.0], ct2, dtype)
+    _binary_against_torch(backend, op, torch_op, 2.0, 1.0, math.inf, dtype)
+
+
+def test_maximum_with_a_python_zero_drops_an_infinite_cotangent(backend: Any) -> None:
+    x = backend.asarray(np.array([-1.0, 2.0, 0.0]))
+    _, pullback = ann.vjp(lambda x: ops.maximum(x, 0.0), x)
+    (g,) = pullback(backend.asarray(np.array([math.inf, 1.0, math.inf])))
+    np.testing.assert_array_equal(to_numpy(g), [0.0, 1.0, math.inf / 2])  # a tie halves it
+
+
+def test_relu_and_maximum_of_a_0_d_array_have_gradients(backend: Any) -> None:
+    # (a 0-d mask's astype is a numpy scalar, which the bitwise select wrote into with out=)
+    for v, want in ((2.0, 1.0), (-2.0, 0.0)):
+        x = backend.asarray(np.array(v))
+        assert float(to_numpy(ann.grad(ops.relu)(x))) == want
+        assert float(to_numpy(ann.grad(lambda x: ops.maximum(x, 0.0))(x))) == want
+
+
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "stride", "padding"),
+    [(1, 3, 1, 1), (1, 4, 2, 2), (2, (3, 2), (2, 1), (1, 1)), (2, 3, 1, (0, 1))],
+)
+def test_max_pool_gives_a_window_of_minus_infinity_s_gradient_to_its_first_real_entry(
+    backend: Any, spatial: int, kernel: Any, stride: Any, padding: Any
+) -> None:
+    # torch looks at real entries only; ours started each window from its first offset, the
+    # padding (-inf too) where a window hangs over the edge, and ">" never moved past it: the
+    # gradient of a window whose real entries are all -inf went into the padding and was lost
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    shape = (2, 2, 7) if spatial == 1 else (1, 2, 5, 6)
+    x = np.where(rng.random(shape) < 0.7, -np.inf, rng.standard_normal(shape))
+    x[0, 0] = -np.inf  # a whole channel of -inf
+    op = ops.max_pool1d if spatial == 1 else ops.max_pool2d
+    out, pullback = ann.vjp(lambda x: op(x, kernel, stride, padding), backend.asarray(x))
+    ct = rng.uniform(1.0, 2.0, out.shape)
+    (g,) = pullback(backend.asarray(ct))
+    tx = torch.tensor(x, requires_grad=True)
+    torch_op = getattr(torch.nn.functional, f"max_pool{spatial}d")
+    tout = torch_op(tx, kernel, stride, padding)
+    (tg,) = torch.autograd.grad(tout, tx, torch.tensor(ct))
+    np.testing.assert_array_equal(to_numpy(out), tout.detach().numpy())
+    # (overlapping windows add up in another order than torch's)
+    np.testing.assert_allclose(to_numpy(g), tg.numpy(), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+def test_max_pool_of_minus_infinity_keeps_its_gradient_in_every_float_dtype(
+    backend: Any, dtype: str
+) -> None:
+    dt = _float_dtype(dtype)
+    x = np.array([[[-np.inf, -np.inf, -np.inf, 1.0]]]).astype(dt)
+    y, pullback = ann.vjp(lambda x: ops.max_pool1d(x, 3, 1, 1), backend.asarray(x))
+    (g,) = pullback(backend.asarray(np.array([[[1.0, 2.0, 4.0, 8.0]]]).astype(dt)))
+    assert y.dtype == g.dtype == dt
+    np.testing.assert_array_equal(to_numpy(y).astype(np.float64), [[[-np.inf, -np.inf, 1, 1]]])
+    np.testing.assert_array_equal(to_numpy(g).astype(np.float64), [[[3.0, 0.0, 0.0, 12.0]]])

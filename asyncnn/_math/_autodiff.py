@@ -16,6 +16,8 @@ import numpy as np
 
 from ._autodiff_args import (
     _CONTAINERS,
+    CheckedForward,
+    CheckedRule,
     _cotangent_leaves,
     _hides,
     _is_differentiable,
@@ -113,14 +115,29 @@ class Primitive:
 
     Calling a primitive on raw arrays runs the forward rule and returns its output; calling it
     with traced arrays also records the node needed to differentiate it.
+
+    The rules of a primitive made here are checked on every call: the forward must return
+    ``(output, residuals)``, and the VJP rule a tuple (or list) of one gradient (or None) per
+    positional argument, each of its argument's shape. A rule that does not fails with a
+    ``ValueError`` naming the primitive (the library's own primitives are made unchecked).
     """
 
     __slots__ = ("name", "forward", "vjp_rule")
 
     def __init__(self, name: str, forward: Forward, vjp_rule: VjpRule) -> None:
         self.name = name
-        self.forward = forward
-        self.vjp_rule = vjp_rule
+        self.forward: Forward = CheckedForward(name, forward)
+        self.vjp_rule: VjpRule = CheckedRule(name, vjp_rule)
+
+    @classmethod
+    def _builtin(cls, name: str, forward: Forward, vjp_rule: VjpRule) -> Primitive:
+        """A primitive of the library's own rules, tested: not checked on each call (every op
+        of every traced layer comes through them)."""
+        prim = cls.__new__(cls)
+        prim.name = name
+        prim.forward = forward
+        prim.vjp_rule = vjp_rule
+        return prim
 
     def __repr__(self) -> str:
         return f"Primitive({self.name!r})"
@@ -565,9 +582,17 @@ def value_and_grad(
         fn: returns a scalar (an array of size 1), or ``(scalar, aux)`` when ``has_aux``.
         argnums: which positional argument(s) to differentiate; a tuple gives a tuple of grads.
         has_aux: ``fn`` returns ``(value, aux)``; the result is then ``((value, aux), grad)``.
+
+    Keyword arguments of the returned function are passed to ``fn`` as they are, not
+    differentiated (as in JAX): ``value_and_grad(loss)(params, x, scale=2.0)``.
+
+    Raises:
+        ValueError: when ``fn``'s value is not a scalar: an array of another size, or a tuple,
+            list or dict (``(loss, aux)`` needs ``has_aux=True``; :func:`vjp` takes any
+            output).
     """
 
-    def wrapped(*args: Any) -> tuple[Any, Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
         nums = _select(argnums, len(args))
         aux: list[Any] = []
 
@@ -575,7 +600,7 @@ def value_and_grad(
             full = list(args)
             for a, d in zip(nums, diff, strict=True):
                 full[a] = d
-            out = fn(*full)
+            out = fn(*full, **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise ValueError("has_aux=True needs fn to return a pair (value, aux)")
@@ -584,6 +609,16 @@ def value_and_grad(
             return out
 
         value, pullback = vjp(partial, *(args[a] for a in nums))
+        if isinstance(value, _CONTAINERS):  # (the pullback's cotangent error named no fn)
+            kind = type(value).__name__
+            raise ValueError(
+                f"grad needs fn to return a scalar, got a {kind} of {len(value)}"
+                + (
+                    " as the value of (value, aux); use vjp for several outputs"
+                    if has_aux
+                    else "; return (value, aux) with has_aux=True, or use vjp for several outputs"
+                )
+            )
         if getattr(value, "size", 1) != 1:
             raise ValueError(
                 f"grad needs fn to return a scalar, got shape {getattr(value, 'shape', None)}; "
@@ -610,12 +645,13 @@ def grad(
 ) -> Callable[..., Any]:
     """Returns a function computing the gradient of scalar-valued ``fn``.
 
-    See :func:`value_and_grad` for the arguments; with ``has_aux`` the result is ``(grad, aux)``.
+    See :func:`value_and_grad` for the arguments (keyword arguments go to ``fn``, not
+    differentiated); with ``has_aux`` the result is ``(grad, aux)``.
     """
     vg = value_and_grad(fn, argnums, has_aux)
 
-    def wrapped(*args: Any) -> Any:
-        out, g = vg(*args)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        out, g = vg(*args, **kwargs)
         return (g, out[1]) if has_aux else g
 
     return wrapped

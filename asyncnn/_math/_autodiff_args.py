@@ -65,6 +65,91 @@ def _cotangent_leaves(cotangent: Any, out_def: TreeDef) -> list[Any]:
     return ct_leaves
 
 
+class RuleError(ValueError):
+    """A primitive's rule returned something else than its contract says
+    (``asyncnn.testing.check_grads`` fails such a rule with an ``AssertionError``, as it does a
+    wrong gradient)."""
+
+
+class CheckedForward:
+    """A forward rule written outside the library, checked to return ``(output, residuals)``;
+    its residuals also keep the shapes of the positional arguments, for :class:`CheckedRule`.
+    (A class, not a closure: a primitive pickles where its rules do.)"""
+
+    __slots__ = ("name", "forward")
+
+    def __init__(self, name: str, forward: Callable[..., Any]) -> None:
+        self.name = name
+        self.forward = forward
+
+    def __call__(self, *args: Any, **params: Any) -> tuple[Any, Any]:
+        result = self.forward(*args, **params)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuleError(
+                f"{self.name}: its forward rule returned {_described(result)}; a forward rule "
+                "returns the pair (output, residuals), the residuals being what the VJP rule "
+                "needs (None for nothing)"
+            )
+        return result[0], _Checked(result[1], tuple(tuple(getattr(a, "shape", ())) for a in args))
+
+
+class _Checked:
+    """A checked forward's residuals and the shapes of its arguments."""
+
+    __slots__ = ("res", "shapes")
+
+    def __init__(self, res: Any, shapes: tuple[tuple[int, ...], ...]) -> None:
+        self.res = res
+        self.shapes = shapes
+
+
+class CheckedRule:
+    """A VJP rule written outside the library, checked to return one gradient (or None) per
+    positional argument, each wanted one of its argument's shape: a bare array was zipped with
+    the arguments along its first axis, and a gradient of another shape (a rule that did not
+    undo its broadcasting) was broadcast into the sum, a wrong gradient without a word."""
+
+    __slots__ = ("name", "rule")
+
+    def __init__(self, name: str, rule: Callable[[Any, Any, tuple[bool, ...]], Any]) -> None:
+        self.name = name
+        self.rule = rule
+
+    def __call__(self, g: Any, res: _Checked, needs: tuple[bool, ...]) -> Sequence[Any]:
+        grads = self.rule(g, res.res, needs)
+        n = len(needs)
+        args = f"{n} positional argument{'s' if n != 1 else ''}"
+        if not isinstance(grads, tuple | list):
+            raise RuleError(
+                f"{self.name}: its VJP rule returned {_described(grads)}, not a tuple of one "
+                f"gradient (or None) per positional argument (it has {args}); return (g,) for "
+                "one argument"
+            )
+        if len(grads) != n:
+            raise RuleError(
+                f"{self.name}: its VJP rule returned {len(grads)} gradients for {args}; return "
+                "one gradient (or None) per positional argument, in their order"
+            )
+        for i, (grad, need, shape) in enumerate(zip(grads, needs, res.shapes, strict=True)):
+            if need and grad is not None:
+                got = tuple(getattr(grad, "shape", ()))
+                if got != shape:
+                    raise RuleError(
+                        f"{self.name}: its VJP rule's gradient for argument {i + 1} has the "
+                        f"wrong shape: gradient shape {got}, argument shape {shape}; each "
+                        "gradient has its argument's shape (sum it over the axes the forward "
+                        "broadcast)"
+                    )
+        return grads
+
+
+def _described(x: Any) -> str:
+    kind = type(x).__name__
+    what = f"{'an' if kind[:1] in 'aeiou' or kind == 'ndarray' else 'a'} {kind}"
+    shape = getattr(x, "shape", None)
+    return what if shape is None else f"{what} of shape {tuple(shape)}"
+
+
 def _select(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     for a in nums:

@@ -1,7 +1,8 @@
 """The differentiable operations: thin public functions over the primitives' rule tables.
 
-Every function accepts raw backend arrays or traced arrays. On raw arrays it computes and returns
-a raw array; inside ``vjp`` it also records how to differentiate itself.
+Every function accepts raw backend arrays or traced arrays (and Python lists or tuples, taken as
+numpy arrays). On raw arrays it computes and returns a raw array; inside ``vjp`` it also records
+how to differentiate itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 
 from asyncnn.backends import array_namespace, is_floating
 
-from ._autodiff import Primitive, Tracer
+from ._autodiff import Primitive, Tracer, _is_tracer
+from ._autodiff_args import _hides
 from ._rules_array import RULES as _ARRAY_RULES
 from ._rules_array import _is_basic_index, check_axis, normalize_axis
 from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
@@ -30,7 +32,7 @@ __all__ = [
 # One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it
 # when their module is imported (see _ops_nn).
 PRIMITIVES: dict[str, Primitive] = {
-    name: Primitive(name, fwd, rule)
+    name: Primitive._builtin(name, fwd, rule)
     for name, (fwd, rule) in {**_ELEMENTWISE_RULES, **_ARRAY_RULES}.items()
 }
 _P = PRIMITIVES
@@ -61,7 +63,8 @@ def check_floating(x: Any, name: str, arg: str = "x", *others: Any) -> None:
     layers refuse such input too, as torch does.
 
     Args:
-        x: the argument, raw or traced (a Python number or list has no dtype and passes).
+        x: the argument, raw or traced (a Python number has no dtype and passes; a list is
+            an array by then, see :func:`as_array`).
         name: the op, named in the message.
         arg: the argument's name in the message.
         others: the op's other arrays: the first floating one's dtype is the cast suggested
@@ -84,9 +87,38 @@ def _dtype(x: Any) -> Any:
     return getattr(raw(x), "dtype", None)
 
 
+def as_array(x: Any, op: str) -> Any:
+    """``x``, an array argument of op ``op``, with a Python list or tuple made a numpy array
+    once, at the op's door, as numpy's functions take one: the rules compute with the array
+    operators, and on two lists ``+`` concatenated them (``ops.add([1., 2.], [3., 4.])`` gave
+    a list of 4) and ``*`` repeated them. Anything else is returned as it is.
+
+    Raises:
+        TypeError: when the list holds traced arrays (a numpy array cannot hold them).
+        ValueError: when the list is ragged (its rows of different lengths).
+    """
+    if type(x) is np.ndarray or type(x) is Tracer:  # (the common cases, answered first)
+        return x
+    if isinstance(x, list | tuple):
+        if _hides(x, _is_tracer):
+            raise TypeError(
+                f"{op}: got a {type(x).__name__} holding traced arrays, which cannot become one "
+                "array without losing their gradients; join them with ops.stack(...) first"
+            )
+        try:
+            return np.asarray(x)
+        except ValueError as e:  # (numpy's words name no op)
+            raise ValueError(f"{op}: the {type(x).__name__} given is not an array: {e}") from None
+    return x
+
+
 def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
     """``_P[name](*args, **params)``, where a shape mismatch fails naming the op and the shapes
-    instead of with numpy's message from inside the rule."""
+    instead of with numpy's message from inside the rule (lists and tuples are arrays)."""
+    for a in args:
+        if type(a) is not Tracer and type(a) is not np.ndarray and isinstance(a, list | tuple):
+            args = tuple(as_array(b, name) for b in args)
+            break
     try:
         return _P[name](*args, **params)
     except ValueError:
@@ -125,6 +157,8 @@ def divide(a: Any, b: Any) -> Any:
 
 def negative(x: Any) -> Any:
     """``-x``."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "negative")
     return _P["negative"](x)
 
 
@@ -141,32 +175,44 @@ def power(a: Any, b: Any) -> Any:
 
 def square(x: Any) -> Any:
     """``x * x``."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "square")
     return _P["multiply"](x, x)
 
 
 def exp(x: Any) -> Any:
     """Elementwise exponential."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "exp")
     return _P["exp"](x)
 
 
 def log(x: Any) -> Any:
     """Elementwise natural logarithm."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "log")
     return _P["log"](x)
 
 
 def tanh(x: Any) -> Any:
     """Elementwise hyperbolic tangent."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "tanh")
     return _P["tanh"](x)
 
 
 def sigmoid(x: Any) -> Any:
     """Elementwise logistic function ``1 / (1 + exp(-x))``, computed without overflow."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "sigmoid")
     return _P["sigmoid"](x)
 
 
 def relu(x: Any) -> Any:
     """``max(x, 0)``; the gradient at 0 is 0 and at a NaN input the cotangent, as in torch
     (on the CPU and through the GPU's fused kernel alike)."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "relu")
     return _P["relu"](x)
 
 
@@ -179,17 +225,23 @@ def gelu(x: Any, approximate: str = "none") -> Any:
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "gelu")
     check_floating(x, "gelu")
     return _P["gelu"](x, approximate=approximate)
 
 
 def sqrt(x: Any) -> Any:
     """Elementwise square root."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "sqrt")
     return _P["sqrt"](x)
 
 
 def abs(x: Any) -> Any:  # noqa: A001 - numpy's name
     """Elementwise absolute value (gradient ``sign(x)``, 0 at 0 and at NaN, as in torch)."""
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "abs")
     return _P["abs"](x)
 
 
@@ -213,6 +265,7 @@ def where(condition: Any, a: Any, b: Any) -> Any:
 def astype(x: Any, dtype: Any) -> Any:
     """``x`` converted to ``dtype``; the gradient is converted back. An integer or boolean
     ``dtype`` gives a constant: a step function has no gradient (torch's ``.long()``, too)."""
+    x = as_array(x, "astype")
     if raw(x).dtype == dtype:
         return x
     if not is_floating(dtype) and np.dtype(dtype).kind != "c":
@@ -224,24 +277,30 @@ def astype(x: Any, dtype: Any) -> Any:
 def sum(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
     """Sum over ``axis`` (all axes by default; ``axis=()`` sums over none, as in numpy, where
     torch's ``dim=()`` reduces all)."""
+    x = as_array(x, "sum")
     return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x)), "sum"), keepdims=keepdims)
 
 
 def mean(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
     """Mean over ``axis`` (all axes by default; ``axis=()`` over none, as in numpy). The mean of
     an empty axis is NaN, with numpy's warning."""
+    x = as_array(x, "mean")
     return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x)), "mean"), keepdims=keepdims)
 
 
 def max(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
     """Maximum over ``axis`` (all axes by default).
 
-    Tied maxima share the gradient equally, as in ``torch.amax`` and ``torch.max(x)`` (while
-    ``torch.max(x, dim)`` gives it all to the index it returns).
+    Tied maxima share the gradient equally, as in ``torch.amax`` (while ``torch.max(x, dim)``
+    gives it all to the index it returns). As ``torch.amax``'s, the gradient is the cotangent
+    times each entry's share, so an infinite cotangent gives NaN at the entries that are not
+    maxima, and a group holding a NaN has a NaN gradient throughout (``torch.max(x)`` without
+    a dim selects instead: 0 at the others, and all of it to the NaN entries).
 
     Raises:
         ValueError: when a reduced axis has length 0 (an empty maximum has no value).
     """
+    x = as_array(x, "max")
     return _P["max"](x, axis=_nonempty_axes(x, axis, "max"), keepdims=keepdims)
 
 
@@ -251,6 +310,7 @@ def min(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False)
     Raises:
         ValueError: when a reduced axis has length 0 (an empty minimum has no value).
     """
+    x = as_array(x, "min")
     return _P["min"](x, axis=_nonempty_axes(x, axis, "min"), keepdims=keepdims)
 
 
@@ -271,6 +331,7 @@ def _nonempty_axes(x: Any, axis: Any, op: str) -> tuple[int, ...]:
 def reshape(x: Any, shape: Sequence[int]) -> Any:
     """``x`` with a new shape of the same size (one entry may be -1)."""
     shape = tuple(shape)
+    x = as_array(x, "reshape")
     try:
         return _P["reshape"](x, shape=shape)
     except ValueError as e:  # one input: the only ValueError is numpy's about the shape
@@ -283,6 +344,7 @@ def reshape(x: Any, shape: Sequence[int]) -> Any:
 def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
     """Permutes the axes (reverses them by default)."""
     axes = None if axes is None else tuple(axes)
+    x = as_array(x, "transpose")
     try:
         return _P["transpose"](x, axes=axes)
     except ValueError:  # one input: the only ValueError is numpy's about the axes
@@ -295,6 +357,7 @@ def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
 
 def expand_dims(x: Any, axis: int) -> Any:
     """Inserts an axis of length 1 at ``axis``."""
+    x = as_array(x, "expand_dims")
     shape = list(_shape(x))
     shape.insert(check_axis(axis, len(shape) + 1, "expand_dims"), 1)
     return reshape(x, shape)
@@ -302,6 +365,7 @@ def expand_dims(x: Any, axis: int) -> Any:
 
 def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
     """Removes axes of length 1 (those named by ``axis``, or all)."""
+    x = as_array(x, "squeeze")
     shape = _shape(x)
     axes = (
         tuple(i for i, s in enumerate(shape) if s == 1)
@@ -317,6 +381,7 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
     """``x`` broadcast to ``shape``."""
     shape = tuple(shape)
+    x = as_array(x, "broadcast_to")
     try:
         return _P["broadcast_to"](x, shape=shape)
     except ValueError:  # one input: the only ValueError is numpy's about the shapes
@@ -341,6 +406,8 @@ def getitem(x: Any, index: Any) -> Any:
         IndexError: when an index is out of range (host indices, or GPU ones into a non-float
             ``x``).
     """
+    if type(x) is not Tracer and type(x) is not np.ndarray:
+        x = as_array(x, "getitem")
     if isinstance(index, tuple):
         index = tuple(raw(i) for i in index)
     else:
@@ -366,13 +433,24 @@ def take(x: Any, indices: Any, axis: int = 0) -> Any:
     indices into a float ``x``.
 
     Raises:
+        TypeError: when ``indices`` are not integers (floats, bools).
         IndexError: when an index is outside ``[-n, n)`` (host indices, or GPU ones into a
             non-float ``x``).
     """
+    x = as_array(x, "take")
     axis = check_axis(axis, len(_shape(x)), "take")
     indices = raw(indices)
     if isinstance(indices, list | tuple):
         indices = np.asarray(indices)  # checked as a numpy array is
+        if indices.size == 0:
+            indices = indices.astype(np.intp)  # (numpy makes [] float64)
+    dtype = getattr(indices, "dtype", None)
+    if (dtype.kind not in "iu") if dtype is not None else not _is_integer(indices):
+        raise TypeError(
+            f"take: indices must be integers, got "
+            f"{'dtype ' + str(dtype) if dtype is not None else type(indices).__name__}; "
+            "convert them first, e.g. indices.astype(np.int64)"
+        )
     guard = bool(_index_guard(raw(x), (slice(None),) * axis + (indices,), "take"))
     return _P["take"](x, indices, axis=axis, guard=guard)
 
@@ -457,6 +535,7 @@ def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays along an existing axis."""
     if not arrays:
         raise ValueError("concatenate needs at least one array")
+    arrays = [as_array(a, "concatenate") for a in arrays]
     axis = check_axis(axis, len(_shape(arrays[0])), "concatenate")
     try:
         return _P["concatenate"](*arrays, axis=axis)
@@ -476,6 +555,7 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays of one shape along a new axis."""
     if not arrays:
         raise ValueError("stack needs at least one array")
+    arrays = [as_array(a, "stack") for a in arrays]
     axis = check_axis(axis, len(_shape(arrays[0])) + 1, "stack")
     try:
         return _P["stack"](*arrays, axis=axis)
@@ -491,6 +571,10 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
 
 def matmul(a: Any, b: Any) -> Any:
     """Matrix product with numpy's ``matmul`` rules (vectors, batches, broadcasting)."""
+    if type(a) is not Tracer and type(a) is not np.ndarray:
+        a = as_array(a, "matmul")
+    if type(b) is not Tracer and type(b) is not np.ndarray:
+        b = as_array(b, "matmul")
     sa, sb = _shape(a), _shape(b)
     if not sa or not sb or sa[-1] != sb[0 if len(sb) == 1 else -2]:
         raise ValueError(f"matmul: shapes {sa} and {sb} do not line up")

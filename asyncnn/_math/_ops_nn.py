@@ -17,7 +17,7 @@ import numpy as np
 from asyncnn.backends import array_namespace, is_cupy_array, is_floating, to_numpy
 
 from ._autodiff import Primitive
-from ._ops import PRIMITIVES, raw
+from ._ops import PRIMITIVES, as_array, raw
 from ._ops import check_floating as _check_floating
 from ._rules_array import check_axis
 from ._rules_nn import RULES, out_size
@@ -27,7 +27,9 @@ __all__ = [
     "layer_norm", "log_softmax", "logsumexp", "max_pool1d", "max_pool2d", "mse_loss", "softmax",
 ]  # fmt: skip
 
-PRIMITIVES.update({name: Primitive(name, fwd, rule) for name, (fwd, rule) in RULES.items()})
+PRIMITIVES.update(
+    {name: Primitive._builtin(name, fwd, rule) for name, (fwd, rule) in RULES.items()}
+)
 _P = PRIMITIVES
 
 IntOrTuple = int | Sequence[int]
@@ -49,12 +51,19 @@ def _softmax_axis(x: Any, axis: int, name: str) -> int:
 
 # -- softmax family -------------------------------------------------------------------------------
 def softmax(x: Any, axis: int = -1) -> Any:
-    """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the maximum."""
+    """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the maximum.
+
+    A row of -inf gives NaN, and so does a row holding +inf (as torch, and as
+    :func:`cross_entropy`'s loss).
+    """
+    x = as_array(x, "softmax")
     return _P["softmax"](x, axis=_softmax_axis(x, axis, "softmax"))
 
 
 def log_softmax(x: Any, axis: int = -1) -> Any:
-    """``x - logsumexp(x)`` along ``axis``, computed without overflow."""
+    """``x - logsumexp(x)`` along ``axis``, computed without overflow; a row of -inf or one
+    holding +inf gives NaN, as torch."""
+    x = as_array(x, "log_softmax")
     return _P["log_softmax"](x, axis=_softmax_axis(x, axis, "log_softmax"))
 
 
@@ -63,6 +72,7 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
 
     A row of -inf gives -inf (its gradient is NaN, as in torch), and so does an empty axis.
     """
+    x = as_array(x, "logsumexp")
     return _P["logsumexp"](x, axis=_softmax_axis(x, axis, "logsumexp"), keepdims=keepdims)
 
 
@@ -122,6 +132,7 @@ def _conv(
     padding: IntOrTuple,
     dilation: IntOrTuple,
 ) -> Any:
+    x, weight, bias = (as_array(a, op) for a in (x, weight, bias))
     xs = _check_input(op, x, spatial)
     _check_floating(x, op, "x", weight, bias)
     _check_floating(weight, op, "weight", x, bias)
@@ -131,6 +142,11 @@ def _conv(
     if len(ws) != spatial + 2:
         layout = "(O, C, K)" if spatial == 1 else "(O, C, kh, kw)"
         raise ValueError(f"{op}: weight must have shape {layout}, got {ws}")
+    if ws[0] == 0:  # (torch refuses it too; the output would have no channels)
+        raise ValueError(
+            f"{op}: weight of shape {ws} has 0 output channels (its first axis); a convolution "
+            "needs at least one kernel: weight is (out_channels, in_channels, *kernel)"
+        )
     if ws[1] != xs[1]:
         raise ValueError(
             f"{op}: input of shape {xs} has {xs[1]} channels but weight of shape {ws} expects "
@@ -168,7 +184,8 @@ def conv1d(
 
     Raises:
         TypeError: when x, weight or bias is not floating point (integers or bools).
-        ValueError: on a channel mismatch, or a kernel larger than the padded input.
+        ValueError: on a channel mismatch, a weight of 0 output channels, or a kernel larger
+            than the padded input.
     """
     return _conv("conv1d", 1, x, weight, bias, stride, padding, dilation)
 
@@ -196,7 +213,8 @@ def conv2d(
 
     Raises:
         TypeError: when x, weight or bias is not floating point (integers or bools).
-        ValueError: on a channel mismatch, or a kernel larger than the padded input.
+        ValueError: on a channel mismatch, a weight of 0 output channels, or a kernel larger
+            than the padded input.
     """
     return _conv("conv2d", 2, x, weight, bias, stride, padding, dilation)
 
@@ -210,6 +228,7 @@ def _pool(
     stride: IntOrTuple | None,
     padding: IntOrTuple,
 ) -> Any:
+    x = as_array(x, op)
     xs = _check_input(op, x, spatial)
     if prim == "avg_pool":
         _check_floating(x, op)
@@ -227,8 +246,9 @@ def max_pool1d(
     x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
 ) -> Any:
     """Max over windows of an (N, C, L) input (torch semantics: stride defaults to kernel_size,
-    padding is -inf). The gradient goes to the first maximum of each window; a NaN in a window
-    makes its maximum NaN (as torch and ``np.max``), and takes the gradient."""
+    padding is -inf). The gradient goes to the first maximum of each window, among its real
+    entries (a window of -inf gives it to its first real entry, never the padding, as torch); a
+    NaN in a window makes its maximum NaN (as torch and ``np.max``), and takes the gradient."""
     return _pool("max_pool1d", "max_pool", 1, x, kernel_size, stride, padding)
 
 
@@ -264,6 +284,7 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
         TypeError: when x, weight or bias is not floating point (integers or bools).
         ValueError: when weight's or bias's shape is not the trailing part of x's shape.
     """
+    x, weight, bias = (as_array(a, "layer_norm") for a in (x, weight, bias))
     _check_floating(x, "layer_norm", "x", weight, bias)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
@@ -305,6 +326,7 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
             raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+    x = as_array(x, "dropout")
     _check_floating(x, "dropout")
     if rng is None or p == 0:
         return x
@@ -335,12 +357,14 @@ def _check_reduction(op: str, reduction: str) -> None:
 def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall:
     """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks (labels on a GPU
     are checked by the op's kernels instead, as :func:`cross_entropy` says); never None."""
+    logits = as_array(logits, "cross_entropy")
     labels, _ = _checked_labels(logits, labels, reduction)
     return _P["cross_entropy"], (logits, labels), {"reduction": reduction}
 
 
 def mse_loss_call(pred: Any, target: Any, reduction: str = "mean") -> PrimitiveCall:
     """:func:`mse_loss` as ``(primitive, args, params)`` after its checks."""
+    pred, target = as_array(pred, "mse_loss"), as_array(target, "mse_loss")
     _check_mse(pred, target, reduction)
     return _P["mse_loss"], (pred, target), {"reduction": reduction}
 
@@ -362,6 +386,7 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
     """
     # labels on a GPU are not checked here (that would stop the host every step): the op
     # makes the loss NaN where a label is outside [0, C)
+    logits = as_array(logits, "cross_entropy")
     labels, _ = _checked_labels(logits, labels, reduction)
     return _P["cross_entropy"](logits, labels, reduction=reduction)
 
@@ -370,7 +395,7 @@ def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]
     """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
     _check_reduction("cross_entropy", reduction)
     _check_floating(logits, "cross_entropy", "logits")
-    labels = raw(labels)
+    labels = as_array(raw(labels), "cross_entropy")
     ls = _shape(labels)
     kind = getattr(getattr(labels, "dtype", None), "kind", None)
     if kind not in ("i", "u"):
@@ -406,6 +431,7 @@ def mse_loss(pred: Any, target: Any, reduction: str = "mean") -> Any:
         TypeError: when ``pred`` is not floating point (integers or bools).
         ValueError: when the shapes differ (no silent broadcasting of (N, 1) against (N,)).
     """
+    pred, target = as_array(pred, "mse_loss"), as_array(target, "mse_loss")
     _check_mse(pred, target, reduction)
     return _P["mse_loss"](pred, target, reduction=reduction)
 
@@ -443,7 +469,7 @@ def embedding(weight: Any, ids: Any) -> Any:
         IndexError: when an id is outside [0, n) (numpy ids, arrays or scalars, or GPU ids of
             an integer ``weight``).
     """
-    ids = raw(ids)
+    weight, ids = as_array(weight, "embedding"), as_array(raw(ids), "embedding")
     kind = getattr(getattr(ids, "dtype", None), "kind", None)
     if kind not in ("i", "u"):
         raise TypeError(

@@ -28,30 +28,36 @@ Ints = tuple[int, ...]
 
 # -- softmax family -------------------------------------------------------------------------------
 def _quiet(xp: Any) -> Any:
-    """Silences numpy's warnings for rows that are all -inf: their logsumexp is -inf and their
-    softmax NaN (as in torch), which is the answer, not an accident."""
+    """Silences numpy's warnings for rows that are all -inf (their logsumexp is -inf and their
+    softmax NaN) and rows holding +inf (their softmax NaN), as in torch: the answer, not an
+    accident."""
     if xp.__name__ == "numpy":
         return xp.errstate(divide="ignore", invalid="ignore")
     return contextlib.nullcontext()
 
 
-def _shifted(x: Any, axis: int) -> tuple[Any, Any]:
+def _shifted(x: Any, axis: int, posinf: bool = True) -> tuple[Any, Any]:
     """``(x - max, max)`` along ``axis``; rows that are all -inf shift by 0 instead of NaN, and
     so does an empty axis (whose logsumexp is -inf and softmax empty, as in torch), where numpy's
-    max has no value."""
+    max has no value.
+
+    A row holding +inf shifts by it where ``posinf`` (the softmax and log-softmax: NaN
+    throughout, as torch's and as :func:`_cross_entropy`'s loss), and by 0 otherwise (the
+    logsumexp: +inf, as torch's).
+    """
     xp = ns(x)
     if x.shape[axis] == 0:
         return x.copy(), xp.zeros(x.shape[:axis] + (1,) + x.shape[axis + 1 :], x.dtype)
     m = x.max(axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0).astype(x.dtype, copy=False)
+    m = xp.where(m == -xp.inf if posinf else ~xp.isfinite(m), 0, m).astype(x.dtype, copy=False)
     return x - m, m
 
 
 def _softmax(x: Any, axis: int) -> tuple[Any, Any]:
     xp = ns(x)
-    e, _ = _shifted(x, axis)
-    xp.exp(e, out=e)
-    with _quiet(xp):
+    with _quiet(xp):  # (and a row holding +inf: inf - inf, NaN as in torch)
+        e, _ = _shifted(x, axis)
+        xp.exp(e, out=e)
         e /= e.sum(axis=axis, keepdims=True)
     return e, (e, axis)
 
@@ -65,8 +71,8 @@ def _softmax_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 def _log_softmax(x: Any, axis: int) -> tuple[Any, Any]:
     xp = ns(x)
-    z, _ = _shifted(x, axis)
-    with _quiet(xp):
+    with _quiet(xp):  # (and a row holding +inf: inf - inf, NaN as in torch)
+        z, _ = _shifted(x, axis)
         z -= xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
     return z, (z, axis)
 
@@ -78,7 +84,7 @@ def _log_softmax_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 def _logsumexp(x: Any, axis: int, keepdims: bool) -> tuple[Any, Any]:
     xp = ns(x)
-    z, m = _shifted(x, axis)
+    z, m = _shifted(x, axis, posinf=False)
     e = xp.exp(z, out=z)
     s = e.sum(axis=axis, keepdims=True)
     with _quiet(xp):
@@ -194,7 +200,8 @@ def _conv_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]
         gb = acc_sum(g, (0, *range(2, g.ndim))).astype(bias_dtype, copy=False)
     if needs[0]:
         c = x_shape[1]
-        dcols = narrowed(w.reshape(o, -1).T @ g2, w, g2).reshape(c, *kernel, n, *out_shape)
+        ck = c * int(np.prod(kernel))  # (explicit, as in the forward: no -1 of a size-0 weight)
+        dcols = narrowed(w.reshape(o, ck).T @ g2, w, g2).reshape(c, *kernel, n, *out_shape)
         padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
         gpad = xp.zeros((n, c, *padded), dtype=_acc_dtype(g.dtype))
         for offset, index in _windows(kernel, stride, dilation, out_shape):
@@ -235,7 +242,30 @@ def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
         # is exact, and free where the dtype is kept; a copyto in place was 14% slower on numpy)
         out = xp.where(better, window, out).astype(x.dtype, copy=False)
         arg[better] = k
+    if floating and any(padding):
+        # A window whose real entries are all -inf kept its first offset where that is padding
+        # (-inf too, and ">" never moves past it): its gradient went into the padding and was
+        # lost. torch looks at real entries only, and the first real one takes it. arg is
+        # still 0 wherever the maximum is -inf (an entry taken would be above it, or NaN).
+        arg += (out == -xp.inf) * _first_real(xp, kernel, stride, padding, out_shape)
     return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape)
+
+
+def _first_real(xp: Any, kernel: Ints, stride: Ints, padding: Ints, out_shape: Ints) -> Any:
+    """For each output position of a pool, the first kernel offset (numbered as
+    :func:`_windows` yields them) whose input cell is not padding, shaped (1, 1, *out_shape).
+    Along each axis the window at ``o`` starts at ``o * stride - padding``; every window holds
+    a real cell (the padding is at most half the kernel)."""
+    first = xp.zeros((1, 1, *out_shape), dtype=np.int32)
+    step = 1  # (offsets are numbered in row-major order of the kernel's axes)
+    for axis in reversed(range(len(kernel))):
+        # the padding cells before the window's first real one (negative: none)
+        lead = padding[axis] - stride[axis] * xp.arange(out_shape[axis], dtype=np.int32)
+        along = [1] * (len(kernel) + 2)
+        along[axis + 2] = out_shape[axis]
+        first += (xp.maximum(lead, 0) * step).reshape(along)
+        step *= kernel[axis]
+    return first
 
 
 def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
