@@ -279,9 +279,14 @@ def _replay(args: argparse.Namespace) -> int:
 
     recorded = read(args.path)
     if recorded.truncated:
+        how = (
+            "it ends without its closing record: the process that wrote it was killed"
+            if recorded.closed is False
+            else "the run that wrote it did not finish writing"
+        )
         raise UsageError(
-            f"{args.path} is cut off after {len(recorded.events)} events (the run that wrote it "
-            "did not finish writing): replay needs a whole trace"
+            f"{args.path} is cut off after {len(recorded.events)} events ({how}): replay needs "
+            "a whole trace"
         )
     _check_payloads(args, recorded.header)
     result = replay(args.path, actor=args.actor)

@@ -29,7 +29,8 @@ from _replay_cases import assert_same_tree
 
 
 def _events(path: Path) -> list[Any]:
-    return [e for e in ann.trace.read(path).events]
+    """The run's events (without the closing event every whole trace ends with)."""
+    return [e for e in ann.trace.read(path).events if e.what != "close"]
 
 
 def test_a_pending_copy_is_read_after_it_lands_and_a_later_value_resolved(tmp_path: Path) -> None:
@@ -101,9 +102,9 @@ def test_a_second_recorder_of_a_path_being_written_is_refused(tmp_path: Path) ->
     first.event("stage0", "end", "forward", 0, 0, "", 0)
     first.close()
     t = ann.trace.read(path)
-    assert [e.what for e in t.events] == ["start", "end"] and not t.truncated
+    assert [e.what for e in t.events] == ["start", "end", "close"] and not t.truncated
     Recorder(path, {"graph": {}}).close()  # once closed, the path may be written again
-    assert ann.trace.read(path).events == []
+    assert [e.what for e in ann.trace.read(path).events] == ["close"]
 
 
 def test_a_trace_path_that_cannot_be_written_is_named_before_the_run_trains(
@@ -196,8 +197,12 @@ def test_an_error_without_a_message_is_recorded_by_its_kind(tmp_path: Path) -> N
     path = str(tmp_path / "t.trace")
     rec = Recorder(path, {"graph": {}})
     record_error(rec, KeyboardInterrupt())
+    record_error(rec, ann.ActorError("stage0", "forward", 3, ""))
     rec.close()
-    assert [e.meta["error"] for e in ann.trace.read(path).events] == ["KeyboardInterrupt"]
+    assert [e.meta["error"] for e in ann.trace.read(path).events if e.what == "error"] == [
+        "the run was interrupted (KeyboardInterrupt)",
+        "ActorError",
+    ]
 
 
 def test_a_pinned_forward_records_the_version_it_computed_with(tmp_path: Path) -> None:
@@ -260,7 +265,7 @@ def test_a_deferred_header_takes_the_fields_the_run_knows_later(tmp_path: Path) 
     rec.close()
     trace = ann.trace.read(path)
     assert trace.header["pool"] == {"cpu_workers": 3} and "seed" not in trace.header
-    assert [e.what for e in trace.events] == ["start"]
+    assert [e.what for e in trace.events] == ["start", "close"]
     # one that nothing completed is written as it stands when the recorder closes
     rec = Recorder(str(path), {"graph": {}}, defer_header=True)
     rec.close()
@@ -280,7 +285,7 @@ def test_bfloat16_tensors_and_state_read_back_bit_for_bit(tmp_path: Path) -> Non
     rec.event("a", "send", "forward", 0, 0, "b", 0, (bf16, e5m2, bf16[0, 0]), True)
     rec.close()
     t = ann.trace.read(path)
-    (send,) = t.events
+    (send,) = _events(path)
     assert [x["d"] for x in send.tensors] == ["bfloat16", "float8_e5m2", "bfloat16"]
     assert [x["s"] for x in send.tensors] == [[2, 3], [4], []]
     # the digest is still of the bytes: the same as of their 16-bit integers
@@ -331,7 +336,7 @@ def test_a_0d_tensor_is_recorded_of_shape_empty(tmp_path: Path) -> None:
     assert ann.trace.diff(paths[0], paths[0]) is None
     d = ann.trace.diff(paths[0], paths[1])
     assert d is not None and d.actor == "a" and d.max_abs_diff == 1.0
-    assert ann.trace.summary(paths[0])["events"] == 3
+    assert ann.trace.summary(paths[0])["events"] == 4  # (its closing event too)
     ann.trace.to_chrome(paths[0], tmp_path / "a.json")
 
 
@@ -416,3 +421,121 @@ def test_a_state_tree_of_the_earlier_encoding_reads_as_it_was_written() -> None:
     }
     got = decode_tree(earlier)
     assert_same_tree(got, {"3": np.asarray(np.int64(3)), "w": np.ones(2, np.float32), "n": 1})
+
+
+# -- a writer that fails, a trace closed, a run stopped outside its actors ---------------------
+
+
+def test_a_writer_that_fails_drops_every_later_event_and_close_names_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the events after the failure stayed queued, with their tensors, until the run's end; and
+    # close() raised the bare OSError of its own flush instead of the error naming the trace
+    import errno
+    import time
+
+    def full(self: Recorder, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Recorder, "_write", full)
+    path = str(tmp_path / "t.trace")
+    rec = Recorder(path, {"graph": {}})
+    deadline = time.monotonic() + 30
+    while rec.failure() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    failure = rec.failure()
+    assert isinstance(failure, RuntimeError) and isinstance(failure.__cause__, OSError)
+    assert f"writing the trace {path!r} failed (OSError" in str(failure)
+    big = np.ones(1 << 16, np.float32)
+    for i in range(100):
+        rec.event("stage0", "send", "forward", i, 0, "loss", i, (big,), True)
+    assert rec._queue.qsize() == 0  # dropped, not held for a writer that is gone
+    with pytest.raises(RuntimeError, match="writing the trace .* failed") as info:
+        rec.close()
+    assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_trace_whose_last_flush_fails_fails_the_fit_naming_the_trace() -> None:
+    # the close's flush raised the bare "[Errno 28] No space left on device"
+    graph, batch = _two_stages()
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.Sync(), trace="/dev/full")
+    with pytest.raises(RuntimeError, match="writing the trace '/dev/full' failed") as info:
+        tr.fit(batch, batch_size=4)
+    assert isinstance(info.value.__cause__, OSError)
+    # as on any failure after the run's updates, the trainer keeps them and the history
+    assert tr.epochs_done == 1 and len(tr.history.losses) == 2
+    assert [e["epoch"] for e in tr.history.epochs] == [0]
+
+
+def test_a_trace_writer_that_fails_mid_fit_stops_the_fit_naming_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the fit trained on to its end (its events piling up in memory), then raised a bare
+    # OSError without the history of the epochs it had done
+    import errno
+    import time
+
+    real = Recorder._write
+    written: list[int] = []
+
+    def fills(self: Recorder, data: bytes) -> None:
+        if len(written) >= 40:  # (the header, the state, then some events)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(Recorder, "_write", fills)
+
+    class Slow(ann.callbacks.Callback):
+        def on_epoch_end(self, trainer: Any, epoch: int, logs: Any) -> None:
+            if epoch == 0:
+                time.sleep(0.5)  # the writer has failed by now: the run's watch sees it
+
+    graph, batch = _two_stages()
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.GPipe(2), trace=path)
+    with pytest.raises(RuntimeError, match=f"writing the trace {path!r} failed") as info:
+        tr.fit(batch, epochs=50, batch_size=4, callbacks=[Slow()])
+    assert isinstance(info.value.__cause__, OSError)
+    assert 1 <= tr.epochs_done < 50  # stopped, not trained on unrecorded
+    assert tr.history.epochs[0]["epoch"] == 0  # the history of what it did is kept
+    t = ann.trace.read(path)
+    assert t.truncated and t.closed is False  # (what it holds reads; it never closed)
+
+
+def test_a_whole_trace_ends_with_its_closing_event(tmp_path: Path) -> None:
+    path = str(tmp_path / "t.trace")
+    rec = Recorder(path, {"graph": {}})
+    rec.event("stage0", "start", "forward", 0, 0, "", 0)
+    rec.close()
+    t = ann.trace.read(path)
+    assert t.header["writes_close"] is True
+    assert [e.what for e in t.events] == ["start", "close"] and t.events[-1].actor == "scheduler"
+    assert t.closed is True and not t.truncated
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(ValueError("callback boom"), "the run stopped on ValueError: callback boom"),
+     (KeyboardInterrupt(), "the run was interrupted (KeyboardInterrupt)")],
+    ids=["error", "ctrl-c"],
+)  # fmt: skip
+def test_a_run_stopped_by_a_callback_says_so_in_its_trace(
+    tmp_path: Path, error: BaseException, said: str
+) -> None:
+    # the error event held only the bare text ('callback boom'; 'KeyboardInterrupt'): not
+    # that the run stopped outside its actors, nor on what
+    class Stops(ann.callbacks.Callback):
+        def on_step_end(self, trainer: Any, step: int, logs: Any) -> None:
+            if step == 1:
+                raise error
+
+    graph, batch = _two_stages()
+    data = {k: np.concatenate([v] * 4) for k, v in batch.items()}
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(graph, optim.SGD(lr=0.1), policies.GPipe(2), trace=path)
+    with pytest.raises(type(error)):
+        tr.fit(data, batch_size=4, callbacks=[Stops()])
+    errors = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert [(e.actor, e.meta["error"]) for e in errors] == [("scheduler", said)]

@@ -162,3 +162,70 @@ def test_a_message_an_actor_alone_cannot_take_is_refused_before_the_replay(
     with pytest.raises(ann.TraceFormatError, match=rf"bad\.trace: event \d+ {said}"):
         ann.replay(bad, actor="stage1")
     assert ann.replay(path, actor="stage1").identical
+
+
+def _gpipe_trace(path):
+    ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(path),
+        trace_payloads="all",
+    ).fit(_data(8), batch_size=4)  # fmt: skip
+
+
+def _the_gradient_to_stage2(r):
+    return (r.get("ev"), r.get("a"), r.get("p"), r.get("k"), r.get("key")) == (
+        "send", "loss", "stage2", "backward", 0
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["deleted", "relabelled"])
+def test_an_actor_alone_whose_trace_lacks_a_message_it_processed_is_refused(tmp_path, how):
+    # the replay of stage2 alone waited forever for the gradient of key 0 that the file lacks
+    # (nothing is admitted, so the stall watchdog, which looks at keys in flight, never fired)
+    from _replay_cases import _rewrite
+
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    _gpipe_trace(path)
+    if how == "deleted":
+        from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+        with open(path, "rb") as f:
+            records = [r for _, r in iter_frames(f) if not _the_gradient_to_stage2(r)]
+        bad.write_bytes(b"".join(encode_record(r) for r in records))
+    else:
+        _rewrite(path, bad, lambda r: {**r, "ev": "update"} if _the_gradient_to_stage2(r) else r)
+    seq = next(
+        e.seq for e in ann.trace.read(path).events
+        if (e.what, e.actor, e.kind, e.key) == ("start", "stage2", "backward", 0)
+    )  # fmt: skip
+    with pytest.raises(
+        ann.TraceFormatError,
+        match=rf"'stage2' replayed alone could not do its compute {seq} \(the backward of key "
+        r"0\): a message it received for it \(its receive event\) has no send in the trace",
+    ):
+        ann.replay(bad, actor="stage2")
+    assert ann.replay(path, actor="stage2").identical
+    # a whole replay blamed itself ("the replay sent the backward of key 0 ... instead")
+    with pytest.raises(
+        ann.TraceFormatError,
+        match=r"\(receive of 'stage2'\) took the backward of key 0 from 'loss', whose send the "
+        "trace does not hold",
+    ):
+        ann.replay(bad)
+
+
+def test_an_actor_alone_waiting_for_a_message_never_fed_stops_naming_it(tmp_path, monkeypatch):
+    # what the check before the replay does not catch is not waited for forever either
+    from asyncnn._tracing import _replay
+
+    from _replay_cases import _rewrite
+
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    _gpipe_trace(path)
+    _rewrite(path, bad, lambda r: {**r, "ev": "update"} if _the_gradient_to_stage2(r) else r)
+    monkeypatch.setattr(_replay, "_check_every_compute_fed", lambda trace, name: None)
+    monkeypatch.setattr(_replay, "ALONE_STALL_SECONDS", 0.5)
+    with pytest.raises(
+        ann.StallError, match=r"replay of 'stage2' alone did nothing for 0.5 s: it waits for its "
+        r"compute \d+ \(the backward of key 0\)"
+    ):  # fmt: skip
+        ann.replay(bad, actor="stage2")

@@ -127,6 +127,8 @@ def _stopped_run(tmp_path, error):
     kept = events[: sent + 1] + [e for e in events[sent + 1 : ended + 1] if e["a"] == "stage1"]
     if error is not None:
         kept.append({"t": kept[-1]["t"], "a": "scheduler", "ev": "error", "m": {"error": error}})
+    assert events[-1]["ev"] == "close"  # (its trace closed: the run was stopped, not killed)
+    kept.append(events[-1])
     with open(cut, "wb") as f:
         for r in (head, state, *kept):
             f.write(encode_record(r))

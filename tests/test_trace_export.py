@@ -400,3 +400,33 @@ def test_chrome_export_of_a_run_whose_loss_went_nan_is_strict_json(tmp_path: Pat
     doc = json.loads(out.read_text(), parse_constant=strict)
     losses = [e["args"]["loss"] for e in doc["traceEvents"] if "loss" in e.get("args", {})]
     assert None in losses and all(x is None or np.isfinite(x) for x in losses)
+
+
+def test_versions_held_count_the_version_a_pinned_forward_computed_with(tmp_path: Path) -> None:
+    # under PipeDream2BW a forward computes with a pinned version (its start event's) below the
+    # stage's latest (its end's): the summary and the export counted the end's, and said 1
+    # version held where ActorStatistics says 2
+    path = tmp_path / "2bw.trace"
+    hist = _record(path, policies.PipeDream2BW(3))
+    trace = ann.trace.read(path)
+    starts = {
+        (e.actor, e.key): e.version
+        for e in trace.events
+        if e.what == "start" and e.kind == "forward"
+    }
+    pinned = [
+        e for e in trace.events
+        if e.what == "end" and e.kind == "forward" and starts[(e.actor, e.key)] != e.version
+    ]  # fmt: skip
+    assert pinned  # (forwards whose end says a later version than they computed with)
+    s = ann.trace.summary(path)
+    for name in ("stage0", "stage1", "stage2"):
+        want = hist.statistics[name].peak_versions_held
+        assert s["actors"][name]["peak_versions_held"] == want, name
+    _, events = _export(path, tmp_path)
+    for name in ("stage0", "stage1", "stage2"):
+        held = [
+            e["args"]["versions"] for e in events
+            if e["ph"] == "C" and e["name"] == f"{name} versions held"
+        ]  # fmt: skip
+        assert max(held) == hist.statistics[name].peak_versions_held, name

@@ -268,8 +268,8 @@ def test_event_is_a_queue_put_the_writer_does_the_work(
     rec.close()
     assert threads == {"asyncnn-trace-writer"}
     t = ann.trace.read(path)
-    assert [e["key"] for e in t.events] == list(range(n)) and rec.events == n
-    assert t.events[-1]["x"][0]["h"] == digest(big)
+    assert [e["key"] for e in t.events[:-1]] == list(range(n)) and rec.events == n
+    assert t.events[-2]["x"][0]["h"] == digest(big) and t.events[-1].what == "close"
 
 
 def test_writer_failure_is_reported_by_close(
@@ -363,8 +363,9 @@ def test_failed_run_trace_ends_with_the_error(tmp_path: Path) -> None:
     # the writer thread was joined: the trace is closed, not abandoned mid-write
     assert not any(t.name == "asyncnn-trace-writer" for t in threading.enumerate())
     t = ann.trace.read(path)
-    assert not t.truncated and t.state is not None
-    last = t.events[-1]
+    assert not t.truncated and t.state is not None and t.closed is True
+    close, last = t.events[-1], t.events[-2]
+    assert close.what == "close"  # (written as the trace closed, after the run's error)
     assert last["ev"] == "error" and last["a"] == "middle" and last["k"] == "forward"
     assert "boom in the layer" in last["m"]["error"]
     starts = [e for e in t.events if e["a"] == "middle" and e["ev"] == "start"]

@@ -46,7 +46,9 @@ def test_cut_at_every_byte(small_trace: tuple[bytes, Any], tmp_path: Path) -> No
             continue
         t = ann.trace.read(path)
         whole_records = sum(1 for b in bounds[1:] if b <= cut)
-        assert t.truncated == (cut not in bounds), cut
+        # (cut at a record's end, short of the closing event: as a killed process leaves it)
+        assert t.truncated == (cut != len(raw)), cut
+        assert t.closed == (cut == len(raw)), cut
         assert t.header == whole.header
         assert t.state == (whole.state if whole_records >= 2 else None), cut
         assert t.events == whole.events[: max(0, whole_records - 2)], cut
@@ -270,6 +272,56 @@ def test_a_record_claiming_more_bytes_than_the_file_holds_allocates_nothing(
         tracemalloc.stop()
     assert t.truncated and t.events == whole.events
     assert peak < 16 << 20  # nothing near the claimed 2 GiB
+
+
+def _without_closing(raw: bytes) -> bytes:
+    """A whole trace's bytes less its closing event: the file of a process killed at its end
+    (the writer writes whole records, so the file it leaves ends on one)."""
+    bounds = _boundaries(raw)
+    return raw[: bounds[-2]]
+
+
+def test_a_trace_without_its_closing_record_reads_as_cut_off(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    # a process killed (kill -9, the OOM killer) left a trace that read as whole: truncated
+    # False, no error, and a replay that blamed "the file was altered" for the work not done
+    from asyncnn._tracing._summary import format_summary
+
+    raw, whole = small_trace
+    assert whole.closed is True and not whole.truncated and whole.events[-1].what == "close"
+    path = tmp_path / "killed.trace"
+    path.write_bytes(_without_closing(raw))
+    t = ann.trace.read(path)
+    assert t.truncated and t.closed is False and t.events == whole.events[:-1]
+    s = ann.trace.summary(path)
+    assert s["truncated"] is True and s["closed"] is False
+    assert "TRUNCATED: it ends without its closing record" in format_summary(s)
+    with pytest.raises(
+        ann.TraceFormatError,
+        match="is truncated: the trace ends without its closing record.*killed",
+    ):
+        ann.replay(path)
+
+
+def test_a_trace_of_a_writer_without_closing_records_reads_as_whole(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    # traces written before closing events were: whole without one (and they replay)
+    from asyncnn._runtime._traceformat import encode_record, iter_frames
+
+    raw, _ = small_trace
+    with open(tmp_path / "in.trace", "wb") as f:
+        f.write(_without_closing(raw))
+    with open(tmp_path / "in.trace", "rb") as f:
+        records = [r for _, r in iter_frames(f)]
+    assert records[0].pop("writes_close") is True
+    path = tmp_path / "older.trace"
+    path.write_bytes(b"".join(encode_record(r) for r in records))
+    t = ann.trace.read(path)
+    assert not t.truncated and t.closed is None
+    assert ann.trace.summary(path)["closed"] is None
+    assert ann.replay(path).identical
 
 
 def test_a_truncated_trace_is_refused_by_replay_at_once(

@@ -57,6 +57,7 @@ __all__ = [
     "serve_actors",
     "single_error",
     "start_cancellable",
+    "start_trace_watch",
     "start_watchdog",
 ]
 
@@ -160,8 +161,14 @@ def open_recorder(
 
 
 def record_error(recorder: Recorder | None, error: BaseException) -> None:
-    """Writes the error a run ends with into its trace (where, what, which key)."""
+    """Writes the error a run ends with into its trace (where, what, which key). An error of
+    no actor (a callback's, a stall, Ctrl-C inside the run) is said as
+    :func:`record_interruption` says it: that the run stopped outside its actors, and on what."""
     if recorder is None:
+        return
+    if not hasattr(error, "actor"):
+        # (its bare text, "callback boom", said neither that no actor failed nor its type)
+        record_interruption(recorder, error)
         return
     key = getattr(error, "key", None)
     recorder.event(
@@ -175,13 +182,44 @@ def record_interruption(recorder: Recorder | None, exc: BaseException) -> None:
     cancellation, ``KeyboardInterrupt``, or another error raised outside the actors)."""
     if recorder is None:
         return
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
+    if _is_cancellation(exc):
         what = "the run was cancelled from outside (a cancel scope or a timeout around it)"
     elif isinstance(exc, KeyboardInterrupt):
         what = "the run was interrupted (KeyboardInterrupt)"
     else:
-        what = f"the run stopped on {type(exc).__name__}: {exc}"
+        said = str(exc)
+        what = f"the run stopped on {type(exc).__name__}" + (f": {said}" if said else "")
     recorder.event("scheduler", "error", "", -1, meta={"error": what})
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the running event loop's cancellation (none outside a loop)."""
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except RuntimeError:  # (no event loop runs here: anyio's NoEventLoopError)
+        return False
+
+
+#: how often a run looks whether its trace's writer has failed (a poll: the writer is a thread)
+TRACE_WRITER_POLL = 0.1
+
+
+def start_trace_watch(tg: Any, recorder: Recorder | None) -> anyio.CancelScope | None:
+    """Starts, in ``tg``, a task that fails the run once its trace's writer has failed (a full
+    disk), with the error naming the trace (:meth:`Recorder.failure`): the run stops there,
+    as on any failure, instead of training on unrecorded to its end. Cancel the returned
+    scope to stop it (None without a trace)."""
+    if recorder is None:
+        return None
+
+    async def watch() -> None:
+        while True:
+            await anyio.sleep(TRACE_WRITER_POLL)
+            failure = recorder.failure()
+            if failure is not None:
+                raise failure
+
+    return start_cancellable(tg, watch)
 
 
 def close_recorder(recorder: Recorder | None, failed: bool) -> None:
@@ -292,6 +330,7 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             stopped = serve_actors(tg, run)
             share.start(tg, run)
             watchdog = start_watchdog(tg, run) if share.watches else None
+            trace_watch = start_trace_watch(tg, run.recorder)
             yield
             # the block's end drains the run, then stops its actors: a step called from
             # another task meanwhile would admit keys that nothing computes
@@ -303,6 +342,8 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             await share.settle(run)
             if watchdog is not None:
                 watchdog.cancel()
+            if trace_watch is not None:
+                trace_watch.cancel()
     except BaseExceptionGroup as group:
         error = await share.failure(group)
         if share.records_error:

@@ -298,7 +298,10 @@ def _open_alone(path: str) -> Any:
 
 
 class Recorder:
-    """Writes one run's trace. Open it with a header; call :meth:`event`; :meth:`close` at the end.
+    """Writes one run's trace. Open it with a header; call :meth:`event`; :meth:`close` at the end,
+    which writes the closing event (``{"a": "scheduler", "ev": "close"}``; the header says
+    ``writes_close``). A writer that fails (a full disk) drops every later event, and says so
+    through :meth:`failure` (the run stops on it) and :meth:`close`.
 
     Args:
         path: the trace file (created or truncated). While this recorder writes it, a second
@@ -328,6 +331,8 @@ class Recorder:
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._file = _open_alone(path)
         self._error: BaseException | None = None
+        # the writer has taken the end of the queue (close()'s None): nothing more comes
+        self._ended = False
         self.events = 0
         self.bytes = 0
         self._clocks: dict[str, tuple[Any, float]] = {}
@@ -336,6 +341,10 @@ class Recorder:
             "version": VERSION,
             "packages": package_versions(),
             "payloads": payloads,
+            # this writer ends the trace with a "close" event: a reader then tells a trace whose
+            # process was killed (it ends on a whole record, the last buffer written) from a
+            # whole one
+            "writes_close": True,
             **header,
         }
         # set once the header may be written (the writer thread writes it before anything)
@@ -344,6 +353,25 @@ class Recorder:
             self._head_ready.set()
         self._thread = threading.Thread(target=self._run, name="asyncnn-trace-writer", daemon=True)
         self._thread.start()
+
+    def failure(self) -> RuntimeError | None:
+        """The error that writing the trace failed with, naming the trace (its cause: what the
+        writer raised, such as the ``OSError`` of a full disk), or None while it writes. A run
+        stops on it (:func:`~asyncnn._runtime._lifecycle.hosting` watches for it), instead of
+        going on with a trace that no longer records it."""
+        if self._error is None:
+            return None
+        return self._named(self._error)
+
+    def _named(self, error: BaseException) -> RuntimeError:
+        named = RuntimeError(
+            f"writing the trace {self.path!r} failed ({type(error).__name__}: {error}); the "
+            "events after the failure were not recorded. Free space where the trace is written, "
+            "or pass trace= another path (or None to record none)"
+        )
+        named.__cause__ = error  # (as `raise named from error` would: the cause is shown)
+        named.__suppress_context__ = True
+        return named
 
     @property
     def header_pending(self) -> bool:
@@ -416,6 +444,8 @@ class Recorder:
         # state in place once the run starts (the arrays the runtime hands over are never
         # changed, but these are the actor's own), and one a trace cannot hold is refused
         # before the run starts rather than failing the trace at its end.
+        if self._error is not None:
+            return  # (the writer failed: nothing more is written, so nothing is kept for it)
         actors = {name: _encoded_actor_state(name, st) for name, st in (actor_states or {}).items()}
         # the other trees are encoded on the writer's thread, once the run has begun: a key the
         # trace cannot keep (a custom optimizer's state keyed by a tuple) would fail the trace at
@@ -440,7 +470,11 @@ class Recorder:
         payload: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Queues one event (cheap: the digests and the writing happen on the writer thread)."""
+        """Queues one event (cheap: the digests and the writing happen on the writer thread).
+        Once the writer has failed (:meth:`failure`), drops it: the event and the tensors it
+        holds would only wait in memory for a writer that is gone."""
+        if self._error is not None:
+            return
         self._queue.put(
             (time.perf_counter() - self.t0, actor, ev, kind, key, version, peer, seq, tensors,
              payload, meta)
@@ -448,61 +482,83 @@ class Recorder:
 
     def _run(self) -> None:
         try:
-            self._head_ready.wait()
-            self._write(encode_record(self._head))
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    break
-                if item[0] == "state":
-                    _, params, opt_states, versions, pending, actors, earlier = item
-                    state_rec = {
-                        "state": {
-                            "params": encode_tree(params),
-                            "opt_states": encode_tree(opt_states),
-                            "versions": versions,
-                            "pending": encode_tree(pending),
-                        }
-                    }
-                    if actors:  # (absent where no actor keeps a state: as before it existed)
-                        state_rec["state"]["actor_states"] = {"dict": actors}
-                    if earlier:  # (absent where the policy pins no forwards: as before)
-                        state_rec["state"]["earlier"] = encode_tree(earlier)
-                    self._write(encode_record(state_rec))
-                    continue
-                t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item
-                rec: dict[str, Any] = {"t": t, "a": actor, "ev": ev}
-                if kind:
-                    rec["k"] = kind
-                if key >= 0:
-                    rec["key"] = key
-                if version >= 0:
-                    rec["v"] = version
-                if peer:
-                    rec["p"] = peer
-                if seq >= 0:
-                    rec["seq"] = seq
-                if tensors is not None:
-                    if type(tensors) is Later:
-                        tensors = tensors.resolve()
-                    info, payloads = describe_arrays(tensors, payload)
-                    rec["x"] = info
-                    if payloads:
-                        rec["pl"] = payloads
-                if meta:
-                    if any(type(v) is Later for v in meta.values()):
-                        meta = {k: v.resolve() if type(v) is Later else v for k, v in meta.items()}
-                    rec["m"] = meta
-                self._write(encode_record(rec))
-                self.events += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by close()
+            self._write_all()
+        except BaseException as exc:  # noqa: BLE001 - reported by failure() and close()
             self._error = exc
+            # what was queued before event() saw the failure, and what comes until close():
+            # taken and dropped, so that no event's tensors wait in memory for the run's end
+            while not self._ended:
+                self._ended = self._queue.get() is None
+
+    def _write_all(self) -> None:
+        """Writes the header, then each queued item, until close()'s None; then the closing
+        event, which tells a whole trace from one whose process was killed."""
+        self._head_ready.wait()
+        self._write(encode_record(self._head))
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._ended = True
+                close = {"t": time.perf_counter() - self.t0, "a": "scheduler", "ev": "close"}
+                self._write(encode_record(close))
+                return
+            if item[0] == "state":
+                _, params, opt_states, versions, pending, actors, earlier = item
+                state_rec = {
+                    "state": {
+                        "params": encode_tree(params),
+                        "opt_states": encode_tree(opt_states),
+                        "versions": versions,
+                        "pending": encode_tree(pending),
+                    }
+                }
+                if actors:  # (absent where no actor keeps a state: as before it existed)
+                    state_rec["state"]["actor_states"] = {"dict": actors}
+                if earlier:  # (absent where the policy pins no forwards: as before)
+                    state_rec["state"]["earlier"] = encode_tree(earlier)
+                self._write(encode_record(state_rec))
+                continue
+            t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item
+            rec: dict[str, Any] = {"t": t, "a": actor, "ev": ev}
+            if kind:
+                rec["k"] = kind
+            if key >= 0:
+                rec["key"] = key
+            if version >= 0:
+                rec["v"] = version
+            if peer:
+                rec["p"] = peer
+            if seq >= 0:
+                rec["seq"] = seq
+            if tensors is not None:
+                if type(tensors) is Later:
+                    tensors = tensors.resolve()
+                info, payloads = describe_arrays(tensors, payload)
+                rec["x"] = info
+                if payloads:
+                    rec["pl"] = payloads
+            if meta:
+                if any(type(v) is Later for v in meta.values()):
+                    meta = {k: v.resolve() if type(v) is Later else v for k, v in meta.items()}
+                rec["m"] = meta
+            self._write(encode_record(rec))
+            self.events += 1
 
     def close(self) -> None:
-        """Writes what is queued and closes the file; raises what went wrong in the writer."""
+        """Writes what is queued and the closing event, and closes the file.
+
+        Raises:
+            RuntimeError: writing the trace failed (in the writer, or flushing its last
+                buffer here), naming the trace; the writer's error is its cause.
+        """
         self._head_ready.set()  # a deferred header that nothing completed: as it stands
         self._queue.put(None)
         self._thread.join()
-        self._file.close()
+        try:
+            # (flushes the last buffer: a full disk fails here too, the file closed all the same)
+            self._file.close()
+        except OSError as exc:
+            if self._error is None:
+                self._error = exc
         if self._error is not None:
-            raise RuntimeError(f"writing the trace {self.path!r} failed") from self._error
+            raise self._named(self._error)

@@ -236,10 +236,12 @@ def _export(reader: Any, kinds: dict[str, str], emit: _Writer, tid: Any) -> dict
         return fid, False
 
     for e in reader:
-        t = float(e.get("t", t_last))
-        t_last = max(t_last, t)
         a = e.actor
         ev = e.what
+        if ev == "close":
+            continue  # (written as the trace closed, after the run: its end is the last event's)
+        t = float(e.get("t", t_last))
+        t_last = max(t_last, t)
         kind = e.kind
         key = e.key
         for change in occ.feed(e):

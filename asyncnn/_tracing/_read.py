@@ -26,6 +26,7 @@ __all__ = [
     "open_trace",
     "payload_array",
     "read",
+    "unclosed_reason",
 ]
 
 #: fields of an event and their types (docs/trace_format.md); unknown fields are ignored
@@ -219,7 +220,8 @@ def check_header(header: dict[str, Any], path: str) -> None:
             if not isinstance(node.get("kind", ""), str):
                 raise bad(f"graph node {node['name']!r} has a 'kind' that is not text")
     for name, kind in (("policy", dict), ("optimizer", dict), ("seed", int), ("dtype", str),
-                       ("start", dict), ("payloads", str), ("workers", dict)):  # fmt: skip
+                       ("start", dict), ("payloads", str), ("workers", dict),
+                       ("writes_close", bool)):  # fmt: skip
         if name in header and not isinstance(header[name], kind):
             raise bad(f"{name!r} is {type(header[name]).__name__}, expected {kind.__name__}")
     if header.get("payloads", "inputs") not in _PAYLOAD_MODES:
@@ -312,8 +314,14 @@ class Trace:
             package versions, devices, where the run started (``start``).
         events: every event record, in the order written (see docs/trace_format.md).
         state: the weights and optimizer states the run started from (encoded), if recorded.
-        truncated: the file was cut off mid-record; ``events`` holds every whole record before.
+        truncated: the run did not finish writing the file: it was cut off mid-record, or
+            (``closed`` False) it ends without its closing record, as the trace of a process
+            that was killed does; ``events`` holds every whole record before.
         path: where it was read from.
+        closed: True where the trace ends with its closing ``close`` event; False where its
+            writer writes one (the header's ``writes_close``) and it is missing (``truncated``
+            is then True); None for a trace whose writer writes none (written before closing
+            events were), which reads as whole unless cut off mid-record.
     """
 
     header: dict[str, Any]
@@ -321,15 +329,28 @@ class Trace:
     state: dict[str, Any] | None = None
     truncated: bool = False
     path: str = ""
+    closed: bool | None = None
 
     def __repr__(self) -> str:
         cut = ", truncated" if self.truncated else ""
         return f"<Trace {self.path!r}: {len(self.events)} events{cut}>"
 
 
+def unclosed_reason(closed: bool | None) -> str:
+    """Why a trace is cut off, in words (for a ``truncated`` one): it lacks its closing record
+    (``closed`` False), or (a trace whose writer writes none) it ends inside a record."""
+    if closed is False:
+        return (
+            "it ends without its closing record (the process that wrote it was killed, or the "
+            "file was copied or read before the run closed it)"
+        )
+    return "the file ends inside a record"
+
+
 class TraceReader:
     """Streams a trace: ``header`` and ``state`` are read on opening, events on iteration, so a
-    large trace can be summarised without loading it. ``truncated`` is known after iterating."""
+    large trace can be summarised without loading it. ``truncated`` and ``closed`` (see
+    :class:`Trace`) are known after iterating."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
@@ -342,8 +363,11 @@ class TraceReader:
         self.truncated = False
         self.state: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
+        self.closed: bool | None = None
         try:
             self.header: dict[str, Any] = self._read_header()
+            if self.header.get("writes_close") is True:
+                self.closed = False  # (until its closing event is read)
             # the second record is the initial state, when one was recorded
             second = self._next_record()
         except BaseException:
@@ -407,16 +431,29 @@ class TraceReader:
     def __iter__(self) -> Iterator[Event]:
         try:
             if self._pending is not None:
+                self._note(self._pending)
                 yield Event(self._pending)
                 self._pending = None
             while True:
                 rec = self._next_record()
                 if rec is None:
+                    # a trace that ends on a whole record without its closing event was not
+                    # finished: the writer flushes whole records, so a killed process leaves
+                    # one that ends on a record boundary
+                    if self.closed is False:
+                        self.truncated = True
                     return
                 check_event(rec, self._where())
+                self._note(rec)
                 yield Event(rec)
         finally:
             self.close()
+
+    def _note(self, rec: dict[str, Any]) -> None:
+        # (a cluster run's trace holds each process's closing event, merged by time: any one
+        # says the file was finished, as the driver's trace is merged only once it closed)
+        if rec["ev"] == "close" and rec["a"] == "scheduler":
+            self.closed = True
 
     def close(self) -> None:
         self._file.close()
@@ -454,13 +491,14 @@ def open_trace(path: str | os.PathLike[str]) -> TraceReader:
 def read(path: str | os.PathLike[str]) -> Trace:
     """Reads a whole trace.
 
-    A file cut off mid-record (a run that crashed while writing) reads up to its last whole
+    A file cut off mid-record (a run that crashed while writing), or one that ends without its
+    closing record (its process was killed: ``closed`` False), reads up to its last whole
     record, with ``truncated=True``. A damaged file raises :class:`~asyncnn.TraceFormatError`
     saying which record and at which byte.
     """
     reader = TraceReader(path)
     events = list(reader)
-    return Trace(reader.header, events, reader.state, reader.truncated, reader.path)
+    return Trace(reader.header, events, reader.state, reader.truncated, reader.path, reader.closed)
 
 
 def payload_array(event: dict[str, Any], i: int = 0) -> np.ndarray[Any, Any] | None:

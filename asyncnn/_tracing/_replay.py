@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import TraceFormatError
+from asyncnn._errors import StallError, TraceFormatError
 from asyncnn._math._pytree import tree_flatten, tree_map
 from asyncnn._runtime._lifecycle import maybe_pool, run_trio
 from asyncnn._runtime._messages import Message
@@ -176,6 +177,7 @@ def replay(
         )
     if actor is None:
         _check_finished(trace, set(graph.layers) | set(graph.losses), stop_at_key)
+        _check_receives_sent(trace, set(graph.layers) | set(graph.losses))
     payloads = h.get("payloads", "inputs")
     if actor is not None and payloads != "all":
         raise ValueError(
@@ -194,9 +196,13 @@ def replay(
         finished = anyio.Event()  # the actor replayed alone has done all its recorded work
         alone = 0 if actor is None else len(orders[actor])
 
+        done = [0]  # the ops the actor replayed alone has done (its wait's progress)
+
         def on_op(name: str, seq: int, kind: str, key: int) -> None:
-            if name == actor and seq + 1 >= alone:
-                finished.set()
+            if name == actor:
+                done[0] = seq + 1
+                if seq + 1 >= alone:
+                    finished.set()
             # (a loss actor has no parameters)
             if hook is not None and hook(
                 name, seq, kind, key, getattr(running[0].actors[name], "params", {})
@@ -241,7 +247,7 @@ def replay(
                     else:
                         await _feed_actor(run, trace, actor, fed)
                         if alone:
-                            await finished.wait()
+                            await _wait_alone(finished, done, orders[actor], actor, trace.path)
                 except _Stop as stop:
                     stopped.append(stop.args[0])
                 params.update(run.params)
@@ -336,12 +342,42 @@ def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = No
             )
 
 
+#: how long an actor replayed alone may wait for its next recorded op without doing any work
+#: before the replay stops naming it (the run's stall watchdog looks only at keys in flight,
+#: and a replay of one actor admits none); the replay's own stall timeout
+ALONE_STALL_SECONDS = 30.0
+
+
+async def _wait_alone(
+    finished: anyio.Event, done: list[int], order: list[tuple[str, int]], name: str, path: str
+) -> None:
+    """Waits until actor ``name`` replayed alone has done its recorded ``order``; raises a
+    :class:`StallError` naming the op it waits for once it has done nothing for
+    :data:`ALONE_STALL_SECONDS` (a message the trace lacks, which :func:`_check_fed` did not
+    catch: it would otherwise wait forever)."""
+    while not finished.is_set():
+        before = done[0]
+        with anyio.move_on_after(ALONE_STALL_SECONDS):
+            await finished.wait()
+        if not finished.is_set() and done[0] == before:
+            kind, key = order[before]
+            raise StallError(
+                f"{path}: the replay of {name!r} alone did nothing for {ALONE_STALL_SECONDS:g} "
+                f"s: it waits for its compute {before} (the {kind} of key {key}), whose "
+                "messages the trace does not all hold; the file was altered, or mixes two runs"
+            )
+
+
 def _check_fed(trace: Trace, graph: Any, name: str) -> dict[int, dict[str, Any]]:
     """Refuses, before anything runs, a recorded message that actor ``name`` replayed alone
     could not take as it was sent: a slot that its forward's inputs (or its backward's
     gradients) do not have, which failed in its mailbox with a bare IndexError, or was taken
     as a Python index from the end; or a tensor without its payload, which was fed as None.
-    Returns the inputs' recorded data (:func:`_input_data`), which the feed then sends."""
+    Refuses too a compute of ``name`` that no recorded message feeds: one that it received a
+    message for (its ``receive`` events) whose ``send`` the trace lacks, or one that no send
+    feeds at all; the replay would wait for it forever. Returns the inputs' recorded data
+    (:func:`_input_data`), which the feed then sends."""
+    _check_every_compute_fed(trace, name)
     node = graph.nodes[name]
     inputs = set(graph.inputs)
     data = _input_data(trace, inputs)
@@ -380,6 +416,62 @@ def _check_fed(trace: Trace, graph: Any, name: str) -> dict[int, dict[str, Any]]
                     f"carries no payload for its tensor {j}, which {name!r} replayed alone is fed"
                 )
     return data
+
+
+def _check_receives_sent(trace: Trace, actors: set[str]) -> None:
+    """Refuses, before a whole replay runs, a ``receive`` of an actor whose ``send`` the trace
+    lacks (deleted or altered): the replay sends that message, and then reported a divergence
+    of the replay at the sender's next send, blaming the replay for a record the file lacks."""
+    sent: Counter[tuple[str, str, str, int]] = Counter()
+    for e in trace.events:
+        if e.what == "send":
+            sent[(e.actor, e.peer, e.kind, e.key)] += 1
+    received: Counter[tuple[str, str, str, int]] = Counter()
+    for i, e in enumerate(trace.events):
+        if e.what == "receive" and e.actor in actors:
+            route = (e.peer, e.actor, e.kind, e.key)
+            received[route] += 1
+            if received[route] > sent[route]:
+                raise TraceFormatError(
+                    f"{trace.path}: event {i} (receive of {e.actor!r}) took the {e.kind} of key "
+                    f"{e.key} from {e.peer!r}, whose send the trace does not hold; the file was "
+                    "altered, or mixes two runs"
+                )
+
+
+def _check_every_compute_fed(trace: Trace, name: str) -> None:
+    """Refuses a compute of ``name`` (its recorded ``start``) that the trace's sends to it do not
+    feed: a message it received (a ``receive`` event, from its sender) that no ``send`` of the
+    trace matches, or no send of its kind and key at all. Fed alone, the actor would wait for
+    that message forever."""
+    sent: Counter[tuple[str, str, int]] = Counter()
+    for e in trace.events:
+        if e.what == "send" and e.peer == name:
+            sent[(e.actor, e.kind, e.key)] += 1
+    fed = {(kind, key) for _, kind, key in sent}
+    unmatched: Counter[tuple[str, int]] = Counter()
+    received: Counter[tuple[str, str, int]] = Counter()
+    for e in trace.events:
+        if e.what == "receive" and e.actor == name:
+            route = (e.peer, e.kind, e.key)
+            received[route] += 1
+            if received[route] > sent[route]:
+                unmatched[(e.kind, e.key)] += 1
+    for e in trace.events:
+        if e.what != "start" or e.actor != name:
+            continue
+        op = (e.kind, e.key)
+        if op in unmatched or op not in fed:
+            lacks = (
+                "a message it received for it (its receive event) has no send in the trace"
+                if op in unmatched
+                else "no send of the trace feeds it"
+            )
+            raise TraceFormatError(
+                f"{trace.path}: {name!r} replayed alone could not do its compute {e.seq} (the "
+                f"{e.kind} of key {e.key}): {lacks}, so the replay would wait for it forever; "
+                "the file was altered, or mixes two runs"
+            )
 
 
 def _input_data(trace: Trace, inputs: set[str]) -> dict[int, dict[str, Any]]:

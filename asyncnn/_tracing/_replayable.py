@@ -47,9 +47,9 @@ class Checked(NamedTuple):
 
 def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
-    (not truncated, no worker's events missing), its header's specs rebuild, its initial state
-    decodes, and its events are consistent (keys admitted in sequence with their data, each
-    actor's computes numbered in order). A trace that fails is refused at once with the reason,
+    (not cut off mid-record nor without its closing record, no worker's events missing), its
+    header's specs rebuild, its initial state decodes, and its events are consistent (keys
+    admitted in sequence with their data, each actor's computes numbered in order). A trace that fails is refused at once with the reason,
     instead of stalling or blaming the wrong setting halfway through a replay.
 
     Args:
@@ -73,6 +73,15 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     from asyncnn.backends._dtypes import unknown_dtype_hint
 
     path = trace.path
+    if trace.truncated and trace.closed is False:
+        # (the file ends on a whole record: the reader cannot tell what is missing, and the
+        # replay blamed an alteration of the file for the work the killed run left undone)
+        raise TraceFormatError(
+            f"{path} is truncated: the trace ends without its closing record, after "
+            f"{len(trace.events)} whole events: the process was killed while it ran (kill -9, "
+            "the OOM killer, a batch system's time limit), or the file was copied before the "
+            "run closed it. Replay needs a whole trace; summary and to_chrome show what it holds"
+        )
     if trace.truncated:
         raise TraceFormatError(
             f"{path} is truncated: the file ends inside a record, after {len(trace.events)} "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._event import Event
-from ._read import open_trace
+from ._read import open_trace, unclosed_reason
 
 __all__ = ["Occupancy", "format_summary", "node_kinds", "sent_bytes", "summary"]
 
@@ -76,6 +76,9 @@ class Occupancy:
         self._admitted: set[int] = set()
         self.stored: dict[str, int] = {}
         self._fwd_version: dict[tuple[str, int], int] = {}
+        # the version each forward under way computes with, from its start event (a pinned
+        # one under PipeDream2BW, below the actor's latest that its end event says)
+        self._computing_with: dict[tuple[str, int], int] = {}
         self._refs: dict[str, dict[int, int]] = {}
         self.version: dict[str, int] = {}
 
@@ -109,8 +112,13 @@ class Occupancy:
             # half: the key's residuals are held, and its backward goes on, until the second
             whole = _whole_backward(e)
             refs = self._refs.setdefault(a, {})
-            if ev == "end" and e.kind == "forward":
-                v = int(e.get("v", 0))
+            if ev == "start" and e.kind == "forward":
+                self._computing_with[(a, key)] = int(e.get("v", 0))
+            elif ev == "end" and e.kind == "forward":
+                # the stored key holds the version its forward computed with (docs/
+                # trace_format.md), which its start event says; the end's may be later
+                started = self._computing_with.pop((a, key), None)
+                v = int(e.get("v", 0)) if started is None else started
                 self._fwd_version[(a, key)] = v
                 refs[v] = refs.get(v, 0) + 1
                 self.stored[a] = self.stored.get(a, 0) + 1
@@ -197,7 +205,10 @@ def summary(
             ``busy.png`` (each actor's computes on a timeline) into, with matplotlib.
 
     Returns:
-        A dict: ``path``, ``truncated``, ``missing_workers`` (workers of a failed or
+        A dict: ``path``, ``truncated`` (cut off mid-record, or without its closing record),
+        ``closed`` (:attr:`~asyncnn.trace.Trace.closed`: False where the trace lacks the
+        closing record its writer writes, as that of a killed process does; None for a trace
+        whose writer writes none), ``missing_workers`` (workers of a failed or
         interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of the last event),
         ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
         every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
@@ -237,10 +248,12 @@ def summary(
     spans: dict[str, tuple[array[float], array[float]]] = {}
     for e in reader:
         events += 1
-        t = float(e.get("t", t_last))
-        t_last = max(t_last, t)
         a = e.actor
         ev = e.what
+        if ev == "close":
+            continue  # (written as the trace closed, after the run: not a time of the run)
+        t = float(e.get("t", t_last))
+        t_last = max(t_last, t)
         for change in occ.feed(e):
             if change[0] == "in_flight":
                 t0, n0 = flight[-1]
@@ -333,6 +346,7 @@ def summary(
     result: dict[str, Any] = {
         "path": str(path),
         "truncated": reader.truncated,
+        "closed": reader.closed,
         "missing_workers": sorted(missing),
         "events": events,
         "seconds": span,
@@ -415,7 +429,7 @@ def format_summary(s: dict[str, Any]) -> str:
     """The dict of :func:`summary` as a readable table."""
     lines = [
         f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
-        + (" (TRUNCATED: the file was cut off mid-record)" if s["truncated"] else ""),
+        + (f" (TRUNCATED: {unclosed_reason(s.get('closed'))})" if s["truncated"] else ""),
         *(
             [
                 f"INCOMPLETE: the events of workers {s['missing_workers']} are missing (the run "
