@@ -488,8 +488,8 @@ def to_torch_tensor(tree: Any) -> Any:
 
 
 def _to_torch_tensor(a: Any) -> Any:
-    if isinstance(a, np.number | np.bool_):  # a numpy scalar has no __dlpack__: its 0-d array
-        a = np.asarray(a)
+    if isinstance(a, np.generic) and a.dtype.kind in "biufcV" and a.dtype.fields is None:
+        a = np.asarray(a)  # a numpy scalar (bfloat16's too) has no __dlpack__: its 0-d array
     if not _has_dlpack(a):
         return a
     strides = getattr(a, "strides", None)  # numpy's and cupy's, in bytes

@@ -295,6 +295,16 @@ def test_a_primitive_whose_rule_breaks_its_contract_is_named(rule, x, said):
         check_grads(double, x)
 
 
+def test_a_primitive_s_forward_and_rule_may_return_lists_and_numbers():
+    # a forward's [out, res] unpacked before the checks came; a rule's Python number for a 0-d
+    # argument reached the rule upstream, which failed on its missing ndim naming neither
+    half = ops.Primitive("half", lambda x: [x * 0.5, None], lambda g, res, needs: [float(g) * 0.5])
+    x = np.array(3.0, np.float32)
+    assert ann.vjp(half, x)[0] == 1.5
+    g = ann.grad(lambda x: ops.relu(half(x)))(x)
+    assert type(g) is np.ndarray and g.dtype == np.float32 and g == 0.5
+
+
 def test_a_primitive_s_forward_must_return_a_pair():
     bad = ops.Primitive("bad", lambda x: x * 2.0, lambda g, res, needs: (g,))
     with pytest.raises(ValueError, match=r"^bad: its forward rule returned an ndarray of shape "

@@ -12,6 +12,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import _interop, dynamic, nn, ops, optim, policies
+from asyncnn.backends import BFLOAT16
 from asyncnn.interop import (
     from_dlpack,
     from_torch,
@@ -414,3 +415,6 @@ def test_to_torch_tensor_converts_numpy_scalars_as_0d_arrays():
     assert isinstance(out["b"], torch.Tensor) and out["b"].shape == ()
     assert out["c"][0].dtype == torch.int64 and int(out["c"][0]) == 4
     assert out["d"] == 5  # a Python number is no array: it passes through
+    if BFLOAT16 is not None:  # (ml_dtypes' scalars are numpy scalars but no np.number)
+        (bf,) = to_torch_tensor([BFLOAT16.type(1.5)])
+        assert isinstance(bf, torch.Tensor) and bf.dtype == torch.bfloat16 and float(bf) == 1.5

@@ -327,6 +327,15 @@ class _GpuArray:
     def __ge__(self, other: Any) -> _GpuArray:
         return _GpuArray(self.shape, "bool", self.device.id)
 
+    __array_ufunc__ = None  # (numpy defers to it, as to a cupy array)
+
+    def __add__(self, other: Any) -> Any:
+        if type(other) is np.ndarray:  # what cupy says of a host operand
+            raise TypeError(f"Unsupported type {type(other)}")
+        return NotImplemented
+
+    __radd__ = __add__
+
 
 def test_an_op_on_arrays_of_two_devices_names_each_and_its_device() -> None:
     # (cupy refuses a numpy operand with a bare "TypeError: Unsupported type <class
@@ -349,6 +358,19 @@ def test_an_op_on_arrays_of_two_devices_names_each_and_its_device() -> None:
     # one device, or numbers beside it: the op failed for another reason, whose error stands
     assert _mixed_devices("add", [np.ones(2), np.ones(3), 2.0, np.float32(1)], {}) is None
     assert _mixed_devices("add", [_GpuArray((2,), "float32"), 2.0], {"axis": 0}) is None
+
+
+def test_an_op_that_fails_on_arrays_of_two_devices_says_so_naming_them() -> None:
+    # the op's own failure (cupy's bare TypeError) becomes the error naming the devices; any
+    # other failure stands as it was
+    with pytest.raises(
+        TypeError, match=r"^add: its arrays are on different devices: argument 1 \(2,\) "
+        r"float32 on cuda:0 \(cupy\); argument 2 \(2,\) float32 on the host \(numpy\)",
+    ) as caught:  # fmt: skip
+        ops.add(_GpuArray((2,), "float32"), np.ones(2, np.float32))
+    assert "Unsupported type" in str(caught.value.__cause__)
+    with pytest.raises(ValueError, match=r"add: shapes \(2,\) and \(3,\)"):
+        ops.add(np.ones(2), np.ones(3))
 
 
 def test_dropout_with_a_generator_of_another_device_says_so() -> None:
@@ -410,6 +432,14 @@ def test_take_of_non_integer_indices_names_the_op(indices: Any, said: str) -> No
 
 def test_take_of_an_empty_list_takes_nothing() -> None:
     assert ops.take(np.zeros((3, 2)), [], axis=1).shape == (3, 0)  # (numpy makes [] float64)
+    assert ops.embedding(np.zeros((3, 2)), []).shape == (0, 2)  # ("ids ... got float64")
+
+
+@pytest.mark.parametrize("op", [ops.relu, ops.sum, ops.mean, ops.max, ops.gelu, ops.exp])
+def test_an_op_of_a_python_number_takes_it_as_a_0_d_array(op: Any) -> None:
+    # (relu, sum, mean and gelu failed on the number's missing dtype, max on its missing max)
+    assert float(op(2.0)) == float(op(np.array(2.0)))
+    assert ann.grad(lambda x: op(x))(2.0) == ann.grad(lambda x: op(x))(np.array(2.0))
 
 
 def test_a_list_of_traced_arrays_given_to_an_op_says_to_stack_them() -> None:

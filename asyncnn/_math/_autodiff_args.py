@@ -84,23 +84,29 @@ class CheckedForward:
 
     def __call__(self, *args: Any, **params: Any) -> tuple[Any, Any]:
         result = self.forward(*args, **params)
-        if not (isinstance(result, tuple) and len(result) == 2):
+        if not (isinstance(result, tuple | list) and len(result) == 2):
             raise RuleError(
                 f"{self.name}: its forward rule returned {_described(result)}; a forward rule "
                 "returns the pair (output, residuals), the residuals being what the VJP rule "
                 "needs (None for nothing)"
             )
-        return result[0], _Checked(result[1], tuple(tuple(getattr(a, "shape", ())) for a in args))
+        shapes = tuple(tuple(getattr(a, "shape", ())) for a in args)
+        return result[0], _Checked(
+            result[1], shapes, tuple(getattr(a, "dtype", None) for a in args)
+        )
 
 
 class _Checked:
     """A checked forward's residuals and the shapes of its arguments."""
 
-    __slots__ = ("res", "shapes")
+    __slots__ = ("res", "shapes", "dtypes")
 
-    def __init__(self, res: Any, shapes: tuple[tuple[int, ...], ...]) -> None:
+    def __init__(
+        self, res: Any, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...]
+    ) -> None:
         self.res = res
         self.shapes = shapes
+        self.dtypes = dtypes
 
 
 class CheckedRule:
@@ -132,6 +138,11 @@ class CheckedRule:
             )
         for i, (grad, need, shape) in enumerate(zip(grads, needs, res.shapes, strict=True)):
             if need and grad is not None:
+                if isinstance(grad, int | float | np.generic):
+                    # a number for a 0-d argument (numpy's 0-d arithmetic gives scalars): as an
+                    # array of the argument's dtype, which the rules upstream take
+                    grads = list(grads)
+                    grads[i] = grad = np.asarray(grad, dtype=res.dtypes[i])
                 got = tuple(getattr(grad, "shape", ()))
                 if got != shape:
                     raise RuleError(

@@ -88,17 +88,22 @@ def _dtype(x: Any) -> Any:
 
 
 def as_array(x: Any, op: str) -> Any:
-    """``x``, an array argument of op ``op``, with a Python list or tuple made a numpy array
-    once, at the op's door, as numpy's functions take one: the rules compute with the array
-    operators, and on two lists ``+`` concatenated them (``ops.add([1., 2.], [3., 4.])`` gave
-    a list of 4) and ``*`` repeated them. Anything else is returned as it is.
+    """``x``, an array argument of op ``op``, with a Python list, tuple or number made a numpy
+    array once, at the op's door, as numpy's functions take one: the rules compute with the
+    array operators, and on two lists ``+`` concatenated them (``ops.add([1., 2.], [3., 4.])``
+    gave a list of 4) and ``*`` repeated them. Anything else is returned as it is.
 
     Raises:
         TypeError: when the list holds traced arrays (a numpy array cannot hold them).
         ValueError: when the list is ragged (its rows of different lengths).
     """
-    if type(x) is np.ndarray or type(x) is Tracer:  # (the common cases, answered first)
+    t = type(x)
+    if t is np.ndarray or t is Tracer:  # (the common cases, answered first)
         return x
+    if t is float or t is int or t is bool:
+        # (an op's one array argument: relu(2.0) failed on its missing dtype; a number beside
+        # an array stays a number, see _broadcasting, for numpy's weak promotion)
+        return np.asarray(x)
     if isinstance(x, list | tuple):
         if _hides(x, _is_tracer):
             raise TypeError(
@@ -116,8 +121,9 @@ def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
     """``_P[name](*args, **params)``, where a shape mismatch fails naming the op and the shapes
     instead of with numpy's message from inside the rule (lists and tuples are arrays)."""
     for a in args:
-        if type(a) is not Tracer and type(a) is not np.ndarray and isinstance(a, list | tuple):
-            args = tuple(as_array(b, name) for b in args)
+        t = type(a)  # (two identity tests: a union isinstance cost every scalar's op 12%)
+        if t is list or t is tuple:
+            args = tuple([as_array(b, name) if type(b) in (list, tuple) else b for b in args])
             break
     try:
         return _P[name](*args, **params)

@@ -469,7 +469,11 @@ def embedding(weight: Any, ids: Any) -> Any:
         IndexError: when an id is outside [0, n) (numpy ids, arrays or scalars, or GPU ids of
             an integer ``weight``).
     """
-    weight, ids = as_array(weight, "embedding"), as_array(raw(ids), "embedding")
+    weight, ids = as_array(weight, "embedding"), raw(ids)
+    if isinstance(ids, list | tuple):
+        ids = as_array(ids, "embedding")
+        if ids.size == 0:
+            ids = ids.astype(np.intp)  # (numpy makes [] float64: "ids must be integers")
     kind = getattr(getattr(ids, "dtype", None), "kind", None)
     if kind not in ("i", "u"):
         raise TypeError(

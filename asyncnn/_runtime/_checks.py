@@ -160,8 +160,8 @@ def check_batch(
             bad = _first_nonfinite_row(arr, cast)
             if bad is not None:
                 raise ValueError(
-                    f"{_nonfinite_message(name, arr, bad, cast)} (check_data=False skips this "
-                    "check, unless check_finite=True)"
+                    f"{what + ': ' if what else ''}{_nonfinite_message(name, arr, bad, cast)} "
+                    "(check_data=False skips this check, unless check_finite=True)"
                 )
     if not rows:
         raise ValueError(f"{what}: the data has 0 rows" if what else "the batch is empty (0 rows)")
@@ -181,8 +181,11 @@ def row_chunks(arr: Any) -> Iterator[tuple[int, Any]]:
     rows = int(arr.shape[0])
     row_bytes = math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize
     step = max(1, _FINITE_CHUNK_BYTES // max(1, row_bytes))
+    # an array whole where it fits one chunk; anything else (an h5py dataset, a lazily read
+    # field without __array__) is read by rows, as the run reads it, even then
+    whole = type(arr) is np.ndarray or is_cupy_array(arr)
     for start in range(0, rows, step):
-        yield start, arr if step >= rows else arr[start : start + step]
+        yield start, arr if whole and step >= rows else arr[start : start + step]
 
 
 def _first_nonfinite_row(arr: Any, dtype: Any = None, overflows_only: bool = False) -> int | None:
@@ -258,7 +261,8 @@ def _nonfinite_message(name: str, arr: Any, row: int, dtype: Any = None) -> str:
             )
             return (
                 f"input {name!r} has {value:g} in row {row}, which overflows the run's dtype "
-                f"{np.dtype(dtype)} to Inf{largest}: scale the data{wider}"
+                f"{np.dtype(dtype)} to {'-' if value < 0 else ''}Inf{largest}: scale the "
+                f"data{wider}"
             )
     return f"input {name!r} contains NaN or Inf, first in row {row}: clean the data"
 
