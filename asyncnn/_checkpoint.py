@@ -15,12 +15,14 @@ The layout of a folder (format version 2)::
     fit.json            where the epoch stands (the spec's "fit"), for an asyncnn before it
 
 A layer's entry in the layout holds its "params", "opt_state" and "version"; where there are
-any, its "pending" gradients, its custom actor's "actor_state", and "earlier", the versions
-before the latest that the policy pins forwards to (``RunState.earlier_params``:
+any, its "pending" gradients (``{"grads": tree, "count": n, "delays": [d, ...]}``, "delays"
+those of ``RunState.pending_delays``), its custom actor's "actor_state", and "earlier", the
+versions before the latest that the policy pins forwards to (``RunState.earlier_params``:
 ``PipeDream2BW``'s version before the latest), as ``[{"version": v, "params": tree}, ...]``.
 Each of those was added after format version 2 began, as optional fields: a checkpoint without
 one loads as before (without "earlier", the next ``fit`` computes its first minibatch at the
-latest weights), and an asyncnn that predates one loads the checkpoint without it.
+latest weights; without "delays", its first update applies the pending gradients as of no
+delay), and an asyncnn that predates one loads the checkpoint without it.
 
 The spec's "fit" says where the epoch stands (``Trainer.save``'s record): "epoch_batches",
 "minibatches", "epoch_layout", and of the unfinished epoch's minibatches done, "epoch_losses"
@@ -105,6 +107,9 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
                 "grads": _split(acc, f"pending/{name}", arrays, f"the gradients of {name!r}"),
                 "count": count,
             }
+            delays = state.pending_delays.get(name)
+            if delays:  # (those of the gradients pending: their update counts them)
+                layout[name]["pending"]["delays"] = [int(d) for d in delays]
         if name in state.actor_states:  # a custom actor's own state (LayerActor.actor_state)
             layout[name]["actor_state"] = _split(
                 state.actor_states[name], f"actor/{name}", arrays,
@@ -406,6 +411,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     try:
         params, opt_states, versions, pending, actor_states = {}, {}, {}, {}, {}
         earlier_params: dict[str, dict[int, Any]] = {}
+        pending_delays: dict[str, list[int]] = {}
         for name in graph.layers:
             entry = spec["layout"][name]
             device = graph.nodes[name].device
@@ -428,6 +434,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                     _fits(acc, fresh.params[name], what, same_dtype)
                     acc = _cast_like(acc, fresh.params[name], device)
                 pending[name] = (acc, entry["pending"]["count"])
+                if entry["pending"].get("delays"):  # (none in an older asyncnn's checkpoint)
+                    pending_delays[name] = list(entry["pending"]["delays"])
             if "actor_state" in entry:
                 actor_states[name] = _join(
                     entry["actor_state"], f"actor/{name}", arrays, device, [0]
@@ -442,7 +450,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                 earlier_params.setdefault(name, {})[v] = earlier
         trainer.state = RunState(
             params, opt_states, versions, spec["minibatches"], spec["keys"], pending,
-            actor_states, earlier_params,
+            actor_states, earlier_params, pending_delays,
         )  # fmt: skip
         trainer.epochs_done = spec["epochs_done"]
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

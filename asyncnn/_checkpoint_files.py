@@ -281,6 +281,18 @@ def _malformed(spec: dict[str, Any]) -> str | None:
                 f"{where}: its 'pending' must be a map with 'grads' and 'count' (an int >= 0), "
                 f"got {pending!r:.80}"
             )
+        if isinstance(pending, dict) and "delays" in pending:  # (a later optional field)
+            delays = pending["delays"]
+            if not (isinstance(delays, list) and all(_is_count(d) for d in delays)):
+                return (
+                    f"{where}: its 'pending' 'delays' must be a list of the pending gradients' "
+                    f"delays (ints >= 0), got {delays!r:.80}"
+                )
+            if len(delays) > pending["count"]:
+                return (
+                    f"{where}: its 'pending' holds {len(delays)} 'delays', more than the "
+                    f"{pending['count']} gradients its 'count' says it sums"
+                )
         if "earlier" in entry:
             why = _malformed_earlier(entry["earlier"], entry["version"])
             if why is not None:

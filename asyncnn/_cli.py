@@ -281,8 +281,8 @@ def _replay(args: argparse.Namespace) -> int:
     if recorded.truncated:
         how = (
             "it ends without its closing record: the process that wrote it was killed"
-            if recorded.closed is False
-            else "the run that wrote it did not finish writing"
+            if recorded.closed is False and not recorded.cut_mid_record
+            else "it ends inside a record: the run that wrote it did not finish writing"
         )
         raise UsageError(
             f"{args.path} is cut off after {len(recorded.events)} events ({how}): replay needs "

@@ -488,8 +488,10 @@ def to_torch_tensor(tree: Any) -> Any:
 
 
 def _to_torch_tensor(a: Any) -> Any:
-    if isinstance(a, np.generic) and a.dtype.kind in "biufcV" and a.dtype.fields is None:
-        a = np.asarray(a)  # a numpy scalar (bfloat16's too) has no __dlpack__: its 0-d array
+    if isinstance(a, np.generic) and (a.dtype.kind in "biufc" or a.dtype == BFLOAT16):
+        # a numpy scalar has no __dlpack__: its 0-d array, of a dtype DLPack takes (a float8 or
+        # int4 scalar, or raw bytes, passes through as before: an array of them fails there)
+        a = np.asarray(a)
     if not _has_dlpack(a):
         return a
     strides = getattr(a, "strides", None)  # numpy's and cupy's, in bytes

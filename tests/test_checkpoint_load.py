@@ -13,7 +13,7 @@ from asyncnn import nn, optim, policies
 from asyncnn._checkpoint import CheckpointError
 
 from _checkpoint_cases import _copy, _data, _rewrite_spec, _sync_trainer, _trainer
-from _reference import assert_params_equal
+from _reference import assert_params_equal, chain_graph, classification_data
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,4 +249,64 @@ def test_a_damaged_earlier_version_is_named(tmp_path: Any, earlier: Any, said: s
         CheckpointError,
         match=r"spec.msgpack is malformed: 'layout' of 'stage1': its 'earlier' " + said,
     ):
+        ann.Trainer.load(tmp_path / "c")
+
+
+# -- the delays of the gradients pending -----------------------------------------------------------
+def _spike_async() -> ann.Trainer:
+    policy = policies.SpikeCompensation(policies.Async(2, min_update_frequency=3))
+    return ann.Trainer(chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.5), policy=policy,
+                       dtype="float64")  # fmt: skip
+
+
+def test_a_checkpoint_keeps_the_delays_of_the_gradients_pending(tmp_path: Any) -> None:
+    # (saved without them, the resumed fit's first update applied the carried gradient as of no
+    # delay: SpikeCompensation corrected it otherwise than one unbroken fit)
+    data = classification_data(32)  # 4 keys: one gradient pending, of delay 1
+    straight = _spike_async()
+    straight.fit(data, epochs=2, batch_size=8)
+    tr = _spike_async()
+    tr.fit(data, epochs=1, batch_size=8)
+    tr.save(tmp_path / "c")
+    back = ann.Trainer.load(tmp_path / "c")
+    assert back.state.pending_delays == dict.fromkeys(tr.graph.layers, [1])
+    back.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(back.params, straight.params)
+    # a checkpoint of an asyncnn before them loads as before: the carried gradient of no delay
+    _rewrite_spec(str(tmp_path / "c"),
+                  lambda spec: [e["pending"].pop("delays") for e in spec["layout"].values()])  # fmt: skip
+    old = ann.Trainer.load(tmp_path / "c")
+    assert old.state.pending_delays == {} and old.state.pending_grads
+    old.fit(data, epochs=1, batch_size=8)
+    tr.state = dataclasses.replace(tr.state, pending_delays={})
+    tr.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(old.params, tr.params)
+    # a policy of another kind drops the pending gradients, and their delays with them
+    sync = ann.Trainer.load(tmp_path / "c", policy=policies.Sync())
+    assert sync.state.pending_grads == {} and sync.state.pending_delays == {}
+
+
+@pytest.mark.parametrize(
+    "delays,said",
+    [
+        (3, r"'delays' must be a list of the pending gradients' delays \(ints >= 0\), got 3"),
+        ([-1], r"'delays' must be a list .* got \[-1\]"),
+        ([True], r"'delays' must be a list .* got \[True\]"),
+        ([1, 1], r"holds 2 'delays', more than the 1 gradients its 'count' says it sums"),
+    ],
+    ids=["not-a-list", "negative", "a-bool", "too-many"],
+)
+def test_damaged_pending_delays_are_named(tmp_path: Any, delays: Any, said: str) -> None:
+    tr = _spike_async()
+    tr.fit(classification_data(32), epochs=1, batch_size=8)
+    tr.save(tmp_path / "c")
+
+    def damage(spec: dict[str, Any]) -> None:
+        spec["layout"]["stage1"]["pending"]["delays"] = delays
+
+    _rewrite_spec(str(tmp_path / "c"), damage)
+    with pytest.raises(
+        CheckpointError, match=r"spec.msgpack is malformed: 'layout' of 'stage1': its 'pending' "
+        + said,
+    ):  # fmt: skip
         ann.Trainer.load(tmp_path / "c")

@@ -84,6 +84,30 @@ def test_pipedream_2bw_on_a_cluster_goes_on_across_fits_as_in_one_process(three:
     assert 0 not in h.statistics["s0"].delays  # the second fit's first minibatch a version behind
 
 
+def test_async_pending_delays_travel_to_and_from_the_workers(three: Any) -> None:
+    # a worker's share of the state carried the gradients pending into the next fit, not their
+    # delays: the first update of a fit on a cluster counted none of the carried ones
+    def trainer(cluster: Any = None) -> ann.Trainer:
+        workers = [None] * 3 if cluster is None else [2, 0, None]
+        policy = policies.SpikeCompensation(policies.Async(1, min_update_frequency=2))
+        return ann.Trainer(chain(workers), optimizer=optim.SGD(lr=0.1, momentum=0.9),
+                           policy=policy, cluster=cluster)  # fmt: skip
+
+    one, many = trainer(), trainer(three)
+    one.fit(data(), epochs=1, batch_size=32)  # 3 keys: one gradient carried
+    many.fit(data(), epochs=1, batch_size=32)
+    assert (
+        many.state.pending_delays
+        == one.state.pending_delays
+        == dict.fromkeys(("s0", "s1", "s2"), [0])
+    )
+    h1 = one.fit(data(), epochs=1, batch_size=32)
+    h2 = many.fit(data(), epochs=1, batch_size=32)
+    assert_params_equal(one.params, many.params)
+    for name in ("s0", "s1", "s2"):  # the second fit's 2 updates count 4 delays, 1 carried
+        assert h2.statistics[name].delays == h1.statistics[name].delays == {0: 4}
+
+
 def test_loss_on_its_own_worker_and_layers_in_the_driver(three: Any) -> None:
     policy = policies.GPipe(microbatches=2)
     one, _ = fit(chain([None] * 3), policy)

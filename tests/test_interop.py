@@ -418,3 +418,7 @@ def test_to_torch_tensor_converts_numpy_scalars_as_0d_arrays():
     if BFLOAT16 is not None:  # (ml_dtypes' scalars are numpy scalars but no np.number)
         (bf,) = to_torch_tensor([BFLOAT16.type(1.5)])
         assert isinstance(bf, torch.Tensor) and bf.dtype == torch.bfloat16 and float(bf) == 1.5
+        import ml_dtypes  # (a scalar of a dtype DLPack has not passes through, as before)
+
+        f8 = ml_dtypes.float8_e4m3fn(1.5)
+        assert to_torch_tensor([f8])[0] is f8

@@ -1,5 +1,6 @@
 """What ``open_run`` (asyncnn/_runtime/_open_run.py) checks of a run's ``state`` before anything
-starts: the gradients summed and not applied yet, and the optimizer states."""
+starts: the gradients summed and not applied yet with their delays, and the optimizer
+states."""
 
 from __future__ import annotations
 
@@ -87,6 +88,53 @@ async def test_open_run_takes_pending_gradients_that_fit():
         "stage2": (None, 0),
     }
     await _open(tr, dataclasses.replace(state, pending_grads=fine))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_pending_delays_that_do_not_fit_the_gradients(where):
+    # (the update applying the carried gradients averages their delays into a remedy's
+    # correction and counts them in the statistics)
+    tr, state = _pending_state()
+    assert state.pending_delays == dict.fromkeys(tr.graph.layers, [0])
+    at = r"state.pending_delays\['stage0'\]"
+    cases = [
+        ({"stage0": [0, 0]}, ValueError,
+         rf"{at} holds 2 delays, more than the 1 gradients state.pending_grads\['stage0'\]"),
+        ({"stage0": [-1]}, ValueError, rf"{at} holds the delay -1, which is not an int >= 0"),
+        ({"stage0": [True]}, ValueError, rf"{at} holds the delay True"),
+        ({"stage0": [1.0]}, ValueError, rf"{at} holds the delay 1.0"),
+        ({"stage0": 1}, ValueError, rf"{at} must be a list of the delays"),
+        ({"nope": [1]}, ValueError,
+         r"state.pending_delays names 'nope', which is no layer of the graph"),
+        ([("stage0", [1])], TypeError, r"state.pending_delays must be \{layer: \[delay, ...\]\}"),
+    ]  # fmt: skip
+    for delays, error, match in cases:
+        bad = dataclasses.replace(state, pending_delays=delays)
+        with pytest.raises(error, match=f"^open_run: {match}"):
+            await _open(tr, bad, **where)
+
+
+@pytest.mark.anyio
+async def test_open_run_loads_the_pending_delays_of_the_gradients_it_carries():
+    tr, state = _pending_state()
+    given = {"stage0": [np.int64(2)], "stage1": [1]}  # (a numpy delay: as decoded)
+    # stage1's gradients dropped, its delays with them; stage2's gradients have none
+    carried = {n: state.pending_grads[n] for n in ("stage0", "stage2")}
+    start = dataclasses.replace(state, pending_grads=carried, pending_delays=given)
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float64", state=start
+    ) as run:  # fmt: skip
+        loaded = run.state().pending_delays
+        assert loaded == {"stage0": [2]} and type(loaded["stage0"][0]) is int
+        await run.step(minibatches(classification_data(8), 8)[0])
+        await run.drain()
+        stats = run.statistics()
+    assert start.pending_delays is given  # (the caller's state left as it was)
+    # the update applying stage0's carried gradient counts its delay; stage1 has no update yet
+    # (its gradients dropped), stage2's counts its new gradient's alone
+    assert stats["stage0"].delays == {2: 1, 0: 1} and stats["stage1"].delays == {}
+    assert stats["stage2"].delays == {0: 1}
 
 
 @pytest.mark.anyio

@@ -515,6 +515,23 @@ def test_lists_and_tuples_are_arrays_to_every_op(name: str) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_named_tuple_or_a_list_subclass_is_an_array_to_the_arithmetic_ops() -> None:
+    # (they escaped the identity test of lists that made the scalars' ops cheap again, and
+    # ops.add joined them once more)
+    import typing
+
+    class Pair(typing.NamedTuple):
+        a: float
+        b: float
+
+    class Row(list):  # type: ignore[type-arg]
+        pass
+
+    np.testing.assert_array_equal(ops.add(Pair(1.0, 2.0), Pair(3.0, 4.0)), [4.0, 6.0])
+    np.testing.assert_array_equal(ops.multiply(Row([1.0, 2.0]), 2), [2.0, 4.0])
+    np.testing.assert_array_equal(ops.subtract(Pair(1.0, 2.0), np.ones(2)), [0.0, 1.0])
+
+
 def test_an_op_of_a_list_and_a_traced_array_differentiates_the_array() -> None:
     w = np.array([1.0, -2.0, 3.0])
     g = ann.grad(lambda w: ops.sum(ops.multiply([2.0, 0.5, -1.0], w)) + ops.sum(_M @ w))(w)

@@ -468,6 +468,19 @@ def test_a_trace_whose_last_flush_fails_fails_the_fit_naming_the_trace() -> None
     assert [e["epoch"] for e in tr.history.epochs] == [0]
 
 
+def test_a_failing_trace_file_the_user_did_not_name_says_what_it_is() -> None:
+    # (a worker's part or a replay's own trace, temporary files: the error told the user to
+    # pass trace= another path, which would not help, and replay takes no trace=)
+    rec = Recorder("/dev/full", {"graph": {}})
+    rec.advice = "it is the replay's own trace, a temporary file: free space in /tmp"
+    rec.event("a", "admit", "", 0)
+    with pytest.raises(
+        RuntimeError, match=r"failed \(OSError: .*\); the events after the failure were not "
+        r"recorded: it is the replay's own trace, a temporary file: free space in /tmp$",
+    ):  # fmt: skip
+        rec.close()
+
+
 def test_a_trace_writer_that_fails_mid_fit_stops_the_fit_naming_the_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

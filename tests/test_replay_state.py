@@ -11,9 +11,10 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._traceformat import encode_record, iter_frames
 
-from _reference import assert_params_equal
+from _reference import assert_params_equal, chain_graph, classification_data
 from _replay_cases import _data, _graph, _plain_graph, _rewrite, assert_same_tree
 
 
@@ -46,6 +47,29 @@ def test_replay_of_a_second_fit_with_pending_gradients(tmp_path):
     assert tr.state.pending_grads
     tr.fit(_data(12), batch_size=4)
     assert tr.traces == [str(path), str(tmp_path / "r.1.trace")]
+    rep = ann.replay(tr.traces[1])
+    assert rep.identical
+    assert_params_equal(rep.params, tr.params)
+
+
+def test_replay_of_a_second_fit_starts_from_the_pending_gradients_delays(tmp_path):
+    # the state record held the carried gradients, not their delays: now that the run's first
+    # update counts them (SpikeCompensation corrects with their mean), a replay starting
+    # without them would correct that update otherwise
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.5), dtype="float64",
+        policy=policies.SpikeCompensation(policies.Async(2, min_update_frequency=3)),
+        trace=str(path),
+    )  # fmt: skip
+    tr.fit(classification_data(32), batch_size=8)  # 4 keys: one gradient pending, of delay 1
+    assert tr.state.pending_delays == dict.fromkeys(tr.graph.layers, [1])
+    tr.fit(classification_data(32), batch_size=8)
+    second = ann.trace.read(tr.traces[1])
+    assert second.state is not None
+    assert decode_tree(second.state["pending_delays"]) == {n: [1] for n in tr.graph.layers}
+    first_update = next(e for e in second.events if e.what == "update" and e.actor == "stage0")
+    assert first_update.meta["delays"] == [1, 0, 0]  # the carried gradient's first
     rep = ann.replay(tr.traces[1])
     assert rep.identical
     assert_params_equal(rep.params, tr.params)

@@ -304,6 +304,29 @@ def test_a_trace_without_its_closing_record_reads_as_cut_off(
         ann.replay(path)
 
 
+def test_a_trace_cut_inside_a_record_is_said_to_be_so_not_killed(
+    small_trace: tuple[bytes, Any], tmp_path: Path
+) -> None:
+    # (a writer that stopped mid-write, as on a full disk, leaves a file that ends inside a
+    # record: the summary, replay and the CLI said its process was killed)
+    from asyncnn._tracing._summary import format_summary
+
+    raw, whole = small_trace
+    path = tmp_path / "cut.trace"
+    path.write_bytes(raw[: _boundaries(raw)[-3] + 7])  # inside the record before the close
+    t = ann.trace.read(path)
+    assert t.truncated and t.closed is False and t.cut_mid_record
+    assert t.events == whole.events[:-2]
+    s = ann.trace.summary(path)
+    assert s["cut_mid_record"] is True
+    assert "TRUNCATED: the file ends inside a record (its writer stopped" in format_summary(s)
+    with pytest.raises(ann.TraceFormatError, match="the file ends inside a record.*full disk"):
+        ann.replay(path)
+    killed = tmp_path / "killed.trace"
+    killed.write_bytes(_without_closing(raw))  # (whole records: the killed process's kind)
+    assert not whole.cut_mid_record and not ann.trace.read(killed).cut_mid_record
+
+
 def test_a_trace_of_a_writer_without_closing_records_reads_as_whole(
     small_trace: tuple[bytes, Any], tmp_path: Path
 ) -> None:
@@ -572,6 +595,14 @@ _BAD_STATE_FIELDS = [
         {"dict": {"stage0": {"dict": {0: {"value": 1}}}}},
         r"'stage0' holds version 0, not an earlier one \(an int below its version, 0\)",
     ),
+    ("pending_delays", {"list": []}, "a list, not a map of layers"),
+    ("pending_delays", {"dict": {"nope": {"list": []}}}, r"no layer 'nope' in the graph"),
+    ("pending_delays", {"dict": {"stage0": {"value": 1}}}, r"'stage0' has 1, not a list of ints"),
+    (
+        "pending_delays",
+        {"dict": {"stage0": {"list": [{"value": 1}]}}},
+        r"'stage0' has 1 delays, more than the 0 gradients its 'pending' entry sums",
+    ),
 ]
 
 
@@ -580,7 +611,8 @@ _BAD_STATE_FIELDS = [
     _BAD_STATE_FIELDS,
     ids=["states-list", "states-unknown", "states-unkept", "states-no-tree", "pending-unknown",
          "pending-no-pair", "earlier-list", "earlier-unknown", "earlier-no-map",
-         "earlier-not-earlier"],
+         "earlier-not-earlier", "delays-list", "delays-unknown", "delays-no-list",
+         "delays-too-many"],
 )  # fmt: skip
 def test_a_malformed_optional_state_field_is_refused_before_replay_naming_it(
     small_trace: tuple[bytes, Any], tmp_path: Path, field: str, value: Any, said: str

@@ -10,7 +10,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 
-from _reference import assert_params_equal, chain_graph
+from _reference import assert_params_equal, chain_graph, classification_data
 from _train_cases import _data, _trainer
 
 
@@ -172,3 +172,36 @@ def test_a_fit_resuming_mid_epoch_reads_only_the_minibatches_it_trains(shuffle):
     reference.fit(data, batch_size=8, shuffle=shuffle)
     assert_params_equal(tr.params, reference.params)
     assert tr.history.losses == reference.history.losses[4:]
+
+
+class _StopAfter(ann.callbacks.Callback):
+    """Stops the fit (``stop_training``) at the end of a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            trainer.stop_training = True
+
+
+def test_a_stopped_async_fit_keeps_the_delays_of_its_pending_gradients():
+    # (the kept state carried the gradients summed and not applied, not their delays: the
+    # resumed fit's first update applied them as of no delay, and SpikeCompensation corrected
+    # it otherwise than the unbroken fit)
+    data = classification_data(64)  # 8 minibatches: stopped after 5, two gradients pending
+
+    def trainer():
+        policy = policies.SpikeCompensation(policies.Async(2, min_update_frequency=3))
+        return ann.Trainer(chain_graph(3), optimizer=optim.SGD(lr=0.1, momentum=0.5),
+                           policy=policy, dtype="float64")  # fmt: skip
+
+    tr = trainer()
+    tr.fit(data, epochs=1, batch_size=8, callbacks=[_StopAfter(3)])
+    # (step 3 reported its loss once step 4 was admitted: the kept state is after 5)
+    assert tr.state.minibatches == 5
+    assert tr.state.pending_delays == dict.fromkeys(tr.graph.layers, [1, 0])
+    tr.fit(data, epochs=1, batch_size=8)  # minibatches 5..7
+    straight = trainer()
+    straight.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(tr.params, straight.params)

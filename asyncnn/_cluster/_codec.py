@@ -236,9 +236,10 @@ def encode_state(
     state: RunState, buffers: list[np.ndarray], names: Collection[str] | None = None
 ) -> dict[str, Any]:
     """The header fields of ``state``'s weights, optimizer states, versions, pending gradients,
-    actor states and earlier weight versions (``RunState.earlier_params``) for the layers
-    ``names`` (default: those ``state`` has); the arrays' bytes go to ``buffers`` (weights,
-    then optimizer states, then pending gradients, then the rest)."""
+    actor states, earlier weight versions (``RunState.earlier_params``) and pending gradients'
+    delays (``RunState.pending_delays``) for the layers ``names`` (default: those ``state``
+    has); the arrays' bytes go to ``buffers`` (weights, then optimizer states, then pending
+    gradients, then the rest)."""
     if names is None:
         names = list(state.params)
     pending = {n: list(state.pending_grads[n]) for n in names if n in state.pending_grads}
@@ -260,13 +261,17 @@ def encode_state(
         "earlier": encode_tree(
             {n: state.earlier_params[n] for n in names if n in state.earlier_params}, buffers
         ),
+        # (plain ints: the header carries them, no buffer)
+        "pending_delays": {
+            n: [int(d) for d in state.pending_delays[n]] for n in names if n in state.pending_delays
+        },
     }
 
 
 def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str, Any]:
     """The inverse of :func:`encode_state`: ``{"params", "opt_states", "versions", "pending",
-    "actor_states", "earlier"}``, pending gradients as ``{layer: (sum, count)}`` (numpy arrays,
-    views of ``buffers``)."""
+    "actor_states", "earlier", "pending_delays"}``, pending gradients as ``{layer: (sum,
+    count)}`` (numpy arrays, views of ``buffers``)."""
     return {
         "params": decode_tree(header["params"], buffers),
         "opt_states": decode_tree(header["opt_states"], buffers),
@@ -277,4 +282,7 @@ def decode_state(header: dict[str, Any], buffers: list[np.ndarray]) -> dict[str,
         "actor_states": decode_tree(header.get("actor_states", encode_tree({}, [])), buffers),
         # (the versions come back as the int keys they were sent as)
         "earlier": decode_tree(header.get("earlier", encode_tree({}, [])), buffers),
+        "pending_delays": {
+            k: [int(d) for d in v] for k, v in header.get("pending_delays", {}).items()
+        },
     }

@@ -91,6 +91,7 @@ class DriverRun(ClusterRun):
             pending_grads=own.pending_grads,
             actor_states=own.actor_states,
             earlier_params=own.earlier_params,
+            pending_delays=own.pending_delays,
         )
 
     def _gathered(self) -> RunState:
@@ -103,6 +104,7 @@ class DriverRun(ClusterRun):
             own.pending_grads.update(res["pending"])
             own.actor_states.update(res["actor_states"])
             own.earlier_params.update(res["earlier"])
+            own.pending_delays.update(res["pending_delays"])
         return own
 
     @property

@@ -35,8 +35,23 @@ def merge_traces(path: str, worker_files: Sequence[str]) -> None:
                 for n, rec in enumerate(r):
                     yield float(rec.get("t", 0.0)), i, n, rec
 
-            for _, _, _, rec in heapq.merge(*(stream(i, r) for i, r in enumerate(readers))):
+            last = 0.0
+            for t, _, _, rec in heapq.merge(*(stream(i, r) for i, r in enumerate(readers))):
                 out.write(encode_record(rec))
+                last = t
+            # a worker's part cut off (its writer failed, or the process died) would be hidden
+            # by the other processes' close events: say whose events the trace lacks, as for a
+            # worker whose part never came (summary and replay report it)
+            cut = sorted(
+                r.header.get("worker", i - 1) for i, r in enumerate(readers)
+                if i and (r.truncated or r.closed is False)
+            )  # fmt: skip
+            if cut:
+                out.write(encode_record({
+                    "t": last, "a": "scheduler", "ev": "missing",
+                    "m": {"workers": cut, "error": "these workers' parts of the trace end early "
+                          "(their writer failed or their process died)"},
+                }))  # fmt: skip
         os.replace(tmp, path)
     finally:
         for r in readers:

@@ -265,6 +265,7 @@ class Worker:
             pending_grads=share["pending"],
             actor_states=share["actor_states"],
             earlier_params=share["earlier"],
+            pending_delays=share["pending_delays"],
         )
         for name in state.params:  # host arrays from the wire, onto each node's device
             move = _on(get_backend(graph.nodes[name].device))
@@ -284,6 +285,11 @@ class Worker:
         try:
             if trace is not None:
                 recorder = Recorder(trace.path, {"worker": self.index}, cmd["trace"])
+                recorder.advice = (
+                    f"it is worker {self.index}'s part of the trace, a temporary file on its "
+                    f"host: free space in its temporary folder ({tempfile.gettempdir()}), or "
+                    "set TMPDIR for the workers to another"
+                )
                 trace.unlink()
                 # one clock for the whole run: the driver's, shifted by the one-way latency
                 recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))

@@ -121,9 +121,11 @@ def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
     """``_P[name](*args, **params)``, where a shape mismatch fails naming the op and the shapes
     instead of with numpy's message from inside the rule (lists and tuples are arrays)."""
     for a in args:
-        t = type(a)  # (two identity tests: a union isinstance cost every scalar's op 12%)
-        if t is list or t is tuple:
-            args = tuple([as_array(b, name) if type(b) in (list, tuple) else b for b in args])
+        t = type(a)  # (identity tests first: a union isinstance cost every scalar's op 12%)
+        if t is np.ndarray or t is Tracer or t is float or t is int:
+            continue
+        if t is list or t is tuple or isinstance(a, list | tuple):  # (a NamedTuple too)
+            args = tuple([as_array(b, name) for b in args])
             break
     try:
         return _P[name](*args, **params)

@@ -152,7 +152,7 @@ def open_recorder(
     try:
         recorder.state(
             state.params, state.opt_states, state.versions, state.pending_grads,
-            state.actor_states, state.earlier_params,
+            state.actor_states, state.earlier_params, state.pending_delays,
         )  # fmt: skip
     except BaseException:
         close_recorder(recorder, failed=True)

@@ -79,7 +79,9 @@ async def open_run(
             state: the one given is left as it is. Its ``earlier_params`` (the versions before
             the latest that ``PipeDream2BW`` pins forwards to, from ``run.state()``) let the
             run go on pinning as one unbroken run (a trace records them, so that its replay
-            starts from them too; a cluster sends each worker its layers' ones).
+            starts from them too; a cluster sends each worker its layers' ones). Its
+            ``pending_delays`` are the delays of its ``pending_grads``, counted by the update
+            that applies them; those of a layer without pending gradients are dropped.
         pool: an open device pool to use, from ``open_device_pool()`` (default: one opened
             for the run).
         stall_timeout: seconds without progress, while keys are in flight, before failing.
@@ -110,8 +112,8 @@ async def open_run(
     Raises:
         TypeError: ``graph``, ``optimizer``, ``policy``, ``state``, ``pool`` or ``on_loss``
             is not what it must be (a class where an instance is due, say); ``cuda_graphs``
-            is not a bool or None; the state's ``earlier_params`` or ``pending_grads`` is not
-            a dict by layer, as ``run.state()`` gives it.
+            is not a bool or None; the state's ``earlier_params``, ``pending_grads`` or
+            ``pending_delays`` is not a dict by layer, as ``run.state()`` gives it.
         ValueError: a closed ``pool``, ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
             some of the graph's layers or whose parameters have another structure or shapes
@@ -119,7 +121,9 @@ async def open_run(
             ``earlier_params`` name another layer, a version that is not below the layer's, or
             parameters of another structure or shapes than the layer's in the state, whose
             ``pending_grads`` name another layer, a count that is not an int >= 0 or a sum of
-            another structure or shapes than the layer's parameters in the state, or whose
+            another structure or shapes than the layer's parameters in the state, whose
+            ``pending_delays`` name another layer, a delay that is not an int >= 0 or more
+            delays than the layer's pending count, or whose
             ``opt_states`` the optimizer's update would refuse (for an ``asyncnn.optim``
             optimizer: other keys than its ``init`` makes, or buffers of another structure or
             shapes than the layer's parameters in the state) (those also where ``validated``,
@@ -148,6 +152,19 @@ async def open_run(
             state = dataclasses.replace(
                 state,
                 earlier_params={n: {int(v): p for v, p in h.items()} for n, h in earlier.items()},
+            )
+        if state.pending_delays:
+            # only those of gradients carried (a state whose pending_grads were dropped drops
+            # their delays), as ints (numpy ints, checked above: the trace and the wire keep
+            # ints only)
+            pending = state.pending_grads
+            state = dataclasses.replace(
+                state,
+                pending_delays={
+                    n: [int(d) for d in ds]
+                    for n, ds in state.pending_delays.items()
+                    if ds and n in pending and pending[n][1]
+                },
             )
     if cluster is not None:
         # the workers' actors stay eager: graphs need every actor in one process
@@ -228,6 +245,7 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
             )
     _check_earlier_versions(graph, state)
     _check_pending_grads(graph, state)
+    _check_pending_delays(graph, state)
     _check_opt_states(graph, state, optimizer)
 
 
@@ -360,6 +378,46 @@ def _check_pending_grads(graph: Graph, state: RunState) -> None:
                 "layer's parameters; pass the state of a run of this graph (run.state(), "
                 "Trainer.state)"
             ) from None
+
+
+def _check_pending_delays(graph: Graph, state: RunState) -> None:
+    """Refuses ``state.pending_delays`` that name another layer, hold a delay that is not a
+    count, or more delays than the layer's pending gradients count (each gradient summed has at
+    most one: a skipped key's none): the update that applies them would average them into a
+    remedy's correction.
+
+    Raises:
+        TypeError: it is not ``{layer: [delay, ...]}``.
+        ValueError: naming the layer and what is wrong.
+    """
+    delays = state.pending_delays
+    if not isinstance(delays, dict):
+        raise TypeError(
+            "open_run: state.pending_delays must be {layer: [delay, ...]} (as run.state() gives "
+            f"it), got {delays!r:.80}"
+        )
+    for name, entry in delays.items():
+        _check_layer_named(graph, "pending_delays", name)
+        if not isinstance(entry, list | tuple):
+            raise ValueError(
+                f"open_run: state.pending_delays[{name!r}] must be a list of the delays of the "
+                f"layer's pending gradients (ints >= 0), got {entry!r:.80}"
+            )
+        bad = [d for d in entry if not _is_count(d)]
+        if bad:
+            raise ValueError(
+                f"open_run: state.pending_delays[{name!r}] holds the delay {bad[0]!r:.40}, which "
+                "is not an int >= 0 (a gradient's delay is the layer's version at its update "
+                "minus its forward's)"
+            )
+        pending = state.pending_grads.get(name)
+        count = int(pending[1]) if pending is not None else 0
+        if count and len(entry) > count:
+            raise ValueError(
+                f"open_run: state.pending_delays[{name!r}] holds {len(entry)} delays, more than "
+                f"the {count} gradients state.pending_grads[{name!r}] sums; pass the state of a "
+                "run (run.state(), Trainer.state), or drop the delays"
+            )
 
 
 def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:

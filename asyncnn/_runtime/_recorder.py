@@ -327,6 +327,9 @@ class Recorder:
             raise ValueError(f"trace payloads must be one of {PAYLOAD_MODES}, got {payloads!r}")
         self.path = path
         self.payloads = payloads
+        #: what to do where writing fails, said in the error (None: free space, or another
+        #: trace= path); the owner of a file the user did not name sets its own
+        self.advice: str | None = None
         self.t0 = time.perf_counter()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._file = _open_alone(path)
@@ -364,10 +367,13 @@ class Recorder:
         return self._named(self._error)
 
     def _named(self, error: BaseException) -> RuntimeError:
+        fix = self.advice or (
+            "free space where the trace is written, or pass trace= another path (or None to "
+            "record none)"
+        )
         named = RuntimeError(
             f"writing the trace {self.path!r} failed ({type(error).__name__}: {error}); the "
-            "events after the failure were not recorded. Free space where the trace is written, "
-            "or pass trace= another path (or None to record none)"
+            f"events after the failure were not recorded: {fix}"
         )
         named.__cause__ = error  # (as `raise named from error` would: the cause is shown)
         named.__suppress_context__ = True
@@ -431,11 +437,13 @@ class Recorder:
         pending: Any = None,
         actor_states: Any = None,
         earlier: Any = None,
+        pending_delays: Any = None,
     ) -> None:
         """Records the weights, optimizer states, not yet applied gradients, custom actors'
-        own states (``{layer: state}``) and earlier weight versions that forwards are pinned to
-        (``{layer: {version: params}}``, ``RunState.earlier_params``) the run starts from (so
-        replay can start there too).
+        own states (``{layer: state}``), earlier weight versions that forwards are pinned to
+        (``{layer: {version: params}}``, ``RunState.earlier_params``) and the delays of the not
+        yet applied gradients (``{layer: [delay, ...]}``, ``RunState.pending_delays``) the run
+        starts from (so replay can start there too).
 
         Raises:
             TypeError: an actor state that a trace cannot hold (naming its layer).
@@ -455,7 +463,10 @@ class Recorder:
                 _check_keys(tree)
             except _UnkeptKey as exc:
                 raise TypeError(f"the trace cannot hold the run's initial {field}: {exc}") from None
-        self._queue.put(("state", params, opt_states, versions, pending or {}, actors, earlier))
+        delays = {n: [int(d) for d in ds] for n, ds in (pending_delays or {}).items() if ds}
+        self._queue.put(
+            ("state", params, opt_states, versions, pending or {}, actors, earlier, delays)
+        )
 
     def event(
         self,
@@ -503,7 +514,7 @@ class Recorder:
                 self._write(encode_record(close))
                 return
             if item[0] == "state":
-                _, params, opt_states, versions, pending, actors, earlier = item
+                _, params, opt_states, versions, pending, actors, earlier, delays = item
                 state_rec = {
                     "state": {
                         "params": encode_tree(params),
@@ -516,6 +527,8 @@ class Recorder:
                     state_rec["state"]["actor_states"] = {"dict": actors}
                 if earlier:  # (absent where the policy pins no forwards: as before)
                     state_rec["state"]["earlier"] = encode_tree(earlier)
+                if delays:  # (absent where no pending gradient has a delay: as before)
+                    state_rec["state"]["pending_delays"] = encode_tree(delays)
                 self._write(encode_record(state_rec))
                 continue
             t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item

@@ -237,6 +237,8 @@ class Run(RunGuards):
                 state.versions[name],
             )
             actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
+            if actor.acc_count:  # (the carried gradients' delays, for the update applying them)
+                actor.pending_delays[:] = state.pending_delays.get(name, ())
             actor.load_earlier(state.earlier_params.get(name))
             self.local[name] = actor  # before its set-up, so a failure closes its inbox too
             _set_up(actor, node, state.actor_states.get(name))
@@ -546,7 +548,9 @@ class Run(RunGuards):
     def state(self) -> RunState:
         """The current weights, optimizer states and versions (device arrays, not copies), and
         the earlier versions a policy that pins forwards to them keeps
-        (:attr:`RunState.earlier_params`: a run started from this state goes on pinning them).
+        (:attr:`RunState.earlier_params`: a run started from this state goes on pinning them),
+        and the gradients summed and not applied yet with their delays
+        (:attr:`RunState.pending_grads`, :attr:`RunState.pending_delays`).
 
         With CUDA graphs active (:attr:`cuda_graphs_active`) the weights are the captures' own
         buffers, which later updates write in place on the actors' streams, and a key counts
@@ -560,6 +564,7 @@ class Run(RunGuards):
         pending: dict[str, tuple[Any, int]] = {}
         actor_states: dict[str, Any] = {}
         earlier_params: dict[str, dict[int, Any]] = {}
+        pending_delays: dict[str, list[int]] = {}
         local = self.local
         for n in self.layers:  # one pass: a fit takes this snapshot at every step
             a = local.get(n)
@@ -568,6 +573,11 @@ class Run(RunGuards):
             params[n], opt_states[n], versions[n] = a.params, a.opt_state, a.version
             if a.acc_count:
                 pending[n] = (a.acc, a.acc_count)
+                # (a copy: the actor goes on noting; at most the count's latest, as an update
+                # cancelled before it published keeps its delays noted and its gradients gone)
+                delays = a.pending_delays[-a.acc_count :]
+                if delays:
+                    pending_delays[n] = delays
             st = a.actor_state()
             if st is not None:
                 actor_states[n] = st
@@ -584,6 +594,7 @@ class Run(RunGuards):
             pending_grads=pending,
             actor_states=actor_states,
             earlier_params=earlier_params,
+            pending_delays=pending_delays,
         )
 
     @property

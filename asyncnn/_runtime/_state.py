@@ -43,6 +43,15 @@ class RunState:
             next and kept by checkpoints; ``Trainer.params = ...`` drops those of the layers
             it sets. A trace's initial state record holds them (a replay starts from them too),
             and a cluster sends each worker its layers' ones.
+        pending_delays: the delays of a layer's :attr:`pending_grads` (the layer's version at
+            the update minus its forward's, as the actor noted them, in order): ``{layer:
+            [delay, ...]}``, at most as many as the pending count (a skipped key's zero
+            gradient has none). The update that applies the gradients counts them (its trace
+            event, ``ActorStatistics.delays``, the mean delay a remedy such as ``PipeMareLR``
+            corrects with), as one unbroken run would; a layer without them counts no delay for
+            its carried gradients (as a checkpoint or trace written before them). Carried and
+            kept wherever :attr:`pending_grads` are; ``open_run`` drops those of a layer with
+            no pending gradients.
     """
 
     params: dict[str, Any]
@@ -53,6 +62,7 @@ class RunState:
     pending_grads: dict[str, tuple[Any, int]] = field(default_factory=dict)
     actor_states: dict[str, Any] = field(default_factory=dict)
     earlier_params: dict[str, dict[int, Any]] = field(default_factory=dict)
+    pending_delays: dict[str, list[int]] = field(default_factory=dict)
 
 
 def node_seed(seed: int, index: int) -> int:

@@ -322,6 +322,8 @@ class Trace:
             writer writes one (the header's ``writes_close``) and it is missing (``truncated``
             is then True); None for a trace whose writer writes none (written before closing
             events were), which reads as whole unless cut off mid-record.
+        cut_mid_record: the file ends inside a record (``truncated`` is then True): its writer
+            stopped mid-write, as on a full disk, where a killed process leaves whole records.
     """
 
     header: dict[str, Any]
@@ -330,21 +332,27 @@ class Trace:
     truncated: bool = False
     path: str = ""
     closed: bool | None = None
+    cut_mid_record: bool = False
 
     def __repr__(self) -> str:
         cut = ", truncated" if self.truncated else ""
         return f"<Trace {self.path!r}: {len(self.events)} events{cut}>"
 
 
-def unclosed_reason(closed: bool | None) -> str:
-    """Why a trace is cut off, in words (for a ``truncated`` one): it lacks its closing record
-    (``closed`` False), or (a trace whose writer writes none) it ends inside a record."""
-    if closed is False:
+def unclosed_reason(closed: bool | None, cut_mid_record: bool = False) -> str:
+    """Why a trace is cut off, in words (for a ``truncated`` one): it ends inside a record (its
+    writer stopped mid-write: a full disk, a crash while writing), or on a whole record without
+    its closing one (``closed`` False: a killed process, whose writer had flushed whole
+    records)."""
+    if cut_mid_record or closed is not False:
         return (
-            "it ends without its closing record (the process that wrote it was killed, or the "
-            "file was copied or read before the run closed it)"
+            "the file ends inside a record (its writer stopped mid-write: a full disk, or the "
+            "process died while writing; or the file was copied before the run closed it)"
         )
-    return "the file ends inside a record"
+    return (
+        "it ends without its closing record (the process that wrote it was killed, or the "
+        "file was copied or read before the run closed it)"
+    )
 
 
 class TraceReader:
@@ -361,6 +369,7 @@ class TraceReader:
         self._offset = 0
         self._index = 0
         self.truncated = False
+        self.cut_mid_record = False
         self.state: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
         self.closed: bool | None = None
@@ -424,7 +433,7 @@ class TraceReader:
         self._offset = item[0]
         self._index += 1
         if item[1] is None:
-            self.truncated = True
+            self.truncated = self.cut_mid_record = True
             return None
         return item[1]
 
@@ -498,7 +507,10 @@ def read(path: str | os.PathLike[str]) -> Trace:
     """
     reader = TraceReader(path)
     events = list(reader)
-    return Trace(reader.header, events, reader.state, reader.truncated, reader.path, reader.closed)
+    return Trace(
+        reader.header, events, reader.state, reader.truncated, reader.path, reader.closed,
+        reader.cut_mid_record,
+    )  # fmt: skip
 
 
 def payload_array(event: dict[str, Any], i: int = 0) -> np.ndarray[Any, Any] | None:

@@ -98,6 +98,7 @@ def _initial_state(trace: Trace, checked: Checked) -> RunState:
         pending,
         actor_states,
         earlier,
+        {n: list(ds) for n, ds in checked.pending_delays.items()},
     )
 
 
@@ -238,6 +239,11 @@ def replay(
                 # a run that check_finite stopped fails at the same actor again
                 check_finite=config.get("check_finite", False) is True, pool=pool,
             ) as run:  # fmt: skip
+                if run.recorder is not None:  # (no trace= of the caller's names this file)
+                    run.recorder.advice = (
+                        "it is the replay's own trace, a temporary file: free space in the "
+                        f"temporary folder ({tempfile.gettempdir()}), or set TMPDIR to another"
+                    )
                 running.append(run)
                 _follow_losses(run, graph.losses, replayed_policy)
                 try:

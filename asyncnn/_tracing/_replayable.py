@@ -33,6 +33,8 @@ class Checked(NamedTuple):
         actor_states: ``{layer: state}`` of the custom actors that keep one (``{}`` where none).
         earlier: ``{layer: {version: params}}``, the earlier versions that forwards are pinned
             to (``RunState.earlier_params``; ``{}`` where the record holds none).
+        pending_delays: ``{layer: [delay, ...]}``, the delays of the ``pending`` gradients
+            (``RunState.pending_delays``; ``{}`` where the record holds none).
     """
 
     graph: Graph
@@ -43,6 +45,7 @@ class Checked(NamedTuple):
     pending: dict[str, Any]
     actor_states: dict[str, Any]
     earlier: dict[str, Any] = {}  # noqa: RUF012 - a NamedTuple's default, never changed
+    pending_delays: dict[str, Any] = {}  # noqa: RUF012 - as earlier's
 
 
 def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
@@ -73,7 +76,7 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     from asyncnn.backends._dtypes import unknown_dtype_hint
 
     path = trace.path
-    if trace.truncated and trace.closed is False:
+    if trace.truncated and trace.closed is False and not trace.cut_mid_record:
         # (the file ends on a whole record: the reader cannot tell what is missing, and the
         # replay blamed an alteration of the file for the work the killed run left undone)
         raise TraceFormatError(
@@ -85,16 +88,17 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     if trace.truncated:
         raise TraceFormatError(
             f"{path} is truncated: the file ends inside a record, after {len(trace.events)} "
-            "whole events (the run crashed or was killed while writing, or the file was copied "
-            "before it was closed). Replay needs a whole trace; summary and to_chrome show what "
-            "it holds"
+            "whole events (its writer stopped mid-write: a full disk, or the process died while "
+            "writing; or the file was copied before it was closed). Replay needs a whole trace; "
+            "summary and to_chrome show what it holds"
         )
     missing = missing_workers(trace)
     if missing:
         raise TraceFormatError(
             f"{path} lacks the events of workers {missing}: the cluster run failed or was "
-            "interrupted before they could be collected. Replay needs every actor's events; "
-            "summary and to_chrome show what it holds"
+            "interrupted before they could be collected, or their parts end early (their trace "
+            "writer failed). Replay needs every actor's events; summary and to_chrome show what "
+            "it holds"
         )
     h = trace.header
     for name in ("graph", "policy", "optimizer", "seed", "dtype"):
@@ -145,11 +149,14 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
         )
     # the optional fields, each named: a malformed one failed the replay's start with a bare
     # KeyError or TypeError (or, for actor_states, only once the replay had begun)
-    optional: dict[str, dict[str, Any]] = {"pending": {}, "actor_states": {}, "earlier": {}}
+    optional: dict[str, dict[str, Any]] = {
+        "pending": {}, "actor_states": {}, "earlier": {}, "pending_delays": {},
+    }  # fmt: skip
     checks: tuple[tuple[str, Callable[[Any, Any], None]], ...] = (
         ("pending", _check_pending),
         ("actor_states", _check_actor_states),
         ("earlier", lambda e, g: _check_earlier(e, g, params, st["versions"])),
+        ("pending_delays", lambda d, g: _check_pending_delays(d, g, optional["pending"])),
     )
     for field_name, check in checks:
         if trace.state.get(field_name) is None:
@@ -169,7 +176,7 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     _check_events(trace, graph)
     return Checked(
         graph, policy, optimizer, params, opt_states, optional["pending"],
-        optional["actor_states"], optional["earlier"],
+        optional["actor_states"], optional["earlier"], optional["pending_delays"],
     )  # fmt: skip
 
 
@@ -268,6 +275,26 @@ def _check_pending(pending: Any, graph: Any) -> None:
         count = entry[1]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"layer {name!r} has a count of {count!r:.40}, not an int >= 0")
+
+
+def _check_pending_delays(delays: Any, graph: Any, pending: dict[str, Any]) -> None:
+    """``pending_delays`` (``{layer: [delay, ...]}``, the delays of the ``pending`` gradients):
+    layers of the graph, ints >= 0, no more than the layer's pending count."""
+    if not isinstance(delays, dict):
+        raise TypeError(f"a {type(delays).__name__}, not a map of layers")
+    for name, entry in delays.items():
+        if name not in graph.layers:
+            raise ValueError(f"no layer {name!r} in the graph; layers: {graph.layers}")
+        if not isinstance(entry, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry
+        ):
+            raise ValueError(f"layer {name!r} has {entry!r:.40}, not a list of ints >= 0")
+        count = pending[name][1] if name in pending else 0
+        if len(entry) > count:
+            raise ValueError(
+                f"layer {name!r} has {len(entry)} delays, more than the {count} gradients its "
+                "'pending' entry sums"
+            )
 
 
 def _check_earlier(earlier: Any, graph: Any, params: dict[str, Any], versions: Any) -> None:

@@ -208,7 +208,8 @@ def summary(
         A dict: ``path``, ``truncated`` (cut off mid-record, or without its closing record),
         ``closed`` (:attr:`~asyncnn.trace.Trace.closed`: False where the trace lacks the
         closing record its writer writes, as that of a killed process does; None for a trace
-        whose writer writes none), ``missing_workers`` (workers of a failed or
+        whose writer writes none), ``cut_mid_record`` (the file ends inside a record: its
+        writer stopped mid-write), ``missing_workers`` (workers of a failed or
         interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of the last event),
         ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
         every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
@@ -347,6 +348,7 @@ def summary(
         "path": str(path),
         "truncated": reader.truncated,
         "closed": reader.closed,
+        "cut_mid_record": reader.cut_mid_record,
         "missing_workers": sorted(missing),
         "events": events,
         "seconds": span,
@@ -429,7 +431,11 @@ def format_summary(s: dict[str, Any]) -> str:
     """The dict of :func:`summary` as a readable table."""
     lines = [
         f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
-        + (f" (TRUNCATED: {unclosed_reason(s.get('closed'))})" if s["truncated"] else ""),
+        + (
+            f" (TRUNCATED: {unclosed_reason(s.get('closed'), s.get('cut_mid_record', False))})"
+            if s["truncated"]
+            else ""
+        ),
         *(
             [
                 f"INCOMPLETE: the events of workers {s['missing_workers']} are missing (the run "
