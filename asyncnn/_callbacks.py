@@ -108,10 +108,9 @@ class EarlyStopping(Callback):
     Attributes:
         best: the last value that counted as an improvement (with ``min_delta``, not always
             the best seen: smaller gains do not move it, as in Keras and Lightning).
-            stopped_epoch: the epoch that stopped the fit, or None.
-            Both, and the count of epochs without improvement, carry over to the next ``fit``
-            given this callback (a fit per epoch goes on counting): make a new one to start
-            afresh.
+        stopped_epoch: the epoch that stopped the fit, or None. Both, and the count of epochs
+            without improvement, carry over to the next ``fit`` given this callback (a fit per
+            epoch goes on counting): make a new one to start afresh.
     """
 
     def __init__(

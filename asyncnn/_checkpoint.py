@@ -25,7 +25,9 @@ latest weights; without "delays", its first update applies the pending gradients
 delay), and an asyncnn that predates one loads the checkpoint without it.
 
 The spec's "fit" says where the epoch stands (``Trainer.save``'s record): "epoch_batches",
-"minibatches", "epoch_layout", and of the unfinished epoch's minibatches done, "epoch_losses"
+"minibatches", "epoch_layout" (what the minibatches of the epoch it stands in were; at an
+epoch's start, those of the last epoch, which an asyncnn before kept as null), and of the
+unfinished epoch's minibatches done, "epoch_losses"
 (their losses) and "epoch_rows" (their rows, which weigh the losses in the epoch's; a later
 optional field as above: without it, each minibatch's rows follow from the epoch layout).
 
@@ -284,8 +286,29 @@ def _spec_path(path: str) -> str:
         interrupted = _interrupted_first_save(path)
         if interrupted is not None:
             raise FileNotFoundError(interrupted)
+        latest = _latest_in_checkpoint_dir(path)
+        if latest is not None:
+            raise FileNotFoundError(
+                f"{path!r} is not a checkpoint folder but a fit's checkpoint_dir, holding a "
+                f"checkpoint per epoch (epoch-NNNN); load one of them, the latest: {latest!r}"
+            )
         raise FileNotFoundError(f"{path!r} is not a checkpoint folder: it has no {SPEC}")
     return os.path.join(path, SPEC)
+
+
+def _latest_in_checkpoint_dir(path: str) -> str | None:
+    """The checkpoint of the most epochs among the ``epoch-NNNN`` entries of ``path`` (a fit's
+    ``checkpoint_dir``), or None where it holds none (or is not a folder)."""
+    from ._fit import _checkpoint_epochs
+
+    if not os.path.isdir(path):
+        return None
+    entries = _checkpoint_epochs(path)
+    for n in sorted(entries, reverse=True):
+        candidate = os.path.join(path, entries[n])
+        if _is_checkpoint(candidate):
+            return candidate
+    return None
 
 
 @contextlib.contextmanager
@@ -353,13 +376,18 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     and counters are kept); with a ``policy`` of another kind than the checkpoint's (``Sync``
     after ``Async``), the gradients the saved policy had accumulated and not yet applied are
     dropped. The epoch's position comes from the spec (from ``fit.json`` for a checkpoint of
-    an asyncnn before the spec kept it). ``trusted_modules=[...]`` names modules whose classes the spec may
+    an asyncnn before the spec kept it). With a ``trace`` override equal to the path the saved
+    trainer traced to, the trainer's :attr:`~asyncnn.Trainer.traces` come back with it, so the
+    next ``fit`` numbers its trace on from them (``run.2.trace`` after ``run.trace`` and
+    ``run.1.trace``); set ``trainer.traces = []`` to trace to the path itself.
+    ``trusted_modules=[...]`` names modules whose classes the spec may
     name without their being imported already (see
     :func:`~asyncnn._math._imports.import_by_path`).
 
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint folder (also one where a first save
-            was cut off before it wrote its manifest: the message says so).
+            was cut off before it wrote its manifest, and a fit's ``checkpoint_dir``, whose
+            latest checkpoint the message names).
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
             version, malformed, left by a first save cut off there (said so), or does not fit
             the graph it describes (or the ``graph`` given): the message names the layer, the
@@ -456,6 +484,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
+        # the saved trainer's traces: its next fit numbers its trace on from them (run.2.trace
+        # after run.trace and run.1.trace), as the trainer that saved it would have
         trainer.traces = list(spec.get("traces", []))  # (none in an older asyncnn's checkpoint)
     trainer.epoch_batches, trainer._epoch_layout = position
     trainer._epoch_losses = _epoch_losses(spec, spec_path, trainer.epoch_batches)

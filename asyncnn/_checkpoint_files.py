@@ -201,7 +201,8 @@ def _read_spec(spec_path: str) -> dict[str, Any]:
 
     Raises:
         CheckpointError: it is damaged, of another format or version, or malformed: naming the
-            file, the field and what it must be.
+            file, the field and what it must be; or its weights are bfloat16 and this machine
+            lacks ml_dtypes (said so, with how to install it).
     """
     try:
         with open(spec_path, "rb") as f:
@@ -223,6 +224,12 @@ def _read_spec(spec_path: str) -> dict[str, Any]:
                 f"{spec_path} is malformed: {key!r} must be a {kind.__name__}, got "
                 f"{spec.get(key)!r:.80}"
             )
+    if unknown_dtype_hint(spec["dtype"]):  # (an intact file this machine cannot read)
+        raise CheckpointError(
+            f"{spec_path}: this checkpoint's weights are {spec['dtype']}, which needs the "
+            "ml_dtypes package (pip install ml_dtypes), also to load it with another dtype=: "
+            "numpy reads bfloat16 only through it"
+        )
     why = _malformed(spec)
     if why is not None:
         raise CheckpointError(f"{spec_path} is malformed: {why}")
@@ -252,10 +259,10 @@ def _malformed(spec: dict[str, Any]) -> str | None:
     dtype = spec["dtype"]
     try:
         RunConfig(dtype=dtype)
-    except ValueError:
+    except ValueError:  # (bfloat16 without ml_dtypes: _read_spec said so before)
         return (
             "'dtype' must name a floating dtype (the trainer's), such as 'float32' or "
-            f"'float64', got {dtype!r:.80}{unknown_dtype_hint(dtype)}"
+            f"'float64', got {dtype!r:.80}"
         )
     traces = spec.get("traces", [])  # (none in a checkpoint of an older asyncnn)
     if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):

@@ -24,6 +24,9 @@ ARRAYS = "arrays.safetensors"
 #: arrays of the same dtype (bfloat16 as ml_dtypes gives it to numpy, asyncnn's own)
 _ARRAY_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                 "float16", "bfloat16", "float32", "float64", "complex64")  # fmt: skip
+#: the value of a leaf's "array" that marks a numpy scalar (a 0-d array in the file); True for
+#: an array (also every numpy scalar of a checkpoint written before the mark: a 0-d array)
+_SCALAR = "scalar"
 #: the ints a spec holds (msgpack's: a signed or an unsigned 64-bit integer)
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
@@ -64,7 +67,9 @@ def _treedef_spec(
 ) -> Any:
     """The structure of a pytree with its non-array leaves (ints, floats) kept inline; its
     arrays go to ``arrays`` (on the host) under ``<prefix>/<leaf index>``, its leaves numbered
-    from ``counter[0]`` on as :func:`_join` counts them (a dict's in :func:`_key_order`).
+    from ``counter[0]`` on as :func:`_join` counts them (a dict's in :func:`_key_order`). A
+    numpy scalar goes there as a 0-d array, its entry ``{"array": "scalar"}`` (an array's is
+    ``{"array": True}``), and :func:`_join` gives it back as a numpy scalar.
 
     Containers are dicts, lists and tuples of exactly these types, as :func:`tree_flatten`
     sees them (it takes an ``OrderedDict`` or a named tuple for one leaf).
@@ -108,7 +113,10 @@ def _treedef_spec(
                 "list of str)"
             )
         arrays[f"{prefix}/{index}"] = host
-        return {"array": True}
+        # a numpy scalar is kept as a 0-d array and marked, so that it comes back a numpy
+        # scalar of its dtype, as it passes between fits and to workers (a 0-d array is not
+        # hashable); an asyncnn before the mark reads any value of "array" as an array
+        return {"array": _SCALAR if isinstance(tree, np.generic) else True}
     if tree is None or isinstance(tree, bool | int | float | str):
         why = _unstorable(tree)
         if why is not None:
@@ -157,6 +165,8 @@ def _join(spec: Any, prefix: str, arrays: dict[str, Any], device: str, counter: 
         name = f"{prefix}/{i}"
         if name not in arrays:
             raise ValueError(f"{prefix}: the array {name!r} is missing from {ARRAYS}")
+        if spec["array"] == _SCALAR:  # a numpy scalar (on the host, as it was saved)
+            return np.asarray(arrays[name])[()]
         return get_backend(device).asarray(arrays[name])
     if "value" in spec:
         return spec["value"]

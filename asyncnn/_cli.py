@@ -82,6 +82,10 @@ def _train(args: argparse.Namespace) -> int:
                 args.resume, progress=args.progress, cluster=cluster, trace=args.trace or None,
                 trace_payloads=args.trace_payloads, **placed,
             )  # fmt: skip
+            # this run's one fit traces to --trace itself, as --help says (Trainer.load, given
+            # the path the saved run traced to, would number it on: run.1.trace), the path the
+            # checks of --trace looked at
+            trainer.traces = []
             graph, policy = trainer.graph, trainer.policy
             microbatches = getattr(policy, "microbatches", None)
             if isinstance(microbatches, int) and microbatches > args.batch_size:
@@ -160,8 +164,20 @@ def _fit(
               f"{args.stages} stages under {policy}{where}; modules per stage {cut} "
               f"(balanced by {args.balance})")  # fmt: skip
     else:
+        counted = trainer._epoch_layout  # (what the unfinished epoch's minibatches were)
+        saved_size = None if counted is None else counted["batch_size"]
+        same = "as the checkpoint's" if saved_size == args.batch_size else "given"
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
-              f"({trainer.state.minibatches} minibatches) under {policy}{where}")  # fmt: skip
+              f"({trainer.state.minibatches} minibatches) under {policy}{where}; minibatches "
+              f"of {args.batch_size} rows, {same}")  # fmt: skip
+        if trainer.epoch_batches and saved_size is not None and saved_size != args.batch_size:
+            # (fit starts an epoch counted in other minibatches over: said, not silent)
+            print(
+                f"--batch-size {args.batch_size}: the checkpoint's unfinished epoch "
+                f"{trainer.epochs_done} ({trainer.epoch_batches} of its minibatches of "
+                f"{saved_size} rows done) starts over in minibatches of {args.batch_size} rows "
+                f"(give --batch-size {saved_size} to finish it)"
+            )
     # --epochs counts those of the checkpoint too (one at or below them was refused before the
     # data was loaded)
     epochs = args.epochs - trainer.epochs_done
@@ -216,8 +232,11 @@ def _fit(
         os.makedirs(args.out, exist_ok=True)
         with open(results, "w") as f:
             f.write(_strict_json(report))
+    # (a classifier's, which train builds and --resume requires: the report of a finished run
+    # must not fail on a missing one)
+    accuracy = f"test accuracy {result['accuracy']:.1%}, " if "accuracy" in result else ""
     print(
-        f"test accuracy {result['accuracy']:.1%}, test loss {result['loss']:.3f}; "
+        f"{accuracy}test loss {result['loss']:.3f}; "
         f"{seconds:.1f} s, {hist.samples_per_second:.0f} samples/s"
     )
     print("actor       busy  forwards  updates  peak stored")
@@ -401,7 +420,11 @@ def _parser() -> argparse.ArgumentParser:
         "--epochs", type=_natural, default=30,
         help="epochs in all (with --resume, those of the checkpoint count)",
     )  # fmt: skip
-    t.add_argument("--batch-size", type=_positive_int, default=100, help="rows per minibatch")
+    t.add_argument(
+        "--batch-size", type=_positive_int, default=100,
+        help="rows per minibatch (with --resume, the checkpoint's where it records one; "
+        "another restarts its unfinished epoch)",
+    )  # fmt: skip
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
     t.add_argument("--seed", type=_seed, default=0, help="weights and shuffling")
     t.add_argument("--progress", action="store_true", help="live progress bar")
@@ -409,7 +432,10 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_natural, default=0,
         help="run the stages in this many local worker processes (stage i on worker i mod N)",
     )  # fmt: skip
-    t.add_argument("--trace", metavar="PATH", help="write a message trace of the run here")
+    t.add_argument(
+        "--trace", metavar="PATH",
+        help="write a message trace of the run here (with --resume too: this run's alone)",
+    )  # fmt: skip
     t.add_argument(
         "--trace-payloads", choices=("inputs", "all", "none"), default="inputs",
         help="what the trace keeps besides digests: the inputs fed in (enough for asyncnn "
@@ -421,8 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--resume", metavar="DIR",
-        help="continue the trainer saved in DIR (model, policy, optimizer and seed from it; "
-        "give the --dataset it was trained on)",
+        help="continue the trainer saved in DIR (model, policy, optimizer, seed and batch size "
+        "from it; give the --dataset it was trained on)",
     )  # fmt: skip
     t.add_argument("--metrics", metavar="FILE", help="append step and epoch metrics here (JSONL)")
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")

@@ -86,12 +86,19 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
         ) from exc
 
 
-def _check_resume(path: str) -> tuple[Graph, int]:
+def _check_resume(path: str) -> tuple[Graph, int, int | None]:
     """Refuses, before the data is loaded, a ``--resume`` that is no checkpoint folder or a
     damaged one, naming the flag (the Python API's words name only the path); returns the
-    checkpoint's graph and its epochs done, read from its spec (its arrays are checksummed, not
-    read: ``Trainer.load`` reads them once)."""
-    from ._checkpoint import _is_checkpoint, _spec_path, read_graph
+    checkpoint's graph, its epochs done and the batch size of its last epoch's minibatches
+    (``None`` where it records none), read from its spec (its arrays are checksummed, not read:
+    ``Trainer.load`` reads them once)."""
+    from ._checkpoint import (
+        _is_checkpoint,
+        _latest_in_checkpoint_dir,
+        _position,
+        _spec_path,
+        read_graph,
+    )
     from ._checkpoint_files import (
         MANIFEST,
         CheckpointError,
@@ -108,6 +115,12 @@ def _check_resume(path: str) -> tuple[Graph, int]:
     try:  # (its words say why: no spec, or a first save cut off before its manifest)
         spec_path = _spec_path(path)
     except FileNotFoundError as exc:
+        latest = _latest_in_checkpoint_dir(path)
+        if latest is not None:  # (said here with the flag, where Python's says Trainer.load)
+            raise UsageError(
+                f"--resume {path}: it holds a checkpoint per epoch (a fit's checkpoint_dir), "
+                f"not one checkpoint; give one of them, the latest: --resume {latest}"
+            ) from exc
         raise UsageError(f"--resume {path}: {exc}; {fix}") from exc
     try:  # checked as Trainer.load checks it, before it is loaded
         try:
@@ -117,7 +130,9 @@ def _check_resume(path: str) -> tuple[Graph, int]:
                 raise  # loading it would)
             verify_checkpoint(path)
         graph = read_graph(path)
-        epochs_done: int = _read_spec(spec_path)["epochs_done"]
+        spec = _read_spec(spec_path)
+        epochs_done: int = spec["epochs_done"]
+        _, layout = _position(path, spec, spec_path)  # (as Trainer.load will read it)
     except (ValueError, OSError) as exc:  # CheckpointError, UntrustedModuleError, unreadable
         why = str(exc).rstrip(".")
         if _is_checkpoint(path):  # a checkpoint, damaged: the reader's words say where
@@ -130,14 +145,17 @@ def _check_resume(path: str) -> tuple[Graph, int]:
             except CheckpointError as spec_exc:
                 why = str(spec_exc).rstrip(".")
         raise UsageError(f"--resume {path}: {why}; {fix}") from exc
-    return graph, epochs_done
+    return graph, epochs_done, None if layout is None else layout["batch_size"]
 
 
 def _check_resumable(args: argparse.Namespace, graph: Graph) -> None:
     """Refuses a checkpoint whose graph does not read what ``asyncnn train`` feeds it: ``x``,
     rows of the ``--dataset``'s features, and ``y``, integer labels (a checkpoint saved from
     Python failed after the data and the weights were loaded, speaking of a batch the user never
-    gave)."""
+    gave), or that is no classifier, whose test accuracy train reports (one failed after the
+    whole run, with a bare "error: accuracy")."""
+    from ._train import _classifiers
+
     path = args.resume
     elsewhere = (
         "it is not a checkpoint asyncnn train can resume; load it in Python with ann.Trainer.load"
@@ -159,6 +177,12 @@ def _check_resumable(args: argparse.Namespace, graph: Graph) -> None:
             f"--resume {path}: its graph's inputs are 'x' of shape {x.shape} and 'y' of shape "
             f"{y.shape} ({y.dtype}), and asyncnn train feeds rows of features (None, F) and "
             f"integer labels (None,): {elsewhere}"
+        )
+    if not _classifiers(graph):
+        raise UsageError(
+            f"--resume {path}: its losses {list(graph.losses)} are no classifier's (a "
+            "CrossEntropyLoss of the integer labels 'y'), and asyncnn train trains classifiers "
+            f"and reports their test accuracy: {elsewhere}"
         )
     features = None if x.shape is None else x.shape[1]
     have = _DATASET_FEATURES[args.dataset]
@@ -258,8 +282,12 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
                 f"--resume takes the model, policy, optimizer and seed from the checkpoint; "
                 f"drop {' '.join(clash)}"
             )
-        graph, epochs_done = _check_resume(args.resume)
+        graph, epochs_done, batch_size = _check_resume(args.resume)
         _check_resumable(args, graph)
+        if "--batch-size" not in given and batch_size is not None:
+            # the run goes on in the checkpoint's minibatches (in others, its unfinished epoch
+            # would start over: the rows it has trained, trained twice)
+            args.batch_size = batch_size
         if args.epochs <= epochs_done:  # (an equal count trained nothing, and reported it)
             raise UsageError(
                 f"--epochs {args.epochs}: the checkpoint has trained {epochs_done} already "

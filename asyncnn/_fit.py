@@ -303,7 +303,9 @@ class _FitState:
             # (the losses of minibatches before `done` are known and never change)
             tr._epoch_losses_later = functools.partial(self._epoch_losses, epoch, done)
         tr.epochs_done, tr.epoch_batches = epoch, skip
-        tr._epoch_layout = layout if skip else None
+        # (kept at an epoch's start too, as the last epoch's: a save records the batch size the
+        # run went in, which `asyncnn train --resume` goes on with)
+        tr._epoch_layout = layout
         self._history_losses(done)
 
     def _history_losses(self, done: int) -> None:
@@ -366,8 +368,9 @@ class _FitState:
 
     @trio.lowlevel.enable_ki_protection
     def _end_epoch(self, run: Run, epoch: int) -> None:
-        """Keeps the state after ``epoch``, then runs its end: step-end callbacks still due,
-        validation, the history's row, ``on_epoch_end`` and the checkpoint.
+        """Keeps the state after ``epoch``'s minibatches, delivers the step-end callbacks still
+        due, then runs its end: validation, the history's row, ``on_epoch_end`` and the
+        checkpoint.
 
         Ctrl-C waits for the end (it stops the fit at the next step, as it does in a notebook):
         the kept state counts the epoch as done, so an epoch end cut short would never run,
@@ -375,10 +378,15 @@ class _FitState:
         A Ctrl-C before the end begins (while the last minibatches are settling) keeps the
         epoch not done, as one mid-epoch does: its minibatches all done, its end pending
         (:attr:`Trainer.epoch_batches` is the epoch's minibatches), which the next ``fit``
-        runs first, as the one epoch of its ``epochs`` it finishes."""
-        self.ended.add(epoch)
-        self._snapshot(run)
+        runs first, as the one epoch of its ``epochs`` it finishes. So does an error in the
+        step hooks of its last minibatches: they come before its end, which has not begun (a
+        hook's ``trainer.save`` there writes the epoch with its end pending, as a stop keeps
+        it)."""
+        self._snapshot(run)  # (what the step hooks see and a stop in them keeps)
         self._deliver_steps()
+        self.ended.add(epoch)
+        if self.in_process:  # the same state (the run is idle), the epoch now done
+            self._commit(self.tr.state)
         self._epoch_end(epoch)
 
     def _epoch_end(self, epoch: int) -> None:

@@ -163,8 +163,10 @@ class Trainer:
         #: finishes that epoch first)
         self.epoch_batches = 0
         # what defines the minibatches epoch_batches counts (see _FitPlan.epoch_layout): a fit
-        # with another layout starts the epoch over; None where unknown (a checkpoint's fit.json
-        # written before it was kept): the position is taken as it comes
+        # with another layout starts the epoch over; at an epoch's start, the last epoch's;
+        # None where unknown (no fit yet, a checkpoint's fit.json written before it was kept,
+        # or at an epoch's start by an asyncnn that kept it only mid-epoch): the position is
+        # taken as it comes
         self._epoch_layout: dict[str, Any] | None = None
         # the known losses of those minibatches, in order, each with its rows (None: not kept,
         # by a checkpoint of an older asyncnn): the epoch's loss, at its end, is over theirs
@@ -707,7 +709,8 @@ class Trainer:
         position = {
             "epoch_batches": self.epoch_batches,
             "minibatches": self.state.minibatches,
-            "epoch_layout": self._epoch_layout if self.epoch_batches else None,
+            # (at an epoch's start, the last epoch's: the minibatches the run went in)
+            "epoch_layout": self._epoch_layout,
         }
         # serialised first: a value JSON cannot hold fails the save before anything is written
         fit = json.dumps(position)
@@ -733,7 +736,10 @@ class Trainer:
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
         constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a
         ``policy`` of another kind than the checkpoint's (``Sync`` after ``Async``), gradients
-        the saved policy had accumulated and not yet applied are dropped."""
+        the saved policy had accumulated and not yet applied are dropped. With ``trace=`` the
+        path the saved trainer traced to, :attr:`traces` comes back too, and the next fit
+        numbers its trace on (``run.2.trace`` after ``run.trace`` and ``run.1.trace``); set
+        ``trainer.traces = []`` to trace to the path itself."""
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)

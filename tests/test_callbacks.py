@@ -201,6 +201,18 @@ def test_early_stopping_of_a_subclass_adding_its_own_metric_still_monitors_it():
     assert hist.stopped_early and len(hist.epochs) == 2 and stop.stopped_epoch == 1
 
 
+def test_early_stopping_documents_each_of_its_attributes_on_its_own():
+    # (stopped_epoch was indented under best: the API reference showed one attribute, 'best',
+    # whose text ran on into "stopped_epoch: ...")
+    griffe = pytest.importorskip("griffe")  # what mkdocstrings parses the docstrings with
+    doc = griffe.Docstring(EarlyStopping.__doc__ or "", lineno=1)
+    sections = griffe.parse_google(doc, warnings=False)
+    names = [a.name for s in sections if s.kind.value == "attributes" for a in s.value]
+    assert names == ["best", "stopped_epoch"]
+    stop = EarlyStopping()
+    assert all(hasattr(stop, name) for name in names)
+
+
 def test_jsonl_logger(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     tr = _trainer()
@@ -587,6 +599,44 @@ def test_ctrl_c_before_an_epoch_end_leaves_that_end_pending_for_the_next_fit(
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
     assert (back.epochs_done, back.epoch_batches, back.state.minibatches) == (3, 0, 15)
     assert_params_equal(back.params, _trainer_params(tmp_path / "straight" / "epoch-0003"))
+
+
+class _RaiseInStepHook(Callback):
+    """Raises in the step hook of one minibatch."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.step:
+            raise RuntimeError(f"boom at step {step}")
+
+
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.PipeDream(2)], ids=str)
+def test_an_error_in_the_last_step_hook_of_an_epoch_leaves_that_end_pending(tmp_path, policy):
+    # (the epoch was marked ended before its last step hook ran: the hook's error lost its end
+    # for good, with no on_epoch_end, no validation in the history's row and no epoch-0002
+    # checkpoint, then or in the next fit, which went on with the next epoch)
+    def fit(tr, epochs, callbacks, folder):
+        return tr.fit(_data(), epochs=epochs, batch_size=8, validation_data=_data(seed=1),
+                      callbacks=callbacks, checkpoint_dir=folder, checkpoint_every=1)  # fmt: skip
+
+    straight = _Record()
+    fit(_trainer(policy), 3, [straight], tmp_path / "straight")
+    rec, tr = _Record(), _trainer(policy)
+    with pytest.raises(RuntimeError, match="boom at step 9"):  # the last of epoch 1
+        fit(tr, 3, [rec, _RaiseInStepHook(9)], tmp_path / "ckpt")
+    # epoch 1 not done: its minibatches all are, its end is pending
+    assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (1, 5, 10)
+    assert [c[1] for c in rec.calls if c[0] == "epoch"] == [0]
+    assert [e["epoch"] for e in tr.history.epochs] == [0]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-0001"]
+    again = _Record()
+    fit(tr, 2, [again], tmp_path / "ckpt")  # epoch 1's end, then epoch 2
+    ends = [c for c in straight.calls if c[0] == "epoch"]
+    assert [c for c in again.calls if c[0] == "epoch"] == ends[1:]  # validation included
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert (tr.epochs_done, tr.epoch_batches, tr.state.minibatches) == (3, 0, 15)
 
 
 def _trainer_params(path):

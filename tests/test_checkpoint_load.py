@@ -33,6 +33,26 @@ def test_a_dtype_override_casts_the_weights_and_optimizer_state(saved: Any, tmp_
     assert_params_equal(narrow.params, tr.params)
 
 
+def test_a_bfloat16_checkpoint_without_ml_dtypes_says_to_install_it_not_malformed(
+    saved: Any, tmp_path: Any
+) -> None:
+    # (it said "spec.msgpack is malformed: 'dtype' must name a floating dtype ..., got
+    # 'bfloat16'", sending users looking for damage in an intact file)
+    from asyncnn.backends._dtypes import BFLOAT16
+
+    if BFLOAT16 is not None:  # ml_dtypes installed: a bfloat16 checkpoint loads
+        return
+    path, _ = saved
+    folder = _copy(path, str(tmp_path / "bf16"))
+    _rewrite_spec(folder, lambda spec: spec.update(dtype="bfloat16"))  # as a bfloat16 run's
+    for overrides in ({}, {"dtype": "float32"}):  # (its arrays are bfloat16 in the file too)
+        with pytest.raises(CheckpointError) as info:
+            ann.Trainer.load(folder, **overrides)
+        said = str(info.value)
+        assert "malformed" not in said and "damaged" not in said
+        assert "bfloat16, which needs the ml_dtypes package (pip install ml_dtypes)" in said
+
+
 def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved: Any) -> None:
     path, tr = saved
     rng = np.random.default_rng(1)

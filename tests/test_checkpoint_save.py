@@ -216,6 +216,9 @@ class _Stateful(ann.LayerActor):
             return {"n": [1, 2**70]}
         if self.kind == "big-key":
             return {-(2**64): seen}
+        if self.kind == "scalars":  # numpy scalars beside a 0-d array
+            return {"step": np.int64(7), "half": np.float16(0.5), "flag": np.bool_(True),
+                    "zero_d": seen}  # fmt: skip
         return {"nested": [{"seen": seen}, {1: object()}]}
 
 
@@ -278,6 +281,24 @@ def test_an_actor_state_mixing_int_and_str_keys_saves_and_loads_ints_first(tmp_p
         assert np.asarray(got).shape == () and int(got) == want
     back = ann.Trainer.load(folder)
     back.fit(_data(), batch_size=16)  # its actor takes the state back and trains on
+
+
+def test_an_actor_states_numpy_scalars_load_as_numpy_scalars(tmp_path: Any) -> None:
+    # (they came back as 0-d arrays: an actor keying a dict by its np.int64 step failed after a
+    # load with "unhashable type: 'numpy.ndarray'", while between fits and under replay it got
+    # the np.int64)
+    tr = _stateful_trainer("scalars")
+    folder = str(tmp_path / "c")
+    tr.save(folder)
+    back = ann.Trainer.load(folder)
+    state = back.state.actor_states["a"]
+    for key, kind in (("step", np.int64), ("half", np.float16), ("flag", np.bool_)):
+        assert type(state[key]) is kind, (key, type(state[key]))
+    assert state["step"] == 7 and state["half"] == 0.5 and state["flag"]
+    assert isinstance(state["zero_d"], np.ndarray) and state["zero_d"].shape == ()  # as it was
+    hash(state["step"])  # a dict key, as it was before the save
+    back.fit(_data(), batch_size=16)
+    assert type(back.state.actor_states["a"]["step"]) is np.int64  # the actor got it as saved
 
 
 @pytest.mark.parametrize("left", ["manifest", "spec"], ids=["in-manifest", "before-manifest"])

@@ -957,3 +957,125 @@ def test_bench_help_names_only_flags_the_benchmark_takes(name: str) -> None:
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", proc.stdout))
     taken = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage)) | {"--help"}
     assert named <= taken, proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_resume_traces_to_the_path_given_as_the_help_says(tmp_path: Path) -> None:
+    # (the resumed run wrote runs/run.1.trace, numbered on from the checkpoint's traces, and
+    # left runs/run.trace, which `asyncnn replay runs/run.trace` then read, as the first run's)
+    ckpt, trace = str(tmp_path / "ckpt"), tmp_path / "runs" / "run.trace"
+    assert main([*_TRAIN, "--epochs", "1", "--save", ckpt, "--trace", str(trace)]) == 0
+    first = ann.Trainer.load(ckpt).state.minibatches
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--save",
+                 ckpt, "--trace", str(trace), "--out", ""]) == 0  # fmt: skip
+    assert sorted(p.name for p in trace.parent.iterdir()) == ["run.trace"]
+    assert ann.trace.read(str(trace)).header["start"]["minibatches"] == first  # the second run
+    # (in Python, a trainer loaded with the trace path the saved one had numbers on from it)
+    assert ann.Trainer.load(ckpt, trace=str(trace)).traces == [str(trace)]
+
+
+class _StopAfter(ann.callbacks.Callback):
+    """Stops the fit after ``steps`` of its minibatches."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, trainer: Any, step: int, logs: Any) -> None:
+        self.steps -= 1
+        if self.steps <= 0:
+            trainer.stop_training = True
+
+
+def _batch_size_checkpoints(tmp_path: Path) -> tuple[str, str, int]:
+    """Two checkpoints of a run in minibatches of 32 rows (45 an epoch): one at the end of its
+    first epoch (``--save``'s), one stopped part-way through its second: ``(end, mid, done)``,
+    ``done`` the minibatches of the second epoch that one has done."""
+    end, mid = str(tmp_path / "end"), str(tmp_path / "mid")
+    args = [*_TRAIN, "--epochs", "1", "--save", end]
+    args[args.index("--batch-size") + 1] = "32"
+    assert main(args) == 0
+    tr = ann.Trainer.load(end)
+    ds = ann.data.load_digits()  # fed as asyncnn train feeds it
+    tr.fit({"x": ds["x_train"], "y": ds["y_train"]}, epochs=1, batch_size=32, shuffle=True,
+           callbacks=[_StopAfter(10)])  # fmt: skip
+    assert tr.epochs_done == 1 and 0 < tr.epoch_batches < 45
+    tr.save(mid)
+    return end, mid, tr.epoch_batches
+
+
+@pytest.mark.timeout(90)
+def test_resume_without_a_batch_size_takes_the_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (it took the default of 100: the interrupted epoch, cut in minibatches of 32, started
+    # over in minibatches of 100, its rows done trained twice, without a word)
+    end, mid, done = _batch_size_checkpoints(tmp_path)
+    capsys.readouterr()
+    for ckpt, left in ((mid, 45 - done), (end, 45)):
+        out = tmp_path / f"out-{Path(ckpt).name}"
+        assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2",
+                     "--out", str(out)]) == 0  # fmt: skip
+        report = json.loads((out / "results.json").read_text())
+        assert report["args"]["batch_size"] == 32
+        assert len(report["losses"]) == left, ckpt  # the rest of the epoch, in its minibatches
+        said = capsys.readouterr().out
+        assert "minibatches of 32 rows, as the checkpoint's" in said and "over" not in said
+    # another given: the epoch starts over, and the output says so
+    out = tmp_path / "out-64"
+    assert main(["train", "--dataset", "digits", "--resume", mid, "--epochs", "2",
+                 "--batch-size", "64", "--out", str(out)]) == 0  # fmt: skip
+    assert len(json.loads((out / "results.json").read_text())["losses"]) == 23
+    said = capsys.readouterr().out
+    assert (
+        f"--batch-size 64: the checkpoint's unfinished epoch 1 ({done} of its minibatches of 32 "
+        "rows done) starts over in minibatches of 64 rows (give --batch-size 32 to finish it)"
+    ) in said
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_checkpoint_without_a_classifier_is_refused_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (a regression model saved from Python trained, saved, then ended with the bare
+    # "asyncnn train: error: accuracy", status 2, its report never printed)
+    from asyncnn import nn
+
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 64))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("stage0", nn.Sequential(nn.Linear(64, 1), nn.Flatten(start_dim=0)), x)
+    g.loss("loss", nn.MSELoss(), h, y)
+    ckpt = str(tmp_path / "ckpt")
+    ann.Trainer(g, optimizer=optim.SGD(lr=0.01), policy=policies.Sync()).save(ckpt)
+    _no_data(monkeypatch)
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--out", ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip() == (
+        f"asyncnn train: error: --resume {ckpt}: its losses ['loss'] are no classifier's "
+        "(a CrossEntropyLoss of the integer labels 'y'), and asyncnn train trains classifiers "
+        "and reports their test accuracy: it is not a checkpoint asyncnn train can resume; "
+        "load it in Python with ann.Trainer.load"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_checkpoint_dir_names_its_latest_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (it said only "it has no spec.msgpack")
+    folder = tmp_path / "ckpts"
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((16, 5)), "y": rng.integers(0, 3, 16)}
+    tr.fit(data, epochs=10, batch_size=8, checkpoint_dir=folder, checkpoint_every=5)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0005", "epoch-0010"]
+    _no_data(monkeypatch)
+    assert main(["train", "--resume", str(folder), "--out", ""]) == 2
+    latest = folder / "epoch-0010"
+    assert _one_error_line(capsys) == (
+        f"asyncnn train: error: --resume {folder}: it holds a checkpoint per epoch (a fit's "
+        f"checkpoint_dir), not one checkpoint; give one of them, the latest: --resume {latest}"
+    )
+    with pytest.raises(FileNotFoundError, match=f"load one of them, the latest: '{latest}'"):
+        ann.Trainer.load(folder)

@@ -10,6 +10,9 @@ code that cannot run here (a GPU, a package that is not installed, a placeholder
 other languages (``bash``, ``text``) are never run.
 
 Pages run in a temporary working directory, so examples may write files (checkpoints) freely.
+
+A last test checks that the API reference (``docs/api/``, in mkdocs.yml's nav) renders every
+public name of ``asyncnn`` and of its public submodules.
 """
 
 from __future__ import annotations
@@ -82,3 +85,30 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             raise AssertionError(
                 f"the example at {page.name} line {line} failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def test_the_api_reference_renders_every_public_name():
+    """Each public submodule has a page under ``docs/api/`` in mkdocs.yml's nav, and each public
+    name is rendered there: by its module's ``::: asyncnn.sub`` or by its own ``:::`` line."""
+    import asyncnn
+
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    api = ROOT / "docs" / "api"
+    rendered = {
+        line.removeprefix(":::").strip()
+        for page in api.glob("*.md")
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith(":::")
+    }
+    missing = []
+    for name in asyncnn.__all__:
+        value = getattr(asyncnn, name)
+        if isinstance(value, types.ModuleType):
+            if f"api/{name}.md" not in nav or not (api / f"{name}.md").exists():
+                missing.append(f"a page api/{name}.md in mkdocs.yml's nav")
+            if value.__name__ not in rendered:  # else each name on its own
+                names = (f"{value.__name__}.{n}" for n in value.__all__)
+                missing += [n for n in names if n not in rendered]
+        elif f"asyncnn.{name}" not in rendered:
+            missing.append(f"asyncnn.{name}")
+    assert not missing, f"the API reference (docs/api/) does not render {missing}"
