@@ -84,6 +84,20 @@ __all__ = [
 ]
 
 
+def _check_loadable(trainer: Trainer, state: RunState) -> None:
+    """Refuses, before anything is written, pending gradients or delays that the load (its
+    ``open_run``) would refuse: a checkpoint its own ``Trainer.load`` cannot read is data lost
+    (a float delay was cut to an int, more delays than gradients written)."""
+    from ._runtime._open_run import _check_pending_delays, _check_pending_grads
+
+    try:
+        _check_pending_grads(trainer.graph, state)
+        _check_pending_delays(trainer.graph, state)
+    except (TypeError, ValueError) as exc:
+        said = str(exc).removeprefix("open_run: ")
+        raise type(exc)(f"Trainer.save: the trainer's state would not load again: {said}") from None
+
+
 def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
     """Writes the checkpoint folder ``path`` (see the module's docstring); ``fit`` is where the
     epoch stands (:meth:`Trainer.save`'s record), kept in the spec with the weights."""
@@ -91,6 +105,7 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
 
     check_save_path(path)
     state = trainer.state
+    _check_loadable(trainer, state)
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, Any] = {}
     for name in trainer.graph.layers:

@@ -144,6 +144,7 @@ def _fit(
     trainer: Any = None,
 ) -> int:
     from . import Trainer, optim
+    from ._fit import epoch_layout
     from .callbacks import JSONLLogger
 
     plural = "es" if args.workers != 1 else ""
@@ -165,18 +166,26 @@ def _fit(
               f"(balanced by {args.balance})")  # fmt: skip
     else:
         counted = trainer._epoch_layout  # (what the unfinished epoch's minibatches were)
-        saved_size = None if counted is None else counted["batch_size"]
-        same = "as the checkpoint's" if saved_size == args.batch_size else "given"
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
               f"({trainer.state.minibatches} minibatches) under {policy}{where}; minibatches "
-              f"of {args.batch_size} rows, {same}")  # fmt: skip
-        if trainer.epoch_batches and saved_size is not None and saved_size != args.batch_size:
-            # (fit starts an epoch counted in other minibatches over: said, not silent)
+              f"of {args.batch_size} rows, {getattr(args, 'batch_size_from', 'given')}")  # fmt: skip
+        # the layout this run's fit has (it always shuffles, keeps the last short minibatch):
+        # fit starts an epoch counted in any other over, which is said, not silent
+        planned = epoch_layout(len(train["y"]), args.batch_size, True, trainer.seed, False)
+        if trainer.epoch_batches and counted is not None and counted != planned:
+            differ = ", ".join(
+                f"{k} {counted.get(k)!r} there, {v!r} here"
+                for k, v in planned.items() if counted.get(k) != v
+            )  # fmt: skip
+            hint = (
+                f" (give --batch-size {counted['batch_size']} to finish it)"
+                if set(k for k, v in planned.items() if counted.get(k) != v) == {"batch_size"}
+                else ""
+            )
             print(
-                f"--batch-size {args.batch_size}: the checkpoint's unfinished epoch "
-                f"{trainer.epochs_done} ({trainer.epoch_batches} of its minibatches of "
-                f"{saved_size} rows done) starts over in minibatches of {args.batch_size} rows "
-                f"(give --batch-size {saved_size} to finish it)"
+                f"the checkpoint's unfinished epoch {trainer.epochs_done} "
+                f"({trainer.epoch_batches} minibatches done) starts over: its minibatches were "
+                f"laid out otherwise ({differ}){hint}"
             )
     # --epochs counts those of the checkpoint too (one at or below them was refused before the
     # data was loaded)

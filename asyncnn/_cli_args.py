@@ -284,10 +284,12 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
             )
         graph, epochs_done, batch_size = _check_resume(args.resume)
         _check_resumable(args, graph)
+        args.batch_size_from = "given" if "--batch-size" in given else "the default"
         if "--batch-size" not in given and batch_size is not None:
             # the run goes on in the checkpoint's minibatches (in others, its unfinished epoch
             # would start over: the rows it has trained, trained twice)
             args.batch_size = batch_size
+            args.batch_size_from = "the checkpoint's"
         if args.epochs <= epochs_done:  # (an equal count trained nothing, and reported it)
             raise UsageError(
                 f"--epochs {args.epochs}: the checkpoint has trained {epochs_done} already "

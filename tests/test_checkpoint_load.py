@@ -306,6 +306,21 @@ def test_a_checkpoint_keeps_the_delays_of_the_gradients_pending(tmp_path: Any) -
     assert sync.state.pending_grads == {} and sync.state.pending_delays == {}
 
 
+@pytest.mark.parametrize("delays", [[1, 1], [-1], [1.5]], ids=["too-many", "negative", "float"])
+def test_a_state_the_load_would_refuse_is_refused_before_it_is_saved(
+    tmp_path: Any, delays: list[Any]
+) -> None:
+    # (Trainer.save wrote it, a float delay cut to an int, and its own Trainer.load refused it)
+    tr = _spike_async()
+    tr.fit(classification_data(32), epochs=1, batch_size=8)
+    name = tr.graph.layers[0]
+    tr.state = dataclasses.replace(tr.state, pending_delays={name: delays})
+    with pytest.raises(ValueError, match=rf"^Trainer\.save: the trainer's state would not load "
+                       rf"again: state\.pending_delays\[{name!r}\]"):  # fmt: skip
+        tr.save(tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize(
     "delays,said",
     [

@@ -1019,17 +1019,31 @@ def test_resume_without_a_batch_size_takes_the_checkpoints(
         assert report["args"]["batch_size"] == 32
         assert len(report["losses"]) == left, ckpt  # the rest of the epoch, in its minibatches
         said = capsys.readouterr().out
-        assert "minibatches of 32 rows, as the checkpoint's" in said and "over" not in said
+        assert "minibatches of 32 rows, the checkpoint's" in said and "over" not in said
     # another given: the epoch starts over, and the output says so
     out = tmp_path / "out-64"
     assert main(["train", "--dataset", "digits", "--resume", mid, "--epochs", "2",
                  "--batch-size", "64", "--out", str(out)]) == 0  # fmt: skip
     assert len(json.loads((out / "results.json").read_text())["losses"]) == 23
     said = capsys.readouterr().out
+    assert "minibatches of 64 rows, given" in said
     assert (
-        f"--batch-size 64: the checkpoint's unfinished epoch 1 ({done} of its minibatches of 32 "
-        "rows done) starts over in minibatches of 64 rows (give --batch-size 32 to finish it)"
+        f"the checkpoint's unfinished epoch 1 ({done} minibatches done) starts over: its "
+        "minibatches were laid out otherwise (batch_size 32 there, 64 here) (give --batch-size "
+        "32 to finish it)"
     ) in said
+    # a checkpoint of a fit that did not shuffle (saved from Python): asyncnn train shuffles,
+    # so its epoch starts over too, which was said to go on "as the checkpoint's"
+    tr = ann.Trainer.load(end)
+    ds = ann.data.load_digits()
+    tr.fit({"x": ds["x_train"], "y": ds["y_train"]}, epochs=1, batch_size=32,
+           callbacks=[_StopAfter(10)])  # fmt: skip
+    tr.save(str(tmp_path / "plain"))
+    capsys.readouterr()
+    assert main(["train", "--dataset", "digits", "--resume", str(tmp_path / "plain"),
+                 "--epochs", "2", "--out", str(tmp_path / "out-plain")]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert "starts over: its minibatches were laid out otherwise (shuffle False there, True" in said
 
 
 @pytest.mark.timeout(60)

@@ -530,6 +530,10 @@ def test_a_named_tuple_or_a_list_subclass_is_an_array_to_the_arithmetic_ops() ->
     np.testing.assert_array_equal(ops.add(Pair(1.0, 2.0), Pair(3.0, 4.0)), [4.0, 6.0])
     np.testing.assert_array_equal(ops.multiply(Row([1.0, 2.0]), 2), [2.0, 4.0])
     np.testing.assert_array_equal(ops.subtract(Pair(1.0, 2.0), np.ones(2)), [0.0, 1.0])
+    # a Python number beside a list stays a number: numpy's weak promotion keeps float32
+    x = np.ones(3, np.float32)
+    assert ops.where([True, False, True], x, 0.0).dtype == np.float32
+    assert ops.where((True, False, True), 2.0, x).dtype == np.float32
 
 
 def test_an_op_of_a_list_and_a_traced_array_differentiates_the_array() -> None:

@@ -125,7 +125,9 @@ def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
         if t is np.ndarray or t is Tracer or t is float or t is int:
             continue
         if t is list or t is tuple or isinstance(a, list | tuple):  # (a NamedTuple too)
-            args = tuple([as_array(b, name) for b in args])
+            # only the lists: a Python number beside them stays one (numpy's weak promotion:
+            # where(mask_list, x32, 0.0) is float32)
+            args = tuple([as_array(b, name) if isinstance(b, list | tuple) else b for b in args])
             break
     try:
         return _P[name](*args, **params)
