@@ -303,15 +303,12 @@ def _strict_json(value: Any) -> str:
 
 def _replay(args: argparse.Namespace) -> int:
     from . import replay
+    from ._tracing._read import unclosed_reason
     from .trace import read
 
     recorded = read(args.path)
     if recorded.truncated:
-        how = (
-            "it ends without its closing record: the process that wrote it was killed"
-            if recorded.closed is False and not recorded.cut_mid_record
-            else "it ends inside a record: the run that wrote it did not finish writing"
-        )
+        how = unclosed_reason(recorded.closed, recorded.cut_mid_record)
         raise UsageError(
             f"{args.path} is cut off after {len(recorded.events)} events ({how}): replay needs "
             "a whole trace"

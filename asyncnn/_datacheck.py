@@ -8,14 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from ._runtime._checks import (
-    _first_nonfinite_row,
-    _may_overflow,
-    _nonfinite_message,
     check_input,
     check_ranges,
+    overflow_cast,
+    overflow_error,
     range_checks,
     upstream,
 )
@@ -100,14 +97,8 @@ def check_inputs(
         rows = check_input(graph.nodes[name], data[name], f"{what}: ")[0]
     if rows == 0:
         raise ValueError(f"{what}: the data has 0 rows")
-    if dtype is None:
-        return
     for name in needed:
-        arr = data[name]
-        if np.dtype(graph.nodes[name].dtype).kind != "f" or not _may_overflow(
-            np.dtype(arr.dtype), dtype
-        ):
-            continue  # (only inputs declared float are cast to the run's dtype)
-        bad = _first_nonfinite_row(arr, dtype, overflows_only=True)
-        if bad is not None:
-            raise ValueError(f"{what}: {_nonfinite_message(name, arr, bad, dtype)}")
+        cast = overflow_cast(graph.nodes[name], data[name], dtype)
+        said = None if cast is None else overflow_error(name, data[name], cast)
+        if said is not None:
+            raise ValueError(f"{what}: {said}")

@@ -153,9 +153,7 @@ def check_batch(
             )
         if not check_finite:
             continue
-        # (only inputs declared float are cast to the run's dtype: ids and labels are not)
-        cast = dtype if np.dtype(graph.nodes[name].dtype).kind == "f" else None
-        cast = cast if cast is not None and _may_overflow(got, cast) else None
+        cast = overflow_cast(graph.nodes[name], arr, dtype)
         if is_floating(got) or cast is not None:
             bad = _first_nonfinite_row(arr, cast)
             if bad is not None:
@@ -216,6 +214,23 @@ def _first_true_row(mask: Any) -> int:
     """The first row of ``mask`` (with a batch axis) holding a True (on the error path only)."""
     mask = np.asarray(to_numpy(mask))  # (check_input gave it a batch axis)
     return int(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0])
+
+
+def overflow_cast(node: Node, arr: Any, dtype: Any) -> Any:
+    """``dtype``, the run's, where the run casts input ``node``'s data ``arr`` to it and the
+    cast may make a finite value Inf (float64 data of a float32 run); else None (an input not
+    declared float, such as ids and labels, is not cast; data of ``dtype`` or narrower cannot
+    overflow it)."""
+    if dtype is None or np.dtype(node.dtype).kind != "f":
+        return None
+    return dtype if _may_overflow(np.dtype(arr.dtype), dtype) else None
+
+
+def overflow_error(name: str, arr: Any, dtype: Any) -> str | None:
+    """What the cast of input ``name``'s data ``arr`` to ``dtype`` makes Inf first (its row and
+    value), or None: NaN and Inf in the data itself do not count (see :func:`overflow_cast`)."""
+    bad = _first_nonfinite_row(arr, dtype, overflows_only=True)
+    return None if bad is None else _nonfinite_message(name, arr, bad, dtype)
 
 
 def _cast(chunk: Any, dtype: Any) -> Any:
