@@ -1,26 +1,30 @@
-"""One ``Trainer.fit`` call, running: the plan of the call, the run it drives epoch by epoch,
-what it keeps when it stops (the state of the last completed update), the callbacks it calls,
-and its progress display."""
+"""One ``Trainer.fit`` call, running: the run it drives epoch by epoch (:class:`_FitState`),
+what it keeps when it stops (the state of the last completed update), the callbacks it calls
+between steps and at epoch ends, and its progress display. Its plan (the arguments checked) is
+``_fit_plan.py``'s, its checkpoints ``_fit_checkpoints.py``'s, and the call around the run (the
+callbacks' start and end, the trace path) ``_fit_run.py``'s."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._callbacks import Callback, wants_epoch_end, wants_step_end
+from ._callbacks import wants_epoch_end, wants_step_end
+from ._fit_checkpoints import _checkpoint_epochs as _checkpoint_epochs
+from ._fit_checkpoints import _save_rotating
+from ._fit_checkpoints import check_checkpoint_dir as check_checkpoint_dir
 from ._fit_kept import LayerStates, updates_once_per_minibatch
+from ._fit_plan import _FitPlan
+from ._fit_plan import epoch_layout as epoch_layout
 from ._history import History
-from ._math._data import ArrayDataset
 from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._loss_actor import sums_over_rows
@@ -30,41 +34,6 @@ from ._runtime._run_guards import checked_split
 
 if TYPE_CHECKING:
     from ._train import Trainer
-
-
-@dataclass
-class _FitPlan:
-    """The arguments of one ``fit``, checked."""
-
-    dataset: ArrayDataset
-    epochs: int
-    batch_size: int
-    shuffle: bool
-    drop_last: bool
-    validation_data: ArrayDataset | None
-    callbacks: list[Callback]
-    checkpoint_dir: str | None
-    checkpoint_every: int | None
-    keep_checkpoints: int
-
-    def epoch_layout(self, seed: int) -> dict[str, Any]:
-        """What defines this fit's minibatches of an epoch, in which an unfinished epoch's
-        position (:attr:`Trainer.epoch_batches`) is counted: a fit with another layout starts
-        that epoch over. ``seed`` (the shuffle's) is ``None`` when the rows are not shuffled."""
-        return epoch_layout(
-            len(self.dataset), self.batch_size, self.shuffle, seed if self.shuffle else None,
-            self.drop_last,
-        )  # fmt: skip
-
-
-def epoch_layout(
-    rows: int, batch_size: int, shuffle: bool, seed: int | None, drop_last: bool
-) -> dict[str, Any]:
-    """The epoch layout in ``fit.json`` (see :meth:`_FitPlan.epoch_layout`)."""
-    return {
-        "rows": rows, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
-        "drop_last": drop_last,
-    }  # fmt: skip
 
 
 #: how the error of :meth:`_FitState.on_loss`, if it raised, names it (the run's default
@@ -494,35 +463,6 @@ class _FitState:
         self._commit(state)
 
 
-def _end_all(
-    callbacks: Sequence[Callback],
-    trainer: Trainer,
-    history: History,
-    propagating: BaseException | None = None,
-) -> None:
-    """Every callback's ``on_fit_end``, even where one raises (a logger after it must still
-    close its file); then the first error, if any, with any later ones as notes.
-
-    Where the fit is already raising ``propagating`` (an error, or a ``KeyboardInterrupt`` that
-    the CLI turns into exit status 130), the callbacks' errors do not replace it: each is added
-    to it as a note, traceback included, and nothing is raised here (the caller re-raises it).
-    """
-    first = propagating
-    for cb in callbacks:
-        try:
-            cb.on_fit_end(trainer, history)
-        except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
-            if first is None:
-                first = exc
-            else:
-                first.add_note(
-                    f"{type(cb).__name__}.on_fit_end raised too, while this was raised:\n"
-                    + "".join(traceback.format_exception(exc, chain=False)).rstrip()
-                )
-    if first is not None and first is not propagating:
-        raise first
-
-
 def _synchronize(graph: Graph, cluster: object | None = None) -> None:
     """Waits for the work queued on each GPU that holds a layer of this process (nothing to do
     on the CPU). With a ``cluster``, layers on workers are skipped: their weights come back as
@@ -532,96 +472,6 @@ def _synchronize(graph: Graph, cluster: object | None = None) -> None:
     here = [n for n in graph.layers if cluster is None or graph.nodes[n].worker is None]
     for device in sorted({graph.nodes[n].device for n in here} - {"cpu"}):
         get_backend(device).synchronize()
-
-
-def _checkpoint_epochs(folder: str) -> dict[int, str]:
-    """``{epochs: name}`` of the entries ``epoch-NNNN`` of ``folder`` (none if it is missing)."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return {}
-    found = {}
-    for name in names:
-        digits = name[len("epoch-") :]
-        if name.startswith("epoch-") and digits.isascii() and digits.isdigit():
-            found[int(digits)] = name
-    return found
-
-
-def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
-    """Refuses a ``checkpoint_dir`` holding checkpoints ``epoch-NNNN`` of more epochs than the
-    trainer has done: they are another run's (or a later point of this one, resumed from an
-    earlier checkpoint). The fit would save over them, and the rotation would keep them as the
-    latest ones and delete those the fit writes. Checkpoints of fewer or as many epochs are
-    those a resumed run continues from: the rotation removes them, oldest first.
-
-    A later entry that is no checkpoint is taken as the fit's save of that epoch will take it:
-    the ``*.tmp`` files of a save killed before it finished (which ``Trainer.load`` refuses,
-    saying to load an earlier checkpoint) are replaced by it; one it would refuse (a file, a
-    folder holding a checkpoint's file names without being one) is refused here, not after
-    the epochs before it have trained.
-
-    Raises:
-        ValueError: naming the folder, the entries and what to do instead.
-    """
-    from ._checkpoint import _is_checkpoint, check_save_path
-    from ._checkpoint_files import _finishable
-
-    names = _checkpoint_epochs(folder)
-    later: list[int] = []
-    refused: tuple[str, str] | None = None  # (the first entry a save cannot replace, why)
-    for n in sorted(n for n in names if n > epochs_done):
-        path = os.path.join(folder, names[n])
-        # (a save cut off between its renames, its files all there, is one: load finishes it)
-        if _is_checkpoint(path) or _finishable(path):
-            later.append(n)
-            continue
-        if refused is None:
-            try:
-                check_save_path(path)
-            except FileExistsError as exc:
-                refused = (names[n], str(exc))
-    if later:
-        listed = ", ".join(names[n] for n in later[:5]) + (", ..." if len(later) > 5 else "")
-        raise ValueError(
-            f"checkpoint_dir {folder!r} holds {listed}, saved after more than the {epochs_done} "
-            "epochs this trainer has done: another run's checkpoints, which this fit would save "
-            "over or leave looking newer than its own; give another (new or empty) "
-            f"checkpoint_dir, remove them, or resume the latest (Trainer.load of "
-            f"{names[later[-1]]}) to go on in this folder"
-        )
-    if refused is not None:
-        name, why = refused
-        raise ValueError(
-            f"checkpoint_dir {folder!r} holds {name}, which is not a checkpoint, and the fit's "
-            f"save of that epoch could not replace it ({why}); remove or rename it, or give "
-            "another (new or empty) checkpoint_dir"
-        )
-
-
-def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:
-    """Saves ``trainer`` to ``folder/epoch-NNNN`` and removes all but the ``keep`` latest
-    checkpoints of the folder, by epoch number (``epoch-10000`` comes after ``epoch-9999``),
-    counting the new one, which is never removed; entries that are not checkpoints stay."""
-    import shutil
-
-    from ._checkpoint import _is_checkpoint
-
-    os.makedirs(folder, exist_ok=True)
-    name = f"epoch-{epochs_done:04d}"
-    trainer.save(os.path.join(folder, name))
-    if keep <= 0:
-        return
-    # the new one counts as one of the `keep`; those of fewer epochs go, oldest first (any of
-    # more epochs, which fit's check of the folder refuses up front, is left alone)
-    entries = _checkpoint_epochs(folder)
-    older = [
-        entries[n]
-        for n in sorted(entries)
-        if n < epochs_done and _is_checkpoint(os.path.join(folder, entries[n]))
-    ]
-    for entry in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 class _Progress:

@@ -1,36 +1,38 @@
 """The synchronous face: :class:`Trainer` runs a graph's actors for ``fit``/``evaluate``/
-``predict`` and keeps weights, optimizer state and counters between calls."""
+``predict`` and keeps weights, optimizer state and counters between calls. What it is given is
+checked in ``_train_args.py``; a fit is planned in ``_fit_plan.py``, called in ``_fit_run.py``
+and run in ``_fit.py``; ``predict`` and ``evaluate`` compute in ``_inference.py``."""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._callbacks import Callback, EarlyStopping
+from ._callbacks import Callback
 from ._checkpoint_files import write_whole
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
-from ._fit import _end_all, _FitPlan, _FitState, _Progress, _synchronize, check_checkpoint_dir
+from ._fit import _synchronize
 from ._fit_file import _FIT_FILE
+from ._fit_plan import plan_fit
+from ._fit_run import run_fit
 from ._history import History
-from ._math._data import ArrayDataset, _check_flag, _check_index
+from ._inference import _classifiers as _classifiers  # (the CLI imports it from here)
+from ._inference import evaluate_loss, predict_outputs
+from ._math._data import ArrayDataset
 from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
-from ._runtime._checks import check_batch, check_cuda_graphs, check_optimizer
 from ._runtime._config import RunConfig
-from ._runtime._forward import forward_pass
 from ._runtime._graph import Graph
-from ._runtime._lifecycle import run_trio
-from ._runtime._loss_actor import sums_over_rows
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
-from ._train_options import _check_trace_path, _Option, _TraceOption, _tune_allocator
+from ._train_args import check_trainer_args
+from ._train_options import _Option, _TraceOption, _tune_allocator
 from .backends import to_numpy
 
 __all__ = ["History", "Trainer"]
@@ -133,25 +135,13 @@ class Trainer:
             seed=seed, dtype=dtype, stall_timeout=stall_timeout, check_finite=check_finite,
             trace=trace, trace_payloads=trace_payloads, cuda_graphs=cuda_graphs,
         )  # fmt: skip
-        _check_graph(graph)
-        _check_trace_path(self.config.trace)
+        check_trainer_args(graph, self.config.trace, cluster, policy, optimizer, cuda_graphs)
         self.traces: list[str] = []  # the trace files written so far, one per fit
-        if cluster is not None and not callable(getattr(cluster, "open_run", None)):
-            raise TypeError(
-                "cluster must be an asyncnn.cluster cluster (e.g. "
-                f"ann.cluster.LocalCluster(workers=2)), got {cluster!r}"
-            )
         self.cluster = cluster
-        if not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be an asyncnn.policies policy (e.g. policies.Sync()), got {policy!r}"
-            )
-        check_optimizer(optimizer)
         self.graph = graph
         self.optimizer = optimizer
         self.policy = policy
         self.progress = progress
-        check_cuda_graphs(cuda_graphs, cluster)
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
@@ -381,181 +371,14 @@ class Trainer:
                 "another model with another Trainer"
             )
         try:
-            return self._checked_fit(
-                data, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
+            plan = plan_fit(
+                self, data, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
                 checkpoint_dir, checkpoint_every, keep_checkpoints, check_data,
             )  # fmt: skip
+            self._interrupt.clear()
+            return run_outside_loop(lambda: run_fit(self, plan), on_interrupt=self._interrupt.set)
         finally:
             self._fit_lock.release()
-
-    def _checked_fit(
-        self,
-        data: Mapping[str, Any] | ArrayDataset,
-        epochs: int,
-        batch_size: int,
-        shuffle: bool,
-        drop_last: bool,
-        validation_data: Mapping[str, Any] | ArrayDataset | None,
-        callbacks: Sequence[Callback] | None,
-        checkpoint_dir: str | os.PathLike[str] | None,
-        checkpoint_every: int | None,
-        keep_checkpoints: int,
-        check_data: bool,
-    ) -> History:
-        """:meth:`fit`, holding the trainer's fit lock: checks the arguments, then runs."""
-        dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(data)
-        # as Python ints and bools: the plan's epoch layout goes into fit.json (numpy scalars
-        # would fail its save), and a bad value is refused before any callback starts
-        epochs = _check_index(epochs, "epochs", 0)
-        batch_size = _check_index(batch_size, "batch_size", 1)
-        shuffle = _check_flag(shuffle, "shuffle")
-        drop_last = _check_flag(drop_last, "drop_last")
-        if epochs and drop_last and 0 < len(dataset) < batch_size:
-            raise ValueError(
-                f"batch_size={batch_size} with drop_last=True leaves no minibatch of the "
-                f"{len(dataset)} rows: use a batch_size of at most {len(dataset)}"
-            )
-        if isinstance(callbacks, Callback):
-            raise TypeError(
-                f"callbacks takes a list of callbacks: pass callbacks=[{type(callbacks).__name__}"
-                "(...)], not the callback alone"
-            )
-        try:
-            callbacks = [] if callbacks is None else list(callbacks)
-        except TypeError:
-            raise TypeError(
-                "callbacks takes a list of asyncnn.callbacks.Callback objects (or None), got "
-                f"{type(callbacks).__name__} {callbacks!r}"
-            ) from None
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be asyncnn.callbacks.Callback objects, got {cb!r}")
-        if (checkpoint_every is None) != (checkpoint_dir is None):
-            raise ValueError(
-                "checkpoint_every and checkpoint_dir go together: give both or neither"
-            )
-        if checkpoint_every is not None:
-            checkpoint_every = _check_index(checkpoint_every, "checkpoint_every", 1)
-        keep_checkpoints = _check_index(keep_checkpoints, "keep_checkpoints (0: keep all)", 0)
-        if checkpoint_dir is not None and os.path.exists(checkpoint_dir):
-            if not os.path.isdir(checkpoint_dir):  # found before an epoch trains, not after
-                raise ValueError(
-                    f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is a file: name a folder "
-                    "(it is made if missing)"
-                )
-            if checkpoint_every is not None:
-                check_checkpoint_dir(os.fspath(checkpoint_dir), self.epochs_done)
-        if self.cluster is not None and (validation_data is not None or checkpoint_every):
-            raise ValueError(
-                "validation_data and checkpoint_every need the weights during fit, which worker "
-                "processes send back only at its end: with a cluster, call fit one epoch at a "
-                "time and evaluate or save between calls"
-            )
-        check_batch(
-            self.graph, dataset.arrays, check_data or self.check_finite, self.dtype, what="fit"
-        )
-        if check_data:
-            check_labels(self.graph, self.shapes, dataset.arrays)
-        validation = None
-        if validation_data is not None:
-            validation = self._checked_dataset(
-                validation_data, self.graph.losses, "validation_data"
-            )
-            try:
-                check_batch(self.graph, validation.arrays, check_data, self.dtype)
-                if check_data:
-                    check_labels(self.graph, self.shapes, validation.arrays)
-            except ValueError as exc:  # (as the shape errors of validation_data say)
-                raise ValueError(f"validation_data: {exc}") from None
-        # the epoch metrics this fit logs (val_accuracy where evaluate may give one): a monitor
-        # of another is refused now, not at the end of the first epoch
-        metrics = {"loss"}
-        if validation is not None:
-            metrics |= {"val_loss", "val_accuracy"} if _classifiers(self.graph) else {"val_loss"}
-        for cb in callbacks:
-            if isinstance(cb, EarlyStopping):
-                cb._check_measured(metrics)
-        plan = _FitPlan(
-            dataset, epochs, batch_size, shuffle, drop_last, validation, callbacks,
-            None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,
-            keep_checkpoints,
-        )  # fmt: skip
-        self._interrupt.clear()
-        return run_outside_loop(lambda: self._fit(plan), on_interrupt=self._interrupt.set)
-
-    def _fit(self, plan: _FitPlan) -> History:
-        self._fit_thread = threading.get_ident()  # (a notebook's fit runs on a worker thread)
-        try:
-            return self._fit_here(plan)
-        finally:
-            self._fit_thread = None
-
-    def _fit_here(self, plan: _FitPlan) -> History:
-        dataset = plan.dataset
-        per_epoch = dataset.num_batches(plan.batch_size, plan.drop_last)
-        counted = self._epoch_layout  # (None: a position of an older save, taken as it comes)
-        same = counted is not None and counted == plan.epoch_layout(self.seed)
-        # (all of the epoch's minibatches: its end is pending, which the position says only
-        # with its layout; an older save's never reached its epoch's end)
-        going_on = self.epoch_batches < per_epoch and counted is None
-        going_on |= self.epoch_batches <= per_epoch and same
-        if plan.epochs and self.epoch_batches and not going_on:
-            # counted in other minibatches (other data, sizes, order): that epoch starts over
-            self.epoch_batches = 0
-            self._epoch_layout = None
-            self._epoch_losses = []
-        total = plan.epochs * per_epoch - (self.epoch_batches if plan.epochs else 0)
-        history = History()
-        self.history = history
-        self.stop_training = False
-        fit = _FitState(self, plan, history)
-        trace_path = self._next_trace_path()
-        start = time.perf_counter()
-        started: list[Callback] = []
-        try:
-            for cb in plan.callbacks:
-                cb.on_fit_start(self)
-                started.append(cb)
-        except BaseException as exc:  # those started end (a logger closes its file), then it
-            _end_all(started, self, history, exc)  # raises
-            raise
-        try:
-            try:
-                with _Progress(self.progress, total) as bar:
-                    fit.bar = bar
-                    self._run_open = True
-                    self._weights_pending = self.cluster is not None
-                    try:
-                        run_trio(fit.main, trace_path)
-                    finally:
-                        self._run_open = self._weights_pending = False
-            except BaseException:
-                fit.keep()
-                raise
-            finally:
-                # (listed now: the function a fit handed over holds the fit)
-                self._epoch_losses_list = self._epoch_losses
-                if trace_path is not None:
-                    self.traces.append(trace_path)
-                history.seconds = time.perf_counter() - start
-                history.samples_per_second = (
-                    fit.rows / history.seconds if history.seconds > 0 else 0.0
-                )
-        except BaseException as exc:  # it goes on, whatever the callbacks' ends raise
-            _end_all(plan.callbacks, self, history, exc)
-            raise
-        _end_all(plan.callbacks, self, history)
-        return history
-
-    def _next_trace_path(self) -> str | None:
-        if self.trace is None:
-            return None
-        if not self.traces:
-            return self.trace
-        import os
-
-        stem, ext = os.path.splitext(self.trace)
-        return f"{stem}.{len(self.traces)}{ext}"
 
     def _params_on_devices(self) -> dict[str, Any]:
         # weights that came back from worker processes are host arrays: each layer's go to its
@@ -593,12 +416,7 @@ class Trainer:
         dataset = self._checked_dataset(data, outputs, "predict")
         check_labels(self.graph, self.shapes, dataset.arrays, outputs)  # (a GPU gives NaN rows)
         params = self._params_on_devices()
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.graph.outputs}
-        for batch in dataset.batches(batch_size):
-            outs = forward_pass(self.graph, params, batch, self.dtype)
-            for name, src in self.graph.outputs.items():
-                parts[name].append(np.asarray(to_numpy(outs[src])))
-        return {name: np.concatenate(p) for name, p in parts.items()}
+        return predict_outputs(self.graph, params, dataset, batch_size, self.dtype)
 
     def evaluate(
         self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
@@ -639,33 +457,7 @@ class Trainer:
 
     def _evaluate(self, dataset: ArrayDataset, batch_size: int = 256) -> dict[str, float]:
         params = self._params_on_devices()
-        n = len(dataset)
-        loss_sum = 0.0
-        # {loss node: [labels matching their logits' argmax, labels]} of the classifiers
-        counts = {name: [0, 0] for name in _classifiers(self.graph)}
-        for batch in dataset.batches(batch_size):
-            rows = len(next(iter(batch.values())))
-            outs = forward_pass(self.graph, params, batch, self.dtype, losses=True)
-            for name in self.graph.losses:
-                node = self.graph.nodes[name]
-                # a mean, weighted by its rows, comes back a mean over the data; a sum adds up
-                weight = n if sums_over_rows(node.module) else rows
-                loss_sum += float(to_numpy(outs[name])) * weight
-                if name not in counts:
-                    continue
-                labels = np.asarray(to_numpy(batch[node.inputs[1]]))
-                predicted = np.asarray(to_numpy(outs[node.inputs[0]])).argmax(axis=1)
-                if predicted.shape != labels.shape:  # (a subclass's own call): never broadcast
-                    del counts[name]
-                    continue
-                counts[name][0] += int((predicted == labels).sum())
-                counts[name][1] += labels.size  # one label per row, or per position
-        result = {"loss": loss_sum / n}
-        if counts:
-            result["accuracy"] = sum(c for c, _ in counts.values()) / sum(
-                t for _, t in counts.values()
-            )
-        return result
+        return evaluate_loss(self.graph, params, dataset, batch_size, self.dtype)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -743,42 +535,3 @@ class Trainer:
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
-
-
-def _check_graph(graph: Any) -> None:
-    """Refuses what is not a graph, as ``open_run`` does (it failed later, on its first
-    attribute: "'NoneType' object has no attribute 'layers'").
-
-    Raises:
-        TypeError: naming what was given (its repr cut to about 80 characters), with the way
-            to a graph from a spec dict or a module.
-    """
-    if isinstance(graph, Graph):
-        return
-    from ._math._nn import Module
-
-    hint = ""
-    if isinstance(graph, dict):  # (as open_run words it)
-        hint = "; build one from a graph's spec with Graph.from_spec"
-    elif isinstance(graph, Module):
-        hint = (
-            "; build one from a module with Graph.sequential([module], loss=..., input_shape=...)"
-        )
-    # (cut: a graph's spec or a module would print whole)
-    raise TypeError(f"Trainer: graph must be an asyncnn.Graph, got {graph!r:.80}{hint}")
-
-
-def _classifiers(graph: Graph) -> list[str]:
-    """The loss nodes whose accuracy :meth:`Trainer.evaluate` counts: a ``CrossEntropyLoss`` (or
-    a subclass) reading logits and a graph input declared as integer class indices. Decided from
-    the graph, never from the dtype of the data given."""
-    from ._math._nn import CrossEntropyLoss
-
-    found = []
-    for name in graph.losses:
-        node = graph.nodes[name]
-        if isinstance(node.module, CrossEntropyLoss) and len(node.inputs) == 2:
-            labels = graph.nodes[node.inputs[1]]
-            if labels.kind == "input" and np.dtype(labels.dtype).kind in "iu":
-                found.append(name)
-    return found

@@ -1,7 +1,8 @@
 """``bench_parallel.py``'s tiny chain: the runtime's own cost where every op is tiny (AMPNet's
 regime), against the plain ``value_and_grad`` loop, PyTorch eager and 4 local workers
 (``python experiments/bench_parallel.py --only-tiny``; ``--profile-tiny`` profiles it,
-``--stage-costs`` times what a stage adds, hook by hook)."""
+``--stage-costs`` times what a stage adds, hook by hook, ``--count-tiny`` counts the work of a
+step: bytecodes and calls, which a busy machine does not disturb)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import inspect
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -286,3 +288,98 @@ def stage_costs(steps: int, repeats: int) -> None:
     rest = {s: m["whole step"] - m["on_forward"] - m["on_backward"] for s, m in med.items()}
     print(f"   {'the rest (messages, loss, admission)':<34} {rest[1]:8.1f} {rest[4]:9.1f} "
           f"{rest[4] - rest[1]:8.1f}")  # fmt: skip
+
+
+class _WorkCounter:
+    """Counts the Python bytecodes executed and the calls made (Python functions; C functions
+    such as numpy's ufuncs) on this thread between :meth:`start` and :meth:`stop`, each
+    function's bytecodes in :attr:`by_function`: a measure of work that a busy machine does not
+    disturb (counted, a step runs some 50 times slower)."""
+
+    def __init__(self) -> None:
+        self.counts = {"bytecodes": 0, "python calls": 0, "C calls": 0}
+        self.by_function: dict[str, int] = {}
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            self.counts["bytecodes"] += 1
+            code = frame.f_code
+            name = f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"
+            self.by_function[name] = self.by_function.get(name, 0) + 1
+        return self._trace
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            self.counts["python calls"] += 1
+        elif event == "c_call":
+            self.counts["C calls"] += 1
+
+    def start(self) -> None:
+        sys.setprofile(self._profile)
+        sys.settrace(self._trace)
+
+    def stop(self) -> None:
+        sys.settrace(None)
+        sys.setprofile(None)
+
+
+def count_tiny(steps: int, top: int = 25) -> dict[str, Any]:
+    """Work per step of the plain loop and of ``Sync`` on 1 and 4 stages, counted, not timed
+    (:class:`_WorkCounter`): within 0.2% run to run (the event loop's timing-driven work
+    moves a few bytecodes) and under any load, so a change to the runtime's own cost shows in
+    one run on a shared machine. Printed with the functions whose
+    bytecodes a step of 1 stage, and of 4 stages, adds most."""
+    batches = tiny_batches(20 + steps)
+    warm, counted = batches[:20], batches[20:]
+    counters: dict[str, _WorkCounter] = {}
+
+    step = _common.plain_step(nn.Sequential(*tiny_modules()), nn.MSELoss(), optim.SGD(lr=0.01))
+    for b in warm:
+        step(b["x"], b["y"])
+    counter = counters["plain"] = _WorkCounter()
+    counter.start()
+    try:
+        for b in counted:
+            step(b["x"], b["y"])
+    finally:
+        counter.stop()
+    for stages in (1, 4):
+        counter = counters[f"Sync, {stages} stage{'s' if stages > 1 else ''}"] = _WorkCounter()
+
+        async def main(stages: int = stages, counter: _WorkCounter = counter) -> None:
+            graph = tiny_graph(stages)
+            async with ann.open_run(graph, optim.SGD(lr=0.01), policies.Sync()) as run:
+                for b in warm:
+                    await run.step(b)
+                await run.drain()
+                # counted in the run's task: what the event loop's own frames do between its
+                # task's steps is not (the steps run inline here under Sync in one process)
+                counter.start()
+                try:
+                    for b in counted:
+                        await run.step(b)
+                    await run.drain()
+                finally:
+                    counter.stop()
+
+        anyio.run(main, backend="trio")
+    plain = counters["plain"].counts["bytecodes"]
+    print(f"tiny chain: work per step, counted over {steps} steps (not timed: load-proof):")
+    print(f"   {'run':<16} {'bytecodes':>10} {'x plain':>8} {'Python calls':>13} {'C calls':>8}")
+    for name, c in counters.items():
+        n = c.counts
+        print(
+            f"   {name:<16} {n['bytecodes'] / steps:10.0f} {n['bytecodes'] / plain:8.3f} "
+            f"{n['python calls'] / steps:13.0f} {n['C calls'] / steps:8.0f}"
+        )
+    for a, b in (("plain", "Sync, 1 stage"), ("Sync, 1 stage", "Sync, 4 stages")):
+        fa, fb = counters[a].by_function, counters[b].by_function
+        added = sorted(((fb.get(k, 0) - fa.get(k, 0), k) for k in set(fa) | set(fb)), reverse=True)
+        print(f"   bytecodes per step that '{b}' adds to '{a}', by function (top {top}):")
+        for n_added, k in added[:top]:
+            print(f"      {n_added / steps:7.0f}  {k}")
+    return {
+        name: {**c.counts, "per step": {k: v / steps for k, v in c.counts.items()}}
+        for name, c in counters.items()
+    }

@@ -61,7 +61,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 import _numpy_mlp  # noqa: E402
-from _tiny_chain import profile_tiny, show_tiny, stage_costs, tiny_table  # noqa: E402
+from _tiny_chain import count_tiny, profile_tiny, show_tiny, stage_costs, tiny_table  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
 from asyncnn import nn, optim, policies  # noqa: E402
@@ -565,6 +565,11 @@ def main() -> None:
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny chain")
     ap.add_argument("--profile-tiny", action="store_true", help="profile the tiny chain")
     ap.add_argument(
+        "--count-tiny", action="store_true",
+        help="count the tiny chain's work per step (bytecodes and calls, not time: about the "
+             "same under any load), by function",
+    )  # fmt: skip
+    ap.add_argument(
         "--stage-costs", action="store_true",
         help="time the tiny chain's hooks on 1 and 4 stages: what a stage adds, hook by hook",
     )  # fmt: skip
@@ -596,6 +601,10 @@ def main() -> None:
         return
     if args.profile_tiny:
         profile_tiny(200 if args.quick else 1000)
+        return
+    if args.count_tiny:
+        report["tiny chain counted"] = count_tiny(10 if args.quick else 50)
+        _common.write_json(args.out, report)
         return
     if args.tiny or args.only_tiny:
         steps = 100 if args.quick else 1000

@@ -1,0 +1,79 @@
+"""What ``Trainer.predict`` and ``Trainer.evaluate`` compute, once their data is checked: forward
+passes over a data set in batches, at the weights given, for the graph's outputs or for the loss
+over all of the data (and, of a classifier, the accuracy: :func:`_classifiers` says which loss
+nodes are one). Apart from ``_train.py``, which checks the data and holds the weights, because
+this is the arithmetic alone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._math._data import ArrayDataset
+from ._runtime._forward import forward_pass
+from ._runtime._graph import Graph
+from ._runtime._loss_actor import sums_over_rows
+from .backends import to_numpy
+
+
+def predict_outputs(
+    graph: Graph, params: Mapping[str, Any], dataset: ArrayDataset, batch_size: int, dtype: str
+) -> dict[str, np.ndarray]:
+    """The graph's outputs (``g.output``) for ``dataset``, computed at ``params`` in batches
+    of ``batch_size`` rows, as numpy arrays (see :meth:`Trainer.predict`)."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in graph.outputs}
+    for batch in dataset.batches(batch_size):
+        outs = forward_pass(graph, params, batch, dtype)
+        for name, src in graph.outputs.items():
+            parts[name].append(np.asarray(to_numpy(outs[src])))
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def evaluate_loss(
+    graph: Graph, params: Mapping[str, Any], dataset: ArrayDataset, batch_size: int, dtype: str
+) -> dict[str, float]:
+    """The loss over ``dataset`` at ``params``, computed in batches of ``batch_size`` rows, and
+    the accuracy of a classifier (see :meth:`Trainer.evaluate` for what each is)."""
+    n = len(dataset)
+    loss_sum = 0.0
+    # {loss node: [labels matching their logits' argmax, labels]} of the classifiers
+    counts = {name: [0, 0] for name in _classifiers(graph)}
+    for batch in dataset.batches(batch_size):
+        rows = len(next(iter(batch.values())))
+        outs = forward_pass(graph, params, batch, dtype, losses=True)
+        for name in graph.losses:
+            node = graph.nodes[name]
+            # a mean, weighted by its rows, comes back a mean over the data; a sum adds up
+            weight = n if sums_over_rows(node.module) else rows
+            loss_sum += float(to_numpy(outs[name])) * weight
+            if name not in counts:
+                continue
+            labels = np.asarray(to_numpy(batch[node.inputs[1]]))
+            predicted = np.asarray(to_numpy(outs[node.inputs[0]])).argmax(axis=1)
+            if predicted.shape != labels.shape:  # (a subclass's own call): never broadcast
+                del counts[name]
+                continue
+            counts[name][0] += int((predicted == labels).sum())
+            counts[name][1] += labels.size  # one label per row, or per position
+    result = {"loss": loss_sum / n}
+    if counts:
+        result["accuracy"] = sum(c for c, _ in counts.values()) / sum(t for _, t in counts.values())
+    return result
+
+
+def _classifiers(graph: Graph) -> list[str]:
+    """The loss nodes whose accuracy :meth:`Trainer.evaluate` counts: a ``CrossEntropyLoss`` (or
+    a subclass) reading logits and a graph input declared as integer class indices. Decided from
+    the graph, never from the dtype of the data given."""
+    from ._math._nn import CrossEntropyLoss
+
+    found = []
+    for name in graph.losses:
+        node = graph.nodes[name]
+        if isinstance(node.module, CrossEntropyLoss) and len(node.inputs) == 2:
+            labels = graph.nodes[node.inputs[1]]
+            if labels.kind == "input" and np.dtype(labels.dtype).kind in "iu":
+                found.append(name)
+    return found
