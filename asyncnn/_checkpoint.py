@@ -65,6 +65,9 @@ from ._checkpoint_files import (
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join, _split
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
+from ._math._optim import Optimizer
+from ._math._optim_checks import _check_step
+from ._math._pytree import tree_flatten
 from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy, policy_from_spec
@@ -406,7 +409,9 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
             version, malformed, left by a first save cut off there (said so), or does not fit
             the graph it describes (or the ``graph`` given): the message names the layer, the
-            place in its parameters and the shapes.
+            place in its parameters and the shapes. An optimizer state kept (not another
+            optimizer's, which starts fresh) that its optimizer's update would refuse too: a
+            step count that is not an int >= 0, a buffer of ints or bools or another shape.
         ValueError: ``fit.json`` (read for an older checkpoint) is damaged or another save's:
             the message names it and the fix.
         TypeError: ``graph`` is not a :class:`~asyncnn.Graph`.
@@ -462,13 +467,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             _fits(params[name], fresh.params[name], f"the parameters of {name!r}", same_dtype)
             params[name] = _cast_like(params[name], fresh.params[name], device)
             opt_state = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
-            try:
-                _fits(opt_state, fresh.opt_states[name], f"the optimizer state of {name!r}")
-            except ValueError:
-                if "optimizer" not in overrides:
-                    raise
-                opt_state = fresh.opt_states[name]  # another optimizer: its own state, fresh
-            opt_states[name] = _cast_like(opt_state, fresh.opt_states[name], device)
+            opt_states[name] = _opt_state(
+                opt_state, fresh.opt_states[name], name, trainer.optimizer, device,
+                replaced="optimizer" in overrides, path=path,
+            )  # fmt: skip
             versions[name] = entry["version"]  # (a count: _read_spec checked it)
             if "pending" in entry and keep_pending:
                 acc = _join(entry["pending"]["grads"], f"pending/{name}", arrays, device, [0])
@@ -496,6 +498,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             actor_states, earlier_params, pending_delays,
         )  # fmt: skip
         trainer.epochs_done = spec["epochs_done"]
+    except CheckpointError:  # (damaged, not another graph's: it says so itself)
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
@@ -505,6 +509,39 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     trainer.epoch_batches, trainer._epoch_layout = position
     trainer._epoch_losses = _epoch_losses(spec, spec_path, trainer.epoch_batches)
     return trainer
+
+
+def _opt_state(
+    saved: Any, fresh: Any, name: str, optimizer: Any, device: str, *, replaced: bool, path: str
+) -> Any:
+    """A layer's optimizer state from the checkpoint (``saved``), checked against ``fresh``
+    (the trainer's optimizer's ``init``) as that optimizer's update would check it at the
+    layer's first update, and cast to its dtypes; ``fresh`` itself where an optimizer given to
+    the load (``replaced``) keeps its state in another structure (another kind).
+
+    Raises:
+        ValueError: the structure, a shape, or a dtype that no cast makes the fresh one's (an
+            int32 ``exp_avg``) differs, naming the place in the state.
+        CheckpointError: the step count is not one (``-5``, ``1.5``), naming the layer.
+    """
+    what = f"the optimizer state of {name!r}"
+    if replaced and tree_flatten(saved)[1] != tree_flatten(fresh)[1]:
+        return fresh  # another optimizer: its own state, fresh
+    _fits(saved, fresh, what)
+    state = _cast_like(saved, fresh, device)
+    # a float buffer was cast to the trainer's dtype; one of ints or bools is no optimizer's
+    # buffer, and would fail the layer's first update, inside the run
+    _fits(state, fresh, what, same_dtype=True)
+    cls = type(optimizer)
+    if isinstance(optimizer, Optimizer) and (cls.init, cls.update) == (
+        Optimizer.init,
+        Optimizer.update,
+    ):  # (the state's layout is the base's: another update checks its own state)
+        try:
+            _check_step(f"{what} ({cls.__name__})", state["step"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: the checkpoint is damaged: {exc}") from None
+    return state
 
 
 def _epoch_losses(

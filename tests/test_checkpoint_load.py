@@ -345,3 +345,83 @@ def test_damaged_pending_delays_are_named(tmp_path: Any, delays: Any, said: str)
         + said,
     ):  # fmt: skip
         ann.Trainer.load(tmp_path / "c")
+
+
+# -- the optimizer state, checked as the optimizer's update would check it -------------------------
+def _rewrite_arrays(path: str, change: Any) -> None:
+    """Changes the arrays file and re-signs it, as :func:`_rewrite_spec` does the spec."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    file = Path(path, "arrays.safetensors")
+    arrays = load_file(str(file))
+    change(arrays)
+    save_file(arrays, str(file))
+    raw = file.read_bytes()
+    manifest = json.loads(Path(path, "manifest.json").read_text())
+    manifest["files"]["arrays.safetensors"] = {
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    Path(path, "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("step", [-5, 1.5, True, "2", None], ids=str)
+def test_a_damaged_optimizer_step_is_named_on_load(saved: Any, tmp_path: Any, step: Any) -> None:
+    # (it loaded, and the next fit failed in open_run, or an update computed Adam's bias
+    # correction of a step that never was)
+    path, _ = saved
+    folder = _copy(path, str(tmp_path / "c"))
+
+    def damage(spec: dict[str, Any]) -> None:
+        spec["layout"]["stage0"]["opt_state"]["dict"]["step"] = {"value": step}
+
+    _rewrite_spec(folder, damage)
+    with pytest.raises(CheckpointError) as info:
+        ann.Trainer.load(folder)
+    said = str(info.value)
+    assert "the optimizer state of 'stage0'" in said
+    assert f"state['step'] must be an int >= 0 (the updates made), got {step!r}" in said
+
+
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        (lambda a: a.astype(np.int32), "have dtype int32 in the checkpoint, float32 in the graph"),
+        (lambda a: a.astype(np.bool_), "have dtype bool in the checkpoint, float32 in the graph"),
+        (lambda a: a[:2], r"have shape (2,) in the checkpoint, (8,) in the graph"),
+    ],
+    ids=["int32", "bool", "shape"],
+)
+def test_a_damaged_optimizer_buffer_is_named_on_load(
+    saved: Any, tmp_path: Any, change: Any, said: str
+) -> None:
+    # (an int32 exp_avg loaded, and the layer's first update failed inside the run)
+    path, _ = saved
+    folder = _copy(path, str(tmp_path / "c"))
+    _rewrite_arrays(
+        folder, lambda arrays: arrays.update({"opt/stage0/0": change(arrays["opt/stage0/0"])})
+    )
+    for overrides in ({}, {"dtype": "float32"}, {"optimizer": optim.Adam(lr=1e-3)}):
+        with pytest.raises(CheckpointError) as info:
+            ann.Trainer.load(folder, **overrides)
+        assert "the optimizer state of 'stage0', at ['exp_avg'][0]['bias']," in str(info.value)
+        assert said in str(info.value)
+
+
+def test_an_optimizer_buffer_of_another_float_dtype_is_cast_on_load(
+    saved: Any, tmp_path: Any
+) -> None:
+    path, tr = saved
+    folder = _copy(path, str(tmp_path / "c"))
+    _rewrite_arrays(
+        folder,
+        lambda arrays: arrays.update({"opt/stage0/0": arrays["opt/stage0/0"].astype(np.float64)}),
+    )
+    back = ann.Trainer.load(folder)
+    bias = back.state.opt_states["stage0"]["exp_avg"][0]["bias"]
+    assert bias.dtype == np.float32
+    np.testing.assert_array_equal(bias, tr.state.opt_states["stage0"]["exp_avg"][0]["bias"])

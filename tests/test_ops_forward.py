@@ -516,6 +516,51 @@ def test_edge_values_match_torch(
         np.testing.assert_allclose(to_numpy(g), want, rtol=1e-10, atol=1e-12, err_msg=f"input {i}")
 
 
+#: the values where libraries part ways: signed zeros, infinities, a negative base, NaN
+_SPECIAL = [-math.inf, -2.0, -1.0, -0.0, 0.0, 1.0, math.inf, math.nan]
+
+
+def _bits_differ(ours: np.ndarray, theirs: np.ndarray) -> list[int]:
+    """Where two float arrays differ in their bits, any NaN equal to any other (its sign and
+    payload are no library's promise)."""
+    same = (ours.view(f"u{ours.itemsize}") == theirs.view(f"u{theirs.itemsize}")) | (
+        np.isnan(ours) & np.isnan(theirs)
+    )
+    return [i for i in range(ours.size) if not same[i]]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    "exponent", [0.5, -0.5, 1.5, -1.5, 2.0, 3, -1, -2.0, 0, 1.0, 2.5, 1 / 3, "sqrt"], ids=str
+)
+def test_power_and_sqrt_match_torch_bit_for_bit_at_special_values(
+    backend: Any, dtype: str, exponent: Any
+) -> None:
+    # (x ** 0.5 had the gradient 0 at -inf where torch's is NaN, and +inf at -0.0 where torch's
+    # is -inf: torch takes a ** -0.5 as 1 / sqrt(a), numpy's pow gives 0 and +inf there; so did
+    # the value of x ** -0.5. float16 is left out: torch's CPU float16 a ** 0.5 is pow, not
+    # sqrt, so +inf at -inf)
+    torch = pytest.importorskip("torch")
+    x = np.array(_SPECIAL, dtype=dtype)
+    if exponent == "sqrt":
+        op, torch_op = ops.sqrt, torch.sqrt
+    else:
+        op, torch_op = (lambda a: a**exponent), (lambda t: t**exponent)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        ours, pullback = ann.vjp(op, backend.asarray(x))
+        (grad,) = pullback(backend.asarray(np.ones_like(x)))
+    t = torch.tensor(x, requires_grad=True)
+    out = torch_op(t)
+    (t_grad,) = torch.autograd.grad(out, [t], torch.ones_like(out))
+    ours, grad = to_numpy(ours), to_numpy(grad)
+    assert ours.dtype == grad.dtype == np.dtype(dtype)
+    wrong = _bits_differ(ours, out.detach().numpy())
+    assert not wrong, f"values at {x[wrong]}: {ours[wrong]}, torch {out.detach().numpy()[wrong]}"
+    wrong = _bits_differ(grad, t_grad.numpy())
+    assert not wrong, f"gradients at {x[wrong]}: {grad[wrong]}, torch {t_grad.numpy()[wrong]}"
+
+
 def test_a_mean_over_nothing_has_a_quiet_gradient(backend: Any) -> None:
     x = backend.asarray(np.zeros((0, 3)))
     with warnings.catch_warnings():

@@ -178,7 +178,9 @@ def power(a: Any, b: Any) -> Any:
     The gradients are torch's: ``b * a**(b - 1)`` (0 where ``b == 0``) for ``a`` and
     ``out * log(a)`` (0 where ``a == 0`` and ``b >= 0``, NaN where ``a < 0``) for ``b``, except
     where ``a == 0`` and ``b < 0``: there ``out`` is infinite for every such ``b``, and the
-    gradient for ``b`` is NaN, where torch gives -inf.
+    gradient for ``b`` is NaN, where torch gives -inf. As in torch, a float32 or float64
+    ``a ** -0.5`` is ``1 / sqrt(a)`` (NaN at -inf, -inf at -0.0), in the value and in the
+    gradient of ``a ** 0.5``.
     """
     return _broadcasting("power", a, b)
 

@@ -43,6 +43,23 @@ def _check_clip_norm(owner: str, clip_norm: Any) -> float | None:
     return x
 
 
+def _check_step(owner: str, step: Any) -> int:
+    """``state["step"]`` (the updates made) as :meth:`Optimizer.update` takes it: an int >= 0,
+    a numpy integer too, never a bool; a checkpoint's loader asks it before a run starts.
+
+    Raises:
+        ValueError: naming ``owner`` and the value.
+    """
+    # (Optimizer.update asks the same inline, on every update; keep the two alike)
+    if (
+        type(step) is not int and (isinstance(step, bool) or not isinstance(step, numbers.Integral))
+    ) or step < 0:
+        raise ValueError(
+            f"{owner}: state['step'] must be an int >= 0 (the updates made), got {step!r:.40}"
+        )
+    return int(step)
+
+
 def _not_a_float_array(x: Any) -> str | None:
     """What is wrong with ``x`` as a parameter or gradient leaf (None: a real floating array)."""
     dtype = getattr(x, "dtype", None)

@@ -108,8 +108,18 @@ def _negative_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     return (-g,)
 
 
+#: the dtypes whose a ** -0.5 torch computes as 1 / sqrt(a); float16's is pow, as numpy's (and
+#: bfloat16's 1 / sqrt in float32, rounded once, which numpy's bfloat16 ops would round twice)
+_RSQRT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _power(a: Any, b: Any) -> tuple[Any, Any]:
-    out = a**b
+    if type(b) is float and b == -0.5 and getattr(a, "dtype", None) in _RSQRT_DTYPES:
+        # torch's a ** -0.5 is 1 / sqrt(a) (rsqrt), where pow gives 0 at -inf (torch: NaN) and
+        # +inf at -0.0 (torch: -inf); numpy's own a ** 0.5 is already sqrt(a), as torch's
+        out = 1 / ns(a).sqrt(a)
+    else:
+        out = a**b
     return out, (a, b, out)
 
 
@@ -122,7 +132,12 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
         # takes 1 instead, so that a == 0 raises no 0**-1 warning. A Python exponent stays a
         # Python number, so that a float16 or float32 base keeps its dtype.
         if isinstance(b, int | float):
-            da = g * b * a ** (1 if b == 0 else b - 1)
+            if b == 0.5 and getattr(a, "dtype", None) in _RSQRT_DTYPES:
+                # torch's b * a**(b - 1) with a ** -0.5 as 1 / sqrt(a): NaN at -inf and -inf at
+                # -0.0, where pow gives 0 and +inf (see _power)
+                da = g * (0.5 * (1 / ns(a).sqrt(a)))
+            else:
+                da = g * b * a ** (1 if b == 0 else b - 1)
             if b == 0:
                 da = ns(da).zeros_like(da)
         else:

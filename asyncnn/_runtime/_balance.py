@@ -1,6 +1,10 @@
 """How :meth:`Graph.sequential` cuts a chain of modules into stages: by parameter count, by
 FLOPs per sample, or by measured time, each a balanced partition (the largest stage smallest).
 
+FLOPs are what each module's ``flops`` counts: a user's module with parameters whose class
+defines none (``nn.Module``'s counts 0, as for elementwise work) is refused, naming it, rather
+than taken for free.
+
 A cut by measured time can differ between runs and machines. The results of ``Sync``, ``GPipe``
 and ``OneFOneB`` do not depend on the cut, with ``Dropout`` in the chain too: each module's
 weights are seeded, and its masks drawn, by its place in the whole chain (see ``docs/cpu.md``,
@@ -18,6 +22,7 @@ import numpy as np
 from asyncnn._errors import GraphError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._data import _check_index
+from asyncnn._math._nn import Module, Residual, Sequential
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 from asyncnn.backends._blas import _BLAS_LIMITS
@@ -91,11 +96,70 @@ def module_costs(
         try:
             with np.errstate(all="ignore"):
                 out = np.asarray(m(params, x))
+        except Exception as exc:
+            raise _fails(i, m, x, input_shape, exc) from exc
+        _check_counted(m, params, f"modules[{i}]")
+        try:
             costs.append(float(m.flops(tuple(x.shape))))
         except Exception as exc:
             raise _fails(i, m, x, input_shape, exc) from exc
         x = out
     return costs
+
+
+def _check_counted(m: Any, params: Any, place: str) -> None:
+    """Refuses, for ``balance="flops"``, a module ``m`` (of parameters ``params``, or None to
+    make them) that cannot count its FLOPs: of a class outside asyncnn that defines no
+    ``flops`` (``nn.Module``'s counts 0, right for elementwise work) and has parameters (a
+    matrix product, most likely: a cut would take it for free); also one inside an
+    ``nn.Sequential`` or ``nn.Residual``, whose flops add their modules'.
+    asyncnn's own modules count theirs (0 for elementwise work, normalisation and lookups), and
+    so does a user's subclass of one (of ``nn.Embedding``: 0).
+
+    Raises:
+        GraphError: naming the module, its place in the chain and the fixes.
+    """
+    flops = getattr(type(m), "flops", None)
+    if flops is Sequential.flops and isinstance(m, Sequential):
+        for j, child in enumerate(m.modules):
+            _check_counted(child, None, f"{place}.modules[{j}]")
+        return
+    if flops is Residual.flops and isinstance(m, Residual):
+        _check_counted(m.module, None, f"{place}.module")
+        return
+    if flops is not Module.flops or _nearest_asyncnn_class(type(m)) is not Module:
+        return  # (counted, or asyncnn's own: a user's Embedding subclass counts 0 as it does)
+    if params is None:  # (a module inside a container: its own parameters)
+        params = _init(m)
+    count = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
+    if count == 0:  # elementwise work of the user's own, as nn.Module's flops counts it
+        return
+    name = type(m).__name__
+    said = repr(m) if len(repr(m)) <= 80 else repr(m)[:76] + " ..."
+    raise GraphError(
+        f"sequential: balance='flops' cannot count the FLOPs of {said} ({place}): it has "
+        f"{count} parameters and its class defines no flops(), so it would count 0 (as "
+        "elementwise work does) and the cut would take its work for free; define "
+        f"{name}.flops(self, *input_shapes) to return its forward FLOPs per sample (the "
+        "shapes hold the batch dimension first; a product of an (n, k) input with a (k, m) "
+        "matrix is 2 * k * m), or balance by balance='time' (measured) or 'params'"
+    )
+
+
+def _nearest_asyncnn_class(cls: type) -> type | None:
+    """The first class of asyncnn in ``cls``'s method resolution order (``cls`` itself for one
+    of asyncnn's modules; ``nn.Module`` for a user's module built on it directly)."""
+    for c in cls.__mro__:
+        if c.__module__.split(".")[0] == "asyncnn":
+            return c
+    return None
+
+
+def _init(m: Any) -> Any:
+    try:
+        return m.init(0, dtype="float64")
+    except Exception as exc:
+        raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
 
 
 def _fails(i: int, m: Any, x: Any, input_shape: tuple[Any, ...], exc: Exception) -> GraphError:

@@ -375,7 +375,8 @@ class Graph:
             label_dtype: the dtype of ``"y"``.
             devices: the device of each stage (default all ``"cpu"``).
             balance: how stages are balanced when ``stages`` is an int: ``"params"``
-                (parameter count), ``"flops"`` (per-sample FLOPs) or ``"time"`` (each module's
+                (parameter count), ``"flops"`` (per-sample FLOPs: a module of your own with
+                parameters must define ``flops``, else it is refused) or ``"time"`` (each module's
                 measured forward and backward time on a batch of ``balance_rows`` rows, float32,
                 one BLAS thread, on this machine's CPU: the fastest of five timings; what runs
                 fastest decides, so stage boundaries may differ between machines).
