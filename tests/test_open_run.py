@@ -152,6 +152,12 @@ async def test_open_run_refuses_optimizer_states_that_do_not_fit_the_layer(where
                       r"'step'\], as SGD.init\(params\) makes it; got \['step'\]"),
         ({**sgd, "step": -1}, r"state.opt_states\['stage0'\]\['step'\] must be an int >= 0"),
         (None, r"state.opt_states\['stage0'\] must be a dict with keys .* got NoneType"),
+        # not floating: no cast to the run's dtype makes it one (it failed in the first update)
+        (tree_map(lambda a: a.astype(np.int32) if np.ndim(a) else a, sgd),
+         r"state.opt_states\['stage0'\]\['momentum_buffer'\]\[0\]\['bias'\] is int32; an "
+         r"optimizer's buffer is a floating array"),
+        (tree_map(lambda a: a > 0 if np.ndim(a) else a, sgd),
+         r"state.opt_states\['stage0'\]\['momentum_buffer'\]\[0\]\['bias'\] has dtype bool"),
     ]  # fmt: skip
     for opt_state, match in cases:
         bad = dataclasses.replace(state, opt_states={**state.opt_states, "stage0": opt_state})

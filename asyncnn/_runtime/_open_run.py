@@ -126,7 +126,8 @@ async def open_run(
             delays than the layer's pending count, or whose
             ``opt_states`` the optimizer's update would refuse (for an ``asyncnn.optim``
             optimizer: other keys than its ``init`` makes, or buffers of another structure or
-            shapes than the layer's parameters in the state) (those also where ``validated``,
+            shapes than the layer's parameters in the state, or of ints or bools: a float one
+            is cast to the run's dtype) (those also where ``validated``,
             and on a cluster).
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
@@ -424,8 +425,8 @@ def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
     """Refuses ``state.opt_states`` that the optimizer's update would refuse at the layer's
     first update, inside the run, after the compute before it: for an ``asyncnn.optim``
     optimizer whose ``init`` and ``update`` are the base's (so its state's layout is known),
-    the keys :meth:`Optimizer.init` makes, a step count, and buffers of the structure and shapes
-    of the layer's parameters in the state. Another optimizer's update checks its own state.
+    the keys :meth:`Optimizer.init` makes, a step count, and floating buffers of the structure
+    and shapes of the layer's parameters in the state. Another optimizer's update checks its own state.
     Checked also where the caller validated the graph (a fit) and on a cluster.
 
     Raises:
@@ -466,6 +467,32 @@ def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
                 )
             except ValueError as exc:
                 raise ValueError(f"open_run: {exc} (in state.params[{name!r}]); {fix}") from None
+            wrong = _integer_leaf(opt_state[buffer], f"{where}[{buffer!r}]")
+            if wrong is not None:  # (a float one is cast to the run's dtype; these never are)
+                place, dtype = wrong
+                raise ValueError(
+                    f"open_run: {place} is {dtype}; an optimizer's buffer is a floating array "
+                    f"of its parameter's shape; {fix}"
+                )
+
+
+def _integer_leaf(tree: Any, place: str) -> tuple[str, np.dtype[Any]] | None:
+    """The place and dtype of the first array leaf of ``tree`` (a layer's optimizer buffer, in
+    its parameters' structure, checked already) that is not floating: an int or bool one."""
+    if isinstance(tree, dict):
+        items: Any = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        dtype = getattr(tree, "dtype", None)
+        if dtype is not None and not is_floating(dtype):
+            return place, np.dtype(dtype)
+        return None
+    for k, leaf in items:
+        found = _integer_leaf(leaf, f"{place}[{k!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:
