@@ -61,10 +61,60 @@ class WorkerError(RuntimeError):
 
 
 class RemoteError(RuntimeError):
-    """The original failure inside a worker process, as text (it cannot travel as an object):
-    the ``__cause__`` of the :class:`ActorError` the driver raises. ``traceback`` holds the
-    worker's traceback."""
+    """The original failure inside a worker process: the ``__cause__`` of the
+    :class:`ActorError` the driver raises. Where the driver can name the original exception's
+    class (a built-in one, asyncnn's, or one of a module the driver has imported), the cause is
+    an exception of that class rebuilt from its message, and a ``RemoteError`` too (its own
+    attributes, beyond the message, do not travel); otherwise a plain ``RemoteError`` whose
+    message is the original's class and message. ``traceback`` holds the worker's traceback,
+    as text."""
 
     def __init__(self, message: str, traceback: str = "") -> None:
         super().__init__(message)
         self.traceback = traceback
+
+
+#: the class of each original exception class rebuilt in the driver, once made
+_REMOTE_CLASSES: dict[type[BaseException], type[RemoteError]] = {}
+
+
+def _remote_str(self: RemoteError) -> str:
+    # the message as the worker's str() gave it (a KeyError's or an OSError's own __str__
+    # would quote or format it again)
+    return str(self.args[0]) if self.args else ""
+
+
+def remote_error(message: str, traceback: str, original: type[BaseException] | None) -> RemoteError:
+    """A worker's failure in the driver: an exception of the ``original`` class (which the
+    worker's ``str()`` gave ``message``) that is also a :class:`RemoteError` holding
+    ``traceback``; a plain ``RemoteError`` of ``message`` where there is no such class, or a
+    class that cannot be one (built without calling its ``__init__``: a class of the user's
+    own may take other arguments).
+    """
+    if original is not None and issubclass(original, Exception):
+        cls = _REMOTE_CLASSES.get(original)
+        if cls is None and not issubclass(original, RemoteError):
+            try:
+                cls = type(
+                    original.__name__,
+                    (original, RemoteError),
+                    {
+                        "__module__": original.__module__,
+                        "__qualname__": original.__qualname__,
+                        "__str__": _remote_str,
+                    },
+                )
+            except TypeError:  # (a layout of its own, or a final class: a plain RemoteError)
+                cls = None
+            if cls is not None and len(_REMOTE_CLASSES) < 256:
+                _REMOTE_CLASSES[original] = cls
+        if cls is not None:
+            try:
+                err = cls.__new__(cls, message)
+                BaseException.__init__(err, message)
+            except Exception:  # noqa: BLE001 - a __new__ of its own: a plain RemoteError
+                pass
+            else:
+                err.traceback = traceback
+                return err
+    return RemoteError(message, traceback)

@@ -273,3 +273,50 @@ async def test_a_cluster_run_cancelled_from_outside_keeps_the_workers_events_and
     assert s["missing_workers"] == []
     assert s["actors"]["s0"]["forwards"] >= 1 and s["actors"]["slow"]["forwards"] >= 1
     assert ann.replay(path, stop_at_key=0).stopped_at is not None
+
+
+_FAIL_CALLS = [0]  # per process: the worker that hosts the layer counts its own calls
+
+
+class _Refused(Exception):
+    """An error class of the user's own, importable where the driver runs (this module)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _FailsOnce(nn.Module):
+    """An identity that raises ``error`` (a built-in or this module's class) on its third call."""
+
+    error: str = "ZeroDivisionError"
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        _FAIL_CALLS[0] += 1
+        if _FAIL_CALLS[0] == 3:
+            if self.error == "ZeroDivisionError":
+                return x * (1 // 0)
+            raise _Refused("the user's own check refused the batch")
+        return x
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "message"),
+    [
+        ("ZeroDivisionError", ZeroDivisionError, "integer division or modulo by zero"),
+        ("refused", _Refused, "the user's own check refused the batch"),
+    ],
+)
+def test_an_actor_error_on_a_worker_has_the_original_class_as_its_cause(
+    error: str, kind: type, message: str
+) -> None:
+    # the contract's ActorError has the original exception as __cause__, in one process and on
+    # a cluster alike: a worker's comes back as an exception of that class (also a RemoteError,
+    # with the worker's traceback as text)
+    g = slow_chain("fails", _FailsOnce(error))
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster)
+        with pytest.raises(ann.ActorError) as info:
+            tr.fit(data(160), epochs=1, batch_size=32)
+    cause = info.value.__cause__
+    assert info.value.actor == "fails"
+    assert isinstance(cause, kind) and isinstance(cause, ann.RemoteError), repr(cause)
+    assert type(cause).__name__ == kind.__name__ and str(cause) == message
+    assert "test_cluster_faults.py" in cause.traceback  # where it was raised, on the worker

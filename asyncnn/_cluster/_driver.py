@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError, RemoteError, WorkerError
+from asyncnn._errors import ActorError, RemoteError, WorkerError, remote_error
 from asyncnn._math._imports import import_by_path
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._checks import validate
@@ -602,10 +603,16 @@ def _note_rejections(cluster: Cluster, report: Any) -> None:
 
 
 def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str) -> Exception:
-    cause = RemoteError(
-        header.get("cause") or f"{header.get('type')}: {header.get('message')}",
-        header.get("traceback", ""),
-    )
+    traceback = str(header.get("traceback", ""))
+    original = _class_named(header.get("cause_class"))
+    message = header.get("cause_message")
+    cause: RemoteError
+    if original is not None and isinstance(message, str):
+        cause = remote_error(message, traceback, original)
+    else:
+        cause = RemoteError(
+            header.get("cause") or f"{header.get('type')}: {header.get('message')}", traceback
+        )
     if header.get("actor") is not None:
         err: Exception = ActorError(
             header["actor"], header.get("kind", ""), header.get("key"),
@@ -615,6 +622,20 @@ def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str)
         err = WorkerError(w, hosted, f"{who} failed: {header.get('type')}: {header.get('message')}")
     err.__cause__ = cause
     return err
+
+
+def _class_named(spec: Any) -> type[BaseException] | None:
+    """The exception class a worker's report names (``[module, qualified name]``) where the
+    driver has it: a module imported here already (never imported for a worker's report), and
+    no class defined inside a function."""
+    if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(p, str) for p in spec)):
+        return None
+    obj: Any = sys.modules.get(spec[0])
+    for part in spec[1].split("."):
+        if obj is None or part == "<locals>":
+            return None
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
 
 
 async def _died(cluster: Cluster, w: int, hosted: list[str], exc: BaseException) -> WorkerError:

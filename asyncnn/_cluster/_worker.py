@@ -397,6 +397,9 @@ class Worker:
             cause = err.__cause__
             if cause is not None:
                 frame["cause"] = _clip(f"{type(cause).__name__}: {cause}", MESSAGE_CHARS)
+                # what the driver needs to rebuild it as an exception of its class
+                frame["cause_class"] = [type(cause).__module__, type(cause).__qualname__]
+                frame["cause_message"] = _clip(str(cause), MESSAGE_CHARS)
         buffers: list[Any] = []
         if self.failed_trace is not None:  # the events this worker recorded, up to the failure
             frame["trace"] = 0

@@ -1,0 +1,54 @@
+"""asyncnn's errors (``_errors.py``): a worker's failure rebuilt in the driver."""
+
+from __future__ import annotations
+
+import pytest
+
+import asyncnn as ann
+from asyncnn._cluster._driver import _class_named
+from asyncnn._errors import remote_error
+
+
+class _NeedsTwo(Exception):
+    """A class of the user's own whose ``__new__`` takes two arguments."""
+
+    def __new__(cls, code: int, text: str) -> _NeedsTwo:
+        return super().__new__(cls, code, text)
+
+
+@pytest.mark.parametrize(
+    ("original", "message", "said"),
+    [
+        (KeyError, "'weight'", "'weight'"),  # as the worker's str() gave it, not quoted again
+        (OSError, "[Errno 28] No space left on device", "[Errno 28] No space left on device"),
+        (ann.GraphError, "a graph error", "a graph error"),
+    ],
+)
+def test_a_remote_error_is_of_the_original_class_with_its_message(original, message, said):
+    err = remote_error(message, "Traceback ...", original)
+    assert isinstance(err, original) and isinstance(err, ann.RemoteError)
+    assert str(err) == said and err.traceback == "Traceback ..."
+    assert type(err).__name__ == original.__name__
+    assert type(remote_error("again", "", original)) is type(err)  # one class per original
+
+
+def test_a_remote_error_without_a_class_it_can_rebuild_is_a_plain_remote_error():
+    for original in (None, _NeedsTwo, KeyboardInterrupt):
+        err = remote_error("_NeedsTwo: 3, 'x'", "tb", original)
+        assert type(err) is ann.RemoteError and str(err) == "_NeedsTwo: 3, 'x'"
+        assert err.traceback == "tb"
+
+
+def test_the_driver_names_only_classes_it_has_imported():
+    assert _class_named(["builtins", "ZeroDivisionError"]) is ZeroDivisionError
+    assert _class_named([__name__, "_NeedsTwo"]) is _NeedsTwo
+    assert _class_named(["asyncnn._errors", "GraphError"]) is ann.GraphError
+    for spec in (
+        ["not_a_module_here", "Error"],  # never imported for a report
+        [__name__, "f.<locals>.Error"],  # defined in a function
+        ["builtins", "len"],  # not an exception class
+        ["builtins"],
+        "builtins.ValueError",
+        None,
+    ):
+        assert _class_named(spec) is None, spec
