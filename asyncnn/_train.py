@@ -38,6 +38,16 @@ from .backends import to_numpy
 __all__ = ["History", "Trainer"]
 
 
+def _read_only(leaf: Any) -> Any:
+    """A leaf of :attr:`Trainer.params`: a numpy array as a read-only view (a GPU array's host
+    copy likewise); anything else (a number kept in a module's parameters) as it is."""
+    arr = to_numpy(leaf)
+    if isinstance(arr, np.ndarray):
+        arr = arr.view()
+        arr.flags.writeable = False
+    return arr
+
+
 class Trainer:
     """Trains a graph of actors under a policy.
 
@@ -59,13 +69,14 @@ class Trainer:
         trace: write a message trace of each ``fit`` to this path (the first ``fit``; later ones
             to ``NAME.1.EXT``, ``NAME.2.EXT``, ...), in a folder that exists (checked here).
             Read it with ``asyncnn.trace.read``, replay it with ``asyncnn.replay``.
-        trace_payloads: which tensors a trace keeps besides their digests: ``"inputs"`` (enough
-            to replay), ``"all"`` (enough to replay one actor alone), ``"none"``.
         cluster: run on worker processes (``ann.cluster.LocalCluster(workers=N)`` or
             ``RayCluster``); place nodes with ``g.layer(..., worker=i)``. Without a cluster,
             ``worker=`` is ignored and everything runs in this process. ``evaluate`` and
             ``predict`` run in this process on the gathered weights.
-        progress: show a live progress bar (rich) with the loss and samples/s.
+        progress: show a live progress bar (rich) with the loss and samples/s. The arguments
+            after it are keyword-only.
+        trace_payloads: which tensors a trace keeps besides their digests: ``"inputs"`` (enough
+            to replay), ``"all"`` (enough to replay one actor alone), ``"none"``.
         stall_timeout: seconds without progress, with keys in flight, before a StallError.
         check_finite: check every tensor for NaN/Inf and name the first actor producing one.
         tune_allocator: raise glibc's mmap/trim thresholds once, so that large arrays are reused
@@ -122,8 +133,9 @@ class Trainer:
         dtype: str = "float32",
         trace: str | None = None,
         cluster: Any = None,
-        trace_payloads: str = "inputs",
         progress: bool = False,
+        *,
+        trace_payloads: str = "inputs",
         stall_timeout: float = 60.0,
         check_finite: bool = False,
         tune_allocator: bool = True,
@@ -217,11 +229,14 @@ class Trainer:
 
     @property
     def params(self) -> dict[str, Any]:
-        """``{node name: params}`` as numpy arrays, at the current version."""
+        """``{node name: params}`` as numpy arrays, at the current version, read-only: a view
+        of the weights the trainer keeps on the CPU (a copy of a GPU's), which a write would
+        change on one device and not on the other. To change weights, assign new ones
+        (``tr.params = {name: new}``)."""
         # (from a callback, on a GPU: the updates that made them may still be queued on the
         # actors' streams, which a copy to the host on another stream would not wait for)
         _synchronize(self.graph, self.cluster)
-        return {n: tree_map(to_numpy, p) for n, p in self.state.params.items()}
+        return {n: tree_map(_read_only, p) for n, p in self.state.params.items()}
 
     @params.setter
     def params(self, value: Mapping[str, Any]) -> None:

@@ -377,3 +377,31 @@ def test_a_lazily_read_input_of_a_wider_dtype_is_checked_by_rows():
     x[9, 1] = 1e39
     with pytest.raises(ValueError, match=r"^fit: input 'x' has 1e\+39 in row 9"):
         tr.fit(ann.data.ArrayDataset({"x": _LazyRows(x), "y": y}), batch_size=8)
+
+
+def test_the_trainers_positional_arguments_are_the_contracts():
+    # DESIGN.md section 6: Trainer(g, optimizer, policy, seed=0, dtype="float32", trace=None,
+    # cluster=None, progress=False); progress went to trace_payloads, which refused False
+    g = chain_graph(2)
+    tr = ann.Trainer(g, optim.SGD(), policies.Sync(), 0, "float64", None, None, False)
+    assert (tr.seed, tr.dtype, tr.trace, tr.cluster, tr.progress) == (
+        0, np.dtype("float64"), None, None, False,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="positional"):
+        ann.Trainer(g, optim.SGD(), policies.Sync(), 0, "float64", None, None, False, "all")
+    assert (
+        ann.Trainer(g, optim.SGD(), policies.Sync(), trace_payloads="all").trace_payloads == "all"
+    )
+
+
+def test_the_trainers_params_are_read_only_so_a_write_cannot_change_its_weights_unseen():
+    # on the CPU they were the trainer's own arrays: a write changed the weights it trains and
+    # saves (on a GPU, a host copy: the same write changed nothing); now both refuse it
+    tr = _trainer(policies.Sync())
+    weight = tr.params["stage0"][0]["weight"]
+    with pytest.raises(ValueError, match="read-only"):
+        weight[:] = np.nan
+    assert np.isfinite(tr.state.params["stage0"][0]["weight"]).all()
+    new = weight + 1.0  # a new array: the way to change weights, assigned back
+    tr.params = {"stage0": [{**tr.params["stage0"][0], "weight": new}, *tr.params["stage0"][1:]]}
+    np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], new)
