@@ -281,9 +281,12 @@ class Trainer:
             # (the version before the latest is of the weights replaced: the next fit's
             # forwards must not be pinned to it)
             self.state.earlier_params.pop(name, None)
+            # a copy: the caller's arrays stay theirs, and a write into them later (or into a
+            # read-only view of params, refused) cannot change the trainer's weights (asarray
+            # first: a torch tensor's __array__ takes no copy= argument)
             self.state.params[name] = tree_map(
                 lambda a, backend=backend: backend.asarray(
-                    np.asarray(to_numpy(a)), dtype=self.dtype
+                    np.asarray(to_numpy(a)).copy(), dtype=self.dtype
                 ),
                 p,
             )

@@ -405,3 +405,13 @@ def test_the_trainers_params_are_read_only_so_a_write_cannot_change_its_weights_
     new = weight + 1.0  # a new array: the way to change weights, assigned back
     tr.params = {"stage0": [{**tr.params["stage0"][0], "weight": new}, *tr.params["stage0"][1:]]}
     np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], new)
+
+
+def test_params_assigned_are_copied_so_the_callers_arrays_stay_theirs():
+    tr = _trainer(policies.Sync())
+    mine = [{k: np.array(v) for k, v in d.items()} for d in tr.params["stage0"]]
+    tr.params = {"stage0": mine}
+    mine[0]["weight"][:] = np.nan  # the caller's array, written after the assignment
+    assert np.isfinite(tr.params["stage0"][0]["weight"]).all()
+    tr.state.params["stage0"][0]["weight"][:] = 0.0  # the trainer's own: writable, its own
+    assert np.isnan(mine[0]["weight"]).all()
