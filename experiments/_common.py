@@ -12,8 +12,10 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import os
 import platform
+import sys
 import textwrap
 import time
 import tokenize
@@ -97,6 +99,7 @@ def parse_config(
     check: Callable[[C], str | None] | None = None,
     *,
     positive: Collection[str],
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> C:
     """A ``--field value`` flag for each field of the frozen dataclass ``cls`` (defaults kept).
 
@@ -112,7 +115,12 @@ def parse_config(
 
     ``--help`` gives each flag the comment that explains its field in ``cls``'s source (see
     :func:`field_help`: where a special value such as 0 means "all" or "unlimited", the comment
-    says so) and its default."""
+    says so) and its default.
+
+    ``presets`` maps a bool field (``"quick"``) to the values it sets when true: they replace
+    the defaults of the fields not given on the command line only, so that ``--quick true
+    --epochs 5`` runs 5 epochs (the flags given win), and the config returned (the one a script
+    records) is the one that runs; the ranges and ``check`` see it."""
     ap = OneLineParser(description=doc, formatter_class=HelpFormatter)
     choices = choices or {}
     if isinstance(positive, str):  # ("epochs") is a str: each letter would be a field name
@@ -125,6 +133,13 @@ def parse_config(
     if not_numbers:
         raise ValueError(f"positive names fields of {cls.__name__} that are not numbers: "
                          f"{not_numbers}")  # fmt: skip
+    presets = presets or {}
+    for switch, values in presets.items():
+        if not isinstance(getattr(fields.get(switch), "default", None), bool):
+            raise ValueError(f"presets: {switch!r} is not a bool field of {cls.__name__}")
+        if set(values) - set(fields):
+            raise ValueError(f"presets[{switch!r}] names fields {cls.__name__} lacks: "
+                             f"{sorted(set(values) - set(fields))}")  # fmt: skip
     helps = field_help(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
@@ -140,10 +155,20 @@ def parse_config(
             ap.add_argument(flag, type=kind, nargs="+", default=list(default), **extra)
         else:
             ap.add_argument(flag, type=type(default), default=default, **extra)
-    args = ap.parse_args(argv)
-    values = {}
+    # argparse fills in a default only where the namespace lacks the name: a field still
+    # holding the marker afterwards was not given on the command line.
+    unset = object()
+    args = ap.parse_args(argv, argparse.Namespace(**dict.fromkeys(fields, unset)))
+    given = {name for name in fields if getattr(args, name) is not unset}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         v = getattr(args, f.name)
+        values[f.name] = f.default if v is unset else v
+    for switch, preset in presets.items():
+        if values[switch]:
+            values.update({k: v for k, v in preset.items() if k not in given})
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        v = values[f.name]
         values[f.name] = tuple(v) if isinstance(f.default, tuple) else v
     for name, v in values.items():
         numbers = v if isinstance(v, tuple | list) else (v,)
@@ -209,6 +234,37 @@ def machine() -> dict[str, Any]:
     }
 
 
+def torch_missing(skipped: str) -> str | None:
+    """Why torch cannot be imported here (``"ImportError: ..."``), after printing it and what is
+    ``skipped`` for it in a line; None where torch imports (nothing printed)."""
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install's OSError
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        print(f"torch not importable ({why}): {skipped}", flush=True)
+        return why
+    return None
+
+
+def need_cupy(script: str) -> Any:
+    """cupy, once it sees a GPU; else says in one line what ``script`` needs and exits with
+    status 2 (a GPU script run without cupy or a GPU ended in an import's traceback)."""
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no cupy, no driver, no device: all say the same
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        print(f"{script} needs CUDA GPUs and cupy; this machine has none usable ({why}). Run it on "
+              "a GPU machine.", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None
+    if count == 0:
+        print(f"{script} needs CUDA GPUs and cupy; CUDA reports no GPU here. Run it on a GPU "
+              "machine.", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    return cupy
+
+
 def card_name(index: int = 0) -> str:
     """The name of GPU ``index`` as the CUDA runtime gives it (cupy)."""
     import cupy
@@ -217,17 +273,28 @@ def card_name(index: int = 0) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (numpy's too) replaced by None: JSON has no
+    such numbers (``json`` writes ``NaN``, which jq and JSON.parse refuse), and where one occurs
+    the value is missing (no formula, a failed or diverged run)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0
+                                    and value.dtype.kind == "f"):  # fmt: skip
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def write_results(out: str, config: Any, results: dict[str, Any]) -> str:
-    """Writes ``results.json`` (config, machine, results) into ``out``; returns its path."""
+    """Writes ``results.json`` (config, machine, results) into ``out``; returns its path. A
+    NaN or infinite number is written as null (:func:`json_safe`)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
+    report = {"config": dataclasses.asdict(config), "machine": machine(), "results": results}
     with open(path, "w") as f:
-        json.dump(
-            {"config": dataclasses.asdict(config), "machine": machine(), "results": results},
-            f,
-            indent=2,
-            default=float,
-        )
+        json.dump(json_safe(report), f, indent=2, default=float, allow_nan=False)
     return path
 
 
@@ -364,8 +431,9 @@ def plain_step(model: Any, loss: Any, optimizer: Any, seed: int = 0) -> Callable
 
 
 def write_json(path: str, report: Any) -> None:
-    """Writes a benchmark's report to ``path`` (making its folder) and says so."""
+    """Writes a benchmark's report to ``path`` (making its folder) and says so. A NaN or
+    infinite number is written as null (:func:`json_safe`)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(json_safe(report), f, indent=2, allow_nan=False)
     print(f"wrote {path}")

@@ -54,8 +54,13 @@ class Config:
     # two threads wait on each other at every small product (25x slower at load 5): 1 thread is
     # what each staged actor gets. 0 keeps the runtime's choice.
     one_stage_blas_threads: int = 1
-    quick: bool = False  # smoke run: 2 epochs, 400 rows, K in (1, 4), F in (1,), one seed
+    # smoke run: 2 epochs, 400 rows, K in (1, 4), F in (1,), one seed (flags given win)
+    quick: bool = False
     out: str = "runs/ampnet_sweep"  # results.json and PNGs
+
+
+QUICK = {"seeds": Config.seeds[:1], "max_active_keys": (1, 4), "min_update_frequency": (1,),
+         "max_epochs": 2}  # fmt: skip
 
 
 def modules(cfg: Config) -> list[Any]:
@@ -254,12 +259,9 @@ def check(cfg: Config) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__, check=check, positive=POSITIVE)
-    if cfg.quick:
-        cfg = dataclasses.replace(
-            cfg, seeds=cfg.seeds[:1], max_active_keys=(1, 4), min_update_frequency=(1,),
-            max_epochs=2,
-        )  # fmt: skip
+    cfg = _common.parse_config(
+        Config, argv, __doc__, check=check, positive=POSITIVE, presets={"quick": QUICK}
+    )
     ds = data.load_mnist1d()
     rows = 400 if cfg.quick else len(ds["y_train"])
     train = data.ArrayDataset({"x": ds["x_train"][:rows], "y": ds["y_train"][:rows]})
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, policy, stages in settings(cfg):
             runs.append(train_curve(cfg, label, policy, stages, seed, train, test, cfg.max_epochs))
     table = summarise(runs)
-    results = {"machine_at_start": before, "table": table, "runs": runs}
+    results = {"machine_at_start": before, "train_rows": rows, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs, table)
     return _common.finish(cfg.out, cfg, results)
 

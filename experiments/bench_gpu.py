@@ -362,6 +362,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
+    _common.need_cupy("bench_gpu.py")
     card = _common.card_name()
     report: dict[str, Any] = {"card": card, "matmul_tflops": {}, "sync": [], "pipeline": []}
     print(f"card: {card}")

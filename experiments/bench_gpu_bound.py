@@ -445,7 +445,7 @@ def main() -> None:
     args = ap.parse_args()
     if not 1 <= args.stages <= LAYERS or min(args.batch, args.width, args.keys) < 1:
         ap.error(f"--stages must be 1 to {LAYERS}; --batch, --width, --keys at least 1")
-    import cupy as cp
+    cp = _common.need_cupy("bench_gpu_bound.py")
 
     S, K, B = args.stages, args.keys, args.batch
     origin = cp.cuda.Stream(non_blocking=True)  # captures; A, C and the bounds run on it

@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="runs/bench_gpu_host.json")
     args = ap.parse_args()
-    import cupy as cp
+    cp = _common.need_cupy("bench_gpu_host.py")
 
     card = _common.card_name()
     report: dict[str, Any] = {"card": card, "batch": args.batch, "rows": []}

@@ -26,17 +26,21 @@ import sys
 import time
 from typing import Any
 
-import cupy as cp
 import numpy as np
 
 from asyncnn import nn, optim
 from asyncnn._math._rules_elementwise import _relu_grad
-from asyncnn.backends import _fused, _fused_nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _common  # noqa: E402
 import bench_gpu  # noqa: E402
 
-_ON = (_fused._apply_many, _fused_nn.relu_grad, _fused_nn.half_sum)
+# cupy and the backend's fused kernels (which import cupy), and the kernels the cuts switch
+# back to: set by main once the flags are read (--help needs no GPU)
+cp: Any = None
+_fused: Any = None
+_fused_nn: Any = None
+_ON: tuple[Any, ...] = ()
 
 
 def _apart(*args: Any) -> None:
@@ -116,6 +120,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    global cp, _fused, _fused_nn, _ON
+    cp = _common.need_cupy("bench_launch_cuts.py")
+    from asyncnn.backends import _fused, _fused_nn
+
+    _ON = (_fused._apply_many, _fused_nn.relu_grad, _fused_nn.half_sum)
     for spec in args.cases.split(","):
         dtype, batch = spec.split(":")
         case(dtype, int(batch), args.steps, args.repeats)

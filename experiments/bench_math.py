@@ -306,6 +306,8 @@ def main() -> None:
         "config": asdict(cfg),
         "machine": machine(),
     }
+    # null where torch is present; its "torch" part is then null too
+    report["torch_missing"] = _common.torch_missing("the PyTorch columns are skipped ('-')")
     report["tuned"] = run(cfg, tuned=True)
     report["torch"] = _child(quick, "torch")
     report["untuned"] = _child(quick, "untuned")

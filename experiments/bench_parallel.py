@@ -51,16 +51,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-if __name__ == "__main__" and "--cores" in sys.argv:  # pin before numpy loads OpenBLAS
-    _n = int(sys.argv[sys.argv.index("--cores") + 1])
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_n])
-
-import anyio
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))
-import _common  # noqa: E402
+import _common  # noqa: E402  (standard library only: loads no BLAS)
+
+
+def cores_to_pin(argv: list[str]) -> list[int] | None:
+    """The cores ``--cores N`` (or ``--cores=N``) in ``argv`` asks for: the first N this process
+    may use; None without the flag. A value outside 1..(those cores) is a one-line usage error."""
+    pre = _common.OneLineParser(prog=os.path.basename(__file__), add_help=False)
+    pre.add_argument("--cores", type=int, default=None)
+    n = pre.parse_known_args(argv)[0].cores
+    if n is None:
+        return None
+    have = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(have):
+        pre.error(f"argument --cores: must be in 1..{len(have)} (the cores this process may use), "
+                  f"got {n}")  # fmt: skip
+    return have[:n]
+
+
+if __name__ == "__main__" and (_pin := cores_to_pin(sys.argv[1:])) is not None:
+    os.sched_setaffinity(0, _pin)  # before numpy loads OpenBLAS, which sizes its threads then
+
 import _numpy_mlp  # noqa: E402
+import anyio  # noqa: E402
+import numpy as np  # noqa: E402
 from _tiny_chain import count_tiny, profile_tiny, show_tiny, stage_costs, tiny_table  # noqa: E402
 
 import asyncnn as ann  # noqa: E402

@@ -158,6 +158,8 @@ def main() -> None:
     tune_allocator()
     steps = 3 if args.quick else 20
     report: dict[str, Any] = {}
+    # null where torch is present
+    report["torch_missing"] = _common.torch_missing("no PyTorch eager row in section 3")
 
     hop = per_hop_overhead(50 if args.quick else 500)
     report["per_hop_us"] = hop

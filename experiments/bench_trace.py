@@ -171,26 +171,53 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
+#: ``--rounds``, ``--steps`` and ``--skip`` by default, and with ``--quick`` (flags given win)
+DEFAULTS = (15, 30, 5)
+QUICK = (2, 4, 1)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (one-line errors)."""
+    ap = _common.OneLineParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="few rounds and steps (a smoke run)")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=30, help="minibatches per timed run")
-    ap.add_argument("--skip", type=int, default=5, help="first steps left out of the step time")
+    ap.add_argument("--quick", action="store_true",
+                    help="few rounds and steps (a smoke run: --rounds 2 --steps 4 --skip 1 "
+                         "unless given)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULTS[0]}")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"minibatches per timed run (default {DEFAULTS[1]})")  # fmt: skip
+    ap.add_argument("--skip", type=int, default=None,
+                    help=f"first steps left out of the step time (default {DEFAULTS[2]})")  # fmt: skip
     ap.add_argument("--out", default="runs/bench_trace.json")
     ap.add_argument("--tmp", default=None, help="where the traces go (default: a temp dir)")
-    args = ap.parse_args()
-    rounds, steps = (2, 4) if args.quick else (args.rounds, args.steps)
-    if args.quick:
-        args.skip = 1
+    return ap
+
+
+def settings(args: argparse.Namespace) -> tuple[int, int, int]:
+    """``(rounds, steps, skip)``: those given, the rest ``--quick``'s or the defaults."""
+    base = QUICK if args.quick else DEFAULTS
+    given = (args.rounds, args.steps, args.skip)
+    rounds, steps, skip = (b if g is None else g for g, b in zip(given, base, strict=True))
+    return rounds, steps, skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
+    rounds, steps, skip = settings(args)
+    for flag, value in (("--rounds", rounds), ("--steps", steps)):
+        if value < 1:
+            ap.error(f"argument {flag}: must be >= 1, got {value}")
+    if not 0 <= skip < steps:
+        # the step time is taken from the skip-th step: at least one step must be left
+        ap.error(f"argument --skip: must be in 0..{steps - 1} (below --steps {steps}), got {skip}")
     tune_allocator()
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     report["config"] = {
         "batch": BATCH,
         "steps_per_run": steps,
-        "steps_left_out_of_step_time": args.skip,
+        "steps_left_out_of_step_time": skip,
         "rounds": rounds,
         "mlp": SIZES,
     }
@@ -202,7 +229,7 @@ def main() -> None:
         variants += [Variant(2, p, workdir) for p in (None, *TRACED)]
         for v in variants:
             v.fit(batches[:2], timed=False)
-            v.skip = args.skip
+            v.skip = skip
         for r in range(rounds):
             # rotate the order, so that no variant always runs right after another
             for v in variants[r % len(variants) :] + variants[: r % len(variants)]:

@@ -23,14 +23,21 @@ Two tree networks, both genuine: the structure of each tree decides the computat
 Baselines: the majority class of the training labels, and an MLP on the flattened, padded one-hot
 post-order token sequence (the same tokens, no structure), trained for as many epochs.
 
+The test trees are drawn from the same distribution as the training trees, leaving out every tree
+that occurs in the training set (:func:`draw_trees`' ``exclude``): a held-out set. The 300
+single-operator trees (depth 1) all occur among the 8,000 training trees, so the test set has
+no tree of depth 1; each run reports its accuracy by depth.
+
 Every run trains up to ``epochs`` epochs with one ``Trainer.fit`` per epoch and evaluates the test
 trees between them (the time of evaluating is left out of the clock); time to target is the
 training wall time at the first epoch whose test accuracy reaches ``target``. ``workers`` N > 0
 runs the tree networks on ``ann.cluster.LocalCluster(N)`` (actors placed round-robin with
 ``worker=``); each run reports its actor concurrency (the actors' busy time over wall time).
+Before the timed runs, each model runs one untimed epoch on 100 trees in each placement (one
+process, each cluster): the first run there pays for start-up (imports, threads, page faults).
 
 Run ``python experiments/expression_trees.py --help``; ``--quick true`` is a seconds-long smoke
-run.
+run (flags given with it win over its sizes).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import dataclasses
 import math
 import os
 import sys
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -92,8 +100,12 @@ class Config:
     # every root is at the last level) or "height" (its height; weights untied either way)
     levels_align: str = "height"
     mlp_width: int = 256  # the token-sequence MLP baseline: 2 hidden layers
-    quick: bool = False  # smoke run: 2 epochs, 200 trees, width 16
+    quick: bool = False  # smoke run: 2 epochs, 200 trees, width 16 (flags given win)
     out: str = "runs/expression_trees"  # results.json and PNGs
+
+
+QUICK = {"train_trees": 200, "test_trees": 100, "width": 16, "hidden": 32, "mlp_width": 32,
+         "epochs": 2}  # fmt: skip
 
 
 def random_tree(leaves: int, rng: np.random.Generator) -> Any:
@@ -122,11 +134,32 @@ def depth(t: Any) -> int:
     return 0 if isinstance(t, int) else 1 + max(depth(t[1]), depth(t[2]))
 
 
-def make_trees(cfg: Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``n`` random trees of ``min_leaves`` to ``max_leaves`` leaves, encoded by :func:`encode`."""
-    trees = [random_tree(int(rng.integers(cfg.min_leaves, cfg.max_leaves + 1)), rng)
-             for _ in range(n)]  # fmt: skip
-    return encode(cfg, trees)
+def draw_trees(
+    cfg: Config, n: int, rng: np.random.Generator, exclude: Collection[Any] = ()
+) -> list[Any]:
+    """``n`` random trees of ``min_leaves`` to ``max_leaves`` leaves, none of them in ``exclude``
+    (the training trees, for a test set disjoint from them; the same trees for the same ``rng``
+    state). Raises ValueError if ``100 n`` draws do not find ``n`` (nearly every possible tree
+    is excluded)."""
+    trees: list[Any] = []
+    for _ in range(100 * n):
+        t = random_tree(int(rng.integers(cfg.min_leaves, cfg.max_leaves + 1)), rng)
+        if t not in exclude:
+            trees.append(t)
+            if len(trees) == n:
+                return trees
+    raise ValueError(
+        f"only {len(trees)} of {n} test trees of {cfg.min_leaves}-{cfg.max_leaves} leaves found "
+        f"outside the training set in {100 * n} draws: raise --max-leaves or lower "
+        f"--train-trees or --test-trees"
+    )
+
+
+def make_trees(
+    cfg: Config, n: int, rng: np.random.Generator, exclude: Collection[Any] = ()
+) -> dict[str, np.ndarray]:
+    """``n`` random trees (:func:`draw_trees`), encoded by :func:`encode`."""
+    return encode(cfg, draw_trees(cfg, n, rng, exclude))
 
 
 def encode(cfg: Config, trees: list[Any]) -> dict[str, np.ndarray]:
@@ -415,14 +448,17 @@ def check(c: Config) -> str | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {"models": MODELS, "policies": ("Sync", "Async"), "levels_align": ("root", "height")}
     cfg = _common.parse_config(
-        Config, argv, __doc__, choices=choices, check=check, positive=POSITIVE
-    )
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, train_trees=200, test_trees=100, width=16, hidden=32,
-                                  mlp_width=32, epochs=2)  # fmt: skip
+        Config, argv, __doc__, choices=choices, check=check, positive=POSITIVE,
+        presets={"quick": QUICK},
+    )  # fmt: skip
     rng = np.random.default_rng(cfg.seed)
-    train = make_trees(cfg, cfg.train_trees, rng)
-    test = make_trees(cfg, cfg.test_trees, rng)
+    train_trees = draw_trees(cfg, cfg.train_trees, rng)
+    try:  # held out: no test tree is a training tree
+        test = make_trees(cfg, cfg.test_trees, rng, exclude=set(train_trees))
+    except ValueError as exc:
+        print(f"expression_trees.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    train = encode(cfg, train_trees)
     counts = np.bincount(train["y"], minlength=10)
     majority = float((test["y"] == counts.argmax()).mean())
     before = _common.machine()
@@ -430,6 +466,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         clusters = {w: stack.enter_context(ann.cluster.LocalCluster(workers=w)) if w else None
                     for w in cfg.workers}  # fmt: skip
+        # Untimed warm-up of each model in each placement: the first run there pays for imports
+        # (the workers' too), threads and page faults, and it would always be Sync's repeat 0.
+        warm = dataclasses.replace(cfg, epochs=1, stop_at_target=False)
+        few = {k: v[:100] for k, v in train.items()}
+        for w in cfg.workers:
+            for model in cfg.models:
+                if not (model == "mlp" and w):
+                    run_one(warm, model, ("warm-up", policies.Async(max_active_keys=2),
+                                          cfg.batch_size), w, clusters[w], 0, few, few)  # fmt: skip
         for repeat in range(cfg.repeats):  # interleaved, so load changes hit every setting alike
             for w in cfg.workers:
                 for model in cfg.models:

@@ -9,12 +9,18 @@ current weights are evaluated on the test lists *without draining the run* (as i
 ``ampnet_sweep.py``); the evaluation's time is left out of the clock. Time to target is the
 training wall time at the first snapshot whose test accuracy reaches ``target``.
 
+The test lists are drawn from the same distribution as the training lists, leaving out every
+list that occurs in the training set (:func:`make_lists`' ``exclude``): a held-out set. All 10
+lists of length 1 and all 100 of length 2 occur among the 6,000 training lists, so the test set
+has none of those lengths and fewer of length 3; each run reports its final accuracy by length.
+
 The settings: ``Async`` for each number of keys in flight (``max_active_keys``) and each update
 interval (``update_every``: AMPNet's ``min_update_interval``, gradients of that many keys per
 update), and ``Sync`` on minibatches of one key and of each interval's worth of keys (the same
 lists per update). Each setting runs ``repeats`` times (interleaved), for the spread.
 
-Run ``python experiments/list_reduction.py --help``; ``--quick true`` is a seconds-long smoke run.
+Run ``python experiments/list_reduction.py --help``; ``--quick true`` is a seconds-long smoke run
+(flags given with it win over its sizes).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Collection
 from typing import Any
 
 import anyio
@@ -60,7 +67,8 @@ class Config:
     # larger, the same lists per update, as the fair control for it
     update_every: tuple[int, ...] = (1, 2)
     stash: bool = True  # a backward uses its forward's weights: no recomputation of the unroll
-    quick: bool = False  # smoke run: 2 epochs, 300 lists, width 32, one repeat, eval every 3
+    # smoke run: 2 epochs, 300 lists, width 32, one repeat, eval every 3 (flags given win)
+    quick: bool = False
     out: str = "runs/list_reduction"  # results.json and PNGs
 
 
@@ -90,16 +98,50 @@ class MulCell(nn.Module):
         return ops.tanh(ops.add(ops.add(gate, ops.matmul(x, params["u"])), params["b"]))
 
 
-def make_lists(cfg: Config, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``n`` lists: one-hot digits padded to ``max_len``, their lengths, zero states, labels."""
-    lengths = rng.integers(cfg.min_len, cfg.max_len + 1, n)
-    digits = rng.integers(0, 10, (n, cfg.max_len))
-    digits[np.arange(cfg.max_len)[None, :] >= lengths[:, None]] = 0  # padding never read
+QUICK = {"repeats": 1, "train_lists": 300, "test_lists": 100, "width": 32, "max_epochs": 2,
+         "eval_every": 3}  # fmt: skip
+
+
+def list_keys(lengths: np.ndarray, digits: np.ndarray) -> list[bytes]:
+    """One key per list (its length and its digits, the padding zeroed): equal keys, equal
+    lists."""
+    return [row.tobytes() for row in np.concatenate([lengths[:, None], digits], 1).astype(np.int8)]
+
+
+def make_lists(
+    cfg: Config, n: int, rng: np.random.Generator, exclude: Collection[bytes] = ()
+) -> dict[str, np.ndarray]:
+    """``n`` lists: one-hot digits padded to ``max_len``, their lengths, zero states, labels,
+    and each list's key (``key``, :func:`list_keys`).
+
+    ``exclude``: keys of lists not to draw (the training set's, for a test set disjoint from
+    it): lists are drawn ``n`` at a time, those in ``exclude`` dropped, until ``n`` are found
+    (the same lists for the same ``rng`` state). Raises ValueError if 100 rounds of ``n``
+    draws do not find ``n`` (nearly every possible list is excluded)."""
+    lengths, digits = np.zeros(0, np.int64), np.zeros((0, cfg.max_len), np.int64)
+    for _ in range(100):
+        more = rng.integers(cfg.min_len, cfg.max_len + 1, n)
+        dig = rng.integers(0, 10, (n, cfg.max_len))
+        dig[np.arange(cfg.max_len)[None, :] >= more[:, None]] = 0  # padding never read
+        if exclude:
+            keep = np.array([k not in exclude for k in list_keys(more, dig)], dtype=bool)
+            more, dig = more[keep], dig[keep]
+        lengths, digits = np.concatenate([lengths, more]), np.concatenate([digits, dig])
+        if len(lengths) >= n:
+            break
+    else:
+        raise ValueError(
+            f"only {len(lengths)} of {n} test lists of lengths {cfg.min_len}-{cfg.max_len} "
+            f"found outside the training set in 100 rounds of draws: raise --max-len or lower "
+            f"--train-lists or --test-lists"
+        )
+    lengths, digits = lengths[:n], digits[:n]
     xs = np.eye(10, dtype=np.float32)[digits]
     xs[np.arange(cfg.max_len)[None, :] >= lengths[:, None]] = 0.0
     y = np.where(np.arange(cfg.max_len)[None, :] < lengths[:, None], digits, 0).sum(1) % 10
     h0 = np.zeros((n, cfg.width), dtype=np.float32)
-    return {"xs": xs, "len": lengths.astype(np.int64), "h0": h0, "y": y.astype(np.int64)}
+    return {"xs": xs, "len": lengths.astype(np.int64), "h0": h0, "y": y.astype(np.int64),
+            "key": np.array(list_keys(lengths, digits), dtype=object)}  # fmt: skip
 
 
 def build(cfg: Config) -> ann.Graph:
@@ -179,6 +221,12 @@ def train_curve(
             cell = stats["cell"]
             assert isinstance(cell, ann.dynamic.LoopStatistics)  # a loop's: its own counters
             out["row_steps"] = cell.row_steps
+            judge.params = {n: run.params[n] for n in graph.layers}
+            logits = judge.predict({k: test[k] for k in ("xs", "len", "h0")})["logits"]
+            right = logits.argmax(axis=1) == test["y"]
+            out["accuracy_by_length"] = {
+                int(n): float(right[test["len"] == n].mean()) for n in np.unique(test["len"])
+            }
 
     anyio.run(main, backend="trio")
     first, summary = _common.target_summary(curve, cfg.target)
@@ -265,24 +313,34 @@ def check(c: Config) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = _common.parse_config(Config, argv, __doc__, check=check, positive=POSITIVE)
-    if cfg.quick:
-        cfg = dataclasses.replace(
-            cfg, repeats=1, train_lists=300, test_lists=100, width=32, max_epochs=2, eval_every=3
-        )
+    cfg = _common.parse_config(
+        Config, argv, __doc__, check=check, positive=POSITIVE, presets={"quick": QUICK}
+    )
     rng = np.random.default_rng(cfg.seed)
-    train = data.ArrayDataset(make_lists(cfg, cfg.train_lists, rng))
-    test = make_lists(cfg, cfg.test_lists, rng)
+    lists = make_lists(cfg, cfg.train_lists, rng)
+    try:  # held out: no test list is a training list
+        test = make_lists(cfg, cfg.test_lists, rng, exclude=set(lists.pop("key")))
+    except ValueError as exc:
+        print(f"list_reduction.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    del test["key"]
+    train = data.ArrayDataset(lists)
     before = _common.machine()
     # Untimed warm-up: the first run of a process pays for imports, threads and page faults.
-    warm = data.ArrayDataset(make_lists(cfg, 200, np.random.default_rng(99)))
+    warm_lists = make_lists(cfg, 200, np.random.default_rng(99))
+    del warm_lists["key"]
+    warm = data.ArrayDataset(warm_lists)
     train_curve(cfg, "warm-up", policies.Async(max_active_keys=2), 0, warm, test, 1)
     runs = []
     for repeat in range(cfg.repeats):  # interleaved, so load changes hit every setting alike
         for label, policy, size in settings(cfg):
             runs.append(train_curve(cfg, label, policy, repeat, train, test, cfg.max_epochs, size))
     table = summarise(runs)
-    results = {"machine_at_start": before, "table": table, "runs": runs}
+    results = {
+        "machine_at_start": before, "table": table, "runs": runs,
+        "test_lists_by_length": {int(n): int((test["len"] == n).sum())
+                                 for n in np.unique(test["len"])},
+    }  # fmt: skip
     results["figures"] = plot(cfg, runs, table)
     return _common.finish(cfg.out, cfg, results)
 

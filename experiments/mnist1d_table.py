@@ -59,7 +59,7 @@ class Config:
     cnn_epochs: int = 40  # with the cosine decay, 40 epochs land at the paper's ~94%
     cnn_batch_size: int = 32  # more, smaller steps: batch 100 stalls near 91-92% in 40 epochs
     cnn_lr: float = 1e-2  # the paper's Adam rate, annealed to 0 by a cosine so training settles
-    quick: bool = False  # smoke run: 1 epoch per cell, 400 training rows
+    quick: bool = False  # smoke run: 1 epoch per cell, 400 training rows (flags given win)
     out: str = "runs/mnist1d_table"  # results.json and PNGs
 
 
@@ -114,8 +114,6 @@ def settings(cfg: Config, model: str, policy: str, rows: int) -> dict[str, Any]:
         "mlp": (cfg.mlp_epochs, cfg.mlp_batch_size, cfg.mlp_lr),
         "cnn": (cfg.cnn_epochs, cfg.cnn_batch_size, cfg.cnn_lr),
     }[model]
-    if cfg.quick:
-        epochs = 1
     updates_per_batch = 1.0
     if policy == "PipeDream":
         # one update per microbatch: keep the rows per update (and the update count) of Sync
@@ -215,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Config, argv, __doc__,
         choices={"policies": ("Sync", "GPipe", "PipeDream", "Async"), "models": tuple(PAPER)},
         check=check, positive=POSITIVE,
+        presets={"quick": {"logreg_epochs": 1, "mlp_epochs": 1, "cnn_epochs": 1}},
     )  # fmt: skip
     ds = data.load_mnist1d()
     rows = 400 if cfg.quick else len(ds["y_train"])
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sets = chan if model == "cnn" else flat
         for pol in cfg.policies:
             cells.append(run_cell(cfg, model, pol, sets["train"], sets["test"]))
-    results = {"machine_at_start": before, "cells": cells, "paper": PAPER}
+    results = {"machine_at_start": before, "train_rows": rows, "cells": cells, "paper": PAPER}
     results["figures"] = plot(cfg, cells)
     return _common.finish(cfg.out, cfg, results)
 

@@ -49,7 +49,7 @@ class Config:
     lr: float = 3e-3  # Adam, as in mnist1d_table.py, for every model and policy
     async_max_active_keys: int = 4  # a few minibatches in flight (ampnet_sweep's best K)
     policies: tuple[str, ...] = ("Sync", "Async")  # the baseline order, and the Async
-    quick: bool = False  # smoke run: 1 epoch, 400 rows, one seed
+    quick: bool = False  # smoke run: 1 epoch, 400 rows, one seed (flags given win)
     out: str = "runs/moe_mnist1d"  # results.json and PNGs
 
 
@@ -229,10 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "async_max_active_keys", "lr")  # fmt: skip
     cfg = _common.parse_config(
         Config, argv, __doc__, choices={"policies": ("Sync", "Async")}, check=check,
-        positive=positive,
+        positive=positive, presets={"quick": {"seeds": Config.seeds[:1], "epochs": 1}},
     )  # fmt: skip
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, seeds=cfg.seeds[:1], epochs=1)
     ds = data.load_mnist1d()
     rows = 400 if cfg.quick else len(ds["y_train"])
     train = data.ArrayDataset({"x": ds["x_train"][:rows], "y": ds["y_train"][:rows]})
@@ -245,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for pol in cfg.policies:
                     runs.append(run_one(cfg, model, k, pol, seed, train, test))
     table = summarise(runs)
-    results = {"machine_at_start": before, "table": table, "runs": runs}
+    results = {"machine_at_start": before, "train_rows": rows, "table": table, "runs": runs}
     results["figures"] = plot(cfg, runs)
     return _common.finish(cfg.out, cfg, results)
 

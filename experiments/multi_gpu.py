@@ -19,7 +19,9 @@ and the rate at which tensors move between GPUs, against what torch/NCCL reach i
 On one GPU it runs K = 1 (and, with ``--same-gpu true``, K stages sharing cuda:0: a stand-in
 for the code paths, not for the scaling); transfers are then same-GPU copies, and NCCL is
 skipped (it refuses two ranks on one GPU). Without a GPU it exits saying so, unless
-``--cpu-smoke true`` (the whole script on the CPU at toy sizes, to check the script itself).
+``--cpu-smoke true`` (the whole script on the CPU at toy sizes, to check the script itself: width
+32, one layer per stage, microbatches of 4 rows, one timed step, 1 MiB copies; flags given with
+it win).
 
 NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device machines require.
 
@@ -64,13 +66,18 @@ class Config:
     copy_mib: tuple[int, ...] = (4, 64, 256)  # message sizes for the transfer rates
     copy_reps: int = 20  # copies timed per message size and GPU pair
     time_budget_s: float = 300.0  # configurations past this are skipped (tests + this < 600 s)
-    cpu_smoke: bool = False  # the whole script on the CPU at toy sizes (checks the script)
+    # the whole script on the CPU at toy sizes (checks the script; flags given win)
+    cpu_smoke: bool = False
     out: str = "runs/multi_gpu"  # multi_gpu.json and multi_gpu.md
 
 
 # what 0 makes meaningless (an empty table, an empty batch, a copy never timed); --warmup 0 is fine
 POSITIVE = ("max_k", "width", "layers_per_stage", "microbatch", "steps", "copy_mib", "copy_reps",
             "time_budget_s")  # fmt: skip
+
+# --cpu-smoke's sizes: seconds on a CPU
+SMOKE = {"width": 32, "layers_per_stage": 1, "microbatch": 4, "steps": 1, "warmup": 1,
+         "copy_mib": (1,), "copy_reps": 2}  # fmt: skip
 
 POLICIES = {"gpipe": policies.GPipe, "1f1b": policies.OneFOneB, "pipedream": policies.PipeDream}
 
@@ -388,7 +395,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     choices = {"policies": tuple(POLICIES), "modes": ("process", "workers")}
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=POSITIVE)
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, positive=POSITIVE, presets={"cpu_smoke": SMOKE}
+    )
     info: dict[str, Any]  # gpu_info()'s
     if cfg.cpu_smoke:
         n_gpus, info = 0, {"count": 0, "names": [], "peer_access": [], "cupy": None}

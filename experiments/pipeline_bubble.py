@@ -136,17 +136,17 @@ def make_policy(cfg: Config, name: str, m: int) -> Any:
     return {"GPipe": policies.GPipe, "OneFOneB": policies.OneFOneB}[name](microbatches=m)
 
 
-def theory_bubble(cfg: Config, name: str, k: int, m: int) -> float:
+def theory_bubble(cfg: Config, name: str, k: int, m: int) -> float | None:
     """The bubble (idle over busy time per device) of ``name`` on ``k`` devices, ``m``
-    microbatches."""
+    microbatches; None where no formula holds (results.json writes null)."""
     v = virtual_of(cfg, name)
     interleaved = v > 1 or name == "ZeroBubbleH1"
     if interleaved and m < k:
-        return float("nan")  # fewer microbatches than devices: the schedule cannot fill
+        return None  # fewer microbatches than devices: the schedule cannot fill
     if name != "ZeroBubbleH1":
         return (k - 1) / (m * v)
     if cfg.forward_ms != cfg.backward_ms / 2:
-        return float("nan")  # the formula holds for equal forward, input and weight halves
+        return None  # the formula holds for equal forward, input and weight halves
     # ZB-H1 leaves (K - 1) F of 1F1B's (K - 1)(F + B + W) idle when F = B = W (Qi et al. 2024)
     return (k - 1) / (3 * m * v)
 
@@ -300,13 +300,13 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
         "median_bubble_per_device": median,  # over minibatches: robust to a moment of load
         # the least disturbed minibatch's (other processes' load mostly adds idle time)
         "least_bubble_per_device": least,
-        "theory_idle": r / (1 + r),
+        "theory_idle": None if r is None else r / (1 + r),
         "measured_idle_mean": float(np.mean(idle)),
         "measured_idle_per_device": idle,
         # idle counting any time beyond the sleeps as idle: what the pipe delivers
         "effective_idle": 1.0 - ideal_busy / wall,
         "seconds_per_minibatch": wall / cfg.minibatches,
-        "theory_seconds_per_minibatch": (1 + r) * m * v * (f + b),
+        "theory_seconds_per_minibatch": None if r is None else (1 + r) * m * v * (f + b),
         "busy_per_op_overhead_ms": 1e3
         * (np.mean(device_busy) - ideal_busy)
         / (ops_per_microbatch * cfg.minibatches * m * v),
@@ -314,6 +314,11 @@ def measure(cfg: Config, policy_name: str, k: int, m: int, trace: str | None = N
 
 
 # -- the whole experiment ----------------------------------------------------------------------
+
+
+def _nan(x: float | None) -> float:
+    """``x``, or nan for None (no formula): what the table prints and the plot leaves out."""
+    return float("nan") if x is None else x
 
 
 def plot(cfg: Config, rows: list[dict]) -> None:
@@ -326,7 +331,7 @@ def plot(cfg: Config, rows: list[dict]) -> None:
         for i, k in enumerate(cfg.stages):
             sel = [r for r in rows if r["policy"] == name and r["K"] == k]
             c = colors[i % len(colors)]
-            theory = np.array([theory_bubble(cfg, name, k, m) for m in mm])
+            theory = np.array([_nan(theory_bubble(cfg, name, k, m)) for m in mm])
             ax.plot(mm, theory / (1 + theory), "-", color=c, alpha=0.5)
             ax.plot([r["M"] for r in sel], [r["measured_idle_mean"] for r in sel], "o", color=c,
                     label=f"K={k}")  # fmt: skip
@@ -367,12 +372,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 r = measure(cfg, name, k, m)
                 rows.append(r)
+                theory = _nan(r["theory_seconds_per_minibatch"])
                 print(
                     f"{name:<15} K={k} V={r['V']} M={m}: bubble {r['measured_bubble_mean']:.3f} "
-                    f"(theory {r['theory_bubble']:.3f}), idle {r['measured_idle_mean']:.3f} "
-                    f"(theory {r['theory_idle']:.3f}, wall-based {r['effective_idle']:.3f}), "
-                    f"{1e3 * r['seconds_per_minibatch']:.1f} ms per minibatch "
-                    f"(theory {1e3 * r['theory_seconds_per_minibatch']:.1f})"
+                    f"(theory {_nan(r['theory_bubble']):.3f}), idle "
+                    f"{r['measured_idle_mean']:.3f} (theory {_nan(r['theory_idle']):.3f}, "
+                    f"wall-based {r['effective_idle']:.3f}), {1e3 * r['seconds_per_minibatch']:.1f}"
+                    f" ms per minibatch (theory {1e3 * theory:.1f})"
                 )
     plot(cfg, rows)
     timelines = {}

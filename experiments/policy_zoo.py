@@ -157,11 +157,18 @@ def check(cfg: Config) -> str | None:
     if cfg.char_dim % 2:
         return f"--char-dim must be even (2 attention heads), got {cfg.char_dim}"
     every = dataclasses.replace(cfg, only="")
-    known = {n for opt in ("sgd", "adam") for n, _ in settings(every, opt)}
+    # mnist1d runs each of --optimizers (the SGD-only settings need sgd among them); chars Adam
+    opts = cfg.optimizers if "mnist1d" in cfg.tasks else ("adam",)
+    known = {n for opt in opts for n, _ in settings(every, opt)}
     chars = {n for n, _ in settings(every, "adam")}
-    for flag, names, have in (("--only", cfg.only, known), ("--char-only", cfg.char_only, chars)):
-        if unknown := sorted(setting_names(cfg, names) - have):
-            return f"{flag} names no setting: {unknown}; the settings: {', '.join(sorted(have))}"
+    if unknown := sorted(setting_names(cfg, cfg.only) - known):
+        others = sorted({n for n, _ in settings(every, "sgd")} & set(unknown))
+        if others:
+            return (f"--only names no setting of --optimizers {' '.join(opts)}: {others} (a "
+                    "setting of --optimizers sgd only)")  # fmt: skip
+        return f"--only names no setting: {unknown}; the settings: {', '.join(sorted(known))}"
+    if unknown := sorted(setting_names(cfg, cfg.char_only) - chars):
+        return f"--char-only names no setting: {unknown}; the settings: {', '.join(sorted(chars))}"
     picked = setting_names(cfg, cfg.char_only) or chars
     if cfg.only:
         picked &= setting_names(cfg, cfg.only)

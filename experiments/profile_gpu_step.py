@@ -28,7 +28,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import cupy as cp
 import numpy as np
 
 import asyncnn as ann
@@ -36,6 +35,8 @@ from asyncnn import nn, optim
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
+
+cp: Any = None  # cupy: imported once the flags are read (--help needs no GPU)
 import bench_gpu  # noqa: E402
 from bench_gpu import WIDTH  # noqa: E402
 
@@ -230,6 +231,7 @@ if __name__ == "__main__":
     ap.add_argument("--own-timeline", default="", help="dtype:batch of section 3 rows to trace "
                     "with asyncnn's own device events")  # fmt: skip
     args = ap.parse_args()
+    cp = _common.need_cupy("profile_gpu_step.py")
     if args.matmul_rows:
         for dt in args.matmul_rows.split(","):
             matmul_by_rows(dt)

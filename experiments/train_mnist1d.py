@@ -158,12 +158,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
             parser.add_argument(flag, action="store_true", default=field.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
-            parser.add_argument(flag, type=kind, default=field.default, help=text)
+            extra = {"choices": DTYPES} if field.name == "dtype" else {}
+            parser.add_argument(flag, type=kind, default=field.default, help=text, **extra)
     cfg = Config(**vars(parser.parse_args(argv)))
     if problem := check(cfg):
         parser.error(problem)
     return cfg
 
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # what Sequential.init takes
 
 # Fields that count or size something, and the learning rates (0 trains nothing); seeds may be
 # 0, and no number may be negative.
@@ -185,6 +188,11 @@ def check(cfg: Config) -> str | None:
             return f"argument {flag}: must be >= 0, got {value}"
     if not cfg.mlp_dropout < 1:
         return f"argument --mlp-dropout: must be in [0, 1), got {cfg.mlp_dropout}"
+    if cfg.num_samples % 10:
+        return (f"argument --num-samples: must be a multiple of 10 (one tenth per digit), got "
+                f"{cfg.num_samples}")  # fmt: skip
+    if cfg.skip_mlp and cfg.skip_cnn:
+        return "--skip-mlp and --skip-cnn together train nothing: give one of them at most"
     return None
 
 

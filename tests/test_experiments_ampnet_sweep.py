@@ -34,3 +34,17 @@ def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(ampnet_sweep.main, argv)
+
+
+def test_quick_keeps_the_flags_given(tmp_path):
+    # --quick true ran K = 1, 4 for 2 epochs whatever --max-active-keys and --max-epochs said
+    ampnet_sweep.main(
+        ["--quick", "true", "--max-active-keys", "2", "--max-epochs", "1", "--target", "0.0",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    cfg = saved["config"]
+    assert (cfg["max_active_keys"], cfg["max_epochs"], cfg["seeds"]) == ([2], 1, [0])
+    assert set(saved["results"]["table"]) == {"Sync 1 stage", "Sync 3 stages", "Async K=2 F=1"}
+    assert all(len(run["curve"]) == 1 for run in saved["results"]["runs"])

@@ -136,3 +136,59 @@ def test_positive_is_required_and_names_only_numbers() -> None:
 )
 def test_fraction_problem(value, kwargs, problem):
     assert _common.fraction_problem("--p", value, **kwargs) == problem
+
+
+QUICK = {"quick": {"epochs": 1, "keys": (4,), "lr": 0.5}}
+
+
+def test_a_preset_supplies_defaults_only(capsys):
+    # --quick true replaced the values of flags given with it, silently: --quick true --epochs 5
+    # ran (and recorded) 1 epoch
+    assert parse(["--quick", "true"], capsys, presets=QUICK) == Config(
+        epochs=1, keys=(4,), lr=0.5, quick=True
+    )
+    got = parse(["--quick", "true", "--epochs=5", "--keys", "2", "3"], capsys, presets=QUICK)
+    assert got == Config(epochs=5, keys=(2, 3), lr=0.5, quick=True)
+    # a flag given with its default value is given too
+    assert parse(["--quick", "true", "--epochs", "3"], capsys, presets=QUICK).epochs == 3
+    assert parse(["--epochs", "5"], capsys, presets=QUICK) == Config(epochs=5)  # no quick
+    assert parse(["--quick", "false"], capsys, presets=QUICK) == Config()
+    # the checks see the config that runs
+    assert "argument --epochs: must be > 0, got 0" in parse(
+        ["--quick", "true", "--epochs", "0"], capsys, presets=QUICK
+    )
+
+
+def test_a_preset_must_name_a_bool_field_and_fields():
+    with pytest.raises(ValueError, match="epochs"):
+        _common.parse_config(Config, [], positive=(), presets={"epochs": {"seed": 1}})
+    with pytest.raises(ValueError, match="width"):
+        _common.parse_config(Config, [], positive=(), presets={"quick": {"width": 1}})
+
+
+def test_results_json_is_valid_json_without_nan(tmp_path):
+    # a missing value was written as NaN (pipeline_bubble.py's theory where no formula holds),
+    # which JSON parsers (jq, JSON.parse) refuse: it is null
+    import json
+
+    import numpy as np
+
+    missing = {"theory": float("nan"), "rows": [1.5, np.float32("nan"), np.float64("inf")]}
+    want = {"theory": None, "rows": [1.5, None, None]}
+    path = _common.write_results(str(tmp_path), Config(), missing)
+    with open(path) as f:
+        text = f.read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["results"] == want
+    _common.write_json(str(tmp_path / "r.json"), missing)
+    assert json.loads((tmp_path / "r.json").read_text()) == want
+
+
+def test_a_missing_torch_is_said_in_a_line(monkeypatch, capsys):
+    # bench_math.py printed "-" in its torch columns and bench_runtime.py dropped its PyTorch row,
+    # without a word
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch: ImportError
+    why = _common.torch_missing("the PyTorch columns are skipped")
+    assert why is not None and "import of torch halted" in why
+    out = capsys.readouterr().out
+    assert out == f"torch not importable ({why}): the PyTorch columns are skipped\n"

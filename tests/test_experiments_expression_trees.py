@@ -157,3 +157,47 @@ def test_update_intervals_add_async_settings_and_their_sync_control():
     assert [batch for _, batch in got] == [50, 100, 50, 50]
     assert got[3][0].max_active_keys == 4 and got[3][0].min_update_frequency == 2
     assert got[2][0].min_update_frequency == 1
+
+
+def test_test_trees_are_held_out_from_the_training_trees():
+    # the test trees were drawn after the training trees with no check: 274 of the 1,000 were
+    # training trees (every one of depth 1)
+    cfg = expression_trees.Config()
+    rng = np.random.default_rng(0)
+    train = expression_trees.draw_trees(cfg, 2000, rng)
+    test = expression_trees.draw_trees(cfg, 300, rng, exclude=set(train))
+    assert len(test) == 300 and not set(test) & set(train)
+    again = expression_trees.draw_trees(cfg, 2000, np.random.default_rng(0))
+    assert again == train  # the training trees are as before
+    d = expression_trees.encode(cfg, test)
+    assert (d["depth"] >= 1).all()
+
+
+def test_too_few_trees_outside_the_training_set_is_an_error(usage_error):
+    # trees of two leaves only: 300 of them, and 3,000 training trees hold them all
+    argv = ["--quick", "true", "--max-leaves", "2", "--train-trees", "3000"]
+    err = usage_error(expression_trees.main, argv)
+    assert "outside the training set" in err and "Traceback" not in err
+
+
+def test_quick_keeps_the_flags_given_and_warms_up_each_placement_untimed(tmp_path, monkeypatch):
+    # --quick true replaced --width, --epochs (and more) given with it, silently; and the first
+    # timed run on each placement paid for its start-up (Sync's, always)
+    calls = []
+    real = expression_trees.run_one
+
+    def spy(cfg, model, setting, workers, *args, **kwargs):
+        calls.append((setting[0], workers, cfg.epochs))
+        return real(cfg, model, setting, workers, *args, **kwargs)
+
+    monkeypatch.setattr(expression_trees, "run_one", spy)
+    expression_trees.main(
+        ["--quick", "true", "--width", "8", "--epochs", "1", "--models", "loop",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    cfg = saved["config"]
+    assert (cfg["width"], cfg["epochs"], cfg["hidden"], cfg["train_trees"]) == (8, 1, 32, 200)
+    assert calls == [("warm-up", 0, 1), ("Sync", 0, 1), ("Async K=4", 0, 1)]
+    assert [r["policy"] for r in saved["results"]["runs"]] == ["Sync", "Async K=4"]

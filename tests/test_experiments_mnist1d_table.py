@@ -41,3 +41,18 @@ def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(mnist1d_table.main, argv)
+
+
+def test_quick_keeps_the_flags_given_and_records_the_epochs_run(tmp_path):
+    # --quick true trained 1 epoch whatever --logreg-epochs said, and results.json's config
+    # still said 40
+    mnist1d_table.main(
+        ["--quick", "true", "--models", "logreg", "--policies", "Sync", "--logreg-epochs", "2",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["config"]["logreg_epochs"] == 2 and saved["config"]["mlp_epochs"] == 1
+    (cell,) = saved["results"]["cells"]
+    assert cell["epochs"] == 2
+    assert saved["results"]["train_rows"] == 400

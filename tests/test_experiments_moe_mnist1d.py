@@ -57,3 +57,17 @@ def test_bad_flags_are_usage_errors(argv, message, usage_error):
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(moe_mnist1d.main, argv)
+
+
+def test_quick_keeps_the_flags_given(tmp_path):
+    # --quick true ran one seed, 1 epoch, whatever --seeds and --epochs said
+    moe_mnist1d.main(
+        ["--quick", "true", "--seeds", "3", "--epochs", "2", "--top-k", "1", "--policies",
+         "Sync", "--expert-width", "8", "--trunk-width", "8", "--out", str(tmp_path)]
+    )  # fmt: skip
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    cfg = saved["config"]
+    assert (cfg["seeds"], cfg["epochs"], cfg["expert_width"]) == ([3], 2, 8)
+    assert {run["seed"] for run in saved["results"]["runs"]} == {3}
+    assert saved["results"]["train_rows"] == 400

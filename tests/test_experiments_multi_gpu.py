@@ -70,3 +70,18 @@ def test_bad_flags_are_usage_errors(argv, message, usage_error) -> None:  # type
     # argparse's one-line error and exit status 2, before any training (was a traceback, or
     # for a misspelt true/false a silent false)
     assert message in usage_error(multi_gpu.main, argv)
+
+
+def test_cpu_smoke_runs_at_toy_sizes_unless_told_otherwise(tmp_path: os.PathLike[str]) -> None:
+    # --cpu-smoke true ran the GPU sizes (width 4096, minibatches of 1024 rows, copies of up to
+    # 256 MiB) on the CPU: minutes, where the docstring promised toy sizes
+    out = os.path.join(tmp_path, "mg")
+    argv = ["--cpu-smoke", "true", "--max-k", "1", "--modes", "process", "--policies",
+            "pipedream", "--width", "16", "--out", out]  # fmt: skip
+    assert multi_gpu.main(argv) == 0
+    with open(os.path.join(out, "multi_gpu.json")) as f:
+        cfg = json.load(f)["config"]
+    assert cfg["width"] == 16  # given: wins
+    assert (cfg["layers_per_stage"], cfg["microbatch"], cfg["steps"], cfg["copy_mib"]) == (
+        1, 4, 1, [1],
+    )  # fmt: skip

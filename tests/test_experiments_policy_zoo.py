@@ -85,6 +85,23 @@ def test_policy_zoo_smoke(tmp_path):
             ],
             "leave no setting to run on chars",
         ),  # fmt: skip
+        # a setting of SGD only, with Adam only: ran nothing, silently ("the whole zoo: 0 s")
+        (
+            [
+                "--tasks",
+                "mnist1d",
+                "--optimizers",
+                "adam",
+                "--only",
+                "PipeDream + SpikeCompensation",
+                "--epochs",
+                "1",
+                "--max-epochs",
+                "1",
+            ],
+            "--only names no setting of --optimizers adam: ['PipeDream + SpikeCompensation'] "
+            "(a setting of --optimizers sgd only)",
+        ),  # fmt: skip
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):

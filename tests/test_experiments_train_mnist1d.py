@@ -26,6 +26,10 @@ def test_tiny_run_writes_both_models(tmp_path):
         (["--skip-mlp", "--cnn-lr", "-0.1"], "argument --cnn-lr: must be > 0, got -0.1"),
         (["--skip-mlp", "--cnn-lr", "0"], "argument --cnn-lr: must be > 0, got 0.0"),
         (["--skip-cnn", "--mlp-dropout", "1"], "argument --mlp-dropout: must be in [0, 1)"),
+        # tracebacks from Sequential.init and load_mnist1d, and a silent empty results.json
+        (["--skip-cnn", "--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+        (["--skip-cnn", "--num-samples", "3"], "argument --num-samples: must be a multiple of 10"),
+        (["--skip-cnn", "--skip-mlp"], "--skip-mlp and --skip-cnn together train nothing"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):
