@@ -561,6 +561,30 @@ def test_power_and_sqrt_match_torch_bit_for_bit_at_special_values(
     assert not wrong, f"gradients at {x[wrong]}: {grad[wrong]}, torch {t_grad.numpy()[wrong]}"
 
 
+@pytest.mark.parametrize("exponent", [0.5, -0.5])
+def test_a_numpy_scalar_exponent_powers_as_the_python_number_does(
+    backend: Any, exponent: float
+) -> None:
+    # (np.float64(-0.5) took numpy's pow, where -0.5 takes torch's 1 / sqrt: other bits at -inf
+    # and -0.0, in the value and the gradient)
+    def power(x: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            out, pullback = ann.vjp(lambda a: a**b, x)
+            (grad,) = pullback(backend.xp.ones_like(out))
+        return to_numpy(out), to_numpy(grad)
+
+    x = backend.asarray(np.array(_SPECIAL))
+    (value, grad), (np_value, np_grad) = power(x, exponent), power(x, np.float64(exponent))
+    assert np_value.dtype == value.dtype and not _bits_differ(np_value, value)
+    assert not _bits_differ(np_grad, grad)
+    # a float32 base: numpy's promotion by a float64 scalar, as for every other exponent
+    x32 = backend.asarray(np.array(_SPECIAL, dtype=np.float32))
+    for b in (np.float64(exponent), np.float64(1.5)):
+        value, grad = power(x32, b)
+        assert value.dtype == np.float64 and grad.dtype == np.float32, b
+
+
 def test_a_mean_over_nothing_has_a_quiet_gradient(backend: Any) -> None:
     x = backend.asarray(np.zeros((0, 3)))
     with warnings.catch_warnings():

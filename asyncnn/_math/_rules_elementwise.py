@@ -113,8 +113,19 @@ def _negative_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 _RSQRT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _rsqrt_applies(a: Any, b: Any) -> bool:
+    """Whether ``a ** b`` with ``b`` +-0.5 is torch's rsqrt (see :func:`_power`): a float32 or
+    float64 base whose dtype the exponent keeps (a Python float; a numpy float64 scalar
+    promotes a float32 base to float64 in numpy, whose pow then computes it, as for any other
+    exponent of that kind)."""
+    dtype = getattr(a, "dtype", None)
+    if dtype not in _RSQRT_DTYPES or not isinstance(b, float):
+        return False
+    return type(b) is float or np.result_type(dtype, b) == dtype
+
+
 def _power(a: Any, b: Any) -> tuple[Any, Any]:
-    if type(b) is float and b == -0.5 and getattr(a, "dtype", None) in _RSQRT_DTYPES:
+    if _rsqrt_applies(a, b) and b == -0.5:
         # torch's a ** -0.5 is 1 / sqrt(a) (rsqrt), where pow gives 0 at -inf (torch: NaN) and
         # +inf at -0.0 (torch: -inf); numpy's own a ** 0.5 is already sqrt(a), as torch's
         out = 1 / ns(a).sqrt(a)
@@ -132,7 +143,7 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
         # takes 1 instead, so that a == 0 raises no 0**-1 warning. A Python exponent stays a
         # Python number, so that a float16 or float32 base keeps its dtype.
         if isinstance(b, int | float):
-            if b == 0.5 and getattr(a, "dtype", None) in _RSQRT_DTYPES:
+            if _rsqrt_applies(a, b) and b == 0.5:
                 # torch's b * a**(b - 1) with a ** -0.5 as 1 / sqrt(a): NaN at -inf and -inf at
                 # -0.0, where pow gives 0 and +inf (see _power)
                 da = g * (0.5 * (1 / ns(a).sqrt(a)))
