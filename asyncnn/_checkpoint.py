@@ -527,6 +527,12 @@ def _opt_state(
     what = f"the optimizer state of {name!r}"
     if replaced and tree_flatten(saved)[1] != tree_flatten(fresh)[1]:
         return fresh  # another optimizer: its own state, fresh
+    if isinstance(saved, dict) and isinstance(fresh, dict) and type(fresh.get("step")) is int:
+        step = saved.get("step")
+        if isinstance(step, np.integer) or (
+            isinstance(step, np.ndarray) and step.ndim == 0 and step.dtype.kind in "iu"
+        ):  # a numpy integer the state held (update takes one), saved as an array: a count
+            saved = {**saved, "step": int(step)}
     _fits(saved, fresh, what)
     state = _cast_like(saved, fresh, device)
     # a float buffer was cast to the trainer's dtype; one of ints or bools is no optimizer's

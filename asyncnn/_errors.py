@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ActorError",
     "GraphError",
@@ -84,37 +86,58 @@ def _remote_str(self: RemoteError) -> str:
     return str(self.args[0]) if self.args else ""
 
 
-def remote_error(message: str, traceback: str, original: type[BaseException] | None) -> RemoteError:
+def remote_error(
+    message: str, traceback: str, original: type[BaseException] | None, fallback: str = ""
+) -> RemoteError:
     """A worker's failure in the driver: an exception of the ``original`` class (which the
     worker's ``str()`` gave ``message``) that is also a :class:`RemoteError` holding
-    ``traceback``; a plain ``RemoteError`` of ``message`` where there is no such class, or a
-    class that cannot be one (built without calling its ``__init__``: a class of the user's
-    own may take other arguments).
+    ``traceback``; a plain ``RemoteError`` of ``fallback`` (else ``message``) where there is no
+    such class, or one that cannot be rebuilt without running its own code (its ``__init__`` is
+    not called; a class whose ``__new__``, metaclass or ``__init_subclass__`` refuses, and any
+    that is not an ``Exception``: ``KeyboardInterrupt``, an exception group, stay text).
     """
-    if original is not None and issubclass(original, Exception):
-        cls = _REMOTE_CLASSES.get(original)
-        if cls is None and not issubclass(original, RemoteError):
-            try:
-                cls = type(
-                    original.__name__,
-                    (original, RemoteError),
-                    {
-                        "__module__": original.__module__,
-                        "__qualname__": original.__qualname__,
-                        "__str__": _remote_str,
-                    },
-                )
-            except TypeError:  # (a layout of its own, or a final class: a plain RemoteError)
-                cls = None
-            if cls is not None and len(_REMOTE_CLASSES) < 256:
-                _REMOTE_CLASSES[original] = cls
-        if cls is not None:
-            try:
-                err = cls.__new__(cls, message)
-                BaseException.__init__(err, message)
-            except Exception:  # noqa: BLE001 - a __new__ of its own: a plain RemoteError
-                pass
-            else:
-                err.traceback = traceback
-                return err
-    return RemoteError(message, traceback)
+    cls = _remote_class(original)
+    if cls is not None:
+        try:
+            err = cls.__new__(cls, message)
+            BaseException.__init__(err, message)
+        except Exception:  # noqa: BLE001 - a __new__ of its own: a plain RemoteError
+            pass
+        else:
+            err.traceback = traceback
+            return err
+    return RemoteError(fallback or message, traceback)
+
+
+def _remote_class(original: type[BaseException] | None) -> type[RemoteError] | None:
+    """The class of :func:`remote_error` for ``original`` (made once), or None."""
+    if (
+        original is None
+        or not issubclass(original, Exception)
+        or issubclass(original, (RemoteError, BaseExceptionGroup))
+    ):
+        return None
+    cls = _REMOTE_CLASSES.get(original)
+    if cls is not None:
+        return cls
+
+    def __reduce__(self: RemoteError) -> tuple[Any, ...]:
+        # (pickle would look the class up by its name and find the original, another class)
+        return remote_error, (_remote_str(self), self.traceback, original)
+
+    try:
+        cls = type(
+            original.__name__,
+            (original, RemoteError),
+            {
+                "__module__": original.__module__,
+                "__qualname__": original.__qualname__,
+                "__str__": _remote_str,
+                "__reduce__": __reduce__,
+            },
+        )
+    except Exception:  # noqa: BLE001 - a layout, metaclass or __init_subclass__ of its own
+        return None
+    if len(_REMOTE_CLASSES) < 256:
+        _REMOTE_CLASSES[original] = cls
+    return cls

@@ -425,3 +425,19 @@ def test_an_optimizer_buffer_of_another_float_dtype_is_cast_on_load(
     bias = back.state.opt_states["stage0"]["exp_avg"][0]["bias"]
     assert bias.dtype == np.float32
     np.testing.assert_array_equal(bias, tr.state.opt_states["stage0"]["exp_avg"][0]["bias"])
+
+
+def test_a_numpy_integer_step_a_state_held_loads_as_the_count(tmp_path):
+    # (Optimizer.update takes a numpy integer step; a trainer holding one saved it, and its
+    # load refused it: "at ['step'], hold int64 in the checkpoint, int in the graph")
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.Adam(lr=1e-2), policy=policies.Sync())
+    tr.fit(classification_data(32), epochs=1, batch_size=16)
+    for name in tr.state.opt_states:
+        tr.state.opt_states[name]["step"] = np.int64(tr.state.opt_states[name]["step"])
+    tr.save(str(tmp_path / "ck"))
+    back = ann.Trainer.load(str(tmp_path / "ck"))
+    assert {n: s["step"] for n, s in back.state.opt_states.items()} == {
+        n: 2 for n in tr.state.opt_states
+    }
+    assert all(type(s["step"]) is int for s in back.state.opt_states.values())
+    back.fit(classification_data(32), epochs=1, batch_size=16)

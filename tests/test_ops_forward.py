@@ -561,12 +561,15 @@ def test_power_and_sqrt_match_torch_bit_for_bit_at_special_values(
     assert not wrong, f"gradients at {x[wrong]}: {grad[wrong]}, torch {t_grad.numpy()[wrong]}"
 
 
-@pytest.mark.parametrize("exponent", [0.5, -0.5])
-def test_a_numpy_scalar_exponent_powers_as_the_python_number_does(
-    backend: Any, exponent: float
+@pytest.mark.parametrize("base", ["float64", "float32"])
+@pytest.mark.parametrize("scalar", [np.float64, np.float32])
+def test_a_numpy_scalar_exponent_powers_as_torchs_rsqrt(
+    backend: Any, base: str, scalar: Any
 ) -> None:
-    # (np.float64(-0.5) took numpy's pow, where -0.5 takes torch's 1 / sqrt: other bits at -inf
-    # and -0.0, in the value and the gradient)
+    # (np.float64(-0.5) and np.float32(-0.5) took numpy's pow, where -0.5 takes torch's
+    # 1 / sqrt, as torch does for any scalar exponent: 0 and +inf at -inf and -0.0 where torch
+    # gives NaN and -inf, in the value of x ** -0.5 and the gradient of x ** 0.5; the dtype is
+    # numpy's promotion, a float32 base and a float64 scalar making float64)
     def power(x: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -574,15 +577,17 @@ def test_a_numpy_scalar_exponent_powers_as_the_python_number_does(
             (grad,) = pullback(backend.xp.ones_like(out))
         return to_numpy(out), to_numpy(grad)
 
-    x = backend.asarray(np.array(_SPECIAL))
-    (value, grad), (np_value, np_grad) = power(x, exponent), power(x, np.float64(exponent))
-    assert np_value.dtype == value.dtype and not _bits_differ(np_value, value)
-    assert not _bits_differ(np_grad, grad)
-    # a float32 base: numpy's promotion by a float64 scalar, as for every other exponent
-    x32 = backend.asarray(np.array(_SPECIAL, dtype=np.float32))
-    for b in (np.float64(exponent), np.float64(1.5)):
-        value, grad = power(x32, b)
-        assert value.dtype == np.float64 and grad.dtype == np.float32, b
+    x = backend.asarray(np.array(_SPECIAL, dtype=base))
+    promoted = np.result_type(np.dtype(base), scalar(0.5))
+    value, _ = power(x, scalar(-0.5))
+    _, grad = power(x, scalar(0.5))
+    assert value.dtype == promoted and grad.dtype == np.dtype(base)
+    assert np.isnan(value[0]) and value[3] == -np.inf and np.signbit(value[3])  # at -inf, -0.0
+    assert np.isnan(grad[0]) and grad[3] == -np.inf
+    if promoted == np.dtype(base):  # the same bits as the Python number's everywhere
+        for b in (-0.5, 0.5):
+            (v, g), (nv, ng) = power(x, b), power(x, scalar(b))
+            assert not _bits_differ(nv, v) and not _bits_differ(ng, g), b
 
 
 def test_a_mean_over_nothing_has_a_quiet_gradient(backend: Any) -> None:

@@ -607,12 +607,11 @@ def _remote_failure(header: dict[str, Any], w: int, hosted: list[str], who: str)
     original = _class_named(header.get("cause_class"))
     message = header.get("cause_message")
     cause: RemoteError
+    text = str(header.get("cause") or f"{header.get('type')}: {header.get('message')}")
     if original is not None and isinstance(message, str):
-        cause = remote_error(message, traceback, original)
+        cause = remote_error(message, traceback, original, fallback=text)
     else:
-        cause = RemoteError(
-            header.get("cause") or f"{header.get('type')}: {header.get('message')}", traceback
-        )
+        cause = RemoteError(text, traceback)
     if header.get("actor") is not None:
         err: Exception = ActorError(
             header["actor"], header.get("kind", ""), header.get("key"),

@@ -113,22 +113,28 @@ def _negative_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 _RSQRT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _rsqrt_applies(a: Any, b: Any) -> bool:
-    """Whether ``a ** b`` with ``b`` +-0.5 is torch's rsqrt (see :func:`_power`): a float32 or
-    float64 base whose dtype the exponent keeps (a Python float; a numpy float64 scalar
-    promotes a float32 base to float64 in numpy, whose pow then computes it, as for any other
-    exponent of that kind)."""
+def _rsqrt_dtype(a: Any, b: Any) -> np.dtype[Any] | None:
+    """The dtype in which ``a ** b``, ``b`` a scalar +-0.5, is torch's rsqrt (see
+    :func:`_power`), or None: a float32 or float64 base and a Python float (the base's dtype),
+    or a numpy floating scalar, as torch takes any scalar exponent (the dtype numpy's promotion
+    gives, where float32 or float64: a float32 base and a float64 scalar make float64)."""
     dtype = getattr(a, "dtype", None)
-    if dtype not in _RSQRT_DTYPES or not isinstance(b, float):
-        return False
-    return type(b) is float or np.result_type(dtype, b) == dtype
+    if dtype not in _RSQRT_DTYPES:
+        return None
+    if type(b) is float:
+        return dtype
+    if not isinstance(b, np.floating):
+        return None
+    out = np.result_type(dtype, b)
+    return out if out in _RSQRT_DTYPES else None
 
 
 def _power(a: Any, b: Any) -> tuple[Any, Any]:
-    if _rsqrt_applies(a, b) and b == -0.5:
+    dtype = _rsqrt_dtype(a, b)
+    if dtype is not None and b == -0.5:
         # torch's a ** -0.5 is 1 / sqrt(a) (rsqrt), where pow gives 0 at -inf (torch: NaN) and
         # +inf at -0.0 (torch: -inf); numpy's own a ** 0.5 is already sqrt(a), as torch's
-        out = 1 / ns(a).sqrt(a)
+        out = 1 / ns(a).sqrt(a if a.dtype == dtype else a.astype(dtype))
     else:
         out = a**b
     return out, (a, b, out)
@@ -142,13 +148,12 @@ def _power_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
         # masks it: at an infinite or NaN base 0 * a**(b - 1) is NaN. Where b == 0 the power
         # takes 1 instead, so that a == 0 raises no 0**-1 warning. A Python exponent stays a
         # Python number, so that a float16 or float32 base keeps its dtype.
-        if isinstance(b, int | float):
-            if _rsqrt_applies(a, b) and b == 0.5:
-                # torch's b * a**(b - 1) with a ** -0.5 as 1 / sqrt(a): NaN at -inf and -inf at
-                # -0.0, where pow gives 0 and +inf (see _power)
-                da = g * (0.5 * (1 / ns(a).sqrt(a)))
-            else:
-                da = g * b * a ** (1 if b == 0 else b - 1)
+        if _rsqrt_dtype(a, b) is not None and b == 0.5:
+            # torch's b * a**(b - 1) with a ** -0.5 as 1 / sqrt(a): NaN at -inf and -inf at
+            # -0.0, where pow gives 0 and +inf (see _power)
+            da = g * (0.5 * (1 / ns(a).sqrt(a)))
+        elif isinstance(b, int | float):
+            da = g * b * a ** (1 if b == 0 else b - 1)
             if b == 0:
                 da = ns(da).zeros_like(da)
         else:
