@@ -291,10 +291,11 @@ def stage_costs(steps: int, repeats: int) -> None:
 
 
 class _WorkCounter:
-    """Counts the Python bytecodes executed and the calls made (Python functions; C functions
-    such as numpy's ufuncs) on this thread between :meth:`start` and :meth:`stop`, each
-    function's bytecodes in :attr:`by_function`: a measure of work that a busy machine does not
-    disturb (counted, a step runs some 50 times slower)."""
+    """Counts the Python bytecodes executed and the calls made (Python functions, a
+    coroutine's resume counted as a call; C functions such as numpy's ufuncs) on this thread
+    between :meth:`start` and :meth:`stop`, each function's bytecodes in :attr:`by_function`: a
+    measure of work that a busy machine does not disturb (counted, a step runs some 50 times
+    slower)."""
 
     def __init__(self) -> None:
         self.counts = {"bytecodes": 0, "python calls": 0, "C calls": 0}
@@ -353,8 +354,9 @@ def count_tiny(steps: int, top: int = 25) -> dict[str, Any]:
                 for b in warm:
                     await run.step(b)
                 await run.drain()
-                # counted in the run's task: what the event loop's own frames do between its
-                # task's steps is not (the steps run inline here under Sync in one process)
+                # started in the run's task: the frames already running then (the event
+                # loop's own) are not traced, the functions they call from then on are (the
+                # steps run inline here under Sync in one process)
                 counter.start()
                 try:
                     for b in counted:
