@@ -215,3 +215,43 @@ async def test_a_worker_that_stops_reading_its_share_is_caught_though_the_share_
     finally:
         driver.close()
         worker.close()
+
+
+class _Frames:
+    """A driver's connection to a worker that went away: the frames it still holds unread."""
+
+    def __init__(self, frames: list[dict[str, Any]]) -> None:
+        self.frames = list(frames)
+        self.closed = False
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        if not self.frames:
+            raise EOFError
+        return self.frames.pop(0), []
+
+
+class _Cluster:
+    def __init__(self, conn: _Frames) -> None:
+        self.connections = {1: conn}
+
+    def describe_worker(self, w: int, hosted: list[str]) -> str:
+        return f"worker {w} (hosting {', '.join(hosted)})"
+
+
+@pytest.mark.anyio
+async def test_a_peers_lost_report_does_not_hide_the_failure_the_worker_reported_first() -> None:
+    # (worker 1's actor failed: it reported that and exited; worker 0 lost its link to it and
+    # said so, and when that report was read first the run's error was "worker 1 died")
+    report = {"t": "error", "type": "ActorError", "message": "actor 'fails' failed",
+              "traceback": "tb", "actor": "fails", "kind": "forward", "key": 1,
+              "cause": "ZeroDivisionError: division by zero",
+              "cause_class": ["builtins", "ZeroDivisionError"],
+              "cause_message": "division by zero"}  # fmt: skip
+    conn = _Frames([{"t": "m"}, report])
+    traces: dict[int, Any] = {}
+    err = await _driver._pending_report(_Cluster(conn), 1, ["fails"], traces)  # type: ignore[arg-type]
+    assert isinstance(err, ann.ActorError) and err.actor == "fails" and err.key == 1
+    assert isinstance(err.__cause__, ZeroDivisionError)
+    # none unread (it died), or it too only lost a peer: its death is what is said
+    for frames in ([], [{"t": "m"}], [{**report, "lost": 2}]):
+        assert await _driver._pending_report(_Cluster(_Frames(frames)), 1, ["fails"], {}) is None  # type: ignore[arg-type]
