@@ -45,7 +45,7 @@ from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import encode_state
 from ._driver_read import _class_named as _class_named  # (tests import it from here)
-from ._driver_read import _died, _gather_traces, _one_error, _pending_report, _read_worker
+from ._driver_read import _died, _gather_traces, _one_error, _read_worker
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._placement import check_turns, placement
 from ._remote import ClusterRun, RemoteActor
@@ -292,12 +292,9 @@ class _DriverShare(LinkedShare):
         error = _one_error(group)
         lost = lost_peer(error)
         if lost is not None and lost.worker is not None:
-            # a process failed because another one went away: report that one, its own
-            # failure where it reported one before it went (unread yet), else its death
+            # a process failed because another one went away: report that one
             j = lost.worker
-            hosted = self.hosted_by.get(j, [])
-            reported = await _pending_report(self.cluster, j, hosted, self.traces)
-            error = reported or await _died(self.cluster, j, hosted, lost)
+            error = await _died(self.cluster, j, self.hosted_by.get(j, []), lost)
         if self.trace is not None:
             await _gather_traces(self.cluster, self.traces, self.hosted_by)
         return error

@@ -178,33 +178,6 @@ def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers:
         traces[w] = _own([buffers[i]])[0]
 
 
-async def _pending_report(
-    cluster: Cluster, w: int, hosted: list[str], traces: dict[int, Any]
-) -> BaseException | None:
-    """The failure worker ``w`` reported before it went away, where its connection still holds
-    the report unread, as :func:`_read_frames` would have raised it; None where it holds none
-    (the worker died without one). A peer that lost ``w`` reports that at once, and its report
-    may reach the driver first and cancel ``w``'s reader before the report of what actually
-    failed (an actor's error, which made ``w`` exit) is read: that report, not "``w`` died",
-    is the run's error."""
-    conn = cluster.connections.get(w)
-    if conn is None or conn.closed:
-        return None
-    who = cluster.describe_worker(w, hosted)
-    with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-        try:
-            while True:
-                header, buffers = await conn.receive()
-                if header.get("t") == "error":
-                    if header.get("lost") is not None:
-                        return None  # (w lost another: that one is the one to name)
-                    _keep_trace(traces, w, header, buffers)
-                    return _remote_failure(header, w, hosted, who)
-        except (EOFError, ConnectionError, ProtocolError, ValueError):
-            return None
-    return None
-
-
 async def _gather_traces(
     cluster: Cluster, traces: dict[int, Any], hosted_by: dict[int | None, list[str]]
 ) -> None:
