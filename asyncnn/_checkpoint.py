@@ -65,7 +65,7 @@ from ._checkpoint_files import (
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join, _split
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
-from ._math._optim import Optimizer
+from ._math._optim import keeps_base_state
 from ._math._optim_checks import _check_step
 from ._math._pytree import tree_flatten
 from ._runtime._config import RunConfig
@@ -538,13 +538,9 @@ def _opt_state(
     # a float buffer was cast to the trainer's dtype; one of ints or bools is no optimizer's
     # buffer, and would fail the layer's first update, inside the run
     _fits(state, fresh, what, same_dtype=True)
-    cls = type(optimizer)
-    if isinstance(optimizer, Optimizer) and (cls.init, cls.update) == (
-        Optimizer.init,
-        Optimizer.update,
-    ):  # (the state's layout is the base's: another update checks its own state)
+    if keeps_base_state(optimizer):  # (another optimizer's update checks its own state)
         try:
-            _check_step(f"{what} ({cls.__name__})", state["step"])
+            _check_step(f"{what} ({type(optimizer).__name__})", state["step"])
         except ValueError as exc:
             raise CheckpointError(f"{path}: the checkpoint is damaged: {exc}") from None
     return state

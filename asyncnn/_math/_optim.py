@@ -456,6 +456,18 @@ class SGD(Optimizer):
         return new, (buf,)
 
 
+def keeps_base_state(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s state has :meth:`Optimizer.init`'s layout (a ``step`` count and
+    its :meth:`~Optimizer.buffer_names`), which :meth:`Optimizer.update` checks: an
+    ``asyncnn.optim`` optimizer whose ``init`` and ``update`` are the base's. Another one's
+    update checks its own state."""
+    cls = type(optimizer)
+    return isinstance(optimizer, Optimizer) and (cls.init, cls.update) == (
+        Optimizer.init,
+        Optimizer.update,
+    )
+
+
 def _check_adam(owner: str, opt: Adam) -> None:
     object.__setattr__(opt, "lr", check_lr(owner, opt.lr))
     object.__setattr__(opt, "eps", _non_negative(owner, "eps", opt.eps))

@@ -84,10 +84,7 @@ def module_costs(
     dtype = np.float64 if is_floating(input_dtype) else np.dtype(input_dtype)
     x: Any = np.zeros((1, *(int(d or 1) for d in input_shape[1:])), dtype=dtype)
     for i, m in enumerate(modules):
-        try:
-            params = m.init(0, dtype="float64")
-        except Exception as exc:
-            raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+        params = _init(m)
         if balance == "params":
             costs.append(float(sum(getattr(p, "size", 0) for p in tree_leaves(params))))
             continue
@@ -108,8 +105,8 @@ def module_costs(
 
 
 def _check_counted(m: Any, params: Any, place: str) -> None:
-    """Refuses, for ``balance="flops"``, a module ``m`` (of parameters ``params``, or None to
-    make them) that cannot count its FLOPs: of a class outside asyncnn that defines no
+    """Refuses, for ``balance="flops"``, a module ``m`` (of parameters ``params``, as its
+    ``init`` made them) that cannot count its FLOPs: of a class outside asyncnn that defines no
     ``flops`` (``nn.Module``'s counts 0, right for elementwise work) and has parameters (a
     matrix product, most likely: a cut would take it for free); also one inside an
     ``nn.Sequential`` or ``nn.Residual``, whose flops add their modules'.
@@ -121,16 +118,14 @@ def _check_counted(m: Any, params: Any, place: str) -> None:
     """
     flops = getattr(type(m), "flops", None)
     if flops is Sequential.flops and isinstance(m, Sequential):
-        for j, child in enumerate(m.modules):
-            _check_counted(child, None, f"{place}.modules[{j}]")
+        for j, child in enumerate(m.modules):  # (a Sequential's parameters: one per module)
+            _check_counted(child, params[j], f"{place}.modules[{j}]")
         return
     if flops is Residual.flops and isinstance(m, Residual):
-        _check_counted(m.module, None, f"{place}.module")
+        _check_counted(m.module, params, f"{place}.module")  # (its module's own parameters)
         return
     if flops is not Module.flops or _nearest_asyncnn_class(type(m)) is not Module:
         return  # (counted, or asyncnn's own: a user's Embedding subclass counts 0 as it does)
-    if params is None:  # (a module inside a container: its own parameters)
-        params = _init(m)
     count = sum(int(getattr(p, "size", 0)) for p in tree_leaves(params))
     if count == 0:  # elementwise work of the user's own, as nn.Module's flops counts it
         return

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._errors import GraphError
-from asyncnn._math._optim import Optimizer
+from asyncnn._math._optim import keeps_base_state
 from asyncnn._math._pytree import tree_leaves, tree_map
 from asyncnn.backends import DevicePool, is_floating
 
@@ -432,12 +432,9 @@ def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
     Raises:
         ValueError: naming the layer, and the place in its state and what differs.
     """
-    cls = type(optimizer)
-    if not isinstance(optimizer, Optimizer) or (cls.init, cls.update) != (
-        Optimizer.init,
-        Optimizer.update,
-    ):
+    if not keeps_base_state(optimizer):
         return
+    cls = type(optimizer)
     buffers = optimizer.buffer_names()
     keys = sorted({"step", *buffers})
     fix = (
@@ -462,37 +459,13 @@ def _check_opt_states(graph: Graph, state: RunState, optimizer: Any) -> None:
             )
         for buffer in buffers:
             try:
+                # (a float buffer is cast to the run's dtype; one of ints never is)
                 check_params(
-                    name, state.params[name], opt_state[buffer], place=f"{where}[{buffer!r}]"
-                )
+                    name, state.params[name], opt_state[buffer], place=f"{where}[{buffer!r}]",
+                    floating="an optimizer's buffer is a floating array of its parameter's shape",
+                )  # fmt: skip
             except ValueError as exc:
                 raise ValueError(f"open_run: {exc} (in state.params[{name!r}]); {fix}") from None
-            wrong = _integer_leaf(opt_state[buffer], f"{where}[{buffer!r}]")
-            if wrong is not None:  # (a float one is cast to the run's dtype; these never are)
-                place, dtype = wrong
-                raise ValueError(
-                    f"open_run: {place} is {dtype}; an optimizer's buffer is a floating array "
-                    f"of its parameter's shape; {fix}"
-                )
-
-
-def _integer_leaf(tree: Any, place: str) -> tuple[str, np.dtype[Any]] | None:
-    """The place and dtype of the first array leaf of ``tree`` (a layer's optimizer buffer, in
-    its parameters' structure, checked already) that is not floating: an int or bool one."""
-    if isinstance(tree, dict):
-        items: Any = tree.items()
-    elif isinstance(tree, list | tuple):
-        items = enumerate(tree)
-    else:
-        dtype = getattr(tree, "dtype", None)
-        if dtype is not None and not is_floating(dtype):
-            return place, np.dtype(dtype)
-        return None
-    for k, leaf in items:
-        found = _integer_leaf(leaf, f"{place}[{k!r}]")
-        if found is not None:
-            return found
-    return None
 
 
 def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> None:

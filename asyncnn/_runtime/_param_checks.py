@@ -17,20 +17,27 @@ __all__ = ["check_params"]
 
 
 def check_params(
-    name: str, current: Any, given: Any, owner: str = "tr.params", *, place: str | None = None
+    name: str,
+    current: Any,
+    given: Any,
+    owner: str = "tr.params",
+    *,
+    place: str | None = None,
+    floating: str | None = None,
 ) -> None:
     """Checks ``given`` against a layer's ``current`` parameters: the same structure, the same
     array shapes, real numeric dtypes; ``owner`` names where they were given (``tr.params``,
     ``state.params``: ``owner[name]``), or ``place`` names them whole
-    (``state.earlier_params['stage0'][3]``).
+    (``state.earlier_params['stage0'][3]``). With ``floating``, an integer array is refused
+    too, the message ending with it (an optimizer's buffer: no cast makes one of ints).
 
     Raises:
         ValueError: naming the layer, the place in its parameters and what differs.
     """
-    _compare(f"{owner}[{name!r}]" if place is None else place, current, given, "")
+    _compare(f"{owner}[{name!r}]" if place is None else place, current, given, "", floating)
 
 
-def _compare(tree: str, want: Any, got: Any, path: str) -> None:
+def _compare(tree: str, want: Any, got: Any, path: str, floating: str | None = None) -> None:
     where = f"{tree}{path}"
     if isinstance(want, Mapping):
         if not isinstance(got, Mapping):
@@ -46,7 +53,7 @@ def _compare(tree: str, want: Any, got: Any, path: str) -> None:
                 + (f"; unexpected {extra}" if extra else "")
             )
         for k in want:
-            _compare(tree, want[k], got[k], f"{path}[{k!r}]")
+            _compare(tree, want[k], got[k], f"{path}[{k!r}]", floating)
         return
     if isinstance(want, list | tuple):
         if not isinstance(got, list | tuple) or len(got) != len(want):
@@ -55,7 +62,7 @@ def _compare(tree: str, want: Any, got: Any, path: str) -> None:
                 f"{where} must be a list of {len(want)} entries (one per module), got {n}"
             )
         for i, (w, g) in enumerate(zip(want, got, strict=True)):
-            _compare(tree, w, g, f"{path}[{i}]")
+            _compare(tree, w, g, f"{path}[{i}]", floating)
         return
     if not (hasattr(want, "shape") and hasattr(want, "dtype")):
         return  # a scalar setting kept in the tree
@@ -71,3 +78,5 @@ def _compare(tree: str, want: Any, got: Any, path: str) -> None:
         raise ValueError(f"{where} has shape {shape}; the layer's is {tuple(want.shape)}")
     if not (np.dtype(got.dtype).kind in "iu" or is_floating(got.dtype)):
         raise ValueError(f"{where} has dtype {got.dtype}; parameters are real numbers (float)")
+    if floating is not None and np.dtype(got.dtype).kind in "iu":
+        raise ValueError(f"{where} is {got.dtype}; {floating}")
