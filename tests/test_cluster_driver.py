@@ -215,3 +215,46 @@ async def test_a_worker_that_stops_reading_its_share_is_caught_though_the_share_
     finally:
         driver.close()
         worker.close()
+
+
+# -- a failure read as the run is being cancelled is still the run's error ----------------------
+
+
+class _ReportsThenCancels:
+    """A worker's connection holding its error report, whose reading cancels ``scope``: the
+    reader reads the report just as another worker's failure cancels every reader."""
+
+    def __init__(self, report: dict[str, Any], scope: anyio.CancelScope) -> None:
+        self.report, self.scope = report, scope
+
+    def received_progress(self, peek: bool = True) -> int:
+        return 0
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        self.scope.cancel()
+        return self.report, []
+
+
+@pytest.mark.anyio
+async def test_an_actor_failure_read_as_the_readers_are_cancelled_is_still_raised() -> None:
+    # worker 1's actor failed and it reported that; worker 0, losing its link to worker 1,
+    # reported the lost link, and the driver, reading that first, cancelled every reader.
+    # Worker 1's reader had just read the report: it was dropped at its task group's exit
+    # (where the cancellation lands), and the run said "worker 1 died" instead (about one
+    # LocalCluster run in twenty, session 31)
+    report = {"t": "error", "type": "ActorError", "message": "actor 'fails' failed",
+              "traceback": "tb", "actor": "fails", "kind": "forward", "key": 1,
+              "cause": "ZeroDivisionError: division by zero",
+              "cause_class": ["builtins", "ZeroDivisionError"],
+              "cause_message": "division by zero"}  # fmt: skip
+    raised: list[BaseException] = []
+    with anyio.CancelScope() as scope:
+        cluster, run = _one_worker(_ReportsThenCancels(report, scope), 10.0)
+        try:
+            await _driver._read_worker(cluster, run, 0, ["fails"])
+        except Exception as exc:  # noqa: BLE001 - the test looks at what came out
+            raised.append(exc)
+    assert raised, "the reader dropped the worker's report (it was cancelled as it left)"
+    (err,) = raised
+    assert isinstance(err, ann.ActorError) and err.actor == "fails"
+    assert isinstance(err.__cause__, ZeroDivisionError)

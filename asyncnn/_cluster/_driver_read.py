@@ -33,15 +33,21 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
     who = cluster.describe_worker(w, hosted)
     silence = _Silence(conn, cluster.heartbeat_timeout)
     error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(silence.watch, tg.cancel_scope)
-        try:
-            await _read_frames(cluster, run, w, hosted, conn, who, silence)
-        except Exception as exc:  # raised below as itself, not inside the group's
-            error = exc
-        tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(silence.watch, tg.cancel_scope)
+            try:
+                await _read_frames(cluster, run, w, hosted, conn, who, silence)
+            except Exception as exc:  # raised below as itself, not inside the group's
+                error = exc
+            tg.cancel_scope.cancel()
+    finally:
+        # raised even where the group's exit is cancelled (another worker's report, read
+        # first, cancels every reader): a worker that failed reports that and exits, so the
+        # peer that lost it reports the lost link at once, and the failure read here, not
+        # "the worker died", is the run's first cause
+        if error is not None:
+            raise error
     if silence.caught:
         raise WorkerError(
             w, hosted,
