@@ -88,12 +88,14 @@ __all__ = [
 
 
 def _check_loadable(trainer: Trainer, state: RunState) -> None:
-    """Refuses, before anything is written, pending gradients or delays that the load (its
-    ``open_run``) would refuse: a checkpoint its own ``Trainer.load`` cannot read is data lost
-    (a float delay was cut to an int, more delays than gradients written)."""
-    from ._runtime._open_run import _check_pending_delays, _check_pending_grads
+    """Refuses, before anything is written, versions, counters, layers, pending gradients or
+    delays that the load (its ``open_run``) would refuse: a checkpoint its own ``Trainer.load``
+    cannot read is data lost (a float delay was cut to an int, more delays than gradients
+    written, a float version written as it was)."""
+    from ._runtime._open_run import _check_pending_delays, _check_pending_grads, check_state_counts
 
     try:
+        check_state_counts(trainer.graph, state)
         _check_pending_grads(trainer.graph, state)
         _check_pending_delays(trainer.graph, state)
     except (TypeError, ValueError) as exc:
@@ -119,7 +121,7 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
             "opt_state": _split(
                 state.opt_states[name], f"opt/{name}", arrays, f"the optimizer state of {name!r}"
             ),
-            "version": state.versions[name],
+            "version": int(state.versions[name]),  # (a numpy int, checked: msgpack has none)
         }
         if name in state.pending_grads:  # gradients accumulated and not yet applied
             acc, count = state.pending_grads[name]
@@ -154,8 +156,8 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
         "optimizer": trainer.optimizer.to_spec(),
         "seed": trainer.seed,
         "dtype": trainer.dtype,
-        "minibatches": state.minibatches,
-        "keys": state.keys,
+        "minibatches": int(state.minibatches),
+        "keys": int(state.keys),
         "epochs_done": trainer.epochs_done,
         "traces": list(trainer.traces),  # so a resumed trainer numbers its next trace on
         "trace_base": trainer.trace,

@@ -518,7 +518,8 @@ class Trainer:
         path = os.fspath(path)
         position = {
             "epoch_batches": self.epoch_batches,
-            "minibatches": self.state.minibatches,
+            # (a numpy int as JSON's; any other value is the checkpoint's to refuse, below)
+            "minibatches": _json_int(self.state.minibatches),
             # (at an epoch's start, the last epoch's: the minibatches the run went in)
             "epoch_layout": self._epoch_layout,
         }
@@ -553,3 +554,9 @@ class Trainer:
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
+
+
+def _json_int(value: Any) -> Any:
+    """``value`` as an int where it is a numpy integer (a state given back by a decoder), else
+    as it is."""
+    return int(value) if isinstance(value, np.integer) else value

@@ -322,6 +322,51 @@ def test_a_state_the_load_would_refuse_is_refused_before_it_is_saved(
 
 
 @pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"versions": 5.0}, r"state\.versions\['stage0'\] is 5\.0, which is not a version"),
+        ({"minibatches": -1}, r"state\.minibatches is -1, which is not a count"),
+        ({"ghost": True}, r"state\.params has layers \['ghost'\], which the graph lacks"),
+    ],
+    ids=["float-version", "negative-minibatches", "extra-layer"],
+)
+def test_versions_and_counters_the_load_would_refuse_are_refused_before_they_are_saved(
+    tmp_path: Any, change: dict[str, Any], said: str
+) -> None:
+    # (a float version, as JSON gives it back, was saved, and Trainer.load refused the
+    # checkpoint: "'version' must be a count (an int >= 0), got 5.0")
+    tr = _spike_async()
+    tr.fit(classification_data(32), epochs=1, batch_size=8)
+    st = tr.state
+    if "versions" in change:
+        tr.state = dataclasses.replace(st, versions={**st.versions, "stage0": change["versions"]})
+    elif "ghost" in change:
+        tr.state = dataclasses.replace(st, params={**st.params, "ghost": st.params["stage0"]})
+    else:
+        tr.state = dataclasses.replace(st, **change)
+    with pytest.raises(ValueError, match=rf"^Trainer\.save: the trainer's state would not load "
+                       rf"again: {said}"):  # fmt: skip
+        tr.save(tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_numpy_versions_and_counters_are_saved_as_ints(tmp_path: Any) -> None:
+    # (as a decoder gives them back: msgpack cannot write a numpy int)
+    tr = _spike_async()
+    data = classification_data(32)
+    tr.fit(data, epochs=1, batch_size=8)
+    st = tr.state
+    tr.state = dataclasses.replace(
+        st, versions={n: np.int64(v) for n, v in st.versions.items()},
+        minibatches=np.int64(st.minibatches), keys=np.int64(st.keys),
+    )  # fmt: skip
+    tr.save(tmp_path / "c")
+    back = ann.Trainer.load(tmp_path / "c")
+    assert back.state.versions == st.versions and back.state.keys == st.keys
+    assert all(type(v) is int for v in back.state.versions.values())
+
+
+@pytest.mark.parametrize(
     "delays,said",
     [
         (3, r"'delays' must be a list of the pending gradients' delays \(ints >= 0\), got 3"),

@@ -12,7 +12,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import optim, policies
-from asyncnn._math._pytree import tree_map
+from asyncnn._math._pytree import tree_leaves, tree_map
 
 from _reference import chain_graph, classification_data, minibatches
 
@@ -183,3 +183,83 @@ async def test_open_run_names_a_graph_spec_in_a_short_message():
     with pytest.raises(TypeError, match=r"^open_run: graph must be an asyncnn.Graph, got None$"):
         async with ann.open_run(None, optimizer=optim.SGD(), policy=policies.Sync()):
             pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_versions_and_counters_that_are_not_counts(where):
+    # (a float version read back from JSON trained, and Trainer.save then wrote a checkpoint
+    # that Trainer.load refuses; a string one failed mid-run with a bare TypeError)
+    tr, state = _pending_state()
+    versions = dict(state.versions)
+    cases = [
+        ({"versions": {**versions, "stage0": 5.0}},
+         r"state.versions\['stage0'\] is 5.0, which is not a version \(an int >= 0"),
+        ({"versions": {**versions, "stage0": -1}}, r"state.versions\['stage0'\] is -1"),
+        ({"versions": {**versions, "stage0": "7"}}, r"state.versions\['stage0'\] is '7'"),
+        ({"versions": {**versions, "stage0": True}}, r"state.versions\['stage0'\] is True"),
+        ({"minibatches": -3}, r"state.minibatches is -3, which is not a count \(an int >= 0"),
+        ({"minibatches": "7"}, r"state.minibatches is '7'"),
+        ({"keys": 2.0}, r"state.keys is 2.0"),
+    ]  # fmt: skip
+    for change, match in cases:
+        with pytest.raises(ValueError, match=f"^open_run: {match}"):
+            await _open(tr, dataclasses.replace(state, **change), **where)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_a_state_with_layers_the_graph_lacks(where):
+    # (they were taken silently; Trainer.load refuses a checkpoint with such layers)
+    tr, state = _pending_state()
+    for field in ("params", "opt_states", "versions"):
+        held = getattr(state, field)
+        bad = dataclasses.replace(state, **{field: {**held, "ghost": held["stage0"]}})
+        with pytest.raises(
+            ValueError, match=rf"^open_run: state.{field} has layers \['ghost'\], which the graph "
+        ):
+            await _open(tr, bad, **where)
+
+
+@pytest.mark.anyio
+async def test_open_run_takes_numpy_counts_as_ints_and_casts_integer_weights():
+    # (numpy ints as a decoder gives them; integer weights as Trainer.params = ... casts them:
+    # they entered the run as ints and the layer failed at its first backward on a None
+    # gradient)
+    tr, state = _pending_state()
+    ints = tree_map(lambda a: np.round(a * 4).astype(np.int32), state.params["stage0"])
+    start = dataclasses.replace(
+        state,
+        versions={n: np.int64(v) for n, v in state.versions.items()},
+        minibatches=np.int64(state.minibatches),
+        keys=np.int64(state.keys),
+        params={**state.params, "stage0": ints},
+    )
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float64", state=start
+    ) as run:  # fmt: skip
+        await run.step(minibatches(classification_data(8), 8)[0])
+        await run.drain()
+        after = run.state()
+    assert all(type(v) is int for v in after.versions.values())
+    assert type(after.minibatches) is int and type(after.keys) is int
+    assert after.versions["stage0"] == state.versions["stage0"] + 1
+    assert all(leaf.dtype == np.float64 for leaf in tree_leaves(after.params["stage0"]))
+    assert start.params["stage0"] is ints  # (the caller's state left as it was)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_a_weight_given_as_a_list_naming_it(where):
+    # (it was reported as a fault of the optimizer state, "a list of 10 entries (one per
+    # module)", or failed inside the run)
+    tr, state = _pending_state()
+    p = state.params["stage0"]
+    listed = [{**p[0], "weight": p[0]["weight"].tolist()}, *p[1:]]
+    bad = dataclasses.replace(state, params={**state.params, "stage0": listed})
+    with pytest.raises(
+        ValueError,
+        match=r"^open_run: state.params\['stage0'\]\[0\]\['weight'\] is a list of numbers, not an "
+        r"array",
+    ):
+        await _open(tr, bad, **where)

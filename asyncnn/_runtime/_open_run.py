@@ -75,8 +75,9 @@ async def open_run(
             node) and dropout.
         dtype: the floating dtype of parameters and float inputs.
         state: start from these weights and optimizer states (default: fresh ones); their
-            floating arrays are cast to ``dtype`` (as ``Trainer.params = ...`` casts), in a new
-            state: the one given is left as it is. Its ``earlier_params`` (the versions before
+            floating arrays, and integer weights, are cast to ``dtype`` (as
+            ``Trainer.params = ...`` casts), and numpy-int versions and counters taken as ints,
+            in a new state: the one given is left as it is. Its ``earlier_params`` (the versions before
             the latest that ``PipeDream2BW`` pins forwards to, from ``run.state()``) let the
             run go on pinning as one unbroken run (a trace records them, so that its replay
             starts from them too; a cluster sends each worker its layers' ones). Its
@@ -116,8 +117,10 @@ async def open_run(
             ``pending_delays`` is not a dict by layer, as ``run.state()`` gives it.
         ValueError: a closed ``pool``, ``cuda_graphs=True`` with a ``cluster`` (graphs need one process), a bad
             option, options given both separately and in ``config``, or a ``state`` that lacks
-            some of the graph's layers or whose parameters have another structure or shapes
-            than the graph's (checked with the graph, so not where ``validated``), or whose
+            some of the graph's layers or has others, whose versions, ``minibatches`` or
+            ``keys`` are not ints >= 0, whose parameters hold a weight as a list of numbers, or
+            whose parameters have another structure or shapes than the graph's (checked with
+            the graph, so not where ``validated``), or whose
             ``earlier_params`` name another layer, a version that is not below the layer's, or
             parameters of another structure or shapes than the layer's in the state, whose
             ``pending_grads`` name another layer, a count that is not an int >= 0 or a sum of
@@ -142,7 +145,7 @@ async def open_run(
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
     if state is not None:
-        state = _in_dtype(state, config.dtype)
+        state = _in_dtype(_counts_as_ints(state), config.dtype)
         earlier = state.earlier_params
         if earlier and not policy.versions_kept():
             # a policy that pins no forwards uses none (and its run's state drops them): a
@@ -236,14 +239,8 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
             f"open_run: state must be an asyncnn.RunState (run.state(), Trainer.state) or None, "
             f"got {type(state).__name__}"
         )
-    for field in ("params", "opt_states", "versions"):
-        missing = [n for n in graph.layers if n not in getattr(state, field)]
-        if missing:
-            raise ValueError(
-                f"open_run: state.{field} has nothing for the graph's layers {missing} (it has "
-                f"{sorted(getattr(state, field))}); pass the state of a run of this graph, or "
-                "state=None for fresh weights"
-            )
+    check_state_counts(graph, state)
+    _check_weights_are_arrays(graph, state)
     _check_earlier_versions(graph, state)
     _check_pending_grads(graph, state)
     _check_pending_delays(graph, state)
@@ -271,6 +268,81 @@ def _check_pool(pool: Any) -> None:
             f"open_run: pool {pool!r} is closed; open the run inside the pool's 'async with "
             "open_device_pool() as pool:' block, or pass pool=None for one opened for the run"
         )
+
+
+def check_state_counts(graph: Graph, state: RunState) -> None:
+    """Refuses a ``state`` that lacks some of the graph's layers or has others, or whose
+    versions, ``minibatches`` or ``keys`` are not ints >= 0 (a float version read back from
+    JSON trained, and the checkpoint saved after it did not load again). ``Trainer.save``
+    checks the same before it writes.
+
+    Raises:
+        ValueError: naming the field and the layer.
+    """
+    for field in ("params", "opt_states", "versions"):
+        held = getattr(state, field)
+        missing = [n for n in graph.layers if n not in held]
+        if missing:
+            raise ValueError(
+                f"open_run: state.{field} has nothing for the graph's layers {missing} (it has "
+                f"{sorted(held)}); pass the state of a run of this graph, or state=None for "
+                "fresh weights"
+            )
+        extra = sorted(str(n) for n in held if n not in graph.layers)
+        if extra:
+            raise ValueError(
+                f"open_run: state.{field} has layers {extra}, which the graph lacks (its layers: "
+                f"{graph.layers}); pass the state of a run of this graph, or drop those"
+            )
+    for name in graph.layers:
+        v = state.versions[name]
+        if not _is_count(v):
+            raise ValueError(
+                f"open_run: state.versions[{name!r}] is {v!r:.40}, which is not a version (an "
+                "int >= 0: the updates the layer has had)"
+            )
+    for field in ("minibatches", "keys"):
+        n = getattr(state, field)
+        if not _is_count(n):
+            raise ValueError(
+                f"open_run: state.{field} is {n!r:.40}, which is not a count (an int >= 0: the "
+                f"{field} the runs so far admitted)"
+            )
+
+
+def _check_weights_are_arrays(graph: Graph, state: RunState) -> None:
+    """Refuses a weight given as a (nested) list of numbers in ``state.params``: the run would
+    compute on a list, and the optimizer state's check, which reads the parameters' structure
+    from them, blamed the optimizer state. ``Trainer.params = ...`` converts such lists (it
+    knows the layer's structure); a state is taken as a run gives it.
+
+    Raises:
+        ValueError: naming the layer and the place in its parameters.
+    """
+
+    def walk(tree: Any, path: str) -> None:
+        if isinstance(tree, dict):
+            for k, sub in tree.items():
+                walk(sub, f"{path}[{k!r}]")
+        elif isinstance(tree, list | tuple):
+            if tree and all(_numbers(t) for t in tree):
+                raise ValueError(
+                    f"open_run: {path} is a list of numbers, not an array; give the weights as "
+                    "arrays (np.asarray(w, dtype='float32')), or set them with Trainer.params = "
+                    "..., which converts them"
+                )
+            for i, sub in enumerate(tree):
+                walk(sub, f"{path}[{i}]")
+
+    for name in graph.layers:
+        walk(state.params[name], f"state.params[{name!r}]")
+
+
+def _numbers(value: Any) -> bool:
+    """Whether ``value`` is a Python number or a (nested, non-empty) list of them."""
+    if isinstance(value, list | tuple):
+        return bool(value) and all(_numbers(v) for v in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_count(value: Any) -> bool:
@@ -486,29 +558,57 @@ def _check_state_shapes(graph: Graph, state: RunState, like: dict[str, Any]) -> 
             ) from None
 
 
+def _counts_as_ints(state: RunState) -> RunState:
+    """``state`` with numpy-int versions, ``minibatches`` and ``keys`` (checked counts, as a
+    decoder gives them) as ints: the trace, the wire and a checkpoint keep ints only."""
+    if (
+        type(state.minibatches) is int
+        and type(state.keys) is int
+        and all(type(v) is int for v in state.versions.values())
+    ):
+        return state
+    return dataclasses.replace(
+        state,
+        versions={n: int(v) for n, v in state.versions.items()},
+        minibatches=int(state.minibatches),
+        keys=int(state.keys),
+    )
+
+
 def _in_dtype(state: RunState, dtype: str) -> RunState:
     """``state`` with its floating arrays (weights, earlier ones, optimizer buffers, pending
-    gradients) in the
-    run's ``dtype``, as ``Trainer.params = ...`` and ``Trainer.load(dtype=...)`` convert them:
-    a state of another dtype would otherwise keep its weights and updates in that dtype for the
-    whole run, with the inputs in the run's. ``state`` itself where nothing differs (no copy);
-    else a new one (the caller's is left as it was)."""
+    gradients) in the run's ``dtype``, as ``Trainer.params = ...`` and
+    ``Trainer.load(dtype=...)`` convert them, and its integer weights too, as
+    ``Trainer.params = ...`` casts them (as ints they have no gradient: the layer failed at its
+    first backward): a state of another dtype would otherwise keep its weights and updates in
+    that dtype for the whole run, with the inputs in the run's. An optimizer's integer buffer is
+    refused instead (:func:`_check_opt_states`). ``state`` itself where nothing differs (no
+    copy); else a new one (the caller's is left as it was)."""
     want = np.dtype(dtype)
 
     def differs(leaf: Any) -> bool:
         got = getattr(leaf, "dtype", None)
         return got is not None and got != want and is_floating(got)
 
+    def weight_differs(leaf: Any) -> bool:
+        got = getattr(leaf, "dtype", None)
+        return got is not None and got != want and (is_floating(got) or got.kind in "iu")
+
     def cast(leaf: Any) -> Any:
         return leaf.astype(want) if differs(leaf) else leaf
 
-    trees = (state.params, state.opt_states, state.pending_grads, state.earlier_params)
-    if not any(differs(leaf) for tree in trees for leaf in tree_leaves(tree)):
+    def cast_weight(leaf: Any) -> Any:
+        return leaf.astype(want) if weight_differs(leaf) else leaf
+
+    weights = (state.params, state.pending_grads, state.earlier_params)
+    if not any(weight_differs(leaf) for tree in weights for leaf in tree_leaves(tree)) and not any(
+        differs(leaf) for leaf in tree_leaves(state.opt_states)
+    ):
         return state
     return dataclasses.replace(
         state,
-        params=tree_map(cast, state.params),
+        params=tree_map(cast_weight, state.params),
         opt_states=tree_map(cast, state.opt_states),
-        pending_grads=tree_map(cast, state.pending_grads),
-        earlier_params=tree_map(cast, state.earlier_params),
+        pending_grads=tree_map(cast_weight, state.pending_grads),
+        earlier_params=tree_map(cast_weight, state.earlier_params),
     )
