@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,8 @@ from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
 
 from ._codec import encode_state
+from ._driver_read import DroppedTrace, _died, _gather_traces, _one_error, _read_worker
 from ._driver_read import _class_named as _class_named  # (tests import it from here)
-from ._driver_read import _died, _gather_traces, _one_error, _read_worker
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._placement import check_turns, placement
 from ._remote import ClusterRun, RemoteActor
@@ -306,9 +307,27 @@ class _DriverShare(LinkedShare):
             await _gather_traces(self.cluster, self.traces, self.hosted_by)
 
     def trace_closing(self, failed: bool) -> None:
-        if not failed or self.recorder is None:
+        if self.recorder is None:
             return
-        # say whose events the trace lacks (summary and replay report it)
+        # say whose events the trace lacks (summary and replay report it): those a worker left
+        # out of its report (too large to send), and after a failure those never collected
+        dropped = {w: t.reason for w, t in self.traces.items() if isinstance(t, DroppedTrace)}
+        if dropped:
+            self.recorder.event(
+                "scheduler", "missing",
+                meta={"workers": sorted(dropped), "error": "; ".join(
+                    f"worker {w}: {dropped[w]}" for w in sorted(dropped)
+                )},
+            )  # fmt: skip
+            if not failed:  # (a failed run's error says enough; a finished one says nothing)
+                for w in sorted(dropped):
+                    warnings.warn(
+                        f"the trace {self.trace} lacks worker {w}'s events: {dropped[w]}",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+        if not failed:
+            return
         missing = sorted(
             w for w, names in self.hosted_by.items()
             if w is not None and names and w not in self.traces
@@ -321,10 +340,11 @@ class _DriverShare(LinkedShare):
             )  # fmt: skip
 
     def trace_closed(self, failed: bool) -> None:
-        if self.trace is None or not self.traces:
+        parts = [t for _, t in sorted(self.traces.items()) if not isinstance(t, DroppedTrace)]
+        if self.trace is None or not parts:
             return
         try:
-            _merge(self.trace, [self.traces[w] for w in sorted(self.traces)])
+            _merge(self.trace, parts)
         except Exception:
             if not failed:  # a failed run's own error matters more than its trace
                 raise

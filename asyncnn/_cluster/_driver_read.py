@@ -8,6 +8,7 @@ What the driver sends its workers, and the run around it, are ``_driver``'s.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -178,7 +179,19 @@ def _own(buffers: list[Any]) -> list[Any]:
     return [b if b.base is None else b.copy() for b in buffers]
 
 
+@dataclasses.dataclass(frozen=True)
+class DroppedTrace:
+    """Where a worker's part of the trace would be: the worker left it out of its report (its
+    result or its error report), and ``reason`` says why (over ``max_message_bytes``)."""
+
+    reason: str
+
+
 def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers: list[Any]) -> None:
+    dropped = header.get("trace_dropped")
+    if isinstance(dropped, str):
+        traces[w] = DroppedTrace(dropped[:1000])
+        return
     i = header.get("trace")
     if isinstance(i, int) and 0 <= i < len(buffers):
         traces[w] = _own([buffers[i]])[0]

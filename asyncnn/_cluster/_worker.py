@@ -310,9 +310,27 @@ class Worker:
             raise error
         if trace is not None:
             raw = await anyio.to_thread.run_sync(trace.read)
-            out.append(np.frombuffer(raw, dtype=np.uint8))
-            result["trace"] = len(out) - 1
+            dropped = self._trace_too_large(len(raw), sum(np.asarray(b).nbytes for b in out))
+            if dropped is None:
+                out.append(np.frombuffer(raw, dtype=np.uint8))
+                result["trace"] = len(out) - 1
+            else:  # the run's result matters more than its trace: the driver's trace says so
+                result["trace_dropped"] = dropped
         await self.driver.send(result, out)
+
+    def _trace_too_large(self, size: int, beside: int) -> str | None:
+        """Why this worker's part of the trace (``size`` bytes, in a frame with ``beside``
+        bytes of tensors) cannot go to the driver, or None where it can: a frame over the
+        connection's ``max_message_bytes`` is refused, and the report it rides on was lost
+        with it (the run said the worker died; a finished run failed at its end)."""
+        limit = self.driver.max_message_bytes
+        if size + beside <= limit:
+            return None
+        with_ = f", with the {beside:,} bytes of its frame's tensors," if beside else ""
+        return (
+            f"its part of the trace ({size:,} bytes{with_}) is over max_message_bytes "
+            f"({limit:,} bytes); raise max_message_bytes of the cluster to keep it"
+        )
 
     async def _report_error(self, error: BaseException) -> None:
         err = single_error(error)
@@ -335,14 +353,18 @@ class Worker:
                 frame["cause_message"] = _clip(str(cause), MESSAGE_CHARS)
         buffers: list[Any] = []
         if self.failed_trace is not None:  # the events this worker recorded, up to the failure
-            frame["trace"] = 0
-            buffers.append(np.frombuffer(self.failed_trace, dtype=np.uint8))
+            dropped = self._trace_too_large(len(self.failed_trace), 0)
+            if dropped is None:
+                frame["trace"] = 0
+                buffers.append(np.frombuffer(self.failed_trace, dtype=np.uint8))
+            else:  # the error matters more than the events before it
+                frame["trace_dropped"] = dropped
             self.failed_trace = None
         try:
             with anyio.fail_after(5):
                 await self.driver.send(frame, buffers)
-        except Exception:  # noqa: BLE001 - the driver may be gone; exiting reports it too
-            pass
+        except (EOFError, ConnectionError, TimeoutError):
+            pass  # the driver is gone, or reads nothing: exiting reports it too
 
 
 def _clip(text: str, limit: int) -> str:
