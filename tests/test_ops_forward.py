@@ -608,6 +608,20 @@ def test_a_nan_extremum_gives_nan_gradients_quietly(backend: Any) -> None:
         np.testing.assert_array_equal(g[1], [1.0, 0.0, 0.0] if op is ops.max else [0.0, 1.0, 0.0])
 
 
+def test_max_and_min_give_zero_away_from_the_extremum_whatever_the_cotangent(backend: Any) -> None:
+    # torch's max and min select: the mask's 0 times an infinite cotangent gave NaN to every
+    # entry but the extremum (ties still share; a NaN group's gradient stays NaN, above)
+    x = backend.asarray(np.array([[-1.0, 2.0, 3.0], [5.0, 0.0, 5.0]]))
+    for op, full, rows in (
+        (ops.max, [[0, 0, 0], [math.inf, 0, math.inf]], [[0, 0, math.inf], [math.inf, 0, math.inf]]),
+        (ops.min, [[math.inf, 0, 0], [0, 0, 0]], [[math.inf, 0, 0], [0, math.inf, 0]]),
+    ):  # fmt: skip
+        for axis, want in ((None, full), (1, rows)):
+            out, pullback = ann.vjp(lambda x, op=op, axis=axis: op(x, axis=axis), x)
+            (g,) = pullback(backend.asarray(np.full(np.shape(out), math.inf)))
+            np.testing.assert_array_equal(to_numpy(g), want, err_msg=f"{op.__name__} {axis}")
+
+
 # -- selects where torch selects: infinite cotangents, windows of -inf, rows holding +inf --------
 def _binary_against_torch(
     backend: Any, op: Any, torch_op: Any, a: Any, b: Any, ct: Any, dtype: str

@@ -104,7 +104,10 @@ def _extreme_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     mask = (x == out).astype(g.dtype)
     with np.errstate(invalid="ignore"):  # a NaN's group has no match: 0/0, NaN as in torch
         mask /= mask.sum(axis=axes, keepdims=True)
-    return (mask * g.reshape(out.shape),)
+        grad = mask * g.reshape(out.shape)
+    # the others get 0 whatever g, as torch's max and min select (0 times an infinite g is NaN)
+    xp = ns(grad)
+    return (xp.where(mask == 0, xp.zeros((), grad.dtype), grad).astype(grad.dtype, copy=False),)
 
 
 def _reshape(x: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
