@@ -3,6 +3,7 @@ a key."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import asyncnn as ann
@@ -104,6 +105,29 @@ def test_stopped_replay_keeps_the_weights_where_it_stopped(tmp_path):
     assert rep.stopped_at is not None and rep.stopped_at[3] == 2
     assert set(rep.params) == {"stage0", "stage1", "stage2"} and rep.events_checked > 0
     assert rep.identical
+
+
+def test_a_stop_at_key_that_is_no_key_of_the_run_is_refused(tmp_path):
+    # (a key the run never processed, -1, '3' or 2.5 replayed the whole run and called it
+    # identical, never stopping)
+    path = tmp_path / "r.trace"
+    ann.Trainer(
+        _graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(path),
+        trace_payloads="all",
+    ).fit(_data(16), batch_size=8)  # fmt: skip
+    for key in (99, -1):
+        with pytest.raises(
+            ValueError,
+            match=rf"^replay: stop_at_key={key}, but no actor of this run processed any work "
+            rf"of key {key} \(its actors processed work of keys 0 to 3\)",
+        ):
+            ann.replay(path, stop_at_key=key)
+    with pytest.raises(ValueError, match=r"^replay: stop_at_key=99, but actor 'stage0' "):
+        ann.replay(path, actor="stage0", stop_at_key=99)
+    for key in ("3", 2.5, True):
+        with pytest.raises(TypeError, match=r"^replay: stop_at_key must be a key \(an int\), "):
+            ann.replay(path, stop_at_key=key)
+    assert ann.replay(path, stop_at_key=np.int64(3)).stopped_at[3] == 3  # (a numpy int is one)
 
 
 @pytest.mark.timeout(60)

@@ -166,6 +166,12 @@ def replay(
     # theirs itself, once the run is open)
     orders = _orders(trace, [*graph.layers, *graph.losses])
     if stop_at_key is not None:
+        if not isinstance(stop_at_key, int | np.integer) or isinstance(stop_at_key, bool):
+            raise TypeError(
+                f"replay: stop_at_key must be a key (an int), got {stop_at_key!r:.40} "
+                f"({type(stop_at_key).__name__})"
+            )
+        stop_at_key = int(stop_at_key)
         user_hook = hook
 
         def hook(a: str, seq: int, kind: str, key: int, params: Any) -> bool:  # noqa: F811
@@ -179,6 +185,8 @@ def replay(
     if actor is None:
         _check_finished(trace, set(graph.layers) | set(graph.losses), stop_at_key)
         _check_receives_sent(trace, set(graph.layers) | set(graph.losses))
+    if stop_at_key is not None:
+        _check_stop_key(trace, set(graph.layers) | set(graph.losses), actor, stop_at_key)
     payloads = h.get("payloads", "inputs")
     if actor is not None and payloads != "all":
         raise ValueError(
@@ -304,6 +312,30 @@ def _check_optimizer(optimizer: Any, recorded: Any, state: RunState, path: str) 
                 f"{recorded!r:.120} has {keys(kept)}. Pass an optimizer of the recorded kind "
                 "with options that keep the same state (others, such as lr, may change)"
             )
+
+
+def _check_stop_key(trace: Trace, actors: set[str], actor: str | None, key: int) -> None:
+    """Refuses a ``stop_at_key`` that no actor of the run (or ``actor``, replayed alone)
+    processed work of: the replay would never stop there, and went on to the end, calling the
+    whole run identical.
+
+    Raises:
+        ValueError: naming the key and the keys the run processed.
+    """
+    who = actors if actor is None else {actor}
+    keys = sorted({e.key for e in trace.events if e.what == "start" and e.actor in who})
+    if key in keys:
+        return
+    held = f"processed work of keys {keys[0]} to {keys[-1]}" if keys else "did no work"
+    said = (
+        f"no actor of this run processed any work of key {key} (its actors {held})"
+        if actor is None
+        else f"actor {actor!r} processed no work of key {key} (it {held})"
+    )
+    raise ValueError(
+        f"replay: stop_at_key={key}, but {said}: the replay would never stop there; pass a "
+        "key the run processed (summary and to_chrome show them)"
+    )
 
 
 def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = None) -> None:
