@@ -456,7 +456,11 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the trainer saved in DIR (model, policy, optimizer, seed and batch size "
         "from it; give the --dataset it was trained on)",
     )  # fmt: skip
-    t.add_argument("--metrics", metavar="FILE", help="append step and epoch metrics here (JSONL)")
+    t.add_argument(
+        "--metrics", metavar="FILE",
+        help="append step and epoch metrics here (JSONL); under PipeDream and Async its epoch "
+        "lines drain the pipeline at each epoch end, so the weights differ from a run without",
+    )  # fmt: skip
     t.add_argument("--out", default="runs/train", help="folder for results.json ('' for none)")
     t.set_defaults(run=_train, parser=t)
 
