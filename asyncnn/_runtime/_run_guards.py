@@ -14,6 +14,7 @@ import collections
 import threading
 import time
 from collections.abc import Mapping
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from ._graph import Graph
 
 __all__ = ["RunGuards", "checked_max_in_flight", "checked_split"]
+
+#: the methods that run one op of an actor, with ``computing`` set throughout (``Serving._run_op``,
+#: ``LossActor._process``): a frame of one on the loop thread's stack is that op running now
+_OP_METHODS = ("_run_op", "_process")
 
 
 def checked_split(policy: Any, rows: int) -> list[tuple[int, int]]:
@@ -209,21 +214,26 @@ class RunGuards:
         any actor runs, since the first actor may block the loop before the watchdog starts."""
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
         self._monitor = BlockedLoopMonitor(
-            threading.get_ident(), self.stall_timeout, interval, self._inline_compute
+            threading.get_ident(), self.stall_timeout, interval, self._blocking_actor
         )
         return self._monitor
 
     async def _watchdog(self) -> None:
         interval = min(max(self.stall_timeout / 10, 0.01), 1.0)
         monitor = self._monitor or self._watch_loop()
+        # when the silence is counted from at the earliest: the end of a time the loop itself
+        # stood still (its process suspended, or the caller's own blocking code), when no actor
+        # could make progress, so none is blamed for it
+        resumed = time.perf_counter()
         try:
             while True:
+                before = time.perf_counter()
                 await anyio.sleep(interval)
+                now = time.perf_counter()
                 monitor.tick()
-                if (
-                    self.in_flight > 0
-                    and time.perf_counter() - self.last_event > self.stall_timeout
-                ):
+                if now - before - interval > self.stall_timeout / 2:
+                    resumed = now
+                if self.in_flight > 0 and now - max(self.last_event, resumed) > self.stall_timeout:
                     lines = [f"  {name}: {a.describe()}" for name, a in self.actors.items()]
                     raise StallError(
                         f"no progress for {self.stall_timeout:g} s with {self.in_flight} keys in "
@@ -232,14 +242,33 @@ class RunGuards:
         finally:
             monitor.stop()
 
-    def _inline_compute(self) -> str | None:
-        """What is computing on the loop's thread (read by the monitor thread), or None."""
-        for name, actor in self.local.items():
-            computing = getattr(actor, "computing", None)
-            if computing is not None and getattr(actor, "on_cpu", False):
-                kind, key, since = computing
-                return (
-                    f"actor {name!r} has been computing its {kind} of key {key} for "
-                    f"{time.perf_counter() - since:.1f} s"
-                )
-        return None
+    def _blocking_actor(self, frame: FrameType) -> tuple[FrameType, str] | None:
+        """The op of a CPU actor of this process that the loop's thread is inside (``frame``
+        is its innermost frame; read by the monitor thread, while the loop's thread waits for
+        the GIL or is in a C call): the op's frame, the innermost where one op runs another's
+        in its task, and what it is, or None where the thread is in none (an op that awaits a
+        pool thread is off the stack: the loop's own wait, or another task, runs there)."""
+        codes = {
+            code
+            for actor in self.local.values()
+            for name in _OP_METHODS
+            if (code := getattr(getattr(type(actor), name, None), "__code__", None)) is not None
+        }
+        f: FrameType | None = frame
+        while f is not None and f.f_code not in codes:
+            f = f.f_back
+        if f is None:
+            return None
+        # (the op's own frame, started: reading its locals from this thread copies them into
+        # its locals dict, and writes nothing the frame reads)
+        actor = f.f_locals.get("self")
+        if actor is None or not any(a is actor for a in self.local.values()):
+            return None
+        computing = actor.computing
+        if computing is None or not actor.on_cpu:  # (a GPU actor's host work is a few launches)
+            return None
+        kind, key, since = computing
+        return f, (
+            f"actor {actor.name!r} has been computing its {kind} of key {key} for "
+            f"{time.perf_counter() - since:.1f} s"
+        )
