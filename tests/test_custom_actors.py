@@ -313,8 +313,9 @@ async def test_a_handler_that_blocks_the_loop_is_a_stall_error_that_says_how_not
     # (it said only "(small work runs inline)", which a handler that blocks by itself is not)
     with pytest.raises(
         ann.StallError,
-        match=r"actor 'b' has been computing its forward of key 0 .* it was interrupted\. A "
-        r"handler must not block the loop: wait with await anyio\.sleep\(\), not time\.sleep\(\)",
+        match=r"actor 'b' has been computing its forward of key 0 .* it is interrupted where it "
+        r"runs Python next .*\. A handler must not block the loop: wait with await "
+        r"anyio\.sleep\(\), not time\.sleep\(\)",
     ):
         async with ann.open_run(
             _actor_on_b(SpinsInItsHandler), optim.SGD(lr=0.1), policies.GPipe(2),

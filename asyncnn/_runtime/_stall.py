@@ -142,8 +142,9 @@ class BlockedLoopMonitor:
         self.fired_at = now
         self._raise(found[0], (
             f"no progress for {blocked:.1f} s (stall_timeout {self.timeout:g} s): {found[1]}, on "
-            "the event loop's thread, which it blocked (every actor stood still); it was "
-            "interrupted. A handler must not block the loop: wait with await anyio.sleep(), "
+            "the event loop's thread, which it blocked (every actor stood still); it is "
+            "interrupted where it runs Python next (a C call that holds on, such as "
+            "time.sleep() or a lock, when it returns). A handler must not block the loop: wait with await anyio.sleep(), "
             "not time.sleep() or a blocking lock, and run long work through await "
             "self.compute(fn, *args, cost=flops), which runs large work on a pool thread "
             "(work below the pool's inline threshold runs on the loop's thread)"
