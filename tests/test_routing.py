@@ -101,6 +101,19 @@ def test_capacity_factor_and_overflow_error():
     tr.predict({"x": _data()["x"][:1]})  # one row, two experts: within capacity
 
 
+def test_a_huge_capacity_factor_is_no_limit_and_never_overflows():
+    # (1e308 passed the graph's check, then the capacity, 1e308 * rows * k / experts, overflowed
+    # to inf at the first key: "OverflowError: cannot convert float infinity to integer")
+    g = moe_graph(experts=3, k=2, capacity_factor=1e308)
+    assert g.nodes["gate"].module.limit(12) == 12  # every row (each goes to an expert once)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    tr.fit(_data(), batch_size=12)
+    ref = ann.Trainer(moe_graph(experts=3, k=2), optimizer=optim.SGD(lr=0.1),
+                      policy=policies.Sync(), dtype="float64")  # fmt: skip
+    ref.fit(_data(), batch_size=12)
+    assert_params_equal(tr.params, ref.params)  # (no row dropped: as with no capacity)
+
+
 def test_validation_of_a_routed_graph_routes_batches_of_the_runs_key_size():
     # (validation evaluated batches of 256 rows, whose capacity a run's 4-row keys never reach:
     # with on_overflow="error" the fit failed at its first epoch end, advising a batch size

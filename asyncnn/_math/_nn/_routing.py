@@ -87,7 +87,10 @@ class Router(Module):
     def limit(self, rows: int) -> int | None:
         """The capacity of each expert for a key of ``rows`` rows (None: unlimited)."""
         if self.capacity_factor is not None:
-            return int(math.ceil(self.capacity_factor * rows * self.k / self.experts))
+            # an expert gets each row at most once (a row's k choices are k experts): a factor
+            # that would allow more (one as large as 1e308, whose product is inf) allows that
+            limit = self.capacity_factor * rows * self.k / self.experts
+            return rows if limit >= rows else int(math.ceil(limit))
         return self.capacity
 
     def scores(self, params: Any, x: Any, *extra: Any, rng: Any = None) -> Any:
