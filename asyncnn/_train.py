@@ -16,6 +16,7 @@ import numpy as np
 from ._callbacks import Callback
 from ._checkpoint_files import write_whole
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
+from ._errors import GraphError
 from ._fit import _synchronize
 from ._fit_file import _FIT_FILE
 from ._fit_plan import plan_fit
@@ -31,6 +32,7 @@ from ._runtime._graph import Graph
 from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
+from ._runtime._structure import check_routing
 from ._train_args import check_trainer_args
 from ._train_options import _Option, _TraceOption, _tune_allocator
 from .backends import to_numpy
@@ -157,6 +159,9 @@ class Trainer:
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
+        # what the graph was when checked: one that gains nodes later has no weights for them
+        self._built_nodes = len(graph.nodes)
+        self._built_outputs = dict(graph.outputs)
         self.state: RunState = init_state(
             graph, optimizer, seed, self.dtype, placed_on_host=cluster is not None
         )
@@ -297,6 +302,29 @@ class Trainer:
         return dict(self.state.versions)
 
     # -- training ----------------------------------------------------------------------------------
+    def _check_graph(self, what: str) -> None:
+        """Refuses a graph that gained nodes since this trainer checked it and made its layers'
+        weights (a new layer has none: the run failed on the state, naming ``open_run``'s
+        argument); checks outputs named since as a new trainer would (one of an expert branch
+        failed in ``predict`` with a bare numpy error).
+
+        Raises:
+            GraphError: naming the nodes added, or the output and what it reads.
+        """
+        graph = self.graph
+        if len(graph.nodes) != self._built_nodes:
+            added = list(graph.nodes)[self._built_nodes :]
+            raise GraphError(
+                f"{what}: the graph gained nodes {added} after this Trainer was built; a "
+                "Trainer checks its graph and makes its layers' weights when it is built, so "
+                "build a new one on the changed graph (tr2 = ann.Trainer(g, ...)) and carry "
+                "the weights over: tr2.params = {n: p for n, p in tr.params.items() if n in "
+                "tr2.graph.layers}"
+            )
+        if graph.outputs != self._built_outputs:
+            check_routing(graph)
+            self._built_outputs = dict(graph.outputs)
+
     def fit(
         self,
         data: Mapping[str, Any] | ArrayDataset,
@@ -370,6 +398,9 @@ class Trainer:
             RuntimeError: a fit is already running on this trainer (called from another
                 thread, or from a callback of that fit): one fit at a time, the second would
                 lose its updates to the first's.
+            GraphError: the graph gained nodes since the trainer was built (it has no weights
+                for them: build a new trainer; ``predict``, ``evaluate`` and ``save`` refuse it
+                too), or an output named since reads what a new trainer would refuse.
 
         Errors of the callbacks' ``on_fit_end``: every callback that started ends, even where
         one raises; then the first such error is raised (any later ones added to it as notes).
@@ -389,6 +420,7 @@ class Trainer:
                 "another model with another Trainer"
             )
         try:
+            self._check_graph("fit")
             plan = plan_fit(
                 self, data, epochs, batch_size, shuffle, drop_last, validation_data, callbacks,
                 checkpoint_dir, checkpoint_every, keep_checkpoints, check_data,
@@ -428,6 +460,7 @@ class Trainer:
                 has no rows; the graph has no outputs (``g.output``). A NaN or Inf in the data
                 itself is no error here: it is computed on as given.
         """
+        self._check_graph("predict")
         if not self.graph.outputs:  # (it returned {}, having computed nothing)
             raise ValueError("predict: the graph has no outputs; name them: g.output(name, node)")
         outputs = list(self.graph.outputs.values())
@@ -458,6 +491,7 @@ class Trainer:
                 finite value of a float input overflows the trainer's ``dtype`` (named with
                 its row, as in :meth:`predict`); the data has no rows.
         """
+        self._check_graph("evaluate")
         dataset = self._checked_dataset(data, self.graph.losses, "evaluate")
         check_labels(self.graph, self.shapes, dataset.arrays, self.graph.losses)
         return self._evaluate(dataset, batch_size)
@@ -498,6 +532,7 @@ class Trainer:
         """
         from ._checkpoint import save_checkpoint
 
+        self._check_graph("save")
         self._refuse_during_fit(
             "save", " on another thread: its weights and counters would be read in the middle "
             "of an update", "save from the fit's callbacks (on_epoch_end; or pass fit "
