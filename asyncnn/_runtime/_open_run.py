@@ -77,10 +77,11 @@ async def open_run(
         state: start from these weights and optimizer states (default: fresh ones); their
             floating arrays, and integer weights, are cast to ``dtype`` (as
             ``Trainer.params = ...`` casts), and numpy-int versions and counters taken as ints,
-            in a new state: the one given is left as it is. Its ``earlier_params`` (the versions before
-            the latest that ``PipeDream2BW`` pins forwards to, from ``run.state()``) let the
-            run go on pinning as one unbroken run (a trace records them, so that its replay
-            starts from them too; a cluster sends each worker its layers' ones). Its
+            in a new state: the one given is left as it is. Its ``earlier_params`` (the
+            versions before the latest that ``PipeDream2BW`` pins forwards to, from
+            ``run.state()``) let the run go on pinning as one unbroken run (a trace records
+            them, so that its replay starts from them too; a cluster sends each worker its
+            layers' ones). Its
             ``pending_delays`` are the delays of its ``pending_grads``, counted by the update
             that applies them; those of a layer without pending gradients are dropped.
         pool: an open device pool to use, from ``open_device_pool()`` (default: one opened
