@@ -3,6 +3,8 @@ clear error within seconds, naming the field, the option or the layer, never a h
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -341,6 +343,59 @@ async def test_a_custom_split_and_a_bad_max_in_flight_are_checked():
     with pytest.raises(ValueError, match=r"NoneInFlight.max_in_flight\(3\) returned 0"):
         async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), NoneInFlight(2)):
             pass
+
+
+class _ScalesAs(policies.GPipe):
+    """A custom policy whose loss cotangent or gradient scale is given (a user's mistake)."""
+
+    def __init__(self, cotangent: Any = None, scale: Any = None) -> None:
+        super().__init__(2)
+        object.__setattr__(self, "_cotangent", cotangent)
+        object.__setattr__(self, "_scale", scale)
+
+    def loss_cotangent(self, rows: int, minibatch_rows: int) -> Any:
+        if self._cotangent is None:
+            return super().loss_cotangent(rows, minibatch_rows)
+        return self._cotangent(rows, minibatch_rows)
+
+    def gradient_scale(self, accumulated: int) -> Any:
+        return 1.0 if self._scale is None else self._scale(accumulated)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("policy", "said"),
+    [
+        (_ScalesAs(cotangent=lambda r, m: None), r"_ScalesAs.loss_cotangent\(4, 8\) returned None"),
+        (_ScalesAs(cotangent=lambda r, m: "0.5"), r"_ScalesAs.loss_cotangent\(4, 8\) returned '0.5'"),
+        (_ScalesAs(cotangent=lambda r, m: math.nan), r"loss_cotangent\(4, 8\) returned nan"),
+        (_ScalesAs(scale=lambda n: None), r"_ScalesAs.gradient_scale\(2\) returned None"),
+        (_ScalesAs(scale=lambda n: math.inf), r"_ScalesAs.gradient_scale\(2\) returned inf"),
+        (_ScalesAs(scale=lambda n: True), r"_ScalesAs.gradient_scale\(2\) returned True"),
+    ],
+    ids=["cotangent-None", "cotangent-str", "cotangent-nan", "scale-None", "scale-inf",
+         "scale-bool"],
+)  # fmt: skip
+async def test_a_custom_loss_cotangent_or_gradient_scale_that_is_no_finite_number_is_refused(
+    policy: Any, said: str
+) -> None:
+    # (a loss_cotangent that forgot its return trained every weight to NaN without a word; a
+    # gradient_scale of None failed on a bare TypeError that named no method)
+    with pytest.raises(ann.ActorError) as info:
+        async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
+            await run.step(_data(n=8))
+    assert isinstance(info.value.__cause__, ValueError)
+    assert re.search(said + r": it must be a finite number", str(info.value.__cause__))
+
+
+@pytest.mark.anyio
+async def test_a_custom_loss_cotangent_of_a_numpy_number_is_taken() -> None:
+    policy = _ScalesAs(cotangent=lambda r, m: np.float32(r) / np.float32(m),
+                       scale=lambda n: np.float64(1.0))  # fmt: skip
+    async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
+        await run.step(_data(n=8))
+    assert sorted(run.losses) == [0]
 
 
 @pytest.mark.anyio

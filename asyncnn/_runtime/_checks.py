@@ -1,7 +1,8 @@
 """Checks of what a run is given, before compute: a batch against the graph's inputs (names,
 shapes, dtypes; NaN, Inf and values that overflow the run's dtype, read in chunks of rows), the
 ids, labels and loop lengths it holds against their range (:func:`range_checks`), a tree of
-arrays for NaN (:func:`first_not_finite`), and the run's optimizer and ``cuda_graphs``. The
+arrays for NaN (:func:`first_not_finite`), the run's optimizer and ``cuda_graphs``, and the
+numbers a policy's hooks return (:func:`checked_scale`). The
 check of the graph itself, :func:`validate`, is ``_graph_checks.py``'s (imported from here too).
 """
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RangeCheck",
     "check_batch",
+    "checked_scale",
     "check_cuda_graphs",
     "check_input",
     "check_layer_rows",
@@ -485,3 +487,27 @@ def check_optimizer(optimizer: Any, who: str = "") -> None:
             f"{who}optimizer must be an asyncnn.optim optimizer (e.g. optim.Adam(lr=1e-3)), got "
             f"{optimizer!r}"
         )
+
+
+def checked_scale(policy: Any, hook: str, args: tuple[int, ...], value: Any) -> float:
+    """``value``, what ``policy``'s ``hook`` (``"loss_cotangent"``) returned for ``args``, as a
+    float, checked to be a finite real number: a custom policy's ``loss_cotangent`` that forgot
+    its ``return`` gave ``None``, which the loss's seed took as NaN, and every weight trained to
+    NaN without a word (a ``gradient_scale`` of ``None`` failed on a bare ``TypeError``).
+
+    Raises:
+        ValueError: naming the policy, the call and the value.
+    """
+    if type(value) is float and math.isfinite(value):  # (the built-in policies' every call)
+        return value
+    if (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(float(value))
+    ):
+        return float(value)
+    raise ValueError(
+        f"{type(policy).__name__}.{hook}({', '.join(map(str, args))}) returned {value!r:.40}: "
+        "it must be a finite number (a float such as rows / minibatch_rows or 1.0); a hook "
+        "that forgot its return gives None"
+    )

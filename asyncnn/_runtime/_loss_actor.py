@@ -15,6 +15,7 @@ from asyncnn._math._autodiff import primitive_vjp, vjp
 
 from ._actor_base import _Actor
 from ._capture_loss import LossGraphs
+from ._checks import checked_scale
 from ._messages import END, FORWARD, STOP, Message
 from ._recorder import when_done
 
@@ -153,7 +154,13 @@ class LossActor(_Actor):
         del self.fwd_count[key]
         meta = self.meta.pop(key)
         rows, mb_rows = int(meta["rows"]), int(meta["mb_rows"])
-        scale = 1.0 if self.sums_rows else self.ctx.policy.loss_cotangent(rows, mb_rows)
+        if self.sums_rows:
+            scale = 1.0
+        else:
+            policy = self.ctx.policy
+            scale = checked_scale(
+                policy, "loss_cotangent", (rows, mb_rows), policy.loss_cotangent(rows, mb_rows)
+            )
         self.after = self.events.pop(key, [])
         fn: Any = self._value_and_grads
         if self.graphs is not None:

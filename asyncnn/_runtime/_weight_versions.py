@@ -17,7 +17,7 @@ from asyncnn._errors import ActorError
 from asyncnn._math._pytree import tree_copy, tree_leaves, tree_map
 
 from ._actor_base import _Actor, _nbytes
-from ._checks import first_not_finite
+from ._checks import checked_scale, first_not_finite
 from ._messages import BACKWARD
 
 if TYPE_CHECKING:
@@ -254,7 +254,8 @@ class WeightVersions(_Actor):
         else:
             self.mb_backwards[mb] = done
         if policy.update_due(self.acc_count, mb_done):
-            scale = policy.gradient_scale(self.acc_count)
+            n = self.acc_count
+            scale = checked_scale(policy, "gradient_scale", (n,), policy.gradient_scale(n))
             acc, owed = self._acc, self._owed
             if owed:  # (only a GPU actor's graphs leave gradients owed)
                 assert graphs is not None
