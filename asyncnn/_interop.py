@@ -6,6 +6,7 @@ torch is never imported here unless asked for (``tensors=True``, :func:`to_torch
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ import numpy as np
 
 from ._runtime._graph import Graph
 from .backends import BFLOAT16
+from .backends._registry import host_array
 
 __all__ = [
     "from_dlpack",
@@ -27,17 +29,25 @@ __all__ = [
 ]
 
 
-def _module_entries(module: Any, params: Any) -> list[tuple[str, tuple[Any, ...], bool]]:
-    """``(torch suffix, path into params, transposed)`` for one module's parameters."""
+def _module_entries(
+    module: Any, params: Any, layer: str | None = None, where: str = ""
+) -> list[tuple[str, tuple[Any, ...], bool]]:
+    """``(torch suffix, path into params, transposed)`` for one module's parameters.
+
+    ``layer`` (the graph layer holding ``module``, or None for a module target) and ``where``
+    (the attribute path from that layer's module, or the target, down to ``module``:
+    ``".modules[1].module"``) only name a module that has no mapping.
+    """
     from ._math import _nn as mnn
 
     out: list[tuple[str, tuple[Any, ...], bool]] = []
     if isinstance(module, mnn.Sequential):
         for i, (m, p) in enumerate(zip(module.modules, params, strict=True)):
-            out += [(f"{i}.{s}", (i, *path), t) for s, path, t in _module_entries(m, p)]
+            inner = _module_entries(m, p, layer, f"{where}.modules[{i}]")
+            out += [(f"{i}.{s}", (i, *path), t) for s, path, t in inner]
         return out
     if isinstance(module, mnn.Residual):
-        return _module_entries(module.module, params)
+        return _module_entries(module.module, params, layer, f"{where}.module")
     if not params:
         return []  # ReLU, Flatten, Dropout, pooling...
     if isinstance(module, mnn.Linear):
@@ -52,8 +62,15 @@ def _module_entries(module: Any, params: Any) -> list[tuple[str, tuple[Any, ...]
             "out_proj_bias": ("out_proj.bias", False),
         }
         return [(names[k][0], (k,), names[k][1]) for k in params]
+    # (two layers may hold modules of one class: name the layer, and where in it)
+    if layer is None:
+        at = f" (at target{where})" if where else ""
+    elif where:
+        at = f" (layer {layer!r}, at graph.nodes[{layer!r}].module{where})"
+    else:
+        at = f" (layer {layer!r})"
     raise ValueError(
-        f"no torch name mapping for {type(module).__name__}: the built-in Linear, Conv1d, "
+        f"no torch name mapping for {type(module).__name__}{at}: the built-in Linear, Conv1d, "
         "Conv2d, LayerNorm, Embedding, MultiHeadAttention, Sequential, Residual and "
         "parameterless modules have one; give this module's weights with tr.params = {...} "
         "directly"
@@ -70,7 +87,7 @@ def _layout(
         for name in target.layers:
             module = target.nodes[name].module
             p = params[name]
-            entries = _module_entries(module, p)
+            entries = _module_entries(module, p, name)
             if names is not None:
                 if name not in names:
                     if entries:
@@ -96,7 +113,8 @@ def _layout(
             children = module.modules if _is_sequential(module) else [module]
             child_params = p if _is_sequential(module) else [p]
             for i, (m, cp) in enumerate(zip(children, child_params, strict=True)):
-                for s, path, t in _module_entries(m, cp):
+                where = f".modules[{i}]" if _is_sequential(module) else ""
+                for s, path, t in _module_entries(m, cp, name, where):
                     key_path = (i, *path) if _is_sequential(module) else path
                     out[f"{offset + i}.{s}"] = (name, key_path, t)
             offset += len(children)
@@ -138,8 +156,9 @@ def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str
 
     Raises:
         ValueError: ``names`` lacks a layer that has weights, or maps two layers to the same
-            torch name (naming both and the name); the same in :func:`from_torch` and
-            :func:`to_torch`.
+            torch name (naming both and the name); a module with weights but no torch mapping
+            (a custom one, ``RNNCell``), naming its layer and its path in it; the same in
+            :func:`from_torch` and :func:`to_torch`.
     """
     _check_target(target, "torch_names")
     return list(_layout(target, _template(target), names))
@@ -283,7 +302,8 @@ def from_torch(
             tensor of a dtype numpy cannot hold (bfloat16 without ``ml_dtypes``), naming it.
         ValueError: a name missing from ``state_dict`` or left over in it (batch-norm running
             statistics named as such), or a shape that does not fit (naming the torch name and
-            the layer); ``names`` that map two layers to the same torch name (naming both).
+            the layer); ``names`` that map two layers to the same torch name (naming both); a
+            module with weights but no torch mapping (naming its layer and its path in it).
     """
     if not isinstance(state_dict, Mapping):
         kind = type(state_dict).__name__
@@ -391,7 +411,8 @@ def to_torch(
 
     Raises:
         ValueError: ``params`` not of ``target``'s structure and shapes (naming the leaves);
-            ``names`` that map two layers to the same torch name (naming both).
+            ``names`` that map two layers to the same torch name (naming both); a module with
+            weights but no torch mapping (naming its layer and its path in it).
     """
     _check_target(target, "to_torch")
     template = _template(target)
@@ -412,24 +433,90 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: no such file. ValueError: not a safetensors file (naming it).
+        TypeError: a bfloat16 entry without the ``ml_dtypes`` package, which numpy needs to
+            hold one (naming the entries).
     """
     from safetensors.numpy import load_file
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no safetensors file at {path!r}")
+    if BFLOAT16 is None:  # (safetensors would call the whole file unreadable)
+        bf16 = _bfloat16_entries(path)
+        if bf16:
+            names = ", ".join(repr(k) for k in bf16[:5]) + (", ..." if len(bf16) > 5 else "")
+            what = f"entry {names} is" if len(bf16) == 1 else f"entries {names} are"
+            raise TypeError(
+                f"{path}: {what} bfloat16: numpy holds bfloat16 only with the "
+                "ml_dtypes package installed (pip install ml_dtypes); or read the file with "
+                "safetensors.torch.load_file and convert it first with .float()"
+            )
     try:
         return dict(load_file(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+def _bfloat16_entries(path: str) -> list[str]:
+    """The names of a safetensors file's bfloat16 entries, read from its header (an 8-byte
+    little-endian length, then JSON); none for a file whose header cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > min(os.path.getsize(path), 100 << 20):  # (not a safetensors header)
+                return []
+            header = json.loads(f.read(size))
+        return [k for k, v in header.items() if isinstance(v, dict) and v.get("dtype") == "BF16"]
+    except (OSError, ValueError, AttributeError):  # load_file names what is wrong
+        return []
+
+
 def save_safetensors(arrays: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Writes ``{name: array}`` (e.g. :func:`to_torch`'s) as a safetensors file, which
-    ``safetensors.torch.load_file`` reads back as tensors."""
+    ``safetensors.torch.load_file`` reads back as tensors, of their shapes (0-d ones too).
+
+    Raises:
+        TypeError: ``arrays`` not a mapping, a name that is not a str, or an entry that is no
+            array of numbers (a nested pytree such as ``tr.params``, None, strings), naming
+            it; nothing is written then.
+    """
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(_as_numpy(v)) for k, v in arrays.items()}, os.fspath(path))
+    if not isinstance(arrays, Mapping):
+        raise TypeError(
+            f"save_safetensors takes a mapping {{name: array}}, got {type(arrays).__name__}"
+        )
+    save_file({k: _file_array(k, v) for k, v in arrays.items()}, os.fspath(path))
+
+
+def _file_array(key: Any, value: Any) -> np.ndarray:
+    """One entry of :func:`save_safetensors` as a C-ordered host array of its own shape."""
+    if not isinstance(key, str):
+        raise TypeError(
+            f"save_safetensors: the name {key!r} is not a str ({type(key).__name__}); a "
+            "safetensors file names its entries with strings"
+        )
+    flatten = (
+        "a safetensors file holds a flat {name: array}; flatten a trainer's params with "
+        "interop.to_torch(tr.params, tr.graph) first"
+    )
+    if value is None or isinstance(value, Mapping):
+        what = "None" if value is None else f"a {type(value).__name__} (a nested pytree)"
+        raise TypeError(f"save_safetensors: entry {key!r} is {what}, not an array; {flatten}")
+    try:
+        arr = host_array(_as_numpy(value, f"entry {key!r}"))  # (a 0-d array stays 0-d)
+    except ValueError as exc:  # numpy: a ragged list
+        raise TypeError(
+            f"save_safetensors: entry {key!r}, a {type(value).__name__}, is not an array ({exc}); "
+            f"{flatten}"
+        ) from exc
+    # (no safetensors dtype; ml_dtypes' bfloat16 is of kind "V" too, but no np.void)
+    if arr.dtype.kind in "OSUmM" or arr.dtype.type is np.void:
+        raise TypeError(
+            f"save_safetensors: entry {key!r} is a {type(value).__name__} that makes a numpy "
+            f"array of dtype {arr.dtype}, not one of numbers; {flatten}"
+        )
+    return arr
 
 
 def from_dlpack(tree: Any) -> Any:
@@ -438,7 +525,12 @@ def from_dlpack(tree: Any) -> Any:
 
     CPU tensors become numpy arrays, CUDA tensors cupy arrays (cupy needed); torch's bfloat16
     ones too, through ``ml_dtypes``. A library that cannot export (or a tensor that needs a
-    gradient, in torch: call ``.detach()``) raises its own error.
+    gradient, in torch: call ``.detach()``; one with the conjugate bit) raises its own error.
+
+    Raises:
+        ValueError: a torch tensor with the negative bit (``z.conj().imag``, where
+            ``x.is_neg()``), whose memory holds the negated values: pass ``x.resolve_neg()``
+            (a copy).
     """
     return _map(_from_dlpack, tree)
 
@@ -447,25 +539,38 @@ def _has_dlpack(x: Any) -> bool:
     return hasattr(x, "__dlpack__")
 
 
-def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
+def _map(fn: Callable[[Any, tuple[Any, ...]], Any], tree: Any, path: tuple[Any, ...] = ()) -> Any:
+    """``fn(leaf, its path)`` over a pytree of dicts, lists, tuples and namedtuples."""
     if isinstance(tree, Mapping):
-        return {k: _map(fn, v) for k, v in tree.items()}
+        return {k: _map(fn, v, (*path, k)) for k, v in tree.items()}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple
-        return type(tree)(*(_map(fn, v) for v in tree))
+        return type(tree)(*(_map(fn, v, (*path, i)) for i, v in enumerate(tree)))
     if isinstance(tree, list | tuple):
-        return type(tree)(_map(fn, v) for v in tree)
-    return fn(tree)
+        return type(tree)(_map(fn, v, (*path, i)) for i, v in enumerate(tree))
+    return fn(tree, path)
 
 
-def _from_dlpack(x: Any) -> Any:
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    """A leaf of the pytree given to :func:`from_dlpack` or :func:`to_torch_tensor`, named."""
+    return "tree" + "".join(f"[{p!r}]" for p in path) if path else "the array"
+
+
+def _from_dlpack(x: Any, path: tuple[Any, ...] = ()) -> Any:
     if not _has_dlpack(x):
         return x
+    if type(x).__module__.startswith("torch") and getattr(x, "is_neg", lambda: False)():
+        # (torch exports the memory without the lazy negation: every sign would flip)
+        raise ValueError(
+            f"from_dlpack: {_leaf_name(path)} is a torch negative-bit view (is_neg(): a lazy "
+            f"negation, such as z.conj().imag) of shape {tuple(x.shape)}, whose memory holds "
+            "the negated values and cannot be shared; pass x.resolve_neg() (a copy)"
+        )
     if _is_torch_bfloat16(x):  # DLPack importers refuse bfloat16: the same bits as int16
         if BFLOAT16 is None:
-            raise _no_bfloat16("from_dlpack: an array")
+            raise _no_bfloat16(f"from_dlpack: {_leaf_name(path)}")
         import torch
 
-        return _from_dlpack(x.view(torch.int16)).view(BFLOAT16)
+        return _from_dlpack(x.view(torch.int16), path).view(BFLOAT16)
     device_type, _ = x.__dlpack_device__()
     if int(device_type) in (1, 3):  # kDLCPU, kDLCUDAHost
         return np.from_dlpack(x)
@@ -482,12 +587,15 @@ def to_torch_tensor(tree: Any) -> Any:
 
     Raises:
         ValueError: an array with a negative stride (a reversed view such as ``x[::-1]``),
-            which no torch tensor can share: pass a copy.
+            which no torch tensor can share; a read-only numpy array (``tr.params``' arrays
+            are), which torch, having no read-only tensors, would share writable (an in-place
+            torch op would change it): pass a copy (``to_torch(tr.params, tr.graph,
+            tensors=True)`` copies a trainer's weights).
     """
     return _map(_to_torch_tensor, tree)
 
 
-def _to_torch_tensor(a: Any) -> Any:
+def _to_torch_tensor(a: Any, path: tuple[Any, ...] = ()) -> Any:
     if isinstance(a, np.generic) and (a.dtype.kind in "biufc" or a.dtype == BFLOAT16):
         # a numpy scalar has no __dlpack__: its 0-d array, of a dtype DLPack takes (a float8 or
         # int4 scalar, or raw bytes, passes through as before: an array of them fails there)
@@ -497,9 +605,18 @@ def _to_torch_tensor(a: Any) -> Any:
     strides = getattr(a, "strides", None)  # numpy's and cupy's, in bytes
     if isinstance(strides, tuple) and any(s < 0 for s in strides):  # torch.from_dlpack aborts
         raise ValueError(
-            f"to_torch_tensor: an array of shape {tuple(a.shape)} has negative strides "
-            f"{strides} (a reversed view such as x[::-1]), which a torch tensor cannot share; "
-            "pass a copy, numpy.ascontiguousarray(x) (or cupy's)"
+            f"to_torch_tensor: {_leaf_name(path)}, an array of shape {tuple(a.shape)}, has "
+            f"negative strides {strides} (a reversed view such as x[::-1]), which a torch tensor "
+            "cannot share; pass a copy, numpy.ascontiguousarray(x) (or cupy's)"
+        )
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        # (torch.from_dlpack drops DLPack's read-only flag: the tensor would write through)
+        raise ValueError(
+            f"to_torch_tensor: {_leaf_name(path)} is a read-only array of shape "
+            f"{tuple(a.shape)} ({a.dtype}), and a torch tensor over it would be writable (torch "
+            "has no read-only tensors): an in-place torch op would change it (for tr.params, "
+            "the trainer's weights, behind its back). Pass a copy: x.copy(), or for a "
+            "trainer's weights interop.to_torch(tr.params, tr.graph, tensors=True)"
         )
     import torch
 

@@ -235,6 +235,28 @@ def test_lazily_read_arrays_are_shuffled_row_by_row_like_numpy():
     np.testing.assert_array_equal(lazy.take(np.array([3, -1, 3]))["x"], plain["x"][[3, 22, 3]])
 
 
+def test_lazily_read_rows_are_taken_as_numpy_takes_them():
+    # (an out-of-range negative row wrapped once to a valid one: take([-24]) of 23 rows read row
+    # 22; take([]) asked the field for a float index array, which it refused)
+    plain = _dataset(23)
+    lazy = data.ArrayDataset({"x": _LazyRows(plain["x"])})
+    for rows in ([], np.array([], dtype=np.int64), np.zeros(23, bool), np.zeros((0, 2), int)):
+        got = lazy.take(rows)["x"]
+        assert type(got) is np.ndarray and got.dtype == plain["x"].dtype
+        np.testing.assert_array_equal(got, plain.take(rows)["x"], strict=True)
+    assert lazy["x"].reads == 0  # nothing to read
+    for rows, bad in (([-24], -24), ([0, 23], 23), (np.array([[1], [-30]]), -30)):
+        with pytest.raises(IndexError, match=f"index {bad} is out of bounds for axis 0 with size"):
+            plain.take(rows)
+        with pytest.raises(IndexError, match=rf"index {bad} is out of bounds .* 23 rows"):
+            lazy.take(rows)
+    with pytest.raises(IndexError, match=r"boolean index did not match .* 23 rows.*\(5,\)"):
+        lazy.take(np.ones(5, bool))
+    with pytest.raises(IndexError, match="must be of integer .* float64"):
+        lazy.take(np.array([1.0]))
+    np.testing.assert_array_equal(lazy.take([-23, 22])["x"], plain["x"][[0, 22]])
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_batches_from_a_later_batch_read_none_of_the_ones_before(shuffle, drop_last):

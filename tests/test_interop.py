@@ -5,6 +5,7 @@ here), safetensors files written by torch, and DLPack zero-copy exchange; and, a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import warnings
 
 import numpy as np
@@ -422,3 +423,136 @@ def test_to_torch_tensor_converts_numpy_scalars_as_0d_arrays():
 
         f8 = ml_dtypes.float8_e4m3fn(1.5)
         assert to_torch_tensor([f8])[0] is f8
+
+
+def test_to_torch_tensor_refuses_read_only_arrays():
+    # (torch has no read-only tensors: to_torch_tensor(tr.params), read-only views of the
+    # trainer's live weights, gave writable tensors over them, and an in-place torch op changed
+    # the trainer's weights without a word; an immutable bytes object was rewritten the same way)
+    torch = pytest.importorskip("torch")
+    tr = _trainer(_mlp_graph())
+    kept = tr.params["stage0"][0]["weight"].copy()
+    with pytest.raises(
+        ValueError,
+        match=r"to_torch_tensor: tree\['stage0'\]\[0\]\['bias'\] is a read-only array of "
+        r"shape \(16,\).*x\.copy\(\).*to_torch\(tr\.params, tr\.graph, tensors=True\)",
+    ):
+        to_torch_tensor(tr.params)
+    frozen = np.frombuffer(bytes(16), dtype=np.float64)
+    with pytest.raises(ValueError, match=r"the array is a read-only array of shape \(2,\)"):
+        to_torch_tensor(frozen)
+    np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], kept)
+    copy = frozen.copy()  # a writable array is shared as before
+    to_torch_tensor(copy)[0] = 5.0
+    assert copy[0] == 5.0 and isinstance(to_torch_tensor(np.float64(2.0)), torch.Tensor)
+
+
+def test_from_dlpack_refuses_negative_bit_views():
+    # (torch exports a negative-bit view's memory without its lazy negation: z.conj().imag
+    # came back with every sign flipped)
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex128)
+    v = z.conj().imag  # values [-2, 4]; its memory holds [2, -4]
+    assert v.is_neg()
+    with pytest.raises(ValueError, match=r"from_dlpack: tree\['v'\] is a torch negative-bit .*"
+                       r"resolve_neg\(\)"):  # fmt: skip
+        from_dlpack({"v": v})
+    np.testing.assert_array_equal(from_dlpack(v.resolve_neg()), [-2.0, 4.0])
+
+
+def test_safetensors_files_keep_0d_shapes(tmp_path):
+    # (a 0-d array, torch's num_batches_tracked or a step count, came back of shape (1,))
+    f = tmp_path / "s.safetensors"
+    save_safetensors({"step": np.array(7), "s": np.float32(2.5), "w": np.ones((2, 3))}, f)
+    back = load_safetensors(f)
+    assert back["step"].shape == () and back["step"] == 7
+    assert back["s"].shape == () and back["s"].dtype == np.float32 and back["s"] == 2.5
+    assert back["w"].shape == (2, 3)
+    try:
+        import safetensors.torch as st
+        import torch
+    except ImportError:
+        return
+    save_safetensors({"n": torch.tensor(3)}, f)
+    assert st.load_file(f)["n"].shape == ()
+
+
+def test_save_safetensors_names_an_entry_that_is_no_array(tmp_path):
+    # (a nested pytree, tr.params for to_torch's flat dict, or a None value failed with
+    # safetensors' bare 'Unknown dtype "object"', naming neither the entry nor the remedy)
+    f = tmp_path / "w.safetensors"
+    save_safetensors({"ok": np.ones(2)}, f)
+    tr = _trainer(_mlp_graph())
+    flatten = r"flatten .*interop\.to_torch\(tr\.params, tr\.graph\)"
+    with pytest.raises(TypeError, match=r"save_safetensors: entry 'stage0' is a list .*" + flatten):
+        save_safetensors(tr.params, f)
+    with pytest.raises(TypeError, match=r"entry 'w' is None.*" + flatten):
+        save_safetensors({"w": None}, f)
+    with pytest.raises(TypeError, match=r"entry 'w' is a dict.*" + flatten):
+        save_safetensors({"w": {"a": np.ones(2)}}, f)
+    with pytest.raises(TypeError, match=r"entry 's' .* dtype <U3"):
+        save_safetensors({"s": "abc"}, f)
+    with pytest.raises(TypeError, match=r"save_safetensors: the name 3 is not a str"):
+        save_safetensors({3: np.ones(2)}, f)
+    np.testing.assert_array_equal(load_safetensors(f)["ok"], np.ones(2))  # left as it was
+    save_safetensors({"n": [1.0, 2.0]}, f)  # a list of numbers is an array, as before
+    np.testing.assert_array_equal(load_safetensors(f)["n"], [1.0, 2.0])
+
+
+def test_load_safetensors_of_bfloat16_without_ml_dtypes_gives_the_advice(tmp_path, monkeypatch):
+    # (a valid bfloat16 file, as torch writes one, was "not a readable safetensors file")
+    import json
+    import struct
+
+    header = json.dumps({"0.weight": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}})
+    header += " " * (-len(header) % 8)
+    f = tmp_path / "bf16.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\x80\x3f\x00\x40")
+    if BFLOAT16 is not None:  # the file is fine: 1.0 and 2.0
+        np.testing.assert_array_equal(load_safetensors(f)["0.weight"].astype(float), [1, 2])
+    monkeypatch.setattr(_interop, "BFLOAT16", None)
+    with pytest.raises(TypeError, match=r"bf16\.safetensors: entry '0\.weight' is bfloat16.*"
+                       r"pip install ml_dtypes"):  # fmt: skip
+        load_safetensors(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scale(nn.Module):
+    """A module with weights and no torch name mapping."""
+
+    n: int
+
+    def init_params(self, init):
+        return {"s": init.ones((self.n,))}
+
+    def __call__(self, params, x, *, rng=None):
+        return x * params["s"]
+
+
+def test_a_module_without_a_torch_mapping_is_named_by_layer_and_path():
+    # (the error named the module's class only: with two layers holding one, no telling which)
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 4))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("enc", nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x)
+    inner = nn.Residual(nn.Sequential(nn.ReLU(), _Scale(4)))
+    h = g.layer("dec", nn.Sequential(nn.Linear(4, 4), inner, nn.Linear(4, 3)), h)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g.output("logits", h)
+    says = (
+        r"no torch name mapping for _Scale \(layer 'dec', at "
+        r"graph\.nodes\['dec'\]\.module\.modules\[1\]\.module\.modules\[1\]\)"
+    )
+    params = _trainer(g).params
+    for call in (
+        lambda: torch_names(g),
+        lambda: torch_names(g, names={"enc": "e", "dec": "d"}),
+        lambda: to_torch(params, g),
+        lambda: from_torch({}, g),
+    ):
+        with pytest.raises(ValueError, match=says):
+            call()
+    with pytest.raises(ValueError, match=r"for _Scale \(at target\.modules\[1\]\):"):
+        torch_names(nn.Sequential(nn.Linear(2, 2), _Scale(2)))
+    with pytest.raises(ValueError, match=r"for _Scale:"):
+        torch_names(_Scale(2))

@@ -219,7 +219,12 @@ class ArrayDataset:
 
         A field read lazily (h5py, zarr) is read at the rows in increasing order, each once
         (h5py refuses other index arrays), and comes back as numpy in the order asked for (also
-        for a slice, which an xarray or a dask array would answer with its own type).
+        for a slice, which an xarray or a dask array would answer with its own type). Its rows
+        are checked as numpy checks an index array (an empty one gives 0 rows).
+
+        Raises:
+            IndexError: a row out of ``[-len, len)`` (naming it and the length), a boolean mask
+                of another length, or an index array that is neither integer nor boolean.
         """
         if isinstance(rows, slice):
             return {
@@ -231,20 +236,51 @@ class ArrayDataset:
                 for name, array in self._arrays.items()
             }
         out: dict[str, Any] = {}
-        increasing: Any = None
+        index: Any = None
         for name, array in self._arrays.items():
             if isinstance(array, np.ndarray) or is_cupy_array(array):
                 out[name] = array[rows]
                 continue
-            if increasing is None:
-                index = np.asarray(rows)
-                if index.dtype == np.bool_:
-                    index = np.flatnonzero(index)
-                index = np.where(index < 0, index + self._length, index)
+            if index is None:
+                index = self._lazy_index(rows)
                 increasing, back = np.unique(index, return_inverse=True)
                 back = back.reshape(index.shape)
+            if index.size == 0:  # (nothing to read: no reader need take an empty selection)
+                out[name] = np.empty((*index.shape, *array.shape[1:]), np.dtype(array.dtype))
+                continue
             out[name] = np.asarray(array[increasing])[back]
         return out
+
+    def _lazy_index(self, rows: Any) -> np.ndarray[Any, Any]:
+        """``rows`` (an index array, list or int) as non-negative row numbers, checked as numpy
+        checks an index array (a field read lazily is given them without its own check).
+
+        Raises:
+            IndexError: a row out of ``[-len, len)``, a boolean mask of another length, or an
+                index that is neither integer nor boolean; naming it and the length.
+        """
+        index = np.asarray(rows)
+        if index.size == 0 and index.dtype.kind not in "iub":  # ([] is float64 to numpy)
+            index = index.astype(np.intp)
+        if index.dtype == np.bool_:
+            if index.shape != (self._length,):
+                raise IndexError(
+                    f"boolean index did not match the dataset's {self._length} rows: the mask "
+                    f"has shape {index.shape}, give one of shape ({self._length},)"
+                )
+            return np.flatnonzero(index)
+        if index.dtype.kind not in "iu":
+            raise IndexError(f"row indices must be of integer (or boolean) type, got {index.dtype}")
+        wrapped = np.where(index < 0, index + self._length, index)
+        outside = (wrapped < 0) | (wrapped >= self._length)
+        if outside.any():
+            bad = index[outside].flat[0]
+            raise IndexError(
+                f"index {bad} is out of bounds for axis 0 with size {self._length} (the "
+                f"dataset has {self._length} rows: give rows in [-{self._length}, "
+                f"{self._length}))"
+            )
+        return wrapped
 
     def batches(
         self,
