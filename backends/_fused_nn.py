@@ -12,7 +12,8 @@ one their mean or sum, and one the gradient of the logits, in the logits' dtype.
 
 The arithmetic is the array code's, step for step, in the same dtype (float32 for 16-bit logits,
 as there): the row maximum, ``exp(z - max)``, the row sum, the division, and the loss
-``(log(sum) + max) - z[label]``. The row sum is added in order, so results can differ from the
+``log(sum) - (z[label] - max)`` (the difference first, as torch: a small ``log(sum)`` added to a
+large max would round away). The row sum is added in order, so results can differ from the
 array code's tree-shaped sums in the last bits; a label outside ``[0, C)`` gives that row a NaN
 loss, and so the mean or sum (the array code adds a NaN from a kernel of its own instead).
 
@@ -66,7 +67,7 @@ for (long long j = 0; j < c; ++j) {
 }
 for (long long j = 0; j < c; ++j) p[base + j] = p[base + j] / s;
 const long long label = (long long)y[i];
-nll = (label >= 0 && label < c) ? (log(s) + m) - (A)z[base + label] : (A)nan("");
+nll = (label >= 0 && label < c) ? log(s) - ((A)z[base + label] - m) : (A)nan("");
 """
 
 _GRADIENT = r"""

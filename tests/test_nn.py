@@ -276,6 +276,27 @@ def test_cross_entropy_output_shape_is_the_labels(
     assert shape_of(loss, logits, labels.shape) == out  # not the logits' shape
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1e3, 1e4, 1e8, 1e17])
+def test_cross_entropy_of_large_logits_keeps_its_small_loss(
+    backend: Any, dtype: str, scale: float
+) -> None:
+    # logits [s, s, 0], label 0: the loss is log 2 whatever s. It was (log(sum) + max) - z[y],
+    # where adding log 2 to a large max rounds it away: float32 gave 0.6933594 at 1e4 and 0 at
+    # 1e8, float64 0 at 1e17 (torch, subtracting first: log 2); the gradient was right
+    logits = np.array([[scale, scale, 0.0], [-1.0, 2.0, 0.5]], dtype=dtype)
+    labels = np.array([0, 1])
+    # (on a GPU, the one-kernel path: backends/_fused_nn.py computes it alike)
+    loss = nn.CrossEntropyLoss("none")({}, backend.asarray(logits), backend.asarray(labels))
+    want = [math.log(2.0), math.log(1 + math.exp(-3.0) + math.exp(-1.5))]
+    rtol = 1e-6 if dtype == "float32" else 1e-13
+    np.testing.assert_allclose(np.asarray(to_numpy(loss)), want, rtol=rtol)
+    # rows of the most negative float: every class alike, log 3 (it was 0)
+    tiny = np.full((1, 3), np.finfo(dtype).min, dtype=dtype)
+    loss = nn.CrossEntropyLoss("none")({}, backend.asarray(tiny), backend.asarray(np.array([2])))
+    np.testing.assert_allclose(np.asarray(to_numpy(loss)), [math.log(3.0)], rtol=1e-6)
+
+
 # -- gradients of whole modules (float64, finite differences) -------------------------------------
 GRAD_CASES = [
     (nn.Linear(3, 2), (2, 3)),

@@ -387,7 +387,9 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
         p = xp.exp(z - m)
         s = p.sum(axis=1, keepdims=True)
         p /= s  # the softmax, kept for the VJP
-        nll = (xp.log(s) + m)[:, 0] - z[rows, y]
+        # (the label's logit less the max first, as torch: log(s) + m would round a small
+        # log(s) away against a large max, a loss of log 2 coming out 0 for logits of 1e8)
+        nll = xp.log(s)[:, 0] - (z[rows, y] - m[:, 0])
     res = (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype)
     if fused is not None and reduction != "none":
         # one kernel for the mean or sum; a label outside [0, C) has made its row's loss NaN,
