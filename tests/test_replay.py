@@ -3,12 +3,15 @@ every actor's work, the loss actor's included, goes by the replay's hook in the 
 
 from __future__ import annotations
 
+import copy
+
 import anyio
 import numpy as np
 import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._recorder import Recorder
 
 from _reference import assert_params_equal
@@ -363,3 +366,60 @@ def test_a_replay_that_diverges_at_the_loss_is_named_there_and_stops_there(tmp_p
         d = rep.first_divergence
         assert (d.actor, d.seq, d.kind, d.key, d.peer) == ("loss", 1, "backward", 1, "stage1")
         assert rep.stopped_at == (None if hook is None else ("loss", 1, "forward", 1))
+
+
+def test_a_hooks_stop_is_final_and_the_params_are_those_at_the_stop(tmp_path):
+    # after the hook returned True the other actors' work went on: the hook was called again
+    # (stage0's backward of key 0) and each further True took the weights again, so the params
+    # held stage0's update, made after the stop at stage1's backward
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
+    )
+    initial = copy.deepcopy(tr.params)
+    tr.fit(_data(16), batch_size=8)
+    stops = []
+    for _ in range(2):  # a second replay, stopped the same way with a fresh hook: the same
+        calls, at_stop = [], {}
+
+        def first_backward(actor, seq, kind, key, params, calls=calls, at_stop=at_stop):
+            calls.append((actor, seq, kind, key))
+            if kind == "backward" and not at_stop:
+                at_stop[actor] = tree_map(np.array, params)
+            return kind == "backward"
+
+        rep = ann.replay(path, hook=first_backward)
+        assert rep.stopped_at == ("stage1", 1, "backward", 0)
+        assert calls[-1] == rep.stopped_at  # no call after the stop
+        assert rep.identical  # as far as it went
+
+        # stage1's weights as its hook saw them (its update of key 0 made); stage0's not
+        # updated yet: the initial ones
+        def of(params, name):
+            return {name: params[name]}
+
+        assert_params_equal(of(rep.params, "stage1"), at_stop)
+        assert not _equal(of(rep.params, "stage1"), of(initial, "stage1"))
+        assert_params_equal(of(rep.params, "stage0"), of(initial, "stage0"))
+        stops.append(rep.params)
+    assert_params_equal(stops[0], stops[1])
+
+
+def test_stop_at_key_stops_the_hook_at_the_first_work_of_the_key(tmp_path):
+    # other actors went on after the first work of the key, each call to the hook after it
+    # (up to a dozen) taking the weights again
+    path = tmp_path / "a.trace"
+    ann.Trainer(
+        _plain_graph(),
+        optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(max_active_keys=3),
+        trace=str(path),
+    ).fit(_data(32), epochs=2, batch_size=4)
+    for _ in range(3):
+        calls = []
+        rep = ann.replay(
+            path, hook=lambda *op, calls=calls: calls.append(op[:4]) and False, stop_at_key=5
+        )
+        assert rep.stopped_at is not None and rep.stopped_at[3] == 5
+        assert calls[-1] == rep.stopped_at and [op[3] for op in calls].count(5) == 1
+        assert rep.identical

@@ -100,6 +100,12 @@ def test_a_diff_with_a_trace_cut_off_says_so(tmp_path):
             d = ann.trace.diff(whole, cut)
             assert (d.actor, d.seq) == ("stage0", recorded[i]["seq"])
             assert d.reason.startswith("the second run sent nothing here; note: ")
+            # the other way round, the same point: the work the cut trace lacks is ranked at
+            # its cut, the send of the compute it was cut in first (it named stage1's next
+            # compute, ranked by the whole trace's clock)
+            d = ann.trace.diff(cut, whole)
+            assert (d.actor, d.seq, d.kind, d.key) == ("stage0", recorded[i]["seq"], "forward", 0)
+            assert d.reason.startswith("the second run sent more than the first; note: ")
     assert ann.trace.diff(whole, whole) is None
 
 
@@ -120,3 +126,57 @@ def test_a_diff_of_runs_that_sent_a_message_elsewhere_speaks_of_two_runs(tmp_pat
     assert d is not None and (d.actor, d.kind, d.key, d.peer) == ("stage0", "forward", 0, "stage1")
     assert d.reason == "the second run sent the forward of key 0 to 'stage9' instead"
     assert "replay" not in str(d)
+
+
+def _shifted(path, out, seconds):
+    """A copy of the trace ``path`` whose clock reads ``seconds`` later (another run's clock)."""
+    from _replay_cases import _rewrite
+
+    _rewrite(path, out, lambda r: {**r, "t": r["t"] + seconds} if "t" in r else r)
+
+
+def test_a_diff_ranks_every_divergence_on_the_first_runs_clock(tmp_path):
+    # an op only the second run had was ranked by the second run's clock: Sync against
+    # GPipe(2), the first clock reading later, named the loss's forward of key 2 (Sync's run
+    # has no key 2) instead of stage0's first send, whose shape differs
+    sync, gpipe = tmp_path / "sync.trace", tmp_path / "gpipe.trace"
+    for path, policy in ((sync, policies.Sync()), (gpipe, policies.GPipe(2))):
+        ann.Trainer(
+            _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policy, trace=str(path)
+        ).fit(_data(16), batch_size=8)
+    late_sync, late_gpipe = tmp_path / "late_sync.trace", tmp_path / "late_gpipe.trace"
+    _shifted(sync, late_sync, 1000.0)
+    _shifted(gpipe, late_gpipe, 1000.0)
+    for a, b in ((sync, gpipe), (late_sync, gpipe), (sync, late_gpipe)):
+        d = ann.trace.diff(a, b)
+        assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 0, "forward", 0), (a, b, d)
+        assert "tensor 0 has shape (8, 8) <f4 in the first run and (4, 8) <f4" in d.reason
+    for a, b in ((gpipe, sync), (late_gpipe, sync), (gpipe, late_sync)):
+        d = ann.trace.diff(a, b)
+        assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 0, "forward", 0), (a, b, d)
+
+
+def test_a_diff_ranks_work_the_first_run_lacks_where_its_actor_ends_there(tmp_path):
+    # a run of one minibatch against one of two: the work only the second run did was ranked
+    # by the second run's clock (a send or an update it alone made, at infinity), so whatever
+    # the first clock read, diff named stage0's forward of key 1, the second run's first new op
+    data = {k: v[:16] for k, v in _data(16).items()}
+    short, long = tmp_path / "short.trace", tmp_path / "long.trace"
+    for path, rows in ((short, 8), (long, 16)):
+        ann.Trainer(
+            _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
+        ).fit({k: v[:rows] for k, v in data.items()}, batch_size=8, shuffle=False)
+    # where each actor's events end in the short run: the first to end there is where the
+    # runs parted on its clock (under Sync, the loss: its gradient goes back to stage1)
+    ends: dict[str, float] = {}
+    for e in ann.trace.read(short).events:
+        if e.actor in ("stage0", "stage1", "loss"):
+            ends[e.actor] = e.time
+    first = min(ends, key=ends.__getitem__)
+    assert first == "loss"
+    for shift in (0.0, 1000.0, -1000.0):
+        a = tmp_path / f"short{shift}.trace"
+        _shifted(short, a, shift)
+        d = ann.trace.diff(a, long)
+        assert (d.actor, d.seq, d.kind, d.key) == ("loss", 1, "forward", 1), (shift, d)
+        assert d.reason == "processing order differs: one run did more work here than the other"

@@ -451,3 +451,26 @@ def test_dropout_in_a_gate_trains_seeded_repeatably_and_leaves_evaluation_alone(
         for p in (0.9, 1e-12)
     ]
     assert evaluated[0] == evaluated[1]
+
+
+@pytest.mark.anyio
+async def test_the_merge_counts_the_keys_it_holds_until_their_backward(tmp_path):
+    # the merge keeps each key's gate weights, row picks and expert outputs until its
+    # backward, but its statistics said it stored nothing (0 against the trace's 4)
+    path = str(tmp_path / "moe.trace")
+    data = _data(n=16)
+    async with ann.open_run(moe_graph(k=2), optimizer=optim.SGD(lr=0.1),
+                            policy=policies.GPipe(4), dtype="float32",
+                            trace=path) as run:  # fmt: skip
+        await run.step(data)
+        await run.drain()
+        stats = run.statistics()
+    merge, head = stats["merge"], stats["head"]
+    summary = ann.trace.summary(path)["actors"]
+    assert merge.peak_stored == summary["merge"]["peak_stored"] == 4  # every key at once
+    assert head.peak_stored == summary["head"]["peak_stored"] == 4
+    assert (merge.stored, merge.stored_bytes) == (0, 0)  # each let go at its backward
+    # 4 rows a key, k=2: the (4, 2) float32 weights, the int64 (row, column) picks of each of
+    # a row's two experts, and the H-wide float32 output of each
+    per_key = 4 * 2 * 4 + 4 * 2 * 2 * 8 + 4 * 2 * H * 4
+    assert merge.peak_stored_bytes == 4 * per_key

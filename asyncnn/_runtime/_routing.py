@@ -32,6 +32,7 @@ from asyncnn._math._nn._routing import (
 from asyncnn._math._ops import raw as ops_raw
 from asyncnn.backends import is_floating
 
+from ._actor_base import _nbytes
 from ._actors import LayerActor
 from ._messages import BACKWARD, FORWARD
 from ._statistics import ActorStatistics
@@ -283,10 +284,31 @@ class MergeActor(LayerActor):
         out, weights, picks, branches = await self.compute(
             self._combine, key, inputs, route_t, cost=0
         )
-        self.saved[key] = (weights, picks, branches)
+        self._save(key, (weights, picks, branches))
         if self.ctx.checks_finite:
             await self._check_finite(FORWARD, key, out)
         return out
+
+    def _save(self, key: int, entry: tuple[Any, list[Any], list[Any]]) -> None:
+        """Keeps a key's ``(weights, picks, branch outputs)`` until its backward, counted in
+        the statistics as a layer's stored key is (``stored``, ``peak_stored``, and their
+        bytes: the weights, the row picks and the branch outputs)."""
+        self.saved[key] = entry
+        weights, picks, branches = entry
+        st = self.stats
+        st.stored = len(self.saved)
+        st.peak_stored = max(st.peak_stored, st.stored)
+        indices = [a for pick in picks if pick is not None for a in pick]
+        held = self.held_bytes[key] = _nbytes([weights, *indices, *branches])
+        st.stored_bytes += held
+        st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
+
+    def _unsave(self, key: int) -> tuple[Any, list[Any], list[Any]]:
+        """Takes a key's entry out of :attr:`saved` (what :meth:`_save` put in)."""
+        entry = self.saved.pop(key)
+        self.stats.stored = len(self.saved)
+        self.stats.stored_bytes -= self.held_bytes.pop(key, 0)
+        return entry
 
     def _combine(
         self, key: int, inputs: list[Any], route_t: Any
@@ -393,7 +415,7 @@ class MergeActor(LayerActor):
                 )  # fmt: skip
 
     async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> list[Any] | None:
-        weights, picks, branches = self.saved.pop(key)
+        weights, picks, branches = self._unsave(key)
         result: list[Any] = await self.compute(self._split, grad, weights, picks, branches, cost=0)
         if self.ctx.checks_finite:
             await self._check_finite(BACKWARD, key, result)

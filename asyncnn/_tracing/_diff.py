@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 from asyncnn._errors import TraceFormatError
 
-from ._compare import Divergence, compare_sends, update_divergences
+from ._compare import Divergence, send_divergences, update_divergences
 from ._event import Event
 from ._read import Trace, read
 
@@ -44,6 +45,10 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     messages in the same order with the same results, else the first :class:`Divergence`
     (earliest in ``a``'s time): a reordered message, a tensor that differs, or an update that
     made other weights (``kind="update"``; traces whose updates carry the weights' digests).
+    Every candidate is ranked on ``a``'s clock alone (``b``'s starts elsewhere): work, a message
+    or an update that only ``b`` has counts where ``a``'s events of its actor end (where ``a``
+    ends, for an actor it has no events of or an ``a`` cut off), after a divergence ``a`` shows
+    there.
 
     A trace cut off mid-record (:attr:`Trace.truncated`: its run did not finish writing) lacks
     the rest of its run, which then looks like a divergence where it ends: the divergence's
@@ -58,7 +63,12 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     _check_comparable(ta)
     _check_comparable(tb)
     sa, sb = _starts(ta), _starts(tb)
-    found: list[tuple[float, Divergence]] = []
+    ends = _actor_ends(ta)
+    # every candidate is ranked on a's clock alone (b's reads from another start): (time in a,
+    # what a lacks of it, seq); work a lacks sits where a's events of its actor end, after any
+    # divergence a shows at that point, and a send or update of an op a started before an op
+    # a never started
+    found: list[tuple[tuple[float, int, int], Divergence]] = []
     for actor in sorted(set(sa) | set(sb)):
         ops_a, ops_b = sa.get(actor, []), sb.get(actor, [])
         for i in range(max(len(ops_a), len(ops_b))):
@@ -75,9 +85,10 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
                     f"first run processed the {ea.kind} of key {ea.key}, the second the "
                     f"{eb.kind} of key {eb.key}"
                 )
+            rank = (ea.time, 0, i) if ea is not None else (ends(actor), 2, i)
             found.append(
                 (
-                    ref["t"],
+                    rank,
                     Divergence(
                         actor, i, ref["key"], ref["k"], "",
                         None if ea is None else (ea.kind, ea.key),
@@ -88,20 +99,25 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
             )  # fmt: skip
             break
     actors = {e.actor for e in ta.events if e.what == "start"}
-    _, first_value = compare_sends(ta, tb, actors)
-    if first_value is not None:
-        t = _time_of(ta, first_value)
-        found.append((t, _of_two_runs(first_value)))
-    # the weights each update made: a run that differs only in a layer's last update (which no
-    # later send shows) does not agree (traces written before updates carried digests: skipped)
+    # each actor's first differing send, and the weights each update made: a run that differs
+    # only in a layer's last update (which no later send shows) does not agree (traces written
+    # before updates carried digests: skipped). One that only b made is at time inf there.
+    _, sends = send_divergences(ta, tb, actors, prefix=False)
     _, updates = update_divergences(ta, tb, actors, prefix=False)
-    found.extend((t, _of_two_runs(d)) for t, d in updates)
+    for t, d in sends + updates:
+        if t == float("inf"):
+            ops = sa.get(d.actor, [])
+            started = d.seq < len(ops) and ops[d.seq].seq == d.seq
+            rank = (ends(d.actor), 1 if started else 2, d.seq)
+        else:
+            rank = (t, 0, d.seq)
+        found.append((rank, _of_two_runs(d)))
     cut = [t for t in (ta, tb) if t.truncated]
     if not found:
         if not cut:
             return None
         return _at_the_cut(cut)
-    first = min(found, key=lambda f: f[0])[1]
+    first = min(found, key=lambda f: f[0])[1]  # (the first found of equal rank)
     if cut:  # the other run's later work then looks like a divergence
         first = dataclasses.replace(
             first,
@@ -149,8 +165,21 @@ def _at_the_cut(cut: list[Trace]) -> Divergence:
     return Divergence(last.actor, last.seq, last.key, last.kind, reason=reason)
 
 
-def _time_of(trace: Trace, d: Divergence) -> float:
+def _actor_ends(trace: Trace) -> Callable[[str], float]:
+    """``ends(actor)``: where work of ``actor`` that ``trace`` lacks is ranked, on its clock:
+    the time of its last event there (of any kind: a message received and not yet processed
+    too), or the trace's end where it has none. In a trace cut off (:attr:`Trace.truncated`),
+    the end of the trace for every actor: its actors' work stops there only because the record
+    does, not where their last events are."""
+    last: dict[str, float] = {}
+    end = float("-inf")
     for e in trace.events:
-        if e.what == "send" and e.actor == d.actor and e.get("seq") == d.seq:
-            return e.time
-    return float("inf")
+        if "t" not in e:
+            continue
+        t = e.time
+        end = max(end, t)
+        if e.actor:
+            last[e.actor] = max(last.get(e.actor, t), t)
+    if trace.truncated:
+        return lambda actor: end
+    return lambda actor: last.get(actor, end)

@@ -44,7 +44,8 @@ class ReplayResult:
             updates carried digests checks an update only where a later send uses its weights.
         events_checked: how many sends and updates were compared.
         first_divergence: the first difference, or None.
-        params: the parameters at the end of the replay (``{layer: params}``, numpy).
+        params: the parameters at the end of the replay (``{layer: params}``, numpy): where a
+            hook stopped it, those at ``stopped_at``, however far other actors had got.
         stopped_at: ``(actor, seq, kind, key)`` where a hook stopped the replay, or None.
     """
 
@@ -141,7 +142,8 @@ def replay(
         hook: called as ``hook(actor, seq, kind, key, params)`` after each piece of work of
             every actor, in the recorded order of each (a loss actor's too, with ``params``
             ``{}``); a true return value stops the replay there (for stepping through a
-            layer's history).
+            layer's history): the hook is called no more, the rest of the run is cancelled,
+            and the result's ``params`` are the weights at that point.
         stop_at_key: stop once an actor has processed any work of this key (a shortcut for a
             hook).
         trusted_modules: modules whose classes the trace's header may name besides asyncnn's
@@ -199,7 +201,7 @@ def replay(
         fed = _check_fed(trace, graph, actor)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "replay.trace")
-        stopped: list[Any] = []
+        stopped: list[tuple[str, int, str, int]] = []  # where the hook first stopped the replay
         params: dict[str, Any] = {}
         running: list[Run] = []  # the run, once open (the hook reads its weights)
         finished = anyio.Event()  # the actor replayed alone has done all its recorded work
@@ -208,6 +210,11 @@ def replay(
         done = [0]  # the ops the actor replayed alone has done (its wait's progress)
 
         def on_op(name: str, seq: int, kind: str, key: int) -> None:
+            if stopped:
+                # stopped already: the other actors' work in hand when the stop came (until
+                # its cancellation reaches them) neither calls the hook nor takes the weights
+                # again, which are those at the stop
+                raise _Stop(stopped[0])
             if name == actor:
                 done[0] = seq + 1
                 if seq + 1 >= alone:
@@ -218,7 +225,8 @@ def replay(
             ):
                 # the weights where it stopped, before the stop cancels the run
                 params.update(running[0].params)
-                raise _Stop((name, seq, kind, key))
+                stopped.append((name, seq, kind, key))
+                raise _Stop(stopped[0])
 
         max_keys = sum(1 for e in trace.events if e.what == "admit") + 1
         replayed_policy = Replay(policy, orders, max_keys, actor, on_op)
@@ -254,22 +262,22 @@ def replay(
                     )
                 running.append(run)
                 _follow_losses(run, graph.losses, replayed_policy)
-                try:
-                    if actor is None:
-                        await _feed_inputs(run, trace)
-                        await run.drain()
-                    else:
-                        await _feed_actor(run, trace, actor, fed)
-                        if alone:
-                            await _wait_alone(finished, done, orders[actor], actor, trace.path)
-                except _Stop as stop:
-                    stopped.append(stop.args[0])
-                params.update(run.params)
+                # a stop (raised here too, where the feed runs an actor's work directly) cancels
+                # the run: a drain would go on with the work admitted
+                if actor is None:
+                    await _feed_inputs(run, trace)
+                    await run.drain()
+                else:
+                    await _feed_actor(run, trace, actor, fed)
+                    if alone:
+                        await _wait_alone(finished, done, orders[actor], actor, trace.path)
+                if not stopped:
+                    params.update(run.params)
 
         try:
             run_trio(main)
-        except _Stop as stop:
-            stopped.append(stop.args[0])
+        except _Stop:
+            pass  # (``stopped`` holds the first stop, which every later one names)
         replayed = read(out)
     actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
     # a replay stopped by a hook is checked as far as it went
