@@ -233,6 +233,61 @@ def test_an_optimizer_that_is_not_a_dataclass_is_refused_at_init_and_to_spec() -
     assert optim.from_spec(opt.to_spec()) == opt and opt.init(p)["momentum_buffer"]["w"].shape
 
 
+@dataclass
+class _Unfrozen(optim.Optimizer):
+    """A user optimizer decorated without frozen=True: its hyperparameters could change mid-run."""
+
+    lr: float = 0.1
+    clip_norm: float | None = None
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ()
+
+    def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+        return p - lr * g, ()
+
+
+@dataclass
+class _UnfrozenSchedule(optim.Schedule):
+    def __call__(self, step: int) -> float:
+        return 0.1
+
+
+@dataclass(frozen=True)
+class _NoClipNorm(optim.Optimizer):
+    """A user optimizer without the clip_norm field that update reads."""
+
+    lr: float = 0.1
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ()
+
+    def update_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float) -> Any:
+        return p - lr * g, ()
+
+
+def test_an_optimizer_or_schedule_that_is_not_frozen_is_refused_as_the_docs_say() -> None:
+    # (docs/concepts.md: "one that is not is refused when it makes its state or spec"; it was
+    # taken, its hyperparameters changeable in place mid-run, unhashable)
+    p = {"w": np.ones(2)}
+    match = r"_Unfrozen subclasses optim.Optimizer but is not frozen.*dataclass\(frozen=True\)"
+    with pytest.raises(TypeError, match=match):
+        _Unfrozen().init(p)
+    with pytest.raises(TypeError, match=match):
+        _Unfrozen().to_spec()
+    match = r"_UnfrozenSchedule subclasses optim.Schedule but is not frozen"
+    with pytest.raises(TypeError, match=match):
+        optim.SGD(lr=_UnfrozenSchedule())
+
+
+def test_an_optimizer_without_lr_or_clip_norm_is_refused_at_init_naming_the_field() -> None:
+    # (it was taken, and the first update, after a whole forward and backward, failed on a bare
+    # AttributeError: 'NoClip' object has no attribute 'clip_norm')
+    with pytest.raises(TypeError, match=r"_NoClipNorm subclasses optim.Optimizer but has no "
+                       r"field 'clip_norm'.*clip_norm: float \| None = None"):  # fmt: skip
+        _NoClipNorm().init({"w": np.ones(2)})
+
+
 Params = namedtuple("Params", "w b")
 
 BAD_INIT = [

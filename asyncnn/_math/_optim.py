@@ -121,7 +121,8 @@ class Optimizer(abc.ABC):
     A subclass is a frozen dataclass with fields ``lr`` and ``clip_norm`` among its
     hyperparameters; it names its state buffers in :meth:`buffer_names` and updates one leaf in
     :meth:`update_leaf`. :meth:`init` and :meth:`update` may also be overridden whole. One
-    that is not a dataclass is refused by :meth:`init` and :meth:`to_spec`.
+    that is not a frozen dataclass is refused by :meth:`init` and :meth:`to_spec`, and one
+    without ``lr`` or ``clip_norm`` by :meth:`init`.
 
     A class that defines its own :meth:`update_leaf` is taken as not elementwise
     (:attr:`elementwise_update` ``False``, whatever it inherits): each of its leaves is updated
@@ -176,10 +177,20 @@ class Optimizer(abc.ABC):
 
         Raises:
             TypeError: a leaf of ``params`` that is not a float array (as :meth:`update`
-                refuses it), or this optimizer, or its schedule, not a dataclass.
+                refuses it), or this optimizer, or its schedule, not a frozen dataclass, or this
+                optimizer without the field ``lr`` or ``clip_norm``.
         """
         # a run makes its states when it opens: refused here, not at save or trace= after a fit
         check_dataclass(self, "Optimizer")
+        for field, example in (
+            ("lr", "lr: float = 1e-3"),
+            ("clip_norm", "clip_norm: float | None = None"),
+        ):
+            if not hasattr(self, field):  # (update reads both: it failed at the first update)
+                raise TypeError(
+                    f"{type(self).__name__} subclasses optim.Optimizer but has no field "
+                    f"{field!r}, which every update reads; add it ({example})"
+                )
         if isinstance(self.lr, Schedule):
             check_dataclass(self.lr, "Schedule")
         leaves, treedef = tree_flatten(params)

@@ -42,8 +42,9 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
 
 
 def check_dataclass(obj: Any, base: str) -> None:
-    """Refuses ``obj`` unless its class is a dataclass: ``to_spec`` lists its fields, which
-    saving a checkpoint and tracing a run need, and ``from_spec`` rebuilds it from them.
+    """Refuses ``obj`` unless its class is a frozen dataclass: ``to_spec`` lists its fields,
+    which saving a checkpoint and tracing a run need, and ``from_spec`` rebuilds it from them;
+    a run takes them as fixed.
 
     Args:
         obj: a schedule or an optimizer.
@@ -58,6 +59,14 @@ def check_dataclass(obj: Any, base: str) -> None:
             f"{cls.__name__} subclasses optim.{base} but is not a dataclass: decorate it with "
             "@dataclasses.dataclass(frozen=True) so that it is saved, traced and rebuilt by "
             "its fields (a checkpoint, a trace and from_spec need them)"
+        )
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is not None and not params.frozen:
+        raise TypeError(
+            f"{cls.__name__} subclasses optim.{base} but is not frozen: decorate it with "
+            "@dataclasses.dataclass(frozen=True); a run, its trace and its checkpoints take its "
+            "fields as fixed (one changed in place mid-run would train on values no trace "
+            "records)"
         )
 
 
