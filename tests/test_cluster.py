@@ -703,3 +703,166 @@ def test_stages_of_one_device_on_different_workers_are_refused_by_name() -> None
     with ann.cluster.LocalCluster(workers=2) as cluster:
         with pytest.raises(ann.GraphError, match=r"\['s0', 's2'\] on one device.*different"):
             fit(chain([0, 1, 1, 0]), policies.Interleaved1F1B(microbatches=4), cluster=cluster)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_two_runs_opened_at_once_from_two_threads_one_is_refused_the_other_goes_on(
+    backend: str, monkeypatch: Any
+) -> None:
+    # the check for an open run and the claim were apart (validation, placement, the specs and
+    # the starting state in between): two fits on two threads both got past the check, and
+    # both then failed with garbled errors blaming the workers or the protocol
+    from asyncnn._cluster import _driver
+
+    cluster = ann.cluster.LocalCluster(workers=2)
+    first_inside, second_done = threading.Event(), threading.Event()
+    calls: list[str] = []
+    real_placement = _driver.placement
+
+    def placement(graph: Any, cl: Any) -> Any:
+        if not calls:
+            calls.append("first")
+            first_inside.set()
+            second_done.wait(10)  # the window between the check and the claim, held open
+        else:
+            calls.append("second")
+        return real_placement(graph, cl)
+
+    class Started(Exception):
+        pass
+
+    async def start() -> None:
+        assert cluster.running  # the refused run left the open one's claim alone
+        raise Started  # far enough: the workers are not what is tested
+
+    monkeypatch.setattr(_driver, "placement", placement)
+    monkeypatch.setattr(cluster, "start", start)
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    outcomes: dict[str, BaseException] = {}
+
+    def one_run(name: str) -> None:
+        async def body() -> None:
+            async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts):
+                pass
+
+        try:
+            anyio.run(body, backend=backend)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcomes[name] = exc
+
+    first = threading.Thread(target=one_run, args=("first",))
+    first.start()
+    try:
+        assert first_inside.wait(10)
+        one_run("second")
+    finally:
+        second_done.set()
+        first.join(10)
+    assert isinstance(outcomes["second"], RuntimeError), outcomes
+    assert "already has a run open" in str(outcomes["second"])
+    assert isinstance(outcomes["first"], Started), outcomes
+    assert calls == ["first"] and not cluster.running
+
+
+def test_threads_per_worker_past_a_pools_limit_is_refused_by_its_own_name() -> None:
+    # 5000 was taken, and the fit then failed with "cpu_workers must be at most 4096", an
+    # argument the user never passed
+    from asyncnn.backends import MAX_POOL_WORKERS
+
+    with pytest.raises(
+        ValueError,
+        match=rf"^LocalCluster\(threads_per_worker=\.\.\.\) must be at most {MAX_POOL_WORKERS}, "
+        r"got 5000",
+    ):
+        ann.cluster.LocalCluster(workers=2, threads_per_worker=5000)
+    most = ann.cluster.LocalCluster(workers=2, threads_per_worker=MAX_POOL_WORKERS)
+    assert most.threads_per_worker == MAX_POOL_WORKERS
+
+
+class _FakeRay:
+    """A stand-in for the ``ray`` module: a local instance this process starts, actors that
+    are made (or fail to be) but never serve, and the resources of a 2-CPU host."""
+
+    def __init__(self, fail_actors: bool = False) -> None:
+        import types
+
+        self.module = types.ModuleType("ray")
+        self.up = False
+        self.shutdowns = 0
+        fake = self
+
+        class Handle:
+            def options(self, **resources: Any) -> Any:
+                return self
+
+            def remote(self) -> Any:
+                if fail_actors:
+                    raise ValueError("The quantity of resource num_cpus cannot be negative")
+                actor = types.SimpleNamespace()
+                actor.serve = types.SimpleNamespace(remote=lambda *args: object())
+                return actor
+
+        def init(**kwargs: Any) -> None:
+            fake.up = True
+
+        def shutdown() -> None:
+            fake.up, fake.shutdowns = False, fake.shutdowns + 1
+
+        m = self.module
+        m.is_initialized = lambda: fake.up  # type: ignore[attr-defined]
+        m.init, m.shutdown = init, shutdown  # type: ignore[attr-defined]
+        m.remote = lambda cls: Handle()  # type: ignore[attr-defined]
+        m.wait = lambda refs, **kw: ([], list(refs))  # type: ignore[attr-defined]
+        m.kill = lambda actor: None  # type: ignore[attr-defined]
+        m.cluster_resources = lambda: {"CPU": 2.0, "memory": 1e9}  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_ray_cluster_whose_start_failed_stops_the_ray_it_started(
+    anyio_backend: str, monkeypatch: Any, caplog: Any
+) -> None:
+    # close() returned at once when no actor had been made, leaving running the local Ray
+    # instance the start had begun; every later RayCluster then took it as someone else's
+    import sys
+
+    ray = _FakeRay(fail_actors=True)
+    monkeypatch.setitem(sys.modules, "ray", ray.module)
+    cluster = ann.cluster.RayCluster(workers=2)
+    with pytest.raises(ValueError, match="num_cpus cannot be negative"):
+        await cluster.start()
+    cluster.close()
+    assert not ray.up and ray.shutdowns == 1
+    assert not cluster._owns_ray
+
+
+@pytest.mark.anyio
+async def test_ray_workers_that_ray_cannot_place_are_said_to_be_so(
+    anyio_backend: str, monkeypatch: Any, caplog: Any
+) -> None:
+    # a GPU asked of a host without one waited start_timeout, then said only "workers [0, 1]
+    # did not connect (worker 0: no word; worker 1: no word)"
+    import sys
+
+    ray = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray.module)
+    cluster = ann.cluster.RayCluster(workers=2, gpus_per_worker=1, start_timeout=0.3)
+    with pytest.raises(
+        ann.WorkerError,
+        match=r"did not connect within 0.3 s \(worker 0: no word: Ray may be unable to place "
+        r"it: the 2 workers need 2 GPUs in all \(gpus_per_worker=1\), and the Ray cluster has 0",
+    ):
+        await cluster.start()
+    assert not ray.up  # (a start that failed stops the Ray it started)
+
+
+def test_ray_cluster_options_are_checked_when_it_is_made() -> None:
+    # they were taken as given, and the fit failed naming Ray's num_cpus, not the option
+    for option, value, error in [
+        ("cpus_per_worker", -1, ValueError), ("cpus_per_worker", "two", TypeError),
+        ("gpus_per_worker", float("nan"), ValueError), ("gpus_per_worker", True, TypeError),
+        ("address", 5, TypeError),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=rf"^RayCluster\({option}=\.\.\.\)"):
+            ann.cluster.RayCluster(workers=2, **{option: value})
+    ok = ann.cluster.RayCluster(workers=2, cpus_per_worker=0, gpus_per_worker=np.float32(0.5))
+    assert ok.cpus_per_worker == 0 and type(ok.gpus_per_worker) is float

@@ -411,3 +411,72 @@ def test_workers_started_from_a_thread_that_ends_stay_up_for_the_next_fit() -> N
         assert len(pids) == 2
         tr.fit(data(32), batch_size=32)
         assert cluster.pids == pids and all(_alive(p) for p in pids)
+
+
+def test_relative_entries_of_the_drivers_path_reach_the_workers_as_absolute_ones(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    # '' (python -c, the REPL, IPython) was dropped and '.' sent as it was: a worker resolved
+    # it in its own working folder, not the driver's
+    from asyncnn._cluster._worker import driver_paths
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", ".", "sub", "missing", str(tmp_path / "sub")])
+    here, sub = str(tmp_path), str(tmp_path / "sub")
+    assert driver_paths() == [here, sub]  # (each once, in the driver's order)
+
+
+def test_a_module_found_through_the_drivers_current_folder_imports_on_the_workers(
+    tmp_path: Any, three: Any, monkeypatch: Any
+) -> None:
+    # a notebook that changed folder and imported a module from there through '' failed the
+    # run with "No module named ..." from the worker
+    fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)  # (workers warm)
+    (tmp_path / "here_layers_for_the_cluster.py").write_text(
+        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
+        "class Here(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
+        "        return x\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    here = importlib.import_module("here_layers_for_the_cluster")
+    monkeypatch.setitem(sys.modules, "here_layers_for_the_cluster", here)  # gone at the end
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer("here", nn.Sequential(here.Here(), nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
+    one, _ = fit(g, policies.Sync(), epochs=1)
+    assert_params_equal(one.params, many.params)
+
+
+@pytest.mark.anyio
+async def test_a_host_the_driver_cannot_listen_on_is_named_with_the_cluster(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # a bare "OSError: [Errno 99] Cannot assign requested address" (or a gaierror for a name
+    # that does not resolve) came out of the first fit, naming neither host= nor the cluster,
+    # and the socket that failed to bind was left open
+    import socket
+
+    from asyncnn._cluster import _handshake
+
+    made: list[socket.socket] = []
+
+    class Tracked(socket.socket):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(_handshake.socket, "socket", Tracked)
+    cluster = ann.cluster.LocalCluster(workers=2, host="192.0.2.1")  # (TEST-NET-1: not ours)
+    with pytest.raises(
+        OSError, match=r"^LocalCluster\(host='192\.0\.2\.1'\): the driver cannot listen on it"
+    ) as caught:
+        await cluster.start()
+    assert isinstance(caught.value.__cause__, OSError)
+    assert made and all(s.fileno() == -1 for s in made)  # closed
+    assert not cluster.started and cluster.pids == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from asyncnn._errors import WorkerError
 from asyncnn._runtime._lifecycle import error_leaves
+from asyncnn.backends import MAX_POOL_WORKERS
 
 from . import _shm
 from ._handshake import (
@@ -58,7 +60,8 @@ class Cluster:
     Args:
         workers: how many worker processes (nodes say where they run with ``worker=i``,
             ``0 <= i < workers``; nodes without ``worker`` run in the driver).
-        host: the address the driver and workers listen on; loopback unless told otherwise.
+        host: the address the driver and workers listen on; loopback unless told otherwise
+            (one the driver cannot listen on fails the start with an ``OSError`` naming it).
         heartbeat_timeout: a worker silent this long during a run is declared hung (seconds,
             at least :data:`MIN_HEARTBEAT_TIMEOUT`, 1 s: a worker sends a heartbeat every
             :data:`HEARTBEAT_INTERVAL`, 0.5 s). Bytes of a frame arriving, and a worker's
@@ -67,8 +70,9 @@ class Cluster:
         start_timeout: seconds for all workers to start and connect.
         max_message_bytes: the largest message a process accepts (a frame that claims more is
             refused without allocating it).
-        threads_per_worker: CPU threads each worker's actors use (default: this host's cores
-            shared out between the processes that host CPU actors).
+        threads_per_worker: CPU threads each worker's actors use, at most
+            :data:`~asyncnn.backends.MAX_POOL_WORKERS` (default: this host's cores shared out
+            between the processes that host CPU actors).
         nccl: move tensors between GPU nodes of different processes with NCCL (cupy's
             bindings; one two-rank communicator per direction of each such pair), instead of
             through the host. Needs one GPU per process end (NCCL refuses two processes on one
@@ -120,6 +124,15 @@ class Cluster:
         _check_positive(who, "max_message_bytes", max_message_bytes, integer=True)
         if threads_per_worker is not None:
             _check_positive(who, "threads_per_worker", threads_per_worker, integer=True)
+            if threads_per_worker > MAX_POOL_WORKERS:
+                # (refused here by its own name: the first fit said "cpu_workers must be at
+                # most 4096", an argument the user never passed)
+                raise ValueError(
+                    f"{who}(threads_per_worker=...) must be at most {MAX_POOL_WORKERS}, got "
+                    f"{threads_per_worker!r}: each process of the run opens a pool of that many "
+                    f"threads, and a pool has at most {MAX_POOL_WORKERS}; leave it out to share "
+                    "this host's cores between the processes"
+                )
         if not isinstance(nccl, bool):
             raise TypeError(f"{who}(nccl=...) takes True or False, got {nccl!r:.40}")
         if not isinstance(host, str):
@@ -152,6 +165,9 @@ class Cluster:
         self.started = False
         #: whether a run is open on the workers (one at a time: they serve one run)
         self.running = False
+        #: held while a run tests :attr:`running` and claims it (fits on two threads, each with
+        #: its own event loop, may open runs on one cluster at once)
+        self.run_lock = threading.Lock()
         self.token = b""
 
     # -- what subclasses provide -----------------------------------------------------------------
@@ -162,6 +178,10 @@ class Cluster:
     def _fate(self, index: int) -> str:
         """What became of worker ``index`` (e.g. ``"exited with code -9"``), or ``""``."""
         return ""
+
+    def _unheard(self, index: int) -> str:
+        """What is known of worker ``index``, which has not connected and has no fate."""
+        return "no word"
 
     def _terminate(self) -> None:
         """Stops every worker process, waiting for them; kills what does not stop."""
@@ -188,7 +208,15 @@ class Cluster:
             # named, before any worker starts
             _shm.spin_seconds()
         self.token = os.urandom(32)
-        listener = listen(self.host, 0)
+        try:
+            listener = listen(self.host, 0)
+        except OSError as exc:
+            # (a bare gaierror or "Cannot assign requested address" named neither)
+            raise OSError(
+                f"{type(self).__name__}(host={self.host!r}): the driver cannot listen on it "
+                f"({exc}); give an address of this host: leave host= out for loopback "
+                "(127.0.0.1), or pass 0.0.0.0 for every interface"
+            ) from exc
         port = listener.getsockname()[1]
         # which worker the start waits for after all have connected, and for what (a worker
         # that hangs or dies there is named, as one that never connects is)
@@ -217,7 +245,9 @@ class Cluster:
         except TimeoutError:
             missing = sorted(set(range(self.workers)) - set(self.connections))
             if missing or awaited is None:
-                fates = "; ".join(f"worker {i}: {self._fate(i) or 'no word'}" for i in missing)
+                fates = "; ".join(
+                    f"worker {i}: {self._fate(i) or self._unheard(i)}" for i in missing
+                )
                 message = (
                     f"workers {missing} did not connect within {self.start_timeout:g} s ({fates})"
                 )

@@ -145,33 +145,39 @@ async def open_cluster_run(
 ) -> AsyncIterator[Run]:
     """:func:`asyncnn.open_run` for a graph spread over ``cluster``'s workers, with the run's
     options whole as ``config`` (the one record every process of the run reads them from)."""
-    if cluster.running:
-        # refused before anything reaches the workers: the open run goes on unharmed
-        raise RuntimeError(
-            f"this {type(cluster).__name__} already has a run open; its workers serve one run "
-            "at a time: finish that run first, or give this one a cluster of its own"
-        )
-    if not validated:
-        validate(graph, config.dtype)
-    where = placement(graph, cluster)
-    check_turns(graph, policy, where)
-    # what cannot be sent to a worker (a module holding a function, a class defined inside a
-    # function) is refused before any worker starts, leaving a warm cluster's workers be
-    specs = {"graph": graph.to_spec(), "optimizer": optimizer.to_spec(), "policy": policy.to_spec()}
-    if state is None:
-        state = init_state(graph, optimizer, config.seed, config.dtype)
-    cluster.running = True
+    # the test and the claim are one step: two fits on two threads (each with its own event
+    # loop) both got past a bare test and then garbled each other's messages to the workers
+    with cluster.run_lock:
+        if cluster.running:
+            # refused before anything reaches the workers: the open run goes on unharmed
+            raise RuntimeError(
+                f"this {type(cluster).__name__} already has a run open; its workers serve one "
+                "run at a time: finish that run first, or give this one a cluster of its own"
+            )
+        cluster.running = True
     try:
-        await cluster.start()
-        async with _driver_run(
-            cluster, where, graph, optimizer, policy, config, state, pool, on_loss, specs
-        ) as run:
-            yield run
-    except BaseException:
-        cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
-        raise
+        if not validated:
+            validate(graph, config.dtype)
+        where = placement(graph, cluster)
+        check_turns(graph, policy, where)
+        # what cannot be sent to a worker (a module holding a function, a class defined inside
+        # a function) is refused before any worker starts, leaving a warm cluster's workers be
+        specs = {
+            "graph": graph.to_spec(), "optimizer": optimizer.to_spec(), "policy": policy.to_spec()
+        }  # fmt: skip
+        if state is None:
+            state = init_state(graph, optimizer, config.seed, config.dtype)
+        try:
+            await cluster.start()
+            async with _driver_run(
+                cluster, where, graph, optimizer, policy, config, state, pool, on_loss, specs
+            ) as run:
+                yield run
+        except BaseException:
+            cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
+            raise
     finally:
-        cluster.running = False
+        cluster.running = False  # (this run's claim: a refused run never made one)
 
 
 @asynccontextmanager

@@ -262,10 +262,14 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A non-blocking listening socket (loopback by default, an ephemeral port by default)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(64)
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()  # (a host it cannot bind to left the socket open)
+        raise
     return sock
 
 

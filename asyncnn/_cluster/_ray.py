@@ -7,7 +7,10 @@ connections (Ray's object store never carries a tensor of a run).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
+
+import numpy as np
 
 from ._base import Cluster
 
@@ -77,9 +80,10 @@ class RayCluster(Cluster):
 
     Args:
         workers: how many workers.
-        gpus_per_worker: GPUs Ray reserves for each worker.
-        cpus_per_worker: CPUs Ray reserves for each worker.
-        address: the Ray cluster to use (see above).
+        gpus_per_worker: GPUs Ray reserves for each worker (a number >= 0; a fraction shares
+            one).
+        cpus_per_worker: CPUs Ray reserves for each worker (a number >= 0).
+        address: the Ray cluster to use (see above): None, ``"auto"`` or ``"ray://..."``.
         **options: see :class:`~asyncnn.cluster.Cluster`.
     """
 
@@ -92,8 +96,15 @@ class RayCluster(Cluster):
         **options: Any,
     ) -> None:
         super().__init__(workers, **options)
-        self.gpus_per_worker = gpus_per_worker
-        self.cpus_per_worker = cpus_per_worker
+        # checked here, by their own names: Ray's refusal came at the first fit, naming its
+        # num_cpus or num_gpus
+        self.gpus_per_worker = _check_resource("gpus_per_worker", gpus_per_worker)
+        self.cpus_per_worker = _check_resource("cpus_per_worker", cpus_per_worker)
+        if address is not None and not isinstance(address, str):
+            raise TypeError(
+                f"RayCluster(address=...) takes None (this process's Ray, or a local one), "
+                f'"auto" or a "ray://host:port" str, got {address!r:.40}'
+            )
         self.address = address
         self._actors: list[Any] = []
         self._refs: list[Any] = []
@@ -147,16 +158,57 @@ class RayCluster(Cluster):
             return f"the Ray actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         return "the Ray actor returned"
 
-    def _terminate(self) -> None:
-        if not self._actors:
-            return
-        import ray
+    def _unheard(self, index: int) -> str:
+        # Ray keeps an actor it cannot place pending without a word: say when the workers ask
+        # more than the whole Ray cluster has (an autoscaler may still add nodes: not an error)
+        try:
+            import ray
 
-        if self._refs:
-            ray.wait(self._refs, num_returns=len(self._refs), timeout=2.0)
-        for a in self._actors:
-            ray.kill(a)
+            total = ray.cluster_resources()
+        except Exception:  # noqa: BLE001 - only a hint: without it, the plain words
+            return "no word"
+        short = [
+            f"the {self.workers} workers need {need * self.workers:g} {word} in all "
+            f"({option}={need:g}), and the Ray cluster has {total.get(key, 0):g}"
+            for word, key, option, need in (
+                ("CPUs", "CPU", "cpus_per_worker", self.cpus_per_worker),
+                ("GPUs", "GPU", "gpus_per_worker", self.gpus_per_worker),
+            )
+            if need * self.workers > total.get(key, 0)
+        ]
+        if not short:
+            return "no word"
+        return f"no word: Ray may be unable to place it: {'; '.join(short)}"
+
+    def _terminate(self) -> None:
+        # a start that failed after ray.init (making an actor raised) has no actors, but the
+        # local Ray it started is to be stopped all the same
+        if self._actors:
+            import ray
+
+            if self._refs:
+                ray.wait(self._refs, num_returns=len(self._refs), timeout=2.0)
+            for a in self._actors:
+                ray.kill(a)
         self._actors, self._refs = [], []
         if self._owns_ray:
+            import ray
+
             ray.shutdown()
             self._owns_ray = False
+
+
+def _check_resource(option: str, value: Any) -> float:
+    """``value`` as a Ray resource quantity (a finite number >= 0), or an error naming
+    ``option``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        raise TypeError(
+            f"RayCluster({option}=...) takes a number >= 0 (what Ray reserves for each worker), "
+            f"got {value!r:.40} (of type {type(value).__name__})"
+        )
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"RayCluster({option}=...) must be a finite number >= 0 (what Ray reserves for each "
+            f"worker; fractions share one), got {value!r}"
+        )
+    return int(value) if float(value).is_integer() else float(value)

@@ -430,8 +430,19 @@ def _add_paths(paths: list[str]) -> None:
 
 
 def driver_paths() -> list[str]:
-    """The driver's import path, as it tells its workers (the directories on it)."""
-    return [p for p in sys.path if p and os.path.isdir(p)]
+    """The driver's import path, as it tells its workers: the directories on it, absolute.
+
+    A relative entry (``'.'``, or ``''``, which ``python -c``, the REPL and IPython put first)
+    means the driver's current folder now; a worker would resolve it in its own, and a module
+    the driver imports through it was "No module named ..." there."""
+    out: list[str] = []
+    for entry in sys.path:
+        if not isinstance(entry, str):
+            continue  # (a path-like object some tools append; imports skip it too)
+        path = os.path.abspath(entry or os.curdir)
+        if path not in out and os.path.isdir(path):
+            out.append(path)
+    return out
 
 
 def run_worker(
