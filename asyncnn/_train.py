@@ -255,6 +255,7 @@ class Trainer:
         Raises:
             KeyError: no layer of that name.
             ValueError: naming the layer, the place in its parameters and what differs.
+            GraphError: the graph gained nodes since the trainer was built (see :meth:`fit`).
             RuntimeError: from a step or epoch hook (while a fit's run is open the run holds
                 its own weights, and its end would replace these; a fit that stops delivers the
                 step hooks of the state it keeps, which are refused alike), or while a fit runs
@@ -262,6 +263,7 @@ class Trainer:
         """
         from .backends import get_backend
 
+        self._check_graph("params")
         if self._stopping_step_hooks and self._fit_thread == threading.get_ident():
             raise RuntimeError(
                 "params: a step hook may not set the weights, also where the fit delivers it as "
@@ -316,7 +318,7 @@ class Trainer:
             added = list(graph.nodes)[self._built_nodes :]
             raise GraphError(
                 f"{what}: the graph gained nodes {added} after this Trainer was built; a "
-                "Trainer checks its graph and makes its layers' weights when it is built, so "
+                "Trainer checks its graph (and makes its layers' weights) when it is built, so "
                 "build a new one on the changed graph (tr2 = ann.Trainer(g, ...)) and carry "
                 "the weights over: tr2.params = {n: p for n, p in tr.params.items() if n in "
                 "tr2.graph.layers}"
@@ -399,8 +401,9 @@ class Trainer:
                 thread, or from a callback of that fit): one fit at a time, the second would
                 lose its updates to the first's.
             GraphError: the graph gained nodes since the trainer was built (it has no weights
-                for them: build a new trainer; ``predict``, ``evaluate`` and ``save`` refuse it
-                too), or an output named since reads what a new trainer would refuse.
+                for them: build a new trainer; ``predict``, ``evaluate``, ``save`` and setting
+                ``params`` refuse it too), or an output named since reads what a new trainer
+                would refuse.
 
         Errors of the callbacks' ``on_fit_end``: every callback that started ends, even where
         one raises; then the first such error is raised (any later ones added to it as notes).

@@ -88,6 +88,17 @@ async def test_open_run_takes_pending_gradients_that_fit():
         "stage2": (None, 0),
     }
     await _open(tr, dataclasses.replace(state, pending_grads=fine))
+    # a numpy count stays a count (the cast of integer weights made it np.float32(1.0), and
+    # run.state() then failed on "slice indices must be integers")
+    given = dataclasses.replace(state, pending_grads={"stage0": (acc, np.int64(1))})
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float32", state=given
+    ) as run:  # fmt: skip
+        (_, count) = run.state().pending_grads["stage0"]
+        assert count == 1 and isinstance(count, int | np.integer)
+        await run.step(minibatches(classification_data(8), 8)[0])
+        await run.drain()
+        run.state()
 
 
 @pytest.mark.anyio

@@ -392,7 +392,7 @@ async def test_a_custom_loss_cotangent_or_gradient_scale_that_is_no_finite_numbe
 @pytest.mark.anyio
 async def test_a_custom_loss_cotangent_of_a_numpy_number_is_taken() -> None:
     policy = _ScalesAs(cotangent=lambda r, m: np.float32(r) / np.float32(m),
-                       scale=lambda n: np.float64(1.0))  # fmt: skip
+                       scale=lambda n: np.array(1.0))  # fmt: skip
     async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
         await run.step(_data(n=8))
     assert sorted(run.losses) == [0]

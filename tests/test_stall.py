@@ -29,6 +29,8 @@ class _Loop(threading.Thread):
             while self.where != "done":
                 if self.where == "op":
                     self.op()
+                elif self.where == "op2":
+                    self.op2()
                 self.now = "outside"
                 time.sleep(0.001)
         except LoopBlockedError as e:
@@ -41,6 +43,16 @@ class _Loop(threading.Thread):
                 time.sleep(0.001)
         except LoopBlockedError as e:
             self.caught.append(("op", e))
+            self.where = "done"
+
+    def op2(self) -> None:
+        """Another op (another actor's, or the next of the same actor)."""
+        try:
+            while self.where == "op2":
+                self.now = "op2"
+                time.sleep(0.001)
+        except LoopBlockedError as e:
+            self.caught.append(("op2", e))
             self.where = "done"
 
     def go(self, where: str) -> None:
@@ -61,6 +73,8 @@ def _in_op(frame: FrameType) -> tuple[FrameType, str] | None:
     while f is not None:
         if f.f_code is _Loop.op.__code__:
             return f, "the test's op"
+        if f.f_code is _Loop.op2.__code__:
+            return f, "the test's second op"
         f = f.f_back
     return None
 
@@ -132,17 +146,32 @@ def test_a_loop_still_blocked_after_a_suspension_is_interrupted_a_timeout_later(
 
 
 def test_a_silence_that_began_outside_any_op_is_no_ops_doing(loop):
-    # (the caller's own time.sleep, or the loop's own wait, then an op that runs on: the op
-    # did not block the loop for the timeout, and the error landed in the caller's code)
+    # (the caller's own time.sleep, or the loop's own wait, then an op: the error landed in the
+    # caller's code, blaming an op for the caller's silence). The op is timed from where it
+    # was first seen, not from the silence's start
     clock = [0.0]
     monitor = _monitor(loop, clock)
-    _rounds(monitor, clock, 0.3)  # the first look of the silence finds no op
-    loop.go("op")
-    _rounds(monitor, clock, 3.0)
+    _rounds(monitor, clock, 2.5)  # the caller's code, silent for longer than the timeout
     assert loop.landed() == []
-    monitor.tick()  # the loop ticks, and the op it is in then outlives the timeout: its doing
-    _rounds(monitor, clock, 4.2)
+    loop.go("op")  # first seen at 2.6
+    _rounds(monitor, clock, 3.6)
+    assert loop.landed() == []  # 1.0 s of it: not over the timeout
+    _rounds(monitor, clock, 3.7)
     assert loop.landed() == ["op"]
+
+
+def test_an_op_that_blocks_after_another_op_is_timed_from_where_it_was_seen(loop):
+    # (one actor's op blocked the loop briefly, then another's blocked it for good, with no
+    # tick between: the monitor gave up on the silence when the op changed, and the run hung)
+    clock = [0.0]
+    monitor = _monitor(loop, clock)
+    loop.go("op")
+    _rounds(monitor, clock, 0.5)  # the first op, seen from 0.1, for less than the timeout
+    loop.go("op2")  # the second, first seen at 0.6
+    _rounds(monitor, clock, 1.6)
+    assert loop.landed() == []
+    _rounds(monitor, clock, 1.7)
+    assert loop.landed() == ["op2"]
 
 
 def test_the_loop_leaving_the_op_before_the_raise_gets_nothing(loop):

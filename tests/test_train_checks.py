@@ -430,6 +430,8 @@ def test_a_graph_that_gained_nodes_after_the_trainer_was_built_is_refused_by_nam
     for name, call in (("predict", tr.predict), ("evaluate", tr.evaluate)):
         with pytest.raises(ann.GraphError, match=rf"^{name}: {said}"):
             call(_data())
+    with pytest.raises(ann.GraphError, match=rf"^params: {said}"):  # (a bare KeyError('extra'))
+        tr.params = {"extra": [{"weight": np.zeros((3, 3)), "bias": np.zeros(3)}]}
 
 
 def test_an_output_added_after_the_trainer_was_built_is_checked_then_predicted() -> None:

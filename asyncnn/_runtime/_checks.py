@@ -500,6 +500,8 @@ def checked_scale(policy: Any, hook: str, args: tuple[int, ...], value: Any) -> 
     """
     if type(value) is float and math.isfinite(value):  # (the built-in policies' every call)
         return value
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]  # (a 0-d array, as numpy arithmetic on arrays gives: its number)
     if (
         isinstance(value, int | float | np.integer | np.floating)
         and not isinstance(value, bool | np.bool_)

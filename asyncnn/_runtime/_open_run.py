@@ -601,7 +601,9 @@ def _in_dtype(state: RunState, dtype: str) -> RunState:
     def cast_weight(leaf: Any) -> Any:
         return leaf.astype(want) if weight_differs(leaf) else leaf
 
-    weights = (state.params, state.pending_grads, state.earlier_params)
+    # (a pending entry is (sum, count): the sum is cast, never the count, a numpy int as decoded)
+    sums = [entry[0] for entry in state.pending_grads.values()]
+    weights = (state.params, sums, state.earlier_params)
     if not any(weight_differs(leaf) for tree in weights for leaf in tree_leaves(tree)) and not any(
         differs(leaf) for leaf in tree_leaves(state.opt_states)
     ):
@@ -610,6 +612,9 @@ def _in_dtype(state: RunState, dtype: str) -> RunState:
         state,
         params=tree_map(cast_weight, state.params),
         opt_states=tree_map(cast, state.opt_states),
-        pending_grads=tree_map(cast_weight, state.pending_grads),
+        pending_grads={
+            n: (tree_map(cast_weight, acc), count)
+            for n, (acc, count) in state.pending_grads.items()
+        },
         earlier_params=tree_map(cast_weight, state.earlier_params),
     )

@@ -3,7 +3,7 @@
 Small CPU work runs on the event-loop thread (a hand-off would cost more than the work), so
 while it runs, the loop, and with it the stall watchdog, stands still. A
 :class:`BlockedLoopMonitor` thread watches the watchdog's heartbeat: when the loop has not
-ticked for the stall timeout and the loop's thread has been inside one actor's op all that time
+ticked and the loop's thread has been inside one actor's op for the stall timeout
 (its frames on the thread's stack: its own code or its inline compute, not an op that awaits a
 pool thread, which leaves the thread to the loop), it raises :class:`LoopBlockedError` in the
 loop's thread (``PyThreadState_SetAsyncExc``), naming the actor. The exception arrives at the
@@ -43,16 +43,17 @@ class LoopBlockedError(StallError):
 
 class BlockedLoopMonitor:
     """A daemon thread that raises :class:`LoopBlockedError` in ``loop_thread`` when the loop
-    has not ticked (:meth:`tick`) for ``timeout`` seconds and the thread has been inside one op
-    of an actor since before its last tick.
+    has not ticked (:meth:`tick`) and the thread has been inside one op of an actor for
+    ``timeout`` seconds.
 
     Each round (every ``interval`` seconds) in which the loop did not tick, the monitor looks at
     the loop thread's stack, and ``blocker(frame)`` (given the thread's innermost frame) names
     the op it is inside: that op's frame (the innermost, where one op runs another's in its
-    task) and what to call it in the error, or None where it is in none. The first look of a
-    silence must find an op, and every later look the same one: a silence that began elsewhere
-    (the caller's own ``time.sleep``, the loop's own wait) is not an actor's doing, even if an
-    actor runs by the time it is long.
+    task) and what to call it in the error, or None where it is in none. An op is timed from
+    the loop's last tick where the silence's first look finds it (it began after that tick: an
+    op on the thread lets none run), else from the round that first finds it: a silence that
+    began elsewhere (the caller's own ``time.sleep``, the loop's own wait, another op) counts
+    for nothing against it, and an op that then blocks is still caught a timeout later.
 
     A round that comes late by over half the timeout is the process having stood still
     (suspended, or this thread starved): it is skipped, and the silence counted afresh from it.
@@ -86,6 +87,7 @@ class BlockedLoopMonitor:
         self._period: float | None = None
         self._looked = False
         self._suspect: FrameType | None = None
+        self._since = self.last_tick  # when the loop's thread entered the suspect op, at most
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._main, name="asyncnn stall monitor", daemon=True
@@ -123,14 +125,18 @@ class BlockedLoopMonitor:
         frame = sys._current_frames().get(self.loop_thread)
         found = None if frame is None else self.blocker(frame)
         del frame  # (holds the loop's innermost frame and its locals alive)
-        if not self._looked:  # the silence's first look, one round after its last tick
+        if found is None:
+            self._suspect = None  # the thread is in no op: the silence is none of an op's doing
             self._looked = True
-            self._suspect = None if found is None else found[0]
-        elif found is None or found[0] is not self._suspect:
-            self._suspect = None  # the thread moved: not one op's doing
-        if self._suspect is None or found is None:
             return
-        blocked = now - max(tick, self._armed)
+        if found[0] is not self._suspect:
+            # an op not seen before in this silence: at its first look, since the tick (the op
+            # began after it: an op on the thread lets no tick run); later, since this round
+            # (the silence before it was the caller's, the loop's, or another op's)
+            self._suspect = found[0]
+            self._since = tick if not self._looked else now
+        self._looked = True
+        blocked = now - max(self._since, self._armed)
         # fires again a timeout later if the loop is still blocked: the exception may have
         # landed where it was swallowed (a handler's own except)
         if blocked <= self.timeout or (
