@@ -339,6 +339,18 @@ async def test_a_worker_that_cannot_be_spawned_is_named_and_those_started_are_st
     assert started[0].poll() is not None  # stopped and waited for
 
 
+def _user_layer_on_worker_1(name: str, module: nn.Module) -> ann.Graph:
+    """A layer of the driver on worker 0, then ``name``: ``module`` (a user's, from a module the
+    driver imported) and a Linear on worker 1."""
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
+    h = g.layer(name, nn.Sequential(module, nn.Linear(4, 4)), h, worker=1)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
 def test_a_module_put_on_the_path_after_the_workers_started_imports_there(
     tmp_path: Any, three: Any, monkeypatch: Any
 ) -> None:
@@ -353,12 +365,7 @@ def test_a_module_put_on_the_path_after_the_workers_started_imports_there(
     monkeypatch.syspath_prepend(str(tmp_path))
     late = importlib.import_module("late_layers_for_the_cluster")
     monkeypatch.setitem(sys.modules, "late_layers_for_the_cluster", late)  # gone at the end
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 12))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
-    h = g.layer("late", nn.Sequential(late.Late(), nn.Linear(4, 4)), h, worker=1)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g = _user_layer_on_worker_1("late", late.Late())
     many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
     one, _ = fit(g, policies.Sync(), epochs=1)
     assert_params_equal(one.params, many.params)
@@ -442,12 +449,7 @@ def test_a_module_found_through_the_drivers_current_folder_imports_on_the_worker
     monkeypatch.setattr(sys, "path", ["", *sys.path])
     here = importlib.import_module("here_layers_for_the_cluster")
     monkeypatch.setitem(sys.modules, "here_layers_for_the_cluster", here)  # gone at the end
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 12))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("s0", nn.Linear(12, 4), x, worker=0)
-    h = g.layer("here", nn.Sequential(here.Here(), nn.Linear(4, 4)), h, worker=1)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g = _user_layer_on_worker_1("here", here.Here())
     many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
     one, _ = fit(g, policies.Sync(), epochs=1)
     assert_params_equal(one.params, many.params)
