@@ -216,9 +216,16 @@ class JSONLLogger(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         folder = os.path.dirname(self.path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed at fit end
+        try:
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed at fit end
+        except OSError as exc:
+            # (a bare "FileExistsError: File exists: 'afile'" read as if the log were there)
+            raise OSError(
+                f"JSONLLogger({self.path!r}) cannot write its file there: {exc.strerror or exc}"
+                f" ({exc.filename!r}; a part of the path that is a file, not a folder?)"
+            ) from exc
         # (a pipe or a terminal, such as /dev/stdout, has no end to look at: tell() raises)
         if self._file.seekable() and self._file.tell() and not _ends_line(self.path):
             # (the first record would have been glued to that fragment: both lines unreadable)

@@ -68,7 +68,7 @@ def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], wh
         raise ValueError(
             f"{what} needs the input{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(m) for m in missing)} (for {', '.join(repr(t) for t in targets)}); "
-            f"the data gave {sorted(data)}"
+            f"the data gave {sorted(data, key=str)}"
         )
     unknown = [k for k in data if k not in graph.inputs]
     if unknown:

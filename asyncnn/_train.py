@@ -506,7 +506,10 @@ class Trainer:
         arrays are read) and have the shapes and dtypes the graph declares."""
         arrays = data.arrays if isinstance(data, ArrayDataset) else data
         require_inputs(self.graph, arrays, targets, what)
-        dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(arrays)
+        try:
+            dataset = data if isinstance(data, ArrayDataset) else ArrayDataset(arrays)
+        except ValueError as exc:  # (fields of other row counts: which data, said)
+            raise ValueError(f"{what}: {exc}") from None
         check_inputs(self.graph, dataset.arrays, targets, what, self.dtype)
         return dataset
 

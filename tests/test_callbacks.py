@@ -232,6 +232,21 @@ def test_jsonl_logger(tmp_path):
     assert len(path.read_text().splitlines()) == len(records) + 1  # appended: one epoch line
 
 
+def test_a_jsonl_logger_that_cannot_make_its_folder_names_itself_and_the_path(tmp_path):
+    # (a bare "FileExistsError: File exists: 'afile'", which read as if the log were there)
+    (tmp_path / "afile").write_text("not a folder")
+    path = tmp_path / "afile" / "m.jsonl"
+    with pytest.raises(OSError, match=r"^JSONLLogger\('.*afile/m.jsonl'\) cannot write its file"):
+        _trainer().fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(path)])
+
+
+def test_validation_data_of_fields_with_other_row_counts_is_named():
+    # (the message, "field 'y' has 5 rows but field 'x' has 30", did not say which data)
+    bad = {"x": _data()["x"][:30], "y": _data()["y"][:5]}
+    with pytest.raises(ValueError, match=r"^validation_data: field 'y' has 5 rows"):
+        _trainer().fit(_data(), epochs=1, batch_size=8, validation_data=bad)
+
+
 def test_jsonl_logger_writes_nan_inf_and_numpy_numbers_as_json(tmp_path):
     # (a numpy float32 made json.dumps raise inside the fit; a NaN had to stay valid JSON)
     path = tmp_path / "m.jsonl"

@@ -319,3 +319,13 @@ def test_a_branching_graph_with_two_losses_is_the_plain_loop(policy):
     hist = tr.fit(data, epochs=1, batch_size=6)
     np.testing.assert_allclose(hist.losses, losses, rtol=1e-10)
     assert_params_close(tr.params, params, rtol=1e-10, atol=1e-12)
+
+
+def test_a_complex_input_is_refused_naming_it():
+    # (it was taken, a Linear computed on it, and the loss failed, naming the loss)
+    g = ann.Graph()
+    with pytest.raises(
+        ann.GraphError,
+        match=r"input 'x': dtype 'complex64' is complex numbers; an input takes floats",
+    ):
+        g.input("x", (None, 4), "complex64")

@@ -372,3 +372,18 @@ def test_max_steps_refuses_a_bool_and_takes_a_numpy_int():
     g.loop("l", nn.Linear(H, H), c, max_steps=np.int64(3))
     steps = g.nodes["l"].module.max_steps
     assert steps == 3 and type(steps) is int
+
+
+def test_float_lengths_say_to_declare_the_input_an_int():
+    # (the hint said to declare features for the (None,) float input, where the fix is its
+    # dtype: "if it has features, declare them")
+    g = ann.Graph()
+    h0, xs = g.input("h0", (None, 4)), g.input("xs", (None, 5, 3))
+    y, ln = g.input("y", (None,), "int64"), g.input("len", (None,))  # float32: the mistake
+    lp = g.loop("lp", RNNCell(3, 4), h0, xs, ln)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("o", nn.Linear(4, 3), lp), y)
+    with pytest.raises(ann.GraphError) as info:
+        ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    said = str(info.value)
+    assert "lengths must be one int per row, got float32" in said and "int64" in said
+    assert "if it has features, declare them" not in said

@@ -276,6 +276,35 @@ async def test_open_run_refuses_a_layer_that_drops_rows():
             pass  # pragma: no cover
 
 
+@dataclass(frozen=True)
+class _KeepNonNegative(nn.Module):
+    """Drops the rows whose first feature is negative: every row of the graph check's zeros
+    passes, some of real data do not."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return x[ops.raw(x)[:, 0] >= 0]
+
+
+def test_a_layer_that_drops_rows_only_on_real_data_is_named_in_the_run():
+    # (the graph check ran it on zeros, where it kept every row; in the run the loss failed,
+    # blamed for the layer's rows: "actor 'loss' failed ... logits of shape (2, 3) and labels
+    # of shape (8,) do not match")
+    g = ann.Graph()
+    x = g.input("x", (None, 4))
+    y = g.input("y", (None,), "int64")
+    h = g.layer("head", nn.Linear(4, 3), g.layer("filter", _KeepNonNegative(), x))
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((8, 4)), "y": rng.integers(0, 3, 8)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(data, epochs=1, batch_size=8)
+    assert info.value.actor == "filter"
+    assert isinstance(info.value.__cause__, ann.GraphError)
+    assert re.search(r"layer 'filter' .* for inputs of shape \(8, 4\): \d rows? where its "
+                     r"inputs have 8 rows", str(info.value.__cause__))  # fmt: skip
+
+
 @pytest.mark.anyio
 async def test_a_batch_that_is_not_a_dict_names_the_inputs():
     d = _data()
@@ -505,3 +534,37 @@ async def test_open_run_refuses_a_pool_that_is_not_an_open_device_pool():
     with pytest.raises(ValueError, match=r"open_run: pool .* is closed.*open_device_pool"):
         async with ann.open_run(*args, pool=closed):
             pass
+
+
+@pytest.mark.anyio
+async def test_an_async_on_loss_is_refused_where_it_would_never_run():
+    # (its coroutine was made and never awaited: the losses arrived, the callback's body never
+    # ran, and only a "never awaited" RuntimeWarning said anything)
+    async def on_loss(minibatch: int, loss: float, rows: int) -> None:
+        raise AssertionError("never reached")  # pragma: no cover
+
+    with pytest.raises(TypeError, match=r"^open_run: on_loss is an async function .*never await"):
+        async with ann.open_run(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(),
+                                on_loss=on_loss):  # fmt: skip
+            pass  # pragma: no cover
+
+    class Returns:  # (a plain callable that hands back an awaitable all the same)
+        def __call__(self, minibatch: int, loss: float, rows: int) -> Any:
+            return on_loss(minibatch, loss, rows)
+
+    with pytest.raises(ann.ActorError) as info:
+        async with ann.open_run(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(),
+                                on_loss=Returns()) as run:  # fmt: skip
+            await run.step(_data(n=8))
+    assert "returned an awaitable (an async def?), which the run does not await" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_batch_with_keys_of_mixed_types_names_what_is_missing():
+    # (sorting the keys for the message failed: "'<' not supported between 'str' and 'int'")
+    d = _data(n=8)
+    async with ann.open_run(chain_graph(2), optim.SGD(lr=0.1), policies.Sync()) as run:
+        with pytest.raises(
+            ValueError, match=r"the batch has no \['x'\]; .* the batch gave \[0, 'y'\]"
+        ):
+            await run.step({0: d["x"], "y": d["y"]})

@@ -38,6 +38,7 @@ from asyncnn._math._nn._linear import first_embedding
 from asyncnn._math._pytree import tree_leaves
 
 from ._capture import ActorGraphs
+from ._graph_checks import check_layer_rows
 from ._hook_checks import HookChecks, _checked_shapes, _custom_hook
 from ._messages import BACKWARD, FORWARD, Message
 from ._policies import StageOrder
@@ -345,6 +346,11 @@ class LayerActor(Serving, HookChecks):
             apply = self._apply if self.graphs is None else self.graphs.apply
             out = await self.compute(apply, params, inputs, self._rng(key), cost=self._cost(rows))
             self._hold(key, (None, version, inputs), inputs, out)
+        shape = getattr(out, "shape", None)
+        if shape is not None and (not shape or shape[0] != inputs[0].shape[0]):
+            # the graph's check saw zeros, where a layer that drops rows by their values (a
+            # filter) kept them all: named here, not by the loss the short rows reach
+            check_layer_rows(self.node, [x.shape for x in inputs], shape)
         if self.ctx.checks_finite and not self.checks_output:
             # (a custom on_forward's result is checked where it is sent, see _forward: one
             # check per value, each a wait for the device)

@@ -141,7 +141,7 @@ def check_batch(
     if missing:
         raise ValueError(
             f"the batch has no {missing}; the graph's inputs are {names}, the batch gave "
-            f"{sorted(batch)}"
+            f"{sorted(batch, key=str)}"
         )
     extra = [k for k in batch if k not in names]
     if extra:

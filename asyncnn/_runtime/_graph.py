@@ -115,9 +115,10 @@ class Graph:
             kind = np.dtype(dtype).kind
         except TypeError as exc:
             raise GraphError(f"input {name!r}: unknown dtype {dtype!r}") from exc
-        if kind in "OUSMmV" and not is_floating(np.dtype(dtype)):
+        if kind in "OUSMmVc" and not is_floating(np.dtype(dtype)):
+            what = "complex numbers" if kind == "c" else "not numbers"
             raise GraphError(
-                f"input {name!r}: dtype {dtype!r} is not numbers; an input takes floats, ints or "
+                f"input {name!r}: dtype {dtype!r} is {what}; an input takes floats, ints or "
                 "bools (e.g. 'float32' for features, 'int64' for class labels)"
             )
         self.nodes[name] = Node(name, "input", shape=shape, dtype=str(np.dtype(dtype)))

@@ -10,6 +10,7 @@ as one job, and the scheduler does not import what only the assembling needs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -232,6 +233,16 @@ def _check_arguments(graph: Any, optimizer: Any, policy: Any, state: Any, on_los
         raise TypeError(
             f"open_run: on_loss must be a function on_loss(minibatch, loss, rows) or None, got "
             f"{on_loss!r}"
+        )
+    if on_loss is not None and (
+        inspect.iscoroutinefunction(on_loss) or inspect.iscoroutinefunction(type(on_loss).__call__)
+    ):
+        # (its coroutine was made and never awaited: the body never ran, without a word)
+        raise TypeError(
+            f"open_run: on_loss is an async function ({on_loss!r:.80}), which the run would call "
+            "and never await: give a plain function on_loss(minibatch, loss, rows), called as "
+            "each loss arrives (send async work to a task of your own, e.g. through a memory "
+            "channel's send_nowait)"
         )
     if state is None:
         return

@@ -283,7 +283,18 @@ class Run(RunGuards):
             if self._on_loss is not None:
                 rows = int(meta["mb_rows"])
                 try:
-                    self._on_loss(mb, total, rows)
+                    returned = self._on_loss(mb, total, rows)
+                    if inspect.isawaitable(returned):
+                        # (a coroutine made and never run: the callback's body never ran)
+                        close = getattr(returned, "close", None)
+                        if close is not None:
+                            close()
+                        raise TypeError(
+                            "it returned an awaitable (an async def?), which the run does not "
+                            "await: on_loss must be a plain function, called as each loss "
+                            "arrives; keep async work out of it (a trio or anyio memory channel's "
+                            "send_nowait, read by a task of your own)"
+                        )
                 except Exception as exc:
                     # the caller's function failed, not the loss actor that reported the loss
                     # (as an ActorError, which the actors pass on unwrapped, not as their own)

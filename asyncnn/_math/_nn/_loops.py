@@ -240,6 +240,13 @@ def stop_rows(stop: Any, rows: int, state: tuple[int, ...], until: Any, who: str
 
 def check_lengths(lengths: Any, total: int, who: str) -> None:
     """Raises ValueError unless every length is an int in [0, total]."""
+    if lengths.ndim == 1 and lengths.dtype.kind not in "iu":
+        # (a TypeError: the graph's check then says to declare the input's dtype, not features)
+        raise TypeError(
+            f"{who}: lengths must be one int per row, got {lengths.dtype} "
+            f"{tuple(lengths.shape)}; declare that input with an integer dtype, "
+            "g.input(name, shape=(None,), dtype='int64')"
+        )
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
         raise ValueError(f"{who}: lengths must be one int per row, got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")  # fmt: skip
