@@ -82,6 +82,14 @@ def _layout(
 ) -> dict[str, tuple[Any, ...]]:
     """``{torch name: (node or None, path, transposed)}`` for a graph or a module."""
     if isinstance(target, Graph):
+        if names is not None:
+            unknown = [n for n in names if n not in target.layers]
+            if unknown:
+                # (ignored: a misspelt layer's prefix went nowhere, without a word)
+                raise ValueError(
+                    f"names gives torch prefixes for {unknown}, which are no layers of the "
+                    f"graph (its layers: {target.layers})"
+                )
         out: dict[str, tuple[Any, ...]] = {}
         offset = 0
         for name in target.layers:
@@ -337,6 +345,8 @@ def from_torch(
     for key, (node, path, transposed) in layout.items():
         arr = _as_numpy(state_dict[key], f"state dict entry {key!r}")
         arr = np.array(arr.T if transposed else arr, order="C")  # a copy: no memory shared
+        if not arr.dtype.isnative:  # (a big-endian file's: to_torch's tensors refused it)
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         tree = out[node] if node is not None else out
         want = _get(tree, path).shape
         if arr.shape != want:

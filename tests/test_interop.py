@@ -407,6 +407,30 @@ def test_names_that_give_two_layers_one_torch_name_are_refused():
     assert_params_equal(params, _trainer(g).params)
 
 
+def test_names_of_layers_the_graph_lacks_are_refused():
+    # (a misspelt layer's prefix was ignored without a word)
+    g = ann.Graph.sequential(
+        [nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)], loss=nn.MSELoss(), stages=[2, 1],
+        input_shape=(None, 4), label_shape=(None, 4), label_dtype="float32",
+    )  # fmt: skip
+    names = {"stage0": "enc", "stage1": "head", "stage_1": "typo"}
+    with pytest.raises(ValueError, match=r"names gives torch prefixes for \['stage_1'\], which"):
+        torch_names(g, names=names)
+
+
+def test_from_torch_takes_a_big_endian_state_dict_into_native_arrays():
+    # (kept as '>f8', to_torch(..., tensors=True) then failed on torch's bare byte-order error)
+    g = ann.Graph.sequential([nn.Linear(3, 2)], loss=nn.MSELoss(), input_shape=(None, 3),
+                             label_shape=(None, 2), label_dtype="float64")  # fmt: skip
+    w = np.arange(6.0).reshape(2, 3)
+    state = {"0.weight": w.astype(">f8"), "0.bias": np.ones(2).astype(">f8")}
+    params = from_torch(state, g)
+    stage = params["stage0"]
+    leaf = (stage[0] if isinstance(stage, list) else stage)["weight"]
+    assert leaf.dtype.isnative and leaf.dtype == np.float64
+    np.testing.assert_array_equal(leaf, w.T)
+
+
 def test_to_torch_tensor_converts_numpy_scalars_as_0d_arrays():
     # (a numpy scalar, which has no __dlpack__, came back unconverted)
     torch = pytest.importorskip("torch")

@@ -323,3 +323,10 @@ def test_update_names_the_fix_for_a_container_pytrees_keep_whole() -> None:
     p = Params(np.ones(2), np.ones(1))
     with pytest.raises(TypeError, match=r"update: params hold arrays inside Params\(...\)"):
         optim.SGD().update(p, p, {"step": 0})
+
+
+def test_adam_takes_betas_as_a_numpy_pair() -> None:
+    # (refused as "must be a pair (beta1, beta2)", which a pair it was)
+    opt = optim.Adam(lr=1e-3, betas=np.array([0.8, 0.99]))
+    assert opt.betas == (0.8, 0.99) and all(type(b) is float for b in opt.betas)
+    assert optim.from_spec(opt.to_spec()) == opt

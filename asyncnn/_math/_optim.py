@@ -483,6 +483,8 @@ def _check_adam(owner: str, opt: Adam) -> None:
     object.__setattr__(opt, "lr", check_lr(owner, opt.lr))
     object.__setattr__(opt, "eps", _non_negative(owner, "eps", opt.eps))
     betas = opt.betas
+    if isinstance(betas, np.ndarray) and betas.shape == (2,):
+        betas = tuple(betas.tolist())  # (a numpy pair, as a config loader may give it)
     if not isinstance(betas, tuple | list) or len(betas) != 2:
         raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
     checked = []
