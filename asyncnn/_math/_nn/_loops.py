@@ -239,7 +239,8 @@ def stop_rows(stop: Any, rows: int, state: tuple[int, ...], until: Any, who: str
 
 
 def check_lengths(lengths: Any, total: int, who: str) -> None:
-    """Raises ValueError unless every length is an int in [0, total]."""
+    """Raises unless every length is an int in [0, total]: TypeError for lengths of another
+    dtype (floats), ValueError for another shape or a length out of range."""
     if lengths.ndim == 1 and lengths.dtype.kind not in "iu":
         # (a TypeError: the graph's check then says to declare the input's dtype, not features)
         raise TypeError(
