@@ -349,7 +349,16 @@ class DevicePool:
                 if event is not None and not event.done:
                     await self.wait(event)
             self._check_open()  # (it may have closed meanwhile, from another thread's loop)
-        if cost is not None and cost < self._inline_flops:
+        try:
+            small = cost is not None and cost < self._inline_flops
+        except TypeError:
+            small = None  # (named below, off the hot path)
+        if small is None or (cost is not None and not small and cost != cost):
+            raise (TypeError if small is None else ValueError)(
+                f"DevicePool.run: cost must be a number of flops (or None: unknown), got "
+                f"{cost!r:.40}"
+            )
+        if small:
             await anyio.lowlevel.checkpoint()
             if _get_ident() == self._loop_thread:
                 self._inline += 1

@@ -33,7 +33,11 @@ def get_backend(device: str | Device = "cpu") -> Backend:
 
     cupy is imported the first time a CUDA device is asked for, never before.
     """
-    backend = _by_key.get(device)
+    try:
+        backend = _by_key.get(device)
+    except TypeError:  # (unhashable: a list) named as any device it cannot parse
+        parse_device(device)
+        raise
     if backend is not None:
         return backend
     key = device

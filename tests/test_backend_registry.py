@@ -21,3 +21,9 @@ def test_a_cupy_array_picks_its_gpu_and_its_fused_kernels() -> None:
     assert backend_of(np.zeros(2), x) is get_backend("cuda:0")
     fused = backend_of(x).fused_kernels()
     assert hasattr(fused, "sgd_leaf") and hasattr(fused, "adam_leaf")
+
+
+def test_an_unhashable_device_gets_the_unknown_device_message():
+    # (a bare "unhashable type: 'list'" from the cache's lookup)
+    with pytest.raises(ValueError, match=r"unknown device \['cpu'\]: use 'cpu', 'cuda'"):
+        get_backend(["cpu"])  # type: ignore[arg-type]

@@ -711,3 +711,13 @@ async def test_a_pool_plans_its_products_for_plan_workers_on_its_own_threads() -
         with pytest.raises(error, match="plan_workers must be"):
             async with open_device_pool(cpu_workers=1, plan_workers=wrong):  # type: ignore[arg-type]
                 pass
+
+
+@pytest.mark.anyio
+async def test_a_cost_that_is_not_a_number_of_flops_is_refused_naming_it():
+    # (a bare "'<' not supported between instances of 'str' and 'int'"; NaN went to a worker)
+    async with open_device_pool(cpu_workers=1) as pool:
+        for cost, error in (("5e6", TypeError), ([1], TypeError), (float("nan"), ValueError)):
+            with pytest.raises(error, match=r"^DevicePool.run: cost must be a number of flops"):
+                await pool.run("cpu", lambda: 1, cost=cost)
+        assert await pool.run("cpu", lambda: 2, cost=np.float64(10.0)) == 2
