@@ -482,3 +482,48 @@ async def test_a_host_the_driver_cannot_listen_on_is_named_with_the_cluster(
     assert isinstance(caught.value.__cause__, OSError)
     assert made and all(s.fileno() == -1 for s in made)  # closed
     assert not cluster.started and cluster.pids == []
+
+
+class _CountsByMinibatch(ann.LayerActor):
+    """Keeps its backwards counted by minibatch (int keys) beside a total (a str key), in the
+    order it met them."""
+
+    def setup(self) -> None:
+        self.counts: dict[Any, int] = {"total": 0}
+
+    def actor_state(self) -> Any:
+        return dict(self.counts)
+
+    def load_actor_state(self, state: Any) -> None:
+        self.counts = dict(state)
+
+    async def on_backward(self, key: int, grad: Any, meta: Any) -> Any:
+        mb = int(meta["minibatch"])
+        self.counts[mb] = self.counts.get(mb, 0) + 1
+        self.counts["total"] += 1
+        return await super().on_backward(key, grad, meta)
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_state_of_mixed_keys_crosses_to_the_workers_in_its_order() -> None:
+    # (a worker sorted a state's keys as it put it on its devices: int and str keys failed the
+    # second fit on "'<' not supported between instances of 'int' and 'str'", and str keys came
+    # back sorted, where one process keeps the actor's order)
+    def state_after_two_fits(cluster: Any) -> Any:
+        g = ann.Graph()
+        x = g.input("x", shape=(None, 12))
+        y = g.input("y", shape=(None,), dtype="int64")
+        h = g.layer("s0", nn.Sequential(nn.Linear(12, 8), nn.Tanh()), x, worker=0)
+        h = g.layer("s1", nn.Linear(8, 4), h, worker=1, actor=_CountsByMinibatch)
+        g.loss("loss", nn.CrossEntropyLoss(), h, y)
+        tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                         cluster=cluster)  # fmt: skip
+        tr.fit(data(64), epochs=1, batch_size=32)
+        tr.fit(data(64), epochs=1, batch_size=32)
+        return tr.state.actor_states["s1"]
+
+    one = state_after_two_fits(None)
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        many = state_after_two_fits(cluster)
+    assert one == {"total": 8, 0: 2, 1: 2, 2: 2, 3: 2}
+    assert many == one and list(many) == list(one)

@@ -668,6 +668,11 @@ class SetupFails(ann.LayerActor):
         raise ValueError(f"no such table: {path!r}")
 
 
+class SetupTypeFails(ann.LayerActor):
+    def setup(self, sizes: Any = 3) -> None:
+        self.n = len(sizes)  # (a TypeError of the user's own code, not of the call)
+
+
 class LoadFails(ann.LayerActor):
     def actor_state(self) -> Any:
         return {"seen": 0}
@@ -681,10 +686,12 @@ class LoadFails(ann.LayerActor):
     [
         (SetupFails, {"path": "t.npy"}, "setup",
          r"actor 'b' failed in SetupFails.setup: ValueError: no such table: 't.npy'"),
+        (SetupTypeFails, {"sizes": 3}, "setup",
+         r"actor 'b' failed in SetupTypeFails.setup: TypeError: object of type 'int' has no len"),
         (LoadFails, {}, "load_actor_state",
          r"actor 'b' failed in LoadFails.load_actor_state: KeyError: 'count'"),
     ],
-    ids=["setup", "load"],
+    ids=["setup", "setup-typeerror", "load"],
 )  # fmt: skip
 def test_a_setup_or_state_load_that_raises_names_the_layer(actor, args, hook, match):
     # (the error came out bare, naming no layer: "ValueError: no such table", "KeyError: 'count'")
@@ -698,4 +705,5 @@ def test_a_setup_or_state_load_that_raises_names_the_layer(actor, args, hook, ma
     with pytest.raises(ann.ActorError, match=match) as info:
         tr.fit(_data(), batch_size=16)
     assert (info.value.actor, info.value.kind, info.value.key) == ("b", hook, None)
-    assert type(info.value.__cause__) is (ValueError if hook == "setup" else KeyError)
+    causes = {"setup": (ValueError, TypeError), "load_actor_state": (KeyError,)}
+    assert type(info.value.__cause__) in causes[hook]

@@ -229,7 +229,8 @@ def test_a_custom_backward_with_its_input_half_needs_its_weight_half_too():
     tr = ann.Trainer(
         graph(NoWeightHalf), optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2)
     )
-    with pytest.raises(TypeError, match="overrides on_backward and on_backward_input only"):
+    with pytest.raises(TypeError, match="overrides on_backward and on_backward_input only; "
+                       "override on_backward_weight too"):  # fmt: skip
         tr.fit(classification_data(8), epochs=1, batch_size=8)
     tr = ann.Trainer(graph(Halves), optimizer=optim.SGD(lr=0.1), policy=policies.ZeroBubbleH1(2))
     tr.fit(classification_data(8), epochs=1, batch_size=8)

@@ -208,7 +208,8 @@ class Worker:
                 acc, count = state.pending_grads[name]
                 state.pending_grads[name] = (tree_map(move, acc), count)
             if name in state.actor_states:
-                state.actor_states[name] = tree_map(move, state.actor_states[name])
+                # (in its own order: a pytree's sorts keys, which fails for int and str keys)
+                state.actor_states[name] = _in_order(move, state.actor_states[name])
             if name in state.earlier_params:
                 state.earlier_params[name] = {
                     v: tree_map(move, p) for v, p in state.earlier_params[name].items()
@@ -419,6 +420,18 @@ async def worker_main(
                 conn.close()
             driver.close()
             listener.close()
+
+
+def _in_order(fn: Any, tree: Any) -> Any:
+    """``fn`` of each leaf of ``tree`` (dicts, lists and tuples), each dict keeping its own keys
+    in their order: an actor's state may mix int and str keys, as one process keeps them."""
+    if isinstance(tree, dict):
+        return {k: _in_order(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_in_order(fn, v) for v in tree]
+    if type(tree) is tuple:
+        return tuple(_in_order(fn, v) for v in tree)
+    return fn(tree)
 
 
 def _add_paths(paths: list[str]) -> None:

@@ -184,11 +184,12 @@ class LayerActor(Serving, HookChecks):
             if getattr(cls, name) is not getattr(LayerActor, name)
         ]
         if "on_backward" in mine and len(mine) < 3:
+            missing = [h for h in ("on_backward_input", "on_backward_weight") if h not in mine]
             raise TypeError(
                 f"layer {self.name!r}: the policy {ctx.policy.name} splits each backward into "
                 f"an input and a weight half, but {cls.__name__} overrides {' and '.join(mine)} "
-                "only; override on_backward_input and on_backward_weight too, or use another "
-                "policy"
+                f"only; override {' and '.join(missing)} too (each may wrap the base's), or use "
+                "another policy"
             )
 
     # -- set-up and extra state -----------------------------------------------------------------

@@ -642,14 +642,19 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
     (a copy: an actor that changes it in place must not change the caller's ``RunState``)."""
     cls = type(actor)
     check_sync_hooks(node.name, cls)  # (a graph whose node was given its actor later)
+    where = f"layer {node.name!r}: "
+    try:
+        inspect.signature(actor.setup).bind(**node.actor_args)
+    except TypeError as exc:  # the arguments do not fit the hook: the graph's fault
+        raise GraphError(f"{where}{cls.__name__}.setup: {exc}") from exc
     try:
         done = actor.setup(**node.actor_args)
     except TypeError as exc:
-        said, where = str(exc), f"layer {node.name!r}: "
-        # the base's own refusal already names the layer and the class: not a second time
-        raise GraphError(
-            said if said.startswith(where) else f"{where}{cls.__name__}.setup: {said}"
-        ) from exc
+        said = str(exc)
+        if said.startswith(where):  # the base's own refusal, which names the layer and class
+            raise GraphError(said) from exc
+        # (a TypeError of the user's own code, len(3): the actor's error, as any other)
+        raise _hook_failed(node.name, cls, "setup", exc) from exc
     except Exception as exc:  # the user's set-up failed: as its actor's error, by name
         raise _hook_failed(node.name, cls, "setup", exc) from exc
     if inspect.isawaitable(done):  # an awaitable made another way than by an async def
