@@ -349,15 +349,14 @@ class DevicePool:
                 if event is not None and not event.done:
                     await self.wait(event)
             self._check_open()  # (it may have closed meanwhile, from another thread's loop)
-        try:
-            small = cost is not None and cost < self._inline_flops
-        except TypeError:
-            small = None  # (named below, off the hot path)
-        if small is None or (cost is not None and not small and cost != cost):
-            raise (TypeError if small is None else ValueError)(
-                f"DevicePool.run: cost must be a number of flops (or None: unknown), got "
-                f"{cost!r:.40}"
-            )
+        small = False
+        if cost is not None:
+            try:
+                small = cost < self._inline_flops
+            except TypeError:
+                raise TypeError(_bad_cost(cost)) from None
+            if cost != cost:  # NaN
+                raise ValueError(_bad_cost(cost))
         if small:
             await anyio.lowlevel.checkpoint()
             if _get_ident() == self._loop_thread:
@@ -605,3 +604,7 @@ async def open_device_pool(
         yield pool
     finally:
         await pool._aclose()
+
+
+def _bad_cost(cost: object) -> str:
+    return f"DevicePool.run: cost must be a number of flops (or None: unknown), got {cost!r:.40}"

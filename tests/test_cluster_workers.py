@@ -351,24 +351,39 @@ def _user_layer_on_worker_1(name: str, module: nn.Module) -> ann.Graph:
     return g
 
 
+def _identity_layer_in(folder: Any, module: str, cls: str) -> None:
+    """Writes ``folder/module.py``, defining ``cls``: an identity layer of a user's module that
+    only the driver's import path finds."""
+    (folder / f"{module}.py").write_text(
+        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
+        f"class {cls}(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
+        "        return x\n"
+    )
+
+
+def _imported(module: str, monkeypatch: Any) -> Any:
+    """``module`` imported in the driver, and gone from ``sys.modules`` at the test's end."""
+    imported = importlib.import_module(module)
+    monkeypatch.setitem(sys.modules, module, imported)
+    return imported
+
+
+def _trains_on_workers_as_in_one_process(g: ann.Graph, cluster: Any) -> None:
+    many, _ = fit(g, policies.Sync(), cluster=cluster, epochs=1)
+    one, _ = fit(g, policies.Sync(), epochs=1)
+    assert_params_equal(one.params, many.params)
+
+
 def test_a_module_put_on_the_path_after_the_workers_started_imports_there(
     tmp_path: Any, three: Any, monkeypatch: Any
 ) -> None:
     # the workers had the driver's import path of when they started: a notebook that then
     # appended a folder failed the run with "No module named ..." from the worker
     fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)
-    (tmp_path / "late_layers_for_the_cluster.py").write_text(
-        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
-        "class Late(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
-        "        return x\n"
-    )
+    _identity_layer_in(tmp_path, "late_layers_for_the_cluster", "Late")
     monkeypatch.syspath_prepend(str(tmp_path))
-    late = importlib.import_module("late_layers_for_the_cluster")
-    monkeypatch.setitem(sys.modules, "late_layers_for_the_cluster", late)  # gone at the end
-    g = _user_layer_on_worker_1("late", late.Late())
-    many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
-    one, _ = fit(g, policies.Sync(), epochs=1)
-    assert_params_equal(one.params, many.params)
+    late = _imported("late_layers_for_the_cluster", monkeypatch)
+    _trains_on_workers_as_in_one_process(_user_layer_on_worker_1("late", late.Late()), three)
 
 
 @pytest.mark.anyio
@@ -440,19 +455,11 @@ def test_a_module_found_through_the_drivers_current_folder_imports_on_the_worker
     # a notebook that changed folder and imported a module from there through '' failed the
     # run with "No module named ..." from the worker
     fit(chain([0, 1, None]), policies.Sync(), cluster=three, epochs=1)  # (workers warm)
-    (tmp_path / "here_layers_for_the_cluster.py").write_text(
-        "import dataclasses\nfrom asyncnn import nn\n\n\n@dataclasses.dataclass(frozen=True)\n"
-        "class Here(nn.Module):\n    def __call__(self, params, x, *, rng=None):\n"
-        "        return x\n"
-    )
+    _identity_layer_in(tmp_path, "here_layers_for_the_cluster", "Here")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", ["", *sys.path])
-    here = importlib.import_module("here_layers_for_the_cluster")
-    monkeypatch.setitem(sys.modules, "here_layers_for_the_cluster", here)  # gone at the end
-    g = _user_layer_on_worker_1("here", here.Here())
-    many, _ = fit(g, policies.Sync(), cluster=three, epochs=1)
-    one, _ = fit(g, policies.Sync(), epochs=1)
-    assert_params_equal(one.params, many.params)
+    here = _imported("here_layers_for_the_cluster", monkeypatch)
+    _trains_on_workers_as_in_one_process(_user_layer_on_worker_1("here", here.Here()), three)
 
 
 @pytest.mark.anyio
