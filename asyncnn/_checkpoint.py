@@ -103,6 +103,18 @@ def _check_loadable(trainer: Trainer, state: RunState) -> None:
         raise type(exc)(f"Trainer.save: the trainer's state would not load again: {said}") from None
 
 
+def split_actor_state(name: str, state: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """The spec of layer ``name``'s custom actor state (what its ``actor_state()`` returned), its
+    arrays added to ``arrays`` (see :func:`_split`).
+
+    Raises:
+        TypeError: ``state`` holds what a checkpoint cannot, naming the layer and the place.
+    """
+    return _split(
+        state, f"actor/{name}", arrays, f"the actor state of {name!r} (its actor_state())"
+    )
+
+
 def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
     """Writes the checkpoint folder ``path`` (see the module's docstring); ``fit`` is where the
     epoch stands (:meth:`Trainer.save`'s record), kept in the spec with the weights."""
@@ -133,10 +145,7 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
             if delays:  # (those of the gradients pending: their update counts them)
                 layout[name]["pending"]["delays"] = [int(d) for d in delays]
         if name in state.actor_states:  # a custom actor's own state (LayerActor.actor_state)
-            layout[name]["actor_state"] = _split(
-                state.actor_states[name], f"actor/{name}", arrays,
-                f"the actor state of {name!r} (its actor_state())",
-            )  # fmt: skip
+            layout[name]["actor_state"] = split_actor_state(name, state.actor_states[name], arrays)
         earlier = state.earlier_params.get(name)
         if earlier:  # the versions before the latest that forwards are pinned to (PipeDream2BW)
             layout[name]["earlier"] = [

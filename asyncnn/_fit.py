@@ -140,6 +140,8 @@ class _FitState:
             cluster=tr.cluster,
             config=tr.config.replace(trace=trace_path),
         ) as run:
+            if plan.checkpoint_every and self.in_process:
+                _check_savable_actor_states(run)  # (before self.run: a refusal keeps no state)
             self.run = run
             if (
                 self.in_process
@@ -461,6 +463,28 @@ class _FitState:
         state.minibatches = self.known
         state.keys = self.keys_before.get(self.known, state.keys)
         self._commit(state)
+
+
+def _check_savable_actor_states(run: Run) -> None:
+    """Refuses, before the fit trains, a custom actor's state (as ``setup``, or the state it was
+    given, left it) that ``checkpoint_every``'s saves could not hold: the first save refused it
+    only after a whole epoch. A state that becomes one only later is refused by that save.
+
+    Raises:
+        TypeError: the save's own message (naming the layer and the place in its state), and
+            that the fit checked it as it started.
+    """
+    from ._checkpoint import split_actor_state
+
+    for name, state in run.state().actor_states.items():
+        try:
+            # (a GPU's arrays are copied to the host, as a save copies them, and dropped)
+            split_actor_state(name, state, {})
+        except TypeError as exc:
+            raise TypeError(
+                f"{exc} (checked as the fit starts, before any training: checkpoint_every saves "
+                "this state with every checkpoint)"
+            ) from None
 
 
 def _synchronize(graph: Graph, cluster: object | None = None) -> None:

@@ -6,7 +6,7 @@ this is the arithmetic alone."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,8 +36,8 @@ def evaluate_loss(
 ) -> dict[str, float]:
     """The loss over ``dataset`` at ``params``, computed in batches of ``batch_size`` rows, and
     the accuracy of a classifier (see :meth:`Trainer.evaluate` for what each is)."""
-    n = len(dataset)
-    loss_sum = 0.0
+    # {loss node: [the sum of its batches' values, each times its weight; the weights' sum]}
+    sums = {name: [0.0, 0.0] for name in graph.losses}
     # {loss node: [labels matching their logits' argmax, labels]} of the classifiers
     counts = {name: [0, 0] for name in _classifiers(graph)}
     for batch in dataset.batches(batch_size):
@@ -45,9 +45,15 @@ def evaluate_loss(
         outs = forward_pass(graph, params, batch, dtype, losses=True)
         for name in graph.losses:
             node = graph.nodes[name]
-            # a mean, weighted by its rows, comes back a mean over the data; a sum adds up
-            weight = n if sums_over_rows(node.module) else rows
-            loss_sum += float(to_numpy(outs[name])) * weight
+            # a mean, weighted by what it divides by (its rows, or its labels' weights), comes
+            # back a mean over the data; a sum adds up
+            if sums_over_rows(node.module):
+                value, weight = float(to_numpy(outs[name])), 1.0
+            else:
+                weight = _mean_weight(node.module, batch, node.inputs, rows)
+                value = float(to_numpy(outs[name])) * weight if weight else 0.0
+            sums[name][0] += value
+            sums[name][1] += weight
             if name not in counts:
                 continue
             labels = np.asarray(to_numpy(batch[node.inputs[1]]))
@@ -55,12 +61,42 @@ def evaluate_loss(
             if predicted.shape != labels.shape:  # (a subclass's own call): never broadcast
                 del counts[name]
                 continue
-            counts[name][0] += int((predicted == labels).sum())
-            counts[name][1] += labels.size  # one label per row, or per position
-    result = {"loss": loss_sum / n}
+            # one label per row, or per position; an ignored one (ignore_index) is no class
+            counted = labels != getattr(node.module, "ignore_index", None)
+            counts[name][0] += int(((predicted == labels) & counted).sum())
+            counts[name][1] += int(counted.sum())
+    loss = 0.0
+    for name, (total, weight) in sums.items():
+        if sums_over_rows(graph.nodes[name].module):
+            loss += total
+        else:  # (every label ignored: NaN, as the loss of the whole data at once)
+            loss += total / weight if weight else float("nan")
+    result = {"loss": loss}
     if counts:
-        result["accuracy"] = sum(c for c, _ in counts.values()) / sum(t for _, t in counts.values())
+        labelled = sum(t for _, t in counts.values())
+        right = sum(c for c, _ in counts.values())
+        result["accuracy"] = right / labelled if labelled else float("nan")
     return result
+
+
+def _mean_weight(module: Any, batch: Mapping[str, Any], inputs: Sequence[str], rows: int) -> float:
+    """What a mean loss of ``batch`` divides by: its rows, or for a built-in
+    ``CrossEntropyLoss`` the weights of the labels it counts (one each where it has no
+    ``weight``: the labels other than its ``ignore_index``), so that the batches' means,
+    weighted by it, give the mean of the whole data at once (as torch's)."""
+    from ._math._nn import CrossEntropyLoss
+
+    if not isinstance(module, CrossEntropyLoss) or len(inputs) != 2 or inputs[1] not in batch:
+        return float(rows)
+    labels = np.asarray(to_numpy(batch[inputs[1]]))
+    if labels.dtype.kind not in "iu":
+        return float(rows)
+    counted = labels != module.ignore_index
+    if module.weight is None:  # (every label counted: its rows, the same mean's weight)
+        return float(rows) if counted.all() else float(counted.sum()) * rows / max(labels.size, 1)
+    weights = np.asarray(module.weight, dtype=np.float64)
+    picked = np.where(counted, labels, 0).clip(0, len(weights) - 1)
+    return float(np.where(counted, weights[picked], 0.0).sum())
 
 
 def _classifiers(graph: Graph) -> list[str]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ._math._nn._module import Initializer
 from ._runtime._graph import Graph
 from .backends import BFLOAT16
 from .backends._registry import host_array
@@ -147,10 +148,47 @@ def _check_target(target: Any, fn: str) -> None:
         )
 
 
-def _template(target: Any, dtype: str = "float64") -> Any:
+def _template(target: Any) -> Any:
+    """``target``'s parameter pytree with a stand-in of the right shape and no memory for each
+    weight: all that the names, the layout and the shape checks read."""
     if isinstance(target, Graph):
-        return {n: target.nodes[n].module.init(0, dtype=dtype) for n in target.layers}
-    return target.init(0, dtype=dtype)
+        return {n: _shapes_of(target.nodes[n].module) for n in target.layers}
+    return _shapes_of(target)
+
+
+def _shapes_of(module: Any) -> Any:
+    # (init's own checks first: a module that is no dataclass is refused as init refuses it)
+    init = module._initializer(0, "numpy", "float64")
+    return module.init_params(_ShapeInitializer(init.seed, init.backend, init.dtype))
+
+
+class _ShapeInitializer(Initializer):
+    """An initializer that gives stand-ins of the shapes asked for instead of drawing values
+    (read-only float64 arrays over one element, zero strides): a template drawn in full was
+    210 MB of float64 and 0.75 s for a model of 26M parameters, read for its names and shapes
+    only. A module of one's own that draws from ``rng`` itself and hands the values to
+    ``asarray`` still draws them (the built-in modules never do)."""
+
+    def spawn(self, n: int) -> list[Initializer]:
+        return [_ShapeInitializer(s, self.backend, self.dtype) for s in self.seed.spawn(n)]
+
+    def _stand_in(self, shape: Any) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), dtype=self.dtype), tuple(int(n) for n in shape))
+
+    def asarray(self, host: Any) -> Any:
+        return self._stand_in(np.shape(host))
+
+    def uniform(self, shape: Sequence[int], bound: float) -> Any:
+        return self._stand_in(shape)
+
+    def normal(self, shape: Sequence[int], std: float = 1.0) -> Any:
+        return self._stand_in(shape)
+
+    def zeros(self, shape: Sequence[int]) -> Any:
+        return self._stand_in(shape)
+
+    def ones(self, shape: Sequence[int]) -> Any:
+        return self._stand_in(shape)
 
 
 def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str]:
@@ -289,7 +327,8 @@ def from_torch(
     afterwards leaves them alone) and keep the state dict's dtype (bfloat16 through
     ``ml_dtypes``); assigning them to ``tr.params`` casts them to the trainer's. Only names and
     shapes are checked: settings a state dict does not hold (an Embedding's ``padding_idx``, a
-    conv's ``padding_mode``) must match by construction. Entries that are one tensor in torch
+    conv's ``padding_mode``) must match by construction; a conv's ``groups`` shows in its
+    weight's shape, ``(out, in // groups, *kernel)``, and is checked with it. Entries that are one tensor in torch
     (tied weights) become two copies that train apart, with a ``UserWarning`` naming them.
 
     Example:

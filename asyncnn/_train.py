@@ -5,11 +5,12 @@ and run in ``_fit.py``; ``predict`` and ``evaluate`` compute in ``_inference.py`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Concatenate, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import numpy as np
 
@@ -25,8 +26,9 @@ from ._history import History
 from ._inference import _classifiers as _classifiers  # (the CLI imports it from here)
 from ._inference import evaluate_loss, predict_outputs
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_map
+from ._math._pytree import tree_flatten, tree_map
 from ._notebook import run_outside_loop
+from ._runtime._checks import check_optimizer
 from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
@@ -48,6 +50,52 @@ def _read_only(leaf: Any) -> Any:
         arr = arr.view()
         arr.flags.writeable = False
     return arr
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _OnTheClass(Generic[_P, _R]):
+    """A classmethod that refuses to be called on an instance: ``tr.load(path)`` would return a
+    new trainer, which such a call drops, and leave ``tr`` as it was, as if it had resumed
+    (torch's ``load_state_dict`` loads into the object it is called on). Read from the class
+    (also a subclass), it is the classmethod itself; read from an instance, a function that
+    raises, so that looking the attribute up (``hasattr``, ``dir``, ``help``) still works."""
+
+    def __init__(self, method: Callable[Concatenate[Any, _P], _R]) -> None:
+        # a classmethod object, which mypy sees as the function under it (typed as that)
+        held: Any = method
+        self._method = held
+        self.__doc__ = held.__doc__
+        self.__wrapped__ = held.__func__
+        self._name: str = held.__func__.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Callable[_P, _R]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., NoReturn]: ...
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., Any]:
+        if obj is None:
+            assert owner is not None  # (read from the class: the class is given)
+            return self._method.__get__(None, owner)
+        cls, name = type(obj).__name__, self._name
+
+        def refused(*args: Any, **overrides: Any) -> NoReturn:
+            # (the overrides given, as the example; cut: a graph= would print whole)
+            given = "".join(f", {k}={v!r:.40}" for k, v in overrides.items()) or ", progress=True"
+            raise TypeError(
+                f"{cls}.{name} returns a new trainer; it does not load into the one it is "
+                f"called on: tr.{name}(path) would leave tr as it was, not resumed. Write "
+                f"tr = {cls}.{name}(path), with any constructor arguments to replace as "
+                f"keywords (tr = {cls}.{name}(path{given}))"
+            )
+
+        refused.__doc__ = self.__doc__
+        return refused
 
 
 class Trainer:
@@ -153,7 +201,7 @@ class Trainer:
         self.traces: list[str] = []  # the trace files written so far, one per fit
         self.cluster = cluster
         self.graph = graph
-        self.optimizer = optimizer
+        self._optimizer = optimizer  # (the property's setter fits the state to a later one)
         self.policy = policy
         self.progress = progress
         if tune_allocator:
@@ -202,6 +250,64 @@ class Trainer:
         self._stopping_step_hooks = False
 
     # -- reading -----------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer of every layer's updates. Assign another between fits to train on with
+        it (``tr.optimizer = optim.Adam(lr=1e-3)``), as ``Trainer.load(path, optimizer=...)``
+        does: where its state has another structure than a layer's current one (another kind:
+        ``Adam`` after ``SGD``, or ``SGD`` with momentum after one without), that layer's
+        optimizer state starts fresh, from the new optimizer's ``init`` (step 0, zero
+        buffers), as a new torch optimizer would; where it has the same structure (the same
+        kind with another ``lr``; ``AdamW`` after ``Adam``), the state is kept and goes on
+        (momentum buffers, step count, so a schedule goes on from its step). The weights,
+        versions, counters and pending gradients stay as they are.
+
+        Raises:
+            TypeError: the value is no optimizer instance (a class: ``optim.Adam``).
+            RuntimeError: from a step or epoch hook, or while a fit runs on another thread
+                (the run updates with the optimizer it started with, and its end would put
+                that one's state back); ``on_fit_start`` and ``on_fit_end`` may assign it.
+        """
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, value: Any) -> None:
+        check_optimizer(value, "Trainer.optimizer: ")
+        if self._stopping_step_hooks and self._fit_thread == threading.get_ident():
+            raise RuntimeError(
+                "optimizer: a step hook may not replace the optimizer, also where the fit "
+                "delivers it as it stops, as during its run; assign it in on_fit_end, or after "
+                "fit returns"
+            )
+        self._refuse_during_fit(
+            "optimizer", ": its run updates with the optimizer it started with, and its end "
+            "would put back that optimizer's state", "assign it before the fit, in on_fit_start "
+            "or on_fit_end, or after it returns (from a step or epoch hook: stop the fit with "
+            "trainer.stop_training = True, then assign it)",
+            own_thread=not self._run_open,  # (on_fit_start and on_fit_end may assign it)
+        )  # fmt: skip
+        # every layer's state made before any is replaced: an init that fails changes nothing
+        opt_states = self._opt_states_for(value)
+        self.state = dataclasses.replace(self.state, opt_states=opt_states)
+        self._optimizer = value
+
+    def _opt_states_for(self, optimizer: Any) -> dict[str, Any]:
+        """Each layer's optimizer state under ``optimizer``: its current one where that has the
+        structure and shapes ``optimizer.init`` makes, else that fresh one (where the layer's
+        weights are, as the trainer made them: a layer of a worker's on the host)."""
+        from .backends import get_backend
+
+        _synchronize(self.graph, self.cluster)  # (from on_fit_end on a GPU: see params)
+        states = {}
+        for name, params in self.state.params.items():
+            node = self.graph.nodes[name]
+            on_host = self.cluster is not None and node.worker is not None
+            with get_backend("cpu" if on_host else node.device).activate():
+                fresh = optimizer.init(params)
+            held = self.state.opt_states.get(name)
+            states[name] = held if held is not None and _same_layout(held, fresh) else fresh
+        return states
+
     @property
     def _epoch_losses(self) -> list[tuple[float, int | None]]:
         """The known losses of the unfinished epoch's minibatches, in order, each with its rows
@@ -396,7 +502,9 @@ class Trainer:
             TypeError: ``epochs``, ``batch_size``, ``checkpoint_every`` or ``keep_checkpoints``
                 is not an int (a bool is not one either); ``shuffle`` or ``drop_last`` is not a
                 bool; ``callbacks`` is not a list of callbacks. All of these are checked before
-                any callback starts.
+                any callback starts. With ``checkpoint_every``, also a custom actor's state
+                (as ``setup`` leaves it) that a checkpoint cannot hold: refused as the run
+                starts, before any training, with :meth:`save`'s message.
             RuntimeError: a fit is already running on this trainer (called from another
                 thread, or from a callback of that fit): one fit at a time, the second would
                 lose its updates to the first's.
@@ -482,7 +590,8 @@ class Trainer:
         ``"accuracy"`` is reported for a classifier only: where a loss node is a
         ``CrossEntropyLoss`` (or a subclass) whose labels are a graph input declared as integer
         class indices. It is the fraction of labels (one per row, or per position for labels
-        ``(N, d1, ...)``) equal to the argmax of their logits over the class axis (axis 1),
+        ``(N, d1, ...)``; not those equal to the loss's ``ignore_index``, which name no class)
+        equal to the argmax of their logits over the class axis (axis 1),
         over all such losses; a loss whose argmax has another shape than its labels is left
         out (never broadcast). A regression (``MSELoss``, even of integer targets) or another
         loss gets no ``"accuracy"``; nor do ``val_accuracy`` and the callbacks' logs.
@@ -577,6 +686,7 @@ class Trainer:
         save_checkpoint(self, path, record)
         write_whole(os.path.join(path, _FIT_FILE), fit)  # (no fit.json.tmp left on a failure)
 
+    @_OnTheClass
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
@@ -591,10 +701,31 @@ class Trainer:
         the saved policy had accumulated and not yet applied are dropped. With ``trace=`` the
         path the saved trainer traced to, :attr:`traces` comes back too, and the next fit
         numbers its trace on (``run.2.trace`` after ``run.trace`` and ``run.1.trace``); set
-        ``trainer.traces = []`` to trace to the path itself."""
+        ``trainer.traces = []`` to trace to the path itself.
+
+        Call it on the class and keep what it returns: ``tr = Trainer.load(path)``.
+
+        Raises:
+            TypeError: called on a trainer (``tr.load(path)``, which would leave ``tr`` as it
+                was; the message says what to write instead), or a ``graph`` override that is
+                no :class:`~asyncnn.Graph`.
+            FileNotFoundError: ``path`` is no checkpoint folder.
+            CheckpointError: a file of it is missing, damaged or of another format version,
+                or it does not fit its graph (or the ``graph`` given), naming the layer and
+                the place."""
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
+
+
+def _same_layout(state: Any, like: Any) -> bool:
+    """Whether the pytree ``state`` has the structure of ``like`` and leaves of the same
+    shapes (an optimizer state that ``like``'s optimizer takes as its own)."""
+    leaves, treedef = tree_flatten(state)
+    like_leaves, like_treedef = tree_flatten(like)
+    return treedef == like_treedef and all(
+        np.shape(a) == np.shape(b) for a, b in zip(leaves, like_leaves, strict=True)
+    )
 
 
 def _json_int(value: Any) -> Any:

@@ -580,3 +580,53 @@ def test_a_module_without_a_torch_mapping_is_named_by_layer_and_path():
         torch_names(nn.Sequential(nn.Linear(2, 2), _Scale(2)))
     with pytest.raises(ValueError, match=r"for _Scale:"):
         torch_names(_Scale(2))
+
+
+# -- names and shapes without drawing the weights; grouped convolutions -------------------------
+def _peak_bytes(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_torch_names_to_torch_and_from_torch_draw_no_template_weights():
+    # 2M parameters: a float64 template of them was 16 MB, drawn only to read names and shapes
+    target = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Conv1d(4, 4, 3, groups=2))
+    params = target.init(0, dtype="float32")
+    nbytes = sum(a.nbytes for p in params for a in p.values())
+    names, peak = _peak_bytes(lambda: torch_names(target))
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert peak < 1_000_000
+    state, peak = _peak_bytes(lambda: to_torch(params, target))
+    assert peak < 1.5 * nbytes  # its own copies of the weights, and no template beside them
+    back, peak = _peak_bytes(lambda: from_torch(state, target))
+    assert peak < 1.5 * nbytes
+    assert_params_equal({"m": back}, {"m": params})
+    assert all(a.dtype == np.float32 for p in back for a in p.values())
+
+
+def test_grouped_conv_weights_round_trip_with_torch():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    tn = torch.nn
+    model = tn.Sequential(tn.Conv2d(4, 8, 3, groups=2), tn.ReLU(), tn.Conv2d(8, 8, 1, groups=8))
+    model = model.double()
+    ours = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=8))
+    params = from_torch(model.state_dict(), ours)
+    assert params[0]["weight"].shape == (8, 2, 3, 3) and params[2]["weight"].shape == (8, 1, 1, 1)
+    x = np.random.default_rng(3).standard_normal((2, 4, 5, 5))
+    np.testing.assert_allclose(
+        ours(params, x), model(torch.from_numpy(x)).detach().numpy(), rtol=1e-10, atol=1e-12
+    )
+    for k, v in to_torch(params, ours).items():
+        np.testing.assert_array_equal(v, model.state_dict()[k].numpy(), err_msg=k)
+    # the weights of an ungrouped conv do not fit a grouped one: the shapes tell them apart
+    plain = tn.Conv2d(4, 8, 3).double().state_dict()
+    with pytest.raises(ValueError, match=r"'weight' has shape \(8, 4, 3, 3\); Conv2d needs "
+                       r"\(8, 2, 3, 3\)"):  # fmt: skip
+        from_torch(plain, nn.Conv2d(4, 8, 3, groups=2))

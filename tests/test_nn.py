@@ -14,6 +14,7 @@ from scipy.special import erf
 
 from asyncnn import dynamic, nn, ops, vjp
 from asyncnn._math._nn._module import shape_of
+from asyncnn._math._ops import PRIMITIVES
 from asyncnn.backends import Backend, to_numpy
 from asyncnn.testing import check_grads
 
@@ -369,6 +370,8 @@ SPEC_MODULES = [
     nn.Embedding(10, 3), nn.MultiHeadAttention(8, 4, bias=False, causal=True, dropout=0.1),
     nn.ReLU(), nn.Tanh(), nn.GELU("tanh"), nn.Sigmoid(), nn.Identity(), nn.Softmax(1),
     nn.LogSoftmax(), nn.Flatten(2), nn.Dropout(0.3), nn.CrossEntropyLoss("sum"), nn.MSELoss(),
+    nn.CrossEntropyLoss(weight=(1.0, 0.25, 3.0), ignore_index=0, label_smoothing=0.1),
+    nn.Embedding(10, 3, padding_idx=9),
     nn.Residual(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU())),
     Scale(3, inner=nn.Tanh()),
     # the pure modules of dynamic graphs, with the math since the runtime only runs them
@@ -524,3 +527,100 @@ def test_sequential_takes_its_field_by_name_so_dataclasses_replace_works() -> No
         nn.Sequential(nn.ReLU(), modules=[nn.Tanh()])
     with pytest.raises(TypeError, match="argument 1 is str, not an nn.Module"):
         nn.Sequential(modules=[nn.ReLU(), "relu"])  # type: ignore[list-item]
+
+
+# -- CrossEntropyLoss options, Embedding padding_idx ----------------------------------------------
+CE_GRAD_OPTIONS = [
+    {"weight": (0.5, 2.0, 1.0)},
+    {"ignore_index": 1},
+    {"label_smoothing": 0.2},
+    {"weight": (0.5, 2.0, 1.0), "label_smoothing": 0.4, "ignore_index": -1},
+    {"weight": (0.5, 2.0, 1.0), "label_smoothing": 1.0},
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", CE_GRAD_OPTIONS, ids=lambda o: "-".join(o))
+def test_cross_entropy_options_gradients(
+    backend: Backend, options: dict[str, Any], reduction: str
+) -> None:
+    loss = nn.CrossEntropyLoss(reduction, **options)
+    rng = np.random.default_rng(12)
+    for shape, labels in [((5, 3), [0, 2, -1, 1, 2]), ((2, 3, 2, 2), [[[0, 1], [-1, 2]]] * 2)]:
+        logits = backend.asarray(rng.standard_normal(shape))
+        y = np.array(labels)
+        y = backend.asarray(np.where(y == -1, loss.ignore_index, y))  # -1: an ignored position
+        check_grads(lambda x: loss({}, x, y), logits, rtol=1e-6, atol=1e-9)  # noqa: B023
+
+
+def test_cross_entropy_defaults_keep_the_fused_primitive_and_options_do_not() -> None:
+    logits = np.random.default_rng(13).standard_normal((4, 3)).astype(np.float32)
+    labels = np.array([0, 2, 1, 2])
+    call = nn.CrossEntropyLoss().primitive_call(logits, labels)
+    assert call is not None and call[0] is PRIMITIVES["cross_entropy"]
+    np.testing.assert_array_equal(
+        nn.CrossEntropyLoss()({}, logits, labels), ops.cross_entropy(logits, labels)
+    )  # bit for bit: the same primitive
+    for options in CE_GRAD_OPTIONS:
+        assert nn.CrossEntropyLoss(**options).primitive_call(logits, labels) is None
+    # torch's default ignore_index: a label -100 is ignored (it was refused as outside [0, 3))
+    ignored = np.array([0, -100, 1, -100])
+    assert nn.CrossEntropyLoss().primitive_call(logits, ignored) is None
+    want = ops.cross_entropy(logits[[0, 2]], ignored[[0, 2]])
+    np.testing.assert_allclose(nn.CrossEntropyLoss()({}, logits, ignored), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="label -1 is outside"):  # any other: as before
+        nn.CrossEntropyLoss()({}, logits, np.array([0, -1, 1, 2]))
+    with pytest.raises(ValueError, match="label -1 is outside"):
+        nn.CrossEntropyLoss().primitive_call(logits, np.array([0, -1, 1, 2]))
+
+
+def test_cross_entropy_options_normalise_compare_hash_and_show() -> None:
+    a = nn.CrossEntropyLoss(weight=[1, 2.5, np.float32(0.5)], ignore_index=np.int64(3))
+    b = nn.CrossEntropyLoss(weight=np.array([1.0, 2.5, 0.5]), ignore_index=3)
+    assert a == b and hash(a) == hash(b) and a.weight == (1.0, 2.5, 0.5)
+    assert type(a.ignore_index) is int and type(a.label_smoothing) is float
+    assert repr(nn.CrossEntropyLoss()) == "CrossEntropyLoss(reduction='mean')"
+    assert repr(nn.CrossEntropyLoss("sum", weight=(1, 2), label_smoothing=0.1)) == (
+        "CrossEntropyLoss(reduction='sum', weight=(1.0, 2.0), label_smoothing=0.1)"
+    )
+    assert repr(nn.CrossEntropyLoss(ignore_index=0)) == (
+        "CrossEntropyLoss(reduction='mean', ignore_index=0)"
+    )
+    assert repr(nn.Embedding(5, 2)) == "Embedding(num_embeddings=5, embedding_dim=2)"
+    assert repr(nn.Embedding(5, 2, padding_idx=-1)) == (
+        "Embedding(num_embeddings=5, embedding_dim=2, padding_idx=4)"
+    )
+    assert nn.Embedding(5, 2, padding_idx=-1) == nn.Embedding(5, 2, padding_idx=4)
+    assert nn.to_spec(a)["args"]["weight"] == [1.0, 2.5, 0.5]
+
+
+def test_cross_entropy_options_poison_a_label_out_of_range_on_a_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # device labels are not read back: a label outside [0, C) that is not ignore_index makes
+    # its loss NaN (so the mean's too), as the fused kernel does; here numpy labels stand in
+    from asyncnn._math import _ops_nn
+
+    monkeypatch.setattr(_ops_nn, "ids_on_host", lambda ids: False)
+    logits = np.random.default_rng(14).standard_normal((3, 4))
+    labels = np.array([1, 9, -100])
+    per = nn.CrossEntropyLoss("none", label_smoothing=0.1)({}, logits, labels)
+    assert np.isfinite(per[0]) and np.isnan(per[1]) and per[2] == 0
+    assert np.isnan(nn.CrossEntropyLoss(weight=(1, 2, 3, 4))({}, logits, labels))
+
+
+def test_embedding_padding_row_gets_no_gradient(backend: Backend) -> None:
+    emb = nn.Embedding(5, 3, padding_idx=1)
+    params = emb.init(0, backend=backend.name, dtype="float64")
+    assert not to_numpy(params["weight"])[1].any()
+    params = {"weight": backend.asarray(np.random.default_rng(15).standard_normal((5, 3)))}
+    ids = backend.asarray(np.array([[1, 0], [4, 1], [1, 1]]))
+    out, pullback = vjp(lambda p: emb(p, ids), params)
+    np.testing.assert_array_equal(to_numpy(out), to_numpy(params["weight"])[to_numpy(ids)])
+    (grads,) = pullback(backend.xp.ones(out.shape))
+    np.testing.assert_array_equal(
+        to_numpy(grads["weight"]), [[1] * 3, [0] * 3, [0] * 3, [0] * 3, [1] * 3]
+    )
+    # the other rows: the gradient of the lookup, against finite differences
+    rest = backend.asarray(np.array([[0, 4], [3, 2]]))
+    check_grads(lambda p: emb(p, rest), params, rtol=1e-6, atol=1e-9)

@@ -457,3 +457,29 @@ def test_half_input_to_float32_parameters_follows_numpys_promotion(half: str) ->
     emb = nn.Embedding(5, 2)
     table = emb.init(0, dtype="float16")
     assert emb(table, np.array([[4, 0]], dtype=np.uint8)).dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [nn.CrossEntropyLoss(), nn.CrossEntropyLoss("none", weight=(1, 2, 3), label_smoothing=0.1)],
+    ids=["defaults", "options"],
+)
+def test_cross_entropy_of_half_logits_is_float32_with_its_options_too(
+    loss: nn.CrossEntropyLoss,
+) -> None:
+    # the fused primitive computes 16-bit logits in float32; the options' path did it in
+    # float16 (a float16 loss where the defaults gave float32)
+    logits = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float16)
+    labels = np.array([0, 2, 1, 1])
+    out, pullback = ann.vjp(lambda x: loss({}, x, labels), logits)
+    assert out.dtype == np.float32
+    (g,) = pullback(np.ones_like(out))
+    assert g.dtype == np.float16
+    want = nn.CrossEntropyLoss(loss.reduction, **_options(loss))(
+        {}, logits.astype(np.float32), labels
+    )
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def _options(loss: nn.CrossEntropyLoss) -> dict[str, Any]:
+    return {"weight": loss.weight, "label_smoothing": loss.label_smoothing}

@@ -233,3 +233,76 @@ def test_check_finite_names_the_embedding_ids_that_made_gpu_rows_nan(monkeypatch
     assert isinstance(err.__cause__, IndexError)
     assert str(err).startswith("actor 'stage0' produced NaN or Inf in its forward of key 1")
     assert "Embedding(num_embeddings=10, embedding_dim=3) got id -1 at ids[1, 2]" in str(err)
+
+
+# -- CrossEntropyLoss options, Embedding padding_idx ----------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: nn.CrossEntropyLoss(weight=[[1.0, 2.0]]), ValueError,
+         "CrossEntropyLoss: weight must be 1-D, one entry per class, got shape (1, 2)"),
+        (lambda: nn.CrossEntropyLoss(weight=2.0), ValueError,
+         "CrossEntropyLoss: weight must be 1-D, one entry per class, got shape ()"),
+        (lambda: nn.CrossEntropyLoss(weight=[]), ValueError,
+         "CrossEntropyLoss: weight must be 1-D, one entry per class, got shape (0,)"),
+        (lambda: nn.CrossEntropyLoss(weight=["a", "b"]), TypeError,
+         "CrossEntropyLoss: weight must hold real numbers, got dtype <U1"),
+        (lambda: nn.CrossEntropyLoss(weight=[True, False]), TypeError,
+         "CrossEntropyLoss: weight must hold real numbers, got dtype bool"),
+        (lambda: nn.CrossEntropyLoss(weight=[1.0, float("nan")]), ValueError,
+         "CrossEntropyLoss: weight must be finite, got nan at weight[1]"),
+        (lambda: nn.CrossEntropyLoss(label_smoothing=1.5), ValueError,
+         "CrossEntropyLoss: label_smoothing must be in [0, 1], got 1.5"),
+        (lambda: nn.CrossEntropyLoss(label_smoothing=-0.1), ValueError,
+         "CrossEntropyLoss: label_smoothing must be in [0, 1], got -0.1"),
+        (lambda: nn.CrossEntropyLoss(label_smoothing=float("nan")), ValueError,
+         "CrossEntropyLoss: label_smoothing must be in [0, 1], got nan"),
+        (lambda: nn.CrossEntropyLoss(label_smoothing="0.1"), TypeError,
+         "CrossEntropyLoss: label_smoothing must be a real number, got '0.1'"),
+        (lambda: nn.CrossEntropyLoss(label_smoothing=True), TypeError,
+         "CrossEntropyLoss: label_smoothing must be a real number, got True"),
+        (lambda: nn.CrossEntropyLoss(ignore_index=1.0), TypeError,
+         "CrossEntropyLoss: ignore_index must be an int, got 1.0"),
+        (lambda: nn.CrossEntropyLoss(ignore_index=True), TypeError,
+         "CrossEntropyLoss: ignore_index must be an int, got True"),
+        (lambda: nn.Embedding(5, 2, padding_idx=5), ValueError,
+         "Embedding: padding_idx must be in [-5, 5) (a row of the table; a negative one counts "
+         "from the end), got 5"),
+        (lambda: nn.Embedding(5, 2, padding_idx=-6), ValueError,
+         "Embedding: padding_idx must be in [-5, 5)"),
+        (lambda: nn.Embedding(5, 2, padding_idx=1.0), TypeError,
+         "Embedding: padding_idx must be an int or None, got 1.0"),
+        (lambda: nn.Embedding(5, 2, padding_idx=False), TypeError,
+         "Embedding: padding_idx must be an int or None, got False"),
+    ],
+    ids=["weight-2d", "weight-0d", "weight-empty", "weight-str", "weight-bool", "weight-nan",
+         "smooth-high", "smooth-low", "smooth-nan", "smooth-str", "smooth-bool", "ignore-float",
+         "ignore-bool", "padding-high", "padding-low", "padding-float", "padding-bool"],
+)  # fmt: skip
+def test_cross_entropy_and_embedding_options_are_checked(
+    make: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=re.escape(match)):
+        make()
+
+
+def test_cross_entropy_options_name_a_weight_or_label_that_does_not_fit() -> None:
+    logits = np.zeros((2, 4, 3))
+    with pytest.raises(ValueError) as info:
+        nn.CrossEntropyLoss(weight=(1.0, 2.0, 3.0))({}, logits, np.zeros((2, 3), np.int64))
+    assert str(info.value) == (
+        "CrossEntropyLoss: weight has 3 entries but the logits of shape (2, 4, 3) have 4 classes "
+        "(axis 1); give one weight per class"
+    )
+    labels = np.array([[0, -100, 3], [2, 4, -100]])
+    with pytest.raises(ValueError) as info:
+        nn.CrossEntropyLoss(label_smoothing=0.1)({}, logits, labels)
+    assert str(info.value) == (
+        "CrossEntropyLoss: label 4 at labels[1, 1] is outside [0, 4) for logits of shape "
+        "(2, 4, 3), and is not the ignore_index (-100); labels must be class indices or "
+        "ignore_index"
+    )
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 4, 3\) and labels of shape \(2,"):
+        nn.CrossEntropyLoss(ignore_index=0)({}, logits, np.zeros((2,), np.int64))
+    with pytest.raises(TypeError, match="labels must be integer class indices, got dtype float64"):
+        nn.CrossEntropyLoss(ignore_index=0)({}, logits, np.zeros((2, 3)))

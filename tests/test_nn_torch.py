@@ -233,3 +233,84 @@ def test_init_bounds_are_torchs_own() -> None:
             assert abs(drawn.std() - bound / math.sqrt(3)) < 0.1 * bound, key
     emb = np.concatenate([np.ravel(nn.Embedding(50, 8).init(s)["weight"]) for s in range(10)])
     assert abs(emb.mean()) < 0.05 and abs(emb.std() - 1) < 0.05  # torch's N(0, 1)
+
+
+# -- CrossEntropyLoss options and Embedding padding_idx against torch ----------------------------
+_CE_OPTIONS = [
+    pytest.param({"weight": (0.5, 2.0, 1.0, 3.0)}, 0, id="weight"),
+    pytest.param({}, 2, id="default-ignore_index"),  # torch's default ignores -100 labels
+    pytest.param({"ignore_index": 1}, 0, id="ignore_index-a-class"),
+    pytest.param({"label_smoothing": 0.25}, 0, id="label_smoothing"),
+    pytest.param({"weight": (0.5, 2.0, 1.0, 3.0), "label_smoothing": 0.3}, 0, id="weight-smooth"),
+    pytest.param({"weight": (0.5, 2.0, 1.0, 3.0), "ignore_index": -1, "label_smoothing": 0.1}, 3,
+                 id="all-three"),
+    pytest.param({"weight": (1.5, 0.5, 1.0, 2.0), "label_smoothing": 1.0}, 1, id="smooth-1"),
+    pytest.param({"weight": (0.5, 2.0, 1.0, 3.0), "label_smoothing": 0.2}, 99, id="all-ignored"),
+    pytest.param({"ignore_index": 7}, 99, id="all-ignored-plain"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 2, 3)], ids=["NC", "NCd1d2"])
+@pytest.mark.parametrize(("options", "ignored"), _CE_OPTIONS)
+def test_cross_entropy_options_match_torch(
+    options: dict[str, Any], ignored: int, shape: tuple[int, ...], dtype: str
+) -> None:
+    # every reduction, value and gradient, against torch.nn.functional.cross_entropy (weights
+    # with label smoothing: torch's smoothing term is weighted per class and its mean divided
+    # by the picked weights, as its plain term's)
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal(shape).astype(dtype)
+    labels = rng.integers(0, shape[1], (shape[0], *shape[2:]))
+    ignore_index = options.get("ignore_index", -100)
+    flat = labels.reshape(-1)
+    flat[: min(ignored, flat.size)] = ignore_index  # the first positions ignored (all: 99)
+    if ignore_index in range(shape[1]):
+        flat[-1] = ignore_index  # a class that is the ignored index
+    weight = options.get("weight")
+    for reduction in ("mean", "sum", "none"):
+        loss = nn.CrossEntropyLoss(reduction, **options)
+        out, pullback = vjp(lambda x: loss({}, x, labels), logits)  # noqa: B023
+        ct = rng.standard_normal(np.shape(out)).astype(dtype)
+        (grad,) = pullback(ct)
+        tx = torch.tensor(logits, requires_grad=True)
+        ref = torch.nn.functional.cross_entropy(
+            tx,
+            torch.from_numpy(labels),
+            weight=None if weight is None else torch.tensor(weight, dtype=tx.dtype),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=options.get("label_smoothing", 0.0),
+        )
+        ref.backward(torch.tensor(ct))
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-11, "atol": 1e-13}
+        assert np.asarray(out).dtype == np.dtype(dtype) and grad.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(out, ref.detach().numpy(), **tol, err_msg=reduction)
+        np.testing.assert_allclose(grad, tx.grad.numpy(), **tol, err_msg=reduction)
+
+
+@pytest.mark.parametrize("padding_idx", [0, 3, -1, -6])
+def test_embedding_padding_idx_matches_torch(padding_idx: int) -> None:
+    # the padding row is initialised to zeros and gets no gradient; the forward is a lookup
+    torch = pytest.importorskip("torch")
+    emb = nn.Embedding(6, 4, padding_idx=padding_idx)
+    params = emb.init(2, dtype="float64")
+    row = padding_idx % 6
+    assert emb.padding_idx == row and not params["weight"][row].any()
+    others = np.delete(params["weight"], row, axis=0)
+    # the other rows are the draws of an Embedding without padding_idx: only the row is zeroed
+    np.testing.assert_array_equal(
+        others, np.delete(nn.Embedding(6, 4).init(2, dtype="float64")["weight"], row, 0)
+    )
+    params = {"weight": np.random.default_rng(3).standard_normal((6, 4))}  # a trained table
+    ids = np.array([[row, 1, 2], [5, row, row], [0, 3, 4]])
+    out, pullback = vjp(lambda p: emb(p, ids), params)
+    ct = np.random.default_rng(4).standard_normal(out.shape)
+    (grads,) = pullback(ct)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    ref = torch.nn.functional.embedding(torch.from_numpy(ids), tw, padding_idx=row)
+    ref.backward(torch.tensor(ct))
+    np.testing.assert_array_equal(out, ref.detach().numpy())
+    np.testing.assert_allclose(grads["weight"], tw.grad.numpy(), rtol=1e-12, atol=0)
+    assert not grads["weight"][row].any()

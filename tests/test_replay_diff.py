@@ -156,27 +156,28 @@ def test_a_diff_ranks_every_divergence_on_the_first_runs_clock(tmp_path):
         assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 0, "forward", 0), (a, b, d)
 
 
-def test_a_diff_ranks_work_the_first_run_lacks_where_its_actor_ends_there(tmp_path):
+def test_a_diff_puts_work_of_a_key_the_first_run_never_admitted_where_the_runs_part(tmp_path):
     # a run of one minibatch against one of two: the work only the second run did was ranked
-    # by the second run's clock (a send or an update it alone made, at infinity), so whatever
-    # the first clock read, diff named stage0's forward of key 1, the second run's first new op
+    # where the first run's events of each actor end, so diff named the actor whose events end
+    # first there (under Sync the loss: its gradient goes back to stage1), `loss, sequence 1:
+    # the forward of key 1`, not where the runs part: the second run's admit of key 1, whose
+    # first work is stage0's forward
     data = {k: v[:16] for k, v in _data(16).items()}
     short, long = tmp_path / "short.trace", tmp_path / "long.trace"
     for path, rows in ((short, 8), (long, 16)):
         ann.Trainer(
             _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
         ).fit({k: v[:rows] for k, v in data.items()}, batch_size=8, shuffle=False)
-    # where each actor's events end in the short run: the first to end there is where the
-    # runs parted on its clock (under Sync, the loss: its gradient goes back to stage1)
-    ends: dict[str, float] = {}
-    for e in ann.trace.read(short).events:
-        if e.actor in ("stage0", "stage1", "loss"):
-            ends[e.actor] = e.time
-    first = min(ends, key=ends.__getitem__)
-    assert first == "loss"
     for shift in (0.0, 1000.0, -1000.0):
         a = tmp_path / f"short{shift}.trace"
         _shifted(short, a, shift)
         d = ann.trace.diff(a, long)
-        assert (d.actor, d.seq, d.kind, d.key) == ("loss", 1, "forward", 1), (shift, d)
-        assert d.reason == "processing order differs: one run did more work here than the other"
+        assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 2, "forward", 1), (shift, d)
+        assert d.reason == (
+            "processing order differs: one run did more work here than the other: the runs "
+            "part at the second run's admit of key 1, which the first run never admitted (its "
+            "admits end at key 0)"
+        )
+        d = ann.trace.diff(long, a)  # (the other way round it named stage0 already)
+        assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 2, "forward", 1), (shift, d)
+        assert d.reason.endswith("the first run admitted key 1, which the second never did")

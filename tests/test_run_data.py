@@ -138,6 +138,43 @@ def test_range_checks_are_made_once_per_run_and_only_where_there_is_something_to
     assert range_checks(mse, validate(mse)) == []  # a step there pays nothing for it
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(ignore_index=-7)])
+async def test_step_takes_labels_equal_to_the_losss_ignore_index_and_leaves_them_out(
+    loss: Any,
+) -> None:
+    # (the data check refused torch's -100 as out of range, though the loss ignores it)
+    graph = ann.Graph.sequential(
+        [nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2)], loss=loss,
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+    batch = _batch(6)
+    batch["y"][[1, 4]] = loss.ignore_index
+    kept = {k: np.delete(v, [1, 4], axis=0) for k, v in batch.items()}
+    losses = []
+    for data in (batch, kept):  # the mean of the positions not ignored: the rows kept's loss
+        async with ann.open_run(graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()) as run:
+            await run.step(data)
+            await run.drain()
+        losses.append(run.losses[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    batch["y"][2] = -5  # another label out of range is still refused, saying what is taken
+    async with ann.open_run(graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()) as run:
+        with pytest.raises(ValueError, match=rf"label -5 at row 2 .*or {loss.ignore_index} \(the"):
+            await run.step(batch)
+
+
+def test_a_gpu_loss_at_its_defaults_does_not_take_ignored_labels_and_says_how() -> None:
+    from asyncnn._runtime._checks import _label_rule
+
+    # (its fused kernel reads no labels back: -100 would make the loss NaN there)
+    fix, ignored = _label_rule(nn.CrossEntropyLoss(), "cuda:0", 3)
+    assert ignored is None and "weight=(1.0,) * 3 is the same loss" in fix
+    assert _label_rule(nn.CrossEntropyLoss(weight=(1.0, 2.0, 1.0)), "cuda:0", 3)[1] == -100
+    assert _label_rule(nn.CrossEntropyLoss(), "cpu", 3)[1] == -100
+    assert _label_rule(nn.CrossEntropyLoss(ignore_index=1), "cpu", 3)[1] is None  # a class
+
+
 def _regression_graph() -> ann.Graph:
     return ann.Graph.sequential(
         [nn.Linear(3, 3)], loss=nn.MSELoss(), stages=1, input_shape=(None, 3),

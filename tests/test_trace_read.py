@@ -317,7 +317,7 @@ def test_summary_counts_a_split_backward_once_and_its_key_until_its_weight_half(
     area, n, last = 0.0, 0, 0.0
     for t, d in changes:
         area, n, last = area + n * (t - last), n + d, t
-    assert s["in_flight"]["mean"] == pytest.approx(area / s["seconds"])
+    assert s["in_flight"]["mean"] == pytest.approx(area / s["run_seconds"])
 
 
 def test_summary_staleness_is_the_delays_the_layers_record(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
-from asyncnn._math._pytree import tree_map
+from asyncnn._math._pytree import tree_leaves, tree_map
 
 from _reference import assert_params_equal, chain_graph
 from _train_cases import _data, _trainer
@@ -147,6 +147,34 @@ def test_evaluate_accuracy_counts_positions_of_sequence_labels() -> None:
     labels = ids.copy()
     labels[0, 0] = 2  # one wrong position of 8
     assert tr.evaluate({"x": ids, "y": labels})["accuracy"] == pytest.approx(7 / 8)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=(1.0, 3.0, 0.5), label_smoothing=0.1)],
+    ids=["default", "weighted"],
+)
+def test_evaluate_in_batches_is_the_loss_and_accuracy_of_the_whole_data_with_ignored_labels(
+    loss: Any,
+) -> None:
+    # (each batch's mean was weighted by its rows and ignored labels counted as wrong answers:
+    # the loss and the accuracy depended on how the ignored labels fell into batches)
+    g = ann.Graph.sequential(
+        [nn.Linear(5, 3)], loss=loss, input_shape=(None, 5), input_dtype="float64"
+    )
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 5))
+    y = rng.integers(0, 3, 10)
+    y[[0, 1, 2, 7]] = -100  # the first batch of 4 holds three, the second none
+    logits = nn.Linear(5, 3)(tr.params["stage0"][0], x)
+    whole = float(loss({}, logits, y))
+    kept = y != -100
+    right = (logits.argmax(axis=1) == y)[kept].mean()
+    for batch_size in (4, 10):
+        got = tr.evaluate({"x": x, "y": y}, batch_size=batch_size)
+        assert got["loss"] == pytest.approx(whole, rel=1e-12)
+        assert got["accuracy"] == pytest.approx(right)
 
 
 def test_params_and_data_may_be_torch_tensors() -> None:
@@ -395,3 +423,76 @@ def test_a_fit_from_another_thread_while_one_runs_is_refused(tmp_path: Any) -> N
     assert tr.versions == {"stage0": 4, "stage1": 4} and tr.epochs_done == 1
     tr.params = tr.params  # once it has returned, all of them go through
     tr.save(tmp_path / "after")
+
+
+def test_an_optimizer_of_another_kind_assigned_between_fits_trains_on_from_a_fresh_state(
+    tmp_path: Any,
+) -> None:
+    # (the next fit failed with "open_run: state.opt_states['stage0'] must be a dict with keys
+    # ['exp_avg', 'exp_avg_sq', 'step'] ...", naming a function its caller never called)
+    data = _data(n=32)
+
+    def trainer(opt: Any) -> ann.Trainer:
+        return ann.Trainer(chain_graph(2), optimizer=opt, policy=policies.GPipe(2), dtype="float64")
+
+    tr = trainer(optim.SGD(lr=0.1, momentum=0.9))
+    tr.fit(data, batch_size=8)
+    tr.save(str(tmp_path / "ckpt"))
+    weights, versions = tr.params, tr.versions
+    tr.optimizer = optim.Adam(lr=1e-2)
+    assert tr.optimizer == optim.Adam(lr=1e-2)
+    for name, state in tr.state.opt_states.items():  # Adam's own, fresh; the rest stays
+        assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"] and state["step"] == 0, name
+        assert not any(np.any(leaf) for leaf in tree_leaves(state)), name
+    assert_params_equal(tr.params, weights)
+    assert tr.versions == versions and tr.state.minibatches == 4
+    tr.fit(data, batch_size=8)
+    # as a load with that optimizer resumes: the same weights, bit for bit
+    back = ann.Trainer.load(str(tmp_path / "ckpt"), optimizer=optim.Adam(lr=1e-2))
+    back.fit(data, batch_size=8)
+    assert_params_equal(tr.params, back.params)
+    tr.save(str(tmp_path / "adam"))  # and the state saved is that optimizer's: it loads
+    assert type(ann.Trainer.load(str(tmp_path / "adam")).optimizer) is optim.Adam
+
+    # one of the same kind (another lr) keeps each layer's state: momentum and step go on
+    same = trainer(optim.SGD(lr=0.1, momentum=0.9))
+    same.fit(data, batch_size=8)
+    kept = same.state.opt_states
+    same.optimizer = optim.SGD(lr=0.05, momentum=0.9)
+    assert all(same.state.opt_states[n] is kept[n] for n in kept)  # (the very arrays)
+    same.fit(data, batch_size=8)
+    back = ann.Trainer.load(str(tmp_path / "ckpt"), optimizer=optim.SGD(lr=0.05, momentum=0.9))
+    back.fit(data, batch_size=8)
+    assert_params_equal(same.params, back.params)
+
+    with pytest.raises(TypeError, match=r"optimizer must be an instance, got the class Adam"):
+        tr.optimizer = optim.Adam
+    assert tr.optimizer == optim.Adam(lr=1e-2)  # (the refused one changed nothing)
+
+
+def test_an_optimizer_assigned_in_a_step_hook_is_refused_and_in_on_fit_start_taken() -> None:
+    data = _data(n=32)
+
+    class Swaps(ann.callbacks.Callback):
+        def __init__(self) -> None:
+            self.refused: list[BaseException] = []
+
+        def on_fit_start(self, tr: Any) -> None:
+            tr.optimizer = optim.Adam(lr=1e-2)
+
+        def on_step_end(self, tr: Any, step: int, logs: dict[str, Any]) -> None:
+            try:
+                tr.optimizer = optim.SGD(lr=0.1)
+            except RuntimeError as exc:
+                self.refused.append(exc)
+
+    hooks = Swaps()
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2))
+    tr.fit(data, batch_size=8, callbacks=[hooks])
+    assert len(hooks.refused) == 4
+    said = str(hooks.refused[0])
+    assert said.startswith("optimizer: a fit is already running on this trainer"), said
+    assert "on_fit_start or on_fit_end" in said, said
+    assert type(tr.optimizer) is optim.Adam
+    assert all(sorted(s) == ["exp_avg", "exp_avg_sq", "step"] for s in tr.state.opt_states.values())
+    assert all(s["step"] == 4 for s in tr.state.opt_states.values())  # Adam trained the fit

@@ -417,3 +417,77 @@ def test_a_damaged_epoch_layout_in_fit_json_is_named(tmp_path):
         ValueError, match=r"fit.json is damaged \(epoch_layout\['batch_size'\] is '8'.*delete"
     ):
         ann.Trainer.load(tmp_path / "ckpt")
+
+
+class _TrainerOfMine(ann.Trainer):
+    """A subclass: its ``load`` gives one of its own, and is refused on an instance alike."""
+
+
+def test_load_called_on_a_trainer_is_refused_and_says_to_assign_what_it_returns(tmp_path):
+    # (load is a classmethod: tr.load(path) returned a new trainer, which was dropped, and left
+    # tr at its own weights without a word, as if it had resumed)
+    data = _data()
+    tr = _trainer(policies.Sync())
+    tr.fit(data, epochs=1, batch_size=8)
+    tr.save(tmp_path / "ckpt")
+    other = _trainer(policies.Sync(), seed=4)
+    before = other.params
+    with pytest.raises(TypeError) as info:
+        other.load(tmp_path / "ckpt", progress=True)
+    said = str(info.value)
+    assert "tr.load(path)" in said and "tr = Trainer.load(path)" in said, said
+    assert "tr = Trainer.load(path, progress=True)" in said, said  # overrides as keywords
+    assert other.versions == {"stage0": 0, "stage1": 0, "stage2": 0}  # untouched
+    assert_params_equal(other.params, before)
+    with pytest.raises(TypeError, match=r"tr = Trainer\.load\(path\)"):
+        other.load()  # (refused however it is called: no path at all either)
+    # from the class, as before: the trainer resumed
+    back = ann.Trainer.load(tmp_path / "ckpt")
+    assert type(back) is ann.Trainer and back.versions == tr.versions
+    assert_params_equal(back.params, tr.params)
+    assert ann.Trainer.load.__doc__ and "resumed from" in ann.Trainer.load.__doc__
+    # a subclass's load gives one of its own, and names itself where it is refused
+    mine = _TrainerOfMine.load(tmp_path / "ckpt", progress=False)
+    assert type(mine) is _TrainerOfMine and mine.versions == tr.versions
+    with pytest.raises(TypeError, match=r"tr = _TrainerOfMine\.load\(path\)"):
+        mine.load(tmp_path / "ckpt")
+    assert hasattr(tr, "load")  # reading the attribute is no call: nothing raised
+
+
+class _FloatKeyed(ann.LayerActor):
+    """An actor whose state, from ``setup`` on, has a float dict key (which no checkpoint
+    keeps; a trace does)."""
+
+    def setup(self) -> None:
+        self.state = {0.5: np.zeros(2)}
+
+    def actor_state(self):
+        return self.state
+
+    def load_actor_state(self, state):
+        self.state = state
+
+
+def test_checkpoint_every_refuses_an_actor_state_it_cannot_save_before_training(tmp_path):
+    # (refused only by the first checkpoint's save, after a whole epoch had trained)
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("a", nn.Linear(5, 4), x)
+    h = g.layer("b", nn.Linear(4, 3), h, actor=_FloatKeyed)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    starts = _Starts()
+    with pytest.raises(
+        TypeError,
+        match=r"cannot save the actor state of 'b' \(its actor_state\(\)\): at its top a dict "
+        r"has the key 0\.5; a checkpoint keeps str and int keys.*checkpoint_every",
+    ):
+        tr.fit(_data(), epochs=2, batch_size=8, checkpoint_dir=tmp_path / "d", checkpoint_every=1,
+               callbacks=[starts])  # fmt: skip
+    assert starts.started  # (callbacks started: the check needs the actors set up)
+    assert tr.state.minibatches == 0 and tr.versions == {"a": 0, "b": 0}  # nothing trained
+    assert tr.history.losses == []
+    assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []
+    tr.fit(_data(), epochs=1, batch_size=8)  # without checkpoints, it trains as before
+    assert tr.state.minibatches == 5

@@ -324,6 +324,9 @@ class RangeCheck:
     reader: str
     #: how to mend them
     fix: str
+    #: a value outside ``[0, size)`` that is allowed all the same (a cross-entropy loss's
+    #: ``ignore_index``: such a label is no class, and its position is left out), or None
+    ignored: int | None = None
 
 
 def upstream(graph: Graph, targets: Iterable[str]) -> set[str]:
@@ -384,10 +387,29 @@ def range_checks(
                 f"loss {name!r} ({type(node.module).__name__} over the {classes} classes of "
                 f"{logits!r})"
             )
-            checks.append(
-                RangeCheck(labels, classes, "label", reader, f"labels must be in 0..{classes - 1}")
-            )
+            fix, ignored = _label_rule(node.module, node.device, classes)
+            checks.append(RangeCheck(labels, classes, "label", reader, fix, ignored))
     return checks
+
+
+def _label_rule(loss: Any, device: str, classes: int) -> tuple[str, int | None]:
+    """How a cross-entropy loss's labels are mended, and the label it ignores (its
+    ``ignore_index``) where it does: a loss on the CPU, or one with an option set, which is
+    composed of ops that leave such positions out; not the fused GPU kernel of a loss at its
+    defaults, which reads no labels back to the host and gives NaN for any label outside
+    ``[0, C)`` (see ``CrossEntropyLoss``)."""
+    fix = f"labels must be in 0..{classes - 1}"
+    index = getattr(loss, "ignore_index", None)
+    if not isinstance(index, int) or 0 <= index < classes:
+        return fix, None  # (an ignore_index among the classes is in range anyway)
+    has_options = getattr(loss, "_has_options", None)
+    if device == "cpu" or (has_options is not None and has_options()):
+        return f"{fix}, or {index} (the loss's ignore_index)", index
+    return (
+        f"{fix}; on a GPU a loss at its defaults computes in one fused kernel that does not "
+        f"ignore {index} (its ignore_index): set an option to have it ignored there (weight="
+        f"(1.0,) * {classes} is the same loss), or map such labels into range"
+    ), None
 
 
 def _lengths_check(
@@ -435,7 +457,7 @@ def check_ranges(
         values = data[check.input]
         if np.dtype(values.dtype).kind not in "iu" or (not device and is_cupy_array(values)):
             continue
-        found = _first_outside(values, check.size)
+        found = _first_outside(values, check.size, check.ignored)
         if found is not None:
             value, where = found
             raise ValueError(
@@ -444,10 +466,11 @@ def check_ranges(
             )
 
 
-def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
-    """The first integer of ``values`` (rows first) outside ``[0, n)`` and where it is, or None;
-    read in chunks of rows (:func:`row_chunks`), so that the memory it takes is bounded whatever
-    the size of ``values`` (a memory map, an h5py data set)."""
+def _first_outside(values: Any, n: int, ignored: int | None = None) -> tuple[int, str] | None:
+    """The first integer of ``values`` (rows first) outside ``[0, n)`` and other than
+    ``ignored``, and where it is, or None; read in chunks of rows (:func:`row_chunks`), so that
+    the memory it takes is bounded whatever the size of ``values`` (a memory map, an h5py data
+    set)."""
     for start, chunk in row_chunks(values):
         if type(chunk) is not np.ndarray and not is_cupy_array(chunk):
             chunk = np.asarray(chunk)  # (an h5py data set read whole)
@@ -457,7 +480,12 @@ def _first_outside(values: Any, n: int) -> tuple[int, str] | None:
         if lo >= 0 and hi < n:
             continue
         part = np.asarray(to_numpy(chunk))  # (only here: a GPU chunk comes to the host)
-        index = np.unravel_index(int(np.argmax((part < 0) | (part >= n))), part.shape)
+        outside = (part < 0) | (part >= n)
+        if ignored is not None:
+            outside &= part != ignored
+            if not outside.any():
+                continue
+        index = np.unravel_index(int(np.argmax(outside)), part.shape)
         at = (start + int(index[0]), *(int(i) for i in index[1:]))
         return int(part[index]), (f"row {at[0]}" if len(at) == 1 else f"index {at}")
     return None

@@ -146,9 +146,10 @@ class Graph:
             actor: a :class:`~asyncnn.LayerActor` subclass with custom ``on_forward`` /
                 ``on_backward`` handlers (default: the plain layer actor).
             actor_args: keyword arguments of the custom actor's ``setup`` (plain values:
-                None, bool, int, float, str, and lists and string-keyed dicts of those). They
-                are part of the graph's spec, so they reach worker processes, traces and
-                checkpoints.
+                None, bool, int, float, str, and lists and string-keyed dicts of those; a
+                tuple is taken as a list, so ``setup`` gets a list in every process). They are
+                part of the graph's spec, so they reach worker processes, traces and
+                checkpoints; ``setup`` gets a copy of them.
             stop_gradient: the layer trains from the gradient of its own output but sends none
                 to its inputs; the layers before it then neither wait for nor get a backward
                 message from it (local learning: each stage learns from its own loss, and its

@@ -647,8 +647,8 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
         inspect.signature(actor.setup).bind(**node.actor_args)
     except TypeError as exc:  # the arguments do not fit the hook: the graph's fault
         raise GraphError(f"{where}{cls.__name__}.setup: {exc}") from exc
-    try:
-        done = actor.setup(**node.actor_args)
+    try:  # a copy: a setup that changes a list argument in place must not change the graph
+        done = actor.setup(**copy.deepcopy(node.actor_args))
     except TypeError as exc:
         said = str(exc)
         if said.startswith(where):  # the base's own refusal, which names the layer and class

@@ -189,6 +189,16 @@ def _plain(value: Any) -> bool:
     return False
 
 
+def _as_spec_carries(value: Any) -> Any:
+    """A plain value (:func:`_plain`) as a spec carries it to another process: its tuples as
+    lists, and its lists and dicts copied (all the way down)."""
+    if isinstance(value, list | tuple):
+        return [_as_spec_carries(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_spec_carries(v) for k, v in value.items()}
+    return value
+
+
 def check_sync_hooks(name: str, actor: type) -> None:
     """Raises GraphError where the custom actor class of layer ``name`` defines ``setup``,
     ``actor_state`` or ``load_actor_state`` with ``async def``; ``Graph.layer`` checks it when
@@ -206,7 +216,13 @@ def check_sync_hooks(name: str, actor: type) -> None:
 
 def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
     """The custom actor's ``setup`` arguments, checked to be plain values it accepts (and the
-    actor, to be a ``LayerActor`` subclass whose synchronous hooks are plain defs)."""
+    actor, to be a ``LayerActor`` subclass whose synchronous hooks are plain defs), as the
+    node keeps them: a copy in which every tuple is a list.
+
+    A spec (msgpack) carries a tuple as a list, so ``setup`` got a tuple in the process that
+    built the graph and a list after ``Trainer.load``, on a cluster's workers and in a replay;
+    taken as a list here, it gets the same list everywhere (and the caller's own lists, changed
+    later, are not the graph's)."""
     from ._actors import LayerActor  # the actors run; a graph only names one
 
     if actor is not None and not (isinstance(actor, type) and issubclass(actor, LayerActor)):
@@ -247,7 +263,7 @@ def check_actor_args(name: str, actor: Any, args: Mapping[str, Any] | None) -> d
                 f"layer {name!r}: {actor.__name__}.setup does not take actor_args "
                 f"{sorted(args)}: {exc}"
             ) from exc
-    return dict(args)
+    return {k: _as_spec_carries(v) for k, v in args.items()}
 
 
 def _init_offset(node: Node, offset: Any) -> int | None:

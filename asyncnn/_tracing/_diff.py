@@ -46,9 +46,12 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     (earliest in ``a``'s time): a reordered message, a tensor that differs, or an update that
     made other weights (``kind="update"``; traces whose updates carry the weights' digests).
     Every candidate is ranked on ``a``'s clock alone (``b``'s starts elsewhere): work, a message
-    or an update that only ``b`` has counts where ``a``'s events of its actor end (where ``a``
-    ends, for an actor it has no events of or an ``a`` cut off), after a divergence ``a`` shows
-    there.
+    or an update that only ``b`` has counts, after a divergence ``a`` shows there, where the
+    runs part: for work of a key that ``a`` never admitted, at the admit where the two runs'
+    admits part (``a``'s admit of another key there, or where ``a``'s run ends), and of such
+    work the first that ``b`` did (the key's first compute, not the actor whose events end
+    first in ``a``), its ``reason`` naming that admit; for other work, where ``a``'s events of
+    its actor end (where ``a`` ends, for an actor it has no events of or an ``a`` cut off).
 
     A trace cut off mid-record (:attr:`Trace.truncated`: its run did not finish writing) lacks
     the rest of its run, which then looks like a divergence where it ends: the divergence's
@@ -64,11 +67,22 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     _check_comparable(tb)
     sa, sb = _starts(ta), _starts(tb)
     ends = _actor_ends(ta)
+    parting = _Parting(ta, tb)
+    b_time = {(actor, e.seq): e.time for actor, ops in sb.items() for e in ops}
+
+    def lacked(actor: str, key: int) -> float:
+        # where work that a lacks sits on a's clock: work of a key a never admitted where the
+        # runs part (the admit that differs, or a's end), before any divergence a shows after
+        # that; other work where a's events of its actor end
+        at = parting.at(key)
+        return ends(actor) if at is None else at
+
     # every candidate is ranked on a's clock alone (b's reads from another start): (time in a,
-    # what a lacks of it, seq); work a lacks sits where a's events of its actor end, after any
-    # divergence a shows at that point, and a send or update of an op a started before an op
-    # a never started
-    found: list[tuple[tuple[float, int, int], Divergence]] = []
+    # what a lacks of it, time in b, seq); work a lacks sits as `lacked` says, after any
+    # divergence a shows at that point, a send or update of an op a started before an op a
+    # never started, and of two that a lacks, the one b did first (the first work of the key
+    # where the runs part, not the actor whose events happen to end first in a)
+    found: list[tuple[tuple[float, int, float, int], Divergence]] = []
     for actor in sorted(set(sa) | set(sb)):
         ops_a, ops_b = sa.get(actor, []), sb.get(actor, [])
         for i in range(max(len(ops_a), len(ops_b))):
@@ -79,13 +93,15 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
             ref = ea if ea is not None else eb
             assert ref is not None
             if ea is None or eb is None:
-                reason = "one run did more work here than the other"
+                reason = "one run did more work here than the other" + parting.note(ref.key)
             else:
                 reason = (
                     f"first run processed the {ea.kind} of key {ea.key}, the second the "
                     f"{eb.kind} of key {eb.key}"
                 )
-            rank = (ea.time, 0, i) if ea is not None else (ends(actor), 2, i)
+            rank = (
+                (ea.time, 0, 0.0, i) if ea is not None else (lacked(actor, ref.key), 2, ref.time, i)
+            )
             found.append(
                 (
                     rank,
@@ -108,9 +124,10 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
         if t == float("inf"):
             ops = sa.get(d.actor, [])
             started = d.seq < len(ops) and ops[d.seq].seq == d.seq
-            rank = (ends(d.actor), 1 if started else 2, d.seq)
+            at_b = b_time.get((d.actor, d.seq), float("inf"))
+            rank = (lacked(d.actor, d.key), 1 if started else 2, at_b, d.seq)
         else:
-            rank = (t, 0, d.seq)
+            rank = (t, 0, 0.0, d.seq)
         found.append((rank, _of_two_runs(d)))
     cut = [t for t in (ta, tb) if t.truncated]
     if not found:
@@ -163,6 +180,58 @@ def _at_the_cut(cut: list[Trace]) -> Divergence:
     if last is None:
         return Divergence("", -1, -1, "", reason=reason)
     return Divergence(last.actor, last.seq, last.key, last.kind, reason=reason)
+
+
+class _Parting:
+    """Where the two runs' admits part: the first admit whose key differs, or where one run's
+    admits end and the other's go on."""
+
+    def __init__(self, a: Trace, b: Trace) -> None:
+        admits_a = [e for e in a.events if e.what == "admit" and "key" in e]
+        admits_b = [e for e in b.events if e.what == "admit" and "key" in e]
+        self.admitted_a = {e.key for e in admits_a}
+        self.admitted_b = {e.key for e in admits_b}
+        j = next(
+            (
+                i
+                for i, (ea, eb) in enumerate(zip(admits_a, admits_b, strict=False))
+                if ea.key != eb.key
+            ),
+            min(len(admits_a), len(admits_b)),
+        )
+        self.last_a = admits_a[j - 1].key if j else None
+        self.instead = admits_a[j].key if j < len(admits_a) else None
+        self.first_b = admits_b[j].key if j < len(admits_b) else None
+        # on a's clock: a's admit there, or where a's run ends (its last event before the
+        # closing record, which is written after the run)
+        if j < len(admits_a):
+            self.time: float = admits_a[j].time
+        else:
+            times = [e.time for e in a.events if "t" in e and e.what != "close"]
+            self.time = max(times, default=float("inf"))
+
+    def at(self, key: int) -> float | None:
+        """Where work of ``key`` that only the second run did sits on the first's clock: where
+        the runs part, for a key the first never admitted; else None."""
+        return self.time if key in self.admitted_b and key not in self.admitted_a else None
+
+    def note(self, key: int) -> str:
+        """What a divergence of work of ``key`` that one run alone did says of the admits."""
+        if key not in self.admitted_a and key in self.admitted_b:
+            also = "" if key == self.first_b else f"; the first run never admitted key {key}"
+            if self.instead is not None:
+                return (
+                    f": the runs part at the second run's admit of key {self.first_b}, where "
+                    f"the first admitted key {self.instead}{also}"
+                )
+            after = "" if self.last_a is None else f" (its admits end at key {self.last_a})"
+            return (
+                f": the runs part at the second run's admit of key {self.first_b}, which the "
+                f"first run never admitted{after}{also}"
+            )
+        if key in self.admitted_a and key not in self.admitted_b and self.admitted_b:
+            return f": the first run admitted key {key}, which the second never did"
+        return ""
 
 
 def _actor_ends(trace: Trace) -> Callable[[str], float]:

@@ -57,7 +57,12 @@ def sent_bytes(e: Event) -> int:
 class Occupancy:
     """Follows what the runtime holds as events stream by: keys in flight (admitted and not yet
     through every layer's backward), and per layer the stored activations and the parameter
-    versions they reference (the same counting as :class:`~asyncnn.ActorStatistics`).
+    versions they reference (the same counting as :class:`~asyncnn.ActorStatistics` where
+    forwards keep their pullbacks; under ``stash=False`` a stored key keeps its inputs, not
+    its weights, and ``ActorStatistics`` counts the latest version alone, where this counts the
+    versions the stored keys computed with, as ``docs/trace_format.md`` defines the counter).
+    Each actor's events are on its own process's clock, so a cluster run's merged trace counts
+    as one process's does.
 
     :meth:`feed` returns what changed: ``("in_flight", n)`` or ``(actor, stored, versions)``.
 
@@ -210,12 +215,18 @@ def summary(
         closing record its writer writes, as that of a killed process does; None for a trace
         whose writer writes none), ``cut_mid_record`` (the file ends inside a record: its
         writer stopped mid-write), ``missing_workers`` (workers of a failed or
-        interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of the last event),
+        interrupted cluster run whose events the trace lacks), ``events``, ``seconds`` (time of
+        the last event), ``run_seconds`` (the run's span: from its first ``admit`` to its last
+        event; the set-up before the first admit, tens of milliseconds for a process's first
+        run, is not part of it; for a trace without admits, from its first compute),
         ``policy``, ``keys`` (admitted), ``minibatches``, ``bytes_moved`` (sum of the bytes of
-        every sent tensor), ``in_flight`` (``max`` and time-weighted ``mean`` of the keys in
-        flight), ``losses`` (count, ``first``, ``last``), ``errors`` (messages), ``plots`` (paths
-        written) and ``actors``: per actor its ``kind``, ``busy_seconds``, ``idle_seconds``,
-        ``busy_fraction``, ``forwards``, ``backwards`` (the two halves of a split one count
+        every sent tensor), ``in_flight`` (``max`` and ``mean``, weighted by time over
+        ``run_seconds``, of the keys in flight), ``losses`` (count, ``first``, ``last``),
+        ``errors`` (messages), ``plots`` (paths written) and ``actors``: per actor its
+        ``kind``, ``busy_seconds``, ``idle_seconds`` (``run_seconds`` less ``busy_seconds``: an
+        actor is idle from the run's first admit on, as :class:`~asyncnn.ActorStatistics`
+        counts from the actor's start; 0 for an input), ``busy_fraction`` (``busy_seconds`` over
+        ``run_seconds``), ``forwards``, ``backwards`` (the two halves of a split one count
         once), ``updates``, ``messages_in``, ``messages_out``, ``bytes_out``,
         ``staleness_mean`` / ``staleness_max`` (over the gradients its updates applied: the
         delays its ``update`` events list, the version at the update minus the version the
@@ -243,6 +254,9 @@ def summary(
     missing: set[int] = set()
     flight: list[tuple[float, int]] = [(0.0, 0)]
     flight_area = 0.0
+    # where the run begins: its first admit (the set-up before it is no one's idle time), or
+    # an earlier compute (a cluster worker's clock matches the driver's only to a millisecond)
+    begin: float | None = None
     flight_max = 0
     devices = node_devices(reader.header)
     # each device's spans of work, for the time any ran (a union: kept until the end)
@@ -255,6 +269,8 @@ def summary(
             continue  # (written as the trace closed, after the run: not a time of the run)
         t = float(e.get("t", t_last))
         t_last = max(t_last, t)
+        if ev in ("admit", "start") and "t" in e and (begin is None or t < begin):
+            begin = t
         for change in occ.feed(e):
             if change[0] == "in_flight":
                 t0, n0 = flight[-1]
@@ -319,8 +335,8 @@ def summary(
             if keep:
                 st.intervals.append((t0, t, kind))
     t0, n0 = flight[-1]
-    flight_area += n0 * (t_last - t0)
-    span = t_last
+    flight_area += n0 * (t_last - t0)  # (none in flight before the first admit: no area)
+    span = t_last - (t_last if begin is None else min(begin, t_last))
     out_actors: dict[str, dict[str, Any]] = {}
     for name, st in actors.items():
         if st.open is not None:  # cut off mid-compute: count it up to the end
@@ -351,7 +367,8 @@ def summary(
         "cut_mid_record": reader.cut_mid_record,
         "missing_workers": sorted(missing),
         "events": events,
-        "seconds": span,
+        "seconds": t_last,
+        "run_seconds": span,
         "policy": policy.get("type", "") if isinstance(policy, dict) else "",
         "keys": keys,
         "minibatches": len(minibatches),
@@ -377,7 +394,7 @@ def summary(
     }
     if plots is not None:
         flight.append((t_last, flight[-1][1]))
-        result["plots"] = _plot(str(plots), flight, actors, span)
+        result["plots"] = _plot(str(plots), flight, actors, t_last)
     return result
 
 
@@ -431,6 +448,11 @@ def format_summary(s: dict[str, Any]) -> str:
     """The dict of :func:`summary` as a readable table."""
     lines = [
         f"{s['path']}: {s['events']} events over {s['seconds']:.3f} s"
+        + (
+            f" (the run: {s['run_seconds']:.3f} s from its first admit, which idle and busy count)"
+            if "run_seconds" in s
+            else ""
+        )
         + (
             f" (TRUNCATED: {unclosed_reason(s.get('closed'), s.get('cut_mid_record', False))})"
             if s["truncated"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from ._module import (
     Initializer,
@@ -75,17 +77,34 @@ class _ConvNd(Module):
     padding: Any = 0
     dilation: Any = 1
     bias: bool = True
+    groups: int = 1
 
     _n = 0  # spatial dimensions (a class constant, not a field)
 
     def __post_init__(self) -> None:
-        _ints(type(self).__name__, "in_channels", self.in_channels, 1, 1)
-        _ints(type(self).__name__, "out_channels", self.out_channels, 1, 1)
+        owner = type(self).__name__
+        _ints(owner, "in_channels", self.in_channels, 1, 1)
+        _ints(owner, "out_channels", self.out_channels, 1, 1)
+        _ints(owner, "groups", self.groups, 1, 1)
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % self.groups:
+                raise ValueError(
+                    f"{owner}: {name} {getattr(self, name)} is not divisible by groups "
+                    f"{self.groups}: each of the groups convolves in_channels / groups input "
+                    "channels into out_channels / groups outputs; give groups that divides "
+                    f"both in_channels ({self.in_channels}) and out_channels "
+                    f"({self.out_channels}) (groups=in_channels is a depthwise convolution)"
+                )
         _normalize(self, self._n, {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1})
         check_flags(self, "bias")
 
     def _weight_shape(self) -> Shape:
-        return (self.out_channels, self.in_channels, *_tup(self.kernel_size, self._n))
+        # torch's (out, in / groups, *kernel): each output channel sees its group's inputs only
+        return (
+            self.out_channels,
+            self.in_channels // self.groups,
+            *_tup(self.kernel_size, self._n),
+        )
 
     def _expected(self) -> dict[str, Shape]:
         shapes = {"weight": self._weight_shape()}
@@ -116,6 +135,8 @@ class _ConvNd(Module):
         self._check_input(x)
         if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
             raise float_input_error(self, x, params["weight"])
+        if self.groups != 1:
+            return self._grouped(params, x)
         conv = ops_nn.conv1d if self._n == 1 else ops_nn.conv2d
         return conv(
             x,
@@ -125,6 +146,56 @@ class _ConvNd(Module):
             padding=self.padding,
             dilation=self.dilation,
         )
+
+    def _grouped(self, params: Any, x: Any) -> Any:
+        """A grouped convolution as one batched matrix product over the groups.
+
+        The conv primitive takes no groups, and a loop of one conv per channel slice would make
+        the backward quadratic in the groups (each slice's gradient is a zero array of the
+        whole input's size). Here the input's windows are gathered once, per kernel offset
+        (strided slices of the zero-padded input, as the primitive's own im2col), laid out
+        ``(N, groups, in/groups * K, positions)``, and multiplied by the weight seen as
+        ``(groups, out/groups, in/groups * K)``.
+        """
+        n = self._n
+        sizes = (self.kernel_size, self.stride, self.padding, self.dilation)
+        k, s, p, d = (_tup(v, n) for v in sizes)
+        shape = tuple(ops.raw(x).shape)
+        out = _out_sizes(shape[2:], k, s, p, d, n)
+        if min(out) < 1:  # (the message the conv primitive gives for groups=1)
+            raise ValueError(
+                f"{self!r}: the kernel {k} (dilation {d}) is larger than the padded input: "
+                f"input {shape} with padding {p}; use a smaller kernel or more padding"
+            )
+        xp, dtype = ops.namespace_of(x), ops.raw(x).dtype
+        for axis, pad in enumerate(p, start=2):  # zeros on both sides, as the primitive's
+            if pad:
+                edge = list(ops.raw(x).shape)
+                edge[axis] = pad
+                zeros = xp.zeros(tuple(edge), dtype=dtype)
+                x = ops.concatenate([zeros, x, zeros], axis=axis)
+        windows = [
+            ops.getitem(
+                x,
+                (slice(None), slice(None))
+                + tuple(
+                    slice(o * di, o * di + si * (m - 1) + 1, si)
+                    for o, di, si, m in zip(offset, d, s, out, strict=True)
+                ),
+            )
+            for offset in itertools.product(*(range(ki) for ki in k))
+        ]
+        g = self.groups
+        batch, taps, positions = shape[0], math.prod(k), math.prod(out)
+        cols = ops.reshape(
+            ops.stack(windows, axis=2),  # (N, C, K, *out): C = group * in/g + channel
+            (batch, g, self.in_channels // g * taps, positions),
+        )
+        w = ops.reshape(params["weight"], (g, self.out_channels // g, self.in_channels // g * taps))
+        y = ops.reshape(ops.matmul(w, cols), (batch, self.out_channels, *out))
+        if self.bias:
+            y = ops.add(y, ops.reshape(params["bias"], (self.out_channels,) + (1,) * n))
+        return y
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         shape = input_shapes[0]
@@ -146,9 +217,17 @@ class _ConvNd(Module):
 class Conv1d(_ConvNd):
     """1-D convolution (cross-correlation) on (N, C, L) input, torch's layout and init.
 
-    Params: ``{"weight": (out_channels, in_channels, kernel_size), "bias": (out_channels,)}``,
-    both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = in_channels * kernel_size``.
-    Sizes are ints; padding is zeros on both sides.
+    Params: ``{"weight": (out_channels, in_channels // groups, kernel_size),
+    "bias": (out_channels,)}``, both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
+    ``fan_in = in_channels // groups * kernel_size``. Sizes are ints; padding is zeros on both
+    sides.
+
+    Attributes:
+        groups: as torch's: the channels split into ``groups`` blocks, and output block ``i``
+            (``out_channels // groups`` channels) convolves input block ``i`` only;
+            ``groups=in_channels`` is a depthwise convolution. Both channel counts must be
+            divisible by it. Given after ``bias`` (so a positional ``bias`` keeps its place):
+            pass it by name, ``Conv1d(8, 8, 3, groups=8)``.
     """
 
     _n = 1
@@ -158,9 +237,18 @@ class Conv1d(_ConvNd):
 class Conv2d(_ConvNd):
     """2-D convolution (cross-correlation) on NCHW input, torch's layout and init.
 
-    Params: ``{"weight": (out_channels, in_channels, kh, kw), "bias": (out_channels,)}``.
-    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` are ints or (height, width) pairs
-    (stored as pairs, so ``Conv2d(1, 8, 3) == Conv2d(1, 8, (3, 3))``).
+    Params: ``{"weight": (out_channels, in_channels // groups, kh, kw),
+    "bias": (out_channels,)}``, both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
+    ``fan_in = in_channels // groups * kh * kw``. ``kernel_size``, ``stride``, ``padding`` and
+    ``dilation`` are ints or (height, width) pairs (stored as pairs, so
+    ``Conv2d(1, 8, 3) == Conv2d(1, 8, (3, 3))``).
+
+    Attributes:
+        groups: as torch's: the channels split into ``groups`` blocks, and output block ``i``
+            (``out_channels // groups`` channels) convolves input block ``i`` only;
+            ``groups=in_channels`` is a depthwise convolution (MobileNet's). Both channel
+            counts must be divisible by it. Given after ``bias`` (so a positional ``bias``
+            keeps its place): pass it by name, ``Conv2d(32, 32, 3, padding=1, groups=32)``.
     """
 
     _n = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,22 +104,59 @@ class Embedding(Module):
     those of host arrays at each step (of GPU arrays with ``check_data=True``), and with
     ``check_finite=True`` the run fails on the NaN with this module's ``IndexError``.
 
+    Args:
+        num_embeddings: the rows of the table (the vocabulary's size).
+        embedding_dim: the length of each row.
+        padding_idx: a row that gets no gradient (a zero one), as torch's: it is initialized
+            to zeros and keeps the value it is initialized or loaded with (a padding token's
+            vector; an optimizer's weight decay still shrinks it, as in torch); looking it up
+            gives the row as any other. A negative one counts from the end, as in torch, and
+            is kept as the row's index (``padding_idx=-1`` is ``num_embeddings - 1``). None
+            (the default): every row trains.
+
     Raises:
         TypeError: ids that are not an integer array (floats, bools, Python lists), naming the
-            module and the ids' dtype.
+            module and the ids' dtype; a ``padding_idx`` that is not an int or None.
+        ValueError: a ``padding_idx`` outside ``[-num_embeddings, num_embeddings)``.
         IndexError: an id outside ``[0, num_embeddings)`` (numpy ids), naming the module, the
             id and its position in ``ids``.
     """
 
     num_embeddings: int
     embedding_dim: int
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         _check_size("Embedding", "num_embeddings", self.num_embeddings)
         _check_size("Embedding", "embedding_dim", self.embedding_dim)
+        index, n = self.padding_idx, self.num_embeddings
+        if index is None:
+            return
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"Embedding: padding_idx must be an int or None, got {index!r}")
+        if not -n <= index < n:
+            raise ValueError(
+                f"Embedding: padding_idx must be in [{-n}, {n}) (a row of the table; a negative "
+                f"one counts from the end), got {index!r}"
+            )
+        object.__setattr__(self, "padding_idx", int(index) % n)
+
+    def __repr__(self) -> str:
+        # padding_idx only where set: messages name the plain table as they always have
+        padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (
+            f"{type(self).__name__}(num_embeddings={self.num_embeddings}, "
+            f"embedding_dim={self.embedding_dim}{padding})"
+        )
 
     def init_params(self, init: Initializer) -> Any:
-        return {"weight": init.normal((self.num_embeddings, self.embedding_dim))}
+        shape = (self.num_embeddings, self.embedding_dim)
+        if self.padding_idx is None:
+            return {"weight": init.normal(shape)}
+        # the draws of init.normal, so the other rows are those of a table without padding_idx
+        host = init.rng.normal(0.0, 1.0, size=shape)
+        host[self.padding_idx] = 0.0
+        return {"weight": init.asarray(host)}
 
     def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
         check_params(self, params, {"weight": (self.num_embeddings, self.embedding_dim)})
@@ -127,13 +165,19 @@ class Embedding(Module):
         if kind not in ("i", "u"):
             raise self._ids_type_error(value)
         try:
-            return ops_nn.embedding(params["weight"], ids)
+            rows = ops_nn.embedding(params["weight"], ids)
         except IndexError:
             # the op checked them but cannot name the module or the position: said again here,
             # only on the way to the error (a second pass over the ids every forward otherwise)
             if ops_nn.ids_on_host(value):
                 self.check_ids(value)
             raise
+        if self.padding_idx is None:
+            return rows
+        # the padding row's lookups as constants: their gradient reaches no row of the table
+        # (on the looked-up rows, the size of the output, not the whole table)
+        padding = ops.namespace_of(value).expand_dims(value == self.padding_idx, -1)
+        return ops.where(padding, ops.raw(rows), rows)
 
     def check_ids(self, ids: Any) -> None:
         """Checks integer ``ids`` (numpy or GPU: read on the host, one copy) against the table.
