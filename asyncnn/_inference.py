@@ -80,23 +80,19 @@ def evaluate_loss(
 
 
 def _mean_weight(module: Any, batch: Mapping[str, Any], inputs: Sequence[str], rows: int) -> float:
-    """What a mean loss of ``batch`` divides by: its rows, or for a built-in
-    ``CrossEntropyLoss`` the weights of the labels it counts (one each where it has no
-    ``weight``: the labels other than its ``ignore_index``), so that the batches' means,
-    weighted by it, give the mean of the whole data at once (as torch's)."""
+    """What a mean loss of ``batch`` divides by, in rows: a built-in ``CrossEntropyLoss``'s
+    labels' weight (:meth:`~asyncnn.nn.CrossEntropyLoss.mean_weight`) as a share of its
+    labels' number, times the rows; else the rows. The batches' means, weighted by it, give
+    the mean of the whole data at once (as torch's)."""
     from ._math._nn import CrossEntropyLoss
 
     if not isinstance(module, CrossEntropyLoss) or len(inputs) != 2 or inputs[1] not in batch:
         return float(rows)
     labels = np.asarray(to_numpy(batch[inputs[1]]))
-    if labels.dtype.kind not in "iu":
+    weight = module.mean_weight(labels)
+    if weight is None or weight == labels.size:  # (every label counted, each weighing 1)
         return float(rows)
-    counted = labels != module.ignore_index
-    if module.weight is None:  # (every label counted: its rows, the same mean's weight)
-        return float(rows) if counted.all() else float(counted.sum()) * rows / max(labels.size, 1)
-    weights = np.asarray(module.weight, dtype=np.float64)
-    picked = np.where(counted, labels, 0).clip(0, len(weights) - 1)
-    return float(np.where(counted, weights[picked], 0.0).sum())
+    return weight * rows / max(labels.size, 1)
 
 
 def _classifiers(graph: Graph) -> list[str]:

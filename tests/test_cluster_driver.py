@@ -198,7 +198,7 @@ async def test_a_worker_that_stops_reading_its_share_is_caught_though_the_share_
     driver = _shm.ShmConnection(sa, "worker 0", 1 << 30, ca, cb.describe(), slab_bytes=1 << 20)
     worker = _shm.ShmConnection(sb, "driver", 1 << 30, cb, ca.describe())  # (stopped: no reads)
 
-    async def died(cluster: Any, w: int, hosted: Any, exc: BaseException) -> Exception:
+    async def died(cluster: Any, w: int, hosted: Any, exc: BaseException, **_: Any) -> Exception:
         return WorkerError(w, hosted, f"died: {exc}")
 
     monkeypatch.setattr(_driver, "_died", died)
@@ -258,3 +258,65 @@ async def test_an_actor_failure_read_as_the_readers_are_cancelled_is_still_raise
     (err,) = raised
     assert isinstance(err, ann.ActorError) and err.actor == "fails"
     assert isinstance(err.__cause__, ZeroDivisionError)
+
+
+class _Frames:
+    """A worker's connection that holds ``frames``, then is closed by the worker."""
+
+    def __init__(self, *frames: tuple[dict[str, Any], list[Any]]) -> None:
+        self.frames = list(frames)
+
+    def received_progress(self, peek: bool = True) -> int:
+        return 0
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        if not self.frames:
+            raise EOFError("worker 0 closed the connection")
+        return self.frames.pop(0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("events", ["sent", "lost"])
+async def test_an_error_report_comes_before_the_workers_events_which_may_not_follow(
+    anyio_backend: str, events: str
+) -> None:
+    # the report rode with the worker's events in one frame: one too large to go in time was
+    # lost whole, and the run said "worker 0 died". The report now goes first; the events
+    # follow in a frame of their own, and where they never come the report is still the error
+    from asyncnn._cluster._driver_read import DroppedTrace
+
+    report = {"t": "error", "type": "ActorError", "message": "actor 'fails' failed",
+              "traceback": "tb", "actor": "fails", "kind": "forward", "key": 1,
+              "cause": "ZeroDivisionError: division by zero",
+              "cause_class": ["builtins", "ZeroDivisionError"],
+              "cause_message": "division by zero", "trace_follows": True}  # fmt: skip
+    trace = np.frombuffer(b"the worker's events", np.uint8)
+    conn = _Frames(
+        (report, []), *([({"t": "trace", "trace": 0}, [trace])] if events == "sent" else [])
+    )
+    cluster, run = _one_worker(conn, 10.0)
+    with anyio.fail_after(5), pytest.raises(ann.ActorError) as info:
+        await _driver._read_worker(cluster, run, 0, ["fails"])
+    assert info.value.actor == "fails" and isinstance(info.value.__cause__, ZeroDivisionError)
+    kept = run.worker_traces[0]
+    if events == "sent":
+        assert bytes(kept) == b"the worker's events"
+    else:
+        assert isinstance(kept, DroppedTrace) and "did not come" in kept.reason
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("before", [0, 1])
+async def test_a_worker_that_dies_before_it_sent_anything_is_said_to_die_as_the_run_starts(
+    anyio_backend: str, before: int
+) -> None:
+    # a worker killed in the moment before a fit (its death not yet seen when the fit started)
+    # was said to have "died during the run ... its actors' work is lost"
+    beat = {"t": "hb", "age": 0.0, "describe": {}}
+    cluster, run = _one_worker(_Frames(*[(beat, [])] * before), 10.0)
+    run.last_event, run.actors = 0.0, {}
+    with anyio.fail_after(5), pytest.raises(ann.WorkerError) as info:
+        await _driver._read_worker(cluster, run, 0, ["s1"])
+    said = str(info.value)
+    assert ("as the run started" in said) == (before == 0)
+    assert ("died during the run" in said) == (before == 1)

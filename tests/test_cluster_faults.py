@@ -288,6 +288,9 @@ class _FrameCatcher:
     async def send(self, header: dict[str, Any], buffers: Any = None) -> None:
         self.frames.append(header)
 
+    def sent_progress(self) -> int:
+        return len(self.frames)
+
 
 def _failed_actor(cause: BaseException) -> ann.ActorError:
     try:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 from typing import Any
 
 import anyio
@@ -403,6 +404,9 @@ async def test_a_worker_reports_an_error_with_a_huge_message_within_the_header_l
         async def send(self, frame: dict[str, Any], buffers: Any = ()) -> None:
             sent.append(frame)
 
+        def sent_progress(self) -> int:
+            return len(sent)
+
     try:
         raise ValueError("x" * 3_000_000 + " the end")
     except ValueError as exc:
@@ -534,3 +538,116 @@ def test_an_actor_state_of_mixed_keys_crosses_to_the_workers_in_its_order() -> N
         many = state_after_two_fits(cluster)
     assert one == {"total": 8, 0: 2, 1: 2, 2: 2, 3: 2}
     assert many == one and list(many) == list(one)
+
+
+# -- a worker's end of a run: markers that never come, a link that takes nothing ---------------
+
+
+class _Link:
+    """One of a worker's links as its part of a run uses it: it receives ``frames`` in turn and
+    then nothing, ever; a send of a frame whose type is in ``stuck`` (``"buffers"``: any frame
+    with buffers) never completes, nothing of it going out (the other end reads nothing)."""
+
+    max_message_bytes = 1 << 30
+
+    def __init__(self, peer: str, frames: tuple[dict[str, Any], ...] = (), stuck: Any = ()) -> None:
+        self.peer, self.frames, self.stuck = peer, list(frames), set(stuck)
+        self.sent: list[dict[str, Any]] = []
+
+    def received_progress(self, peek: bool = True) -> int:
+        return 0
+
+    def sent_progress(self) -> int:
+        return 0
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        if self.frames:
+            return self.frames.pop(0), []
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(self, header: dict[str, Any], buffers: Any = ()) -> None:
+        if header.get("t") in self.stuck or (buffers and "buffers" in self.stuck):
+            await anyio.sleep_forever()
+        self.sent.append(header)
+
+
+def _worker_part(driver: _Link, peers: dict[int, _Link]) -> tuple[Any, Any]:
+    """Worker 0's part in a run (a ``_WorkerShare``) over ``driver`` and ``peers``, with a
+    heartbeat timeout of 1 s, and a run of no actors for it."""
+    from unittest import mock
+
+    from asyncnn._cluster._handshake import Refusals
+    from asyncnn._cluster._worker_run import Reports, WorkerRun, _WorkerShare
+
+    worker = types.SimpleNamespace(
+        index=0, driver=driver, peers=peers, rejected=Refusals(), heartbeat_timeout=1.0
+    )
+    run = mock.Mock(spec=WorkerRun)
+    run.local, run.last_event, run.reports = {}, 0.0, Reports()
+    return _WorkerShare(worker, [], []), run  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(20)
+async def test_a_peer_whose_end_of_run_marker_never_comes_fails_the_run_naming_it(
+    anyio_backend: str,
+) -> None:
+    # the run had drained (the driver's watchdog no longer looks), this worker's actors had
+    # stopped, and it waited for worker 1's end-of-run marker for ever, beating its heartbeat
+    # all along: the driver waited for its result, and the fit hung
+    share, run = _worker_part(_Link("the driver", ({"t": "eor"},)), {1: _Link("worker 1")})
+    with anyio.fail_after(8), pytest.raises(BaseExceptionGroup) as info:
+        async with anyio.create_task_group() as tg:
+            share.start(tg, run)
+            await share.settle(run)
+    (err,) = [e for e in _leaves(info.value) if not isinstance(e, anyio.get_cancelled_exc_class())]
+    said = str(err)
+    assert "worker 0" in said and "worker 1" in said and "end-of-run marker" in said
+    assert "the driver" not in said.split("marker")[0]  # its marker came
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(20)
+async def test_a_heartbeat_stuck_on_a_link_that_takes_nothing_lets_a_failed_run_end(
+    anyio_backend: str,
+) -> None:
+    # the heartbeat's send is shielded (a frame cut in half would garble the stream), and had no
+    # bound: stuck on a full link to the driver, it kept a failed run's tasks from ending, and
+    # the worker's error report waited behind it for ever
+    share, run = _worker_part(_Link("the driver", stuck={"hb"}), {})
+    with anyio.fail_after(8):
+        async with anyio.create_task_group() as tg:
+            share.start(tg, run)
+            await anyio.sleep(0.2)  # the first heartbeat is stuck now
+            tg.cancel_scope.cancel()  # the run failed
+
+
+@pytest.mark.anyio
+async def test_an_error_report_whose_trace_cannot_go_still_names_the_cause(
+    anyio_backend: str,
+) -> None:
+    # the report went as one frame, the worker's events with it, under a fixed 5 s bound: a
+    # large trace over a slow link (or a driver slow to read) was cut, the error dropped with
+    # it, and the run said "worker 1 died"
+    from asyncnn._cluster._worker import Worker
+
+    driver = _Link("the driver", stuck={"buffers"})
+    worker = Worker(1, driver, None, 1 << 30, b"")  # type: ignore[arg-type]
+    worker.heartbeat_timeout = 1.0
+    worker.failed_trace = b"events" * 1000
+    cause = ZeroDivisionError("division by zero")
+    error = ann.ActorError("fails", "forward", 3, f"ZeroDivisionError: {cause}")
+    error.__cause__ = cause
+    with anyio.fail_after(4):
+        await worker._report_error(error)
+    (frame,) = driver.sent
+    assert frame["t"] == "error" and frame["type"] == "ActorError"
+    assert (frame["actor"], frame["kind"], frame["key"]) == ("fails", "forward", 3)
+    assert frame["cause"] == "ZeroDivisionError: division by zero"
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]

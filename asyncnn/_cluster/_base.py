@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from ._wire import (
 if TYPE_CHECKING:
     from asyncnn._runtime._config import RunConfig
 
-__all__ = ["HEARTBEAT_INTERVAL", "MIN_HEARTBEAT_TIMEOUT", "Cluster"]
+__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "HEARTBEAT_INTERVAL", "MIN_HEARTBEAT_TIMEOUT", "Cluster"]
 
 log = logging.getLogger("asyncnn.cluster")
 
@@ -47,6 +48,9 @@ HEARTBEAT_INTERVAL = 0.5
 #: the shortest ``heartbeat_timeout`` a cluster takes: twice the interval, so that a late
 #: heartbeat (a busy event loop, a loaded host) is no hang
 MIN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT_INTERVAL
+#: a cluster's ``heartbeat_timeout`` unless told otherwise (a worker's bounds before it is told
+#: its cluster's, with a run)
+DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 
 
 class Cluster:
@@ -92,7 +96,7 @@ class Cluster:
         workers: int,
         *,
         host: str = "127.0.0.1",
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         start_timeout: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         threads_per_worker: int | None = None,
@@ -195,6 +199,12 @@ class Cluster:
         weight lives in the driver."""
         if self.started:
             gone = {i: self._fate(i) for i in range(self.workers)}
+            # a worker killed a moment ago has closed its connection (the kernel closes a
+            # dying process's sockets before its parent can reap it) while its exit status is
+            # not there yet: its run would fail at its start, saying the worker died
+            for i, conn in self.connections.items():
+                if not gone.get(i) and _hung_up(conn):
+                    gone[i] = await self._fate_soon(i) or "closed its connection"
             gone = {i: fate for i, fate in gone.items() if fate}
             if not gone:
                 return
@@ -279,6 +289,16 @@ class Cluster:
             listener.close()
         self.started = True
         atexit.register(self._stop)  # no worker outlives the program
+
+    async def _fate_soon(self, index: int) -> str:
+        """:meth:`_fate` of a worker that closed its connection, which a moment later has its
+        exit status (at most a second)."""
+        for _ in range(20):
+            fate = self._fate(index)
+            if fate:
+                return fate
+            await anyio.sleep(0.05)
+        return ""
 
     async def _admit_all(self, listener: Any) -> None:
         """Accepts the workers' connections, handshaking with every comer at once (so that idle
@@ -445,6 +465,19 @@ def _check_positive(who: str, name: str, value: Any, *, integer: bool) -> None:
         )
     if not value > 0:  # NaN too
         raise ValueError(f"{who}({name}=...) must be > 0, got {value!r}")
+
+
+def _hung_up(conn: Connection) -> bool:
+    """Whether the worker at the end of ``conn``, idle between runs, closed it (a peek; it
+    sends nothing between runs, so anything to read other than the end is no sign)."""
+    if conn.closed:
+        return True
+    try:
+        return conn.sock.recv(1, socket.MSG_PEEK) == b""  # (the socket does not block)
+    except BlockingIOError:
+        return False
+    except OSError:  # (reset by the peer)
+        return True
 
 
 def _send_shutdown(conn: Connection) -> None:

@@ -390,6 +390,8 @@ async def _start_workers(
         # the import path as it is now: a module put on it after the workers started
         # (a notebook's sys.path.append) imports there too
         "paths": driver_paths(),
+        # the bound of the waits at a run's end (a peer's end-of-run marker, the error report)
+        "heartbeat_timeout": cluster.heartbeat_timeout,
     }
     for w in range(cluster.workers):
         buffers: list[Any] = []
@@ -433,7 +435,7 @@ async def _send_share(
             lost = exc
         tg.cancel_scope.cancel()
     if lost is not None:
-        raise await _died(cluster, w, hosted, lost) from lost
+        raise await _died(cluster, w, hosted, lost, unheard=True) from lost
     if stalled:
         raise WorkerError(
             w, hosted,

@@ -115,6 +115,7 @@ async def _read_frames(
     silence: _Silence,
 ) -> None:
     """:func:`_read_worker`'s loop: each frame of worker ``w`` until its final result."""
+    heard = False  # whether it sent anything in this run (its first heartbeat comes at once)
     while True:
         silence.begin()
         try:
@@ -122,9 +123,10 @@ async def _read_frames(
         except ProtocolError as exc:
             raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         except (EOFError, ConnectionError) as exc:
-            raise await _died(cluster, w, hosted, exc) from exc
+            raise await _died(cluster, w, hosted, exc, unheard=not heard) from exc
         finally:
             silence.end()
+        heard = True
         t = header.get("t")
         if t == "m":
             try:
@@ -158,8 +160,19 @@ async def _read_frames(
             _keep_trace(run.worker_traces, w, header, buffers)
             if header.get("lost") is not None:
                 j = int(header["lost"])
-                raise PeerLost(j, f"{who} lost its connection to worker {j}")
-            raise _remote_failure(header, w, hosted, who)
+                failure: Exception = PeerLost(j, f"{who} lost its connection to worker {j}")
+            else:
+                failure = _remote_failure(header, w, hosted, who)
+            if header.get("trace_follows"):
+                try:  # the worker's events, sent after the report (watched for silence too)
+                    silence.begin()
+                    await _trace_after(conn, run.worker_traces, w)
+                finally:
+                    silence.end()
+                    # raised however the wait ends: cancelled (the worker went silent, or
+                    # another's failure cancels every reader), the report is the run's error
+                    raise failure  # noqa: B012
+            raise failure
         elif t == "result":
             _note_rejections(cluster, header.get("rejected"))
             buffers = _own(buffers)
@@ -197,6 +210,22 @@ def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers:
         traces[w] = _own([buffers[i]])[0]
 
 
+async def _trace_after(conn: Connection, traces: dict[int, Any], w: int) -> None:
+    """Reads the frame of worker ``w``'s events that follows its error report (``"trace"``)
+    into ``traces``; where it does not come (the worker gave it up, or is gone), or the wait is
+    cancelled, the trace says that its events are missing."""
+    traces[w] = DroppedTrace(
+        "its part of the trace did not come after its error report (the worker could not "
+        "send it, or the run ended first)"
+    )
+    try:
+        header, buffers = await conn.receive()
+    except (EOFError, ConnectionError):
+        return
+    if header.get("t") == "trace":
+        _keep_trace(traces, w, header, buffers)
+
+
 async def _gather_traces(
     cluster: Cluster, traces: dict[int, Any], hosted_by: dict[int | None, list[str]]
 ) -> None:
@@ -214,6 +243,8 @@ async def _gather_traces(
                 header, buffers = await conn.receive()
                 if header.get("t") in ("error", "result"):
                     _keep_trace(traces, w, header, buffers)
+                    if header.get("trace_follows"):
+                        await _trace_after(conn, traces, w)
                     return
         except (EOFError, ConnectionError, ValueError):
             return  # gone, or its stream lost its place: its events stay missing
@@ -269,15 +300,29 @@ def _class_named(spec: Any) -> type[BaseException] | None:
     return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
 
 
-async def _died(cluster: Cluster, w: int, hosted: list[str], exc: BaseException) -> WorkerError:
+async def _died(
+    cluster: Cluster, w: int, hosted: list[str], exc: BaseException, *, unheard: bool = False
+) -> WorkerError:
+    """The error of worker ``w``'s death, found by ``exc``; ``unheard``: it had sent the driver
+    nothing in this run (not even the heartbeat its part of a run starts with), so it died as
+    the run started, most likely before: a death between two fits is noticed when the next
+    starts, but not one in the moment before it, and the run's start then fails on it."""
     fate = await _fate(cluster, w)
     if "SIGKILL" in fate:
         fate += "; a SIGKILL nobody sent usually comes from the kernel's out-of-memory killer"
-    err = WorkerError(
-        w, hosted,
-        f"{cluster.describe_worker(w, hosted)} died during the run ({fate or exc}); its "
-        "actors' work is lost: resume from the last checkpoint (Trainer.save / Trainer.load)",
-    )  # fmt: skip
+    who = cluster.describe_worker(w, hosted)
+    if unheard:
+        message = (
+            f"{who} died as the run started, before it sent the driver anything "
+            f"({fate or exc}); its actors had done nothing for this run: run it again (the "
+            "cluster starts fresh workers)"
+        )
+    else:
+        message = (
+            f"{who} died during the run ({fate or exc}); its actors' work is lost: resume "
+            "from the last checkpoint (Trainer.save / Trainer.load)"
+        )
+    err = WorkerError(w, hosted, message)
     err.__cause__ = exc
     return err
 

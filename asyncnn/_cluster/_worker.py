@@ -42,6 +42,7 @@ from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import RunState
 from asyncnn.backends import get_backend
 
+from ._base import DEFAULT_HEARTBEAT_TIMEOUT
 from ._codec import decode_state, encode_state
 from ._handshake import (
     Refusals,
@@ -65,6 +66,7 @@ from ._worker_run import (
     _refuse_unsendable,
     _TraceFile,
     _WorkerShare,
+    send_within,
 )
 
 __all__ = ["driver_paths", "run_worker", "worker_main"]
@@ -79,6 +81,10 @@ TRACEBACK_CHARS = 100_000
 
 class Worker:
     """One worker's state between runs: its connections and what it has refused."""
+
+    #: the cluster's heartbeat_timeout (each run says it): how long the waits of a run's end
+    #: may go without anything moving (see _WorkerShare, _report_error)
+    heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
 
     def __init__(
         self, index: int, driver: Connection, listener: Any, max_message_bytes: int, token: bytes
@@ -183,6 +189,7 @@ class Worker:
     async def run_share(self, cmd: dict[str, Any], buffers: list[Any]) -> None:
         """Runs this worker's actors for one run and sends the driver their final state."""
         received = time.perf_counter()
+        self.heartbeat_timeout = float(cmd.get("heartbeat_timeout") or self.heartbeat_timeout)
         _add_paths(cmd.get("paths") or [])
         graph = Graph.from_spec(cmd["graph"])
         graph.shapes = {k: tuple(v) for k, v in cmd["shapes"].items()}
@@ -334,6 +341,17 @@ class Worker:
         )
 
     async def _report_error(self, error: BaseException) -> None:
+        """Sends the driver the report of ``error``, the run's failure here: first what it is
+        (its class, message and traceback; an actor's name, message kind, key and cause), then,
+        in a frame of its own, the events this worker recorded up to it (a traced run).
+
+        The cause goes first and alone: it is a few kilobytes at most, where the events may be
+        many megabytes, over a slow link or to a driver slow to read; sent with them, a report
+        cut short lost the cause too, and the run said "worker N died". Each frame is given up
+        once nothing of it has gone out for the cluster's ``heartbeat_timeout`` (the events
+        then stay missing from the driver's trace, which says so); a report that cannot go at
+        all (the driver is gone, or takes nothing) is written to this process's stderr.
+        """
         err = single_error(error)
         frame: dict[str, Any] = {
             "t": "error",
@@ -352,20 +370,37 @@ class Worker:
                 # what the driver needs to rebuild it as an exception of its class
                 frame["cause_class"] = [type(cause).__module__, type(cause).__qualname__]
                 frame["cause_message"] = _clip(str(cause), MESSAGE_CHARS)
-        buffers: list[Any] = []
-        if self.failed_trace is not None:  # the events this worker recorded, up to the failure
-            dropped = self._trace_too_large(len(self.failed_trace), 0)
+        events, self.failed_trace = self.failed_trace, None
+        if events is not None:  # the events this worker recorded, up to the failure
+            dropped = self._trace_too_large(len(events), 0)
             if dropped is None:
-                frame["trace"] = 0
-                buffers.append(np.frombuffer(self.failed_trace, dtype=np.uint8))
+                frame["trace_follows"] = True
             else:  # the error matters more than the events before it
                 frame["trace_dropped"] = dropped
-            self.failed_trace = None
+        quiet = self.heartbeat_timeout
         try:
-            with anyio.fail_after(5):
-                await self.driver.send(frame, buffers)
-        except (EOFError, ConnectionError, TimeoutError):
-            pass  # the driver is gone, or reads nothing: exiting reports it too
+            if not await send_within(self.driver, frame, [], quiet):
+                _unsent(self.index, frame, f"the driver took none of it for {quiet:g} s")
+                return
+            if events is not None and "trace_follows" in frame:
+                trace = {"t": "trace", "trace": 0}
+                await send_within(self.driver, trace, [np.frombuffer(events, np.uint8)], quiet)
+        except (EOFError, ConnectionError):
+            pass  # the driver is gone: exiting reports it too
+
+
+def _unsent(index: int, frame: dict[str, Any], why: str) -> None:
+    """Writes an error report the driver could not be sent (``why``) to this process's stderr,
+    the driver's terminal for a LocalCluster: the failure is said somewhere."""
+    what = frame.get("cause") or f"{frame.get('type')}: {frame.get('message')}"
+    actor = f" (actor {frame['actor']!r})" if frame.get("actor") is not None else ""
+    with contextlib.suppress(OSError, ValueError):
+        print(
+            f"asyncnn worker {index}: could not report its failure to the driver ({why}): "
+            f"{what}{actor}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _clip(text: str, limit: int) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,7 +23,7 @@ from asyncnn._errors import ActorError
 from asyncnn._runtime._lifecycle import start_cancellable
 from asyncnn._runtime._run import Run, _hook_failed
 
-from ._base import HEARTBEAT_INTERVAL
+from ._base import DEFAULT_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
 from ._codec import unsendable
 from ._nccl import LinkedShare, NcclLinks, _proc
 from ._remote import ClusterRun, deliver
@@ -172,11 +172,75 @@ def _refuse_unsendable(name: str, cls: type, state: Any) -> None:
         )  # fmt: skip
 
 
+async def send_within(
+    conn: Connection,
+    header: dict[str, Any],
+    buffers: list[Any],
+    quiet: float,
+    armed: Callable[[], bool] = lambda: True,
+) -> bool:
+    """Sends one frame on ``conn``, giving up once ``armed()`` holds and nothing of it has gone
+    out for ``quiet`` seconds (the other end reads nothing): a frame that keeps moving, however
+    slowly, is never cut, and while ``armed()`` is false the send waits as long as it takes.
+
+    Returns:
+        True once the frame is sent; False where it was given up before any of it went out
+        (the stream is whole: other frames may follow).
+
+    Raises:
+        ConnectionError: given up with part of it out; the connection is closed, as anything
+            sent after half a frame would be misread.
+    """
+    before = conn.sent_progress()
+    sent = cut = False
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal cut
+        seen, since = conn.sent_progress(), anyio.current_time()
+        while True:
+            await anyio.sleep(min(1.0, quiet / 4))
+            now, progress = anyio.current_time(), conn.sent_progress()
+            if progress != seen or not armed():
+                seen, since = progress, now
+            elif now - since >= quiet:
+                cut = True
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        await conn.send(header, buffers)
+        sent = True
+        tg.cancel_scope.cancel()
+    if sent or not cut:
+        return True
+    if conn.sent_progress() == before:
+        return False
+    conn.close()
+    raise ConnectionError(
+        f"{conn.peer} took nothing more of a {header.get('t')!r} frame for {quiet:g} s, with part "
+        "of it sent: the connection is closed"
+    )
+
+
 class _WorkerShare(LinkedShare):
     """A worker's part in a cluster run: beside its actors it reads the driver and every peer,
     forwards what the scheduler must hear, and beats a heartbeat; when its actors stop it marks
     the end of what it sent on every peer link. The driver watches for stalls and writes the
-    run's error into the trace."""
+    run's error into the trace.
+
+    Two waits of its own are bounded by the cluster's ``heartbeat_timeout`` (the silence after
+    which the driver declares a worker hung), counted as time in which nothing moves:
+
+    * once its actors have stopped, the end-of-run marker of each process not yet heard from:
+      by then the run has drained (the driver's stall watchdog no longer looks), so a peer whose
+      marker never came would hang the run; the run fails instead, naming it
+      (:class:`MarkersMissing`);
+    * once the run is ending (it failed, or it is over), a heartbeat stuck on a link the driver
+      takes nothing from: it would keep the run's tasks, and so the worker's error report, from
+      ending; it is given up instead (before any of it went out; cut in the middle, the
+      connection is closed, and the worker exits).
+    """
 
     watches = False
     records_error = False
@@ -186,22 +250,32 @@ class _WorkerShare(LinkedShare):
         self.worker = worker
         self.heartbeat: anyio.CancelScope | None = None
         self.links_done = anyio.Event()
+        #: the processes whose end-of-run marker has not come yet (None: the driver)
+        self.unmarked: dict[int | None, Connection] = {j: c for j, c in worker.peers.items()}
+        self.unmarked[None] = worker.driver
+        self.quiet = float(getattr(worker, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT))
 
     def start(self, tg: Any, run: Run) -> None:
         worker = self.worker
         assert isinstance(run, WorkerRun)
 
+        def ending() -> bool:
+            beat = self.heartbeat
+            return tg.cancel_scope.cancel_called or (beat is not None and beat.cancel_called)
+
         async def heartbeat() -> None:
             while True:
                 age = time.perf_counter() - run.last_event
                 what = {n: a.describe() for n, a in run.local.items()}
-                # never cut off mid-frame (the end of the run cancels this task): a half
-                # frame would garble the stream for the result that follows
+                # never cut off mid-frame by the end of the run (which cancels this task): a
+                # half frame would garble the stream for the result or report that follows;
+                # but not held up for ever by a driver that takes nothing either (the class's
+                # notes)
                 beat = {"t": "hb", "age": age, "describe": what}
                 if worker.rejected.count:  # only what is new since the last report
                     beat["rejected"] = worker.rejected.take()
                 with anyio.CancelScope(shield=True):
-                    await worker.driver.send(beat)
+                    await send_within(worker.driver, beat, [], self.quiet, ending)
                 await anyio.sleep(HEARTBEAT_INTERVAL)
 
         async def read(conn: Connection, peer: int | None) -> None:
@@ -216,6 +290,7 @@ class _WorkerShare(LinkedShare):
                 if t == "m":
                     await deliver(run, header, buffers, conn, _proc(peer))
                 elif t == "eor":
+                    self.unmarked.pop(peer, None)
                     return
                 elif t == "abort" and peer is None:
                     raise RuntimeError("the driver aborted the run")
@@ -242,11 +317,59 @@ class _WorkerShare(LinkedShare):
             await conn.send({"t": "eor"})
 
     async def settle(self, run: Run) -> None:
-        await self.links_done.wait()  # every process marked the end of what it sent here
+        await self._await_markers()  # every process marked the end of what it sent here
         if self.heartbeat is not None:
             self.heartbeat.cancel()
         assert isinstance(run, WorkerRun)
         run.reports.close()  # the forwarder sends what is pending, then stops
+
+    async def _await_markers(self) -> None:
+        """Waits for the end-of-run marker of every process not heard from yet, at most
+        :attr:`quiet` seconds in which nothing arrives from any of them (a process whose
+        messages are still arriving is not given up on).
+
+        Raises:
+            MarkersMissing: naming those whose marker never came.
+        """
+        conns = self.unmarked
+        seen = {p: c.received_progress() for p, c in conns.items()}
+        since = anyio.current_time()
+        while True:
+            with anyio.move_on_after(min(1.0, self.quiet / 4)):
+                await self.links_done.wait()
+                return
+            now = anyio.current_time()
+            progress = {p: conns[p].received_progress() for p in list(conns)}
+            if any(seen.get(p) != v for p, v in progress.items()):
+                seen, since = progress, now
+            elif now - since >= self.quiet and conns:
+                raise MarkersMissing(self.worker.index, sorted(conns, key=_order), self.quiet)
+
+
+class MarkersMissing(RuntimeError):
+    """A worker's actors have stopped, the run drained, and some processes (``missing``: worker
+    indices, None for the driver) sent neither their end-of-run marker nor anything else for
+    ``seconds``: their part of the run did not end (an actor that does not stop, a hung device,
+    a process stopped), and the run would wait for ever."""
+
+    def __init__(self, index: int, missing: list[int | None], seconds: float) -> None:
+        self.missing = missing
+        names = [_process(p) for p in missing]
+        who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        super().__init__(
+            f"worker {index}'s actors stopped at the end of the run, but {who} sent no "
+            f"end-of-run marker (nor anything else) to it for {seconds:g} s: {who} did not "
+            "end its part of the run (an actor that does not stop, a hung device, a stopped "
+            "process); raise heartbeat_timeout if ending a run there can take that long"
+        )
+
+
+def _process(p: int | None) -> str:
+    return "the driver" if p is None else f"worker {p}"
+
+
+def _order(p: int | None) -> int:
+    return -1 if p is None else p
 
 
 def _on(backend: Any) -> Any:

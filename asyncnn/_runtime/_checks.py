@@ -517,7 +517,7 @@ def check_optimizer(optimizer: Any, who: str = "") -> None:
         )
 
 
-def checked_scale(policy: Any, hook: str, args: tuple[int, ...], value: Any) -> float:
+def checked_scale(policy: Any, hook: str, args: tuple[float, ...], value: Any) -> float:
     """``value``, what ``policy``'s ``hook`` (``"loss_cotangent"``) returned for ``args``, as a
     float, checked to be a finite real number: a custom policy's ``loss_cotangent`` that forgot
     its ``return`` gave ``None``, which the loss's seed took as NaN, and every weight trained to

@@ -16,6 +16,7 @@ from asyncnn._math._autodiff import primitive_vjp, vjp
 from ._actor_base import _Actor
 from ._capture_loss import LossGraphs
 from ._checks import checked_scale
+from ._loss_weights import weights_of
 from ._messages import END, FORWARD, STOP, Message
 from ._recorder import when_done
 
@@ -153,7 +154,7 @@ class LossActor(_Actor):
         inputs = self.fwd_slots.pop(key)
         del self.fwd_count[key]
         meta = self.meta.pop(key)
-        rows, mb_rows = int(meta["rows"]), int(meta["mb_rows"])
+        rows, mb_rows = weights_of(self.name, meta)  # (labels' weights, where they differ)
         if self.sums_rows:
             scale = 1.0
         else:
@@ -174,10 +175,11 @@ class LossActor(_Actor):
         if now:
             value, grads = await self.compute(fn, inputs, scale, cost=0)
             await self.wait_for_device()
-            self.ctx.check_finite(self.name, FORWARD, key, value)
+            if rows or self.sums_rows:  # (a key whose every label is ignored: NaN, weighing 0)
+                self.ctx.check_finite(self.name, FORWARD, key, value)
             # reported before the gradients leave: a cluster worker's report then rides with them
             loss = float(value)
-            self.ctx.loss_reported(key, loss * self._share(meta), meta)
+            self.ctx.loss_reported(key, self._part(loss, meta), meta)
         else:
             value, grads = await self.compute(self._staged, fn, inputs, scale, cost=0)
         await self._send_grads(key, 0, grads, meta)
@@ -214,12 +216,16 @@ class LossActor(_Actor):
         loss = float(value)
         if self.ctx.recorder is None:  # (a trace's writer may not have read it yet)
             self.spare.append(value)
-        self.ctx.loss_reported(key, loss * self._share(meta), meta)
+        self.ctx.loss_reported(key, self._part(loss, meta), meta)
 
-    def _share(self, meta: dict[str, Any]) -> float:
+    def _part(self, loss: float, meta: dict[str, Any]) -> float:
         """A key's part of its minibatch's loss: a mean's keys are weighted by their share of
-        the minibatch's rows; a sum's add up."""
-        return 1.0 if self.sums_rows else int(meta["rows"]) / int(meta["mb_rows"])
+        the minibatch's rows (or of its labels' weight, see ``_loss_weights``); a sum's add
+        up. A key that weighs nothing (every label ignored: its mean NaN) adds nothing."""
+        if self.sums_rows:
+            return loss
+        weight, total = weights_of(self.name, meta)
+        return loss * (weight / total) if weight else 0.0
 
     def _value_and_grads(self, inputs: list[Any], scale: float) -> tuple[Any, Any]:
         inputs = self._to_device(inputs)

@@ -186,11 +186,14 @@ class Policy(abc.ABC):
         """The factor applied to the sum of ``accumulated`` gradients before an update."""
         return 1.0
 
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+    def loss_cotangent(self, rows: float, minibatch_rows: float) -> float:
         """The gradient seed of a key's mean loss.
 
         Under a flush it is ``rows / minibatch_rows``, so that the microbatch gradients add up to
-        the gradient of the minibatch's mean loss.
+        the gradient of the minibatch's mean loss. For a loss whose mean divides by its labels'
+        weight rather than its rows (a ``CrossEntropyLoss`` with ignored labels or class
+        weights, labels on the host), the two are those weights, the key's and its minibatch's
+        (floats; see ``CrossEntropyLoss.mean_weight``).
         """
         return rows / minibatch_rows
 
@@ -454,7 +457,7 @@ class PipeDream(Policy):
     def update_due(self, backwards_since_update: int, minibatch_done: bool) -> bool:
         return True
 
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+    def loss_cotangent(self, rows: float, minibatch_rows: float) -> float:
         return 1.0  # each update uses the gradient of that microbatch's mean loss
 
 
@@ -537,7 +540,7 @@ class Async(Policy):
     def gradient_scale(self, accumulated: int) -> float:
         return 1.0 / accumulated
 
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+    def loss_cotangent(self, rows: float, minibatch_rows: float) -> float:
         return 1.0
 
 

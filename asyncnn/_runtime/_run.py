@@ -37,6 +37,7 @@ from ._graph import Graph
 from ._hook_checks import _custom_hook
 from ._lifecycle import close_channels, pool_spec
 from ._loss_actor import LossActor
+from ._loss_weights import label_weights, labels_weighed
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
@@ -188,6 +189,9 @@ class Run(RunGuards):
         ]
         self._input_consumers = [(name, graph.nodes[name].consumers) for name in self._inputs]
         self._num_losses = len(graph.losses)
+        #: (loss, its labels' input, the module) of each loss whose mean divides by its labels'
+        #: weight, not its rows (a cross-entropy loss: ignored labels, class weights)
+        self._weighed_losses = labels_weighed(graph)
         self._flushes = policy.waits_between_minibatches()  # a policy is frozen
         self._splits: dict[int, list[tuple[int, int]]] = {}  # policy.split by row count
         self._last_batch: tuple[Any, int] = (None, 0)  # the last batch checked, and its rows
@@ -442,9 +446,17 @@ class Run(RunGuards):
         # every loss node reports every key; the minibatch's loss is the sum over loss nodes
         self._pending[mb] = _Pending(keys=m * self._num_losses)
         first_key = self.next_key
+        weights = label_weights(self._weighed_losses, arrays, parts) if m > 1 else None
         try:
-            for lo, hi in parts:
-                meta = {"rows": hi - lo, "mb_rows": rows, "mb_keys": m, "minibatch": mb}
+            for i, (lo, hi) in enumerate(parts):
+                meta: dict[str, Any] = {
+                    "rows": hi - lo,
+                    "mb_rows": rows,
+                    "mb_keys": m,
+                    "minibatch": mb,
+                }
+                if weights:
+                    meta["weights"] = {loss: w[i] for loss, w in weights.items()}
                 if lo == 0 and hi == rows:  # the whole minibatch: the copies themselves
                     await self.admit(arrays, meta)
                 else:

@@ -76,7 +76,7 @@ class WrappedPolicy(Policy):
     def gradient_scale(self, accumulated: int) -> float:
         return self.wrapped.gradient_scale(accumulated)
 
-    def loss_cotangent(self, rows: int, minibatch_rows: int) -> float:
+    def loss_cotangent(self, rows: float, minibatch_rows: float) -> float:
         return self.wrapped.loss_cotangent(rows, minibatch_rows)
 
     def corrects_gradients(self) -> bool:

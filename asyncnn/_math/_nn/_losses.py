@@ -80,10 +80,11 @@ class CrossEntropyLoss(_Loss):
     ``ignore_index``; on a GPU at the defaults it refuses it, saying so.)
 
     A policy that splits a minibatch into microbatches (``GPipe(M)``, ``OneFOneB(M)``) weights
-    each microbatch's mean by its rows, as gradient accumulation over torch's mean losses does:
-    with ignored labels or a ``weight`` that is the minibatch's mean only where every
-    microbatch's labels weigh alike. ``Trainer.evaluate`` divides by the labels' weights over
-    the whole data, as torch's loss of all of it at once.
+    each microbatch's mean by its labels' weight (:meth:`mean_weight`) where they are on the
+    host, so that the minibatch's loss and gradient are those of all its rows at once, as
+    under ``Sync``; labels on a GPU are weighted by their rows, as gradient accumulation over
+    torch's mean losses does. ``Trainer.evaluate`` divides by the labels' weights over the
+    whole data, as torch's loss of all of it at once.
 
     Args:
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-position losses, in the
@@ -175,6 +176,25 @@ class CrossEntropyLoss(_Loss):
         if getattr(logits, "dtype", NO_DTYPE).kind in "iub":  # no gradient, float64 loss
             raise float_input_error(self, logits, None, "logits")
         return logits
+
+    def mean_weight(self, labels: Any) -> float | None:
+        """What this loss's mean divides by for ``labels`` (host integers): the number of
+        labels it counts (those other than ``ignore_index``), or with ``weight`` the sum of
+        their classes' weights; None where that cannot be read without a trip to the device
+        (labels on a GPU) or this is no built-in mean (another reduction, a subclass with a
+        call of its own). A run weights each microbatch's mean by it, and ``evaluate`` each
+        batch's, so that their means come out as the mean of all of the rows at once."""
+        if self.reduction != "mean" or not self._calls_its_own(CrossEntropyLoss):
+            return None
+        y = raw(labels)
+        if type(y) is not np.ndarray or y.dtype.kind not in "iu":
+            return None
+        counted = y != self.ignore_index
+        if self.weight is None:
+            return float(np.count_nonzero(counted))
+        w = np.asarray(self.weight, dtype=np.float64)
+        picked = np.where(counted, y, 0).clip(0, len(w) - 1)
+        return float(np.where(counted, w[picked], 0.0).sum())
 
     def _has_options(self) -> bool:
         """Whether an option is set, so that the loss is composed of ops, not the primitive."""
