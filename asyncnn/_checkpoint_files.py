@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -33,16 +34,43 @@ class CheckpointError(ValueError):
 
 def write_whole(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` whole or not at all: through ``path.tmp`` and a rename, the
-    ``.tmp`` removed when the write fails (a full disk, an interrupt)."""
+    ``.tmp`` removed when the write fails (a full disk, an interrupt).
+
+    Raises:
+        OSError: the disk refused the file; ``path`` is left as it was. One that names no file
+            (a write that fails on a full disk names none) is raised naming ``path``.
+    """
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with naming(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        with naming(path):
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_failed(number: int | None, why: str, file: str, hint: str = "") -> OSError:
+    """The error of a write of ``file`` that failed with errno ``number`` (``why``: its words,
+    such as "No space left on device"): an ``OSError`` of that errno (``OSError`` picks the
+    subclass), saying ``writing FILE failed (why)`` and then ``hint``."""
+    message = f"writing {file} failed ({why}){hint}"
+    return OSError(message) if number is None else OSError(number, message)
+
+
+@contextlib.contextmanager
+def naming(file: str, hint: str = "") -> Iterator[None]:
+    """Has an ``OSError`` that names no file, raised inside, name ``file`` (with ``hint`` after
+    it): a write that fails on a full disk says only "[Errno 28] No space left on device", of
+    no file (its ``open`` would have named it). The original is the new error's cause."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise write_failed(exc.errno, exc.strerror or str(exc), file, hint) from exc
 
 
 def _sha256(path: str) -> str:

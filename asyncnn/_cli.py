@@ -11,12 +11,13 @@ together or name a path the run could not write) is checked in ``_cli_args.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from ._cli_args import (
@@ -144,6 +145,7 @@ def _fit(
     trainer: Any = None,
 ) -> int:
     from . import Trainer, optim
+    from ._checkpoint_files import write_whole
     from ._fit import epoch_layout
     from .callbacks import JSONLLogger
 
@@ -190,7 +192,7 @@ def _fit(
     # --epochs counts those of the checkpoint too (one at or below them was refused before the
     # data was loaded)
     epochs = args.epochs - trainer.epochs_done
-    callbacks = [JSONLLogger(args.metrics)] if args.metrics else []
+    callbacks = [_metrics_logger(JSONLLogger, args.metrics)] if args.metrics else []
     start = time.perf_counter()
     try:
         hist = trainer.fit(
@@ -207,13 +209,28 @@ def _fit(
             file=sys.stderr,
         )
         return 130
-    except Exception:
-        if args.save:  # what finished is kept: save it before the error is reported
-            trainer.save(args.save)
-        raise
+    except Exception as exc:
+        failed = _output_failure(args, exc)
+        if failed is None:
+            if args.save:  # what finished is kept: save it before the error is reported
+                trainer.save(args.save)
+            raise
+        # a file the disk refused: said in one line, with what became of the trainer
+        failed.more = _save_after_failure(trainer, args.save)
+        if failed is exc:
+            raise
+        raise failed from exc
     seconds = time.perf_counter() - start
+    # a save or a results.json the disk refuses is said after the report, which is printed
+    # all the same (the run it reports is done)
+    save_refused = results_refused = None
     if args.save:
-        trainer.save(args.save)
+        try:
+            trainer.save(args.save)
+        except OSError as exc:
+            save_refused = _OutputError(
+                exc.errno, f"--save {args.save}: the trainer could not be saved ({exc})"
+            )
     result = trainer.evaluate(test)
     util = hist.utilisation()
     results = os.path.join(args.out, "results.json") if args.out else None
@@ -238,9 +255,16 @@ def _fit(
             "utilisation": util,
             "losses": hist.losses,
         }
-        os.makedirs(args.out, exist_ok=True)
-        with open(results, "w") as f:
-            f.write(_strict_json(report))
+        try:  # whole or not at all: a full disk leaves the results.json there before
+            os.makedirs(args.out, exist_ok=True)
+            write_whole(results, _strict_json(report))
+        except OSError as exc:
+            results_refused = _OutputError(
+                exc.errno,
+                f"--out {args.out}: writing {results} failed ({_why(exc)}); any results.json "
+                "there before is kept: free space there, or give --out another folder ('' for "
+                "none)",
+            )
     # (a classifier's, which train builds and --resume requires: the report of a finished run
     # must not fail on a missing one)
     accuracy = f"test accuracy {result['accuracy']:.1%}, " if "accuracy" in result else ""
@@ -253,17 +277,121 @@ def _fit(
         print(
             f"{name:<9} {util[name]:6.1%}  {st.forwards:8d}  {st.updates:7d}  {st.peak_stored:11d}"
         )
-    if args.save:
+    if args.save and save_refused is None:
         print(f"saved the trainer to {args.save}")
-    if results is not None:
+    if results is not None and results_refused is None:
         print(f"wrote {results}")
+    if save_refused is not None:
+        if results_refused is not None:
+            save_refused.more = f"; and {results_refused}"
+        raise save_refused
+    if results_refused is not None:
+        raise results_refused
     return 0
+
+
+class _OutputError(OSError):
+    """A file of the run's own that the disk refused (a full disk): an ordinary failure, said in
+    one line (exit status 2) that names the option and the file, what is kept and how to go on;
+    :attr:`more` is added after it (what became of the trainer). The disk's ``errno`` is kept."""
+
+    def __init__(self, number: int | None, message: str) -> None:
+        super().__init__(number, message)
+        self.message = message
+        self.more = ""
+
+    def __str__(self) -> str:
+        return self.message + self.more
+
+
+def _trace_failure(exc: BaseException) -> OSError | None:
+    """The disk's error under a trace that could not be written: the recorder raises it as the
+    ``RuntimeError`` that docs/traces.md documents ("writing the trace 'PATH' failed (...)"),
+    the writer's ``OSError`` its cause. None for any other exception (a ``RuntimeError`` of
+    anything else is a bug, whose traceback is kept)."""
+    cause = exc.__cause__
+    if (
+        type(exc) is RuntimeError
+        and isinstance(cause, OSError)
+        and str(exc).startswith("writing the trace ")
+    ):
+        return cause
+    return None
+
+
+def _output_failure(args: argparse.Namespace, exc: BaseException) -> _OutputError | None:
+    """``exc`` as a file of the run's that the disk refused (``--trace`` or ``--metrics``), said
+    of its option, or None where it is some other error."""
+    if isinstance(exc, _OutputError):
+        return exc
+    cause = _trace_failure(exc)
+    if cause is None or not args.trace:
+        return None
+    return _OutputError(
+        cause.errno,
+        f"--trace {args.trace}: writing the trace failed ({_why(cause)}); the events "
+        "after the failure were not recorded: free space there, or give --trace another path",
+    )
+
+
+def _save_after_failure(trainer: Any, save: str | None) -> str:
+    """Saves what finished to ``save`` (given) after a file of the run's was refused, and says
+    so; the disk that refused that file may refuse the checkpoint too, which is said as well."""
+    if not save:
+        return ""
+    try:
+        trainer.save(save)
+    except OSError as exc:
+        return f"; saving the trainer to {save} failed too ({exc})"
+    return f"; the trainer was saved to {save} (continue with --resume {save})"
+
+
+def _why(exc: OSError) -> str:
+    """The system's words for a failed write ("No space left on device"), under any error that
+    named the file on top of it (its cause)."""
+    while isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path: str) -> Iterator[None]:
+    """Says a write that the disk refused of ``flag``'s file (a full disk's bare "[Errno 28] No
+    space left on device" named neither)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _OutputError(
+            exc.errno,
+            f"{flag} {path}: writing it failed ({_why(exc)}): free space there, or "
+            f"give {flag} another path",
+        ) from exc
+
+
+def _metrics_logger(base: type[Any], path: str) -> Any:
+    """``--metrics``' logger: ``base`` (JSONLLogger, imported with the run) whose writes that the
+    disk refuses name the option and the file."""
+
+    class _Metrics(base):
+        def on_step_end(self, trainer: Any, step: int, logs: dict[str, float]) -> None:
+            with _writing("--metrics", path):
+                super().on_step_end(trainer, step, logs)
+
+        def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, float]) -> None:
+            with _writing("--metrics", path):
+                super().on_epoch_end(trainer, epoch, logs)
+
+        def on_fit_end(self, trainer: Any, history: Any) -> None:
+            with _writing("--metrics", path):
+                super().on_fit_end(trainer, history)
+
+    return _Metrics(path)
 
 
 def _trace_summary(args: argparse.Namespace) -> int:
     from ._tracing._summary import format_summary, summary
 
-    if args.plots:  # refused before the trace is read, naming the option
+    if args.plots is not None:  # refused before the trace is read, naming the option ('' too)
         _check_writable("--plots", args.plots, folder=True)
     print(format_summary(summary(args.path, plots=args.plots)))
     return 0
@@ -272,6 +400,8 @@ def _trace_summary(args: argparse.Namespace) -> int:
 def _trace_export(args: argparse.Namespace) -> int:
     from ._tracing._chrome import to_chrome
 
+    if not args.out:  # (refused before the trace is read; it named a temporary file: '.1.tmp')
+        raise UsageError("out: an empty path; name the JSON file to write (e.g. run.json)")
     counts = to_chrome(args.path, args.out)  # (it refuses to write over the trace it reads)
     print(
         f"wrote {args.out}: {counts['slices']} computes, {counts['flows']} messages "
@@ -281,12 +411,16 @@ def _trace_export(args: argparse.Namespace) -> int:
 
 
 def _trace_diff(args: argparse.Namespace) -> int:
+    from ._tracing._diff import AGREE_SO_FAR
     from .trace import diff, read  # imported here: the diff may be newer than this command
 
     divergence = diff(read(args.a), read(args.b))  # (it says if a trace is cut off)
     if divergence is None:
         print(f"{args.a} and {args.b} agree: same events in the same order, same digests")
         return 0
+    if divergence.reason.startswith(AGREE_SO_FAR):  # no divergence, only a cut: undecided (1)
+        print(f"{args.a} and {args.b} {divergence.reason.removeprefix('the runs ')}")
+        return 1
     print(divergence)
     return 1
 
@@ -404,7 +538,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train an MLP through a pipeline of actors (the main job)",
         description="Train an MLP on MNIST-1D (generated locally) or scikit-learn's digits through "
         "a multi-stage actor graph; print test accuracy and per-actor utilisation. Ctrl-C stops "
-        "after the last completed update (saved with --save; continue with --resume).",
+        "after the last completed update (saved with --save; continue with --resume). An empty "
+        "path is refused (of --resume, --save, --trace or --metrics; --out '' writes no "
+        "results.json).",
         allow_abbrev=False,
     )
     t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d", help="data")
@@ -507,10 +643,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asyncnn`` command.
 
-    Ordinary mistakes (bad options, a missing or damaged file, bad data, a graph that cannot be
-    built) print one line on stderr and exit with status 2; Ctrl-C exits with 130. Output cut
-    off by its reader (``asyncnn trace summary X | head``) ends quietly with 141, as a program
-    killed by SIGPIPE does.
+    Ordinary mistakes (bad options, an empty path, a missing or damaged file, bad data, a graph
+    that cannot be built) and a file the disk refuses (a full disk) print one line on stderr and
+    exit with status 2; Ctrl-C exits with 130. Output cut off by its reader (``asyncnn trace
+    summary X | head``) ends quietly with 141, as a program killed by SIGPIPE does.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = _parser().parse_known_args(argv)
@@ -534,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except _ERRORS as exc:
+        print(f"{what}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if _trace_failure(exc) is None:  # a bug: its traceback
+            raise
+        # a trace the disk refused (replay's own, in the temporary folder)
         print(f"{what}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

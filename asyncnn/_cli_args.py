@@ -1,7 +1,8 @@
 """What the ``asyncnn`` command line refuses, one line each (exit status 2), before any run:
 a value argparse cannot take (its types below), and train's options that cannot work together,
 name a path the run could not write at its end (``--save``, ``--out``, ``--trace``, ``--metrics``)
-or that another of them writes too, or a ``--resume`` checkpoint that train cannot continue.
+or that another of them writes too, an empty path (but ``--out ''``, "none"), or a ``--resume``
+checkpoint that train cannot continue.
 
 Apart from ``_cli.py``, which runs the commands: a refused command line costs no training, so
 every check that can be made before a run is made here.
@@ -43,10 +44,22 @@ class UsageError(Exception):
 _EXAMPLE_FILES = {"--trace": "run.trace", "--metrics": "metrics.jsonl"}
 
 
+def _check_given(flag: str, path: str | None, folder: bool) -> None:
+    """Refuses an empty path (``--resume "$CKPT"`` of an unset variable), which would otherwise
+    read as the option not given: ``--resume ''`` trained a new model, ``--save ''`` saved
+    nothing, and the run ended with status 0. ``None``, the option not given, passes."""
+    if path is not None and not path:
+        kind = "folder" if folder else "file"
+        raise UsageError(
+            f"{flag}: an empty path (an unset shell variable?); give a {kind}, or leave {flag} out"
+        )
+
+
 def _check_writable(flag: str, path: str, folder: bool) -> None:
-    """Refuses, before the run, a path that its end (or its first step) could not write: a
-    folder given for a file or a file for a folder, a path under a file, a folder it may not
-    write in. The files themselves are written where the run would write them."""
+    """Refuses, before the run, a path that its end (or its first step) could not write: an
+    empty one, a folder given for a file or a file for a folder, a path under a file, a folder
+    it may not write in. The files themselves are written where the run would write them."""
+    _check_given(flag, path, folder)
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: that is a file; {flag} takes a folder")
     if not folder and os.path.isdir(path):
@@ -258,12 +271,14 @@ def _check_outputs_apart(args: argparse.Namespace) -> None:
 
 def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
     """Refuses contradictory train options (one line each)."""
+    # an empty path is no path (only --out takes '', documented as "none"): refused first
+    _check_given("--resume", args.resume, folder=True)
     # found before the run, not when its end is saved (or its first step traced)
     for flag, path, folder in (
         ("--save", args.save, True), ("--out", args.out, True), ("--trace", args.trace, False),
         ("--metrics", args.metrics, False),
     ):  # fmt: skip
-        if path:
+        if path is not None and (path or flag != "--out"):
             _check_writable(flag, path, folder)
     _check_outputs_apart(args)
     if "--trace-payloads" in given and not args.trace:

@@ -3,7 +3,13 @@
 ``Trainer.fit`` and ``replay`` start their own trio loop; Python allows one running loop per
 thread, so where one already runs (a notebook's asyncio loop) they run on a worker thread of
 their own and the caller waits for them. Ctrl-C (a notebook's "interrupt kernel") while waiting
-asks the call to stop at its next step and then raises ``KeyboardInterrupt`` as it would have.
+asks the call to stop at its next step, waits until it has stopped, and then raises
+``KeyboardInterrupt`` as it would have (or the error the call ended with). Pressed again while
+the call stops, Ctrl-C asks again and goes on waiting (saying so on stderr): returning before the
+call has stopped would leave it changing the weights after the cell got control back, and a
+next ``fit`` could start beside it. A ``replay``, which cannot be asked to stop and changes
+none of the caller's state, is left to end on its thread (its ``hook``, if any, still called
+until then) and the interrupt raised at once, so that a long replay does not hold the cell.
 The modules trusted around the call (``asyncnn.trace.trusted_modules(...)``, a context variable)
 are trusted on the worker thread too. (Not the whole context: the caller's would tell the event
 loop started there that one runs already.)
@@ -12,6 +18,7 @@ loop started there that one runs already.)
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -48,13 +55,22 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
         fn: the call; it may start its own event loop. On a worker thread it runs with the
             modules trusted here (the rest of this thread's context would say that an event
             loop runs already).
-        on_interrupt: called when ``KeyboardInterrupt`` reaches the waiting thread, to ask
-            ``fn`` to stop soon; the interrupt is raised once ``fn`` has returned or failed.
+        on_interrupt: called each time ``KeyboardInterrupt`` reaches the waiting thread, to
+            ask ``fn`` to stop soon (so it may be called more than once). The interrupt is
+            raised once ``fn`` has returned or failed, never while it still runs: further
+            interrupts meanwhile ask again and wait on. If ``fn`` fails, its error is raised
+            instead. None: ``fn`` cannot be asked to stop and changes nothing the caller
+            holds (``replay``), so the interrupt is raised at once, ``fn`` left to end on its
+            (daemon) thread and its result dropped; waiting could hang the cell for as long
+            as ``fn`` runs.
     """
     if not in_event_loop():
         return fn()
     result: list[T] = []
     error: list[BaseException] = []
+    finished: list[bool] = []  # the truth: set by the worker before it releases ``wake``
+    wake = threading.Lock()  # held until the call ends, so the waiting thread wakes at once
+    wake.acquire()
     trusted = trusted_now()  # a new thread starts in an empty context
 
     def target() -> None:
@@ -63,24 +79,53 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
                 result.append(fn())
         except BaseException as exc:  # handed to the waiting thread
             error.append(exc)
+        finally:
+            finished.append(True)
+            wake.release()
 
     worker = threading.Thread(target=target, name="asyncnn-call", daemon=True)
-    worker.start()
-    interrupted = False
+    try:
+        worker.start()
+    except KeyboardInterrupt:
+        # (landing inside start(), the thread may or may not run already: ask it to stop,
+        # which a fit does before its first step, rather than wait for a thread that may
+        # never start)
+        if on_interrupt is not None:
+            on_interrupt()
+        raise
+    interrupts = 0
+    ask = False
     while True:
-        # the interrupt lands at whatever this thread runs, the loop's own test included: all
-        # of the wait is inside the try, or a Ctrl-C there would leave ``fn`` running unasked
+        # the interrupt lands at whatever this thread runs, the loop's own test and the call
+        # to on_interrupt included: all of the wait is inside the try, or a Ctrl-C there
+        # would leave ``fn`` running unasked. Not ``worker.join``/``is_alive``: on CPython
+        # 3.11 an interrupt landing in join marks the thread stopped while it runs on
+        # (threading's bpo-45274 branch), and the interrupt came back before ``fn`` ended.
         try:
-            while worker.is_alive():
-                worker.join(0.1)
+            if ask:
+                ask = False
+                if interrupts > 1:
+                    print(
+                        "asyncnn: interrupted again; the call stops at its next step; "
+                        "waiting for it",
+                        file=sys.stderr,
+                    )
+                assert on_interrupt is not None  # (without one the interrupt is raised)
+                on_interrupt()
+            while not finished:
+                # a lock, not an Event: an interrupt landing in an Event's Python code could
+                # leave its inner lock held, and the worker's set() would then block forever
+                if wake.acquire(timeout=0.1):
+                    wake.release()
             break
         except KeyboardInterrupt:
-            interrupted = True
-            if on_interrupt is not None:
-                on_interrupt()
+            if on_interrupt is None:
+                raise
+            interrupts += 1
+            ask = True
     if error:
         raise error[0]
-    if interrupted:
+    if interrupts:
         raise KeyboardInterrupt
     return result[0]
 
@@ -94,7 +139,9 @@ def _wrap_replay() -> Callable[..., Any]:
 
     replay.__doc__ = (inner.__doc__ or "") + (
         "\n\n    Inside a running event loop (a notebook) the replay runs on a worker thread and "
-        "this call waits for it.\n"
+        "this call waits for it. Ctrl-C there raises ``KeyboardInterrupt`` at once; the replay "
+        "cannot be stopped midway and ends on its thread (its ``hook`` still called until "
+        "then), its result dropped.\n"
     )
     return replay
 

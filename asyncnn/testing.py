@@ -16,11 +16,8 @@ __all__ = ["check_grads", "numerical_vjp"]
 
 #: check_grads' default ``(rtol, atol)`` by a leaf's dtype: its gradient is compared with
 #: finite differences taken in float64, so the tolerance is that of the vjp's own rounding
+#: (the finite differences' rounding is bounded apart, entry by entry: see check_grads)
 _TOLERANCES = {8: (1e-6, 1e-8), 4: (1e-4, 1e-5), 2: (2e-2, 1e-2)}
-
-
-def _inner(a: Any, b: Any) -> float:
-    return float(np.sum(to_numpy(a).astype(np.float64) * to_numpy(b).astype(np.float64)))
 
 
 def _is_real_float(leaf: Any) -> bool:
@@ -41,6 +38,106 @@ def _as_float64(leaf: Any) -> Any:
     return array_namespace(leaf).asarray(to_numpy(leaf).astype(np.float64))
 
 
+#: how far each float64 evaluation of an output entry may be off by rounding, relative to the
+#: entry: a central difference subtracts two of them, so its error is at most twice this times
+#: ``sum |ct| * |output|`` over the entries that the step moved, over the step's length
+_FD_ROUNDING = 8 * float(np.finfo(np.float64).eps)
+
+
+def _as_outputs(out: Any) -> list[np.ndarray]:
+    return [to_numpy(o).astype(np.float64) for o in tree_flatten(out)[0]]
+
+
+def _finite_differences(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    cotangent: Any,
+    eps: float,
+    names: list[str],
+    owner: str,
+) -> tuple[list[Any], list[Any]]:
+    """:func:`numerical_vjp`'s gradients, and for each the bound on its rounding error.
+
+    Each difference is taken output entry by output entry, ``<ct, fn(x + h) - fn(x - h)>``,
+    not as the difference of the two inner products: entries that the step leaves alone then
+    cancel exactly, and the rounding left is that of the entries it moved, bounded by
+    ``2 * _FD_ROUNDING * sum |ct| * max(|fn(x + h)|, |fn(x - h)|)`` over those entries, over the
+    step actually taken, ``(x + eps) - (x - eps)`` as float64 rounds them.
+    """
+    leaves, treedef = tree_flatten(args)
+    leaves = [_as_float64(leaf) for leaf in leaves]
+    ct_leaves = [to_numpy(c).astype(np.float64) for c in tree_flatten(cotangent)[0]]
+
+    def outputs(new_leaves: list[Any]) -> list[np.ndarray]:
+        return _as_outputs(fn(*tree_unflatten(treedef, new_leaves)))
+
+    base = outputs(leaves)
+
+    def with_leaf(i: int, value: Any) -> list[Any]:
+        return [*leaves[:i], value, *leaves[i + 1 :]]
+
+    def difference(plus: list[np.ndarray], minus: list[np.ndarray], step: float) -> Any:
+        total, moved_size = 0.0, 0.0
+        for c, p, m, b in zip(ct_leaves, plus, minus, base, strict=True):
+            total += float(np.sum(c * (p - m)))
+            moved = (p != b) | (m != b)  # (a NaN counts as moved: its bound is NaN, and fails)
+            size = np.abs(c) * np.maximum(np.abs(p), np.abs(m))
+            moved_size += float(np.sum(np.where(moved, size, 0.0)))
+        return total / step, 2 * _FD_ROUNDING * moved_size / step
+
+    def step_of(name: str, j: int | None, orig: float) -> tuple[float, float, float]:
+        up, down = orig + eps, orig - eps
+        step = up - down
+        where = name if j is None else f"{name} flat index {j}"
+        if not step > 0:  # (where eps rounds away)
+            raise ValueError(
+                f"{owner}: eps={eps!r} is below the spacing of float64 at {where} "
+                f"(value {orig!r}): x + eps rounds to x; pass a larger eps"
+            )
+        return up, down, step
+
+    for name, leaf in zip(names, leaves, strict=True):
+        # (checked before any step: another leaf's inf would make inf - inf of its outputs)
+        if _is_real_float(leaf) and not np.all(np.isfinite(to_numpy(leaf))):
+            j = int(np.argmin(np.isfinite(to_numpy(leaf)).reshape(-1)))
+            where = name if isinstance(leaf, float) else f"{name} flat index {j}"
+            value = float(np.reshape(to_numpy(leaf), -1)[j])
+            raise ValueError(
+                f"{owner}: {where} is {value!r}; finite differences need finite arguments"
+            )
+
+    grads: list[Any] = []
+    errors: list[Any] = []
+    for i, leaf in enumerate(leaves):
+        if not _is_real_float(leaf):
+            grads.append(None)
+            errors.append(None)
+            continue
+        if isinstance(leaf, float):
+            up, down, step = step_of(names[i], None, leaf)
+            g, e = difference(outputs(with_leaf(i, up)), outputs(with_leaf(i, down)), step)
+            grads.append(np.asarray(g))
+            errors.append(np.asarray(e))
+            continue
+        xp = array_namespace(leaf)
+        host = to_numpy(leaf).copy()
+        g_flat = np.zeros(host.size)
+        e_flat = np.zeros(host.size)
+        flat = host.reshape(-1)
+        for j in range(flat.size):
+            orig = float(flat[j])
+            up, down, step = step_of(names[i], j, orig)
+            flat[j] = up
+            plus = outputs(with_leaf(i, xp.asarray(host)))
+            flat[j] = down
+            minus = outputs(with_leaf(i, xp.asarray(host)))
+            flat[j] = orig
+            g_flat[j], e_flat[j] = difference(plus, minus, step)
+        grads.append(g_flat.reshape(host.shape))
+        errors.append(e_flat.reshape(host.shape))
+    return grads, errors
+
+
 def numerical_vjp(
     fn: Callable[..., Any], args: tuple[Any, ...], cotangent: Any, eps: float = 1e-6
 ) -> list[Any]:
@@ -48,48 +145,20 @@ def numerical_vjp(
 
     The differences are taken in float64: every 16- and 32-bit float leaf of ``args`` is
     converted to float64 first (a step of ``eps`` would be rounded away in float32), so this is
-    the gradient of the float64 function, whatever the arguments' dtypes.
+    the gradient of the float64 function, whatever the arguments' dtypes. Each is
+    ``<cotangent, fn(x + eps) - fn(x - eps)>`` over the step float64 takes,
+    ``(x + eps) - (x - eps)`` (not quite ``2 * eps`` where float64 rounds ``x + eps``), the outputs
+    subtracted entry by entry (so the entries a step leaves alone add no rounding).
 
     Returns a flat list (flattening order of ``args``) of float64 numpy arrays, with ``None``
     at leaves that are not real floats (Python floats and float arrays).
+
+    Raises:
+        ValueError: ``eps`` is below float64's spacing at some argument entry (``x + eps == x``),
+            or an entry is inf or NaN.
     """
-    leaves, treedef = tree_flatten(args)
-    leaves = [_as_float64(leaf) for leaf in leaves]
-    ct_leaves = tree_flatten(cotangent)[0]
-
-    def objective(new_leaves: list[Any]) -> float:
-        out_leaves = tree_flatten(fn(*tree_unflatten(treedef, new_leaves)))[0]
-        return builtin_sum(_inner(c, o) for c, o in zip(ct_leaves, out_leaves, strict=True))
-
-    def with_leaf(i: int, value: Any) -> list[Any]:
-        return [*leaves[:i], value, *leaves[i + 1 :]]
-
-    grads: list[Any] = []
-    for i, leaf in enumerate(leaves):
-        if not _is_real_float(leaf):
-            grads.append(None)
-            continue
-        if isinstance(leaf, float):
-            plus, minus = objective(with_leaf(i, leaf + eps)), objective(with_leaf(i, leaf - eps))
-            grads.append(np.asarray((plus - minus) / (2 * eps)))
-            continue
-        xp = array_namespace(leaf)
-        host = to_numpy(leaf).copy()
-        g = np.zeros_like(host)
-        flat = host.reshape(-1)
-        for j in range(flat.size):
-            orig = flat[j]
-            flat[j] = orig + eps
-            plus = objective(with_leaf(i, xp.asarray(host)))
-            flat[j] = orig - eps
-            minus = objective(with_leaf(i, xp.asarray(host)))
-            flat[j] = orig
-            g.reshape(-1)[j] = (plus - minus) / (2 * eps)
-        grads.append(g)
-    return grads
-
-
-builtin_sum = sum
+    names = _leaf_names(args, "args")
+    return _finite_differences(fn, args, cotangent, eps, names, "numerical_vjp")[0]
 
 
 def _leaf_names(tree: Any, name: str) -> list[str]:
@@ -114,7 +183,20 @@ def check_grads(
     A random cotangent is drawn for the output; the vjp's gradient of every real float leaf
     (Python floats and float arrays) must have the leaf's shape and dtype and match the
     finite-difference gradient of ``<cotangent, fn(*args)>``, taken in float64 (see
-    :func:`numerical_vjp`): ``|vjp - fd| <= atol + rtol * max(|vjp|, |fd|)`` everywhere.
+    :func:`numerical_vjp`), at every entry ``x_j`` of the leaf::
+
+        |vjp - fd| <= atol + rtol * max(|vjp|, |fd|) + fd_rounding_j
+
+    ``fd_rounding_j`` is a bound on the rounding error of the finite difference itself:
+    ``16 * 2.2e-16 * sum_k |ct_k| * max(|fn(x+)_k|, |fn(x-)_k|) / (x+ - x-)``, summed over the
+    output entries ``k`` that the step ``x_j +- eps`` moved (each float64 evaluation of one
+    may be off by 8 units of its last place), ``x+ - x-`` being the step float64 takes (about
+    ``2 * eps``). It grows with the size of the outputs a step moves (``sum(x**2)`` over many
+    entries, large values), not with the number of outputs, and is tiny beside ``rtol`` for
+    outputs of order 1: a float64 gradient 1e-5 off still fails where outputs are in the
+    thousands. (Finite differences cannot resolve errors smaller than their own.) The
+    differences' truncation error (of order ``eps**2`` times the third derivative) is not
+    counted: a function that curves sharply at the scale of ``eps`` needs a smaller ``eps``.
 
     Args:
         fn: a function of the arguments built from asyncnn ops.
@@ -125,13 +207,16 @@ def check_grads(
             small ones).
         atol: the absolute tolerance; by default ``1e-8``, ``1e-5`` and ``1e-2`` by dtype as
             for ``rtol``.
-        eps: the finite-difference step.
+        eps: the finite-difference step, added to and taken from each entry in float64.
         seed: seeds the random cotangent.
 
     Raises:
         AssertionError: naming the argument leaf (``args[0]['weight']``), the index where the
             gradient is worst and both values, or a gradient of the wrong shape or dtype.
         TypeError: a complex leaf (finite differences here are of real leaves only).
+        ValueError: ``eps`` is below float64's spacing at an argument entry (``x + eps ==
+            x``, from about ``|x| > 4e9`` at the default ``eps``): pass a larger one; or an
+            argument entry is inf or NaN.
     """
     leaves = tree_flatten(args)[0]
     names = _leaf_names(args, "args")
@@ -156,8 +241,8 @@ def check_grads(
         analytic = tree_flatten(pullback(cotangent))[0]
     except RuleError as exc:
         raise AssertionError(str(exc)) from exc
-    numeric = numerical_vjp(fn, args, cotangent, eps)
-    for name, leaf, a, n in zip(names, leaves, analytic, numeric, strict=True):
+    numeric, fd_errors = _finite_differences(fn, args, cotangent, eps, names, "check_grads")
+    for name, leaf, a, n, fd_error in zip(names, leaves, analytic, numeric, fd_errors, strict=True):
         if n is None:
             if a is not None:
                 raise AssertionError(f"{name}: expected no gradient (not a float), got one")
@@ -175,12 +260,14 @@ def check_grads(
         leaf_rtol = leaf_rtol if rtol is None else rtol
         leaf_atol = leaf_atol if atol is None else atol
         err = np.abs(a - n)
-        scale = leaf_atol + leaf_rtol * np.maximum(np.abs(a), np.abs(n))
+        scale = leaf_atol + leaf_rtol * np.maximum(np.abs(a), np.abs(n)) + fd_error
         if not np.all(err <= scale):  # (a NaN anywhere fails)
             excess = np.nan_to_num(err - scale, nan=np.inf)
             worst = int(np.argmax(np.where(err <= scale, -np.inf, excess)))
             raise AssertionError(
                 f"{name}: vjp and finite differences differ; at flat index {worst} vjp gives "
                 f"{a.reshape(-1)[worst]:.10g}, finite differences {n.reshape(-1)[worst]:.10g} "
-                f"(max abs error {err.max():.3g})"
+                f"(max abs error {err.max():.3g}; allowed there {scale.reshape(-1)[worst]:.3g}, "
+                f"{np.reshape(fd_error, -1)[worst]:.3g} of it for the finite differences' own "
+                "rounding)"
             )

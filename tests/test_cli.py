@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -493,10 +495,33 @@ def test_train_refuses_a_folder_it_may_not_write_in_before_training(
     assert line.endswith("); give a folder where you can write") and "\n" not in line
 
 
-def test_train_takes_an_empty_trace_path_as_none(tmp_path: Path) -> None:
-    # as --out '' (documented), --metrics '' and --save '': it failed with "No such file or
-    # directory: ''"
-    assert main([*_TRAIN, "--epochs", "0", "--trace", ""]) == 0
+@pytest.mark.parametrize(
+    ("flag", "what"),
+    [("--resume", "folder"), ("--save", "folder"), ("--trace", "file"), ("--metrics", "file")],
+)
+def test_train_refuses_an_empty_path_before_the_data(
+    flag: str,
+    what: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # an unset shell variable (--resume "$CKPT"): taken as not given, so --resume '' trained a
+    # new model from scratch, --save '' saved nothing, and the run exited 0
+    _no_data(monkeypatch)
+    assert main([*_TRAIN, "--epochs", "1", flag, ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip() == (
+        f"asyncnn train: error: {flag}: an empty path (an unset shell variable?); give a "
+        f"{what}, or leave {flag} out"
+    )
+
+
+def test_train_help_says_only_out_takes_an_empty_path(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "('' for none)" in out and "An empty path is refused" in out
 
 
 @pytest.mark.timeout(60)
@@ -658,11 +683,13 @@ def test_trace_diff_says_when_a_trace_is_cut_off(
     assert f"; note: {cut} is cut off after " in line and line.endswith("only the cut")
     assert main(["trace", "diff", traces[0], traces[1]]) == 1
     assert "note:" not in capsys.readouterr().out
-    # a cut that lost only the last record: "agree"
+    # a cut that lost only the last record: "agree", said without a divergence
     cut.write_bytes(data[:-5])
     assert main(["trace", "diff", traces[0], str(cut)]) == 1
     (line,) = capsys.readouterr().out.splitlines()
-    assert f"the runs agree as far as the traces go, but {cut} is cut off after " in line
+    assert line.startswith(
+        f"{traces[0]} and {cut} agree as far as the traces go, but {cut} is cut off after "
+    )
 
 
 def test_bench_without_a_name_asks_for_the_name_only(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1093,3 +1120,208 @@ def test_resume_of_a_checkpoint_dir_names_its_latest_checkpoint(
     )
     with pytest.raises(FileNotFoundError, match=f"load one of them, the latest: '{latest}'"):
         ann.Trainer.load(folder)
+
+
+# -- a disk that refuses the run's files; empty output paths of the trace tools -----------------
+
+
+class _FullDisk:
+    """A file opened for writing on a disk with ``room`` bytes left: a write past them writes
+    what fits, then fails as a full disk does (``OSError`` ENOSPC, which names no file)."""
+
+    def __init__(self, file: Any, room: int) -> None:
+        self._file = file
+        self._room = room
+
+    def write(self, text: Any) -> int:
+        if len(text) > self._room:
+            self._file.write(text[: self._room])
+            self._file.flush()
+            self._room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(text)
+        return int(self._file.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def _full_disk_for(monkeypatch: pytest.MonkeyPatch, name: str, room: int = 100) -> None:
+    """Fills the disk for every file whose name starts with ``name`` (its ``.tmp`` too)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, str) and os.path.basename(file).startswith(name) and "r" not in mode:
+            return _FullDisk(f, room)
+        return f
+
+    monkeypatch.setattr(builtins, "open", opened)
+
+
+@pytest.mark.timeout(60)
+def test_train_on_a_disk_that_refuses_the_trace_is_one_line_and_says_where_it_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a traceback of two exceptions (the recorder's RuntimeError, its OSError the cause), exit 1
+    from asyncnn._runtime._recorder import Recorder
+
+    def full(self: Recorder, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Recorder, "_write", full)
+    trace, ckpt = tmp_path / "t.trace", tmp_path / "ck"
+    assert main([*_TRAIN, "--epochs", "2", "--trace", str(trace), "--save", str(ckpt)]) == 2
+    assert _one_error_line(capsys) == (
+        f"asyncnn train: error: --trace {trace}: writing the trace failed (No space left on "
+        "device); the events after the failure were not recorded: free space there, or give "
+        f"--trace another path; the trainer was saved to {ckpt} (continue with --resume {ckpt})"
+    )
+    assert ann.Trainer.load(str(ckpt)).epochs_done <= 2
+
+    # a RuntimeError of anything else is a bug: its traceback is kept
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ann.Trainer, "fit", bug)
+    with pytest.raises(RuntimeError, match="bug"):
+        main([*_TRAIN, "--epochs", "1"])
+
+
+def test_replay_on_a_disk_that_refuses_its_own_trace_is_one_line(
+    traces: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the replay's trace in the temporary folder: the recorder's RuntimeError as a traceback
+    from asyncnn._runtime._recorder import Recorder
+
+    def full(self: Recorder, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Recorder, "_write", full)
+    assert main(["replay", traces[0]]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("asyncnn replay: error: writing the trace ")
+    assert "No space left on device" in line and "free space in the temporary folder" in line
+
+
+@pytest.mark.timeout(60)
+def test_train_on_a_disk_that_refuses_the_save_reports_the_run_and_names_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # safetensors' SafetensorError (no OSError) escaped as a traceback, exit 1, the report lost
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    ckpt = tmp_path / "ck"
+    assert main([*_TRAIN, "--epochs", "1", "--save", str(ckpt)]) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    capsys.readouterr()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    assert main([*_TRAIN, "--epochs", "2", "--save", str(ckpt)]) == 2
+    out, err = capsys.readouterr()
+    assert "test accuracy" in out and "saved the trainer" not in out  # the run's report
+    (line,) = err.strip().splitlines()
+    tmp = ckpt / "arrays.safetensors.tmp"
+    assert line.startswith(
+        f"asyncnn train: error: --save {ckpt}: the trainer could not be saved ([Errno 28] "
+        f"writing {tmp} failed (No space left on device)"
+    )
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # whole, no debris
+
+
+@pytest.mark.timeout(60)
+def test_train_on_a_full_disk_keeps_the_previous_results_and_prints_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # results.json was rewritten in place: the last run's was lost, a fragment of the new one
+    # left, the report never printed, and the error said only "[Errno 28] No space left ..."
+    out = tmp_path / "out"
+    assert main([*_TRAIN, "--epochs", "1", "--out", str(out)]) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    _full_disk_for(monkeypatch, "results.json")
+    assert main([*_TRAIN, "--epochs", "2", "--out", str(out)]) == 2
+    printed, err = capsys.readouterr()
+    assert "test accuracy" in printed and "wrote" not in printed
+    results = out / "results.json"
+    assert _only_line(err) == (
+        f"asyncnn train: error: --out {out}: writing {results} failed (No space left on "
+        f"device); any results.json there before is kept: free space there, or give --out "
+        "another folder ('' for none)"
+    )
+    assert results.read_text() == before and os.listdir(out) == ["results.json"]
+
+
+@pytest.mark.timeout(60)
+def test_train_on_a_disk_that_refuses_the_metrics_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "asyncnn train: error: [Errno 28] No space left on device": which of the run's files?
+    metrics = tmp_path / "m.jsonl"
+    _full_disk_for(monkeypatch, "m.jsonl")
+    assert main([*_TRAIN, "--epochs", "2", "--metrics", str(metrics)]) == 2
+    assert _one_error_line(capsys) == (
+        f"asyncnn train: error: --metrics {metrics}: writing it failed (No space left on "
+        "device): free space there, or give --metrics another path"
+    )
+
+
+def _only_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_trace_tools_refuse_an_empty_output_path_before_reading_the_trace(
+    traces: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "[Errno 2] No such file or directory: '.24739.tmp' -> ''" and "... directory: ''", after
+    # the whole trace was read
+    import asyncnn._tracing._chrome as chrome
+    import asyncnn._tracing._summary as summary
+
+    def unread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the trace was read")
+
+    monkeypatch.setattr(chrome, "open_trace", unread)
+    monkeypatch.setattr(summary, "summary", unread)
+    assert main(["trace", "export", traces[0], ""]) == 2
+    assert _one_error_line(capsys) == (
+        "asyncnn trace: error: out: an empty path; name the JSON file to write (e.g. run.json)"
+    )
+    assert main(["trace", "summary", traces[0], "--plots", ""]) == 2
+    assert _one_error_line(capsys) == (
+        "asyncnn trace: error: --plots: an empty path (an unset shell variable?); give a "
+        "folder, or leave --plots out"
+    )
+
+
+def test_trace_diff_of_a_cut_trace_with_itself_reports_no_divergence(
+    traces: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "first divergence at actor 'stage0', ...: the runs agree as far as the traces go, but
+    # cut.trace is cut off ...; cut.trace is cut off ...: whether they part ... cannot be told"
+    data = Path(traces[0]).read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    events = len(ann.trace.read(str(cut)).events)
+    assert main(["trace", "diff", str(cut), str(cut)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == (
+        f"{cut} and {cut} agree as far as the traces go, but {cut} is cut off after {events} "
+        "events (its run did not finish writing): whether they part after that cannot be told"
+    )

@@ -354,12 +354,65 @@ _X = np.random.default_rng(0).standard_normal((3, 4))
         (lambda ct, x, needs: (2 * x * ct * (1 + 1e-5),), r"args\[0\]: vjp and finite differ"),
         (lambda ct, x, needs: (2 * x,), "vjp and finite differences differ"),
         (lambda ct, x, needs: ((2 * x * ct)[:1],), r"gradient shape \(1, 4\)"),
+        (lambda ct, x, needs: (-2 * x * ct,), "vjp and finite differences differ"),
+        (lambda ct, x, needs: (0 * x * ct,), "vjp and finite differences differ"),
+        (lambda ct, x, needs: (2 * x * ct + np.nan,), "vjp and finite differences differ"),
+        (lambda ct, x, needs: (None,), "vjp and finite differences differ"),  # (zeros)
     ],
 )  # fmt: skip
 def test_check_grads_fails_a_wrong_gradient(rule, match):
     check_grads(_RIGHT, _X)
     with pytest.raises(AssertionError, match=match):
         check_grads(_square(rule), _X)
+
+
+_RNG = np.random.default_rng(1)
+_A, _B = _RNG.standard_normal((64, 64)), _RNG.standard_normal((64, 64))
+_CUBE_X = 10 * _RNG.standard_normal(200)
+_SQUARES_X = _RNG.standard_normal(2000)
+# (fn, args, its exact vjp rule off by 1e-5 relative, where one makes a Primitive of it)
+_BIG_FLOAT64_CASES = {
+    "matmul 64x64": (ops.matmul, (_A, _B)),
+    "x**3 of 200 at scale 10": (lambda v: v * v * v, (_CUBE_X,)),
+    "sum(x**2) of 2000": (lambda v: ops.sum(v * v), (_SQUARES_X,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BIG_FLOAT64_CASES))
+def test_check_grads_passes_right_float64_gradients_whatever_the_output_size(case):
+    # (these exact gradients failed at the default tolerances: the finite differences of
+    # <ct, fn(x)> lost |<ct, fn(x)>| * 2.2e-16 / eps to rounding, 1e-7 for a 64x64 matmul, and
+    # the tolerance did not count it)
+    fn, args = _BIG_FLOAT64_CASES[case]
+    check_grads(fn, *args)
+
+
+def test_check_grads_still_fails_a_float64_gradient_1e5_off_where_outputs_are_large():
+    def wrong_matmul_vjp(ct, res, needs):
+        a, b = res
+        return (ct @ b.T * (1 + 1e-5), a.T @ ct)
+
+    wrong_matmul = Primitive("matmul", lambda a, b: (a @ b, (a, b)), wrong_matmul_vjp)
+    with pytest.raises(AssertionError, match=r"args\[0\]: vjp and finite differences differ"):
+        check_grads(wrong_matmul, _A, _B)
+    cube = Primitive("cube", lambda x: (x**3, x), lambda ct, x, needs: (3.00003 * x**2 * ct,))
+    with pytest.raises(AssertionError, match="vjp and finite differences differ"):
+        check_grads(cube, _CUBE_X)
+    square_sum = Primitive(
+        "square_sum", lambda x: (np.sum(x * x), x), lambda ct, x, needs: (2.00002 * x * ct,)
+    )
+    with pytest.raises(AssertionError, match="vjp and finite differences differ"):
+        check_grads(square_sum, _SQUARES_X)
+
+
+def test_check_grads_takes_the_step_that_float64_can_make_at_large_arguments():
+    # 1e10 + 1e-6 is 1e10 + 1.9e-6 in float64: dividing by 2e-6 gave a gradient 90% off
+    x = np.array([1e10 + 0.5, 1e10 - 0.25, 2.0])
+    check_grads(lambda v: ops.tanh(v - 1e10), x)
+    with pytest.raises(ValueError, match=r"eps=1e-06 is below the spacing of float64 at args\[0\]"):
+        check_grads(lambda v: v * 2.0, np.array([1e11, 1.0]))
+    with pytest.raises(ValueError, match=r"args\[0\] flat index 1 is inf; finite differences"):
+        check_grads(lambda v: v * 2.0, np.array([1.0, np.inf]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

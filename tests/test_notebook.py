@@ -108,36 +108,56 @@ def test_interrupting_the_waiting_thread_stops_the_fit_and_keeps_what_finished()
     assert len(tr.history.losses) == done
 
 
-def test_an_interrupt_that_lands_outside_the_join_still_stops_the_call_and_waits(monkeypatch):
-    """The interrupt lands at whatever the waiting thread runs: here in the loop's test of
-    whether the call is still running (``is_alive``), not in ``join``. The call must still be
-    asked to stop and be waited for, not left running behind the raised KeyboardInterrupt."""
+@pytest.mark.parametrize("where", ["before taking the lock", "after taking the lock"])
+def test_an_interrupt_anywhere_in_the_wait_still_stops_the_call_and_waits(monkeypatch, where):
+    """The interrupt lands at whatever the waiting thread runs: here inside the wait's timed
+    lock acquire, before it took the lock (the call still runs: it must be asked to stop and
+    waited for, not left running behind the raised KeyboardInterrupt) or just after it took it
+    once the call had ended (the lock then stays held: the wait must not hang on it)."""
     import threading
+    import types
 
-    from asyncnn._notebook import run_outside_loop
+    from asyncnn import _notebook
 
     stop = threading.Event()
     finished = []
 
     def call():
+        time.sleep(0.1)  # the caller is waiting by now
         stop.wait(5.0)
         finished.append(stop.is_set())
         return 1
 
-    real = threading.Thread.is_alive
-    seen = []
+    class Lock:
+        """threading.Lock, with Ctrl-C landing in the first timed acquire of the wait (or,
+        "after taking the lock", in the first one that got it)."""
 
-    def is_alive(self):
-        if self.name == "asyncnn-call":
-            seen.append(1)
-            if len(seen) == 2:
+        def __init__(self):
+            self._lock, self.fired = threading.Lock(), False
+
+        def acquire(self, blocking=True, timeout=-1):
+            if timeout < 0:  # the caller's, before the call starts
+                return self._lock.acquire(blocking)
+            if where == "before taking the lock" and not self.fired:
+                self.fired = True
+                time.sleep(0.05)
                 raise KeyboardInterrupt
-        return real(self)
+            if where == "after taking the lock" and not self.fired:
+                self.fired = True
+                self._lock.acquire()  # (no timeout: the interrupt comes once it has the lock)
+                raise KeyboardInterrupt  # the lock stays held by the waiting thread
+            return self._lock.acquire(blocking, timeout)
 
-    monkeypatch.setattr(threading.Thread, "is_alive", is_alive)
+        def release(self):
+            self._lock.release()
+
+    if where == "after taking the lock":
+        stop.set()  # the call ends by itself; the interrupt comes as it does
+    fake = types.SimpleNamespace(Thread=threading.Thread, Lock=Lock)
+    monkeypatch.setattr(_notebook, "threading", fake)
 
     async def cell():
-        run_outside_loop(call, on_interrupt=stop.set)
+        _notebook.run_outside_loop(call, on_interrupt=stop.set)
 
     loop = asyncio.new_event_loop()
     try:
@@ -160,3 +180,133 @@ def test_context_variables_set_around_the_call_hold_on_its_worker_thread():
             return run_outside_loop(_trusted.get)
 
     assert "mylab.layers" in asyncio.run(cell())
+
+
+def _in_a_running_loop(kind, cell):
+    """Runs the sync ``cell()`` as a notebook cell would: inside a running event loop whose
+    thread gets the interrupts (an asyncio loop with no SIGINT handler of its own, as a
+    kernel's, or trio's, whose handler raises in the running code)."""
+
+    async def main():
+        return cell()
+
+    if kind == "trio":
+        return trio.run(main)
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _interrupting_call(asked, log, after_stop=None, interrupts=1):
+    """A call that presses Ctrl-C ``interrupts`` times in the waiting thread (as the kernel's
+    SIGINT would, without a real signal), each once the previous one was seen (``asked``, the
+    list the caller's ``on_interrupt`` appends to), then takes a while to stop, as a fit
+    finishing the step in flight does."""
+    import _thread
+
+    def call():
+        time.sleep(0.05)  # the caller is waiting by now
+        for i in range(interrupts):
+            _thread.interrupt_main()
+            deadline = time.monotonic() + 5.0
+            while len(asked) <= i:
+                assert time.monotonic() < deadline, "the call was never asked to stop"
+                time.sleep(0.01)
+        time.sleep(0.3)  # the step in flight
+        log.append("stopped")
+        if after_stop is not None:
+            raise after_stop
+        return 1
+
+    return call
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_the_interrupt_comes_only_once_the_call_has_stopped(loop):
+    """On Python 3.11 a Ctrl-C landing in ``Thread.join`` marks the thread stopped while it runs
+    on (threading's bpo-45274 branch): the interrupt came back while the fit still ran, and its
+    weights changed after the cell's ``except KeyboardInterrupt`` had saved them."""
+    from asyncnn._notebook import run_outside_loop
+
+    asked, log = [], []
+
+    def cell():
+        try:
+            run_outside_loop(_interrupting_call(asked, log), on_interrupt=lambda: asked.append(1))
+        except KeyboardInterrupt:
+            return list(log)  # what the cell sees as the interrupt reaches it
+        return "no interrupt"
+
+    assert _in_a_running_loop(loop, cell) == ["stopped"]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_second_ctrl_c_keeps_waiting_for_the_call_to_stop(loop, capsys):
+    """Ctrl-C pressed again while the call stops asks again and waits on: returning then would
+    leave the call changing the weights (and a next fit could start beside it)."""
+    from asyncnn._notebook import run_outside_loop
+
+    asked, log = [], []
+    call = _interrupting_call(asked, log, interrupts=3)
+
+    def cell():
+        try:
+            run_outside_loop(call, on_interrupt=lambda: asked.append(1))
+        except KeyboardInterrupt:
+            return list(log)
+        return "no interrupt"
+
+    assert _in_a_running_loop(loop, cell) == ["stopped"]
+    assert len(asked) == 3
+    assert "stops at its next step; waiting for it" in capsys.readouterr().err
+
+
+def test_an_error_the_call_raises_while_it_stops_reaches_the_caller():
+    """(It was lost: the interrupt came back before the call had ended.)"""
+
+    from asyncnn._notebook import run_outside_loop
+
+    asked = []
+    call = _interrupting_call(asked, [], after_stop=OSError("disk full while saving"))
+
+    def cell():
+        return run_outside_loop(call, on_interrupt=lambda: asked.append(1))
+
+    with pytest.raises(OSError, match="disk full while saving"):
+        _in_a_running_loop("asyncio", cell)
+
+
+def test_a_call_that_cannot_be_asked_to_stop_is_left_to_end_and_the_interrupt_raised_at_once():
+    """``replay`` passes no ``on_interrupt``: waiting for it would hold the cell for as long as
+    it runs (its thread cannot be stopped), and it changes none of the caller's state."""
+    import _thread
+
+    from asyncnn._notebook import run_outside_loop
+
+    release, log = [], []
+
+    def call():
+        time.sleep(0.05)  # the caller is waiting by now
+        _thread.interrupt_main()
+        deadline = time.monotonic() + 5.0
+        while not release and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log.append("ended")
+
+    def cell():
+        try:
+            run_outside_loop(call)
+        except KeyboardInterrupt:
+            return list(log)
+        return "no interrupt"
+
+    try:
+        assert _in_a_running_loop("asyncio", cell) == []  # raised while the call runs on
+    finally:
+        release.append(True)
+    deadline = time.monotonic() + 5.0
+    while not log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log == ["ended"]

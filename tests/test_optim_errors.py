@@ -3,6 +3,7 @@ refused with an error that names them."""
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +160,35 @@ def test_state_made_for_other_parameters_is_refused(backend: Backend, opt: optim
     missing[opt.buffer_names()[0]] = {"w": None}
     with pytest.raises(ValueError, match="is None.*other parameters"):
         opt.update(p, g, missing)
+
+
+_BUILTIN_SCHEDULES = [
+    optim.StepLR(0.1, 3, 0.5),
+    optim.StepLR(0.1, 3, 0.0),
+    optim.CosineAnnealing(0.1, 10),
+    optim.LinearWarmup(0.1, 5),
+    optim.LinearWarmup(optim.StepLR(0.1, 3, 0.0), 5),
+]
+
+
+@pytest.mark.parametrize("sched", _BUILTIN_SCHEDULES, ids=repr)
+@pytest.mark.parametrize("step", [-1, -7, np.int64(-2), float("nan"), 2.5, 3.0, True, None, "3"])
+def test_a_schedule_refuses_a_step_that_is_not_a_count_of_updates(sched, step) -> None:
+    # (StepLR(0.1, 3, 0.5)(-1) gave 0.2, above its lr; LinearWarmup(0.1, 5)(-1) a negative
+    # rate; NaN gave NaN; StepLR(0.1, 3, 0.0)(-1) a bare ZeroDivisionError)
+    name = type(sched).__name__
+    with pytest.raises(ValueError, match=rf"^{name}: step must be an int >= 0 \(the number of "):
+        sched(step)
+    with pytest.raises(ValueError, match=rf"got {re.escape(repr(step))}$"):
+        sched(step)
+
+
+def test_a_schedule_takes_numpy_ints_and_step_lr_decays_to_zero_with_gamma_0() -> None:
+    # gamma=0 is torch's StepLR too: lr for step_size updates, then 0
+    zero = optim.StepLR(0.1, 3, 0.0)
+    assert [zero(t) for t in range(8)] == [0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    for sched in _BUILTIN_SCHEDULES:
+        assert sched(np.int64(4)) == sched(4) and sched(np.uint8(0)) == sched(0)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ def test_a_diff_with_a_trace_cut_off_says_so(tmp_path):
             assert (d.actor, d.seq, d.kind, d.key) == ("stage0", recorded[i]["seq"], "forward", 0)
             assert d.reason.startswith("the second run sent more than the first; note: ")
     assert ann.trace.diff(whole, whole) is None
+    # a cut trace with itself: its note once, not once for each side
+    d = ann.trace.diff(cut, cut)
+    note = f"{cut} is cut off after {len(trace.events)} events (its run did not finish writing)"
+    assert d is not None and d.reason.count(note) == 1
 
 
 def test_a_diff_of_runs_that_sent_a_message_elsewhere_speaks_of_two_runs(tmp_path):

@@ -207,6 +207,67 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "d")  # refused before anything was written
 
 
+def test_a_save_on_a_full_disk_raises_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    # safetensors' SafetensorError (an Exception, not the OSError save documents) escaped, and
+    # a write of the spec or the manifest said only "[Errno 28] No space left on device"
+    import builtins
+
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    tr = _trainer(policies.Sync())
+    tr.fit(_data(), epochs=1, batch_size=8)
+    folder = tmp_path / "c"
+    tr.save(folder)
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    save_file = safetensors.numpy.save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    tmp = folder / "arrays.safetensors.tmp"
+    with pytest.raises(OSError, match=re.escape(f"writing {tmp} failed (No space left")) as err:
+        tr.save(folder)
+    assert err.value.errno == 28 and isinstance(err.value.__cause__, SafetensorError)
+
+    # any other error of safetensors is no disk's: it goes on as it is
+    def mismatch(*args, **kwargs):
+        raise SafetensorError("Error while serializing: shape mismatch")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", mismatch)
+    with pytest.raises(SafetensorError, match="shape mismatch"):
+        tr.save(folder)
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+    real_open = builtins.open
+
+    class Full:  # the spec's file: opened, then the write fails
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    def opened(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Full(f) if str(file).endswith("spec.msgpack.tmp") else f
+
+    monkeypatch.setattr(builtins, "open", opened)
+    tmp = folder / "spec.msgpack.tmp"
+    with pytest.raises(OSError, match=re.escape(f"writing {tmp} failed (No space left")):
+        tr.save(folder)
+    monkeypatch.undo()
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
 # -- checkpoint_dir of an earlier run; resuming with another epoch layout ------------------------
 
 

@@ -41,6 +41,17 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
     return int(value)
 
 
+def _step(owner: str, step: Any) -> int:
+    """``step`` checked as the number of updates already done: an int >= 0 (numpy's too)."""
+    # a negative step read the formulas outside their domain (StepLR(0.1, 3, 0.5)(-1) was 0.2,
+    # above lr; with gamma=0 a ZeroDivisionError), and NaN gave NaN
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(
+            f"{owner}: step must be an int >= 0 (the number of updates already done), got {step!r}"
+        )
+    return int(step)
+
+
 def check_dataclass(obj: Any, base: str) -> None:
     """Refuses ``obj`` unless its class is a frozen dataclass: ``to_spec`` lists its fields,
     which saving a checkpoint and tracing a run need, and ``from_spec`` rebuilds it from them;
@@ -80,7 +91,15 @@ class Schedule(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, step: int) -> float:
-        """The learning rate for the update that follows ``step`` updates (``step >= 0``)."""
+        """The learning rate for the update that follows ``step`` updates.
+
+        Args:
+            step: the number of updates already done, an int >= 0 (numpy's ints too).
+
+        Raises:
+            ValueError: (the built-in schedules) a step that is not an int >= 0: a negative,
+                float, NaN or bool one, naming the schedule and the step.
+        """
 
     def to_spec(self) -> dict[str, Any]:
         """A plain dict (msgpack-able) that :func:`schedule_from_spec` turns back into this."""
@@ -125,7 +144,8 @@ class StepLR(Schedule):
     Args:
         lr: the learning rate of the first ``step_size`` updates.
         step_size: number of updates between two decays.
-        gamma: the factor of each decay (above 1 the rate grows, as torch's does, up to inf).
+        gamma: the factor of each decay, >= 0 (0 drops the rate to 0 at the first decay and
+            above 1 the rate grows, up to inf, as torch's ``StepLR`` does).
     """
 
     lr: float
@@ -144,6 +164,7 @@ class StepLR(Schedule):
         object.__setattr__(self, "gamma", gamma)
 
     def __call__(self, step: int) -> float:
+        step = _step("StepLR", step)
         try:
             factor = self.gamma ** (step // self.step_size)
         except OverflowError:  # gamma > 1 after very many updates: inf, as torch's rate grows to
@@ -185,6 +206,7 @@ class CosineAnnealing(Schedule):
         object.__setattr__(self, "min_lr", min_lr)
 
     def __call__(self, step: int) -> float:
+        step = _step("CosineAnnealing", step)
         if step >= self.total_steps:
             return self.min_lr
         cosine = 1.0 + math.cos(math.pi * step / self.total_steps)
@@ -223,6 +245,7 @@ class LinearWarmup(Schedule):
         object.__setattr__(self, "start_factor", start)
 
     def __call__(self, step: int) -> float:
+        step = _step("LinearWarmup", step)
         done = min(step, self.warmup_steps) / self.warmup_steps
         factor = self.start_factor + (1.0 - self.start_factor) * done
         return _base(self.schedule, step) * factor

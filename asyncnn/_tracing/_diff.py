@@ -145,10 +145,16 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
 
 
 def _cut_note(cut: list[Trace]) -> str:
+    by_path = {t.path: t for t in cut}  # (a trace diffed with itself: said once)
     return "; ".join(
-        f"{t.path} is cut off after {len(t.events)} events (its run did not finish writing)"
-        for t in cut
+        f"{path} is cut off after {len(t.events)} events (its run did not finish writing)"
+        for path, t in by_path.items()
     )
+
+
+#: how the reason begins where the traces agree as far as a cut one goes (no divergence found,
+#: only the end of what can be compared): ``asyncnn trace diff`` says that without "divergence"
+AGREE_SO_FAR = "the runs agree as far as the traces go, but "
 
 
 def _of_two_runs(d: Divergence) -> Divergence:
@@ -173,10 +179,7 @@ def _at_the_cut(cut: list[Trace]) -> Divergence:
     """Where the first of the cut traces ends: its last compute (or nothing, where it has
     none), with the reason that the traces cannot be said to agree."""
     last = next((e for e in reversed(cut[0].events) if e.what == "start"), None)
-    reason = (
-        f"the runs agree as far as the traces go, but {_cut_note(cut)}: whether they part "
-        "after that cannot be told"
-    )
+    reason = f"{AGREE_SO_FAR}{_cut_note(cut)}: whether they part after that cannot be told"
     if last is None:
         return Divergence("", -1, -1, "", reason=reason)
     return Divergence(last.actor, last.seq, last.key, last.kind, reason=reason)
