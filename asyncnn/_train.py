@@ -10,12 +10,13 @@ import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Concatenate, Generic, NoReturn, ParamSpec, TypeVar, overload
+from typing import Any
 
 import numpy as np
 
 from ._callbacks import Callback
 from ._checkpoint_files import write_whole
+from ._class_only import class_only
 from ._datacheck import check_inputs, check_labels, check_params, require_inputs
 from ._errors import GraphError
 from ._fit import _synchronize
@@ -26,8 +27,9 @@ from ._history import History
 from ._inference import _classifiers as _classifiers  # (the CLI imports it from here)
 from ._inference import evaluate_loss, predict_outputs
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_flatten, tree_map
+from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
+from ._optimizer_swap import fitted_opt_states
 from ._runtime._checks import check_optimizer
 from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
@@ -50,52 +52,6 @@ def _read_only(leaf: Any) -> Any:
         arr = arr.view()
         arr.flags.writeable = False
     return arr
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-class _OnTheClass(Generic[_P, _R]):
-    """A classmethod that refuses to be called on an instance: ``tr.load(path)`` would return a
-    new trainer, which such a call drops, and leave ``tr`` as it was, as if it had resumed
-    (torch's ``load_state_dict`` loads into the object it is called on). Read from the class
-    (also a subclass), it is the classmethod itself; read from an instance, a function that
-    raises, so that looking the attribute up (``hasattr``, ``dir``, ``help``) still works."""
-
-    def __init__(self, method: Callable[Concatenate[Any, _P], _R]) -> None:
-        # a classmethod object, which mypy sees as the function under it (typed as that)
-        held: Any = method
-        self._method = held
-        self.__doc__ = held.__doc__
-        self.__wrapped__ = held.__func__
-        self._name: str = held.__func__.__name__
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> Callable[_P, _R]: ...
-    @overload
-    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., NoReturn]: ...
-    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., Any]:
-        if obj is None:
-            assert owner is not None  # (read from the class: the class is given)
-            return self._method.__get__(None, owner)
-        cls, name = type(obj).__name__, self._name
-
-        def refused(*args: Any, **overrides: Any) -> NoReturn:
-            # (the overrides given, as the example; cut: a graph= would print whole)
-            given = "".join(f", {k}={v!r:.40}" for k, v in overrides.items()) or ", progress=True"
-            raise TypeError(
-                f"{cls}.{name} returns a new trainer; it does not load into the one it is "
-                f"called on: tr.{name}(path) would leave tr as it was, not resumed. Write "
-                f"tr = {cls}.{name}(path), with any constructor arguments to replace as "
-                f"keywords (tr = {cls}.{name}(path{given}))"
-            )
-
-        refused.__doc__ = self.__doc__
-        return refused
 
 
 class Trainer:
@@ -287,26 +243,10 @@ class Trainer:
             own_thread=not self._run_open,  # (on_fit_start and on_fit_end may assign it)
         )  # fmt: skip
         # every layer's state made before any is replaced: an init that fails changes nothing
-        opt_states = self._opt_states_for(value)
+        _synchronize(self.graph, self.cluster)  # (from on_fit_end on a GPU: see params)
+        opt_states = fitted_opt_states(self.state, self.graph, self.cluster, value)
         self.state = dataclasses.replace(self.state, opt_states=opt_states)
         self._optimizer = value
-
-    def _opt_states_for(self, optimizer: Any) -> dict[str, Any]:
-        """Each layer's optimizer state under ``optimizer``: its current one where that has the
-        structure and shapes ``optimizer.init`` makes, else that fresh one (where the layer's
-        weights are, as the trainer made them: a layer of a worker's on the host)."""
-        from .backends import get_backend
-
-        _synchronize(self.graph, self.cluster)  # (from on_fit_end on a GPU: see params)
-        states = {}
-        for name, params in self.state.params.items():
-            node = self.graph.nodes[name]
-            on_host = self.cluster is not None and node.worker is not None
-            with get_backend("cpu" if on_host else node.device).activate():
-                fresh = optimizer.init(params)
-            held = self.state.opt_states.get(name)
-            states[name] = held if held is not None and _same_layout(held, fresh) else fresh
-        return states
 
     @property
     def _epoch_losses(self) -> list[tuple[float, int | None]]:
@@ -686,7 +626,7 @@ class Trainer:
         save_checkpoint(self, path, record)
         write_whole(os.path.join(path, _FIT_FILE), fit)  # (no fit.json.tmp left on a failure)
 
-    @_OnTheClass
+    @class_only
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> Trainer:
         """A trainer resumed from :meth:`save`'s folder; deterministic policies then continue
@@ -716,16 +656,6 @@ class Trainer:
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
-
-
-def _same_layout(state: Any, like: Any) -> bool:
-    """Whether the pytree ``state`` has the structure of ``like`` and leaves of the same
-    shapes (an optimizer state that ``like``'s optimizer takes as its own)."""
-    leaves, treedef = tree_flatten(state)
-    like_leaves, like_treedef = tree_flatten(like)
-    return treedef == like_treedef and all(
-        np.shape(a) == np.shape(b) for a, b in zip(leaves, like_leaves, strict=True)
-    )
 
 
 def _json_int(value: Any) -> Any:

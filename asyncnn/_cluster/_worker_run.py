@@ -21,7 +21,8 @@ import numpy as np
 
 from asyncnn._errors import ActorError
 from asyncnn._runtime._lifecycle import start_cancellable
-from asyncnn._runtime._run import Run, _hook_failed
+from asyncnn._runtime._run import Run
+from asyncnn._runtime._setup import _hook_failed
 
 from ._base import DEFAULT_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
 from ._codec import unsendable
