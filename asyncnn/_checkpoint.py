@@ -96,7 +96,11 @@ def _check_loadable(trainer: Trainer, state: RunState) -> None:
     delays that the load (its ``open_run``) would refuse: a checkpoint its own ``Trainer.load``
     cannot read is data lost (a float delay was cut to an int, more delays than gradients
     written, a float version written as it was)."""
-    from ._runtime._open_run import _check_pending_delays, _check_pending_grads, check_state_counts
+    from ._runtime._state_checks import (
+        _check_pending_delays,
+        _check_pending_grads,
+        check_state_counts,
+    )
 
     try:
         check_state_counts(trainer.graph, state)
