@@ -10,7 +10,9 @@ alike. 16-bit parameters are updated in float32 and rounded once (torch computes
 in float32 but rounds every intermediate to 16 bits).
 """
 
-from ._math._optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm, from_spec
+from ._math._optim import SGD, Optimizer, clip_grad_norm
+from ._math._optim_adam import Adam, AdamW
+from ._math._optim_spec import from_spec
 from ._math._schedules import (
     CosineAnnealing,
     LinearWarmup,

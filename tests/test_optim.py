@@ -4,6 +4,7 @@ cut over a team."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import sys
 import threading
@@ -335,19 +336,25 @@ def test_a_non_finite_gradient_cut_over_a_team_warns_of_nothing(
     assert np.isnan(cut["w"][[0, 400, 300], [0, 5, 7]]).all()
 
 
+#: the modules whose optimizers call the one-pass update (SGD's; Adam's and AdamW's)
+_OPTIMIZER_MODULES = [
+    importlib.import_module("asyncnn._math._optim"),
+    importlib.import_module("asyncnn._math._optim_adam"),
+]
+
+
 def _spy_on_numpy_many(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, for each update from now on, whether the one-pass path took its leaves."""
-    from asyncnn._math import _optim
-
     taken: list[bool] = []
-    real = _optim._numpy_many
+    real = _OPTIMIZER_MODULES[0]._numpy_many
 
     def spy(*args: Any) -> Any:
         out = real(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(_optim, "_numpy_many", spy)
+    for module in _OPTIMIZER_MODULES:
+        monkeypatch.setattr(module, "_numpy_many", spy)
     return taken
 
 
@@ -359,8 +366,6 @@ def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
     # numpy leaves take one pass over every leaf under one error state (_numpy_many); the
     # leaf-by-leaf path is the reference, bit for bit, non-finite gradients included and
     # warning of nothing in either
-    from asyncnn._math import _optim
-
     rng = np.random.default_rng(5)
     params = [{"w": rng.normal(size=(6, 4)).astype(dtype), "b": rng.normal(size=4).astype(dtype)},
               {}, {"w": rng.normal(size=(4, 3)).astype(dtype)}]  # fmt: skip
@@ -377,7 +382,8 @@ def test_numpy_leaves_updated_at_once_equal_their_update_leaf_by_leaf(
         warnings.simplefilter("error")
         taken = _spy_on_numpy_many(monkeypatch)
         at_once = three_steps()
-        monkeypatch.setattr(_optim, "_numpy_many", lambda *args: None)
+        for module in _OPTIMIZER_MODULES:
+            monkeypatch.setattr(module, "_numpy_many", lambda *args: None)
         one_by_one = three_steps()
     assert taken == [True] * 3  # every update went through it
     for a, b in zip(tree_leaves(at_once), tree_leaves(one_by_one), strict=True):

@@ -27,7 +27,7 @@ import numpy as np
 
 from asyncnn._errors import ActorError
 from asyncnn._math._imports import class_path, trusted_modules
-from asyncnn._math._optim import from_spec as optimizer_from_spec
+from asyncnn._math._optim_spec import from_spec as optimizer_from_spec
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._config import RunConfig
 from asyncnn._runtime._graph import Graph

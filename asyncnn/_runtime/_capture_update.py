@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from asyncnn._math._optim import SGD, Adam, AdamW
+from asyncnn._math._optim import SGD
+from asyncnn._math._optim_adam import Adam, AdamW
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
 from asyncnn._math._schedules import Schedule
 

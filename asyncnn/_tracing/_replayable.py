@@ -69,7 +69,7 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     """
     from asyncnn._math._imports import UntrustedModuleError, untrusted_cause
     from asyncnn._math._imports import trusted_modules as trusting
-    from asyncnn._math._optim import from_spec as optimizer_from_spec
+    from asyncnn._math._optim_spec import from_spec as optimizer_from_spec
     from asyncnn._runtime._graph import Graph
     from asyncnn._runtime._policies import policy_from_spec
     from asyncnn._runtime._recorder import decode_tree

@@ -1,0 +1,37 @@
+"""Optimizers from their specs (:meth:`Optimizer.to_spec`): the built-ins by name, others by
+import path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._optim import SGD, Optimizer
+from ._optim_adam import Adam, AdamW
+from ._schedules import resolve_class, schedule_from_spec
+
+__all__ = ["BUILTINS", "from_spec"]
+
+BUILTINS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+
+
+def from_spec(spec: dict[str, Any]) -> Optimizer:
+    """The optimizer described by ``spec`` (from :meth:`Optimizer.to_spec`).
+
+    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``; other :class:`Optimizer` subclasses by
+    import path, ``"package.module:Class"``.
+
+    Raises:
+        ValueError: for an unknown name or hyperparameters the optimizer does not take.
+    """
+    cls = resolve_class(spec, BUILTINS, Optimizer, "optimizer")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if isinstance(kwargs.get("lr"), dict):
+        kwargs["lr"] = schedule_from_spec(kwargs["lr"])
+    if isinstance(kwargs.get("betas"), list):
+        kwargs["betas"] = tuple(kwargs["betas"])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
+            raise
+        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc
