@@ -14,7 +14,8 @@ from ._errors import (
     TraceFormatError,
     WorkerError,
 )
-from ._math._autodiff import grad, value_and_grad, vjp
+from ._math._autodiff import vjp
+from ._math._autodiff_grad import grad, value_and_grad
 from ._math._imports import UntrustedModuleError
 from ._math._loop import evaluate, predict, train_loop
 from ._notebook import replay  # runs on a worker thread inside a running event loop

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..backends import array_namespace, backend_of, is_floating, to_numpy
-from ._autodiff import value_and_grad
+from ._autodiff_grad import value_and_grad
 from ._data import ArrayDataset, _check_index
 from ._pytree import tree_leaves
 
