@@ -474,3 +474,6 @@ async def test_the_merge_counts_the_keys_it_holds_until_their_backward(tmp_path)
     # a row's two experts, and the H-wide float32 output of each
     per_key = 4 * 2 * 4 + 4 * 2 * 2 * 8 + 4 * 2 * H * 4
     assert merge.peak_stored_bytes == 4 * per_key
+    # its one (empty) version, as a parameterless layer's and as the trace counts it (its
+    # statistics said 0)
+    assert merge.peak_versions_held == summary["merge"]["peak_versions_held"] == 1

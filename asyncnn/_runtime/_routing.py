@@ -266,6 +266,9 @@ class MergeActor(LayerActor):
         # (shapes and dtypes, and a pass over the (rows, k) route, already on the host for the
         # gathers)
         self.checks_routes = router.custom_actor is not None
+        # its keys are kept in :attr:`saved`, not as pullbacks: the one version it holds is
+        # its (empty) latest, counted as a parameterless layer's is
+        self.stats.versions_held = self.stats.peak_versions_held = 1
 
     def _file(self, msg: Any) -> None:
         if msg.kind == FORWARD and msg.slot == 0 and len(msg.tensors) > 1:
