@@ -12,6 +12,7 @@ from ._errors import (
     RemoteError,
     StallError,
     TraceFormatError,
+    TraceWriteError,
     WorkerError,
 )
 from ._math._autodiff import vjp
@@ -47,6 +48,7 @@ __all__ = [
     "StallError",
     "TensorRef",
     "TraceFormatError",
+    "TraceWriteError",
     "Trainer",
     "WorkerError",
     "callbacks",

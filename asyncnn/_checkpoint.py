@@ -39,10 +39,8 @@ fails before its renames removes what it wrote and leaves the folder as it was.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +61,8 @@ from ._checkpoint_files import (
     _read_spec,
     _sha256,
     naming,
+    naming_safetensors,
     verify_checkpoint,
-    write_failed,
 )
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join, _split
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
@@ -203,7 +201,7 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     # (a save that fails leaves no file of its own, and the folder's checkpoint as it was)
     hint = f"; the folder {path} is left as it was: free space there, or save to another folder"
     try:
-        with _naming_safetensors(tmp_arrays, hint), naming(tmp_arrays, hint):
+        with naming_safetensors(tmp_arrays, hint), naming(tmp_arrays, hint):
             save_file(arrays, tmp_arrays)
         _sync(tmp_arrays)
         with naming(tmp_spec, hint), open(tmp_spec, "wb") as f:
@@ -232,24 +230,6 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     os.replace(tmp_spec, os.path.join(path, SPEC))
     os.replace(tmp_manifest, os.path.join(path, MANIFEST))
     _sync(path)
-
-
-@contextlib.contextmanager
-def _naming_safetensors(file: str, hint: str) -> Iterator[None]:
-    """Raises safetensors' error of a write the disk refused as the ``OSError`` that
-    :meth:`Trainer.save` documents, naming ``file`` (its ``SafetensorError`` is no ``OSError``,
-    and says "Error while serializing: I/O error: No space left on device (os error 28)" of no
-    file); the original is the cause. Its other errors are no disk's: they go on as they are."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as exc:
-        found = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(exc).strip())
-        if found is None:
-            raise
-        number = int(found.group(2)) if found.group(2) else errno.EIO
-        raise write_failed(number, found.group(1), file, hint) from exc
 
 
 #: the run options a checkpoint keeps (checked on load as a RunConfig checks them)

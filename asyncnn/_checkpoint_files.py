@@ -7,9 +7,11 @@ them and only checks and names."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +73,24 @@ def naming(file: str, hint: str = "") -> Iterator[None]:
         if exc.filename is not None:
             raise
         raise write_failed(exc.errno, exc.strerror or str(exc), file, hint) from exc
+
+
+@contextlib.contextmanager
+def naming_safetensors(file: str, hint: str = "") -> Iterator[None]:
+    """Raises safetensors' error of a write the disk refused as an ``OSError`` of its errno,
+    naming ``file`` (with ``hint`` after it): its ``SafetensorError`` is no ``OSError``, and
+    says "Error while serializing: I/O error: No space left on device (os error 28)" of no
+    file. The original is the cause. Its other errors are no disk's: they go on as they are."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        found = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(exc).strip())
+        if found is None:
+            raise
+        number = int(found.group(2)) if found.group(2) else errno.EIO
+        raise write_failed(number, found.group(1), file, hint) from exc
 
 
 def _sha256(path: str) -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "RemoteError",
     "StallError",
     "TraceFormatError",
+    "TraceWriteError",
     "WorkerError",
 ]
 
@@ -46,6 +47,41 @@ class StallError(RuntimeError):
 
 class TraceFormatError(ValueError):
     """A trace file is damaged or not a trace; the message says where."""
+
+
+class TraceWriteError(OSError, RuntimeError):
+    """Writing a run's trace file failed: the disk refused it (a full disk). The message names
+    the trace and what to do; the disk's ``OSError`` is ``__cause__``.
+
+    An ``OSError`` (a file the disk refused, as ``Trainer.save``'s is) and a ``RuntimeError``
+    (what it was raised as before it had its own class), so that code catching either still
+    does.
+
+    Attributes:
+        errno: the disk's (``errno.ENOSPC`` for a full disk), or None where it gave none.
+        strerror: the system's words for it ("No space left on device"), or None.
+        filename: the trace file.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        filename: str,
+        errno: int | None = None,
+        strerror: str | None = None,
+    ) -> None:
+        super().__init__(errno, strerror, filename)
+        self.message = message
+        self.args = (message,)  # (its repr, and a worker's report of it, give the message)
+
+    def __str__(self) -> str:
+        # (OSError's own would say "[Errno 28] No space left on device: 'PATH'", losing the
+        # message that says what was lost and what to do)
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (OSError's would rebuild it from (errno, strerror, filename), another signature)
+        return type(self), (self.message, self.filename, self.errno, self.strerror)
 
 
 class WorkerError(RuntimeError):

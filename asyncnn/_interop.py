@@ -6,6 +6,7 @@ torch is never imported here unless asked for (``tensors=True``, :func:`to_torch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -183,6 +184,9 @@ class _ShapeInitializer(Initializer):
 
     def normal(self, shape: Sequence[int], std: float = 1.0) -> Any:
         return self._stand_in(shape)
+
+    def zero_rows(self, array: Any, rows: Sequence[int]) -> Any:
+        return array  # (a stand-in holds no values to set)
 
     def zeros(self, shape: Sequence[int]) -> Any:
         return self._stand_in(shape)
@@ -521,18 +525,40 @@ def save_safetensors(arrays: Mapping[str, Any], path: str | os.PathLike[str]) ->
     """Writes ``{name: array}`` (e.g. :func:`to_torch`'s) as a safetensors file, which
     ``safetensors.torch.load_file`` reads back as tensors, of their shapes (0-d ones too).
 
+    The file is written whole or not at all: beside ``path``, then renamed into place.
+
     Raises:
         TypeError: ``arrays`` not a mapping, a name that is not a str, or an entry that is no
             array of numbers (a nested pytree such as ``tr.params``, None, strings), naming
             it; nothing is written then.
+        OSError: the disk refused the file (a full disk, a missing or read-only folder),
+            naming ``path``; a file there before is left as it was.
     """
     from safetensors.numpy import save_file
+
+    from ._checkpoint_files import naming_safetensors, write_failed
 
     if not isinstance(arrays, Mapping):
         raise TypeError(
             f"save_safetensors takes a mapping {{name: array}}, got {type(arrays).__name__}"
         )
-    save_file({k: _file_array(k, v) for k, v in arrays.items()}, os.fspath(path))
+    entries = {k: _file_array(k, v) for k, v in arrays.items()}
+    path = os.fspath(path)
+    target = os.path.realpath(path)  # (a symlink's file is replaced, as it was written through)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    hint = f"; {path} is left as it was"
+    try:
+        # (safetensors' error of a full disk is no OSError and names no file)
+        with naming_safetensors(path, hint):
+            save_file(entries, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # (it names the temporary file)
+            raise write_failed(exc.errno, exc.strerror or str(exc), path, hint) from exc
+    except BaseException:  # a full disk, Ctrl-C: no cut-off file is left beside it
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _file_array(key: Any, value: Any) -> np.ndarray:

@@ -1325,3 +1325,46 @@ def test_trace_diff_of_a_cut_trace_with_itself_reports_no_divergence(
         f"{cut} and {cut} agree as far as the traces go, but {cut} is cut off after {events} "
         "events (its run did not finish writing): whether they part after that cannot be told"
     )
+
+
+@pytest.mark.timeout(60)
+def test_train_with_no_epochs_says_it_evaluated_the_untrained_model_and_saves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it printed "0.0 s, 0 samples/s" of a run that trained nothing, without saying so; it is
+    # kept (not refused as --resume's is): an untrained model's accuracy, and a first checkpoint
+    ckpt, out = tmp_path / "ck", tmp_path / "out"
+    assert main([*_TRAIN, "--epochs", "0", "--save", str(ckpt), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (said,) = [line for line in lines if "test loss" in line]
+    assert said.startswith("--epochs 0: nothing was trained; the untrained model's test accuracy ")
+    assert "samples/s" not in said
+    assert f"saved the trainer to {ckpt}" in lines
+    assert ann.Trainer.load(str(ckpt)).epochs_done == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["model"]["epochs_done"] == 0 and report["losses"] == []
+    # --help says what it does
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0 trains nothing" in " ".join(capsys.readouterr().out.split())
+    # and it starts a run that --resume continues
+    assert main(["train", "--dataset", "digits", "--resume", str(ckpt), "--epochs", "1",
+                 "--out", ""]) == 0  # fmt: skip
+    assert ann.Trainer.load(str(ckpt)).epochs_done == 0  # (no --save: the folder as it was)
+
+
+def test_the_trace_and_output_modules_of_the_command_line_never_import_it() -> None:
+    # imports one way: _cli.py imports them, never the other way round
+    import ast
+
+    root = Path(ann.__file__).parent
+    for name in ("_cli_trace.py", "_cli_output.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):  # (from ._cli import x; from . import _cli)
+                found.add(node.module or "")
+                found.update(alias.name for alias in node.names if node.module is None)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        assert not found & {"_cli", "asyncnn._cli"}, name

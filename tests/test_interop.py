@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import warnings
 
 import numpy as np
@@ -403,6 +404,17 @@ def test_check_grads_still_fails_a_float64_gradient_1e5_off_where_outputs_are_la
     )
     with pytest.raises(AssertionError, match="vjp and finite differences differ"):
         check_grads(square_sum, _SQUARES_X)
+    # a dense op's thousand outputs near 1000 (their rounding bound, summed as worst cases,
+    # let this pass: it is a root sum of squares)
+    w = np.random.default_rng(4).standard_normal((16, 1024))
+    x = np.random.default_rng(5).standard_normal((2, 16))
+    shifted = Primitive(
+        "shifted", lambda a: (a @ w + 1000.0, a), lambda ct, a, needs: (ct @ w.T * (1 + 1e-5),)
+    )
+    with pytest.raises(AssertionError, match="vjp and finite differences differ"):
+        check_grads(shifted, x)
+    right = Primitive("right", lambda a: (a @ w + 1000.0, a), lambda ct, a, needs: (ct @ w.T,))
+    check_grads(right, x)
 
 
 def test_check_grads_takes_the_step_that_float64_can_make_at_large_arguments():
@@ -661,6 +673,10 @@ def test_torch_names_to_torch_and_from_torch_draw_no_template_weights():
     assert peak < 1.5 * nbytes
     assert_params_equal({"m": back}, {"m": params})
     assert all(a.dtype == np.float32 for p in back for a in p.values())
+    # (an Embedding with a padding row drew its whole table: 410 MB for 400,000 rows of 128)
+    table = nn.Embedding(200_000, 64, padding_idx=0)
+    names, peak = _peak_bytes(lambda: torch_names(table))
+    assert names == ["weight"] and peak < 1_000_000
 
 
 def test_grouped_conv_weights_round_trip_with_torch():
@@ -683,3 +699,52 @@ def test_grouped_conv_weights_round_trip_with_torch():
     with pytest.raises(ValueError, match=r"'weight' has shape \(8, 4, 3, 3\); Conv2d needs "
                        r"\(8, 2, 3, 3\)"):  # fmt: skip
         from_torch(plain, nn.Conv2d(4, 8, 3, groups=2))
+
+
+def test_save_safetensors_on_a_full_disk_raises_oserror_naming_the_file_and_keeps_the_old(
+    tmp_path, monkeypatch
+):
+    # safetensors' SafetensorError (no OSError, naming no file) escaped, and the file it had
+    # begun was left cut off in place of the one there before
+    import errno
+
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    f = tmp_path / "w.safetensors"
+    save_safetensors({"old": np.ones(2)}, f)
+    before = f.read_bytes()
+
+    def full(arrays, filename, *args, **kwargs):
+        with open(filename, "wb") as out:
+            out.write(b"\x00" * 10)  # what it wrote before the disk filled
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(
+        OSError, match=rf"writing {re.escape(str(f))} failed \(No space left"
+    ) as info:
+        save_safetensors({"new": np.zeros(3)}, f)
+    assert info.value.errno == errno.ENOSPC
+    assert isinstance(info.value.__cause__, SafetensorError)
+    assert f.read_bytes() == before  # the file there before, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # and no debris
+
+    # its other errors are no disk's: they go on as they are, and nothing is left either
+    def bad(arrays, filename, *args, **kwargs):
+        raise SafetensorError("Error while serializing: a shape mismatch")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", bad)
+    with pytest.raises(SafetensorError, match="a shape mismatch"):
+        save_safetensors({"new": np.zeros(3)}, tmp_path / "n.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_save_safetensors_writes_through_a_temporary_file_renamed_into_place(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_safetensors({"a": np.arange(3.0)}, f)
+    save_safetensors({"b": np.ones(2)}, str(f))  # over the one there
+    assert list(load_safetensors(f)) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -43,6 +43,17 @@ def test_a_flush_equals_sync_with_ignored_labels_and_class_weights(loss: Any, po
     assert np.isfinite(losses).all()
 
 
+def test_class_weights_that_sum_to_the_label_count_are_still_shared_by_weight() -> None:
+    # (a minibatch whose weights happened to sum to its labels' number was shared by rows)
+    loss = nn.CrossEntropyLoss(weight=(0.5, 1.5, 1.0))
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2] * 2)  # each minibatch's weights sum to 12
+    losses, params = _fit(loss, policies.GPipe(4), y)
+    sync_losses, sync_params = _fit(loss, policies.Sync(), y)
+    np.testing.assert_allclose(losses, sync_losses, rtol=1e-12)
+    for a, b in zip(tree_leaves(params), tree_leaves(sync_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_the_shares_are_left_to_the_rows_where_they_say_the_same() -> None:
     from asyncnn._runtime._loss_weights import label_weights, labels_weighed
 

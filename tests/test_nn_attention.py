@@ -262,3 +262,16 @@ def test_mask_mistakes_are_named(call: Any, err: type, match: str) -> None:
 def test_bad_mask_inputs_are_refused(value: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         nn.MultiHeadAttention(4, 2, mask_inputs=value)
+
+
+def test_a_mask_given_as_a_nested_list_is_read_as_the_array_it_spells() -> None:
+    # (it was said to have shape (), whatever it held)
+    m = nn.MultiHeadAttention(4, 2)
+    p = m.init(0, dtype="float64")
+    q = np.random.default_rng(0).standard_normal((2, 3, 4))
+    pad = [[False, False, True], [False, True, True]]
+    np.testing.assert_array_equal(
+        m(p, q, key_padding_mask=pad), m(p, q, key_padding_mask=np.array(pad))
+    )
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(3,\), expected \(2, 3\)"):
+        m(p, q, key_padding_mask=[False, False, True])

@@ -15,6 +15,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
+from asyncnn._runtime import _recorder
 from asyncnn._runtime._recorder import (
     Later,
     Recorder,
@@ -552,3 +553,67 @@ def test_a_run_stopped_by_a_callback_says_so_in_its_trace(
         tr.fit(data, batch_size=4, callbacks=[Stops()])
     errors = [e for e in ann.trace.read(path).events if e.what == "error"]
     assert [(e.actor, e.meta["error"]) for e in errors] == [("scheduler", said)]
+
+
+class _RefusingFile:
+    """A trace file whose writes the disk refuses (a full disk: no file named), its close fine."""
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_trace_write_the_disk_refuses_raises_trace_write_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a plain RuntimeError, which the command line could tell from a bug only by its message
+    import errno
+    import time
+
+    from asyncnn._errors import TraceWriteError
+
+    monkeypatch.setattr(_recorder, "_open_alone", lambda path: _RefusingFile())
+    path = str(tmp_path / "t.trace")
+    rec = Recorder(path, {"graph": {}})
+    deadline = time.monotonic() + 30
+    while rec.failure() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for failure in (rec.failure(), pytest.raises(TraceWriteError, rec.close).value):
+        assert isinstance(failure, TraceWriteError)
+        # an OSError (the disk's errno, the trace file) and a RuntimeError (as it was before)
+        assert isinstance(failure, OSError) and isinstance(failure, RuntimeError)
+        assert failure.errno == errno.ENOSPC and failure.filename == path
+        assert failure.strerror == "No space left on device"
+        assert str(failure).startswith(
+            f"writing the trace {path!r} failed (OSError: [Errno 28] No space left on device); "
+            "the events after the failure were not recorded: free space"
+        )
+        assert isinstance(failure.__cause__, OSError) and failure.__suppress_context__
+    # it pickles (an error sent on between processes) with what it holds
+    import pickle
+
+    back = pickle.loads(pickle.dumps(rec.failure()))
+    assert type(back) is TraceWriteError and str(back) == str(rec.failure())
+    assert (back.errno, back.filename) == (errno.ENOSPC, path)
+
+
+def test_a_trace_writer_that_fails_on_no_disk_is_no_trace_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a writer's own bug, or a device's, is not a file the disk refused: a RuntimeError still)
+    from asyncnn._errors import TraceWriteError
+
+    def broken(arrays: Any, with_payload: bool) -> Any:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(_recorder, "describe_arrays", broken)
+    rec = Recorder(str(tmp_path / "t.trace"), {}, payloads="none")
+    rec.event("a", "send", tensors=(np.ones(2),))
+    with pytest.raises(RuntimeError, match="writing the trace") as info:
+        rec.close()
+    assert not isinstance(info.value, TraceWriteError | OSError)
+    assert isinstance(info.value.__cause__, ValueError)

@@ -455,3 +455,66 @@ def test_idle_time_starts_at_the_runs_first_admit(async_run: Any, tmp_path: Path
     assert slow["in_flight"]["mean"] == pytest.approx(s["in_flight"]["mean"])
     assert s["run_seconds"] == slow["run_seconds"] == pytest.approx(last - first)
     assert "from its first admit" in format_summary(slow)
+
+
+def test_chrome_export_the_disk_refuses_names_the_file_given(
+    async_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "[Errno 30] Read-only file system: '.../out.json.1234.tmp'": the temporary file beside it
+    import builtins
+    import errno
+
+    from asyncnn._tracing import _chrome
+
+    path, _ = async_run
+    out = tmp_path / "out.json"
+    out.write_text("before")
+
+    def read_only(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", file)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            self.f.close()
+
+    def full(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(file, mode, *args, **kwargs)
+        return Full(f) if "w" in mode else f
+
+    for opened, number, why in (
+        (read_only, errno.EROFS, "Read-only file system"),
+        (full, errno.ENOSPC, "No space left on device"),
+    ):
+        monkeypatch.setattr(_chrome, "open", opened, raising=False)
+        with pytest.raises(OSError) as info:
+            ann.trace.to_chrome(path, out)
+        said = str(info.value)
+        assert info.value.errno == number
+        assert f"to_chrome: writing {str(out)!r} failed ({why})" in said, said
+        assert ".tmp" not in said
+        assert out.read_text() == "before"  # left as it was, and no temporary file beside it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    # the rename into place that the folder refuses: said of the file given too
+    monkeypatch.undo()
+
+    def refused(src: Any, dst: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", src, None, dst)
+
+    monkeypatch.setattr(_chrome.os, "replace", refused)
+    with pytest.raises(OSError, match=r"to_chrome: writing '.*out\.json' failed \(Read-only"):
+        ann.trace.to_chrome(path, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

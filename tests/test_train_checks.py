@@ -451,3 +451,33 @@ def test_an_output_added_after_the_trainer_was_built_is_checked_then_predicted()
     fresh = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
     fresh.params = tr.params
     np.testing.assert_array_equal(out["mixed"], fresh.predict(routed_data())["mixed"])
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_a_float_attention_mask_of_minus_inf_given_as_an_input_is_no_bad_data(check_finite):
+    # (the data check refused the documented float mask, "contains NaN or Inf")
+    rng = np.random.default_rng(0)
+    b, s, e = 8, 4, 4
+    g = ann.Graph()
+    x = g.input("x", shape=(None, s, e), dtype="float64")
+    am = g.input("am", shape=(None, 1, s, s), dtype="float64")
+    y = g.input("y", shape=(None, s, e), dtype="float64")
+    attn = nn.MultiHeadAttention(e, 2, mask_inputs=("attn_mask",))
+    g.loss("loss", nn.MSELoss(), g.layer("attn", attn, x, am), y)
+    data = {
+        "x": rng.standard_normal((b, s, e)),
+        "am": np.where(rng.random((b, 1, s, s)) < 0.3, -np.inf, 0.0),
+        "y": rng.standard_normal((b, s, e)),
+    }
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64",
+                     check_finite=check_finite)  # fmt: skip
+    losses = tr.fit(data, batch_size=8).losses
+    assert np.isfinite(losses).all()
+    data["am"][3, 0, 1, 2] = np.nan  # no mask means that
+    with pytest.raises(ValueError, match=r"input 'am' \(an attention mask\) holds NaN or \+inf, "
+                       r"first in row 3: .*-inf"):  # fmt: skip
+        tr.fit(data, batch_size=8)
+    data["am"][3, 0, 1, 2] = 0.0
+    data["x"][1, 0, 0] = np.inf  # the data the layer computes on is checked as ever
+    with pytest.raises(ValueError, match=r"input 'x' contains NaN or Inf, first in row 1"):
+        tr.fit(data, batch_size=8)

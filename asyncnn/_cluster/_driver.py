@@ -50,7 +50,7 @@ from ._driver_read import _class_named as _class_named  # (tests import it from 
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._placement import check_turns, placement
 from ._remote import ClusterRun, RemoteActor
-from ._traces import merge_traces
+from ._traces import merge_traces, refused_as_trace
 from ._wire import lost_peer
 from ._worker import driver_paths
 
@@ -445,13 +445,25 @@ async def _send_share(
 
 
 def _merge(path: str, parts: list[Any]) -> None:
+    """Merges the workers' ``parts`` of the trace (bytes) into the driver's at ``path``.
+
+    Raises:
+        TraceWriteError: the disk refused a part's temporary file or the merged trace; ``path``
+            holds the driver's events as it did.
+    """
     files = []
+    advice = (
+        "the workers' events were not merged into it, which holds the driver's events as they "
+        f"were: free space in the temporary folder ({tempfile.gettempdir()}), or set TMPDIR to "
+        "another"
+    )
     try:
-        for raw in parts:
-            fd, name = tempfile.mkstemp(suffix=".trace")
-            with os.fdopen(fd, "wb") as f:
-                f.write(np.asarray(raw).tobytes())
-            files.append(name)
+        with refused_as_trace(path, advice):
+            for raw in parts:
+                fd, name = tempfile.mkstemp(suffix=".trace")
+                files.append(name)  # (removed below, written or not)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(np.asarray(raw).tobytes())
         merge_traces(path, files)
     finally:
         for name in files:

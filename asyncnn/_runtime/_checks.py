@@ -147,6 +147,7 @@ def check_batch(
     if extra:
         raise ValueError(f"the batch has {extra}, which the graph has no input for ({names})")
     rows = None
+    masks = mask_inputs(graph) if check_finite else ()
     for name in names:
         arr = batch[name]
         shape = check_input(graph.nodes[name], arr)
@@ -159,6 +160,9 @@ def check_batch(
             )
         if not check_finite:
             continue
+        if name in masks:  # a float mask's -inf is what it means: NaN and +inf are not
+            _check_mask(name, arr, what)
+            continue
         cast = overflow_cast(graph.nodes[name], arr, dtype)
         if is_floating(got) or cast is not None:
             bad = _first_nonfinite_row(arr, cast)
@@ -170,6 +174,42 @@ def check_batch(
     if not rows:
         raise ValueError(f"{what}: the data has 0 rows" if what else "the batch is empty (0 rows)")
     return int(rows)
+
+
+def mask_inputs(graph: Graph) -> frozenset[str]:
+    """The graph inputs read only as attention masks (the trailing ``mask_inputs`` of a
+    ``MultiHeadAttention`` layer): a float mask's ``-inf`` (attention not allowed) is no data
+    gone bad, so :func:`check_batch` leaves them out of its check for NaN and Inf."""
+    found = set()
+    for name in graph.inputs:
+        consumers = graph.nodes[name].consumers
+        if consumers and all(_reads_as_mask(graph, c, slot) for c, slot in consumers):
+            found.add(name)
+    return frozenset(found)
+
+
+def _check_mask(name: str, arr: Any, what: str | None) -> None:
+    """Refuses a NaN or a +inf in the float mask ``arr`` (input ``name``), read in chunks of
+    rows; ``-inf`` (attention not allowed there) and bool masks pass."""
+    if not is_floating(np.dtype(arr.dtype)):
+        return
+    for start, chunk in row_chunks(arr):
+        xp = array_namespace(chunk)
+        values = xp.asarray(chunk)
+        bad = xp.isnan(values) | xp.isposinf(values)
+        if bool(bad.any()):
+            row = start + int(xp.argmax(bad.reshape(len(values), -1).any(axis=1)))
+            raise ValueError(
+                f"{what + ': ' if what else ''}input {name!r} (an attention mask) holds NaN or "
+                f"+inf, first in row {row}: a float mask holds 0 where attention is allowed, "
+                "-inf (or a large negative number) where it is not; or give a bool mask"
+            )
+
+
+def _reads_as_mask(graph: Graph, consumer: str, slot: int) -> bool:
+    node = graph.nodes[consumer]
+    n = len(getattr(node.module, "mask_inputs", ()) or ())
+    return node.kind == "layer" and n > 0 and slot >= len(node.inputs) - n
 
 
 #: how many bytes of an input :func:`check_batch` checks for NaN (and ``check_labels`` checks

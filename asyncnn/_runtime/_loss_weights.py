@@ -9,9 +9,10 @@ weight, both come out as the loss of the whole minibatch at once, as in ``Sync``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._graph import Graph
+if TYPE_CHECKING:  # (the graph's nodes name the loss actor's class: a circle at run time)
+    from ._graph import Graph
 
 __all__ = ["label_weights", "labels_weighed", "weights_of"]
 
@@ -43,8 +44,10 @@ def label_weights(
     for name, source, module in losses:
         labels = arrays[source]
         total = module.mean_weight(labels)
-        if not total or total == getattr(labels, "size", None):
+        if not total:
             continue  # (a minibatch whose every label is ignored: NaN by its rows, as in Sync)
+        if getattr(module, "weight", None) is None and total == getattr(labels, "size", None):
+            continue  # every label counted, at weight 1: its rows say the same
         found[name] = [(float(module.mean_weight(labels[lo:hi])), total) for lo, hi in parts]
     return found
 

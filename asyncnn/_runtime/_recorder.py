@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from asyncnn._errors import TraceWriteError
 from asyncnn.backends._dtypes import rebuildable_name
 from asyncnn.backends._registry import host_array
 
@@ -301,7 +302,8 @@ class Recorder:
     """Writes one run's trace. Open it with a header; call :meth:`event`; :meth:`close` at the end,
     which writes the closing event (``{"a": "scheduler", "ev": "close"}``; the header says
     ``writes_close``). A writer that fails (a full disk) drops every later event, and says so
-    through :meth:`failure` (the run stops on it) and :meth:`close`.
+    through :meth:`failure` (the run stops on it) and :meth:`close`, with a
+    :class:`~asyncnn._errors.TraceWriteError` where the disk refused a write.
 
     Args:
         path: the trace file (created or truncated). While this recorder writes it, a second
@@ -359,9 +361,10 @@ class Recorder:
 
     def failure(self) -> RuntimeError | None:
         """The error that writing the trace failed with, naming the trace (its cause: what the
-        writer raised, such as the ``OSError`` of a full disk), or None while it writes. A run
-        stops on it (:func:`~asyncnn._runtime._lifecycle.hosting` watches for it), instead of
-        going on with a trace that no longer records it."""
+        writer raised), or None while it writes: a :class:`~asyncnn._errors.TraceWriteError`
+        where the disk refused a write (a full disk), a ``RuntimeError`` where the writer failed
+        on something else. A run stops on it (:func:`~asyncnn._runtime._lifecycle.hosting`
+        watches for it), instead of going on with a trace that no longer records it."""
         if self._error is None:
             return None
         return self._named(self._error)
@@ -371,10 +374,15 @@ class Recorder:
             "free space where the trace is written, or pass trace= another path (or None to "
             "record none)"
         )
-        named = RuntimeError(
+        message = (
             f"writing the trace {self.path!r} failed ({type(error).__name__}: {error}); the "
             f"events after the failure were not recorded: {fix}"
         )
+        named: RuntimeError
+        if isinstance(error, OSError):  # the disk's: an OSError too, of its errno
+            named = TraceWriteError(message, self.path, error.errno, error.strerror)
+        else:  # (a writer's bug, a device's error: no file the disk refused)
+            named = RuntimeError(message)
         named.__cause__ = error  # (as `raise named from error` would: the cause is shown)
         named.__suppress_context__ = True
         return named
@@ -561,8 +569,10 @@ class Recorder:
         """Writes what is queued and the closing event, and closes the file.
 
         Raises:
-            RuntimeError: writing the trace failed (in the writer, or flushing its last
-                buffer here), naming the trace; the writer's error is its cause.
+            TraceWriteError: the disk refused a write of the trace (in the writer, or flushing
+                its last buffer here), naming the trace; the disk's ``OSError`` is its cause.
+            RuntimeError: the writer failed on something else, naming the trace; its error is
+                the cause.
         """
         self._head_ready.set()  # a deferred header that nothing completed: as it stands
         self._queue.put(None)

@@ -11,6 +11,7 @@ in Perfetto" in docs/trace_format.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,8 +32,58 @@ def _us(t: float) -> float:
     return round(t * _US, 3)
 
 
+class _Refused:
+    """Says an ``OSError`` raised inside (a full disk, a read-only folder) of ``out``, the file
+    asked for: the one raised names the temporary file beside it, or no file at all."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if not isinstance(exc, OSError):
+            return
+        why = exc.strerror or str(exc)
+        message = f"to_chrome: writing {self.out!r} failed ({why}); it is left as it was"
+        # (OSError of an errno picks its subclass: PermissionError, FileNotFoundError...)
+        raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
+
+
+class _Export:
+    """The JSON file written beside ``out`` (at ``tmp``) and renamed into place once whole: what
+    the disk refuses is said of ``out`` (:class:`_Refused`)."""
+
+    def __init__(self, out: str, tmp: str) -> None:
+        self.refused = _Refused(out)
+        self.out, self.tmp = out, tmp
+        with self.refused:
+            self.f: IO[str] = open(tmp, "w")  # noqa: SIM115 - closed in close()
+
+    def write(self, text: str) -> None:
+        with self.refused:
+            self.f.write(text)
+
+    def __enter__(self) -> _Export:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:  # (the error under way says enough: closed all the same)
+            with contextlib.suppress(OSError):
+                self.f.close()
+            return
+        with self.refused:
+            self.f.close()  # (flushes the last buffer: a full disk fails here too)
+
+    def replace(self) -> None:
+        """Renames the whole file into place."""
+        with self.refused:
+            os.replace(self.tmp, self.out)
+
+
 class _Writer:
-    def __init__(self, f: IO[str]) -> None:
+    def __init__(self, f: _Export) -> None:
         self.f = f
         self.first = True
         self.count = 0
@@ -132,7 +183,7 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
     # written beside, then renamed: a trace that turns out damaged halfway leaves no half file
     tmp = f"{out}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
+        with _Export(out, tmp) as f:
             f.write('{"displayTimeUnit":"ms","otherData":')
             policy = reader.header.get("policy", {})
             f.write(_json({"source": str(path), "format": "asyncnn-trace", "policy": policy}))
@@ -159,7 +210,7 @@ def to_chrome(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict
                 tid(name)
             counts = _export(reader, kinds, emit, tid)
             f.write("\n]}\n")
-        os.replace(tmp, out)
+        f.replace()
     finally:
         reader.close()
         if os.path.exists(tmp):

@@ -225,7 +225,8 @@ def summary(
         ``errors`` (messages), ``plots`` (paths written) and ``actors``: per actor its
         ``kind``, ``busy_seconds``, ``idle_seconds`` (``run_seconds`` less ``busy_seconds``: an
         actor is idle from the run's first admit on, as :class:`~asyncnn.ActorStatistics`
-        counts from the actor's start; 0 for an input), ``busy_fraction`` (``busy_seconds`` over
+        counts from the actor's start; on a cluster that includes a worker's set-up after the
+        driver's first admit; 0 for an input), ``busy_fraction`` (``busy_seconds`` over
         ``run_seconds``), ``forwards``, ``backwards`` (the two halves of a split one count
         once), ``updates``, ``messages_in``, ``messages_out``, ``bytes_out``,
         ``staleness_mean`` / ``staleness_max`` (over the gradients its updates applied: the

@@ -288,7 +288,9 @@ class MultiHeadAttention(Module):
         attn_shapes = [(lq, lk), (b * h, lq, lk), (b, h, lq, lk), (b, 1, lq, lk)]
         blocked: Any = None  # the bool masks, or-ed
         for name, mask in masks.items():
-            shape = tuple(getattr(mask, "shape", ()))
+            if not hasattr(mask, "shape"):  # a nested list: read as an array, as numpy would
+                mask = xp.asarray(mask)
+            shape = tuple(mask.shape)
             if name == "key_padding_mask":
                 if shape != kpm_shape:
                     raise ValueError(

@@ -154,9 +154,7 @@ class Embedding(Module):
         if self.padding_idx is None:
             return {"weight": init.normal(shape)}
         # the draws of init.normal, so the other rows are those of a table without padding_idx
-        host = init.rng.normal(0.0, 1.0, size=shape)
-        host[self.padding_idx] = 0.0
-        return {"weight": init.asarray(host)}
+        return {"weight": init.zero_rows(init.normal(shape), [self.padding_idx])}
 
     def __call__(self, params: Any, ids: Any, *, rng: Any = None) -> Any:
         check_params(self, params, {"weight": (self.num_embeddings, self.embedding_dim)})

@@ -72,6 +72,13 @@ class Initializer:
         """Ones of the parameter dtype."""
         return self.asarray(np.ones(tuple(shape)))
 
+    def zero_rows(self, array: Any, rows: Sequence[int]) -> Any:
+        """``array`` (a parameter this initializer made) with ``rows`` set to zero, in place:
+        an Embedding's padding row, the others left as drawn."""
+        for row in rows:
+            array[row] = 0
+        return array
+
 
 def fan_in_bound(fan_in: int) -> float:
     """torch's default bound for Linear/Conv weights and biases: ``kaiming_uniform(a=sqrt(5))``
