@@ -154,7 +154,10 @@ class LossActor(_Actor):
         inputs = self.fwd_slots.pop(key)
         del self.fwd_count[key]
         meta = self.meta.pop(key)
-        rows, mb_rows = weights_of(self.name, meta)  # (labels' weights, where they differ)
+        if "weights" in meta:  # (the labels' weights, where they differ from the rows)
+            rows, mb_rows = weights_of(self.name, meta)
+        else:
+            rows, mb_rows = meta["rows"], meta["mb_rows"]
         if self.sums_rows:
             scale = 1.0
         else:
@@ -224,6 +227,8 @@ class LossActor(_Actor):
         up. A key that weighs nothing (every label ignored: its mean NaN) adds nothing."""
         if self.sums_rows:
             return loss
+        if "weights" not in meta:
+            return loss * (meta["rows"] / meta["mb_rows"])
         weight, total = weights_of(self.name, meta)
         return loss * (weight / total) if weight else 0.0
 
