@@ -29,7 +29,9 @@ class History:
             the epoch's rows, as :meth:`Trainer.evaluate` gives ``"val_loss"``: the mean of its
             minibatch losses each weighted by its rows (a short last minibatch counts for its
             rows only), or their sum for a loss of ``reduction="sum"`` (with loss nodes of
-            both kinds, the weighted mean). An epoch that an interrupted ``fit`` left
+            both kinds, the weighted mean); a ``CrossEntropyLoss`` with ignored labels or
+            class weights is weighted by its rows here and by its labels' weights in
+            ``evaluate``, so the two part there. An epoch that an interrupted ``fit`` left
             unfinished gets its entry from the ``fit`` that finishes it, also after
             ``Trainer.save`` and ``load``; its ``"loss"`` is over all of the epoch's
             minibatches, those the interrupted ``fit`` ran included (their losses are in that

@@ -40,6 +40,8 @@ def _module_entries(
     ``".modules[1].module"``) only name a module that has no mapping.
     """
     from ._math import _nn as mnn
+    from ._math._nn._loops import Loop
+    from ._math._nn._recurrent import LoopCell
 
     out: list[tuple[str, tuple[Any, ...], bool]] = []
     if isinstance(module, mnn.Sequential):
@@ -49,12 +51,17 @@ def _module_entries(
         return out
     if isinstance(module, mnn.Residual):
         return _module_entries(module.module, params, layer, f"{where}.module")
+    if isinstance(module, Loop | LoopCell):  # a loop's params are its cell's, by its names
+        return _module_entries(module.cell, params, layer, f"{where}.cell")
     if not params:
         return []  # ReLU, Flatten, Dropout, pooling...
     if isinstance(module, mnn.Linear):
         return [(k, (k,), k == "weight") for k in params]
     if isinstance(module, mnn.Conv1d | mnn.Conv2d | mnn.LayerNorm | mnn.Embedding):
         return [(k, (k,), False) for k in params]  # the same layouts as torch
+    if isinstance(module, mnn.LSTM | mnn.GRU | mnn.LSTMCell | mnn.GRUCell):
+        # torch's names; the weights stored (in, out) as Linear's
+        return [(k, (k,), k.startswith("weight_")) for k in params]
     if isinstance(module, mnn.MultiHeadAttention):
         names = {
             "in_proj_weight": ("in_proj_weight", True),
@@ -72,9 +79,9 @@ def _module_entries(
         at = f" (layer {layer!r})"
     raise ValueError(
         f"no torch name mapping for {type(module).__name__}{at}: the built-in Linear, Conv1d, "
-        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, Sequential, Residual and "
-        "parameterless modules have one; give this module's weights with tr.params = {...} "
-        "directly"
+        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, LSTM, GRU, LSTMCell, GRUCell, "
+        "Sequential, Residual and parameterless modules have one; give this module's weights "
+        "with tr.params = {...} directly"
     )
 
 

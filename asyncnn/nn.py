@@ -10,6 +10,8 @@ Example:
 
 from ._math._nn import (
     GELU,
+    GRU,
+    LSTM,
     AvgPool1d,
     AvgPool2d,
     Conv1d,
@@ -18,11 +20,13 @@ from ._math._nn import (
     Dropout,
     Embedding,
     Flatten,
+    GRUCell,
     Identity,
     Initializer,
     LayerNorm,
     Linear,
     LogSoftmax,
+    LSTMCell,
     MaxPool1d,
     MaxPool2d,
     Module,
@@ -40,7 +44,8 @@ from ._math._nn import (
 
 __all__ = [
     "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "Embedding",
-    "Flatten", "GELU", "Identity", "Initializer", "LayerNorm", "Linear", "LogSoftmax", "MSELoss",
-    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
-    "Sigmoid", "Softmax", "Tanh", "from_spec", "to_spec",
+    "Flatten", "GELU", "GRU", "GRUCell", "Identity", "Initializer", "LSTM", "LSTMCell",
+    "LayerNorm", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d", "MaxPool2d", "Module",
+    "MultiHeadAttention", "ReLU", "Residual", "Sequential", "Sigmoid", "Softmax", "Tanh",
+    "from_spec", "to_spec",
 ]  # fmt: skip

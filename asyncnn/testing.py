@@ -42,7 +42,8 @@ def _as_float64(leaf: Any) -> Any:
 #: how far each float64 evaluation of an output entry may be off by rounding, relative to the
 #: entry: a central difference subtracts two of them, so its error is at most twice this times
 #: ``sum |ct| * |output|`` over the entries that the step moved, over the step's length
-_FD_ROUNDING = 8 * float(np.finfo(np.float64).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
+_FD_ROUNDING = 8 * _EPS64
 
 
 def _as_outputs(out: Any) -> list[np.ndarray]:
@@ -79,16 +80,20 @@ def _finite_differences(
         return [*leaves[:i], value, *leaves[i + 1 :]]
 
     def difference(plus: list[np.ndarray], minus: list[np.ndarray], step: float) -> Any:
-        total, moved_squares = 0.0, 0.0
+        total, squares = 0.0, 0.0
         for c, p, m, b in zip(ct_leaves, plus, minus, base, strict=True):
             total += float(np.sum(c * (p - m)))
             moved = (p != b) | (m != b)  # (a NaN counts as moved: its bound is NaN, and fails)
             size = np.abs(c) * np.maximum(np.abs(p), np.abs(m))
-            moved_squares += float(np.sum(np.where(moved, size * size, 0.0)))
+            # an entry the step did not visibly move may still have moved by less than its
+            # last place (sum(v**2) at [1e5, 1e-3]: a step of v[1] rounds away): half a unit of
+            # its last place each side, where one the step moved may be off by _FD_ROUNDING
+            unseen = size * (0.5 * _EPS64 / _FD_ROUNDING)
+            squares += float(np.sum(np.where(moved, size * size, unseen * unseen)))
         # the entries' rounding errors are independent: they add up as a root sum of squares
         # (summed as worst cases, the bound was thousands of times the error over a dense op's
         # thousand outputs, and let gradients 1e-3 off pass)
-        return total / step, 2 * _FD_ROUNDING * math.sqrt(moved_squares) / step
+        return total / step, 2 * _FD_ROUNDING * math.sqrt(squares) / step
 
     def step_of(name: str, j: int | None, orig: float) -> tuple[float, float, float]:
         up, down = orig + eps, orig - eps

@@ -150,7 +150,7 @@ def test_primitive_vjp_equals_vjp_of_the_loss_bit_for_bit(loss, second, wrt):
 
 
 def test_a_loss_as_one_primitive_checks_as_its_call_does():
-    with pytest.raises(ValueError, match="label 5 is outside"):
+    with pytest.raises(ValueError, match=r"label 5 at labels\[1\] is outside"):
         ann.nn.CrossEntropyLoss().primitive_call(np.zeros((2, 3)), np.array([0, 5]))
     with pytest.raises(ValueError, match="differ"):
         ann.nn.MSELoss().primitive_call(np.zeros((2, 3)), np.zeros((3, 2)))

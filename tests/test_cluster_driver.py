@@ -54,13 +54,18 @@ def test_each_worker_is_sent_the_weights_of_its_own_layers_only(monkeypatch: Any
 # -- silence: a worker delivering a large frame is not hung; one that stopped is ----------------
 
 
+async def _no_fate(w: int) -> str:
+    return ""  # (the exit status of a worker that is no process)
+
+
 def _one_worker(conn: Any, timeout: float) -> tuple[Any, Any]:
     """A cluster of one worker whose connection is ``conn``, and a run, as ``_read_worker``
     reads them. ``heartbeat_timeout`` is set below what a cluster takes (1 s), so that a frame
     delivered in about a second stands for one that takes longer than the timeout."""
     cluster = types.SimpleNamespace(
         connections={0: conn}, heartbeat_timeout=timeout, _fate=lambda w: "",
-        describe_worker=lambda w, hosted: f"worker {w} (hosting {', '.join(hosted)})",
+        _fate_soon=_no_fate, describe_worker=lambda w, hosted: f"worker {w} (hosting "
+        f"{', '.join(hosted)})",
     )  # fmt: skip
     return cluster, types.SimpleNamespace(results={}, worker_traces={})
 
@@ -205,6 +210,7 @@ async def test_a_worker_that_stops_reading_its_share_is_caught_though_the_share_
     cluster = types.SimpleNamespace(
         connections={0: driver}, heartbeat_timeout=1.0,
         describe_worker=lambda w, hosted: f"worker {w}", _fate=lambda w: "",
+        _fate_soon=_no_fate,
     )  # fmt: skip
     try:
         with anyio.fail_after(10):

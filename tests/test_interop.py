@@ -748,3 +748,48 @@ def test_save_safetensors_writes_through_a_temporary_file_renamed_into_place(tmp
     save_safetensors({"b": np.ones(2)}, str(f))  # over the one there
     assert list(load_safetensors(f)) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+# -- recurrent layers ------------------------------------------------------------------------------
+def test_a_torch_lstm_models_weights_load_into_a_graph_by_name_and_back():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(5)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = Model().double()
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5, 3))
+    y = g.input("y", shape=(None, 5, 2))
+    h = g.layer("rnn", nn.LSTM(3, 4, num_layers=2, bidirectional=True), x)
+    out = g.layer("head", nn.Linear(8, 2), h)
+    g.loss("loss", nn.MSELoss(), out, y)
+    g.output("out", out)
+    names = {"rnn": "rnn", "head": "head"}
+    assert torch_names(g, names) == list(model.state_dict())
+    params = from_torch(model.state_dict(), g, names)
+    # (stored (in, out) as Linear's: the transpose of torch's (4 * hidden, in))
+    assert params["rnn"]["weight_ih_l1_reverse"].shape == (8, 16)
+    xs = np.random.default_rng(5).standard_normal((2, 5, 3))
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    tr.params = params
+    np.testing.assert_allclose(
+        tr.predict({"x": xs})["out"], model(torch.from_numpy(xs)).detach().numpy(), rtol=1e-10,
+        atol=1e-12,
+    )  # fmt: skip
+    model.load_state_dict(to_torch(tr.params, g, names, tensors=True))
+    for k, v in to_torch(params, g, names).items():
+        np.testing.assert_array_equal(model.state_dict()[k].numpy(), v, err_msg=k)
+
+
+def test_check_grads_allows_for_a_step_whose_change_rounds_away() -> None:
+    # v[1]'s step moves sum(v**2) ~ 1e10 by 4e-9, below its last place: the finite difference
+    # reads 0 against the right 2e-3, and failed a right rule
+    check_grads(lambda v: ops.sum(v**2), np.array([1e5, 1e-3]))

@@ -307,7 +307,9 @@ async def _died(
     nothing in this run (not even the heartbeat its part of a run starts with), so it died as
     the run started, most likely before: a death between two fits is noticed when the next
     starts, but not one in the moment before it, and the run's start then fails on it."""
-    fate = await _fate(cluster, w)
+    # a process that closed its socket is usually gone a moment later: its exit status says
+    # more than the broken connection
+    fate = await cluster._fate_soon(w)
     if "SIGKILL" in fate:
         fate += "; a SIGKILL nobody sent usually comes from the kernel's out-of-memory killer"
     who = cluster.describe_worker(w, hosted)
@@ -325,17 +327,6 @@ async def _died(
     err = WorkerError(w, hosted, message)
     err.__cause__ = exc
     return err
-
-
-async def _fate(cluster: Cluster, w: int) -> str:
-    # a process that closed its socket is usually gone a moment later: wait a little for its
-    # exit status, which says more than the broken connection
-    for _ in range(20):
-        fate = cluster._fate(w)
-        if fate:
-            return fate
-        await anyio.sleep(0.05)
-    return ""
 
 
 def _one_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -8,12 +8,14 @@ from ._linear import Embedding, Linear
 from ._losses import CrossEntropyLoss, MSELoss
 from ._module import Initializer, Module
 from ._norm import LayerNorm
+from ._recurrent import GRU, LSTM, GRUCell, LSTMCell
 from ._reshape import Dropout, Flatten
 from ._spec import from_spec, to_spec
 
 __all__ = [
     "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "Embedding",
-    "Flatten", "GELU", "Identity", "Initializer", "LayerNorm", "Linear", "LogSoftmax", "MSELoss",
-    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
-    "Sigmoid", "Softmax", "Tanh", "from_spec", "to_spec",
+    "Flatten", "GELU", "GRU", "GRUCell", "Identity", "Initializer", "LSTM", "LSTMCell",
+    "LayerNorm", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d", "MaxPool2d", "Module",
+    "MultiHeadAttention", "ReLU", "Residual", "Sequential", "Sigmoid", "Softmax", "Tanh",
+    "from_spec", "to_spec",
 ]  # fmt: skip

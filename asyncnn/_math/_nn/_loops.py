@@ -62,6 +62,14 @@ class Loop(Module):
     def __post_init__(self) -> None:
         if not isinstance(self.cell, Module):
             raise TypeError(f"Loop: cell must be an nn.Module, got {type(self.cell).__name__}")
+        if callable(getattr(self.cell, "loop_cell", None)):
+            # torch's cells take (x, h) and a loop calls (h, x): with input_size == hidden_size
+            # the swap would train on without a word
+            raise TypeError(
+                f"Loop: {type(self.cell).__name__} takes torch's order, cell(params, x, h), and "
+                f"a loop calls cell(params, h, x_t): give its loop form, "
+                f"Loop({type(self.cell).__name__}(...).loop_cell(), ...)"
+            )
         if self.output not in OUTPUTS:
             raise ValueError(f"Loop: output={self.output!r} must be one of {OUTPUTS}")
         if self.max_steps is not None:  # (not a bool; a numpy int kept as a plain int)

@@ -153,6 +153,7 @@ class CrossEntropyLoss(_Loss):
             return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
         except ValueError:
             if not self._holds_ignored(labels):
+                self._labels(logits, labels)  # (names a bad label's position, where it is one)
                 raise
         return self._composed(logits, labels)
 
@@ -165,6 +166,7 @@ class CrossEntropyLoss(_Loss):
             return ops_nn.cross_entropy_call(logits, labels, self.reduction)
         except ValueError:
             if not self._holds_ignored(labels):
+                self._labels(logits, labels)  # (names a bad label's position, where it is one)
                 raise
         return None  # host labels holding the default ignore_index: the call ignores them
 

@@ -20,6 +20,7 @@ from ._loops import Loop, RNNCell
 from ._losses import CrossEntropyLoss, MSELoss
 from ._module import Module, _check_dataclass
 from ._norm import LayerNorm
+from ._recurrent import GRU, LSTM, GRUCell, LoopCell, LSTMCell
 from ._reshape import Dropout, Flatten
 from ._routing import Merge, Router
 
@@ -29,9 +30,9 @@ BUILTINS: dict[str, type[Module]] = {
     cls.__name__: cls
     for cls in (
         AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
-        GELU, Identity, LayerNorm, Linear, LogSoftmax, Loop, MaxPool1d, MaxPool2d, Merge,
-        MSELoss, MultiHeadAttention, ReLU, Residual, RNNCell, Router, Sequential, Sigmoid,
-        Softmax, Tanh,
+        GELU, GRU, GRUCell, Identity, LayerNorm, Linear, LogSoftmax, Loop, LoopCell, LSTM,
+        LSTMCell, MaxPool1d, MaxPool2d, Merge, MSELoss, MultiHeadAttention, ReLU, Residual,
+        RNNCell, Router, Sequential, Sigmoid, Softmax, Tanh,
     )
 }  # fmt: skip
 
