@@ -86,7 +86,11 @@ def naming_safetensors(file: str, hint: str = "") -> Iterator[None]:
     try:
         yield
     except SafetensorError as exc:
-        found = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(exc).strip())
+        # "... I/O error: No such file or directory (os error 2) at path \"/x/.tmpAbC\"": the
+        # system's words and number; the path is safetensors' own temporary file, not named
+        found = re.search(
+            r"I/O error: (.*?)(?: \(os error (\d+)\))?(?: at path .*)?$", str(exc).strip()
+        )
         if found is None:
             raise
         number = int(found.group(2)) if found.group(2) else errno.EIO

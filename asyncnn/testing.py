@@ -80,20 +80,22 @@ def _finite_differences(
         return [*leaves[:i], value, *leaves[i + 1 :]]
 
     def difference(plus: list[np.ndarray], minus: list[np.ndarray], step: float) -> Any:
-        total, squares = 0.0, 0.0
+        total, squares, unseen = 0.0, 0.0, 0.0
         for c, p, m, b in zip(ct_leaves, plus, minus, base, strict=True):
             total += float(np.sum(c * (p - m)))
             moved = (p != b) | (m != b)  # (a NaN counts as moved: its bound is NaN, and fails)
             size = np.abs(c) * np.maximum(np.abs(p), np.abs(m))
-            # an entry the step did not visibly move may still have moved by less than its
-            # last place (sum(v**2) at [1e5, 1e-3]: a step of v[1] rounds away): half a unit of
-            # its last place each side, where one the step moved may be off by _FD_ROUNDING
-            unseen = size * (0.5 * _EPS64 / _FD_ROUNDING)
-            squares += float(np.sum(np.where(moved, size * size, unseen * unseen)))
+            squares += float(np.sum(np.where(moved, size * size, 0.0)))
+            if not moved.all():
+                unseen = max(unseen, float(np.max(np.where(moved, 0.0, size))))
         # the entries' rounding errors are independent: they add up as a root sum of squares
         # (summed as worst cases, the bound was thousands of times the error over a dense op's
-        # thousand outputs, and let gradients 1e-3 off pass)
-        return total / step, 2 * _FD_ROUNDING * math.sqrt(squares) / step
+        # thousand outputs, and let gradients 1e-3 off pass). An entry the step did not visibly
+        # move may still have moved by less than its last place (sum(v**2) at [1e5, 1e-3]: a
+        # step of v[1] rounds away): the largest such adds half a unit of its last place each
+        # side (all of them would loosen the bound by every output that cannot depend on x)
+        rounding = _FD_ROUNDING * math.sqrt(squares) + 0.5 * _EPS64 * unseen
+        return total / step, 2 * rounding / step
 
     def step_of(name: str, j: int | None, orig: float) -> tuple[float, float, float]:
         up, down = orig + eps, orig - eps
@@ -201,11 +203,16 @@ def check_grads(
     ``16 * 2.2e-16 * sqrt(sum_k (|ct_k| * max(|fn(x+)_k|, |fn(x-)_k|))**2) / (x+ - x-)``, over
     the output entries ``k`` that the step ``x_j +- eps`` moved (each float64 evaluation of one
     may be off by 8 units of its last place, independently of the others: a root sum of
-    squares), ``x+ - x-`` being the step float64 takes (about ``2 * eps``). It grows with the
-    size of the outputs a step moves (large values) and with the square root of their number,
-    and is tiny beside ``rtol`` for outputs of order 1: a float64 gradient 1e-5 off still fails
-    where a dense op's thousands of outputs are in the thousands, not where they are near 1e5.
-    (Finite differences cannot resolve errors smaller than their own.) The
+    squares), plus ``2.2e-16 * |ct_k| * |fn(x)_k| / (x+ - x-)`` for the largest entry it did
+    not visibly move (which it may have moved by less than its last place), ``x+ - x-`` being
+    the step float64 takes (about ``2 * eps``). It grows with the size of the outputs (large
+    values) and with the square root of the number a step moves, and is tiny beside ``rtol``
+    for outputs of order 1: a float64 gradient 1e-5 off still fails where a dense op's
+    thousands of outputs are in the thousands, not where they are near 1e5. (Finite
+    differences cannot resolve errors smaller than their own.) It counts the outputs'
+    magnitudes, not those of the values computed on the way: a function that cancels large
+    terms (a layer norm of inputs near 1e3, ``(x + 1e8) - 1e8``) loses more to rounding than
+    its outputs show, and needs a larger ``atol``. The
     differences' truncation error (of order ``eps**2`` times the third derivative) is not
     counted: a function that curves sharply at the scale of ``eps`` needs a smaller ``eps``.
 

@@ -793,3 +793,10 @@ def test_check_grads_allows_for_a_step_whose_change_rounds_away() -> None:
     # v[1]'s step moves sum(v**2) ~ 1e10 by 4e-9, below its last place: the finite difference
     # reads 0 against the right 2e-3, and failed a right rule
     check_grads(lambda v: ops.sum(v**2), np.array([1e5, 1e-3]))
+
+
+def test_save_safetensors_into_a_missing_folder_says_so_naming_the_file(tmp_path):
+    # (an I/O error, errno 5, naming safetensors' own temporary file)
+    path = str(tmp_path / "nope" / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"writing .*nope/w\.safetensors failed \(No such"):
+        save_safetensors({"a": np.ones(2)}, path)

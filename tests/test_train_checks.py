@@ -478,6 +478,12 @@ def test_a_float_attention_mask_of_minus_inf_given_as_an_input_is_no_bad_data(ch
                        r"first in row 3: .*-inf"):  # fmt: skip
         tr.fit(data, batch_size=8)
     data["am"][3, 0, 1, 2] = 0.0
+    if not check_finite:  # a value the run's float32 makes +inf is refused as one
+        as32 = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+        data["am"][5, 0, 0, 1] = 1e39
+        with pytest.raises(ValueError, match=r"'am' .* \+inf as the run casts it to float32"):
+            as32.fit(data, batch_size=8)
+        data["am"][5, 0, 0, 1] = 0.0
     data["x"][1, 0, 0] = np.inf  # the data the layer computes on is checked as ever
     with pytest.raises(ValueError, match=r"input 'x' contains NaN or Inf, first in row 1"):
         tr.fit(data, batch_size=8)

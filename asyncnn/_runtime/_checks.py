@@ -161,7 +161,7 @@ def check_batch(
         if not check_finite:
             continue
         if name in masks:  # a float mask's -inf is what it means: NaN and +inf are not
-            _check_mask(name, arr, what)
+            _check_mask(name, arr, what, overflow_cast(graph.nodes[name], arr, dtype))
             continue
         cast = overflow_cast(graph.nodes[name], arr, dtype)
         if is_floating(got) or cast is not None:
@@ -188,20 +188,22 @@ def mask_inputs(graph: Graph) -> frozenset[str]:
     return frozenset(found)
 
 
-def _check_mask(name: str, arr: Any, what: str | None) -> None:
+def _check_mask(name: str, arr: Any, what: str | None, cast: Any = None) -> None:
     """Refuses a NaN or a +inf in the float mask ``arr`` (input ``name``), read in chunks of
-    rows; ``-inf`` (attention not allowed there) and bool masks pass."""
+    rows, as the run casts it (``cast``: the run's dtype where a value may overflow it, 1e39
+    becoming +inf in float32); ``-inf`` (attention not allowed there) and bool masks pass."""
     if not is_floating(np.dtype(arr.dtype)):
         return
     for start, chunk in row_chunks(arr):
         xp = array_namespace(chunk)
-        values = xp.asarray(chunk)
+        values = xp.asarray(chunk) if cast is None else _cast(chunk, cast)
         bad = xp.isnan(values) | xp.isposinf(values)
         if bool(bad.any()):
             row = start + int(xp.argmax(bad.reshape(len(values), -1).any(axis=1)))
             raise ValueError(
                 f"{what + ': ' if what else ''}input {name!r} (an attention mask) holds NaN or "
-                f"+inf, first in row {row}: a float mask holds 0 where attention is allowed, "
+                f"+inf{'' if cast is None else f' as the run casts it to {np.dtype(cast)}'}, "
+                f"first in row {row}: a float mask holds 0 where attention is allowed, "
                 "-inf (or a large negative number) where it is not; or give a bool mask"
             )
 

@@ -455,9 +455,10 @@ class LSTM(_Recurrent):
     __doc__ = (
         """A multi-layer LSTM over a whole sequence, as ``torch.nn.LSTM(batch_first=True)``.
 
-    ``lstm(params, x, state=None)``: ``state`` is torch's ``(h0, c0)``, each (num_layers *
-    directions, batch, hidden_size), or None for zeros (in a graph the state starts at
-    zeros). Returns the output sequence, or with ``return_state=True`` ``(output, (h_n,
+    ``lstm(params, x, state=(h0, c0))``, ``state`` by keyword only (torch's ``lstm(x, (h0,
+    c0))`` positional would read as a graph's second input): torch's ``(h0, c0)``, each
+    (num_layers * directions, batch, hidden_size), or None for zeros (in a graph the state
+    starts at zeros). Returns the output sequence, or with ``return_state=True`` ``(output, (h_n,
     c_n))``, each of those of ``state``'s shape. Each step is :class:`LSTMCell`'s."""
         + _SEQUENCE_DOC
     )
@@ -495,9 +496,9 @@ class GRU(_Recurrent):
     __doc__ = (
         """A multi-layer GRU over a whole sequence, as ``torch.nn.GRU(batch_first=True)``.
 
-    ``gru(params, x, state=None)``: ``state`` is torch's ``h0``, (num_layers * directions,
-    batch, hidden_size), or None for zeros (in a graph the state starts at zeros). Returns the
-    output sequence, or with ``return_state=True`` ``(output, h_n)``, ``h_n`` of ``h0``'s
+    ``gru(params, x, state=h0)``, ``state`` by keyword only (as ``LSTM``'s): torch's ``h0``,
+    (num_layers * directions, batch, hidden_size), or None for zeros (in a graph the state
+    starts at zeros). Returns the output sequence, or with ``return_state=True`` ``(output, h_n)``, ``h_n`` of ``h0``'s
     shape. Each step is :class:`GRUCell`'s."""
         + _SEQUENCE_DOC
     )
