@@ -425,7 +425,12 @@ _SEQUENCE_DOC = """
     into microbatches along the first axis): ``batch_first=False`` is refused (transpose
     time-first input, ``x.transpose(1, 0, 2)``). The output is (batch, seq, directions *
     hidden_size), the last layer's state at every step (both directions' side by side, forward
-    first, as torch's). Each step runs the cells' math in Python, over the time axis.
+    first, as torch's). Each step runs the cells' math in Python, over the time axis. Its
+    backward grows faster than the sequence: each step's slice of ``x`` gives back a gradient
+    of ``x``'s whole shape (forward and backward, batch 32, 32 inputs, hidden 64, float64, 2
+    cores: 0.012 s at 50 steps, 0.064 s at 200); for long sequences use a graph loop
+    (:meth:`~asyncnn.Graph.loop` with the cells' :meth:`loop_cell`), which steps its input
+    without it.
 
     Params: torch's names and sizes, the weights stored ``(in, out)`` like :class:`Linear`'s
     (the transpose of torch's; ``asyncnn.interop`` transposes them): per layer ``k`` (and
