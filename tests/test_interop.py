@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import _interop, dynamic, nn, ops, optim, policies
+from asyncnn import _interop, _safetensors_io, dynamic, nn, ops, optim, policies
 from asyncnn.backends import BFLOAT16
 from asyncnn.interop import (
     from_dlpack,
@@ -599,7 +599,7 @@ def test_load_safetensors_of_bfloat16_without_ml_dtypes_gives_the_advice(tmp_pat
     f.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\x80\x3f\x00\x40")
     if BFLOAT16 is not None:  # the file is fine: 1.0 and 2.0
         np.testing.assert_array_equal(load_safetensors(f)["0.weight"].astype(float), [1, 2])
-    monkeypatch.setattr(_interop, "BFLOAT16", None)
+    monkeypatch.setattr(_safetensors_io, "BFLOAT16", None)
     with pytest.raises(TypeError, match=r"bf16\.safetensors: entry '0\.weight' is bfloat16.*"
                        r"pip install ml_dtypes"):  # fmt: skip
         load_safetensors(f)
