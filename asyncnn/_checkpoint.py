@@ -39,7 +39,6 @@ fails before its renames removes what it wrote and leaves the folder as it was.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -53,18 +52,14 @@ from ._checkpoint_files import (
     FORMAT,
     MANIFEST,
     SPEC,
-    VERSION,
     CheckpointError,
     _finish_save,
     _interrupted_first_save,
     _read_manifest,
     _read_spec,
-    _sha256,
-    naming,
-    naming_safetensors,
     verify_checkpoint,
 )
-from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join, _split
+from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._optim import keeps_base_state
@@ -85,151 +80,7 @@ __all__ = [
     "check_save_path",
     "load_checkpoint",
     "read_graph",
-    "save_checkpoint",
 ]
-
-
-def _check_loadable(trainer: Trainer, state: RunState) -> None:
-    """Refuses, before anything is written, versions, counters, layers, pending gradients or
-    delays that the load (its ``open_run``) would refuse: a checkpoint its own ``Trainer.load``
-    cannot read is data lost (a float delay was cut to an int, more delays than gradients
-    written, a float version written as it was)."""
-    from ._runtime._state_checks import (
-        _check_pending_delays,
-        _check_pending_grads,
-        check_state_counts,
-    )
-
-    try:
-        check_state_counts(trainer.graph, state)
-        _check_pending_grads(trainer.graph, state)
-        _check_pending_delays(trainer.graph, state)
-    except (TypeError, ValueError) as exc:
-        said = str(exc).removeprefix("open_run: ")
-        raise type(exc)(f"Trainer.save: the trainer's state would not load again: {said}") from None
-
-
-def split_actor_state(name: str, state: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """The spec of layer ``name``'s custom actor state (what its ``actor_state()`` returned), its
-    arrays added to ``arrays`` (see :func:`_split`).
-
-    Raises:
-        TypeError: ``state`` holds what a checkpoint cannot, naming the layer and the place.
-    """
-    return _split(
-        state, f"actor/{name}", arrays, f"the actor state of {name!r} (its actor_state())"
-    )
-
-
-def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
-    """Writes the checkpoint folder ``path`` (see the module's docstring); ``fit`` is where the
-    epoch stands (:meth:`Trainer.save`'s record), kept in the spec with the weights."""
-    from safetensors.numpy import save_file
-
-    check_save_path(path)
-    state = trainer.state
-    _check_loadable(trainer, state)
-    arrays: dict[str, np.ndarray] = {}
-    layout: dict[str, Any] = {}
-    for name in trainer.graph.layers:
-        layout[name] = {
-            "params": _split(
-                state.params[name], f"params/{name}", arrays, f"the parameters of {name!r}"
-            ),
-            "opt_state": _split(
-                state.opt_states[name], f"opt/{name}", arrays, f"the optimizer state of {name!r}"
-            ),
-            "version": int(state.versions[name]),  # (a numpy int, checked: msgpack has none)
-        }
-        if name in state.pending_grads:  # gradients accumulated and not yet applied
-            acc, count = state.pending_grads[name]
-            layout[name]["pending"] = {
-                "grads": _split(acc, f"pending/{name}", arrays, f"the gradients of {name!r}"),
-                "count": count,
-            }
-            delays = state.pending_delays.get(name)
-            if delays:  # (those of the gradients pending: their update counts them)
-                layout[name]["pending"]["delays"] = [int(d) for d in delays]
-        if name in state.actor_states:  # a custom actor's own state (LayerActor.actor_state)
-            layout[name]["actor_state"] = split_actor_state(name, state.actor_states[name], arrays)
-        earlier = state.earlier_params.get(name)
-        if earlier:  # the versions before the latest that forwards are pinned to (PipeDream2BW)
-            layout[name]["earlier"] = [
-                {
-                    "version": int(v),
-                    "params": _split(
-                        p, f"earlier/{name}/{v}", arrays, f"the parameters of {name!r} at {v}"
-                    ),
-                }
-                for v, p in sorted(earlier.items())
-            ]
-    spec = {
-        "format": FORMAT,
-        "version": VERSION,
-        "graph": trainer.graph.to_spec(),
-        "policy": trainer.policy.to_spec(),
-        "optimizer": trainer.optimizer.to_spec(),
-        "seed": trainer.seed,
-        "dtype": trainer.dtype,
-        "minibatches": int(state.minibatches),
-        "keys": int(state.keys),
-        "epochs_done": trainer.epochs_done,
-        "traces": list(trainer.traces),  # so a resumed trainer numbers its next trace on
-        "trace_base": trainer.trace,
-        "layout": layout,
-        # the run options a loaded trainer starts with (its constructor's, unless overridden)
-        "options": {name: getattr(trainer, name) for name in _OPTIONS},
-    }
-    if fit is not None:
-        spec["fit"] = fit
-    # packed before the folder is made, as the trees were checked: what a checkpoint cannot hold
-    # fails the save with nothing written
-    packed = msgpack.packb(spec, use_bin_type=True)
-    made = not os.path.isdir(path)
-    os.makedirs(path, exist_ok=True)
-    if os.path.exists(os.path.join(path, MANIFEST + ".tmp")):
-        # an earlier save interrupted between its renames: this one would write over the files
-        # it still has to rename, and an interruption of this one would then leave neither
-        # checkpoint whole
-        _finish_save(path)
-    # Write beside (each file on disk before it is renamed), then rename, the manifest last: a
-    # crash mid-save leaves the old checkpoint, or the new one in part renamed (which load
-    # finishes: _finish_save), never a half-written file that loads.
-    tmp_arrays = os.path.join(path, ARRAYS + ".tmp")
-    tmp_spec = os.path.join(path, SPEC + ".tmp")
-    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
-    # (a save that fails leaves no file of its own, and the folder's checkpoint as it was)
-    hint = f"; the folder {path} is left as it was: free space there, or save to another folder"
-    try:
-        with naming_safetensors(tmp_arrays, hint), naming(tmp_arrays, hint):
-            save_file(arrays, tmp_arrays)
-        _sync(tmp_arrays)
-        with naming(tmp_spec, hint), open(tmp_spec, "wb") as f:
-            f.write(packed)
-        _sync(tmp_spec)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "files": {
-                name: {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
-                for name, tmp in ((SPEC, tmp_spec), (ARRAYS, tmp_arrays))
-            },
-        }
-        with naming(tmp_manifest, hint), open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        _sync(tmp_manifest)
-    except BaseException:  # a full disk, Ctrl-C: the old checkpoint stays, without the debris
-        for tmp in (tmp_manifest, tmp_spec, tmp_arrays):  # (a large one on a full disk)
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        if made:  # the folder as it was: none (a first save there that failed is no checkpoint)
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
-        raise
-    os.replace(tmp_arrays, os.path.join(path, ARRAYS))
-    os.replace(tmp_spec, os.path.join(path, SPEC))
-    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
-    _sync(path)
 
 
 #: the run options a checkpoint keeps (checked on load as a RunConfig checks them)
@@ -251,20 +102,6 @@ def _options(options: Any, spec_path: str) -> dict[str, Any]:
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{spec_path}: option {exc}") from exc
     return kept
-
-
-def _sync(path: str) -> None:
-    """Has the file (or folder: its entries) ``path`` on disk, where the system can."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # nor synced on some file systems
-        pass
-    finally:
-        os.close(fd)
 
 
 #: the files a checkpoint folder holds (``fit.json``: where the epoch stands, by Trainer.save)

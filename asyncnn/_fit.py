@@ -474,7 +474,7 @@ def _check_savable_actor_states(run: Run) -> None:
         TypeError: the save's own message (naming the layer and the place in its state), and
             that the fit checked it as it started.
     """
-    from ._checkpoint import split_actor_state
+    from ._checkpoint_save import split_actor_state
 
     for name, state in run.state().actor_states.items():
         try:

@@ -585,7 +585,7 @@ class Trainer:
                 from a step or epoch hook of a fit on a cluster while its run goes on (the
                 trainer holds the weights from before the fit until the run's end).
         """
-        from ._checkpoint import save_checkpoint
+        from ._checkpoint_save import save_checkpoint
 
         self._check_graph("save")
         self._refuse_during_fit(

@@ -131,7 +131,7 @@ def test_a_save_over_one_interrupted_between_its_renames_keeps_a_whole_checkpoin
 ) -> None:
     # (the second save wrote its spec over the first's, which was still to be renamed; interrupted
     # in its turn, it left neither checkpoint loadable: "arrays.safetensors is damaged")
-    import asyncnn._checkpoint as checkpoint
+    import asyncnn._checkpoint_save as checkpoint
 
     data = _data()
     folder = str(tmp_path / "c")
