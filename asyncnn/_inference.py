@@ -90,9 +90,7 @@ def _mean_weight(module: Any, batch: Mapping[str, Any], inputs: Sequence[str], r
         return float(rows)
     labels = np.asarray(to_numpy(batch[inputs[1]]))
     weight = module.mean_weight(labels)
-    if weight is None or weight == labels.size:  # (every label counted, each weighing 1)
-        return float(rows)
-    return weight * rows / max(labels.size, 1)
+    return float(rows) if weight is None else weight * rows / max(labels.size, 1)
 
 
 def _classifiers(graph: Graph) -> list[str]:

@@ -391,25 +391,38 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
     return _P["cross_entropy"](logits, labels, reduction=reduction)
 
 
-def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]:
-    """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
-    _check_reduction("cross_entropy", reduction)
-    _check_floating(logits, "cross_entropy", "logits")
-    labels = as_array(raw(labels), "cross_entropy")
+def label_array(who: str, logits: Any, labels: Any) -> Any:
+    """``labels`` as a raw array of integer class indices in the shape of ``logits`` less its
+    class axis (axis 1); ``who`` names the caller in the errors.
+
+    Raises:
+        TypeError: labels that are not integers (one-hot or float labels).
+        ValueError: labels whose shape does not fit the logits'.
+    """
+    labels = as_array(raw(labels), who)
     ls = _shape(labels)
     kind = getattr(getattr(labels, "dtype", None), "kind", None)
     if kind not in ("i", "u"):
         raise TypeError(
-            f"cross_entropy: labels must be integer class indices, got dtype "
+            f"{who}: labels must be integer class indices, got dtype "
             f"{getattr(labels, 'dtype', type(labels).__name__)}; pass integer class indices "
             "(e.g. y.astype(np.int64)), not one-hot or float labels"
         )
     xs = _shape(logits)
     if len(xs) < 2 or ls != xs[:1] + xs[2:]:
         raise ValueError(
-            f"cross_entropy: logits of shape {xs} and labels of shape {ls} do not match; logits "
+            f"{who}: logits of shape {xs} and labels of shape {ls} do not match; logits "
             "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
         )
+    return labels
+
+
+def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]:
+    """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
+    _check_reduction("cross_entropy", reduction)
+    _check_floating(logits, "cross_entropy", "logits")
+    labels = label_array("cross_entropy", logits, labels)
+    xs = _shape(logits)
     n_classes = xs[1]
     if isinstance(labels, np.ndarray) and labels.size:
         lo, hi = int(labels.min()), int(labels.max())

@@ -7,7 +7,7 @@ from typing import Any
 
 from ._optim import SGD, Optimizer
 from ._optim_adam import Adam, AdamW
-from ._schedules import resolve_class, schedule_from_spec
+from ._schedules import build_from_spec, resolve_class, schedule_from_spec
 
 __all__ = ["BUILTINS", "from_spec"]
 
@@ -29,9 +29,4 @@ def from_spec(spec: dict[str, Any]) -> Optimizer:
         kwargs["lr"] = schedule_from_spec(kwargs["lr"])
     if isinstance(kwargs.get("betas"), list):
         kwargs["betas"] = tuple(kwargs["betas"])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
-            raise
-        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc
+    return build_from_spec(cls, kwargs, spec)

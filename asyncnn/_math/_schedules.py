@@ -276,6 +276,18 @@ def resolve_class(spec: Any, builtins: dict[str, type], base: type, what: str) -
     )
 
 
+def build_from_spec(cls: type, kwargs: dict[str, Any], spec: Any) -> Any:
+    """``cls(**kwargs)``, the object ``spec`` describes; keywords the class does not take, or
+    one it needs and ``spec`` lacks, said as a ``ValueError`` naming the spec (a ``TypeError``
+    of the constructor's own checks goes on as it is)."""
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
+            raise
+        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc
+
+
 def schedule_from_spec(spec: dict[str, Any]) -> Schedule:
     """The schedule described by ``spec`` (from :meth:`Schedule.to_spec`)."""
     cls = resolve_class(spec, _BUILTINS, Schedule, "schedule")
@@ -283,9 +295,4 @@ def schedule_from_spec(spec: dict[str, Any]) -> Schedule:
     for key, value in kwargs.items():
         if isinstance(value, dict):
             kwargs[key] = schedule_from_spec(value)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        if "unexpected keyword" not in str(exc) and "missing" not in str(exc):
-            raise
-        raise ValueError(f"bad {cls.__name__} spec {spec!r}: {exc}") from exc
+    return build_from_spec(cls, kwargs, spec)

@@ -217,20 +217,8 @@ class CrossEntropyLoss(_Loss):
         """The raw labels after the checks of a call: integers of the logits' shape less the
         class axis, each in ``[0, C)`` or ``ignore_index`` (host labels)."""
         name = type(self).__name__
-        y = as_array(raw(labels), name)
-        kind = getattr(getattr(y, "dtype", None), "kind", None)
-        if kind not in ("i", "u"):
-            raise TypeError(
-                f"{name}: labels must be integer class indices, got dtype "
-                f"{getattr(y, 'dtype', type(y).__name__)}; pass integer class indices "
-                "(e.g. y.astype(np.int64)), not one-hot or float labels"
-            )
-        xs, ls = tuple(logits.shape), tuple(y.shape)
-        if len(xs) < 2 or ls != xs[:1] + xs[2:]:
-            raise ValueError(
-                f"{name}: logits of shape {xs} and labels of shape {ls} do not match; logits "
-                "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
-            )
+        y = ops_nn.label_array(name, logits, labels)
+        xs = tuple(logits.shape)
         classes = xs[1]
         if self.weight is not None and len(self.weight) != classes:
             raise ValueError(

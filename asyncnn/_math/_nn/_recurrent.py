@@ -80,6 +80,13 @@ def _input_gates(x: Any, w_ih: Any, b_ih: Any) -> Any:
     return gx if b_ih is None else _ADD(gx, b_ih)
 
 
+def _torch_init(init: Initializer, hidden_size: int, shapes: dict[str, Shape]) -> Any:
+    """torch's initialisation of a recurrent layer: every weight and bias
+    ``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``, in the order of ``shapes``."""
+    bound = fan_in_bound(hidden_size)
+    return {k: init.uniform(s, bound) for k, s in shapes.items()}
+
+
 def _zeros(x: Any, shape: Shape) -> Any:
     """A zero state of ``x``'s dtype and device (torch's default ``hx``)."""
     return ops.namespace_of(x).zeros(shape, dtype=ops.raw(x).dtype)
@@ -110,8 +117,7 @@ class _Cell(Module):
         return shapes
 
     def init_params(self, init: Initializer) -> Any:
-        bound = fan_in_bound(self.hidden_size)  # torch's: every weight and bias U(-1/sqrt(H), ..)
-        return {k: init.uniform(s, bound) for k, s in self._expected().items()}
+        return _torch_init(init, self.hidden_size, self._expected())
 
     def _check_x(self, params: Any, x: Any) -> int:
         """Checks the params and ``x`` (batch, input_size); returns the batch."""
@@ -339,8 +345,7 @@ class _Recurrent(Module):
         return shapes
 
     def init_params(self, init: Initializer) -> Any:
-        bound = fan_in_bound(self.hidden_size)  # torch's: every weight and bias U(-1/sqrt(H), ..)
-        return {k: init.uniform(s, bound) for k, s in self._expected().items()}
+        return _torch_init(init, self.hidden_size, self._expected())
 
     def _check_input(self, params: Any, x: Any) -> tuple[int, int]:
         check_params(self, params, self._expected())
