@@ -35,6 +35,7 @@ from ._math._ops import (
     take,
     tanh,
     transpose,
+    unstack,
     where,
 )  # fmt: skip
 from ._math._ops_nn import (
@@ -61,5 +62,5 @@ __all__ = [
     "getitem", "layer_norm", "log", "log_softmax", "logsumexp", "matmul", "max", "max_pool1d",
     "max_pool2d", "maximum", "mean", "min", "minimum", "mse_loss", "multiply", "negative",
     "power", "raw", "relu", "reshape", "sigmoid", "softmax", "sqrt", "square", "squeeze",
-    "stack", "subtract", "sum", "take", "tanh", "transpose", "where",
+    "stack", "subtract", "sum", "take", "tanh", "transpose", "unstack", "where",
 ]  # fmt: skip

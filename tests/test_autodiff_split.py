@@ -225,6 +225,7 @@ OPS = {
     "take": (1, lambda a, ids: ops.take(a, ids, axis=1)),
     "tanh": (1, lambda a, ids: ops.tanh(a)),
     "transpose": (1, lambda a, ids: ops.transpose(a) + a.T),
+    "unstack": (1, lambda a, ids: ops.stack([*ops.unstack(a, axis=1)[:0:-1], a[:, 0]], axis=1)),
     "where": (2, lambda a, b, ids: ops.where(_COND, a, b)),
     "Primitive": (2, lambda a, b, ids: SCALE_ADD(a, b) * 0.2),
 }  # fmt: skip

@@ -156,6 +156,10 @@ GRAD_CASES = [
          N(2, 2)),
     case("stack-axis0", lambda a, b: ops.stack([a, b]), N(2, 3), N(2, 3)),
     case("stack-axis-1", lambda a, b: ops.stack([a, b], axis=-1), N(2, 3), N(2, 3)),
+    # (pieces 2 and 0 back, piece 1 none: its gradient is zeros)
+    case("unstack-axis1", lambda x: ops.stack(ops.unstack(x, axis=1)[::-2]), N(2, 3, 4)),
+    case("unstack-axis0-reused", lambda x: (lambda p: p[0] * p[0] + p[1])(ops.unstack(x)),
+         N(2, 3)),
     case("squeeze", ops.squeeze, N(2, 1, 3, 1)),
     case("squeeze-axis", lambda x: ops.squeeze(x, 1), N(2, 1, 3)),
     case("expand_dims", lambda x: ops.expand_dims(x, 1), N(2, 3)),
@@ -491,6 +495,7 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     "take": lambda a: ops.take(a(_M), a([2, 0, 2]), axis=1),
     "tanh": lambda a: ops.tanh(a(_M)),
     "transpose": lambda a: ops.transpose(a(_M)),
+    "unstack": lambda a: ops.unstack(a(_M), axis=1),
     "where": lambda a: ops.where(a([True, False, True]), a(_M), a(_N)),
 }
 
@@ -511,7 +516,7 @@ def test_lists_and_tuples_are_arrays_to_every_op(name: str) -> None:
     want = LIST_CALLS[name](np.asarray)
     for made in (lambda x: x, _tuples):
         got = LIST_CALLS[name](made)
-        assert type(got) is type(want) and np.shape(got) == np.shape(want)
+        assert type(got) is type(want) and np.shape(got) == np.shape(want)  # (unstack: a list)
         np.testing.assert_array_equal(got, want)
 
 
@@ -540,3 +545,22 @@ def test_an_op_of_a_list_and_a_traced_array_differentiates_the_array() -> None:
     w = np.array([1.0, -2.0, 3.0])
     g = ann.grad(lambda w: ops.sum(ops.multiply([2.0, 0.5, -1.0], w)) + ops.sum(_M @ w))(w)
     np.testing.assert_array_equal(g, np.array([2.0, 0.5, -1.0]) + np.sum(_M, axis=0))
+
+
+def test_unstack_gives_each_piece_and_its_pullback_one_array_of_the_input() -> None:
+    x = np.arange(24.0).reshape(2, 3, 4)
+    for axis in (0, 1, -1):
+        pieces = ops.unstack(x, axis=axis)
+        assert type(pieces) is list and len(pieces) == x.shape[axis]
+        for i, piece in enumerate(pieces):
+            np.testing.assert_array_equal(piece, np.take(x, i, axis=axis))
+    # traced: the pieces' cotangents come back as one gradient, zeros where a piece gets none
+    g = ann.grad(lambda x: ops.sum(ops.unstack(x, axis=1)[2] * 3.0) + ops.sum(x) * 0.0)(x)
+    want = np.zeros_like(x)
+    want[:, 2] = 3.0
+    np.testing.assert_array_equal(g, want)
+    out, pullback = ann.vjp(lambda x: ops.unstack(x, axis=2), x)
+    (g,) = pullback([None, np.ones((2, 3)), None, np.full((2, 3), 2.0)])
+    np.testing.assert_array_equal(g, np.stack([0 * x[..., 0], 1 + 0 * x[..., 0], 0 * x[..., 0],
+                                               2 + 0 * x[..., 0]], axis=2))  # fmt: skip
+    assert [o.shape for o in out] == [(2, 3)] * 4

@@ -170,6 +170,7 @@ def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
         (lambda: ops.take(x, np.array([0]), axis=2), "take", 2),
         (lambda: ops.concatenate([x, x], axis=2), "concatenate", 2),
         (lambda: ops.stack([x, x], axis=-4), "stack", -4),
+        (lambda: ops.unstack(x, axis=2), "unstack", 2),
         (lambda: ops.expand_dims(x, 3), "expand_dims", 3),
         (lambda: ops.sum(x, axis=(0, 2)), "sum", 2),
         (lambda: ops.max(x, axis=-3), "max", -3),

@@ -490,6 +490,8 @@ EDGE_CASES = [
          np.zeros((0, 3)), GRID[0, :, :3]),
     edge("stack-negative-axis", lambda a, b: ops.stack([a, b], -2),
          lambda t, a, b: t.stack([a, b], -2), GRID[0], GRID[1]),
+    edge("unstack-middle-axis", lambda x: ops.stack(ops.unstack(x, 1)[::-2], axis=-1),
+         lambda t, x: t.stack(x.unbind(1)[::-2], -1), GRID),
     edge("broadcast_to-no-rows", lambda x: ops.broadcast_to(x, (0, 3)),
          lambda t, x: x.broadcast_to((0, 3)), [[1.0, 2.0, 3.0]]),
 ]  # fmt: skip

@@ -26,7 +26,7 @@ __all__ = [
     "abs", "add", "astype", "broadcast_to", "concatenate", "divide", "exp", "expand_dims",
     "gelu", "getitem", "log", "matmul", "max", "maximum", "mean", "min", "minimum", "multiply",
     "negative", "power", "relu", "reshape", "sigmoid", "sqrt", "square", "squeeze", "stack",
-    "subtract", "sum", "take", "tanh", "transpose", "where",
+    "subtract", "sum", "take", "tanh", "transpose", "unstack", "where",
 ]  # fmt: skip
 
 # One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it
@@ -579,6 +579,22 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
             f"stack: shapes {', '.join(map(str, shapes))} differ: stacked arrays must all have "
             "one shape (ops.concatenate joins arrays along an existing axis)"
         ) from None
+
+
+def unstack(x: Any, axis: int = 0) -> list[Any]:
+    """Cuts ``x`` along ``axis`` into a list of its pieces, ``[x[:, 0], x[:, 1], ...]`` for
+    ``axis=1`` (torch's ``unbind``); ``stack(unstack(x, a), a)`` is ``x``.
+
+    Differentiated, the pieces' cotangents come back as one gradient of ``x`` (zeros for a piece
+    that gets none): a loop over a sequence's steps costs time linear in its length, where
+    indexing each step, ``x[:, t]``, gives back a gradient of ``x``'s whole shape per step."""
+    x = as_array(x, "unstack")
+    axis = check_axis(axis, len(_shape(x)), "unstack")
+    n = _shape(x)[axis]
+    if type(x) is not Tracer:
+        return [x[(slice(None),) * axis + (i,)] for i in range(n)]
+    whole = _P["unstack"](x, axis=axis)
+    return [_P["unstack_piece"](whole, axis=axis, index=i) for i in range(n)]
 
 
 def matmul(a: Any, b: Any) -> Any:

@@ -294,6 +294,53 @@ def _stack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> list[Any]:
     ]
 
 
+# -- unstack: one node for the whole array, and one per piece --------------------------------------
+# A node gives one array, so ``ops.unstack`` records an "unstack" node (the array itself) and one
+# "unstack_piece" node per piece. A piece's cotangent goes back as a Pieces, which the trace adds
+# to the others' as it adds any cotangents (``prev + g``), and the unstack node writes them all
+# into one gradient: a gradient of the whole array per piece, added up, cost T^2 for T pieces.
+class Pieces:
+    """The cotangents of an unstack's pieces so far, by piece; ``+`` gathers them (in place: the
+    trace adds a cotangent to the sum it holds, which nothing else reads)."""
+
+    __slots__ = ("cts",)
+
+    def __init__(self, cts: dict[int, Any]) -> None:
+        self.cts = cts
+
+    def __add__(self, other: Pieces) -> Pieces:
+        for i, g in other.cts.items():
+            prev = self.cts.get(i)
+            self.cts[i] = g if prev is None else prev + g
+        return self
+
+
+def _piece_index(axis: int, i: int) -> tuple[Any, ...]:
+    return (slice(None),) * axis + (i,)
+
+
+def _unstack(x: Any, axis: int) -> tuple[Any, Any]:
+    return x, (x.shape, x.dtype, axis)
+
+
+def _unstack_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    shape, dtype, axis = res
+    if not isinstance(g, Pieces):  # (only pieces read this node; kept total all the same)
+        return (g,)
+    out = ns(*g.cts.values()).zeros(shape, dtype=dtype)  # zeros where a piece got none
+    for i, ct in g.cts.items():
+        out[_piece_index(axis, i)] = ct
+    return (out,)
+
+
+def _unstack_piece(x: Any, axis: int, index: int) -> tuple[Any, Any]:
+    return x[_piece_index(axis, index)], index
+
+
+def _unstack_piece_vjp(g: Any, index: Any, needs: tuple[bool, ...]) -> tuple[Pieces]:
+    return (Pieces({index: g}),)
+
+
 # The backend's product: inside a CUDA-graph capture it bypasses cupy (which refuses cuBLAS
 # there); on a thread of a compute team a large CPU product is split across the team's workers.
 _mm = backend_matmul
@@ -341,5 +388,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "take": (_take, _take_vjp),
     "concatenate": (_concatenate, _concatenate_vjp),
     "stack": (_stack, _stack_vjp),
+    "unstack": (_unstack, _unstack_vjp),
+    "unstack_piece": (_unstack_piece, _unstack_piece_vjp),
     "matmul": (_matmul, _matmul_vjp),
 }

@@ -80,6 +80,14 @@ def _input_gates(x: Any, w_ih: Any, b_ih: Any) -> Any:
     return gx if b_ih is None else _ADD(gx, b_ih)
 
 
+def _sequence_gates(x: Any, w_ih: Any, b_ih: Any) -> list[Any]:
+    """Each step's ``x_t @ weight_ih + bias_ih`` of a sequence ``x`` (batch, seq, features), from
+    one product over all its steps (as torch's): (batch, gates) per step."""
+    n, t, width = _shape(x)
+    gx = _input_gates(ops.reshape(x, (n * t, width)), w_ih, b_ih)
+    return ops.unstack(ops.reshape(gx, (n, t, _shape(gx)[1])), axis=1)
+
+
 def _torch_init(init: Initializer, hidden_size: int, shapes: dict[str, Shape]) -> Any:
     """torch's initialisation of a recurrent layer: every weight and bias
     ``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``, in the order of ``shapes``."""
@@ -283,6 +291,10 @@ class LoopCell(Module):
         return self.cell.flops(*input_shapes)
 
 
+#: the values of LSTM's and GRU's ``output``: every step's output, or the last step's
+_OUTPUTS = ("all", "last")
+
+
 @dataclass(frozen=True)
 class _Recurrent(Module):
     """What LSTM and GRU share: the stack of layers (and directions) over a sequence."""
@@ -295,6 +307,7 @@ class _Recurrent(Module):
     dropout: float = 0.0
     bidirectional: bool = False
     return_state: bool = False
+    output: str = "all"
 
     _GATES = 0
 
@@ -321,6 +334,12 @@ class _Recurrent(Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"{owner}: dropout must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", dropout)
+        if not isinstance(self.output, str) or self.output not in _OUTPUTS:
+            raise ValueError(
+                f"{owner}: output must be 'all' (every step's output, (batch, seq, directions * "
+                "hidden_size)) or 'last' (the last step's, (batch, directions * hidden_size): "
+                f"the top layer's final state), got {self.output!r}"
+            )
 
     @property
     def _directions(self) -> int:
@@ -370,43 +389,58 @@ class _Recurrent(Module):
                 f"{self!r}: initial state {name} has shape {_shape(s)}, expected {want} "
                 "(num_layers * directions, batch, hidden_size), torch's layout"
             )
-        return [ops.getitem_trusted(s, (k,)) for k in range(want[0])]
+        return ops.unstack(s, axis=0)
 
     def _run(
         self, params: Any, x: Any, init: list[Any], rng: Any, step: Callable[..., Any]
     ) -> tuple[Any, list[Any]]:
-        """The output sequence and each layer's and direction's last state. ``init`` holds
-        each layer's and direction's initial state (a tuple of arrays, the cell's state);
-        ``step(params, suffix, x_t, state) -> state`` is one step of the cell, whose first
-        array is its output."""
+        """The output (the output sequence, or with ``output="last"`` the last step's) and
+        each layer's and direction's last state. ``init`` holds each layer's and direction's
+        initial state (a tuple of arrays, the cell's state); ``step(params, suffix, gx_t,
+        state) -> state`` is one step of the cell from ``gx_t = x_t @ weight_ih + bias_ih``,
+        and the first array of the state it returns is its output."""
         t_len = int(x.shape[1])
-        # each step's input as its own array: later layers read the list of the layer before,
-        # and only the first layer slices (a slice's gradient is of the whole input)
-        xs = [ops.getitem_trusted(x, (slice(None), t)) for t in range(t_len)]
+        seq = x  # the layer's input, (batch, seq, features)
         finals: list[Any] = []
         sfx = iter(self._suffixes())
-        k = 0
+        outs: list[list[Any]] = []
         for layer in range(self.num_layers):
-            if layer and self.dropout and rng is not None:
-                xs = [ops_nn.dropout(v, float(self.dropout), rng) for v in xs]
-            outs: list[list[Any]] = []
+            if layer:
+                seq = self._joined(outs, rng)
+            outs = []
             for direction in range(self._directions):
                 s = next(sfx)
-                state = init[k]
-                k += 1
-                seq: list[Any] = [None] * t_len
+                # every step's input product at once, cut into steps by one unstack: its
+                # backward gives the sequence one gradient (a slice per step gave one of the
+                # whole sequence each, which the backward added: T^2)
+                gxs = _sequence_gates(seq, params[f"weight_ih{s}"], params.get(f"bias_ih{s}"))
+                state = init[len(finals)]
+                out: list[Any] = [None] * t_len
                 order = range(t_len - 1, -1, -1) if direction else range(t_len)
                 for t in order:
-                    state = step(params, s, xs[t], state)
-                    seq[t] = state[0]
-                outs.append(seq)
+                    state = step(params, s, gxs[t], state)
+                    out[t] = state[0]
+                outs.append(out)
                 finals.append(state)
-            xs = (
-                outs[0]
-                if len(outs) == 1
-                else [ops.concatenate(v, axis=1) for v in zip(*outs, strict=True)]
-            )
-        return ops.stack(xs, axis=1), finals
+        if self.output == "last":  # forward's step T - 1, backward's step 0: each one's last
+            last = [f[0] for f in finals[-self._directions :]]
+            return (last[0] if len(last) == 1 else ops.concatenate(last, axis=1)), finals
+        return self._joined(outs, None), finals
+
+    def _joined(self, outs: list[list[Any]], rng: Any) -> Any:
+        """A layer's output sequence (batch, seq, directions * hidden_size) from each
+        direction's outputs by step, with dropout between layers given an ``rng``."""
+        if self.dropout and rng is not None:
+            # one mask per step, in step order: a given rng draws the masks it drew when each
+            # step's input was its own array
+            steps = [
+                ops_nn.dropout(v[0] if len(v) == 1 else ops.concatenate(v, axis=1),
+                               float(self.dropout), rng)
+                for v in zip(*outs, strict=True)
+            ]  # fmt: skip
+            return ops.stack(steps, axis=1)
+        joined = [ops.stack(out, axis=1) for out in outs]
+        return joined[0] if len(joined) == 1 else ops.concatenate(joined, axis=2)
 
     def flops(self, *input_shapes: Any) -> int:
         steps = int(input_shapes[0][1]) if input_shapes and len(input_shapes[0]) > 1 else 1
@@ -421,7 +455,8 @@ class _Recurrent(Module):
         if self.return_state or len(input_shapes[0]) != 3:
             return None
         n, t, _ = input_shapes[0]
-        return (n, t, self._directions * self.hidden_size)
+        width = self._directions * self.hidden_size
+        return (n, width) if self.output == "last" else (n, t, width)
 
 
 _SEQUENCE_DOC = """
@@ -430,12 +465,18 @@ _SEQUENCE_DOC = """
     into microbatches along the first axis): ``batch_first=False`` is refused (transpose
     time-first input, ``x.transpose(1, 0, 2)``). The output is (batch, seq, directions *
     hidden_size), the last layer's state at every step (both directions' side by side, forward
-    first, as torch's). Each step runs the cells' math in Python, over the time axis. Its
-    backward grows faster than the sequence: each step's slice of ``x`` gives back a gradient
-    of ``x``'s whole shape (forward and backward, batch 32, 32 inputs, hidden 64, float64, 2
-    cores: 0.012 s at 50 steps, 0.064 s at 200); for long sequences use a graph loop
-    (:meth:`~asyncnn.Graph.loop` with the cells' :meth:`loop_cell`), which steps its input
-    without it.
+    first, as torch's); with ``output="last"`` it is (batch, directions * hidden_size), the last
+    layer's final state: for one direction its last step, ``output[:, -1]``; bidirectional, the
+    forward direction's last step beside the backward direction's step 0 (the last it runs),
+    ``concatenate([output[:, -1, :hidden_size], output[:, 0, hidden_size:]], axis=1)``, which is
+    torch's ``cat([h_n[-2], h_n[-1]], 1)``, not its ``output[:, -1]``. So a sequence classifier
+    is ``Sequential(LSTM(..., output="last"), Linear(...))``, one graph layer.
+
+    Each step runs the cells' math in Python, over the time axis; each layer's input product
+    ``x @ weight_ih`` is one product over all its steps (as torch's), and its backward gives
+    the sequence one gradient, so the backward's time grows with the sequence's length, as
+    the forward's (batch 32, 32 inputs, hidden 64, float64, 2 cores, an LSTM's backward:
+    6 ms at 50 steps, 23 ms at 200, 103 ms at 800).
 
     Params: torch's names and sizes, the weights stored ``(in, out)`` like :class:`Linear`'s
     (the transpose of torch's; ``asyncnn.interop`` transposes them): per layer ``k`` (and
@@ -457,6 +498,10 @@ _SEQUENCE_DOC = """
         return_state: also return the final state (see the call), in torch's layout. A direct
             call only: a graph's layer gives one array, and a graph refuses a layer that gives
             a pair when it is built.
+        output: ``"all"`` (the default): every step's output, (batch, seq, directions *
+            hidden_size); ``"last"``: the last step's only, (batch, directions *
+            hidden_size) (see above). Any other value is refused (a ValueError naming the
+            module and both values).
     """
 
 
@@ -468,8 +513,9 @@ class LSTM(_Recurrent):
     ``lstm(params, x, state=(h0, c0))``, ``state`` by keyword only (torch's ``lstm(x, (h0,
     c0))`` positional would read as a graph's second input): torch's ``(h0, c0)``, each
     (num_layers * directions, batch, hidden_size), or None for zeros (in a graph the state
-    starts at zeros). Returns the output sequence, or with ``return_state=True`` ``(output, (h_n,
-    c_n))``, each of those of ``state``'s shape. Each step is :class:`LSTMCell`'s."""
+    starts at zeros). Returns the output (the sequence, or its last step with
+    ``output="last"``), or with ``return_state=True`` ``(output, (h_n, c_n))``, each of those of
+    ``state``'s shape. Each step is :class:`LSTMCell`'s."""
         + _SEQUENCE_DOC
     )
 
@@ -491,8 +537,7 @@ class LSTM(_Recurrent):
             init = list(zip(hs, cs, strict=True))
         size = self.hidden_size
 
-        def step(p: Any, s: str, x_t: Any, hc: tuple[Any, Any]) -> tuple[Any, Any]:
-            gx = _input_gates(x_t, p[f"weight_ih{s}"], p.get(f"bias_ih{s}"))
+        def step(p: Any, s: str, gx: Any, hc: tuple[Any, Any]) -> tuple[Any, Any]:
             return _lstm_step(gx, hc[0], hc[1], p[f"weight_hh{s}"], p.get(f"bias_hh{s}"), size)
 
         out, finals = self._run(params, x, init, rng, step)
@@ -508,7 +553,8 @@ class GRU(_Recurrent):
 
     ``gru(params, x, state=h0)``, ``state`` by keyword only (as ``LSTM``'s): torch's ``h0``,
     (num_layers * directions, batch, hidden_size), or None for zeros (in a graph the state
-    starts at zeros). Returns the output sequence, or with ``return_state=True`` ``(output, h_n)``, ``h_n`` of ``h0``'s
+    starts at zeros). Returns the output (the sequence, or its last step with
+    ``output="last"``), or with ``return_state=True`` ``(output, h_n)``, ``h_n`` of ``h0``'s
     shape. Each step is :class:`GRUCell`'s."""
         + _SEQUENCE_DOC
     )
@@ -523,8 +569,7 @@ class GRU(_Recurrent):
             init = [(s,) for s in self._state_part("h0", state, n)]
         size = self.hidden_size
 
-        def step(p: Any, s: str, x_t: Any, h: tuple[Any]) -> tuple[Any]:
-            gx = _input_gates(x_t, p[f"weight_ih{s}"], p.get(f"bias_ih{s}"))
+        def step(p: Any, s: str, gx: Any, h: tuple[Any]) -> tuple[Any]:
             return (_gru_step(gx, h[0], p[f"weight_hh{s}"], p.get(f"bias_hh{s}"), size),)
 
         out, finals = self._run(params, x, init, rng, step)
