@@ -1,12 +1,12 @@
 """The synchronous face: :class:`Trainer` runs a graph's actors for ``fit``/``evaluate``/
 ``predict`` and keeps weights, optimizer state and counters between calls. What it is given is
 checked in ``_train_args.py``; a fit is planned in ``_fit_plan.py``, called in ``_fit_run.py``
-and run in ``_fit.py``; ``predict`` and ``evaluate`` compute in ``_inference.py``."""
+and run in ``_fit.py``; ``predict`` and ``evaluate`` compute in ``_inference.py``; ``params`` is
+read and set in ``_train_weights.py``; what ``save`` checks and records is ``_train_save.py``'s."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -15,19 +15,16 @@ from typing import Any
 import numpy as np
 
 from ._callbacks import Callback
-from ._checkpoint_files import write_whole
 from ._class_only import class_only
-from ._datacheck import check_inputs, check_labels, check_params, require_inputs
+from ._datacheck import check_inputs, check_labels, require_inputs
 from ._errors import GraphError
 from ._fit import _synchronize
-from ._fit_file import _FIT_FILE
 from ._fit_plan import plan_fit
 from ._fit_run import run_fit
 from ._history import History
 from ._inference import _classifiers as _classifiers  # (the CLI imports it from here)
 from ._inference import evaluate_loss, predict_outputs
 from ._math._data import ArrayDataset
-from ._math._pytree import tree_map
 from ._notebook import run_outside_loop
 from ._optimizer_swap import fitted_opt_states
 from ._runtime._checks import check_optimizer
@@ -39,19 +36,10 @@ from ._runtime._state import init_state
 from ._runtime._structure import check_routing
 from ._train_args import check_trainer_args
 from ._train_options import _Option, _TraceOption, _tune_allocator
-from .backends import to_numpy
+from ._train_save import save_trainer
+from ._train_weights import params_on_devices, read_params, set_params
 
 __all__ = ["History", "Trainer"]
-
-
-def _read_only(leaf: Any) -> Any:
-    """A leaf of :attr:`Trainer.params`: a numpy array as a read-only view (a GPU array's host
-    copy likewise); anything else (a number kept in a module's parameters) as it is."""
-    arr = to_numpy(leaf)
-    if isinstance(arr, np.ndarray):
-        arr = arr.view()
-        arr.flags.writeable = False
-    return arr
 
 
 class Trainer:
@@ -284,10 +272,7 @@ class Trainer:
         of the weights the trainer keeps on the CPU (a copy of a GPU's), which a write would
         change on one device and not on the other. To change weights, assign new ones
         (``tr.params = {name: new}``)."""
-        # (from a callback, on a GPU: the updates that made them may still be queued on the
-        # actors' streams, which a copy to the host on another stream would not wait for)
-        _synchronize(self.graph, self.cluster)
-        return {n: tree_map(_read_only, p) for n, p in self.state.params.items()}
+        return read_params(self)
 
     @params.setter
     def params(self, value: Mapping[str, Any]) -> None:
@@ -307,42 +292,7 @@ class Trainer:
                 step hooks of the state it keeps, which are refused alike), or while a fit runs
                 on another thread. ``on_fit_start`` and ``on_fit_end`` may set them.
         """
-        from .backends import get_backend
-
-        self._check_graph("params")
-        if self._stopping_step_hooks and self._fit_thread == threading.get_ident():
-            raise RuntimeError(
-                "params: a step hook may not set the weights, also where the fit delivers it as "
-                "it stops (here after an error or an interrupt, with the state it keeps), as "
-                "during its run; set them in on_fit_end, or after fit returns"
-            )
-        self._refuse_during_fit(
-            "params", ": its run holds weights of its own, which its end would put back in "
-            "place of these", "set them before the fit, in on_fit_start or on_fit_end, or "
-            "after it returns (from a step or epoch hook: stop the fit with "
-            "trainer.stop_training = True, then set them)",
-            own_thread=not self._run_open,  # (on_fit_start and on_fit_end may set them)
-        )  # fmt: skip
-
-        for name, p in value.items():
-            node = self.graph.nodes.get(name)
-            if node is None or node.kind != "layer":
-                raise KeyError(f"no layer named {name!r}; layers: {self.graph.layers}")
-            check_params(name, self.state.params[name], p)
-        for name, p in value.items():
-            backend = get_backend(self.graph.nodes[name].device)
-            # (the version before the latest is of the weights replaced: the next fit's
-            # forwards must not be pinned to it)
-            self.state.earlier_params.pop(name, None)
-            # a copy: the caller's arrays stay theirs, and a write into them later (or into a
-            # read-only view of params, refused) cannot change the trainer's weights (asarray
-            # first: a torch tensor's __array__ takes no copy= argument)
-            self.state.params[name] = tree_map(
-                lambda a, backend=backend: backend.asarray(
-                    np.asarray(to_numpy(a)).copy(), dtype=self.dtype
-                ),
-                p,
-            )
+        set_params(self, value)
 
     @property
     def versions(self) -> dict[str, int]:
@@ -481,20 +431,6 @@ class Trainer:
         finally:
             self._fit_lock.release()
 
-    def _params_on_devices(self) -> dict[str, Any]:
-        # weights that came back from worker processes are host arrays: each layer's go to its
-        # device once per call (a no-op for those already there)
-        from .backends import get_backend
-
-        _synchronize(self.graph, self.cluster)  # (from a callback on a GPU: see params)
-
-        out = {}
-        for name, p in self.state.params.items():
-            backend = get_backend(self.graph.nodes[name].device)
-            with backend.activate():
-                out[name] = tree_map(backend.asarray, p)
-        return out
-
     # -- inference ---------------------------------------------------------------------------------
     def predict(
         self, data: Mapping[str, Any] | ArrayDataset, batch_size: int = 256
@@ -517,7 +453,7 @@ class Trainer:
         outputs = list(self.graph.outputs.values())
         dataset = self._checked_dataset(data, outputs, "predict")
         check_labels(self.graph, self.shapes, dataset.arrays, outputs)  # (a GPU gives NaN rows)
-        params = self._params_on_devices()
+        params = params_on_devices(self)
         return predict_outputs(self.graph, params, dataset, batch_size, self.dtype)
 
     def evaluate(
@@ -563,7 +499,7 @@ class Trainer:
         return dataset
 
     def _evaluate(self, dataset: ArrayDataset, batch_size: int = 256) -> dict[str, float]:
-        params = self._params_on_devices()
+        params = params_on_devices(self)
         return evaluate_loss(self.graph, params, dataset, batch_size, self.dtype)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -585,46 +521,7 @@ class Trainer:
                 from a step or epoch hook of a fit on a cluster while its run goes on (the
                 trainer holds the weights from before the fit until the run's end).
         """
-        from ._checkpoint_save import save_checkpoint
-
-        self._check_graph("save")
-        self._refuse_during_fit(
-            "save", " on another thread: its weights and counters would be read in the middle "
-            "of an update", "save from the fit's callbacks (on_epoch_end; or pass fit "
-            "checkpoint_every), or after the fit returns", own_thread=True,
-        )  # fmt: skip
-
-        if self._weights_pending:
-            # (as checkpoint_every is refused there: the trainer holds the weights from before
-            # the fit, and the checkpoint would silently be of them)
-            raise RuntimeError(
-                "save: a fit on a cluster is running: its workers send their weights back only "
-                "at the end of its run, so inside a step or epoch hook the trainer holds the "
-                "weights from before the fit, and this checkpoint would hold none of its "
-                "training; save in on_fit_end or after the fit returns (call fit one epoch at "
-                "a time to save between epochs)"
-            )
-        _synchronize(self.graph, self.cluster)  # (from a callback on a GPU: see params)
-        path = os.fspath(path)
-        position = {
-            "epoch_batches": self.epoch_batches,
-            # (a numpy int as JSON's; any other value is the checkpoint's to refuse, below)
-            "minibatches": _json_int(self.state.minibatches),
-            # (at an epoch's start, the last epoch's: the minibatches the run went in)
-            "epoch_layout": self._epoch_layout,
-        }
-        # serialised first: a value JSON cannot hold fails the save before anything is written
-        fit = json.dumps(position)
-        # (the spec's record only: fit.json is for an asyncnn that reads no more than above)
-        losses = list(self._epoch_losses) if self.epoch_batches else []
-        record: dict[str, Any] = {**position, "epoch_losses": [loss for loss, _ in losses]}
-        rows = [r for _, r in losses]
-        # the weight of each loss in the epoch's; apart, so that an older asyncnn reads the
-        # losses as it did (and none where a checkpoint of one left them unknown)
-        if None not in rows:
-            record["epoch_rows"] = rows
-        save_checkpoint(self, path, record)
-        write_whole(os.path.join(path, _FIT_FILE), fit)  # (no fit.json.tmp left on a failure)
+        save_trainer(self, path)
 
     @class_only
     @classmethod
@@ -656,9 +553,3 @@ class Trainer:
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)
-
-
-def _json_int(value: Any) -> Any:
-    """``value`` as an int where it is a numpy integer (a state given back by a decoder), else
-    as it is."""
-    return int(value) if isinstance(value, np.integer) else value

@@ -23,7 +23,8 @@ thread each, and one large computation is cut into parts that free workers take:
 Which team, if any, a thread's products go to (:func:`matmul`, :func:`elementwise`,
 :func:`using_team`) is decided per thread in ``_dispatch.py``; those names are imported here too,
 where the package has always found them. Where a product may be cut, and the BLAS thread count
-the open teams share, are ``_blas.py``'s.
+the open teams share, are ``_blas.py``'s; how a product, an elementwise pass or a column sum is
+cut into parts, ``_parallel_cuts.py``'s (the team's methods of those names call it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import collections
 import contextvars
 import math
-import operator
 import sys
 import threading
 import time
@@ -41,17 +41,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._blas import (
-    _BLAS_LIMITS,
-    ALIGN,
-    _has_own_transpose,
-    _no_one_wide_tail,
-    _product_plan,
-    split_bounds,
-)
+from ._blas import _BLAS_LIMITS, _product_plan, split_bounds
 from ._checks import check_flag, check_number, check_workers
 from ._dispatch import _state, current_team, elementwise, matmul, narrowed, using_team
 from ._gil import SWITCH_INTERVALS, auto_interval, check_switch_interval
+from ._parallel_cuts import split_elementwise, split_matmul, split_sum_rows
 
 __all__ = [
     "DEFAULT_PART_ELEMENTS",
@@ -72,16 +66,6 @@ __all__ = [
 DEFAULT_PART_FLOPS = 4_000_000
 #: A part of a split elementwise pass touches at least this many elements (~50 µs of a ufunc).
 DEFAULT_PART_ELEMENTS = 131_072
-_BLAS_KINDS = frozenset("fc")  # float32/64, complex64/128: the dtypes numpy hands to BLAS
-#: arguments of an elementwise pass that go whole to every part besides numpy arrays
-_SCALARS = (int, float, complex, np.generic)
-#: operators whose numpy ufunc writes a part in place (no temporary)
-_UFUNCS: dict[Any, np.ufunc] = {
-    operator.add: np.add,
-    operator.sub: np.subtract,
-    operator.mul: np.multiply,
-    operator.truediv: np.true_divide,
-}
 
 
 def _report(exc: BaseException) -> None:
@@ -491,42 +475,7 @@ class ComputeTeam:
         relative), the same in every run; with its Haswell kernels (0.3.34) parts of several
         megaflops did too.
         """
-        if (
-            a.ndim != 2
-            or b.ndim != 2
-            or a.dtype != b.dtype
-            or a.shape[1] != b.shape[0]
-            or self._state != "open"
-            or not self._split
-        ):
-            return a @ b
-        if a.dtype.kind not in _BLAS_KINDS or not a.dtype.isnative:
-            if a.dtype.name == "bfloat16":
-                # (ml_dtypes) numpy multiplies it in float32, as this split does; the result is
-                # float32, which matmul() rounds back
-                return self.matmul(a.astype(np.float32), b.astype(np.float32))
-            return a @ b
-        m, k = a.shape
-        n = b.shape[1]
-        axis, bounds = _product_plan(m, n, k, self._plan, self._part_flops)
-        if len(bounds) <= 2 or _has_own_transpose(a, b, axis, bounds):
-            return a @ b
-        out = np.empty((m, n), dtype=a.dtype)
-        mm = np.matmul
-        if axis == 0:
-
-            def part(i: int) -> None:
-                lo, hi = bounds[i], bounds[i + 1]
-                mm(a[lo:hi], b, out=out[lo:hi])
-
-        else:
-
-            def part(i: int) -> None:
-                lo, hi = bounds[i], bounds[i + 1]
-                mm(a, b[:, lo:hi], out=out[:, lo:hi])
-
-        self.run_parts(part, len(bounds) - 1)
-        return out
+        return split_matmul(self, a, b)
 
     def row_bounds(self, rows: int, elements: int) -> tuple[int, ...]:
         """Cut points of an elementwise pass over ``rows`` rows touching ``elements`` elements in
@@ -566,47 +515,7 @@ class ComputeTeam:
         Arguments other than numpy arrays and scalars (lists, other libraries' arrays, ndarray
         subclasses) leave the call whole.
         """
-        ndim = 0
-        touched = 0
-        for x in args:
-            if type(x) is np.ndarray:
-                ndim = max(ndim, x.ndim)
-                touched += x.size
-            elif not isinstance(x, _SCALARS):
-                # another library's array, an ndarray subclass, or a nested list: its rows are
-                # not this team's to cut (a list given whole to every part would not broadcast)
-                return fn(*args)
-        if ndim == 0 or touched < 2 * self._part_elements:
-            return fn(*args)
-        rows = 0
-        lead = []
-        for x in args:
-            full = type(x) is np.ndarray and x.ndim == ndim and x.shape[0] > 1
-            lead.append(full)
-            if full:
-                rows = max(rows, x.shape[0])
-        if rows < 2 or any(f and x.shape[0] != rows for f, x in zip(lead, args, strict=True)):
-            return fn(*args)  # an error for fn to raise, with numpy's own message
-        bounds = self.row_bounds(rows, touched)
-        if len(bounds) <= 2:
-            return fn(*args)
-        probe = fn(*(x[:0] if f else x for f, x in zip(lead, args, strict=True)))
-        if type(probe) is not np.ndarray or probe.ndim != ndim:
-            return fn(*args)
-        out = np.empty((rows, *probe.shape[1:]), dtype=probe.dtype)
-        fn = _UFUNCS.get(fn, fn)
-        in_place = isinstance(fn, np.ufunc) and fn.nout == 1
-
-        def part(i: int) -> None:
-            lo, hi = bounds[i], bounds[i + 1]
-            piece = [x[lo:hi] if f else x for f, x in zip(lead, args, strict=True)]
-            if in_place:
-                fn(*piece, out=out[lo:hi])
-            else:
-                out[lo:hi] = fn(*piece)
-
-        self.run_parts(part, len(bounds) - 1)
-        return out
+        return split_elementwise(self, fn, *args)
 
     def sum_rows(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """``x.sum(axis=0)`` of a 2-D array (a bias gradient), cut by columns when large.
@@ -614,22 +523,7 @@ class ComputeTeam:
         Each column is summed over the rows in the same order as the uncut call, so the result
         is the same bit for bit.
         """
-        cols = x.shape[1]
-        # integers and bools sum into a wider dtype; a byte-swapped array into a native one
-        if x.dtype.kind not in _BLAS_KINDS or not x.dtype.isnative:
-            return x.sum(axis=0)
-        parts = len(self.row_bounds(cols, x.size)) - 1
-        bounds = _no_one_wide_tail(split_bounds(cols, parts, ALIGN))
-        if len(bounds) <= 2:
-            return x.sum(axis=0)
-        out = np.empty(cols, dtype=x.dtype)
-
-        def part(i: int) -> None:
-            lo, hi = bounds[i], bounds[i + 1]
-            np.sum(x[:, lo:hi], axis=0, out=out[lo:hi])
-
-        self.run_parts(part, len(bounds) - 1)
-        return out
+        return split_sum_rows(self, x)
 
     def statistics(self) -> TeamStatistics:
         """A snapshot of the team's counters."""

@@ -3,10 +3,12 @@
 CPU work goes to the long-lived worker threads of a :class:`ComputeTeam` (numpy releases the GIL
 inside BLAS and most ufuncs, so workers compute in parallel). With one BLAS thread per call (the
 default) the team also splits a task's large products into parts that its free workers run: one
-actor alone can then use every core, and several actors share them (see ``_parallel.py``). A worker hands its result back by scheduling
-a callback on the event loop (trio's ``run_sync_soon``, asyncio's ``call_soon_threadsafe``), which
-never blocks the worker; the awaiting task sleeps on an :class:`anyio.Event`. A thread per call
-(``anyio.to_thread.run_sync``) costs about twice this round trip, so it is not used.
+actor alone can then use every core, and several actors share them (see ``_parallel.py``). A
+worker hands its result back by scheduling a callback on the event loop (trio's
+``run_sync_soon``, asyncio's ``call_soon_threadsafe``; the task and this hand-over are
+``_pool_job.py``'s), which never blocks the worker; the awaiting task sleeps on an
+:class:`anyio.Event`. A thread per call (``anyio.to_thread.run_sync``) costs about twice this
+round trip, so it is not used.
 
 Work whose estimated cost is below ``inline_flops`` runs on the event-loop thread: handing it to a
 thread would cost more than doing it.
@@ -18,7 +20,6 @@ when it must (:meth:`DevicePool.wait`), polling with back-off so the loop keeps 
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
 import math
@@ -36,6 +37,7 @@ from ._base import Device, parse_device
 from ._checks import MAX_POOL_WORKERS, check_flag, check_number, check_workers
 from ._gil import check_switch_interval
 from ._parallel import DEFAULT_PART_FLOPS, ComputeTeam
+from ._pool_job import _call_soon_threadsafe, _Job, _notify
 from ._registry import get_backend
 
 __all__ = [
@@ -105,48 +107,6 @@ class InlineCounter:
 
     def __init__(self) -> None:
         self.tasks = 0
-
-
-class _Job:
-    """A CPU task of the pool; a worker calls it (the team's queue holds it, so that the pool
-    can tell a cancelled caller's queued job from a live one)."""
-
-    __slots__ = (
-        "fn", "args", "context", "done", "result", "error", "abandoned", "skipped", "finished"
-    )  # fmt: skip
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        # The caller's context, as inline work and the team's split parts see it (numpy's error
-        # state is a context variable): without it, np.errstate(divide="raise") raised inline
-        # and returned -inf on a worker. A copy (O(1)), so the task's own changes stay its own.
-        self.context = contextvars.copy_context()
-        self.done = anyio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.abandoned = False
-        self.skipped = False  # abandoned before it started: never run
-        self.finished = False  # the worker is done with it (run or skipped); under the lock
-
-    def __call__(self) -> None:
-        """On a worker: the result or error is kept for the awaiting task."""
-        if self.abandoned:  # a cancelled caller's job that has not started is skipped
-            self.skipped = True
-            return
-        try:
-            self.result = self.context.run(self.fn, *self.args)
-        except BaseException as exc:  # handed to the awaiting task, with its traceback
-            self.error = exc
-
-
-def _call_soon_threadsafe(native_token: Any) -> Callable[[Callable[[], object]], None]:
-    """A non-blocking 'run this on the loop thread' for the running event loop."""
-    if hasattr(native_token, "run_sync_soon"):  # a trio.lowlevel.TrioToken
-        return native_token.run_sync_soon
-    if hasattr(native_token, "call_soon_threadsafe"):  # an asyncio event loop
-        return native_token.call_soon_threadsafe
-    raise RuntimeError(f"unsupported event loop token {native_token!r}")  # pragma: no cover
 
 
 class DevicePool:
@@ -249,7 +209,7 @@ class DevicePool:
     def _on_worker_exit(self) -> None:
         call_soon = self._call_soon
         if call_soon is not None:
-            self._notify(call_soon, self._worker_exited)
+            _notify(call_soon, self._worker_exited)
 
     def _worker_exited(self) -> None:
         self._exited += 1
@@ -271,24 +231,14 @@ class DevicePool:
                 self._skipped += 1
             closing = self._closed
         if closing:
-            self._notify(self._pool_call_soon(), self._wake_closer)
+            _notify(self._pool_call_soon(), self._wake_closer)
         if not job.skipped:  # (nobody waits for a skipped one)
-            self._notify(call_soon, job.done.set)
+            _notify(call_soon, job.done.set)
 
     def _pool_call_soon(self) -> Callable[[Callable[[], object]], None]:
         call_soon = self._call_soon
         assert call_soon is not None
         return call_soon
-
-    @staticmethod
-    def _notify(
-        call_soon: Callable[[Callable[[], object]], None], fn: Callable[[], object]
-    ) -> None:
-        try:
-            call_soon(fn)
-        except RuntimeError:
-            # The loop is gone (the pool was never closed, and its run ended): nobody is waiting.
-            pass
 
     def _check_open(self) -> None:
         if self._closed:
@@ -386,7 +336,7 @@ class DevicePool:
                     self._unfinished_abandoned += 1
                 closing = self._closed
             if closing:  # the close may now wait for this job no longer than the grace
-                self._notify(self._pool_call_soon(), self._wake_closer)
+                _notify(self._pool_call_soon(), self._wake_closer)
             raise
         error = job.error
         if error is not None:
@@ -447,7 +397,7 @@ class DevicePool:
         if device is not None and not event.done and self._call_soon is not None:
             woken = anyio.Event()
             call_soon = self._caller_call_soon()
-            if get_backend(device).notify(event, lambda: self._notify(call_soon, woken.set)):
+            if get_backend(device).notify(event, lambda: _notify(call_soon, woken.set)):
                 await woken.wait()
         interval = 1e-5
         while not event.done:
