@@ -44,6 +44,7 @@ __all__ = [
     "embedding_rows",
     "fits",
     "half_sum",
+    "mean_of_kept",
     "reduce_losses",
     "relu",
     "relu_grad",
@@ -67,14 +68,16 @@ for (long long j = 0; j < c; ++j) {
 }
 for (long long j = 0; j < c; ++j) p[base + j] = p[base + j] / s;
 const long long label = (long long)y[i];
-nll = (label >= 0 && label < c) ? log(s) - ((A)z[base + label] - m) : (A)nan("");
+nll = (ignoring && label == ignore) ? (A)0
+    : (label >= 0 && label < c) ? log(s) - ((A)z[base + label] - m) : (A)nan("");
 """
 
 _GRADIENT = r"""
 const long long r = i / c;
-const A onehot = ((long long)y[r] == i % c) ? (A)1 : (A)0;
-const A scale = per_row ? g[r] : (mean ? g[0] / n : g[0]);
-grad = (T)((p - onehot) * scale);
+const long long label = (long long)y[r];
+const A onehot = (label == i % c) ? (A)1 : (A)0;
+const A scale = per_row ? g[r] : (mean ? g[0] / (ignoring ? kept[0] : n) : g[0]);
+grad = (ignoring && label == ignore) ? (T)(A)0 : (T)((p - onehot) * scale);
 """
 
 # max(x, 0) as numpy's and cupy's maximum compute it: NaN comes through, -0 becomes +0; for
@@ -100,15 +103,18 @@ out = (id >= 0 && id < n) ? w[id * d + i % d] : (T)(A)nan("");
 @functools.cache
 def _forward() -> Any:
     return cupy.ElementwiseKernel(
-        "raw T z, raw I y, int64 c", "raw A p, A nll", _FORWARD, "asyncnn_cross_entropy_rows"
+        "raw T z, raw I y, int64 c, int64 ignore, bool ignoring",
+        "raw A p, A nll",
+        _FORWARD,
+        "asyncnn_cross_entropy_rows",
     )
 
 
 @functools.cache
 def _gradient() -> Any:
     return cupy.ElementwiseKernel(
-        "A p, raw I y, raw A g, int64 c, A n, bool per_row, bool mean", "T grad", _GRADIENT,
-        "asyncnn_cross_entropy_grad",
+        "A p, raw I y, raw A g, int64 c, A n, bool per_row, bool mean, raw A kept, int64 ignore,"
+        " bool ignoring", "T grad", _GRADIENT, "asyncnn_cross_entropy_grad",
     )  # fmt: skip
 
 
@@ -285,6 +291,65 @@ def reduce_losses(losses: Any, reduction: str) -> Any:
     return out
 
 
+# the mean of the losses of the labels other than ``ignore`` (those rows' losses are 0) and
+# how many there are, in one block: the losses added as :data:`_LOSS_SUM` adds them (the same
+# bits where nothing is ignored), the labels counted beside them
+_LOSS_MEAN_KEPT = r"""
+extern "C" __global__ void asyncnn_loss_mean_kept_{ctype}(
+    const {ctype}* x, const long long* y, {ctype}* out, {ctype}* kept, long long n,
+    long long ignore) {{
+  __shared__ {ctype} part[256];
+  __shared__ {ctype} count[256];
+  {ctype} s = 0;
+  {ctype} k = 0;
+  for (long long i = threadIdx.x; i < n; i += 256) {{
+    s += x[i];
+    k += (y[i] != ignore) ? ({ctype})1 : ({ctype})0;
+  }}
+  part[threadIdx.x] = s;
+  count[threadIdx.x] = k;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {{
+    if (threadIdx.x < w) {{
+      part[threadIdx.x] += part[threadIdx.x + w];
+      count[threadIdx.x] += count[threadIdx.x + w];
+    }}
+    __syncthreads();
+  }}
+  if (threadIdx.x == 0) {{
+    out[0] = part[0] / count[0];
+    kept[0] = count[0];
+  }}
+}}
+"""
+
+
+@functools.cache
+def _loss_mean_kept(ctype: str) -> Any:
+    return cupy.RawKernel(_LOSS_MEAN_KEPT.format(ctype=ctype), f"asyncnn_loss_mean_kept_{ctype}")
+
+
+def mean_of_kept(losses: Any, labels: Any, ignore: int) -> tuple[Any, Any]:
+    """``(mean, kept)``: the mean of a 1-D float32 or float64 array of ``losses`` over the
+    positions whose label is not ``ignore`` (their losses already 0), and how many those are,
+    both 0-d arrays of the losses' dtype, in one kernel that adds the losses as
+    :func:`reduce_losses` does (the same bits where no label is ignored). With every label
+    ignored the mean is NaN, as torch's. More than :data:`LOSS_SUM_ROWS` losses take cupy's
+    sums instead."""
+    labels = labels.reshape(-1)
+    if losses.size > LOSS_SUM_ROWS:
+        kept = (labels != ignore).sum(dtype=losses.dtype)
+        return losses.sum() / kept, kept
+    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
+    losses = cupy.ascontiguousarray(losses)
+    labels = cupy.ascontiguousarray(labels.astype(cupy.int64, copy=False))
+    out = cupy.empty((), dtype=losses.dtype)
+    kept = cupy.empty((), dtype=losses.dtype)
+    _loss_mean_kept(ctype)((1,), (256,), (losses, labels, out, kept, np.int64(losses.size),
+                                          np.int64(ignore)))  # fmt: skip
+    return out, kept
+
+
 def fits(rows: Any, labels: Any) -> bool:
     """Whether the fused kernels take these (M, C) ``rows`` and ``labels`` (M of them): a
     floating array (bfloat16 included) of at most :data:`MAX_CLASSES` columns, integer labels."""
@@ -297,29 +362,47 @@ def fits(rows: Any, labels: Any) -> bool:
     )
 
 
-def cross_entropy_rows(rows: Any, labels: Any, compute: Any) -> tuple[Any, Any]:
+def cross_entropy_rows(
+    rows: Any, labels: Any, compute: Any, ignore: int | None = None
+) -> tuple[Any, Any]:
     """``(softmax, loss per row)`` of (M, C) logits ``rows`` against (M,) integer ``labels``,
-    both in the dtype ``compute`` (the logits' own, or float32 for 16-bit ones), in one kernel."""
+    both in the dtype ``compute`` (the logits' own, or float32 for 16-bit ones), in one kernel.
+    A row whose label is ``ignore`` (where given) has a loss of 0."""
     m, c = rows.shape
     p = cupy.empty((m, c), dtype=compute)
     nll = cupy.empty((m,), dtype=compute)
     # raw arrays are read by flat index: both must be C-contiguous (a copy only for views)
     rows = cupy.ascontiguousarray(rows)
     labels = cupy.ascontiguousarray(labels.reshape(-1))
-    _forward()(rows, labels, np.int64(c), p, nll)
+    index = np.int64(0 if ignore is None else ignore)
+    _forward()(rows, labels, np.int64(c), index, ignore is not None, p, nll)
     return p, nll
 
 
-def cross_entropy_grad(softmax: Any, labels: Any, g: Any, reduction: str, dtype: Any) -> Any:
+def cross_entropy_grad(
+    softmax: Any,
+    labels: Any,
+    g: Any,
+    reduction: str,
+    dtype: Any,
+    ignore: int | None = None,
+    kept: Any = None,
+) -> Any:
     """The gradient of the loss with respect to the (M, C) logits, in ``dtype``: ``(softmax -
     onehot(labels))`` times the incoming gradient ``g`` (a 0-d array for ``"mean"`` and
-    ``"sum"``, divided by M for ``"mean"``; one value per row for ``"none"``), in one kernel."""
+    ``"sum"``, divided by M for ``"mean"``; one value per row for ``"none"``), in one kernel.
+    With ``ignore``, the rows whose label it is get a gradient of 0, and the mean divides by
+    ``kept`` instead (a 0-d array of the softmax's dtype: how many rows are not ignored, from
+    :func:`mean_of_kept`)."""
     m, c = softmax.shape
     labels = cupy.ascontiguousarray(labels.reshape(-1))
     g = cupy.ascontiguousarray(cupy.asarray(g, dtype=softmax.dtype).reshape(-1))
     grad = cupy.empty((m, c), dtype=dtype)
+    if kept is None:  # (read only for an ignoring mean)
+        kept = g
+    index = np.int64(0 if ignore is None else ignore)
     _gradient()(
         softmax, labels, g, np.int64(c), softmax.dtype.type(m), reduction == "none",
-        reduction == "mean", grad,
+        reduction == "mean", kept.reshape(-1), index, ignore is not None, grad,
     )  # fmt: skip
     return grad

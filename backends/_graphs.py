@@ -247,18 +247,23 @@ def run_in_pool(fn: Callable[[], Any], pool: Any) -> Any:
 def _poison_kernel(dtype_name: str, ctype: str) -> Any:
     # parameter types are numpy names ("float" there would mean float64); casts are C types
     return cupy.ReductionKernel(
-        "T y, int64 n", f"{dtype_name} out", "(y < 0 || y >= n) ? 1 : 0", "max(a, b)",
+        "T y, int64 n, int64 ignore, bool ignoring", f"{dtype_name} out",
+        "(!(ignoring && y == ignore) && (y < 0 || y >= n)) ? 1 : 0", "max(a, b)",
         f"out = a ? ({ctype})nan(\"\") : ({ctype})0", "0",
         f"asyncnn_label_poison_{dtype_name}",
     )  # fmt: skip
 
 
-def label_poison(labels: Any, n_classes: int, dtype: Any) -> Any:
-    """A 0-d array of ``dtype``: NaN when a label is outside ``[0, n_classes)``, else 0.
+def label_poison(labels: Any, n_classes: int, dtype: Any, ignore: int | None = None) -> Any:
+    """A 0-d array of ``dtype``: NaN when a label is outside ``[0, n_classes)`` (and is not
+    ``ignore``, where given), else 0.
 
     One kernel, no host sync: a loss adds it, so a bad label makes the loss NaN instead of
     costing a round trip to the host on every step.
     """
     name = str(np.dtype(dtype))
     ctype = {"float32": "float", "float64": "double"}[name]
-    return _poison_kernel(name, ctype)(labels.reshape(-1), np.int64(n_classes))
+    index = np.int64(0 if ignore is None else ignore)
+    return _poison_kernel(name, ctype)(
+        labels.reshape(-1), np.int64(n_classes), index, ignore is not None
+    )

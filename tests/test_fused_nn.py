@@ -180,6 +180,117 @@ def test_a_label_outside_the_classes_makes_its_loss_nan(fused: bool, monkeypatch
     assert len(poisons) == (1 if fused else 5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", [0, 3, 64], ids=["none-ignored", "some", "all"])
+@pytest.mark.parametrize("classes", [10, 1100], ids=["fused", "long-rows"])
+def test_ignore_index_on_the_gpu_equals_the_host(
+    dtype: str, reduction: str, ignored: int, classes: int, monkeypatch: Any
+) -> None:
+    # the op's ignore_index (a loss at its defaults passes -100 for GPU labels): the fused
+    # kernels and the array code on the GPU, against the op on the host; with nothing ignored,
+    # the same bits as without ignore_index; every label ignored: a NaN mean, a 0 gradient
+    import cupy
+
+    rng = np.random.default_rng(6)
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    host = (3 * rng.standard_normal((64, classes))).astype(np.float32).astype(dt)
+    y = rng.integers(0, classes, 64).astype(np.int32)  # (int32: read as such by the kernels)
+    y[rng.permutation(64)[:ignored]] = -100
+    logits, labels = cupy.asarray(host), cupy.asarray(y)
+    ct = np.linspace(0.5, 1.5, 64) if reduction == "none" else np.float64(0.75)
+
+    def value_and_grad(x: Any, lab: Any, ignore: Any) -> tuple[Any, Any]:
+        loss, pullback = ann.vjp(lambda z: ops.cross_entropy(z, lab, reduction, ignore), x)
+        seed = ct.astype(loss.dtype)
+        (grad,) = pullback(cupy.asarray(seed) if isinstance(x, cupy.ndarray) else seed)
+        return cupy.asnumpy(loss).astype(np.float64), cupy.asnumpy(grad).astype(np.float64)
+
+    want_loss, want_grad = value_and_grad(host, y, -100)
+    tol = {"float64": 1e-12, "float32": 1e-5}.get(dtype, 2e-2)
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            if not fused:
+                _unfused(m)
+            loss, grad = value_and_grad(logits, labels, -100)
+            if not ignored and fused and classes <= 1024:  # (the array code's mean may add
+                # in another order than its sum over the rows kept: close, not the same bits)
+                plain_loss, plain_grad = value_and_grad(logits, labels, None)
+                np.testing.assert_array_equal(loss, plain_loss)
+                np.testing.assert_array_equal(grad, plain_grad)
+        if ignored == 64 and reduction == "mean":
+            assert np.isnan(loss) and np.isnan(want_loss)
+        else:
+            np.testing.assert_allclose(loss, want_loss, rtol=tol, atol=tol)
+        np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol)
+        assert not grad[y == -100].any()  # an ignored row's gradient is 0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 256, 16_384, 16_385])
+def test_the_mean_of_the_kept_losses_counts_them_on_the_device(dtype: str, n: int) -> None:
+    import cupy
+
+    from asyncnn.backends import _fused_nn
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(dtype)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    y[::3] = -100
+    x[y == -100] = 0  # (the rows' losses, as the forward kernel leaves them)
+    mean, kept = _fused_nn.mean_of_kept(cupy.asarray(x), cupy.asarray(y), -100)
+    assert mean.shape == kept.shape == () and mean.dtype == kept.dtype == np.dtype(dtype)
+    assert float(kept) == np.count_nonzero(y != -100)
+    want = x.astype(np.float64).sum() / max(1, np.count_nonzero(y != -100))
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    if n > 1:
+        np.testing.assert_allclose(float(mean), want, rtol=tol, atol=tol)
+    else:  # one label, ignored: 0 / 0
+        assert np.isnan(float(mean)) and float(kept) == 0
+    if n <= _fused_nn.LOSS_SUM_ROWS:  # nothing ignored: the bits of reduce_losses' mean
+        plain = _fused_nn.mean_of_kept(cupy.asarray(x), cupy.asarray(y * 0), -100)[0]
+        assert float(plain) == float(_fused_nn.reduce_losses(cupy.asarray(x), "mean"))
+
+
+def test_a_bad_label_beside_ignored_ones_still_makes_the_loss_nan(monkeypatch: Any) -> None:
+    import cupy
+
+    logits = cupy.asarray(np.random.default_rng(7).standard_normal((4, 3)))
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            if not fused:
+                _unfused(m)
+            ignored = cupy.asarray(np.array([0, -100, 1, -100]))
+            bad = cupy.asarray(np.array([0, -100, 3, -100]))
+            for reduction in ("mean", "sum"):
+                assert np.isfinite(float(ops.cross_entropy(logits, ignored, reduction, -100)))
+                assert np.isnan(float(ops.cross_entropy(logits, bad, reduction, -100)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_loss_at_its_defaults_ignores_gpu_labels_as_host_ones(
+    reduction: str,
+) -> None:
+    # the GPU labels holding -100 go to the fused kernels, which skip them; the host labels take
+    # the composed path: the same loss and gradient
+    import cupy
+
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((12, 5))
+    labels = rng.integers(0, 5, 12)
+    labels[[1, 4, 5]] = -100
+    loss = nn.CrossEntropyLoss(reduction)
+    results = []
+    for x, y in ((logits, labels), (cupy.asarray(logits), cupy.asarray(labels))):
+        call = loss.primitive_call(x, y)
+        assert (call is None) == isinstance(y, np.ndarray)  # the host's: composed
+        value, pullback = ann.vjp(lambda z: loss({}, z, y), x)  # noqa: B023
+        (grad,) = pullback(value * 0 + 1 if reduction == "none" else 1.0)
+        results.append((cupy.asnumpy(value), cupy.asnumpy(grad)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 16_384, 16_385, 70_000])
 def test_losses_reduced_in_one_kernel_in_a_fixed_order(dtype: str, n: int) -> None:

@@ -79,6 +79,24 @@ def test_gpu_runs_equal_cpu_runs_float64(policy, devices, cuda_graphs):
     )
 
 
+@pytest.mark.parametrize("cuda_graphs", [None, False], ids=["default", "eager"])
+def test_ignored_labels_on_the_gpu_train_as_on_the_cpu(cuda_graphs):
+    # a CrossEntropyLoss at its defaults takes -100 labels on a GPU too (its fused kernels
+    # skip them), and trains as the CPU's composed path does
+    data = _data()
+    data["y"][::5] = -100
+    results = {}
+    for name, devs in (("cpu", ["cpu"] * 4), ("gpu", ["cuda:0"] * 4)):
+        tr = ann.Trainer(
+            _graph(devs), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64",
+            seed=3, cuda_graphs=None if name == "cpu" else cuda_graphs,
+        )  # fmt: skip
+        hist = tr.fit(data, epochs=2, batch_size=16)
+        results[name] = (tr.params, hist.losses)
+    assert_params_close(results["gpu"][0], results["cpu"][0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(results["gpu"][1], results["cpu"][1], rtol=1e-10)
+
+
 def test_gpu_float32_within_1e5():
     results = []
     for devs in (["cpu"] * 4, ["cuda:0"] * 4):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asyncnn import nn, vjp
+from asyncnn import nn, ops, vjp
 
 from _nn_cases import _np_leaves
 
@@ -288,6 +288,33 @@ def test_cross_entropy_options_match_torch(
         assert np.asarray(out).dtype == np.dtype(dtype) and grad.dtype == np.dtype(dtype)
         np.testing.assert_allclose(out, ref.detach().numpy(), **tol, err_msg=reduction)
         np.testing.assert_allclose(grad, tx.grad.numpy(), **tol, err_msg=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignored", [0, 2, 6], ids=["none-ignored", "some", "all"])
+def test_the_cross_entropy_op_ignores_as_torch(reduction: str, ignored: int) -> None:
+    # the op's own ignore_index (what the GPU kernels of a loss at its defaults use), value and
+    # gradient in float64, against torch; every label ignored: the mean NaN, the gradient 0
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((6, 4))
+    labels = rng.integers(0, 4, 6)
+    labels[:ignored] = -100
+    out, pullback = vjp(lambda x: ops.cross_entropy(x, labels, reduction, -100), logits)
+    ct = rng.standard_normal(np.shape(out))
+    (grad,) = pullback(ct)
+    tx = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(tx, torch.from_numpy(labels), reduction=reduction)
+    ref.backward(torch.tensor(ct))
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
+    if ignored == 6 and reduction == "mean":  # torch's gradient is NaN there; ours 0
+        assert not grad.any()
+    else:
+        np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    if not ignored:  # nothing ignored: the same bits as the op without ignore_index
+        want, pull = vjp(lambda x: ops.cross_entropy(x, labels, reduction), logits)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(grad, pull(ct)[0])
 
 
 @pytest.mark.parametrize("padding_idx", [0, 3, -1, -6])

@@ -78,6 +78,13 @@ def test_cross_entropy_errors_say_what_to_pass() -> None:
         ops.cross_entropy(logits, np.zeros((3, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="reduction must be one of"):
         ops.cross_entropy(logits, np.array([0, 1, 2]), reduction="avg")
+    # with an ignore_index, that label is taken and any other outside the classes still named
+    with pytest.raises(
+        ValueError, match=r"label 7 is outside \[0, 4\) .* not ignore_index \(-100\)"
+    ):
+        ops.cross_entropy(logits, np.array([-100, 7, 1]), ignore_index=-100)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int or None, got 1.5"):
+        ops.cross_entropy(logits, np.array([0, 1, 2]), ignore_index=1.5)  # type: ignore[arg-type]
 
 
 _I4 = np.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4) % 7  # int64 images

@@ -164,15 +164,15 @@ async def test_step_takes_labels_equal_to_the_losss_ignore_index_and_leaves_them
             await run.step(batch)
 
 
-def test_a_gpu_loss_at_its_defaults_does_not_take_ignored_labels_and_says_how() -> None:
+def test_a_cross_entropy_loss_takes_its_ignore_index_on_any_device() -> None:
     from asyncnn._runtime._checks import _label_rule
 
-    # (its fused kernel reads no labels back: -100 would make the loss NaN there)
-    fix, ignored = _label_rule(nn.CrossEntropyLoss(), "cuda:0", 3)
-    assert ignored is None and "weight=(1.0,) * 3 is the same loss" in fix
-    assert _label_rule(nn.CrossEntropyLoss(weight=(1.0, 2.0, 1.0)), "cuda:0", 3)[1] == -100
-    assert _label_rule(nn.CrossEntropyLoss(), "cpu", 3)[1] == -100
-    assert _label_rule(nn.CrossEntropyLoss(ignore_index=1), "cpu", 3)[1] is None  # a class
+    # (the fused GPU kernels of a loss at its defaults skip -100 labels too)
+    fix, ignored = _label_rule(nn.CrossEntropyLoss(), 3)
+    assert ignored == -100 and fix == "labels must be in 0..2, or -100 (the loss's ignore_index)"
+    assert _label_rule(nn.CrossEntropyLoss(weight=(1.0, 2.0, 1.0)), 3)[1] == -100
+    assert _label_rule(nn.CrossEntropyLoss(ignore_index=1), 3)[1] is None  # a class
+    assert _label_rule(nn.MSELoss(), 3) == ("labels must be in 0..2", None)
 
 
 def _regression_graph() -> ann.Graph:

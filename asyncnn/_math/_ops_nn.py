@@ -354,12 +354,21 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def cross_entropy_call(logits: Any, labels: Any, reduction: str = "mean") -> PrimitiveCall:
+def cross_entropy_call(
+    logits: Any, labels: Any, reduction: str = "mean", ignore_index: int | None = None
+) -> PrimitiveCall:
     """:func:`cross_entropy` as ``(primitive, args, params)`` after its checks (labels on a GPU
     are checked by the op's kernels instead, as :func:`cross_entropy` says); never None."""
     logits = as_array(logits, "cross_entropy")
-    labels, _ = _checked_labels(logits, labels, reduction)
-    return _P["cross_entropy"], (logits, labels), {"reduction": reduction}
+    labels, _ = _checked_labels(logits, labels, reduction, ignore_index)
+    return _P["cross_entropy"], (logits, labels), _ce_params(reduction, ignore_index)
+
+
+def _ce_params(reduction: str, ignore_index: int | None) -> dict[str, Any]:
+    # (no ignore_index, no key: the op's parameters, and so a trace's, read as they always have)
+    if ignore_index is None:
+        return {"reduction": reduction}
+    return {"reduction": reduction, "ignore_index": ignore_index}
 
 
 def mse_loss_call(pred: Any, target: Any, reduction: str = "mean") -> PrimitiveCall:
@@ -369,7 +378,9 @@ def mse_loss_call(pred: Any, target: Any, reduction: str = "mean") -> PrimitiveC
     return _P["mse_loss"], (pred, target), {"reduction": reduction}
 
 
-def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
+def cross_entropy(
+    logits: Any, labels: Any, reduction: str = "mean", ignore_index: int | None = None
+) -> Any:
     """Softmax cross-entropy of ``logits`` against integer class ``labels`` (torch semantics).
 
     Args:
@@ -377,18 +388,22 @@ def cross_entropy(logits: Any, labels: Any, reduction: str = "mean") -> Any:
         labels: integer class indices in [0, C), shape (N,) or (N, d1, ...).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-position losses). The
             mean over no positions (an empty batch) is NaN, as in torch.
+        ignore_index: a label value whose positions have a loss and a gradient of 0 and are
+            left out of the mean's count (torch's ``ignore_index``; every position ignored
+            makes the mean NaN, its gradient 0), or None (default here; torch's is -100, which
+            :class:`~asyncnn.nn.CrossEntropyLoss` passes): every label must be a class.
 
     Raises:
         TypeError: when labels are not integers, or logits not floating point.
-        ValueError: on a shape mismatch, a label outside [0, C) (numpy labels; on a GPU such
-            a label makes the loss NaN instead, as a check would stop the host every step), or
-            an unknown reduction.
+        ValueError: on a shape mismatch, a label outside [0, C) that is not ``ignore_index``
+            (numpy labels; on a GPU such a label makes the loss NaN instead, as a check would
+            stop the host every step), or an unknown reduction.
     """
     # labels on a GPU are not checked here (that would stop the host every step): the op
     # makes the loss NaN where a label is outside [0, C)
     logits = as_array(logits, "cross_entropy")
-    labels, _ = _checked_labels(logits, labels, reduction)
-    return _P["cross_entropy"](logits, labels, reduction=reduction)
+    labels, _ = _checked_labels(logits, labels, reduction, ignore_index)
+    return _P["cross_entropy"](logits, labels, **_ce_params(reduction, ignore_index))
 
 
 def label_array(who: str, logits: Any, labels: Any) -> Any:
@@ -417,20 +432,34 @@ def label_array(who: str, logits: Any, labels: Any) -> Any:
     return labels
 
 
-def _checked_labels(logits: Any, labels: Any, reduction: str) -> tuple[Any, int]:
+def _checked_labels(
+    logits: Any, labels: Any, reduction: str, ignore_index: int | None = None
+) -> tuple[Any, int]:
     """:func:`cross_entropy`'s checks: the raw labels and the number of classes."""
     _check_reduction("cross_entropy", reduction)
     _check_floating(logits, "cross_entropy", "logits")
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
+        raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
     labels = label_array("cross_entropy", logits, labels)
     xs = _shape(logits)
     n_classes = xs[1]
     if isinstance(labels, np.ndarray) and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"cross_entropy: label {bad} is outside [0, {n_classes}) for logits of shape {xs}"
-            )
+            bad_at = (labels < 0) | (labels >= n_classes)
+            if ignore_index is not None:
+                bad_at &= labels != ignore_index
+            if bad_at.any():
+                outside = labels[bad_at]
+                low = int(outside.min())
+                bad = low if low < 0 else int(outside.max())
+                raise ValueError(
+                    f"cross_entropy: label {bad} is outside [0, {n_classes}) for logits of "
+                    f"shape {xs}"
+                    + ("" if ignore_index is None else f" and is not ignore_index ({ignore_index})")
+                )
     return labels, n_classes
 
 

@@ -365,16 +365,21 @@ def _class_last(logits: Any) -> Any:
     return ns(logits).moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
 
 
-def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
+def _cross_entropy(
+    logits: Any, labels: Any, reduction: str, ignore_index: int | None = None
+) -> tuple[Any, Any]:
     xp = ns(logits)
     z = _class_last(logits)
     y = labels.reshape(-1)
     fused = fused_nn_kernels_of(z)
+    # where ignore_index is given: the rows it labels (kept False) have a loss and a gradient
+    # of 0, and the mean divides by the rows kept
+    kept = kept_count = None
     if fused is not None and fused.fits(z, y):
         # one kernel for the softmax and the row losses (and one for the gradient): an eager
         # GPU step is bound by its launches, and the array code below takes about eighteen
         compute = _acc_dtype(z.dtype)
-        p, nll = fused.cross_entropy_rows(z, y, compute)
+        p, nll = fused.cross_entropy_rows(z, y, compute, ignore_index)
         rows = None
     else:
         if is_half(z.dtype):
@@ -383,6 +388,9 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
             z = z.astype(xp.float32)
         fused = None
         rows = xp.arange(y.size)
+        if ignore_index is not None:
+            kept = y != ignore_index
+            y = xp.where(kept, y, 0)  # (an ignored row reads class 0, then counts for nothing)
         m = z.max(axis=1, keepdims=True)
         p = xp.exp(z - m)
         s = p.sum(axis=1, keepdims=True)
@@ -390,19 +398,40 @@ def _cross_entropy(logits: Any, labels: Any, reduction: str) -> tuple[Any, Any]:
         # (the label's logit less the max first, as torch: log(s) + m would round a small
         # log(s) away against a large max, a loss of log 2 coming out 0 for logits of 1e8)
         nll = xp.log(s)[:, 0] - (z[rows, y] - m[:, 0])
-    res = (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype)
+        if kept is not None:
+            nll = xp.where(kept, nll, 0).astype(nll.dtype, copy=False)
     if fused is not None and reduction != "none":
         # one kernel for the mean or sum; a label outside [0, C) has made its row's loss NaN,
         # and so the whole loss, as the poison below does for the array code
-        return fused.reduce_losses(nll, reduction), res
-    out = _reduced(nll, labels, reduction)
+        if ignore_index is not None and reduction == "mean":
+            out, kept_count = fused.mean_of_kept(nll, y, ignore_index)
+        else:
+            out = fused.reduce_losses(nll, reduction)
+        return out, _ce_residuals(p, y, rows, fused, reduction, logits, ignore_index, kept_count)
+    if kept is not None and reduction == "mean":
+        kept_count = kept.sum(dtype=nll.dtype)
+        with _quiet(xp):  # (every label ignored: 0 / 0, NaN as in torch)
+            out = nll.sum() / kept_count
+    else:
+        out = _reduced(nll, labels, reduction)
     if not isinstance(labels, np.ndarray):  # (a subclass, np.memmap, was checked on the host)
         # labels on a GPU: a range check would stop the host on every step (and cannot be
         # captured into a CUDA graph), so a label outside [0, C) makes the loss NaN instead
         from asyncnn.backends._graphs import label_poison  # imports cupy
 
-        out = out + label_poison(labels, logits.shape[1], out.dtype)
-    return out, res
+        out = out + label_poison(labels, logits.shape[1], out.dtype, ignore_index)
+    if kept is not None:
+        kept_count = kept if kept_count is None else (kept, kept_count)
+    return out, _ce_residuals(p, y, rows, fused, reduction, logits, ignore_index, kept_count)
+
+
+def _ce_residuals(
+    p: Any, y: Any, rows: Any, fused: Any, reduction: str, logits: Any, ignore: Any, kept: Any
+) -> tuple[Any, ...]:
+    """What :func:`_cross_entropy_vjp` reads. ``kept``: the fused mean's count of rows kept
+    (a 0-d array); for the array code the mask of rows kept, with the count beside it for a
+    mean; None without ``ignore_index``."""
+    return (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype, ignore, kept)
 
 
 def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
@@ -416,17 +445,24 @@ def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
 
 
 def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
-    p, y, rows, fused, reduction, shape, dtype = res
+    p, y, rows, fused, reduction, shape, dtype, ignore, kept = res
     xp = ns(g)
     if fused is not None:
-        p = fused.cross_entropy_grad(p, y, g, reduction, dtype)
+        p = fused.cross_entropy_grad(p, y, g, reduction, dtype, ignore, kept)
     else:
         # softmax - onehot, built in place in the softmax residual (a pullback runs once).
         p[rows, y] -= 1
+        count = None
+        if kept is not None:
+            mask, count = kept if isinstance(kept, tuple) else (kept, None)
+            p *= mask[:, None]  # (an ignored row: 0, whatever its label read)
         if reduction == "none":
             p *= g.reshape(-1, 1)
+        elif reduction == "mean":
+            # (every row ignored: each is 0 already, and any finite divisor keeps it so)
+            p *= g / (y.shape[0] if count is None else xp.maximum(count, 1))
         else:
-            p *= g / y.shape[0] if reduction == "mean" else g
+            p *= g
     if len(shape) > 2:
         p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
     return p.astype(dtype, copy=False), None

@@ -429,29 +429,20 @@ def range_checks(
                 f"loss {name!r} ({type(node.module).__name__} over the {classes} classes of "
                 f"{logits!r})"
             )
-            fix, ignored = _label_rule(node.module, node.device, classes)
+            fix, ignored = _label_rule(node.module, classes)
             checks.append(RangeCheck(labels, classes, "label", reader, fix, ignored))
     return checks
 
 
-def _label_rule(loss: Any, device: str, classes: int) -> tuple[str, int | None]:
+def _label_rule(loss: Any, classes: int) -> tuple[str, int | None]:
     """How a cross-entropy loss's labels are mended, and the label it ignores (its
-    ``ignore_index``) where it does: a loss on the CPU, or one with an option set, which is
-    composed of ops that leave such positions out; not the fused GPU kernel of a loss at its
-    defaults, which reads no labels back to the host and gives NaN for any label outside
-    ``[0, C)`` (see ``CrossEntropyLoss``)."""
+    ``ignore_index``) where that is outside the classes: on any device (the fused GPU kernels
+    of a loss at its defaults skip it too, see ``CrossEntropyLoss``)."""
     fix = f"labels must be in 0..{classes - 1}"
     index = getattr(loss, "ignore_index", None)
     if not isinstance(index, int) or 0 <= index < classes:
         return fix, None  # (an ignore_index among the classes is in range anyway)
-    has_options = getattr(loss, "_has_options", None)
-    if device == "cpu" or (has_options is not None and has_options()):
-        return f"{fix}, or {index} (the loss's ignore_index)", index
-    return (
-        f"{fix}; on a GPU a loss at its defaults computes in one fused kernel that does not "
-        f"ignore {index} (its ignore_index): set an option to have it ignored there (weight="
-        f"(1.0,) * {classes} is the same loss), or map such labels into range"
-    ), None
+    return f"{fix}, or {index} (the loss's ignore_index)", index
 
 
 def _lengths_check(

@@ -71,13 +71,11 @@ class CrossEntropyLoss(_Loss):
     masked sum), a little slower. Labels equal to the default ``ignore_index`` (-100) are
     ignored as in torch: numpy labels holding one take the composed path for that call (found
     only when the fused path refuses them, so other calls pay nothing). Labels on a GPU are not
-    read back (a round trip to the host every step): at the defaults they go to the fused
-    kernel, which knows no ignore_index, so a -100 label there makes the loss NaN as any label
-    outside ``[0, C)`` does; with any option set (``weight=(1.0,) * C`` is the default loss),
-    they are ignored on a GPU too. There, a label outside ``[0, C)`` that is not
-    ``ignore_index`` makes its position's loss NaN, and so the reduced loss. (``Trainer.fit``
-    checks its labels before training: on the CPU, or with an option set, it takes
-    ``ignore_index``; on a GPU at the defaults it refuses it, saying so.)
+    read back (a round trip to the host every step): at the defaults the fused kernels skip
+    -100 labels themselves (and count those kept for the mean on the device), and with any
+    option set the composed ops ignore ``ignore_index``. There, a label outside ``[0, C)``
+    that is not ``ignore_index`` makes its position's loss NaN, and so the reduced loss.
+    (``Trainer.fit`` checks its labels before training, and names such a label.)
 
     A policy that splits a minibatch into microbatches (``GPipe(M)``, ``OneFOneB(M)``) weights
     each microbatch's mean by its labels' weight (:meth:`mean_weight`) where they are on the
@@ -150,7 +148,9 @@ class CrossEntropyLoss(_Loss):
         if self._has_options():
             return self._composed(logits, labels)
         try:
-            return ops_nn.cross_entropy(logits, labels, reduction=self.reduction)
+            return ops_nn.cross_entropy(
+                logits, labels, reduction=self.reduction, ignore_index=self._kernel_ignores(labels)
+            )
         except ValueError:
             if not self._holds_ignored(labels):
                 self._labels(logits, labels)  # (names a bad label's position, where it is one)
@@ -163,7 +163,9 @@ class CrossEntropyLoss(_Loss):
         logits, labels = inputs
         logits = self._floating(logits)
         try:
-            return ops_nn.cross_entropy_call(logits, labels, self.reduction)
+            return ops_nn.cross_entropy_call(
+                logits, labels, self.reduction, self._kernel_ignores(labels)
+            )
         except ValueError:
             if not self._holds_ignored(labels):
                 self._labels(logits, labels)  # (names a bad label's position, where it is one)
@@ -197,6 +199,13 @@ class CrossEntropyLoss(_Loss):
         w = np.asarray(self.weight, dtype=np.float64)
         picked = np.where(counted, y, 0).clip(0, len(w) - 1)
         return float(np.where(counted, w[picked], 0.0).sum())
+
+    def _kernel_ignores(self, labels: Any) -> int | None:
+        """What the op ignores: nothing for host labels (the op refuses one holding the default
+        ``ignore_index``, and the call takes the composed path for it: other calls pay
+        nothing), the default ``ignore_index`` for labels elsewhere (a GPU's, not read back:
+        its kernels skip them)."""
+        return None if ops_nn.ids_on_host(raw(labels)) else _IGNORE_INDEX
 
     def _has_options(self) -> bool:
         """Whether an option is set, so that the loss is composed of ops, not the primitive."""
