@@ -213,6 +213,34 @@ def test_iterating_a_traced_array_yields_its_rows_and_refuses_0d():
         ann.grad(lambda x: sum(iter(x), x))(np.array(1.0))
 
 
+def test_iterating_a_traced_array_costs_a_backward_linear_in_its_rows(monkeypatch):
+    # each row's index gave back a gradient of the whole array, which the trace added up: the
+    # work of a loop over 40 rows was 16x that over 10, not 4x
+    from asyncnn._math._ops import PRIMITIVES
+
+    def elements(rows):
+        count = [0]
+
+        def counted(rule):
+            def rule_counted(g, res, needs):
+                grads = rule(g, res, needs)
+                count[0] += sum(int(getattr(a, "size", 0)) for a in grads if a is not None)
+                return grads
+
+            return rule_counted
+
+        with monkeypatch.context() as m:
+            for prim in PRIMITIVES.values():
+                m.setattr(prim, "vjp_rule", counted(prim.vjp_rule))
+            x = np.arange(rows * 3.0).reshape(rows, 3)
+            g = ann.grad(lambda x: ops.sum(sum(row * row for row in x)))(x)
+        np.testing.assert_array_equal(g, 2 * x)
+        return count[0]
+
+    short, long = elements(10), elements(40)
+    assert long <= 4.5 * short, (short, long)
+
+
 def test_each_gradient_is_its_own_writable_array() -> None:
     # add handed one array to both inputs (an in-place change of one changed the other), and
     # sum's gradient was a read-only broadcast view ("output array is read-only" on g *= c)

@@ -253,8 +253,9 @@ class Tracer:
     def __iter__(self) -> Iterator[Any]:
         if self.ndim == 0:  # as numpy; Python's fallback through __getitem__ would yield nothing
             raise TypeError("iteration over a 0-d traced array")
-        for i in range(len(self.value)):
-            yield _ops.getitem(self, i)
+        # one unstack, not an index per row: each index's gradient is of the whole array, and
+        # adding them up made a loop over the rows cost its length squared
+        yield from _ops.unstack(self, 0)
 
     def __repr__(self) -> str:
         return f"Tracer(shape={self.shape}, dtype={self.dtype})"
