@@ -142,6 +142,22 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
             d = np.multiply(g, -0.01)
             d += w
 
+    def team_microbatches() -> None:
+        for _ in range(8):
+            for a, b in micro:
+                matmul(a, b)
+
+    def team_update() -> None:
+        for w, g in zip(weights, grads, strict=True):
+            elementwise(sgd_update, w, g, 0.01)
+
+    with ComputeTeam(cores()) as team, using_team(team):
+        out["products of 8 microbatches, team (ms)"] = 1e3 * _common.seconds_per_call(
+            team_microbatches, reps
+        )
+        out["SGD update of every weight, team (ms)"] = 1e3 * _common.seconds_per_call(
+            team_update, reps
+        )
     with threadpool_limits(1):
         out["products, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(products, reps)
         out["products of 8 microbatches, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(
@@ -150,6 +166,7 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
         out["SGD update of every weight, 1 thread (ms)"] = 1e3 * _common.seconds_per_call(
             update, reps
         )
+    out.update(pipedream_estimates(out))
     try:
         import torch
     except ImportError:
@@ -160,3 +177,46 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
         lambda: [torch.mm(a, b) for a, b in tprods], reps
     )
     return out
+
+
+def pipedream_estimates(parts: dict[str, float]) -> dict[str, float]:
+    """The least time ``PipeDream(8)``'s own work can take a minibatch, from the parts of
+    :func:`breakdown` (ms; estimates, not runs): it takes the step's products in 8
+    microbatches and updates every weight 8 times, where ``Sync`` takes them whole and updates
+    once; both make the same other elementwise passes.
+
+    - "each op alone on every core": each part at the team's rate, one after the other, as a
+      schedule of one op at a time runs them;
+    - "one-thread ops, perfectly overlapped": the parts' one-thread times added and spread
+      over every core with no loss: the least for any schedule whose ops each run on one
+      thread (updates side by side share the memory's bandwidth: more in practice).
+
+    :func:`pipedream_bound` sets them against a measured ``Sync`` step.
+    """
+    n = cores()
+    update_team = parts["SGD update of every weight, team (ms)"]
+    other_team = max(0.0, parts["elementwise, team (ms)"] - update_team)
+    update_1 = parts["SGD update of every weight, 1 thread (ms)"]
+    other_1 = max(0.0, parts["elementwise, numpy (ms)"] - update_1)
+    return {
+        "PipeDream(8)'s work, each op alone on every core (ms)": (
+            parts["products of 8 microbatches, team (ms)"] + other_team + 8 * update_team
+        ),
+        "PipeDream(8)'s work, one-thread ops perfectly overlapped (ms)": (
+            parts["products of 8 microbatches, 1 thread (ms)"] + other_1 + 8 * update_1
+        )
+        / n,
+    }
+
+
+def pipedream_bound(parts: dict[str, float], sync_ms: float) -> dict[str, float]:
+    """``PipeDream(8)``'s samples/s against a ``Sync`` step of ``sync_ms`` (x) at each estimate
+    of :func:`pipedream_estimates`: its ops one at a time, each on every core (what a schedule
+    without overlap reaches), and the most that one-thread ops perfectly overlapped allow."""
+    est = list(pipedream_estimates(parts).values())
+    return {
+        "PipeDream(8) / Sync 1 stage, its ops one at a time on every core (x)": sync_ms / est[0],
+        "PipeDream(8) / Sync 1 stage at most, one-thread ops perfectly overlapped (x)": (
+            sync_ms / est[1]
+        ),
+    }

@@ -76,7 +76,7 @@ if __name__ == "__main__" and (_pin := cores_to_pin(sys.argv[1:])) is not None:
 import anyio  # noqa: E402
 import numpy as np  # noqa: E402
 from _mlp_references import by_hand, cores, data, torch_eager, value_and_grad_loop  # noqa: E402
-from _step_parts import bit_identity, blas_info, blas_kernels, breakdown  # noqa: E402
+from _step_parts import bit_identity, blas_info, blas_kernels, breakdown, pipedream_bound  # noqa: E402
 from _tiny_chain import count_tiny, profile_tiny, show_tiny, stage_costs, tiny_table  # noqa: E402
 
 import asyncnn as ann  # noqa: E402
@@ -418,8 +418,17 @@ def main() -> None:
         result = table(sizes, batch, steps, repeats)
         result["bit_identical"] = ident
         result["breakdown"] = parts
+        sps = result["samples_per_second"]
+        sync_ms = 1e3 * batch / max(sps["Sync, 1 stage, runtime's pool today"],
+                                    sps["Sync, 1 stage, shared pool"])  # fmt: skip
+        result["PipeDream(8) bound"] = pipedream_bound(parts, sync_ms)
         report[title] = result
         show(f"{title} ({cores()} cores, median of {repeats}):", result)
+        print(
+            f"   what PipeDream(8)'s own work allows, against the faster Sync 1 stage ({sync_ms:.1f} ms a step):"
+        )
+        for k, v in result["PipeDream(8) bound"].items():
+            print(f"   {k:<78} {v:5.2f}")
     if args.two_core and not args.only_two_core:
         out2 = os.path.splitext(args.out)[0] + "_2core.json"
         cmd = [sys.executable, __file__, "--only-two-core", "--cores", "2", "--out", out2]
