@@ -29,7 +29,8 @@ from ._math._pytree import tree_copy
 from ._runtime._graph import Graph
 from ._runtime._loss_actor import sums_over_rows
 from ._runtime._open_run import open_run
-from ._runtime._run import NamedOnLoss, Run, RunState
+from ._runtime._run import Run, RunState
+from ._runtime._run_actors import NamedOnLoss
 from ._runtime._run_guards import checked_split
 
 if TYPE_CHECKING:

@@ -630,16 +630,16 @@ class PassesOn(ann.LayerActor):
 def test_check_finite_checks_each_value_once(monkeypatch, actor):
     # (a check waits for the device: a custom hook's result is checked where it is sent, and
     # the default hook it called then checks nothing, as a plain layer's checks once)
-    from asyncnn._runtime._run import Run
+    from asyncnn._runtime._run_actors import RunActors
 
     seen: list[tuple[str, str]] = []
-    check = Run.check_finite
+    check = RunActors.check_finite
 
     def counted(self: Any, name: str, kind: str, key: int, value: Any) -> None:
         seen.append((name, kind))
         check(self, name, kind, key, value)
 
-    monkeypatch.setattr(Run, "check_finite", counted)
+    monkeypatch.setattr(RunActors, "check_finite", counted)
     tr = ann.Trainer(
         _actor_on_b(actor or ann.LayerActor), optimizer=optim.SGD(lr=0.1),
         policy=policies.GPipe(2), dtype="float64", check_finite=True,

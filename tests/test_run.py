@@ -242,7 +242,7 @@ async def test_statistics_are_snapshots_that_later_work_leaves_alone():
 async def test_a_minibatchs_loss_is_the_same_whatever_order_its_shares_arrive_in():
     # two losses, or a pipeline's keys, report in an order that varies from run to run: an
     # ordinary running sum varied in its last bits with it
-    from asyncnn._runtime._run import _Pending
+    from asyncnn._runtime._run_actors import _Pending
 
     shares = [1e16, 1.0, -1e16, 1.0]
     got = []

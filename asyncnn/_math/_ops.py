@@ -7,7 +7,6 @@ how to differentiate itself.
 
 from __future__ import annotations
 
-import builtins
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +17,14 @@ from asyncnn.backends import array_namespace, is_floating
 
 from ._autodiff import Primitive, Tracer, _is_tracer
 from ._autodiff_args import _hides
+from ._ops_checks import (
+    check_broadcast,
+    check_concatenated,
+    check_matmul_batch,
+    check_stacked,
+    index_guard,
+    is_integer,
+)
 from ._rules_array import RULES as _ARRAY_RULES
 from ._rules_array import _is_basic_index, check_axis, normalize_axis
 from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
@@ -132,15 +139,7 @@ def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
     try:
         return _P[name](*args, **params)
     except ValueError:
-        shapes = [_shape(a) for a in args]
-        try:
-            np.broadcast_shapes(*shapes)
-        except ValueError:
-            raise ValueError(
-                f"{name}: shapes {' and '.join(map(str, shapes))} do not broadcast (aligned from "
-                "the right, each pair of dimensions must be equal or one of them 1); reshape "
-                "one of them, e.g. ops.expand_dims(b, -1) or ops.reshape(b, ...)"
-            ) from None
+        check_broadcast(name, [_shape(a) for a in args])
         raise
 
 
@@ -430,9 +429,9 @@ def getitem(x: Any, index: Any) -> Any:
         try:
             return _P["getitem"](x, idx=index)
         except IndexError:
-            _index_guard(raw(x), index)
+            index_guard(raw(x), index)
             raise
-    guard = _index_guard(raw(x), index)
+    guard = index_guard(raw(x), index)
     if guard:
         return _P["getitem"](x, idx=index if isinstance(index, tuple) else (index,), guard=guard)
     return _P["getitem"](x, idx=index)
@@ -457,13 +456,13 @@ def take(x: Any, indices: Any, axis: int = 0) -> Any:
         if indices.size == 0:
             indices = indices.astype(np.intp)  # (numpy makes [] float64)
     dtype = getattr(indices, "dtype", None)
-    if (dtype.kind not in "iu") if dtype is not None else not _is_integer(indices):
+    if (dtype.kind not in "iu") if dtype is not None else not is_integer(indices):
         raise TypeError(
             f"take: indices must be integers, got "
             f"{'dtype ' + str(dtype) if dtype is not None else type(indices).__name__}; "
             "convert them first, e.g. indices.astype(np.int64)"
         )
-    guard = bool(_index_guard(raw(x), (slice(None),) * axis + (indices,), "take"))
+    guard = bool(index_guard(raw(x), (slice(None),) * axis + (indices,), "take"))
     return _P["take"](x, indices, axis=axis, guard=guard)
 
 
@@ -479,70 +478,6 @@ def getitem_trusted(x: Any, index: tuple[Any, ...]) -> Any:
     return _P["getitem"](x, idx=tuple(raw(i) for i in index))
 
 
-def _index_guard(x: Any, index: Any, op: str = "getitem") -> tuple[tuple[int, int], ...]:
-    """Checks the integer parts of ``index`` into ``x`` that can be checked without a round trip
-    to the GPU, and returns the (place in the index, axis) of the GPU integer arrays to guard
-    instead (empty when none: an index of another kind is left to the array library).
-
-    Raises:
-        IndexError: an index outside ``[-n, n)`` for its axis of length ``n``.
-    """
-    items = index if isinstance(index, tuple) else (index,)
-    # (a list as an array, once: the index itself keeps its list)
-    items = tuple(np.asarray(i) if isinstance(i, list) else i for i in items)
-    if all(i is None or i is Ellipsis or isinstance(i, slice) for i in items):
-        return ()  # (slices: nothing to check, and the common case)
-    from . import _ops_nn  # (it imports this module; looked up per call, as tests patch it)
-
-    shape = _shape(x)
-    widths = [_index_width(i) for i in items]
-    used = builtins.sum(widths)  # (this module's sum is the op)
-    if used > len(shape) or [i is Ellipsis for i in items].count(True) > 1:
-        return ()  # the array library says what is wrong
-    floating = is_floating(getattr(x, "dtype", None))
-    guard = []
-    axis = 0
-    for place, (item, width) in enumerate(zip(items, widths, strict=True)):
-        if item is Ellipsis:
-            axis += len(shape) - used
-            continue
-        if width == 1 and _is_integer(item):
-            n = shape[axis]
-            if isinstance(item, int):
-                bounds: tuple[int, ...] = (item,)
-            elif not _ops_nn.ids_on_host(item) and floating:
-                guard.append((place, axis))
-                bounds = ()
-            else:  # host indices, or GPU ones into a non-float x (read in one copy)
-                bounds = _ops_nn.id_range(item) if item.size else ()
-            for v in bounds:
-                if not -n <= v < n:
-                    raise IndexError(
-                        f"{op}: index {v} is out of bounds for axis {axis} with size {n} (x of "
-                        f"shape {shape}); valid indices are {-n} to {n - 1} (negative ones count "
-                        "from the end)"
-                    )
-        axis += width
-    return tuple(guard)
-
-
-def _index_width(item: Any) -> int:
-    """How many axes of the indexed array ``item`` of an index uses."""
-    if item is None or item is Ellipsis or isinstance(item, bool):
-        return 0
-    kind = getattr(getattr(item, "dtype", None), "kind", None)
-    return item.ndim if kind == "b" else 1
-
-
-def _is_integer(item: Any) -> bool:
-    """Whether ``item`` of an index is an integer or an array (or list) of integers."""
-    if isinstance(item, bool):
-        return False
-    if isinstance(item, int):
-        return True
-    return getattr(getattr(item, "dtype", None), "kind", None) in ("i", "u")
-
-
 def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     """Joins arrays along an existing axis."""
     if not arrays:
@@ -552,15 +487,8 @@ def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     try:
         return _P["concatenate"](*arrays, axis=axis)
     except ValueError:
-        shapes = [_shape(a) for a in arrays]
-        rest = {(len(s), s[:axis] + s[axis + 1 :]) for s in shapes}
-        if len(rest) == 1:
-            raise  # not the shapes: say what numpy (or the trace) said
-        raise ValueError(
-            f"concatenate: shapes {', '.join(map(str, shapes))} differ outside axis {axis}: "
-            "the arrays must have the same number of dimensions and the same lengths on every "
-            "axis but the one they are joined along"
-        ) from None
+        check_concatenated([_shape(a) for a in arrays], axis)
+        raise  # not the shapes: say what numpy (or the trace) said
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
@@ -572,13 +500,8 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     try:
         return _P["stack"](*arrays, axis=axis)
     except ValueError:
-        shapes = [_shape(a) for a in arrays]
-        if len(set(shapes)) == 1:
-            raise  # not the shapes: say what numpy (or the trace) said
-        raise ValueError(
-            f"stack: shapes {', '.join(map(str, shapes))} differ: stacked arrays must all have "
-            "one shape (ops.concatenate joins arrays along an existing axis)"
-        ) from None
+        check_stacked([_shape(a) for a in arrays])
+        raise  # not the shapes: say what numpy (or the trace) said
 
 
 def unstack(x: Any, axis: int = 0) -> list[Any]:
@@ -609,13 +532,7 @@ def matmul(a: Any, b: Any) -> Any:
     try:
         return _P["matmul"](a, b)
     except ValueError:
-        try:
-            np.broadcast_shapes(sa[:-2], sb[:-2])
-        except ValueError:
-            raise ValueError(
-                f"matmul: shapes {sa} and {sb} do not line up: their batch dimensions "
-                f"{sa[:-2]} and {sb[:-2]} do not broadcast"
-            ) from None
+        check_matmul_batch(sa, sb)
         raise
 
 

@@ -19,7 +19,7 @@ computes only when the device's order has reached its operation.
 Which operation runs when, and in which task, is decided by the base class ``Serving``
 (``_serving.py``): the mailbox, the policy's order and the hand-over to a sender's task. This
 file holds what each operation computes; the checks of what a custom actor's hooks return are
-``_hook_checks.py``'s.
+``_hook_checks.py``'s, and what the actor works out once at its set-up ``_layer_setup.py``'s.
 """
 
 from __future__ import annotations
@@ -33,13 +33,19 @@ import numpy as np
 from asyncnn._errors import ActorError
 from asyncnn._math._autodiff import vjp
 from asyncnn._math._autodiff_split import vjp_split
-from asyncnn._math._nn import Sequential
 from asyncnn._math._nn._linear import first_embedding
 from asyncnn._math._pytree import tree_leaves
 
 from ._capture import ActorGraphs
 from ._graph_checks import check_layer_rows
 from ._hook_checks import HookChecks, _checked_shapes, _custom_hook
+from ._layer_setup import (
+    check_device_mates,
+    check_split_overrides,
+    draw_places,
+    flops_per_sample,
+    is_stochastic,
+)
 from ._messages import BACKWARD, FORWARD, Message
 from ._policies import StageOrder
 from ._serving import Serving
@@ -82,9 +88,9 @@ class LayerActor(Serving, HookChecks):
         self.weight_due: dict[int, dict[str, Any]] = {}  # key -> meta, input half done
         try:
             if self.turns is not None:
-                self._check_device_mates(ctx)
+                check_device_mates(self.name, self.turns, ctx)
             if self.splits_backward:
-                self._check_split_overrides(ctx)
+                check_split_overrides(type(self), self.name, ctx, LayerActor)
         except BaseException:
             self.send_channel.close()  # the run never sees this actor: close its inbox here
             self.inbox.close()
@@ -117,9 +123,9 @@ class LayerActor(Serving, HookChecks):
         )
         self.input_sigs: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
         self.checked_shapes = _checked_shapes(ctx.graph, node)
-        self.stochastic = _is_stochastic(self.module)
-        self.draw_places = _draw_places(node) if self.stochastic else None
-        self.flops_per_sample = _flops_per_sample(self.module, ctx.graph, node)
+        self.stochastic = is_stochastic(self.module)
+        self.draw_places = draw_places(node) if self.stochastic else None
+        self.flops_per_sample = flops_per_sample(self.module, ctx.graph, node)
         # CUDA graphs of the forward, backward and update (when active, see _capture)
         self.graphs: ActorGraphs | None = None
         if not self.on_cpu and not self.stochastic and ctx.cuda_graphs:
@@ -160,37 +166,6 @@ class LayerActor(Serving, HookChecks):
             and not self.splits_backward
             and (self.on_cpu or not ctx.checks_finite)
         )
-
-    def _check_device_mates(self, ctx: ActorContext) -> None:
-        """The stages that take turns on one device must be placed together (one worker, one
-        device): turns are passed within a process."""
-        mates = [n for n, o in ctx.orders.items() if o.device_turns() is self.turns]
-        for attr in ("worker", "device"):
-            places = {n: getattr(ctx.graph.nodes[n], attr) for n in mates}
-            if len(set(places.values())) > 1:
-                raise ValueError(
-                    f"layer {self.name!r}: the policy {ctx.policy.name} runs layers {mates} on "
-                    f"one device, taking turns, but they are placed on different {attr}s "
-                    f"{places}; place them on one {attr} (see docs/policies.md)"
-                )
-
-    def _check_split_overrides(self, ctx: ActorContext) -> None:
-        # The base halves read a layer's stored pullback: a class that keeps its own state in
-        # on_backward must give the halves that read it (a half alone may wrap the base's).
-        cls = type(self)
-        mine = [
-            name
-            for name in ("on_backward", "on_backward_input", "on_backward_weight")
-            if getattr(cls, name) is not getattr(LayerActor, name)
-        ]
-        if "on_backward" in mine and len(mine) < 3:
-            missing = [h for h in ("on_backward_input", "on_backward_weight") if h not in mine]
-            raise TypeError(
-                f"layer {self.name!r}: the policy {ctx.policy.name} splits each backward into "
-                f"an input and a weight half, but {cls.__name__} overrides {' and '.join(mine)} "
-                f"only; override {' and '.join(missing)} too (each may wrap the base's), or use "
-                "another policy"
-            )
 
     # -- set-up and extra state -----------------------------------------------------------------
     def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -571,32 +546,3 @@ def _first_input(halves: tuple[tuple[Any, ...], Any]) -> tuple[list[Any], Any]:
     """A split pullback's halves over one list of inputs: the list's gradients, the weight half."""
     (input_grads,), weight_pullback = halves
     return list(input_grads), weight_pullback
-
-
-def _flops_per_sample(module: Any, graph: Any, node: Node) -> float:
-    shapes = [graph.shapes.get(src) for src in node.inputs] if graph.shapes else []
-    flops = getattr(module, "flops", None)
-    if not shapes or any(s is None for s in shapes) or not callable(flops):
-        return 0.0
-    try:
-        return float(flops(*shapes))
-    except Exception:  # noqa: BLE001 - an estimate only: fall back to the parameter count
-        return 0.0
-
-
-def _draw_places(node: Node) -> list[int | None] | None:
-    """For a stage of ``Graph.sequential``: each module's place in the whole chain (None where
-    it draws nothing), so its masks do not depend on where the chain is cut; else None."""
-    module, offset = node.module, node.init_offset
-    if offset is None or not isinstance(module, Sequential):
-        return None
-    return [offset + i if _is_stochastic(m) else None for i, m in enumerate(module)]
-
-
-def _is_stochastic(module: Any) -> bool:
-    # a module says whether it draws random numbers; one that cannot (not an nn.Module
-    # dataclass) gets an rng, to be safe
-    try:
-        return bool(module.stochastic)
-    except Exception:  # noqa: BLE001
-        return True

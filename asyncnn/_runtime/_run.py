@@ -1,23 +1,20 @@
 """A run: the actors of a graph and the scheduler that feeds them keys (``_open_run.py`` holds
 the async face :func:`open_run`, which makes one; ``_run_guards.py`` the checks, the turn among
-steps and the watchdog that guard the scheduler)."""
+steps and the watchdog that guard the scheduler; ``_run_actors.py`` the making of the local
+actors and what they report back)."""
 
 from __future__ import annotations
 
 import collections
 import copy
-import inspect
-import math
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import anyio
 import numpy as np
 
-from asyncnn._errors import ActorError
 from asyncnn._math._data import _plain_ndarray
 from asyncnn._math._pytree import tree_map
 from asyncnn.backends import (
@@ -28,57 +25,27 @@ from asyncnn.backends import (
     to_numpy,
 )
 
-from ._actor_table import actor_class
-from ._checks import first_not_finite, range_checks
+from ._checks import range_checks
 from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
 from ._graph import Graph
 from ._lifecycle import close_channels, pool_spec
-from ._loss_actor import LossActor
 from ._loss_weights import label_weights, labels_weighed
 from ._messages import END, FORWARD, Message
 from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
+from ._run_actors import RunActors, _Pending
 from ._run_guards import RunGuards, checked_max_in_flight, checked_split
-from ._setup import _set_up
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
 from ._state import init_state as init_state  # a cluster driver and tests import it here
 from ._statistics import ActorStatistics
 
-__all__ = ["NamedOnLoss", "Run", "RunState"]
-
-#: how the error of a run's ``on_loss`` that raised names the function, unless it names itself
-_GIVEN_ON_LOSS = "the on_loss function given to open_run"
+__all__ = ["Run", "RunState"]
 
 
-@dataclass(frozen=True)
-class NamedOnLoss:
-    """A run's ``on_loss`` with the words that name it in the error it may raise: ``Trainer.fit``
-    passes its own so (an error there is not in a function its caller gave ``open_run``).
-
-    Attributes:
-        fn: called as ``fn(minibatch, loss, rows)``.
-        name: the function as the error names it (where it raised).
-    """
-
-    fn: Callable[[int, float, int], None]
-    name: str
-
-    def __call__(self, minibatch: int, loss: float, rows: int) -> None:
-        self.fn(minibatch, loss, rows)
-
-
-@dataclass
-class _Pending:
-    """A minibatch whose loss is still being assembled from its keys."""
-
-    keys: int  # the shares expected: one per key and loss node
-    values: list[float] = field(default_factory=list)  # the shares reported so far
-
-
-class Run(RunGuards):
+class Run(RunGuards, RunActors):
     """The actors of one graph, running. Obtain one with :func:`open_run`."""
 
     def __init__(
@@ -222,102 +189,6 @@ class Run(RunGuards):
         self._monitor: BlockedLoopMonitor | None = None  # watches the loop (_watch_loop)
         self.started = time.perf_counter()
         self.samples = 0
-
-    def _start_actors(self, graph: Graph, state: RunState, hosted: Collection[str] | None) -> None:
-        """Makes the local actors (each set up with its node's arguments and own state)."""
-        for i, name in enumerate(self.layers):
-            if hosted is not None and name not in hosted:
-                continue
-            node = graph.nodes[name]
-            cls = actor_class(node)
-            actor = cls(
-                self.context,
-                node,
-                i,
-                self.num_stages,
-                state.params[name],
-                state.opt_states[name],
-                state.versions[name],
-            )
-            actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
-            if actor.acc_count:  # (the carried gradients' delays, for the update applying them)
-                actor.pending_delays[:] = state.pending_delays.get(name, ())
-            actor.load_earlier(state.earlier_params.get(name))
-            self.local[name] = actor  # before its set-up, so a failure closes its inbox too
-            _set_up(actor, node, state.actor_states.get(name))
-        for name in graph.losses:
-            if hosted is None or name in hosted:
-                self.local[name] = LossActor(self.context, graph.nodes[name])
-
-    # -- called by actors ------------------------------------------------------------------------
-    def touch(self) -> None:
-        self.last_event = time.perf_counter()
-
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            changed.set()
-
-    def backward_done(self, actor: str, key: int) -> None:
-        n = self._done_count.get(key)
-        if n is None:
-            return  # a key this run never admitted (an actor replayed alone): none in flight
-        n += 1
-        if n == self.num_stages:
-            del self._done_count[key]
-            self.in_flight -= 1
-            self._notify()
-        else:
-            self._done_count[key] = n
-
-    def loss_reported(self, key: int, value: float, meta: Mapping[str, Any]) -> None:
-        mb = int(meta["minibatch"])
-        pending = self._pending.get(mb)
-        if pending is None:
-            return  # a minibatch this run never admitted (a loss actor replayed alone)
-        pending.values.append(value)  # the key's share of its minibatch's loss (sums_over_rows)
-        if len(pending.values) == pending.keys:
-            del self._pending[mb]
-            # summed exactly: the shares arrive in an order that varies from run to run (two
-            # losses, a pipeline), and an ordinary sum would vary in its last bits with it
-            total = math.fsum(pending.values)
-            self.losses[mb] = total
-            if self._on_loss is not None:
-                rows = int(meta["mb_rows"])
-                try:
-                    returned = self._on_loss(mb, total, rows)
-                    if inspect.isawaitable(returned):
-                        # (a coroutine made and never run: the callback's body never ran)
-                        close = getattr(returned, "close", None)
-                        if close is not None:
-                            close()
-                        raise TypeError(
-                            "it returned an awaitable (an async def?), which the run does not "
-                            "await: on_loss must be a plain function, called as each loss "
-                            "arrives; keep async work out of it (a trio or anyio memory channel's "
-                            "send_nowait, read by a task of your own)"
-                        )
-                except Exception as exc:
-                    # the caller's function failed, not the loss actor that reported the loss
-                    # (as an ActorError, which the actors pass on unwrapped, not as their own)
-                    named = self._on_loss
-                    what = named.name if isinstance(named, NamedOnLoss) else _GIVEN_ON_LOSS
-                    raise ActorError(
-                        "on_loss", "callback", key,
-                        f"{what} raised {type(exc).__name__}: {exc} (called as on_loss({mb}, "
-                        f"{total!r}, {rows})); the loss was computed: the error is in that "
-                        "function, not in an actor",
-                    ) from exc  # fmt: skip
-            self._notify()  # drain waits for the losses too
-
-    def check_finite(self, actor: str, kind: str, key: int, value: Any) -> None:
-        if self.checks_finite and first_not_finite(value) is not None:
-            raise ActorError(
-                actor, kind, key,
-                f"actor {actor!r} produced NaN or Inf in its {kind} of key {key} (the first "
-                "actor to do so in this run; check_finite=True found it)",
-            )  # fmt: skip
 
     # -- the scheduler ---------------------------------------------------------------------------
     async def _wait_until(self, condition: Any) -> None:
