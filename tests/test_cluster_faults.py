@@ -431,3 +431,69 @@ def test_a_workers_trace_over_the_message_limit_is_dropped_not_the_runs_outcome(
     assert s["missing_workers"] == [0]
     (missing,) = [e for e in ann.trace.read(path).events if e.what == "missing"]
     assert "over max_message_bytes (1,048,576 bytes)" in missing.meta["error"]
+
+
+# -- the end of a run, and a failure behind a blocked send -----------------------------------------
+class _NeverStops(ann.LayerActor):
+    """A layer's actor that does not return once it is told to stop (as one whose handler
+    awaits something that never comes)."""
+
+    async def serve(self) -> None:
+        await super().serve()
+        await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_an_actor_that_never_stops_on_a_single_worker_fails_the_run_naming_it(
+    anyio_backend: str,
+) -> None:
+    # the run had drained (the stall watchdog no longer looks), no other worker waited for
+    # this one's end-of-run marker, and its heartbeat went on: the driver waited for its result
+    # for ever
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 16), x)
+    h = g.layer("stuck", nn.Linear(16, 4), h, worker=0, actor=_NeverStops)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    with ann.cluster.LocalCluster(workers=1, heartbeat_timeout=1.0) as cluster:
+        with anyio.fail_after(20), pytest.raises(ann.WorkerError) as info:
+            async with ann.open_run(g, cluster=cluster, **opts) as run:
+                await run.step(data(32))
+    err, said = info.value, str(info.value)
+    assert err.worker == 0 and "'stuck'" in said and "did not stop" in said, said
+    assert "heartbeat_timeout" in said
+
+
+def _through_the_driver(at: int) -> ann.Graph:
+    """``a`` on worker 0, then ``b`` on the driver (an identity that takes its time, taken in
+    the task that reads worker 0), then ``c`` on worker 0 (failing on its ``at``-th call)."""
+    from _cluster_cases import _Slow
+
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("a", nn.Linear(12, 1024), x, worker=0)
+    h = g.layer("b", nn.Sequential(_Slow(), nn.Tanh()), h)
+    h = g.layer("c", nn.Sequential(_FailsLate(at), nn.Linear(1024, 4)), h, worker=0)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_on_a_worker_that_the_driver_is_blocked_sending_to_is_the_runs_error() -> None:
+    # c fails; b, on the driver, runs in the task that reads worker 0 and was blocked sending
+    # to c (the link full: the failed worker read nothing more), so the report behind never
+    # got read: the run said "worker 0 died" (or, its report stuck too, StallError after
+    # stall_timeout) instead of c's error
+    _LATE_CALLS[0] = 0  # (the driver's own count: its validation calls the layer too)
+    with ann.cluster.LocalCluster(workers=1, heartbeat_timeout=30.0, shm=False) as cluster:
+        tr = ann.Trainer(_through_the_driver(at=3), optimizer=optim.SGD(lr=0.1),
+                         policy=policies.GPipe(microbatches=64), cluster=cluster,
+                         stall_timeout=5.0)  # fmt: skip
+        with pytest.raises(ann.ActorError) as info:
+            tr.fit(data(960), epochs=1, batch_size=960)
+    assert info.value.actor == "c", str(info.value)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)

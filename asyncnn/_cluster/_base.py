@@ -429,9 +429,12 @@ class Cluster:
                 _send_shutdown(conn)
             except OSError:
                 pass
-        self._terminate()
+        # closed before the workers are waited for: a worker whose run failed reads (and drops)
+        # what the driver sends until the driver hangs up (Worker._after_failure), and would
+        # otherwise be waited for in vain, then killed
         for conn in self.connections.values():
             conn.close()
+        self._terminate()  # (reads which workers were connected: cleared after it)
         self.connections.clear()
         self.started = False
         atexit.unregister(self._stop)

@@ -170,7 +170,7 @@ class ShmConnection(ShmReading):
         sizes = [v.nbytes for v in views]
         total = sum(sizes)
         self._check_size(header, total)
-        if total <= INLINE_BYTES and not self._lock.locked():
+        if total <= INLINE_BYTES and not self._lock.locked() and not self._rest:
             packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
             length = _align(_PREFIX.size + len(packed) + total)
             if length <= self.out.ring_bytes // 2 and self._room(length):
@@ -279,6 +279,8 @@ class ShmConnection(ShmReading):
     async def _send_slow(
         self, header: dict[str, Any], views: list[memoryview], sizes: list[int], total: int
     ) -> None:
+        if self._rest:  # the rest of a frame over the socket, cut short: it goes first
+            await self._send_parts(self._rest)
         packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
         if total <= INLINE_BYTES:
             length = _align(_PREFIX.size + len(packed) + total)

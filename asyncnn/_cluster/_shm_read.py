@@ -107,6 +107,22 @@ class ShmReading(Connection):
                 continue
             await self._wait()
 
+    async def discard(self) -> None:
+        """Reads and drops the peer's records until it closes the connection (see
+        :meth:`Connection.discard`): reading them frees the ring and the slabs the peer waits
+        for. A record is read whole or not at all, so a read cut short leaves none half read
+        (but for the rare frame over the socket: the stream then stops making sense, and this
+        returns).
+
+        Raises:
+            EOFError, ConnectionError: the peer closed the connection, or it broke.
+        """
+        while True:
+            try:
+                await self.receive()
+            except ProtocolError:
+                return
+
     def _bad(self, what: str) -> ProtocolError:
         self._broken = f"{self.peer} broke the shared-memory protocol: {what}"
         self._refuse_reading()

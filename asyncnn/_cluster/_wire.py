@@ -107,6 +107,9 @@ class Connection:
         self._rbuf = bytearray(_READ_AHEAD)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
+        #: what a send cancelled in the middle of its frame left unsent: the next frame follows
+        #: it (see :meth:`_send_frame`)
+        self._rest: list[memoryview] = []
 
     def adopt(self, other: Connection) -> None:
         """Takes over what ``other`` (a connection on the same socket, done with) read ahead."""
@@ -252,15 +255,64 @@ class Connection:
             )
 
     async def _send_frame(self, header: dict[str, Any], views: list[memoryview]) -> None:
-        """Writes one frame on the socket (the caller holds the lock)."""
+        """Writes one frame on the socket (the caller holds the lock).
+
+        A send cancelled in the middle of its frame (a failed run cancels its actors, which may
+        be sending a large tensor) leaves the rest of that frame to go first, before the next
+        one: cut short, the frame took the next one's bytes as its own (the error report that
+        follows a worker's failure was read as tensor bytes, and the run said "worker 0
+        died"). A send cancelled before any of its frame went out leaves nothing behind."""
+        if self._rest:
+            await self._send_parts(self._rest)
         head = frame_head(header, [v.nbytes for v in views])
         if sum(v.nbytes for v in views) <= _READ_AHEAD:
             # a small frame goes out in one system call
-            await self._send_all(b"".join([head, *views]))
+            parts = [_byte_view(b"".join([head, *views]))]
         else:
-            await self._send_all(head)
-            for v in views:
-                await self._send_all(v)
+            parts = [_byte_view(head), *views]
+        before = self.bytes_sent
+        try:
+            await self._send_parts(parts)
+        except BaseException:
+            if self.bytes_sent == before:
+                self._rest = []  # (none of it went out: the stream is whole)
+            raise
+
+    def cut(self) -> bool:
+        """Whether a frame was cut short by a cancelled send and its rest is still to go."""
+        return bool(self._rest)
+
+    async def _send_parts(self, parts: list[memoryview]) -> None:
+        """Sends ``parts`` one after another, keeping what is left of them in :attr:`_rest`
+        should the send be cancelled."""
+        self._rest = parts
+        while parts:
+            view = parts[0]
+            while view:
+                try:
+                    n = self.sock.send(view[:_CHUNK])
+                except BlockingIOError:
+                    await anyio.wait_writable(self.sock)
+                    continue
+                except OSError as exc:
+                    raise ConnectionError(f"sending to {self.peer} failed: {exc}") from exc
+                view = view[n:]
+                parts[0] = view
+                self.bytes_sent += n
+            parts.pop(0)
+
+    async def discard(self) -> None:
+        """Reads and drops whatever the peer sends until it closes the connection: a process
+        whose run failed gives up the stream, but must not leave its peer blocked in a send to
+        it (that peer would never read the failure's report; see ``Worker._after_failure``).
+        Reads raw bytes: a read cut short in the middle of a frame leaves no frame to parse.
+
+        Raises:
+            EOFError, ConnectionError: the peer closed the connection, or it broke.
+        """
+        self._rstart = self._rend = 0
+        while True:
+            await self._recv_some(self._rview)
 
     async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """Receives one frame: its header and one uint8 array per buffer.

@@ -179,7 +179,7 @@ class Worker:
                 try:
                     await self.run_share(header, buffers)
                 except BaseException as exc:
-                    await self._report_error(exc)
+                    await self._after_failure(exc)
                     raise
             elif t == "shutdown":
                 return
@@ -339,6 +339,46 @@ class Worker:
             f"its part of the trace ({size:,} bytes{with_}) is over max_message_bytes "
             f"({limit:,} bytes); raise max_message_bytes of the cluster to keep it"
         )
+
+    async def _after_failure(self, error: BaseException) -> None:
+        """Reports ``error``, the run's failure here (:meth:`_report_error`), while reading and
+        dropping whatever the driver and the peers send, then goes on dropping it until the
+        driver hangs up (or has sent nothing for ``heartbeat_timeout``).
+
+        Its actors stopped, this worker read nothing more: a process blocked sending to it (an
+        actor of the driver, run in the task that reads this worker, its link's buffer full)
+        stayed blocked, never read the report behind it, and the run ended in a StallError
+        after ``stall_timeout`` (or, this worker gone, "worker N died") instead of the actor's
+        error. Every link is emptied now, and stays so until the driver has read the report.
+        """
+        quiet = self.heartbeat_timeout
+        driver = self.driver
+        hung_up = anyio.Event()
+
+        async def discard(conn: Connection, done: anyio.Event | None) -> None:
+            try:
+                await conn.discard()
+            except (EOFError, ConnectionError):
+                pass
+            finally:
+                if done is not None:
+                    done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(discard, driver, hung_up)
+            for peer in self.peers.values():
+                tg.start_soon(discard, peer, None)
+            await self._report_error(error)
+            seen, since = driver.received_progress(), anyio.current_time()
+            while not hung_up.is_set():
+                with anyio.move_on_after(min(1.0, quiet / 4)):
+                    await hung_up.wait()
+                now, progress = anyio.current_time(), driver.received_progress()
+                if progress != seen:
+                    seen, since = progress, now
+                elif now - since >= quiet:
+                    break  # a driver that takes this long to hang up is past reading the report
+            tg.cancel_scope.cancel()
 
     async def _report_error(self, error: BaseException) -> None:
         """Sends the driver the report of ``error``, the run's failure here: first what it is

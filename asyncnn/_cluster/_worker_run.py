@@ -230,17 +230,18 @@ class _WorkerShare(LinkedShare):
     the end of what it sent on every peer link. The driver watches for stalls and writes the
     run's error into the trace.
 
-    Two waits of its own are bounded by the cluster's ``heartbeat_timeout`` (the silence after
+    The waits of its own are bounded by the cluster's ``heartbeat_timeout`` (the silence after
     which the driver declares a worker hung), counted as time in which nothing moves:
 
     * once its actors have stopped, the end-of-run marker of each process not yet heard from:
       by then the run has drained (the driver's stall watchdog no longer looks), so a peer whose
       marker never came would hang the run; the run fails instead, naming it
       (:class:`MarkersMissing`);
-    * once the run is ending (it failed, or it is over), a heartbeat stuck on a link the driver
-      takes nothing from: it would keep the run's tasks, and so the worker's error report, from
-      ending; it is given up instead (before any of it went out; cut in the middle, the
-      connection is closed, and the worker exits).
+
+    A heartbeat stuck on a link the driver takes nothing from is cancelled with the run's other
+    tasks when the run ends (it failed, or it is over): it must not keep them, and so the
+    worker's error report, from ending (a frame cut in the middle is finished before the next
+    one, see :meth:`~asyncnn._cluster._wire.Connection._send_frame`).
     """
 
     watches = False
@@ -255,28 +256,27 @@ class _WorkerShare(LinkedShare):
         self.unmarked: dict[int | None, Connection] = {j: c for j, c in worker.peers.items()}
         self.unmarked[None] = worker.driver
         self.quiet = float(getattr(worker, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT))
+        #: the driver's end-of-run marker came (every actor here was told to stop before it)
+        self.told_to_stop = anyio.Event()
+        #: this worker's actors have stopped and their device work is done
+        self.stopped_here = anyio.Event()
 
     def start(self, tg: Any, run: Run) -> None:
         worker = self.worker
         assert isinstance(run, WorkerRun)
 
-        def ending() -> bool:
-            beat = self.heartbeat
-            return tg.cancel_scope.cancel_called or (beat is not None and beat.cancel_called)
-
         async def heartbeat() -> None:
             while True:
                 age = time.perf_counter() - run.last_event
                 what = {n: a.describe() for n, a in run.local.items()}
-                # never cut off mid-frame by the end of the run (which cancels this task): a
-                # half frame would garble the stream for the result or report that follows;
-                # but not held up for ever by a driver that takes nothing either (the class's
-                # notes)
+                # cut off by the end of the run (which cancels this task) as anything else: a
+                # frame cut in the middle is finished before the next one (Connection), and
+                # one that waits for room on a link the driver takes nothing from must not
+                # hold the worker's error report back (the class's notes)
                 beat = {"t": "hb", "age": age, "describe": what}
                 if worker.rejected.count:  # only what is new since the last report
                     beat["rejected"] = worker.rejected.take()
-                with anyio.CancelScope(shield=True):
-                    await send_within(worker.driver, beat, [], self.quiet, ending)
+                await worker.driver.send(beat)
                 await anyio.sleep(HEARTBEAT_INTERVAL)
 
         async def read(conn: Connection, peer: int | None) -> None:
@@ -292,6 +292,8 @@ class _WorkerShare(LinkedShare):
                     await deliver(run, header, buffers, conn, _proc(peer))
                 elif t == "eor":
                     self.unmarked.pop(peer, None)
+                    if peer is None:
+                        self.told_to_stop.set()
                     return
                 elif t == "abort" and peer is None:
                     raise RuntimeError("the driver aborted the run")
@@ -308,16 +310,50 @@ class _WorkerShare(LinkedShare):
         tg.start_soon(run.reports.forward, worker.driver)
         self.heartbeat = start_cancellable(tg, heartbeat)
         tg.start_soon(read_all)
+        tg.start_soon(self._await_stop, run)
 
     async def end(self, run: Run) -> None:
         pass  # the driver ends the run: it stops this worker's actors through their inboxes
 
+    async def _await_stop(self, run: Run) -> None:
+        """Once the driver has told this worker's actors to stop (its end-of-run marker came,
+        after every stop message), waits for them to stop and their device work to end, at most
+        :attr:`quiet` seconds in which nothing happens here (no actor's event).
+
+        The run has drained by then, so the driver's stall watchdog no longer looks, and the
+        worker's heartbeat goes on: with no other worker waiting for this one's end-of-run
+        marker (:class:`MarkersMissing`), an actor that never stopped hung the run for ever.
+
+        Raises:
+            ActorsNotStopped: naming the actors that did not stop (or whose device work did
+                not end).
+        """
+        step = min(1.0, self.quiet / 4)
+        since: float | None = None
+        seen = run.last_event
+        while not self.stopped_here.is_set():
+            with anyio.move_on_after(step):
+                await self.stopped_here.wait()
+                return
+            if not self.told_to_stop.is_set():
+                continue
+            now = anyio.current_time()
+            if since is None or run.last_event != seen:
+                since, seen = now, run.last_event
+            elif now - since >= self.quiet:
+                serving = [n for n in run.local if n not in run._stopped_at]
+                raise ActorsNotStopped(
+                    self.worker.index, serving or sorted(run.local), self.quiet, not serving
+                )
+
     async def actors_stopped(self, run: Run) -> None:
+        self.stopped_here.set()
         # every message this worker's actors sent precedes this marker on each link
         for conn in self.worker.peers.values():
             await conn.send({"t": "eor"})
 
     async def settle(self, run: Run) -> None:
+        self.stopped_here.set()  # (actors_stopped came first, in a run)
         await self._await_markers()  # every process marked the end of what it sent here
         if self.heartbeat is not None:
             self.heartbeat.cancel()
@@ -362,6 +398,29 @@ class MarkersMissing(RuntimeError):
             f"end-of-run marker (nor anything else) to it for {seconds:g} s: {who} did not "
             "end its part of the run (an actor that does not stop, a hung device, a stopped "
             "process); raise heartbeat_timeout if ending a run there can take that long"
+        )
+
+
+class ActorsNotStopped(RuntimeError):
+    """The run drained and the driver told a worker's actors to stop, but ``actors`` (names)
+    did not (``device``: they stopped, but their device work did not end) while nothing
+    happened on the worker for ``seconds``: the run would wait for them for ever."""
+
+    def __init__(self, index: int, actors: list[str], seconds: float, device: bool) -> None:
+        self.actors = actors
+        names = ", ".join(repr(n) for n in actors)
+        one = len(actors) == 1
+        what = (
+            f"the device work of actor{'' if one else 's'} {names} did not end"
+            if device
+            else f"actor{'' if one else 's'} {names} did not stop"
+        )
+        super().__init__(
+            f"at the end of the run worker {index}'s actors were told to stop, but {what}, and "
+            f"nothing happened on worker {index} for {seconds:g} s (an actor whose handler "
+            "awaits something that never comes, a hung device): the run would wait for ever. "
+            "Make the actor return once it is told to stop, or raise the cluster's "
+            "heartbeat_timeout if ending a run there can take that long"
         )
 
 
