@@ -311,6 +311,7 @@ def test_the_cross_entropy_op_ignores_as_torch(reduction: str, ignored: int) -> 
         assert not grad.any()
     else:
         np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    assert not np.signbit(grad[:ignored]).any()  # an ignored row's gradient is +0, as torch's
     if not ignored:  # nothing ignored: the same bits as the op without ignore_index
         want, pull = vjp(lambda x: ops.cross_entropy(x, labels, reduction), logits)
         np.testing.assert_array_equal(out, want)

@@ -85,6 +85,8 @@ def test_cross_entropy_errors_say_what_to_pass() -> None:
         ops.cross_entropy(logits, np.array([-100, 7, 1]), ignore_index=-100)
     with pytest.raises(TypeError, match=r"ignore_index must be an int or None, got 1.5"):
         ops.cross_entropy(logits, np.array([0, 1, 2]), ignore_index=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ignore_index 9223372036854775808 does not fit"):
+        ops.cross_entropy(logits, np.array([0, 1, 2]), ignore_index=2**63)
 
 
 _I4 = np.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4) % 7  # int64 images

@@ -442,6 +442,11 @@ def _checked_labels(
         isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
     ):
         raise TypeError(f"cross_entropy: ignore_index must be an int or None, got {ignore_index!r}")
+    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(
+            f"cross_entropy: ignore_index {ignore_index} does not fit in int64, as labels do; "
+            "pass a label value in [-2**63, 2**63)"
+        )
     labels = label_array("cross_entropy", logits, labels)
     xs = _shape(logits)
     n_classes = xs[1]

@@ -452,17 +452,16 @@ def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, 
     else:
         # softmax - onehot, built in place in the softmax residual (a pullback runs once).
         p[rows, y] -= 1
-        count = None
-        if kept is not None:
-            mask, count = kept if isinstance(kept, tuple) else (kept, None)
-            p *= mask[:, None]  # (an ignored row: 0, whatever its label read)
+        mask, count = kept if isinstance(kept, tuple) else (kept, None)
         if reduction == "none":
             p *= g.reshape(-1, 1)
         elif reduction == "mean":
-            # (every row ignored: each is 0 already, and any finite divisor keeps it so)
+            # (every row ignored: a divisor of 1, which the rows' zeros below do not see)
             p *= g / (y.shape[0] if count is None else xp.maximum(count, 1))
         else:
             p *= g
+        if mask is not None:  # an ignored row: +0, as torch's (a product with 0 could be -0)
+            p = xp.where(mask[:, None], p, 0).astype(p.dtype, copy=False)
     if len(shape) > 2:
         p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
     return p.astype(dtype, copy=False), None
