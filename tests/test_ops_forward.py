@@ -441,6 +441,12 @@ EDGE_CASES = [
          [[INF, 0.0, 1.0], [1.0, 2.0, 3.0], [-INF, INF, -INF]]),
     edge("log_softmax-posinf", lambda x: ops.log_softmax(x, 0), lambda t, x: x.log_softmax(0),
          [[INF, 0.0, -INF], [1.0, 2.0, -INF]]),
+    edge("cross_entropy-posinf", lambda x: ops.cross_entropy(x, np.array([0, 2])),
+         lambda t, x: t.nn.functional.cross_entropy(x, t.tensor([0, 2])),
+         [[INF, 0.0, 1.0], [1.0, 2.0, 3.0]]),
+    edge("cross_entropy-no-rows", lambda x: ops.cross_entropy(x, np.zeros(0, np.int64)),
+         lambda t, x: t.nn.functional.cross_entropy(x, t.zeros(0, dtype=t.int64)),
+         np.zeros((0, 3))),
     edge("softmax-empty-axis", ops.softmax, lambda t, x: x.softmax(-1), np.zeros((2, 0))),
     edge("log_softmax-empty-axis", ops.log_softmax, lambda t, x: x.log_softmax(-1),
          np.zeros((2, 0))),
@@ -516,6 +522,16 @@ def test_edge_values_match_torch(
         want = np.zeros(inputs[i].shape) if tg is None else tg.numpy()
         assert g.shape == want.shape, f"input {i}"
         np.testing.assert_allclose(to_numpy(g), want, rtol=1e-10, atol=1e-12, err_msg=f"input {i}")
+
+
+def test_cross_entropy_gives_torchs_nan_without_numpys_warnings() -> None:
+    # (a row holding +inf warned of an invalid subtraction, and the mean over no rows of an
+    # empty slice and, in its gradient, of a division by zero: the answers, as torch's, are no
+    # accident; tests turn warnings into errors)
+    loss, pullback = ann.vjp(lambda x: ops.cross_entropy(x, np.array([0])), np.array([[INF, 0.0]]))
+    assert np.isnan(loss) and np.isnan(pullback(1.0)[0]).all()
+    loss, pullback = ann.vjp(lambda x: ops.cross_entropy(x, np.zeros(0, int)), np.zeros((0, 3)))
+    assert np.isnan(loss) and pullback(1.0)[0].shape == (0, 3)
 
 
 #: the values where libraries part ways: signed zeros, infinities, a negative base, NaN

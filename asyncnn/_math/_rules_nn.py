@@ -391,13 +391,14 @@ def _cross_entropy(
         if ignore_index is not None:
             kept = y != ignore_index
             y = xp.where(kept, y, 0)  # (an ignored row reads class 0, then counts for nothing)
-        m = z.max(axis=1, keepdims=True)
-        p = xp.exp(z - m)
-        s = p.sum(axis=1, keepdims=True)
-        p /= s  # the softmax, kept for the VJP
-        # (the label's logit less the max first, as torch: log(s) + m would round a small
-        # log(s) away against a large max, a loss of log 2 coming out 0 for logits of 1e8)
-        nll = xp.log(s)[:, 0] - (z[rows, y] - m[:, 0])
+        with _quiet(xp):  # (a row holding +inf: inf - inf, its loss NaN as torch's)
+            m = z.max(axis=1, keepdims=True)
+            p = xp.exp(z - m)
+            s = p.sum(axis=1, keepdims=True)
+            p /= s  # the softmax, kept for the VJP
+            # (the label's logit less the max first, as torch: log(s) + m would round a small
+            # log(s) away against a large max, a loss of log 2 coming out 0 for logits of 1e8)
+            nll = xp.log(s)[:, 0] - (z[rows, y] - m[:, 0])
         if kept is not None:
             nll = xp.where(kept, nll, 0).astype(nll.dtype, copy=False)
     if fused is not None and reduction != "none":
@@ -438,6 +439,8 @@ def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
     """The per-row losses ``nll`` reduced as ``reduction`` says (``"none"``: in ``labels``'
     shape)."""
     if reduction == "mean":
+        if not nll.size:  # (numpy's mean warns of an empty slice: NaN, as torch's, quietly)
+            return ns(nll).full((), float("nan"), dtype=nll.dtype)
         return nll.mean()
     if reduction == "sum":
         return nll.sum()
@@ -456,8 +459,8 @@ def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, 
         if reduction == "none":
             p *= g.reshape(-1, 1)
         elif reduction == "mean":
-            # (every row ignored: a divisor of 1, which the rows' zeros below do not see)
-            p *= g / (y.shape[0] if count is None else xp.maximum(count, 1))
+            # (no rows, or every row ignored: a divisor of 1, which no row's gradient sees)
+            p *= g / ((y.shape[0] or 1) if count is None else xp.maximum(count, 1))
         else:
             p *= g
         if mask is not None:  # an ignored row: +0, as torch's (a product with 0 could be -0)
