@@ -497,3 +497,49 @@ def test_a_failure_on_a_worker_that_the_driver_is_blocked_sending_to_is_the_runs
             tr.fit(data(960), epochs=1, batch_size=960)
     assert info.value.actor == "c", str(info.value)
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def _to_the_driver_and_back(width: int) -> ann.Graph:
+    """``a`` on worker 0, ``b`` on the driver, ``c`` and the loss on worker 0: every key goes
+    from worker 0 to the driver and back, forward and backward, and ``b`` (a plain layer) is
+    taken in the task that reads worker 0, as ``a`` and ``c`` are in the worker's task that
+    reads the driver."""
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("a", nn.Linear(12, width), x, worker=0)
+    h = g.layer("b", nn.Tanh(), h)
+    h = g.layer("c", nn.Linear(width, 4), h, worker=0)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y, worker=0)
+    return g
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("shm", "microbatches"), [(True, 64), (False, 256)], ids=["shm", "tcp"])
+async def test_keys_that_go_to_the_driver_and_back_do_not_deadlock_the_two_readers(
+    anyio_backend: str, shm: bool, microbatches: int
+) -> None:
+    # GPipe's 64 keys of 15 rows: 61 KB activations, 3.9 MB each way, beyond the 1 MiB ring
+    # (TCP: 256 keys, beyond the sockets' buffers). The driver's reader ran b and blocked
+    # sending to c, the link full; the worker's reader ran a and blocked sending to b: each
+    # waited for the other to read, nothing failed, and the run ended in a StallError
+    rows = 15
+    batch = data(rows * microbatches)
+    policy = policies.GPipe(microbatches=microbatches)
+    g = _to_the_driver_and_back(1024)
+    with ann.cluster.LocalCluster(workers=1, shm=shm, heartbeat_timeout=30.0) as cluster:
+        with anyio.fail_after(30):
+            async with ann.open_run(
+                g, cluster=cluster, optimizer=optim.SGD(lr=0.1), policy=policy, stall_timeout=3.0
+            ) as run:
+                for _ in range(2):
+                    await run.step(batch)
+                await run.drain()
+            assert len(run.losses) == 2
+            # the same two steps in one process
+            async with ann.open_run(g, optimizer=optim.SGD(lr=0.1), policy=policy) as ref:
+                for _ in range(2):
+                    await ref.step(batch)
+                await ref.drain()
+    assert_params_equal(run.params, ref.params)

@@ -19,7 +19,7 @@ from asyncnn._errors import ActorError, RemoteError, WorkerError, remote_error
 from asyncnn._runtime._lifecycle import error_leaves, single_error
 
 from ._codec import decode_state
-from ._remote import MalformedReport, RemoteActor, apply_report, deliver, is_reports
+from ._remote import LinkReader, MalformedReport, RemoteActor, apply_report, is_reports
 from ._wire import Connection, PeerLost, ProtocolError, lost_peer
 
 if TYPE_CHECKING:
@@ -37,8 +37,9 @@ async def _read_worker(cluster: Cluster, run: DriverRun, w: int, hosted: list[st
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(silence.watch, tg.cancel_scope)
+            reader = LinkReader(conn, tg)
             try:
-                await _read_frames(cluster, run, w, hosted, conn, who, silence)
+                await _read_frames(cluster, run, w, hosted, reader, who, silence)
             except Exception as exc:  # raised below as itself, not inside the group's
                 error = exc
             tg.cancel_scope.cancel()
@@ -110,16 +111,17 @@ async def _read_frames(
     run: DriverRun,
     w: int,
     hosted: list[str],
-    conn: Connection,
+    reader: LinkReader,
     who: str,
     silence: _Silence,
 ) -> None:
     """:func:`_read_worker`'s loop: each frame of worker ``w`` until its final result."""
+    conn = reader.conn
     heard = False  # whether it sent anything in this run (its first heartbeat comes at once)
     while True:
         silence.begin()
         try:
-            header, buffers = await conn.receive()
+            header, buffers = await reader.receive()
         except ProtocolError as exc:
             raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         except (EOFError, ConnectionError) as exc:
@@ -130,7 +132,7 @@ async def _read_frames(
         t = header.get("t")
         if t == "m":
             try:
-                await deliver(run, header, buffers, conn, w)
+                await reader.deliver(run, header, buffers, w)
             except ProtocolError as exc:
                 raise WorkerError(w, hosted, f"{who} broke the protocol: {exc}") from exc
         elif t in ("done", "loss", "ctl"):  # reports to the scheduler, alone or several
@@ -166,7 +168,7 @@ async def _read_frames(
             if header.get("trace_follows"):
                 try:  # the worker's events, sent after the report (watched for silence too)
                     silence.begin()
-                    await _trace_after(conn, run.worker_traces, w)
+                    await _trace_after(reader, run.worker_traces, w)
                 finally:
                     silence.end()
                     # raised however the wait ends: cancelled (the worker went silent, or
@@ -210,7 +212,7 @@ def _keep_trace(traces: dict[int, Any], w: int, header: dict[str, Any], buffers:
         traces[w] = _own([buffers[i]])[0]
 
 
-async def _trace_after(conn: Connection, traces: dict[int, Any], w: int) -> None:
+async def _trace_after(conn: Connection | LinkReader, traces: dict[int, Any], w: int) -> None:
     """Reads the frame of worker ``w``'s events that follows its error report (``"trace"``)
     into ``traces``; where it does not come (the worker gave it up, or is gone), or the wait is
     cancelled, the trace says that its events are missing."""

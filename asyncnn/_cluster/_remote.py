@@ -4,12 +4,14 @@ A run in one process holds every node's actor in ``run.actors``; a node hosted e
 :class:`RemoteActor`, whose ``send_channel`` writes the message to the connection of the process
 that hosts it. On the other side, :func:`deliver` puts each arriving message into the local
 actor's inbox, awaiting room there: a full inbox stops the reading, the socket's buffers fill and
-the remote sender waits, as it would on an in-process channel.
+the remote sender waits, as it would on an in-process channel. A :class:`LinkReader` reads a link
+for the task that hands its messages on, and goes on reading it while that task waits in a send.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,12 +22,23 @@ from asyncnn.backends import parse_device
 
 from ._codec import announce_message, decode_message, encode_message
 from ._nccl import _proc
-from ._wire import Connection, PeerLost, ProtocolError
+from ._wire import Connection, PeerLost, ProtocolError, _on_send_wait
 
 if TYPE_CHECKING:
+    import numpy as np
+    from anyio.abc import TaskGroup
+
     from asyncnn._runtime._messages import Message
 
-__all__ = ["ClusterRun", "MalformedReport", "RemoteActor", "apply_report", "deliver", "is_reports"]
+__all__ = [
+    "ClusterRun",
+    "LinkReader",
+    "MalformedReport",
+    "RemoteActor",
+    "apply_report",
+    "deliver",
+    "is_reports",
+]
 
 
 class ClusterRun(Run):
@@ -156,6 +169,113 @@ async def deliver(
             f"not host (it hosts {sorted(run.local)})"
         )
     await actor.send_channel.send(msg)
+
+
+#: frames after which a link's reader reads no more for the run (or reads the next itself, as the
+#: driver reads the trace that follows a worker's error report): reading ahead stops there
+_LAST_FRAMES = frozenset({"eor", "result", "error", "abort", "trace"})
+
+
+class LinkReader:
+    """Reads the frames of ``conn`` for the one task that handles them (the driver's reader of
+    a worker, a worker's reader of the driver or of a peer), and goes on reading it while that
+    task waits in a send.
+
+    The task hands each message on (:meth:`deliver`), and the actor it goes to may take it in
+    this very task (a direct hand-over, ``_actor_base``) and send on: to another process, where
+    a full link (the shared-memory ring, the socket's buffers) makes the send wait for that
+    process to read. Its own reader may be waiting likewise, in a send back to this process:
+    the driver's reader of worker 0 ran a driver's layer whose send to worker 0 waited, while
+    worker 0's reader of the driver ran a layer whose send to the driver waited; each waited
+    for the other to read, for ever (a false ``StallError``). So a send about to wait in
+    :meth:`deliver` (:func:`~asyncnn._cluster._wire.send_waits`) starts a task (in ``tg``) that
+    reads the link on meanwhile, keeping the frames in order until this task takes them (it
+    stops once this task is back in :meth:`receive`). Every link is then read while its reader
+    waits, whatever for, and every send ends once its peer is alive.
+
+    What is read ahead is what the peer sent, held here instead of in the link: the messages of
+    the keys the policy lets in flight (every message belongs to one; an actor's inbox is sized
+    for them too), besides the peer's heartbeats and reports. A hand-over that does not wait (the
+    usual case) costs nothing more than a context variable set and reset.
+    """
+
+    def __init__(self, conn: Connection, tg: TaskGroup) -> None:
+        self.conn = conn
+        self._tg = tg
+        #: frames (or the error that ended the reading) read ahead, in order
+        self._ahead: deque[tuple[dict[str, Any], list[np.ndarray]] | Exception] = deque()
+        self._delivering = False
+        #: the task that reads ahead (it may be in the middle of a receive), when one does
+        self._helper: anyio.CancelScope | None = None
+        self._arrived: anyio.Event | None = None
+
+    async def receive(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The next frame (see :meth:`Connection.receive`): those read ahead first.
+
+        Raises:
+            EOFError, ConnectionError, ProtocolError: as :meth:`Connection.receive`, in order
+                with the frames read before.
+        """
+        while True:
+            if self._ahead:
+                item = self._ahead.popleft()
+                if isinstance(item, Exception):
+                    raise item
+                return item
+            if self._helper is None:
+                return await self.conn.receive()
+            # the task reading ahead is in the middle of a receive: its frame is the next
+            self._arrived = event = anyio.Event()
+            await event.wait()
+
+    async def deliver(
+        self, run: ClusterRun, header: dict[str, Any], buffers: list[Any], peer: int
+    ) -> None:
+        """:func:`deliver`, with the link read on meanwhile should a send in it wait."""
+        self._delivering = True
+        token = _on_send_wait.set(self._send_waits)
+        try:
+            await deliver(run, header, buffers, self.conn, peer)
+        finally:
+            _on_send_wait.reset(token)
+            self._delivering = False
+
+    def stop(self) -> None:
+        """Stops the reading ahead (the reader is done with the link for this run)."""
+        if self._helper is not None:
+            self._helper.cancel()
+
+    def _send_waits(self) -> None:
+        if self._helper is None and self._delivering and not self.conn.closed:
+            self._helper = anyio.CancelScope()
+            self._tg.start_soon(self._read_ahead, self._helper)
+
+    async def _read_ahead(self, scope: anyio.CancelScope) -> None:
+        _on_send_wait.set(None)  # (this task's sends, were there any, are no reader's)
+        try:
+            with scope:
+                while True:
+                    item: tuple[dict[str, Any], list[np.ndarray]] | Exception
+                    try:
+                        item = await self.conn.receive()
+                    except Exception as exc:  # the reader raises it, after the frames before
+                        item = exc
+                    self._ahead.append(item)
+                    self._wake()
+                    if (
+                        not self._delivering
+                        or isinstance(item, Exception)
+                        or item[0].get("t") in _LAST_FRAMES
+                    ):
+                        return
+        finally:
+            self._helper = None
+            self._wake()
+
+    def _wake(self) -> None:
+        event, self._arrived = self._arrived, None
+        if event is not None:
+            event.set()
 
 
 def _receive_nccl(run: Run, header: dict[str, Any], msg: Message, peer: int) -> tuple[Any, Any]:

@@ -93,7 +93,7 @@ from ._shm_memory import (
     supported,
 )
 from ._shm_read import ShmReading
-from ._wire import _byte_view
+from ._wire import _byte_view, send_waits
 
 __all__ = [
     "DEFAULT_SLAB_BYTES",
@@ -179,6 +179,8 @@ class ShmConnection(ShmReading):
                 if then is not None:
                     then()
                 return
+        if self._lock.locked():
+            send_waits()
         async with self._lock:
             await self._send_slow(header, views, sizes, total)
             if then is not None:
@@ -202,6 +204,8 @@ class ShmConnection(ShmReading):
         return out.pos + need - out.words[_R] <= out.ring_bytes
 
     async def _wait_room(self, length: int) -> None:
+        if not self.closed and not self._room(length):
+            send_waits()
         delay = 50e-6
         # closed while a send awaited (its ring is unmapped): _check_alive says so
         while self.closed or not self._room(length):

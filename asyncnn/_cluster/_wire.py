@@ -16,6 +16,7 @@ tensor's bytes land in its final buffer with no intermediate copy.
 
 from __future__ import annotations
 
+import contextvars
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ __all__ = [
     "ProtocolError",
     "frame_head",
     "lost_peer",
+    "send_waits",
 ]
 
 MAGIC = b"ANN1"
@@ -42,6 +44,25 @@ MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 30
 _CHUNK = 1 << 22  # bytes per send call: big enough for the loopback, small enough to interleave
 _READ_AHEAD = 1 << 16
+
+#: set by a task that reads a link while it hands a frame on (``_remote.LinkReader``): the
+#: actors it runs there send, and a send about to wait (for room in the link, or for another
+#: send to end) calls it first, so that the link it reads is read on meanwhile (see
+#: :func:`send_waits`)
+_on_send_wait: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "asyncnn_on_send_wait", default=None
+)
+
+
+def send_waits() -> None:
+    """Called by a send about to wait: where the task reads a link (the actors it hands
+    messages to send in it), that link's reading goes on in another task meanwhile. Two
+    processes each blocked in such a send, each link full, each waiting for the other to read,
+    would otherwise wait for ever (the driver's reader of a worker runs a driver's actor whose
+    send to that worker waits, while the worker's reader runs an actor whose send back waits)."""
+    hook = _on_send_wait.get()
+    if hook is not None:
+        hook()
 
 
 class ProtocolError(ConnectionError):
@@ -232,6 +253,8 @@ class Connection:
         """
         views = [_byte_view(b) for b in buffers]
         self._check_size(header, sum(v.nbytes for v in views))
+        if self._lock.locked():
+            send_waits()
         async with self._lock:
             await self._send_frame(header, views)
             if then is not None:
@@ -292,6 +315,7 @@ class Connection:
                 try:
                     n = self.sock.send(view[:_CHUNK])
                 except BlockingIOError:
+                    send_waits()
                     await anyio.wait_writable(self.sock)
                     continue
                 except OSError as exc:

@@ -27,10 +27,12 @@ from asyncnn._runtime._setup import _hook_failed
 from ._base import DEFAULT_HEARTBEAT_TIMEOUT, HEARTBEAT_INTERVAL
 from ._codec import unsendable
 from ._nccl import LinkedShare, NcclLinks, _proc
-from ._remote import ClusterRun, deliver
+from ._remote import ClusterRun, LinkReader
 from ._wire import Connection, PeerLost, ProtocolError
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from ._worker import Worker
 
 
@@ -279,17 +281,25 @@ class _WorkerShare(LinkedShare):
                 await worker.driver.send(beat)
                 await anyio.sleep(HEARTBEAT_INTERVAL)
 
-        async def read(conn: Connection, peer: int | None) -> None:
+        async def read(conn: Connection, peer: int | None, readers: TaskGroup) -> None:
+            reader = LinkReader(conn, readers)
+            try:
+                await read_frames(reader, peer)
+            finally:
+                reader.stop()
+
+        async def read_frames(reader: LinkReader, peer: int | None) -> None:
+            conn = reader.conn
             while True:
                 try:
-                    header, buffers = await conn.receive()
+                    header, buffers = await reader.receive()
                 except (EOFError, ConnectionError) as exc:
                     if isinstance(exc, ProtocolError):
                         raise
                     raise PeerLost(peer, f"{conn.peer} is gone ({exc})") from exc
                 t = header.get("t")
                 if t == "m":
-                    await deliver(run, header, buffers, conn, _proc(peer))
+                    await reader.deliver(run, header, buffers, _proc(peer))
                 elif t == "eor":
                     self.unmarked.pop(peer, None)
                     if peer is None:
@@ -302,9 +312,9 @@ class _WorkerShare(LinkedShare):
 
         async def read_all() -> None:
             async with anyio.create_task_group() as readers:
-                readers.start_soon(read, worker.driver, None)
+                readers.start_soon(read, worker.driver, None, readers)
                 for j, conn in worker.peers.items():
-                    readers.start_soon(read, conn, j)
+                    readers.start_soon(read, conn, j, readers)
             self.links_done.set()
 
         tg.start_soon(run.reports.forward, worker.driver)
