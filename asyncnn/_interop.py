@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ._interop_names import Names, mismatch_hint
+from ._interop_names import layout as name_layout
 from ._math._nn._module import Initializer
 from ._runtime._graph import Graph
 from .backends import BFLOAT16
@@ -23,120 +25,6 @@ __all__ = [
     "to_torch_tensor",
     "torch_names",
 ]
-
-
-def _module_entries(
-    module: Any, params: Any, layer: str | None = None, where: str = ""
-) -> list[tuple[str, tuple[Any, ...], bool]]:
-    """``(torch suffix, path into params, transposed)`` for one module's parameters.
-
-    ``layer`` (the graph layer holding ``module``, or None for a module target) and ``where``
-    (the attribute path from that layer's module, or the target, down to ``module``:
-    ``".modules[1].module"``) only name a module that has no mapping.
-    """
-    from ._math import _nn as mnn
-    from ._math._nn._loops import Loop
-    from ._math._nn._recurrent import LoopCell
-
-    out: list[tuple[str, tuple[Any, ...], bool]] = []
-    if isinstance(module, mnn.Sequential):
-        for i, (m, p) in enumerate(zip(module.modules, params, strict=True)):
-            inner = _module_entries(m, p, layer, f"{where}.modules[{i}]")
-            out += [(f"{i}.{s}", (i, *path), t) for s, path, t in inner]
-        return out
-    if isinstance(module, mnn.Residual):
-        return _module_entries(module.module, params, layer, f"{where}.module")
-    if isinstance(module, Loop | LoopCell):  # a loop's params are its cell's, by its names
-        return _module_entries(module.cell, params, layer, f"{where}.cell")
-    if not params:
-        return []  # ReLU, Flatten, Dropout, pooling...
-    if isinstance(module, mnn.Linear):
-        return [(k, (k,), k == "weight") for k in params]
-    if isinstance(module, mnn.Conv1d | mnn.Conv2d | mnn.LayerNorm | mnn.Embedding):
-        return [(k, (k,), False) for k in params]  # the same layouts as torch
-    if isinstance(module, mnn.LSTM | mnn.GRU | mnn.LSTMCell | mnn.GRUCell):
-        # torch's names; the weights stored (in, out) as Linear's
-        return [(k, (k,), k.startswith("weight_")) for k in params]
-    if isinstance(module, mnn.MultiHeadAttention):
-        names = {
-            "in_proj_weight": ("in_proj_weight", True),
-            "in_proj_bias": ("in_proj_bias", False),
-            "out_proj_weight": ("out_proj.weight", True),
-            "out_proj_bias": ("out_proj.bias", False),
-        }
-        return [(names[k][0], (k,), names[k][1]) for k in params]
-    # (two layers may hold modules of one class: name the layer, and where in it)
-    if layer is None:
-        at = f" (at target{where})" if where else ""
-    elif where:
-        at = f" (layer {layer!r}, at graph.nodes[{layer!r}].module{where})"
-    else:
-        at = f" (layer {layer!r})"
-    raise ValueError(
-        f"no torch name mapping for {type(module).__name__}{at}: the built-in Linear, Conv1d, "
-        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, LSTM, GRU, LSTMCell, GRUCell, "
-        "Sequential, Residual and parameterless modules have one; give this module's weights "
-        "with tr.params = {...} directly"
-    )
-
-
-def _layout(
-    target: Any, params: Any, names: Mapping[str, str] | None
-) -> dict[str, tuple[Any, ...]]:
-    """``{torch name: (node or None, path, transposed)}`` for a graph or a module."""
-    if isinstance(target, Graph):
-        if names is not None:
-            unknown = [n for n in names if n not in target.layers]
-            if unknown:
-                # (ignored: a misspelt layer's prefix went nowhere, without a word)
-                raise ValueError(
-                    f"names gives torch prefixes for {unknown}, which are no layers of the "
-                    f"graph (its layers: {target.layers})"
-                )
-        out: dict[str, tuple[Any, ...]] = {}
-        offset = 0
-        for name in target.layers:
-            module = target.nodes[name].module
-            p = params[name]
-            entries = _module_entries(module, p, name)
-            if names is not None:
-                if name not in names:
-                    if entries:
-                        raise ValueError(
-                            f"names has no torch prefix for layer {name!r}, which has weights; "
-                            f"give one for each of {target.layers}"
-                        )
-                    continue
-                prefix = names[name] + "." if names[name] else ""
-                for s, path, t in entries:
-                    key = prefix + s
-                    if key in out:
-                        # (the later layer's entry replaced the earlier's: from_torch left that
-                        # layer at the template's random weights, to_torch dropped its own)
-                        raise ValueError(
-                            f"names: layers {out[key][0]!r} and {name!r} both map to the torch "
-                            f"name {key!r} (prefixes {names[out[key][0]]!r} and {names[name]!r}); "
-                            "give each layer a prefix of its own"
-                        )
-                    out[key] = (name, path, t)
-                continue
-            # one torch nn.Sequential of every layer's modules in turn
-            children = module.modules if _is_sequential(module) else [module]
-            child_params = p if _is_sequential(module) else [p]
-            for i, (m, cp) in enumerate(zip(children, child_params, strict=True)):
-                where = f".modules[{i}]" if _is_sequential(module) else ""
-                for s, path, t in _module_entries(m, cp, name, where):
-                    key_path = (i, *path) if _is_sequential(module) else path
-                    out[f"{offset + i}.{s}"] = (name, key_path, t)
-            offset += len(children)
-        return out
-    return {s: (None, path, t) for s, path, t in _module_entries(target, params)}
-
-
-def _is_sequential(module: Any) -> bool:
-    from ._math import _nn as mnn
-
-    return isinstance(module, mnn.Sequential)
 
 
 def _check_target(target: Any, fn: str) -> None:
@@ -197,22 +85,26 @@ class _ShapeInitializer(Initializer):
         return self._stand_in(shape)
 
 
-def torch_names(target: Any, names: Mapping[str, str] | None = None) -> list[str]:
+def torch_names(target: Any, names: Names | None = None) -> list[str]:
     """The torch ``state_dict`` names that ``target`` (a Graph or a module) maps to.
 
     For a graph, the default matches one torch ``nn.Sequential`` holding every layer's modules
     in turn (as ``Graph.sequential`` splits them): ``"0.weight"``, ``"0.bias"``, ``"2.weight"``...
     ``names`` maps layer names to torch prefixes instead (``{"stage0": "features"}`` reads
-    ``"features.0.weight"`` for the first module of ``stage0``'s ``Sequential``).
+    ``"features.0.weight"`` for the first module of ``stage0``'s ``Sequential``), or to one
+    prefix per module of the layer, for a torch model of named attributes: ``{"stage0": ["emb",
+    "rnn"], "stage1": ["fc"]}`` reads ``"emb.weight"``, ``"rnn.weight_ih_l0"``, ...,
+    ``"fc.bias"`` (a module without weights takes any prefix, unread).
 
     Raises:
-        ValueError: ``names`` lacks a layer that has weights, or maps two layers to the same
-            torch name (naming both and the name); a module with weights but no torch mapping
+        ValueError: ``names`` lacks a layer that has weights, gives a list of prefixes whose
+            length is not its layer's number of modules (naming them), or maps two layers to
+            the same torch name (naming both and the name); a module with weights but no torch mapping
             (a custom one, ``RNNCell``), naming its layer and its path in it; the same in
             :func:`from_torch` and :func:`to_torch`.
     """
     _check_target(target, "torch_names")
-    return list(_layout(target, _template(target), names))
+    return list(name_layout(target, _template(target), names))
 
 
 def _as_numpy(value: Any, what: str = "an array") -> np.ndarray:
@@ -323,9 +215,7 @@ def _check_fits(params: Any, template: Any, target: Any) -> None:
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def from_torch(
-    state_dict: Mapping[str, Any], target: Any, names: Mapping[str, str] | None = None
-) -> Any:
+def from_torch(state_dict: Mapping[str, Any], target: Any, names: Names | None = None) -> Any:
     """asyncnn parameters from a torch ``state_dict`` (tensors or numpy arrays).
 
     Linear weights are transposed (torch keeps ``(out, in)``, asyncnn ``(in, out)``); the other
@@ -347,7 +237,8 @@ def from_torch(
             :func:`load_safetensors` of a file torch wrote).
         target: a :class:`~asyncnn.Graph` (returns ``{layer: params}``) or a module (returns
             its params).
-        names: for a graph, ``{layer: torch prefix}`` (see :func:`torch_names`).
+        names: for a graph, ``{layer: torch prefix}``, or ``{layer: [one torch prefix per
+            module of it]}`` (see :func:`torch_names`).
 
     Raises:
         TypeError: a torch module given instead of its ``state_dict()``, or as ``target``; a
@@ -366,7 +257,7 @@ def from_torch(
         raise TypeError(f"from_torch: state_dict must be a mapping of name to array, got {kind}")
     _check_target(target, "from_torch")
     template = _template(target)
-    layout = _layout(target, template, names)
+    layout = name_layout(target, template, names)
     missing = [k for k in layout if k not in state_dict]
     extra = [k for k in state_dict if k not in layout]
     if missing or extra:
@@ -383,6 +274,7 @@ def from_torch(
                 if stats
                 else ""
             )
+            + mismatch_hint(target, extra, names)
         )
     _warn_tied(state_dict, list(layout))
     out = template
@@ -448,14 +340,15 @@ def _warn_tied(state_dict: Mapping[str, Any], keys: list[str]) -> None:
 
 
 def to_torch(
-    params: Any, target: Any, names: Mapping[str, str] | None = None, tensors: bool = False
+    params: Any, target: Any, names: Names | None = None, tensors: bool = False
 ) -> dict[str, Any]:
     """A torch ``state_dict`` from asyncnn parameters (the inverse of :func:`from_torch`).
 
     Args:
         params: ``tr.params`` (with a Graph ``target``) or one module's params.
         target: the :class:`~asyncnn.Graph` or module the params belong to.
-        names: for a graph, ``{layer: torch prefix}`` (see :func:`torch_names`).
+        names: for a graph, ``{layer: torch prefix}``, or ``{layer: [one torch prefix per
+            module of it]}`` (see :func:`torch_names`).
         tensors: return torch tensors (imports torch) instead of numpy arrays.
 
     Returns:
@@ -471,7 +364,7 @@ def to_torch(
     _check_target(target, "to_torch")
     template = _template(target)
     _check_fits(params, template, target)
-    layout = _layout(target, template, names)
+    layout = name_layout(target, template, names)
     out: dict[str, Any] = {}
     for key, (node, path, transposed) in layout.items():
         tree = params[node] if node is not None else params

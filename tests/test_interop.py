@@ -800,3 +800,70 @@ def test_save_safetensors_into_a_missing_folder_says_so_naming_the_file(tmp_path
     path = str(tmp_path / "nope" / "w.safetensors")
     with pytest.raises(FileNotFoundError, match=r"writing .*nope/w\.safetensors failed \(No such"):
         save_safetensors({"a": np.ones(2)}, path)
+
+
+def _attribute_model(torch):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.rnn = torch.nn.LSTM(8, 16, batch_first=True)
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.rnn(self.emb(x))[0][:, -1])
+
+    return Model().double()
+
+
+def _sequence_graph() -> ann.Graph:
+    mods = [nn.Embedding(20, 8), nn.LSTM(8, 16, output="last"), nn.Linear(16, 5)]
+    return ann.Graph.sequential(
+        mods, loss=nn.CrossEntropyLoss(), stages=[1, 2], input_shape=(None, 7),
+        input_dtype="int64",
+    )  # fmt: skip
+
+
+def test_a_torch_model_of_named_attributes_loads_into_stages_by_one_prefix_per_module():
+    # the usual torch model (self.emb, self.rnn, self.fc) is no nn.Sequential: names= gives one
+    # prefix per module of a layer (a stage of two modules here), each module's names under it
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(6)
+    model = _attribute_model(torch)
+    g = _sequence_graph()
+    names = {"stage0": ["emb"], "stage1": ["rnn", "fc"]}
+    assert torch_names(g, names) == list(model.state_dict())
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    tr.params = from_torch(model.state_dict(), g, names)
+    xs = np.random.default_rng(6).integers(0, 20, (3, 7))
+    np.testing.assert_allclose(
+        tr.predict({"x": xs})["logits"], model(torch.from_numpy(xs)).detach().numpy(),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    back = to_torch(tr.params, g, names)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+    # a prefix of one string still numbers the layer's modules under it, as before
+    assert torch_names(g, {"stage0": "a", "stage1": ["rnn", "fc"]})[0] == "a.0.weight"
+
+
+def test_names_per_module_of_the_wrong_length_are_refused_naming_the_layers_modules():
+    g = _sequence_graph()
+    with pytest.raises(
+        ValueError,
+        match=r"names\['stage1'\] must be one torch prefix .* or a list "
+        r"of one per module of the layer \(2: LSTM, Linear\), got \['rnn'\]",
+    ):
+        torch_names(g, {"stage0": ["emb"], "stage1": ["rnn"]})
+
+
+def test_a_state_dict_of_attribute_names_says_to_give_names_per_module():
+    # (it listed the missing and unexpected names only: nothing said how to map a model that
+    # is no nn.Sequential, nor how the stages had cut the chain)
+    torch = pytest.importorskip("torch")
+    g = _sequence_graph()
+    with pytest.raises(ValueError, match=re.escape(
+        "give names= one torch prefix per module of each layer, in order: names={'stage0': "
+        "[<Embedding's attribute>], 'stage1': [<LSTM's attribute>, <Linear's attribute>]}"
+    )):  # fmt: skip
+        from_torch(_attribute_model(torch).state_dict(), g)

@@ -85,6 +85,11 @@ def test_cross_entropy_errors_say_what_to_pass() -> None:
         ops.cross_entropy(logits, np.array([-100, 7, 1]), ignore_index=-100)
     with pytest.raises(TypeError, match=r"ignore_index must be an int or None, got 1.5"):
         ops.cross_entropy(logits, np.array([0, 1, 2]), ignore_index=1.5)  # type: ignore[arg-type]
+    # logits of a sequence layer, (N, T, C), against one label per sequence: the way out named
+    with pytest.raises(ValueError, match=r"\(N, T, C\) from a sequence layer\? .*output=\"last\""):
+        ops.cross_entropy(np.zeros((2, 7, 5)), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"put the classes on axis 1, \(N, C, T\)"):
+        ops.cross_entropy(np.zeros((2, 7, 5)), np.zeros((2, 7), np.int64))
     with pytest.raises(ValueError, match=r"ignore_index 9223372036854775808 does not fit"):
         ops.cross_entropy(logits, np.array([0, 1, 2]), ignore_index=2**63)
 

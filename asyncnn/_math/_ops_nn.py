@@ -425,9 +425,16 @@ def label_array(who: str, logits: Any, labels: Any) -> Any:
         )
     xs = _shape(logits)
     if len(xs) < 2 or ls != xs[:1] + xs[2:]:
+        hint = ""
+        if len(xs) == 3 and ls in (xs[:1], xs[:2]):  # (N, T, C) from a sequence layer
+            hint = (
+                "; logits of shape (N, T, C) from a sequence layer? For one label per sequence "
+                'take its last step (nn.LSTM/nn.GRU(..., output="last")); for one label per '
+                "step, put the classes on axis 1, (N, C, T), as torch's cross_entropy wants"
+            )
         raise ValueError(
             f"{who}: logits of shape {xs} and labels of shape {ls} do not match; logits "
-            "must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...)"
+            f"must be (N, C) or (N, C, d1, ...) and labels (N,) or (N, d1, ...){hint}"
         )
     return labels
 

@@ -31,12 +31,43 @@ def checked_stages(stages: Any) -> int | list[int]:
 
 
 def check_module(who: str, module: Any) -> None:
-    """Refuses a module's class given for the module (``nn.Linear`` for ``nn.Linear(4, 8)``)."""
+    """Refuses a module's class given for the module (``nn.Linear`` for ``nn.Linear(4, 8)``),
+    and a recurrent layer that gives its state beside its output (``return_state=True``): a
+    graph's layer gives one array, and the pair failed only later, in the module after it."""
     if isinstance(module, type):
         raise GraphError(
             f"{who}: got the class {module.__name__}, not a module; pass an instance, e.g. "
             f"{module.__name__}(...) with its arguments"
         )
+    paired = _gives_state(module)
+    if paired is not None:
+        raise GraphError(
+            f"{who}: {paired!r} gives a pair, (output, state) (return_state=True), where a "
+            "graph's layer gives one array; drop return_state (in a graph each sequence starts "
+            'at zero state), and give output="last" for the last step\'s output alone'
+        )
+
+
+def _gives_state(module: Any) -> Any:
+    """The recurrent layer in ``module`` (itself, or in a Sequential or Residual, nested ones
+    too) built with ``return_state=True``, or None."""
+    from asyncnn._math._nn import Residual
+    from asyncnn._math._nn._recurrent import _Recurrent
+
+    if isinstance(module, _Recurrent):
+        return module if module.return_state else None
+    children = (
+        module.modules
+        if isinstance(module, Sequential)
+        else (module.module,)
+        if isinstance(module, Residual)
+        else ()
+    )
+    for child in children:
+        found = _gives_state(child)
+        if found is not None:
+            return found
+    return None
 
 
 def checked_worker(who: str, worker: Any) -> int | None:
