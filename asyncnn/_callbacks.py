@@ -24,7 +24,8 @@ class Callback:
     ``trainer.versions`` are those of the last completed update; under a streaming policy
     (``PipeDream``, ``PipeDream2BW``, ``Async``) what the fit would keep if it stopped there
     (see ``docs/workflow.md``), so ``trainer.save`` from a hook writes a resumable state. Set
-    ``trainer.stop_training = True`` to end the fit after the current step.
+    ``trainer.stop_training = True`` to end the fit after the current step (no minibatch is
+    admitted after it; those in flight under a streaming policy finish first).
 
     The order: ``on_fit_start``; then for each epoch, ``on_step_end`` of each of its
     minibatches, in step order (under ``Async``, the order their losses come in), each once
