@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from asyncnn.backends import ComputeTeam  # noqa: E402
-from asyncnn.backends._blas import ALIGN, split_bounds  # noqa: E402
+from asyncnn.backends import ComputeTeam, split_bounds  # noqa: E402
+
+#: blocks of whole 16 rows or columns, as the team cuts (BLAS kernels work in such blocks)
+ALIGN = 16
 
 SIZES = [784, 2048, 2048, 2048, 2048, 10]
 
