@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 import types
+from collections import deque
 from typing import Any
 
 import anyio
@@ -232,6 +233,7 @@ class _ReportsThenCancels:
 
     def __init__(self, report: dict[str, Any], scope: anyio.CancelScope) -> None:
         self.report, self.scope = report, scope
+        self.unread: deque[Any] = deque()  # (what a LinkReader read ahead of it)
 
     def received_progress(self, peek: bool = True) -> int:
         return 0
@@ -271,6 +273,7 @@ class _Frames:
 
     def __init__(self, *frames: tuple[dict[str, Any], list[Any]]) -> None:
         self.frames = list(frames)
+        self.unread: deque[Any] = deque()  # (what a LinkReader read ahead of it)
 
     def received_progress(self, peek: bool = True) -> int:
         return 0

@@ -5,6 +5,7 @@ key's loss) riding with backward messages (``_remote``), batched by the worker's
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ class _FramesFrom:
     def __init__(self, frames: list[dict[str, Any]]) -> None:
         self.frames = list(frames)
         self.closed = False
+        self.unread: deque[Any] = deque()  # (what a LinkReader read ahead of it)
 
     async def receive(self) -> tuple[dict[str, Any], list[Any]]:
         if not self.frames:
@@ -180,3 +182,60 @@ def test_an_error_of_the_loss_callback_is_its_own_not_the_workers() -> None:
         anyio.run(main, backend="trio")
     text = repr(info.value) + repr(info.value.__cause__)
     assert "the callback's own bug" in text and "protocol" not in text
+
+
+@pytest.mark.anyio
+async def test_frames_read_ahead_by_a_reader_that_left_are_read_next_after_a_failed_run(
+    anyio_backend: str,
+) -> None:
+    # the driver's reader of worker 0 handed a message to a driver's actor whose send to worker
+    # 0 waited (the link full), reading on meanwhile: worker 0's error report. Cancelled then
+    # (another worker's failure ends every reader), it dropped the report, and the gathering
+    # of the traces after the failed run read the trace frame behind it, waited in vain for a
+    # report (2 s), and the trace lacked worker 0's events
+    import socket
+
+    from asyncnn._cluster._codec import encode_message
+    from asyncnn._cluster._driver_read import DroppedTrace, _gather_traces
+    from asyncnn._cluster._remote import LinkReader
+    from asyncnn._cluster._wire import Connection, send_waits
+    from asyncnn._runtime._messages import FORWARD, Message
+
+    sa, sb = socket.socketpair()
+    worker, driver = Connection(sa, "the driver"), Connection(sb, "worker 0")
+    grad = np.ones((2, 3), dtype=np.float32)
+    await worker.send(*encode_message(Message(FORWARD, 3, 0, "a", "b", 0, (grad,), {})))
+    await worker.send({"t": "error", "type": "ZeroDivisionError", "message": "boom",
+                       "actor": "c", "trace_follows": True})  # fmt: skip
+    await worker.send({"t": "trace", "trace": 0}, [np.frombuffer(b"its events", np.uint8)])
+
+    class _Blocked:  # b's inbox: it takes the message in the reader's task, then its send waits
+        async def send(self, msg: Any) -> None:
+            send_waits()
+            await anyio.sleep_forever()
+
+    local = dataclasses.make_dataclass("FakeActor", [])()
+    local.send_channel = _Blocked()
+    run = dataclasses.make_dataclass("FakeDriverRun", [])()
+    run.local = {"b": local}
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            reader = LinkReader(driver, tg)
+
+            async def read() -> None:
+                header, buffers = await reader.receive()
+                await reader.deliver(run, header, buffers, 0)
+
+            tg.start_soon(read)
+            read_ahead = reader._ahead
+            while not any(isinstance(f, tuple) and f[0]["t"] == "error" for f in read_ahead):  # noqa: ASYNC110 - a queue, no event
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()  # the run failed elsewhere
+        cluster = dataclasses.make_dataclass("FakeCluster", [])()
+        cluster.connections = {0: driver}
+        traces: dict[int, Any] = {}
+        await _gather_traces(cluster, traces, {None: ["b"], 0: ["a", "c"]})
+    assert not isinstance(traces.get(0), DroppedTrace) and bytes(traces[0]) == b"its events"
+    assert (await worker.receive())[0]["t"] == "abort"
+    worker.close()
+    driver.close()

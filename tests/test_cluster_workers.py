@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import types
+from collections import deque
 from typing import Any
 
 import anyio
@@ -553,6 +554,7 @@ class _Link:
     def __init__(self, peer: str, frames: tuple[dict[str, Any], ...] = (), stuck: Any = ()) -> None:
         self.peer, self.frames, self.stuck = peer, list(frames), set(stuck)
         self.sent: list[dict[str, Any]] = []
+        self.unread: deque[Any] = deque()  # (what a LinkReader read ahead of it)
 
     def received_progress(self, peek: bool = True) -> int:
         return 0

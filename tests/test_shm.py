@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgpack
 import numpy as np
 import pytest
@@ -28,8 +29,8 @@ from asyncnn._cluster._handshake import (
     connect,
     listen,
 )
-from asyncnn._cluster._shm import _PREFIX, _R, _W, Channel, ShmConnection
-from asyncnn._cluster._shm_memory import _INLINE, _NEWSLAB, _SLAB
+from asyncnn._cluster._shm import _PREFIX, _R, _REL, _W, Channel, ShmConnection
+from asyncnn._cluster._shm_memory import _DROP, _INLINE, _NEWSLAB, _SLAB, _align
 from asyncnn._cluster._wire import (
     Connection,
     ProtocolError,
@@ -188,6 +189,123 @@ async def test_a_full_ring_makes_the_sender_wait_for_the_reader(anyio_backend: s
         assert a.out.pos - a.out.words[_R] <= a.out.ring_bytes  # waiting, not overwriting
         got = [(await b.receive())[0]["i"] for _ in range(n)]
     assert got == list(range(n))
+    a.close()
+    b.close()
+
+
+# -- a failed run: a receive or a send cut short -------------------------------------------------
+@pytest.mark.anyio
+async def test_discard_after_a_receive_cut_in_a_frame_over_the_socket_drains_until_the_peer_hangs_up(
+    anyio_backend: str,
+) -> None:
+    # a failed worker's reader of the driver, cancelled in the middle of a frame that went over
+    # the socket (the slabs all busy), left bytes no record announced: discard() stopped at
+    # once, the worker took that for the driver hanging up and exited, and the driver's blocked
+    # send failed with "connection reset" ("worker 0 died", not the actor's error)
+    a, b = pair(slab_bytes=1 << 20)
+    big = np.ones(8 << 20, np.uint8)  # beyond the 1 MB slab budget: over the socket
+    sent = anyio.Event()
+
+    async def sender() -> None:
+        await a.send({"t": "big"}, [big])
+        await a.send({"t": "big"}, [big])
+        await a.send({"t": "small"}, [np.ones(8, np.uint8)])
+        for _ in range(3):  # each needs the last one's slab released (or goes by the socket)
+            await a.send({"t": "slab"}, [np.ones(300_000, np.uint8)])
+        sent.set()
+        # everything read, and every slab it used given back
+        while a.out.words[_R] != a.out.pos:  # noqa: ASYNC110 - shared memory, no event
+            await anyio.sleep(0.001)
+        assert all(a.out.words[_REL + i] == s[4] for i, s in a.out.slabs.items())
+        a.close()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender)
+            with anyio.CancelScope() as cut:
+
+                async def cut_once_started() -> None:
+                    while b._arrived < 1 << 20:
+                        await anyio.lowlevel.checkpoint()
+                    cut.cancel()
+
+                tg.start_soon(cut_once_started)
+                await b.receive()
+            assert cut.cancelled_caught and b._arrived < big.nbytes  # in the middle of it
+            with pytest.raises(EOFError):
+                await b.discard()
+            assert sent.is_set()
+    b.close()
+
+
+def _fill_socket(a: ShmConnection) -> None:
+    """Fills ``a``'s socket buffers with wake bytes (zeros, which the reader skips), as the tail
+    of an earlier large frame does while the peer is slow to read."""
+    while True:
+        try:
+            a.sock.send(b"\0" * 65536)
+        except BlockingIOError:
+            return
+
+
+@pytest.mark.anyio
+async def test_a_send_over_the_socket_cancelled_after_its_announcement_goes_out_before_the_next(
+    anyio_backend: str,
+) -> None:
+    # the ring record announcing a frame over the socket was out, the frame's first byte not
+    # (the socket full): cancelled there, the frame was dropped, and the peer waited for it
+    # for ever, never reading the error report sent behind it
+    a, b = pair(slab_bytes=1 << 20)
+    _fill_socket(a)
+    big = np.arange(4 << 20, dtype=np.uint8)  # beyond the 1 MB slab budget: over the socket
+    with anyio.move_on_after(0.05) as scope:
+        await a.send({"t": "big"}, [big])
+    assert scope.cancelled_caught
+    got: list[tuple[dict[str, Any], list[np.ndarray]]] = []
+
+    async def read() -> None:
+        for _ in range(2):
+            got.append(await b.receive())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await a.send({"t": "error"})  # (a small one: first the rest of the frame cut short)
+    assert [h["t"] for h, _ in got] == ["big", "error"]
+    np.testing.assert_array_equal(got[0][1][0], big)
+    assert not a.cut()
+    a.close()
+    b.close()
+
+
+@pytest.mark.anyio
+async def test_a_send_cancelled_before_its_announcement_leaves_nothing_behind(
+    anyio_backend: str,
+) -> None:
+    a, b = pair(slab_bytes=1 << 20)
+    # the ring full: a send over the socket waits for room for its announcement
+    payload = np.zeros(60_000, np.uint8)
+    packed = msgpack.packb({"t": "fill", "n": [payload.nbytes]}, use_bin_type=True)
+    length = _align(_PREFIX.size + len(packed) + payload.nbytes)
+    while a._room(length):
+        a._put_inline(packed, [payload.data], length)
+    while a._room(_PREFIX.size):
+        a._put_control(_DROP, b"")
+    with anyio.move_on_after(0.05) as scope:
+        await a.send({"t": "big"}, [np.ones(4 << 20, np.uint8)])
+    assert scope.cancelled_caught and not a.cut()
+    async with anyio.create_task_group() as tg:
+
+        async def drain() -> None:
+            while True:
+                header, _ = await b.receive()
+                if header["t"] != "fill":
+                    assert header["t"] == "next"
+                    return
+
+        tg.start_soon(drain)
+        with anyio.fail_after(10):
+            await a.send({"t": "next"})
     a.close()
     b.close()
 

@@ -239,14 +239,17 @@ async def _gather_traces(
         conn = cluster.connections.get(w)
         if conn is None or conn.closed:
             return
+        # (what the run's reader of the worker read ahead and left comes first: its error
+        # report, say)
+        reader = LinkReader(conn)
         try:
             await conn.send({"t": "abort"})
             while True:
-                header, buffers = await conn.receive()
+                header, buffers = await reader.receive()
                 if header.get("t") in ("error", "result"):
                     _keep_trace(traces, w, header, buffers)
                     if header.get("trace_follows"):
-                        await _trace_after(conn, traces, w)
+                        await _trace_after(reader, traces, w)
                     return
         except (EOFError, ConnectionError, ValueError):
             return  # gone, or its stream lost its place: its events stay missing

@@ -11,7 +11,6 @@ for the task that hands its messages on, and goes on reading it while that task 
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -197,13 +196,19 @@ class LinkReader:
     the keys the policy lets in flight (every message belongs to one; an actor's inbox is sized
     for them too), besides the peer's heartbeats and reports. A hand-over that does not wait (the
     usual case) costs nothing more than a context variable set and reset.
+
+    What was read ahead is kept on the connection (:attr:`Connection.unread`): a reader that
+    leaves without taking it (its task cancelled by another process's failure) leaves it to
+    the next reader of the link, as the driver reads a failed run's traces (a worker's error
+    report read ahead was dropped, and its part of the trace with it). Without ``tg`` the
+    reader only reads (it never reads ahead).
     """
 
-    def __init__(self, conn: Connection, tg: TaskGroup) -> None:
+    def __init__(self, conn: Connection, tg: TaskGroup | None = None) -> None:
         self.conn = conn
         self._tg = tg
         #: frames (or the error that ended the reading) read ahead, in order
-        self._ahead: deque[tuple[dict[str, Any], list[np.ndarray]] | Exception] = deque()
+        self._ahead = conn.unread
         self._delivering = False
         #: the task that reads ahead (it may be in the middle of a receive), when one does
         self._helper: anyio.CancelScope | None = None
@@ -246,7 +251,12 @@ class LinkReader:
             self._helper.cancel()
 
     def _send_waits(self) -> None:
-        if self._helper is None and self._delivering and not self.conn.closed:
+        if (
+            self._tg is not None
+            and self._helper is None
+            and self._delivering
+            and not self.conn.closed
+        ):
             self._helper = anyio.CancelScope()
             self._tg.start_soon(self._read_ahead, self._helper)
 

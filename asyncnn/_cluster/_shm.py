@@ -93,7 +93,7 @@ from ._shm_memory import (
     supported,
 )
 from ._shm_read import ShmReading
-from ._wire import _byte_view, send_waits
+from ._wire import _byte_view, frame_parts, send_waits
 
 __all__ = [
     "DEFAULT_SLAB_BYTES",
@@ -304,10 +304,15 @@ class ShmConnection(ShmReading):
                     return
         # too large for the ring, or beyond the slab budget: the frame goes over the socket,
         # announced in the ring so that it keeps its place among the messages
+        parts = frame_parts(header, views)
         await self._wait_room(_PREFIX.size)
+        # announced, the frame must go whole, though this send be cancelled before its first
+        # byte (the socket full): the peer waits for it, and would never read what follows
+        # (the error report of a failed run); the next send sends it first
         self._put_control(_SOCKET, b"")
-        await self._send_frame(header, views)
+        self._rest = parts
         self.counts["socket"] += 1
+        await self._send_parts(parts)
 
     async def _slab_for(self, span: int) -> int | None:
         """A free slab of at least ``span`` bytes (made if need be), or None when the budget
@@ -417,8 +422,8 @@ class ShmConnection(ShmReading):
         """Sends a header-only frame without an event loop, best effort (the shutdown notice)."""
         packed = msgpack.packb({**header, "n": []}, use_bin_type=True)
         length = _align(_PREFIX.size + len(packed))
-        if self.closed or not self._room(length) or self._lock.locked():
-            return
+        if self.closed or not self._room(length) or self._lock.locked() or self._rest:
+            return  # (a frame cut short: its rest on the socket must not take the wake byte)
         self._put_inline(packed, [], length)
         # the receiver may sleep on the socket: the wake byte must go even if the flag is unset
         self._wake()

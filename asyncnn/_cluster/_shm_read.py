@@ -25,6 +25,7 @@ from ._shm_memory import (
     _PREFIX,
     _R,
     _S,
+    _SLAB,
     _SOCKET,
     _T,
     _W,
@@ -108,20 +109,71 @@ class ShmReading(Connection):
             await self._wait()
 
     async def discard(self) -> None:
-        """Reads and drops the peer's records until it closes the connection (see
-        :meth:`Connection.discard`): reading them frees the ring and the slabs the peer waits
-        for. A record is read whole or not at all, so a read cut short leaves none half read
-        (but for the rare frame over the socket: the stream then stops making sense, and this
-        returns).
+        """Reads and drops everything the peer sends until it closes the connection (see
+        :meth:`Connection.discard`): the ring's records, the slabs they name (given back, which
+        frees them for the peer's next messages) and the socket's bytes, raw.
+
+        Nothing is parsed as a frame: a receive cut short in the middle of a frame over the
+        socket (one that did not fit the slabs, routine once many large messages are in
+        flight) leaves the rest of its bytes there with no record announcing them, which
+        stopped a discard that read frames (the worker then took the driver for gone, exited,
+        and the driver's send to it failed: "worker 0 died" instead of the actor's error).
 
         Raises:
             EOFError, ConnectionError: the peer closed the connection, or it broke.
         """
+        inc = self.inc
+        self._rstart = self._rend = 0
         while True:
+            if self.closed:  # its mappings are gone (close unmaps them)
+                raise ConnectionError(f"the connection to {self.peer} is closed")
+            self._skip_records()
+            inc.words[_S] = 1  # asleep: a record published from here on sends a wake byte
             try:
-                await self.receive()
-            except ProtocolError:
+                _fence()
+                if inc.words[_W] != inc.pos:
+                    continue
+                await anyio.wait_readable(self.sock)
+            finally:
+                if not self.closed:
+                    inc.words[_S] = 0
+            if self.closed:
+                raise ConnectionError(f"the connection to {self.peer} is closed")
+            try:
+                n = self.sock.recv_into(self._rview)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"receiving from {self.peer} failed: {exc}") from exc
+            if n == 0:
+                raise EOFError(f"{self.peer} closed the connection")
+            self._arrived += n  # (progress the quiet watch of Worker._after_failure sees)
+
+    def _skip_records(self) -> None:
+        """Drops the records the ring holds, giving back the slab of each message in one: what
+        a reader that took them and let them go would do, without reading a header. A record
+        that does not make sense skips the rest of the ring."""
+        inc = self.inc
+        written = int(inc.words[_W])
+        while inc.pos != written:
+            ahead = written - inc.pos
+            at = inc.pos % inc.ring_bytes
+            rest = inc.ring_bytes - at
+            if ahead < 0 or ahead > inc.ring_bytes:
+                self._advance(ahead)
                 return
+            if rest < _PREFIX.size:
+                self._advance(min(rest, ahead))
+                continue
+            length, kind, _, slab, gen = _PREFIX.unpack_from(inc.data, at)
+            if length < _PREFIX.size or length > min(rest, ahead) or length % 8:
+                self._advance(ahead)
+                return
+            if kind == _SLAB and slab < MAX_SLABS:
+                _release(inc.words, slab, gen)
+            elif kind == _DROP:
+                inc.slabs.pop(slab, None)
+            self._advance(length)
 
     def _bad(self, what: str) -> ProtocolError:
         self._broken = f"{self.peer} broke the shared-memory protocol: {what}"

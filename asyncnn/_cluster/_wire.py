@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "PeerLost",
     "ProtocolError",
     "frame_head",
+    "frame_parts",
     "lost_peer",
     "send_waits",
 ]
@@ -131,6 +133,9 @@ class Connection:
         #: what a send cancelled in the middle of its frame left unsent: the next frame follows
         #: it (see :meth:`_send_frame`)
         self._rest: list[memoryview] = []
+        #: frames (or the error that ended the reading) that a ``LinkReader`` read ahead and
+        #: its task did not take: the next ``LinkReader`` of this connection returns them first
+        self.unread: deque[tuple[dict[str, Any], list[np.ndarray]] | Exception] = deque()
 
     def adopt(self, other: Connection) -> None:
         """Takes over what ``other`` (a connection on the same socket, done with) read ahead."""
@@ -287,12 +292,7 @@ class Connection:
         died"). A send cancelled before any of its frame went out leaves nothing behind."""
         if self._rest:
             await self._send_parts(self._rest)
-        head = frame_head(header, [v.nbytes for v in views])
-        if sum(v.nbytes for v in views) <= _READ_AHEAD:
-            # a small frame goes out in one system call
-            parts = [_byte_view(b"".join([head, *views]))]
-        else:
-            parts = [_byte_view(head), *views]
+        parts = frame_parts(header, views)
         before = self.bytes_sent
         try:
             await self._send_parts(parts)
@@ -415,6 +415,15 @@ def frame_head(header: dict[str, Any], sizes: list[int]) -> bytes:
     """The prefix and msgpack header of a frame whose buffers have ``sizes`` bytes."""
     packed = msgpack.packb({**header, "n": sizes}, use_bin_type=True)
     return _PREFIX.pack(MAGIC, len(packed), sum(sizes)) + packed
+
+
+def frame_parts(header: dict[str, Any], views: list[memoryview]) -> list[memoryview]:
+    """The bytes of a frame, in the pieces it goes out in."""
+    head = frame_head(header, [v.nbytes for v in views])
+    if sum(v.nbytes for v in views) <= _READ_AHEAD:
+        # a small frame goes out in one system call
+        return [_byte_view(b"".join([head, *views]))]
+    return [_byte_view(head), *views]
 
 
 def _byte_view(b: Any) -> memoryview:

@@ -359,8 +359,8 @@ class Worker:
             try:
                 await conn.discard()
             except (EOFError, ConnectionError):
-                pass
-            finally:
+                # only the end of the stream says the peer hung up (a discard that ended
+                # otherwise, taken for it, had this worker exit under the driver's send)
                 if done is not None:
                     done.set()
 
