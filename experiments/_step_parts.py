@@ -83,7 +83,7 @@ def bit_identity(sizes: list[int], batch: int) -> dict[str, bool]:
     return out
 
 
-def _products(sizes: list[int], batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def step_products(sizes: list[int], batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The products of one SGD step of the MLP: forward, input gradient (not of the first layer)
     and weight gradient of each layer."""
     rng = np.random.default_rng(2)
@@ -99,7 +99,7 @@ def _products(sizes: list[int], batch: int) -> list[tuple[np.ndarray, np.ndarray
 def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
     """ms per step of the step's products alone (GFLOP/s beside) and of its large elementwise
     passes alone: BLAS on every core, the team, and torch when installed."""
-    prods = _products(sizes, batch)
+    prods = step_products(sizes, batch)
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in prods)
     h = np.random.default_rng(3).standard_normal((batch, sizes[1]), dtype=np.float32)
     bias = np.ones(sizes[1], np.float32)
@@ -128,7 +128,7 @@ def breakdown(sizes: list[int], batch: int, reps: int) -> dict[str, float]:
     # pieces of batch/8 rows, and an SGD update of every weight after each piece
     from threadpoolctl import threadpool_limits
 
-    micro = _products(sizes, max(1, batch // 8))
+    micro = step_products(sizes, max(1, batch // 8))
     weights = [np.ones((a, b), np.float32) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     grads = [np.full_like(w, 1e-3) for w in weights]
 

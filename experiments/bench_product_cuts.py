@@ -21,25 +21,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _step_parts import step_products  # noqa: E402
+
 from asyncnn.backends import ComputeTeam, split_bounds  # noqa: E402
 
 #: blocks of whole 16 rows or columns, as the team cuts (BLAS kernels work in such blocks)
 ALIGN = 16
 
 SIZES = [784, 2048, 2048, 2048, 2048, 10]
-
-
-def products(batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The step's products: forward, weight gradient and (past the first layer) input
-    gradient of each layer, as the runtime computes them."""
-    rng = np.random.default_rng(0)
-    out = []
-    for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
-        x = rng.standard_normal((batch, fan_in), dtype=np.float32)
-        w = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
-        g = rng.standard_normal((batch, fan_out), dtype=np.float32)
-        out += [(x, w), (x.T, g)] + ([(g, w.T)] if i > 0 else [])
-    return out
 
 
 def grid_matmul(team: ComputeTeam, a: np.ndarray, b: np.ndarray, rows: int, cols: int) -> Any:
@@ -83,7 +72,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
-    prods = products(args.batch)
+    prods = step_products(SIZES, args.batch)
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in prods)
     grids = [(r, cores // r) for r in (1, 2, 4, 8, 16) if cores % r == 0 and r <= cores]
     print(
