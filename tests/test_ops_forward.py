@@ -13,7 +13,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import ops
-from asyncnn.backends import BFLOAT16, to_numpy
+from asyncnn.backends import BFLOAT16, array_namespace, to_numpy
 
 from _ops_cases import ref_conv, ref_log_softmax, ref_pool
 from conftest import HAS_CUDA
@@ -394,6 +394,13 @@ def edge(name: str, op: Any, torch_op: Any, *inputs: Any) -> Any:
 
 
 NAN, INF = math.nan, math.inf
+
+
+def _labels_on(x: Any, labels: list[int]) -> Any:
+    """int64 ``labels`` on the device of ``x`` (traced: of its value; a GPU case's are cupy's)."""
+    return array_namespace(ops.raw(x)).asarray(np.array(labels, dtype=np.int64))
+
+
 TIES = [[1.0, 3.0, 3.0], [3.0, 0.0, 2.0]]
 GRID = np.arange(24.0).reshape(2, 3, 4) % 5  # repeated values: ties in every reduction
 MASK = np.array([True, False, True, True])
@@ -441,10 +448,10 @@ EDGE_CASES = [
          [[INF, 0.0, 1.0], [1.0, 2.0, 3.0], [-INF, INF, -INF]]),
     edge("log_softmax-posinf", lambda x: ops.log_softmax(x, 0), lambda t, x: x.log_softmax(0),
          [[INF, 0.0, -INF], [1.0, 2.0, -INF]]),
-    edge("cross_entropy-posinf", lambda x: ops.cross_entropy(x, np.array([0, 2])),
+    edge("cross_entropy-posinf", lambda x: ops.cross_entropy(x, _labels_on(x, [0, 2])),
          lambda t, x: t.nn.functional.cross_entropy(x, t.tensor([0, 2])),
          [[INF, 0.0, 1.0], [1.0, 2.0, 3.0]]),
-    edge("cross_entropy-no-rows", lambda x: ops.cross_entropy(x, np.zeros(0, np.int64)),
+    edge("cross_entropy-no-rows", lambda x: ops.cross_entropy(x, _labels_on(x, [])),
          lambda t, x: t.nn.functional.cross_entropy(x, t.zeros(0, dtype=t.int64)),
          np.zeros((0, 3))),
     edge("softmax-empty-axis", ops.softmax, lambda t, x: x.softmax(-1), np.zeros((2, 0))),
