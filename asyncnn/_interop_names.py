@@ -97,6 +97,11 @@ def layout(target: Any, params: Any, names: Names | None) -> dict[str, tuple[Any
                         )
                     continue
                 for key, entry in _named_entries(name, module, p, names[name]):
+                    if key in out and out[key][0] == name:
+                        raise ValueError(
+                            f"names[{name!r}] = {names[name]!r} gives two of the layer's modules "
+                            f"the torch name {key!r}; give each module a prefix of its own"
+                        )
                     if key in out:
                         # (the later layer's entry replaced the earlier's: from_torch left that
                         # layer at the template's random weights, to_torch dropped its own)

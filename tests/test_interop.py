@@ -867,3 +867,16 @@ def test_a_state_dict_of_attribute_names_says_to_give_names_per_module():
         "[<Embedding's attribute>], 'stage1': [<LSTM's attribute>, <Linear's attribute>]}"
     )):  # fmt: skip
         from_torch(_attribute_model(torch).state_dict(), g)
+
+
+def test_names_that_give_two_modules_of_one_layer_one_torch_name_say_so():
+    # ("layers 'stage0' and 'stage0' both map to ...; give each layer a prefix of its own")
+    g = ann.Graph.sequential(
+        [nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)], loss=nn.MSELoss(), stages=1,
+        input_shape=(None, 3), label_shape=(None, 2), label_dtype="float32",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(
+        "names['stage0'] = ['fc', 'act', 'fc'] gives two of the layer's modules the torch name "
+        "'fc.weight'; give each module a prefix of its own"
+    )):  # fmt: skip
+        torch_names(g, {"stage0": ["fc", "act", "fc"]})

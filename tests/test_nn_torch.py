@@ -342,3 +342,17 @@ def test_embedding_padding_idx_matches_torch(padding_idx: int) -> None:
     np.testing.assert_array_equal(out, ref.detach().numpy())
     np.testing.assert_allclose(grads["weight"], tw.grad.numpy(), rtol=1e-12, atol=0)
     assert not grads["weight"][row].any()
+
+
+def test_an_ignored_row_holding_inf_has_torchs_nan_gradient() -> None:
+    # its softmax is NaN: torch's gradient there is NaN, as the composed loss's; an ignored
+    # row of finite logits gets +0
+    torch = pytest.importorskip("torch")
+    z = np.array([[0.0, np.inf, 1.0], [0.5, -0.2, 0.1], [2.0, 0.3, -1.0]])
+    y = np.array([-100, 2, -100])
+    tz = torch.tensor(z, requires_grad=True)
+    torch.nn.functional.cross_entropy(tz, torch.from_numpy(y)).backward()
+    _, pullback = vjp(lambda x: ops.cross_entropy(x, y, ignore_index=-100), z)
+    (grad,) = pullback(1.0)
+    np.testing.assert_allclose(grad, tz.grad.numpy(), rtol=1e-12, atol=1e-15)  # (NaN as NaN)
+    assert np.isnan(grad[0]).all() and not np.signbit(grad[2]).any()

@@ -463,8 +463,10 @@ def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, 
             p *= g / ((y.shape[0] or 1) if count is None else xp.maximum(count, 1))
         else:
             p *= g
-        if mask is not None:  # an ignored row: +0, as torch's (a product with 0 could be -0)
-            p = xp.where(mask[:, None], p, 0).astype(p.dtype, copy=False)
+        if mask is not None:
+            # an ignored row: +0, as torch's (a product with 0 could be -0), but NaN where its
+            # softmax is (a row holding inf or NaN), as torch's and the composed loss's
+            p = xp.where(mask[:, None] | (p != p), p, 0).astype(p.dtype, copy=False)
     if len(shape) > 2:
         p = xp.moveaxis(p.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
     return p.astype(dtype, copy=False), None
