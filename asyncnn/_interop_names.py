@@ -113,13 +113,10 @@ def layout(target: Any, params: Any, names: Names | None) -> dict[str, tuple[Any
                     out[key] = entry
                 continue
             # one torch nn.Sequential of every layer's modules in turn
-            children = module.modules if _is_sequential(module) else [module]
-            child_params = p if _is_sequential(module) else [p]
-            for i, (m, cp) in enumerate(zip(children, child_params, strict=True)):
-                where = f".modules[{i}]" if _is_sequential(module) else ""
-                for s, path, t in _module_entries(m, cp, name, where):
-                    key_path = (i, *path) if _is_sequential(module) else path
-                    out[f"{offset + i}.{s}"] = (name, key_path, t)
+            children = _children_entries(name, module, p)
+            for i, entries_i in enumerate(children):
+                for s, entry in entries_i:
+                    out[f"{offset + i}.{s}"] = entry
             offset += len(children)
         return out
     return {s: (None, path, t) for s, path, t in _module_entries(target, params)}
@@ -135,7 +132,7 @@ def _named_entries(
     if isinstance(prefix, str):
         head = prefix + "." if prefix else ""
         return [(head + s, (name, path, t)) for s, path, t in _module_entries(module, params, name)]
-    modules = module.modules if _is_sequential(module) else [module]
+    modules = _modules_of(module)
     if (
         not isinstance(prefix, Sequence)
         or not all(isinstance(x, str) for x in prefix)
@@ -146,15 +143,29 @@ def _named_entries(
             f"the layer ({len(modules)}: {', '.join(type(m).__name__ for m in modules)}), got "
             f"{prefix!r}"
         )
-    out = []
-    for i, (m, p, head) in enumerate(
-        zip(modules, params if _is_sequential(module) else [params], prefix, strict=True)
-    ):
-        where = f".modules[{i}]" if _is_sequential(module) else ""
-        for s, path, t in _module_entries(m, p, name, where):
-            key_path = (i, *path) if _is_sequential(module) else path
-            out.append(((head + "." if head else "") + s, (name, key_path, t)))
-    return out
+    return [
+        ((head + "." if head else "") + s, entry)
+        for head, entries in zip(prefix, _children_entries(name, module, params), strict=True)
+        for s, entry in entries
+    ]
+
+
+def _modules_of(module: Any) -> list[Any]:
+    """A layer's modules in turn: a Sequential's, or the lone module."""
+    return list(module.modules) if _is_sequential(module) else [module]
+
+
+def _children_entries(
+    name: str, module: Any, params: Any
+) -> list[list[tuple[str, tuple[Any, ...]]]]:
+    """For each module of layer ``name`` in turn (:func:`_modules_of`), ``(torch suffix,
+    (layer, path into the layer's params, transposed))`` of its parameters."""
+    if not _is_sequential(module):
+        return [[(s, (name, path, t)) for s, path, t in _module_entries(module, params, name)]]
+    return [
+        [(s, (name, (i, *path), t)) for s, path, t in _module_entries(m, p, name, f".modules[{i}]")]
+        for i, (m, p) in enumerate(zip(module.modules, params, strict=True))
+    ]
 
 
 def mismatch_hint(target: Any, extra: list[str], names: Names | None) -> str:
@@ -166,17 +177,17 @@ def mismatch_hint(target: Any, extra: list[str], names: Names | None) -> str:
         return ""
     if not any(not k.split(".", 1)[0].isdigit() for k in extra):
         return ""
-    shape = {}
-    for n in target.layers:
-        module = target.nodes[n].module
-        modules = module.modules if _is_sequential(module) else [module]
-        shape[n] = [f"<{type(m).__name__}'s attribute>" for m in modules]
+    shape = ", ".join(
+        f"{n!r}: [" + ", ".join(f"<{type(m).__name__}'s attribute>" for m in _modules_of(
+            target.nodes[n].module)) + "]"
+        for n in target.layers
+    )  # fmt: skip
     return (
         "; the state dict's names are a torch model's attributes, not one nn.Sequential's "
         "(0.weight, 1.weight, ...): give names= one torch prefix per module of each layer, in "
-        f"order: names={shape} (a prefix of a module without weights is not read; "
+        f"order: names={{{shape}}} (a prefix of a module without weights is not read; "
         "torch_names(graph, names) lists the names it reads)"
-    ).replace('"', "")
+    )
 
 
 def _is_sequential(module: Any) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import array_namespace as ns
-from ..backends import current_team, is_half
+from ..backends import current_team
 from ._optim_checks import (
     _check_buffer,
     _check_clip_norm,
@@ -45,12 +45,10 @@ from ._optim_checks import (
     _not_a_float_array,
 )
 from ._optim_leaf import (
+    BuiltinLeafUpdate,
     _fresh,
-    _in_float32,
-    _leaf_ops,
     _many_kernels,
     _numpy_many,
-    _silent_non_finite,
 )
 from ._pytree import tree_flatten, tree_unflatten
 from ._schedules import (
@@ -359,7 +357,7 @@ class Optimizer(abc.ABC):
 
 
 @dataclass(frozen=True)
-class SGD(Optimizer):
+class SGD(BuiltinLeafUpdate, Optimizer):
     """Stochastic gradient descent with momentum, as torch.optim.SGD.
 
     With ``d = g + weight_decay * p``: the momentum buffer starts as ``d`` (no dampening on the
@@ -412,20 +410,13 @@ class SGD(Optimizer):
             self.weight_decay, self.nesterov,
         )  # fmt: skip
 
-    def update_leaf(
-        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    def _fused_leaf(
+        self, fused: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp, fused = _leaf_ops(p, g)
-        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
-            buf = buffers[0] if buffers else None
-            return fused.sgd_leaf(
-                p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay,
-                self.nesterov,
-            )  # fmt: skip
-        with _silent_non_finite():
-            if p.dtype.itemsize == 2 and is_half(p.dtype):
-                return _in_float32(SGD.update_leaf, self, p, g, buffers, step, lr)
-            return self._update_array(xp, p, g, buffers, step, lr)
+        buf = buffers[0] if buffers else None
+        return fused.sgd_leaf(
+            p, g, buf, step, lr, self.momentum, self.dampening, self.weight_decay, self.nesterov
+        )
 
     def _update_array(
         self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float

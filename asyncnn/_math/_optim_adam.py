@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import is_half
 from ._optim import Optimizer
 from ._optim_checks import (
     _check_clip_norm,
@@ -17,12 +16,10 @@ from ._optim_checks import (
     _real,
 )
 from ._optim_leaf import (
+    BuiltinLeafUpdate,
     _fresh,
-    _in_float32,
-    _leaf_ops,
     _many_kernels,
     _numpy_many,
-    _silent_non_finite,
 )
 from ._schedules import (
     Schedule,
@@ -56,7 +53,7 @@ def _check_adam(owner: str, opt: Adam) -> None:
 
 
 @dataclass(frozen=True)
-class Adam(Optimizer):
+class Adam(BuiltinLeafUpdate, Optimizer):
     """Adam, as torch.optim.Adam (weight decay added to the gradient, as an L2 penalty).
 
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (``v_max = max(v_max, v)`` with
@@ -102,19 +99,21 @@ class Adam(Optimizer):
             self._decoupled,
         )  # fmt: skip
 
-    def update_leaf(
-        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    def _fused_leaf(
+        self, fused: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
-        xp, fused = _leaf_ops(p, g)
-        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
-            return fused.adam_leaf(
-                p, g, buffers, step, lr, self.betas, self.eps, self.weight_decay, self.amsgrad,
-                self._decoupled,
-            )  # fmt: skip
-        with _silent_non_finite():
-            if p.dtype.itemsize == 2 and is_half(p.dtype):
-                return _in_float32(Adam.update_leaf, self, p, g, buffers, step, lr)
-            return self._update_array(xp, p, g, buffers, step, lr)
+        return fused.adam_leaf(
+            p,
+            g,
+            buffers,
+            step,
+            lr,
+            self.betas,
+            self.eps,
+            self.weight_decay,
+            self.amsgrad,
+            self._decoupled,
+        )
 
     def _update_array(
         self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float

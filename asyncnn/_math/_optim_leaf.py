@@ -118,3 +118,35 @@ def _in_float32(
         opt, p.astype(f32), g.astype(f32), tuple(b.astype(f32) for b in buffers), step, lr
     )
     return new_p.astype(p.dtype), tuple(b.astype(p.dtype) for b in new_buffers)
+
+
+class BuiltinLeafUpdate:
+    """The shape of the built-in optimizers' :meth:`~Optimizer.update_leaf` (SGD's, Adam's),
+    placed before ``Optimizer`` among their bases: one kernel per leaf where the backend has
+    fused kernels (:meth:`_fused_leaf`), else the array code (:meth:`_update_array`) under one
+    error state, a 16-bit leaf in float32 (:func:`_in_float32`)."""
+
+    def update_leaf(
+        self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        xp, fused = _leaf_ops(p, g)
+        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
+            return self._fused_leaf(fused, p, g, buffers, step, lr)
+        with _silent_non_finite():
+            if p.dtype.itemsize == 2 and is_half(p.dtype):
+                # (this update's own arithmetic, not a subclass's update_leaf around it)
+                update = BuiltinLeafUpdate.update_leaf
+                return _in_float32(update, self, p, g, buffers, step, lr)  # type: ignore[arg-type]
+            return self._update_array(xp, p, g, buffers, step, lr)
+
+    def _fused_leaf(
+        self, fused: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`update_leaf` on the backend's fused kernels (``fused``): one kernel."""
+        raise NotImplementedError
+
+    def _update_array(
+        self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`update_leaf`'s arithmetic on one float32 or float64 leaf of ``xp``."""
+        raise NotImplementedError

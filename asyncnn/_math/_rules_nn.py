@@ -373,7 +373,7 @@ def _cross_entropy(
     y = labels.reshape(-1)
     fused = fused_nn_kernels_of(z)
     # where ignore_index is given: the rows it labels (kept False) have a loss and a gradient
-    # of 0, and the mean divides by the rows kept
+    # of 0, and the mean divides by the rows kept (kept_count, a 0-d array)
     kept = kept_count = None
     if fused is not None and fused.fits(z, y):
         # one kernel for the softmax and the row losses (and one for the gradient): an eager
@@ -408,7 +408,9 @@ def _cross_entropy(
             out, kept_count = fused.mean_of_kept(nll, y, ignore_index)
         else:
             out = fused.reduce_losses(nll, reduction)
-        return out, _ce_residuals(p, y, rows, fused, reduction, logits, ignore_index, kept_count)
+        shape = tuple(logits.shape)
+        return out, (p, y, rows, fused, reduction, shape, logits.dtype, ignore_index, None,
+                     kept_count)  # fmt: skip
     if kept is not None and reduction == "mean":
         kept_count = kept.sum(dtype=nll.dtype)
         with _quiet(xp):  # (every label ignored: 0 / 0, NaN as in torch)
@@ -421,18 +423,10 @@ def _cross_entropy(
         from asyncnn.backends._graphs import label_poison  # imports cupy
 
         out = out + label_poison(labels, logits.shape[1], out.dtype, ignore_index)
-    if kept is not None:
-        kept_count = kept if kept_count is None else (kept, kept_count)
-    return out, _ce_residuals(p, y, rows, fused, reduction, logits, ignore_index, kept_count)
-
-
-def _ce_residuals(
-    p: Any, y: Any, rows: Any, fused: Any, reduction: str, logits: Any, ignore: Any, kept: Any
-) -> tuple[Any, ...]:
-    """What :func:`_cross_entropy_vjp` reads. ``kept``: the fused mean's count of rows kept
-    (a 0-d array); for the array code the mask of rows kept, with the count beside it for a
-    mean; None without ``ignore_index``."""
-    return (p, y, rows, fused, reduction, tuple(logits.shape), logits.dtype, ignore, kept)
+    # (the mask of the rows kept, for the array code; the count of them, for a mean)
+    shape = tuple(logits.shape)
+    return out, (p, y, rows, fused, reduction, shape, logits.dtype, ignore_index, kept,
+                 kept_count)  # fmt: skip
 
 
 def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
@@ -448,14 +442,13 @@ def _reduced(nll: Any, labels: Any, reduction: str) -> Any:
 
 
 def _cross_entropy_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
-    p, y, rows, fused, reduction, shape, dtype, ignore, kept = res
+    p, y, rows, fused, reduction, shape, dtype, ignore, mask, count = res
     xp = ns(g)
     if fused is not None:
-        p = fused.cross_entropy_grad(p, y, g, reduction, dtype, ignore, kept)
+        p = fused.cross_entropy_grad(p, y, g, reduction, dtype, ignore, count)
     else:
         # softmax - onehot, built in place in the softmax residual (a pullback runs once).
         p[rows, y] -= 1
-        mask, count = kept if isinstance(kept, tuple) else (kept, None)
         if reduction == "none":
             p *= g.reshape(-1, 1)
         elif reduction == "mean":
