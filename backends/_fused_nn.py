@@ -77,7 +77,7 @@ const long long r = i / c;
 const long long label = (long long)y[r];
 const A onehot = (label == i % c) ? (A)1 : (A)0;
 const A scale = per_row ? g[r] : (mean ? g[0] / (ignoring ? kept[0] : n) : g[0]);
-grad = (ignoring && label == ignore) ? (T)(A)0 : (T)((p - onehot) * scale);
+grad = (ignoring && label == ignore) ? (T)(p * (A)0) : (T)((p - onehot) * scale);
 """
 
 # max(x, 0) as numpy's and cupy's maximum compute it: NaN comes through, -0 becomes +0; for
@@ -250,61 +250,20 @@ LOSS_SUM_ROWS = 16384
 
 # the mean or the sum of a vector of float32 or float64 losses in one block: each of 256
 # threads adds every 256th value in order, then a tree of fixed shape adds theirs; a raw kernel
-# is cheaper to launch than cupy's reduction (a loss, once per step)
+# is cheaper to launch than cupy's reduction (a loss, once per step). Given labels (``y`` not
+# null), it also counts those other than ``ignore`` beside the sums (whose order it keeps: the
+# same bits where nothing is ignored), divides by that count and writes it to ``kept``.
 _LOSS_SUM = r"""
 extern "C" __global__ void asyncnn_loss_sum_{ctype}(
-    const {ctype}* x, {ctype}* y, long long n, {ctype} divisor) {{
-  __shared__ {ctype} part[256];
-  {ctype} s = 0;
-  for (long long i = threadIdx.x; i < n; i += 256) s += x[i];
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = 128; w > 0; w >>= 1) {{
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-    __syncthreads();
-  }}
-  if (threadIdx.x == 0) y[0] = part[0] / divisor;
-}}
-"""
-
-
-@functools.cache
-def _loss_sum(ctype: str) -> Any:
-    return cupy.RawKernel(_LOSS_SUM.format(ctype=ctype), f"asyncnn_loss_sum_{ctype}")
-
-
-def reduce_losses(losses: Any, reduction: str) -> Any:
-    """The ``"mean"`` or ``"sum"`` of a 1-D float32 or float64 array of losses as a 0-d
-    array, in one kernel that adds in a fixed order (256 strided partial sums, then a tree);
-    NaN where any loss is NaN, and NaN for the mean of none. More than :data:`LOSS_SUM_ROWS`
-    losses take cupy's ``mean`` or ``sum`` instead (one block would be slow on them)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduce_losses: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if losses.size > LOSS_SUM_ROWS:
-        return losses.mean() if reduction == "mean" else losses.sum()
-    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
-    losses = cupy.ascontiguousarray(losses)
-    n = losses.size
-    out = cupy.empty((), dtype=losses.dtype)
-    divisor = losses.dtype.type(n if reduction == "mean" else 1)
-    _loss_sum(ctype)((1,), (256,), (losses, out, np.int64(n), divisor))
-    return out
-
-
-# the mean of the losses of the labels other than ``ignore`` (those rows' losses are 0) and
-# how many there are, in one block: the losses added as :data:`_LOSS_SUM` adds them (the same
-# bits where nothing is ignored), the labels counted beside them
-_LOSS_MEAN_KEPT = r"""
-extern "C" __global__ void asyncnn_loss_mean_kept_{ctype}(
     const {ctype}* x, const long long* y, {ctype}* out, {ctype}* kept, long long n,
-    long long ignore) {{
+    long long ignore, {ctype} divisor) {{
   __shared__ {ctype} part[256];
   __shared__ {ctype} count[256];
   {ctype} s = 0;
   {ctype} k = 0;
   for (long long i = threadIdx.x; i < n; i += 256) {{
     s += x[i];
-    k += (y[i] != ignore) ? ({ctype})1 : ({ctype})0;
+    if (y) k += (y[i] != ignore) ? ({ctype})1 : ({ctype})0;
   }}
   part[threadIdx.x] = s;
   count[threadIdx.x] = k;
@@ -317,16 +276,43 @@ extern "C" __global__ void asyncnn_loss_mean_kept_{ctype}(
     __syncthreads();
   }}
   if (threadIdx.x == 0) {{
-    out[0] = part[0] / count[0];
-    kept[0] = count[0];
+    if (y) kept[0] = count[0];
+    out[0] = part[0] / (y ? count[0] : divisor);
   }}
 }}
 """
 
+# a null pointer for the kernel's ``y`` and ``kept`` (passed by value: a kernel's pointer is a
+# 64-bit word)
+_NULL = np.uint64(0)
+
 
 @functools.cache
-def _loss_mean_kept(ctype: str) -> Any:
-    return cupy.RawKernel(_LOSS_MEAN_KEPT.format(ctype=ctype), f"asyncnn_loss_mean_kept_{ctype}")
+def _loss_sum(ctype: str) -> Any:
+    return cupy.RawKernel(_LOSS_SUM.format(ctype=ctype), f"asyncnn_loss_sum_{ctype}")
+
+
+def _ctype(losses: Any) -> str:
+    return {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
+
+
+def reduce_losses(losses: Any, reduction: str) -> Any:
+    """The ``"mean"`` or ``"sum"`` of a 1-D float32 or float64 array of losses as a 0-d
+    array, in one kernel that adds in a fixed order (256 strided partial sums, then a tree);
+    NaN where any loss is NaN, and NaN for the mean of none. More than :data:`LOSS_SUM_ROWS`
+    losses take cupy's ``mean`` or ``sum`` instead (one block would be slow on them)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduce_losses: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if losses.size > LOSS_SUM_ROWS:
+        return losses.mean() if reduction == "mean" else losses.sum()
+    ctype = _ctype(losses)
+    losses = cupy.ascontiguousarray(losses)
+    n = losses.size
+    out = cupy.empty((), dtype=losses.dtype)
+    divisor = losses.dtype.type(n if reduction == "mean" else 1)
+    args = (losses, _NULL, out, _NULL, np.int64(n), np.int64(0), divisor)
+    _loss_sum(ctype)((1,), (256,), args)
+    return out
 
 
 def mean_of_kept(losses: Any, labels: Any, ignore: int) -> tuple[Any, Any]:
@@ -340,13 +326,14 @@ def mean_of_kept(losses: Any, labels: Any, ignore: int) -> tuple[Any, Any]:
     if losses.size > LOSS_SUM_ROWS:
         kept = (labels != ignore).sum(dtype=losses.dtype)
         return losses.sum() / kept, kept
-    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[losses.dtype]
+    ctype = _ctype(losses)
     losses = cupy.ascontiguousarray(losses)
     labels = cupy.ascontiguousarray(labels.astype(cupy.int64, copy=False))
     out = cupy.empty((), dtype=losses.dtype)
     kept = cupy.empty((), dtype=losses.dtype)
-    _loss_mean_kept(ctype)((1,), (256,), (losses, labels, out, kept, np.int64(losses.size),
-                                          np.int64(ignore)))  # fmt: skip
+    one = losses.dtype.type(1)  # (not read: the count divides)
+    args = (losses, labels, out, kept, np.int64(losses.size), np.int64(ignore), one)
+    _loss_sum(ctype)((1,), (256,), args)
     return out, kept
 
 

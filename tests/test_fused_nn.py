@@ -268,6 +268,35 @@ def test_a_bad_label_beside_ignored_ones_still_makes_the_loss_nan(monkeypatch: A
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_ignored_row_holding_inf_or_nan_has_the_hosts_nan_gradient(
+    reduction: str, monkeypatch: Any
+) -> None:
+    # its softmax is NaN, and so is torch's gradient there (and the host's); an ignored row of
+    # finite logits gets +0; the fused kernels and the array code alike
+    import cupy
+
+    z = np.array([[0.0, np.inf, 1.0], [0.5, -0.2, 0.1], [2.0, 0.3, -1.0], [np.nan, 0.0, 1.0]])
+    y = np.array([-100, 2, -100, -100])
+    ct = np.array([0.5, 1.0, 1.5, 2.0]) if reduction == "none" else np.float64(0.75)
+
+    def grad_of(x: Any, lab: Any, seed: Any) -> np.ndarray:
+        _, pullback = ann.vjp(lambda v: ops.cross_entropy(v, lab, reduction, -100), x)
+        return np.asarray(cupy.asnumpy(pullback(seed)[0]))
+
+    want = grad_of(z, y, ct)
+    assert np.isnan(want[[0, 3]]).all() and np.isfinite(want[[1, 2]]).all()
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            calls = _counting(m, "cross_entropy_grad")
+            if not fused:
+                _unfused(m)
+            got = grad_of(cupy.asarray(z), cupy.asarray(y), cupy.asarray(ct))
+        assert len(calls) == (1 if fused else 0)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=f"{fused=}")
+        assert not np.signbit(got[2]).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_loss_at_its_defaults_ignores_gpu_labels_as_host_ones(
     reduction: str,
 ) -> None:
