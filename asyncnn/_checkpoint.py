@@ -39,8 +39,9 @@ fails before its renames removes what it wrote and leaves the folder as it was.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -240,6 +241,40 @@ def _check_devices_here(graph: Graph, path: str) -> None:
         ) from exc
 
 
+def _check_overrides(cls: type[Trainer], overrides: Mapping[str, Any]) -> None:
+    """Refuses an override that is no argument of ``cls`` (a subclass's own too) nor
+    ``trusted_modules``: ``lr=1e-4`` failed in the build, as ``Trainer.__init__() got an
+    unexpected keyword argument 'lr'``, a call the user never made.
+
+    Raises:
+        TypeError: naming the unknown overrides, the accepted ones, and how to change a
+            learning rate (the one such override users try).
+    """
+    accepted = []
+    for klass in cls.__mro__:  # up to the first __init__ that takes no **kwargs
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]  # (less self)
+        accepted += [
+            p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in accepted
+        ]  # fmt: skip
+        if all(p.kind is not p.VAR_KEYWORD for p in params):
+            break
+    else:  # (no __init__ that closes its arguments: any may be taken)
+        return
+    unknown = sorted(k for k in overrides if k not in accepted and k != "trusted_modules")
+    if unknown:
+        which = f"override {unknown[0]!r}" if len(unknown) == 1 else f"overrides {unknown}"
+        raise TypeError(
+            f"{cls.__name__}.load: unknown {which}; overrides are {cls.__name__}'s arguments "
+            f"({', '.join(accepted)}) and trusted_modules. To change a learning rate, pass an "
+            "optimizer: optimizer=optim.AdamW(lr=1e-4) (one of the checkpoint's kind keeps its "
+            "state)"
+        )
+
+
 def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     """A trainer rebuilt from the checkpoint folder ``path`` (see the module's docstring).
 
@@ -275,7 +310,10 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         ImportError: the checkpoint's layers are on GPUs and cupy is not installed (the message
             says how to load it on the CPU: with ``graph=``).
         UntrustedModuleError: the spec names a class of a module neither imported nor trusted.
+        TypeError: an override that is none of ``cls``'s arguments (``lr=1e-4``), named with
+            those it takes, before anything is read.
     """
+    _check_overrides(cls, overrides)
     trusted = overrides.pop("trusted_modules", None)
     given_graph = overrides.pop("graph", None)
     if given_graph is not None and not isinstance(given_graph, Graph):

@@ -271,7 +271,14 @@ class Trainer:
         """``{node name: params}`` as numpy arrays, at the current version, read-only: a view
         of the weights the trainer keeps on the CPU (a copy of a GPU's), which a write would
         change on one device and not on the other. To change weights, assign new ones
-        (``tr.params = {name: new}``)."""
+        (``tr.params = {name: new}``).
+
+        A snapshot read at each access: a ``dict`` whose changes (``tr.params[name] = new``,
+        ``update``, ``pop``, ...) raise ``TypeError``, as a write to its arrays raises
+        ``ValueError``, since neither would reach the trainer's weights. Its copies
+        (``dict(tr.params)``, ``copy.deepcopy``, pickle) are plain dicts. The lists and dicts
+        inside each layer's params are plain too, and a change to them is lost alike: build
+        new ones and assign them."""
         return read_params(self)
 
     @params.setter
@@ -511,6 +518,7 @@ class Trainer:
         asyncnn older than the spec's record. :meth:`load` resumes from it.
 
         Raises:
+            ValueError: ``path`` is empty (``""``: nothing is written).
             FileExistsError: ``path`` is a file, or a folder holding files of the names a
                 checkpoint writes without being a checkpoint (nothing is written).
             TypeError: a custom actor's state holds what a checkpoint cannot (named, with its
@@ -544,8 +552,10 @@ class Trainer:
 
         Raises:
             TypeError: called on a trainer (``tr.load(path)``, which would leave ``tr`` as it
-                was; the message says what to write instead), or a ``graph`` override that is
-                no :class:`~asyncnn.Graph`.
+                was; the message says what to write instead), a ``graph`` override that is
+                no :class:`~asyncnn.Graph`, or an override that is no argument of the
+                trainer's (``lr=1e-4``: pass ``optimizer=optim.AdamW(lr=1e-4)``), named with
+                those it takes.
             FileNotFoundError: ``path`` is no checkpoint folder.
             CheckpointError: a file of it is missing, damaged or of another format version,
                 or it does not fit its graph (or the ``graph`` given), naming the layer and

@@ -1,7 +1,7 @@
 """What :meth:`Trainer.save` checks and records before the checkpoint folder is written
-(``_checkpoint_save.py`` writes it): no save from another thread while a fit runs, nor of a
-cluster's fit before its workers send their weights back; where the current epoch stands, in
-the spec's record and in ``fit.json``."""
+(``_checkpoint_save.py`` writes it): no empty path, no save from another thread while a fit
+runs, nor of a cluster's fit before its workers send their weights back; where the current
+epoch stands, in the spec's record and in ``fit.json``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     """:meth:`Trainer.save` (see there)."""
     from ._checkpoint_save import save_checkpoint
 
+    path = os.fspath(path)
+    if not path:  # (open() failed on it with a bare "No such file or directory: ''")
+        raise ValueError(
+            "save: an empty path (an unset variable?); give a folder to write the checkpoint "
+            "to (e.g. tr.save('ckpt'))"
+        )
     trainer._check_graph("save")
     trainer._refuse_during_fit(
         "save", " on another thread: its weights and counters would be read in the middle "
@@ -43,7 +49,6 @@ def save_trainer(trainer: Trainer, path: str | os.PathLike[str]) -> None:
             "a time to save between epochs)"
         )
     _synchronize(trainer.graph, trainer.cluster)  # (from a callback on a GPU: see params)
-    path = os.fspath(path)
     position = {
         "epoch_batches": trainer.epoch_batches,
         # (a numpy int as JSON's; any other value is the checkpoint's to refuse, below)

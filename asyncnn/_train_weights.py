@@ -12,13 +12,23 @@ import numpy as np
 
 from ._datacheck import check_params
 from ._fit import _synchronize
-from ._math._pytree import tree_map
+from ._math._pytree import ReadOnlyDict, tree_map
 from .backends import get_backend, to_numpy
 
 if TYPE_CHECKING:
     from ._train import Trainer
 
-__all__ = ["params_on_devices", "read_params", "set_params"]
+__all__ = ["PARAMS_REFUSAL", "params_on_devices", "read_params", "set_params"]
+
+
+#: what a change to :attr:`Trainer.params` is refused with: a dict read fresh at each access,
+#: so a change to it (``tr.params["stage0"] = w``, ``tr.params.update(...)``) would be lost
+#: without a word
+PARAMS_REFUSAL = (
+    "tr.params is a read-only snapshot of the weights, which a change to it would not "
+    "reach: assign new ones instead, tr.params = {name: params} for the layers to change "
+    "(e.g. p = dict(tr.params); p['stage0'] = w; tr.params = p)"
+)
 
 
 def _read_only(leaf: Any) -> Any:
@@ -31,12 +41,14 @@ def _read_only(leaf: Any) -> Any:
     return arr
 
 
-def read_params(trainer: Trainer) -> dict[str, Any]:
-    """:attr:`Trainer.params`: each layer's weights at the current version, read-only."""
+def read_params(trainer: Trainer) -> ReadOnlyDict:
+    """:attr:`Trainer.params`: each layer's weights at the current version, read-only (the
+    outer dict and the arrays; the lists and dicts between them are plain)."""
     # (from a callback, on a GPU: the updates that made them may still be queued on the
     # actors' streams, which a copy to the host on another stream would not wait for)
     _synchronize(trainer.graph, trainer.cluster)
-    return {n: tree_map(_read_only, p) for n, p in trainer.state.params.items()}
+    params = {n: tree_map(_read_only, p) for n, p in trainer.state.params.items()}
+    return ReadOnlyDict(params, refusal=PARAMS_REFUSAL)
 
 
 def set_params(trainer: Trainer, value: Mapping[str, Any]) -> None:

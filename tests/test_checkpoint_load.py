@@ -68,6 +68,33 @@ def test_another_optimizer_starts_its_own_state_and_the_same_kind_keeps_it(saved
     np.testing.assert_array_equal(kept["exp_avg_sq"][0]["bias"], was["exp_avg_sq"][0]["bias"])
 
 
+def test_an_unknown_override_is_named_with_the_accepted_ones_before_anything_is_read(
+    saved: Any, tmp_path: Any
+) -> None:
+    # (Trainer.load(path, lr=1e-4) failed with "Trainer.__init__() got an unexpected keyword
+    # argument 'lr'", naming a call the user never made and not how to change a learning rate)
+    path, _ = saved
+    with pytest.raises(TypeError) as e:
+        ann.Trainer.load(path, lr=1e-4)
+    said = str(e.value)
+    assert said.startswith("Trainer.load: unknown override 'lr'; overrides are ")
+    for accepted in ("optimizer", "policy", "dtype", "graph", "check_finite", "trusted_modules"):
+        assert accepted in said
+    assert "optimizer=optim.AdamW(lr=1e-4)" in said
+    with pytest.raises(TypeError, match=r"unknown overrides \['epochs', 'lr'\]"):
+        ann.Trainer.load(path, lr=1e-4, epochs=3, progress=True)
+    # checked first: a missing folder is not read to tell it
+    with pytest.raises(TypeError, match="unknown override 'lr'"):
+        ann.Trainer.load(str(tmp_path / "missing"), lr=1e-4)
+
+    class Mine(ann.Trainer):  # a subclass's own arguments are overrides too
+        def __init__(self, *args: Any, note: str = "", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.note = note
+
+    assert Mine.load(path, note="resumed", progress=True).note == "resumed"
+
+
 def _placed(widths: tuple[int, int] = (8, 3), bias: bool = True) -> ann.Graph:
     """The graph of ``_trainer`` built by hand (as another placement of its layers would be)."""
     g = ann.Graph()

@@ -46,6 +46,13 @@ def test_a_save_refuses_to_overwrite_files_that_are_not_a_checkpoint(
     assert (tmp_path / "notes" / "README").read_text() == "mine"
 
 
+def test_a_save_to_an_empty_path_is_refused_by_name(saved: Any) -> None:
+    # (a bare FileNotFoundError: [Errno 2] No such file or directory: '')
+    _, tr = saved
+    with pytest.raises(ValueError, match=r"^save: an empty path .*give a folder"):
+        tr.save("")
+
+
 @pytest.mark.parametrize("renames_done", [0, 1, 2])
 @pytest.mark.parametrize("first", [True, False], ids=["first-save", "over-a-checkpoint"])
 def test_a_save_interrupted_between_its_renames_loads_whole(

@@ -106,3 +106,68 @@ def test_a_dict_whose_keys_do_not_sort_is_refused_as_before():
             tree_flatten({1: 0, "a": 1})
         with pytest.raises(TypeError, match="not supported between"):
             tree_flatten([{1: 0, "a": 1}])
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [_TREES["dict of dicts"], {"w": _A, "b": 1}, {}, {"stage1": _TREES["stage"], "stage0": [{}]}],
+    ids=["of containers", "of leaves", "empty", "trainer-like"],
+)
+def test_a_read_only_dict_flattens_and_maps_as_the_plain_dict_it_copies(plain):
+    # (Trainer.params is one: its pytree must be exactly that of the plain dict it replaced)
+    from asyncnn._math._pytree import ReadOnlyDict
+
+    frozen = ReadOnlyDict(plain)
+    assert isinstance(frozen, dict) and frozen == plain
+    leaves, treedef = tree_flatten(frozen)
+    plain_leaves, plain_def = tree_flatten(plain)
+    assert treedef == plain_def and treedef.flat == plain_def.flat
+    assert treedef.num_leaves == plain_def.num_leaves
+    assert all(a is b for a, b in zip(leaves, plain_leaves, strict=True))
+    assert len(leaves) == len(plain_leaves)
+    assert _same(tree_unflatten(treedef, leaves), plain)  # a plain dict again
+    assert _same(tree_map(lambda x: x, frozen), plain)
+    assert _same(tree_map(lambda a, b: a, frozen, plain), plain)
+    assert _same(tree_map(lambda a, b: b, plain, frozen), plain)
+    with pytest.raises(TypeError, match="read-only"):
+        frozen["new"] = 1
+    assert frozen == plain
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda d: [d, _A],
+        lambda d: (_A, d),
+        lambda d: {"params": d, "x": _A},
+        lambda d: [{"weight": _A}, [d]],
+    ],
+    ids=["in a list", "in a tuple", "a dict's value", "deeper"],
+)
+def test_a_read_only_dict_inside_a_tree_flattens_as_a_plain_dict(wrap):
+    # (vjp(f, (tr.params, x)) and tree_map over [tr.params]: opened as a dict, not one leaf)
+    from asyncnn._math._pytree import ReadOnlyDict
+
+    plain = {"stage1": _TREES["stage"], "stage0": [{"w": _A + 5}]}
+    frozen = ReadOnlyDict(plain, refusal="nope")
+    leaves, treedef = tree_flatten(wrap(frozen))
+    plain_leaves, plain_def = tree_flatten(wrap(plain))
+    assert treedef == plain_def
+    assert all(a is b for a, b in zip(leaves, plain_leaves, strict=True))
+    assert len(leaves) == len(plain_leaves)
+    assert _same(tree_map(lambda x: x, wrap(frozen)), wrap(plain))
+    with pytest.raises(TypeError, match="nope"):
+        frozen.update({})
+
+
+def test_gradients_through_a_read_only_dict_inside_the_arguments() -> None:
+    # (an experiment took the vjp of (tr.params, ...) as one argument)
+    from asyncnn import testing, vjp
+    from asyncnn._math._pytree import ReadOnlyDict
+
+    params = ReadOnlyDict({"w": np.array([1.0, 2.0]), "b": np.array(0.5)})
+    out, pullback = vjp(lambda p, x: ((p["w"] * x).sum() + p["b"]) ** 2, params, _A[:2])
+    (grads, gx) = pullback(1.0)
+    assert type(grads) is dict and sorted(grads) == ["b", "w"]
+    np.testing.assert_allclose(grads["w"], 2 * float(out) ** 0.5 * _A[:2])
+    testing.check_grads(lambda a: (a[0]["w"] * a[1]).sum(), (params, _A[:2]))

@@ -407,6 +407,66 @@ def test_the_trainers_params_are_read_only_so_a_write_cannot_change_its_weights_
     np.testing.assert_array_equal(tr.params["stage0"][0]["weight"], new)
 
 
+def test_the_trainers_params_refuse_a_change_to_the_dict_that_would_be_lost():
+    # (a fresh plain dict each read: tr.params["stage0"] = w and tr.params.update(...) were
+    # accepted and dropped without a word)
+    tr = _trainer(policies.Sync())
+    params = tr.params
+    assert isinstance(params, dict)  # {node name: params as numpy} (DESIGN.md section 6)
+    before = {n: [dict(d) for d in p] for n, p in params.items()}
+    new = [{k: v + 1.0 for k, v in d.items()} for d in params["stage0"]]
+    said = r"tr\.params is a read-only snapshot.*tr\.params = \{"
+    for change in [
+        lambda: params.__setitem__("stage0", new),
+        lambda: params.__delitem__("stage0"),
+        lambda: params.update({"stage0": new}),
+        lambda: params.update(stage0=new),
+        lambda: params.update(),
+        lambda: params.pop("stage0"),
+        lambda: params.pop("missing", None),
+        lambda: params.popitem(),
+        lambda: params.clear(),
+        lambda: params.setdefault("stage0", new),
+        lambda: params.setdefault("missing"),
+        lambda: params.__ior__({"stage0": new}),
+    ]:
+        with pytest.raises(TypeError, match=said):
+            change()
+    with pytest.raises(TypeError, match=said):
+        params |= {"stage0": new}
+    assert_params_equal(params, before)
+    assert_params_equal(tr.params, before)
+    # its pytree is the plain dict's (tree_map gives a plain dict)
+    from asyncnn._math._pytree import tree_flatten, tree_map
+
+    assert tree_flatten(params)[1] == tree_flatten(before)[1]
+    negated = tree_map(np.negative, params)
+    assert type(negated) is dict
+    assert_params_equal(negated, tree_map(np.negative, before))
+    # copies are plain dicts, the caller's to change and assign back; the snapshot itself too
+    import copy
+    import pickle
+
+    for how, copied in [
+        ("dict", dict(params)),
+        ("copy method", params.copy()),
+        ("copy.copy", copy.copy(params)),
+        ("copy.deepcopy", copy.deepcopy(params)),
+        ("pickle", pickle.loads(pickle.dumps(params))),
+        ("|", params | {}),
+    ]:
+        assert type(copied) is dict, how
+        assert_params_equal(copied, before)
+        copied["stage0"] = new
+        tr.params = copied
+        assert_params_equal({"stage0": tr.params["stage0"]}, {"stage0": new})
+        tr.params = params  # (the snapshot, as read before the change)
+        assert_params_equal(tr.params, before)
+    deep = copy.deepcopy(params)  # arrays of its own, writable
+    deep["stage0"][0]["weight"][:] = 0.0
+    assert_params_equal(tr.params, before)
+
+
 def test_params_assigned_are_copied_so_the_callers_arrays_stay_theirs():
     tr = _trainer(policies.Sync())
     mine = [{k: np.array(v) for k, v in d.items()} for d in tr.params["stage0"]]
@@ -487,3 +547,35 @@ def test_a_float_attention_mask_of_minus_inf_given_as_an_input_is_no_bad_data(ch
     data["x"][1, 0, 0] = np.inf  # the data the layer computes on is checked as ever
     with pytest.raises(ValueError, match=r"input 'x' contains NaN or Inf, first in row 1"):
         tr.fit(data, batch_size=8)
+
+
+def test_float_data_for_an_int_input_names_both_fixes_not_only_the_cast_that_truncates():
+    # (a regression's targets with label_dtype left at int64 were told to cast to integers,
+    # which trains on them truncated without a word)
+    g = ann.Graph.sequential(
+        [nn.Linear(5, 2)], loss=nn.MSELoss(), input_shape=(None, 5), label_shape=(None, 2)
+    )
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    x = _data()["x"]
+    targets = np.random.default_rng(1).standard_normal((40, 2))
+    for what, call in [
+        ("", lambda: tr.fit({"x": x, "y": targets}, batch_size=8)),
+        ("evaluate: ", lambda: tr.evaluate({"x": x, "y": targets})),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        said = str(e.value)
+        assert said.startswith(f"{what}input 'y' is declared int64 but got float64 data: ")
+        # real values: the declaration first, the cast (for labels and ids only) after
+        declare = said.index("label_dtype='float32'")
+        assert "g.input('y', shape, dtype='float32')" in said
+        assert f"{targets[0, 0]:g} in row 0" in said and "truncate" in said
+        assert declare < said.index("y.astype(np.int64)")
+    # whole numbers held as floats (class labels read from a CSV): the cast first, both named
+    data = _data()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(ValueError) as e:
+        tr.fit({"x": data["x"], "y": data["y"].astype(float)}, batch_size=8)
+    said = str(e.value)
+    assert said.index("y.astype(np.int64)") < said.index("label_dtype='float32'")
+    assert "class labels or ids" in said

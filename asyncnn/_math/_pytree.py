@@ -1,15 +1,86 @@
 """Pytrees: nested dicts, lists and tuples whose leaves are arrays (or anything else).
 
 Parameters, gradients and optimizer states are pytrees. Dict keys are visited in sorted order so
-that two dicts built in different orders flatten the same way.
+that two dicts built in different orders flatten the same way. A :class:`ReadOnlyDict` (the
+trainer's ``params``) flattens as the plain dict it copies, wherever it is in a tree.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["TreeDef", "tree_copy", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
+__all__ = [
+    "ReadOnlyDict",
+    "TreeDef",
+    "tree_copy",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_unflatten",
+]
+
+
+class ReadOnlyDict(dict[Any, Any]):
+    """A dict that refuses every change (a snapshot, such as ``Trainer.params``, that a change
+    would not reach the source of): each mutator raises ``TypeError`` with its ``refusal``.
+
+    Its copies (``dict(d)``, ``d.copy()``, ``copy.copy``, ``copy.deepcopy``, pickle, ``d | x``)
+    are plain dicts, the caller's to change. Only this dict is read-only: the containers it
+    holds are as given. The pytree functions take it as the plain dict it copies (rebuilt as
+    one), at the top of a tree or inside one (``vjp(f, (tr.params, x))``). One type, not a
+    subclass per use: their fast paths test types by identity.
+
+    Args:
+        refusal: what a change is refused with (what the dict is, and how to change it
+            instead); by default, to change a copy.
+    """
+
+    __slots__ = ("refusal",)
+
+    def __init__(self, *args: Any, refusal: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusal = refusal or "this dict is read-only; change a copy of it instead (dict(d))"
+
+    def _refuse(self) -> NoReturn:
+        raise TypeError(self.refusal)
+
+    def __setitem__(self, key: Any, value: Any) -> NoReturn:
+        self._refuse()
+
+    def __delitem__(self, key: Any) -> NoReturn:
+        self._refuse()
+
+    # (mypy wants |= to give what | gives: | gives a plain copy, this refuses)
+    def __ior__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        self._refuse()
+
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._refuse()
+
+    def pop(self, *args: Any) -> NoReturn:
+        self._refuse()
+
+    def popitem(self) -> NoReturn:
+        self._refuse()
+
+    def clear(self) -> NoReturn:
+        self._refuse()
+
+    def setdefault(self, *args: Any) -> NoReturn:
+        self._refuse()
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a plain dict when unpickled (dict's own pickling would refill this one through
+        # __setitem__, refused): loading needs no asyncnn either
+        return (dict, (dict(self),))
 
 
 class TreeDef:
@@ -63,7 +134,10 @@ class TreeDef:
 
 
 _LEAF = TreeDef("leaf", None, ())
-_CONTAINERS = (dict, list, tuple)
+#: what a dict's value may be that is no leaf (a :class:`ReadOnlyDict` is opened as a dict)
+_CONTAINERS = (dict, list, tuple, ReadOnlyDict)
+#: the same for a list's or a tuple's item, plain dicts aside (tested first, on their own)
+_SEQUENCES = (list, tuple, ReadOnlyDict)
 #: the one TreeDef of each dict structure whose values are all leaves (a layer's parameters),
 #: by its sorted keys: shared, so that comparing two trees of such dicts is mostly identity
 _FLAT_DICTS: dict[tuple[Any, ...], TreeDef] = {}
@@ -133,13 +207,15 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
                     continue
                 del out[mark:]
                 kids.append(_flatten(v, out))
-            elif tv is list or tv is tuple:
+            elif tv in _SEQUENCES:
                 kids.append(_flatten(v, out))
                 flat = False
             else:
                 append(v)
                 kids.append(_LEAF)
         return TreeDef("list" if t is list else "tuple", None, tuple(kids), len(out) - start, flat)
+    if t is ReadOnlyDict:  # (after the plain containers: free to them)
+        return _flatten(dict(tree), out)
     out.append(tree)
     return _LEAF
 

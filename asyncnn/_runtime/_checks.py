@@ -95,12 +95,51 @@ def check_input(node: Node, arr: Any, prefix: str = "") -> tuple[int, ...]:
     got = np.dtype(arr.dtype)
     if kind in "iu" and got.kind not in "iu":
         raise ValueError(
-            f"{prefix}input {name!r} is declared {node.dtype} but got {got} data: pass integers "
-            f"(e.g. {name}.astype(np.int64))"
+            f"{prefix}input {name!r} is declared {node.dtype} but got {got} data: "
+            + _integer_input_fixes(name, arr, got)
         )
     if kind == "f" and got.kind not in "fiub" and not is_floating(got):
         raise ValueError(f"{prefix}input {name!r} is declared {node.dtype} but got {got} data")
     return shape
+
+
+def _integer_input_fixes(name: str, arr: Any, got: np.dtype[Any]) -> str:
+    """The ways out for non-integer data given to input ``name``, declared integer (on the
+    error path only): a cast where it holds class labels or ids, a float declaration where it
+    holds real values, such as a regression's targets with ``Graph.sequential``'s
+    ``label_dtype`` left at int64. A cast truncates those without a word, so where the first
+    rows hold a value that is no whole number the declaration comes first."""
+    cast = (
+        f"if {name!r} holds class labels or ids (CrossEntropyLoss, Embedding), pass integers "
+        f"(e.g. {name}.astype(np.int64))"
+    )
+    declare = (
+        f"if {name!r} holds real-valued targets (MSELoss), declare it float: "
+        f"Graph.sequential(..., {'input' if name == 'x' else 'label'}_dtype='float32') or "
+        f"g.input({name!r}, shape, dtype='float32')"
+    )
+    fraction = _first_fraction(arr) if is_floating(got) else None
+    if fraction is None:
+        return f"{cast}; {declare} (a cast to integers would truncate them)"
+    row, value = fraction
+    return (
+        f"it holds {value:g} in row {row}, which a cast to integers would truncate: "
+        f"{declare}; {cast}"
+    )
+
+
+def _first_fraction(arr: Any) -> tuple[int, float] | None:
+    """The first row of float data ``arr`` (its first chunk of rows, see :func:`row_chunks`)
+    holding a finite value that is no whole number, and that value; None if there is none."""
+    for _, chunk in row_chunks(arr):
+        values = np.asarray(to_numpy(chunk), dtype=np.float64)
+        values = values.reshape(len(values), -1)
+        bad = np.isfinite(values) & (values != np.trunc(values))
+        if not bad.any():
+            return None
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        return row, float(values[row][np.flatnonzero(bad[row])[0]])
+    return None
 
 
 def check_batch(
