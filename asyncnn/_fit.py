@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._callbacks import wants_epoch_end, wants_step_end
+from ._errors import ActorError
 from ._fit_checkpoints import _checkpoint_epochs as _checkpoint_epochs
 from ._fit_checkpoints import _save_rotating
 from ._fit_checkpoints import check_checkpoint_dir as check_checkpoint_dir
@@ -115,6 +116,10 @@ class _FitState:
         self._losses_list: list[float] = []
         self._losses_upto = self.first_mb
         self._losses_whole = False  # rebuilt at the first commit
+        # while the fit is kept after a stop (keep): the errors of the custom actors whose
+        # actor_state raised, by layer, whose states the kept state leaves out (None: a state
+        # read raises such an error, as the run's own)
+        self.unread: dict[str, ActorError] | None = None
 
     # -- during the run --------------------------------------------------------------------------
     def on_loss(self, minibatch: int, loss: float, rows: int) -> None:
@@ -182,6 +187,12 @@ class _FitState:
                     break
             self.history.stopped_early = tr.stop_training
             await run.drain()
+            # the custom actors' own states read once inside the block (the state is committed
+            # after it): an actor_state that raises fails the run here, where its trace records
+            # the actor's error as for any other; after the block the trace has closed as a
+            # run that went well. (Those of this process: a cluster's workers read theirs as
+            # they send their state back.)
+            run._read_state()
         # the run has ended well: its state is complete (with a cluster, the workers' too)
         self._commit(run.state())
         # (a cluster's weights are back: the step hooks still due may save them)
@@ -223,7 +234,15 @@ class _FitState:
         """Notes each layer's state now, where the fit keeps :class:`LayerStates`."""
         states = self.layer_states
         if states is not None:
-            states.see(run.state(), self.known - self.first_mb)
+            states.see(self._run_state(run), self.known - self.first_mb)
+
+    def _run_state(self, run: Run) -> RunState:
+        """``run.state()``; while the fit is kept after a stop, a layer whose ``actor_state``
+        raises is left out of its ``actor_states`` (noted in :attr:`unread`) instead: raised
+        again there, its error would hide the one that stopped the fit, and the trainer would
+        keep nothing of what the fit trained."""
+        unread = self.unread
+        return run.state() if unread is None else run._read_state(unread)
 
     async def _settle(self, run: Run) -> None:
         """Every admitted minibatch done and its loss known (a continuous policy's pipeline
@@ -381,9 +400,12 @@ class _FitState:
         run = self.run
         if run is None or not self.in_process:
             return  # nothing ran, or the workers' weights never came back: the state before
+        self.unread = {}
         try:
             self._keep(run)
         finally:  # the epochs the kept state finished, as a fit that ends well records them
+            unread, self.unread = self.unread, None
+            _note_unread(unread or {}, self.tr.state)
             self._record_epochs(self.tr.epochs_done)
             self._deliver_kept_steps()
 
@@ -416,7 +438,7 @@ class _FitState:
         if run.in_flight == 0 and run.minibatches == self.stepped:
             # stopped between minibatches (not inside a step, which counts its minibatch
             # before admitting its keys): everything admitted is applied
-            self._commit(run.state())
+            self._commit(self._run_state(run))
             return
         if self.flush:
             return  # the last snapshot: every layer after the same last completed minibatch
@@ -460,10 +482,31 @@ class _FitState:
             return
         # other continuous policies: each layer's own last update; the counters stop at the
         # first minibatch whose loss is not known
-        state = run.state()
+        state = self._run_state(run)
         state.minibatches = self.known
         state.keys = self.keys_before.get(self.known, state.keys)
         self._commit(state)
+
+
+def _note_unread(unread: dict[str, ActorError], kept: RunState) -> None:
+    """Adds to the error that stops the fit (``keep`` runs in its handler) a note naming each
+    layer whose own state the trainer does not keep (``kept`` has none for it), its
+    ``actor_state`` having raised. (A state kept from before, whose weights are as old, keeps
+    that layer's state of then: nothing to say.)"""
+    propagating = sys.exception()
+    if propagating is None:
+        return
+    for name, error in unread.items():
+        if name in kept.actor_states:
+            continue
+        cause = error.__cause__  # (the hook's own exception, as _read_state sets it)
+        propagating.add_note(
+            f"layer {name!r}: its own state is not kept (its actor_state raised "
+            f"{type(cause).__name__}: {cause}): the trainer keeps what a failed fit keeps "
+            "(docs/workflow.md, 'Stopping early keeps what finished') with no state for that "
+            f"actor (tr.state.actor_states has no {name!r}), so a next fit starts it from its "
+            "setup alone"
+        )
 
 
 def _check_savable_actor_states(run: Run) -> None:

@@ -707,3 +707,97 @@ def test_a_setup_or_state_load_that_raises_names_the_layer(actor, args, hook, ma
     assert (info.value.actor, info.value.kind, info.value.key) == ("b", hook, None)
     causes = {"setup": (ValueError, TypeError), "load_actor_state": (KeyError,)}
     assert type(info.value.__cause__) in causes[hook]
+
+
+class StateFails(ann.LayerActor):
+    """Its ``actor_state`` raises once it has done ``after`` backwards (0: always)."""
+
+    def setup(self, after: int = 0) -> None:
+        self.fails_after = after
+        self.backwards_done = 0
+
+    def actor_state(self) -> Any:
+        if self.backwards_done >= self.fails_after:
+            raise KeyError("state broke")
+        return {"backwards": self.backwards_done}
+
+    def load_actor_state(self, state: Any) -> None:
+        self.backwards_done = int(state["backwards"])
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        self.backwards_done += 1
+        return await super().on_backward(key, grad, meta)
+
+
+_STATE_FAILS = r"actor 'b' failed in StateFails.actor_state: KeyError: 'state broke'"
+
+
+@pytest.mark.anyio
+async def test_an_actor_state_that_raises_names_the_layer():
+    # (run.state() raised the bare KeyError, naming no layer or hook)
+    async with ann.open_run(_actor_on_b(StateFails), optim.SGD(lr=0.1), policies.Sync()) as run:
+        await run.step(_data(16))
+        await run.drain()
+        with pytest.raises(ann.ActorError, match=_STATE_FAILS) as info:
+            run.state()
+        await run.step(_data(16))  # (the run itself goes on: only the read failed)
+    assert (info.value.actor, info.value.kind, info.value.key) == ("b", "actor_state", None)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def _state_fails_on_b(after: int) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Sequential(nn.Linear(6, 8), nn.Tanh()), x)
+    h = g.layer("b", nn.Linear(8, 3), h, actor=StateFails, actor_args={"after": after})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    return g
+
+
+@pytest.mark.parametrize(
+    ("policy", "after", "kept"),
+    [
+        # read at the end of the fit (nothing reads it before): all 4 minibatches are kept
+        (policies.Async(max_active_keys=3), 0, 4),
+        # read at each step point: the first minibatch, before the second step, is kept
+        (policies.Sync(), 0, 1),
+        # read by the fit's own on_loss at each loss once b has done a backward: nothing of
+        # this fit is seen at every layer after the same minibatches
+        (policies.PipeDream2BW(2), 1, 0),
+    ],
+    ids=["async-at-the-end", "sync-at-a-step", "2bw-in-on-loss"],
+)
+def test_a_fit_whose_actor_state_raises_names_the_layer_keeps_what_it_trained_and_traces_it(
+    tmp_path, policy, after, kept
+):
+    # (the fit raised the bare KeyError, the trainer kept nothing of a fit that trained to its
+    # end, and the trace read as a clean run)
+    path = str(tmp_path / "sf.trace")
+    tr = ann.Trainer(
+        _state_fails_on_b(after), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64",
+        trace=path,
+    )  # fmt: skip
+    with pytest.raises(ann.ActorError, match=_STATE_FAILS) as info:
+        tr.fit(_data(), batch_size=8)
+    assert (info.value.actor, info.value.kind, info.value.key) == ("b", "actor_state", None)
+    assert isinstance(info.value.__cause__, KeyError)
+    # what a failed fit keeps: the weights and history of what it trained, b's own state not
+    assert tr.state.minibatches == kept == len(tr.history.losses)
+    assert "b" not in tr.state.actor_states
+    if kept:
+        reference = ann.Trainer(
+            _actor_on_b(ann.LayerActor), optimizer=optim.SGD(lr=0.1), policy=policy,
+            dtype="float64",
+        )  # fmt: skip
+        reference.fit({k: v[: 8 * kept] for k, v in _data().items()}, batch_size=8)
+        assert tr.versions == reference.versions
+        assert (tr.epochs_done, tr.epoch_batches) == (
+            (reference.epochs_done, reference.epoch_batches) if kept == 4 else (0, kept)
+        )
+    notes = getattr(info.value, "__notes__", [])
+    assert any("layer 'b'" in n and "not kept" in n for n in notes), notes
+    # the trace says the run failed there, as for an actor's other errors
+    errors = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert [(e.actor, e.kind, e.key) for e in errors] == [("b", "actor_state", -1)]
+    assert "StateFails.actor_state: KeyError" in errors[0].meta["error"]

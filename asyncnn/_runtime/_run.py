@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from asyncnn._errors import ActorError
 from asyncnn._math._data import _plain_ndarray
 from asyncnn._math._pytree import tree_map
 from asyncnn.backends import (
@@ -37,6 +38,7 @@ from ._policies import OneFOneBOrder, Policy
 from ._recorder import Recorder
 from ._run_actors import RunActors, _Pending
 from ._run_guards import RunGuards, checked_max_in_flight, checked_split
+from ._setup import _hook_failed
 from ._stall import BlockedLoopMonitor
 from ._state import RunState
 from ._state import init_state as init_state  # a cluster driver and tests import it here
@@ -450,7 +452,18 @@ class Run(RunGuards, RunActors):
         as done (:meth:`drain`) once its work is queued there: copy them after
         :meth:`wait_for_devices`, with no key admitted since, or after leaving ``open_run``'s
         block (as ``fit`` does for its snapshots).
+
+        Raises:
+            ActorError: a custom actor's ``actor_state`` raised: naming its layer, with kind
+                ``"actor_state"``, key None and that exception as ``__cause__`` (the run
+                itself goes on: only this read failed).
         """
+        return self._read_state()
+
+    def _read_state(self, unread: dict[str, ActorError] | None = None) -> RunState:
+        """:meth:`state`; with ``unread``, a layer whose ``actor_state`` raises is left out of
+        :attr:`RunState.actor_states`, its error put in ``unread`` by layer, instead of raised
+        (what a stopped fit keeps: the first error must not be hidden by a second)."""
         params: dict[str, Any] = {}
         opt_states: dict[str, Any] = {}
         versions: dict[str, int] = {}
@@ -471,7 +484,15 @@ class Run(RunGuards, RunActors):
                 delays = a.pending_delays[-a.acc_count :]
                 if delays:
                     pending_delays[n] = delays
-            st = a.actor_state()
+            try:
+                st = a.actor_state()
+            except Exception as exc:  # the user's hook: its actor's error, named as set-up's are
+                error = _hook_failed(n, type(a), "actor_state", exc)
+                if unread is None:
+                    raise error from exc
+                error.__cause__ = exc
+                unread[n] = error
+                st = None
             if st is not None:
                 actor_states[n] = st
             if a.versions_back:

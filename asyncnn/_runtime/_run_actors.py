@@ -165,6 +165,14 @@ class RunActors:
                             "send_nowait, read by a task of your own)"
                         )
                 except Exception as exc:
+                    if (
+                        isinstance(exc, ActorError)
+                        and exc.kind == "actor_state"
+                        and exc.actor in self.local
+                    ):
+                        # the function read the run's state (fit's own does, under
+                        # PipeDream2BW) and an actor's actor_state raised: that actor's error
+                        raise
                     # the caller's function failed, not the loss actor that reported the loss
                     # (as an ActorError, which the actors pass on unwrapped, not as their own)
                     named = self._on_loss
