@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from asyncnn import Graph, LayerActor, open_run
+
 
 def test_ctrl_c_reaches_a_trio_call_at_a_checkpoint_of_its_main_task():
     # Trainer.fit and replay start trio through run_trio: a Ctrl-C landing in a child task's
@@ -36,3 +38,30 @@ def test_ctrl_c_reaches_a_trio_call_at_a_checkpoint_of_its_main_task():
     assert seen == ["the child went on"]
     # (raised inside the task group: anyio hands it on in a group, as the run's own do)
     assert [type(e) for e in error_leaves(info.value)] == [KeyboardInterrupt]
+
+
+MainActor = type("MainActor", (LayerActor,), {"__module__": "__main__"})
+
+
+@pytest.mark.anyio
+async def test_the_warning_of_a_trace_naming_a_class_from_main_points_at_the_users_line(tmp_path):
+    # it pointed at contextlib.py (the open_run the user entered): say where the user opened it
+    import numpy as np
+
+    from asyncnn import nn, optim, policies
+
+    g = Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(5, 3), x, actor=MainActor), y)
+    data = {"x": np.ones((4, 5), np.float32), "y": np.zeros(4, np.int64)}
+    with pytest.warns(UserWarning, match=r"\['MainActor'\], defined in __main__") as caught:
+        async with open_run(g, optim.SGD(lr=0.1), policies.Sync(), trace=str(tmp_path / "t")) as r:
+            await r.step(data)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, _line_of("async with open_run"))]
+
+
+def _line_of(text: str) -> int:
+    """The line of this file that holds ``text`` (its first)."""
+    with open(__file__) as f:
+        return next(i for i, line in enumerate(f, 1) if text in line and "_line_of" not in line)

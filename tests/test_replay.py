@@ -4,13 +4,17 @@ every actor's work, the loss actor's included, goes by the replay's hook in the 
 from __future__ import annotations
 
 import copy
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import nn, ops, optim, policies
 from asyncnn._math._pytree import tree_map
 from asyncnn._runtime._recorder import Recorder
 
@@ -423,3 +427,158 @@ def test_stop_at_key_stops_the_hook_at_the_first_work_of_the_key(tmp_path):
         assert rep.stopped_at is not None and rep.stopped_at[3] == 5
         assert calls[-1] == rep.stopped_at and [op[3] for op in calls].count(5) == 1
         assert rep.identical
+
+
+@dataclass(frozen=True)
+class OffsetCrossEntropy(nn.Module):
+    """Cross-entropy plus ``_LOSS_OFFSET``: an edit of the loss's code that changes its value,
+    never its gradient."""
+
+    def init_params(self, init: Any) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, params: Any, logits: Any, labels: Any, *, rng: Any = None) -> Any:
+        return ops.cross_entropy(logits, labels) + _LOSS_OFFSET
+
+
+_LOSS_OFFSET = 0.0
+
+
+def _offset_loss_run(path, offset: float = 0.0, payloads: str = "inputs") -> None:
+    graph = ann.Graph.sequential(
+        [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)], loss=OffsetCrossEntropy(), stages=2,
+        input_shape=(None, 5),
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sys.modules[__name__], "_LOSS_OFFSET", offset)
+        ann.Trainer(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2), trace=str(path),
+            trace_payloads=payloads,
+        ).fit(_data(16), batch_size=8)  # fmt: skip
+
+
+def _recorded_losses(path) -> dict[int, float]:
+    return {
+        e.key: e.meta["loss"]
+        for e in ann.trace.read(path).events
+        if e.what == "end" and e.actor == "loss"
+    }
+
+
+def test_a_loss_that_changed_value_but_not_gradient_is_a_divergence(tmp_path, monkeypatch):
+    # replay compared sends and updates only: a loss whose value changed and whose gradient
+    # did not (a constant added since the run) replayed as identical, and its values were
+    # nowhere in the result
+    path = tmp_path / "r.trace"
+    _offset_loss_run(path, payloads="all")
+    recorded = _recorded_losses(path)
+    assert len(recorded) == 4
+    rep = ann.replay(path)
+    assert rep.identical
+    assert rep.losses == {"loss": recorded}  # bit for bit (NaN included, below)
+    assert all(type(v) is float for v in rep.losses["loss"].values())
+    monkeypatch.setattr(sys.modules[__name__], "_LOSS_OFFSET", 5.0)
+    for actor in (None, "loss"):  # the whole run, and the loss actor alone
+        rep = ann.replay(path, actor=actor)
+        assert not rep.identical
+        d = rep.first_divergence
+        assert (d.actor, d.seq, d.kind, d.key, d.peer) == ("loss", 0, "loss", 0, "")
+        # (float32 losses: 5 more, as near as a float32 says it)
+        assert (d.expected, d.got) == (recorded[0], rep.losses["loss"][0])
+        assert d.max_abs_diff == pytest.approx(5.0, abs=1e-5)
+        assert f"the run's loss was {d.expected!r}, the replay's {d.got!r}" in str(d)
+    # a layer replayed alone computes no loss
+    rep = ann.replay(path, actor="stage1")
+    assert rep.identical and rep.losses == {}
+
+
+def test_a_recorded_loss_value_altered_is_a_divergence_and_nan_equals_nan(tmp_path):
+    path, bad, nan = tmp_path / "r.trace", tmp_path / "bad.trace", tmp_path / "nan.trace"
+    _offset_loss_run(path)
+    recorded = _recorded_losses(path)
+    _rewrite(path, bad, lambda r: {**r, "m": {"loss": r["m"]["loss"] + 1.0}}
+             if r.get("ev") == "end" and r.get("a") == "loss" and r.get("key") == 2 else r)  # fmt: skip
+    rep = ann.replay(bad)
+    d = rep.first_divergence
+    assert not rep.identical and (d.actor, d.seq, d.kind, d.key) == ("loss", 2, "loss", 2)
+    assert (d.expected, d.got) == (recorded[2] + 1.0, recorded[2])
+    # a replay stopped by a hook compares the losses it got to
+    rep = ann.replay(path, stop_at_key=3)
+    assert rep.identical and rep.stopped_at[3] == 3
+    assert 0 in rep.losses["loss"] and rep.losses["loss"].items() <= recorded.items()
+    # a run whose losses were NaN (its gradients finite) replays as identical
+    _offset_loss_run(nan, offset=float("nan"))
+    assert all(np.isnan(v) for v in _recorded_losses(nan).values())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sys.modules[__name__], "_LOSS_OFFSET", float("nan"))
+        rep = ann.replay(nan)
+    assert rep.identical and all(np.isnan(v) for v in rep.losses["loss"].values())
+    # ... and a finite loss where the run's was NaN is a divergence
+    rep = ann.replay(nan)
+    d = rep.first_divergence
+    assert not rep.identical and d.kind == "loss" and np.isnan(d.expected)
+    assert d.got == recorded[0] and d.max_abs_diff is None
+
+
+def _one_key_at_a_time(path, frequency: int) -> None:
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1),
+        policy=policies.Async(max_active_keys=1, min_update_frequency=frequency), trace=str(path),
+    ).fit(_data(16), batch_size=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(("run", "replayed"), [(2, 1), (1, 2)])
+def test_an_update_the_replay_made_at_another_compute_says_where_each_came(tmp_path, run, replayed):
+    # the i-th updates were paired and their digests compared: a replay that updated a
+    # compute earlier (or later) than the run was said to make other weights of version 1
+    path, other = tmp_path / "r.trace", tmp_path / "other.trace"
+    _one_key_at_a_time(path, run)
+    _rewrite(path, other, lambda r: {**r, "policy": {**r["policy"], "args": {
+        **r["policy"]["args"], "min_update_frequency": replayed}}} if "policy" in r else r)  # fmt: skip
+    rep = ann.replay(other)
+    d = rep.first_divergence
+    # one key at a time: stage1 (the last layer) does its forward and backward of key 0
+    # (computes 0, 1), then of key 1 (2, 3): its first backward ends before any other
+    # layer's, and the first update is made in it (every gradient) or in key 1's (every other)
+    assert (d.actor, d.kind, d.seq, d.key) == ("stage1", "update", 1, 0)
+    if run == 2:
+        assert d.reason.startswith(
+            "the replay's update to version 1 came in the backward of key 0 (seq 1), "
+            "before the run's, in the backward of key 1 (seq 3)"
+        )
+    else:
+        assert d.reason.startswith(
+            "the run's update to version 1 came in the backward of key 0 (seq 1), the "
+            "replay's update later, in the backward of key 1 (seq 3)"
+        )
+    assert (d.expected, d.got) == (
+        (run * 2 - 1, "backward", run - 1), (replayed * 2 - 1, "backward", replayed - 1)
+    )  # fmt: skip
+    # two runs that updated at other computes: diff says it of two runs
+    _one_key_at_a_time(other, replayed)
+    d = ann.trace.diff(path, other)
+    assert d is not None and "weights of version" not in d.reason
+    assert "the second run's update" in d.reason and "the replay" not in d.reason
+
+
+MainActor = type("MainActor", (ann.LayerActor,), {"__module__": "__main__"})
+
+
+def test_a_replay_of_a_trace_naming_a_class_from_main_does_not_warn_of_its_own_trace(
+    tmp_path, monkeypatch
+):
+    # every replay warned that its own temporary trace named a class of __main__, pointing at
+    # contextlib.py
+    monkeypatch.setattr(sys.modules["__main__"], "MainActor", MainActor, raising=False)
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(5, 3), x, actor=MainActor), y)
+    path = tmp_path / "r.trace"
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path))
+    with pytest.warns(UserWarning, match="defined in __main__") as caught:
+        tr.fit(_data(8), batch_size=8)
+    assert [w.filename for w in caught] == [__file__]  # the line that ran the fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ann.replay(path).identical

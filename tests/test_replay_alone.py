@@ -55,8 +55,9 @@ def test_replay_the_loss_actor_alone_and_stop_at_a_key(tmp_path):
     ).fit(_data(24), epochs=1, batch_size=4)  # fmt: skip
     seen = []
     rep = ann.replay(path, actor="loss", hook=lambda *op: seen.append(op) and False)
-    # 6 keys: one backward sent to stage2 each
-    assert rep.identical and rep.events_checked == 6
+    # 6 keys: one backward sent to stage2 each, and one loss each (checked bit for bit)
+    assert rep.identical and rep.events_checked == 12
+    assert sorted(rep.losses["loss"]) == list(range(6))
     assert seen == [("loss", key, "forward", key, {}) for key in range(6)]
     rep = ann.replay(path, actor="loss", stop_at_key=2)
     assert rep.identical and rep.stopped_at == ("loss", 2, "forward", 2)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._traceformat import iter_frames
 
-from _replay_cases import _data, _plain_graph
+from _replay_cases import _data, _plain_graph, _rewrite
 
 
 def test_diff_of_two_runs_that_differ_in_the_last_update_alone_is_a_divergence(tmp_path):
@@ -185,3 +186,70 @@ def test_a_diff_puts_work_of_a_key_the_first_run_never_admitted_where_the_runs_p
         d = ann.trace.diff(long, a)  # (the other way round it named stage0 already)
         assert (d.actor, d.seq, d.kind, d.key) == ("stage0", 2, "forward", 1), (shift, d)
         assert d.reason.endswith("the first run admitted key 1, which the second never did")
+
+
+def _sync_run(path, graph=None, policy=None, seed=0, lr=0.1) -> None:
+    ann.Trainer(
+        graph if graph is not None else _plain_graph(), optimizer=optim.SGD(lr=lr),
+        policy=policy if policy is not None else policies.Sync(), trace=str(path), seed=seed,
+    ).fit(_data(16), batch_size=8)  # fmt: skip
+
+
+def test_a_diff_of_traces_of_two_graphs_is_refused_naming_the_first_difference(tmp_path, capsys):
+    # it compared them actor by actor: "first divergence at actor 'stage0', sequence 0: ...
+    # processing order differs: one run did more work here than the other"
+    from asyncnn._cli import main
+
+    from _replay_cases import _routed
+
+    chain, routed, wired = tmp_path / "chain.trace", tmp_path / "routed.trace", tmp_path / "w.trace"
+    _sync_run(chain)
+    _sync_run(routed, _routed())
+    only = r"only the first has the nodes \['stage0', 'stage1'\]; only the second has the nodes"
+    with pytest.raises(ValueError, match=rf"traces of different graphs: {only} \['gate'"):
+        ann.trace.diff(chain, routed)
+    with pytest.raises(ValueError, match=r"traces of different graphs: .*'gate'"):
+        ann.trace.diff(routed, chain)
+    # the same nodes wired otherwise: the first node whose inputs differ
+    _sync_run(wired)
+    _rewrite(wired, rewired := tmp_path / "rewired.trace", _reading_x)
+    with pytest.raises(
+        ValueError, match=r"node 'stage1' reads \['stage0'\] in the first .*\['x'\]"
+    ):
+        ann.trace.diff(chain, rewired)
+    assert main(["trace", "diff", str(chain), str(routed)]) == 2  # (1: the runs differ)
+    assert "traces of different graphs" in capsys.readouterr().err
+
+
+def _reading_x(record):
+    if "graph" in record:
+        next(n for n in record["graph"]["nodes"] if n["name"] == "stage1")["inputs"] = ["x"]
+    return record
+
+
+def test_a_diff_of_runs_with_other_seeds_policies_or_modules_says_so_beside_the_divergence(
+    tmp_path,
+):
+    # two runs of one graph under other settings are what diff is for: the divergence is found
+    # as before, and the settings that differ are named beside it
+    base, other = tmp_path / "base.trace", tmp_path / "other.trace"
+    _sync_run(base)
+    _sync_run(other, policy=policies.GPipe(2), seed=3, lr=0.5)
+    d = ann.trace.diff(base, other)
+    assert d is not None and (d.actor, d.seq) == ("stage0", 0)
+    assert d.reason.endswith(
+        "; the runs' headers differ: policy: type 'Sync' and 'GPipe'; optimizer: lr 0.1 "
+        "and 0.5; seed: 0 and 3"
+    ), d.reason
+    wide = tmp_path / "wide.trace"
+    graph = ann.Graph.sequential(
+        [nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)], loss=nn.CrossEntropyLoss(), stages=2,
+        input_shape=(None, 5),
+    )  # fmt: skip
+    _sync_run(wide, graph)
+    d = ann.trace.diff(base, wide)
+    assert d is not None and "has shape (8, 8) <f4 in the first run and (8, 6)" in d.reason
+    assert d.reason.endswith(
+        "; the runs' headers differ: graph: layer 'stage0''s module: "
+        "args.modules[0].args.out_features 8 and 6"
+    ), d.reason

@@ -3,14 +3,15 @@ before anything runs, each with the reason."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import nn, ops, optim, policies
 from asyncnn._runtime._recorder import decode_tree
 from asyncnn._runtime._traceformat import encode_record, iter_frames
 
@@ -490,3 +491,121 @@ def test_a_replay_copies_each_array_of_the_initial_state_out_of_the_trace_once(
     assert rep.identical
     assert_params_equal(rep.params, tr.params)
     assert len({id(s) for s in decoded}) == len(decoded) == arrays(state)
+
+
+@dataclass(frozen=True)
+class Widening(nn.Module):
+    """Parameterless: its input as it is, or (once :attr:`wide` is set: its code changed since
+    the run) the input twice side by side."""
+
+    wide: ClassVar[bool] = False
+
+    def init_params(self, init: Any) -> Any:
+        return {}
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.concatenate([x, x], axis=1) if Widening.wide else x
+
+
+@dataclass(frozen=True)
+class MeanSquare(nn.Module):
+    """A loss of any width: the mean of its input's squares."""
+
+    def init_params(self, init: Any) -> Any:
+        return {}
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.mean(x * x)
+
+
+def _widening_run(path, widening_last: bool) -> None:
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    if widening_last:  # (what follows takes any width: the graph's check passes)
+        h = g.layer("s0", nn.Linear(5, 4), x)
+        g.loss("loss", MeanSquare(), g.layer("s1", Widening(), h))
+    else:  # (s1's Linear takes 8 features: the graph's check fails there)
+        h = g.layer("s0", nn.Sequential(nn.Linear(5, 8), nn.Tanh(), Widening()), x)
+        y = g.input("y", shape=(None,), dtype="int64")
+        g.loss("loss", nn.CrossEntropyLoss(), g.layer("s1", nn.Linear(8, 3), h), y)
+    data = _data(12) if not widening_last else {"x": _data(12)["x"]}
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Async(2), trace=str(path),
+        trace_payloads="all",
+    )  # fmt: skip
+    tr.fit(data, batch_size=8)  # (a last short batch of 4 rows)
+
+
+@pytest.mark.parametrize("widening_last", [False, True], ids=["check-fails-after", "check-passes"])
+def test_a_module_whose_code_now_gives_another_output_shape_is_refused_naming_it(
+    tmp_path, monkeypatch, widening_last
+):
+    # the replay ran, and failed at the next layer (ActorError: "actor 's1' failed on forward
+    # of key 0: ... Linear(8 -> 3) got input of shape (8, 16)"), or where the graph's check
+    # passes, replayed the changed sends as divergences
+    path = tmp_path / "r.trace"
+    _widening_run(path, widening_last)
+    assert ann.replay(path).identical
+    monkeypatch.setattr(Widening, "wide", True)
+    changed = "s1" if widening_last else "s0"
+    width = 4 if widening_last else 8
+    for actor in (None, changed):
+        with pytest.raises(ann.TraceFormatError) as info:
+            ann.replay(path, actor=actor)
+        message = str(info.value)
+        assert f"layer {changed!r}" in message, message
+        assert f"(2, {2 * width})" in message and f"(8, {width})" in message, message
+        if not widening_last:  # the check's own error is named too
+            assert "layer 's1'" in message and "fails on its inputs" in message, message
+
+
+def test_a_header_graph_a_trainer_would_refuse_is_refused_before_the_replay(tmp_path):
+    # a loss changed in the header (or in its class's code) to one that cannot take the
+    # graph's outputs failed mid-run, as the loss actor's error
+    path, other = tmp_path / "r.trace", tmp_path / "mse.trace"
+    ann.Trainer(
+        _plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path)
+    ).fit(_data(8), batch_size=8)
+
+    def mse(record):
+        if "graph" in record:
+            loss = next(n for n in record["graph"]["nodes"] if n["name"] == "loss")
+            loss["module"] = {"type": "MSELoss", "args": {"reduction": "mean"}}
+        return record
+
+    _rewrite(path, other, mse)
+    with pytest.raises(ann.TraceFormatError, match=r"loss 'loss' \(MSELoss.*fails on its inputs"):
+        ann.replay(other)
+
+
+def test_graphs_whose_sends_vary_in_rows_replay_whole_and_alone(tmp_path):
+    # the graph's check runs on 2 rows; a run's sends have a key's rows (a last short batch),
+    # the rows a router sent each expert (some none), a loop's every step (output="all")
+    from asyncnn.dynamic import RNNCell
+
+    from _replay_cases import _routed
+
+    rng = np.random.default_rng(0)
+    n = 20
+    g = ann.Graph()
+    xs, lengths = g.input("xs", shape=(None, 5, 3)), g.input("len", shape=(None,), dtype="int64")
+    h = g.loop("rnn", RNNCell(3, 6), g.input("h0", shape=(None, 6)), xs, lengths, output="all")
+    g.loss("loss", MeanSquare(), g.layer("head", nn.Linear(6, 2), h))
+    looped = {
+        "xs": rng.standard_normal((n, 5, 3)), "len": rng.integers(0, 6, n), "h0": np.zeros((n, 6)),
+    }  # fmt: skip
+    for graph, data, actors in [
+        (_routed(), _data(n), ("gate", "e0", "merge", "head")),
+        (g, looped, ("rnn", "head")),
+    ]:
+        path = tmp_path / f"{actors[0]}.trace"
+        tr = ann.Trainer(
+            graph, optimizer=optim.SGD(lr=0.1), policy=policies.Async(2), trace=str(path),
+            trace_payloads="all",
+        )  # fmt: skip
+        tr.fit(data, batch_size=8)
+        rep = ann.replay(path)
+        assert rep.identical
+        assert_params_equal(rep.params, tr.params)
+        for actor in actors:
+            assert ann.replay(path, actor=actor).identical, actor

@@ -11,11 +11,14 @@ run, the driver and a worker, in a handful of hooks. :func:`recording` closes th
 
 from __future__ import annotations
 
+import contextvars
 import os
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -44,6 +47,7 @@ __all__ = [
     "close_recorder",
     "host_cores",
     "hosting",
+    "internal_trace",
     "cpu_layers",
     "error_leaves",
     "finish_run",
@@ -124,6 +128,44 @@ def cpu_layers(graph: Graph, hosted: Collection[str] | None = None) -> list[str]
     ]
 
 
+#: the trace a run in this context writes for asyncnn's own use (a replay's temporary trace, which
+#: it reads back and deletes): a warning about what the trace can do later is not the user's
+_INTERNAL_TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "asyncnn_internal_trace", default=None
+)
+
+
+@contextmanager
+def internal_trace(path: str) -> Iterator[None]:
+    """Marks the trace at ``path``, which a run opened inside this block writes, as asyncnn's
+    own (:func:`open_recorder` then warns nothing about it): for ``replay``'s temporary trace.
+    A context variable: a run of another task or thread is not marked."""
+    token = _INTERNAL_TRACE.set(path)
+    try:
+        yield
+    finally:
+        _INTERNAL_TRACE.reset(token)
+
+
+#: the top-level packages whose frames stand between a user's call and a run's code: asyncnn,
+#: and the machinery an ``async with open_run`` or a ``Trainer.fit`` goes through
+_MACHINERY = frozenset({"asyncnn", "contextlib", "anyio", "trio", "asyncio", "outcome", "sniffio"})
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised by this function's caller names the user's
+    line: the first frame outside :data:`_MACHINERY` (the ``async with open_run`` or the
+    ``fit`` call), rather than contextlib's ``__aenter__``; 2 (the caller's caller) where
+    every frame is (a run on a thread of its own)."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).partition(".")[0] not in _MACHINERY:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
 def open_recorder(
     config: RunConfig,
     graph: Graph,
@@ -135,17 +177,19 @@ def open_recorder(
     """The recorder of a run's trace (None without one), its header and initial state queued;
     ``header`` adds fields to the header. The header is written once the run completes it with
     its device pool (:func:`pool_spec`, in :class:`~asyncnn._runtime._run.Run`), which opens
-    after the trace: a trace path that cannot be written fails before a pool starts."""
+    after the trace: a trace path that cannot be written fails before a pool starts. A trace
+    naming classes defined in ``__main__`` warns (at the user's line) that only a ``__main__``
+    that defines them again can replay it, unless it is asyncnn's own (:func:`internal_trace`)."""
     trace = config.trace
     if trace is None:
         return None
     defined_in_main = graph.main_classes()
-    if defined_in_main:
+    if defined_in_main and _INTERNAL_TRACE.get() != trace:
         warnings.warn(
             f"the trace {trace} names {defined_in_main}, defined in __main__ (this script or "
             "notebook): asyncnn.replay can rebuild the graph only where __main__ defines them "
             "again; define them in a module to replay anywhere",
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
     head = {**_trace_header(config, graph, optimizer, policy, state), **header}
     recorder = Recorder(trace, head, config.trace_payloads, defer_header=True)

@@ -1,6 +1,7 @@
 """How a replay, or a second run, is checked against a recorded run: each actor's sends in
-processing order and the weights each of its updates made, compared by digest; the first
-difference is a :class:`Divergence`.
+processing order and the weights each of its updates made, compared by digest (and where each
+update was made), and each loss actor's losses, bit for bit; the first difference is a
+:class:`Divergence`.
 
 Apart from ``_replay.py`` because comparing two traces is another job than rerunning one:
 :func:`asyncnn.trace.diff` compares two recorded runs with the same functions.
@@ -8,6 +9,8 @@ Apart from ``_replay.py`` because comparing two traces is another job than rerun
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,15 @@ from asyncnn._errors import TraceFormatError
 from ._event import Event
 from ._read import Trace, payload_array
 
-__all__ = ["Divergence", "compare_sends", "earliest", "send_divergences", "update_divergences"]
+__all__ = [
+    "Divergence",
+    "compare_sends",
+    "earliest",
+    "loss_divergences",
+    "losses_of",
+    "send_divergences",
+    "update_divergences",
+]
 
 
 @dataclass(frozen=True)
@@ -28,11 +39,15 @@ class Divergence:
     Attributes:
         actor: the actor whose output differed first (by recorded time).
         seq: that actor's processing sequence number (its ``seq``-th piece of work).
-        key: the key it was working on; ``kind``: forward or backward, or ``"update"`` where
-            the weights an update made differ (``key``: the backward that made it).
-        peer: where the differing message went (empty for an update).
-        expected / got: the digests (or, for a reordering, the operations) that differ.
-        max_abs_diff: the size of the difference where both payloads were kept, else None.
+        key: the key it was working on; ``kind``: forward or backward, ``"update"`` where
+            the weights an update made differ, or where an update was made (``key``: the
+            backward that made it), or ``"loss"`` where a loss actor's loss value differs.
+        peer: where the differing message went (empty for an update or a loss).
+        expected / got: the digests (for a reordering, the operations; for an update made at
+            another compute, each one's ``(seq, kind, key)``; for a loss, the two values)
+            that differ.
+        max_abs_diff: the size of the difference where both payloads were kept (for a loss,
+            where both values are finite), else None.
         reason: one line saying what differed.
     """
 
@@ -150,7 +165,9 @@ def _max_abs_diff(ea: Event, eb: Event) -> float | None:
 def update_divergences(
     recorded: Trace, replayed: Trace, actors: set[str], prefix: bool
 ) -> tuple[int, list[tuple[float, Divergence]]]:
-    """The updates compared, and each actor's first differing update with its recorded time."""
+    """The updates compared, and each actor's first differing update with its recorded time:
+    the i-th update of each side paired, one made at another compute (``seq`` and key) than
+    the run's is said as such (where each came) before its weights are compared."""
     a = _events_by_actor(recorded, actors, "update")
     b = _events_by_actor(replayed, actors, "update")
     checked = 0
@@ -167,6 +184,10 @@ def update_divergences(
                 break
             eb = ups_b[i]
             checked += 1
+            if "seq" in ea and "seq" in eb and (ea.seq, ea.key) != (eb.seq, eb.key):
+                # made at another compute: which weights either one made says nothing then
+                found.append(_moved_update(recorded, replayed, ea, eb))
+                break
             da, db = _digests(ea), _digests(eb)
             if da == db and ea.version == eb.version:
                 continue
@@ -182,6 +203,120 @@ def update_divergences(
                 found.append((float("inf"), _update_divergence(
                     eb, None, eb, f"the replay made more updates than the run (to version "
                     f"{eb.version})")))  # fmt: skip
+    return checked, found
+
+
+def _moved_update(
+    recorded: Trace, replayed: Trace, ea: Event, eb: Event
+) -> tuple[float, Divergence]:
+    """The divergence of two paired updates made at other computes (``ea`` the run's, ``eb``
+    the replay's), at the earlier of the two, with its time in the run: the run's update, or
+    the end of the run's compute in which the replay updated and the run did not."""
+    kind_a, kind_b = _compute_kind(recorded, ea), _compute_kind(replayed, eb)
+    made = (
+        f"version {ea.version}"
+        if ea.version == eb.version
+        else f"version {eb.version} (the run's: {ea.version})"
+    )
+    if eb.seq < ea.seq:
+        at, time = eb, _end_time(recorded, ea.actor, eb.seq, ea.time)
+        reason = (
+            f"the replay's update to {made} came in the {kind_b} of key {eb.key} (seq "
+            f"{eb.seq}), before the run's, in the {kind_a} of key {ea.key} (seq {ea.seq})"
+        )
+    else:
+        at, time = ea, ea.time
+        reason = (
+            f"the run's update to {made} came in the {kind_a} of key {ea.key} (seq "
+            f"{ea.seq}), the replay's update later, in the {kind_b} of key {eb.key} (seq "
+            f"{eb.seq})"
+        )
+    return time, Divergence(
+        ea.actor, at.seq, at.key, "update", "",
+        (ea.seq, kind_a, ea.key), (eb.seq, kind_b, eb.key), None,
+        f"{reason}: the policy (or the actor's code) updates at other computes than the run's",
+    )  # fmt: skip
+
+
+def _compute_kind(trace: Trace, update: Event) -> str:
+    """The kind of the compute (its ``start``) of ``update``'s actor and ``seq``, in which the
+    update was made ("compute" where the trace holds no such start)."""
+    for e in trace.events:
+        if e.what == "start" and e.actor == update.actor and e.seq == update.seq:
+            return e.kind
+    return "compute"
+
+
+def _end_time(trace: Trace, actor: str, seq: int, default: float) -> float:
+    """When ``actor``'s compute ``seq`` ended in ``trace`` (``default`` where it holds none)."""
+    for e in trace.events:
+        if e.what == "end" and e.actor == actor and e.seq == seq:
+            return e.time
+    return default
+
+
+def _loss_ends(trace: Trace, actors: set[str]) -> dict[str, list[Event]]:
+    """Each loss actor's ``end`` events that carry its loss, in the order written (a loss
+    actor's computes end in its processing order); other actors' lists are empty."""
+    out = _events_by_actor(trace, actors, "end")
+    return {a: [e for e in ends if "loss" in e.meta] for a, ends in out.items()}
+
+
+def losses_of(trace: Trace, actors: set[str]) -> dict[str, dict[int, float]]:
+    """``{loss actor: {key: loss}}``: the losses that the loss actors among ``actors`` computed
+    in ``trace`` (an actor that computed none is left out)."""
+    return {
+        a: {e.key: float(e.meta["loss"]) for e in ends}
+        for a, ends in _loss_ends(trace, actors).items()
+        if ends
+    }
+
+
+def _same_loss(a: float, b: float) -> bool:
+    """Two loss values are the same float, bit for bit (NaN equal to NaN, whatever its
+    payload; 0.0 and -0.0 differ)."""
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return struct.pack("<d", a) == struct.pack("<d", b)
+
+
+def loss_divergences(
+    recorded: Trace, replayed: Trace, actors: set[str], prefix: bool
+) -> tuple[int, list[tuple[float, Divergence]]]:
+    """The losses compared, and each loss actor's first differing loss with its recorded time
+    (that of the compute's ``end``, after the gradients it sent: a loss whose gradient differs
+    too is found at the gradient first). With ``prefix``, a replay that computed fewer (it was
+    stopped) is compared as far as it went."""
+    a, b = _loss_ends(recorded, actors), _loss_ends(replayed, actors)
+    checked = 0
+    found: list[tuple[float, Divergence]] = []
+    for actor in sorted(actors):
+        for i, ea in enumerate(a[actor]):
+            if i >= len(b[actor]):
+                if not prefix:
+                    found.append((ea.time, Divergence(actor, ea.seq, ea.key, "loss",
+                                  reason="the replay computed no loss here")))  # fmt: skip
+                break
+            eb = b[actor][i]
+            checked += 1
+            va, vb = float(ea.meta["loss"]), float(eb.meta["loss"])
+            if ea.key == eb.key and _same_loss(va, vb):
+                continue
+            if ea.key != eb.key:
+                div = Divergence(actor, ea.seq, ea.key, "loss", "", ea.key, eb.key, None,
+                                 f"the replay computed the loss of key {eb.key} instead")  # fmt: skip
+            else:
+                size = abs(va - vb) if math.isfinite(va) and math.isfinite(vb) else None
+                div = Divergence(actor, ea.seq, ea.key, "loss", "", va, vb, size,
+                                 f"the run's loss was {va!r}, the replay's {vb!r}")  # fmt: skip
+            found.append((ea.time, div))
+            break
+        else:
+            if len(b[actor]) > len(a[actor]):
+                eb = b[actor][len(a[actor])]
+                found.append((float("inf"), Divergence(actor, eb.seq, eb.key, "loss",
+                              reason="the replay computed more losses than the run")))  # fmt: skip
     return checked, found
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 from asyncnn._errors import TraceFormatError
 
@@ -40,6 +41,134 @@ def _check_comparable(trace: Trace) -> None:
                 )
 
 
+#: the fields of a graph's node that make its structure (which actors there are and which
+#: messages they exchange); the others (a layer's module, device, custom actor) may differ
+#: between two runs that diff compares
+_STRUCTURE = ("name", "kind", "inputs")
+
+#: the header's fields besides the graph that two runs diff compares may differ in, named
+#: beside the divergence
+_SETTINGS = ("policy", "optimizer", "seed", "dtype")
+
+
+def _graph_nodes(header: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """``{name: node spec}`` of the header's graph, or None where it holds none to compare (a
+    header written by hand, or not as the format says)."""
+    graph = header.get("graph")
+    nodes = graph.get("nodes") if isinstance(graph, dict) else None
+    if not isinstance(nodes, list) or not all(
+        isinstance(n, dict) and isinstance(n.get("name"), str) for n in nodes
+    ):
+        return None
+    return {n["name"]: n for n in nodes}
+
+
+def _first_difference(x: Any, y: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first place where the specs ``x`` and ``y`` differ (``path``: its dotted keys and
+    list indices, ``""`` at the top), with both values there (:data:`_ABSENT` for a key one
+    lacks), or None where they are equal."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in [*x, *(k for k in y if k not in x)]:
+            where = f"{path}.{k}" if path else str(k)
+            found = _first_difference(x.get(k, _ABSENT), y.get(k, _ABSENT), where)
+            if found is not None:
+                return found
+        return None
+    if isinstance(x, list | tuple) and isinstance(y, list | tuple) and len(x) == len(y):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            found = _first_difference(u, v, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if x == y and type(x) is type(y) else (path, x, y)
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _said(path: str, x: Any, y: Any) -> str:
+    values = f"{x!r:.80} and {y!r:.80}"
+    return f"{path} {values}" if path else values
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    """``names`` as a list, the first ``most`` of a longer one and how many more."""
+    if len(names) <= most:
+        return str(names)
+    return f"{names[:most]} and {len(names) - most} more"
+
+
+def _check_same_graph(ta: Trace, tb: Trace) -> None:
+    """Refuses two traces whose graphs have other nodes or wire them otherwise: their actors
+    and messages cannot be paired, and each difference read as "one run did more work"."""
+    na, nb = _graph_nodes(ta.header), _graph_nodes(tb.header)
+    if na is None or nb is None:
+        return  # (nothing to compare: the comparison of the events says what it finds)
+    what = ""
+    if set(na) != set(nb):
+        only_a, only_b = [n for n in na if n not in nb], [n for n in nb if n not in na]
+        what = "; ".join(
+            f"only the {which} has the nodes {_names(names)}"
+            for which, names in (("first", only_a), ("second", only_b))
+            if names
+        )
+    else:
+        for name, node in na.items():
+            other = nb[name]
+            if node.get("kind") != other.get("kind"):
+                what = (
+                    f"node {name!r} is a {node.get('kind')} in the first graph, a "
+                    f"{other.get('kind')} in the second"
+                )
+            elif node.get("inputs") != other.get("inputs"):
+                what = (
+                    f"node {name!r} reads {node.get('inputs')} in the first graph and "
+                    f"{other.get('inputs')} in the second"
+                )
+            if what:
+                break
+    if what:
+        raise ValueError(
+            f"diff: {ta.path} and {tb.path} are traces of different graphs: {what}. diff pairs "
+            "two runs' actors by name and their messages by kind and key, so it compares two "
+            "runs of one graph (whose layers' modules, policy, optimizer, seed and dtype may "
+            "differ: the divergence names them)"
+        )
+
+
+def _settings_note(ta: Trace, tb: Trace) -> str:
+    """What the two runs' headers say differently besides the graph's structure (the first
+    difference of each: a layer's module, the policy, the optimizer, the seed, the dtype), as
+    a note for the divergence's reason; ``""`` where they agree."""
+    found: list[str] = []
+    na, nb = _graph_nodes(ta.header), _graph_nodes(tb.header)
+    if na is not None and nb is not None:
+        for name, node in na.items():
+            other = nb.get(name)
+            if other is None:
+                continue
+            for field in [*node, *(f for f in other if f not in node)]:
+                if field in _STRUCTURE:
+                    continue
+                d = _first_difference(node.get(field, _ABSENT), other.get(field, _ABSENT))
+                if d is not None:
+                    found.append(f"graph: {node.get('kind')} {name!r}'s {field}: {_said(*d)}")
+                    break
+            if found:
+                break
+    for field in _SETTINGS:
+        if field in ta.header and field in tb.header:
+            d = _first_difference(ta.header[field], tb.header[field])
+            if d is not None:
+                found.append(f"{field}: {_said(*d)}")
+    return f"; the runs' headers differ: {'; '.join(found)}" if found else ""
+
+
 def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -> Divergence | None:
     """Compares two traces of the same graph; returns None if every actor processed the same
     messages in the same order with the same results, else the first :class:`Divergence`
@@ -58,11 +187,24 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     ``reason`` says which trace is cut off. Two traces that agree as far as a cut one goes are
     not said to agree: the result is a divergence at the cut trace's last compute.
 
+    The two runs may differ in anything but the graph's structure: the layers' modules (a
+    width, an activation), devices and custom actors, the policy, the optimizer, the seed, the
+    dtype. Where their headers say so, the divergence's ``reason`` ends with a note naming the
+    first difference of each (``; the runs' headers differ: policy: type 'Sync' and
+    'GPipe'; seed: 0 and 3``), which is likely why the runs parted; runs that processed the
+    same messages with the same results agree (None) whatever their headers say. Two traces of
+    different graphs (other nodes, or nodes that read other inputs) are refused: their actors
+    cannot be paired.
+
     Raises:
         TraceFormatError: a trace is damaged, or an event lacks what the comparison reads.
+        ValueError: the traces' graphs differ in their nodes or their wiring (the message
+            names the first difference).
     """
     ta = a if isinstance(a, Trace) else read(a)
     tb = b if isinstance(b, Trace) else read(b)
+    _check_same_graph(ta, tb)
+    note = _settings_note(ta, tb)
     _check_comparable(ta)
     _check_comparable(tb)
     sa, sb = _starts(ta), _starts(tb)
@@ -133,7 +275,8 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     if not found:
         if not cut:
             return None
-        return _at_the_cut(cut)
+        first = _at_the_cut(cut)
+        return dataclasses.replace(first, reason=first.reason + note) if note else first
     first = min(found, key=lambda f: f[0])[1]  # (the first found of equal rank)
     if cut:  # the other run's later work then looks like a divergence
         first = dataclasses.replace(
@@ -141,7 +284,7 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
             reason=f"{first.reason}; note: {_cut_note(cut)}, so a divergence where it ends may "
             "be only the cut",
         )
-    return first
+    return dataclasses.replace(first, reason=first.reason + note) if note else first
 
 
 def _cut_note(cut: list[Trace]) -> str:

@@ -3,7 +3,8 @@
 Actors are deterministic functions of the messages they process and of the order they process
 them in, so forcing each actor's recorded order (and feeding the recorded inputs) reproduces the
 run bit for bit, whatever its policy. Every tensor an actor sends is checked against the recorded
-digest, and so are the weights each update made; the first difference is reported.
+digest, and so are the weights each update made (and where it was made) and each loss value;
+the first difference is reported.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ import numpy as np
 
 from asyncnn._errors import StallError, TraceFormatError
 from asyncnn._math._pytree import tree_flatten, tree_map
-from asyncnn._runtime._lifecycle import maybe_pool, run_trio
+from asyncnn._runtime._lifecycle import internal_trace, maybe_pool, run_trio
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._run import Run, RunState
 from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 
-from ._compare import Divergence, earliest, send_divergences, update_divergences
+from ._compare import (
+    Divergence,
+    earliest,
+    loss_divergences,
+    losses_of,
+    send_divergences,
+    update_divergences,
+)
 from ._read import Trace, payload_array, read
 from ._replayable import Checked, check_replayable
 
@@ -40,13 +48,19 @@ class ReplayResult:
 
     Attributes:
         identical: every sent tensor, and the weights every update made, matched their
-            recorded digests (so the final weights are the run's too). A trace written before
-            updates carried digests checks an update only where a later send uses its weights.
-        events_checked: how many sends and updates were compared.
+            recorded digests (so the final weights are the run's too), every update came at
+            the compute the run made it in, and every loss value matched the recorded one bit
+            for bit (NaN matches NaN). A trace written before updates carried digests checks
+            an update only where a later send uses its weights.
+        events_checked: how many sends, updates and losses were compared.
         first_divergence: the first difference, or None.
         params: the parameters at the end of the replay (``{layer: params}``, numpy): where a
             hook stopped it, those at ``stopped_at``, however far other actors had got.
         stopped_at: ``(actor, seq, kind, key)`` where a hook stopped the replay, or None.
+        losses: the losses the replay computed, ``{loss actor: {key: loss}}`` (floats, as the
+            trace records them): every loss actor's in a whole replay (those it got to, where
+            a hook stopped it), the actor's own where a loss actor is replayed alone, empty
+            where a layer is.
     """
 
     identical: bool
@@ -54,6 +68,7 @@ class ReplayResult:
     first_divergence: Divergence | None
     params: dict[str, Any] = field(default_factory=dict)
     stopped_at: tuple[str, int, str, int] | None = None
+    losses: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -151,7 +166,7 @@ def replay(
 
     Returns:
         A :class:`ReplayResult`: ``identical``, ``events_checked``, ``first_divergence``,
-        the final ``params``.
+        the final ``params``, the replayed ``losses``.
     """
     trace = read(path)
     # a truncated, incomplete or malformed trace is refused here, before anything runs
@@ -275,7 +290,11 @@ def replay(
                     params.update(run.params)
 
         try:
-            run_trio(main)
+            # (its trace is the replay's own: a warning that it names classes of __main__ is
+            # not for the user, whose run the recorded trace is; trio runs main in a copy of
+            # this context)
+            with internal_trace(out):
+                run_trio(main)
         except _Stop:
             pass  # (``stopped`` holds the first stop, which every later one names)
         replayed = read(out)
@@ -283,10 +302,12 @@ def replay(
     # a replay stopped by a hook is checked as far as it went
     sends, found = send_divergences(trace, replayed, actors, bool(stopped))
     updates, found_at_updates = update_divergences(trace, replayed, actors, bool(stopped))
-    first = earliest(found + found_at_updates)
+    losses, found_at_losses = loss_divergences(trace, replayed, actors, bool(stopped))
+    first = earliest(found + found_at_updates + found_at_losses)
     return ReplayResult(
-        first is None, sends + updates, first, params, stopped[0] if stopped else None
-    )
+        first is None, sends + updates + losses, first, params,
+        stopped[0] if stopped else None, losses_of(replayed, actors),
+    )  # fmt: skip
 
 
 def _follow_losses(run: Run, losses: list[str], policy: Replay) -> None:

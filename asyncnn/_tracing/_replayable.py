@@ -52,8 +52,12 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     """Checks, before anything runs, that :func:`asyncnn.replay` can use ``trace``: it is whole
     (not cut off mid-record nor without its closing record, no worker's events missing), its
     header's specs rebuild, its initial state decodes, and its events are consistent (keys
-    admitted in sequence with their data, each actor's computes numbered in order). A trace that fails is refused at once with the reason,
-    instead of stalling or blaming the wrong setting halfway through a replay.
+    admitted in sequence with their data, each actor's computes numbered in order); its graph
+    passes the check a Trainer makes (``validate``, in the run's dtype; it sets the graph's
+    ``shapes``, as the run's were), and each layer's output there has the shape its recorded
+    sends had past the batch dimension. A trace that fails is refused at once with the reason,
+    instead of stalling or blaming the wrong setting (or the wrong layer) halfway through a
+    replay.
 
     Args:
         trace: a trace from :func:`read`.
@@ -138,7 +142,13 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
             f"{lacking} of the trace's graph (it holds those of {sorted(params)}), so that "
             "graph is not the one that ran (the file was altered, or mixes two runs)"
         )
-    _check_params_fit(path, graph, params)
+    # the graph's check a Trainer makes (and open_run, which the replay tells to skip it):
+    # made here, with the run's dtype, so that a graph that cannot run is refused before the
+    # replay instead of failing halfway at another actor; its error waits until the checks
+    # that say more of the cause (the parameters, the events) have had their say
+    made: dict[str, Any] = {}
+    graph_error = _check_graph(graph, h["dtype"], made)
+    _check_params_fit(path, graph, params, made)
     misfit = optimizer_misfit(optimizer, params, opt_states)
     if misfit is not None:
         raise TraceFormatError(
@@ -174,22 +184,49 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
                 f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
             ) from exc
     _check_events(trace, graph)
+    _check_outputs(trace, graph, h["dtype"], graph_error)
     return Checked(
         graph, policy, optimizer, params, opt_states, optional["pending"],
         optional["actor_states"], optional["earlier"], optional["pending_delays"],
     )  # fmt: skip
 
 
-def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
+def _check_graph(graph: Graph, dtype: str, made: dict[str, Any]) -> Exception | None:
+    """Checks the header's graph as a Trainer checks its own (``validate``, with the run's
+    ``dtype``; it sets ``graph.shapes``, which the run had too); returns the check's error, or
+    None. ``made``: filled with each layer's parameters as the check made them (shapes and
+    dtypes only), as far as it got."""
+    from asyncnn._errors import GraphError
+    from asyncnn._runtime._run import validate  # (as the trainer imports it)
+    from asyncnn.backends import get_backend
+
+    # a device this host lacks (a GPU run's trace on a CPU-only host) is said as the replay's
+    # start said it, not as a graph that fails its check
+    for name in graph.layers:
+        get_backend(graph.nodes[name].device)
+    try:
+        validate(graph, dtype, param_shapes=made)
+    except GraphError as exc:
+        return exc
+    return None
+
+
+def _check_params_fit(
+    path: str, graph: Any, params: dict[str, Any], made: dict[str, Any] | None = None
+) -> None:
     """Refuses initial parameters that the modules of the header's graph cannot take: the
-    replay failed at the first forward, inside the actor. Each module makes fresh parameters
-    (once, on the host) to compare with: the cost of one validation of the graph."""
+    replay failed at the first forward, inside the actor. Compared with the parameters the
+    graph's check made (``made``: their shapes), or where it did not get to a layer, with fresh
+    ones its module makes (once, on the host)."""
     for name in graph.layers:
         module = graph.nodes[name].module
-        try:
-            fresh = module.init(0, backend="numpy", dtype="float32")
-        except Exception:  # noqa: BLE001 - a module that cannot here: its forward tells
-            continue
+        if made is not None and name in made:
+            fresh = made[name]
+        else:
+            try:
+                fresh = module.init(0, backend="numpy", dtype="float32")
+            except Exception:  # noqa: BLE001 - a module that cannot here: its forward tells
+                continue
         misfit = _misfit(fresh, params[name], f"[{name!r}]")
         if misfit is not None:
             raise TraceFormatError(
@@ -198,6 +235,119 @@ def _check_params_fit(path: str, graph: Any, params: dict[str, Any]) -> None:
                 "header's spec: its class has changed since the run was recorded (its code or "
                 "its defaults), or the file was altered; replay with the code the run used"
             )
+
+
+def _check_outputs(trace: Trace, graph: Graph, dtype: str, graph_error: Exception | None) -> None:
+    """Refuses a graph whose check failed (``graph_error``, from :func:`_check_graph`), and one
+    whose layers' outputs, as the check found them, are not of the shape the run sent: the
+    replay failed halfway, at the actor that read the changed output, not the one that made
+    it. Of the first layer (in the graph's order) whose output differs, both shapes are named;
+    where the check failed, the layers before the node it failed at are compared first, so that
+    the layer that changed is named rather than the one after it that could not take it.
+
+    Only what cannot vary is compared: the shape past the batch dimension (a key's rows vary,
+    as do the rows a router sends each expert), of the layers' sends of one tensor (a router's
+    send to its merge carries the route too), and only where the run's sends of a layer all
+    had the same one.
+
+    Raises:
+        TraceFormatError: naming the layer, its module, both shapes, and the check's error.
+    """
+    recorded = _recorded_outputs(trace, graph)
+    path = trace.path
+    if graph_error is None:
+        changed = next(
+            (
+                (name, graph.shapes[name], *recorded[name])
+                for name in graph.layers
+                if name in recorded and name in graph.shapes
+                and tuple(graph.shapes[name][1:]) != tuple(recorded[name][0][1:])
+            ),
+            None,
+        )  # fmt: skip
+    else:
+        changed = _first_changed_output(graph, dtype, recorded)
+    if changed is not None:
+        name, now, sent, e = changed
+        then = (
+            f"; with it, the graph's check fails: {graph_error}" if graph_error is not None else ""
+        )
+        raise TraceFormatError(
+            f"{path}: layer {name!r} ({graph.nodes[name].module!r:.160}) gives an output of shape "
+            f"{tuple(now)} for a batch of {now[0]} rows in the graph's check, where the run sent "
+            f"outputs of shape {tuple(sent)} (its forward of key {e.key} to {e.peer!r}): past "
+            "the batch dimension they differ. The module is rebuilt from the header's spec: its "
+            "class has changed since the run was recorded (its code or its defaults), or the "
+            f"file was altered; replay with the code the run used{then}"
+        ) from graph_error
+    if graph_error is not None:
+        raise TraceFormatError(
+            f"{path}: the trace's graph fails the check a Trainer makes before it runs: "
+            f"{graph_error}. The graph is rebuilt from the header's spec: a class it names has "
+            "changed since the run was recorded (its code or its defaults), or the file was "
+            "altered; replay with the code the run used"
+        ) from graph_error
+
+
+def _recorded_outputs(trace: Trace, graph: Graph) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{layer: (shape, event)}``: the shape of each layer's forward sends of one tensor and
+    the first such send, where every such send of the layer has one shape past the batch
+    dimension (a layer whose sends vary there is left out: its output's shape cannot be told
+    from the graph's check)."""
+    layers = set(graph.layers)
+    found: dict[str, tuple[tuple[int, ...], Any]] = {}
+    varies: set[str] = set()
+    for e in trace.events:
+        if e.what != "send" or e.kind != "forward" or e.actor not in layers:
+            continue
+        x = e.tensors
+        if len(x) != 1 or not isinstance(x[0], dict) or not isinstance(x[0].get("s"), list):
+            continue
+        shape = tuple(x[0]["s"])
+        if not shape:
+            continue
+        first = found.setdefault(e.actor, (shape, e))[0]
+        if first[1:] != shape[1:]:
+            varies.add(e.actor)
+    return {name: v for name, v in found.items() if name not in varies}
+
+
+def _first_changed_output(
+    graph: Graph, dtype: str, recorded: dict[str, tuple[tuple[int, ...], Any]]
+) -> tuple[str, tuple[int, ...], tuple[int, ...], Any] | None:
+    """Where the graph's check failed: its evaluation again, node by node, up to the node it
+    fails at, and the first layer whose output differs from the run's sends past the batch
+    dimension (``(layer, output shape, sent shape, send)``), or None."""
+    import warnings
+
+    from asyncnn._runtime._graph_checks import _evaluate_node, _loop_check_args
+    from asyncnn.backends import to_numpy
+
+    rows = 2  # (the check's)
+    values: dict[str, Any] = {}
+    dt = np.dtype(dtype)
+    for name, node in graph.nodes.items():
+        if node.kind == "input":
+            kind = np.dtype(node.dtype).kind
+            shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
+            values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
+            continue
+        if node.kind != "layer":
+            continue
+        try:
+            args = [values[src] for src in node.inputs]
+            if node.role == "loop":
+                args = _loop_check_args(node.module, args)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out = to_numpy(_evaluate_node(node, args, dtype))
+            shape = tuple(out.shape)
+        except Exception:  # noqa: BLE001 - the node the check failed at: its error says why
+            return None
+        if name in recorded and shape[1:] != recorded[name][0][1:]:
+            return name, shape, *recorded[name]
+        values[name] = out
+    return None
 
 
 def optimizer_misfit(
