@@ -29,6 +29,23 @@ def test_diff_of_two_runs_that_differ_in_the_last_update_alone_is_a_divergence(t
     assert ann.trace.diff(paths[0], paths[0]) is None
 
 
+def test_a_diff_of_runs_that_differ_only_in_a_loss_value_says_so(tmp_path):
+    # (diff compared sends and updates only: a loss whose value alone differed read as agreeing)
+    path, other = tmp_path / "a.trace", tmp_path / "b.trace"
+    ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                trace=str(path)).fit(_data(16), batch_size=8)  # fmt: skip
+    _rewrite(path, other, lambda r: {**r, "m": {"loss": r["m"]["loss"] + 1.0}}
+             if r.get("ev") == "end" and r.get("a") == "loss" and r.get("key") == 2 else r)  # fmt: skip
+    losses = {e.key: e.meta["loss"] for e in ann.trace.read(path).events
+              if e.what == "end" and e.actor == "loss"}  # fmt: skip
+    d = ann.trace.diff(path, other)
+    assert d is not None and (d.actor, d.kind, d.key) == ("loss", "loss", 2)
+    assert (d.expected, d.got) == (losses[2], losses[2] + 1.0)
+    assert f"the first run's loss was {d.expected!r}, the second's {d.got!r}" in d.reason
+    assert "replay" not in d.reason
+    assert ann.trace.diff(path, path) is None
+
+
 def test_the_size_of_a_difference_is_that_of_the_tensor_that_differs(tmp_path):
     # it was always the first tensor's: 0.0 where the second differed, a ValueError where the
     # first was empty, and a ComplexWarning (an error here; else the real parts' difference)

@@ -10,7 +10,7 @@ from typing import Any
 
 from asyncnn._errors import TraceFormatError
 
-from ._compare import Divergence, send_divergences, update_divergences
+from ._compare import Divergence, loss_divergences, send_divergences, update_divergences
 from ._event import Event
 from ._read import Trace, read
 
@@ -172,8 +172,10 @@ def _settings_note(ta: Trace, tb: Trace) -> str:
 def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -> Divergence | None:
     """Compares two traces of the same graph; returns None if every actor processed the same
     messages in the same order with the same results, else the first :class:`Divergence`
-    (earliest in ``a``'s time): a reordered message, a tensor that differs, or an update that
-    made other weights (``kind="update"``; traces whose updates carry the weights' digests).
+    (earliest in ``a``'s time): a reordered message, a tensor that differs, an update that
+    made other weights (``kind="update"``; traces whose updates carry the weights' digests),
+    or a loss of another value (``kind="loss"``, bit for bit, NaN equal to NaN; found at the
+    gradient first where that differs too).
     Every candidate is ranked on ``a``'s clock alone (``b``'s starts elsewhere): work, a message
     or an update that only ``b`` has counts, after a divergence ``a`` shows there, where the
     runs part: for work of a key that ``a`` never admitted, at the admit where the two runs'
@@ -262,7 +264,10 @@ def diff(a: str | os.PathLike[str] | Trace, b: str | os.PathLike[str] | Trace) -
     # before updates carried digests: skipped). One that only b made is at time inf there.
     _, sends = send_divergences(ta, tb, actors, prefix=False)
     _, updates = update_divergences(ta, tb, actors, prefix=False)
-    for t, d in sends + updates:
+    # and each loss actor's first differing loss (a change that moved a loss and not its
+    # gradient shows nowhere else; ranked at the loss compute's end, after the gradient it sent)
+    _, losses = loss_divergences(ta, tb, actors, prefix=False)
+    for t, d in sends + updates + losses:
         if t == float("inf"):
             ops = sa.get(d.actor, [])
             started = d.seq < len(ops) and ops[d.seq].seq == d.seq
@@ -308,6 +313,13 @@ def _of_two_runs(d: Divergence) -> Divergence:
     }.get(d.reason, d.reason)
     if reason.startswith("the replay sent the "):  # (a message sent to another actor)
         reason = "the second run sent the " + reason.removeprefix("the replay sent the ")
+    if d.kind == "loss":  # (the loss comparison's words, said of two runs)
+        reason = (
+            reason.replace("the run's loss", "the first run's loss")
+            .replace("the replay's", "the second's")
+            .replace("the replay computed", "the second run computed")
+            .replace("than the run", "than the first")
+        )
     if d.kind == "update":  # (the update comparison's words, said of two runs)
         reason = (
             reason.replace("the replay's update", "the second run's update")
