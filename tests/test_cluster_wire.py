@@ -234,3 +234,30 @@ async def test_a_sender_waits_for_a_receiver_that_does_not_read(anyio_backend: s
     assert a.bytes_sent < block.nbytes
     a.close()
     b.close()
+
+
+async def test_the_shutdown_notice_finishes_a_frame_cut_by_a_cancelled_send_first(
+    anyio_backend: str,
+) -> None:
+    # send_sync (a closing cluster's shutdown notice) wrote its frame after half of a frame a
+    # cancelled send left: the peer read the notice's bytes as that frame's tensor bytes
+    a, b = pair()
+    block = np.arange(1 << 21, dtype=np.float64)  # 16 MB: more than the socket buffers hold
+    with anyio.move_on_after(0.2) as scope:
+        await a.send({"t": "m"}, [block])
+    assert scope.cancelled_caught and a.cut()
+    received: list[Any] = []
+
+    async def read_two() -> None:
+        for _ in range(2):
+            received.append(await b.receive())
+
+    with anyio.fail_after(10):  # (before, the reader waited for the cut frame's bytes)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_two)
+            await anyio.to_thread.run_sync(a.send_sync, {"t": "shutdown"})
+    (first, buffers), (notice, _) = received
+    assert first["t"] == "m" and notice["t"] == "shutdown" and not a.cut()
+    np.testing.assert_array_equal(buffers[0].view(np.float64), block)
+    a.close()
+    b.close()

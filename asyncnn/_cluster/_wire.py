@@ -146,10 +146,15 @@ class Connection:
         self.bytes_received += other.bytes_received
 
     def send_sync(self, header: dict[str, Any]) -> None:
-        """Sends a header-only frame without an event loop, blocking at most a second (the
-        shutdown notice a closing cluster leaves its workers); best effort."""
+        """Sends a header-only frame without an event loop, blocking at most a second a write
+        (the shutdown notice a closing cluster leaves its workers); best effort. The rest of a
+        frame a cancelled send cut short goes first (see :meth:`_send_frame`): after it, the
+        peer read the notice as that frame's tensor bytes."""
         self.sock.setblocking(True)
         self.sock.settimeout(1.0)
+        while self._rest:
+            self.sock.sendall(self._rest[0])
+            self.bytes_sent += len(self._rest.pop(0))
         self.sock.sendall(frame_head(header, []))
 
     def new_loop(self) -> None:
