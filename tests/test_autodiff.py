@@ -356,3 +356,57 @@ def test_the_library_s_own_primitives_are_not_checked_on_each_call():
 
     assert not any(isinstance(p.vjp_rule, CheckedRule) for p in PRIMITIVES.values())
     assert isinstance(ops.Primitive("mine", _double, lambda g, r, n: (g,)).vjp_rule, CheckedRule)
+
+
+_Z = np.array([1 + 2j, -0.5 + 1j, 3 - 1j])
+
+
+@pytest.mark.parametrize(
+    ("call", "name", "dtype"),
+    [(lambda f: ann.vjp(f, _Z), r"primals\[0\]", "complex128"),
+     (lambda f: ann.grad(f)(_Z.astype(np.complex64)), r"primals\[0\]", "complex64"),
+     (lambda f: ann.value_and_grad(lambda p: f(p["z"][1]))({"z": [0.0, _Z]}),
+      r"primals\[0\]\['z'\]\[1\]", "complex128"),
+     (lambda f: ann.grad(lambda a, p: f(p[0]), argnums=(0, 1))(np.ones(1), (_Z,)),
+      r"primals\[1\]\[0\]", "complex128")],
+    ids=["vjp", "grad-complex64", "nested", "argnums"],
+)  # fmt: skip
+def test_a_complex_leaf_is_refused_naming_it(call, name, dtype):
+    # before: differentiated, with a gradient no convention gives (sum |z * w| was 2.5 off)
+    with pytest.raises(
+        TypeError, match=rf"vjp: {name} is complex \({dtype}, shape \(3,\)\).* real and imaginary"
+    ):
+        call(lambda z: ops.sum(ops.abs(z * _Z)))
+
+
+def test_complex_scalars_are_refused_and_complex_constants_pass():
+    for z in (np.complex128(1j), 2j):
+        with pytest.raises(TypeError, match=r"vjp: primals\[0\] is complex \(complex"):
+            ann.grad(lambda z: ops.abs(z))(z)
+    # a complex array that is not differentiated is a constant, as an integer one is
+    g = ann.grad(lambda w, z: ops.sum(w * ops.abs(z)))(np.ones(3), _Z)
+    np.testing.assert_allclose(g, np.abs(_Z))
+
+
+@pytest.mark.parametrize(
+    ("op", "fn"),
+    [("multiply", lambda x: x * _Z),
+     ("multiply", lambda x: np.multiply(1j, x)),
+     ("add", lambda x: x + 1j),
+     ("divide", lambda x: _Z / x),
+     ("power", lambda x: 1j**x),
+     ("where", lambda x: ops.where(np.array([True, False, True]), x, _Z)),
+     ("matmul", lambda x: x @ np.outer(_Z, _Z)),
+     ("concatenate", lambda x: ops.concatenate([x, _Z])),
+     ("stack", lambda x: ops.stack([_Z, x])),
+     ("astype", lambda x: x.astype(np.complex64)),
+     ("astype", lambda x: np.sum(x, dtype=np.complex128))],
+    ids=["mul", "ufunc", "add-scalar", "divide", "rpow", "where", "matmul", "concatenate", "stack",
+         "astype", "sum-dtype"],
+)  # fmt: skip
+def test_a_complex_value_made_from_a_traced_array_is_refused(op, fn):
+    # before: traced, and the gradient of the real x wrong (abs(x * z) gave the real part of
+    # g * z * z / |z|, with a ComplexWarning), as the rules take no conjugates
+    with pytest.raises(TypeError, match=rf"^{op}: .*complex.* real and imaginary parts"):
+        ann.grad(lambda x: ops.sum(ops.abs(fn(x))))(np.array([1.0, -2.0, 0.5]))
+    fn(np.array([1.0, -2.0, 0.5]))  # untraced, numpy's complex result, as before

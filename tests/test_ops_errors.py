@@ -467,3 +467,21 @@ def test_a_list_of_traced_arrays_given_to_an_op_says_to_stack_them() -> None:
 def test_a_ragged_list_given_to_an_op_names_the_op() -> None:
     with pytest.raises(ValueError, match=r"^add: the list given is not an array: .*inhomogeneous"):
         ops.add([[1.0, 2.0], [3.0]], 1.0)
+
+
+def test_a_shape_may_be_one_int_as_in_numpy_and_anything_else_is_named() -> None:
+    # before: "'int' object is not iterable" (numpy takes an int shape)
+    x = np.arange(6.0).reshape(2, 3)
+    assert ops.reshape(x, 6).shape == np.reshape(x, 6).shape == (6,)
+    assert ops.reshape(x, np.int64(-1)).shape == (6,)
+    assert ops.broadcast_to(np.array(1.0), 3).shape == np.broadcast_to(1.0, 3).shape == (3,)
+    assert ops.broadcast_to(np.array([1.0]), np.int32(2)).shape == (2,)
+    g = ann.grad(lambda x: ops.sum(ops.reshape(x, 6) * np.arange(6.0)))(x)
+    np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3))
+    g = ann.grad(lambda v: ops.sum(ops.broadcast_to(v, 3)))(np.array(2.0))
+    assert g == 3.0
+    for op in ("reshape", "broadcast_to"):
+        for bad in (6.0, "6", (2, 3.0), None):
+            with pytest.raises(TypeError, match=rf"^{op}: shape must be an int or a sequence of "
+                               rf"ints, got {re.escape(repr(bad))}"):  # fmt: skip
+                getattr(ops, op)(x, bad)

@@ -745,3 +745,26 @@ def test_max_pool_of_minus_infinity_keeps_its_gradient_in_every_float_dtype(
     assert y.dtype == g.dtype == dt
     np.testing.assert_array_equal(to_numpy(y).astype(np.float64), [[[-np.inf, -np.inf, 1, 1]]])
     np.testing.assert_array_equal(to_numpy(g).astype(np.float64), [[[3.0, 0.0, 0.0, 12.0]]])
+
+
+@pytest.mark.parametrize(
+    "dtype", ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+)
+def test_sigmoid_of_integers_is_scipy_s_expit_in_numpy_s_float_dtype(
+    backend: Any, dtype: str
+) -> None:
+    # before: NaN for every non-zero unsigned int (-|x| wrapped around), numpy's "boolean
+    # negative" error for bool (signed ints were right)
+    special = pytest.importorskip("scipy.special")
+    if dtype == "bool":
+        values: list[Any] = [False, True]
+    else:
+        info = np.iinfo(dtype)
+        values = [0, 1, 3, 100, info.max] + [-1, -3, -100, info.min] * (info.min < 0)
+    x = np.array(values, dtype)
+    got = ops.sigmoid(backend.asarray(x))
+    # numpy's dtype, as tanh's and exp's (float16 for uint8 and bool); expit computes in float64
+    assert got.dtype == ops.tanh(x).dtype == np.result_type(dtype, np.float16)
+    tol = np.finfo(got.dtype)
+    want = special.expit(x)  # (float64)
+    np.testing.assert_allclose(to_numpy(got), want, rtol=2 * tol.eps, atol=tol.tiny)

@@ -100,12 +100,21 @@ def test_a_dicts_keys_sort_the_same_whichever_order_it_was_built_in(wrap):
     assert tree_unflatten(treedef, leaves) == wrap(nested)
 
 
-def test_a_dict_whose_keys_do_not_sort_is_refused_as_before():
+def test_a_dict_whose_keys_do_not_sort_is_refused_naming_them():
+    # (before: Python's bare "'<' not supported between instances of 'str' and 'int'")
+    said = (
+        r"pytree dict keys must be mutually sortable \(e\.g\. all str\), got int 1 and str 'a' "
+        r"in a dict with keys \[1, 'a'\]"
+    )
     for _ in range(2):  # nothing remembered from the first refusal answers the second
-        with pytest.raises(TypeError, match="not supported between"):
+        with pytest.raises(TypeError, match=said):
             tree_flatten({1: 0, "a": 1})
-        with pytest.raises(TypeError, match="not supported between"):
+        with pytest.raises(TypeError, match=said):
             tree_flatten([{1: 0, "a": 1}])
+    with pytest.raises(TypeError, match=r"got NoneType None and int 2 in a dict with keys"):
+        tree_map(lambda v: v, {"k": {None: 1, 2: 3}})
+    # keys of one type, or of types that compare (int and float), sort as before
+    assert tree_flatten({2: "b", 1.5: "a", True: "t"})[0] == ["t", "a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -171,3 +180,14 @@ def test_gradients_through_a_read_only_dict_inside_the_arguments() -> None:
     assert type(grads) is dict and sorted(grads) == ["b", "w"]
     np.testing.assert_allclose(grads["w"], 2 * float(out) ** 0.5 * _A[:2])
     testing.check_grads(lambda a: (a[0]["w"] * a[1]).sum(), (params, _A[:2]))
+
+
+def test_gradients_of_a_dict_whose_keys_do_not_sort_name_the_keys() -> None:
+    import asyncnn as ann
+    from asyncnn import ops
+
+    # before: "'<' not supported between instances of 'str' and 'int'", naming no dict
+    w = np.ones(2)
+    for params in ({0: w, "head": w}, {None: w, "x": w}):
+        with pytest.raises(TypeError, match=r"pytree dict keys must be mutually sortable"):
+            ann.grad(lambda p: ops.sum(p["x" if None in p else 0]))(params)

@@ -18,8 +18,10 @@ from ._autodiff_args import (
     _CONTAINERS,
     CheckedForward,
     CheckedRule,
+    _complex_leaf,
     _cotangent_leaves,
     _hides,
+    _is_complex,
     _is_differentiable,
     _mixed_devices,
     _unopened,
@@ -410,7 +412,8 @@ def _is_tracer(x: Any) -> bool:
 
 
 def _is_float_array(x: Any) -> bool:
-    return type(x) is Tracer or (hasattr(x, "shape") and _is_differentiable(x))
+    # (a complex one too: hidden in a namedtuple it would pass as a constant, bare it is refused)
+    return type(x) is Tracer or (hasattr(x, "shape") and (_is_differentiable(x) or _is_complex(x)))
 
 
 def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> tuple[Any, ...]:
@@ -445,6 +448,8 @@ def _trace_call(fn: Callable[..., Any], primals: tuple[Any, ...], who: str) -> t
             traced.append(t)
             leaf_index.append(t.index)
         else:
+            if _is_complex(leaf):  # refused: as a constant, None where a gradient is expected
+                raise _complex_leaf(who, treedef, len(traced), leaf)  # (its place: len(traced))
             if isinstance(leaf, _CONTAINERS) and _hides(leaf, _is_float_array):
                 raise TypeError(_unopened(who, "an argument holds", leaf, "get no gradient"))
             traced.append(leaf)
@@ -473,13 +478,20 @@ def vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tup
     Args:
         fn: a function of pytrees of arrays built from asyncnn ops.
         *primals: its arguments. Floating-point array leaves are differentiated; integer and
-            boolean arrays and non-array leaves are passed through as constants.
+            boolean arrays and non-array leaves are passed through as constants; complex ones
+            are refused.
 
     Returns:
         ``(out, pullback)``: ``out`` is ``fn``'s result with raw arrays; ``pullback(cotangent)``
         takes a cotangent of the same structure as ``out`` and returns a tuple with one gradient
         per primal, of the same pytree structure, holding ``None`` at non-differentiable leaves.
-        A pullback may be called once; it frees its residuals as it goes.
+        A pullback may be called once; it frees its residuals as it goes (they are references
+        to the forward's arrays: change none in place before it runs).
+
+    Raises:
+        TypeError: a complex leaf (pass its real and imaginary parts as two real arrays), or
+            an op in ``fn`` that makes a complex value from a traced array; a dict whose keys
+            do not sort together.
 
     Example:
         >>> y, pb = vjp(lambda w, x: ops.sum(ops.tanh(x @ w)), w, x)

@@ -17,14 +17,56 @@ from ._pytree import TreeDef, tree_flatten
 
 
 def _is_differentiable(x: Any) -> bool:
+    """Whether ``x`` is a leaf that is differentiated: a real floating array (bfloat16 too) or a
+    Python float. A complex one is not (see :func:`_is_complex`)."""
     if type(x) is np.ndarray:  # the common case, answered first
         kind = x.dtype.kind
-        return kind == "f" or kind == "c" or (kind == "V" and is_floating(x.dtype))
+        return kind == "f" or (kind == "V" and is_floating(x.dtype))
     dtype = getattr(x, "dtype", None)
     if dtype is not None:
         kind = getattr(dtype, "kind", "")
-        return hasattr(x, "shape") and (kind in "fc" or (kind == "V" and is_floating(dtype)))
+        return hasattr(x, "shape") and (kind == "f" or (kind == "V" and is_floating(dtype)))
     return isinstance(x, float)
+
+
+def _is_complex(x: Any) -> bool:
+    """Whether ``x`` is a complex array or number: a leaf the differentiating functions refuse."""
+    if isinstance(x, complex):  # (numpy's complex128 scalars too)
+        return True
+    return hasattr(x, "shape") and getattr(getattr(x, "dtype", None), "kind", "") == "c"
+
+
+#: why complex values are refused, and what to do instead (the end of each such message)
+COMPLEX_REFUSED = (
+    "complex values are not differentiated (the rules take no complex conjugates, so the "
+    "gradients through them would be wrong): pass the real and imaginary parts as two real "
+    "arrays (z.real, z.imag) and compute with those"
+)
+
+
+def _complex_leaf(who: str, treedef: TreeDef, k: int, leaf: Any) -> TypeError:
+    """The error for leaf ``k`` of the primals (of structure ``treedef``), which is complex."""
+    name = _leaf_name(treedef, k, "primals")
+    dtype = getattr(leaf, "dtype", type(leaf).__name__)
+    return TypeError(
+        f"{who}: {name} is complex ({dtype}, shape {tuple(getattr(leaf, 'shape', ()))}), and "
+        f"{COMPLEX_REFUSED}, or pass it undifferentiated (an argument outside grad's argnums, "
+        "or a keyword argument). (primals: vjp's arguments after fn, or the arguments that "
+        "grad's and value_and_grad's argnums name, in order)"
+    )
+
+
+def _leaf_name(treedef: TreeDef, k: int, name: str) -> str:
+    """The name of leaf ``k`` (in flattening order) of a tree of structure ``treedef``, from
+    the tree's ``name``: ``primals[0]['w']``."""
+    while treedef.kind != "leaf":
+        labels = treedef.meta if treedef.kind == "dict" else range(len(treedef.children))
+        for label, child in zip(labels, treedef.children, strict=True):
+            if k < child.num_leaves:
+                name, treedef = f"{name}[{label!r}]", child
+                break
+            k -= child.num_leaves
+    return name
 
 
 _CONTAINERS = (dict, list, tuple)

@@ -8,6 +8,7 @@ how to differentiate itself.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from asyncnn.backends import array_namespace, is_floating
 
 from ._autodiff import Primitive, Tracer, _is_tracer
-from ._autodiff_args import _hides
+from ._autodiff_args import COMPLEX_REFUSED, _hides
 from ._ops_checks import (
     check_broadcast,
     check_concatenated,
@@ -137,10 +138,35 @@ def _broadcasting(name: str, *args: Any, **params: Any) -> Any:
             args = tuple([as_array(b, name) if isinstance(b, list | tuple) else b for b in args])
             break
     try:
-        return _P[name](*args, **params)
+        out = _P[name](*args, **params)
     except ValueError:
         check_broadcast(name, [_shape(a) for a in args])
         raise
+    if type(out) is Tracer and out.value.dtype.kind == "c":
+        raise _complex_result(name, args)
+    return out
+
+
+def _complex_result(op: str, args: Sequence[Any], dtype: Any = None) -> TypeError:
+    """The error for op ``op`` whose result from a traced (real) array is complex: mixed with a
+    complex constant among ``args``, or cast to the complex ``dtype``. Its rules would take the
+    complex cotangent without conjugates, and the real gradient is wrong."""
+    traced = next(a for a in args if type(a) is Tracer)
+    what = f"a traced (differentiated) {traced.dtype} array of shape {traced.shape}"
+    if dtype is not None:
+        what = f"{what} cast to {np.dtype(dtype)}"
+    else:
+        const: Any = next((a for a in args if type(a) is not Tracer and np.iscomplexobj(a)), 0j)
+        with_ = (
+            f"a {const.dtype} constant of shape {tuple(const.shape)}"
+            if hasattr(const, "shape") and not isinstance(const, complex)
+            else f"the complex number {const!r}"
+        )
+        what = f"{what} with {with_}"
+    return TypeError(
+        f"{op}: {what} gives a complex result, and {COMPLEX_REFUSED}; or take the value "
+        "without its gradient first (ops.raw(x))"
+    )
 
 
 # -- elementwise ----------------------------------------------------------------------------------
@@ -275,11 +301,18 @@ def where(condition: Any, a: Any, b: Any) -> Any:
 
 def astype(x: Any, dtype: Any) -> Any:
     """``x`` converted to ``dtype``; the gradient is converted back. An integer or boolean
-    ``dtype`` gives a constant: a step function has no gradient (torch's ``.long()``, too)."""
+    ``dtype`` gives a constant: a step function has no gradient (torch's ``.long()``, too).
+
+    Raises:
+        TypeError: a complex ``dtype`` for a traced ``x`` (complex values are not
+            differentiated: compute with the real and imaginary parts as real arrays).
+    """
     x = as_array(x, "astype")
     if raw(x).dtype == dtype:
         return x
-    if not is_floating(dtype) and np.dtype(dtype).kind != "c":
+    if not is_floating(dtype):
+        if type(x) is Tracer and np.dtype(dtype).kind == "c":
+            raise _complex_result("astype", [x], dtype)
         return _P["astype"](raw(x), dtype=dtype)
     return _P["astype"](x, dtype=dtype)
 
@@ -339,9 +372,27 @@ def _nonempty_axes(x: Any, axis: Any, op: str) -> tuple[int, ...]:
 
 
 # -- shapes ----------------------------------------------------------------------------------------
-def reshape(x: Any, shape: Sequence[int]) -> Any:
-    """``x`` with a new shape of the same size (one entry may be -1)."""
-    shape = tuple(shape)
+def _shape_arg(shape: Any, op: str) -> tuple[int, ...]:
+    """``shape``, the shape argument of op ``op``, as a tuple of ints: one int (a numpy integer
+    too) is a 1-d shape, as numpy takes it.
+
+    Raises:
+        TypeError: naming the op, when ``shape`` is neither an int nor a sequence of ints.
+    """
+    if isinstance(shape, int | np.integer):
+        return (int(shape),)
+    try:
+        return tuple([operator.index(s) for s in shape])
+    except TypeError:
+        raise TypeError(
+            f"{op}: shape must be an int or a sequence of ints, got {shape!r}; e.g. (2, 3), "
+            "or 6 for a 1-d shape"
+        ) from None
+
+
+def reshape(x: Any, shape: int | Sequence[int]) -> Any:
+    """``x`` with a new shape of the same size (one entry may be -1; one int is a 1-d shape)."""
+    shape = _shape_arg(shape, "reshape")
     x = as_array(x, "reshape")
     try:
         return _P["reshape"](x, shape=shape)
@@ -389,9 +440,9 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
     return reshape(x, [s for i, s in enumerate(shape) if i not in axes])
 
 
-def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
-    """``x`` broadcast to ``shape``."""
-    shape = tuple(shape)
+def broadcast_to(x: Any, shape: int | Sequence[int]) -> Any:
+    """``x`` broadcast to ``shape`` (one int is a 1-d shape)."""
+    shape = _shape_arg(shape, "broadcast_to")
     x = as_array(x, "broadcast_to")
     try:
         return _P["broadcast_to"](x, shape=shape)
@@ -485,10 +536,13 @@ def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     arrays = [as_array(a, "concatenate") for a in arrays]
     axis = check_axis(axis, len(_shape(arrays[0])), "concatenate")
     try:
-        return _P["concatenate"](*arrays, axis=axis)
+        out = _P["concatenate"](*arrays, axis=axis)
     except ValueError:
         check_concatenated([_shape(a) for a in arrays], axis)
         raise  # not the shapes: say what numpy (or the trace) said
+    if type(out) is Tracer and out.value.dtype.kind == "c":
+        raise _complex_result("concatenate", arrays)
+    return out
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
@@ -498,10 +552,13 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     arrays = [as_array(a, "stack") for a in arrays]
     axis = check_axis(axis, len(_shape(arrays[0])) + 1, "stack")
     try:
-        return _P["stack"](*arrays, axis=axis)
+        out = _P["stack"](*arrays, axis=axis)
     except ValueError:
         check_stacked([_shape(a) for a in arrays])
         raise  # not the shapes: say what numpy (or the trace) said
+    if type(out) is Tracer and out.value.dtype.kind == "c":
+        raise _complex_result("stack", arrays)
+    return out
 
 
 def unstack(x: Any, axis: int = 0) -> list[Any]:
@@ -530,10 +587,13 @@ def matmul(a: Any, b: Any) -> Any:
     if not sa or not sb or sa[-1] != sb[0 if len(sb) == 1 else -2]:
         raise ValueError(f"matmul: shapes {sa} and {sb} do not line up")
     try:
-        return _P["matmul"](a, b)
+        out = _P["matmul"](a, b)
     except ValueError:
         check_matmul_batch(sa, sb)
         raise
+    if type(out) is Tracer and out.value.dtype.kind == "c":
+        raise _complex_result("matmul", (a, b))
+    return out
 
 
 # numpy ufuncs applied to a traced array are routed here (see Tracer.__array_ufunc__).

@@ -159,11 +159,43 @@ _KEY_ORDERS: dict[tuple[Any, ...], tuple[tuple[Any, ...], TreeDef]] = {}
 
 
 def _sorted_keys(tree: dict[Any, Any]) -> tuple[tuple[Any, ...], TreeDef]:
-    keys = tuple(sorted(tree))
+    try:
+        keys = tuple(sorted(tree))
+    except TypeError as exc:
+        raise _unsortable(tree, exc) from None
     found = (keys, _flat_dict(keys))
     if len(_KEY_ORDERS) < 4096:
         _KEY_ORDERS[tuple(tree)] = found
     return found
+
+
+def _unsortable(tree: dict[Any, Any], exc: TypeError) -> TypeError:
+    """The error for a dict whose keys do not sort (an int and a str): its leaves have no order.
+
+    Refused rather than sorted by some total order (type name, then key): keys of one type or
+    of types that compare (int and float) keep their order, and a mistake is named where it is
+    made, as JAX does."""
+    keys = list(tree)
+    firsts: dict[type, Any] = {}  # the first key of each type: the pair that fails among them
+    for k in keys:
+        firsts.setdefault(type(k), k)
+    pair = ""
+    reps = list(firsts.values())
+    for i, a in enumerate(reps):
+        for b in reps[i + 1 :]:
+            try:
+                a < b  # noqa: B015 - only whether it raises
+            except TypeError:
+                pair = f"{type(a).__name__} {a!r} and {type(b).__name__} {b!r}"
+                break
+        if pair:
+            break
+    shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+    return TypeError(
+        f"pytree dict keys must be mutually sortable (e.g. all str), got "
+        f"{pair or str(exc)} in a dict with keys [{shown}]: its leaves are ordered by sorted key; "
+        "give it keys of one type (str(k) for each)"
+    )
 
 
 def _flatten(tree: Any, out: list[Any]) -> TreeDef:

@@ -206,6 +206,10 @@ def _sigmoid(x: Any) -> tuple[Any, Any]:
     # float32, 0 from x = -20, where the logistic is 2e-9). The numerator is max(e, x >= 0):
     # one exp, and no select (np.where with a mixed mask is 5x slower than the rest).
     xp = ns(x)
+    if x.dtype.kind in "biu":
+        # -|x| wraps around for unsigned ints (3 -> 253 in uint8: NaN out) and is refused for
+        # bools: compute in the float numpy's promotion gives, the dtype of tanh's and exp's
+        x = x.astype(np.result_type(x.dtype, np.float16))
     e = xp.exp(-xp.abs(x))
     pos = x >= 0
     one: Any = 1
