@@ -200,6 +200,13 @@ def _fit(
     # --epochs counts those of the checkpoint too (one at or below them was refused before the
     # data was loaded); a new run's 0 is kept: an untrained model's accuracy, a first checkpoint
     epochs = args.epochs - trainer.epochs_done
+    if epochs == 0 and trainer._epoch_layout is None:
+        # a fit of no epoch records no layout, and the save would then keep no batch size: the
+        # layout this run would have trained in is kept, which --resume goes on in (as a run
+        # without the --epochs 0 step would have), rather than in the default's minibatches
+        trainer._epoch_layout = epoch_layout(
+            len(train["y"]), args.batch_size, True, trainer.seed, False
+        )
     callbacks = [_metrics_logger(JSONLLogger, args.metrics)] if args.metrics else []
     start = time.perf_counter()
     try:

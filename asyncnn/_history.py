@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ._checkpoint_files import write_whole
+from ._checkpoint_files import write_failed, write_whole
 from ._runtime._statistics import ActorStatistics
 
 __all__ = ["History"]
@@ -94,17 +94,43 @@ class History:
         that any reader parses: a non-finite float is written as the string ``"NaN"``,
         ``"Infinity"`` or ``"-Infinity"``, every other float as the shortest decimal that reads
         back to the same bits. numpy scalars are written as the Python numbers they equal.
-        The file is written whole or not at all (through ``<path>.tmp``, renamed into place).
+        The file is written whole or not at all (through ``<path>.tmp``, renamed into place),
+        its folder made first where there is none, as :meth:`Trainer.save` makes its own (so
+        ``hist.save("run/history.json")`` beside a checkpoint saved to ``run``).
 
         Raises:
             TypeError: a value is not a number where one belongs (named with its field;
                 nothing is written).
-            OSError: the file cannot be written (no ``.tmp`` file is left behind).
+            OSError: the file, or its folder, cannot be written (named by ``path``; no ``.tmp``
+                file is left behind).
         """
         path = os.fspath(path)
         # serialised first: a value that cannot be written fails before the file is touched
         text = json.dumps(self._to_json(), allow_nan=False, indent=1)
-        write_whole(path, text + "\n")
+        folder = os.path.dirname(path)
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:  # (named by the file the caller gave, which it is for)
+                why = exc.strerror or str(exc)
+                if isinstance(exc, FileExistsError):  # (its words, "File exists", say not which)
+                    why = "a file is in its place"
+                elif exc.filename is not None and os.fspath(exc.filename) != folder:
+                    why = f"{why}: {os.fspath(exc.filename)}"  # (a folder above it)
+                raise write_failed(
+                    exc.errno,
+                    f"its folder {folder} could not be made: {why}",
+                    path,
+                    "; give a path in a folder that exists or can be made",
+                ) from exc
+        try:
+            write_whole(path, text + "\n")
+        except OSError as exc:
+            if exc.filename != path + ".tmp":
+                raise
+            # the file written first and renamed into place is this method's own: the caller
+            # named `path`
+            raise write_failed(exc.errno, exc.strerror or str(exc), path) from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> History:

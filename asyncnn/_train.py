@@ -453,6 +453,9 @@ class Trainer:
                 named with its row; its outputs would be of an Inf, finite-looking); the data
                 has no rows; the graph has no outputs (``g.output``). A NaN or Inf in the data
                 itself is no error here: it is computed on as given.
+            GraphError: a layer gave another number of rows than its input had (a filter that
+                drops rows by their values, which the graph's check on zeros let through), as
+                ``fit`` refuses it.
         """
         self._check_graph("predict")
         if not self.graph.outputs:  # (it returned {}, having computed nothing)
@@ -485,6 +488,8 @@ class Trainer:
                 starting with an Embedding reads, is out of range (named with its row); a
                 finite value of a float input overflows the trainer's ``dtype`` (named with
                 its row, as in :meth:`predict`); the data has no rows.
+            GraphError: a layer gave another number of rows than its input had (see
+                :meth:`predict`).
         """
         self._check_graph("evaluate")
         dataset = self._checked_dataset(data, self.graph.losses, "evaluate")

@@ -1074,6 +1074,36 @@ def test_resume_without_a_batch_size_takes_the_checkpoints(
 
 
 @pytest.mark.timeout(60)
+def test_resume_of_an_epochs_0_checkpoint_keeps_its_batch_size_and_trains_as_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (`--epochs 0 --batch-size 64 --save` recorded no epoch layout, so `--resume` trained in
+    # minibatches of 100, "the default", dropping the --batch-size given)
+    ckpt, out, straight = str(tmp_path / "ckpt"), tmp_path / "out", str(tmp_path / "straight")
+    assert main([*_TRAIN, "--epochs", "0", "--save", ckpt]) == 0
+    capsys.readouterr()
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "1", "--save",
+                 ckpt, "--out", str(out)]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert "minibatches of 64 rows, the checkpoint's" in said and "over" not in said
+    report = json.loads((out / "results.json").read_text())
+    assert report["args"]["batch_size"] == 64
+    # the same rows in the same order as a run without the --epochs 0 step: bit for bit
+    assert main([*_TRAIN, "--epochs", "1", "--save", straight]) == 0
+    resumed, whole = ann.Trainer.load(ckpt), ann.Trainer.load(straight)
+    assert resumed.epochs_done == whole.epochs_done == 1
+    assert resumed.versions == whole.versions
+    for name in whole.params:
+        for a, b in zip(
+            ann._math._pytree.tree_leaves(resumed.params[name]),
+            ann._math._pytree.tree_leaves(whole.params[name]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+
+
+@pytest.mark.timeout(60)
 def test_resume_of_a_checkpoint_without_a_classifier_is_refused_before_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

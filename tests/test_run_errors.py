@@ -305,6 +305,54 @@ def test_a_layer_that_drops_rows_only_on_real_data_is_named_in_the_run():
                      r"inputs have 8 rows", str(info.value.__cause__))  # fmt: skip
 
 
+def test_predict_and_evaluate_refuse_a_layer_that_drops_rows_as_fit_does():
+    # (predict returned fewer rows than it was given, no longer lined up with them, and evaluate
+    # blamed the loss: "CrossEntropyLoss: logits of shape (5, 3) and labels of shape (8,)")
+    g = ann.Graph()
+    x = g.input("x", (None, 4))
+    y = g.input("y", (None,), "int64")
+    h = g.layer("head", nn.Linear(4, 3), g.layer("filter", _KeepNonNegative(), x))
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g.output("logits", h)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((8, 4)), "y": rng.integers(0, 3, 8)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    says = r"layer 'filter' .* for inputs of shape \(8, 4\): \d rows? where its inputs have 8 rows"
+    with pytest.raises(ann.GraphError, match=says):
+        tr.predict({"x": data["x"]})
+    with pytest.raises(ann.GraphError, match=says):
+        tr.evaluate(data)
+    # rows it keeps all of pass
+    kept = {"x": np.abs(data["x"]), "y": data["y"]}
+    assert tr.predict({"x": kept["x"]})["logits"].shape == (8, 3)
+    assert np.isfinite(tr.evaluate(kept)["loss"])
+
+
+def test_an_expert_that_drops_rows_is_named_in_fit_and_in_predict():
+    # (in predict, an expert's rows dropped down to one were broadcast onto all of the rows
+    # routed to it by the merge, without a word)
+    g = ann.Graph()
+    x = g.input("x", (None, 4))
+    y = g.input("y", (None,), "int64")
+    r = g.router("gate", nn.Linear(4, 2), x, experts=2, k=1)
+    m = g.merge("merge", r, *(g.layer(f"e{i}", _KeepNonNegative(), r) for i in range(2)))
+    h = g.layer("head", nn.Linear(4, 3), m)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    g.output("logits", h)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((16, 4)), "y": rng.integers(0, 3, 16)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64")
+    says = r"layer 'e\d' .* for inputs of shape \(\d+, 4\): \d+ rows? where its inputs have"
+    with pytest.raises(ann.GraphError, match=says):
+        tr.predict({"x": data["x"]})
+    with pytest.raises(ann.GraphError, match=says):
+        tr.evaluate(data)
+    with pytest.raises(ann.ActorError) as info:
+        tr.fit(data, epochs=1, batch_size=16)
+    assert isinstance(info.value.__cause__, ann.GraphError)
+    assert re.search(says, str(info.value.__cause__))
+
+
 @pytest.mark.anyio
 async def test_a_batch_that_is_not_a_dict_names_the_inputs():
     d = _data()

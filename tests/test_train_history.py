@@ -129,6 +129,25 @@ def test_history_save_refuses_a_value_that_is_not_a_number_and_writes_nothing(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_history_save_makes_its_folder_as_trainer_save_does(tmp_path):
+    # (a folder that did not exist failed with "No such file or directory:
+    # 'run/history.json.tmp'", a file the caller never named)
+    hist = ann.History(losses=[1.0, 0.5])
+    path = tmp_path / "run" / "deeper" / "history.json"
+    hist.save(path)
+    assert ann.History.load(path).losses == [1.0, 0.5]
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]
+    # a folder that cannot be made (a file is in its place): the error names the path given
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "history.json"
+    with pytest.raises(OSError) as info:
+        hist.save(bad)
+    said = str(info.value)
+    assert f"writing {bad} failed" in said and ".tmp" not in said, said
+    assert f"its folder {tmp_path / 'file'} could not be made: a file is in its place" in said
+    assert (tmp_path / "file").read_text() == ""
+
+
 # -- the epoch's loss ------------------------------------------------------------------------------
 @pytest.mark.parametrize("hooks", [False, True], ids=["no-epoch-hooks", "validation"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -9,10 +9,12 @@ import numpy as np
 
 from asyncnn.backends import get_backend, is_cupy_array
 
+from ._graph_checks import check_layer_rows
 from ._routing import plain_values
 
 if TYPE_CHECKING:
     from ._graph import Graph
+    from ._node import Node
 
 __all__ = ["forward_pass"]
 
@@ -28,6 +30,11 @@ def forward_pass(
 
     Inputs the batch does not give are skipped, with the nodes that need them (so ``predict``
     needs no labels). Loss nodes are computed only with ``losses=True``.
+
+    Raises:
+        GraphError: a layer gave another number of rows than its inputs (a filter, which the
+            graph's check on zeros passes), named with both shapes as its actor names it in
+            ``fit``.
     """
     values: dict[str, Any] = {}
     for name, node in graph.nodes.items():
@@ -45,7 +52,9 @@ def forward_pass(
         if any(src not in values for src in node.inputs):
             continue
         if node.kind == "layer" and plain_values(graph, name, params.get(name), values, dtype):
-            continue  # a router, a merge, or a layer of an expert branch
+            if node.role == "layer":  # a layer of an expert branch: its rows kept, as in fit
+                _check_branch_rows(node, values)
+            continue  # (a router, a merge)
         backend = get_backend(node.device)
         # cupy computes on the thread's current device: with stages on several GPUs, each node
         # must run on its own (a loss runs on the device of the layer feeding it)
@@ -64,9 +73,32 @@ def forward_pass(
                     # (a subclass may need other arguments, or carry fields: kept as it is)
                     exc.add_note(f"in layer {name!r}")
                     raise
+                if node.role == "layer":  # (a loop keeps its rows, as its actor takes it to)
+                    _check_rows(node, [a.shape for a in args], values[name])
             else:
                 args = [values[src] for src in node.inputs]
                 if backend.device.kind == "cuda":
                     args = [backend.asarray(a) for a in args]
                 values[name] = node.module({}, *args)
     return values
+
+
+def _check_rows(node: Node, input_shapes: list[Any], out: Any) -> None:
+    """Refuses, as the layer's actor does in ``fit``, an output with other rows than the inputs:
+    a layer that drops rows by their values (a filter) passes the graph's check on zeros, and
+    here its outputs would no longer line up with the rows given (``predict``), or the loss
+    would be blamed for them (``evaluate``). One comparison of two ints, per batch."""
+    shape = getattr(out, "shape", None)
+    if shape is not None and (not shape or shape[0] != input_shapes[0][0]):
+        check_layer_rows(node, input_shapes, shape)
+
+
+def _check_branch_rows(node: Node, values: Mapping[str, Any]) -> None:
+    """:func:`_check_rows` of a layer of an expert branch, whose value is ``("branch", rows,
+    output)`` (its input: those ``rows`` of the router's input, or the branch's value before)."""
+    _, rows, out = values[node.name]
+    if out is None:  # (no row came to it)
+        return
+    src = values[node.inputs[0]]
+    features = (src[1] if src[0] == "routed" else src[2]).shape[1:]
+    _check_rows(node, [(len(rows), *features)], out)
