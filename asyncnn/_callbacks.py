@@ -29,8 +29,14 @@ class Callback:
 
     The order: ``on_fit_start``; then for each epoch, ``on_step_end`` of each of its
     minibatches, in step order (under ``Async``, the order their losses come in), each once
-    its loss is known (under a streaming policy a few steps after it was admitted), then
-    that epoch's ``on_epoch_end``; ``on_fit_end`` last.
+    its loss is known (under a streaming policy a few steps after it was admitted; under
+    ``Sync``, ``GPipe``, ``OneFOneB`` and the other policies that flush, before the next
+    minibatch is admitted), then that epoch's ``on_epoch_end``; ``on_fit_end`` last.
+
+    On a cluster the hooks come as in one process (under a policy that flushes, a stop there
+    trains the same minibatches), but the workers send their weights back only at the end of
+    the run: until then a hook sees the trainer's state from before the fit, and
+    ``trainer.save`` is refused.
 
     Example:
         ```python

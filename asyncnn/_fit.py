@@ -213,9 +213,13 @@ class _FitState:
     async def _step_point(self, run: Run, position: tuple[int, int]) -> None:
         """Before each step: under a flush policy in this process, waits for the previous
         minibatch's updates (as the step itself would) and keeps that state; then delivers the
-        step-end callbacks whose losses have come. Under a streaming policy the pipeline runs
-        on: before the callbacks, the trainer holds what a fit stopped here would keep (so a
-        hook's ``trainer.save`` writes what ``_keep`` would)."""
+        step-end callbacks whose losses have come. Where it keeps no state then (on a cluster,
+        whose weights stay on the workers; with captured CUDA graphs), a flush policy with step
+        hooks still waits for the previous minibatch and its loss, so that its hooks come before
+        the next minibatch is admitted, as they do here: a stop there trains what it does in one
+        process. Under a streaming policy the pipeline runs on: before the callbacks, the
+        trainer holds what a fit stopped here would keep (so a hook's ``trainer.save`` writes
+        what ``_keep`` would)."""
         if self.tr._interrupt.is_set():  # Ctrl-C in a notebook, seen by the waiting thread
             raise KeyboardInterrupt
         # (captured CUDA graphs update in place: a snapshot would be a copy each step, so
@@ -224,6 +228,10 @@ class _FitState:
         if self.flush and keeps_now and run.minibatches > self.first_mb:
             await run.wait_idle()
             self._snapshot(run)
+        elif self.flush and self.step_hooks and run.minibatches > self.first_mb:
+            # (the next minibatch's admission waits for this one's updates anyway; a loss
+            # computed on a worker comes back a moment after them, which the hooks need)
+            await run.wait_idle(losses=True)
         if not self.flush and keeps_now and self.reported and self.step_hooks:
             self._commit_streaming(run)  # (which sees the layers first)
         else:

@@ -54,6 +54,7 @@ def _fit_here(trainer: Trainer, plan: _FitPlan) -> History:
     trainer.stop_training = False
     fit = _FitState(trainer, plan, history)
     trace_path = _next_trace_path(trainer)
+    before = _file_mark(trace_path)
     start = time.perf_counter()
     started: list[Callback] = []
     try:
@@ -79,7 +80,9 @@ def _fit_here(trainer: Trainer, plan: _FitPlan) -> History:
         finally:
             # (listed now: the function a fit handed over holds the fit)
             trainer._epoch_losses_list = trainer._epoch_losses
-            if trace_path is not None:
+            if trace_path is not None and _file_mark(trace_path) not in (None, before):
+                # (only a trace this fit wrote: one that failed before its run opened the
+                # trace, or whose path another run held, wrote none)
                 trainer.traces.append(trace_path)
             history.seconds = time.perf_counter() - start
             history.samples_per_second = fit.rows / history.seconds if history.seconds > 0 else 0.0
@@ -101,6 +104,21 @@ def _next_trace_path(trainer: Trainer) -> str | None:
 
     stem, ext = os.path.splitext(trainer.trace)
     return f"{stem}.{len(trainer.traces)}{ext}"
+
+
+def _file_mark(path: str | None) -> tuple[int, int, int, int] | None:
+    """What tells the file at ``path`` apart from a later write of it (device, inode,
+    modification time, size), or None where there is none: a run's trace writer empties and
+    writes the file it opens, so a trace that a fit wrote changed its mark."""
+    if path is None:
+        return None
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _end_all(

@@ -165,6 +165,64 @@ def test_a_step_hook_after_a_cluster_runs_end_may_save_its_weights(
     assert ann.Trainer.load(tmp_path / f"step-{last}").versions == tr.versions
 
 
+FLUSHING = [policies.Sync(), policies.GPipe(microbatches=3), policies.OneFOneB(microbatches=3)]
+
+
+class _StopAt(ann.callbacks.Callback):
+    """Sets ``trainer.stop_training`` in the step hook of minibatch ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.seen: list[int] = []
+
+    def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+        self.seen.append(step)
+        if step == self.at:
+            trainer.stop_training = True
+
+
+@pytest.mark.parametrize("policy", FLUSHING, ids=lambda p: repr(p))
+def test_stop_training_in_a_step_hook_stops_a_cluster_fit_where_one_process_stops(
+    policy: Any, three: Any
+) -> None:
+    # (on a cluster the hooks of minibatch k came only once minibatch k+1 was admitted, so a
+    # stop at step 1 trained 3 minibatches, not 2, and the weights differed)
+    for at in (1, 3):  # (3: the first step of the second epoch)
+        runs = []
+        for workers, cluster in (([None] * 3, None), ([0, 1, None], three)):
+            tr = ann.Trainer(chain(workers), optimizer=optim.SGD(lr=0.1), policy=policy,
+                             cluster=cluster)  # fmt: skip
+            stop = _StopAt(at)
+            hist = tr.fit(data(), epochs=2, batch_size=32, callbacks=[stop])
+            runs.append((tr, hist, stop.seen))
+        (one, h1, seen1), (many, h2, seen2) = runs
+        assert seen2 == seen1 == list(range(at + 1))
+        assert many.versions == one.versions == dict.fromkeys(("s0", "s1", "s2"), at + 1)
+        assert_params_equal(one.params, many.params)
+        assert h2.losses == h1.losses and h2.stopped_early
+        assert (many.epochs_done, many.epoch_batches) == (one.epochs_done, one.epoch_batches)
+
+
+def test_a_step_hook_raising_mid_run_on_a_cluster_keeps_the_state_from_before_the_fit(
+    three: Any,
+) -> None:
+    # (its hook came only after the run had ended, which kept the whole fit: docs/workflow.md's
+    # table keeps the state from before the call on a cluster, the weights being on the workers)
+    class RaiseAt(ann.callbacks.Callback):
+        def on_step_end(self, trainer: Any, step: int, logs: dict[str, Any]) -> None:
+            if step == 1:
+                raise ValueError("boom")
+
+    tr = ann.Trainer(chain([0, 1, None]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     cluster=three)  # fmt: skip
+    before = {n: tree_leaves(p) for n, p in tr.params.items()}
+    with pytest.raises(ValueError, match="boom"):
+        tr.fit(data(), epochs=1, batch_size=32, callbacks=[RaiseAt()])  # 3 minibatches
+    assert tr.versions == dict.fromkeys(("s0", "s1", "s2"), 0)
+    assert (tr.state.minibatches, tr.epochs_done, tr.epoch_batches) == (0, 0, 0)
+    assert_params_equal(before, {n: tree_leaves(p) for n, p in tr.params.items()})
+
+
 def test_reading_the_weights_of_layers_on_a_workers_gpu_needs_no_gpu_here() -> None:
     # (params and save waited for every layer's GPU, also the workers': a driver without cupy
     # raised ImportError, one with GPUs made a context on each)
@@ -202,6 +260,9 @@ async def test_open_run_on_a_cluster(anyio_backend: str, three: Any) -> None:
             run.state()  # (a mix of the workers' starting weights and the driver's current ones)
         for _ in range(3):
             await run.step(batch)
+        await run.drain()
+        with pytest.raises(AttributeError, match=r"hosted by worker 1.*run.state\(\).versions"):
+            run.actors["s1"].version  # noqa: B018 - (getting_started's example, on a cluster)
     async with ann.open_run(
         chain([None] * 3), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(microbatches=2)
     ) as ref:

@@ -103,6 +103,24 @@ async def test_a_workers_reports_go_out_together_when_its_loop_gets_to_them(
     ]  # fmt: skip
 
 
+def test_reading_a_remote_actors_state_says_where_it_is_and_where_it_is_known() -> None:
+    # (getting_started's open_run example reads run.actors[name].version: on a cluster that was
+    # a bare "'RemoteActor' object has no attribute 'version'")
+    from asyncnn._cluster._remote import RemoteActor
+
+    actor = RemoteActor("s1", _FramesTo(), None, 1)  # type: ignore[arg-type]
+    for attribute in ("version", "params", "opt_state"):
+        with pytest.raises(AttributeError, match=r"run.state\(\)") as e:
+            getattr(actor, attribute)
+        text = str(e.value)
+        assert f"run.actors['s1'].{attribute}" in text and "worker 1" in text
+        assert "after the open_run block" in text
+    with pytest.raises(AttributeError, match="has no attribute 'vresion'.*name, worker"):
+        actor.vresion  # noqa: B018 - any other name says what a stand-in has
+    assert not hasattr(actor, "__deepcopy__")  # (protocol lookups find nothing, as before)
+    assert actor.name == "s1" and actor.worker == 1
+
+
 @pytest.mark.anyio
 async def test_backward_messages_carry_the_pending_reports_and_deliver_passes_them_on(
     anyio_backend: str,

@@ -13,7 +13,27 @@ from asyncnn._cluster._traces import merge_traces
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._tracing._summary import format_summary
 
+from _cluster_cases import chain, data
 from _trace_read_cases import _boundaries
+
+
+def _late_receives(path: str) -> list[tuple[str, str, str, int, float]]:
+    """The receives of the trace at ``path`` stamped before their send: (sender, receiver,
+    kind, key, by how many seconds); a message's n-th receive is matched with its n-th send."""
+    sends: dict[tuple[str, str, str, int], list[float]] = {}
+    receives: dict[tuple[str, str, str, int], list[float]] = {}
+    for e in ann.trace.read(path).events:
+        if e.what == "send":
+            sends.setdefault((e.actor, e.peer, e.kind, e.key), []).append(e.time)
+        elif e.what == "receive":
+            receives.setdefault((e.peer, e.actor, e.kind, e.key), []).append(e.time)
+    assert receives and receives.keys() <= sends.keys()
+    return [
+        (*k, sent - got)
+        for k, times in receives.items()
+        for sent, got in zip(sends[k], times, strict=False)
+        if got < sent
+    ]
 
 
 def _part(path: Path, header: dict[str, object], times: list[float]) -> None:
@@ -135,3 +155,124 @@ def test_worker_parts_the_temporary_folder_refuses_raise_trace_write_error_namin
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(driver)
     assert "temporary folder" in str(info.value)
     assert driver.read_bytes() == before and list(parts.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def three() -> Any:
+    with ann.cluster.LocalCluster(workers=3) as cluster:
+        yield cluster
+
+
+@pytest.mark.timeout(90)
+def test_a_local_cluster_trace_stamps_every_receive_after_its_send(
+    tmp_path: Path, three: Any
+) -> None:
+    # each worker's clock was the driver's shifted by the time the run's share took to reach
+    # it: in a 3-worker Sync run a third of the receives came milliseconds before their send,
+    # and a replay with another learning rate named s1 or s2 first, from run to run
+    one = str(tmp_path / "one.trace")
+    opts: dict[str, Any] = {"optimizer": ann.optim.SGD(lr=0.1), "policy": ann.policies.Sync()}
+    ann.Trainer(chain([None] * 3), trace=one, **opts).fit(data(), epochs=1, batch_size=16)
+    changed = ann.replay(one, optimizer=ann.optim.SGD(lr=0.2)).first_divergence
+    assert changed is not None
+    for i in range(2):
+        path = str(tmp_path / f"cluster{i}.trace")
+        tr = ann.Trainer(chain([0, 1, 2], loss_worker=2), cluster=three, trace=path, **opts)
+        tr.fit(data(), epochs=1, batch_size=16)
+        assert _late_receives(path) == []
+        # (under Sync, s2 updates key 0 before it sends s1 its gradient: so first)
+        div = ann.replay(path, optimizer=ann.optim.SGD(lr=0.2)).first_divergence
+        assert div is not None
+        assert (div.actor, div.kind, div.key) == (changed.actor, changed.kind, changed.key)
+
+
+@pytest.mark.timeout(90)
+def test_workers_of_another_host_are_asked_their_clock_and_the_trace_replays(
+    tmp_path: Path, three: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the workers of a LocalCluster taken for another host's: the run's start asks each its
+    # clock (the same one here, so the estimate is about 0), and the trace is whole
+    from asyncnn._cluster import _driver, _shm
+
+    class Elsewhere:
+        pass
+
+    monkeypatch.setattr(_driver, "LocalCluster", Elsewhere)
+    monkeypatch.setattr(_shm, "boot_id", lambda: "another host's")
+    offsets: list[float] = []
+    real = _driver._worker_clock
+
+    async def spied(*args: Any) -> float:
+        offsets.append(await real(*args))
+        return offsets[-1]
+
+    monkeypatch.setattr(_driver, "_worker_clock", spied)
+    path = str(tmp_path / "run.trace")
+    opts: dict[str, Any] = {"optimizer": ann.optim.SGD(lr=0.1), "policy": ann.policies.Sync()}
+    tr = ann.Trainer(chain([0, 1, 2], loss_worker=2), cluster=three, trace=path, **opts)
+    tr.fit(data(), epochs=1, batch_size=16)
+    assert len(offsets) == 3 and all(abs(o) < 0.5 for o in offsets), offsets
+    rep = ann.replay(path)
+    assert rep.identical, rep.first_divergence
+
+
+class _FarWorker:
+    """A worker's connection whose clock reads 1000 s ahead of this process's; its first
+    ``slow`` answers take 30 ms, all of it after it read its clock (an estimate from such an
+    exchange is 15 ms off)."""
+
+    def __init__(self, slow: int = 3, boot: str = "another host's", silent: bool = False) -> None:
+        self.slow, self.boot, self.silent = slow, boot, silent
+        self.queries = 0
+
+    async def send(self, header: dict[str, Any], buffers: Any = None) -> None:
+        assert header == {"t": "clock"}
+        self.queries += 1
+
+    async def receive(self) -> tuple[dict[str, Any], list[Any]]:
+        import time
+
+        import anyio
+
+        if self.silent:
+            await anyio.sleep_forever()
+        now = time.perf_counter() + 1000.0
+        if self.queries <= self.slow:
+            await anyio.sleep(0.03)
+        return {"t": "clock", "now": now, "boot": self.boot}, []
+
+
+def _far(conn: _FarWorker, heartbeat_timeout: float = 30.0) -> Any:
+    cluster = ann.cluster.Cluster(workers=1)
+    cluster.heartbeat_timeout = heartbeat_timeout  # (under the least a cluster takes)
+    cluster.connections = {0: conn}  # type: ignore[dict-item]
+    cluster.info = {0: {"pid": 123}}
+    return cluster
+
+
+@pytest.mark.anyio
+async def test_a_worker_clock_is_estimated_from_the_quickest_exchange() -> None:
+    from asyncnn._cluster import _driver, _shm
+
+    conn = _FarWorker()
+    offset = await _driver._worker_clock(_far(conn), 0, ["s0"])
+    assert conn.queries == _driver.CLOCK_EXCHANGES
+    assert abs(offset - 1000.0) < 0.005  # (the slow exchanges' estimates are 15 ms off)
+    # a worker of this host reads this process's clock: asked once
+    conn = _FarWorker(boot=_shm.boot_id())
+    if _shm.boot_id():
+        assert await _driver._worker_clock(_far(conn), 0, ["s0"]) == 0.0
+        assert conn.queries == 1
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_does_not_answer_the_clock_query_is_named() -> None:
+    from asyncnn._cluster import _driver
+    from asyncnn._errors import WorkerError
+
+    with pytest.raises(WorkerError) as info:
+        await _driver._worker_clock(_far(_FarWorker(silent=True), 0.2), 0, ["s0"])
+    assert str(info.value).endswith(
+        "worker 0 (pid 123, hosting s0) did not answer the driver's clock query within 0.2 s "
+        "(hung, or stopped)"
+    )

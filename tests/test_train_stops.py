@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,3 +206,28 @@ def test_a_stopped_async_fit_keeps_the_delays_of_its_pending_gradients():
     straight = trainer()
     straight.fit(data, epochs=1, batch_size=8)
     assert_params_equal(tr.params, straight.params)
+
+
+def test_traces_lists_only_the_trace_files_a_fit_wrote(tmp_path):
+    # (a fit that failed before its trace opened listed the path anyway: a loop over
+    # tr.traces then met a FileNotFoundError, and the next fit numbered its trace on)
+    fcntl = pytest.importorskip("fcntl")  # (the trace's lock is flock's)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    path = str(folder / "run.trace")
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     trace=path)  # fmt: skip
+    data = _data()
+    with open(path, "wb") as held:  # another run writing that trace: this fit is refused
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(OSError, match="is being written by another run"):
+            tr.fit(data, epochs=1, batch_size=16)
+    assert tr.traces == []
+    os.remove(path)
+    folder.rmdir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tr.fit(data, epochs=1, batch_size=16)
+    assert tr.traces == []
+    folder.mkdir()
+    tr.fit(data, epochs=1, batch_size=16)
+    assert tr.traces == [path] and ann.replay(path).identical

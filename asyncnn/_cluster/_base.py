@@ -158,7 +158,7 @@ class Cluster:
         self.threads_per_worker = None if threads_per_worker is None else int(threads_per_worker)
         self.nccl = nccl
         self.connections: dict[int, Connection] = {}
-        #: per worker: pid, host and port it listens on for peers, one-way latency estimate
+        #: per worker: pid, host and port it listens on for peers
         self.info: dict[int, dict[str, Any]] = {}
         #: the most recent connections refused (wrong token, unexpected peers, handshakes cut),
         #: in words: at most :attr:`REJECTED_KEPT` lines, however many came
@@ -238,10 +238,8 @@ class Cluster:
             with anyio.fail_after(self.start_timeout):
                 for i, conn in self.connections.items():
                     awaited = (i, "answer the driver's ping")
-                    t = time.perf_counter()
                     await conn.send({"t": "ping"})
-                    header, _ = await conn.receive()
-                    self.info[i]["latency"] = (time.perf_counter() - t) / 2
+                    await conn.receive()
                 peers = [[i, v["host"], v["port"]] for i, v in self.info.items()]
                 for i, conn in self.connections.items():
                     awaited = (i, "take the list of its peers")

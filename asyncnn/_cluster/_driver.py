@@ -44,9 +44,11 @@ from asyncnn._runtime._run import (
 from asyncnn._runtime._statistics import ActorStatistics
 from asyncnn.backends import DevicePool, to_numpy
 
+from . import _shm
 from ._codec import encode_state
 from ._driver_read import DroppedTrace, _died, _gather_traces, _one_error, _read_worker
 from ._driver_read import _class_named as _class_named  # (tests import it from here)
+from ._local import LocalCluster
 from ._nccl import LinkedShare, NcclLinks, plan_links, unique_ids
 from ._placement import check_turns, placement
 from ._remote import ClusterRun, RemoteActor
@@ -396,15 +398,71 @@ async def _start_workers(
     for w in range(cluster.workers):
         buffers: list[Any] = []
         names = [n for n in graph.layers if where[n] == w]
+        hosted = [n for n, p in where.items() if p == w]
+        # the run's start on the worker's clock, from which it stamps its events, so that they
+        # are on the driver's clock (the worker's stamp of the share's arrival counted the
+        # share's whole way there as clock offset: receives came milliseconds before their sends)
+        t0 = None if recorder is None else recorder.t0 + await _worker_clock(cluster, w, hosted)
         cmd = {
             **common,
-            "t_driver": time.perf_counter() - (recorder.t0 if recorder else 0.0),
-            "latency": cluster.info[w].get("latency", 0.0),
+            "t0": t0,
             **encode_state(state, buffers, names),
             "minibatches": state.minibatches,
             "keys": state.keys,
         }
-        await _send_share(cluster, w, [n for n, p in where.items() if p == w], cmd, buffers)
+        await _send_share(cluster, w, hosted, cmd, buffers)
+
+
+#: the clock queries a traced run sends a worker of another host; the one with the shortest
+#: round trip gives the estimate
+CLOCK_EXCHANGES = 8
+
+
+async def _worker_clock(cluster: Cluster, w: int, hosted: list[str]) -> float:
+    """How far worker ``w``'s ``time.perf_counter()`` reads ahead of this process's.
+
+    Every process of one host reads the same clock (CLOCK_MONOTONIC on Linux, which the
+    shared-memory links rely on too): for a :class:`LocalCluster`'s workers, and a worker that
+    answers with this host's boot id, 0 exactly. A worker elsewhere is asked its clock a few
+    times (Cristian's method): its reading less the midpoint of the exchange with the shortest
+    round trip, off by at most half that round trip.
+
+    Raises:
+        WorkerError: the worker died, hung (no answer within the cluster's
+            ``heartbeat_timeout``), or answered something else.
+    """
+    if isinstance(cluster, LocalCluster):
+        return 0.0
+    conn = cluster.connections[w]
+    here = _shm.boot_id()
+    best = (float("inf"), 0.0)  # (round trip, offset)
+    try:
+        for _ in range(CLOCK_EXCHANGES):
+            # (each query bounded alone: a slow link's few round trips may add up past it)
+            with anyio.fail_after(cluster.heartbeat_timeout):
+                sent = time.perf_counter()
+                await conn.send({"t": "clock"})
+                header, _ = await conn.receive()
+                back = time.perf_counter()
+            if header.get("t") != "clock" or not isinstance(header.get("now"), float):
+                raise WorkerError(
+                    w, hosted,
+                    f"{cluster.describe_worker(w, hosted)} answered {header!r:.100} to the "
+                    "driver's clock query instead of its clock's reading: run the same asyncnn "
+                    "version on the driver and every worker",
+                )  # fmt: skip
+            if here and header.get("boot") == here:
+                return 0.0  # this host's: the same clock
+            best = min(best, (back - sent, header["now"] - (sent + back) / 2))
+    except TimeoutError:
+        raise WorkerError(
+            w, hosted,
+            f"{cluster.describe_worker(w, hosted)} did not answer the driver's clock query "
+            f"within {cluster.heartbeat_timeout:g} s (hung, or stopped)",
+        ) from None  # fmt: skip
+    except (EOFError, ConnectionError) as exc:
+        raise await _died(cluster, w, hosted, exc, unheard=True) from exc
+    return best[1]
 
 
 async def _send_share(

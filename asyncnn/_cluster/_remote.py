@@ -56,6 +56,12 @@ class ClusterRun(Run):
             apply_report(self, frame)
 
 
+#: a local actor's attributes of its state, which a stand-in for one in another process lacks
+_ACTOR_STATE = {"version": "version", "params": "weights", "opt_state": "optimizer state"}
+#: where each is known once the run has ended (a field of ``run.state()``)
+_STATE_FIELD = {"version": "versions", "params": "params", "opt_state": "opt_states"}
+
+
 class RemoteActor:
     """The actor of node ``name``, hosted by the process at the other end of ``conn``. It is its
     own ``send_channel``: a message sent to it is written to ``conn``.
@@ -81,6 +87,33 @@ class RemoteActor:
         self.last_report = "no report yet"
         #: when that report arrived (``time.perf_counter()``), or None
         self.last_report_at: float | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        """Refuses, naming the layer, its process and where its state is known, an attribute of
+        the actor it stands for (``run.actors[name].version``, as in one process): that actor's
+        state lives in its own process while the run goes on, and comes back at its end.
+
+        Raises:
+            AttributeError: always (``__getattr__`` is asked only for what the stand-in lacks).
+        """
+        if attribute.startswith("_"):  # (protocol lookups, copy's and pickle's: not the user's)
+            raise AttributeError(attribute)
+        name = self.__dict__.get("name", "?")
+        where = self.__dict__.get("where", "another process")
+        if attribute in _ACTOR_STATE:
+            raise AttributeError(
+                f"run.actors[{name!r}].{attribute}: layer {name!r} is hosted by {where}, which "
+                f"holds its {_ACTOR_STATE[attribute]} while the run goes on (run.actors[{name!r}] "
+                "is only a stand-in that sends it messages); take "
+                f"run.state().{_STATE_FIELD[attribute]}[{name!r}] after the open_run block (the "
+                "workers send their state back when the run ends)"
+                + (", or run.params for the weights known now" if attribute == "params" else "")
+            )
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {attribute!r}: "
+            f"run.actors[{name!r}] stands for an actor hosted by {where}, and has name, worker "
+            "and describe() (its state is in run.state() after the open_run block)"
+        )
 
     def send_nowait(self, msg: Message) -> None:
         raise anyio.WouldBlock  # sending means writing to a socket: always the awaited path

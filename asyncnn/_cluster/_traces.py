@@ -1,8 +1,10 @@
 """One trace from a distributed run: the driver's and each worker's events, merged by time.
 
-Every process stamps its events on the driver's clock (a worker's clock is set at the start of the
-run from the driver's, less the one-way latency measured when the cluster started), so a stable
-sort by time interleaves them while keeping each process's own order.
+Every process stamps its events on the driver's clock (a worker is sent the run's start on its own
+clock: the same instant where it shares the driver's host, whose processes read one clock; else
+estimated from the quickest of a few clock queries, to within half its round trip), so a stable
+sort by time interleaves them while keeping each process's own order, and on one host puts every
+receive after its send.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import RunState
 from asyncnn.backends import get_backend
 
+from . import _shm
 from ._base import DEFAULT_HEARTBEAT_TIMEOUT
 from ._codec import decode_state, encode_state
 from ._handshake import (
@@ -171,6 +172,10 @@ class Worker:
             t = header.get("t")
             if t == "ping":
                 await self.driver.send({"t": "pong"})
+            elif t == "clock":  # a traced run's start: the driver matches this host's clock
+                await self.driver.send(
+                    {"t": "clock", "now": time.perf_counter(), "boot": _shm.boot_id()}
+                )
             elif t == "mesh":
                 addresses = {int(j): (str(h), int(p)) for j, h, p in header["peers"]}
                 await self.build_mesh(addresses)
@@ -188,7 +193,6 @@ class Worker:
 
     async def run_share(self, cmd: dict[str, Any], buffers: list[Any]) -> None:
         """Runs this worker's actors for one run and sends the driver their final state."""
-        received = time.perf_counter()
         self.heartbeat_timeout = float(cmd.get("heartbeat_timeout") or self.heartbeat_timeout)
         _add_paths(cmd.get("paths") or [])
         graph = Graph.from_spec(cmd["graph"])
@@ -232,8 +236,9 @@ class Worker:
                     "set TMPDIR for the workers to another"
                 )
                 trace.unlink()
-                # one clock for the whole run: the driver's, shifted by the one-way latency
-                recorder.t0 = received - (float(cmd["t_driver"]) + float(cmd["latency"]))
+                # one clock for the whole run: the driver's (the driver's t0, on this host's
+                # clock: a worker elsewhere has it to within the driver's estimate of the two)
+                recorder.t0 = float(cmd["t0"])
             await self._serve_share(cmd, graph, placement, hosted, state, recorder, trace)
         finally:
             if trace is not None:
