@@ -49,10 +49,8 @@ def validate(
     dt = np.dtype(dtype)
     for name, node in graph.nodes.items():
         if node.kind == "input":
-            kind = np.dtype(node.dtype).kind
-            shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
-            values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
-            shapes[name] = shape
+            values[name] = input_zeros(node, rows, dt)
+            shapes[name] = values[name].shape
             continue
         if node.kind == "loss":
             _check_no_params(node, dtype)
@@ -103,6 +101,14 @@ def validate(
             raise GraphError(f"loss {name!r} must return a scalar, got shape {np.shape(out)}{hint}")
     graph.shapes = shapes
     return shapes
+
+
+def input_zeros(node: Node, rows: int, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """What the graph's check feeds input ``node``: ``rows`` rows of zeros of its shape, in the
+    run's floating ``dtype`` for a float input, else in its own (an unknown size past the batch
+    dimension: 0)."""
+    shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
+    return np.zeros(shape, dtype=dtype if np.dtype(node.dtype).kind == "f" else node.dtype)
 
 
 def _loop_check_args(loop: Any, args: list[Any]) -> list[Any]:

@@ -305,6 +305,24 @@ def _cut_note(cut: list[Trace]) -> str:
 AGREE_SO_FAR = "the runs agree as far as the traces go, but "
 
 
+#: the loss and update comparisons' words (made for a replay against its run), said of two
+#: runs, in the order they are replaced
+_OF_TWO_RUNS = {
+    "loss": (
+        ("the run's loss", "the first run's loss"),
+        ("the replay's", "the second's"),
+        ("the replay computed", "the second run computed"),
+        ("than the run", "than the first"),
+    ),
+    "update": (
+        ("the replay's update", "the second run's update"),
+        ("the run's", "the first run's"),
+        ("the replay made", "the second run made"),
+        ("than the run", "than the first"),
+    ),
+}
+
+
 def _of_two_runs(d: Divergence) -> Divergence:
     """``d`` as found by the comparison that replay makes, said of two runs."""
     reason = {
@@ -313,20 +331,8 @@ def _of_two_runs(d: Divergence) -> Divergence:
     }.get(d.reason, d.reason)
     if reason.startswith("the replay sent the "):  # (a message sent to another actor)
         reason = "the second run sent the " + reason.removeprefix("the replay sent the ")
-    if d.kind == "loss":  # (the loss comparison's words, said of two runs)
-        reason = (
-            reason.replace("the run's loss", "the first run's loss")
-            .replace("the replay's", "the second's")
-            .replace("the replay computed", "the second run computed")
-            .replace("than the run", "than the first")
-        )
-    if d.kind == "update":  # (the update comparison's words, said of two runs)
-        reason = (
-            reason.replace("the replay's update", "the second run's update")
-            .replace("the run's", "the first run's")
-            .replace("the replay made", "the second run made")
-            .replace("than the run", "than the first")
-        )
+    for old, new in _OF_TWO_RUNS.get(d.kind, ()):
+        reason = reason.replace(old, new)
     return dataclasses.replace(d, reason=reason)
 
 

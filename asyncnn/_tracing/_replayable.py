@@ -320,7 +320,7 @@ def _first_changed_output(
     dimension (``(layer, output shape, sent shape, send)``), or None."""
     import warnings
 
-    from asyncnn._runtime._graph_checks import _evaluate_node, _loop_check_args
+    from asyncnn._runtime._graph_checks import _evaluate_node, _loop_check_args, input_zeros
     from asyncnn.backends import to_numpy
 
     rows = 2  # (the check's)
@@ -328,9 +328,7 @@ def _first_changed_output(
     dt = np.dtype(dtype)
     for name, node in graph.nodes.items():
         if node.kind == "input":
-            kind = np.dtype(node.dtype).kind
-            shape = (rows, *(int(d or 0) for d in (node.shape or (None,))[1:]))
-            values[name] = np.zeros(shape, dtype=dt if kind == "f" else node.dtype)
+            values[name] = input_zeros(node, rows, dt)
             continue
         if node.kind != "layer":
             continue
