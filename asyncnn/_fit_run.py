@@ -7,6 +7,7 @@ happens around the run."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -112,8 +113,6 @@ def _file_mark(path: str | None) -> tuple[int, int, int, int] | None:
     writes the file it opens, so a trace that a fit wrote changed its mark."""
     if path is None:
         return None
-    import os
-
     try:
         st = os.stat(path)
     except OSError:
