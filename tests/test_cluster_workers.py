@@ -187,6 +187,41 @@ def test_closing_a_cluster_while_its_run_is_open_is_refused_by_name() -> None:
     cluster.close()  # twice: nothing to do
 
 
+def test_a_with_block_left_by_an_error_during_a_run_keeps_the_error_and_stops_after_it() -> None:
+    # __exit__ called close(), whose refusal (a run open on another thread) replaced the block's
+    # own error, and the workers stayed up after the run ended
+    opened, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run_on_a_thread(cluster: Any) -> None:
+        async def main() -> None:
+            opts = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+            async with ann.open_run(chain([0, 1, None]), cluster=cluster, **opts) as run:
+                await run.step(data(32))
+                opened.set()
+                await anyio.to_thread.run_sync(release.wait, 60)
+
+        try:
+            anyio.run(main, backend="trio")
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    thread = None
+    with pytest.raises(ZeroDivisionError, match="the block's own") as caught:
+        with ann.cluster.LocalCluster(workers=2) as cluster:
+            thread = threading.Thread(target=run_on_a_thread, args=(cluster,))
+            thread.start()
+            assert opened.wait(60)
+            pids = list(cluster.pids)
+            raise ZeroDivisionError("the block's own")
+    assert any("stops its workers when the run" in n for n in caught.value.__notes__)
+    assert thread is not None and all(_alive(p) for p in pids)  # (the run goes on)
+    release.set()
+    thread.join(60)
+    assert not errors and not cluster.started
+    assert not any(_alive(p) for p in pids)
+
+
 def test_a_module_that_cannot_be_sent_fails_before_the_workers_are_touched(three: Any) -> None:
     # the specs were built after the start: a module holding a lambda tore down a warm
     # cluster's workers (and started a cold one's) before its error came

@@ -485,3 +485,13 @@ def test_a_shape_may_be_one_int_as_in_numpy_and_anything_else_is_named() -> None
             with pytest.raises(TypeError, match=rf"^{op}: shape must be an int or a sequence of "
                                rf"ints, got {re.escape(repr(bad))}"):  # fmt: skip
                 getattr(ops, op)(x, bad)
+
+
+def test_a_complex_mse_target_is_refused_not_a_complex_loss() -> None:
+    # (it gave a complex "loss", and grad a real gradient with numpy's ComplexWarning)
+    for target in (np.ones(3) * 1j, np.ones(3, np.complex64)):
+        with pytest.raises(TypeError, match=r"mse_loss: target is complex \(complex"):
+            ops.mse_loss(np.ones(3), target)
+        with pytest.raises(TypeError, match="mse_loss: target is complex"):
+            ann.grad(lambda p, t=target: ops.mse_loss(p, t))(np.ones(3))
+    assert float(ops.mse_loss(np.ones(3), np.arange(3))) == pytest.approx(2 / 3)  # (ints pass)

@@ -169,6 +169,9 @@ class Cluster:
         self.started = False
         #: whether a run is open on the workers (one at a time: they serve one run)
         self.running = False
+        #: whether the workers stop as the open run ends (a with-block left by an error while
+        #: a run on another thread had them)
+        self.close_after_run = False
         #: held while a run tests :attr:`running` and claims it (fits on two threads, each with
         #: its own event loop, may open runs on one cluster at once)
         self.run_lock = threading.Lock()
@@ -445,6 +448,17 @@ class Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[1] is not None:
+            with self.run_lock:
+                if self.running:
+                    # the block's own error goes on (close() would replace it with its
+                    # refusal); the run open on another thread keeps the workers until it ends
+                    self.close_after_run = True
+                    exc[1].add_note(
+                        f"(the {type(self).__name__} of this with-block stops its workers when "
+                        "the run still open on it, on another thread, ends)"
+                    )
+                    return
         self.close()
 
     def __del__(self) -> None:

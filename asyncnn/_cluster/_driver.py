@@ -179,7 +179,11 @@ async def open_cluster_run(
             cluster.broken()  # its workers may be mid-message: the next run starts fresh ones
             raise
     finally:
-        cluster.running = False  # (this run's claim: a refused run never made one)
+        with cluster.run_lock:
+            cluster.running = False  # (this run's claim: a refused run never made one)
+            if cluster.close_after_run:
+                cluster.close_after_run = False
+                cluster._stop()  # (its with-block was left, by an error, while this ran)
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ import numpy as np
 from asyncnn.backends import array_namespace, is_cupy_array, is_floating, to_numpy
 
 from ._autodiff import Primitive
+from ._autodiff_args import COMPLEX_REFUSED
 from ._ops import PRIMITIVES, as_array, raw
 from ._ops import check_floating as _check_floating
 from ._rules_array import check_axis
@@ -494,6 +495,13 @@ def _check_mse(pred: Any, target: Any, reduction: str) -> None:
     _check_reduction("mse_loss", reduction)
     # (an integer target, counts or ratings, is numpy's to promote: nn.MSELoss casts it first)
     _check_floating(pred, "mse_loss", "pred", target)
+    dtype = getattr(raw(target), "dtype", None) or np.asarray(target).dtype
+    if np.dtype(dtype).kind == "c":  # (a complex "loss", and a real gradient of its real part)
+        raise TypeError(
+            f"mse_loss: target is complex ({np.dtype(dtype)}), and {COMPLEX_REFUSED}; for a "
+            "squared distance of complex values, give mse_loss their real parts and imaginary "
+            "parts as two pairs and add the losses"
+        )
     if _shape(pred) != _shape(target):
         raise ValueError(
             f"mse_loss: pred of shape {_shape(pred)} and target of shape {_shape(target)} differ; "
