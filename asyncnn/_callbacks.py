@@ -78,14 +78,26 @@ def _is_count(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
-def _path(owner: str, name: str, value: Any) -> str:
-    """``value`` as a path, or a TypeError naming ``owner``'s argument ``name``."""
+def _path(owner: str, name: str, value: Any, kind: str, example: str) -> str:
+    """``value`` as a path to a ``kind`` (``"file"``, ``"folder"``) for ``owner``'s argument
+    ``name``, refused where it is given, as ``Trainer(trace='')`` is, rather than when a fit
+    starts.
+
+    Raises:
+        TypeError: not a path (naming ``owner``'s argument ``name``).
+        ValueError: an empty path (``example``, a path of that kind, shows one).
+    """
     try:
-        return os.fspath(value)
+        path = os.fspath(value)
     except TypeError:
         raise TypeError(
             f"{owner}: {name} must be a path (a str or os.PathLike), got {value!r:.80}"
         ) from None
+    if not path:
+        raise ValueError(
+            f"{owner}: {name}='' names no {kind}: pass a {kind} path (e.g. {owner}({example!r}))"
+        )
+    return path
 
 
 def wants_epoch_end(callbacks: list[Callback]) -> bool:
@@ -209,14 +221,18 @@ class JSONLLogger(Callback):
     the new lines stay whole.
 
     Args:
-        path: the file to write.
+        path: the file to write (its folder is made if missing).
         every: log every this many steps (0: epochs only).
+
+    Raises:
+        ValueError: ``every`` is not an int >= 0; ``path`` is empty.
+        TypeError: ``path`` is not a path.
     """
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
         if not _is_count(every):
             raise ValueError(f"JSONLLogger: every must be an int >= 0, got {every!r}")
-        self.path = _path("JSONLLogger", "path", path)
+        self.path = _path("JSONLLogger", "path", path, "file", "logs/metrics.jsonl")
         self.every = every
         self._file: Any = None
         self._start = 0.0
@@ -231,7 +247,7 @@ class JSONLLogger(Callback):
             # (a bare "FileExistsError: File exists: 'afile'" read as if the log were there)
             raise OSError(
                 f"JSONLLogger({self.path!r}) cannot write its file there: {exc.strerror or exc}"
-                f" ({exc.filename!r}; a part of the path that is a file, not a folder?)"
+                f" ({exc.filename!r}{_open_hint(self.path, exc)})"
             ) from exc
         # (a pipe or a terminal, such as /dev/stdout, has no end to look at: tell() raises)
         if self._file.seekable() and self._file.tell() and not _ends_line(self.path):
@@ -258,6 +274,17 @@ class JSONLLogger(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _open_hint(path: str, exc: OSError) -> str:
+    """What most likely made opening ``path`` fail with ``exc``, as the end of its message."""
+    if isinstance(exc, IsADirectoryError):
+        example = os.path.join(os.fsdecode(path), "metrics.jsonl")
+        return f"; the path is a folder: give a file path in it, such as {example!r}"
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        # (makedirs finds a file where a folder of the path should be; open, a file above it)
+        return "; a part of the path that is a file, not a folder?"
+    return ""
 
 
 def _ends_line(path: str) -> bool:
@@ -289,7 +316,8 @@ class TensorBoardLogger(Callback):
         every: log every this many steps (0: epochs only).
 
     Raises:
-        ValueError: ``every`` is not an int >= 0.
+        ValueError: ``every`` is not an int >= 0; ``logdir`` is empty.
+        TypeError: ``logdir`` is not a path.
         ImportError: tensorboardX is not installed (saying how to install it).
     """
 
@@ -303,7 +331,9 @@ class TensorBoardLogger(Callback):
                 "TensorBoardLogger writes through tensorboardX: pip install 'asyncnn[tensorboard]' "
                 "(or use JSONLLogger, which needs nothing)"
             ) from exc
-        self.logdir = _path("TensorBoardLogger", "logdir", logdir)
+        # (tensorboardX reads an empty logdir as its own default, runs/DATE_HOST: the events
+        # went to a folder never named)
+        self.logdir = _path("TensorBoardLogger", "logdir", logdir, "folder", "runs/tb")
         self.every = every
         self._writer: Any = None
 

@@ -5,7 +5,9 @@ because these checks run before anything does and refuse what would fail, or mis
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ from ._fit_checkpoints import check_checkpoint_dir
 from ._inference import _classifiers
 from ._math._data import ArrayDataset, _check_flag, _check_index
 from ._runtime._checks import check_batch
+from ._runtime._lifecycle import _user_stacklevel
 
 if TYPE_CHECKING:
     from ._train import Trainer
@@ -54,6 +57,36 @@ def epoch_layout(
         "rows": rows, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "drop_last": drop_last,
     }  # fmt: skip
+
+
+# the hooks fit calls, in the order it first calls them
+_HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+
+def _check_hook_names(cls: type[Callback]) -> None:
+    """Warns of a method of ``cls`` (or of a Callback class it derives from) named like a hook
+    that is none, which fit never calls: a Keras or Lightning hook (``on_epoch_begin``,
+    ``on_train_end``) or a typo (``on_step_ends``) ran silently never. A warning, not an error:
+    a subclass may name a helper of its own so (an ``on_improvement`` it calls itself). A class
+    of ``cls``'s bases that is no Callback (a mixin) is not looked at."""
+    for klass in cls.__mro__:
+        if klass is Callback or not issubclass(klass, Callback):
+            continue
+        for name, member in vars(klass).items():
+            if not name.startswith("on_") or name in _HOOKS:
+                continue
+            if not callable(member) and not isinstance(member, staticmethod | classmethod):
+                continue  # (an attribute such as on_gpu = True is no method)
+            nearest = difflib.get_close_matches(name, _HOOKS, n=1)
+            guess = f": did you mean {nearest[0]}?" if nearest else ";"
+            warnings.warn(
+                f"callbacks: {klass.__name__}.{name} is no Callback hook{guess} fit calls "
+                f"only {', '.join(_HOOKS[:-1])} and {_HOOKS[-1]}, so fit never calls {name}; "
+                "rename it to the hook it is meant to be (a helper of your own that it calls "
+                "itself: rename it to a name not starting with 'on_', or filter this warning)",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
 
 
 def plan_fit(
@@ -105,6 +138,7 @@ def plan_fit(
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks must be asyncnn.callbacks.Callback objects, got {cb!r}")
+        _check_hook_names(type(cb))
     if (checkpoint_every is None) != (checkpoint_dir is None):
         raise ValueError("checkpoint_every and checkpoint_dir go together: give both or neither")
     if checkpoint_every is not None:

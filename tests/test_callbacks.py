@@ -8,6 +8,7 @@ import os
 import signal
 import struct
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -668,3 +669,106 @@ def test_the_loss_of_an_epoch_resumed_mid_way_is_over_all_its_minibatches():
     assert 0 < kept < 5
     hist = tr.fit(_data(), epochs=1, batch_size=8)
     assert len(hist.losses) == 5 - kept and hist.epochs == straight.epochs
+
+
+def test_loggers_refuse_an_empty_path_when_made():
+    # (JSONLLogger('') was taken, and failed only as the fit started, with a hint about "a part
+    # of the path that is a file"; Trainer(trace='') is refused where it is given)
+    with pytest.raises(ValueError, match=r"^JSONLLogger: path='' names no file: pass a file path"):
+        JSONLLogger("")
+    pytest.importorskip("tensorboardX")
+    # (tensorboardX reads an empty logdir as its default, runs/DATE_HOST: written elsewhere)
+    with pytest.raises(ValueError, match=r"^TensorBoardLogger: logdir='' names no folder"):
+        TensorBoardLogger("")
+
+
+@pytest.mark.parametrize("slash", ["", "/"], ids=["folder", "folder/"])
+def test_a_jsonl_logger_given_a_folder_says_so_before_any_compute(tmp_path, slash):
+    # (the hint read "a part of the path that is a file, not a folder?", the opposite)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(OSError) as info:
+        tr.fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(f"{folder}{slash}")])
+    message = str(info.value)
+    assert "is a folder: give a file path in it" in message
+    assert os.path.join(f"{folder}{slash}", "metrics.jsonl") in message
+    assert "a part of the path that is a file" not in message
+    assert tr.state.minibatches == 0
+
+
+class _KerasStyle(Callback):
+    def __init__(self):
+        self.called = []
+
+    def on_epoch_begin(self, trainer, epoch, logs=None):  # Keras's name: fit never calls it
+        self.called.append(epoch)
+
+
+class _HelperNamedOn(Callback):
+    def on_step_end(self, trainer, step, logs):
+        self.on_improvement(logs)
+
+    def on_improvement(self, logs):  # a helper of the user's, named like a hook
+        pass
+
+
+@pytest.mark.parametrize(
+    "name, nearest",
+    [
+        ("on_epoch_begin", "on_epoch_end"),
+        ("on_epoch_start", "on_fit_start"),
+        ("on_train_end", "on_fit_end"),
+        ("on_batch_end", "on_epoch_end"),
+        ("on_step_ends", "on_step_end"),
+        ("on_train_begin", None),
+    ],
+)
+def test_a_callback_method_named_like_a_hook_that_is_none_is_warned_of_at_the_fit(name, nearest):
+    # (a Keras or Lightning hook name, or a typo, was taken and never called, without a word;
+    # a warning, not an error: a subclass may name a helper of its own so)
+    cls = type("Mine", (Callback,), {name: lambda self, *args, **kwargs: None})
+    rec = _Record()
+    tr = _trainer(policies.Sync())
+    with pytest.warns(UserWarning, match=f"Mine.{name} is no Callback hook") as caught:
+        tr.fit(_data(), epochs=1, batch_size=8, callbacks=[rec, cls()])
+    (warning,) = [w for w in caught if "is no Callback hook" in str(w.message)]
+    message = str(warning.message)
+    assert message.startswith(f"callbacks: Mine.{name} is no Callback hook")
+    assert warning.filename == __file__  # (at the user's fit call)
+    if nearest:
+        assert f": did you mean {nearest}?" in message
+    else:
+        assert "did you mean" not in message
+    assert "on_fit_start, on_step_end, on_epoch_end and on_fit_end" in message
+    assert tr.state.minibatches > 0  # (the fit goes on)
+
+
+def test_a_misnamed_hook_of_a_base_class_is_named_with_its_class():
+    class Sub(_KerasStyle):
+        def on_epoch_end(self, trainer, epoch, logs):
+            pass
+
+    with pytest.warns(UserWarning, match=r"^callbacks: _KerasStyle.on_epoch_begin is no Callback"):
+        _trainer(policies.Sync()).fit(_data(), epochs=1, batch_size=8, callbacks=[Sub()])
+
+
+def test_callbacks_own_methods_and_helpers_not_named_on_are_not_warned_of(tmp_path):
+    class Helped(_Record):
+        def best_so_far(self):  # a helper: any name not starting with on_
+            return None
+
+        def _on_private(self):  # private: not taken for a hook
+            return None
+
+    rec = Helped()
+    loggers = [JSONLLogger(tmp_path / "m.jsonl"), EarlyStopping(monitor="loss", patience=5)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = _trainer(policies.Sync()).fit(
+            _data(), epochs=1, batch_size=8, callbacks=[rec, *loggers]
+        )
+    assert not [w for w in caught if "is no Callback hook" in str(w.message)]
+    assert len(hist.epochs) == 1 and rec.calls[-1] == ("end", 5)
+    with pytest.warns(UserWarning, match=r"_HelperNamedOn.on_improvement is no Callback hook"):
+        _trainer().fit(_data(), epochs=1, batch_size=8, callbacks=[_HelperNamedOn()])
