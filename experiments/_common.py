@@ -218,6 +218,22 @@ def fraction_problem(
     return f"argument {flag}: must be in {low}0, 1{high}, got {value}"
 
 
+def num_samples_problem(num_samples: int) -> str | None:
+    """What is wrong with ``num_samples`` as ``--num-samples`` of MNIST-1D, or None: the data
+    set holds one tenth per digit, so :func:`asyncnn.data.load_mnist1d` takes multiples of 10
+    only (its ValueError was a traceback after the parse)."""
+    if num_samples % 10:
+        return (f"argument --num-samples: must be a multiple of 10 (one tenth per digit), got "
+                f"{num_samples}")  # fmt: skip
+    return None
+
+
+def cpu_label() -> str:
+    """This machine's CPU for a figure's title (``"16-core CPU"``): the core count
+    :func:`machine` records, so the figure and its ``results.json`` agree."""
+    return f"{os.cpu_count()}-core CPU"
+
+
 def machine() -> dict[str, Any]:
     """Where and when a result was measured."""
     import numpy as np

@@ -213,7 +213,8 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(0.2, 0.8)
     axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"MNIST-1D MLP, {cfg.stages} stages, seed {seed}: accuracy vs time (2-core CPU)")
+    fig.suptitle(f"MNIST-1D MLP, {cfg.stages} stages, seed {seed}: accuracy vs time "
+                 f"({_common.cpu_label()})")  # fmt: skip
     paths.append(_common.save_figure(fig, cfg.out, "ampnet_curves.png"))
 
     grid = np.full((len(cfg.min_update_frequency), len(cfg.max_active_keys)), np.nan)

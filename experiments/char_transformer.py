@@ -343,7 +343,7 @@ def plot(cfg: Config, results: dict[str, Any]) -> None:
     bx.bar(names, [results["utilisation"][n] for n in names], color="tab:green")
     bx.set_ylim(0, 1)
     bx.set_ylabel("busy fraction")
-    bx.set_title("per-stage utilisation (one process, 2 cores)", fontsize=9)
+    bx.set_title(f"per-stage utilisation (one process, {_common.cpu_label()})", fontsize=9)
     _common.save_figure(fig, cfg.out, "char_transformer.png")
 
 

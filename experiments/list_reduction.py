@@ -294,7 +294,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]], table: dict[str, Any]) -> list
     bx.set_ylabel(f"seconds to {cfg.target:.0%} (dots: repeats)")
     bx.set_title("time to target", fontsize=9)
     fig.suptitle(
-        f"list reduction, lengths {cfg.min_len}-{cfg.max_len}, width {cfg.width} (2-core CPU)"
+        f"list reduction, lengths {cfg.min_len}-{cfg.max_len}, width {cfg.width} ({_common.cpu_label()})"
     )
     return [_common.save_figure(fig, cfg.out, "list_reduction.png")]
 

@@ -187,7 +187,7 @@ def plot(cfg: Config, cells: list[dict[str, Any]]) -> list[str]:
         ax.set_xticks(range(len(cfg.models)), list(cfg.models))
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("MNIST-1D (Greydanus 2020) under four policies, 2-core CPU")
+    fig.suptitle(f"MNIST-1D (Greydanus 2020) under four policies, {_common.cpu_label()}")
     return [_common.save_figure(fig, cfg.out, "mnist1d_table.png")]
 
 

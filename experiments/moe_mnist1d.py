@@ -215,7 +215,7 @@ def plot(cfg: Config, runs: list[dict[str, Any]]) -> list[str]:
     cx.set_ylim(0, 1.25)
     cx.legend(fontsize=7, loc="upper center", ncol=4)
     fig.suptitle(f"MNIST-1D, {cfg.experts} experts of width {cfg.expert_width} vs dense of equal "
-                 "compute (2-core CPU)")  # fmt: skip
+                 f"compute ({_common.cpu_label()})")  # fmt: skip
     return [_common.save_figure(fig, cfg.out, "moe_mnist1d.png")]
 
 

@@ -71,7 +71,7 @@ class Config:
         "Sync,OneFOneB M={M},Interleaved1F1B M={M} V=2,ZeroBubbleH1 M={M},PipeDream,"
         "PipeDream2BW M={M},PipeDream + WeightPrediction,Async A={A},"
         "Async A={A} + ConstantScale 1/A,Async A={A} + WeightPrediction"
-    )  # the settings run on the transformer: each schedule, and the remedies that helped
+    )  # settings run on the transformer (empty: all): each schedule, and remedies that helped
     seed: int = 0  # weights, shuffling: the same start for every setting
     out: str = "runs/policy_zoo"  # results.json and PNGs
 
@@ -156,6 +156,8 @@ def check(cfg: Config) -> str | None:
             return f"{flags[0]} {getattr(cfg, most)} is below {flags[1]} {getattr(cfg, least)}"
     if cfg.char_dim % 2:
         return f"--char-dim must be even (2 attention heads), got {cfg.char_dim}"
+    if problem := _common.num_samples_problem(cfg.num_samples):
+        return problem
     every = dataclasses.replace(cfg, only="")
     # mnist1d runs each of --optimizers (the SGD-only settings need sgd among them); chars Adam
     opts = cfg.optimizers if "mnist1d" in cfg.tasks else ("adam",)

@@ -150,10 +150,16 @@ def plot(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
     return paths
 
 
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` that argparse cannot see (a usage error, before any
+    training), or None."""
+    return _common.num_samples_problem(cfg.num_samples)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     positive = ("width", "epochs", "batch_size", "pipedream_microbatches", "max_active_keys",
                 "num_samples", "lr")  # fmt: skip
-    cfg = _common.parse_config(Config, argv, __doc__, positive=positive)
+    cfg = _common.parse_config(Config, argv, __doc__, check=check, positive=positive)
     os.makedirs(cfg.out, exist_ok=True)
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     if cfg.train_samples:

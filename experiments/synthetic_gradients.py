@@ -279,6 +279,12 @@ def plot(cfg: Config, runs: list[dict[str, Any]], out: str) -> list[str]:
     return [curves, synth]
 
 
+def check(cfg: Config) -> str | None:
+    """What is wrong with ``cfg`` that argparse cannot see (a usage error, before any
+    training), or None."""
+    return _common.num_samples_problem(cfg.num_samples)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     choices = {
         "methods": ("backprop", "dni", "cdni"),
@@ -286,7 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "upstream": ("synthetic", "none"),
     }
     positive = ("width", "hidden_stages", "epochs", "batch_size", "num_samples", "lr", "synth_lr")
-    cfg = _common.parse_config(Config, argv, __doc__, choices=choices, positive=positive)
+    cfg = _common.parse_config(
+        Config, argv, __doc__, choices=choices, check=check, positive=positive
+    )
     data = ann.data.load_mnist1d(num_samples=cfg.num_samples)
     start = time.perf_counter()
     runs = [

@@ -188,9 +188,8 @@ def check(cfg: Config) -> str | None:
             return f"argument {flag}: must be >= 0, got {value}"
     if not cfg.mlp_dropout < 1:
         return f"argument --mlp-dropout: must be in [0, 1), got {cfg.mlp_dropout}"
-    if cfg.num_samples % 10:
-        return (f"argument --num-samples: must be a multiple of 10 (one tenth per digit), got "
-                f"{cfg.num_samples}")  # fmt: skip
+    if problem := _common.num_samples_problem(cfg.num_samples):
+        return problem
     if cfg.skip_mlp and cfg.skip_cnn:
         return "--skip-mlp and --skip-cnn together train nothing: give one of them at most"
     return None

@@ -2,10 +2,15 @@ import json
 
 import ampnet_sweep
 import pytest
+from _experiment_figures import figure_titles
 
 
-def test_quick_run_writes_curves_table_and_figures(tmp_path):
+def test_quick_run_writes_curves_table_and_figures(tmp_path, monkeypatch):
+    # the title said "2-core CPU" whatever machine ran it
+    titles = figure_titles(monkeypatch)
     ampnet_sweep.main(["--quick", "true", "--target", "0.0", "--out", str(tmp_path)])
+    assert any("16-core CPU" in t for t in titles), titles
+    assert not any("2-core" in t or "2 cores" in t for t in titles), titles
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     table = saved["results"]["table"]

@@ -7,14 +7,19 @@ import json
 import char_transformer as ct
 import numpy as np
 import pytest
+from _experiment_figures import figure_titles
 
 from asyncnn.testing import check_grads
 
 
-def test_smoke_writes_results_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_smoke_writes_results_and_plot(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     flags = ["--steps", "6", "--eval-every", "3", "--context", "8", "--dim", "16", "--heads", "2"]
     flags += ["--val-windows", "8", "--sample-chars", "5", "--out", str(tmp_path)]
+    # the title said "2-core CPU" whatever machine ran it
+    titles = figure_titles(monkeypatch)
     results = ct.main(flags)
+    assert any("16-core CPU" in t for t in titles), titles
+    assert not any("2-core" in t or "2 cores" in t for t in titles), titles
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "char_transformer.png").stat().st_size > 0
     assert saved["results"]["model"]["stage_sizes"] == [2, 1, 1, 4]

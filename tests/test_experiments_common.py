@@ -85,6 +85,19 @@ def test_help_gives_each_flags_meaning_and_default(capsys):
     [
         ("staleness", "--train-samples", "0: all; fewer for a quick smoke run (default: 0)"),
         ("moe_mnist1d", "--capacity-factor", "0: unlimited (no row dropped)"),
+        # an empty --char-only ran all 16 transformer settings, which --help did not say
+        ("policy_zoo", "--char-only", "settings run on the transformer (empty: all)"),
+        # were stale: "the majority class: 17%", "a run takes ~10-20 s"
+        (
+            "expression_trees",
+            "--target",
+            'test accuracy of "solved" (the majority class scores 16.3%)',
+        ),
+        (
+            "local_learning",
+            "--epochs",
+            "backprop's test accuracy plateaus by then; a run: 5-9 s on the 2-core VM",
+        ),
     ],
 )
 def test_the_scripts_help_says_what_their_special_values_mean(script, flag, says, capsys):
@@ -192,3 +205,22 @@ def test_a_missing_torch_is_said_in_a_line(monkeypatch, capsys):
     assert why is not None and "import of torch halted" in why
     out = capsys.readouterr().out
     assert out == f"torch not importable ({why}): the PyTorch columns are skipped\n"
+
+
+@pytest.mark.parametrize("script", ["staleness", "synthetic_gradients", "policy_zoo",
+                                    "local_learning"])  # fmt: skip
+def test_num_samples_not_a_multiple_of_10_is_a_usage_error(script, usage_error):
+    # was load_mnist1d's ValueError traceback (exit status 1) after the parse; train_mnist1d.py
+    # said it in a line (its message, which these now share)
+    import importlib
+
+    err = usage_error(importlib.import_module(script).main, ["--num-samples", "15"])
+    (line,) = err.strip().splitlines()
+    assert ("argument --num-samples: must be a multiple of 10 (one tenth per digit), got 15"
+            in line)  # fmt: skip
+
+
+def test_cpu_label_says_this_machines_cores(monkeypatch):
+    # the figures said "2-core CPU" whatever machine made them
+    monkeypatch.setattr(_common.os, "cpu_count", lambda: 16)
+    assert _common.cpu_label() == "16-core CPU"

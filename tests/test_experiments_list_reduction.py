@@ -3,6 +3,7 @@ import json
 import list_reduction
 import numpy as np
 import pytest
+from _experiment_figures import figure_titles
 
 
 def test_lists_are_labelled_with_their_sum_mod_10():
@@ -15,8 +16,12 @@ def test_lists_are_labelled_with_their_sum_mod_10():
         assert d["y"][i] == digits[i, :n].sum() % 10
 
 
-def test_quick_run_writes_curves_table_and_figure(tmp_path):
+def test_quick_run_writes_curves_table_and_figure(tmp_path, monkeypatch):
+    # the title said "2-core CPU" whatever machine ran it
+    titles = figure_titles(monkeypatch)
     list_reduction.main(["--quick", "true", "--target", "0.0", "--out", str(tmp_path)])
+    assert any("16-core CPU" in t for t in titles), titles
+    assert not any("2-core" in t or "2 cores" in t for t in titles), titles
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     table = saved["results"]["table"]

@@ -2,10 +2,15 @@ import json
 
 import mnist1d_table
 import pytest
+from _experiment_figures import figure_titles
 
 
-def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path):
+def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path, monkeypatch):
+    # the title said "2-core CPU" whatever machine ran it
+    titles = figure_titles(monkeypatch)
     mnist1d_table.main(["--quick", "true", "--models", "logreg", "mlp", "--out", str(tmp_path)])
+    assert any("16-core CPU" in t for t in titles), titles
+    assert not any("2-core" in t or "2 cores" in t for t in titles), titles
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     cells = saved["results"]["cells"]
