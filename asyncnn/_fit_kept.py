@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._math._pytree import tree_leaves
+from ._runtime._checks import checked_flag
 from ._runtime._policies import Policy
 from ._runtime._run import RunState
 from ._runtime._weight_versions import gradients_per_update
@@ -23,7 +24,8 @@ def updates_once_per_minibatch(policy: Policy) -> bool:
     # keys, or not at each minibatch's end, says so within them)
     most = max(int(policy.microbatches), 64)
     return gradients_per_update(policy, most) is None and all(
-        policy.update_due(n, True) for n in range(1, most + 1)
+        checked_flag(policy, "update_due", (n, True), policy.update_due(n, True))
+        for n in range(1, most + 1)
     )
 
 

@@ -65,3 +65,63 @@ def _line_of(text: str) -> int:
     """The line of this file that holds ``text`` (its first)."""
     with open(__file__) as f:
         return next(i for i, line in enumerate(f, 1) if text in line and "_line_of" not in line)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_an_exception_group_the_block_raises_comes_out_as_raised():
+    # open_run picked one leaf of the user's own group (ValueError('a')): TypeError('b') was
+    # lost and an `except* TypeError` no longer matched
+    import anyio
+
+    from _run_cases import _data, _sync_run
+
+    raised = ExceptionGroup("validation failed", [ValueError("a"), TypeError("b")])
+    with anyio.fail_after(20), pytest.raises(ExceptionGroup) as info:
+        async with _sync_run() as run:
+            await run.step(_data())
+            raise raised
+    assert info.value is raised
+    assert [repr(e) for e in info.value.exceptions] == ["ValueError('a')", "TypeError('b')"]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_the_errors_of_a_task_group_in_the_block_all_come_out():
+    import anyio
+
+    from _run_cases import _data, _sync_run
+
+    async def fail(exc: BaseException) -> None:
+        with anyio.CancelScope(shield=True):  # both fail, whichever fails first
+            await anyio.sleep(0.01)
+        raise exc
+
+    caught: list[BaseException] = []
+    with anyio.fail_after(20):
+        try:
+            async with _sync_run() as run:
+                await run.step(_data())
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fail, ValueError("first"))
+                    tg.start_soon(fail, KeyError("second"))
+        except* KeyError as group:
+            caught.extend(group.exceptions)
+        except* ValueError as group:
+            caught.extend(group.exceptions)
+    assert sorted(repr(e) for e in caught) == ["KeyError('second')", "ValueError('first')"]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)
+async def test_a_plain_exception_of_the_block_comes_out_unchanged():
+    import anyio
+
+    from _run_cases import _data, _sync_run
+
+    raised = KeyError("mine")
+    with anyio.fail_after(20), pytest.raises(KeyError) as info:
+        async with _sync_run() as run:
+            await run.step(_data())
+            raise raised
+    assert info.value is raised

@@ -495,12 +495,14 @@ def _check_mse(pred: Any, target: Any, reduction: str) -> None:
     _check_reduction("mse_loss", reduction)
     # (an integer target, counts or ratings, is numpy's to promote: nn.MSELoss casts it first)
     _check_floating(pred, "mse_loss", "pred", target)
-    dtype = getattr(raw(target), "dtype", None) or np.asarray(target).dtype
-    if np.dtype(dtype).kind == "c":  # (a complex "loss", and a real gradient of its real part)
+    dtype = getattr(target, "dtype", None)  # (a tracer's too; a list or a number: none)
+    if dtype is None:
+        dtype = np.asarray(target).dtype
+    if dtype.kind == "c":  # (a complex "loss", and a real gradient of its real part)
         raise TypeError(
-            f"mse_loss: target is complex ({np.dtype(dtype)}), and {COMPLEX_REFUSED}; for a "
-            "squared distance of complex values, give mse_loss their real parts and imaginary "
-            "parts as two pairs and add the losses"
+            f"mse_loss: target is complex ({dtype}), and {COMPLEX_REFUSED}; for a squared "
+            "distance of complex values, give mse_loss their real parts and imaginary parts as "
+            "two pairs and add the losses"
         )
     if _shape(pred) != _shape(target):
         raise ValueError(

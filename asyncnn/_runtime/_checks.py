@@ -2,14 +2,15 @@
 shapes, dtypes; NaN, Inf and values that overflow the run's dtype, read in chunks of rows), the
 ids, labels and loop lengths it holds against their range (:func:`range_checks`), a tree of
 arrays for NaN (:func:`first_not_finite`), the run's optimizer and ``cuda_graphs``, and the
-numbers a policy's hooks return (:func:`checked_scale`). The
+numbers, flags and orders a policy's hooks return (:func:`checked_scale`,
+:func:`checked_flag`, :func:`checked_orders`). The
 check of the graph itself, :func:`validate`, is ``_graph_checks.py``'s (imported from here too).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from asyncnn.backends import array_namespace, is_cupy_array, is_floating, to_num
 # (the graph's check, also named here: the runtime, the trainer and the cluster import it so)
 from ._graph_checks import _rows as _rows
 from ._graph_checks import check_layer_rows, validate
+from ._policies import is_stage_order
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RangeCheck",
     "check_batch",
+    "checked_flag",
+    "checked_orders",
     "checked_scale",
     "check_cuda_graphs",
     "check_input",
@@ -613,3 +617,50 @@ def checked_scale(policy: Any, hook: str, args: tuple[float, ...], value: Any) -
         "it must be a finite number (a float such as rows / minibatch_rows or 1.0); a hook "
         "that forgot its return gives None"
     )
+
+
+def checked_flag(policy: Any, hook: str, args: tuple[Any, ...], value: Any) -> bool:
+    """``value``, what ``policy``'s ``hook`` (``"update_due"``, ``"minibatch_done"``) returned
+    for ``args``, as a bool, checked to be one (a numpy bool too): a custom policy's
+    ``update_due`` that forgot its ``return`` gave ``None``, and the run made no update (a fit
+    ran its epochs without moving a weight, without a word); ``"no"`` is truthy (an update after
+    every backward). Callers test ``value is True`` / ``is False`` first: this is the rest.
+
+    Raises:
+        ValueError: naming the policy, the call and the value.
+    """
+    if type(value) is bool:
+        return value
+    if isinstance(value, np.bool_) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype == np.bool_
+    ):
+        return bool(value)
+    raise ValueError(
+        f"{type(policy).__name__}.{hook}({', '.join(map(str, args))}) returned {value!r:.40}: "
+        "it must be a bool (True or False); a hook that forgot its return gives None"
+    )
+
+
+def checked_orders(policy: Any, layers: Sequence[str], orders: Any) -> Any:
+    """``orders``, what ``policy.orders(layers)`` returned, checked to hold a stage order for
+    each layer (an overridden ``orders`` that left one out failed in that layer's actor, as a
+    bare ``KeyError`` or ``AttributeError``; the default ``orders`` checks each
+    ``stage_order``'s answer itself, naming the stage).
+
+    Raises:
+        TypeError: naming the policy, the layer and what it was given.
+    """
+    call = f"{type(policy).__name__}.orders({list(layers)!r:.80})"
+    if not isinstance(orders, Mapping):
+        raise TypeError(
+            f"{call} returned {orders!r:.60}: it must return a dict of layer name to StageOrder"
+        )
+    for name in layers:
+        order = orders.get(name)
+        if not is_stage_order(order):
+            given = "no order" if name not in orders else f"{order!r:.60}"
+            raise TypeError(
+                f"{call} gave {given} for layer {name!r}: it must map every layer to a "
+                "StageOrder (e.g. policies.OneFOneBOrder(None, flush=True))"
+            )
+    return orders

@@ -363,11 +363,15 @@ class Share:
 async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
     """Prepares the run (:meth:`Share.begin`), serves its local actors (and ``share``'s own
     tasks) for the length of the block,
-    then ends the run; a failure becomes one error, written to the trace and raised with the
-    original failure as its cause. The inboxes are closed whatever happens.
+    then ends the run; a failure of the run's own tasks becomes one error (:func:`single_error`),
+    written to the trace and raised with the original failure as its cause. What the block itself
+    raised comes out as it was raised (an ``ExceptionGroup`` of the user's stays that group),
+    unless an actor, the loop or the watchdog failed too. The inboxes are closed whatever happens.
 
     The sequence is the same in every process; ``share`` says what differs.
     """
+    body_error: BaseException | None = None
+    users: BaseException | None = None
     try:
         await share.begin(run)
         async with anyio.create_task_group() as tg:
@@ -375,7 +379,11 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             share.start(tg, run)
             watchdog = start_watchdog(tg, run) if share.watches else None
             trace_watch = start_trace_watch(tg, run.recorder)
-            yield
+            try:
+                yield
+            except BaseException as exc:
+                body_error = exc
+                raise
             # the block's end drains the run, then stops its actors: a step called from
             # another task meanwhile would admit keys that nothing computes
             run._closing = True
@@ -390,9 +398,17 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
                 trace_watch.cancel()
     except BaseExceptionGroup as group:
         error = await share.failure(group)
-        if share.records_error:
-            record_error(run.recorder, error)
-        raise error from error.__cause__  # keeps the original failure as the cause
+        if body_error is not None and any(error is e for e in error_leaves(body_error)):
+            # the runtime's own failures come out as one error, but what the block raised is
+            # the user's, whole: their ExceptionGroup (a task group of theirs) stays that group
+            error = body_error
+            if share.records_error:
+                record_error(run.recorder, error)
+            users = error  # raised below, once this handler is left: its context its own
+        else:
+            if share.records_error:
+                record_error(run.recorder, error)
+            raise error from error.__cause__  # keeps the original failure as the cause
     except BaseException as exc:
         # a run cancelled from outside, or Ctrl-C: said in the trace, which would otherwise
         # look like a run that ended cleanly (and a replay of it wait for the work left undone)
@@ -406,6 +422,8 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             close_channels(run)
         finally:
             share.close(run)
+    if users is not None:
+        raise users
 
 
 @contextmanager

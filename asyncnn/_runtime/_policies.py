@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -108,6 +108,14 @@ class Policy(abc.ABC):
     #: whether a backward uses the parameter version its forward used
     stash: bool = True
 
+    def __post_init__(self) -> None:
+        """Checks :attr:`microbatches` when a dataclass subclass is made (the built-in policies
+        check their own fields instead), storing it as a plain ``int``: a subclass's 0 or 2.5
+        failed later as a bad ``max_in_flight``, or a ``ZeroDivisionError`` in :meth:`split`."""
+        value = _check_int(type(self).__name__, "microbatches", self.microbatches)
+        if is_dataclass(self) and "microbatches" in {f.name for f in fields(self)}:
+            object.__setattr__(self, "microbatches", value)
+
     # -- admission -------------------------------------------------------------------------------
     def split(self, rows: int) -> list[tuple[int, int]]:
         """How a minibatch of ``rows`` rows is split into keys: each key's ``(start, stop)`` rows.
@@ -119,7 +127,10 @@ class Policy(abc.ABC):
         if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1:
             raise ValueError(f"{self.name}.split(rows={rows!r}): rows must be an int >= 1")
         rows = int(rows)
-        m = min(self.microbatches, rows)
+        m = self.microbatches
+        if type(m) is not int or m < 1:  # (a subclass's field, which nothing else checked)
+            m = _check_int(type(self).__name__, "microbatches", m)
+        m = min(m, rows)
         bounds = [i * (rows // m) + min(i, rows % m) for i in range(m + 1)]
         return [(bounds[i], bounds[i + 1]) for i in range(m)]
 
@@ -129,8 +140,9 @@ class Policy(abc.ABC):
         return self.flush
 
     def max_in_flight(self, num_stages: int) -> int:
-        """How many keys may be admitted and not yet finished."""
-        return self.microbatches
+        """How many keys may be admitted and not yet finished: by default
+        :attr:`microbatches` (checked: an int >= 1)."""
+        return _check_int(type(self).__name__, "microbatches", self.microbatches)
 
     # -- the order of work -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -152,7 +164,14 @@ class Policy(abc.ABC):
         in topological order: each one's stage is its position). By default
         :meth:`order_for` of each; override it to make orders that share state (several stages
         on one device following one schedule)."""
-        return {name: self.order_for(name, i, len(actors)) for i, name in enumerate(actors)}
+        num = len(actors)
+        made = {name: self.order_for(name, i, num) for i, name in enumerate(actors)}
+        for i, (name, order) in enumerate(made.items()):
+            if not is_stage_order(order):
+                # (a stage_order that forgot its return failed in the actor, as "'NoneType'
+                # object has no attribute 'start'", naming neither the policy nor the method)
+                raise _no_order(self, name, i, num, order)
+        return made
 
     def delivers(self, actor: str) -> bool:
         """Whether the messages ``actor`` sends reach their destination; ``False`` records them
@@ -333,6 +352,33 @@ class Policy(abc.ABC):
         builtin = _BUILTIN.get(self.name) is cls
         kind = self.name if builtin else class_path(cls)
         return {"type": kind, "args": args}
+
+
+#: the methods of a :class:`StageOrder` that the actors call
+_ORDER_METHODS = ("next", "done", "start", "end_of_stream", "device_turns")
+
+
+def is_stage_order(value: Any) -> bool:
+    """Whether ``value`` serves as a stage order: a :class:`StageOrder`, or an object with its
+    methods (a wrapper of one that does not subclass it)."""
+    return isinstance(value, StageOrder) or all(
+        callable(getattr(value, method, None)) for method in _ORDER_METHODS
+    )
+
+
+def _no_order(policy: Policy, actor: str, stage: int, num_stages: int, value: Any) -> TypeError:
+    """The error for ``value``, no stage order, made for layer ``actor`` (of position
+    ``stage``) by ``policy``'s ``stage_order`` (or its ``order_for``, where overridden)."""
+    cls = type(policy).__name__
+    if type(policy).order_for is Policy.order_for:
+        call = f"{cls}.stage_order({stage}, {num_stages})"
+    else:
+        call = f"{cls}.order_for({actor!r}, {stage}, {num_stages})"
+    return TypeError(
+        f"{call} returned {value!r:.60}: it must return a StageOrder, a fresh one for each layer "
+        f"(here layer {actor!r}), e.g. policies.OneFOneBOrder(None, flush=True) for all "
+        "forwards then all backwards; a method that forgot its return gives None"
+    )
 
 
 #: The largest count a policy takes (keys per minibatch, keys in flight, gradients per update,

@@ -26,7 +26,7 @@ from asyncnn.backends import (
     to_numpy,
 )
 
-from ._checks import range_checks
+from ._checks import checked_orders, range_checks
 from ._checks import validate as validate  # the trainer imports it from here
 from ._config import RunConfig
 from ._context import ActorContext
@@ -123,7 +123,7 @@ class Run(RunGuards, RunActors):
             cuda_graphs=self.cuda_graphs_active,
             edge_index=self.edge_index,
             channels=channels,
-            orders=policy.orders(self.layers),
+            orders=checked_orders(policy, self.layers, policy.orders(self.layers)),
             touch=self.touch,
             backward_done=self.backward_done,
             loss_reported=self.loss_reported,

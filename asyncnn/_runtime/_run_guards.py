@@ -173,9 +173,15 @@ class RunGuards:
     def _cut_off(self, what: str) -> None:
         """Marks the run as one that cannot go on (the first cause is the one kept)."""
         if self._broken is None:
+            # run.state() is what it always is, the gradients summed and not applied included:
+            # here those are (some of) the keys of the minibatch cut off, which the new run's
+            # first update would apply on top of its own minibatch's
             self._broken = (
                 f"{what}, so the run cannot finish it; leave the open_run block and open a new "
-                "run (open_run(..., state=run.state()) goes on from its weights)"
+                "run from its weights: open_run(..., state=dataclasses.replace(run.state(), "
+                "pending_grads={}, pending_delays={})) (run.state() alone also carries the "
+                "gradients of the cut-off minibatch's finished keys, which the new run's first "
+                "update would apply)"
             )
 
     async def _take_turn(self) -> None:

@@ -17,7 +17,7 @@ from asyncnn._errors import ActorError
 from asyncnn._math._pytree import tree_copy, tree_leaves, tree_map
 
 from ._actor_base import _Actor, _nbytes
-from ._checks import checked_scale, first_not_finite
+from ._checks import checked_flag, checked_scale, first_not_finite
 from ._messages import BACKWARD
 
 if TYPE_CHECKING:
@@ -248,12 +248,20 @@ class WeightVersions(_Actor):
         self.acc_count += 1
         mb = int(meta.get("minibatch", 0))
         done = self.mb_backwards.get(mb, 0) + 1
-        mb_done = policy.minibatch_done(done, int(meta.get("mb_keys", 1)))
+        keys = int(meta.get("mb_keys", 1))
+        mb_done = policy.minibatch_done(done, keys)
+        # (a custom policy's flags are checked to be bools, tested cheaply per key: an
+        # update_due that forgot its return gave None, and no update was ever made)
+        if mb_done is not True and mb_done is not False:
+            mb_done = checked_flag(policy, "minibatch_done", (done, keys), mb_done)
         if mb_done:
             self.mb_backwards.pop(mb, None)
         else:
             self.mb_backwards[mb] = done
-        if policy.update_due(self.acc_count, mb_done):
+        due = policy.update_due(self.acc_count, mb_done)
+        if due is True or (
+            due is not False and checked_flag(policy, "update_due", (self.acc_count, mb_done), due)
+        ):
             n = self.acc_count
             scale = checked_scale(policy, "gradient_scale", (n,), policy.gradient_scale(n))
             acc, owed = self._acc, self._owed
@@ -455,7 +463,7 @@ def gradients_per_update(policy: Any, most: int = _MAX_PER_UPDATE) -> int | None
     ``PipeDream``, ``F`` for ``Async(min_update_frequency=F)``; None for a policy that updates
     only when a minibatch is done (the flushes, ``PipeDream2BW``)."""
     for count in range(1, most + 1):
-        if policy.update_due(count, False):
+        if checked_flag(policy, "update_due", (count, False), policy.update_due(count, False)):
             return count
     return None
 
