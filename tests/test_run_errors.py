@@ -439,42 +439,6 @@ class _ScalesAs(policies.GPipe):
         return 1.0 if self._scale is None else self._scale(accumulated)
 
 
-@pytest.mark.anyio
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    ("policy", "said"),
-    [
-        (_ScalesAs(cotangent=lambda r, m: None), r"_ScalesAs.loss_cotangent\(4, 8\) returned None"),
-        (_ScalesAs(cotangent=lambda r, m: "0.5"), r"_ScalesAs.loss_cotangent\(4, 8\) returned '0.5'"),
-        (_ScalesAs(cotangent=lambda r, m: math.nan), r"loss_cotangent\(4, 8\) returned nan"),
-        (_ScalesAs(scale=lambda n: None), r"_ScalesAs.gradient_scale\(2\) returned None"),
-        (_ScalesAs(scale=lambda n: math.inf), r"_ScalesAs.gradient_scale\(2\) returned inf"),
-        (_ScalesAs(scale=lambda n: True), r"_ScalesAs.gradient_scale\(2\) returned True"),
-    ],
-    ids=["cotangent-None", "cotangent-str", "cotangent-nan", "scale-None", "scale-inf",
-         "scale-bool"],
-)  # fmt: skip
-async def test_a_custom_loss_cotangent_or_gradient_scale_that_is_no_finite_number_is_refused(
-    policy: Any, said: str
-) -> None:
-    # (a loss_cotangent that forgot its return trained every weight to NaN without a word; a
-    # gradient_scale of None failed on a bare TypeError that named no method)
-    with pytest.raises(ann.ActorError) as info:
-        async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
-            await run.step(_data(n=8))
-    assert isinstance(info.value.__cause__, ValueError)
-    assert re.search(said + r": it must be a finite number", str(info.value.__cause__))
-
-
-@pytest.mark.anyio
-async def test_a_custom_loss_cotangent_of_a_numpy_number_is_taken() -> None:
-    policy = _ScalesAs(cotangent=lambda r, m: np.float32(r) / np.float32(m),
-                       scale=lambda n: np.array(1.0))  # fmt: skip
-    async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
-        await run.step(_data(n=8))
-    assert sorted(run.losses) == [0]
-
-
 class _FlagsAs(policies.GPipe):
     """A custom policy whose ``update_due`` or ``minibatch_done`` is given (a user's mistake)."""
 
@@ -499,23 +463,42 @@ class _FlagsAs(policies.GPipe):
 @pytest.mark.parametrize(
     ("policy", "said"),
     [
+        (_ScalesAs(cotangent=lambda r, m: None), r"_ScalesAs.loss_cotangent\(4, 8\) returned None"),
+        (_ScalesAs(cotangent=lambda r, m: "0.5"), r"_ScalesAs.loss_cotangent\(4, 8\) returned '0.5'"),
+        (_ScalesAs(cotangent=lambda r, m: math.nan), r"loss_cotangent\(4, 8\) returned nan"),
+        (_ScalesAs(scale=lambda n: None), r"_ScalesAs.gradient_scale\(2\) returned None"),
+        (_ScalesAs(scale=lambda n: math.inf), r"_ScalesAs.gradient_scale\(2\) returned inf"),
+        (_ScalesAs(scale=lambda n: True), r"_ScalesAs.gradient_scale\(2\) returned True"),
         (_FlagsAs(due=lambda n, d: None), r"_FlagsAs.update_due\(1, False\) returned None"),
         (_FlagsAs(due=lambda n, d: "no"), r"_FlagsAs.update_due\(1, False\) returned 'no'"),
         (_FlagsAs(due=lambda n, d: int(d)), r"_FlagsAs.update_due\(1, False\) returned 0"),
         (_FlagsAs(done=lambda b, k: None), r"_FlagsAs.minibatch_done\(1, 2\) returned None"),
     ],
-    ids=["due-None", "due-str", "due-int", "done-None"],
+    ids=["cotangent-None", "cotangent-str", "cotangent-nan", "scale-None", "scale-inf",
+         "scale-bool", "due-None", "due-str", "due-int", "done-None"],
 )  # fmt: skip
-async def test_a_custom_update_due_or_minibatch_done_that_is_no_bool_is_refused(
+async def test_a_custom_policy_hook_that_returns_the_wrong_kind_is_refused_naming_it(
     policy: Any, said: str
 ) -> None:
-    # (an update_due that forgot its return gave None: the run made no update, and a fit ran
-    # its epochs without moving a weight; "no" is truthy: an update after every backward)
+    # (a loss_cotangent that forgot its return trained every weight to NaN without a word; a
+    # gradient_scale of None failed on a bare TypeError that named no method; an update_due
+    # that forgot its return gave None: no update, a fit's epochs without moving a weight;
+    # "no" is truthy: an update after every backward)
+    must = "a bool" if "FlagsAs" in said else "a finite number"
     with pytest.raises(ann.ActorError) as info:
         async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
             await run.step(_data(n=8))
     assert isinstance(info.value.__cause__, ValueError)
-    assert re.search(said + r": it must be a bool", str(info.value.__cause__))
+    assert re.search(said + f": it must be {must}", str(info.value.__cause__))
+
+
+@pytest.mark.anyio
+async def test_a_custom_loss_cotangent_of_a_numpy_number_is_taken() -> None:
+    policy = _ScalesAs(cotangent=lambda r, m: np.float32(r) / np.float32(m),
+                       scale=lambda n: np.array(1.0))  # fmt: skip
+    async with ann.open_run(chain_graph(3), optim.SGD(lr=0.1), policy) as run:
+        await run.step(_data(n=8))
+    assert sorted(run.losses) == [0]
 
 
 @pytest.mark.anyio
