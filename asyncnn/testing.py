@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ._math._autodiff import vjp
-from ._math._autodiff_args import RuleError
-from ._math._pytree import ReadOnlyDict, tree_flatten, tree_unflatten
+from ._math._autodiff_args import RuleError, _leaf_name
+from ._math._pytree import tree_flatten, tree_unflatten
 from .backends import array_namespace, is_floating, to_numpy
 
 __all__ = ["check_grads", "numerical_vjp"]
@@ -175,11 +175,8 @@ def numerical_vjp(
 
 def _leaf_names(tree: Any, name: str) -> list[str]:
     """A name for each leaf of ``tree``, in ``tree_flatten``'s order (``args[0]['weight']``)."""
-    if type(tree) is dict or type(tree) is ReadOnlyDict:  # (as tree_flatten opens them)
-        return [n for k in sorted(tree) for n in _leaf_names(tree[k], f"{name}[{k!r}]")]
-    if type(tree) is list or type(tree) is tuple:
-        return [n for i, v in enumerate(tree) for n in _leaf_names(v, f"{name}[{i}]")]
-    return [name]
+    treedef = tree_flatten(tree)[1]
+    return [_leaf_name(treedef, k, name) for k in range(treedef.num_leaves)]
 
 
 def check_grads(

@@ -28,6 +28,7 @@ def validate(
     dtype: str = "float32",
     rows: int = 2,
     param_shapes: dict[str, Any] | None = None,
+    out_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Checks ``graph`` before any training compute: wiring, then shapes and dtypes by evaluating
     every node on ``rows`` rows of zeros. Returns each node's output shape.
@@ -39,12 +40,15 @@ def validate(
         param_shapes: filled, where given, with each layer's parameters as the evaluation made
             them, each array as a :class:`ParamShape` (its shape and dtype, no data): a state
             given to a run is checked against them without initialising the layers again.
+        out_shapes: filled, where given, with each node's output shape as the evaluation
+            found it, as far as it got (a replay names the layer whose output changed, before
+            the node the check failed at); the dict returned when the check passes.
 
     Raises:
         GraphError: naming the node, its module and the shapes it was given.
     """
     graph.check_structure()
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, ...]] = {} if out_shapes is None else out_shapes
     values: dict[str, Any] = {}
     dt = np.dtype(dtype)
     for name, node in graph.nodes.items():

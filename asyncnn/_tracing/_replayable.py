@@ -147,7 +147,8 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     # replay instead of failing halfway at another actor; its error waits until the checks
     # that say more of the cause (the parameters, the events) have had their say
     made: dict[str, Any] = {}
-    graph_error = _check_graph(graph, h["dtype"], made)
+    shapes: dict[str, tuple[int, ...]] = {}
+    graph_error = _check_graph(graph, h["dtype"], made, shapes)
     _check_params_fit(path, graph, params, made)
     misfit = optimizer_misfit(optimizer, params, opt_states)
     if misfit is not None:
@@ -184,18 +185,20 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
                 f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
             ) from exc
     _check_events(trace, graph)
-    _check_outputs(trace, graph, h["dtype"], graph_error)
+    _check_outputs(trace, graph, shapes, graph_error)
     return Checked(
         graph, policy, optimizer, params, opt_states, optional["pending"],
         optional["actor_states"], optional["earlier"], optional["pending_delays"],
     )  # fmt: skip
 
 
-def _check_graph(graph: Graph, dtype: str, made: dict[str, Any]) -> Exception | None:
+def _check_graph(
+    graph: Graph, dtype: str, made: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> Exception | None:
     """Checks the header's graph as a Trainer checks its own (``validate``, with the run's
     ``dtype``; it sets ``graph.shapes``, which the run had too); returns the check's error, or
-    None. ``made``: filled with each layer's parameters as the check made them (shapes and
-    dtypes only), as far as it got."""
+    None. ``made`` and ``shapes``: filled with each layer's parameters as the check made them
+    (shapes and dtypes only) and each node's output shape, as far as it got."""
     from asyncnn._errors import GraphError
     from asyncnn._runtime._run import validate  # (as the trainer imports it)
     from asyncnn.backends import get_backend
@@ -205,7 +208,7 @@ def _check_graph(graph: Graph, dtype: str, made: dict[str, Any]) -> Exception | 
     for name in graph.layers:
         get_backend(graph.nodes[name].device)
     try:
-        validate(graph, dtype, param_shapes=made)
+        validate(graph, dtype, param_shapes=made, out_shapes=shapes)
     except GraphError as exc:
         return exc
     return None
@@ -237,13 +240,18 @@ def _check_params_fit(
             )
 
 
-def _check_outputs(trace: Trace, graph: Graph, dtype: str, graph_error: Exception | None) -> None:
+def _check_outputs(
+    trace: Trace,
+    graph: Graph,
+    shapes: dict[str, tuple[int, ...]],
+    graph_error: Exception | None,
+) -> None:
     """Refuses a graph whose check failed (``graph_error``, from :func:`_check_graph`), and one
-    whose layers' outputs, as the check found them, are not of the shape the run sent: the
-    replay failed halfway, at the actor that read the changed output, not the one that made
-    it. Of the first layer (in the graph's order) whose output differs, both shapes are named;
-    where the check failed, the layers before the node it failed at are compared first, so that
-    the layer that changed is named rather than the one after it that could not take it.
+    whose layers' outputs, as the check found them (``shapes``: as far as it got), are not of
+    the shape the run sent: the replay failed halfway, at the actor that read the changed
+    output, not the one that made it. Of the first layer (in the graph's order) whose output
+    differs, both shapes are named, so that where the check failed, the layer that changed is
+    named rather than the one after it that could not take it.
 
     Only what cannot vary is compared: the shape past the batch dimension (a key's rows vary,
     as do the rows a router sends each expert), of the layers' sends of one tensor (a router's
@@ -255,18 +263,15 @@ def _check_outputs(trace: Trace, graph: Graph, dtype: str, graph_error: Exceptio
     """
     recorded = _recorded_outputs(trace, graph)
     path = trace.path
-    if graph_error is None:
-        changed = next(
-            (
-                (name, graph.shapes[name], *recorded[name])
-                for name in graph.layers
-                if name in recorded and name in graph.shapes
-                and tuple(graph.shapes[name][1:]) != tuple(recorded[name][0][1:])
-            ),
-            None,
-        )  # fmt: skip
-    else:
-        changed = _first_changed_output(graph, dtype, recorded)
+    changed = next(
+        (
+            (name, shapes[name], *recorded[name])
+            for name in graph.layers
+            if name in recorded and name in shapes
+            and tuple(shapes[name][1:]) != tuple(recorded[name][0][1:])
+        ),
+        None,
+    )  # fmt: skip
     if changed is not None:
         name, now, sent, e = changed
         then = (
@@ -310,42 +315,6 @@ def _recorded_outputs(trace: Trace, graph: Graph) -> dict[str, tuple[tuple[int, 
         if first[1:] != shape[1:]:
             varies.add(e.actor)
     return {name: v for name, v in found.items() if name not in varies}
-
-
-def _first_changed_output(
-    graph: Graph, dtype: str, recorded: dict[str, tuple[tuple[int, ...], Any]]
-) -> tuple[str, tuple[int, ...], tuple[int, ...], Any] | None:
-    """Where the graph's check failed: its evaluation again, node by node, up to the node it
-    fails at, and the first layer whose output differs from the run's sends past the batch
-    dimension (``(layer, output shape, sent shape, send)``), or None."""
-    import warnings
-
-    from asyncnn._runtime._graph_checks import _evaluate_node, _loop_check_args, input_zeros
-    from asyncnn.backends import to_numpy
-
-    rows = 2  # (the check's)
-    values: dict[str, Any] = {}
-    dt = np.dtype(dtype)
-    for name, node in graph.nodes.items():
-        if node.kind == "input":
-            values[name] = input_zeros(node, rows, dt)
-            continue
-        if node.kind != "layer":
-            continue
-        try:
-            args = [values[src] for src in node.inputs]
-            if node.role == "loop":
-                args = _loop_check_args(node.module, args)
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out = to_numpy(_evaluate_node(node, args, dtype))
-            shape = tuple(out.shape)
-        except Exception:  # noqa: BLE001 - the node the check failed at: its error says why
-            return None
-        if name in recorded and shape[1:] != recorded[name][0][1:]:
-            return name, shape, *recorded[name]
-        values[name] = out
-    return None
 
 
 def optimizer_misfit(
