@@ -4,10 +4,11 @@ every actor's work, the loss actor's included, goes by the replay's hook in the 
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import numpy as np
@@ -582,3 +583,141 @@ def test_a_replay_of_a_trace_naming_a_class_from_main_does_not_warn_of_its_own_t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ann.replay(path).identical
+
+
+def _gpipe_trace(path) -> None:
+    """Two minibatches of two keys under GPipe: each stage forwards keys 0 and 1, then takes
+    their backwards (stage1's computes 0-3: F0 F1 B0 B1)."""
+    tr = ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                     trace=str(path))  # fmt: skip
+    tr.fit(_data(16), epochs=1, batch_size=8)
+
+
+def _backward_first(r):  # stage1's backward of key 0 before its forward of key 0
+    if r.get("ev") == "start" and r.get("a") == "stage1" and r.get("seq") in (0, 2):
+        return dict(r, k="backward" if r["seq"] == 0 else "forward")
+    return r
+
+
+def _forward_twice(r):  # stage1's forward of key 1 recorded as a second forward of key 0
+    if r.get("ev") == "start" and r.get("a") == "stage1" and r.get("seq") == 1:
+        return dict(r, key=0)
+    return r
+
+
+def _loss_swapped(r):  # the loss takes key 1 before key 0: an order a run could have had
+    if r.get("ev") == "start" and r.get("a") == "loss" and r.get("seq") in (0, 1):
+        return dict(r, key=1 - r["key"])
+    return r
+
+
+@pytest.mark.timeout(20)  # the replay waited out its 30 s stall timeout
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            _backward_first,
+            [
+                r"event \d+ \(start of 'stage1'\)",
+                r"'stage1' compute 0 \(the backward of key 0, "
+                r"event \d+\) waits for the backward of key 0 from 'loss'",
+                "forward of key 0 from 'stage1'",
+                "a cycle",
+            ],
+        ),
+        (
+            _forward_twice,
+            [
+                r"event \d+ \(start of 'stage1'\)",
+                r"'stage1' compute 1 \(the forward of key 0, "
+                r"event \d+\) is its second forward of key 0, after 'stage1' compute 0",
+            ],
+        ),
+    ],  # fmt: skip
+    ids=["backward-before-forward", "forward-twice"],
+)
+def test_a_trace_reordered_into_an_impossible_order_is_refused_at_once(tmp_path, change, expected):
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    _gpipe_trace(path)
+    _rewrite(path, bad, change)
+    with pytest.raises(ann.TraceFormatError) as info:
+        ann.replay(bad)
+    message = str(info.value)
+    for part in expected:
+        assert re.search(part if "\\" in part else re.escape(part), message), (part, message)
+    assert "altered" in message, message
+    # an order that is not the run's but that a run could have had is replayed
+    possible = tmp_path / "possible.trace"
+    _rewrite(path, possible, _loss_swapped)
+    assert ann.replay(possible).events_checked > 0
+
+
+def _limited(path, policy) -> None:
+    tr = ann.Trainer(_plain_graph(), optimizer=optim.SGD(lr=0.1), policy=policy, trace=str(path))
+    tr.fit(_data(24), epochs=1, batch_size=12 if isinstance(policy, policies.GPipe) else 4)
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "altered"),
+    [
+        (policies.Async(max_active_keys=3), "max_active_keys", 2),
+        (policies.GPipe(3), "microbatches", 2),
+    ],  # fmt: skip
+    ids=["Async", "GPipe"],
+)
+def test_a_header_whose_in_flight_limit_its_events_exceed_is_refused(
+    tmp_path, policy, field, altered
+):
+    # a trace of 3 keys in flight whose header says 2 replayed as identical
+    path, bad = tmp_path / "r.trace", tmp_path / "bad.trace"
+    _limited(path, policy)
+    assert ann.replay(path).identical
+
+    def lower(r):
+        if "policy" in r:
+            r["policy"]["args"][field] = altered
+        return r
+
+    _rewrite(path, bad, lower)
+    for actor in (None, "stage0"):
+        with pytest.raises(ann.TraceFormatError) as info:
+            ann.replay(bad, actor=actor)
+        message = str(info.value)
+        assert f"{field}={altered}" in message and "3 keys in flight" in message, message
+        assert re.search(r"event \d+ \(admit of key 2\)", message), message
+
+
+@dataclass(frozen=True)
+class Widening64(nn.Module):
+    """Parameterless: its input as it is, or (once :attr:`wide` is set: its code changed since
+    the run) in float64."""
+
+    wide: ClassVar[bool] = False
+
+    def init_params(self, init: Any) -> Any:
+        return {}
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.astype(x, "float64") if Widening64.wide else x
+
+
+def test_a_module_whose_code_now_gives_another_output_dtype_is_refused_naming_it(
+    tmp_path, monkeypatch
+):
+    # the replay ran, and reported a divergence at s0's first send (<f4 in the run, <f8 now)
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 5))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Sequential(nn.Linear(5, 8), nn.Tanh(), Widening64()), x)
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("s1", nn.Linear(8, 3), h), y)
+    path = tmp_path / "r.trace"
+    ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(path),
+                trace_payloads="all").fit(_data(16), batch_size=8)  # fmt: skip
+    assert ann.replay(path).identical
+    monkeypatch.setattr(Widening64, "wide", True)
+    for actor in (None, "s0"):
+        with pytest.raises(ann.TraceFormatError) as info:
+            ann.replay(path, actor=actor)
+        message = str(info.value)
+        assert "layer 's0'" in message and "dtype float64" in message, message
+        assert "dtype float32" in message and "forward of key 0 to 's1'" in message, message

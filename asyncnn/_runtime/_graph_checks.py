@@ -29,6 +29,7 @@ def validate(
     rows: int = 2,
     param_shapes: dict[str, Any] | None = None,
     out_shapes: dict[str, tuple[int, ...]] | None = None,
+    out_dtypes: dict[str, np.dtype[Any]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Checks ``graph`` before any training compute: wiring, then shapes and dtypes by evaluating
     every node on ``rows`` rows of zeros. Returns each node's output shape.
@@ -43,6 +44,8 @@ def validate(
         out_shapes: filled, where given, with each node's output shape as the evaluation
             found it, as far as it got (a replay names the layer whose output changed, before
             the node the check failed at); the dict returned when the check passes.
+        out_dtypes: filled, where given, with each layer's output dtype as the evaluation
+            found it, as far as it got (a replay compares them with the dtypes the run sent).
 
     Raises:
         GraphError: naming the node, its module and the shapes it was given.
@@ -95,6 +98,8 @@ def validate(
             check_layer_rows(node, [a.shape for a in args], out.shape)
             values[name] = out
             shapes[name] = tuple(out.shape)
+            if out_dtypes is not None:
+                out_dtypes[name] = np.dtype(out.dtype)
         elif getattr(out, "size", 0) != 1:
             reduction = getattr(node.module, "reduction", None)
             hint = (

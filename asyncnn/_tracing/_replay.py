@@ -36,6 +36,7 @@ from ._compare import (
     send_divergences,
     update_divergences,
 )
+from ._orders import check_orders_possible
 from ._read import Trace, payload_array, read
 from ._replayable import Checked, check_replayable
 
@@ -200,6 +201,7 @@ def replay(
             f"replay: no actor named {actor!r}; layers: {graph.layers}, losses: {graph.losses}"
         )
     if actor is None:
+        check_orders_possible(trace, graph)
         _check_finished(trace, set(graph.layers) | set(graph.losses), stop_at_key)
         _check_receives_sent(trace, set(graph.layers) | set(graph.losses))
     if stop_at_key is not None:

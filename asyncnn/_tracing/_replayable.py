@@ -10,6 +10,7 @@ import numpy as np
 
 from asyncnn._errors import TraceFormatError
 
+from ._orders import check_in_flight
 from ._read import Trace, missing_workers
 
 if TYPE_CHECKING:
@@ -148,7 +149,8 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
     # that say more of the cause (the parameters, the events) have had their say
     made: dict[str, Any] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    graph_error = _check_graph(graph, h["dtype"], made, shapes)
+    dtypes: dict[str, np.dtype[Any]] = {}
+    graph_error = _check_graph(graph, h["dtype"], made, shapes, dtypes)
     _check_params_fit(path, graph, params, made)
     misfit = optimizer_misfit(optimizer, params, opt_states)
     if misfit is not None:
@@ -185,7 +187,8 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
                 f"{path}: the initial state record's {field_name!r} is malformed: {exc}"
             ) from exc
     _check_events(trace, graph)
-    _check_outputs(trace, graph, shapes, graph_error)
+    check_in_flight(trace, graph, policy)
+    _check_outputs(trace, graph, shapes, dtypes, graph_error)
     return Checked(
         graph, policy, optimizer, params, opt_states, optional["pending"],
         optional["actor_states"], optional["earlier"], optional["pending_delays"],
@@ -193,12 +196,17 @@ def check_replayable(trace: Trace, trusted_modules: Any = None) -> Checked:
 
 
 def _check_graph(
-    graph: Graph, dtype: str, made: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+    graph: Graph,
+    dtype: str,
+    made: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, np.dtype[Any]],
 ) -> Exception | None:
     """Checks the header's graph as a Trainer checks its own (``validate``, with the run's
     ``dtype``; it sets ``graph.shapes``, which the run had too); returns the check's error, or
-    None. ``made`` and ``shapes``: filled with each layer's parameters as the check made them
-    (shapes and dtypes only) and each node's output shape, as far as it got."""
+    None. ``made``, ``shapes`` and ``dtypes``: filled with each layer's parameters as the check
+    made them (shapes and dtypes only), each node's output shape and each layer's output
+    dtype, as far as it got."""
     from asyncnn._errors import GraphError
     from asyncnn._runtime._run import validate  # (as the trainer imports it)
     from asyncnn.backends import get_backend
@@ -208,7 +216,7 @@ def _check_graph(
     for name in graph.layers:
         get_backend(graph.nodes[name].device)
     try:
-        validate(graph, dtype, param_shapes=made, out_shapes=shapes)
+        validate(graph, dtype, param_shapes=made, out_shapes=shapes, out_dtypes=dtypes)
     except GraphError as exc:
         return exc
     return None
@@ -244,46 +252,67 @@ def _check_outputs(
     trace: Trace,
     graph: Graph,
     shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, np.dtype[Any]],
     graph_error: Exception | None,
 ) -> None:
     """Refuses a graph whose check failed (``graph_error``, from :func:`_check_graph`), and one
-    whose layers' outputs, as the check found them (``shapes``: as far as it got), are not of
-    the shape the run sent: the replay failed halfway, at the actor that read the changed
-    output, not the one that made it. Of the first layer (in the graph's order) whose output
-    differs, both shapes are named, so that where the check failed, the layer that changed is
-    named rather than the one after it that could not take it.
+    whose layers' outputs, as the check found them (``shapes`` and ``dtypes``: as far as it
+    got), are not of the shape or dtype the run sent: the replay failed halfway, at the actor
+    that read the changed output, not the one that made it, or ran and reported every send of
+    that layer as a divergence. Of the first layer (in the graph's order) whose output differs,
+    both shapes (or both dtypes) are named, so that where the check failed, the layer that
+    changed is named rather than the one after it that could not take it.
 
     Only what cannot vary is compared: the shape past the batch dimension (a key's rows vary,
-    as do the rows a router sends each expert), of the layers' sends of one tensor (a router's
-    send to its merge carries the route too), and only where the run's sends of a layer all
-    had the same one.
+    as do the rows a router sends each expert) and the dtype, of the layers' sends of one
+    tensor (a router's send to its merge carries the route too), and only where the run's sends
+    of a layer all had the same one. A dtype is compared only where the check ran the layer on
+    the backend the run did (a layer placed on a worker's GPU is checked on this host's CPU).
 
     Raises:
-        TraceFormatError: naming the layer, its module, both shapes, and the check's error.
+        TraceFormatError: naming the layer, its module, both shapes or dtypes, and the check's
+            error.
     """
-    recorded = _recorded_outputs(trace, graph)
+    from asyncnn._runtime._recorder import dtype_code
+
+    rec_shapes, rec_dtypes = _recorded_outputs(trace, graph)
     path = trace.path
-    changed = next(
-        (
-            (name, shapes[name], *recorded[name])
-            for name in graph.layers
-            if name in recorded and name in shapes
-            and tuple(shapes[name][1:]) != tuple(recorded[name][0][1:])
-        ),
-        None,
-    )  # fmt: skip
+    changed: tuple[str, str, str, str, Any] | None = None
+    for name in graph.layers:
+        if name in rec_shapes and name in shapes:
+            sent, e = rec_shapes[name]
+            now = shapes[name]
+            if tuple(now[1:]) != tuple(sent[1:]):
+                changed = (
+                    name,
+                    f"an output of shape {tuple(now)} for a batch of {now[0]} rows",
+                    f"outputs of shape {tuple(sent)}",
+                    "past the batch dimension they differ",
+                    e,
+                )
+                break
+        if name in rec_dtypes and name in dtypes and _checked_where_run(graph, name):
+            code, e = rec_dtypes[name]
+            if dtype_code(dtypes[name]) != code:
+                changed = (
+                    name,
+                    f"an output of dtype {_dtype_name(dtype_code(dtypes[name]))}",
+                    f"outputs of dtype {_dtype_name(code)}",
+                    "the dtypes differ",
+                    e,
+                )
+                break
     if changed is not None:
-        name, now, sent, e = changed
+        name, now_text, sent_text, differ, e = changed
         then = (
             f"; with it, the graph's check fails: {graph_error}" if graph_error is not None else ""
         )
         raise TraceFormatError(
-            f"{path}: layer {name!r} ({graph.nodes[name].module!r:.160}) gives an output of shape "
-            f"{tuple(now)} for a batch of {now[0]} rows in the graph's check, where the run sent "
-            f"outputs of shape {tuple(sent)} (its forward of key {e.key} to {e.peer!r}): past "
-            "the batch dimension they differ. The module is rebuilt from the header's spec: its "
-            "class has changed since the run was recorded (its code or its defaults), or the "
-            f"file was altered; replay with the code the run used{then}"
+            f"{path}: layer {name!r} ({graph.nodes[name].module!r:.160}) gives {now_text} in "
+            f"the graph's check, where the run sent {sent_text} (its forward of key {e.key} to "
+            f"{e.peer!r}): {differ}. The module is rebuilt from the header's spec: its class "
+            "has changed since the run was recorded (its code or its defaults), or the file was "
+            f"altered; replay with the code the run used{then}"
         ) from graph_error
     if graph_error is not None:
         raise TraceFormatError(
@@ -294,14 +323,33 @@ def _check_outputs(
         ) from graph_error
 
 
-def _recorded_outputs(trace: Trace, graph: Graph) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """``{layer: (shape, event)}``: the shape of each layer's forward sends of one tensor and
-    the first such send, where every such send of the layer has one shape past the batch
-    dimension (a layer whose sends vary there is left out: its output's shape cannot be told
-    from the graph's check)."""
+def _checked_where_run(graph: Graph, name: str) -> bool:
+    """Whether the graph's check ran layer ``name`` on the backend its run did (it checks a
+    layer placed on a worker on this host's CPU, whatever the worker's device)."""
+    node = graph.nodes[name]
+    return node.worker is None or node.device == "cpu"
+
+
+def _dtype_name(code: str) -> str:
+    """A trace's dtype code (``"<f4"``, ``"bfloat16"``) as its name (``float32``)."""
+    try:
+        return np.dtype(code).name
+    except TypeError:
+        return code  # (an extension dtype's name, where ml_dtypes is not installed)
+
+
+def _recorded_outputs(
+    trace: Trace, graph: Graph
+) -> tuple[dict[str, tuple[tuple[int, ...], Any]], dict[str, tuple[str, Any]]]:
+    """``({layer: (shape, event)}, {layer: (dtype code, event)})``: the shape and the dtype of
+    each layer's forward sends of one tensor and the first such send, where every such send of
+    the layer has one shape past the batch dimension (and one dtype: a layer whose sends vary
+    there is left out, as its output cannot be told from the graph's check)."""
     layers = set(graph.layers)
     found: dict[str, tuple[tuple[int, ...], Any]] = {}
+    found_dtypes: dict[str, tuple[str, Any]] = {}
     varies: set[str] = set()
+    dtype_varies: set[str] = set()
     for e in trace.events:
         if e.what != "send" or e.kind != "forward" or e.actor not in layers:
             continue
@@ -314,7 +362,13 @@ def _recorded_outputs(trace: Trace, graph: Graph) -> dict[str, tuple[tuple[int, 
         first = found.setdefault(e.actor, (shape, e))[0]
         if first[1:] != shape[1:]:
             varies.add(e.actor)
-    return {name: v for name, v in found.items() if name not in varies}
+        code = x[0].get("d")
+        if isinstance(code, str) and found_dtypes.setdefault(e.actor, (code, e))[0] != code:
+            dtype_varies.add(e.actor)
+    return (
+        {name: v for name, v in found.items() if name not in varies},
+        {name: v for name, v in found_dtypes.items() if name not in dtype_varies},
+    )
 
 
 def optimizer_misfit(
