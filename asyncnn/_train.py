@@ -34,7 +34,7 @@ from ._runtime._policies import Policy
 from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
 from ._runtime._structure import check_routing
-from ._train_args import check_trainer_args
+from ._train_args import check_placement, check_trainer_args
 from ._train_options import _Option, _TraceOption, _tune_allocator
 from ._train_save import save_trainer
 from ._train_weights import params_on_devices, read_params, set_params
@@ -89,6 +89,9 @@ class Trainer:
         TypeError: ``cuda_graphs`` is not a bool or None; ``optimizer`` is a class (not an
             instance: ``optim.Adam(lr=1e-3)``) or no optimizer; ``policy`` is no policy.
         ValueError: ``cuda_graphs=True`` with a ``cluster``; ``trace=""``.
+        GraphError: with a ``cluster``, a node placed on a worker it lacks (``worker=7`` with
+            4 workers), naming the node, the index and the cluster's size; layers the policy
+            runs on one device, taking turns, placed in different processes.
         FileNotFoundError: ``trace``'s folder does not exist (it is not made; the file is
             created, or emptied, when a ``fit`` starts). The same classes as the trace writer
             raises at the fit, so that one ``except`` catches either; also when
@@ -151,6 +154,7 @@ class Trainer:
         if tune_allocator:
             _tune_allocator()
         self.shapes = validate(graph, self.dtype)
+        check_placement(graph, cluster, policy)
         # what the graph was when checked: one that gains nodes later has no weights for them
         self._built_nodes = len(graph.nodes)
         self._built_outputs = dict(graph.outputs)

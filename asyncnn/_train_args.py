@@ -1,6 +1,7 @@
 """The checks of what ``Trainer(...)`` is given, before anything is built from it: a graph, a
 trace path that can be written, a cluster, a policy, an optimizer (an instance) and a
-``cuda_graphs`` that goes with the cluster, each refused with what to pass instead. Apart from
+``cuda_graphs`` that goes with the cluster, and the graph's placement on that cluster, each
+refused with what to pass instead. Apart from
 ``_train.py`` so that the trainer reads as what it does; the checks of the optimizer and
 ``cuda_graphs`` are the runtime's, which ``open_run`` makes too."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._cluster._base import Cluster
+from ._cluster._placement import check_turns, placement
 from ._runtime._checks import check_cuda_graphs, check_optimizer
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy
@@ -23,7 +26,8 @@ def check_trainer_args(
     cuda_graphs: bool | None,
 ) -> None:
     """Refuses, in this order, what is not a graph, a ``trace`` path that cannot be written, what
-    is not a cluster, a policy, an optimizer, and ``cuda_graphs=True`` with a ``cluster``.
+    is not a cluster, a policy, an optimizer, and ``cuda_graphs=True`` with a ``cluster`` (the
+    graph's placement on the cluster is :func:`check_placement`'s, once the graph is checked).
 
     Raises:
         TypeError: a graph, cluster, policy or optimizer that is none (naming what was given).
@@ -44,6 +48,23 @@ def check_trainer_args(
         )
     check_optimizer(optimizer)
     check_cuda_graphs(cuda_graphs, cluster)
+
+
+def check_placement(graph: Graph, cluster: Any, policy: Policy) -> None:
+    """Refuses, for a trainer made with a ``cluster``, a node placed on a worker the cluster
+    lacks (``worker=7`` with 4 workers) and layers that take turns on one device placed in
+    different processes: the checks the fit's run makes as it opens, made once the graph has
+    been checked (as the run makes them after its own check).
+
+    Raises:
+        GraphError: naming the node, its ``worker=`` and the cluster's size (or the layers that
+            take turns and where each is placed).
+    """
+    if isinstance(cluster, Cluster):
+        # known now, as the trainer is made: a worker the cluster lacks was refused only when
+        # the first fit opened its run, after the trainer was built and the data checked (the
+        # fit checks again: the graph, the policy and the cluster may change before it)
+        check_turns(graph, policy, placement(graph, cluster))
 
 
 def _check_graph(graph: Any) -> None:

@@ -467,6 +467,80 @@ async def test_an_actor_that_never_stops_on_a_single_worker_fails_the_run_naming
     assert "heartbeat_timeout" in said
 
 
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_an_actor_that_never_stops_on_one_of_two_workers_is_blamed_on_its_worker(
+    anyio_backend: str,
+) -> None:
+    # worker 0's actors stopped and it reported worker 1's end-of-run marker missing before
+    # worker 1 reported its actor: the run failed as "worker 0 (..., hosting s0) failed:
+    # MarkersMissing", err.worker 0, the stuck actor unnamed
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 16), x, worker=0)
+    h = g.layer("stuck", nn.Linear(16, 4), h, worker=1, actor=_NeverStops)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=1.0) as cluster:
+        with anyio.fail_after(20), pytest.raises(ann.WorkerError) as info:
+            async with ann.open_run(g, cluster=cluster, **opts) as run:
+                await run.step(data(32))
+    err, said = info.value, str(info.value)
+    assert err.worker == 1 and err.actors == ["stuck", "loss"], said
+    assert said.startswith("worker 1 (pid ") and "hosting stuck, loss" in said, said
+    assert "MarkersMissing" not in said.split(":")[0], said
+
+
+@pytest.mark.anyio
+async def test_a_peers_missing_marker_blames_that_peer_when_it_does_not_report_itself(
+    anyio_backend: str, monkeypatch: Any
+) -> None:
+    # what the driver makes of worker 0's report that worker 1's marker never came, where
+    # worker 1 says nothing of its own in the grace (none here: its silence, or its report,
+    # would cancel the wait)
+    import types
+
+    from asyncnn._cluster import _driver_read
+    from asyncnn._cluster._remote import RemoteActor
+
+    monkeypatch.setattr(_driver_read, "UNENDED_GRACE", 0.0)
+    cluster = types.SimpleNamespace(
+        workers=3, heartbeat_timeout=1.0,
+        describe_worker=lambda j, hosted: f"worker {j} (pid 7, hosting {', '.join(hosted)})",
+    )  # fmt: skip
+    actors = {n: RemoteActor(n, None, None, w) for n, w in [("s0", 0), ("stuck", 1), ("s2", 2)]}
+    actors["stuck"].last_report = "computing forward of key 1"
+    run = types.SimpleNamespace(results={}, actors=actors)
+    failure = ann.WorkerError(0, ["s0"], "worker 0 (...) failed: MarkersMissing: ...")
+
+    def report(*missing: int | None) -> dict[str, Any]:
+        # (as the worker sends it: MarkersMissing's list, the driver None, in its frame)
+        who = " and ".join("the driver" if p is None else f"worker {p}" for p in missing)
+        return {"t": "error", "type": "MarkersMissing", "missing": list(missing), "message": (
+            f"worker 0's actors stopped at the end of the run, but {who} sent no end-of-run "
+            "marker (nor anything else) to it for 1 s: ..."
+        )}  # fmt: skip
+
+    err = await _driver_read._blame_unended(cluster, run, report(1), 0, failure)
+    assert isinstance(err, ann.WorkerError) and (err.worker, err.actors) == (1, ["stuck"])
+    said = str(err)
+    assert said.startswith("worker 1 (pid 7, hosting stuck) did not end its part of the run: "
+                           "worker 0's actors stopped"), said  # fmt: skip
+    assert "stuck: on worker 1: computing forward of key 1" in said and err.__cause__ is failure
+    # the first of several; the driver alone, or a worker that did end, is left as reported
+    two = await _driver_read._blame_unended(cluster, run, report(None, 2, 1), 0, failure)
+    assert isinstance(two, ann.WorkerError) and two.worker == 2
+    assert await _driver_read._blame_unended(cluster, run, report(None), 0, failure) is failure
+    # a report without the list (a worker of an older version) is left as it came
+    bare = {k: v for k, v in report(1).items() if k != "missing"}
+    assert await _driver_read._blame_unended(cluster, run, bare, 0, failure) is failure
+    run.results[1] = {}
+    assert await _driver_read._blame_unended(cluster, run, report(1), 0, failure) is failure
+    other = {**report(1), "type": "ActorsNotStopped"}
+    assert await _driver_read._blame_unended(cluster, run, other, 0, failure) is failure
+
+
 def _through_the_driver(at: int) -> ann.Graph:
     """``a`` on worker 0, then ``b`` on the driver (an identity that takes its time, taken in
     the task that reads worker 0), then ``c`` on worker 0 (failing on its ``at``-th call)."""

@@ -60,3 +60,53 @@ def test_ctrl_c_while_a_worker_is_spawned_still_hands_over_that_process(monkeypa
     with pytest.raises(KeyboardInterrupt):
         _local._spawn(["true"], {}, into)
     assert into == [started]
+
+
+class _ClaimedOnRelease:
+    """A cluster's ``run_lock`` that lets a run on another thread claim the cluster the moment
+    the lock is first released (as a fit that was waiting for it would)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster, self.lock, self.claimed = cluster, threading.Lock(), False
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+        if not self.claimed:
+            self.claimed = True
+            self.cluster.running = True
+
+
+def test_a_with_block_left_by_an_error_as_a_run_claims_the_cluster_keeps_that_error() -> None:
+    # __exit__ looked for an open run under the lock, then called close() outside it: a fit on
+    # another thread that claimed the cluster in between made close() refuse, and its
+    # RuntimeError replaced the block's own error
+    cluster = ann.cluster.LocalCluster(workers=2)  # (nothing starts: no fit runs here)
+    cluster.run_lock = _ClaimedOnRelease(cluster)  # type: ignore[assignment]
+    with pytest.raises(KeyError, match="mine") as caught:
+        with cluster:
+            raise KeyError("mine")
+    assert caught.value.__context__ is None and cluster.run_lock.claimed  # type: ignore[attr-defined]
+    cluster.running = False
+
+
+def test_a_with_block_left_by_an_error_keeps_it_when_stopping_the_workers_fails(
+    monkeypatch: Any,
+) -> None:
+    # the stop's own error (a worker that could not be waited for) replaced the block's
+    def fails() -> None:
+        raise OSError("no such process")
+
+    cluster = ann.cluster.LocalCluster(workers=2)
+    monkeypatch.setattr(cluster, "_terminate", fails)
+    with pytest.raises(KeyError, match="mine") as caught:
+        with cluster:
+            raise KeyError("mine")
+    notes = getattr(caught.value, "__notes__", [])
+    assert any("could not stop its workers" in n and "no such process" in n for n in notes), notes
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="no such process"):  # (a plain close says it as itself)
+        monkeypatch.setattr(cluster, "_terminate", fails)
+        cluster.close()

@@ -579,3 +579,24 @@ def test_float_data_for_an_int_input_names_both_fixes_not_only_the_cast_that_tru
     said = str(e.value)
     assert said.index("y.astype(np.int64)") < said.index("label_dtype='float32'")
     assert "class labels or ids" in said
+
+
+def test_a_node_on_a_worker_the_cluster_lacks_is_refused_when_the_trainer_is_made():
+    # (the Trainer took it, and only its fit refused it, after the data were checked)
+    from _cluster_cases import chain
+
+    cluster = ann.cluster.LocalCluster(workers=4)  # (nothing starts until a fit)
+    opts = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync(), "cluster": cluster}
+    with pytest.raises(
+        ann.GraphError,
+        match=r"^layer 's1' is placed on worker=7, but the cluster has 4 workers \(0\.\.3\)",
+    ):
+        ann.Trainer(chain([0, 7, None]), **opts)
+    with pytest.raises(ann.GraphError, match=r"^loss 'loss' is placed on worker=4, but .* 4 w"):
+        ann.Trainer(chain([0, 1, None], loss_worker=4), **opts)
+    interleaved = {**opts, "policy": policies.Interleaved1F1B(microbatches=4)}
+    with pytest.raises(ann.GraphError, match=r"\['s0', 's2'\] on one device.*different"):
+        ann.Trainer(chain([0, 1, 1, 0]), **interleaved)  # (stages that take turns: one process)
+    assert not cluster.started
+    ann.Trainer(chain([0, 3, None]), **opts)  # (the last worker is one)
+    ann.Trainer(chain([0, 7, None]), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())

@@ -414,13 +414,16 @@ class Cluster:
                 its ``fit`` end, first): its readers would otherwise wait on closed connections
                 and the run fail later with a misleading "died" or "hung".
         """
-        if self.running:
-            raise RuntimeError(
-                f"{type(self).__name__}.close() was called while a run is open on it; end the "
-                "run first (leave its open_run block, or let its fit return or fail): a run "
-                "that fails takes its workers down by itself"
-            )
-        self._stop()
+        # the test and the stop are one step: a run claiming the cluster on another thread in
+        # between would have its workers stopped under it
+        with self.run_lock:
+            if self.running:
+                raise RuntimeError(
+                    f"{type(self).__name__}.close() was called while a run is open on it; end "
+                    "the run first (leave its open_run block, or let its fit return or fail): "
+                    "a run that fails takes its workers down by itself"
+                )
+            self._stop()
 
     def _stop(self) -> None:
         """Stops the workers, whatever runs on them (a failed run, the end of the program)."""
@@ -448,18 +451,31 @@ class Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if exc[1] is not None:
-            with self.run_lock:
-                if self.running:
-                    # the block's own error goes on (close() would replace it with its
-                    # refusal); the run open on another thread keeps the workers until it ends
-                    self.close_after_run = True
-                    exc[1].add_note(
-                        f"(the {type(self).__name__} of this with-block stops its workers when "
-                        "the run still open on it, on another thread, ends)"
-                    )
-                    return
-        self.close()
+        error = exc[1]
+        if error is None:
+            self.close()
+            return
+        # The block's own error goes on, whatever the close meets. The test and the stop are
+        # one step under the lock: looked at under it and closed after it, a fit on another
+        # thread that claimed the cluster in between made close() refuse, and that refusal
+        # replaced the block's error.
+        with self.run_lock:
+            if self.running:
+                # the run open on another thread keeps the workers until it ends
+                self.close_after_run = True
+                error.add_note(
+                    f"(the {type(self).__name__} of this with-block stops its workers when "
+                    "the run still open on it, on another thread, ends)"
+                )
+                return
+            try:
+                self._stop()
+            except Exception as stop_error:  # noqa: BLE001 - told beside the block's error
+                log.warning("%s: could not stop its workers: %r", type(self).__name__, stop_error)
+                error.add_note(
+                    f"(the {type(self).__name__} of this with-block could not stop its workers: "
+                    f"{type(stop_error).__name__}: {stop_error})"
+                )
 
     def __del__(self) -> None:
         if getattr(self, "started", False):

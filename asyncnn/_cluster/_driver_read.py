@@ -166,15 +166,18 @@ async def _read_frames(
             else:
                 failure = _remote_failure(header, w, hosted, who)
             if header.get("trace_follows"):
+                cut = True
                 try:  # the worker's events, sent after the report (watched for silence too)
                     silence.begin()
                     await _trace_after(reader, run.worker_traces, w)
+                    cut = False
                 finally:
                     silence.end()
                     # raised however the wait ends: cancelled (the worker went silent, or
                     # another's failure cancels every reader), the report is the run's error
-                    raise failure  # noqa: B012
-            raise failure
+                    if cut:
+                        raise failure  # noqa: B012
+            raise await _blame_unended(cluster, run, header, w, failure)
         elif t == "result":
             _note_rejections(cluster, header.get("rejected"))
             buffers = _own(buffers)
@@ -184,6 +187,49 @@ async def _read_frames(
         else:
             conn.close()
             raise WorkerError(w, hosted, f"{who} sent an unexpected {t!r} frame")
+
+
+#: the longest the driver waits, after a worker reported a peer's end-of-run marker missing, for
+#: that peer's own report (the actor there that did not stop, named) or its silence
+UNENDED_GRACE = 3.0
+
+
+async def _blame_unended(
+    cluster: Cluster, run: DriverRun, header: dict[str, Any], w: int, failure: Exception
+) -> Exception:
+    """The run's error for worker ``w``'s error report ``header`` (``failure``, as read).
+
+    A report of end-of-run markers missing (``MarkersMissing``: ``w``'s actors stopped, and
+    another worker sent no marker) blames that other worker, not ``w``: with two workers and
+    an actor that does not stop on worker 1, worker 0 reported it first (both wait the same
+    ``heartbeat_timeout``), and the run failed as "worker 0 (..., hosting s0) failed", the
+    stuck worker named only inside. The worker named is given a moment to report for itself
+    (its ``ActorsNotStopped`` names the actor; its silence is caught by its own reader), which
+    then is the run's error (it cancels this reader); past that, the error is its own: its
+    index, its nodes and what it last said its actors were doing, ``w``'s report as the cause.
+    """
+    if header.get("type") != "MarkersMissing" or header.get("lost") is not None:
+        return failure
+    named = header.get("missing")
+    if not isinstance(named, list):
+        return failure
+    suspects = [j for j in named if type(j) is int and j != w and 0 <= j < cluster.workers]
+    if suspects:
+        await anyio.sleep(min(cluster.heartbeat_timeout / 2, UNENDED_GRACE))
+    suspects = [j for j in suspects if j not in run.results]  # (one that ended is no suspect)
+    if not suspects:
+        return failure
+    j = suspects[0]
+    theirs = [(n, a) for n, a in run.actors.items() if isinstance(a, RemoteActor) and a.worker == j]
+    hosted = [n for n, _ in theirs]
+    doing = "; ".join(f"{n}: {a.describe()}" for n, a in theirs)
+    err = WorkerError(
+        j, hosted,
+        f"{cluster.describe_worker(j, hosted)} did not end its part of the run: "
+        f"{header.get('message')}" + (f" (its actors: {doing})" if doing else ""),
+    )  # fmt: skip
+    err.__cause__ = failure
+    return err
 
 
 def _own(buffers: list[Any]) -> list[Any]:

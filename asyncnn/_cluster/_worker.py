@@ -60,6 +60,7 @@ from ._wire import (
     lost_peer,
 )
 from ._worker_run import (
+    MarkersMissing,
     Reports,
     WorkerRun,
     _check_actor_states,
@@ -407,6 +408,8 @@ class Worker:
         lost = lost_peer(err)
         if lost is not None:
             frame["lost"] = lost.worker  # not this worker's fault: the driver says whose
+        if isinstance(err, MarkersMissing):
+            frame["missing"] = list(err.missing)  # whose part did not end: the driver blames them
         if isinstance(err, ActorError):
             frame.update(actor=err.actor, kind=err.kind, key=err.key)
             cause = err.__cause__
