@@ -3,13 +3,17 @@ metrics loggers (JSON lines; TensorBoard scalars through ``tensorboardX``)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from ._train import History, Trainer
@@ -69,13 +73,107 @@ class Callback:
         """Called when ``fit`` ends, also when it ends by an error or an interrupt."""
 
 
+#: The hooks ``fit`` calls, in the order it first calls them.
+HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+# What the words of a hook-like name mean (Keras's, Lightning's, and the like), for
+# suggest_hook: when in its unit a hook runs, and the unit. fit has no hook at the start of a
+# step or of an epoch: a name of one is pointed to the hook at its end, saying so.
+_WHEN = {
+    "start": ("begin", "beginning", "start", "starting", "started", "init", "setup", "before"),
+    "end": ("end", "ending", "ended", "finish", "finished", "done", "complete", "after"),
+}
+_UNIT = {
+    "step": ("batch", "step", "iteration", "iter", "minibatch", "microbatch", "update"),
+    # (fit validates at each epoch's end: validation_data's metrics are in on_epoch_end's logs)
+    "epoch": ("epoch", "validation", "val", "eval", "evaluation"),
+    "fit": ("fit", "train", "training", "run", "trainer"),
+}
+# what fit never does: no hook of its is meant
+_NOT_FIT = ("test", "predict", "prediction", "inference", "sanity")
+_WORDS = {
+    **{w: ("when", k) for k, ws in _WHEN.items() for w in ws},
+    **{w: ("unit", k) for k, ws in _UNIT.items() for w in ws},
+    **{w: ("other", "") for w in _NOT_FIT},
+}
+_HOOK_OF = {
+    ("step", "end"): "on_step_end",
+    ("step", "start"): "on_step_end (fit has no hook at a step's start)",
+    ("step", ""): "on_step_end",
+    ("epoch", "end"): "on_epoch_end",
+    ("epoch", "start"): (
+        "on_epoch_end (fit has no hook at an epoch's start: on_fit_start comes before the "
+        "first, on_epoch_end after each)"
+    ),
+    ("epoch", ""): "on_epoch_end",
+    ("fit", "start"): "on_fit_start",
+    ("fit", "end"): "on_fit_end",
+}
+
+
+def _word(token: str) -> tuple[str, str] | None:
+    """What ``token`` (a word of a hook-like name) means, a misspelling too (``epoc``,
+    ``strat``), or None; a word of 3 letters or fewer only as written."""
+    if token in _WORDS:
+        return _WORDS[token]
+    if len(token) <= 3:
+        return None
+    close = difflib.get_close_matches(token, [w for w in _WORDS if len(w) > 3], n=1, cutoff=0.8)
+    return _WORDS[close[0]] if close else None
+
+
+def suggest_hook(name: str) -> str | None:
+    """The hook a method ``name`` (``on_...``, none of :data:`HOOKS`) most likely meant, as a
+    warning puts it after "did you mean", or None where none fits.
+
+    By the meaning of its words first (``on_batch_end``: the per-step ``on_step_end``; one at
+    a unit's start or end such as ``on_train_begin``: ``on_fit_start``; ``on_epoch_begin``:
+    ``on_epoch_end``, saying that fit has no epoch-start hook), by its letters next (a typo,
+    ``on_fitstart``). Matched by letters alone, ``on_batch_end`` came out as ``on_epoch_end``
+    and ``on_epoch_start`` as ``on_fit_start``. A name of what fit never does
+    (``on_test_end``, ``on_predict_batch_end``) or of no hook's words (``on_improvement``, a
+    helper's) gets None.
+    """
+    tokens = [t for t in re.split(r"[_\W]+", name.lower()) if t and t != "on"]
+    meanings = [_word(t) for t in tokens]
+    if ("other", "") in meanings:
+        return None
+    units = {m[1] for m in meanings if m is not None and m[0] == "unit"}
+    when = next((m[1] for m in meanings if m is not None and m[0] == "when"), "")
+    # the finest unit named wins: on_train_batch_end is a step's end, on_train_epoch_end an
+    # epoch's; with no unit, a start or an end alone (on_begin, on_end) is the fit's
+    unit = next((u for u in ("step", "epoch", "fit") if u in units), "fit" if when else "")
+    # (a step's or an epoch's hook whatever else the name says; the fit's only where every word
+    # is understood: on_checkpoint_end is no fit's end)
+    if unit in ("step", "epoch") or (unit == "fit" and when and None not in meanings):
+        return _HOOK_OF[unit, when]
+    close = difflib.get_close_matches(name, HOOKS, n=1)
+    return close[0] if close else None
+
+
 def _overrides(cb: Callback, hook: str) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
 
 
-def _is_count(value: object) -> bool:
-    """Whether ``value`` is an int >= 0 (a bool is not one)."""
-    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
+def _count(owner: str, name: str, value: Any) -> int:
+    """``value`` as an int >= 0 for ``owner``'s argument ``name`` (a numpy integer too).
+
+    Raises:
+        TypeError: not an int: a float (even a whole one, ``2.0``), a bool, a string.
+        ValueError: an int below 0.
+    """
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        if int(value) < 0:
+            raise ValueError(f"{owner}: {name} must be an int >= 0, got {value!r}")
+        return int(value)
+    what = ""
+    if isinstance(value, bool | np.bool_):
+        what = " (a bool)"
+    elif isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        what = f" (a float: pass {int(value)})"
+    elif isinstance(value, Real):
+        what = f" (a {type(value).__name__})"
+    raise TypeError(f"{owner}: {name} must be an int >= 0, got {value!r:.80}{what}")
 
 
 def _path(owner: str, name: str, value: Any, kind: str, example: str) -> str:
@@ -124,6 +222,12 @@ class EarlyStopping(Callback):
             than this; 0: any improvement).
         mode: ``"min"``, ``"max"``, or ``"auto"`` (``"max"`` for accuracies, else ``"min"``).
 
+    Raises:
+        TypeError: an argument of the wrong type: ``patience`` not an int (a float, even
+            ``2.0``, or a bool), ``min_delta`` not a number, ``monitor`` or ``mode`` not a str.
+        ValueError: ``patience`` below 0, ``min_delta`` NaN or infinite, ``monitor`` empty,
+            ``mode`` none of the three.
+
     Attributes:
         best: the last value that counted as an improvement (with ``min_delta``, not always
             the best seen: smaller gains do not move it, as in Keras and Lightning).
@@ -139,21 +243,26 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         mode: str = "auto",
     ) -> None:
-        if not isinstance(monitor, str) or not monitor:
+        # a wrong type is a TypeError, a wrong value a ValueError, as Trainer.fit's arguments
+        if not isinstance(monitor, str):
+            raise TypeError(
+                f"EarlyStopping: monitor must be a metric's name (a str), got {monitor!r:.80}"
+            )
+        if not monitor:
             raise ValueError(f"EarlyStopping: monitor must be a metric's name, got {monitor!r}")
         if mode not in ("min", "max", "auto"):
-            raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
-        if not _is_count(patience):
-            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
+            error = ValueError if isinstance(mode, str) else TypeError
+            raise error(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r:.80}")
+        patience = _count("EarlyStopping", "patience", patience)
         given: object = min_delta  # (any number: mypy takes float for no numbers.Real)
-        try:
-            # (a NaN would make every epoch "not better", stopping a fit that improves; a bool
-            # is refused as patience's is; an int past a float's range overflowed unnamed)
-            finite = (
-                isinstance(given, Real)
-                and not isinstance(given, bool)
-                and math.isfinite(float(given))
+        if isinstance(given, bool) or not isinstance(given, Real):
+            raise TypeError(
+                f"EarlyStopping: min_delta must be a finite number, got {min_delta!r:.80}"
             )
+        try:
+            # (a NaN would make every epoch "not better", stopping a fit that improves; an int
+            # past a float's range overflowed unnamed)
+            finite = math.isfinite(float(given))
         except OverflowError:
             finite = False
         if not finite:
@@ -225,13 +334,13 @@ class JSONLLogger(Callback):
         every: log every this many steps (0: epochs only).
 
     Raises:
-        ValueError: ``every`` is not an int >= 0; ``path`` is empty.
-        TypeError: ``path`` is not a path.
+        ValueError: ``every`` is below 0; ``path`` is empty.
+        TypeError: ``every`` is not an int (a float, even ``2.0``, a bool); ``path`` is not a
+            path.
     """
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
-        if not _is_count(every):
-            raise ValueError(f"JSONLLogger: every must be an int >= 0, got {every!r}")
+        every = _count("JSONLLogger", "every", every)
         self.path = _path("JSONLLogger", "path", path, "file", "logs/metrics.jsonl")
         self.every = every
         self._file: Any = None
@@ -316,14 +425,14 @@ class TensorBoardLogger(Callback):
         every: log every this many steps (0: epochs only).
 
     Raises:
-        ValueError: ``every`` is not an int >= 0; ``logdir`` is empty.
-        TypeError: ``logdir`` is not a path.
+        ValueError: ``every`` is below 0; ``logdir`` is empty.
+        TypeError: ``every`` is not an int (a float, even ``2.0``, a bool); ``logdir`` is not
+            a path.
         ImportError: tensorboardX is not installed (saying how to install it).
     """
 
     def __init__(self, logdir: str | os.PathLike[str], every: int = 1) -> None:
-        if not _is_count(every):
-            raise ValueError(f"TensorBoardLogger: every must be an int >= 0, got {every!r}")
+        every = _count("TensorBoardLogger", "every", every)
         try:
             import tensorboardX  # noqa: F401
         except ImportError as exc:

@@ -5,14 +5,13 @@ because these checks run before anything does and refuse what would fail, or mis
 
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._callbacks import Callback, EarlyStopping
+from ._callbacks import HOOKS, Callback, EarlyStopping, suggest_hook
 from ._datacheck import check_labels
 from ._fit_checkpoints import check_checkpoint_dir
 from ._inference import _classifiers
@@ -59,8 +58,7 @@ def epoch_layout(
     }  # fmt: skip
 
 
-# the hooks fit calls, in the order it first calls them
-_HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+_HOOKS = HOOKS  # the hooks fit calls, in the order it first calls them
 
 
 def _check_hook_names(cls: type[Callback]) -> None:
@@ -77,8 +75,8 @@ def _check_hook_names(cls: type[Callback]) -> None:
                 continue
             if not callable(member) and not isinstance(member, staticmethod | classmethod):
                 continue  # (an attribute such as on_gpu = True is no method)
-            nearest = difflib.get_close_matches(name, _HOOKS, n=1)
-            guess = f": did you mean {nearest[0]}?" if nearest else ";"
+            nearest = suggest_hook(name)  # (by meaning: on_batch_end is on_step_end)
+            guess = f": did you mean {nearest}?" if nearest else ";"
             warnings.warn(
                 f"callbacks: {klass.__name__}.{name} is no Callback hook{guess} fit calls "
                 f"only {', '.join(_HOOKS[:-1])} and {_HOOKS[-1]}, so fit never calls {name}; "

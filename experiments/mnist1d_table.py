@@ -32,6 +32,8 @@ import asyncnn as ann  # noqa: E402
 from asyncnn import data, nn, optim, policies  # noqa: E402
 
 PAPER = {"logreg": 0.32, "mlp": 0.68, "cnn": 0.94}  # Greydanus 2020, Table 1 (test accuracy)
+TRAIN_ROWS = 4000  # data.load_mnist1d()'s training split (its defaults: the published one)
+QUICK_ROWS = 400  # the training rows of a --quick run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,9 @@ class Config:
     seed: int = 0  # weights, shuffling and dropout; the same for every cell
     policies: tuple[str, ...] = ("Sync", "GPipe", "PipeDream", "Async")  # the issue's four
     models: tuple[str, ...] = ("logreg", "mlp", "cnn")  # the paper's three rows
-    microbatches: int = 4  # GPipe/PipeDream keys per minibatch: enough to fill 2-3 stages
+    # GPipe/PipeDream keys per minibatch: enough to fill 2-3 stages (a key needs a row: under
+    # GPipe at most the smallest batch size of the models run)
+    microbatches: int = 4
     async_max_active_keys: int = 4  # AMPNet-style: a few minibatches in flight, staleness <= 3
     async_min_update_frequency: int = 1  # update after every gradient, like Sync's step count
     # logistic regression: one Linear(40, 10), one stage
@@ -199,13 +203,40 @@ POSITIVE = (
 )  # fmt: skip
 
 
+def microbatches_problem(cfg: Config) -> str | None:
+    """What is wrong with ``cfg.microbatches`` for the minibatches GPipe and PipeDream cut into
+    that many keys, or None: a key needs a row, and the runtime quietly cut a minibatch of fewer
+    rows into one-row keys (``--microbatches 500`` ran GPipe on 100 keys of one row, and
+    results.json said 500)."""
+    m = cfg.microbatches
+    if "GPipe" in cfg.policies:
+        sizes = {model: getattr(cfg, f"{model}_batch_size") for model in cfg.models}
+        model = min(sizes, key=lambda name: sizes[name])
+        if m > sizes[model]:
+            flag = f"--{model}-batch-size"
+            return (
+                f"argument --microbatches: GPipe cuts each minibatch of {flag} {sizes[model]} "
+                f"rows into --microbatches {m}, one row at least each: use at most "
+                f"{sizes[model]} microbatches, or a {flag} of at least {m}"
+            )
+    # (PipeDream's minibatches are `microbatches` times larger, so they fit, up to the data)
+    rows, where = (QUICK_ROWS, " of --quick true") if cfg.quick else (TRAIN_ROWS, "")
+    if "PipeDream" in cfg.policies and m > rows:
+        return (
+            f"argument --microbatches: PipeDream cuts each minibatch (--microbatches times a "
+            f"model's batch size, at most the {rows} training rows{where}) into --microbatches "
+            f"{m}, one row at least each: use at most {rows} microbatches"
+        )
+    return None
+
+
 def check(cfg: Config) -> str | None:
     """What is wrong with ``cfg`` that argparse cannot see, or None."""
     if not cfg.mlp_stages <= 7:
         return f"argument --mlp-stages: the MLP has 7 modules, got {cfg.mlp_stages} stages"
     if not cfg.cnn_stages <= 8:
         return f"argument --cnn-stages: the CNN has 8 modules, got {cfg.cnn_stages} stages"
-    return _common.fraction_problem("--mlp-dropout", cfg.mlp_dropout)
+    return microbatches_problem(cfg) or _common.fraction_problem("--mlp-dropout", cfg.mlp_dropout)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         presets={"quick": {"logreg_epochs": 1, "mlp_epochs": 1, "cnn_epochs": 1}},
     )  # fmt: skip
     ds = data.load_mnist1d()
-    rows = 400 if cfg.quick else len(ds["y_train"])
+    rows = QUICK_ROWS if cfg.quick else len(ds["y_train"])
     flat = {
         "train": {"x": ds["x_train"][:rows], "y": ds["y_train"][:rows]},
         "test": {"x": ds["x_test"], "y": ds["y_test"]},

@@ -3,22 +3,25 @@ each schedule's formula.
 
 Each stage is a layer whose forward sleeps ``forward_ms`` and whose backward sleeps
 ``backward_ms``, half in its input half and half in its weight half (custom ops whose VJP rules
-also sleep), so every stage costs exactly the same whatever the CPU count: ``time.sleep``
-releases the GIL, so stages sleeping on worker threads overlap like devices even on a 2-core
-machine. The run gets a device pool with a worker per stage (the default pool has one per core)
-and sends every call to a thread (a custom actor), so no stage ever blocks the event loop.
+also sleep; in the first stage, whose input is data and not differentiated, the input half is
+empty and the weight half sleeps the whole ``backward_ms``), so every stage costs exactly the
+same whatever the CPU count: ``time.sleep`` releases the GIL, so stages sleeping on worker
+threads overlap like devices even on a 2-core machine. The run gets a device pool with a worker
+per stage (the default pool has one per core) and sends every call to a thread (a custom actor),
+so no stage ever blocks the event loop.
 
 ``K`` is the pipeline's depth, its devices: GPipe and OneFOneB run ``K`` stages, one per device;
 the interleaved policies run ``K V`` stages, device ``d`` hosting stages ``d, d + K, ...`` which
 take turns in the device's order. The *bubble* of a device is its idle time over its busy time
 (Narayanan et al.'s and Qi et al.'s measure): with ``M`` microbatches, ``(K - 1) / M`` for GPipe
-and OneFOneB, ``(K - 1) / (M V)`` for Interleaved1F1B and ``(K - 1) / (3 M V)`` for
-ZeroBubbleH1 when the forward, the input half and the weight half cost the same (the defaults;
-with other costs no formula is given), the last two for ``M >= K`` (with fewer microbatches than
-devices the interleaved and split orders cannot fill, and no formula is given either). The *idle fraction* is idle over wall time, ``r / (1 +
-r)`` for a bubble ``r``: ``(K - 1) / (M + K - 1)`` for a flush. We measure both per device from
-the actors' busy counters over the steady part (minibatches after a warm-up one). Run ``python
-experiments/pipeline_bubble.py --help``.
+and OneFOneB, ``(K - 1) / (M V)`` for Interleaved1F1B and ``(K - 1) / (3 M V)`` for ZeroBubbleH1
+when the forward, the input half and the weight half cost the same (the defaults, but for the
+first stage's split, which nothing but its own weight half waits for; with other costs no
+formula is given), the last two for ``M >= K`` (with fewer microbatches than devices the
+interleaved and split orders cannot fill, and no formula is given either). The *idle fraction*
+is idle over wall time, ``r / (1 + r)`` for a bubble ``r``: ``(K - 1) / (M + K - 1)`` for a
+flush. We measure both per device from the actors' busy counters over the steady part
+(minibatches after a warm-up one). Run ``python experiments/pipeline_bubble.py --help``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Config:
     zero_bubble_virtual: int = 1  # V of ZeroBubbleH1 (above 1: PyTorch's interleaved ZB)
     forward_ms: float = 10.0  # long enough that ~0.1 ms of message handling stays a small error
     # twice the forward, as for a dense layer (two products vs one): half in the input half,
-    # half in the weight half, so each of F, B and W costs forward_ms
+    # half in the weight half, so each of F, B and W costs forward_ms (the first stage's input
+    # half is empty, its input being data: its weight half sleeps the whole backward_ms)
     backward_ms: float = 20.0
     minibatches: int = 6  # measured minibatches per setting; each is identical under a flush
     warmup: int = 1  # minibatches run before measuring: thread start-up, first allocations
@@ -176,7 +180,10 @@ def simulated_bubble(cfg: Config, name: str, k: int, m: int) -> list[float]:
     operation starts once its device is free and its inputs are done (a forward after the
     previous stage's, a backward or input half after the next stage's input half and its own
     forward, a weight half after its input half). Holds for every ``M``, where the formulas
-    need ``M >= K``."""
+    need ``M >= K``. Every stage's input and weight halves cost half the backward each, the
+    first stage's too, whose input half the run leaves empty (its weight half sleeps the whole
+    backward): moving that half changes none of the default sweep's bubbles, since nothing but
+    the first stage's own weight half waits for its input half."""
     orders = device_orders(cfg, name, k, m)
     stages = k * virtual_of(cfg, name)
     f, b = cfg.forward_ms, cfg.backward_ms

@@ -369,25 +369,37 @@ def test_tensorboard_logger_without_tensorboardx_fails_when_made(monkeypatch, tm
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"patience": "2"}, r"patience must be an int >= 0, got '2'"),
-        ({"patience": 1.5}, r"patience must be an int >= 0, got 1.5"),
-        ({"patience": -1}, r"patience must be an int >= 0, got -1"),
-        ({"min_delta": float("nan")}, r"min_delta must be a finite number, got nan"),
-        ({"min_delta": "0.1"}, r"min_delta must be a finite number, got '0.1'"),
-        ({"min_delta": True}, r"min_delta must be a finite number, got True"),  # (was 1)
-        ({"min_delta": 10**400}, r"min_delta must be a finite number, got 1000"),  # (unnamed)
-        ({"monitor": ""}, r"monitor must be a metric's name, got ''"),
-        ({"monitor": None}, r"monitor must be a metric's name, got None"),
+        # a wrong type is a TypeError, a wrong value of the right type a ValueError, as
+        # Trainer.fit's epochs and batch_size are (patience=2.0 was a ValueError)
+        ({"patience": "2"}, TypeError, r"^EarlyStopping: patience must be an int >= 0, got '2'"),
+        ({"patience": 1.5}, TypeError, r"patience must be an int >= 0, got 1.5 \(a float\)$"),
+        ({"patience": 2.0}, TypeError, r"got 2.0 \(a float: pass 2\)$"),
+        ({"patience": True}, TypeError, r"patience must be an int >= 0, got True \(a bool\)"),
+        ({"patience": np.True_}, TypeError, r"patience must be an int >= 0, got .*True"),
+        ({"patience": None}, TypeError, r"patience must be an int >= 0, got None"),
+        ({"patience": -1}, ValueError, r"^EarlyStopping: patience must be an int >= 0, got -1$"),
+        ({"min_delta": float("nan")}, ValueError, r"min_delta must be a finite number, got nan"),
+        ({"min_delta": float("inf")}, ValueError, r"min_delta must be a finite number, got inf"),
+        ({"min_delta": 10**400}, ValueError, r"min_delta must be a finite number, got 1000"),
+        ({"min_delta": "0.1"}, TypeError, r"min_delta must be a finite number, got '0.1'"),
+        ({"min_delta": True}, TypeError, r"min_delta must be a finite number, got True"),
+        ({"min_delta": None}, TypeError, r"min_delta must be a finite number, got None"),
+        ({"monitor": ""}, ValueError, r"monitor must be a metric's name, got ''"),
+        ({"monitor": None}, TypeError, r"monitor must be a metric's name \(a str\), got None"),
+        ({"monitor": 5}, TypeError, r"monitor must be a metric's name \(a str\), got 5"),
+        ({"mode": "up"}, ValueError, r"mode must be 'min', 'max' or 'auto', got 'up'"),
+        ({"mode": None}, TypeError, r"mode must be 'min', 'max' or 'auto', got None"),
     ],
 )
-def test_early_stopping_refuses_bad_settings_naming_them(kwargs, match):
+def test_early_stopping_refuses_bad_settings_naming_them(kwargs, error, match):
     # (before, a NaN min_delta stopped a fit that was improving, and the others failed later
     # with a bare comparison error, or not at all)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         EarlyStopping(**kwargs)
-    assert EarlyStopping(patience=np.int64(1), min_delta=np.float32(0.5)).patience == 1
+    stop = EarlyStopping(patience=np.int64(1), min_delta=np.float32(0.5))
+    assert stop.patience == 1 and type(stop.patience) is int
 
 
 class _Stoppable:
@@ -418,12 +430,17 @@ def test_early_stopping_counts_epochs_without_improvement(mode, values, stopped_
     )
 
 
-@pytest.mark.parametrize("every", [-1, 1.5, True])
-def test_loggers_refuse_a_bad_every(tmp_path, every):
-    with pytest.raises(ValueError, match=r"JSONLLogger: every must be an int >= 0"):
+@pytest.mark.parametrize(
+    ("every", "error"),
+    [(-1, ValueError), (1.5, TypeError), (2.0, TypeError), (True, TypeError), ("2", TypeError)],
+)
+def test_loggers_refuse_a_bad_every(tmp_path, every, error):
+    # (a wrong type, every=2.0, was a ValueError)
+    with pytest.raises(error, match=r"^JSONLLogger: every must be an int >= 0"):
         JSONLLogger(tmp_path / "m.jsonl", every=every)
-    with pytest.raises(ValueError, match=r"TensorBoardLogger: every must be an int >= 0"):
+    with pytest.raises(error, match=r"^TensorBoardLogger: every must be an int >= 0"):
         TensorBoardLogger(tmp_path, every=every)
+    assert JSONLLogger(tmp_path / "m.jsonl", every=np.int64(3)).every == 3
 
 
 def test_a_callback_failing_at_fit_end_still_lets_the_others_end(tmp_path):
@@ -717,11 +734,12 @@ class _HelperNamedOn(Callback):
     "name, nearest",
     [
         ("on_epoch_begin", "on_epoch_end"),
-        ("on_epoch_start", "on_fit_start"),
+        ("on_epoch_start", "on_epoch_end"),  # (was on_fit_start, called once)
         ("on_train_end", "on_fit_end"),
-        ("on_batch_end", "on_epoch_end"),
+        ("on_batch_end", "on_step_end"),  # (was on_epoch_end)
         ("on_step_ends", "on_step_end"),
-        ("on_train_begin", None),
+        ("on_train_begin", "on_fit_start"),  # (was no guess)
+        ("on_improvement", None),
     ],
 )
 def test_a_callback_method_named_like_a_hook_that_is_none_is_warned_of_at_the_fit(name, nearest):
@@ -737,11 +755,60 @@ def test_a_callback_method_named_like_a_hook_that_is_none_is_warned_of_at_the_fi
     assert message.startswith(f"callbacks: Mine.{name} is no Callback hook")
     assert warning.filename == __file__  # (at the user's fit call)
     if nearest:
-        assert f": did you mean {nearest}?" in message
+        assert f": did you mean {nearest}" in message
     else:
         assert "did you mean" not in message
     assert "on_fit_start, on_step_end, on_epoch_end and on_fit_end" in message
     assert tr.state.minibatches > 0  # (the fit goes on)
+
+
+@pytest.mark.parametrize(
+    ("name", "hook"),
+    [
+        # Keras's per-batch hooks, Lightning's, an iteration: the per-step hook (on_batch_end
+        # was matched by its letters to on_epoch_end, on_iteration_end to on_fit_end)
+        ("on_batch_end", "on_step_end"),
+        ("on_train_batch_end", "on_step_end"),
+        ("on_iteration_end", "on_step_end"),
+        ("on_minibatch_end", "on_step_end"),
+        ("on_batch_begin", "on_step_end (fit has no hook at a step's start"),
+        ("on_step_start", "on_step_end (fit has no hook at a step's start"),
+        # an epoch's start has no hook of its own (on_epoch_start was matched to on_fit_start)
+        ("on_epoch_begin", "on_epoch_end (fit has no hook at an epoch's start"),
+        ("on_epoch_start", "on_epoch_end (fit has no hook at an epoch's start"),
+        ("on_train_epoch_end", "on_epoch_end"),
+        ("on_validation_end", "on_epoch_end"),  # (fit validates at each epoch's end)
+        # the whole fit's start and end (on_train_begin had no guess, on_train_start and
+        # on_train_batch_start were matched to on_fit_start alike)
+        ("on_train_begin", "on_fit_start"),
+        ("on_train_start", "on_fit_start"),
+        ("on_fit_begin", "on_fit_start"),  # (was on_fit_end)
+        ("on_begin", "on_fit_start"),
+        ("on_train_end", "on_fit_end"),
+        ("on_training_end", "on_fit_end"),
+        ("on_end", "on_fit_end"),
+        # typos: by their letters, a misspelt word too
+        ("on_step_ends", "on_step_end"),
+        ("on_epoc_end", "on_epoch_end"),
+        ("on_fit_strat", "on_fit_start"),
+        ("on_fitstart", "on_fit_start"),
+        # what fit never does, and a helper's own name: no guess
+        ("on_test_end", None),  # (was on_step_end)
+        ("on_predict_batch_end", None),  # (was on_epoch_end)
+        ("on_improvement", None),
+        ("on_save_checkpoint", None),
+    ],
+)
+def test_a_misnamed_hook_is_matched_to_the_hook_of_its_meaning(name, hook):
+    from asyncnn._callbacks import HOOKS, suggest_hook
+
+    guess = suggest_hook(name)
+    if hook is None:
+        assert guess is None
+    else:
+        assert guess is not None and guess.startswith(hook), guess
+        assert guess.split(" ")[0] in HOOKS
+    assert HOOKS == ("on_fit_start", "on_step_end", "on_epoch_end", "on_fit_end")
 
 
 def test_a_misnamed_hook_of_a_base_class_is_named_with_its_class():

@@ -40,6 +40,23 @@ def test_quick_run_writes_a_cell_per_model_and_policy(tmp_path, monkeypatch):
         (["--quick", "true", "--microbatches", "0"], "argument --microbatches: must be > 0"),
         (["--quick", "true", "--mlp-stages", "9"], "the MLP has 7 modules, got 9 stages"),
         (["--quick", "true", "--mlp-dropout", "1.5"], "--mlp-dropout: must be in [0, 1)"),
+        # more microbatches than a minibatch's rows: ran, GPipe cutting 100 rows into 100 keys
+        # of one row, not 500, and results.json saying 500 (PipeDream: 400 keys of one row)
+        (
+            ["--quick", "true", "--microbatches", "500", "--models", "logreg", "mlp"],
+            "argument --microbatches: GPipe cuts each minibatch of --logreg-batch-size 100 rows "
+            "into --microbatches 500, one row at least each: use at most 100 microbatches",
+        ),
+        (
+            ["--quick", "true", "--microbatches", "33"],  # (the CNN's batches are of 32)
+            "argument --microbatches: GPipe cuts each minibatch of --cnn-batch-size 32 rows",
+        ),
+        (
+            ["--quick", "true", "--microbatches", "500", "--policies", "PipeDream"],
+            "argument --microbatches: PipeDream cuts each minibatch (--microbatches times a "
+            "model's batch size, at most the 400 training rows of --quick true) into "
+            "--microbatches 500, one row at least each: use at most 400 microbatches",
+        ),
     ],
 )
 def test_bad_flags_are_usage_errors(argv, message, usage_error):
@@ -61,3 +78,17 @@ def test_quick_keeps_the_flags_given_and_records_the_epochs_run(tmp_path):
     (cell,) = saved["results"]["cells"]
     assert cell["epochs"] == 2
     assert saved["results"]["train_rows"] == 400
+
+
+def test_microbatches_are_checked_only_against_the_policies_that_cut_minibatches():
+    # (Sync and Async take whole minibatches; PipeDream's hold --microbatches times the rows)
+    cfg = mnist1d_table.Config
+    assert mnist1d_table.check(cfg(policies=("Sync", "Async"), microbatches=500)) is None
+    assert mnist1d_table.check(cfg(policies=("PipeDream",), microbatches=64)) is None
+    assert "at most 4000 microbatches" in mnist1d_table.check(
+        cfg(policies=("PipeDream",), microbatches=5000)
+    )
+    assert mnist1d_table.check(cfg(policies=("GPipe",), models=("cnn",), microbatches=32)) is None
+    assert "--cnn-batch-size 32 rows" in mnist1d_table.check(
+        cfg(policies=("GPipe",), models=("cnn",), microbatches=33)
+    )

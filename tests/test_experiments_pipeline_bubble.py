@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pipeline_bubble
 import pytest
+
+import asyncnn as ann
+from asyncnn import nn, optim, policies
 
 
 def test_pipeline_bubble_smoke(tmp_path):
@@ -164,3 +168,52 @@ def test_a_setting_without_a_formula_has_a_null_theory(tmp_path):
     (row,) = json.loads(text)["results"]["rows"]
     assert row["theory_bubble"] is None and row["theory_idle"] is None
     assert row["theory_seconds_per_minibatch"] is None
+
+
+def test_the_first_stages_backward_sleeps_all_in_its_weight_half(monkeypatch):
+    """Under ZeroBubbleH1 a stage's two backward sleeps fall one in its input half and one in its
+    weight half, except in the first stage: its input is data, which is not differentiated, so
+    its input half is empty and both sleeps are its weight half's (docs/experiments/
+    pipeline_bubble.md said each half of every stage cost half the backward). The sleeps are
+    recorded, not slept: each stage's half sleep has its own value (stage s sleeps s + 1)."""
+    slept = []
+    fake = type("FakeTime", (), {"sleep": staticmethod(slept.append)})
+    monkeypatch.setattr(pipeline_bubble, "time", fake)
+    halves = []
+
+    class Recording(pipeline_bubble.ThreadedActor):
+        async def on_backward_input(self, key, grad, meta):
+            before = len(slept)
+            out = await super().on_backward_input(key, grad, meta)
+            halves.append((self.name, "input", slept[before:]))
+            return out
+
+        async def on_backward_weight(self, key, meta):
+            before = len(slept)
+            await super().on_backward_weight(key, meta)
+            halves.append((self.name, "weight", slept[before:]))
+
+    g = ann.Graph()
+    h = g.input("x", shape=(None, 4))
+    y = g.input("y", shape=(None, 4))
+    for s in range(3):
+        stage = pipeline_bubble.SleepStage(forward_s=0.0, backward_s=2.0 * (s + 1))
+        h = g.layer(f"stage{s}", stage, h, actor=Recording)
+    g.loss("loss", nn.MSELoss(), h, y)
+    rows = np.ones((3, 4), np.float32)
+    ann.Trainer(g, optim.SGD(lr=0.0), policies.ZeroBubbleH1(3)).fit(
+        {"x": rows, "y": rows}, epochs=1, batch_size=3
+    )
+    # (the stages run concurrently, each one operation at a time: a stage's own sleeps in the
+    # window of one of its halves are that half's)
+    mine = {
+        (name, half): [] for name in ("stage0", "stage1", "stage2") for half in ("input", "weight")
+    }
+    for name, half, calls in halves:
+        own = float(name[-1]) + 1
+        mine[name, half].append([c for c in calls if c == own])
+    assert mine["stage0", "input"] == [[], [], []]
+    assert mine["stage0", "weight"] == [[1.0, 1.0]] * 3
+    for s in (1, 2):
+        assert mine[f"stage{s}", "input"] == [[s + 1.0]] * 3
+        assert mine[f"stage{s}", "weight"] == [[s + 1.0]] * 3
