@@ -410,3 +410,67 @@ def test_a_complex_value_made_from_a_traced_array_is_refused(op, fn):
     with pytest.raises(TypeError, match=rf"^{op}: .*complex.* real and imaginary parts"):
         ann.grad(lambda x: ops.sum(ops.abs(fn(x))))(np.array([1.0, -2.0, 0.5]))
     fn(np.array([1.0, -2.0, 0.5]))  # untraced, numpy's complex result, as before
+
+
+def _sq32(dtype):
+    """A square whose rule returns its gradient in ``dtype`` whatever its argument's."""
+    return ops.Primitive(
+        "sq32", lambda a: (a * a, a), lambda g, a, needs: ((2 * g * a).astype(dtype),)
+    )
+
+
+@pytest.mark.parametrize(
+    ("arg", "grad"), [("float64", "float32"), ("float32", "float64"), ("float16", "float32")]
+)
+def test_a_primitive_s_rule_returning_another_dtype_is_named(arg, grad):
+    # a float32 gradient for a float64 argument passed, and a run's optimizer then refused the
+    # parameter's gradient, naming neither the primitive nor the argument
+    from asyncnn._math._autodiff_args import RuleError
+
+    sq = _sq32(np.dtype(grad))
+    x = np.linspace(-1.0, 1.0, 6).reshape(2, 3).astype(arg)
+    said = (
+        rf"^sq32: its VJP rule's gradient for argument 1 has the wrong dtype: gradient dtype "
+        rf"{grad}, the argument's is {arg}; .*astype\('{arg}'\)"
+    )
+    with pytest.raises(RuleError, match=said):
+        ann.grad(lambda v: ops.sum(sq(v)))(x)
+    with pytest.raises(AssertionError, match="^sq32: "):
+        check_grads(sq, x)
+
+
+def test_a_primitive_s_rule_may_return_any_gradient_for_a_non_float_argument():
+    # (an integer argument, traced or not, and a Python float: as before, no dtype to keep)
+    shift = ops.Primitive(
+        "shift",
+        lambda a, k: (a + np.asarray(k, a.dtype), None),
+        lambda g, res, needs: (g, np.float64(g.sum())),
+    )
+    x = np.ones((2, 3), np.float32)
+    assert ann.grad(lambda v: ops.sum(shift(v, np.arange(3))))(x).dtype == np.float32
+    gx, gc = ann.grad(lambda v, c: ops.sum(shift(v, c)), argnums=(0, 1))(x, 2.0)
+    assert gx.dtype == np.float32 and gc == 6.0
+
+
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [(lambda a: (a * 2, a * 3), "a tuple of 2"), (lambda a: [a * 2], "a list of 1"),
+     (lambda a: {"y": a}, "a dict of 1")],
+    ids=["tuple", "list", "dict"],
+)  # fmt: skip
+def test_a_primitive_s_forward_with_several_outputs_is_refused(output, said):
+    # a tuple passed: vjp returned it, and its pullback, or a later op's, failed naming neither
+    # the primitive nor the cause
+    from asyncnn._math._autodiff_args import RuleError
+
+    two = ops.Primitive("two", lambda a: (output(a), None), lambda g, res, needs: (g,))
+    x = np.ones(3)
+    message = (
+        rf"^two: its forward rule's output is {said} .*a primitive has one output: stack the "
+        r"outputs into one array .* or write one primitive per output"
+    )
+    for call in (lambda: two(x), lambda: ann.vjp(two, x)):
+        with pytest.raises(RuleError, match=message):
+            call()
+    with pytest.raises(AssertionError, match=message):  # (check_grads fails a broken rule)
+        check_grads(two, x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import msgpack
@@ -422,6 +423,37 @@ def test_flops_and_num_params() -> None:
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 10))
     assert cnn.flops((None, 1, 8, 8)) == 2 * 4 * 9 * 36 + 2 * 36 * 10
     assert nn.Sequential(Scale(3), nn.Linear(3, 2)).flops((None, 3)) == 12  # Scale: run to see
+
+
+@dataclasses.dataclass(frozen=True)
+class L2Normalized(nn.Module):
+    """Rows scaled to unit length: NaN for a row of zeros (the data has none). No shape rule."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        L2_CALLS.append(tuple(x.shape))
+        return x / ops.sqrt(ops.sum(x * x, axis=1, keepdims=True))
+
+
+#: the input shape of each call of L2Normalized
+L2_CALLS: list[tuple[int, ...]] = []
+
+
+def test_shape_of_runs_a_module_on_zeros_quietly_and_once_per_shape() -> None:
+    # a run's set-up (flops_per_sample, through Sequential.flops) ran the module on zeros: its
+    # 0/0 printed "RuntimeWarning: invalid value encountered in divide" on every fit (and under
+    # np.errstate(all="raise") failed, the FLOPs estimate falling back to 0), and each actor's
+    # set-up re-initialized and re-ran it
+    stage = nn.Sequential(L2Normalized(), nn.Linear(6, 3))
+    L2_CALLS.clear()
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        for _ in range(3):
+            assert stage.flops((None, 6)) == 2 * 6 * 3
+            assert shape_of(stage, (None, 6)) == (1, 3)
+        assert shape_of(stage.modules[0], (None, 5)) == (1, 5)  # another shape: run again
+    assert L2_CALLS == [(1, 6), (1, 5)]
+    # an equal module of its own is run for itself (an identity cache, not one by value)
+    assert shape_of(L2Normalized(), (None, 6)) == (1, 6) and len(L2_CALLS) == 3
 
 
 # -- Dropout: train and eval, the mask the backward uses --------------------------------------------

@@ -105,6 +105,73 @@ class Wider(nn.Linear):
     """A user subclass of a built-in with no __call__ of its own: as the built-in."""
 
 
+@dataclass(frozen=True)
+class KwDrop(nn.Module):
+    """Takes its rng through ``**kwargs``."""
+
+    p: float = 0.5
+
+    def __call__(self, params: Any, x: Any, **kw: Any) -> Any:
+        SEEN.append((x.shape[0], type(kw.get("rng")).__name__))
+        return ops.dropout(x, self.p, kw.get("rng"))
+
+
+@dataclass(frozen=True)
+class KwUnread(nn.Module):
+    """Accepts keywords and never reads them: deterministic."""
+
+    def __call__(self, params: Any, x: Any, **_: Any) -> Any:
+        return ops.tanh(x)
+
+
+@dataclass(frozen=True)
+class KwDeclared(KwDrop):
+    """Takes keywords, and says it draws nothing: the class's own answer wins."""
+
+    stochastic = False
+
+
+@dataclass(frozen=True)
+class NamedRngAndKw(nn.Module):
+    """Reads other keywords; its rng, a parameter of its own, never reaches them."""
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None, **kw: Any) -> Any:
+        return x * kw.get("scale", 1.0)
+
+
+def _bare_decorator(fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:  # (no functools.wraps: fn is hidden)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Decorated(nn.Module):
+    """Reads its rng behind a decorator that hides the function it wraps."""
+
+    @_bare_decorator
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        return ops.dropout(x, 0.5, rng)
+
+
+def test_a_user_module_that_may_read_its_rng_through_kwargs_is_stochastic() -> None:
+    # KwDrop was not: a run passed it rng=None and its dropout never applied, without a word
+    assert KwDrop().stochastic and Decorated().stochastic
+    assert nn.Sequential(nn.Linear(2, 2), KwDrop()).stochastic
+    assert not KwUnread().stochastic  # its keywords never read: it cannot reach an rng
+    assert not NamedRngAndKw().stochastic  # rng is a parameter of its own, never read
+    assert not KwDeclared().stochastic  # an explicit answer wins
+    graph = ann.Graph.sequential(
+        [nn.Linear(4, 8), KwDrop(), nn.Linear(8, 2)], loss=nn.CrossEntropyLoss(), stages=2,
+        input_shape=(None, 4),
+    )  # fmt: skip
+    tr = ann.Trainer(graph, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=0)
+    SEEN.clear()
+    tr.fit(_data(), batch_size=4)
+    assert SEEN and {t for rows, t in SEEN if rows == 4} == {"Generator"}
+
+
 def test_a_user_module_that_reads_its_rng_is_stochastic() -> None:
     # its dropout or noise was silently off for a whole fit: the runtime passed rng=None to a
     # layer not stochastic, and the default said no unless a field held a Dropout

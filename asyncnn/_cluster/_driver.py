@@ -34,6 +34,7 @@ from asyncnn._runtime._lifecycle import (
     pool_spec,
     recording,
 )
+from asyncnn._runtime._loss_reductions import check_loss_reductions
 from asyncnn._runtime._policies import Policy
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._run import (
@@ -160,6 +161,7 @@ async def open_cluster_run(
     try:
         if not validated:
             validate(graph, config.dtype)
+        check_loss_reductions(graph, policy)
         where = placement(graph, cluster)
         check_turns(graph, policy, where)
         # what cannot be sent to a worker (a module holding a function, a class defined inside

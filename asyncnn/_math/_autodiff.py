@@ -118,9 +118,11 @@ class Primitive:
     with traced arrays also records the node needed to differentiate it.
 
     The rules of a primitive made here are checked on every call: the forward must return
-    ``(output, residuals)``, and the VJP rule a tuple (or list) of one gradient (or None) per
-    positional argument, each of its argument's shape. A rule that does not fails with a
-    ``ValueError`` naming the primitive (the library's own primitives are made unchecked).
+    ``(output, residuals)`` with one output (an array or a number, not a tuple, list or dict),
+    and the VJP rule a tuple (or list) of one gradient (or None) per positional argument, each
+    of its argument's shape, and of its dtype for a floating argument. A rule that does not
+    fails with a ``ValueError`` (a ``RuleError``) naming the primitive (the library's own
+    primitives are made unchecked).
     """
 
     __slots__ = ("name", "forward", "vjp_rule")

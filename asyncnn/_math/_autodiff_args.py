@@ -132,10 +132,18 @@ class CheckedForward:
                 "returns the pair (output, residuals), the residuals being what the VJP rule "
                 "needs (None for nothing)"
             )
+        out = result[0]
+        if isinstance(out, tuple | list | dict):
+            # (vjp returned the container, and a pullback or the next op failed on it, naming
+            # neither the primitive nor the cause)
+            raise RuleError(
+                f"{self.name}: its forward rule's output is a {type(out).__name__} of "
+                f"{len(out)} (the first of the pair (output, residuals)); a primitive has one "
+                "output: stack the outputs into one array (xp.stack, and index it after the "
+                "call) or write one primitive per output"
+            )
         shapes = tuple(tuple(getattr(a, "shape", ())) for a in args)
-        return result[0], _Checked(
-            result[1], shapes, tuple(getattr(a, "dtype", None) for a in args)
-        )
+        return out, _Checked(result[1], shapes, tuple(getattr(a, "dtype", None) for a in args))
 
 
 class _Checked:
@@ -153,9 +161,11 @@ class _Checked:
 
 class CheckedRule:
     """A VJP rule written outside the library, checked to return one gradient (or None) per
-    positional argument, each wanted one of its argument's shape: a bare array was zipped with
-    the arguments along its first axis, and a gradient of another shape (a rule that did not
-    undo its broadcasting) was broadcast into the sum, a wrong gradient without a word."""
+    positional argument, each wanted one of its argument's shape and, for a floating argument,
+    dtype: a bare array was zipped with the arguments along its first axis, a gradient of
+    another shape (a rule that did not undo its broadcasting) was broadcast into the sum, a
+    wrong gradient without a word, and one of another dtype (a float16 argument's gradient
+    computed in float32) reached the optimizer, whose error named neither rule nor argument."""
 
     __slots__ = ("name", "rule")
 
@@ -193,6 +203,18 @@ class CheckedRule:
                         "gradient has its argument's shape (sum it over the axes the forward "
                         "broadcast)"
                     )
+                dtype = res.dtypes[i]
+                # (an integer argument's or a Python number's gradient is taken as it comes)
+                if dtype is not None and is_floating(dtype):
+                    got_dtype = getattr(grad, "dtype", None)
+                    if got_dtype != dtype:
+                        raise RuleError(
+                            f"{self.name}: its VJP rule's gradient for argument {i + 1} has "
+                            f"the wrong dtype: gradient dtype {got_dtype}, the argument's is "
+                            f"{dtype}; each "
+                            "gradient has its argument's dtype (compute in it, or cast the "
+                            f"gradient: grad.astype({str(dtype)!r}))"
+                        )
         return grads
 
 

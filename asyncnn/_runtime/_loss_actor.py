@@ -33,10 +33,14 @@ MAX_UNREAD = 2
 
 
 def sums_over_rows(module: Any) -> bool:
-    """Whether a loss module's value is a sum over its rows (``reduction="sum"``) rather than a
-    mean (every other loss, custom ones included). A mean's keys are weighted by their share of
-    the minibatch's rows, in the gradient under a flush and in the minibatch's reported loss; a
-    sum's keys add up as they are."""
+    """Whether a loss module's value is a sum over its rows rather than a mean: whether it
+    declares ``reduction = "sum"`` (a field, as the built-ins', or a class attribute; a custom
+    loss that sums must, see docs/concepts.md, "Writing a loss"). Every other loss, custom ones
+    included, is taken for a mean. A mean's keys are weighted by their share of the
+    minibatch's rows, in the gradient under a flush and in the minibatch's reported loss; a
+    sum's keys add up as they are. A run checks, as it starts, that each loss is what this
+    says (``_loss_reductions.check_loss_reductions``): an undeclared sum would train at ``1/M``
+    of ``Sync``'s speed under ``GPipe(M)``."""
     return getattr(module, "reduction", "mean") == "sum"
 
 

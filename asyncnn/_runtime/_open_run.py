@@ -22,6 +22,7 @@ from ._checks import check_cuda_graphs, check_optimizer, validate
 from ._config import RunConfig
 from ._graph import Graph
 from ._lifecycle import Share, hosting, maybe_pool, open_recorder, recording
+from ._loss_reductions import check_loss_reductions
 from ._policies import Policy
 from ._run import Run
 from ._state import RunState, init_state
@@ -192,6 +193,7 @@ async def open_run(
         validate(graph, config.dtype, param_shapes=like)
         if state is not None and like is not None:
             _check_state_shapes(graph, state, like)
+    check_loss_reductions(graph, policy)
     if state is None:
         state = init_state(graph, optimizer, config.seed, config.dtype)
     recorder = open_recorder(config, graph, optimizer, policy, state)

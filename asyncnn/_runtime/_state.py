@@ -3,13 +3,19 @@ of a graph's layers (:func:`init_state`)."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asyncnn._math._nn import Residual, Sequential
+from asyncnn._math._pytree import TreeDef, tree_flatten
+from asyncnn.backends import is_floating
+
 if TYPE_CHECKING:
     from ._graph import Graph
+    from ._node import Node
 
 __all__ = ["RunState", "init_state", "node_seed"]
 
@@ -77,7 +83,14 @@ def init_state(
     ``Graph.sequential``: :attr:`Node.init_offset`) and optimizer states for every layer.
 
     With ``placed_on_host``, layers placed on a worker get host arrays (the worker moves them to
-    its device; the values are the same on every backend)."""
+    its device; the values are the same on every backend).
+
+    Raises:
+        TypeError: a parameter that is not an array (a module whose ``init_params`` returns
+            ``{"alpha": 0.5}``), naming the layer, the parameter, the module whose
+            ``init_params`` drew it and the fix; and the optimizer's ``TypeError`` or
+            ``ValueError`` on a layer's parameters (an integer array), naming the layer.
+    """
     params: dict[str, Any] = {}
     opt_states: dict[str, Any] = {}
     for i, name in enumerate(graph.layers):
@@ -89,5 +102,90 @@ def init_state(
             params[name] = node.module.init(
                 node_seed(seed, 0), backend=device, dtype=dtype, offset=node.init_offset
             )
-        opt_states[name] = optimizer.init(params[name])
+        _check_param_leaves(node, params[name])
+        try:
+            opt_states[name] = optimizer.init(params[name])
+        except (TypeError, ValueError) as exc:
+            if type(exc) not in (TypeError, ValueError):
+                raise  # (a subclass of its own: kept as it is)
+            raise type(exc)(
+                f"layer {name!r} ({node.module!r:.100}): {exc}{_drawn_by(node, params[name])}"
+            ) from exc
     return RunState(params, opt_states, {name: 0 for name in graph.layers})
+
+
+def _check_param_leaves(node: Node, params: Any) -> None:
+    """Refuses a parameter that is not an array (a Python float): ``Module.init`` gives arrays
+    of the run's dtype on the layer's device, which the optimizer updates; a float passed the
+    graph's check (the forward takes it) and failed in the optimizer's ``init``, naming
+    neither the layer nor the module."""
+    leaves, treedef = tree_flatten(params)
+    for k, leaf in enumerate(leaves):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            continue
+        labels = _leaf_labels(treedef, k)
+        owner, place = _owner(node.module, labels)
+        value = f"{leaf!r:.40}"
+        number = isinstance(leaf, numbers.Real) and not isinstance(leaf, bool)
+        raise TypeError(
+            f"layer {node.name!r}: params{''.join(f'[{x!r}]' for x in labels)} is a "
+            f"{type(leaf).__name__} ({value}), not an array: {type(owner).__name__}.init_params "
+            f"({owner!r:.80}{place}) must draw each parameter as an array, of the run's dtype "
+            "on the layer's device, for the optimizer to update; draw it with the initializer "
+            f"it is given, which makes one: init.asarray({value if number else '...'}) (or "
+            "init.ones(()), init.zeros(shape), init.normal(shape))"
+        )
+
+
+def _drawn_by(node: Node, params: Any) -> str:
+    """Where the first parameter of ``params`` that is not a floating array comes from (what an
+    optimizer refuses), as ``"; params[1]['w'] is drawn by M.init_params"``; "" if none is."""
+    leaves, treedef = tree_flatten(params)
+    for k, leaf in enumerate(leaves):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and is_floating(dtype):
+            continue
+        labels = _leaf_labels(treedef, k)
+        owner, place = _owner(node.module, labels)
+        path = "".join(f"[{x!r}]" for x in labels)
+        return (
+            f"; params{path} is drawn by {type(owner).__name__}.init_params "
+            f"({owner!r:.80}{place}): draw it in floating point with its initializer "
+            "(init.asarray(value) casts to the run's dtype)"
+        )
+    return ""
+
+
+def _leaf_labels(treedef: TreeDef, k: int) -> list[Any]:
+    """The keys and indices from the root of a tree of structure ``treedef`` to its leaf
+    ``k`` (in flattening order)."""
+    labels: list[Any] = []
+    while treedef.kind != "leaf":
+        keys = treedef.meta if treedef.kind == "dict" else range(len(treedef.children))
+        for label, child in zip(keys, treedef.children, strict=True):
+            if k < child.num_leaves:
+                labels.append(label)
+                treedef = child
+                break
+            k -= child.num_leaves
+    return labels
+
+
+def _owner(module: Any, labels: list[Any]) -> tuple[Any, str]:
+    """The module whose ``init_params`` drew the parameter at ``labels`` of ``module``'s
+    parameters (into the containers: a ``Sequential``'s list by place, a ``Residual``'s own),
+    and where it sits in ``module`` (``", module 1 of the layer's Sequential"``; "" where it
+    is ``module``)."""
+    place = ""
+    for label in labels:
+        while isinstance(module, Residual):
+            module = module.module
+        if not isinstance(module, Sequential) or not isinstance(label, int):
+            break
+        if not 0 <= label < len(module.modules):
+            break
+        whose = "the layer's Sequential" if not place else "a Sequential in it"
+        module, place = module.modules[label], f", module {label} of {whose}"
+    while isinstance(module, Residual):
+        module = module.module
+    return module, place

@@ -11,6 +11,7 @@ import dataclasses
 import dis
 import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,8 +98,9 @@ class Module:
     A module that draws random numbers from the ``rng`` its ``__call__`` is given (dropout, noise)
     is *stochastic* (:attr:`stochastic`): a run gives it a seeded Generator per key in training
     (``None`` in ``evaluate`` and ``predict``) and keeps it out of CUDA-graph capture. That is
-    found from the code: a subclass whose own ``__call__`` reads its ``rng`` parameter is
-    stochastic, one that only accepts it is not. A class decides for itself by defining
+    found from the code: a subclass whose own ``__call__`` reads its ``rng`` parameter (or,
+    having none, reads its ``**kwargs``, which may hold it) is stochastic, one that only accepts
+    it is not. A class decides for itself by defining
     ``stochastic`` (a class attribute or a property), which always wins: a container that only
     passes ``rng`` on to the modules it holds can answer as they do.
 
@@ -115,10 +117,11 @@ class Module:
     @property
     def stochastic(self) -> bool:
         """Whether a call draws random numbers when given an ``rng`` (dropout): true for a user
-        module whose own ``__call__`` reads its ``rng`` parameter, and when any module among its
-        fields (or in a tuple or list field) is. The runtime gives a stochastic layer a seeded
-        ``rng`` per key and keeps it out of CUDA-graph capture; others get ``rng=None``.
-        Override it (a class attribute or a property) to answer otherwise."""
+        module whose own ``__call__`` reads its ``rng`` parameter (or, having none, reads its
+        ``**kwargs``, which may hold it), and when any module among its fields (or in a tuple
+        or list field) is. The runtime gives a stochastic layer a seeded ``rng`` per key and
+        keeps it out of CUDA-graph capture; others get ``rng=None``. Override it (a class
+        attribute or a property) to answer otherwise."""
         if _reads_rng(type(self)):
             return True
         for f in dataclasses.fields(self):
@@ -201,11 +204,15 @@ _READS_RNG: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _reads_rng(cls: type) -> bool:
-    """Whether the ``__call__`` that instances of ``cls`` run reads its ``rng`` parameter: a
-    user module that draws from it. Read from the bytecode once per class.
+    """Whether the ``__call__`` that instances of ``cls`` run reads its ``rng`` parameter, or
+    may: a user module that draws from it. Read from the bytecode once per class.
 
-    False for asyncnn's own modules, which say themselves whether they draw (a container
-    reads its ``rng`` only to pass it on), and where the code cannot be read.
+    Without a parameter ``rng``, a ``**kwargs`` that the code reads may hold it (``kw.get(
+    "rng")``, ``**kw`` passed on, a decorator's wrapper without ``functools.wraps``): counted as
+    a read, since guessing no meant a run passed ``rng=None`` and the dropout never ran, without
+    a word (guessing yes costs only the layer's CUDA-graph capture). False for asyncnn's own
+    modules, which say themselves whether they draw (a container reads its ``rng`` only to pass
+    it on), and where the code cannot be read.
     """
     try:
         return _READS_RNG[cls]
@@ -221,13 +228,17 @@ def _reads_rng(cls: type) -> bool:
 
 def _code_reads(fn: Any, name: str) -> bool:
     """Whether the function ``fn`` (unwrapped from its decorators) has a parameter ``name`` and
-    reads it: a load of that local, or of the cell a nested function reads it through."""
+    reads it, or has none of that name and reads its ``**kwargs``, which may hold it: a load of
+    that local, or of the cell a nested function reads it through."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
     if code is None:
         return False
-    params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-    if name not in params:
-        return False
+    named = code.co_argcount + code.co_kwonlyargcount
+    if name not in code.co_varnames[:named]:
+        if not code.co_flags & inspect.CO_VARKEYWORDS:
+            return False
+        # the **kwargs name comes after the named parameters and the *args name, if any
+        name = code.co_varnames[named + bool(code.co_flags & inspect.CO_VARARGS)]
     for ins in dis.get_instructions(code):
         op = ins.opname
         # LOAD_FAST and its variants (3.12's LOAD_FAST_CHECK, 3.13's LOAD_FAST_LOAD_FAST of two
@@ -356,13 +367,45 @@ def shape_of(module: Module, *input_shapes: Sequence[int | None]) -> Shape:
     """The output shape of ``module`` (batch included) for these input shapes.
 
     Uses the module's own shape rule where it has one, else runs it on a batch of one sample of
-    zeros with freshly initialized float32 numpy parameters.
+    zeros with freshly initialized float32 numpy parameters, with floating-point warnings off
+    (zeros may well divide 0 by 0; only the shape is read), once per module object and input
+    shapes: each layer actor's set-up asks again for its stage's FLOPs.
     """
     shapes = [tuple(1 if d is None else int(d) for d in s) for s in input_shapes]
     known = module._output_shape(*shapes)
     if known is not None:
         return known
+    trailing = tuple(s[1:] for s in shapes)
+    entry = _RUN_SHAPES.get(id(module))
+    if entry is not None and entry[0]() is module and trailing in entry[1]:
+        return (shapes[0][0], *entry[1][trailing])
     params = module.init(0)
-    xs = [np.zeros((1, *s[1:]), dtype=np.float32) for s in shapes]
-    out = module(params, *xs)
-    return (shapes[0][0], *_shape(out)[1:])
+    xs = [np.zeros((1, *s), dtype=np.float32) for s in trailing]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = module(params, *xs)
+    found = _shape(out)[1:]
+    _remember_shape(module, trailing, found)
+    return (shapes[0][0], *found)
+
+
+#: per module object (by identity: an equal module whose fields differ in type, 4 and 4.0, may
+#: run otherwise), the output shapes (less the batch) shape_of found by running it, per its
+#: input shapes (less the batch); an entry goes with its module
+_RUN_SHAPES: dict[int, tuple[weakref.ref[Module], dict[tuple[Shape, ...], Shape]]] = {}
+
+
+def _remember_shape(module: Module, trailing: tuple[Shape, ...], found: Shape) -> None:
+    key = id(module)
+    entry = _RUN_SHAPES.get(key)
+    if entry is None or entry[0]() is not module:
+
+        def forget(_: weakref.ref[Module]) -> None:
+            _RUN_SHAPES.pop(key, None)
+
+        try:
+            ref = weakref.ref(module, forget)
+        except TypeError:  # (an object without weak references: not remembered)
+            return
+        entry = _RUN_SHAPES[key] = (ref, {})
+    entry[1][trailing] = found
