@@ -110,3 +110,49 @@ def test_a_with_block_left_by_an_error_keeps_it_when_stopping_the_workers_fails(
     with pytest.raises(OSError, match="no such process"):  # (a plain close says it as itself)
         monkeypatch.setattr(cluster, "_terminate", fails)
         cluster.close()
+
+
+def _gone(pids: list[int], seconds: float = 5.0) -> bool:
+    import time
+
+    from _cluster_cases import _alive
+
+    deadline = time.perf_counter() + seconds
+    while any(_alive(p) for p in pids) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+def test_a_started_cluster_dropped_without_close_stops_its_workers_when_collected() -> None:
+    # an atexit entry of the cluster's own _stop kept it alive: a sweep's forgotten cluster
+    # kept its worker processes, sockets and shared memory until the program ended
+    import gc
+    import weakref
+
+    import anyio
+
+    cluster = ann.cluster.LocalCluster(workers=1)
+    anyio.run(cluster.start)
+    pids = cluster.pids
+    assert len(pids) == 1 and not _gone(pids, 0.0)
+    ref = weakref.ref(cluster)
+    gc.collect()  # (the event loop's own cycles, which held the cluster's start)
+    del cluster  # (its last reference: __del__ runs now, before its sockets are freed)
+    assert ref() is None
+    assert _gone(pids)
+
+
+def test_a_cluster_left_open_at_the_programs_end_stops_its_workers(tmp_path: Any) -> None:
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import anyio, asyncnn as ann\n"
+        "c = ann.cluster.LocalCluster(workers=2)\n"
+        "anyio.run(c.start)\n"
+        "print(*c.pids, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2 and _gone(pids)

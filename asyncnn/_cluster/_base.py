@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,6 +52,23 @@ MIN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 #: a cluster's ``heartbeat_timeout`` unless told otherwise (a worker's bounds before it is told
 #: its cluster's, with a run)
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
+
+
+#: the clusters whose workers run, held weakly: an atexit entry of each cluster's own ``_stop``
+#: kept the cluster alive, so a cluster dropped without ``close()`` (a sweep's forgotten one)
+#: kept its worker processes, sockets and shared memory until the program ended; held so, it is
+#: collected and ``__del__`` stops them
+_STARTED: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At the program's end, stops the workers of every cluster still running."""
+    for cluster in list(_STARTED):
+        try:
+            cluster._stop()
+        except Exception:  # noqa: BLE001 - the others are stopped all the same
+            pass
 
 
 class Cluster:
@@ -289,7 +307,7 @@ class Cluster:
         finally:
             listener.close()
         self.started = True
-        atexit.register(self._stop)  # no worker outlives the program
+        _STARTED.add(self)  # no worker outlives the program (_stop_all), nor a dropped cluster
 
     async def _fate_soon(self, index: int) -> str:
         """:meth:`_fate` of a worker that closed its connection, which a moment later has its
@@ -441,7 +459,7 @@ class Cluster:
         self._terminate()  # (reads which workers were connected: cleared after it)
         self.connections.clear()
         self.started = False
-        atexit.unregister(self._stop)
+        _STARTED.discard(self)
 
     def broken(self) -> None:
         """Called after a failed run: its workers may be mid-message, so they are replaced."""
