@@ -65,9 +65,16 @@ def require_inputs(graph: Graph, data: Mapping[str, Any], targets: list[str], wh
         )
     missing = [n for n in need if n not in data]
     if missing:
+        # each missing input with what reads it, by the names the caller chose (a predict's
+        # output names): listing every target blamed outputs that do not read it
+        named = {src: name for name, src in graph.outputs.items()}
+        why = []
+        for m in missing:
+            readers = [t for t in targets if m in upstream(graph, [t])]
+            said = ", ".join(f"output {named[t]!r}" if t in named else repr(t) for t in readers)
+            why.append(f"{m!r} (for {said})")
         raise ValueError(
-            f"{what} needs the input{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(repr(m) for m in missing)} (for {', '.join(repr(t) for t in targets)}); "
+            f"{what} needs the input{'s' if len(missing) > 1 else ''} {', '.join(why)}; "
             f"the data gave {sorted(data, key=str)}"
         )
     unknown = [k for k in data if k not in graph.inputs]

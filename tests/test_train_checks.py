@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from typing import Any
 
 import numpy as np
 import pytest
 
 import asyncnn as ann
-from asyncnn import nn, optim, policies
+from asyncnn import nn, ops, optim, policies
 
 from _reference import assert_params_equal, chain_graph
 from _train_cases import _data, _trainer
@@ -74,12 +76,35 @@ def test_fit_checks_the_data_first():
 def test_predict_and_evaluate_name_a_missing_input():
     data = _data()
     tr = _trainer(policies.Sync())
-    with pytest.raises(ValueError, match=r"predict needs the input 'x' \(for 'stage2'\)"):
+    with pytest.raises(ValueError, match=r"predict needs the input 'x' \(for output 'logits'\)"):
         tr.predict({"y": data["y"]})
     with pytest.raises(ValueError, match=r"evaluate needs the input 'y' \(for 'loss'\)"):
         tr.evaluate({"x": data["x"]})
     with pytest.raises(ValueError, match=r"the data has \['z'\]"):
         tr.predict({"x": data["x"], "z": data["x"]})
+
+
+def test_a_missing_input_is_blamed_on_the_outputs_that_read_it_by_their_names():
+    # 'embedding_a' reads 'a' alone: the message listed every node predicted ('head', 'la')
+    @dataclasses.dataclass(frozen=True)
+    class Cat(nn.Module):
+        def __call__(self, params: Any, a: Any, b: Any, *, rng: Any = None) -> Any:
+            return ops.concatenate([a, b], axis=1)
+
+    g = ann.Graph()
+    a, b = g.input("a", shape=(None, 3)), g.input("b", shape=(None, 2))
+    y = g.input("y", shape=(None,), dtype="int64")
+    ha, hb = g.layer("la", nn.Linear(3, 4), a), g.layer("lb", nn.Linear(2, 4), b)
+    out = g.layer("head", nn.Linear(8, 4), g.layer("cat", Cat(), ha, hb))
+    g.loss("loss", nn.CrossEntropyLoss(), out, y)
+    g.output("logits", out)
+    g.output("embedding_a", ha)
+    tr = ann.Trainer(g, optim.SGD(lr=0.1), policies.Sync())
+    with pytest.raises(ValueError) as info:
+        tr.predict({"a": np.zeros((5, 3), np.float32)})
+    assert str(info.value) == (
+        "predict needs the input 'b' (for output 'logits'); the data gave ['a']"
+    )
 
 
 def test_params_assignment_is_checked_against_the_graph():
