@@ -33,7 +33,13 @@ optional field as above: without it, each minibatch's rows follow from the epoch
 
 A save first finishes one that was interrupted between its renames (its files would otherwise be
 overwritten half-way), writes every file beside its place, then renames them into place; one that
-fails before its renames removes what it wrote and leaves the folder as it was.
+fails before its renames removes what it wrote and leaves the folder as it was. It holds the
+folder's lock throughout (``flock``, where the system has it), which a load takes to finish an
+interrupted save: a load meeting a save under way waits for it, rather than renaming its files.
+Where there is no lock, a load may finish a save under way, and the save takes its files found
+in place as its own renames done. A save interrupted between its renames in a folder that has
+since become read-only is refused by the load with a ``CheckpointError`` saying so (loading it
+would take renaming): it loads from a writable copy.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from ._checkpoint_files import (
     _interrupted_first_save,
     _read_manifest,
     _read_spec,
-    verify_checkpoint,
+    verify_finishing,
 )
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
@@ -299,7 +305,9 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             was cut off before it wrote its manifest, and a fit's ``checkpoint_dir``, whose
             latest checkpoint the message names).
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
-            version, malformed, left by a first save cut off there (said so), or does not fit
+            version, malformed, left by a first save cut off there (said so), left by a save
+            interrupted between its renames in a folder that is read-only (said so, with how to
+            load it: from a writable copy), or does not fit
             the graph it describes (or the ``graph`` given): the message names the layer, the
             place in its parameters and the shapes. An optimizer state kept (not another
             optimizer's, which starts fresh) that its optimizer's update would refuse too: a
@@ -319,12 +327,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     if given_graph is not None and not isinstance(given_graph, Graph):
         raise TypeError(f"graph must be an asyncnn Graph, got {type(given_graph).__name__}")
     spec_path = _spec_path(path)
-    try:
-        verify_checkpoint(path)
-    except CheckpointError:
-        if not _finish_save(path):  # a save interrupted between its renames: the new one
-            raise
-        verify_checkpoint(path)
+    verify_finishing(path)  # (a save interrupted between its renames: finished, the new one)
     spec = _read_spec(spec_path)
     arrays = _read_arrays(os.path.join(path, ARRAYS))
     with _rebuilding(spec_path, trusted):

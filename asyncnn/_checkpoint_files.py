@@ -1,18 +1,21 @@
 """A checkpoint folder's files as files: the format's names and version, the manifest with the
-SHA-256 of each file, their verification, finishing a save interrupted between its renames, and
-naming a first save cut off before them. Apart from ``_checkpoint.py``, which writes and reads
-what the files hold (see its docstring for the layout), because this part trusts nothing in
-them and only checks and names."""
+SHA-256 of each file, their verification, finishing a save interrupted between its renames (under
+the folder's lock, which a save holds too), naming a first save cut off before them, and the mode
+of the files safetensors writes. Apart from ``_checkpoint.py``, which writes and reads what the
+files hold (see its docstring for the layout), because this part trusts nothing in them and only
+checks and names."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -52,6 +55,96 @@ def write_whole(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+#: where Linux (4.7 and later) tells a process its umask without it being changed
+_STATUS = "/proc/self/status"
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask: read from :data:`_STATUS` where the system has it, else set and set
+    back under a lock (a file another thread makes in between gets 0o077, never more access)."""
+    try:
+        with open(_STATUS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def give_open_mode(file: str) -> None:
+    """Gives ``file`` the mode a file made by ``open()`` gets (0o666 less the umask), as every
+    other file of a checkpoint has: safetensors writes through a temporary file it makes 0600
+    (safetensors#782), which no other user could read where the spec beside it is readable."""
+    # (a file system without modes, or one refusing chmod, keeps its own: the file is written)
+    with contextlib.suppress(OSError):
+        os.chmod(file, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def folder_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive advisory lock (``flock``) on the folder ``path`` in its block. A save
+    holds it from its first write to its last rename, and a load holds it to finish a save
+    interrupted between its renames: so a load never renames the files of a save under way
+    (nor those of the next save, made after it found them). Not reentrant: a block must not
+    take it again. Where the system has no ``flock`` (Windows) or the file system refuses it
+    (some network ones), the block runs unlocked; the renames then take one done by the other
+    side as done (:func:`replace_unless_done`)."""
+    fd = -1
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # (Windows; a folder that cannot be opened)
+        pass
+    if fd < 0:  # (the block runs outside the except, which it would otherwise be chained to)
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # (ENOLCK, or EBADF on NFS: unlocked)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (which releases the lock)
+
+
+def replace_unless_done(src: str, dst: str, done: Callable[[], bool]) -> None:
+    """``os.replace(src, dst)``, where a ``src`` gone because another process renamed it into
+    place (a load that finished this save, or the save that a load is finishing) is fine when
+    ``done()`` says ``dst`` holds what ``src`` held.
+
+    Raises:
+        FileNotFoundError: ``src`` is gone and ``dst`` does not hold its content.
+        OSError: the rename failed otherwise.
+    """
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        if not done():
+            raise
+
+
+def _holds(file: str, entry: Any) -> bool:
+    """Whether ``file`` is the one a manifest's ``entry`` (``{"bytes", "sha256"}``) lists;
+    False where it is missing or unreadable."""
+    try:
+        return bool(os.path.getsize(file) == entry["bytes"] and _sha256(file) == entry["sha256"])
+    except (OSError, TypeError, KeyError):
+        return False
+
+
+def _holds_manifest(file: str, manifest: dict[str, Any]) -> bool:
+    """Whether the manifest ``file`` reads as ``manifest``; False where missing or damaged."""
+    try:
+        return _read_manifest(file) == manifest
+    except (OSError, ValueError):
+        return False
 
 
 def write_failed(number: int | None, why: str, file: str, hint: str = "") -> OSError:
@@ -123,15 +216,44 @@ def _read_manifest(file: str) -> dict[str, Any]:
 
 def _finish_save(path: str) -> bool:
     """Finishes a save interrupted between its renames, whose new files are all there (each
-    renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest;
-    returns whether it did."""
-    sources = _finishing_sources(path)
-    if sources is None:
+    renamed or still ``*.tmp``, checked against the new ``manifest.json.tmp``): renames the rest,
+    under the folder's lock (:func:`folder_lock`: a save under way is waited for); returns
+    whether it did. Not to be called holding that lock (a save calls
+    :func:`_finish_save_locked`).
+
+    Raises:
+        CheckpointError: the folder is read-only (or its files may not be renamed): naming it,
+            saying that a save was interrupted and how to load it.
+    """
+    with folder_lock(path):
+        return _finish_save_locked(path)
+
+
+def _finish_save_locked(path: str) -> bool:
+    """:func:`_finish_save`, its caller holding the folder's lock."""
+    found = _finishing_sources(path)
+    if found is None:
         return False
-    for name, file in sources.items():
-        if file != os.path.join(path, name):
-            os.replace(file, os.path.join(path, name))
-    os.replace(os.path.join(path, MANIFEST + ".tmp"), os.path.join(path, MANIFEST))
+    manifest, sources = found
+    tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
+    try:
+        for name, file in sources.items():
+            final = os.path.join(path, name)
+            if file != final:  # (renamed meanwhile by its saver, where the folder has no lock)
+                entry = manifest["files"][name]
+                replace_unless_done(file, final, functools.partial(_holds, final, entry))
+        final = os.path.join(path, MANIFEST)
+        done = functools.partial(_holds_manifest, final, manifest)
+        replace_unless_done(tmp_manifest, final, done)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise CheckpointError(
+            f"{path}: a save into this folder was interrupted between its renames (its new "
+            f"checkpoint is whole, in the files {MANIFEST}.tmp lists), and it cannot be finished "
+            f"here ({exc.strerror}: {exc.filename}): copy the folder to a writable place and "
+            "load it there (the load finishes the save), or make the folder writable"
+        ) from exc
     return True
 
 
@@ -141,9 +263,10 @@ def _finishable(path: str) -> bool:
     return _finishing_sources(path) is not None
 
 
-def _finishing_sources(path: str) -> dict[str, str] | None:
-    """``{name: the file holding its new content}`` of a save interrupted between its renames
-    whose new files are all there (see :func:`_finish_save`); ``None`` for any other folder."""
+def _finishing_sources(path: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The new manifest (``manifest.json.tmp``'s) and ``{name: the file holding its new
+    content}`` of a save interrupted between its renames whose new files are all there (see
+    :func:`_finish_save`); ``None`` for any other folder."""
     tmp_manifest = os.path.join(path, MANIFEST + ".tmp")
     try:
         manifest = _read_manifest(tmp_manifest)
@@ -152,19 +275,46 @@ def _finishing_sources(path: str) -> dict[str, str] | None:
             return None
         sources: dict[str, str] = {}
         for name, entry in files.items():
+            # (the .tmp first: one renamed while it is read is then found at its place)
             for file in (os.path.join(path, name + ".tmp"), os.path.join(path, name)):
-                if (
-                    os.path.exists(file)
-                    and os.path.getsize(file) == entry["bytes"]
-                    and _sha256(file) == entry["sha256"]
-                ):
+                if _holds(file, entry):
                     sources[name] = file
                     break
             else:
                 return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    return sources
+    return manifest, sources
+
+
+def verify_finishing(path: str) -> dict[str, Any]:
+    """:func:`verify_checkpoint`, finishing first a save interrupted between its renames (see
+    :func:`_finish_save`). A folder that fails while a save there is under way is checked again
+    once that save ends (the load waits for it where the folder can be locked); returns the
+    manifest.
+
+    Raises:
+        CheckpointError: as :func:`verify_checkpoint` and :func:`_finish_save` raise it.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    before = _stamp(manifest_path)
+    try:
+        return verify_checkpoint(path)
+    except CheckpointError:
+        with folder_lock(path):
+            # (a save that renamed its manifest meanwhile has replaced what failed)
+            if not _finish_save_locked(path) and _stamp(manifest_path) == before:
+                raise
+            return verify_checkpoint(path)
+
+
+def _stamp(file: str) -> tuple[int, int, int] | None:
+    """What changes when ``file`` is replaced (its inode, time and size); None: missing."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _interrupted_first_save(path: str) -> str | None:

@@ -1,11 +1,12 @@
 """Writing a checkpoint folder (the layout is in ``_checkpoint.py``'s docstring): the trainer's
 state checked to load again, its arrays and specs written beside their places, synced, then
-renamed into place. Apart from ``_checkpoint.py``, which reads a folder back, because a save and
-a load share only the layout and its checks."""
+renamed into place, all under the folder's lock. Apart from ``_checkpoint.py``, which reads a
+folder back, because a save and a load share only the layout and its checks."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -19,10 +20,15 @@ from ._checkpoint_files import (
     MANIFEST,
     SPEC,
     VERSION,
-    _finish_save,
+    _finish_save_locked,
+    _holds,
+    _holds_manifest,
     _sha256,
+    folder_lock,
+    give_open_mode,
     naming,
     naming_safetensors,
+    replace_unless_done,
 )
 from ._checkpoint_tree import ARRAYS, _split
 from ._runtime._run import RunState
@@ -69,8 +75,6 @@ def split_actor_state(name: str, state: Any, arrays: dict[str, np.ndarray]) -> A
 def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = None) -> None:
     """Writes the checkpoint folder ``path`` (see the module's docstring); ``fit`` is where the
     epoch stands (:meth:`Trainer.save`'s record), kept in the spec with the weights."""
-    from safetensors.numpy import save_file
-
     check_save_path(path)
     state = trainer.state
     _check_loadable(trainer, state)
@@ -132,11 +136,22 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     packed = msgpack.packb(spec, use_bin_type=True)
     made = not os.path.isdir(path)
     os.makedirs(path, exist_ok=True)
+    # (a load finishing an interrupted save waits for this one, and renames none of its files)
+    with folder_lock(path):
+        _write_and_rename(path, arrays, packed, made)
+
+
+def _write_and_rename(path: str, arrays: dict[str, np.ndarray], packed: bytes, made: bool) -> None:
+    """Writes the checkpoint's files beside their places in the folder ``path`` and renames them
+    into place (:func:`save_checkpoint`'s writing, which holds the folder's lock); ``made``: the
+    save made the folder, which a failure before the renames removes again."""
+    from safetensors.numpy import save_file
+
     if os.path.exists(os.path.join(path, MANIFEST + ".tmp")):
         # an earlier save interrupted between its renames: this one would write over the files
         # it still has to rename, and an interruption of this one would then leave neither
         # checkpoint whole
-        _finish_save(path)
+        _finish_save_locked(path)
     # Write beside (each file on disk before it is renamed), then rename, the manifest last: a
     # crash mid-save leaves the old checkpoint, or the new one in part renamed (which load
     # finishes: _finish_save), never a half-written file that loads.
@@ -148,11 +163,12 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     try:
         with naming_safetensors(tmp_arrays, hint), naming(tmp_arrays, hint):
             save_file(arrays, tmp_arrays)
+        give_open_mode(tmp_arrays)  # (safetensors made it 0600)
         _sync(tmp_arrays)
-        with naming(tmp_spec, hint), open(tmp_spec, "wb") as f:
-            f.write(packed)
+        with naming(tmp_spec, hint), open(tmp_spec, "wb") as spec_file:
+            spec_file.write(packed)
         _sync(tmp_spec)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "files": {
@@ -171,9 +187,14 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
             with contextlib.suppress(OSError):
                 os.rmdir(path)
         raise
-    os.replace(tmp_arrays, os.path.join(path, ARRAYS))
-    os.replace(tmp_spec, os.path.join(path, SPEC))
-    os.replace(tmp_manifest, os.path.join(path, MANIFEST))
+    # A load that found this save between its renames, where the folder could not be locked
+    # (Windows, some network file systems), finished it: its files are then in place already,
+    # and this save's checkpoint is the folder's.
+    for name, tmp in ((ARRAYS, tmp_arrays), (SPEC, tmp_spec)):
+        final, entry = os.path.join(path, name), manifest["files"][name]
+        replace_unless_done(tmp, final, functools.partial(_holds, final, entry))
+    final = os.path.join(path, MANIFEST)
+    replace_unless_done(tmp_manifest, final, functools.partial(_holds_manifest, final, manifest))
     _sync(path)
 
 

@@ -1,12 +1,13 @@
 """The checkpoints a fit writes to its ``checkpoint_dir``: the check of that folder before the
-fit (:func:`check_checkpoint_dir`: no later run's checkpoints there, nothing a save could not
-replace), and ``checkpoint_every``'s save at an epoch's end, rotated to the latest few. Apart
-from ``_checkpoint.py``, which writes and reads one checkpoint, because this is the folder of
-many that a fit keeps."""
+fit (:func:`check_checkpoint_dir`: one this process can write to, no later run's checkpoints
+there, nothing a save could not replace), and ``checkpoint_every``'s save at an epoch's end,
+rotated to the latest few. Apart from ``_checkpoint.py``, which writes and reads one checkpoint,
+because this is the folder of many that a fit keeps."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,12 +41,20 @@ def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
     folder holding a checkpoint's file names without being one) is refused here, not after
     the epochs before it have trained.
 
+    The folder is made where it is missing, and a file made and removed in it: one this process
+    cannot write to (read-only, another user's) is refused before any training, not by the
+    first checkpoint's save after an epoch has trained.
+
     Raises:
         ValueError: naming the folder, the entries and what to do instead.
+        OSError: the folder cannot be made or written to (of the system's errno: a
+            ``PermissionError`` where access is denied), naming ``checkpoint_dir``, the path and
+            the system's words.
     """
     from ._checkpoint import _is_checkpoint, check_save_path
     from ._checkpoint_files import _finishable
 
+    _check_writable(folder)
     names = _checkpoint_epochs(folder)
     later: list[int] = []
     refused: tuple[str, str] | None = None  # (the first entry a save cannot replace, why)
@@ -76,6 +85,26 @@ def check_checkpoint_dir(folder: str, epochs_done: int) -> None:
             f"save of that epoch could not replace it ({why}); remove or rename it, or give "
             "another (new or empty) checkpoint_dir"
         )
+
+
+def _check_writable(folder: str) -> None:
+    """Makes ``folder`` where it is missing, and a file in it, removed at once.
+
+    Raises:
+        OSError: of the system's errno, naming ``checkpoint_dir``, the path and what failed.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, trial = tempfile.mkstemp(prefix=".asyncnn-write-check-", dir=folder)
+        os.close(fd)
+        os.remove(trial)
+    except OSError as exc:
+        message = (
+            f"checkpoint_dir {folder!r} cannot be written to ({exc.strerror or exc}: "
+            f"{exc.filename or folder}): give a folder this process can write to; nothing was "
+            "trained"
+        )
+        raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
 
 
 def _save_rotating(trainer: Trainer, folder: str, epochs_done: int, keep: int) -> None:

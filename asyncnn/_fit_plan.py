@@ -148,8 +148,6 @@ def plan_fit(
                 f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is a file: name a folder "
                 "(it is made if missing)"
             )
-        if checkpoint_every is not None:
-            check_checkpoint_dir(os.fspath(checkpoint_dir), trainer.epochs_done)
     if trainer.cluster is not None and (validation_data is not None or checkpoint_every):
         raise ValueError(
             "validation_data and checkpoint_every need the weights during fit, which worker "
@@ -180,6 +178,10 @@ def plan_fit(
     for cb in callbacks:
         if isinstance(cb, EarlyStopping):
             cb._check_measured(metrics)
+    if checkpoint_dir is not None and checkpoint_every is not None:
+        # last of the checks, as it makes the folder where it is missing (a fit refused for
+        # another reason leaves none); before any training, a folder it cannot write refused
+        check_checkpoint_dir(os.fspath(checkpoint_dir), trainer.epochs_done)
     return _FitPlan(
         dataset, epochs, batch_size, shuffle, drop_last, validation, callbacks,
         None if checkpoint_dir is None else os.fspath(checkpoint_dir), checkpoint_every,

@@ -64,7 +64,9 @@ def save_safetensors(arrays: Mapping[str, Any], path: str | os.PathLike[str]) ->
     """Writes ``{name: array}`` (e.g. :func:`to_torch`'s) as a safetensors file, which
     ``safetensors.torch.load_file`` reads back as tensors, of their shapes (0-d ones too).
 
-    The file is written whole or not at all: beside ``path``, then renamed into place.
+    The file is written whole or not at all: beside ``path``, then renamed into place. It gets
+    the mode a file made by ``open()`` gets (0o666 less the umask), not the 0600 of the
+    temporary file safetensors writes through.
 
     Raises:
         TypeError: ``arrays`` not a mapping, a name that is not a str, or an entry that is no
@@ -75,7 +77,7 @@ def save_safetensors(arrays: Mapping[str, Any], path: str | os.PathLike[str]) ->
     """
     from safetensors.numpy import save_file
 
-    from ._checkpoint_files import naming_safetensors, write_failed
+    from ._checkpoint_files import give_open_mode, naming_safetensors, write_failed
 
     if not isinstance(arrays, Mapping):
         raise TypeError(
@@ -90,6 +92,7 @@ def save_safetensors(arrays: Mapping[str, Any], path: str | os.PathLike[str]) ->
         # (safetensors' error of a full disk is no OSError and names no file)
         with naming_safetensors(path, hint):
             save_file(entries, tmp)
+        give_open_mode(tmp)  # (safetensors made it 0600: others could not read it)
         try:
             os.replace(tmp, target)
         except OSError as exc:  # (it names the temporary file)

@@ -406,6 +406,8 @@ class Trainer:
                 any callback starts. With ``checkpoint_every``, also a custom actor's state
                 (as ``setup`` leaves it) that a checkpoint cannot hold: refused as the run
                 starts, before any training, with :meth:`save`'s message.
+            OSError: ``checkpoint_dir`` cannot be made or written to (read-only, another
+                user's; of the system's errno), naming it: refused before any training.
             RuntimeError: a fit is already running on this trainer (called from another
                 thread, or from a callback of that fit): one fit at a time, the second would
                 lose its updates to the first's.

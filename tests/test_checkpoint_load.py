@@ -513,3 +513,44 @@ def test_a_numpy_integer_step_a_state_held_loads_as_the_count(tmp_path):
     }
     assert all(type(s["step"]) is int for s in back.state.opt_states.values())
     back.fit(classification_data(32), epochs=1, batch_size=16)
+
+
+def test_a_save_interrupted_between_its_renames_on_a_read_only_folder_says_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the load's finishing of the save failed with a bare "OSError: [Errno 30] Read-only file
+    # system: '.../spec.msgpack.tmp' -> '.../spec.msgpack'", of no checkpoint and no remedy)
+    import errno
+    import os
+    import re
+
+    folder = str(tmp_path / "c")
+    tr = _sync_trainer()
+    tr.save(folder)
+    tr.fit(_data(), epochs=1, batch_size=8)
+    real, calls = os.replace, []
+
+    def interrupted(src: Any, dst: Any) -> None:
+        if calls:
+            raise KeyboardInterrupt  # after the first rename
+        calls.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(folder)
+
+    def read_only(src: Any, dst: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", src, None, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    before = sorted(os.listdir(folder))
+    with pytest.raises(CheckpointError, match=(
+        rf"^{re.escape(folder)}: a save into this folder was interrupted between its renames "
+        r".* cannot be finished here \(Read-only file system: .*spec\.msgpack\.tmp\): copy the folder to a "
+        r"writable place and load it there"
+    )):  # fmt: skip
+        ann.Trainer.load(folder)
+    assert sorted(os.listdir(folder)) == before  # nothing renamed, nothing removed
+    monkeypatch.setattr(os, "replace", real)
+    assert ann.Trainer.load(folder).state.minibatches == 4  # writable again: finished

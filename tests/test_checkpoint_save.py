@@ -338,3 +338,164 @@ def test_a_first_save_cut_off_before_its_renames_says_so(
         "arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack",
     ]  # fmt: skip
     assert_params_equal(ann.Trainer.load(folder).params, tr.params)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no POSIX modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+@pytest.mark.parametrize("proc", [True, False], ids=["umask-from-proc", "umask-swapped"])
+def test_every_file_of_a_checkpoint_gets_the_mode_open_gives(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, umask: int, proc: bool
+) -> None:
+    # (arrays.safetensors was 0600, as safetensors' temporary file is made, while spec.msgpack
+    # and manifest.json were 0644: another user read the spec and could not load the weights)
+    import asyncnn._checkpoint_files as files
+
+    if not proc:  # (a system without /proc/self/status: the umask read by setting it back)
+        monkeypatch.setattr(files, "_STATUS", str(tmp_path / "no-such-status"))
+    tr = _sync_trainer()
+    folder = tmp_path / "c"
+    old = os.umask(umask)
+    try:
+        tr.save(str(folder))
+        os.chmod(folder / "arrays.safetensors", 0o600)
+        tr.save(str(folder))  # a save over it gives the new file the mode too
+        assert os.umask(umask) == umask  # the umask left as it was
+    finally:
+        os.umask(old)
+    modes = {name: (folder / name).stat().st_mode & 0o777 for name in os.listdir(folder)}
+    assert modes == dict.fromkeys(
+        ["arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack"], 0o666 & ~umask
+    )
+
+
+_REPLACE = os.replace
+
+
+def _no_folder_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system refusing ``flock`` (some network ones): saves and loads run unlocked."""
+    fcntl = pytest.importorskip("fcntl")
+
+    def refused(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+
+
+@pytest.mark.parametrize("renames_done", [1, 2])
+def test_a_save_whose_renames_a_load_finished_meanwhile_succeeds(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, renames_done: int
+) -> None:
+    # (an evaluator's Trainer.load between a save's renames finished that save; the saver's next
+    # rename then found no spec.msgpack.tmp: a bare FileNotFoundError, which stopped the fit)
+    _no_folder_locks(monkeypatch)
+    data = _data()
+    folder = str(tmp_path / "c")
+    tr = _sync_trainer()
+    tr.save(folder)
+    tr.fit(data, epochs=1, batch_size=8)
+    real, loaded, calls = os.replace, [], []
+
+    def replace(src: Any, dst: Any) -> None:
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == renames_done and not loaded:
+            loaded.append(ann.Trainer.load(folder))  # a reader, between the saver's renames
+
+    monkeypatch.setattr(os, "replace", replace)
+    tr.save(folder)
+    monkeypatch.setattr(os, "replace", real)
+    assert loaded[0].state.minibatches == 4  # the reader got the new checkpoint, whole
+    assert_params_equal(loaded[0].params, tr.params)
+    assert sorted(os.listdir(folder)) == [
+        "arrays.safetensors", "fit.json", "manifest.json", "spec.msgpack",
+    ]  # fmt: skip
+    back = ann.Trainer.load(folder)
+    assert back.state.minibatches == 4
+    assert_params_equal(back.params, tr.params)
+
+
+def test_a_load_finishing_a_save_that_its_saver_finishes_meanwhile_loads_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the other order: the load found the save's files to rename, then the saver renamed them
+    # first; the load's own renames must take the files as done, not fail)
+    import asyncnn._checkpoint_files as files
+
+    _no_folder_locks(monkeypatch)
+    folder = str(tmp_path / "c")
+    tr = _sync_trainer()
+    tr.save(folder)
+    tr.fit(_data(), epochs=1, batch_size=8)
+    _interrupt_renames(monkeypatch, after=1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save(folder)
+    monkeypatch.setattr(os, "replace", _REPLACE)
+    real_sources = files._finishing_sources
+
+    def saver_finishes(path: str) -> Any:
+        found = real_sources(path)
+        for name in ("spec.msgpack", "manifest.json"):  # the saver's renames, done meanwhile
+            _REPLACE(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        return found
+
+    monkeypatch.setattr(files, "_finishing_sources", saver_finishes)
+    back = ann.Trainer.load(folder)
+    assert back.state.minibatches == 4
+    assert_params_equal(back.params, tr.params)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_a_load_during_a_save_waits_for_it_and_renames_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (where the system locks folders: the load waits for the save under way, so that neither
+    # renames the other's files; a later save then never has its files moved by a late load)
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+    folder = str(tmp_path / "c")
+    tr = _sync_trainer()
+    tr.save(folder)
+    tr.fit(_data(), epochs=1, batch_size=8)
+    paused, go, locking = threading.Event(), threading.Event(), threading.Event()
+    renamed_by: list[str] = []
+    real_flock = fcntl.flock
+
+    def replace(src: Any, dst: Any) -> None:
+        _REPLACE(src, dst)
+        renamed_by.append(threading.current_thread().name)
+        if len(renamed_by) == 1:  # the saver, between its first rename and its second
+            paused.set()
+            assert go.wait(30)
+
+    def flock(fd: int, op: int) -> None:
+        if threading.current_thread().name == "loader":
+            locking.set()  # (about to wait for the saver's lock)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    results: dict[str, Any] = {}
+
+    def run(name: str, work: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                results[name] = work()
+            except BaseException as exc:  # noqa: BLE001 - reported by the asserts below
+                results[name] = exc
+
+        thread = threading.Thread(target=target, name=name)
+        thread.start()
+        return thread
+
+    saver = run("saver", lambda: tr.save(folder))
+    assert paused.wait(30)
+    loader = run("loader", lambda: ann.Trainer.load(folder))
+    assert locking.wait(30)
+    go.set()
+    saver.join(30)
+    loader.join(30)
+    assert results["saver"] is None, results["saver"]
+    assert isinstance(results["loader"], ann.Trainer), results["loader"]
+    assert results["loader"].state.minibatches == 4
+    assert renamed_by == ["saver"] * 4  # (its three files, then fit.json)

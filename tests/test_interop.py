@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
 import warnings
 
@@ -748,6 +749,22 @@ def test_save_safetensors_writes_through_a_temporary_file_renamed_into_place(tmp
     save_safetensors({"b": np.ones(2)}, str(f))  # over the one there
     assert list(load_safetensors(f)) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no POSIX modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_save_safetensors_gives_the_file_the_mode_open_gives(tmp_path, umask):
+    # (it was 0600, as safetensors makes its temporary file, whatever the umask: a file others
+    # could not read where every file open() makes beside it was 0644)
+    f = tmp_path / "w.safetensors"
+    old = os.umask(umask)
+    try:
+        save_safetensors({"a": np.arange(3.0)}, f)
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # -- recurrent layers ------------------------------------------------------------------------------
