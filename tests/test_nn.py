@@ -416,6 +416,77 @@ def test_modules_compare_and_hash_by_value() -> None:
         nn.Linear(2, 3).in_features = 4  # type: ignore[misc]
 
 
+#: each module's integer arguments given through ``i``: ``int`` for the reference, a numpy
+#: integer type for the module under test (``nn.Linear(np.prod(shape), k)`` after a Flatten)
+INT_ARG_MODULES: list[Any] = [
+    lambda i: nn.Linear(i(16), i(10)),
+    lambda i: nn.Embedding(i(10), i(4), padding_idx=i(-1)),
+    lambda i: nn.Conv1d(i(2), i(4), i(3), stride=i(2), padding=i(1), dilation=i(2), groups=i(2)),
+    lambda i: nn.Conv2d(i(3), i(8), (i(3), 3), stride=(1, i(2)), padding=i(1), dilation=[i(2), 1]),
+    lambda i: nn.MaxPool1d(i(2)),
+    lambda i: nn.MaxPool2d((i(2), i(3)), stride=i(1), padding=(i(1), 0)),
+    lambda i: nn.AvgPool1d(i(3), stride=i(2), padding=i(1)),
+    lambda i: nn.AvgPool2d(i(2), stride=(i(1), i(2))),
+    lambda i: nn.LayerNorm(i(16)),
+    lambda i: nn.LayerNorm((i(4), 5)),
+    lambda i: nn.MultiHeadAttention(i(8), i(2)),
+    lambda i: nn.LSTMCell(i(3), i(4)),
+    lambda i: nn.GRUCell(i(3), i(4), bias=False),
+    lambda i: nn.LSTM(i(3), i(4), num_layers=i(2), bidirectional=True),
+    lambda i: nn.GRU(i(3), i(4), num_layers=i(2)),
+    lambda i: nn.LSTMCell(i(3), i(4)).loop_cell(),
+    lambda i: nn.Flatten(i(1), i(-1)),
+    lambda i: nn.Softmax(i(1)),
+    lambda i: nn.LogSoftmax(i(-1)),
+    lambda i: nn.CrossEntropyLoss(ignore_index=i(0)),
+    lambda i: dynamic.RNNCell(i(2), i(5)),
+    lambda i: dynamic.Loop(dynamic.RNNCell(i(2), i(5)), has_xs=True, max_steps=i(4)),
+    lambda i: dynamic.Router(nn.Linear(i(4), i(3)), experts=i(3), k=i(2), capacity=i(5)),
+    lambda i: dynamic.Merge(i(3)),
+    lambda i: nn.Sequential(nn.Flatten(), nn.Linear(i(16), i(10)), nn.Residual(nn.Linear(10, 10))),
+]
+
+
+def _numpy_scalars(value: Any, where: str) -> list[str]:
+    """The places in a module's fields (nested modules and tuples too) that hold a numpy scalar."""
+    if isinstance(value, nn.Module):
+        return [
+            p
+            for f in dataclasses.fields(value)
+            for p in _numpy_scalars(getattr(value, f.name), f"{where}.{f.name}")
+        ]
+    if isinstance(value, tuple | list):
+        return [p for k, v in enumerate(value) for p in _numpy_scalars(v, f"{where}[{k}]")]
+    return [where] if isinstance(value, np.generic) else []
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint16], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("make", INT_ARG_MODULES, ids=lambda f: f(int).__class__.__name__)
+def test_modules_take_numpy_integer_sizes_and_keep_plain_ints(make: Any, integer: Any) -> None:
+    # nn.Linear(np.prod((4, 4)), 10) said "in_features must be an int >= 1, got np.int64(16)";
+    # torch takes it, as asyncnn's ops did. (np.uint16 wraps -1 round: it stays a Python int)
+    cast = (lambda v: integer(v) if v >= 0 else int(v)) if integer is np.uint16 else integer
+    module, reference = make(cast), make(int)
+    assert module == reference and hash(module) == hash(reference)
+    assert repr(module) == repr(reference)
+    assert not _numpy_scalars(module, type(module).__name__)
+    spec = nn.to_spec(module)
+    assert spec == nn.to_spec(reference)
+    rebuilt = nn.from_spec(msgpack.unpackb(msgpack.packb(spec)))
+    assert rebuilt == reference and not _numpy_scalars(rebuilt, type(rebuilt).__name__)
+
+
+def test_a_module_of_numpy_sizes_initializes_and_runs_as_one_of_ints() -> None:
+    n = np.prod((4, 4))  # np.int64(16), a flattened size as a user computes it
+    model = nn.Sequential(nn.Flatten(), nn.Linear(n, np.int32(3)))
+    x = np.random.default_rng(0).standard_normal((2, 4, 4)).astype(np.float32)
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    p = model.init(0, offset=np.int64(0))
+    assert p[1]["weight"].shape == (16, 3)
+    np.testing.assert_array_equal(model(p, x), reference(reference.init(0), x))
+    assert model.flops((None, 4, 4)) == reference.flops((None, 4, 4))
+
+
 def test_flops_and_num_params() -> None:
     mlp = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
     assert mlp.flops((None, 40)) == 2 * (40 * 64 + 64 * 10)

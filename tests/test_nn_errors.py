@@ -162,6 +162,36 @@ def test_flatten_refuses_dims_that_are_not_ints(dims: Any) -> None:
         nn.Flatten(*dims)
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: nn.Linear(True, 3), "Linear: in_features must be an int >= 1, got True"),
+        (lambda: nn.Linear(np.True_, 3), "Linear: in_features must be an int >= 1, got np.True_"),
+        (lambda: nn.Linear(16.0, 3), "Linear: in_features must be an int >= 1, got 16.0"),
+        (lambda: nn.Linear(np.float64(16), 3), "Linear: in_features must be an int >= 1, got np.float64(16.0)"),
+        (lambda: nn.Linear(np.int64(0), 3), "Linear: in_features must be an int >= 1, got np.int64(0)"),
+        (lambda: nn.Linear(np.array([16]), 3), "Linear: in_features must be an int >= 1, got array([16])"),
+        (lambda: nn.Embedding(10, np.bool_(True)), "Embedding: embedding_dim must be an int >= 1, got np.True_"),
+        (lambda: nn.Conv2d(3, 8, (np.True_, 3)), "Conv2d: kernel_size must be an int or 2 ints >= 1, got (np.True_, 3)"),
+        (lambda: nn.Conv1d(np.int64(3), 8, 3.0), "Conv1d: kernel_size must be an int >= 1, got 3.0"),
+        (lambda: nn.Conv1d(2, 4, 3, groups=True), "Conv1d: groups must be an int >= 1, got True"),
+        (lambda: nn.MaxPool2d(np.int64(2), padding=np.int64(-1)), "MaxPool2d: padding must be an int or 2 ints >= 0, got np.int64(-1)"),
+        (lambda: nn.LayerNorm(np.True_), "LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got np.True_"),
+        (lambda: nn.LayerNorm((4, 5.0)), "LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got (4, 5.0)"),
+        (lambda: nn.MultiHeadAttention(8, True), "MultiHeadAttention: num_heads must be an int >= 1, got True"),
+        (lambda: nn.LSTM(3, 4, num_layers=np.True_), "LSTM: num_layers must be an int >= 1, got np.True_"),
+        (lambda: nn.GRUCell(3.0, 4), "GRUCell: input_size must be an int >= 1, got 3.0"),
+        (lambda: dynamic.RNNCell(np.True_, 4), "RNNCell: input_size must be an int >= 1, got np.True_"),
+        (lambda: nn.Flatten(np.True_), "Flatten: start_dim must be an int (an axis; negative counts from the end), got np.True_"),
+        (lambda: nn.Sequential().init(0, offset=True), "Sequential.init: offset must be an int >= 0, got True"),
+    ],
+)  # fmt: skip
+def test_integer_arguments_refuse_bools_and_floats(make: Any, match: str) -> None:
+    # numpy integers are taken (test_nn.py); bools, numpy bools and floats such as 16.0 are not
+    with pytest.raises(ValueError, match=f"^{re.escape(match)}$"):
+        make()
+
+
 def test_residual_shape_rule_refuses_a_module_that_changes_the_shape() -> None:
     model = nn.Sequential(nn.Residual(nn.Linear(3, 4)), nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"Residual: Linear\(.*maps shape \(1, 3\) to \(1, 4\)"):

@@ -13,9 +13,18 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from ._args import as_int
 from ._module import NO_DTYPE, Module, Shape, float_input_error
 
 __all__ = ["GELU", "Identity", "LogSoftmax", "ReLU", "Sigmoid", "Softmax", "Tanh"]
+
+
+def _plain_dim(module: Any) -> None:
+    # a numpy integer axis (x.ndim - 1) kept as a plain int, which a spec can carry; anything
+    # else is left as it was, for the op to refuse at the call
+    dim = as_int(module.dim)
+    if dim is not None:
+        object.__setattr__(module, "dim", dim)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,9 @@ class Softmax(_Elementwise):
 
     dim: int = -1
 
+    def __post_init__(self) -> None:
+        _plain_dim(self)
+
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)
             raise float_input_error(self, x)
@@ -95,6 +107,9 @@ class LogSoftmax(_Elementwise):
     """Log-softmax along ``dim``."""
 
     dim: int = -1
+
+    def __post_init__(self) -> None:
+        _plain_dim(self)
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # (the op refuses them, less clearly)

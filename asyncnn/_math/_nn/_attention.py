@@ -11,6 +11,7 @@ from asyncnn.backends import is_floating
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
+from ._args import store_sizes
 from ._module import (
     Initializer,
     Module,
@@ -96,10 +97,7 @@ class MultiHeadAttention(Module):
         return bool(self.dropout) or _reads_rng(type(self))
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "num_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MultiHeadAttention: {name} must be an int >= 1, got {v!r}")
+        store_sizes(self, "embed_dim", "num_heads")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"MultiHeadAttention: embed_dim {self.embed_dim} is not divisible by num_heads "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import _ops as ops
+from ._args import check_int
 from ._module import Initializer, Module, Shape, shape_of
 
 if TYPE_CHECKING:
@@ -88,10 +89,9 @@ class Sequential(Module):
         Raises:
             ValueError: a bad seed, dtype or offset.
         """
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"Sequential.init: offset must be an int >= 0, got {offset!r}")
+        start = check_int("Sequential.init", "offset", offset, 0)  # (a numpy int too)
         init = self._initializer(seed, backend, dtype)
-        return self._init_children(init.spawn(offset + len(self.modules))[offset:])
+        return self._init_children(init.spawn(start + len(self.modules))[start:])
 
     def init_params(self, init: Initializer) -> Any:
         return self._init_children(init.spawn(len(self.modules)))

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from ._args import as_int, store_sizes
 from ._module import (
     Initializer,
     Module,
@@ -26,19 +27,24 @@ __all__ = [
 
 
 def _ints(owner: str, name: str, value: Any, n: int, minimum: int) -> tuple[int, ...]:
-    vals = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(vals, tuple | list)
-        or len(vals) != n
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in vals)
-    ):
+    """``value`` (an int, or ``n`` of them) as ``n`` plain ints (numpy integers taken)."""
+    one = as_int(value)
+    if one is not None:
+        vals: tuple[int | None, ...] = (one,) * n
+    elif isinstance(value, tuple | list) and len(value) == n:
+        vals = tuple(as_int(v) for v in value)
+    else:
+        vals = (None,)
+    ints = tuple(v for v in vals if v is not None and v >= minimum)
+    if len(ints) != n:
         what = "an int" if n == 1 else f"an int or {n} ints"
         raise ValueError(f"{owner}: {name} must be {what} >= {minimum}, got {value!r}")
-    return tuple(vals)
+    return ints
 
 
 def _normalize(obj: Any, n: int, spec: dict[str, int]) -> None:
-    """Stores sizes as ints (1-d) or pairs (2-d), so Conv2d(.., 3) == Conv2d(.., (3, 3))."""
+    """Stores sizes as plain ints (1-d) or pairs (2-d), so Conv2d(.., 3) == Conv2d(.., (3, 3))
+    == Conv2d(.., np.int64(3))."""
     for name, minimum in spec.items():
         value = getattr(obj, name)
         if value is None:
@@ -83,9 +89,7 @@ class _ConvNd(Module):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _ints(owner, "in_channels", self.in_channels, 1, 1)
-        _ints(owner, "out_channels", self.out_channels, 1, 1)
-        _ints(owner, "groups", self.groups, 1, 1)
+        store_sizes(self, "in_channels", "out_channels", "groups")
         for name in ("in_channels", "out_channels"):
             if getattr(self, name) % self.groups:
                 raise ValueError(
@@ -219,8 +223,8 @@ class Conv1d(_ConvNd):
 
     Params: ``{"weight": (out_channels, in_channels // groups, kernel_size),
     "bias": (out_channels,)}``, both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
-    ``fan_in = in_channels // groups * kernel_size``. Sizes are ints; padding is zeros on both
-    sides.
+    ``fan_in = in_channels // groups * kernel_size``. Sizes are ints (a numpy integer is
+    stored as a plain int); padding is zeros on both sides.
 
     Attributes:
         groups: as torch's: the channels split into ``groups`` blocks, and output block ``i``
@@ -240,8 +244,8 @@ class Conv2d(_ConvNd):
     Params: ``{"weight": (out_channels, in_channels // groups, kh, kw),
     "bias": (out_channels,)}``, both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
     ``fan_in = in_channels // groups * kh * kw``. ``kernel_size``, ``stride``, ``padding`` and
-    ``dilation`` are ints or (height, width) pairs (stored as pairs, so
-    ``Conv2d(1, 8, 3) == Conv2d(1, 8, (3, 3))``).
+    ``dilation`` are ints or (height, width) pairs (stored as pairs of plain ints, so
+    ``Conv2d(1, 8, 3) == Conv2d(1, 8, (3, 3)) == Conv2d(1, 8, np.int64(3))``).
 
     Attributes:
         groups: as torch's: the channels split into ``groups`` blocks, and output block ``i``

@@ -13,6 +13,7 @@ from asyncnn.backends import to_numpy
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from ._args import store_sizes
 from ._module import (
     Initializer,
     Module,
@@ -29,18 +30,15 @@ _MATMUL = ops.PRIMITIVES["matmul"]
 _ADD = ops.PRIMITIVES["add"]
 
 
-def _check_size(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Linear(Module):
     """``y = x @ weight + bias`` on the last axis of ``x``.
 
     Params: ``{"weight": (in_features, out_features), "bias": (out_features,)}``; the weight is
     stored (in, out), the transpose of torch's. Initialized as torch does:
-    ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` for both.
+    ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` for both. The sizes may be numpy integers
+    (``Linear(np.prod(shape), k)`` after a Flatten), stored as plain ints, as every module's
+    integer arguments are.
     """
 
     in_features: int
@@ -48,8 +46,7 @@ class Linear(Module):
     bias: bool = True
 
     def __post_init__(self) -> None:
-        _check_size("Linear", "in_features", self.in_features)
-        _check_size("Linear", "out_features", self.out_features)
+        store_sizes(self, "in_features", "out_features")
         check_flags(self, "bias")
 
     def _expected(self) -> dict[str, Shape]:
@@ -127,8 +124,7 @@ class Embedding(Module):
     padding_idx: int | None = None
 
     def __post_init__(self) -> None:
-        _check_size("Embedding", "num_embeddings", self.num_embeddings)
-        _check_size("Embedding", "embedding_dim", self.embedding_dim)
+        store_sizes(self, "num_embeddings", "embedding_dim")
         index, n = self.padding_idx, self.num_embeddings
         if index is None:
             return

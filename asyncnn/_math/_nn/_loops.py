@@ -19,6 +19,7 @@ from asyncnn.backends import to_numpy
 from .. import _ops as ops
 from .._data import _check_index
 from .._pytree import tree_leaves
+from ._args import store_sizes
 from ._module import Initializer, Module, Shape, check_params, fan_in_bound, float_input_error
 
 __all__ = ["OUTPUTS", "Loop", "RNNCell", "check_lengths", "planned_row_steps", "stop_rows"]
@@ -281,10 +282,7 @@ class RNNCell(Module):
     hidden_size: int
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "hidden_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"RNNCell: {name} must be an int >= 1, got {v!r}")
+        store_sizes(self, "input_size", "hidden_size")
 
     def _expected(self) -> dict[str, Shape]:
         i, h = self.input_size, self.hidden_size

@@ -9,6 +9,7 @@ from typing import Any
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
+from ._args import as_int
 from ._module import Initializer, Module, Shape, check_flags, check_params, float_input_error
 
 __all__ = ["LayerNorm"]
@@ -20,7 +21,7 @@ class LayerNorm(Module):
 
     Params: ``{"weight": normalized_shape, "bias": normalized_shape}`` (ones and zeros); only
     ``weight`` when ``bias=False``; none when ``elementwise_affine=False``. ``normalized_shape`` is
-    an int or a tuple, stored as a tuple.
+    an int or a tuple of them (numpy integers too), stored as a tuple of plain ints.
     """
 
     normalized_shape: Any
@@ -30,18 +31,17 @@ class LayerNorm(Module):
 
     def __post_init__(self) -> None:
         shape = self.normalized_shape
-        if isinstance(shape, int) and not isinstance(shape, bool):
-            shape = (shape,)
-        if (
-            not isinstance(shape, tuple | list)
-            or not shape
-            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)
-        ):
+        one = as_int(shape)  # (a numpy integer too, np.prod(x.shape[1:]); stored as an int)
+        dims: list[int | None] = [one] if one is not None else []
+        if one is None and isinstance(shape, tuple | list):
+            dims = [as_int(d) for d in shape]
+        sizes = tuple(d for d in dims if d is not None and d >= 1)
+        if not sizes or len(sizes) != len(dims):
             raise ValueError(
                 f"LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got "
                 f"{self.normalized_shape!r}"
             )
-        object.__setattr__(self, "normalized_shape", tuple(shape))
+        object.__setattr__(self, "normalized_shape", sizes)
         check_flags(self, "elementwise_affine", "bias")
         # a type first: a string failed comparing ('>' not supported), True was taken as 1
         eps = _real("LayerNorm", "eps", self.eps)

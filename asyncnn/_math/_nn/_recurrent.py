@@ -16,6 +16,7 @@ from typing import Any
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
+from ._args import store_sizes
 from ._module import (
     Initializer,
     Module,
@@ -34,11 +35,6 @@ _MATMUL = ops.PRIMITIVES["matmul"]
 _ADD = ops.PRIMITIVES["add"]
 _MULTIPLY = ops.PRIMITIVES["multiply"]
 _SUBTRACT = ops.PRIMITIVES["subtract"]
-
-
-def _check_size(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
 
 
 def _shape(x: Any) -> Shape:
@@ -112,8 +108,7 @@ class _Cell(Module):
     _GATES = 0
 
     def __post_init__(self) -> None:
-        _check_size(type(self).__name__, "input_size", self.input_size)
-        _check_size(type(self).__name__, "hidden_size", self.hidden_size)
+        store_sizes(self, "input_size", "hidden_size")
         check_flags(self, "bias")
 
     def _expected(self) -> dict[str, Shape]:
@@ -318,8 +313,7 @@ class _Recurrent(Module):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for name in ("input_size", "hidden_size", "num_layers"):
-            _check_size(owner, name, getattr(self, name))
+        store_sizes(self, "input_size", "hidden_size", "num_layers")
         check_flags(self, "bias", "batch_first", "bidirectional", "return_state")
         if not self.batch_first:
             # a graph cuts its inputs into microbatches along the first axis: time-first input

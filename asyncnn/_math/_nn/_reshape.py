@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from ._args import as_int
 from ._module import NO_DTYPE, Module, Shape, float_input_error
 
 __all__ = ["Dropout", "Flatten"]
@@ -23,11 +24,13 @@ class Flatten(Module):
     def __post_init__(self) -> None:
         for name in ("start_dim", "end_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            axis = as_int(value)  # (a numpy integer is stored as a plain int)
+            if axis is None:
                 raise ValueError(
                     f"Flatten: {name} must be an int (an axis; negative counts from the end), "
                     f"got {value!r}"
                 )
+            object.__setattr__(self, name, axis)
 
     def _span(self, ndim: int) -> tuple[int, int]:
         start = self.start_dim + ndim if self.start_dim < 0 else self.start_dim

@@ -19,6 +19,7 @@ from asyncnn.backends import is_floating
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._data import _check_index
+from ._args import as_int
 from ._module import Initializer, Module
 
 __all__ = [
@@ -132,6 +133,13 @@ class Merge(Module):
     were dropped)."""
 
     experts: int
+
+    def __post_init__(self) -> None:
+        # a numpy integer kept as a plain int, which a spec can carry (the graph's checks
+        # compare it with its router's experts)
+        experts = as_int(self.experts)
+        if experts is not None:
+            object.__setattr__(self, "experts", experts)
 
     def init_params(self, init: Initializer) -> Any:
         return {}
