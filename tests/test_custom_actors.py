@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any
 
 import numpy as np
@@ -673,6 +674,14 @@ class SetupTypeFails(ann.LayerActor):
         self.n = len(sizes)  # (a TypeError of the user's own code, not of the call)
 
 
+class SetupReturnsAwaitable(ann.LayerActor):
+    def setup(self) -> Any:
+        async def later() -> None:
+            pass
+
+        return later()
+
+
 class LoadFails(ann.LayerActor):
     def actor_state(self) -> Any:
         return {"seen": 0}
@@ -707,6 +716,85 @@ def test_a_setup_or_state_load_that_raises_names_the_layer(actor, args, hook, ma
     assert (info.value.actor, info.value.kind, info.value.key) == ("b", hook, None)
     causes = {"setup": (ValueError, TypeError), "load_actor_state": (KeyError,)}
     assert type(info.value.__cause__) in causes[hook]
+
+
+@pytest.mark.parametrize(
+    ("actor", "args", "state", "hook", "said"),
+    [
+        (SetupFails, {"path": "t.npy"}, None, "setup",
+         "actor 'b' failed in SetupFails.setup: ValueError: no such table: 't.npy'"),
+        (LoadFails, {}, {"seen": 1}, "load_actor_state",
+         "actor 'b' failed in LoadFails.load_actor_state: KeyError: 'count'"),
+        # asyncnn's own refusals, which name the layer
+        (ann.LayerActor, {}, {"seen": 1}, "load_actor_state",
+         "layer 'b': LayerActor was given actor state but keeps none"),
+        (SetupReturnsAwaitable, {}, None, "setup",
+         "layer 'b': SetupReturnsAwaitable.setup returned an awaitable"),
+    ],
+    ids=["setup", "load", "load-stateless", "setup-awaitable"],
+)  # fmt: skip
+def test_a_failed_setup_or_state_load_is_recorded_in_the_trace(
+    tmp_path, actor, args, state, hook, said
+):
+    # (the trace of such a run held no event at all: its summary showed no error, nothing said
+    # why the run had done nothing)
+    path = str(tmp_path / "setup.trace")
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(6, 4), x)
+    h = g.layer("b", nn.Linear(4, 3), h, actor=actor, actor_args=args)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), dtype="float64", trace=path
+    )
+    if state is not None:
+        tr.state.actor_states["b"] = state
+    with pytest.raises(Exception, match=re.escape(said)):
+        tr.fit(_data(), batch_size=16)
+    errors = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert [(e.actor, e.kind, e.key) for e in errors] == [("b", hook, -1)]
+    assert said in errors[0].meta["error"]
+    summary = ann.trace.summary(path)
+    assert len(summary["errors"]) == 1 and said in summary["errors"][0]
+
+
+def _setup_fails_on_b(worker: int | None = None) -> ann.Graph:
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(6, 4), x)
+    h = g.layer(
+        "b", nn.Linear(4, 3), h, actor=SetupFails, actor_args={"path": "t.npy"}, worker=worker
+    )
+    g.loss("loss", nn.CrossEntropyLoss(), h, y, worker=worker)
+    return g
+
+
+@pytest.mark.anyio
+async def test_a_failed_setup_of_an_open_run_is_recorded_in_its_trace(tmp_path):
+    path = str(tmp_path / "setup.trace")
+    g = _setup_fails_on_b()
+    with pytest.raises(ann.ActorError, match="SetupFails.setup: ValueError") as info:
+        async with ann.open_run(g, optim.SGD(lr=0.1), policies.Sync(), trace=path):
+            pass
+    assert (info.value.actor, info.value.kind) == ("b", "setup")
+    (error,) = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert (error.actor, error.kind, error.meta["error"]) == ("b", "setup", str(info.value))
+
+
+def test_a_failed_setup_on_a_worker_is_recorded_once(tmp_path):
+    # the driver's trace records a worker's error: the worker's part must not record it again
+    path = str(tmp_path / "setup.trace")
+    g = _setup_fails_on_b(worker=0)
+    with ann.cluster.LocalCluster(workers=1) as cluster:
+        tr = ann.Trainer(
+            g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=path, cluster=cluster
+        )
+        with pytest.raises(ann.ActorError, match="SetupFails.setup: ValueError"):
+            tr.fit(_data(), batch_size=16)
+    errors = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert [(e.actor, e.kind) for e in errors] == [("b", "setup")]
 
 
 class StateFails(ann.LayerActor):

@@ -3,6 +3,7 @@ before anything runs, each with the reason."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -609,3 +610,126 @@ def test_graphs_whose_sends_vary_in_rows_replay_whole_and_alone(tmp_path):
         assert_params_equal(rep.params, tr.params)
         for actor in actors:
             assert ann.replay(path, actor=actor).identical, actor
+
+
+class StateBreaks(HalvingGradient):
+    """HalvingGradient whose ``actor_state`` raises once it has done ``after`` backwards (0:
+    always), while ``StateBreaks.breaks`` holds (a test clears it to replay without the
+    failure)."""
+
+    breaks: ClassVar[bool] = True
+
+    def setup(self, after: int = 0) -> None:  # type: ignore[override]
+        super().setup()
+        self.breaks_after, self.backwards_done = after, 0
+
+    def actor_state(self) -> Any:
+        if StateBreaks.breaks and self.backwards_done >= self.breaks_after:
+            raise KeyError("state broke")
+        return {"factor": np.asarray(self.factor), "done": np.asarray(self.backwards_done)}
+
+    def load_actor_state(self, state: Any) -> None:
+        super().load_actor_state(state)
+        self.backwards_done = int(state["done"])
+
+    async def on_backward(self, key: int, grad: Any, meta: dict[str, Any]) -> Any:
+        self.backwards_done += 1
+        return await super().on_backward(key, grad, meta)
+
+
+_STATE_BROKE = "actor 'b' failed in StateBreaks.actor_state: KeyError: 'state broke'"
+
+# read at the fit's end (Async), at a step point (Sync), in the fit's own on_loss with keys
+# still in flight (PipeDream2BW, once b has done a backward)
+_STATE_READS = pytest.mark.parametrize(
+    ("policy", "after"),
+    [(policies.Async(max_active_keys=3), 0), (policies.Sync(), 0), (policies.PipeDream2BW(2), 1)],
+    ids=["async-at-the-end", "sync-at-a-step", "2bw-in-on-loss"],
+)
+
+
+def _state_breaks_run(tmp_path: Any, policy: Any, after: int) -> str:
+    """The trace (payloads 'all') of a fit that failed in b's ``actor_state``."""
+    g = ann.Graph()
+    x = g.input("x", (None, 5))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("a", nn.Linear(5, 8), x)
+    h = g.layer("b", nn.Linear(8, 3), h, actor=StateBreaks, actor_args={"after": after})
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    path = str(tmp_path / "broke.trace")
+    tr = ann.Trainer(
+        g, optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64", trace=path,
+        trace_payloads="all",
+    )  # fmt: skip
+    with pytest.raises(ann.ActorError, match=re.escape(_STATE_BROKE)):
+        tr.fit(_data(32), batch_size=8)
+    return path
+
+
+@pytest.mark.timeout(20)  # (the 2BW replay waited out its 30 s stall timeout)
+@_STATE_READS
+def test_a_replay_of_a_run_whose_actor_state_raised_fails_there_again(tmp_path, policy, after):
+    # the replay never called actor_state: it called the run identical (or, where the fit had
+    # keys in flight when the read failed, stalled waiting for them)
+    path = _state_breaks_run(tmp_path, policy, after)
+    for alone in (None, "b"):
+        with pytest.raises(ann.ActorError, match=re.escape(_STATE_BROKE)) as info:
+            ann.replay(path, actor=alone)
+        assert (info.value.actor, info.value.kind, info.value.key) == ("b", "actor_state", None)
+        assert isinstance(info.value.__cause__, KeyError)
+    # another actor replayed alone does not reach it, and says that the run failed
+    other = ann.replay(path, actor="a")
+    assert other.identical and other.recorded_error is not None
+    assert _STATE_BROKE in other.recorded_error
+
+
+@pytest.mark.timeout(20)
+@_STATE_READS
+def test_a_replay_whose_actor_state_does_not_raise_where_the_runs_did_is_no_identical_run(
+    tmp_path, monkeypatch, policy, after
+):
+    path = _state_breaks_run(tmp_path, policy, after)
+    monkeypatch.setattr(StateBreaks, "breaks", False)  # the replay's actor_state returns
+    for alone in (None, "b"):
+        rep = ann.replay(path, actor=alone)
+        assert not rep.identical
+        d = rep.first_divergence
+        assert d is not None and (d.actor, d.kind) == ("b", "actor_state")
+        assert _STATE_BROKE in str(d) and "returned" in str(d)
+        assert _STATE_BROKE in (rep.recorded_error or "")
+
+
+def test_a_replay_stopped_before_a_recorded_failure_says_that_the_run_failed(tmp_path):
+    path = _state_breaks_run(tmp_path, policies.Async(max_active_keys=3), 0)
+    rep = ann.replay(path, stop_at_key=0)
+    assert rep.identical and rep.stopped_at is not None
+    assert _STATE_BROKE in (rep.recorded_error or "")
+    # a run that ended well recorded no error
+    clean = tmp_path / "clean.trace"
+    ann.Trainer(
+        _stateful_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), trace=str(clean)
+    ).fit(_data(16), batch_size=8)
+    assert ann.replay(clean).recorded_error is None
+
+
+class SetupBreaks(ann.LayerActor):
+    def setup(self) -> None:
+        raise ValueError("no such table")
+
+
+def test_a_replay_of_a_run_whose_setup_raised_fails_there_again(tmp_path):
+    path = str(tmp_path / "setup.trace")
+    tr = ann.Trainer(
+        _stateful_graph(SetupBreaks), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+        trace=path,
+    )  # fmt: skip
+    with pytest.raises(ann.ActorError, match="SetupBreaks.setup: ValueError") as run_err:
+        tr.fit(_data(16), batch_size=8)
+    with pytest.raises(ann.ActorError, match="SetupBreaks.setup: ValueError") as replay_err:
+        ann.replay(path)
+    run, rep = run_err.value, replay_err.value
+    assert (
+        (rep.actor, rep.kind, str(rep))
+        == (run.actor, run.kind, str(run))
+        == ("b", "setup", str(run))
+    )

@@ -388,6 +388,14 @@ class Recorder:
         return named
 
     @property
+    def records_errors(self) -> bool:
+        """Whether a run's errors are written to this trace: not to a worker's part of a
+        cluster's trace (its header names the worker, see ``docs/trace_format.md``), whose
+        driver's trace records the run's error, a worker's included (written here too, the
+        merged trace would hold it twice)."""
+        return "worker" not in self._head
+
+    @property
     def header_pending(self) -> bool:
         """Whether the header still takes fields (:meth:`complete_header`)."""
         return not self._head_ready.is_set()

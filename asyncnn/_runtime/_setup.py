@@ -19,7 +19,24 @@ __all__ = ["_hook_failed", "_set_up"]
 
 def _set_up(actor: Any, node: Any, state: Any) -> None:
     """Runs a new actor's ``setup`` with its node's arguments, then restores its own state
-    (a copy: an actor that changes it in place must not change the caller's ``RunState``)."""
+    (a copy: an actor that changes it in place must not change the caller's ``RunState``).
+    A failure of either is written to the run's trace as the actor's error (kind ``"setup"``
+    or ``"load_actor_state"``) before it is raised: it fails the run before the actors serve,
+    where the run's own reporting (``hosting``) writes nothing, and the trace of such a run
+    said nothing of why it did nothing."""
+    hook = "setup"
+    try:
+        _setup(actor, node)
+        if state is not None:
+            hook = "load_actor_state"
+            _load(actor, node, state)
+    except Exception as exc:
+        _record_failure(actor, node.name, hook, exc)
+        raise
+
+
+def _setup(actor: Any, node: Any) -> None:
+    """Calls ``actor.setup`` with ``node``'s arguments, each failure named."""
     cls = type(actor)
     check_sync_hooks(node.name, cls)  # (a graph whose node was given its actor later)
     where = f"layer {node.name!r}: "
@@ -44,15 +61,29 @@ def _set_up(actor: Any, node: Any, state: Any) -> None:
             "does not await; setup must be a plain def that configures the actor and returns "
             "None"
         )
-    if state is not None:
-        state = copy.deepcopy(state)
-        if not _custom_hook(cls, "load_actor_state"):
-            actor.load_actor_state(state)  # (asyncnn's own: its refusal names the layer)
-            return
-        try:
-            actor.load_actor_state(state)
-        except Exception as exc:
-            raise _hook_failed(node.name, cls, "load_actor_state", exc) from exc
+
+
+def _load(actor: Any, node: Any, state: Any) -> None:
+    """Gives ``actor`` a copy of its own ``state`` (``load_actor_state``), a failure named."""
+    cls = type(actor)
+    state = copy.deepcopy(state)
+    if not _custom_hook(cls, "load_actor_state"):
+        actor.load_actor_state(state)  # (asyncnn's own: its refusal names the layer)
+        return
+    try:
+        actor.load_actor_state(state)
+    except Exception as exc:
+        raise _hook_failed(node.name, cls, "load_actor_state", exc) from exc
+
+
+def _record_failure(actor: Any, name: str, hook: str, error: Exception) -> None:
+    """Writes the error of layer ``name``'s set-up ``hook`` to the run's trace, as an actor's
+    error is written (``record_error``): the layer, the hook as its kind, no key, the text.
+    Not on a cluster's worker: the driver's trace records a worker's failure."""
+    recorder = getattr(getattr(actor, "ctx", None), "recorder", None)
+    if recorder is None or not recorder.records_errors:
+        return
+    recorder.event(name, "error", hook, -1, meta={"error": str(error) or type(error).__name__})
 
 
 def _hook_failed(name: str, cls: type, hook: str, exc: Exception) -> ActorError:

@@ -41,7 +41,10 @@ class Divergence:
         seq: that actor's processing sequence number (its ``seq``-th piece of work).
         key: the key it was working on; ``kind``: forward or backward, ``"update"`` where
             the weights an update made differ, or where an update was made (``key``: the
-            backward that made it), or ``"loss"`` where a loss actor's loss value differs.
+            backward that made it), ``"loss"`` where a loss actor's loss value differs, or
+            ``"actor_state"`` where a custom actor's ``actor_state`` raised in the recorded run
+            and returned in the replay (``key`` -1: no key's work; ``seq``: the computes it
+            had done, the read coming after them; ``expected``: the recorded error's text).
         peer: where the differing message went (empty for an update or a loss).
         expected / got: the digests (for a reordering, the operations; for an update made at
             another compute, each one's ``(seq, kind, key)``; for a loss, the two values)
@@ -66,9 +69,11 @@ class Divergence:
             f"; max |difference| {self.max_abs_diff:.3g}" if self.max_abs_diff is not None else ""
         )
         to = f" to {self.peer!r}" if self.peer else ""
+        # (an actor_state read is no key's work: "the actor_state of key -1" named a key)
+        of = f" of key {self.key}" if self.key >= 0 else ""
         return (
-            f"first divergence at actor {self.actor!r}, sequence {self.seq}: the {self.kind} of "
-            f"key {self.key}{to}: {self.reason}{size}"
+            f"first divergence at actor {self.actor!r}, sequence {self.seq}: the {self.kind}"
+            f"{of}{to}: {self.reason}{size}"
         )
 
 

@@ -4,7 +4,9 @@ Actors are deterministic functions of the messages they process and of the order
 them in, so forcing each actor's recorded order (and feeding the recorded inputs) reproduces the
 run bit for bit, whatever its policy. Every tensor an actor sends is checked against the recorded
 digest, and so are the weights each update made (and where it was made) and each loss value;
-the first difference is reported.
+the first difference is reported. A run that failed in an actor fails there again: in a
+module's or hook's work as it replays, in a custom actor's ``actor_state`` (which a fit calls as
+it goes) once the actor has done its recorded work, where the replay reads it as the run did.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from asyncnn._runtime._lifecycle import internal_trace, maybe_pool, run_trio
 from asyncnn._runtime._messages import Message
 from asyncnn._runtime._open_run import open_run
 from asyncnn._runtime._run import Run, RunState
+from asyncnn._runtime._setup import _hook_failed
 from asyncnn._runtime._wrapped import Replay
 from asyncnn.backends import get_backend
 
@@ -36,6 +39,7 @@ from ._compare import (
     send_divergences,
     update_divergences,
 )
+from ._event import Event
 from ._orders import check_orders_possible
 from ._read import Trace, payload_array, read
 from ._replayable import Checked, check_replayable
@@ -62,6 +66,12 @@ class ReplayResult:
             trace records them): every loss actor's in a whole replay (those it got to, where
             a hook stopped it), the actor's own where a loss actor is replayed alone, empty
             where a layer is.
+        recorded_error: the error the recorded run ended with (the text of its trace's first
+            ``error`` event), which this replay did not raise: a failure of an actor it did
+            not replay (one actor replayed alone), one a hook's stop came before, one outside
+            the actors (a callback's), or an ``actor_state`` that returned in the replay (then
+            also ``first_divergence``, of kind ``"actor_state"``); None where the run recorded
+            no error. (A replay that reaches the failure raises it, as the run did.)
     """
 
     identical: bool
@@ -70,10 +80,69 @@ class ReplayResult:
     params: dict[str, Any] = field(default_factory=dict)
     stopped_at: tuple[str, int, str, int] | None = None
     losses: dict[str, dict[int, float]] = field(default_factory=dict)
+    recorded_error: str | None = None
 
 
 class _Stop(Exception):
     pass
+
+
+class _StatesRead(Exception):
+    """The actors whose ``actor_state`` raised in the recorded run returned in the replay (it
+    ends the replay's run, which may hold keys in flight that no recorded work finishes)."""
+
+
+def _state_failures(trace: Trace, actors: set[str], layers: list[str]) -> dict[str, Event]:
+    """The recorded ``error`` events of a custom actor's ``actor_state`` (kind
+    ``"actor_state"``) among ``actors``, by layer: a fit reads its actors' states as it goes,
+    and such a run failed at a read, with no work of that actor left undone."""
+    return {
+        e.actor: e
+        for e in trace.events
+        if e.what == "error" and e.kind == "actor_state" and e.actor in actors
+        and e.actor in layers
+    }  # fmt: skip
+
+
+def _read_failed_states(run: Run, failed: dict[str, Event]) -> None:
+    """Reads the state of each actor whose ``actor_state`` raised in the recorded run, as the
+    run did once that actor's recorded work was done: raises the same error
+    (:class:`~asyncnn.ActorError`, kind ``"actor_state"``, the exception as its cause), or
+    :class:`_StatesRead` where every one returned."""
+    for name in run.layers:  # (in the order a run reads them)
+        if name in failed:
+            a = run.local[name]
+            try:
+                a.actor_state()
+            except Exception as exc:
+                raise _hook_failed(name, type(a), "actor_state", exc) from exc
+    raise _StatesRead
+
+
+def _unraised(
+    failed: dict[str, Event], orders: dict[str, list[tuple[str, int]]]
+) -> list[tuple[float, Divergence]]:
+    """The divergence of each actor whose ``actor_state`` raised in the recorded run and
+    returned in the replay, at the recorded error's time (after the actor's work)."""
+    return [
+        (
+            e.time,
+            Divergence(
+                name,
+                len(orders[name]),
+                -1,
+                "actor_state",
+                expected=str(e.meta.get("error", "")),
+                got=None,
+                reason=(
+                    f"the recorded run failed here, reading the actor's own state: "
+                    f"{e.meta.get('error', '')!r:.300}; the replay's actor_state() returned, "
+                    f"after the same {len(orders[name])} computes"
+                ),
+            ),
+        )
+        for name, e in failed.items()
+    ]
 
 
 def _orders(trace: Trace, actors: list[str]) -> dict[str, list[tuple[str, int]]]:
@@ -216,15 +285,28 @@ def replay(
     fed: dict[int, dict[str, Any]] = {}
     if actor is not None:
         fed = _check_fed(trace, graph, actor)
+    actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
+    # a custom actor's actor_state that raised in the run: read again where the run read it
+    state_failures = _state_failures(trace, actors, graph.layers)
+    unraised: list[tuple[float, Divergence]] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "replay.trace")
         stopped: list[tuple[str, int, str, int]] = []  # where the hook first stopped the replay
         params: dict[str, Any] = {}
         running: list[Run] = []  # the run, once open (the hook reads its weights)
-        finished = anyio.Event()  # the actor replayed alone has done all its recorded work
-        alone = 0 if actor is None else len(orders[actor])
-
-        done = [0]  # the ops the actor replayed alone has done (its wait's progress)
+        # the actors whose recorded work the replay waits for (rather than for its keys to
+        # finish): the actor replayed alone; every actor where the run failed reading an
+        # actor's state, with keys in flight that no recorded work finishes (a read by the
+        # fit's own on_loss)
+        waited = (
+            [actor] if actor is not None
+            else [*graph.layers, *graph.losses] if state_failures else []
+        )  # fmt: skip
+        progress = dict.fromkeys(waited, 0)  # each one's ops done (its wait's progress)
+        unfinished = {n for n in waited if orders[n]}
+        finished = anyio.Event()  # the actors waited for have done all their recorded work
+        if not unfinished:
+            finished.set()
 
         def on_op(name: str, seq: int, kind: str, key: int) -> None:
             if stopped:
@@ -232,10 +314,12 @@ def replay(
                 # its cancellation reaches them) neither calls the hook nor takes the weights
                 # again, which are those at the stop
                 raise _Stop(stopped[0])
-            if name == actor:
-                done[0] = seq + 1
-                if seq + 1 >= alone:
-                    finished.set()
+            if name in progress:
+                progress[name] = seq + 1
+                if seq + 1 >= len(orders[name]):
+                    unfinished.discard(name)
+                    if not unfinished:
+                        finished.set()
             # (a loss actor has no parameters)
             if hook is not None and hook(
                 name, seq, kind, key, getattr(running[0].actors[name], "params", {})
@@ -283,13 +367,16 @@ def replay(
                 # the run: a drain would go on with the work admitted
                 if actor is None:
                     await _feed_inputs(run, trace)
-                    await run.drain()
                 else:
                     await _feed_actor(run, trace, actor, fed)
-                    if alone:
-                        await _wait_alone(finished, done, orders[actor], actor, trace.path)
+                if waited:
+                    await _wait_recorded(finished, progress, orders, actor, trace.path)
+                else:
+                    await run.drain()
                 if not stopped:
                     params.update(run.params)
+                    if state_failures:  # raises the run's error, or _StatesRead
+                        _read_failed_states(run, state_failures)
 
         try:
             # (its trace is the replay's own: a warning that it names classes of __main__ is
@@ -299,16 +386,19 @@ def replay(
                 run_trio(main)
         except _Stop:
             pass  # (``stopped`` holds the first stop, which every later one names)
+        except _StatesRead:
+            unraised = _unraised(state_failures, orders)
         replayed = read(out)
-    actors = {actor} if actor is not None else set(graph.layers) | set(graph.losses)
     # a replay stopped by a hook is checked as far as it went
     sends, found = send_divergences(trace, replayed, actors, bool(stopped))
     updates, found_at_updates = update_divergences(trace, replayed, actors, bool(stopped))
     losses, found_at_losses = loss_divergences(trace, replayed, actors, bool(stopped))
-    first = earliest(found + found_at_updates + found_at_losses)
+    first = earliest(found + found_at_updates + found_at_losses + unraised)
+    errors = [e for e in trace.events if e.what == "error"]
     return ReplayResult(
         first is None, sends + updates + losses, first, params,
         stopped[0] if stopped else None, losses_of(replayed, actors),
+        str(errors[0].meta.get("error", "")) if errors else None,
     )  # fmt: skip
 
 
@@ -411,29 +501,39 @@ def _check_finished(trace: Trace, actors: set[str], stop_at_key: int | None = No
             )
 
 
-#: how long an actor replayed alone may wait for its next recorded op without doing any work
-#: before the replay stops naming it (the run's stall watchdog looks only at keys in flight,
-#: and a replay of one actor admits none); the replay's own stall timeout
+#: how long an actor replayed alone (or the actors of a whole replay that waits for their
+#: recorded work, see :func:`_wait_recorded`) may wait for its next recorded op without any
+#: work done before the replay stops naming it (the run's stall watchdog looks only at keys in
+#: flight, and a replay of one actor admits none); the replay's own stall timeout
 ALONE_STALL_SECONDS = 30.0
 
 
-async def _wait_alone(
-    finished: anyio.Event, done: list[int], order: list[tuple[str, int]], name: str, path: str
+async def _wait_recorded(
+    finished: anyio.Event,
+    progress: dict[str, int],
+    orders: dict[str, list[tuple[str, int]]],
+    alone: str | None,
+    path: str,
 ) -> None:
-    """Waits until actor ``name`` replayed alone has done its recorded ``order``; raises a
-    :class:`StallError` naming the op it waits for once it has done nothing for
-    :data:`ALONE_STALL_SECONDS` (a message the trace lacks, which :func:`_check_fed` did not
-    catch: it would otherwise wait forever)."""
+    """Waits until the actors of ``progress`` (each one's ops done so far) have done their
+    recorded ``orders``: actor ``alone`` replayed alone, or every actor of a whole replay;
+    raises a :class:`StallError` naming the op an actor waits for once none has done anything
+    for :data:`ALONE_STALL_SECONDS` (a message the trace lacks, which :func:`_check_fed` did
+    not catch: it would otherwise wait forever)."""
     while not finished.is_set():
-        before = done[0]
+        before = sum(progress.values())
         with anyio.move_on_after(ALONE_STALL_SECONDS):
             await finished.wait()
-        if not finished.is_set() and done[0] == before:
-            kind, key = order[before]
+        if not finished.is_set() and sum(progress.values()) == before:
+            name = next(n for n, done in progress.items() if done < len(orders[n]))
+            at = progress[name]
+            kind, key = orders[name][at]
+            who = f"the replay of {name!r} alone" if alone is not None else "the replay"
+            waits = "it waits" if alone is not None else f"{name!r} waits"
             raise StallError(
-                f"{path}: the replay of {name!r} alone did nothing for {ALONE_STALL_SECONDS:g} "
-                f"s: it waits for its compute {before} (the {kind} of key {key}), whose "
-                "messages the trace does not all hold; the file was altered, or mixes two runs"
+                f"{path}: {who} did nothing for {ALONE_STALL_SECONDS:g} s: {waits} for its "
+                f"compute {at} (the {kind} of key {key}), whose messages the trace does not "
+                "all hold; the file was altered, or mixes two runs"
             )
 
 
