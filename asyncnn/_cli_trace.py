@@ -65,6 +65,8 @@ def _replay(args: argparse.Namespace) -> int:
         print(
             f"replay of {what} from {args.path}: identical ({result.events_checked} events checked)"
         )
+        if result.recorded_error is not None:  # (what was replayed ended before it)
+            print(f"the recorded run then failed: {result.recorded_error}")
         return 0
     # (events_checked counts every send and update compared, not where the replay diverged:
     # the divergence says where)

@@ -712,6 +712,18 @@ def test_a_replay_stopped_before_a_recorded_failure_says_that_the_run_failed(tmp
     assert ann.replay(clean).recorded_error is None
 
 
+def test_the_command_line_says_that_the_recorded_run_failed_after_an_identical_replay(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncnn._cli import main
+
+    path = _state_breaks_run(tmp_path, policies.Async(max_active_keys=3), 0)
+    assert main(["replay", path, "--actor", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "identical" in out and "the recorded run then failed: " in out
+    assert _STATE_BROKE in out
+
+
 class SetupBreaks(ann.LayerActor):
     def setup(self) -> None:
         raise ValueError("no such table")
