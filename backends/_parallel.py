@@ -291,6 +291,11 @@ class ComputeTeam:
         return self._split
 
     @property
+    def blas_threads(self) -> int | None:
+        """The BLAS threads of each call while the team is open (None: BLAS's own setting)."""
+        return self._blas_threads
+
+    @property
     def part_flops(self) -> int:
         """The least work, in flops, of a part of a split product on average (the
         ``part_flops`` the team was made with, as an int). With :attr:`plan_workers` and

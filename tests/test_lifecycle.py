@@ -125,3 +125,65 @@ async def test_a_plain_exception_of_the_block_comes_out_unchanged():
             await run.step(_data())
             raise raised
     assert info.value is raised
+
+
+def _mlp_graph(stages: int) -> Graph:
+    from asyncnn import nn
+
+    return Graph.sequential(
+        [nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)],
+        loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, 64),
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cores", [2, 4])
+async def test_a_runs_own_pool_follows_the_policy_on_a_small_host(monkeypatch, cores):
+    # on 2 cores one computing actor at a time (Sync, GPipe(1), OneFOneB(1)) gets one worker
+    # with its products whole on BLAS's 2 threads; several keys in flight, or more cores, the
+    # team of one single-threaded worker per core
+    from asyncnn import optim, policies
+    from asyncnn._runtime import _lifecycle
+
+    monkeypatch.setattr(_lifecycle, "host_cores", lambda: cores)
+    small = cores <= _lifecycle.ONE_WORKER_CORES
+    for policy, alone in [
+        (policies.Sync(), True), (policies.GPipe(1), True), (policies.OneFOneB(1), True),
+        (policies.GPipe(2), False), (policies.PipeDream(2), False), (policies.Async(2), False),
+    ]:  # fmt: skip
+        async with open_run(_mlp_graph(2), optim.SGD(lr=0.1), policy) as run:
+            team = run.pool.team
+            layout = (run.pool.workers, team.blas_threads, team.splits_work)
+        want = (1, cores, False) if small and alone else (cores, 1, True)
+        assert layout == want, (policy, layout)
+
+
+def test_a_replay_opens_the_pool_its_run_recorded_whatever_this_hosts_cores(tmp_path, monkeypatch):
+    # a Sync run on 2 cores multiplies on BLAS's 2 threads, whose float32 sums round otherwise
+    # than one thread's: its replay, on a host of 16 cores too, sets the same
+    import numpy as np
+
+    import asyncnn as ann
+    from asyncnn import optim, policies
+    from asyncnn._runtime import _lifecycle
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((64, 64), dtype=np.float32), "y": rng.integers(0, 4, 64)}
+    path = str(tmp_path / "run.trace")
+    monkeypatch.setattr(_lifecycle, "host_cores", lambda: 2)
+    ann.Trainer(_mlp_graph(2), optim.SGD(lr=0.1), policies.Sync(), trace=path).fit(
+        data, batch_size=32
+    )
+    assert ann.trace.read(path).header["pool"]["blas_threads"] == 2
+    opened = []
+    real = _lifecycle.open_device_pool
+
+    def spy(**kw):
+        opened.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(_lifecycle, "host_cores", lambda: 16)
+    monkeypatch.setattr(_lifecycle, "open_device_pool", spy)
+    result = ann.replay(path)
+    assert result.identical, result.first_divergence
+    assert [(o["cpu_workers"], o["blas_threads"], o["split"]) for o in opened] == [(1, 2, False)]

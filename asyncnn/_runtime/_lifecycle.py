@@ -492,6 +492,8 @@ async def maybe_pool(
     split: bool | None = None,
     inline_flops: float | None = None,
     plan_workers: int | None = None,
+    blas_threads: int | None = None,
+    one_at_a_time: bool = False,
 ) -> AsyncIterator[DevicePool]:
     """``pool``, or a fresh one with a worker per core of ``cores`` (default: this host's),
     that cuts products into parts of at least ``part_flops`` (default :data:`RUN_PART_FLOPS`)
@@ -499,14 +501,34 @@ async def maybe_pool(
     as it has), and runs work below ``inline_flops`` (default
     :data:`~asyncnn.backends.DEFAULT_INLINE_FLOPS`) on the loop's thread, uncut. A replay
     passes the recorded run's (:func:`pool_spec`), so that its products are cut as the run's
-    were, whatever this host's cores; a cluster's processes pass the driver's plan, so that
-    theirs are cut as in one process."""
+    were, whatever this host's cores (and ``blas_threads``, the BLAS threads of each call,
+    where that was not 1); a cluster's processes pass the driver's plan, so that theirs are cut
+    as in one process. With ``one_at_a_time`` (the run's policy keeps one key in flight) and
+    neither ``cores`` nor ``blas_threads`` given, a host of up to :data:`ONE_WORKER_CORES`
+    cores gets one worker with BLAS on every core and products whole instead."""
     if pool is not None:
         yield pool
         return
-    cores = cores or one_process_workers()
     if inline_flops is None:
         inline_flops = DEFAULT_INLINE_FLOPS
+    if (
+        cores is None and blas_threads is None and one_at_a_time
+        and one_process_workers() <= ONE_WORKER_CORES
+    ):  # fmt: skip
+        # One computing actor at a time on a host of 2 cores: one worker, its products whole on
+        # BLAS's own threads. There OpenBLAS's two threads multiply faster than the products
+        # cut in two over a team (14.9 against 18.3 ms a step on the CI kind of VM, session
+        # 25) and an elementwise pass is cheaper whole than handed to the other core, so Sync
+        # ran 5-10% faster a step than on the team (docs/benchmarks.md, session 35); where
+        # several actors compute at once the team lets them share the cores instead.
+        cores = one_process_workers()
+        async with open_device_pool(
+            cpu_workers=1, blas_threads=cores, part_flops=part_flops or RUN_PART_FLOPS,
+            split=False, inline_flops=inline_flops,
+        ) as fresh:  # fmt: skip
+            yield fresh
+        return
+    cores = cores or one_process_workers()
     # One shared team, every core a worker with one BLAS thread. An actor's large products,
     # elementwise passes and optimizer updates are cut over the free workers, so whichever
     # actor computes gets the cores (under Sync, GPipe, OneFOneB) and actors computing at once
@@ -517,14 +539,18 @@ async def maybe_pool(
     # smaller parts only add hand-offs (on 2 cores, the main job's 25-row keys ran 7% slower cut
     # at 4 MFLOP than whole, and as fast at 16); the 16-core runs' products are far larger.
     async with open_device_pool(
-        cpu_workers=cores, blas_threads=1, part_flops=part_flops or RUN_PART_FLOPS, split=split,
-        inline_flops=inline_flops, plan_workers=plan_workers,
+        cpu_workers=cores, blas_threads=blas_threads or 1,
+        part_flops=part_flops or RUN_PART_FLOPS, split=split, inline_flops=inline_flops,
+        plan_workers=plan_workers,
     ) as fresh:  # fmt: skip
         yield fresh
 
 
 #: the fewest flops in a part of a product cut over a run's pool
 RUN_PART_FLOPS = 16_000_000
+#: up to this many cores, a run whose policy computes one key at a time gets one pool worker
+#: with BLAS on every core (see maybe_pool)
+ONE_WORKER_CORES = 2
 
 
 def pool_spec(pool: DevicePool) -> dict[str, Any]:
@@ -543,6 +569,11 @@ def pool_spec(pool: DevicePool) -> dict[str, Any]:
         plan = getattr(team, "plan_workers", pool.workers)
         if plan != pool.workers:
             spec["plan_workers"] = plan
+        # (only where it is not 1: products whole on BLAS's own threads round as that many
+        # threads do, which a replay must set too)
+        threads = getattr(team, "blas_threads", 1)
+        if threads not in (1, None):
+            spec["blas_threads"] = threads
     return spec
 
 

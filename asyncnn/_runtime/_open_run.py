@@ -25,6 +25,7 @@ from ._lifecycle import Share, hosting, maybe_pool, open_recorder, recording
 from ._loss_reductions import check_loss_reductions
 from ._policies import Policy
 from ._run import Run
+from ._run_guards import checked_max_in_flight
 from ._state import RunState, init_state
 from ._state_checks import _check_state_shapes, _counts_as_ints, _in_dtype, check_state
 
@@ -198,7 +199,7 @@ async def open_run(
         state = init_state(graph, optimizer, config.seed, config.dtype)
     recorder = open_recorder(config, graph, optimizer, policy, state)
     with recording(recorder):
-        async with maybe_pool(pool) as the_pool:
+        async with maybe_pool(pool, one_at_a_time=_one_at_a_time(policy, graph)) as the_pool:
             run = Run(
                 graph, optimizer, policy, state, the_pool, config, on_loss=on_loss,
                 recorder=recorder,
@@ -273,3 +274,13 @@ def _check_pool(pool: Any) -> None:
             f"open_run: pool {pool!r} is closed; open the run inside the pool's 'async with "
             "open_device_pool() as pool:' block, or pass pool=None for one opened for the run"
         )
+
+
+def _one_at_a_time(policy: Policy, graph: Graph) -> bool:
+    """Whether ``policy`` lets one key in flight at a time (``Sync``, ``GPipe(1)``,
+    ``OneFOneB(1)``): then one actor computes at a time along a chain, and a small host's cores
+    go to its products whole (``maybe_pool``)."""
+    try:
+        return checked_max_in_flight(policy, len(graph.layers)) == 1
+    except Exception:  # noqa: BLE001 - a policy that cannot say: the run will, under its name
+        return False

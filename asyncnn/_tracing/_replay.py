@@ -349,6 +349,7 @@ def replay(
                 None, recorded_pool.get("cpu_workers"),
                 part_flops=recorded_pool.get("part_flops", 0), split=recorded_pool.get("split"),
                 inline_flops=recorded_pool.get("inline_flops"), plan_workers=plan_workers,
+                blas_threads=recorded_pool.get("blas_threads"),
             ) as pool, open_run(
                 graph, opt, replayed_policy, h["seed"], h["dtype"], state=state, validated=True,
                 trace=out, trace_payloads="all" if payloads == "all" else "none",
