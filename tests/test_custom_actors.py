@@ -889,3 +889,43 @@ def test_a_fit_whose_actor_state_raises_names_the_layer_keeps_what_it_trained_an
     errors = [e for e in ann.trace.read(path).events if e.what == "error"]
     assert [(e.actor, e.kind, e.key) for e in errors] == [("b", "actor_state", -1)]
     assert "StateFails.actor_state: KeyError" in errors[0].meta["error"]
+
+
+class KeepsEvents(ann.LayerActor):
+    def setup(self) -> None:
+        self.events = []  # the runtime's own list of what the actor waits on
+
+
+class KeepsAcc(ann.LayerActor):
+    def setup(self) -> None:
+        self.acc = 0.0  # the runtime's gradient sum, a property with a setter
+
+
+class KeepsItsOwn(ann.LayerActor):
+    def setup(self) -> None:
+        self.my_events: list[int] = []
+        self._acc_total = 0.0
+
+
+@pytest.mark.parametrize(
+    ("actor", "named"), [(KeepsEvents, "self.events"), (KeepsAcc, "self.acc")], ids=str
+)
+def test_a_setup_that_rebinds_what_the_runtime_keeps_on_the_actor_is_refused(actor, named):
+    # self.acc = 0.0 failed the first backward with "tree_map: structures differ: * and
+    # [{'bias': *, 'weight': *}, {}]", naming neither the attribute nor the setup
+    g = ann.Graph()
+    x = g.input("x", (None, 6))
+    y = g.input("y", (None,), dtype="int64")
+    g.loss("loss", nn.CrossEntropyLoss(), g.layer("b", nn.Linear(6, 3), x, actor=actor), y)
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    with pytest.raises(ann.GraphError) as info:
+        tr.fit(_data(), batch_size=16)
+    said = str(info.value)
+    assert said.startswith(f"layer 'b': {actor.__name__}.setup set {named}, which the runtime")
+    assert "a name of its own" in said
+    # names the actor's own are its own
+    g2 = ann.Graph()
+    x = g2.input("x", (None, 6))
+    y = g2.input("y", (None,), dtype="int64")
+    g2.loss("loss", nn.CrossEntropyLoss(), g2.layer("b", nn.Linear(6, 3), x, actor=KeepsItsOwn), y)
+    ann.Trainer(g2, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()).fit(_data(), batch_size=16)

@@ -44,6 +44,11 @@ def _setup(actor: Any, node: Any) -> None:
         inspect.signature(actor.setup).bind(**node.actor_args)
     except TypeError as exc:  # the arguments do not fit the hook: the graph's fault
         raise GraphError(f"{where}{cls.__name__}.setup: {exc}") from exc
+    # what the runtime gave the actor before its setup: a setup that rebinds one of them
+    # (self.events = [], self.acc = 0.0: natural names for an actor's own state) broke the
+    # run later, with an error that named none of it
+    given = dict(vars(actor))
+    settable = {n: getattr(actor, n) for n in _runtime_setters(cls)}
     try:  # a copy: a setup that changes a list argument in place must not change the graph
         done = actor.setup(**copy.deepcopy(node.actor_args))
     except TypeError as exc:
@@ -61,6 +66,34 @@ def _setup(actor: Any, node: Any) -> None:
             "does not await; setup must be a plain def that configures the actor and returns "
             "None"
         )
+    now = vars(actor)
+    rebound = [n for n, v in given.items() if n not in now or now[n] is not v]
+    rebound += [n for n, v in settable.items() if getattr(actor, n) is not v]
+    if rebound:
+        # (a property's setter rebinds a private attribute too: name the one set)
+        rebound = [n for n in rebound if not n.startswith("_")] or rebound
+        names = ", ".join(f"self.{n}" for n in sorted(rebound))
+        raise GraphError(
+            f"layer {node.name!r}: {cls.__name__}.setup set {names}, which the runtime keeps "
+            "there for the actor itself (its messages, weights and counters): the run would "
+            "fail or train wrong later, far from here. Give the actor's own state a name of "
+            f"its own (self._my_{sorted(rebound)[0]}, say); change weights with "
+            "apply_gradients"
+        )
+
+
+def _runtime_setters(cls: type) -> list[str]:
+    """The properties with a setter that asyncnn's own bases of ``cls`` define (``acc``): a
+    setup's assignment to one goes through it, not into the instance's attributes."""
+    return sorted(
+        {
+            name
+            for base in cls.__mro__
+            if base.__module__.startswith("asyncnn.")
+            for name, v in vars(base).items()
+            if isinstance(v, property) and v.fset is not None
+        }
+    )
 
 
 def _load(actor: Any, node: Any, state: Any) -> None:
