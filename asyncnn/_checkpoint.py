@@ -36,10 +36,13 @@ overwritten half-way), writes every file beside its place, then renames them int
 fails before its renames removes what it wrote and leaves the folder as it was. It holds the
 folder's lock throughout (``flock``, where the system has it), which a load takes to finish an
 interrupted save: a load meeting a save under way waits for it, rather than renaming its files.
-Where there is no lock, a load may finish a save under way, and the save takes its files found
-in place as its own renames done. A save interrupted between its renames in a folder that has
-since become read-only is refused by the load with a ``CheckpointError`` saying so (loading it
-would take renaming): it loads from a writable copy.
+A load holds it shared from its check of the checksums to its read of the files, so a save
+waits for a load reading, which reads one checkpoint whole (not the old spec with the new
+arrays). Where there is no lock, a load may finish a save under way, and the save takes its
+files found in place as its own renames done; a load checks the checksums again after its read,
+and reads again once where a save replaced the checkpoint meanwhile. A save interrupted between
+its renames in a folder that has since become read-only is refused by the load with a
+``CheckpointError`` saying so (loading it would take renaming): it loads from a writable copy.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from ._checkpoint_files import (
     _interrupted_first_save,
     _read_manifest,
     _read_spec,
-    verify_finishing,
+    read_verified,
 )
 from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
@@ -224,7 +227,16 @@ def read_graph(path: str, trusted: Any = None) -> Graph:
         interrupted = _interrupted_first_save(path)
         if interrupted is not None:
             raise CheckpointError(interrupted)
-    spec = _read_spec(spec_path)
+    return _spec_graph(_read_spec(spec_path), spec_path, trusted)
+
+
+def _spec_graph(spec: dict[str, Any], spec_path: str, trusted: Any = None) -> Graph:
+    """The graph of ``spec``, read from ``spec_path`` (:func:`read_graph`'s, of a spec read).
+
+    Raises:
+        CheckpointError: its graph cannot be rebuilt.
+        UntrustedModuleError: it names a class of a module neither imported nor trusted.
+    """
     with _rebuilding(spec_path, trusted):
         return Graph.from_spec(spec["graph"])
 
@@ -307,7 +319,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         CheckpointError: a file is missing, damaged (its checksum differs), of another format
             version, malformed, left by a first save cut off there (said so), left by a save
             interrupted between its renames in a folder that is read-only (said so, with how to
-            load it: from a writable copy), or does not fit
+            load it: from a writable copy), replaced by saves during both of its reads where
+            the folder cannot be locked (said so: load it again once they end), or does not fit
             the graph it describes (or the ``graph`` given): the message names the layer, the
             place in its parameters and the shapes. An optimizer state kept (not another
             optimizer's, which starts fresh) that its optimizer's update would refuse too: a
@@ -327,9 +340,12 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     if given_graph is not None and not isinstance(given_graph, Graph):
         raise TypeError(f"graph must be an asyncnn Graph, got {type(given_graph).__name__}")
     spec_path = _spec_path(path)
-    verify_finishing(path)  # (a save interrupted between its renames: finished, the new one)
-    spec = _read_spec(spec_path)
-    arrays = _read_arrays(os.path.join(path, ARRAYS))
+    arrays_path = os.path.join(path, ARRAYS)
+    # checked and read as one checkpoint (a save under way: waited for; one interrupted between
+    # its renames: finished, the new one)
+    _, (spec, arrays) = read_verified(
+        path, lambda: (_read_spec(spec_path), _read_arrays(arrays_path))
+    )
     with _rebuilding(spec_path, trusted):
         graph = Graph.from_spec(spec["graph"]) if given_graph is None else given_graph
         optimizer = _optimizer_from_spec(spec["optimizer"])

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 SPEC = "spec.msgpack"
 _MAX_MANIFEST_BYTES = 1 << 16
 _MAX_SPEC_BYTES = 1 << 30
+_T = TypeVar("_T")
 
 
 class CheckpointError(ValueError):
@@ -88,14 +89,17 @@ def give_open_mode(file: str) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(path: str) -> Iterator[None]:
-    """Holds an exclusive advisory lock (``flock``) on the folder ``path`` in its block. A save
-    holds it from its first write to its last rename, and a load holds it to finish a save
-    interrupted between its renames: so a load never renames the files of a save under way
-    (nor those of the next save, made after it found them). Not reentrant: a block must not
-    take it again. Where the system has no ``flock`` (Windows) or the file system refuses it
-    (some network ones), the block runs unlocked; the renames then take one done by the other
-    side as done (:func:`replace_unless_done`)."""
+def folder_lock(path: str, shared: bool = False) -> Iterator[bool]:
+    """Holds an advisory lock (``flock``) on the folder ``path`` in its block, exclusive or
+    ``shared``; yields whether it holds it. A save holds it exclusive from its first write to
+    its last rename, a load holds it shared from its check to its read (:func:`read_verified`:
+    no save's renames land in between) and exclusive to finish a save interrupted between its
+    renames: so a load never renames the files of a save under way (nor those of the next
+    save, made after it found them), nor reads the spec of one checkpoint with the arrays of
+    another. Not reentrant: a block must not take it again. Where the system has no ``flock``
+    (Windows) or the file system refuses it (some network ones), the block runs unlocked (it
+    gets False); the renames then take one done by the other side as done
+    (:func:`replace_unless_done`), and a load checks the checksums again after its read."""
     fd = -1
     try:
         import fcntl
@@ -104,12 +108,14 @@ def folder_lock(path: str) -> Iterator[None]:
     except (ImportError, OSError):  # (Windows; a folder that cannot be opened)
         pass
     if fd < 0:  # (the block runs outside the except, which it would otherwise be chained to)
-        yield
+        yield False
         return
     try:
+        locked = False
         with contextlib.suppress(OSError):  # (ENOLCK, or EBADF on NFS: unlocked)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            locked = True
+        yield locked
     finally:
         os.close(fd)  # (which releases the lock)
 
@@ -289,23 +295,60 @@ def _finishing_sources(path: str) -> tuple[dict[str, Any], dict[str, str]] | Non
 
 def verify_finishing(path: str) -> dict[str, Any]:
     """:func:`verify_checkpoint`, finishing first a save interrupted between its renames (see
-    :func:`_finish_save`). A folder that fails while a save there is under way is checked again
-    once that save ends (the load waits for it where the folder can be locked); returns the
-    manifest.
+    :func:`_finish_save`), and checking again a folder that a save under way replaced meanwhile
+    (:func:`read_verified`, reading nothing); returns the manifest.
 
     Raises:
-        CheckpointError: as :func:`verify_checkpoint` and :func:`_finish_save` raise it.
+        CheckpointError: as :func:`read_verified` raises it.
+    """
+    return read_verified(path, lambda: None)[0]
+
+
+def read_verified(path: str, read: Callable[[], _T]) -> tuple[dict[str, Any], _T]:
+    """The manifest of the checkpoint folder ``path``, verified (:func:`verify_checkpoint`), and
+    what ``read()`` reads of its files, of the same checkpoint: under the folder's shared lock
+    (:func:`folder_lock`), so that no save's renames land between the check and the read (the
+    old spec with the new arrays). A save interrupted between its renames is finished first
+    (:func:`_finish_save`); a folder that fails while a save there is under way is checked again
+    once that save ends (the load waits for it). Where the folder cannot be locked, the
+    checksums are checked again after the read, and a checkpoint replaced meanwhile is read
+    once more.
+
+    Raises:
+        CheckpointError: as :func:`verify_checkpoint` and :func:`_finish_save` raise it; or,
+            unlocked, the checkpoint was replaced during both reads (saying so).
+        Exception: what ``read`` raises.
     """
     manifest_path = os.path.join(path, MANIFEST)
-    before = _stamp(manifest_path)
-    try:
-        return verify_checkpoint(path)
-    except CheckpointError:
-        with folder_lock(path):
+    for _ in range(2):
+        before = _stamp(manifest_path)
+        with folder_lock(path, shared=True) as locked:
+            checked = _verified(path)
+            if not isinstance(checked, CheckpointError):
+                got = read()
+                if locked or _verified(path) == checked:
+                    return checked, got
+                continue  # (replaced meanwhile, unlocked: read again)
+        with folder_lock(path) as locked:
             # (a save that renamed its manifest meanwhile has replaced what failed)
             if not _finish_save_locked(path) and _stamp(manifest_path) == before:
-                raise
-            return verify_checkpoint(path)
+                raise checked
+            manifest = verify_checkpoint(path)
+            got = read()
+            if locked or _verified(path) == manifest:
+                return manifest, got
+    raise CheckpointError(
+        f"{path}: the checkpoint was replaced while it was read, twice (saves into this folder "
+        "under way, which the system cannot lock): load it again once they end"
+    )
+
+
+def _verified(path: str) -> dict[str, Any] | CheckpointError:
+    """:func:`verify_checkpoint`'s manifest, or the error it raised."""
+    try:
+        return verify_checkpoint(path)
+    except CheckpointError as exc:
+        return exc
 
 
 def _stamp(file: str) -> tuple[int, int, int] | None:

@@ -109,16 +109,10 @@ def _check_resume(path: str) -> tuple[Graph, int, int | None]:
         _is_checkpoint,
         _latest_in_checkpoint_dir,
         _position,
+        _spec_graph,
         _spec_path,
-        read_graph,
     )
-    from ._checkpoint_files import (
-        MANIFEST,
-        CheckpointError,
-        _finish_save,
-        _read_spec,
-        verify_checkpoint,
-    )
+    from ._checkpoint_files import MANIFEST, CheckpointError, _read_spec, read_verified
 
     fix = "--resume takes a folder that --save wrote"
     if not os.path.exists(path):
@@ -135,15 +129,10 @@ def _check_resume(path: str) -> tuple[Graph, int, int | None]:
                 f"not one checkpoint; give one of them, the latest: --resume {latest}"
             ) from exc
         raise UsageError(f"--resume {path}: {exc}; {fix}") from exc
-    try:  # checked as Trainer.load checks it, before it is loaded
-        try:
-            verify_checkpoint(path)
-        except CheckpointError:
-            if not _finish_save(path):  # (a save cut off between its renames: finished, as
-                raise  # loading it would)
-            verify_checkpoint(path)
-        graph = read_graph(path)
-        spec = _read_spec(spec_path)
+    try:  # checked and its spec read as Trainer.load does, before it is loaded (a save cut
+        # off between its renames: finished; one under way: waited for, and checked after it)
+        _, spec = read_verified(path, lambda: _read_spec(spec_path))
+        graph = _spec_graph(spec, spec_path)
         epochs_done: int = spec["epochs_done"]
         _, layout = _position(path, spec, spec_path)  # (as Trainer.load will read it)
     except (ValueError, OSError) as exc:  # CheckpointError, UntrustedModuleError, unreadable

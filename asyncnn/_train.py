@@ -570,7 +570,8 @@ class Trainer:
             FileNotFoundError: ``path`` is no checkpoint folder.
             CheckpointError: a file of it is missing, damaged or of another format version,
                 or it does not fit its graph (or the ``graph`` given), naming the layer and
-                the place."""
+                the place; or, where the folder cannot be locked, saves replaced it while it
+                was read, twice (a save waits for a load that is reading where it can)."""
         from ._checkpoint import load_checkpoint
 
         return load_checkpoint(cls, os.fspath(path), **overrides)

@@ -554,3 +554,119 @@ def test_a_save_interrupted_between_its_renames_on_a_read_only_folder_says_so(
     assert sorted(os.listdir(folder)) == before  # nothing renamed, nothing removed
     monkeypatch.setattr(os, "replace", real)
     assert ann.Trainer.load(folder).state.minibatches == 4  # writable again: finished
+
+
+def _which(loaded: ann.Trainer, old: ann.Trainer, new: ann.Trainer) -> str:
+    """Which checkpoint ``loaded`` is, whole: "old", "new", or "mixed" (the spec of one, the
+    arrays of the other)."""
+    from asyncnn._math._pytree import tree_leaves
+
+    def same(a: ann.Trainer, b: ann.Trainer) -> bool:
+        leaves = zip(tree_leaves(a.params), tree_leaves(b.params), strict=True)
+        return (a.state.minibatches, a.versions) == (b.state.minibatches, b.versions) and all(
+            np.array_equal(np.asarray(x), np.asarray(y)) for x, y in leaves
+        )
+
+    return "old" if same(loaded, old) else "new" if same(loaded, new) else "mixed"
+
+
+def _two_checkpoints(folder: str) -> tuple[ann.Trainer, ann.Trainer, ann.Trainer]:
+    """A trainer saved to ``folder`` after one epoch, then trained one more (not saved): the
+    trainer, the old checkpoint as loaded, and the new one's state (loaded from a copy)."""
+    import os
+
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8)
+    tr.save(folder)
+    old = ann.Trainer.load(folder)
+    tr.fit(_data(), epochs=1, batch_size=8)
+    elsewhere = os.path.join(os.path.dirname(folder), "new")
+    tr.save(elsewhere)
+    return tr, old, ann.Trainer.load(elsewhere)
+
+
+def test_a_save_landing_between_a_loads_check_and_its_read_waits_for_the_load(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the load checked the old checkpoint, then a save's renames landed before it read the
+    # arrays: it loaded the old spec's counters and versions with the new weights)
+    import threading
+
+    import asyncnn._checkpoint as checkpoint
+
+    fcntl = pytest.importorskip("fcntl")
+    folder = str(tmp_path / "c")
+    tr, old, new = _two_checkpoints(folder)
+    real_read, real_flock = checkpoint._read_arrays, fcntl.flock
+    settled = threading.Event()  # the save has ended, or waits for the load's lock
+    saver: list[threading.Thread] = []
+
+    def flock(fd: int, op: int) -> None:
+        if threading.current_thread() in saver and op == fcntl.LOCK_EX:
+            try:
+                real_flock(fd, op | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                settled.set()
+        real_flock(fd, op)
+
+    def save() -> None:
+        try:
+            tr.save(folder)
+        finally:
+            settled.set()
+
+    def read_arrays(path: str) -> Any:
+        if not saver:  # a whole save, between the load's check and its read
+            saver.append(threading.Thread(target=save))
+            saver[0].start()
+            assert settled.wait(30)
+        return real_read(path)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(checkpoint, "_read_arrays", read_arrays)
+    loaded = ann.Trainer.load(folder)
+    saver[0].join(30)
+    assert not saver[0].is_alive()
+    assert _which(loaded, old, new) == "old"  # the save waited for the load to read it
+    assert _which(ann.Trainer.load(folder), old, new) == "new"
+
+
+def _no_folder_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system refusing ``flock`` (some network ones): saves and loads run unlocked."""
+    fcntl = pytest.importorskip("fcntl")
+
+    def refused(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+
+
+@pytest.mark.parametrize("saves", [1, 2], ids=["one-save", "a-save-each-read"])
+def test_an_unlocked_load_that_a_save_lands_in_reads_again_or_says_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, saves: int
+) -> None:
+    # (where the folder cannot be locked: the old spec with the new arrays loaded without a
+    # word; the checksums are checked again after the read, and a changed checkpoint read again)
+    import asyncnn._checkpoint as checkpoint
+
+    _no_folder_locks(monkeypatch)
+    folder = str(tmp_path / "c")
+    tr, old, new = _two_checkpoints(folder)
+    real_read = checkpoint._read_arrays
+    savers = [tr, old][:saves]  # (the second save puts the old checkpoint back)
+
+    def read_arrays(path: str) -> Any:
+        if savers:
+            savers.pop(0).save(folder)  # a whole save, between the load's check and its read
+        return real_read(path)
+
+    monkeypatch.setattr(checkpoint, "_read_arrays", read_arrays)
+    if saves == 1:
+        assert _which(ann.Trainer.load(folder), old, new) == "new"
+        return
+    with pytest.raises(CheckpointError, match=(
+        rf"^{folder}: the checkpoint was replaced while it was read, twice \(saves into this "
+        r"folder under way, which the system cannot lock\): load it again once they end"
+    )):  # fmt: skip
+        ann.Trainer.load(folder)

@@ -917,6 +917,54 @@ def test_resume_with_no_epoch_left_to_train_is_refused_before_the_data(
     )
 
 
+def test_resume_during_a_save_checks_the_checkpoint_that_save_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (--resume met the new arrays beside the old manifest, waited for the save under way, and
+    # then refused the whole checkpoint it left as damaged, where Trainer.load checks it again)
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+    ckpt = _saved(tmp_path / "ckpt", features=64)
+    tr = ann.Trainer.load(ckpt)
+    tr.params = {"stage0": {k: v + 1 for k, v in tr.params["stage0"].items()}}
+    real_replace, real_flock = os.replace, fcntl.flock
+    paused, go = threading.Event(), threading.Event()
+    saver = threading.Thread(target=lambda: tr.save(ckpt))
+    renames: list[str] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        if threading.current_thread() is saver:
+            renames.append(str(dst))
+            if len(renames) == 1:  # between the save's first rename and its second
+                paused.set()
+                assert go.wait(30)
+
+    def flock(fd: int, op: int) -> None:
+        if threading.current_thread() is not saver:
+            go.set()  # (--resume waits for the save's lock: the save goes on)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    _no_data(monkeypatch)
+    saver.start()
+    try:
+        assert paused.wait(30)
+        code = main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "0",
+                     "--out", ""])  # fmt: skip
+    finally:
+        go.set()
+        saver.join(30)
+    assert code == 2
+    assert _one_error_line(capsys) == (
+        "asyncnn train: error: --epochs 0: the checkpoint has trained 0 already (--epochs "
+        "counts them too); give --epochs 1 or more to train on"
+    )  # (checked whole: not "arrays.safetensors is damaged")
+    assert len(renames) == 4  # (its three files, then fit.json)
+
+
 @pytest.mark.timeout(90)
 def test_train_records_every_payload_for_replaying_one_actor(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
