@@ -519,8 +519,9 @@ async def maybe_pool(
         # BLAS's own threads. There OpenBLAS's two threads multiply faster than the products
         # cut in two over a team (14.9 against 18.3 ms a step on the CI kind of VM, session
         # 25) and an elementwise pass is cheaper whole than handed to the other core, so Sync
-        # ran 5-10% faster a step than on the team (docs/benchmarks.md, session 35); where
-        # several actors compute at once the team lets them share the cores instead.
+        # ran 1-10% (1 stage) and 6-9% (4 stages) faster a step than on the team
+        # (docs/benchmarks.md, session 35); where several actors compute at once the team lets
+        # them share the cores instead.
         cores = one_process_workers()
         async with open_device_pool(
             cpu_workers=1, blas_threads=cores, part_flops=part_flops or RUN_PART_FLOPS,
