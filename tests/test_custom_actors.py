@@ -929,3 +929,24 @@ def test_a_setup_that_rebinds_what_the_runtime_keeps_on_the_actor_is_refused(act
     y = g2.input("y", (None,), dtype="int64")
     g2.loss("loss", nn.CrossEntropyLoss(), g2.layer("b", nn.Linear(6, 3), x, actor=KeepsItsOwn), y)
     ann.Trainer(g2, optimizer=optim.SGD(lr=0.1), policy=policies.Sync()).fit(_data(), batch_size=16)
+
+
+class BackwardWhole(ann.LayerActor):
+    async def on_backward(self, msg: Any) -> None:
+        await super().on_backward(msg)
+
+
+def test_the_runtimes_refusal_of_an_actor_as_it_is_made_is_recorded_in_the_trace(tmp_path):
+    # (an on_backward without the halves of ZeroBubbleH1's split backward is refused as the
+    # actor is made, before its setup: the trace held no event of it)
+    path = str(tmp_path / "made.trace")
+    tr = ann.Trainer(
+        _actor_on_b(BackwardWhole), optimizer=optim.SGD(lr=0.1),
+        policy=policies.ZeroBubbleH1(2), trace=path,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="BackwardWhole overrides on_backward only") as info:
+        tr.fit(_data(), batch_size=16)
+    errors = [e for e in ann.trace.read(path).events if e.what == "error"]
+    assert [(e.actor, e.kind, e.key) for e in errors] == [("b", "setup", -1)]
+    assert errors[0].meta["error"] == str(info.value)
+    assert ann.trace.summary(path)["errors"]

@@ -20,7 +20,7 @@ from asyncnn._errors import ActorError
 from ._actor_table import actor_class
 from ._checks import first_not_finite
 from ._loss_actor import LossActor
-from ._setup import _set_up
+from ._setup import _set_up, record_setup_failure
 
 if TYPE_CHECKING:
     import anyio
@@ -96,15 +96,19 @@ class RunActors:
                 continue
             node = graph.nodes[name]
             cls = actor_class(node)
-            actor = cls(
-                self.context,
-                node,
-                i,
-                self.num_stages,
-                state.params[name],
-                state.opt_states[name],
-                state.versions[name],
-            )
+            try:
+                actor = cls(
+                    self.context,
+                    node,
+                    i,
+                    self.num_stages,
+                    state.params[name],
+                    state.opt_states[name],
+                    state.versions[name],
+                )
+            except Exception as exc:  # (the base's own refusals as it is made: traced too)
+                record_setup_failure(self.context.recorder, name, "setup", exc)
+                raise
             actor.acc, actor.acc_count = state.pending_grads.get(name, (None, 0))
             if actor.acc_count:  # (the carried gradients' delays, for the update applying them)
                 actor.pending_delays[:] = state.pending_delays.get(name, ())

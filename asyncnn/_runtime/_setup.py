@@ -14,7 +14,7 @@ from asyncnn._errors import ActorError, GraphError
 from ._hook_checks import _custom_hook
 from ._specs import check_sync_hooks
 
-__all__ = ["_hook_failed", "_set_up"]
+__all__ = ["_hook_failed", "_set_up", "record_setup_failure"]
 
 
 def _set_up(actor: Any, node: Any, state: Any) -> None:
@@ -113,7 +113,12 @@ def _record_failure(actor: Any, name: str, hook: str, error: Exception) -> None:
     """Writes the error of layer ``name``'s set-up ``hook`` to the run's trace, as an actor's
     error is written (``record_error``): the layer, the hook as its kind, no key, the text.
     Not on a cluster's worker: the driver's trace records a worker's failure."""
-    recorder = getattr(getattr(actor, "ctx", None), "recorder", None)
+    record_setup_failure(getattr(getattr(actor, "ctx", None), "recorder", None), name, hook, error)
+
+
+def record_setup_failure(recorder: Any, name: str, hook: str, error: Exception) -> None:
+    """:func:`_record_failure` given the run's recorder (an actor that could not be made has
+    none to ask: the runtime's own refusals as it is built, kind ``"setup"``)."""
     if recorder is None or not recorder.records_errors:
         return
     recorder.event(name, "error", hook, -1, meta={"error": str(error) or type(error).__name__})
