@@ -293,17 +293,6 @@ def _finishing_sources(path: str) -> tuple[dict[str, Any], dict[str, str]] | Non
     return manifest, sources
 
 
-def verify_finishing(path: str) -> dict[str, Any]:
-    """:func:`verify_checkpoint`, finishing first a save interrupted between its renames (see
-    :func:`_finish_save`), and checking again a folder that a save under way replaced meanwhile
-    (:func:`read_verified`, reading nothing); returns the manifest.
-
-    Raises:
-        CheckpointError: as :func:`read_verified` raises it.
-    """
-    return read_verified(path, lambda: None)[0]
-
-
 def read_verified(path: str, read: Callable[[], _T]) -> tuple[dict[str, Any], _T]:
     """The manifest of the checkpoint folder ``path``, verified (:func:`verify_checkpoint`), and
     what ``read()`` reads of its files, of the same checkpoint: under the folder's shared lock

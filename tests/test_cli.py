@@ -17,7 +17,7 @@ import asyncnn as ann
 from asyncnn import optim, policies
 from asyncnn._cli import main
 
-from _reference import chain_graph
+from _reference import assert_params_equal, chain_graph
 
 
 def _record(path: Path, seed: int) -> str:
@@ -383,13 +383,7 @@ def test_ctrl_c_saves_what_finished_and_resume_continues_bit_identically(tmp_pat
     straight = ann.Trainer.load(str(tmp_path / "straight"))
     assert resumed.epochs_done == straight.epochs_done == epochs
     assert resumed.versions == straight.versions
-    for name in straight.params:
-        for a, b in zip(
-            ann._math._pytree.tree_leaves(resumed.params[name]),
-            ann._math._pytree.tree_leaves(straight.params[name]),
-            strict=True,
-        ):
-            np.testing.assert_array_equal(a, b)
+    assert_params_equal(straight.params, resumed.params)
 
 
 @pytest.mark.timeout(60)
@@ -1141,13 +1135,7 @@ def test_resume_of_an_epochs_0_checkpoint_keeps_its_batch_size_and_trains_as_one
     resumed, whole = ann.Trainer.load(ckpt), ann.Trainer.load(straight)
     assert resumed.epochs_done == whole.epochs_done == 1
     assert resumed.versions == whole.versions
-    for name in whole.params:
-        for a, b in zip(
-            ann._math._pytree.tree_leaves(resumed.params[name]),
-            ann._math._pytree.tree_leaves(whole.params[name]),
-            strict=True,
-        ):
-            np.testing.assert_array_equal(a, b)
+    assert_params_equal(whole.params, resumed.params)
     capsys.readouterr()
 
 

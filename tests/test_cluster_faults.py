@@ -443,6 +443,24 @@ class _NeverStops(ann.LayerActor):
         await anyio.sleep_forever()
 
 
+async def _stuck_run(workers: int, s0: int | None, stuck: int) -> ann.WorkerError:
+    """The error of a Sync step on ``LocalCluster(workers, heartbeat_timeout=1)`` of a chain
+    whose layer ``s0`` is placed on ``s0`` and whose layer ``stuck`` (an actor that never stops)
+    on ``stuck``."""
+    g = ann.Graph()
+    x = g.input("x", shape=(None, 12))
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("s0", nn.Linear(12, 16), x, worker=s0)
+    h = g.layer("stuck", nn.Linear(16, 4), h, worker=stuck, actor=_NeverStops)
+    g.loss("loss", nn.CrossEntropyLoss(), h, y)
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
+    with ann.cluster.LocalCluster(workers=workers, heartbeat_timeout=1.0) as cluster:
+        with anyio.fail_after(20), pytest.raises(ann.WorkerError) as info:
+            async with ann.open_run(g, cluster=cluster, **opts) as run:
+                await run.step(data(32))
+    return info.value
+
+
 @pytest.mark.anyio
 @pytest.mark.timeout(60)
 async def test_an_actor_that_never_stops_on_a_single_worker_fails_the_run_naming_it(
@@ -451,18 +469,8 @@ async def test_an_actor_that_never_stops_on_a_single_worker_fails_the_run_naming
     # the run had drained (the stall watchdog no longer looks), no other worker waited for
     # this one's end-of-run marker, and its heartbeat went on: the driver waited for its result
     # for ever
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 12))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("s0", nn.Linear(12, 16), x)
-    h = g.layer("stuck", nn.Linear(16, 4), h, worker=0, actor=_NeverStops)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
-    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
-    with ann.cluster.LocalCluster(workers=1, heartbeat_timeout=1.0) as cluster:
-        with anyio.fail_after(20), pytest.raises(ann.WorkerError) as info:
-            async with ann.open_run(g, cluster=cluster, **opts) as run:
-                await run.step(data(32))
-    err, said = info.value, str(info.value)
+    err = await _stuck_run(workers=1, s0=None, stuck=0)
+    said = str(err)
     assert err.worker == 0 and "'stuck'" in said and "did not stop" in said, said
     assert "heartbeat_timeout" in said
 
@@ -475,18 +483,8 @@ async def test_an_actor_that_never_stops_on_one_of_two_workers_is_blamed_on_its_
     # worker 0's actors stopped and it reported worker 1's end-of-run marker missing before
     # worker 1 reported its actor: the run failed as "worker 0 (..., hosting s0) failed:
     # MarkersMissing", err.worker 0, the stuck actor unnamed
-    g = ann.Graph()
-    x = g.input("x", shape=(None, 12))
-    y = g.input("y", shape=(None,), dtype="int64")
-    h = g.layer("s0", nn.Linear(12, 16), x, worker=0)
-    h = g.layer("stuck", nn.Linear(16, 4), h, worker=1, actor=_NeverStops)
-    g.loss("loss", nn.CrossEntropyLoss(), h, y)
-    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.Sync()}
-    with ann.cluster.LocalCluster(workers=2, heartbeat_timeout=1.0) as cluster:
-        with anyio.fail_after(20), pytest.raises(ann.WorkerError) as info:
-            async with ann.open_run(g, cluster=cluster, **opts) as run:
-                await run.step(data(32))
-    err, said = info.value, str(info.value)
+    err = await _stuck_run(workers=2, s0=0, stuck=1)
+    said = str(err)
     assert err.worker == 1 and err.actors == ["stuck", "loss"], said
     assert said.startswith("worker 1 (pid ") and "hosting stuck, loss" in said, said
     assert "MarkersMissing" not in said.split(":")[0], said

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backends import is_cupy_array
 from ..backends._dtypes import is_floating
-from ._pytree import TreeDef, tree_flatten
+from ._pytree import TreeDef, leaf_path, tree_flatten
 
 
 def _is_differentiable(x: Any) -> bool:
@@ -59,14 +59,7 @@ def _complex_leaf(who: str, treedef: TreeDef, k: int, leaf: Any) -> TypeError:
 def _leaf_name(treedef: TreeDef, k: int, name: str) -> str:
     """The name of leaf ``k`` (in flattening order) of a tree of structure ``treedef``, from
     the tree's ``name``: ``primals[0]['w']``."""
-    while treedef.kind != "leaf":
-        labels = treedef.meta if treedef.kind == "dict" else range(len(treedef.children))
-        for label, child in zip(labels, treedef.children, strict=True):
-            if k < child.num_leaves:
-                name, treedef = f"{name}[{label!r}]", child
-                break
-            k -= child.num_leaves
-    return name
+    return name + "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
 
 
 _CONTAINERS = (dict, list, tuple)

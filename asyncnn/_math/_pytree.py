@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 __all__ = [
     "ReadOnlyDict",
     "TreeDef",
+    "leaf_path",
     "tree_copy",
     "tree_flatten",
     "tree_leaves",
@@ -250,6 +251,21 @@ def _flatten(tree: Any, out: list[Any]) -> TreeDef:
         return _flatten(dict(tree), out)
     out.append(tree)
     return _LEAF
+
+
+def leaf_path(treedef: TreeDef, k: int) -> list[Any]:
+    """The keys and indices from the root of a tree of structure ``treedef`` to its leaf ``k``
+    (in flattening order): ``[0, 'w']`` for ``tree[0]['w']``."""
+    labels: list[Any] = []
+    while treedef.kind != "leaf":
+        keys = treedef.meta if treedef.kind == "dict" else range(len(treedef.children))
+        for label, child in zip(keys, treedef.children, strict=True):
+            if k < child.num_leaves:
+                labels.append(label)
+                treedef = child
+                break
+            k -= child.num_leaves
+    return labels
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:

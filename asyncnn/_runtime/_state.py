@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asyncnn._math._nn import Residual, Sequential
-from asyncnn._math._pytree import TreeDef, tree_flatten
+from asyncnn._math._pytree import leaf_path, tree_flatten
 from asyncnn.backends import is_floating
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _check_param_leaves(node: Node, params: Any) -> None:
     for k, leaf in enumerate(leaves):
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             continue
-        labels = _leaf_labels(treedef, k)
+        labels = leaf_path(treedef, k)
         owner, place = _owner(node.module, labels)
         value = f"{leaf!r:.40}"
         number = isinstance(leaf, numbers.Real) and not isinstance(leaf, bool)
@@ -145,7 +145,7 @@ def _drawn_by(node: Node, params: Any) -> str:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and is_floating(dtype):
             continue
-        labels = _leaf_labels(treedef, k)
+        labels = leaf_path(treedef, k)
         owner, place = _owner(node.module, labels)
         path = "".join(f"[{x!r}]" for x in labels)
         return (
@@ -154,21 +154,6 @@ def _drawn_by(node: Node, params: Any) -> str:
             "(init.asarray(value) casts to the run's dtype)"
         )
     return ""
-
-
-def _leaf_labels(treedef: TreeDef, k: int) -> list[Any]:
-    """The keys and indices from the root of a tree of structure ``treedef`` to its leaf
-    ``k`` (in flattening order)."""
-    labels: list[Any] = []
-    while treedef.kind != "leaf":
-        keys = treedef.meta if treedef.kind == "dict" else range(len(treedef.children))
-        for label, child in zip(keys, treedef.children, strict=True):
-            if k < child.num_leaves:
-                labels.append(label)
-                treedef = child
-                break
-            k -= child.num_leaves
-    return labels
 
 
 def _owner(module: Any, labels: list[Any]) -> tuple[Any, str]:
