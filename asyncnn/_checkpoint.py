@@ -69,7 +69,7 @@ from ._checkpoint_files import (
     _read_spec,
     read_verified,
 )
-from ._checkpoint_tree import ARRAYS, _cast_like, _fits, _join
+from ._checkpoint_tree import ARRAYS, CastOverflow, _cast_like, _fits, _join
 from ._fit_file import _FIT_FILE, _epoch_batches, fit_position
 from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cause
 from ._math._optim import keeps_base_state
@@ -379,7 +379,9 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
             device = graph.nodes[name].device
             params[name] = _join(entry["params"], f"params/{name}", arrays, device, [0])
             _fits(params[name], fresh.params[name], f"the parameters of {name!r}", same_dtype)
-            params[name] = _cast_like(params[name], fresh.params[name], device)
+            params[name] = _cast_like(
+                params[name], fresh.params[name], device, f"the checkpoint's params[{name!r}]"
+            )
             opt_state = _join(entry["opt_state"], f"opt/{name}", arrays, device, [0])
             opt_states[name] = _opt_state(
                 opt_state, fresh.opt_states[name], name, trainer.optimizer, device,
@@ -391,7 +393,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                 if acc is not None:  # None: only skipped keys (an expert given no rows) so far
                     what = f"the pending gradients of {name!r}"
                     _fits(acc, fresh.params[name], what, same_dtype)
-                    acc = _cast_like(acc, fresh.params[name], device)
+                    acc = _cast_like(acc, fresh.params[name], device, what)
                 pending[name] = (acc, entry["pending"]["count"])
                 if entry["pending"].get("delays"):  # (none in an older asyncnn's checkpoint)
                     pending_delays[name] = list(entry["pending"]["delays"])
@@ -405,7 +407,7 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
                 what = f"the parameters of {name!r} at version {v}"
                 earlier = _join(held["params"], f"earlier/{name}/{v}", arrays, device, [0])
                 _fits(earlier, fresh.params[name], what, same_dtype)
-                earlier = _cast_like(earlier, fresh.params[name], device)
+                earlier = _cast_like(earlier, fresh.params[name], device, what)
                 earlier_params.setdefault(name, {})[v] = earlier
         trainer.state = RunState(
             params, opt_states, versions, spec["minibatches"], spec["keys"], pending,
@@ -414,6 +416,8 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         trainer.epochs_done = spec["epochs_done"]
     except CheckpointError:  # (damaged, not another graph's: it says so itself)
         raise
+    except CastOverflow as exc:  # (the dtype asked for, not the checkpoint, is at fault)
+        raise ValueError(f"{path}: {exc}") from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path}: the checkpoint does not fit {fits}: {exc}") from exc
     if trainer.trace is not None and trainer.trace == spec.get("trace_base"):
@@ -448,7 +452,7 @@ def _opt_state(
         ):  # a numpy integer the state held (update takes one), saved as an array: a count
             saved = {**saved, "step": int(step)}
     _fits(saved, fresh, what)
-    state = _cast_like(saved, fresh, device)
+    state = _cast_like(saved, fresh, device, what)
     # a float buffer was cast to the trainer's dtype; one of ints or bools is no optimizer's
     # buffer, and would fail the layer's first update, inside the run
     _fits(state, fresh, what, same_dtype=True)

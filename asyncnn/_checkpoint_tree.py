@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._math._pytree import tree_map
+from ._math._pytree import leaf_path, tree_flatten, tree_unflatten
+from ._runtime._state_checks import check_cast_finite
 from .backends import get_backend, is_floating
 from .backends._registry import host_array
 
@@ -227,18 +228,45 @@ def _fits(tree: Any, like: Any, what: str, same_dtype: bool = False, path: str =
         raise ValueError(f"{where} hold {tree!r:.80}, not a number")
 
 
-def _cast_like(tree: Any, like: Any, device: str) -> Any:
+class CastOverflow(ValueError):
+    """A checkpoint's finite value that the trainer's dtype cannot hold (see :func:`_cast_like`):
+    the load's own refusal, not a sign of a damaged checkpoint."""
+
+
+def _cast_like(tree: Any, like: Any, device: str, what: str) -> Any:
     """``tree`` with each floating array leaf in the dtype of ``like``'s (where a ``dtype``
-    override gave the trainer another one than the checkpoint's); other leaves as they are."""
+    override gave the trainer another one than the checkpoint's); other leaves as they are.
 
-    def cast(a: Any, b: Any) -> Any:
-        if not (hasattr(a, "dtype") and hasattr(b, "dtype")) or a.dtype == b.dtype:
-            return a
-        if not (is_floating(a.dtype) and is_floating(b.dtype)):
-            return a
-        return get_backend(device).asarray(a, dtype=b.dtype)
-
-    return tree_map(cast, tree, like)
+    Raises:
+        CastOverflow: a finite value the cast makes Inf (a float32 weight of 1e5 loaded with
+            ``dtype="float16"``), naming ``what`` and the leaf's place in it.
+    """
+    leaves, treedef = tree_flatten(tree)
+    likes, like_def = tree_flatten(like)
+    if like_def != treedef:
+        raise ValueError(f"{what}: structures differ: {treedef!r} and {like_def!r}")
+    out = []
+    for k, (a, b) in enumerate(zip(leaves, likes, strict=True)):
+        if (
+            hasattr(a, "dtype")
+            and hasattr(b, "dtype")
+            and a.dtype != b.dtype
+            and is_floating(a.dtype)
+            and is_floating(b.dtype)
+        ):
+            with np.errstate(over="ignore"):  # (refused below, by its place)
+                new = get_backend(device).asarray(a, dtype=b.dtype)
+            place = what + "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
+            try:
+                check_cast_finite(
+                    a, new, place, "the trainer's",
+                    "rescale it, or load with a wider dtype (Trainer.load(..., dtype='{wider}'))",
+                )  # fmt: skip
+            except ValueError as exc:
+                raise CastOverflow(str(exc)) from None
+            a = new
+        out.append(a)
+    return tree_unflatten(treedef, out)
 
 
 _SCALARS: tuple[type, ...] = (int, float, bool, type(None), str)

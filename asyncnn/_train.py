@@ -35,7 +35,7 @@ from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
 from ._runtime._structure import check_routing
 from ._train_args import check_placement, check_trainer_args
-from ._train_options import _Option, _TraceOption, _tune_allocator
+from ._train_options import _CudaGraphsOption, _Option, _TraceOption, _tune_allocator
 from ._train_save import save_trainer
 from ._train_weights import params_on_devices, read_params, set_params
 
@@ -88,7 +88,8 @@ class Trainer:
     Raises:
         TypeError: ``cuda_graphs`` is not a bool or None; ``optimizer`` is a class (not an
             instance: ``optim.Adam(lr=1e-3)``) or no optimizer; ``policy`` is no policy.
-        ValueError: ``cuda_graphs=True`` with a ``cluster``; ``trace=""``.
+        ValueError: ``cuda_graphs=True`` with a ``cluster`` (also when set later:
+            ``trainer.cuda_graphs = True``); ``trace=""``.
         GraphError: with a ``cluster``, a node placed on a worker it lacks (``worker=7`` with
             4 workers), naming the node, the index and the cluster's size; layers the policy
             runs on one device, taking turns, placed in different processes.
@@ -119,7 +120,7 @@ class Trainer:
     trace_payloads = _Option()
     stall_timeout = _Option()
     check_finite = _Option()
-    cuda_graphs = _Option()
+    cuda_graphs = _CudaGraphsOption()
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import errno
 import os
 from typing import Any
 
+from ._runtime._checks import check_cuda_graphs
 from ._runtime._recorder import trace_path_error
 from .backends import tune_allocator
 
@@ -34,6 +35,16 @@ class _TraceOption(_Option):
     def __set__(self, obj: Any, value: Any) -> None:
         config = obj.config.replace(trace=value)
         _check_trace_path(config.trace)
+        obj.config = config
+
+
+class _CudaGraphsOption(_Option):
+    """:attr:`Trainer.cuda_graphs`: ``True`` refused on a trainer with a cluster, at once, as
+    the constructor refuses it (else only the next fit would)."""
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        config = obj.config.replace(cuda_graphs=value)
+        check_cuda_graphs(config.cuda_graphs, getattr(obj, "cluster", None))
         obj.config = config
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from ._datacheck import check_params
 from ._fit import _synchronize
 from ._math._pytree import ReadOnlyDict, tree_map
+from ._runtime._state_checks import cast_refusing_overflow
 from .backends import get_backend, to_numpy
 
 if TYPE_CHECKING:
@@ -74,19 +75,30 @@ def set_params(trainer: Trainer, value: Mapping[str, Any]) -> None:
         if node is None or node.kind != "layer":
             raise KeyError(f"no layer named {name!r}; layers: {trainer.graph.layers}")
         check_params(name, trainer.state.params[name], p)
-    for name, p in value.items():
+    want = np.dtype(trainer.dtype)
+    fix = "rescale the weights, or use a wider dtype (Trainer(..., dtype='{wider}'))"
+    # each layer's weights cast on the host, all of them before any is assigned: a finite
+    # weight the cast makes Inf (1e5 in float16) is refused, as in the data. The cast is a
+    # copy, so the caller's arrays stay theirs, and a write into them later (or into a
+    # read-only view of params, refused) cannot change the trainer's weights (asarray first: a
+    # torch tensor's __array__ takes no copy= argument)
+    cast = {
+        name: cast_refusing_overflow(
+            lambda h: h.astype(want),
+            tree_map(lambda a: np.asarray(to_numpy(a)), p),
+            f"tr.params[{name!r}]",
+            "the trainer's",
+            fix,
+        )
+        for name, p in value.items()
+    }
+    for name, p in cast.items():
         backend = get_backend(trainer.graph.nodes[name].device)
         # (the version before the latest is of the weights replaced: the next fit's
         # forwards must not be pinned to it)
         trainer.state.earlier_params.pop(name, None)
-        # a copy: the caller's arrays stay theirs, and a write into them later (or into a
-        # read-only view of params, refused) cannot change the trainer's weights (asarray
-        # first: a torch tensor's __array__ takes no copy= argument)
         trainer.state.params[name] = tree_map(
-            lambda a, backend=backend: backend.asarray(
-                np.asarray(to_numpy(a)).copy(), dtype=trainer.dtype
-            ),
-            p,
+            lambda a, backend=backend: backend.asarray(a, dtype=trainer.dtype), p
         )
 
 

@@ -7,7 +7,9 @@ The updates equal torch.optim's to rounding, not bit for bit: torch's CPU kernel
 multiply-adds (``add(alpha=)``, and ``lerp`` for Adam's first moment), which numpy cannot; here
 every operation rounds, in the order each optimizer's docstring writes, on the CPU and the GPU
 alike. 16-bit parameters are updated in float32 and rounded once (torch computes each operation
-in float32 but rounds every intermediate to 16 bits).
+in float32 but rounds every intermediate to 16 bits). Adam's and AdamW's moments of float16
+parameters are kept in float32: in float16 a second moment underflows to 0 for gradients below
+about 5e-3, and the next step would divide by ``eps``.
 """
 
 from ._math._optim import SGD, Optimizer, clip_grad_norm

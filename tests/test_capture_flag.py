@@ -46,6 +46,22 @@ def test_cuda_graphs_refuses_a_cluster():
         )  # fmt: skip
 
 
+def test_the_cuda_graphs_attribute_refuses_true_with_a_cluster_as_the_constructor_does():
+    # (accepted, it was refused only at the next fit; no worker starts here)
+    cluster = ann.cluster.LocalCluster(workers=1)
+    tr = ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), cluster=cluster)
+    with pytest.raises(ValueError, match="cluster=None"):
+        tr.cuda_graphs = True
+    assert tr.cuda_graphs is None  # (the refused value is not kept)
+    for value in (False, None):
+        tr.cuda_graphs = value
+        assert tr.cuda_graphs is value
+    tr = ann.Trainer(_graph(), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    tr.cuda_graphs = True  # (without a cluster: as the constructor takes it)
+    assert tr.cuda_graphs is True
+    assert not cluster.processes
+
+
 @pytest.mark.parametrize(
     ("policy", "active"),
     [(policies.Sync(), True), (policies.GPipe(1), True), (policies.GPipe(3), True),
@@ -56,17 +72,18 @@ def test_cuda_graphs_refuses_a_cluster():
     ids=["sync", "gpipe1", "gpipe3", "1f1b", "pipedream-stash", "pipedream", "async",
          "async-stash", "pipedream-2bw-pinned"],
 )  # fmt: skip
-def test_active_with_flushes_or_streaming_at_the_latest_or_stashed_weights(policy, active):
+def test_capture_allowed_with_flushes_or_streaming_at_the_latest_or_stashed_weights(policy, active):
+    assert policy.allows_capture(2, False) is active
     seen = {}
 
     async def main():
         async with ann.open_run(_graph(), optim.SGD(lr=0.1), policy, cuda_graphs=True) as run:
             seen["active"] = run.cuda_graphs_active
-            # CPU actors never capture
+            # CPU actors never capture: nothing does, whatever the policy allows
             seen["graphs"] = [a.graphs for a in run.local.values()]
 
     anyio.run(main)
-    assert seen["active"] is active
+    assert seen["active"] is False
     assert seen["graphs"] == [None] * len(seen["graphs"])
 
 
@@ -125,6 +142,35 @@ def test_cuda_graphs_is_a_no_op_on_the_cpu():
     for params, losses in results[1:]:
         assert_params_equal(results[0][0], params)
         assert results[0][1] == losses
+
+
+@pytest.mark.parametrize(
+    "policy", [policies.Sync(), policies.GPipe(2), policies.OneFOneB(2)], ids=str
+)
+def test_step_hooks_see_each_steps_weights_on_the_cpu_with_cuda_graphs_on(policy):
+    # the flag once made fit keep its state at epoch ends only (as captured updates, written
+    # in place, need): a CPU graph's step hooks saw the weights from before the fit
+    class Weights(ann.callbacks.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, trainer, step, logs):
+            self.seen.append(trainer.params)
+
+    seen = {}
+    for flag in (False, True):
+        cb = Weights()
+        tr = ann.Trainer(
+            _graph(), optimizer=optim.SGD(lr=0.1), policy=policy, cuda_graphs=flag, seed=1
+        )
+        before = tr.params
+        tr.fit(_data(48), epochs=1, batch_size=8, callbacks=[cb])
+        seen[flag] = cb.seen
+        assert len(cb.seen) == 6
+        with pytest.raises(AssertionError):  # the first step's hook sees its update
+            assert_params_equal(cb.seen[0], before)
+    for eager, flagged in zip(seen[False], seen[True], strict=True):
+        assert_params_equal(eager, flagged)
 
 
 @pytest.mark.parametrize(

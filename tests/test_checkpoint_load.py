@@ -11,6 +11,7 @@ import pytest
 import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._checkpoint import CheckpointError
+from asyncnn._math._pytree import tree_leaves
 
 from _checkpoint_cases import _copy, _data, _rewrite_spec, _sync_trainer, _trainer
 from _reference import assert_params_equal, chain_graph, classification_data
@@ -670,3 +671,136 @@ def test_an_unlocked_load_that_a_save_lands_in_reads_again_or_says_so(
         r"folder under way, which the system cannot lock\): load it again once they end"
     )):  # fmt: skip
         ann.Trainer.load(folder)
+
+
+# -- float16 Adam: its moments are float32 ----------------------------------------------------
+def _adam16(optimizer: Any = None) -> ann.Trainer:
+    return ann.Trainer(
+        chain_graph(2), optimizer=optimizer or optim.Adam(lr=1e-2), policy=policies.Sync(),
+        dtype="float16", seed=0,
+    )  # fmt: skip
+
+
+def _moments(tr: ann.Trainer) -> list[np.ndarray]:
+    return [
+        leaf
+        for state in tr.state.opt_states.values()
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        if name in state
+        for leaf in tree_leaves(state[name])
+    ]
+
+
+def test_a_float16_adam_trainer_saves_and_resumes_its_float32_moments_bit_for_bit(
+    tmp_path: Any,
+) -> None:
+    # (they were float16: a second moment below float16's smallest value was 0, and the next
+    # step with a small gradient moved a weight by up to 1e5 * lr)
+    data = classification_data(64)
+    tr = _adam16(optim.Adam(lr=1e-2, amsgrad=True))
+    assert {m.dtype for m in _moments(tr)} == {np.dtype(np.float32)}
+    tr.fit(data, epochs=1, batch_size=16)
+    assert {m.dtype for m in _moments(tr)} == {np.dtype(np.float32)}
+    assert {leaf.dtype for leaf in tree_leaves(tr.params)} == {np.dtype(np.float16)}
+    tr.save(str(tmp_path / "c"))
+    back = ann.Trainer.load(str(tmp_path / "c"))
+    assert back.dtype == "float16"
+    for a, b in zip(_moments(back), _moments(tr), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    assert_params_equal(back.params, tr.params)
+    h1 = tr.fit(data, epochs=1, batch_size=16)
+    h2 = back.fit(data, epochs=1, batch_size=16)
+    assert h1.losses == h2.losses
+    assert_params_equal(back.params, tr.params)
+    for a, b in zip(_moments(back), _moments(tr), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_older_float16_adam_checkpoint_loads_its_moments_widened(tmp_path: Any) -> None:
+    # an asyncnn before kept float16 moments for float16 weights: its checkpoint loads, the
+    # moments widened to float32 (the same numbers), and trains on
+    data = classification_data(64)
+    tr = _adam16()
+    tr.fit(data, epochs=1, batch_size=16)
+    folder = str(tmp_path / "c")
+    tr.save(folder)
+
+    def narrow(arrays: dict[str, np.ndarray]) -> None:
+        for k, a in arrays.items():
+            if k.startswith("opt/") and a.dtype == np.float32:
+                arrays[k] = a.astype(np.float16)
+
+    _rewrite_arrays(folder, narrow)
+    back = ann.Trainer.load(folder)
+    for a, b in zip(_moments(back), _moments(tr), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b.astype(np.float16).astype(np.float32))
+    back.fit(data, epochs=1, batch_size=16)
+    assert {m.dtype for m in _moments(back)} == {np.dtype(np.float32)}
+    assert all(np.isfinite(leaf).all() for leaf in tree_leaves(back.params))
+
+
+def test_a_float32_adam_checkpoint_loaded_as_float16_keeps_its_moments_whole(
+    saved: Any,
+) -> None:
+    # Trainer.load(dtype="float16"): the weights are cast, the moments stay float32 (cast to
+    # float16 a small second moment was 0)
+    path, tr = saved
+    narrow = ann.Trainer.load(path, dtype="float16")
+    assert {leaf.dtype for leaf in tree_leaves(narrow.params)} == {np.dtype(np.float16)}
+    for a, b in zip(_moments(narrow), _moments(tr), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_float16_adam_state_resumed_by_a_later_fit_keeps_float32_moments() -> None:
+    # a fit resumes from the trainer's state through open_run(state=...), which casts the
+    # state's float buffers to the dtype the optimizer keeps them in: float32 moments stay so
+    data = classification_data(64)
+    tr = _adam16(optim.AdamW(lr=1e-2, amsgrad=True))
+    for _ in range(2):
+        tr.fit(data, epochs=1, batch_size=16)
+        assert {m.dtype for m in _moments(tr)} == {np.dtype(np.float32)}
+    assert all(np.isfinite(leaf).all() for leaf in tree_leaves(tr.params))
+
+
+def test_an_embedding_row_missing_from_a_later_fit_moves_by_about_lr() -> None:
+    # rows 0-24 get gradients in the first fit only: their second moments (~1e-9) are below
+    # float16's smallest value; rounded to it between the fits (open_run(state=...) cast the
+    # moments to the run's float16), the second fit moved them by lr * m / eps (256 at lr=1e-3)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([rng.integers(0, 25, (32, 4)), rng.integers(25, 50, (32, 4))])
+    y = rng.integers(0, 3, 64)
+    g = ann.Graph.sequential(
+        [nn.Embedding(50, 8), nn.Flatten(), nn.Linear(32, 3)], loss=nn.CrossEntropyLoss(),
+        input_shape=(None, 4), input_dtype="int64",
+    )  # fmt: skip
+    tr = ann.Trainer(g, optimizer=optim.Adam(lr=1e-3), policy=policies.Sync(), dtype="float16")
+    w0 = tr.params["stage0"][0]["weight"].astype(np.float64)
+    tr.fit({"x": ids[:32], "y": y[:32]}, epochs=1, batch_size=32)
+    tr.fit({"x": ids[32:], "y": y[32:]}, epochs=1, batch_size=32)
+    change = np.abs(tr.params["stage0"][0]["weight"].astype(np.float64) - w0)
+    assert change.max() < 3e-3
+
+
+def test_a_load_whose_dtype_cannot_hold_a_weight_is_refused_naming_it(
+    saved: Any, tmp_path: Any
+) -> None:
+    # cast to float16, 1e5 was Inf, silently (the data's check refuses such a value by name)
+    path, tr = saved
+    folder = str(tmp_path / "big")
+    tr2 = ann.Trainer.load(path)
+    params = tr2.params
+    weight = params["stage0"][0]["weight"].copy()
+    weight[0, 0] = 1e5
+    params["stage0"][0]["weight"] = weight
+    tr2.params = params
+    tr2.save(folder)
+    with pytest.raises(ValueError, match=r"params\['stage0'\]\[0\]\['weight'\] has 100000, "
+                       r"which overflows the trainer's dtype float16 to Inf .*65504.*"
+                       r"dtype='float32'") as err:  # fmt: skip
+        ann.Trainer.load(folder, dtype="float16")
+    assert folder in str(err.value)
+    assert ann.Trainer.load(folder, dtype="float64").params["stage0"][0]["weight"][0, 0] == 1e5

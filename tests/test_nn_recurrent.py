@@ -278,6 +278,17 @@ def test_a_gru_cell_is_a_graph_layer_of_two_inputs() -> None:
     np.testing.assert_allclose(tr.predict({"x": xs, "h": hs})["h2"], want, rtol=1e-12)
 
 
+def test_both_cells_take_their_state_by_the_keyword_the_docs_give() -> None:
+    # docs/concepts.md: "The cells take torch's order, cell(params, x, state=None)"
+    rng = np.random.default_rng(6)
+    x, h, c = rng.standard_normal((2, 3)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    gru, lstm = nn.GRUCell(3, 4), nn.LSTMCell(3, 4)
+    pg, pl = gru.init(0, dtype="float64"), lstm.init(0, dtype="float64")
+    np.testing.assert_array_equal(gru(pg, x, state=h), gru(pg, x, h))
+    for a, b in zip(lstm(pl, x, state=(h, c)), lstm(pl, x, (h, c)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_a_loop_over_a_loop_cell_is_the_sequence_module(kind: str) -> None:
     rng = np.random.default_rng(5)

@@ -184,6 +184,51 @@ async def test_open_run_refuses_optimizer_states_that_do_not_fit_the_layer(where
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("where", _WHERE, ids=["checked", "validated", "cluster"])
+async def test_open_run_refuses_a_state_whose_cast_to_its_dtype_overflows(where):
+    # (a float32 state of weights 1e5 opened in a float16 run computed on Inf weights, with no
+    # word; so did optimizer buffers and pending gradients, where data that overflows is refused)
+    tr, state = _pending_state()  # (float64, SGD with momentum, a gradient pending at each layer)
+    fix = r": rescale the {}, or run in a wider dtype \(dtype='float32' on open_run\)$"
+
+    def big(tree: Any, value: float) -> Any:
+        return tree_map(lambda a: np.full_like(a, value) if np.ndim(a) else a, tree)
+
+    params = {**state.params, "stage1": big(state.params["stage1"], -7e4)}
+    acc, count = state.pending_grads["stage2"]
+    momentum = state.opt_states["stage0"]
+    cases = [
+        (dataclasses.replace(state, params=params),
+         r"state.params\['stage1'\]\[0\]\['bias'\] has -70000, which overflows the run's dtype "
+         r"float16 to -Inf \(its largest value is 65504\)", "weights"),
+        (dataclasses.replace(state, opt_states={**state.opt_states, "stage0": big(momentum, 1e9)}),
+         r"state.opt_states\['stage0'\]\['momentum_buffer'\]\[0\]\['bias'\] has 1e\+09, which "
+         r"overflows the run's dtype float16 to Inf", "optimizer's buffers"),
+        (dataclasses.replace(
+            state, pending_grads={**state.pending_grads, "stage2": (big(acc, 1e6), count)}),
+         r"state.pending_grads\['stage2'\]\[0\]\[0\]\['bias'\] has 1e\+06, which overflows",
+         "pending gradients"),
+    ]  # fmt: skip
+    for bad, match, what in cases:
+        with pytest.raises(ValueError, match=f"^open_run: {match}.*{fix.format(what)}"):
+            async with ann.open_run(
+                tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float16", state=bad,
+                **where,
+            ):  # fmt: skip
+                pass
+    # a buffer too small for float16 becomes 0, as a cast does: not an error (nor a NaN or Inf
+    # the state holds itself, which is the run's check_finite's to find)
+    small = dataclasses.replace(
+        state, opt_states={**state.opt_states, "stage0": big(momentum, 1e-10)}
+    )
+    async with ann.open_run(
+        tr.graph, optimizer=tr.optimizer, policy=tr.policy, dtype="float16", state=small
+    ) as run:  # fmt: skip
+        buffers = tree_leaves(run.state().opt_states["stage0"]["momentum_buffer"])
+        assert all(b.dtype == np.float16 and not b.any() for b in buffers)
+
+
+@pytest.mark.anyio
 async def test_open_run_names_a_graph_spec_in_a_short_message():
     # (a graph's spec, a dict, was printed whole in the message)
     spec = chain_graph(3).to_spec()

@@ -768,3 +768,145 @@ def test_sigmoid_of_integers_is_scipy_s_expit_in_numpy_s_float_dtype(
     tol = np.finfo(got.dtype)
     want = special.expit(x)  # (float64)
     np.testing.assert_allclose(to_numpy(got), want, rtol=2 * tol.eps, atol=tol.tiny)
+
+
+# -- 16-bit means and scatter-adds over many entries ----------------------------------------------
+
+
+def _torch_or_none() -> Any:
+    """torch where installed (a comparison it adds), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+_MEANS: dict[str, Callable[[Any, Any], Any]] = {
+    "ops.mean": lambda p, t: ops.mean(p),
+    "ops.mean(axis=0)": lambda p, t: ops.mean(p.reshape(-1, 1), axis=0),
+    "ops.mse_loss": lambda p, t: ops.mse_loss(p, t),
+    "nn.MSELoss": lambda p, t: ann.nn.MSELoss()({}, p, t),
+}
+
+
+def _mean_reference(name: str, p: Any, t: Any, ct: Any) -> Any:
+    """The float64 gradient of :data:`_MEANS`' ``name`` with respect to ``p`` at cotangent ``ct``."""
+    if name.startswith("ops.mean"):
+        return np.full(p.shape, ct / p.size)
+    return 2 * (p - t) * ct / p.size
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+@pytest.mark.parametrize("name", sorted(_MEANS))
+def test_the_gradient_of_a_mean_over_more_entries_than_float16_holds_is_not_zero(
+    backend: Any, name: str, dtype: str
+) -> None:
+    # a mean over 128 * 784 = 100,352 entries (an MNIST autoencoder's batch): the gradient
+    # divided the 16-bit cotangent by the count, which NEP 50 cast to float16 (Inf past 65504),
+    # so a float16 model trained on MSELoss had a gradient of exactly 0 (counts past 2048 were
+    # rounded: 3001 divided as 3000). It divides in float32 and rounds once, as torch's does.
+    dt = _float_dtype(dtype)
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal((128, 784)).astype(dt)
+    t = rng.standard_normal((128, 784)).astype(dt)
+    ct = np.asarray(1.5, dt)
+    fn = _MEANS[name]
+    out, pullback = ann.vjp(lambda p: fn(p, backend.asarray(t)), backend.asarray(p))
+    (g,) = pullback(backend.asarray(np.full(out.shape, ct)))
+    assert g.dtype == dt
+    got = to_numpy(g).astype(np.float64)
+    want = _mean_reference(name, p.astype(np.float64), t.astype(np.float64), float(ct))
+    if dtype in ("float32", "float64"):  # (as before: the cotangent divided in its own dtype)
+        if name.startswith("ops.mean"):
+            np.testing.assert_array_equal(to_numpy(g), np.full(p.shape, ct / p.size, dt))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+        return
+    assert np.count_nonzero(got) > 0.99 * got.size, f"{name}: the gradient is {got[:1, :4]}"
+    # a 16-bit gradient of 1e-5 entries: float16's subnormals hold them to a few parts in 1e3
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max(), err_msg=name)
+    torch = _torch_or_none()
+    if torch is not None:
+        tp = torch.tensor(p.astype(np.float32)).to(getattr(torch, dtype)).requires_grad_()
+        tt = torch.tensor(t.astype(np.float32)).to(getattr(torch, dtype))
+        tfn = {
+            "ops.mean": lambda: tp.mean(),
+            "ops.mean(axis=0)": lambda: tp.reshape(-1, 1).mean(0),
+        }.get(name, lambda: torch.nn.functional.mse_loss(tp, tt))
+        tout = tfn()
+        tout.backward(torch.full(tout.shape, float(ct), dtype=tout.dtype))
+        tg = tp.grad.double().numpy()
+        # (torch's bfloat16 rounds each step: its gradient is 2 units off where ours is 1)
+        tol = (3e-2 if dtype == "bfloat16" else 1e-2) * np.abs(tg).max()
+        np.testing.assert_allclose(got, tg, rtol=0, atol=tol, err_msg=name)
+
+
+def test_the_gradient_of_a_float16_mean_over_2049_entries_divides_by_2049() -> None:
+    # float16 holds 2049 as 2048: the count was rounded before the division
+    out, pullback = ann.vjp(ops.mean, np.ones(2049, np.float16))
+    (g,) = pullback(np.ones((), np.float16))
+    assert g.dtype == np.float16
+    assert g[0] == np.float16(1 / 2049) != np.float16(1 / 2048)
+
+
+_SCATTERS: dict[str, Callable[[Any, Any], Any]] = {
+    "ops.take": lambda x, ids: ops.take(x, ids, axis=0),
+    "ops.getitem": lambda x, ids: ops.getitem(x, ids),
+    "ops.embedding": lambda x, ids: ops.embedding(x, ids),
+}
+
+
+@pytest.mark.parametrize("dtype", _FLOATS)
+@pytest.mark.parametrize("name", sorted(_SCATTERS))
+def test_a_16_bit_row_read_many_times_sums_its_gradients_in_float32(
+    backend: Any, name: str, dtype: str
+) -> None:
+    # row 1 read 20,000 times, each with a cotangent of 1: added in 16 bits, the sum stalled at
+    # 2048 in float16 (2048 + 1 rounds to 2048) and at 256 in bfloat16, where the GPU's
+    # bfloat16 said 19,968 and every other 16-bit sum (a bias's) too. They add up in float32
+    # and are rounded once (float16: 20000; bfloat16: 19968, as torch's index_select).
+    dt = _float_dtype(dtype)
+    ids = np.concatenate([np.ones(20000, np.int64), [0, 2]])
+    x = np.arange(12.0).reshape(3, 4).astype(dt)
+    out, pullback = ann.vjp(lambda x: _SCATTERS[name](x, backend.asarray(ids)), backend.asarray(x))
+    ct = np.ones(out.shape, dt)
+    ct[-2:] = 0.5  # (rows 0 and 2: read once)
+    (g,) = pullback(backend.asarray(ct))
+    assert g.dtype == dt
+    want = np.array([[0.5] * 4, [20000.0] * 4, [0.5] * 4]).astype(dt)
+    np.testing.assert_array_equal(to_numpy(g), want, err_msg=name)
+
+
+def test_float16_mixed_with_bfloat16_arrays_promotes_as_numpy_in_every_rule() -> None:
+    # numpy (with ml_dtypes) gives float32 for float16 with bfloat16, and ops.add did; the
+    # rules that compute float16 in float32 (layer_norm) took the float16 input's dtype as the
+    # result's and left a bfloat16 weight out of it: float16, a bfloat16 weight's precision lost
+    if BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4)).astype(np.float16)
+    w = rng.uniform(0.5, 1.5, 4).astype(BFLOAT16)
+    b = rng.standard_normal(4).astype(np.float16)
+    assert (x + w).dtype == np.float32  # (numpy's)
+    for kwargs in [{"weight": w}, {"weight": w, "bias": b}, {"bias": b.astype(BFLOAT16)}]:
+        args = (x, *kwargs.values())
+        names = list(kwargs)
+
+        def norm(x: Any, *a: Any, names: list[str] = names) -> Any:
+            return ops.layer_norm(x, **dict(zip(names, a, strict=True)))
+
+        out, pullback = ann.vjp(norm, *args)
+        assert out.dtype == np.float32, kwargs
+        grads = pullback(np.ones_like(out))
+        for g, a in zip(grads, args, strict=True):  # each gradient in its argument's dtype
+            assert g.dtype == a.dtype
+        wide = {k: v.astype(np.float32) for k, v in kwargs.items()}
+        want = ops.layer_norm(x.astype(np.float32), **wide)
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    # scalars, numpy's too, and 0-d arrays leave bfloat16 as it is (as cupy does); float16
+    # follows numpy there (a numpy float64 scalar gives float64): see docs/concepts.md
+    xb = x.astype(BFLOAT16)
+    for s in (0.5, np.float64(0.5), np.array(0.5, np.float32), np.ones((3, 4), np.int64)):
+        assert ops.multiply(xb, s).dtype == BFLOAT16
+    assert ops.multiply(x, np.float64(0.5)).dtype == np.float64
+    assert ops.multiply(x, 0.5).dtype == np.float16

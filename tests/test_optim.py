@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from asyncnn import optim
+from asyncnn._math._optim import state_dtype
 from asyncnn._math._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
-from asyncnn.backends import Backend
+from asyncnn.backends import Backend, get_backend
 
 from _optim_cases import ALL_OPTIMIZERS, SCHEDULES, _half, _host, _problem, _run, _to
 
@@ -201,8 +202,11 @@ def test_a_16_bit_update_is_the_float32_update_rounded_once(
     backend: Backend, opt: optim.Optimizer, name: str
 ) -> None:
     # as the GPU kernels compute it; numpy in 16 bits rounded every intermediate (and eps=1e-8
-    # to 0 in float16, beta2=0.999 to 1 in bfloat16)
+    # to 0 in float16, beta2=0.999 to 1 in bfloat16); the buffers rounded to the dtype they are
+    # kept in (float32 for Adam's moments of float16)
     dt = _half(backend, name)
+    keep = state_dtype(opt, dt)
+    assert (keep == np.float32) == (name == "float16" and isinstance(opt, optim.Adam))
     params, grads = _problem(7)
     p = q = _to(backend, params, dt)
     state = expected_state = opt.init(p)
@@ -213,13 +217,14 @@ def test_a_16_bit_update_is_the_float32_update_rounded_once(
         p, state = opt.update(p, g, state)
         if opt.clip_norm is not None:
             g = optim.clip_grad_norm(g, opt.clip_norm)[0]
-        wide = unclipped.update(*_cast((q, g, expected_state), np.float32))
-        q, expected_state = _cast(wide, dt)
+        wide_p, wide_state = unclipped.update(*_cast((q, g, expected_state), np.float32))
+        q, expected_state = _cast(wide_p, dt), _cast(wide_state, keep)
     for a, b in zip(tree_leaves((p, state)), tree_leaves((q, expected_state)), strict=True):
         assert getattr(a, "dtype", None) == getattr(b, "dtype", None)
-        np.testing.assert_array_equal(np.asarray(backend.to_numpy(a)).view(np.uint16)
+        # (bit for bit: the bytes of 16-bit and float32 leaves, 0-d ones too)
+        np.testing.assert_array_equal(np.asarray(backend.to_numpy(a)).tobytes()
                                       if hasattr(a, "dtype") else a,
-                                      np.asarray(backend.to_numpy(b)).view(np.uint16)
+                                      np.asarray(backend.to_numpy(b)).tobytes()
                                       if hasattr(b, "dtype") else b)  # fmt: skip
 
 
@@ -231,6 +236,170 @@ def test_float16_adam_keeps_its_eps(backend: Backend) -> None:
     new, _ = opt.update(p, g, opt.init(p))
     # float64: m_hat = g, sqrt(v_hat) = |g|, so the first step is lr * g / (|g| + eps) ~ lr
     np.testing.assert_allclose(backend.to_numpy(new["w"]), -1e-2 / (1 + 1e-4), rtol=1e-3)
+
+
+_FLOAT16_ADAMS = [
+    optim.Adam(lr=1e-3),
+    optim.Adam(lr=1e-3, weight_decay=0.1, amsgrad=True),
+    optim.AdamW(lr=1e-3, amsgrad=True),
+]
+
+
+@pytest.mark.parametrize("opt", _FLOAT16_ADAMS, ids=repr)
+def test_float16_adam_keeps_its_moments_in_float32(backend: Backend, opt: optim.Optimizer) -> None:
+    # (1 - beta2) * g**2 underflows float16 for |g| < ~5e-3, the usual gradient size: stored in
+    # float16 the second moment was 0, and the next step with a small or no gradient (an
+    # embedding row not in the batch) divided by eps=1e-8, moving a weight by up to 1e5 * lr
+    p = {"w": backend.asarray(np.zeros(3, np.float16))}
+    state = opt.init(p)
+    for name in opt.buffer_names():
+        assert state[name]["w"].dtype == np.float32, name
+    for g in ([1e-3, 1e-2, 0.1], [0.0, 0.0, 0.0]):
+        p, state = opt.update(p, {"w": backend.asarray(np.array(g, np.float16))}, state)
+        assert p["w"].dtype == np.float16
+        for name in opt.buffer_names():
+            assert state[name]["w"].dtype == np.float32, name
+    got = np.asarray(backend.to_numpy(p["w"]), np.float64)
+    # the float32 update, the parameter rounded to float16 once a step
+    q = {"w": np.zeros(3, np.float32)}
+    wide = opt.init(q)
+    for g in ([1e-3, 1e-2, 0.1], [0.0, 0.0, 0.0]):
+        q, wide = opt.update(q, {"w": np.array(g, np.float16).astype(np.float32)}, wide)
+        q = {"w": q["w"].astype(np.float16).astype(np.float32)}
+    np.testing.assert_array_equal(got, q["w"])
+    assert np.abs(got).max() < 3e-3  # two steps of about lr each (it was 47.4)
+
+
+@pytest.mark.parametrize("opt", _FLOAT16_ADAMS, ids=repr)
+def test_float16_adam_takes_a_float16_state_and_widens_it(
+    backend: Backend, opt: optim.Optimizer
+) -> None:
+    # a state of an asyncnn that kept float16 moments (an older checkpoint or trace, or one cast
+    # to the run's dtype) is still updated: in float32, its buffers float32 from then on
+    params, grads = _problem(3)
+    p = _to(backend, params, "float16")
+    old = _to(backend, {"step": 0, **{n: params for n in opt.buffer_names()}}, "float16")
+    old = {**old, "step": 2}
+    old = tree_map(lambda x: abs(x) if hasattr(x, "dtype") else x, old)  # (second moments >= 0)
+    new_p, new_s = opt.update(p, _to(backend, grads[0], "float16"), old)
+    wide_s = {**_cast(old, np.float32), "step": 2}
+    want_p, want_s = opt.update(_cast(p, np.float32), _cast(_to(backend, grads[0], "float16"),
+                                                            np.float32), wide_s)  # fmt: skip
+    for a, b in zip(tree_leaves(new_p), tree_leaves(want_p), strict=True):
+        assert a.dtype == np.float16
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b.astype(np.float16)))
+    assert new_s["step"] == 3
+    for name in opt.buffer_names():
+        for a, b in zip(tree_leaves(new_s[name]), tree_leaves(want_s[name]), strict=True):
+            assert a.dtype == np.float32
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+
+
+@pytest.mark.parametrize("name", ["float32", "float64", "bfloat16"])
+def test_adam_keeps_its_moments_in_the_dtype_of_other_parameters(
+    backend: Backend, name: str
+) -> None:
+    # only float16 (whose range is narrow) keeps them in float32: bfloat16 has float32's range,
+    # and its state keeps torch's dtypes
+    dt = _half(backend, name) if name == "bfloat16" else np.dtype(name)
+    opt = optim.Adam(amsgrad=True)
+    p = {"w": backend.asarray(np.ones(3, np.float32)).astype(dt)}
+    p, state = opt.update(p, {"w": p["w"]}, opt.init(p))
+    for buf in opt.buffer_names():
+        assert state[buf]["w"].dtype == dt
+
+
+def test_sgd_keeps_its_float16_momentum_in_float16(backend: Backend) -> None:
+    # a momentum buffer sums gradients (it is never smaller than them, nor divided by): float16
+    # holds it as well as the gradients themselves, as torch does
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    p = {"w": backend.asarray(np.zeros(3, np.float16))}
+    p, state = opt.update(p, {"w": backend.asarray(np.full(3, 1e-5, np.float16))}, opt.init(p))
+    assert state["momentum_buffer"]["w"].dtype == np.float16
+
+
+NUMPY = get_backend("numpy")
+
+
+class _OnDevice(np.ndarray):
+    """A numpy array standing in for a GPU's (not ``np.ndarray`` itself: no numpy fast path)."""
+
+
+class _OneTypeKernels:
+    """A stand-in for the GPU's fused optimizer kernels (``backends/_fused.py``): one type for
+    every array of a launch, as the real ones (``T``), 16-bit values computed in float32 and
+    rounded once on the store. Records the dtype of each leaf launched."""
+
+    def __init__(self) -> None:
+        self.launched: list[np.dtype] = []
+
+    def adam_leaf(self, p: Any, g: Any, buffers: Any, step: int, lr: float, betas: Any,
+                  eps: float, weight_decay: float, amsgrad: bool, decoupled: bool) -> Any:  # fmt: skip
+        arrays = [np.asarray(a) for a in (p, g, *buffers)]
+        assert len({a.dtype for a in arrays}) == 1, [a.dtype for a in arrays]
+        cls = optim.AdamW if decoupled else optim.Adam
+        opt = cls(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        c = np.float32 if p.dtype.itemsize == 2 else p.dtype
+        wide = [a.astype(c) for a in arrays]
+        new_p, new_bs = opt._update_array(np, wide[0], wide[1], tuple(wide[2:]), step, lr)
+        self.launched.append(p.dtype)
+        out = [a.astype(p.dtype).view(_OnDevice) for a in (new_p, *new_bs)]
+        return out[0], tuple(out[1:])
+
+    def adam_many(self, ps: Any, gs: Any, buffers: Any, *rest: Any) -> Any:
+        new_ps: list[Any] = []
+        new_bufs: list[list[Any]] = [[] for _ in buffers]
+        for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+            new_p, new_bs = self.adam_leaf(p, g, tuple(b[i] for b in buffers), *rest)
+            new_ps.append(new_p)
+            for out, b in zip(new_bufs, new_bs, strict=True):
+                out.append(b)
+        return new_ps, new_bufs
+
+
+@pytest.mark.parametrize("opt", _FLOAT16_ADAMS, ids=repr)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_a_backend_whose_kernels_take_one_type_updates_float16_adam_in_float32(
+    monkeypatch: pytest.MonkeyPatch, opt: optim.Optimizer, dtype: str
+) -> None:
+    # the GPU's path (tests/test_gpu_dtypes.py runs it on cupy), on the CPU: a float16 leaf
+    # with float32 moments is widened and updated by the float32 kernel, leaf by leaf, as the
+    # CPU computes it; other leaves go to the kernels as they are; an older float16 state too
+    from asyncnn._math import _optim_leaf
+
+    dt = _half(NUMPY, dtype)
+    kernels = _OneTypeKernels()
+
+    class _Backend:
+        @staticmethod
+        def fused_kernels() -> _OneTypeKernels:
+            return kernels
+
+    monkeypatch.setattr(_optim_leaf, "backend_of", lambda *xs: _Backend)
+    params, grads = _problem(5)
+    host = _to(NUMPY, params, dt)
+    dev = tree_map(lambda a: a.view(_OnDevice), host)
+    host_state, dev_state = opt.init(host), opt.init(dev)
+    old = dict(host_state, step=1)  # (as an asyncnn before kept it: in the parameter's dtype)
+    for name in opt.buffer_names():
+        old[name] = tree_map(lambda a: np.abs(a).astype(dt), params)
+    old_dev = {k: v if k == "step" else tree_map(lambda a: a.view(_OnDevice), v)
+               for k, v in old.items()}  # fmt: skip
+    for start_host, start_dev in ((host_state, dev_state), (old, old_dev)):
+        h, hs, d, ds = host, start_host, dev, start_dev
+        for g in grads:
+            h, hs = opt.update(h, _to(NUMPY, g, dt), hs)
+            d, ds = opt.update(d, tree_map(lambda a: a.view(_OnDevice), _to(NUMPY, g, dt)), ds)
+        for a, b in zip(tree_leaves((h, hs)), tree_leaves((d, ds)), strict=True):
+            if hasattr(a, "dtype"):
+                assert a.dtype == b.dtype
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+            else:
+                assert a == b
+        for name in opt.buffer_names():
+            want = np.float32 if dtype == "float16" else dt
+            assert {leaf.dtype for leaf in tree_leaves(ds[name])} == {np.dtype(want)}
+    assert set(kernels.launched) == {np.dtype(np.float32) if dtype == "float16" else dt}
 
 
 def test_state_is_a_pytree_of_arrays_and_ints(backend: Backend) -> None:

@@ -360,3 +360,29 @@ def test_adam_takes_betas_as_a_numpy_pair() -> None:
     opt = optim.Adam(lr=1e-3, betas=np.array([0.8, 0.99]))
     assert opt.betas == (0.8, 0.99) and all(type(b) is float for b in opt.betas)
     assert optim.from_spec(opt.to_spec()) == opt
+
+
+def test_a_float16_adam_buffer_of_another_dtype_than_float32_or_float16_is_refused(
+    backend: Backend,
+) -> None:
+    # a float16 parameter's moments are float32 (float16 in an older state, taken too); any
+    # other dtype is refused, the message saying which dtypes the buffer may have
+    opt = optim.Adam()
+    p = {"w": backend.asarray(np.zeros(3, np.float16))}
+    g = {"w": backend.asarray(np.ones(3, np.float16))}
+    for dt in (np.float32, np.float16):
+        state = {**opt.init(p), "exp_avg_sq": {"w": backend.asarray(np.zeros(3, dt))}}
+        opt.update(p, g, state)
+    f64 = {**opt.init(p), "exp_avg_sq": {"w": backend.asarray(np.zeros(3))}}
+    said = (
+        r"Adam.update: state\['exp_avg_sq'\] leaf 0 of .* is float64, but its parameter is "
+        r"float16; Adam keeps the buffers of a float16 parameter in float32 \(float16 ones, "
+        r"as an older state holds them, are taken too\)"
+    )
+    with pytest.raises(TypeError, match=said):
+        opt.update(p, g, f64)
+    # SGD's momentum buffer is kept in the parameter's dtype: a float32 one is another state's
+    sgd = optim.SGD(momentum=0.9)
+    wide = {"step": 1, "momentum_buffer": {"w": backend.asarray(np.zeros(3, np.float32))}}
+    with pytest.raises(TypeError, match=r"is float32, but its parameter is float16; was the"):
+        sgd.update(p, g, wide)

@@ -122,6 +122,42 @@ def test_params_assignment_is_checked_against_the_graph():
     assert_params_equal(tr.params, p)  # nothing was assigned
 
 
+@pytest.mark.parametrize("given", ["float32", "int64"])
+def test_params_that_overflow_the_trainers_dtype_are_refused_not_made_inf(given):
+    # (tr.params = float32 weights of 1e5 gave a float16 trainer weights of Inf, with no word,
+    # where the same value in the data is refused: "overflows the run's dtype")
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync(),
+                     dtype="float16")  # fmt: skip
+    before = tr.params
+    p = {n: [{k: np.asarray(v, given) for k, v in m.items()} for m in w] for n, w in before.items()}
+    p["stage1"][0]["weight"][2, 1] = -100000
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "tr.params['stage1'][0]['weight'] has -100000, which overflows the trainer's dtype "
+            "float16 to -Inf (its largest value is 65504): rescale the weights, or use a wider "
+            "dtype (Trainer(..., dtype='float32'))"
+        ),
+    ):
+        tr.params = p
+    assert_params_equal(tr.params, before)  # nothing was assigned, the other layer's neither
+    # what rounds to the largest float16 is kept, and so is a value too small for float16 (0);
+    # a NaN or Inf of the caller's own is not an overflow (check_finite is the run's check)
+    w = np.zeros((6, 3), np.float32)
+    w[0, :] = [65519.0, 1e-10, np.inf]
+    tr.params = {"stage1": [{"weight": w, "bias": np.zeros(3, np.float32)}]}
+    got = tr.params["stage1"][0]["weight"]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got[0], np.array([65504.0, 0.0, np.inf], np.float16))
+    # float64 weights beyond float32's range in a float32 trainer: float64 is the wider dtype
+    t32 = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    w64 = np.zeros((6, 3))
+    w64[5, 2] = 1e39
+    with pytest.raises(ValueError, match=r"\['weight'\] has 1e\+39, .* dtype float32 to Inf .*"
+                       r"\(Trainer\(\.\.\., dtype='float64'\)\)$"):  # fmt: skip
+        t32.params = {"stage1": [{"weight": w64, "bias": np.zeros(3)}]}
+
+
 def test_a_cluster_fit_refuses_what_needs_weights_during_the_fit():
     with ann.cluster.LocalCluster(workers=1) as cluster:
         tr = ann.Trainer(

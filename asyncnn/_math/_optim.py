@@ -13,7 +13,12 @@ Every update allocates its outputs and then works in place on those fresh arrays
 most one scratch array per leaf. Hyperparameters are Python floats, which never promote an array's
 dtype: float32 parameters stay float32. A 16-bit leaf (float16, bfloat16) is updated in float32
 and each result rounded once to 16 bits, as the GPU kernels do: in 16-bit arithmetic Adam's
-``eps=1e-8`` would be 0 in float16 and its ``beta2=0.999`` 1 in bfloat16.
+``eps=1e-8`` would be 0 in float16 and its ``beta2=0.999`` 1 in bfloat16. The buffers keep the
+parameter's dtype, but for Adam's and AdamW's moments of a float16 parameter, which are float32
+(as AMP, apex and DeepSpeed keep them): ``(1 - beta2) * g**2`` underflows float16 for ``|g|``
+below about 5e-3, and a second moment stored as 0 made the next step with a small or no gradient
+(an embedding row not in the batch) ``lr * m / eps``, up to ``1e5 * lr``. bfloat16 has float32's
+range, and keeps its moments in bfloat16, as torch does.
 
 Against torch.optim (CPU, float64 or float32) the updates agree to rounding, not bit for bit:
 torch's kernels fuse multiply-adds (``add(alpha=)``, ``lerp``, which Adam uses for its first
@@ -57,7 +62,7 @@ from ._schedules import (
     check_lr,
 )
 
-__all__ = ["SGD", "Optimizer", "clip_grad_norm", "keeps_base_state"]
+__all__ = ["SGD", "Optimizer", "clip_grad_norm", "keeps_base_state", "state_dtype"]
 
 State = dict[str, Any]
 
@@ -167,7 +172,8 @@ class Optimizer(abc.ABC):
         """
 
     def init(self, params: Any) -> State:
-        """The state before the first update: step 0 and zero buffers shaped like ``params``.
+        """The state before the first update: step 0 and zero buffers shaped like ``params``,
+        each in its parameter's dtype (float32 for Adam's and AdamW's moments of a float16 one).
 
         Raises:
             TypeError: a leaf of ``params`` that is not a float array (as :meth:`update`
@@ -190,9 +196,22 @@ class Optimizer(abc.ABC):
         leaves, treedef = tree_flatten(params)
         _check_params(type(self).__name__, leaves, treedef)
         state: State = {"step": 0}
+        dtypes = [self._state_dtype(p.dtype) for p in leaves]
         for name in self.buffer_names():
-            state[name] = tree_unflatten(treedef, [ns(p).zeros_like(p) for p in leaves])
+            state[name] = tree_unflatten(
+                treedef,
+                [
+                    ns(p).zeros_like(p) if d == p.dtype else ns(p).zeros_like(p, dtype=d)
+                    for p, d in zip(leaves, dtypes, strict=True)
+                ],
+            )
         return state
+
+    def _state_dtype(self, dtype: Any) -> Any:
+        """The dtype :meth:`init` makes the buffers of a parameter of ``dtype`` in, which
+        :meth:`update` keeps them in: ``dtype`` itself (Adam's moments of a float16 parameter
+        are float32). :meth:`update` takes a buffer of ``dtype`` too."""
+        return dtype
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of the update that follows ``step`` updates.
@@ -257,7 +276,7 @@ class Optimizer(abc.ABC):
                     f"{name}.update: state[{buf_name!r}] has structure {buf_def!r}, params have "
                     f"{treedef!r}; was the state made for other parameters?"
                 )
-            _check_buffer(name, buf_name, p_leaves, buf_leaves, treedef)
+            _check_buffer(name, buf_name, p_leaves, buf_leaves, treedef, self._state_dtype)
             buffers.append(buf_leaves)
         if self.clip_norm is not None:
             clipped, _ = clip_grad_norm(g_leaves, self.clip_norm)
@@ -454,6 +473,18 @@ class SGD(BuiltinLeafUpdate, Optimizer):
             new = _fresh(xp, xp.multiply, buf, -lr)
         new += p
         return new, (buf,)
+
+
+def state_dtype(optimizer: Any, dtype: Any) -> Any:
+    """The dtype in which ``optimizer.init`` makes (and ``update`` keeps) the state buffers of a
+    parameter of ``dtype``, for an optimizer whose state has :meth:`Optimizer.init`'s layout
+    (:func:`keeps_base_state`): float32 for Adam's and AdamW's moments of a float16 parameter,
+    else ``dtype``. A state cast to a run's dtype casts its buffers to this one: cast to float16,
+    small second moments would become 0 (they are taken, and widened again, but not restored).
+    """
+    if not keeps_base_state(optimizer):
+        return dtype
+    return optimizer._state_dtype(np.dtype(dtype))
 
 
 def keeps_base_state(optimizer: Any) -> bool:

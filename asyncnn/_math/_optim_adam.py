@@ -28,6 +28,8 @@ from ._schedules import (
 
 __all__ = ["Adam", "AdamW"]
 
+_FLOAT32 = np.dtype(np.float32)
+
 
 def _check_adam(owner: str, opt: Adam) -> None:
     object.__setattr__(opt, "lr", check_lr(owner, opt.lr))
@@ -59,6 +61,16 @@ class Adam(BuiltinLeafUpdate, Optimizer):
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (``v_max = max(v_max, v)`` with
     amsgrad), ``p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
 
+    With float16 parameters the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are
+    float32, as AMP, apex and DeepSpeed keep them: ``(1 - b2) g^2`` underflows float16 for
+    ``|g|`` below about 5e-3, the usual gradient size, and a second moment stored as 0 made the
+    next step with a small or no gradient (an embedding row not in the batch) ``lr * m / eps``,
+    up to ``1e5 * lr``, finite, so no ``check_finite`` saw it (torch's float16 Adam gives -inf
+    there). The update computes in float32 and rounds the parameter to float16 once. A state
+    with float16 moments (made by an asyncnn before, or cast to a float16 run's dtype) is taken
+    too, and the moments are float32 from its update on. bfloat16, whose range is float32's,
+    keeps bfloat16 moments, as torch does; other dtypes keep their own.
+
     Args:
         lr: learning rate, a float or a :class:`Schedule`.
         betas: decay rates of the first and second moment estimates, each in ``[0, 1)``.
@@ -87,6 +99,14 @@ class Adam(BuiltinLeafUpdate, Optimizer):
     def buffer_names(self) -> tuple[str, ...]:
         names = ("exp_avg", "exp_avg_sq")
         return (*names, "max_exp_avg_sq") if self.amsgrad else names
+
+    def _state_dtype(self, dtype: Any) -> Any:
+        # float16 (kind "f", 2 bytes; bfloat16 is kind "V", and has float32's range): its
+        # (1 - beta2) * g**2 underflows to 0 for |g| < ~5e-3, and the next step then divides by
+        # eps; AMP, apex and DeepSpeed keep these moments in float32 too
+        if dtype.kind == "f" and dtype.itemsize == 2:
+            return _FLOAT32
+        return dtype
 
     def _update_many(
         self, ps: list[Any], gs: list[Any], buffers: list[list[Any]], step: int, lr: float
@@ -161,7 +181,8 @@ class AdamW(Adam):
     """AdamW, as torch.optim.AdamW: Adam with decoupled weight decay.
 
     Each update first multiplies the parameters by ``1 - lr * weight_decay``, then applies the
-    Adam step computed from the raw gradient.
+    Adam step computed from the raw gradient. As :class:`Adam`, it keeps the moments of float16
+    parameters in float32.
 
     Args:
         lr: learning rate, a float or a :class:`Schedule`.

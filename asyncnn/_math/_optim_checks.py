@@ -12,7 +12,10 @@ argument and refuse a bool or a string alike.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from ..backends import is_floating
 from ._autodiff_args import _CONTAINERS, _hides, _unopened
@@ -136,12 +139,27 @@ def _check_grads(params: list[Any], grads: list[Any], treedef: TreeDef) -> None:
 
 
 def _check_buffer(
-    owner: str, buf_name: str, params: list[Any], buffer: list[Any], treedef: TreeDef
+    owner: str,
+    buf_name: str,
+    params: list[Any],
+    buffer: list[Any],
+    treedef: TreeDef,
+    state_dtype: Callable[[Any], Any] | None = None,
 ) -> None:
+    """Refuses a buffer leaf of another shape than its parameter, or of a dtype other than the
+    parameter's and the one the optimizer keeps it in (``state_dtype(p.dtype)``: float32 for
+    Adam's moments of a float16 parameter, whose float16 ones an older state holds).
+
+    Raises:
+        ValueError: a leaf that is not an array, or of another shape, named.
+        TypeError: a leaf of another dtype, named with the dtypes it may have.
+    """
     # broadcasting would otherwise reshape the parameters, or promote their dtype, silently
     for i, (p, b) in enumerate(zip(params, buffer, strict=True)):
         shape = getattr(b, "shape", None)
-        if shape == p.shape and b.dtype == p.dtype:
+        if shape == p.shape and (
+            b.dtype == p.dtype or (state_dtype is not None and b.dtype == state_dtype(p.dtype))
+        ):
             continue
         where = f"{owner}.update: state[{buf_name!r}] leaf {i} of {treedef!r}"
         hint = f"was the state made for other parameters? Make it with {owner}.init(params)"
@@ -150,5 +168,12 @@ def _check_buffer(
         if shape != p.shape:
             raise ValueError(
                 f"{where} has shape {shape}, but its parameter has shape {p.shape}; {hint}"
+            )
+        kept = p.dtype if state_dtype is None else state_dtype(p.dtype)
+        if kept != p.dtype:
+            raise TypeError(
+                f"{where} is {b.dtype}, but its parameter is {p.dtype}; {owner} keeps the "
+                f"buffers of a {p.dtype} parameter in {np.dtype(kept)} ({p.dtype} ones, as an "
+                f"older state holds them, are taken too); {hint}"
             )
         raise TypeError(f"{where} is {b.dtype}, but its parameter is {p.dtype}; {hint}")

@@ -1,6 +1,7 @@
 """How one leaf's update runs, beside its arithmetic (see ``_optim``): on fresh output arrays,
 through the backend's fused kernels where it has them (several leaves at once, or one), with
-numpy's warnings on non-finite values silenced as torch has none, and a 16-bit leaf in float32.
+numpy's warnings on non-finite values silenced as torch has none, and a 16-bit leaf in float32
+(its buffers kept in float32 too where the optimizer says so: Adam's moments of float16).
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
 
 def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
     """The fused kernels' module for updating the leaves ``ps`` at once, or None: numpy leaves
-    (no fused kernels), or a subclass with its own :meth:`~Optimizer.update_leaf`, which the
-    built-in kernels would skip."""
+    (no fused kernels), a subclass with its own :meth:`~Optimizer.update_leaf`, which the
+    built-in kernels would skip, or a leaf whose buffers the optimizer keeps in another dtype
+    (float32 moments of a float16 leaf)."""
     if not ps or type(ps[0]) is np.ndarray or type(opt).update_leaf is not cls.update_leaf:
+        return None
+    if any(opt._state_dtype(p.dtype) != p.dtype for p in ps):
+        # a float16 leaf whose buffers are float32 (Adam's): the kernels take one type for all
+        # arrays, so :meth:`~BuiltinLeafUpdate.update_leaf` widens it leaf by leaf
         return None
     return backend_of(ps[0]).fused_kernels()
 
@@ -110,27 +116,45 @@ def _in_float32(
     lr: float,
 ) -> tuple[Any, tuple[Any, ...]]:
     """A 16-bit leaf's ``update`` (a class's own ``update_leaf``) as the GPU kernels compute it:
-    in float32 from the leaf's values, each result rounded once to its dtype. (In 16 bits numpy
-    rounds every intermediate, and every hyperparameter: Adam's eps=1e-8 is 0 in float16, so a
-    second moment that underflows to 0 divides by 0; its beta2=0.999 is 1 in bfloat16.)"""
+    in float32 from the leaf's values, the new parameter rounded once to its dtype, and each new
+    buffer to the dtype the optimizer keeps it in (``opt._state_dtype``: the parameter's, or
+    float32 for Adam's moments of a float16 leaf). (In 16 bits numpy rounds every intermediate,
+    and every hyperparameter: Adam's eps=1e-8 is 0 in float16, so a second moment that
+    underflows to 0 divides by 0; its beta2=0.999 is 1 in bfloat16.) Buffers of float32 already
+    are read as they are: ``update`` writes into none of its inputs (but inside the fused
+    kernels' ``in_place``, where writing over the state's buffers is what is asked)."""
     f32 = np.float32
+    keep = opt._state_dtype(p.dtype)
     new_p, new_buffers = update(
-        opt, p.astype(f32), g.astype(f32), tuple(b.astype(f32) for b in buffers), step, lr
+        opt,
+        p.astype(f32),
+        g.astype(f32),
+        tuple(b.astype(f32, copy=False) for b in buffers),
+        step,
+        lr,
     )
-    return new_p.astype(p.dtype), tuple(b.astype(p.dtype) for b in new_buffers)
+    return new_p.astype(p.dtype), tuple(b.astype(keep, copy=False) for b in new_buffers)
 
 
 class BuiltinLeafUpdate:
     """The shape of the built-in optimizers' :meth:`~Optimizer.update_leaf` (SGD's, Adam's),
     placed before ``Optimizer`` among their bases: one kernel per leaf where the backend has
     fused kernels (:meth:`_fused_leaf`), else the array code (:meth:`_update_array`) under one
-    error state, a 16-bit leaf in float32 (:func:`_in_float32`)."""
+    error state, a 16-bit leaf in float32 (:func:`_in_float32`), as is a float16 leaf whose
+    buffers are float32 (Adam's moments) on any backend."""
+
+    #: (:meth:`Optimizer._state_dtype`, which the class this is mixed into has)
+    _state_dtype: Callable[[Any], Any]
 
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         xp, fused = _leaf_ops(p, g)
-        if fused is not None:  # one kernel per leaf (cupy), the same arithmetic
+        # one kernel per leaf (cupy), the same arithmetic; but a kernel takes one type for all
+        # of its arrays: a float16 leaf whose buffers are float32 (Adam's) goes the CPU's way,
+        # the float32 kernel on its widened copies (which, unlike the array code, reads a
+        # captured update's step scalars from the device)
+        if fused is not None and self._state_dtype(p.dtype) == p.dtype:
             return self._fused_leaf(fused, p, g, buffers, step, lr)
         with _silent_non_finite():
             if p.dtype.itemsize == 2 and is_half(p.dtype):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncnn.backends import acc_mean, acc_sum, batched_product, scatter_add
+from asyncnn.backends import acc_mean, acc_sum, batched_product, is_half, scatter_add
 from asyncnn.backends import array_namespace as ns
 from asyncnn.backends import matmul as backend_matmul
 
@@ -70,13 +70,26 @@ def _mean(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
     return acc_mean(x, axis, keepdims), (x.shape, axis)
 
 
+def divided_by_count(g: Any, count: int) -> Any:
+    """``g / count`` in ``g``'s dtype: a mean's cotangent shared among its ``count`` entries.
+
+    A 16-bit ``g`` is divided in float32 and rounded once: numpy (NEP 50) casts the int to
+    ``g``'s dtype, where float16 holds no count past 65504 (the gradient of a mean over 100,352
+    entries was exactly 0) and rounds those past 2048 (3001 to 3000; bfloat16 past 256).
+    Other dtypes divide as they did (a float32 gradient is bit for bit the same).
+    """
+    if is_half(g.dtype):
+        return (g.astype(np.float32) / count).astype(g.dtype)
+    return g / count
+
+
 def _mean_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     shape, axes = res
     count = 1
     for a in axes:
         count *= shape[a]
     if count:  # else x is empty, and so is its gradient: no 0/0 warning for nothing
-        g = g / count
+        g = divided_by_count(g, count)
     return (ns(g).broadcast_to(g.reshape(_keepdims_shape(shape, axes)), shape),)
 
 

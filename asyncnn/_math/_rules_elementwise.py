@@ -473,9 +473,12 @@ def _bf16_in_float32(
     scalars would change the dtype; this runs them in float32 and rounds the results back.
     Other dtypes go straight through; with ``arrays_pass``, so do calls whose arguments are all
     bfloat16 arrays (``x + b`` of two bfloat16 arrays stays in bfloat16, with no extra pass).
-    The result is rounded to bfloat16 unless a wider floating array takes part, whose dtype it
-    then has, as numpy's and cupy's promotion gives (a bfloat16 input added to float32 values
-    is float32); each gradient comes back in its input's dtype.
+    The result is rounded to bfloat16 (or float16) unless a floating array of another dtype,
+    of one or more dimensions, takes part: the result then has numpy's promotion of the two (a
+    bfloat16 input added to float32 values is float32, a float16 one with a bfloat16 weight
+    float32). Scalars (Python's and numpy's) and 0-d arrays never change it, so that a call
+    gives the same dtype on the CPU as on cupy, whose promotion of bfloat16 with a scalar is
+    not numpy's (float32 for a Python float). Each gradient comes back in its input's dtype.
 
     Args:
         fwd: the forward rule.
@@ -495,9 +498,12 @@ def _bf16_in_float32(
         if dtype is None or (arrays_pass and all(getattr(a, "dtype", None) == dtype for a in args)):
             return fwd(*args, **params)
         target = dtype
-        for a in args:  # (arrays only: a scalar, numpy's included, keeps bfloat16 as on cupy)
+        # Floating arrays only: a scalar, numpy's included, and a 0-d array keep bfloat16, the
+        # same dtype on the CPU as on cupy; bfloat16 arrays count too, whose kind is "V" (a
+        # float16 layer norm with a bfloat16 weight is float32, as numpy's promotion gives).
+        for a in args:
             dt = getattr(a, "dtype", None)
-            if dt is not None and dt.kind == "f" and getattr(a, "ndim", 0) and dt != dtype:
+            if dt is not None and dt != dtype and getattr(a, "ndim", 0) and is_floating(dt):
                 target = np.result_type(target, dt)
         wide = [a.astype("float32") if getattr(a, "dtype", None) == dtype else a for a in args]
         out, res = fwd(*wide, **params)

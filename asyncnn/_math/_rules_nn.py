@@ -20,7 +20,7 @@ from asyncnn.backends import array_namespace as ns
 from asyncnn.backends._parallel import narrowed
 
 from ._autodiff import Forward, VjpRule
-from ._rules_array import _nan_where
+from ._rules_array import _nan_where, divided_by_count
 from ._rules_elementwise import grad_like, like
 
 Ints = tuple[int, ...]
@@ -482,7 +482,7 @@ def _mse(pred: Any, target: Any, reduction: str) -> tuple[Any, Any]:
 def _mse_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
     d, reduction, pred_like, target_like = res
     if reduction == "mean":
-        g = g / d.size
+        g = divided_by_count(g, d.size)  # (float16's own division made it 0 past 65504 entries)
     gd = g * d
     gd = gd + gd  # d * d has d twice: two equal contributions, added as a trace adds them
     return (

@@ -418,6 +418,7 @@ class ActorGraphs(UpdateGraphs):
                 # the pullback is spent: forget the signature, recompute this key eagerly
                 if self.entries.get(entry.key) is entry:
                     del self.entries[entry.key]
+                    base.changed()  # (its forward graph's memory is no longer held)
                 base._fail(entry.key, exc)
                 params = self.actor.params  # the forward's own weights, where stashed
                 if entry.params:

@@ -21,7 +21,7 @@ from asyncnn._math._optim_adam import Adam, AdamW
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
 from asyncnn._math._schedules import Schedule
 
-from ._weight_versions import _fold, _tree_scale
+from ._weight_versions import WeightVersions, _fold, _tree_scale
 
 if TYPE_CHECKING:
     import collections
@@ -138,9 +138,12 @@ class UpdateGraphs:
     def _update_sums(self, count: int) -> bool:
         """Whether the (built-in) optimizer's update may read a sum of ``count`` graphs'
         gradients itself: without clipping (its kernels then read each gradient once), on the
-        static parameters, with no correction of the update reading the gradients after it."""
+        static parameters, with no correction of the update reading the gradients after it,
+        and where the gradients go straight to the update: an actor's own ``apply_gradients``
+        may read or change them first (its sum's buffers would be read unwritten)."""
         return (
             count <= self.fused_sum.MAX_TERMS
+            and type(self.actor).apply_gradients is WeightVersions.apply_gradients
             and self.actor.ctx.optimizer.clip_norm is None
             and not self.actor.corrects_updates
             and self._static_params()

@@ -130,8 +130,10 @@ async def open_run(
             ``opt_states`` the optimizer's update would refuse (for an ``asyncnn.optim``
             optimizer: other keys than its ``init`` makes, or buffers of another structure or
             shapes than the layer's parameters in the state, or of ints or bools: a float one
-            is cast to the run's dtype) (those also where ``validated``,
-            and on a cluster).
+            is cast to the run's dtype, Adam's and AdamW's moments of float16 weights to
+            float32) (those also where ``validated``, and on a cluster); or a state holding a
+            finite value that the cast to the run's dtype would make Inf (a weight of 1e5 in a
+            float16 run), naming its place.
     """
     _check_arguments(graph, optimizer, policy, state, on_loss)
     _check_pool(pool)
@@ -145,7 +147,7 @@ async def open_run(
         )
     check_cuda_graphs(config.cuda_graphs, cluster)
     if state is not None:
-        state = _in_dtype(_counts_as_ints(state), config.dtype)
+        state = _in_dtype(_counts_as_ints(state), config.dtype, optimizer)
         earlier = state.earlier_params
         if earlier and not policy.versions_kept():
             # a policy that pins no forwards uses none (and its run's state drops them): a

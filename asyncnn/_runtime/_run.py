@@ -91,16 +91,17 @@ class Run(RunGuards, RunActors):
             for e, (c, slot) in enumerate(node.consumers):
                 self.edge_index[(name, c, slot)] = e
         self.max_in_flight = max_in_flight or checked_max_in_flight(policy, self.num_stages)
-        #: whether GPU actors capture and replay CUDA graphs in this run (see _capture)
         asked = config.cuda_graphs
         if asked is None:
             # on by default where the GPU actors share one GPU; capture across several GPUs in
             # one process has not run on such a machine yet, so there it is asked for (True)
             gpus = {node.device for node in graph.nodes.values() if node.device != "cpu"}
             asked = len(gpus) == 1
-        self.cuda_graphs_active = asked and policy.allows_capture(
-            self.num_stages, recorder is not None
-        )
+        # the actors' permission: a GPU actor then captures (a CPU actor never does)
+        allowed = bool(asked) and policy.allows_capture(self.num_stages, recorder is not None)
+        #: whether an actor of this process captures and replays CUDA graphs in this run (see
+        #: _capture): its updates then write the weights in place (set once the actors exist)
+        self.cuda_graphs_active = False
         self.minibatches = state.minibatches
         #: the last minibatch whose flush the trace holds (those of an earlier run included):
         #: a drain, then the next step, must not record the same flush twice
@@ -120,7 +121,7 @@ class Run(RunGuards, RunActors):
             checks_finite=config.check_finite,
             max_in_flight=self.max_in_flight,
             first_key=self.next_key,
-            cuda_graphs=self.cuda_graphs_active,
+            cuda_graphs=allowed,
             edge_index=self.edge_index,
             channels=channels,
             orders=checked_orders(policy, self.layers, policy.orders(self.layers)),
@@ -137,6 +138,11 @@ class Run(RunGuards, RunActors):
         except BaseException:
             close_channels(self)  # the actors made so far: their inboxes must not leak
             raise
+        # (on the CPU the flag does nothing: with no actor capturing, the run is the eager one,
+        # and fit keeps its state at every step)
+        self.cuda_graphs_active = any(
+            getattr(actor, "graphs", None) is not None for actor in self.local.values()
+        )
         self.actors: dict[str, Any] = {
             n: self.local[n] if n in self.local else (remote or {})[n]
             for n in [*self.layers, *graph.losses]

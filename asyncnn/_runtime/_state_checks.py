@@ -9,19 +9,21 @@ too."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from asyncnn._math._optim import keeps_base_state
-from asyncnn._math._pytree import tree_leaves, tree_map
-from asyncnn.backends import is_floating
+from asyncnn._math._optim import keeps_base_state, state_dtype
+from asyncnn._math._pytree import leaf_path, tree_flatten, tree_leaves, tree_unflatten
+from asyncnn.backends import array_namespace, is_floating, to_numpy
 
+from ._checks import _may_overflow
 from ._graph import Graph
 from ._param_checks import check_params
 from ._state import RunState
 
-__all__ = ["check_state", "check_state_counts"]
+__all__ = ["cast_refusing_overflow", "check_cast_finite", "check_state", "check_state_counts"]
 
 
 def check_state(graph: Graph, state: RunState, optimizer: Any) -> None:
@@ -341,27 +343,37 @@ def _counts_as_ints(state: RunState) -> RunState:
     )
 
 
-def _in_dtype(state: RunState, dtype: str) -> RunState:
+def _in_dtype(state: RunState, dtype: str, optimizer: Any = None) -> RunState:
     """``state`` with its floating arrays (weights, earlier ones, optimizer buffers, pending
-    gradients) in the run's ``dtype``, as ``Trainer.params = ...`` and
+    gradients) in the run's ``dtype`` (the optimizer's buffers in the dtype ``optimizer`` keeps
+    them in for weights of ``dtype``: :func:`~asyncnn._math._optim.state_dtype`, float32 for
+    Adam's moments of float16 weights, which a cast to float16 would flush to 0), as
+    ``Trainer.params = ...`` and
     ``Trainer.load(dtype=...)`` convert them, and its integer weights too, as
     ``Trainer.params = ...`` casts them (as ints they have no gradient: the layer failed at its
     first backward): a state of another dtype would otherwise keep its weights and updates in
     that dtype for the whole run, with the inputs in the run's. An optimizer's integer buffer is
     refused instead (:func:`_check_opt_states`). ``state`` itself where nothing differs (no
-    copy); else a new one (the caller's is left as it was)."""
+    copy); else a new one (the caller's is left as it was).
+
+    Raises:
+        ValueError: a finite value that the cast makes Inf (a float32 weight of 1e5 in a
+            float16 run), naming its place in the state, the value and the dtype's largest, as
+            the data's check refuses one; a value the cast makes 0 is kept.
+    """
     want = np.dtype(dtype)
+    buffers_want = np.dtype(state_dtype(optimizer, want))
 
     def differs(leaf: Any) -> bool:
         got = getattr(leaf, "dtype", None)
-        return got is not None and got != want and is_floating(got)
+        return got is not None and got != buffers_want and is_floating(got)
 
     def weight_differs(leaf: Any) -> bool:
         got = getattr(leaf, "dtype", None)
         return got is not None and got != want and (is_floating(got) or got.kind in "iu")
 
     def cast(leaf: Any) -> Any:
-        return leaf.astype(want) if differs(leaf) else leaf
+        return leaf.astype(buffers_want) if differs(leaf) else leaf
 
     def cast_weight(leaf: Any) -> Any:
         return leaf.astype(want) if weight_differs(leaf) else leaf
@@ -373,13 +385,100 @@ def _in_dtype(state: RunState, dtype: str) -> RunState:
         differs(leaf) for leaf in tree_leaves(state.opt_states)
     ):
         return state
+
+    def checked(fn: Callable[[Any], Any], tree: Any, place: str, what: str) -> Any:
+        # (the cast of each leaf as before; a finite value it makes Inf refused, by its place)
+        fix = f"rescale {what}, or run in a wider dtype (dtype='{{wider}}' on open_run)"
+        return cast_refusing_overflow(fn, tree, f"open_run: {place}", "the run's", fix)
+
     return dataclasses.replace(
         state,
-        params=tree_map(cast_weight, state.params),
-        opt_states=tree_map(cast, state.opt_states),
+        params={
+            n: checked(cast_weight, p, f"state.params[{n!r}]", "the weights")
+            for n, p in state.params.items()
+        },
+        opt_states={
+            n: checked(cast, o, f"state.opt_states[{n!r}]", "the optimizer's buffers")
+            for n, o in state.opt_states.items()
+        },
         pending_grads={
-            n: (tree_map(cast_weight, acc), count)
+            n: (
+                checked(
+                    cast_weight, acc, f"state.pending_grads[{n!r}][0]", "the pending gradients"
+                ),
+                count,
+            )
             for n, (acc, count) in state.pending_grads.items()
         },
-        earlier_params=tree_map(cast_weight, state.earlier_params),
+        earlier_params={
+            n: {
+                v: checked(cast_weight, p, f"state.earlier_params[{n!r}][{v}]", "the weights")
+                for v, p in e.items()
+            }
+            for n, e in state.earlier_params.items()
+        },
     )
+
+
+def cast_refusing_overflow(
+    cast: Callable[[Any], Any], tree: Any, place: str, owner: str, fix: str
+) -> Any:
+    """``tree`` with ``cast`` applied to each leaf (a weight or a buffer cast to a run's dtype),
+    refusing a finite value that the cast makes Inf, as the data's check refuses one: the run
+    would compute on Inf weights, or divide by an Inf buffer, from its first step. ``place``
+    names the tree (``state.params['stage0']``), ``owner`` the dtype's (``"the run's"``), and
+    ``fix`` ends the message, its ``{wider}`` replaced by the narrowest of float32 and float64
+    that holds the value. A value too small for the dtype becomes 0 (or a subnormal), as a
+    cast makes it: no error; nor is a NaN or Inf the tree holds itself (``check_finite``'s).
+
+    Raises:
+        ValueError: naming the place of the first leaf that overflows, the value, the dtype and
+            its largest value, and ``fix``.
+    """
+    leaves, treedef = tree_flatten(tree)
+    out = []
+    for k, leaf in enumerate(leaves):
+        with np.errstate(over="ignore", invalid="ignore"):  # (reported below, by its place)
+            new = cast(leaf)
+        if new is not leaf:
+            path = "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
+            check_cast_finite(leaf, new, place + path, owner, fix)
+        out.append(new)
+    return tree_unflatten(treedef, out)
+
+
+def check_cast_finite(before: Any, after: Any, where: str, owner: str, fix: str) -> None:
+    """Refuses ``after``, the array ``before`` cast to another dtype, where the cast made a
+    finite value of ``before`` Inf. Looked at only where the cast may overflow (float32 to
+    float16 or bfloat16, float64 to float32, integers to float16): a cast to a dtype as wide
+    costs nothing more.
+
+    Raises:
+        ValueError: ``"{where} has {value}, which overflows {owner} dtype {dtype} to Inf (its
+            largest value is ...): {fix}"``, ``fix``'s ``{wider}`` replaced as
+            :func:`cast_refusing_overflow` says.
+    """
+    got = getattr(before, "dtype", None)
+    want = getattr(after, "dtype", None)
+    if got is None or want is None or not is_floating(want) or not _may_overflow(got, want):
+        return
+    xp = array_namespace(after)
+    overflow = ~_finite(xp, after) & _finite(xp, before)
+    if not bool(overflow.any()):
+        return
+    value = float(to_numpy(before.reshape(-1)[int(xp.argmax(overflow.reshape(-1)))]))
+    largest = float(np.finfo(want).max)
+    wider = "float32" if abs(value) <= float(np.finfo(np.float32).max) else "float64"
+    raise ValueError(
+        f"{where} has {value:g}, which overflows {owner} dtype {np.dtype(want)} to "
+        f"{'-' if value < 0 else ''}Inf (its largest value is {largest:g}): "
+        + fix.replace("{wider}", wider)
+    )
+
+
+def _finite(xp: Any, a: Any) -> Any:
+    """``isfinite(a)``; integers are finite, and a 16-bit float is asked in float32 (cupy's
+    isfinite takes no bfloat16)."""
+    if a.dtype.kind in "iub":
+        return xp.ones(a.shape, dtype=bool)
+    return xp.isfinite(a.astype(np.float32) if a.dtype.itemsize == 2 else a)

@@ -203,7 +203,7 @@ class LSTMCell(_Cell):
 
 @dataclass(frozen=True)
 class GRUCell(_Cell):
-    """One GRU step, as ``torch.nn.GRUCell``: ``cell(params, x, h) -> h``.
+    """One GRU step, as ``torch.nn.GRUCell``: ``cell(params, x, state) -> h``.
 
     ``r, z, n`` (torch's gate order) are the three column blocks of the products:
     ``r = sigmoid(x W_ir + b_ir + h W_hr + b_hr)``, ``z`` likewise,
@@ -215,8 +215,9 @@ class GRUCell(_Cell):
     ``"bias_ih"`` and ``"bias_hh"`` ``(3 * hidden_size,)`` (absent with ``bias=False``), all
     ``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` as torch's.
 
-    Call: ``cell(params, x, h=None)``, torch's order, with ``x`` (batch, input_size) and ``h``
-    (batch, hidden_size) or None for zeros. In a graph it is a layer of two inputs,
+    Call: ``cell(params, x, state=None)``, torch's order (:class:`LSTMCell`'s keyword), with
+    ``x`` (batch, input_size) and ``state`` the previous ``h`` (batch, hidden_size) or None for
+    zeros. In a graph it is a layer of two inputs,
     ``g.layer("gru", nn.GRUCell(3, 8), x, h)``. A loop calls its cell the other way round,
     ``cell(params, h, x_t)``: give a loop :meth:`loop_cell`, not the cell itself (whose
     arguments the loop would swap, unnoticed where ``input_size == hidden_size``).
@@ -228,11 +229,12 @@ class GRUCell(_Cell):
 
     _GATES = 3
 
-    def __call__(self, params: Any, x: Any, h: Any = None, *, rng: Any = None) -> Any:
+    def __call__(self, params: Any, x: Any, state: Any = None, *, rng: Any = None) -> Any:
         n = self._check_x(params, x)
-        if h is None:
+        if state is None:
             h = _zeros(x, (n, self.hidden_size))
         else:
+            h = state
             self._check_state("h", h, n)
         gx = _input_gates(x, params["weight_ih"], params.get("bias_ih"))
         return _gru_step(gx, h, params["weight_hh"], params.get("bias_hh"), self.hidden_size)
