@@ -504,7 +504,7 @@ def _bf16_in_float32(
         for a in args:
             dt = getattr(a, "dtype", None)
             if dt is not None and dt != dtype and getattr(a, "ndim", 0) and is_floating(dt):
-                target = np.result_type(target, dt)
+                target = _promoted(target, dt)
         wide = [a.astype("float32") if getattr(a, "dtype", None) == dtype else a for a in args]
         out, res = fwd(*wide, **params)
         return out.astype(target, copy=False), _Widened(
@@ -537,3 +537,13 @@ RULES = {
     else _bf16_in_float32(*pair, arrays_pass=name in _ARITHMETIC, float16=name in _FLOAT16_TOO)
     for name, pair in RULES.items()
 }
+
+
+def _promoted(a: np.dtype[Any], b: np.dtype[Any]) -> np.dtype[Any]:
+    """numpy's promotion of two float dtypes; float16 with bfloat16 is float32 where the
+    installed ml_dtypes registers no promotion between them (``np.result_type`` then raises,
+    though ``float16 + bfloat16`` arrays add in float32)."""
+    try:
+        return np.result_type(a, b)
+    except TypeError:  # (numpy's DTypePromotionError)
+        return np.dtype(np.float32 if max(a.itemsize, b.itemsize) <= 4 else np.float64)
