@@ -10,6 +10,11 @@ call has stopped would leave it changing the weights after the cell got control 
 next ``fit`` could start beside it. A ``replay``, which cannot be asked to stop and changes
 none of the caller's state, is left to end on its thread (its ``hook``, if any, still called
 until then) and the interrupt raised at once, so that a long replay does not hold the cell.
+While it waits on the main thread, Python's own SIGINT handler stands in for the one the loop's
+runner installed: ``asyncio.run`` (and ``anyio.run``) only cancel their main task on the first
+Ctrl-C, which, blocked in the call, saw nothing until the call had run to its end; trio, told to
+raise Ctrl-C at checkpoints only, waits for one that the blocked task never reaches. The
+runner's handler is put back once the call has ended.
 The modules trusted around the call (``asyncnn.trace.trusted_modules(...)``, a context variable)
 are trusted on the worker thread too. (Not the whole context: the caller's would tell the event
 loop started there that one runs already.)
@@ -18,9 +23,11 @@ loop started there that one runs already.)
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ._math._imports import trusted_modules, trusted_now
@@ -48,6 +55,28 @@ def in_event_loop() -> bool:
         return False
 
 
+@contextmanager
+def _interrupts_raised_here() -> Iterator[None]:
+    """Python's own SIGINT handler (``KeyboardInterrupt`` raised in the main thread) for the
+    block, where this is the main thread and the running loop's runner installed one of its own
+    (asyncio's cancels its main task, blocked here; trio's may wait for a checkpoint); the
+    runner's is put back after, however the block ends. Elsewhere SIGINT is left as it is: a
+    signal's handler runs on the main thread only, and one ignored stays so."""
+    previous: Any = None
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            previous = handler
+        except ValueError:  # not the main thread (or one that takes no signals): left as it is
+            pass
+    try:
+        yield
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
     """``fn()`` here, or on a worker thread when this thread runs an event loop.
 
@@ -55,8 +84,9 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
         fn: the call; it may start its own event loop. On a worker thread it runs with the
             modules trusted here (the rest of this thread's context would say that an event
             loop runs already).
-        on_interrupt: called each time ``KeyboardInterrupt`` reaches the waiting thread, to
-            ask ``fn`` to stop soon (so it may be called more than once). The interrupt is
+        on_interrupt: called each time ``KeyboardInterrupt`` reaches the waiting thread (on
+            the main thread Ctrl-C does, whatever SIGINT handler the loop's runner installed),
+            to ask ``fn`` to stop soon (so it may be called more than once). The interrupt is
             raised once ``fn`` has returned or failed, never while it still runs: further
             interrupts meanwhile ask again and wait on. If ``fn`` fails, its error is raised
             instead. None: ``fn`` cannot be asked to stop and changes nothing the caller
@@ -83,6 +113,19 @@ def run_outside_loop(fn: Callable[[], T], on_interrupt: Callable[[], None] | Non
             finished.append(True)
             wake.release()
 
+    with _interrupts_raised_here():
+        return _wait_for(target, on_interrupt, finished, wake, error, result)
+
+
+def _wait_for(
+    target: Callable[[], None],
+    on_interrupt: Callable[[], None] | None,
+    finished: list[bool],
+    wake: Any,
+    error: list[BaseException],
+    result: list[T],
+) -> T:
+    """Runs ``target`` on a worker thread and waits for it (see :func:`run_outside_loop`)."""
     worker = threading.Thread(target=target, name="asyncnn-call", daemon=True)
     try:
         worker.start()

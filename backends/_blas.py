@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,6 +148,32 @@ class _BlasLimits(HeldSetting[int]):
     def _restore(self, original: Any) -> None:
         with _from_any_thread():
             original.restore_original_limits()
+
+    def held(self) -> set[int]:
+        """The counts the open teams (and pools of one worker with BLAS's own threads) hold."""
+        with self._lock:
+            return {value for _, value in self._held}
+
+    def hold(self, owner: object, value: int) -> None:
+        """As :meth:`HeldSetting.hold`, warning where another open holder holds another count:
+        the process then multiplies on the newest count, so the runs open at once compute their
+        products on a count they did not choose, and float32 products round otherwise on 2
+        threads than on 1 (results, and replays of their traces, differ in the last bits from
+        each run alone)."""
+        others = self.held()
+        if others and others != {value}:
+            warnings.warn(
+                f"BLAS set to {value} thread(s) (a compute pool opening, or balance='time' "
+                f"timing layers) while an open pool holds "
+                f"{', '.join(str(v) for v in sorted(others))}: OpenBLAS keeps one count "
+                "for the whole process, so the runs open at once now multiply on the newest "
+                "count, and their results (and the replays of their traces) may differ in the "
+                "last bits from each run alone; run them one after the other, in separate "
+                "processes, or on one pool (open_run(..., pool=...))",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        super().hold(owner, value)
 
     def apply(self, owner: object) -> None:
         """Sets the count that applies now on the calling thread (a worker of ``owner`` as it

@@ -62,6 +62,7 @@ def _on_a_thread_that_ends(fn: Any) -> None:
     t.join()
 
 
+@pytest.mark.filterwarnings("ignore:BLAS set to:RuntimeWarning")  # (2, then 1: said)
 def test_a_worker_that_starts_late_keeps_the_newest_teams_blas_count(hold_threads: Any) -> None:
     # The older team's worker set its own team's count as it started: after the newer team's,
     # overriding it (and, taking threadpoolctl's control, turned the newer team's release into
@@ -150,7 +151,11 @@ def test_an_older_team_closed_or_dropped_leaves_the_open_teams_count(end: str, o
     before = _blas_threads()
     _clear_blas_controller()
     old = ComputeTeam(1, blas_threads=older, name="test-team-old").start()
-    new = ComputeTeam(1, blas_threads=1, name="test-team-new").start()
+    if older == 1:
+        new = ComputeTeam(1, blas_threads=1, name="test-team-new").start()
+    else:  # (another count than the open team's: said, see the test below)
+        with pytest.warns(RuntimeWarning, match="OpenBLAS keeps one count"):
+            new = ComputeTeam(1, blas_threads=1, name="test-team-new").start()
     old_ref = weakref.ref(old)
     assert (_blas_threads(), _count_in_a_worker(new)) == (1, 1)
     if end == "close":
@@ -197,3 +202,43 @@ def test_the_libraries_are_looked_up_once_as_the_first_team_opens(monkeypatch: A
     assert _blas_threads() == before
     with ComputeTeam(2, name="test-team"):  # a library loaded meanwhile is found now
         assert len(looked_up) == 2
+
+
+def test_a_team_opened_beside_one_of_another_blas_count_warns_that_both_change() -> None:
+    # OpenBLAS keeps one count per process: two runs open at once, one on BLAS's 2 threads and
+    # one on a team of 1, multiplied on the newest count, and their float32 products (and the
+    # replays of their traces) differed in the last bits from each run alone, without a word
+    import warnings
+
+    _clear_blas_controller()
+    with ComputeTeam(1, blas_threads=2, name="test-team-a"):
+        with pytest.warns(RuntimeWarning, match=r"BLAS set to 1 thread.*holds 2.*one pool"):
+            with ComputeTeam(1, blas_threads=1, name="test-team-b"):
+                pass
+    with ComputeTeam(1, blas_threads=1, name="test-team-a"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same count: nothing to say
+            with ComputeTeam(2, blas_threads=1, name="test-team-b"):
+                pass
+    assert _team_threads() == []
+
+
+@pytest.mark.anyio
+async def test_a_run_beside_an_open_team_takes_the_team_not_blas_threads(monkeypatch: Any) -> None:
+    # on 2 cores a Sync run alone gets one worker on BLAS's 2 threads; beside another run's
+    # team (a sweep's fits in threads, or two runs in one task group) it takes a team of its
+    # own, whose count is the open one's: neither run's products change under the other
+    from asyncnn import open_run, optim, policies
+    from asyncnn._runtime import _lifecycle
+
+    from _reference import chain_graph
+
+    monkeypatch.setattr(_lifecycle, "host_cores", lambda: 2)
+    graph = chain_graph(1)
+    async with open_run(graph, optim.SGD(lr=0.1), policies.Sync()) as run:
+        alone = (run.pool.workers, run.pool.team.blas_threads)
+    assert alone == (1, 2)
+    with ComputeTeam(2, name="test-team-other"):
+        async with open_run(graph, optim.SGD(lr=0.1), policies.Sync()) as run:
+            beside = (run.pool.workers, run.pool.team.blas_threads)
+    assert beside == (2, 1)

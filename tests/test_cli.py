@@ -386,6 +386,52 @@ def test_ctrl_c_saves_what_finished_and_resume_continues_bit_identically(tmp_pat
     assert_params_equal(straight.params, resumed.params)
 
 
+@pytest.mark.timeout(90)
+def test_ctrl_c_pressed_twice_in_a_traced_run_on_workers_still_saves_and_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the second Ctrl-C landed in the driver's gathering of its workers' events for the trace:
+    # fit raised BaseExceptionGroup([KeyboardInterrupt]), and train exited 1 with a traceback,
+    # saving nothing
+    import signal
+    import threading
+    import time
+
+    from asyncnn._cluster import _driver
+
+    gather = _driver._gather_traces
+
+    async def pressed_again(*args: Any) -> None:
+        signal.raise_signal(signal.SIGINT)  # inside that bounded wait every time
+        await gather(*args)
+
+    monkeypatch.setattr(_driver, "_gather_traces", pressed_again)
+    ckpt, metrics, trace = tmp_path / "ckpt", tmp_path / "metrics.jsonl", tmp_path / "run.trace"
+
+    def press_once_it_trains() -> None:
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # (handled on the main thread, where train runs)
+
+    presser = threading.Thread(target=press_once_it_trains, daemon=True)
+    presser.start()
+    try:
+        code = main([*_TRAIN, "--workers", "2", "--epochs", "1000", "--save", str(ckpt),
+                     "--metrics", str(metrics), "--trace", str(trace)])  # fmt: skip
+    finally:
+        presser.join()
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err.startswith("asyncnn train: interrupted after") and f"saved to {ckpt}" in err
+    assert ann.Trainer.load(str(ckpt)).epochs_done == 0
+    s = ann.trace.summary(str(trace))
+    assert s["errors"] == ["the run was interrupted (KeyboardInterrupt)"]
+    assert s["missing_workers"] == []
+
+
 @pytest.mark.timeout(60)
 def test_train_refuses_a_save_folder_that_is_not_a_checkpoint_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

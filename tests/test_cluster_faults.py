@@ -275,6 +275,84 @@ async def test_a_cluster_run_cancelled_from_outside_keeps_the_workers_events_and
     assert ann.replay(path, stop_at_key=0).stopped_at is not None
 
 
+def _ctrl_c_again_while_the_driver_gathers_the_workers_events(monkeypatch: Any) -> None:
+    """Presses Ctrl-C again (a real SIGINT, in this process) as the driver of an interrupted run
+    starts gathering its workers' events: inside that bounded wait every time, where a second
+    Ctrl-C pressed a few milliseconds after the first lands now and then."""
+    from asyncnn._cluster import _driver
+
+    gather = _driver._gather_traces
+
+    async def pressed_again(*args: Any) -> None:
+        signal.raise_signal(signal.SIGINT)
+        await gather(*args)
+
+    monkeypatch.setattr(_driver, "_gather_traces", pressed_again)
+
+
+class _CtrlCAt(ann.callbacks.Callback):
+    """Ctrl-C (a real SIGINT, in this process) at the end of step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any, step: int, logs: Any) -> None:
+        if step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_pressed_twice_during_a_traced_cluster_fit_is_one_keyboard_interrupt(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    # the second Ctrl-C landed in the task group that gathers the workers' events: fit raised
+    # BaseExceptionGroup([KeyboardInterrupt]) (which `except KeyboardInterrupt` misses), and the
+    # trace lacked both its "interrupted" error and the workers' events
+    _ctrl_c_again_while_the_driver_gathers_the_workers_events(monkeypatch)
+    path = str(tmp_path / "twice.trace")
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(slow_chain(), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2),
+                         cluster=cluster, trace=path)  # fmt: skip
+        with pytest.raises(KeyboardInterrupt) as info:
+            tr.fit(data(3200), epochs=1, batch_size=32, callbacks=[_CtrlCAt(3)])
+    assert type(info.value) is KeyboardInterrupt
+    assert tr.state.minibatches == 0  # (a cluster's fit stopped keeps the state before it)
+    s = ann.trace.summary(path)
+    assert s["errors"] == ["the run was interrupted (KeyboardInterrupt)"]
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 4 and s["actors"]["slow"]["forwards"] >= 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_ctrl_c_pressed_twice_during_a_traced_cluster_run_is_one_keyboard_interrupt(
+    backend: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    # as a script runs it (anyio.run): asyncio's runner takes the first Ctrl-C as a cancellation
+    # of the main task and raises the next wherever the main thread is; trio raises it in the
+    # running code. The second came out of the run before its error was written to the trace
+    # (trio) or before the workers' events came (asyncio)
+    _ctrl_c_again_while_the_driver_gathers_the_workers_events(monkeypatch)
+    path = str(tmp_path / "twice.trace")
+    opts: dict[str, Any] = {"optimizer": optim.SGD(lr=0.1), "policy": policies.GPipe(2)}
+
+    async def main() -> None:
+        async with ann.open_run(slow_chain(), cluster=cluster, trace=path, **opts) as run:
+            for i in range(100):
+                await run.step(data(32))
+                if i == 3:  # minibatches done on both workers (GPipe admits after a flush)
+                    signal.raise_signal(signal.SIGINT)
+
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        with pytest.raises(KeyboardInterrupt) as info:
+            anyio.run(main, backend=backend)
+    assert type(info.value) is KeyboardInterrupt
+    s = ann.trace.summary(path)
+    assert s["errors"] == ["the run was interrupted (KeyboardInterrupt)"]
+    assert s["missing_workers"] == []
+    assert s["actors"]["s0"]["forwards"] >= 4 and s["actors"]["slow"]["forwards"] >= 4
+
+
 class _Refused(Exception):
     """An error class of the user's own, importable where the driver runs (this module)."""
 

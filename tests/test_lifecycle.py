@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from asyncnn import Graph, LayerActor, open_run
@@ -134,6 +136,90 @@ def _mlp_graph(stages: int) -> Graph:
         [nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)],
         loss=nn.CrossEntropyLoss(), stages=stages, input_shape=(None, 64),
     )  # fmt: skip
+
+
+def _run_as_a_script(runner: str, main: Any) -> None:
+    """``main()`` as a script runs it, with its runner's own SIGINT handler: asyncio's
+    (``asyncio.run``, ``anyio.run``) cancels the main task on the first Ctrl-C."""
+    import asyncio
+
+    import anyio
+
+    if runner == "asyncio.run":
+        asyncio.run(main())
+    else:
+        anyio.run(main, backend="asyncio" if runner == "anyio-asyncio" else "trio")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["ctrl-c", "cancel scope"])
+@pytest.mark.parametrize("runner", ["asyncio.run", "anyio-asyncio", "trio"])
+def test_a_run_stopped_by_ctrl_c_says_it_was_interrupted_on_either_loop(
+    tmp_path: Any, runner: str, how: str
+) -> None:
+    # asyncio's runner takes Ctrl-C as a cancellation of its main task: the trace said "the run
+    # was cancelled from outside (a cancel scope or a timeout around it)", where there was none
+    import signal
+
+    import anyio
+
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    from _run_cases import _data
+
+    path = str(tmp_path / "run.trace")
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+            async with open_run(_mlp_graph(2), optim.SGD(lr=0.1), policies.GPipe(2),
+                                trace=path) as run:  # fmt: skip
+                for i in range(100):
+                    await run.step(_data(features=64, classes=4))
+                    if i == 2 and how == "ctrl-c":
+                        signal.raise_signal(signal.SIGINT)
+                    elif i == 2:
+                        scope.cancel()
+
+    if how == "ctrl-c":
+        with pytest.raises(KeyboardInterrupt):
+            _run_as_a_script(runner, main)
+        said = "the run was interrupted (KeyboardInterrupt)"
+    else:
+        _run_as_a_script(runner, main)
+        said = "the run was cancelled from outside (a cancel scope or a timeout around it)"
+    assert ann.trace.summary(path)["errors"] == [said]
+
+
+def test_a_ctrl_c_held_while_a_run_stops_goes_to_the_handler_it_was_meant_for_after():
+    # (the cluster tests press it for real; here a program's own handler gets it, once)
+    import signal
+
+    from asyncnn._runtime._lifecycle import _HeldCtrlC
+
+    got: list[int] = []
+
+    def own(signum: int, frame: Any) -> None:
+        got.append(signum)
+
+    before = signal.signal(signal.SIGINT, own)
+    try:
+        held = _HeldCtrlC()
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert got == []
+        held.restore()
+        assert signal.getsignal(signal.SIGINT) is own
+        held.deliver()
+        assert got == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        held = _HeldCtrlC()
+        signal.raise_signal(signal.SIGINT)  # held: no KeyboardInterrupt here
+        held.restore()
+        with pytest.raises(KeyboardInterrupt):
+            held.deliver()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.anyio

@@ -263,6 +263,71 @@ def test_a_second_ctrl_c_keeps_waiting_for_the_call_to_stop(loop, capsys):
     assert "stops at its next step; waiting for it" in capsys.readouterr().err
 
 
+def _run_as_a_script(runner, main):
+    """``main()`` as a script runs it, with the runner's own SIGINT handler installed: asyncio's
+    (``asyncio.run``, ``anyio.run``) only cancels the main task on the first Ctrl-C, and trio's,
+    told to raise it at checkpoints only, waits for one of the main task."""
+    if runner == "asyncio.run":
+        return asyncio.run(main())
+    if runner == "anyio-asyncio":
+        import anyio
+
+        return anyio.run(main, backend="asyncio")
+    return trio.run(main, restrict_keyboard_interrupt_to_checkpoints=True)
+
+
+@pytest.mark.parametrize("runner", ["asyncio.run", "anyio-asyncio", "trio-checkpoints"])
+def test_one_ctrl_c_stops_a_call_made_from_a_coroutine_of_a_runner_with_its_own_handler(runner):
+    """The runner's handler got the Ctrl-C, not the waiting thread: the call was never asked to
+    stop and ran to its end (a whole fit), and only a second Ctrl-C stopped it."""
+    import signal
+
+    from asyncnn._notebook import run_outside_loop
+
+    asked, log = [], []
+    handler = signal.getsignal(signal.SIGINT)
+
+    async def main():
+        try:
+            run_outside_loop(_interrupting_call(asked, log), on_interrupt=lambda: asked.append(1))
+        except KeyboardInterrupt:
+            return list(log)
+        return "no interrupt"
+
+    try:
+        seen = _run_as_a_script(runner, main)
+    except KeyboardInterrupt:  # (the runner's own, once the call had ended unasked)
+        seen = "the interrupt came out of the runner, not the call"
+    assert seen == ["stopped"]
+    assert len(asked) == 1
+    assert signal.getsignal(signal.SIGINT) is handler  # the runners' handlers were put back
+
+
+def test_one_ctrl_c_stops_a_fit_called_from_a_coroutine_under_asyncio_run():
+    """(asyncio's runner cancelled the main task, blocked in fit: the fit trained to its end,
+    then the cancellation came as KeyboardInterrupt at the coroutine's next await.)"""
+    import _thread
+
+    data, tr = _setup()
+
+    class CtrlC(ann.callbacks.Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 1:
+                _thread.interrupt_main()  # as SIGINT would, in the main (waiting) thread
+            elif step > 1:
+                time.sleep(0.01)  # (the waiting thread looks every 0.1 s)
+
+    async def main():
+        tr.fit(data, epochs=50, batch_size=8, callbacks=[CtrlC()])
+        await asyncio.sleep(0)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    done = tr.state.minibatches
+    assert 2 <= done < 50 * 4 and set(tr.versions.values()) == {done}
+    assert len(tr.history.losses) == done
+
+
 def test_an_error_the_call_raises_while_it_stops_reaches_the_caller():
     """(It was lost: the interrupt came back before the call had ended.)"""
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextvars
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
@@ -30,6 +32,7 @@ from asyncnn.backends import (
     DevicePool,
     open_device_pool,
 )
+from asyncnn.backends._blas import _BLAS_LIMITS
 
 from ._config import RunConfig
 from ._messages import STOP, Message
@@ -226,14 +229,32 @@ def record_interruption(recorder: Recorder | None, exc: BaseException) -> None:
     cancellation, ``KeyboardInterrupt``, or another error raised outside the actors)."""
     if recorder is None:
         return
-    if _is_cancellation(exc):
+    if _is_cancellation(exc) and not _asyncio_runner_interrupted():
         what = "the run was cancelled from outside (a cancel scope or a timeout around it)"
-    elif isinstance(exc, KeyboardInterrupt):
+    elif isinstance(exc, KeyboardInterrupt) or _is_cancellation(exc):
         what = "the run was interrupted (KeyboardInterrupt)"
     else:
         said = str(exc)
         what = f"the run stopped on {type(exc).__name__}" + (f": {said}" if said else "")
     recorder.event("scheduler", "error", "", -1, meta={"error": what})
+
+
+def _asyncio_runner_interrupted() -> bool:
+    """Whether the asyncio runner (``asyncio.run``, ``anyio.run``) of the running loop has taken
+    a Ctrl-C: its SIGINT handler, installed for the length of its ``run``, then cancels the main
+    task (a run inside sees a cancellation, as from a cancel scope) and counts the interrupt,
+    which it raises as ``KeyboardInterrupt`` once the main task has ended."""
+    handler = signal.getsignal(signal.SIGINT)
+    # (a functools.partial of the runner's bound _on_sigint, the main task bound to it)
+    runner = getattr(getattr(handler, "func", None), "__self__", None)
+    if not getattr(runner, "_interrupt_count", 0):
+        return False
+    import asyncio
+
+    try:
+        return getattr(runner, "_loop", None) is asyncio.get_running_loop()
+    except RuntimeError:  # (no asyncio loop runs here)
+        return False
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -340,13 +361,16 @@ class Share:
         driver: every worker's result)."""
 
     async def failure(self, group: BaseExceptionGroup[Any]) -> BaseException:
-        """The one error a failed run reports, out of what its tasks raised."""
+        """The one error a failed run reports, out of what its tasks raised. It runs with
+        Ctrl-C held back (:class:`_HeldCtrlC`), so it must end soon (the driver waits at most a
+        few seconds for its workers' events)."""
         return single_error(group)
 
     async def interrupted(self, run: Run) -> None:
         """Runs when the run is cancelled from outside or interrupted (Ctrl-C), before its
         inboxes close (the driver collects its workers' events for the trace); whatever it
-        awaits must shield itself from the cancellation."""
+        awaits must shield itself from the cancellation. It runs with Ctrl-C held back
+        (:class:`_HeldCtrlC`), so it must end soon."""
 
     def close(self, run: Run) -> None:
         """Releases what this process opened for the run (its links to other processes' GPUs),
@@ -372,6 +396,7 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
     """
     body_error: BaseException | None = None
     users: BaseException | None = None
+    held: _HeldCtrlC | None = None
     try:
         await share.begin(run)
         async with anyio.create_task_group() as tg:
@@ -397,7 +422,20 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
             if trace_watch is not None:
                 trace_watch.cancel()
     except BaseExceptionGroup as group:
-        error = await share.failure(group)
+        # Ctrl-C pressed again while the run stops (the driver gathers its workers' events)
+        # waits until the error is known and written: landing in the driver's task group, it
+        # came out as a BaseExceptionGroup, before the error reached the trace
+        held = _HeldCtrlC()
+        try:
+            error = await share.failure(group)
+        except BaseException as exc:
+            if not _only_interrupts(exc):
+                raise
+            # (one that was pending before it was held: the events it cut short stay missing)
+            held.pressed = True
+            error = single_error(group)
+        finally:
+            held.restore()
         if body_error is not None and any(error is e for e in error_leaves(body_error)):
             # the runtime's own failures come out as one error, but what the block raised is
             # the user's, whole: their ExceptionGroup (a task group of theirs) stays that group
@@ -408,14 +446,28 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
         else:
             if share.records_error:
                 record_error(run.recorder, error)
-            raise error from error.__cause__  # keeps the original failure as the cause
+            try:
+                raise error from error.__cause__  # keeps the original failure as the cause
+            finally:
+                held.deliver()  # (a held Ctrl-C raised instead, the run's error its context)
     except BaseException as exc:
         # a run cancelled from outside, or Ctrl-C: said in the trace, which would otherwise
         # look like a run that ended cleanly (and a replay of it wait for the work left undone)
         if share.records_error:
             record_interruption(run.recorder, exc)
-        await share.interrupted(run)
-        raise
+        held = _HeldCtrlC()
+        try:
+            await share.interrupted(run)
+        except BaseException as again:
+            if not _only_interrupts(again):
+                raise
+            held.pressed = True
+        finally:
+            held.restore()
+        try:
+            raise
+        finally:
+            held.deliver()
     finally:
         run._ended = True  # a step after the block is refused, naming it
         try:
@@ -423,7 +475,73 @@ async def hosting(run: Run, share: Share) -> AsyncIterator[None]:
         finally:
             share.close(run)
     if users is not None:
-        raise users
+        try:
+            raise users
+        finally:
+            if held is not None:
+                held.deliver()
+
+
+def _only_interrupts(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``KeyboardInterrupt``, or a group of nothing else (trio's, where one
+    landed in a task group)."""
+    return all(isinstance(e, KeyboardInterrupt) for e in error_leaves(exc))
+
+
+class _HeldCtrlC:
+    """Ctrl-C held back from now until :meth:`restore`, and handed on by :meth:`deliver`: for
+    the few seconds a stopping run needs to know its error and write it, with its workers'
+    events, into its trace.
+
+    A ``KeyboardInterrupt`` raised meanwhile would cut that short, wherever it landed: trio
+    raises it at the next checkpoint of its main task, KI protection or not (inside a task
+    group there, as a ``BaseExceptionGroup``), and asyncio's runner, pressed a second time,
+    wherever the main thread is. So, on the main thread and where SIGINT has a Python handler,
+    a handler that only counts the presses stands in for it (nothing to do elsewhere: a
+    signal's handler runs on the main thread only, and one ignored or left to the system stays
+    so).
+    """
+
+    def __init__(self) -> None:
+        #: a Ctrl-C came (or one already on its way reached the held code)
+        self.pressed = False
+        self._previous: Any = None
+        self._handler = self._note  # (one bound method: compared by identity on restore)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):  # SIG_IGN, SIG_DFL, or set outside Python (None)
+            return
+        try:
+            signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # (an embedded interpreter whose main thread takes no signals)
+            return
+        self._previous = previous
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.pressed = True
+
+    def restore(self) -> None:
+        """Puts the previous handler back (unless someone replaced this one meanwhile)."""
+        if self._previous is not None and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def deliver(self) -> None:
+        """Hands a held Ctrl-C on as it would have come: ``KeyboardInterrupt`` raised here, or
+        the previous handler called (asyncio's runner's: it cancels the main task on a first
+        Ctrl-C and raises from the second on; a handler of the program's own)."""
+        if not self.pressed:
+            return
+        previous = self._previous
+        if (
+            previous is None
+            or previous is signal.default_int_handler
+            # trio's would only mark the interrupt pending, for the main task's next
+            # checkpoint: inside a task group again, or never once the run's code has ended
+            or str(getattr(previous, "__module__", "")).partition(".")[0] == "trio"
+        ):
+            raise KeyboardInterrupt
+        previous(signal.SIGINT, sys._getframe())
 
 
 @contextmanager
@@ -514,6 +632,7 @@ async def maybe_pool(
     if (
         cores is None and blas_threads is None and one_at_a_time
         and one_process_workers() <= ONE_WORKER_CORES
+        and _BLAS_LIMITS.held() <= {one_process_workers()}
     ):  # fmt: skip
         # One computing actor at a time on a host of 2 cores: one worker, its products whole on
         # BLAS's own threads. There OpenBLAS's two threads multiply faster than the products
@@ -521,7 +640,9 @@ async def maybe_pool(
         # 25) and an elementwise pass is cheaper whole than handed to the other core, so Sync
         # ran 1-10% (1 stage) and 6-9% (4 stages) faster a step than on the team
         # (docs/benchmarks.md, session 35); where several actors compute at once the team lets
-        # them share the cores instead.
+        # them share the cores instead. Not beside an open team (another run in this process):
+        # OpenBLAS keeps one thread count for the process, and the newest pool's would apply to
+        # both runs' products.
         cores = one_process_workers()
         async with open_device_pool(
             cpu_workers=1, blas_threads=cores, part_flops=part_flops or RUN_PART_FLOPS,
