@@ -609,3 +609,27 @@ def test_a_primitive_whose_rule_breaks_its_contract_is_named_in_both_halves():
     with pytest.raises(ValueError, match=r"^summed: .* argument 2 .* gradient shape \(4,\), "
                        r"argument shape \(4, 4\)"):  # fmt: skip
         weight_pullback()
+
+
+def test_the_weight_half_does_not_keep_the_input_gradient_it_returned():
+    # (the weight half closed over the input half's whole list of cotangents, which held the
+    # input gradient too: under ZeroBubbleH1 each one, sent upstream and used there, stayed
+    # alive until this stage's deferred weight half, an extra activation per deferred key)
+    import gc
+    import weakref
+
+    module = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    params = _init(module)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 5))
+    ct = rng.standard_normal((6, 3))
+    _, pb = vjp(lambda p, x: module(p, x), params, x)
+    want_p, want_x = pb(ct)
+    _, input_pullback = vjp_split(lambda p, x: module(p, x), params, x)
+    (gx,), weight_pullback = input_pullback(ct)
+    np.testing.assert_array_equal(gx, want_x)
+    alive = weakref.ref(gx)
+    del gx
+    gc.collect()
+    assert alive() is None  # the weight half, still to run, does not hold it
+    _same(weight_pullback(), want_p)

@@ -149,3 +149,40 @@ def test_delays_count_the_gradients_each_update_applied(tmp_path):
     assert [e["m"]["delays"] for e in first if e["a"] == "stage0" and e["ev"] == "update"] == [
         [0, 0]
     ]
+
+
+@pytest.mark.parametrize(
+    "recompute,stash,rows",
+    [
+        # (PipeDream(2): 4-row microbatches of the 8-row minibatches; Async: one key each)
+        (policies.PipeDream(2, stash=False), policies.PipeDream(2), 4),
+        (policies.Async(3, 1, stash=False), policies.Async(3, 1, stash=True), 8),
+        # no stash, but the correction keeps the weights each key's forward saw (not counted)
+        (
+            policies.DelayCompensation(policies.PipeDream(2, stash=False)),
+            policies.DelayCompensation(policies.PipeDream(2)),
+            4,
+        ),
+    ],
+    ids=lambda p: p if isinstance(p, int) else p.name,
+)
+def test_stored_bytes_count_only_the_inputs_a_recomputing_forward_keeps(recompute, stash, rows):
+    # (stash=False reported the inputs plus the output of each stored key, as stash=True does,
+    # though it keeps no output: the same figures for both, where the memory held differs 2-3x)
+    widths = [5, 6, 6, 6, 3]  # chain_graph(4)'s features between its stages
+    stats = {}
+    for policy in (recompute, stash):
+        tr = ann.Trainer(
+            chain_graph(4), optimizer=optim.SGD(lr=0.1), policy=policy, dtype="float64"
+        )
+        hist = tr.fit(classification_data(48), epochs=1, batch_size=8)
+        stats[policy] = [hist.statistics[name] for name in tr.graph.layers]
+    for s, (kept, stashed) in enumerate(zip(stats[recompute], stats[stash], strict=True)):
+        assert kept.peak_stored == stashed.peak_stored > 0
+        # a recomputing forward keeps its inputs only: exactly their bytes
+        assert kept.peak_stored_bytes == kept.peak_stored * rows * widths[s] * 8
+        # a kept pullback holds the inputs and the output (and more: the residuals)
+        per_key = rows * (widths[s] + widths[s + 1]) * 8
+        assert stashed.peak_stored_bytes == stashed.peak_stored * per_key
+        assert kept.peak_stored_bytes < stashed.peak_stored_bytes
+        assert kept.stored_bytes == stashed.stored_bytes == 0  # all let go by the end

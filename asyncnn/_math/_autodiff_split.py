@@ -24,9 +24,9 @@ def vjp_split(
         weight_pullback)``, ``input_grads`` one gradient per input (as :func:`vjp` gives
         them), and ``weight_pullback()`` the gradient of ``params``. The input half computes
         only what the inputs' gradients need and keeps, for the weight half, the cotangent of
-        each node that reads a parameter-only value (and that node's residuals); the weight half
-        finishes the walk. Each half may be called once (a cotangent the input half refuses
-        leaves it usable, as :func:`vjp`'s pullback). Both give exactly (bit for bit) what
+        each node that reads a parameter-only value (and that node's residuals), not the input
+        gradients it returns; the weight half finishes the walk. Each half may be called once
+        (a cotangent the input half refuses leaves it usable, as :func:`vjp`'s pullback). Both give exactly (bit for bit) what
         :func:`vjp`'s pullback gives. The weight half reads the cotangent given to the input
         half, which the input gradients may share memory with: change neither in place before
         the weight half has run.
@@ -97,15 +97,18 @@ def vjp_split(
             flat_inputs.append(None if i < 0 else grads[i] if grads[i] is not None else
                                _zeros_like(leaf))  # fmt: skip
         input_grads = tuple(tree_unflatten(treedef, [None] * param_leaves + flat_inputs))[1:]
-        spent = [False]
+        # the weight half's seeds (the parameter-only outputs'), all it reads of ``grads``:
+        # closing over ``grads`` would keep the input gradients alive (sent upstream, and used
+        # there long before a deferred weight half runs); None once the weight half has run
+        pending: list[list[Any] | None] = [
+            [None if on else g for g, on in zip(grads, on_input, strict=True)]
+        ]
 
         def weight_pullback() -> Any:
-            if spent[0]:
+            wgrads = pending[0]
+            if wgrads is None:
                 raise RuntimeError("this split pullback's weight half has already run")
-            spent[0] = True
-            wgrads: list[Any] = [
-                grads[i] if not on_input[i] else None for i in range(len(nodes))
-            ]  # parameter-only outputs' seeds
+            pending[0] = None  # (it may run once; and it keeps no sums once it has run)
             for i in range(len(nodes) - 1, -1, -1):
                 node = nodes[i]
                 nodes[i] = None

@@ -29,8 +29,14 @@ class ActorStatistics:
             keeps besides (``PipeDream2BW``'s pinned version, ``DelayCompensation``'s forward
             weights); 1 without stashing (``stash=False`` keeps each key's inputs and
             recomputes at the latest). ``peak_versions_held``: the most at once.
-        stored_bytes / peak_stored_bytes: bytes of the stored inputs and outputs, now and at most
-            (an estimate of the residuals' memory).
+        stored_bytes / peak_stored_bytes: bytes the stored keys keep for their backwards, now
+            and at most. A key kept without its pullback (``stash=False``, ``Async`` by
+            default: the backward recomputes) keeps its inputs alone, and counts exactly their
+            bytes. A key kept with its pullback counts its inputs and its output, an estimate
+            of the pullback's residuals (which also hold the values inside a stage of several
+            ops: a ReLU's output, a dropout's mask). A routing merge counts the gate weights,
+            row picks and branch outputs it keeps. Weights are not counted (see
+            ``versions_held``).
         pool_used_bytes / pool_held_bytes: on a GPU, the device's memory pool (cupy's) after
             this actor's last compute: bytes in live arrays, and bytes the pool holds from the
             driver (live plus cached for reuse); 0 on the CPU. The pool is the device's, shared

@@ -79,7 +79,10 @@ class WeightVersions(_Actor):
         st = self.stats
         st.stored = len(self.store)
         st.peak_stored = max(st.peak_stored, st.stored)
-        held = self.held_bytes[key] = _nbytes(inputs) + _nbytes(out)
+        # without a pullback the entry keeps the inputs alone (the backward recomputes the
+        # output); with one, the inputs and output stand for its residuals
+        held = _nbytes(inputs) if entry[0] is None else _nbytes(inputs) + _nbytes(out)
+        self.held_bytes[key] = held
         st.stored_bytes += held
         st.peak_stored_bytes = max(st.peak_stored_bytes, st.stored_bytes)
         self.version_refs[entry[1]] = self.version_refs.get(entry[1], 0) + 1
