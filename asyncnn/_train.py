@@ -2,7 +2,8 @@
 ``predict`` and keeps weights, optimizer state and counters between calls. What it is given is
 checked in ``_train_args.py``; a fit is planned in ``_fit_plan.py``, called in ``_fit_run.py``
 and run in ``_fit.py``; ``predict`` and ``evaluate`` compute in ``_inference.py``; ``params`` is
-read and set in ``_train_weights.py``; what ``save`` checks and records is ``_train_save.py``'s."""
+read and set in ``_train_weights.py``; what ``save`` checks and records is ``_train_save.py``'s;
+``copy.deepcopy`` copies in ``_train_copy.py``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ._runtime._run import RunState, validate
 from ._runtime._state import init_state
 from ._runtime._structure import check_routing
 from ._train_args import check_placement, check_trainer_args
+from ._train_copy import PICKLE_REFUSAL, deepcopy_trainer
 from ._train_options import _CudaGraphsOption, _Option, _TraceOption, _tune_allocator
 from ._train_save import save_trainer
 from ._train_weights import params_on_devices, read_params, set_params
@@ -44,6 +46,10 @@ __all__ = ["History", "Trainer"]
 
 class Trainer:
     """Trains a graph of actors under a policy.
+
+    ``copy.deepcopy(tr)`` makes an independent trainer, to branch a sweep from a trained model
+    (a ``cluster`` is shared, not copied: see :meth:`__deepcopy__`); a trainer does not pickle:
+    to move it between processes, :meth:`save` it and :meth:`load` it there.
 
     Example:
         >>> g = ann.Graph.sequential([nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10)],
@@ -520,6 +526,45 @@ class Trainer:
     def _evaluate(self, dataset: ArrayDataset, batch_size: int = 256) -> dict[str, float]:
         params = params_on_devices(self)
         return evaluate_loss(self.graph, params, dataset, batch_size, self.dtype)
+
+    # -- copies ------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> Trainer:
+        """``copy.deepcopy(tr)``: a new, independent trainer (to branch a sweep from a trained
+        model): a copy of the graph, optimizer, policy and run options, and a deep copy of the
+        state (weights, optimizer state, versions, counters, pending gradients, where the
+        current epoch stands, :attr:`history`, :attr:`traces`). Fitting the copy leaves the
+        original as it was, and a deterministic policy fits on from either bit-identically.
+        The copy has locks of its own and no fit running.
+
+        A ``cluster`` is shared, never copied (it owns worker processes): the copy fits on the
+        same workers, and since a cluster serves one run at a time, a fit of the copy while
+        the original fits there is refused (give the copy a cluster of its own:
+        ``ann.Trainer.load(path, cluster=...)`` from a :meth:`save`). The copy of a trainer
+        that traces records no trace (its ``trace`` is None): numbered on from the same
+        :attr:`traces`, its next trace and the original's would be written over each other;
+        set ``twin.trace`` to a path of its own to record one.
+
+        Raises:
+            RuntimeError: a fit is running on this trainer (called from another thread, or from
+                one of its callbacks).
+        """
+        return deepcopy_trainer(self, memo)
+
+    def __copy__(self) -> Trainer:
+        # (a shallow copy, as copy.copy made before __reduce_ex__ refused pickle: the same
+        # objects, fit's lock included)
+        shallow = object.__new__(type(self))
+        vars(shallow).update(vars(self))
+        return shallow
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refuses pickle: save and load a trainer (``tr.save(path)``,
+        ``ann.Trainer.load(path)``), or copy it with ``copy.deepcopy``.
+
+        Raises:
+            TypeError: always, saying so.
+        """
+        raise TypeError(PICKLE_REFUSAL)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -496,3 +496,152 @@ def test_an_optimizer_assigned_in_a_step_hook_is_refused_and_in_on_fit_start_tak
     assert type(tr.optimizer) is optim.Adam
     assert all(sorted(s) == ["exp_avg", "exp_avg_sq", "step"] for s in tr.state.opt_states.values())
     assert all(s["step"] == 4 for s in tr.state.opt_states.values())  # Adam trained the fit
+
+
+class _StopsAt(ann.callbacks.Callback):
+    """Stops the fit (as Ctrl-C in a notebook does) once minibatch ``step`` (counted over the
+    trainer's fits) has run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any, minibatch: int, logs: dict[str, Any]) -> None:
+        if minibatch == self.step:
+            trainer._interrupt.set()
+
+
+def test_a_deep_copy_fits_on_as_the_original_does_and_leaves_it_alone() -> None:
+    # (copy.deepcopy(trainer) failed with "cannot pickle '_thread.lock' object", naming
+    # neither the Trainer nor what to use instead)
+    data = _data(n=40)
+    tr = _trainer(policies.Sync())
+    tr.fit(data, epochs=1, batch_size=8)
+    with pytest.raises(KeyboardInterrupt):  # mid-epoch: its position and losses are copied too
+        tr.fit(data, epochs=1, batch_size=8, callbacks=[_StopsAt(7)])
+    assert tr.epoch_batches > 0
+    twin = copy.deepcopy(tr)
+    assert twin._epoch_losses == tr._epoch_losses and len(tr._epoch_losses) == tr.epoch_batches
+    assert type(twin) is ann.Trainer and twin.cluster is None
+    assert (twin.epochs_done, twin.epoch_batches) == (tr.epochs_done, tr.epoch_batches)
+    assert twin.versions == tr.versions and twin.state.minibatches == tr.state.minibatches
+    assert twin.history.losses == tr.history.losses and twin.history is not tr.history
+    assert twin.config == tr.config and twin.optimizer == tr.optimizer
+    assert twin.policy == tr.policy and twin.graph is not tr.graph
+    assert list(twin.graph.nodes) == list(tr.graph.nodes)
+    assert twin._fit_lock is not tr._fit_lock and twin._interrupt is not tr._interrupt
+    assert not twin._interrupt.is_set() and twin._fit_thread is None
+    for name in tr.graph.layers:  # the copy's arrays are its own
+        mine, theirs = tree_leaves(twin.state.params[name]), tree_leaves(tr.state.params[name])
+        assert not any(np.shares_memory(a, b) for a, b in zip(mine, theirs, strict=True))
+    weights = copy.deepcopy(tr.params)
+    opt_states = copy.deepcopy(tr.state.opt_states)
+    versions, done, position = tr.versions, tr.epochs_done, tr.epoch_batches
+
+    branched = twin.fit(data, epochs=2, batch_size=8)
+    assert_params_equal(tr.params, weights)  # the original untouched by the copy's fit
+    assert_params_equal(tr.state.opt_states, opt_states)
+    assert (tr.versions, tr.epochs_done, tr.epoch_batches) == (versions, done, position)
+    assert tr.history is not branched
+
+    straight = tr.fit(data, epochs=2, batch_size=8)  # the original fits on: the same bits
+    assert_params_equal(twin.params, tr.params)
+    assert_params_equal(twin.state.opt_states, tr.state.opt_states)
+    assert branched.losses == straight.losses and branched.epochs == straight.epochs
+    assert twin.versions == tr.versions and twin.epochs_done == tr.epochs_done
+
+
+@pytest.mark.timeout(60)
+def test_a_deep_copy_while_a_fit_runs_is_refused() -> None:
+    data = _data(n=32)
+    tr = ann.Trainer(chain_graph(2), optimizer=optim.SGD(lr=0.1), policy=policies.GPipe(2))
+    inside, release = threading.Event(), threading.Event()
+    from_callback: list[BaseException] = []
+
+    class Holds(ann.callbacks.Callback):
+        def on_step_end(self, trainer: Any, minibatch: int, logs: dict[str, Any]) -> None:
+            if minibatch == 0:
+                try:
+                    copy.deepcopy(trainer)
+                except RuntimeError as exc:
+                    from_callback.append(exc)
+                inside.set()
+                release.wait(30)
+
+    worker = threading.Thread(target=lambda: tr.fit(data, batch_size=8, callbacks=[Holds()]))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(RuntimeError) as from_thread:
+            copy.deepcopy(tr)
+    finally:
+        release.set()
+        worker.join(30)
+    for said in (str(from_thread.value), str(from_callback[0])):
+        assert said.startswith("deepcopy: a fit is already running on this trainer"), said
+        assert "after the fit returns" in said and "ann.Trainer.load(path)" in said, said
+    assert tr.versions == {"stage0": 4, "stage1": 4}  # the fit went on unharmed
+    twin = copy.deepcopy(tr)  # once it has returned, the copy is made
+    assert twin.versions == tr.versions
+    twin.fit(data, batch_size=8)  # and neither the copy's lock nor the original's is held
+    tr.fit(data, batch_size=8)
+    assert_params_equal(twin.params, tr.params)
+
+
+@pytest.mark.timeout(120)
+def test_a_deep_copy_shares_the_cluster_and_pickle_is_refused_naming_save_and_load() -> None:
+    import pickle
+
+    from _cluster_cases import chain
+    from _cluster_cases import data as cluster_data
+
+    with ann.cluster.LocalCluster(workers=2) as cluster:
+        tr = ann.Trainer(
+            chain([0, 1, None]), optimizer=optim.Adam(lr=0.01), policy=policies.PipeDream(2),
+            cluster=cluster,
+        )  # fmt: skip
+        twin = copy.deepcopy(tr)
+        assert twin.cluster is cluster and not cluster.started  # its processes never copied
+        assert twin.graph is not tr.graph and twin.graph.nodes["s1"].worker == 1
+        both = copy.deepcopy([tr, tr])  # (one copy for one trainer, as deepcopy makes)
+        assert both[0] is both[1] and both[0].cluster is cluster
+        tr.fit(cluster_data(n=32), batch_size=8)
+        twin = copy.deepcopy(tr)
+        twin.fit(cluster_data(n=32), batch_size=8)  # on the same workers, one fit at a time
+        tr.fit(cluster_data(n=32), batch_size=8)
+        assert_params_equal(twin.params, tr.params)
+
+        for trainer in (tr, _trainer(policies.Sync())):
+            with pytest.raises(TypeError) as refused:
+                pickle.dumps(trainer)
+            said = str(refused.value)
+            assert said.startswith("cannot pickle a Trainer"), said
+            assert "tr.save(path)" in said and "ann.Trainer.load(path)" in said, said
+            assert "copy.deepcopy(tr)" in said, said
+        shallow = copy.copy(tr)  # a shallow copy is as before: the same objects
+        assert shallow is not tr and shallow.state is tr.state and shallow.graph is tr.graph
+
+
+def test_a_deep_copy_of_a_tracing_trainer_records_no_trace_until_given_its_own_path(
+    tmp_path: Any,
+) -> None:
+    # numbered on from the same traces, the copy's next trace and the original's would be
+    # written over each other
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((16, 3)), "y": rng.standard_normal((16, 2))}
+    g = ann.Graph.sequential(
+        [nn.Linear(3, 2)], loss=nn.MSELoss(), input_shape=(None, 3), label_shape=(None, 2),
+        label_dtype="float32",
+    )  # fmt: skip
+    path = str(tmp_path / "run.trace")
+    tr = ann.Trainer(g, optim.SGD(lr=0.1), policies.Sync(), trace=path)
+    tr.fit(data, epochs=1, batch_size=8)
+    twin = copy.deepcopy(tr)
+    assert (tr.trace, twin.trace) == (path, None)
+    twin.fit(data, epochs=1, batch_size=8)
+    tr.fit(data, epochs=1, batch_size=8)
+    assert tr.traces == [path, str(tmp_path / "run.1.trace")]
+    assert twin.traces == [path]
+    twin.trace = str(tmp_path / "twin.trace")
+    twin.fit(data, epochs=1, batch_size=8)
+    assert twin.traces[-1].startswith(str(tmp_path / "twin."))  # (numbered on: twin.1.trace)
+    assert tr.traces == [path, str(tmp_path / "run.1.trace")]

@@ -39,6 +39,12 @@ class LocalCluster(Cluster):
     run's token. A worker that dies or hangs fails the run within seconds with a
     :class:`~asyncnn.WorkerError` naming it and the nodes it hosted.
 
+    The workers start on first use and serve later fits too, one run at a time: several
+    trainers may share a cluster one after another, but a second run while one is open (a fit
+    on another thread, an ``open_run`` in another task) is refused with a ``RuntimeError``
+    before anything reaches the workers, and the open run goes on unharmed. Give runs that must
+    overlap a cluster each.
+
     Tensors between these processes travel through shared memory (written once by the sender,
     read in place by the receiver; see the cluster docs), the messages' headers too; TCP on
     loopback stays for the handshake, wake-ups and end-of-stream. ``shm=False`` keeps everything
