@@ -341,3 +341,126 @@ def test_a_remedied_pipedream2bw_fit_stopped_mid_update_keeps_whole_minibatches(
     tr.fit(data, epochs=1, batch_size=8)
     reference.fit({k: v[8 * done :] for k, v in data.items()}, epochs=1, batch_size=8)
     assert_params_close(tr.params, reference.params, rtol=0, atol=0)
+
+
+# -- DelayCompensation corrects the gradient the update applies -----------------------------------
+def _dc_asgd_2bw(graph, params, opt, batches, lam):
+    """DC-ASGD on PipeDream-2BW's published rule, in sequence: ``G_t = grad f_t(W(t-1))`` (the
+    minibatch's whole gradient, ``W(-1) = W(0)``), and the update applies
+    ``G_t + lam * G_t * G_t * (W(t) - W(t-1))``, with the minibatch's loss as the graph defines
+    it (a mean or a sum over its rows)."""
+    from _reference import composed_loss
+
+    history = [[params[n] for n in graph.layers]]
+    state = opt.init(history[0])
+    for t, b in enumerate(batches):
+        used, now = history[max(t - 1, 0)], history[-1]
+        g = ann.grad(lambda p, b=b: composed_loss(graph, p, b["x"], b["y"]))(used)
+        g = _tmap(lambda g, w, w0: g + lam * g * g * (w - w0), g, now, used)
+        new, state = opt.update(now, g, state)
+        history.append(new)
+    return dict(zip(graph.layers, history[-1], strict=True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_delay_compensation_under_pipedream_2bw_corrects_the_minibatch_gradient(reduction):
+    # (each microbatch's share of the gradient was corrected alone: the correction, quadratic
+    # in the gradient, came out about 1/M of DC-ASGD's and depended on how the minibatch was cut)
+    data = classification_data(24)
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    opt = lambda: optim.SGD(lr=0.05, momentum=0.5)  # noqa: E731
+    lam = 2.0 if reduction == "mean" else 0.05
+    results = {}
+    for m in (2, 3, 4):
+        policy = policies.DelayCompensation(policies.PipeDream2BW(m), strength=lam)
+        tr = ann.Trainer(chain_graph(3, loss=loss), optimizer=opt(), policy=policy,
+                         dtype="float64", seed=1)  # fmt: skip
+        start = tr.params
+        hist = tr.fit(data, epochs=2, batch_size=8)
+        assert hist.statistics[tr.graph.layers[0]].delays == {0: m, 1: 5 * m}
+        ref = _dc_asgd_2bw(tr.graph, start, opt(), minibatches(data, 8) * 2, lam)
+        assert_params_close(tr.params, ref, rtol=1e-10, atol=1e-12)
+        results[m] = tr.params
+    assert_params_close(results[2], results[4], rtol=1e-10, atol=1e-12)  # whatever the cut
+    plain = ann.Trainer(chain_graph(3, loss=loss), optimizer=opt(),
+                        policy=policies.PipeDream2BW(2), dtype="float64", seed=1)  # fmt: skip
+    plain.fit(data, epochs=2, batch_size=8)
+    first = ann._math._pytree.tree_leaves(plain.params[plain.graph.layers[0]])[0]
+    corrected = ann._math._pytree.tree_leaves(results[2][plain.graph.layers[0]])[0]
+    assert not np.allclose(first, corrected, rtol=1e-6)  # and the correction did something
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("remedy", ["dc", "dc+staleness"])
+async def test_a_gradient_correction_under_async_every_f_gradients_corrects_each_one(
+    remedy, every, anyio_backend, tmp_path
+):
+    """Under Async(min_update_frequency=F) each key is a minibatch of its own, whose gradient
+    is a whole mean-loss gradient: each is corrected by its own delay, then the update takes
+    their mean (DC-ASGD's and Zhang et al.'s averaged updates)."""
+    make, formula = REMEDIES[remedy]
+    k = 3
+    graph = chain_graph(k)
+    batches = minibatches(classification_data(48), 4)  # 12 keys, each a minibatch
+    path = str(tmp_path / "run.trace")
+    policy = make(policies.Async(max_active_keys=4, min_update_frequency=every))
+    async with ann.open_run(graph, optim.SGD(lr=0.1), policy, dtype="float64", trace=path) as run:
+        start = run.state().params
+        for b in batches:
+            await run.step(b)
+        await run.drain()
+    orders = _trace_orders(path, graph.layers)
+    ref, delays = pipedream_with_correction(
+        graph, start, 0.1, batches, False, formula, orders=orders, every=every
+    )
+    assert_params_close(run.state().params, ref, rtol=1e-10, atol=1e-12)
+    assert max(delays[0]) > 0
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        policies.Sync(),
+        policies.GPipe(3),
+        policies.OneFOneB(3),
+        policies.ZeroBubbleH1(3),
+        policies.Async(1, 2),
+    ],
+    ids=str,
+)
+def test_gradient_corrections_are_bit_identical_no_ops_without_delay(inner):
+    data = classification_data(24)
+    want, _, _ = _run(inner, 3, data, batch_size=8)
+    for make, _ in REMEDIES.values():
+        got, _, _ = _run(make(inner), 3, data, batch_size=8)
+        assert_params_close(got.params, want.params, rtol=0, atol=0)
+
+
+@pytest.mark.anyio
+async def test_reading_the_state_mid_minibatch_leaves_a_corrected_2bw_run_as_it_was(anyio_backend):
+    """A stage sums a 2BW minibatch's keys before DelayCompensation corrects them: a state read
+    while some of them are summed (a fit reads it at every step) holds their corrected sum as
+    the pending gradient, and leaves the sum open, so the run goes on as if never read."""
+    batches = minibatches(classification_data(48), 8)
+    policy = policies.DelayCompensation(policies.PipeDream2BW(3), strength=2.0)
+
+    async def run(read):
+        partial = 0
+        graph = chain_graph(3)
+        async with ann.open_run(graph, optim.SGD(lr=0.1), policy, dtype="float64") as r:
+            for b in batches:
+                await r.step(b)
+                if read:
+                    state = r.state()
+                    partial += sum(1 for _, n in state.pending_grads.values() if n)
+                    for name, (acc, n) in state.pending_grads.items():
+                        assert len(state.pending_delays[name]) == n
+                        assert all(np.isfinite(x).all() for x in ann._math._pytree.tree_leaves(acc))
+            await r.drain()
+            return r.state().params, partial
+
+    read, partial = await run(True)
+    unread, _ = await run(False)
+    assert partial  # (some reads came mid-minibatch)
+    assert_params_close(read, unread, rtol=0, atol=0)

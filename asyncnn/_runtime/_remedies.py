@@ -4,7 +4,9 @@ Under ``PipeDream`` and ``Async`` a stage applies a gradient computed ``delay`` 
 stage's version at the update minus the version its forward used; each actor records it, see
 ``ActorStatistics.delays``). A remedy wraps such a policy: every decision stays the wrapped
 policy's, and each gradient passes through :meth:`Remedy.correct_gradient` before the stage
-accumulates it (``DelayCompensation``, ``StalenessScaledLR``), or each update's result through
+accumulates it (``DelayCompensation``, ``StalenessScaledLR``: the gradient the update applies of
+a minibatch, the sum of its keys' where the policy sums them into one update, as
+``PipeDream2BW``), or each update's result through
 :meth:`Remedy.correct_update` (``PipeMareLR``, ``SpikeCompensation``), or the remedy gives
 forwards (``WeightPrediction``) or recomputing backwards (``DiscrepancyCorrection``) their
 weights. Remedies nest (``DelayCompensation(StalenessScaledLR(PipeDream(4)))``: the inner
@@ -51,6 +53,15 @@ class Remedy(WrappedPolicy):
 
     Subclass it (as a frozen dataclass) and implement :meth:`correct`; every other decision is
     delegated to the wrapped policy.
+
+    A remedy corrects the gradient a stage applies of each minibatch, as the papers' rules are
+    written. Where the policy cuts a minibatch into keys and sums their gradients into one
+    update (``PipeDream2BW(M)``), the stage sums the keys whose forwards used one version (so
+    of one delay: under ``PipeDream2BW``, all of them) and :meth:`correct_gradient` receives
+    that sum, once, when the minibatch's last key is done at the stage (or an update comes
+    first). Where each key is a minibatch of its own (``Async``, with any
+    ``min_update_frequency``: each gradient is corrected, then the update takes their mean) or
+    an update of its own (``PipeDream(M)``), it receives each key's gradient.
 
     Attributes:
         policy: the wrapped policy (a spec dict, as :meth:`Policy.to_spec` gives, is rebuilt).
@@ -208,6 +219,16 @@ class DelayCompensation(Remedy):
     keeps the weights of every version a stored key references. The corrected gradient is what
     the optimizer receives (momentum and Adam included), as in the paper's update
     ``w - lr * (g + lambda g g (w_now - w_forward))``.
+
+    ``g`` is the gradient the update applies of a minibatch (see :class:`Remedy`): under
+    ``PipeDream2BW(M)`` the minibatch's whole gradient, the sum of its ``M`` keys' (all
+    computed at one version), corrected once, so the update is the same whatever ``M`` (with a
+    mean loss or a ``reduction="sum"`` one alike: ``g`` is what the update applies). Under
+    ``PipeDream`` it is each key's gradient, which its update applies alone; under
+    ``Async(min_update_frequency=F)`` each key's (each a minibatch, of its own delay and
+    forward weights), corrected before the update takes the mean of ``F``. (Before 2026-12-07
+    each key of a 2BW minibatch was corrected alone: ``g * g`` being quadratic, the correction
+    came out about ``1 / M`` of this one.)
 
     ``w_forward`` is the weights of the key's forward. Without stashing (``stash=False``) the
     backward recomputes the stage's vjp at the latest weights, so only the activations around
@@ -453,9 +474,13 @@ class DiscrepancyCorrection(Remedy):
     Only a policy that recomputes (``stash=False``) reads it; with stashing the backward already
     uses the forward's weights. This is PipeMare's ``u = w - (tau_fwd - tau_bkwd) delta`` with
     the backward at the latest weights (``tau_bkwd = 0``) and ``tau_fwd`` the key's measured
-    delay; ``delta`` starts at zero (the first update makes it ``(1 - decay) (w_1 - w_0)``), and
-    before a stage's first update, or for a key of delay 0, the backward uses the latest
-    weights. One ``decay`` serves every stage.
+    delay. ``delta`` starts at zero at each run (each ``fit`` call, and a fit resumed from a
+    checkpoint or a run's state, which do not keep it): a stage's first update of the run makes
+    it ``(1 - decay) (w_1 - w_0)``, and before that update, or for a key of delay 0, the backward
+    uses the latest weights. So a fit per epoch is not one fit with an epoch-end hook here: each
+    call's first backwards use a weaker correction until ``delta`` has grown back (with the
+    default ``decay = 0.9``, the first update's ``delta`` is a tenth of a steady average).
+    One ``decay`` serves every stage.
 
     Attributes:
         policy: the wrapped policy.

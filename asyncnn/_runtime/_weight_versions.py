@@ -73,6 +73,12 @@ class WeightVersions(_Actor):
     #: the gradients the policy sums into one update (see :func:`gradients_per_update`),
     #: asked at the first prediction
     _per_update: Any = _UNKNOWN
+    #: whether the policy's gradient correction is a remedy's, which corrects the gradient a
+    #: stage applies of each minibatch (see :meth:`_note_delay`), asked at the first correction
+    _corrects_sums: Any = _UNKNOWN
+    #: the gradients of a minibatch's keys that a remedy corrects as one, summed so far:
+    #: ``(minibatch, forward version, delay, forward weights, sum)`` (None: none open)
+    _group: tuple[int, int, int, Any, Any] | None = None
 
     def _hold(self, key: int, entry: tuple[Any, int, Any], inputs: Any, out: Any) -> None:
         self.store[key] = entry
@@ -231,7 +237,8 @@ class WeightVersions(_Actor):
         policy = self.ctx.policy
         if param_grads is not None and forward_version is not None:
             if self.corrects_gradients:
-                param_grads = await self._note_delay(param_grads, forward_version)
+                # (None: summed with its minibatch's other keys, corrected with them below)
+                param_grads = await self._note_delay(param_grads, forward_version, meta)
             else:
                 self._record_delay(forward_version)
         # the sums and scalings run through compute: on a GPU they must be queued on this
@@ -262,9 +269,11 @@ class WeightVersions(_Actor):
         else:
             self.mb_backwards[mb] = done
         due = policy.update_due(self.acc_count, mb_done)
-        if due is True or (
-            due is not False and checked_flag(policy, "update_due", (self.acc_count, mb_done), due)
-        ):
+        if due is not True and due is not False:
+            due = checked_flag(policy, "update_due", (self.acc_count, mb_done), due)
+        if self._group is not None and (due or mb_done):
+            await self._close_group()  # (its minibatch is done here, or the update applies it)
+        if due:
             n = self.acc_count
             scale = checked_scale(policy, "gradient_scale", (n,), policy.gradient_scale(n))
             acc, owed = self._acc, self._owed
@@ -305,11 +314,20 @@ class WeightVersions(_Actor):
             self.settle_owed()
             if self.stream is not None:
                 self.stream.synchronize()
+        if self._group is not None:
+            # the keys of a minibatch summed so far, corrected as their update would if it came
+            # now; the group stays open, so the keys still to come are corrected with them
+            # (a fit reads the state at every step: it must not cut a minibatch in two)
+            with self.backend.activate(self.stream):
+                total = self._group_added(self._acc, self._group)
+            if self.stream is not None:
+                self.stream.synchronize()
+            return total
         return self._acc
 
     @acc.setter
     def acc(self, value: Any) -> None:
-        self._acc, self._owed = value, ()
+        self._acc, self._owed, self._group = value, (), None
 
     def _prediction_horizon(self) -> float:
         """How many updates the gradients of this stage's coming forwards will lag, on average:
@@ -431,12 +449,34 @@ class WeightVersions(_Actor):
         self.pending_delays.append(delay)
         return delay
 
-    async def _note_delay(self, param_grads: Any, forward_version: int) -> Any:
+    async def _note_delay(
+        self, param_grads: Any, forward_version: int, meta: Mapping[str, Any]
+    ) -> Any:
         """Records the delay of a key's gradient, computed with parameters its forward saw at
         ``forward_version``, and returns the gradient as the policy corrects it (called where
-        the policy corrects gradients; elsewhere :meth:`_record_delay` alone)."""
+        the policy corrects gradients; elsewhere :meth:`_record_delay` alone).
+
+        A remedy (``asyncnn.policies.Remedy``) corrects the gradient the update applies of
+        each minibatch: where a minibatch is cut into several keys whose gradients the stage
+        sums into one update (``PipeDream2BW``), the keys of one forward version (so of one
+        delay) are summed first, and their sum is corrected once, when the minibatch is done
+        here or an update is due (:meth:`_close_group`): this returns None then. DC-ASGD's
+        ``g * g`` is quadratic: each key's share of the minibatch's gradient, corrected alone,
+        summed to about ``1 / M`` of the minibatch gradient's correction. Where each key is a
+        minibatch of its own (``Async``, ``PipeDream(1)``) or an update of its own
+        (``PipeDream(M)``: its group closes at once), each key's gradient is corrected alone.
+        """
         delay = self._record_delay(forward_version)
-        policy = self.ctx.policy
+        grouped = int(meta.get("mb_keys", 1)) != 1 and self._remedy_corrects()
+        group = self._group
+        if group is not None and grouped:
+            mb = int(meta.get("minibatch", 0))
+            if group[0] == mb and group[1] == forward_version:
+                total = await self.compute(_tree_add, group[4], param_grads, cost=0)
+                self._group = (*group[:4], total)
+                return None
+        if group is not None:  # (a key of another minibatch or version: that group is whole)
+            await self._close_group()
         forward_weights = None
         if self.keeps_forward_weights:
             forward_weights = (
@@ -445,8 +485,12 @@ class WeightVersions(_Actor):
                 else self.weights_by_version[forward_version]
             )
             self._prune_versions()
+        if grouped:
+            mb = int(meta.get("minibatch", 0))
+            self._group = (mb, forward_version, delay, forward_weights, param_grads)
+            return None
         return await self.compute(
-            policy.correct_gradient,
+            self.ctx.policy.correct_gradient,
             param_grads,
             delay,
             self.version,
@@ -454,6 +498,38 @@ class WeightVersions(_Actor):
             forward_weights,
             cost=0,
         )
+
+    def _remedy_corrects(self) -> bool:
+        """Whether the policy's gradient correction is a remedy's (asked once): a remedy corrects
+        the gradient a stage applies of each minibatch (:meth:`_note_delay`); a policy that
+        overrides :meth:`Policy.correct_gradient` itself, each key's gradient."""
+        known = self._corrects_sums
+        if known is _UNKNOWN:
+            known = self._corrects_sums = _is_remedy(self.ctx.policy)
+        return bool(known)
+
+    def _corrected_group(self, group: tuple[int, int, int, Any, Any]) -> Any:
+        """The summed gradients of a group of keys (:attr:`_group`) as the policy corrects them,
+        at the stage's weights now (the group's keys were all summed at this version: an update
+        closes the group first)."""
+        _, _, delay, forward_weights, total = group
+        return self.ctx.policy.correct_gradient(
+            total, delay, self.version, self.params, forward_weights
+        )
+
+    async def _close_group(self) -> None:
+        """Corrects the open group of keys' summed gradients (:attr:`_group`) and adds them to
+        :attr:`acc`."""
+        group = self._group
+        assert group is not None
+        # (one compute, both set after it: a stop while it runs keeps the group whole, and a
+        # state read meanwhile sees the group still open)
+        total = await self.compute(self._group_added, self._acc, group, cost=0)
+        self._acc, self._group = total, None
+
+    def _group_added(self, acc: Any, group: tuple[int, int, int, Any, Any]) -> Any:
+        """``acc`` plus a group of keys' summed gradients as the policy corrects them."""
+        return _add_to(acc, self._corrected_group(group))
 
 
 #: the most gradients per update :func:`gradients_per_update` asks a policy about
@@ -488,6 +564,25 @@ def _zeros_like(a: Any) -> Any:
 
 def _tree_add(a: Any, b: Any) -> Any:
     return tree_map(_add, a, b)
+
+
+def _add_to(acc: Any, grads: Any) -> Any:
+    """``acc + grads`` (``acc`` None: ``grads`` itself, as :meth:`WeightVersions.accumulate`
+    starts a sum)."""
+    return grads if acc is None else _tree_add(acc, grads)
+
+
+def _is_remedy(policy: Any) -> bool:
+    """Whether ``policy``'s gradient correction is a remedy's: a
+    :class:`~asyncnn._runtime._remedies.Remedy`, or a wrapper (a replay) around one."""
+    from ._remedies import Remedy  # (the remedies import the policies' machinery)
+    from ._wrapped import WrappedPolicy
+
+    while not isinstance(policy, Remedy):
+        if not isinstance(policy, WrappedPolicy):
+            return False
+        policy = policy.wrapped
+    return True
 
 
 def _fold(acc: Any, terms: tuple[Any, ...]) -> Any:
