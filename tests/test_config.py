@@ -193,3 +193,24 @@ def test_a_floating_dtype_asyncnn_does_not_compute_in_is_refused_by_name():
         with pytest.raises(ValueError, match=said.format(name)):
             ann.Trainer(chain_graph(2), optim.SGD(lr=0.1), policies.Sync(), dtype=name)
     assert RunConfig(dtype=ml_dtypes.bfloat16).dtype == "bfloat16"
+
+
+def test_a_graph_input_and_astype_of_bfloat16_without_ml_dtypes_say_to_install_it():
+    # (they said "unknown dtype 'bfloat16'" and numpy's "data type 'bfloat16' not understood")
+    import numpy as np
+
+    import asyncnn as ann
+    from asyncnn import ops
+    from asyncnn._errors import GraphError
+    from asyncnn.backends._dtypes import BFLOAT16
+
+    if BFLOAT16 is not None:  # ml_dtypes installed: numpy knows the name
+        assert ops.astype(np.ones(2, np.float32), "bfloat16").dtype == BFLOAT16
+        return
+    hint = r"unknown dtype 'bfloat16' \(.*pip install ml_dtypes\)"
+    with pytest.raises(GraphError, match=r"input 'x': " + hint):
+        ann.Graph().input("x", shape=(None, 2), dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"astype: " + hint):
+        ops.astype(np.ones(2, np.float32), "bfloat16")
+    with pytest.raises(TypeError, match=r"astype: unknown dtype 'floaty'$"):
+        ops.astype(np.ones(2, np.float32), "floaty")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn.backends import array_namespace, is_floating
+from asyncnn.backends._dtypes import unknown_dtype_hint
 
 from ._autodiff import Primitive, Tracer, _is_tracer
 from ._autodiff_args import COMPLEX_REFUSED, _hides
@@ -308,6 +309,10 @@ def astype(x: Any, dtype: Any) -> Any:
             differentiated: compute with the real and imaginary parts as real arrays).
     """
     x = as_array(x, "astype")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:  # (numpy's own words, and how to get bfloat16 where it is absent)
+        raise TypeError(f"astype: unknown dtype {dtype!r}{unknown_dtype_hint(dtype)}") from exc
     if raw(x).dtype == dtype:
         return x
     if not is_floating(dtype):

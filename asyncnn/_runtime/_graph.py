@@ -16,6 +16,7 @@ from asyncnn._math._nn import to_spec as module_spec
 from asyncnn._math._nn._loops import Loop
 from asyncnn._math._nn._routing import Merge, Router
 from asyncnn.backends import is_floating, parse_device
+from asyncnn.backends._dtypes import unknown_dtype_hint
 
 from ._balance import split_sizes
 from ._graph_args import check_module, checked_modules, checked_stages, checked_worker
@@ -114,7 +115,9 @@ class Graph:
         try:
             kind = np.dtype(dtype).kind
         except TypeError as exc:
-            raise GraphError(f"input {name!r}: unknown dtype {dtype!r}") from exc
+            raise GraphError(
+                f"input {name!r}: unknown dtype {dtype!r}{unknown_dtype_hint(dtype)}"
+            ) from exc
         if kind in "OUSMmVc" and not is_floating(np.dtype(dtype)):
             what = "complex numbers" if kind == "c" else "not numbers"
             raise GraphError(
