@@ -26,10 +26,10 @@ def vjp_split(
         only what the inputs' gradients need and keeps, for the weight half, the cotangent of
         each node that reads a parameter-only value (and that node's residuals), not the input
         gradients it returns; the weight half finishes the walk. Each half may be called once
-        (a cotangent the input half refuses leaves it usable, as :func:`vjp`'s pullback). Both give exactly (bit for bit) what
-        :func:`vjp`'s pullback gives. The weight half reads the cotangent given to the input
-        half, which the input gradients may share memory with: change neither in place before
-        the weight half has run.
+        (a cotangent the input half refuses leaves it usable, as :func:`vjp`'s pullback).
+        Both give exactly (bit for bit) what :func:`vjp`'s pullback gives. The weight half
+        reads the cotangent given to the input half, which the input gradients may share
+        memory with: change neither in place before the weight half has run.
 
     Example:
         >>> y, pb = vjp_split(lambda w, x: ops.tanh(x @ w), w, x)
