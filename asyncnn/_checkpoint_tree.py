@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._math._pytree import leaf_path, tree_flatten, tree_unflatten
-from ._runtime._state_checks import check_cast_finite
+from ._math._pytree import tree_flatten
+from ._runtime._state_checks import cast_refusing_overflow
 from .backends import get_backend, is_floating
 from .backends._registry import host_array
 
@@ -241,32 +241,24 @@ def _cast_like(tree: Any, like: Any, device: str, what: str) -> Any:
         CastOverflow: a finite value the cast makes Inf (a float32 weight of 1e5 loaded with
             ``dtype="float16"``), naming ``what`` and the leaf's place in it.
     """
-    leaves, treedef = tree_flatten(tree)
     likes, like_def = tree_flatten(like)
+    treedef = tree_flatten(tree)[1]
     if like_def != treedef:
         raise ValueError(f"{what}: structures differ: {treedef!r} and {like_def!r}")
-    out = []
-    for k, (a, b) in enumerate(zip(leaves, likes, strict=True)):
-        if (
-            hasattr(a, "dtype")
-            and hasattr(b, "dtype")
-            and a.dtype != b.dtype
-            and is_floating(a.dtype)
-            and is_floating(b.dtype)
-        ):
-            with np.errstate(over="ignore"):  # (refused below, by its place)
-                new = get_backend(device).asarray(a, dtype=b.dtype)
-            place = what + "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
-            try:
-                check_cast_finite(
-                    a, new, place, "the trainer's",
-                    "rescale it, or load with a wider dtype (Trainer.load(..., dtype='{wider}'))",
-                )  # fmt: skip
-            except ValueError as exc:
-                raise CastOverflow(str(exc)) from None
-            a = new
-        out.append(a)
-    return tree_unflatten(treedef, out)
+
+    def cast(a: Any, k: int) -> Any:
+        b = likes[k]
+        if not (hasattr(a, "dtype") and hasattr(b, "dtype")) or a.dtype == b.dtype:
+            return a
+        if not (is_floating(a.dtype) and is_floating(b.dtype)):
+            return a
+        return get_backend(device).asarray(a, dtype=b.dtype)
+
+    fix = "rescale it, or load with a wider dtype (Trainer.load(..., dtype='{wider}'))"
+    try:
+        return cast_refusing_overflow(cast, tree, what, "the trainer's", fix)
+    except ValueError as exc:  # (the structures agree: only an overflow raises here)
+        raise CastOverflow(str(exc)) from None
 
 
 _SCALARS: tuple[type, ...] = (int, float, bool, type(None), str)

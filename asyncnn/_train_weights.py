@@ -84,7 +84,7 @@ def set_params(trainer: Trainer, value: Mapping[str, Any]) -> None:
     # torch tensor's __array__ takes no copy= argument)
     cast = {
         name: cast_refusing_overflow(
-            lambda h: h.astype(want),
+            lambda h, _: h.astype(want),
             tree_map(lambda a: np.asarray(to_numpy(a)), p),
             f"tr.params[{name!r}]",
             "the trainer's",

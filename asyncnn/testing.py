@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ._math._autodiff import vjp
-from ._math._autodiff_args import RuleError, _leaf_name
-from ._math._pytree import tree_flatten, tree_unflatten
+from ._math._autodiff_args import RuleError
+from ._math._pytree import leaf_name, tree_flatten, tree_unflatten
 from .backends import array_namespace, is_floating, to_numpy
 
 __all__ = ["check_grads", "numerical_vjp"]
@@ -176,7 +176,7 @@ def numerical_vjp(
 def _leaf_names(tree: Any, name: str) -> list[str]:
     """A name for each leaf of ``tree``, in ``tree_flatten``'s order (``args[0]['weight']``)."""
     treedef = tree_flatten(tree)[1]
-    return [_leaf_name(treedef, k, name) for k in range(treedef.num_leaves)]
+    return [leaf_name(treedef, k, name) for k in range(treedef.num_leaves)]
 
 
 def check_grads(

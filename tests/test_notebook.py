@@ -78,24 +78,27 @@ def test_a_notebook_runs_headless(tmp_path):
     assert nb.cells[4].outputs[-1]["data"]["text/plain"].isdigit()  # events checked
 
 
+class _CtrlCAtStep1(ann.callbacks.Callback):
+    """Ctrl-C in the main (waiting) thread at step 1, as SIGINT would; the later steps slowed
+    a little: the waiting thread sees the interrupt when its join(0.1) returns, and the 200 tiny
+    steps once all ended before that on a fast host."""
+
+    def on_step_end(self, trainer, step, logs):
+        import _thread
+
+        if step == 1:
+            _thread.interrupt_main()
+        elif step > 1:
+            time.sleep(0.01)
+
+
 def test_interrupting_the_waiting_thread_stops_the_fit_and_keeps_what_finished():
     """A notebook's "interrupt kernel" raises KeyboardInterrupt in the thread that waits for the
     fit's worker thread: the fit stops at its next step and keeps what finished."""
-    import _thread
-
     data, tr = _setup()
 
-    class InterruptKernel(ann.callbacks.Callback):
-        def on_step_end(self, trainer, step, logs):
-            if step == 1:
-                _thread.interrupt_main()  # as SIGINT would, in the main (waiting) thread
-            elif step > 1:
-                # the waiting thread sees the interrupt when its join(0.1) returns: keep the
-                # 200 tiny steps from all ending before that (they did, once, on a fast host)
-                time.sleep(0.01)
-
     async def cell():
-        tr.fit(data, epochs=50, batch_size=8, callbacks=[InterruptKernel()])
+        tr.fit(data, epochs=50, batch_size=8, callbacks=[_CtrlCAtStep1()])
 
     loop = asyncio.new_event_loop()  # like a kernel's loop: no SIGINT handler of its own
     try:
@@ -306,19 +309,10 @@ def test_one_ctrl_c_stops_a_call_made_from_a_coroutine_of_a_runner_with_its_own_
 def test_one_ctrl_c_stops_a_fit_called_from_a_coroutine_under_asyncio_run():
     """(asyncio's runner cancelled the main task, blocked in fit: the fit trained to its end,
     then the cancellation came as KeyboardInterrupt at the coroutine's next await.)"""
-    import _thread
-
     data, tr = _setup()
 
-    class CtrlC(ann.callbacks.Callback):
-        def on_step_end(self, trainer, step, logs):
-            if step == 1:
-                _thread.interrupt_main()  # as SIGINT would, in the main (waiting) thread
-            elif step > 1:
-                time.sleep(0.01)  # (the waiting thread looks every 0.1 s)
-
     async def main():
-        tr.fit(data, epochs=50, batch_size=8, callbacks=[CtrlC()])
+        tr.fit(data, epochs=50, batch_size=8, callbacks=[_CtrlCAtStep1()])
         await asyncio.sleep(0)
 
     with pytest.raises(KeyboardInterrupt):

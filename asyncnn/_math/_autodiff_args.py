@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backends import is_cupy_array
 from ..backends._dtypes import is_floating
-from ._pytree import TreeDef, leaf_path, tree_flatten
+from ._pytree import TreeDef, leaf_name, tree_flatten
 
 
 def _is_differentiable(x: Any) -> bool:
@@ -46,7 +46,7 @@ COMPLEX_REFUSED = (
 
 def _complex_leaf(who: str, treedef: TreeDef, k: int, leaf: Any) -> TypeError:
     """The error for leaf ``k`` of the primals (of structure ``treedef``), which is complex."""
-    name = _leaf_name(treedef, k, "primals")
+    name = leaf_name(treedef, k, "primals")
     dtype = getattr(leaf, "dtype", type(leaf).__name__)
     return TypeError(
         f"{who}: {name} is complex ({dtype}, shape {tuple(getattr(leaf, 'shape', ()))}), and "
@@ -54,12 +54,6 @@ def _complex_leaf(who: str, treedef: TreeDef, k: int, leaf: Any) -> TypeError:
         "or a keyword argument). (primals: vjp's arguments after fn, or the arguments that "
         "grad's and value_and_grad's argnums name, in order)"
     )
-
-
-def _leaf_name(treedef: TreeDef, k: int, name: str) -> str:
-    """The name of leaf ``k`` (in flattening order) of a tree of structure ``treedef``, from
-    the tree's ``name``: ``primals[0]['w']``."""
-    return name + "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
 
 
 _CONTAINERS = (dict, list, tuple)

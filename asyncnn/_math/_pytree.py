@@ -268,6 +268,12 @@ def leaf_path(treedef: TreeDef, k: int) -> list[Any]:
     return labels
 
 
+def leaf_name(treedef: TreeDef, k: int, name: str) -> str:
+    """The name of leaf ``k`` (in flattening order) of a tree of structure ``treedef``, from
+    the tree's ``name``: ``primals[0]['w']``."""
+    return name + "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
+
+
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     """Returns the leaves of ``tree`` in a fixed order and the structure to rebuild it."""
     leaves: list[Any] = []

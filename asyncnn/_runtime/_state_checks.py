@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from asyncnn._math._optim import keeps_base_state, state_dtype
-from asyncnn._math._pytree import leaf_path, tree_flatten, tree_leaves, tree_unflatten
+from asyncnn._math._pytree import leaf_name, tree_flatten, tree_leaves, tree_unflatten
 from asyncnn.backends import array_namespace, is_floating, to_numpy
 
 from ._checks import _may_overflow
@@ -389,7 +389,9 @@ def _in_dtype(state: RunState, dtype: str, optimizer: Any = None) -> RunState:
     def checked(fn: Callable[[Any], Any], tree: Any, place: str, what: str) -> Any:
         # (the cast of each leaf as before; a finite value it makes Inf refused, by its place)
         fix = f"rescale {what}, or run in a wider dtype (dtype='{{wider}}' on open_run)"
-        return cast_refusing_overflow(fn, tree, f"open_run: {place}", "the run's", fix)
+        return cast_refusing_overflow(
+            lambda leaf, _: fn(leaf), tree, f"open_run: {place}", "the run's", fix
+        )
 
     return dataclasses.replace(
         state,
@@ -421,9 +423,10 @@ def _in_dtype(state: RunState, dtype: str, optimizer: Any = None) -> RunState:
 
 
 def cast_refusing_overflow(
-    cast: Callable[[Any], Any], tree: Any, place: str, owner: str, fix: str
+    cast: Callable[[Any, int], Any], tree: Any, place: str, owner: str, fix: str
 ) -> Any:
-    """``tree`` with ``cast`` applied to each leaf (a weight or a buffer cast to a run's dtype),
+    """``tree`` with ``cast(leaf, k)`` applied to each leaf (``k``: its index in flattening
+    order; a weight or a buffer cast to a run's dtype),
     refusing a finite value that the cast makes Inf, as the data's check refuses one: the run
     would compute on Inf weights, or divide by an Inf buffer, from its first step. ``place``
     names the tree (``state.params['stage0']``), ``owner`` the dtype's (``"the run's"``), and
@@ -439,10 +442,9 @@ def cast_refusing_overflow(
     out = []
     for k, leaf in enumerate(leaves):
         with np.errstate(over="ignore", invalid="ignore"):  # (reported below, by its place)
-            new = cast(leaf)
+            new = cast(leaf, k)
         if new is not leaf:
-            path = "".join(f"[{label!r}]" for label in leaf_path(treedef, k))
-            check_cast_finite(leaf, new, place + path, owner, fix)
+            check_cast_finite(leaf, new, leaf_name(treedef, k, place), owner, fix)
         out.append(new)
     return tree_unflatten(treedef, out)
 
