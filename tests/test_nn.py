@@ -183,6 +183,67 @@ def test_pools_forward(backend: Backend) -> None:
     assert nn.MaxPool2d(2)._output_shape((2, 3, 6, 4)) == (2, 3, 3, 2)
 
 
+#: AvgPool's options whose gradient is new: windows past the end (ceil_mode), divisors that
+#: count the real entries only (count_include_pad=False), and both
+AVG_POOL_OPTION_CASES = [
+    (nn.AvgPool1d(3, 2, 1, ceil_mode=True), (2, 2, 6)),
+    (nn.AvgPool1d(2, ceil_mode=True, count_include_pad=False), (1, 2, 7)),
+    (nn.AvgPool1d(5, 3, 2, count_include_pad=False), (2, 1, 9)),
+    (nn.AvgPool1d(4, 3, 2, True, False), (1, 2, 8)),
+    (nn.AvgPool2d(3, 2, 1, ceil_mode=True), (1, 2, 6, 5)),
+    (nn.AvgPool2d((3, 2), (2, 3), (1, 0), count_include_pad=False), (2, 1, 8, 7)),
+    (nn.AvgPool2d((4, 3), (3, 2), (2, 1), True, False), (1, 2, 9, 8)),
+]
+
+
+@pytest.mark.parametrize(("module", "shape"), AVG_POOL_OPTION_CASES, ids=repr)
+def test_avg_pool_options_gradients(backend: Backend, module: nn.Module, shape: Any) -> None:
+    x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
+    check_grads(lambda x: module({}, x), x, rtol=1e-6, atol=1e-10)
+
+
+def test_avg_pool_options_forward_by_hand(backend: Backend) -> None:
+    x = backend.asarray(np.arange(1.0, 9.0).reshape(1, 1, 8))  # [1 .. 8]
+    # padding 1, kernel 3, stride 2: windows [0 1 2] [2 3 4] [4 5 6] [6 7 8]; ceil_mode adds one
+    # that starts at the 8 and runs past the right padding, whose divisor stops at the padding
+    got = {
+        (ceil, include): to_numpy(nn.AvgPool1d(3, 2, 1, ceil, include)({}, x))[0, 0].tolist()
+        for ceil in (False, True)
+        for include in (True, False)
+    }
+    assert got == {
+        (False, True): [3 / 3, 9 / 3, 15 / 3, 21 / 3],
+        (False, False): [3 / 2, 9 / 3, 15 / 3, 21 / 3],
+        (True, True): [3 / 3, 9 / 3, 15 / 3, 21 / 3, 8 / 2],
+        (True, False): [3 / 2, 9 / 3, 15 / 3, 21 / 3, 8 / 1],
+    }
+    assert nn.AvgPool1d(3, 2, 1, ceil_mode=True)._output_shape((1, 1, 8)) == (1, 1, 5)
+    # a window rounded up that would start in the right padding is dropped, as torch's
+    assert nn.AvgPool1d(3, 3, 1, ceil_mode=True)._output_shape((1, 1, 5)) == (1, 1, 2)
+    # MaxPool keeps floor mode: it takes no ceil_mode
+    with pytest.raises(TypeError, match="ceil_mode"):
+        nn.MaxPool1d(2, ceil_mode=True)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: nn.AvgPool1d(2, ceil_mode=1), TypeError,
+         "AvgPool1d: ceil_mode must be True or False, got int 1"),
+        (lambda: nn.AvgPool2d(2, count_include_pad="no"), TypeError,
+         "AvgPool2d: count_include_pad must be True or False, got str 'no'"),
+        (lambda: ops.avg_pool1d(np.ones((1, 1, 4)), 2, ceil_mode=None), TypeError,
+         "avg_pool1d: ceil_mode must be True or False, got NoneType None"),
+        (lambda: ops.avg_pool2d(np.ones((1, 1, 4, 4)), 2, count_include_pad=0), TypeError,
+         "avg_pool2d: count_include_pad must be True or False, got int 0"),
+    ],
+)  # fmt: skip
+def test_avg_pool_options_refuse_what_is_not_a_bool(make: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+    assert nn.AvgPool1d(2, ceil_mode=np.bool_(True)).ceil_mode is True  # a numpy bool taken
+
+
 def test_layer_norm_embedding_activations_forward(backend: Backend) -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 2, 5))
@@ -556,15 +617,39 @@ def test_dropout_refuses_an_rng_that_is_not_a_generator(rng: Any) -> None:
 
 
 def test_dropout_p_of_another_type_is_named() -> None:
-    with pytest.raises(ValueError, match=r"Python float in \[0, 1\), got np.float32\(0.5\)"):
+    with pytest.raises(ValueError, match=r"Python float in \[0, 1\], got np.float32\(0.5\)"):
         nn.Dropout(np.float32(0.5))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"probability in \[0, 1\), got 1"):
-        nn.Dropout(1)
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\], got 1.5"):
+        nn.Dropout(1.5)
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\], got -0.1"):
+        nn.Dropout(-0.1)
+    with pytest.raises(ValueError, match=r"^dropout: p must be in \[0, 1\], got 1.5"):
+        ops.dropout(np.ones(3), 1.5, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("p", [1, 1.0])
+def test_dropout_of_p_1_drops_everything_in_training_only(backend: Backend, p: float) -> None:
+    # torch's Dropout(p=1): zeros and a zero gradient in training (never 1 / (1 - p), which
+    # would be a ZeroDivisionError, or 0 * inf = NaN), the identity in evaluation
+    x = backend.asarray(np.random.default_rng(4).standard_normal((6, 5)))
+    drop = nn.Dropout(p)
+    out, pullback = vjp(lambda x: drop({}, x, rng=backend.rng(6)), x)
+    (gx,) = pullback(backend.asarray(np.ones((6, 5))))
+    for a in (to_numpy(out), to_numpy(gx)):  # (x * 0: -0.0 where x < 0, as torch's)
+        np.testing.assert_array_equal(a, np.zeros((6, 5)))
+        assert a.dtype == np.float64
+    assert drop({}, x) is x
+    op_out = ops.dropout(x, float(p), backend.rng(7))
+    np.testing.assert_array_equal(to_numpy(op_out), np.zeros((6, 5)))
+    assert nn.from_spec(nn.to_spec(drop)) == drop
 
 
 # -- specs: more non-default options, malformed specs --------------------------------------------
 MORE_SPEC_MODULES = [
-    nn.Flatten(0, 2), nn.Flatten(-3, -2), nn.Dropout(0), nn.Dropout(0.999), nn.Sequential(),
+    nn.Flatten(0, 2), nn.Flatten(-3, -2), nn.Dropout(0), nn.Dropout(0.999), nn.Dropout(1.0),
+    nn.AvgPool1d(3, 2, 1, ceil_mode=True), nn.AvgPool2d((2, 3), padding=(1, 0),
+                                                        count_include_pad=False),
+    nn.AvgPool2d(3, 2, 1, True, False), nn.Sequential(),
     nn.Sequential(nn.Sequential()), nn.LayerNorm((2, 3), eps=1e-3, elementwise_affine=False),
     nn.LayerNorm(4, bias=False), nn.Conv2d(2, 3, (1, 2), stride=(2, 1), padding=(0, 1),
                                            dilation=(1, 3), bias=False),

@@ -111,8 +111,10 @@ def test_real_hyperparameters_are_kept_as_floats() -> None:
     assert nn.MultiHeadAttention(4, 2, dropout=0).dropout == 0.0
     with pytest.raises(ValueError, match="LayerNorm: eps must be > 0"):
         nn.LayerNorm(4, eps=float("nan"))
-    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must be in \[0, 1\]"):
         nn.MultiHeadAttention(4, 2, dropout=float("nan"))
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must be in \[0, 1\]"):
+        nn.MultiHeadAttention(4, 2, dropout=1.5)
 
 
 @pytest.mark.parametrize(

@@ -390,7 +390,7 @@ def test_bad_input_is_named(call: Any, err: type, match: str) -> None:
          r"LSTM: batch_first=False is not supported.*x\.transpose\(1, 0, 2\)"),
         (lambda: nn.GRU(3, 0), ValueError, r"GRU: hidden_size must be an int >= 1, got 0"),
         (lambda: nn.LSTM(3, 4, num_layers=0), ValueError, r"num_layers must be an int >= 1"),
-        (lambda: nn.LSTM(3, 4, dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (lambda: nn.LSTM(3, 4, dropout=1.5), ValueError, r"dropout must be in \[0, 1\]"),
         (lambda: nn.GRU(3, 4, dropout="x"), TypeError, r"GRU: dropout must be a real number"),
         (lambda: nn.LSTMCell(3.0, 4), ValueError, r"LSTMCell: input_size must be an int >= 1"),
         (lambda: nn.GRUCell(3, 4, bias="no"), TypeError, r"GRUCell: bias"),
@@ -565,3 +565,27 @@ def test_a_graph_refuses_a_recurrent_layer_that_gives_its_state_when_built(modul
             stages=1,
             input_shape=(None, 5, 4),
         )
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_dropout_of_1_between_layers_matches_torch_in_training(cls: Any) -> None:
+    # p=1 drops every output of the first layer (deterministically, so torch's training mode
+    # can be compared): the second layer reads zeros, in torch as here
+    torch = pytest.importorskip("torch")
+    m = cls(3, 4, num_layers=2, dropout=1.0)
+    t = (torch.nn.LSTM if cls is nn.LSTM else torch.nn.GRU)(
+        3, 4, num_layers=2, dropout=1.0, batch_first=True
+    ).double()
+    t.train()
+    p = from_torch(t.state_dict(), m)
+    x = np.random.default_rng(5).standard_normal((2, 5, 3))
+    out = m(p, x, rng=np.random.default_rng(0))  # every step's output (torch's first)
+    ref = _flat(t(torch.from_numpy(x)))[0].detach().numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
+    undropped = _flat(t.eval()(torch.from_numpy(x)))[0].detach().numpy()
+    assert not np.allclose(ref, undropped)  # (the dropout did change the second layer's input)
+    t.train()
+    # evaluation (no rng) is the undropped network
+    t.eval()
+    ref_eval = _flat(t(torch.from_numpy(x)))
+    np.testing.assert_allclose(_flat(m(p, x))[0], ref_eval[0].detach().numpy(), rtol=1e-12)

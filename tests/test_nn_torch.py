@@ -356,3 +356,111 @@ def test_an_ignored_row_holding_inf_has_torchs_nan_gradient() -> None:
     (grad,) = pullback(1.0)
     np.testing.assert_allclose(grad, tz.grad.numpy(), rtol=1e-12, atol=1e-15)  # (NaN as NaN)
     assert np.isnan(grad[0]).all() and not np.signbit(grad[2]).any()
+
+
+# -- AvgPool's ceil_mode and count_include_pad, Dropout(p=1), against torch (float64) -------------
+#: (spatial dimensions, kernel_size, stride, padding, input size): ceil_mode adds a last window
+#: that runs past the end in some (size 7, kernel 2), and in one (size 5, kernel 3, stride 3,
+#: padding 1) the rounded-up window would start in the right padding and is dropped, as torch's
+AVG_POOL_GEOMETRIES = [
+    (1, 3, 2, 1, 6),
+    (1, 3, 2, 0, 7),
+    (1, 2, 2, 0, 7),
+    (1, 4, 3, 2, 8),
+    (1, 3, 1, 1, 5),
+    (1, 3, 3, 1, 5),
+    (1, 5, 3, 2, 9),
+    (1, 2, None, 1, 5),
+    (2, 3, 2, 1, (7, 6)),
+    (2, (3, 2), (2, 3), (1, 0), (8, 7)),
+    (2, 2, None, 0, (5, 5)),
+    (2, (4, 3), (3, 2), (2, 1), (9, 8)),
+    (2, 3, 3, 1, (5, 6)),
+]
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False], ids=["include-pad", "exclude-pad"])
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize(("n", "kernel", "stride", "padding", "size"), AVG_POOL_GEOMETRIES)
+def test_avg_pool_ceil_mode_and_count_include_pad_match_torch(
+    n: int, kernel: Any, stride: Any, padding: Any, size: Any, ceil_mode: bool,
+    count_include_pad: bool,
+) -> None:  # fmt: skip
+    torch = pytest.importorskip("torch")
+    sizes = (size,) if n == 1 else size
+    x = np.random.default_rng(11).standard_normal((2, 3, *sizes))
+    options = {"ceil_mode": ceil_mode, "count_include_pad": count_include_pad}
+    module = (nn.AvgPool1d if n == 1 else nn.AvgPool2d)(kernel, stride, padding, **options)
+    tm = (torch.nn.AvgPool1d if n == 1 else torch.nn.AvgPool2d)(kernel, stride, padding, **options)
+    out, pullback = vjp(lambda x: module({}, x), x)
+    ct = np.random.default_rng(12).standard_normal(out.shape)
+    (gx,) = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    ref = tm(tx)
+    ref.backward(torch.tensor(ct))
+    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    # the op takes torch's functional arguments, in torch's order
+    pool = ops.avg_pool1d if n == 1 else ops.avg_pool2d
+    ref_f = (torch.nn.functional.avg_pool1d if n == 1 else torch.nn.functional.avg_pool2d)(
+        torch.tensor(x), kernel, stride, padding, ceil_mode, count_include_pad
+    )
+    np.testing.assert_allclose(
+        pool(x, kernel, stride, padding, ceil_mode, count_include_pad), ref_f.numpy(),
+        rtol=1e-12, atol=1e-14,
+    )  # fmt: skip
+
+
+def test_dropout_of_p_1_matches_torch() -> None:
+    # torch's Dropout(p=1) zeroes everything in training, gradient too, and is the identity in
+    # evaluation
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(13).standard_normal((4, 5)) + 3.0
+    drop, td = nn.Dropout(1.0), torch.nn.Dropout(1.0)
+    out, pullback = vjp(lambda x: drop({}, x, rng=np.random.default_rng(0)), x)
+    (gx,) = pullback(np.ones_like(x))
+    tx = torch.tensor(x, requires_grad=True)
+    ref = td(tx)
+    ref.backward(torch.ones_like(tx))
+    np.testing.assert_array_equal(out, ref.detach().numpy())
+    np.testing.assert_array_equal(gx, tx.grad.numpy())
+    assert not out.any() and not gx.any() and np.isfinite(out).all()
+    td.eval()
+    np.testing.assert_array_equal(drop({}, x), td(torch.tensor(x)).numpy())
+
+
+def test_avg_pool_ceil_mode_takes_a_kernel_past_the_input_as_torch() -> None:
+    # torch's ceil_mode keeps a window that starts in the input and runs past its end, even one
+    # longer than the input; floor mode refuses it (no window fits), in torch and here
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(14).standard_normal((1, 2, 2))
+    for kernel, include in ((3, True), (4, False)):
+        ref = torch.nn.functional.avg_pool1d(torch.tensor(x), kernel, None, 0, True, include)
+        got = nn.AvgPool1d(kernel, ceil_mode=True, count_include_pad=include)({}, x)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"avg_pool1d: the pooling window .* is larger than"):
+        nn.AvgPool1d(3)({}, x)
+
+
+def test_attention_dropout_of_1_matches_torch_in_training() -> None:
+    # p=1 drops every attention weight (deterministically, so torch's training mode can be
+    # compared): the output is the output projection's bias, in torch as here
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(15)
+    m = nn.MultiHeadAttention(6, 3, dropout=1.0)
+    p = {k: rng.standard_normal(v.shape) for k, v in m.init(0, dtype="float64").items()}
+    x = rng.standard_normal((2, 4, 6))
+    out, pullback = vjp(lambda p, x: m(p, x, rng=np.random.default_rng(0)), p, x)
+    grads = pullback(np.ones_like(out))
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+    tx = torch.tensor(x, requires_grad=True).transpose(0, 1)
+    ref = torch.nn.functional.multi_head_attention_forward(
+        tx, tx, tx, 6, 3, tp["in_proj_weight"].T, tp["in_proj_bias"], None, None, False, 1.0,
+        tp["out_proj_weight"].T, tp["out_proj_bias"], training=True, need_weights=False,
+    )[0].transpose(0, 1)  # fmt: skip
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out, np.broadcast_to(p["out_proj_bias"], out.shape), rtol=1e-12)
+    ref.backward(torch.ones_like(ref))
+    for key, g in grads[0].items():
+        np.testing.assert_allclose(g, tp[key].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=key)

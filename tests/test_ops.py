@@ -313,8 +313,8 @@ def test_dropout(backend: Any) -> None:
     x32 = x.astype(np.float32)
     out32, pullback = ann.vjp(lambda x: ops.dropout(x, 0.5, backend.rng(2)), x32)
     assert out32.dtype == np.float32 and pullback(out32)[0].dtype == np.float32
-    for p in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
             ops.dropout(x, p, backend.rng(0))
     ints = backend.asarray(np.arange(8).reshape(2, 4))  # 1 / 0.7 would be truncated to 1
     for rng in (backend.rng(0), None):

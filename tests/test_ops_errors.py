@@ -321,7 +321,7 @@ def test_a_0_d_array_has_no_axis_and_dropout_needs_a_number() -> None:
     for op in (ops.softmax, ops.log_softmax, ops.logsumexp):
         with pytest.raises(ValueError, match=r": axis -1: the array is 0-d \(a scalar\)"):
             op(np.array(1.0))
-    with pytest.raises(TypeError, match=r"^dropout: p must be a number in \[0, 1\), got '0.5'"):
+    with pytest.raises(TypeError, match=r"^dropout: p must be a number in \[0, 1\], got '0.5'"):
         ops.dropout(np.ones(3), "0.5", np.random.default_rng(0))  # type: ignore[arg-type]
     assert ops.dropout(np.ones(3), np.float32(0.0), None).shape == (3,)  # numpy numbers pass
     assert ops.dropout(np.ones(3), np.array(0.5), None).shape == (3,)  # and 0-d arrays

@@ -113,9 +113,10 @@ def _check_fits(
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
     what: str,
+    ceil_mode: bool = False,
 ) -> None:
     for n, k, s, p, d in zip(shape[2:], kernel, stride, padding, dilation, strict=True):
-        if out_size(n, k, s, p, d) < 1:
+        if out_size(n, k, s, p, d, ceil_mode) < 1:
             raise ValueError(
                 f"{op}: the {what} (kernel {kernel}, dilation {dilation}) is larger than the "
                 f"padded input: input {shape} with padding {padding}; use a smaller kernel or "
@@ -228,6 +229,7 @@ def _pool(
     kernel_size: IntOrTuple,
     stride: IntOrTuple | None,
     padding: IntOrTuple,
+    **options: Any,
 ) -> Any:
     x = as_array(x, op)
     xs = _check_input(op, x, spatial)
@@ -236,11 +238,18 @@ def _pool(
     k = _tuple(kernel_size, spatial, "kernel_size", op, 1)
     s = k if stride is None else _tuple(stride, spatial, "stride", op, 1)
     p = _tuple(padding, spatial, "padding", op, 0)
+    for name, flag in options.items():
+        if not isinstance(flag, bool | np.bool_):  # ("no" or 0 would be taken for its truth)
+            raise TypeError(
+                f"{op}: {name} must be True or False, got {type(flag).__name__} {flag!r}"
+            )
+        options[name] = bool(flag)
     if any(2 * pi > ki for pi, ki in zip(p, k, strict=True)):
         # torch's rule: a window made mostly of padding would have no input to pool.
         raise ValueError(f"{op}: padding {p} must be at most half of kernel_size {k}")
-    _check_fits(op, xs, k, s, p, (1,) * spatial, "pooling window")
-    return _P[prim](x, kernel=k, stride=s, padding=p)
+    ceil_mode = options.get("ceil_mode", False)
+    _check_fits(op, xs, k, s, p, (1,) * spatial, "pooling window", ceil_mode)
+    return _P[prim](x, kernel=k, stride=s, padding=p, **options)
 
 
 def max_pool1d(
@@ -261,18 +270,57 @@ def max_pool2d(
 
 
 def avg_pool1d(
-    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+    x: Any,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None = None,
+    padding: IntOrTuple = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
 ) -> Any:
-    """Mean over windows of an (N, C, L) input; padding zeros count (torch's
-    ``count_include_pad=True``); stride defaults to kernel_size."""
-    return _pool("avg_pool1d", "avg_pool", 1, x, kernel_size, stride, padding)
+    """Mean over windows of an (N, C, L) input, as ``torch.nn.functional.avg_pool1d``.
+
+    Args:
+        x: input of shape (N, C, L), floating point.
+        kernel_size: the window's length.
+        stride: the step between windows; ``None`` (the default) is ``kernel_size``.
+        padding: zeros added on both sides, at most half of ``kernel_size``.
+        ceil_mode: round the number of windows up, not down: a last window that starts inside
+            the input or its left padding and runs past the end is kept (torch's rule).
+        count_include_pad: divide each window's sum by the cells it covers in the input and
+            its padding (torch's default; a ceil-mode window's cells past the padding do not
+            count); ``False`` divides by its cells of the input only.
+
+    Returns:
+        Shape (N, C, L_out), ``L_out = (L + 2*padding - kernel_size) // stride + 1`` (rounded
+        up with ``ceil_mode``, less a window that would start in the right padding).
+
+    Raises:
+        TypeError: when x is not floating point, or ``ceil_mode`` or ``count_include_pad`` is
+            not a bool.
+        ValueError: on padding above half the kernel, or a window larger than the padded input.
+    """
+    return _pool(
+        "avg_pool1d", "avg_pool", 1, x, kernel_size, stride, padding,
+        ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+    )  # fmt: skip
 
 
 def avg_pool2d(
-    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+    x: Any,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None = None,
+    padding: IntOrTuple = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
 ) -> Any:
-    """Mean over windows of an (N, C, H, W) input; padding zeros count, as in torch."""
-    return _pool("avg_pool2d", "avg_pool", 2, x, kernel_size, stride, padding)
+    """Mean over windows of an (N, C, H, W) input, as ``torch.nn.functional.avg_pool2d``
+    (without its ``divisor_override``); sizes are ints or (height, width) pairs, and
+    ``ceil_mode`` and ``count_include_pad`` are :func:`avg_pool1d`'s, along each axis (a
+    window's divisor is the product of its counts along the two)."""
+    return _pool(
+        "avg_pool2d", "avg_pool", 2, x, kernel_size, stride, padding,
+        ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+    )  # fmt: skip
 
 
 # -- normalization, dropout -----------------------------------------------------------------------
@@ -309,29 +357,32 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
 
     Args:
         x: the input.
-        p: drop probability in [0, 1).
+        p: drop probability in [0, 1]; ``p=1`` zeroes every entry in training (its gradient
+            too), as torch's.
         rng: a numpy or cupy ``Generator`` on x's device (numpy's for a numpy ``x``, cupy's for
             a cupy one); ``None`` means evaluation (identity).
 
     Raises:
-        ValueError: when ``p`` is outside [0, 1).
-        TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could not hold the scale
-            ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``; or ``rng`` is on another
-            device than ``x``.
+        ValueError: when ``p`` is outside [0, 1].
+        TypeError: when ``p`` is not a number, or ``x`` is not floating point (its dtype could
+            not hold the scale ``1 / (1 - p)``), in evaluation too, as ``nn.Dropout``; or
+            ``rng`` is on another device than ``x``.
     """
     if type(p) is not float:  # (nn.Dropout and attention pass a float, checked when made)
         if getattr(p, "ndim", None) == 0 and not isinstance(p, np.generic):
             p = cast(Any, p).item()  # a 0-d array (numpy's or cupy's) as its number
         if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real):
             # (a string failed in the comparison below with a bare TypeError naming no op)
-            raise TypeError(f"dropout: p must be a number in [0, 1), got {p!r}")
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+            raise TypeError(f"dropout: p must be a number in [0, 1], got {p!r}")
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p!r}")
     x = as_array(x, "dropout")
     _check_floating(x, "dropout")
     if rng is None or p == 0:
         return x
     value = raw(x)
+    # (at p=1 no draw of [0, 1) is kept; drawn still, so that the generator moves on as at any
+    # other p and the device check below holds)
     keep = rng.random(value.shape) >= p
     if is_cupy_array(keep) != is_cupy_array(value):
         # (the product with the mask would fail with a bare error, or leave x's device)
@@ -342,7 +393,8 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
             f"{tuple(value.shape)}, which is on {where}: pass a generator on x's device "
             f"({made}), as a run gives its modules"
         )
-    scale = (keep * (1 / (1 - p))).astype(value.dtype)
+    # p=1 keeps nothing: a scale of 0, as torch's (1 / (1 - p) would divide by zero)
+    scale = (keep * (1 / (1 - p) if p < 1 else 0.0)).astype(value.dtype)
     return _P["dropout"](x, scale=scale)
 
 

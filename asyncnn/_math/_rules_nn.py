@@ -101,18 +101,34 @@ def _logsumexp_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 
 # -- convolution ----------------------------------------------------------------------------------
-def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Length of a convolution's or pool's output along one axis (torch's formula, floor mode)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def out_size(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool = False
+) -> int:
+    """Length of a convolution's or pool's output along one axis (torch's formula).
+
+    ``ceil_mode`` rounds the count of strides up, as torch's pools: the last window may then
+    run past the end of the padded input, but it must start inside the input or its left
+    padding (torch drops one that would start in the right padding, which holds no input).
+    """
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
-def _pad(x: Any, padding: Ints, value: float = 0.0) -> Any:
-    if not any(padding):
+def _pad(x: Any, padding: Ints, value: float = 0.0, after: Ints | None = None) -> Any:
+    """``x`` with ``padding`` cells of ``value`` on both sides of each spatial axis, and
+    ``after`` more at the end (where a ceil-mode pool's last window runs past the padding)."""
+    extra = after or (0,) * len(padding)
+    if not any(padding) and not any(extra):
         return x
     xp = ns(x)
     spatial = x.shape[2:]
     out = xp.full(
-        x.shape[:2] + tuple(s + 2 * p for s, p in zip(spatial, padding, strict=True)),
+        x.shape[:2] + tuple(s + 2 * p + e for s, p, e in zip(spatial, padding, extra, strict=True)),
         value,
         dtype=x.dtype,
     )
@@ -287,31 +303,86 @@ def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     return (gx.astype(dtype, copy=False),)
 
 
-def _avg_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
+def _avg_pool(
+    x: Any,
+    kernel: Ints,
+    stride: Ints,
+    padding: Ints,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> tuple[Any, Any]:
     xp = ns(x)
     ones = (1,) * len(kernel)
-    out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
-    xpad = _pad(x, padding)
-    out = xp.zeros((*x.shape[:2], *out_shape), dtype=_acc_dtype(x.dtype))
+    sizes = tuple(x.shape[2:])
+    out_shape = tuple(
+        out_size(n, k, s, p, 1, ceil_mode)
+        for n, k, s, p in zip(sizes, kernel, stride, padding, strict=True)
+    )
+    after = _overhang(sizes, kernel, stride, padding, out_shape)
+    xpad = _pad(x, padding, after=after)
+    acc = _acc_dtype(x.dtype)
+    out = xp.zeros((*x.shape[:2], *out_shape), dtype=acc)
     for _, index in _windows(kernel, stride, ones, out_shape):
         out += xpad[index]
-    # Padding zeros count in the divisor (torch's count_include_pad=True).
-    out /= int(np.prod(kernel))
-    return out.astype(x.dtype, copy=False), (tuple(x.shape), kernel, stride, padding, out_shape)
+    divisor = _avg_divisor(xp, sizes, kernel, stride, padding, out_shape, count_include_pad, acc)
+    out /= divisor
+    res = (tuple(x.shape), kernel, stride, padding, out_shape, after, divisor)
+    return out.astype(x.dtype, copy=False), res
+
+
+def _overhang(sizes: Ints, kernel: Ints, stride: Ints, padding: Ints, out_shape: Ints) -> Ints:
+    """How far a ceil-mode pool's last window runs past the end of the padded input, per axis
+    (0 in floor mode, whose windows all fit)."""
+    return tuple(
+        max(0, (o - 1) * s + k - (n + 2 * p))
+        for n, k, s, p, o in zip(sizes, kernel, stride, padding, out_shape, strict=True)
+    )
+
+
+def _avg_divisor(
+    xp: Any,
+    sizes: Ints,
+    kernel: Ints,
+    stride: Ints,
+    padding: Ints,
+    out_shape: Ints,
+    count_include_pad: bool,
+    dtype: Any,
+) -> Any:
+    """What each window's sum is divided by, torch's rule: the window's cells inside the input
+    and its padding (``count_include_pad``; a ceil-mode window's cells past the padding do not
+    count), or inside the input only. The kernel's size where every window has it (floor mode
+    with the padding counted, as before these options), else an array (1, 1, *out_shape)."""
+    geometry = tuple(zip(sizes, kernel, stride, padding, out_shape, strict=True))
+    if count_include_pad and all((o - 1) * s + k <= n + 2 * p for n, k, s, p, o in geometry):
+        return int(np.prod(kernel))
+    divisor: Any = 1
+    for axis, (n, k, s, p, o) in enumerate(geometry):
+        start = s * xp.arange(o, dtype=np.int64)  # in the padded input's coordinates
+        end = xp.minimum(start + k, n + 2 * p)
+        if not count_include_pad:
+            start, end = xp.maximum(start, p), xp.minimum(end, n + p)
+        along = [1] * (len(kernel) + 2)
+        along[axis + 2] = o
+        divisor = divisor * (end - start).reshape(along)
+    # (no count is 0: every window starts inside the input or its left padding, which is at
+    # most half the kernel, so it holds a cell of the input)
+    return divisor.astype(dtype)
 
 
 def _avg_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    x_shape, kernel, stride, padding, out_shape = res
+    x_shape, kernel, stride, padding, out_shape, after, divisor = res
     xp = ns(g)
     ones = (1,) * len(kernel)
-    padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
+    padded = tuple(s + 2 * p + e for s, p, e in zip(x_shape[2:], padding, after, strict=True))
     acc = _acc_dtype(g.dtype)
     gpad = xp.zeros((*x_shape[:2], *padded), dtype=acc)
-    share = g.astype(acc, copy=False) / int(np.prod(kernel))
+    share = g.astype(acc, copy=False) / divisor
     for _, index in _windows(kernel, stride, ones, out_shape):
         gpad[index] += share
-    gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
-    return (gx.astype(g.dtype, copy=False),)
+    if any(padding) or any(after):
+        gpad = gpad[_inner(len(x_shape), padding, x_shape[2:])]
+    return (gpad.astype(g.dtype, copy=False),)
 
 
 # -- normalization, dropout, losses ---------------------------------------------------------------

@@ -105,8 +105,8 @@ class MultiHeadAttention(Module):
             )
         # a type first: a string failed comparing ('<=' not supported), True was taken as 1
         dropout = _real("MultiHeadAttention", "dropout", self.dropout)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1], got {self.dropout!r}")
         object.__setattr__(self, "dropout", dropout)
         check_flags(self, "bias", "causal")
         names = self.mask_inputs

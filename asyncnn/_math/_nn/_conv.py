@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from .._rules_nn import out_size
 from ._args import as_int, store_sizes
 from ._module import (
     Initializer,
@@ -301,16 +302,60 @@ class MaxPool2d(_PoolNd):
 
 
 @dataclass(frozen=True)
-class AvgPool1d(_PoolNd):
-    """Mean over windows of (N, C, L) input; padded zeros count (torch's default)."""
+class _AvgPoolNd(_PoolNd):
+    ceil_mode: bool = False
+    count_include_pad: bool = True
 
-    _n = 1
     _kind = "avg"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_flags(self, "ceil_mode", "count_include_pad")
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
+        check_ndim(self, x, (self._n + 2,), layout)
+        fn = ops_nn.avg_pool1d if self._n == 1 else ops_nn.avg_pool2d
+        return fn(
+            x,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+        )
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        shape = input_shapes[0]
+        _check_rank(self, shape)
+        n = self._n
+        k, p = _tup(self.kernel_size, n), _tup(self.padding, n)
+        s = k if self.stride is None else _tup(self.stride, n)
+        sizes = (out_size(shape[2 + i], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(n))
+        return (*shape[:2], *sizes)
 
 
 @dataclass(frozen=True)
-class AvgPool2d(_PoolNd):
-    """Mean over windows of NCHW input; padded zeros count (torch's default)."""
+class AvgPool1d(_AvgPoolNd):
+    """Mean over windows of (N, C, L) input, as torch's ``AvgPool1d``; stride defaults to
+    kernel_size.
+
+    Attributes:
+        ceil_mode: round the number of windows up (torch's rule: a last window that starts
+            inside the input or its left padding and runs past the end is kept).
+        count_include_pad: divide by the window's cells in the input and its padding (torch's
+            default; a ceil-mode window's cells past the padding do not count); ``False``
+            divides by its cells of the input only.
+    """
+
+    _n = 1
+
+
+@dataclass(frozen=True)
+class AvgPool2d(_AvgPoolNd):
+    """Mean over windows of NCHW input, as torch's ``AvgPool2d`` (without its
+    ``divisor_override``); sizes are ints or (height, width) pairs; stride defaults to
+    kernel_size; ``ceil_mode`` and ``count_include_pad`` are :class:`AvgPool1d`'s, along each
+    axis."""
 
     _n = 2
-    _kind = "avg"

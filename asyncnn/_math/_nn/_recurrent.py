@@ -327,8 +327,8 @@ class _Recurrent(Module):
                 "output back"
             )
         dropout = _real(owner, "dropout", self.dropout)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"{owner}: dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"{owner}: dropout must be in [0, 1], got {self.dropout!r}")
         object.__setattr__(self, "dropout", dropout)
         if not isinstance(self.output, str) or self.output not in _OUTPUTS:
             raise ValueError(

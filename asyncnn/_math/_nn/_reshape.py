@@ -58,7 +58,8 @@ class Flatten(Module):
 class Dropout(Module):
     """Zeroes each entry with probability ``p`` and scales the rest by ``1/(1-p)``.
 
-    Active only when called with an ``rng`` (training); without one it is the identity. Takes
+    Active only when called with an ``rng`` (training); without one it is the identity.
+    ``p=1`` zeroes every entry in training, and its gradient, as torch's ``Dropout(p=1)``. Takes
     floating-point input only, in either mode: integers cannot hold the scaled values (numpy
     would truncate the scale ``1/(1-p)`` to the input's dtype, to 1 for any ``p < 0.5``, leaving
     the output unscaled; torch refuses them in training), and a graph's check, which runs in
@@ -70,11 +71,11 @@ class Dropout(Module):
     def __post_init__(self) -> None:
         if isinstance(self.p, bool) or not isinstance(self.p, int | float):
             raise ValueError(
-                f"Dropout: p must be a Python float in [0, 1), got {self.p!r} of type "
+                f"Dropout: p must be a Python float in [0, 1], got {self.p!r} of type "
                 f"{type(self.p).__name__}; pass float(p)"
             )
-        if not 0 <= self.p < 1:
-            raise ValueError(f"Dropout: p must be a probability in [0, 1), got {self.p!r}")
+        if not 0 <= self.p <= 1:
+            raise ValueError(f"Dropout: p must be a probability in [0, 1], got {self.p!r}")
 
     @property
     def stochastic(self) -> bool:
