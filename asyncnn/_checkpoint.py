@@ -9,7 +9,7 @@ The layout of a folder (format version 2)::
                          "files": {"spec.msgpack": {"bytes": n, "sha256": hex}, ...}}
     spec.msgpack        {"format", "version", "graph", "policy", "optimizer", "seed", "dtype",
                          "minibatches", "keys", "epochs_done", "traces", "trace_base", "layout",
-                         "options", "fit"}
+                         "options", "fit", "callbacks"}
     arrays.safetensors  "params/<layer>/<i>", "opt/<layer>/<i>", "pending/<layer>/<i>",
                         "actor/<layer>/<i>", "earlier/<layer>/<version>/<i>"
     fit.json            where the epoch stands (the spec's "fit"), for an asyncnn before it
@@ -30,6 +30,12 @@ epoch's start, those of the last epoch, which an asyncnn before kept as null), a
 unfinished epoch's minibatches done, "epoch_losses"
 (their losses) and "epoch_rows" (their rows, which weigh the losses in the epoch's; a later
 optional field as above: without it, each minibatch's rows follow from the epoch layout).
+
+The spec's "callbacks" (a later optional field, written only where there are any) holds the
+states of the callbacks of the trainer's latest fit (``Callback.callback_state``: the counters
+of ``EarlyStopping``), as ``[{"class": name, "index": i, "state": plain data}, ...]``, "index"
+counting the callbacks of that class before it; the first fit of the loaded trainer hands each to
+the callback given in its place. Without it, that fit's callbacks start afresh.
 
 A save first finishes one that was interrupted between its renames (its files would otherwise be
 overwritten half-way), writes every file beside its place, then renames them into place; one that
@@ -56,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
+from ._callbacks import check_callback_record, load_callback_states
 from ._checkpoint_files import (
     _MAX_MANIFEST_BYTES,
     _MAX_SPEC_BYTES,
@@ -426,7 +433,21 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
         trainer.traces = list(spec.get("traces", []))  # (none in an older asyncnn's checkpoint)
     trainer.epoch_batches, trainer._epoch_layout = position
     trainer._epoch_losses = _epoch_losses(spec, spec_path, trainer.epoch_batches)
+    load_callback_states(trainer, _callback_record(spec, spec_path))
     return trainer
+
+
+def _callback_record(spec: dict[str, Any], spec_path: str) -> list[dict[str, Any]]:
+    """The states of the saved fit's callbacks (the spec's ``"callbacks"``; none in a
+    checkpoint of an older asyncnn, or of a fit whose callbacks kept none).
+
+    Raises:
+        CheckpointError: the record is malformed (saying how).
+    """
+    try:
+        return check_callback_record(spec.get("callbacks", []))
+    except ValueError as exc:
+        raise CheckpointError(f"{spec_path} is malformed: its 'callbacks' record: {exc}") from None
 
 
 def _opt_state(

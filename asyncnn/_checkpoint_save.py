@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
+from ._callbacks import trainer_callback_states
 from ._checkpoint import _OPTIONS, check_save_path
 from ._checkpoint_files import (
     FORMAT,
@@ -78,6 +79,8 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     check_save_path(path)
     state = trainer.state
     _check_loadable(trainer, state)
+    # (read first: a state a checkpoint cannot keep fails the save with nothing written)
+    callbacks = trainer_callback_states(trainer)
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, Any] = {}
     for name in trainer.graph.layers:
@@ -131,6 +134,8 @@ def save_checkpoint(trainer: Trainer, path: str, fit: dict[str, Any] | None = No
     }
     if fit is not None:
         spec["fit"] = fit
+    if callbacks:  # (none: no field, as an asyncnn before it wrote the spec)
+        spec["callbacks"] = callbacks
     # packed before the folder is made, as the trees were checked: what a checkpoint cannot hold
     # fails the save with nothing written
     packed = msgpack.packb(spec, use_bin_type=True)

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._callbacks import Callback
+from ._callbacks import Callback, end_callback_states, start_callback_states
 from ._fit import _FitState, _Progress
 from ._fit_plan import _FitPlan
 from ._history import History
@@ -29,7 +29,13 @@ def run_fit(trainer: Trainer, plan: _FitPlan) -> History:
     notebook's fit runs on a worker thread); returns its :class:`History`."""
     trainer._fit_thread = threading.get_ident()
     try:
-        return _fit_here(trainer, plan)
+        # (before any callback starts: a loaded trainer's saved states go to the callbacks
+        # given in their places, which on_fit_start then sees)
+        start_callback_states(trainer, plan.callbacks)
+        try:
+            return _fit_here(trainer, plan)
+        finally:  # (what a save after the fit records, also after an interrupt)
+            end_callback_states(trainer)
     finally:
         trainer._fit_thread = None
 

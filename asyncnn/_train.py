@@ -203,6 +203,13 @@ class Trainer:
         # a fit that stops delivers the step hooks of the state it keeps (its run closed):
         # they may not set the weights there either, as during the run
         self._stopping_step_hooks = False
+        # the callbacks' states that checkpoints keep (_callbacks.py): the running fit's
+        # callbacks, read by a save during it; the record of the latest fit's states as it ended
+        # (or of the checkpoint loaded), or the error reading them raised, which a save raises;
+        # and whether that record came from a checkpoint and waits for the next fit
+        self._fit_callbacks: list[Callback] | None = None
+        self._callback_states: list[dict[str, Any]] | Exception = []
+        self._callback_states_loaded = False
 
     # -- reading -----------------------------------------------------------------------------------
     @property

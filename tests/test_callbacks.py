@@ -214,6 +214,62 @@ def test_early_stopping_documents_each_of_its_attributes_on_its_own():
     assert all(hasattr(stop, name) for name in names)
 
 
+def _es_scenario():
+    """The data, validation data and fit arguments of a fit that EarlyStopping(patience=2)
+    stops at epoch 4: val_loss is best at epoch 1 and worse at each epoch after it."""
+    kwargs = {"batch_size": 8, "validation_data": _data(seed=1)}
+    return _data(), kwargs
+
+
+def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_unbroken_fit_stops(tmp_path):
+    # (the resumed fit's EarlyStopping, made anew by the script as it always is, counted its
+    # patience afresh from the checkpoint's epoch: resumed from epoch-0003 the run trained two
+    # epochs more than the one never interrupted, and ended with another best)
+    data, kwargs = _es_scenario()
+    straight, stop = _trainer(policies.Sync()), EarlyStopping(patience=2)
+    hist = straight.fit(data, epochs=20, callbacks=[stop], checkpoint_dir=tmp_path,
+                        checkpoint_every=1, keep_checkpoints=0, **kwargs)  # fmt: skip
+    assert hist.stopped_early and stop.stopped_epoch == 4 and straight.epochs_done == 5
+    assert stop.wait == 3  # (epochs 2, 3, 4 without improvement)
+    for done in (1, 2, 3, 4):  # epoch-0003, epoch-0004: an epoch or two without gain counted
+        back = ann.Trainer.load(tmp_path / f"epoch-{done:04d}")
+        again = EarlyStopping(patience=2)  # (a new one, as a resumed script makes it)
+        hist = back.fit(data, epochs=20 - done, callbacks=[again], **kwargs)
+        assert hist.stopped_early and len(hist.epochs) == 5 - done
+        assert (again.stopped_epoch, again.best, again.wait) == (4, stop.best, stop.wait)
+        assert back.epochs_done == straight.epochs_done
+        assert_params_equal(back.params, straight.params)
+
+
+def test_early_stopping_of_a_fit_interrupted_and_saved_then_resumed_counts_on(tmp_path):
+    # the save after the fit was interrupted (not a checkpoint_every one) keeps the state the
+    # callbacks had when the fit stopped
+    data, kwargs = _es_scenario()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(KeyboardInterrupt):  # in epoch 3, after two epochs without improvement
+        tr.fit(data, epochs=20, callbacks=[EarlyStopping(patience=2), _CtrlCInANotebook(16)],
+               **kwargs)  # fmt: skip
+    assert tr.epochs_done == 3 and 0 < tr.epoch_batches < 5  # (mid-epoch)
+    tr.save(tmp_path / "ckpt")
+    back, again = ann.Trainer.load(tmp_path / "ckpt"), EarlyStopping(patience=2)
+    hist = back.fit(data, epochs=20, callbacks=[again], **kwargs)
+    assert hist.stopped_early and again.stopped_epoch == 4 and back.epochs_done == 5
+
+
+def test_a_new_early_stopping_in_a_later_fit_of_the_same_trainer_still_starts_afresh():
+    # (only a trainer loaded from a checkpoint hands its saved states on: in one process the
+    # script holds the callback, and passes it again to go on counting)
+    data, kwargs = _es_scenario()
+    tr = _trainer(policies.Sync())
+    first = EarlyStopping(patience=2)
+    tr.fit(data, epochs=3, callbacks=[first], **kwargs)
+    assert first.wait == 1
+    fresh = EarlyStopping(patience=2)
+    hist = tr.fit(data, epochs=2, callbacks=[fresh], **kwargs)
+    assert not hist.stopped_early and fresh.best == hist.epochs[0]["val_loss"]
+    assert fresh.wait == 1
+
+
 def test_jsonl_logger(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     tr = _trainer()

@@ -1,4 +1,5 @@
-"""The checkpoints a fit writes to its ``checkpoint_dir``: the folder checked before the fit."""
+"""The checkpoints a fit writes to its ``checkpoint_dir``: the folder checked before the fit; the
+states of the fit's callbacks that checkpoints keep for a resumed fit."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import os
 import re
 from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
 
+import asyncnn as ann
 from asyncnn._fit_checkpoints import check_checkpoint_dir
+from asyncnn.callbacks import Callback, EarlyStopping, JSONLLogger
 
-from _checkpoint_cases import _data, _sync_trainer
+from _checkpoint_cases import _data, _rewrite_spec, _sync_trainer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,3 +73,165 @@ def test_a_missing_checkpoint_dir_is_made_or_refused_naming_it(
     ro = re.escape(str(tmp_path / "ro" / "ckpt"))
     with pytest.raises(OSError, match=rf"checkpoint_dir '{ro}' cannot be written"):
         check_checkpoint_dir(str(tmp_path / "ro" / "ckpt"), 0)
+
+
+class _Counter(Callback):
+    """Counts the epochs it has seen: a state of its own, which checkpoints keep."""
+
+    def __init__(self, seen: int = 0) -> None:
+        self.seen = seen
+        self.given: Any = None
+        self.at_start: int | None = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.at_start = self.seen
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, float]) -> None:
+        self.seen += 1
+
+    def callback_state(self) -> Any:
+        return {"seen": np.int64(self.seen), "pair": (1, 2.5)}
+
+    def load_callback_state(self, state: Any) -> None:
+        self.given = state
+        self.seen = state["seen"]
+
+
+def _spec(path: Any) -> Any:
+    with open(os.path.join(path, "spec.msgpack"), "rb") as f:
+        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+
+
+def test_a_checkpoint_keeps_each_callbacks_state_for_the_one_in_its_place(tmp_path: Any) -> None:
+    tr = _sync_trainer()
+    first, stop, second = _Counter(), EarlyStopping(monitor="loss", patience=5), _Counter(10)
+    tr.fit(_data(), epochs=3, batch_size=8, callbacks=[first, stop, second])
+    tr.save(tmp_path / "c")
+    assert [(e["class"], e["index"]) for e in _spec(tmp_path / "c")["callbacks"]] == [
+        ("_Counter", 0),
+        ("EarlyStopping", 0),
+        ("_Counter", 1),
+    ]
+    # matched by class and by how many of that class come before: a logger put first, the
+    # early stopping moved, change nothing
+    back = ann.Trainer.load(tmp_path / "c")
+    again = [JSONLLogger(tmp_path / "m.jsonl"), EarlyStopping("loss", 5), _Counter(), _Counter()]
+    back.fit(_data(), epochs=1, batch_size=8, callbacks=again)
+    assert again[2].given == {"seen": 3, "pair": [1, 2.5]}  # (plain: a numpy int as Python's)
+    assert type(again[2].given["seen"]) is int
+    assert (again[2].at_start, again[3].at_start) == (3, 13)  # (before on_fit_start)
+    assert (again[2].seen, again[3].seen) == (4, 14)
+    assert (again[1].best, again[1].wait) == (min(stop.best, back.history.epochs[0]["loss"]), 0)
+    # a new one in the loaded trainer's next fit starts afresh, as in any later fit
+    fresh = _Counter()
+    back.fit(_data(), epochs=1, batch_size=8, callbacks=[fresh])
+    assert (fresh.given, fresh.seen) == (None, 1)
+
+
+def test_a_loaded_trainer_saved_before_any_fit_keeps_the_callbacks_states(tmp_path: Any) -> None:
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_Counter(), EarlyStopping("loss")])
+    tr.save(tmp_path / "a")
+    ann.Trainer.load(tmp_path / "a").save(tmp_path / "b")
+    assert _spec(tmp_path / "b")["callbacks"] == _spec(tmp_path / "a")["callbacks"]
+    back, counter = ann.Trainer.load(tmp_path / "b"), _Counter()
+    with pytest.warns(UserWarning, match=(
+        r"kept the state of the callbacks EarlyStopping, which this fit is not given: their "
+        r"state is dropped"
+    )):  # fmt: skip
+        back.fit(_data(), epochs=1, batch_size=8, callbacks=[counter])
+    assert counter.seen == 3
+    back.save(tmp_path / "c")  # (the fit's callbacks' states: the dropped one's no more)
+    assert [e["class"] for e in _spec(tmp_path / "c")["callbacks"]] == ["_Counter"]
+
+
+def test_resuming_with_callbacks_that_do_not_match_the_saved_ones_warns_naming_them(
+    tmp_path: Any,
+) -> None:
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[EarlyStopping("loss"), _Counter()])
+    tr.save(tmp_path / "c")
+    back, stop = ann.Trainer.load(tmp_path / "c"), EarlyStopping("loss", mode="max")
+    with pytest.warns(UserWarning, match=(
+        r"kept the state of callback EarlyStopping, which the EarlyStopping given to this fit "
+        r"does not take \(it was counted with mode='min', this EarlyStopping has mode='max'\): "
+        r"it starts afresh"
+    )):  # fmt: skip
+        hist = back.fit(_data(), epochs=1, batch_size=8, callbacks=[_Counter(), stop])
+    assert (stop.best, stop.wait) == (hist.epochs[0]["loss"], 0)
+    with pytest.warns(UserWarning, match=r"the callbacks EarlyStopping, _Counter, which this fit"):
+        ann.Trainer.load(tmp_path / "c").fit(_data(), epochs=1, batch_size=8)
+
+
+def test_a_checkpoint_without_callback_states_resumes_them_afresh(tmp_path: Any) -> None:
+    # (a checkpoint of an asyncnn before the record, or of a fit whose callbacks kept none)
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[EarlyStopping("loss")])
+    tr.save(tmp_path / "c")
+
+    def older(spec: dict[str, Any]) -> None:
+        del spec["callbacks"]  # (and it has one to remove)
+
+    _rewrite_spec(str(tmp_path / "c"), older)
+    back, stop = ann.Trainer.load(tmp_path / "c"), EarlyStopping("loss")
+    hist = back.fit(_data(), epochs=1, batch_size=8, callbacks=[stop])  # (warning-free)
+    assert (stop.best, stop.wait) == (hist.epochs[0]["loss"], 0)
+    plain = _sync_trainer()
+    plain.fit(_data(), epochs=1, batch_size=8, callbacks=[JSONLLogger(tmp_path / "m.jsonl")])
+    plain.save(tmp_path / "p")
+    assert "callbacks" not in _spec(tmp_path / "p")  # (none kept: the spec as it was)
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        (5, "it must be a list, got 5"),
+        ([{"class": "EarlyStopping"}], 'each entry must be {"class": str, "index": int >= 0'),
+        ([{"class": "A", "index": 0, "state": 1}] * 2, "it holds A twice"),
+    ],
+)
+def test_a_malformed_callbacks_record_is_refused_naming_it(
+    tmp_path: Any, record: Any, match: str
+) -> None:
+    tr = _sync_trainer()
+    tr.save(tmp_path / "c")
+    _rewrite_spec(str(tmp_path / "c"), lambda spec: spec.update(callbacks=record))
+    with pytest.raises(ann.CheckpointError, match=r"is malformed: its 'callbacks' record: "
+                       + re.escape(match)):  # fmt: skip
+        ann.Trainer.load(tmp_path / "c")
+
+
+class _HoldsAnArray(Callback):
+    def callback_state(self) -> Any:
+        return {"weights": [np.zeros(2)]}
+
+
+def test_a_callback_state_a_checkpoint_cannot_keep_is_refused_by_the_save(tmp_path: Any) -> None:
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_HoldsAnArray()])  # (no save: it trains)
+    with pytest.raises(TypeError, match=(
+        r"the state of callback _HoldsAnArray \(its callback_state\(\)\)\['weights'\]\[0\] is "
+        r"ndarray .* which a checkpoint cannot keep"
+    )):  # fmt: skip
+        tr.save(tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c")
+    with pytest.raises(TypeError, match="_HoldsAnArray.*which a checkpoint cannot keep"):
+        _sync_trainer().fit(_data(), epochs=1, batch_size=8, callbacks=[_HoldsAnArray()],
+                            checkpoint_dir=tmp_path / "d", checkpoint_every=1)  # fmt: skip
+
+
+class _SavesOnly(Callback):
+    def callback_state(self) -> Any:
+        return 1
+
+
+def test_a_callback_saving_a_state_it_cannot_load_is_refused_before_the_resumed_fit(
+    tmp_path: Any,
+) -> None:
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_SavesOnly()])
+    tr.save(tmp_path / "c")
+    back = ann.Trainer.load(tmp_path / "c")
+    with pytest.raises(TypeError, match="_SavesOnly was given a saved state but keeps none"):
+        back.fit(_data(), epochs=1, batch_size=8, callbacks=[_SavesOnly()])
+    assert back.state.minibatches == tr.state.minibatches  # (nothing trained)
