@@ -220,9 +220,79 @@ def test_avg_pool_options_forward_by_hand(backend: Backend) -> None:
     assert nn.AvgPool1d(3, 2, 1, ceil_mode=True)._output_shape((1, 1, 8)) == (1, 1, 5)
     # a window rounded up that would start in the right padding is dropped, as torch's
     assert nn.AvgPool1d(3, 3, 1, ceil_mode=True)._output_shape((1, 1, 5)) == (1, 1, 2)
-    # MaxPool keeps floor mode: it takes no ceil_mode
-    with pytest.raises(TypeError, match="ceil_mode"):
-        nn.MaxPool1d(2, ceil_mode=True)  # type: ignore[call-arg]
+
+
+#: MaxPool's options whose gradient is new: windows past the end (ceil_mode), spread windows
+#: (dilation), and both
+MAX_POOL_OPTION_CASES = [
+    (nn.MaxPool1d(3, 2, ceil_mode=True), (2, 2, 8)),
+    (nn.MaxPool1d(3, 2, 1, ceil_mode=True), (1, 2, 8)),
+    (nn.MaxPool1d(2, 3, 1, 3), (2, 1, 10)),
+    (nn.MaxPool1d(3, 2, 1, 2, ceil_mode=True), (1, 2, 9)),
+    (nn.MaxPool2d(3, 2, ceil_mode=True), (1, 2, 8, 6)),
+    (nn.MaxPool2d((3, 2), (2, 3), (1, 0), ceil_mode=True), (2, 1, 8, 7)),
+    (nn.MaxPool2d((2, 3), (3, 1), (1, 1), (3, 2), ceil_mode=True), (1, 2, 10, 9)),
+]
+
+
+@pytest.mark.parametrize(("module", "shape"), MAX_POOL_OPTION_CASES, ids=repr)
+def test_max_pool_options_gradients(backend: Backend, module: nn.Module, shape: Any) -> None:
+    # (random normal values: no ties, so the maximum is where finite differences see it)
+    x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
+    check_grads(lambda x: module({}, x), x, rtol=1e-6, atol=1e-10)
+
+
+def test_max_pool_options_forward_by_hand(backend: Backend) -> None:
+    x = backend.asarray(np.array([[[3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]]]))
+    # kernel 3, stride 2: windows [3 1 4] [4 1 5] [5 9 2]; ceil_mode adds [2 6], past the end
+    assert to_numpy(nn.MaxPool1d(3, 2)({}, x)).tolist() == [[[4.0, 5.0, 9.0]]]
+    assert to_numpy(nn.MaxPool1d(3, 2, ceil_mode=True)({}, x)).tolist() == [[[4.0, 5.0, 9.0, 6.0]]]
+    # dilation 2: windows of cells 0 2 4, 2 4 6: [3 4 5] [4 5 2]
+    assert to_numpy(nn.MaxPool1d(3, 2, dilation=2)({}, x)).tolist() == [[[5.0, 5.0]]]
+    assert nn.MaxPool1d(3, 2, ceil_mode=True)._output_shape((1, 1, 8)) == (1, 1, 4)
+    assert nn.MaxPool2d(3, 2, ceil_mode=True)._output_shape((1, 1, 112, 112)) == (1, 1, 56, 56)
+    assert nn.MaxPool2d(3, 2)._output_shape((1, 1, 112, 112)) == (1, 1, 55, 55)
+    assert nn.MaxPool2d(2, dilation=(2, 1))._output_shape((1, 1, 7, 7)) == (1, 1, 3, 3)
+    # a window rounded up that would start in the right padding is dropped, as torch's
+    assert nn.MaxPool1d(3, 3, 1, ceil_mode=True)._output_shape((1, 1, 5)) == (1, 1, 2)
+    # torch's fifth positional argument is return_indices, which is not taken: ceil_mode is
+    # given by name only, so MaxPool1d(3, 2, 0, 1, True) is refused, not read as ceil_mode
+    with pytest.raises(TypeError, match="positional"):
+        nn.MaxPool1d(3, 2, 0, 1, True)  # type: ignore[misc]
+    assert nn.MaxPool2d(3) == nn.MaxPool2d(3, None, 0, 1, ceil_mode=False)
+    # a spec written before the options loads with torch's defaults
+    old = {"type": "MaxPool2d", "args": {"kernel_size": [3, 3], "stride": [2, 2], "padding": 1}}
+    assert nn.from_spec(old) == nn.MaxPool2d(3, 2, 1, 1, ceil_mode=False)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: nn.MaxPool1d(2, ceil_mode=1), TypeError,
+         "MaxPool1d: ceil_mode must be True or False, got int 1"),
+        (lambda: nn.MaxPool2d(2, ceil_mode="yes"), TypeError,
+         "MaxPool2d: ceil_mode must be True or False, got str 'yes'"),
+        (lambda: nn.MaxPool2d(2, dilation=0), ValueError,
+         r"MaxPool2d: dilation must be an int or 2 ints >= 1, got 0"),
+        (lambda: nn.MaxPool1d(2, dilation=1.5), ValueError,
+         r"MaxPool1d: dilation must be an int >= 1, got 1.5"),
+        (lambda: ops.max_pool1d(np.ones((1, 1, 4)), 2, ceil_mode=None), TypeError,
+         "max_pool1d: ceil_mode must be True or False, got NoneType None"),
+        (lambda: ops.max_pool2d(np.ones((1, 1, 4, 4)), 2, ceil_mode=1), TypeError,
+         "max_pool2d: ceil_mode must be True or False, got int 1"),
+        (lambda: ops.max_pool2d(np.ones((1, 1, 4, 4)), 2, dilation=(1, 0)), ValueError,
+         r"max_pool2d: dilation must be >= 1, got \(1, 0\)"),
+        (lambda: ops.max_pool1d(np.ones((1, 1, 4)), 2, dilation=2.0), ValueError,
+         r"max_pool1d: dilation must be an int or a tuple of 1 ints, got 2.0"),
+        (lambda: ops.max_pool1d(np.ones((1, 1, 4)), 2, dilation=4), ValueError,
+         r"max_pool1d: the pooling window \(kernel \(2,\), dilation \(4,\)\) is larger than"),
+    ],
+)  # fmt: skip
+def test_max_pool_options_refuse_bad_values_naming_them(make: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+    assert nn.MaxPool1d(2, ceil_mode=np.bool_(True)).ceil_mode is True  # a numpy bool taken
+    assert nn.MaxPool2d(2, dilation=np.int64(2)).dilation == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -649,7 +719,9 @@ MORE_SPEC_MODULES = [
     nn.Flatten(0, 2), nn.Flatten(-3, -2), nn.Dropout(0), nn.Dropout(0.999), nn.Dropout(1.0),
     nn.AvgPool1d(3, 2, 1, ceil_mode=True), nn.AvgPool2d((2, 3), padding=(1, 0),
                                                         count_include_pad=False),
-    nn.AvgPool2d(3, 2, 1, True, False), nn.Sequential(),
+    nn.AvgPool2d(3, 2, 1, True, False), nn.MaxPool1d(3, 2, 1, 2, ceil_mode=True),
+    nn.MaxPool2d((3, 2), (2, 1), dilation=(1, 2)), nn.MaxPool2d(3, 2, ceil_mode=True),
+    nn.Sequential(),
     nn.Sequential(nn.Sequential()), nn.LayerNorm((2, 3), eps=1e-3, elementwise_affine=False),
     nn.LayerNorm(4, bias=False), nn.Conv2d(2, 3, (1, 2), stride=(2, 1), padding=(0, 1),
                                            dilation=(1, 3), bias=False),

@@ -464,3 +464,102 @@ def test_attention_dropout_of_1_matches_torch_in_training() -> None:
     ref.backward(torch.ones_like(ref))
     for key, g in grads[0].items():
         np.testing.assert_allclose(g, tp[key].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+# -- MaxPool's ceil_mode and dilation, against torch (float64) ------------------------------------
+#: (spatial dimensions, kernel_size, stride, padding, dilation, input size): ceil_mode adds a last
+#: window that runs past the end in most (GoogLeNet's MaxPool2d(3, 2, ceil_mode=True) of 8 gives
+#: 4, not 3); in (5, kernel 3, stride 3, padding 1) the rounded-up window would start in the right
+#: padding and is dropped, as torch's; dilation spreads a window's cells (its padding is still at
+#: most half the kernel, not of the dilated span, torch's rule)
+MAX_POOL_GEOMETRIES = [
+    (1, 3, 2, 0, 1, 8),
+    (1, 3, 2, 1, 1, 6),
+    (1, 2, 2, 0, 1, 7),
+    (1, 4, 3, 2, 1, 8),
+    (1, 3, 3, 1, 1, 5),
+    (1, 2, None, 1, 1, 5),
+    (1, 3, 2, 1, 2, 10),
+    (1, 2, 3, 1, 3, 10),
+    (2, 3, 2, 0, 1, (8, 7)),
+    (2, 3, 2, 1, 1, (7, 6)),
+    (2, (3, 2), (2, 3), (1, 0), 1, (8, 7)),
+    (2, (4, 3), (3, 2), (2, 1), 1, (9, 8)),
+    (2, 3, 3, 1, 1, (5, 6)),
+    (2, 3, 2, 1, (2, 1), (9, 8)),
+    (2, (2, 3), (3, 1), (1, 1), (3, 2), (10, 9)),
+]
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize(
+    ("n", "kernel", "stride", "padding", "dilation", "size"), MAX_POOL_GEOMETRIES
+)
+def test_max_pool_ceil_mode_and_dilation_match_torch(
+    n: int, kernel: Any, stride: Any, padding: Any, dilation: Any, size: Any, ceil_mode: bool
+) -> None:
+    torch = pytest.importorskip("torch")
+    sizes = (size,) if n == 1 else size
+    # ties (values of a few levels) and -inf, as a ReLU's zeros and a mask's give a pool
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 4, (2, 3, *sizes)).astype(np.float64)
+    x[0, 0] = rng.standard_normal(sizes)
+    x[1, 2][rng.random(sizes) < 0.5] = -np.inf
+    module = (nn.MaxPool1d if n == 1 else nn.MaxPool2d)(
+        kernel, stride, padding, dilation, ceil_mode=ceil_mode
+    )
+    tm = (torch.nn.MaxPool1d if n == 1 else torch.nn.MaxPool2d)(
+        kernel, stride, padding, dilation, ceil_mode=ceil_mode
+    )
+    out, pullback = vjp(lambda x: module({}, x), x)
+    ct = rng.uniform(1.0, 2.0, out.shape)
+    (gx,) = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    ref = tm(tx)
+    ref.backward(torch.tensor(ct))
+    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
+    np.testing.assert_array_equal(out, ref.detach().numpy())
+    # (overlapping windows add up in another order than torch's)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-15, atol=0)
+    # the op takes torch's functional arguments, in torch's order
+    pool = ops.max_pool1d if n == 1 else ops.max_pool2d
+    ref_f = (torch.nn.functional.max_pool1d if n == 1 else torch.nn.functional.max_pool2d)(
+        torch.tensor(x), kernel, stride, padding, dilation, ceil_mode
+    )
+    np.testing.assert_array_equal(pool(x, kernel, stride, padding, dilation, ceil_mode), ref_f)
+
+
+def test_max_pool_ceil_mode_keeps_nan_and_the_first_maximum_as_torch() -> None:
+    # the window rounded up past the end sees its own cells only: the -inf of the overhang is
+    # never its maximum, a NaN in it still wins, and ties give the gradient to the first
+    torch = pytest.importorskip("torch")
+    rows = [
+        [1.0, 3.0, 2.0, 0.0, 5.0, 5.0, 4.0, 4.0],
+        [1.0, np.nan, 2.0, 0.0, 5.0, 4.0, 3.0, np.nan],
+        [-np.inf, -np.inf, 2.0, 2.0, -np.inf, -np.inf, -np.inf, -np.inf],
+    ]
+    x = np.array(rows)[None]  # (1, 3, 8)
+    ct = np.arange(1.0, 1.0 + 3 * 5).reshape(1, 3, 5)
+    for padding in (0, 1):
+        out, pullback = vjp(lambda x: ops.max_pool1d(x, 3, 2, padding, ceil_mode=True), x)  # noqa: B023
+        tx = torch.tensor(x, requires_grad=True)
+        ref = torch.nn.functional.max_pool1d(tx, 3, 2, padding, ceil_mode=True)
+        ref.backward(torch.tensor(ct[..., : ref.shape[-1]]))
+        np.testing.assert_array_equal(out, ref.detach().numpy())
+        np.testing.assert_array_equal(pullback(ct[..., : out.shape[-1]])[0], tx.grad.numpy())
+        # (the window past the end is there: one more than floor mode's)
+        assert out.shape[-1] == ops.max_pool1d(x, 3, 2, padding).shape[-1] + 1
+
+
+def test_a_dilated_max_pool_window_of_padding_only_is_minus_infinity_as_torch() -> None:
+    # a dilated window can step over the whole input: torch gives it -inf and no gradient
+    torch = pytest.importorskip("torch")
+    x = np.array([[[1.0, 2.0]]])
+    for ceil_mode in (False, True):
+        out, pullback = vjp(lambda x: ops.max_pool1d(x, 2, 1, 1, 3, ceil_mode), x)  # noqa: B023
+        tx = torch.tensor(x, requires_grad=True)
+        ref = torch.nn.functional.max_pool1d(tx, 2, 1, 1, 3, ceil_mode)
+        ref.backward(torch.ones_like(ref))
+        np.testing.assert_array_equal(out, ref.detach().numpy())
+        np.testing.assert_array_equal(out, [[[-np.inf]]])
+        np.testing.assert_array_equal(pullback(np.ones_like(out))[0], tx.grad.numpy())

@@ -37,6 +37,11 @@ def test_conv_errors_name_the_shapes() -> None:
 def test_pool_errors() -> None:
     with pytest.raises(ValueError, match="padding .* at most half"):
         ops.max_pool1d(np.zeros((1, 1, 8)), 2, padding=2)
+    # torch's rule: half of the kernel's cells, however far dilation spreads them
+    with pytest.raises(ValueError, match=r"max_pool2d: padding \(2, 0\) must be at most half"):
+        ops.max_pool2d(np.zeros((1, 1, 9, 9)), 3, padding=(2, 0), dilation=3)
+    with pytest.raises(ValueError, match="pooling window .* larger than the padded input"):
+        ops.max_pool1d(np.zeros((1, 1, 4)), 3, dilation=2)
     with pytest.raises(ValueError, match="pooling window .* larger than the padded input"):
         ops.avg_pool2d(np.zeros((1, 1, 2, 8)), 3)
     with pytest.raises(ValueError, match=r"\(N, C, L\)"):
@@ -55,6 +60,8 @@ _X2, _W2 = np.zeros((1, 1, 6, 6)), np.zeros((1, 1, 3, 3))
         (lambda: ops.conv1d(_X1, _W1, dilation=1.0), "conv1d: dilation must be an int or a tuple of 1 ints, got 1.0"),
         (lambda: ops.max_pool2d(_X2, 2.0), "max_pool2d: kernel_size must be an int or a tuple of 2 ints, got 2.0"),
         (lambda: ops.max_pool2d(_X2, 2, stride=1.5), "max_pool2d: stride must be an int or a tuple of 2 ints, got 1.5"),
+        (lambda: ops.max_pool1d(_X1, 2, dilation=None), "max_pool1d: dilation must be an int or a tuple of 1 ints, got None"),
+        (lambda: ops.max_pool2d(_X2, 2, dilation=(2, 2, 2)), r"max_pool2d: dilation must be an int or a tuple of 2 ints, got \(2, 2, 2\)"),
         (lambda: ops.avg_pool1d(_X1, 2, padding=0.0), "avg_pool1d: padding must be an int or a tuple of 1 ints, got 0.0"),
         (lambda: ops.avg_pool2d(_X2, (2, 2.0)), r"avg_pool2d: kernel_size must be an int or a tuple of 2 ints, got \(2, 2.0\)"),
     ],

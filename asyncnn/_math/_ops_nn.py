@@ -221,6 +221,10 @@ def conv2d(
     return _conv("conv2d", 2, x, weight, bias, stride, padding, dilation)
 
 
+#: what :func:`_pool` is given for a pool that takes no dilation (None is a user's bad value)
+_UNDILATED: Any = object()
+
+
 def _pool(
     op: str,
     prim: str,
@@ -229,6 +233,7 @@ def _pool(
     kernel_size: IntOrTuple,
     stride: IntOrTuple | None,
     padding: IntOrTuple,
+    dilation: Any = _UNDILATED,
     **options: Any,
 ) -> Any:
     x = as_array(x, op)
@@ -238,6 +243,8 @@ def _pool(
     k = _tuple(kernel_size, spatial, "kernel_size", op, 1)
     s = k if stride is None else _tuple(stride, spatial, "stride", op, 1)
     p = _tuple(padding, spatial, "padding", op, 0)
+    dilated = dilation is not _UNDILATED  # (the average pool's primitive takes no dilation)
+    d = _tuple(dilation, spatial, "dilation", op, 1) if dilated else (1,) * spatial
     for name, flag in options.items():
         if not isinstance(flag, bool | np.bool_):  # ("no" or 0 would be taken for its truth)
             raise TypeError(
@@ -245,28 +252,75 @@ def _pool(
             )
         options[name] = bool(flag)
     if any(2 * pi > ki for pi, ki in zip(p, k, strict=True)):
-        # torch's rule: a window made mostly of padding would have no input to pool.
+        # torch's rule: a window made mostly of padding would have no input to pool (half of
+        # the kernel's cells, not of its dilated span, as torch's).
         raise ValueError(f"{op}: padding {p} must be at most half of kernel_size {k}")
     ceil_mode = options.get("ceil_mode", False)
-    _check_fits(op, xs, k, s, p, (1,) * spatial, "pooling window", ceil_mode)
+    _check_fits(op, xs, k, s, p, d, "pooling window", ceil_mode)
+    if dilated:
+        options["dilation"] = d
     return _P[prim](x, kernel=k, stride=s, padding=p, **options)
 
 
 def max_pool1d(
-    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+    x: Any,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None = None,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    ceil_mode: bool = False,
 ) -> Any:
-    """Max over windows of an (N, C, L) input (torch semantics: stride defaults to kernel_size,
-    padding is -inf). The gradient goes to the first maximum of each window, among its real
-    entries (a window of -inf gives it to its first real entry, never the padding, as torch); a
-    NaN in a window makes its maximum NaN (as torch and ``np.max``), and takes the gradient."""
-    return _pool("max_pool1d", "max_pool", 1, x, kernel_size, stride, padding)
+    """Max over windows of an (N, C, L) input, as ``torch.nn.functional.max_pool1d`` (without
+    its ``return_indices``).
+
+    The gradient goes to the first maximum of each window, among its real entries (a window of
+    -inf gives it to its first real entry, never the padding, as torch); a NaN in a window
+    makes its maximum NaN (as torch and ``np.max``), and takes the gradient.
+
+    Args:
+        x: input of shape (N, C, L); integers and bools are taken (padded below every value).
+        kernel_size: the window's length, in cells.
+        stride: the step between windows; ``None`` (the default) is ``kernel_size``.
+        padding: -inf added on both sides, at most half of ``kernel_size`` (of its cells, not
+            of the dilated span, torch's rule).
+        dilation: the step between a window's cells (1: adjacent).
+        ceil_mode: round the number of windows up, not down: a last window that starts inside
+            the input or its left padding and runs past the end is kept and takes the maximum
+            of the cells it covers (torch's rule; one that would start in the right padding is
+            dropped).
+
+    Returns:
+        Shape (N, C, L_out), ``L_out = (L + 2*padding - dilation*(kernel_size - 1) - 1) //
+        stride + 1`` (rounded up with ``ceil_mode``, less a window that would start in the
+        right padding). A dilated window that steps over every cell of the input is -inf, and
+        passes no gradient on, as torch's.
+
+    Raises:
+        TypeError: when ``ceil_mode`` is not a bool.
+        ValueError: on sizes that are not ints (or below their minimum), padding above half
+            the kernel, or a window larger than the padded input.
+    """
+    return _pool(
+        "max_pool1d", "max_pool", 1, x, kernel_size, stride, padding, dilation,
+        ceil_mode=ceil_mode,
+    )  # fmt: skip
 
 
 def max_pool2d(
-    x: Any, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0
+    x: Any,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None = None,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    ceil_mode: bool = False,
 ) -> Any:
-    """Max over windows of an (N, C, H, W) input; sizes are ints or pairs (torch semantics)."""
-    return _pool("max_pool2d", "max_pool", 2, x, kernel_size, stride, padding)
+    """Max over windows of an (N, C, H, W) input, as ``torch.nn.functional.max_pool2d``
+    (without its ``return_indices``); sizes are ints or (height, width) pairs, and
+    ``dilation`` and ``ceil_mode`` are :func:`max_pool1d`'s, along each axis."""
+    return _pool(
+        "max_pool2d", "max_pool", 2, x, kernel_size, stride, padding, dilation,
+        ceil_mode=ceil_mode,
+    )  # fmt: skip
 
 
 def avg_pool1d(

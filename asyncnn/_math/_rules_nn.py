@@ -238,12 +238,25 @@ def _lowest(dtype: Any) -> Any:
     return -np.inf
 
 
-def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, Any]:
+def _max_pool(
+    x: Any,
+    kernel: Ints,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints | None = None,
+    ceil_mode: bool = False,
+) -> tuple[Any, Any]:
     xp = ns(x)
-    ones = (1,) * len(kernel)
-    out_shape = _conv_geometry(x.shape, kernel, stride, padding, ones)
-    xpad = _pad(x, padding, _lowest(x.dtype))
-    windows = _windows(kernel, stride, ones, out_shape)
+    dilation = dilation or (1,) * len(kernel)
+    sizes = tuple(x.shape[2:])
+    out_shape = tuple(
+        out_size(n, k, s, p, d, ceil_mode)
+        for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation, strict=True)
+    )
+    # a ceil-mode window past the end reads the overhang as more padding: -inf, never taken
+    after = _overhang(sizes, kernel, stride, padding, out_shape, dilation)
+    xpad = _pad(x, padding, _lowest(x.dtype), after)
+    windows = _windows(kernel, stride, dilation, out_shape)
     out = xpad[next(windows)[1]].copy()
     arg = xp.zeros(out.shape, dtype=np.int32)
     floating = x.dtype.kind not in "iub"
@@ -263,33 +276,44 @@ def _max_pool(x: Any, kernel: Ints, stride: Ints, padding: Ints) -> tuple[Any, A
         # (-inf too, and ">" never moves past it): its gradient went into the padding and was
         # lost. torch looks at real entries only, and the first real one takes it. arg is
         # still 0 wherever the maximum is -inf (an entry taken would be above it, or NaN).
-        arg += (out == -xp.inf) * _first_real(xp, kernel, stride, padding, out_shape)
-    return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape)
+        first = _first_real(xp, sizes, kernel, stride, padding, dilation, out_shape)
+        arg += (out == -xp.inf) * first
+    return out, (arg, tuple(x.shape), kernel, stride, padding, out_shape, dilation, after)
 
 
-def _first_real(xp: Any, kernel: Ints, stride: Ints, padding: Ints, out_shape: Ints) -> Any:
+def _first_real(
+    xp: Any, sizes: Ints, kernel: Ints, stride: Ints, padding: Ints, dilation: Ints, out_shape: Ints
+) -> Any:
     """For each output position of a pool, the first kernel offset (numbered as
     :func:`_windows` yields them) whose input cell is not padding, shaped (1, 1, *out_shape).
-    Along each axis the window at ``o`` starts at ``o * stride - padding``; every window holds
-    a real cell (the padding is at most half the kernel)."""
+
+    Along each axis the window at ``o`` starts at ``o * stride - padding``. Without dilation
+    every window holds a real cell (the padding is at most half the kernel, and a ceil-mode
+    window starts inside the input); a dilated one can step over the whole input, and gets
+    ``prod(kernel)``, which no offset has: no gradient, as torch (whose maximum there is -inf).
+    """
     first = xp.zeros((1, 1, *out_shape), dtype=np.int32)
+    empty = xp.zeros((1, 1, *out_shape), dtype=bool)
     step = 1  # (offsets are numbered in row-major order of the kernel's axes)
     for axis in reversed(range(len(kernel))):
-        # the padding cells before the window's first real one (negative: none)
-        lead = padding[axis] - stride[axis] * xp.arange(out_shape[axis], dtype=np.int32)
+        start = stride[axis] * xp.arange(out_shape[axis], dtype=np.int32) - padding[axis]
+        # the offsets before the window's first real cell: ceil(-start / dilation), or none
+        lead = -(xp.minimum(start, 0) // dilation[axis])
         along = [1] * (len(kernel) + 2)
         along[axis + 2] = out_shape[axis]
-        first += (xp.maximum(lead, 0) * step).reshape(along)
+        hollow = (lead >= kernel[axis]) | (start + lead * dilation[axis] >= sizes[axis])
+        empty |= hollow.reshape(along)
+        first += (lead * step).reshape(along)
         step *= kernel[axis]
+    first[empty] = step  # (in place: the dtype stays int32 on numpy and cupy alike)
     return first
 
 
 def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    arg, x_shape, kernel, stride, padding, out_shape = res
+    arg, x_shape, kernel, stride, padding, out_shape, dilation, after = res
     xp = ns(g)
     dtype = g.dtype
-    ones = (1,) * len(kernel)
-    padded = tuple(s + 2 * p for s, p in zip(x_shape[2:], padding, strict=True))
+    padded = tuple(s + 2 * p + e for s, p, e in zip(x_shape[2:], padding, after, strict=True))
     # overlapping windows (stride < kernel) add up at an entry that is the maximum of several:
     # in float32 for 16-bit floats, rounded once, as the average pool's and conv's gradients
     # (in bfloat16 256 + 1 + 1 stayed 256)
@@ -297,10 +321,11 @@ def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     gpad = xp.zeros((*x_shape[:2], *padded), dtype=acc)
     g = g.astype(acc, copy=False)
     zero = xp.zeros((), dtype=acc)
-    for k, (_, index) in enumerate(_windows(kernel, stride, ones, out_shape)):
+    for k, (_, index) in enumerate(_windows(kernel, stride, dilation, out_shape)):
         gpad[index] += xp.where(arg == k, g, zero)
-    gx = gpad[_inner(len(x_shape), padding, x_shape[2:])] if any(padding) else gpad
-    return (gx.astype(dtype, copy=False),)
+    if any(padding) or any(after):
+        gpad = gpad[_inner(len(x_shape), padding, x_shape[2:])]
+    return (gpad.astype(dtype, copy=False),)
 
 
 def _avg_pool(
@@ -330,12 +355,21 @@ def _avg_pool(
     return out.astype(x.dtype, copy=False), res
 
 
-def _overhang(sizes: Ints, kernel: Ints, stride: Ints, padding: Ints, out_shape: Ints) -> Ints:
-    """How far a ceil-mode pool's last window runs past the end of the padded input, per axis
-    (0 in floor mode, whose windows all fit)."""
+def _overhang(
+    sizes: Ints,
+    kernel: Ints,
+    stride: Ints,
+    padding: Ints,
+    out_shape: Ints,
+    dilation: Ints | None = None,
+) -> Ints:
+    """How far a ceil-mode pool's last window (spread by ``dilation``, 1 by default) runs past
+    the end of the padded input, per axis (0 in floor mode, whose windows all fit)."""
     return tuple(
-        max(0, (o - 1) * s + k - (n + 2 * p))
-        for n, k, s, p, o in zip(sizes, kernel, stride, padding, out_shape, strict=True)
+        max(0, (o - 1) * s + d * (k - 1) + 1 - (n + 2 * p))
+        for n, k, s, p, o, d in zip(
+            sizes, kernel, stride, padding, out_shape, dilation or (1,) * len(kernel), strict=True
+        )
     )
 
 

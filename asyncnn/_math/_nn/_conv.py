@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _ops as ops
@@ -271,34 +271,69 @@ class _PoolNd(Module):
     def __post_init__(self) -> None:
         _normalize(self, self._n, {"kernel_size": 1, "stride": 1, "padding": 0})
 
+    def _options(self) -> dict[str, Any]:
+        """The kind's own arguments of its op (``dilation``, ``ceil_mode``, ...)."""
+        return {}
+
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
         check_ndim(self, x, (self._n + 2,), layout)
         fn = getattr(ops_nn, f"{self._kind}_pool{self._n}d")
-        return fn(x, self.kernel_size, stride=self.stride, padding=self.padding)
+        return fn(x, self.kernel_size, stride=self.stride, padding=self.padding, **self._options())
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         shape = input_shapes[0]
         _check_rank(self, shape)
-        stride = self.kernel_size if self.stride is None else self.stride
-        sizes = _out_sizes(shape[2:], self.kernel_size, stride, self.padding, 1, self._n)
+        n, options = self._n, self._options()
+        k, p = _tup(self.kernel_size, n), _tup(self.padding, n)
+        s = k if self.stride is None else _tup(self.stride, n)
+        d = _tup(options.get("dilation", 1), n)
+        ceil = options.get("ceil_mode", False)
+        sizes = (out_size(shape[2 + i], k[i], s[i], p[i], d[i], ceil) for i in range(n))
         return (*shape[:2], *sizes)
 
 
 @dataclass(frozen=True)
-class MaxPool1d(_PoolNd):
-    """Max over windows of (N, C, L) input; stride defaults to kernel_size (as torch)."""
+class _MaxPoolNd(_PoolNd):
+    dilation: Any = 1
+    # by name only: torch's fifth positional argument is return_indices, not taken here, so
+    # MaxPool2d(3, 2, 0, 1, True) is refused rather than read as ceil_mode
+    ceil_mode: bool = field(default=False, kw_only=True)
 
-    _n = 1
     _kind = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _normalize(self, self._n, {"dilation": 1})
+        check_flags(self, "ceil_mode")
+
+    def _options(self) -> dict[str, Any]:
+        return {"dilation": self.dilation, "ceil_mode": self.ceil_mode}
 
 
 @dataclass(frozen=True)
-class MaxPool2d(_PoolNd):
-    """Max over windows of NCHW input; sizes are ints or pairs; stride defaults to kernel_size."""
+class MaxPool1d(_MaxPoolNd):
+    """Max over windows of (N, C, L) input, as torch's ``MaxPool1d`` (without its
+    ``return_indices``); stride defaults to kernel_size.
+
+    Attributes:
+        dilation: the step between a window's cells (torch's default 1: adjacent).
+        ceil_mode: round the number of windows up (torch's rule: a last window that starts
+            inside the input or its left padding and runs past the end is kept, and takes the
+            maximum of the cells it covers); given by name only.
+    """
+
+    _n = 1
+
+
+@dataclass(frozen=True)
+class MaxPool2d(_MaxPoolNd):
+    """Max over windows of NCHW input, as torch's ``MaxPool2d`` (without its
+    ``return_indices``); sizes are ints or (height, width) pairs; stride defaults to
+    kernel_size; ``dilation`` and ``ceil_mode`` (by name only) are :class:`MaxPool1d`'s, along
+    each axis."""
 
     _n = 2
-    _kind = "max"
 
 
 @dataclass(frozen=True)
@@ -312,27 +347,8 @@ class _AvgPoolNd(_PoolNd):
         super().__post_init__()
         check_flags(self, "ceil_mode", "count_include_pad")
 
-    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
-        check_ndim(self, x, (self._n + 2,), layout)
-        fn = ops_nn.avg_pool1d if self._n == 1 else ops_nn.avg_pool2d
-        return fn(
-            x,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            ceil_mode=self.ceil_mode,
-            count_include_pad=self.count_include_pad,
-        )
-
-    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
-        shape = input_shapes[0]
-        _check_rank(self, shape)
-        n = self._n
-        k, p = _tup(self.kernel_size, n), _tup(self.padding, n)
-        s = k if self.stride is None else _tup(self.stride, n)
-        sizes = (out_size(shape[2 + i], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(n))
-        return (*shape[:2], *sizes)
+    def _options(self) -> dict[str, Any]:
+        return {"ceil_mode": self.ceil_mode, "count_include_pad": self.count_include_pad}
 
 
 @dataclass(frozen=True)
