@@ -3,15 +3,13 @@ metrics loggers (JSON lines; TensorBoard scalars through ``tensorboardX``)."""
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import math
 import os
 import re
 import time
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
@@ -82,10 +80,15 @@ class Callback:
         ``checkpoint_every``'s, and a save after the fit returned or was interrupted) records
         the state of each callback of the trainer's latest fit, and the first ``fit`` of a
         trainer loaded from it hands each state to :meth:`load_callback_state` of the callback
-        given in its place (of the same class, and as many callbacks of that class before it),
-        before ``on_fit_start``. Plain data only: None, bools, ints, floats, strs, and lists,
-        tuples and str-keyed dicts of them (a tuple comes back as a list, a numpy scalar as
-        the Python number).
+        given in its place (of a class of the same name and package, and as many callbacks of
+        that class before it), before ``on_fit_start``. Until a fit of the loaded trainer has
+        ended an epoch, the states stay its checkpoint's: a first fit that fails before, or
+        trains no epoch, leaves them to the next (and a save writes them). A save from an
+        earlier callback's ``on_epoch_end`` (or after an error there) records that epoch's end
+        as still due to this callback, which the resumed fit delivers to the one in its place
+        after ``on_fit_start``. Plain data only: None, bools, ints (of 64 bits), floats, strs
+        (of UTF-8 text), and lists, tuples and str-keyed dicts of them (a tuple comes back as
+        a list, a numpy scalar as the Python number).
         """
         return None
 
@@ -93,14 +96,19 @@ class Callback:
         """Takes up what :meth:`callback_state` returned, as kept in a checkpoint (called on the
         callback given to the first ``fit`` of a loaded trainer, before its ``on_fit_start``).
 
+        (A callback whose class overrides neither method is given no state: the fit warns
+        that the saved one is dropped, and it starts afresh.)
+
         Raises:
             ValueError: ``state`` does not fit this callback (one of other settings saved
                 it): the fit warns, saying why, and this callback starts afresh.
-            TypeError: the callback keeps no state of its own but was given some.
+            TypeError: the callback's class overrides :meth:`callback_state` but not this
+                method, so it saves a state it cannot take back.
         """
         raise TypeError(
-            f"{type(self).__name__} was given a saved state but keeps none; override "
-            "callback_state and load_callback_state together"
+            f"{type(self).__name__} was given a saved state but keeps none (its class "
+            "overrides callback_state, not load_callback_state); override callback_state and "
+            "load_callback_state together"
         )
 
 
@@ -266,7 +274,9 @@ class EarlyStopping(Callback):
             without improvement, carry over to the next ``fit`` given this callback (a fit per
             epoch goes on counting): make a new one to start afresh. Checkpoints keep them
             too (:meth:`callback_state`): the first ``fit`` of a trainer loaded from one goes on
-            counting in the ``EarlyStopping`` given in this one's place, so a run interrupted
+            counting in the ``EarlyStopping`` given in this one's place (from an epoch whose
+            end this one had not had when a callback before it saved, too: the resumed fit
+            delivers it first, and stops at once where it stops there), so a run interrupted
             and resumed stops where it would have without the break.
     """
 
@@ -389,193 +399,6 @@ class EarlyStopping(Callback):
         if self.wait > self.patience:
             self.stopped_epoch = epoch
             trainer.stop_training = True
-
-
-# -- the callbacks' states in checkpoints ------------------------------------------------------
-# (kept in the trainer's _fit_callbacks, _callback_states and _callback_states_loaded: see
-# Trainer.__init__)
-
-
-def _plain(value: Any, where: str) -> Any:
-    """``value``, a callback's state, as a checkpoint keeps it: plain data, numpy scalars as
-    Python's, tuples as lists.
-
-    Raises:
-        TypeError: ``value`` holds what a checkpoint cannot, named with its place ``where``.
-    """
-    if isinstance(value, np.generic) and isinstance(value.item(), bool | int | float | str):
-        return value.item()  # (before float: a numpy float64 is one, which msgpack may refuse)
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        keys = [k for k in value if not isinstance(k, str)]
-        if keys:
-            raise TypeError(
-                f"{where} has the key {keys[0]!r:.80}, which is no str: a checkpoint keeps a "
-                "callback's state as plain data (dicts keyed by str)"
-            )
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    raise TypeError(
-        f"{where} is {type(value).__name__} {value!r:.80}, which a checkpoint cannot keep: a "
-        "callback's state is plain data (None, bools, ints, floats, strs, and lists and "
-        "str-keyed dicts of them); keep arrays as lists, or save them in a file of your own"
-    )
-
-
-def _keys(callbacks: Sequence[Callback]) -> list[tuple[str, int]]:
-    """Each callback's key in a record: its class's name, and how many callbacks of that class
-    come before it."""
-    seen: dict[str, int] = {}
-    keys = []
-    for cb in callbacks:
-        name = type(cb).__qualname__
-        keys.append((name, seen.get(name, 0)))
-        seen[name] = seen.get(name, 0) + 1
-    return keys
-
-
-def callback_states(callbacks: Sequence[Callback]) -> list[dict[str, Any]]:
-    """The record a checkpoint keeps of ``callbacks``' states: ``{"class": the class's name,
-    "index": how many callbacks of that class come before it, "state": its callback_state()}``
-    for each one whose ``callback_state()`` is not None, in order.
-
-    Raises:
-        TypeError: a state holds what a checkpoint cannot, naming the callback and the place.
-    """
-    record = []
-    for cb, (name, index) in zip(callbacks, _keys(callbacks), strict=True):
-        state = cb.callback_state()
-        if state is not None:
-            where = f"the state of callback {_which(name, index)} (its callback_state())"
-            record.append({"class": name, "index": index, "state": _plain(state, where)})
-    return record
-
-
-def _which(name: str, index: int) -> str:
-    """A callback of a record, as a message names it: ``EarlyStopping`` for the first of its
-    class, ``EarlyStopping #2`` for the second."""
-    return name if index == 0 else f"{name} #{index + 1}"
-
-
-def check_callback_record(record: Any) -> list[dict[str, Any]]:
-    """``record``, a checkpoint's ``"callbacks"``, checked to be one :func:`callback_states`
-    writes.
-
-    Raises:
-        ValueError: saying what is wrong with it.
-    """
-    if not isinstance(record, list):
-        raise ValueError(f"it must be a list, got {record!r:.80}")
-    seen = set()
-    for entry in record:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("class"), str)
-            or type(entry.get("index")) is not int
-            or entry["index"] < 0
-            or "state" not in entry
-        ):
-            raise ValueError(
-                'each entry must be {"class": str, "index": int >= 0, "state": ...}, got '
-                f"{entry!r:.80}"
-            )
-        key = (entry["class"], entry["index"])
-        if key in seen:
-            raise ValueError(f"it holds {_which(*key)} twice")
-        seen.add(key)
-    return record
-
-
-def trainer_callback_states(trainer: Trainer) -> list[dict[str, Any]]:
-    """What a save of ``trainer`` records of its callbacks' states: those of its running fit's
-    callbacks as they are now (a save from a hook, ``checkpoint_every``'s), else those its
-    latest fit's had when it ended (or the loaded checkpoint's, before any fit).
-
-    Raises:
-        TypeError: a state holds what a checkpoint cannot (naming the callback and the place).
-        Exception: what reading the states raised as the latest fit ended.
-    """
-    live = trainer._fit_callbacks
-    if live is not None:
-        return callback_states(live)
-    kept = trainer._callback_states
-    if isinstance(kept, Exception):
-        raise kept
-    return list(kept)
-
-
-def load_callback_states(trainer: Trainer, record: list[dict[str, Any]]) -> None:
-    """Gives ``trainer``, loaded from a checkpoint, its ``record`` of callback states (checked
-    by :func:`check_callback_record`), which its next fit hands on."""
-    trainer._callback_states = record
-    trainer._callback_states_loaded = bool(record)
-
-
-def start_callback_states(trainer: Trainer, callbacks: Sequence[Callback]) -> None:
-    """As a fit starts, before its callbacks do: where ``trainer`` was loaded from a checkpoint
-    that kept callback states and has not fitted since, each state goes to the callback of
-    ``callbacks`` in its place (:func:`_keys`); then ``callbacks`` are the ones whose states a
-    save records. Warns (a ``UserWarning``) of a state that no callback given takes, or that
-    its callback refuses (``ValueError``): those start afresh, and the states are dropped.
-
-    Raises:
-        TypeError: a callback keeping no state was given one (its load_callback_state's).
-    """
-    if trainer._callback_states_loaded and isinstance(trainer._callback_states, list):
-        _restore(callbacks, trainer._callback_states)
-        trainer._callback_states_loaded = False
-    trainer._fit_callbacks = list(callbacks)
-
-
-def _restore(callbacks: Sequence[Callback], record: list[dict[str, Any]]) -> None:
-    from ._runtime._lifecycle import _user_stacklevel
-
-    given = dict(zip(_keys(callbacks), callbacks, strict=True))
-    missing = []
-    for entry in record:
-        key = (entry["class"], entry["index"])
-        cb = given.get(key)
-        if cb is None:
-            missing.append(_which(*key))
-            continue
-        try:
-            # (a copy: the callback may keep and change what it is given)
-            cb.load_callback_state(copy.deepcopy(entry["state"]))
-        except ValueError as exc:
-            warnings.warn(
-                f"fit: the checkpoint this trainer was loaded from kept the state of callback "
-                f"{_which(*key)}, which the {_which(*key)} given to this fit does not take "
-                f"({exc}): it starts afresh",
-                UserWarning,
-                stacklevel=_user_stacklevel(),
-            )
-    if missing:
-        warnings.warn(
-            "fit: the checkpoint this trainer was loaded from kept the state of the callbacks "
-            f"{', '.join(missing)}, which this fit is not given: their state is dropped. To go "
-            "on from it, pass callbacks of those classes (new ones, in the order the saved "
-            "fit had them); to leave them out, filter this warning",
-            UserWarning,
-            stacklevel=_user_stacklevel(),
-        )
-
-
-def end_callback_states(trainer: Trainer) -> None:
-    """As a fit ends, however it ends: the record of its callbacks' states now is what a later
-    save of ``trainer`` writes (or the error reading them raised, which that save raises: a
-    fit that trained is not failed at its end by a state only a save needs)."""
-    live = trainer._fit_callbacks
-    if live is None:
-        return
-    trainer._fit_callbacks = None
-    kept: list[dict[str, Any]] | Exception
-    try:
-        kept = callback_states(live)
-    except Exception as exc:  # noqa: BLE001 - raised by the save that needs the states
-        kept = exc
-    trainer._callback_states = kept
 
 
 class JSONLLogger(Callback):

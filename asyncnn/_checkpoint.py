@@ -33,9 +33,14 @@ optional field as above: without it, each minibatch's rows follow from the epoch
 
 The spec's "callbacks" (a later optional field, written only where there are any) holds the
 states of the callbacks of the trainer's latest fit (``Callback.callback_state``: the counters
-of ``EarlyStopping``), as ``[{"class": name, "index": i, "state": plain data}, ...]``, "index"
-counting the callbacks of that class before it; the first fit of the loaded trainer hands each to
-the callback given in its place. Without it, that fit's callbacks start afresh.
+of ``EarlyStopping``), as ``[{"class": name, "module": the class's module, "index": i, "state":
+plain data}, ...]``, "index" counting the callbacks of a class of that name and package before it
+(an entry without "module", as the first records were written, counts those of that name); an
+entry may also hold "epoch_end": ``{"epoch": e, "logs": {...}}``, an epoch end the checkpoint
+counts as done that had not reached that callback yet (a save from an earlier callback's
+``on_epoch_end``). The first fit of the loaded trainer hands each state to the callback given in
+its place, and delivers such an end to it after ``on_fit_start``. Without the field, that fit's
+callbacks start afresh.
 
 A save first finishes one that was interrupted between its renames (its files would otherwise be
 overwritten half-way), writes every file beside its place, then renames them into place; one that
@@ -62,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from ._callbacks import check_callback_record, load_callback_states
+from ._callback_states import check_callback_record, load_callback_states
 from ._checkpoint_files import (
     _MAX_MANIFEST_BYTES,
     _MAX_SPEC_BYTES,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from ._callbacks import trainer_callback_states
+from ._callback_states import trainer_callback_states
 from ._checkpoint import _OPTIONS, check_save_path
 from ._checkpoint_files import (
     FORMAT,

@@ -153,6 +153,7 @@ def _fit(
     trainer: Any = None,
 ) -> int:
     from . import Trainer, optim
+    from ._callback_states import quiet_loaded_callback_states
     from ._checkpoint_files import write_whole
     from ._fit import epoch_layout
     from .callbacks import JSONLLogger
@@ -179,6 +180,17 @@ def _fit(
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
               f"({trainer.state.minibatches} minibatches) under {policy}{where}; minibatches "
               f"of {args.batch_size} rows, {getattr(args, 'batch_size_from', 'given')}")  # fmt: skip
+        # a Python fit's callbacks (an EarlyStopping's counters), which train has none of and
+        # its users cannot pass: said here, and not warned of with Python's advice. Dropped,
+        # not carried into --save: they count none of this run's epochs (a resume in Python
+        # from that save would go on from counters as old as this checkpoint)
+        dropped = quiet_loaded_callback_states(trainer)
+        if dropped:
+            print(f"the checkpoint kept the state of the callbacks {', '.join(dropped)} of the "
+                  "Python fit that saved it, which asyncnn train has none of: this run goes on "
+                  "without them, and drops them from what it saves once it has trained an "
+                  "epoch (to go on counting them, resume in Python: "
+                  f"ann.Trainer.load({args.resume!r}).fit(..., callbacks=[...]))")  # fmt: skip
         # the layout this run's fit has (it always shuffles, keeps the last short minibatch):
         # fit starts an epoch counted in any other over, which is said, not silent
         planned = epoch_layout(len(train["y"]), args.batch_size, True, trainer.seed, False)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._callback_states import deliver_epoch_end
 from ._callbacks import wants_epoch_end, wants_step_end
 from ._errors import ActorError
 from ._fit_checkpoints import _checkpoint_epochs as _checkpoint_epochs
@@ -396,8 +397,9 @@ class _FitState:
             for name, value in tr._evaluate(plan.validation_data, self.validation_rows).items():
                 logs[f"val_{name}"] = value
         self.history.epochs.append(dict(logs))
-        for cb in plan.callbacks:
-            cb.on_epoch_end(tr, epoch, dict(logs))
+        # (noting which callbacks have not had it yet: a save from an earlier one's hook, or
+        # after an error there, records it as still due to them)
+        deliver_epoch_end(tr, plan.callbacks, epoch, logs)
         every = plan.checkpoint_every
         if every and plan.checkpoint_dir is not None and (epoch + 1) % every == 0:
             _save_rotating(tr, plan.checkpoint_dir, epoch + 1, plan.keep_checkpoints)

@@ -14,7 +14,13 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._callbacks import Callback, end_callback_states, start_callback_states
+from ._callback_states import (
+    check_savable_callback_states,
+    deliver_restored_epoch_ends,
+    end_callback_states,
+    start_callback_states,
+)
+from ._callbacks import Callback
 from ._fit import _FitState, _Progress
 from ._fit_plan import _FitPlan
 from ._history import History
@@ -68,6 +74,12 @@ def _fit_here(trainer: Trainer, plan: _FitPlan) -> History:
         for cb in plan.callbacks:
             cb.on_fit_start(trainer)
             started.append(cb)
+        # the epoch end a loaded trainer's checkpoint counted as done but that had not reached
+        # some of the saved fit's callbacks (a save from an earlier one's on_epoch_end): their
+        # successors have it now, as the unbroken fit's had it (one may stop the fit here)
+        deliver_restored_epoch_ends(trainer)
+        if plan.checkpoint_every:  # (its saves would refuse such a state only after training)
+            check_savable_callback_states(plan.callbacks)
     except BaseException as exc:  # those started end (a logger closes its file), then it
         _end_all(started, trainer, history, exc)  # raises
         raise

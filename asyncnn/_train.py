@@ -206,10 +206,21 @@ class Trainer:
         # the callbacks' states that checkpoints keep (_callbacks.py): the running fit's
         # callbacks, read by a save during it; the record of the latest fit's states as it ended
         # (or of the checkpoint loaded), or the error reading them raised, which a save raises;
-        # and whether that record came from a checkpoint and waits for the next fit
+        # and whether that record came from a checkpoint and waits for a fit that ends an epoch
         self._fit_callbacks: list[Callback] | None = None
         self._callback_states: list[dict[str, Any]] | Exception = []
         self._callback_states_loaded = False
+        # epochs_done as the running (or latest) fit started, or as loaded: a loaded record
+        # stays due until it has moved
+        self._callback_states_since = 0
+        # the epoch end the running fit is delivering, (epoch, logs, the first callback not
+        # given it yet), for a save from an on_epoch_end (kept as the fit ends, when an error
+        # there ended it); the restored callbacks with an epoch end of their record still due
+        # to them, delivered after on_fit_start; and whether a loaded record's states that no
+        # callback takes are dropped without a warning (asyncnn train says so itself)
+        self._epoch_end_due: tuple[int, dict[str, float], int] | None = None
+        self._restored_epoch_ends: list[tuple[Callback, int, dict[str, float]]] = []
+        self._callback_states_quiet = False
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -418,8 +429,9 @@ class Trainer:
                 is not an int (a bool is not one either); ``shuffle`` or ``drop_last`` is not a
                 bool; ``callbacks`` is not a list of callbacks. All of these are checked before
                 any callback starts. With ``checkpoint_every``, also a custom actor's state
-                (as ``setup`` leaves it) that a checkpoint cannot hold: refused as the run
-                starts, before any training, with :meth:`save`'s message.
+                (as ``setup`` leaves it) or a callback's state (as ``on_fit_start`` leaves
+                it) that a checkpoint cannot hold: refused as the run starts, before any
+                training, with :meth:`save`'s message.
             OSError: ``checkpoint_dir`` cannot be made or written to (read-only, another
                 user's; of the system's errno), naming it: refused before any training.
             RuntimeError: a fit is already running on this trainer (called from another
@@ -586,7 +598,10 @@ class Trainer:
             FileExistsError: ``path`` is a file, or a folder holding files of the names a
                 checkpoint writes without being a checkpoint (nothing is written).
             TypeError: a custom actor's state holds what a checkpoint cannot (named, with its
-                layer; nothing is written).
+                layer; nothing is written); so does a callback's state (``callback_state``,
+                named with its callback and place; nothing is written).
+            Exception: what reading the callbacks' states raised as the latest fit ended (a
+                fresh one each time, ``from`` that error), until a fit without that callback.
             OSError: the disk refused a file (the folder's previous checkpoint stays whole).
             RuntimeError: a fit is running on this trainer and this call comes from another
                 thread than the fit's (its callbacks may save: they run between its steps), or

@@ -270,6 +270,114 @@ def test_a_new_early_stopping_in_a_later_fit_of_the_same_trainer_still_starts_af
     assert fresh.wait == 1
 
 
+class _FailsToStart(Callback):
+    def on_fit_start(self, trainer):
+        raise OSError("cannot open my log file")
+
+
+def _straight_es_run(tmp_path=None):
+    """The unbroken run of :func:`_es_scenario`: its trainer and its EarlyStopping (with a
+    checkpoint per epoch in ``tmp_path``, if given)."""
+    data, kwargs = _es_scenario()
+    straight, stop = _trainer(policies.Sync()), EarlyStopping(patience=2)
+    saving = {} if tmp_path is None else {"checkpoint_dir": tmp_path, "checkpoint_every": 1}
+    straight.fit(data, epochs=20, callbacks=[stop], keep_checkpoints=0, **saving, **kwargs)
+    assert (stop.stopped_epoch, straight.epochs_done) == (4, 5)
+    return straight, stop
+
+
+@pytest.mark.parametrize("first", ["on_fit_start raises", "ctrl-c at its first step", "epochs=0"])
+def test_a_loaded_trainers_first_fit_that_ends_no_epoch_leaves_the_saved_states_to_the_next(
+    tmp_path, first
+):
+    # the states went to the first fit's callbacks as it started: one that failed before any
+    # epoch end (or ran none) used them up, and the retry with a new EarlyStopping started
+    # afresh, silently, and stopped two epochs later than the unbroken run
+    data, kwargs = _es_scenario()
+    straight, stop = _straight_es_run(tmp_path)
+    back = ann.Trainer.load(tmp_path / "epoch-0003")
+    if first == "epochs=0":
+        back.fit(data, epochs=0, callbacks=[EarlyStopping(patience=2)], **kwargs)
+    else:
+        failing = (
+            _FailsToStart() if first == "on_fit_start raises" else _CtrlCInANotebook(15)
+        )  # (step 15: the first of the resumed fit)
+        with pytest.raises((OSError, KeyboardInterrupt)):
+            back.fit(data, epochs=17, callbacks=[EarlyStopping(patience=2), failing], **kwargs)
+    assert back.epochs_done == 3
+    back.save(tmp_path / "saved-after")  # (the checkpoint's states, still due)
+    for resumed in (back, ann.Trainer.load(tmp_path / "saved-after")):
+        again = EarlyStopping(patience=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (and no warning)
+            hist = resumed.fit(data, epochs=17, callbacks=[again], **kwargs)
+        assert hist.stopped_early
+        assert (again.stopped_epoch, again.best, again.wait) == (4, stop.best, stop.wait)
+        assert resumed.epochs_done == straight.epochs_done
+        assert_params_equal(resumed.params, straight.params)
+
+
+class _SavesEachEpoch(Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        trainer.save(os.path.join(self.folder, f"e{epoch + 1}"))
+
+
+def test_a_save_from_an_epoch_hook_before_early_stopping_resumes_where_the_unbroken_fit_stops(
+    tmp_path,
+):
+    # the save came before EarlyStopping's on_epoch_end of that epoch, which the checkpoint
+    # counts as done: it recorded the counters of the epoch before, and the resumed run, whose
+    # EarlyStopping never saw that epoch, stopped an epoch late (from e5, where the unbroken
+    # run stopped, it trained on)
+    data, kwargs = _es_scenario()
+    straight, stop = _trainer(policies.Sync()), EarlyStopping(patience=2)
+    straight.fit(data, epochs=20, callbacks=[_SavesEachEpoch(tmp_path), stop], **kwargs)
+    assert (stop.stopped_epoch, straight.epochs_done) == (4, 5)
+    for done in (1, 2, 3, 4, 5):
+        back = ann.Trainer.load(tmp_path / f"e{done}")
+        assert back.epochs_done == done
+        again = EarlyStopping(patience=2)
+        hist = back.fit(data, epochs=20 - done, callbacks=[again], **kwargs)
+        assert hist.stopped_early and len(hist.epochs) == 5 - done  # (from e5: none)
+        assert (again.stopped_epoch, again.best, again.wait) == (4, stop.best, stop.wait)
+        assert back.epochs_done == straight.epochs_done
+        assert_params_equal(back.params, straight.params)
+
+
+class _FailsAtEpochEnd(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == self.epoch:
+            raise OSError("No space left on device")
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3, 4])
+def test_an_epoch_end_cut_short_before_early_stopping_is_saved_as_still_due_to_it(
+    tmp_path, failing
+):
+    # (a logger before the EarlyStopping failed in that epoch's end: the epoch counts as done,
+    # the EarlyStopping never saw it, and the save after the error recorded that)
+    data, kwargs = _es_scenario()
+    straight, stop = _straight_es_run()
+    tr = _trainer(policies.Sync())
+    with pytest.raises(OSError, match="No space left"):
+        tr.fit(data, epochs=20, callbacks=[_FailsAtEpochEnd(failing), EarlyStopping(patience=2)],
+               **kwargs)  # fmt: skip
+    assert tr.epochs_done == failing + 1
+    tr.save(tmp_path / "c")
+    back, again = ann.Trainer.load(tmp_path / "c"), EarlyStopping(patience=2)
+    hist = back.fit(data, epochs=20, callbacks=[again], **kwargs)
+    assert hist.stopped_early and len(hist.epochs) == 4 - failing  # (at epoch 4: none)
+    assert (again.stopped_epoch, again.best, again.wait) == (4, stop.best, stop.wait)
+    assert back.epochs_done == straight.epochs_done
+    assert_params_equal(back.params, straight.params)
+
+
 def test_jsonl_logger(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
     tr = _trainer()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -617,6 +618,44 @@ def test_resume_places_the_stages_on_the_workers_given(
     assert main(resume) == 0
     assert placed.pop() == {"stage0": None, "stage1": None, "loss": None}
     capsys.readouterr()
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_checkpoint_with_callback_states_says_what_becomes_of_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a Python fit's EarlyStopping state: the fit warned, advising to pass callbacks (which
+    # asyncnn train cannot) or to filter the warning (as an error under -W error)
+    from asyncnn.callbacks import EarlyStopping
+
+    plain, with_es, again = (str(tmp_path / name) for name in ("plain", "es", "again"))
+    assert main([*_TRAIN, "--epochs", "1", "--save", plain]) == 0
+    tr, ds = ann.Trainer.load(plain), ann.data.load_digits()
+    tr.fit({"x": ds["x_train"], "y": ds["y_train"]}, epochs=1, batch_size=64,
+           callbacks=[EarlyStopping("loss")])  # fmt: skip
+    tr.save(with_es)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["train", "--dataset", "digits", "--resume", with_es, "--epochs", "3",
+                     "--save", again, "--out", ""]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        f"the checkpoint kept the state of the callbacks EarlyStopping of the Python fit that "
+        f"saved it, which asyncnn train has none of: this run goes on without them, and drops "
+        f"them from what it saves once it has trained an epoch (to go on counting them, resume "
+        f"in Python: "
+        f"ann.Trainer.load({with_es!r}).fit(..., callbacks=[...]))"
+    ) in out
+    assert ann.Trainer.load(again).epochs_done == 3
+    assert "callbacks" not in _spec_of(again)
+
+
+def _spec_of(path: str) -> Any:
+    import msgpack
+
+    with open(os.path.join(path, "spec.msgpack"), "rb") as f:
+        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
 
 
 @pytest.mark.timeout(60)

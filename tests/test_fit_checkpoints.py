@@ -186,8 +186,20 @@ def test_a_checkpoint_without_callback_states_resumes_them_afresh(tmp_path: Any)
     ("record", "match"),
     [
         (5, "it must be a list, got 5"),
-        ([{"class": "EarlyStopping"}], 'each entry must be {"class": str, "index": int >= 0'),
+        (
+            [{"class": "EarlyStopping"}],
+            'each entry must be {"class": str, "module": str, "index": int >= 0',
+        ),
+        ([{"class": "A", "module": 5, "index": 0, "state": 1}], 'each entry must be {"class"'),
         ([{"class": "A", "index": 0, "state": 1}] * 2, "it holds A twice"),
+        (
+            [{"class": "A", "module": "m.x", "index": 1, "state": 1}] * 2,
+            "it holds A #2 twice",
+        ),
+        (
+            [{"class": "A", "index": 0, "state": 1, "epoch_end": {"epoch": 1, "logs": [2]}}],
+            'an entry\'s "epoch_end" must be {"epoch": int >= 0, "logs": {str: number}}, got',
+        ),
     ],
 )
 def test_a_malformed_callbacks_record_is_refused_naming_it(
@@ -235,3 +247,138 @@ def test_a_callback_saving_a_state_it_cannot_load_is_refused_before_the_resumed_
     with pytest.raises(TypeError, match="_SavesOnly was given a saved state but keeps none"):
         back.fit(_data(), epochs=1, batch_size=8, callbacks=[_SavesOnly()])
     assert back.state.minibatches == tr.state.minibatches  # (nothing trained)
+
+
+def _progress_class(*, keeps_state: bool, module: str = __name__) -> type[Callback]:
+    """A callback class ``_Progress`` of ``module``, counting epochs: with ``keeps_state`` a
+    checkpoint keeps its count (a user's first version, say); without, it keeps none (a later
+    version, or another library's class of that name)."""
+
+    def on_epoch_end(self: Any, trainer: Any, epoch: int, logs: dict[str, float]) -> None:
+        self.n = getattr(self, "n", 0) + 1
+
+    def callback_state(self: Any) -> Any:
+        return {"n": getattr(self, "n", 0)}
+
+    def load_callback_state(self: Any, state: Any) -> None:
+        self.given = state
+        self.n = state["n"]
+
+    body: dict[str, Any] = {"__module__": module, "__qualname__": "_Progress"}
+    body["on_epoch_end"] = on_epoch_end
+    if keeps_state:
+        body.update(callback_state=callback_state, load_callback_state=load_callback_state)
+    return type("_Progress", (Callback,), body)
+
+
+def test_a_saved_state_of_a_class_that_now_keeps_none_warns_and_starts_afresh(
+    tmp_path: Any,
+) -> None:
+    # the class's default load_callback_state raised TypeError: every fit given that callback
+    # failed before it started, the state never dropped
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_progress_class(keeps_state=True)()])
+    tr.save(tmp_path / "c")
+    back, plain = ann.Trainer.load(tmp_path / "c"), _progress_class(keeps_state=False)()
+    with pytest.warns(UserWarning, match=(
+        r"kept the state of callback _Progress, which the _Progress given to this fit keeps "
+        r"none of its own \(its class overrides neither callback_state nor "
+        r"load_callback_state\): it starts afresh and that state is dropped"
+    )):  # fmt: skip
+        back.fit(_data(), epochs=1, batch_size=8, callbacks=[plain, EarlyStopping("loss")])
+    assert back.epochs_done == 3 and plain.n == 1
+    back.save(tmp_path / "d")
+    assert [e["class"] for e in _spec(tmp_path / "d")["callbacks"]] == ["EarlyStopping"]
+
+
+def test_a_saved_state_goes_only_to_a_class_of_the_same_package(tmp_path: Any) -> None:
+    # matched by the class's name alone, another library's _Progress was handed the state
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=2, batch_size=8, callbacks=[_progress_class(keeps_state=True)()])
+    tr.save(tmp_path / "c")
+    (entry,) = _spec(tmp_path / "c")["callbacks"]
+    assert (entry["class"], entry["module"]) == ("_Progress", __name__)
+    other = _progress_class(keeps_state=True, module="otherlib.callbacks")()
+    with pytest.warns(UserWarning, match=(
+        r"kept the state of the callbacks _Progress \(of " + re.escape(__name__) + r"; this "
+        r"fit's _Progress is otherlib.callbacks._Progress\), which this fit is not given: their "
+        r"state is dropped"
+    )):  # fmt: skip
+        ann.Trainer.load(tmp_path / "c").fit(_data(), epochs=1, batch_size=8, callbacks=[other])
+    assert not hasattr(other, "given") and other.n == 1
+    # a record without the module (as the first records were written) matches by name
+    _rewrite_spec(str(tmp_path / "c"), lambda spec: spec["callbacks"][0].pop("module"))
+    other = _progress_class(keeps_state=True, module="otherlib.callbacks")()
+    ann.Trainer.load(tmp_path / "c").fit(_data(), epochs=1, batch_size=8, callbacks=[other])
+    assert other.given == {"n": 2} and other.n == 3
+
+
+class _Keeps(Callback):
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def callback_state(self) -> Any:
+        return self.state
+
+    def load_callback_state(self, state: Any) -> None:
+        self.state = state
+
+
+_WHERE = r"the state of callback _Keeps \(its callback_state\(\)\)"
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        ({"count": 2**64}, r"\['count'\] is the int 18446744073709551616, outside"),
+        ({"count": -(2**63) - 1}, r"\['count'\] is the int -9223372036854775809, outside"),
+        ({"name": ["ok", "\ud800"]}, r"\['name'\]\[1\] is a str that is no UTF-8 text"),
+        ({"\udc80": 1}, r" has the key '\\udc80', a str that is no UTF-8 text"),
+    ],
+    ids=["2**64", "-2**63-1", "lone surrogate", "key"],
+)
+def test_a_state_msgpack_cannot_pack_is_refused_naming_the_callback_and_the_place(
+    tmp_path: Any, state: Any, says: str
+) -> None:
+    # _plain let them through, and msgpack refused them unnamed (OverflowError,
+    # UnicodeEncodeError), with checkpoint_every only after training
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_Keeps(state)])
+    with pytest.raises(TypeError, match=_WHERE + says):
+        tr.save(tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c")
+    fresh = _sync_trainer()
+    with pytest.raises(TypeError, match=_WHERE + says + r".*\(checked as the fit starts"):
+        fresh.fit(_data(), epochs=1, batch_size=8, callbacks=[_Keeps(state)],
+                  checkpoint_dir=tmp_path / "d", checkpoint_every=1)  # fmt: skip
+    assert fresh.state.minibatches == 0  # (before any training)
+
+
+def test_states_at_the_edges_of_what_a_checkpoint_keeps_are_kept(tmp_path: Any) -> None:
+    edges = {"top": 2**64 - 1, "bottom": -(2**63), "text": "ünï \U0001f600", "nested": [[[]]]}
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_Keeps(edges)], checkpoint_every=1,
+           checkpoint_dir=tmp_path / "d")  # fmt: skip
+    back = _Keeps(None)
+    ann.Trainer.load(tmp_path / "d" / "epoch-0001").fit(_data(), epochs=1, batch_size=8,
+                                                       callbacks=[back])  # fmt: skip
+    assert back.state == edges
+
+
+def test_the_error_of_a_state_read_as_the_fit_ended_is_raised_afresh_by_each_save(
+    tmp_path: Any,
+) -> None:
+    # one exception object, raised again by each save: its traceback grew each time
+    import traceback
+
+    tr = _sync_trainer()
+    tr.fit(_data(), epochs=1, batch_size=8, callbacks=[_HoldsAnArray()])
+    told = []
+    for i in range(3):
+        with pytest.raises(
+            TypeError, match="_HoldsAnArray.*which a checkpoint cannot keep"
+        ) as info:
+            tr.save(tmp_path / f"c{i}")
+        told.append("".join(traceback.format_exception(info.value)))
+    assert told[0] == told[1] == told[2]
+    assert "fit(data, epochs=0, callbacks=" in told[0]  # (how to save the trainer all the same)
