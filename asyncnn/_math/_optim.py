@@ -1,4 +1,5 @@
-"""Functional optimizers with torch.optim semantics: SGD, Adam, AdamW.
+"""Functional optimizers with torch.optim semantics: SGD here, Adam and AdamW (``_optim_adam``),
+RMSprop and Adagrad (``_optim_rms``).
 
 An optimizer is a frozen record of hyperparameters. ``state = opt.init(params)`` makes its state,
 ``params, state = opt.update(params, grads, state)`` returns new parameters and a new state and
@@ -7,7 +8,8 @@ never writes into ``params``, ``grads`` or the old state: callers keep old param
 
 The state is a dict: ``"step"`` (a Python int, the number of updates done) and one pytree per
 buffer, shaped like the parameters (``"momentum_buffer"``; ``"exp_avg"``, ``"exp_avg_sq"``,
-``"max_exp_avg_sq"``), so it can be checkpointed like the parameters.
+``"max_exp_avg_sq"``; ``"square_avg"``, ``"grad_avg"``; ``"sum"``: torch's names), so it can be
+checkpointed like the parameters.
 
 Every update allocates its outputs and then works in place on those fresh arrays only, with at
 most one scratch array per leaf. Hyperparameters are Python floats, which never promote an array's
@@ -17,8 +19,9 @@ and each result rounded once to 16 bits, as the GPU kernels do: in 16-bit arithm
 parameter's dtype, but for Adam's and AdamW's moments of a float16 parameter, which are float32
 (as AMP, apex and DeepSpeed keep them): ``(1 - beta2) * g**2`` underflows float16 for ``|g|``
 below about 5e-3, and a second moment stored as 0 made the next step with a small or no gradient
-(an embedding row not in the batch) ``lr * m / eps``, up to ``1e5 * lr``. bfloat16 has float32's
-range, and keeps its moments in bfloat16, as torch does.
+(an embedding row not in the batch) ``lr * m / eps``, up to ``1e5 * lr``; so are all of
+RMSprop's and Adagrad's buffers of a float16 parameter, whose squares underflow alike. bfloat16
+has float32's range, and keeps its moments in bfloat16, as torch does.
 
 Against torch.optim (CPU, float64 or float32) the updates agree to rounding, not bit for bit:
 torch's kernels fuse multiply-adds (``add(alpha=)``, ``lerp``, which Adam uses for its first
@@ -172,8 +175,10 @@ class Optimizer(abc.ABC):
         """
 
     def init(self, params: Any) -> State:
-        """The state before the first update: step 0 and zero buffers shaped like ``params``,
-        each in its parameter's dtype (float32 for Adam's and AdamW's moments of a float16 one).
+        """The state before the first update: step 0 and zero buffers shaped like ``params``
+        (Adagrad's ``sum`` filled with its ``initial_accumulator_value``), each in its
+        parameter's dtype (float32 for the buffers of a float16 one in Adam, AdamW, RMSprop and
+        Adagrad).
 
         Raises:
             TypeError: a leaf of ``params`` that is not a float array (as :meth:`update`
@@ -198,14 +203,23 @@ class Optimizer(abc.ABC):
         state: State = {"step": 0}
         dtypes = [self._state_dtype(p.dtype) for p in leaves]
         for name in self.buffer_names():
-            state[name] = tree_unflatten(
-                treedef,
-                [
+            start = self._buffer_start(name)
+            if start != 0.0:
+                made = [
+                    ns(p).full_like(p, start, dtype=d) for p, d in zip(leaves, dtypes, strict=True)
+                ]
+            else:
+                made = [
                     ns(p).zeros_like(p) if d == p.dtype else ns(p).zeros_like(p, dtype=d)
                     for p, d in zip(leaves, dtypes, strict=True)
-                ],
-            )
+                ]
+            state[name] = tree_unflatten(treedef, made)
         return state
+
+    def _buffer_start(self, name: str) -> float:
+        """The value :meth:`init` fills the buffer ``name`` with: 0 (Adagrad's ``sum`` starts
+        at its ``initial_accumulator_value``)."""
+        return 0.0
 
     def _state_dtype(self, dtype: Any) -> Any:
         """The dtype :meth:`init` makes the buffers of a parameter of ``dtype`` in, which
@@ -478,9 +492,10 @@ class SGD(BuiltinLeafUpdate, Optimizer):
 def state_dtype(optimizer: Any, dtype: Any) -> Any:
     """The dtype in which ``optimizer.init`` makes (and ``update`` keeps) the state buffers of a
     parameter of ``dtype``, for an optimizer whose state has :meth:`Optimizer.init`'s layout
-    (:func:`keeps_base_state`): float32 for Adam's and AdamW's moments of a float16 parameter,
-    else ``dtype``. A state cast to a run's dtype casts its buffers to this one: cast to float16,
-    small second moments would become 0 (they are taken, and widened again, but not restored).
+    (:func:`keeps_base_state`): float32 for the buffers of a float16 parameter in Adam, AdamW,
+    RMSprop and Adagrad, else ``dtype``. A state cast to a run's dtype casts its buffers to this
+    one: cast to float16, small second moments would become 0 (they are taken, and widened
+    again, but not restored).
     """
     if not keeps_base_state(optimizer):
         return dtype

@@ -7,7 +7,7 @@ numpy's warnings on non-finite values silenced as torch has none, and a 16-bit l
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -141,10 +141,18 @@ class BuiltinLeafUpdate:
     placed before ``Optimizer`` among their bases: one kernel per leaf where the backend has
     fused kernels (:meth:`_fused_leaf`), else the array code (:meth:`_update_array`) under one
     error state, a 16-bit leaf in float32 (:func:`_in_float32`), as is a float16 leaf whose
-    buffers are float32 (Adam's moments) on any backend."""
+    buffers are float32 (Adam's moments) on any backend.
+
+    A class whose update the backends have no kernel for (RMSprop, Adagrad) sets
+    :attr:`_fused_update` False: its array code then runs on every backend's arrays (cupy's
+    too, one operation per launch), and a GPU run leaves its update out of the CUDA graphs it
+    captures (updated eagerly, as an optimizer of one's own is)."""
 
     #: (:meth:`Optimizer._state_dtype`, which the class this is mixed into has)
     _state_dtype: Callable[[Any], Any]
+
+    #: whether the backends' fused kernels have this update (:meth:`_fused_leaf`)
+    _fused_update: ClassVar[bool] = True
 
     def update_leaf(
         self, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
@@ -154,7 +162,7 @@ class BuiltinLeafUpdate:
         # of its arrays: a float16 leaf whose buffers are float32 (Adam's) goes the CPU's way,
         # the float32 kernel on its widened copies (which, unlike the array code, reads a
         # captured update's step scalars from the device)
-        if fused is not None and self._state_dtype(p.dtype) == p.dtype:
+        if fused is not None and self._fused_update and self._state_dtype(p.dtype) == p.dtype:
             return self._fused_leaf(fused, p, g, buffers, step, lr)
         with _silent_non_finite():
             if p.dtype.itemsize == 2 and is_half(p.dtype):

@@ -7,17 +7,20 @@ from typing import Any
 
 from ._optim import SGD, Optimizer
 from ._optim_adam import Adam, AdamW
+from ._optim_rms import Adagrad, RMSprop
 from ._schedules import build_from_spec, resolve_class, schedule_from_spec
 
 __all__ = ["BUILTINS", "from_spec"]
 
-BUILTINS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+BUILTINS: dict[str, type[Optimizer]] = {
+    cls.__name__: cls for cls in (SGD, Adam, AdamW, RMSprop, Adagrad)
+}
 
 
 def from_spec(spec: dict[str, Any]) -> Optimizer:
     """The optimizer described by ``spec`` (from :meth:`Optimizer.to_spec`).
 
-    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``; other :class:`Optimizer` subclasses by
+    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``, ``"RMSprop"``, ``"Adagrad"``; other :class:`Optimizer` subclasses by
     import path, ``"package.module:Class"``.
 
     Raises:
