@@ -9,6 +9,7 @@ Example:
 """
 
 from ._math._nn import (
+    ELU,
     GELU,
     GRU,
     LSTM,
@@ -21,9 +22,11 @@ from ._math._nn import (
     Embedding,
     Flatten,
     GRUCell,
+    Hardtanh,
     Identity,
     Initializer,
     LayerNorm,
+    LeakyReLU,
     Linear,
     LogSoftmax,
     LSTMCell,
@@ -36,16 +39,18 @@ from ._math._nn import (
     Residual,
     Sequential,
     Sigmoid,
+    SiLU,
     Softmax,
+    Softplus,
     Tanh,
     from_spec,
     to_spec,
 )  # fmt: skip
 
 __all__ = [
-    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "Embedding",
-    "Flatten", "GELU", "GRU", "GRUCell", "Identity", "Initializer", "LSTM", "LSTMCell",
-    "LayerNorm", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d", "MaxPool2d", "Module",
-    "MultiHeadAttention", "ReLU", "Residual", "Sequential", "Sigmoid", "Softmax", "Tanh",
-    "from_spec", "to_spec",
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU",
+    "Embedding", "Flatten", "GELU", "GRU", "GRUCell", "Hardtanh", "Identity", "Initializer",
+    "LSTM", "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss",
+    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
+    "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
 ]  # fmt: skip

@@ -177,6 +177,15 @@ SCALE_ADD = ops.Primitive("scale_add", _scale_add, _scale_add_vjp)
 # forms that keep the values bounded through a chain of them.
 OPS = {
     "abs": (1, lambda a, ids: ops.abs(a)),
+    "clip": (1, lambda a, ids: ops.clip(a, -0.5, 0.75) + ops.clip(a, min=0.1)),
+    "cos": (1, lambda a, ids: ops.cos(a)),
+    "elu": (1, lambda a, ids: ops.elu(a, 0.5)),
+    "expm1": (1, lambda a, ids: ops.expm1(a)),
+    "leaky_relu": (1, lambda a, ids: ops.leaky_relu(a, 0.2)),
+    "log1p": (1, lambda a, ids: ops.log1p(ops.abs(a))),
+    "silu": (1, lambda a, ids: ops.silu(a)),
+    "sin": (1, lambda a, ids: ops.sin(a)),
+    "softplus": (1, lambda a, ids: ops.softplus(a, 2.0, 1.0)),
     "add": (2, lambda a, b, ids: ops.add(a, b)),
     "astype": (1, lambda a, ids: ops.astype(ops.astype(a, _other(a)), ops.raw(a).dtype)),
     "avg_pool1d": (1, lambda a, ids: ops.reshape(ops.avg_pool1d(ops.reshape(a, (1, 4, 4)), 3, 1, 1), (4, 4))),

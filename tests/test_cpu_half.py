@@ -321,6 +321,47 @@ def test_sigmoid_of_16_bit_values_is_its_float32_value_rounded(dtype: str) -> No
     _assert_same(g, want_g, "sigmoid gradient")
 
 
+_ROUNDED_ONCE: dict[str, Callable[[Any], Any]] = {
+    "leaky_relu": lambda x: ops.leaky_relu(x, 0.1),
+    "elu": lambda x: ops.elu(x, 0.7),
+    "silu": ops.silu,
+    "softplus": lambda x: ops.softplus(x, 1.5, 4.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(_ROUNDED_ONCE))
+def test_the_new_activations_of_16_bit_values_are_their_float32_values_rounded(
+    name: str, dtype: str
+) -> None:
+    # as gelu's and sigmoid's, and torch's (one kernel in float32, rounded once): in float16
+    # the slope 0.1 was itself rounded, and silu and softplus rounded each of their steps
+    dt = _dtype(dtype)
+    fn = _ROUNDED_ONCE[name]
+    x = np.linspace(-8, 8, 2001).astype(dt)
+    out, pullback = ann.vjp(fn, x)
+    (g,) = pullback(np.ones_like(out))
+    want, (want_g,) = _in_float32_rounded(fn, [x], dt)
+    _assert_same(out, want, name)
+    _assert_same(g, want_g, f"{name} gradient")
+    torch = pytest.importorskip("torch")
+    tx = torch.tensor(x.astype(np.float32)).to(getattr(torch, dtype)).requires_grad_()
+    f = torch.nn.functional
+    tout = {
+        "leaky_relu": lambda t: f.leaky_relu(t, 0.1),
+        "elu": lambda t: f.elu(t, 0.7),
+        "silu": f.silu,
+        "softplus": lambda t: f.softplus(t, 1.5, 4.0),
+    }[name](tx)
+    (tg,) = torch.autograd.grad(tout, tx, torch.ones_like(tout))
+    # (torch's exp is another library's: a unit of the last place apart, at most, in 16 bits)
+    unit = 2.0**-10 if dtype == "float16" else 2.0**-7
+    for ours, theirs in ((out, tout), (g, tg)):
+        np.testing.assert_allclose(
+            np.asarray(ours, np.float64), theirs.detach().double().numpy(), rtol=unit, atol=1e-7
+        )
+
+
 # -- what cupy lacks for bfloat16, emulated on numpy ----------------------------------------------
 def test_a_batched_bfloat16_product_without_a_batched_kernel_gives_numpys(monkeypatch: Any) -> None:
     # cupy has no batched bfloat16 product ("data type 'E' not understood": a Linear over a

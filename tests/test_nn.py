@@ -341,6 +341,15 @@ def test_layer_norm_embedding_activations_forward(backend: Backend) -> None:
     np.testing.assert_allclose(to_numpy(nn.Sigmoid()({}, xb)), 1 / (1 + np.exp(-x)), rtol=1e-12)
     np.testing.assert_allclose(to_numpy(nn.Tanh()({}, xb)), np.tanh(x), rtol=1e-12)
     np.testing.assert_array_equal(to_numpy(nn.ReLU()({}, xb)), np.maximum(x, 0))
+    np.testing.assert_array_equal(to_numpy(nn.LeakyReLU()({}, xb)), np.where(x > 0, x, 0.01 * x))
+    np.testing.assert_array_equal(to_numpy(nn.LeakyReLU(0.3)({}, xb)), np.where(x > 0, x, 0.3 * x))
+    np.testing.assert_allclose(to_numpy(nn.ELU(2.0)({}, xb)), np.where(x > 0, x, 2 * np.expm1(x)))
+    np.testing.assert_allclose(to_numpy(nn.SiLU()({}, xb)), x / (1 + np.exp(-x)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(nn.Softplus()({}, xb)), np.log1p(np.exp(x)), rtol=1e-12)
+    soft = np.where(3 * x > 0.5, x, np.log1p(np.exp(3 * x)) / 3)
+    np.testing.assert_allclose(to_numpy(nn.Softplus(3.0, 0.5)({}, xb)), soft, rtol=1e-12)
+    np.testing.assert_array_equal(to_numpy(nn.Hardtanh()({}, xb)), np.clip(x, -1, 1))
+    np.testing.assert_array_equal(to_numpy(nn.Hardtanh(-0.2, 0.5)({}, xb)), np.clip(x, -0.2, 0.5))
     assert nn.Flatten()({}, xb).shape == (3, 10)
     assert nn.Flatten(0, 1)({}, xb).shape == (6, 5)
     sm = to_numpy(nn.Softmax()({}, xb))
@@ -502,6 +511,8 @@ SPEC_MODULES = [
     nn.Embedding(10, 3), nn.MultiHeadAttention(8, 4, bias=False, causal=True, dropout=0.1),
     nn.ReLU(), nn.Tanh(), nn.GELU("tanh"), nn.Sigmoid(), nn.Identity(), nn.Softmax(1),
     nn.LogSoftmax(), nn.Flatten(2), nn.Dropout(0.3), nn.CrossEntropyLoss("sum"), nn.MSELoss(),
+    nn.LeakyReLU(0.2), nn.ELU(alpha=0.5), nn.SiLU(), nn.Softplus(beta=2.0, threshold=10.0),
+    nn.Hardtanh(-2.0, 3.0), nn.LeakyReLU(), nn.Softplus(), nn.Hardtanh(),
     nn.CrossEntropyLoss(weight=(1.0, 0.25, 3.0), ignore_index=0, label_smoothing=0.1),
     nn.Embedding(10, 3, padding_idx=9),
     nn.Residual(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU())),

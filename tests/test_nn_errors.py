@@ -3,6 +3,7 @@ ids, in a module and in a run."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -338,3 +339,53 @@ def test_cross_entropy_options_name_a_weight_or_label_that_does_not_fit() -> Non
         nn.CrossEntropyLoss(ignore_index=0)({}, logits, np.zeros((2,), np.int64))
     with pytest.raises(TypeError, match="labels must be integer class indices, got dtype float64"):
         nn.CrossEntropyLoss(ignore_index=0)({}, logits, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: nn.LeakyReLU("0.1"), TypeError,
+         "LeakyReLU: negative_slope must be a number, got str '0.1'"),
+        (lambda: nn.LeakyReLU(float("nan")), ValueError, "LeakyReLU: negative_slope is NaN"),
+        (lambda: nn.LeakyReLU(True), TypeError,
+         "LeakyReLU: negative_slope must be a number, got bool True"),
+        (lambda: nn.ELU(alpha=None), TypeError, "ELU: alpha must be a number, got NoneType None"),
+        (lambda: nn.ELU(math.nan), ValueError, "ELU: alpha is NaN"),
+        (lambda: nn.Softplus(beta=[1.0]), TypeError, r"Softplus: beta must be a number, got list"),
+        (lambda: nn.Softplus(threshold=math.nan), ValueError, "Softplus: threshold is NaN"),
+        (lambda: nn.Hardtanh(min_val="-1"), TypeError,
+         "Hardtanh: min_val must be a number, got str '-1'"),
+        (lambda: nn.Hardtanh(max_val=math.nan), ValueError, "Hardtanh: max_val is NaN"),
+        (lambda: nn.Hardtanh(2.0, 1.0), ValueError,
+         r"Hardtanh: min_val \(2.0\) must be less than max_val \(1.0\)"),
+        (lambda: nn.Hardtanh(0.5, 0.5), ValueError,
+         r"Hardtanh: min_val \(0.5\) must be less than max_val \(0.5\)"),
+    ],
+)  # fmt: skip
+def test_activations_refuse_bad_hyperparameters(make: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_activation_hyperparameters_are_kept_as_plain_floats() -> None:
+    # (a numpy scalar or an int in a field: kept as a Python float, which a spec carries)
+    m = nn.Hardtanh(np.float32(-0.5), 2)
+    assert (type(m.min_val), type(m.max_val)) == (float, float) and m == nn.Hardtanh(-0.5, 2.0)
+    assert type(nn.LeakyReLU(np.float64(0.2)).negative_slope) is float
+    assert nn.to_spec(nn.Softplus(np.float32(2.0), 5)) == {
+        "type": "Softplus", "args": {"beta": 2.0, "threshold": 5.0}
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [nn.LeakyReLU(), nn.ELU(), nn.SiLU(), nn.Softplus()])
+def test_activations_computing_in_floating_point_refuse_integer_input(module: nn.Module) -> None:
+    with pytest.raises(
+        TypeError, match=rf"^{type(module).__name__}\(.*\) got input of dtype int64"
+    ):
+        module({}, np.arange(6).reshape(2, 3))
+
+
+def test_hardtanh_keeps_integers_as_torch() -> None:
+    out = nn.Hardtanh(-1, 2)({}, np.arange(-3, 4))
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, [-1, -1, -1, 0, 1, 2, 2])

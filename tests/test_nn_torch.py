@@ -563,3 +563,34 @@ def test_a_dilated_max_pool_window_of_padding_only_is_minus_infinity_as_torch() 
         np.testing.assert_array_equal(out, ref.detach().numpy())
         np.testing.assert_array_equal(out, [[[-np.inf]]])
         np.testing.assert_array_equal(pullback(np.ones_like(out))[0], tx.grad.numpy())
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda: nn.LeakyReLU(), lambda t: t.nn.LeakyReLU()),
+        (lambda: nn.LeakyReLU(0.3), lambda t: t.nn.LeakyReLU(0.3)),
+        (lambda: nn.ELU(), lambda t: t.nn.ELU()),
+        (lambda: nn.ELU(alpha=0.25), lambda t: t.nn.ELU(alpha=0.25)),
+        (lambda: nn.SiLU(), lambda t: t.nn.SiLU()),
+        (lambda: nn.Softplus(), lambda t: t.nn.Softplus()),
+        (lambda: nn.Softplus(beta=2.0, threshold=1.0), lambda t: t.nn.Softplus(2.0, 1.0)),
+        (lambda: nn.Hardtanh(), lambda t: t.nn.Hardtanh()),
+        (lambda: nn.Hardtanh(-0.5, 0.25), lambda t: t.nn.Hardtanh(-0.5, 0.25)),
+    ],
+)
+def test_activation_modules_against_torch(ours: Any, theirs: Any) -> None:
+    # each module's defaults and fields are torch's; values and gradients, the kinks included
+    # (Hardtanh's bounds and the zeros among the inputs)
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.standard_normal(20) * 2, [0.0, -0.0, -1.0, 1.0, -0.5, 0.25, 30.0]])
+    module, tmodule = ours(), theirs(torch)
+    out, pullback = vjp(lambda x: module({}, x), x)
+    ct = rng.standard_normal(x.shape)
+    (g,) = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    tout = tmodule(tx)
+    (tg,) = torch.autograd.grad(tout, tx, torch.tensor(ct))
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(g, tg.numpy(), rtol=1e-14, atol=1e-300)

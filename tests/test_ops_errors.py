@@ -502,3 +502,40 @@ def test_a_complex_mse_target_is_refused_not_a_complex_loss() -> None:
         with pytest.raises(TypeError, match="mse_loss: target is complex"):
             ann.grad(lambda p, t=target: ops.mse_loss(p, t))(np.ones(3))
     assert float(ops.mse_loss(np.ones(3), np.arange(3))) == pytest.approx(2 / 3)  # (ints pass)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda x: ops.clip(x), ValueError,
+         r"clip: give min, max or both \(torch.clamp and numpy's clip need one too\)"),
+        (lambda x: ops.clip(x, np.zeros(3)), TypeError,
+         r"clip: min must be a number or None, got an array of shape \(3,\).*ops.maximum"),
+        (lambda x: ops.clip(x, None, "1"), TypeError,
+         "clip: max must be a number or None, got str '1'"),
+        (lambda x: ops.clip(x, max=[1.0]), TypeError, "clip: max must be a number or None"),
+    ],
+)  # fmt: skip
+def test_clip_refuses_what_is_no_bound(call: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        call(np.array([0.5, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize("op", ["leaky_relu", "elu", "silu", "softplus"])
+def test_the_activations_refuse_integer_input(op: str) -> None:
+    with pytest.raises(TypeError, match=f"^{op}: x must be floating point, got dtype int32"):
+        getattr(ops, op)(np.arange(3, dtype=np.int32))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: ops.leaky_relu(x, "0.1"), "leaky_relu: negative_slope must be a number, got str"),
+        (lambda x: ops.elu(x, alpha=None), "elu: alpha must be a number, got NoneType None"),
+        (lambda x: ops.softplus(x, beta=np.ones(2)), "softplus: beta must be a number, got"),
+        (lambda x: ops.softplus(x, threshold="20"), "softplus: threshold must be a number, got"),
+    ],
+)  # fmt: skip
+def test_the_activations_refuse_hyperparameters_that_are_no_numbers(call: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        call(np.array([0.5, -1.0]))

@@ -327,6 +327,123 @@ def _gelu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     return (g * (c + x * pdf),)
 
 
+def _log1p(x: Any) -> tuple[Any, Any]:
+    return ns(x).log1p(x), x
+
+
+def _log1p_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g / (x + 1),)  # (torch's grad / (self + 1))
+
+
+def _expm1(x: Any) -> tuple[Any, Any]:
+    out = ns(x).expm1(x)
+    return out, out
+
+
+def _expm1_vjp(g: Any, out: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * (out + 1),)
+
+
+def _sin(x: Any) -> tuple[Any, Any]:
+    return ns(x).sin(x), x
+
+
+def _sin_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * ns(x).cos(x),)
+
+
+def _cos(x: Any) -> tuple[Any, Any]:
+    return ns(x).cos(x), x
+
+
+def _cos_vjp(g: Any, x: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g * -ns(x).sin(x),)  # (-sin(x) first, as torch: the zeros' signs follow it)
+
+
+def _clip(
+    x: Any, lo: float | None = None, hi: float | None = None, inclusive: bool = True
+) -> tuple[Any, Any]:
+    # maximum, then minimum: a NaN input stays NaN, and min > max gives max everywhere (torch's
+    # clamp and numpy's clip alike). The bounds come as Python numbers, a float input's already
+    # rounded to its dtype (see ops.clip), so that the compares below are exact.
+    xp = ns(x)
+    out = x
+    keep = None
+    if lo is not None:
+        out = xp.maximum(out, lo)
+        keep = x >= lo if inclusive else x > lo
+    if hi is not None:
+        out = xp.minimum(out, hi)
+        below = x <= hi if inclusive else x < hi
+        keep = below if keep is None else keep & below
+    return out, keep
+
+
+def _clip_vjp(g: Any, keep: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # torch's selects: clamp passes g where min <= x <= max (at a bound too), hardtanh where
+    # min < x < max; both give +0 elsewhere (a NaN input included) whatever g
+    return (_select_bits(g, keep, True),)
+
+
+def _leaky_relu(x: Any, negative_slope: float = 0.01) -> tuple[Any, Any]:
+    xp = ns(x)
+    pos = x > 0  # (torch's test: a NaN input takes the negative side, NaN either way)
+    return xp.where(pos, x, x * negative_slope), (pos, negative_slope)
+
+
+def _leaky_relu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    pos, negative_slope = res
+    # g * slope at 0 and at a NaN input, as torch's leaky_relu_backward
+    return (ns(g).where(pos, g, g * negative_slope),)
+
+
+def _elu(x: Any, alpha: float = 1.0) -> tuple[Any, Any]:
+    xp = ns(x)
+    neg = x <= 0  # (torch's test: a NaN input takes the positive side)
+    # expm1 of the negative side only: exp overflowed (a warning) where x > 709
+    xn = xp.where(neg, x, xp.zeros((), x.dtype))
+    return xp.where(neg, xp.expm1(xn) * alpha, x), (neg, xn, alpha)
+
+
+def _elu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    neg, xn, alpha = res
+    xp = ns(g)
+    # torch's elu_backward (not from the result): g * alpha * exp(x) where x <= 0, else g
+    return (xp.where(neg, g * alpha * xp.exp(xn), g),)
+
+
+def _silu(x: Any) -> tuple[Any, Any]:
+    # torch's x / (1 + exp(-x)): exp overflows below -709 (-88 in float32) to inf, and the
+    # quotient is -0, as torch's (NaN at -inf, inf / inf)
+    xp = ns(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = 1 + xp.exp(-x)
+        return x / d, (x, 1 / d)
+
+
+def _silu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    x, sig = res
+    with np.errstate(invalid="ignore"):  # (NaN at +-inf, as torch's)
+        return (g * sig * (1 + x * (1 - sig)),)
+
+
+def _softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> tuple[Any, Any]:
+    # torch's: x where x * beta > threshold, else log1p(exp(x * beta)) / beta (exp overflows
+    # where the other side is taken, quietly)
+    xp = ns(x)
+    z = x * beta
+    linear = z > threshold
+    with np.errstate(over="ignore"):
+        e = xp.exp(z)
+    return xp.where(linear, x, xp.log1p(e) / beta), (linear, e)
+
+
+def _softplus_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    linear, e = res
+    with np.errstate(invalid="ignore"):  # (inf / inf where the linear side is taken)
+        return (ns(g).where(linear, g, g * e / (e + 1)),)
+
+
 def _sqrt(x: Any) -> tuple[Any, Any]:
     out = ns(x).sqrt(x)
     return out, out
@@ -444,6 +561,15 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "sigmoid": (_sigmoid, _sigmoid_vjp),
     "relu": (_relu, _relu_vjp),
     "gelu": (_gelu, _gelu_vjp),
+    "log1p": (_log1p, _log1p_vjp),
+    "expm1": (_expm1, _expm1_vjp),
+    "sin": (_sin, _sin_vjp),
+    "cos": (_cos, _cos_vjp),
+    "clip": (_clip, _clip_vjp),
+    "leaky_relu": (_leaky_relu, _leaky_relu_vjp),
+    "elu": (_elu, _elu_vjp),
+    "silu": (_silu, _silu_vjp),
+    "softplus": (_softplus, _softplus_vjp),
     "sqrt": (_sqrt, _sqrt_vjp),
     "abs": (_abs, _abs_vjp),
     "maximum": (_maximum, _extremum_vjp),
@@ -529,8 +655,10 @@ _AS_IS = {"relu", "maximum", "minimum", "where", "astype"}
 _ARITHMETIC = {"add", "subtract", "multiply", "divide"}
 # GELU cubes x (the tanh form) and squares it (both forms' gradients): float16 overflowed from
 # |x| ~ 40, and its gradients were NaN from |x| ~ 700, where torch's are 1 and 0. The logistic
-# rounds three times in float16 (exp, 1 + e, the quotient): 7e-4 off on [-8, 8], torch 2.4e-4
-_FLOAT16_TOO = {"gelu", "sigmoid"}
+# rounds three times in float16 (exp, 1 + e, the quotient): 7e-4 off on [-8, 8], torch 2.4e-4.
+# The other activations are one kernel in float32 in torch, rounded once: in float16 numpy
+# rounds leaky_relu's slope itself, and each step of silu, elu and softplus.
+_FLOAT16_TOO = {"gelu", "sigmoid", "leaky_relu", "elu", "silu", "softplus"}
 RULES = {
     name: pair
     if name in _AS_IS

@@ -1,6 +1,19 @@
 """Neural-network modules: frozen descriptions whose parameters are passed on every call."""
 
-from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from ._activations import (
+    ELU,
+    GELU,
+    Hardtanh,
+    Identity,
+    LeakyReLU,
+    LogSoftmax,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Softplus,
+    Tanh,
+)
 from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
 from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
@@ -13,9 +26,9 @@ from ._reshape import Dropout, Flatten
 from ._spec import from_spec, to_spec
 
 __all__ = [
-    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "Embedding",
-    "Flatten", "GELU", "GRU", "GRUCell", "Identity", "Initializer", "LSTM", "LSTMCell",
-    "LayerNorm", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d", "MaxPool2d", "Module",
-    "MultiHeadAttention", "ReLU", "Residual", "Sequential", "Sigmoid", "Softmax", "Tanh",
-    "from_spec", "to_spec",
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU",
+    "Embedding", "Flatten", "GELU", "GRU", "GRUCell", "Hardtanh", "Identity", "Initializer",
+    "LSTM", "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss",
+    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
+    "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
 ]  # fmt: skip

@@ -11,7 +11,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._imports import class_path, import_by_path
-from ._activations import GELU, Identity, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from ._activations import (
+    ELU,
+    GELU,
+    Hardtanh,
+    Identity,
+    LeakyReLU,
+    LogSoftmax,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Softplus,
+    Tanh,
+)
 from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
 from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
@@ -29,10 +42,11 @@ __all__ = ["BUILTINS", "from_spec", "to_spec"]
 BUILTINS: dict[str, type[Module]] = {
     cls.__name__: cls
     for cls in (
-        AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
-        GELU, GRU, GRUCell, Identity, LayerNorm, Linear, LogSoftmax, Loop, LoopCell, LSTM,
-        LSTMCell, MaxPool1d, MaxPool2d, Merge, MSELoss, MultiHeadAttention, ReLU, Residual,
-        RNNCell, Router, Sequential, Sigmoid, Softmax, Tanh,
+        AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, ELU, Embedding,
+        Flatten, GELU, GRU, GRUCell, Hardtanh, Identity, LayerNorm, LeakyReLU, Linear,
+        LogSoftmax, Loop, LoopCell, LSTM, LSTMCell, MaxPool1d, MaxPool2d, Merge, MSELoss,
+        MultiHeadAttention, ReLU, Residual, RNNCell, Router, Sequential, SiLU, Sigmoid, Softmax,
+        Softplus, Tanh,
     )
 }  # fmt: skip
 
