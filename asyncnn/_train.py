@@ -229,8 +229,9 @@ class Trainer:
         it (``tr.optimizer = optim.Adam(lr=1e-3)``), as ``Trainer.load(path, optimizer=...)``
         does: where its state has another structure than a layer's current one (another kind:
         ``Adam`` after ``SGD``, or ``SGD`` with momentum after one without), that layer's
-        optimizer state starts fresh, from the new optimizer's ``init`` (step 0, zero
-        buffers), as a new torch optimizer would; where it has the same structure (the same
+        optimizer state starts fresh, from the new optimizer's ``init`` (step 0, buffers at
+        their start: zeros, Adagrad's ``initial_accumulator_value``), as a new torch optimizer
+        would; where it has the same structure (the same
         kind with another ``lr``; ``AdamW`` after ``Adam``), the state is kept and goes on
         (momentum buffers, step count, so a schedule goes on from its step). The weights,
         versions, counters and pending gradients stay as they are.

@@ -20,8 +20,8 @@ BUILTINS: dict[str, type[Optimizer]] = {
 def from_spec(spec: dict[str, Any]) -> Optimizer:
     """The optimizer described by ``spec`` (from :meth:`Optimizer.to_spec`).
 
-    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``, ``"RMSprop"``, ``"Adagrad"``; other :class:`Optimizer` subclasses by
-    import path, ``"package.module:Class"``.
+    Built-ins are named ``"SGD"``, ``"Adam"``, ``"AdamW"``, ``"RMSprop"``, ``"Adagrad"``; other
+    :class:`Optimizer` subclasses by import path, ``"package.module:Class"``.
 
     Raises:
         ValueError: for an unknown name or hyperparameters the optimizer does not take.

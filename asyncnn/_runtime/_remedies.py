@@ -18,7 +18,7 @@ averaged update; for SGD without momentum or weight decay that is scaling the le
 momentum the scaled gradient enters the velocity, and Adam is nearly invariant to it.
 ``PipeMareLR`` reschedules the learning rate itself, as PipeMare does: it scales the optimizer's
 step (:meth:`Policy.correct_update`), which is scaling the learning rate of that update for every
-built-in optimizer (SGD with momentum and weight decay, Adam, AdamW).
+built-in optimizer (SGD with momentum and weight decay, Adam, AdamW, RMSprop, Adagrad).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ class PipeMareLR(Remedy):
     The learning rate is rescheduled, not the gradient: the update's step is scaled,
     ``w_new = w + scale * (w_opt - w)``, ``w_opt`` the optimizer's result, which is that update
     with ``lr * scale`` for every built-in optimizer (SGD with momentum, weight decay or
-    Nesterov, Adam, AdamW); the velocity or moment estimates stay as the optimizer made them.
+    Nesterov, Adam, AdamW, RMSprop, Adagrad); the velocity or moment estimates stay as the optimizer made them.
     Combined with :class:`SpikeCompensation`, wrap it: ``PipeMareLR(SpikeCompensation(...))``
     (the other nesting is refused).
 
