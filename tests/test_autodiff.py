@@ -61,6 +61,18 @@ def test_numpy_ufunc_on_tracer_routes_to_ops():
     np.testing.assert_allclose(g, [1.0, 1.0])
 
 
+def test_numpy_clip_and_the_clip_method_of_a_traced_array_route_to_ops_clip():
+    x = np.array([-2.0, 0.5, 1.0, 3.0])
+    expected = [0.0, 1.0, 1.0, 0.0]  # clamp's gradient: 1 inside [0, 1], at a bound too
+    np.testing.assert_array_equal(ann.grad(lambda t: ops.sum(np.clip(t, 0.0, 1.0)))(x), expected)
+    np.testing.assert_array_equal(ann.grad(lambda t: ops.sum(t.clip(0.0, 1.0)))(x), expected)
+    np.testing.assert_array_equal(ann.grad(lambda t: ops.sum(t.clip(max=1.0)))(x), [1, 1, 1, 0])
+    with pytest.raises(TypeError, match="cannot write into out="):
+        ann.grad(lambda t: ops.sum(t.clip(0.0, 1.0, out=np.empty(4))))(x)
+    with pytest.raises(TypeError, match="traced array"):  # (numpy's clip into an array of its own)
+        ann.grad(lambda t: ops.sum(np.clip(t, 0.0, 1.0, out=np.empty(4))))(x)
+
+
 def test_comparisons_of_traced_arrays_give_raw_arrays():
     x = np.array([0.0, 1.0, 2.0])
 

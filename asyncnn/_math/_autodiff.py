@@ -381,6 +381,12 @@ class Tracer:
     def astype(self, dtype: Any) -> Any:
         return _ops.astype(self, dtype)
 
+    def clip(self, min: Any = None, max: Any = None, *, out: Any = None) -> Any:  # noqa: A002
+        # (np.clip(t, lo, hi) calls this, as numpy's own arrays' clip)
+        if out is not None:
+            raise TypeError("clip of a traced array cannot write into out=; use the result")
+        return _ops.clip(self, min, max)
+
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         op: Any = None
         if method == "__call__" and not kwargs:
