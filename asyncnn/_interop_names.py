@@ -43,7 +43,7 @@ def _module_entries(
         return []  # ReLU, Flatten, Dropout, pooling...
     if isinstance(module, mnn.Linear):
         return [(k, (k,), k == "weight") for k in params]
-    if isinstance(module, mnn.Conv1d | mnn.Conv2d | mnn.LayerNorm | mnn.Embedding):
+    if isinstance(module, mnn.Conv1d | mnn.Conv2d | mnn.LayerNorm | mnn.GroupNorm | mnn.Embedding):
         return [(k, (k,), False) for k in params]  # the same layouts as torch
     if isinstance(module, mnn.LSTM | mnn.GRU | mnn.LSTMCell | mnn.GRUCell):
         # torch's names; the weights stored (in, out) as Linear's
@@ -65,9 +65,9 @@ def _module_entries(
         at = f" (layer {layer!r})"
     raise ValueError(
         f"no torch name mapping for {type(module).__name__}{at}: the built-in Linear, Conv1d, "
-        "Conv2d, LayerNorm, Embedding, MultiHeadAttention, LSTM, GRU, LSTMCell, GRUCell, "
-        "Sequential, Residual and parameterless modules have one; give this module's weights "
-        "with tr.params = {...} directly"
+        "Conv2d, LayerNorm, GroupNorm, Embedding, MultiHeadAttention, LSTM, GRU, LSTMCell, "
+        "GRUCell, Sequential, Residual and parameterless modules have one; give this module's "
+        "weights with tr.params = {...} directly"
     )
 
 

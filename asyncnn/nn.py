@@ -21,6 +21,7 @@ from ._math._nn import (
     Dropout,
     Embedding,
     Flatten,
+    GroupNorm,
     GRUCell,
     Hardtanh,
     Identity,
@@ -48,9 +49,9 @@ from ._math._nn import (
 )  # fmt: skip
 
 __all__ = [
-    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU",
-    "Embedding", "Flatten", "GELU", "GRU", "GRUCell", "Hardtanh", "Identity", "Initializer",
-    "LSTM", "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss",
-    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
-    "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU", "Embedding",
+    "Flatten", "GELU", "GRU", "GRUCell", "GroupNorm", "Hardtanh", "Identity", "Initializer", "LSTM",
+    "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d",
+    "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential", "SiLU",
+    "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
 ]  # fmt: skip

@@ -261,17 +261,27 @@ def test_convolution_gradients_sum_in_float32(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["layer_norm", "softmax", "log_softmax", "logsumexp"])
+@pytest.mark.parametrize(
+    "name", ["layer_norm", "group_norm", "var", "std", "softmax", "log_softmax", "logsumexp"]
+)
 def test_normalizations_compute_in_float32(name: str, dtype: str) -> None:
     # float16 squared a deviation over 256 to inf (layer_norm of [300, -300, 10, 0] was all
-    # zeros; torch: 1.402, -1.426, 0.0353, -0.0118), and summed a strided axis in float16,
-    # which stalls at 2048 (a softmax over 3000 values near 0 came out about 1/2048 each)
+    # zeros; torch: 1.402, -1.426, 0.0353, -0.0118; torch's float16 var of it is 45024, std
+    # 212.1), and summed a strided axis in float16, which stalls at 2048 (a softmax over 3000
+    # values near 0 came out about 1/2048 each)
     dt = _dtype(dtype)
     fn: Callable[..., Any]
+    big = np.array([[300.0, -300.0, 10.0, 0.0], [1.0, 2.0, 3.0, 5.0]], dtype=dt)
     if name == "layer_norm":
-        x = np.array([[300.0, -300.0, 10.0, 0.0], [1.0, 2.0, 3.0, 5.0]], dtype=dt)
-        args = [x, rand((4,), 1).astype(dt), rand((4,), 2).astype(dt)]
+        args = [big, rand((4,), 1).astype(dt), rand((4,), 2).astype(dt)]
         fn = ops.layer_norm
+    elif name == "group_norm":  # (N, C, L) = (1, 4, 2): two groups of two channels
+        args = [big.T.reshape(1, 4, 2), rand((4,), 1).astype(dt), rand((4,), 2).astype(dt)]
+        fn = lambda x, w, b: ops.group_norm(x, 2, w, b)  # noqa: E731
+    elif name in ("var", "std"):
+        args = [big]
+        op = ops.var if name == "var" else ops.std
+        fn = lambda x: op(x, axis=1)  # noqa: E731
     else:
         args = [(0.1 * rand((3000, 2), 0)).astype(dt)]
         fn = {
@@ -405,3 +415,27 @@ def test_a_bfloat16_where_stays_bfloat16_where_the_library_computes_it_in_float3
     assert ops.where(a > 0, a, 0.5).dtype == dt  # (a Python scalar keeps bfloat16, as numpy)
     mixed = ops.where(a > 0, a, b.astype(np.float32))  # a float32 array widens, as numpy
     assert mixed.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["var", "std", "group_norm"])
+def test_16_bit_var_std_and_group_norm_match_torch(name: str, dtype: str) -> None:
+    # torch computes them in float32 and rounds once: float16 squares of 300 overflowed
+    torch = pytest.importorskip("torch")
+    dt = _dtype(dtype)
+    x = np.array([[300.0, -300.0, 10.0, 0.0], [1.0, 2.0, 3.0, 5.0]], dtype=dt)
+    tx = torch.tensor(x.astype(np.float32), dtype=getattr(torch, dtype), requires_grad=True)
+    if name == "group_norm":
+        x, tx_in = x.reshape(1, 4, 2), tx.reshape(1, 4, 2)
+        out, pullback = ann.vjp(lambda x: ops.group_norm(x, 2), x)
+        ref = torch.nn.functional.group_norm(tx_in, 2)
+    else:
+        out, pullback = ann.vjp(lambda x: getattr(ops, name)(x, axis=1, ddof=1), x)
+        ref = getattr(tx, name)(1, correction=1)
+    (g,) = pullback(np.ones_like(out))
+    ref.backward(torch.ones_like(ref))
+    assert out.dtype == g.dtype == dt
+    want = ref.detach().float().numpy().astype(np.float64)
+    want_g = tx.grad.float().numpy().reshape(g.shape).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(g, np.float64), want_g, rtol=1e-2, atol=1e-2)

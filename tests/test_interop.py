@@ -897,3 +897,27 @@ def test_names_that_give_two_modules_of_one_layer_one_torch_name_say_so():
         "'fc.weight'; give each module a prefix of its own"
     )):  # fmt: skip
         torch_names(g, {"stage0": ["fc", "act", "fc"]})
+
+
+def test_group_norm_weights_round_trip_with_torch():
+    # torch's GroupNorm keeps weight and bias (C,), as asyncnn's: the same names and layouts
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(4)
+    tn = torch.nn
+    model = tn.Sequential(tn.Conv2d(2, 6, 3), tn.GroupNorm(3, 6), tn.ReLU(), tn.GroupNorm(2, 6))
+    model = model.double()
+    with torch.no_grad():  # (trained-looking affine weights, not ones and zeros)
+        for m in (model[1], model[3]):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+    ours = nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.ReLU(), nn.GroupNorm(2, 6))
+    assert torch_names(ours) == list(model.state_dict())
+    params = from_torch(model.state_dict(), ours)
+    x = np.random.default_rng(4).standard_normal((2, 2, 5, 4))
+    np.testing.assert_allclose(
+        ours(params, x), model(torch.from_numpy(x)).detach().numpy(), rtol=1e-10, atol=1e-12
+    )
+    for k, v in to_torch(params, ours).items():
+        np.testing.assert_array_equal(v, model.state_dict()[k].numpy(), err_msg=k)
+    # a GroupNorm without affine has no weights, and neither side names any
+    assert torch_names(nn.GroupNorm(2, 4, affine=False)) == []

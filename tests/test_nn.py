@@ -46,6 +46,9 @@ LAYOUTS = [
     (nn.Conv2d(2, 4, (3, 2)), {"weight": (4, 2, 3, 2), "bias": (4,)}),
     (nn.LayerNorm(6), {"weight": (6,), "bias": (6,)}),
     (nn.LayerNorm(6, elementwise_affine=False), {}),
+    (nn.GroupNorm(2, 6), {"weight": (6,), "bias": (6,)}),
+    (nn.GroupNorm(3, 6, affine=False), {}),
+    (nn.GroupNorm(1, 4, bias=False), {"weight": (4,)}),
     (nn.Embedding(10, 4), {"weight": (10, 4)}),
     (
         nn.MultiHeadAttention(8, 2),
@@ -89,6 +92,8 @@ def test_init_distributions_match_torch_defaults() -> None:
     assert abs(e.mean()) < 0.02 and abs(e.std() - 1) < 0.02
     ln = nn.LayerNorm((3, 4)).init(0)
     assert np.array_equal(ln["weight"], np.ones((3, 4))) and not ln["bias"].any()
+    gn = nn.GroupNorm(2, 6).init(0)
+    assert np.array_equal(gn["weight"], np.ones(6)) and not gn["bias"].any()
     a = nn.MultiHeadAttention(64, 4).init(4)
     _check_uniform(a["in_proj_weight"], math.sqrt(6 / (64 + 192)))
     _check_uniform(a["out_proj_weight"], 1 / 8)
@@ -445,6 +450,8 @@ GRAD_CASES = [
     (nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 2, 5)),
     (nn.Conv2d(2, 2, 2, padding=1), (1, 2, 3, 3)),
     (nn.LayerNorm(4), (2, 4)),
+    (nn.GroupNorm(2, 4), (2, 4, 3, 2)),
+    (nn.GroupNorm(3, 3, affine=False), (2, 3, 4)),
     (nn.MultiHeadAttention(4, 2, causal=True), (1, 3, 4)),
     (nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2), nn.Tanh()), (2, 3)),
     (nn.Residual(nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 3), nn.Sigmoid())), (2, 3)),
@@ -508,6 +515,7 @@ SPEC_MODULES = [
     nn.Linear(3, 4, bias=False), nn.Conv1d(2, 3, 5, stride=2, padding=1, dilation=2),
     nn.Conv2d(1, 8, (3, 5), padding=(1, 2)), nn.MaxPool1d(2), nn.MaxPool2d(2, stride=1),
     nn.AvgPool1d(3, padding=1), nn.AvgPool2d((2, 3)), nn.LayerNorm((4, 5), eps=1e-6),
+    nn.GroupNorm(2, 6, eps=1e-3),
     nn.Embedding(10, 3), nn.MultiHeadAttention(8, 4, bias=False, causal=True, dropout=0.1),
     nn.ReLU(), nn.Tanh(), nn.GELU("tanh"), nn.Sigmoid(), nn.Identity(), nn.Softmax(1),
     nn.LogSoftmax(), nn.Flatten(2), nn.Dropout(0.3), nn.CrossEntropyLoss("sum"), nn.MSELoss(),
@@ -571,6 +579,7 @@ INT_ARG_MODULES: list[Any] = [
     lambda i: nn.AvgPool2d(i(2), stride=(i(1), i(2))),
     lambda i: nn.LayerNorm(i(16)),
     lambda i: nn.LayerNorm((i(4), 5)),
+    lambda i: nn.GroupNorm(i(2), i(6)),
     lambda i: nn.MultiHeadAttention(i(8), i(2)),
     lambda i: nn.LSTMCell(i(3), i(4)),
     lambda i: nn.GRUCell(i(3), i(4), bias=False),
@@ -734,7 +743,8 @@ MORE_SPEC_MODULES = [
     nn.MaxPool2d((3, 2), (2, 1), dilation=(1, 2)), nn.MaxPool2d(3, 2, ceil_mode=True),
     nn.Sequential(),
     nn.Sequential(nn.Sequential()), nn.LayerNorm((2, 3), eps=1e-3, elementwise_affine=False),
-    nn.LayerNorm(4, bias=False), nn.Conv2d(2, 3, (1, 2), stride=(2, 1), padding=(0, 1),
+    nn.LayerNorm(4, bias=False), nn.GroupNorm(4, 8, affine=False), nn.GroupNorm(1, 2, bias=False),
+    nn.Conv2d(2, 3, (1, 2), stride=(2, 1), padding=(0, 1),
                                            dilation=(1, 3), bias=False),
     nn.Sequential(
         nn.Residual(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Residual(nn.Identity()))),
@@ -900,3 +910,49 @@ def test_embedding_padding_row_gets_no_gradient(backend: Backend) -> None:
     # the other rows: the gradient of the lookup, against finite differences
     rest = backend.asarray(np.array([[0, 4], [3, 2]]))
     check_grads(lambda p: emb(p, rest), params, rtol=1e-6, atol=1e-9)
+
+
+# -- group normalization --------------------------------------------------------------------------
+def test_group_norm_forward_and_output_shape(backend: Backend) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 3, 2))
+    gn = nn.GroupNorm(3, 6)
+    p = {"weight": rng.standard_normal(6), "bias": rng.standard_normal(6)}
+    g = x.reshape(2, 3, 12)
+    ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(
+        x.shape
+    )
+    y = to_numpy(gn(_put(backend, p), backend.asarray(x)))
+    np.testing.assert_allclose(y, ref * p["weight"][:, None, None] + p["bias"][:, None, None],
+                               rtol=1e-10)  # fmt: skip
+    plain = to_numpy(nn.GroupNorm(3, 6, affine=False)({}, backend.asarray(x)))
+    np.testing.assert_allclose(plain, ref, rtol=1e-10)
+    assert gn._output_shape((None, 6, 3, 2)) == (None, 6, 3, 2)
+    assert gn._output_shape((2, 6, 3, 2)) == (2, 6, 3, 2)
+    assert nn.GroupNorm(2, 4)._output_shape((5, 4)) == (5, 4)
+
+
+def test_a_conv_and_group_norm_graph_trains_under_sync_as_a_plain_loop() -> None:
+    import asyncnn as ann
+    from asyncnn import optim, policies
+
+    modules = [nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+               nn.Linear(4 * 4 * 4, 3)]  # fmt: skip
+    g = ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=[2, 3],
+                             input_shape=(None, 1, 4, 4))  # fmt: skip
+    rng = np.random.default_rng(9)
+    data = {"x": rng.standard_normal((8, 1, 4, 4)), "y": rng.integers(0, 3, 8)}
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=0,
+                     dtype="float64")  # fmt: skip
+    p = [*tr.params["stage0"], *tr.params["stage1"]]
+    tr.fit(data, epochs=2, batch_size=4, shuffle=False)
+    model, loss = nn.Sequential(*modules), nn.CrossEntropyLoss()
+    for _ in range(2):
+        for at in (slice(0, 4), slice(4, 8)):
+            grads = ann.grad(lambda p, at=at: loss({}, model(p, data["x"][at]), data["y"][at]))(p)
+            p = [{k: v - 0.1 * gr[k] for k, v in q.items()} for q, gr in zip(p, grads, strict=True)]
+    trained = [*tr.params["stage0"], *tr.params["stage1"]]
+    assert any(trained[1]["weight"] != 1.0)  # (the norm's own weight trained)
+    for want, got in zip(p, trained, strict=True):
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12)

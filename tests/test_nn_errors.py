@@ -65,12 +65,13 @@ def test_error_messages() -> None:
         (lambda: nn.LayerNorm(4, eps="1e-5"), "LayerNorm: eps must be a real number, got '1e-5'"),
         (lambda: nn.LayerNorm(4, eps=True), "LayerNorm: eps must be a real number, got True"),
         (lambda: nn.LayerNorm(4, eps=None), "LayerNorm: eps must be a real number, got None"),
+        (lambda: nn.GroupNorm(2, 4, eps="0"), "GroupNorm: eps must be a real number, got '0'"),
         (lambda: nn.MultiHeadAttention(4, 2, dropout="0.1"),
          "MultiHeadAttention: dropout must be a real number, got '0.1'"),
         (lambda: nn.MultiHeadAttention(4, 2, dropout=True),
          "MultiHeadAttention: dropout must be a real number, got True"),
     ],
-    ids=["eps-str", "eps-bool", "eps-None", "dropout-str", "dropout-bool"],
+    ids=["eps-str", "eps-bool", "eps-None", "gn-eps-str", "dropout-str", "dropout-bool"],
 )  # fmt: skip
 def test_hyperparameters_are_real_numbers_checked_before_compared(make: Any, match: str) -> None:
     # a string failed comparing with "'>' not supported between instances of 'str' and 'int'",
@@ -87,10 +88,22 @@ def test_hyperparameters_are_real_numbers_checked_before_compared(make: Any, mat
         (lambda: nn.Conv2d(2, 3, 3, bias=None), r"Conv2d: bias must be True or False"),
         (lambda: nn.LayerNorm(4, elementwise_affine="yes"), r"LayerNorm: elementwise_affine"),
         (lambda: nn.LayerNorm(4, bias=1.0), r"LayerNorm: bias must be True or False"),
+        (lambda: nn.GroupNorm(2, 4, affine="yes"), r"GroupNorm: affine must be True or False"),
+        (lambda: nn.GroupNorm(2, 4, bias=0), r"GroupNorm: bias must be True or False"),
         (lambda: nn.MultiHeadAttention(4, 2, causal="no"), r"MultiHeadAttention: causal must"),
         (lambda: nn.MultiHeadAttention(4, 2, bias="False"), r"MultiHeadAttention: bias must"),
     ],
-    ids=["linear", "conv1d", "conv2d", "ln-affine", "ln-bias", "mha-causal", "mha-bias"],
+    ids=[
+        "linear",
+        "conv1d",
+        "conv2d",
+        "ln-affine",
+        "ln-bias",
+        "gn-affine",
+        "gn-bias",
+        "mha-causal",
+        "mha-bias",
+    ],
 )
 def test_flags_must_be_bools(make: Any, match: str) -> None:
     # a string or a number was taken for its truth: bias="no" made a bias, causal="no" a mask
@@ -181,6 +194,8 @@ def test_flatten_refuses_dims_that_are_not_ints(dims: Any) -> None:
         (lambda: nn.MaxPool2d(np.int64(2), padding=np.int64(-1)), "MaxPool2d: padding must be an int or 2 ints >= 0, got np.int64(-1)"),
         (lambda: nn.LayerNorm(np.True_), "LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got np.True_"),
         (lambda: nn.LayerNorm((4, 5.0)), "LayerNorm: normalized_shape must be an int or a tuple of ints >= 1, got (4, 5.0)"),
+        (lambda: nn.GroupNorm(2.0, 4), "GroupNorm: num_groups must be an int >= 1, got 2.0"),
+        (lambda: nn.GroupNorm(2, np.True_), "GroupNorm: num_channels must be an int >= 1, got np.True_"),
         (lambda: nn.MultiHeadAttention(8, True), "MultiHeadAttention: num_heads must be an int >= 1, got True"),
         (lambda: nn.LSTM(3, 4, num_layers=np.True_), "LSTM: num_layers must be an int >= 1, got np.True_"),
         (lambda: nn.GRUCell(3.0, 4), "GRUCell: input_size must be an int >= 1, got 3.0"),
@@ -389,3 +404,20 @@ def test_hardtanh_keeps_integers_as_torch() -> None:
     out = nn.Hardtanh(-1, 2)({}, np.arange(-3, 4))
     assert out.dtype == np.int64
     np.testing.assert_array_equal(out, [-1, -1, -1, 0, 1, 2, 2])
+
+
+def test_group_norm_refuses_what_torch_refuses_naming_both_sizes() -> None:
+    # torch: "num_channels (6) must be divisible by num_groups (4)"
+    with pytest.raises(ValueError, match=r"^GroupNorm: num_channels \(6\) must be divisible by "
+                       r"num_groups \(4\)"):  # fmt: skip
+        nn.GroupNorm(4, 6)
+    with pytest.raises(ValueError, match="GroupNorm: eps must be > 0"):
+        nn.GroupNorm(2, 4, eps=0.0)
+    gn = nn.GroupNorm(2, 4)
+    with pytest.raises(ValueError, match=r"^GroupNorm\(.*\) got input of shape \(3, 6, 5\): it "
+                       r"takes \(N, 4, \*\)"):  # fmt: skip
+        gn(gn.init(0), np.zeros((3, 6, 5), np.float32))
+    with pytest.raises(ValueError, match=r"got input of shape \(4,\): it takes \(N, 4, \*\)"):
+        gn(gn.init(0), np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match=r"^GroupNorm\(.*got input of dtype int64"):
+        gn(gn.init(0), np.zeros((3, 4), np.int64))

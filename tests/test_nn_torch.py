@@ -594,3 +594,44 @@ def test_activation_modules_against_torch(ours: Any, theirs: Any) -> None:
     (tg,) = torch.autograd.grad(tout, tx, torch.tensor(ct))
     np.testing.assert_allclose(out, tout.detach().numpy(), rtol=1e-14, atol=1e-300)
     np.testing.assert_allclose(g, tg.numpy(), rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    ("groups", "channels", "shape", "options"),
+    [
+        (3, 6, (2, 6, 4, 3), {}),
+        (1, 4, (3, 4, 5), {"eps": 1e-3}),
+        (4, 4, (5, 4), {}),
+        (2, 4, (2, 4, 3, 2, 2), {"affine": False}),
+        (2, 6, (2, 6, 7), {"bias": False}),
+    ],
+    ids=["2d", "one-group", "NC", "3d-no-affine", "no-bias"],
+)
+def test_group_norm_matches_torch(
+    groups: int, channels: int, shape: tuple[int, ...], options: dict[str, Any], dtype: str
+) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    module = nn.GroupNorm(groups, channels, **options)
+    tm = torch.nn.GroupNorm(groups, channels, **options).to(getattr(torch, dtype))
+    params = module.init(0, dtype=dtype)
+    with torch.no_grad():  # the same affine weights on both sides, other than ones and zeros
+        for k in params:
+            params[k] = rng.uniform(0.5, 1.5, channels).astype(dtype)
+            getattr(tm, k).copy_(torch.from_numpy(params[k]))
+    out, pullback = vjp(lambda p, x: module(p, x), params, x)
+    ct = rng.standard_normal(out.shape).astype(dtype)
+    gp, gx = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    ref = tm(tx)
+    ref.backward(torch.from_numpy(ct))
+    assert out.dtype == gx.dtype == np.dtype(dtype)
+    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == "float64" else {"rtol": 1e-4, "atol": 1e-4}
+    np.testing.assert_allclose(out, ref.detach().numpy(), **tol)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), **tol)
+    for k in params:
+        assert gp[k].dtype == np.dtype(dtype)
+        np.testing.assert_allclose(gp[k], getattr(tm, k).grad.numpy(), **tol)

@@ -126,6 +126,13 @@ def _refused(op: str, arg: str, dtype: str, arrays: list[Any], call: Any) -> Any
         _refused("layer_norm", "weight", "int64", [_F4[0], np.ones(4, np.int64)], ops.layer_norm),
         _refused("layer_norm", "bias", "uint8", [_F4[0], _F4[0, 0, 0], _I4[0, 0, 0].astype(np.uint8)],
                  ops.layer_norm),
+        _refused("group_norm", "x", "int64", [_I4], lambda x: ops.group_norm(x, 3)),
+        _refused("group_norm", "weight", "int64", [_F4, np.ones(3, np.int64)],
+                 lambda x, w: ops.group_norm(x, 3, w)),
+        _refused("group_norm", "bias", "bool", [_F4, np.ones(3, bool)],
+                 lambda x, b: ops.group_norm(x, 1, None, b)),
+        _refused("var", "x", "int64", [_I4], ops.var),
+        _refused("std", "x", "bool", [_I4 > 2], ops.std),
         _refused("mse_loss", "pred", "int64", [_I4, _F4], ops.mse_loss),
         _refused("gelu", "x", "int8", [_I4.astype(np.int8)], ops.gelu),
     ],
@@ -183,6 +190,63 @@ def test_other_errors() -> None:
         ops.embedding(np.zeros((5, 2)), np.array([0.0, 1.0]))
     with pytest.raises(TypeError, match="axis must be one int"):
         ops.softmax(np.zeros((2, 2)), axis=(0, 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        # torch: "Expected number of channels in input to be divisible by num_groups, but got
+        # input of shape [2, 6, 4] and num_groups=4"
+        (lambda: ops.group_norm(np.zeros((2, 6, 4)), 4), ValueError,
+         r"^group_norm: x of shape \(2, 6, 4\) has 6 channels \(axis 1\), which num_groups=4 "
+         r"does not divide"),
+        (lambda: ops.group_norm(np.zeros(6), 2), ValueError,
+         r"^group_norm: x must have shape \(N, C, \*\) .*got \(6,\)"),
+        (lambda: ops.group_norm(np.zeros((2, 6, 4)), 2, np.ones(4)), ValueError,
+         r"^group_norm: weight of shape \(4,\) must have shape \(6,\), one per channel of x "
+         r"\(shape \(2, 6, 4\)\)"),
+        (lambda: ops.group_norm(np.zeros((2, 6, 4)), 2, None, np.ones((6, 1))), ValueError,
+         r"^group_norm: bias of shape \(6, 1\) must have shape \(6,\)"),
+        (lambda: ops.group_norm(np.zeros((2, 6)), 0), ValueError,
+         r"^group_norm: num_groups must be an int >= 1, got 0"),
+        (lambda: ops.group_norm(np.zeros((2, 6)), 2.0), ValueError,
+         r"^group_norm: num_groups must be an int >= 1, got 2.0"),
+        (lambda: ops.var(np.zeros((2, 3)), ddof="1"), TypeError,
+         r"^var: ddof must be a number, got str '1'"),
+        (lambda: ops.std(np.zeros((2, 3)), ddof=True), TypeError,
+         r"^std: ddof must be a number, got bool True"),
+        (lambda: ops.std(np.zeros((2, 3)), ddof=float("nan")), ValueError,
+         r"^std: ddof must be a finite number, got nan"),
+        (lambda: ops.var(np.zeros((2, 3)), axis=2), ValueError,
+         r"^var: axis 2 is out of range for an array of 2 dimensions"),
+        (lambda: ops.std(np.zeros((2, 3)), axis=(0, -2)), ValueError,
+         r"^std: axis \(0, -2\) names an axis twice"),
+    ],
+)  # fmt: skip
+def test_group_norm_var_and_std_errors_say_what_to_fix(call: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("op", ["var", "std"])
+def test_var_and_std_warn_when_ddof_leaves_no_degrees_of_freedom(op: str) -> None:
+    # as numpy and torch (inf, NaN for a constant group), with a warning that says why
+    fn = getattr(ops, op)
+    with pytest.warns(RuntimeWarning, match=rf"^{op}: ddof=2 leaves no degrees of freedom"):
+        out = fn(np.array([[1.0, 2.0], [3.0, 3.0]]), axis=1, ddof=2)
+    np.testing.assert_array_equal(out, [np.inf, np.nan])
+    with pytest.warns(RuntimeWarning, match="no degrees of freedom"):
+        assert np.isnan(fn(np.zeros((3, 0)), axis=1)).all()
+    # the gradients of torch's x.var(1, correction=2) and x.std(1, correction=2), and of one
+    # entry's std with ddof=1 (NaN, torch's x.std(1) too)
+    x = np.array([[1.0, 2.0], [3.0, 3.0]])
+    with pytest.warns(RuntimeWarning, match="no degrees of freedom"):
+        (g,) = ann.vjp(lambda x: fn(x, axis=1, ddof=2), x)[1](np.ones(2))
+    want = [[-np.inf, np.inf], [np.nan, np.nan]] if op == "var" else np.full((2, 2), np.nan)
+    np.testing.assert_array_equal(g, want)
+    with pytest.warns(RuntimeWarning, match="ddof=1 leaves no degrees of freedom"):
+        out, pullback = ann.vjp(lambda x: fn(x, axis=1, ddof=1), np.array([[5.0], [1.0]]))
+    assert np.isnan(out).all() and np.isnan(pullback(np.ones(2))[0]).all()
 
 
 def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:

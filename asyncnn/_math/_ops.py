@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +36,8 @@ __all__ = [
     "abs", "add", "astype", "broadcast_to", "clip", "concatenate", "cos", "divide", "elu", "exp",
     "expand_dims", "expm1", "gelu", "getitem", "leaky_relu", "log", "log1p", "matmul", "max",
     "maximum", "mean", "min", "minimum", "multiply", "negative", "power", "relu", "reshape",
-    "sigmoid", "silu", "sin", "softplus", "sqrt", "square", "squeeze", "stack", "subtract", "sum",
-    "take", "tanh", "transpose", "unstack", "where",
+    "sigmoid", "silu", "sin", "softplus", "sqrt", "square", "squeeze", "stack", "std", "subtract",
+    "sum", "take", "tanh", "transpose", "unstack", "var", "where",
 ]  # fmt: skip
 
 # One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it
@@ -531,6 +532,65 @@ def min(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False)
     """
     x = as_array(x, "min")
     return _P["min"](x, axis=_nonempty_axes(x, axis, "min"), keepdims=keepdims)
+
+
+def var(
+    x: Any, axis: int | Sequence[int] | None = None, ddof: float = 0, keepdims: bool = False
+) -> Any:
+    """Variance over ``axis`` (all axes by default), numpy's ``var``: the sum of squared
+    deviations from the mean divided by ``n - ddof``. torch's ``correction`` is ``ddof``, but
+    torch's default is 1 (the unbiased estimate) and numpy's, this one's, 0.
+
+    The gradient is torch's, ``2 * g * (x - mean) / (n - ddof)``. float16 and bfloat16 compute
+    in float32 and round once, as torch does (a deviation of 300 squared overflows float16).
+    Where ``ddof >= n`` the variance divides by 0, inf (NaN for a constant group) as in numpy
+    and torch, with a ``RuntimeWarning``.
+
+    Raises:
+        TypeError: an integer or bool ``x`` (numpy would give float64, torch refuses it), or a
+            ``ddof`` that is no number.
+        ValueError: an axis out of range or named twice, or a ``ddof`` that is not finite.
+    """
+    return _variance_op("var", x, axis, ddof, keepdims)
+
+
+def std(
+    x: Any, axis: int | Sequence[int] | None = None, ddof: float = 0, keepdims: bool = False
+) -> Any:
+    """Standard deviation over ``axis``, ``sqrt(var(x, axis, ddof))``: numpy's ``std`` (torch's
+    ``correction`` is ``ddof``, whose torch default is 1, numpy's and this one's 0).
+
+    Its gradient is torch's, ``g * (x - mean) / ((n - ddof) * std)``, and 0 where the standard
+    deviation is 0 (a constant group), as torch sets it (``sqrt(var(x))`` would give 0/0 = NaN
+    there); NaN where the std is NaN (one entry with ``ddof=1``). 16-bit inputs and
+    ``ddof >= n`` as :func:`var`.
+
+    Raises:
+        TypeError: an integer or bool ``x``, or a ``ddof`` that is no number.
+        ValueError: an axis out of range or named twice, or a ``ddof`` that is not finite.
+    """
+    return _variance_op("std", x, axis, ddof, keepdims)
+
+
+def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:
+    x = as_array(x, op)
+    check_floating(x, op)  # (torch refuses integers; numpy would give float64)
+    dof = _number(ddof, op, "ddof")
+    if not math.isfinite(dof):
+        raise ValueError(f"{op}: ddof must be a finite number, got {ddof!r}")
+    shape = _shape(x)
+    axes = normalize_axis(axis, len(shape), op)
+    n = math.prod([shape[a] for a in axes])
+    groups = math.prod([s for i, s in enumerate(shape) if i not in axes])
+    if n - dof <= 0 and groups:  # (no group, no value to warn of)
+        warnings.warn(
+            f"{op}: ddof={ddof!r} leaves no degrees of freedom over axes {axes} of x (shape "
+            f"{shape}), {n} entries each: the {op} is inf (NaN for a constant group), as numpy's "
+            "and torch's; use a ddof below the count",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _P[op](x, axis=axes, ddof=dof, keepdims=keepdims)
 
 
 def _nonempty_axes(x: Any, axis: Any, op: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from ._rules_nn import RULES, out_size
 
 __all__ = [
     "avg_pool1d", "avg_pool2d", "conv1d", "conv2d", "cross_entropy", "dropout", "embedding",
-    "layer_norm", "log_softmax", "logsumexp", "max_pool1d", "max_pool2d", "mse_loss", "softmax",
+    "group_norm", "layer_norm", "log_softmax", "logsumexp", "max_pool1d", "max_pool2d", "mse_loss", "softmax",
 ]  # fmt: skip
 
 PRIMITIVES.update(
@@ -404,6 +404,54 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
                 f"axes of x, {normalized} (x has shape {xs})"
             )
     return _P["layer_norm"](x, weight, bias, ndim=ndim, eps=float(eps))
+
+
+def group_norm(
+    x: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5
+) -> Any:
+    """Group normalization, as ``torch.nn.functional.group_norm``: the C channels of an
+    ``(N, C, *)`` input in ``num_groups`` groups of consecutive channels, each sample's group
+    normalized over its channels and spatial positions with the biased variance, then
+    ``* weight + bias`` per channel (both of shape ``(C,)``). No batch statistics: a sample's
+    output does not depend on the others in its batch. float16 and bfloat16 compute in float32
+    and round once, as :func:`layer_norm` (and torch).
+
+    Raises:
+        TypeError: when x, weight or bias is not floating point (integers or bools).
+        ValueError: when x has fewer than 2 axes, ``num_groups`` is no int >= 1 or does not
+            divide C, or weight's or bias's shape is not ``(C,)``.
+    """
+    x, weight, bias = (as_array(a, "group_norm") for a in (x, weight, bias))
+    _check_floating(x, "group_norm", "x", weight, bias)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_floating(p, "group_norm", name, x)
+    if (
+        isinstance(num_groups, bool)
+        or not isinstance(num_groups, int | np.integer)
+        or num_groups < 1
+    ):
+        raise ValueError(f"group_norm: num_groups must be an int >= 1, got {num_groups!r}")
+    groups = int(num_groups)
+    xs = _shape(x)
+    if len(xs) < 2:
+        raise ValueError(
+            f"group_norm: x must have shape (N, C, *) (a batch of C channels, then any spatial "
+            f"axes), got {xs}; add the batch axis first (x[None])"
+        )
+    channels = xs[1]
+    if channels % groups:
+        raise ValueError(
+            f"group_norm: x of shape {xs} has {channels} channels (axis 1), which "
+            f"num_groups={groups} does not divide; each group takes C // num_groups channels"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and _shape(p) != (channels,):
+            raise ValueError(
+                f"group_norm: {name} of shape {_shape(p)} must have shape ({channels},), one "
+                f"per channel of x (shape {xs})"
+            )
+    return _P["group_norm"](x, weight, bias, groups=groups, eps=float(eps))
 
 
 def dropout(x: Any, p: float, rng: Any) -> Any:

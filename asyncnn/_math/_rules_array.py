@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ from asyncnn.backends import array_namespace as ns
 from asyncnn.backends import matmul as backend_matmul
 
 from ._autodiff import Forward, VjpRule
-from ._rules_elementwise import unbroadcast
+from ._rules_elementwise import _bf16_in_float32, unbroadcast
 
 
 def normalize_axis(axis: Any, ndim: int, op: str = "") -> tuple[int, ...]:
@@ -91,6 +93,68 @@ def _mean_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     if count:  # else x is empty, and so is its gradient: no 0/0 warning for nothing
         g = divided_by_count(g, count)
     return (ns(g).broadcast_to(g.reshape(_keepdims_shape(shape, axes)), shape),)
+
+
+def _quiet_division(xp: Any) -> Any:
+    """Silences numpy's words on a division by 0: a variance over no degrees of freedom is inf
+    (NaN for a constant group), as numpy's and torch's, whose op warned once already."""
+    if xp.__name__ == "numpy":
+        return xp.errstate(divide="ignore", invalid="ignore")
+    return contextlib.nullcontext()
+
+
+def _dropped(out: Any, axes: tuple[int, ...], keepdims: bool) -> Any:
+    """A reduction's ``keepdims=True`` result ``out`` without the ``axes`` unless ``keepdims``."""
+    if keepdims:
+        return out
+    return out.reshape(tuple(s for i, s in enumerate(out.shape) if i not in axes))
+
+
+def _variance(x: Any, axis: tuple[int, ...], ddof: float) -> tuple[Any, Any, float]:
+    """``(var, mean, dof)`` over ``axis``, both kept as length-1 axes: the sum of squared
+    deviations from the mean over ``dof = max(n - ddof, 0)``, as numpy's two passes."""
+    xp = ns(x)
+    n = math.prod(x.shape[a] for a in axis)
+    # (an empty group has no mean: numpy's mean of nothing warns; its variance is 0/0 anyway)
+    mu = (
+        x.mean(axis=axis, keepdims=True) if n else xp.zeros(_keepdims_shape(x.shape, axis), x.dtype)
+    )
+    xc = x - mu
+    dof = max(n - ddof, 0.0)
+    with _quiet_division(xp):  # (a Python float divides: it keeps a float32 sum float32)
+        var = (xc * xc).sum(axis=axis, keepdims=True) / dof
+    return var, mu, dof
+
+
+def _var(x: Any, axis: tuple[int, ...], ddof: float, keepdims: bool) -> tuple[Any, Any]:
+    var, mu, dof = _variance(x, axis, ddof)
+    return _dropped(var, axis, keepdims), (x, mu, dof, axis)
+
+
+def _var_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # torch's 2 * g * (x - mean) / dof; over no degrees of freedom ±inf, NaN at the mean
+    x, mu, dof, axes = res
+    g = g.reshape(_keepdims_shape(x.shape, axes))
+    with _quiet_division(ns(x)):
+        return ((x - mu) * (g * (2.0 / dof if dof else math.inf)),)
+
+
+def _std(x: Any, axis: tuple[int, ...], ddof: float, keepdims: bool) -> tuple[Any, Any]:
+    var, mu, dof = _variance(x, axis, ddof)
+    out = ns(x).sqrt(var)
+    return _dropped(out, axis, keepdims), (x, mu, dof, axis, out)
+
+
+def _std_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # the variance's gradient times g / (2 * std), which torch sets to 0 where the std is 0 (a
+    # constant group: no direction changes it to first order), where sqrt's rule gives 0/0
+    x, mu, dof, axes, out = res
+    xp = ns(x)
+    g = g.reshape(out.shape)
+    zero = out == 0
+    share = xp.where(zero, xp.zeros((), out.dtype), g / xp.where(zero, xp.ones((), out.dtype), out))
+    with _quiet_division(xp):
+        return ((x - mu) * (share * (1.0 / dof if dof else math.inf)),)
 
 
 def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:
@@ -404,4 +468,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "unstack": (_unstack, _unstack_vjp),
     "unstack_piece": (_unstack_piece, _unstack_piece_vjp),
     "matmul": (_matmul, _matmul_vjp),
+    # float16 too in float32, as torch: a deviation of 300 squared overflowed it
+    "var": _bf16_in_float32(_var, _var_vjp, float16=True),
+    "std": _bf16_in_float32(_std, _std_vjp, float16=True),
 }

@@ -455,6 +455,50 @@ def _layer_norm_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any
     return gx, gw, gb
 
 
+def _group_norm(x: Any, w: Any, b: Any, groups: int, eps: float) -> tuple[Any, Any]:
+    xp = ns(x)
+    n, c = x.shape[:2]
+    size = c // groups * int(np.prod(x.shape[2:], dtype=np.int64))
+    xg = x.reshape(n, groups, size)
+    if size:
+        mu = xg.mean(axis=-1, keepdims=True)
+        xc = xg - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)  # biased, as torch
+    else:  # (no entries to normalize: numpy's mean of nothing warns)
+        xc, var = xg, xp.zeros((n, groups, 1), x.dtype)
+    rstd = 1 / xp.sqrt(var + eps)
+    xhat = (xc * rstd).reshape(x.shape)
+    along = (1, c) + (1,) * (x.ndim - 2)  # a channel's weight over its positions
+    out = xhat
+    if w is not None:
+        out = out * w.reshape(along)
+    if b is not None:
+        out = out + b.reshape(along)
+    return out, (xhat, rstd, w, None if b is None else b.dtype, groups)
+
+
+def _group_norm_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any, Any]:
+    xhat, rstd, w, bias_dtype, groups = res
+    n, c = g.shape[:2]
+    along = (1, c) + (1,) * (g.ndim - 2)
+    others = (0, *range(2, g.ndim))  # each channel's batch and positions
+    gw = gb = gx = None
+    if w is not None and needs[1]:
+        gw = (g * xhat).sum(axis=others).astype(w.dtype, copy=False)
+    if bias_dtype is not None and needs[2]:
+        gb = g.sum(axis=others).astype(bias_dtype, copy=False)
+    if needs[0]:
+        size = xhat.size // max(n * groups, 1)
+        gh = (g * w.reshape(along) if w is not None else g).reshape(n, groups, size)
+        xh = xhat.reshape(n, groups, size)
+        if size:  # layer_norm's rule, over each group
+            gh = rstd * (
+                gh - gh.mean(axis=-1, keepdims=True) - xh * (gh * xh).mean(axis=-1, keepdims=True)
+            )
+        gx = gh.reshape(g.shape).astype(xhat.dtype, copy=False)
+    return gx, gw, gb
+
+
 def _dropout(x: Any, scale: Any) -> tuple[Any, Any]:
     return x * scale, scale
 
@@ -642,6 +686,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "max_pool": (_max_pool, _max_pool_vjp),
     "avg_pool": (_avg_pool, _avg_pool_vjp),
     "layer_norm": (_layer_norm, _layer_norm_vjp),
+    "group_norm": (_group_norm, _group_norm_vjp),
     "dropout": (_dropout, _dropout_vjp),
     "cross_entropy": (_cross_entropy, _cross_entropy_vjp),
     "mse_loss": (_mse, _mse_vjp),
@@ -656,7 +701,7 @@ def _widen_16_bit_rules() -> None:
     # axis stall at 2048. (The MSE loss keeps its float16 steps: they equal the ops' own.)
     from ._rules_elementwise import _bf16_in_float32
 
-    for name in ("softmax", "log_softmax", "logsumexp", "layer_norm", "mse_loss"):
+    for name in ("softmax", "log_softmax", "logsumexp", "layer_norm", "group_norm", "mse_loss"):
         RULES[name] = _bf16_in_float32(*RULES[name], float16=name != "mse_loss")
 
 

@@ -20,15 +20,15 @@ from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
 from ._linear import Embedding, Linear
 from ._losses import CrossEntropyLoss, MSELoss
 from ._module import Initializer, Module
-from ._norm import LayerNorm
+from ._norm import GroupNorm, LayerNorm
 from ._recurrent import GRU, LSTM, GRUCell, LSTMCell
 from ._reshape import Dropout, Flatten
 from ._spec import from_spec, to_spec
 
 __all__ = [
-    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU",
-    "Embedding", "Flatten", "GELU", "GRU", "GRUCell", "Hardtanh", "Identity", "Initializer",
-    "LSTM", "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss",
-    "MaxPool1d", "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential",
-    "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU", "Embedding",
+    "Flatten", "GELU", "GRU", "GRUCell", "GroupNorm", "Hardtanh", "Identity", "Initializer", "LSTM",
+    "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d",
+    "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential", "SiLU",
+    "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
 ]  # fmt: skip

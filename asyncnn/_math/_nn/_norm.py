@@ -1,4 +1,4 @@
-"""Layer normalization."""
+"""Layer and group normalization."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
 from .._optim_checks import _real
-from ._args import as_int
+from ._args import as_int, store_sizes
 from ._module import Initializer, Module, Shape, check_flags, check_params, float_input_error
 
-__all__ = ["LayerNorm"]
+__all__ = ["GroupNorm", "LayerNorm"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,74 @@ class LayerNorm(Module):
         # Without a weight the op normalizes the last axis only: merge the normalized axes first.
         flat = ops.reshape(x, (*shape[: len(shape) - n], math.prod(self.normalized_shape)))
         return ops.reshape(ops_nn.layer_norm(flat, eps=self.eps), shape)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        return input_shapes[0]
+
+
+@dataclass(frozen=True)
+class GroupNorm(Module):
+    """Normalizes each sample's channels in ``num_groups`` groups, then scales and shifts each
+    channel, as ``torch.nn.GroupNorm``: a normalization without batch statistics (unlike a batch
+    norm, the same in training and evaluation) for conv nets.
+
+    Input ``(N, num_channels, *)``; each group of ``num_channels // num_groups`` consecutive
+    channels is normalized over its channels and positions with the biased variance. Params:
+    ``{"weight": (num_channels,), "bias": (num_channels,)}`` (ones and zeros); only ``weight``
+    when ``bias=False``; none when ``affine=False``. ``num_groups=1`` normalizes each sample
+    whole (a layer norm over (C, *) with per-channel weights); ``num_groups=num_channels`` each
+    channel alone (an instance norm).
+    """
+
+    num_groups: int
+    num_channels: int
+    eps: float = 1e-5
+    affine: bool = True
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        store_sizes(self, "num_groups", "num_channels")
+        if self.num_channels % self.num_groups:
+            # (torch's words)
+            raise ValueError(
+                f"GroupNorm: num_channels ({self.num_channels}) must be divisible by num_groups "
+                f"({self.num_groups}): each group takes num_channels // num_groups channels"
+            )
+        check_flags(self, "affine", "bias")
+        eps = _real("GroupNorm", "eps", self.eps)
+        if not eps > 0:  # written so that NaN fails too
+            raise ValueError(f"GroupNorm: eps must be > 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
+
+    def _expected(self) -> dict[str, Shape]:
+        shapes: dict[str, Shape] = {}
+        if self.affine:
+            shapes["weight"] = (self.num_channels,)
+            if self.bias:
+                shapes["bias"] = (self.num_channels,)
+        return shapes
+
+    def init_params(self, init: Initializer) -> Any:
+        params = {}
+        if self.affine:
+            params["weight"] = init.ones((self.num_channels,))
+            if self.bias:
+                params["bias"] = init.zeros((self.num_channels,))
+        return params
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        check_params(self, params, self._expected())
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) < 2 or shape[1] != self.num_channels:
+            raise ValueError(
+                f"{self!r} got input of shape {shape}: it takes (N, {self.num_channels}, *), a "
+                f"batch of {self.num_channels} channels then any spatial axes"
+            )
+        if x.dtype.kind in "iub":  # ints, bools: numpy would promote them (int64 to float64)
+            raise float_input_error(self, x, params.get("weight"))
+        return ops_nn.group_norm(
+            x, self.num_groups, params.get("weight"), params.get("bias"), eps=self.eps
+        )
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
         return input_shapes[0]

@@ -32,7 +32,7 @@ from ._linear import Embedding, Linear
 from ._loops import Loop, RNNCell
 from ._losses import CrossEntropyLoss, MSELoss
 from ._module import Module, _check_dataclass
-from ._norm import LayerNorm
+from ._norm import GroupNorm, LayerNorm
 from ._recurrent import GRU, LSTM, GRUCell, LoopCell, LSTMCell
 from ._reshape import Dropout, Flatten
 from ._routing import Merge, Router
@@ -43,7 +43,7 @@ BUILTINS: dict[str, type[Module]] = {
     cls.__name__: cls
     for cls in (
         AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, ELU, Embedding,
-        Flatten, GELU, GRU, GRUCell, Hardtanh, Identity, LayerNorm, LeakyReLU, Linear,
+        Flatten, GELU, GRU, GRUCell, GroupNorm, Hardtanh, Identity, LayerNorm, LeakyReLU, Linear,
         LogSoftmax, Loop, LoopCell, LSTM, LSTMCell, MaxPool1d, MaxPool2d, Merge, MSELoss,
         MultiHeadAttention, ReLU, Residual, RNNCell, Router, Sequential, SiLU, Sigmoid, Softmax,
         Softplus, Tanh,
