@@ -23,9 +23,12 @@ from typing import Any, NoReturn
 from ._cli_args import (
     _MICROBATCHED,
     _MODEL_FLAGS,
+    _OPTIMIZERS,
+    _WITH_MOMENTUM,
     UsageError,
     _check_train_args,
     _natural,
+    _non_negative_float,
     _positive_float,
     _positive_int,
     _seed,
@@ -56,6 +59,54 @@ def _policy(name: str, microbatches: int, stages: int, stash: bool) -> Any:
     if name == "PipeDream":
         return policies.PipeDream(microbatches, stash=stash)
     return getattr(policies, name)(microbatches)
+
+
+def _optimizer(args: argparse.Namespace, checkpoints: Any = None) -> Any:
+    """``--optimizer``'s optimizer: the hyperparameters given (``--lr``, ``--momentum``,
+    ``--weight-decay``) over the optimizer's own defaults, or, switching the ``checkpoints``
+    optimizer to another of its kind, over that one's (``--resume ckpt --optimizer Adam --lr
+    1e-4`` changes its learning rate alone)."""
+    import dataclasses
+
+    from . import optim
+
+    cls = getattr(optim, args.optimizer)
+    given = {
+        name: value
+        for name, value in (
+            ("lr", args.lr), ("momentum", args.momentum), ("weight_decay", args.weight_decay)
+        )
+        if value is not None
+    }  # fmt: skip
+    if type(checkpoints) is cls:
+        return dataclasses.replace(checkpoints, **given)
+    return cls(**given)
+
+
+def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
+    """Gives the resumed ``trainer`` ``--optimizer``'s optimizer, as
+    ``Trainer.load(path, optimizer=...)`` would (the setter it shares: each layer's state kept
+    where the new optimizer's has its structure, else fresh), and says what became of it."""
+    old = trainer.optimizer
+    new = _optimizer(args, old)
+    said = f"--optimizer {args.optimizer}:"
+    if new == old:
+        print(f"{said} the checkpoint's {old} goes on unchanged")
+        return
+    held = dict(trainer.state.opt_states)
+    trainer.optimizer = new
+    kept = [name for name, state in trainer.state.opt_states.items() if state is held.get(name)]
+    fresh = [name for name in trainer.state.opt_states if name not in kept]
+    if not fresh:
+        what = "goes on (the same structure: its step count and buffers kept)"
+    elif not kept:
+        what = "starts fresh (another structure: step 0, its buffers at their start)"
+    else:  # (a layer whose parameters make no buffer keeps it under more optimizers)
+        what = (
+            f"goes on for {', '.join(kept)} (the same structure) and starts fresh for "
+            f"{', '.join(fresh)} (another structure: step 0, its buffers at their start)"
+        )
+    print(f"{said} {new} in place of the checkpoint's {old}; each layer's optimizer state {what}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -152,7 +203,7 @@ def _fit(
     sizes: list[int],
     trainer: Any = None,
 ) -> int:
-    from . import Trainer, optim
+    from . import Trainer
     from ._callback_states import quiet_loaded_callback_states
     from ._checkpoint_files import write_whole
     from ._fit import epoch_layout
@@ -161,9 +212,13 @@ def _fit(
     plural = "es" if args.workers != 1 else ""
     where = f" on {args.workers} worker process{plural}" if args.workers else ""
     if trainer is None:
+        optimizer = _optimizer(args)
+        # the report's args: the values trained with (the optimizer's own where not given)
+        args.lr, args.weight_decay = optimizer.lr, optimizer.weight_decay
+        args.momentum = optimizer.momentum if args.optimizer in _WITH_MOMENTUM else None
         trainer = Trainer(
             graph,
-            optimizer=optim.Adam(lr=args.lr),
+            optimizer=optimizer,
             policy=policy,
             seed=args.seed,
             progress=args.progress,
@@ -174,12 +229,14 @@ def _fit(
         cut = [len(graph.nodes[n].module.modules) for n in graph.layers]
         print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
               f"{args.stages} stages under {policy}{where}; modules per stage {cut} "
-              f"(balanced by {args.balance})")  # fmt: skip
+              f"(balanced by {args.balance}) with {trainer.optimizer}")  # fmt: skip
     else:
         counted = trainer._epoch_layout  # (what the unfinished epoch's minibatches were)
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
               f"({trainer.state.minibatches} minibatches) under {policy}{where}; minibatches "
               f"of {args.batch_size} rows, {getattr(args, 'batch_size_from', 'given')}")  # fmt: skip
+        if args.optimizer is not None:  # (--optimizer given: --resume set it None otherwise)
+            _switch_optimizer(args, trainer)
         # a Python fit's callbacks (an EarlyStopping's counters), which train has none of and
         # its users cannot pass: said here, and not warned of with Python's advice. Dropped,
         # not carried into --save: they count none of this run's epochs (a resume in Python
@@ -341,11 +398,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 2
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, but where the help says it (a default that
+    depends on another option, such as ``--lr``'s on ``--optimizer``, would read "None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help is not None and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and the defaults in every option's help."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -392,7 +459,29 @@ def _parser() -> argparse.ArgumentParser:
         help="rows per minibatch (with --resume, the checkpoint's where it records one; "
         "another restarts its unfinished epoch)",
     )  # fmt: skip
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    t.add_argument(
+        "--optimizer", choices=_OPTIMIZERS, default=_OPTIMIZERS[0],
+        help="the optimizer, as asyncnn.optim names it (torch.optim's update rules). With "
+        "--resume, it replaces the checkpoint's as Trainer.load(path, optimizer=...) does: each "
+        "layer's optimizer state goes on where the new one's has the same structure (AdamW "
+        "after Adam), else starts fresh",
+    )  # fmt: skip
+    t.add_argument(
+        "--lr", type=_positive_float,
+        help="learning rate (default: the optimizer's: 1e-3 for Adam and AdamW, 0.1 for SGD, "
+        "1e-2 for RMSprop and Adagrad; with --resume, the checkpoint's where --optimizer names "
+        "its kind)",
+    )  # fmt: skip
+    t.add_argument(
+        "--momentum", type=_non_negative_float,
+        help="momentum factor, of SGD and RMSprop only (default: the optimizer's: 0; with "
+        "--resume, as --lr)",
+    )  # fmt: skip
+    t.add_argument(
+        "--weight-decay", type=_non_negative_float,
+        help="weight decay: an L2 penalty added to the gradient, decoupled from it in AdamW "
+        "(default: the optimizer's: 1e-2 for AdamW, else 0; with --resume, as --lr)",
+    )  # fmt: skip
     t.add_argument("--seed", type=_seed, default=0, help="weights and shuffling")
     t.add_argument("--progress", action="store_true", help="live progress bar")
     t.add_argument(
@@ -415,7 +504,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume", metavar="DIR",
         help="continue the trainer saved in DIR (model, policy, optimizer, seed and batch size "
-        "from it; give the --dataset it was trained on)",
+        "from it, the optimizer unless --optimizer is given; give the --dataset it was trained "
+        "on)",
     )  # fmt: skip
     t.add_argument(
         "--metrics", metavar="FILE",

@@ -24,11 +24,19 @@ if TYPE_CHECKING:
 _MICROBATCHED = ("PipeDream", "OneFOneB", "GPipe")
 
 
-# train's options that describe the model, the policy or the optimizer: a checkpoint holds them
+# train's options that describe the model, the policy or the seed: a checkpoint holds them
 _MODEL_FLAGS = (
     "--policy", "--stages", "--balance", "--microbatches", "--no-stash", "--layers", "--hidden",
-    "--lr", "--seed",
+    "--seed",
 )  # fmt: skip
+
+#: --optimizer's names, as asyncnn.optim spells them (the first, the default, as before the flag)
+_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+#: the optimizers that have a momentum factor (--momentum)
+_WITH_MOMENTUM = ("SGD", "RMSprop")
+# the optimizer's hyperparameters: with --resume, they apply to the optimizer --optimizer names
+# (the checkpoint holds its own)
+_OPTIMIZER_FLAGS = ("--lr", "--momentum", "--weight-decay")
 
 
 #: the row width of each --dataset, which a --resume checkpoint's model must take (known here so
@@ -280,12 +288,25 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
         except FileExistsError as exc:
             raise UsageError(f"--save {args.save}: {exc}") from exc
     if args.resume:
+        switch = "--optimizer" in given
         clash = [f for f in _MODEL_FLAGS if f in given]
-        if clash:
+        hyper = [f for f in _OPTIMIZER_FLAGS if f in given and not switch]
+        if clash or hyper:
+            # (the optimizer's hyperparameters are said apart: --optimizer makes them apply)
+            also = ""
+            if hyper:
+                also = (
+                    ", or give --optimizer NAME to switch the checkpoint's optimizer "
+                    f"({' and '.join(hyper)} then apply to it)"
+                )
             raise UsageError(
                 f"--resume takes the model, policy, optimizer and seed from the checkpoint; "
-                f"drop {' '.join(clash)}"
+                f"drop {' '.join(clash + hyper)}{also}"
             )
+        if switch:
+            _check_optimizer_flags(args, given)
+        else:  # the checkpoint's optimizer goes on (the default name is no choice made)
+            args.optimizer = None
         graph, epochs_done, batch_size = _check_resume(args.resume)
         _check_resumable(args, graph)
         args.batch_size_from = "given" if "--batch-size" in given else "the default"
@@ -300,6 +321,7 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
                 f"(--epochs counts them too); give --epochs {epochs_done + 1} or more to train on"
             )
         return
+    _check_optimizer_flags(args, given)
     if args.no_stash and args.policy != "PipeDream":
         raise UsageError(
             f"--no-stash applies to PipeDream only ({args.policy} keeps no weight stash)"
@@ -320,6 +342,18 @@ def _check_train_args(args: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(
             f"--stages {args.stages} is more than the MLP's {modules} modules "
             f"({args.layers} hidden layers, each Linear + ReLU, and the output Linear)"
+        )
+
+
+def _check_optimizer_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuses a hyperparameter that the chosen optimizer has no field for (``--momentum``
+    with Adam, the default too: it was not given, so the user may not know it is the one)."""
+    if args.momentum is not None and args.optimizer not in _WITH_MOMENTUM:
+        default = "" if "--optimizer" in given else "the default; "
+        raise UsageError(
+            f"--momentum applies to {' and '.join(_WITH_MOMENTUM)}, not --optimizer "
+            f"{args.optimizer} ({default}it has no momentum factor): give --optimizer "
+            f"{' or '.join(_WITH_MOMENTUM)}, or drop --momentum"
         )
 
 
@@ -344,6 +378,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if not value >= 0:  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**64:  # checkpoints and traces keep it as an unsigned 64-bit integer
@@ -353,4 +396,4 @@ def _seed(text: str) -> int:
 
 _positive_int.__name__ = _natural.__name__ = "integer"  # argparse names the type in errors
 _seed.__name__ = "integer"
-_positive_float.__name__ = "number"
+_positive_float.__name__ = _non_negative_float.__name__ = "number"

@@ -175,6 +175,20 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--policy", "Sync", "--microbatches", "2"], "--microbatches applies to GPipe"),
         (["--stages", "9", "--layers", "1"], "more than the MLP's 3 modules"),
         (["--resume", "ckpt", "--lr", "0.1"], "drop --lr"),
+        # the optimizer's hyperparameters switch it only with --optimizer (none was taken)
+        (["--resume", "ckpt", "--momentum", "0.9"], "drop --momentum, or give --optimizer"),
+        # the optimizer, Adam, could not be chosen; a name is spelt as in asyncnn.optim
+        # (argparse lists the names, quoted or not as the Python version has it)
+        (["--optimizer", "sgd"], "--optimizer: invalid choice: 'sgd' (choose from "),
+        (
+            ["--optimizer", "Adam", "--momentum", "0.9"],
+            "--momentum applies to SGD and RMSprop, not --optimizer Adam (it has no momentum "
+            "factor): give --optimizer SGD or RMSprop, or drop --momentum",
+        ),
+        # said of the default too, which was not given
+        (["--momentum", "0.9"], "--momentum applies to SGD and RMSprop, not --optimizer Adam"),
+        (["--optimizer", "SGD", "--momentum", "-1"], "--momentum: must be 0 or more, got -1"),
+        (["--weight-decay", "nan"], "--weight-decay: must be 0 or more, got nan"),
         # said without the flag ("'no-such-folder' is not a checkpoint folder: it has no
         # spec.msgpack"), as the Python API says it
         (
@@ -1519,3 +1533,133 @@ def test_the_trace_and_output_modules_of_the_command_line_never_import_it() -> N
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
         assert not found & {"_cli", "asyncnn._cli"}, name
+
+
+# -- --optimizer and its hyperparameters -----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], optim.Adam(lr=1e-3)),  # the default, as before --optimizer
+        (
+            ["--optimizer", "SGD", "--momentum", "0.9", "--lr", "0.05"],
+            optim.SGD(lr=0.05, momentum=0.9),
+        ),
+        (["--optimizer", "Adam", "--weight-decay", "0.001"], optim.Adam(weight_decay=0.001)),
+        (["--optimizer", "AdamW"], optim.AdamW()),  # its own defaults: lr 1e-3, decay 1e-2
+        (["--optimizer", "RMSprop", "--momentum", "0.5"], optim.RMSprop(momentum=0.5)),
+        (["--optimizer", "Adagrad", "--lr", "0.1"], optim.Adagrad(lr=0.1)),
+    ],
+    ids=["default", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad"],
+)
+def test_train_with_each_optimizer(
+    flags: list[str], expected: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # every run trained with Adam, whatever the user wanted
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    args = [*_TRAIN, "--epochs", "1", "--save", ckpt, *flags, "--out", str(out)]
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith(f"with {expected}")
+    assert ann.Trainer.load(ckpt).optimizer == expected
+    report = json.loads((out / "results.json").read_text())
+    assert report["model"]["optimizer"] == str(expected)
+    assert report["args"]["optimizer"] == type(expected).__name__
+    assert report["args"]["lr"] == expected.lr
+    # and it trained with it: the weights of the same run in Python
+    saved = ann.Trainer.load(ckpt)
+    python = _fit_in_python(
+        ann.Trainer(saved.graph, optimizer=expected, policy=policies.Sync(), seed=0), 1
+    )
+    assert_params_equal(python.params, saved.params)
+
+
+def test_train_help_gives_each_optimizer_its_own_learning_rate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--optimizer {Adam,AdamW,SGD,RMSprop,Adagrad}" in out and "(default: Adam)" in out
+    assert "(default: None)" not in out.split("--lr", 1)[1].split("--seed", 1)[0]
+    assert "0.1 for SGD" in out
+
+
+def _fit_in_python(trainer: ann.Trainer, epochs: int) -> ann.Trainer:
+    """What asyncnn train's fit does with ``trainer`` on digits (minibatches of 64, shuffled)."""
+    ds = ann.data.load_digits()
+    trainer.fit({"x": ds["x_train"], "y": ds["y_train"]}, epochs=epochs, batch_size=64,
+                shuffle=True)  # fmt: skip
+    return trainer
+
+
+@pytest.mark.timeout(90)
+def test_resume_with_another_optimizer_switches_as_trainer_load_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --resume kept the checkpoint's optimizer, and --lr with it was refused: no way to go on
+    # with another
+    ckpt, again = str(tmp_path / "ckpt"), str(tmp_path / "again")
+    assert main([*_TRAIN, "--epochs", "1", "--optimizer", "SGD", "--momentum", "0.9",
+                 "--save", ckpt]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--out", "",
+                 "--optimizer", "Adam", "--lr", "0.01", "--save", again]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    switched = [line for line in out.splitlines() if line.startswith("--optimizer Adam:")]
+    assert switched == [
+        "--optimizer Adam: Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, "
+        "amsgrad=False, clip_norm=None) in place of the checkpoint's SGD(lr=0.1, momentum=0.9, "
+        "dampening=0.0, weight_decay=0.0, nesterov=False, clip_norm=None); each layer's "
+        "optimizer state starts fresh (another structure: step 0, its buffers at their start)"
+    ]
+    resumed = ann.Trainer.load(again)
+    assert resumed.optimizer == optim.Adam(lr=0.01) and resumed.epochs_done == 2
+    python = _fit_in_python(ann.Trainer.load(ckpt, optimizer=optim.Adam(lr=0.01)), 1)
+    assert resumed.versions == python.versions
+    assert_params_equal(python.params, resumed.params)
+    assert resumed.state.opt_states["stage0"]["step"] == 23  # fresh at the switch: one epoch's
+
+
+@pytest.mark.timeout(90)
+def test_resume_with_an_optimizer_of_the_same_structure_keeps_its_state_and_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, again = str(tmp_path / "ckpt"), str(tmp_path / "again")
+    assert main([*_TRAIN, "--epochs", "1", "--lr", "0.01", "--save", ckpt]) == 0  # Adam
+    capsys.readouterr()
+    resume = ["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--out", ""]
+    # the checkpoint's kind: its hyperparameters kept (lr 0.01), those given replaced
+    assert main([*resume, "--optimizer", "Adam", "--weight-decay", "0.001", "--save", again]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "--optimizer Adam: Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.001, "
+        "amsgrad=False, clip_norm=None) in place of the checkpoint's Adam(lr=0.01, betas=(0.9, "
+        "0.999), eps=1e-08, weight_decay=0.0, amsgrad=False, clip_norm=None); each layer's "
+        "optimizer state goes on (the same structure: its step count and buffers kept)"
+    ) in out.splitlines()
+    resumed = ann.Trainer.load(again)
+    assert resumed.optimizer == optim.Adam(lr=0.01, weight_decay=0.001)
+    assert resumed.state.opt_states["stage0"]["step"] == 46  # went on from the checkpoint's 23
+    python = _fit_in_python(
+        ann.Trainer.load(ckpt, optimizer=optim.Adam(lr=0.01, weight_decay=0.001)), 1
+    )
+    assert_params_equal(python.params, resumed.params)
+    # another kind of the same structure: AdamW takes Adam's moments, with its own defaults
+    capsys.readouterr()
+    assert main([*resume, "--optimizer", "AdamW", "--save", again]) == 0
+    assert "each layer's optimizer state goes on" in capsys.readouterr().out
+    assert ann.Trainer.load(again).optimizer == optim.AdamW()
+    # the report's args name what was given, its model the optimizer it trained with
+    out_dir = tmp_path / "out"
+    resume[resume.index("--out") + 1] = str(out_dir)
+    assert main([*resume, "--optimizer", "SGD"]) == 0
+    report = json.loads((out_dir / "results.json").read_text())
+    assert report["args"]["optimizer"] == "SGD" and report["args"]["lr"] is None
+    assert report["model"]["optimizer"] == str(optim.SGD())
+    assert main([*resume]) == 0  # no --optimizer: the checkpoint's
+    report = json.loads((out_dir / "results.json").read_text())
+    assert report["args"]["optimizer"] is None and report["args"]["weight_decay"] is None
+    assert report["model"]["optimizer"].startswith("Adam(lr=0.01,")
