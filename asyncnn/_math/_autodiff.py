@@ -385,7 +385,9 @@ class Tracer:
         # (np.clip(t, lo, hi) calls this, as numpy's own arrays' clip)
         if out is not None:
             raise TypeError("clip of a traced array cannot write into out=; use the result")
-        return _ops.clip(self, min, max)
+        from ._ops_act import clip
+
+        return clip(self, min, max)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         op: Any = None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import _ops as ops
+from .. import _ops_act as ops_act
 from .. import _ops_nn as ops_nn
 from ._args import as_int
 from ._module import NO_DTYPE, Module, Shape, float_input_error
@@ -127,7 +128,7 @@ class LeakyReLU(_Elementwise):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
-        return ops.leaky_relu(x, self.negative_slope)
+        return ops_act.leaky_relu(x, self.negative_slope)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class ELU(_Elementwise):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
-        return ops.elu(x, self.alpha)
+        return ops_act.elu(x, self.alpha)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class SiLU(_Elementwise):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
-        return ops.silu(x)
+        return ops_act.silu(x)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class Softplus(_Elementwise):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         if getattr(x, "dtype", NO_DTYPE).kind in "iub":  # numpy would promote ints, bools
             raise float_input_error(self, x)
-        return ops.softplus(x, self.beta, self.threshold)
+        return ops_act.softplus(x, self.beta, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class Hardtanh(_Elementwise):
             )
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
-        return ops.hardtanh(x, self.min_val, self.max_val)
+        return ops_act.hardtanh(x, self.min_val, self.max_val)
 
 
 @dataclass(frozen=True)
