@@ -635,3 +635,26 @@ def test_group_norm_matches_torch(
     for k in params:
         assert gp[k].dtype == np.dtype(dtype)
         np.testing.assert_allclose(gp[k], getattr(tm, k).grad.numpy(), **tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_hardtanh_gradient_at_a_bound_16_bits_cannot_hold_is_torchs(dtype: str) -> None:
+    # torch compares a 16-bit input with the float32 bounds: a float16 0.09998 lies inside
+    # Hardtanh(-0.1, 0.1) (gradient 1) though float16's 0.1 is that same value
+    torch = pytest.importorskip("torch")
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    from asyncnn.backends import BFLOAT16
+
+    np_dtype = np.dtype(BFLOAT16) if dtype == "bfloat16" else np.dtype(dtype)
+    values = [-0.3, -0.1, 0.1, 2 / 3, 0.05, -1.0, 1.0]
+    for lo, hi in ((-0.1, 0.1), (-0.3, 2 / 3), (-1.0, 1.0)):
+        x = np.array(values, dtype=np.float32).astype(np_dtype)
+        module = nn.Hardtanh(lo, hi)
+        out, pullback = vjp(lambda x, m=module: m({}, x), x)
+        (g,) = pullback(np.ones_like(x))
+        tx = torch.tensor(x.astype(np.float32), dtype=getattr(torch, dtype), requires_grad=True)
+        tout = torch.nn.Hardtanh(lo, hi)(tx)
+        (tg,) = torch.autograd.grad(tout, tx, torch.ones_like(tx))
+        np.testing.assert_array_equal(out.astype(np.float32), tout.detach().float().numpy())
+        np.testing.assert_array_equal(g.astype(np.float32), tg.float().numpy(), err_msg=str(lo))

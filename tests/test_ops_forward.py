@@ -1107,3 +1107,13 @@ def test_float16_mixed_with_bfloat16_arrays_promotes_as_numpy_in_every_rule() ->
         assert ops.multiply(xb, s).dtype == BFLOAT16
     assert ops.multiply(x, np.float64(0.5)).dtype == np.float64
     assert ops.multiply(x, 0.5).dtype == np.float16
+
+
+def test_softplus_of_a_product_past_the_range_is_the_input_without_a_warning() -> None:
+    # beta * x overflows to inf, which takes the linear side: x itself, as torch's, and no
+    # numpy warning on the way (an error under filterwarnings=error)
+    x = np.array([1e308, -1e308, 3.0])
+    out, pullback = ann.vjp(lambda x: ops.softplus(x, beta=2.0), x)
+    np.testing.assert_array_equal(out[:2], [1e308, 0.0])
+    np.testing.assert_allclose(out[2], np.log1p(np.exp(6.0)) / 2, rtol=1e-15)
+    np.testing.assert_array_equal(pullback(np.ones(3))[0][:2], [1.0, 0.0])

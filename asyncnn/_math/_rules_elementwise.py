@@ -431,10 +431,10 @@ def _softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> tuple[Any, 
     # torch's: x where x * beta > threshold, else log1p(exp(x * beta)) / beta (exp overflows
     # where the other side is taken, quietly)
     xp = ns(x)
-    z = x * beta
-    linear = z > threshold
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # (x * beta past the dtype's range takes the linear side)
+        z = x * beta
         e = xp.exp(z)
+    linear = z > threshold
     return xp.where(linear, x, xp.log1p(e) / beta), (linear, e)
 
 
@@ -657,8 +657,9 @@ _ARITHMETIC = {"add", "subtract", "multiply", "divide"}
 # |x| ~ 40, and its gradients were NaN from |x| ~ 700, where torch's are 1 and 0. The logistic
 # rounds three times in float16 (exp, 1 + e, the quotient): 7e-4 off on [-8, 8], torch 2.4e-4.
 # The other activations are one kernel in float32 in torch, rounded once: in float16 numpy
-# rounds leaky_relu's slope itself, and each step of silu, elu and softplus.
-_FLOAT16_TOO = {"gelu", "sigmoid", "leaky_relu", "elu", "silu", "softplus"}
+# rounds leaky_relu's slope itself, and each step of silu, elu and softplus. Hardtanh's clip
+# compares float16 with its float32 bounds, as torch's kernel does.
+_FLOAT16_TOO = {"gelu", "sigmoid", "leaky_relu", "elu", "silu", "softplus", "clip"}
 RULES = {
     name: pair
     if name in _AS_IS
