@@ -83,6 +83,22 @@ def _optimizer(args: argparse.Namespace, checkpoints: Any = None) -> Any:
     return cls(**given)
 
 
+def _short(optimizer: Any) -> str:
+    """``optimizer`` as the run's lines name it: its learning rate and the settings it has
+    other than its defaults (``Adam(lr=0.001)``, ``SGD(lr=0.05, momentum=0.9)``); results.json
+    keeps the whole form."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(optimizer):
+        return str(optimizer)
+    shown = [
+        f"{f.name}={getattr(optimizer, f.name)!r}"
+        for f in dataclasses.fields(optimizer)
+        if f.name == "lr" or getattr(optimizer, f.name) != f.default
+    ]
+    return f"{type(optimizer).__name__}({', '.join(shown)})"
+
+
 def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
     """Gives the resumed ``trainer`` ``--optimizer``'s optimizer, as
     ``Trainer.load(path, optimizer=...)`` would (the setter it shares: each layer's state kept
@@ -91,7 +107,7 @@ def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
     new = _optimizer(args, old)
     said = f"--optimizer {args.optimizer}:"
     if new == old:
-        print(f"{said} the checkpoint's {old} goes on unchanged")
+        print(f"{said} the checkpoint's {_short(old)} goes on unchanged")
         return
     held = dict(trainer.state.opt_states)
     trainer.optimizer = new
@@ -106,7 +122,10 @@ def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
             f"goes on for {', '.join(kept)} (the same structure) and starts fresh for "
             f"{', '.join(fresh)} (another structure: step 0, its buffers at their start)"
         )
-    print(f"{said} {new} in place of the checkpoint's {old}; each layer's optimizer state {what}")
+    print(
+        f"{said} {_short(new)} in place of the checkpoint's {_short(old)}; each layer's "
+        f"optimizer state {what}"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -229,7 +248,7 @@ def _fit(
         cut = [len(graph.nodes[n].module.modules) for n in graph.layers]
         print(f"{args.dataset}: {len(train['y'])} train / {len(test['y'])} test; MLP {sizes}; "
               f"{args.stages} stages under {policy}{where}; modules per stage {cut} "
-              f"(balanced by {args.balance}) with {trainer.optimizer}")  # fmt: skip
+              f"(balanced by {args.balance}) with {_short(trainer.optimizer)}")  # fmt: skip
     else:
         counted = trainer._epoch_layout  # (what the unfinished epoch's minibatches were)
         print(f"{args.dataset}: resuming {args.resume} after {trainer.epochs_done} epochs "
