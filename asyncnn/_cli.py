@@ -79,7 +79,15 @@ def _optimizer(args: argparse.Namespace, checkpoints: Any = None) -> Any:
         if value is not None
     }  # fmt: skip
     if type(checkpoints) is cls:
-        return dataclasses.replace(checkpoints, **given)
+        try:
+            return dataclasses.replace(checkpoints, **given)
+        except (ValueError, TypeError) as exc:  # (settings the CLI has no flag for clash)
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+            raise UsageError(
+                f"--optimizer {args.optimizer} {flags}: the checkpoint's {_short(checkpoints)} "
+                f"with these changed is refused ({exc}); give values that fit its other "
+                "settings, or switch in Python: Trainer.load(path, optimizer=...)"
+            ) from None
     return cls(**given)
 
 
@@ -105,6 +113,10 @@ def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
     where the new optimizer's has its structure, else fresh), and says what became of it."""
     old = trainer.optimizer
     new = _optimizer(args, old)
+    # the report's args: the values trained with, as a new run's (the checkpoint's or the
+    # optimizer's own where not given)
+    args.lr, args.weight_decay = new.lr, new.weight_decay
+    args.momentum = new.momentum if args.optimizer in _WITH_MOMENTUM else None
     said = f"--optimizer {args.optimizer}:"
     if new == old:
         print(f"{said} the checkpoint's {_short(old)} goes on unchanged")

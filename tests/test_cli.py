@@ -1655,9 +1655,33 @@ def test_resume_with_an_optimizer_of_the_same_structure_keeps_its_state_and_sett
     resume[resume.index("--out") + 1] = str(out_dir)
     assert main([*resume, "--optimizer", "SGD"]) == 0
     report = json.loads((out_dir / "results.json").read_text())
-    assert report["args"]["optimizer"] == "SGD" and report["args"]["lr"] is None
+    # (the values it trained with, as a new run's report: SGD's own lr where none was given)
+    assert report["args"]["optimizer"] == "SGD" and report["args"]["lr"] == 0.1
+    assert report["args"]["weight_decay"] == 0.0 and report["args"]["momentum"] == 0.0
     assert report["model"]["optimizer"] == str(optim.SGD())
     assert main([*resume]) == 0  # no --optimizer: the checkpoint's
     report = json.loads((out_dir / "results.json").read_text())
     assert report["args"]["optimizer"] is None and report["args"]["weight_decay"] is None
     assert report["model"]["optimizer"].startswith("Adam(lr=0.01,")
+
+
+@pytest.mark.timeout(60)
+def test_resume_changing_a_setting_that_clashes_with_the_checkpoints_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a Python run's Nesterov SGD: --momentum 0 clashes with its nesterov=True, which no flag
+    # turns off; said in one line naming the checkpoint's optimizer, not a traceback
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*_TRAIN, "--epochs", "1", "--optimizer", "SGD", "--momentum", "0.9",
+                 "--save", ckpt]) == 0  # fmt: skip
+    tr = ann.Trainer.load(ckpt)
+    tr.optimizer = optim.SGD(lr=0.1, momentum=0.9, nesterov=True)
+    tr.save(ckpt)
+    capsys.readouterr()
+    code = main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--out", "",
+                 "--optimizer", "SGD", "--momentum", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--optimizer SGD --momentum 0.0: the checkpoint's SGD(lr=0.1, momentum=0.9, " in err
+    assert "nesterov=True) with these changed is refused (" in err
+    assert "Trainer.load(path, optimizer=...)" in err
