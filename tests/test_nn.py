@@ -956,3 +956,13 @@ def test_a_conv_and_group_norm_graph_trains_under_sync_as_a_plain_loop() -> None
     for want, got in zip(p, trained, strict=True):
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12)
+
+
+def test_hardtanh_of_integers_with_an_infinite_bound_bounds_that_side_not() -> None:
+    # (int(inf) raised a bare OverflowError naming no module)
+    x = np.arange(-3, 4)
+    out = nn.Hardtanh(-np.inf, 2.0)({}, x)
+    np.testing.assert_array_equal(out, np.minimum(x, 2))
+    assert out.dtype == x.dtype
+    np.testing.assert_array_equal(nn.Hardtanh(-1.0, np.inf)({}, x), np.maximum(x, -1))
+    np.testing.assert_array_equal(nn.Hardtanh(-np.inf, np.inf)({}, x), x)
