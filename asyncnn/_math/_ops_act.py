@@ -78,9 +78,9 @@ def hardtanh(x: Any, min_val: float = -1.0, max_val: float = 1.0) -> Any:
     dtype = _dtype(x)
     if dtype is not None and not is_floating(dtype):
         # (an infinite bound bounds no integer: none on that side)
-        lo = None if min_val == -np.inf else int(min_val)
-        hi = None if max_val == np.inf else int(max_val)
-        return _P["clip"](x, lo=lo, hi=hi, inclusive=False)
+        int_lo = None if min_val == -np.inf else int(min_val)
+        int_hi = None if max_val == np.inf else int(max_val)
+        return _P["clip"](x, lo=int_lo, hi=int_hi, inclusive=False)
     lo, hi = _bound(min_val, x, "min_val", "hardtanh"), _bound(max_val, x, "max_val", "hardtanh")
     if dtype == np.float16:
         # torch compares float16 with the float32 bounds (its kernel runs in float32): 0.09998
