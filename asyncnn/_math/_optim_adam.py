@@ -20,6 +20,7 @@ from ._optim_leaf import (
     _fresh,
     _many_kernels,
     _numpy_many,
+    _with_decay,
 )
 from ._schedules import (
     Schedule,
@@ -142,13 +143,10 @@ class Adam(BuiltinLeafUpdate, Optimizer):
         beta1, beta2 = self.betas
         t = step + 1
         decay = 1.0
-        if self.weight_decay != 0.0:
-            if self._decoupled:
-                decay = 1.0 - lr * self.weight_decay
-            else:
-                coupled = _fresh(xp, xp.multiply, p, self.weight_decay)
-                coupled += g
-                g = coupled
+        if self._decoupled:
+            decay = 1.0 - lr * self.weight_decay
+        else:
+            g = _with_decay(xp, p, g, self.weight_decay)
         scratch = _fresh(xp, xp.multiply, g, 1.0 - beta1)
         exp_avg = _fresh(xp, xp.multiply, buffers[0], beta1)
         exp_avg += scratch

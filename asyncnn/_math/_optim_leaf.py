@@ -30,6 +30,16 @@ def _fresh(xp: Any, ufunc: Any, a: Any, b: Any) -> Any:
     return ufunc(a, b, out=xp.empty_like(a))
 
 
+def _with_decay(xp: Any, p: Any, g: Any, weight_decay: float) -> Any:
+    """``g + weight_decay * p`` in a fresh array, torch's L2 (coupled) weight decay; ``g``
+    itself where ``weight_decay`` is 0."""
+    if weight_decay == 0.0:
+        return g
+    decayed = _fresh(xp, xp.multiply, p, weight_decay)
+    decayed += g
+    return decayed
+
+
 def _many_kernels(opt: Optimizer, cls: type[Optimizer], ps: list[Any]) -> Any:
     """The fused kernels' module for updating the leaves ``ps`` at once, or None: numpy leaves
     (no fused kernels), a subclass with its own :meth:`~Optimizer.update_leaf`, which the

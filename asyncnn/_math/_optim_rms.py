@@ -17,7 +17,7 @@ import numpy as np
 
 from ._optim import Optimizer
 from ._optim_checks import _check_clip_norm, _non_negative
-from ._optim_leaf import BuiltinLeafUpdate, _fresh, _numpy_many
+from ._optim_leaf import BuiltinLeafUpdate, _fresh, _numpy_many, _with_decay
 from ._schedules import Schedule, check_lr
 
 __all__ = ["Adagrad", "RMSprop"]
@@ -106,10 +106,7 @@ class RMSprop(BuiltinLeafUpdate, Optimizer):
     ) -> tuple[Any, tuple[Any, ...]]:
         """:meth:`update_leaf`'s arithmetic on one float32 or float64 leaf of ``xp``."""
         alpha = self.alpha
-        if self.weight_decay != 0.0:
-            decayed = _fresh(xp, xp.multiply, p, self.weight_decay)
-            decayed += g
-            g = decayed
+        g = _with_decay(xp, p, g, self.weight_decay)
         scratch = _fresh(xp, xp.multiply, g, g)
         scratch *= 1.0 - alpha
         square_avg = _fresh(xp, xp.multiply, buffers[0], alpha)
@@ -194,10 +191,7 @@ class Adagrad(BuiltinLeafUpdate, Optimizer):
         self, xp: Any, p: Any, g: Any, buffers: tuple[Any, ...], step: int, lr: float
     ) -> tuple[Any, tuple[Any, ...]]:
         """:meth:`update_leaf`'s arithmetic on one float32 or float64 leaf of ``xp``."""
-        if self.weight_decay != 0.0:
-            decayed = _fresh(xp, xp.multiply, p, self.weight_decay)
-            decayed += g
-            g = decayed
+        g = _with_decay(xp, p, g, self.weight_decay)
         # (torch counts its step from 1 and divides by 1 + (step - 1) * lr_decay)
         clr = lr / (1.0 + step * self.lr_decay)
         scratch = _fresh(xp, xp.multiply, g, g)

@@ -15,6 +15,32 @@ from ._module import Initializer, Module, Shape, check_flags, check_params, floa
 __all__ = ["GroupNorm", "LayerNorm"]
 
 
+def _store_eps(module: Any) -> None:
+    """Checks a norm's ``eps`` and stores it as a Python float."""
+    # a type first: a string failed comparing ('>' not supported), True was taken as 1
+    name = type(module).__name__
+    eps = _real(name, "eps", module.eps)
+    if not eps > 0:  # written so that NaN fails too
+        raise ValueError(f"{name}: eps must be > 0, got {module.eps!r}")
+    object.__setattr__(module, "eps", eps)
+
+
+def _affine_shapes(affine: bool, bias: bool, shape: Shape) -> dict[str, Shape]:
+    """A norm's parameters: a ``weight`` of ``shape`` if ``affine``, and a ``bias`` too if
+    ``bias``."""
+    if not affine:
+        return {}
+    return {"weight": shape, "bias": shape} if bias else {"weight": shape}
+
+
+def _affine_params(init: Initializer, shapes: dict[str, Shape]) -> dict[str, Any]:
+    """The weight at ones and the bias at zeros, as torch's norms start."""
+    return {
+        name: (init.ones if name == "weight" else init.zeros)(shape)
+        for name, shape in shapes.items()
+    }
+
+
 @dataclass(frozen=True)
 class LayerNorm(Module):
     """Normalizes over the trailing ``normalized_shape`` axes, then scales and shifts (as torch).
@@ -43,27 +69,13 @@ class LayerNorm(Module):
             )
         object.__setattr__(self, "normalized_shape", sizes)
         check_flags(self, "elementwise_affine", "bias")
-        # a type first: a string failed comparing ('>' not supported), True was taken as 1
-        eps = _real("LayerNorm", "eps", self.eps)
-        if not eps > 0:  # written so that NaN fails too
-            raise ValueError(f"LayerNorm: eps must be > 0, got {self.eps!r}")
-        object.__setattr__(self, "eps", eps)
+        _store_eps(self)
 
     def _expected(self) -> dict[str, Shape]:
-        shapes: dict[str, Shape] = {}
-        if self.elementwise_affine:
-            shapes["weight"] = self.normalized_shape
-            if self.bias:
-                shapes["bias"] = self.normalized_shape
-        return shapes
+        return _affine_shapes(self.elementwise_affine, self.bias, self.normalized_shape)
 
     def init_params(self, init: Initializer) -> Any:
-        params = {}
-        if self.elementwise_affine:
-            params["weight"] = init.ones(self.normalized_shape)
-            if self.bias:
-                params["bias"] = init.zeros(self.normalized_shape)
-        return params
+        return _affine_params(init, self._expected())
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         check_params(self, params, self._expected())
@@ -115,26 +127,13 @@ class GroupNorm(Module):
                 f"({self.num_groups}): each group takes num_channels // num_groups channels"
             )
         check_flags(self, "affine", "bias")
-        eps = _real("GroupNorm", "eps", self.eps)
-        if not eps > 0:  # written so that NaN fails too
-            raise ValueError(f"GroupNorm: eps must be > 0, got {self.eps!r}")
-        object.__setattr__(self, "eps", eps)
+        _store_eps(self)
 
     def _expected(self) -> dict[str, Shape]:
-        shapes: dict[str, Shape] = {}
-        if self.affine:
-            shapes["weight"] = (self.num_channels,)
-            if self.bias:
-                shapes["bias"] = (self.num_channels,)
-        return shapes
+        return _affine_shapes(self.affine, self.bias, (self.num_channels,))
 
     def init_params(self, init: Initializer) -> Any:
-        params = {}
-        if self.affine:
-            params["weight"] = init.ones((self.num_channels,))
-            if self.bias:
-                params["bias"] = init.zeros((self.num_channels,))
-        return params
+        return _affine_params(init, self._expected())
 
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         check_params(self, params, self._expected())
