@@ -451,8 +451,12 @@ def test_checkpoint_mid_training_resumes_bit_identically(tmp_path: Any, index: i
 
 
 @pytest.mark.parametrize("index", [0, 2])
-def test_cuda_graphs_leave_the_update_eager_and_train_as_without(emulated: Any, index: int) -> None:
-    # (no fused kernel of theirs: the captured forwards and backwards run, the update eagerly)
+@pytest.mark.parametrize("policy", [policies.Sync(), policies.GPipe(3)], ids=["sync", "gpipe3"])
+def test_cuda_graphs_leave_the_update_eager_and_train_as_without(
+    emulated: Any, index: int, policy: policies.Policy
+) -> None:
+    # (no fused kernel of theirs: the captured forwards and backwards run, the update eagerly;
+    # under Sync it reads one backward graph's gradient buffers as they are, uncopied)
     rng = np.random.default_rng(0)
     batches = [{"x": rng.standard_normal((12, 5)), "y": rng.integers(0, 3, 12)} for _ in range(5)]
     out = {}
@@ -460,7 +464,7 @@ def test_cuda_graphs_leave_the_update_eager_and_train_as_without(emulated: Any, 
 
         async def main(graphs: bool = graphs) -> None:
             async with ann.open_run(
-                chain_graph(3), _equivalence_optimizers()[index], policies.GPipe(3),
+                chain_graph(3), _equivalence_optimizers()[index], policy,
                 dtype="float64", cuda_graphs=graphs,
             ) as run:  # fmt: skip
                 for b in batches:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asyncnn._math._optim import SGD
 from asyncnn._math._optim_adam import Adam, AdamW
+from asyncnn._math._optim_rms import Adagrad, RMSprop
 from asyncnn._math._pytree import tree_copy, tree_flatten, tree_leaves, tree_unflatten
 from asyncnn._math._schedules import Schedule
 
@@ -34,6 +35,11 @@ __all__ = ["MAX_SIGNATURES", "CapturedUpdate", "UpdateGraphs", "step_scalars"]
 #: input signatures captured per actor (each holds its graphs' memory, once per slot), and the
 #: update graphs summing gradients kept (one per set of backward graphs whose gradients it reads)
 MAX_SIGNATURES = 4
+
+# the built-in optimizers whose update reads the gradients and keeps none of them (every buffer
+# and result a fresh array): they may be given a captured backward's buffers as they are, where
+# an optimizer of the user's own gets a copy
+_KEEP_NO_GRADIENTS = (SGD, Adam, AdamW, RMSprop, Adagrad)
 
 
 class CapturedUpdate(NamedTuple):
@@ -107,7 +113,7 @@ class UpdateGraphs:
         optimizer of the user's own may keep the gradients it is given: it gets fresh arrays
         (a copy where ``owed[0]`` is the whole sum), which no later sum or backward writes."""
         self.pending = None
-        keeps_none = type(self.actor.ctx.optimizer) in (SGD, Adam, AdamW)
+        keeps_none = type(self.actor.ctx.optimizer) in _KEEP_NO_GRADIENTS
         if acc is None and len(owed) == 1 and scale == 1.0:
             return owed[0] if keeps_none else tree_copy(owed[0])
         terms = [tree_flatten(t) for t in ((acc, *owed) if acc is not None else owed)]
