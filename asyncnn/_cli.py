@@ -26,6 +26,7 @@ from ._cli_args import (
     _OPTIMIZERS,
     _WITH_MOMENTUM,
     UsageError,
+    _any_case,
     _check_train_args,
     _natural,
     _non_negative_float,
@@ -465,7 +466,10 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     t.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d", help="data")
-    t.add_argument("--policy", choices=_POLICIES, default="PipeDream", help="training policy")
+    t.add_argument(
+        "--policy", type=_any_case(_POLICIES), choices=_POLICIES, default="PipeDream",
+        help="training policy (any case)",
+    )  # fmt: skip
     t.add_argument("--stages", type=_positive_int, default=3, help="actors holding layers")
     t.add_argument(
         "--balance", choices=("time", "params", "flops"), default="time",
@@ -491,11 +495,12 @@ def _parser() -> argparse.ArgumentParser:
         "another restarts its unfinished epoch)",
     )  # fmt: skip
     t.add_argument(
-        "--optimizer", choices=_OPTIMIZERS, default=_OPTIMIZERS[0],
-        help="the optimizer, as asyncnn.optim names it (torch.optim's update rules). With "
-        "--resume, it replaces the checkpoint's as Trainer.load(path, optimizer=...) does: each "
-        "layer's optimizer state goes on where the new one's has the same structure (AdamW "
-        "after Adam), else starts fresh",
+        "--optimizer", type=_any_case(_OPTIMIZERS), choices=_OPTIMIZERS,
+        default=_OPTIMIZERS[0],
+        help="the optimizer, as asyncnn.optim names it, in any case (torch.optim's update "
+        "rules). With --resume, it replaces the checkpoint's as Trainer.load(path, "
+        "optimizer=...) does: each layer's optimizer state goes on where the new one's has the "
+        "same structure (AdamW after Adam), else starts fresh",
     )  # fmt: skip
     t.add_argument(
         "--lr", type=_positive_float,

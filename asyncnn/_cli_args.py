@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ._tracing._chrome import folder_end
@@ -355,6 +356,19 @@ def _check_optimizer_flags(args: argparse.Namespace, given: set[str]) -> None:
             f"{args.optimizer} ({default}it has no momentum factor): give --optimizer "
             f"{' or '.join(_WITH_MOMENTUM)}, or drop --momentum"
         )
+
+
+def _any_case(names: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type for a ``choices`` option: one of ``names`` in any case, as ``names``
+    spell it (``--optimizer sgd`` is ``SGD``, ``--policy gpipe`` ``GPipe``), so the checks
+    and the run see the one spelling; any other text as given, which ``choices`` then refuses
+    with the list of the names."""
+    spelt = {name.casefold(): name for name in names}
+
+    def name(text: str) -> str:
+        return spelt.get(text.casefold(), text)
+
+    return name
 
 
 def _positive_int(text: str) -> int:

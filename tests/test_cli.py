@@ -16,7 +16,7 @@ import pytest
 
 import asyncnn as ann
 from asyncnn import optim, policies
-from asyncnn._cli import _short, main
+from asyncnn._cli import _parser, _short, main
 
 from _reference import assert_params_equal, chain_graph
 
@@ -177,9 +177,13 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--resume", "ckpt", "--lr", "0.1"], "drop --lr"),
         # the optimizer's hyperparameters switch it only with --optimizer (none was taken)
         (["--resume", "ckpt", "--momentum", "0.9"], "drop --momentum, or give --optimizer"),
-        # the optimizer, Adam, could not be chosen; a name is spelt as in asyncnn.optim
-        # (argparse lists the names, quoted or not as the Python version has it)
-        (["--optimizer", "sgd"], "--optimizer: invalid choice: 'sgd' (choose from "),
+        # a name that is no optimizer in any case; argparse lists the names (quoted or not as
+        # the Python version has it)
+        (["--optimizer", "lbfgs"], "--optimizer: invalid choice: 'lbfgs' (choose from "),
+        (["--policy", "zero"], "--policy: invalid choice: 'zero' (choose from "),
+        # a name in another case is the name (sgd was refused); the checks see its spelling
+        (["--policy", "gpipe", "--no-stash"], "--no-stash applies to PipeDream only (GPipe "),
+        (["--optimizer", "adam", "--momentum", "0.9"], "not --optimizer Adam (it has no"),
         (
             ["--optimizer", "Adam", "--momentum", "0.9"],
             "--momentum applies to SGD and RMSprop, not --optimizer Adam (it has no momentum "
@@ -1574,6 +1578,24 @@ def test_train_with_each_optimizer(
         ann.Trainer(saved.graph, optimizer=expected, policy=policies.Sync(), seed=0), 1
     )
     assert_params_equal(python.params, saved.params)
+
+
+@pytest.mark.parametrize(
+    ("flags", "optimizer", "policy"),
+    [
+        (["--optimizer", "sgd"], "SGD", "PipeDream"),
+        (["--optimizer", "ADAMW", "--policy", "gpipe"], "AdamW", "GPipe"),
+        (["--optimizer=rmsProp", "--policy=onefoneb"], "RMSprop", "OneFOneB"),
+        (["--policy", "PIPEDREAM"], "Adam", "PipeDream"),
+        (["--policy", "async", "--optimizer", "Adagrad"], "Adagrad", "Async"),
+    ],
+)
+def test_train_takes_optimizer_and_policy_names_in_any_case(
+    flags: list[str], optimizer: str, policy: str
+) -> None:
+    # (parsed only: the names are the canonical ones that the run then looks up)
+    args = _parser().parse_args(["train", *flags])
+    assert (args.optimizer, args.policy) == (optimizer, policy)
 
 
 def test_train_help_gives_each_optimizer_its_own_learning_rate(

@@ -227,6 +227,68 @@ def test_avg_pool_options_forward_by_hand(backend: Backend) -> None:
     assert nn.AvgPool1d(3, 3, 1, ceil_mode=True)._output_shape((1, 1, 5)) == (1, 1, 2)
 
 
+#: AvgPool2d's divisor_override: every window divided by it, a ceil-mode window past the end
+#: and a padded one that count_include_pad=False would divide by less too
+AVG_POOL_DIVISOR_CASES = [
+    (nn.AvgPool2d(2, divisor_override=3), (1, 2, 4, 6)),
+    (nn.AvgPool2d(3, 2, 1, True, False, divisor_override=2), (2, 1, 6, 5)),
+    (nn.AvgPool2d((3, 2), (2, 3), (1, 0), ceil_mode=True, divisor_override=-4), (1, 2, 8, 7)),
+]
+
+
+@pytest.mark.parametrize(("module", "shape"), AVG_POOL_DIVISOR_CASES, ids=repr)
+def test_avg_pool2d_divisor_override_gradients(
+    backend: Backend, module: nn.Module, shape: Any
+) -> None:
+    x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
+    check_grads(lambda x: module({}, x), x, rtol=1e-6, atol=1e-10)
+
+
+def test_avg_pool2d_divisor_override_forward_by_hand(backend: Backend) -> None:
+    x = backend.asarray(np.arange(1.0, 17.0).reshape(1, 1, 4, 4))  # rows [1 2 3 4] .. [13 .. 16]
+    # windows of 2x2 summed [[14 22] [46 54]], each divided by 2 rather than its 4 cells
+    got = to_numpy(nn.AvgPool2d(2, divisor_override=2)({}, x))
+    assert got.tolist() == [[[[7.0, 11.0], [23.0, 27.0]]]]
+    # kernel 3, stride 2, padding 1, ceil_mode, count_include_pad=False: the last corner
+    # window starts at the 16 and runs past the padding, and would be divided by its 1 cell;
+    # the override divides it, and the rest, by 3
+    pooled = to_numpy(ops.avg_pool2d(x, 3, 2, 1, True, False, divisor_override=3))
+    assert pooled.shape == (1, 1, 3, 3)
+    assert pooled[0, 0, 2, 2] == 16 / 3
+    assert pooled[0, 0, 0, 0] == (1 + 2 + 5 + 6) / 3  # (4 cells of the input)
+    assert pooled[0, 0, 1, 1] == (6 + 7 + 8 + 10 + 11 + 12 + 14 + 15 + 16) / 3
+    assert nn.AvgPool2d(2, divisor_override=np.int64(2)).divisor_override == 2  # a plain int
+    assert nn.AvgPool2d(2) == nn.AvgPool2d(2, divisor_override=None)
+    # by name only: torch's is its last argument, after the two flags
+    with pytest.raises(TypeError, match="positional"):
+        nn.AvgPool2d(2, 2, 0, False, True, 2)  # type: ignore[misc]
+    # a spec written before the option loads with torch's default
+    old = {"type": "AvgPool2d", "args": {"kernel_size": [2, 2], "stride": None, "padding": 0}}
+    assert nn.from_spec(old) == nn.AvgPool2d(2)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: nn.AvgPool2d(2, divisor_override=0), ValueError,
+         "AvgPool2d: divisor_override must be a nonzero int or None, got 0"),
+        (lambda: nn.AvgPool2d(2, divisor_override=2.0), TypeError,
+         "AvgPool2d: divisor_override must be a nonzero int or None, got float 2.0"),
+        (lambda: nn.AvgPool2d(2, divisor_override=True), TypeError,
+         "AvgPool2d: divisor_override must be a nonzero int or None, got bool True"),
+        (lambda: ops.avg_pool2d(np.ones((1, 1, 4, 4)), 2, divisor_override=0), ValueError,
+         "avg_pool2d: divisor_override must be a nonzero int or None, got 0"),
+        (lambda: ops.avg_pool2d(np.ones((1, 1, 4, 4)), 2, divisor_override="4"), TypeError,
+         "avg_pool2d: divisor_override must be a nonzero int or None, got str '4'"),
+    ],
+)  # fmt: skip
+def test_avg_pool2d_divisor_override_refuses_0_and_what_is_not_an_int(
+    make: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
 #: MaxPool's options whose gradient is new: windows past the end (ceil_mode), spread windows
 #: (dilation), and both
 MAX_POOL_OPTION_CASES = [
@@ -740,6 +802,7 @@ MORE_SPEC_MODULES = [
     nn.AvgPool1d(3, 2, 1, ceil_mode=True), nn.AvgPool2d((2, 3), padding=(1, 0),
                                                         count_include_pad=False),
     nn.AvgPool2d(3, 2, 1, True, False), nn.MaxPool1d(3, 2, 1, 2, ceil_mode=True),
+    nn.AvgPool2d(3, 2, 1, True, False, divisor_override=4),
     nn.MaxPool2d((3, 2), (2, 1), dilation=(1, 2)), nn.MaxPool2d(3, 2, ceil_mode=True),
     nn.Sequential(),
     nn.Sequential(nn.Sequential()), nn.LayerNorm((2, 3), eps=1e-3, elementwise_affine=False),

@@ -3,6 +3,7 @@ the layers, attention, embeddings and containers."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -412,6 +413,70 @@ def test_avg_pool_ceil_mode_and_count_include_pad_match_torch(
     )  # fmt: skip
 
 
+#: AvgPool2d's divisor_override, against torch: (kernel_size, stride, padding, input size,
+#: ceil_mode, count_include_pad, divisor): the override divides every window, a ceil-mode
+#: window past the end and a padded one with count_include_pad=False too, and a negative one
+#: (torch refuses only 0)
+AVG_POOL_DIVISOR_CASES = [
+    (2, None, 0, (4, 6), False, True, 3),
+    (3, 2, 1, (7, 6), True, False, 3),
+    ((3, 2), (2, 3), (1, 0), (8, 7), True, True, 5),
+    ((4, 3), (3, 2), (2, 1), (9, 8), False, False, 1),
+    (2, 1, 1, (5, 5), True, True, -2),
+]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size", "ceil_mode", "count_include_pad", "divisor"),
+    AVG_POOL_DIVISOR_CASES,
+)
+def test_avg_pool2d_divisor_override_matches_torch(
+    kernel: Any, stride: Any, padding: Any, size: Any, ceil_mode: bool, count_include_pad: bool,
+    divisor: int,
+) -> None:  # fmt: skip
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(14).standard_normal((2, 3, *size))
+    options = {"ceil_mode": ceil_mode, "count_include_pad": count_include_pad}
+    module = nn.AvgPool2d(kernel, stride, padding, **options, divisor_override=divisor)
+    tm = torch.nn.AvgPool2d(kernel, stride, padding, **options, divisor_override=divisor)
+    out, pullback = vjp(lambda x: module({}, x), x)
+    ct = np.random.default_rng(15).standard_normal(out.shape)
+    (gx,) = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    ref = tm(tx)
+    ref.backward(torch.tensor(ct))
+    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    # the op takes it as torch's functional does, after count_include_pad (here by name only)
+    ref_f = torch.nn.functional.avg_pool2d(
+        torch.tensor(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor
+    )
+    got = ops.avg_pool2d(
+        x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override=divisor
+    )
+    np.testing.assert_allclose(got, ref_f.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_avg_pool_divisor_override_is_2d_only_and_refuses_0_as_torch() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.ones((1, 1, 4, 4))
+    # torch's avg_pool1d and AvgPool1d take no divisor_override: neither do these
+    with pytest.raises(TypeError, match="divisor_override"):
+        torch.nn.functional.avg_pool1d(torch.tensor(x[0]), 2, divisor_override=2)
+    with pytest.raises(TypeError, match="divisor_override"):
+        ops.avg_pool1d(x[0], 2, divisor_override=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="divisor_override"):
+        nn.AvgPool1d(2, divisor_override=2)  # type: ignore[call-arg]
+    # torch refuses 0 (when called); here it is refused as the module is made, or by the op
+    with pytest.raises(RuntimeError, match="divisor must be not zero"):
+        torch.nn.AvgPool2d(2, divisor_override=0)(torch.tensor(x))
+    with pytest.raises(ValueError, match="divisor_override must be a nonzero int"):
+        nn.AvgPool2d(2, divisor_override=0)
+    with pytest.raises(ValueError, match="divisor_override must be a nonzero int"):
+        ops.avg_pool2d(x, 2, divisor_override=0)
+
+
 def test_dropout_of_p_1_matches_torch() -> None:
     # torch's Dropout(p=1) zeroes everything in training, gradient too, and is the identity in
     # evaluation
@@ -615,7 +680,18 @@ def test_group_norm_matches_torch(
     rng = np.random.default_rng(21)
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     module = nn.GroupNorm(groups, channels, **options)
-    tm = torch.nn.GroupNorm(groups, channels, **options).to(getattr(torch, dtype))
+    if (
+        options.get("bias") is False
+        and "bias" not in inspect.signature(torch.nn.GroupNorm).parameters
+    ):
+        # (an older torch, as on the GPU host, has no bias switch: its functional form takes none)
+        tm = torch.nn.GroupNorm(
+            groups, channels, **{k: v for k, v in options.items() if k != "bias"}
+        )
+        tm.register_parameter("bias", None)
+    else:
+        tm = torch.nn.GroupNorm(groups, channels, **options)
+    tm = tm.to(getattr(torch, dtype))
     params = module.init(0, dtype=dtype)
     with torch.no_grad():  # the same affine weights on both sides, other than ones and zeros
         for k in params:

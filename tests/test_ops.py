@@ -153,6 +153,10 @@ GRAD_CASES = [
     case("std-all", ops.std, N(2, 3, 4)),
     case("std-axis-1-ddof1", lambda x: ops.std(x, axis=-1, ddof=1), N(2, 3, 4)),
     case("std-tuple-keepdims", lambda x: ops.std(x, (0, 1), keepdims=True), N(2, 3, 4)),
+    case("var-ddof-true", lambda x: ops.var(x, axis=1, ddof=True), N(2, 3, 4)),  # (numpy's 1)
+    case("std-ddof-np-true", lambda x: ops.std(x, axis=0, ddof=np.True_), N(2, 3, 4)),
+    case("var-ddof-near-n", lambda x: ops.var(x, axis=1, ddof=2.5), N(2, 3, 4)),
+    case("std-ddof-near-n", lambda x: ops.std(x, axis=-1, ddof=3.5), N(2, 3, 4)),
     # shapes and indexing
     case("reshape", lambda x: ops.reshape(x, (6, 4)), N(2, 3, 4)),
     case("reshape-minus1", lambda x: x.reshape(-1), N(2, 3, 4)),

@@ -4,6 +4,7 @@ embedding ids."""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -213,8 +214,8 @@ def test_other_errors() -> None:
          r"^group_norm: num_groups must be an int >= 1, got 2.0"),
         (lambda: ops.var(np.zeros((2, 3)), ddof="1"), TypeError,
          r"^var: ddof must be a number, got str '1'"),
-        (lambda: ops.std(np.zeros((2, 3)), ddof=True), TypeError,
-         r"^std: ddof must be a number, got bool True"),
+        (lambda: ops.std(np.zeros((2, 3)), ddof=np.zeros(1)), TypeError,
+         r"^std: ddof must be a number, got ndarray"),
         (lambda: ops.std(np.zeros((2, 3)), ddof=float("nan")), ValueError,
          r"^std: ddof must be a finite number, got nan"),
         (lambda: ops.var(np.zeros((2, 3)), axis=2), ValueError,
@@ -247,6 +248,52 @@ def test_var_and_std_warn_when_ddof_leaves_no_degrees_of_freedom(op: str) -> Non
     with pytest.warns(RuntimeWarning, match="ddof=1 leaves no degrees of freedom"):
         out, pullback = ann.vjp(lambda x: fn(x, axis=1, ddof=1), np.array([[5.0], [1.0]]))
     assert np.isnan(out).all() and np.isnan(pullback(np.ones(2))[0]).all()
+    # past the count, torch's x.var(1, correction=3) still divides by n - correction = -1 (a
+    # finite gradient of the other sign), and x.std(1, correction=3) gives 0 (NaN where the std
+    # is NaN, a constant group)
+    with pytest.warns(RuntimeWarning, match="ddof=3 leaves no degrees of freedom"):
+        (g,) = ann.vjp(lambda x: fn(x, axis=1, ddof=3), x)[1](np.ones(2))
+    want = [[1.0, -1.0], [0.0, 0.0]] if op == "var" else [[0.0, 0.0], [np.nan, np.nan]]
+    np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize("op", ["var", "std"])
+@pytest.mark.parametrize(
+    ("axis", "ddof"), [(1, 3), (1, 4), (1, 3.5), ((0, 1), 6), ((0, 1), 7), (None, 6.5), (0, 5)]
+)
+def test_var_and_std_gradients_without_degrees_of_freedom_are_torch_s(
+    op: str, axis: Any, ddof: float
+) -> None:
+    # torch's gradient with a dim, torch.var(x, dim, correction=ddof): 2 * g * (x - mean) /
+    # (n - ddof) even where n - ddof <= 0 (the value is inf or NaN). axis=None reduces every
+    # axis, torch's dim=(0, 1): torch's torch.var(x, correction=ddof) without a dim gives g * inf
+    # at every entry instead, a form of its own that this op does not follow
+    torch = pytest.importorskip("torch")
+    x = np.array([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]])
+    with pytest.warns(RuntimeWarning, match="leaves no degrees of freedom"):
+        out, pullback = ann.vjp(lambda x: getattr(ops, op)(x, axis=axis, ddof=ddof), x)
+    cotangent = np.random.default_rng(0).standard_normal(np.shape(out))
+    (got,) = pullback(cotangent)
+    tx = torch.tensor(x, requires_grad=True)
+    with warnings.catch_warnings():  # (torch's "degrees of freedom is <= 0")
+        warnings.simplefilter("ignore", UserWarning)
+        ty = getattr(torch, op)(tx, (0, 1) if axis is None else axis, correction=ddof)
+        ty.backward(torch.tensor(cotangent))
+    assert tx.grad is not None
+    np.testing.assert_array_equal(out, ty.detach().numpy())
+    np.testing.assert_allclose(got, tx.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["var", "std"])
+def test_var_and_std_take_a_bool_ddof_as_numpy_does(op: str) -> None:
+    # (True was refused, where numpy's var(x, ddof=True) and torch's var(x, correction=True) are
+    # the unbiased estimate)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    for flag in (True, np.True_, False, np.False_):
+        got = getattr(ops, op)(x, axis=1, ddof=flag)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, getattr(ops, op)(x, axis=1, ddof=int(flag)))
+        np.testing.assert_allclose(got, getattr(np, op)(x, axis=1, ddof=flag), rtol=1e-6)
 
 
 def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
@@ -583,6 +630,44 @@ def test_a_complex_mse_target_is_refused_not_a_complex_loss() -> None:
 def test_clip_refuses_what_is_no_bound(call: Any, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         call(np.array([0.5, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda t: np.clip(t, "1", None), TypeError,
+         r"^clip: min must be a number or None, got str '1'$"),
+        (lambda t: np.clip(t, None, np.zeros(3)), TypeError,
+         r"^clip: max must be a number or None, got an array of shape \(3,\).*ops.maximum"),
+        (lambda t: np.clip(t, [0.0], 1.0), TypeError,
+         r"^clip: min must be a number or None, got an array of shape \(1,\)"),
+        (lambda t: np.clip(t, 0.0, 1.0, out=np.empty(3)), TypeError,
+         r"^clip of a traced array cannot write into out=; use the result$"),
+        (lambda t: np.clip(t, None, None), ValueError, r"^clip: give min, max or both"),
+    ],
+)  # fmt: skip
+def test_numpy_s_clip_of_a_traced_array_says_what_is_wrong_with_its_bounds(
+    call: Any, error: type, match: str
+) -> None:
+    # np.clip(t, ...) calls t.clip, and numpy retries a TypeError of it by converting t: the
+    # conversion's refusal ("a traced array cannot be turned into a numpy array") hid the reason
+    x = np.array([0.5, -1.0, 2.0])
+    for differentiate in (ann.grad, ann.value_and_grad):
+        with pytest.raises(error, match=match):
+            differentiate(lambda t: ops.sum(call(t)))(x)
+
+
+def test_a_traced_array_is_not_converted_after_a_clip_error_that_was_caught() -> None:
+    # (the clip's error speaks for numpy's retry of np.clip only, not for a later conversion)
+    def fn(t: Any) -> Any:
+        try:
+            np.clip(t, "1", None)
+        except TypeError:
+            return ops.sum(np.asarray(t))
+        raise AssertionError("np.clip took a str bound")
+
+    with pytest.raises(TypeError, match="^a traced array cannot be turned into a numpy array"):
+        ann.grad(fn)(np.array([0.5, -1.0, 2.0]))
 
 
 @pytest.mark.parametrize("op", ["leaky_relu", "elu", "silu", "softplus"])

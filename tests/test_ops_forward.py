@@ -1117,3 +1117,33 @@ def test_softplus_of_a_product_past_the_range_is_the_input_without_a_warning() -
     np.testing.assert_array_equal(out[:2], [1e308, 0.0])
     np.testing.assert_allclose(out[2], np.log1p(np.exp(6.0)) / 2, rtol=1e-15)
     np.testing.assert_array_equal(pullback(np.ones(3))[0][:2], [1.0, 0.0])
+
+
+# -- normalizations of mixed float dtypes ---------------------------------------------------------
+_NORM_DTYPES = [np.float16, np.float32, np.float64]
+
+
+@pytest.mark.parametrize("x_dtype", _NORM_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("w_dtype", [*_NORM_DTYPES, None], ids=str)
+@pytest.mark.parametrize("b_dtype", [*_NORM_DTYPES, None], ids=str)
+def test_group_norm_promotes_mixed_dtypes_as_layer_norm_does(
+    x_dtype: Any, w_dtype: Any, b_dtype: Any
+) -> None:
+    # numpy's promotion of arrays, as every op's direct call (docs/concepts.md, Dtypes): a
+    # float32 input with float64 parameters gives float64, as layer_norm; each gradient comes
+    # back in its argument's dtype
+    x = np.random.default_rng(16).standard_normal((2, 4, 4)).astype(x_dtype)
+    w = None if w_dtype is None else np.linspace(0.5, 2.0, 4).astype(w_dtype)
+    b = None if b_dtype is None else np.linspace(-1.0, 1.0, 4).astype(b_dtype)
+    want = np.result_type(*(a for a in (x, w, b) if a is not None))
+    results = {}
+    for name, norm in [
+        ("layer_norm", lambda x, w, b: ops.layer_norm(x, w, b)),  # (over the last axis, of 4)
+        ("group_norm", lambda x, w, b: ops.group_norm(x, 2, w, b)),
+    ]:
+        out, pullback = ann.vjp(norm, x, w, b)
+        grads = pullback(np.ones(out.shape, out.dtype))
+        results[name] = (out.dtype, [None if g is None else g.dtype for g in grads])
+        assert out.dtype == want, name
+    assert results["group_norm"] == results["layer_norm"]
+    assert results["group_norm"][1] == [a if a is None else a.dtype for a in (x, w, b)]

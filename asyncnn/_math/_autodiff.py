@@ -9,6 +9,7 @@ its rule has run. Calls on raw arrays never touch a trace and cost one forward c
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -265,6 +266,11 @@ class Tracer:
         return f"Tracer(shape={self.shape}, dtype={self.dtype})"
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        refused = _refused_by_clip()
+        if refused is not None:
+            # np.clip(t, ...) calls t.clip, and numpy retries a TypeError of it by converting t
+            # (fromnumeric's _wrapfunc): what was wrong with the bounds says what to fix
+            raise refused
         raise TypeError(
             "a traced array cannot be turned into a numpy array inside vjp/grad (its gradient "
             "would be lost). Use asyncnn.ops on it, or take `.value` explicitly if you mean to "
@@ -405,6 +411,23 @@ class Tracer:
 
 def _raw(x: Any) -> Any:
     return x.value if type(x) is Tracer else x
+
+
+def _refused_by_clip() -> TypeError | None:
+    """The TypeError of a traced array's ``clip`` that numpy is handling, when numpy caught it
+    (its fallback converts the array next), else None: a conversion in the user's own handler
+    of that error is refused as any other."""
+    exc = sys.exception()
+    if not isinstance(exc, TypeError):
+        return None
+    tb = exc.__traceback__  # (its first frame is the one handling it)
+    if tb is None or not tb.tb_frame.f_globals.get("__name__", "").startswith("numpy."):
+        return None
+    while tb is not None:
+        if tb.tb_frame.f_code is Tracer.clip.__code__:
+            return exc
+        tb = tb.tb_next
+    return None
 
 
 def _reduced(t: Tracer, name: str, dtype: Any, out: Any) -> Any:

@@ -419,12 +419,18 @@ def var(
 ) -> Any:
     """Variance over ``axis`` (all axes by default), numpy's ``var``: the sum of squared
     deviations from the mean divided by ``n - ddof``. torch's ``correction`` is ``ddof``, but
-    torch's default is 1 (the unbiased estimate) and numpy's, this one's, 0.
+    torch's default is 1 (the unbiased estimate) and numpy's, this one's, 0. A bool ``ddof``
+    counts as 0 or 1, as in numpy and torch (``ddof=True`` is the unbiased estimate).
 
     The gradient is torch's, ``2 * g * (x - mean) / (n - ddof)``. float16 and bfloat16 compute
     in float32 and round once, as torch does (a deviation of 300 squared overflows float16).
     Where ``ddof >= n`` the variance divides by 0, inf (NaN for a constant group) as in numpy
-    and torch, with a ``RuntimeWarning``.
+    and torch, with a ``RuntimeWarning``. The gradient there is still ``2 * g * (x - mean) /
+    (n - ddof)``, as ``torch.var(x, dim, correction=ddof)``'s: ``±inf`` (NaN at the mean)
+    where ``ddof == n``, finite and of the other sign where ``ddof > n``, for any ``axis``,
+    ``None`` included. torch's form without a dim, ``torch.var(x, correction=c)`` with ``c``
+    at least ``x.numel()`` (and any form on a 0-d ``x``), gives ``g * inf`` at every entry
+    instead (NaN at the mean).
 
     Raises:
         TypeError: an integer or bool ``x`` (numpy would give float64, torch refuses it), or a
@@ -438,12 +444,15 @@ def std(
     x: Any, axis: int | Sequence[int] | None = None, ddof: float = 0, keepdims: bool = False
 ) -> Any:
     """Standard deviation over ``axis``, ``sqrt(var(x, axis, ddof))``: numpy's ``std`` (torch's
-    ``correction`` is ``ddof``, whose torch default is 1, numpy's and this one's 0).
+    ``correction`` is ``ddof``, whose torch default is 1, numpy's and this one's 0; a bool
+    ``ddof`` counts as 0 or 1).
 
     Its gradient is torch's, ``g * (x - mean) / ((n - ddof) * std)``, and 0 where the standard
     deviation is 0 (a constant group), as torch sets it (``sqrt(var(x))`` would give 0/0 = NaN
     there); NaN where the std is NaN (one entry with ``ddof=1``). 16-bit inputs and
-    ``ddof >= n`` as :func:`var`.
+    ``ddof >= n`` as :func:`var`: ``torch.std(x, dim, correction=ddof)``'s gradient, NaN where
+    ``ddof == n`` and 0 where ``ddof > n`` (NaN for a constant group, whose std is NaN), where
+    torch's form without a dim (or on a 0-d ``x``) gives NaN throughout.
 
     Raises:
         TypeError: an integer or bool ``x``, or a ``ddof`` that is no number.
@@ -455,7 +464,8 @@ def std(
 def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:
     x = as_array(x, op)
     check_floating(x, op)  # (torch refuses integers; numpy would give float64)
-    dof = _number(ddof, op, "ddof")
+    # (a bool is 0 or 1 to numpy's and torch's var, where the other ops' numbers refuse it)
+    dof = float(ddof) if isinstance(ddof, bool | np.bool_) else _number(ddof, op, "ddof")
     if not math.isfinite(dof):
         raise ValueError(f"{op}: ddof must be a finite number, got {ddof!r}")
     shape = _shape(x)

@@ -51,7 +51,8 @@ def clip(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - torch
     The gradient is torch's clamp's: the cotangent where ``min <= x <= max`` (at a bound too),
     +0 elsewhere and at a NaN input (whose output is NaN). Where ``min > max`` every output is
     ``max``, as in torch and numpy. The bounds are numbers, taken in a float input's dtype (as
-    torch takes them); an integer input stays integer with integer bounds.
+    torch takes them); an integer input stays integer with integer bounds. ``np.clip(t, lo,
+    hi)`` of a traced array calls this, with the same errors.
 
     Raises:
         ValueError: when both bounds are None.

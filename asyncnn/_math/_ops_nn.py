@@ -234,6 +234,7 @@ def _pool(
     stride: IntOrTuple | None,
     padding: IntOrTuple,
     dilation: Any = _UNDILATED,
+    divisor_override: Any = None,
     **options: Any,
 ) -> Any:
     x = as_array(x, op)
@@ -259,7 +260,28 @@ def _pool(
     _check_fits(op, xs, k, s, p, d, "pooling window", ceil_mode)
     if dilated:
         options["dilation"] = d
+    divisor = check_divisor_override(op, divisor_override)
+    if divisor is not None:  # (left out when not given: the primitive's arguments as before it)
+        options["divisor_override"] = divisor
     return _P[prim](x, kernel=k, stride=s, padding=p, **options)
+
+
+def check_divisor_override(owner: str, value: Any) -> int | None:
+    """``avg_pool2d``'s ``divisor_override`` as a plain int, or None: torch's rule, an int that
+    is not 0 (a negative one is taken, as torch's).
+
+    Raises:
+        TypeError: when it is no int (a bool, a float, even a whole one: torch's too).
+        ValueError: when it is 0.
+    """
+    if value is None:
+        return None
+    what = f"{owner}: divisor_override must be a nonzero int or None"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{what}, got {type(value).__name__} {value!r}")
+    if value == 0:
+        raise ValueError(f"{what}, got 0; None divides each window by its count of cells")
+    return int(value)
 
 
 def max_pool1d(
@@ -366,14 +388,28 @@ def avg_pool2d(
     padding: IntOrTuple = 0,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
+    *,
+    divisor_override: int | None = None,
 ) -> Any:
-    """Mean over windows of an (N, C, H, W) input, as ``torch.nn.functional.avg_pool2d``
-    (without its ``divisor_override``); sizes are ints or (height, width) pairs, and
-    ``ceil_mode`` and ``count_include_pad`` are :func:`avg_pool1d`'s, along each axis (a
-    window's divisor is the product of its counts along the two)."""
+    """Mean over windows of an (N, C, H, W) input, as ``torch.nn.functional.avg_pool2d``;
+    sizes are ints or (height, width) pairs, and ``ceil_mode`` and ``count_include_pad`` are
+    :func:`avg_pool1d`'s, along each axis (a window's divisor is the product of its counts
+    along the two).
+
+    ``divisor_override`` (by name only; torch's last argument) divides every window's sum by
+    it in place of its count of cells, ``ceil_mode``'s last windows and padded ones too
+    (``count_include_pad`` then changes nothing), as torch's. It is an int that is not 0
+    (a negative one is taken, as torch's); ``None``, the default, divides by the count.
+    torch's ``avg_pool1d`` has none, nor has :func:`avg_pool1d`.
+
+    Raises:
+        TypeError: as :func:`avg_pool1d`, or when ``divisor_override`` is no int.
+        ValueError: as :func:`avg_pool1d`, or when ``divisor_override`` is 0.
+    """
     return _pool(
         "avg_pool2d", "avg_pool", 2, x, kernel_size, stride, padding,
-        ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+        divisor_override=divisor_override, ceil_mode=ceil_mode,
+        count_include_pad=count_include_pad,
     )  # fmt: skip
 
 

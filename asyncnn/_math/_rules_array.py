@@ -111,8 +111,9 @@ def _dropped(out: Any, axes: tuple[int, ...], keepdims: bool) -> Any:
 
 
 def _variance(x: Any, axis: tuple[int, ...], ddof: float) -> tuple[Any, Any, float]:
-    """``(var, mean, dof)`` over ``axis``, both kept as length-1 axes: the sum of squared
-    deviations from the mean over ``dof = max(n - ddof, 0)``, as numpy's two passes."""
+    """``(var, mean, n - ddof)`` over ``axis``, both kept as length-1 axes: the sum of squared
+    deviations from the mean over ``max(n - ddof, 0)``, as numpy's two passes. The gradients
+    divide by ``n - ddof`` itself, as torch's with a dim do (negative past the count)."""
     xp = ns(x)
     n = math.prod(x.shape[a] for a in axis)
     # (an empty group has no mean: numpy's mean of nothing warns; its variance is 0/0 anyway)
@@ -120,10 +121,9 @@ def _variance(x: Any, axis: tuple[int, ...], ddof: float) -> tuple[Any, Any, flo
         x.mean(axis=axis, keepdims=True) if n else xp.zeros(_keepdims_shape(x.shape, axis), x.dtype)
     )
     xc = x - mu
-    dof = max(n - ddof, 0.0)
     with _quiet_division(xp):  # (a Python float divides: it keeps a float32 sum float32)
-        var = (xc * xc).sum(axis=axis, keepdims=True) / dof
-    return var, mu, dof
+        var = (xc * xc).sum(axis=axis, keepdims=True) / max(n - ddof, 0.0)
+    return var, mu, n - ddof
 
 
 def _var(x: Any, axis: tuple[int, ...], ddof: float, keepdims: bool) -> tuple[Any, Any]:
@@ -132,7 +132,9 @@ def _var(x: Any, axis: tuple[int, ...], ddof: float, keepdims: bool) -> tuple[An
 
 
 def _var_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    # torch's 2 * g * (x - mean) / dof; over no degrees of freedom ±inf, NaN at the mean
+    # torch's 2 * g * (x - mean) / dof, dof = n - ddof: where ddof == n ±inf, NaN at the
+    # mean; past n finite, of the other sign (torch.var(x, dim, correction=) does not clamp
+    # dof, where its value does; its form without a dim gives g * inf instead, see ops.var)
     x, mu, dof, axes = res
     g = g.reshape(_keepdims_shape(x.shape, axes))
     with _quiet_division(ns(x)):
@@ -147,7 +149,8 @@ def _std(x: Any, axis: tuple[int, ...], ddof: float, keepdims: bool) -> tuple[An
 
 def _std_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     # the variance's gradient times g / (2 * std), which torch sets to 0 where the std is 0 (a
-    # constant group: no direction changes it to first order), where sqrt's rule gives 0/0
+    # constant group: no direction changes it to first order), where sqrt's rule gives 0/0.
+    # Past the count (ddof > n) the std is inf and the share 0: a gradient of 0, as torch's
     x, mu, dof, axes, out = res
     xp = ns(x)
     g = g.reshape(out.shape)

@@ -335,6 +335,7 @@ def _avg_pool(
     padding: Ints,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
+    divisor_override: int | None = None,
 ) -> tuple[Any, Any]:
     xp = ns(x)
     ones = (1,) * len(kernel)
@@ -349,7 +350,11 @@ def _avg_pool(
     out = xp.zeros((*x.shape[:2], *out_shape), dtype=acc)
     for _, index in _windows(kernel, stride, ones, out_shape):
         out += xpad[index]
-    divisor = _avg_divisor(xp, sizes, kernel, stride, padding, out_shape, count_include_pad, acc)
+    divisor: Any = divisor_override  # (torch's: every window, whatever its count of cells)
+    if divisor is None:
+        divisor = _avg_divisor(
+            xp, sizes, kernel, stride, padding, out_shape, count_include_pad, acc
+        )
     out /= divisor
     res = (tuple(x.shape), kernel, stride, padding, out_shape, after, divisor)
     return out.astype(x.dtype, copy=False), res

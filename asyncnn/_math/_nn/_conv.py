@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
+from .._ops_nn import check_divisor_override
 from .._rules_nn import out_size
 from ._args import as_int, store_sizes
 from ._module import (
@@ -369,9 +370,32 @@ class AvgPool1d(_AvgPoolNd):
 
 @dataclass(frozen=True)
 class AvgPool2d(_AvgPoolNd):
-    """Mean over windows of NCHW input, as torch's ``AvgPool2d`` (without its
-    ``divisor_override``); sizes are ints or (height, width) pairs; stride defaults to
-    kernel_size; ``ceil_mode`` and ``count_include_pad`` are :class:`AvgPool1d`'s, along each
-    axis."""
+    """Mean over windows of NCHW input, as torch's ``AvgPool2d``; sizes are ints or (height,
+    width) pairs; stride defaults to kernel_size; ``ceil_mode`` and ``count_include_pad`` are
+    :class:`AvgPool1d`'s, along each axis.
+
+    Attributes:
+        divisor_override: divide every window's sum by this int in place of its count of
+            cells (torch's rule: ``ceil_mode``'s last windows and padded ones too, so
+            ``count_include_pad`` changes nothing; a negative one is taken, 0 refused);
+            ``None``, the default, divides by the count. Given by name only (torch's last
+            argument): ``AvgPool2d(2, divisor_override=1)`` sums each window. torch's
+            ``AvgPool1d`` has none, nor has :class:`AvgPool1d`.
+    """
+
+    # (by name only, as ceil_mode of the max pools: after the two flags, a sixth positional
+    # argument is easy to misread)
+    divisor_override: int | None = field(default=None, kw_only=True)
 
     _n = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        divisor = check_divisor_override(type(self).__name__, self.divisor_override)
+        object.__setattr__(self, "divisor_override", divisor)
+
+    def _options(self) -> dict[str, Any]:
+        options = super()._options()
+        if self.divisor_override is not None:
+            options["divisor_override"] = self.divisor_override
+        return options
