@@ -617,3 +617,168 @@ def test_a_trace_writer_that_fails_on_no_disk_is_no_trace_write_error(
         rec.close()
     assert not isinstance(info.value, TraceWriteError | OSError)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+# -- the writer's queue is bounded by the bytes it holds ---------------------------------------
+
+#: an event's tensor in the tests of the bound: 64 KiB
+_ROWS = 1 << 14
+
+
+def _send(rec: Recorder, i: int, tensors: Any = None) -> None:
+    """Queues event ``i``, its payload 64 KiB of ``i`` (the writer's view: ``(array,)``)."""
+    if tensors is None:
+        tensors = (np.full(_ROWS, i, np.float32),)
+    rec.event("stage0", "send", "forward", i, 0, "loss", i, tensors, True)
+
+
+def _assert_all_in_order(path: Path, n: int) -> None:
+    sends = _events(path)
+    assert [e.key for e in sends] == list(range(n))
+    assert all(ann.trace.payload_array(e)[0] == e.key for e in sends)
+
+
+def _wait_until(done: Any, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, f"gave up waiting until {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(60)
+def test_a_producer_waits_for_a_writer_that_holds_the_bound_and_every_event_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the queue was unbounded: a run with trace_payloads="all" faster than its disk kept every
+    # message's tensors in memory, without limit, until the writer reached them
+    gate = threading.Event()
+    write = Recorder._write
+
+    def gated(self: Recorder, data: bytes) -> None:
+        gate.wait()  # a disk that takes nothing until the test lets it
+        write(self, data)
+
+    monkeypatch.setattr(Recorder, "_write", gated)
+    path = tmp_path / "t.trace"
+    bound = 1 << 20  # 16 events of 64 KiB (and their share of the per-event cost)
+    rec = Recorder(str(path), {"graph": {}}, payloads="all", max_queued_bytes=bound)
+    assert rec.max_queued_bytes == bound
+    n = 64
+    queued = []
+
+    def produce() -> None:
+        for i in range(n):
+            _send(rec, i)
+            queued.append(i)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    # the writer drains nothing: the producer stops at the bound and waits (it does not drop)
+    _wait_until(lambda: rec._waiting > 0, "the producer waits for the writer")
+    assert producer.is_alive() and 0 < len(queued) < n
+    assert rec._queued_bytes <= bound and rec._peak_queued_bytes <= bound
+    gate.set()
+    producer.join(30)
+    assert not producer.is_alive() and queued == list(range(n))
+    rec.close()
+    assert rec._peak_queued_bytes <= bound and rec._queued_bytes == 0
+    _assert_all_in_order(path, n)
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_writer_keeps_the_queued_bytes_under_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    write = Recorder._write
+
+    def slow(self: Recorder, data: bytes) -> None:
+        time.sleep(0.001)
+        write(self, data)
+
+    monkeypatch.setattr(Recorder, "_write", slow)
+    path = tmp_path / "t.trace"
+    bound = 1 << 19
+    rec = Recorder(str(path), {"graph": {}}, payloads="all", max_queued_bytes=bound)
+    n = 120
+    for i in range(n):
+        if i == 60:  # one event larger than the bound alone goes in once the queue is empty
+            big = np.full(4 * _ROWS * 3, i, np.float32)
+            _send(rec, i, when_done(types.SimpleNamespace(synchronize=lambda: None),
+                                    lambda big=big: (big,), nbytes=big.nbytes))  # fmt: skip
+        else:
+            _send(rec, i)
+        assert rec._queued_bytes <= bound or i == 60
+    rec.close()
+    assert rec._peak_queued_bytes > bound  # (the large event's, counted: it held its bytes)
+    _assert_all_in_order(path, n)
+
+
+@pytest.mark.timeout(60)
+def test_events_before_a_deferred_header_do_not_wait_for_a_writer_that_cannot_write(
+    tmp_path: Path,
+) -> None:
+    # the writer writes nothing until the header is complete: a producer that waited for it to
+    # drain, on the thread that completes the header, would wait forever
+    path = tmp_path / "t.trace"
+    bound = 1 << 18
+    rec = Recorder(str(path), {"graph": {}}, payloads="all", defer_header=True,
+                   max_queued_bytes=bound)  # fmt: skip
+    n = 40  # 2.5 MiB before the header: ten times the bound
+    producer = threading.Thread(target=lambda: [_send(rec, i) for i in range(n // 2)], daemon=True)
+    producer.start()
+    producer.join(30)
+    assert not producer.is_alive(), "a producer waited on a writer held by the header"
+    assert rec._queued_bytes > bound
+    rec.complete_header(pool={"cpu_workers": 1})
+    for i in range(n // 2, n):  # after it, the bound holds again: these wait for the writer
+        _send(rec, i)
+    rec.close()
+    assert ann.trace.read(path).header["pool"] == {"cpu_workers": 1}
+    _assert_all_in_order(path, n)
+
+
+@pytest.mark.timeout(60)
+def test_a_producer_waiting_on_a_writer_that_fails_gets_the_failure_and_does_not_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from asyncnn._errors import TraceWriteError
+
+    gate = threading.Event()
+
+    def full(self: Recorder, data: bytes) -> None:
+        gate.wait()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Recorder, "_write", full)
+    path = str(tmp_path / "t.trace")
+    rec = Recorder(path, {"graph": {}}, payloads="all", max_queued_bytes=1 << 18)
+    producer = threading.Thread(target=lambda: [_send(rec, i) for i in range(200)], daemon=True)
+    producer.start()
+    _wait_until(lambda: rec._waiting > 0, "the producer waits for the writer")
+    gate.set()  # the disk refuses the header: the writer is gone, and the waiter must know
+    producer.join(30)
+    assert not producer.is_alive(), "a producer waited on a writer that failed"
+    assert isinstance(rec.failure(), TraceWriteError)
+    with pytest.raises(TraceWriteError, match="writing the trace"):
+        rec.close()
+    # what was queued was dropped, not held; and a later producer drops its event at once
+    assert rec._queued_bytes == 0
+    _send(rec, 200)
+    assert rec._queued_bytes == 0
+
+
+def test_the_default_bound_is_256_mib_and_a_bound_that_is_no_positive_int_is_refused(
+    tmp_path: Path,
+) -> None:
+    rec = Recorder(str(tmp_path / "t.trace"), {"graph": {}})
+    assert rec.max_queued_bytes == _recorder.DEFAULT_MAX_QUEUED_BYTES == 256 << 20
+    rec.close()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"max_queued_bytes must be a positive int"):
+            Recorder(str(tmp_path / "u.trace"), {"graph": {}}, max_queued_bytes=bad)

@@ -345,7 +345,9 @@ class _Actor:
         with backend.activate(self.stream):
             hosts = tuple(None if t is None else backend.to_host_async(t) for t in tensors)
             event = backend.record_event(self.stream, blocking=True)
-        return when_done(event, lambda: hosts)
+        # (their bytes count toward the writer's bound on what it holds queued)
+        nbytes = sum(h.nbytes for h in hosts if h is not None)
+        return when_done(event, lambda: hosts, nbytes=nbytes)
 
     def _file_other(self, msg: Message) -> None:
         raise ActorError(self.name, msg.kind, msg.key, f"{self.name}: unexpected {msg.kind}")

@@ -10,6 +10,10 @@ host copies queued on its own stream behind the work that made the tensors, read
 after them is done. The actor never waits for the copy, and the digests stay those of the bytes
 (the same function on every device, so ``trace diff`` compares a captured GPU run with an eager
 or a CPU one).
+
+The queue is bounded by the bytes it holds (:data:`DEFAULT_MAX_QUEUED_BYTES`): a run that records
+faster than the disk writes waits for the writer at the bound (an event's tensors stay alive
+while it is queued), instead of growing without limit. Nothing is dropped while the writer works.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ except ImportError:  # Windows: no advisory locks, a second writer goes unnotice
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "DEFAULT_MAX_QUEUED_BYTES",
     "PAYLOAD_MODES",
     "Later",
     "Recorder",
@@ -49,26 +54,53 @@ __all__ = [
 ]
 
 
+#: how many bytes of events a :class:`Recorder`'s queue holds at most before a producer waits
+#: for the writer (256 MiB): a few seconds of a disk's writing, far more than a run's events
+#: between two of the writer's turns, and little beside the memory of a run worth tracing
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20
+
+#: what a queued event costs beside its tensors (its tuple, its meta, its record as packed),
+#: counted so that the bound holds for events without tensors too
+_EVENT_BYTES = 512
+
+
 class Later:
     """Something of an event that the trace's writer computes on its own thread, where it may
     wait for a device: its tensors (host copies a device is still writing) or a value of its
-    ``meta`` (a loss read once its copy has landed, device times). ``resolve()`` gives it.
+    ``meta`` (a loss read once its copy has landed, device times). ``resolve()`` gives it;
+    ``nbytes`` is what it holds meanwhile (host copies), counted against the writer's bound.
     """
 
-    __slots__ = ("resolve",)
+    __slots__ = ("nbytes", "resolve")
 
-    def __init__(self, resolve: Callable[[], Any]) -> None:
+    def __init__(self, resolve: Callable[[], Any], nbytes: int = 0) -> None:
         self.resolve = resolve
+        self.nbytes = nbytes
 
 
-def when_done(event: Any, read: Callable[[], Any]) -> Later:
-    """``read()``, once the device work before ``event`` has finished (the writer waits)."""
+def when_done(event: Any, read: Callable[[], Any], nbytes: int = 0) -> Later:
+    """``read()``, once the device work before ``event`` has finished (the writer waits);
+    ``nbytes``: the bytes of what ``read()`` gives (host copies), which the queue holds."""
 
     def resolve() -> Any:
         event.synchronize()
         return read()
 
-    return Later(resolve)
+    return Later(resolve, nbytes)
+
+
+def _held_bytes(tensors: Any) -> int:
+    """The bytes an event's tensors keep alive while it is queued (their ``nbytes``: read, not
+    computed; a :class:`Later`'s own count), whether or not their payload is written."""
+    if tensors is None:
+        return 0
+    if type(tensors) is Later:
+        return int(tensors.nbytes)
+    n = 0
+    for t in tensors:  # (a loop, not sum() of a generator: this runs on every event)
+        if t is not None:  # (a Python number, which the writer takes as an array: not counted)
+            n += getattr(t, "nbytes", 0)
+    return int(n)
 
 
 def dtype_code(dtype: np.dtype[Any]) -> str:
@@ -315,6 +347,11 @@ class Recorder:
             known later (the run's device pool, opened after the trace so that a trace path
             that cannot be written fails first), or at :meth:`close`. Events and the state
             queued meanwhile are written after it.
+        max_queued_bytes: how many bytes of events (their tensors, and :data:`_EVENT_BYTES`
+            each) wait for the writer at most: :meth:`event` then waits for it to write some
+            (backpressure on the run, which is never dropped from). One event larger than it
+            goes in alone. Events queued before a deferred header is complete wait for
+            nothing (the writer writes nothing until then), but count.
     """
 
     def __init__(
@@ -324,9 +361,15 @@ class Recorder:
         payloads: str = "inputs",
         *,
         defer_header: bool = False,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         if payloads not in PAYLOAD_MODES:
             raise ValueError(f"trace payloads must be one of {PAYLOAD_MODES}, got {payloads!r}")
+        if type(max_queued_bytes) is not int or max_queued_bytes <= 0:
+            raise ValueError(
+                "the trace writer's max_queued_bytes must be a positive int (bytes; "
+                f"{DEFAULT_MAX_QUEUED_BYTES} by default), got {max_queued_bytes!r}"
+            )
         self.path = path
         self.payloads = payloads
         #: what to do where writing fails, said in the error (None: free space, or another
@@ -334,6 +377,18 @@ class Recorder:
         self.advice: str | None = None
         self.t0 = time.perf_counter()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self.max_queued_bytes = max_queued_bytes
+        # The bytes queued and not yet written: those put (counted by the producers, under
+        # _put_lock, which the writer never takes) less those written (counted by the writer
+        # alone), so that an event below the bound takes no lock the writer contends for. A
+        # producer at the bound waits on _room, which the writer notifies as it writes (and
+        # once it fails or ends) where one waits; the writer takes no other lock: no deadlock.
+        self._put_lock = threading.Lock()
+        self._room = threading.Condition(threading.Lock())
+        self._put_bytes = 0
+        self._written_bytes = 0
+        self._peak_queued_bytes = 0  # (the most ever queued: what the tests look at)
+        self._waiting = 0  # producers waiting at the bound now (changed under _room)
         self._file = _open_alone(path)
         self._error: BaseException | None = None
         # the writer has taken the end of the queue (close()'s None): nothing more comes
@@ -414,6 +469,8 @@ class Recorder:
             )
         self._head.update(fields)
         self._head_ready.set()
+        # (nothing waits while the header is pending; the events queued meanwhile count, and
+        # the next event past the bound waits for the writer to write them)
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -480,9 +537,12 @@ class Recorder:
             except _UnkeptKey as exc:
                 raise TypeError(f"the trace cannot hold the run's initial {field}: {exc}") from None
         delays = {n: [int(d) for d in ds] for n, ds in (pending_delays or {}).items() if ds}
-        self._queue.put(
-            ("state", params, opt_states, versions, pending or {}, actors, earlier, delays)
-        )
+        # (counts as one event: its trees are the run's own, which the run holds anyway)
+        self._put(
+            ("state", params, opt_states, versions, pending or {}, actors, earlier, delays,
+             _EVENT_BYTES),
+            _EVENT_BYTES,
+        )  # fmt: skip
 
     def event(
         self,
@@ -498,24 +558,81 @@ class Recorder:
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Queues one event (cheap: the digests and the writing happen on the writer thread).
-        Once the writer has failed (:meth:`failure`), drops it: the event and the tensors it
-        holds would only wait in memory for a writer that is gone."""
+        Where the queue holds ``max_queued_bytes`` already, waits until the writer has written
+        enough of it (on the caller's thread: the run's event loop, which the writer never
+        needs). Once the writer has failed (:meth:`failure`), drops it: the event and the
+        tensors it holds would only wait in memory for a writer that is gone."""
         if self._error is not None:
             return
-        self._queue.put(
-            (time.perf_counter() - self.t0, actor, ev, kind, key, version, peer, seq, tensors,
-             payload, meta)
-        )  # fmt: skip
+        size = _EVENT_BYTES if tensors is None else _EVENT_BYTES + _held_bytes(tensors)
+        item = (time.perf_counter() - self.t0, actor, ev, kind, key, version, peer, seq,
+                tensors, payload, meta, size)  # fmt: skip
+        self._put(item, size)
+
+    @property
+    def _queued_bytes(self) -> int:
+        """The bytes queued and not yet written (or dropped, after a failure)."""
+        return self._put_bytes - self._written_bytes
+
+    def _put(self, item: tuple[Any, ...], size: int) -> None:
+        """Queues ``item``, whose last field is ``size``, the bytes it holds, once it fits the
+        bound; drops it if the writer has failed meanwhile. (Under _put_lock: the items go in
+        the order their room was counted, and a producer behind one that waits waits too.)"""
+        with self._put_lock:
+            queued = self._put_bytes - self._written_bytes
+            if queued and queued + size > self.max_queued_bytes:
+                self._wait_for_room(size)
+                if self._error is not None:
+                    return
+            self._put_bytes += size
+            queued = self._put_bytes - self._written_bytes
+            if queued > self._peak_queued_bytes:
+                self._peak_queued_bytes = queued
+            self._queue.put(item)
+
+    def _wait_for_room(self, size: int) -> None:
+        """Waits until ``size`` more bytes fit the bound: until the queue is empty (one item
+        larger than the bound goes in alone) or holds ``max_queued_bytes - size`` at most, or
+        until the writer cannot write any of it (a header not yet complete: the thread waiting
+        may be the one to complete it; a writer that failed or ended)."""
+        with self._room:
+            # (counted before the condition is read: a writer that counts bytes out after the
+            # read sees a waiter, and notifies it once it has let go of _room in wait())
+            self._waiting += 1
+            try:
+                while (
+                    self._put_bytes != self._written_bytes
+                    and self._put_bytes - self._written_bytes + size > self.max_queued_bytes
+                    and self._error is None
+                    and not self._ended
+                    and self._head_ready.is_set()
+                ):
+                    self._room.wait()
+            finally:
+                self._waiting -= 1
+
+    def _taken(self, size: int) -> None:
+        """The writer is done with an item of ``size`` bytes: room for the producers."""
+        self._written_bytes += size
+        if self._waiting:
+            with self._room:
+                self._room.notify_all()
 
     def _run(self) -> None:
         try:
             self._write_all()
         except BaseException as exc:  # noqa: BLE001 - reported by failure() and close()
             self._error = exc
+            with self._room:  # (the producers waiting for room drop their events instead)
+                self._room.notify_all()
             # what was queued before event() saw the failure, and what comes until close():
             # taken and dropped, so that no event's tensors wait in memory for the run's end
             while not self._ended:
-                self._ended = self._queue.get() is None
+                item = self._queue.get()
+                if item is None:
+                    self._ended = True
+                else:
+                    self._taken(item[-1])
 
     def _write_all(self) -> None:
         """Writes the header, then each queued item, until close()'s None; then the closing
@@ -526,52 +643,66 @@ class Recorder:
             item = self._queue.get()
             if item is None:
                 self._ended = True
+                with self._room:  # (a producer after close() has nothing to wait for)
+                    self._room.notify_all()
                 close = {"t": time.perf_counter() - self.t0, "a": "scheduler", "ev": "close"}
                 self._write(encode_record(close))
                 return
-            if item[0] == "state":
-                _, params, opt_states, versions, pending, actors, earlier, delays = item
-                state_rec = {
-                    "state": {
-                        "params": encode_tree(params),
-                        "opt_states": encode_tree(opt_states),
-                        "versions": versions,
-                        "pending": encode_tree(pending),
-                    }
+            size = item[-1]
+            try:
+                self._write_item(item)
+            finally:
+                # counted out once written (its tensors were held until then), or once its
+                # writing failed: the writer drops the rest then
+                del item
+                self._taken(size)
+
+    def _write_item(self, item: tuple[Any, ...]) -> None:
+        """Writes one queued item (its last field the bytes it counts): the run's state, or an
+        event."""
+        if item[0] == "state":
+            _, params, opt_states, versions, pending, actors, earlier, delays, _ = item
+            state_rec = {
+                "state": {
+                    "params": encode_tree(params),
+                    "opt_states": encode_tree(opt_states),
+                    "versions": versions,
+                    "pending": encode_tree(pending),
                 }
-                if actors:  # (absent where no actor keeps a state: as before it existed)
-                    state_rec["state"]["actor_states"] = {"dict": actors}
-                if earlier:  # (absent where the policy pins no forwards: as before)
-                    state_rec["state"]["earlier"] = encode_tree(earlier)
-                if delays:  # (absent where no pending gradient has a delay: as before)
-                    state_rec["state"]["pending_delays"] = encode_tree(delays)
-                self._write(encode_record(state_rec))
-                continue
-            t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta = item
-            rec: dict[str, Any] = {"t": t, "a": actor, "ev": ev}
-            if kind:
-                rec["k"] = kind
-            if key >= 0:
-                rec["key"] = key
-            if version >= 0:
-                rec["v"] = version
-            if peer:
-                rec["p"] = peer
-            if seq >= 0:
-                rec["seq"] = seq
-            if tensors is not None:
-                if type(tensors) is Later:
-                    tensors = tensors.resolve()
-                info, payloads = describe_arrays(tensors, payload)
-                rec["x"] = info
-                if payloads:
-                    rec["pl"] = payloads
-            if meta:
-                if any(type(v) is Later for v in meta.values()):
-                    meta = {k: v.resolve() if type(v) is Later else v for k, v in meta.items()}
-                rec["m"] = meta
-            self._write(encode_record(rec))
-            self.events += 1
+            }
+            if actors:  # (absent where no actor keeps a state: as before it existed)
+                state_rec["state"]["actor_states"] = {"dict": actors}
+            if earlier:  # (absent where the policy pins no forwards: as before)
+                state_rec["state"]["earlier"] = encode_tree(earlier)
+            if delays:  # (absent where no pending gradient has a delay: as before)
+                state_rec["state"]["pending_delays"] = encode_tree(delays)
+            self._write(encode_record(state_rec))
+            return
+        t, actor, ev, kind, key, version, peer, seq, tensors, payload, meta, _ = item
+        rec: dict[str, Any] = {"t": t, "a": actor, "ev": ev}
+        if kind:
+            rec["k"] = kind
+        if key >= 0:
+            rec["key"] = key
+        if version >= 0:
+            rec["v"] = version
+        if peer:
+            rec["p"] = peer
+        if seq >= 0:
+            rec["seq"] = seq
+        if tensors is not None:
+            if type(tensors) is Later:
+                tensors = tensors.resolve()
+            info, payloads = describe_arrays(tensors, payload)
+            rec["x"] = info
+            if payloads:
+                rec["pl"] = payloads
+        if meta:
+            if any(type(v) is Later for v in meta.values()):
+                meta = {k: v.resolve() if type(v) is Later else v for k, v in meta.items()}
+            rec["m"] = meta
+        self._write(encode_record(rec))
+        self.events += 1
 
     def close(self) -> None:
         """Writes what is queued and the closing event, and closes the file.
