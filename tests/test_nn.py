@@ -516,6 +516,8 @@ GRAD_CASES = [
     (nn.GroupNorm(3, 3, affine=False), (2, 3, 4)),
     (nn.MultiHeadAttention(4, 2, causal=True), (1, 3, 4)),
     (nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2), nn.Tanh()), (2, 3)),
+    # (a Linear and its ReLU as one op: the bias add and the ReLU fused)
+    (nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2), nn.ReLU()), (4, 3)),
     (nn.Residual(nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 3), nn.Sigmoid())), (2, 3)),
     (nn.Sequential(nn.Conv2d(1, 2, 2), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)),
      (2, 1, 5, 4)),
@@ -527,6 +529,106 @@ def test_module_gradients(backend: Backend, module: nn.Module, shape: tuple[int,
     params = module.init(0, backend=backend.name, dtype="float64")
     x = backend.asarray(np.random.default_rng(6).standard_normal(shape))
     check_grads(lambda p, x: module(p, x), params, x, rtol=1e-5, atol=1e-8)
+
+
+# -- a Linear with the ReLU after it, applied as one op by Sequential ------------------------------
+def test_sequential_takes_each_linear_with_a_bias_and_the_relu_after_it_as_one_op() -> None:
+    class MyReLU(nn.ReLU):
+        pass
+
+    lin, relu = nn.Linear(2, 2), nn.ReLU()
+    layouts = {
+        (lin, relu, lin, relu, lin): {0, 2},
+        (lin, lin, relu, relu): {1},  # (a ReLU after a ReLU: only the first pairs)
+        (nn.Linear(2, 2, bias=False), relu, lin): set(),  # no bias to add
+        (lin, MyReLU(), lin, nn.Tanh()): set(),  # exact types only: a subclass may differ
+        (relu, lin): set(),
+    }
+    for modules, fused in layouts.items():
+        assert nn.Sequential(*modules)._bias_relus == fused
+    # one node of the trace for the pair (the product, then the bias add and the ReLU)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    params = seq.init(0, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    calls: list[str] = []
+    original = PRIMITIVES["bias_relu"].forward
+    try:
+        PRIMITIVES["bias_relu"].forward = lambda *a, **k: (
+            calls.append("bias_relu") or original(*a, **k)
+        )
+        vjp(lambda p: seq(p, x), params)
+    finally:
+        PRIMITIVES["bias_relu"].forward = original
+    assert calls == ["bias_relu"]
+
+
+_FUSED_DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+def test_a_fused_linear_and_relu_give_the_two_ops_bits(backend: Backend, dtype: str) -> None:
+    # forward and every gradient bit for bit as the modules one by one, with pre-activations
+    # of exactly +0 and -0, a NaN and an infinity among them
+    try:
+        backend.dtype(dtype)
+    except ValueError as exc:  # (bfloat16 without ml_dtypes)
+        pytest.skip(str(exc))
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    params = seq.init(0, backend=backend.name, dtype=dtype)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3))
+    x[1] = 0.0  # y = 0 + b: the bias itself
+    x[2, 0] = np.nan
+    x[3, 1] = np.inf
+    x = backend.asarray(x.astype(np.float32)).astype(backend.dtype(dtype))
+    p0 = dict(params[0])
+    p0["bias"] = backend.asarray(np.array([0.0, -0.0, 1.0, -1.0], np.float32)).astype(
+        backend.dtype(dtype)
+    )
+    params = [p0, {}, params[2], {}]
+    ct = backend.asarray(rng.standard_normal((6, 2)).astype(np.float32)).astype(x.dtype)
+
+    def one_by_one(p: Any, x: Any) -> Any:
+        for m, q in zip(seq.modules, p, strict=True):
+            x = m(q, x)
+        return x
+
+    with np.errstate(invalid="ignore"):  # (inf * 0 in the products: NaN, on purpose)
+        fused_out, fused_pb = vjp(lambda p, x: seq(p, x), params, x)
+        plain_out, plain_pb = vjp(one_by_one, params, x)
+        fused_grads, plain_grads = _np_leaves(list(fused_pb(ct))), _np_leaves(list(plain_pb(ct)))
+    assert fused_out.dtype == plain_out.dtype == x.dtype
+    np.testing.assert_array_equal(_bits(fused_out), _bits(plain_out))
+    for got, want in zip(fused_grads, plain_grads, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def _bits(a: Any) -> np.ndarray:
+    """An array's bytes as unsigned ints: equal only where every bit is (NaNs, -0 included)."""
+    a = np.ascontiguousarray(to_numpy(a))
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def test_a_fused_linear_and_relu_of_mixed_dtypes_give_the_two_ops_result() -> None:
+    # a float64 bias beside a float32 weight: the sum is float64, as the add's promotion gives
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    params = seq.init(0, dtype="float32")
+    params = [{"weight": params[0]["weight"], "bias": params[0]["bias"].astype(np.float64)}, {}]
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    out = seq(params, x)
+    want = nn.ReLU()({}, nn.Linear(3, 4)(params[0], x))
+    assert out.dtype == want.dtype == np.float64
+    np.testing.assert_array_equal(out, want)
+
+
+def test_a_fused_linear_and_relu_refuse_bad_input_as_the_linear_does() -> None:
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    params = seq.init(0)
+    with pytest.raises(ValueError, match=r"Linear\(3 -> 4\) got input of shape \(2, 5\)"):
+        seq(params, np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError):
+        seq(params, np.zeros((2, 3), np.int64))
 
 
 def test_loss_and_embedding_gradients(backend: Backend) -> None:

@@ -234,6 +234,33 @@ def _relu(x: Any) -> tuple[Any, Any]:
     return out, out
 
 
+def _bias_relu(y: Any, b: Any) -> tuple[Any, Any]:
+    """``relu(y + b)`` in one primitive (a Linear's product, its bias and the ReLU after it:
+    ``nn.Sequential`` calls it for a Linear with a bias followed by a ReLU): one node of the
+    trace instead of two, for an eager step bound by its Python, and on the CPU one hand-over
+    to a team's workers instead of two; bit for bit the add and the ReLU (``y`` and ``b`` of one
+    floating dtype)."""
+    fused = fused_nn_kernels_of(y)
+    if fused is not None and is_floating(y.dtype):  # (the add's kernel, then the ReLU's)
+        out = fused.relu(y + b)
+    else:
+        out = elementwise(_np_bias_relu, y, b)
+    return out, (out, like(b))
+
+
+def _np_bias_relu(y: Any, b: Any) -> Any:
+    s = y + b  # (a fresh array: the ReLU writes over it)
+    xp = ns(s)
+    # (a bfloat16 array with a Python 0 would widen to float32: a 0 of its dtype, as _relu's)
+    return xp.maximum(s, xp.zeros((), s.dtype) if s.dtype.kind == "V" else 0, out=s)
+
+
+def _bias_relu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+    out, b_like = res
+    (gz,) = _relu_vjp(g, out, (True,))  # (the add's gradient passes it on to y as it is)
+    return gz if needs[0] else None, grad_like(gz, b_like) if needs[1] else None
+
+
 #: up to this many elements a select is numpy's where (at 4096 the bits are as quick; past it
 #: the where's branch on each element costs more, 16x at 65536)
 _SMALL_SELECT = 2048
@@ -560,6 +587,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "tanh": (_tanh, _tanh_vjp),
     "sigmoid": (_sigmoid, _sigmoid_vjp),
     "relu": (_relu, _relu_vjp),
+    "bias_relu": (_bias_relu, _bias_relu_vjp),
     "gelu": (_gelu, _gelu_vjp),
     "log1p": (_log1p, _log1p_vjp),
     "expm1": (_expm1, _expm1_vjp),
@@ -651,7 +679,7 @@ def _bf16_in_float32(
 
 # These keep bfloat16 as it is (no Python scalars in them; astype says its own dtype); the
 # arithmetic widens only when mixed with a scalar or another dtype; the rest always widen.
-_AS_IS = {"relu", "maximum", "minimum", "where", "astype"}
+_AS_IS = {"relu", "bias_relu", "maximum", "minimum", "where", "astype"}
 _ARITHMETIC = {"add", "subtract", "multiply", "divide"}
 # GELU cubes x (the tanh form) and squares it (both forms' gradients): float16 overflowed from
 # |x| ~ 40, and its gradients were NaN from |x| ~ 700, where torch's are 1 and 0. The logistic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,12 +133,44 @@ class Sequential(Module):
                     f"a list of {len(self.modules)} entries (one per module, None where a "
                     f"module draws nothing), got a {type(rng).__name__} of length {len(rng)}"
                 )
-            for m, p, r in zip(modules, params, rng, strict=True):
-                x = m(p, x, rng=r)
+        if not self._bias_relus:
+            if isinstance(rng, list | tuple):
+                for m, p, r in zip(modules, params, rng, strict=True):
+                    x = m(p, x, rng=r)
+                return x
+            for m, p in zip(modules, params, strict=True):
+                x = m(p, x, rng=rng)
             return x
-        for m, p in zip(modules, params, strict=True):
-            x = m(p, x, rng=rng)
+        fused = self._bias_relus
+        per_module = isinstance(rng, list | tuple)
+        i = 0
+        while i < len(modules):
+            if i in fused:  # a Linear with a bias, then a ReLU (which draws nothing): one op
+                x = modules[i]._then_relu(params[i], x)  # type: ignore[attr-defined]
+                i += 2
+                continue
+            x = modules[i](params[i], x, rng=rng[i] if per_module else rng)
+            i += 1
         return x
+
+    @functools.cached_property
+    def _bias_relus(self) -> frozenset[int]:
+        """The places of the Linears with a bias that a ReLU follows (exact types: a subclass
+        may compute otherwise), which :meth:`__call__` applies with that ReLU as one op."""
+        from ._activations import ReLU
+        from ._linear import Linear
+
+        modules = self.modules
+        found: set[int] = set()
+        i = 0
+        while i + 1 < len(modules):
+            m = modules[i]
+            if type(m) is Linear and m.bias and type(modules[i + 1]) is ReLU:
+                found.add(i)
+                i += 2
+            else:
+                i += 1
+        return frozenset(found)
 
     def flops(self, *input_shapes: Any) -> int:
         shape = tuple(1 if d is None else int(d) for d in input_shapes[0])
