@@ -218,14 +218,19 @@ _FIRST_TRACED = (True, False)
 _SECOND_TRACED = (False, True)
 
 
+#: ``initial`` not given (numpy's own default is a private sentinel)
+_UNSET: Any = object()
+
+
 class Tracer:
     """A traced array: a raw backend array plus its place in a :class:`Trace`.
 
     Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.max()``,
-    ``.min()`` (``np.sum(t)`` and the like call these), ``.reshape()``, indexing, iteration over
-    the first axis, and the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes
-    ``ops.exp(t)``). Comparisons (``<``, ``==``, ...) return raw boolean arrays, and ``float(t)``
-    and ``bool(t)`` the value (they have no gradient).
+    ``.min()``, ``.reshape()``, ``.transpose()``, ``.clip()`` (``np.sum(t)``, ``np.reshape(t, s)``
+    and the like call these, with numpy's keywords at their defaults; others are refused by
+    name), indexing, iteration over the first axis, and the numpy ufuncs that have an asyncnn op
+    (``np.exp(t)`` becomes ``ops.exp(t)``). Comparisons (``<``, ``==``, ...) return raw boolean
+    arrays, and ``float(t)`` and ``bool(t)`` the value (they have no gradient).
     """
 
     __slots__ = ("value", "trace", "index")
@@ -266,15 +271,17 @@ class Tracer:
         return f"Tracer(shape={self.shape}, dtype={self.dtype})"
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
-        refused = _refused_by_clip()
+        refused = _refused_by_method(self)
         if refused is not None:
-            # np.clip(t, ...) calls t.clip, and numpy retries a TypeError of it by converting t
-            # (fromnumeric's _wrapfunc): what was wrong with the bounds says what to fix
+            # np.reshape(t, ...) calls t.reshape, and numpy retries a TypeError of it by
+            # converting t (fromnumeric's _wrapfunc): the method's own error says what to fix
             raise refused
+        caller = _numpy_caller()
         raise TypeError(
             "a traced array cannot be turned into a numpy array inside vjp/grad (its gradient "
             "would be lost). Use asyncnn.ops on it, or take `.value` explicitly if you mean to "
             "stop the gradient."
+            + ("" if caller is None else f" (np.{caller} asked for it{_op_hint(caller)}.)")
         )
 
     def __bool__(self) -> bool:
@@ -357,40 +364,100 @@ class Tracer:
     def T(self) -> Any:  # noqa: N802 - numpy's name
         return _ops.transpose(self)
 
-    # ``dtype`` and ``out`` are what np.sum(t), np.mean(t), np.max(t) pass to these methods
+    # ``dtype``, ``out``, ``initial`` and ``where`` are what np.sum(t), np.mean(t), np.max(t)
+    # pass to these methods (the last two only when given)
     def sum(
-        self, axis: Any = None, keepdims: bool = False, *, dtype: Any = None, out: Any = None
+        self,
+        axis: Any = None,
+        keepdims: bool = False,
+        *,
+        dtype: Any = None,
+        out: Any = None,
+        initial: Any = _UNSET,
+        where: Any = True,
     ) -> Any:
-        return _ops.sum(_reduced(self, "sum", dtype, out), axis=axis, keepdims=keepdims)
+        t = _reduced(self, "sum", dtype, out, initial, where)
+        return _ops.sum(t, axis=axis, keepdims=keepdims)
 
     def mean(
-        self, axis: Any = None, keepdims: bool = False, *, dtype: Any = None, out: Any = None
+        self,
+        axis: Any = None,
+        keepdims: bool = False,
+        *,
+        dtype: Any = None,
+        out: Any = None,
+        where: Any = True,
     ) -> Any:
-        return _ops.mean(_reduced(self, "mean", dtype, out), axis=axis, keepdims=keepdims)
+        t = _reduced(self, "mean", dtype, out, _UNSET, where)
+        return _ops.mean(t, axis=axis, keepdims=keepdims)
 
-    def max(self, axis: Any = None, keepdims: bool = False, *, out: Any = None) -> Any:
-        return _ops.max(_reduced(self, "max", None, out), axis=axis, keepdims=keepdims)
+    def max(
+        self,
+        axis: Any = None,
+        keepdims: bool = False,
+        *,
+        out: Any = None,
+        initial: Any = _UNSET,
+        where: Any = True,
+    ) -> Any:
+        t = _reduced(self, "max", None, out, initial, where)
+        return _ops.max(t, axis=axis, keepdims=keepdims)
 
-    def min(self, axis: Any = None, keepdims: bool = False, *, out: Any = None) -> Any:
-        return _ops.min(_reduced(self, "min", None, out), axis=axis, keepdims=keepdims)
+    def min(
+        self,
+        axis: Any = None,
+        keepdims: bool = False,
+        *,
+        out: Any = None,
+        initial: Any = _UNSET,
+        where: Any = True,
+    ) -> Any:
+        t = _reduced(self, "min", None, out, initial, where)
+        return _ops.min(t, axis=axis, keepdims=keepdims)
 
-    def reshape(self, *shape: Any) -> Any:
+    def reshape(self, *shape: Any, order: Any = "C", copy: Any = None) -> Any:
+        # (np.reshape(t, s) calls t.reshape(s, order="C"), adding copy= when given)
+        if order != "C":
+            raise TypeError(
+                f"reshape of a traced array takes order='C' only, got order={order!r}: numpy's "
+                "order='F' is a C-order reshape between two transposes, "
+                "ops.transpose(ops.reshape(ops.transpose(t), shape[::-1]))"
+            )
+        if copy is False:
+            raise TypeError(
+                "reshape of a traced array cannot promise not to copy (copy=False): leave copy "
+                "out (a traced array is never changed in place, so a view and a copy read alike)"
+            )
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = tuple(shape[0])
         return _ops.reshape(self, shape)
 
     def transpose(self, *axes: Any) -> Any:
-        if len(axes) == 1 and isinstance(axes[0], tuple | list):
-            axes = tuple(axes[0])
+        if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], tuple | list)):
+            axes = () if axes[0] is None else tuple(axes[0])  # np.transpose(t): t.transpose(None)
         return _ops.transpose(self, axes or None)
 
     def astype(self, dtype: Any) -> Any:
         return _ops.astype(self, dtype)
 
-    def clip(self, min: Any = None, max: Any = None, *, out: Any = None) -> Any:  # noqa: A002
+    def clip(
+        self,
+        min: Any = None,  # noqa: A002 - numpy's names
+        max: Any = None,  # noqa: A002
+        *,
+        out: Any = None,
+        **ufunc_keywords: Any,
+    ) -> Any:
         # (np.clip(t, lo, hi) calls this, as numpy's own arrays' clip)
         if out is not None:
             raise TypeError("clip of a traced array cannot write into out=; use the result")
+        given = [f"{k}={v!r}" for k, v in ufunc_keywords.items() if not _is_ufunc_default(k, v)]
+        if given:
+            raise TypeError(
+                "clip of a traced array takes none of numpy's ufunc keywords but at their "
+                f"defaults, got {', '.join(given)}: clip, then convert with ops.astype or select "
+                "with ops.where"
+            )
         from ._ops_act import clip
 
         return clip(self, min, max)
@@ -413,27 +480,85 @@ def _raw(x: Any) -> Any:
     return x.value if type(x) is Tracer else x
 
 
-def _refused_by_clip() -> TypeError | None:
-    """The TypeError of a traced array's ``clip`` that numpy is handling, when numpy caught it
-    (its fallback converts the array next), else None: a conversion in the user's own handler
-    of that error is refused as any other."""
+def _refused_by_method(t: Tracer) -> TypeError | None:
+    """The TypeError of a method of ``t`` that numpy's ``_wrapfunc`` is handling (np.reshape,
+    np.transpose, np.clip, ... call the array's method and, on a TypeError, convert the array
+    next), else None: a conversion anywhere else, the user's own handler of that error
+    included, is refused as any other."""
     exc = sys.exception()
-    if not isinstance(exc, TypeError):
+    if not isinstance(exc, TypeError) or exc.__traceback__ is None:
         return None
-    tb = exc.__traceback__  # (its first frame is the one handling it)
-    if tb is None or not tb.tb_frame.f_globals.get("__name__", "").startswith("numpy."):
+    frame = exc.__traceback__.tb_frame  # (the traceback's first frame is the one handling it)
+    if frame.f_code.co_name != "_wrapfunc" or not _is_numpy(frame):
         return None
-    while tb is not None:
-        if tb.tb_frame.f_code is Tracer.clip.__code__:
-            return exc
-        tb = tb.tb_next
+    return exc if frame.f_locals.get("obj") is t else None
+
+
+def _numpy_caller() -> str | None:
+    """The numpy function converting a traced array (np.swapaxes through ``_wrapit``, as it
+    has no such method; np.ravel through ``asanyarray``), or None when numpy's Python code is
+    not the caller."""
+    frame: Any = sys._getframe(2)  # (this function's, __array__'s, then the caller's)
+    while frame is not None and _is_numpy(frame):
+        if frame.f_code.co_name == "_wrapit":
+            return str(frame.f_locals.get("method"))
+        if not frame.f_code.co_name.startswith("_"):  # (np.std's helpers are _std, _var)
+            return str(frame.f_code.co_name)
+        frame = frame.f_back
     return None
 
 
-def _reduced(t: Tracer, name: str, dtype: Any, out: Any) -> Any:
+def _is_numpy(frame: Any) -> bool:
+    return str(frame.f_globals.get("__name__", "")).startswith("numpy.")
+
+
+def _op_hint(name: str) -> str:
+    return f"; ops.{name} is its differentiable match" if name in _ops.__all__ else ""
+
+
+#: numpy's ufunc keywords at their defaults, which np.clip(t, ...) passes through to t.clip
+_UFUNC_DEFAULTS: dict[str, Any] = {
+    "where": True,
+    "casting": "same_kind",
+    "order": "K",
+    "dtype": None,
+    "subok": True,
+    "signature": None,
+}
+
+
+def _is_ufunc_default(keyword: str, value: Any) -> bool:
+    default = _UFUNC_DEFAULTS.get(keyword, _UNSET)
+    return value is default or (type(value) is str and value == default)
+
+
+#: a masked reduction along ``axis`` in ops, for the message refusing ``where=``
+_MASKED = {
+    "sum": "ops.sum(ops.where(mask, t, 0.0), axis)",
+    "mean": "ops.sum(ops.where(mask, t, 0.0), axis) / mask.sum(axis)",
+    "max": "ops.max(ops.where(mask, t, -np.inf), axis)",
+    "min": "ops.min(ops.where(mask, t, np.inf), axis)",
+}
+
+
+def _reduced(t: Tracer, name: str, dtype: Any, out: Any, initial: Any, where: Any) -> Any:
     """What ``t.sum(dtype=..., out=...)`` (and ``np.sum(t)``) reduces: ``t`` in ``dtype``."""
     if out is not None:
         raise TypeError(f"{name} of a traced array cannot write into out=; use the result")
+    if where is not True:
+        raise TypeError(
+            f"{name} of a traced array takes no where= mask: select the entries first, as in "
+            f"ops.{name}(t[mask]) over all of them, or {_MASKED[name]} along an axis"
+        )
+    if initial is not _UNSET:
+        combined = {
+            "sum": f"ops.sum(t) + {initial!r}",
+            "max": f"ops.maximum(ops.max(t), {initial!r})",
+            "min": f"ops.minimum(ops.min(t), {initial!r})",
+        }[name]
+        raise TypeError(
+            f"{name} of a traced array takes no initial=: combine it with the result, {combined}"
+        )
     return t if dtype is None else _ops.astype(t, dtype)
 
 
