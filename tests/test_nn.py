@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from asyncnn import dynamic, nn, ops, vjp
+from asyncnn import dynamic, grad, nn, ops, vjp
 from asyncnn._math._nn._module import shape_of
 from asyncnn._math._ops import PRIMITIVES
 from asyncnn.backends import Backend, to_numpy
@@ -629,6 +629,23 @@ def test_a_fused_linear_and_relu_refuse_bad_input_as_the_linear_does() -> None:
         seq(params, np.zeros((2, 5), np.float32))
     with pytest.raises(TypeError):
         seq(params, np.zeros((2, 3), np.int64))
+
+
+def test_a_fused_linear_and_relu_name_the_add_in_its_errors_as_the_linear_does() -> None:
+    # a bias traced by an outer grad and a weight by an inner one: the op that meets both is the
+    # add, which the error names (not bias_relu, an op the user never called)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    p = seq.init(0)
+    x = np.ones((2, 3), np.float32)
+
+    def outer(b: Any) -> Any:
+        def inner(w: Any) -> Any:
+            return seq([{"weight": w, "bias": b}, {}], x).sum()
+
+        return grad(inner)(p[0]["weight"]).sum()
+
+    with pytest.raises(ValueError, match=r"^add: its inputs come from two different vjp calls"):
+        grad(outer)(p[0]["bias"])
 
 
 def test_loss_and_embedding_gradients(backend: Backend) -> None:

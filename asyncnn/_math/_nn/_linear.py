@@ -75,7 +75,10 @@ class Linear(Module):
         y = self._product(params, x)
         b = params["bias"]
         if y.dtype == b.dtype:
-            return _BIAS_RELU(y, b)
+            try:
+                return _BIAS_RELU(y, b)
+            except (TypeError, ValueError):
+                pass  # (the add below says what was wrong, in its own name, as the Linear does)
         return ops.relu(_ADD(y, b))
 
     def _product(self, params: Any, x: Any) -> Any:
