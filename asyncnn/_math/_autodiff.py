@@ -218,7 +218,7 @@ _FIRST_TRACED = (True, False)
 _SECOND_TRACED = (False, True)
 
 
-#: ``initial`` not given (numpy's own default is a private sentinel)
+#: ``initial`` (or ``mean``) not given (numpy's own default is a private sentinel)
 _UNSET: Any = object()
 
 
@@ -226,11 +226,15 @@ class Tracer:
     """A traced array: a raw backend array plus its place in a :class:`Trace`.
 
     Supports the arithmetic operators, ``@``, ``.T``, ``.sum()``, ``.mean()``, ``.max()``,
-    ``.min()``, ``.reshape()``, ``.transpose()``, ``.clip()`` (``np.sum(t)``, ``np.reshape(t, s)``
-    and the like call these, with numpy's keywords at their defaults; others are refused by
-    name), indexing, iteration over the first axis, and the numpy ufuncs that have an asyncnn op
-    (``np.exp(t)`` becomes ``ops.exp(t)``). Comparisons (``<``, ``==``, ...) return raw boolean
-    arrays, and ``float(t)`` and ``bool(t)`` the value (they have no gradient).
+    ``.min()``, ``.std()``, ``.var()``, ``.reshape()``, ``.transpose()``, ``.swapaxes()``,
+    ``.squeeze()``, ``.take()``, ``.clip()`` (``np.sum(t)``, ``np.std(t)``, ``np.reshape(t, s)``,
+    ``np.take(t, i)`` and the like call these, with numpy's keywords at their defaults; others
+    are refused by name), ``.ravel()`` and ``.flatten()`` (``np.ravel(t)`` converts ``t``, which
+    is refused), indexing, iteration over the first axis, and the numpy ufuncs that have an
+    asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``). Each method computes what numpy's does
+    (``t.var()`` is ``ops.var(t, ddof=0)``, ``t.take(i)`` takes from the flattened array).
+    Comparisons (``<``, ``==``, ...) return raw boolean arrays, and ``float(t)`` and ``bool(t)``
+    the value (they have no gradient).
     """
 
     __slots__ = ("value", "trace", "index")
@@ -437,6 +441,79 @@ class Tracer:
             axes = () if axes[0] is None else tuple(axes[0])  # np.transpose(t): t.transpose(None)
         return _ops.transpose(self, axes or None)
 
+    # (np.var(t) calls t.var(axis=..., dtype=..., out=..., ddof=...), adding keepdims=, where=
+    # and mean= when given; numpy's correction= arrives as ddof)
+    def var(
+        self,
+        axis: Any = None,
+        dtype: Any = None,
+        out: Any = None,
+        ddof: Any = 0,
+        keepdims: bool = False,
+        *,
+        where: Any = True,
+        mean: Any = _UNSET,
+    ) -> Any:
+        t = _reduced(self, "var", dtype, out, _UNSET, where, mean)
+        return _ops.var(t, axis=axis, ddof=ddof, keepdims=keepdims)
+
+    def std(
+        self,
+        axis: Any = None,
+        dtype: Any = None,
+        out: Any = None,
+        ddof: Any = 0,
+        keepdims: bool = False,
+        *,
+        where: Any = True,
+        mean: Any = _UNSET,
+    ) -> Any:
+        t = _reduced(self, "std", dtype, out, _UNSET, where, mean)
+        return _ops.std(t, axis=axis, ddof=ddof, keepdims=keepdims)
+
+    def squeeze(self, axis: Any = None) -> Any:
+        # (np.squeeze(t) calls t.squeeze(), np.squeeze(t, axis) t.squeeze(axis=axis))
+        return _ops.squeeze(self, axis)
+
+    def take(self, indices: Any, axis: Any = None, out: Any = None, mode: Any = "raise") -> Any:
+        # (np.take(t, i) calls t.take(i, axis=None, out=None, mode="raise"))
+        if out is not None:
+            raise TypeError("take of a traced array cannot write into out=; use the result")
+        if not (type(mode) is str and mode == "raise"):
+            # ops.take refuses an index out of range; numpy's other modes first map the
+            # indices into range, which the caller can do, and still get the gradient
+            mapped = {"wrap": "np.mod(indices, n)", "clip": "np.clip(indices, 0, n - 1)"}
+            fix = (
+                f"map the indices first, ops.take(t, {mapped[mode]}, axis) with n = "
+                "t.shape[axis] (t.size with axis=None, taking from ops.reshape(t, -1))"
+                if type(mode) is str and mode in mapped
+                else "numpy's modes are 'raise', 'wrap' and 'clip'"
+            )
+            raise TypeError(
+                f"take of a traced array takes mode='raise' only, got mode={mode!r} (an index "
+                f"out of range is an error): {fix}"
+            )
+        if axis is None:  # numpy's: take from the flattened array
+            return _ops.take(_ops.reshape(self, -1), indices, 0)
+        return _ops.take(self, indices, axis)
+
+    def swapaxes(self, axis1: Any, axis2: Any) -> Any:
+        # (np.swapaxes(t, a, b) calls t.swapaxes(a, b))
+        axes = list(range(self.ndim))
+        a = _ops.check_axis(axis1, self.ndim, "swapaxes")
+        b = _ops.check_axis(axis2, self.ndim, "swapaxes")
+        axes[a], axes[b] = axes[b], axes[a]
+        return _ops.transpose(self, axes)
+
+    def ravel(self, order: Any = "C") -> Any:
+        # (np.ravel(t) converts t with asanyarray, never calling this: only t.ravel() gets here)
+        _check_c_order(order, "ravel")
+        return _ops.reshape(self, -1)
+
+    def flatten(self, order: Any = "C") -> Any:
+        _check_c_order(order, "flatten")
+        return _ops.reshape(self, -1)
+
     def astype(self, dtype: Any) -> Any:
         return _ops.astype(self, dtype)
 
@@ -512,8 +589,22 @@ def _is_numpy(frame: Any) -> bool:
     return str(frame.f_globals.get("__name__", "")).startswith("numpy.")
 
 
+#: a differentiable match of a converting numpy function that has no op of its name
+_OP_MATCHES = {"ravel": "t.ravel()"}
+
+
 def _op_hint(name: str) -> str:
-    return f"; ops.{name} is its differentiable match" if name in _ops.__all__ else ""
+    match = _OP_MATCHES.get(name, f"ops.{name}" if name in _ops.__all__ else None)
+    return "" if match is None else f"; {match} is its differentiable match"
+
+
+def _check_c_order(order: Any, name: str) -> None:
+    """Refuses a memory ``order`` but numpy's default, for ``name`` (ravel, flatten)."""
+    if not (type(order) is str and order == "C"):
+        raise TypeError(
+            f"{name} of a traced array takes order='C' only, got order={order!r}: numpy's "
+            "order='F' reads the array with its axes reversed, ops.reshape(ops.transpose(t), -1)"
+        )
 
 
 #: numpy's ufunc keywords at their defaults, which np.clip(t, ...) passes through to t.clip
@@ -532,16 +623,27 @@ def _is_ufunc_default(keyword: str, value: Any) -> bool:
     return value is default or (type(value) is str and value == default)
 
 
+#: the mean of the entries a ``mask`` selects along ``axis``, kept for broadcasting against t
+_MASKED_MEAN = (
+    "ops.sum(ops.where(mask, t, 0.0), axis, keepdims=True) / mask.sum(axis, keepdims=True)"
+)
+
 #: a masked reduction along ``axis`` in ops, for the message refusing ``where=``
 _MASKED = {
     "sum": "ops.sum(ops.where(mask, t, 0.0), axis)",
     "mean": "ops.sum(ops.where(mask, t, 0.0), axis) / mask.sum(axis)",
     "max": "ops.max(ops.where(mask, t, -np.inf), axis)",
     "min": "ops.min(ops.where(mask, t, np.inf), axis)",
+    "var": "ops.sum(ops.where(mask, ops.square(t - m), 0.0), axis) / (mask.sum(axis) - ddof) "
+    f"with m = {_MASKED_MEAN}",
+    "std": "ops.sqrt(ops.sum(ops.where(mask, ops.square(t - m), 0.0), axis) / (mask.sum(axis) "
+    f"- ddof)) with m = {_MASKED_MEAN}",
 }
 
 
-def _reduced(t: Tracer, name: str, dtype: Any, out: Any, initial: Any, where: Any) -> Any:
+def _reduced(
+    t: Tracer, name: str, dtype: Any, out: Any, initial: Any, where: Any, mean: Any = _UNSET
+) -> Any:
     """What ``t.sum(dtype=..., out=...)`` (and ``np.sum(t)``) reduces: ``t`` in ``dtype``."""
     if out is not None:
         raise TypeError(f"{name} of a traced array cannot write into out=; use the result")
@@ -558,6 +660,14 @@ def _reduced(t: Tracer, name: str, dtype: Any, out: Any, initial: Any, where: An
         }[name]
         raise TypeError(
             f"{name} of a traced array takes no initial=: combine it with the result, {combined}"
+        )
+    if mean is not _UNSET:  # (numpy 2's var and std take the mean if it is known already)
+        spread = "ops.sum(ops.square(t - m), axis) / (n - ddof)"
+        raise TypeError(
+            f"{name} of a traced array takes no mean=: leave it out (ops.{name} computes the "
+            "mean itself), or for a mean m of your own, "
+            + (spread if name == "var" else f"ops.sqrt({spread})")
+            + " with n the number of entries reduced"
         )
     return t if dtype is None else _ops.astype(t, dtype)
 
