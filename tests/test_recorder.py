@@ -648,11 +648,13 @@ def _wait_until(done: Any, what: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_producer_waits_for_a_writer_that_holds_the_bound_and_every_event_arrives(
+@pytest.mark.anyio
+async def test_events_never_wait_and_wait_for_room_waits_for_a_writer_past_the_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the queue was unbounded: a run with trace_payloads="all" faster than its disk kept every
-    # message's tensors in memory, without limit, until the writer reached them
+    # message's tensors in memory, without limit, until the writer reached them. The actors'
+    # events still go in at once (an actor never waits on the disk); the run waits to admit
     gate = threading.Event()
     write = Recorder._write
 
@@ -666,75 +668,86 @@ def test_a_producer_waits_for_a_writer_that_holds_the_bound_and_every_event_arri
     rec = Recorder(str(path), {"graph": {}}, payloads="all", max_queued_bytes=bound)
     assert rec.max_queued_bytes == bound
     n = 64
-    queued = []
-
-    def produce() -> None:
-        for i in range(n):
-            _send(rec, i)
-            queued.append(i)
-
-    producer = threading.Thread(target=produce, daemon=True)
-    producer.start()
-    # the writer drains nothing: the producer stops at the bound and waits (it does not drop)
-    _wait_until(lambda: rec._waiting > 0, "the producer waits for the writer")
-    assert producer.is_alive() and 0 < len(queued) < n
-    assert rec._queued_bytes <= bound and rec._peak_queued_bytes <= bound
+    for i in range(8):
+        _send(rec, i)
+    assert not rec.backlogged()
+    for i in range(8, n):  # past the bound, and the writer drains nothing: none of these waits
+        _send(rec, i)
+    assert rec.backlogged() and rec._queued_bytes > bound
+    with anyio.move_on_after(0.05):
+        await rec.wait_for_room()
+        pytest.fail("wait_for_room returned while the writer held four times the bound")
     gate.set()
-    producer.join(30)
-    assert not producer.is_alive() and queued == list(range(n))
+    with anyio.fail_after(30):
+        await rec.wait_for_room()  # (the writer has written the queue down to the bound)
+    assert rec._queued_bytes <= bound and not rec.backlogged()
     rec.close()
-    assert rec._peak_queued_bytes <= bound and rec._queued_bytes == 0
+    assert rec._queued_bytes == 0
     _assert_all_in_order(path, n)
 
 
-@pytest.mark.timeout(60)
-def test_a_slow_writer_keeps_the_queued_bytes_under_the_bound(
+def _tiny_run_graph() -> ann.Graph:
+    return ann.Graph.sequential(
+        [nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)],
+        loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 64),
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.anyio
+async def test_a_run_traced_faster_than_its_disk_admits_keys_at_the_disk_s_pace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # every record takes the disk 2 ms, the run makes them far faster: without the bound the
+    # queue held nearly the whole run's events; with it, the bound and the keys in flight
     import time
 
     write = Recorder._write
 
     def slow(self: Recorder, data: bytes) -> None:
-        time.sleep(0.001)
+        time.sleep(0.002)
         write(self, data)
 
     monkeypatch.setattr(Recorder, "_write", slow)
+    bound = 1 << 17
+    monkeypatch.setitem(Recorder.__init__.__kwdefaults__, "max_queued_bytes", bound)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((32, 64)), "y": rng.integers(0, 4, 32)}
+               for _ in range(24)]  # fmt: skip
     path = tmp_path / "t.trace"
-    bound = 1 << 19
-    rec = Recorder(str(path), {"graph": {}}, payloads="all", max_queued_bytes=bound)
-    n = 120
-    for i in range(n):
-        if i == 60:  # one event larger than the bound alone goes in once the queue is empty
-            big = np.full(4 * _ROWS * 3, i, np.float32)
-            _send(rec, i, when_done(types.SimpleNamespace(synchronize=lambda: None),
-                                    lambda big=big: (big,), nbytes=big.nbytes))  # fmt: skip
-        else:
-            _send(rec, i)
-        assert rec._queued_bytes <= bound or i == 60
-    rec.close()
-    assert rec._peak_queued_bytes > bound  # (the large event's, counted: it held its bytes)
-    _assert_all_in_order(path, n)
+    async with ann.open_run(
+        _tiny_run_graph(), optim.SGD(lr=0.1), policies.PipeDream(2), dtype="float64",
+        trace=str(path), trace_payloads="all",
+    ) as run:  # fmt: skip
+        rec = run.recorder
+        assert rec is not None and rec.max_queued_bytes == bound
+        for b in batches:
+            await run.step(b)
+        await run.drain()
+        put, peak = rec._put_bytes, rec._peak_queued_bytes
+    assert put > 20 * bound  # (what an unbounded queue could have held)
+    assert peak < 4 * bound, (peak, bound)  # the bound, and the events of the keys in flight
+    trace = ann.trace.read(path)
+    admits = [e for e in trace.events if e.what == "admit"]
+    assert len(admits) == 2 * len(batches)  # (PipeDream(2): two keys a minibatch) every one
 
 
 @pytest.mark.timeout(60)
-def test_events_before_a_deferred_header_do_not_wait_for_a_writer_that_cannot_write(
+def test_a_deferred_header_holds_nothing_back_and_the_bound_counts_after_it(
     tmp_path: Path,
 ) -> None:
-    # the writer writes nothing until the header is complete: a producer that waited for it to
-    # drain, on the thread that completes the header, would wait forever
+    # the writer writes nothing until the header is complete: a run waiting for it to drain,
+    # on the thread that completes the header, would wait forever
     path = tmp_path / "t.trace"
     bound = 1 << 18
     rec = Recorder(str(path), {"graph": {}}, payloads="all", defer_header=True,
                    max_queued_bytes=bound)  # fmt: skip
     n = 40  # 2.5 MiB before the header: ten times the bound
-    producer = threading.Thread(target=lambda: [_send(rec, i) for i in range(n // 2)], daemon=True)
-    producer.start()
-    producer.join(30)
-    assert not producer.is_alive(), "a producer waited on a writer held by the header"
-    assert rec._queued_bytes > bound
+    for i in range(n // 2):
+        _send(rec, i)
+    assert rec._queued_bytes > bound and not rec.backlogged()
     rec.complete_header(pool={"cpu_workers": 1})
-    for i in range(n // 2, n):  # after it, the bound holds again: these wait for the writer
+    for i in range(n // 2, n):
         _send(rec, i)
     rec.close()
     assert ann.trace.read(path).header["pool"] == {"cpu_workers": 1}
@@ -742,7 +755,8 @@ def test_events_before_a_deferred_header_do_not_wait_for_a_writer_that_cannot_wr
 
 
 @pytest.mark.timeout(60)
-def test_a_producer_waiting_on_a_writer_that_fails_gets_the_failure_and_does_not_hang(
+@pytest.mark.anyio
+async def test_a_run_waiting_for_room_from_a_writer_that_fails_stops_waiting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
@@ -758,16 +772,16 @@ def test_a_producer_waiting_on_a_writer_that_fails_gets_the_failure_and_does_not
     monkeypatch.setattr(Recorder, "_write", full)
     path = str(tmp_path / "t.trace")
     rec = Recorder(path, {"graph": {}}, payloads="all", max_queued_bytes=1 << 18)
-    producer = threading.Thread(target=lambda: [_send(rec, i) for i in range(200)], daemon=True)
-    producer.start()
-    _wait_until(lambda: rec._waiting > 0, "the producer waits for the writer")
+    for i in range(200):
+        _send(rec, i)
+    assert rec.backlogged()
     gate.set()  # the disk refuses the header: the writer is gone, and the waiter must know
-    producer.join(30)
-    assert not producer.is_alive(), "a producer waited on a writer that failed"
+    with anyio.fail_after(30):
+        await rec.wait_for_room()
     assert isinstance(rec.failure(), TraceWriteError)
     with pytest.raises(TraceWriteError, match="writing the trace"):
         rec.close()
-    # what was queued was dropped, not held; and a later producer drops its event at once
+    # what was queued was dropped, not held; and a later event is dropped at once
     assert rec._queued_bytes == 0
     _send(rec, 200)
     assert rec._queued_bytes == 0

@@ -11,9 +11,12 @@ after them is done. The actor never waits for the copy, and the digests stay tho
 (the same function on every device, so ``trace diff`` compares a captured GPU run with an eager
 or a CPU one).
 
-The queue is bounded by the bytes it holds (:data:`DEFAULT_MAX_QUEUED_BYTES`): a run that records
-faster than the disk writes waits for the writer at the bound (an event's tensors stay alive
-while it is queued), instead of growing without limit. Nothing is dropped while the writer works.
+The queue is bounded by the bytes it holds (:data:`DEFAULT_MAX_QUEUED_BYTES`, an event's tensors
+stay alive while it is queued): past the bound a run admits no new key until the writer has
+written enough (:meth:`Recorder.wait_for_room`, awaited where a key goes in), so a run that
+records faster than the disk writes slows to the disk's pace instead of growing without limit.
+The actors never wait on the disk (an event is queued at once, whatever the queue holds), and
+nothing is dropped while the writer works.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import numpy as np
 import xxhash
 
@@ -54,9 +58,9 @@ __all__ = [
 ]
 
 
-#: how many bytes of events a :class:`Recorder`'s queue holds at most before a producer waits
-#: for the writer (256 MiB): a few seconds of a disk's writing, far more than a run's events
-#: between two of the writer's turns, and little beside the memory of a run worth tracing
+#: how many bytes of events a :class:`Recorder`'s queue holds before the run admits no new key
+#: (256 MiB): a few seconds of a disk's writing, far more than a run's events between two of
+#: the writer's turns, and little beside the memory of a run worth tracing
 DEFAULT_MAX_QUEUED_BYTES = 256 << 20
 
 #: what a queued event costs beside its tensors (its tuple, its meta, its record as packed),
@@ -348,10 +352,10 @@ class Recorder:
             that cannot be written fails first), or at :meth:`close`. Events and the state
             queued meanwhile are written after it.
         max_queued_bytes: how many bytes of events (their tensors, and :data:`_EVENT_BYTES`
-            each) wait for the writer at most: :meth:`event` then waits for it to write some
-            (backpressure on the run, which is never dropped from). One event larger than it
-            goes in alone. Events queued before a deferred header is complete wait for
-            nothing (the writer writes nothing until then), but count.
+            each) may wait for the writer before :meth:`backlogged` says so, and
+            :meth:`wait_for_room` waits (the run, before it admits a key: backpressure that
+            drops nothing). The keys in flight may queue more past it: their events are
+            never held back.
     """
 
     def __init__(
@@ -378,17 +382,12 @@ class Recorder:
         self.t0 = time.perf_counter()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self.max_queued_bytes = max_queued_bytes
-        # The bytes queued and not yet written: those put (counted by the producers, under
-        # _put_lock, which the writer never takes) less those written (counted by the writer
-        # alone), so that an event below the bound takes no lock the writer contends for. A
-        # producer at the bound waits on _room, which the writer notifies as it writes (and
-        # once it fails or ends) where one waits; the writer takes no other lock: no deadlock.
-        self._put_lock = threading.Lock()
-        self._room = threading.Condition(threading.Lock())
+        # The bytes queued and not yet written: those put (counted by the producers) less
+        # those written (counted by the writer alone), each count written by one side only,
+        # so that an event takes no lock the writer contends for
         self._put_bytes = 0
         self._written_bytes = 0
         self._peak_queued_bytes = 0  # (the most ever queued: what the tests look at)
-        self._waiting = 0  # producers waiting at the bound now (changed under _room)
         self._file = _open_alone(path)
         self._error: BaseException | None = None
         # the writer has taken the end of the queue (close()'s None): nothing more comes
@@ -470,7 +469,7 @@ class Recorder:
         self._head.update(fields)
         self._head_ready.set()
         # (nothing waits while the header is pending; the events queued meanwhile count, and
-        # the next event past the bound waits for the writer to write them)
+        # the next key past the bound waits for the writer to write them)
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -557,11 +556,10 @@ class Recorder:
         payload: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Queues one event (cheap: the digests and the writing happen on the writer thread).
-        Where the queue holds ``max_queued_bytes`` already, waits until the writer has written
-        enough of it (on the caller's thread: the run's event loop, which the writer never
-        needs). Once the writer has failed (:meth:`failure`), drops it: the event and the
-        tensors it holds would only wait in memory for a writer that is gone."""
+        """Queues one event (cheap: the digests and the writing happen on the writer thread),
+        never waiting, whatever the queue holds (the run waits before it admits a key:
+        :meth:`wait_for_room`). Once the writer has failed (:meth:`failure`), drops it: the
+        event and the tensors it holds would only wait in memory for a writer that is gone."""
         if self._error is not None:
             return
         size = _EVENT_BYTES if tensors is None else _EVENT_BYTES + _held_bytes(tensors)
@@ -575,56 +573,45 @@ class Recorder:
         return self._put_bytes - self._written_bytes
 
     def _put(self, item: tuple[Any, ...], size: int) -> None:
-        """Queues ``item``, whose last field is ``size``, the bytes it holds, once it fits the
-        bound; drops it if the writer has failed meanwhile. (Under _put_lock: the items go in
-        the order their room was counted, and a producer behind one that waits waits too.)"""
-        with self._put_lock:
-            queued = self._put_bytes - self._written_bytes
-            if queued and queued + size > self.max_queued_bytes:
-                self._wait_for_room(size)
-                if self._error is not None:
-                    return
-            self._put_bytes += size
-            queued = self._put_bytes - self._written_bytes
-            if queued > self._peak_queued_bytes:
-                self._peak_queued_bytes = queued
-            self._queue.put(item)
+        """Queues ``item``, whose last field is ``size``, the bytes it holds. (The producers
+        are the run's event-loop thread, so the count in takes no lock; were another thread to
+        lose an increment, the bound would only be laxer: nothing waits on an exact count.)"""
+        self._put_bytes += size
+        queued = self._put_bytes - self._written_bytes
+        if queued > self._peak_queued_bytes:
+            self._peak_queued_bytes = queued
+        self._queue.put(item)
 
-    def _wait_for_room(self, size: int) -> None:
-        """Waits until ``size`` more bytes fit the bound: until the queue is empty (one item
-        larger than the bound goes in alone) or holds ``max_queued_bytes - size`` at most, or
-        until the writer cannot write any of it (a header not yet complete: the thread waiting
-        may be the one to complete it; a writer that failed or ended)."""
-        with self._room:
-            # (counted before the condition is read: a writer that counts bytes out after the
-            # read sees a waiter, and notifies it once it has let go of _room in wait())
-            self._waiting += 1
-            try:
-                while (
-                    self._put_bytes != self._written_bytes
-                    and self._put_bytes - self._written_bytes + size > self.max_queued_bytes
-                    and self._error is None
-                    and not self._ended
-                    and self._head_ready.is_set()
-                ):
-                    self._room.wait()
-            finally:
-                self._waiting -= 1
+    def backlogged(self) -> bool:
+        """Whether the writer has more than ``max_queued_bytes`` of events to write, and can
+        write them (its header is written, it has not failed): the run then admits no new key
+        (:meth:`wait_for_room`). One comparison: the run asks at every key."""
+        return (
+            self._put_bytes - self._written_bytes > self.max_queued_bytes
+            and self._error is None
+            and self._head_ready.is_set()
+        )
+
+    async def wait_for_room(self, max_interval: float = 0.01) -> None:
+        """Returns once :meth:`backlogged` is false: the writer has written the queue down to
+        ``max_queued_bytes``, or failed (the run then stops on :meth:`failure`). Polls, without
+        blocking the event loop: 100 µs, then twice as long each time, up to
+        ``max_interval`` seconds (the disk's pace, far slower)."""
+        interval = 1e-4
+        while self.backlogged():
+            await anyio.sleep(interval)
+            interval = min(2 * interval, max_interval)
 
     def _taken(self, size: int) -> None:
-        """The writer is done with an item of ``size`` bytes: room for the producers."""
+        """The writer is done with an item of ``size`` bytes (written, or dropped after a
+        failure)."""
         self._written_bytes += size
-        if self._waiting:
-            with self._room:
-                self._room.notify_all()
 
     def _run(self) -> None:
         try:
             self._write_all()
         except BaseException as exc:  # noqa: BLE001 - reported by failure() and close()
             self._error = exc
-            with self._room:  # (the producers waiting for room drop their events instead)
-                self._room.notify_all()
             # what was queued before event() saw the failure, and what comes until close():
             # taken and dropped, so that no event's tensors wait in memory for the run's end
             while not self._ended:
@@ -643,8 +630,6 @@ class Recorder:
             item = self._queue.get()
             if item is None:
                 self._ended = True
-                with self._room:  # (a producer after close() has nothing to wait for)
-                    self._room.notify_all()
                 close = {"t": time.perf_counter() - self.t0, "a": "scheduler", "ev": "close"}
                 self._write(encode_record(close))
                 return

@@ -361,6 +361,11 @@ class Run(RunGuards, RunActors):
         loss is assembled from its keys all the same. Returns the key."""
         if self.in_flight >= self.max_in_flight:
             await self._wait_until(lambda: self.in_flight < self.max_in_flight)
+        rec = self.recorder
+        if rec is not None and rec.backlogged():
+            # the trace's writer is behind the disk: the key waits to go in (the actors, and
+            # the keys in flight, never wait on the disk), so the run goes at the disk's pace
+            await rec.wait_for_room()
         mb = int(meta.get("minibatch", -1))
         if mb >= 0 and mb not in self._pending and mb not in self.losses:
             self._pending[mb] = _Pending(keys=int(meta["mb_keys"]) * self._num_losses)
@@ -369,7 +374,6 @@ class Run(RunGuards, RunActors):
         self.next_key += 1
         self.in_flight += 1
         self._done_count[key] = 0
-        rec = self.recorder
         if rec is not None:
             rec.event("scheduler", "admit", key=key, meta=meta)
         ready = _ready_events(parts.values())
