@@ -393,15 +393,7 @@ def test_avg_pool_ceil_mode_and_count_include_pad_match_torch(
     options = {"ceil_mode": ceil_mode, "count_include_pad": count_include_pad}
     module = (nn.AvgPool1d if n == 1 else nn.AvgPool2d)(kernel, stride, padding, **options)
     tm = (torch.nn.AvgPool1d if n == 1 else torch.nn.AvgPool2d)(kernel, stride, padding, **options)
-    out, pullback = vjp(lambda x: module({}, x), x)
-    ct = np.random.default_rng(12).standard_normal(out.shape)
-    (gx,) = pullback(ct)
-    tx = torch.tensor(x, requires_grad=True)
-    ref = tm(tx)
-    ref.backward(torch.tensor(ct))
-    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
-    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    _assert_pool_is_torchs(module, tm, x, seed=12)
     # the op takes torch's functional arguments, in torch's order
     pool = ops.avg_pool1d if n == 1 else ops.avg_pool2d
     ref_f = (torch.nn.functional.avg_pool1d if n == 1 else torch.nn.functional.avg_pool2d)(
@@ -411,6 +403,22 @@ def test_avg_pool_ceil_mode_and_count_include_pad_match_torch(
         pool(x, kernel, stride, padding, ceil_mode, count_include_pad), ref_f.numpy(),
         rtol=1e-12, atol=1e-14,
     )  # fmt: skip
+
+
+def _assert_pool_is_torchs(module: nn.Module, tm: Any, x: np.ndarray, seed: int) -> None:
+    """``module``'s output, shape and input gradient (for a seeded cotangent) are torch
+    module ``tm``'s, to float64 rounding."""
+    import torch
+
+    out, pullback = vjp(lambda x: module({}, x), x)
+    ct = np.random.default_rng(seed).standard_normal(out.shape)
+    (gx,) = pullback(ct)
+    tx = torch.tensor(x, requires_grad=True)
+    ref = tm(tx)
+    ref.backward(torch.tensor(ct))
+    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
 
 
 #: AvgPool2d's divisor_override, against torch: (kernel_size, stride, padding, input size,
@@ -439,15 +447,7 @@ def test_avg_pool2d_divisor_override_matches_torch(
     options = {"ceil_mode": ceil_mode, "count_include_pad": count_include_pad}
     module = nn.AvgPool2d(kernel, stride, padding, **options, divisor_override=divisor)
     tm = torch.nn.AvgPool2d(kernel, stride, padding, **options, divisor_override=divisor)
-    out, pullback = vjp(lambda x: module({}, x), x)
-    ct = np.random.default_rng(15).standard_normal(out.shape)
-    (gx,) = pullback(ct)
-    tx = torch.tensor(x, requires_grad=True)
-    ref = tm(tx)
-    ref.backward(torch.tensor(ct))
-    assert out.shape == tuple(ref.shape) == module._output_shape(x.shape)
-    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+    _assert_pool_is_torchs(module, tm, x, seed=15)
     # the op takes it as torch's functional does, after count_include_pad (here by name only)
     ref_f = torch.nn.functional.avg_pool2d(
         torch.tensor(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor

@@ -638,15 +638,6 @@ def _assert_all_in_order(path: Path, n: int) -> None:
     assert all(ann.trace.payload_array(e)[0] == e.key for e in sends)
 
 
-def _wait_until(done: Any, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + 30
-    while not done():
-        assert time.monotonic() < deadline, f"gave up waiting until {what}"
-        time.sleep(0.005)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.anyio
 async def test_events_never_wait_and_wait_for_room_waits_for_a_writer_past_the_bound(
