@@ -12,6 +12,7 @@ import asyncnn as ann
 from asyncnn import nn, optim, policies
 from asyncnn._runtime._recorder import Recorder
 from asyncnn._runtime._traceformat import iter_frames
+from asyncnn._tracing._diff import _ABSENT
 
 from _replay_cases import _data, _plain_graph, _rewrite
 
@@ -270,3 +271,21 @@ def test_a_diff_of_runs_with_other_seeds_policies_or_modules_says_so_beside_the_
         "; the runs' headers differ: graph: layer 'stage0''s module: "
         "args.modules[0].args.out_features 8 and 6"
     ), d.reason
+
+
+def test_a_built_in_module_s_argument_a_spec_lacks_reads_as_its_default_in_the_note():
+    # a trace written before AvgPool2d took divisor_override has no such argument: it meant the
+    # default, so the headers' note must not name it as a difference; a value given is one
+    import copy
+
+    from asyncnn._math._nn._spec import to_spec
+    from asyncnn._tracing._diff import _first_difference
+
+    new = to_spec(nn.Sequential(nn.AvgPool2d(2), nn.Flatten()))
+    old = copy.deepcopy(new)
+    del old["args"]["modules"][0]["args"]["divisor_override"]
+    assert _first_difference(old, new) is None and _first_difference(new, old) is None
+    given = to_spec(nn.Sequential(nn.AvgPool2d(2, divisor_override=3), nn.Flatten()))
+    assert _first_difference(old, given) == ("args.modules[0].args.divisor_override", None, 3)
+    # (a key of no built-in module's spec is compared as it is)
+    assert _first_difference({"a": 1}, {}) == ("a", 1, _ABSENT)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncnn._errors import TraceFormatError
+from asyncnn._math._nn._spec import BUILTINS
 
 from ._compare import Divergence, loss_divergences, send_divergences, update_divergences
 from ._event import Event
@@ -66,11 +67,18 @@ def _graph_nodes(header: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
 def _first_difference(x: Any, y: Any, path: str = "") -> tuple[str, Any, Any] | None:
     """The first place where the specs ``x`` and ``y`` differ (``path``: its dotted keys and
     list indices, ``""`` at the top), with both values there (:data:`_ABSENT` for a key one
-    lacks), or None where they are equal."""
+    lacks), or None where they are equal. Two specs of one built-in module take an argument
+    that one lacks as its default: a spec written before the module took that argument
+    (``AvgPool2d``'s ``divisor_override``) means the default, as loading it does."""
     if isinstance(x, dict) and isinstance(y, dict):
+        defaults = _arg_defaults(x, y)
         for k in [*x, *(k for k in y if k not in x)]:
             where = f"{path}.{k}" if path else str(k)
-            found = _first_difference(x.get(k, _ABSENT), y.get(k, _ABSENT), where)
+            u, v = x.get(k, _ABSENT), y.get(k, _ABSENT)
+            if k == "args" and defaults:  # (a built-in module's: an absent one is its default)
+                u = {**defaults, **u} if isinstance(u, dict) else u
+                v = {**defaults, **v} if isinstance(v, dict) else v
+            found = _first_difference(u, v, where)
             if found is not None:
                 return found
         return None
@@ -81,6 +89,24 @@ def _first_difference(x: Any, y: Any, path: str = "") -> tuple[str, Any, Any] | 
                 return found
         return None
     return None if x == y and type(x) is type(y) else (path, x, y)
+
+
+def _arg_defaults(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the built-in module that both module specs ``x`` and ``y`` (``{"type":
+    name, "args": {...}}``) name, as a spec writes them; ``{}`` where they are no such pair (a
+    class of the user's is never imported here)."""
+    name = x.get("type")
+    if name != y.get("type") or set(x) != {"type", "args"} or set(y) != {"type", "args"}:
+        return {}
+    cls = BUILTINS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        return {}
+    # (only the simple values a spec carries as they are: None, bools, numbers, strings)
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.init and isinstance(f.default, bool | int | float | str | type(None))
+    }
 
 
 class _Absent:
