@@ -119,7 +119,12 @@ _NP_MASK = np.array([[True, False, True], [False, True, True]])
      (lambda t: t.swapaxes(1, 1), lambda t: t),
      (lambda t: t.ravel(), lambda t: ops.reshape(t, -1)),
      (lambda t: t.ravel(order="C"), lambda t: ops.reshape(t, -1)),
-     (lambda t: t.flatten("C"), lambda t: ops.reshape(t, -1))],
+     (lambda t: t.flatten("C"), lambda t: ops.reshape(t, -1)),
+     (lambda t: np.cumsum(t, 1), lambda t: ops.cumsum(t, 1)),
+     (lambda t: np.cumsum(t), lambda t: ops.cumsum(t)),
+     (lambda t: np.cumsum(t, axis=-2, dtype=None, out=None), lambda t: ops.cumsum(t, 0)),
+     (lambda t: np.cumsum(t, 0, dtype=np.float64), lambda t: ops.cumsum(t, 0)),
+     (lambda t: t.cumsum(1), lambda t: ops.cumsum(t, 1))],
     ids=["reshape", "reshape-int", "reshape-order-C", "reshape-copy-True", "reshape-copy-None",
          "method-order-C", "transpose", "transpose-axes", "transpose-axes-None", "method-None",
          "sum-where-True", "mean-where-True", "max-where-True", "min-where-True",
@@ -127,13 +132,14 @@ _NP_MASK = np.array([[True, False, True], [False, True, True]])
          "std", "std-keywords", "var", "var-correction", "method-var-ddof-0",
          "method-std-positional", "take-axis", "take-flat", "take-scalar-mode-raise",
          "method-take-repeats", "swapaxes", "swapaxes-negative", "method-swapaxes-same",
-         "method-ravel", "method-ravel-order-C", "method-flatten"],
+         "method-ravel", "method-ravel-order-C", "method-flatten", "cumsum", "cumsum-flattened",
+         "cumsum-keywords", "cumsum-dtype", "method-cumsum"],
 )  # fmt: skip
 def test_numpy_s_functions_of_a_traced_array_take_numpy_s_default_keywords(fn, reference):
     # np.reshape(t, s) calls t.reshape(s, order="C") and np.transpose(t) t.transpose(None): both
     # were refused, and numpy's retry converted t ("a traced array cannot be turned into ...");
-    # np.squeeze, np.std, np.var, np.take and np.swapaxes call the method of the same name,
-    # which a traced array did not have
+    # np.squeeze, np.std, np.var, np.take, np.swapaxes and np.cumsum call the method of the
+    # same name, which a traced array did not have
     out, pullback = ann.vjp(fn, _NP_X)
     expected, expected_pullback = ann.vjp(reference, _NP_X)
     np.testing.assert_array_equal(out, expected)
@@ -177,12 +183,14 @@ def test_numpy_s_functions_of_a_traced_array_take_numpy_s_default_keywords(fn, r
      (lambda t: t.ravel("F"),
       r"^ravel of a traced array takes order='C' only, got order='F'.*ops\.transpose"),
      (lambda t: t.flatten(order="K"),
-      r"^flatten of a traced array takes order='C' only, got order='K'")],
+      r"^flatten of a traced array takes order='C' only, got order='K'"),
+     (lambda t: np.cumsum(t, 1, out=np.empty((2, 3))),
+      r"^cumsum of a traced array cannot write into out=")],
     ids=["reshape-order-F", "method-order-A", "reshape-copy-False", "reshape-bad-shape",
          "sum-where", "mean-where", "sum-initial", "max-initial", "clip-where", "clip-dtype",
          "std-out", "var-where", "std-mean", "take-mode-wrap", "method-take-mode-clip",
          "take-out", "take-float-indices", "swapaxes-float-axis", "method-ravel-order-F",
-         "method-flatten-order-K"],
+         "method-flatten-order-K", "cumsum-out"],
 )  # fmt: skip
 def test_numpy_s_keywords_a_traced_array_cannot_honour_are_refused_by_name(fn, match):
     # (a TypeError of the method was hidden by numpy's retry, which converts the array)
@@ -192,13 +200,13 @@ def test_numpy_s_keywords_a_traced_array_cannot_honour_are_refused_by_name(fn, m
 
 @pytest.mark.parametrize(
     ("fn", "tail"),
-    [(lambda t: np.cumsum(t, axis=1), r" \(np\.cumsum asked for it\.\)"),
+    [(lambda t: np.cumprod(t, axis=1), r" \(np\.cumprod asked for it\.\)"),
      (lambda t: np.expand_dims(t, 0),
       r" \(np\.expand_dims asked for it; ops\.expand_dims is its differentiable match\.\)"),
      (lambda t: np.ravel(t),
       r" \(np\.ravel asked for it; t\.ravel\(\) is its differentiable match\.\)"),
      (lambda t: np.asarray(t), r"stop the gradient\.")],
-    ids=["cumsum", "expand_dims", "ravel", "asarray"],
+    ids=["cumprod", "expand_dims", "ravel", "asarray"],
 )  # fmt: skip
 def test_a_numpy_function_that_converts_a_traced_array_is_named(fn, tail):
     # (those a traced array has no method for: numpy turns it into an array, which is refused)

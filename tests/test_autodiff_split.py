@@ -198,6 +198,7 @@ OPS = {
     "conv2d": (2, lambda a, b, ids: ops.reshape(
         ops.conv2d(ops.reshape(a, (1, 1, 4, 4)), ops.reshape(b[:3, :3], (1, 1, 3, 3)) * 0.3, b[0, :1], padding=1), (4, 4))),
     "cross_entropy": (2, lambda a, b, ids: b * ops.reshape(ops.cross_entropy(a, ids, reduction="none"), (4, 1)) + ops.cross_entropy(a, ids)),
+    "cumsum": (2, lambda a, b, ids: a * ops.cumsum(b, axis=1) + ops.reshape(ops.cumsum(b), (4, 4))),
     "divide": (2, lambda a, b, ids: ops.divide(a, ops.abs(b) + 1.0)),
     "dropout": (1, lambda a, ids: ops.dropout(a, 0.25, np.random.default_rng(7))),
     "embedding": (1, lambda a, ids: ops.embedding(a, ids)),

@@ -157,6 +157,15 @@ GRAD_CASES = [
     case("std-ddof-np-true", lambda x: ops.std(x, axis=0, ddof=np.True_), N(2, 3, 4)),
     case("var-ddof-near-n", lambda x: ops.var(x, axis=1, ddof=2.5), N(2, 3, 4)),
     case("std-ddof-near-n", lambda x: ops.std(x, axis=-1, ddof=3.5), N(2, 3, 4)),
+    case("cumsum-axis0", lambda x: ops.cumsum(x, 0), N(3, 4)),
+    case("cumsum-axis1", lambda x: ops.cumsum(x, axis=1), N(2, 3, 4)),
+    case("cumsum-axis-1", lambda x: ops.cumsum(x, -1), N(2, 3, 4)),
+    case("cumsum-axis-3", lambda x: ops.cumsum(x, -3), N(2, 3, 4)),
+    case("cumsum-flattened", ops.cumsum, N(2, 3, 4)),  # (axis=None: numpy's flattened sums)
+    case("cumsum-0d", ops.cumsum, N()),
+    case("cumsum-empty", lambda x: ops.cumsum(x, 1), N(2, 0, 3)),
+    case("cumsum-numpy-function", lambda x: np.cumsum(x, 1), N(2, 3)),
+    case("cumsum-method", lambda x: x.cumsum(), N(2, 3)),
     # shapes and indexing
     case("reshape", lambda x: ops.reshape(x, (6, 4)), N(2, 3, 4)),
     case("reshape-minus1", lambda x: x.reshape(-1), N(2, 3, 4)),
@@ -361,6 +370,83 @@ def test_integer_inputs_get_no_gradient(backend: Any) -> None:
     np.testing.assert_allclose(to_numpy(g_logits), p / 3, rtol=1e-12)
 
 
+# -- cumsum: numpy's values and dtypes, torch's 16-bit sums and gradients ------------------------
+@pytest.mark.parametrize("axis", [0, 1, -1, -3, None])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "int32", "int8", "uint8", "bool"])
+def test_cumsum_is_numpy_s(backend: Any, axis: Any, dtype: str) -> None:
+    # (no cumulative sum at all: np.cumsum(t, 1) of a traced array was refused, and torch's
+    # cumsum had no op to port to.) Integers and bools sum in numpy's dtypes, as ops.sum: int64
+    # (uint64 for unsigned), where torch gives int64 for every integer
+    host = np.arange(-11, 13).reshape(2, 3, 4) % 5 - 1
+    host = host.astype(dtype)
+    got = ops.cumsum(backend.asarray(host), axis)
+    want = np.cumsum(host, axis)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(to_numpy(got), want)
+
+
+def test_cumsum_of_a_0d_or_an_empty_array_is_numpy_s(backend: Any) -> None:
+    for host, axis in ((np.array(2.5), None), (np.zeros((2, 0, 3)), 1), (np.zeros((0,)), None)):
+        got = ops.cumsum(backend.asarray(host), axis)
+        assert got.shape == np.cumsum(host, axis).shape
+        np.testing.assert_array_equal(to_numpy(got), np.cumsum(host, axis))
+
+
+def test_cumsum_gradient_is_the_reversed_cumulative_sum_of_the_cotangent(backend: Any) -> None:
+    x = backend.asarray(np.arange(12.0).reshape(3, 4))
+    ct = np.arange(1.0, 13.0).reshape(3, 4)
+    for axis in (0, 1, -1):
+        (g,) = ann.vjp(lambda x, axis=axis: ops.cumsum(x, axis), x)[1](backend.asarray(ct))
+        want = np.flip(np.cumsum(np.flip(ct, axis), axis), axis)
+        np.testing.assert_array_equal(to_numpy(g), want)
+    (g,) = ann.vjp(ops.cumsum, x)[1](backend.asarray(ct.reshape(-1)))  # (flattened: reshaped)
+    np.testing.assert_array_equal(to_numpy(g), np.cumsum(ct.reshape(-1)[::-1])[::-1].reshape(3, 4))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("axis", [1, -2, None])
+def test_cumsum_value_and_gradient_match_torch(backend: Any, dtype: str, axis: Any) -> None:
+    torch = pytest.importorskip("torch")
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(3)
+    host = rng.standard_normal((3, 40)).astype(dt)
+    ct = rng.standard_normal((3, 40) if axis is not None else (120,)).astype(dt)
+    out, pullback = ann.vjp(lambda x: ops.cumsum(x, axis), backend.asarray(host))
+    (g,) = pullback(backend.asarray(ct))
+    assert out.dtype == g.dtype == dt  # (torch's cumsum keeps a 16-bit dtype)
+    # (through float64, which holds every entry of each dtype exactly)
+    tx = torch.tensor(host.astype(np.float64), dtype=getattr(torch, dtype), requires_grad=True)
+    ty = torch.cumsum(tx.reshape(-1) if axis is None else tx, 0 if axis is None else axis)
+    ty.backward(torch.tensor(ct.astype(np.float64), dtype=getattr(torch, dtype)))
+    assert tx.grad is not None
+    tol = {"float64": 1e-12, "float32": 1e-5}.get(dtype, 1e-2)
+    for got, want in ((out, ty), (g, tx.grad)):
+        want64 = want.detach().double().numpy()
+        np.testing.assert_allclose(to_numpy(got).astype(np.float64), want64, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_16_bit_cumsum_accumulates_in_float32_and_rounds_once(backend: Any, dtype: str) -> None:
+    # as torch: a float16 running sum of 3000 entries of 0.1 stalls at 256 (0.1 is below half
+    # a float16 step there), where torch's is 300
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = backend.asarray(np.full(3000, 0.1, dtype=dt))
+    want = np.cumsum(np.full(3000, 0.1, dtype=dt).astype(np.float32)).astype(dt)
+    out, pullback = ann.vjp(ops.cumsum, x)
+    assert out.dtype == dt
+    np.testing.assert_array_equal(to_numpy(out).astype(np.float32), want.astype(np.float32))
+    (g,) = pullback(x)  # the reversed running sums of the same entries
+    np.testing.assert_array_equal(to_numpy(g).astype(np.float32), want[::-1].astype(np.float32))
+
+
 # -- properties over random shapes ----------------------------------------------------------------
 PROPS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -510,6 +596,7 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     ),
     "conv2d": lambda a: ops.conv2d(a([[_M]]), a([[[[1.0, 2.0]]]])),
     "cross_entropy": lambda a: ops.cross_entropy(a(_M), a([2, 0])),
+    "cumsum": lambda a: ops.cumsum(a(_M), 1),
     "divide": lambda a: ops.divide(a(_M), a(_N)),
     "dropout": lambda a: ops.dropout(a(_M), 0.5, None),
     "embedding": lambda a: ops.embedding(a(_M), a([1, 0, 1])),

@@ -321,6 +321,29 @@ def test_an_axis_out_of_range_is_refused_not_wrapped_around() -> None:
         ops.sum(x, axis=(1, -1))
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: ops.cumsum(np.zeros((2, 3)), 2), ValueError,
+         r"^cumsum: axis 2 is out of range for an array of 2 dimensions \(valid: -2 to 1\)"),
+        (lambda: ops.cumsum(np.zeros((2, 3)), axis=-3), ValueError,
+         r"^cumsum: axis -3 is out of range for an array of 2 dimensions"),
+        (lambda: ops.cumsum(np.zeros((2, 3)), 1.0), TypeError,
+         r"^cumsum: axis must be an int, got 1\.0"),
+        (lambda: ops.cumsum(np.zeros((2, 3)), (0, 1)), TypeError,
+         r"^cumsum: axis must be one int or None, got \(0, 1\): a running sum goes along one "
+         r"axis.*ops\.reshape"),
+        (lambda: ops.cumsum(np.array(1.5), 0), ValueError,
+         r"^cumsum: axis 0: the array is 0-d \(a scalar\), which has no axis"),
+    ],
+)  # fmt: skip
+def test_cumsum_errors_name_the_axis(call: Any, error: type, match: str) -> None:
+    # (numpy wraps nothing either, but takes axis=0 of a 0-d array as its flattened (1,): the
+    # other ops' axes refuse a 0-d array, and so does this one; axis=None flattens it)
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
     a, b = np.zeros((3, 4)), np.zeros(3)
     for name in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum"):

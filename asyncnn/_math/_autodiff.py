@@ -471,6 +471,10 @@ class Tracer:
         t = _reduced(self, "std", dtype, out, _UNSET, where, mean)
         return _ops.std(t, axis=axis, ddof=ddof, keepdims=keepdims)
 
+    def cumsum(self, axis: Any = None, dtype: Any = None, out: Any = None) -> Any:
+        # (np.cumsum(t, axis) calls t.cumsum(axis=axis, dtype=None, out=None))
+        return _ops.cumsum(_reduced(self, "cumsum", dtype, out, _UNSET, True), axis)
+
     def squeeze(self, axis: Any = None) -> Any:
         # (np.squeeze(t) calls t.squeeze(), np.squeeze(t, axis) t.squeeze(axis=axis))
         return _ops.squeeze(self, axis)

@@ -160,6 +160,24 @@ def _std_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
         return ((x - mu) * (share * (1.0 / dof if dof else math.inf)),)
 
 
+def _cumsum(x: Any, axis: int | None) -> tuple[Any, Any]:
+    # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES.
+    # Integers and bools sum in numpy's int64, uint64 for unsigned ones, named here: cupy's
+    # dtype of a small integer's cumsum need not be numpy's)
+    dtype = None
+    if x.dtype.kind in "biu" and x.dtype.itemsize < 8:
+        dtype = np.uint64 if x.dtype.kind == "u" else np.int64
+    return ns(x).cumsum(x, axis=axis, dtype=dtype), (x.shape, axis)
+
+
+def _cumsum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # each entry reaches the sums from its own on: the cotangent's sums from the end
+    shape, axis = res
+    xp = ns(g)
+    along = 0 if axis is None else axis  # (flattened: g is 1-d, reshaped back)
+    return (xp.flip(xp.cumsum(xp.flip(g, along), axis=along), along).reshape(shape),)
+
+
 def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:
     out = getattr(x, which)(axis=axis, keepdims=True)
     res = (x, out, axis)
@@ -474,4 +492,6 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     # float16 too in float32, as torch: a deviation of 300 squared overflowed it
     "var": _bf16_in_float32(_var, _var_vjp, float16=True),
     "std": _bf16_in_float32(_std, _std_vjp, float16=True),
+    # float16 too, as torch: a float16 running sum of 0.1s stalled at 256
+    "cumsum": _bf16_in_float32(_cumsum, _cumsum_vjp, float16=True),
 }
