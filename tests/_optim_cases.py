@@ -23,6 +23,31 @@ def _tree_of(rng: np.random.Generator, scale: float = 1.0) -> Any:
     }
 
 
+def _torch_steps(
+    make: Any, params: Any, grads: list[Any], dtype: str, sched: Any = None
+) -> tuple[list[Any], Any]:
+    """torch's optimizer ``make(leaves)`` stepped over ``grads`` from ``params`` in float
+    ``dtype`` (each step's gradients clipped first, as torch's ``clip_grad_norm_``, where the
+    optimizer carries an ``_asyncnn_clip``; ``sched(opt)``'s scheduler stepped after each):
+    the parameters' tensors and the optimizer."""
+    torch = pytest.importorskip("torch")
+    leaves = [torch.tensor(np.asarray(x, dtype=dtype)) for x in tree_leaves(params)]
+    for t in leaves:
+        t.requires_grad_(True)
+    opt = make(leaves)
+    scheduler = sched(opt) if sched is not None else None
+    clip = getattr(opt, "_asyncnn_clip", None)
+    for grads_t in grads:
+        for t, g in zip(leaves, tree_leaves(grads_t), strict=True):
+            t.grad = torch.tensor(np.asarray(g, dtype=dtype))
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(leaves, clip)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return leaves, opt
+
+
 def _problem(seed: int = 0) -> tuple[Any, list[Any]]:
     rng = np.random.default_rng(seed)
     params = _tree_of(rng)

@@ -21,7 +21,7 @@ from asyncnn._math._optim import state_dtype
 from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import Backend
 
-from _optim_cases import _host, _to
+from _optim_cases import _host, _to, _torch_steps, _tree_of
 from _reference import (
     assert_params_close,
     assert_params_equal,
@@ -61,16 +61,8 @@ def _case_id(case: tuple[str, dict[str, Any]]) -> str:
 
 def _problem(seed: int, steps: int = STEPS) -> tuple[Any, list[Any]]:
     rng = np.random.default_rng(seed)
-
-    def tree(scale: float) -> Any:
-        return {
-            "w": rng.normal(size=(3, 4)) * scale,
-            "layers": [rng.normal(size=(5,)) * scale, {"b": rng.normal(size=(2, 2)) * scale}],
-            "scalar": np.asarray(rng.normal() * scale),
-        }
-
-    params = tree(1.0)
-    return params, [tree(0.5 + t % 4) for t in range(steps)]
+    params = _tree_of(rng)
+    return params, [_tree_of(rng, 0.5 + t % 4) for t in range(steps)]
 
 
 def _torch_run(
@@ -85,19 +77,13 @@ def _torch_run(
     torch = pytest.importorskip("torch")
     kw = dict(kw)
     clip = kw.pop("clip_norm", None)
-    leaves = [torch.tensor(np.asarray(x, dtype=dtype)) for x in tree_leaves(params)]
-    for t in leaves:
-        t.requires_grad_(True)
-    opt = getattr(torch.optim, kind)(leaves, **kw)
-    scheduler = sched(opt) if sched is not None else None
-    for grads_t in grads:
-        for t, g in zip(leaves, tree_leaves(grads_t), strict=True):
-            t.grad = torch.tensor(np.asarray(g, dtype=dtype))
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(leaves, clip)
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
+
+    def make(leaves: list[Any]) -> Any:
+        opt = getattr(torch.optim, kind)(leaves, **kw)
+        opt._asyncnn_clip = clip
+        return opt
+
+    leaves, opt = _torch_steps(make, params, grads, dtype, sched)
     states = [
         {k: (v.item() if k == "step" else v.detach().numpy()) for k, v in opt.state[t].items()}
         for t in leaves

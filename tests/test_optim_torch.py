@@ -10,30 +10,15 @@ import numpy as np
 import pytest
 
 from asyncnn import optim
-from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import Backend
 
-from _optim_cases import _host, _problem, _run
+from _optim_cases import _host, _problem, _run, _torch_steps
 
 
 def _torch_run(
     backend: Backend, make: Any, params: Any, grads: list[Any], dtype: str, sched: Any = None
 ) -> list[np.ndarray]:
-    torch = pytest.importorskip("torch")
-    leaves = [torch.tensor(np.asarray(x, dtype=dtype)) for x in tree_leaves(params)]
-    for t in leaves:
-        t.requires_grad_(True)
-    opt = make(leaves)
-    scheduler = sched(opt) if sched is not None else None
-    clip = getattr(opt, "_asyncnn_clip", None)
-    for grads_t in grads:
-        for t, g in zip(leaves, tree_leaves(grads_t), strict=True):
-            t.grad = torch.tensor(np.asarray(g, dtype=dtype))
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(leaves, clip)
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
+    leaves, _ = _torch_steps(make, params, grads, dtype, sched)
     return [t.detach().numpy() for t in leaves]
 
 

@@ -229,9 +229,14 @@ def _relu(x: Any) -> tuple[Any, Any]:
         out = fused.relu(x)  # one kernel on a GPU, and no zero array to make for 16 bits
         return out, out
     xp = ns(x)
-    # cupy promotes bfloat16 with a Python scalar to float32: compare with a 0 of x's dtype
-    out = elementwise(xp.maximum, x, xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0)
+    out = elementwise(xp.maximum, x, _relu_floor(xp, x))
     return out, out
+
+
+def _relu_floor(xp: Any, x: Any) -> Any:
+    """The 0 that ReLU takes the maximum of ``x`` (of array module ``xp``) with: cupy promotes
+    bfloat16 with a Python scalar to float32, so a 0 of ``x``'s dtype there."""
+    return xp.zeros((), x.dtype) if x.dtype.kind == "V" else 0
 
 
 def _bias_relu(y: Any, b: Any) -> tuple[Any, Any]:
@@ -251,8 +256,7 @@ def _bias_relu(y: Any, b: Any) -> tuple[Any, Any]:
 def _np_bias_relu(y: Any, b: Any) -> Any:
     s = y + b  # (a fresh array: the ReLU writes over it)
     xp = ns(s)
-    # (a bfloat16 array with a Python 0 would widen to float32: a 0 of its dtype, as _relu's)
-    return xp.maximum(s, xp.zeros((), s.dtype) if s.dtype.kind == "V" else 0, out=s)
+    return xp.maximum(s, _relu_floor(xp, s), out=s)
 
 
 def _bias_relu_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
