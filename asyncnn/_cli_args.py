@@ -359,14 +359,16 @@ def _check_optimizer_flags(args: argparse.Namespace, given: set[str]) -> None:
 
 
 def _any_case(names: Sequence[str]) -> Callable[[str], str]:
-    """An argparse type for a ``choices`` option: one of ``names`` in any case, as ``names``
-    spell it (``--optimizer sgd`` is ``SGD``, ``--policy gpipe`` ``GPipe``), so the checks
-    and the run see the one spelling; any other text as given, which ``choices`` then refuses
-    with the list of the names."""
-    spelt = {name.casefold(): name for name in names}
+    """An argparse type for a ``choices`` option: one of ``names`` in any ASCII case, as
+    ``names`` spell it (``--optimizer sgd`` is ``SGD``, ``--policy gpipe`` ``GPipe``), so the
+    checks and the run see the one spelling; any other text as given, which ``choices`` then
+    refuses with the list of the names."""
+    spelt = {name.lower(): name for name in names}
 
     def name(text: str) -> str:
-        return spelt.get(text.casefold(), text)
+        # ASCII case only: str.casefold (and lower, for a Kelvin sign) map other letters onto
+        # ASCII ones, and "\u017fync" (a long s) would be taken for Sync
+        return spelt.get(text.lower(), text) if text.isascii() else text
 
     return name
 

@@ -1,6 +1,8 @@
 """What assigning another optimizer to a trainer does to each layer's optimizer state: kept
 where the new optimizer takes it as its own (the same structure and shapes), else made fresh by
-it (``Trainer.optimizer``'s setter; ``Trainer.load(path, optimizer=...)`` reads the same way)."""
+it (``Trainer.optimizer``'s setter; ``Trainer.load(path, optimizer=...)`` reads the same way);
+an RMSprop after one of another ``momentum`` or ``centered`` (a buffer more or fewer) goes on
+with the step and square averages, as torch's does (the setter only: a load makes it fresh)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._math._optim_rms import RMSprop
 from ._math._pytree import tree_flatten
 from ._runtime._graph import Graph
 from ._runtime._state import RunState
@@ -31,8 +34,41 @@ def fitted_opt_states(
         with get_backend("cpu" if on_host else node.device).activate():
             fresh = optimizer.init(params)
         held = state.opt_states.get(name)
-        states[name] = held if held is not None and _same_layout(held, fresh) else fresh
+        if held is None:
+            states[name] = fresh
+        elif _same_layout(held, fresh):
+            states[name] = held
+        else:
+            states[name] = _rmsprop_carried(held, fresh, optimizer) or fresh
     return states
+
+
+#: the buffers an RMSprop's state may hold, by its momentum and centered
+_RMSPROP_BUFFERS = frozenset({"square_avg", "momentum_buffer", "grad_avg"})
+
+
+def _rmsprop_carried(held: Any, fresh: Any, optimizer: Any) -> dict[str, Any] | None:
+    """``held``, the state of an RMSprop of another ``momentum`` or ``centered`` (a buffer more
+    or fewer), as ``optimizer``'s: its step and the buffers both use kept, a buffer only
+    ``optimizer`` uses from ``fresh`` (zeros), one it does not use dropped; None where either
+    is no RMSprop's (or a kept buffer has other shapes).
+
+    torch's RMSprop, its group's momentum (or centered) changed, goes on with the square
+    averages and the step, and ignores a buffer it no longer uses; switched on, it finds no
+    buffer (a KeyError) where this starts one at zero, as its first step would."""
+    if not (isinstance(optimizer, RMSprop) and isinstance(held, dict) and isinstance(fresh, dict)):
+        return None
+    if "square_avg" not in held or not set(held) <= {"step", *_RMSPROP_BUFFERS}:
+        return None
+    carried = {"step": held.get("step", fresh["step"])}
+    for name in optimizer.buffer_names():
+        if name not in held:
+            carried[name] = fresh[name]
+        elif _same_layout(held[name], fresh[name]):
+            carried[name] = held[name]
+        else:
+            return None
+    return carried
 
 
 def _same_layout(state: Any, like: Any) -> bool:

@@ -124,7 +124,16 @@ _NP_MASK = np.array([[True, False, True], [False, True, True]])
      (lambda t: np.cumsum(t), lambda t: ops.cumsum(t)),
      (lambda t: np.cumsum(t, axis=-2, dtype=None, out=None), lambda t: ops.cumsum(t, 0)),
      (lambda t: np.cumsum(t, 0, dtype=np.float64), lambda t: ops.cumsum(t, 0)),
-     (lambda t: t.cumsum(1), lambda t: ops.cumsum(t, 1))],
+     (lambda t: t.cumsum(1), lambda t: ops.cumsum(t, 1)),
+     (lambda t: np.prod(t), lambda t: ops.prod(t)),
+     (lambda t: np.prod(t, axis=(0, 1), keepdims=True, where=True),
+      lambda t: ops.prod(t, (0, 1), keepdims=True)),
+     (lambda t: np.prod(t, 1, dtype=np.float64, out=None), lambda t: ops.prod(t, 1)),
+     (lambda t: t.prod(-1), lambda t: ops.prod(t, 1)),
+     (lambda t: np.cumprod(t, 1), lambda t: ops.cumprod(t, 1)),
+     (lambda t: np.cumprod(t), lambda t: ops.cumprod(t)),
+     (lambda t: np.cumprod(t, axis=-2, dtype=None, out=None), lambda t: ops.cumprod(t, 0)),
+     (lambda t: t.cumprod(1), lambda t: ops.cumprod(t, 1))],
     ids=["reshape", "reshape-int", "reshape-order-C", "reshape-copy-True", "reshape-copy-None",
          "method-order-C", "transpose", "transpose-axes", "transpose-axes-None", "method-None",
          "sum-where-True", "mean-where-True", "max-where-True", "min-where-True",
@@ -133,7 +142,9 @@ _NP_MASK = np.array([[True, False, True], [False, True, True]])
          "method-std-positional", "take-axis", "take-flat", "take-scalar-mode-raise",
          "method-take-repeats", "swapaxes", "swapaxes-negative", "method-swapaxes-same",
          "method-ravel", "method-ravel-order-C", "method-flatten", "cumsum", "cumsum-flattened",
-         "cumsum-keywords", "cumsum-dtype", "method-cumsum"],
+         "cumsum-keywords", "cumsum-dtype", "method-cumsum", "prod", "prod-keywords",
+         "prod-dtype", "method-prod", "cumprod", "cumprod-flattened", "cumprod-keywords",
+         "method-cumprod"],
 )  # fmt: skip
 def test_numpy_s_functions_of_a_traced_array_take_numpy_s_default_keywords(fn, reference):
     # np.reshape(t, s) calls t.reshape(s, order="C") and np.transpose(t) t.transpose(None): both
@@ -185,12 +196,18 @@ def test_numpy_s_functions_of_a_traced_array_take_numpy_s_default_keywords(fn, r
      (lambda t: t.flatten(order="K"),
       r"^flatten of a traced array takes order='C' only, got order='K'"),
      (lambda t: np.cumsum(t, 1, out=np.empty((2, 3))),
-      r"^cumsum of a traced array cannot write into out=")],
+      r"^cumsum of a traced array cannot write into out="),
+     (lambda t: np.prod(t, where=_NP_MASK),
+      r"^prod of a traced array takes no where= mask.*ops\.prod\(ops\.where\(mask, t, 1\.0\), axis\)"),
+     (lambda t: np.prod(t, initial=2.0),
+      r"^prod of a traced array takes no initial=.*ops\.prod\(t\) \* 2\.0"),
+     (lambda t: np.cumprod(t, 1, out=np.empty((2, 3))),
+      r"^cumprod of a traced array cannot write into out=")],
     ids=["reshape-order-F", "method-order-A", "reshape-copy-False", "reshape-bad-shape",
          "sum-where", "mean-where", "sum-initial", "max-initial", "clip-where", "clip-dtype",
          "std-out", "var-where", "std-mean", "take-mode-wrap", "method-take-mode-clip",
          "take-out", "take-float-indices", "swapaxes-float-axis", "method-ravel-order-F",
-         "method-flatten-order-K", "cumsum-out"],
+         "method-flatten-order-K", "cumsum-out", "prod-where", "prod-initial", "cumprod-out"],
 )  # fmt: skip
 def test_numpy_s_keywords_a_traced_array_cannot_honour_are_refused_by_name(fn, match):
     # (a TypeError of the method was hidden by numpy's retry, which converts the array)
@@ -200,17 +217,54 @@ def test_numpy_s_keywords_a_traced_array_cannot_honour_are_refused_by_name(fn, m
 
 @pytest.mark.parametrize(
     ("fn", "tail"),
-    [(lambda t: np.cumprod(t, axis=1), r" \(np\.cumprod asked for it\.\)"),
+    [(lambda t: np.diff(t, axis=1), r" \(np\.diff asked for it\.\)"),
      (lambda t: np.expand_dims(t, 0),
       r" \(np\.expand_dims asked for it; ops\.expand_dims is its differentiable match\.\)"),
      (lambda t: np.ravel(t),
       r" \(np\.ravel asked for it; t\.ravel\(\) is its differentiable match\.\)"),
      (lambda t: np.asarray(t), r"stop the gradient\.")],
-    ids=["cumprod", "expand_dims", "ravel", "asarray"],
+    ids=["diff", "expand_dims", "ravel", "asarray"],
 )  # fmt: skip
 def test_a_numpy_function_that_converts_a_traced_array_is_named(fn, tail):
     # (those a traced array has no method for: numpy turns it into an array, which is refused)
     with pytest.raises(TypeError, match=rf"^a traced array cannot be turned into .*{tail}$"):
+        ann.grad(lambda t: ops.sum(fn(t)))(_NP_X)
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [(lambda t: np.any(t),
+      r"^numpy's logical_or\.reduce \(np\.any\) of a traced array has no gradient: a boolean "
+      r"result .* Compute it on the plain array outside the traced function, or on ops\.raw\(t\) "
+      r".*np\.any\(ops\.raw\(t\)"),
+     (lambda t: np.all(t, axis=0),
+      r"^numpy's logical_and\.reduce \(np\.all\) of a traced array has no gradient.*"
+      r"np\.all\(ops\.raw\(t\)"),
+     (lambda t: np.logical_not(t),
+      r"^numpy's logical_not of a traced array has no gradient.*np\.logical_not\(ops\.raw\(t\)\)"),
+     (lambda t: np.isnan(t), r"^numpy's isnan of a traced array has no gradient"),
+     (lambda t: np.add.reduce(t, axis=1),
+      r"^numpy's add\.reduce cannot differentiate a traced array: ops\.sum\(t, axis\) is its "
+      r"differentiable match"),
+     (lambda t: np.multiply.accumulate(t),
+      r"^numpy's multiply\.accumulate cannot .*: ops\.cumprod\(t, axis\) is its"),
+     (lambda t: np.maximum.reduce(t), r"^numpy's maximum\.reduce .*: ops\.max\(t, axis\)"),
+     (lambda t: np.exp(t, dtype=np.float64),
+      r"^numpy's exp of a traced array takes none of numpy's ufunc keywords, got dtype=.*: "
+      r"ops\.exp\(\.\.\.\), then ops\.astype"),
+     (lambda t: np.arctan(t),
+      r"^numpy's arctan cannot differentiate a traced array, and asyncnn\.ops has no match for "
+      r"it: .*ops\.raw\(t\)"),
+     (lambda t: np.subtract.outer(t, t),
+      r"^numpy's subtract\.outer cannot differentiate a traced array, and asyncnn\.ops has no "
+      r"match for it")],
+    ids=["any", "all", "logical_not", "isnan", "add-reduce", "multiply-accumulate",
+         "maximum-reduce", "exp-keywords", "arctan", "subtract-outer"],
+)  # fmt: skip
+def test_a_numpy_ufunc_a_traced_array_cannot_take_says_what_to_write(fn, match):
+    # (every such ufunc said "use the matching function from asyncnn.ops", np.any(t) and
+    # np.prod(t) too, though there was none: a boolean reduction has no gradient at all)
+    with pytest.raises(TypeError, match=match):
         ann.grad(lambda t: ops.sum(fn(t)))(_NP_X)
 
 

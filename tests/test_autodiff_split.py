@@ -198,6 +198,7 @@ OPS = {
     "conv2d": (2, lambda a, b, ids: ops.reshape(
         ops.conv2d(ops.reshape(a, (1, 1, 4, 4)), ops.reshape(b[:3, :3], (1, 1, 3, 3)) * 0.3, b[0, :1], padding=1), (4, 4))),
     "cross_entropy": (2, lambda a, b, ids: b * ops.reshape(ops.cross_entropy(a, ids, reduction="none"), (4, 1)) + ops.cross_entropy(a, ids)),
+    "cumprod": (2, lambda a, b, ids: a * ops.cumprod(ops.tanh(b), axis=1) + ops.reshape(ops.cumprod(ops.tanh(b)), (4, 4))),
     "cumsum": (2, lambda a, b, ids: a * ops.cumsum(b, axis=1) + ops.reshape(ops.cumsum(b), (4, 4))),
     "divide": (2, lambda a, b, ids: ops.divide(a, ops.abs(b) + 1.0)),
     "dropout": (1, lambda a, ids: ops.dropout(a, 0.25, np.random.default_rng(7))),
@@ -224,6 +225,7 @@ OPS = {
     "negative": (1, lambda a, ids: ops.negative(a)),
     "power": (2, lambda a, b, ids: ops.power(ops.abs(a) + 0.5, ops.tanh(b)) + a**2.0 + 2.0**ops.tanh(b)),
     "raw": (2, lambda a, b, ids: ops.add(b, ops.raw(a))),
+    "prod": (2, lambda a, b, ids: a * ops.prod(ops.tanh(b), axis=0, keepdims=True) + ops.prod(ops.tanh(a) + 1.0, (0, 1))),
     "relu": (1, lambda a, ids: ops.relu(a)),
     "reshape": (1, lambda a, ids: ops.reshape(ops.transpose(ops.reshape(a, (2, 8))), (4, 4))),
     "sigmoid": (1, lambda a, ids: ops.sigmoid(a)),

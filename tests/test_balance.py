@@ -84,3 +84,82 @@ def test_balance_by_flops_counts_a_module_that_defines_flops_and_zero_for_elemen
     g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 64),
                              balance="flops")  # fmt: skip
     assert [len(g.nodes[n].module) for n in g.layers] == [1, 4]  # (as [2, 3]: the first)
+
+
+#: the times the stand-in timer gives (in any unit): by the module's class, a pair as "pair"
+_Timing = dict[str, float]
+
+
+def _timed_by(times: _Timing, timed: list[Any]) -> Any:
+    """A stand-in for the balance's timer: runs the step once (its output is the next input)
+    and gives the time of what it runs from ``times``, noting what that was in ``timed``."""
+
+    def fake(what: Any, step: Any) -> tuple[Any, float]:
+        out = step()
+        timed.append((what, tuple(getattr(out, "shape", ()))))
+        name = "pair" if isinstance(what, nn.Sequential) else type(what).__name__
+        return out, times[name]
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    "times,sizes",
+    [
+        # the ReLU alone as dear as the pair's saving: alone, [Linear | ReLU, Tanh] took
+        # 10 | 13 for [Linear, ReLU | Tanh]'s 14 | 9, where the stage of the pair takes 10
+        ({"Linear": 10.0, "ReLU": 4.0, "pair": 10.0, "Tanh": 9.0}, [2, 1]),
+        # a cut between them is the best cut (10 | 10.5, not 10.9 | 9.5): not kept out
+        ({"Linear": 10.0, "ReLU": 1.0, "pair": 10.9, "Tanh": 9.5}, [1, 2]),
+    ],
+    ids=["kept-together", "cut-between"],
+)
+def test_balance_by_time_times_a_linear_and_its_relu_as_one_fused_op(
+    times: _Timing, sizes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stage applies a Linear with a bias and the ReLU after it as one op (bias_relu): the
+    # balance timed each alone, and gave a stage holding both a time it does not take
+    from asyncnn._runtime import _balance
+
+    timed: list[Any] = []
+    monkeypatch.setattr(_balance, "_timed", _timed_by(times, timed))
+    fused: list[int] = []
+    real = nn.Linear._then_relu
+
+    def then_relu(self: nn.Linear, params: Any, x: Any) -> Any:
+        fused.append(self.in_features)
+        return real(self, params, x)
+
+    monkeypatch.setattr(nn.Linear, "_then_relu", then_relu)
+    mods = [nn.Linear(6, 5), nn.ReLU(), nn.Tanh()]
+    g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 6),
+                             balance="time", balance_rows=3)  # fmt: skip
+    assert [len(g.nodes[n].module) for n in g.layers] == sizes
+    # each module alone, then the pair as a Sequential runs it (fused: its Linear's _then_relu),
+    # on the Linear's input
+    pair = [w for w, _ in timed if isinstance(w, nn.Sequential)]
+    assert [type(w).__name__ for w, _ in timed] == ["Linear", "ReLU", "Tanh", "Sequential"]
+    assert pair == [nn.Sequential(mods[0], mods[1])] and timed[-1][1] == (3, 5)
+    assert fused == [6]  # (once: the step the stand-in runs)
+
+
+def test_balance_by_time_times_no_pair_where_a_stage_would_not_fuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncnn._runtime import _balance
+
+    @dataclass(frozen=True)
+    class MyReLU(nn.ReLU):
+        """A subclass: a Sequential applies it on its own (it may compute otherwise)."""
+
+    timed: list[Any] = []
+    monkeypatch.setattr(_balance, "_timed", _timed_by({"Linear": 1.0, "MyReLU": 1.0}, timed))
+    mods = [nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 5), MyReLU(), nn.Linear(5, 4)]
+    assert _balance.fused_pair_times(mods, (None, 6), "float32", 2) == {}
+    assert not timed
+    # and the partition of costs without pairs is the plain one
+    assert _balance.balanced_partition([1.0, 1.0, 1.0, 1.0, 4.0], 2, {}) == [4, 1]
+    # with one: the pair 0, 1 held whole costs 2.5, not 4, so [3, 1] (3.5 | 3) beats [2, 2]
+    # (4 | 4), the best cut of the costs alone
+    assert _balance.balanced_partition([2.0, 2.0, 1.0, 3.0], 2) == [2, 2]
+    assert _balance.balanced_partition([2.0, 2.0, 1.0, 3.0], 2, {0: 2.5}) == [3, 1]

@@ -181,6 +181,11 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
         # the Python version has it)
         (["--optimizer", "lbfgs"], "--optimizer: invalid choice: 'lbfgs' (choose from "),
         (["--policy", "zero"], "--policy: invalid choice: 'zero' (choose from "),
+        # only ASCII case differs: a long s (U+017F) folds to s under str.casefold, and was
+        # taken as Sync, SGD or RMSprop
+        (["--policy", "\u017fync"], "--policy: invalid choice: '\u017fync' (choose from "),
+        (["--optimizer", "\u017fgd"], "--optimizer: invalid choice: '\u017fgd' (choose from "),
+        (["--optimizer=rm\u017fprop"], "--optimizer: invalid choice: 'rm\u017fprop' (choose "),
         # a name in another case is the name (sgd was refused); the checks see its spelling
         (["--policy", "gpipe", "--no-stash"], "--no-stash applies to PipeDream only (GPipe "),
         (["--optimizer", "adam", "--momentum", "0.9"], "not --optimizer Adam (it has no"),

@@ -88,15 +88,27 @@ def _cut(g: ann.Graph) -> list[list[Any]]:
     return [list(g.nodes[n].module.modules) for n in g.layers]
 
 
-def _is_balanced(costs: Sequence[float], cut: list[list[Any]], modules: list[Any]) -> bool:
+def _is_balanced(
+    costs: Sequence[float],
+    cut: list[list[Any]],
+    modules: list[Any],
+    fused: dict[int, float] | None = None,
+) -> bool:
     """Whether ``cut`` is ``modules`` in order, cut where its largest stage cost is the least of
-    every cut into as many stages (by trying them all, not as the balance computes it)."""
+    every cut into as many stages (by trying them all, not as the balance computes it); a pair
+    ``j, j + 1`` of ``fused`` (a Linear and its ReLU) that a stage holds whole costs
+    ``fused[j]`` there, not ``costs[j] + costs[j + 1]``."""
     if [m for stage in cut for m in stage] != modules or not all(cut):
         return False
     sizes = [len(stage) for stage in cut]
+    pairs = fused or {}
+
+    def stage(lo: int, hi: int) -> float:
+        whole = [j for j in pairs if lo <= j and j + 1 < hi]
+        return sum(costs[lo:hi]) - sum(costs[j] + costs[j + 1] - pairs[j] for j in whole)
 
     def largest(bounds: tuple[int, ...]) -> float:
-        return max(sum(costs[lo:hi]) for lo, hi in itertools.pairwise(bounds))
+        return max(stage(lo, hi) for lo, hi in itertools.pairwise(bounds))
 
     ends = itertools.accumulate(sizes)
     best = min(
@@ -107,20 +119,29 @@ def _is_balanced(costs: Sequence[float], cut: list[list[Any]], modules: list[Any
     return largest((0, *ends)) <= best * (1 + 1e-12)
 
 
-def _spy_on_times(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[Any, ...], list[float]]]:
-    """Records each ``module_times`` call of the balance: its arguments and the times."""
+def _spy_on_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[tuple[tuple[Any, ...], list[float]]], list[dict[int, float]]]:
+    """Records each ``module_times`` call of the balance (its arguments and the times), and
+    the times of each ``fused_pair_times`` call (a Linear and its ReLU as one op)."""
     from asyncnn._runtime import _balance
 
     calls: list[tuple[tuple[Any, ...], list[float]]] = []
-    real = _balance.module_times
+    pairs: list[dict[int, float]] = []
+    real, real_pairs = _balance.module_times, _balance.fused_pair_times
 
     def module_times(*args: Any) -> list[float]:
         times = real(*args)
         calls.append((args, times))
         return times
 
+    def fused_pair_times(*args: Any) -> dict[int, float]:
+        pairs.append(real_pairs(*args))
+        return pairs[-1]
+
     monkeypatch.setattr(_balance, "module_times", module_times)
-    return calls
+    monkeypatch.setattr(_balance, "fused_pair_times", fused_pair_times)
+    return calls, pairs
 
 
 @pytest.mark.parametrize("balance", ["params", "flops", "time"])
@@ -136,7 +157,7 @@ def test_sequential_balances_a_chain_of_token_ids(
             seen.append((ids.dtype, tuple(ids.shape)))
             return super().__call__(params, ids, rng=rng)
 
-    times = _spy_on_times(monkeypatch)
+    times, pairs = _spy_on_times(monkeypatch)
     mods = [SeenIds(50, 8), nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 4)]
     g = ann.Graph.sequential(mods, loss=nn.CrossEntropyLoss(), stages=2, input_shape=(None, 6),
                              input_dtype="int64", balance=balance, balance_rows=8)  # fmt: skip
@@ -150,9 +171,11 @@ def test_sequential_balances_a_chain_of_token_ids(
     if balance == "time":
         assert len(times) == 1 and times[0][0][2:] == ("int64", 8)
         costs["time"] = times[0][1]
+        assert len(pairs) == 1 and set(pairs[0]) == {2}  # (the Linear(48, 64) and its ReLU)
     else:
-        assert not times
-    assert _is_balanced(costs[balance], _cut(g), mods), (costs[balance], _cut(g))
+        assert not times and not pairs
+    fused = pairs[0] if pairs else None
+    assert _is_balanced(costs[balance], _cut(g), mods, fused), (costs[balance], fused, _cut(g))
     # a parameter count runs no module; the others ran the Embedding on the declared ids
     rows = {"params": None, "flops": 1, "time": 8}[balance]
     assert set(seen) == (set() if rows is None else {(np.dtype("int64"), (rows, 6))})
@@ -255,7 +278,7 @@ def test_sequential_balances_stages_by_measured_time(monkeypatch: pytest.MonkeyP
     times = _module_times([heavy, light], (None, 512), "float32", 256)
     assert all(t > 0 for t in times) and times[0] > times[1]  # a product against one pass
     modules = [nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)]
-    calls = _spy_on_times(monkeypatch)
+    calls, pairs = _spy_on_times(monkeypatch)
     g = ann.Graph.sequential(
         modules, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 32), balance="time"
     )
@@ -268,9 +291,12 @@ def test_sequential_balances_stages_by_measured_time(monkeypatch: pytest.MonkeyP
     ann.Graph.sequential(modules, loss=nn.CrossEntropyLoss(), stages=np.int64(3),
                          input_shape=(None, 32), balance="time", balance_rows=np.int64(8))  # fmt: skip
     assert calls[-1][0][1:] == ((None, 32), "float32", 8) and type(calls[-1][0][3]) is int
-    assert _is_balanced(calls[0][1], _cut(g), modules), (calls[0][1], _cut(g))
+    # (each Linear with a bias and its ReLU also timed as the one op a stage applies them as)
+    assert len(pairs) == 2 and set(pairs[0]) == {0, 2}
+    assert _is_balanced(calls[0][1], _cut(g), modules, pairs[0]), (calls[0][1], _cut(g))
     # and it follows the times: given other times, the cut moves with them
     monkeypatch.setattr(_balance, "module_times", lambda *args: [4.0, 4.0, 1.0, 1.0, 4.0])
+    monkeypatch.setattr(_balance, "fused_pair_times", lambda *args: {0: 8.0, 2: 2.0})
     g = ann.Graph.sequential(
         modules, loss=nn.CrossEntropyLoss(), stages=3, input_shape=(None, 32), balance="time"
     )

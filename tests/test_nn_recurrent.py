@@ -315,7 +315,9 @@ def test_a_loop_over_a_loop_cell_is_the_sequence_module(kind: str) -> None:
 
 def test_dropout_between_layers_draws_only_in_training() -> None:
     m = nn.LSTM(3, 4, num_layers=2, dropout=0.5)
-    assert m.stochastic and not nn.LSTM(3, 4, dropout=0.5).stochastic
+    with pytest.warns(UserWarning, match="does nothing with num_layers=1"):
+        one_layer = nn.LSTM(3, 4, dropout=0.5)
+    assert m.stochastic and not one_layer.stochastic
     assert not nn.GRU(3, 4, num_layers=2).stochastic
     p = m.init(0, dtype="float64")
     x = np.random.default_rng(6).standard_normal((2, 5, 3))
@@ -325,6 +327,24 @@ def test_dropout_between_layers_draws_only_in_training() -> None:
     b = m(p, x, rng=np.random.default_rng(1))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, plain)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_dropout_with_one_layer_warns_as_torch_does(cls: Any) -> None:
+    # (taken silently: torch warns that its dropout needs num_layers greater than 1)
+    name = cls.__name__
+    with pytest.warns(UserWarning) as caught:
+        cls(3, 4, dropout=0.5)
+    assert [str(w.message) for w in caught] == [
+        f"{name}: dropout=0.5 does nothing with num_layers=1: it drops each layer's output "
+        "but the last's, between layers; give num_layers greater than 1 for dropout between "
+        f"layers, or dropout=0.0 (an nn.Dropout after the {name} drops its output)"
+    ]
+    assert caught[0].filename == __file__  # (said at the line that builds it)
+    # two layers, or no dropout: nothing to say (filterwarnings=error would fail on one)
+    cls(3, 4, num_layers=2, dropout=0.5)
+    cls(3, 4, dropout=0.0)
+    cls(3, 4, dropout=0)
 
 
 _LSTM = nn.LSTM(3, 4, num_layers=2)

@@ -4,6 +4,7 @@ messages: test_ops_errors.py)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,10 @@ class Spec:
             return rng.uniform(0.5, 2.0, self.shape)
         if self.kind == "away":  # |x| >= 0.2: keeps relu/abs/division off their kinks
             return rng.choice([-1.0, 1.0], self.shape) * rng.uniform(0.2, 2.0, self.shape)
-        return rng.standard_normal(self.shape)
+        x = rng.standard_normal(self.shape)
+        if self.kind == "zeros":  # entries 1, 4, 7, 11 (those there are) set to 0
+            x.reshape(-1)[[i for i in (1, 4, 7, 11) if i < x.size]] = 0.0
+        return x
 
     def __repr__(self) -> str:
         return f"{self.kind}{self.shape}"
@@ -50,6 +54,12 @@ def P(*shape: int) -> Spec:  # noqa: N802
 
 def A(*shape: int) -> Spec:  # noqa: N802
     return Spec(shape, "away")
+
+
+def Z(*shape: int) -> Spec:  # noqa: N802
+    """Normal, with zeros: in a (3, 4) array one in row 0, two in row 1, none in row 2, and two
+    in column 3; in a (2, 3, 4) array one or two along each axis."""
+    return Spec(shape, "zeros")
 
 
 def build(backend: Any, specs: tuple[Any, ...], seed: int = 0, dtype: Any = np.float64) -> list:
@@ -166,6 +176,30 @@ GRAD_CASES = [
     case("cumsum-empty", lambda x: ops.cumsum(x, 1), N(2, 0, 3)),
     case("cumsum-numpy-function", lambda x: np.cumsum(x, 1), N(2, 3)),
     case("cumsum-method", lambda x: x.cumsum(), N(2, 3)),
+    # (products with zeros: multilinear, so finite differences hold at a zero too)
+    case("prod-all", ops.prod, N(2, 3, 4)),
+    case("prod-axis1", lambda x: ops.prod(x, axis=1), Z(3, 4)),
+    case("prod-axis0-keepdims", lambda x: ops.prod(x, 0, keepdims=True), Z(3, 4)),
+    case("prod-axis-1", lambda x: ops.prod(x, -1), Z(2, 3, 4)),
+    case("prod-tuple", lambda x: ops.prod(x, (0, 2)), Z(2, 3, 4)),
+    case("prod-tuple-keepdims", lambda x: ops.prod(x, (-1, 0), keepdims=True), N(2, 3, 4)),
+    case("prod-all-one-zero", ops.prod, Z(2, 2)),
+    case("prod-all-zeros", ops.prod, Z(3, 4)),
+    case("prod-no-axis", lambda x: ops.prod(x, ()), N(2, 3)),
+    case("prod-0d", ops.prod, N()),
+    case("prod-empty", lambda x: ops.prod(x, 1), N(2, 0, 3)),
+    case("prod-numpy-function", lambda x: np.prod(x, 1), Z(3, 4)),
+    case("prod-method", lambda x: x.prod(axis=0, keepdims=True), Z(3, 4)),
+    case("cumprod-axis0", lambda x: ops.cumprod(x, 0), Z(3, 4)),
+    case("cumprod-axis1", lambda x: ops.cumprod(x, axis=1), Z(3, 4)),
+    case("cumprod-axis-1", lambda x: ops.cumprod(x, -1), Z(2, 3, 4)),
+    case("cumprod-axis-3", lambda x: ops.cumprod(x, -3), N(2, 3, 4)),
+    case("cumprod-flattened", ops.cumprod, Z(2, 3, 4)),  # (axis=None: numpy's, flattened)
+    case("cumprod-long", lambda x: ops.cumprod(x, 1), Z(2, 13)),  # (a scan of 4 rounds)
+    case("cumprod-0d", ops.cumprod, N()),
+    case("cumprod-empty", lambda x: ops.cumprod(x, 1), N(2, 0, 3)),
+    case("cumprod-numpy-function", lambda x: np.cumprod(x, 1), Z(3, 4)),
+    case("cumprod-method", lambda x: x.cumprod(), Z(3, 4)),
     # shapes and indexing
     case("reshape", lambda x: ops.reshape(x, (6, 4)), N(2, 3, 4)),
     case("reshape-minus1", lambda x: x.reshape(-1), N(2, 3, 4)),
@@ -447,6 +481,148 @@ def test_a_16_bit_cumsum_accumulates_in_float32_and_rounds_once(backend: Any, dt
     np.testing.assert_array_equal(to_numpy(g).astype(np.float32), want[::-1].astype(np.float32))
 
 
+# -- prod and cumprod: numpy's values and dtypes, torch's gradients, exact at zeros ---------------
+@pytest.mark.parametrize("axis", [0, 1, -1, -3, None])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "int32", "int8", "uint8", "bool"])
+def test_prod_and_cumprod_are_numpy_s(backend: Any, axis: Any, dtype: str) -> None:
+    # (no product at all: np.prod(t) of a traced array was refused through multiply.reduce,
+    # np.cumprod(t) converted it.) Integers and bools multiply in numpy's dtypes, as ops.sum
+    host = (np.arange(-11, 13).reshape(2, 3, 4) % 5 - 1).astype(dtype)
+    for op, ref in ((ops.prod, np.prod), (ops.cumprod, np.cumprod)):
+        got = op(backend.asarray(host), axis)
+        want = ref(host, axis)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(to_numpy(got), want)
+    got = ops.prod(backend.asarray(host), axis, keepdims=True)
+    assert got.shape == np.prod(host, axis, keepdims=True).shape
+
+
+def test_prod_and_cumprod_of_a_0d_or_an_empty_array_are_numpy_s(backend: Any) -> None:
+    # (the product of nothing is 1)
+    for host, axis in ((np.array(2.5), None), (np.zeros((2, 0, 3)), 1), (np.zeros((0,)), None)):
+        for op, ref in ((ops.prod, np.prod), (ops.cumprod, np.cumprod)):
+            got = op(backend.asarray(host), axis)
+            assert got.shape == ref(host, axis).shape
+            np.testing.assert_array_equal(to_numpy(got), ref(host, axis))
+    np.testing.assert_array_equal(to_numpy(ops.prod(backend.asarray(np.ones((2, 3))), ())), 1.0)
+
+
+def _prod_grad(x: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """The gradient of the product of each row of ``x``: the others' product, by brute force."""
+    return np.array(
+        [[c * np.prod(np.delete(r, i)) for i in range(r.size)] for r, c in zip(x, ct, strict=True)]
+    )
+
+
+def _cumprod_grad(x: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """The gradient of each row's running product: sum over j >= i of ct[j] times the product
+    of entries 0..j but i, by brute force."""
+    n = x.shape[1]
+    return np.array([
+        [sum(c[j] * np.prod(np.delete(r[: j + 1], i)) for j in range(i, n)) for i in range(n)]
+        for r, c in zip(x, ct, strict=True)
+    ])  # fmt: skip
+
+
+# rows: one zero, two zeros, a zero at each end, none
+_ZEROS = np.array([[2.0, 0.0, 3.0, 4.0, -1.0], [0.0, 5.0, 0.0, 2.0, 3.0],
+                   [0.0, 2.0, 3.0, 4.0, 0.0], [1.0, -2.0, 3.0, 4.0, 0.5]])  # fmt: skip
+
+
+def test_prod_and_cumprod_gradients_are_exact_at_zeros(backend: Any) -> None:
+    # never a division by the input: the product of the others is 24, not 0 * 24 / 0
+    x = backend.asarray(_ZEROS)
+    ct = np.array([1.0, -2.0, 0.5, 3.0])
+    (g,) = ann.vjp(lambda x: ops.prod(x, axis=1), x)[1](backend.asarray(ct))
+    np.testing.assert_array_equal(to_numpy(g), _prod_grad(_ZEROS, ct))
+    assert to_numpy(g)[0, 1] == -24.0 and not to_numpy(g)[1].any()  # (two zeros: all 0)
+    (g,) = ann.vjp(lambda x: ops.prod(x, axis=0), x.T)[1](backend.asarray(ct))
+    np.testing.assert_array_equal(to_numpy(g), _prod_grad(_ZEROS, ct).T)
+    cts = np.arange(1.0, 21.0).reshape(4, 5) * np.array([1.0, -1.0, 0.5, 2.0, -0.25])
+    (g,) = ann.vjp(lambda x: ops.cumprod(x, axis=-1), x)[1](backend.asarray(cts))
+    np.testing.assert_array_equal(to_numpy(g), _cumprod_grad(_ZEROS, cts))
+    (g,) = ann.vjp(ops.cumprod, x)[1](backend.asarray(cts.reshape(-1)))  # (flattened)
+    want = _cumprod_grad(_ZEROS.reshape(1, -1), cts.reshape(1, -1)).reshape(4, 5)
+    np.testing.assert_array_equal(to_numpy(g), want)
+
+
+def test_prod_gradient_survives_a_product_that_underflows(backend: Any) -> None:
+    # no zero, but the product underflows to 0: the others' product divided out of it was 0
+    # (torch's prod backward divides where no entry is 0: it gives 0 here)
+    host = np.array([1e-200, 1e-200, 1e200])
+    g = ann.grad(lambda x: ops.prod(x))(backend.asarray(host))
+    np.testing.assert_allclose(to_numpy(g), [1.0, 1.0, 0.0], rtol=1e-12)  # (1e-400 is 0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("axis", [1, -2, None])
+@pytest.mark.parametrize("zeros", ["none", "one", "several"])
+@pytest.mark.parametrize("op", ["prod", "cumprod"])
+def test_prod_and_cumprod_value_and_gradient_match_torch(
+    backend: Any, op: str, zeros: str, dtype: str, axis: Any
+) -> None:
+    torch = pytest.importorskip("torch")
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(5)
+    host64 = rng.uniform(0.5, 1.5, (3, 8)) * rng.choice([-1.0, 1.0], (3, 8))
+    if zeros == "one":
+        host64[1, 3] = 0.0
+    elif zeros == "several":  # one in row 0, two in row 1; two in column 5
+        host64[0, 2] = host64[1, 1] = host64[1, 5] = host64[2, 5] = 0.0
+    host = host64.astype(dt)
+    ops_fn = getattr(ops, op)
+    out, pullback = ann.vjp(lambda x: ops_fn(x, axis), backend.asarray(host))
+    ct = rng.standard_normal(out.shape).astype(dt)
+    (g,) = pullback(backend.asarray(ct))
+    assert out.dtype == g.dtype == dt
+    # (through float64, which holds every entry of each dtype exactly)
+    tx = torch.tensor(host.astype(np.float64), dtype=getattr(torch, dtype), requires_grad=True)
+    if op == "prod":
+        ty = torch.prod(tx) if axis is None else torch.prod(tx, axis)
+    else:
+        ty = torch.cumprod(tx.reshape(-1) if axis is None else tx, 0 if axis is None else axis)
+    ty.backward(torch.tensor(ct.astype(np.float64), dtype=getattr(torch, dtype)))
+    assert tx.grad is not None
+    tol = {"float64": 1e-12, "float32": 1e-5}.get(dtype, 2e-2)
+    for got, want in ((out, ty), (g, tx.grad)):
+        want64 = want.detach().double().numpy()
+        np.testing.assert_allclose(to_numpy(got).astype(np.float64), want64, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_16_bit_prod_accumulates_in_float32_and_rounds_once(backend: Any, dtype: str) -> None:
+    # as torch's cumprod and torch's prod on a GPU: float16's 300 * 300 overflowed to inf
+    # before the 1/300 (torch's CPU prod multiplies in float16 and gives inf)
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    if dtype == "float16":
+        x = backend.asarray(np.array([300.0, 300.0, 1 / 300], dtype=dt))
+        assert float(to_numpy(ops.prod(x))) == 300.0
+        with warnings.catch_warnings():  # (numpy's cast to float16 warns of the overflow)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            running = to_numpy(ops.cumprod(x)).astype(np.float32)
+        # (the running product itself overflows float16 at 90000, as torch's does)
+        np.testing.assert_array_equal(running, [300.0, np.inf, 300.0])
+    # rounding: 400 entries near 1, each step rounded in the 16-bit dtype drifts
+    host = (1 + np.random.default_rng(0).standard_normal(400) * 0.01).astype(dt)
+    want = np.cumprod(host.astype(np.float32)).astype(dt).astype(np.float32)
+    out, pullback = ann.vjp(ops.prod, backend.asarray(host))
+    assert out.dtype == dt
+    np.testing.assert_allclose(float(to_numpy(out).astype(np.float32)), want[-1], rtol=2**-7)
+    got = to_numpy(ops.cumprod(backend.asarray(host))).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2**-7)
+    drifted = np.cumprod(host)[-1] if dtype == "float16" else None  # (numpy's float16 steps)
+    if drifted is not None:
+        assert abs(float(drifted) - want[-1]) > 4 * abs(float(to_numpy(out)) - want[-1])
+
+
 # -- properties over random shapes ----------------------------------------------------------------
 PROPS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -596,6 +772,7 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     ),
     "conv2d": lambda a: ops.conv2d(a([[_M]]), a([[[[1.0, 2.0]]]])),
     "cross_entropy": lambda a: ops.cross_entropy(a(_M), a([2, 0])),
+    "cumprod": lambda a: ops.cumprod(a(_M), 1),
     "cumsum": lambda a: ops.cumsum(a(_M), 1),
     "divide": lambda a: ops.divide(a(_M), a(_N)),
     "dropout": lambda a: ops.dropout(a(_M), 0.5, None),
@@ -621,6 +798,7 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     "multiply": lambda a: ops.multiply(a(_M), a(_N)),
     "negative": lambda a: ops.negative(a(_M)),
     "power": lambda a: ops.power(a([_V[0], _V[2]]), a([2.0, 0.5])),
+    "prod": lambda a: ops.prod(a(_M), 0),
     "relu": lambda a: ops.relu(a(_M)),
     "reshape": lambda a: ops.reshape(a(_M), (3, 2)),
     "sigmoid": lambda a: ops.sigmoid(a(_M)),

@@ -344,6 +344,34 @@ def test_cumsum_errors_name_the_axis(call: Any, error: type, match: str) -> None
         call()
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: ops.prod(np.zeros((2, 3)), 2), ValueError,
+         r"^prod: axis 2 is out of range for an array of 2 dimensions \(valid: -2 to 1\); x has "
+         r"shape \(2, 3\)$"),
+        (lambda: ops.prod(np.zeros((2, 3)), axis=(0, -3)), ValueError,
+         r"^prod: axis -3 is out of range .*; x has shape \(2, 3\)$"),
+        (lambda: ops.prod(np.zeros((2, 3)), (1, -1)), ValueError,
+         r"^prod: axis \(1, -1\) names an axis twice; x has shape \(2, 3\)$"),
+        (lambda: ops.prod(np.zeros((2, 3)), 1.0), TypeError, r"^prod: axis must be an int, got 1\.0"),
+        (lambda: ops.cumprod(np.zeros((2, 3)), -3), ValueError,
+         r"^cumprod: axis -3 is out of range for an array of 2 dimensions \(valid: -2 to 1\); "
+         r"x has shape \(2, 3\)$"),
+        (lambda: ops.cumprod(np.zeros((2, 3)), (0, 1)), TypeError,
+         r"^cumprod: axis must be one int or None, got \(0, 1\): a running product goes along "
+         r"one axis.*ops\.reshape"),
+        (lambda: ops.cumprod(np.array(1.5), 0), ValueError,
+         r"^cumprod: axis 0: the array is 0-d \(a scalar\), which has no axis"),
+    ],
+)  # fmt: skip
+def test_prod_and_cumprod_errors_name_the_axis_and_the_shape(
+    call: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
     a, b = np.zeros((3, 4)), np.zeros(3)
     for name in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum"):

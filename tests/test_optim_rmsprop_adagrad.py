@@ -487,3 +487,65 @@ def test_a_float16_trainer_keeps_float32_state_through_a_checkpoint(
             for name in trainer.optimizer.buffer_names():
                 for leaf in tree_leaves(state[name]):
                     assert leaf.dtype == np.float32, (layer, name)
+
+
+def _torch_rmsprop_loop(
+    g: ann.Graph, start: dict[str, Any], batches: list[Any], momenta: list[float]
+) -> dict[str, Any]:
+    """torch's RMSprop over the composed model, one step a minibatch, its param group's
+    momentum set to ``momenta[i]`` before step ``i`` (on the one optimizer, its state kept)."""
+    torch = pytest.importorskip("torch")
+    from asyncnn._math._pytree import tree_flatten, tree_unflatten
+
+    from _reference import composed_loss
+
+    leaves, treedef = tree_flatten([start[n] for n in g.layers])
+    ts = [torch.tensor(np.array(x, dtype=np.float64), requires_grad=True) for x in leaves]
+    opt = torch.optim.RMSprop(ts, lr=0.01, momentum=momenta[0])
+    for b, momentum in zip(batches, momenta, strict=True):
+        opt.param_groups[0]["momentum"] = momentum
+        p = tree_unflatten(treedef, [t.detach().numpy().copy() for t in ts])
+        _, grads = ann.value_and_grad(lambda q, b=b: composed_loss(g, q, b["x"], b["y"]))(p)
+        for t, grad in zip(ts, tree_leaves(grads), strict=True):
+            t.grad = torch.tensor(np.asarray(grad))
+        opt.step()
+    done = tree_unflatten(treedef, [t.detach().numpy() for t in ts])
+    return dict(zip(g.layers, done, strict=True))
+
+
+def test_switching_momentum_keeps_the_square_averages_as_torch_does() -> None:
+    # tr.optimizer = RMSprop(momentum=0) after RMSprop(momentum=0.9) (or the reverse) made
+    # every layer's state fresh: the square averages and the step count were dropped, where
+    # torch's RMSprop, its group's momentum changed, goes on with them
+    data = classification_data(24)
+    g = chain_graph(2)
+    tr = ann.Trainer(g, optimizer=optim.RMSprop(lr=0.01, momentum=0.9), policy=policies.Sync(),
+                     dtype="float64")  # fmt: skip
+    start = tr.params
+    tr.fit(data, epochs=1, batch_size=8)
+    held = tr.state.opt_states
+    tr.optimizer = optim.RMSprop(lr=0.01)  # momentum off: its buffer goes, as torch ignores it
+    for name, before in held.items():
+        now = tr.state.opt_states[name]
+        assert set(now) == {"step", "square_avg"} and now["step"] == before["step"] == 3
+        assert_params_equal({name: now["square_avg"]}, {name: before["square_avg"]})
+    tr.fit(data, epochs=1, batch_size=8)
+    want = _torch_rmsprop_loop(g, start, minibatches(data, 8) * 2, [0.9] * 3 + [0.0] * 3)
+    assert_params_close(tr.params, want, rtol=1e-10, atol=1e-12)
+    # and on again (torch has no buffer to go on with: a KeyError), from a zero buffer, as an
+    # RMSprop with momentum starts one; the square averages and the step go on
+    held = tr.state.opt_states
+    tr.optimizer = optim.RMSprop(lr=0.01, momentum=0.5, centered=True)  # (grad_avg: zeros)
+    for name, before in held.items():
+        now = tr.state.opt_states[name]
+        assert set(now) == {"step", "square_avg", "momentum_buffer", "grad_avg"}
+        assert now["step"] == before["step"] == 6
+        assert_params_equal({name: now["square_avg"]}, {name: before["square_avg"]})
+        for buffer in ("momentum_buffer", "grad_avg"):
+            assert all(not np.any(x) for x in tree_leaves(now[buffer])), buffer
+            assert [x.shape for x in tree_leaves(now[buffer])] == [
+                x.shape for x in tree_leaves(before["square_avg"])
+            ]
+    # another optimizer's state is no RMSprop's: fresh, as before
+    tr.optimizer = optim.Adagrad(lr=0.01)
+    assert all(s["step"] == 0 for s in tr.state.opt_states.values())

@@ -475,6 +475,24 @@ class Tracer:
         # (np.cumsum(t, axis) calls t.cumsum(axis=axis, dtype=None, out=None))
         return _ops.cumsum(_reduced(self, "cumsum", dtype, out, _UNSET, True), axis)
 
+    # (np.prod(t) calls t.prod(axis=..., dtype=..., out=...), adding keepdims=, initial= and
+    # where= when given; numpy's order of the arguments, as ndarray.prod)
+    def prod(
+        self,
+        axis: Any = None,
+        dtype: Any = None,
+        out: Any = None,
+        keepdims: bool = False,
+        initial: Any = _UNSET,
+        where: Any = True,
+    ) -> Any:
+        t = _reduced(self, "prod", dtype, out, initial, where)
+        return _ops.prod(t, axis=axis, keepdims=keepdims)
+
+    def cumprod(self, axis: Any = None, dtype: Any = None, out: Any = None) -> Any:
+        # (np.cumprod(t, axis) calls t.cumprod(axis=axis, dtype=None, out=None))
+        return _ops.cumprod(_reduced(self, "cumprod", dtype, out, _UNSET, True), axis)
+
     def squeeze(self, axis: Any = None) -> Any:
         # (np.squeeze(t) calls t.squeeze(), np.squeeze(t, axis) t.squeeze(axis=axis))
         return _ops.squeeze(self, axis)
@@ -550,11 +568,65 @@ class Tracer:
                 return ufunc(*(_raw(x) for x in inputs))
             op = _ops.UFUNC_OPS.get(ufunc.__name__)
         if op is None:
-            raise TypeError(
-                f"numpy's {ufunc.__name__}.{method} cannot differentiate a traced array; use the "
-                "matching function from asyncnn.ops"
-            )
+            raise _ufunc_refusal(ufunc, method, kwargs)
         return op(*inputs)
+
+
+#: the ops a ufunc's method matches: np.add.reduce(t) is what np.sum(t) computes, ...
+_UFUNC_METHOD_OPS = {
+    ("add", "reduce"): "ops.sum(t, axis)",
+    ("multiply", "reduce"): "ops.prod(t, axis)",
+    ("maximum", "reduce"): "ops.max(t, axis)",
+    ("minimum", "reduce"): "ops.min(t, axis)",
+    ("add", "accumulate"): "ops.cumsum(t, axis)",
+    ("multiply", "accumulate"): "ops.cumprod(t, axis)",
+}
+
+#: the numpy function behind a boolean reduction numpy's callers see
+_BOOLEAN_REDUCTIONS = {("logical_or", "reduce"): "any", ("logical_and", "reduce"): "all"}
+
+
+def _ufunc_refusal(ufunc: Any, method: str, kwargs: dict[str, Any]) -> TypeError:
+    """The error of numpy's ``ufunc.method`` applied to a traced array, which it cannot
+    differentiate: what to write instead, where there is something (there was one message,
+    "use the matching function from asyncnn.ops", for np.any(t) too, which has none)."""
+    name = ufunc.__name__
+    called = name if method == "__call__" else f"{name}.{method}"
+    if _is_boolean(ufunc):  # (np.any, np.all, np.isnan, np.logical_not, ...)
+        numpy_s = _BOOLEAN_REDUCTIONS.get((name, method))
+        shown = called if numpy_s is None else f"{called} (np.{numpy_s})"
+        example = f"np.{numpy_s or called}(ops.raw(t){' > 0' if numpy_s else ''})"
+        return TypeError(
+            f"numpy's {shown} of a traced array has no gradient: a boolean result does not "
+            "change with small changes of t. Compute it on the plain array outside the traced "
+            "function, or on ops.raw(t) inside it (no gradient flows through it), e.g. "
+            f"{example}"
+        )
+    op = _ops.UFUNC_OPS.get(name) if method == "__call__" else None
+    if op is not None:  # (the op itself, but with keywords)
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        return TypeError(
+            f"numpy's {name} of a traced array takes none of numpy's ufunc keywords, got "
+            f"{given}: ops.{op.__name__}(...), then ops.astype for a dtype (out= has no match: "
+            "use the result)"
+        )
+    match = _UFUNC_METHOD_OPS.get((name, method))
+    if match is not None:
+        return TypeError(
+            f"numpy's {called} cannot differentiate a traced array: {match} is its "
+            "differentiable match"
+        )
+    return TypeError(
+        f"numpy's {called} cannot differentiate a traced array, and asyncnn.ops has no match "
+        "for it: write it with the ops (the ufuncs with an op, np.exp(t), np.maximum(t, 0), "
+        "..., become it), or apply it to ops.raw(t) for a value with no gradient"
+    )
+
+
+def _is_boolean(ufunc: Any) -> bool:
+    """Whether ``ufunc`` gives booleans for every input but Python objects."""
+    loops = [sig for sig in ufunc.types if "O" not in sig]
+    return bool(loops) and all(sig.endswith("->?") for sig in loops)
 
 
 def _raw(x: Any) -> Any:
@@ -638,6 +710,7 @@ _MASKED = {
     "mean": "ops.sum(ops.where(mask, t, 0.0), axis) / mask.sum(axis)",
     "max": "ops.max(ops.where(mask, t, -np.inf), axis)",
     "min": "ops.min(ops.where(mask, t, np.inf), axis)",
+    "prod": "ops.prod(ops.where(mask, t, 1.0), axis)",
     "var": "ops.sum(ops.where(mask, ops.square(t - m), 0.0), axis) / (mask.sum(axis) - ddof) "
     f"with m = {_MASKED_MEAN}",
     "std": "ops.sqrt(ops.sum(ops.where(mask, ops.square(t - m), 0.0), axis) / (mask.sum(axis) "
@@ -661,6 +734,7 @@ def _reduced(
             "sum": f"ops.sum(t) + {initial!r}",
             "max": f"ops.maximum(ops.max(t), {initial!r})",
             "min": f"ops.minimum(ops.min(t), {initial!r})",
+            "prod": f"ops.prod(t) * {initial!r}",
         }[name]
         raise TypeError(
             f"{name} of a traced array takes no initial=: combine it with the result, {combined}"

@@ -33,11 +33,11 @@ from ._rules_array import _is_basic_index, check_axis, normalize_axis
 from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
 
 __all__ = [
-    "abs", "add", "astype", "broadcast_to", "concatenate", "cos", "cumsum", "divide", "exp",
-    "expand_dims", "expm1", "gelu", "getitem", "log", "log1p", "matmul", "max", "maximum", "mean",
-    "min", "minimum", "multiply", "negative", "power", "relu", "reshape", "sigmoid", "sin", "sqrt",
-    "square", "squeeze", "stack", "std", "subtract", "sum", "take", "tanh", "transpose",
-    "unstack", "var", "where",
+    "abs", "add", "astype", "broadcast_to", "concatenate", "cos", "cumprod", "cumsum", "divide",
+    "exp", "expand_dims", "expm1", "gelu", "getitem", "log", "log1p", "matmul", "max", "maximum",
+    "mean", "min", "minimum", "multiply", "negative", "power", "prod", "relu", "reshape",
+    "sigmoid", "sin", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "take",
+    "tanh", "transpose", "unstack", "var", "where",
 ]  # fmt: skip
 
 # One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it
@@ -486,6 +486,70 @@ def cumsum(x: Any, axis: int | None = None) -> Any:
             )
         axis = check_axis(axis, len(_shape(x)), "cumsum")
     return _P["cumsum"](x, axis=axis)
+
+
+def prod(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
+    """Product over ``axis``: numpy's ``prod(x, axis, keepdims=)``, torch's ``prod(x, dim)``
+    (all axes by default; ``axis=()`` multiplies over none, and the product of nothing is 1,
+    as in numpy).
+
+    The gradient is ``g`` times the product of the other entries of each group, as torch's,
+    computed with no division by ``x`` (the products before each entry times those after):
+    exact where ``x`` holds one zero (the others' product goes to it) or several (0
+    throughout), and where the product underflows to 0. float16 and bfloat16 multiply in
+    float32 and round once, as torch's ``cumprod`` and its ``prod`` on a GPU do (its ``prod``
+    on the CPU multiplies in float16, where ``300 * 300 * (1/300)`` overflows to inf).
+    Integers and bools multiply in numpy's dtypes, as :func:`sum`'s: int64, uint64 for
+    unsigned integers (torch gives int64 for every integer).
+
+    Raises:
+        TypeError: an axis that is no int.
+        ValueError: an axis out of range or named twice, naming the axis and ``x``'s shape.
+    """
+    x = as_array(x, "prod")
+    return _P["prod"](x, axis=_with_shape(normalize_axis, x, axis, "prod"), keepdims=keepdims)
+
+
+def cumprod(x: Any, axis: int | None = None) -> Any:
+    """Cumulative product along ``axis``: numpy's ``cumprod(x, axis)``, torch's
+    ``cumprod(x, dim)``. ``axis=None`` (numpy's default; torch has none) multiplies over the
+    flattened array, giving a 1-d result of ``x.size`` entries (a 0-d ``x`` gives shape
+    ``(1,)``).
+
+    The gradient is torch's, computed with no division by ``x``: entry ``i`` gets the sum over
+    ``j >= i`` of ``g[j]`` times the product of entries ``0..j`` but ``i``, exact at zeros (one
+    or several along the axis), where torch divides by ``x`` in front of the first zero. It
+    runs as a scan from the end in ``log2(n)`` whole-array rounds for an axis of length
+    ``n``. float16 and bfloat16 multiply in float32 and round each entry once, as torch does.
+    Integers and bools multiply in numpy's dtypes (int64, uint64 for unsigned integers).
+
+    Raises:
+        TypeError: an axis that is no int, or several axes.
+        ValueError: an axis out of range (naming the axis and ``x``'s shape), or any axis of a
+            0-d ``x`` (``axis=None`` flattens it).
+    """
+    x = as_array(x, "cumprod")
+    if axis is not None:
+        if isinstance(axis, tuple | list):
+            raise TypeError(
+                f"cumprod: axis must be one int or None, got {axis!r}: a running product goes "
+                "along one axis (numpy's and torch's too); over adjacent axes merged, take "
+                "ops.reshape(x, ...) first, or None for the flattened array"
+            )
+        axis = _with_shape(check_axis, x, axis, "cumprod")
+    return _P["cumprod"](x, axis=axis)
+
+
+def _with_shape(check: Any, x: Any, axis: Any, op: str) -> Any:
+    """``check(axis, x.ndim, op)`` (:func:`check_axis` or :func:`normalize_axis`), whose
+    ValueError also names ``x``'s shape."""
+    shape = _shape(x)
+    try:
+        return check(axis, len(shape), op)
+    except ValueError as e:
+        if shape:  # (a 0-d x's message says so already)
+            raise ValueError(f"{e}; x has shape {shape}") from None
+        raise
 
 
 def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:

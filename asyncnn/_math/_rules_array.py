@@ -160,14 +160,17 @@ def _std_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
         return ((x - mu) * (share * (1.0 / dof if dof else math.inf)),)
 
 
-def _cumsum(x: Any, axis: int | None) -> tuple[Any, Any]:
-    # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES.
-    # Integers and bools sum in numpy's int64, uint64 for unsigned ones, named here: cupy's
-    # dtype of a small integer's cumsum need not be numpy's)
-    dtype = None
+def _numpy_s_integer(x: Any) -> Any:
+    """The dtype numpy sums and multiplies a small integer or bool ``x`` in (int64, uint64 for
+    unsigned ones), named: cupy's need not be numpy's; None for any other ``x``."""
     if x.dtype.kind in "biu" and x.dtype.itemsize < 8:
-        dtype = np.uint64 if x.dtype.kind == "u" else np.int64
-    return ns(x).cumsum(x, axis=axis, dtype=dtype), (x.shape, axis)
+        return np.uint64 if x.dtype.kind == "u" else np.int64
+    return None
+
+
+def _cumsum(x: Any, axis: int | None) -> tuple[Any, Any]:
+    # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES)
+    return ns(x).cumsum(x, axis=axis, dtype=_numpy_s_integer(x)), (x.shape, axis)
 
 
 def _cumsum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
@@ -176,6 +179,75 @@ def _cumsum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     xp = ns(g)
     along = 0 if axis is None else axis  # (flattened: g is 1-d, reshaped back)
     return (xp.flip(xp.cumsum(xp.flip(g, along), axis=along), along).reshape(shape),)
+
+
+def _prod(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
+    # (a 16-bit x arrives in float32, see RULES)
+    out = ns(x).prod(x, axis=axis, dtype=_numpy_s_integer(x), keepdims=keepdims)
+    return out, (x, axis)
+
+
+def _others_products(v: Any) -> Any:
+    """For each entry of ``v`` along its last axis, the product of the others: the products
+    before it times those after it, with no division (one zero or several give the exact
+    products, where ``prod / v`` gave 0/0)."""
+    xp = ns(v)
+    ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype)
+    before = xp.cumprod(xp.concatenate([ones, v[..., :-1]], axis=-1), axis=-1)
+    after = xp.flip(xp.cumprod(xp.flip(xp.concatenate([v[..., 1:], ones], axis=-1), -1), -1), -1)
+    return before * after
+
+
+def _prod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # each entry's gradient is g times the product of the others in its group, as torch's
+    # (which divides the product by the entry where no entry is 0; this never divides)
+    x, axes = res
+    xp = ns(x)
+    if x.size == 0:
+        return (xp.zeros(x.shape, dtype=g.dtype),)
+    kept = [i for i in range(x.ndim) if i not in axes]
+    order = kept + list(axes)  # the reduced axes last, merged into one
+    kept_shape = tuple(x.shape[i] for i in kept)
+    n = math.prod(x.shape[a] for a in axes)
+    v = xp.transpose(x, order).reshape((*kept_shape, n))
+    grad = _others_products(v) * g.reshape((*kept_shape, 1))
+    inverse = [0] * x.ndim
+    for i, a in enumerate(order):
+        inverse[a] = i
+    return (xp.transpose(grad.reshape(tuple(x.shape[a] for a in order)), inverse),)
+
+
+def _cumprod(x: Any, axis: int | None) -> tuple[Any, Any]:
+    # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES)
+    return ns(x).cumprod(x, axis=axis, dtype=_numpy_s_integer(x)), (x, axis)
+
+
+def _cumprod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # The gradient of entry i is sum over j >= i of g[j] times the product of entries 0..j but
+    # i: the product of those before i, E[i], times S[i] = g[i] + x[i+1] * S[i+1]. torch
+    # divides the reversed cumulative sum of g * out by x where it can, and handles zeros
+    # apart; this never divides: S is a scan of (multiplier, addend) pairs from the end, in
+    # log2(n) rounds, each over the whole array (a loop over the axis would be n rounds)
+    x, axis = res
+    xp = ns(x)
+    along = 0 if axis is None else axis  # (flattened: g is 1-d)
+    v = xp.moveaxis(x.reshape(-1) if axis is None else x, along, -1)
+    n = v.shape[-1]
+    if n == 0:
+        return (xp.zeros(x.shape, dtype=g.dtype),)
+    edge = xp.zeros((*v.shape[:-1], 1), dtype=v.dtype)
+    # S[i] = add[i] + mul[i] * S[i + step], S past the end 0 (so mul there is 0)
+    mul = xp.concatenate([v[..., 1:], edge], axis=-1)
+    add = xp.moveaxis(g, along, -1)
+    step = 1
+    while step < n:
+        add_next = add.copy()
+        add_next[..., :-step] += mul[..., :-step] * add[..., step:]
+        mul_next = xp.zeros_like(mul)
+        mul_next[..., :-step] = mul[..., :-step] * mul[..., step:]
+        add, mul, step = add_next, mul_next, 2 * step
+    before = xp.cumprod(xp.concatenate([edge + 1, v[..., :-1]], axis=-1), axis=-1)
+    return (xp.moveaxis(before * add, -1, along).reshape(x.shape),)
 
 
 def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:
@@ -494,4 +566,8 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "std": _bf16_in_float32(_std, _std_vjp, float16=True),
     # float16 too, as torch: a float16 running sum of 0.1s stalled at 256
     "cumsum": _bf16_in_float32(_cumsum, _cumsum_vjp, float16=True),
+    # float16 too, as torch's cumprod and its prod on a GPU (its CPU prod multiplies in
+    # float16): float16's 300 * 300 overflowed before the 1/300 that follows
+    "prod": _bf16_in_float32(_prod, _prod_vjp, float16=True),
+    "cumprod": _bf16_in_float32(_cumprod, _cumprod_vjp, float16=True),
 }

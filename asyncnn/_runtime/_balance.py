@@ -5,16 +5,19 @@ FLOPs are what each module's ``flops`` counts: a user's module with parameters w
 defines none (``nn.Module``'s counts 0, as for elementwise work) is refused, naming it, rather
 than taken for free.
 
-A cut by measured time can differ between runs and machines. The results of ``Sync``, ``GPipe``
-and ``OneFOneB`` do not depend on the cut, with ``Dropout`` in the chain too: each module's
-weights are seeded, and its masks drawn, by its place in the whole chain (see ``docs/cpu.md``,
-"Choosing stages"). A graph built node by node draws one stream per node."""
+By time, a ``Linear`` with a bias and the ``ReLU`` after it are timed alone and as the one op
+(``bias_relu``) that an ``nn.Sequential`` applies them as, and a stage that holds both is given
+the pair's time. A cut by measured time can differ between runs and machines. The results of
+``Sync``, ``GPipe`` and ``OneFOneB`` do not depend on the cut, with ``Dropout`` in the chain
+too: each module's weights are seeded, and its masks drawn, by its place in the whole chain
+(see ``docs/cpu.md``, "Choosing stages"). A graph built node by node draws one stream per
+node."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,13 @@ from asyncnn._math._pytree import tree_leaves
 from asyncnn.backends import is_floating
 from asyncnn.backends._blas import _BLAS_LIMITS
 
-__all__ = ["balanced_partition", "module_costs", "module_times", "split_sizes"]
+__all__ = [
+    "balanced_partition",
+    "fused_pair_times",
+    "module_costs",
+    "module_times",
+    "split_sizes",
+]
 
 
 def split_sizes(
@@ -61,9 +70,10 @@ def split_sizes(
     if stages in (1, n):  # one cut only: nothing to measure (nor to fail on a guessed input)
         return [n] if stages == 1 else [1] * n
     if balance == "time":
-        costs = module_times(modules, input_shape, input_dtype, rows)
-    else:
-        costs = module_costs(modules, balance, input_shape, input_dtype)
+        times = module_times(modules, input_shape, input_dtype, rows)
+        fused = fused_pair_times(modules, input_shape, input_dtype, rows)
+        return balanced_partition(times, stages, fused)
+    costs = module_costs(modules, balance, input_shape, input_dtype)
     return balanced_partition(costs, stages)
 
 
@@ -180,15 +190,7 @@ def module_times(
     rows, float32, with one BLAS thread (as each worker of the run's pool computes): the fastest
     of five runs after one to warm up (the fastest is what other load on the machine disturbs
     least)."""
-    rows = _check_rows(rows)
-    rng = np.random.default_rng(0)
-    dims = tuple(int(d or 1) for d in input_shape[1:])
-    floating = is_floating(input_dtype)
-    x: Any = (
-        rng.standard_normal((rows, *dims)).astype(np.float32)
-        if floating
-        else np.zeros((rows, *dims), dtype=input_dtype)
-    )
+    x = _timing_input(input_shape, input_dtype, rows)
     times = []
     # (one hold for every module: each first hold looks the loaded libraries up again)
     with _one_blas_thread():
@@ -209,19 +211,74 @@ def module_times(
                 pullback(np.ones_like(out))
                 return out
 
-            samples = []
             try:
                 with np.errstate(all="ignore"):
-                    out = step()
-                    for _ in range(5):
-                        start = time.perf_counter()
-                        step()
-                        samples.append(time.perf_counter() - start)
+                    out, took = _timed(m, step)
             except Exception as exc:
                 raise _fails(i, m, x, input_shape, exc) from exc
-            times.append(min(samples))
+            times.append(took)
             x = np.asarray(out)
     return times
+
+
+def fused_pair_times(
+    modules: list[Any], input_shape: tuple[Any, ...], input_dtype: str, rows: int
+) -> dict[int, float]:
+    """The measured time, as :func:`module_times` measures a module's, of each ``Linear`` with
+    a bias and the ``ReLU`` after it run as a stage runs them when it holds both: an
+    ``nn.Sequential`` applies the pair as one op (``bias_relu``), which costs less than the
+    two alone. ``{j: time}`` by the place ``j`` of the Linear; empty where the chain has no
+    such pair (then nothing runs)."""
+    pairs = Sequential(*modules)._bias_relus if modules else frozenset()
+    if not pairs:
+        return {}
+    x = _timing_input(input_shape, input_dtype, rows)
+    times: dict[int, float] = {}
+    with _one_blas_thread():
+        for i, m in enumerate(modules[: max(pairs) + 1]):  # (up to the last pair's input)
+            try:
+                params = m.init(0, dtype="float32")
+            except Exception as exc:
+                raise GraphError(f"sequential: {m!r}.init failed: {exc}") from exc
+            try:
+                with np.errstate(all="ignore"):
+                    if i in pairs:
+                        pair = Sequential(m, modules[i + 1])
+                        both = [params, modules[i + 1].init(0, dtype="float32")]
+
+                        def step(pair: Any = pair, both: Any = both, x: Any = x) -> Any:
+                            out, pullback = vjp(lambda p, xs: pair(p, xs), both, x)
+                            pullback(np.ones_like(out))
+                            return out
+
+                        times[i] = _timed(pair, step)[1]
+                    x = np.asarray(m(params, x))  # (the next module's input: no need to time)
+            except Exception as exc:
+                raise _fails(i, m, x, input_shape, exc) from exc
+    return times
+
+
+def _timing_input(input_shape: tuple[Any, ...], input_dtype: str, rows: Any) -> Any:
+    """The batch the modules are timed on: ``rows`` rows of the declared input's shape,
+    standard normal float32 for a floating input, else zeros of its dtype (token ids)."""
+    rows = _check_rows(rows)
+    dims = tuple(int(d or 1) for d in input_shape[1:])
+    if is_floating(input_dtype):
+        return np.random.default_rng(0).standard_normal((rows, *dims)).astype(np.float32)
+    return np.zeros((rows, *dims), dtype=input_dtype)
+
+
+def _timed(what: Any, step: Callable[[], Any]) -> tuple[Any, float]:
+    """``step()``'s output, from a first run that warms up, and the fastest of five timed
+    runs after it (the fastest is what other load on the machine disturbs least). ``what``, the
+    module (or the pair) that ``step`` runs, names what is timed to a test's stand-in."""
+    out = step()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return out, min(samples)
 
 
 @contextlib.contextmanager
@@ -248,12 +305,30 @@ def _check_rows(rows: Any) -> int:
         raise GraphError(f"sequential: balance_rows must be an int >= 1, got {rows!r}") from None
 
 
-def balanced_partition(costs: list[float], k: int) -> list[int]:
-    """Splits ``costs`` into ``k`` consecutive non-empty groups minimising the largest group sum."""
+def balanced_partition(
+    costs: list[float], k: int, fused: Mapping[int, float] | None = None
+) -> list[int]:
+    """Splits ``costs`` into ``k`` consecutive non-empty groups minimising the largest group
+    cost: the sum of its costs, but a pair ``j, j + 1`` of ``fused`` that a group holds whole
+    costs ``fused[j]`` in place of ``costs[j] + costs[j + 1]``."""
     n = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
+    # A Linear and its ReLU cost less in one stage (one fused op) than apart, and a cut
+    # between them costs each alone: each group is given what its stage will take, and the
+    # cut may still fall between them, where that is the best (a heavy Linear in a stage of
+    # its own, its ReLU moved to a lighter one), rather than be kept out, which would leave
+    # the best cut out and could not be kept with as many stages as modules anyway.
+    # saved[m]: what the pairs j < m save when held whole
+    saved = [0.0]
+    for j in range(n):
+        gain = costs[j] + costs[j + 1] - fused[j] if fused and j in fused else 0.0
+        saved.append(saved[-1] + gain)
+
+    def group(p: int, i: int) -> float:  # costs[p:i] as one stage: its pairs j <= i - 2 whole
+        return prefix[i] - prefix[p] - (saved[i - 1] - saved[p])
+
     inf = float("inf")
     # best[j][i]: the smallest possible max-group cost splitting costs[:i] into j groups
     best = [[inf] * (n + 1) for _ in range(k + 1)]
@@ -262,7 +337,7 @@ def balanced_partition(costs: list[float], k: int) -> list[int]:
     for j in range(1, k + 1):
         for i in range(j, n + 1):
             for p in range(j - 1, i):
-                v = max(best[j - 1][p], prefix[i] - prefix[p])
+                v = max(best[j - 1][p], group(p, i))
                 if v < best[j][i]:
                     best[j][i], cut[j][i] = v, p
     sizes = []

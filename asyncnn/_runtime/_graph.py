@@ -383,8 +383,10 @@ class Graph:
                 (parameter count), ``"flops"`` (per-sample FLOPs: a module of your own with
                 parameters must define ``flops``, else it is refused) or ``"time"`` (each module's
                 measured forward and backward time on a batch of ``balance_rows`` rows, float32,
-                one BLAS thread, on this machine's CPU: the fastest of five timings; what runs
-                fastest decides, so stage boundaries may differ between machines).
+                one BLAS thread, on this machine's CPU: the fastest of five timings; a
+                ``Linear`` with a bias and its ``ReLU`` also as the one op a stage holding both
+                runs them as; what runs fastest decides, so stage boundaries may differ between
+                machines).
             workers: the worker process of each stage, with a cluster (``None``: the driver).
             balance_rows: the rows of the timing batch of ``balance="time"``.
 

@@ -9,6 +9,7 @@ torch ``state_dict`` by name, transposing the weights as it does Linear's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,17 @@ class _Recurrent(Module):
                 "hidden_size)) or 'last' (the last step's, (batch, directions * hidden_size): "
                 f"the top layer's final state), got {self.output!r}"
             )
+        if dropout and self.num_layers == 1:  # (once the arguments are valid)
+            # as torch warns: the dropout is between layers, so a user who meant it on the
+            # output would silently train without any
+            warnings.warn(
+                f"{owner}: dropout={float(dropout)!r} does nothing with num_layers=1: it drops "
+                "each layer's output but the last's, between layers; give num_layers greater "
+                f"than 1 for dropout between layers, or dropout=0.0 (an nn.Dropout after the "
+                f"{owner} drops its output)",
+                UserWarning,
+                stacklevel=3,  # (the line that builds it, past the dataclass's __init__)
+            )
 
     @property
     def _directions(self) -> int:
@@ -489,7 +501,8 @@ _SEQUENCE_DOC = """
         bias: whether the products have biases.
         batch_first: True only (see above); there for code ported from torch.
         dropout: the drop probability of each layer's output but the last's, in training
-            (when called with an ``rng``), as torch's (no effect with one layer).
+            (when called with an ``rng``), as torch's (no effect with one layer, which warns
+            as torch's does).
         bidirectional: also run each layer backward over the sequence.
         return_state: also return the final state (see the call), in torch's layout. A direct
             call only: a graph's layer gives one array, and a graph refuses a layer that gives
