@@ -87,6 +87,7 @@ from ._math._imports import UntrustedModuleError, trusted_modules, untrusted_cau
 from ._math._optim import keeps_base_state
 from ._math._optim_checks import _check_step
 from ._math._pytree import tree_flatten
+from ._optimizer_swap import rmsprop_carried
 from ._runtime._config import RunConfig
 from ._runtime._graph import Graph
 from ._runtime._policies import Policy, policy_from_spec
@@ -311,12 +312,15 @@ def load_checkpoint(cls: type[Trainer], path: str, **overrides: Any) -> Trainer:
     ``overrides`` replace constructor arguments: with ``graph``, the weights go into that graph
     instead of the one saved (the same layers placed otherwise: on other devices or workers),
     which must have the checkpoint's layers, by name, with parameters of the same structure and
-    shapes; with ``dtype``, the weights and optimizer buffers are cast to it; with an ``optimizer`` whose state has another structure than the
-    checkpoint's (another kind), each layer's optimizer state starts fresh (the weights, versions
-    and counters are kept); with a ``policy`` of another kind than the checkpoint's (``Sync``
-    after ``Async``), the gradients the saved policy had accumulated and not yet applied are
-    dropped. The epoch's position comes from the spec (from ``fit.json`` for a checkpoint of
-    an asyncnn before the spec kept it). With a ``trace`` override equal to the path the saved
+    shapes; with ``dtype``, the weights and optimizer buffers are cast to it; with an
+    ``optimizer`` whose state has another structure than the checkpoint's (another kind), each
+    layer's optimizer state starts fresh (the weights, versions and counters are kept), except
+    that an ``RMSprop`` after one of another ``momentum`` or ``centered`` goes on with the step
+    and square averages, as the optimizer setter's (:func:`rmsprop_carried`); with a
+    ``policy`` of another kind than the checkpoint's (``Sync`` after ``Async``), the gradients
+    the saved policy had accumulated and not yet applied are dropped. The epoch's position
+    comes from the spec (from ``fit.json`` for a checkpoint of an asyncnn before the spec kept
+    it). With a ``trace`` override equal to the path the saved
     trainer traced to, the trainer's :attr:`~asyncnn.Trainer.traces` come back with it, so the
     next ``fit`` numbers its trace on from them (``run.2.trace`` after ``run.trace`` and
     ``run.1.trace``); set ``trainer.traces = []`` to trace to the path itself.
@@ -470,7 +474,11 @@ def _opt_state(
     """
     what = f"the optimizer state of {name!r}"
     if replaced and tree_flatten(saved)[1] != tree_flatten(fresh)[1]:
-        return fresh  # another optimizer: its own state, fresh
+        # another optimizer: its own state, fresh; an RMSprop of another momentum or centered
+        # goes on with the step and square averages, as the optimizer setter's (one rule)
+        saved = rmsprop_carried(saved, fresh, optimizer)
+        if saved is None:
+            return fresh
     if isinstance(saved, dict) and isinstance(fresh, dict) and type(fresh.get("step")) is int:
         step = saved.get("step")
         if isinstance(step, np.integer) or (

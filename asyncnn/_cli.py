@@ -124,20 +124,44 @@ def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
         return
     held = dict(trainer.state.opt_states)
     trainer.optimizer = new
-    kept = [name for name, state in trainer.state.opt_states.items() if state is held.get(name)]
-    fresh = [name for name in trainer.state.opt_states if name not in kept]
-    if not fresh:
-        what = "goes on (the same structure: its step count and buffers kept)"
-    elif not kept:
+    states = trainer.state.opt_states
+    kept = [name for name, state in states.items() if state is held.get(name)]
+    carried = [name for name, state in states.items() if _carried(state, held.get(name))]
+    fresh = [name for name in states if name not in kept and name not in carried]
+    same = "the same structure: its step count and buffers kept"
+    rms = (
+        "an RMSprop of another momentum or centered: its step count and square averages "
+        "kept, a buffer it did not keep before at zero"
+    )
+    if not fresh and not carried:
+        what = f"goes on ({same})"
+    elif not fresh and not kept:
+        what = f"goes on ({rms})"
+    elif not kept and not carried:
         what = "starts fresh (another structure: step 0, its buffers at their start)"
     else:  # (a layer whose parameters make no buffer keeps it under more optimizers)
-        what = (
-            f"goes on for {', '.join(kept)} (the same structure) and starts fresh for "
-            f"{', '.join(fresh)} (another structure: step 0, its buffers at their start)"
-        )
+        parts = [f"goes on for {', '.join(kept)} ({same})"] if kept else []
+        parts += [f"goes on for {', '.join(carried)} ({rms})"] if carried else []
+        parts += [
+            f"starts fresh for {', '.join(fresh)} (another structure: step 0, its buffers at "
+            "their start)"
+        ] if fresh else []  # fmt: skip
+        what = " and ".join(parts)
     print(
         f"{said} {_short(new)} in place of the checkpoint's {_short(old)}; each layer's "
         f"optimizer state {what}"
+    )
+
+
+def _carried(state: Any, held: Any) -> bool:
+    """Whether a layer's optimizer ``state`` after a switch went on from ``held`` though it is
+    another object: an RMSprop's of another momentum or centered keeps the step and the square
+    averages themselves (``Trainer.optimizer``'s setter), with a buffer more or fewer."""
+    return (
+        type(state) is dict
+        and type(held) is dict
+        and "square_avg" in state
+        and state["square_avg"] is held.get("square_avg")
     )
 
 

@@ -2,7 +2,8 @@
 where the new optimizer takes it as its own (the same structure and shapes), else made fresh by
 it (``Trainer.optimizer``'s setter; ``Trainer.load(path, optimizer=...)`` reads the same way);
 an RMSprop after one of another ``momentum`` or ``centered`` (a buffer more or fewer) goes on
-with the step and square averages, as torch's does (the setter only: a load makes it fresh)."""
+with the step and square averages, as torch's does (:func:`rmsprop_carried`, the one rule the
+setter and a load both follow)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ._runtime._graph import Graph
 from ._runtime._state import RunState
 from .backends import get_backend
 
-__all__ = ["fitted_opt_states"]
+__all__ = ["fitted_opt_states", "rmsprop_carried"]
 
 
 def fitted_opt_states(
@@ -39,7 +40,7 @@ def fitted_opt_states(
         elif _same_layout(held, fresh):
             states[name] = held
         else:
-            states[name] = _rmsprop_carried(held, fresh, optimizer) or fresh
+            states[name] = rmsprop_carried(held, fresh, optimizer) or fresh
     return states
 
 
@@ -47,7 +48,7 @@ def fitted_opt_states(
 _RMSPROP_BUFFERS = frozenset({"square_avg", "momentum_buffer", "grad_avg"})
 
 
-def _rmsprop_carried(held: Any, fresh: Any, optimizer: Any) -> dict[str, Any] | None:
+def rmsprop_carried(held: Any, fresh: Any, optimizer: Any) -> dict[str, Any] | None:
     """``held``, the state of an RMSprop of another ``momentum`` or ``centered`` (a buffer more
     or fewer), as ``optimizer``'s: its step and the buffers both use kept, a buffer only
     ``optimizer`` uses from ``fresh`` (zeros), one it does not use dropped; None where either

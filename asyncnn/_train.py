@@ -233,8 +233,12 @@ class Trainer:
         their start: zeros, Adagrad's ``initial_accumulator_value``), as a new torch optimizer
         would; where it has the same structure (the same
         kind with another ``lr``; ``AdamW`` after ``Adam``), the state is kept and goes on
-        (momentum buffers, step count, so a schedule goes on from its step). The weights,
-        versions, counters and pending gradients stay as they are.
+        (momentum buffers, step count, so a schedule goes on from its step). An ``RMSprop``
+        after one of another ``momentum`` or ``centered`` (a buffer more or fewer) goes on with
+        the step count and the square averages, as torch's RMSprop does with its group's
+        ``momentum`` changed: a buffer it no longer uses is dropped, one it starts using
+        (``momentum_buffer``, ``grad_avg``) starts at zeros. The weights, versions, counters and
+        pending gradients stay as they are.
 
         Raises:
             TypeError: the value is no optimizer instance (a class: ``optim.Adam``).
@@ -621,7 +625,11 @@ class Trainer:
         saved weights). The graph, policy,
         optimizer, seed, dtype and the run options (``stall_timeout``, ``check_finite``,
         ``trace_payloads``, ``cuda_graphs``) come from the checkpoint; ``overrides`` replace
-        constructor arguments (e.g. ``progress=True``, ``check_finite=False``). With a
+        constructor arguments (e.g. ``progress=True``, ``check_finite=False``). An
+        ``optimizer`` override takes each layer's saved optimizer state as assigning
+        :attr:`optimizer` does: kept where it has the same structure (the same kind with
+        another ``lr``), the step count and square averages kept for an ``RMSprop`` of another
+        ``momentum`` or ``centered`` (a new buffer at zeros), fresh for another kind. With a
         ``policy`` of another kind than the checkpoint's (``Sync`` after ``Async``), gradients
         the saved policy had accumulated and not yet applied are dropped. With ``trace=`` the
         path the saved trainer traced to, :attr:`traces` comes back too, and the next fit

@@ -33,6 +33,8 @@ from ._math._nn import (
     LSTMCell,
     MaxPool1d,
     MaxPool2d,
+    MaxUnpool1d,
+    MaxUnpool2d,
     Module,
     MSELoss,
     MultiHeadAttention,
@@ -52,6 +54,6 @@ __all__ = [
     "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "CrossEntropyLoss", "Dropout", "ELU", "Embedding",
     "Flatten", "GELU", "GRU", "GRUCell", "GroupNorm", "Hardtanh", "Identity", "Initializer", "LSTM",
     "LSTMCell", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool1d",
-    "MaxPool2d", "Module", "MultiHeadAttention", "ReLU", "Residual", "Sequential", "SiLU",
-    "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
+    "MaxPool2d", "MaxUnpool1d", "MaxUnpool2d", "Module", "MultiHeadAttention", "ReLU", "Residual",
+    "Sequential", "SiLU", "Sigmoid", "Softmax", "Softplus", "Tanh", "from_spec", "to_spec",
 ]  # fmt: skip

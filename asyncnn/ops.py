@@ -49,8 +49,6 @@ from ._math._ops import (
 )  # fmt: skip
 from ._math._ops_act import clip, elu, leaky_relu, silu, softplus
 from ._math._ops_nn import (
-    avg_pool1d,
-    avg_pool2d,
     conv1d,
     conv2d,
     cross_entropy,
@@ -60,10 +58,16 @@ from ._math._ops_nn import (
     layer_norm,
     log_softmax,
     logsumexp,
-    max_pool1d,
-    max_pool2d,
     mse_loss,
     softmax,
+)
+from ._math._ops_pool import (
+    avg_pool1d,
+    avg_pool2d,
+    max_pool1d,
+    max_pool2d,
+    max_unpool1d,
+    max_unpool2d,
 )
 
 __all__ = [
@@ -72,8 +76,8 @@ __all__ = [
     "conv1d", "conv2d", "cos", "cross_entropy", "cumprod", "cumsum", "divide", "dropout", "elu",
     "embedding", "exp", "expand_dims", "expm1", "gelu", "getitem", "group_norm", "layer_norm",
     "leaky_relu", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "max_pool1d",
-    "max_pool2d", "maximum", "mean", "min", "minimum", "mse_loss", "multiply", "negative",
-    "power", "prod", "raw", "relu", "reshape", "sigmoid", "silu", "sin", "softmax", "softplus",
-    "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "take", "tanh", "transpose",
-    "unstack", "var", "where",
+    "max_pool2d", "max_unpool1d", "max_unpool2d", "maximum", "mean", "min", "minimum", "mse_loss",
+    "multiply", "negative", "power", "prod", "raw", "relu", "reshape", "sigmoid", "silu", "sin",
+    "softmax", "softplus", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "take",
+    "tanh", "transpose", "unstack", "var", "where",
 ]  # fmt: skip

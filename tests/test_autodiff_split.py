@@ -216,6 +216,8 @@ OPS = {
     "max": (2, lambda a, b, ids: a * ops.max(b, axis=1, keepdims=True) + ops.max(b)),
     "max_pool1d": (1, lambda a, ids: ops.reshape(ops.max_pool1d(ops.reshape(a, (1, 4, 4)), 3, 1, 1), (4, 4))),
     "max_pool2d": (1, lambda a, ids: ops.reshape(ops.max_pool2d(ops.reshape(a, (1, 1, 4, 4)), 3, 1, 1), (4, 4))),
+    "max_unpool1d": (1, lambda a, ids: ops.reshape(ops.max_unpool1d(*ops.max_pool1d(ops.reshape(a, (1, 4, 4)), 2, return_indices=True), 2), (4, 4))),
+    "max_unpool2d": (1, lambda a, ids: ops.reshape(ops.max_unpool2d(*ops.max_pool2d(ops.reshape(a, (1, 1, 4, 4)), 2, return_indices=True), 2), (4, 4))),
     "maximum": (2, lambda a, b, ids: ops.maximum(a, b)),
     "mean": (2, lambda a, b, ids: a + ops.mean(b, axis=0) + ops.mean(b)),
     "min": (2, lambda a, b, ids: a * ops.min(b, axis=0) - ops.min(b)),

@@ -1712,3 +1712,28 @@ def test_resume_changing_a_setting_that_clashes_with_the_checkpoints_is_a_usage_
     assert "--optimizer SGD --momentum 0.0: the checkpoint's SGD(lr=0.1, momentum=0.9, " in err
     assert "nesterov=True) with these changed is refused (" in err
     assert "Trainer.load(path, optimizer=...)" in err
+
+
+@pytest.mark.timeout(90)
+def test_resume_with_an_rmsprop_of_another_momentum_says_its_state_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the state went on (an RMSprop's step and square averages kept, its momentum buffer new),
+    # but the report said it started fresh: it took a new object for another structure
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*_TRAIN, "--epochs", "1", "--optimizer", "RMSprop", "--lr", "0.001",
+                 "--save", ckpt]) == 0  # fmt: skip
+    capsys.readouterr()
+    again = str(tmp_path / "again")
+    assert main(["train", "--dataset", "digits", "--resume", ckpt, "--epochs", "2", "--out", "",
+                 "--optimizer", "RMSprop", "--momentum", "0.5", "--save", again]) == 0  # fmt: skip
+    switched = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("--optimizer")
+    ]
+    assert switched == [
+        "--optimizer RMSprop: RMSprop(lr=0.001, momentum=0.5) in place of the checkpoint's "
+        "RMSprop(lr=0.001); each layer's optimizer state goes on (an RMSprop of another "
+        "momentum or centered: its step count and square averages kept, a buffer it did not "
+        "keep before at zero)"
+    ]
+    assert ann.Trainer.load(again).state.opt_states["stage0"]["step"] == 46  # 23 + 23

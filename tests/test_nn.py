@@ -322,10 +322,9 @@ def test_max_pool_options_forward_by_hand(backend: Backend) -> None:
     assert nn.MaxPool2d(2, dilation=(2, 1))._output_shape((1, 1, 7, 7)) == (1, 1, 3, 3)
     # a window rounded up that would start in the right padding is dropped, as torch's
     assert nn.MaxPool1d(3, 3, 1, ceil_mode=True)._output_shape((1, 1, 5)) == (1, 1, 2)
-    # torch's fifth positional argument is return_indices, which is not taken: ceil_mode is
-    # given by name only, so MaxPool1d(3, 2, 0, 1, True) is refused, not read as ceil_mode
-    with pytest.raises(TypeError, match="positional"):
-        nn.MaxPool1d(3, 2, 0, 1, True)  # type: ignore[misc]
+    # torch's order: the fifth positional argument is return_indices, the sixth ceil_mode
+    assert nn.MaxPool1d(3, 2, 0, 1, True) == nn.MaxPool1d(3, 2, return_indices=True)
+    assert nn.MaxPool1d(3, 2, 0, 1, False, True) == nn.MaxPool1d(3, 2, ceil_mode=True)
     assert nn.MaxPool2d(3) == nn.MaxPool2d(3, None, 0, 1, ceil_mode=False)
     # a spec written before the options loads with torch's defaults
     old = {"type": "MaxPool2d", "args": {"kernel_size": [3, 3], "stride": [2, 2], "padding": 1}}
@@ -695,6 +694,7 @@ def test_sequential_refuses_a_list_of_rngs_of_another_length(backend: Backend) -
 SPEC_MODULES = [
     nn.Linear(3, 4, bias=False), nn.Conv1d(2, 3, 5, stride=2, padding=1, dilation=2),
     nn.Conv2d(1, 8, (3, 5), padding=(1, 2)), nn.MaxPool1d(2), nn.MaxPool2d(2, stride=1),
+    nn.MaxUnpool1d(3, stride=2, padding=1), nn.MaxUnpool2d((2, 3)),
     nn.AvgPool1d(3, padding=1), nn.AvgPool2d((2, 3)), nn.LayerNorm((4, 5), eps=1e-6),
     nn.GroupNorm(2, 6, eps=1e-3),
     nn.Embedding(10, 3), nn.MultiHeadAttention(8, 4, bias=False, causal=True, dropout=0.1),
@@ -729,6 +729,13 @@ def test_spec_covers_every_builtin_and_names_user_classes() -> None:
 
     assert {type(m).__name__ for m in SPEC_MODULES} >= set(BUILTINS)
     assert nn.to_spec(Scale(2))["type"] == f"{Scale.__module__}:Scale"
+    # every module class asyncnn.nn offers is a built-in: a spec names it short, not by a path
+    # into asyncnn's private modules (MaxUnpool2d was named "asyncnn._math._nn._conv:...")
+    offered = {
+        name for name in nn.__all__
+        if isinstance(getattr(nn, name), type) and issubclass(getattr(nn, name), nn.Module)
+    }  # fmt: skip
+    assert offered - {"Module"} <= set(BUILTINS)
     assert nn.to_spec(nn.Linear(2, 3)) == {
         "type": "Linear", "args": {"in_features": 2, "out_features": 3, "bias": True}
     }  # fmt: skip

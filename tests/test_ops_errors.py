@@ -372,6 +372,78 @@ def test_prod_and_cumprod_errors_name_the_axis_and_the_shape(
         call()
 
 
+_X = np.zeros((2, 3))
+_OUT_OF_RANGE_2 = "axis 2 is out of range for an array of 2 dimensions (valid: -2 to 1)"
+
+
+#: every op that takes an axis, given one out of range (or named twice), and its whole message:
+#: the input's shape after the axis, as prod's and cumprod's (the others named only the number
+#: of dimensions, leaving which array and why unsaid)
+AXIS_ERRORS = [
+    *[
+        (name, lambda op=op: op(_X, 2), f"{name}: {_OUT_OF_RANGE_2}; x has shape (2, 3)")
+        for name, op in [
+            ("sum", ops.sum), ("mean", ops.mean), ("max", ops.max), ("min", ops.min),
+            ("var", ops.var), ("std", ops.std), ("prod", ops.prod), ("cumsum", ops.cumsum),
+            ("cumprod", ops.cumprod), ("squeeze", ops.squeeze), ("unstack", ops.unstack),
+            ("softmax", ops.softmax), ("log_softmax", ops.log_softmax),
+            ("logsumexp", ops.logsumexp),
+        ]
+    ],
+    ("sum-twice", lambda: ops.sum(_X, (1, -1)),
+     "sum: axis (1, -1) names an axis twice; x has shape (2, 3)"),
+    ("mean-negative", lambda: ops.mean(_X, (0, -3)),
+     "mean: axis -3 is out of range for an array of 2 dimensions (valid: -2 to 1); x has shape "
+     "(2, 3)"),
+    ("max-twice", lambda: ops.max(_X, (0, 0)),
+     "max: axis (0, 0) names an axis twice; x has shape (2, 3)"),
+    ("var-twice", lambda: ops.var(_X, (0, -2)),
+     "var: axis (0, -2) names an axis twice; x has shape (2, 3)"),
+    ("take", lambda: ops.take(_X, [0], axis=2), f"take: {_OUT_OF_RANGE_2}; x has shape (2, 3)"),
+    ("expand_dims", lambda: ops.expand_dims(_X, 3),
+     "expand_dims: axis 3 is out of range for an array of 3 dimensions (valid: -3 to 2); x has "
+     "shape (2, 3)"),
+    ("expand_dims-0-d", lambda: ops.expand_dims(np.array(1.0), 1),
+     "expand_dims: axis 1 is out of range for an array of 1 dimensions (valid: -1 to 0); x has "
+     "shape ()"),
+    ("concatenate", lambda: ops.concatenate([_X, _X], 2),
+     f"concatenate: {_OUT_OF_RANGE_2}; the 2 arrays have shape (2, 3)"),
+    ("concatenate-mixed", lambda: ops.concatenate([_X, np.zeros((2, 3, 4))], 2),
+     f"concatenate: {_OUT_OF_RANGE_2}; the arrays have shapes (2, 3), (2, 3, 4)"),
+    ("stack", lambda: ops.stack([_X, _X, _X], -4),
+     "stack: axis -4 is out of range for an array of 3 dimensions (valid: -3 to 2); the 3 "
+     "arrays have shape (2, 3)"),
+    ("transpose", lambda: ops.transpose(_X, (0, 2)),
+     "transpose: axes (0, 2) are not a permutation of the 2 axes of x (shape (2, 3)): name "
+     "each axis once, e.g. (1, 0)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("call", "message"), [c[1:] for c in AXIS_ERRORS], ids=[c[0] for c in AXIS_ERRORS]
+)
+def test_every_axis_error_names_the_shape_of_the_input(call: Any, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_an_axis_error_names_the_shapes_of_many_arrays_briefly() -> None:
+    arrays = [np.zeros((2, i + 1)) for i in range(8)]
+    with pytest.raises(ValueError) as info:
+        ops.concatenate(arrays, 2)
+    assert str(info.value) == (
+        f"concatenate: {_OUT_OF_RANGE_2}; the arrays have shapes (2, 1), (2, 2), (2, 3), (2, 4), "
+        "(2, 5) and 3 more"
+    )
+    # a 0-d array's message says so already
+    with pytest.raises(ValueError) as info:
+        ops.sum(np.array(1.0), 0)
+    assert str(info.value).endswith(
+        "which has no axis; give it one first (x.reshape(1) or x[None])"
+    )
+
+
 def test_broadcast_errors_name_the_op_and_the_shapes() -> None:
     a, b = np.zeros((3, 4)), np.zeros(3)
     for name in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum"):

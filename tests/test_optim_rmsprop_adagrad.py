@@ -549,3 +549,49 @@ def test_switching_momentum_keeps_the_square_averages_as_torch_does() -> None:
     # another optimizer's state is no RMSprop's: fresh, as before
     tr.optimizer = optim.Adagrad(lr=0.01)
     assert all(s["step"] == 0 for s in tr.state.opt_states.values())
+
+
+@pytest.mark.parametrize(
+    ("saved_with", "loaded_with"),
+    [({"momentum": 0.9}, {}), ({}, {"momentum": 0.5, "centered": True})],
+    ids=["momentum-off", "momentum-and-centered-on"],
+)
+def test_loading_with_another_momentum_keeps_the_square_averages_as_the_setter_does(
+    tmp_path: Any, saved_with: dict[str, Any], loaded_with: dict[str, Any]
+) -> None:
+    # Trainer.load(path, optimizer=RMSprop(momentum=0)) of a checkpoint saved with
+    # RMSprop(momentum=0.9) started every layer's state fresh (the square averages and the step
+    # dropped), where the optimizer setter, as torch, goes on with them
+    data = classification_data(24)
+    g = chain_graph(2)
+    tr = ann.Trainer(g, optimizer=optim.RMSprop(lr=0.01, **saved_with), policy=policies.Sync(),
+                     dtype="float64")  # fmt: skip
+    start = tr.params
+    tr.fit(data, epochs=1, batch_size=8)
+    tr.save(str(tmp_path / "ckpt"))
+    held = tr.state.opt_states
+    loaded = ann.Trainer.load(
+        str(tmp_path / "ckpt"), optimizer=optim.RMSprop(lr=0.01, **loaded_with)
+    )
+    new = set(loaded.optimizer.buffer_names()) - set(tr.optimizer.buffer_names())
+    for name, before in held.items():
+        now = loaded.state.opt_states[name]
+        assert set(now) == {"step", *loaded.optimizer.buffer_names()}
+        assert now["step"] == before["step"] == 3
+        assert_params_equal({name: now["square_avg"]}, {name: before["square_avg"]})
+        for buffer in new:  # (one only the new optimizer uses: zeros, as its first step's)
+            assert all(not np.any(x) for x in tree_leaves(now[buffer])), buffer
+            assert [x.shape for x in tree_leaves(now[buffer])] == [
+                x.shape for x in tree_leaves(before["square_avg"])
+            ]
+    loaded.fit(data, epochs=1, batch_size=8)
+    # the setter's rule: the saved optimizer's trainer, the new one assigned, trains on alike
+    swapped = ann.Trainer.load(str(tmp_path / "ckpt"))
+    swapped.optimizer = optim.RMSprop(lr=0.01, **loaded_with)
+    swapped.fit(data, epochs=1, batch_size=8)
+    assert_params_equal(loaded.params, swapped.params)
+    if loaded_with.get("centered"):  # (torch has no buffers to go on with: a KeyError)
+        return
+    momenta = [saved_with.get("momentum", 0.0)] * 3 + [loaded_with.get("momentum", 0.0)] * 3
+    want = _torch_rmsprop_loop(g, start, minibatches(data, 8) * 2, momenta)
+    assert_params_close(loaded.params, want, rtol=1e-10, atol=1e-12)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -378,14 +378,14 @@ def sum(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False)
     """Sum over ``axis`` (all axes by default; ``axis=()`` sums over none, as in numpy, where
     torch's ``dim=()`` reduces all)."""
     x = as_array(x, "sum")
-    return _P["sum"](x, axis=normalize_axis(axis, len(_shape(x)), "sum"), keepdims=keepdims)
+    return _P["sum"](x, axis=checked_axis(normalize_axis, axis, x, "sum"), keepdims=keepdims)
 
 
 def mean(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
     """Mean over ``axis`` (all axes by default; ``axis=()`` over none, as in numpy). The mean of
     an empty axis is NaN, with numpy's warning."""
     x = as_array(x, "mean")
-    return _P["mean"](x, axis=normalize_axis(axis, len(_shape(x)), "mean"), keepdims=keepdims)
+    return _P["mean"](x, axis=checked_axis(normalize_axis, axis, x, "mean"), keepdims=keepdims)
 
 
 def max(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:  # noqa: A001
@@ -484,7 +484,7 @@ def cumsum(x: Any, axis: int | None = None) -> Any:
                 "axis (numpy's and torch's too); over adjacent axes merged, take "
                 "ops.reshape(x, ...) first, or None for the flattened array"
             )
-        axis = check_axis(axis, len(_shape(x)), "cumsum")
+        axis = checked_axis(check_axis, axis, x, "cumsum")
     return _P["cumsum"](x, axis=axis)
 
 
@@ -507,7 +507,7 @@ def prod(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False
         ValueError: an axis out of range or named twice, naming the axis and ``x``'s shape.
     """
     x = as_array(x, "prod")
-    return _P["prod"](x, axis=_with_shape(normalize_axis, x, axis, "prod"), keepdims=keepdims)
+    return _P["prod"](x, axis=checked_axis(normalize_axis, axis, x, "prod"), keepdims=keepdims)
 
 
 def cumprod(x: Any, axis: int | None = None) -> Any:
@@ -536,20 +536,48 @@ def cumprod(x: Any, axis: int | None = None) -> Any:
                 "along one axis (numpy's and torch's too); over adjacent axes merged, take "
                 "ops.reshape(x, ...) first, or None for the flattened array"
             )
-        axis = _with_shape(check_axis, x, axis, "cumprod")
+        axis = checked_axis(check_axis, axis, x, "cumprod")
     return _P["cumprod"](x, axis=axis)
 
 
-def _with_shape(check: Any, x: Any, axis: Any, op: str) -> Any:
-    """``check(axis, x.ndim, op)`` (:func:`check_axis` or :func:`normalize_axis`), whose
-    ValueError also names ``x``'s shape."""
-    shape = _shape(x)
+_Axis = TypeVar("_Axis")
+
+
+def checked_axis(
+    check: Callable[[Any, int, str], _Axis], axis: Any, x: Any, op: str, *, added: int = 0
+) -> _Axis:
+    """``check(axis, ndim, op)`` (:func:`check_axis` or :func:`normalize_axis`) for the op
+    ``op`` of ``x``: one array, or the list of an op of several (``concatenate``, ``stack``),
+    whose first decides ``ndim``; ``added`` counts the axes the op inserts (``expand_dims``'s,
+    ``stack``'s). Every op's axis goes through it, so that each error names the input's shape
+    (``prod: axis 2 is out of range for an array of 2 dimensions (valid: -2 to 1); x has shape
+    (2, 3)``), or the arrays' (``...; the 2 arrays have shape (2, 3)``).
+
+    Raises:
+        TypeError: an axis that is no int (``check``'s).
+        ValueError: ``check``'s, naming the shape(s) too (a 0-d array's says so already).
+    """
+    shapes = [_shape(a) for a in x] if isinstance(x, list) else [_shape(x)]
+    ndim = len(shapes[0]) + added
     try:
-        return check(axis, len(shape), op)
+        return check(axis, ndim, op)
     except ValueError as e:
-        if shape:  # (a 0-d x's message says so already)
-            raise ValueError(f"{e}; x has shape {shape}") from None
-        raise
+        if ndim == 0:  # ("the array is 0-d (a scalar)")
+            raise
+        said = _arrays_shapes(shapes) if isinstance(x, list) else f"x has shape {shapes[0]}"
+        raise ValueError(f"{e}; {said}") from None
+
+
+def _arrays_shapes(shapes: list[tuple[int, ...]]) -> str:
+    """The shapes of an op's arrays, said briefly: one shape where all share it, else the first
+    five and how many more."""
+    if len(shapes) == 1:
+        return f"the array has shape {shapes[0]}"
+    if len(set(shapes)) == 1:
+        return f"the {len(shapes)} arrays have shape {shapes[0]}"
+    listed = ", ".join(str(s) for s in shapes[:5])
+    more = f" and {len(shapes) - 5} more" if len(shapes) > 5 else ""
+    return f"the arrays have shapes {listed}{more}"
 
 
 def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:
@@ -560,7 +588,7 @@ def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:
     if not math.isfinite(dof):
         raise ValueError(f"{op}: ddof must be a finite number, got {ddof!r}")
     shape = _shape(x)
-    axes = normalize_axis(axis, len(shape), op)
+    axes = checked_axis(normalize_axis, axis, x, op)
     n = math.prod([shape[a] for a in axes])
     groups = math.prod([s for i, s in enumerate(shape) if i not in axes])
     if n - dof <= 0 and groups:  # (no group, no value to warn of)
@@ -576,7 +604,7 @@ def _variance_op(op: str, x: Any, axis: Any, ddof: Any, keepdims: bool) -> Any:
 
 def _nonempty_axes(x: Any, axis: Any, op: str) -> tuple[int, ...]:
     shape = _shape(x)
-    axes = normalize_axis(axis, len(shape), op)
+    axes = checked_axis(normalize_axis, axis, x, op)
     for a in axes:
         if shape[a] == 0:
             raise ValueError(
@@ -637,7 +665,7 @@ def expand_dims(x: Any, axis: int) -> Any:
     """Inserts an axis of length 1 at ``axis``."""
     x = as_array(x, "expand_dims")
     shape = list(_shape(x))
-    shape.insert(check_axis(axis, len(shape) + 1, "expand_dims"), 1)
+    shape.insert(checked_axis(check_axis, axis, x, "expand_dims", added=1), 1)
     return reshape(x, shape)
 
 
@@ -648,7 +676,7 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
     axes = (
         tuple(i for i, s in enumerate(shape) if s == 1)
         if axis is None
-        else normalize_axis(axis, len(shape), "squeeze")
+        else checked_axis(normalize_axis, axis, x, "squeeze")
     )
     for a in axes:
         if shape[a] != 1:
@@ -716,7 +744,7 @@ def take(x: Any, indices: Any, axis: int = 0) -> Any:
             non-float ``x``).
     """
     x = as_array(x, "take")
-    axis = check_axis(axis, len(_shape(x)), "take")
+    axis = checked_axis(check_axis, axis, x, "take")
     indices = raw(indices)
     if isinstance(indices, list | tuple):
         indices = np.asarray(indices)  # checked as a numpy array is
@@ -750,7 +778,7 @@ def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
     if not arrays:
         raise ValueError("concatenate needs at least one array")
     arrays = [as_array(a, "concatenate") for a in arrays]
-    axis = check_axis(axis, len(_shape(arrays[0])), "concatenate")
+    axis = checked_axis(check_axis, axis, arrays, "concatenate")
     try:
         out = _P["concatenate"](*arrays, axis=axis)
     except ValueError:
@@ -766,7 +794,7 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     if not arrays:
         raise ValueError("stack needs at least one array")
     arrays = [as_array(a, "stack") for a in arrays]
-    axis = check_axis(axis, len(_shape(arrays[0])) + 1, "stack")
+    axis = checked_axis(check_axis, axis, arrays, "stack", added=1)
     try:
         out = _P["stack"](*arrays, axis=axis)
     except ValueError:
@@ -785,7 +813,7 @@ def unstack(x: Any, axis: int = 0) -> list[Any]:
     that gets none): a loop over a sequence's steps costs time linear in its length, where
     indexing each step, ``x[:, t]``, gives back a gradient of ``x``'s whole shape per step."""
     x = as_array(x, "unstack")
-    axis = check_axis(axis, len(_shape(x)), "unstack")
+    axis = checked_axis(check_axis, axis, x, "unstack")
     n = _shape(x)[axis]
     if type(x) is not Tracer:
         return [x[(slice(None),) * axis + (i,)] for i in range(n)]

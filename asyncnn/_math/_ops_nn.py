@@ -1,4 +1,5 @@
-"""The neural-network operations: softmax family, convolutions, pools, norms, dropout, losses.
+"""The neural-network operations: softmax family, convolutions, norms, dropout, losses (the
+pools are :mod:`._ops_pool`'s).
 
 Importing this module adds the nn primitives to :data:`asyncnn._math._ops.PRIMITIVES`. Every
 function checks its arguments here, before any compute, so a wrong shape or dtype fails with a
@@ -18,14 +19,14 @@ from asyncnn.backends import array_namespace, is_cupy_array, is_floating, to_num
 
 from ._autodiff import Primitive
 from ._autodiff_args import COMPLEX_REFUSED
-from ._ops import PRIMITIVES, as_array, raw
+from ._ops import PRIMITIVES, as_array, checked_axis, raw
 from ._ops import check_floating as _check_floating
 from ._rules_array import check_axis
 from ._rules_nn import RULES, out_size
 
 __all__ = [
-    "avg_pool1d", "avg_pool2d", "conv1d", "conv2d", "cross_entropy", "dropout", "embedding",
-    "group_norm", "layer_norm", "log_softmax", "logsumexp", "max_pool1d", "max_pool2d", "mse_loss", "softmax",
+    "conv1d", "conv2d", "cross_entropy", "dropout", "embedding", "group_norm", "layer_norm",
+    "log_softmax", "logsumexp", "mse_loss", "softmax",
 ]  # fmt: skip
 
 PRIMITIVES.update(
@@ -47,7 +48,7 @@ def _softmax_axis(x: Any, axis: int, name: str) -> int:
     if not isinstance(axis, int | np.integer):  # a sequence: one axis only (check_axis says int)
         raise TypeError(f"{name}: axis must be one int, got {axis!r}")
     _check_floating(x, name)
-    return check_axis(axis, len(_shape(x)), name)
+    return checked_axis(check_axis, axis, x, name)  # (its error names x's shape)
 
 
 # -- softmax family -------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     return _P["logsumexp"](x, axis=_softmax_axis(x, axis, "logsumexp"), keepdims=keepdims)
 
 
-# -- convolution and pooling ----------------------------------------------------------------------
+# -- convolution ----------------------------------------------------------------------------------
 def _tuple(value: IntOrTuple, n: int, what: str, op: str, minimum: int) -> tuple[int, ...]:
     items: tuple[Any, ...] = ()
     if isinstance(value, int | np.integer):
@@ -219,198 +220,6 @@ def conv2d(
             than the padded input.
     """
     return _conv("conv2d", 2, x, weight, bias, stride, padding, dilation)
-
-
-#: what :func:`_pool` is given for a pool that takes no dilation (None is a user's bad value)
-_UNDILATED: Any = object()
-
-
-def _pool(
-    op: str,
-    prim: str,
-    spatial: int,
-    x: Any,
-    kernel_size: IntOrTuple,
-    stride: IntOrTuple | None,
-    padding: IntOrTuple,
-    dilation: Any = _UNDILATED,
-    divisor_override: Any = None,
-    **options: Any,
-) -> Any:
-    x = as_array(x, op)
-    xs = _check_input(op, x, spatial)
-    if prim == "avg_pool":
-        _check_floating(x, op)
-    k = _tuple(kernel_size, spatial, "kernel_size", op, 1)
-    s = k if stride is None else _tuple(stride, spatial, "stride", op, 1)
-    p = _tuple(padding, spatial, "padding", op, 0)
-    dilated = dilation is not _UNDILATED  # (the average pool's primitive takes no dilation)
-    d = _tuple(dilation, spatial, "dilation", op, 1) if dilated else (1,) * spatial
-    for name, flag in options.items():
-        if not isinstance(flag, bool | np.bool_):  # ("no" or 0 would be taken for its truth)
-            raise TypeError(
-                f"{op}: {name} must be True or False, got {type(flag).__name__} {flag!r}"
-            )
-        options[name] = bool(flag)
-    if any(2 * pi > ki for pi, ki in zip(p, k, strict=True)):
-        # torch's rule: a window made mostly of padding would have no input to pool (half of
-        # the kernel's cells, not of its dilated span, as torch's).
-        raise ValueError(f"{op}: padding {p} must be at most half of kernel_size {k}")
-    ceil_mode = options.get("ceil_mode", False)
-    _check_fits(op, xs, k, s, p, d, "pooling window", ceil_mode)
-    if dilated:
-        options["dilation"] = d
-    divisor = check_divisor_override(op, divisor_override)
-    if divisor is not None:  # (left out when not given: the primitive's arguments as before it)
-        options["divisor_override"] = divisor
-    return _P[prim](x, kernel=k, stride=s, padding=p, **options)
-
-
-def check_divisor_override(owner: str, value: Any) -> int | None:
-    """``avg_pool2d``'s ``divisor_override`` as a plain int, or None: torch's rule, an int that
-    is not 0 (a negative one is taken, as torch's).
-
-    Raises:
-        TypeError: when it is no int (a bool, a float, even a whole one: torch's too).
-        ValueError: when it is 0.
-    """
-    if value is None:
-        return None
-    what = f"{owner}: divisor_override must be a nonzero int or None"
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{what}, got {type(value).__name__} {value!r}")
-    if value == 0:
-        raise ValueError(f"{what}, got 0; None divides each window by its count of cells")
-    return int(value)
-
-
-def max_pool1d(
-    x: Any,
-    kernel_size: IntOrTuple,
-    stride: IntOrTuple | None = None,
-    padding: IntOrTuple = 0,
-    dilation: IntOrTuple = 1,
-    ceil_mode: bool = False,
-) -> Any:
-    """Max over windows of an (N, C, L) input, as ``torch.nn.functional.max_pool1d`` (without
-    its ``return_indices``).
-
-    The gradient goes to the first maximum of each window, among its real entries (a window of
-    -inf gives it to its first real entry, never the padding, as torch); a NaN in a window
-    makes its maximum NaN (as torch and ``np.max``), and takes the gradient.
-
-    Args:
-        x: input of shape (N, C, L); integers and bools are taken (padded below every value).
-        kernel_size: the window's length, in cells.
-        stride: the step between windows; ``None`` (the default) is ``kernel_size``.
-        padding: -inf added on both sides, at most half of ``kernel_size`` (of its cells, not
-            of the dilated span, torch's rule).
-        dilation: the step between a window's cells (1: adjacent).
-        ceil_mode: round the number of windows up, not down: a last window that starts inside
-            the input or its left padding and runs past the end is kept and takes the maximum
-            of the cells it covers (torch's rule; one that would start in the right padding is
-            dropped).
-
-    Returns:
-        Shape (N, C, L_out), ``L_out = (L + 2*padding - dilation*(kernel_size - 1) - 1) //
-        stride + 1`` (rounded up with ``ceil_mode``, less a window that would start in the
-        right padding). A dilated window that steps over every cell of the input is -inf, and
-        passes no gradient on, as torch's.
-
-    Raises:
-        TypeError: when ``ceil_mode`` is not a bool.
-        ValueError: on sizes that are not ints (or below their minimum), padding above half
-            the kernel, or a window larger than the padded input.
-    """
-    return _pool(
-        "max_pool1d", "max_pool", 1, x, kernel_size, stride, padding, dilation,
-        ceil_mode=ceil_mode,
-    )  # fmt: skip
-
-
-def max_pool2d(
-    x: Any,
-    kernel_size: IntOrTuple,
-    stride: IntOrTuple | None = None,
-    padding: IntOrTuple = 0,
-    dilation: IntOrTuple = 1,
-    ceil_mode: bool = False,
-) -> Any:
-    """Max over windows of an (N, C, H, W) input, as ``torch.nn.functional.max_pool2d``
-    (without its ``return_indices``); sizes are ints or (height, width) pairs, and
-    ``dilation`` and ``ceil_mode`` are :func:`max_pool1d`'s, along each axis."""
-    return _pool(
-        "max_pool2d", "max_pool", 2, x, kernel_size, stride, padding, dilation,
-        ceil_mode=ceil_mode,
-    )  # fmt: skip
-
-
-def avg_pool1d(
-    x: Any,
-    kernel_size: IntOrTuple,
-    stride: IntOrTuple | None = None,
-    padding: IntOrTuple = 0,
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-) -> Any:
-    """Mean over windows of an (N, C, L) input, as ``torch.nn.functional.avg_pool1d``.
-
-    Args:
-        x: input of shape (N, C, L), floating point.
-        kernel_size: the window's length.
-        stride: the step between windows; ``None`` (the default) is ``kernel_size``.
-        padding: zeros added on both sides, at most half of ``kernel_size``.
-        ceil_mode: round the number of windows up, not down: a last window that starts inside
-            the input or its left padding and runs past the end is kept (torch's rule).
-        count_include_pad: divide each window's sum by the cells it covers in the input and
-            its padding (torch's default; a ceil-mode window's cells past the padding do not
-            count); ``False`` divides by its cells of the input only.
-
-    Returns:
-        Shape (N, C, L_out), ``L_out = (L + 2*padding - kernel_size) // stride + 1`` (rounded
-        up with ``ceil_mode``, less a window that would start in the right padding).
-
-    Raises:
-        TypeError: when x is not floating point, or ``ceil_mode`` or ``count_include_pad`` is
-            not a bool.
-        ValueError: on padding above half the kernel, or a window larger than the padded input.
-    """
-    return _pool(
-        "avg_pool1d", "avg_pool", 1, x, kernel_size, stride, padding,
-        ceil_mode=ceil_mode, count_include_pad=count_include_pad,
-    )  # fmt: skip
-
-
-def avg_pool2d(
-    x: Any,
-    kernel_size: IntOrTuple,
-    stride: IntOrTuple | None = None,
-    padding: IntOrTuple = 0,
-    ceil_mode: bool = False,
-    count_include_pad: bool = True,
-    *,
-    divisor_override: int | None = None,
-) -> Any:
-    """Mean over windows of an (N, C, H, W) input, as ``torch.nn.functional.avg_pool2d``;
-    sizes are ints or (height, width) pairs, and ``ceil_mode`` and ``count_include_pad`` are
-    :func:`avg_pool1d`'s, along each axis (a window's divisor is the product of its counts
-    along the two).
-
-    ``divisor_override`` (by name only; torch's last argument) divides every window's sum by
-    it in place of its count of cells, ``ceil_mode``'s last windows and padded ones too
-    (``count_include_pad`` then changes nothing), as torch's. It is an int that is not 0
-    (a negative one is taken, as torch's); ``None``, the default, divides by the count.
-    torch's ``avg_pool1d`` has none, nor has :func:`avg_pool1d`.
-
-    Raises:
-        TypeError: as :func:`avg_pool1d`, or when ``divisor_override`` is no int.
-        ValueError: as :func:`avg_pool1d`, or when ``divisor_override`` is 0.
-    """
-    return _pool(
-        "avg_pool2d", "avg_pool", 2, x, kernel_size, stride, padding,
-        divisor_override=divisor_override, ceil_mode=ceil_mode,
-        count_include_pad=count_include_pad,
-    )  # fmt: skip
 
 
 # -- normalization, dropout -----------------------------------------------------------------------

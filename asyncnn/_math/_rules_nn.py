@@ -328,6 +328,73 @@ def _max_pool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     return (gpad.astype(dtype, copy=False),)
 
 
+def max_pool_indices(out: Any, res: Any) -> Any:
+    """Torch's ``return_indices`` of a max pool: for each output entry, the flat index into the
+    input's spatial plane (``h * W + w``; the position in 1-d) of the entry it took, int64.
+
+    ``out`` and ``res`` are :func:`_max_pool`'s. A window whose real entries are all the
+    dtype's lowest value names its first real entry, as torch (integers here too: a window of
+    int8 -128s beside the padding, -128 as well, kept the padding's offset); a dilated window
+    that holds no entry (whose offset is ``prod(kernel)``) gets torch's index of where it
+    started looking: along each axis its first cell at or past 0, which lies past the input
+    (in 2-d the flat index may even name a real cell).
+    """
+    arg, x_shape, kernel, stride, padding, out_shape, dilation, _ = res
+    xp = ns(arg)
+    sizes = tuple(x_shape[2:])
+    if any(padding) and out.dtype.kind in "iub":
+        # (the floating case was settled in _max_pool, for the gradient's sake)
+        first = _first_real(xp, sizes, kernel, stride, padding, dilation, out_shape)
+        arg = arg + (out == _lowest(out.dtype)) * first
+    arg = arg.astype(np.int64)
+    hollow = arg == int(np.prod(kernel))
+    flat = xp.zeros(arg.shape, dtype=np.int64)
+    step = int(np.prod(kernel))  # (offsets are numbered in row-major order of the kernel's axes)
+    for axis, (n, k, s, p, o, d) in enumerate(
+        zip(sizes, kernel, stride, padding, out_shape, dilation, strict=True)
+    ):
+        step //= k
+        along = [1] * arg.ndim
+        along[axis + 2] = o
+        start = (s * xp.arange(o, dtype=np.int64) - p).reshape(along)
+        offset = (arg // step) % k
+        if any(padding):
+            lead = -(xp.minimum(start, 0) // d)  # (torch's first cell at or past 0)
+            offset = xp.where(hollow, lead, offset)
+        flat = flat * n + start + offset * d
+    return flat
+
+
+def _max_unpool(x: Any, indices: Any, plane: Ints) -> tuple[Any, Any]:
+    """Torch's ``max_unpool``: ``x``'s entries written into zeros of spatial shape ``plane`` at
+    their flat ``indices`` (checked to be in range by the op). Where an index repeats, the
+    last entry written stays: numpy writes in order, as torch's CPU kernel; cupy's order, as
+    torch's GPU kernel's, is not specified."""
+    xp = ns(x)
+    n, c = x.shape[:2]
+    size = int(np.prod(plane))
+    m = int(np.prod(x.shape[2:]))  # (explicit sizes, not -1: the batch may be empty)
+    rows = xp.arange(n * c, dtype=np.int64).reshape(n * c, 1) * size
+    flat = (rows + indices.reshape(n * c, m).astype(np.int64, copy=False)).reshape(-1)
+    bits = _bits(x.reshape(-1))
+    out = xp.zeros(n * c * size, dtype=bits.dtype)  # (all bits 0: +0.0 in a float's view)
+    out[flat] = bits
+    return out.view(x.dtype).reshape(n, c, *plane), (flat, tuple(x.shape))
+
+
+def _bits(a: Any) -> Any:
+    """``a``, a 16-bit float array, seen as uint16 (cupy has no bfloat16 kernels to scatter
+    or gather it; moving the bits is exact); any other array as it is."""
+    return a.view(np.uint16) if is_half(a.dtype) else a
+
+
+def _max_unpool_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, None]:
+    # every entry gets the gradient at its index, a repeated one too (torch's gather), though
+    # only one of them was kept there
+    flat, x_shape = res
+    return _bits(g.reshape(-1))[flat].view(g.dtype).reshape(x_shape), None
+
+
 def _avg_pool(
     x: Any,
     kernel: Ints,
@@ -689,6 +756,7 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     "logsumexp": (_logsumexp, _logsumexp_vjp),
     "conv": (_conv, _conv_vjp),
     "max_pool": (_max_pool, _max_pool_vjp),
+    "max_unpool": (_max_unpool, _max_unpool_vjp),
     "avg_pool": (_avg_pool, _avg_pool_vjp),
     "layer_norm": (_layer_norm, _layer_norm_vjp),
     "group_norm": (_group_norm, _group_norm_vjp),

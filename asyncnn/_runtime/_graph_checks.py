@@ -89,12 +89,15 @@ def validate(
             )
             raise GraphError(
                 f"{node.kind} {name!r} ({node.module!r}) fails on its inputs [{arg_desc}] "
-                f"(batch of {rows}): {type(exc).__name__}: {exc}{hint}"
+                f"(batch of {rows}): {type(exc).__name__}: {exc}{hint or _indices_hint(node)}"
             ) from exc
         out = to_numpy(out)
         if node.kind == "layer":
             if not hasattr(out, "shape"):
-                raise GraphError(f"layer {name!r} returned {type(out).__name__}, not one array")
+                raise GraphError(
+                    f"layer {name!r} ({node.module!r}) returned a {type(out).__name__}, not one "
+                    f"array: a layer gives one array{_indices_hint(node)}"
+                )
             check_layer_rows(node, [a.shape for a in args], out.shape)
             values[name] = out
             shapes[name] = tuple(out.shape)
@@ -220,3 +223,20 @@ def _check_no_params(loss: Node, dtype: str) -> None:
             "trains none (it is called with {}); put that module in a layer, g.layer(name, "
             "module, ...), and give the loss its output"
         )
+
+
+def _indices_hint(node: Any) -> str:
+    """What to do where ``node``'s module (or one in its ``Sequential``) is a max pool with
+    ``return_indices=True``: its pair (values, indices) is no layer's output (a direct call
+    gives it, for a ``MaxUnpool``); empty otherwise."""
+    module = node.module
+    inner = getattr(module, "modules", None)
+    for m in (module, *(inner if isinstance(inner, tuple) else ())):
+        if getattr(m, "return_indices", False) is True:
+            which = "it" if m is module else f"its {type(m).__name__}"
+            return (
+                f"; with return_indices=True {which} returns (values, indices), a pair: give "
+                "return_indices=False in a graph (the indices are for a direct call, such as "
+                "a MaxUnpool's)"
+            )
+    return ""

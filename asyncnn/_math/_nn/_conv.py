@@ -9,7 +9,8 @@ from typing import Any
 
 from .. import _ops as ops
 from .. import _ops_nn as ops_nn
-from .._ops_nn import check_divisor_override
+from .. import _ops_pool as ops_pool
+from .._ops_pool import check_divisor_override
 from .._rules_nn import out_size
 from ._args import as_int, store_sizes
 from ._module import (
@@ -24,7 +25,8 @@ from ._module import (
 )
 
 __all__ = [
-    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d",
+    "AvgPool1d", "AvgPool2d", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "MaxUnpool1d",
+    "MaxUnpool2d",
 ]  # fmt: skip
 
 
@@ -279,7 +281,7 @@ class _PoolNd(Module):
     def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
         layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
         check_ndim(self, x, (self._n + 2,), layout)
-        fn = getattr(ops_nn, f"{self._kind}_pool{self._n}d")
+        fn = getattr(ops_pool, f"{self._kind}_pool{self._n}d")
         return fn(x, self.kernel_size, stride=self.stride, padding=self.padding, **self._options())
 
     def _output_shape(self, *input_shapes: Shape) -> Shape | None:
@@ -297,31 +299,48 @@ class _PoolNd(Module):
 @dataclass(frozen=True)
 class _MaxPoolNd(_PoolNd):
     dilation: Any = 1
-    # by name only: torch's fifth positional argument is return_indices, not taken here, so
-    # MaxPool2d(3, 2, 0, 1, True) is refused rather than read as ceil_mode
-    ceil_mode: bool = field(default=False, kw_only=True)
+    # torch's order: (kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+    return_indices: bool = False
+    ceil_mode: bool = False
 
     _kind = "max"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _normalize(self, self._n, {"dilation": 1})
-        check_flags(self, "ceil_mode")
+        check_flags(self, "return_indices", "ceil_mode")
 
     def _options(self) -> dict[str, Any]:
-        return {"dilation": self.dilation, "ceil_mode": self.ceil_mode}
+        options = {"dilation": self.dilation, "ceil_mode": self.ceil_mode}
+        if self.return_indices:  # (left out when False: the op's arguments as before it)
+            options["return_indices"] = True
+        return options
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        if self.return_indices:
+            # (a graph's layer, and a Sequential's module before another, passes on one array)
+            raise ValueError(
+                f"{self!r} returns (values, indices), two arrays, where one is passed on: a "
+                "graph's layer gives one array, and so does a module inside nn.Sequential; use "
+                "return_indices=False there, and return_indices=True where you call the pool "
+                "yourself and pass the indices to nn.MaxUnpool on"
+            )
+        return super()._output_shape(*input_shapes)
 
 
 @dataclass(frozen=True)
 class MaxPool1d(_MaxPoolNd):
-    """Max over windows of (N, C, L) input, as torch's ``MaxPool1d`` (without its
-    ``return_indices``); stride defaults to kernel_size.
+    """Max over windows of (N, C, L) input, as torch's ``MaxPool1d``; stride defaults to
+    kernel_size.
 
     Attributes:
         dilation: the step between a window's cells (torch's default 1: adjacent).
+        return_indices: return ``(values, indices)``, as torch's: the indices (int64, the
+            values' shape, no gradient) of the entries taken, for :class:`MaxUnpool1d` (see
+            :func:`asyncnn.ops.max_pool1d`). A call only: a graph's layer gives one array.
         ceil_mode: round the number of windows up (torch's rule: a last window that starts
             inside the input or its left padding and runs past the end is kept, and takes the
-            maximum of the cells it covers); given by name only.
+            maximum of the cells it covers).
     """
 
     _n = 1
@@ -329,10 +348,59 @@ class MaxPool1d(_MaxPoolNd):
 
 @dataclass(frozen=True)
 class MaxPool2d(_MaxPoolNd):
-    """Max over windows of NCHW input, as torch's ``MaxPool2d`` (without its
-    ``return_indices``); sizes are ints or (height, width) pairs; stride defaults to
-    kernel_size; ``dilation`` and ``ceil_mode`` (by name only) are :class:`MaxPool1d`'s, along
-    each axis."""
+    """Max over windows of NCHW input, as torch's ``MaxPool2d``; sizes are ints or (height,
+    width) pairs; stride defaults to kernel_size; ``dilation``, ``return_indices`` (flat
+    indices in the input's plane, ``h * W + w``, for :class:`MaxUnpool2d`) and ``ceil_mode``
+    are :class:`MaxPool1d`'s, along each axis, in torch's order."""
+
+    _n = 2
+
+
+@dataclass(frozen=True)
+class _MaxUnpoolNd(Module):
+    kernel_size: Any
+    stride: Any = None
+    padding: Any = 0
+
+    _n = 0
+
+    def __post_init__(self) -> None:
+        _normalize(self, self._n, {"kernel_size": 1, "stride": 1, "padding": 0})
+
+    def __call__(
+        self, params: Any, x: Any, indices: Any, output_size: Any = None, *, rng: Any = None
+    ) -> Any:
+        layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
+        check_ndim(self, x, (self._n + 2,), layout)
+        fn = getattr(ops_pool, f"max_unpool{self._n}d")
+        return fn(x, indices, self.kernel_size, self.stride, self.padding, output_size)
+
+    def _output_shape(self, *input_shapes: Shape) -> Shape | None:
+        shape = input_shapes[0]
+        _check_rank(self, shape)
+        op = f"{type(self).__name__}"
+        plane = ops_pool.unpool_size(op, tuple(shape), self.kernel_size, self.stride, self.padding)
+        return (*shape[:2], *plane)
+
+
+@dataclass(frozen=True)
+class MaxUnpool1d(_MaxUnpoolNd):
+    """The partial inverse of :class:`MaxPool1d`, as torch's ``MaxUnpool1d``: called as
+    ``unpool(params, x, indices, output_size=None)`` with the values and indices of
+    ``MaxPool1d(..., return_indices=True)`` (its ``kernel_size``, ``stride`` and ``padding``
+    here), it writes each value at its index into zeros of the pool's input length; no
+    parameters. See :func:`asyncnn.ops.max_unpool1d` (gradients, repeated indices,
+    ``output_size``). In a graph, a layer of two inputs: ``g.layer(name, unpool, x,
+    indices)``, the indices an integer input."""
+
+    _n = 1
+
+
+@dataclass(frozen=True)
+class MaxUnpool2d(_MaxUnpoolNd):
+    """The partial inverse of :class:`MaxPool2d`, as torch's ``MaxUnpool2d``: sizes are ints
+    or (height, width) pairs, the indices flat in the output plane, ``output_size`` ``(H, W)``
+    or ``(N, C, H, W)``; otherwise :class:`MaxUnpool1d`'s."""
 
     _n = 2
 

@@ -27,7 +27,16 @@ from ._activations import (
 )
 from ._attention import MultiHeadAttention
 from ._containers import Residual, Sequential
-from ._conv import AvgPool1d, AvgPool2d, Conv1d, Conv2d, MaxPool1d, MaxPool2d
+from ._conv import (
+    AvgPool1d,
+    AvgPool2d,
+    Conv1d,
+    Conv2d,
+    MaxPool1d,
+    MaxPool2d,
+    MaxUnpool1d,
+    MaxUnpool2d,
+)
 from ._linear import Embedding, Linear
 from ._loops import Loop, RNNCell
 from ._losses import CrossEntropyLoss, MSELoss
@@ -44,9 +53,9 @@ BUILTINS: dict[str, type[Module]] = {
     for cls in (
         AvgPool1d, AvgPool2d, Conv1d, Conv2d, CrossEntropyLoss, Dropout, ELU, Embedding,
         Flatten, GELU, GRU, GRUCell, GroupNorm, Hardtanh, Identity, LayerNorm, LeakyReLU, Linear,
-        LogSoftmax, Loop, LoopCell, LSTM, LSTMCell, MaxPool1d, MaxPool2d, Merge, MSELoss,
-        MultiHeadAttention, ReLU, Residual, RNNCell, Router, Sequential, SiLU, Sigmoid, Softmax,
-        Softplus, Tanh,
+        LogSoftmax, Loop, LoopCell, LSTM, LSTMCell, MaxPool1d, MaxPool2d, MaxUnpool1d,
+        MaxUnpool2d, Merge, MSELoss, MultiHeadAttention, ReLU, Residual, RNNCell, Router,
+        Sequential, SiLU, Sigmoid, Softmax, Softplus, Tanh,
     )
 }  # fmt: skip
 
