@@ -268,6 +268,45 @@ def test_a_numpy_ufunc_a_traced_array_cannot_take_says_what_to_write(fn, match):
         ann.grad(lambda t: ops.sum(fn(t)))(_NP_X)
 
 
+@pytest.mark.parametrize(
+    ("fn", "example"),
+    [(lambda t: np.any(t), "np.any(ops.raw(t))"),
+     (lambda t: np.all(t, axis=0), "np.all(ops.raw(t))"),
+     (lambda t: np.logical_not(t), "np.logical_not(ops.raw(t))"),
+     (lambda t: np.logical_or(t, t), "np.logical_or(ops.raw(t), ops.raw(u))"),
+     (lambda t: np.logical_and(t, 1.0), "np.logical_and(ops.raw(t), ops.raw(u))"),
+     (lambda t: np.logical_xor(t, t), "np.logical_xor(ops.raw(t), ops.raw(u))"),
+     (lambda t: np.greater(t, t, dtype=bool), "np.greater(ops.raw(t), ops.raw(u))"),
+     (lambda t: np.logical_or.outer(t, t), "np.logical_or.outer(ops.raw(t), ops.raw(u))"),
+     (lambda t: np.logical_xor.accumulate(t), "np.logical_xor.accumulate(ops.raw(t))"),
+     (lambda t: np.logical_xor.reduce(t), "np.logical_xor.reduce(ops.raw(t))"),
+     (lambda t: np.logical_or.reduceat(t, [0, 1]),
+      "np.logical_or.reduceat(ops.raw(t), indices)")],
+    ids=["any", "all", "logical_not", "logical_or", "logical_and", "logical_xor",
+         "greater-dtype", "logical_or-outer", "logical_xor-accumulate", "logical_xor-reduce",
+         "logical_or-reduceat"],
+)  # fmt: skip
+def test_the_example_of_a_boolean_ufunc_refusal_runs(fn, example):
+    # (np.logical_or(t, u) was told "e.g. np.logical_or(ops.raw(t))", which numpy refuses for
+    # one argument; and np.any(t) "np.any(ops.raw(t) > 0)", which asks "any positive", where
+    # np.any asks "any nonzero")
+    with pytest.raises(TypeError, match="no gradient") as caught:
+        ann.grad(lambda t: ops.sum(fn(t)))(_NP_X)
+    shown = str(caught.value).rsplit("e.g. ", 1)[1]
+    assert shown == example
+    x = np.array([[-1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    names = {"np": np, "ops": ops, "indices": [0, 1]}
+
+    def traced(t):  # the example as written inside a traced function: it runs, no gradient
+        value = eval(shown, {**names, "t": t, "u": t[::-1]})
+        return ops.sum(t) * float(np.sum(value))
+
+    ann.grad(traced)(x)
+    negative = {"np.any(ops.raw(t))": [[-1.0, 0.0, 0.0]], "np.all(ops.raw(t))": [[-1.0, -2.0]]}
+    if shown in negative:  # numpy's own answer (any, all nonzero), where "> 0" gave False
+        assert bool(eval(shown, {**names, "t": np.array(negative[shown])})) is True
+
+
 def test_a_traced_array_is_not_converted_after_a_reshape_error_that_was_caught():
     # (the method's error speaks for numpy's retry only, not for a later conversion)
     def fn(t):

@@ -347,6 +347,34 @@ def test_dropout_with_one_layer_warns_as_torch_does(cls: Any) -> None:
     cls(3, 4, dropout=0)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_dropout_with_one_layer_warns_once_not_again_on_every_rebuild(
+    cls: Any, tmp_path: Any
+) -> None:
+    # (each rebuild from a spec warned again, at asyncnn's own line in from_spec: Trainer.load,
+    # Graph.from_spec, replay, every LocalCluster worker; an error under filterwarnings=error,
+    # as here. torch's load does not run __init__ again)
+    with pytest.warns(UserWarning, match="does nothing with num_layers=1"):
+        m = cls(3, 4, dropout=0.5)
+    assert nn.from_spec(nn.to_spec(m)) == m
+    nested = nn.Sequential(nn.Linear(2, 3), m)
+    assert nn.from_spec(nn.to_spec(nested)) == nested
+    g = ann.Graph.sequential(
+        [nn.Linear(3, 3), m],
+        loss=nn.MSELoss(),
+        input_shape=(None, 5, 3),
+        label_shape=(None, 5, 4),
+        label_dtype="float32",
+    )
+    assert ann.Graph.from_spec(g.to_spec()).to_spec() == g.to_spec()
+    tr = ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync(), seed=0)
+    tr.save(tmp_path / "ckpt")
+    back = ann.Trainer.load(tmp_path / "ckpt")
+    assert back.graph.to_spec() == g.to_spec()
+    with pytest.warns(UserWarning, match="does nothing with num_layers=1"):
+        cls(3, 4, dropout=0.5)  # (a module the user builds still warns, after the rebuilds)
+
+
 _LSTM = nn.LSTM(3, 4, num_layers=2)
 _P = _LSTM.init(0, dtype="float64")
 _CELL = nn.LSTMCell(3, 4)

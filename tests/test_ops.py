@@ -4,6 +4,9 @@ messages: test_ops_errors.py)."""
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -556,6 +559,112 @@ def test_prod_gradient_survives_a_product_that_underflows(backend: Any) -> None:
     host = np.array([1e-200, 1e-200, 1e200])
     g = ann.grad(lambda x: ops.prod(x))(backend.asarray(host))
     np.testing.assert_allclose(to_numpy(g), [1.0, 1.0, 0.0], rtol=1e-12)  # (1e-400 is 0)
+
+
+def _exact_grad(op: str, x: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """The gradient of ``op`` (prod or cumprod of a row ``x``) in exact rationals, rounded once
+    to ``x``'s dtype (inf past its range)."""
+    from fractions import Fraction
+
+    xs, cs = [Fraction(float(v)) for v in x], [Fraction(float(c)) for c in np.ravel(ct)]
+    n = len(xs)
+
+    def others(i: int, upto: int) -> Fraction:  # the product of entries 0..upto but i
+        return math.prod((xs[k] for k in range(upto + 1) if k != i), start=Fraction(1))
+
+    if 0 in xs:  # (by the definition: rows of a few entries)
+        if op == "prod":
+            exact = [cs[0] * others(i, n - 1) for i in range(n)]
+        else:
+            exact = [
+                sum((cs[j] * others(i, j) for j in range(i, n)), Fraction(0)) for i in range(n)
+            ]
+    else:  # the product, or each later running product c[j] * out[j], over x[i]
+        outs = list(itertools.accumulate(xs, operator.mul))
+        tails = [cs[0] * outs[-1]] * n if op == "prod" else [Fraction(0)] * n
+        for i in reversed(range(n) if op == "cumprod" else ()):
+            tails[i] = cs[i] * outs[i] + (tails[i + 1] if i + 1 < n else 0)
+        exact = [t / v for t, v in zip(tails, xs, strict=True)]
+
+    def rounded(v: Fraction) -> float:  # (past float64's range: inf)
+        try:
+            return float(v)
+        except OverflowError:
+            return math.inf if v > 0 else -math.inf
+
+    with np.errstate(over="ignore"):  # (past float32's: inf too)
+        return np.array([rounded(v) for v in exact]).astype(x.dtype)
+
+
+# rows whose product and gradient are finite, but whose partial products are not
+_WIDE_RANGE = {
+    "float32-down-and-up": np.array([0.5] * 120 + [2.0] * 130, np.float32),
+    "float64-down-and-up": np.array([0.5] * 1000 + [2.0] * 1010),
+    "float32-tiny-first": np.array([1e-30, 1.0, 1e30, 1e30], np.float32),
+    "float64-tiny-first": np.array([1e-200, 1.0, 1e200, 1e200]),
+    "float32-tiny-ends": np.array([1e-20, 2.0, 1e20, 1e20, 1e-20], np.float32),
+    "float64-up-and-down": np.array([2.0] * 1000 + [0.5] * 1010),
+}
+
+
+@pytest.mark.parametrize("name", list(_WIDE_RANGE))
+@pytest.mark.parametrize("op", ["prod", "cumprod"])
+def test_prod_and_cumprod_gradients_do_not_overflow_where_they_are_finite(
+    backend: Any, op: str, name: str
+) -> None:
+    # (the running products from the other end overflowed: float32 [0.5]*120 + [2]*130 has a
+    # product of 1024, yet its gradient was inf at 122 entries, with numpy's overflow warning,
+    # an error here; torch's is finite)
+    torch = pytest.importorskip("torch")
+    x = _WIDE_RANGE[name]
+    out, pullback = ann.vjp(getattr(ops, op), backend.asarray(x))
+    ct = np.random.default_rng(3).uniform(0.5, 1.5, out.shape).astype(x.dtype)
+    (g,) = pullback(backend.asarray(ct))
+    got = to_numpy(g)
+    tol = 1e-5 if x.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, _exact_grad(op, x, ct), rtol=tol)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.prod(tx) if op == "prod" else torch.cumprod(tx, 0)
+    ty.backward(torch.tensor(ct))
+    assert tx.grad is not None
+    np.testing.assert_allclose(got, tx.grad.numpy(), rtol=tol)
+
+
+@pytest.mark.parametrize("op", ["prod", "cumprod"])
+def test_prod_and_cumprod_gradients_at_a_zero_do_not_overflow(backend: Any, op: str) -> None:
+    # the zero's entry is (about) the product of the others, 1 here: the product before it,
+    # 1e-60, underflowed float32, and the one after it, 1e60 (cumprod: the sum of the products
+    # after it), overflowed: 0 * inf, NaN
+    x = np.array([1e-30, 1e-30, 0.0, 1e30, 1e30], np.float32)
+    out, pullback = ann.vjp(getattr(ops, op), backend.asarray(x))
+    ct = np.ones(out.shape, np.float32)
+    (g,) = pullback(backend.asarray(ct))
+    np.testing.assert_allclose(to_numpy(g), _exact_grad(op, x, ct), rtol=1e-6)
+    assert to_numpy(g)[2] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("op", "dtype"), [("prod", "float32"), ("prod", "float64"), ("cumprod", "float64")]
+)
+def test_prod_and_cumprod_gradients_with_no_zero_are_torch_s_to_the_bit(
+    backend: Any, op: str, dtype: str
+) -> None:
+    # where no entry is 0 and no product overflows, torch's own formula: g * (out / x) for
+    # prod, the reversed running sum of g * out (summed in float64, as torch's CPU cumsum)
+    # divided by x for cumprod. (Not cumprod in float32: torch's CPU one multiplies in
+    # float64, so its running products, numpy's float32 ones here, differ in their last bits)
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = (rng.uniform(0.5, 1.5, (40, 9)) * rng.choice([-1.0, 1.0], (40, 9))).astype(dtype)
+    out, pullback = ann.vjp(lambda t: getattr(ops, op)(t, 1), backend.asarray(x))
+    ct = rng.standard_normal(out.shape).astype(dtype)
+    (g,) = pullback(backend.asarray(ct))
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.prod(tx, 1) if op == "prod" else torch.cumprod(tx, 1)
+    np.testing.assert_array_equal(to_numpy(out), ty.detach().numpy())
+    ty.backward(torch.tensor(ct))
+    assert tx.grad is not None
+    np.testing.assert_array_equal(to_numpy(g), tx.grad.numpy())
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])

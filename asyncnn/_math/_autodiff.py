@@ -595,7 +595,7 @@ def _ufunc_refusal(ufunc: Any, method: str, kwargs: dict[str, Any]) -> TypeError
     if _is_boolean(ufunc):  # (np.any, np.all, np.isnan, np.logical_not, ...)
         numpy_s = _BOOLEAN_REDUCTIONS.get((name, method))
         shown = called if numpy_s is None else f"{called} (np.{numpy_s})"
-        example = f"np.{numpy_s or called}(ops.raw(t){' > 0' if numpy_s else ''})"
+        example = f"np.{numpy_s or called}({_boolean_arguments(ufunc, method)})"
         return TypeError(
             f"numpy's {shown} of a traced array has no gradient: a boolean result does not "
             "change with small changes of t. Compute it on the plain array outside the traced "
@@ -621,6 +621,20 @@ def _ufunc_refusal(ufunc: Any, method: str, kwargs: dict[str, Any]) -> TypeError
         "for it: write it with the ops (the ufuncs with an op, np.exp(t), np.maximum(t, 0), "
         "..., become it), or apply it to ops.raw(t) for a value with no gradient"
     )
+
+
+def _boolean_arguments(ufunc: Any, method: str) -> str:
+    """The arguments of ``ufunc.method`` on raw arrays, as the refusal's example shows them: one
+    array for a reduction, ``ufunc.nin`` arrays for a call or ``outer`` (np.logical_or takes
+    two), the indices where ``reduceat`` and ``at`` need them."""
+    arrays = ("ops.raw(t)", "ops.raw(u)", "ops.raw(v)")
+    if method in ("reduce", "accumulate"):
+        return arrays[0]
+    if method == "reduceat":
+        return f"{arrays[0]}, indices"
+    if method == "at":  # (the array, the indices, then the other operand of a binary ufunc)
+        return ", ".join((arrays[0], "indices", *arrays[1 : ufunc.nin]))
+    return ", ".join(arrays[: ufunc.nin])
 
 
 def _is_boolean(ufunc: Any) -> bool:

@@ -493,10 +493,13 @@ def prod(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False
     (all axes by default; ``axis=()`` multiplies over none, and the product of nothing is 1,
     as in numpy).
 
-    The gradient is ``g`` times the product of the other entries of each group, as torch's,
-    computed with no division by ``x`` (the products before each entry times those after):
-    exact where ``x`` holds one zero (the others' product goes to it) or several (0
-    throughout), and where the product underflows to 0. float16 and bfloat16 multiply in
+    The gradient is ``g`` times the product of the other entries of each group, as torch's.
+    A group with no zero and a finite, nonzero product gets torch's ``g * (out / x)``, to its
+    bits. One zero: that entry gets ``g`` times the product of the others (the zero taken as
+    1), the others 0; several zeros: 0 throughout (where ``out / x`` is 0/0). A product that
+    underflowed to 0 with no zero (or is inf or NaN): the products before each entry times
+    those after it, so ``[1e-200, 1e-200, 1e200]`` gets ``[1, 1, 0]`` (torch's 0 / 1e-200 is
+    0). float32 groups take their products in float64 there. float16 and bfloat16 multiply in
     float32 and round once, as torch's ``cumprod`` and its ``prod`` on a GPU do (its ``prod``
     on the CPU multiplies in float16, where ``300 * 300 * (1/300)`` overflows to inf).
     Integers and bools multiply in numpy's dtypes, as :func:`sum`'s: int64, uint64 for
@@ -516,11 +519,14 @@ def cumprod(x: Any, axis: int | None = None) -> Any:
     flattened array, giving a 1-d result of ``x.size`` entries (a 0-d ``x`` gives shape
     ``(1,)``).
 
-    The gradient is torch's, computed with no division by ``x``: entry ``i`` gets the sum over
-    ``j >= i`` of ``g[j]`` times the product of entries ``0..j`` but ``i``, exact at zeros (one
-    or several along the axis), where torch divides by ``x`` in front of the first zero. It
-    runs as a scan from the end in ``log2(n)`` whole-array rounds for an axis of length
-    ``n``. float16 and bfloat16 multiply in float32 and round each entry once, as torch does.
+    The gradient is torch's: entry ``i`` gets the sum over ``j >= i`` of ``g[j]`` times the
+    product of entries ``0..j`` but ``i``. Along a row with no zero whose running products are
+    all finite and nonzero, it is torch's reversed running sum of ``g * out`` (summed in
+    float64 for float32, as torch's CPU ``cumsum``) divided by ``x``. Elsewhere (a zero, where
+    that divides 0 by 0, or a running product that under- or overflowed), and at an entry
+    whose division overflowed, nothing is divided: a scan from the end in ``log2(n)``
+    whole-array rounds for an axis of length ``n`` (in float64 for float32), exact at zeros.
+    float16 and bfloat16 multiply in float32 and round each entry once, as torch does.
     Integers and bools multiply in numpy's dtypes (int64, uint64 for unsigned integers).
 
     Raises:

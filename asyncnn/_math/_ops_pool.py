@@ -306,9 +306,9 @@ def max_unpool1d(
 
     The gradient of an entry is the output's gradient at its index (none to the indices). An
     index may repeat where windows overlap (stride below the kernel): the output keeps the
-    last entry written there, as torch's CPU kernel (on a GPU which one stays is not
-    specified, as torch's CUDA kernel), and each entry gets the gradient at its index
-    (torch's rule, though only one of them reaches the output).
+    last entry written there (the latest in ``x``'s plane), as torch 2.13's CPU kernel, on a
+    GPU too, the same bits (torch's CUDA kernel keeps any one of them), and each entry gets
+    the gradient at its index (torch's rule, though only one of them reaches the output).
 
     Args:
         x: the pooled values, (N, C, L_in).

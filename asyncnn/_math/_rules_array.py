@@ -184,13 +184,28 @@ def _cumsum_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 def _prod(x: Any, axis: tuple[int, ...], keepdims: bool) -> tuple[Any, Any]:
     # (a 16-bit x arrives in float32, see RULES)
     out = ns(x).prod(x, axis=axis, dtype=_numpy_s_integer(x), keepdims=keepdims)
-    return out, (x, axis)
+    return out, (x, axis, out)
+
+
+def _quiet_products(xp: Any) -> Any:
+    """Silences numpy's words on products that overflow, underflow or meet a 0 or inf: the
+    rules below compute each way for every row and keep the one that row takes (torch's
+    backward warns of none of them)."""
+    if xp.__name__ == "numpy":
+        return xp.errstate(all="ignore")
+    return contextlib.nullcontext()
+
+
+def _wide(dtype: Any) -> Any:
+    """The dtype to run a scan of products of ``dtype`` in: float64 for float32 (whose running
+    products overflow where the answer does not), else ``dtype`` itself."""
+    return np.float64 if dtype == np.float32 else dtype
 
 
 def _others_products(v: Any) -> Any:
     """For each entry of ``v`` along its last axis, the product of the others: the products
-    before it times those after it, with no division (one zero or several give the exact
-    products, where ``prod / v`` gave 0/0)."""
+    before it times those after it, with no division (for the rows no division suits: a
+    product that underflowed to 0, or is inf or NaN)."""
     xp = ns(v)
     ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype)
     before = xp.cumprod(xp.concatenate([ones, v[..., :-1]], axis=-1), axis=-1)
@@ -199,18 +214,36 @@ def _others_products(v: Any) -> Any:
 
 
 def _prod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
-    # each entry's gradient is g times the product of the others in its group, as torch's
-    # (which divides the product by the entry where no entry is 0; this never divides)
-    x, axes = res
+    # Each entry's gradient is g times the product of the others in its group. A group with no
+    # 0 and a finite, nonzero product: torch's g * (out / x), to its bits (the running
+    # products from either end overflowed where the product did not). One 0: the 0's entry
+    # gets g times the product of the others (the 0 replaced by 1), the others 0; several: all
+    # 0 (where out / x was 0/0). A product that underflowed to 0 (or is inf or NaN): the
+    # products before each entry times those after it, which keep [1e-200, 1e-200, 1e200]'s 1
+    x, axes, out = res
     xp = ns(x)
     if x.size == 0:
         return (xp.zeros(x.shape, dtype=g.dtype),)
     kept = [i for i in range(x.ndim) if i not in axes]
     order = kept + list(axes)  # the reduced axes last, merged into one
-    kept_shape = tuple(x.shape[i] for i in kept)
     n = math.prod(x.shape[a] for a in axes)
-    v = xp.transpose(x, order).reshape((*kept_shape, n))
-    grad = _others_products(v) * g.reshape((*kept_shape, 1))
+    v = xp.transpose(x, order).reshape((-1, n))  # one group a row
+    g1 = g.reshape((-1, 1))
+    out1 = out.reshape((-1, 1))
+    zero = v == 0
+    zeros = zero.sum(axis=-1, keepdims=True)
+    divides = (zeros == 0) & xp.isfinite(out1) & (out1 != 0)
+    with _quiet_products(xp):
+        divided = g1 * (out1 / xp.where(divides, v, xp.ones((), v.dtype)))
+        wide = _wide(v.dtype)
+        rest = xp.where(zero, xp.ones((), wide), v.astype(wide)).prod(axis=-1, keepdims=True)
+        at_zero = xp.where(zero & (zeros == 1), g1 * rest.astype(v.dtype), xp.zeros((), v.dtype))
+    grad = xp.where(divides, divided, at_zero)
+    left = xp.nonzero(((zeros == 0) & ~divides)[:, 0])[0]
+    if left.size:  # (no 0, but the product underflowed to 0 or is inf or NaN)
+        with _quiet_products(xp):
+            others = _others_products(v[left].astype(_wide(v.dtype))).astype(v.dtype)
+            grad[left] = g1[left] * others
     inverse = [0] * x.ndim
     for i, a in enumerate(order):
         inverse[a] = i
@@ -219,26 +252,56 @@ def _prod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
 
 def _cumprod(x: Any, axis: int | None) -> tuple[Any, Any]:
     # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES)
-    return ns(x).cumprod(x, axis=axis, dtype=_numpy_s_integer(x)), (x, axis)
+    out = ns(x).cumprod(x, axis=axis, dtype=_numpy_s_integer(x))
+    return out, (x, axis, out)
 
 
 def _cumprod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     # The gradient of entry i is sum over j >= i of g[j] times the product of entries 0..j but
-    # i: the product of those before i, E[i], times S[i] = g[i] + x[i+1] * S[i+1]. torch
-    # divides the reversed cumulative sum of g * out by x where it can, and handles zeros
-    # apart; this never divides: S is a scan of (multiplier, addend) pairs from the end, in
-    # log2(n) rounds, each over the whole array (a loop over the axis would be n rounds)
-    x, axis = res
+    # i. A row with no 0 and every running product finite and nonzero: torch's reversed
+    # running sum of g * out divided by x (the sum in float64 for float32, as torch's CPU
+    # cumsum), to its bits. Other rows (a 0, where that divides 0 by 0; a running product
+    # that under- or overflowed) never divide: the product of those before i, E[i], times
+    # S[i] = g[i] + x[i+1] * S[i+1], a scan of (multiplier, addend) pairs from the end in
+    # log2(n) rounds, each over the whole array (a loop over the axis would be n rounds), in
+    # float64 for float32 (its unscaled S overflowed where E[i] * S[i] did not)
+    x, axis, out = res
     xp = ns(x)
     along = 0 if axis is None else axis  # (flattened: g is 1-d)
     v = xp.moveaxis(x.reshape(-1) if axis is None else x, along, -1)
     n = v.shape[-1]
-    if n == 0:
-        return (xp.zeros(x.shape, dtype=g.dtype),)
+    if n <= 1:  # (each entry's gradient is its g, as torch's: x * g / x need not be g)
+        return (xp.zeros(x.shape, dtype=g.dtype) if n == 0 else g.reshape(x.shape),)
+    lead = v.shape[:-1]
+    v = v.reshape((-1, n))  # one row a scan
+    o = xp.moveaxis(out.reshape(-1) if axis is None else out, along, -1).reshape((-1, n))
+    gr = xp.moveaxis(g, along, -1).reshape((-1, n))
+    wide = _wide(v.dtype)
+    fine = xp.all((v != 0) & xp.isfinite(o) & (o != 0), axis=-1, keepdims=True)
+    with _quiet_products(xp):
+        w = (gr * o).astype(wide)
+        tails = xp.flip(xp.cumsum(xp.flip(w, -1), axis=-1), -1).astype(v.dtype)
+        grad = tails / xp.where(fine, v, xp.ones((), v.dtype))
+    # (an entry whose division overflowed takes the scan's, where that stays finite)
+    left = xp.nonzero(~(fine & xp.isfinite(grad)).all(axis=-1))[0]
+    if left.size:
+        with _quiet_products(xp):
+            scan = _cumprod_scan(v[left].astype(wide), gr[left].astype(wide)).astype(grad.dtype)
+        divided = grad[left]
+        keep = fine[left] & (xp.isfinite(divided) | ~xp.isfinite(scan))
+        grad[left] = xp.where(keep, divided, scan)
+    return (xp.moveaxis(grad.reshape((*lead, n)), -1, along).reshape(x.shape),)
+
+
+def _cumprod_scan(v: Any, g: Any) -> Any:
+    """The gradient of each row's running product of ``v`` (rows of 2 entries or more), with
+    no division: E[i] * S[i] as :func:`_cumprod_vjp` says."""
+    xp = ns(v)
+    n = v.shape[-1]
     edge = xp.zeros((*v.shape[:-1], 1), dtype=v.dtype)
     # S[i] = add[i] + mul[i] * S[i + step], S past the end 0 (so mul there is 0)
     mul = xp.concatenate([v[..., 1:], edge], axis=-1)
-    add = xp.moveaxis(g, along, -1)
+    add = g
     step = 1
     while step < n:
         add_next = add.copy()
@@ -247,7 +310,7 @@ def _cumprod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
         mul_next[..., :-step] = mul[..., :-step] * mul[..., step:]
         add, mul, step = add_next, mul_next, 2 * step
     before = xp.cumprod(xp.concatenate([edge + 1, v[..., :-1]], axis=-1), axis=-1)
-    return (xp.moveaxis(before * add, -1, along).reshape(x.shape),)
+    return before * add
 
 
 def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:

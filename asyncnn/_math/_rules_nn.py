@@ -368,8 +368,9 @@ def max_pool_indices(out: Any, res: Any) -> Any:
 def _max_unpool(x: Any, indices: Any, plane: Ints) -> tuple[Any, Any]:
     """Torch's ``max_unpool``: ``x``'s entries written into zeros of spatial shape ``plane`` at
     their flat ``indices`` (checked to be in range by the op). Where an index repeats, the
-    last entry written stays: numpy writes in order, as torch's CPU kernel; cupy's order, as
-    torch's GPU kernel's, is not specified."""
+    last entry written stays (the one latest in ``x``'s plane, as torch 2.13's CPU kernel
+    keeps), on a GPU too: neither numpy nor cupy promises which of the values a repeated index
+    of an assignment keeps, so those entries are chosen before they are written."""
     xp = ns(x)
     n, c = x.shape[:2]
     size = int(np.prod(plane))
@@ -378,7 +379,17 @@ def _max_unpool(x: Any, indices: Any, plane: Ints) -> tuple[Any, Any]:
     flat = (rows + indices.reshape(n * c, m).astype(np.int64, copy=False)).reshape(-1)
     bits = _bits(x.reshape(-1))
     out = xp.zeros(n * c * size, dtype=bits.dtype)  # (all bits 0: +0.0 in a float's view)
-    out[flat] = bits
+    if flat.size and int(xp.bincount(flat).max()) > 1:
+        # overlapping windows: of the entries bound for one place, the last one (the order of
+        # the keys target * count + source, unique, does not depend on the sort's stability)
+        order = xp.argsort(flat * flat.size + xp.arange(flat.size, dtype=np.int64))
+        target = flat[order]
+        last = xp.ones(flat.size, dtype=bool)
+        last[:-1] = target[1:] != target[:-1]
+        kept = order[last]
+        out[flat[kept]] = bits[kept]
+    else:
+        out[flat] = bits
     return out.view(x.dtype).reshape(n, c, *plane), (flat, tuple(x.shape))
 
 

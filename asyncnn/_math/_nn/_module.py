@@ -7,13 +7,15 @@ function of ``(params, *inputs)``, so the same module can run many parameter ver
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import dis
 import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,30 @@ from .._pytree import tree_leaves
 __all__ = ["NO_DTYPE", "Initializer", "Module", "check_params", "float_input_error", "shape_of"]
 
 Shape = tuple[int, ...]
+
+# Whether modules are being rebuilt from a spec (from_spec: Trainer.load, Graph.from_spec, a
+# cluster's worker), not built by the user: a warning about the arguments was given where they
+# were first written (a context variable, so one thread's or task's rebuild silences no other)
+_REBUILDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncnn_rebuilding_modules", default=False
+)
+
+
+@contextlib.contextmanager
+def rebuilding() -> Iterator[None]:
+    """Marks the modules built inside as rebuilt from a spec (see :func:`is_rebuilding`)."""
+    token = _REBUILDING.set(True)
+    try:
+        yield
+    finally:
+        _REBUILDING.reset(token)
+
+
+def is_rebuilding() -> bool:
+    """Whether the module being built is rebuilt from a spec, so that a warning about its
+    arguments, given when the user built it, is not given again (as torch's load runs no
+    ``__init__``)."""
+    return _REBUILDING.get()
 
 
 class Initializer:

@@ -27,6 +27,7 @@ from ._module import (
     check_params,
     fan_in_bound,
     float_input_error,
+    is_rebuilding,
 )
 
 __all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell", "LoopCell"]
@@ -337,9 +338,10 @@ class _Recurrent(Module):
                 "hidden_size)) or 'last' (the last step's, (batch, directions * hidden_size): "
                 f"the top layer's final state), got {self.output!r}"
             )
-        if dropout and self.num_layers == 1:  # (once the arguments are valid)
+        if dropout and self.num_layers == 1 and not is_rebuilding():  # (arguments valid)
             # as torch warns: the dropout is between layers, so a user who meant it on the
-            # output would silently train without any
+            # output would silently train without any. Once, where the user builds it: not
+            # again from a spec (a load, a graph's rebuild, each worker), at asyncnn's line
             warnings.warn(
                 f"{owner}: dropout={float(dropout)!r} does nothing with num_layers=1: it drops "
                 "each layer's output but the last's, between layers; give num_layers greater "

@@ -40,7 +40,7 @@ from ._conv import (
 from ._linear import Embedding, Linear
 from ._loops import Loop, RNNCell
 from ._losses import CrossEntropyLoss, MSELoss
-from ._module import Module, _check_dataclass
+from ._module import Module, _check_dataclass, rebuilding
 from ._norm import GroupNorm, LayerNorm
 from ._recurrent import GRU, LSTM, GRUCell, LoopCell, LSTMCell
 from ._reshape import Dropout, Flatten
@@ -172,6 +172,8 @@ def from_spec(spec: dict[str, Any]) -> Module:
         )
     cls = _resolve(spec["type"])
     _check_args(spec["type"], cls, spec["args"])
-    args = {k: _decode(v) for k, v in spec["args"].items()}
-    from_args = getattr(cls, "_from_args", None)
-    return from_args(args) if from_args is not None else cls(**args)
+    # (a rebuild: the user was warned of its arguments where they built it, see is_rebuilding)
+    with rebuilding():
+        args = {k: _decode(v) for k, v in spec["args"].items()}
+        from_args = getattr(cls, "_from_args", None)
+        return from_args(args) if from_args is not None else cls(**args)
