@@ -24,8 +24,10 @@ def predict_outputs(
     """The graph's outputs (``g.output``) for ``dataset``, computed at ``params`` in batches
     of ``batch_size`` rows, as numpy arrays (see :meth:`Trainer.predict`)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in graph.outputs}
+    # the outputs alone: each other activation goes once its readers have run
+    keep = set(graph.outputs.values())
     for batch in dataset.batches(batch_size):
-        outs = forward_pass(graph, params, batch, dtype)
+        outs = forward_pass(graph, params, batch, dtype, keep=keep)
         for name, src in graph.outputs.items():
             parts[name].append(np.asarray(to_numpy(outs[src])))
     return {name: np.concatenate(p) for name, p in parts.items()}
@@ -40,9 +42,12 @@ def evaluate_loss(
     sums = {name: [0.0, 0.0] for name in graph.losses}
     # {loss node: [labels matching their logits' argmax, labels]} of the classifiers
     counts = {name: [0, 0] for name in _classifiers(graph)}
+    # the losses and the classifiers' logits alone: each other activation goes once its readers
+    # have run
+    keep = set(graph.losses) | {graph.nodes[name].inputs[0] for name in counts}
     for batch in dataset.batches(batch_size):
         rows = len(next(iter(batch.values())))
-        outs = forward_pass(graph, params, batch, dtype, losses=True)
+        outs = forward_pass(graph, params, batch, dtype, losses=True, keep=keep)
         for name in graph.losses:
             node = graph.nodes[name]
             # a mean, weighted by what it divides by (its rows, or its labels' weights), comes

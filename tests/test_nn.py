@@ -922,6 +922,79 @@ def test_dropout_of_p_1_drops_everything_in_training_only(backend: Backend, p: f
     assert nn.from_spec(nn.to_spec(drop)) == drop
 
 
+def _dropout_before(x: Any, p: float, rng: Any) -> tuple[Any, Any]:
+    """Dropout as it was computed before it kept its mask as a bool array (the reference): the
+    forward's output, and the factor its backward multiplies the cotangent by."""
+    keep = rng.random(x.shape) >= p
+    scale = (keep * (1 / (1 - p) if p < 1 else 0.0)).astype(x.dtype)
+    return x * scale, scale
+
+
+def _dropout_input(backend: Backend, dtype: Any, seed: int) -> Any:
+    """(48, 40) values of ``dtype``: every special value (signed zeros, infinities, NaN, the
+    smallest subnormal, the largest finite) many times over, so that each is kept and dropped,
+    among ordinary values."""
+    info = np.finfo(dtype)
+    special = [
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        np.nan,
+        -np.nan,
+        float(info.max),
+        -float(info.max),
+        float(info.smallest_subnormal),
+        -float(info.smallest_subnormal),
+        1.0,
+        -3.5,
+    ]
+    values = np.random.default_rng(seed).standard_normal(48 * 40) * 10
+    values[: 30 * len(special)] = np.tile(special, 30)
+    return backend.asarray(values.astype(dtype).reshape(48, 40))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9, 0.99999, 1.0])
+def test_dropout_keeps_a_bool_mask_and_gives_the_bits_it_gave_with_a_float_one(
+    backend: Backend, dtype: str, p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the mask the backward keeps is one byte an entry, not the input's width (8 in float64),
+    # and the forward and the backward are bit for bit those of the float mask, over every
+    # special value (x * 0 is -0.0 for x < 0, NaN for inf; at p = 0.99999 the scale 1e5 is inf
+    # in float16, and a dropped entry stays x * 0, never 0 * inf)
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    try:
+        dt = backend.dtype(dtype)
+    except ValueError as exc:  # (a cupy before 14 has no bfloat16)
+        pytest.skip(str(exc))
+    x = _dropout_input(backend, dt, seed=0)
+    ct = _dropout_input(backend, dt, seed=1)[::-1]
+    calls: list[dict[str, Any]] = []
+    prim = PRIMITIVES["dropout"]
+
+    def spy(*args: Any, **params: Any) -> Any:
+        calls.append(params)
+        return prim(*args, **params)
+
+    monkeypatch.setitem(PRIMITIVES, "dropout", spy)
+    with np.errstate(over="ignore", invalid="ignore"):  # (max * 1.25, inf * 0: on purpose)
+        out, pullback = vjp(lambda x: ops.dropout(x, p, backend.rng(6)), x)
+        (gx,) = pullback(ct)
+        expected, scale = _dropout_before(x, p, backend.rng(6))
+        expected_gx = ct * scale
+        rule_out, residual = prim.forward(x, **calls[0])
+    assert out.dtype == gx.dtype == x.dtype
+    assert to_numpy(out).tobytes() == to_numpy(expected).tobytes()
+    assert to_numpy(gx).tobytes() == to_numpy(expected_gx).tobytes()
+    # the rule's own forward, on the parameters the op gave it: its residual is the mask
+    assert to_numpy(rule_out).tobytes() == to_numpy(expected).tobytes()
+    kept = [a for a in (residual if isinstance(residual, tuple) else (residual,)) if a.ndim]
+    assert [(a.dtype, a.shape) for a in kept] == [(np.dtype(bool), x.shape)]
+    assert sum(a.nbytes for a in kept) == x.size  # (float64's scale was 8 * x.size)
+
+
 # -- specs: more non-default options, malformed specs --------------------------------------------
 MORE_SPEC_MODULES = [
     nn.Flatten(0, 2), nn.Flatten(-3, -2), nn.Dropout(0), nn.Dropout(0.999), nn.Dropout(1.0),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,11 +25,18 @@ def forward_pass(
     batch: Mapping[str, Any],
     dtype: str,
     losses: bool = False,
+    keep: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Every node's output for ``batch`` in evaluation mode (no dropout), in topological order.
+    """The nodes' outputs for ``batch`` in evaluation mode (no dropout), in topological order.
 
     Inputs the batch does not give are skipped, with the nodes that need them (so ``predict``
     needs no labels). Loss nodes are computed only with ``losses=True``.
+
+    Args:
+        keep: the nodes whose outputs come back (None: every node's). Any other output goes as
+            soon as the last node that reads it has run, so a deep graph holds a few of a
+            batch's activations at a time, not all of them (``predict`` keeps the graph's
+            outputs, ``evaluate`` its losses and the logits it counts the accuracy of).
 
     Raises:
         GraphError: a layer gave another number of rows than its inputs (a filter, which the
@@ -37,50 +44,86 @@ def forward_pass(
             ``fit``.
     """
     values: dict[str, Any] = {}
-    for name, node in graph.nodes.items():
-        if node.kind == "input":
-            if name in batch:
-                arr = batch[name]
-                if not is_cupy_array(arr):  # device data stays on its device
-                    arr = np.asarray(arr)
-                if np.dtype(node.dtype).kind == "f":
-                    arr = arr.astype(dtype, copy=False)
-                values[name] = arr
-            continue
-        if node.kind == "loss" and not losses:
-            continue
-        if any(src not in values for src in node.inputs):
-            continue
-        if node.kind == "layer" and plain_values(graph, name, params.get(name), values, dtype):
-            if node.role == "layer":  # a layer of an expert branch: its rows kept, as in fit
-                _check_branch_rows(node, values)
-            continue  # (a router, a merge)
-        backend = get_backend(node.device)
-        # cupy computes on the thread's current device: with stages on several GPUs, each node
-        # must run on its own (a loss runs on the device of the layer feeding it)
-        with backend.activate():
-            if node.kind == "layer":
-                args = [backend.asarray(values[src]) for src in node.inputs]
-                try:
-                    values[name] = node.module(params[name], *args)
-                except (ValueError, TypeError) as exc:
-                    # a module's own message names itself ("loop: lengths[2] = 9 ..."), not
-                    # its node, which the actors' errors in fit do
-                    if f"{name!r}" in str(exc):
-                        raise
-                    if type(exc) in (ValueError, TypeError):
-                        raise type(exc)(f"layer {name!r}: {exc}") from exc
-                    # (a subclass may need other arguments, or carry fields: kept as it is)
-                    exc.add_note(f"in layer {name!r}")
-                    raise
-                if node.role == "layer":  # (a loop keeps its rows, as its actor takes it to)
-                    _check_rows(node, [a.shape for a in args], values[name])
-            else:
-                args = [values[src] for src in node.inputs]
-                if backend.device.kind == "cuda":
-                    args = [backend.asarray(a) for a in args]
-                values[name] = node.module({}, *args)
+    done = None if keep is None else _last_reads(graph, keep)
+    for step, (name, node) in enumerate(graph.nodes.items()):
+        _run_node(graph, name, node, params, batch, dtype, losses, values)
+        if done is not None:
+            for gone in done[step]:
+                values.pop(gone, None)  # (a node skipped for a missing input has none)
     return values
+
+
+def _last_reads(graph: Graph, keep: Collection[str]) -> list[list[str]]:
+    """For each step of the topological walk, the outputs not in ``keep`` that no later node
+    reads: those of the nodes whose last reader it is, and its own if nothing reads it. A
+    reader that does not run (a loss without ``losses``, a node missing an input) still counts,
+    so an output is never dropped before a node that could need it."""
+    last: dict[str, int] = {}
+    for step, (name, node) in enumerate(graph.nodes.items()):
+        last[name] = step
+        for src in node.inputs:
+            last[src] = step
+    done: list[list[str]] = [[] for _ in graph.nodes]
+    for name, step in last.items():
+        if name not in keep:
+            done[step].append(name)
+    return done
+
+
+def _run_node(
+    graph: Graph,
+    name: str,
+    node: Node,
+    params: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    dtype: str,
+    losses: bool,
+    values: dict[str, Any],
+) -> None:
+    """Puts node ``name``'s output for ``batch`` into ``values`` (see :func:`forward_pass`),
+    unless it is skipped."""
+    if node.kind == "input":
+        if name in batch:
+            arr = batch[name]
+            if not is_cupy_array(arr):  # device data stays on its device
+                arr = np.asarray(arr)
+            if np.dtype(node.dtype).kind == "f":
+                arr = arr.astype(dtype, copy=False)
+            values[name] = arr
+        return
+    if node.kind == "loss" and not losses:
+        return
+    if any(src not in values for src in node.inputs):
+        return
+    if node.kind == "layer" and plain_values(graph, name, params.get(name), values, dtype):
+        if node.role == "layer":  # a layer of an expert branch: its rows kept, as in fit
+            _check_branch_rows(node, values)
+        return  # (a router, a merge)
+    backend = get_backend(node.device)
+    # cupy computes on the thread's current device: with stages on several GPUs, each node
+    # must run on its own (a loss runs on the device of the layer feeding it)
+    with backend.activate():
+        if node.kind == "layer":
+            args = [backend.asarray(values[src]) for src in node.inputs]
+            try:
+                values[name] = node.module(params[name], *args)
+            except (ValueError, TypeError) as exc:
+                # a module's own message names itself ("loop: lengths[2] = 9 ..."), not
+                # its node, which the actors' errors in fit do
+                if f"{name!r}" in str(exc):
+                    raise
+                if type(exc) in (ValueError, TypeError):
+                    raise type(exc)(f"layer {name!r}: {exc}") from exc
+                # (a subclass may need other arguments, or carry fields: kept as it is)
+                exc.add_note(f"in layer {name!r}")
+                raise
+            if node.role == "layer":  # (a loop keeps its rows, as its actor takes it to)
+                _check_rows(node, [a.shape for a in args], values[name])
+        else:
+            args = [values[src] for src in node.inputs]
+            if backend.device.kind == "cuda":
+                args = [backend.asarray(a) for a in args]
+            values[name] = node.module({}, *args)
 
 
 def _check_rows(node: Node, input_shapes: list[Any], out: Any) -> None:
