@@ -341,7 +341,8 @@ def dropout(x: Any, p: float, rng: Any) -> Any:
             f"({made}), as a run gives its modules"
         )
     # p=1 keeps nothing: a scale of 0, as torch's (1 / (1 - p) would divide by zero)
-    scale = value.dtype.type(1 / (1 - p) if p < 1 else 0.0)
+    # (float64: the factor is cast to x's dtype once, where the mask is applied)
+    scale = np.float64(1 / (1 - p) if p < 1 else 0.0)
     return _P["dropout"](x, keep=keep, scale=scale)
 
 

@@ -585,25 +585,19 @@ def _group_norm_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any, Any
 def _dropout(x: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
     # the mask is kept as it was drawn, bools (1 byte an entry), not as the factor of x's
     # width: the backward makes the factor again
-    return x * _dropout_factor(keep, scale), (keep, scale)
+    return x * _dropout_factor(keep, scale, x.dtype), (keep, scale)
 
 
 def _dropout_vjp(g: Any, res: tuple[Any, Any], needs: tuple[bool, ...]) -> tuple[Any]:
     keep, scale = res
-    return (g * _dropout_factor(keep, scale),)
+    return (g * _dropout_factor(keep, scale, g.dtype),)
 
 
-def _dropout_factor(keep: Any, scale: Any) -> Any:
-    """The factor dropout multiplies by: ``scale`` (a scalar of x's dtype) where ``keep``, +0
-    elsewhere, the bits of the float mask it kept before."""
-    if np.isfinite(scale):  # 1 * scale is scale, 0 * scale is +0: exact in any dtype
-        factor = keep.astype(scale.dtype)
-        factor *= scale
-        return factor
-    # (a float16 scale, 1 / (1 - p) over 65504, is inf: 0 * inf would make a dropped entry NaN)
-    factor = ns(keep).zeros(keep.shape, dtype=scale.dtype)
-    ns(keep).copyto(factor, scale, where=keep)
-    return factor
+def _dropout_factor(keep: Any, scale: Any, dtype: Any) -> Any:
+    """The factor dropout multiplies by, as the op made it when it kept that factor: the
+    mask times the float64 ``scale``, cast once to ``dtype`` (``scale`` where ``keep``, +0
+    elsewhere; a float16 scale past 65504 is inf, a dropped entry still +0, never 0 * inf)."""
+    return (keep * scale).astype(dtype, copy=False)
 
 
 def _class_last(logits: Any) -> Any:
