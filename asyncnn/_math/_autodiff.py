@@ -229,10 +229,13 @@ class Tracer:
     ``.min()``, ``.std()``, ``.var()``, ``.reshape()``, ``.transpose()``, ``.swapaxes()``,
     ``.squeeze()``, ``.take()``, ``.clip()`` (``np.sum(t)``, ``np.std(t)``, ``np.reshape(t, s)``,
     ``np.take(t, i)`` and the like call these, with numpy's keywords at their defaults; others
-    are refused by name), ``.ravel()`` and ``.flatten()`` (``np.ravel(t)`` converts ``t``, which
-    is refused), indexing, iteration over the first axis, and the numpy ufuncs that have an
-    asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``). Each method computes what numpy's does
-    (``t.var()`` is ``ops.var(t, ddof=0)``, ``t.take(i)`` takes from the flattened array).
+    are refused by name), ``.ravel()`` and ``.flatten()``, indexing, iteration over the first
+    axis, the numpy ufuncs that have an asyncnn op (``np.exp(t)`` becomes ``ops.exp(t)``), and
+    the numpy functions that have a match in the ops (``np.concatenate``, ``np.stack``,
+    ``np.where``, ``np.diff``, ``np.dot``, ``np.ravel``, ... become ops; ``np.zeros_like(t)``
+    and the like give plain constants; any other numpy function is refused by name, never
+    converting ``t``). Each computes what numpy's does (``t.var()`` is ``ops.var(t, ddof=0)``,
+    ``t.take(i)`` takes from the flattened array).
     Comparisons (``<``, ``==``, ...) return raw boolean arrays, and ``float(t)`` and ``bool(t)``
     the value (they have no gradient).
     """
@@ -528,7 +531,7 @@ class Tracer:
         return _ops.transpose(self, axes)
 
     def ravel(self, order: Any = "C") -> Any:
-        # (np.ravel(t) converts t with asanyarray, never calling this: only t.ravel() gets here)
+        # (np.ravel(t) never calls this: __array_function__ answers it, with _np_ravel)
         _check_c_order(order, "ravel")
         return _ops.reshape(self, -1)
 
@@ -570,6 +573,21 @@ class Tracer:
         if op is None:
             raise _ufunc_refusal(ufunc, method, kwargs)
         return op(*inputs)
+
+    def __array_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # NEP 18: numpy hands every function of its API given a traced array here, before it
+        # converts anything (a conversion is refused: the gradient would be lost)
+        if func in _numpy_api.BY_METHOD:
+            # numpy's own code calls the traced array's method (np.sum(t) is t.sum(...), and
+            # numpy's retry after the method's TypeError is _refused_by_method's) or reads its
+            # shape or dtype: the method's value, gradient and refusals, word for word
+            return func._implementation(*args, **kwargs)
+        match = _numpy_api.FUNCTIONS.get(func)
+        if match is None:
+            raise _numpy_api.refusal(func)
+        return match(*args, **kwargs)
 
 
 #: the ops a ufunc's method matches: np.add.reduce(t) is what np.sum(t) computes, ...
@@ -662,9 +680,9 @@ def _refused_by_method(t: Tracer) -> TypeError | None:
 
 
 def _numpy_caller() -> str | None:
-    """The numpy function converting a traced array (np.swapaxes through ``_wrapit``, as it
-    has no such method; np.ravel through ``asanyarray``), or None when numpy's Python code is
-    not the caller."""
+    """The numpy function converting a traced array (through ``_wrapit``, for a method a traced
+    array lacks; numpy's code outside its dispatched API, np.testing's, through ``asarray``), or
+    None when numpy's Python code is not the caller."""
     frame: Any = sys._getframe(2)  # (this function's, __array__'s, then the caller's)
     while frame is not None and _is_numpy(frame):
         if frame.f_code.co_name == "_wrapit":
@@ -679,13 +697,8 @@ def _is_numpy(frame: Any) -> bool:
     return str(frame.f_globals.get("__name__", "")).startswith("numpy.")
 
 
-#: a differentiable match of a converting numpy function that has no op of its name
-_OP_MATCHES = {"ravel": "t.ravel()"}
-
-
 def _op_hint(name: str) -> str:
-    match = _OP_MATCHES.get(name, f"ops.{name}" if name in _ops.__all__ else None)
-    return "" if match is None else f"; {match} is its differentiable match"
+    return f"; ops.{name} is its differentiable match" if name in _ops.__all__ else ""
 
 
 def _check_c_order(order: Any, name: str) -> None:
@@ -945,4 +958,5 @@ def _as_cotangent(ct: Any, out: Any) -> Any:
     return ct
 
 
+from . import _autodiff_numpy as _numpy_api  # noqa: E402  (it imports Tracer from here)
 from . import _ops  # noqa: E402  (the ops module imports Primitive and Tracer from here)
