@@ -129,10 +129,13 @@ def _switch_optimizer(args: argparse.Namespace, trainer: Any) -> None:
     carried = [name for name, state in states.items() if _carried(state, held.get(name))]
     fresh = [name for name in states if name not in kept and name not in carried]
     same = "the same structure: its step count and buffers kept"
-    rms = (
-        "an RMSprop of another momentum or centered: its step count and square averages "
-        "kept, a buffer it did not keep before at zero"
-    )
+    rms = "an RMSprop of another momentum or centered: its step count and square averages kept"
+    if carried:  # (one optimizer for every layer: the same buffers come and go in each)
+        state, before = states[carried[0]], held[carried[0]]
+        new_buffers = sorted(set(state) - set(before))
+        dropped = sorted(set(before) - set(state))
+        rms += f", its {' and '.join(new_buffers)} new at zero" if new_buffers else ""
+        rms += f", its {' and '.join(dropped)} dropped" if dropped else ""
     if not fresh and not carried:
         what = f"goes on ({same})"
     elif not fresh and not kept:

@@ -1733,7 +1733,19 @@ def test_resume_with_an_rmsprop_of_another_momentum_says_its_state_goes_on(
     assert switched == [
         "--optimizer RMSprop: RMSprop(lr=0.001, momentum=0.5) in place of the checkpoint's "
         "RMSprop(lr=0.001); each layer's optimizer state goes on (an RMSprop of another "
-        "momentum or centered: its step count and square averages kept, a buffer it did not "
-        "keep before at zero)"
+        "momentum or centered: its step count and square averages kept, its momentum_buffer "
+        "new at zero)"
     ]
     assert ann.Trainer.load(again).state.opt_states["stage0"]["step"] == 46  # 23 + 23
+    # and back, momentum off: the buffer goes, none starts (the report said one started)
+    capsys.readouterr()
+    assert main(["train", "--dataset", "digits", "--resume", again, "--epochs", "3", "--out",
+                 "", "--optimizer", "RMSprop", "--momentum", "0"]) == 0  # fmt: skip
+    switched = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("--optimizer")
+    ]
+    assert switched == [
+        "--optimizer RMSprop: RMSprop(lr=0.001) in place of the checkpoint's RMSprop(lr=0.001, "
+        "momentum=0.5); each layer's optimizer state goes on (an RMSprop of another momentum "
+        "or centered: its step count and square averages kept, its momentum_buffer dropped)"
+    ]

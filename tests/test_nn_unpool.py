@@ -203,15 +203,27 @@ def test_a_graph_refuses_a_layer_returning_values_and_indices_naming_it() -> Non
     with pytest.raises(ann.GraphError, match=r"layer 'pool' \(MaxPool2d\(.*\)\) returned a "
                        r"tuple, not one array.*return_indices=False in a graph"):  # fmt: skip
         ann.Trainer(g, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
-    # inside a stage's Sequential, the next module fails on the pair: the layer and the pool
-    # (return_indices=True in its repr) are named
-    seq = ann.Graph.sequential(
-        [nn.MaxPool2d(2, return_indices=True), nn.Flatten(), nn.Linear(4, 2)],
-        loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 1, 4, 4),
-    )  # fmt: skip
-    with pytest.raises(ann.GraphError, match=r"layer 'stage0' .*return_indices=True.*tuple.*"
-                       r"return_indices=False in a graph"):  # fmt: skip
-        ann.Trainer(seq, optimizer=optim.SGD(lr=0.1), policy=policies.Sync())
+    # inside a stage's Sequential the pair would reach the next module, which takes a tuple of
+    # arrays for an array (stacked: the indices trained on as values): refused as it is built
+    with pytest.raises(ValueError, match=r"Sequential: module 0, MaxPool2d\(.*return_indices="
+                       r"True.*\), gives \(values, indices\), which module 1 \(Flatten"):  # fmt: skip
+        ann.Graph.sequential(
+            [nn.MaxPool2d(2, return_indices=True), nn.Flatten(), nn.Linear(4, 2)],
+            loss=nn.CrossEntropyLoss(), stages=1, input_shape=(None, 1, 4, 4),
+        )  # fmt: skip
+
+
+def test_a_sequential_refuses_a_pool_giving_indices_to_the_next_module() -> None:
+    # the next module took the pair for one array: ReLU of np.asarray((values, indices)), a
+    # (2, N, C, H, W) float array, the indices mixed into the activations (torch raises)
+    with pytest.raises(ValueError, match=r"Sequential: module 1, MaxPool1d\(.*\), gives "
+                       r"\(values, indices\), which module 2 \(ReLU\(\)\) would take for one "
+                       r"array; give it return_indices=False, or call the pool yourself"):  # fmt: skip
+        nn.Sequential(nn.Identity(), nn.MaxPool1d(2, return_indices=True), nn.ReLU())
+    # the last module may: the Sequential gives the pair, as its call of the pool would
+    seq = nn.Sequential(nn.ReLU(), nn.MaxPool1d(2, return_indices=True))
+    values, indices = seq([{}, {}], np.array([[[3.0, -1.0, 2.0, 5.0]]]))
+    assert values.tolist() == [[[3.0, 5.0]]] and indices.tolist() == [[[0, 3]]]
 
 
 # -- max unpools ----------------------------------------------------------------------------------

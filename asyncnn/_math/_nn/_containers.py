@@ -48,6 +48,15 @@ class Sequential(Module):
                     f"Sequential: argument {i} is {type(m).__name__}, not an nn.Module; pass "
                     "modules as separate arguments: Sequential(nn.Linear(4, 8), nn.ReLU())"
                 )
+            if i and getattr(args[i - 1], "return_indices", False) is True:
+                # the next module would take the pair for one array (the ops take a tuple of
+                # arrays as their stack): the indices trained on as values, without a word
+                raise ValueError(
+                    f"Sequential: module {i - 1}, {args[i - 1]!r}, gives (values, indices), "
+                    f"which module {i} ({m!r}) would take for one array; give it "
+                    "return_indices=False, or call the pool yourself (its indices are for a "
+                    "MaxUnpool)"
+                )
         object.__setattr__(self, "modules", tuple(args))
 
     @classmethod
