@@ -48,6 +48,7 @@ from ._math._ops import (
     where,
 )  # fmt: skip
 from ._math._ops_act import clip, elu, leaky_relu, silu, softplus
+from ._math._ops_moves import flip, pad, repeat, take_along_axis, tile
 from ._math._ops_nn import (
     conv1d,
     conv2d,
@@ -74,10 +75,11 @@ __all__ = [
     "Primitive",
     "abs", "add", "astype", "avg_pool1d", "avg_pool2d", "broadcast_to", "clip", "concatenate",
     "conv1d", "conv2d", "cos", "cross_entropy", "cumprod", "cumsum", "divide", "dropout", "elu",
-    "embedding", "exp", "expand_dims", "expm1", "gelu", "getitem", "group_norm", "layer_norm",
-    "leaky_relu", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "max_pool1d",
-    "max_pool2d", "max_unpool1d", "max_unpool2d", "maximum", "mean", "min", "minimum", "mse_loss",
-    "multiply", "negative", "power", "prod", "raw", "relu", "reshape", "sigmoid", "silu", "sin",
-    "softmax", "softplus", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "take",
-    "tanh", "transpose", "unstack", "var", "where",
+    "embedding", "exp", "expand_dims", "expm1", "flip", "gelu", "getitem", "group_norm",
+    "layer_norm", "leaky_relu", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max",
+    "max_pool1d", "max_pool2d", "max_unpool1d", "max_unpool2d", "maximum", "mean", "min",
+    "minimum", "mse_loss", "multiply", "negative", "pad", "power", "prod", "raw", "relu",
+    "repeat", "reshape", "sigmoid", "silu", "sin", "softmax", "softplus", "sqrt", "square",
+    "squeeze", "stack", "std", "subtract", "sum", "take", "take_along_axis", "tanh", "tile",
+    "transpose", "unstack", "var", "where",
 ]  # fmt: skip

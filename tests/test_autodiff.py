@@ -265,17 +265,32 @@ _NP_Y = np.random.default_rng(9).standard_normal((2, 3))  # a plain array: a con
      lambda t: np.diff(t, 0),
      lambda t: np.diff(t, prepend=0.5, append=_NP_Y[:, :1]),
      lambda t: np.diff(t, 2, 0, prepend=t[-1:]),
-     lambda t: np.diff(_NP_Y, append=t)],
+     lambda t: np.diff(_NP_Y, append=t),
+     lambda t: np.pad(t, 1),
+     lambda t: np.pad(t, ((1, 0), (2, 1)), constant_values=-0.5),
+     lambda t: np.pad(t, (2, 3), mode="edge"),
+     lambda t: np.pad(t, ((0, 1), (4, 2)), "reflect", reflect_type="even"),
+     lambda t: np.flip(t),
+     lambda t: np.flip(t, axis=(0, 1)),
+     lambda t: np.take_along_axis(t, np.array([[2, 2, 0, 1]]), axis=1),
+     lambda t: np.take_along_axis(t, np.array([[1, 2, 0, 2, 2], [0, 0, 1, 2, -1]])),
+     lambda t: np.repeat(t, 2),
+     lambda t: np.repeat(t, [3, 0, 1], axis=1),
+     lambda t: np.tile(t, 2),
+     lambda t: np.tile(t, (2, 1, 3))],
     ids=["ravel", "ravel-order-C", "expand_dims", "expand_dims-negative", "expand_dims-axes",
          "expand_dims-list", "concatenate", "concatenate-plain", "concatenate-axis-None",
          "concatenate-rows", "concat-list", "stack", "stack-axis", "where", "where-number",
          "where-float-condition", "dot", "dot-vector-matrix", "dot-vectors", "dot-number",
          "dot-nd", "inner", "inner-vectors", "inner-nd", "outer", "broadcast_to",
          "broadcast_to-shape", "diff", "diff-axis", "diff-n", "diff-n-0", "diff-prepend-append",
-         "diff-traced-prepend", "diff-traced-append"],
+         "diff-traced-prepend", "diff-traced-append", "pad", "pad-constant_values", "pad-edge",
+         "pad-reflect", "flip", "flip-axes", "take_along_axis", "take_along_axis-default-axis",
+         "repeat", "repeat-counts", "tile", "tile-more-reps"],
 )  # fmt: skip
 def test_numpy_functions_with_a_differentiable_match_dispatch_to_the_ops(fn):
-    # (each converted the traced array, which was refused: "np.diff asked for it")
+    # (each converted the traced array, which was refused: "np.diff asked for it"; np.pad,
+    # np.flip, np.take_along_axis, np.repeat and np.tile had no op to become)
     out = ann.vjp(fn, _NP_X)[0]
     expected = fn(_NP_X)  # numpy's meaning, plain arrays (and plain arrays are constants)
     assert out.shape == expected.shape and out.dtype == expected.dtype
@@ -344,10 +359,22 @@ def test_numpy_s_like_functions_of_a_traced_array_give_plain_constants():
       r"ops\.broadcast_to\(fill_value, t\.shape\) keeps it"),
      (lambda t: np.cumulative_sum(t, axis=1),
       r"^numpy's np\.cumulative_sum cannot differentiate a traced array: ops\.cumsum\(t, axis\) "
-      r"is its differentiable match")],
+      r"is its differentiable match"),
+     (lambda t: np.pad(t, 1, "reflect", reflect_type="odd"),
+      r"^np\.pad of a traced array takes reflect_type='even' only, got reflect_type='odd'"),
+     (lambda t: np.pad(t, 1, constant_values=t[0, 0]),
+      r"^pad: constant_values is a traced array, .*ops\.raw\(value\)"),
+     (lambda t: np.pad(t, 1, constant_values=((1, 2), (3, 4))),
+      r"^pad: constant_values must be one number, got .*pad one axis at a time"),
+     (lambda t: np.take_along_axis(t, np.zeros((2, 3)), 0),
+      r"^take_along_axis: indices must be an array of integers, got dtype float64"),
+     (lambda t: np.repeat(t, 1.5), r"^repeat: repeats must be an int or a 1-d array of ints"),
+     (lambda t: np.tile(t, 2.0), r"^tile: reps must be an int or a sequence of ints")],
     ids=["ravel-order-F", "concatenate-out", "concatenate-dtype", "concatenate-casting",
          "stack-out", "stack-dtype", "where-one-argument", "dot-out", "outer-out",
-         "full_like-traced-fill", "cumulative_sum"],
+         "full_like-traced-fill", "cumulative_sum", "pad-reflect_type-odd",
+         "pad-traced-constant", "pad-constant-pairs", "take_along_axis-float-indices",
+         "repeat-float", "tile-float"],
 )  # fmt: skip
 def test_numpy_function_keywords_a_traced_array_cannot_honour_are_refused_by_name(fn, match):
     with pytest.raises(TypeError, match=match):
@@ -367,9 +394,23 @@ def test_numpy_function_keywords_a_traced_array_cannot_honour_are_refused_by_nam
      (lambda t: np.dot(t, t),
       r"^np\.dot: shapes \(2, 3\) and \(2, 3\) are not aligned: 3 \(last axis of a\) != 2"),
      (lambda t: np.inner(t, np.ones((2, 2))),
-      r"^np\.inner: shapes \(2, 3\) and \(2, 2\) are not aligned")],
+      r"^np\.inner: shapes \(2, 3\) and \(2, 2\) are not aligned"),
+     (lambda t: np.pad(t, 1, "edge", constant_values=0),
+      r"^np\.pad: unsupported keyword arguments for mode 'edge': constant_values"),
+     (lambda t: np.pad(t, 1, stat_length=2),
+      r"^np\.pad: unsupported keyword arguments for mode 'constant': stat_length"),
+     (lambda t: np.pad(t, 1, "wrap"), r"^pad: mode must be one of 'constant', 'edge', 'reflect'"),
+     (lambda t: np.pad(t, (1, 2, 3)), r"^pad: pad_width \(1, 2, 3\) is not an int, a pair"),
+     (lambda t: np.flip(t, 2), r"^flip: axis 2 is out of range .*\(2, 3\)"),
+     (lambda t: np.take_along_axis(t, np.zeros(2, dtype=int), 0),
+      r"^take_along_axis: indices must have as many axes as x"),
+     (lambda t: np.repeat(t, [1, 2], axis=1), r"^repeat: 2 counts for axis 1 of x"),
+     (lambda t: np.repeat(t, -1), r"^repeat: repeats must not be negative"),
+     (lambda t: np.tile(t, (2, -1)), r"^tile: reps must not be negative")],
     ids=["where-x-only", "diff-negative-n", "diff-0d", "diff-axis", "expand_dims-repeated",
-         "dot-nd-misaligned", "dot-misaligned", "inner-misaligned"],
+         "dot-nd-misaligned", "dot-misaligned", "inner-misaligned", "pad-edge-constant_values",
+         "pad-stat_length", "pad-mode-wrap", "pad-bad-width", "flip-axis", "take_along_axis-ndim",
+         "repeat-counts", "repeat-negative", "tile-negative"],
 )  # fmt: skip
 def test_numpy_functions_of_a_traced_array_refuse_bad_arguments_as_numpy_does(fn, match):
     with pytest.raises(ValueError, match=match):

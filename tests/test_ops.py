@@ -221,6 +221,41 @@ GRAD_CASES = [
     case("take-axis1-2d", lambda x, i: ops.take(x, i, axis=1), N(2, 4, 3), I([[1, 1], [0, 3]])),
     case("take-list", lambda x: ops.take(x, [2, -1, 0], axis=1), N(2, 3)),
     case("take-int", lambda x: ops.take(x, 1), N(3, 2)),
+    case("pad-constant", lambda x: ops.pad(x, 1), N(2, 3)),
+    case("pad-constant-pairs", lambda x: ops.pad(x, ((0, 2), (1, 0)), constant_values=1.5), N(2, 3)),
+    case("pad-edge", lambda x: ops.pad(x, ((2, 1), (0, 3)), mode="edge"), N(2, 3)),
+    case("pad-edge-one-pair", lambda x: ops.pad(x, (1, 2), "edge"), N(2, 3, 2)),
+    case("pad-reflect", lambda x: ops.pad(x, ((2, 1), (3, 0)), mode="reflect"), N(3, 4)),
+    case("pad-reflect-past-the-length", lambda x: ops.pad(x, (7, 5), mode="reflect"), N(3)),
+    case("pad-reflect-length-1", lambda x: ops.pad(x, ((0, 0), (2, 1)), "reflect"), N(2, 1)),
+    case("pad-empty-axis-unpadded", lambda x: ops.pad(x, ((0, 0), (1, 2)), "edge"), N(0, 3)),
+    case("pad-numpy-function", lambda x: np.pad(x, ((1, 0), (2, 2)), mode="reflect"), N(2, 3)),
+    case("flip-all", ops.flip, N(2, 3, 4)),
+    case("flip-axis", lambda x: ops.flip(x, 1), N(2, 3, 4)),
+    case("flip-tuple", lambda x: ops.flip(x, (0, -1)), N(2, 3, 4)),
+    case("flip-0d", ops.flip, N()),
+    case("flip-numpy-function", lambda x: np.flip(x, -2), N(2, 3)),
+    case("take_along_axis-axis1", lambda x, i: ops.take_along_axis(x, i, 1), N(3, 4),
+         I([[0, 3, 3], [1, 1, 1], [2, 0, -1]])),
+    case("take_along_axis-axis0", lambda x, i: ops.take_along_axis(x, i, axis=0), N(3, 4),
+         I([[2, 0, 1, 1], [2, 2, 0, -3]])),
+    case("take_along_axis-broadcast", lambda x, i: ops.take_along_axis(x, i, -1), N(2, 3, 4),
+         I([[[3, 3]], [[0, 1]]])),
+    case("take_along_axis-flattened", lambda x, i: ops.take_along_axis(x, i, None), N(2, 3),
+         I([5, 0, 5, 2])),
+    case("take_along_axis-numpy-function", lambda x, i: np.take_along_axis(x, i, 0), N(3, 2),
+         I([[1, 1], [0, 2]])),
+    case("repeat-int", lambda x: ops.repeat(x, 3, axis=1), N(2, 3, 2)),
+    case("repeat-counts", lambda x: ops.repeat(x, [2, 0, 3], 0), N(3, 4)),
+    case("repeat-one-count", lambda x: ops.repeat(x, [2], axis=-1), N(2, 3)),
+    case("repeat-flattened", lambda x: ops.repeat(x, 2), N(2, 3)),
+    case("repeat-numpy-function", lambda x: np.repeat(x, [1, 3], axis=0), N(2, 3)),
+    case("tile", lambda x: ops.tile(x, (2, 3)), N(2, 3)),
+    case("tile-int", lambda x: ops.tile(x, 2), N(2, 3)),
+    case("tile-more-reps", lambda x: ops.tile(x, (2, 1, 3)), N(2, 3)),
+    case("tile-fewer-reps", lambda x: ops.tile(x, (3,)), N(2, 2, 3)),
+    case("tile-zero", lambda x: ops.tile(x, (0, 2)), N(2, 3)),
+    case("tile-numpy-function", lambda x: np.tile(x, (2, 1)), N(2, 3)),
     case("concatenate-axis0", lambda a, b: ops.concatenate([a, b]), N(2, 3), N(1, 3)),
     case("concatenate-axis-1", lambda a, b, c: ops.concatenate([a, b, c], -1), N(2, 1), N(2, 3),
          N(2, 2)),
@@ -736,6 +771,180 @@ def test_a_16_bit_prod_accumulates_in_float32_and_rounds_once(backend: Any, dtyp
         assert abs(float(drifted) - want[-1]) > 4 * abs(float(to_numpy(out)) - want[-1])
 
 
+# -- pad, flip, take_along_axis, repeat, tile: numpy's values, torch's gradients -------------------
+# (a port of torch's F.pad, flip, gather, repeat_interleave or tile, or of numpy's pad, flip,
+# take_along_axis, repeat or tile, found no op: these are those, each with its gradient)
+_MOVES: dict[str, Callable[[Any], Any]] = {
+    "pad-constant": lambda x: ops.pad(x, ((1, 2), (0, 1)), constant_values=3),
+    "pad-edge": lambda x: ops.pad(x, ((2, 0), (1, 3)), mode="edge"),
+    "pad-reflect": lambda x: ops.pad(x, ((1, 5), (2, 2)), mode="reflect"),
+    "flip": lambda x: ops.flip(x, 1),
+    "take_along_axis": lambda x: ops.take_along_axis(x, np.array([[3, 0], [1, 1], [-1, 2]]), 1),
+    "repeat": lambda x: ops.repeat(x, [0, 2, 1], axis=0),
+    "repeat-flattened": lambda x: ops.repeat(x, 2),
+    "tile": lambda x: ops.tile(x, (2, 1, 2)),
+}
+_NUMPY_MOVES: dict[str, Callable[[Any], Any]] = {
+    "pad-constant": lambda x: np.pad(x, ((1, 2), (0, 1)), constant_values=3),
+    "pad-edge": lambda x: np.pad(x, ((2, 0), (1, 3)), mode="edge"),
+    "pad-reflect": lambda x: np.pad(x, ((1, 5), (2, 2)), mode="reflect"),
+    "flip": lambda x: np.flip(x, 1),
+    "take_along_axis": lambda x: np.take_along_axis(x, np.array([[3, 0], [1, 1], [-1, 2]]), 1),
+    "repeat": lambda x: np.repeat(x, [0, 2, 1], axis=0),
+    "repeat-flattened": lambda x: np.repeat(x, 2),
+    "tile": lambda x: np.tile(x, (2, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MOVES))
+@pytest.mark.parametrize(
+    "dtype", ["float64", "float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool"]
+)
+def test_pad_flip_take_along_axis_repeat_and_tile_are_numpy_s(
+    backend: Any, name: str, dtype: str
+) -> None:
+    # values moved, never computed: numpy's, in every dtype (pad's constant cast to it as numpy
+    # casts it)
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    host = (np.arange(12).reshape(3, 4) % 5 - 1.5).astype(dt)
+    got = _MOVES[name](backend.asarray(host))
+    want = _NUMPY_MOVES[name](host)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(to_numpy(got), want)
+
+
+def test_pad_takes_numpy_s_pad_widths_and_modes(backend: Any) -> None:
+    host = np.arange(24.0).reshape(2, 3, 4)
+    for width in (0, 2, (3,), (1, 2), [(2, 1)], ((0, 1), (2, 0), (1, 3)), np.array([1, 0])):
+        for mode in ("constant", "edge", "reflect"):
+            got = ops.pad(backend.asarray(host), width, mode)
+            np.testing.assert_array_equal(to_numpy(got), np.pad(host, width, mode))
+    # (numpy's reflect again and again past the axis' length; an axis of length 1 repeats)
+    for n, width in ((3, (7, 9)), (1, (2, 3)), (2, (5, 0))):
+        line = np.arange(1.0, n + 1)
+        got = ops.pad(backend.asarray(line), width, mode="reflect")
+        np.testing.assert_array_equal(to_numpy(got), np.pad(line, width, mode="reflect"))
+    got = ops.pad(backend.asarray(np.zeros((0, 2))), ((0, 0), (1, 1)), "edge")
+    assert got.shape == (0, 4)
+    np.testing.assert_array_equal(to_numpy(ops.pad(backend.asarray(np.float64(2.5)), 3)), 2.5)
+
+
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+def test_pad_gradient_adds_each_copy_back_to_its_entry(backend: Any, mode: str) -> None:
+    host = np.arange(4.0)
+    ct = np.arange(1.0, 15.0) ** 2  # (7 + 4 + 3 entries)
+    (g,) = ann.vjp(lambda x: ops.pad(x, (7, 3), mode), backend.asarray(host))[1](
+        backend.asarray(ct)
+    )
+    # the padded array is x's entries taken at these places
+    where = (
+        np.pad(np.arange(4), (7, 3), "constant", constant_values=-1)
+        if mode == "constant"
+        else np.pad(np.arange(4), (7, 3), mode)
+    )
+    want = np.zeros(4)
+    np.add.at(want, where[where >= 0], ct[where >= 0])
+    np.testing.assert_array_equal(to_numpy(g), want)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_pad_value_and_gradient_match_torch_s_f_pad(
+    backend: Any, dtype: str, mode: str, dims: int
+) -> None:
+    # numpy's "edge" is torch's "replicate", "reflect" torch's "reflect", over the trailing
+    # axes of a (N, C, ...) batch as F.pad takes them
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(dims)
+    shape = (2, 3, 5, 4, 6)[: 2 + dims]
+    widths = ((1, 3), (2, 0), (3, 2))[:dims]
+    host = rng.standard_normal(shape).astype(dtype)
+    kwargs = {"constant_values": 0.5} if mode == "constant" else {}
+    out, pullback = ann.vjp(
+        lambda x: ops.pad(x, ((0, 0), (0, 0), *widths), mode, **kwargs), backend.asarray(host)
+    )
+    ct = rng.standard_normal(out.shape).astype(dtype)
+    (g,) = pullback(backend.asarray(ct))
+    tx = torch.tensor(host, requires_grad=True)
+    flat = [w for pair in reversed(widths) for w in pair]  # (torch: the last axis first)
+    torch_mode = {"edge": "replicate"}.get(mode, mode)
+    ty = torch.nn.functional.pad(tx, flat, torch_mode, **({"value": 0.5} if kwargs else {}))
+    ty.backward(torch.tensor(ct))
+    assert tx.grad is not None and out.dtype == g.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(to_numpy(out), ty.detach().numpy())
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(to_numpy(g), tx.grad.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_flip_gather_repeat_interleave_and_tile_match_torch(backend: Any, dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    host = rng.standard_normal((3, 4, 2)).astype(dtype)
+    index = np.random.default_rng(6).integers(0, 4, (3, 5, 2))  # (repeats among them)
+    counts = np.array([2, 0, 3, 1])
+    pairs = [
+        (lambda x: ops.flip(x, (0, 2)), lambda t: torch.flip(t, (0, 2))),
+        (lambda x: ops.take_along_axis(x, index, 1),
+         lambda t: torch.gather(t, 1, torch.tensor(index))),
+        (lambda x: ops.repeat(x, counts, axis=1),
+         lambda t: torch.repeat_interleave(t, torch.tensor(counts), dim=1)),
+        (lambda x: ops.repeat(x, 3, -1), lambda t: torch.repeat_interleave(t, 3, dim=-1)),
+        (lambda x: ops.tile(x, (2, 1, 3)), lambda t: t.repeat(2, 1, 3)),
+        (lambda x: ops.tile(x, (2, 1, 1, 3)), lambda t: torch.tile(t, (2, 1, 1, 3))),
+    ]  # fmt: skip
+    for ours, theirs in pairs:
+        out, pullback = ann.vjp(ours, backend.asarray(host))
+        ct = rng.standard_normal(out.shape).astype(dtype)
+        (g,) = pullback(backend.asarray(ct))
+        tx = torch.tensor(host, requires_grad=True)
+        ty = theirs(tx)
+        ty.backward(torch.tensor(ct))
+        assert tx.grad is not None and g.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(to_numpy(out), ty.detach().numpy())
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        np.testing.assert_allclose(to_numpy(g), tx.grad.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda x: ops.pad(x, (0, 2999), "edge"),
+     lambda x: ops.pad(x, (3000, 3001), "reflect"),
+     lambda x: ops.repeat(x, 3000),
+     lambda x: ops.repeat(x, [3001, 1]),
+     lambda x: ops.tile(x, 3000),
+     lambda x: ops.take_along_axis(x, np.zeros(3000, dtype=np.int64), 0)],
+    ids=["pad-edge", "pad-reflect", "repeat", "repeat-counts", "tile", "take_along_axis"],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_gradients_of_copies_sum_in_float32_and_round_once(
+    backend: Any, fn: Any, dtype: str
+) -> None:
+    # 3000 copies of one entry: a float16 sum of their cotangents of 1 stalls at 2048
+    # (bfloat16 at 256), where their float32 sum, rounded once, is the count's nearest
+    from asyncnn.backends import BFLOAT16
+
+    if dtype == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("bfloat16 needs the optional ml_dtypes package")
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    host = np.array([0.5, 2.0])
+    out, pullback = ann.vjp(fn, backend.asarray(host))
+    counts = to_numpy(pullback(backend.xp.ones(out.shape))[0])  # (float64: exact)
+    assert counts.max() >= 3000
+    out, pullback = ann.vjp(fn, backend.asarray(host.astype(dt)))
+    assert out.dtype == dt
+    (g,) = pullback(backend.xp.ones(out.shape, dtype=dt))
+    assert g.dtype == dt
+    np.testing.assert_array_equal(
+        to_numpy(g).astype(np.float32), counts.astype(dt).astype(np.float32)
+    )
+
+
 # -- properties over random shapes ----------------------------------------------------------------
 PROPS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -892,6 +1101,7 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     "embedding": lambda a: ops.embedding(a(_M), a([1, 0, 1])),
     "exp": lambda a: ops.exp(a(_M)),
     "expand_dims": lambda a: ops.expand_dims(a(_M), 1),
+    "flip": lambda a: ops.flip(a(_M), 1),
     "gelu": lambda a: ops.gelu(a(_M)),
     "getitem": lambda a: ops.getitem(a(_M), (1, slice(1, None))),
     "group_norm": lambda a: ops.group_norm(a([_M, _N]), 2, a([1.0, 2.0]), a([0.5, -1.0])),
@@ -912,9 +1122,11 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     "mse_loss": lambda a: ops.mse_loss(a(_M), a(_N)),
     "multiply": lambda a: ops.multiply(a(_M), a(_N)),
     "negative": lambda a: ops.negative(a(_M)),
+    "pad": lambda a: ops.pad(a(_M), ((1, 0), (0, 2)), "reflect"),
     "power": lambda a: ops.power(a([_V[0], _V[2]]), a([2.0, 0.5])),
     "prod": lambda a: ops.prod(a(_M), 0),
     "relu": lambda a: ops.relu(a(_M)),
+    "repeat": lambda a: ops.repeat(a(_M), a([1, 0, 2]), 1),
     "reshape": lambda a: ops.reshape(a(_M), (3, 2)),
     "sigmoid": lambda a: ops.sigmoid(a(_M)),
     "softmax": lambda a: ops.softmax(a(_M), 0),
@@ -926,7 +1138,9 @@ LIST_CALLS: dict[str, Callable[[Callable[[Any], Any]], Any]] = {
     "subtract": lambda a: ops.subtract(a(_M), a(_N)),
     "sum": lambda a: ops.sum(a(_M), -1),
     "take": lambda a: ops.take(a(_M), a([2, 0, 2]), axis=1),
+    "take_along_axis": lambda a: ops.take_along_axis(a(_M), a([[2, 0], [1, 1]]), 1),
     "tanh": lambda a: ops.tanh(a(_M)),
+    "tile": lambda a: ops.tile(a(_M), (2, 1)),
     "transpose": lambda a: ops.transpose(a(_M)),
     "unstack": lambda a: ops.unstack(a(_M), axis=1),
     "var": lambda a: ops.var(a(_M), 0, keepdims=True),

@@ -811,3 +811,78 @@ def test_the_activations_refuse_integer_input(op: str) -> None:
 def test_the_activations_refuse_hyperparameters_that_are_no_numbers(call: Any, match: str) -> None:
     with pytest.raises(TypeError, match=match):
         call(np.array([0.5, -1.0]))
+
+
+_X23 = np.zeros((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: ops.pad(_X23, 1.5), TypeError,
+         r"^pad: pad_width must be ints, got 1\.5: an int, a pair \(before, after\) or one pair "
+         r"per axis"),
+        (lambda: ops.pad(_X23, [[1, 2], [3]]), TypeError, r"^pad: pad_width must be ints"),
+        (lambda: ops.pad(_X23, ((1, 0), (0, -2))), ValueError,
+         r"^pad: pad_width must not be negative, got \(\(1, 0\), \(0, -2\)\)$"),
+        (lambda: ops.pad(_X23, ((1, 2), (3, 4), (5, 6))), ValueError,
+         r"^pad: pad_width \(\(1, 2\), \(3, 4\), \(5, 6\)\) is not an int, a pair or one pair "
+         r"per axis for x of shape \(2, 3\) \(2 axes\)$"),
+        (lambda: ops.pad(_X23, 1, "wrap"), ValueError,
+         r"^pad: mode must be one of 'constant', 'edge', 'reflect', got 'wrap'$"),
+        (lambda: ops.pad(_X23, 1, "replicate"), ValueError,
+         r"got 'replicate' \(torch's \"replicate\" is numpy's \"edge\"\)$"),
+        (lambda: ops.pad(_X23, 1, "edge", constant_values=2), ValueError,
+         r"^pad: constant_values is for mode='constant' only, got 2 with mode='edge'"),
+        (lambda: ops.pad(np.zeros((0, 3)), 1, "reflect"), ValueError,
+         r"^pad: mode='reflect' cannot pad axis 0 of x \(shape \(0, 3\)\), which has length 0 "
+         r"and no entry to copy"),
+        (lambda: ops.pad(_X23, 1, constant_values=(1, 2)), TypeError,
+         r"^pad: constant_values must be one number, got \(1, 2\); .*pad one axis at a time"),
+        (lambda: ops.flip(_X23, 2), ValueError,
+         r"^flip: axis 2 is out of range for an array of 2 dimensions \(valid: -2 to 1\); x has "
+         r"shape \(2, 3\)$"),
+        (lambda: ops.flip(_X23, (0, -2)), ValueError, r"^flip: axis \(0, -2\) names an axis twice"),
+        (lambda: ops.take_along_axis(_X23, np.zeros((2, 3)), 1), TypeError,
+         r"^take_along_axis: indices must be an array of integers, got dtype float64; convert "
+         r"them first"),
+        (lambda: ops.take_along_axis(_X23, np.zeros((2, 3), bool), 0), TypeError,
+         r"^take_along_axis: indices must be an array of integers, got dtype bool"),
+        (lambda: ops.take_along_axis(_X23, np.zeros(3, int), 1), ValueError,
+         r"^take_along_axis: indices must have as many axes as x: x has shape \(2, 3\), the "
+         r"indices \(3,\)"),
+        (lambda: ops.take_along_axis(_X23, np.zeros((3, 3), int), 1), ValueError,
+         r"^take_along_axis: indices of shape \(3, 3\) do not broadcast with x of shape \(2, 3\) "
+         r"along axis 0 \(3 and 2\)"),
+        (lambda: ops.take_along_axis(_X23, np.full((2, 3), 3), 1), IndexError,
+         r"^take_along_axis: index 3 is out of bounds for axis 1 with size 3 \(x of shape "
+         r"\(2, 3\)\); valid indices are -3 to 2"),
+        (lambda: ops.take_along_axis(_X23, np.full((1, 3), -3), 0), IndexError,
+         r"^take_along_axis: index -3 is out of bounds for axis 0 with size 2"),
+        (lambda: ops.take_along_axis(_X23, np.zeros((2, 3), int), None), ValueError,
+         r"^take_along_axis: axis=None takes from the flattened x, with 1-d indices; got "
+         r"indices of shape \(2, 3\)$"),
+        (lambda: ops.take_along_axis(_X23, np.zeros((2, 3), int), 2), ValueError,
+         r"^take_along_axis: axis 2 is out of range .*; x has shape \(2, 3\)$"),
+        (lambda: ops.repeat(_X23, -1), ValueError, r"^repeat: repeats must not be negative, got -1$"),
+        (lambda: ops.repeat(_X23, [1, 2], 1), ValueError,
+         r"^repeat: 2 counts for axis 1 of x \(shape \(2, 3\)\), which has 3 entries: give one "
+         r"count per entry, or one int$"),
+        (lambda: ops.repeat(_X23, [1, 2]), ValueError,
+         r"^repeat: 2 counts for the flattened x \(shape \(2, 3\)\), which has 6 entries"),
+        (lambda: ops.repeat(_X23, 1.5), TypeError,
+         r"^repeat: repeats must be an int or a 1-d array of ints, got 1\.5"),
+        (lambda: ops.repeat(_X23, [[1]]), TypeError, r"^repeat: repeats must be an int or a 1-d"),
+        (lambda: ops.repeat(_X23, 2, 3), ValueError, r"^repeat: axis 3 is out of range"),
+        (lambda: ops.tile(_X23, (2, -1)), ValueError,
+         r"^tile: reps must not be negative, got \(2, -1\)$"),
+        (lambda: ops.tile(_X23, 1.5), TypeError,
+         r"^tile: reps must be an int or a sequence of ints, got 1\.5; e\.g\. \(2, 1, 3\)$"),
+        (lambda: ops.tile(_X23, (True, 2)), TypeError, r"^tile: reps must be an int or a sequence"),
+    ],
+)  # fmt: skip
+def test_pad_flip_take_along_axis_repeat_and_tile_errors_name_the_op(
+    call: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call()

@@ -17,6 +17,14 @@ from ._autodiff import _UNSET, Tracer, _check_c_order, _raw
 __all__ = ["BY_METHOD", "FUNCTIONS", "refusal"]
 
 
+def _moves() -> Any:
+    """:mod:`._ops_moves`, imported on first use: it imports the ops, which import the tracing,
+    which imports this module."""
+    from . import _ops_moves
+
+    return _ops_moves
+
+
 def _numpy_name(func: Any) -> str:
     """``np.sort``, ``np.linalg.norm``: a numpy function as its users write it."""
     module = str(getattr(func, "__module__", None) or "numpy")
@@ -204,6 +212,43 @@ def _diff_edge(x: Any, edge: tuple[int, ...]) -> Any:
     return _ops.broadcast_to(x, edge) if not _shape_of(x) else x
 
 
+def _np_pad(array: Any, pad_width: Any, mode: Any = "constant", **kwargs: Any) -> Any:
+    # (numpy's keywords per mode: constant_values for "constant", reflect_type for "reflect";
+    # numpy refuses one another mode does not take, and so does this)
+    allowed = {"constant": {"constant_values"}, "reflect": {"reflect_type"}}
+    mode_s = mode if isinstance(mode, str) else None
+    unsupported = set(kwargs) - allowed.get(mode_s or "", set())
+    if unsupported and mode_s in ("constant", "edge", "reflect"):
+        raise ValueError(
+            f"np.pad: unsupported keyword arguments for mode {mode!r}: "
+            f"{', '.join(sorted(unsupported))} (numpy refuses them too)"
+        )
+    reflect_type = kwargs.pop("reflect_type", "even")
+    if not (type(reflect_type) is str and reflect_type == "even"):
+        raise TypeError(
+            f"np.pad of a traced array takes reflect_type='even' only, got "
+            f"reflect_type={reflect_type!r}: ops.pad's reflect is numpy's even one (torch's)"
+        )
+    return _moves().pad(array, pad_width, mode, kwargs.get("constant_values", 0))
+
+
+def _np_flip(m: Any, axis: Any = None) -> Any:
+    return _moves().flip(m, axis)
+
+
+def _np_take_along_axis(arr: Any, indices: Any, axis: Any = -1) -> Any:
+    # (numpy 2.3's default axis, -1; earlier numpy had none)
+    return _moves().take_along_axis(arr, indices, axis)
+
+
+def _np_repeat(a: Any, repeats: Any, axis: Any = None) -> Any:
+    return _moves().repeat(a, repeats, axis)
+
+
+def _np_tile(A: Any, reps: Any) -> Any:  # noqa: N803 - numpy's name
+    return _moves().tile(A, reps)
+
+
 def _np_like(name: str) -> Callable[..., Any]:
     """np.zeros_like and the like of a traced array: a plain array of its shape and dtype, a
     constant (torch's zeros_like has no gradient either), made by the value's own library."""
@@ -248,6 +293,11 @@ FUNCTIONS: dict[Any, Callable[..., Any]] = {
     np.outer: _np_outer,
     np.broadcast_to: _np_broadcast_to,
     np.diff: _np_diff,
+    np.pad: _np_pad,
+    np.flip: _np_flip,
+    np.take_along_axis: _np_take_along_axis,
+    np.repeat: _np_repeat,
+    np.tile: _np_tile,
     np.zeros_like: _np_like("zeros_like"),
     np.ones_like: _np_like("ones_like"),
     np.empty_like: _np_like("empty_like"),

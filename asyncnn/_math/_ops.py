@@ -34,10 +34,10 @@ from ._rules_elementwise import RULES as _ELEMENTWISE_RULES
 
 __all__ = [
     "abs", "add", "astype", "broadcast_to", "concatenate", "cos", "cumprod", "cumsum", "divide",
-    "exp", "expand_dims", "expm1", "gelu", "getitem", "log", "log1p", "matmul", "max", "maximum",
-    "mean", "min", "minimum", "multiply", "negative", "power", "prod", "relu", "reshape",
-    "sigmoid", "sin", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum", "take",
-    "tanh", "transpose", "unstack", "var", "where",
+    "exp", "expand_dims", "expm1", "gelu", "getitem", "log", "log1p", "matmul", "max",
+    "maximum", "mean", "min", "minimum", "multiply", "negative", "power", "prod", "relu",
+    "reshape", "sigmoid", "sin", "sqrt", "square", "squeeze", "stack", "std", "subtract", "sum",
+    "take", "tanh", "transpose", "unstack", "var", "where",
 ]  # fmt: skip
 
 # One table: every primitive of asyncnn, by name. The nn primitives (softmax, conv, ...) join it

@@ -313,6 +313,100 @@ def _cumprod_scan(v: Any, g: Any) -> Any:
     return before * add
 
 
+# -- pad, flip, repeat, tile: values moved, their gradients the sums over each entry's copies ------
+def _pad_places(n: int, before: int, after: int, mode: str) -> Any:
+    """The entry of an axis of length ``n`` (``n > 0``) each place of its padded copy holds,
+    numpy's ``edge`` and ``reflect``: the nearest end, or the mirror about the ends (again and
+    again past ``n``: a period of ``2 * (n - 1)``; an axis of length 1 repeats its entry)."""
+    j = np.arange(-before, n + after)
+    if mode == "edge" or n == 1:
+        return np.clip(j, 0, n - 1)
+    m = j % (2 * (n - 1))
+    return np.where(m < n, m, 2 * (n - 1) - m)
+
+
+def _pad(x: Any, widths: tuple[tuple[int, int], ...], mode: str, value: Any) -> tuple[Any, Any]:
+    # (a 16-bit x arrives in float32, see RULES; value is a number x's dtype holds exactly)
+    xp = ns(x)
+    if mode == "constant":
+        shape = tuple(s + b + a for s, (b, a) in zip(x.shape, widths, strict=True))
+        out = xp.full(shape, value, dtype=x.dtype)
+        out[tuple(slice(b, b + s) for s, (b, _) in zip(x.shape, widths, strict=True))] = x
+        return out, (x.shape, widths, None)
+    # edge and reflect: each padded axis gathers its places, one axis after another (numpy's
+    # order; the places of the axes are independent, so any order gives the same array)
+    places = []
+    for axis, (before, after) in enumerate(widths):
+        if before or after:
+            at = xp.asarray(_pad_places(x.shape[axis], before, after, mode))
+            places.append((axis, at))
+            x = xp.take(x, at, axis=axis)
+    return x, (None, widths, places)
+
+
+def _pad_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    shape, widths, places = res
+    if places is None:  # constant: x's own place in the padded array
+        return (g[tuple(slice(b, b + s) for s, (b, _) in zip(shape, widths, strict=True))],)
+    # each copy's cotangent added back onto the entry it copies, the axes in reverse order
+    # (a 16-bit g arrives in float32, see RULES: the sums round once)
+    xp = ns(g)
+    for axis, at in reversed(places):
+        n = g.shape[axis] - widths[axis][0] - widths[axis][1]
+        out = xp.zeros((*g.shape[:axis], n, *g.shape[axis + 1 :]), dtype=g.dtype)
+        scatter_add(xp.moveaxis(out, axis, 0), at, xp.moveaxis(g, axis, 0))
+        g = out
+    return (g,)
+
+
+def _flip(x: Any, axis: tuple[int, ...]) -> tuple[Any, Any]:
+    index = tuple(slice(None, None, -1) if i in axis else slice(None) for i in range(x.ndim))
+    return x[index], index
+
+
+def _flip_vjp(g: Any, index: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    return (g[index],)
+
+
+def _repeat(x: Any, repeats: Any, axis: int | None) -> tuple[Any, Any]:
+    """``repeat(x, repeats, axis)``: ``repeats`` an int, or a numpy array of one count per
+    entry along ``axis`` (cupy's repeat takes no array: a list of them)."""
+    # (axis None: numpy's, over the flattened array. A 16-bit x arrives in float32, see RULES)
+    counts = repeats if isinstance(repeats, int) else repeats.tolist()
+    out = ns(x).repeat(x, counts, axis=axis)
+    return out, (x.shape, repeats, axis)
+
+
+def _repeat_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # the sum of each entry's copies: a reshape and a sum for one count, else a scatter-add
+    # of each copy's cotangent onto its entry (none to an entry of count 0)
+    shape, repeats, axis = res
+    xp = ns(g)
+    along = 0 if axis is None else axis  # (flattened: g is 1-d, reshaped back)
+    n = math.prod(shape) if axis is None else shape[axis]
+    if isinstance(repeats, int):
+        split = (*g.shape[:along], n, repeats, *g.shape[along + 1 :])
+        return (g.reshape(split).sum(axis=along + 1).reshape(shape),)
+    out = xp.zeros((*g.shape[:along], n, *g.shape[along + 1 :]), dtype=g.dtype)
+    owners = xp.asarray(np.repeat(np.arange(n), repeats))
+    scatter_add(xp.moveaxis(out, along, 0), owners, xp.moveaxis(g, along, 0))
+    return (out.reshape(shape),)
+
+
+def _tile(x: Any, reps: tuple[int, ...]) -> tuple[Any, Any]:
+    # (reps has as many entries as x has axes or more, numpy's: see ops.tile. A 16-bit x
+    # arrives in float32, see RULES)
+    return ns(x).tile(x, reps), (x.shape, reps)
+
+
+def _tile_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
+    # the sum over the tiles: g as (reps_0, size_0, reps_1, size_1, ...), summed over the reps
+    shape, reps = res
+    sizes = (1,) * (len(reps) - len(shape)) + tuple(shape)
+    split = tuple(v for pair in zip(reps, sizes, strict=True) for v in pair)
+    return (g.reshape(split).sum(axis=tuple(range(0, len(split), 2))).reshape(shape),)
+
+
 def _extreme(x: Any, axis: tuple[int, ...], keepdims: bool, which: str) -> tuple[Any, Any]:
     out = getattr(x, which)(axis=axis, keepdims=True)
     res = (x, out, axis)
@@ -633,4 +727,14 @@ RULES: dict[str, tuple[Forward, VjpRule]] = {
     # float16): float16's 300 * 300 overflowed before the 1/300 that follows
     "prod": _bf16_in_float32(_prod, _prod_vjp, float16=True),
     "cumprod": _bf16_in_float32(_cumprod, _cumprod_vjp, float16=True),
+    # moves, no arithmetic but their gradients' sums over copies: float16 too in float32, as
+    # cumsum (a float16 sum of 3000 cotangents of 1 stalled at 2048); pad's value arrives
+    # rounded to x's dtype, which float32 holds
+    "pad": _bf16_in_float32(_pad, _pad_vjp, float16=True),
+    "repeat": _bf16_in_float32(_repeat, _repeat_vjp, float16=True),
+    "tile": _bf16_in_float32(_tile, _tile_vjp, float16=True),
+    "flip": (_flip, _flip_vjp),
+    # numpy's take_along_axis is an index of x: an arange for each other axis, broadcast with
+    # the indices (see ops.take_along_axis); its gradient getitem's scatter-add
+    "take_along_axis": (_getitem, _getitem_vjp),
 }
