@@ -665,6 +665,52 @@ def test_prod_and_cumprod_gradients_do_not_overflow_where_they_are_finite(
     np.testing.assert_allclose(got, tx.grad.numpy(), rtol=tol)
 
 
+#: rows whose product underflows (or overflows) while the products before an entry underflow
+#: and those after it overflow: 0 * inf, NaN, where the gradient is a number or +-inf
+_UNDER_AND_OVER = {
+    "float64": np.array([1e-200] * 3 + [1e200] * 3),
+    "float32": np.array([1e-38] * 9 + [3e38] * 10, np.float32),
+}
+
+
+@pytest.mark.parametrize("dtype", list(_UNDER_AND_OVER))
+def test_prod_gradient_of_a_product_that_under_and_overflows_has_no_nan(
+    backend: Any, dtype: str
+) -> None:
+    # the product of the others in each entry's exponent and mantissa apart: exact, or +-inf
+    # where the gradient itself is past the dtype (float32's small entries: about 6e79)
+    x = _UNDER_AND_OVER[dtype]
+    out, pullback = ann.vjp(ops.prod, backend.asarray(x))
+    ct = np.ones(out.shape, x.dtype)
+    with np.errstate(over="ignore"):
+        (g,) = pullback(backend.asarray(ct))
+    got = to_numpy(g)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, _exact_grad("prod", x, ct), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(_UNDER_AND_OVER))
+def test_cumprod_gradient_of_running_products_that_under_and_overflow_has_no_nan(
+    backend: Any, dtype: str
+) -> None:
+    # where the scan's products before an entry underflow and its sums after it overflow
+    # (0 * inf), torch's answer (its division of running sums of g * out by x) where finite
+    torch = pytest.importorskip("torch")
+    x = _UNDER_AND_OVER[dtype]
+    out, pullback = ann.vjp(ops.cumprod, backend.asarray(x))
+    ct = np.ones(out.shape, x.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        (g,) = pullback(backend.asarray(ct))
+    got = to_numpy(g)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.cumprod(tx, 0).backward(torch.tensor(ct))
+    assert tx.grad is not None
+    want = tx.grad.numpy()
+    assert not np.isnan(got[~np.isnan(want)]).any()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5)
+
+
 @pytest.mark.parametrize("op", ["prod", "cumprod"])
 def test_prod_and_cumprod_gradients_at_a_zero_do_not_overflow(backend: Any, op: str) -> None:
     # the zero's entry is (about) the product of the others, 1 here: the product before it,

@@ -413,6 +413,12 @@ AXIS_ERRORS = [
     ("stack", lambda: ops.stack([_X, _X, _X], -4),
      "stack: axis -4 is out of range for an array of 3 dimensions (valid: -3 to 2); the 3 "
      "arrays have shape (2, 3)"),
+    ("swapaxes-traced", lambda: ann.grad(lambda t: ops.sum(np.swapaxes(t, 0, 2)))(_X),
+     f"swapaxes: {_OUT_OF_RANGE_2}; x has shape (2, 3)"),
+    ("flip", lambda: ops.flip(_X, 2), f"flip: {_OUT_OF_RANGE_2}; x has shape (2, 3)"),
+    ("repeat", lambda: ops.repeat(_X, 2, axis=2), f"repeat: {_OUT_OF_RANGE_2}; x has shape (2, 3)"),
+    ("take_along_axis", lambda: ops.take_along_axis(_X, np.zeros((2, 3), int), 2),
+     f"take_along_axis: {_OUT_OF_RANGE_2}; x has shape (2, 3)"),
     ("transpose", lambda: ops.transpose(_X, (0, 2)),
      "transpose: axes (0, 2) are not a permutation of the 2 axes of x (shape (2, 3)): name "
      "each axis once, e.g. (1, 0)"),

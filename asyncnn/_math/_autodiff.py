@@ -525,8 +525,8 @@ class Tracer:
     def swapaxes(self, axis1: Any, axis2: Any) -> Any:
         # (np.swapaxes(t, a, b) calls t.swapaxes(a, b))
         axes = list(range(self.ndim))
-        a = _ops.check_axis(axis1, self.ndim, "swapaxes")
-        b = _ops.check_axis(axis2, self.ndim, "swapaxes")
+        a = _ops.checked_axis(_ops.check_axis, axis1, self, "swapaxes")
+        b = _ops.checked_axis(_ops.check_axis, axis2, self, "swapaxes")
         axes[a], axes[b] = axes[b], axes[a]
         return _ops.transpose(self, axes)
 

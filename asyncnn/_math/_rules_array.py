@@ -205,12 +205,17 @@ def _wide(dtype: Any) -> Any:
 def _others_products(v: Any) -> Any:
     """For each entry of ``v`` along its last axis, the product of the others: the products
     before it times those after it, with no division (for the rows no division suits: a
-    product that underflowed to 0, or is inf or NaN)."""
+    product that underflowed to 0, or is inf or NaN). The mantissas and the exponents apart
+    (``v = m * 2**e``): the products of the mantissas, each in [0.5, 1), stay in range for rows
+    of about a thousand entries, where the products before an entry could underflow and those
+    after it overflow (0 * inf); the exponents add up exactly."""
     xp = ns(v)
+    m, e = xp.frexp(v)
     ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype)
-    before = xp.cumprod(xp.concatenate([ones, v[..., :-1]], axis=-1), axis=-1)
-    after = xp.flip(xp.cumprod(xp.flip(xp.concatenate([v[..., 1:], ones], axis=-1), -1), -1), -1)
-    return before * after
+    before = xp.cumprod(xp.concatenate([ones, m[..., :-1]], axis=-1), axis=-1)
+    after = xp.flip(xp.cumprod(xp.flip(xp.concatenate([m[..., 1:], ones], axis=-1), -1), -1), -1)
+    e = e.astype(np.int32, copy=False)
+    return xp.ldexp(before * after, e.sum(axis=-1, keepdims=True, dtype=np.int32) - e)
 
 
 def _prod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
@@ -285,11 +290,15 @@ def _cumprod_vjp(g: Any, res: Any, needs: tuple[bool, ...]) -> tuple[Any]:
     # (an entry whose division overflowed takes the scan's, where that stays finite)
     left = xp.nonzero(~(fine & xp.isfinite(grad)).all(axis=-1))[0]
     if left.size:
+        vl = v[left]
         with _quiet_products(xp):
-            scan = _cumprod_scan(v[left].astype(wide), gr[left].astype(wide)).astype(grad.dtype)
-        divided = grad[left]
-        keep = fine[left] & (xp.isfinite(divided) | ~xp.isfinite(scan))
-        grad[left] = xp.where(keep, divided, scan)
+            scan = _cumprod_scan(vl.astype(wide), gr[left].astype(wide)).astype(grad.dtype)
+            divided = tails[left] / xp.where(vl != 0, vl, xp.ones((), vl.dtype))
+        # the division where it is finite: in a row with no 0 (the scan's where that one
+        # overflowed), and elsewhere where the scan is not finite (its products before an entry
+        # underflowed to 0 and its sums after it overflowed: 0 * inf), torch's answer there
+        use = xp.isfinite(divided) & (vl != 0) & (fine[left] | ~xp.isfinite(scan))
+        grad[left] = xp.where(use, divided, scan)
     return (xp.moveaxis(grad.reshape((*lead, n)), -1, along).reshape(x.shape),)
 
 
