@@ -477,15 +477,7 @@ def cumsum(x: Any, axis: int | None = None) -> Any:
         ValueError: an axis out of range, or any axis of a 0-d ``x`` (``axis=None`` flattens it).
     """
     x = as_array(x, "cumsum")
-    if axis is not None:
-        if isinstance(axis, tuple | list):
-            raise TypeError(
-                f"cumsum: axis must be one int or None, got {axis!r}: a running sum goes along one "
-                "axis (numpy's and torch's too); over adjacent axes merged, take "
-                "ops.reshape(x, ...) first, or None for the flattened array"
-            )
-        axis = checked_axis(check_axis, axis, x, "cumsum")
-    return _P["cumsum"](x, axis=axis)
+    return _P["cumsum"](x, axis=_running_axis(x, axis, "cumsum", "sum"))
 
 
 def prod(x: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Any:
@@ -535,15 +527,20 @@ def cumprod(x: Any, axis: int | None = None) -> Any:
             0-d ``x`` (``axis=None`` flattens it).
     """
     x = as_array(x, "cumprod")
-    if axis is not None:
-        if isinstance(axis, tuple | list):
-            raise TypeError(
-                f"cumprod: axis must be one int or None, got {axis!r}: a running product goes "
-                "along one axis (numpy's and torch's too); over adjacent axes merged, take "
-                "ops.reshape(x, ...) first, or None for the flattened array"
-            )
-        axis = checked_axis(check_axis, axis, x, "cumprod")
-    return _P["cumprod"](x, axis=axis)
+    return _P["cumprod"](x, axis=_running_axis(x, axis, "cumprod", "product"))
+
+
+def _running_axis(x: Any, axis: Any, op: str, running: str) -> int | None:
+    """The one axis (or None) of a running ``op`` (cumsum, cumprod) of ``x``, checked."""
+    if axis is None:
+        return None
+    if isinstance(axis, tuple | list):
+        raise TypeError(
+            f"{op}: axis must be one int or None, got {axis!r}: a running {running} goes along "
+            "one axis (numpy's and torch's too); over adjacent axes merged, take "
+            "ops.reshape(x, ...) first, or None for the flattened array"
+        )
+    return checked_axis(check_axis, axis, x, op)
 
 
 _Axis = TypeVar("_Axis")
@@ -563,14 +560,15 @@ def checked_axis(
         TypeError: an axis that is no int (``check``'s).
         ValueError: ``check``'s, naming the shape(s) too (a 0-d array's says so already).
     """
-    shapes = [_shape(a) for a in x] if isinstance(x, list) else [_shape(x)]
-    ndim = len(shapes[0]) + added
+    several = isinstance(x, list)
+    ndim = len(_shape(x[0] if several else x)) + added
     try:
         return check(axis, ndim, op)
     except ValueError as e:
         if ndim == 0:  # ("the array is 0-d (a scalar)")
             raise
-        said = _arrays_shapes(shapes) if isinstance(x, list) else f"x has shape {shapes[0]}"
+        # (the shapes said only here: every reduction's call passes through on its way)
+        said = _arrays_shapes([_shape(a) for a in x]) if several else f"x has shape {_shape(x)}"
         raise ValueError(f"{e}; {said}") from None
 
 

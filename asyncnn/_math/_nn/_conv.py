@@ -278,9 +278,12 @@ class _PoolNd(Module):
         """The kind's own arguments of its op (``dilation``, ``ceil_mode``, ...)."""
         return {}
 
-    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+    def _check_input(self, x: Any) -> None:
         layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
         check_ndim(self, x, (self._n + 2,), layout)
+
+    def __call__(self, params: Any, x: Any, *, rng: Any = None) -> Any:
+        self._check_input(x)
         fn = getattr(ops_pool, f"{self._kind}_pool{self._n}d")
         return fn(x, self.kernel_size, stride=self.stride, padding=self.padding, **self._options())
 
@@ -357,21 +360,14 @@ class MaxPool2d(_MaxPoolNd):
 
 
 @dataclass(frozen=True)
-class _MaxUnpoolNd(Module):
-    kernel_size: Any
-    stride: Any = None
-    padding: Any = 0
+class _MaxUnpoolNd(_PoolNd):
+    # (a pool's kernel_size, stride and padding, normalized as a pool's: those of the pool
+    # whose indices it takes)
 
-    _n = 0
-
-    def __post_init__(self) -> None:
-        _normalize(self, self._n, {"kernel_size": 1, "stride": 1, "padding": 0})
-
-    def __call__(
+    def __call__(  # type: ignore[override]
         self, params: Any, x: Any, indices: Any, output_size: Any = None, *, rng: Any = None
     ) -> Any:
-        layout = "(N, C, L)" if self._n == 1 else "(N, C, H, W)"
-        check_ndim(self, x, (self._n + 2,), layout)
+        self._check_input(x)
         fn = getattr(ops_pool, f"max_unpool{self._n}d")
         return fn(x, indices, self.kernel_size, self.stride, self.padding, output_size)
 
